@@ -1,0 +1,12 @@
+"""arcface_ext: fused margin-based softmax losses (ArcFace, CosFace, SphereFace and their combined
+form) for face-recognition training, computed without ever holding the N x C logit matrix."""
+from . import reference
+from .functional import (combined_margin_loss, extension_available, get_workspace_bytes,
+                         set_workspace_bytes)
+from .modules import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, SphereFaceLoss
+
+__all__ = [
+    "combined_margin_loss", "reference", "CombinedMarginLoss", "ArcFaceLoss", "CosFaceLoss",
+    "SphereFaceLoss", "set_workspace_bytes", "get_workspace_bytes", "extension_available",
+]
+__version__ = "0.1.0"

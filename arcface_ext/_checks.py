@@ -1,0 +1,69 @@
+"""Argument checks shared by the fused op and the reference: metadata only (shapes, dtypes,
+devices, Python scalars), so they never break a compiled graph. Label values are checked inside
+the op."""
+import math
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+MARGIN_GRADS = ("exact", "straight_through")
+
+
+def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduction, margin_grad,
+                    ignore_index):
+    for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(embeddings.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (C, D) (class-major), got shape {tuple(weight.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D (N,), got shape {tuple(labels.shape)}")
+    if not embeddings.is_floating_point():
+        raise TypeError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64 class indices), got {labels.dtype}")
+    if embeddings.shape[1] != weight.shape[1]:
+        raise ValueError(f"embeddings (N, D) = {tuple(embeddings.shape)} and weight (C, D) = "
+                         f"{tuple(weight.shape)} disagree on the embedding size D")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has {embeddings.shape[0]} rows")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must hold at least one class centre (C >= 1)")
+    if not (embeddings.device == weight.device == labels.device):
+        raise ValueError(f"embeddings, weight and labels must be on one device, got {embeddings.device}, "
+                         f"{weight.device} and {labels.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if margin_grad not in MARGIN_GRADS:
+        raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
+    for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3), ("lambda_", lambda_)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if s <= 0:
+        raise ValueError(f"s (the scale) must be > 0, got {s}")
+    if m1 <= 0:
+        raise ValueError(f"m1 (the multiplicative angular margin) must be > 0, got {m1}")
+    if lambda_ < 0:
+        raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def compute_dtype(embeddings, weight):
+    """The dtype both inputs are brought to: their promotion (16-bit stays 16-bit; the kernels
+    accumulate in fp32)."""
+    return torch.promote_types(embeddings.dtype, weight.dtype)
+
+
+def reduce_rows(loss_rows, labels, ignore_index, reduction):
+    """'mean' divides by the number of counted rows; with none counted the loss is 0."""
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    counted = (labels != ignore_index).sum().clamp_min(1)
+    return loss_rows.sum() / counted.to(loss_rows.dtype)

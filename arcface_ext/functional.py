@@ -1,0 +1,73 @@
+"""The public function of arcface_ext: the fused combined-margin softmax cross-entropy."""
+import torch
+
+from . import ops
+from ._checks import check_arguments, compute_dtype, reduce_rows
+
+_DEFAULT_WORKSPACE_BYTES = 64 * 1024 * 1024
+_workspace_bytes = _DEFAULT_WORKSPACE_BYTES
+
+
+def set_workspace_bytes(num_bytes=None):
+    """Bounds the kernels' scratch memory (default 64 MiB; None restores it). The block of
+    classes walked at a time shrinks to fit; it never grows to the N x C matrix."""
+    global _workspace_bytes
+    if num_bytes is None:
+        num_bytes = _DEFAULT_WORKSPACE_BYTES
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes <= 0:
+        raise ValueError(f"num_bytes must be a positive int, got {num_bytes!r}")
+    _workspace_bytes = num_bytes
+
+
+def get_workspace_bytes():
+    return _workspace_bytes
+
+
+def extension_available():
+    """Whether the compiled kernels (arcface_ext._C) could be loaded."""
+    return ops.IMPORT_ERROR is None
+
+
+def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
+                         reduction="mean", margin_grad="exact", ignore_index=-1,
+                         return_target_cosine=False):
+    r"""Softmax cross-entropy with the combined angular/cosine margin, fused: the N x C logits are
+    never stored.
+
+    For row i with label y: :math:`\hat x = x / \max(\|x\|, \epsilon)`,
+    :math:`\hat w_j = w_j / \max(\|w_j\|, \epsilon)`, :math:`c_j = \mathrm{clamp}(\hat x \cdot \hat w_j, -1, 1)`,
+    :math:`\theta = \arccos c_y`; the target logit is :math:`s(\psi(\theta) - m_3)` with
+    :math:`\psi = \cos(m_1\theta + m_2)` (made monotone past :math:`\pi`; blended with
+    :math:`c_y` by ``lambda_`` for SphereFace), every other logit :math:`s\,c_j`.
+    ArcFace is (m1, m2, m3) = (1, 0.5, 0), CosFace (1, 0, 0.35), SphereFace (4, 0, 0).
+
+    Args:
+        embeddings: (N, D) float tensor (fp32, fp64, fp16 or bf16; 16-bit inputs accumulate in fp32).
+        weight: (C, D) class centres, class-major as in insightface.
+        labels: (N,) integer class indices in [0, C), or ``ignore_index`` for rows that do not count.
+        s: the scale (> 0). m1, m2, m3: the margins. lambda_: SphereFace's blend (>= 0).
+        reduction: ``"mean"`` (over counted rows; 0 when none count), ``"sum"`` or ``"none"`` ((N,), 0 at ignored rows).
+        margin_grad: ``"exact"`` (true dψ/dc, finite everywhere) or ``"straight_through"``
+            (dψ/dc := 1, the behaviour of today's insightface loss).
+        return_target_cosine: also return the clamped target cosine of each row (N,), detached,
+            NaN at ignored rows; it comes out of the same pass at no extra cost.
+
+    Returns:
+        The loss (fp32, or fp64 for fp64 inputs), or ``(loss, target_cosine)``.
+    """
+    check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
+                    reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
+    if ops.IMPORT_ERROR is not None:
+        raise RuntimeError(
+            "arcface_ext's compiled kernels are not available (importing arcface_ext._C failed: "
+            f"{ops.IMPORT_ERROR}). Build them with `pip install --no-build-isolation -e .` from the "
+            "repository root, or use arcface_ext.reference.combined_margin_loss explicitly.")
+    dtype = compute_dtype(embeddings, weight)
+    loss_rows, _, target_cosine = ops.margin_softmax_forward(
+        embeddings.to(dtype), weight.to(dtype), labels.long(), float(s), float(m1), float(m2),
+        float(m3), float(lambda_), int(ignore_index), margin_grad == "straight_through",
+        _workspace_bytes)
+    loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
+    if return_target_cosine:
+        return loss, target_cosine
+    return loss

@@ -1,0 +1,72 @@
+"""nn.Module front ends that own the class-centre matrix (C, D) and call the fused loss."""
+import torch
+from torch import nn
+
+from . import functional, reference
+
+
+class CombinedMarginLoss(nn.Module):
+    """Margin softmax cross-entropy with its own class centres ``weight`` (C, D).
+
+    Called as ``criterion(embeddings, labels)``; ``return_target_cosine=True`` also returns each
+    row's clamped target cosine (for plotting the θ distribution). ``use_reference=True`` runs the
+    pure-PyTorch reference instead of the compiled kernels (never chosen silently).
+    """
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
+                 reduction="mean", margin_grad="exact", ignore_index=-1, use_reference=False,
+                 device=None, dtype=None):
+        super().__init__()
+        if num_classes < 1 or embedding_size < 1:
+            raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes} and {embedding_size}")
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.s, self.m1, self.m2, self.m3, self.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
+        self.reduction = reduction
+        self.margin_grad = margin_grad
+        self.ignore_index = ignore_index
+        self.use_reference = use_reference
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # insightface initialises the class centres with N(0, 0.01); only their direction matters.
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, embeddings, labels, return_target_cosine=False):
+        loss_fn = reference.combined_margin_loss if self.use_reference else functional.combined_margin_loss
+        return loss_fn(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+                       lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
+                       ignore_index=self.ignore_index, return_target_cosine=return_target_cosine)
+
+    def extra_repr(self):
+        parts = [f"num_classes={self.num_classes}", f"embedding_size={self.embedding_size}",
+                 f"s={self.s}", f"m1={self.m1}", f"m2={self.m2}", f"m3={self.m3}"]
+        if self.lambda_:
+            parts.append(f"lambda_={self.lambda_}")
+        if self.margin_grad != "exact":
+            parts.append(f"margin_grad={self.margin_grad!r}")
+        if self.use_reference:
+            parts.append("use_reference=True")
+        return ", ".join(parts)
+
+
+class ArcFaceLoss(CombinedMarginLoss):
+    """Additive angular margin: target logit s·cos(θ + m)."""
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, **kwargs):
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
+
+
+class CosFaceLoss(CombinedMarginLoss):
+    """Additive cosine margin: target logit s·(cos θ - m)."""
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.35, **kwargs):
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=m, **kwargs)
+
+
+class SphereFaceLoss(CombinedMarginLoss):
+    """Multiplicative angular margin: target logit s·ψ(mθ), optionally blended with cos θ by lambda_."""
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=4, lambda_=0.0, **kwargs):
+        super().__init__(num_classes, embedding_size, s=s, m1=float(m), m2=0.0, m3=0.0, lambda_=lambda_, **kwargs)

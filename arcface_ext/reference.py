@@ -1,0 +1,93 @@
+"""The pure-PyTorch reference of the combined margin loss: the ground truth that tests and
+benchmarks compare the fused kernels against. It builds the whole N x C logit matrix, as every
+public implementation does; it is written for clarity, not speed.
+
+For row i with label y: x̂ = x / max(‖x‖, eps), ŵ_j = w_j / max(‖w_j‖, eps),
+c_j = clamp(x̂·ŵ_j, -1, 1), θ = arccos(c_y), target logit s·(ψ(θ) - m3), other logits s·c_j,
+loss_i = logsumexp_j(logit_ij) - logit_iy.
+"""
+import math
+
+import torch
+
+from ._checks import check_arguments, compute_dtype, reduce_rows
+
+NORM_EPS = 1e-12  # as F.normalize; csrc/margin.h kNormEps
+SIN_THETA_EPS = 1e-6  # csrc/margin.h kSinThetaEps
+
+
+def margin_psi(cosine, *, m1, m2, lambda_):
+    """ψ(c) and dψ/dc (exact, finite at c = ±1) for clamped target cosines c."""
+    if m1 == 1.0 and m2 == 0.0:
+        psi, dpsi = cosine, torch.ones_like(cosine)
+    else:
+        theta = torch.acos(cosine)
+        sin_theta = torch.sin(theta).clamp_min(SIN_THETA_EPS)
+        if m1 == 1.0:
+            # ArcFace: cos(θ + m2) while θ + m2 <= π, then insightface's linear continuation.
+            within = theta + m2 <= math.pi
+            psi = torch.where(within, torch.cos(theta + m2), cosine - m2 * math.sin(m2))
+            dpsi = torch.where(within, torch.sin(theta + m2) / sin_theta, torch.ones_like(cosine))
+        else:
+            # SphereFace: the monotone ψ = (-1)^k cos(m1·θ + m2) - 2k, k = floor((m1·θ + m2) / π).
+            t = m1 * theta + m2
+            k = torch.floor(t / math.pi)
+            sign = torch.where(torch.remainder(k, 2) == 0, 1.0, -1.0).to(cosine.dtype)
+            psi = sign * torch.cos(t) - 2 * k
+            dpsi = sign * m1 * torch.sin(t) / sin_theta
+    if lambda_ > 0:
+        psi = (psi + lambda_ * cosine) / (1 + lambda_)
+        dpsi = (dpsi + lambda_) / (1 + lambda_)
+    return psi, dpsi
+
+
+class _TargetLogit(torch.autograd.Function):
+    """s·(ψ(c) - m3) with its derivative written out: exact (finite everywhere) or, with
+    straight_through, dψ/dc := 1 as today's insightface loss has it."""
+
+    @staticmethod
+    def forward(ctx, cosine, s, m1, m2, m3, lambda_, straight_through):
+        psi, dpsi = margin_psi(cosine, m1=m1, m2=m2, lambda_=lambda_)
+        ctx.save_for_backward(torch.ones_like(dpsi) if straight_through else dpsi)
+        ctx.s = s
+        return s * (psi - m3)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dpsi,) = ctx.saved_tensors
+        return grad * ctx.s * dpsi, None, None, None, None, None, None
+
+
+def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
+                         reduction="mean", margin_grad="exact", ignore_index=-1,
+                         return_target_cosine=False):
+    """Same signature and semantics as :func:`arcface_ext.combined_margin_loss`."""
+    check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
+                    reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
+    dtype = compute_dtype(embeddings, weight)
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # never round a cosine to 16 bits before the exponential
+    x = embeddings.to(dtype)
+    w = weight.to(dtype)
+    labels = labels.long()
+    counted = labels != ignore_index
+    num_classes = w.shape[0]
+    if not torch.compiler.is_compiling() and bool(
+            ((labels < 0) | (labels >= num_classes)).logical_and(counted).any()):
+        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+
+    x_hat = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    w_hat = w / w.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    cosine = (x_hat @ w_hat.t()).clamp(-1.0, 1.0)
+    target = torch.where(counted, labels, 0).unsqueeze(1)
+    target_cosine = cosine.gather(1, target).squeeze(1)
+    target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), float(m2), float(m3),
+                                      float(lambda_), margin_grad == "straight_through")
+    logits = (s * cosine).scatter(1, target, target_logit.unsqueeze(1))
+    loss_rows = torch.logsumexp(logits, dim=1) - target_logit
+    loss_rows = torch.where(counted, loss_rows, torch.zeros_like(loss_rows))
+    loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
+    if return_target_cosine:
+        nan = torch.full_like(target_cosine, float("nan"))
+        return loss, torch.where(counted, target_cosine, nan).detach()
+    return loss

@@ -1,0 +1,29 @@
+// Declares the arcface_ext operators once; csrc/cpu and csrc/cuda register their kernels.
+//
+// The module `arcface_ext._C` carries no Python functions: importing it runs the static
+// registrations below and in the per-device kernel files.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A bare module so that `import arcface_ext._C` loads this library.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(arcface_ext, m) {
+  // Per-row loss (0 at ignored rows), the row's log-sum-exp (saved for backward) and the
+  // clamped target cosine (NaN at ignored rows). Never materialises the N x C logits.
+  m.def(
+      "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float s, float m1, "
+      "float m2, float m3, float lambda_, int ignore_index, bool straight_through, "
+      "int workspace_bytes) -> (Tensor loss, Tensor logsumexp, Tensor target_cosine)");
+  // Gradients of sum_i grad_loss[i] * loss[i]; a gradient that is not needed comes back empty.
+  m.def(
+      "margin_softmax_backward(Tensor grad_loss, Tensor embeddings, Tensor weight, Tensor labels, "
+      "Tensor logsumexp, float s, float m1, float m2, float m3, float lambda_, int ignore_index, "
+      "bool straight_through, int workspace_bytes, bool needs_embeddings_grad, "
+      "bool needs_weight_grad) -> (Tensor grad_embeddings, Tensor grad_weight)");
+}

@@ -1,0 +1,45 @@
+// Host-side argument checks shared by the CPU and CUDA kernels: they run before any kernel,
+// so bad input surfaces as a Python exception that names the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace arcface_ext {
+
+inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
+                                        const at::Tensor& labels, int64_t ignore_index) {
+  TORCH_CHECK(embeddings.dim() == 2, "arcface_ext: embeddings must be 2-D (N, D), got shape ",
+              embeddings.sizes());
+  TORCH_CHECK(weight.dim() == 2, "arcface_ext: weight must be 2-D (C, D), got shape ", weight.sizes());
+  TORCH_CHECK(labels.dim() == 1, "arcface_ext: labels must be 1-D (N,), got shape ", labels.sizes());
+  TORCH_CHECK(embeddings.size(1) == weight.size(1),
+              "arcface_ext: embeddings (N, D) and weight (C, D) disagree on D: ", embeddings.sizes(),
+              " vs ", weight.sizes());
+  TORCH_CHECK(labels.size(0) == embeddings.size(0), "arcface_ext: labels has ", labels.size(0),
+              " entries but embeddings has ", embeddings.size(0), " rows");
+  TORCH_CHECK(weight.size(0) > 0, "arcface_ext: weight must hold at least one class centre");
+  TORCH_CHECK(at::isFloatingType(embeddings.scalar_type()),
+              "arcface_ext: embeddings must be floating point, got ", embeddings.scalar_type());
+  TORCH_CHECK(embeddings.scalar_type() == weight.scalar_type(),
+              "arcface_ext: embeddings and weight must share a dtype, got ", embeddings.scalar_type(),
+              " and ", weight.scalar_type());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "arcface_ext: labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(embeddings.device() == weight.device() && embeddings.device() == labels.device(),
+              "arcface_ext: embeddings, weight and labels must be on one device, got ",
+              embeddings.device(), ", ", weight.device(), " and ", labels.device());
+  if (labels.numel() == 0) return;
+  // A value check: one reduction (a device sync on CUDA), before anything indexes with a label.
+  const int64_t num_classes = weight.size(0);
+  const at::Tensor bad =
+      labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(num_classes)));
+  if (bad.any().item<bool>()) {
+    const int64_t row = bad.nonzero().select(1, 0)[0].item<int64_t>();
+    TORCH_CHECK_VALUE(false, "arcface_ext: labels[", row, "] = ", labels[row].item<int64_t>(),
+                      " is out of range: labels must lie in [0, ", num_classes,
+                      ") (the number of classes in weight) or equal ignore_index (", ignore_index,
+                      ")");
+  }
+}
+
+}  // namespace arcface_ext

@@ -1,0 +1,51 @@
+"""Builds arcface_ext._C: the CPU kernels always, the CUDA kernels when CUDA is available or
+FORCE_CUDA=1. Honours TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS and DEBUG=1."""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(message):
+    print(f"arcface_ext setup: {message}", file=sys.stderr)
+
+
+def _extensions():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    debug = os.environ.get("DEBUG", "0") == "1"
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    with_cuda = force_cuda or (torch.cuda.is_available() and CUDA_HOME is not None)
+
+    sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
+    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-std=c++17", "-fopenmp"]
+    # torch ships its own libgomp.so.1; linking by that soname reuses the copy torch has loaded.
+    link = ["-fopenmp"]
+    if not with_cuda:
+        _log(f"building CPU-only (torch {torch.__version__}; set FORCE_CUDA=1 to build CUDA kernels)")
+        return [CppExtension("arcface_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    cuda_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    sources += [os.path.relpath(p, ROOT) for p in cuda_sources]
+    sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
+    nvcc = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    _log(f"building CPU+CUDA for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+         f"(CUDA_HOME={CUDA_HOME}, MAX_JOBS={os.environ.get('MAX_JOBS', 'default')})")
+    return [CUDAExtension("arcface_ext._C", sources, define_macros=[("WITH_CUDA", None)],
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)]
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(ext_modules=_extensions(), cmdclass=_cmdclass())
