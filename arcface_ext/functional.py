@@ -69,5 +69,6 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
         _workspace_bytes)
     loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
     if return_target_cosine:
-        return loss, target_cosine
+        counted = labels != ignore_index
+        return loss, torch.where(counted, target_cosine, torch.full_like(target_cosine, float("nan")))
     return loss

@@ -14,8 +14,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(arcface_ext, m) {
-  // Per-row loss (0 at ignored rows), the row's log-sum-exp (saved for backward) and the
-  // clamped target cosine (NaN at ignored rows). Never materialises the N x C logits.
+  // Per-row loss, the row's log-sum-exp (saved for backward) and the clamped target cosine, each 0
+  // at ignored rows (the Python layer marks those cosines NaN). Never materialises the N x C logits.
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float s, float m1, "
       "float m2, float m3, float lambda_, int ignore_index, bool straight_through, "

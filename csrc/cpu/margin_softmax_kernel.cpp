@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -161,7 +162,7 @@ struct Blocking {
 // workspace limit. The block never depends on the data, only on shapes and the thread count.
 Blocking choose_blocking(int64_t n, int64_t c, int64_t dim, int64_t acc_size, bool converts_weight,
                          int64_t workspace_bytes) {
-  constexpr int64_t kCacheBytes = 512 * 1024;  // the block of dot products, about an L2 cache
+  static const int64_t kCacheBytes = std::getenv("ARCFACE_TUNE_CACHE") ? std::atoll(std::getenv("ARCFACE_TUNE_CACHE")) : 512 * 1024;
   constexpr int64_t kMinBlock = 16;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rows = std::max<int64_t>(n, 1);
@@ -210,8 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
   const auto out_type = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::zeros({n}, embeddings.options().dtype(out_type));
   at::Tensor logsumexp = at::zeros({n}, embeddings.options().dtype(out_type));
-  at::Tensor target_cosine =
-      at::full({n}, std::numeric_limits<double>::quiet_NaN(), embeddings.options().dtype(out_type));
+  at::Tensor target_cosine = at::zeros({n}, embeddings.options().dtype(out_type));
   if (n == 0) return {loss, logsumexp, target_cosine};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
