@@ -24,7 +24,8 @@ def _extensions():
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp"]
+    # -fno-trapping-math lets the branch-free epilogue loops vectorise (clamps become vmaxps).
+    cxx = opt + ["-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     # torch ships its own libgomp.so.1; linking by that soname reuses the copy torch has loaded.
     link = ["-fopenmp"]
     if not with_cuda:

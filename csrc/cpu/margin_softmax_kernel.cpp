@@ -65,9 +65,9 @@ ARCFACE_VECTOR_CLONES acc_t logits_row(acc_t* row, const acc_t* inv_norm_w, int6
   acc_t row_max = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : row_max)
   for (int64_t j = 0; j < width; ++j) {
-    const acc_t c = std::min(std::max(row[j] * inv_norm_w[j], acc_t(-1)), acc_t(1));
-    row[j] = s * c;
-    row_max = std::max(row_max, row[j]);
+    const acc_t z = s * std::min(std::max(row[j] * inv_norm_w[j], acc_t(-1)), acc_t(1));
+    row[j] = z;
+    row_max = row_max > z ? row_max : z;
   }
   return row_max;
 }
@@ -107,6 +107,7 @@ void inverse_norms(const acc_t* w, int64_t rows, int64_t dim, acc_t* inv_norm, u
   for (int64_t j = 0; j < rows; ++j) {
     const acc_t* wj = w + j * dim;
     acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
     for (int64_t k = 0; k < dim; ++k) sq += wj[k] * wj[k];
     const acc_t norm = std::sqrt(sq);
     unclamped[j] = norm >= acc_t(kNormEps);

@@ -1,0 +1,679 @@
+// CUDA kernel of the fused margin softmax: the same algorithm as csrc/cpu/margin_softmax_kernel.cpp,
+// walked over chunks of classes so that the N x C logits are never held.
+//
+// Per chunk of classes: a small kernel computes the chunk's inverse class-centre norms; cuBLAS
+// (through ATen, fp32 output even for 16-bit inputs) computes the raw dot products x_i·w_j; an
+// epilogue kernel scales them by 1/‖x_i‖ and 1/‖w_j‖ (rank-1 normalisation on both sides: neither
+// x nor W is ever copied normalised), clamps, puts the margin on the target column and reduces
+// each (row, 4096-class segment) to softmax statistics, merged per row in a fixed order at the end.
+// The backward recomputes the chunk, writes the gradient block in place and feeds it to the two
+// gradient GEMMs; the normalisations' own gradients are projections, applied per row/class after
+// the GEMMs (see class_gradient_kernel). No atomics: the same inputs give bit-identical results.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../checks.h"
+#include "../margin.h"
+#include "reductions.cuh"
+
+namespace arcface_ext {
+namespace {
+
+using cuda::kWarpSize;
+using cuda::SoftmaxStats;
+
+// The epilogues give each block one row and a segment of kSegment classes of the chunk: 256
+// threads with 16 classes each in registers, strided so that a warp's loads are coalesced.
+constexpr int kEpilogueThreads = 256;
+constexpr int kEpilogueItems = 16;
+constexpr int64_t kSegment = int64_t{kEpilogueThreads} * kEpilogueItems;
+// Chunks are a multiple of this many classes (but the last), which keeps the GEMMs' leading
+// dimensions aligned; it is also the smallest chunk whatever the workspace.
+constexpr int64_t kChunkAlign = 256;
+// Row- and class-wise kernels give one warp to each row of x or W.
+constexpr int kWarpsPerBlock = 8;
+constexpr int kMaxGridY = 65535;
+
+// What the N x C part needs to know about row i, from a direct dot product in double (N·D work).
+struct RowTarget {
+  double cosine;     // x̂_i·ŵ_y before clamping
+  double logit;      // s (ψ - m3), the target column's logit
+  double dlogit_dc;  // s dψ/dc
+  double inv_norm;   // 1 / max(‖x_i‖, eps)
+  int64_t label;
+  int32_t counted;         // label != ignore_index
+  int32_t norm_unclamped;  // ‖x_i‖ >= eps: the normalisation's gradient is a projection
+};
+
+template <typename T>
+__device__ __forceinline__ T clamp_unit(T c) {
+  return fmin(fmax(c, T(-1)), T(1));
+}
+
+// The cosine of a raw dot product x_i·w_j: both normalisations as rank-1 scalings. Forward and
+// backward use this one expression so that the recomputed cosines are bit-identical.
+template <typename acc_t>
+__device__ __forceinline__ acc_t cosine_of(acc_t dot, acc_t inv_norm_x, acc_t inv_norm_w) {
+  return dot * inv_norm_x * inv_norm_w;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
+  return static_cast<acc_t>(*p);
+}
+
+// The gradient block is the A operand of the gradient GEMMs, stored in the input dtype. fp16
+// saturates instead of overflowing to inf: its range ends at 65504, which s / ‖w_j‖ can pass for
+// class centres of norm below ~1e-3 (a zero centre still contributes exactly zero to G·W).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t to_gemm_operand(acc_t v) {
+  if constexpr (std::is_same<scalar_t, at::Half>::value) {
+    v = fmin(fmax(v, acc_t(-65504)), acc_t(65504));
+  }
+  return static_cast<scalar_t>(v);
+}
+
+// ---- per-row and per-class set-up --------------------------------------------------------
+
+// Row i's target: the norm of x_i, the target cosine and the margin (margin.h, in double).
+// With scaled_xhat, also writes (grad_loss_i / max_k |grad_loss_k|) x̂_i, the B operand of the
+// weight-gradient GEMM; the common factor keeps it in range for fp16 and is put back after.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
+    row_targets_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                       const int64_t* __restrict__ labels, int64_t n, int64_t dim,
+                       int64_t ignore_index, MarginParams params, RowTarget* __restrict__ rows,
+                       const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ grad_max,
+                       scalar_t* __restrict__ scaled_xhat) {
+  const int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (i >= n) return;  // the whole warp: the shuffles below need every lane
+  const int64_t label = labels[i];
+  const bool counted = label != ignore_index;
+  const scalar_t* xi = x + i * dim;
+  const scalar_t* wy = w + (counted ? label : 0) * dim;
+  double xx = 0, xw = 0, ww = 0;
+  for (int64_t k = lane; k < dim; k += kWarpSize) {
+    const double xv = static_cast<double>(load_acc<scalar_t, acc_t>(xi + k));
+    xx += xv * xv;
+    if (counted) {
+      const double wv = static_cast<double>(load_acc<scalar_t, acc_t>(wy + k));
+      xw += xv * wv;
+      ww += wv * wv;
+    }
+  }
+  xx = cuda::warp_sum(xx);
+  xw = cuda::warp_sum(xw);
+  ww = cuda::warp_sum(ww);
+  const double norm_x = sqrt(xx);
+  const double inv_norm_x = 1.0 / fmax(norm_x, kNormEps);
+  if (lane == 0) {
+    RowTarget t;
+    t.label = label;
+    t.counted = counted;
+    t.norm_unclamped = norm_x >= kNormEps;
+    t.inv_norm = inv_norm_x;
+    t.cosine = 0;
+    t.logit = 0;
+    t.dlogit_dc = 0;
+    if (counted) {
+      t.cosine = xw * inv_norm_x / fmax(sqrt(ww), kNormEps);
+      const TargetMargin margin = target_margin(clamp_cosine(t.cosine), params);
+      t.logit = margin.logit;
+      t.dlogit_dc = margin.dlogit_dc;
+    }
+    rows[i] = t;
+  }
+  if (scaled_xhat != nullptr) {
+    const double g = static_cast<double>(grad_loss[i]);
+    const double g_max = static_cast<double>(*grad_max);
+    const double ratio = (counted && g_max > 0) ? g / g_max : 0.0;
+    const acc_t scale = static_cast<acc_t>(ratio * inv_norm_x);
+    scalar_t* out = scaled_xhat + i * dim;
+    for (int64_t k = lane; k < dim; k += kWarpSize)
+      out[k] = static_cast<scalar_t>(load_acc<scalar_t, acc_t>(xi + k) * scale);
+  }
+}
+
+// max_i |grad_loss_i| over the counted rows, into *grad_max (one block).
+template <typename acc_t>
+__global__ void __launch_bounds__(256)
+    max_abs_grad_kernel(const acc_t* __restrict__ grad_loss, const int64_t* __restrict__ labels,
+                        int64_t n, int64_t ignore_index, acc_t* __restrict__ grad_max) {
+  acc_t m = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+    if (labels[i] != ignore_index) m = fmax(m, fabs(grad_loss[i]));
+  m = cuda::block_max_nonnegative<256>(m);
+  if (threadIdx.x == 0) *grad_max = m;
+}
+
+// 1 / max(‖w_j‖, eps) for a chunk of class centres, and whether the norm was clamped.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
+    class_inverse_norms_kernel(const scalar_t* __restrict__ w, int64_t num_classes, int64_t dim,
+                               acc_t* __restrict__ inv_norm, uint8_t* __restrict__ unclamped) {
+  const int64_t j = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (j >= num_classes) return;
+  const scalar_t* wj = w + j * dim;
+  acc_t sq = 0;
+  for (int64_t k = lane; k < dim; k += kWarpSize) {
+    const acc_t v = load_acc<scalar_t, acc_t>(wj + k);
+    sq += v * v;
+  }
+  sq = cuda::warp_sum(sq);
+  if (lane == 0) {
+    const acc_t norm = sqrt(sq);
+    unclamped[j] = norm >= acc_t(kNormEps);
+    inv_norm[j] = acc_t(1) / fmax(norm, acc_t(kNormEps));
+  }
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+// One block per (row, segment of the chunk): the logits s·clamp(cos) (the target column's
+// replaced by the margin logit) reduced to softmax statistics in segment_max/segment_sum.
+template <typename acc_t>
+__global__ void __launch_bounds__(kEpilogueThreads)
+    margin_softmax_forward_kernel(const acc_t* __restrict__ dots, int64_t width, int64_t c0,
+                                  const acc_t* __restrict__ inv_norm_w,
+                                  const RowTarget* __restrict__ rows, acc_t s,
+                                  acc_t* __restrict__ segment_max, acc_t* __restrict__ segment_sum,
+                                  int64_t segments_per_row, int64_t segment_offset) {
+  const int64_t i = blockIdx.x;
+  const RowTarget& t = rows[i];
+  if (!t.counted) return;  // the whole block; ignored rows' statistics are never read
+  const acc_t inv_norm_x = static_cast<acc_t>(t.inv_norm);
+  const int64_t target = t.label - c0;  // outside [0, width) when the target is in another chunk
+  const acc_t target_logit = static_cast<acc_t>(t.logit);
+  const acc_t* row = dots + i * width;
+  const int64_t j0 = int64_t{blockIdx.y} * kSegment + threadIdx.x;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  acc_t logit[kEpilogueItems];
+  acc_t thread_max = kNegInf;
+#pragma unroll
+  for (int k = 0; k < kEpilogueItems; ++k) {
+    const int64_t j = j0 + int64_t{k} * kEpilogueThreads;
+    logit[k] = kNegInf;
+    if (j < width) {
+      const acc_t c = clamp_unit(cosine_of(row[j], inv_norm_x, inv_norm_w[j]));
+      logit[k] = j == target ? target_logit : s * c;
+    }
+    thread_max = fmax(thread_max, logit[k]);
+  }
+  SoftmaxStats<acc_t> stats{thread_max, acc_t(0)};
+  if (thread_max != kNegInf) {
+#pragma unroll
+    for (int k = 0; k < kEpilogueItems; ++k) stats.sum += cuda::exp_acc(logit[k] - thread_max);
+  }
+  stats = cuda::block_merge_stats<kEpilogueThreads>(stats);
+  if (threadIdx.x == 0) {
+    const int64_t slot = i * segments_per_row + segment_offset + blockIdx.y;
+    segment_max[slot] = stats.max;
+    segment_sum[slot] = stats.sum;
+  }
+}
+
+// Per row, merges the segments' statistics in order into logsumexp, loss and target cosine.
+// Ignored rows keep the values the outputs were created with (0, 0, NaN).
+template <typename acc_t>
+__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
+    margin_softmax_finalize_kernel(const acc_t* __restrict__ segment_max,
+                                   const acc_t* __restrict__ segment_sum, int64_t segments,
+                                   const RowTarget* __restrict__ rows, int64_t n,
+                                   acc_t* __restrict__ loss, acc_t* __restrict__ logsumexp,
+                                   acc_t* __restrict__ target_cosine) {
+  const int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (i >= n) return;
+  const RowTarget& t = rows[i];
+  if (!t.counted) return;
+  const acc_t* row_max = segment_max + i * segments;
+  const acc_t* row_sum = segment_sum + i * segments;
+  acc_t total_max = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t k = lane; k < segments; k += kWarpSize) total_max = fmax(total_max, row_max[k]);
+  total_max = cuda::warp_max(total_max);
+  acc_t total_sum = 0;
+  for (int64_t k = lane; k < segments; k += kWarpSize)
+    total_sum += row_sum[k] * cuda::exp_acc(row_max[k] - total_max);
+  total_sum = cuda::warp_sum(total_sum);
+  if (lane == 0) {
+    const acc_t lse = total_max + cuda::log_acc(total_sum);
+    logsumexp[i] = lse;
+    loss[i] = lse - static_cast<acc_t>(t.logit);
+    target_cosine[i] = static_cast<acc_t>(clamp_cosine(t.cosine));
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+// One block per (row, segment of the chunk): replaces the raw dot products by
+//   G_ij = (d loss_i / d cos_ij) / grad_loss_i / ‖w_j‖
+// (s·softmax_ij off the target, (p_iy - 1)·s·dψ/dc on it, 0 where the cosine was clamped or the
+// row does not count), in the GEMM input dtype. The per-row factor grad_loss_i is applied after
+// the GEMMs, so G stays in [-s·max dψ/dc, s] / ‖w_j‖ whatever the loss scale.
+// `dots` and `grad_block` may be the same memory (fp32/fp64): each element is read, then written,
+// by one thread.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kEpilogueThreads)
+    margin_softmax_backward_kernel(const acc_t* dots, scalar_t* grad_block, int64_t width,
+                                   int64_t c0, const acc_t* __restrict__ inv_norm_w,
+                                   const RowTarget* __restrict__ rows,
+                                   const acc_t* __restrict__ grad_loss,
+                                   const acc_t* __restrict__ logsumexp, acc_t s) {
+  const int64_t i = blockIdx.x;
+  const RowTarget& t = rows[i];
+  const bool active = t.counted && grad_loss[i] != acc_t(0);
+  const acc_t inv_norm_x = static_cast<acc_t>(t.inv_norm);
+  const acc_t lse = logsumexp[i];
+  const int64_t target = t.label - c0;
+  const acc_t* row = dots + i * width;
+  scalar_t* out = grad_block + i * width;
+  const int64_t j0 = int64_t{blockIdx.y} * kSegment + threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < kEpilogueItems; ++k) {
+    const int64_t j = j0 + int64_t{k} * kEpilogueThreads;
+    if (j >= width) continue;
+    acc_t q = 0;
+    if (active) {
+      if (j == target) {
+        // The target's gradient goes through the margin, from the direct dot product (double).
+        const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
+        const double p = exp(t.logit - static_cast<double>(lse));
+        q = static_cast<acc_t>(inside * (p - 1.0) * t.dlogit_dc);
+      } else {
+        const acc_t cosine = cosine_of(row[j], inv_norm_x, inv_norm_w[j]);
+        const acc_t inside = (cosine >= acc_t(-1) && cosine <= acc_t(1)) ? acc_t(1) : acc_t(0);
+        q = inside * s * cuda::exp_acc(s * clamp_unit(cosine) - lse);
+      }
+    }
+    out[j] = to_gemm_operand<scalar_t, acc_t>(q * inv_norm_w[j]);
+  }
+}
+
+// One warp per class of the chunk: from P_j = Σ_i G_ij (grad_loss_i / grad_max) x̂_i (the GEMM
+// Gᵀ·X̂), d loss / d w_j = grad_max (P_j - (P_j·ŵ_j) ŵ_j): the gradient w.r.t. ŵ_j projected off
+// ŵ_j, which is the CPU kernel's "- (Σ_i g_ij cos_ij) ŵ_j / ‖w_j‖" term (Σ_i g_ij cos_ij =
+// ŵ_j·Σ_i g_ij x̂_i). No projection where the norm was clamped (ŵ = w / eps is then linear).
+// `p` and `grad_w` may be the same memory (fp32/fp64 write P straight into grad_weight).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
+    class_gradient_kernel(const acc_t* p, const scalar_t* __restrict__ w,
+                          const acc_t* __restrict__ inv_norm_w,
+                          const uint8_t* __restrict__ unclamped,
+                          const acc_t* __restrict__ grad_max, int64_t num_classes, int64_t dim,
+                          scalar_t* grad_w) {
+  const int64_t j = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (j >= num_classes) return;
+  const acc_t* pj = p + j * dim;
+  const scalar_t* wj = w + j * dim;
+  acc_t coef = 0;
+  if (unclamped[j]) {
+    acc_t dot = 0;
+    for (int64_t k = lane; k < dim; k += kWarpSize) dot += pj[k] * load_acc<scalar_t, acc_t>(wj + k);
+    dot = cuda::warp_sum(dot);
+    coef = dot * inv_norm_w[j] * inv_norm_w[j];
+  }
+  const acc_t scale = *grad_max;
+  scalar_t* out = grad_w + j * dim;
+  for (int64_t k = lane; k < dim; k += kWarpSize)
+    out[k] = static_cast<scalar_t>(scale * (pj[k] - coef * load_acc<scalar_t, acc_t>(wj + k)));
+}
+
+// One warp per row: from A_i = Σ_j G_ij w_j = Σ_j (g_ij / grad_loss_i) ŵ_j,
+// d loss / d x_i = grad_loss_i / ‖x_i‖ (A_i - (A_i·x̂_i) x̂_i) (no projection where the norm was
+// clamped); zero at ignored rows.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
+    embedding_gradient_kernel(const acc_t* __restrict__ a, const scalar_t* __restrict__ x,
+                              const RowTarget* __restrict__ rows,
+                              const acc_t* __restrict__ grad_loss, int64_t n, int64_t dim,
+                              scalar_t* __restrict__ grad_x) {
+  const int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (i >= n) return;
+  const RowTarget& t = rows[i];
+  scalar_t* out = grad_x + i * dim;
+  if (!t.counted) {
+    for (int64_t k = lane; k < dim; k += kWarpSize) out[k] = static_cast<scalar_t>(acc_t(0));
+    return;
+  }
+  const acc_t* ai = a + i * dim;
+  const scalar_t* xi = x + i * dim;
+  const acc_t inv_norm_x = static_cast<acc_t>(t.inv_norm);
+  acc_t dot = 0;
+  if (t.norm_unclamped) {
+    for (int64_t k = lane; k < dim; k += kWarpSize)
+      dot += ai[k] * (load_acc<scalar_t, acc_t>(xi + k) * inv_norm_x);
+    dot = cuda::warp_sum(dot);
+  }
+  const acc_t scale = grad_loss[i] * inv_norm_x;
+  for (int64_t k = lane; k < dim; k += kWarpSize) {
+    const acc_t xhat = load_acc<scalar_t, acc_t>(xi + k) * inv_norm_x;
+    out[k] = static_cast<scalar_t>(scale * (ai[k] - dot * xhat));
+  }
+}
+
+// ---- host side ----------------------------------------------------------------------------
+
+struct ClassChunks {
+  int64_t width;     // classes per chunk; the last chunk may be narrower
+  int64_t count;     // number of chunks
+  int64_t segments;  // epilogue segments per row, over all chunks
+
+  int64_t begin(int64_t k) const { return k * width; }
+  int64_t width_of(int64_t k, int64_t num_classes) const {
+    return std::min(width, num_classes - k * width);
+  }
+};
+
+int64_t segments_in(int64_t width) { return (width + kSegment - 1) / kSegment; }
+
+// Picks the chunk width so that the per-chunk buffers fit the workspace limit. The backward's
+// needs set it (forward and backward then walk the same chunks, so the recomputed dot products
+// are bit-identical to the forward's):
+//   fp32/fp64:   N acc_t per class (the dot products, overwritten by the gradient block)
+//   fp16/bf16:   max(N, D) floats (the dot products, later the fp32 weight-gradient block)
+//                + N 16-bit values (the gradient block)
+//   every dtype: the inverse norm and the clamp flag of each class.
+// Outside the workspace, O(N·D + N·C/4096): the per-row targets, the fp32 d loss / d x̂ and the
+// scaled x̂ operand, and the per-segment softmax statistics.
+ClassChunks plan_class_chunks(int64_t n, int64_t c, int64_t dim, int64_t scalar_size,
+                              int64_t acc_size, int64_t workspace_bytes) {
+  const bool converts = scalar_size != acc_size;
+  const int64_t per_class = (converts ? std::max(n, dim) * acc_size + n * scalar_size : n * acc_size) +
+                            acc_size + 1;
+  int64_t width = std::max<int64_t>(workspace_bytes, 0) / std::max<int64_t>(per_class, 1);
+  width = std::max(kChunkAlign, width / kChunkAlign * kChunkAlign);
+  width = std::min(width, kSegment * kMaxGridY);
+  width = std::min(width, c);
+  ClassChunks chunks;
+  chunks.width = width;
+  chunks.count = (c + width - 1) / width;
+  chunks.segments = (chunks.count - 1) * segments_in(width) +
+                    segments_in(chunks.width_of(chunks.count - 1, c));
+  return chunks;
+}
+
+// Kernels called from here re-enter the dispatcher (at::mm_out and friends): they must neither
+// record autograd history nor be recast by autocast.
+struct BelowAutogradAndAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autograd_dispatch_keyset |
+                                           c10::autocast_dispatch_keyset};
+};
+
+// out = a·b with out in the accumulation dtype: for 16-bit a and b, cuBLAS with fp32 output (the
+// cosine is never rounded to 16 bits), otherwise the plain GEMM.
+void gemm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, out.scalar_type());
+  }
+}
+
+int64_t blocks_for_warps(int64_t warps) { return (warps + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+
+MarginParams make_params(double s, double m1, double m2, double m3, double lambda, bool straight) {
+  return MarginParams{s, m1, m2, m3, lambda, straight};
+}
+
+RowTarget* row_targets_ptr(const at::Tensor& storage) {
+  return reinterpret_cast<RowTarget*>(storage.data_ptr<uint8_t>());
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_row_targets(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+                        int64_t ignore_index, const MarginParams& params, RowTarget* rows,
+                        const acc_t* grad_loss, const acc_t* grad_max, scalar_t* scaled_xhat,
+                        cudaStream_t stream) {
+  const int64_t n = x.size(0), dim = x.size(1);
+  row_targets_kernel<scalar_t, acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+      x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), n, dim,
+      ignore_index, params, rows, grad_loss, grad_max, scaled_xhat);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_class_inverse_norms(const at::Tensor& w_chunk, acc_t* inv_norm, uint8_t* unclamped,
+                                cudaStream_t stream) {
+  const int64_t width = w_chunk.size(0), dim = w_chunk.size(1);
+  class_inverse_norms_kernel<scalar_t, acc_t>
+      <<<blocks_for_warps(width), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+          w_chunk.data_ptr<scalar_t>(), width, dim, inv_norm, unclamped);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- forward ------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
+                                 const MarginParams& params, int64_t ignore_index,
+                                 int64_t workspace_bytes, at::Tensor& loss, at::Tensor& logsumexp,
+                                 at::Tensor& target_cosine) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = x.size(0), dim = x.size(1), c = w.size(0);
+  const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ClassChunks chunks =
+      plan_class_chunks(n, c, dim, sizeof(scalar_t), sizeof(acc_t), workspace_bytes);
+
+  const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
+  RowTarget* rows_ptr = row_targets_ptr(rows);
+  launch_row_targets<scalar_t, acc_t>(x, w, labels, ignore_index, params, rows_ptr, nullptr,
+                                      nullptr, nullptr, stream);
+
+  at::Tensor dots_buffer = at::empty({n * chunks.width}, acc_options);
+  const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
+  const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
+  const at::Tensor segment_max = at::empty({n, chunks.segments}, acc_options);
+  const at::Tensor segment_sum = at::empty({n, chunks.segments}, acc_options);
+
+  int64_t segment_offset = 0;
+  for (int64_t k = 0; k < chunks.count; ++k) {
+    const int64_t c0 = chunks.begin(k), width = chunks.width_of(k, c);
+    const at::Tensor w_chunk = w.narrow(0, c0, width);
+    launch_class_inverse_norms<scalar_t, acc_t>(w_chunk, inv_norm_w.data_ptr<acc_t>(),
+                                                unclamped_w.data_ptr<uint8_t>(), stream);
+    at::Tensor dots = dots_buffer.narrow(0, 0, n * width).view({n, width});
+    gemm_acc_out(dots, x, w_chunk.t());
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(segments_in(width)));
+    margin_softmax_forward_kernel<acc_t><<<grid, kEpilogueThreads, 0, stream>>>(
+        dots.data_ptr<acc_t>(), width, c0, inv_norm_w.data_ptr<acc_t>(), rows_ptr,
+        static_cast<acc_t>(params.s), segment_max.data_ptr<acc_t>(),
+        segment_sum.data_ptr<acc_t>(), chunks.segments, segment_offset);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    segment_offset += segments_in(width);
+  }
+
+  margin_softmax_finalize_kernel<acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+      segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(), chunks.segments, rows_ptr, n,
+      loss.data_ptr<acc_t>(), logsumexp.data_ptr<acc_t>(), target_cosine.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
+    const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
+    double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
+    bool straight_through, int64_t workspace_bytes) {
+  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
+  const BelowAutogradAndAutocast below;
+  const at::Tensor embeddings = embeddings_in.detach().contiguous();
+  const at::Tensor weight = weight_in.detach().contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const int64_t n = embeddings.size(0);
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
+  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through);
+
+  const auto out_type = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::zeros({n}, embeddings.options().dtype(out_type));
+  at::Tensor logsumexp = at::zeros({n}, embeddings.options().dtype(out_type));
+  at::Tensor target_cosine =
+      at::full({n}, std::numeric_limits<double>::quiet_NaN(), embeddings.options().dtype(out_type));
+  if (n == 0) return {loss, logsumexp, target_cosine};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
+                                  "margin_softmax_forward_cuda", [&] {
+    margin_softmax_forward_impl<scalar_t>(embeddings, weight, labels, params, ignore_index,
+                                          workspace_bytes, loss, logsumexp, target_cosine);
+  });
+  return {loss, logsumexp, target_cosine};
+}
+
+// ---- backward -----------------------------------------------------------------------------
+
+template <typename scalar_t>
+void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor& x,
+                                  const at::Tensor& w, const at::Tensor& labels,
+                                  const at::Tensor& lse, const MarginParams& params,
+                                  int64_t ignore_index, int64_t workspace_bytes,
+                                  bool needs_embeddings_grad, bool needs_weight_grad,
+                                  at::Tensor& grad_embeddings, at::Tensor& grad_weight) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool converts = !std::is_same<scalar_t, acc_t>::value;
+  const int64_t n = x.size(0), dim = x.size(1), c = w.size(0);
+  const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ClassChunks chunks =
+      plan_class_chunks(n, c, dim, sizeof(scalar_t), sizeof(acc_t), workspace_bytes);
+  const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>();
+
+  const at::Tensor grad_max = at::empty({1}, acc_options);
+  max_abs_grad_kernel<acc_t><<<1, 256, 0, stream>>>(grad_ptr, labels.data_ptr<int64_t>(), n,
+                                                    ignore_index, grad_max.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
+  RowTarget* rows_ptr = row_targets_ptr(rows);
+  // (grad_loss_i / grad_max) x̂_i in the GEMM dtype: the B operand of d loss / d W.
+  const at::Tensor scaled_xhat = needs_weight_grad ? at::empty({n, dim}, x.options()) : at::Tensor();
+  launch_row_targets<scalar_t, acc_t>(
+      x, w, labels, ignore_index, params, rows_ptr, grad_ptr, grad_max.data_ptr<acc_t>(),
+      needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream);
+
+  const int64_t dots_per_class = converts && needs_weight_grad ? std::max(n, dim) : n;
+  at::Tensor dots_buffer = at::empty({dots_per_class * chunks.width}, acc_options);
+  at::Tensor grad_block_buffer = converts ? at::empty({n * chunks.width}, x.options()) : dots_buffer;
+  const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
+  const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
+  // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64).
+  at::Tensor grad_xhat = needs_embeddings_grad ? at::zeros({n, dim}, acc_options) : at::Tensor();
+  at::Tensor grad_xhat_chunk =
+      converts && needs_embeddings_grad ? at::empty({n, dim}, acc_options) : at::Tensor();
+
+  for (int64_t k = 0; k < chunks.count; ++k) {
+    const int64_t c0 = chunks.begin(k), width = chunks.width_of(k, c);
+    const at::Tensor w_chunk = w.narrow(0, c0, width);
+    launch_class_inverse_norms<scalar_t, acc_t>(w_chunk, inv_norm_w.data_ptr<acc_t>(),
+                                                unclamped_w.data_ptr<uint8_t>(), stream);
+    at::Tensor dots = dots_buffer.narrow(0, 0, n * width).view({n, width});
+    gemm_acc_out(dots, x, w_chunk.t());
+    at::Tensor grad_block = grad_block_buffer.narrow(0, 0, n * width).view({n, width});
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(segments_in(width)));
+    margin_softmax_backward_kernel<scalar_t, acc_t><<<grid, kEpilogueThreads, 0, stream>>>(
+        dots.data_ptr<acc_t>(), grad_block.data_ptr<scalar_t>(), width, c0,
+        inv_norm_w.data_ptr<acc_t>(), rows_ptr, grad_ptr, lse.data_ptr<acc_t>(),
+        static_cast<acc_t>(params.s));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    if (needs_embeddings_grad) {
+      if (converts) {
+        gemm_acc_out(grad_xhat_chunk, grad_block, w_chunk);
+        grad_xhat.add_(grad_xhat_chunk);
+      } else {
+        grad_xhat.addmm_(grad_block, w_chunk);
+      }
+    }
+    if (needs_weight_grad) {
+      at::Tensor grad_w_chunk = grad_weight.narrow(0, c0, width);
+      // fp32/fp64 write P straight into grad_weight's rows; 16-bit inputs get it in fp32 in the
+      // dot-product buffer, which the gradient block has replaced by now.
+      at::Tensor p = converts ? dots_buffer.narrow(0, 0, width * dim).view({width, dim}) : grad_w_chunk;
+      gemm_acc_out(p, grad_block.t(), scaled_xhat);
+      class_gradient_kernel<scalar_t, acc_t>
+          <<<blocks_for_warps(width), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+              p.data_ptr<acc_t>(), w_chunk.data_ptr<scalar_t>(), inv_norm_w.data_ptr<acc_t>(),
+              unclamped_w.data_ptr<uint8_t>(), grad_max.data_ptr<acc_t>(), width, dim,
+              grad_w_chunk.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+
+  if (needs_embeddings_grad) {
+    embedding_gradient_kernel<scalar_t, acc_t>
+        <<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+            grad_xhat.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), rows_ptr, grad_ptr, n, dim,
+            grad_embeddings.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
+    const at::Tensor& grad_loss_in, const at::Tensor& embeddings_in, const at::Tensor& weight_in,
+    const at::Tensor& labels_in, const at::Tensor& logsumexp_in, double s, double m1, double m2,
+    double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
+    bool needs_embeddings_grad, bool needs_weight_grad) {
+  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  const int64_t n = embeddings_in.size(0);
+  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == n,
+              "arcface_ext: grad_loss must have shape (N,) = (", n, ",), got ", grad_loss_in.sizes());
+  TORCH_CHECK(logsumexp_in.dim() == 1 && logsumexp_in.size(0) == n,
+              "arcface_ext: logsumexp must have shape (N,) = (", n, ",), got ", logsumexp_in.sizes());
+  TORCH_CHECK(grad_loss_in.device() == embeddings_in.device() &&
+                  logsumexp_in.device() == embeddings_in.device(),
+              "arcface_ext: grad_loss and logsumexp must be on the embeddings' device (",
+              embeddings_in.device(), "), got ", grad_loss_in.device(), " and ",
+              logsumexp_in.device());
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
+  const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
+  const BelowAutogradAndAutocast below;
+  const at::Tensor embeddings = embeddings_in.detach().contiguous();
+  const at::Tensor weight = weight_in.detach().contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through);
+
+  at::Tensor grad_embeddings = needs_embeddings_grad ? at::empty_like(embeddings)
+                                                     : at::empty({0}, embeddings.options());
+  at::Tensor grad_weight = needs_weight_grad ? at::empty_like(weight) : at::empty({0}, weight.options());
+  if (n == 0) {
+    if (needs_weight_grad) grad_weight.zero_();
+    return {grad_embeddings, grad_weight};
+  }
+  if (!needs_embeddings_grad && !needs_weight_grad) return {grad_embeddings, grad_weight};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
+                                  "margin_softmax_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor grad_rows = grad_loss_in.detach().to(acc_type).contiguous();
+    const at::Tensor lse = logsumexp_in.detach().to(acc_type).contiguous();
+    margin_softmax_backward_impl<scalar_t>(grad_rows, embeddings, weight, labels, lse, params,
+                                           ignore_index, workspace_bytes, needs_embeddings_grad,
+                                           needs_weight_grad, grad_embeddings, grad_weight);
+  });
+  return {grad_embeddings, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
+  m.impl("margin_softmax_forward", &margin_softmax_forward_cuda);
+  m.impl("margin_softmax_backward", &margin_softmax_backward_cuda);
+}
+
+}  // namespace arcface_ext
