@@ -63,11 +63,22 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
             f"{ops.IMPORT_ERROR}). Build them with `pip install --no-build-isolation -e .` from the "
             "repository root, or use arcface_ext.reference.combined_margin_loss explicitly.")
     dtype = compute_dtype(embeddings, weight)
-    loss_rows, _, target_cosine = ops.margin_softmax_forward(
-        embeddings.to(dtype), weight.to(dtype), labels.long(), float(s), float(m1), float(m2),
-        float(m3), float(lambda_), int(ignore_index), margin_grad == "straight_through",
-        _workspace_bytes)
-    loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
+    needs_embeddings_grad = torch.is_grad_enabled() and embeddings.requires_grad
+    needs_weight_grad = torch.is_grad_enabled() and weight.requires_grad
+    if (reduction != "none" and (needs_embeddings_grad or needs_weight_grad)
+            and embeddings.device.type in ops.TRAIN_DEVICES):
+        # A training step: the gradients come out of the forward's own pass (the backward
+        # only scales them), which saves recomputing the cosines.
+        loss, target_cosine, _, _ = ops.margin_softmax_train(
+            embeddings.to(dtype), weight.to(dtype), labels.long(), float(s), float(m1), float(m2),
+            float(m3), float(lambda_), int(ignore_index), margin_grad == "straight_through",
+            _workspace_bytes, reduction == "mean", needs_embeddings_grad, needs_weight_grad)
+    else:
+        loss_rows, _, target_cosine = ops.margin_softmax_forward(
+            embeddings.to(dtype), weight.to(dtype), labels.long(), float(s), float(m1), float(m2),
+            float(m3), float(lambda_), int(ignore_index), margin_grad == "straight_through",
+            _workspace_bytes)
+        loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
     if return_target_cosine:
         counted = labels != ignore_index
         return loss, torch.where(counted, target_cosine, torch.full_like(target_cosine, float("nan")))

@@ -8,6 +8,7 @@ except ImportError as error:  # pragma: no cover - exercised only on broken inst
     IMPORT_ERROR = error
 else:
     IMPORT_ERROR = None
+TRAIN_DEVICES = frozenset()
 
 
 def _loss_dtype(embeddings):
@@ -22,7 +23,24 @@ def margin_softmax_forward(embeddings, weight, labels, s, m1, m2, m3, lambda_, i
         workspace_bytes)
 
 
+def margin_softmax_train(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
+                         straight_through, workspace_bytes, mean, needs_embeddings_grad,
+                         needs_weight_grad):
+    """(reduced loss, target cosine per row, its gradients), computed in one call."""
+    return torch.ops.arcface_ext.margin_softmax_train(
+        embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through,
+        workspace_bytes, mean, needs_embeddings_grad, needs_weight_grad)
+
+
+def _devices_with_kernel(op_name):
+    return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(op_name, key))
+
+
 if IMPORT_ERROR is None:
+    # Device types whose kernels include the one-call training op (looked up once: a constant
+    # for torch.compile).
+    TRAIN_DEVICES = _devices_with_kernel("arcface_ext::margin_softmax_train")
 
     @torch.library.register_fake("arcface_ext::margin_softmax_forward")
     def _forward_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
@@ -62,3 +80,48 @@ if IMPORT_ERROR is None:
 
     torch.library.register_autograd("arcface_ext::margin_softmax_forward", _backward,
                                     setup_context=_setup_context)
+
+    @torch.library.register_fake("arcface_ext::margin_softmax_train")
+    def _train_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
+                    straight_through, workspace_bytes, mean, needs_embeddings_grad,
+                    needs_weight_grad):
+        dtype = _loss_dtype(embeddings)
+        loss = embeddings.new_empty((), dtype=dtype)
+        target_cosine = embeddings.new_empty((embeddings.shape[0],), dtype=dtype)
+        grad_embeddings = (embeddings.new_empty(embeddings.shape) if needs_embeddings_grad
+                           else embeddings.new_empty((0,)))
+        grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
+        return loss, target_cosine, grad_embeddings, grad_weight
+
+    def _train_setup_context(ctx, inputs, output):
+        _, target_cosine, grad_embeddings, grad_weight = output
+        ctx.save_for_backward(grad_embeddings, grad_weight)
+        ctx.num_inputs = len(inputs)
+        ctx.applied_scale = None  # the grad_loss the saved gradients were scaled by in place
+        ctx.mark_non_differentiable(target_cosine, grad_embeddings, grad_weight)
+
+    def _train_backward(ctx, grad_loss, grad_target_cosine, grad_grad_embeddings, grad_grad_weight):
+        if grad_loss is None:
+            return (None,) * ctx.num_inputs
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        eager = (not torch.compiler.is_compiling()
+                 and all(type(t) is torch.Tensor for t in (grad_loss, *saved)))
+        if eager and ctx.applied_scale is None:
+            # The gradients were computed in the forward for the loss itself; scaling them in
+            # place hands them to autograd without a second C x D buffer. (Through .data, so
+            # that a retained graph can run backward again: later calls rescale out of place.)
+            for grad, need in zip(saved, needs):
+                if need:
+                    grad.data.mul_(grad_loss)
+            ctx.applied_scale = grad_loss.detach().clone()
+            grads = saved
+        elif eager:
+            factor = grad_loss / ctx.applied_scale
+            grads = [grad * factor for grad in saved]
+        else:
+            grads = [grad * grad_loss for grad in saved]
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (ctx.num_inputs - 2)
+
+    torch.library.register_autograd("arcface_ext::margin_softmax_train", _train_backward,
+                                    setup_context=_train_setup_context)

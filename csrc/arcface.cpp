@@ -26,4 +26,12 @@ TORCH_LIBRARY(arcface_ext, m) {
       "Tensor logsumexp, float s, float m1, float m2, float m3, float lambda_, int ignore_index, "
       "bool straight_through, int workspace_bytes, bool needs_embeddings_grad, "
       "bool needs_weight_grad) -> (Tensor grad_embeddings, Tensor grad_weight)");
+  // The training step in one call: the loss summed (or, with mean, averaged) over counted rows,
+  // the target cosines, and the loss's gradients, computed in the same pass (the backward only
+  // scales them). Keeps the cosines between its two passes when they fit the workspace.
+  m.def(
+      "margin_softmax_train(Tensor embeddings, Tensor weight, Tensor labels, float s, float m1, "
+      "float m2, float m3, float lambda_, int ignore_index, bool straight_through, "
+      "int workspace_bytes, bool mean, bool needs_embeddings_grad, bool needs_weight_grad) -> "
+      "(Tensor loss, Tensor target_cosine, Tensor grad_embeddings, Tensor grad_weight)");
 }

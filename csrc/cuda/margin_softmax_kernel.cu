@@ -12,7 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -228,7 +228,8 @@ __global__ void __launch_bounds__(kEpilogueThreads)
 }
 
 // Per row, merges the segments' statistics in order into logsumexp, loss and target cosine.
-// Ignored rows keep the values the outputs were created with (0, 0, NaN).
+// Ignored rows keep the zeros the outputs were created with (the Python layer marks their target
+// cosines NaN).
 template <typename acc_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     margin_softmax_finalize_kernel(const acc_t* __restrict__ segment_max,
@@ -523,8 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
   const auto out_type = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::zeros({n}, embeddings.options().dtype(out_type));
   at::Tensor logsumexp = at::zeros({n}, embeddings.options().dtype(out_type));
-  at::Tensor target_cosine =
-      at::full({n}, std::numeric_limits<double>::quiet_NaN(), embeddings.options().dtype(out_type));
+  at::Tensor target_cosine = at::zeros({n}, embeddings.options().dtype(out_type));
   if (n == 0) return {loss, logsumexp, target_cosine};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
