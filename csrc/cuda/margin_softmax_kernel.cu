@@ -6,7 +6,7 @@
 // epilogue kernel scales them by 1/‖x_i‖ and 1/‖w_j‖ (rank-1 normalisation on both sides: neither
 // x nor W is ever copied normalised), clamps, puts the margin on the target column and reduces
 // each (row, 4096-class segment) to softmax statistics, merged per row in a fixed order at the end.
-// The backward recomputes the chunk, writes the gradient block in place and feeds it to the two
+// The backward recomputes the chunk, turns it into the gradient block and feeds that to the two
 // gradient GEMMs; the normalisations' own gradients are projections, applied per row/class after
 // the GEMMs (see class_gradient_kernel). No atomics: the same inputs give bit-identical results.
 #include <ATen/ATen.h>

@@ -1,0 +1,58 @@
+"""A small forward+backward of the CUDA op for compute-sanitizer: every dtype, odd sizes, many
+class chunks, ignored rows, a zero embedding and a zero class centre, both gradients, each
+gradient alone, and N = 0. Run it as
+
+    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_case.py
+    compute-sanitizer --tool racecheck python3 benchmarks/sanitize_case.py
+    compute-sanitizer --tool initcheck python3 benchmarks/sanitize_case.py
+
+It prints one line per case and exits non-zero if an output is not finite (sanitizer errors are
+the sanitizer's to report)."""
+import sys
+
+import torch
+
+import arcface_ext
+
+
+def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    w = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    if n > 3:
+        labels[1] = -1  # an ignored row
+        if dtype != torch.float16:  # their gradients are scaled by 1/eps = 1e12: inf in fp16
+            x[2] = 0  # a zero embedding
+            w[labels[3]] = 0  # a zero class centre
+    x = x.to("cuda", dtype).requires_grad_(needs[0])
+    w = w.to("cuda", dtype).requires_grad_(needs[1])
+    labels = labels.cuda()
+    arcface_ext.set_workspace_bytes(workspace_bytes)
+    loss, target_cosine = arcface_ext.combined_margin_loss(x, w, labels, s=64.0, m2=0.5, reduction="none",
+                                                           return_target_cosine=True)
+    upstream = torch.linspace(-1.0, 2.0, n, device="cuda")
+    loss.backward(upstream)
+    torch.cuda.synchronize()
+    outputs = [loss, target_cosine[labels != -1]]
+    outputs += [t.grad for t, need in zip((x, w), needs) if need]
+    finite = all(bool(t.isfinite().all()) for t in outputs)
+    print(f"N={n:3d} D={dim:3d} C={num_classes:5d} {str(dtype):14s} workspace={workspace_bytes:>9d} "
+          f"needs={needs}: {'ok' if finite else 'NON-FINITE'}")
+    return finite
+
+
+def main():
+    ok = True
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        ok &= case(37, 40, 1031, dtype, workspace_bytes=1)  # 256-class chunks, the last one 7 wide
+        ok &= case(37, 40, 5003, dtype, workspace_bytes=64 << 20)  # one chunk, two 4096 segments
+    ok &= case(9, 24, 600, torch.float32, workspace_bytes=1, needs=(True, False))
+    ok &= case(9, 24, 600, torch.bfloat16, workspace_bytes=1, needs=(False, True))
+    ok &= case(0, 24, 600, torch.float32, workspace_bytes=1)
+    arcface_ext.set_workspace_bytes(None)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

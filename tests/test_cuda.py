@@ -1,0 +1,520 @@
+"""The fused CUDA op against the fp64 reference and against the CPU op: every margin, dtype and
+reduction, edge rows, many class chunks, determinism, dispatcher registration (opcheck,
+torch.compile), autocast, and the memory bound at C = 1M. Every test carries the `cuda` marker,
+which conftest.py turns into a skip when no GPU is visible; nothing here touches the GPU at import
+time."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arcface_ext
+from arcface_ext import reference
+from conftest import (MARGINS, TOLERANCES, assert_close_report, assert_matches_reference, loss_and_grads,
+                      margin_kwargs)
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not arcface_ext.extension_available(), reason="arcface_ext._C is not built")]
+
+DEVICE = "cuda"
+OUTPUTS = ("loss", "target_cosine", "grad_embeddings", "grad_weight")
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
+# The CUDA path rounds a 16-bit gradient twice: the gradient block is a 16-bit GEMM operand (the
+# GEMM accumulates in fp32), and the result is rounded on the way out. The CPU op rounds once.
+# Comparisons of 16-bit gradients therefore allow the table's tolerance once per rounding.
+GEMM_OPERAND_ROUNDINGS = 2
+
+
+def make_inputs(n, dim, num_classes, *, seed, dtype=torch.float32, ignored=()):
+    """Embeddings, class centres and labels on the GPU; drawn in fp64 on the CPU, so every dtype
+    and every device sees the same values (rounded once to `dtype`)."""
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    labels[list(ignored)] = -1
+    return embeddings.to(DEVICE, dtype), weight.to(DEVICE, dtype), labels.to(DEVICE)
+
+
+def upstream_gradient(n, *, seed, dtype=torch.float32):
+    """An uneven per-row gradient of the loss: signs of both kinds, one exact zero, one large."""
+    generator = torch.Generator().manual_seed(seed)
+    grad = torch.randn(n, generator=generator, dtype=torch.float64)
+    if n > 2:
+        grad[1] = 0.0
+        grad[2] = 40.0
+    return grad.to(DEVICE, dtype)
+
+
+def op_and_grads(loss_fn, embeddings, weight, labels, *, upstream, **kwargs):
+    """(loss, target_cosine, grad_embeddings, grad_weight) of reduction="none" back-propagated
+    with the given per-row gradient."""
+    x = embeddings.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    loss, target_cosine = loss_fn(x, w, labels, reduction="none", return_target_cosine=True, **kwargs)
+    loss.backward(upstream.to(loss.dtype))
+    return loss.detach(), target_cosine, x.grad, w.grad
+
+
+def run_both(embeddings, weight, labels, *, seed=0, **kwargs):
+    """(op outputs, fp64 reference outputs on the same values), each (loss, target_cosine,
+    grad_embeddings, grad_weight), with an uneven upstream gradient."""
+    upstream = upstream_gradient(embeddings.shape[0], seed=seed, dtype=torch.float64)
+    ours = op_and_grads(arcface_ext.combined_margin_loss, embeddings, weight, labels, upstream=upstream,
+                        **kwargs)
+    expected = op_and_grads(reference.combined_margin_loss, embeddings.double(), weight.double(), labels,
+                            upstream=upstream, **kwargs)
+    return ours, expected
+
+
+def assert_matches_table(actual, expected, *, name, roundings=1, min_scale=0.0):
+    """The tolerance table's entry for actual's dtype, atol scaled by max|expected| (at least
+    min_scale); 16-bit tensors get it once per rounding they went through."""
+    atol, rtol = TOLERANCES[actual.dtype]
+    if actual.dtype in (torch.float16, torch.bfloat16):
+        atol, rtol = atol * roundings, rtol * roundings
+    finite = expected[expected.isfinite()]
+    scale = max(float(finite.abs().max()) if finite.numel() else 0.0, min_scale)
+    assert_close_report(actual, expected, atol=atol * scale, rtol=rtol, name=name)
+
+
+def assert_matches(ours, expected, rows=slice(None), classes=slice(None), roundings=GEMM_OPERAND_ROUNDINGS,
+                   min_scale=0.0):
+    for name, a, e, pick in zip(OUTPUTS, ours, expected, (rows, rows, rows, classes)):
+        if a.dim() == 0:
+            assert_matches_table(a, e, name=name, min_scale=min_scale)
+        else:
+            assert_matches_table(a[pick], e[pick], name=name, roundings=roundings, min_scale=min_scale)
+
+
+@pytest.fixture
+def workspace():
+    """set_workspace_bytes, restored afterwards."""
+    saved = arcface_ext.get_workspace_bytes()
+    yield arcface_ext.set_workspace_bytes
+    arcface_ext.set_workspace_bytes(saved)
+
+
+# ---- against the reference ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_matches_reference(margin, margin_grad, dtype):
+    x, w, labels = make_inputs(37, 64, 1001, seed=0, dtype=dtype, ignored=(3, 20))
+    ours, expected = run_both(x, w, labels, margin_grad=margin_grad, **margin_kwargs(margin))
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert ours[0].dtype == loss_dtype and ours[1].dtype == loss_dtype
+    assert ours[2].dtype == dtype and ours[3].dtype == dtype
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions(reduction, dtype):
+    x, w, labels = make_inputs(29, 32, 517, seed=1, dtype=dtype, ignored=(4,))
+    ours = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, reduction=reduction,
+                          return_target_cosine=True)
+    expected = loss_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels,
+                              reduction=reduction, return_target_cosine=True)
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("workspace_bytes", [None, 1, 200_003], ids=["default", "min-chunk", "odd-chunk"])
+def test_many_class_chunks(workspace, workspace_bytes, dtype):
+    # C = 10007 is prime: no chunk width divides it. 1 byte forces the smallest chunk (256 classes,
+    # 40 chunks), 200003 bytes an in-between width; the default holds all classes in one chunk
+    # of three 4096-class segments.
+    workspace(workspace_bytes)
+    x, w, labels = make_inputs(37, 96, 10007, seed=2, dtype=dtype, ignored=(11,))
+    labels[:4] = torch.tensor([0, 10006, 5003, 255], device=DEVICE)  # first, last, middle, chunk edge
+    ours, expected = run_both(x, w, labels, s=64.0, m2=0.5)
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 1), (5, 7, 3), (3, 5, 4097), (64, 128, 8193),
+                                   (300, 8, 50)], ids=lambda s: "x".join(map(str, s)))
+def test_shapes(shape):
+    x, w, labels = make_inputs(*shape, seed=3, dtype=torch.float32)
+    ours, expected = run_both(x, w, labels, s=32.0, m1=1.0, m2=0.3, m3=0.2)
+    # With one class the gradient is exactly zero in exact arithmetic and fp32 round-off (p - 1
+    # of about one ulp, times s) elsewhere: errors are measured against a scale of at least 1.
+    assert_matches(ours, expected, min_scale=1.0)
+
+
+# ---- against the CPU op -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("margin", ["arcface", "sphereface_lambda"])
+def test_matches_cpu_op(margin, dtype):
+    x, w, labels = make_inputs(37, 64, 10007, seed=4, dtype=dtype, ignored=(5,))
+    upstream = upstream_gradient(37, seed=4, dtype=torch.float64)
+    kw = margin_kwargs(margin)
+    cuda = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream, **kw)
+    cpu = op_and_grads(arcface_ext.combined_margin_loss, x.cpu(), w.cpu(), labels.cpu(), upstream=upstream.cpu(),
+                       **kw)
+    for name, a, e in zip(OUTPUTS, cuda, cpu):
+        assert a.dtype == e.dtype, f"{name}: {a.dtype} on CUDA, {e.dtype} on CPU"
+        # The CPU op's 16-bit gradients carry one rounding, ours two.
+        assert_matches_table(a.cpu(), e, name=name, roundings=GEMM_OPERAND_ROUNDINGS + 1)
+    # The per-row log-sum-exp, which the backward relies on, straight from the op.
+    args = (1 << 26,)
+    _, lse_cuda, _ = torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, 64.0, kw["m1"], kw["m2"], kw["m3"],
+                                                                  kw["lambda_"], -1, False, *args)
+    _, lse_cpu, _ = torch.ops.arcface_ext.margin_softmax_forward(x.cpu(), w.cpu(), labels.cpu(), 64.0, kw["m1"],
+                                                                 kw["m2"], kw["m3"], kw["lambda_"], -1, False, *args)
+    assert_matches_table(lse_cuda.cpu(), lse_cpu, name="logsumexp")
+
+
+# ---- edge rows --------------------------------------------------------------------------------
+
+def targets_past_pi(n, dim, num_classes, *, seed, dtype):
+    """Embeddings 0.15-0.27 rad from the opposite of their class centre: θ in (2.87, 2.99), past
+    π - m2 for m2 >= 0.3 and in SphereFace's k = 3 branch."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    w_hat = F.normalize(weight[labels], dim=1)
+    other = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    other = F.normalize(other - (other * w_hat).sum(1, keepdim=True) * w_hat, dim=1)
+    phi = 0.15 + 0.12 * torch.rand(n, 1, generator=generator, dtype=torch.float64)
+    embeddings = 3.0 * (-torch.cos(phi) * w_hat + torch.sin(phi) * other)
+    return embeddings.to(DEVICE, dtype), weight.to(DEVICE, dtype), labels.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("margin", ["arcface", "combined", "sphereface", "sphereface_lambda"])
+def test_targets_past_pi(margin, margin_grad, dtype):
+    kw = margin_kwargs(margin)
+    x, w, labels = targets_past_pi(19, 16, 23, seed=5, dtype=dtype)
+    ours, expected = run_both(x, w, labels, margin_grad=margin_grad, **kw)
+    theta = torch.acos(expected[1])
+    assert bool((kw["m1"] * theta + kw["m2"] > math.pi).all()), "the inputs must reach past pi"
+    assert_matches(ours, expected)
+
+
+def rotated_towards(w_hat, angle, *, seed):
+    """Unit vectors at `angle` (radians, per row) from the unit vectors w_hat."""
+    generator = torch.Generator().manual_seed(seed)
+    other = torch.randn(w_hat.shape, generator=generator, dtype=torch.float64).to(w_hat.device)
+    other = F.normalize(other - (other * w_hat).sum(1, keepdim=True) * w_hat, dim=1)
+    return math.cos(angle) * w_hat + math.sin(angle) * other
+
+
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_embeddings_on_and_opposite_their_class_centre(margin, margin_grad):
+    # c = 1 and c = -1: acos and the exact dψ/dc at their singular ends. Whether the computed
+    # cosine lands on 1 or one ulp past it (and the clamp then zeroes its gradient, as the
+    # reference's does) is a matter of rounding, so rows exactly there are checked for finite
+    # outputs only; rows 0.01 rad from either end are compared with the reference.
+    x, w, labels = make_inputs(12, 16, 9, seed=6, dtype=torch.float64)
+    w_hat = F.normalize(w[labels], dim=1)
+    exact = x.clone()
+    exact[0:4] = 2.5 * w[labels[0:4]]
+    exact[4:6] = -1.5 * w[labels[4:6]]
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        ours, _ = run_both(exact.to(dtype), w.to(dtype), labels, margin_grad=margin_grad, **margin_kwargs(margin))
+        assert all(bool(t.isfinite().all()) for t in ours), f"non-finite output in {dtype}"
+    near = x.clone()
+    near[0:4] = 2.5 * rotated_towards(w_hat[0:4], 0.01, seed=6)
+    near[4:6] = 1.5 * rotated_towards(w_hat[4:6], math.pi - 0.01, seed=7)
+    ours, expected = run_both(near, w, labels, margin_grad=margin_grad, **margin_kwargs(margin))
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("margin", ["arcface", "cosface", "sphereface_lambda"])
+def test_zero_norm_embeddings_and_class_centres(margin, dtype):
+    # fp16 is left out on purpose: 1/eps = 1e12 is far outside its range, so the reference's own
+    # gradient at a zero centre is inf in fp16 (see benchmarks/NOTES.md).
+    x, w, labels = make_inputs(8, 16, 11, seed=7, dtype=dtype)
+    labels[:3] = torch.tensor([4, 7, 9], device=DEVICE)
+    x[0] = 0  # a zero embedding
+    w[7] = 0  # row 1's own class centre
+    w[10] = 0  # a centre no row targets
+    ours, expected = run_both(x, w, labels, **margin_kwargs(margin))
+    assert all(bool(t.isfinite().all()) for t in ours)
+    zero_row = torch.zeros(8, dtype=torch.bool, device=DEVICE)
+    zero_row[0] = True
+    zero_class = torch.zeros(11, dtype=torch.bool, device=DEVICE)
+    zero_class[[7, 10]] = True
+    # Those rows' gradients are scaled by 1/eps and dwarf the rest; compare them apart.
+    assert_matches(ours, expected, rows=~zero_row, classes=~zero_class)
+    assert_matches(ours, expected, rows=zero_row, classes=zero_class)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ignored_rows_and_custom_ignore_index(dtype):
+    x, w, labels = make_inputs(10, 8, 7, seed=8, dtype=dtype, ignored=(0, 4, 9))
+    ours, expected = run_both(x, w, labels)
+    assert_matches(ours, expected)
+    assert bool((ours[0][[0, 4, 9]] == 0).all()), "ignored rows have loss 0"
+    assert bool(ours[1][[0, 4, 9]].isnan().all()), "ignored rows have a NaN target cosine"
+    assert bool((ours[2][[0, 4, 9]] == 0).all()), "ignored rows get no gradient"
+    # ignore_index = 5, a valid class: rows labelled 5 are ignored, -1 would be a bad label.
+    relabelled = labels.clone()
+    relabelled[[0, 4, 9]] = 5
+    upstream = upstream_gradient(10, seed=0, dtype=torch.float64)
+    again = op_and_grads(arcface_ext.combined_margin_loss, x, w, relabelled, upstream=upstream, ignore_index=5)
+    expected = op_and_grads(reference.combined_margin_loss, x.double(), w.double(), relabelled, upstream=upstream,
+                            ignore_index=5)
+    assert_matches(again, expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_all_rows_ignored(reduction, dtype):
+    x, w, _ = make_inputs(6, 8, 7, seed=9, dtype=dtype)
+    labels = torch.full((6,), -1, device=DEVICE)
+    loss, target_cosine, gx, gw = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels,
+                                                 reduction=reduction, return_target_cosine=True)
+    assert bool((loss == 0).all()) and bool(target_cosine.isnan().all())
+    assert bool((gx == 0).all()) and bool((gw == 0).all())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction):
+    x, w, labels = make_inputs(0, 8, 7, seed=10, dtype=torch.float32)
+    loss, target_cosine, gx, gw = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels,
+                                                 reduction=reduction, return_target_cosine=True)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    assert bool((loss == 0).all()) and target_cosine.shape == (0,)
+    assert gx.shape == (0, 8) and gw.shape == (7, 8) and bool((gw == 0).all())
+    assert loss.device.type == "cuda" and gw.device.type == "cuda"
+
+
+def test_non_contiguous_inputs_equal_contiguous():
+    x, w, labels = make_inputs(13, 10, 29, seed=11, dtype=torch.float32, ignored=(2,))
+    x_t = x.t().contiguous().t()
+    w_strided = torch.stack([w, torch.zeros_like(w)], 2)[:, :, 0]
+    labels_strided = torch.stack([labels, torch.zeros_like(labels)], 1)[:, 0]
+    assert not (x_t.is_contiguous() or w_strided.is_contiguous() or labels_strided.is_contiguous())
+    upstream = upstream_gradient(13, seed=11)
+    contiguous = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+    strided = op_and_grads(arcface_ext.combined_margin_loss, x_t, w_strided, labels_strided, upstream=upstream)
+    for name, a, e in zip(OUTPUTS, strided, contiguous):
+        assert_close_report(a, e, atol=0, rtol=0, name=name)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [("label >= C", 1, 5, -1), ("label < -1", 2, -2, -1),
+                                 ("-1 with another ignore_index", 0, -1, -100)], ids=lambda b: b[0])
+def test_bad_labels_raise_before_any_kernel(bad):
+    _, row, value, ignore_index = bad
+    x, w, labels = make_inputs(4, 6, 5, seed=12, dtype=torch.float32)
+    labels[row] = value
+    with pytest.raises(ValueError, match=rf"labels\[{row}\] = {value}"):
+        arcface_ext.combined_margin_loss(x, w, labels, ignore_index=ignore_index)
+    # No device-side assert or illegal access happened: the context still works.
+    torch.cuda.synchronize()
+    labels[row] = 0
+    loss = arcface_ext.combined_margin_loss(x, w, labels, ignore_index=ignore_index)
+    assert bool(loss.isfinite())
+
+
+def test_mixed_devices_raise():
+    x, w, labels = make_inputs(4, 6, 5, seed=13, dtype=torch.float32)
+    with pytest.raises(ValueError, match="one device"):
+        arcface_ext.combined_margin_loss(x, w.cpu(), labels)
+
+
+# ---- precision, determinism, streams ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16_bit_large_loss_scale(dtype):
+    # A loss-scaled upstream gradient, large and small: the gradient block is kept free of
+    # grad_loss and the B operand is divided by max|grad_loss|, so fp16's intermediate values
+    # neither overflow nor underflow. (2^10 keeps the fp16 gradients themselves, up to about
+    # 2^10·s/‖x‖, inside fp16's range.)
+    x, w, labels = make_inputs(64, 128, 3001, seed=14, dtype=dtype)
+    for scale in (2.0 ** 10, 2.0 ** -12):
+        upstream = torch.full((64,), scale, dtype=torch.float64, device=DEVICE)
+        ours = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+        expected = op_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels, upstream=upstream)
+        assert all(bool(t[t == t].isfinite().all()) for t in ours), f"non-finite output at scale {scale}"
+        assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("workspace_bytes", [None, 1], ids=["default", "min-chunk"])
+def test_deterministic(workspace, workspace_bytes, dtype):
+    workspace(workspace_bytes)
+    x, w, labels = make_inputs(37, 40, 10007, seed=15, dtype=dtype, ignored=(3,))
+    upstream = upstream_gradient(37, seed=15)
+    first = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+    second = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+    for name, a, b in zip(OUTPUTS, first, second):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name} differs between two runs"
+
+
+def test_runs_on_the_current_stream():
+    x, w, labels = make_inputs(37, 40, 4099, seed=16, dtype=torch.float32)
+    upstream = upstream_gradient(37, seed=16)
+    expected = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ours = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for name, a, e in zip(OUTPUTS, ours, expected):
+        assert torch.equal(a.nan_to_num(), e.nan_to_num()), f"{name} differs on a side stream"
+
+
+@pytest.mark.parametrize("needs", ["embeddings", "weight"])
+def test_one_input_needs_grad(needs):
+    x, w, labels = make_inputs(11, 8, 17, seed=17, dtype=torch.float32)
+    expected = loss_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels)
+    x = x.clone().requires_grad_(needs == "embeddings")
+    w = w.clone().requires_grad_(needs == "weight")
+    arcface_ext.combined_margin_loss(x, w, labels).backward()
+    grad, other, index = (x.grad, w.grad, 2) if needs == "embeddings" else (w.grad, x.grad, 3)
+    assert other is None
+    assert_matches_reference(grad, expected[index], name=f"grad_{needs}")
+
+
+def test_forward_under_no_grad():
+    x, w, labels = make_inputs(9, 8, 13, seed=18, dtype=torch.float32)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    with_grad = arcface_ext.combined_margin_loss(x, w, labels, reduction="none")
+    with torch.no_grad():
+        without = arcface_ext.combined_margin_loss(x, w, labels, reduction="none")
+    assert not without.requires_grad
+    assert torch.equal(without, with_grad.detach())
+
+
+# ---- gradcheck, opcheck, torch.compile, autocast --------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_gradcheck(margin, reduction):
+    x, w, labels = make_inputs(5, 4, 7, seed=19, dtype=torch.float64, ignored=(2,))
+    kw = margin_kwargs(margin)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: arcface_ext.combined_margin_loss(a, b, labels, s=8.0, reduction=reduction,
+                                                      margin_grad="exact", **kw),
+        (x, w))
+
+
+def op_arguments(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, ignore_index=-1,
+                 straight_through=False, workspace_bytes=1 << 20):
+    return (embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("margin", ["arcface", "sphereface_lambda"])
+def test_opcheck_forward(margin, dtype):
+    x, w, labels = make_inputs(7, 6, 11, seed=20, dtype=dtype)
+    args = op_arguments(x.requires_grad_(True), w.requires_grad_(True), labels, **margin_kwargs(margin))
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_forward, args)
+
+
+def test_opcheck_forward_with_ignored_rows():
+    # The op leaves 0 at ignored rows (the Python layer writes the NaN), so opcheck can compare.
+    x, w, labels = make_inputs(7, 6, 11, seed=21, ignored=(1, 5))
+    args = op_arguments(x.requires_grad_(True), w.requires_grad_(True), labels)
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_forward, args)
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["both", "embeddings", "weight"])
+def test_opcheck_backward(needs):
+    x, w, labels = make_inputs(7, 6, 11, seed=22, dtype=torch.float64, ignored=(3,))
+    forward_args = op_arguments(x, w, labels)
+    _, logsumexp, _ = torch.ops.arcface_ext.margin_softmax_forward(*forward_args)
+    grad_loss = torch.rand(7, dtype=torch.float64, device=DEVICE)
+    args = (grad_loss, x, w, labels, logsumexp, *forward_args[3:], *needs)
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_backward, args)
+
+
+def _loss_and_cosine(embeddings, weight, labels, reduction):
+    loss, target_cosine = arcface_ext.combined_margin_loss(embeddings, weight, labels, s=30.0, m2=0.3, m3=0.1,
+                                                           reduction=reduction, return_target_cosine=True)
+    return loss * 2.0, target_cosine
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph_matches_eager(reduction, backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(_loss_and_cosine, fullgraph=True, backend=backend)
+    for n in (13, 17):  # the second batch size makes the trace dynamic in N
+        x, w, labels = make_inputs(n, 8, 37, seed=23 + n, dtype=torch.float32, ignored=(1,))
+        eager = loss_and_grads(_loss_and_cosine, x, w, labels, reduction=reduction)
+        graph = loss_and_grads(compiled, x, w, labels, reduction=reduction)
+        tol = 0 if backend == "aot_eager" else 1e-6
+        for name, a, e in zip(OUTPUTS, graph, eager):
+            assert_close_report(a, e, atol=tol, rtol=tol, name=f"{backend} N={n} {name}")
+
+
+def test_autocast_embeddings_from_a_linear_layer():
+    # Under autocast the Linear layer yields bf16 embeddings; the fp32 class centres promote them
+    # back to fp32 (arcface_ext.functional), so the op runs in fp32 and the gradient flows back
+    # into the bf16 embeddings and the layer.
+    torch.manual_seed(24)
+    backbone = torch.nn.Linear(48, 32).to(DEVICE)
+    criterion = arcface_ext.ArcFaceLoss(501, 32).to(DEVICE)
+    inputs = torch.randn(29, 48, device=DEVICE)
+    labels = torch.randint(0, 501, (29,), device=DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        embeddings = backbone(inputs)
+        assert embeddings.dtype == torch.bfloat16
+        embeddings.retain_grad()
+        loss = criterion(embeddings, labels)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert backbone.weight.grad is not None and bool(backbone.weight.grad.isfinite().all())
+    expected = loss_and_grads(reference.combined_margin_loss, embeddings.detach().double(),
+                              criterion.weight.detach().double(), labels, s=64.0, m2=0.5)
+    assert_matches_table(loss.detach(), expected[0], name="loss")
+    assert_matches_table(embeddings.grad, expected[2], name="grad_embeddings")
+    assert_matches_table(criterion.weight.grad, expected[3], name="grad_weight")
+
+
+def test_bf16_module():
+    torch.manual_seed(25)
+    criterion = arcface_ext.CosFaceLoss(1001, 64).to(DEVICE, torch.bfloat16)
+    embeddings = torch.randn(31, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1001, (31,), device=DEVICE)
+    loss = criterion(embeddings, labels)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert criterion.weight.grad.dtype == torch.bfloat16
+    expected = loss_and_grads(reference.combined_margin_loss, embeddings.detach().double(),
+                              criterion.weight.detach().double(), labels, s=64.0, m3=0.35, m2=0.0)
+    assert_matches_table(loss.detach(), expected[0], name="loss")
+    assert_matches_table(embeddings.grad, expected[2], name="grad_embeddings", roundings=GEMM_OPERAND_ROUNDINGS)
+    assert_matches_table(criterion.weight.grad, expected[3], name="grad_weight", roundings=GEMM_OPERAND_ROUNDINGS)
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+def test_peak_memory_at_a_million_classes():
+    # The issue's bound: N = 512, D = 512, C = 1,000,000, bf16; the memory beyond the inputs and
+    # their gradients stays under 256 MiB (eager needs several GB: the N x C logits alone are 2 GB
+    # in fp32). The default workspace is 64 MiB.
+    n, dim, num_classes = 512, 512, 1_000_000
+    generator = torch.Generator(device=DEVICE).manual_seed(26)
+    weight = torch.randn(num_classes, dim, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+    weight.requires_grad_(True)
+    embeddings = torch.randn(n, dim, device=DEVICE, dtype=torch.bfloat16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, num_classes, (n,), device=DEVICE, generator=generator)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = arcface_ext.combined_margin_loss(embeddings, weight, labels)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in (weight, embeddings))
+    extra_mib = (peak - base - grads) / 2 ** 20
+    assert bool(loss.isfinite()) and bool(weight.grad.isfinite().all())
+    assert extra_mib < 256, f"peak extra memory {extra_mib:.1f} MiB >= 256 MiB"
