@@ -66,8 +66,15 @@ if IMPORT_ERROR is None:
         ctx.save_for_backward(embeddings, weight, labels, logsumexp)
         ctx.params = params  # s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace
         ctx.mark_non_differentiable(logsumexp, target_cosine)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused outputs
+
+    def _no_double_backward():
+        if torch.is_grad_enabled():
+            raise RuntimeError("arcface_ext.combined_margin_loss does not support double backward "
+                               "(create_graph=True): its gradients are computed without a graph")
 
     def _backward(ctx, grad_loss, grad_logsumexp, grad_target_cosine):
+        _no_double_backward()
         embeddings, weight, labels, logsumexp = ctx.saved_tensors
         needs_embeddings_grad, needs_weight_grad = ctx.needs_input_grad[:2]
         if grad_loss is None or not (needs_embeddings_grad or needs_weight_grad):
@@ -99,15 +106,21 @@ if IMPORT_ERROR is None:
         ctx.num_inputs = len(inputs)
         ctx.applied_scale = None  # the grad_loss the saved gradients were scaled by in place
         ctx.mark_non_differentiable(target_cosine, grad_embeddings, grad_weight)
+        # Otherwise autograd would hand the backward zero-filled C x D gradients for grad_weight.
+        ctx.set_materialize_grads(False)
 
     def _train_backward(ctx, grad_loss, grad_target_cosine, grad_grad_embeddings, grad_grad_weight):
+        _no_double_backward()
         if grad_loss is None:
             return (None,) * ctx.num_inputs
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[:2]
         eager = (not torch.compiler.is_compiling()
                  and all(type(t) is torch.Tensor for t in (grad_loss, *saved)))
-        if eager and ctx.applied_scale is None:
+        # A zero or non-finite scale would lose the gradients a retained graph still needs.
+        # (One scalar read per step; on CUDA a synchronisation.)
+        if eager and ctx.applied_scale is None and bool(
+                torch.isfinite(grad_loss).all() and (grad_loss != 0).all()):
             # The gradients were computed in the forward for the loss itself; scaling them in
             # place hands them to autograd without a second C x D buffer. (Through .data, so
             # that a retained graph can run backward again: later calls rescale out of place.)
@@ -116,7 +129,7 @@ if IMPORT_ERROR is None:
                     grad.data.mul_(grad_loss)
             ctx.applied_scale = grad_loss.detach().clone()
             grads = saved
-        elif eager:
+        elif eager and ctx.applied_scale is not None:
             factor = grad_loss / ctx.applied_scale
             grads = [grad * factor for grad in saved]
         else:

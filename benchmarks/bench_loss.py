@@ -1,0 +1,373 @@
+"""How fast, and in how much memory, does the fused loss run forward+backward against its baselines?
+
+Compares, in one interleaved run: `ours` (arcface_ext.combined_margin_loss), `eager` (the
+pure-PyTorch reference), `compiled` (torch.compile(reference, fullgraph=True)) and `floor` (the
+three GEMMs any implementation must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone on pre-normalised matrices
+with torch.mm). Prints a table with ratios and writes its rows to
+benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the same name).
+
+    python benchmarks/bench_loss.py                                   # CPU: N=256 D=512 C=50000 fp32
+    python benchmarks/bench_loss.py --device cuda --max-c 50000000    # N=512 D=512 C=1e5,1e6 bf16
+
+Timing: every impl runs --warmup times first (torch.compile compiles there), then the impls take
+turns, --repeats rounds, the first impl of each round rotating; `ms` is the median over rounds of
+one forward+backward (both embeddings and weight need gradients, as in training). For 16-bit
+dtypes the references run under torch.autocast, as insightface's training does; ours takes the
+16-bit tensors directly. Ratios are time ratios: `x floor` = ms / floor's ms, and so on (< 1 is
+faster); `mem x eager` = peak_extra_mb / eager's.
+
+Peak extra memory (peak_extra_mb): the most memory held at any moment of one forward+backward
+beyond what was held just before it, less the returned gradients' own size (they are the result,
+not overhead). Measured after warm-up, so torch.compile's compile-time memory never counts.
+  - CUDA: torch.cuda.max_memory_allocated() after torch.cuda.reset_peak_memory_stats().
+  - CPU: each impl runs in a child process of this script with glibc's mmap threshold pinned at
+    64 KiB (MALLOC_MMAP_THRESHOLD_), so every buffer of 64 KiB or more is mapped when allocated
+    and unmapped when freed, and the resident set follows the live heap (without the pin, glibc
+    recycles freed heap and hides new peaks). The child warms up, resets the kernel's peak-RSS
+    counter (writing 5 to /proc/self/clear_refs), runs once and reports VmHWM minus the VmRSS
+    read just before. Worker threads and memory that never passes through a torch allocator
+    (std::vector scratch) count too. torch.profiler's memory events cannot do this: an op's own
+    allocations are netted into one figure per op, so a kernel's internal workspace is invisible.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import arcface_ext  # noqa: E402
+from arcface_ext import reference  # noqa: E402
+
+IMPLS = ("ours", "eager", "compiled", "floor")
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULTS = {
+    "cpu": dict(N=256, D=512, C=[50_000], dtype="fp32"),
+    "cuda": dict(N=512, D=512, C=[100_000, 1_000_000], dtype="bf16"),
+}
+MMAP_THRESHOLD_BYTES = 64 * 1024
+
+
+# ---- the implementations ---------------------------------------------------------------------
+
+def make_inputs(n, dim, num_classes, dtype, device, seed=0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    embeddings = torch.randn(n, dim, generator=generator).to(device, dtype).requires_grad_(True)
+    weight = (0.01 * torch.randn(num_classes, dim, generator=generator)).to(device, dtype).requires_grad_(True)
+    labels = torch.randint(0, num_classes, (n,), generator=generator).to(device)
+    return embeddings, weight, labels
+
+
+def make_step(impl, embeddings, weight, labels, reduction="mean"):
+    """One forward+backward of `impl`; returns the gradients (the result whose size is excluded
+    from peak extra memory)."""
+    device_type = embeddings.device.type
+    autocast = embeddings.dtype in (torch.float16, torch.bfloat16)
+
+    if impl == "floor":
+        x_hat = torch.nn.functional.normalize(embeddings.detach(), dim=1)
+        w_hat = torch.nn.functional.normalize(weight.detach(), dim=1)
+
+        def floor_step():
+            grad_logits = torch.mm(x_hat, w_hat.t())  # stands in for G: same shape, same GEMM
+            return torch.mm(grad_logits, w_hat), torch.mm(grad_logits.t(), x_hat)
+        return floor_step
+
+    if impl == "ours":
+        loss_fn = arcface_ext.combined_margin_loss
+    elif impl == "eager":
+        loss_fn = reference.combined_margin_loss
+    elif impl == "compiled":
+        loss_fn = torch.compile(reference.combined_margin_loss, fullgraph=True, dynamic=False)
+    else:
+        raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
+    use_autocast = autocast and impl != "ours"
+
+    def step():
+        with torch.autocast(device_type, dtype=embeddings.dtype, enabled=use_autocast):
+            loss = loss_fn(embeddings, weight, labels, reduction=reduction)
+        loss.sum().backward()
+        # Handed to the caller, not left on the leaves: dropping the result frees them.
+        grads = embeddings.grad, weight.grad
+        embeddings.grad = None
+        weight.grad = None
+        return grads
+    return step
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(steps, *, device, warmup, repeats):
+    """{impl: [ms per round]}: warm-up first, then round-robin with a rotating first impl."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    names = list(steps)
+    times = {name: [] for name in names}
+    for round_index in range(repeats):
+        order = names[round_index % len(names):] + names[:round_index % len(names)]
+        for name in order:
+            gc.collect()
+            synchronize(device)
+            start = time.perf_counter()
+            result = steps[name]()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+            del result
+    return times
+
+
+# ---- peak extra memory -------------------------------------------------------------------------
+
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def cuda_peak_extra_mb(step, device):
+    step()  # warm-up (compiles) outside the measured window
+    gc.collect()
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    grads = step()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return (peak - before - _nbytes(grads)) / 2**20
+
+
+def _proc_status_mb(*keys):
+    values = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                values[key] = int(rest.split()[0]) / 1024  # kB
+    return values
+
+
+def _memory_child(spec):
+    """Runs in the child process: see the module docstring (CPU). Impls listed together are
+    measured one after another, each from its own baseline."""
+    torch.set_num_threads(spec["threads"])
+    if spec.get("workspace_bytes"):
+        arcface_ext.set_workspace_bytes(spec["workspace_bytes"])
+    tensors = make_inputs(spec["N"], spec["D"], spec["C"], DTYPES[spec["dtype"]], torch.device("cpu"))
+    peaks = {}
+    for impl in spec["impls"]:
+        step = make_step(impl, *tensors, reduction=spec.get("reduction", "mean"))
+        for _ in range(spec.get("warmup", 1)):
+            step()
+        gc.collect()
+        before = _proc_status_mb("VmRSS")["VmRSS"]
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident set
+        grads = step()
+        peak = _proc_status_mb("VmHWM")["VmHWM"]
+        peaks[impl] = peak - before - _nbytes(grads) / 2**20
+        del step, grads
+        gc.collect()
+    print(json.dumps(peaks))
+
+
+def cpu_peak_extra_mb(impls, n, dim, num_classes, dtype="fp32", *, reduction="mean", threads=None,
+                      workspace_bytes=None, warmup=1, timeout=900):
+    """{impl: peak extra memory (MiB) of one forward+backward}, measured in one child process
+    (the benchmark gives each impl its own)."""
+    spec = dict(impls=list(impls), N=n, D=dim, C=num_classes, dtype=dtype, reduction=reduction,
+                warmup=warmup, threads=threads or torch.get_num_threads(), workspace_bytes=workspace_bytes)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)],
+                           env=env, capture_output=True, text=True, timeout=timeout)
+    if child.returncode != 0:
+        raise RuntimeError(f"memory child for {impls} failed:\n{child.stderr[-4000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+# ---- largest C that fits (CUDA) ----------------------------------------------------------------
+
+def fits(impl, n, dim, num_classes, dtype, device):
+    try:
+        step = make_step(impl, *make_inputs(n, dim, num_classes, dtype, device))
+        step()
+        synchronize(device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        step = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_c(impl, n, dim, dtype, device, start, limit):
+    """Doubles C from `start` until it no longer fits (or passes `limit`), then bisects to 1%."""
+    if not fits(impl, n, dim, start, dtype, device):
+        return 0
+    low, high = start, None
+    while high is None:
+        candidate = min(low * 2, limit)
+        if fits(impl, n, dim, candidate, dtype, device):
+            low = candidate
+            if candidate == limit:
+                return limit
+        else:
+            high = candidate
+    while high - low > max(1, low // 100):
+        middle = (low + high) // 2
+        if fits(impl, n, dim, middle, dtype, device):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+# ---- environment and output --------------------------------------------------------------------
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def git_sha():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def print_table(rows):
+    header = (f"{'impl':<9} {'N':>5} {'D':>5} {'C':>9} {'dtype':>5} {'ms':>9} {'x floor':>8} "
+              f"{'x eager':>8} {'x compiled':>10} {'peak MB':>9} {'mem x eager':>11}")
+    print(header)
+    print("-" * len(header))
+    by_key = {(r["impl"], r["C"]): r for r in rows}
+
+    def ratio(row, base, field):
+        other = by_key.get((base, row["C"]))
+        if other is None or other[field] in (None, 0) or row[field] is None:
+            return "-"
+        return f"{row[field] / other[field]:.2f}"
+
+    for r in rows:
+        peak = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
+        print(f"{r['impl']:<9} {r['N']:>5} {r['D']:>5} {r['C']:>9} {r['dtype']:>5} {r['ms']:>9.1f} "
+              f"{ratio(r, 'floor', 'ms'):>8} {ratio(r, 'eager', 'ms'):>8} {ratio(r, 'compiled', 'ms'):>10} "
+              f"{peak:>9} {ratio(r, 'eager', 'peak_extra_mb'):>11}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--N", type=int, help="rows (embeddings); default 256 on CPU, 512 on CUDA")
+    parser.add_argument("--D", type=int, help="embedding size; default 512")
+    parser.add_argument("--C", type=int, nargs="+", help="class counts; default 50000 on CPU, 100000 1000000 on CUDA")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--workspace-bytes", type=int, help="arcface_ext.set_workspace_bytes (default: the op's)")
+    parser.add_argument("--max-c", type=int,
+                        help="CUDA: also search the largest C that fits, up to this, for ours and eager")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--out", help="output JSON path (default benchmarks/results/<device>-<date>.json)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_child:
+        _memory_child(json.loads(args.memory_child))
+        return
+    impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        raise SystemExit(f"unknown impls {unknown}; choose from {IMPLS}")
+    if "ours" in impls and not arcface_ext.extension_available():
+        raise SystemExit("arcface_ext's compiled kernels are not built: pip install --no-build-isolation -e .")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
+    defaults = DEFAULTS[args.device]
+    n = args.N or defaults["N"]
+    dim = args.D or defaults["D"]
+    class_counts = args.C or defaults["C"]
+    dtype_name = args.dtype or defaults["dtype"]
+    dtype = DTYPES[dtype_name]
+    device = torch.device(args.device)
+    if args.workspace_bytes:
+        arcface_ext.set_workspace_bytes(args.workspace_bytes)
+
+    environment = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda,
+                       git_sha=git_sha(), threads=torch.get_num_threads())
+    print(f"{environment['device']} | torch {environment['torch']} | CUDA {environment['cuda']} | "
+          f"{environment['threads']} threads | git {environment['git_sha']} | "
+          f"workspace {arcface_ext.get_workspace_bytes()} B")
+    rows = []
+    for num_classes in class_counts:
+        tensors = make_inputs(n, dim, num_classes, dtype, device)
+        steps = {impl: make_step(impl, *tensors) for impl in impls}
+        times = time_interleaved(steps, device=device, warmup=args.warmup, repeats=args.repeats)
+        for impl in impls:
+            peak = None
+            if not args.no_memory:
+                if device.type == "cuda":
+                    peak = cuda_peak_extra_mb(steps[impl], device)
+                else:
+                    peak = cpu_peak_extra_mb([impl], n, dim, num_classes, dtype_name,
+                                             workspace_bytes=args.workspace_bytes)[impl]
+            rows.append(dict(impl=impl, N=n, D=dim, C=num_classes, dtype=dtype_name,
+                             ms=statistics.median(times[impl]), ms_all=[round(t, 3) for t in times[impl]],
+                             peak_extra_mb=peak, **environment))
+        del steps, tensors
+        gc.collect()
+    print_table(rows)
+
+    if args.max_c:
+        if device.type != "cuda":
+            raise SystemExit("--max-c searches GPU memory; use it with --device cuda")
+        for impl in [name for name in ("ours", "eager") if name in impls]:
+            found = largest_c(impl, n, dim, dtype, device, start=min(class_counts), limit=args.max_c)
+            print(f"largest C that fits, {impl}: {found}")
+            rows.append(dict(impl=impl, N=n, D=dim, C=found, dtype=dtype_name, kind="max_c",
+                             max_c_limit=args.max_c, ms=None, peak_extra_mb=None, **environment))
+
+    out = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                   f"{slug(environment['device'])}-{datetime.date.today().isoformat()}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as handle:
+        json.dump(rows, handle, indent=1)
+    print(f"wrote {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()

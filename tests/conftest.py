@@ -1,0 +1,110 @@
+"""Shared test machinery: the `cuda` and `slow` markers, the one tolerance table, and comparisons
+that say where and by how much two tensors differ. Test modules import the helpers with
+`from conftest import ...` (tests/ is not a package, so pytest puts it on sys.path)."""
+import pytest
+import torch
+
+# dtype of the compared tensor -> (atol, rtol). atol is relative to the largest magnitude in the
+# expected tensor (gradients hold entries near zero that no elementwise rtol can hold), rtol is
+# elementwise: |actual - expected| <= atol * max|expected| + rtol * |expected|.
+# fp64 and fp32 are the issue's "1e-10" and "1e-5 relative"; a 16-bit gradient is rounded once on
+# the way out, so its tolerance is one ulp of that dtype. Losses are always fp32 or fp64.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (8e-3, 8e-3),
+}
+
+# (m1, m2, m3, lambda_) of the margin families the issue names.
+MARGINS = {
+    "arcface": (1.0, 0.5, 0.0, 0.0),
+    "cosface": (1.0, 0.0, 0.35, 0.0),
+    "sphereface": (4.0, 0.0, 0.0, 0.0),
+    "sphereface_lambda": (4.0, 0.0, 0.0, 5.0),
+    "combined": (1.0, 0.3, 0.2, 0.0),
+}
+
+
+def margin_kwargs(name):
+    m1, m2, m3, lambda_ = MARGINS[name]
+    return dict(m1=m1, m2=m2, m3=m3, lambda_=lambda_)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when none is visible)")
+    config.addinivalue_line("markers", "slow: long-running")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Asked only when a collected test carries the marker, never at import time.
+    if not any(item.get_closest_marker("cuda") for item in items):
+        return
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
+def _describe_mismatch(actual, expected, atol, rtol, name):
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    diff = (a - e).abs()
+    both_nan = a.isnan() & e.isnan()
+    diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+    diff = torch.where(diff.isnan(), torch.full_like(diff, float("inf")), diff)
+    allowed = atol + rtol * e.abs()
+    bad = diff > allowed
+    lines = [f"{name}: {int(bad.sum())} of {e.numel()} elements differ "
+             f"(atol={atol:.3g}, rtol={rtol:.3g}, shape {tuple(e.shape)})"]
+    if bad.any():
+        rel = diff / e.abs()  # inf where expected is 0
+        worst = int(diff.reshape(-1).argmax())
+        lines.append(f"  max abs error {float(diff.max()):.6g} at {_index(worst, e.shape)}, "
+                     f"max rel error {float(rel[bad].max()):.6g}, max |expected| {float(e.abs().max()):.6g}")
+        for flat in bad.reshape(-1).nonzero().reshape(-1)[:5].tolist():
+            idx = _index(flat, e.shape)
+            lines.append(f"  at {idx}: actual {float(a.reshape(-1)[flat]):.10g}, "
+                         f"expected {float(e.reshape(-1)[flat]):.10g}")
+    return bad.any(), "\n".join(lines)
+
+
+def _index(flat, shape):
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape))) if len(shape) else ()
+
+
+def assert_close_report(actual, expected, *, atol, rtol, name="tensor"):
+    """Elementwise |actual - expected| <= atol + rtol * |expected| (NaN matches NaN); on failure
+    the message names the first mismatching indices and the largest absolute/relative errors."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    failed, report = _describe_mismatch(actual, expected, atol, rtol, name)
+    assert not failed, report
+
+
+def assert_matches_reference(actual, expected, *, name="tensor", dtype=None, min_scale=0.0):
+    """Compares against the reference with the table's tolerance for `dtype` (by default the
+    actual tensor's dtype), atol scaled by the expected tensor's largest magnitude (or by
+    min_scale, where the expected values are all (near) zero)."""
+    atol, rtol = TOLERANCES[dtype or actual.dtype]
+    finite = expected.detach()[expected.detach().isfinite()]
+    scale = max(float(finite.abs().max()) if finite.numel() else 0.0, min_scale)
+    assert_close_report(actual, expected, atol=atol * scale, rtol=rtol, name=name)
+
+
+def loss_and_grads(loss_fn, embeddings, weight, labels, *, grad_seed=0, **kwargs):
+    """Runs loss_fn on fresh leaf copies of embeddings and weight and back-propagates: 1 for a
+    scalar loss, a fixed uneven weight per row for reduction="none" (so that per-row scaling is
+    exercised). Returns (loss, target_cosine or None, grad_embeddings, grad_weight)."""
+    x = embeddings.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    out = loss_fn(x, w, labels, **kwargs)
+    loss, target_cosine = out if isinstance(out, tuple) else (out, None)
+    if loss.dim() == 0:
+        loss.backward()
+    else:
+        generator = torch.Generator().manual_seed(grad_seed)
+        upstream = torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5
+        (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
+    return loss.detach(), target_cosine, x.grad, w.grad

@@ -1,0 +1,628 @@
+"""The fused CPU op against the fp64 reference, and everything around it: edge cases, gradcheck,
+dispatcher registration (opcheck, torch.compile), argument checks, the modules, and its memory
+bound."""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arcface_ext
+from arcface_ext import reference
+from conftest import MARGINS, assert_close_report, assert_matches_reference, loss_and_grads, margin_kwargs
+
+pytestmark = pytest.mark.skipif(not arcface_ext.extension_available(),
+                                reason="arcface_ext._C is not built")
+
+OUTPUTS = ("loss", "target_cosine", "grad_embeddings", "grad_weight")
+
+
+def make_inputs(n, dim, num_classes, *, seed, dtype=torch.float64, ignored=()):
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    labels[list(ignored)] = -1
+    return embeddings.to(dtype), weight.to(dtype), labels
+
+
+def run_both(embeddings, weight, labels, **kwargs):
+    """(op outputs, reference outputs): the op on the given dtype, the reference in fp64 on the
+    same values; each a tuple (loss, target_cosine, grad_embeddings, grad_weight)."""
+    ours = loss_and_grads(arcface_ext.combined_margin_loss, embeddings, weight, labels,
+                          return_target_cosine=True, **kwargs)
+    expected = loss_and_grads(reference.combined_margin_loss, embeddings.double(), weight.double(), labels,
+                              return_target_cosine=True, **kwargs)
+    return ours, expected
+
+
+def assert_matches(ours, expected, rows=slice(None), classes=slice(None), min_scale=0.0):
+    """Every output within the tolerance table, optionally on a subset of rows / classes."""
+    picks = (rows, rows, rows, classes)
+    for name, a, e, pick in zip(OUTPUTS, ours, expected, picks):
+        if a.dim() == 0:
+            assert_matches_reference(a, e, name=name, min_scale=min_scale)
+        else:
+            assert_matches_reference(a[pick], e[pick], name=name, dtype=a.dtype, min_scale=min_scale)
+
+
+@pytest.fixture
+def workspace():
+    """set_workspace_bytes, restored afterwards."""
+    saved = arcface_ext.get_workspace_bytes()
+    yield arcface_ext.set_workspace_bytes
+    arcface_ext.set_workspace_bytes(saved)
+
+
+# ---- against the reference ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_matches_reference(margin, margin_grad, reduction, dtype):
+    x, w, labels = make_inputs(37, 24, 1001, seed=0, dtype=dtype, ignored=(3, 20))
+    ours, expected = run_both(x, w, labels, reduction=reduction, margin_grad=margin_grad, **margin_kwargs(margin))
+    assert ours[0].dtype == dtype and ours[2].dtype == dtype and ours[3].dtype == dtype
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 1), (5, 7, 3), (16, 64, 128), (64, 128, 512),
+                                   (37, 24, 1001), (3, 5, 10007)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_matches_reference_shapes(shape, dtype):
+    x, w, labels = make_inputs(*shape, seed=1, dtype=dtype)
+    ours, expected = run_both(x, w, labels, s=32.0, m1=1.0, m2=0.3, m3=0.2, reduction="none")
+    # With C = 1 the loss is identically 0 and so is every gradient, which fp32 leaves at ~1e-5:
+    # measure errors there against the gradients' natural scale, s.
+    assert_matches(ours, expected, min_scale=32.0 if shape[2] == 1 else 0.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_16_bit_inputs(margin, dtype, reduction):
+    x, w, labels = make_inputs(37, 64, 301, seed=2, dtype=dtype, ignored=(5,))
+    ours, expected = run_both(x, w, labels, reduction=reduction, **margin_kwargs(margin))
+    # Loss and target cosine accumulate in fp32 (fp32 tolerance); gradients come back in `dtype`.
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
+    assert ours[2].dtype == dtype and ours[3].dtype == dtype
+    assert_matches(ours, expected)
+
+
+def test_mixed_input_dtypes_promote():
+    x, w, labels = make_inputs(9, 8, 13, seed=3)
+    ours, expected = run_both(x, w.float(), labels)
+    assert ours[0].dtype == torch.float64 and ours[3].dtype == torch.float32
+    assert_matches(ours, expected)
+
+
+# ---- edge cases ------------------------------------------------------------------------------
+
+def targets_past_pi(n, dim, num_classes, *, seed, dtype):
+    """Each embedding 0.15-0.27 rad from the opposite of its class centre: θ in (2.87, 2.99), past
+    π - m2 for m2 >= 0.3 and in SphereFace's k = 3 branch, yet far enough from c = -1 that acos
+    stays well conditioned in fp32."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    w_hat = F.normalize(weight[labels], dim=1)
+    other = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    other = F.normalize(other - (other * w_hat).sum(1, keepdim=True) * w_hat, dim=1)
+    phi = 0.15 + 0.12 * torch.rand(n, 1, generator=generator, dtype=torch.float64)
+    embeddings = 3.0 * (-torch.cos(phi) * w_hat + torch.sin(phi) * other)
+    return embeddings.to(dtype), weight.to(dtype), labels
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("margin", ["arcface", "combined", "sphereface", "sphereface_lambda"])
+def test_targets_past_pi(margin, margin_grad, dtype, reduction):
+    kw = margin_kwargs(margin)
+    x, w, labels = targets_past_pi(19, 16, 23, seed=4, dtype=dtype)
+    ours, expected = run_both(x, w, labels, reduction=reduction, margin_grad=margin_grad, **kw)
+    theta = torch.acos(expected[1])
+    assert bool((kw["m1"] * theta + kw["m2"] > math.pi).all()), "the inputs must reach past pi"
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_embeddings_equal_to_their_class_centre(margin, margin_grad, reduction):
+    # c = 1 exactly (up to rounding): acos and the exact dψ/dc are at their singular end. Half the
+    # rows sit on their centre, half are random, so the comparison is not all zeros.
+    x, w, labels = make_inputs(12, 16, 9, seed=5)
+    x[::2] = 2.5 * w[labels[::2]]
+    for dtype in (torch.float32, torch.float64):
+        ours, _ = run_both(x.to(dtype), w.to(dtype), labels, reduction=reduction, margin_grad=margin_grad,
+                           **margin_kwargs(margin))
+        assert all(bool(t.isfinite().all()) for t in ours), f"non-finite output in {dtype}"
+    ours, expected = run_both(x, w, labels, reduction=reduction, margin_grad=margin_grad, **margin_kwargs(margin))
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("margin", ["arcface", "cosface", "sphereface_lambda"])
+def test_zero_norm_embeddings_and_class_centres(margin, dtype, reduction):
+    x, w, labels = make_inputs(8, 16, 11, seed=6, dtype=dtype)
+    labels[:3] = torch.tensor([4, 7, 9])
+    x[0] = 0  # a zero embedding
+    w[7] = 0  # row 1's own class centre
+    w[10] = 0  # a centre no row targets
+    ours, expected = run_both(x, w, labels, reduction=reduction, **margin_kwargs(margin))
+    assert all(bool(t.isfinite().all()) for t in ours)
+    # F.normalize's convention: a zero vector normalises to zero and its gradient is scaled by
+    # 1/eps, so those rows dwarf the rest; compare them apart.
+    zero_row = torch.zeros(8, dtype=torch.bool)
+    zero_row[0] = True
+    zero_class = torch.zeros(11, dtype=torch.bool)
+    zero_class[[7, 10]] = True
+    assert_matches(ours, expected, rows=~zero_row, classes=~zero_class)
+    assert_matches(ours, expected, rows=zero_row, classes=zero_class)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_rows(reduction):
+    x, w, labels = make_inputs(10, 8, 7, seed=7, ignored=(0, 4, 9))
+    ours, expected = run_both(x, w, labels, reduction=reduction, ignore_index=-1)
+    assert_matches(ours, expected)
+    assert bool((ours[2][[0, 4, 9]] == 0).all()), "ignored rows get no gradient"
+    assert bool(ours[1][[0, 4, 9]].isnan().all()), "ignored rows have a NaN target cosine"
+    if reduction == "none":
+        assert bool((ours[0][[0, 4, 9]] == 0).all())
+    # Another ignore_index: -1 becomes an ordinary (bad) label, -100 the ignored one.
+    relabelled = labels.clone()
+    relabelled[[0, 4, 9]] = -100
+    again = loss_and_grads(arcface_ext.combined_margin_loss, x, w, relabelled, reduction=reduction,
+                           ignore_index=-100, return_target_cosine=True)
+    for name, a, e in zip(OUTPUTS, again, ours):
+        assert_close_report(a, e, atol=0, rtol=0, name=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_all_rows_ignored(reduction, dtype):
+    x, w, _ = make_inputs(6, 8, 7, seed=8, dtype=dtype)
+    labels = torch.full((6,), -1)
+    loss, target_cosine, gx, gw = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels,
+                                                 reduction=reduction, return_target_cosine=True)
+    assert bool((loss == 0).all()) and bool(target_cosine.isnan().all())
+    assert bool((gx == 0).all()) and bool((gw == 0).all())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction):
+    x, w, labels = make_inputs(0, 8, 7, seed=9, dtype=torch.float32)
+    loss, target_cosine, gx, gw = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels,
+                                                 reduction=reduction, return_target_cosine=True)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    assert bool((loss == 0).all()) and target_cosine.shape == (0,)
+    assert gx.shape == (0, 8) and gw.shape == (7, 8) and bool((gw == 0).all())
+
+
+@pytest.mark.parametrize("dtype, reduction", [(torch.float64, "mean"), (torch.float64, "none"),
+                                              (torch.float32, "mean")], ids=["fp64-mean", "fp64-none", "fp32-mean"])
+@pytest.mark.parametrize("workspace_bytes", [None, 1, 200_003], ids=["default", "min-block", "odd-block"])
+def test_many_class_blocks(workspace, workspace_bytes, dtype, reduction):
+    # C = 10007 is prime, so no block size divides it; 1 byte forces the smallest block (hundreds
+    # of blocks over both threads), 200003 bytes an in-between one.
+    workspace(workspace_bytes)
+    x, w, labels = make_inputs(37, 40, 10007, seed=10, dtype=dtype, ignored=(11,))
+    labels[:3] = torch.tensor([0, 10006, 5003])  # first, last and middle class
+    ours, expected = run_both(x, w, labels, s=64.0, m2=0.5, reduction=reduction)
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("workspace_bytes", [None, 1], ids=["default", "min-block"])
+def test_many_rows(workspace, workspace_bytes, reduction):
+    # N = 1031 (prime) rows against few classes: the rows, not the classes, must be split.
+    workspace(workspace_bytes)
+    x, w, labels = make_inputs(1031, 24, 53, seed=30, ignored=(0, 1030))
+    ours, expected = run_both(x, w, labels, reduction=reduction)
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignore_index_that_is_a_class(reduction):
+    x, w, labels = make_inputs(23, 8, 5, seed=31)
+    assert bool((labels == 2).any())
+    ours, expected = run_both(x, w, labels, reduction=reduction, ignore_index=2)
+    assert_matches(ours, expected)
+    assert bool(ours[1][labels == 2].isnan().all())
+
+
+def test_non_contiguous_inputs_equal_contiguous():
+    x, w, labels = make_inputs(13, 10, 29, seed=11, dtype=torch.float32, ignored=(2,))
+    x_t = x.t().contiguous().t()  # transposed views of the same values
+    w_t = w.t().contiguous().t()
+    labels_strided = torch.stack([labels, torch.zeros_like(labels)], 1)[:, 0]
+    assert not (x_t.is_contiguous() or w_t.is_contiguous() or labels_strided.is_contiguous())
+    contiguous = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, reduction="none",
+                                return_target_cosine=True)
+    strided = loss_and_grads(arcface_ext.combined_margin_loss, x_t, w_t, labels_strided, reduction="none",
+                             return_target_cosine=True)
+    for name, a, e in zip(OUTPUTS, strided, contiguous):
+        assert_close_report(a, e, atol=0, rtol=0, name=name)
+
+
+def test_int32_labels_equal_int64():
+    x, w, labels = make_inputs(9, 8, 13, seed=12, dtype=torch.float32, ignored=(1,))
+    a = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels.int(), reduction="none",
+                       return_target_cosine=True)
+    b = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, reduction="none",
+                       return_target_cosine=True)
+    for name, p, q in zip(OUTPUTS, a, b):
+        assert_close_report(p, q, atol=0, rtol=0, name=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("workspace_bytes", [None, 1], ids=["default", "min-block"])
+def test_deterministic(workspace, workspace_bytes, reduction):
+    workspace(workspace_bytes)
+    x, w, labels = make_inputs(37, 40, 10007, seed=13, dtype=torch.float32)
+    first = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, reduction=reduction,
+                           return_target_cosine=True)
+    second = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, reduction=reduction,
+                            return_target_cosine=True)
+    for name, a, b in zip(OUTPUTS, first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("needs", ["embeddings", "weight"])
+def test_one_input_needs_grad(needs, reduction):
+    x, w, labels = make_inputs(11, 8, 17, seed=14)
+    _, expected = run_both(x, w, labels, reduction="sum" if reduction == "none" else reduction)
+    x = x.clone().requires_grad_(needs == "embeddings")
+    w = w.clone().requires_grad_(needs == "weight")
+    arcface_ext.combined_margin_loss(x, w, labels, reduction=reduction).sum().backward()
+    grad, other, index = (x.grad, w.grad, 2) if needs == "embeddings" else (w.grad, x.grad, 3)
+    assert other is None
+    assert_matches_reference(grad, expected[index], name=f"grad_{needs}")
+
+
+def test_return_target_cosine_is_detached_and_matches():
+    x, w, labels = make_inputs(9, 8, 13, seed=15, dtype=torch.float32, ignored=(4,))
+    x.requires_grad_(True)
+    loss, target_cosine = arcface_ext.combined_margin_loss(x, w, labels, return_target_cosine=True)
+    assert loss.requires_grad and not target_cosine.requires_grad and target_cosine.grad_fn is None
+    expected = F.cosine_similarity(x.detach().double(), w.double()[labels.clamp_min(0)], dim=1)
+    expected[4] = float("nan")
+    assert_matches_reference(target_cosine, expected, name="target_cosine")
+
+
+def test_forward_under_no_grad():
+    x, w, labels = make_inputs(9, 8, 13, seed=16, dtype=torch.float32)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    with_grad = arcface_ext.combined_margin_loss(x, w, labels, reduction="none")
+    with torch.no_grad():
+        without = arcface_ext.combined_margin_loss(x, w, labels, reduction="none")
+    assert not without.requires_grad
+    assert torch.equal(without, with_grad.detach())
+
+
+# ---- gradcheck, opcheck, torch.compile -----------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_gradcheck(margin, reduction):
+    x, w, labels = make_inputs(5, 4, 7, seed=17, ignored=(2,))
+    kw = margin_kwargs(margin)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: arcface_ext.combined_margin_loss(a, b, labels, s=8.0, reduction=reduction,
+                                                      margin_grad="exact", **kw),
+        (x, w))
+
+
+def op_arguments(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, ignore_index=-1,
+                 straight_through=False, workspace_bytes=1 << 20):
+    return (embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("margin", ["arcface", "sphereface_lambda"])
+def test_opcheck_forward(margin, dtype):
+    x, w, labels = make_inputs(7, 6, 11, seed=18, dtype=dtype, ignored=(1, 5))
+    args = op_arguments(x.requires_grad_(True), w.requires_grad_(True), labels, **margin_kwargs(margin))
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_forward, args)
+
+
+def test_op_outputs_are_zero_at_ignored_rows():
+    # The op's contract (csrc/arcface.cpp): loss, log-sum-exp and target cosine are 0 at ignored
+    # rows; only the Python layer turns those cosines into NaN.
+    x, w, labels = make_inputs(7, 6, 11, seed=19, ignored=(1, 5))
+    outputs = torch.ops.arcface_ext.margin_softmax_forward(*op_arguments(x, w, labels))
+    for name, output in zip(("loss", "logsumexp", "target_cosine"), outputs):
+        assert bool((output[[1, 5]] == 0).all()), f"{name} at ignored rows: {output[[1, 5]]}"
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["both", "embeddings", "weight"])
+def test_opcheck_backward(needs):
+    x, w, labels = make_inputs(7, 6, 11, seed=20, ignored=(3,))
+    forward_args = op_arguments(x, w, labels)
+    _, logsumexp, _ = torch.ops.arcface_ext.margin_softmax_forward(*forward_args)
+    grad_loss = torch.rand(7, dtype=torch.float64)
+    args = (grad_loss, x, w, labels, logsumexp, *forward_args[3:], *needs)
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_backward, args)
+
+
+needs_train_op = pytest.mark.skipif(not hasattr(torch.ops.arcface_ext, "margin_softmax_train"),
+                                    reason="this build has no margin_softmax_train op")
+
+
+@needs_train_op
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["both", "embeddings", "weight"])
+def test_opcheck_train(needs, mean):
+    x, w, labels = make_inputs(7, 6, 11, seed=21, ignored=(3,))
+    args = (*op_arguments(x.requires_grad_(needs[0]), w.requires_grad_(needs[1]), labels), mean, *needs)
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_train, args)
+
+
+def _loss_and_cosine(embeddings, weight, labels, reduction):
+    loss, target_cosine = arcface_ext.combined_margin_loss(embeddings, weight, labels, s=30.0, m2=0.3, m3=0.1,
+                                                           reduction=reduction, return_target_cosine=True)
+    return loss * 2.0, target_cosine
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_compile_fullgraph_matches_eager(reduction):
+    # aot_eager runs Dynamo and AOTAutograd on fake tensors (the register_fake kernels and the
+    # autograd registration) without Inductor's code generation; two batch sizes make the second
+    # trace dynamic in N.
+    torch._dynamo.reset()
+    compiled = torch.compile(_loss_and_cosine, fullgraph=True, backend="aot_eager")
+    for n in (13, 17):
+        x, w, labels = make_inputs(n, 8, 37, seed=21 + n, dtype=torch.float32, ignored=(1,))
+        eager = loss_and_grads(_loss_and_cosine, x, w, labels, reduction=reduction)
+        graph = loss_and_grads(compiled, x, w, labels, reduction=reduction)
+        for name, a, e in zip(OUTPUTS, graph, eager):
+            assert_close_report(a, e, atol=0, rtol=0, name=f"N={n} {name}")
+
+
+def test_compile_inductor_matches_eager():
+    # The default backend. Per-row losses and nothing else in the graph, so that Inductor has no
+    # kernel of its own to generate and compile (a cold C++ build costs ~40 s on 2 cores); the
+    # aot_eager test above covers the reductions around the op.
+    def per_row(embeddings, weight, labels):
+        return arcface_ext.combined_margin_loss(embeddings, weight, labels, s=30.0, m2=0.3, m3=0.1,
+                                                reduction="none", return_target_cosine=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(per_row, fullgraph=True)
+    x, w, labels = make_inputs(13, 8, 37, seed=22, dtype=torch.float32, ignored=(1,))
+    eager = loss_and_grads(per_row, x, w, labels)
+    graph = loss_and_grads(compiled, x, w, labels)
+    for name, a, e in zip(OUTPUTS, graph, eager):
+        assert_close_report(a, e, atol=0, rtol=0, name=name)
+
+
+def test_label_check_runs_inside_a_compiled_graph():
+    torch._dynamo.reset()
+    compiled = torch.compile(_loss_and_cosine, fullgraph=True, backend="aot_eager")
+    x, w, labels = make_inputs(5, 8, 11, seed=23, dtype=torch.float32)
+    compiled(x, w, labels, "mean")
+    labels[2] = 11
+    with pytest.raises(ValueError, match=r"labels\[2\]"):
+        compiled(x, w, labels, "mean")
+
+
+# ---- autograd plumbing ------------------------------------------------------------------------
+# A training call (reduction "mean"/"sum" with gradients needed) may compute the gradients in the
+# forward and only scale them in the backward; these are the ways autograd can call it.
+
+def _reference_grads(x, w, labels, reduction):
+    _, _, gx, gw = loss_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels, reduction=reduction)
+    return gx, gw
+
+
+def _assert_grads(x, w, expected, factor, what):
+    assert_matches_reference(x.grad, expected[0] * factor, name=f"{what}: grad_embeddings")
+    assert_matches_reference(w.grad, expected[1] * factor, name=f"{what}: grad_weight")
+
+
+def _leaves(x, w):
+    return x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backward_scaling_accumulation_and_retained_graph(reduction):
+    x0, w0, labels = make_inputs(9, 8, 13, seed=40, dtype=torch.float32, ignored=(4,))
+    expected = _reference_grads(x0, w0, labels, "sum" if reduction == "none" else reduction)
+
+    def loss_of(x, w):
+        loss = arcface_ext.combined_margin_loss(x, w, labels, reduction=reduction)
+        return loss.sum() if reduction == "none" else loss
+
+    x, w = _leaves(x0, w0)
+    (loss_of(x, w) * 2.5).backward()
+    _assert_grads(x, w, expected, 2.5, "scaled upstream")
+
+    x, w = _leaves(x0, w0)
+    loss_of(x, w).backward()
+    loss_of(x, w).backward()
+    _assert_grads(x, w, expected, 2.0, "two steps without zero_grad")
+
+    x, w = _leaves(x0, w0)
+    loss = loss_of(x, w)
+    (loss + 2.0 * loss).backward()
+    _assert_grads(x, w, expected, 3.0, "loss used twice")
+
+    x, w = _leaves(x0, w0)
+    loss = loss_of(x, w)
+    (loss * 0.5).backward(retain_graph=True)
+    x.grad.zero_()  # an optimiser's zero_grad(set_to_none=False) between the two passes
+    w.grad.zero_()
+    (loss * 2.0).backward(retain_graph=True)
+    loss.backward()
+    _assert_grads(x, w, expected, 3.0, "retained graph")
+
+    x, w = _leaves(x0, w0)
+    loss = loss_of(x, w)
+    gx, gw = torch.autograd.grad(loss * 3.0, (x, w), retain_graph=True)
+    gx1, gw1 = torch.autograd.grad(loss, (x, w))
+    for name, got, want in (("grad_embeddings", gx, expected[0] * 3), ("grad_weight", gw, expected[1] * 3),
+                            ("grad_embeddings (again)", gx1, expected[0]), ("grad_weight (again)", gw1, expected[1])):
+        assert_matches_reference(got, want, name=f"autograd.grad: {name}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_retained_graph_after_a_zero_upstream_gradient(reduction):
+    x0, w0, labels = make_inputs(9, 8, 13, seed=41, dtype=torch.float32)
+    expected = _reference_grads(x0, w0, labels, "sum" if reduction == "none" else reduction)
+    x, w = _leaves(x0, w0)
+    loss = arcface_ext.combined_margin_loss(x, w, labels, reduction=reduction).sum()
+    (loss * 0.0).backward(retain_graph=True)
+    loss.backward()
+    _assert_grads(x, w, expected, 1.0, "zero, then one")
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def _bad_inputs():
+    x, w, labels = make_inputs(4, 6, 5, seed=24, dtype=torch.float32)
+    with_label = lambda index, value: labels.clone().index_fill_(0, torch.tensor([index]), value)  # noqa: E731
+    call = arcface_ext.combined_margin_loss
+    return {
+        "label >= C": (lambda: call(x, w, with_label(1, 5)), ValueError, r"labels\[1\] = 5"),
+        "label < -1": (lambda: call(x, w, with_label(2, -2)), ValueError, r"labels\[2\] = -2"),
+        "label -1 with another ignore_index": (lambda: call(x, w, with_label(0, -1), ignore_index=-100),
+                                               ValueError, r"labels\[0\] = -1"),
+        "labels too short": (lambda: call(x, w, labels[:3]), ValueError, "labels"),
+        "labels 2-D": (lambda: call(x, w, labels[:, None]), ValueError, "labels"),
+        "float labels": (lambda: call(x, w, labels.float()), TypeError, "labels"),
+        "bool labels": (lambda: call(x, w, labels > 0), TypeError, "labels"),
+        "1-D embeddings": (lambda: call(x[0], w, labels), ValueError, "embeddings"),
+        "3-D embeddings": (lambda: call(x[None], w, labels), ValueError, "embeddings"),
+        "1-D weight": (lambda: call(x, w[0], labels), ValueError, "weight"),
+        "D mismatch": (lambda: call(x, w[:, :5], labels), ValueError, "embeddings .* weight"),
+        "integer embeddings": (lambda: call(x.long(), w, labels), TypeError, "embeddings"),
+        "integer weight": (lambda: call(x, w.int(), labels), TypeError, "weight"),
+        "no classes": (lambda: call(x, w[:0], labels), ValueError, "weight"),
+        "weight on meta": (lambda: call(x, w.to("meta"), labels), ValueError, "device"),
+        "labels on meta": (lambda: call(x, w, labels.to("meta")), ValueError, "device"),
+        "reduction": (lambda: call(x, w, labels, reduction="avg"), ValueError, "reduction"),
+        "s = 0": (lambda: call(x, w, labels, s=0.0), ValueError, "s "),
+        "s < 0": (lambda: call(x, w, labels, s=-64.0), ValueError, "s "),
+        "s NaN": (lambda: call(x, w, labels, s=float("nan")), ValueError, "s "),
+        "margin_grad": (lambda: call(x, w, labels, margin_grad="ste"), ValueError, "margin_grad"),
+        "embeddings not a tensor": (lambda: call(x.tolist(), w, labels), TypeError, "embeddings"),
+    }
+
+
+BAD_INPUTS = list(_bad_inputs())
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_raises_naming_the_argument(case):
+    fn, error, pattern = _bad_inputs()[case]
+    with pytest.raises(error, match=pattern):
+        fn()
+
+
+def _bad_op_calls():
+    x, w, labels = make_inputs(4, 6, 5, seed=25, dtype=torch.float32)
+    op = torch.ops.arcface_ext.margin_softmax_forward
+    return {
+        "dtype mismatch": (lambda: op(*op_arguments(x, w.double(), labels)), "share a dtype"),
+        "int32 labels": (lambda: op(*op_arguments(x, w, labels.int())), "labels must be int64"),
+        "label >= C": (lambda: op(*op_arguments(x, w, labels + 5)), r"labels\[0\]"),
+        "D mismatch": (lambda: op(*op_arguments(x, w[:, :5], labels)), "disagree on D"),
+        "N mismatch": (lambda: op(*op_arguments(x, w, labels[:2])), "labels has 2 entries"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_op_calls()))
+def test_op_checks_its_arguments_at_the_host_boundary(case):
+    # Called through torch.ops directly, past functional's Python checks: the C++ checks must
+    # still raise a Python exception (ValueError or RuntimeError), never crash.
+    fn, pattern = _bad_op_calls()[case]
+    with pytest.raises((ValueError, RuntimeError), match=pattern):
+        fn()
+
+
+# ---- modules ---------------------------------------------------------------------------------
+
+MODULES = {
+    "ArcFaceLoss": (lambda **kw: arcface_ext.ArcFaceLoss(23, 12, s=32.0, m=0.4, **kw),
+                    dict(s=32.0, m1=1.0, m2=0.4, m3=0.0, lambda_=0.0), "m2=0.4"),
+    "CosFaceLoss": (lambda **kw: arcface_ext.CosFaceLoss(23, 12, m=0.35, **kw),
+                    dict(s=64.0, m1=1.0, m2=0.0, m3=0.35, lambda_=0.0), "m3=0.35"),
+    "SphereFaceLoss": (lambda **kw: arcface_ext.SphereFaceLoss(23, 12, m=4, lambda_=5.0, **kw),
+                       dict(s=64.0, m1=4.0, m2=0.0, m3=0.0, lambda_=5.0), "lambda_=5.0"),
+    "CombinedMarginLoss": (lambda **kw: arcface_ext.CombinedMarginLoss(23, 12, 64.0, 1.0, 0.3, 0.2, **kw),
+                           dict(s=64.0, m1=1.0, m2=0.3, m3=0.2, lambda_=0.0), "m3=0.2"),
+}
+
+
+@pytest.mark.parametrize("use_reference", [False, True], ids=["fused", "reference"])
+@pytest.mark.parametrize("name", list(MODULES))
+def test_module_equals_functional(name, use_reference):
+    build, params, repr_part = MODULES[name]
+    torch.manual_seed(0)
+    criterion = build(use_reference=use_reference)
+    assert criterion.weight.shape == (23, 12) and isinstance(criterion.weight, torch.nn.Parameter)
+    text = repr(criterion)
+    assert text.startswith(name) and "num_classes=23" in text and "embedding_size=12" in text and repr_part in text
+    assert ("use_reference=True" in text) == use_reference
+    x, _, labels = make_inputs(9, 12, 23, seed=26, dtype=torch.float32, ignored=(2,))
+    x.requires_grad_(True)
+    loss, target_cosine = criterion(x, labels, return_target_cosine=True)
+    loss.backward()
+    function = reference.combined_margin_loss if use_reference else arcface_ext.combined_margin_loss
+    expected = loss_and_grads(function, x, criterion.weight, labels, return_target_cosine=True, **params)
+    for name, a, e in zip(OUTPUTS, (loss, target_cosine, x.grad, criterion.weight.grad), expected):
+        assert_close_report(a, e, atol=0, rtol=0, name=name)
+
+
+def test_module_fused_matches_module_reference():
+    torch.manual_seed(0)
+    fused = arcface_ext.ArcFaceLoss(301, 16)
+    slow = arcface_ext.ArcFaceLoss(301, 16, use_reference=True)
+    slow.load_state_dict(fused.state_dict())
+    x, _, labels = make_inputs(37, 16, 301, seed=27, dtype=torch.float32)
+    assert_matches_reference(fused(x, labels), slow(x.double(), labels).float(), name="loss")
+
+
+def test_module_repr_mentions_straight_through():
+    criterion = arcface_ext.ArcFaceLoss(5, 3, margin_grad="straight_through")
+    assert "margin_grad='straight_through'" in repr(criterion)
+
+
+# ---- memory bound ----------------------------------------------------------------------------
+
+def _load_benchmark():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_loss.py")
+    spec = importlib.util.spec_from_file_location("bench_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_extra_memory_is_bounded_by_the_workspace(reduction):
+    # N x C fp32 logits would be 24 MiB, and so would a (C, D) buffer; with a 1 MiB workspace the
+    # fused forward+backward must stay within the workspace plus O(N·D), gradients excluded. The
+    # reference, measured the same way, shows that the method does see an N x C buffer.
+    # (Method: benchmarks/bench_loss.py's docstring; one child process, ~5 s.)
+    bench = _load_benchmark()
+    n, dim, num_classes, workspace_bytes = 64, 64, 100_003, 1 << 20
+    impls = ["ours", "eager"] if reduction == "none" else ["ours"]
+    peak = bench.cpu_peak_extra_mb(impls, n, dim, num_classes, reduction=reduction,
+                                   workspace_bytes=workspace_bytes)
+    if "eager" in peak:
+        logits_mb = n * num_classes * 4 / 2**20
+        assert peak["eager"] >= logits_mb, (f"the reference used only {peak['eager']:.1f} MiB extra; "
+                                            "the measurement is broken")
+    assert peak["ours"] <= workspace_bytes / 2**20 + 2.0, (
+        f"fused op used {peak['ours']:.1f} MiB extra (workspace {workspace_bytes / 2**20:.0f} MiB)")
