@@ -1,0 +1,489 @@
+"""Training-data readers against files written here in the real formats: dmlc RecordIO
+framing (multi-part and corrupted records), insightface's record layout, ImageFolder,
+the pack_rec tool, the synthetic faces, and the resumable loader."""
+
+import io
+import os
+import pickle
+import runpy
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.data import (
+    ImageFolderDataset,
+    RecordIODataset,
+    RecordIOError,
+    ResumableBatchSampler,
+    SyntheticFaces,
+    build_train_dataset,
+    build_train_loader,
+)
+from train.data.recordio import (
+    MAGIC,
+    IndexedRecordIO,
+    RecordIOWriter,
+    encode_frames,
+    pack_payload,
+    read_frames,
+    unpack_payload,
+)
+from train.data.synthetic import render_face, synthetic_pairs, verification_identity_base
+from train.data.transforms import flip_decision
+from train.tools.pack_rec import main as pack_rec_main
+from train.tools.pack_rec import pack_image_folder
+
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+IR_HEADER_SIZE = 24
+
+
+def frames_of(data: bytes) -> list[tuple[int, int]]:
+    """(cflag, length) of every frame in a .rec byte string."""
+    out, pos = [], 0
+    while pos < len(data):
+        magic, lrec = struct.unpack_from("<II", data, pos)
+        assert magic == MAGIC, f"no magic at byte {pos}"
+        length = lrec & ((1 << 29) - 1)
+        out.append((lrec >> 29, length))
+        pos += 8 + (length + 3) // 4 * 4
+    return out
+
+
+def face_image(seed: int, size: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.zeros((size, size, 3), np.uint8)
+    img[:] = rng.integers(0, 256, 3)
+    img[size // 4: size // 2, size // 4: 3 * size // 4] = rng.integers(0, 256, 3)
+    return img
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, format="PNG")
+    return out.getvalue()
+
+
+def jpeg_with_magic(img: np.ndarray) -> bytes:
+    """A valid JPEG whose comment segment puts kMagic at record offsets 32 and 36
+    (the record being the 24-byte IRHeader followed by this JPEG)."""
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, format="JPEG", quality=95)
+    jpeg = out.getvalue()
+    # SOI (2 bytes), then COM marker + 2-byte length: its data starts at record offset 24 + 6 = 30.
+    comment = b"\0\0" + MAGIC_BYTES + MAGIC_BYTES + b"tail"
+    segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
+    return jpeg[:2] + segment + jpeg[2:]
+
+
+# ---------------------------------------------------------------------------------------------
+# dmlc framing
+
+
+def test_plain_record_frame_is_magic_length_data_padding():
+    assert encode_frames(b"hello") == MAGIC_BYTES + struct.pack("<I", 5) + b"hello\0\0\0"
+    assert encode_frames(b"") == MAGIC_BYTES + struct.pack("<I", 0)
+
+
+def test_magic_at_aligned_offset_splits_the_record_like_dmlc():
+    # dmlc WriteRecord: a cut at 0 gives an empty first part; the magic word is dropped.
+    assert encode_frames(MAGIC_BYTES + b"xyz") == (
+        MAGIC_BYTES + struct.pack("<I", (1 << 29) | 0) + MAGIC_BYTES + struct.pack("<I", (3 << 29) | 3) + b"xyz\0"
+    )
+    payload = b"abcd" + MAGIC_BYTES + MAGIC_BYTES + b"efgh" + MAGIC_BYTES
+    assert frames_of(encode_frames(payload)) == [(1, 4), (2, 0), (2, 4), (3, 0)]
+
+
+def test_magic_at_unaligned_offset_is_not_split():
+    payload = b"ab" + MAGIC_BYTES + b"cd"
+    assert frames_of(encode_frames(payload)) == [(0, 8)]
+
+
+@pytest.mark.parametrize("payload", [
+    b"",
+    b"x",
+    MAGIC_BYTES,
+    MAGIC_BYTES * 3,
+    b"abcd" + MAGIC_BYTES + b"ef",
+    b"abcdefgh" + MAGIC_BYTES,
+    b"a" + MAGIC_BYTES + b"b" + MAGIC_BYTES + b"cc" + MAGIC_BYTES + b"d",
+    bytes(range(256)) * 3 + MAGIC_BYTES + b"\x01\x02\x03",
+])
+def test_frames_round_trip(tmp_path, payload):
+    path = tmp_path / "one.rec"
+    path.write_bytes(b"JUNK" + encode_frames(payload) + encode_frames(b"next"))
+    with open(path, "rb") as f:
+        assert read_frames(f, 4, where="test") == payload
+
+
+def test_ir_header_pack_unpack():
+    header, body = unpack_payload(pack_payload(7.0, b"img", id=3))
+    assert (header.flag, header.label, header.id, header.id2, body) == (0, 7.0, 3, 0, b"img")
+    header, body = unpack_payload(pack_payload([11, 15], b""))
+    assert header.flag == 2 and header.label.tolist() == [11.0, 15.0] and body == b""
+    # The layout is mxnet's 'IfQQ', little-endian.
+    raw = pack_payload(2.0, b"")
+    assert raw == struct.pack("<IfQQ", 0, 2.0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# RecordIO datasets
+
+
+def write_rec(folder, images_labels, *, identity_header=True, corrupt=None):
+    """An insightface-layout train.rec/.idx in `folder`; returns the .idx offsets."""
+    folder.mkdir(exist_ok=True)
+    n = len(images_labels)
+    num_ids = len({label for _, label in images_labels})
+    with RecordIOWriter(str(folder / "train.rec"), str(folder / "train.idx")) as w:
+        if identity_header:
+            w.write(0, pack_payload([n + 1, n + 1 + num_ids], b""))
+        for key, (data, label) in enumerate(images_labels, 1 if identity_header else 0):
+            w.write(key, pack_payload(float(label), data, id=key))
+        if identity_header:
+            for label in range(num_ids):
+                keys = [k for k, (_, lab) in enumerate(images_labels, 1) if lab == label]
+                w.write(n + 1 + label, pack_payload([keys[0], keys[-1] + 1], b""))
+    return {int(k): int(o) for k, o in (line.split("\t") for line in (folder / "train.idx").read_text().split("\n") if line)}
+
+
+@pytest.fixture
+def rec_images():
+    images = [face_image(i) for i in range(5)]
+    labels = [0, 0, 1, 1, 2]
+    encoded = [png_bytes(img) for img in images]
+    encoded[3] = jpeg_with_magic(images[3])  # record 4 is multi-part
+    return images, labels, encoded
+
+
+def test_recordio_dataset_reads_insightface_layout(tmp_path, rec_images):
+    images, labels, encoded = rec_images
+    write_rec(tmp_path / "rec", list(zip(encoded, labels)))
+    frames = frames_of((tmp_path / "rec" / "train.rec").read_bytes())
+    assert any(flag == 1 for flag, _ in frames), "the fixture must contain a multi-part record"
+
+    ds = RecordIODataset(str(tmp_path / "rec"), image_size=32, flip=False)
+    assert ds.identity_range == (6, 9)
+    assert ds.num_classes == 3 and len(ds) == 5
+    assert ds.image_keys.tolist() == [1, 2, 3, 4, 5]
+    for i in range(5):
+        image, label = ds.load(i)
+        assert label == labels[i]
+        if i == 3:  # JPEG: lossy, but it must be the same picture
+            assert np.abs(image.astype(int) - images[i]).mean() < 3
+        else:
+            np.testing.assert_array_equal(image, images[i])
+    x, label = ds[0]
+    assert x.dtype == torch.float32 and x.shape == (3, 32, 32) and label == 0
+    assert torch.allclose(x, (torch.from_numpy(images[0]).permute(2, 0, 1).float() - 127.5) / 127.5)
+
+
+def test_recordio_without_identity_header_uses_every_key(tmp_path, rec_images):
+    _, labels, encoded = rec_images
+    write_rec(tmp_path / "rec", list(zip(encoded, labels)), identity_header=False)
+    ds = RecordIODataset(str(tmp_path / "rec"), image_size=32)
+    assert ds.identity_range is None
+    assert ds.image_keys.tolist() == [0, 1, 2, 3, 4]
+    assert ds.num_classes == 3  # from the largest label
+    assert [ds.load(i)[1] for i in range(5)] == labels
+
+
+def test_recordio_property_file_gives_num_classes(tmp_path, rec_images):
+    _, labels, encoded = rec_images
+    write_rec(tmp_path / "rec", list(zip(encoded, labels)))
+    (tmp_path / "rec" / "property").write_text("10,32,32\n")
+    assert RecordIODataset(str(tmp_path / "rec"), image_size=32).num_classes == 10
+
+
+def test_recordio_label_array_per_image(tmp_path):
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    with RecordIOWriter(str(folder / "train.rec"), str(folder / "train.idx")) as w:
+        w.write(0, pack_payload([3, 5], b""))
+        w.write(1, pack_payload([0, 5.0], png_bytes(face_image(1))))
+        w.write(2, pack_payload([1, 7.0], png_bytes(face_image(2))))
+    ds = RecordIODataset(str(folder), image_size=32)
+    assert [ds.load(i)[1] for i in range(2)] == [0, 1]
+
+
+def corrupt_at(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_bad_magic_names_record_offset_and_file(tmp_path, rec_images):
+    _, labels, encoded = rec_images
+    offsets = write_rec(tmp_path / "rec", list(zip(encoded, labels)))
+    rec = tmp_path / "rec" / "train.rec"
+    corrupt_at(rec, offsets[2], b"\xde\xad\xbe\xef")
+    ds = RecordIODataset(str(tmp_path / "rec"), image_size=32)
+    with pytest.raises(RecordIOError, match=rf"train\.rec: record 2 \(offset {offsets[2]}\).*bad magic 0xefbeadde"):
+        ds[1]
+    assert isinstance(RecordIOError("x"), ValueError)
+    # Other records are unaffected.
+    assert ds.load(0)[1] == 0 and ds.load(2)[1] == 1
+
+
+def test_undecodable_image_names_record(tmp_path, rec_images):
+    _, labels, encoded = rec_images
+    encoded = list(encoded)
+    encoded[1] = b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4
+    write_rec(tmp_path / "rec", list(zip(encoded, labels)))
+    ds = RecordIODataset(str(tmp_path / "rec"), image_size=32)
+    with pytest.raises(RecordIOError, match=r"record 2 .*cannot decode image"):
+        ds[1]
+
+
+def test_truncated_file_and_bad_continuation(tmp_path, rec_images):
+    _, labels, encoded = rec_images
+    offsets = write_rec(tmp_path / "rec", list(zip(encoded, labels)))
+    rec = tmp_path / "rec" / "train.rec"
+    data = rec.read_bytes()
+    # The multi-part record 4: make its second frame claim to start a new record.
+    second = offsets[4] + 8 + frames_of(data[offsets[4]:])[0][1]
+    corrupt_at(rec, second + 4, struct.pack("<I", (1 << 29) | 0))
+    ds = RecordIODataset(str(tmp_path / "rec"), image_size=32)
+    with pytest.raises(RecordIOError, match=r"record 4 .*continuation flag 1"):
+        ds[3]
+    # Cut the file inside record 5.
+    rec.write_bytes(data[: offsets[5] + 20])
+    ds = RecordIODataset(str(tmp_path / "rec"), image_size=32)
+    with pytest.raises(RecordIOError, match=r"record 5 .*truncated"):
+        ds[4]
+    rec.write_bytes(data[: offsets[5] + 5])
+    with pytest.raises(RecordIOError, match=r"record 5 .*truncated"):
+        ds[4]
+
+
+def test_bad_index_and_missing_records(tmp_path, rec_images):
+    _, labels, encoded = rec_images
+    write_rec(tmp_path / "rec", list(zip(encoded, labels)))
+    idx = tmp_path / "rec" / "train.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join(lines[:2] + ["3\tnot-a-number"] + lines[3:]) + "\n")
+    with pytest.raises(RecordIOError, match=r"train\.idx: line 3"):
+        RecordIODataset(str(tmp_path / "rec"))
+    idx.write_text("\n".join(lines[:5]) + "\n")  # keys 0..4, record 0 says images are 1..5
+    with pytest.raises(RecordIOError, match="no key 5"):
+        RecordIODataset(str(tmp_path / "rec"))
+
+
+def test_recordio_dataset_pickles_without_its_file(tmp_path, rec_images):
+    _, labels, encoded = rec_images
+    write_rec(tmp_path / "rec", list(zip(encoded, labels)))
+    ds = RecordIODataset(str(tmp_path / "rec"), image_size=32, flip=False)
+    first = ds[0][0]
+    assert ds.records._file is not None
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone.records._file is None
+    assert torch.equal(clone[0][0], first)
+
+
+def test_indexed_recordio_missing_key(tmp_path, rec_images):
+    _, labels, encoded = rec_images
+    write_rec(tmp_path / "rec", list(zip(encoded, labels)))
+    records = IndexedRecordIO(str(tmp_path / "rec" / "train.rec"), str(tmp_path / "rec" / "train.idx"))
+    assert 3 in records and 42 not in records
+    with pytest.raises(RecordIOError, match="no record with key 42"):
+        records.read(42)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder and pack_rec
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """bob: 2 PNG, alice: JPEG (magic in it) + BMP at 40 px, carol: empty, plus a stray file."""
+    root = tmp_path / "faces"
+    for name in ("bob", "alice", "carol"):
+        (root / name).mkdir(parents=True)
+    Image.fromarray(face_image(1)).save(root / "bob" / "b1.png")
+    Image.fromarray(face_image(2)).save(root / "bob" / "a0.PNG")
+    (root / "alice" / "x.jpg").write_bytes(jpeg_with_magic(face_image(3)))
+    Image.fromarray(face_image(4, 40)).save(root / "alice" / "y.bmp")
+    (root / "alice" / "notes.txt").write_text("not an image")
+    (root / "stray.jpg").write_bytes(b"")
+    return root
+
+
+def test_image_folder_labels_sorted_and_resized(image_folder):
+    ds = ImageFolderDataset(str(image_folder), image_size=32, flip=False)
+    assert ds.identities == ["alice", "bob"]  # carol holds no image
+    assert ds.num_classes == 2
+    assert [os.path.basename(p) for p in ds.paths] == ["x.jpg", "y.bmp", "a0.PNG", "b1.png"]
+    assert ds.labels.tolist() == [0, 0, 1, 1]
+    image, label = ds.load(1)
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and label == 0
+    np.testing.assert_array_equal(ds.load(2)[0], face_image(2))
+    x, label = ds[3]
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1 and label == 1
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataset(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "someone").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no identity sub-folder"):
+        ImageFolderDataset(str(tmp_path / "empty"))
+    (tmp_path / "broken" / "someone").mkdir(parents=True)
+    (tmp_path / "broken" / "someone" / "a.jpg").write_bytes(b"\xff\xd8garbage")
+    ds = ImageFolderDataset(str(tmp_path / "broken"))
+    with pytest.raises(ValueError, match=r"a\.jpg: cannot decode image"):
+        ds[0]
+
+
+def test_pack_rec_round_trip(image_folder, tmp_path):
+    out = tmp_path / "packed"
+    summary = pack_image_folder(str(image_folder), str(out), log=None)
+    assert summary["images"] == 4 and summary["identities"] == 2
+    assert (out / "property").read_text().strip() == "2,32,32"
+
+    data = (out / "train.rec").read_bytes()
+    assert any(flag == 1 for flag, _ in frames_of(data)), "the JPEG with the magic must be split"
+    # The pass-through JPEG comes back byte for byte.
+    records = IndexedRecordIO(str(out / "train.rec"), str(out / "train.idx"))
+    assert unpack_payload(records.read(1))[1] == (image_folder / "alice" / "x.jpg").read_bytes()
+    # Identity records hold each identity's image range.
+    header0, _ = unpack_payload(records.read(0))
+    assert header0.label.tolist() == [5, 7]
+    assert unpack_payload(records.read(5))[0].label.tolist() == [1, 3]
+    assert unpack_payload(records.read(6))[0].label.tolist() == [3, 5]
+
+    packed = RecordIODataset(str(out), image_size=32, flip=False)
+    folder = ImageFolderDataset(str(image_folder), image_size=32, flip=False)
+    assert packed.num_classes == folder.num_classes == 2 and len(packed) == len(folder) == 4
+    for i in range(4):
+        a, la = packed.load(i)
+        b, lb = folder.load(i)
+        assert la == lb
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 8  # PNG/BMP are re-encoded as JPEG
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_pack_rec_command_line(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "cli"
+    argv = ["pack_rec", str(image_folder), str(out), "--resize", "24", "--quality", "90"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:  # what `python -m train.tools.pack_rec ...` runs
+        runpy.run_module("train.tools.pack_rec", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert (out / "property").read_text().strip() == "2,24,24"
+    ds, num_classes = build_train_dataset(str(out), image_size=24)
+    assert isinstance(ds, RecordIODataset) and num_classes == 2 and len(ds) == 4
+    assert pack_rec_main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic faces
+
+
+def test_synthetic_images_are_deterministic_and_distinct():
+    a = render_face(0, 5, 3, 48)
+    assert a.dtype == np.uint8 and a.shape == (48, 48, 3)
+    np.testing.assert_array_equal(a, render_face(0, 5, 3, 48))
+    assert not np.array_equal(a, render_face(0, 5, 4, 48))  # another sample
+    assert not np.array_equal(a, render_face(0, 6, 3, 48))  # another identity
+    assert not np.array_equal(a, render_face(1, 5, 3, 48))  # another seed
+    assert a.std() > 10  # a picture, not a flat colour
+    for size in (56, 64, 112):
+        assert render_face(0, 1, 1, size).shape == (size, size, 3)
+
+
+def test_synthetic_dataset_items():
+    ds = SyntheticFaces(7, 3, image_size=40, seed=2)
+    assert len(ds) == 21 and ds.num_classes == 7
+    x, label = ds[10]
+    assert x.dtype == torch.float32 and x.shape == (3, 40, 40) and label == 3
+    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert torch.equal(ds[10][0], x) and torch.equal(ds[-11][0], x)
+    with pytest.raises(IndexError):
+        ds[21]
+    raw, _ = ds.load(10)
+    np.testing.assert_array_equal(raw, render_face(2, 3, 1, 40))
+
+
+def test_synthetic_verification_identities_are_disjoint():
+    base_lfw, base_cfp = verification_identity_base("lfw"), verification_identity_base("cfp_fp")
+    assert min(base_lfw, base_cfp) >= 1 << 32 and abs(base_lfw - base_cfp) >= 1 << 32
+    images, issame = synthetic_pairs("lfw", num_pairs=6, num_identities=4, image_size=32, seed=0)
+    assert images.dtype == torch.uint8 and images.shape == (12, 3, 32, 32)
+    assert issame.tolist() == [True, False] * 3
+    again, _ = synthetic_pairs("lfw", num_pairs=6, num_identities=4, image_size=32, seed=0)
+    assert torch.equal(images, again)
+    other, _ = synthetic_pairs("cfp_fp", num_pairs=6, num_identities=4, image_size=32, seed=0)
+    assert not torch.equal(images, other)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable loading
+
+
+def test_sampler_epochs_are_permutations_and_resume_exactly():
+    sampler = ResumableBatchSampler(10, 3, seed=4)
+    assert sampler.steps_per_epoch == 3
+    stream = iter(sampler)
+    batches = [next(stream) for _ in range(9)]
+    for epoch in range(3):
+        keys = sum(batches[3 * epoch: 3 * epoch + 3], [])
+        assert {e for _, e in keys} == {epoch}
+        assert len({i for i, _ in keys}) == 9  # a permutation, last partial batch dropped
+    assert [i for i, _ in sum(batches[:3], [])] != [i for i, _ in sum(batches[3:6], [])]
+    for start in (0, 2, 3, 7):
+        resumed = iter(ResumableBatchSampler(10, 3, seed=4, start_step=start))
+        assert [next(resumed) for _ in range(9 - start)] == batches[start:]
+    other_seed = iter(ResumableBatchSampler(10, 3, seed=5))
+    assert [next(other_seed) for _ in range(3)] != batches[:3]
+
+
+def test_sampler_keep_last_and_shards():
+    sampler = ResumableBatchSampler(10, 4, seed=0, drop_last=False)
+    stream = iter(sampler)
+    assert [len(next(stream)) for _ in range(3)] == [4, 4, 2]
+    shards = [ResumableBatchSampler(11, 2, seed=1, rank=r, world_size=3) for r in range(3)]
+    per_rank = [s.epoch_indices(0).tolist() for s in shards]
+    assert all(len(p) == 4 for p in per_rank)  # 11 padded to 12
+    assert set(sum(per_rank, [])) == set(range(11))
+    assert len({s.steps_per_epoch for s in shards}) == 1
+    with pytest.raises(ValueError):
+        ResumableBatchSampler(3, 4, seed=0)
+
+
+def test_flips_depend_on_seed_epoch_index_only():
+    flips = [flip_decision(0, e, i) for e in range(4) for i in range(256)]
+    assert 0.4 < np.mean(flips) < 0.6
+    assert flips == [flip_decision(0, e, i) for e in range(4) for i in range(256)]
+    assert flips[:256] != flips[256:512]
+    ds = SyntheticFaces(2, 2, image_size=24)
+    x0, _ = SyntheticFaces(2, 2, image_size=24, flip=False)[1]
+    for epoch in range(6):
+        x, _ = ds[(1, epoch)]
+        assert torch.equal(x, x0.flip(2) if flip_decision(0, epoch, 1) else x0)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resume_reproduces_batches(num_workers):
+    ds = SyntheticFaces(5, 3, image_size=16, seed=1)  # 15 images, 3 steps per epoch of 4
+    full = build_train_loader(ds, batch_size=4, num_workers=num_workers, seed=7)
+    stream = iter(full)
+    reference = [next(stream) for _ in range(8)]
+    resumed = iter(build_train_loader(ds, batch_size=4, num_workers=num_workers, seed=7, start_step=5))
+    for step in range(5, 8):
+        x, y = next(resumed)
+        assert torch.equal(x, reference[step][0]) and torch.equal(y, reference[step][1])
+    assert reference[0][0].shape == (4, 3, 16, 16) and reference[0][1].dtype == torch.int64
+    del stream, resumed
+
+
+def test_build_train_dataset_dispatch(tmp_path, image_folder):
+    ds, num_classes = build_train_dataset("synthetic", image_size=24, synthetic_identities=4,
+                                          synthetic_images_per_identity=2)
+    assert isinstance(ds, SyntheticFaces) and num_classes == 4 and len(ds) == 8
+    ds, num_classes = build_train_dataset(str(image_folder), image_size=24, flip=False)
+    assert isinstance(ds, ImageFolderDataset) and num_classes == 2
+    with pytest.raises(FileNotFoundError, match="expected 'synthetic'"):
+        build_train_dataset(str(tmp_path / "nothing"))

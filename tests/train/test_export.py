@@ -1,0 +1,117 @@
+"""After training: the backbone state dict and ONNX round trips, and embedding images."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import arcface_ext
+from train import checkpoint, embed, export
+from train.models import get_model
+from train.trainer import main as train_main
+
+from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, one_thread  # noqa: F401
+
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint after two steps (so BN statistics are not at their defaults) and its data."""
+    root = tmp_path_factory.mktemp("trained")
+    data = make_face_folder(str(root / "faces"), identities=4, images=4)
+    argv = base_argv(data, str(root / "run"), batch_size=8, max_steps=2, loss_impl=LOSS_IMPL)
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert train_main(argv) == 0
+    torch.set_num_threads(threads)
+    return str(root / "run" / "checkpoint.pt"), data
+
+
+def embeddings_of(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_state_dict_round_trip(trained, tmp_path):
+    ckpt, _ = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--no-onnx"]) == 0
+    settings = json.loads((tmp_path / "backbone.json").read_text())
+    assert settings["network"] == "small" and settings["image_size"] == IMAGE_SIZE
+
+    state = checkpoint.load(ckpt)
+    original = get_model("small", image_size=IMAGE_SIZE, embedding_size=settings["embedding_size"])
+    original.load_state_dict(state["model"])
+    exported = get_model("small", image_size=IMAGE_SIZE, embedding_size=settings["embedding_size"])
+    exported.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True))
+    x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.equal(embeddings_of(exported, x), embeddings_of(original, x))
+
+    # Without backbone.json the settings are read off the weights' shapes.
+    os.remove(tmp_path / "backbone.json")
+    model, guessed = checkpoint.load_backbone(str(tmp_path / "backbone.pt"))
+    assert guessed == {"network": "small", "embedding_size": settings["embedding_size"], "image_size": IMAGE_SIZE}
+    assert torch.equal(embeddings_of(model, x), embeddings_of(original, x))
+
+
+def test_onnx_round_trip(trained, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    ckpt, _ = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert os.path.exists(tmp_path / "backbone.onnx")
+    ort = pytest.importorskip("onnxruntime")
+    assert "onnxruntime matches PyTorch" in out
+    model, settings = checkpoint.load_backbone(ckpt)
+    session = ort.InferenceSession(str(tmp_path / "backbone.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, IMAGE_SIZE, IMAGE_SIZE)  # another batch size than the one traced
+    got = session.run(["embedding"], {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, embeddings_of(model, x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_without_onnx_installed(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    ckpt, _ = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
+    assert "skipped ONNX: ONNX export needs the onnx package" in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "backbone.pt") and not os.path.exists(tmp_path / "backbone.onnx")
+
+
+def test_export_reports_a_missing_checkpoint(tmp_path, capsys):
+    assert export.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_embed_folder_and_compare(trained, tmp_path, capsys):
+    ckpt, faces = trained
+    output = tmp_path / "emb.npy"
+    assert embed.main(["--model", ckpt, "--images", faces, "--output", str(output)]) == 0
+    vectors = np.load(output)
+    names = (tmp_path / "emb.txt").read_text().split()
+    assert vectors.shape[0] == len(names) == 16 and names[0] == os.path.join("id_000", "00.png")
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+    assert embed.main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "emb.csv")]) == 0
+    header, first = (tmp_path / "emb.csv").read_text().splitlines()[:2]
+    assert header.startswith("image,e0,e1") and first.startswith(names[0] + ",")
+    np.testing.assert_allclose(np.array(first.split(",")[1:], dtype=np.float32), vectors[0], rtol=1e-5, atol=1e-6)
+
+    image = os.path.join(faces, names[0])
+    capsys.readouterr()
+    assert embed.main(["--model", ckpt, "--compare", image, image, "--threshold", "0.5"]) == 0
+    assert "cosine similarity 1.0000: same person (threshold 0.5000, from --threshold)" in capsys.readouterr().out
+    other = os.path.join(faces, names[-1])
+    assert embed.main(["--model", ckpt, "--compare", image, other, "--threshold", "1.01"]) == 0
+    assert "different people" in capsys.readouterr().out
+
+
+def test_cosine_threshold_from_verification():
+    # A squared distance t between unit vectors is a cosine of 1 - t/2.
+    assert embed.cosine_threshold({"threshold": 1.4}, None) == (pytest.approx(0.3), "the model's last verification")
+    assert embed.cosine_threshold({}, None)[0] == embed.DEFAULT_COSINE_THRESHOLD
+    assert embed.cosine_threshold({"threshold": 1.4}, 0.7) == (0.7, "--threshold")

@@ -1,0 +1,149 @@
+"""The backbones: the paper's iResNet sizes and layout, the embedding head, and the options
+(gradient checkpointing, channels_last, autocast of the trunk only)."""
+
+import pytest
+import torch
+
+from train.checkpoint import describe_backbone
+from train.models import NETWORKS, get_model
+
+from trainer_fixtures import one_thread  # noqa: F401
+
+# Published sizes of insightface's iResNets with a 512-D embedding at 112x112, in millions.
+PUBLISHED_PARAMETERS = {"r50": 43.6, "r100": 65.2}
+# The exact counts this layout gives (FC 512*7*7 -> 512 included).
+EXACT_PARAMETERS = {"r18": 24_025_600, "r34": 34_139_328, "r50": 43_590_848, "r100": 65_156_160,
+                    "r200": 118_833_920}
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta_model(name, **kwargs):
+    # Shapes only: building r200 for real would cost half a gigabyte and a few seconds.
+    with torch.device("meta"):
+        return get_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_PARAMETERS))
+def test_parameter_counts(name):
+    model = meta_model(name)
+    count = count_parameters(model)
+    assert count == EXACT_PARAMETERS[name], f"{name}: {count} parameters, expected {EXACT_PARAMETERS[name]}"
+    if name in PUBLISHED_PARAMETERS:
+        assert round(count / 1e6, 1) == PUBLISHED_PARAMETERS[name]
+
+
+def test_layout_matches_insightface_state_dicts():
+    """The names and shapes of insightface's backbone.pth, so its released weights load."""
+    state = meta_model("r50").state_dict()
+    expected = {
+        "conv1.weight": (64, 3, 3, 3),
+        "prelu.weight": (64,),
+        "layer1.0.bn1.weight": (64,),
+        "layer1.0.conv2.weight": (64, 64, 3, 3),
+        "layer1.0.downsample.0.weight": (64, 64, 1, 1),
+        "layer2.0.downsample.1.running_var": (128,),
+        "layer3.13.bn3.running_mean": (256,),
+        "layer4.2.prelu.weight": (512,),
+        "bn2.weight": (512,),
+        "fc.weight": (512, 512 * 7 * 7),
+        "features.running_var": (512,),
+    }
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, f"{key}: {tuple(state[key].shape)} != {shape}"
+    assert "layer3.14.bn1.weight" not in state and "layer1.1.downsample.0.weight" not in state
+    assert describe_backbone(state) == {"network": "r50", "embedding_size": 512, "image_size": 112}
+
+
+def test_r18_forward_at_112():
+    torch.manual_seed(0)
+    model = get_model("r18").eval()
+    assert model.feature_map_size == 7
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, 512) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_head_bn_scale_is_fixed():
+    torch.manual_seed(0)
+    model = get_model("small", image_size=32)
+    assert not model.features.weight.requires_grad and torch.all(model.features.weight == 1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=5e-4)
+    model(torch.randn(4, 3, 32, 32)).square().mean().backward()
+    optimizer.step()
+    assert torch.all(model.features.weight == 1)
+    assert model.features.bias.grad is not None
+
+
+@pytest.mark.parametrize("size", [32, 56, 64, 112])
+def test_small_network_takes_any_size(size):
+    torch.manual_seed(0)
+    model = get_model("small", image_size=size, embedding_size=128)
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 128)
+    assert describe_backbone(model.state_dict()) == {"network": "small", "embedding_size": 128,
+                                                     "image_size": 32 * model.feature_map_size}
+
+
+def test_dropout_from_keep_prob():
+    model = get_model("small", image_size=32, dropout=0.4)
+    assert model.dropout.p == pytest.approx(0.4)
+
+
+def _forward_backward(model, x):
+    model.zero_grad()
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = get_model("small", image_size=32)
+    checkpointed = get_model("small", image_size=32, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    out_a, grads_a = _forward_backward(plain, x)
+    out_b, grads_b = _forward_backward(checkpointed, x)
+    torch.testing.assert_close(out_b, out_a)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_channels_last_matches():
+    torch.manual_seed(0)
+    model = get_model("small", image_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_covers_the_trunk_not_the_head():
+    torch.manual_seed(0)
+    model = get_model("small", image_size=32, amp="bf16")
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output.dtype
+        return hook
+
+    model.layer4.register_forward_hook(record("trunk"))
+    model.fc.register_forward_hook(record("fc"))
+    out = model(torch.randn(4, 3, 32, 32))
+    assert seen == {"trunk": torch.bfloat16, "fc": torch.float32}
+    assert out.dtype == torch.float32
+    out.square().mean().backward()
+    assert model.conv1.weight.grad.dtype == torch.float32
+
+
+def test_unknown_network():
+    with pytest.raises(ValueError, match="unknown network 'r51'"):
+        get_model("r51")
+    assert set(NETWORKS) == {"r18", "r34", "r50", "r100", "r200", "small"}

@@ -1,0 +1,239 @@
+"""The training loop on CPU: the loss goes down, a resumed run repeats an uninterrupted one bit
+for bit, a NaN stops the run without touching the last good checkpoint, SIGTERM saves, and the
+options come from flags, aliases and config files alike."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import arcface_ext
+from train import checkpoint
+from train.config import parse_args
+from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, main
+
+from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl  # noqa: F401
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    return make_face_folder(str(root / "train")), make_pairs_list(str(root / "pairs"))
+
+
+def argv(faces, output, pairs=False, **overrides):
+    data, pairs_list = faces
+    return base_argv(data, str(output), pairs_list if pairs else None, **{"loss_impl": LOSS_IMPL, **overrides})
+
+
+def losses(output):
+    return [r["loss"] for r in read_jsonl(os.path.join(output, "metrics.jsonl"))]
+
+
+def test_a_few_steps_decrease_the_loss(faces, tmp_path):
+    assert main(argv(faces, tmp_path, max_steps=16)) == 0
+    curve = losses(tmp_path)
+    assert len(curve) == 16 and all(math.isfinite(v) for v in curve)
+    first, last = sum(curve[:4]) / 4, sum(curve[-4:]) / 4
+    assert last < 0.85 * first, f"loss did not go down: first steps {curve[:4]}, last steps {curve[-4:]}"
+
+
+def test_outputs_and_verification(faces, tmp_path):
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=4, eval_every=2) + ["--plots"]) == 0
+    names = set(os.listdir(tmp_path))
+    assert {"checkpoint.pt", "metrics.jsonl", "verification.jsonl", "args.json",
+            "loss.png", "verification.png", "target_angle.png"} <= names
+    records = read_jsonl(tmp_path / "verification.jsonl")
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert set(records[0]) == {"step", "target", "accuracy", "accuracy_std", "threshold", "xnorm"}
+    assert records[0]["target"] == "pairs"
+    metric = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert set(metric) == {"step", "loss", "lr", "samples_per_sec", "time"}
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 4 and state["num_classes"] == 8
+    assert set(state["target_angles"]["degrees"]) == {"start", "middle", "end"}
+    start = state["target_angles"]["degrees"]["start"]
+    assert start.numel() > 0 and 60 < float(start.mean()) < 120  # random embeddings: about 90 degrees
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(faces, tmp_path, monkeypatch):
+    # Dropout on, so that the restored RNG state matters as well as the weights and the data order.
+    options = dict(max_steps=8, save_every=4, keep_prob=0.8)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(argv(faces, full, **options)) == 0
+
+    original_step = Trainer.train_step
+
+    def crash_after_step_5(self, images, labels):
+        if self.step == 5:
+            raise RuntimeError("simulated kill")
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_after_step_5)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        main(argv(faces, killed, **options))
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    assert checkpoint.load(str(killed / "checkpoint.pt"))["step"] == 4
+    assert len(losses(killed)) == 5  # the killed run logged step 5 past its checkpoint
+
+    assert main(argv(faces, killed, resume="auto", **options)) == 0
+    assert losses(killed) == losses(full)  # exact floats, and step 5 logged once
+    a = checkpoint.load(str(full / "checkpoint.pt"))
+    b = checkpoint.load(str(killed / "checkpoint.pt"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["margin_loss"]["weight"], b["margin_loss"]["weight"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(faces, tmp_path, monkeypatch, capsys):
+    original_forward = arcface_ext.CombinedMarginLoss.forward
+    calls = {"n": 0}
+
+    def nan_on_call_7(self, embeddings, labels, return_target_cosine=False):
+        calls["n"] += 1
+        loss, cosine = original_forward(self, embeddings, labels, return_target_cosine=True)
+        if calls["n"] == 7:
+            loss = loss * float("nan")
+        return (loss, cosine) if return_target_cosine else loss
+
+    monkeypatch.setattr(arcface_ext.CombinedMarginLoss, "forward", nan_on_call_7)
+    assert main(argv(faces, tmp_path, max_steps=12, save_every=4)) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: the loss is nan at step 7" in err
+    assert "last good checkpoint is kept" in err and "(step 4)" in err
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert max(r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")) == 6
+
+
+def test_non_finite_weights_are_never_saved(faces, tmp_path):
+    trainer = Trainer(parse_args(argv(faces, tmp_path)))
+    trainer._started = time.perf_counter()
+    trainer.save()
+    with torch.no_grad():
+        trainer.backbone.fc.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="weights are not finite"):
+        trainer.save()
+    assert checkpoint.all_finite(Trainer(parse_args(argv(faces, tmp_path, resume="auto"))).backbone)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(faces, tmp_path):
+    # As a cluster scheduler does: SIGTERM to the whole process group, DataLoader worker included.
+    command = [sys.executable, "-m", "train", *argv(faces, tmp_path, max_steps=100000, save_every=0, num_workers=1)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "metrics.jsonl").exists() or not read_jsonl(tmp_path / "metrics.jsonl"):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < deadline, "training did not start within 60 s"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] >= 1
+    assert state["step"] == max(r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl"))
+
+
+def test_pretrained_backbone_and_finetuning(faces, tmp_path):
+    assert main(argv(faces, tmp_path / "first", max_steps=2)) == 0
+    source = checkpoint.load(str(tmp_path / "first" / "checkpoint.pt"))
+    pretrained = str(tmp_path / "first" / "checkpoint.pt")
+
+    kept = Trainer(parse_args(argv(faces, tmp_path / "second", pretrained_model=pretrained)))
+    fresh = Trainer(parse_args(argv(faces, tmp_path / "third", pretrained_model=pretrained, finetuning=True)))
+    for trainer in (kept, fresh):
+        assert trainer.step == 0
+        for key, value in trainer.backbone.state_dict().items():
+            assert torch.equal(value, source["model"][key]), key
+    assert torch.equal(kept.margin_loss.weight, source["margin_loss"]["weight"])
+    assert not torch.equal(fresh.margin_loss.weight, source["margin_loss"]["weight"])
+
+
+def test_learning_rate_schedules():
+    poly = LearningRateSchedule("poly", max_steps=100, warmup_steps=10)
+    assert poly(0) == pytest.approx(0.1) and poly(9) == pytest.approx(1.0)
+    assert poly(10) == pytest.approx(1.0) and poly(55) == pytest.approx(0.25) and poly(100) == 0.0
+    step = LearningRateSchedule("step", max_steps=100, lr_steps=[30, 60])
+    assert [step(s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_flags_aliases_and_config_files(tmp_path):
+    seed_names = parse_args(["--max_step", "7", "--batch_size", "9", "--embedding_size", "128", "--keep_prob", "0.6",
+                             "--arcface_s", "32", "--arcface_m", "0.4", "--models_base_dir", "out",
+                             "--data_set", "synthetic", "--decay", "1e-4"])
+    assert (seed_names.max_steps, seed_names.batch_size, seed_names.embedding_size) == (7, 9, 128)
+    assert (seed_names.keep_prob, seed_names.arcface_s, seed_names.arcface_m) == (0.6, 32.0, 0.4)
+    assert (seed_names.output, seed_names.data, seed_names.decay) == ("out", "synthetic", 1e-4)
+
+    defaults = parse_args([])
+    assert (defaults.lr, defaults.momentum, defaults.decay, defaults.arcface_s, defaults.arcface_m) == \
+        (0.1, 0.9, 5e-4, 64.0, 0.5)
+    assert defaults.network == "small" and defaults.data == "synthetic" and defaults.lr_schedule == "poly"
+    assert parse_args(["--lr-steps", "10,20"]).lr_schedule == "step"
+    assert parse_args(["--optimizer", "adamw"]).lr == 1e-3
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("network: r50\nmax_step: 1000\nlr-steps: [400, 800]\nchannels-last: true\n"
+                         "loss: cosface\nval_targets: [lfw, agedb_30]\n")
+    args = parse_args(["--config", str(yaml_file), "--max-steps", "2000"])
+    assert (args.network, args.max_steps, args.lr_steps, args.channels_last) == ("r50", 2000, [400, 800], True)
+    assert args.loss == "cosface" and args.val_targets == ["lfw", "agedb_30"]
+
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"batch-size": 64, "amp": "bf16", "lr": 0.05}))
+    args = parse_args(["--config", str(json_file)])
+    assert (args.batch_size, args.amp, args.lr) == (64, "bf16", 0.05)
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"max_stpe": 3}))
+    with pytest.raises(SystemExit, match="unknown key"):
+        parse_args(["--config", str(bad)])
+
+
+def test_margins_per_loss():
+    from train.config import margins
+
+    assert margins(parse_args([])) == (1.0, 0.5, 0.0)
+    assert margins(parse_args(["--loss", "cosface"])) == (1.0, 0.0, 0.35)
+    assert margins(parse_args(["--loss", "sphereface"])) == (4.0, 0.0, 0.0)
+    assert margins(parse_args(["--loss", "combined", "--m1", "1.0", "--m2", "0.3", "--m3", "0.2"])) == (1.0, 0.3, 0.2)
+
+
+@pytest.mark.parametrize("options", [
+    {"amp": "bf16", "gradient_checkpointing": True, "loss_impl": "reference"},
+    {"amp": "fp16", "channels_last": True, "optimizer": "adamw", "lr_steps": "1", "loss": "cosface"},
+])
+def test_memory_and_precision_options_train(faces, tmp_path, options):
+    assert main(argv(faces, tmp_path, max_steps=2, **options)) == 0
+    assert all(math.isfinite(v) for v in losses(tmp_path))
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["args"]["amp"] == options["amp"]
+    assert state["scaler"]["scale"] > 0 if options["amp"] == "fp16" else state["scaler"] == {}
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "train", "configs"))))
+def test_shipped_configs_parse(name):
+    args = parse_args(["--config", os.path.join(REPO, "train", "configs", name), "--data", "/data/faces_emore"])
+    assert args.network in ("r50", "r100") and args.image_size == 112 and args.max_steps > 100000
+
+
+def test_unbuilt_extension_is_named(faces, tmp_path, monkeypatch):
+    monkeypatch.setattr(arcface_ext, "extension_available", lambda: False)
+    with pytest.raises(SystemExit, match="compiled op is not built.*--loss-impl reference"):
+        main(argv(faces, tmp_path, loss_impl="fused"))

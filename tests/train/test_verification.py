@@ -1,0 +1,347 @@
+"""Verification: the restricted .bin reader (real-format files accepted, code refused),
+pairs lists, embeddings with flips, and the k-fold accuracy against hand-computed cases."""
+
+import io
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.data import build_verification_sets
+from train.tools.make_bin import encode_pairs, image_folder_pairs, write_bin
+from train.tools.make_bin import main as make_bin_main
+from train.verification import (
+    THRESHOLDS,
+    VerificationSet,
+    _fold_slices,
+    compute_embeddings,
+    evaluate,
+    load_bin,
+    load_pairs_list,
+    verification_accuracy,
+)
+
+
+def picture(seed: int, size: int = 20) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def png(img: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, format="PNG")
+    return out.getvalue()
+
+
+def unit_pairs(distances):
+    """Pairs of 2-D unit vectors whose squared L2 distances are `distances`."""
+    e1 = np.tile([1.0, 0.0], (len(distances), 1))
+    cos = 1 - np.asarray(distances) / 2
+    e2 = np.stack([cos, np.sqrt(1 - cos ** 2)], axis=1)
+    return e1, e2
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy maths
+
+
+def test_accuracy_hand_computed_two_folds():
+    # Fold 0 = pairs 0, 1 is judged at the threshold learnt on pairs 2, 3: any t in (1.005, 3.005]
+    # separates them, the first on the grid is 1.01; it gets pairs 0 (0.505 < 1.01, same) and
+    # 1 (1.505 >= 1.01, different) right: 1.0. Fold 1 = pairs 2, 3 at the threshold of pairs 0, 1:
+    # t in (0.505, 1.505], first 0.51; pair 2 (1.005, same) is called different: 0.5.
+    e1, e2 = unit_pairs([0.505, 1.505, 1.005, 3.005])
+    result = verification_accuracy(e1, e2, [True, False, True, False], nfolds=2)
+    assert result["accuracy"] == pytest.approx(0.75)
+    assert result["accuracy_std"] == pytest.approx(0.25)
+    assert result["threshold"] == pytest.approx((1.01 + 0.51) / 2)
+
+
+def test_accuracy_single_fold_trains_on_itself():
+    e1, e2 = unit_pairs([0.2, 0.3, 1.9, 2.5])
+    result = verification_accuracy(e1, e2, [True, True, False, False], nfolds=1)
+    assert result == pytest.approx({"accuracy": 1.0, "accuracy_std": 0.0, "threshold": 0.31})
+
+
+def test_accuracy_ten_folds_of_separable_and_random_pairs():
+    rng = np.random.default_rng(0)
+    issame = np.arange(200) % 2 == 0
+    distances = np.where(issame, rng.uniform(0.1, 0.9, 200), rng.uniform(1.1, 3.9, 200))
+    result = verification_accuracy(*unit_pairs(distances), issame)
+    # A fold errs only on a same pair farther apart than every same pair of the other nine folds.
+    assert result["accuracy"] >= 0.98
+    assert 0.8 < result["threshold"] <= 1.1
+    coin = verification_accuracy(*unit_pairs(rng.uniform(0, 4, 200)), issame)
+    assert 0.3 < coin["accuracy"] < 0.7
+
+
+def reference_accuracy(dist, issame, nfolds):
+    """insightface's calculate_roc, written out with loops: the vectorised code must agree."""
+    n = len(dist)
+    sizes = [n // nfolds + (1 if k < n % nfolds else 0) for k in range(nfolds)]
+    starts = np.cumsum([0] + sizes)
+    accuracies, chosen = [], []
+    for k in range(nfolds):
+        test = list(range(starts[k], starts[k + 1]))
+        train = [i for i in range(n) if i not in test]
+        best_t, best_acc = None, -1.0
+        for t in np.arange(0, 4, 0.01):
+            acc = sum((dist[i] < t) == issame[i] for i in train) / len(train)
+            if acc > best_acc:
+                best_t, best_acc = t, acc
+        accuracies.append(sum((dist[i] < best_t) == issame[i] for i in test) / len(test))
+        chosen.append(best_t)
+    return np.mean(accuracies), np.std(accuracies), np.mean(chosen)
+
+
+@pytest.mark.parametrize("nfolds", [3, 10])
+def test_accuracy_matches_a_literal_reference(nfolds):
+    rng = np.random.default_rng(nfolds)
+    e1 = rng.normal(size=(47, 8))
+    e2 = e1 + rng.normal(scale=0.7, size=(47, 8))
+    e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
+    e2 /= np.linalg.norm(e2, axis=1, keepdims=True)
+    issame = rng.random(47) < 0.5
+    e2[~issame] = np.roll(e2, 7, axis=0)[~issame]
+    dist = np.sum((e1 - e2) ** 2, axis=1)
+    result = verification_accuracy(e1, e2, issame, nfolds=nfolds)
+    expected = reference_accuracy(dist, issame, nfolds)
+    assert (result["accuracy"], result["accuracy_std"], result["threshold"]) == pytest.approx(expected)
+
+
+def test_folds_are_contiguous_like_kfold():
+    folds = _fold_slices(23, 10)
+    assert [len(f) for f in folds] == [3, 3, 3] + [2] * 7
+    assert np.array_equal(np.concatenate(folds), np.arange(23))
+    assert THRESHOLDS[0] == 0 and THRESHOLDS[-1] == pytest.approx(3.99) and len(THRESHOLDS) == 400
+
+
+def test_accuracy_argument_checks():
+    e1, e2 = unit_pairs([0.5, 1.5])
+    with pytest.raises(ValueError, match="nfolds"):
+        verification_accuracy(e1, e2, [True, False], nfolds=3)
+    with pytest.raises(ValueError, match="embedding arrays"):
+        verification_accuracy(e1, e2[:1], [True, False])
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+
+
+class ChannelMeans(torch.nn.Module):
+    """A backbone whose embedding is (mean of each channel, mean of the left half of channel 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((self.training, torch.is_grad_enabled(), x.shape[0], float(x.min()), float(x.max())))
+        half = x.shape[3] // 2
+        return torch.cat([x.mean(dim=(2, 3)), x[:, :1, :, :half].mean(dim=(2, 3))], dim=1) + 2.0
+
+
+def test_embeddings_add_the_mirror_then_normalise():
+    images = torch.from_numpy(np.stack([picture(i, 8).transpose(2, 0, 1) for i in range(6)]))
+    vset = VerificationSet("toy", images, [True, False, True])
+    net = ChannelMeans().train()
+    net.bn.eval()  # a frozen sub-module stays frozen
+    emb, xnorm = compute_embeddings(net, vset, device="cpu", batch_size=4, return_xnorm=True)
+
+    x = (images.float() - 127.5) / 127.5
+    raw, raw_flip = net.forward(x), net.forward(x.flip(3))
+    expected = torch.nn.functional.normalize(raw + raw_flip, dim=1).numpy()
+    np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-6)
+    assert emb.dtype == np.float32 and emb.shape == (6, 4)
+    assert xnorm == pytest.approx(float(torch.cat([raw, raw_flip]).norm(dim=1).mean()), rel=1e-5)
+    # eval mode and no grad inside, both image and mirror in one batch, inputs in [-1, 1]
+    calls = net.calls[:2]
+    assert [c[:3] for c in calls] == [(False, False, 8), (False, False, 4)]
+    assert all(-1 <= c[3] and c[4] <= 1 for c in calls)
+    assert net.training and not net.bn.training
+    assert np.array_equal(compute_embeddings(net, vset, device="cpu", batch_size=64), emb)
+
+
+def test_evaluate_identical_pairs_are_all_same():
+    images = torch.from_numpy(np.stack([picture(i // 2 if i % 4 < 2 else i, 12).transpose(2, 0, 1)
+                                        for i in range(40)]))
+    vset = VerificationSet("twins", images, np.arange(20) % 2 == 0)
+    flatten = torch.nn.Flatten()
+    result = evaluate(flatten, vset, device="cpu", batch_size=7)
+    assert set(result) == {"accuracy", "accuracy_std", "threshold", "xnorm"}
+    assert result["accuracy"] == 1.0
+    assert result["xnorm"] == pytest.approx(float(((images.float() - 127.5) / 127.5).flatten(1).norm(dim=1).mean()),
+                                            rel=1e-4)
+
+
+def test_verification_set_checks_shapes():
+    with pytest.raises(ValueError, match="3 images for 2 pairs"):
+        VerificationSet("bad", torch.zeros(3, 3, 4, 4, dtype=torch.uint8), [True, False])
+    with pytest.raises(ValueError, match="uint8"):
+        VerificationSet("bad", torch.zeros(4, 3, 4, 4), [True, False])
+
+
+# ---------------------------------------------------------------------------------------------
+# .bin files
+
+
+@pytest.fixture
+def pairs_images():
+    return [picture(i) for i in range(6)], [True, False, True]
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("numpy_issame", [False, True])
+def test_load_bin_reads_real_format(tmp_path, pairs_images, protocol, numpy_issame):
+    images, issame = pairs_images
+    flags = np.array(issame) if numpy_issame else issame
+    path = tmp_path / "lfw.bin"
+    with open(path, "wb") as f:
+        pickle.dump(([png(img) for img in images], flags), f, protocol=protocol)
+    vset = load_bin(str(path), image_size=20)
+    assert vset.name == "lfw" and vset.num_pairs == 3
+    assert vset.issame.tolist() == issame
+    assert vset.images.dtype == torch.uint8 and vset.images.shape == (6, 3, 20, 20)
+    for i, img in enumerate(images):
+        assert np.array_equal(vset.images[i].permute(1, 2, 0).numpy(), img)
+    assert load_bin(str(path), image_size=12).images.shape == (6, 3, 12, 12)  # resized
+
+
+def test_load_bin_reads_python2_pickles(tmp_path, pairs_images):
+    images, _ = pairs_images
+    first, second = png(images[0]), png(images[1])
+    # What Python 2's cPickle (protocol 2) writes for ([str, str], [True]): BINSTRING, not BINBYTES.
+    data = (b"\x80\x02]q\x00(T" + len(first).to_bytes(4, "little") + first
+            + b"T" + len(second).to_bytes(4, "little") + second + b"e]q\x01\x88a\x86q\x02.")
+    path = tmp_path / "py2.bin"
+    path.write_bytes(data)
+    vset = load_bin(str(path), image_size=20)
+    assert vset.issame.tolist() == [True]
+    assert np.array_equal(vset.images[1].permute(1, 2, 0).numpy(), images[1])
+
+
+class Exploit:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class EvalExploit:
+    def __reduce__(self):
+        return (eval, ("open('should-not-exist', 'w')",))
+
+
+@pytest.mark.parametrize("payload", ["system", "eval", "nested"])
+def test_load_bin_refuses_code(tmp_path, monkeypatch, payload):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "pwned"
+    exploit = {
+        "system": Exploit(f"touch {marker}"),
+        "eval": EvalExploit(),
+        "nested": ([png(picture(0)), Exploit(f"touch {marker}")], [True]),
+    }[payload]
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps(exploit, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match=r"evil\.bin: refusing to load global (posix|os|nt|builtins|__builtin__)\."):
+        load_bin(str(path))
+    assert not marker.exists() and not (tmp_path / "should-not-exist").exists()
+
+
+def test_load_bin_rejects_malformed_files(tmp_path):
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"this is not a pickle")
+    with pytest.raises(pickle.UnpicklingError, match=r"garbage\.bin: not a readable"):
+        load_bin(str(garbage))
+    wrong = tmp_path / "wrong.bin"
+    wrong.write_bytes(pickle.dumps(([png(picture(0))], [True])))
+    with pytest.raises(ValueError, match="1 pairs need 2 images"):
+        load_bin(str(wrong))
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes(pickle.dumps(([png(picture(0)), b"\xff\xd8nope"], [False])))
+    with pytest.raises(ValueError, match=r"broken\.bin: image 1: cannot decode"):
+        load_bin(str(broken))
+
+
+def test_make_bin_writes_what_load_bin_reads(tmp_path, pairs_images):
+    images, issame = pairs_images
+    path = tmp_path / "made.bin"
+    stacked = np.stack([img.transpose(2, 0, 1) for img in images])
+    write_bin(str(path), encode_pairs(stacked, fmt="png"), issame)
+    vset = load_bin(str(path), image_size=20)
+    assert torch.equal(vset.images, torch.from_numpy(stacked)) and vset.issame.tolist() == issame
+
+    assert make_bin_main([str(tmp_path / "agedb_30.bin"), "--synthetic", "--pairs", "8", "--image-size", "24"]) == 0
+    synthetic = load_bin(str(tmp_path / "agedb_30.bin"), image_size=24)
+    assert synthetic.num_pairs == 8 and synthetic.issame.tolist() == [True, False] * 4
+
+
+def test_make_bin_from_image_folder(tmp_path):
+    for person in ("ann", "ben", "cat"):
+        (tmp_path / "faces" / person).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(picture(hash((person, k)) % 1000)).save(tmp_path / "faces" / person / f"{k}.png")
+    pairs, issame = image_folder_pairs(str(tmp_path / "faces"), 10, seed=3)
+    for (a, b), same in zip(pairs, issame):
+        assert (os.path.dirname(a) == os.path.dirname(b)) == same and a != b
+    out = tmp_path / "folder.bin"
+    assert make_bin_main([str(out), "--image-folder", str(tmp_path / "faces"), "--pairs", "10"]) == 0
+    assert load_bin(str(out), image_size=20).num_pairs == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs lists and building the sets
+
+
+def write_pairs_folder(root, images):
+    (root / "imgs").mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(root / "imgs" / f"{i}.png")
+    (root / "pairs.txt").write_text(
+        "# image1 image2 same\n"
+        "imgs/0.png imgs/1.png 1\n"
+        "\n"
+        "imgs/2.png\timgs/3.png\t0\n"
+        f"{root / 'imgs' / '4.png'} imgs/5.png 1\n"
+    )
+
+
+def test_pairs_list(tmp_path, pairs_images):
+    images, issame = pairs_images
+    write_pairs_folder(tmp_path, images)
+    vset = load_pairs_list(str(tmp_path / "pairs.txt"), image_size=20)
+    assert vset.name == "pairs" and vset.issame.tolist() == issame
+    for i, img in enumerate(images):
+        assert np.array_equal(vset.images[i].permute(1, 2, 0).numpy(), img)
+    (tmp_path / "bad.txt").write_text("imgs/0.png imgs/1.png 1\nimgs/0.png imgs/1.png maybe\n")
+    with pytest.raises(ValueError, match=r"bad\.txt: line 2"):
+        load_pairs_list(str(tmp_path / "bad.txt"))
+    (tmp_path / "missing.txt").write_text("imgs/0.png imgs/nope.png 0\n")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_pairs_list(str(tmp_path / "missing.txt"))
+
+
+def test_build_verification_sets_from_a_folder(tmp_path, pairs_images):
+    images, issame = pairs_images
+    write_pairs_folder(tmp_path, images)
+    with open(tmp_path / "lfw.bin", "wb") as f:
+        pickle.dump(([png(img) for img in images], issame), f)
+    with pytest.warns(UserWarning, match="cfp_fp"):
+        sets = build_verification_sets(str(tmp_path), ["lfw", "cfp_fp", str(tmp_path / "pairs.txt")], image_size=20)
+    assert list(sets) == ["lfw", "pairs"]
+    assert torch.equal(sets["lfw"].images, sets["pairs"].images)
+
+
+def test_build_verification_sets_synthetic():
+    sets = build_verification_sets("synthetic", ["lfw", "cfp_fp"], image_size=24, seed=0,
+                                   synthetic_pairs_per_target=10)
+    assert list(sets) == ["lfw", "cfp_fp"]
+    for name, vset in sets.items():
+        assert vset.name == name and vset.num_pairs == 10 and vset.images.shape == (20, 3, 24, 24)
+        assert math.isclose(vset.issame.mean(), 0.5)
+    assert not torch.equal(sets["lfw"].images, sets["cfp_fp"].images)

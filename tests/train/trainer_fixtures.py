@@ -1,0 +1,82 @@
+"""Small on-disk face data for the trainer tests: an ImageFolder of synthetic identities and a
+pairs list of other identities, both tiny enough that a few training steps take a second."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.data.synthetic import render_face
+
+IMAGE_SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread (and OMP_NUM_THREADS=1 for the trainer and its subprocesses): the
+    networks here are tiny, and spare OpenMP threads only spin when the cores are shared."""
+    previous = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_face_folder(root: str, identities: int = 8, images: int = 8, size: int = IMAGE_SIZE) -> str:
+    """``root/id_XXX/NN.png`` for synthetic identities 0 .. identities-1."""
+    for who in range(identities):
+        folder = os.path.join(root, f"id_{who:03d}")
+        os.makedirs(folder, exist_ok=True)
+        for sample in range(images):
+            Image.fromarray(render_face(0, who, sample, size)).save(os.path.join(folder, f"{sample:02d}.png"))
+    return root
+
+
+def make_pairs_list(root: str, pairs: int = 40, identities: int = 10, size: int = IMAGE_SIZE) -> str:
+    """A pairs list (``image1 image2 0|1`` a line) over identities the training folder lacks."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for k in range(pairs):
+        first = int(rng.integers(identities))
+        second = first if k % 2 == 0 else (first + 1 + int(rng.integers(identities - 1))) % identities
+        names = []
+        for j, who in enumerate((first, second)):
+            name = f"p{k:03d}_{j}.png"
+            Image.fromarray(render_face(0, 10_000 + who, k * 2 + j, size)).save(os.path.join(root, name))
+            names.append(name)
+        lines.append(f"{names[0]} {names[1]} {int(k % 2 == 0)}\n")
+    path = os.path.join(root, "pairs.txt")
+    with open(path, "w") as f:
+        f.writelines(lines)
+    return path
+
+
+def base_argv(data: str, output: str, pairs: str | None = None, **overrides) -> list[str]:
+    """A tiny, fast run: the small network at 32px, batch 16, no workers, no plots."""
+    options = {
+        "data": data, "output": output, "val-targets": pairs or "none", "network": "small",
+        "image-size": IMAGE_SIZE, "batch-size": 16, "embedding-size": 64, "num-workers": 0,
+        "max-steps": 8, "log-every": 1, "eval-every": 0, "save-every": 4, "seed": 0,
+    }
+    options.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    argv = []
+    for key, value in options.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is False:
+            argv.append(f"--no-{key}")
+        else:
+            argv += [f"--{key}", str(value)]
+    argv += ["--no-plots", "--no-tensorboard"]
+    return argv
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,1 @@
+"""The bundled face-recognition trainer: `python -m train`."""

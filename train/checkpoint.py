@@ -1,0 +1,140 @@
+"""Training checkpoints: written atomically, read back with ``weights_only=True``, and the
+RNG states that make a resumed run repeat an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file and a rename, so that a crash or a
+    kill mid-write leaves the previous file intact rather than a truncated one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path: str, map_location: str | torch.device = "cpu") -> Any:
+    """Read a checkpoint or state dict written by this trainer (or insightface's ``.pth``)
+    without executing code from the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def backbone_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The backbone weights held by ``obj``: a training checkpoint (its ``model``), a
+    ``{"state_dict": ...}`` wrapper or a bare state dict; DDP's ``module.`` prefix removed."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{source}: not a backbone state dict or a training checkpoint")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states: torch (CPU and every CUDA device), numpy, python."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        # numpy's key is a uint32 array; stored as int64 so weights_only loading accepts it.
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter and buffer of ``module`` is finite (checked before a save, so
+    that a diverged state never replaces the last good checkpoint)."""
+    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def describe_backbone(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Guess ``network``, ``embedding_size`` and ``image_size`` from an iResNet state dict (for
+    bare ``.pth`` files such as insightface's ``backbone.pth``, which carry no settings)."""
+    from .models import IRESNET_LAYERS
+
+    blocks = [1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith(f"layer{i}.")), default=-1)
+              for i in range(1, 5)]
+    widths = [state_dict[f"layer{i}.0.conv1.weight"].shape[0] for i in range(1, 5)] if all(blocks) else []
+    if tuple(widths) == (64, 128, 256, 512) and tuple(blocks) in IRESNET_LAYERS.values():
+        network, halvings = next(n for n, b in IRESNET_LAYERS.items() if b == tuple(blocks)), 4
+    elif tuple(widths) == (16, 32, 64, 128) and tuple(blocks) == (1, 1, 1, 1):
+        network, halvings = "small", 5
+    else:
+        raise ValueError(f"not an iResNet this trainer builds: blocks {blocks}, widths {widths}; "
+                         "pass --network, --embedding-size and --image-size")
+    embedding_size, fc_in = state_dict["fc.weight"].shape
+    side = round((fc_in / widths[-1]) ** 0.5)
+    return {"network": network, "embedding_size": int(embedding_size), "image_size": side * 2 ** halvings}
+
+
+def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """An eval-mode backbone from a training checkpoint, a state dict written by
+    ``python -m train.export`` (settings beside it in ``<name>.json``) or a bare iResNet state
+    dict; ``overrides`` (network, embedding_size, image_size) win over what the file says.
+    Returns ``(model, settings)``; settings also hold ``threshold`` (squared distance, from
+    the last verification) when known."""
+    import json
+
+    from .models import get_model
+
+    state = load(path)
+    settings: dict[str, Any] = {}
+    if isinstance(state, dict) and isinstance(state.get("args"), dict):
+        args = state["args"]
+        settings = {k: args[k] for k in ("network", "embedding_size", "image_size")}
+        results = list(state.get("verification", {}).values())
+        if results:
+            settings["threshold"] = sum(r["threshold"] for r in results) / len(results)
+    else:
+        sidecar = os.path.splitext(path)[0] + ".json"
+        if os.path.exists(sidecar):
+            with open(sidecar, encoding="utf-8") as f:
+                settings = json.load(f)
+    weights = backbone_state_dict(state, path)
+    if not all(k in settings for k in ("network", "embedding_size", "image_size")):
+        settings = {**describe_backbone(weights), **settings}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    model = get_model(settings["network"], embedding_size=settings["embedding_size"],
+                      image_size=settings["image_size"])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not fit network {settings['network']} with embedding size "
+                         f"{settings['embedding_size']} at {settings['image_size']}px:\n{error}") from None
+    return model.eval(), settings

@@ -1,0 +1,237 @@
+"""The trainer's options: one argparse parser, a ``--config FILE`` (YAML or JSON) whose keys
+are the flag names, and the rule that the command line overrides the file.
+
+The defaults are the demo's (synthetic data, the small network, a few hundred steps), so
+that a bare ``python -m train`` runs it; real training starts from ``train/configs/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from .models import NETWORKS
+
+LOSSES = ("arcface", "cosface", "sphereface", "combined")
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in str(text).replace(",", " ").split()]
+
+
+def _str_list(text: str) -> list[str]:
+    """Comma- or space-separated names; an empty string (or 'none') is an empty list."""
+    names = str(text).replace(",", " ").split()
+    return [] if names == ["none"] else names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a face-recognition backbone with an ArcFace-style margin loss. "
+        "With no arguments it runs the demo: the small network on synthetic faces, a few minutes on a CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="YAML or JSON file whose keys are flag names (either spelling); the command line overrides it")
+
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", "--data-set", "--data_set", dest="data", default="synthetic",
+                   help="'synthetic', a folder with train.rec/train.idx (insightface layout), or an ImageFolder tree")
+    g.add_argument("--val-targets", "--val_targets", dest="val_targets", type=_str_list, default=None,
+                   help="verification sets, comma separated: names of <data>/<name>.bin, or .bin / pairs-list "
+                   ".txt paths; "
+                   "default lfw,cfp_fp,agedb_30 (one synthetic set named 'synthetic' for --data synthetic); "
+                   "'none' for no verification")
+    # The demo's size: few identities with many images each, so that in a few hundred steps the
+    # class centres are learned (θ falls from 90° to about 50°) and verification on other
+    # identities climbs from near chance to about 90%.
+    g.add_argument("--synthetic-identities", "--synthetic_identities", dest="synthetic_identities", type=int,
+                   default=100, help="--data synthetic: number of training identities")
+    g.add_argument("--synthetic-images-per-identity", "--synthetic_images_per_identity",
+                   dest="synthetic_images_per_identity", type=int, default=160,
+                   help="--data synthetic: images of each training identity")
+    g.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
+                   help="input side in pixels; default 112 (aligned faces), 64 for the synthetic demo")
+    g.add_argument("--network", choices=NETWORKS, default="small")
+    g.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=512)
+    g.add_argument("--keep-prob", "--keep_prob", dest="keep_prob", type=float, default=1.0,
+                   help="dropout keep probability in the embedding head")
+    g.add_argument("--gradient-checkpointing", dest="gradient_checkpointing",
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute activations in the backward pass to save memory")
+    g.add_argument("--channels-last", dest="channels_last",
+                   action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--pretrained-model", "--pretrained_model", dest="pretrained_model", default=None,
+                   help="initialise from this backbone state dict or training checkpoint")
+    g.add_argument("--finetuning", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --pretrained_model: take the backbone only and start fresh class centres "
+                   "(new identities); otherwise a checkpoint's class centres are loaded too when they fit")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=LOSSES, default="arcface",
+                   help="arcface: cos(θ+m); cosface: cos θ-m; sphereface: cos(mθ); combined: cos(m1·θ+m2)-m3")
+    g.add_argument("--arcface-s", "--arcface_s", "--scale", dest="arcface_s", type=float, default=64.0,
+                   help="scale s of the logits (all losses)")
+    g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float, default=0.5,
+                   help="additive angular margin of --loss arcface")
+    g.add_argument("--m1", type=float, default=None,
+                   help="multiplicative angular margin (sphereface: 4, combined: 1.0)")
+    g.add_argument("--m2", type=float, default=None, help="additive angular margin (combined: --arcface_m)")
+    g.add_argument("--m3", type=float, default=None, help="additive cosine margin (cosface: 0.35, combined: 0.0)")
+    g.add_argument("--loss-impl", "--loss_impl", dest="loss_impl", choices=("fused", "reference"), default="fused",
+                   help="the compiled arcface_ext op, or its pure-PyTorch reference")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    g.add_argument("--lr", type=float, default=None, help="base learning rate; default 0.1 (sgd) or 0.001 (adamw)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--decay", "--weight-decay", "--weight_decay", dest="decay", type=float, default=5e-4,
+                   help="weight decay")
+    g.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=("step", "poly"), default=None,
+                   help="step: divide by 10 at --lr-steps (the paper); poly: (1-t)^2 decay after warm-up "
+                   "(insightface); default step when --lr-steps is given, else poly")
+    g.add_argument("--lr-steps", "--lr_steps", dest="lr_steps", type=_int_list, default=None,
+                   help="steps at which the step schedule divides the learning rate by 10, e.g. 100000,160000")
+    g.add_argument("--warmup-steps", "--warmup_steps", dest="warmup_steps", type=int, default=None,
+                   help="linear warm-up from 0; default 5%% of --max-steps for poly, 0 for step")
+    g.add_argument("--max-steps", "--max_step", "--max_steps", dest="max_steps", type=int, default=300)
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
+                   help="images per process and step (the global batch is this times the world size)")
+    g.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none",
+                   help="autocast dtype of the convolutional trunk (the head and the loss stay fp32)")
+    g.add_argument("--grad-clip", "--grad_clip", dest="grad_clip", type=float, default=5.0,
+                   help="clip the backbone's gradient norm to this (0: off), as insightface does")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto",
+                   help="'auto' (cuda:LOCAL_RANK when available, else cpu), 'cpu', 'cuda', ...")
+    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=1,
+                   help="DataLoader worker processes per training process")
+    g.add_argument("--output", "--models_base_dir", "--models-base-dir", dest="output", default=None,
+                   help="output folder for checkpoints, metrics and plots; default runs/<network>")
+    g.add_argument("--log-every", "--log_every", dest="log_every", type=int, default=10,
+                   help="write a metrics.jsonl line every N steps")
+    g.add_argument("--eval-every", "--eval_every", dest="eval_every", type=int, default=100,
+                   help="run verification every N steps (and at the start and the end; 0: only at the end)")
+    g.add_argument("--save-every", "--save_every", dest="save_every", type=int, default=100,
+                   help="write the checkpoint every N steps (and at the end)")
+    g.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint; 'auto': <output>/checkpoint.pt if it exists")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="also log to <output>/tensorboard when the tensorboard package is installed")
+    g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="write loss.png, verification.png and target_angle.png at the end")
+    return p
+
+
+def _option_table(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every spelling of every option (without dashes), and each dest, -> its action."""
+    table = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config"):
+            continue
+        table[action.dest] = action
+        for opt in action.option_strings:
+            if opt.startswith("--no-"):
+                continue
+            table[opt.lstrip("-")] = action
+    return table
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON file holding one mapping."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit(f"{path}: reading YAML needs PyYAML (pip install pyyaml), "
+                             "or write the config as JSON") from None
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    return data
+
+
+def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
+    """Turn a config mapping into command-line tokens, so that the file's values get exactly
+    the command line's parsing, choices and error messages."""
+    table = _option_table(parser)
+    unknown = sorted(k for k in config if k not in table)
+    if unknown:
+        raise SystemExit(f"{source}: unknown key(s) {', '.join(unknown)}; keys are the flag names of "
+                         "`python -m train --help` (e.g. max-steps or max_step)")
+    argv = []
+    for key, value in config.items():
+        action = table[key]
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise SystemExit(f"{source}: {key} must be true or false, got {value!r}")
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            continue
+        else:
+            if isinstance(value, (list, tuple)):
+                value = ",".join(str(v) for v in value)
+            argv += [flag, str(value)]
+    return argv
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on other options."""
+    if args.val_targets is None:
+        args.val_targets = ["synthetic"] if args.data == "synthetic" else ["lfw", "cfp_fp", "agedb_30"]
+    if args.image_size is None:
+        args.image_size = 64 if args.data == "synthetic" else 112
+    if args.lr is None:
+        args.lr = 0.1 if args.optimizer == "sgd" else 1e-3
+    if args.lr_schedule is None:
+        args.lr_schedule = "step" if args.lr_steps else "poly"
+    if args.warmup_steps is None:
+        args.warmup_steps = max(1, args.max_steps // 20) if args.lr_schedule == "poly" else 0
+    if args.lr_schedule == "step" and not args.lr_steps:
+        raise SystemExit("--lr-schedule step needs --lr-steps (e.g. --lr-steps 100000,160000)")
+    if args.output is None:
+        args.output = os.path.join("runs", args.network)
+    if not 0.0 < args.keep_prob <= 1.0:
+        raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
+    if args.max_steps < 1:
+        raise SystemExit(f"--max-steps must be at least 1, got {args.max_steps}")
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``) on top of ``--config FILE`` and the defaults."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    file_argv = []
+    if known.config:
+        file_argv = _config_to_argv(load_config_file(known.config), parser, known.config)
+    args = parser.parse_args(file_argv + list(sys.argv[1:] if argv is None else argv))
+    return resolve(args)
+
+
+def margins(args: argparse.Namespace) -> tuple[float, float, float]:
+    """(m1, m2, m3) of ``cos(m1·θ + m2) - m3`` for ``--loss``."""
+    if args.loss == "arcface":
+        return 1.0, args.arcface_m, 0.0
+    if args.loss == "cosface":
+        return 1.0, 0.0, 0.35 if args.m3 is None else args.m3
+    if args.loss == "sphereface":
+        return 4.0 if args.m1 is None else args.m1, 0.0, 0.0
+    return (1.0 if args.m1 is None else args.m1,
+            args.arcface_m if args.m2 is None else args.m2,
+            0.0 if args.m3 is None else args.m3)

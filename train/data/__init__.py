@@ -1,0 +1,199 @@
+"""Training data and verification sets for the trainer: what `--data` and
+`--val-targets` name, turned into datasets, a resumable DataLoader and
+`VerificationSet`s."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .imagefolder import ImageFolderDataset
+from .recordio import RecordIODataset, RecordIOError
+from .synthetic import SyntheticFaces, synthetic_pairs
+from .transforms import FaceImageDataset
+
+if TYPE_CHECKING:
+    from train.verification import VerificationSet
+
+__all__ = [
+    "FaceImageDataset",
+    "ImageFolderDataset",
+    "RecordIODataset",
+    "RecordIOError",
+    "ResumableBatchSampler",
+    "SyntheticFaces",
+    "build_train_dataset",
+    "build_train_loader",
+    "build_verification_sets",
+]
+
+SYNTHETIC = "synthetic"
+DEFAULT_SYNTHETIC_IDENTITIES = 100
+DEFAULT_SYNTHETIC_IMAGES_PER_IDENTITY = 160
+DEFAULT_SYNTHETIC_PAIRS = 600
+
+
+def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip: bool = True,
+                        synthetic_identities: int = DEFAULT_SYNTHETIC_IDENTITIES,
+                        synthetic_images_per_identity: int = DEFAULT_SYNTHETIC_IMAGES_PER_IDENTITY,
+                        ) -> tuple[FaceImageDataset, int]:
+    """(dataset, num_classes) for `--data`.
+
+    spec: 'synthetic'; a folder holding `train.rec` + `train.idx` (insightface
+    RecordIO); or an ImageFolder root (one sub-folder per identity).
+    `dataset[i]` and `dataset[(i, epoch)]` give (float32 (3, image_size,
+    image_size) image in [-1, 1], int label); with flip=True the image is
+    mirrored for a deterministic half of the (seed, epoch, i). Datasets pickle
+    without open files, so DataLoader workers each open their own.
+    """
+    if spec == SYNTHETIC:
+        dataset = SyntheticFaces(synthetic_identities, synthetic_images_per_identity,
+                                 image_size=image_size, seed=seed, flip=flip)
+    elif os.path.isfile(os.path.join(spec, "train.rec")) and os.path.isfile(os.path.join(spec, "train.idx")):
+        dataset = RecordIODataset(spec, image_size=image_size, seed=seed, flip=flip)
+    elif os.path.isdir(spec):
+        dataset = ImageFolderDataset(spec, image_size=image_size, seed=seed, flip=flip)
+    else:
+        raise FileNotFoundError(
+            f"--data {spec!r}: expected 'synthetic', a folder with train.rec + train.idx, or an image folder"
+        )
+    return dataset, dataset.num_classes
+
+
+def _find_target(folder: str, target: str) -> str | None:
+    candidates = [target] if target.endswith((".bin", ".txt")) else []
+    candidates += [os.path.join(folder, target), os.path.join(folder, target + ".bin")]
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 112, seed: int = 0,
+                            synthetic_pairs_per_target: int = DEFAULT_SYNTHETIC_PAIRS,
+                            ) -> dict[str, VerificationSet]:
+    """{name: VerificationSet} for `--val-targets`.
+
+    spec 'synthetic': one synthetic set per target name, of identities disjoint
+    from the training ones and from the other targets. Otherwise `spec` is the
+    data folder and a target is `<name>` (read from `<folder>/<name>.bin`, in
+    insightface's format) or the path of a `.bin` or of a pairs-list `.txt`
+    (`image1 image2 0|1` per line). A target that is not found is skipped with
+    a warning, as insightface does.
+    """
+    # train.verification reads images through this package: import it here, not at the top.
+    from train.verification import VerificationSet, load_bin, load_pairs_list
+
+    sets: dict[str, VerificationSet] = {}
+    for target in targets:
+        if spec == SYNTHETIC:
+            images, issame = synthetic_pairs(target, num_pairs=synthetic_pairs_per_target,
+                                             num_identities=max(2, synthetic_pairs_per_target // 2),
+                                             image_size=image_size, seed=seed)
+            sets[target] = VerificationSet(target, images, issame)
+            continue
+        path = _find_target(spec, target)
+        if path is None:
+            warnings.warn(f"verification target {target!r}: no {target}.bin in {spec!r}; skipped", stacklevel=2)
+            continue
+        vset = load_pairs_list(path, image_size) if path.endswith(".txt") else load_bin(path, image_size)
+        name = target if not target.endswith((".bin", ".txt")) else vset.name
+        vset.name = name
+        sets[name] = vset
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence((seed, epoch)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """An endless stream of batches whose content at global step k depends only on
+    (seed, k), so that a run resumed at step k sees what an uninterrupted run sees.
+
+    Epoch e visits the samples in the order `torch.randperm` draws from a generator
+    seeded with (seed, e); with world_size > 1 that order is padded by wrap-around
+    to a multiple of world_size and rank r takes every world_size-th sample from
+    position r (as DistributedSampler does). Each epoch has `steps_per_epoch`
+    batches (the last partial batch is dropped with drop_last). A batch is a list
+    of (index, epoch) keys, which the datasets use for their flips. Iteration
+    starts at global step `start_step` and never ends: draw as many batches as
+    there are steps to train.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True, start_step: int = 0):
+        if batch_size < 1 or num_samples < 1:
+            raise ValueError(f"need a positive batch size and dataset, got {batch_size} and {num_samples}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drop_last, self.start_step = drop_last, start_step
+        self.samples_per_rank = math.ceil(num_samples / world_size)
+        if drop_last:
+            self.steps_per_epoch = self.samples_per_rank // batch_size
+        else:
+            self.steps_per_epoch = math.ceil(self.samples_per_rank / batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{num_samples} samples over {world_size} rank(s) do not fill one batch of {batch_size} (drop_last)"
+            )
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for `epoch`, in visiting order."""
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        order = torch.randperm(self.num_samples, generator=generator)
+        padded = self.samples_per_rank * self.world_size
+        if padded > self.num_samples:
+            order = torch.cat([order, order[: padded - self.num_samples]])
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start_step, self.steps_per_epoch)
+        while True:
+            indices = self.epoch_indices(epoch).tolist()
+            for step in range(skip, self.steps_per_epoch):
+                yield [(i, epoch) for i in indices[step * self.batch_size:(step + 1) * self.batch_size]]
+            epoch, skip = epoch + 1, 0
+
+
+def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, num_workers: int, seed: int,
+                       distributed: bool = False, drop_last: bool = True, start_step: int = 0,
+                       ) -> torch.utils.data.DataLoader:
+    """An endless DataLoader over `dataset` whose batch at global step k is the same
+    whether or not the run was resumed: pass the step to resume at as `start_step`.
+
+    Batches come from a `ResumableBatchSampler` (the sampler's docstring says how
+    the order is drawn); with distributed=True each rank of the initialised
+    process group reads its own shard. Flips depend on (seed, epoch, index) only,
+    not on worker processes or global RNG state. Memory is pinned when CUDA is
+    available; workers persist across epochs. The loader has no length: iterate
+    it for the number of steps to train (`loader.batch_sampler.steps_per_epoch`
+    tells the epoch length).
+    """
+    rank, world_size = 0, 1
+    if distributed:
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            raise RuntimeError(
+                "build_train_loader(distributed=True) needs an initialised torch.distributed process group"
+            )
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    sampler = ResumableBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
+                                    drop_last=drop_last, start_step=start_step)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )

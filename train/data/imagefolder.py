@@ -1,0 +1,56 @@
+"""A folder of aligned faces, one sub-folder per identity: the simplest way to
+bring your own data (and what `python -m train.tools.pack_rec` packs)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .transforms import IMAGE_EXTENSIONS, FaceImageDataset, load_image_file
+
+
+def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """(identity names, [(image path, label)]) of an ImageFolder tree.
+
+    Identities are the sub-folders holding at least one image, sorted by name;
+    label i is the i-th of them. Images (.jpg .jpeg .png .bmp, any case) are
+    sorted by file name within their folder; nested folders are not searched.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    identities: list[str] = []
+    samples: list[tuple[str, int]] = []
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            continue
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            continue
+        label = len(identities)
+        identities.append(name)
+        samples.extend((os.path.join(folder, f), label) for f in files)
+    if not samples:
+        raise ValueError(
+            f"image folder {root!r} holds no identity sub-folder with {'/'.join(IMAGE_EXTENSIONS)} images"
+        )
+    return identities, samples
+
+
+class ImageFolderDataset(FaceImageDataset):
+    """Aligned face images under `root/<identity>/<image>`, resized to image_size when needed."""
+
+    def __init__(self, root: str, *, image_size: int = 112, seed: int = 0, flip: bool = True):
+        super().__init__(image_size=image_size, seed=seed, flip=flip)
+        self.root = root
+        self.identities, samples = scan_image_folder(root)
+        self.paths = [path for path, _ in samples]
+        self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
+        self.num_classes = len(self.identities)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> tuple[np.ndarray, int]:
+        return load_image_file(self.paths[index], self.image_size), int(self.labels[index])

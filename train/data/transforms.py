@@ -1,0 +1,111 @@
+"""How an encoded face becomes a training sample: decoding, normalisation and a
+horizontal flip that is a pure function of (seed, epoch, index), shared by every
+training dataset so that a resumed run sees exactly the samples an uninterrupted
+one would."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def flip_decision(seed: int, epoch: int, index: int) -> bool:
+    """Whether sample `index` is mirrored in `epoch`: a hash, not a draw from a
+    global generator, so it does not depend on worker count or on resuming."""
+    h = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64))
+    return bool(h >> 63)
+
+
+def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
+    """Decode JPEG/PNG/BMP bytes into a uint8 (image_size, image_size, 3) RGB array.
+
+    Aligned faces are square; anything else is resized to the square (bilinear).
+    Raises ValueError naming `source` when the bytes are not a decodable image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{source}: cannot decode image ({len(data)} bytes): {exc}") from exc
+    if rgb.size != (image_size, image_size):
+        rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def load_image_file(path: str, image_size: int) -> np.ndarray:
+    """Read and decode one image file (see `decode_image`)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return decode_image(data, image_size, source=path)
+
+
+def encode_image(image: np.ndarray, *, fmt: str = "jpeg", quality: int = 95) -> bytes:
+    """Encode a uint8 (H, W, 3) RGB array as JPEG or PNG bytes."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    out = io.BytesIO()
+    if fmt.lower() in ("jpeg", "jpg"):
+        Image.fromarray(image).save(out, format="JPEG", quality=quality)
+    elif fmt.lower() == "png":
+        Image.fromarray(image).save(out, format="PNG")
+    else:
+        raise ValueError(f"unsupported image format {fmt!r}: expected 'jpeg' or 'png'")
+    return out.getvalue()
+
+
+def normalize(image: np.ndarray, *, flip: bool = False) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) tensor in [-1, 1], as (x - 127.5) / 127.5."""
+    if flip:
+        image = image[:, ::-1]
+    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return chw.float().sub_(127.5).div_(127.5)
+
+
+class FaceImageDataset(torch.utils.data.Dataset):
+    """Base of the training datasets.
+
+    Subclasses implement `__len__`, `num_classes` and `load(index) -> (uint8
+    (H, W, 3) image, int label)`. An item is addressed by an `index` or by an
+    `(index, epoch)` key, which is what `ResumableBatchSampler` yields: the flip
+    of a sample then depends only on (seed, epoch, index).
+    """
+
+    num_classes: int
+
+    def __init__(self, *, image_size: int, seed: int, flip: bool):
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.flip = bool(flip)
+
+    def load(self, index: int) -> tuple[np.ndarray, int]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index = int(index)
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {key} out of range for a dataset of {n} images")
+        image, label = self.load(index)
+        mirrored = self.flip and flip_decision(self.seed, int(epoch), index)
+        return normalize(image, flip=mirrored), int(label)

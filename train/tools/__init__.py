@@ -1,0 +1,2 @@
+"""Command-line tools that make data for the trainer: `pack_rec` (ImageFolder -> RecordIO)
+and `make_bin` (verification pairs -> insightface .bin)."""

@@ -1,0 +1,545 @@
+"""The training loop: backbone + margin loss, SGD/AdamW with the paper's step or insightface's
+poly schedule, DDP through torchrun, verification, logs, plots, and checkpoints that a killed
+run resumes from exactly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint
+from .config import margins
+from .models import get_model
+
+ANGLE_PHASES = ("start", "middle", "end")
+# Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
+# gathered over at most a twentieth of the run so that "start" is the start.
+ANGLE_SAMPLES = 2048
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN/inf; the last good checkpoint is left in place."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class LearningRateSchedule:
+    """Multiplier of the base learning rate at a step, for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    ``step``: the paper's schedule, divided by 10 at each of ``lr_steps``; ``poly``: insightface's,
+    ``(1 - t)^2`` over the steps after warm-up. Both warm up linearly over ``warmup_steps``.
+    A plain object (not a closure), so that the scheduler's state dict holds it.
+    """
+
+    def __init__(self, kind: str, max_steps: int, warmup_steps: int = 0, lr_steps: list[int] | None = None):
+        if kind not in ("step", "poly"):
+            raise ValueError(f"unknown lr schedule {kind!r}")
+        self.kind = kind
+        self.max_steps = int(max_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.lr_steps = sorted(int(s) for s in (lr_steps or []))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "step":
+            return 0.1 ** sum(step >= s for s in self.lr_steps)
+        t = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+        return max(0.0, 1.0 - t) ** 2
+
+
+class TargetAngles:
+    """The angle θ between each embedding and its class centre, in degrees, gathered over a few
+    steps at the start, the middle and the end of training (the ArcFace paper's figure)."""
+
+    def __init__(self, max_steps: int, batch_size: int):
+        width = max(1, min(math.ceil(ANGLE_SAMPLES / batch_size), max_steps // 20))
+        middle = max(0, max_steps // 2 - width // 2)
+        self.windows = {"start": (0, width), "middle": (middle, middle + width),
+                        "end": (max(0, max_steps - width), max_steps)}
+        self.angles: dict[str, list[torch.Tensor]] = {phase: [] for phase in ANGLE_PHASES}
+
+    def wants(self, step: int) -> bool:
+        return any(lo <= step < hi for lo, hi in self.windows.values())
+
+    def record(self, step: int, target_cosine: torch.Tensor) -> None:
+        cosine = target_cosine.detach().float().cpu()
+        theta = torch.rad2deg(torch.acos(cosine[torch.isfinite(cosine)].clamp(-1.0, 1.0)))
+        for phase, (lo, hi) in self.windows.items():
+            if lo <= step < hi:
+                self.angles[phase].append(theta)
+
+    def degrees(self, phase: str) -> torch.Tensor:
+        parts = self.angles[phase]
+        return torch.cat(parts)[:ANGLE_SAMPLES] if parts else torch.empty(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows": {k: list(v) for k, v in self.windows.items()},
+                "degrees": {phase: self.degrees(phase) for phase in ANGLE_PHASES}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.windows = {k: tuple(v) for k, v in state["windows"].items()}
+        self.angles = {phase: [state["degrees"][phase]] for phase in ANGLE_PHASES}
+
+
+class RunLog:
+    """``metrics.jsonl`` and ``verification.jsonl`` (one JSON object a line) plus TensorBoard
+    when installed. A resumed run first drops the lines past its checkpoint's step, which the
+    killed run may have written."""
+
+    FILES = ("metrics.jsonl", "verification.jsonl")
+
+    def __init__(self, output: str, start_step: int, tensorboard: bool):
+        self.output = output
+        for name in self.FILES:
+            path = os.path.join(output, name)
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step] if start_step else []
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self.writer = SummaryWriter(os.path.join(output, "tensorboard"), purge_step=start_step or None)
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        with open(os.path.join(self.output, name), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        self._append("metrics.jsonl", record)
+        if self.writer is not None:
+            for key in ("loss", "lr", "samples_per_sec"):
+                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def verification(self, record: dict[str, Any]) -> None:
+        self._append("verification.jsonl", record)
+        if self.writer is not None:
+            self.writer.add_scalar(f"verification/{record['target']}", record["accuracy"], record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    """The loss as a module that owns its class centres and is called as
+    ``loss(embeddings, labels, return_target_cosine=True)``.
+
+    This is the seam for scale-out: a sharded-classes loss (partial FC) would hold only this
+    rank's centres, gather the embeddings itself and set ``sharded = True`` so that the trainer
+    neither wraps it in DDP nor treats its state as replicated.
+    """
+    import arcface_ext
+
+    if args.loss_impl == "fused" and not arcface_ext.extension_available():
+        raise SystemExit("arcface_ext's compiled op is not built: run `pip install --no-build-isolation -e .` "
+                         "from the repository root, or train with --loss-impl reference (pure PyTorch, slower)")
+    m1, m2, m3 = margins(args)
+    return arcface_ext.CombinedMarginLoss(num_classes, args.embedding_size, s=args.arcface_s, m1=m1, m2=m2, m3=m3,
+                                          use_reference=args.loss_impl == "reference")
+
+
+def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: nn.Module) -> torch.optim.Optimizer:
+    # One group per module, as insightface does, so that a sharded loss can bring its own.
+    groups = [
+        {"params": [p for p in backbone.parameters() if p.requires_grad], "name": "backbone"},
+        {"params": [p for p in margin_loss.parameters() if p.requires_grad], "name": "class_centers"},
+    ]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.decay)
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.decay)
+
+
+def _resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+class Trainer:
+    """One training run, set up from parsed options (see :mod:`train.config`)."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .data import build_train_dataset, build_train_loader, build_verification_sets
+
+        self.args = args
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = _resolve_device(args.device, local_rank)
+        self.distributed = self.world_size > 1
+        if self.distributed:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method="env://")
+        self.is_main = self.rank == 0
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Leave a core to each DataLoader worker: oversubscribed OpenMP threads spin and stall.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, cores // local_world_size - args.num_workers))
+        self.output = args.output
+        self.checkpoint_path = os.path.join(self.output, checkpoint.CHECKPOINT_NAME)
+        os.makedirs(self.output, exist_ok=True)
+
+        seed_everything(args.seed)  # the same initial weights on every rank
+        synthetic_size = {}
+        if args.data == "synthetic":
+            synthetic_size = {"synthetic_identities": args.synthetic_identities,
+                              "synthetic_images_per_identity": args.synthetic_images_per_identity}
+        self.dataset, self.num_classes = build_train_dataset(args.data, image_size=args.image_size, seed=args.seed,
+                                                             flip=True, **synthetic_size)
+        self.verification_sets = {}
+        if self.is_main:
+            self.verification_sets = build_verification_sets(args.data, args.val_targets, image_size=args.image_size,
+                                                             seed=args.seed)
+        self.backbone = get_model(args.network, embedding_size=args.embedding_size, dropout=1.0 - args.keep_prob,
+                                  image_size=args.image_size, gradient_checkpointing=args.gradient_checkpointing,
+                                  amp=args.amp).to(self.device)
+        if args.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.margin_loss = build_margin_loss(args, self.num_classes).to(self.device)
+        self.optimizer = build_optimizer(args, self.backbone, self.margin_loss)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, LearningRateSchedule(args.lr_schedule, args.max_steps, args.warmup_steps, args.lr_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        # The scaler skips the steps whose fp16 gradients overflow (a few at the start, by design);
+        # the schedule still advances, which torch warns about.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        self.angles = TargetAngles(args.max_steps, args.batch_size)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds before this process, carried over by resume
+        self.last_verification: dict[str, dict[str, float]] = {}
+        resumed_rng = None
+
+        resume = self._resume_path()
+        if resume:
+            resumed_rng = self._load_training_state(resume)
+        elif args.pretrained_model:
+            self._load_pretrained(args.pretrained_model)
+
+        self.backbone_ddp, self.loss_ddp = self.backbone, self.margin_loss
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.backbone_ddp = nn.parallel.DistributedDataParallel(self.backbone, device_ids=ids)
+            if not getattr(self.margin_loss, "sharded", False):
+                # Replicated class centres: DDP averages their gradients like the backbone's.
+                self.loss_ddp = nn.parallel.DistributedDataParallel(self.margin_loss, device_ids=ids)
+
+        self.loader = build_train_loader(self.dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         seed=args.seed, distributed=self.distributed, drop_last=True,
+                                         start_step=self.step)
+        # Restored last, after everything that draws from the generators at start-up.
+        if resumed_rng is not None:
+            checkpoint.set_rng_state(resumed_rng[self.rank] if self.rank < len(resumed_rng) else resumed_rng[0])
+        else:
+            seed_everything(args.seed + self.rank)  # independent dropout masks per rank
+        self.log = RunLog(self.output, self.step, args.tensorboard) if self.is_main else None
+        if self.is_main:
+            with open(os.path.join(self.output, "args.json"), "w", encoding="utf-8") as f:
+                json.dump(vars(args), f, indent=2)
+
+        self._stop_signal = 0
+        self._previous_handlers: dict[int, Any] = {}
+        self._started = time.perf_counter()
+
+    # ----------------------------------------------------------------- state
+
+    def _resume_path(self) -> str | None:
+        resume = self.args.resume
+        if not resume:
+            if self.is_main and os.path.exists(self.checkpoint_path):
+                print(f"note: {self.checkpoint_path} exists and will be overwritten; "
+                      "pass --resume auto to continue that run instead", file=sys.stderr)
+            return None
+        if resume == "auto":
+            if os.path.exists(self.checkpoint_path):
+                return self.checkpoint_path
+            if self.is_main:
+                print(f"--resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
+            return None
+        if not os.path.isfile(resume):
+            raise SystemExit(f"--resume: no checkpoint at {resume}")
+        return resume
+
+    def _load_training_state(self, path: str) -> list[dict[str, Any]]:
+        state = checkpoint.load(path)
+        if state.get("num_classes") != self.num_classes:
+            raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "
+                             f"{self.num_classes}; resume needs the same data (use --pretrained_model to fine-tune)")
+        self.backbone.load_state_dict(state["model"])
+        self.margin_loss.load_state_dict(state["margin_loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule follows the current options (e.g. a larger --max-steps), not the file's.
+        self.scheduler.lr_lambdas[0] = LearningRateSchedule(self.args.lr_schedule, self.args.max_steps,
+                                                            self.args.warmup_steps, self.args.lr_steps)
+        self.scaler.load_state_dict(state["scaler"])
+        self.angles.load_state_dict(state["target_angles"])
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        self.last_verification = state.get("verification", {})
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+        return state["rng"]
+
+    def _load_pretrained(self, path: str) -> None:
+        state = checkpoint.load(path)
+        try:
+            self.backbone.load_state_dict(checkpoint.backbone_state_dict(state, path))
+        except RuntimeError as error:
+            a = self.args
+            raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding_size "
+                             f"{a.embedding_size} --image-size {a.image_size}:\n{error}") from None
+        loaded = "backbone"
+        centres = state.get("margin_loss") if isinstance(state, dict) else None
+        if not self.args.finetuning and centres is not None:
+            if centres["weight"].shape == self.margin_loss.weight.shape:
+                self.margin_loss.load_state_dict(centres)
+                loaded += " and class centres"
+            elif self.is_main:
+                print(f"note: {path} has class centres for {centres['weight'].shape[0]} classes, the data has "
+                      f"{self.num_classes}: starting fresh ones", file=sys.stderr)
+        if self.is_main:
+            print(f"initialised the {loaded} from {path}", file=sys.stderr)
+
+    def save(self) -> None:
+        """Write the checkpoint (collective: every rank must call it)."""
+        if not (checkpoint.all_finite(self.backbone) and checkpoint.all_finite(self.margin_loss)):
+            raise TrainingDiverged(f"the weights are not finite at step {self.step}")
+        rng = checkpoint.rng_state()
+        rng_states = [rng]
+        if self.distributed:
+            rng_states = [None] * self.world_size
+            dist.all_gather_object(rng_states, rng)
+        if not self.is_main:
+            return
+        checkpoint.save_atomic({
+            "step": self.step,
+            "args": vars(self.args),
+            "num_classes": self.num_classes,
+            "model": self.backbone.state_dict(),
+            "margin_loss": self.margin_loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states,
+            "target_angles": self.angles.state_dict(),
+            "elapsed": self.elapsed + (time.perf_counter() - self._started),
+            "verification": self.last_verification,
+        }, self.checkpoint_path)
+
+    # ------------------------------------------------------------- the loop
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from self.loader
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
+        """One optimiser step; returns (mean loss over ranks, whether any rank was signalled)."""
+        args = self.args
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        embeddings = self.backbone_ddp(images)
+        loss, target_cosine = self.loss_ddp(embeddings, labels, return_target_cosine=True)
+
+        # One small collective a step: the mean loss for the log and the NaN check, and whether
+        # any rank was signalled, so that all ranks stop (or diverge) at the same step.
+        status = torch.stack([loss.detach().float(), torch.tensor(float(self._stop_signal > 0), device=self.device)])
+        if self.distributed:
+            dist.all_reduce(status)
+        loss_value, stop = status.tolist()
+        loss_value /= self.world_size
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"the loss is {loss_value} at step {self.step + 1}")
+        if self.is_main and self.angles.wants(self.step):
+            self.angles.record(self.step, target_cosine)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            # The backbone only, as insightface does: the class centres' norm grows with the classes.
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.backbone.parameters(), args.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return loss_value, stop > 0
+
+    def evaluate(self) -> None:
+        """Verification on every target (rank 0; the others wait)."""
+        if self.is_main and self.verification_sets:
+            from .verification import evaluate
+
+            self.backbone.eval()
+            for name, vset in self.verification_sets.items():
+                result = evaluate(self.backbone, vset, device=self.device, batch_size=self.args.batch_size)
+                record = {"step": self.step, "target": name, **{k: float(v) for k, v in result.items()}}
+                self.last_verification[name] = record
+                self.log.verification(record)
+                self._write(f"[step {self.step}] {name}: accuracy {record['accuracy']:.4f} "
+                            f"± {record['accuracy_std']:.4f} (threshold {record['threshold']:.3f}, "
+                            f"xnorm {record['xnorm']:.2f})")
+            self.backbone.train()
+        if self.distributed:
+            dist.barrier()
+
+    def _write(self, message: str) -> None:
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal:  # a second Ctrl-C: stop now, without the checkpoint
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        # Only a flag: printing from a handler can re-enter a half-written stream.
+        self._stop_signal = signum
+        if hasattr(signal, "SIGCHLD"):
+            # DataLoader workers die of a SIGTERM that is not their parent's (a scheduler signals the
+            # whole process group), and torch's SIGCHLD handler would then raise in the middle of
+            # this step or of the checkpoint. The checkpoint comes first; the loop stops anyway.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def fit(self) -> int:
+        """Train to ``--max-steps``; returns the process exit code."""
+        from tqdm import tqdm
+
+        args = self.args
+        global_batch = args.batch_size * self.world_size
+        # Installed before the DataLoader forks its workers, which inherit it: a Ctrl-C to the
+        # process group then leaves them running while this process writes the checkpoint.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        self._started = time.perf_counter()
+        if self.is_main:
+            print(self.describe(), file=sys.stderr)
+        bar = tqdm(total=args.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.is_main, file=sys.stderr)
+        try:
+            if self.step == 0:
+                self.evaluate()
+            batches = self._batches()
+            window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            while self.step < args.max_steps:
+                try:
+                    images, labels = next(batches)
+                except Exception:
+                    # A SIGTERM to the process group kills the DataLoader workers; save all the same.
+                    if self._stop_signal and not self.distributed:
+                        break
+                    raise
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss_value, stop = self.train_step(images, labels)
+                window_steps += 1
+                window_loss += loss_value
+                bar.update(1)
+                if self.step % args.log_every == 0 or self.step == args.max_steps or stop:
+                    now = time.perf_counter()
+                    rate = window_steps * global_batch / max(now - window_start, 1e-9)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                    if self.is_main:
+                        self.log.metrics({"step": self.step, "loss": window_loss / window_steps, "lr": lr,
+                                          "samples_per_sec": rate,
+                                          "time": round(self.elapsed + now - self._started, 3)})
+                    window_start, window_steps, window_loss = now, 0, 0.0
+                if args.eval_every and self.step % args.eval_every == 0 and self.step != args.max_steps:
+                    self.evaluate()
+                    window_start = time.perf_counter()
+                if stop:
+                    break
+                if args.save_every and self.step % args.save_every == 0 and self.step != args.max_steps:
+                    self.save()
+                    window_start = time.perf_counter()
+            if self._stop_signal:
+                self.save()
+                self._write(f"stopped by {signal.Signals(self._stop_signal).name} at step {self.step}; "
+                            f"checkpoint: {self.checkpoint_path} (continue with --resume auto)")
+                return 128 + self._stop_signal
+            self.evaluate()
+            self.save()
+            bar.close()
+            self._write(f"done: {self.step} steps in {self.elapsed + time.perf_counter() - self._started:.0f} s; "
+                        f"outputs in {self.output}")
+            return 0
+        except TrainingDiverged as error:
+            last = "no checkpoint was written before it"
+            if os.path.exists(self.checkpoint_path):
+                last = f"the last good checkpoint is kept: {self.checkpoint_path} (step {self._saved_step()})"
+            self._write(f"error: training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "
+                        "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
+                        "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, --arcface_s).")
+            return 1
+        finally:
+            bar.close()
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+            if self.is_main:
+                self.log.close()
+                if args.plots:
+                    from .plots import write_plots
+
+                    write_plots(self.output, self.angles)
+            if self.distributed:
+                dist.destroy_process_group()
+
+    def _saved_step(self) -> int | str:
+        try:
+            return int(checkpoint.load(self.checkpoint_path)["step"])
+        except Exception:  # only for the message
+            return "?"
+
+    def describe(self) -> str:
+        a = self.args
+        params = sum(p.numel() for p in self.backbone.parameters())
+        return "\n".join([
+            f"network {a.network}: {params / 1e6:.2f}M parameters, {a.image_size}px input, "
+            f"{a.embedding_size}-D embedding, amp {a.amp}",
+            f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities; "
+            f"verification: {', '.join(self.verification_sets) or 'none'}",
+            f"loss {self.margin_loss!r} ({a.loss_impl})",
+            f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
+            f"{self.world_size} process(es) on {self.device}, {a.max_steps} steps from step {self.step}",
+            f"output: {self.output}",
+        ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import parse_args
+
+    return Trainer(parse_args(argv)).fit()

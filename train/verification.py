@@ -1,0 +1,274 @@
+"""Face verification the way insightface reports it: pairs of images from a `.bin`
+(or a pairs list, or the synthetic set), embedding(image) + embedding(mirrored
+image), L2-normalised, and 10-fold accuracy where each fold is judged at the
+squared-distance threshold that does best on the other nine folds.
+
+A `.bin` is a pickle of `(bins, issame_list)`: `bins` holds 2 encoded images per
+pair, `issame_list` one bool per pair. It is read with an unpickler that can only
+build bytes, lists, tuples, bools and numpy arrays, so a crafted file cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from train.data.transforms import decode_image, load_image_file
+
+# insightface's grid: squared L2 distances between unit vectors lie in [0, 4].
+THRESHOLDS = np.arange(0, 4, 0.01)
+
+
+@dataclass
+class VerificationSet:
+    """`images`: uint8 (2P, 3, H, W), pair k being images[2k] and images[2k + 1];
+    `issame`: bool (P,)."""
+
+    name: str
+    images: torch.Tensor
+    issame: np.ndarray
+
+    def __post_init__(self):
+        self.issame = np.asarray(self.issame, dtype=bool).reshape(-1)
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(
+                f"{self.name}: images must be uint8 (2P, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if self.images.shape[0] != 2 * self.issame.size:
+            raise ValueError(f"{self.name}: {self.images.shape[0]} images for {self.issame.size} pairs")
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.issame.size)
+
+    def __repr__(self) -> str:
+        return (
+            f"VerificationSet({self.name!r}, pairs={self.num_pairs}, same={int(self.issame.sum())}, "
+            f"image_size={tuple(self.images.shape[2:])})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading sets
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing bytes encoded as {encoding!r}: only latin1 is expected")
+    return text.encode("latin1")
+
+
+_sample = np.zeros(1)
+# The callables numpy's own pickles name, taken from numpy rather than imported by name.
+_RECONSTRUCT = _sample.__reduce__()[0]
+_FROMBUFFER = _sample.__reduce_ex__(5)[0]
+_SCALAR = np.bool_(True).__reduce__()[0]
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Builds bytes, lists, tuples, bools and numpy arrays; refuses any other global.
+
+    Bytes, lists, tuples and bools need no global at all. The globals allowed are
+    numpy's data-only constructors (`_reconstruct`, `ndarray`, `dtype`; `_frombuffer`
+    for arrays pickled with protocol 5; `scalar` for numpy bools in an issame list)
+    and `_codecs.encode`, which Python 3 uses for bytes under protocols <= 2, accepted
+    for latin1 only. Python 2 pickles are read with encoding='bytes'.
+    """
+
+    SAFE_GLOBALS = {
+        ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+        ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+        ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+        ("numpy.core.multiarray", "scalar"): _SCALAR,
+        ("numpy._core.multiarray", "scalar"): _SCALAR,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+    def __init__(self, file, *, source: str):
+        super().__init__(file, encoding="bytes")
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"{self.source}: refusing to load global {module}.{name}: a verification .bin may hold only "
+                "bytes, lists, tuples, bools and numpy arrays"
+            ) from None
+
+
+def _as_bytes(item, where: str) -> bytes:
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
+        return item.tobytes()
+    raise ValueError(f"{where}: expected encoded image bytes, got {type(item).__name__}")
+
+
+def _as_issame(values, where: str) -> np.ndarray:
+    flags = np.asarray(values)
+    if flags.ndim != 1 or not (flags.dtype == bool or (np.issubdtype(flags.dtype, np.integer)
+                                                        and np.isin(flags, (0, 1)).all())):
+        raise ValueError(f"{where}: the same/different list must hold one bool per pair, got {flags.dtype} "
+                         f"{flags.shape}")
+    return flags.astype(bool)
+
+
+def _decode_pairs(name: str, encoded: list[bytes], issame: np.ndarray, image_size: int, where: str) -> VerificationSet:
+    images = torch.empty((len(encoded), 3, image_size, image_size), dtype=torch.uint8)
+    for i, data in enumerate(encoded):
+        img = decode_image(data, image_size, source=f"{where}: image {i}")
+        images[i] = torch.from_numpy(img.transpose(2, 0, 1).copy())
+    return VerificationSet(name, images, issame)
+
+
+def load_bin(path: str, image_size: int = 112) -> VerificationSet:
+    """Read an insightface verification `.bin` (lfw.bin, cfp_fp.bin, agedb_30.bin, ...).
+
+    Raises pickle.UnpicklingError naming the file when it is not a pickle of
+    data (a crafted file that names any other global), ValueError when it is
+    data of the wrong shape or holds an undecodable image.
+    """
+    with open(path, "rb") as f:
+        try:
+            content = RestrictedUnpickler(f, source=path).load()
+        except Exception as exc:  # a truncated or foreign file fails in many ways, all of them this
+            if isinstance(exc, pickle.UnpicklingError) and str(exc).startswith(path):
+                raise  # a refused global, already explained
+            raise pickle.UnpicklingError(f"{path}: not a readable verification .bin: {exc!r}") from exc
+    if not (isinstance(content, (tuple, list)) and len(content) == 2):
+        raise ValueError(f"{path}: expected a pickled (bins, issame_list), got {type(content).__name__}")
+    bins, issame = content
+    issame = _as_issame(issame, path)
+    if not isinstance(bins, (list, tuple, np.ndarray)) or len(bins) != 2 * issame.size:
+        raise ValueError(f"{path}: {issame.size} pairs need {2 * issame.size} images, found "
+                         f"{len(bins) if hasattr(bins, '__len__') else type(bins).__name__}")
+    encoded = [_as_bytes(item, f"{path}: image {i}") for i, item in enumerate(bins)]
+    name = os.path.splitext(os.path.basename(path))[0]
+    return _decode_pairs(name, encoded, issame, image_size, path)
+
+
+def read_pairs_list(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """Parse a pairs list: `image1 image2 0|1` per line (tabs or spaces; tabs allow
+    spaces in names), relative paths taken from the list's folder, `#` comments."""
+    folder = os.path.dirname(os.path.abspath(path))
+    pairs, issame = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split("\t") if "\t" in line else line.split()
+            fields = [x.strip() for x in fields if x.strip()]
+            if len(fields) != 3 or fields[2] not in ("0", "1"):
+                raise ValueError(f"{path}: line {line_no}: expected 'image1 image2 0|1', got {line[:120]!r}")
+            pairs.append(tuple(os.path.join(folder, p) for p in fields[:2]))
+            issame.append(fields[2] == "1")
+    if not pairs:
+        raise ValueError(f"{path}: no pairs")
+    return pairs, np.asarray(issame, dtype=bool)
+
+
+def load_pairs_list(path: str, image_size: int = 112) -> VerificationSet:
+    """A verification set from a pairs list (see `read_pairs_list`)."""
+    pairs, issame = read_pairs_list(path)
+    images = torch.empty((2 * len(pairs), 3, image_size, image_size), dtype=torch.uint8)
+    for k, pair in enumerate(pairs):
+        for j, image_path in enumerate(pair):
+            img = load_image_file(image_path, image_size)
+            images[2 * k + j] = torch.from_numpy(img.transpose(2, 0, 1).copy())
+    return VerificationSet(os.path.splitext(os.path.basename(path))[0], images, issame)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+@torch.no_grad()
+def compute_embeddings(backbone: torch.nn.Module, vset: VerificationSet, *, device, batch_size: int = 64,
+                       return_xnorm: bool = False):
+    """L2-normalised embedding(image) + embedding(mirrored image) of every image: (2P, D) float32.
+
+    Images are fed as (x - 127.5) / 127.5. The backbone runs in eval mode and each
+    module's train/eval mode is restored afterwards. With return_xnorm=True also
+    returns insightface's 'XNorm': the mean norm of the raw (un-normalised)
+    embeddings of the images and of their mirrors.
+    """
+    modes = [(m, m.training) for m in backbone.modules()]
+    backbone.eval()
+    try:
+        outputs, norm_sum = [], 0.0
+        for start in range(0, vset.images.shape[0], batch_size):
+            x = vset.images[start:start + batch_size].to(device=device, dtype=torch.float32)
+            x = (x - 127.5) / 127.5
+            count = x.shape[0]
+            raw = backbone(torch.cat([x, torch.flip(x, dims=[3])])).float()
+            norm_sum += float(raw.norm(dim=1).sum())
+            outputs.append((raw[:count] + raw[count:]).cpu())
+    finally:
+        for module, training in modes:
+            module.training = training
+    embeddings = torch.nn.functional.normalize(torch.cat(outputs), dim=1).numpy().astype(np.float32)
+    if return_xnorm:
+        return embeddings, norm_sum / (2 * vset.images.shape[0])
+    return embeddings
+
+
+def _fold_slices(n: int, nfolds: int) -> list[np.ndarray]:
+    """Contiguous folds, the first n % nfolds one longer (sklearn KFold without shuffling)."""
+    sizes = np.full(nfolds, n // nfolds)
+    sizes[: n % nfolds] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [np.arange(bounds[i], bounds[i + 1]) for i in range(nfolds)]
+
+
+def _accuracy_per_threshold(dist: np.ndarray, issame: np.ndarray) -> np.ndarray:
+    """Accuracy of 'same iff dist < t' for every t in THRESHOLDS."""
+    predicted = dist[:, None] < THRESHOLDS[None, :]
+    return (predicted == issame[:, None]).mean(axis=0)
+
+
+def verification_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, issame, nfolds: int = 10) -> dict:
+    """k-fold verification accuracy of pairs (embeddings1[k], embeddings2[k]).
+
+    Each fold is scored at the threshold (on squared L2 distance, grid 0, 0.01, ...,
+    3.99) that is most accurate on the other folds, the first such threshold on a
+    tie; with nfolds=1 the single fold is its own training set. Returns the mean
+    and (population) std of the fold accuracies and the mean chosen threshold.
+    """
+    e1, e2 = np.asarray(embeddings1, dtype=np.float64), np.asarray(embeddings2, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    if e1.shape != e2.shape or e1.ndim != 2 or e1.shape[0] != issame.size:
+        raise ValueError(f"need two (P, D) embedding arrays and P flags, got {e1.shape}, {e2.shape}, {issame.shape}")
+    if not 1 <= nfolds <= issame.size:
+        raise ValueError(f"nfolds must be in [1, {issame.size}] for {issame.size} pairs, got {nfolds}")
+    dist = np.sum(np.square(e1 - e2), axis=1)
+    folds = _fold_slices(issame.size, nfolds)
+    accuracies, thresholds = [], []
+    for k, test in enumerate(folds):
+        train = np.concatenate([f for i, f in enumerate(folds) if i != k]) if nfolds > 1 else test
+        best = int(np.argmax(_accuracy_per_threshold(dist[train], issame[train])))
+        accuracies.append(float(np.mean((dist[test] < THRESHOLDS[best]) == issame[test])))
+        thresholds.append(float(THRESHOLDS[best]))
+    return {
+        "accuracy": float(np.mean(accuracies)),
+        "accuracy_std": float(np.std(accuracies)),
+        "threshold": float(np.mean(thresholds)),
+    }
+
+
+def evaluate(backbone: torch.nn.Module, vset: VerificationSet, *, device, batch_size: int = 64,
+             nfolds: int = 10) -> dict:
+    """{'accuracy', 'accuracy_std', 'threshold', 'xnorm'} of `backbone` on `vset`."""
+    embeddings, xnorm = compute_embeddings(backbone, vset, device=device, batch_size=batch_size, return_xnorm=True)
+    result = verification_accuracy(embeddings[0::2], embeddings[1::2], vset.issame, nfolds=nfolds)
+    result["xnorm"] = xnorm
+    return result
