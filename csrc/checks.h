@@ -42,4 +42,18 @@ inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::
   }
 }
 
+// The lazy backward's extra arguments: per-row tensors on the embeddings' device.
+inline void check_margin_softmax_backward_inputs(const at::Tensor& grad_loss,
+                                                 const at::Tensor& logsumexp,
+                                                 const at::Tensor& embeddings) {
+  const int64_t n = embeddings.size(0);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
+              "arcface_ext: grad_loss must have shape (N,) = (", n, ",), got ", grad_loss.sizes());
+  TORCH_CHECK(logsumexp.dim() == 1 && logsumexp.size(0) == n,
+              "arcface_ext: logsumexp must have shape (N,) = (", n, ",), got ", logsumexp.sizes());
+  TORCH_CHECK(grad_loss.device() == embeddings.device() && logsumexp.device() == embeddings.device(),
+              "arcface_ext: grad_loss and logsumexp must be on the embeddings' device (",
+              embeddings.device(), "), got ", grad_loss.device(), " and ", logsumexp.device());
+}
+
 }  // namespace arcface_ext

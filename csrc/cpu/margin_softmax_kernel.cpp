@@ -487,11 +487,8 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
     double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
     bool needs_embeddings_grad, bool needs_weight_grad) {
   check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   const int64_t n = embeddings_in.size(0);
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == n,
-              "arcface_ext: grad_loss must have shape (N,) = (", n, ",), got ", grad_loss_in.sizes());
-  TORCH_CHECK(logsumexp_in.dim() == 1 && logsumexp_in.size(0) == n,
-              "arcface_ext: logsumexp must have shape (N,) = (", n, ",), got ", logsumexp_in.sizes());
   at::AutoDispatchBelowAutograd below_autograd;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();

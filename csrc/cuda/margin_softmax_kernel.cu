@@ -629,16 +629,8 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
     bool needs_embeddings_grad, bool needs_weight_grad) {
   check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   const int64_t n = embeddings_in.size(0);
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == n,
-              "arcface_ext: grad_loss must have shape (N,) = (", n, ",), got ", grad_loss_in.sizes());
-  TORCH_CHECK(logsumexp_in.dim() == 1 && logsumexp_in.size(0) == n,
-              "arcface_ext: logsumexp must have shape (N,) = (", n, ",), got ", logsumexp_in.sizes());
-  TORCH_CHECK(grad_loss_in.device() == embeddings_in.device() &&
-                  logsumexp_in.device() == embeddings_in.device(),
-              "arcface_ext: grad_loss and logsumexp must be on the embeddings' device (",
-              embeddings_in.device(), "), got ", grad_loss_in.device(), " and ",
-              logsumexp_in.device());
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
   const BelowAutogradAndAutocast below;
