@@ -444,16 +444,25 @@ at::ScalarType loss_type(const at::Tensor& embeddings) {
 
 // ---- ops ------------------------------------------------------------------------------
 
+// The op's inputs, checked, detached (the parallel workers do not inherit the caller's dispatch
+// guard, so nothing they touch may require grad) and contiguous.
+struct OpInputs {
+  at::Tensor embeddings, weight, labels;
+};
+
+OpInputs prepare_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
+                        const at::Tensor& labels, int64_t ignore_index) {
+  check_margin_softmax_inputs(embeddings, weight, labels, ignore_index);
+  return {embeddings.detach().contiguous(), weight.detach().contiguous(), labels.contiguous()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
     const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
     bool straight_through, int64_t workspace_bytes) {
-  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  const OpInputs inputs = prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
   at::AutoDispatchBelowAutograd below_autograd;
-  // Detached: the parallel workers do not inherit this thread's dispatch guard.
-  const at::Tensor embeddings = embeddings_in.detach().contiguous();
-  const at::Tensor weight = weight_in.detach().contiguous();
-  const at::Tensor labels = labels_in.contiguous();
   const int64_t n = embeddings.size(0);
   const auto options = embeddings.options().dtype(loss_type(embeddings));
   at::Tensor loss = at::zeros({n}, options);
@@ -486,13 +495,11 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
     const at::Tensor& labels_in, const at::Tensor& logsumexp_in, double s, double m1, double m2,
     double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
     bool needs_embeddings_grad, bool needs_weight_grad) {
-  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  const OpInputs inputs = prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   const int64_t n = embeddings_in.size(0);
   at::AutoDispatchBelowAutograd below_autograd;
-  const at::Tensor embeddings = embeddings_in.detach().contiguous();
-  const at::Tensor weight = weight_in.detach().contiguous();
-  const at::Tensor labels = labels_in.contiguous();
 
   at::Tensor grad_embeddings = needs_embeddings_grad ? at::zeros_like(embeddings) : at::empty({0}, embeddings.options());
   // Every class block writes its rows of grad_weight, so only an empty batch needs zeros.
@@ -529,11 +536,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_train_
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
     bool straight_through, int64_t workspace_bytes, bool mean, bool needs_embeddings_grad,
     bool needs_weight_grad) {
-  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  const OpInputs inputs = prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+  const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
   at::AutoDispatchBelowAutograd below_autograd;
-  const at::Tensor embeddings = embeddings_in.detach().contiguous();
-  const at::Tensor weight = weight_in.detach().contiguous();
-  const at::Tensor labels = labels_in.contiguous();
   const int64_t n = embeddings.size(0);
   const auto options = embeddings.options().dtype(loss_type(embeddings));
   at::Tensor loss = at::zeros({}, options);

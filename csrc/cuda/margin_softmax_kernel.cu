@@ -459,6 +459,18 @@ void launch_class_inverse_norms(const at::Tensor& w_chunk, acc_t* inv_norm, uint
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// One chunk's class norms and raw dot products x·w_jᵀ (fp32 for 16-bit inputs), shared by the
+// forward and the backward so that the backward recomputes exactly the forward's values.
+template <typename scalar_t, typename acc_t>
+at::Tensor chunk_dot_products(const at::Tensor& x, const at::Tensor& w_chunk, at::Tensor& dots_buffer,
+                              acc_t* inv_norm, uint8_t* unclamped, cudaStream_t stream) {
+  launch_class_inverse_norms<scalar_t, acc_t>(w_chunk, inv_norm, unclamped, stream);
+  const int64_t n = x.size(0), width = w_chunk.size(0);
+  at::Tensor dots = dots_buffer.narrow(0, 0, n * width).view({n, width});
+  gemm_acc_out(dots, x, w_chunk.t());
+  return dots;
+}
+
 // ---- forward ------------------------------------------------------------------------------
 
 template <typename scalar_t>
@@ -488,10 +500,8 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
   for (int64_t k = 0; k < chunks.count; ++k) {
     const int64_t c0 = chunks.begin(k), width = chunks.width_of(k, c);
     const at::Tensor w_chunk = w.narrow(0, c0, width);
-    launch_class_inverse_norms<scalar_t, acc_t>(w_chunk, inv_norm_w.data_ptr<acc_t>(),
-                                                unclamped_w.data_ptr<uint8_t>(), stream);
-    at::Tensor dots = dots_buffer.narrow(0, 0, n * width).view({n, width});
-    gemm_acc_out(dots, x, w_chunk.t());
+    at::Tensor dots = chunk_dot_products<scalar_t, acc_t>(
+        x, w_chunk, dots_buffer, inv_norm_w.data_ptr<acc_t>(), unclamped_w.data_ptr<uint8_t>(), stream);
     const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(segments_in(width)));
     margin_softmax_forward_kernel<acc_t><<<grid, kEpilogueThreads, 0, stream>>>(
         dots.data_ptr<acc_t>(), width, c0, inv_norm_w.data_ptr<acc_t>(), rows_ptr,
@@ -579,10 +589,8 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   for (int64_t k = 0; k < chunks.count; ++k) {
     const int64_t c0 = chunks.begin(k), width = chunks.width_of(k, c);
     const at::Tensor w_chunk = w.narrow(0, c0, width);
-    launch_class_inverse_norms<scalar_t, acc_t>(w_chunk, inv_norm_w.data_ptr<acc_t>(),
-                                                unclamped_w.data_ptr<uint8_t>(), stream);
-    at::Tensor dots = dots_buffer.narrow(0, 0, n * width).view({n, width});
-    gemm_acc_out(dots, x, w_chunk.t());
+    at::Tensor dots = chunk_dot_products<scalar_t, acc_t>(
+        x, w_chunk, dots_buffer, inv_norm_w.data_ptr<acc_t>(), unclamped_w.data_ptr<uint8_t>(), stream);
     at::Tensor grad_block = grad_block_buffer.narrow(0, 0, n * width).view({n, width});
     const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(segments_in(width)));
     margin_softmax_backward_kernel<scalar_t, acc_t><<<grid, kEpilogueThreads, 0, stream>>>(
