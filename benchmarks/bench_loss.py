@@ -1,6 +1,8 @@
 """How fast, and in how much memory, does the fused loss run forward+backward against its baselines?
 
-Compares, in one interleaved run: `ours` (arcface_ext.combined_margin_loss), `eager` (the
+Compares, in one interleaved run: `ours` (arcface_ext.combined_margin_loss; on CUDA with 16-bit
+inputs its fused tensor-core kernels), `ours-cublas` (CUDA only: the same op with
+ARCFACE_EXT_CUDA_FUSED=0, i.e. cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the
 pure-PyTorch reference), `compiled` (torch.compile(reference, fullgraph=True)) and `floor` (the
 three GEMMs any implementation must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone on pre-normalised matrices
 with torch.mm). Prints a table with ratios and writes its rows to
@@ -8,6 +10,7 @@ benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the sa
 
     python benchmarks/bench_loss.py                                   # CPU: N=256 D=512 C=50000 fp32
     python benchmarks/bench_loss.py --device cuda --max-c 50000000    # N=512 D=512 C=1e5,1e6 bf16
+                                                                      # + the largest C that fits
 
 Timing: every impl runs --warmup times first (torch.compile compiles there), then the impls take
 turns, --repeats rounds, the first impl of each round rotating; `ms` is the median over rounds of
@@ -50,7 +53,8 @@ if ROOT not in sys.path:
 import arcface_ext  # noqa: E402
 from arcface_ext import reference  # noqa: E402
 
-IMPLS = ("ours", "eager", "compiled", "floor")
+IMPLS = ("ours", "ours-cublas", "eager", "compiled", "floor")
+DEFAULT_IMPLS = {"cpu": ("ours", "eager", "compiled", "floor"), "cuda": IMPLS}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {
     "cpu": dict(N=256, D=512, C=[50_000], dtype="fp32"),
@@ -84,7 +88,7 @@ def make_step(impl, embeddings, weight, labels, reduction="mean"):
             return torch.mm(grad_logits, w_hat), torch.mm(grad_logits.t(), x_hat)
         return floor_step
 
-    if impl == "ours":
+    if impl in ("ours", "ours-cublas"):
         loss_fn = arcface_ext.combined_margin_loss
     elif impl == "eager":
         loss_fn = reference.combined_margin_loss
@@ -92,12 +96,25 @@ def make_step(impl, embeddings, weight, labels, reduction="mean"):
         loss_fn = torch.compile(reference.combined_margin_loss, fullgraph=True, dynamic=False)
     else:
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
-    use_autocast = autocast and impl != "ours"
+    use_autocast = autocast and not impl.startswith("ours")
+    # ours-cublas: the CUDA op with its fused tensor-core kernels switched off (cuBLAS GEMMs on
+    # class chunks + separate epilogue kernels), for comparison; the switch is read at every call.
+    fused_setting = "0" if impl == "ours-cublas" else None
 
     def step():
-        with torch.autocast(device_type, dtype=embeddings.dtype, enabled=use_autocast):
-            loss = loss_fn(embeddings, weight, labels, reduction=reduction)
-        loss.sum().backward()
+        saved = os.environ.get("ARCFACE_EXT_CUDA_FUSED")
+        if fused_setting is not None:
+            os.environ["ARCFACE_EXT_CUDA_FUSED"] = fused_setting
+        try:
+            with torch.autocast(device_type, dtype=embeddings.dtype, enabled=use_autocast):
+                loss = loss_fn(embeddings, weight, labels, reduction=reduction)
+            loss.sum().backward()
+        finally:
+            if fused_setting is not None:
+                if saved is None:
+                    del os.environ["ARCFACE_EXT_CUDA_FUSED"]
+                else:
+                    os.environ["ARCFACE_EXT_CUDA_FUSED"] = saved
         # Handed to the caller, not left on the leaves: dropping the result frees them.
         grads = embeddings.grad, weight.grad
         embeddings.grad = None
@@ -266,7 +283,7 @@ def git_sha():
 
 
 def print_table(rows):
-    header = (f"{'impl':<9} {'N':>5} {'D':>5} {'C':>9} {'dtype':>5} {'ms':>9} {'x floor':>8} "
+    header = (f"{'impl':<11} {'N':>5} {'D':>5} {'C':>9} {'dtype':>5} {'ms':>9} {'x floor':>8} "
               f"{'x eager':>8} {'x compiled':>10} {'peak MB':>9} {'mem x eager':>11}")
     print(header)
     print("-" * len(header))
@@ -280,7 +297,7 @@ def print_table(rows):
 
     for r in rows:
         peak = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
-        print(f"{r['impl']:<9} {r['N']:>5} {r['D']:>5} {r['C']:>9} {r['dtype']:>5} {r['ms']:>9.1f} "
+        print(f"{r['impl']:<11} {r['N']:>5} {r['D']:>5} {r['C']:>9} {r['dtype']:>5} {r['ms']:>9.1f} "
               f"{ratio(r, 'floor', 'ms'):>8} {ratio(r, 'eager', 'ms'):>8} {ratio(r, 'compiled', 'ms'):>10} "
               f"{peak:>9} {ratio(r, 'eager', 'peak_extra_mb'):>11}")
 
@@ -294,7 +311,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--impls", help=f"comma-separated subset of {','.join(IMPLS)} (default: all on CUDA; "
+                        "all but ours-cublas, which only differs on CUDA, on CPU)")
     parser.add_argument("--workspace-bytes", type=int, help="arcface_ext.set_workspace_bytes (default: the op's)")
     parser.add_argument("--max-c", type=int,
                         help="CUDA: also search the largest C that fits, up to this, for ours and eager")
@@ -309,11 +327,12 @@ def main(argv=None):
     if args.memory_child:
         _memory_child(json.loads(args.memory_child))
         return
-    impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    impls = [name.strip() for name in (args.impls or ",".join(DEFAULT_IMPLS[args.device])).split(",")
+             if name.strip()]
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
         raise SystemExit(f"unknown impls {unknown}; choose from {IMPLS}")
-    if "ours" in impls and not arcface_ext.extension_available():
+    if any(impl.startswith("ours") for impl in impls) and not arcface_ext.extension_available():
         raise SystemExit("arcface_ext's compiled kernels are not built: pip install --no-build-isolation -e .")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False")

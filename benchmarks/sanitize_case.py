@@ -5,9 +5,14 @@ gradient alone, and N = 0. Run it as
     compute-sanitizer --tool memcheck python3 benchmarks/sanitize_case.py
     compute-sanitizer --tool racecheck python3 benchmarks/sanitize_case.py
     compute-sanitizer --tool initcheck python3 benchmarks/sanitize_case.py
+    compute-sanitizer --tool synccheck python3 benchmarks/sanitize_case.py
+
+Both CUDA paths run: the fused tensor-core kernels (16-bit inputs, D a multiple of 8) and the
+cuBLAS path (ARCFACE_EXT_CUDA_FUSED=0, and every other input).
 
 It prints one line per case and exits non-zero if an output is not finite (sanitizer errors are
 the sanitizer's to report)."""
+import os
 import sys
 
 import torch
@@ -45,11 +50,22 @@ def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), see
 def main():
     ok = True
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        ok &= case(37, 40, 1031, dtype, workspace_bytes=1)  # 256-class chunks, the last one 7 wide
-        ok &= case(37, 40, 5003, dtype, workspace_bytes=64 << 20)  # one chunk, two 4096 segments
+        # 16-bit inputs with D a multiple of 8 take the fused tensor-core kernels by default; run
+        # them on the cuBLAS path too.
+        settings = ("1", "0") if dtype in (torch.bfloat16, torch.float16) else ("1",)
+        for setting in settings:
+            os.environ["ARCFACE_EXT_CUDA_FUSED"] = setting
+            print(f"ARCFACE_EXT_CUDA_FUSED={setting}")
+            ok &= case(37, 40, 1031, dtype, workspace_bytes=1)  # 256-class chunks, the last one 7 wide
+            ok &= case(37, 40, 5003, dtype, workspace_bytes=64 << 20)  # one chunk, two 4096 segments
+            ok &= case(300, 72, 1000, dtype, workspace_bytes=1)  # 3 row tiles, a partial depth slice
+            ok &= case(37, 36, 1031, dtype, workspace_bytes=1)  # D not a multiple of 8: cuBLAS path
+    os.environ.pop("ARCFACE_EXT_CUDA_FUSED")
     ok &= case(9, 24, 600, torch.float32, workspace_bytes=1, needs=(True, False))
     ok &= case(9, 24, 600, torch.bfloat16, workspace_bytes=1, needs=(False, True))
+    ok &= case(9, 24, 600, torch.bfloat16, workspace_bytes=1, needs=(True, False))
     ok &= case(0, 24, 600, torch.float32, workspace_bytes=1)
+    ok &= case(0, 24, 600, torch.bfloat16, workspace_bytes=1)
     arcface_ext.set_workspace_bytes(None)
     return 0 if ok else 1
 

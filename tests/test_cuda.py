@@ -89,6 +89,19 @@ def assert_matches(ours, expected, rows=slice(None), classes=slice(None), roundi
             assert_matches_table(a[pick], e[pick], name=name, roundings=roundings, min_scale=min_scale)
 
 
+@pytest.fixture(params=["fused", "cublas"])
+def kernel(request, monkeypatch):
+    """Runs a test on each CUDA path for 16-bit inputs: the fused tensor-core kernels (the default
+    where D is a multiple of 8) and the cuBLAS path (ARCFACE_EXT_CUDA_FUSED=0, read at every
+    call). fp32/fp64 always take the cuBLAS path, so their "cublas" variant would repeat the
+    "fused" one and is skipped."""
+    dtype = getattr(request.node, "callspec", None) and request.node.callspec.params.get("dtype")
+    if request.param == "cublas" and dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        pytest.skip("fp32/fp64 have one CUDA path")
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "1" if request.param == "fused" else "0")
+    return request.param
+
+
 @pytest.fixture
 def workspace():
     """set_workspace_bytes, restored afterwards."""
@@ -102,7 +115,7 @@ def workspace():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
 @pytest.mark.parametrize("margin", list(MARGINS))
-def test_matches_reference(margin, margin_grad, dtype):
+def test_matches_reference(kernel, margin, margin_grad, dtype):
     x, w, labels = make_inputs(37, 64, 1001, seed=0, dtype=dtype, ignored=(3, 20))
     ours, expected = run_both(x, w, labels, margin_grad=margin_grad, **margin_kwargs(margin))
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -124,7 +137,7 @@ def test_reductions(reduction, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("workspace_bytes", [None, 1, 200_003], ids=["default", "min-chunk", "odd-chunk"])
-def test_many_class_chunks(workspace, workspace_bytes, dtype):
+def test_many_class_chunks(kernel, workspace, workspace_bytes, dtype):
     # C = 10007 is prime: no chunk width divides it. 1 byte forces the smallest chunk (256 classes,
     # 40 chunks), 200003 bytes an in-between width; the default holds all classes in one chunk
     # of three 4096-class segments.
@@ -143,6 +156,66 @@ def test_shapes(shape):
     # With one class the gradient is exactly zero in exact arithmetic and fp32 round-off (p - 1
     # of about one ulp, times s) elsewhere: errors are measured against a scale of at least 1.
     assert_matches(ours, expected, min_scale=1.0)
+
+
+# ---- the fused tensor-core kernels --------------------------------------------------------------
+
+FUSED_SHAPES = [(1, 8, 1), (37, 8, 129), (129, 72, 1000), (300, 520, 5003), (128, 32, 128)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_tile_edges(kernel, shape, dtype):
+    # Rows past a 128-row tile (129, 300), classes past a 128-class tile (129, 1000, 5003), depths
+    # that are not a multiple of the 32-wide slice (8, 72, 520), and exact tile multiples.
+    x, w, labels = make_inputs(*shape, seed=30, dtype=dtype, ignored=(0,) if shape[0] > 1 else ())
+    ours, expected = run_both(x, w, labels, s=64.0, m2=0.5)
+    assert_matches(ours, expected, min_scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_and_cublas_paths_agree(monkeypatch, workspace, dtype):
+    # Both paths compute the cosines in fp32 from the same 16-bit values; only the order of the
+    # dot-product sums differs, so the losses agree to fp32 round-off.
+    workspace(1 << 20)
+    x, w, labels = make_inputs(200, 128, 20011, seed=31, dtype=dtype, ignored=(7,))
+    upstream = upstream_gradient(200, seed=31)
+    outputs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", setting)
+        outputs[setting] = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+    fused, cublas = outputs["1"], outputs["0"]
+    assert_close_report(fused[0], cublas[0], atol=1e-4, rtol=1e-5, name="loss")
+    for name, a, e in zip(OUTPUTS[2:], fused[2:], cublas[2:]):
+        assert_matches_table(a, e.double(), name=name, roundings=GEMM_OPERAND_ROUNDINGS)
+
+
+def cuda_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(event.name for event in prof.events())
+
+
+@pytest.mark.parametrize("case", ["bf16", "fp16", "disabled", "fp32", "odd-depth", "misaligned"])
+def test_which_path_runs(monkeypatch, case):
+    # The fused kernels run for 16-bit inputs with D a multiple of 8 and 16-byte aligned rows;
+    # everything else (and ARCFACE_EXT_CUDA_FUSED=0) takes the cuBLAS path, with the same results.
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(case, torch.bfloat16)
+    dim = 60 if case == "odd-depth" else 64
+    x, w, labels = make_inputs(33, dim, 700, seed=32, dtype=dtype)
+    if case == "misaligned":  # a view two bytes into its storage
+        x = torch.empty(x.numel() + 1, device=DEVICE, dtype=dtype)[1:].view_as(x).copy_(x)
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "0" if case == "disabled" else "1")
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    names = cuda_kernel_names(lambda: arcface_ext.combined_margin_loss(x, w, labels).backward())
+    fused = case in ("bf16", "fp16")
+    assert ("fused_forward_kernel" in names) == fused, names
+    assert ("fused_backward_kernel" in names) == fused, names
+    assert ("margin_softmax_forward_kernel" in names) == (not fused), names
+    ours, expected = run_both(x.detach(), w.detach(), labels, s=64.0, m2=0.5)
+    assert_matches(ours, expected)
 
 
 # ---- against the CPU op -----------------------------------------------------------------------
@@ -229,7 +302,7 @@ def test_embeddings_on_and_opposite_their_class_centre(margin, margin_grad):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 @pytest.mark.parametrize("margin", ["arcface", "cosface", "sphereface_lambda"])
-def test_zero_norm_embeddings_and_class_centres(margin, dtype):
+def test_zero_norm_embeddings_and_class_centres(kernel, margin, dtype):
     # fp16 is left out on purpose: 1/eps = 1e12 is far outside its range, so the reference's own
     # gradient at a zero centre is inf in fp16 (see benchmarks/NOTES.md).
     x, w, labels = make_inputs(8, 16, 11, seed=7, dtype=dtype)
@@ -249,7 +322,7 @@ def test_zero_norm_embeddings_and_class_centres(margin, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_ignored_rows_and_custom_ignore_index(dtype):
+def test_ignored_rows_and_custom_ignore_index(kernel, dtype):
     x, w, labels = make_inputs(10, 8, 7, seed=8, dtype=dtype, ignored=(0, 4, 9))
     ours, expected = run_both(x, w, labels)
     assert_matches(ours, expected)
@@ -268,7 +341,7 @@ def test_ignored_rows_and_custom_ignore_index(dtype):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
-def test_all_rows_ignored(reduction, dtype):
+def test_all_rows_ignored(kernel, reduction, dtype):
     x, w, _ = make_inputs(6, 8, 7, seed=9, dtype=dtype)
     labels = torch.full((6,), -1, device=DEVICE)
     loss, target_cosine, gx, gw = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels,
@@ -327,7 +400,7 @@ def test_mixed_devices_raise():
 # ---- precision, determinism, streams ------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_16_bit_large_loss_scale(dtype):
+def test_16_bit_large_loss_scale(kernel, dtype):
     # A loss-scaled upstream gradient, large and small: the gradient block is kept free of
     # grad_loss and the B operand is divided by max|grad_loss|, so fp16's intermediate values
     # neither overflow nor underflow. (2^10 keeps the fp16 gradients themselves, up to about
@@ -343,7 +416,7 @@ def test_16_bit_large_loss_scale(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("workspace_bytes", [None, 1], ids=["default", "min-chunk"])
-def test_deterministic(workspace, workspace_bytes, dtype):
+def test_deterministic(kernel, workspace, workspace_bytes, dtype):
     workspace(workspace_bytes)
     x, w, labels = make_inputs(37, 40, 10007, seed=15, dtype=dtype, ignored=(3,))
     upstream = upstream_gradient(37, seed=15)
@@ -479,7 +552,7 @@ def test_autocast_embeddings_from_a_linear_layer():
     assert_matches_table(criterion.weight.grad, expected[3], name="grad_weight")
 
 
-def test_bf16_module():
+def test_bf16_module(kernel):
     torch.manual_seed(25)
     criterion = arcface_ext.CosFaceLoss(1001, 64).to(DEVICE, torch.bfloat16)
     embeddings = torch.randn(31, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -497,7 +570,7 @@ def test_bf16_module():
 
 # ---- memory -------------------------------------------------------------------------------------
 
-def test_peak_memory_at_a_million_classes():
+def test_peak_memory_at_a_million_classes(kernel):
     # The issue's bound: N = 512, D = 512, C = 1,000,000, bf16; the memory beyond the inputs and
     # their gradients stays under 256 MiB (eager needs several GB: the N x C logits alone are 2 GB
     # in fp32). The default workspace is 64 MiB.

@@ -20,6 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -27,6 +29,7 @@
 #include "../checks.h"
 #include "../margin.h"
 #include "reductions.cuh"
+#include "tensor_core_tile.cuh"
 
 namespace arcface_ext {
 namespace {
@@ -369,6 +372,228 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   }
 }
 
+// ---- fused tensor-core kernels (16-bit inputs, sm_80+) ---------------------------------------
+//
+// The GEMM and its epilogue in one kernel: a block computes a 128 x 128 tile of raw dot products
+// with mma.sync (tensor_core_tile.cuh) and turns it, still in registers, into softmax statistics
+// (forward) or the 16-bit gradient block (backward). The fp32 dot products never reach global
+// memory. Same expressions as the cuBLAS path's epilogues (cosine_of, clamp_unit, the margin from
+// RowTarget), so the two paths differ only in the order of the fp32 dot-product sums.
+
+using cuda::kTileClasses;
+using cuda::kTileRows;
+using cuda::kTileThreads;
+using cuda::tile_class;
+using cuda::tile_row;
+
+// Forward. Block (r, g) owns rows [128 r, 128 r + 128) and class tiles
+// [g·tiles_per_segment, (g+1)·tiles_per_segment): it walks its tiles, folds each row's logits into
+// running (max, Σexp) statistics per thread, merges them across the 4 lanes and the 4 warps that
+// share a row in a fixed order, and writes one (max, sum) per (row, segment g).
+template <bool kBFloat16>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    fused_forward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
+                         int64_t c, int dim, const float* __restrict__ inv_norm_w,
+                         const RowTarget* __restrict__ rows, float s, int64_t tiles_per_segment,
+                         float* __restrict__ segment_max, float* __restrict__ segment_sum,
+                         int64_t segments) {
+  extern __shared__ __align__(16) uint16_t tile_smem[];
+  __shared__ float row_inv_norm[kTileRows];
+  __shared__ float row_target_logit[kTileRows];
+  __shared__ int64_t row_target[kTileRows];
+  __shared__ float part_max[4][kTileRows];
+  __shared__ float part_sum[4][kTileRows];
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+  const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
+  for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
+    const int64_t i = row0 + r;
+    const bool counted = i < n && rows[i].counted;
+    // Rows that do not count get finite, meaningless statistics; finalize never reads them.
+    row_inv_norm[r] = counted ? static_cast<float>(rows[i].inv_norm) : 0.0f;
+    row_target_logit[r] = counted ? static_cast<float>(rows[i].logit) : 0.0f;
+    row_target[r] = counted ? rows[i].label : -1;
+  }
+  __syncthreads();
+
+  float run_max[4][2], run_sum[4][2];
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      run_max[mi][h] = kNegInf;
+      run_sum[mi][h] = 0.0f;
+    }
+
+  const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
+  const int64_t first = int64_t{blockIdx.y} * tiles_per_segment;
+  const int64_t last = std::min(first + tiles_per_segment, tiles);
+  for (int64_t tile = first; tile < last; ++tile) {
+    const int64_t col0 = tile * kTileClasses;
+    cuda::TileAcc acc;
+    cuda::tile_gemm<kBFloat16>(x, n, row0, w, c, col0, dim, tile_smem, acc);
+    float inv_w[4][2];
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t j = col0 + tile_class(ni, e);
+        inv_w[ni][e] = j < c ? inv_norm_w[j] : 0.0f;
+      }
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = tile_row(mi, h);
+        const float inv_x = row_inv_norm[r];
+        const int64_t target = row_target[r];
+        const float target_logit = row_target_logit[r];
+        float logit[4][2];
+        float tile_max = kNegInf;
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int64_t j = col0 + tile_class(ni, e);
+            float l = kNegInf;
+            if (j < c) {
+              l = j == target ? target_logit
+                              : s * clamp_unit(cosine_of(acc[mi][ni][2 * h + e], inv_x, inv_w[ni][e]));
+            }
+            logit[ni][e] = l;
+            tile_max = fmaxf(tile_max, l);
+          }
+        const float m = fmaxf(run_max[mi][h], tile_max);
+        if (m != kNegInf) {
+          float sum = run_sum[mi][h] * cuda::exp_acc(run_max[mi][h] - m);
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) sum += cuda::exp_acc(logit[ni][e] - m);
+          run_max[mi][h] = m;
+          run_sum[mi][h] = sum;
+        }
+      }
+  }
+
+  // The 4 lanes of a quad hold the same rows: butterfly over them, then lane 0 of the quad hands
+  // its warp's share to shared memory.
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      cuda::SoftmaxStats<float> stats{run_max[mi][h], run_sum[mi][h]};
+#pragma unroll
+      for (int offset = 1; offset < 4; offset *= 2) {
+        const cuda::SoftmaxStats<float> other{__shfl_xor_sync(0xffffffffu, stats.max, offset),
+                                              __shfl_xor_sync(0xffffffffu, stats.sum, offset)};
+        stats = cuda::merge_stats(stats, other);
+      }
+      if (threadIdx.x % 4 == 0) {
+        const int warp_n = threadIdx.x / 32 % 4;
+        part_max[warp_n][tile_row(mi, h)] = stats.max;
+        part_sum[warp_n][tile_row(mi, h)] = stats.sum;
+      }
+    }
+  __syncthreads();
+  for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
+    const int64_t i = row0 + r;
+    if (i >= n) break;
+    cuda::SoftmaxStats<float> stats{part_max[0][r], part_sum[0][r]};
+#pragma unroll
+    for (int k = 1; k < 4; ++k) stats = cuda::merge_stats(stats, {part_max[k][r], part_sum[k][r]});
+    segment_max[i * segments + blockIdx.y] = stats.max;
+    segment_sum[i * segments + blockIdx.y] = stats.sum;
+  }
+}
+
+// Backward. Block (r, t) recomputes the tile of rows [128 r, +128) and chunk classes
+// [128 t, +128), forms G_ij exactly as margin_softmax_backward_kernel does, stages it in shared
+// memory (the pipeline's, free after the GEMM) and writes it out in 16-byte rows: grad_block has
+// row pitch ld, a multiple of 8 at least `width`; the columns past `width` get zeros.
+template <bool kBFloat16, typename scalar_t>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    fused_backward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
+                          int64_t n, int64_t width, int dim, int64_t c0,
+                          const float* __restrict__ inv_norm_w, const RowTarget* __restrict__ rows,
+                          const float* __restrict__ grad_loss, const float* __restrict__ logsumexp,
+                          float s, scalar_t* __restrict__ grad_block, int64_t ld) {
+  extern __shared__ __align__(16) uint16_t tile_smem[];
+  __shared__ float row_inv_norm[kTileRows];
+  __shared__ float row_lse[kTileRows];
+  __shared__ float row_target_q[kTileRows];
+  __shared__ int64_t row_target[kTileRows];  // chunk-local target column, -1 if not in this chunk
+  __shared__ bool row_active[kTileRows];
+
+  const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
+  for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
+    const int64_t i = row0 + r;
+    const bool active = i < n && rows[i].counted && grad_loss[i] != 0.0f;
+    row_active[r] = active;
+    row_inv_norm[r] = 0.0f;
+    row_lse[r] = 0.0f;
+    row_target_q[r] = 0.0f;
+    row_target[r] = -1;
+    if (active) {
+      const RowTarget& t = rows[i];
+      row_inv_norm[r] = static_cast<float>(t.inv_norm);
+      row_lse[r] = logsumexp[i];
+      const int64_t target = t.label - c0;
+      if (target >= 0 && target < width) {
+        // Through the margin, from the direct dot product (double), as the cuBLAS path does.
+        const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
+        const double p = exp(t.logit - static_cast<double>(logsumexp[i]));
+        row_target[r] = target;
+        row_target_q[r] = static_cast<float>(inside * (p - 1.0) * t.dlogit_dc);
+      }
+    }
+  }
+  __syncthreads();
+
+  const int64_t col0 = int64_t{blockIdx.y} * kTileClasses;
+  cuda::TileAcc acc;
+  cuda::tile_gemm<kBFloat16>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc);
+
+  constexpr int kPitch = kTileClasses + 8;  // 272-byte rows: 16-byte aligned for the copy-out
+  static_assert(kTileRows * kPitch * 2 <= cuda::kTileSmemBytes, "staging tile fits the pipeline");
+  scalar_t* staged = reinterpret_cast<scalar_t*>(tile_smem);
+#pragma unroll
+  for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int jl = tile_class(ni, e);
+      const int64_t j = col0 + jl;
+      const float inv_w = j < width ? inv_norm_w[j] : 0.0f;
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = tile_row(mi, h);
+          float q = 0.0f;
+          if (row_active[r] && j < width) {
+            if (j == row_target[r]) {
+              q = row_target_q[r];
+            } else {
+              const float cosine = cosine_of(acc[mi][ni][2 * h + e], row_inv_norm[r], inv_w);
+              const float inside = (cosine >= -1.0f && cosine <= 1.0f) ? 1.0f : 0.0f;
+              q = inside * s * cuda::exp_acc(s * clamp_unit(cosine) - row_lse[r]);
+            }
+          }
+          staged[r * kPitch + jl] = to_gemm_operand<scalar_t, float>(q * inv_w);
+        }
+    }
+  __syncthreads();
+  constexpr int kVectorsPerRow = kTileClasses / 8;
+  for (int v = threadIdx.x; v < kTileRows * kVectorsPerRow; v += kTileThreads) {
+    const int r = v / kVectorsPerRow;
+    const int jl = (v % kVectorsPerRow) * 8;
+    const int64_t i = row0 + r;
+    const int64_t j = col0 + jl;
+    if (i < n && j < ld)
+      *reinterpret_cast<uint4*>(grad_block + i * ld + j) = *reinterpret_cast<const uint4*>(staged + r * kPitch + jl);
+  }
+}
+
 // ---- host side ----------------------------------------------------------------------------
 
 struct ClassChunks {
@@ -384,20 +609,9 @@ struct ClassChunks {
 
 int64_t segments_in(int64_t width) { return (width + kSegment - 1) / kSegment; }
 
-// Picks the chunk width so that the per-chunk buffers fit the workspace limit. The backward's
-// needs set it (forward and backward then walk the same chunks, so the recomputed dot products
-// are bit-identical to the forward's):
-//   fp32/fp64:   N acc_t per class (the dot products, overwritten by the gradient block)
-//   fp16/bf16:   max(N, D) floats (the dot products, later the fp32 weight-gradient block)
-//                + N 16-bit values (the gradient block)
-//   every dtype: the inverse norm and the clamp flag of each class.
-// Outside the workspace, O(N·D + N·C/4096): the per-row targets, the fp32 d loss / d x̂ and the
-// scaled x̂ operand, and the per-segment softmax statistics.
-ClassChunks plan_class_chunks(int64_t n, int64_t c, int64_t dim, int64_t scalar_size,
-                              int64_t acc_size, int64_t workspace_bytes) {
-  const bool converts = scalar_size != acc_size;
-  const int64_t per_class = (converts ? std::max(n, dim) * acc_size + n * scalar_size : n * acc_size) +
-                            acc_size + 1;
+// Picks the chunk width so that the per-chunk buffers, `per_class` bytes a class, fit the
+// workspace limit: a multiple of kChunkAlign (at least that, at most C).
+ClassChunks plan_class_chunks(int64_t c, int64_t per_class, int64_t workspace_bytes) {
   int64_t width = std::max<int64_t>(workspace_bytes, 0) / std::max<int64_t>(per_class, 1);
   width = std::max(kChunkAlign, width / kChunkAlign * kChunkAlign);
   width = std::min(width, kSegment * kMaxGridY);
@@ -408,6 +622,82 @@ ClassChunks plan_class_chunks(int64_t n, int64_t c, int64_t dim, int64_t scalar_
   chunks.segments = (chunks.count - 1) * segments_in(width) +
                     segments_in(chunks.width_of(chunks.count - 1, c));
   return chunks;
+}
+
+// The cuBLAS path's bytes a class. The backward's needs set them (forward and backward then walk
+// the same chunks, so the recomputed dot products are bit-identical to the forward's):
+//   fp32/fp64:   N acc_t (the dot products, overwritten by the gradient block)
+//   fp16/bf16:   max(N, D) floats (the dot products, later the fp32 weight-gradient block)
+//                + N 16-bit values (the gradient block)
+//   every dtype: the inverse norm and the clamp flag.
+// Outside the workspace, O(N·D + N·C/4096): the per-row targets, the fp32 d loss / d x̂ and the
+// scaled x̂ operand, and the per-segment softmax statistics.
+int64_t cublas_bytes_per_class(int64_t n, int64_t dim, int64_t scalar_size, int64_t acc_size) {
+  const bool converts = scalar_size != acc_size;
+  return (converts ? std::max(n, dim) * acc_size + n * scalar_size : n * acc_size) + acc_size + 1;
+}
+
+// The fused backward's bytes a class: the 16-bit gradient block (N values) and, when d loss / d W
+// is needed, its fp32 GEMM output (D floats). The dot products are never stored. Outside the
+// workspace: the inverse norms and clamp flags of all C classes (5 bytes a class) besides the
+// cuBLAS path's O(N·D) buffers.
+int64_t fused_backward_bytes_per_class(int64_t n, int64_t dim, bool needs_weight_grad) {
+  return n * 2 + (needs_weight_grad ? dim * 4 : 0);
+}
+
+// How the fused forward splits the classes among blocks: `tiles_per_segment` class tiles a block
+// (its statistics merged in registers), `count` segments. Aims at ~16 blocks per SM (several
+// waves of two resident blocks, so the last wave's idle tail stays small), with at least one tile
+// a block and the 2·N·count floats of statistics within the workspace.
+struct FusedSegments {
+  int64_t tiles_per_segment;
+  int64_t count;
+};
+
+FusedSegments plan_fused_segments(int64_t n, int64_t c, int64_t workspace_bytes, int sm_count) {
+  const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
+  const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
+  const int64_t wanted_blocks = 16 * int64_t{std::max(sm_count, 1)};
+  int64_t per = std::max<int64_t>(1, row_tiles * tiles / wanted_blocks);
+  auto segments = [&](int64_t p) { return (tiles + p - 1) / p; };
+  while (per < tiles &&
+         (n * segments(per) * 2 * int64_t{sizeof(float)} > workspace_bytes || segments(per) > kMaxGridY))
+    per = std::min(per * 2, tiles);
+  return {per, segments(per)};
+}
+
+int device_attribute(cudaDeviceAttr attribute, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+// Whether the fused tensor-core kernels take a call: 16-bit inputs whose rows are whole 16-byte
+// vectors (D a multiple of 8, both bases 16-byte aligned) on an sm_80+ GPU, unless the
+// environment says ARCFACE_EXT_CUDA_FUSED=0 (read at every call; the cuBLAS path then runs, for
+// comparison). Everything else takes the cuBLAS path.
+bool use_fused_kernels(const at::Tensor& x, const at::Tensor& w) {
+  const auto type = x.scalar_type();
+  if (type != at::kHalf && type != at::kBFloat16) return false;
+  const int64_t dim = x.size(1);
+  if (dim == 0 || dim % 8 != 0 || dim > std::numeric_limits<int>::max()) return false;
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 != 0)
+    return false;
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor, x.get_device()) < 8) return false;
+  const char* setting = std::getenv("ARCFACE_EXT_CUDA_FUSED");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
+
+template <typename Kernel>
+void allow_tile_smem(Kernel kernel) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      cuda::kTileSmemBytes));
+}
+
+template <typename scalar_t>
+const uint16_t* raw_bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<scalar_t>());
 }
 
 // Kernels called from here re-enter the dispatcher (at::mm_out and friends): they must neither
@@ -476,20 +766,49 @@ at::Tensor chunk_dot_products(const at::Tensor& x, const at::Tensor& w_chunk, at
 template <typename scalar_t>
 void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                                  const MarginParams& params, int64_t ignore_index,
-                                 int64_t workspace_bytes, at::Tensor& loss, at::Tensor& logsumexp,
-                                 at::Tensor& target_cosine) {
+                                 int64_t workspace_bytes, bool fused, at::Tensor& loss,
+                                 at::Tensor& logsumexp, at::Tensor& target_cosine) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = x.size(0), dim = x.size(1), c = w.size(0);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const ClassChunks chunks =
-      plan_class_chunks(n, c, dim, sizeof(scalar_t), sizeof(acc_t), workspace_bytes);
 
   const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
   RowTarget* rows_ptr = row_targets_ptr(rows);
   launch_row_targets<scalar_t, acc_t>(x, w, labels, ignore_index, params, rows_ptr, nullptr,
                                       nullptr, nullptr, stream);
 
+  if constexpr (!std::is_same<scalar_t, acc_t>::value) {
+    if (fused) {
+      // One launch over all classes; the class norms of all C classes first (5 bytes a class).
+      const at::Tensor inv_norm_w = at::empty({c}, acc_options);
+      const at::Tensor unclamped_w = at::empty({c}, x.options().dtype(at::kByte));
+      launch_class_inverse_norms<scalar_t, acc_t>(w, inv_norm_w.data_ptr<acc_t>(),
+                                                  unclamped_w.data_ptr<uint8_t>(), stream);
+      const FusedSegments segments = plan_fused_segments(
+          n, c, workspace_bytes, device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()));
+      const at::Tensor segment_max = at::empty({n, segments.count}, acc_options);
+      const at::Tensor segment_sum = at::empty({n, segments.count}, acc_options);
+      constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
+      allow_tile_smem(fused_forward_kernel<kBFloat16>);
+      const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
+                      static_cast<unsigned>(segments.count));
+      fused_forward_kernel<kBFloat16><<<grid, kTileThreads, cuda::kTileSmemBytes, stream>>>(
+          raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim),
+          inv_norm_w.data_ptr<acc_t>(), rows_ptr, static_cast<acc_t>(params.s),
+          segments.tiles_per_segment, segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(),
+          segments.count);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      margin_softmax_finalize_kernel<acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+          segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(), segments.count, rows_ptr, n,
+          loss.data_ptr<acc_t>(), logsumexp.data_ptr<acc_t>(), target_cosine.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+
+  const ClassChunks chunks = plan_class_chunks(
+      c, cublas_bytes_per_class(n, dim, sizeof(scalar_t), sizeof(acc_t)), workspace_bytes);
   at::Tensor dots_buffer = at::empty({n * chunks.width}, acc_options);
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
@@ -536,11 +855,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
   at::Tensor logsumexp = at::zeros({n}, embeddings.options().dtype(out_type));
   at::Tensor target_cosine = at::zeros({n}, embeddings.options().dtype(out_type));
   if (n == 0) return {loss, logsumexp, target_cosine};
+  const bool fused = use_fused_kernels(embeddings, weight);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
                                   "margin_softmax_forward_cuda", [&] {
     margin_softmax_forward_impl<scalar_t>(embeddings, weight, labels, params, ignore_index,
-                                          workspace_bytes, loss, logsumexp, target_cosine);
+                                          workspace_bytes, fused, loss, logsumexp, target_cosine);
   });
   return {loss, logsumexp, target_cosine};
 }
@@ -551,16 +871,20 @@ template <typename scalar_t>
 void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor& x,
                                   const at::Tensor& w, const at::Tensor& labels,
                                   const at::Tensor& lse, const MarginParams& params,
-                                  int64_t ignore_index, int64_t workspace_bytes,
+                                  int64_t ignore_index, int64_t workspace_bytes, bool fused,
                                   bool needs_embeddings_grad, bool needs_weight_grad,
                                   at::Tensor& grad_embeddings, at::Tensor& grad_weight) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool converts = !std::is_same<scalar_t, acc_t>::value;
+  fused = fused && converts;
   const int64_t n = x.size(0), dim = x.size(1), c = w.size(0);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const ClassChunks chunks =
-      plan_class_chunks(n, c, dim, sizeof(scalar_t), sizeof(acc_t), workspace_bytes);
+  const ClassChunks chunks = plan_class_chunks(
+      c,
+      fused ? fused_backward_bytes_per_class(n, dim, needs_weight_grad)
+            : cublas_bytes_per_class(n, dim, sizeof(scalar_t), sizeof(acc_t)),
+      workspace_bytes);
   const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>();
 
   const at::Tensor grad_max = at::empty({1}, acc_options);
@@ -576,11 +900,25 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
       x, w, labels, ignore_index, params, rows_ptr, grad_ptr, grad_max.data_ptr<acc_t>(),
       needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream);
 
-  const int64_t dots_per_class = converts && needs_weight_grad ? std::max(n, dim) : n;
+  // The cuBLAS path keeps the chunk's dot products (fp32 for 16-bit inputs), which later hold the
+  // fp32 weight-gradient block; fp32/fp64 overwrite them with the gradient block in place. The
+  // fused path computes the gradient block straight from its tiles (row pitch a multiple of 8)
+  // and needs the fp32 block only for d loss / d W; its class norms cover all C classes at once.
+  const int64_t block_pitch = fused ? (chunks.width + 7) / 8 * 8 : chunks.width;
+  const int64_t dots_per_class = fused ? (needs_weight_grad ? dim : 0)
+                                       : (converts && needs_weight_grad ? std::max(n, dim) : n);
   at::Tensor dots_buffer = at::empty({dots_per_class * chunks.width}, acc_options);
-  at::Tensor grad_block_buffer = converts ? at::empty({n * chunks.width}, x.options()) : dots_buffer;
-  const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
-  const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
+  at::Tensor grad_block_buffer = converts ? at::empty({n * block_pitch}, x.options()) : dots_buffer;
+  const int64_t norms = fused ? c : chunks.width;
+  const at::Tensor inv_norm_w = at::empty({norms}, acc_options);
+  const at::Tensor unclamped_w = at::empty({norms}, x.options().dtype(at::kByte));
+  if (fused) {
+    launch_class_inverse_norms<scalar_t, acc_t>(w, inv_norm_w.data_ptr<acc_t>(),
+                                                unclamped_w.data_ptr<uint8_t>(), stream);
+    if constexpr (converts) {
+      allow_tile_smem(fused_backward_kernel<std::is_same<scalar_t, at::BFloat16>::value, scalar_t>);
+    }
+  }
   // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64).
   at::Tensor grad_xhat = needs_embeddings_grad ? at::zeros({n, dim}, acc_options) : at::Tensor();
   at::Tensor grad_xhat_chunk =
@@ -589,15 +927,33 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   for (int64_t k = 0; k < chunks.count; ++k) {
     const int64_t c0 = chunks.begin(k), width = chunks.width_of(k, c);
     const at::Tensor w_chunk = w.narrow(0, c0, width);
-    at::Tensor dots = chunk_dot_products<scalar_t, acc_t>(
-        x, w_chunk, dots_buffer, inv_norm_w.data_ptr<acc_t>(), unclamped_w.data_ptr<uint8_t>(), stream);
-    at::Tensor grad_block = grad_block_buffer.narrow(0, 0, n * width).view({n, width});
-    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(segments_in(width)));
-    margin_softmax_backward_kernel<scalar_t, acc_t><<<grid, kEpilogueThreads, 0, stream>>>(
-        dots.data_ptr<acc_t>(), grad_block.data_ptr<scalar_t>(), width, c0,
-        inv_norm_w.data_ptr<acc_t>(), rows_ptr, grad_ptr, lse.data_ptr<acc_t>(),
-        static_cast<acc_t>(params.s));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t norm0 = fused ? c0 : 0;
+    const acc_t* chunk_inv_norm = inv_norm_w.data_ptr<acc_t>() + norm0;
+    const uint8_t* chunk_unclamped = unclamped_w.data_ptr<uint8_t>() + norm0;
+    at::Tensor grad_block =
+        fused ? grad_block_buffer.narrow(0, 0, n * block_pitch).view({n, block_pitch}).narrow(1, 0, width)
+              : grad_block_buffer.narrow(0, 0, n * width).view({n, width});
+    if (fused) {
+      if constexpr (converts) {
+        constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
+        const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
+                        static_cast<unsigned>((width + kTileClasses - 1) / kTileClasses));
+        fused_backward_kernel<kBFloat16, scalar_t><<<grid, kTileThreads, cuda::kTileSmemBytes, stream>>>(
+            raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0,
+            chunk_inv_norm, rows_ptr, grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s),
+            grad_block_buffer.data_ptr<scalar_t>(), block_pitch);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    } else {
+      at::Tensor dots = chunk_dot_products<scalar_t, acc_t>(
+          x, w_chunk, dots_buffer, inv_norm_w.data_ptr<acc_t>(), unclamped_w.data_ptr<uint8_t>(), stream);
+      const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(segments_in(width)));
+      margin_softmax_backward_kernel<scalar_t, acc_t><<<grid, kEpilogueThreads, 0, stream>>>(
+          dots.data_ptr<acc_t>(), grad_block.data_ptr<scalar_t>(), width, c0,
+          inv_norm_w.data_ptr<acc_t>(), rows_ptr, grad_ptr, lse.data_ptr<acc_t>(),
+          static_cast<acc_t>(params.s));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
 
     if (needs_embeddings_grad) {
       if (converts) {
@@ -610,14 +966,13 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
     if (needs_weight_grad) {
       at::Tensor grad_w_chunk = grad_weight.narrow(0, c0, width);
       // fp32/fp64 write P straight into grad_weight's rows; 16-bit inputs get it in fp32 in the
-      // dot-product buffer, which the gradient block has replaced by now.
+      // dot-product buffer (which the gradient block has replaced by now on the cuBLAS path).
       at::Tensor p = converts ? dots_buffer.narrow(0, 0, width * dim).view({width, dim}) : grad_w_chunk;
       gemm_acc_out(p, grad_block.t(), scaled_xhat);
       class_gradient_kernel<scalar_t, acc_t>
           <<<blocks_for_warps(width), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-              p.data_ptr<acc_t>(), w_chunk.data_ptr<scalar_t>(), inv_norm_w.data_ptr<acc_t>(),
-              unclamped_w.data_ptr<uint8_t>(), grad_max.data_ptr<acc_t>(), width, dim,
-              grad_w_chunk.data_ptr<scalar_t>());
+              p.data_ptr<acc_t>(), w_chunk.data_ptr<scalar_t>(), chunk_inv_norm, chunk_unclamped,
+              grad_max.data_ptr<acc_t>(), width, dim, grad_w_chunk.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -655,6 +1010,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     return {grad_embeddings, grad_weight};
   }
   if (!needs_embeddings_grad && !needs_weight_grad) return {grad_embeddings, grad_weight};
+  const bool fused = use_fused_kernels(embeddings, weight);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
                                   "margin_softmax_backward_cuda", [&] {
@@ -663,7 +1019,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     const at::Tensor grad_rows = grad_loss_in.detach().to(acc_type).contiguous();
     const at::Tensor lse = logsumexp_in.detach().to(acc_type).contiguous();
     margin_softmax_backward_impl<scalar_t>(grad_rows, embeddings, weight, labels, lse, params,
-                                           ignore_index, workspace_bytes, needs_embeddings_grad,
+                                           ignore_index, workspace_bytes, fused, needs_embeddings_grad,
                                            needs_weight_grad, grad_embeddings, grad_weight);
   });
   return {grad_embeddings, grad_weight};

@@ -1,0 +1,192 @@
+// A 128 x 128 tile of x·Wᵀ on tensor cores (sm_80+), for 16-bit inputs with fp32 accumulation:
+// the building block of the fused kernels, which consume the tile in registers and never write
+// the cosines to global memory.
+//
+// One block of 8 warps computes acc = X[row0 : row0+128, :] · W[col0 : col0+128, :]ᵀ over the
+// whole depth D (the rows of both operands are contiguous, D a multiple of 8 and both bases
+// 16-byte aligned, so every global load is one 16-byte cp.async). The depth is walked in 32-wide
+// slices through a 3-stage cp.async pipeline; each warp owns a 64 x 32 sub-tile and issues
+// mma.sync.m16n8k16 from ldmatrix fragments. Rows and classes past the ends load as zeros.
+//
+// After tile_gemm returns, thread (warp, lane) holds in acc[mi][ni][2h + e] the dot product of
+//   row   warp_m·64 + mi·16 + lane/4 + 8h      (warp_m = warp / 4, mi < 4, h < 2)
+//   class warp_n·32 + ni·8 + 2·(lane % 4) + e  (warp_n = warp % 4, ni < 4, e < 2)
+// relative to (row0, col0) — the mma accumulator layout, see tile_row / tile_class.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace arcface_ext {
+namespace cuda {
+
+constexpr int kTileRows = 128;
+constexpr int kTileClasses = 128;
+constexpr int kTileDepth = 32;
+constexpr int kTileStages = 3;
+constexpr int kTileThreads = 256;
+// 16-bit elements per shared-memory row: 32 + 8 of padding (80 bytes), so the eight 16-byte rows
+// an ldmatrix reads fall in eight different bank groups.
+constexpr int kTilePitch = kTileDepth + 8;
+constexpr int kTileStageElems = (kTileRows + kTileClasses) * kTilePitch;
+constexpr int kTileSmemBytes = kTileStages * kTileStageElems * 2;  // 61,440: opt-in dynamic smem
+
+using TileAcc = float[4][4][4];
+
+__device__ __forceinline__ int tile_row(int mi, int h) {
+  return (threadIdx.x / 32 / 4) * 64 + mi * 16 + (threadIdx.x % 32) / 4 + 8 * h;
+}
+
+__device__ __forceinline__ int tile_class(int ni, int e) {
+  return (threadIdx.x / 32 % 4) * 32 + ni * 8 + 2 * (threadIdx.x % 4) + e;
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without passing through registers; zero-filled when !valid (the
+// source is then not read).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address)
+               : "memory");
+#endif
+}
+
+// d += a·b for one m16n8k16 fragment triple, bf16 or fp16 inputs, fp32 accumulators.
+template <bool kBFloat16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBFloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+// Issues the cp.asyncs of depth slice `slice` into pipeline stage `stage`: 128 rows of x and 128
+// rows of W, 4 vectors of 8 elements each, two of each per thread.
+__device__ __forceinline__ void tile_load_slice(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
+                                                const uint16_t* __restrict__ w, int64_t classes,
+                                                int64_t col0, int dim, uint16_t* smem, int stage,
+                                                int slice) {
+  uint16_t* sx = smem + stage * kTileStageElems;
+  uint16_t* sw = sx + kTileRows * kTilePitch;
+  const int k0 = slice * kTileDepth;
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int v = threadIdx.x + u * kTileThreads;
+    const int r = v / 4;
+    const int k = (v % 4) * 8;
+    const bool in_depth = k0 + k < dim;
+    const bool x_ok = in_depth && row0 + r < rows;
+    const bool w_ok = in_depth && col0 + r < classes;
+    cp_async_16(shared_address(sx + r * kTilePitch + k), x_ok ? x + (row0 + r) * dim + k0 + k : x, x_ok);
+    cp_async_16(shared_address(sw + r * kTilePitch + k), w_ok ? w + (col0 + r) * dim + k0 + k : w, w_ok);
+  }
+}
+
+// acc = X[row0 : row0+128, :] · W[col0 : col0+128, :]ᵀ (see the top of the file). Every thread
+// of the block must call it; `smem` is kTileSmemBytes of dynamic shared memory, free again (all
+// copies landed, all warps past their last read) when it returns.
+template <bool kBFloat16>
+__device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
+                                          const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
+                                          int dim, uint16_t* smem, TileAcc& acc) {
+  const int lane = threadIdx.x % 32;
+  const int warp_m = threadIdx.x / 32 / 4;
+  const int warp_n = threadIdx.x / 32 % 4;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
+
+  const int slices = (dim + kTileDepth - 1) / kTileDepth;
+#pragma unroll
+  for (int s = 0; s < kTileStages - 1; ++s) {
+    if (s < slices) tile_load_slice(x, rows, row0, w, classes, col0, dim, smem, s, s);
+    cp_async_commit();
+  }
+  for (int slice = 0; slice < slices; ++slice) {
+    // Groups committed so far: kTileStages - 1 + slice; this leaves at most kTileStages - 2
+    // pending, so slice `slice` has landed. The barrier also means every warp is done with the
+    // stage the prefetch below overwrites (it was read at slice - 1).
+    cp_async_wait<kTileStages - 2>();
+    __syncthreads();
+    const int next = slice + kTileStages - 1;
+    if (next < slices) tile_load_slice(x, rows, row0, w, classes, col0, dim, smem, next % kTileStages, next);
+    cp_async_commit();
+
+    const uint16_t* sx = smem + (slice % kTileStages) * kTileStageElems;
+    const uint16_t* sw = sx + kTileRows * kTilePitch;
+#pragma unroll
+    for (int kk = 0; kk < kTileDepth; kk += 16) {
+      // A fragments (16 x 16, row-major): lanes 0-15 address rows 0-15 at column kk, lanes 16-31
+      // the same rows at kk + 8, giving the a0..a3 order of the mma.
+      uint32_t a[4][4];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const int r = warp_m * 64 + mi * 16 + lane % 16;
+        ldmatrix_x4(a[mi], shared_address(sx + r * kTilePitch + kk + (lane / 16) * 8));
+      }
+      // B fragments (k16 x n8, W's rows are the n index): one ldmatrix.x4 gives two n8 tiles,
+      // matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+      uint32_t b[4][2];
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        const int r = warp_n * 32 + nj * 16 + lane % 8 + (lane / 16) * 8;
+        uint32_t t[4];
+        ldmatrix_x4(t, shared_address(sw + r * kTilePitch + kk + (lane / 8 % 2) * 8));
+        b[2 * nj][0] = t[0];
+        b[2 * nj][1] = t[1];
+        b[2 * nj + 1][0] = t[2];
+        b[2 * nj + 1][1] = t[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_16816<kBFloat16>(acc[mi][ni], a[mi], b[ni]);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+}  // namespace cuda
+}  // namespace arcface_ext
