@@ -133,25 +133,28 @@ for src in "${CU_SOURCES[@]}" "${CPP_SOURCES[@]}"; do
 done
 
 # ---- resource report ------------------------------------------------------------------------
-cat "$OUT"/*.cu.log 2>/dev/null | grep -E "^ptxas info" >"$OUT/ptxas.log" || true
+cat "$OUT"/*.cu.log 2>/dev/null | grep -E "^ptxas info|bytes stack frame" >"$OUT/ptxas.log" || true
 if [[ -s $OUT/ptxas.log ]]; then
   "$PYTHON" - "$OUT/ptxas.log" <<'EOF' >&2
 import re, subprocess, sys
 lines = open(sys.argv[1]).read().splitlines()
-rows, name, arch = [], None, None
+# ptxas prints, per entry function: "Compiling entry function", "Function properties", the
+# stack frame / spill line, then "Used N registers".
+rows, name, arch, spill = [], None, None, (0, 0)
 for line in lines:
     m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
     if m:
-        name, arch = m.group(1), m.group(2)
+        name, arch, spill = m.group(1), m.group(2), (0, 0)
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m and name:
+        spill = (int(m.group(2)), int(m.group(3)))
         continue
     m = re.search(r"Used (\d+) registers", line)
     if m and name:
         smem = re.search(r"(\d+) bytes smem", line)
-        rows.append([arch, int(m.group(1)), int(smem.group(1)) if smem else 0, name, 0, 0])
-        continue
-    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-    if m and rows and rows[-1][3] == name:
-        rows[-1][4], rows[-1][5] = int(m.group(2)), int(m.group(3))
+        rows.append([arch, int(m.group(1)), int(smem.group(1)) if smem else 0, name, *spill])
+        name = None
 try:
     names = subprocess.run(["c++filt"], input="\n".join(r[3] for r in rows), capture_output=True,
                            text=True).stdout.splitlines()

@@ -448,28 +448,25 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         const float inv_x = row_inv_norm[r];
         const int64_t target = row_target[r];
         const float target_logit = row_target_logit[r];
-        float logit[4][2];
+        // The logits are cheap to form twice (max, then Σexp): no array of them in registers.
+        auto logit = [&](int ni, int e) {
+          const int64_t j = col0 + tile_class(ni, e);
+          if (j >= c) return kNegInf;
+          return j == target ? target_logit
+                             : s * clamp_unit(cosine_of(acc[mi][ni][2 * h + e], inv_x, inv_w[ni][e]));
+        };
         float tile_max = kNegInf;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int64_t j = col0 + tile_class(ni, e);
-            float l = kNegInf;
-            if (j < c) {
-              l = j == target ? target_logit
-                              : s * clamp_unit(cosine_of(acc[mi][ni][2 * h + e], inv_x, inv_w[ni][e]));
-            }
-            logit[ni][e] = l;
-            tile_max = fmaxf(tile_max, l);
-          }
+          for (int e = 0; e < 2; ++e) tile_max = fmaxf(tile_max, logit(ni, e));
         const float m = fmaxf(run_max[mi][h], tile_max);
         if (m != kNegInf) {
           float sum = run_sum[mi][h] * cuda::exp_acc(run_max[mi][h] - m);
 #pragma unroll
           for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) sum += cuda::exp_acc(logit[ni][e] - m);
+            for (int e = 0; e < 2; ++e) sum += cuda::exp_acc(logit(ni, e) - m);
           run_max[mi][h] = m;
           run_sum[mi][h] = sum;
         }
@@ -611,10 +608,12 @@ int64_t segments_in(int64_t width) { return (width + kSegment - 1) / kSegment; }
 
 // Picks the chunk width so that the per-chunk buffers, `per_class` bytes a class, fit the
 // workspace limit: a multiple of kChunkAlign (at least that, at most C).
-ClassChunks plan_class_chunks(int64_t c, int64_t per_class, int64_t workspace_bytes) {
+// `max_width` keeps the chunk's grid within CUDA's 65535 blocks in y: 4096-class segments on the
+// cuBLAS path, 128-class tiles on the fused one.
+ClassChunks plan_class_chunks(int64_t c, int64_t per_class, int64_t workspace_bytes, int64_t max_width) {
   int64_t width = std::max<int64_t>(workspace_bytes, 0) / std::max<int64_t>(per_class, 1);
   width = std::max(kChunkAlign, width / kChunkAlign * kChunkAlign);
-  width = std::min(width, kSegment * kMaxGridY);
+  width = std::min(width, max_width / kChunkAlign * kChunkAlign);
   width = std::min(width, c);
   ClassChunks chunks;
   chunks.width = width;
@@ -685,6 +684,11 @@ bool use_fused_kernels(const at::Tensor& x, const at::Tensor& w) {
       reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 != 0)
     return false;
   if (device_attribute(cudaDevAttrComputeCapabilityMajor, x.get_device()) < 8) return false;
+  // A build whose code for this GPU comes from pre-sm_80 PTX has no tensor-core tile (its
+  // kernels would trap): the cuBLAS path then.
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_forward_kernel<true>));
+  if (attributes.ptxVersion < 80) return false;
   const char* setting = std::getenv("ARCFACE_EXT_CUDA_FUSED");
   return setting == nullptr || std::strcmp(setting, "0") != 0;
 }
@@ -808,7 +812,8 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
   }
 
   const ClassChunks chunks = plan_class_chunks(
-      c, cublas_bytes_per_class(n, dim, sizeof(scalar_t), sizeof(acc_t)), workspace_bytes);
+      c, cublas_bytes_per_class(n, dim, sizeof(scalar_t), sizeof(acc_t)), workspace_bytes,
+      kSegment * kMaxGridY);
   at::Tensor dots_buffer = at::empty({n * chunks.width}, acc_options);
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
@@ -884,7 +889,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
       c,
       fused ? fused_backward_bytes_per_class(n, dim, needs_weight_grad)
             : cublas_bytes_per_class(n, dim, sizeof(scalar_t), sizeof(acc_t)),
-      workspace_bytes);
+      workspace_bytes, (fused ? int64_t{kTileClasses} : kSegment) * kMaxGridY);
   const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>();
 
   const at::Tensor grad_max = at::empty({1}, acc_options);

@@ -31,6 +31,7 @@ constexpr int kTileThreads = 256;
 constexpr int kTilePitch = kTileDepth + 8;
 constexpr int kTileStageElems = (kTileRows + kTileClasses) * kTilePitch;
 constexpr int kTileSmemBytes = kTileStages * kTileStageElems * 2;  // 61,440: opt-in dynamic smem
+// (two blocks an SM on sm_80 and sm_90; one on sm_86/sm_89, whose SMs have ~100 KB)
 
 using TileAcc = float[4][4][4];
 
@@ -53,6 +54,8 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for an older target (JIT from older PTX): never a silent zero tile
 #endif
 }
 
@@ -75,6 +78,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address)
                : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
@@ -95,6 +100,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();
 #endif
 }
 
