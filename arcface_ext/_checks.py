@@ -59,6 +59,17 @@ def compute_dtype(embeddings, weight):
     return torch.promote_types(embeddings.dtype, weight.dtype)
 
 
+def fused_compute_dtype(embeddings, weight):
+    """compute_dtype, except under torch.autocast for the inputs' device: then the autocast dtype,
+    as autocast does for matrix products (the fused op is one; it accumulates in fp32 and returns
+    an fp32 loss). fp64 inputs are left alone, as autocast leaves fp64 matrix products."""
+    device_type = embeddings.device.type
+    if (torch.is_autocast_enabled(device_type)
+            and torch.float64 not in (embeddings.dtype, weight.dtype)):
+        return torch.get_autocast_dtype(device_type)
+    return compute_dtype(embeddings, weight)
+
+
 def reduce_rows(loss_rows, labels, ignore_index, reduction):
     """'mean' divides by the number of counted rows; with none counted the loss is 0."""
     if reduction == "none":

@@ -2,7 +2,7 @@
 import torch
 
 from . import ops
-from ._checks import check_arguments, compute_dtype, reduce_rows
+from ._checks import check_arguments, fused_compute_dtype, reduce_rows
 
 _DEFAULT_WORKSPACE_BYTES = 64 * 1024 * 1024
 _workspace_bytes = _DEFAULT_WORKSPACE_BYTES
@@ -43,6 +43,8 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
 
     Args:
         embeddings: (N, D) float tensor (fp32, fp64, fp16 or bf16; 16-bit inputs accumulate in fp32).
+            The two inputs are brought to their common dtype; under ``torch.autocast`` (for their
+            device) to the autocast dtype instead, as for any matrix product, fp64 excepted.
         weight: (C, D) class centres, class-major as in insightface.
         labels: (N,) integer class indices in [0, C), or ``ignore_index`` for rows that do not count.
         s: the scale (> 0). m1, m2, m3: the margins. lambda_: SphereFace's blend (>= 0).
@@ -62,7 +64,7 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
             "arcface_ext's compiled kernels are not available (importing arcface_ext._C failed: "
             f"{ops.IMPORT_ERROR}). Build them with `pip install --no-build-isolation -e .` from the "
             "repository root, or use arcface_ext.reference.combined_margin_loss explicitly.")
-    dtype = compute_dtype(embeddings, weight)
+    dtype = fused_compute_dtype(embeddings, weight)
     needs_embeddings_grad = torch.is_grad_enabled() and embeddings.requires_grad
     needs_weight_grad = torch.is_grad_enabled() and weight.requires_grad
     if (reduction != "none" and (needs_embeddings_grad or needs_weight_grad)

@@ -389,6 +389,31 @@ def test_compile_fullgraph_matches_eager(reduction):
             assert_close_report(a, e, atol=0, rtol=0, name=f"N={n} {name}")
 
 
+def _autocast_loss(embeddings, weight, labels):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return arcface_ext.combined_margin_loss(embeddings, weight, labels, s=30.0, m2=0.3)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_autocast_runs_the_op_in_the_autocast_dtype(compiled):
+    # As for a matrix product, autocast brings fp32 inputs to its dtype: the same numbers as the op
+    # on bf16 copies, with an fp32 loss and the gradients cast back to the inputs' fp32.
+    torch._dynamo.reset()
+    fn = torch.compile(_autocast_loss, fullgraph=True, backend="aot_eager") if compiled else _autocast_loss
+    x, w, labels = make_inputs(13, 8, 37, seed=23, dtype=torch.float32, ignored=(1,))
+    loss, _, gx, gw = loss_and_grads(fn, x, w, labels)
+    expected = loss_and_grads(lambda a, b, y: arcface_ext.combined_margin_loss(a, b, y, s=30.0, m2=0.3),
+                              x.bfloat16(), w.bfloat16(), labels)
+    assert loss.dtype == torch.float32 and gx.dtype == torch.float32 and gw.dtype == torch.float32
+    assert_close_report(loss, expected[0], atol=0, rtol=0, name="loss")
+    assert_close_report(gx, expected[2].float(), atol=0, rtol=0, name="grad_embeddings")
+    assert_close_report(gw, expected[3].float(), atol=0, rtol=0, name="grad_weight")
+    # fp64 is left alone, as autocast leaves fp64 matrix products.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss64 = arcface_ext.combined_margin_loss(x.double(), w.double(), labels)
+    assert loss64.dtype == torch.float64
+
+
 def test_compile_inductor_matches_eager():
     # The default backend. Per-row losses and nothing else in the graph, so that Inductor has no
     # kernel of its own to generate and compile (a cold C++ build costs ~40 s on 2 cores); the
