@@ -386,6 +386,19 @@ using cuda::kTileThreads;
 using cuda::tile_class;
 using cuda::tile_row;
 
+// After tile_gemm<kBFloat16, true>: the tile's inverse class norms and clamp flags, as
+// class_inverse_norms_kernel computes them, in shared memory for the whole block.
+__device__ __forceinline__ void publish_class_norms(float norm_sq, float* __restrict__ inv_norm,
+                                                    bool* __restrict__ unclamped) {
+  norm_sq += __shfl_xor_sync(0xffffffffu, norm_sq, 1);
+  if (threadIdx.x % 2 == 0) {
+    const float norm = sqrtf(norm_sq);
+    inv_norm[threadIdx.x / 2] = 1.0f / fmaxf(norm, static_cast<float>(kNormEps));
+    unclamped[threadIdx.x / 2] = norm >= static_cast<float>(kNormEps);
+  }
+  __syncthreads();
+}
+
 // Forward. Block (r, g) owns rows [128 r, 128 r + 128) and class tiles
 // [g·tiles_per_segment, (g+1)·tiles_per_segment): it walks its tiles, folds each row's logits into
 // running (max, Σexp) statistics per thread, merges them across the 4 lanes and the 4 warps that
@@ -393,8 +406,8 @@ using cuda::tile_row;
 template <bool kBFloat16>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_forward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
-                         int64_t c, int dim, const float* __restrict__ inv_norm_w,
-                         const RowTarget* __restrict__ rows, float s, int64_t tiles_per_segment,
+                         int64_t c, int dim, const RowTarget* __restrict__ rows, float s,
+                         int64_t tiles_per_segment,
                          float* __restrict__ segment_max, float* __restrict__ segment_sum,
                          int64_t segments) {
   extern __shared__ __align__(16) uint16_t tile_smem[];
@@ -403,6 +416,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __shared__ int64_t row_target[kTileRows];
   __shared__ float part_max[4][kTileRows];
   __shared__ float part_sum[4][kTileRows];
+  __shared__ float tile_inv_norm[kTileClasses];
+  __shared__ bool tile_unclamped[kTileClasses];
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
@@ -416,14 +431,11 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   }
   __syncthreads();
 
-  float run_max[4][2], run_sum[4][2];
-#pragma unroll
-  for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      run_max[mi][h] = kNegInf;
-      run_sum[mi][h] = 0.0f;
-    }
+  // Each tile's statistics are reduced over the quad (the 4 lanes holding a row's 32 classes of
+  // this warp) at once; lane q of the quad then keeps the running statistics of two of its eight
+  // rows, k = q and q + 4 (k = 2 mi + h): 4 registers instead of 16 across the tile GEMM.
+  const int quad_lane = threadIdx.x % 4;
+  cuda::SoftmaxStats<float> running[2] = {{kNegInf, 0.0f}, {kNegInf, 0.0f}};
 
   const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
   const int64_t first = int64_t{blockIdx.y} * tiles_per_segment;
@@ -431,15 +443,16 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   for (int64_t tile = first; tile < last; ++tile) {
     const int64_t col0 = tile * kTileClasses;
     cuda::TileAcc acc;
-    cuda::tile_gemm<kBFloat16>(x, n, row0, w, c, col0, dim, tile_smem, acc);
+    float norm_sq;
+    cuda::tile_gemm<kBFloat16, true>(x, n, row0, w, c, col0, dim, tile_smem, acc, norm_sq);
+    // (The previous tile's epilogue read tile_inv_norm before this tile's GEMM barriers.)
+    publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
     float inv_w[4][2];
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int64_t j = col0 + tile_class(ni, e);
-        inv_w[ni][e] = j < c ? inv_norm_w[j] : 0.0f;
-      }
+      for (int e = 0; e < 2; ++e) inv_w[ni][e] = tile_inv_norm[tile_class(ni, e)];
+    cuda::SoftmaxStats<float> tile_stats[8];
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -455,43 +468,44 @@ __global__ void __launch_bounds__(kTileThreads, 2)
           return j == target ? target_logit
                              : s * clamp_unit(cosine_of(acc[mi][ni][2 * h + e], inv_x, inv_w[ni][e]));
         };
-        float tile_max = kNegInf;
+        float m = kNegInf;
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) tile_max = fmaxf(tile_max, logit(ni, e));
-        const float m = fmaxf(run_max[mi][h], tile_max);
+          for (int e = 0; e < 2; ++e) m = fmaxf(m, logit(ni, e));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        float sum = 0.0f;
         if (m != kNegInf) {
-          float sum = run_sum[mi][h] * cuda::exp_acc(run_max[mi][h] - m);
 #pragma unroll
           for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int e = 0; e < 2; ++e) sum += cuda::exp_acc(logit(ni, e) - m);
-          run_max[mi][h] = m;
-          run_sum[mi][h] = sum;
         }
+        // (a + b) + (c + d) in every lane alike: fp addition is commutative.
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        tile_stats[2 * mi + h] = {m, sum};
       }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      cuda::SoftmaxStats<float> mine = tile_stats[4 * u];
+#pragma unroll
+      for (int q = 1; q < 4; ++q)
+        if (quad_lane == q) mine = tile_stats[4 * u + q];  // selects, not a run-time index
+      running[u] = cuda::merge_stats(running[u], mine);
+    }
   }
 
-  // The 4 lanes of a quad hold the same rows: butterfly over them, then lane 0 of the quad hands
-  // its warp's share to shared memory.
+  // Each row's statistics of this warp's 32-class columns now sit in one lane: to shared memory.
+  const int warp_n = threadIdx.x / 32 % 4;
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      cuda::SoftmaxStats<float> stats{run_max[mi][h], run_sum[mi][h]};
-#pragma unroll
-      for (int offset = 1; offset < 4; offset *= 2) {
-        const cuda::SoftmaxStats<float> other{__shfl_xor_sync(0xffffffffu, stats.max, offset),
-                                              __shfl_xor_sync(0xffffffffu, stats.sum, offset)};
-        stats = cuda::merge_stats(stats, other);
-      }
-      if (threadIdx.x % 4 == 0) {
-        const int warp_n = threadIdx.x / 32 % 4;
-        part_max[warp_n][tile_row(mi, h)] = stats.max;
-        part_sum[warp_n][tile_row(mi, h)] = stats.sum;
-      }
-    }
+  for (int u = 0; u < 2; ++u) {
+    const int k = quad_lane + 4 * u;
+    const int r = tile_row(k / 2, k % 2);
+    part_max[warp_n][r] = running[u].max;
+    part_sum[warp_n][r] = running[u].sum;
+  }
   __syncthreads();
   for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
     const int64_t i = row0 + r;
@@ -512,15 +526,18 @@ template <bool kBFloat16, typename scalar_t>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_backward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
                           int64_t n, int64_t width, int dim, int64_t c0,
-                          const float* __restrict__ inv_norm_w, const RowTarget* __restrict__ rows,
-                          const float* __restrict__ grad_loss, const float* __restrict__ logsumexp,
-                          float s, scalar_t* __restrict__ grad_block, int64_t ld) {
+                          const RowTarget* __restrict__ rows, const float* __restrict__ grad_loss,
+                          const float* __restrict__ logsumexp, float s,
+                          scalar_t* __restrict__ grad_block, int64_t ld,
+                          float* __restrict__ chunk_inv_norm, uint8_t* __restrict__ chunk_unclamped) {
   extern __shared__ __align__(16) uint16_t tile_smem[];
   __shared__ float row_inv_norm[kTileRows];
   __shared__ float row_lse[kTileRows];
   __shared__ float row_target_q[kTileRows];
   __shared__ int64_t row_target[kTileRows];  // chunk-local target column, -1 if not in this chunk
   __shared__ bool row_active[kTileRows];
+  __shared__ float tile_inv_norm[kTileClasses];
+  __shared__ bool tile_unclamped[kTileClasses];
 
   const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
   for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
@@ -549,7 +566,18 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 
   const int64_t col0 = int64_t{blockIdx.y} * kTileClasses;
   cuda::TileAcc acc;
-  cuda::tile_gemm<kBFloat16>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc);
+  float norm_sq;
+  cuda::tile_gemm<kBFloat16, true>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
+  publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
+  // The first row tile hands the chunk's class norms to class_gradient_kernel.
+  if (chunk_inv_norm != nullptr && blockIdx.x == 0) {
+    for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
+      if (col0 + jl < width) {
+        chunk_inv_norm[col0 + jl] = tile_inv_norm[jl];
+        chunk_unclamped[col0 + jl] = tile_unclamped[jl];
+      }
+    }
+  }
 
   constexpr int kPitch = kTileClasses + 8;  // 272-byte rows: 16-byte aligned for the copy-out
   static_assert(kTileRows * kPitch * 2 <= cuda::kTileSmemBytes, "staging tile fits the pipeline");
@@ -560,7 +588,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     for (int e = 0; e < 2; ++e) {
       const int jl = tile_class(ni, e);
       const int64_t j = col0 + jl;
-      const float inv_w = j < width ? inv_norm_w[j] : 0.0f;
+      const float inv_w = j < width ? tile_inv_norm[jl] : 0.0f;
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -784,11 +812,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
 
   if constexpr (!std::is_same<scalar_t, acc_t>::value) {
     if (fused) {
-      // One launch over all classes; the class norms of all C classes first (5 bytes a class).
-      const at::Tensor inv_norm_w = at::empty({c}, acc_options);
-      const at::Tensor unclamped_w = at::empty({c}, x.options().dtype(at::kByte));
-      launch_class_inverse_norms<scalar_t, acc_t>(w, inv_norm_w.data_ptr<acc_t>(),
-                                                  unclamped_w.data_ptr<uint8_t>(), stream);
+      // One launch over all classes (the class norms come out of the tiles themselves).
       const FusedSegments segments = plan_fused_segments(
           n, c, workspace_bytes, device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()));
       const at::Tensor segment_max = at::empty({n, segments.count}, acc_options);
@@ -798,8 +822,8 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
       const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
                       static_cast<unsigned>(segments.count));
       fused_forward_kernel<kBFloat16><<<grid, kTileThreads, cuda::kTileSmemBytes, stream>>>(
-          raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim),
-          inv_norm_w.data_ptr<acc_t>(), rows_ptr, static_cast<acc_t>(params.s),
+          raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
+          static_cast<acc_t>(params.s),
           segments.tiles_per_segment, segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(),
           segments.count);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -907,22 +931,17 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
 
   // The cuBLAS path keeps the chunk's dot products (fp32 for 16-bit inputs), which later hold the
   // fp32 weight-gradient block; fp32/fp64 overwrite them with the gradient block in place. The
-  // fused path computes the gradient block straight from its tiles (row pitch a multiple of 8)
-  // and needs the fp32 block only for d loss / d W; its class norms cover all C classes at once.
+  // fused path computes the gradient block straight from its tiles (row pitch a multiple of 8),
+  // needs the fp32 block only for d loss / d W, and its tiles compute the class norms.
   const int64_t block_pitch = fused ? (chunks.width + 7) / 8 * 8 : chunks.width;
   const int64_t dots_per_class = fused ? (needs_weight_grad ? dim : 0)
                                        : (converts && needs_weight_grad ? std::max(n, dim) : n);
   at::Tensor dots_buffer = at::empty({dots_per_class * chunks.width}, acc_options);
   at::Tensor grad_block_buffer = converts ? at::empty({n * block_pitch}, x.options()) : dots_buffer;
-  const int64_t norms = fused ? c : chunks.width;
-  const at::Tensor inv_norm_w = at::empty({norms}, acc_options);
-  const at::Tensor unclamped_w = at::empty({norms}, x.options().dtype(at::kByte));
-  if (fused) {
-    launch_class_inverse_norms<scalar_t, acc_t>(w, inv_norm_w.data_ptr<acc_t>(),
-                                                unclamped_w.data_ptr<uint8_t>(), stream);
-    if constexpr (converts) {
-      allow_tile_smem(fused_backward_kernel<std::is_same<scalar_t, at::BFloat16>::value, scalar_t>);
-    }
+  const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
+  const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
+  if constexpr (converts) {
+    if (fused) allow_tile_smem(fused_backward_kernel<std::is_same<scalar_t, at::BFloat16>::value, scalar_t>);
   }
   // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64).
   at::Tensor grad_xhat = needs_embeddings_grad ? at::zeros({n, dim}, acc_options) : at::Tensor();
@@ -932,9 +951,8 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   for (int64_t k = 0; k < chunks.count; ++k) {
     const int64_t c0 = chunks.begin(k), width = chunks.width_of(k, c);
     const at::Tensor w_chunk = w.narrow(0, c0, width);
-    const int64_t norm0 = fused ? c0 : 0;
-    const acc_t* chunk_inv_norm = inv_norm_w.data_ptr<acc_t>() + norm0;
-    const uint8_t* chunk_unclamped = unclamped_w.data_ptr<uint8_t>() + norm0;
+    acc_t* chunk_inv_norm = inv_norm_w.data_ptr<acc_t>();
+    uint8_t* chunk_unclamped = unclamped_w.data_ptr<uint8_t>();
     at::Tensor grad_block =
         fused ? grad_block_buffer.narrow(0, 0, n * block_pitch).view({n, block_pitch}).narrow(1, 0, width)
               : grad_block_buffer.narrow(0, 0, n * width).view({n, width});
@@ -945,8 +963,9 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
                         static_cast<unsigned>((width + kTileClasses - 1) / kTileClasses));
         fused_backward_kernel<kBFloat16, scalar_t><<<grid, kTileThreads, cuda::kTileSmemBytes, stream>>>(
             raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0,
-            chunk_inv_norm, rows_ptr, grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s),
-            grad_block_buffer.data_ptr<scalar_t>(), block_pitch);
+            rows_ptr, grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s),
+            grad_block_buffer.data_ptr<scalar_t>(), block_pitch,
+            needs_weight_grad ? chunk_inv_norm : nullptr, needs_weight_grad ? chunk_unclamped : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     } else {

@@ -8,12 +8,17 @@
 // slices through a 3-stage cp.async pipeline; each warp owns a 64 x 32 sub-tile and issues
 // mma.sync.m16n8k16 from ldmatrix fragments. Rows and classes past the ends load as zeros.
 //
+// With kClassNorms, tile_gemm also sums the squares of the W tile's elements as they pass through
+// shared memory: thread t adds those of class t / 2, depth half t % 2 of each slice, so that
+// norm_sq + (its xor-1 neighbour's) is ‖w_{col0 + t/2}‖², in the same order whatever the caller.
+//
 // After tile_gemm returns, thread (warp, lane) holds in acc[mi][ni][2h + e] the dot product of
 //   row   warp_m·64 + mi·16 + lane/4 + 8h      (warp_m = warp / 4, mi < 4, h < 2)
 //   class warp_n·32 + ni·8 + 2·(lane % 4) + e  (warp_n = warp % 4, ni < 4, e < 2)
 // relative to (row0, col0) — the mma accumulator layout, see tile_row / tile_class.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -26,6 +31,7 @@ constexpr int kTileClasses = 128;
 constexpr int kTileDepth = 32;
 constexpr int kTileStages = 3;
 constexpr int kTileThreads = 256;
+static_assert(kTileThreads == 2 * kTileClasses && kTileDepth == 32, "class norms: 2 threads a class, 16 values each");
 // 16-bit elements per shared-memory row: 32 + 8 of padding (80 bytes), so the eight 16-byte rows
 // an ldmatrix reads fall in eight different bank groups.
 constexpr int kTilePitch = kTileDepth + 8;
@@ -105,6 +111,36 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
+// The two 16-bit values packed in a 32-bit word, as floats.
+template <bool kBFloat16>
+__device__ __forceinline__ float2 unpack_pair(uint32_t word) {
+  if constexpr (kBFloat16) {
+    return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
+  } else {
+    __half2 pair;
+    static_assert(sizeof(pair) == sizeof(word), "half2 is a 32-bit word");
+    memcpy(&pair, &word, sizeof(word));
+    return __half22float2(pair);
+  }
+}
+
+// Adds the squares of 16 consecutive 16-bit values (two 16-byte shared-memory vectors).
+template <bool kBFloat16>
+__device__ __forceinline__ float sum_squares_16(const uint16_t* p, float sum) {
+#pragma unroll
+  for (int v = 0; v < 2; ++v) {
+    const uint4 words = *reinterpret_cast<const uint4*>(p + 8 * v);
+    const uint32_t w4[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 f = unpack_pair<kBFloat16>(w4[q]);
+      sum = fmaf(f.x, f.x, sum);
+      sum = fmaf(f.y, f.y, sum);
+    }
+  }
+  return sum;
+}
+
 // Issues the cp.asyncs of depth slice `slice` into pipeline stage `stage`: 128 rows of x and 128
 // rows of W, 4 vectors of 8 elements each, two of each per thread.
 __device__ __forceinline__ void tile_load_slice(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
@@ -130,10 +166,10 @@ __device__ __forceinline__ void tile_load_slice(const uint16_t* __restrict__ x, 
 // acc = X[row0 : row0+128, :] · W[col0 : col0+128, :]ᵀ (see the top of the file). Every thread
 // of the block must call it; `smem` is kTileSmemBytes of dynamic shared memory, free again (all
 // copies landed, all warps past their last read) when it returns.
-template <bool kBFloat16>
+template <bool kBFloat16, bool kClassNorms>
 __device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
                                           const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
-                                          int dim, uint16_t* smem, TileAcc& acc) {
+                                          int dim, uint16_t* smem, TileAcc& acc, float& norm_sq) {
   const int lane = threadIdx.x % 32;
   const int warp_m = threadIdx.x / 32 / 4;
   const int warp_n = threadIdx.x / 32 % 4;
@@ -143,6 +179,7 @@ __device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
+  norm_sq = 0.0f;
 
   const int slices = (dim + kTileDepth - 1) / kTileDepth;
 #pragma unroll
@@ -162,6 +199,10 @@ __device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_
 
     const uint16_t* sx = smem + (slice % kTileStages) * kTileStageElems;
     const uint16_t* sw = sx + kTileRows * kTilePitch;
+    if constexpr (kClassNorms) {
+      // Past the ends the slice holds zeros, which add nothing.
+      norm_sq = sum_squares_16<kBFloat16>(sw + (threadIdx.x / 2) * kTilePitch + (threadIdx.x % 2) * 16, norm_sq);
+    }
 #pragma unroll
     for (int kk = 0; kk < kTileDepth; kk += 16) {
       // A fragments (16 x 16, row-major): lanes 0-15 address rows 0-15 at column kk, lanes 16-31
