@@ -233,7 +233,7 @@ class Trainer:
         self.optimizer = build_optimizer(args, self.backbone, self.margin_loss)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, LearningRateSchedule(args.lr_schedule, args.max_steps, args.warmup_steps, args.lr_steps))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled="fp16" in (args.amp, args.loss_amp))
         # The scaler skips the steps whose fp16 gradients overflow (a few at the start, by design);
         # the schedule still advances, which torch warns about.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -374,7 +374,9 @@ class Trainer:
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         embeddings = self.backbone_ddp(images)
-        loss, target_cosine = self.loss_ddp(embeddings, labels, return_target_cosine=True)
+        loss_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.loss_amp)
+        with torch.autocast(self.device.type, dtype=loss_dtype, enabled=loss_dtype is not None):
+            loss, target_cosine = self.loss_ddp(embeddings, labels, return_target_cosine=True)
 
         # One small collective a step: the mean loss for the log and the NaN check, and whether
         # any rank was signalled, so that all ranks stop (or diverge) at the same step.

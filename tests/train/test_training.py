@@ -218,12 +218,14 @@ def test_margins_per_loss():
 @pytest.mark.parametrize("options", [
     {"amp": "bf16", "gradient_checkpointing": True, "loss_impl": "reference"},
     {"amp": "fp16", "channels_last": True, "optimizer": "adamw", "lr_steps": "1", "loss": "cosface"},
+    {"amp": "none", "loss_amp": "bf16"},
 ])
 def test_memory_and_precision_options_train(faces, tmp_path, options):
     assert main(argv(faces, tmp_path, max_steps=2, **options)) == 0
     assert all(math.isfinite(v) for v in losses(tmp_path))
     state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert state["args"]["amp"] == options["amp"]
+    assert state["args"]["loss_amp"] == options.get("loss_amp", "none")
     assert state["scaler"]["scale"] > 0 if options["amp"] == "fp16" else state["scaler"] == {}
 
 
