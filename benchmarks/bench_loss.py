@@ -66,10 +66,13 @@ MMAP_THRESHOLD_BYTES = 64 * 1024
 # ---- the implementations ---------------------------------------------------------------------
 
 def make_inputs(n, dim, num_classes, dtype, device, seed=0):
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    embeddings = torch.randn(n, dim, generator=generator).to(device, dtype).requires_grad_(True)
-    weight = (0.01 * torch.randn(num_classes, dim, generator=generator)).to(device, dtype).requires_grad_(True)
-    labels = torch.randint(0, num_classes, (n,), generator=generator).to(device)
+    # Drawn on the device itself, in the target dtype where it is 16-bit: the largest-C search
+    # asks for tens of millions of classes, whose fp32 copy on the host would not fit.
+    generator = torch.Generator(device=device).manual_seed(seed)
+    embeddings = torch.randn(n, dim, generator=generator, device=device).to(dtype).requires_grad_(True)
+    weight = torch.randn(num_classes, dim, generator=generator, device=device, dtype=dtype)
+    weight = weight.mul_(0.01).requires_grad_(True)
+    labels = torch.randint(0, num_classes, (n,), generator=generator, device=device)
     return embeddings, weight, labels
 
 
