@@ -388,21 +388,23 @@ using cuda::tile_row;
 
 // After tile_gemm<kBFloat16, true>: the tile's inverse class norms and clamp flags, as
 // class_inverse_norms_kernel computes them, in shared memory for the whole block.
+// (unclamped may be null.)
 __device__ __forceinline__ void publish_class_norms(float norm_sq, float* __restrict__ inv_norm,
                                                     bool* __restrict__ unclamped) {
   norm_sq += __shfl_xor_sync(0xffffffffu, norm_sq, 1);
   if (threadIdx.x % 2 == 0) {
     const float norm = sqrtf(norm_sq);
     inv_norm[threadIdx.x / 2] = 1.0f / fmaxf(norm, static_cast<float>(kNormEps));
-    unclamped[threadIdx.x / 2] = norm >= static_cast<float>(kNormEps);
+    if (unclamped != nullptr) unclamped[threadIdx.x / 2] = norm >= static_cast<float>(kNormEps);
   }
   __syncthreads();
 }
 
 // Forward. Block (r, g) owns rows [128 r, 128 r + 128) and class tiles
-// [g·tiles_per_segment, (g+1)·tiles_per_segment): it walks its tiles, folds each row's logits into
-// running (max, Σexp) statistics per thread, merges them across the 4 lanes and the 4 warps that
-// share a row in a fixed order, and writes one (max, sum) per (row, segment g).
+// [g·tiles_per_segment, (g+1)·tiles_per_segment): it walks its tiles, reduces each row's logits of
+// a tile to (max, Σexp) over the 4 lanes that hold them, folds that into running statistics (one
+// lane of the quad keeps them), merges the 4 warps that share a row in a fixed order, and writes one
+// (max, sum) per (row, segment g).
 template <bool kBFloat16>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_forward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
@@ -417,7 +419,6 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __shared__ float part_max[4][kTileRows];
   __shared__ float part_sum[4][kTileRows];
   __shared__ float tile_inv_norm[kTileClasses];
-  __shared__ bool tile_unclamped[kTileClasses];
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
@@ -446,7 +447,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     float norm_sq;
     cuda::tile_gemm<kBFloat16, true>(x, n, row0, w, c, col0, dim, tile_smem, acc, norm_sq);
     // (The previous tile's epilogue read tile_inv_norm before this tile's GEMM barriers.)
-    publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
+    publish_class_norms(norm_sq, tile_inv_norm, nullptr);
     float inv_w[4][2];
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
@@ -666,8 +667,8 @@ int64_t cublas_bytes_per_class(int64_t n, int64_t dim, int64_t scalar_size, int6
 
 // The fused backward's bytes a class: the 16-bit gradient block (N values) and, when d loss / d W
 // is needed, its fp32 GEMM output (D floats). The dot products are never stored. Outside the
-// workspace: the inverse norms and clamp flags of all C classes (5 bytes a class) besides the
-// cuBLAS path's O(N·D) buffers.
+// workspace, as on the cuBLAS path: the chunk's inverse norms and clamp flags (5 bytes a class)
+// and the O(N·D) buffers.
 int64_t fused_backward_bytes_per_class(int64_t n, int64_t dim, bool needs_weight_grad) {
   return n * 2 + (needs_weight_grad ? dim * 4 : 0);
 }
