@@ -518,6 +518,13 @@ class Trainer:
 
                     write_plots(self.output, self.angles)
             if self.distributed:
+                # All ranks reach here at the same step (stops and divergence are agreed on every
+                # step); leaving together keeps one rank from tearing its gloo/NCCL group down while
+                # another still writes its outputs (seen once: gloo aborting the early rank at exit).
+                # An exception still propagating (one rank's alone) skips this: the others would
+                # wait forever. (A divergence was handled above, on every rank.)
+                if sys.exc_info()[0] is None:
+                    dist.barrier()
                 dist.destroy_process_group()
 
     def _saved_step(self) -> int | str:
