@@ -11,10 +11,11 @@
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   bench     benchmarks/bench_loss.py --device cuda --max-c 50000000 (results JSON copied to $OUT)
 #   profile   benchmarks/profile_loss.py at C = 1M, fused and cuBLAS paths
+#   sweep     ours and ours-cublas at C = 1M with a 16, 64 and 256 MiB workspace (NOTES.md, step 4)
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   suite     the rest of the test suite (tests/ without test_cuda.py)
-# Each stage's output goes to $OUT/<stage>.log (both sanitizer stages to sanitize.log: the device
-# tool returns at most 8 files); the device, and a summary of return codes and times, are printed
+# Each stage's output goes to $OUT/<stage>.log (both sanitizer stages to sanitize.log, the sweep to
+# profile.log: the device tool returns at most 8 files); the device, and a summary of return codes and times, are printed
 # last and kept in $OUT/summary.log.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -24,7 +25,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda memcheck bench profile racecheck suite)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda memcheck bench profile sweep racecheck suite)
 SUMMARY=()
 
 run_stage() {  # name, log name, time limit in seconds, command...
@@ -54,6 +55,11 @@ for stage in "${STAGES[@]}"; do
         --out "$ROOT/benchmarks/results/gpu-check.json"
       cp "$ROOT/benchmarks/results/gpu-check.json" "$OUT/bench.json" 2>/dev/null ;;
     profile) run_stage profile profile 90 "$PY" benchmarks/profile_loss.py ;;
+    sweep)
+      for mib in 16 64 256; do
+        run_stage "sweep-${mib}MiB" profile 90 "$PY" benchmarks/bench_loss.py --device cuda --C 1000000 \
+          --impls ours,ours-cublas,floor --no-memory --workspace-bytes $((mib << 20)) --out "/tmp/sweep-${mib}MiB.json"
+      done ;;
     racecheck) run_stage racecheck sanitize 150 compute-sanitizer --tool racecheck --error-exitcode 9 \
                  "$PY" benchmarks/sanitize_case.py ;;
     suite) run_stage suite suite 200 "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -rf tests \
