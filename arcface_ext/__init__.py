@@ -4,9 +4,10 @@ from . import reference
 from .functional import (combined_margin_loss, extension_available, get_workspace_bytes,
                          set_workspace_bytes)
 from .modules import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, SphereFaceLoss
+from .distributed import ShardedCombinedMarginLoss, class_shard
 
 __all__ = [
     "combined_margin_loss", "reference", "CombinedMarginLoss", "ArcFaceLoss", "CosFaceLoss",
-    "SphereFaceLoss", "set_workspace_bytes", "get_workspace_bytes", "extension_available",
+    "SphereFaceLoss", "ShardedCombinedMarginLoss", "class_shard", "set_workspace_bytes", "get_workspace_bytes", "extension_available",
 ]
 __version__ = "0.1.0"

@@ -16,11 +16,25 @@ def _loss_dtype(embeddings):
 
 
 def margin_softmax_forward(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
-                           straight_through, workspace_bytes):
-    """(loss per row, log-sum-exp per row, clamped target cosine per row)."""
+                           straight_through, workspace_bytes, class_offset=0, num_classes=-1):
+    """(loss per row, log-sum-exp per row, clamped target cosine per row). With a shard of the
+    classes (``weight`` holds classes [class_offset, class_offset + C) of ``num_classes``), a row
+    whose target is elsewhere gets the shard's log-sum-exp as its loss and 0 as its cosine."""
     return torch.ops.arcface_ext.margin_softmax_forward(
         embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through,
-        workspace_bytes)
+        workspace_bytes, class_offset, num_classes)
+
+
+def margin_softmax_backward(grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_,
+                            ignore_index, straight_through, workspace_bytes, needs_embeddings_grad,
+                            needs_weight_grad, class_offset=0, num_classes=-1):
+    """Gradients of Σ_i grad_loss[i]·loss[i] w.r.t. (embeddings, weight) given each row's
+    log-sum-exp; with a shard of the classes and the whole softmax's log-sum-exp, the shard's part
+    of the whole loss's gradients. A gradient not asked for comes back empty."""
+    return torch.ops.arcface_ext.margin_softmax_backward(
+        grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_, ignore_index,
+        straight_through, workspace_bytes, needs_embeddings_grad, needs_weight_grad, class_offset,
+        num_classes)
 
 
 def margin_softmax_train(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
@@ -44,7 +58,7 @@ if IMPORT_ERROR is None:
 
     @torch.library.register_fake("arcface_ext::margin_softmax_forward")
     def _forward_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
-                      straight_through, workspace_bytes):
+                      straight_through, workspace_bytes, class_offset=0, num_classes=-1):
         torch._check(embeddings.dim() == 2 and weight.dim() == 2 and labels.dim() == 1)
         torch._check(embeddings.shape[1] == weight.shape[1])
         torch._check(labels.shape[0] == embeddings.shape[0])
@@ -54,7 +68,7 @@ if IMPORT_ERROR is None:
     @torch.library.register_fake("arcface_ext::margin_softmax_backward")
     def _backward_fake(grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_,
                        ignore_index, straight_through, workspace_bytes, needs_embeddings_grad,
-                       needs_weight_grad):
+                       needs_weight_grad, class_offset=0, num_classes=-1):
         grad_embeddings = (embeddings.new_empty(embeddings.shape) if needs_embeddings_grad
                            else embeddings.new_empty((0,)))
         grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
@@ -64,7 +78,8 @@ if IMPORT_ERROR is None:
         embeddings, weight, labels, *params = inputs
         _, logsumexp, target_cosine = output
         ctx.save_for_backward(embeddings, weight, labels, logsumexp)
-        ctx.params = params  # s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace
+        ctx.params = params[:8]  # s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace
+        ctx.shard = params[8:]  # class_offset, num_classes (when given)
         ctx.mark_non_differentiable(logsumexp, target_cosine)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused outputs
 
@@ -77,13 +92,14 @@ if IMPORT_ERROR is None:
         _no_double_backward()
         embeddings, weight, labels, logsumexp = ctx.saved_tensors
         needs_embeddings_grad, needs_weight_grad = ctx.needs_input_grad[:2]
+        num_inputs = 3 + len(ctx.params) + len(ctx.shard)
         if grad_loss is None or not (needs_embeddings_grad or needs_weight_grad):
-            return (None,) * (3 + len(ctx.params))
+            return (None,) * num_inputs
         grad_embeddings, grad_weight = torch.ops.arcface_ext.margin_softmax_backward(
             grad_loss, embeddings, weight, labels, logsumexp, *ctx.params,
-            needs_embeddings_grad, needs_weight_grad)
+            needs_embeddings_grad, needs_weight_grad, *ctx.shard)
         return ((grad_embeddings if needs_embeddings_grad else None),
-                (grad_weight if needs_weight_grad else None)) + (None,) * (1 + len(ctx.params))
+                (grad_weight if needs_weight_grad else None)) + (None,) * (num_inputs - 2)
 
     torch.library.register_autograd("arcface_ext::margin_softmax_forward", _backward,
                                     setup_context=_setup_context)

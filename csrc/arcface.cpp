@@ -16,16 +16,24 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(arcface_ext, m) {
   // Per-row loss, the row's log-sum-exp (saved for backward) and the clamped target cosine, each 0
   // at ignored rows (the Python layer marks those cosines NaN). Never materialises the N x C logits.
+  // A shard of the classes: `weight` holds classes [class_offset, class_offset + C) of
+  // `num_classes` (-1: just its own C) and labels index all of them. A row whose target lies in
+  // another shard is counted without a target column: its loss is then the shard's log-sum-exp
+  // (target logit 0) and its target cosine 0, and the caller combines the shards' statistics.
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float s, float m1, "
       "float m2, float m3, float lambda_, int ignore_index, bool straight_through, "
-      "int workspace_bytes) -> (Tensor loss, Tensor logsumexp, Tensor target_cosine)");
+      "int workspace_bytes, int class_offset=0, int num_classes=-1) -> "
+      "(Tensor loss, Tensor logsumexp, Tensor target_cosine)");
   // Gradients of sum_i grad_loss[i] * loss[i]; a gradient that is not needed comes back empty.
+  // `logsumexp` may be a combination over shards (the whole softmax's): the shard's gradients
+  // are then its part of the whole loss's.
   m.def(
       "margin_softmax_backward(Tensor grad_loss, Tensor embeddings, Tensor weight, Tensor labels, "
       "Tensor logsumexp, float s, float m1, float m2, float m3, float lambda_, int ignore_index, "
       "bool straight_through, int workspace_bytes, bool needs_embeddings_grad, "
-      "bool needs_weight_grad) -> (Tensor grad_embeddings, Tensor grad_weight)");
+      "bool needs_weight_grad, int class_offset=0, int num_classes=-1) -> "
+      "(Tensor grad_embeddings, Tensor grad_weight)");
   // The training step in one call: the loss summed (or, with mean, averaged) over counted rows,
   // the target cosines, and the loss's gradients, computed in the same pass (the backward only
   // scales them). Keeps the cosines between its two passes when they fit the workspace.

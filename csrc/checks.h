@@ -6,8 +6,12 @@
 
 namespace arcface_ext {
 
+// `weight` holds classes [class_offset, class_offset + C) of `num_classes` (-1: exactly its own C,
+// the unsharded case); labels are indices into all `num_classes`. A row whose label lies outside
+// this weight's range is counted without a target column here (its target is in another shard).
 inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
-                                        const at::Tensor& labels, int64_t ignore_index) {
+                                        const at::Tensor& labels, int64_t ignore_index,
+                                        int64_t class_offset = 0, int64_t num_classes = -1) {
   TORCH_CHECK(embeddings.dim() == 2, "arcface_ext: embeddings must be 2-D (N, D), got shape ",
               embeddings.sizes());
   TORCH_CHECK(weight.dim() == 2, "arcface_ext: weight must be 2-D (C, D), got shape ", weight.sizes());
@@ -28,16 +32,24 @@ inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::
   TORCH_CHECK(embeddings.device() == weight.device() && embeddings.device() == labels.device(),
               "arcface_ext: embeddings, weight and labels must be on one device, got ",
               embeddings.device(), ", ", weight.device(), " and ", labels.device());
+  TORCH_CHECK_VALUE(class_offset >= 0, "arcface_ext: class_offset must be >= 0, got ", class_offset);
+  if (num_classes < 0) {
+    TORCH_CHECK_VALUE(num_classes == -1, "arcface_ext: num_classes must be -1 (weight's own C) or >= 1, got ",
+                      num_classes);
+    num_classes = class_offset + weight.size(0);
+  }
+  TORCH_CHECK_VALUE(class_offset + weight.size(0) <= num_classes, "arcface_ext: weight holds classes [",
+                    class_offset, ", ", class_offset + weight.size(0), ") but num_classes is ", num_classes);
   if (labels.numel() == 0) return;
   // A value check: one reduction (a device sync on CUDA), before anything indexes with a label.
-  const int64_t num_classes = weight.size(0);
   const at::Tensor bad =
       labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(num_classes)));
   if (bad.any().item<bool>()) {
     const int64_t row = bad.nonzero().select(1, 0)[0].item<int64_t>();
     TORCH_CHECK_VALUE(false, "arcface_ext: labels[", row, "] = ", labels[row].item<int64_t>(),
                       " is out of range: labels must lie in [0, ", num_classes,
-                      ") (the number of classes in weight) or equal ignore_index (", ignore_index,
+                      ") (", num_classes == weight.size(0) ? "the number of classes in weight" : "num_classes",
+                      ") or equal ignore_index (", ignore_index,
                       ")");
   }
 }

@@ -158,6 +158,24 @@ def test_shapes(shape):
     assert_matches(ours, expected, min_scale=1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_class_shards_combine_to_the_whole_loss(kernel, dtype):
+    # The op on shards of the classes (labels of other shards counted without a target column),
+    # combined as ShardedCombinedMarginLoss combines them; shards that cut a 128-class tile.
+    from test_distributed import sharded_op
+
+    x, w, labels = make_inputs(130, 24, 300, seed=41, dtype=dtype, ignored=(3,))
+    labels[:3] = torch.tensor([0, 299, 130], device=DEVICE)
+    upstream = upstream_gradient(130, seed=42)
+    loss, cosine, gx, gw = sharded_op(x, w, labels, [(0, 129), (129, 131), (131, 300)], upstream, m2=0.5)
+    expected = op_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels,
+                            upstream=upstream.double(), m2=0.5)
+    counted = labels != -1
+    # 16-bit: each shard's part of d loss / d x is rounded (twice) before the parts are summed.
+    assert_matches((loss, cosine[counted], gx, gw), (expected[0], expected[1][counted], *expected[2:]),
+                   roundings=2 * GEMM_OPERAND_ROUNDINGS)
+
+
 # ---- the fused tensor-core kernels --------------------------------------------------------------
 
 FUSED_SHAPES = [(1, 8, 1), (37, 8, 129), (129, 72, 1000), (300, 520, 5003), (128, 32, 128)]

@@ -134,7 +134,7 @@ void inverse_norms(const acc_t* w, int64_t rows, int64_t dim, acc_t* inv_norm, u
 
 struct TargetRow {
   bool counted = false;  // label != ignore_index
-  int64_t label = 0;
+  int64_t label = -1;    // the target's row of this weight; -1 when it is in another shard
   double cosine = 0;  // x̂·ŵ_y before clamping
   TargetMargin margin{0, 0};
 };
@@ -188,17 +188,20 @@ struct MarginSoftmax {
   int64_t n, c, dim;
 
   MarginSoftmax(const at::Tensor& embeddings, const at::Tensor& weight_in, const at::Tensor& labels,
-                const MarginParams& p, int64_t ignore_index)
+                const MarginParams& p, int64_t ignore_index, int64_t class_offset = 0)
       : weight(weight_in), params(p), n(embeddings.size(0)), c(weight_in.size(0)),
         dim(embeddings.size(1)) {
     const at::Tensor x = embeddings.to(c10::CppTypeToScalarType<acc_t>::value);
     norm_x = at::linalg_vector_norm(x, 2, {1}, true);
     xhat = (x / norm_x.clamp_min(kNormEps)).contiguous();
-    targets = target_rows(labels.data_ptr<int64_t>(), ignore_index);
+    targets = target_rows(labels.data_ptr<int64_t>(), ignore_index, class_offset);
   }
 
-  // The target column of every row, from a direct dot product in double (N·D work).
-  std::vector<TargetRow> target_rows(const int64_t* labels, int64_t ignore_index) const {
+  // The target column of every row, from a direct dot product in double (N·D work). A target in
+  // another shard leaves the row counted with label -1: no column of this weight matches it, and
+  // its target logit, cosine and margin derivative stay 0.
+  std::vector<TargetRow> target_rows(const int64_t* labels, int64_t ignore_index,
+                                     int64_t class_offset) const {
     std::vector<TargetRow> rows(n);
     const acc_t* xh = xhat.data_ptr<acc_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
@@ -206,8 +209,9 @@ struct MarginSoftmax {
       for (int64_t i = begin; i < end; ++i) {
         TargetRow& t = rows[i];
         t.counted = labels[i] != ignore_index;
-        if (!t.counted) continue;
-        t.label = labels[i];
+        const int64_t local = labels[i] - class_offset;
+        if (!t.counted || local < 0 || local >= c) continue;
+        t.label = local;
         const scalar_t* wy = w + t.label * dim;
         const acc_t* xi = xh + i * dim;
         double dot = 0, sq = 0;
@@ -451,16 +455,18 @@ struct OpInputs {
 };
 
 OpInputs prepare_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
-                        const at::Tensor& labels, int64_t ignore_index) {
-  check_margin_softmax_inputs(embeddings, weight, labels, ignore_index);
+                        const at::Tensor& labels, int64_t ignore_index, int64_t class_offset = 0,
+                        int64_t num_classes = -1) {
+  check_margin_softmax_inputs(embeddings, weight, labels, ignore_index, class_offset, num_classes);
   return {embeddings.detach().contiguous(), weight.detach().contiguous(), labels.contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
     const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
-    bool straight_through, int64_t workspace_bytes) {
-  const OpInputs inputs = prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+    bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes) {
+  const OpInputs inputs =
+      prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
   const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
   at::AutoDispatchBelowAutograd below_autograd;
   const int64_t n = embeddings.size(0);
@@ -475,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const MarginSoftmax<scalar_t> problem(embeddings, weight, labels,
                                           make_params(s, m1, m2, m3, lambda, straight_through),
-                                          ignore_index);
+                                          ignore_index, class_offset);
     acc_t* lse = logsumexp.data_ptr<acc_t>();
     problem.softmax_statistics(0, n, problem.blocking(n, workspace_bytes), nullptr, lse);
     acc_t* loss_ptr = loss.data_ptr<acc_t>();
@@ -494,8 +500,9 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
     const at::Tensor& grad_loss_in, const at::Tensor& embeddings_in, const at::Tensor& weight_in,
     const at::Tensor& labels_in, const at::Tensor& logsumexp_in, double s, double m1, double m2,
     double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
-    bool needs_embeddings_grad, bool needs_weight_grad) {
-  const OpInputs inputs = prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+    bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes) {
+  const OpInputs inputs =
+      prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
   const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   const int64_t n = embeddings_in.size(0);
@@ -514,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const MarginSoftmax<scalar_t> problem(embeddings, weight, labels,
                                           make_params(s, m1, m2, m3, lambda, straight_through),
-                                          ignore_index);
+                                          ignore_index, class_offset);
     const at::Tensor grad_rows = grad_loss_in.detach().to(acc_type).contiguous();
     const at::Tensor lse = logsumexp_in.detach().to(acc_type).contiguous();
     at::Tensor grad_xhat = needs_embeddings_grad ? at::empty({n, problem.dim}, problem.xhat.options()) : at::Tensor();

@@ -55,7 +55,7 @@ struct RowTarget {
   double logit;      // s (ψ - m3), the target column's logit
   double dlogit_dc;  // s dψ/dc
   double inv_norm;   // 1 / max(‖x_i‖, eps)
-  int64_t label;
+  int64_t label;           // the target's row of this weight; -1 when it is in another shard
   int32_t counted;         // label != ignore_index
   int32_t norm_unclamped;  // ‖x_i‖ >= eps: the normalisation's gradient is a projection
 };
@@ -96,22 +96,25 @@ __device__ __forceinline__ scalar_t to_gemm_operand(acc_t v) {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     row_targets_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
-                       const int64_t* __restrict__ labels, int64_t n, int64_t dim,
-                       int64_t ignore_index, MarginParams params, RowTarget* __restrict__ rows,
+                       const int64_t* __restrict__ labels, int64_t n, int64_t dim, int64_t c,
+                       int64_t class_offset, int64_t ignore_index, MarginParams params,
+                       RowTarget* __restrict__ rows,
                        const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ grad_max,
                        scalar_t* __restrict__ scaled_xhat) {
   const int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (i >= n) return;  // the whole warp: the shuffles below need every lane
-  const int64_t label = labels[i];
-  const bool counted = label != ignore_index;
+  const bool counted = labels[i] != ignore_index;
+  // A target in another shard of the classes: counted, but no column of this weight is its.
+  const int64_t local = labels[i] - class_offset;
+  const bool has_target = counted && local >= 0 && local < c;
   const scalar_t* xi = x + i * dim;
-  const scalar_t* wy = w + (counted ? label : 0) * dim;
+  const scalar_t* wy = w + (has_target ? local : 0) * dim;
   double xx = 0, xw = 0, ww = 0;
   for (int64_t k = lane; k < dim; k += kWarpSize) {
     const double xv = static_cast<double>(load_acc<scalar_t, acc_t>(xi + k));
     xx += xv * xv;
-    if (counted) {
+    if (has_target) {
       const double wv = static_cast<double>(load_acc<scalar_t, acc_t>(wy + k));
       xw += xv * wv;
       ww += wv * wv;
@@ -124,14 +127,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const double inv_norm_x = 1.0 / fmax(norm_x, kNormEps);
   if (lane == 0) {
     RowTarget t;
-    t.label = label;
+    t.label = has_target ? local : -1;
     t.counted = counted;
     t.norm_unclamped = norm_x >= kNormEps;
     t.inv_norm = inv_norm_x;
     t.cosine = 0;
     t.logit = 0;
     t.dlogit_dc = 0;
-    if (counted) {
+    if (has_target) {
       t.cosine = xw * inv_norm_x / fmax(sqrt(ww), kNormEps);
       const TargetMargin margin = target_margin(clamp_cosine(t.cosine), params);
       t.logit = margin.logit;
@@ -762,13 +765,14 @@ RowTarget* row_targets_ptr(const at::Tensor& storage) {
 
 template <typename scalar_t, typename acc_t>
 void launch_row_targets(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                        int64_t ignore_index, const MarginParams& params, RowTarget* rows,
+                        int64_t class_offset, int64_t ignore_index, const MarginParams& params,
+                        RowTarget* rows,
                         const acc_t* grad_loss, const acc_t* grad_max, scalar_t* scaled_xhat,
                         cudaStream_t stream) {
   const int64_t n = x.size(0), dim = x.size(1);
   row_targets_kernel<scalar_t, acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-      x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), n, dim,
-      ignore_index, params, rows, grad_loss, grad_max, scaled_xhat);
+      x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), n, dim, w.size(0),
+      class_offset, ignore_index, params, rows, grad_loss, grad_max, scaled_xhat);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -798,7 +802,7 @@ at::Tensor chunk_dot_products(const at::Tensor& x, const at::Tensor& w_chunk, at
 
 template <typename scalar_t>
 void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                                 const MarginParams& params, int64_t ignore_index,
+                                 const MarginParams& params, int64_t ignore_index, int64_t class_offset,
                                  int64_t workspace_bytes, bool fused, at::Tensor& loss,
                                  at::Tensor& logsumexp, at::Tensor& target_cosine) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -808,7 +812,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
 
   const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
   RowTarget* rows_ptr = row_targets_ptr(rows);
-  launch_row_targets<scalar_t, acc_t>(x, w, labels, ignore_index, params, rows_ptr, nullptr,
+  launch_row_targets<scalar_t, acc_t>(x, w, labels, class_offset, ignore_index, params, rows_ptr, nullptr,
                                       nullptr, nullptr, stream);
 
   if constexpr (!std::is_same<scalar_t, acc_t>::value) {
@@ -869,8 +873,8 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
     const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
-    bool straight_through, int64_t workspace_bytes) {
-  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+    bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes) {
+  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
@@ -889,7 +893,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
                                   "margin_softmax_forward_cuda", [&] {
-    margin_softmax_forward_impl<scalar_t>(embeddings, weight, labels, params, ignore_index,
+    margin_softmax_forward_impl<scalar_t>(embeddings, weight, labels, params, ignore_index, class_offset,
                                           workspace_bytes, fused, loss, logsumexp, target_cosine);
   });
   return {loss, logsumexp, target_cosine};
@@ -901,7 +905,8 @@ template <typename scalar_t>
 void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor& x,
                                   const at::Tensor& w, const at::Tensor& labels,
                                   const at::Tensor& lse, const MarginParams& params,
-                                  int64_t ignore_index, int64_t workspace_bytes, bool fused,
+                                  int64_t ignore_index, int64_t class_offset,
+                                  int64_t workspace_bytes, bool fused,
                                   bool needs_embeddings_grad, bool needs_weight_grad,
                                   at::Tensor& grad_embeddings, at::Tensor& grad_weight) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -927,7 +932,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   // (grad_loss_i / grad_max) x̂_i in the GEMM dtype: the B operand of d loss / d W.
   const at::Tensor scaled_xhat = needs_weight_grad ? at::empty({n, dim}, x.options()) : at::Tensor();
   launch_row_targets<scalar_t, acc_t>(
-      x, w, labels, ignore_index, params, rows_ptr, grad_ptr, grad_max.data_ptr<acc_t>(),
+      x, w, labels, class_offset, ignore_index, params, rows_ptr, grad_ptr, grad_max.data_ptr<acc_t>(),
       needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream);
 
   // The cuBLAS path keeps the chunk's dot products (fp32 for 16-bit inputs), which later hold the
@@ -1015,8 +1020,8 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     const at::Tensor& grad_loss_in, const at::Tensor& embeddings_in, const at::Tensor& weight_in,
     const at::Tensor& labels_in, const at::Tensor& logsumexp_in, double s, double m1, double m2,
     double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
-    bool needs_embeddings_grad, bool needs_weight_grad) {
-  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index);
+    bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes) {
+  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   const int64_t n = embeddings_in.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
@@ -1044,7 +1049,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     const at::Tensor grad_rows = grad_loss_in.detach().to(acc_type).contiguous();
     const at::Tensor lse = logsumexp_in.detach().to(acc_type).contiguous();
     margin_softmax_backward_impl<scalar_t>(grad_rows, embeddings, weight, labels, lse, params,
-                                           ignore_index, workspace_bytes, fused, needs_embeddings_grad,
+                                           ignore_index, class_offset, workspace_bytes, fused, needs_embeddings_grad,
                                            needs_weight_grad, grad_embeddings, grad_weight);
   });
   return {grad_embeddings, grad_weight};

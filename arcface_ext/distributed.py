@@ -1,0 +1,241 @@
+"""Model parallelism for the class centres: each rank of a process group holds one contiguous shard
+of the C x D class-centre matrix, so that neither the centres, their gradient and optimizer state,
+nor a C x D gradient all-reduce have to be replicated on every GPU (Glint360K, WebFace42M).
+
+Per step the ranks all-gather their embeddings and labels (N·D values, not C·D), each runs the fused
+op on its shard of the classes over the whole gathered batch, and the per-row softmax statistics
+(log-sum-exp, target logit) are combined with two all-reduces of N values. The backward runs the
+fused op's backward on each shard with the whole softmax's log-sum-exp, and reduce-scatters the
+embeddings' gradient back to the rank that owns each row. The result is the loss and the gradients
+that a replicated classifier under DistributedDataParallel would give:
+
+- each rank's loss is over its own rows, as with a replicated classifier;
+- each rank's embeddings get the gradient of its own loss (all shards' parts summed);
+- each shard of the class centres gets the mean over ranks of the gradients of the ranks' losses,
+  which is what DDP's gradient averaging gives a replicated classifier.
+
+Every rank must call the loss at the same points, with the same options (it runs collectives);
+the local batch sizes may differ.
+"""
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import ops
+from ._checks import check_arguments, fused_compute_dtype, reduce_rows
+from .functional import get_workspace_bytes
+
+# torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def class_shard(num_classes, rank, world_size):
+    """The classes [start, stop) that rank ``rank`` of ``world_size`` holds: contiguous runs whose
+    sizes differ by at most one (the first ``num_classes % world_size`` ranks hold one more)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}")
+    if num_classes < world_size:
+        raise ValueError(f"num_classes ({num_classes}) must be at least the number of ranks ({world_size}): "
+                         "every rank holds at least one class centre")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _group_info(group):
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    if group is not None:
+        raise RuntimeError("a process group was given but torch.distributed is not initialised")
+    return 0, 1
+
+
+def _all_gather_rows(local, rows, group, world_size):
+    """(world_size * rows, ...) from every rank's ``local`` padded to ``rows`` rows with zeros."""
+    if world_size == 1:
+        return local
+    padded = local.new_zeros((rows, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    out = local.new_empty((world_size * rows, *local.shape[1:]))
+    _all_gather_single(out, padded.contiguous(), group=group)
+    return out
+
+
+class _ShardedMarginSoftmax(torch.autograd.Function):
+    """Per-row losses of this rank's rows and their target cosines, for a weight shard."""
+
+    @staticmethod
+    def forward(ctx, embeddings, weight, labels, options, group):
+        (s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes, class_start,
+         num_classes) = options
+        rank, world_size = _group_info(group)
+        n = embeddings.shape[0]
+        if world_size > 1:
+            sizes = torch.zeros(world_size, dtype=torch.int64, device=embeddings.device)
+            _all_gather_single(sizes, torch.tensor([n], dtype=torch.int64, device=embeddings.device),
+                                        group=group)
+            rows = int(sizes.max())
+        else:
+            rows = n
+        # Padding rows carry ignore_index: they count for nothing anywhere.
+        padded_labels = labels.new_full((rows,), ignore_index)
+        padded_labels[:n] = labels
+        all_embeddings = _all_gather_rows(embeddings.detach(), rows, group, world_size)
+        all_labels = _all_gather_rows(padded_labels, rows, group, world_size)
+
+        loss, lse, cosine = ops.margin_softmax_forward(
+            all_embeddings, weight.detach(), all_labels, s, m1, m2, m3, lambda_, ignore_index,
+            straight_through, workspace_bytes, class_start, num_classes)
+        counted = all_labels != ignore_index
+        owned = counted & (all_labels >= class_start) & (all_labels < class_start + weight.shape[0])
+        if world_size > 1:
+            # The whole softmax's log-sum-exp from the shards' (max first, for range), and the target
+            # logit and cosine from the shard that holds each row's target (zero on the others).
+            lse_max = lse.clone()
+            dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
+            zero = torch.zeros_like(lse)
+            parts = torch.stack([torch.exp(lse - lse_max), torch.where(owned, lse - loss, zero),
+                                 torch.where(owned, cosine, zero)])
+            dist.all_reduce(parts, group=group)
+            lse = lse_max + torch.log(parts[0])
+            loss = torch.where(counted, lse - parts[1], torch.zeros_like(lse))
+            cosine = parts[2]
+        mine = slice(rank * rows, rank * rows + n)
+        ctx.save_for_backward(all_embeddings, weight.detach(), all_labels, lse)
+        ctx.options, ctx.group, ctx.mine, ctx.rows = options, group, mine, rows
+        ctx.mark_non_differentiable(cosine)
+        ctx.set_materialize_grads(False)
+        return loss[mine], cosine[mine]
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_cosine):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the sharded margin loss does not support double backward (create_graph=True)")
+        all_embeddings, weight, all_labels, lse = ctx.saved_tensors
+        (s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes, class_start,
+         num_classes) = ctx.options
+        needs_embeddings_grad, needs_weight_grad = ctx.needs_input_grad[:2]
+        _, world_size = _group_info(ctx.group)
+        if grad_loss is None:  # every rank skips alike: only the target cosines were used
+            grad_loss = lse.new_zeros(ctx.mine.stop - ctx.mine.start)
+        all_grad = _all_gather_rows(grad_loss.to(lse.dtype), ctx.rows, ctx.group, world_size)
+        grad_embeddings, grad_weight = ops.margin_softmax_backward(
+            all_grad, all_embeddings, weight, all_labels, lse, s, m1, m2, m3, lambda_, ignore_index,
+            straight_through, workspace_bytes, needs_embeddings_grad, needs_weight_grad, class_start,
+            num_classes)
+        grad_x = grad_w = None
+        if needs_embeddings_grad:
+            if world_size > 1:
+                # Each rank's rows get the sum over shards of their gradient (in fp32 at least, so
+                # that 16-bit parts are rounded once, after the sum).
+                parts = grad_embeddings.to(torch.promote_types(grad_embeddings.dtype, torch.float32))
+                grad_x = parts.new_empty((ctx.rows, parts.shape[1]))
+                _reduce_scatter_single(grad_x, parts, group=ctx.group)
+                grad_x = grad_x[:ctx.mine.stop - ctx.mine.start].to(grad_embeddings.dtype)
+            else:
+                grad_x = grad_embeddings
+        if needs_weight_grad:
+            grad_w = grad_weight / world_size if world_size > 1 else grad_weight
+        return grad_x, grad_w, None, None, None
+
+
+class ShardedCombinedMarginLoss(nn.Module):
+    """:class:`arcface_ext.CombinedMarginLoss` with its class centres split across the ranks of
+    ``process_group`` (the default group when None; without torch.distributed initialised, one
+    rank holding everything). Rank r owns ``weight`` = the centres of classes
+    [``class_start``, ``class_stop``) (see :func:`class_shard`); labels are global class indices.
+
+    Called as ``criterion(embeddings, labels, return_target_cosine=False)`` with this rank's rows;
+    the loss is over this rank's rows (``reduction`` as for the unsharded loss). See the module's
+    docstring for the gradients. It is not to be wrapped in DistributedDataParallel (its
+    ``sharded`` attribute says so to the bundled trainer).
+    """
+
+    sharded = True
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
+                 reduction="mean", margin_grad="exact", ignore_index=-1, process_group=None,
+                 device=None, dtype=None):
+        super().__init__()
+        if num_classes < 1 or embedding_size < 1:
+            raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes} and {embedding_size}")
+        self.process_group = process_group
+        self.rank, self.world_size = _group_info(process_group)
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.class_start, self.class_stop = class_shard(num_classes, self.rank, self.world_size)
+        self.s, self.m1, self.m2, self.m3, self.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
+        self.reduction = reduction
+        self.margin_grad = margin_grad
+        self.ignore_index = ignore_index
+        self.weight = nn.Parameter(torch.empty(self.class_stop - self.class_start, embedding_size,
+                                               device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """N(0, 0.01) as insightface initialises its centres. The ranks draw the same full matrix,
+        a block at a time, and keep their rows: the result does not depend on the number of ranks,
+        provided every rank's default generator is in the same state (seed them alike)."""
+        seed = int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator(device=self.weight.device).manual_seed(seed)
+        # The same blocks on every rank (the values a draw gives depend on its size).
+        block = max(1, (1 << 24) // self.embedding_size)
+        for start in range(0, self.class_stop, block):
+            stop = min(start + block, self.num_classes)
+            values = torch.randn(stop - start, self.embedding_size, generator=generator,
+                                 device=self.weight.device, dtype=torch.float32).mul_(0.01)
+            lo, hi = max(start, self.class_start), min(stop, self.class_stop)
+            if lo < hi:
+                self.weight[lo - self.class_start:hi - self.class_start] = values[lo - start:hi - start]
+
+    def shard_of(self, full):
+        """This rank's rows of a tensor that has one row per class (e.g. a checkpoint's centres)."""
+        if full.shape[0] != self.num_classes:
+            raise ValueError(f"expected {self.num_classes} rows (one per class), got shape {tuple(full.shape)}")
+        return full[self.class_start:self.class_stop]
+
+    def gather(self, shard, dst=0):
+        """The full (num_classes, ...) tensor from every rank's ``shard`` (this rank's rows of it,
+        e.g. its weight or its optimizer state), on rank ``dst`` (None on the others).
+        Collective: every rank calls it."""
+        if shard.shape[0] != self.class_stop - self.class_start:
+            raise ValueError(f"expected this rank's {self.class_stop - self.class_start} rows, got shape "
+                             f"{tuple(shard.shape)}")
+        if self.world_size == 1:
+            return shard.detach().clone()
+        sizes = [stop - start for start, stop in
+                 (class_shard(self.num_classes, r, self.world_size) for r in range(self.world_size))]
+        padded = shard.new_zeros((sizes[0], *shard.shape[1:]))  # the first shard is the largest
+        padded[:shard.shape[0]] = shard.detach()
+        pieces = [torch.empty_like(padded) for _ in sizes] if self.rank == dst else None
+        dist.gather(padded, pieces, group=self.process_group, group_dst=dst)
+        if self.rank != dst:
+            return None
+        return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+
+    def forward(self, embeddings, labels, return_target_cosine=False):
+        check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+                        lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
+                        ignore_index=self.ignore_index)
+        if ops.IMPORT_ERROR is not None:
+            raise RuntimeError(f"arcface_ext's compiled kernels are not available: {ops.IMPORT_ERROR}")
+        dtype = fused_compute_dtype(embeddings, self.weight)
+        options = (self.s, self.m1, self.m2, self.m3, self.lambda_, int(self.ignore_index),
+                   self.margin_grad == "straight_through", get_workspace_bytes(), self.class_start,
+                   self.num_classes)
+        labels = labels.long()
+        loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), labels,
+                                                        options, self.process_group)
+        loss = reduce_rows(loss_rows, labels, self.ignore_index, self.reduction)
+        if return_target_cosine:
+            counted = labels != self.ignore_index
+            return loss, torch.where(counted, cosine, torch.full_like(cosine, float("nan")))
+        return loss
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
+                f"m1={self.m1}, m2={self.m2}, m3={self.m3}, classes [{self.class_start}, {self.class_stop}) "
+                f"on rank {self.rank} of {self.world_size}")
+

@@ -1,0 +1,202 @@
+"""Class centres split across ranks: the op's shard mode (labels of other shards), its combination
+into the whole softmax, and ShardedCombinedMarginLoss over real gloo process groups, all against the
+fp64 reference of the unsharded loss."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import arcface_ext
+from arcface_ext import ops, reference
+from conftest import MARGINS, assert_matches_reference, loss_and_grads, margin_kwargs
+
+pytestmark = pytest.mark.skipif(not arcface_ext.extension_available(),
+                                reason="arcface_ext._C is not built")
+
+
+def make_case(seed, sizes, num_classes, dim, dtype=torch.float64, ignored=()):
+    """Rows of several ranks (one tensor, rank-major), the full class-centre matrix, labels that
+    reach every class range, and `ignored` rows labelled -1."""
+    generator = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    w = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    labels[:3] = torch.tensor([0, num_classes - 1, num_classes // 2])[:n]
+    labels[list(ignored)] = -1
+    return x.to(dtype), w.to(dtype), labels
+
+
+# ---- class_shard ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_classes, world_size", [(1, 1), (7, 3), (9, 3), (10, 4), (85742, 8)])
+def test_class_shard_partitions_the_classes(num_classes, world_size):
+    shards = [arcface_ext.class_shard(num_classes, r, world_size) for r in range(world_size)]
+    assert shards[0][0] == 0 and shards[-1][1] == num_classes
+    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
+    sizes = [stop - start for start, stop in shards]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_class_shard_rejects_more_ranks_than_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        arcface_ext.class_shard(3, 0, 4)
+    with pytest.raises(ValueError, match="rank"):
+        arcface_ext.class_shard(10, 2, 2)
+
+
+# ---- the op on one shard, combined by hand --------------------------------------------------------
+
+def sharded_op(x, w, labels, bounds, grad_loss, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
+               straight_through=False, ignore_index=-1, workspace_bytes=1 << 20):
+    """The op on each shard [a, b) of w, combined as the distributed loss combines it: (loss per
+    row, target cosine, d/dx and d/dw of Σ grad_loss·loss)."""
+    c = w.shape[0]
+    params = (s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes)
+    outputs = [ops.margin_softmax_forward(x, w[a:b], labels, *params, a, c) for a, b in bounds]
+    counted = labels != ignore_index
+    lse = torch.logsumexp(torch.stack([lse for _, lse, _ in outputs]), dim=0)
+    target_logit = torch.zeros_like(lse)
+    cosine = torch.zeros_like(lse)
+    for (a, b), (loss_s, lse_s, cos_s) in zip(bounds, outputs):
+        owned = counted & (labels >= a) & (labels < b)
+        target_logit += torch.where(owned, lse_s - loss_s, 0.0)
+        cosine += torch.where(owned, cos_s, 0.0)
+    loss = torch.where(counted, lse - target_logit, 0.0)
+    grads = [ops.margin_softmax_backward(grad_loss, x, w[a:b], labels, lse, *params, True, True, a, c)
+             for a, b in bounds]
+    return loss, cosine, sum(gx for gx, _ in grads), torch.cat([gw for _, gw in grads])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("bounds", [[(0, 13)], [(0, 6), (6, 13)], [(0, 1), (1, 9), (9, 13)]],
+                         ids=["1-shard", "2-shards", "3-uneven"])
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_shards_combine_to_the_whole_loss(margin, bounds, dtype):
+    x, w, labels = make_case(3, [9], 13, 16, dtype=dtype, ignored=(4,))
+    grad_loss = torch.rand(9, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    loss, cosine, gx, gw = sharded_op(x, w, labels, bounds, grad_loss.to(loss_dtype), **margin_kwargs(margin))
+    expected = loss_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels, reduction="none",
+                              return_target_cosine=True, grad_seed=1, **margin_kwargs(margin))
+    assert_matches_reference(loss, expected[0], name="loss")
+    assert_matches_reference(cosine[labels != -1], expected[1][labels != -1], name="target_cosine")
+    assert_matches_reference(gx, expected[2], name="grad_embeddings", dtype=dtype)
+    assert_matches_reference(gw, expected[3], name="grad_weight", dtype=dtype)
+    assert torch.all(gx[4] == 0) and loss[4] == 0
+
+
+def test_shard_holding_no_target_gives_only_its_softmax_share():
+    x, w, labels = make_case(5, [6], 10, 8)
+    labels[:] = 1  # every target in the first shard
+    loss, lse, cosine = ops.margin_softmax_forward(x, w[5:], labels, 64.0, 1.0, 0.5, 0.0, 0.0, -1, False,
+                                                   1 << 20, 5, 10)
+    logits = 64.0 * torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w[5:], dim=1).T
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss, lse, rtol=0, atol=0)  # no target logit here
+    assert torch.all(cosine == 0)
+
+
+def test_shard_arguments_are_checked():
+    x, w, labels = make_case(7, [4], 10, 8)
+    forward = torch.ops.arcface_ext.margin_softmax_forward
+    params = (64.0, 1.0, 0.5, 0.0, 0.0, -1, False, 1 << 20)
+    with pytest.raises(ValueError, match="class_offset"):
+        forward(x, w[5:], labels, *params, -1, 10)
+    with pytest.raises(ValueError, match=r"weight holds classes \[6, 11\) but num_classes is 10"):
+        forward(x, w[5:], labels, *params, 6, 10)
+    with pytest.raises(ValueError, match="num_classes must be"):
+        forward(x, w[5:], labels, *params, 5, -3)
+    with pytest.raises(ValueError, match=r"labels\[1\] = 10 is out of range: labels must lie in \[0, 10\)"):
+        forward(x, w[5:], torch.tensor([0, 10, 3, 4]), *params, 5, 10)
+    # Unsharded calls keep their meaning: a label past the weight's own C is an error.
+    with pytest.raises(ValueError, match=r"labels\[0\] = 7"):
+        forward(x, w[:5], torch.tensor([7, 1, 2, 3]), *params)
+
+
+def test_sharded_opcheck():
+    x, w, labels = make_case(9, [5], 9, 6, ignored=(2,))
+    args = (x.requires_grad_(True), w[3:7].clone().requires_grad_(True), labels, 64.0, 1.0, 0.5, 0.0, 0.0, -1,
+            False, 1 << 20, 3, 9)
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_forward, args)
+
+
+# ---- the module on one process ----------------------------------------------------------------------
+
+def test_single_process_module_equals_the_unsharded_loss():
+    x, w, labels = make_case(11, [7], 12, 10, ignored=(3,))
+    sharded = arcface_ext.ShardedCombinedMarginLoss(12, 10, 64.0, 1.0, 0.3, 0.2, dtype=torch.float64)
+    assert (sharded.class_start, sharded.class_stop, sharded.world_size) == (0, 12, 1)
+    with torch.no_grad():
+        sharded.weight.copy_(w)
+    xs = x.clone().requires_grad_(True)
+    loss, cosine = sharded(xs, labels, return_target_cosine=True)
+    loss.backward()
+    expected = loss_and_grads(reference.combined_margin_loss, x, w, labels, return_target_cosine=True,
+                              m1=1.0, m2=0.3, m3=0.2)
+    assert_matches_reference(loss, expected[0], name="loss")
+    torch.testing.assert_close(cosine, expected[1], equal_nan=True)
+    assert_matches_reference(xs.grad, expected[2], name="grad_embeddings")
+    assert_matches_reference(sharded.weight.grad, expected[3], name="grad_weight")
+
+
+# ---- real process groups ----------------------------------------------------------------------
+
+NUM_CLASSES, DIM = 11, 12
+MARGIN = dict(s=64.0, m1=1.0, m2=0.3, m3=0.2)
+
+
+def _worker(rank, world_size, init_file, sizes, ignored, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        x, w, labels = make_case(13, sizes, NUM_CLASSES, DIM, ignored=ignored)
+        mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        torch.manual_seed(0)
+        module = arcface_ext.ShardedCombinedMarginLoss(NUM_CLASSES, DIM, **MARGIN, dtype=torch.float64)
+        initial = module.gather(module.weight)
+        with torch.no_grad():
+            module.weight.copy_(module.shard_of(w))
+        xs = x[mine].clone().requires_grad_(True)
+        loss, cosine = module(xs, labels[mine], return_target_cosine=True)
+        loss.backward()
+        gathered = module.gather(module.weight.grad)
+        torch.save({"loss": loss.detach(), "cosine": cosine, "grad_x": xs.grad, "grad_w": module.weight.grad,
+                    "range": (module.class_start, module.class_stop), "initial": initial,
+                    "gathered_grad": gathered}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes, ignored", [([5, 3], (6,)), ([4, 1, 3], (0,))], ids=["2-ranks", "3-ranks-uneven"])
+def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored):
+    world_size = len(sizes)
+    mp.spawn(_worker, args=(world_size, str(tmp_path / "store"), sizes, ignored, str(tmp_path)),
+             nprocs=world_size, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    x, w, labels = make_case(13, sizes, NUM_CLASSES, DIM, ignored=ignored)
+
+    # What DDP over a replicated classifier gives: each rank's loss over its rows, each rank's
+    # embeddings the gradient of its own loss, the centres the mean of the ranks' gradients.
+    grad_w = torch.zeros_like(w)
+    for r, result in enumerate(results):
+        mine = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+        loss, cosine, gx, gw = loss_and_grads(reference.combined_margin_loss, x[mine], w, labels[mine],
+                                              return_target_cosine=True, **MARGIN)
+        assert_matches_reference(result["loss"], loss, name=f"rank {r} loss")
+        torch.testing.assert_close(result["cosine"], cosine, equal_nan=True)
+        assert_matches_reference(result["grad_x"], gx, name=f"rank {r} grad_embeddings")
+        grad_w += gw / world_size
+    for r, result in enumerate(results):
+        start, stop = result["range"]
+        assert (start, stop) == arcface_ext.class_shard(NUM_CLASSES, r, world_size)
+        assert_matches_reference(result["grad_w"], grad_w[start:stop], name=f"rank {r} grad_weight")
+    assert_matches_reference(results[0]["gathered_grad"], grad_w, name="gathered grad_weight")
+    assert all(result["gathered_grad"] is None for result in results[1:])
+
+    # The initial centres do not depend on the number of ranks.
+    torch.manual_seed(0)
+    single = arcface_ext.ShardedCombinedMarginLoss(NUM_CLASSES, DIM, **MARGIN, dtype=torch.float64)
+    torch.testing.assert_close(results[0]["initial"], single.weight.detach(), rtol=0, atol=0)
