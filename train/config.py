@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--m3", type=float, default=None, help="additive cosine margin (cosface: 0.35, combined: 0.0)")
     g.add_argument("--loss-impl", "--loss_impl", dest="loss_impl", choices=("fused", "reference"), default="fused",
                    help="the compiled arcface_ext op, or its pure-PyTorch reference")
+    g.add_argument("--sharded-classes", "--model-parallel", dest="sharded_classes",
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="split the class centres across the processes (model parallel, as arcface_torch's "
+                   "partial FC at sample rate 1): each holds C / world of them and their optimizer state, "
+                   "and no C x D gradient is all-reduced. For hundreds of thousands of identities and more")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
@@ -212,6 +217,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
     if args.max_steps < 1:
         raise SystemExit(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.sharded_classes and args.loss_impl != "fused":
+        raise SystemExit("--sharded-classes needs --loss-impl fused (the reference has no sharded form)")
+    if args.sharded_classes and args.loss_amp == "fp16":
+        # Each rank would see overflows in its own shard of fp16 gradients only, and the gradient
+        # scaler would skip steps on some ranks and not on others.
+        raise SystemExit("--sharded-classes does not go with --loss-amp fp16: use --loss-amp bf16")
     return args
 
 

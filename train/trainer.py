@@ -5,6 +5,7 @@ run resumes from exactly."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -153,9 +154,9 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The loss as a module that owns its class centres and is called as
     ``loss(embeddings, labels, return_target_cosine=True)``.
 
-    This is the seam for scale-out: a sharded-classes loss (partial FC) would hold only this
-    rank's centres, gather the embeddings itself and set ``sharded = True`` so that the trainer
-    neither wraps it in DDP nor treats its state as replicated.
+    With ``--sharded-classes`` it holds only this rank's centres and gathers the embeddings itself;
+    its ``sharded = True`` tells the trainer neither to wrap it in DDP nor to treat its state as
+    replicated (checkpoints gather it).
     """
     import arcface_ext
 
@@ -163,6 +164,9 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
         raise SystemExit("arcface_ext's compiled op is not built: run `pip install --no-build-isolation -e .` "
                          "from the repository root, or train with --loss-impl reference (pure PyTorch, slower)")
     m1, m2, m3 = margins(args)
+    if args.sharded_classes:
+        return arcface_ext.ShardedCombinedMarginLoss(num_classes, args.embedding_size, s=args.arcface_s, m1=m1,
+                                                     m2=m2, m3=m3)
     return arcface_ext.CombinedMarginLoss(num_classes, args.embedding_size, s=args.arcface_s, m1=m1, m2=m2, m3=m3,
                                           use_reference=args.loss_impl == "reference")
 
@@ -299,12 +303,16 @@ class Trainer:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "
                              f"{self.num_classes}; resume needs the same data (use --pretrained_model to fine-tune)")
         self.backbone.load_state_dict(state["model"])
-        self.margin_loss.load_state_dict(state["margin_loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.margin_loss.load_state_dict(self._local_centres(state["margin_loss"]))
+        self.optimizer.load_state_dict(self._local_optimizer_state(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
-        # The schedule follows the current options (e.g. a larger --max-steps), not the file's.
-        self.scheduler.lr_lambdas[0] = LearningRateSchedule(self.args.lr_schedule, self.args.max_steps,
-                                                            self.args.warmup_steps, self.args.lr_steps)
+        # The schedule follows the current options (e.g. a larger --max-steps), not the file's: in
+        # every parameter group, from the next step on (the loaded learning rates are the file's).
+        schedule = LearningRateSchedule(self.args.lr_schedule, self.args.max_steps, self.args.warmup_steps,
+                                        self.args.lr_steps)
+        self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         self.angles.load_state_dict(state["target_angles"])
         self.step = int(state["step"])
@@ -325,8 +333,8 @@ class Trainer:
         loaded = "backbone"
         centres = state.get("margin_loss") if isinstance(state, dict) else None
         if not self.args.finetuning and centres is not None:
-            if centres["weight"].shape == self.margin_loss.weight.shape:
-                self.margin_loss.load_state_dict(centres)
+            if centres["weight"].shape == (self.num_classes, self.args.embedding_size):
+                self.margin_loss.load_state_dict(self._local_centres(centres))
                 loaded += " and class centres"
             elif self.is_main:
                 print(f"note: {path} has class centres for {centres['weight'].shape[0]} classes, the data has "
@@ -334,15 +342,67 @@ class Trainer:
         if self.is_main:
             print(f"initialised the {loaded} from {path}", file=sys.stderr)
 
+    # A sharded loss's checkpoint holds the whole class-centre matrix and its optimizer state, as a
+    # replicated one's does: a run can resume on another number of processes, or unsharded.
+
+    def _sharded(self) -> bool:
+        return getattr(self.margin_loss, "sharded", False)
+
+    def _centre_state_ids(self, optimizer_state: dict[str, Any]) -> list[int]:
+        return [i for group in optimizer_state["param_groups"] if group.get("name") == "class_centers"
+                for i in group["params"]]
+
+    def _local_centres(self, centres: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self._sharded():
+            return centres
+        return {key: self.margin_loss.shard_of(value) for key, value in centres.items()}
+
+    def _local_optimizer_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's rows of the class centres' optimizer state (momentum, Adam moments)."""
+        if not self._sharded():
+            return state
+        state = {**state, "state": dict(state["state"])}
+        for i in self._centre_state_ids(state):
+            if i in state["state"]:
+                state["state"][i] = {key: self.margin_loss.shard_of(value)
+                                     if torch.is_tensor(value) and value.dim() > 0 else value
+                                     for key, value in state["state"][i].items()}
+        return state
+
+    def _full_optimizer_state(self) -> dict[str, Any] | None:
+        """The optimizer's state with the class centres' rows of every rank (rank 0; collective)."""
+        state = self.optimizer.state_dict()
+        if not self._sharded():
+            return state
+        state = {**state, "state": dict(state["state"])}  # never write into the live state
+        for i in self._centre_state_ids(state):
+            if i not in state["state"]:  # before the first step, on every rank alike
+                continue
+            entry = dict(state["state"][i])
+            for key in sorted(entry):  # the same collectives in the same order on every rank
+                if torch.is_tensor(entry[key]) and entry[key].dim() > 0:
+                    entry[key] = self.margin_loss.gather(entry[key])
+            state["state"][i] = entry
+        return state if self.is_main else None
+
     def save(self) -> None:
         """Write the checkpoint (collective: every rank must call it)."""
-        if not (checkpoint.all_finite(self.backbone) and checkpoint.all_finite(self.margin_loss)):
+        finite = checkpoint.all_finite(self.backbone) and checkpoint.all_finite(self.margin_loss)
+        if self.distributed and self._sharded():
+            # Each rank checks its own centres: agree, so that all raise or none does.
+            flag = torch.tensor([float(finite)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if not finite:
             raise TrainingDiverged(f"the weights are not finite at step {self.step}")
         rng = checkpoint.rng_state()
         rng_states = [rng]
         if self.distributed:
             rng_states = [None] * self.world_size
             dist.all_gather_object(rng_states, rng)
+        centres = {"weight": self.margin_loss.gather(self.margin_loss.weight)} if self._sharded() \
+            else self.margin_loss.state_dict()
+        optimizer_state = self._full_optimizer_state()
         if not self.is_main:
             return
         checkpoint.save_atomic({
@@ -350,8 +410,8 @@ class Trainer:
             "args": vars(self.args),
             "num_classes": self.num_classes,
             "model": self.backbone.state_dict(),
-            "margin_loss": self.margin_loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "margin_loss": centres,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_states,
@@ -525,6 +585,10 @@ class Trainer:
                 # wait forever. (A divergence was handled above, on every rank.)
                 if sys.exc_info()[0] is None:
                     dist.barrier()
+                # DDP's reducers hold the process group: let them go first, so that none of gloo's
+                # threads is left for the interpreter's teardown (a suspect for the rare abort above).
+                self.backbone_ddp, self.loss_ddp = self.backbone, self.margin_loss
+                gc.collect()
                 dist.destroy_process_group()
 
     def _saved_step(self) -> int | str:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed
 
 import arcface_ext
@@ -45,3 +46,42 @@ def test_two_process_gloo_training_and_resume(tmp_path):
     steps = [r["step"] for r in read_jsonl(output / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes the log
     assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == 6
+
+
+@pytest.mark.skipif(not arcface_ext.extension_available(), reason="--sharded-classes needs the compiled op")
+def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
+    # From the same starting weights, two processes with the class centres split between them
+    # follow the replicated run step for step; their checkpoint holds the whole matrix and its
+    # momentum (gathered), and resuming from it slices them again. (Both runs stop at step 2 and
+    # resume to 4, so that they follow the same learning-rate schedule.)
+    data = make_face_folder(str(tmp_path / "faces"))
+    start = tmp_path / "start"
+    first = torchrun(base_argv(data, str(start), batch_size=8, max_steps=2, save_every=0))
+    assert first.returncode == 0, first.stderr[-3000:]
+    pretrained = str(start / "checkpoint.pt")
+
+    def run(output, *extra, max_steps=4):
+        args = base_argv(data, str(output), batch_size=8, max_steps=max_steps, save_every=0,
+                         pretrained_model=pretrained) + list(extra)
+        result = torchrun(args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    run(tmp_path / "replicated", max_steps=2)
+    run(tmp_path / "replicated", "--resume", "auto")
+    sharded = run(tmp_path / "sharded", "--sharded-classes", max_steps=2)
+    assert "classes [0, 4) on rank 0 of 2" in sharded.stderr
+    halfway = checkpoint.load(str(tmp_path / "sharded" / "checkpoint.pt"))
+    assert halfway["margin_loss"]["weight"].shape == (8, 64)
+    momenta = [s["momentum_buffer"] for s in halfway["optimizer"]["state"].values()]
+    assert (8, 64) in [tuple(m.shape) for m in momenta]
+    run(tmp_path / "sharded", "--sharded-classes", "--resume", "auto")
+
+    replicated_loss = [r["loss"] for r in read_jsonl(tmp_path / "replicated" / "metrics.jsonl")]
+    sharded_loss = [r["loss"] for r in read_jsonl(tmp_path / "sharded" / "metrics.jsonl")]
+    assert len(replicated_loss) == len(sharded_loss) == 4
+    assert sharded_loss == pytest.approx(replicated_loss, rel=1e-4)
+    replicated_end = checkpoint.load(str(tmp_path / "replicated" / "checkpoint.pt"))
+    sharded_end = checkpoint.load(str(tmp_path / "sharded" / "checkpoint.pt"))
+    torch.testing.assert_close(sharded_end["margin_loss"]["weight"], replicated_end["margin_loss"]["weight"],
+                               rtol=1e-4, atol=1e-6)

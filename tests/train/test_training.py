@@ -94,6 +94,19 @@ def test_resume_repeats_the_uninterrupted_run_exactly(faces, tmp_path, monkeypat
     assert torch.equal(a["margin_loss"]["weight"], b["margin_loss"]["weight"])
 
 
+def test_resume_with_more_steps_follows_the_new_schedule_in_every_group(faces, tmp_path):
+    # The learning rate of the first resumed step, of the backbone and of the class centres alike,
+    # is the longer schedule's, not the value the shorter run's schedule left in the optimizer.
+    assert main(argv(faces, tmp_path, max_steps=4, save_every=0)) == 0
+    trainer = Trainer(parse_args(argv(faces, tmp_path, max_steps=12, save_every=0, resume="auto")))
+    expected = trainer.args.lr * LearningRateSchedule("poly", 12, trainer.args.warmup_steps)(4)
+    assert expected > 0
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([expected, expected])
+    trainer.scheduler.step()
+    later = trainer.args.lr * LearningRateSchedule("poly", 12, trainer.args.warmup_steps)(5)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([later, later])
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(faces, tmp_path, monkeypatch, capsys):
     original_forward = arcface_ext.CombinedMarginLoss.forward
     calls = {"n": 0}
@@ -204,6 +217,26 @@ def test_flags_aliases_and_config_files(tmp_path):
     bad.write_text(json.dumps({"max_stpe": 3}))
     with pytest.raises(SystemExit, match="unknown key"):
         parse_args(["--config", str(bad)])
+
+
+@pytest.mark.parametrize("extra, message", [(["--loss-impl", "reference"], "needs --loss-impl fused"),
+                                            (["--loss-amp", "fp16"], "use --loss-amp bf16")])
+def test_sharded_classes_options_that_do_not_go_together(extra, message):
+    assert parse_args(["--sharded-classes"]).sharded_classes
+    assert parse_args(["--model-parallel", "--loss-amp", "bf16"]).sharded_classes
+    with pytest.raises(SystemExit, match=message):
+        parse_args(["--sharded-classes", *extra])
+
+
+@pytest.mark.skipif(not arcface_ext.extension_available(), reason="--sharded-classes needs the compiled op")
+def test_single_process_sharded_classes_trains(faces, tmp_path):
+    # One process holds the one shard: the same run as the replicated loss's, from a checkpoint
+    # that either can resume.
+    assert main(argv(faces, tmp_path / "sharded", max_steps=3, sharded_classes=True)) == 0
+    state = checkpoint.load(str(tmp_path / "sharded" / "checkpoint.pt"))
+    assert state["margin_loss"]["weight"].shape == (state["num_classes"], 64)
+    assert main(argv(faces, tmp_path / "sharded", max_steps=4, resume="auto")) == 0  # resumed unsharded
+    assert len(losses(tmp_path / "sharded")) == 4
 
 
 def test_margins_per_loss():
