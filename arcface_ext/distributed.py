@@ -24,6 +24,7 @@ from torch import nn
 from . import ops
 from ._checks import check_arguments, fused_compute_dtype, reduce_rows
 from .functional import get_workspace_bytes
+from .modules import set_loss_options
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -158,17 +159,11 @@ class ShardedCombinedMarginLoss(nn.Module):
                  reduction="mean", margin_grad="exact", ignore_index=-1, process_group=None,
                  device=None, dtype=None):
         super().__init__()
-        if num_classes < 1 or embedding_size < 1:
-            raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes} and {embedding_size}")
+        set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
+                         ignore_index)
         self.process_group = process_group
         self.rank, self.world_size = _group_info(process_group)
-        self.num_classes = num_classes
-        self.embedding_size = embedding_size
         self.class_start, self.class_stop = class_shard(num_classes, self.rank, self.world_size)
-        self.s, self.m1, self.m2, self.m3, self.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
-        self.reduction = reduction
-        self.margin_grad = margin_grad
-        self.ignore_index = ignore_index
         self.weight = nn.Parameter(torch.empty(self.class_stop - self.class_start, embedding_size,
                                                device=device, dtype=dtype))
         self.reset_parameters()

@@ -5,6 +5,19 @@ from torch import nn
 from . import functional, reference
 
 
+def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
+                     ignore_index):
+    """The options every margin-loss module keeps as attributes (sizes checked, margins as floats)."""
+    if num_classes < 1 or embedding_size < 1:
+        raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes} and {embedding_size}")
+    module.num_classes = num_classes
+    module.embedding_size = embedding_size
+    module.s, module.m1, module.m2, module.m3, module.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
+    module.reduction = reduction
+    module.margin_grad = margin_grad
+    module.ignore_index = ignore_index
+
+
 class CombinedMarginLoss(nn.Module):
     """Margin softmax cross-entropy with its own class centres ``weight`` (C, D).
 
@@ -17,14 +30,8 @@ class CombinedMarginLoss(nn.Module):
                  reduction="mean", margin_grad="exact", ignore_index=-1, use_reference=False,
                  device=None, dtype=None):
         super().__init__()
-        if num_classes < 1 or embedding_size < 1:
-            raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes} and {embedding_size}")
-        self.num_classes = num_classes
-        self.embedding_size = embedding_size
-        self.s, self.m1, self.m2, self.m3, self.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
-        self.reduction = reduction
-        self.margin_grad = margin_grad
-        self.ignore_index = ignore_index
+        set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
+                         ignore_index)
         self.use_reference = use_reference
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
         self.reset_parameters()
