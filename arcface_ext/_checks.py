@@ -70,6 +70,12 @@ def fused_compute_dtype(embeddings, weight):
     return compute_dtype(embeddings, weight)
 
 
+def nan_at_ignored(target_cosine, labels, ignore_index):
+    """The op's target cosines (0 at ignored rows) with NaN at the ignored rows."""
+    counted = labels != ignore_index
+    return torch.where(counted, target_cosine, torch.full_like(target_cosine, float("nan")))
+
+
 def reduce_rows(loss_rows, labels, ignore_index, reduction):
     """'mean' divides by the number of counted rows; with none counted the loss is 0."""
     if reduction == "none":

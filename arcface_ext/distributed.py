@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from ._checks import check_arguments, fused_compute_dtype, reduce_rows
-from .functional import get_workspace_bytes
+from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows
+from .functional import get_workspace_bytes, require_extension
 from .modules import set_loss_options
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
@@ -75,7 +75,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         if world_size > 1:
             sizes = torch.zeros(world_size, dtype=torch.int64, device=embeddings.device)
             _all_gather_single(sizes, torch.tensor([n], dtype=torch.int64, device=embeddings.device),
-                                        group=group)
+                               group=group)
             rows = int(sizes.max())
         else:
             rows = n
@@ -88,11 +88,11 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         loss, lse, cosine = ops.margin_softmax_forward(
             all_embeddings, weight.detach(), all_labels, s, m1, m2, m3, lambda_, ignore_index,
             straight_through, workspace_bytes, class_start, num_classes)
-        counted = all_labels != ignore_index
-        owned = counted & (all_labels >= class_start) & (all_labels < class_start + weight.shape[0])
         if world_size > 1:
             # The whole softmax's log-sum-exp from the shards' (max first, for range), and the target
             # logit and cosine from the shard that holds each row's target (zero on the others).
+            counted = all_labels != ignore_index
+            owned = counted & (all_labels >= class_start) & (all_labels < class_start + weight.shape[0])
             lse_max = lse.clone()
             dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
             zero = torch.zeros_like(lse)
@@ -104,7 +104,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             cosine = parts[2]
         mine = slice(rank * rows, rank * rows + n)
         ctx.save_for_backward(all_embeddings, weight.detach(), all_labels, lse)
-        ctx.options, ctx.group, ctx.mine, ctx.rows = options, group, mine, rows
+        ctx.options, ctx.group, ctx.world_size, ctx.mine, ctx.rows = options, group, world_size, mine, rows
         ctx.mark_non_differentiable(cosine)
         ctx.set_materialize_grads(False)
         return loss[mine], cosine[mine]
@@ -117,9 +117,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         (s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes, class_start,
          num_classes) = ctx.options
         needs_embeddings_grad, needs_weight_grad = ctx.needs_input_grad[:2]
-        _, world_size = _group_info(ctx.group)
+        world_size, n = ctx.world_size, ctx.mine.stop - ctx.mine.start
         if grad_loss is None:  # every rank skips alike: only the target cosines were used
-            grad_loss = lse.new_zeros(ctx.mine.stop - ctx.mine.start)
+            grad_loss = lse.new_zeros(n)
         all_grad = _all_gather_rows(grad_loss.to(lse.dtype), ctx.rows, ctx.group, world_size)
         grad_embeddings, grad_weight = ops.margin_softmax_backward(
             all_grad, all_embeddings, weight, all_labels, lse, s, m1, m2, m3, lambda_, ignore_index,
@@ -133,7 +133,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
                 parts = grad_embeddings.to(torch.promote_types(grad_embeddings.dtype, torch.float32))
                 grad_x = parts.new_empty((ctx.rows, parts.shape[1]))
                 _reduce_scatter_single(grad_x, parts, group=ctx.group)
-                grad_x = grad_x[:ctx.mine.stop - ctx.mine.start].to(grad_embeddings.dtype)
+                grad_x = grad_x[:n].to(grad_embeddings.dtype)
             else:
                 grad_x = grad_embeddings
         if needs_weight_grad:
@@ -214,8 +214,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
                         lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
                         ignore_index=self.ignore_index)
-        if ops.IMPORT_ERROR is not None:
-            raise RuntimeError(f"arcface_ext's compiled kernels are not available: {ops.IMPORT_ERROR}")
+        require_extension()
         dtype = fused_compute_dtype(embeddings, self.weight)
         options = (self.s, self.m1, self.m2, self.m3, self.lambda_, int(self.ignore_index),
                    self.margin_grad == "straight_through", get_workspace_bytes(), self.class_start,
@@ -225,8 +224,7 @@ class ShardedCombinedMarginLoss(nn.Module):
                                                         options, self.process_group)
         loss = reduce_rows(loss_rows, labels, self.ignore_index, self.reduction)
         if return_target_cosine:
-            counted = labels != self.ignore_index
-            return loss, torch.where(counted, cosine, torch.full_like(cosine, float("nan")))
+            return loss, nan_at_ignored(cosine, labels, self.ignore_index)
         return loss
 
     def extra_repr(self):

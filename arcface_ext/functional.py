@@ -2,7 +2,7 @@
 import torch
 
 from . import ops
-from ._checks import check_arguments, fused_compute_dtype, reduce_rows
+from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows
 
 _DEFAULT_WORKSPACE_BYTES = 64 * 1024 * 1024
 _workspace_bytes = _DEFAULT_WORKSPACE_BYTES
@@ -26,6 +26,15 @@ def get_workspace_bytes():
 def extension_available():
     """Whether the compiled kernels (arcface_ext._C) could be loaded."""
     return ops.IMPORT_ERROR is None
+
+
+def require_extension():
+    """Raises, saying how to build them, when the compiled kernels could not be loaded."""
+    if ops.IMPORT_ERROR is not None:
+        raise RuntimeError(
+            "arcface_ext's compiled kernels are not available (importing arcface_ext._C failed: "
+            f"{ops.IMPORT_ERROR}). Build them with `pip install --no-build-isolation -e .` from the "
+            "repository root, or use arcface_ext.reference.combined_margin_loss explicitly.")
 
 
 def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
@@ -59,11 +68,7 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     """
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
                     reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
-    if ops.IMPORT_ERROR is not None:
-        raise RuntimeError(
-            "arcface_ext's compiled kernels are not available (importing arcface_ext._C failed: "
-            f"{ops.IMPORT_ERROR}). Build them with `pip install --no-build-isolation -e .` from the "
-            "repository root, or use arcface_ext.reference.combined_margin_loss explicitly.")
+    require_extension()
     dtype = fused_compute_dtype(embeddings, weight)
     needs_embeddings_grad = torch.is_grad_enabled() and embeddings.requires_grad
     needs_weight_grad = torch.is_grad_enabled() and weight.requires_grad
@@ -82,6 +87,5 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
             _workspace_bytes)
         loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
     if return_target_cosine:
-        counted = labels != ignore_index
-        return loss, torch.where(counted, target_cosine, torch.full_like(target_cosine, float("nan")))
+        return loss, nan_at_ignored(target_cosine, labels, ignore_index)
     return loss

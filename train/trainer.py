@@ -357,32 +357,31 @@ class Trainer:
             return centres
         return {key: self.margin_loss.shard_of(value) for key, value in centres.items()}
 
-    def _local_optimizer_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """This rank's rows of the class centres' optimizer state (momentum, Adam moments)."""
-        if not self._sharded():
-            return state
+    def _map_centre_state(self, state: dict[str, Any], per_class) -> dict[str, Any]:
+        """A copy of an optimizer state dict whose class-centre tensors (momentum, Adam moments; not
+        scalars such as Adam's step) went through ``per_class``, in the same order on every rank
+        (``per_class`` may be a collective). The live optimizer state is never written."""
         state = {**state, "state": dict(state["state"])}
         for i in self._centre_state_ids(state):
-            if i in state["state"]:
-                state["state"][i] = {key: self.margin_loss.shard_of(value)
-                                     if torch.is_tensor(value) and value.dim() > 0 else value
-                                     for key, value in state["state"][i].items()}
+            if i not in state["state"]:  # before the first step, on every rank alike
+                continue
+            entry = dict(state["state"][i])
+            for key in sorted(entry):
+                if torch.is_tensor(entry[key]) and entry[key].dim() > 0:
+                    entry[key] = per_class(entry[key])
+            state["state"][i] = entry
         return state
+
+    def _local_optimizer_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's rows of a whole checkpoint's class-centre optimizer state."""
+        return self._map_centre_state(state, self.margin_loss.shard_of) if self._sharded() else state
 
     def _full_optimizer_state(self) -> dict[str, Any] | None:
         """The optimizer's state with the class centres' rows of every rank (rank 0; collective)."""
         state = self.optimizer.state_dict()
         if not self._sharded():
             return state
-        state = {**state, "state": dict(state["state"])}  # never write into the live state
-        for i in self._centre_state_ids(state):
-            if i not in state["state"]:  # before the first step, on every rank alike
-                continue
-            entry = dict(state["state"][i])
-            for key in sorted(entry):  # the same collectives in the same order on every rank
-                if torch.is_tensor(entry[key]) and entry[key].dim() > 0:
-                    entry[key] = self.margin_loss.gather(entry[key])
-            state["state"][i] = entry
+        state = self._map_centre_state(state, self.margin_loss.gather)
         return state if self.is_main else None
 
     def save(self) -> None:
