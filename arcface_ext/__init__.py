@@ -5,9 +5,11 @@ from .functional import (combined_margin_loss, extension_available, get_workspac
                          set_workspace_bytes)
 from .modules import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, SphereFaceLoss
 from .distributed import ShardedCombinedMarginLoss, class_shard
+from .sampling import sample_classes, sample_size
 
 __all__ = [
     "combined_margin_loss", "reference", "CombinedMarginLoss", "ArcFaceLoss", "CosFaceLoss",
-    "SphereFaceLoss", "ShardedCombinedMarginLoss", "class_shard", "set_workspace_bytes", "get_workspace_bytes", "extension_available",
+    "SphereFaceLoss", "ShardedCombinedMarginLoss", "class_shard", "sample_classes", "sample_size",
+    "set_workspace_bytes", "get_workspace_bytes", "extension_available",
 ]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ from . import ops
 from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows
 from .functional import get_workspace_bytes, require_extension
 from .modules import set_loss_options
+from .sampling import check_labels, sample_classes, sample_size
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -64,35 +65,23 @@ def _all_gather_rows(local, rows, group, world_size):
 
 
 class _ShardedMarginSoftmax(torch.autograd.Function):
-    """Per-row losses of this rank's rows and their target cosines, for a weight shard."""
+    """Per-row losses of this rank's rows and their target cosines, for a weight shard (or the
+    sampled rows ``index`` of it), given every rank's labels as the op is to see them."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight, labels, options, group):
-        (s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes, class_start,
-         num_classes) = options
+    def forward(ctx, embeddings, weight, all_labels, index, rows, options, group):
+        _, _, _, _, _, ignore_index, _, _, class_start, _ = options
         rank, world_size = _group_info(group)
         n = embeddings.shape[0]
-        if world_size > 1:
-            sizes = torch.zeros(world_size, dtype=torch.int64, device=embeddings.device)
-            _all_gather_single(sizes, torch.tensor([n], dtype=torch.int64, device=embeddings.device),
-                               group=group)
-            rows = int(sizes.max())
-        else:
-            rows = n
-        # Padding rows carry ignore_index: they count for nothing anywhere.
-        padded_labels = labels.new_full((rows,), ignore_index)
-        padded_labels[:n] = labels
         all_embeddings = _all_gather_rows(embeddings.detach(), rows, group, world_size)
-        all_labels = _all_gather_rows(padded_labels, rows, group, world_size)
+        classes = weight.detach() if index is None else weight.detach().index_select(0, index)
 
-        loss, lse, cosine = ops.margin_softmax_forward(
-            all_embeddings, weight.detach(), all_labels, s, m1, m2, m3, lambda_, ignore_index,
-            straight_through, workspace_bytes, class_start, num_classes)
+        loss, lse, cosine = ops.margin_softmax_forward(all_embeddings, classes, all_labels, *options)
         if world_size > 1:
             # The whole softmax's log-sum-exp from the shards' (max first, for range), and the target
             # logit and cosine from the shard that holds each row's target (zero on the others).
             counted = all_labels != ignore_index
-            owned = counted & (all_labels >= class_start) & (all_labels < class_start + weight.shape[0])
+            owned = counted & (all_labels >= class_start) & (all_labels < class_start + classes.shape[0])
             lse_max = lse.clone()
             dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
             zero = torch.zeros_like(lse)
@@ -103,8 +92,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             loss = torch.where(counted, lse - parts[1], torch.zeros_like(lse))
             cosine = parts[2]
         mine = slice(rank * rows, rank * rows + n)
-        ctx.save_for_backward(all_embeddings, weight.detach(), all_labels, lse)
+        ctx.save_for_backward(all_embeddings, classes, all_labels, lse, index)
         ctx.options, ctx.group, ctx.world_size, ctx.mine, ctx.rows = options, group, world_size, mine, rows
+        ctx.weight_shape = weight.shape
         ctx.mark_non_differentiable(cosine)
         ctx.set_materialize_grads(False)
         return loss[mine], cosine[mine]
@@ -113,18 +103,16 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_cosine):
         if torch.is_grad_enabled():
             raise RuntimeError("the sharded margin loss does not support double backward (create_graph=True)")
-        all_embeddings, weight, all_labels, lse = ctx.saved_tensors
-        (s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes, class_start,
-         num_classes) = ctx.options
+        all_embeddings, classes, all_labels, lse, index = ctx.saved_tensors
+        options = ctx.options
         needs_embeddings_grad, needs_weight_grad = ctx.needs_input_grad[:2]
         world_size, n = ctx.world_size, ctx.mine.stop - ctx.mine.start
         if grad_loss is None:  # every rank skips alike: only the target cosines were used
             grad_loss = lse.new_zeros(n)
         all_grad = _all_gather_rows(grad_loss.to(lse.dtype), ctx.rows, ctx.group, world_size)
-        grad_embeddings, grad_weight = ops.margin_softmax_backward(
-            all_grad, all_embeddings, weight, all_labels, lse, s, m1, m2, m3, lambda_, ignore_index,
-            straight_through, workspace_bytes, needs_embeddings_grad, needs_weight_grad, class_start,
-            num_classes)
+        grad_embeddings, grad_classes = ops.margin_softmax_backward(
+            all_grad, all_embeddings, classes, all_labels, lse, *options[:8], needs_embeddings_grad,
+            needs_weight_grad, *options[8:])
         grad_x = grad_w = None
         if needs_embeddings_grad:
             if world_size > 1:
@@ -137,8 +125,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             else:
                 grad_x = grad_embeddings
         if needs_weight_grad:
-            grad_w = grad_weight / world_size if world_size > 1 else grad_weight
-        return grad_x, grad_w, None, None, None
+            if index is not None:  # the classes left out of the sample get no gradient
+                grad_classes = grad_classes.new_zeros(ctx.weight_shape).index_copy_(0, index, grad_classes)
+            grad_w = grad_classes / world_size if world_size > 1 else grad_classes
+        return grad_x, grad_w, None, None, None, None, None
 
 
 class ShardedCombinedMarginLoss(nn.Module):
@@ -151,16 +141,22 @@ class ShardedCombinedMarginLoss(nn.Module):
     the loss is over this rank's rows (``reduction`` as for the unsharded loss). See the module's
     docstring for the gradients. It is not to be wrapped in DistributedDataParallel (its
     ``sharded`` attribute says so to the bundled trainer).
+
+    ``sample_rate`` < 1 is partial FC as insightface runs it: in training mode each rank keeps the
+    classes of its shard that are targets anywhere in the gathered batch and a uniform sample of
+    its other classes (``sample_size(shard size, sample_rate, gathered rows)`` in all), and the
+    softmax runs over the union of the ranks' samples. The centres left out get no gradient that
+    step. In eval mode every class counts.
     """
 
     sharded = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
-                 reduction="mean", margin_grad="exact", ignore_index=-1, process_group=None,
+                 reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, process_group=None,
                  device=None, dtype=None):
         super().__init__()
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
-                         ignore_index)
+                         ignore_index, sample_rate)
         self.process_group = process_group
         self.rank, self.world_size = _group_info(process_group)
         self.class_start, self.class_stop = class_shard(num_classes, self.rank, self.world_size)
@@ -210,25 +206,64 @@ class ShardedCombinedMarginLoss(nn.Module):
             return None
         return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
 
+    def _gather_labels(self, labels):
+        """Every rank's labels, each rank's padded with ignore_index to the largest local batch, and
+        that batch size."""
+        n = labels.shape[0]
+        if self.world_size == 1:
+            return labels, n
+        sizes = torch.zeros(self.world_size, dtype=torch.int64, device=labels.device)
+        _all_gather_single(sizes, torch.tensor([n], dtype=torch.int64, device=labels.device),
+                           group=self.process_group)
+        rows = int(sizes.max())
+        padded = labels.new_full((rows,), self.ignore_index)
+        padded[:n] = labels
+        return _all_gather_rows(padded, rows, self.process_group, self.world_size), rows
+
+    def _sample(self, all_labels):
+        """This rank's sample of its classes, and the labels renumbered for the union of the ranks'
+        samples (rank r's sample holding places [offsets[r], offsets[r + 1]) of it): (index, labels
+        with -1 at ignored rows, this rank's offset, the union's size). Every rank knows every
+        sample's size without asking: it depends only on the shard sizes and the gathered rows."""
+        bounds = [class_shard(self.num_classes, r, self.world_size) for r in range(self.world_size)]
+        sizes = [sample_size(stop - start, self.sample_rate, all_labels.shape[0]) for start, stop in bounds]
+        offsets = torch.tensor([0] + sizes, device=all_labels.device).cumsum(0)
+        index, positions = sample_classes(all_labels, self.class_stop - self.class_start, self.sample_rate,
+                                          class_start=self.class_start, ignore_index=self.ignore_index)
+        # A target in another shard only has to fall in its owner's places, not this rank's.
+        first_classes = torch.tensor([start for start, _ in bounds[1:]], dtype=torch.int64, device=all_labels.device)
+        owner = torch.searchsorted(first_classes, all_labels, right=True)
+        renumbered = torch.where(positions >= 0, offsets[self.rank] + positions, offsets[owner])
+        renumbered = torch.where(all_labels != self.ignore_index, renumbered, torch.full_like(renumbered, -1))
+        return index, renumbered, int(offsets[self.rank]), int(offsets[-1])
+
     def forward(self, embeddings, labels, return_target_cosine=False):
         check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
                         lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
                         ignore_index=self.ignore_index)
         require_extension()
         dtype = fused_compute_dtype(embeddings, self.weight)
-        options = (self.s, self.m1, self.m2, self.m3, self.lambda_, int(self.ignore_index),
-                   self.margin_grad == "straight_through", get_workspace_bytes(), self.class_start,
-                   self.num_classes)
         labels = labels.long()
-        loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), labels,
-                                                        options, self.process_group)
+        all_labels, rows = self._gather_labels(labels)
+        index, ignore_index, class_start, num_classes = None, self.ignore_index, self.class_start, self.num_classes
+        if self.training and self.sample_rate < 1.0:
+            # Every rank checks the same gathered labels, so that all of them raise or none does.
+            check_labels(all_labels, self.num_classes, self.ignore_index)
+            index, all_labels, class_start, num_classes = self._sample(all_labels)
+            ignore_index = -1
+            self.last_sampled_classes = self.class_start + index
+        options = (self.s, self.m1, self.m2, self.m3, self.lambda_, int(ignore_index),
+                   self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes)
+        loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), all_labels,
+                                                        index, rows, options, self.process_group)
         loss = reduce_rows(loss_rows, labels, self.ignore_index, self.reduction)
         if return_target_cosine:
             return loss, nan_at_ignored(cosine, labels, self.ignore_index)
         return loss
 
     def extra_repr(self):
+        sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
-                f"m1={self.m1}, m2={self.m2}, m3={self.m3}, classes [{self.class_start}, {self.class_stop}) "
-                f"on rank {self.rank} of {self.world_size}")
+                f"m1={self.m1}, m2={self.m2}, m3={self.m3}{sampled}, classes [{self.class_start}, "
+                f"{self.class_stop}) on rank {self.rank} of {self.world_size}")
 

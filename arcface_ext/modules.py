@@ -3,13 +3,18 @@ import torch
 from torch import nn
 
 from . import functional, reference
+from ._checks import check_arguments
+from .sampling import check_labels, check_sample_rate, sample_classes
 
 
 def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
-                     ignore_index):
+                     ignore_index, sample_rate):
     """The options every margin-loss module keeps as attributes (sizes checked, margins as floats)."""
     if num_classes < 1 or embedding_size < 1:
         raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes} and {embedding_size}")
+    module.sample_rate = check_sample_rate(sample_rate)
+    # The classes the last sampled training step kept (global indices), None before one ran.
+    module.last_sampled_classes = None
     module.num_classes = num_classes
     module.embedding_size = embedding_size
     module.s, module.m1, module.m2, module.m3, module.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
@@ -24,14 +29,20 @@ class CombinedMarginLoss(nn.Module):
     Called as ``criterion(embeddings, labels)``; ``return_target_cosine=True`` also returns each
     row's clamped target cosine (for plotting the θ distribution). ``use_reference=True`` runs the
     pure-PyTorch reference instead of the compiled kernels (never chosen silently).
+
+    ``sample_rate`` < 1 is partial FC (:mod:`arcface_ext.sampling`): in training mode each call's
+    softmax runs over the classes of its targets and a uniform sample of the others,
+    ``sample_size(C, sample_rate, N)`` classes in all (``last_sampled_classes`` says which); the
+    centres left out get no gradient that step (an optimizer's momentum and weight decay still
+    move them, as in insightface). In eval mode every class counts.
     """
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
-                 reduction="mean", margin_grad="exact", ignore_index=-1, use_reference=False,
+                 reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, use_reference=False,
                  device=None, dtype=None):
         super().__init__()
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
-                         ignore_index)
+                         ignore_index, sample_rate)
         self.use_reference = use_reference
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
         self.reset_parameters()
@@ -42,9 +53,19 @@ class CombinedMarginLoss(nn.Module):
 
     def forward(self, embeddings, labels, return_target_cosine=False):
         loss_fn = reference.combined_margin_loss if self.use_reference else functional.combined_margin_loss
-        return loss_fn(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+        weight, ignore_index = self.weight, self.ignore_index
+        if self.training and self.sample_rate < 1.0:
+            check_arguments(embeddings, weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+                            lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
+                            ignore_index=ignore_index)
+            check_labels(labels, self.num_classes, ignore_index)
+            index, labels = sample_classes(labels, self.num_classes, self.sample_rate, ignore_index=ignore_index)
+            # Ignored rows are -1 among the positions (a class index can no longer be ignore_index).
+            weight, ignore_index = weight.index_select(0, index), -1
+            self.last_sampled_classes = index
+        return loss_fn(embeddings, weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
                        lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
-                       ignore_index=self.ignore_index, return_target_cosine=return_target_cosine)
+                       ignore_index=ignore_index, return_target_cosine=return_target_cosine)
 
     def extra_repr(self):
         parts = [f"num_classes={self.num_classes}", f"embedding_size={self.embedding_size}",
@@ -53,6 +74,8 @@ class CombinedMarginLoss(nn.Module):
             parts.append(f"lambda_={self.lambda_}")
         if self.margin_grad != "exact":
             parts.append(f"margin_grad={self.margin_grad!r}")
+        if self.sample_rate < 1.0:
+            parts.append(f"sample_rate={self.sample_rate}")
         if self.use_reference:
             parts.append("use_reference=True")
         return ", ".join(parts)

@@ -5,7 +5,9 @@ inputs its fused tensor-core kernels), `ours-cublas` (CUDA only: the same op wit
 ARCFACE_EXT_CUDA_FUSED=0, i.e. cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the
 pure-PyTorch reference), `compiled` (torch.compile(reference, fullgraph=True)) and `floor` (the
 three GEMMs any implementation must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone on pre-normalised matrices
-with torch.mm). Prints a table with ratios and writes its rows to
+with torch.mm). `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
+insightface runs for millions of identities): each step draws its sample (arcface_ext.sample_classes),
+gathers those centres and runs ours or the reference on them; the draw and the gather are timed too. Prints a table with ratios and writes its rows to
 benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the same name).
 
     python benchmarks/bench_loss.py                                   # CPU: N=256 D=512 C=50000 fp32
@@ -53,7 +55,7 @@ if ROOT not in sys.path:
 import arcface_ext  # noqa: E402
 from arcface_ext import reference  # noqa: E402
 
-IMPLS = ("ours", "ours-cublas", "eager", "compiled", "floor")
+IMPLS = ("ours", "ours-cublas", "eager", "compiled", "floor", "ours-sampled", "eager-sampled")
 DEFAULT_IMPLS = {"cpu": ("ours", "eager", "compiled", "floor"), "cuda": IMPLS}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {
@@ -76,7 +78,15 @@ def make_inputs(n, dim, num_classes, dtype, device, seed=0):
     return embeddings, weight, labels
 
 
-def make_step(impl, embeddings, weight, labels, reduction="mean"):
+def sampled(loss_fn, sample_rate):
+    """loss_fn over partial FC's sample of the classes, drawn anew at every call."""
+    def sampled_loss(embeddings, weight, labels, **kwargs):
+        index, positions = arcface_ext.sample_classes(labels, weight.shape[0], sample_rate)
+        return loss_fn(embeddings, weight.index_select(0, index), positions, **kwargs)
+    return sampled_loss
+
+
+def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.1):
     """One forward+backward of `impl`; returns the gradients (the result whose size is excluded
     from peak extra memory)."""
     device_type = embeddings.device.type
@@ -95,6 +105,10 @@ def make_step(impl, embeddings, weight, labels, reduction="mean"):
         loss_fn = arcface_ext.combined_margin_loss
     elif impl == "eager":
         loss_fn = reference.combined_margin_loss
+    elif impl == "ours-sampled":
+        loss_fn = sampled(arcface_ext.combined_margin_loss, sample_rate)
+    elif impl == "eager-sampled":
+        loss_fn = sampled(reference.combined_margin_loss, sample_rate)
     elif impl == "compiled":
         loss_fn = torch.compile(reference.combined_margin_loss, fullgraph=True, dynamic=False)
     else:
@@ -189,7 +203,7 @@ def _memory_child(spec):
     tensors = make_inputs(spec["N"], spec["D"], spec["C"], DTYPES[spec["dtype"]], torch.device("cpu"))
     peaks = {}
     for impl in spec["impls"]:
-        step = make_step(impl, *tensors, reduction=spec.get("reduction", "mean"))
+        step = make_step(impl, *tensors, reduction=spec.get("reduction", "mean"), sample_rate=spec["sample_rate"])
         for _ in range(spec.get("warmup", 1)):
             step()
         gc.collect()
@@ -205,11 +219,12 @@ def _memory_child(spec):
 
 
 def cpu_peak_extra_mb(impls, n, dim, num_classes, dtype="fp32", *, reduction="mean", threads=None,
-                      workspace_bytes=None, warmup=1, timeout=900):
+                      workspace_bytes=None, warmup=1, sample_rate=0.1, timeout=900):
     """{impl: peak extra memory (MiB) of one forward+backward}, measured in one child process
     (the benchmark gives each impl its own)."""
     spec = dict(impls=list(impls), N=n, D=dim, C=num_classes, dtype=dtype, reduction=reduction,
-                warmup=warmup, threads=threads or torch.get_num_threads(), workspace_bytes=workspace_bytes)
+                warmup=warmup, threads=threads or torch.get_num_threads(), workspace_bytes=workspace_bytes,
+                sample_rate=sample_rate)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
     child = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)],
                            env=env, capture_output=True, text=True, timeout=timeout)
@@ -286,7 +301,7 @@ def git_sha():
 
 
 def print_table(rows):
-    header = (f"{'impl':<11} {'N':>5} {'D':>5} {'C':>9} {'dtype':>5} {'ms':>9} {'x floor':>8} "
+    header = (f"{'impl':<13} {'N':>5} {'D':>5} {'C':>9} {'dtype':>5} {'ms':>9} {'x floor':>8} "
               f"{'x eager':>8} {'x compiled':>10} {'peak MB':>9} {'mem x eager':>11}")
     print(header)
     print("-" * len(header))
@@ -300,7 +315,7 @@ def print_table(rows):
 
     for r in rows:
         peak = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
-        print(f"{r['impl']:<11} {r['N']:>5} {r['D']:>5} {r['C']:>9} {r['dtype']:>5} {r['ms']:>9.1f} "
+        print(f"{r['impl']:<13} {r['N']:>5} {r['D']:>5} {r['C']:>9} {r['dtype']:>5} {r['ms']:>9.1f} "
               f"{ratio(r, 'floor', 'ms'):>8} {ratio(r, 'eager', 'ms'):>8} {ratio(r, 'compiled', 'ms'):>10} "
               f"{peak:>9} {ratio(r, 'eager', 'peak_extra_mb'):>11}")
 
@@ -317,6 +332,7 @@ def parse_args(argv=None):
     parser.add_argument("--impls", help=f"comma-separated subset of {','.join(IMPLS)} (default: all on CUDA; "
                         "all but ours-cublas, which only differs on CUDA, on CPU)")
     parser.add_argument("--workspace-bytes", type=int, help="arcface_ext.set_workspace_bytes (default: the op's)")
+    parser.add_argument("--sample-rate", type=float, default=0.1, help="partial FC's rate for the *-sampled impls")
     parser.add_argument("--max-c", type=int,
                         help="CUDA: also search the largest C that fits, up to this, for ours and eager")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -357,7 +373,7 @@ def main(argv=None):
     rows = []
     for num_classes in class_counts:
         tensors = make_inputs(n, dim, num_classes, dtype, device)
-        steps = {impl: make_step(impl, *tensors) for impl in impls}
+        steps = {impl: make_step(impl, *tensors, sample_rate=args.sample_rate) for impl in impls}
         times = time_interleaved(steps, device=device, warmup=args.warmup, repeats=args.repeats)
         for impl in impls:
             peak = None
@@ -366,8 +382,10 @@ def main(argv=None):
                     peak = cuda_peak_extra_mb(steps[impl], device)
                 else:
                     peak = cpu_peak_extra_mb([impl], n, dim, num_classes, dtype_name,
-                                             workspace_bytes=args.workspace_bytes)[impl]
-            rows.append(dict(impl=impl, N=n, D=dim, C=num_classes, dtype=dtype_name,
+                                             workspace_bytes=args.workspace_bytes,
+                                             sample_rate=args.sample_rate)[impl]
+            extra = {"sample_rate": args.sample_rate} if impl.endswith("-sampled") else {}
+            rows.append(dict(impl=impl, N=n, D=dim, C=num_classes, dtype=dtype_name, **extra,
                              ms=statistics.median(times[impl]), ms_all=[round(t, 3) for t in times[impl]],
                              peak_extra_mb=peak, **environment))
         del steps, tensors

@@ -176,6 +176,27 @@ def test_class_shards_combine_to_the_whole_loss(kernel, dtype):
                    roundings=2 * GEMM_OPERAND_ROUNDINGS)
 
 
+def test_sampled_module_on_the_gpu():
+    # Partial FC's draw (rand, scatter_reduce, topk, searchsorted) on the GPU, then the op on the
+    # sampled centres, against the fp64 reference on the same sample.
+    x, w, labels = make_inputs(64, 32, 5000, seed=43, dtype=torch.float64, ignored=(2,))
+    module = arcface_ext.CombinedMarginLoss(5000, 32, sample_rate=0.1, device=DEVICE, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    xs = x.clone().requires_grad_(True)
+    loss = module(xs, labels)
+    loss.backward()
+    sample = module.last_sampled_classes
+    assert sample.device.type == "cuda" and len(sample) == 500
+    assert torch.isin(labels[labels >= 0], sample).all() and torch.all(sample[1:] > sample[:-1])
+    positions = torch.where(labels >= 0, torch.searchsorted(sample, labels.clamp_min(0)), -1)
+    expected = loss_and_grads(reference.combined_margin_loss, x, w[sample], positions)
+    assert_matches_reference(loss.detach(), expected[0], name="loss")
+    assert_matches_reference(xs.grad, expected[2], name="grad_embeddings")
+    assert_matches_reference(module.weight.grad[sample], expected[3], name="grad_weight")
+    assert int(module.weight.grad.abs().sum(dim=1).ne(0).sum()) <= 500
+
+
 # ---- the fused tensor-core kernels --------------------------------------------------------------
 
 FUSED_SHAPES = [(1, 8, 1), (37, 8, 129), (129, 72, 1000), (300, 520, 5003), (128, 32, 128)]

@@ -148,15 +148,17 @@ NUM_CLASSES, DIM = 11, 12
 MARGIN = dict(s=64.0, m1=1.0, m2=0.3, m3=0.2)
 
 
-def _worker(rank, world_size, init_file, sizes, ignored, out_dir):
+def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, sample_rate):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
-        x, w, labels = make_case(13, sizes, NUM_CLASSES, DIM, ignored=ignored)
+        x, w, labels = make_case(13, sizes, num_classes, DIM, ignored=ignored)
         mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
         torch.manual_seed(0)
-        module = arcface_ext.ShardedCombinedMarginLoss(NUM_CLASSES, DIM, **MARGIN, dtype=torch.float64)
+        module = arcface_ext.ShardedCombinedMarginLoss(num_classes, DIM, **MARGIN, sample_rate=sample_rate,
+                                                       dtype=torch.float64)
         initial = module.gather(module.weight)
+        torch.manual_seed(100 + rank)  # the ranks draw different samples
         with torch.no_grad():
             module.weight.copy_(module.shard_of(w))
         xs = x[mine].clone().requires_grad_(True)
@@ -165,38 +167,64 @@ def _worker(rank, world_size, init_file, sizes, ignored, out_dir):
         gathered = module.gather(module.weight.grad)
         torch.save({"loss": loss.detach(), "cosine": cosine, "grad_x": xs.grad, "grad_w": module.weight.grad,
                     "range": (module.class_start, module.class_stop), "initial": initial,
-                    "gathered_grad": gathered}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "gathered_grad": gathered, "sampled": module.last_sampled_classes},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes, ignored", [([5, 3], (6,)), ([4, 1, 3], (0,))], ids=["2-ranks", "3-ranks-uneven"])
-def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored):
+@pytest.mark.parametrize("sizes, ignored, num_classes, sample_rate", [
+    ([5, 3], (6,), NUM_CLASSES, 1.0), ([4, 1, 3], (0,), NUM_CLASSES, 1.0),
+    ([5, 3], (6,), 60, 0.3), ([4, 1, 3], (0,), 60, 0.3)],
+    ids=["2-ranks", "3-ranks-uneven", "2-ranks-sampled", "3-ranks-uneven-sampled"])
+def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_classes, sample_rate):
     world_size = len(sizes)
-    mp.spawn(_worker, args=(world_size, str(tmp_path / "store"), sizes, ignored, str(tmp_path)),
-             nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, str(tmp_path / "store"), sizes, ignored, str(tmp_path), num_classes,
+                            sample_rate), nprocs=world_size, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
-    x, w, labels = make_case(13, sizes, NUM_CLASSES, DIM, ignored=ignored)
+    x, w, labels = make_case(13, sizes, num_classes, DIM, ignored=ignored)
+
+    # Partial FC: the softmax runs over the union of the ranks' samples, each holding every class
+    # of its shard that is a target anywhere in the gathered batch, and as many as sample_size says.
+    classes = torch.arange(num_classes)
+    if sample_rate < 1:
+        rows = max(sizes) * world_size
+        for r, result in enumerate(results):
+            start, stop = arcface_ext.class_shard(num_classes, r, world_size)
+            sample = result["sampled"]
+            assert len(sample) == arcface_ext.sample_size(stop - start, sample_rate, rows) < stop - start
+            assert torch.all((sample >= start) & (sample < stop)) and torch.all(sample[1:] > sample[:-1])
+            targets = labels[(labels >= start) & (labels < stop)]
+            assert torch.isin(targets, sample).all()
+        classes = torch.cat([result["sampled"] for result in results])
+    else:
+        assert all(result["sampled"] is None for result in results)
+    counted = labels != -1
+    positions = torch.where(counted, torch.searchsorted(classes, labels.clamp_min(0)), -1)
 
     # What DDP over a replicated classifier gives: each rank's loss over its rows, each rank's
     # embeddings the gradient of its own loss, the centres the mean of the ranks' gradients.
     grad_w = torch.zeros_like(w)
     for r, result in enumerate(results):
         mine = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
-        loss, cosine, gx, gw = loss_and_grads(reference.combined_margin_loss, x[mine], w, labels[mine],
-                                              return_target_cosine=True, **MARGIN)
+        loss, cosine, gx, gw = loss_and_grads(reference.combined_margin_loss, x[mine], w[classes],
+                                              positions[mine], return_target_cosine=True, **MARGIN)
         assert_matches_reference(result["loss"], loss, name=f"rank {r} loss")
         torch.testing.assert_close(result["cosine"], cosine, equal_nan=True)
         assert_matches_reference(result["grad_x"], gx, name=f"rank {r} grad_embeddings")
-        grad_w += gw / world_size
+        grad_w[classes] += gw / world_size
     for r, result in enumerate(results):
         start, stop = result["range"]
-        assert (start, stop) == arcface_ext.class_shard(NUM_CLASSES, r, world_size)
+        assert (start, stop) == arcface_ext.class_shard(num_classes, r, world_size)
         assert_matches_reference(result["grad_w"], grad_w[start:stop], name=f"rank {r} grad_weight")
     assert_matches_reference(results[0]["gathered_grad"], grad_w, name="gathered grad_weight")
     assert all(result["gathered_grad"] is None for result in results[1:])
+    if sample_rate < 1:  # the centres outside every sample got exactly nothing
+        left_out = torch.ones(num_classes, dtype=torch.bool)
+        left_out[classes] = False
+        assert left_out.any() and torch.all(results[0]["gathered_grad"][left_out] == 0)
 
     # The initial centres do not depend on the number of ranks.
     torch.manual_seed(0)
-    single = arcface_ext.ShardedCombinedMarginLoss(NUM_CLASSES, DIM, **MARGIN, dtype=torch.float64)
+    single = arcface_ext.ShardedCombinedMarginLoss(num_classes, DIM, **MARGIN, dtype=torch.float64)
     torch.testing.assert_close(results[0]["initial"], single.weight.detach(), rtol=0, atol=0)

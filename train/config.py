@@ -87,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sharded-classes", "--model-parallel", dest="sharded_classes",
                    action=argparse.BooleanOptionalAction, default=False,
                    help="split the class centres across the processes (model parallel, as arcface_torch's "
-                   "partial FC at sample rate 1): each holds C / world of them and their optimizer state, "
+                   "partial FC): each holds C / world of them and their optimizer state, "
                    "and no C x D gradient is all-reduced. For hundreds of thousands of identities and more")
+    g.add_argument("--sample-rate", "--sample_rate", dest="sample_rate", type=float, default=1.0,
+                   help="partial FC's class sampling: each step's softmax runs over the batch's identities and "
+                   "a uniform sample of the others, this fraction of all (of each process's shard with "
+                   "--sharded-classes); insightface's WebFace42M configurations use 0.2-0.3. 1: every class")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
@@ -217,6 +221,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
     if args.max_steps < 1:
         raise SystemExit(f"--max-steps must be at least 1, got {args.max_steps}")
+    if not 0.0 < args.sample_rate <= 1.0:
+        raise SystemExit(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     if args.sharded_classes and args.loss_impl != "fused":
         raise SystemExit("--sharded-classes needs --loss-impl fused (the reference has no sharded form)")
     if args.sharded_classes and args.loss_amp == "fp16":

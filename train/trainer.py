@@ -166,9 +166,9 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     m1, m2, m3 = margins(args)
     if args.sharded_classes:
         return arcface_ext.ShardedCombinedMarginLoss(num_classes, args.embedding_size, s=args.arcface_s, m1=m1,
-                                                     m2=m2, m3=m3)
+                                                     m2=m2, m3=m3, sample_rate=args.sample_rate)
     return arcface_ext.CombinedMarginLoss(num_classes, args.embedding_size, s=args.arcface_s, m1=m1, m2=m2, m3=m3,
-                                          use_reference=args.loss_impl == "reference")
+                                          sample_rate=args.sample_rate, use_reference=args.loss_impl == "reference")
 
 
 def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: nn.Module) -> torch.optim.Optimizer:

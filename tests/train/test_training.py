@@ -239,6 +239,49 @@ def test_single_process_sharded_classes_trains(faces, tmp_path):
     assert len(losses(tmp_path / "sharded")) == 4
 
 
+@pytest.fixture(scope="module")
+def many_faces(tmp_path_factory):
+    """40 identities of 2 images: a batch of 16 holds at most 16 of them, so a sample rate of 0.25
+    (10 classes, raised to 16) leaves classes out of every step's softmax."""
+    return make_face_folder(str(tmp_path_factory.mktemp("many_faces") / "train"), identities=40, images=2), None
+
+
+@pytest.mark.skipif(not arcface_ext.extension_available(), reason="the sampled sharded loss needs the compiled op")
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
+def test_sampled_classes_train_and_resume_exactly(many_faces, tmp_path, monkeypatch, sharded):
+    options = dict(max_steps=6, save_every=3, sample_rate=0.25, sharded_classes=sharded)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(argv(many_faces, full, **options)) == 0
+    assert json.loads((full / "args.json").read_text())["sample_rate"] == 0.25
+    curve = losses(full)
+    assert len(curve) == 6 and all(math.isfinite(v) for v in curve)
+
+    original_step = Trainer.train_step
+
+    def crash_after_step_4(self, images, labels):
+        if self.step == 4:
+            assert len(self.margin_loss.last_sampled_classes) == 16  # a sample of the 40, every step
+            raise RuntimeError("simulated kill")
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_after_step_4)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        main(argv(many_faces, killed, **options))
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+    # The sample is drawn from the generator the checkpoint restores: the same classes again.
+    assert main(argv(many_faces, killed, resume="auto", **options)) == 0
+    assert losses(killed) == curve
+    a = checkpoint.load(str(full / "checkpoint.pt"))["margin_loss"]["weight"]
+    assert torch.equal(a, checkpoint.load(str(killed / "checkpoint.pt"))["margin_loss"]["weight"])
+
+
+@pytest.mark.parametrize("rate", ["0", "1.5", "-0.1"])
+def test_sample_rate_is_checked(rate):
+    assert parse_args(["--sample_rate", "0.3"]).sample_rate == 0.3
+    with pytest.raises(SystemExit, match="--sample-rate must be in"):
+        parse_args(["--sample-rate", rate])
+
+
 def test_margins_per_loss():
     from train.config import margins
 
