@@ -17,6 +17,8 @@ that a replicated classifier under DistributedDataParallel would give:
 Every rank must call the loss at the same points, with the same options (it runs collectives);
 the local batch sizes may differ.
 """
+import itertools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -227,15 +229,17 @@ class ShardedCombinedMarginLoss(nn.Module):
         sample's size without asking: it depends only on the shard sizes and the gathered rows."""
         bounds = [class_shard(self.num_classes, r, self.world_size) for r in range(self.world_size)]
         sizes = [sample_size(stop - start, self.sample_rate, all_labels.shape[0]) for start, stop in bounds]
-        offsets = torch.tensor([0] + sizes, device=all_labels.device).cumsum(0)
+        offsets = [0, *itertools.accumulate(sizes)]
         index, positions = sample_classes(all_labels, self.class_stop - self.class_start, self.sample_rate,
                                           class_start=self.class_start, ignore_index=self.ignore_index)
         # A target in another shard only has to fall in its owner's places, not this rank's.
-        first_classes = torch.tensor([start for start, _ in bounds[1:]], dtype=torch.int64, device=all_labels.device)
-        owner = torch.searchsorted(first_classes, all_labels, right=True)
-        renumbered = torch.where(positions >= 0, offsets[self.rank] + positions, offsets[owner])
+        device = all_labels.device
+        owner = torch.searchsorted(torch.tensor([start for start, _ in bounds[1:]], device=device), all_labels,
+                                   right=True)
+        renumbered = torch.where(positions >= 0, offsets[self.rank] + positions,
+                                 torch.tensor(offsets[:-1], device=device)[owner])
         renumbered = torch.where(all_labels != self.ignore_index, renumbered, torch.full_like(renumbered, -1))
-        return index, renumbered, int(offsets[self.rank]), int(offsets[-1])
+        return index, renumbered, offsets[self.rank], offsets[-1]
 
     def forward(self, embeddings, labels, return_target_cosine=False):
         check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
