@@ -1,0 +1,439 @@
+"""IJB-B / IJB-C 1:1 verification: alignment, template pooling, TAR at FAR, and `python -m train.ijb`
+end to end on a tiny synthetic release (faces pasted into loose crops at known landmarks)."""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train import checkpoint, ijb
+from train.data.synthetic import render_face
+from train.models import get_model
+
+from trainer_fixtures import IMAGE_SIZE, one_thread  # noqa: F401
+
+CROP_SIZE = 64
+IDENTITIES, TEMPLATES_PER_IDENTITY = 6, 2
+
+
+def similarity(angle: float, scale: float, tx: float, ty: float) -> np.ndarray:
+    c, s = scale * math.cos(angle), scale * math.sin(angle)
+    return np.array([[c, -s, tx], [s, c, ty]])
+
+
+def apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Umeyama (1991) with an SVD, as skimage's SimilarityTransform.estimate computes it."""
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    covariance = dst_c.T @ src_c / len(src)
+    d = np.ones(2)
+    if np.linalg.det(covariance) < 0:
+        d[1] = -1
+    u, singular, vt = np.linalg.svd(covariance)
+    rotation = u @ np.diag(d) @ vt
+    scale = (singular @ d) / src_c.var(axis=0).sum()
+    return np.hstack([scale * rotation, (dst_mean - scale * rotation @ src_mean)[:, None]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment
+
+
+def test_estimate_similarity_inverts_a_known_transform():
+    template = ijb.arcface_template(112)
+    angle, scale, translation = 0.35, 1.8, np.array([40.5, -12.25])
+    landmarks = apply(similarity(angle, scale, *translation), template)
+    matrix = ijb.estimate_similarity(landmarks, template)
+    np.testing.assert_allclose(apply(matrix, landmarks), template, atol=1e-6, rtol=0)
+    assert math.hypot(matrix[0, 0], matrix[1, 0]) == pytest.approx(1 / scale, rel=1e-12)
+    assert math.atan2(matrix[1, 0], matrix[0, 0]) == pytest.approx(-angle, abs=1e-12)
+    np.testing.assert_allclose(matrix[:, 2], -matrix[:, :2] @ translation, atol=1e-9)
+
+
+def test_estimate_similarity_is_umeyamas_least_squares_without_reflection():
+    rng = np.random.default_rng(0)
+    template = ijb.arcface_template(112)
+    for trial in range(20):
+        landmarks = apply(similarity(rng.uniform(-3, 3), rng.uniform(0.3, 4), *rng.uniform(-50, 50, 2)), template)
+        landmarks += rng.normal(scale=3.0, size=landmarks.shape)
+        if trial % 2:
+            landmarks[:, 0] *= -1  # a mirrored face: the best similarity must still not reflect
+        matrix = ijb.estimate_similarity(landmarks, template)
+        np.testing.assert_allclose(matrix, umeyama(landmarks, template), atol=1e-9, rtol=1e-9)
+        assert np.linalg.det(matrix[:, :2]) > 0
+    with pytest.raises(ValueError, match="coincide"):
+        ijb.estimate_similarity(np.ones((5, 2)), template)
+
+
+def test_template_is_scaled_as_insightface_scales_it():
+    np.testing.assert_array_equal(ijb.arcface_template(112), ijb.ARCFACE_TEMPLATE)
+    np.testing.assert_allclose(ijb.arcface_template(224), 2 * ijb.ARCFACE_TEMPLATE)
+    np.testing.assert_allclose(ijb.arcface_template(128), ijb.ARCFACE_TEMPLATE + [8, 0])  # the 128 crop
+    np.testing.assert_allclose(ijb.arcface_template(32), ijb.ARCFACE_TEMPLATE / 4 + [2, 0])
+
+
+def test_warp_places_pixel_centres_as_opencv_does():
+    # A quarter turn plus a whole-pixel shift maps pixel centres onto pixel centres: every output
+    # pixel is one input pixel, exactly, and a half-pixel slip anywhere would blend neighbours.
+    y, x = np.mgrid[0:24, 0:32]
+    board = np.where((x // 4 + y // 4) % 2 == 0, 230, 20).astype(np.uint8)
+    board = np.stack([board, 255 - board, (7 * x + 3 * y).astype(np.uint8)], axis=-1)
+    matrix = similarity(math.pi / 2, 1.0, 26.0, -3.0)  # (x, y) -> (26 - y, x - 3)
+    out = ijb.warp_affine(Image.fromarray(board), matrix, 20)
+    v, u = np.mgrid[0:20, 0:20]
+    src_x, src_y = v + 3, 26 - u
+    inside = (src_x < 32) & (src_y >= 0) & (src_y < 24)
+    np.testing.assert_array_equal(out[inside], board[src_y[inside], src_x[inside]])
+    assert inside.sum() > 200 and not out[~inside].any()  # black outside the image
+
+
+def bilinear_with_black_border(image, x, y):
+    """OpenCV's bilinear sample of ``image`` at (x, y), pixel centres at integers, zero beyond it."""
+    h, w = image.shape[:2]
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    dx, dy = (x - x0)[..., None], (y - y0)[..., None]
+
+    def at(yy, xx):
+        inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+        return np.where(inside[..., None], image[yy.clip(0, h - 1), xx.clip(0, w - 1)], 0.0)
+
+    top = (1 - dx) * at(y0, x0) + dx * at(y0, x0 + 1)
+    bottom = (1 - dx) * at(y0 + 1, x0) + dx * at(y0 + 1, x0 + 1)
+    return (1 - dy) * top + dy * bottom
+
+
+def test_warp_is_bilinear_rounded_and_fades_to_black_at_the_edges():
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    matrix = similarity(0.3, 0.6, 4.5, 2.25)  # the image (48 x 36 once scaled) overhangs 40 x 40 at the side
+    out = ijb.warp_affine(Image.fromarray(image), matrix, 40).astype(np.float64)
+    v, u = np.mgrid[0:40, 0:40]
+    inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))
+    x = inverse[0, 0] * u + inverse[0, 1] * v + inverse[0, 2]
+    y = inverse[1, 0] * u + inverse[1, 1] * v + inverse[1, 2]
+    expected = bilinear_with_black_border(image.astype(np.float64), x, y)
+    error = np.abs(out - expected)
+    # Rounded, not truncated (Pillow's own 8-bit warp truncates); the edge band blends into black.
+    assert error.max() <= 0.5 + 1e-3, f"max error {error.max():.3f} at {np.unravel_index(error.argmax(), error.shape)}"
+    edge = ((x > -1) & (x < 0)) | ((y > -1) & (y < 0)) | ((x > 79) & (x < 80)) | ((y > 59) & (y < 60))
+    assert edge.sum() > 20 and ((x < -1) | (y < -1) | (x > 80) | (y > 60)).sum() > 20
+
+
+# ---------------------------------------------------------------------------------------------
+# TAR at FAR
+
+
+def brute_force_tar(scores, issame, far):
+    """The most positives any threshold t accepts (score > t) with at most FAR of the negatives."""
+    positives, negatives = scores[issame], scores[~issame]
+    best = None
+    for t in np.concatenate([[-np.inf], np.unique(scores)]):
+        if np.mean(negatives > t) <= far:
+            tar = np.mean(positives > t)
+            best = tar if best is None else max(best, tar)
+    return best
+
+
+@pytest.mark.parametrize("negatives", [997, 1000])
+def test_tar_at_far_matches_brute_force_with_ties(negatives):
+    rng = np.random.default_rng(negatives)
+    issame = np.r_[np.ones(137, bool), np.zeros(negatives, bool)]
+    # Scores on a coarse grid, so that many positives and negatives tie with each other.
+    scores = np.round(np.where(issame, rng.normal(0.6, 0.2, issame.size), rng.normal(0.2, 0.2, issame.size)), 2)
+    fars = (1e-4, 1e-3, 5e-3, 1e-2, 1e-1, 0.5)
+    for row in ijb.tar_at_far(scores, issame, fars):
+        if row["far"] * negatives < 1:
+            assert row["tar"] is None and row["threshold"] is None, row
+            continue
+        assert row["tar"] == brute_force_tar(scores, issame, row["far"]), row
+        assert row["false_accepts"] == np.sum(scores[~issame] > row["threshold"]) <= row["far"] * negatives
+
+
+def test_tar_at_far_by_hand():
+    # Negatives 0.9, 0.5, 0.5, 0.1; positives 0.95, 0.6, 0.5, 0.05.
+    scores = np.array([0.9, 0.5, 0.5, 0.1, 0.95, 0.6, 0.5, 0.05])
+    issame = np.array([0, 0, 0, 0, 1, 1, 1, 1], bool)
+    rows = ijb.tar_at_far(scores, issame, (0.2, 0.25, 0.5, 0.75, 1.0))
+    assert rows[0] == {"far": 0.2, "tar": None, "threshold": None, "false_accepts": None}  # 0.8 false accepts
+    assert rows[1] == {"far": 0.25, "tar": 0.5, "threshold": 0.5, "false_accepts": 1}
+    # Two false accepts allowed, but the next negatives tie at 0.5: both stay rejected.
+    assert rows[2] == {"far": 0.5, "tar": 0.5, "threshold": 0.5, "false_accepts": 1}
+    assert rows[3] == {"far": 0.75, "tar": 0.75, "threshold": 0.1, "false_accepts": 3}
+    assert rows[4] == {"far": 1.0, "tar": 1.0, "threshold": -math.inf, "false_accepts": 4}
+    with pytest.raises(ValueError, match="positive and negative"):
+        ijb.tar_at_far(scores, np.zeros(8, bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates and scores
+
+
+def pooled_by_hand(features, templates, medias, face_image, weights):
+    """insightface's image2template_feature, loop by loop."""
+    result = {}
+    for t in sorted(set(templates)):
+        total = np.zeros(features.shape[1])
+        for m in sorted({m for tt, m in zip(templates, medias) if tt == t}):
+            frames = [weights[i] * features[i].astype(np.float64)
+                      for tt, mm, i in zip(templates, medias, face_image) if tt == t and mm == m]
+            total += np.mean(frames, axis=0)
+        norm = np.linalg.norm(total)
+        result[t] = total / norm if norm > 0 else total
+    return result
+
+
+def test_template_features_match_a_loop():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(10, 6)).astype(np.float32)
+    # Template 5: media 1 holds three frames, media 3 one photo; template 9 also has a media 1,
+    # which is its own (media group within a template); image 2 appears in two templates.
+    templates = np.array([5, 5, 5, 5, 9, 9, 2, 2, 2, 7, 7, 7])
+    medias = np.array([1, 1, 1, 3, 1, 4, 8, 8, 6, 1, 1, 2])
+    face_image = np.array([0, 1, 2, 3, 4, 2, 5, 6, 7, 8, 9, 9])
+    weights = rng.uniform(0.1, 1.0, 10)
+    weights[[8, 9]] = 0  # template 7: a zero sum stays zero rather than becoming NaN
+    ids, pooled = ijb.template_features(features, templates, medias, face_image=face_image, weights=weights)
+    expected = pooled_by_hand(features, templates, medias, face_image, weights)
+    assert ids.tolist() == [2, 5, 7, 9]
+    for k, t in enumerate(ids):
+        np.testing.assert_allclose(pooled[k], expected[t], rtol=1e-12, atol=1e-15, err_msg=f"template {t}")
+    assert not pooled[2].any()
+
+
+def test_image_weights_are_insightfaces_norm_and_detector_options():
+    features = np.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], dtype=np.float32)
+    scores = np.array([0.5, 0.9, 0.1], dtype=np.float32)
+    assert ijb.image_weights(features) is None  # N1 without D1: features as they are
+    np.testing.assert_allclose(ijb.image_weights(features, scores), scores)
+    np.testing.assert_allclose(ijb.image_weights(features, norm_score=False), [0.2, 0.0, 1.0])
+    np.testing.assert_allclose(ijb.image_weights(features, scores, norm_score=False), [0.1, 0.0, 0.1], rtol=1e-6)
+
+
+def test_pair_scores_do_not_depend_on_the_chunk_size():
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(50, 64))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    first, second = rng.integers(0, 50, 1001), rng.integers(0, 50, 1001)
+    whole = ijb.pair_scores(features, first, second, chunk=10_000)
+    for chunk in (1, 7, 256):
+        np.testing.assert_array_equal(ijb.pair_scores(features, first, second, chunk=chunk), whole)
+    np.testing.assert_allclose(whole, np.sum(features[first] * features[second], axis=1), rtol=0, atol=1e-15)
+
+
+def test_json_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    ijb.write_json_atomic(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ijb.json, "dump", fail)
+    with pytest.raises(OSError, match="disk full"):
+        ijb.write_json_atomic(str(path), {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on a synthetic release
+
+
+def write_release(root, target="IJBC"):
+    """IDENTITIES x TEMPLATES_PER_IDENTITY templates, each one photo plus a two-frame video;
+    every face pasted into a loose crop by a random similarity, its landmarks the template's image.
+    Returns the faces as rendered (aligned), in image order."""
+    rng = np.random.default_rng(0)
+    meta, crops = os.path.join(root, "meta"), os.path.join(root, "loose_crop")
+    os.makedirs(meta)
+    os.makedirs(crops)
+    template = ijb.arcface_template(IMAGE_SIZE)
+    faces, tid_mid, landmark_lines, templates = [], [], [], []
+    for who in range(IDENTITIES):
+        for _ in range(TEMPLATES_PER_IDENTITY):
+            template_id = 100 + len(templates)
+            templates.append((template_id, who))
+            for media_id, frames in ((1000 + template_id, 1), (2000 + template_id, 2)):
+                for _ in range(frames):
+                    face = render_face(0, 20_000 + who, len(faces), IMAGE_SIZE)
+                    paste = similarity(rng.uniform(-0.4, 0.4), rng.uniform(1.2, 1.5), 0, 0)
+                    centre = np.full(2, IMAGE_SIZE / 2 - 0.5)  # lands near the crop's centre
+                    paste[:, 2] = centre * CROP_SIZE / IMAGE_SIZE - paste[:, :2] @ centre + rng.uniform(-3, 3, 2)
+                    name = f"{len(faces) + 1}.jpg"
+                    crop = ijb.warp_affine(Image.fromarray(face), paste, CROP_SIZE)
+                    Image.fromarray(crop).save(os.path.join(crops, name), quality=95)
+                    points = " ".join(f"{v:.4f}" for v in apply(paste, template).reshape(-1))
+                    landmark_lines.append(f"{name} {points} {rng.uniform(0.5, 1.0):.3f}\n")
+                    tid_mid.append(f"{name} {template_id} {media_id}\n")
+                    faces.append(face)
+    pairs = [f"{a} {b} {int(wa == wb)}\n" for i, (a, wa) in enumerate(templates) for b, wb in templates[i + 1:]]
+    prefix = os.path.join(meta, target.lower())
+    for suffix, lines in (("name_5pts_score", landmark_lines), ("face_tid_mid", tid_mid),
+                          ("template_pair_label", pairs)):
+        with open(f"{prefix}_{suffix}.txt", "w") as f:
+            f.writelines(lines)
+    return np.stack(faces)
+
+
+def write_backbone(folder) -> str:
+    """A small untrained backbone, saved as python -m train.export saves one."""
+    torch.manual_seed(0)
+    model = get_model("small", embedding_size=32, image_size=IMAGE_SIZE)
+    path = os.path.join(folder, "backbone.pt")
+    checkpoint.save_atomic(model.state_dict(), path)
+    with open(os.path.join(folder, "backbone.json"), "w") as f:
+        json.dump({"network": "small", "embedding_size": 32, "image_size": IMAGE_SIZE}, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ijb")
+    faces = write_release(str(root / "IJBC"))
+    return str(root / "IJBC"), write_backbone(str(root)), faces
+
+
+def test_loose_crops_align_back_to_the_faces(release):
+    data, _, faces = release
+    protocol = ijb.read_protocol(data, "IJBC")
+    crops = ijb.LooseCrops(protocol.image_folder, protocol.image_names, protocol.landmarks, IMAGE_SIZE)
+    inner = slice(3, -3)  # the rim of the pasted square meets black
+
+    def error(image, face):
+        return np.abs(image.astype(np.float64) - face)[inner, inner].mean()
+
+    for i in (0, 7, len(faces) - 1):
+        crop, failure = crops[i]
+        assert failure == "" and crop.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        aligned = crop.numpy().transpose(1, 2, 0)
+        # Pasting, JPEG and aligning back blur the sensor noise away, so the crop is not the face
+        # pixel for pixel; but it is the best fit: landmarks off by half a pixel fit worse.
+        with Image.open(os.path.join(protocol.image_folder, protocol.image_names[i])) as image:
+            for shift in ((0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5)):
+                off = ijb.align_face(image, protocol.landmarks[i] + shift, IMAGE_SIZE)
+                assert error(aligned, faces[i]) < error(off, faces[i]), (i, shift)
+        assert error(aligned, faces[i]) < error(aligned, faces[(i + 4) % len(faces)]) / 3
+
+
+def test_main_end_to_end(release, tmp_path, capsys):
+    data, model, faces = release
+    output, features_path = tmp_path / "out" / "ijbc.json", tmp_path / "feats.npy"
+    argv = ["--model", model, "--data-root", os.path.dirname(data), "--batch-size", "8", "--workers", "1",
+            "--device", "cpu", "--output", str(output), "--save-features", str(features_path)]
+    assert ijb.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(output.read_text())
+
+    images, templates = len(faces), IDENTITIES * TEMPLATES_PER_IDENTITY
+    pairs = templates * (templates - 1) // 2
+    positives = IDENTITIES * TEMPLATES_PER_IDENTITY * (TEMPLATES_PER_IDENTITY - 1) // 2
+    assert result["target"] == "IJBC"
+    assert result["options"] == {"flip": True, "detector_score": True, "norm_score": True, "image_size": IMAGE_SIZE,
+                                 "network": "small", "batch_size": 8, "device": "cpu"}
+    assert result["counts"] == {"images": images, "faces": images, "media": 2 * templates, "templates": templates,
+                                "pairs": pairs, "positive_pairs": positives, "negative_pairs": pairs - positives,
+                                "unusable_landmarks": 0}
+    keys = ["1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"]
+    assert list(result["tar_at_far"]) == keys
+    # 60 negative pairs: only FAR = 0.1 (6 false accepts) can be measured.
+    assert all(result["tar_at_far"][k] is None for k in keys[:-1])
+    tar = result["tar_at_far"]["1e-01"]
+    assert 0.0 <= tar <= 1.0 and result["false_accepts_at_far"]["1e-01"] <= 6
+    assert "TAR (%)" in printed and f"{100 * tar:.2f}" in printed and "FAR below 1/60" in printed
+    assert f"wrote {output}" in printed
+    assert sorted(os.listdir(output.parent)) == ["ijbc.json"]  # no temporary file left behind
+
+    # The saved features are the backbone's embeddings of the faces as rendered, up to the blur of
+    # pasting and aligning back; scoring them again gives the JSON's TAR.
+    saved = np.load(features_path)
+    assert saved.shape == (images, 32)
+    assert (tmp_path / "feats.txt").read_text().split() == [f"{i + 1}.jpg" for i in range(images)]
+    backbone, _ = checkpoint.load_backbone(model)
+    with torch.no_grad():
+        x = (torch.from_numpy(faces).permute(0, 3, 1, 2).float() - 127.5) / 127.5
+        direct = (backbone(x) + backbone(torch.flip(x, dims=[3]))).numpy()
+    cosine = np.sum(saved * direct, axis=1) / np.linalg.norm(saved, axis=1) / np.linalg.norm(direct, axis=1)
+    assert cosine.min() > 0.9, cosine.min()
+    protocol = ijb.read_protocol(data, "IJBC")
+    ids, pooled = ijb.template_features(saved, protocol.templates, protocol.medias, face_image=protocol.face_image,
+                                        weights=ijb.image_weights(saved, protocol.detector_scores))
+    index = np.searchsorted(ids, protocol.pairs)
+    scores = ijb.pair_scores(pooled, index[:, 0], index[:, 1])
+    assert ijb.tar_at_far(scores, protocol.issame, (0.1,))[0]["tar"] == tar
+
+    # The options change what is computed and are recorded.
+    assert ijb.main(argv[:-4] + ["--output", str(output), "--no-flip", "--no-detector-score", "--workers", "0"]) == 0
+    options = json.loads(output.read_text())["options"]
+    assert options["flip"] is False and options["detector_score"] is False
+
+
+def test_unusable_landmarks_make_a_black_crop_as_in_insightface(release, tmp_path, capsys):
+    # skimage's estimate is NaN for coincident points, and OpenCV warps a NaN matrix to black.
+    data, model, _ = release
+    copy = str(tmp_path / "IJBC")
+    shutil.copytree(data, copy)
+    corrupt(f"{copy}/meta/ijbc_name_5pts_score.txt", 3, "3.jpg " + " ".join(["20.0"] * 10) + " 0.9")
+    output, features = tmp_path / "ijbc.json", tmp_path / "feats.npy"
+    assert ijb.main(["--model", model, "--data-root", copy, "--workers", "0", "--device", "cpu",
+                     "--output", str(output), "--save-features", str(features)]) == 0
+    assert "note: 1 images have coincident or non-finite landmarks" in capsys.readouterr().out
+    assert json.loads(output.read_text())["counts"]["unusable_landmarks"] == 1
+    backbone, _ = checkpoint.load_backbone(model)
+    with torch.no_grad():
+        black = 2 * backbone(torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), -1.0))[0].numpy()  # a black crop is its mirror
+    np.testing.assert_allclose(np.load(features)[2], black, rtol=1e-5, atol=1e-6)
+
+
+def corrupt(path, line_no, text):
+    with open(path) as f:
+        lines = f.readlines()
+    if line_no > len(lines):
+        lines.append(text + "\n")
+    else:
+        lines[line_no - 1] = text + "\n"
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+@pytest.mark.parametrize("mutation, message", [
+    (lambda d: corrupt(f"{d}/meta/ijbc_face_tid_mid.txt", 3, "3.jpg 100"),
+     "ijbc_face_tid_mid.txt: line 3: expected 'image_name template_id media_id'"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_name_5pts_score.txt", 2, "2.jpg 1 2 3 4 5 6 7 8 9 x 0.9"),
+     "ijbc_name_5pts_score.txt: line 2: expected 'image_name x1 y1 ... x5 y5 score'"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_template_pair_label.txt", 4, "100 104 yes"),
+     "ijbc_template_pair_label.txt: line 4: expected 'template1 template2 0|1'"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_template_pair_label.txt", 5, "100 104 2"),
+     "ijbc_template_pair_label.txt: line 5: label 2 is neither 1"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_template_pair_label.txt", 67, "100 999 0"),
+     "ijbc_template_pair_label.txt: line 67: template 999 is not in"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_face_tid_mid.txt", 6, "nope.jpg 101 5"),
+     "ijbc_face_tid_mid.txt: line 6: nope.jpg has no landmarks in"),
+    (lambda d: os.remove(f"{d}/loose_crop/5.jpg"), "ijbc_name_5pts_score.txt: line 5: no image at"),
+    (lambda d: open(f"{d}/loose_crop/4.jpg", "wb").write(b"not a jpeg"), "4.jpg: cannot read the image"),
+    (lambda d: os.remove(f"{d}/meta/ijbc_template_pair_label.txt"), "no file at"),
+    (lambda d: shutil.rmtree(f"{d}/meta"), "no meta/ folder"),
+])
+def test_bad_input_is_an_error_message(release, tmp_path, capsys, mutation, message):
+    data, model, _ = release
+    copy = str(tmp_path / "IJBC")
+    shutil.copytree(data, copy)
+    mutation(copy)
+    output = tmp_path / "ijbc.json"
+    argv = ["--model", model, "--data-root", copy, "--workers", "0", "--device", "cpu", "--output", str(output)]
+    assert ijb.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not output.exists()
+
+
+def test_missing_model_is_an_error_message(release, tmp_path, capsys):
+    data, _, _ = release
+    assert ijb.main(["--model", str(tmp_path / "none.pt"), "--data-root", data, "--device", "cpu"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

@@ -1,0 +1,610 @@
+"""``python -m train.ijb``: IJB-B / IJB-C 1:1 template verification (TAR at FAR = 1e-6 ... 1e-1), the
+benchmark the ArcFace paper reports, run on insightface's ``IJB_release`` files.
+
+The protocol is insightface's (``recognition/arcface_torch/eval_ijbc.py``): every loose crop is aligned
+to the ArcFace 5-point template by a least-squares similarity transform; its embedding is
+embedding(image) + embedding(mirror) (F1), kept un-normalised so that its norm weighs it (N1) and
+multiplied by the detector's faceness score (D1); a template's feature is the sum over its media of
+the mean feature of the media's frames, L2-normalised; a pair scores the cosine of its templates.
+
+Where this differs from insightface, and why:
+
+- TAR at FAR is exact rather than read off the nearest point of scikit-learn's ROC curve, which may lie
+  above the FAR asked for. A pair is accepted when its score is strictly above the threshold, so
+  pairs tied with it are rejected and the FAR achieved never exceeds the one asked for; a FAR that
+  allows less than one false accept (FAR x negatives < 1) is reported as not measurable (null).
+- Images are decoded and warped with Pillow instead of OpenCV (same pixel-centre convention, same
+  black border); OpenCV's fixed-point bilinear rounds a little differently, so an aligned pixel
+  may differ by one grey level.
+- Faces are joined to their landmarks by image name; insightface joins them by line position, which
+  gives the same result when, as in the release, both files list the same images in the same order.
+  Media and template features are summed in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from . import checkpoint
+from .embed import write_table
+
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+TARGETS = ("IJBC", "IJBB")
+
+# Where the eyes, nose tip and mouth corners land in a 112x112 ArcFace crop (x, y in pixels).
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                             [41.5493, 92.3655], [70.7299, 92.2041]])
+
+# Pairs scored per step: two (chunk, D) float64 gathers stay near 130 MB at D = 512.
+PAIR_CHUNK = 1 << 15
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment
+
+
+def arcface_template(image_size: int) -> np.ndarray:
+    """The 5-point template for an ``image_size`` square crop, scaled as insightface's
+    ``face_align.estimate_norm`` scales it: by size/112 for multiples of 112, otherwise as the
+    128-pixel crop (the 112 template plus an 8-pixel margin on each side) scaled by size/128."""
+    if image_size % 112 == 0:
+        return ARCFACE_TEMPLATE * (image_size / 112.0)
+    ratio = image_size / 128.0
+    return ARCFACE_TEMPLATE * ratio + np.array([8.0 * ratio, 0.0])
+
+
+def estimate_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The (2, 3) matrix M of the rotation + uniform scale + translation (no reflection) that
+    maps the points ``src`` (N, 2) closest to ``dst`` (N, 2) in least squares: dst ~ M [src; 1].
+
+    This is Umeyama's (1991) estimate, which skimage's SimilarityTransform computes with an SVD;
+    in the plane it has a closed form: with points as complex numbers z (src) and w (dst), the
+    map z -> a z + b with a = s e^(i theta) is best at a = sum(conj(z_c) w_c) / sum(|z_c|^2),
+    z_c and w_c being the centred points, and b = mean(w) - a mean(z).
+    """
+    src, dst = np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64)
+    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or src.shape[0] < 2:
+        raise ValueError(f"need two (N, 2) point sets with N >= 2, got {src.shape} and {dst.shape}")
+    z, w = src[:, 0] + 1j * src[:, 1], dst[:, 0] + 1j * dst[:, 1]
+    z_c, w_c = z - z.mean(), w - w.mean()
+    spread = float(np.sum(np.abs(z_c) ** 2))
+    if not spread > 0:
+        raise ValueError("the source points all coincide: no similarity transform fits them")
+    a = np.sum(np.conj(z_c) * w_c) / spread
+    b = w.mean() - a * z.mean()
+    return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
+
+
+def warp_affine(image: Image.Image, matrix: np.ndarray, size: int) -> np.ndarray:
+    """The ``size`` x ``size`` uint8 RGB crop whose pixel (x, y) shows ``image`` at M^-1 (x, y),
+    bilinearly interpolated and rounded, with black beyond the image: what OpenCV's
+    ``warpAffine(image, M, (size, size), borderValue=0)`` makes.
+
+    Both place pixel centres at integer coordinates (the landmarks are given that way); Pillow's
+    coefficients act on coordinates whose centres sit at +0.5, hence the half-pixel shifts. A
+    one-pixel black frame makes Pillow blend the image's edge with black as OpenCV does (alone it
+    repeats the edge pixel), and each channel is warped as a float image because Pillow's 8-bit
+    bilinear truncates, which would darken every crop by half a grey level on average.
+    """
+    forward = np.vstack([np.asarray(matrix, dtype=np.float64), [0.0, 0.0, 1.0]])
+    inverse = np.linalg.inv(forward)[:2]
+    linear, offset = inverse[:, :2], inverse[:, 2]
+    shifted = offset + 1.0 + 0.5 - linear @ np.array([0.5, 0.5])  # + 1: the frame
+    coefficients = (linear[0, 0], linear[0, 1], shifted[0], linear[1, 0], linear[1, 1], shifted[1])
+    framed = ImageOps.expand(image.convert("RGB"), border=1, fill=0)
+    channels = [np.asarray(band.convert("F").transform((size, size), Image.AFFINE, coefficients,
+                                                        resample=Image.BILINEAR))
+                for band in framed.split()]
+    return np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+
+
+def align_face(image: Image.Image, landmarks: np.ndarray, image_size: int) -> np.ndarray:
+    """The uint8 (image_size, image_size, 3) ArcFace crop of the face with 5 ``landmarks``
+    (left eye, right eye, nose tip, left and right mouth corner; (x, y) in ``image`` pixels)."""
+    return warp_affine(image, estimate_similarity(landmarks, arcface_template(image_size)), image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the release
+
+
+@dataclass
+class IJBProtocol:
+    """One target of ``IJB_release``. A face is a line of ``<target>_face_tid_mid.txt``: image
+    ``face_image[f]`` (an index into the image arrays) in template ``templates[f]``, media
+    ``medias[f]``. Images are the lines of ``<target>_name_5pts_score.txt`` that some face uses,
+    in file order; ``pairs`` (P, 2) holds template ids, ``issame`` whether each pair is one person."""
+
+    target: str
+    image_folder: str
+    image_names: list[str]
+    landmarks: np.ndarray  # (N, 5, 2) float64, in loose-crop pixels
+    detector_scores: np.ndarray  # (N,) float32
+    face_image: np.ndarray  # (F,) int64
+    templates: np.ndarray  # (F,) int64
+    medias: np.ndarray  # (F,) int64
+    pairs: np.ndarray  # (P, 2) int64
+    issame: np.ndarray  # (P,) bool
+
+
+def _data_lines(path: str):
+    """(line number, fields) of every non-blank line of a whitespace-separated text file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file at {path}")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            fields = line.split()
+            if fields:
+                yield line_no, fields
+
+
+def _line_of_row(path: str, row: int) -> int:
+    """The line number of data row ``row`` (0-based, blank lines skipped as np.loadtxt skips them)."""
+    for k, (line_no, _) in enumerate(_data_lines(path)):
+        if k == row:
+            return line_no
+    raise IndexError(f"{path} has fewer than {row + 1} data lines")
+
+
+def read_landmarks(path: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """``image_name x1 y1 ... x5 y5 detector_score`` per line -> (names, (N, 5, 2) landmarks,
+    (N,) detector scores, (N,) line numbers)."""
+    names, values, line_nos, seen = [], [], [], {}
+    for line_no, fields in _data_lines(path):
+        try:
+            numbers = [float(x) for x in fields[1:]]
+        except ValueError:
+            numbers = []
+        if len(fields) != 12 or len(numbers) != 11 or not math.isfinite(numbers[-1]):
+            raise ValueError(f"{path}: line {line_no}: expected 'image_name x1 y1 ... x5 y5 score' "
+                             f"(a name, 10 coordinates and a finite score), got {' '.join(fields)[:120]!r}")
+        if fields[0] in seen:
+            raise ValueError(f"{path}: line {line_no}: {fields[0]} is listed again (first on line {seen[fields[0]]})")
+        seen[fields[0]] = line_no
+        names.append(fields[0])
+        values.append(numbers)
+        line_nos.append(line_no)
+    if not names:
+        raise ValueError(f"{path}: no images listed")
+    table = np.array(values, dtype=np.float64)
+    return names, table[:, :10].reshape(-1, 5, 2), table[:, 10].astype(np.float32), np.array(line_nos)
+
+
+def read_template_media(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``image_name template_id media_id`` per line -> (names, templates, medias)."""
+    names, ids = [], []
+    for line_no, fields in _data_lines(path):
+        if len(fields) != 3 or not (_is_int(fields[1]) and _is_int(fields[2])):
+            raise ValueError(f"{path}: line {line_no}: expected 'image_name template_id media_id', "
+                             f"got {' '.join(fields)[:120]!r}")
+        names.append(fields[0])
+        ids.append((int(fields[1]), int(fields[2])))
+    if not names:
+        raise ValueError(f"{path}: no faces listed")
+    ids = np.array(ids, dtype=np.int64)
+    return names, ids[:, 0], ids[:, 1]
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_template_pairs(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``template1 template2 label`` per line (label 1: same person, 0: different) -> ((P, 2) template
+    ids, (P,) bool). Read with np.loadtxt (IJB-C lists 15.7M pairs); only when that fails is the
+    file scanned line by line, to name the line at fault."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file at {path}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "input contained no data": reported below
+        try:
+            table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
+        except ValueError:
+            table = None
+    if table is None or table.shape[1] != 3:
+        for line_no, fields in _data_lines(path):
+            if len(fields) != 3 or not all(map(_is_int, fields)):
+                raise ValueError(f"{path}: line {line_no}: expected 'template1 template2 0|1', "
+                                 f"got {' '.join(fields)[:120]!r}")
+        raise ValueError(f"{path}: not a list of 'template1 template2 0|1' lines")
+    if table.shape[0] == 0:
+        raise ValueError(f"{path}: no pairs listed")
+    bad = np.flatnonzero((table[:, 2] != 0) & (table[:, 2] != 1))
+    if bad.size:
+        raise ValueError(f"{path}: line {_line_of_row(path, int(bad[0]))}: label {table[bad[0], 2]} is "
+                         f"neither 1 (same person) nor 0 (different)")
+    return table[:, :2].copy(), table[:, 2] == 1
+
+
+def find_release(root: str, target: str) -> str:
+    """The folder holding ``meta/`` and ``loose_crop/``: ``root`` itself or ``root/<target>``."""
+    for folder in (root, os.path.join(root, target)):
+        if os.path.isdir(os.path.join(folder, "meta")):
+            return folder
+    raise FileNotFoundError(f"no meta/ folder in {root} or {os.path.join(root, target)}: --data-root should be "
+                            f"the {target} folder of insightface's IJB_release (meta/ and loose_crop/)")
+
+
+def read_protocol(root: str, target: str = "IJBC") -> IJBProtocol:
+    """Read and cross-check the three meta files of ``target`` under ``root``. Raises
+    FileNotFoundError or ValueError naming the file and line at fault."""
+    folder = find_release(root, target)
+    meta = os.path.join(folder, "meta")
+    prefix = os.path.join(meta, target.lower())
+    landmarks_path, faces_path, pairs_path = (f"{prefix}_name_5pts_score.txt", f"{prefix}_face_tid_mid.txt",
+                                              f"{prefix}_template_pair_label.txt")
+    names, landmarks, scores, landmark_lines = read_landmarks(landmarks_path)
+    face_names, templates, medias = read_template_media(faces_path)
+    pairs, issame = read_template_pairs(pairs_path)
+
+    row_of = {name: i for i, name in enumerate(names)}
+    face_row = np.empty(len(face_names), dtype=np.int64)
+    for f, name in enumerate(face_names):
+        if name not in row_of:
+            raise ValueError(f"{faces_path}: line {_line_of_row(faces_path, f)}: {name} has no landmarks in "
+                             f"{landmarks_path}")
+        face_row[f] = row_of[name]
+
+    known = np.unique(templates)
+    unknown = ~np.isin(pairs, known).all(axis=1)
+    if unknown.any():
+        row = int(np.argmax(unknown))
+        template = next(int(t) for t in pairs[row] if not np.isin(t, known))
+        raise ValueError(f"{pairs_path}: line {_line_of_row(pairs_path, row)}: template {template} is not in "
+                         f"{faces_path} ({int(unknown.sum())} pairs name unknown templates)")
+    if issame.all() or not issame.any():
+        raise ValueError(f"{pairs_path}: every pair is labelled {int(issame[0])}: a ROC needs both same-person "
+                         "and different-person pairs")
+
+    used = np.unique(face_row)  # sorted: file order
+    image_folder = os.path.join(folder, "loose_crop")
+    missing = [int(i) for i in used if not os.path.isfile(os.path.join(image_folder, names[i]))]
+    if missing:
+        more = f" ({len(missing) - 1} more images are missing)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{landmarks_path}: line {landmark_lines[missing[0]]}: no image at "
+                                f"{os.path.join(image_folder, names[missing[0]])}{more}")
+    return IJBProtocol(
+        target=target, image_folder=image_folder, image_names=[names[i] for i in used],
+        landmarks=landmarks[used], detector_scores=scores[used], face_image=np.searchsorted(used, face_row),
+        templates=templates, medias=medias, pairs=pairs, issame=issame,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding
+
+
+def unusable_landmarks(landmarks: np.ndarray) -> np.ndarray:
+    """(N,) bool: the 5 points of (N, 5, 2) ``landmarks`` coincide or are not finite, so that no
+    similarity fits them."""
+    spread = np.nan_to_num(landmarks.std(axis=1).sum(axis=1), nan=0.0, posinf=0.0)
+    return ~(spread > 0)
+
+
+class LooseCrops(torch.utils.data.Dataset):
+    """Item i: (uint8 (3, S, S) aligned crop of image i, "" or why it could not be read). A bad
+    image is reported rather than raised so that the message reaches the user without a worker's
+    traceback around it. Images whose landmarks are unusable become black crops: insightface's
+    similarity estimate is NaN for them, and OpenCV warps a NaN matrix to black."""
+
+    def __init__(self, folder: str, names: list[str], landmarks: np.ndarray, image_size: int):
+        self.folder, self.names, self.landmarks, self.image_size = folder, names, landmarks, int(image_size)
+        self.unusable = unusable_landmarks(landmarks)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        path = os.path.join(self.folder, self.names[index])
+        if self.unusable[index]:
+            return torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8), ""
+        try:
+            with Image.open(path) as image:
+                crop = align_face(image, self.landmarks[index], self.image_size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            blank = torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
+            return blank, f"{path}: cannot read the image: {error}"
+        return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))), ""
+
+
+@torch.no_grad()
+def embed_crops(backbone: torch.nn.Module, crops: torch.utils.data.Dataset, *, device, batch_size: int = 128,
+                workers: int = 4, flip: bool = True, log=None) -> np.ndarray:
+    """(len(crops), D) float32 raw embeddings, embedding(x) + embedding(mirrored x) with ``flip``.
+
+    This follows ``verification.compute_embeddings`` (images fed as (x - 127.5) / 127.5, module
+    modes restored afterwards) but cannot be it: here features stay un-normalised, since their norm
+    weighs them in a template, and images stream from a DataLoader rather than sit in one tensor
+    (IJB-C's 469k crops would take 17 GB). Raises ValueError naming the first unreadable image.
+    """
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(crops, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    modes = [(m, m.training) for m in backbone.modules()]
+    backbone.eval()
+    features, done, started, reported = None, 0, time.monotonic(), time.monotonic()
+    try:
+        for images, errors in loader:
+            failed = [e for e in errors if e]
+            if failed:
+                raise ValueError(failed[0])
+            x = images.to(device, non_blocking=True).float().sub_(127.5).div_(127.5)
+            count = x.shape[0]
+            if flip:
+                raw = backbone(torch.cat([x, torch.flip(x, dims=[3])])).float()
+                out = raw[:count] + raw[count:]
+            else:
+                out = backbone(x).float()
+            if features is None:
+                features = np.empty((len(crops), out.shape[1]), dtype=np.float32)
+            features[done:done + count] = out.cpu().numpy()
+            done += count
+            if log is not None and time.monotonic() - reported > 30:
+                reported = time.monotonic()
+                log(f"embedded {done}/{len(crops)} images ({done / (reported - started):.0f} images/s)")
+    finally:
+        for module, training in modes:
+            module.training = training
+    return features
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates and scores
+
+
+def image_weights(features: np.ndarray, detector_scores: np.ndarray | None = None, *,
+                  norm_score: bool = True) -> np.ndarray | None:
+    """What each image's feature is multiplied by before pooling: 1 / its norm unless
+    ``norm_score``, times its detector score when given. insightface keeps the norm (N1) and applies
+    the score (D1): both lower the weight of noisy or non-face images. None when every weight is 1."""
+    weights = None
+    if not norm_score:
+        norms = np.sqrt(np.einsum("ij,ij->i", features, features, dtype=np.float64))
+        weights = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    if detector_scores is not None:
+        scores = np.asarray(detector_scores, dtype=np.float64)
+        weights = scores if weights is None else weights * scores
+    return weights
+
+
+def _sum_by_group(values: np.ndarray, rows: np.ndarray, weights: np.ndarray, groups: np.ndarray,
+                  num_groups: int, chunk: int = 1 << 14) -> np.ndarray:
+    """(num_groups, D) float64: group g sums weights[i] * values[rows[i]] over every i with
+    groups[i] == g, ``chunk`` rows at a time so that no float64 copy of ``values`` is made whole."""
+    sums = np.zeros((num_groups, values.shape[1]), dtype=np.float64)
+    for start in range(0, rows.size, chunk):
+        end = start + chunk
+        block = values[rows[start:end]].astype(np.float64)
+        block *= weights[start:end, None]
+        np.add.at(sums, groups[start:end], block)
+    return sums
+
+
+def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray, *,
+                      face_image: np.ndarray | None = None,
+                      weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(template ids, sorted; (T, D) float64 unit-length template features).
+
+    Face f is image ``face_image[f]`` (f itself by default) weighted by ``weights[image]``; the
+    faces of one template that share a media id (the frames of a video, or a single photo) are
+    averaged, those averages summed over the template's media, and the sum L2-normalised (a zero
+    sum stays zero). A media id is grouped within its template only, as insightface groups it.
+    The sum of media means is taken in one pass, as the sum of each face over its media's size.
+    """
+    templates, medias = np.asarray(templates, dtype=np.int64), np.asarray(medias, dtype=np.int64)
+    face_image = np.arange(templates.size) if face_image is None else np.asarray(face_image, dtype=np.int64)
+    _, media_of_face = np.unique(np.stack([templates, medias], axis=1), axis=0, return_inverse=True)
+    media_of_face = media_of_face.reshape(-1)
+    face_weights = 1.0 / np.bincount(media_of_face)[media_of_face]
+    if weights is not None:
+        face_weights *= np.asarray(weights, dtype=np.float64)[face_image]
+    template_ids, template_of_face = np.unique(templates, return_inverse=True)
+    sums = _sum_by_group(features, face_image, face_weights, template_of_face.reshape(-1), len(template_ids))
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return template_ids, sums / np.where(norms > 0, norms, 1.0)
+
+
+def pair_scores(features: np.ndarray, first: np.ndarray, second: np.ndarray, *, chunk: int = PAIR_CHUNK) -> np.ndarray:
+    """Cosine of rows ``first[k]`` and ``second[k]`` of unit-length ``features``, ``chunk`` pairs at a
+    time; each score is computed alone, so the chunk size does not change it."""
+    scores = np.empty(len(first), dtype=np.float64)
+    for start in range(0, len(first), chunk):
+        end = start + chunk
+        scores[start:end] = np.einsum("ij,ij->i", features[first[start:end]], features[second[start:end]])
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# ROC
+
+
+def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars=FARS) -> list[dict]:
+    """For each FAR: {'far', 'tar', 'threshold', 'false_accepts'}.
+
+    A pair is accepted when its score is strictly above the threshold. With N negative pairs a FAR
+    allows k = floor(FAR * N) false accepts; the threshold is the (k+1)-th highest negative score,
+    the lowest that accepts at most k negatives (fewer when negatives tie with it), and TAR is the
+    fraction of positive pairs above it, the most any threshold reaches at that FAR. Where k = 0
+    (FAR < 1/N) the FAR cannot be measured on these pairs: tar and threshold are None.
+    """
+    scores, issame = np.asarray(scores, dtype=np.float64), np.asarray(issame, dtype=bool)
+    positives, negatives = np.sort(scores[issame]), np.sort(scores[~issame])
+    if positives.size == 0 or negatives.size == 0:
+        raise ValueError(f"need positive and negative pairs, got {positives.size} and {negatives.size}")
+    rows = []
+    for far in fars:
+        allowed = math.floor(far * negatives.size * (1 + 1e-12))  # 1e-12: FAR x N landing a hair below an integer
+        if allowed < 1:
+            rows.append({"far": far, "tar": None, "threshold": None, "false_accepts": None})
+            continue
+        threshold = -math.inf if allowed >= negatives.size else float(negatives[negatives.size - 1 - allowed])
+        accepted = positives.size - np.searchsorted(positives, threshold, side="right")
+        false_accepts = negatives.size - np.searchsorted(negatives, threshold, side="right")
+        rows.append({"far": far, "tar": float(accepted / positives.size), "threshold": threshold,
+                     "false_accepts": int(false_accepts)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def far_key(far: float) -> str:
+    return f"{far:.0e}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """TAR (%) and the cosine threshold under each FAR; '-' where the FAR is not measurable."""
+    def cells(values, fmt):
+        return "".join(f"{'-' if v is None else format(v, fmt):>9}" for v in values)
+
+    return "\n".join([
+        "  FAR      " + "".join(f"{far_key(r['far']):>9}" for r in rows),
+        "  TAR (%)  " + cells([None if r["tar"] is None else 100 * r["tar"] for r in rows], ".2f"),
+        "  cosine   " + cells([r["threshold"] for r in rows], ".4f"),
+    ])
+
+
+def write_json_atomic(path: str, content: dict) -> None:
+    """JSON through a temporary file in the same folder and ``os.replace``: readers see the old
+    file or the whole new one, never a truncated one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.ijb", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a training checkpoint, or backbone.pt from python -m train.export")
+    p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
+                   help="the IJBC (or IJBB) folder of IJB_release, holding meta/ and loose_crop/ (or its parent)")
+    p.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS)
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
+                   help="images per forward pass (twice as many rows with the mirror)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader processes decoding and aligning images")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the embedding of the mirrored crop (insightface's F1)")
+    p.add_argument("--detector-score", action=argparse.BooleanOptionalAction, default=True,
+                   help="weigh each image by its detector score (insightface's D1)")
+    p.add_argument("--norm-score", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep each image feature's norm as its weight (N1); --no-norm-score normalises first")
+    p.add_argument("--output", default=None, help="results JSON (default: ijbc.json or ijbb.json)")
+    p.add_argument("--save-features", metavar="PATH", default=None,
+                   help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("--batch-size must be at least 1 and --workers at least 0")
+    output = args.output or f"{args.target.lower()}.json"
+    started = time.monotonic()
+
+    try:
+        protocol = read_protocol(args.data_root, args.target)
+        model, settings = checkpoint.load_backbone(args.model)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a torch device") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}, but torch sees no CUDA device")
+        for path in filter(None, (output, args.save_features)):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    size = settings["image_size"]
+    print(f"{args.target}: {len(protocol.image_names)} images, {protocol.templates.size} faces, "
+          f"{len(np.unique(protocol.templates))} templates, {len(protocol.issame)} pairs; "
+          f"embedding at {size}px on {device}", flush=True)
+
+    crops = LooseCrops(protocol.image_folder, protocol.image_names, protocol.landmarks, size)
+    unusable = int(crops.unusable.sum())
+    if unusable:
+        print(f"note: {unusable} images have coincident or non-finite landmarks; they are embedded as black crops, "
+              "as insightface's alignment makes them")
+    embedding_started = time.monotonic()
+    try:
+        features = embed_crops(model.to(device), crops, device=device, batch_size=args.batch_size,
+                               workers=args.workers, flip=args.flip,
+                               log=lambda message: print(message, file=sys.stderr, flush=True))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    embedding_seconds = time.monotonic() - embedding_started
+    if args.save_features:
+        written = write_table(args.save_features, protocol.image_names, features)
+        print(f"image features: {', '.join(written)}")
+
+    weights = image_weights(features, protocol.detector_scores if args.detector_score else None,
+                            norm_score=args.norm_score)
+    template_ids, pooled = template_features(features, protocol.templates, protocol.medias,
+                                             face_image=protocol.face_image, weights=weights)
+    pair_index = np.searchsorted(template_ids, protocol.pairs)
+    scores = pair_scores(pooled, pair_index[:, 0], pair_index[:, 1])
+    rows = tar_at_far(scores, protocol.issame)
+
+    positives = int(protocol.issame.sum())
+    print(f"{args.target} 1:1 verification, {len(template_ids)} templates, {len(scores)} pairs "
+          f"({positives} same, {len(scores) - positives} different):")
+    print(format_table(rows))
+    if any(r["tar"] is None for r in rows):
+        print(f"  (-: FAR below 1/{len(scores) - positives}, less than one false accept among the different-person "
+              "pairs: not measurable)")
+    result = {
+        "target": args.target,
+        "model": os.path.abspath(args.model),
+        "data_root": os.path.abspath(args.data_root),
+        "options": {"flip": args.flip, "detector_score": args.detector_score, "norm_score": args.norm_score,
+                    "image_size": size, "network": settings.get("network"), "batch_size": args.batch_size,
+                    "device": str(device)},
+        "counts": {"images": len(protocol.image_names), "faces": int(protocol.templates.size),
+                   "media": int(len(np.unique(np.stack([protocol.templates, protocol.medias], axis=1), axis=0))),
+                   "templates": int(len(template_ids)), "pairs": int(len(scores)),
+                   "positive_pairs": positives, "negative_pairs": int(len(scores) - positives),
+                   "unusable_landmarks": unusable},
+        "tar_at_far": {far_key(r["far"]): r["tar"] for r in rows},
+        "threshold_at_far": {far_key(r["far"]): None if r["threshold"] in (None, -math.inf) else r["threshold"]
+                             for r in rows},
+        "false_accepts_at_far": {far_key(r["far"]): r["false_accepts"] for r in rows},
+        "seconds": {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)},
+    }
+    try:
+        write_json_atomic(output, result)
+    except OSError as error:
+        print(f"error: could not write {output}: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
