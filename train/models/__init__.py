@@ -7,17 +7,20 @@ from functools import partial
 from torch import nn
 
 from .iresnet import IRESNET_LAYERS, IBasicBlock, IResNet, iresnet
+from .mobilefacenet import MobileFaceNet, mbf, mobilefacenet
 from .small import small
 
 _BUILDERS = {name: partial(iresnet, name) for name in IRESNET_LAYERS}
 _BUILDERS["small"] = small
+_BUILDERS["mbf"] = mbf
 
 NETWORKS = tuple(_BUILDERS)
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
-    """Build backbone ``name`` (one of :data:`NETWORKS`); ``kwargs`` go to :class:`IResNet`:
-    ``embedding_size``, ``dropout``, ``image_size``, ``gradient_checkpointing``, ``amp``, ..."""
+    """Build backbone ``name`` (one of :data:`NETWORKS`); ``kwargs`` go to :class:`IResNet` or
+    :class:`MobileFaceNet`: ``embedding_size``, ``dropout``, ``image_size``,
+    ``gradient_checkpointing``, ``amp``, ..."""
     try:
         builder = _BUILDERS[name]
     except KeyError:
@@ -25,4 +28,5 @@ def get_model(name: str, **kwargs) -> nn.Module:
     return builder(**kwargs)
 
 
-__all__ = ["NETWORKS", "IBasicBlock", "IResNet", "get_model", "iresnet", "small"]
+__all__ = ["NETWORKS", "IBasicBlock", "IResNet", "MobileFaceNet", "get_model", "iresnet", "mbf", "mobilefacenet",
+           "small"]
