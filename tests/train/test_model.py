@@ -146,4 +146,4 @@ def test_bf16_autocast_covers_the_trunk_not_the_head():
 def test_unknown_network():
     with pytest.raises(ValueError, match="unknown network 'r51'"):
         get_model("r51")
-    assert set(NETWORKS) == {"r18", "r34", "r50", "r100", "r200", "small"}
+    assert set(NETWORKS) == {"r18", "r34", "r50", "r100", "r200", "small", "mbf"}
