@@ -3,9 +3,11 @@ RNG states that make a resumed run repeat an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
-from typing import Any
+import tempfile
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -13,21 +15,34 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file and a rename, so that a crash or a
-    kill mid-write leaves the previous file intact rather than a truncated one."""
+def write_atomic(path: str, write: Callable[[IO], None], *, binary: bool = True) -> None:
+    """Calls ``write(file)`` on a temporary file in ``path``'s folder, then renames it to ``path``:
+    a crash or a kill mid-write leaves the previous file (or none) rather than a truncated one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_json_atomic(path: str, content: Any) -> None:
+    """``content`` as indented JSON to ``path`` atomically (see :func:`write_atomic`)."""
+    def write(f):
+        json.dump(content, f, indent=2)
+        f.write("\n")
+    write_atomic(path, write, binary=False)
 
 
 def load(path: str, map_location: str | torch.device = "cpu") -> Any:

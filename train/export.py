@@ -5,7 +5,6 @@ PyTorch through onnxruntime when that is installed)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(output, exist_ok=True)
     state_path = os.path.join(output, "backbone.pt")
     checkpoint.save_atomic(model.state_dict(), state_path)
-    with open(os.path.join(output, "backbone.json"), "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
+    checkpoint.write_json_atomic(os.path.join(output, "backbone.json"), settings)
     print(f"wrote {state_path} ({settings['network']}, {settings['embedding_size']}-D, {settings['image_size']}px)")
     if not args.onnx:
         return 0

@@ -24,11 +24,9 @@ Where this differs from insightface, and why:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -481,24 +479,6 @@ def format_table(rows: list[dict]) -> str:
     ])
 
 
-def write_json_atomic(path: str, content: dict) -> None:
-    """JSON through a temporary file in the same folder and ``os.replace``: readers see the old
-    file or the whole new one, never a truncated one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.ijb", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -598,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)},
     }
     try:
-        write_json_atomic(output, result)
+        checkpoint.write_json_atomic(output, result)
     except OSError as error:
         print(f"error: could not write {output}: {error}", file=sys.stderr)
         return 2

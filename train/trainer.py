@@ -271,8 +271,7 @@ class Trainer:
             seed_everything(args.seed + self.rank)  # independent dropout masks per rank
         self.log = RunLog(self.output, self.step, args.tensorboard) if self.is_main else None
         if self.is_main:
-            with open(os.path.join(self.output, "args.json"), "w", encoding="utf-8") as f:
-                json.dump(vars(args), f, indent=2)
+            checkpoint.write_json_atomic(os.path.join(self.output, "args.json"), vars(args))
 
         self._stop_signal = 0
         self._previous_handlers: dict[int, Any] = {}

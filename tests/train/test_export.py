@@ -11,9 +11,8 @@ import torch
 import arcface_ext
 from train import checkpoint, embed, export
 from train.models import get_model
-from train.trainer import main as train_main
 
-from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, one_thread  # noqa: F401
+from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, one_thread, train_one_thread  # noqa: F401
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
@@ -24,12 +23,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     data = make_face_folder(str(root / "faces"), identities=4, images=4)
     argv = base_argv(data, str(root / "run"), batch_size=8, max_steps=2, loss_impl=LOSS_IMPL)
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        assert train_main(argv) == 0
-    torch.set_num_threads(threads)
+    assert train_one_thread(argv) == 0
     return str(root / "run" / "checkpoint.pt"), data
 
 

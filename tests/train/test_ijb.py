@@ -230,15 +230,15 @@ def test_pair_scores_do_not_depend_on_the_chunk_size():
 
 def test_json_is_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    ijb.write_json_atomic(str(path), {"a": 1})
+    checkpoint.write_json_atomic(str(path), {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ijb.json, "dump", fail)
+    monkeypatch.setattr(checkpoint.json, "dump", fail)
     with pytest.raises(OSError, match="disk full"):
-        ijb.write_json_atomic(str(path), {"a": 2})
+        checkpoint.write_json_atomic(str(path), {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
 
 

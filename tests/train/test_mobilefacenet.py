@@ -15,9 +15,8 @@ import arcface_ext
 from conftest import assert_close_report
 from train import checkpoint, export
 from train.models import NETWORKS, MobileFaceNet, get_model, mobilefacenet
-from train.trainer import main as train_main
 
-from trainer_fixtures import base_argv, make_face_folder, one_thread, read_jsonl  # noqa: F401
+from trainer_fixtures import base_argv, make_face_folder, one_thread, read_jsonl, train_one_thread  # noqa: F401
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 IMAGE_SIZE = 32  # a multiple of 16: a 2x2 map under the GDConv, and a fast trainer run
@@ -201,12 +200,7 @@ def trained_mbf(tmp_path_factory):
     data = make_face_folder(str(root / "faces"), identities=4, images=4, size=IMAGE_SIZE)
     argv = base_argv(data, str(root / "run"), network="mbf", image_size=IMAGE_SIZE, batch_size=8, max_steps=3,
                      save_every=3, loss_impl=LOSS_IMPL)
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        assert train_main(argv) == 0
-    torch.set_num_threads(threads)
+    assert train_one_thread(argv) == 0
     return root / "run"
 
 

@@ -27,6 +27,21 @@ def one_thread(monkeypatch):
     torch.set_num_threads(previous)
 
 
+def train_one_thread(argv: list[str]) -> int:
+    """``python -m train`` with ``argv`` on one thread, as ``one_thread`` runs the tests: for
+    module-scoped fixtures, which that function-scoped fixture does not reach."""
+    from train.trainer import main
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            return main(argv)
+        finally:
+            torch.set_num_threads(threads)
+
+
 def make_face_folder(root: str, identities: int = 8, images: int = 8, size: int = IMAGE_SIZE) -> str:
     """``root/id_XXX/NN.png`` for synthetic identities 0 .. identities-1."""
     for who in range(identities):

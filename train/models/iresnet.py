@@ -64,7 +64,27 @@ def _feature_side(side: int, num_halvings: int) -> int:
     return side
 
 
-class IResNet(nn.Module):
+class FaceBackbone(nn.Module):
+    """What every backbone here shares: the convolutional trunk (``forward_trunk``) runs under
+    autocast to ``self.amp``, the embedding head (``forward_head``) in fp32, as insightface runs
+    them; and one ``repr`` of the settings."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        amp_dtype = AMP_DTYPES[self.amp]
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            x = self.forward_trunk(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.forward_head(x.float())
+
+    def extra_repr(self) -> str:
+        return (
+            f"image_size={self.image_size}, feature_map={self.feature_map_size}x{self.feature_map_size}, "
+            f"embedding_size={self.embedding_size}, amp={self.amp}, "
+            f"gradient_checkpointing={self.gradient_checkpointing}"
+        )
+
+
+class IResNet(FaceBackbone):
     """Stem, four stages of :class:`IBasicBlock`, and the BN-Dropout-FC-BN embedding head.
 
     Args:
@@ -153,20 +173,8 @@ class IResNet(nn.Module):
         x = torch.flatten(x, 1)
         return self.dropout(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        amp_dtype = AMP_DTYPES[self.amp]
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            x = self.forward_trunk(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x = self.fc(x.float())
-            return self.features(x)
-
-    def extra_repr(self) -> str:
-        return (
-            f"image_size={self.image_size}, feature_map={self.feature_map_size}x{self.feature_map_size}, "
-            f"embedding_size={self.embedding_size}, amp={self.amp}, "
-            f"gradient_checkpointing={self.gradient_checkpointing}"
-        )
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.fc(x))
 
 
 def iresnet(name: str, **kwargs) -> IResNet:

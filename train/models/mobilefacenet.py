@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .iresnet import AMP_DTYPES
+from .iresnet import AMP_DTYPES, FaceBackbone
 
 # Runs of bottlenecks, one row each: (expanded channels, output channels, blocks, stride of the
 # first block). The paper's Table 1 writes them as (t, c, n, s), expanded = t x input channels:
@@ -94,7 +94,7 @@ class GDCHead(nn.Module):
         return norm(embedding(self.dropout(flatten(gdconv(x)))))
 
 
-class MobileFaceNet(nn.Module):
+class MobileFaceNet(FaceBackbone):
     """Stem (conv3x3 stride 2, depthwise conv3x3), bottleneck stages, conv1x1 to ``head_width``,
     and the GDC embedding head. The defaults are the paper's Table 1: 128-D, 221M multiply-adds
     at 112x112 as the paper says, and 1,003,136 parameters. The paper's "0.99M" ("less than 1
@@ -176,20 +176,8 @@ class MobileFaceNet(nn.Module):
             x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        amp_dtype = AMP_DTYPES[self.amp]
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            x = self.forward_trunk(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x = self.conv_sep(x.float())
-            return self.features(x)
-
-    def extra_repr(self) -> str:
-        return (
-            f"image_size={self.image_size}, feature_map={self.feature_map_size}x{self.feature_map_size}, "
-            f"embedding_size={self.embedding_size}, amp={self.amp}, "
-            f"gradient_checkpointing={self.gradient_checkpointing}"
-        )
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.conv_sep(x))
 
 
 def mobilefacenet(**kwargs) -> MobileFaceNet:

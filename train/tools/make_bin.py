@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.synthetic import synthetic_pairs
 from train.data.transforms import encode_image
@@ -28,10 +29,8 @@ def write_bin(path: str, encoded_images: list[bytes], issame) -> None:
     issame = [bool(x) for x in np.asarray(issame, dtype=bool).reshape(-1)]
     if len(encoded_images) != 2 * len(issame):
         raise ValueError(f"{len(issame)} pairs need {2 * len(issame)} images, got {len(encoded_images)}")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(([bytes(b) for b in encoded_images], issame), f, protocol=4)
-    os.replace(tmp, path)
+    content = ([bytes(b) for b in encoded_images], issame)
+    checkpoint.write_atomic(path, lambda f: pickle.dump(content, f, protocol=4))
 
 
 def encode_pairs(images, *, fmt: str = "jpeg", quality: int = 95) -> list[bytes]:
