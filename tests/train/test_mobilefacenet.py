@@ -16,7 +16,8 @@ from conftest import assert_close_report
 from train import checkpoint, export
 from train.models import NETWORKS, MobileFaceNet, get_model, mobilefacenet
 
-from trainer_fixtures import base_argv, make_face_folder, one_thread, read_jsonl, train_one_thread  # noqa: F401
+from trainer_fixtures import (base_argv, forward_backward, make_face_folder, one_thread, read_jsonl,  # noqa: F401
+                              train_one_thread)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 IMAGE_SIZE = 32  # a multiple of 16: a 2x2 map under the GDConv, and a fast trainer run
@@ -123,17 +124,10 @@ def test_initialisation():
                 assert float(m.weight.detach().std()) == pytest.approx(math.sqrt(2 / fan_out), rel=0.1), name
 
 
-def _forward_backward(model, x):
-    model.zero_grad()
-    out = model(x)
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_every_parameter_gets_a_finite_gradient():
     torch.manual_seed(0)
     model = get_model("mbf", image_size=32, dropout=0.2)
-    _, grads = _forward_backward(model, torch.randn(4, 3, 32, 32))
+    _, grads = forward_backward(model, torch.randn(4, 3, 32, 32))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(grads) == sorted(names)
     for name in names:
@@ -146,8 +140,8 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients():
     checkpointed = get_model("mbf", image_size=32, gradient_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(4, 3, 32, 32)
-    out_a, grads_a = _forward_backward(plain.train(), x)
-    out_b, grads_b = _forward_backward(checkpointed.train(), x)
+    out_a, grads_a = forward_backward(plain.train(), x)
+    out_b, grads_b = forward_backward(checkpointed.train(), x)
     assert_close_report(out_b, out_a, atol=1e-6, rtol=1e-6, name="embeddings")
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:

@@ -7,7 +7,7 @@ import torch
 from train.checkpoint import describe_backbone
 from train.models import NETWORKS, get_model
 
-from trainer_fixtures import one_thread  # noqa: F401
+from trainer_fixtures import forward_backward, one_thread  # noqa: F401
 
 # Published sizes of insightface's iResNets with a 512-D embedding at 112x112, in millions.
 PUBLISHED_PARAMETERS = {"r50": 43.6, "r100": 65.2}
@@ -92,21 +92,14 @@ def test_dropout_from_keep_prob():
     assert model.dropout.p == pytest.approx(0.4)
 
 
-def _forward_backward(model, x):
-    model.zero_grad()
-    out = model(x)
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = get_model("small", image_size=32)
     checkpointed = get_model("small", image_size=32, gradient_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(4, 3, 32, 32)
-    out_a, grads_a = _forward_backward(plain, x)
-    out_b, grads_b = _forward_backward(checkpointed, x)
+    out_a, grads_a = forward_backward(plain, x)
+    out_b, grads_b = forward_backward(checkpointed, x)
     torch.testing.assert_close(out_b, out_a)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:

@@ -65,23 +65,31 @@ def test_outputs_and_verification(faces, tmp_path):
     assert start.numel() > 0 and 60 < float(start.mean()) < 120  # random embeddings: about 90 degrees
 
 
+def run_killed_at(step, argv_, monkeypatch, check=None):
+    """``main(argv_)`` killed as it is about to train ``step`` (after ``check(trainer)``, if given),
+    as a crash or a kill -9 would stop it: no checkpoint is written on the way out."""
+    original_step = Trainer.train_step
+
+    def train_step(self, images, labels):
+        if self.step == step:
+            if check is not None:
+                check(self)
+            raise RuntimeError("simulated kill")
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        main(argv_)
+    monkeypatch.setattr(Trainer, "train_step", original_step)
+
+
 def test_resume_repeats_the_uninterrupted_run_exactly(faces, tmp_path, monkeypatch):
     # Dropout on, so that the restored RNG state matters as well as the weights and the data order.
     options = dict(max_steps=8, save_every=4, keep_prob=0.8)
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(argv(faces, full, **options)) == 0
 
-    original_step = Trainer.train_step
-
-    def crash_after_step_5(self, images, labels):
-        if self.step == 5:
-            raise RuntimeError("simulated kill")
-        return original_step(self, images, labels)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_after_step_5)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        main(argv(faces, killed, **options))
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    run_killed_at(5, argv(faces, killed, **options), monkeypatch)
     assert checkpoint.load(str(killed / "checkpoint.pt"))["step"] == 4
     assert len(losses(killed)) == 5  # the killed run logged step 5 past its checkpoint
 
@@ -256,18 +264,10 @@ def test_sampled_classes_train_and_resume_exactly(many_faces, tmp_path, monkeypa
     curve = losses(full)
     assert len(curve) == 6 and all(math.isfinite(v) for v in curve)
 
-    original_step = Trainer.train_step
+    def sampled_16_of_40(trainer):  # a sample of the 40 classes at every step
+        assert len(trainer.margin_loss.last_sampled_classes) == 16
 
-    def crash_after_step_4(self, images, labels):
-        if self.step == 4:
-            assert len(self.margin_loss.last_sampled_classes) == 16  # a sample of the 40, every step
-            raise RuntimeError("simulated kill")
-        return original_step(self, images, labels)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_after_step_4)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        main(argv(many_faces, killed, **options))
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    run_killed_at(4, argv(many_faces, killed, **options), monkeypatch, check=sampled_16_of_40)
     # The sample is drawn from the generator the checkpoint restores: the same classes again.
     assert main(argv(many_faces, killed, resume="auto", **options)) == 0
     assert losses(killed) == curve

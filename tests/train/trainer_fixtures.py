@@ -42,6 +42,14 @@ def train_one_thread(argv: list[str]) -> int:
             torch.set_num_threads(threads)
 
 
+def forward_backward(model, x):
+    """The output of ``model(x)`` and the gradients of mean(output²), by parameter name."""
+    model.zero_grad()
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def make_face_folder(root: str, identities: int = 8, images: int = 8, size: int = IMAGE_SIZE) -> str:
     """``root/id_XXX/NN.png`` for synthetic identities 0 .. identities-1."""
     for who in range(identities):
