@@ -16,7 +16,8 @@ benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the sa
 
 Timing: every impl runs --warmup times first (torch.compile compiles there), then the impls take
 turns, --repeats rounds, the first impl of each round rotating; `ms` is the median over rounds of
-one forward+backward (both embeddings and weight need gradients, as in training). For 16-bit
+one forward+backward (on CUDA, each round is a run of back-to-back steps lasting about 20 ms, timed
+with CUDA events and divided by its length, `steps_per_sample`; on the CPU, one step by the host clock) (both embeddings and weight need gradients, as in training). For 16-bit
 dtypes the references run under torch.autocast, as insightface's training does; ours takes the
 16-bit tensors directly. Ratios are time ratios: `x floor` = ms / floor's ms, and so on (< 1 is
 faster); `mem x eager` = peak_extra_mb / eager's.
@@ -145,25 +146,53 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps, *, device, warmup, repeats):
-    """{impl: [ms per round]}: warm-up first, then round-robin with a rotating first impl."""
+def time_interleaved(steps, *, device, warmup, repeats, sample_ms=20.0):
+    """{impl: [ms per step, one value per round]}: warm-up first, then round-robin with a rotating
+    first impl.
+
+    CPU: each round times one step with the host clock (a step takes tens of milliseconds or more).
+    CUDA: a step can take a fraction of a millisecond, less than launching it costs the host, so each
+    round times `inner` back-to-back steps between two CUDA events and divides; `inner` is chosen per
+    impl after warm-up so that a round lasts about `sample_ms` (at most 200 steps). The returned
+    {impl: inner} says how many."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     synchronize(device)
     names = list(steps)
+    inner = {name: 1 for name in names}
+    if device.type == "cuda":
+        for name in names:
+            once = _cuda_ms(steps[name], 1)
+            inner[name] = max(1, min(200, int(sample_ms / max(once, 1e-3))))
     times = {name: [] for name in names}
     for round_index in range(repeats):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in order:
             gc.collect()
+            if device.type == "cuda":
+                times[name].append(_cuda_ms(steps[name], inner[name]))
+                continue
             synchronize(device)
             start = time.perf_counter()
             result = steps[name]()
             synchronize(device)
             times[name].append((time.perf_counter() - start) * 1e3)
             del result
-    return times
+    return times, inner
+
+
+def _cuda_ms(step, count):
+    """Mean GPU time of `count` back-to-back calls of `step`, from CUDA events on the current stream."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(count):
+        result = step()
+        del result
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / count
 
 
 # ---- peak extra memory -------------------------------------------------------------------------
@@ -249,26 +278,32 @@ def fits(impl, n, dim, num_classes, dtype, device):
         torch.cuda.empty_cache()
 
 
-def largest_c(impl, n, dim, dtype, device, start, limit):
-    """Doubles C from `start` until it no longer fits (or passes `limit`), then bisects to 1%."""
+def largest_c(impl, n, dim, dtype, device, start, limit, deadline=None):
+    """(fits, fails): doubles C from `start` until it no longer fits (or passes `limit`), then bisects
+    to 1%. `fits` is the largest C seen to fit (0 if not even `start` does), `fails` the smallest
+    seen not to (None if every C up to `limit` fit). Past `deadline` (time.monotonic()) the search
+    stops where it is and returns the bracket it has."""
+    def out_of_time():
+        return deadline is not None and time.monotonic() > deadline
+
     if not fits(impl, n, dim, start, dtype, device):
-        return 0
+        return 0, start
     low, high = start, None
     while high is None:
+        if low >= limit or out_of_time():
+            return low, None
         candidate = min(low * 2, limit)
         if fits(impl, n, dim, candidate, dtype, device):
             low = candidate
-            if candidate == limit:
-                return limit
         else:
             high = candidate
-    while high - low > max(1, low // 100):
+    while high - low > max(1, low // 100) and not out_of_time():
         middle = (low + high) // 2
         if fits(impl, n, dim, middle, dtype, device):
             low = middle
         else:
             high = middle
-    return low
+    return low, high
 
 
 # ---- environment and output --------------------------------------------------------------------
@@ -315,7 +350,7 @@ def print_table(rows):
 
     for r in rows:
         peak = "-" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
-        print(f"{r['impl']:<13} {r['N']:>5} {r['D']:>5} {r['C']:>9} {r['dtype']:>5} {r['ms']:>9.1f} "
+        print(f"{r['impl']:<13} {r['N']:>5} {r['D']:>5} {r['C']:>9} {r['dtype']:>5} {r['ms']:>9.3f} "
               f"{ratio(r, 'floor', 'ms'):>8} {ratio(r, 'eager', 'ms'):>8} {ratio(r, 'compiled', 'ms'):>10} "
               f"{peak:>9} {ratio(r, 'eager', 'peak_extra_mb'):>11}")
 
@@ -335,6 +370,8 @@ def parse_args(argv=None):
     parser.add_argument("--sample-rate", type=float, default=0.1, help="partial FC's rate for the *-sampled impls")
     parser.add_argument("--max-c", type=int,
                         help="CUDA: also search the largest C that fits, up to this, for ours and eager")
+    parser.add_argument("--max-c-seconds", type=float, default=120.0,
+                        help="time for the largest-C search, shared between ours and eager (default 120)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", help="output JSON path (default benchmarks/results/<device>-<date>.json)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -355,6 +392,8 @@ def main(argv=None):
         raise SystemExit("arcface_ext's compiled kernels are not built: pip install --no-build-isolation -e .")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
+    if args.max_c and args.device != "cuda":
+        raise SystemExit("--max-c searches GPU memory; use it with --device cuda")
     defaults = DEFAULTS[args.device]
     n = args.N or defaults["N"]
     dim = args.D or defaults["D"]
@@ -374,7 +413,7 @@ def main(argv=None):
     for num_classes in class_counts:
         tensors = make_inputs(n, dim, num_classes, dtype, device)
         steps = {impl: make_step(impl, *tensors, sample_rate=args.sample_rate) for impl in impls}
-        times = time_interleaved(steps, device=device, warmup=args.warmup, repeats=args.repeats)
+        times, inner = time_interleaved(steps, device=device, warmup=args.warmup, repeats=args.repeats)
         for impl in impls:
             peak = None
             if not args.no_memory:
@@ -386,23 +425,38 @@ def main(argv=None):
                                              sample_rate=args.sample_rate)[impl]
             extra = {"sample_rate": args.sample_rate} if impl.endswith("-sampled") else {}
             rows.append(dict(impl=impl, N=n, D=dim, C=num_classes, dtype=dtype_name, **extra,
-                             ms=statistics.median(times[impl]), ms_all=[round(t, 3) for t in times[impl]],
+                             ms=statistics.median(times[impl]), ms_all=[round(t, 4) for t in times[impl]],
+                             steps_per_sample=inner[impl],
                              peak_extra_mb=peak, **environment))
         del steps, tensors
         gc.collect()
     print_table(rows)
-
-    if args.max_c:
-        if device.type != "cuda":
-            raise SystemExit("--max-c searches GPU memory; use it with --device cuda")
-        for impl in [name for name in ("ours", "eager") if name in impls]:
-            found = largest_c(impl, n, dim, dtype, device, start=min(class_counts), limit=args.max_c)
-            print(f"largest C that fits, {impl}: {found}")
-            rows.append(dict(impl=impl, N=n, D=dim, C=found, dtype=dtype_name, kind="max_c",
-                             max_c_limit=args.max_c, ms=None, peak_extra_mb=None, **environment))
-
     out = args.out or os.path.join(ROOT, "benchmarks", "results",
                                    f"{slug(environment['device'])}-{datetime.date.today().isoformat()}.json")
+    if args.max_c:
+        write_rows(rows, out)  # the timings are kept even if the search below fails
+        deadline = time.monotonic() + args.max_c_seconds
+        searched = [name for name in ("ours", "eager") if name in impls]
+        for position, impl in enumerate(searched):
+            # Each impl gets an equal share of the time that is left.
+            share = (deadline - time.monotonic()) / (len(searched) - position)
+            found, failed = largest_c(impl, n, dim, dtype, device, start=min(class_counts), limit=args.max_c,
+                                      deadline=time.monotonic() + share)
+            if failed is not None:
+                bracket = f"{failed} does not fit"
+            elif found >= args.max_c:
+                bracket = "every C up to --max-c fits"
+            else:
+                bracket = "the search ran out of time before a C failed"
+            print(f"largest C that fits, {impl}: {found} ({bracket})")
+            rows.append(dict(impl=impl, N=n, D=dim, C=found, dtype=dtype_name, kind="max_c",
+                             max_c_limit=args.max_c, smallest_c_not_fitting=failed, ms=None,
+                             peak_extra_mb=None, **environment))
+
+    write_rows(rows, out)
+
+
+def write_rows(rows, out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as handle:
         json.dump(rows, handle, indent=1)

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Everything a GPU machine has to check, in one call that fits the device tool's 10-minute limit:
-# build, the CUDA tests, compute-sanitizer, the benchmark, a kernel profile, then the rest.
+# Everything a GPU machine has to check, in one call inside the device tool's limits (10 minutes a
+# command, 15 minutes of device time a session, the machine's start included): build, the CUDA
+# tests, the benchmark, compute-sanitizer, a kernel profile, then the rest.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh              # every stage, in the order below
 #   OUT=/some/dir bash benchmarks/gpu_check.sh bench profile # chosen stages (after a build)
 #
-# Stages, most important first, each under its own time limit so that a hang costs one stage:
-#   build     pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)
+# The whole script keeps to GPU_CHECK_BUDGET seconds (default 520, for a `run` with timeout_s 600):
+# each stage runs under the smaller of its own limit and the time left, and a stage that would get
+# less than its minimum is skipped and says so. Stages, most important first:
+#   build     pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16);
+#             if pip cannot install there, setup.py build_ext --inplace
 #   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths)
+#   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl, then the largest C
+#             that fits for ours and eager (45 s); the results JSON is copied to $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   bench     benchmarks/bench_loss.py --device cuda --max-c 50000000 (results JSON copied to $OUT)
 #   profile   benchmarks/profile_loss.py at C = 1M, fused and cuBLAS paths
-#   sweep     ours and ours-cublas at C = 1M with a 16, 64 and 256 MiB workspace (NOTES.md, step 4)
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
-#   suite     the rest of the test suite (tests/ without test_cuda.py)
+#   suite     the rest of the test suite (tests/ without test_cuda.py) under the machine's torch
+#   sweep     ours and ours-cublas at C = 1M with a 16, 64 and 256 MiB workspace (NOTES.md, step 4)
 # Each stage's output goes to $OUT/<stage>.log (both sanitizer stages to sanitize.log, the sweep to
-# profile.log: the device tool returns at most 8 files); the device, and a summary of return codes and times, are printed
-# last and kept in $OUT/summary.log.
+# profile.log: the device tool returns at most 8 files); the device, and a summary of return codes
+# and times, are printed last and kept in $OUT/summary.log.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -24,46 +29,68 @@ OUT=${OUT:-$ROOT/build/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda memcheck bench profile sweep racecheck suite)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile racecheck suite sweep)
 SUMMARY=()
 
-run_stage() {  # name, log name, time limit in seconds, command...
-  local name=$1 log=$OUT/$2.log limit=$3 start=$SECONDS rc
-  shift 3
+run_stage() {  # name, log name, time limit (s), minimum worth running (s), command...
+  local name=$1 log=$OUT/$2.log limit=$3 minimum=$4 start=$SECONDS left rc
+  shift 4
+  left=$((DEADLINE - SECONDS - 15))  # 15 s for the summary and the copies
+  if ((left < minimum)); then
+    SUMMARY+=("$(printf '%-14s skipped: %d s left, needs %d' "$name" "$left" "$minimum")")
+    echo "=== $name: skipped ($left s left of the budget, needs $minimum)" | tee -a "$log"
+    return 0
+  fi
+  ((limit > left)) && limit=$left
   echo "=== $name (limit ${limit} s): $*" | tee -a "$log"
   timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
   rc=$?
-  tail -n 30 "$log"
-  SUMMARY+=("$(printf '%-10s rc=%-3s %4d s' "$name" "$rc" $((SECONDS - start)))")
+  tail -n 25 "$log"
+  SUMMARY+=("$(printf '%-14s rc=%-3s %4d s' "$name" "$rc" $((SECONDS - start)))")
   echo "=== $name: rc=$rc in $((SECONDS - start)) s"
+  return $rc
 }
 
-DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1;
+BUILD="$PY -m pip install --no-build-isolation --no-deps -v -e . || {
+  echo 'pip could not install the package; building the extension in place instead'
+  $PY setup.py build_ext --inplace; }"
+
+DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1;
          "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1;
+         nvcc --version 2>&1 | tail -n 2 | head -n 1;
          git rev-parse --short HEAD 2>/dev/null)
 echo "$DEVICE"
 
 for stage in "${STAGES[@]}"; do
   case $stage in
-    build) run_stage build build 240 "$PY" -m pip install --no-build-isolation --no-deps -v -e . ;;
-    cuda) run_stage cuda cuda 180 "$PY" -m pytest -q -p no:cacheprovider --maxfail=40 -rf tests/test_cuda.py ;;
-    memcheck) run_stage memcheck sanitize 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-                "$PY" benchmarks/sanitize_case.py ;;
+    build)
+      if ! run_stage build build 200 60 bash -c "$BUILD"; then
+        SUMMARY+=("build failed: the stages that need the extension were not run")
+        break
+      fi
+      "$PY" -c 'import arcface_ext, torch; assert arcface_ext.extension_available(); print("CUDA kernels registered:", torch._C._dispatch_has_kernel_for_dispatch_key("arcface_ext::margin_softmax_forward", "CUDA"))' \
+        2>&1 | tee -a "$OUT/build.log" ;;
+    cuda) run_stage cuda cuda 150 30 "$PY" -m pytest -q -p no:cacheprovider --maxfail=40 -rf --durations=10 \
+            -o faulthandler_timeout=120 tests/test_cuda.py ;;
     bench)
-      run_stage bench bench 300 "$PY" benchmarks/bench_loss.py --device cuda --max-c 50000000 \
-        --out "$ROOT/benchmarks/results/gpu-check.json"
+      run_stage bench bench 170 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
+        --max-c 50000000 --max-c-seconds 45 --out "$ROOT/benchmarks/results/gpu-check.json"
       cp "$ROOT/benchmarks/results/gpu-check.json" "$OUT/bench.json" 2>/dev/null ;;
-    profile) run_stage profile profile 90 "$PY" benchmarks/profile_loss.py ;;
+    memcheck) run_stage memcheck sanitize 100 40 compute-sanitizer --tool memcheck --error-exitcode 9 \
+                "$PY" benchmarks/sanitize_case.py ;;
+    profile) run_stage profile profile 60 20 "$PY" benchmarks/profile_loss.py ;;
+    racecheck) run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
+                 "$PY" benchmarks/sanitize_case.py ;;
+    suite) run_stage suite suite 200 60 "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -rf tests \
+             --ignore tests/test_cuda.py ;;
     sweep)
       for mib in 16 64 256; do
-        run_stage "sweep-${mib}MiB" profile 90 "$PY" benchmarks/bench_loss.py --device cuda --C 1000000 \
-          --impls ours,ours-cublas,floor --no-memory --workspace-bytes $((mib << 20)) --out "/tmp/sweep-${mib}MiB.json"
+        run_stage "sweep-${mib}MiB" profile 40 25 "$PY" benchmarks/bench_loss.py --device cuda --C 1000000 \
+          --impls ours,ours-cublas,floor --no-memory --warmup 2 --workspace-bytes $((mib << 20)) \
+          --out "/tmp/sweep-${mib}MiB.json"
       done ;;
-    racecheck) run_stage racecheck sanitize 150 compute-sanitizer --tool racecheck --error-exitcode 9 \
-                 "$PY" benchmarks/sanitize_case.py ;;
-    suite) run_stage suite suite 200 "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -rf tests \
-             --ignore tests/test_cuda.py ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -651,3 +651,33 @@ def test_extra_memory_is_bounded_by_the_workspace(reduction):
                                             "the measurement is broken")
     assert peak["ours"] <= workspace_bytes / 2**20 + 2.0, (
         f"fused op used {peak['ours']:.1f} MiB extra (workspace {workspace_bytes / 2**20:.0f} MiB)")
+
+
+# ---- the benchmark's largest-C search (its logic; the GPU runs it for real) --------------------
+
+@pytest.mark.parametrize("capacity", [999, 1000, 1_234_567, 50_000_000])
+def test_largest_c_search_brackets_the_capacity(monkeypatch, capacity):
+    bench = _load_benchmark()
+    tried = []
+
+    def fits(impl, n, dim, num_classes, dtype, device):
+        tried.append(num_classes)
+        return num_classes <= capacity
+
+    monkeypatch.setattr(bench, "fits", fits)
+    found, failed = bench.largest_c("ours", 512, 512, None, None, start=1000, limit=20_000_000)
+    if capacity < 1000:
+        assert (found, failed) == (0, 1000)
+    elif capacity >= 20_000_000:
+        assert (found, failed) == (20_000_000, None)
+    else:
+        assert found <= capacity < failed and failed - found <= max(1, found // 100)
+    assert len(tried) < 40
+
+
+def test_largest_c_search_stops_at_its_deadline(monkeypatch):
+    bench = _load_benchmark()
+    monkeypatch.setattr(bench, "fits", lambda impl, n, dim, num_classes, dtype, device: num_classes <= 10**6)
+    # Already past the deadline: it keeps the first C it tried and says nothing failed.
+    found, failed = bench.largest_c("ours", 8, 8, None, None, start=1000, limit=10**9, deadline=0.0)
+    assert (found, failed) == (1000, None)
