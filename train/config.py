@@ -109,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear warm-up from 0; default 5%% of --max-steps for poly, 0 for step")
     g.add_argument("--max-steps", "--max_step", "--max_steps", dest="max_steps", type=int, default=300)
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
-                   help="images per process and step (the global batch is this times the world size)")
+                   help="images per process and forward pass (the global batch is this times the world "
+                   "size times --gradient-acc)")
+    g.add_argument("--gradient-acc", "--gradient_acc", dest="gradient_acc", type=int, default=1,
+                   help="forward/backward passes of --batch-size images whose mean gradient makes one optimiser "
+                   "step (gradient accumulation: a larger batch than fits in memory; the schedule counts steps)")
     g.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none",
                    help="autocast dtype of the convolutional trunk (the head and the loss stay fp32)")
     g.add_argument("--loss-amp", "--loss_amp", dest="loss_amp", choices=("none", "fp16", "bf16"), default="none",
@@ -221,6 +225,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
     if args.max_steps < 1:
         raise SystemExit(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.gradient_acc < 1:
+        raise SystemExit(f"--gradient-acc must be at least 1, got {args.gradient_acc}")
     if not 0.0 < args.sample_rate <= 1.0:
         raise SystemExit(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     if args.sharded_classes and args.loss_impl != "fused":

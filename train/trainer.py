@@ -5,6 +5,7 @@ run resumes from exactly."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -261,7 +262,9 @@ class Trainer:
                 # Replicated class centres: DDP averages their gradients like the backbone's.
                 self.loss_ddp = nn.parallel.DistributedDataParallel(self.margin_loss, device_ids=ids)
 
-        self.loader = build_train_loader(self.dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+        # A step's --gradient-acc passes come as one batch, split in train_step.
+        self.loader = build_train_loader(self.dataset, batch_size=args.batch_size * args.gradient_acc,
+                                         num_workers=args.num_workers,
                                          seed=args.seed, distributed=self.distributed, drop_last=True,
                                          start_step=self.step)
         # Restored last, after everything that draws from the generators at start-up.
@@ -425,31 +428,44 @@ class Trainer:
             yield from self.loader
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
-        """One optimiser step; returns (mean loss over ranks, whether any rank was signalled)."""
+        """One optimiser step on this process's `images` (--gradient-acc passes of --batch-size
+        each, their gradients averaged); returns (mean loss over passes and ranks, whether any rank
+        was signalled)."""
         args = self.args
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        embeddings = self.backbone_ddp(images)
+        passes = args.gradient_acc
         loss_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.loss_amp)
-        with torch.autocast(self.device.type, dtype=loss_dtype, enabled=loss_dtype is not None):
-            loss, target_cosine = self.loss_ddp(embeddings, labels, return_target_cosine=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for index, (images_part, labels_part) in enumerate(zip(images.chunk(passes), labels.chunk(passes))):
+            images_part = images_part.to(self.device, non_blocking=True)
+            labels_part = labels_part.to(self.device, non_blocking=True)
+            if args.channels_last:
+                images_part = images_part.contiguous(memory_format=torch.channels_last)
+            # DDP all-reduces the gradients in the last pass only: the earlier ones accumulate locally.
+            with contextlib.ExitStack() as stack:
+                if index < passes - 1:
+                    for module in (self.backbone_ddp, self.loss_ddp):
+                        if isinstance(module, nn.parallel.DistributedDataParallel):
+                            stack.enter_context(module.no_sync())
+                embeddings = self.backbone_ddp(images_part)
+                with torch.autocast(self.device.type, dtype=loss_dtype, enabled=loss_dtype is not None):
+                    loss, target_cosine = self.loss_ddp(embeddings, labels_part, return_target_cosine=True)
+                # A non-finite loss is caught below, before the optimiser applies anything.
+                self.scaler.scale(loss / passes).backward()
+            loss_sum += loss.detach().float()
+            if index == 0 and self.is_main and self.angles.wants(self.step):
+                self.angles.record(self.step, target_cosine)
 
         # One small collective a step: the mean loss for the log and the NaN check, and whether
         # any rank was signalled, so that all ranks stop (or diverge) at the same step.
-        status = torch.stack([loss.detach().float(), torch.tensor(float(self._stop_signal > 0), device=self.device)])
+        status = torch.stack([loss_sum / passes, torch.tensor(float(self._stop_signal > 0), device=self.device)])
         if self.distributed:
             dist.all_reduce(status)
         loss_value, stop = status.tolist()
         loss_value /= self.world_size
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"the loss is {loss_value} at step {self.step + 1}")
-        if self.is_main and self.angles.wants(self.step):
-            self.angles.record(self.step, target_cosine)
 
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         if args.grad_clip > 0:
             # The backbone only, as insightface does: the class centres' norm grows with the classes.
             self.scaler.unscale_(self.optimizer)
@@ -501,7 +517,7 @@ class Trainer:
         from tqdm import tqdm
 
         args = self.args
-        global_batch = args.batch_size * self.world_size
+        global_batch = args.batch_size * args.gradient_acc * self.world_size
         # Installed before the DataLoader forks its workers, which inherit it: a Ctrl-C to the
         # process group then leaves them running while this process writes the checkpoint.
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -605,7 +621,8 @@ class Trainer:
             f"verification: {', '.join(self.verification_sets) or 'none'}",
             f"loss {self.margin_loss!r} ({a.loss_impl})",
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
-            f"{self.world_size} process(es) on {self.device}, {a.max_steps} steps from step {self.step}",
+            f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
+            + f" on {self.device}, {a.max_steps} steps from step {self.step}",
             f"output: {self.output}",
         ])
 

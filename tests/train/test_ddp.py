@@ -53,7 +53,9 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
     # From the same starting weights, two processes with the class centres split between them
     # follow the replicated run step for step; their checkpoint holds the whole matrix and its
     # momentum (gathered), and resuming from it slices them again. (Both runs stop at step 2 and
-    # resume to 4, so that they follow the same learning-rate schedule.)
+    # resume to 4, so that they follow the same learning-rate schedule.) Both accumulate the gradients
+    # of two passes of 4 images a step: DDP's no_sync for the replicated centres and the backbone,
+    # the sharded loss's own collectives in every pass.
     data = make_face_folder(str(tmp_path / "faces"))
     start = tmp_path / "start"
     first = torchrun(base_argv(data, str(start), batch_size=8, max_steps=2, save_every=0))
@@ -61,7 +63,7 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
     pretrained = str(start / "checkpoint.pt")
 
     def run(output, *extra, max_steps=4):
-        args = base_argv(data, str(output), batch_size=8, max_steps=max_steps, save_every=0,
+        args = base_argv(data, str(output), batch_size=4, gradient_acc=2, max_steps=max_steps, save_every=0,
                          pretrained_model=pretrained) + list(extra)
         result = torchrun(args)
         assert result.returncode == 0, result.stderr[-3000:]

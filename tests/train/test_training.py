@@ -16,6 +16,7 @@ import torch
 import arcface_ext
 from train import checkpoint
 from train.config import parse_args
+from train.models import NETWORKS
 from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, main
 
 from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl  # noqa: F401
@@ -100,6 +101,55 @@ def test_resume_repeats_the_uninterrupted_run_exactly(faces, tmp_path, monkeypat
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert torch.equal(a["margin_loss"]["weight"], b["margin_loss"]["weight"])
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_gradient_accumulation_steps_on_the_mean_gradient_of_its_passes(faces, tmp_path):
+    # --gradient-acc 2 --batch-size 8: each step reads 16 images and applies the mean of the
+    # gradients of two passes of 8, as if each pass had been run alone and the results averaged.
+    import copy
+
+    trainer = Trainer(parse_args(argv(faces, tmp_path, batch_size=8, gradient_acc=2, grad_clip=0)))
+    assert trainer.loader.batch_sampler.batch_size == 16
+    assert "batch 8 x 1 process(es) x 2 passes" in trainer.describe()
+    images, labels = next(iter(trainer.loader))
+    backbone, margin_loss = copy.deepcopy(trainer.backbone), copy.deepcopy(trainer.margin_loss)
+    for images_part, labels_part in zip(images.chunk(2), labels.chunk(2)):
+        (margin_loss(backbone(images_part), labels_part) / 2).backward()
+    expected = [p.grad for p in [*backbone.parameters(), *margin_loss.parameters()] if p.requires_grad]
+
+    applied = {}
+    original_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        applied["grads"] = [p.grad.clone() for group in trainer.optimizer.param_groups for p in group["params"]]
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    loss_value, stop = trainer.train_step(images, labels)
+    assert trainer.step == 1 and not stop and math.isfinite(loss_value)
+    assert len(applied["grads"]) == len(expected)
+    for got, want in zip(applied["grads"], expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_resumes_exactly(faces, tmp_path, monkeypatch):
+    options = dict(max_steps=4, save_every=2, batch_size=8, gradient_acc=2, keep_prob=0.8)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(argv(faces, full, **options)) == 0
+    run_killed_at(3, argv(faces, killed, **options), monkeypatch)
+    assert main(argv(faces, killed, resume="auto", **options)) == 0
+    assert losses(killed) == losses(full) and len(losses(full)) == 4
+    records = read_jsonl(full / "metrics.jsonl")
+    assert all(r["samples_per_sec"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_gradient_accumulation_is_checked(value):
+    assert parse_args(["--gradient_acc", "4"]).gradient_acc == 4
+    assert parse_args([]).gradient_acc == 1
+    with pytest.raises(SystemExit, match="--gradient-acc must be at least 1"):
+        parse_args(["--gradient-acc", value])
 
 
 def test_resume_with_more_steps_follows_the_new_schedule_in_every_group(faces, tmp_path):
@@ -308,7 +358,9 @@ def test_memory_and_precision_options_train(faces, tmp_path, options):
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "train", "configs"))))
 def test_shipped_configs_parse(name):
     args = parse_args(["--config", os.path.join(REPO, "train", "configs", name), "--data", "/data/faces_emore"])
-    assert args.network in ("r50", "r100") and args.image_size == 112 and args.max_steps > 100000
+    assert args.network in NETWORKS and args.image_size == 112 and args.max_steps > 100000
+    if args.sharded_classes or args.sample_rate < 1:
+        assert args.loss_impl == "fused" and args.loss_amp != "fp16"
 
 
 def test_unbuilt_extension_is_named(faces, tmp_path, monkeypatch):
