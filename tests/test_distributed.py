@@ -165,6 +165,15 @@ def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, s
         loss, cosine = module(xs, labels[mine], return_target_cosine=True)
         loss.backward()
         gathered = module.gather(module.weight.grad)
+        # One row a piece, and a per-class vector: the same whole, in host memory.
+        in_pieces = module.gather(module.weight.grad, piece_bytes=1)
+        numbers = module.gather(torch.arange(module.class_start, module.class_stop, dtype=torch.float64),
+                                piece_bytes=16)
+        if rank == 0:
+            assert torch.equal(in_pieces, gathered) and in_pieces.device.type == "cpu"
+            assert torch.equal(numbers, torch.arange(num_classes, dtype=torch.float64))
+        else:
+            assert in_pieces is None and numbers is None
         torch.save({"loss": loss.detach(), "cosine": cosine, "grad_x": xs.grad, "grad_w": module.weight.grad,
                     "range": (module.class_start, module.class_stop), "initial": initial,
                     "gathered_grad": gathered, "sampled": module.last_sampled_classes},

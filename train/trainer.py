@@ -300,7 +300,7 @@ class Trainer:
         return resume
 
     def _load_training_state(self, path: str) -> list[dict[str, Any]]:
-        state = checkpoint.load(path)
+        state = checkpoint.load(path, mmap=True)
         if state.get("num_classes") != self.num_classes:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "
                              f"{self.num_classes}; resume needs the same data (use --pretrained_model to fine-tune)")
