@@ -139,4 +139,5 @@ def test_bf16_autocast_covers_the_trunk_not_the_head():
 def test_unknown_network():
     with pytest.raises(ValueError, match="unknown network 'r51'"):
         get_model("r51")
-    assert set(NETWORKS) == {"r18", "r34", "r50", "r100", "r200", "small", "mbf"}
+    assert set(NETWORKS) == {"r18", "r34", "r50", "r100", "r200", "small", "mbf", "vit_t", "vit_t_dp005_mask0", "vit_s",
+                             "vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h"}
