@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute activations in the backward pass to save memory")
     g.add_argument("--channels-last", dest="channels_last",
                    action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the backbone's training forward and backward (the first steps compile: "
+                   "minutes for r100); verification and checkpoints use the plain module")
+    g.add_argument("--compile-backend", dest="compile_backend", default="inductor",
+                   help="torch.compile backend for --compile (inductor; aot_eager for checking)")
+    g.add_argument("--compile-mode", dest="compile_mode", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode for --compile (the inductor backend)")
     g.add_argument("--pretrained-model", "--pretrained_model", dest="pretrained_model", default=None,
                    help="initialise from this backbone state dict or training checkpoint")
     g.add_argument("--finetuning", action=argparse.BooleanOptionalAction, default=False,
@@ -225,6 +233,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
     if args.max_steps < 1:
         raise SystemExit(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.compile_mode and args.compile_backend != "inductor":
+        raise SystemExit(f"--compile-mode is an inductor option; --compile-backend is {args.compile_backend}")
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.gradient_acc < 1:

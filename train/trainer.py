@@ -262,6 +262,11 @@ class Trainer:
                 # Replicated class centres: DDP averages their gradients like the backbone's.
                 self.loss_ddp = nn.parallel.DistributedDataParallel(self.margin_loss, device_ids=ids)
 
+        if args.compile:
+            # The DDP wrapper is compiled, not the module under it: its optimiser then splits the graph
+            # at the gradient buckets, so that all-reduces still overlap the backward.
+            self.backbone_ddp = torch.compile(self.backbone_ddp, backend=args.compile_backend, mode=args.compile_mode)
+
         # A step's --gradient-acc passes come as one batch, split in train_step.
         self.loader = build_train_loader(self.dataset, batch_size=args.batch_size * args.gradient_acc,
                                          num_workers=args.num_workers,
@@ -616,7 +621,8 @@ class Trainer:
         params = sum(p.numel() for p in self.backbone.parameters())
         return "\n".join([
             f"network {a.network}: {params / 1e6:.2f}M parameters, {a.image_size}px input, "
-            f"{a.embedding_size}-D embedding, amp {a.amp}",
+            f"{a.embedding_size}-D embedding, amp {a.amp}"
+            + (f", compiled ({a.compile_backend}{', ' + a.compile_mode if a.compile_mode else ''})" if a.compile else ""),
             f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities; "
             f"verification: {', '.join(self.verification_sets) or 'none'}",
             f"loss {self.margin_loss!r} ({a.loss_impl})",

@@ -144,6 +144,21 @@ def test_gradient_accumulation_resumes_exactly(faces, tmp_path, monkeypatch):
     assert all(r["samples_per_sec"] > 0 for r in records)
 
 
+def test_compiled_backbone_trains_like_the_eager_one(faces, tmp_path, capsys):
+    # aot_eager traces forward and backward as inductor does, without the minutes of code generation
+    # a CPU needs; the losses match the eager run's, and the checkpoint holds the plain module's names.
+    options = dict(max_steps=3, save_every=0)
+    assert main(argv(faces, tmp_path / "eager", **options)) == 0
+    assert main(argv(faces, tmp_path / "compiled", compile=True, compile_backend="aot_eager", **options)) == 0
+    assert "compiled (aot_eager)" in capsys.readouterr().err
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+    state = checkpoint.load(str(tmp_path / "compiled" / "checkpoint.pt"))
+    assert not any(key.startswith("_orig_mod") for key in state["model"])
+    assert state["args"]["compile"] is True
+    with pytest.raises(SystemExit, match="--compile-mode is an inductor option"):
+        parse_args(["--compile", "--compile-backend", "aot_eager", "--compile-mode", "max-autotune"])
+
+
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_gradient_accumulation_is_checked(value):
     assert parse_args(["--gradient_acc", "4"]).gradient_acc == 4
