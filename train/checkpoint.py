@@ -102,8 +102,17 @@ def all_finite(module: torch.nn.Module) -> bool:
 
 
 def describe_backbone(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Guess ``network``, ``embedding_size`` and ``image_size`` from an iResNet state dict (for
-    bare ``.pth`` files such as insightface's ``backbone.pth``, which carry no settings)."""
+    """Guess ``network``, ``embedding_size`` and ``image_size`` from a backbone's state dict (for
+    bare ``.pth`` files such as insightface's ``backbone.pth``, which carry no settings): iResNets
+    and the demo network, MobileFaceNet (``mbf``) and the Vision Transformers. A ViT's variants
+    that differ only in training (drop path, masking) have the same weights and are named by the
+    first of them; a 12x12 ViT grid is read as 112 px, the size faces are aligned to."""
+    if "pos_embed" in state_dict and "feature.2.weight" in state_dict:
+        return _describe_vit(state_dict)
+    if "features.layers.0.layers.0.weight" in state_dict and "features.layers.2.weight" in state_dict:
+        gdconv_side = state_dict["features.layers.0.layers.0.weight"].shape[-1]  # the last map's side
+        return {"network": "mbf", "embedding_size": int(state_dict["features.layers.2.weight"].shape[0]),
+                "image_size": int(gdconv_side) * 16}
     from .models import IRESNET_LAYERS
 
     blocks = [1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith(f"layer{i}.")), default=-1)
@@ -114,17 +123,32 @@ def describe_backbone(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     elif tuple(widths) == (16, 32, 64, 128) and tuple(blocks) == (1, 1, 1, 1):
         network, halvings = "small", 5
     else:
-        raise ValueError(f"not an iResNet this trainer builds: blocks {blocks}, widths {widths}; "
+        raise ValueError(f"not a backbone this trainer builds: iResNet blocks {blocks}, widths {widths}; "
                          "pass --network, --embedding-size and --image-size")
     embedding_size, fc_in = state_dict["fc.weight"].shape
     side = round((fc_in / widths[-1]) ** 0.5)
     return {"network": network, "embedding_size": int(embedding_size), "image_size": side * 2 ** halvings}
 
 
+def _describe_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    from .models.vit import PATCH_SIZE, VIT_CONFIGS
+
+    _, tokens, dim = state_dict["pos_embed"].shape
+    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
+    names = [name for name, config in VIT_CONFIGS.items() if (config.embed_dim, config.depth) == (dim, depth)]
+    grid = round(tokens ** 0.5)
+    if not names or grid * grid != tokens:
+        raise ValueError(f"not a ViT this trainer builds: {depth} blocks of width {dim}, {tokens} tokens; "
+                         "pass --network, --embedding-size and --image-size")
+    image_size = 112 if grid == 112 // PATCH_SIZE else grid * PATCH_SIZE
+    return {"network": names[0], "embedding_size": int(state_dict["feature.2.weight"].shape[0]),
+            "image_size": image_size}
+
+
 def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An eval-mode backbone from a training checkpoint, a state dict written by
-    ``python -m train.export`` (settings beside it in ``<name>.json``) or a bare iResNet state
-    dict; ``overrides`` (network, embedding_size, image_size) win over what the file says.
+    ``python -m train.export`` (settings beside it in ``<name>.json``) or a bare state dict of a
+    backbone it builds (:func:`describe_backbone`); ``overrides`` (network, embedding_size, image_size) win over what the file says.
     Returns ``(model, settings)``; settings also hold ``threshold`` (squared distance, from
     the last verification) when known."""
     import json

@@ -141,3 +141,27 @@ def test_unknown_network():
         get_model("r51")
     assert set(NETWORKS) == {"r18", "r34", "r50", "r100", "r200", "small", "mbf", "vit_t", "vit_t_dp005_mask0", "vit_s",
                              "vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h"}
+
+
+@pytest.mark.parametrize("name, embedding_size, image_size, expected_name", [
+    ("r100", 512, 112, "r100"), ("small", 64, 32, "small"), ("mbf", 512, 112, "mbf"), ("mbf", 128, 96, "mbf"),
+    ("vit_t_dp005_mask0", 512, 112, "vit_t"), ("vit_s", 512, 112, "vit_s"), ("vit_b", 256, 112, "vit_b"),
+    ("vit_l_dp005_mask_005", 512, 112, "vit_l_dp005_mask_005"), ("vit_h", 512, 112, "vit_h"),
+    ("vit_t", 512, 36, "vit_t"),
+])
+def test_bare_state_dicts_name_their_network(name, embedding_size, image_size, expected_name):
+    # What train.embed and --pretrained_model read from an insightface .pth that carries no settings;
+    # the guess builds a network with exactly the file's keys and shapes.
+    state = meta_model(name, embedding_size=embedding_size, image_size=image_size).state_dict()
+    guess = describe_backbone(state)
+    assert guess == {"network": expected_name, "embedding_size": embedding_size, "image_size": image_size}
+    rebuilt = meta_model(guess["network"], embedding_size=embedding_size, image_size=guess["image_size"]).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in state.items()}
+
+
+def test_unknown_state_dict_is_named():
+    with pytest.raises(ValueError, match="not a ViT this trainer builds"):
+        describe_backbone({"pos_embed": torch.zeros(1, 144, 320), "feature.2.weight": torch.zeros(512, 320),
+                           "blocks.0.norm1.weight": torch.zeros(320)})
+    with pytest.raises(ValueError, match="not a backbone this trainer builds"):
+        describe_backbone({"conv.weight": torch.zeros(3)})
