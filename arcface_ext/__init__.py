@@ -1,15 +1,16 @@
 """arcface_ext: fused margin-based softmax losses (ArcFace, CosFace, SphereFace and their combined
-form) for face-recognition training, computed without ever holding the N x C logit matrix."""
+form, with per-sample margins for AdaFace and ElasticFace) for face-recognition training, computed
+without ever holding the N x C logit matrix."""
 from . import reference
 from .functional import (combined_margin_loss, extension_available, get_workspace_bytes,
                          set_workspace_bytes)
-from .modules import ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, SphereFaceLoss
+from .modules import AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, ElasticFaceLoss, SphereFaceLoss
 from .distributed import ShardedCombinedMarginLoss, class_shard
 from .sampling import sample_classes, sample_size
 
 __all__ = [
     "combined_margin_loss", "reference", "CombinedMarginLoss", "ArcFaceLoss", "CosFaceLoss",
-    "SphereFaceLoss", "ShardedCombinedMarginLoss", "class_shard", "sample_classes", "sample_size",
+    "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "ShardedCombinedMarginLoss", "class_shard", "sample_classes", "sample_size",
     "set_workspace_bytes", "get_workspace_bytes", "extension_available",
 ]
 __version__ = "0.1.0"

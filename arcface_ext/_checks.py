@@ -40,7 +40,12 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if margin_grad not in MARGIN_GRADS:
         raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
+    for name, value in (("m2", m2), ("m3", m3)):
+        if isinstance(value, torch.Tensor):
+            check_row_margin(name, value, embeddings)
     for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3), ("lambda_", lambda_)):
+        if isinstance(value, torch.Tensor) and name in ("m2", "m3"):
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if s <= 0:
@@ -51,6 +56,37 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
         raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_row_margin(name, value, embeddings):
+    """A per-row margin (AdaFace, ElasticFace): a real (N,) tensor on the embeddings' device that
+    needs no gradient (margins are constants of the step). Its values are checked (finite) inside
+    the op."""
+    if value.dim() != 1 or value.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"{name} as a tensor holds one margin per row: shape (N,) = ({embeddings.shape[0]},), "
+                         f"got {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} as a tensor must be floating point, got {value.dtype}")
+    if value.device != embeddings.device:
+        raise ValueError(f"{name} must be on the embeddings' device ({embeddings.device}), got {value.device}")
+    if value.requires_grad:
+        raise ValueError(f"{name} requires grad, but margins get no gradient here: pass {name}.detach()")
+
+
+def row_margins(m2, m3, embeddings):
+    """The op's (N, 2) float64 per-row (m2, m3), or None when both margins are scalars."""
+    if not isinstance(m2, torch.Tensor) and not isinstance(m3, torch.Tensor):
+        return None
+    n = embeddings.shape[0]
+    columns = [value.to(torch.float64) if isinstance(value, torch.Tensor)
+               else torch.full((n,), float(value), dtype=torch.float64, device=embeddings.device)
+               for value in (m2, m3)]
+    return torch.stack(columns, dim=1)
+
+
+def scalar_margin(value):
+    """The op's scalar argument for a margin that may be per-row (then unused: 0.0)."""
+    return 0.0 if isinstance(value, torch.Tensor) else float(value)
 
 
 def compute_dtype(embeddings, weight):

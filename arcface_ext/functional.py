@@ -2,7 +2,7 @@
 import torch
 
 from . import ops
-from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows
+from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows, row_margins, scalar_margin
 
 _DEFAULT_WORKSPACE_BYTES = 64 * 1024 * 1024
 _workspace_bytes = _DEFAULT_WORKSPACE_BYTES
@@ -57,6 +57,9 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
         weight: (C, D) class centres, class-major as in insightface.
         labels: (N,) integer class indices in [0, C), or ``ignore_index`` for rows that do not count.
         s: the scale (> 0). m1, m2, m3: the margins. lambda_: SphereFace's blend (>= 0).
+            ``m2`` and ``m3`` may also be (N,) tensors, one margin per row (AdaFace's and
+            ElasticFace's per-sample margins; constants: they get no gradient). A negative ``m2``
+            that takes θ + m2 below 0 holds ψ at 1 there (AdaFace clips θ + m2 the same way).
         reduction: ``"mean"`` (over counted rows; 0 when none count), ``"sum"`` or ``"none"`` ((N,), 0 at ignored rows).
         margin_grad: ``"exact"`` (true dψ/dc, finite everywhere) or ``"straight_through"``
             (dψ/dc := 1, the behaviour of today's insightface loss).
@@ -72,19 +75,19 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     dtype = fused_compute_dtype(embeddings, weight)
     needs_embeddings_grad = torch.is_grad_enabled() and embeddings.requires_grad
     needs_weight_grad = torch.is_grad_enabled() and weight.requires_grad
+    margins = row_margins(m2, m3, embeddings)
+    scalars = (float(s), float(m1), scalar_margin(m2), scalar_margin(m3), float(lambda_), int(ignore_index),
+               margin_grad == "straight_through", _workspace_bytes)
     if (reduction != "none" and (needs_embeddings_grad or needs_weight_grad)
             and embeddings.device.type in ops.TRAIN_DEVICES):
         # A training step: the gradients come out of the forward's own pass (the backward
         # only scales them), which saves recomputing the cosines.
         loss, target_cosine, _, _ = ops.margin_softmax_train(
-            embeddings.to(dtype), weight.to(dtype), labels.long(), float(s), float(m1), float(m2),
-            float(m3), float(lambda_), int(ignore_index), margin_grad == "straight_through",
-            _workspace_bytes, reduction == "mean", needs_embeddings_grad, needs_weight_grad)
+            embeddings.to(dtype), weight.to(dtype), labels.long(), *scalars, reduction == "mean",
+            needs_embeddings_grad, needs_weight_grad, margins)
     else:
         loss_rows, _, target_cosine = ops.margin_softmax_forward(
-            embeddings.to(dtype), weight.to(dtype), labels.long(), float(s), float(m1), float(m2),
-            float(m3), float(lambda_), int(ignore_index), margin_grad == "straight_through",
-            _workspace_bytes)
+            embeddings.to(dtype), weight.to(dtype), labels.long(), *scalars, 0, -1, margins)
         loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
     if return_target_cosine:
         return loss, nan_at_ignored(target_cosine, labels, ignore_index)

@@ -16,34 +16,35 @@ def _loss_dtype(embeddings):
 
 
 def margin_softmax_forward(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
-                           straight_through, workspace_bytes, class_offset=0, num_classes=-1):
+                           straight_through, workspace_bytes, class_offset=0, num_classes=-1, row_margins=None):
     """(loss per row, log-sum-exp per row, clamped target cosine per row). With a shard of the
     classes (``weight`` holds classes [class_offset, class_offset + C) of ``num_classes``), a row
-    whose target is elsewhere gets the shard's log-sum-exp as its loss and 0 as its cosine."""
+    whose target is elsewhere gets the shard's log-sum-exp as its loss and 0 as its cosine.
+    ``row_margins`` (N, 2) float64, when given, replaces m2 and m3 row by row."""
     return torch.ops.arcface_ext.margin_softmax_forward(
         embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through,
-        workspace_bytes, class_offset, num_classes)
+        workspace_bytes, class_offset, num_classes, row_margins)
 
 
 def margin_softmax_backward(grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_,
                             ignore_index, straight_through, workspace_bytes, needs_embeddings_grad,
-                            needs_weight_grad, class_offset=0, num_classes=-1):
+                            needs_weight_grad, class_offset=0, num_classes=-1, row_margins=None):
     """Gradients of Σ_i grad_loss[i]·loss[i] w.r.t. (embeddings, weight) given each row's
     log-sum-exp; with a shard of the classes and the whole softmax's log-sum-exp, the shard's part
     of the whole loss's gradients. A gradient not asked for comes back empty."""
     return torch.ops.arcface_ext.margin_softmax_backward(
         grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_, ignore_index,
         straight_through, workspace_bytes, needs_embeddings_grad, needs_weight_grad, class_offset,
-        num_classes)
+        num_classes, row_margins)
 
 
 def margin_softmax_train(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
                          straight_through, workspace_bytes, mean, needs_embeddings_grad,
-                         needs_weight_grad):
+                         needs_weight_grad, row_margins=None):
     """(reduced loss, target cosine per row, its gradients), computed in one call."""
     return torch.ops.arcface_ext.margin_softmax_train(
         embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through,
-        workspace_bytes, mean, needs_embeddings_grad, needs_weight_grad)
+        workspace_bytes, mean, needs_embeddings_grad, needs_weight_grad, row_margins)
 
 
 def _devices_with_kernel(op_name):
@@ -58,7 +59,7 @@ if IMPORT_ERROR is None:
 
     @torch.library.register_fake("arcface_ext::margin_softmax_forward")
     def _forward_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
-                      straight_through, workspace_bytes, class_offset=0, num_classes=-1):
+                      straight_through, workspace_bytes, class_offset=0, num_classes=-1, row_margins=None):
         torch._check(embeddings.dim() == 2 and weight.dim() == 2 and labels.dim() == 1)
         torch._check(embeddings.shape[1] == weight.shape[1])
         torch._check(labels.shape[0] == embeddings.shape[0])
@@ -68,7 +69,7 @@ if IMPORT_ERROR is None:
     @torch.library.register_fake("arcface_ext::margin_softmax_backward")
     def _backward_fake(grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_,
                        ignore_index, straight_through, workspace_bytes, needs_embeddings_grad,
-                       needs_weight_grad, class_offset=0, num_classes=-1):
+                       needs_weight_grad, class_offset=0, num_classes=-1, row_margins=None):
         grad_embeddings = (embeddings.new_empty(embeddings.shape) if needs_embeddings_grad
                            else embeddings.new_empty((0,)))
         grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
@@ -79,7 +80,7 @@ if IMPORT_ERROR is None:
         _, logsumexp, target_cosine = output
         ctx.save_for_backward(embeddings, weight, labels, logsumexp)
         ctx.params = params[:8]  # s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace
-        ctx.shard = params[8:]  # class_offset, num_classes (when given)
+        ctx.shard = params[8:]  # class_offset, num_classes, row_margins (when given)
         ctx.mark_non_differentiable(logsumexp, target_cosine)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused outputs
 
@@ -107,7 +108,7 @@ if IMPORT_ERROR is None:
     @torch.library.register_fake("arcface_ext::margin_softmax_train")
     def _train_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
                     straight_through, workspace_bytes, mean, needs_embeddings_grad,
-                    needs_weight_grad):
+                    needs_weight_grad, row_margins=None):
         dtype = _loss_dtype(embeddings)
         loss = embeddings.new_empty((), dtype=dtype)
         target_cosine = embeddings.new_empty((embeddings.shape[0],), dtype=dtype)

@@ -17,17 +17,28 @@ SIN_THETA_EPS = 1e-6  # csrc/margin.h kSinThetaEps
 
 
 def margin_psi(cosine, *, m1, m2, lambda_):
-    """ψ(c) and dψ/dc (exact, finite at c = ±1) for clamped target cosines c."""
-    if m1 == 1.0 and m2 == 0.0:
+    """ψ(c) and dψ/dc (exact, finite at c = ±1) for clamped target cosines c; ``m2`` a number or
+    one margin per row."""
+    per_row = isinstance(m2, torch.Tensor)
+    if m1 == 1.0 and not per_row and m2 == 0.0:
         psi, dpsi = cosine, torch.ones_like(cosine)
     else:
         theta = torch.acos(cosine)
         sin_theta = torch.sin(theta).clamp_min(SIN_THETA_EPS)
         if m1 == 1.0:
-            # ArcFace: cos(θ + m2) while θ + m2 <= π, then insightface's linear continuation.
-            within = theta + m2 <= math.pi
-            psi = torch.where(within, torch.cos(theta + m2), cosine - m2 * math.sin(m2))
-            dpsi = torch.where(within, torch.sin(theta + m2) / sin_theta, torch.ones_like(cosine))
+            # ArcFace: cos(θ + m2) while 0 <= θ + m2 <= π, insightface's linear continuation past
+            # π, and ψ held at 1 below 0 (a negative margin: AdaFace clips θ + m2 there).
+            angle = theta + m2
+            within = angle <= math.pi
+            below = angle < 0
+            sin_m2 = torch.sin(m2) if per_row else math.sin(m2)
+            psi = torch.where(within, torch.cos(angle), cosine - m2 * sin_m2)
+            dpsi = torch.where(within, torch.sin(angle) / sin_theta, torch.ones_like(cosine))
+            psi = torch.where(below, torch.ones_like(cosine), psi)
+            dpsi = torch.where(below, torch.zeros_like(cosine), dpsi)
+            if per_row:  # rows without an angular margin: CosFace's ψ = c, as the kernels branch
+                psi = torch.where(m2 == 0, cosine, psi)
+                dpsi = torch.where(m2 == 0, torch.ones_like(cosine), dpsi)
         else:
             # SphereFace: the monotone ψ = (-1)^k cos(m1·θ + m2) - 2k, k = floor((m1·θ + m2) / π).
             t = m1 * theta + m2
@@ -81,7 +92,8 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     cosine = (x_hat @ w_hat.t()).clamp(-1.0, 1.0)
     target = torch.where(counted, labels, 0).unsqueeze(1)
     target_cosine = cosine.gather(1, target).squeeze(1)
-    target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), float(m2), float(m3),
+    m2, m3 = (value.detach().to(dtype) if isinstance(value, torch.Tensor) else float(value) for value in (m2, m3))
+    target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), m2, m3,
                                       float(lambda_), margin_grad == "straight_through")
     logits = (s * cosine).scatter(1, target, target_logit.unsqueeze(1))
     loss_rows = torch.logsumexp(logits, dim=1) - target_logit

@@ -14,6 +14,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(arcface_ext, m) {
+  // `row_margins`, when given, is an (N, 2) float64 tensor of per-row (m2, m3) that replaces the
+  // scalars m2 and m3 (AdaFace's and ElasticFace's per-sample margins); it gets no gradient.
   // Per-row loss, the row's log-sum-exp (saved for backward) and the clamped target cosine, each 0
   // at ignored rows (the Python layer marks those cosines NaN). Never materialises the N x C logits.
   // A shard of the classes: `weight` holds classes [class_offset, class_offset + C) of
@@ -23,7 +25,7 @@ TORCH_LIBRARY(arcface_ext, m) {
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float s, float m1, "
       "float m2, float m3, float lambda_, int ignore_index, bool straight_through, "
-      "int workspace_bytes, int class_offset=0, int num_classes=-1) -> "
+      "int workspace_bytes, int class_offset=0, int num_classes=-1, Tensor? row_margins=None) -> "
       "(Tensor loss, Tensor logsumexp, Tensor target_cosine)");
   // Gradients of sum_i grad_loss[i] * loss[i]; a gradient that is not needed comes back empty.
   // `logsumexp` may be a combination over shards (the whole softmax's): the shard's gradients
@@ -32,7 +34,7 @@ TORCH_LIBRARY(arcface_ext, m) {
       "margin_softmax_backward(Tensor grad_loss, Tensor embeddings, Tensor weight, Tensor labels, "
       "Tensor logsumexp, float s, float m1, float m2, float m3, float lambda_, int ignore_index, "
       "bool straight_through, int workspace_bytes, bool needs_embeddings_grad, "
-      "bool needs_weight_grad, int class_offset=0, int num_classes=-1) -> "
+      "bool needs_weight_grad, int class_offset=0, int num_classes=-1, Tensor? row_margins=None) -> "
       "(Tensor grad_embeddings, Tensor grad_weight)");
   // The training step in one call: the loss summed (or, with mean, averaged) over counted rows,
   // the target cosines, and the loss's gradients, computed in the same pass (the backward only
@@ -40,6 +42,7 @@ TORCH_LIBRARY(arcface_ext, m) {
   m.def(
       "margin_softmax_train(Tensor embeddings, Tensor weight, Tensor labels, float s, float m1, "
       "float m2, float m3, float lambda_, int ignore_index, bool straight_through, "
-      "int workspace_bytes, bool mean, bool needs_embeddings_grad, bool needs_weight_grad) -> "
+      "int workspace_bytes, bool mean, bool needs_embeddings_grad, bool needs_weight_grad, "
+      "Tensor? row_margins=None) -> "
       "(Tensor loss, Tensor target_cosine, Tensor grad_embeddings, Tensor grad_weight)");
 }

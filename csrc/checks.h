@@ -54,6 +54,27 @@ inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::
   }
 }
 
+// Per-row margins (AdaFace, ElasticFace): an (N, 2) float64 tensor of (m2_i, m3_i) on the
+// embeddings' device, finite (one value check, a device sync on CUDA). Returns its data, contiguous
+// (kept alive in `storage`), or nullptr when none is given.
+inline const double* row_margins_data(const c10::optional<at::Tensor>& row_margins, const at::Tensor& embeddings,
+                                      at::Tensor& storage) {
+  if (!row_margins.has_value() || !row_margins->defined()) return nullptr;
+  const at::Tensor& m = *row_margins;
+  const int64_t n = embeddings.size(0);
+  TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == n && m.size(1) == 2,
+                    "arcface_ext: row_margins must have shape (N, 2) = (", n, ", 2), got ", m.sizes());
+  TORCH_CHECK_VALUE(m.scalar_type() == at::kDouble, "arcface_ext: row_margins must be float64, got ",
+                    m.scalar_type());
+  TORCH_CHECK_VALUE(m.device() == embeddings.device(), "arcface_ext: row_margins must be on the embeddings' device (",
+                    embeddings.device(), "), got ", m.device());
+  storage = m.detach().contiguous();
+  if (n > 0) {
+    TORCH_CHECK_VALUE(storage.isfinite().all().item<bool>(), "arcface_ext: row_margins must be finite");
+  }
+  return storage.data_ptr<double>();
+}
+
 // The lazy backward's extra arguments: per-row tensors on the embeddings' device.
 inline void check_margin_softmax_backward_inputs(const at::Tensor& grad_loss,
                                                  const at::Tensor& logsumexp,

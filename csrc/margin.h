@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ARCFACE_HD __host__ __device__ __forceinline__
@@ -29,7 +30,19 @@ struct MarginParams {
   double m3;
   double lambda;
   bool straight_through;  // dpsi/dc := 1 (today's insightface behaviour)
+  // Per-row (m2_i, m3_i) pairs, N x 2 on the kernel's device, replacing m2 and m3 (AdaFace's and
+  // ElasticFace's per-sample margins); nullptr for the scalars.
+  const double* row_margins = nullptr;
 };
+
+// The margins of row i: its (m2, m3) pair when `p` has per-row margins, else the scalars.
+ARCFACE_HD MarginParams row_params(const MarginParams& p, int64_t i) {
+  if (p.row_margins == nullptr) return p;
+  MarginParams q = p;
+  q.m2 = p.row_margins[2 * i];
+  q.m3 = p.row_margins[2 * i + 1];
+  return q;
+}
 
 struct TargetMargin {
   double logit;  // s * (psi - m3)
@@ -50,7 +63,12 @@ ARCFACE_HD TargetMargin target_margin(double c, const MarginParams& p) {
     if (p.m1 == 1.0) {
       // ArcFace: cos(theta + m2) while theta + m2 stays within [0, pi]; past that the
       // cosine would turn back up, so insightface continues linearly with c - m2 sin(m2).
-      if (theta + p.m2 <= kPi) {
+      // A negative margin (AdaFace's, for high-quality rows) that takes theta + m2 below 0
+      // holds psi at cos 0 = 1, as AdaFace's clip of theta + m2 to [eps, pi - eps] does.
+      if (theta + p.m2 < 0.0) {
+        psi = 1.0;
+        dpsi = 0.0;
+      } else if (theta + p.m2 <= kPi) {
         psi = cos(theta + p.m2);
         dpsi = sin(theta + p.m2) / sin_theta;
       } else {

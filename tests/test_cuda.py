@@ -197,6 +197,26 @@ def test_sampled_module_on_the_gpu():
     assert int(module.weight.grad.abs().sum(dim=1).ne(0).sum()) <= 500
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_per_row_margins(kernel, dtype):
+    # AdaFace-like per-row (m2, m3), negative angular margins included, some rows near their
+    # centre (θ + m2 < 0: ψ held at 1), against the fp64 reference and against the CPU op.
+    x, w, labels = make_inputs(37, 64, 1001, seed=44, dtype=torch.float64, ignored=(3,))
+    generator = torch.Generator().manual_seed(44)
+    m2 = (torch.rand(37, generator=generator, dtype=torch.float64) - 0.5).to(DEVICE)
+    m3 = (0.4 * torch.rand(37, generator=generator, dtype=torch.float64)).to(DEVICE)
+    m2[7] = 0.0
+    with torch.no_grad():
+        x[:4] = 3.0 * w[labels[:4].clamp_min(0)] + 0.01 * x[:4]
+    x, w = x.to(dtype), w.to(dtype)
+    ours, expected = run_both(x, w, labels, m2=m2, m3=m3)
+    assert_matches(ours, expected)
+    upstream = upstream_gradient(37, seed=0, dtype=torch.float64)
+    cpu = op_and_grads(arcface_ext.combined_margin_loss, x.cpu(), w.cpu(), labels.cpu(), upstream=upstream.cpu(),
+                       m2=m2.cpu(), m3=m3.cpu())
+    assert_matches_table(ours[0].cpu(), cpu[0], name="loss vs CPU op")
+
+
 # ---- the fused tensor-core kernels --------------------------------------------------------------
 
 FUSED_SHAPES = [(1, 8, 1), (37, 8, 129), (129, 72, 1000), (300, 520, 5003), (128, 32, 128)]

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from .models import NETWORKS
 
-LOSSES = ("arcface", "cosface", "sphereface", "combined")
+LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos")
 
 
 def _int_list(text: str) -> list[int]:
@@ -81,15 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=LOSSES, default="arcface",
-                   help="arcface: cos(θ+m); cosface: cos θ-m; sphereface: cos(mθ); combined: cos(m1·θ+m2)-m3")
+                   help="arcface: cos(θ+m); cosface: cos θ-m; sphereface: cos(mθ); combined: cos(m1·θ+m2)-m3; "
+                   "adaface: margins from the embedding norm (--adaface-m, --adaface-h); elasticface-arc / "
+                   "elasticface-cos: each row's margin drawn from N(--arcface_m or --m3, --elastic-std)")
     g.add_argument("--arcface-s", "--arcface_s", "--scale", dest="arcface_s", type=float, default=64.0,
                    help="scale s of the logits (all losses)")
     g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float, default=0.5,
-                   help="additive angular margin of --loss arcface")
+                   help="additive angular margin of --loss arcface (the mean one of elasticface-arc)")
     g.add_argument("--m1", type=float, default=None,
                    help="multiplicative angular margin (sphereface: 4, combined: 1.0)")
     g.add_argument("--m2", type=float, default=None, help="additive angular margin (combined: --arcface_m)")
     g.add_argument("--m3", type=float, default=None, help="additive cosine margin (cosface: 0.35, combined: 0.0)")
+    g.add_argument("--adaface-m", "--adaface_m", dest="adaface_m", type=float, default=0.4,
+                   help="AdaFace's margin m (its paper: 0.4)")
+    g.add_argument("--adaface-h", "--adaface_h", dest="adaface_h", type=float, default=0.333,
+                   help="AdaFace's h: how far the norm moves the margin (its paper: 0.333)")
+    g.add_argument("--elastic-std", "--elastic_std", dest="elastic_std", type=float, default=0.05,
+                   help="ElasticFace's standard deviation of the per-row margin (its paper: 0.05)")
     g.add_argument("--loss-impl", "--loss_impl", dest="loss_impl", choices=("fused", "reference"), default="fused",
                    help="the compiled arcface_ext op, or its pure-PyTorch reference")
     g.add_argument("--sharded-classes", "--model-parallel", dest="sharded_classes",
@@ -241,6 +249,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--gradient-acc must be at least 1, got {args.gradient_acc}")
     if not 0.0 < args.sample_rate <= 1.0:
         raise SystemExit(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
+    if args.sharded_classes and args.loss in ("adaface", "elasticface-arc", "elasticface-cos"):
+        raise SystemExit(f"--loss {args.loss} has per-row margins, which --sharded-classes does not carry yet: "
+                         "train it with replicated class centres")
     if args.sharded_classes and args.loss_impl != "fused":
         raise SystemExit("--sharded-classes needs --loss-impl fused (the reference has no sharded form)")
     if args.sharded_classes and args.loss_amp == "fp16":
@@ -264,7 +275,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def margins(args: argparse.Namespace) -> tuple[float, float, float]:
-    """(m1, m2, m3) of ``cos(m1·θ + m2) - m3`` for ``--loss``."""
+    """(m1, m2, m3) of ``cos(m1·θ + m2) - m3`` for ``--loss`` (for ElasticFace the mean margins;
+    AdaFace's are per row, from the embedding norm: (1, 0, 0) here)."""
+    if args.loss == "adaface":
+        return 1.0, 0.0, 0.0
+    if args.loss == "elasticface-arc":
+        return 1.0, args.arcface_m, 0.0
+    if args.loss == "elasticface-cos":
+        return 1.0, 0.0, 0.35 if args.m3 is None else args.m3
     if args.loss == "arcface":
         return 1.0, args.arcface_m, 0.0
     if args.loss == "cosface":

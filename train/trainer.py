@@ -168,8 +168,16 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if args.sharded_classes:
         return arcface_ext.ShardedCombinedMarginLoss(num_classes, args.embedding_size, s=args.arcface_s, m1=m1,
                                                      m2=m2, m3=m3, sample_rate=args.sample_rate)
+    common = dict(sample_rate=args.sample_rate, use_reference=args.loss_impl == "reference")
+    if args.loss == "adaface":
+        return arcface_ext.AdaFaceLoss(num_classes, args.embedding_size, s=args.arcface_s, m=args.adaface_m,
+                                       h=args.adaface_h, **common)
+    if args.loss.startswith("elasticface"):
+        kind = args.loss.split("-")[1]
+        return arcface_ext.ElasticFaceLoss(num_classes, args.embedding_size, s=args.arcface_s,
+                                           m=m2 if kind == "arc" else m3, std=args.elastic_std, kind=kind, **common)
     return arcface_ext.CombinedMarginLoss(num_classes, args.embedding_size, s=args.arcface_s, m1=m1, m2=m2, m3=m3,
-                                          sample_rate=args.sample_rate, use_reference=args.loss_impl == "reference")
+                                          **common)
 
 
 def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: nn.Module) -> torch.optim.Optimizer:

@@ -221,7 +221,7 @@ struct MarginSoftmax {
           sq += wk * wk;
         }
         t.cosine = dot / std::max(std::sqrt(sq), kNormEps);
-        t.margin = target_margin(clamp_cosine(t.cosine), params);
+        t.margin = target_margin(clamp_cosine(t.cosine), row_params(params, i));
       }
     });
     return rows;
@@ -438,8 +438,9 @@ struct MarginSoftmax {
   }
 };
 
-MarginParams make_params(double s, double m1, double m2, double m3, double lambda, bool straight) {
-  return MarginParams{s, m1, m2, m3, lambda, straight};
+MarginParams make_params(double s, double m1, double m2, double m3, double lambda, bool straight,
+                         const double* row_margins) {
+  return MarginParams{s, m1, m2, m3, lambda, straight, row_margins};
 }
 
 at::ScalarType loss_type(const at::Tensor& embeddings) {
@@ -464,10 +465,13 @@ OpInputs prepare_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
     const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
-    bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes) {
+    bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
+    const c10::optional<at::Tensor>& row_margins_in) {
   const OpInputs inputs =
       prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
   const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
+  at::Tensor row_margins_storage;
+  const double* row_margins = row_margins_data(row_margins_in, embeddings, row_margins_storage);
   at::AutoDispatchBelowAutograd below_autograd;
   const int64_t n = embeddings.size(0);
   const auto options = embeddings.options().dtype(loss_type(embeddings));
@@ -480,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
                                   "margin_softmax_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const MarginSoftmax<scalar_t> problem(embeddings, weight, labels,
-                                          make_params(s, m1, m2, m3, lambda, straight_through),
+                                          make_params(s, m1, m2, m3, lambda, straight_through, row_margins),
                                           ignore_index, class_offset);
     acc_t* lse = logsumexp.data_ptr<acc_t>();
     problem.softmax_statistics(0, n, problem.blocking(n, workspace_bytes), nullptr, lse);
@@ -500,11 +504,14 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
     const at::Tensor& grad_loss_in, const at::Tensor& embeddings_in, const at::Tensor& weight_in,
     const at::Tensor& labels_in, const at::Tensor& logsumexp_in, double s, double m1, double m2,
     double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
-    bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes) {
+    bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes,
+    const c10::optional<at::Tensor>& row_margins_in) {
   const OpInputs inputs =
       prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
   const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
+  at::Tensor row_margins_storage;
+  const double* row_margins = row_margins_data(row_margins_in, embeddings, row_margins_storage);
   const int64_t n = embeddings_in.size(0);
   at::AutoDispatchBelowAutograd below_autograd;
 
@@ -520,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const MarginSoftmax<scalar_t> problem(embeddings, weight, labels,
-                                          make_params(s, m1, m2, m3, lambda, straight_through),
+                                          make_params(s, m1, m2, m3, lambda, straight_through, row_margins),
                                           ignore_index, class_offset);
     const at::Tensor grad_rows = grad_loss_in.detach().to(acc_type).contiguous();
     const at::Tensor lse = logsumexp_in.detach().to(acc_type).contiguous();
@@ -542,9 +549,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_train_
     const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
     bool straight_through, int64_t workspace_bytes, bool mean, bool needs_embeddings_grad,
-    bool needs_weight_grad) {
+    bool needs_weight_grad, const c10::optional<at::Tensor>& row_margins_in) {
   const OpInputs inputs = prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index);
   const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
+  at::Tensor row_margins_storage;
+  const double* row_margins = row_margins_data(row_margins_in, embeddings, row_margins_storage);
   at::AutoDispatchBelowAutograd below_autograd;
   const int64_t n = embeddings.size(0);
   const auto options = embeddings.options().dtype(loss_type(embeddings));
@@ -560,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_train_
                                   "margin_softmax_train_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const MarginSoftmax<scalar_t> problem(embeddings, weight, labels,
-                                          make_params(s, m1, m2, m3, lambda, straight_through),
+                                          make_params(s, m1, m2, m3, lambda, straight_through, row_margins),
                                           ignore_index);
     int64_t counted = 0;
     for (const TargetRow& t : problem.targets) counted += t.counted;

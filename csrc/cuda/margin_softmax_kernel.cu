@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     t.dlogit_dc = 0;
     if (has_target) {
       t.cosine = xw * inv_norm_x / fmax(sqrt(ww), kNormEps);
-      const TargetMargin margin = target_margin(clamp_cosine(t.cosine), params);
+      const TargetMargin margin = target_margin(clamp_cosine(t.cosine), row_params(params, i));
       t.logit = margin.logit;
       t.dlogit_dc = margin.dlogit_dc;
     }
@@ -755,8 +755,9 @@ void gemm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 int64_t blocks_for_warps(int64_t warps) { return (warps + kWarpsPerBlock - 1) / kWarpsPerBlock; }
 
-MarginParams make_params(double s, double m1, double m2, double m3, double lambda, bool straight) {
-  return MarginParams{s, m1, m2, m3, lambda, straight};
+MarginParams make_params(double s, double m1, double m2, double m3, double lambda, bool straight,
+                         const double* row_margins) {
+  return MarginParams{s, m1, m2, m3, lambda, straight, row_margins};
 }
 
 RowTarget* row_targets_ptr(const at::Tensor& storage) {
@@ -873,16 +874,19 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
     const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
-    bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes) {
+    bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
+    const c10::optional<at::Tensor>& row_margins_in) {
   check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
+  at::Tensor row_margins_storage;
+  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const int64_t n = embeddings.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
-  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through);
+  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
 
   const auto out_type = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::zeros({n}, embeddings.options().dtype(out_type));
@@ -1020,17 +1024,20 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     const at::Tensor& grad_loss_in, const at::Tensor& embeddings_in, const at::Tensor& weight_in,
     const at::Tensor& labels_in, const at::Tensor& logsumexp_in, double s, double m1, double m2,
     double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
-    bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes) {
+    bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes,
+    const c10::optional<at::Tensor>& row_margins_in) {
   check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   const int64_t n = embeddings_in.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
+  at::Tensor row_margins_storage;
+  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous();
-  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through);
+  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
 
   at::Tensor grad_embeddings = needs_embeddings_grad ? at::empty_like(embeddings)
                                                      : at::empty({0}, embeddings.options());

@@ -347,6 +347,25 @@ def test_sample_rate_is_checked(rate):
         parse_args(["--sample-rate", rate])
 
 
+@pytest.mark.parametrize("loss", ["adaface", "elasticface-arc", "elasticface-cos"])
+def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeypatch, loss):
+    # AdaFace's norm statistics are buffers of the loss (in the checkpoint); ElasticFace draws its
+    # margins from the generator the checkpoint restores: a resumed run repeats the whole run.
+    options = dict(max_steps=4, save_every=2, loss=loss)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(argv(faces, full, **options)) == 0
+    curve = losses(full)
+    assert len(curve) == 4 and all(math.isfinite(v) for v in curve)
+    run_killed_at(3, argv(faces, killed, **options), monkeypatch)
+    assert main(argv(faces, killed, resume="auto", **options)) == 0
+    assert losses(killed) == curve
+    state = checkpoint.load(str(full / "checkpoint.pt"))["margin_loss"]
+    if loss == "adaface":
+        assert set(state) == {"weight", "batch_mean", "batch_std"} and float(state["batch_mean"]) != 20.0
+    with pytest.raises(SystemExit, match="per-row margins, which --sharded-classes does not carry"):
+        parse_args(["--loss", loss, "--sharded-classes"])
+
+
 def test_margins_per_loss():
     from train.config import margins
 
@@ -354,6 +373,8 @@ def test_margins_per_loss():
     assert margins(parse_args(["--loss", "cosface"])) == (1.0, 0.0, 0.35)
     assert margins(parse_args(["--loss", "sphereface"])) == (4.0, 0.0, 0.0)
     assert margins(parse_args(["--loss", "combined", "--m1", "1.0", "--m2", "0.3", "--m3", "0.2"])) == (1.0, 0.3, 0.2)
+    assert margins(parse_args(["--loss", "elasticface-arc"])) == (1.0, 0.5, 0.0)
+    assert margins(parse_args(["--loss", "elasticface-cos"])) == (1.0, 0.0, 0.35)
 
 
 @pytest.mark.parametrize("options", [

@@ -1,0 +1,252 @@
+"""Per-row margins: m2 and m3 as (N,) tensors in the fused op (AdaFace's and ElasticFace's
+per-sample margins) against the fp64 reference, the op's registration with the new argument, and
+the AdaFace and ElasticFace modules against their papers' formulas written out on the full logits."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arcface_ext
+from arcface_ext import reference
+from conftest import TOLERANCES, assert_close_report, assert_matches_reference, loss_and_grads
+
+OUTPUTS = ("loss", "target_cosine", "grad_embeddings", "grad_weight")
+
+
+def make_case(n, dim, num_classes, *, seed, near_centre=(), ignored=()):
+    """Random inputs; rows in `near_centre` lie almost on their class centre (θ ≈ 0.05), so that a
+    negative m2 takes θ + m2 below 0 there."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    w = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    for i in near_centre:
+        x[i] = 3.0 * w[labels[i]] + 0.05 * w[labels[i]].norm() * torch.randn(dim, generator=generator,
+                                                                               dtype=torch.float64) / dim ** 0.5
+    labels[list(ignored)] = -1
+    m2 = torch.rand(n, generator=generator, dtype=torch.float64) * 1.0 - 0.5  # [-0.5, 0.5)
+    m3 = torch.rand(n, generator=generator, dtype=torch.float64) * 0.6 - 0.1
+    m2[n // 2] = 0.0  # a row without an angular margin takes the CosFace branch
+    return x, w, labels, m2, m3
+
+
+def run_both(x, w, labels, dtype, **kwargs):
+    """The op on `dtype` inputs and the fp64 reference on the same (rounded) values."""
+    x, w = x.to(dtype), w.to(dtype)
+    ours = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, return_target_cosine=True, **kwargs)
+    expected = loss_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels,
+                              return_target_cosine=True, **kwargs)
+    return ours, expected
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("m1, lambda_", [(1.0, 0.0), (4.0, 0.0), (4.0, 3.0)], ids=["arc", "sphere", "sphere-lambda"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_per_row_margins_match_the_reference(reduction, m1, lambda_, dtype):
+    # Rows near their centre exercise the negative-m2 hold (ArcFace branch); SphereFace's m1·θ
+    # there amplifies an fp32 cosine's rounding past the fp32 tolerance, which is not this test's.
+    near_centre = (0, 1, 2) if m1 == 1.0 else ()
+    x, w, labels, m2, m3 = make_case(37, 24, 301, seed=1, near_centre=near_centre, ignored=(5,))
+    ours, expected = run_both(x, w, labels, dtype, s=30.0, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
+                              reduction=reduction)
+    for name, a, e in zip(OUTPUTS, ours, expected):
+        assert_matches_reference(a, e, name=name, dtype=a.dtype)
+
+
+def test_negative_angular_margin_holds_psi_at_one_below_zero():
+    # θ ≈ 0.05 and m2 = -0.3: θ + m2 < 0, so ψ = 1 and its derivative 0 (AdaFace's clip), where the
+    # unguarded cos(θ + m2) would rise with θ. The target logit is then exactly s·(1 - m3).
+    x, w, labels, _, _ = make_case(6, 16, 11, seed=2, near_centre=range(6))
+    m2 = torch.full((6,), -0.3, dtype=torch.float64)
+    m3 = torch.full((6,), 0.1, dtype=torch.float64)
+    loss_rows = arcface_ext.combined_margin_loss(x, w, labels, s=10.0, m2=m2, m3=m3, reduction="none")
+    cosine = F.normalize(x) @ F.normalize(w).t()
+    logits = 10.0 * cosine
+    logits[torch.arange(6), labels] = 10.0 * (1 - 0.1)
+    torch.testing.assert_close(loss_rows, torch.logsumexp(logits, 1) - 10.0 * 0.9, rtol=1e-12, atol=1e-12)
+    # The same scalar margin gives the same numbers.
+    scalar = arcface_ext.combined_margin_loss(x, w, labels, s=10.0, m2=-0.3, m3=0.1, reduction="none")
+    assert torch.equal(scalar, loss_rows)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_constant_per_row_margins_equal_the_scalars_bit_for_bit(reduction):
+    x, w, labels, _, _ = make_case(29, 16, 97, seed=3, ignored=(4,))
+    n = labels.shape[0]
+    for m2, m3 in ((0.5, 0.0), (0.0, 0.35), (0.3, 0.2)):
+        scalar = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, m2=m2, m3=m3, reduction=reduction,
+                                return_target_cosine=True)
+        per_row = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, m2=torch.full((n,), m2, dtype=torch.float64),
+                                 m3=torch.full((n,), m3, dtype=torch.float64), reduction=reduction,
+                                 return_target_cosine=True)
+        for name, a, e in zip(OUTPUTS, per_row, scalar):
+            assert_close_report(a, e, atol=0, rtol=0, name=f"({m2}, {m3}) {name}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_with_per_row_margins(reduction):
+    x, w, labels, m2, m3 = make_case(6, 5, 9, seed=4, ignored=(2,))
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: arcface_ext.combined_margin_loss(a, b, labels, s=8.0, m2=m2, m3=m3, reduction=reduction), (x, w))
+
+
+def test_opcheck_with_row_margins():
+    x, w, labels, m2, m3 = make_case(7, 6, 11, seed=5, ignored=(3,))
+    margins = torch.stack([m2, m3], dim=1)
+    scalars = (64.0, 1.0, 0.0, 0.0, 0.0, -1, False, 1 << 20)
+    forward = (x.requires_grad_(True), w.requires_grad_(True), labels, *scalars, 0, -1, margins)
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_forward, forward)
+    _, logsumexp, _ = torch.ops.arcface_ext.margin_softmax_forward(*forward)
+    backward = (torch.rand(7, dtype=torch.float64), x.detach(), w.detach(), labels, logsumexp, *scalars, True, True,
+                0, -1, margins)
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_backward, backward)
+    if hasattr(torch.ops.arcface_ext, "margin_softmax_train"):
+        train = (x, w, labels, *scalars, True, True, True, margins)
+        torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_train, train)
+
+
+def test_compile_fullgraph_with_per_row_margins():
+    def loss_fn(embeddings, weight, labels, m2, m3):
+        return arcface_ext.combined_margin_loss(embeddings, weight, labels, s=30.0, m2=m2, m3=m3)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    x, w, labels, m2, m3 = make_case(13, 8, 37, seed=6, ignored=(1,))
+    x, w = x.float(), w.float()
+    eager = loss_and_grads(loss_fn, x, w, labels, m2=m2, m3=m3)
+    graph = loss_and_grads(compiled, x, w, labels, m2=m2, m3=m3)
+    for name, a, e in zip(OUTPUTS, graph, eager):
+        if a is not None:
+            assert_close_report(a, e, atol=0, rtol=0, name=name)
+
+
+def test_bad_per_row_margins_are_named():
+    x, w, labels, m2, m3 = make_case(5, 4, 7, seed=7)
+    loss = arcface_ext.combined_margin_loss
+    with pytest.raises(ValueError, match=r"m2 as a tensor holds one margin per row: shape \(N,\) = \(5,\)"):
+        loss(x, w, labels, m2=m2[:4])
+    with pytest.raises(ValueError, match="m3 as a tensor holds one margin per row"):
+        loss(x, w, labels, m3=m3[:, None])
+    with pytest.raises(TypeError, match="m2 as a tensor must be floating point"):
+        loss(x, w, labels, m2=torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"m3 requires grad.*m3.detach\(\)"):
+        loss(x, w, labels, m3=m3.clone().requires_grad_(True))
+    bad = m2.clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="row_margins must be finite"):
+        loss(x, w, labels, m2=bad)
+    with pytest.raises(ValueError, match=r"row_margins must have shape \(N, 2\)"):
+        torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, 64.0, 1.0, 0.0, 0.0, 0.0, -1, False, 1 << 20,
+                                                     0, -1, torch.zeros(5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="row_margins must be float64"):
+        torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, 64.0, 1.0, 0.0, 0.0, 0.0, -1, False, 1 << 20,
+                                                     0, -1, torch.zeros(5, 2, dtype=torch.float32))
+
+
+# ---- AdaFace and ElasticFace -------------------------------------------------------------------
+
+def adaface_logits(embeddings, weight, labels, *, s, m, h, mean, std, eps=1e-3):
+    """AdaFace's head as its paper and code write it, on the full cosine matrix: the norm-derived
+    scaler, g_angle = -m·z on θ (clipped to [eps, π - eps]) and g_add = m + m·z off the cosine."""
+    norms = embeddings.norm(dim=1).clamp(0.001, 100).detach()
+    z = ((norms - mean) / (std + eps) * h).clamp(-1, 1)
+    cosine = F.normalize(embeddings) @ F.normalize(weight).t()
+    cosine = cosine.clamp(-1 + 1e-7, 1 - 1e-7)
+    one_hot = F.one_hot(labels, weight.shape[0]).to(cosine.dtype)
+    theta = torch.acos(cosine)
+    theta_m = torch.clamp(theta + one_hot * (-m * z)[:, None], 1e-7, math.pi - 1e-7)
+    return s * (torch.cos(theta_m) - one_hot * (m + m * z)[:, None])
+
+
+def test_adaface_matches_its_formula_and_tracks_the_norm_statistics():
+    torch.manual_seed(0)
+    n, dim, num_classes = 32, 16, 50
+    criterion = arcface_ext.AdaFaceLoss(num_classes, dim, s=64.0, m=0.4, h=0.333, t_alpha=0.01, dtype=torch.float64)
+    # Norms spread around 20, so that the scaler takes both signs (hard and easy rows).
+    x = torch.randn(n, dim, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True) * torch.linspace(5, 40, n, dtype=torch.float64)[:, None]
+    labels = torch.randint(0, num_classes, (n,))
+    norms = x.norm(dim=1)
+    mean = 0.99 * 20 + 0.01 * norms.mean()
+    std = 0.99 * 100 + 0.01 * norms.std()
+
+    xs = x.clone().requires_grad_(True)
+    loss = criterion(xs, labels)
+    loss.backward()
+    torch.testing.assert_close(criterion.batch_mean, mean.float())
+    torch.testing.assert_close(criterion.batch_std, std.float())
+
+    w = criterion.weight.detach().clone().requires_grad_(True)
+    xe = x.clone().requires_grad_(True)
+    expected = F.cross_entropy(adaface_logits(xe, w, labels, s=64.0, m=0.4, h=0.333, mean=mean.float().double(),
+                                              std=std.float().double()), labels)
+    expected.backward()
+    assert_matches_reference(loss, expected.detach(), name="loss", dtype=torch.float32)
+    assert_matches_reference(xs.grad, xe.grad, name="grad_embeddings", dtype=torch.float32)
+    assert_matches_reference(criterion.weight.grad, w.grad, name="grad_weight", dtype=torch.float32)
+
+    # Eval mode leaves the statistics alone. With a narrow spread the scaler reaches its clip at
+    # both ends: angular margins up to ±0.4 (negative for easy, high-norm rows), as the formula says.
+    criterion.eval()
+    criterion.batch_std.fill_(5.0)
+    loss = criterion(x, labels)
+    torch.testing.assert_close(criterion.batch_mean, mean.float())
+    expected = F.cross_entropy(adaface_logits(x, criterion.weight.detach(), labels, s=64.0, m=0.4, h=0.333,
+                                              mean=mean.float().double(), std=5.0), labels)
+    assert_matches_reference(loss.detach(), expected, name="eval loss, clipped scaler", dtype=torch.float32)
+    assert "AdaFaceLoss" in repr(criterion) and "h=0.333" in repr(criterion)
+
+
+def test_adaface_statistics_are_saved_and_restored():
+    a = arcface_ext.AdaFaceLoss(10, 8)
+    a(torch.randn(6, 8) * 7, torch.randint(0, 10, (6,)))
+    b = arcface_ext.AdaFaceLoss(10, 8)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.batch_mean, a.batch_mean) and float(a.batch_mean) != 20.0
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+def test_elasticface_draws_its_margins_from_the_normal(kind):
+    n, dim, num_classes = 24, 16, 40
+    criterion = arcface_ext.ElasticFaceLoss(num_classes, dim, s=64.0, m=0.5 if kind == "arc" else 0.35, std=0.05,
+                                            kind=kind, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = torch.randn(n, dim, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,))
+    drawn = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.05 + criterion.m
+    loss = criterion(x, labels)
+    margins = dict(m2=drawn, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=drawn)
+    expected = reference.combined_margin_loss(x, criterion.weight, labels, s=64.0, **margins)
+    assert_matches_reference(loss, expected, name="loss")
+    # Every call draws anew; eval mode uses the mean margin.
+    assert not torch.equal(criterion(x, labels), loss)
+    criterion.eval()
+    fixed = dict(m2=criterion.m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=criterion.m)
+    assert_matches_reference(criterion(x, labels), reference.combined_margin_loss(x, criterion.weight, labels,
+                                                                                 s=64.0, **fixed), name="eval loss")
+    assert f"kind='{kind}'" in repr(criterion)
+
+
+def test_per_row_margin_modules_with_partial_fc_and_the_reference():
+    # The sampled path and the reference path carry the per-row margins too: the same sample (same
+    # seed) gives the same loss either way.
+    x = torch.randn(16, 8, dtype=torch.float64) * 10
+    labels = torch.randint(0, 60, (16,))
+    results = []
+    for use_reference in (False, True):
+        torch.manual_seed(9)
+        criterion = arcface_ext.AdaFaceLoss(60, 8, sample_rate=0.3, use_reference=use_reference, dtype=torch.float64)
+        results.append((criterion(x, labels), criterion.last_sampled_classes))
+    assert torch.equal(results[0][1], results[1][1]) and len(results[0][1]) == 18
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=TOLERANCES[torch.float64][1], atol=1e-10)
+
+
+def test_module_argument_checks():
+    with pytest.raises(ValueError, match="AdaFace needs"):
+        arcface_ext.AdaFaceLoss(10, 4, h=0)
+    with pytest.raises(ValueError, match="kind must be 'arc' or 'cos'"):
+        arcface_ext.ElasticFaceLoss(10, 4, kind="sphere")
+    with pytest.raises(ValueError, match="std must be >= 0"):
+        arcface_ext.ElasticFaceLoss(10, 4, std=-1)
