@@ -1,6 +1,6 @@
 """A small forward+backward of the CUDA op for compute-sanitizer: every dtype, odd sizes, many
 class chunks, ignored rows, a zero embedding and a zero class centre, both gradients, each
-gradient alone, and N = 0. Run it as
+gradient alone, N = 0, and per-row margins. Run it as
 
     compute-sanitizer --tool memcheck python3 benchmarks/sanitize_case.py
     compute-sanitizer --tool racecheck python3 benchmarks/sanitize_case.py
@@ -20,7 +20,7 @@ import torch
 import arcface_ext
 
 
-def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), seed=0):
+def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), seed=0, per_row=False):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
     w = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
@@ -34,7 +34,10 @@ def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), see
     w = w.to("cuda", dtype).requires_grad_(needs[1])
     labels = labels.cuda()
     arcface_ext.set_workspace_bytes(workspace_bytes)
-    loss, target_cosine = arcface_ext.combined_margin_loss(x, w, labels, s=64.0, m2=0.5, reduction="none",
+    # Per-row margins (AdaFace-like, negative angular ones included) where asked.
+    m2 = torch.linspace(-0.4, 0.5, n, device="cuda", dtype=torch.float64) if per_row else 0.5
+    m3 = torch.linspace(0.0, 0.3, n, device="cuda", dtype=torch.float64) if per_row else 0.0
+    loss, target_cosine = arcface_ext.combined_margin_loss(x, w, labels, s=64.0, m2=m2, m3=m3, reduction="none",
                                                            return_target_cosine=True)
     upstream = torch.linspace(-1.0, 2.0, n, device="cuda")
     loss.backward(upstream)
@@ -43,7 +46,7 @@ def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), see
     outputs += [t.grad for t, need in zip((x, w), needs) if need]
     finite = all(bool(t.isfinite().all()) for t in outputs)
     print(f"N={n:3d} D={dim:3d} C={num_classes:5d} {str(dtype):14s} workspace={workspace_bytes:>9d} "
-          f"needs={needs}: {'ok' if finite else 'NON-FINITE'}")
+          f"needs={needs}{' per-row margins' if per_row else ''}: {'ok' if finite else 'NON-FINITE'}")
     return finite
 
 
@@ -66,6 +69,8 @@ def main():
     ok &= case(9, 24, 600, torch.bfloat16, workspace_bytes=1, needs=(True, False))
     ok &= case(0, 24, 600, torch.float32, workspace_bytes=1)
     ok &= case(0, 24, 600, torch.bfloat16, workspace_bytes=1)
+    ok &= case(37, 40, 1031, torch.bfloat16, workspace_bytes=1, per_row=True)
+    ok &= case(37, 36, 1031, torch.float32, workspace_bytes=1, per_row=True)
     arcface_ext.set_workspace_bytes(None)
     return 0 if ok else 1
 
