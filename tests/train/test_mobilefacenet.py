@@ -3,9 +3,7 @@ backbone takes (image size, dropout, checkpointing, autocast, channels_last), an
 through the trainer and the ONNX export."""
 
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,10 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import arcface_ext
 from conftest import assert_close_report
-from train import checkpoint, export
+from train import checkpoint
 from train.models import NETWORKS, MobileFaceNet, get_model, mobilefacenet
 
-from trainer_fixtures import (base_argv, forward_backward, make_face_folder, one_thread, read_jsonl,  # noqa: F401
+from trainer_fixtures import (assert_onnx_export_matches, base_argv, forward_backward, make_face_folder, one_thread, read_jsonl,  # noqa: F401
                               train_one_thread)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
@@ -211,16 +209,4 @@ def test_trainer_trains_mbf(trained_mbf):
 
 
 def test_onnx_export_matches_torch(trained_mbf, tmp_path, capsys):
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    ckpt = str(trained_mbf / "checkpoint.pt")
-    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
-    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
-    model, _ = checkpoint.load_backbone(ckpt)
-    session = ort.InferenceSession(str(tmp_path / "backbone.onnx"), providers=["CPUExecutionProvider"])
-    x = torch.randn(5, 3, IMAGE_SIZE, IMAGE_SIZE)  # another batch size than the one traced
-    got = session.run(["embedding"], {"input": x.numpy()})[0]
-    with torch.no_grad():
-        expected = model(x).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    assert os.path.exists(tmp_path / "backbone.pt")
+    assert_onnx_export_matches(str(trained_mbf / "checkpoint.pt"), tmp_path, capsys, IMAGE_SIZE)

@@ -7,7 +7,7 @@ import torch
 from train.checkpoint import describe_backbone
 from train.models import NETWORKS, get_model
 
-from trainer_fixtures import forward_backward, one_thread  # noqa: F401
+from trainer_fixtures import forward_backward, one_thread, output_dtypes  # noqa: F401
 
 # Published sizes of insightface's iResNets with a 512-D embedding at 112x112, in millions.
 PUBLISHED_PARAMETERS = {"r50": 43.6, "r100": 65.2}
@@ -120,16 +120,7 @@ def test_channels_last_matches():
 def test_bf16_autocast_covers_the_trunk_not_the_head():
     torch.manual_seed(0)
     model = get_model("small", image_size=32, amp="bf16")
-    seen = {}
-
-    def record(name):
-        def hook(module, inputs, output):
-            seen[name] = output.dtype
-        return hook
-
-    model.layer4.register_forward_hook(record("trunk"))
-    model.fc.register_forward_hook(record("fc"))
-    out = model(torch.randn(4, 3, 32, 32))
+    out, seen = output_dtypes(model, {"trunk": model.layer4, "fc": model.fc}, torch.randn(4, 3, 32, 32))
     assert seen == {"trunk": torch.bfloat16, "fc": torch.float32}
     assert out.dtype == torch.float32
     out.square().mean().backward()

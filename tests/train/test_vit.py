@@ -3,9 +3,7 @@ FLOPs, state-dict layout), masking and stochastic depth in training only, the op
 backbone takes, and ``--network vit_t`` through the trainer, a resume and the ONNX export."""
 
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,12 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import arcface_ext
 from conftest import assert_close_report
-from train import checkpoint, export
+from train import checkpoint
 from train.models import NETWORKS, VIT_CONFIGS, VisionTransformer, get_model
 from train.models.vit import Attention, DropPath
 
 from test_training import run_killed_at
-from trainer_fixtures import (base_argv, forward_backward, make_face_folder, one_thread, read_jsonl,  # noqa: F401
+from trainer_fixtures import (assert_onnx_export_matches, base_argv, output_dtypes, forward_backward, make_face_folder, one_thread, read_jsonl,  # noqa: F401
                               train_one_thread)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
@@ -320,19 +318,9 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients():
 def test_bf16_autocast_covers_the_trunk_not_the_head():
     torch.manual_seed(0)
     model = get_model("vit_t", image_size=IMAGE_SIZE, embedding_size=64, amp="bf16")
-    seen = {}
-
-    def record(name):
-        def hook(module, inputs, output):
-            seen[name] = output.dtype
-        return hook
-
-    model.patch_embed.register_forward_hook(record("patch_embed"))
-    model.blocks[0].attn.qkv.register_forward_hook(record("qkv"))
-    model.blocks[-1].mlp.register_forward_hook(record("mlp"))
-    model.norm.register_forward_hook(record("norm"))
-    model.feature.register_forward_hook(record("head"))
-    out = model.train()(torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE))
+    out, seen = output_dtypes(model.train(), {"patch_embed": model.patch_embed, "qkv": model.blocks[0].attn.qkv,
+                                              "mlp": model.blocks[-1].mlp, "norm": model.norm, "head": model.feature},
+                              torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE))
     assert seen == {"patch_embed": torch.bfloat16, "qkv": torch.bfloat16, "mlp": torch.bfloat16,
                     "norm": torch.float32, "head": torch.float32}
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -393,20 +381,8 @@ def test_resume_repeats_the_uninterrupted_run(vit_runs, monkeypatch):
 
 
 def test_onnx_export_matches_torch(vit_runs, tmp_path, capsys):
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
     root, _ = vit_runs
-    ckpt = str(root / "full" / "checkpoint.pt")
-    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
-    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
-    model, _ = checkpoint.load_backbone(ckpt)
-    session = ort.InferenceSession(str(tmp_path / "backbone.onnx"), providers=["CPUExecutionProvider"])
-    x = torch.randn(5, 3, IMAGE_SIZE, IMAGE_SIZE)  # another batch size than the one traced
-    got = session.run(["embedding"], {"input": x.numpy()})[0]
-    with torch.no_grad():
-        expected = model(x).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-    assert os.path.exists(tmp_path / "backbone.pt")
+    assert_onnx_export_matches(str(root / "full" / "checkpoint.pt"), tmp_path, capsys, IMAGE_SIZE)
 
 
 def test_parameter_free_modules_keep_insightface_keys():

@@ -50,6 +50,39 @@ def forward_backward(model, x):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_onnx_export_matches(checkpoint_path: str, output, capsys, image_size: int) -> None:
+    """``python -m train.export`` of a training checkpoint into ``output``: its ``backbone.onnx``,
+    run by onnxruntime at another batch size than the one traced, gives the PyTorch backbone's
+    embeddings. Skipped without onnx and onnxruntime."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from train import checkpoint, export
+
+    assert export.main(["--checkpoint", checkpoint_path, "--output", str(output)]) == 0
+    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(output, "backbone.pt"))
+    model, _ = checkpoint.load_backbone(checkpoint_path)
+    session = ort.InferenceSession(os.path.join(output, "backbone.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, image_size, image_size)
+    got = session.run(["embedding"], {"input": x.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def output_dtypes(model: torch.nn.Module, modules: dict, x: torch.Tensor):
+    """(model(x), {name: dtype of that module's output}) for the named submodules."""
+    seen = {}
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+               for name, module in modules.items()]
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, seen
+
+
 def make_face_folder(root: str, identities: int = 8, images: int = 8, size: int = IMAGE_SIZE) -> str:
     """``root/id_XXX/NN.png`` for synthetic identities 0 .. identities-1."""
     for who in range(identities):
