@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from . import insightface_config
 from .models import NETWORKS
 
 LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos")
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", default=None,
-                   help="YAML or JSON file whose keys are flag names (either spelling); the command line overrides it")
+                   help="YAML or JSON file whose keys are flag names (either spelling), or an insightface "
+                   "arcface_torch config (configs/*.py, read, not run); the command line overrides it")
 
     g = p.add_argument_group("data and model")
     g.add_argument("--data", "--data-set", "--data_set", dest="data", default="synthetic",
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-images-per-identity", "--synthetic_images_per_identity",
                    dest="synthetic_images_per_identity", type=int, default=160,
                    help="--data synthetic: images of each training identity")
+    g.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=None,
+                   help="the number of identities the data must have (checked; taken from the data when not given)")
     g.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                    help="input side in pixels; default 112 (aligned faces), 64 for the synthetic demo")
     g.add_argument("--network", choices=NETWORKS, default="small")
@@ -268,7 +272,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     file_argv = []
-    if known.config:
+    if known.config and insightface_config.is_insightface_config(known.config):
+        options = insightface_config.to_options(insightface_config.read(known.config), known.config)
+        file_argv = _config_to_argv(options, parser, known.config)
+    elif known.config:
         file_argv = _config_to_argv(load_config_file(known.config), parser, known.config)
     args = parser.parse_args(file_argv + list(sys.argv[1:] if argv is None else argv))
     return resolve(args)

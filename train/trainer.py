@@ -233,6 +233,9 @@ class Trainer:
                               "synthetic_images_per_identity": args.synthetic_images_per_identity}
         self.dataset, self.num_classes = build_train_dataset(args.data, image_size=args.image_size, seed=args.seed,
                                                              flip=True, **synthetic_size)
+        if args.num_classes is not None and args.num_classes != self.num_classes:
+            raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
+                             "identities")
         self.verification_sets = {}
         if self.is_main:
             self.verification_sets = build_verification_sets(args.data, args.val_targets, image_size=args.image_size,

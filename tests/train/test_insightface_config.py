@@ -1,0 +1,112 @@
+"""insightface arcface_torch config files (configs/*.py) given to --config: read without running
+them, base.py's defaults under them, and their epochs, margins and switches turned into this
+trainer's options."""
+import math
+import os
+
+import pytest
+
+from train import insightface_config
+from train.config import parse_args
+from train.trainer import main
+
+from trainer_fixtures import make_face_folder, one_thread, read_jsonl  # noqa: F401
+
+# The shape of arcface_torch's configs (values of this test's own choosing).
+WEBFACE_VIT = '''from easydict import EasyDict as edict
+
+# a comment, as theirs have
+config = edict()
+config.margin_list = (1.0, 0.0, 0.4)
+config.network = "vit_t_dp005_mask0"
+config.resume = False
+config.output = None
+config.embedding_size = 512
+config.sample_rate = 0.3
+config.fp16 = True
+config.weight_decay = 0.1
+config.batch_size = 384
+config.optimizer = "adamw"
+config.lr = 0.001
+config.verbose = 2000
+config.dali = False
+
+config.rec = "/train_tmp/WebFace42M"
+config.num_classes = 2059906
+config.num_image = 42474557
+config.num_epoch = 40
+config.warmup_epoch = config.num_epoch // 10
+config.val_targets = []
+'''
+
+
+def write(tmp_path, text, name="wf42m_vit_t.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_webface_vit_config_becomes_these_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    args = parse_args(["--config", write(tmp_path, WEBFACE_VIT)])
+    steps_per_epoch = 42474557 // (384 * 8)
+    assert (args.max_steps, args.warmup_steps) == (steps_per_epoch * 40, steps_per_epoch * 4)
+    assert (args.loss, args.m1, args.m2, args.m3, args.arcface_s) == ("combined", 1.0, 0.0, 0.4, 64.0)
+    assert args.network == "vit_t_dp005_mask0" and args.image_size == 112 and args.embedding_size == 512
+    assert (args.optimizer, args.lr, args.decay, args.lr_schedule) == ("adamw", 0.001, 0.1, "poly")
+    assert (args.amp, args.loss_amp, args.sample_rate, args.sharded_classes) == ("fp16", "none", 0.3, True)
+    assert args.num_classes == 2059906 and args.data == "/train_tmp/WebFace42M" and args.val_targets == []
+    assert (args.eval_every, args.save_every, args.log_every) == (2000, 2000, 10)  # base.py's frequent
+    assert (args.seed, args.num_workers, args.grad_clip) == (2048, 2, 5.0)  # base.py, train_v2.py
+    assert args.output == os.path.join("work_dirs", "wf42m_vit_t")
+    assert capsys.readouterr().err == ""
+    # One process: the centres stay replicated (its partial FC splits them across GPUs only).
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert parse_args(["--config", write(tmp_path, WEBFACE_VIT)]).sharded_classes is False
+
+
+def test_gradient_accumulation_counts_optimiser_steps(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    text = WEBFACE_VIT + "config.gradient_acc = 4\nconfig.frequent = 50\nconfig.using_wandb = True\nconfig.momentum = 0.8\n"
+    args = parse_args(["--config", write(tmp_path, text), "--lr", "0.002"])  # the command line wins
+    passes_per_epoch = 42474557 // (384 * 2)
+    assert args.gradient_acc == 4 and args.max_steps == passes_per_epoch * 40 // 4
+    assert (args.eval_every, args.log_every, args.lr) == (500, 12, 0.002)
+    err = capsys.readouterr().err
+    assert "ignored arcface_torch settings: using_wandb, momentum" in err
+
+
+def test_base_defaults_fill_what_a_config_leaves_out(tmp_path):
+    config = insightface_config.read(write(tmp_path, "config.rec = 'x'\nconfig.num_classes = 3\n"
+                                                     "config.num_image = 10\nconfig.num_epoch = 1\n"))
+    assert config["margin_list"] == (1.0, 0.5, 0.0) and config["network"] == "r50" and config["lr"] == 0.1
+    assert config["rec"] == "x" and config["gradient_acc"] == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("import os\nconfig.rec = os.getcwd()\n", r"cannot read `os.getcwd\(\)`"),
+    ("print('hello')\n", "only `config.<key> = <value>` lines are read"),
+    ("config.warmup_epoch = config.num_epoch // 10\n", "config.num_epoch is used before it is set"),
+    ("config.rec = 'x'\nconfig.num_classes = 3\n", "this one lacks num_image, num_epoch"),
+    ("config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
+     "config.interclass_filtering_threshold = 0.4\n", "interclass_filtering_threshold > 0"),
+    ("config = (\n", "not a Python config file"),
+])
+def test_what_cannot_be_read_is_named(tmp_path, text, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_args(["--config", write(tmp_path, text)])
+
+
+def test_a_config_trains_and_its_class_count_is_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = make_face_folder(str(tmp_path / "faces"))
+    text = (f"config.rec = {data!r}\nconfig.num_classes = 8\nconfig.num_image = 64\nconfig.num_epoch = 1\n"
+            f"config.network = 'small'\nconfig.embedding_size = 64\nconfig.batch_size = 16\nconfig.verbose = 2\n"
+            f"config.frequent = 1\nconfig.val_targets = []\nconfig.output = {str(tmp_path / 'run')!r}\n")
+    path = write(tmp_path, text, "tiny.py")
+    overrides = ["--image-size", "32", "--num-workers", "0", "--no-plots", "--no-tensorboard"]
+    assert main(["--config", path, *overrides]) == 0
+    curve = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert len(curve) == 64 // 16 and all(math.isfinite(v) for v in curve)
+    with pytest.raises(SystemExit, match="--num-classes is 9, but .* holds 8 identities"):
+        main(["--config", path, *overrides, "--num-classes", "9"])

@@ -1,0 +1,138 @@
+"""insightface ``arcface_torch`` config files (``configs/*.py``), read as they are and turned into
+this trainer's options, so that ``--config configs/wf42m_pfc02_r100.py`` runs what arcface_torch's
+``train_v2.py`` would.
+
+The file is parsed, never executed: only assignments ``config.<key> = <value>`` count, where a
+value is a literal (numbers, strings, booleans, None, tuples, lists) or arithmetic on literals and
+earlier ``config.<key>`` values (``config.num_epoch // 10``). Keys the file leaves out take
+arcface_torch's ``configs/base.py`` defaults, as its ``get_config`` merges them.
+
+How its settings map:
+
+- ``margin_list`` (m1, m2, m3) with its fixed s = 64 -> ``--loss combined --m1 --m2 --m3``;
+- ``num_image``, ``num_epoch``, ``warmup_epoch`` -> ``--max-steps`` / ``--warmup-steps``, counted
+  as ``train_v2.py`` counts them (``num_image // (batch_size * world_size) * epochs``) but in
+  optimiser steps: divided by ``gradient_acc`` (its scheduler steps every pass);
+- ``verbose`` / ``frequent`` (in passes) -> ``--eval-every`` / ``--log-every`` (in steps), and
+  checkpoints every ``verbose`` as well;
+- ``fp16`` -> ``--amp fp16`` (the trunk; the loss stays fp32, as in its partial FC);
+- its partial FC always splits the class centres across the GPUs: ``--sharded-classes`` when
+  torchrun starts more than one process (``WORLD_SIZE``), replicated otherwise;
+- ``output`` None -> ``work_dirs/<config name>``, as its ``get_config`` does;
+- ``num_classes`` -> ``--num-classes``, checked against the data;
+- ``dali``, ``save_all_states`` and the wandb keys have no counterpart and are reported as
+  ignored; ``interclass_filtering_threshold`` > 0 is refused (not implemented here).
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import os
+import sys
+from typing import Any
+
+# arcface_torch's configs/base.py: what a config file that leaves a key out gets.
+BASE = {
+    "margin_list": (1.0, 0.5, 0.0), "network": "r50", "resume": False, "save_all_states": False,
+    "output": "ms1mv3_arcface_r50", "embedding_size": 512, "sample_rate": 1.0,
+    "interclass_filtering_threshold": 0, "fp16": False, "batch_size": 128, "optimizer": "sgd", "lr": 0.1,
+    "momentum": 0.9, "weight_decay": 5e-4, "verbose": 2000, "frequent": 10, "dali": False, "gradient_acc": 1,
+    "seed": 2048, "num_workers": 2, "val_targets": ["lfw", "cfp_fp", "agedb_30"], "warmup_epoch": 0,
+}
+# Switches with no counterpart here, reported when a config turns them on.
+IGNORED = ("dali", "dali_aug", "save_all_states", "using_wandb", "save_artifacts", "wandb_resume")
+REQUIRED = ("rec", "num_classes", "num_image", "num_epoch")
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def is_insightface_config(path: str) -> bool:
+    return path.endswith(".py")
+
+
+def read(path: str) -> dict[str, Any]:
+    """The ``config.<key>`` assignments of an arcface_torch config file, over base.py's defaults."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    try:
+        tree = ast.parse(source, filename=path)
+    except SyntaxError as error:
+        raise SystemExit(f"{path}: not a Python config file: {error}") from None
+    values = dict(BASE)
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name) and target.id == "config":
+                continue  # config = edict()
+            if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                    and target.value.id == "config"):
+                values[target.attr] = _evaluate(node.value, values, path)
+                continue
+        raise SystemExit(f"{path}:{node.lineno}: only `config.<key> = <value>` lines are read from an "
+                         "arcface_torch config (the file is parsed, not run)")
+    return values
+
+
+def _evaluate(node: ast.AST, values: dict[str, Any], path: str) -> Any:
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.Tuple, ast.List)):
+        items = [_evaluate(item, values, path) for item in node.elts]
+        return tuple(items) if isinstance(node, ast.Tuple) else items
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_evaluate(node.operand, values, path))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        return _BINARY[type(node.op)](_evaluate(node.left, values, path), _evaluate(node.right, values, path))
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config":
+        if node.attr not in values:
+            raise SystemExit(f"{path}:{node.lineno}: config.{node.attr} is used before it is set")
+        return values[node.attr]
+    raise SystemExit(f"{path}:{node.lineno}: cannot read `{ast.unparse(node)}`: only literals and arithmetic "
+                     "on earlier config values are read from an arcface_torch config")
+
+
+def to_options(config: dict[str, Any], path: str, world_size: int | None = None) -> dict[str, Any]:
+    """This trainer's options (flag names without dashes) for an arcface_torch config."""
+    missing = [key for key in REQUIRED if key not in config]
+    if missing:
+        raise SystemExit(f"{path}: arcface_torch configs set {', '.join(REQUIRED)}; this one lacks "
+                         f"{', '.join(missing)}")
+    if config.get("interclass_filtering_threshold", 0):
+        raise SystemExit(f"{path}: interclass_filtering_threshold > 0 (partial FC's inter-class filtering) is not "
+                         "implemented here")
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    m1, m2, m3 = (float(m) for m in config["margin_list"])
+    passes = int(config["gradient_acc"])
+    batch = int(config["batch_size"])
+    steps_per_epoch = int(config["num_image"]) // (batch * world_size)
+    max_steps = max(1, steps_per_epoch * int(config["num_epoch"]) // passes)
+    warmup_steps = int(steps_per_epoch * config["warmup_epoch"]) // passes
+    every = max(1, int(config["verbose"]) // passes)
+    output = config.get("output") or os.path.join(
+        "work_dirs", os.path.splitext(os.path.basename(path))[0])
+    options = {
+        "data": config["rec"], "num-classes": int(config["num_classes"]), "network": config["network"],
+        "embedding-size": int(config["embedding_size"]), "image-size": 112,
+        "loss": "combined", "m1": m1, "m2": m2, "m3": m3, "arcface-s": 64.0,
+        "sample-rate": float(config["sample_rate"]), "sharded-classes": world_size > 1,
+        "optimizer": config["optimizer"], "lr": float(config["lr"]), "decay": float(config["weight_decay"]),
+        "lr-schedule": "poly", "max-steps": max_steps, "warmup-steps": warmup_steps,
+        "batch-size": batch, "gradient-acc": passes, "amp": "fp16" if config["fp16"] else "none",
+        "grad-clip": 5.0, "seed": int(config["seed"]), "num-workers": int(config["num_workers"]),
+        "val-targets": ",".join(config["val_targets"]) or "none", "eval-every": every,
+        "save-every": every, "log-every": max(1, int(config["frequent"]) // passes), "output": output,
+    }
+    if config.get("resume"):
+        options["resume"] = "auto"
+    ignored = [key for key in IGNORED if config.get(key)]
+    if float(config.get("momentum", 0.9)) != 0.9:
+        ignored.append("momentum (train_v2.py's SGD uses 0.9 whatever it says)")
+    if ignored:
+        print(f"{path}: ignored arcface_torch settings: {', '.join(ignored)}", file=sys.stderr)
+    return options
