@@ -5,12 +5,13 @@ from . import reference
 from .functional import (combined_margin_loss, extension_available, get_workspace_bytes,
                          set_workspace_bytes)
 from .modules import AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, ElasticFaceLoss, SphereFaceLoss
-from .distributed import ShardedCombinedMarginLoss, class_shard
+from .distributed import ShardedAdaFaceLoss, ShardedCombinedMarginLoss, ShardedElasticFaceLoss, class_shard
 from .sampling import sample_classes, sample_size
 
 __all__ = [
     "combined_margin_loss", "reference", "CombinedMarginLoss", "ArcFaceLoss", "CosFaceLoss",
-    "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "ShardedCombinedMarginLoss", "class_shard", "sample_classes", "sample_size",
+    "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "ShardedCombinedMarginLoss", "ShardedAdaFaceLoss",
+    "ShardedElasticFaceLoss", "class_shard", "sample_classes", "sample_size",
     "set_workspace_bytes", "get_workspace_bytes", "extension_available",
 ]
 __version__ = "0.1.0"

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows
+from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows, row_margins, scalar_margin
 from .functional import get_workspace_bytes, require_extension
-from .modules import set_loss_options
+from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options
 from .sampling import check_labels, sample_classes, sample_size
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
@@ -72,7 +72,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings, weight, all_labels, index, rows, options, group):
-        _, _, _, _, _, ignore_index, _, _, class_start, _ = options
+        ignore_index, class_start = options[5], options[8]
         rank, world_size = _group_info(group)
         n = embeddings.shape[0]
         all_embeddings = _all_gather_rows(embeddings.detach(), rows, group, world_size)
@@ -258,8 +258,14 @@ class ShardedCombinedMarginLoss(nn.Module):
         renumbered = torch.where(all_labels != self.ignore_index, renumbered, torch.full_like(renumbered, -1))
         return index, renumbered, offsets[self.rank], offsets[-1]
 
+    def row_margins(self, embeddings, labels):
+        """(m2, m3) for this rank's rows: the module's numbers, or per-row tensors in subclasses whose
+        margins depend on the sample (:class:`ShardedAdaFaceLoss`, :class:`ShardedElasticFaceLoss`)."""
+        return self.m2, self.m3
+
     def forward(self, embeddings, labels, return_target_cosine=False):
-        check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+        m2, m3 = self.row_margins(embeddings, labels)
+        check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=m2, m3=m3,
                         lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
                         ignore_index=self.ignore_index)
         require_extension()
@@ -273,8 +279,11 @@ class ShardedCombinedMarginLoss(nn.Module):
             index, all_labels, class_start, num_classes = self._sample(all_labels)
             ignore_index = -1
             self.last_sampled_classes = self.class_start + index
-        options = (self.s, self.m1, self.m2, self.m3, self.lambda_, int(ignore_index),
+        options = (self.s, self.m1, scalar_margin(m2), scalar_margin(m3), self.lambda_, int(ignore_index),
                    self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes)
+        margins = row_margins(m2, m3, embeddings)
+        if margins is not None:  # every rank's rows' margins, as the op sees every rank's rows
+            options += (_all_gather_rows(margins, rows, self.process_group, self.world_size),)
         loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), all_labels,
                                                         index, rows, options, self.process_group)
         loss = reduce_rows(loss_rows, labels, self.ignore_index, self.reduction)
@@ -288,3 +297,41 @@ class ShardedCombinedMarginLoss(nn.Module):
                 f"m1={self.m1}, m2={self.m2}, m3={self.m3}{sampled}, classes [{self.class_start}, "
                 f"{self.class_stop}) on rank {self.rank} of {self.world_size}")
 
+
+
+class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
+    """:class:`ShardedCombinedMarginLoss` with AdaFace's margins (:class:`AdaFaceMargins`). The
+    running norm statistics follow the norms of every rank's rows (one all-reduce of three numbers
+    a step), so that they are the same on every rank."""
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
+        self._init_adaface(m, h, t_alpha, kwargs.get("device"))
+
+    def _norm_statistics(self, norms):
+        if self.world_size == 1:
+            return super()._norm_statistics(norms)
+        moments = torch.stack([norms.double().sum(), norms.double().square().sum(),
+                               torch.tensor(float(norms.numel()), dtype=torch.float64, device=norms.device)])
+        dist.all_reduce(moments, group=self.process_group)
+        total, squares, count = moments
+        mean = total / count
+        std = ((squares - count * mean * mean).clamp_min(0) / (count - 1)).sqrt()  # unbiased, as Tensor.std
+        return mean, std
+
+    def extra_repr(self):
+        return f"{self._adaface_repr()}, {super().extra_repr()}"
+
+
+class ShardedElasticFaceLoss(ElasticFaceMargins, ShardedCombinedMarginLoss):
+    """:class:`ShardedCombinedMarginLoss` with ElasticFace's margins (:class:`ElasticFaceMargins`):
+    each rank draws the margins of its own rows."""
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=0.05, kind="arc", *, generator=None,
+                 **kwargs):
+        m, margins = self._elastic_margins(m, std, kind)
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, **kwargs)
+        self.m, self.std, self.kind, self.generator = m, float(std), kind, generator
+
+    def extra_repr(self):
+        return f"{self._elastic_repr()}, {super().extra_repr()}"

@@ -108,58 +108,60 @@ class SphereFaceLoss(CombinedMarginLoss):
         super().__init__(num_classes, embedding_size, s=s, m1=float(m), m2=0.0, m3=0.0, lambda_=lambda_, **kwargs)
 
 
-class AdaFaceLoss(CombinedMarginLoss):
-    """AdaFace (Kim et al., CVPR 2022): a margin that adapts to image quality, read from the
-    embedding's norm. With z_i = clip(h·(‖x_i‖ - μ) / (σ + eps), -1, 1), where μ and σ are running
-    (EMA, rate ``t_alpha``) statistics of the batches' clipped norms, row i's target logit is
-    s·(cos(θ - m·z_i) - (m + m·z_i)): an angular margin for hard (low-norm) rows, a cosine margin
-    for easy ones, ArcFace-like and CosFace-like at the two ends. The margins are constants of the
-    step (no gradient through the norm), as in AdaFace. μ and σ (buffers ``batch_mean``,
-    ``batch_std``, AdaFace's initial 20 and 100) move in training mode only.
-    """
+class AdaFaceMargins:
+    """AdaFace's per-row margins (Kim et al., CVPR 2022), for a margin-loss module (mixed in before
+    it): a margin that adapts to image quality, read from the embedding's norm. With
+    z_i = clip(h·(‖x_i‖ - μ) / (σ + 1e-3), -1, 1), where μ and σ are running (EMA, rate ``t_alpha``)
+    statistics of the batches' clipped norms, row i's target logit is s·(cos(θ - m·z_i) - (m + m·z_i)):
+    an angular margin for hard (low-norm) rows, a cosine one for easy rows. The margins are constants
+    of the step (no gradient through the norm), as in AdaFace. μ and σ (buffers ``batch_mean``,
+    ``batch_std``, AdaFace's initial 20 and 100) move in training mode only."""
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
+    def _init_adaface(self, m, h, t_alpha, device):
         if not (m >= 0 and h > 0 and 0 < t_alpha <= 1):
             raise ValueError(f"AdaFace needs m >= 0, h > 0 and t_alpha in (0, 1], got {m}, {h}, {t_alpha}")
         self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
-        self.register_buffer("batch_mean", torch.tensor(20.0, device=kwargs.get("device")))
-        self.register_buffer("batch_std", torch.tensor(100.0, device=kwargs.get("device")))
+        self.register_buffer("batch_mean", torch.tensor(20.0, device=device))
+        self.register_buffer("batch_std", torch.tensor(100.0, device=device))
+
+    def _norm_statistics(self, norms):
+        """(mean, std) of the norms the running statistics follow: this batch's rows."""
+        return norms.mean(), norms.std()
 
     def row_margins(self, embeddings, labels):
         with torch.no_grad():
             norms = embeddings.detach().float().norm(dim=1).clamp(0.001, 100.0)
-            if self.training and norms.numel() > 1:
-                self.batch_mean.mul_(1 - self.t_alpha).add_(self.t_alpha * norms.mean())
-                self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * norms.std())
+            if self.training:
+                mean, std = self._norm_statistics(norms)
+                # A batch of one row has no spread: the statistics stay (decided on the device).
+                seen = torch.isfinite(std)
+                for buffer, value in ((self.batch_mean, mean), (self.batch_std, std)):
+                    moved = buffer * (1 - self.t_alpha) + self.t_alpha * value.to(buffer.dtype)
+                    buffer.copy_(torch.where(seen, moved, buffer))
             z = ((norms - self.batch_mean) / (self.batch_std + 1e-3) * self.h).clamp(-1.0, 1.0)
             return -self.m * z, self.m + self.m * z
 
-    def extra_repr(self):
-        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, m={self.m}, "
-                f"h={self.h}, t_alpha={self.t_alpha}" + (f", sample_rate={self.sample_rate}"
-                                                          if self.sample_rate < 1.0 else ""))
+    def _adaface_repr(self):
+        return f"m={self.m}, h={self.h}, t_alpha={self.t_alpha}"
 
 
-class ElasticFaceLoss(CombinedMarginLoss):
-    """ElasticFace (Boutros et al., CVPRW 2022): each training row draws its margin from N(m, std²),
-    an angular one (``kind="arc"``: s·cos(θ + m_i), ElasticFace-Arc) or a cosine one
-    (``kind="cos"``: s·(cos θ - m_i), ElasticFace-Cos). ``m`` defaults to the paper's 0.5 (arc) or
-    0.35 (cos), ``std`` to its 0.05. In eval mode every row gets m. The draws come from
-    ``generator`` when given (on the embeddings' device), else torch's default one.
-    """
+class ElasticFaceMargins:
+    """ElasticFace's per-row margins (Boutros et al., CVPRW 2022), for a margin-loss module (mixed in
+    before it): each training row draws its margin from N(m, std²), an angular one (``kind="arc"``:
+    s·cos(θ + m_i), ElasticFace-Arc) or a cosine one (``kind="cos"``: s·(cos θ - m_i),
+    ElasticFace-Cos). ``m`` defaults to the paper's 0.5 (arc) or 0.35 (cos), ``std`` to its 0.05. In
+    eval mode every row gets m. The draws come from ``generator`` when given (on the embeddings'
+    device), else torch's default one."""
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=0.05, kind="arc", *, generator=None,
-                 **kwargs):
+    @staticmethod
+    def _elastic_margins(m, std, kind):
         if kind not in ("arc", "cos"):
             raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
-        if m is None:
-            m = 0.5 if kind == "arc" else 0.35
         if std < 0:
             raise ValueError(f"std must be >= 0, got {std}")
-        margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, **kwargs)
-        self.m, self.std, self.kind, self.generator = float(m), float(std), kind, generator
+        if m is None:
+            m = 0.5 if kind == "arc" else 0.35
+        return float(m), dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
 
     def row_margins(self, embeddings, labels):
         if not self.training or self.std == 0:
@@ -168,7 +170,33 @@ class ElasticFaceLoss(CombinedMarginLoss):
                             generator=self.generator).mul_(self.std).add_(self.m)
         return (drawn, 0.0) if self.kind == "arc" else (0.0, drawn)
 
+    def _elastic_repr(self):
+        return f"kind={self.kind!r}, m={self.m}, std={self.std}"
+
+
+class AdaFaceLoss(AdaFaceMargins, CombinedMarginLoss):
+    """:class:`CombinedMarginLoss` with AdaFace's margins (:class:`AdaFaceMargins`)."""
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
+        self._init_adaface(m, h, t_alpha, kwargs.get("device"))
+
     def extra_repr(self):
+        sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
-                f"kind={self.kind!r}, m={self.m}, std={self.std}"
-                + (f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""))
+                f"{self._adaface_repr()}{sampled}")
+
+
+class ElasticFaceLoss(ElasticFaceMargins, CombinedMarginLoss):
+    """:class:`CombinedMarginLoss` with ElasticFace's margins (:class:`ElasticFaceMargins`)."""
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=0.05, kind="arc", *, generator=None,
+                 **kwargs):
+        m, margins = self._elastic_margins(m, std, kind)
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, **kwargs)
+        self.m, self.std, self.kind, self.generator = m, float(std), kind, generator
+
+    def extra_repr(self):
+        sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
+                f"{self._elastic_repr()}{sampled}")

@@ -148,15 +148,34 @@ NUM_CLASSES, DIM = 11, 12
 MARGIN = dict(s=64.0, m1=1.0, m2=0.3, m3=0.2)
 
 
-def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, sample_rate):
+def row_margin_table(n):
+    """Per-row (m2, m3) for the per-row-margin cases: negative angular margins among them."""
+    generator = torch.Generator().manual_seed(5)
+    return (torch.rand(n, generator=generator, dtype=torch.float64) - 0.4,
+            0.3 * torch.rand(n, generator=generator, dtype=torch.float64))
+
+
+class _GivenMargins(arcface_ext.ShardedCombinedMarginLoss):
+    """The sharded loss with per-row margins handed in (this rank's rows)."""
+
+    margins = None
+
+    def row_margins(self, embeddings, labels):
+        return self.margins
+
+
+def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, sample_rate, per_row):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         x, w, labels = make_case(13, sizes, num_classes, DIM, ignored=ignored)
         mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
         torch.manual_seed(0)
-        module = arcface_ext.ShardedCombinedMarginLoss(num_classes, DIM, **MARGIN, sample_rate=sample_rate,
-                                                       dtype=torch.float64)
+        module = _GivenMargins(num_classes, DIM, **MARGIN, sample_rate=sample_rate, dtype=torch.float64)
+        module.margins = (MARGIN["m2"], MARGIN["m3"])
+        if per_row:
+            m2, m3 = row_margin_table(len(labels))
+            module.margins = (m2[mine], m3[mine])
         initial = module.gather(module.weight)
         torch.manual_seed(100 + rank)  # the ranks draw different samples
         with torch.no_grad():
@@ -174,22 +193,26 @@ def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, s
             assert torch.equal(numbers, torch.arange(num_classes, dtype=torch.float64))
         else:
             assert in_pieces is None and numbers is None
+        # AdaFace's norm statistics follow every rank's rows, the same on every rank.
+        adaface = arcface_ext.ShardedAdaFaceLoss(num_classes, DIM, dtype=torch.float64)
+        adaface(xs.detach() * (1 + rank), labels[mine])
         torch.save({"loss": loss.detach(), "cosine": cosine, "grad_x": xs.grad, "grad_w": module.weight.grad,
                     "range": (module.class_start, module.class_stop), "initial": initial,
-                    "gathered_grad": gathered, "sampled": module.last_sampled_classes},
+                    "gathered_grad": gathered, "sampled": module.last_sampled_classes,
+                    "adaface": (adaface.batch_mean, adaface.batch_std)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes, ignored, num_classes, sample_rate", [
-    ([5, 3], (6,), NUM_CLASSES, 1.0), ([4, 1, 3], (0,), NUM_CLASSES, 1.0),
-    ([5, 3], (6,), 60, 0.3), ([4, 1, 3], (0,), 60, 0.3)],
-    ids=["2-ranks", "3-ranks-uneven", "2-ranks-sampled", "3-ranks-uneven-sampled"])
-def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_classes, sample_rate):
+@pytest.mark.parametrize("sizes, ignored, num_classes, sample_rate, per_row", [
+    ([5, 3], (6,), NUM_CLASSES, 1.0, False), ([4, 1, 3], (0,), NUM_CLASSES, 1.0, False),
+    ([5, 3], (6,), 60, 0.3, False), ([4, 1, 3], (0,), 60, 0.3, True)],
+    ids=["2-ranks", "3-ranks-uneven", "2-ranks-sampled", "3-ranks-uneven-sampled-per-row-margins"])
+def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_classes, sample_rate, per_row):
     world_size = len(sizes)
     mp.spawn(_worker, args=(world_size, str(tmp_path / "store"), sizes, ignored, str(tmp_path), num_classes,
-                            sample_rate), nprocs=world_size, join=True)
+                            sample_rate, per_row), nprocs=world_size, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     x, w, labels = make_case(13, sizes, num_classes, DIM, ignored=ignored)
 
@@ -214,10 +237,12 @@ def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_
     # What DDP over a replicated classifier gives: each rank's loss over its rows, each rank's
     # embeddings the gradient of its own loss, the centres the mean of the ranks' gradients.
     grad_w = torch.zeros_like(w)
+    m2, m3 = row_margin_table(len(labels)) if per_row else (None, None)
     for r, result in enumerate(results):
         mine = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+        margins = dict(MARGIN, m2=m2[mine], m3=m3[mine]) if per_row else MARGIN
         loss, cosine, gx, gw = loss_and_grads(reference.combined_margin_loss, x[mine], w[classes],
-                                              positions[mine], return_target_cosine=True, **MARGIN)
+                                              positions[mine], return_target_cosine=True, **margins)
         assert_matches_reference(result["loss"], loss, name=f"rank {r} loss")
         torch.testing.assert_close(result["cosine"], cosine, equal_nan=True)
         assert_matches_reference(result["grad_x"], gx, name=f"rank {r} grad_embeddings")
@@ -232,6 +257,13 @@ def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_
         left_out = torch.ones(num_classes, dtype=torch.bool)
         left_out[classes] = False
         assert left_out.any() and torch.all(results[0]["gathered_grad"][left_out] == 0)
+
+    # AdaFace: every rank moved its statistics by the norms of all the rows (rank r's scaled by r + 1).
+    norms = torch.cat([x[sum(sizes[:r]):sum(sizes[:r + 1])].norm(dim=1) * (1 + r) for r in range(world_size)])
+    norms = norms.clamp(0.001, 100).float()
+    for result in results:
+        torch.testing.assert_close(result["adaface"][0], 0.99 * torch.tensor(20.0) + 0.01 * norms.mean())
+        torch.testing.assert_close(result["adaface"][1], 0.99 * torch.tensor(100.0) + 0.01 * norms.std())
 
     # The initial centres do not depend on the number of ranks.
     torch.manual_seed(0)

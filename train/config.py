@@ -253,9 +253,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--gradient-acc must be at least 1, got {args.gradient_acc}")
     if not 0.0 < args.sample_rate <= 1.0:
         raise SystemExit(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
-    if args.sharded_classes and args.loss in ("adaface", "elasticface-arc", "elasticface-cos"):
-        raise SystemExit(f"--loss {args.loss} has per-row margins, which --sharded-classes does not carry yet: "
-                         "train it with replicated class centres")
     if args.sharded_classes and args.loss_impl != "fused":
         raise SystemExit("--sharded-classes needs --loss-impl fused (the reference has no sharded form)")
     if args.sharded_classes and args.loss_amp == "fp16":

@@ -165,19 +165,22 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
         raise SystemExit("arcface_ext's compiled op is not built: run `pip install --no-build-isolation -e .` "
                          "from the repository root, or train with --loss-impl reference (pure PyTorch, slower)")
     m1, m2, m3 = margins(args)
+    common = dict(sample_rate=args.sample_rate)
     if args.sharded_classes:
-        return arcface_ext.ShardedCombinedMarginLoss(num_classes, args.embedding_size, s=args.arcface_s, m1=m1,
-                                                     m2=m2, m3=m3, sample_rate=args.sample_rate)
-    common = dict(sample_rate=args.sample_rate, use_reference=args.loss_impl == "reference")
+        adaface, elasticface, combined = (arcface_ext.ShardedAdaFaceLoss, arcface_ext.ShardedElasticFaceLoss,
+                                          arcface_ext.ShardedCombinedMarginLoss)
+    else:
+        adaface, elasticface, combined = (arcface_ext.AdaFaceLoss, arcface_ext.ElasticFaceLoss,
+                                          arcface_ext.CombinedMarginLoss)
+        common["use_reference"] = args.loss_impl == "reference"
     if args.loss == "adaface":
-        return arcface_ext.AdaFaceLoss(num_classes, args.embedding_size, s=args.arcface_s, m=args.adaface_m,
-                                       h=args.adaface_h, **common)
+        return adaface(num_classes, args.embedding_size, s=args.arcface_s, m=args.adaface_m, h=args.adaface_h,
+                       **common)
     if args.loss.startswith("elasticface"):
         kind = args.loss.split("-")[1]
-        return arcface_ext.ElasticFaceLoss(num_classes, args.embedding_size, s=args.arcface_s,
-                                           m=m2 if kind == "arc" else m3, std=args.elastic_std, kind=kind, **common)
-    return arcface_ext.CombinedMarginLoss(num_classes, args.embedding_size, s=args.arcface_s, m1=m1, m2=m2, m3=m3,
-                                          **common)
+        return elasticface(num_classes, args.embedding_size, s=args.arcface_s, m=m2 if kind == "arc" else m3,
+                           std=args.elastic_std, kind=kind, **common)
+    return combined(num_classes, args.embedding_size, s=args.arcface_s, m1=m1, m2=m2, m3=m3, **common)
 
 
 def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: nn.Module) -> torch.optim.Optimizer:
@@ -373,7 +376,7 @@ class Trainer:
     def _local_centres(self, centres: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not self._sharded():
             return centres
-        return {key: self.margin_loss.shard_of(value) for key, value in centres.items()}
+        return {key: self.margin_loss.shard_of(value) if key == "weight" else value for key, value in centres.items()}
 
     def _map_centre_state(self, state: dict[str, Any], per_class) -> dict[str, Any]:
         """A copy of an optimizer state dict whose class-centre tensors (momentum, Adam moments; not
@@ -417,8 +420,9 @@ class Trainer:
         if self.distributed:
             rng_states = [None] * self.world_size
             dist.all_gather_object(rng_states, rng)
-        centres = {"weight": self.margin_loss.gather(self.margin_loss.weight)} if self._sharded() \
-            else self.margin_loss.state_dict()
+        centres = self.margin_loss.state_dict()
+        if self._sharded():  # the whole matrix; the loss's buffers (AdaFace's) are alike on every rank
+            centres["weight"] = self.margin_loss.gather(self.margin_loss.weight)
         optimizer_state = self._full_optimizer_state()
         if not self.is_main:
             return
