@@ -1,16 +1,17 @@
 """arcface_ext: fused margin-based softmax losses (ArcFace, CosFace, SphereFace and their combined
-form, with per-sample margins for AdaFace and ElasticFace) for face-recognition training, computed
+form, with per-sample margins for AdaFace, ElasticFace and MagFace) for face-recognition training, computed
 without ever holding the N x C logit matrix."""
 from . import reference
 from .functional import (combined_margin_loss, extension_available, get_workspace_bytes,
                          set_workspace_bytes)
-from .modules import AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, ElasticFaceLoss, SphereFaceLoss
+from .modules import (AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, ElasticFaceLoss, MagFaceLoss,
+                      SphereFaceLoss)
 from .distributed import ShardedAdaFaceLoss, ShardedCombinedMarginLoss, ShardedElasticFaceLoss, class_shard
 from .sampling import sample_classes, sample_size
 
 __all__ = [
     "combined_margin_loss", "reference", "CombinedMarginLoss", "ArcFaceLoss", "CosFaceLoss",
-    "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "ShardedCombinedMarginLoss", "ShardedAdaFaceLoss",
+    "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "MagFaceLoss", "ShardedCombinedMarginLoss", "ShardedAdaFaceLoss",
     "ShardedElasticFaceLoss", "class_shard", "sample_classes", "sample_size",
     "set_workspace_bytes", "get_workspace_bytes", "extension_available",
 ]

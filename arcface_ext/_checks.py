@@ -59,9 +59,9 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
 
 
 def check_row_margin(name, value, embeddings):
-    """A per-row margin (AdaFace, ElasticFace): a real (N,) tensor on the embeddings' device that
-    needs no gradient (margins are constants of the step). Its values are checked (finite) inside
-    the op."""
+    """A per-row margin (AdaFace, ElasticFace, MagFace): a real (N,) tensor on the embeddings'
+    device; it gets a gradient when it requires one (MagFace's margin is a function of the norm).
+    Its values are checked (finite) inside the op."""
     if value.dim() != 1 or value.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{name} as a tensor holds one margin per row: shape (N,) = ({embeddings.shape[0]},), "
                          f"got {tuple(value.shape)}")
@@ -69,8 +69,6 @@ def check_row_margin(name, value, embeddings):
         raise TypeError(f"{name} as a tensor must be floating point, got {value.dtype}")
     if value.device != embeddings.device:
         raise ValueError(f"{name} must be on the embeddings' device ({embeddings.device}), got {value.device}")
-    if value.requires_grad:
-        raise ValueError(f"{name} requires grad, but margins get no gradient here: pass {name}.detach()")
 
 
 def row_margins(m2, m3, embeddings):

@@ -282,6 +282,9 @@ class ShardedCombinedMarginLoss(nn.Module):
         options = (self.s, self.m1, scalar_margin(m2), scalar_margin(m3), self.lambda_, int(ignore_index),
                    self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes)
         margins = row_margins(m2, m3, embeddings)
+        if margins is not None and margins.requires_grad:
+            raise ValueError("differentiable per-row margins (m2 or m3 requiring grad, as MagFace's) are not "
+                             "supported with sharded class centres: use the replicated loss")
         if margins is not None:  # every rank's rows' margins, as the op sees every rank's rows
             options += (_all_gather_rows(margins, rows, self.process_group, self.world_size),)
         loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), all_labels,

@@ -57,9 +57,10 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
         weight: (C, D) class centres, class-major as in insightface.
         labels: (N,) integer class indices in [0, C), or ``ignore_index`` for rows that do not count.
         s: the scale (> 0). m1, m2, m3: the margins. lambda_: SphereFace's blend (>= 0).
-            ``m2`` and ``m3`` may also be (N,) tensors, one margin per row (AdaFace's and
-            ElasticFace's per-sample margins; constants: they get no gradient). A negative ``m2``
-            that takes θ + m2 below 0 holds ψ at 1 there (AdaFace clips θ + m2 the same way).
+            ``m2`` and ``m3`` may also be (N,) tensors, one margin per row (AdaFace's, ElasticFace's
+            and MagFace's per-sample margins); they get gradients when they require them (MagFace's
+            margin is a function of the embedding's norm). A negative ``m2`` that takes θ + m2 below
+            0 holds ψ at 1 there (AdaFace clips θ + m2 the same way).
         reduction: ``"mean"`` (over counted rows; 0 when none count), ``"sum"`` or ``"none"`` ((N,), 0 at ignored rows).
         margin_grad: ``"exact"`` (true dψ/dc, finite everywhere) or ``"straight_through"``
             (dψ/dc := 1, the behaviour of today's insightface loss).
@@ -78,7 +79,9 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     margins = row_margins(m2, m3, embeddings)
     scalars = (float(s), float(m1), scalar_margin(m2), scalar_margin(m3), float(lambda_), int(ignore_index),
                margin_grad == "straight_through", _workspace_bytes)
-    if (reduction != "none" and (needs_embeddings_grad or needs_weight_grad)
+    # The one-call training op returns no per-row losses, which the margins' own gradient needs.
+    differentiable_margins = margins is not None and margins.requires_grad and torch.is_grad_enabled()
+    if (reduction != "none" and (needs_embeddings_grad or needs_weight_grad) and not differentiable_margins
             and embeddings.device.type in ops.TRAIN_DEVICES):
         # A training step: the gradients come out of the forward's own pass (the backward
         # only scales them), which saves recomputing the cosines.

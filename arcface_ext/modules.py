@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from ._checks import check_arguments
+from ._checks import check_arguments, reduce_rows
 from .sampling import check_labels, check_sample_rate, sample_classes
 
 
@@ -200,3 +200,44 @@ class ElasticFaceLoss(ElasticFaceMargins, CombinedMarginLoss):
         sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
                 f"{self._elastic_repr()}{sampled}")
+
+
+class MagFaceLoss(CombinedMarginLoss):
+    """MagFace (Meng et al., CVPR 2021): an ArcFace whose margin grows with the embedding's norm a_i,
+    m(a_i) = l_m + (u_m - l_m)·(a_i - l_a)/(u_a - l_a) with a_i clipped to [l_a, u_a], plus the
+    regulariser λ_g·g(a_i), g(a) = a/u_a² + 1/a, which rewards large norms; the norm becomes a
+    measure of the face's quality. Unlike AdaFace's, these margins are differentiable: the gradient
+    flows through m(a_i) into the norm, as in MagFace. The defaults are its MS1MV2 settings. Past
+    θ + m = π the target logit continues linearly (insightface's convention, MagFace's
+    ``easy_margin=False``). Not available with sharded class centres.
+    """
+
+    def __init__(self, num_classes, embedding_size, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
+                 **kwargs):
+        if not (0 < l_a < u_a and l_m <= u_m and lambda_g >= 0):
+            raise ValueError(f"MagFace needs 0 < l_a < u_a, l_m <= u_m and lambda_g >= 0, got l_a={l_a}, "
+                             f"u_a={u_a}, l_m={l_m}, u_m={u_m}, lambda_g={lambda_g}")
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
+        self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = (float(v) for v in (l_a, u_a, l_m, u_m, lambda_g))
+
+    def _norms(self, embeddings):
+        return embeddings.float().norm(dim=1).clamp(self.l_a, self.u_a)
+
+    def row_margins(self, embeddings, labels):
+        norms = self._norms(embeddings)
+        return self.l_m + (self.u_m - self.l_m) / (self.u_a - self.l_a) * (norms - self.l_a), self.m3
+
+    def forward(self, embeddings, labels, return_target_cosine=False):
+        out = super().forward(embeddings, labels, return_target_cosine=return_target_cosine)
+        loss, target_cosine = out if return_target_cosine else (out, None)
+        norms = self._norms(embeddings)
+        g = norms / self.u_a ** 2 + 1 / norms
+        regulariser = reduce_rows(torch.where(labels != self.ignore_index, g, torch.zeros_like(g)), labels,
+                                  self.ignore_index, self.reduction)
+        loss = loss + self.lambda_g * regulariser.to(loss.dtype)
+        return (loss, target_cosine) if return_target_cosine else loss
+
+    def extra_repr(self):
+        sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
+                f"l_a={self.l_a}, u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, lambda_g={self.lambda_g}{sampled}")

@@ -77,12 +77,34 @@ if IMPORT_ERROR is None:
 
     def _setup_context(ctx, inputs, output):
         embeddings, weight, labels, *params = inputs
-        _, logsumexp, target_cosine = output
+        loss, logsumexp, target_cosine = output
         ctx.save_for_backward(embeddings, weight, labels, logsumexp)
         ctx.params = params[:8]  # s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace
         ctx.shard = params[8:]  # class_offset, num_classes, row_margins (when given)
+        ctx.margin_inputs = None
+        if len(ctx.needs_input_grad) > _ROW_MARGINS and ctx.needs_input_grad[_ROW_MARGINS]:
+            # Differentiable per-row margins (MagFace's): their gradient needs each row's loss and
+            # target cosine, which the forward returned.
+            ctx.margin_inputs = (loss, target_cosine, labels)
         ctx.mark_non_differentiable(logsumexp, target_cosine)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused outputs
+
+    _ROW_MARGINS = 13  # the forward op's input index of row_margins
+
+    def _row_margins_grad(grad_loss, loss, target_cosine, labels, params, row_margins, shard):
+        """d(Σ grad_loss·loss)/d row_margins, (N, 2): loss_i = lse_i - s(ψ_i - m3_i) and the
+        target's softmax probability is exp(-loss_i), so d loss_i/d m3_i = s(1 - p_i) and
+        d loss_i/d m2_i = -s(1 - p_i)·dψ/dm2. Rows without a target here get 0."""
+        from .reference import margin_psi_dm2
+
+        s, m1, _, _, lambda_, ignore_index = params[:6]
+        if tuple(shard) not in ((), (0, -1)):
+            raise RuntimeError("arcface_ext: differentiable row_margins need the whole softmax (no class shard)")
+        counted = labels != ignore_index
+        cosine = torch.where(counted, target_cosine, torch.zeros_like(target_cosine)).double()
+        weight = (grad_loss.double() * s * (1 - torch.exp(-loss.double()))).masked_fill(~counted, 0)
+        dm2 = margin_psi_dm2(cosine, m1=m1, m2=row_margins[:, 0].detach(), lambda_=lambda_)
+        return torch.stack([-weight * dm2, weight], dim=1)
 
     def _no_double_backward():
         if torch.is_grad_enabled():
@@ -94,13 +116,19 @@ if IMPORT_ERROR is None:
         embeddings, weight, labels, logsumexp = ctx.saved_tensors
         needs_embeddings_grad, needs_weight_grad = ctx.needs_input_grad[:2]
         num_inputs = 3 + len(ctx.params) + len(ctx.shard)
-        if grad_loss is None or not (needs_embeddings_grad or needs_weight_grad):
+        if grad_loss is None or not (needs_embeddings_grad or needs_weight_grad or ctx.margin_inputs is not None):
             return (None,) * num_inputs
-        grad_embeddings, grad_weight = torch.ops.arcface_ext.margin_softmax_backward(
-            grad_loss, embeddings, weight, labels, logsumexp, *ctx.params,
-            needs_embeddings_grad, needs_weight_grad, *ctx.shard)
-        return ((grad_embeddings if needs_embeddings_grad else None),
-                (grad_weight if needs_weight_grad else None)) + (None,) * (num_inputs - 2)
+        grad_embeddings = grad_weight = None
+        if needs_embeddings_grad or needs_weight_grad:
+            grad_embeddings, grad_weight = torch.ops.arcface_ext.margin_softmax_backward(
+                grad_loss, embeddings, weight, labels, logsumexp, *ctx.params,
+                needs_embeddings_grad, needs_weight_grad, *ctx.shard)
+        grads = [(grad_embeddings if needs_embeddings_grad else None),
+                 (grad_weight if needs_weight_grad else None)] + [None] * (num_inputs - 2)
+        if ctx.margin_inputs is not None:
+            grads[_ROW_MARGINS] = _row_margins_grad(grad_loss, *ctx.margin_inputs, ctx.params, ctx.shard[2],
+                                                     ctx.shard[:2])
+        return tuple(grads)
 
     torch.library.register_autograd("arcface_ext::margin_softmax_forward", _backward,
                                     setup_context=_setup_context)

@@ -52,21 +52,44 @@ def margin_psi(cosine, *, m1, m2, lambda_):
     return psi, dpsi
 
 
+def margin_psi_dm2(cosine, *, m1, m2, lambda_):
+    """dψ/dm2 for clamped target cosines c (the gradient of per-row angular margins, as MagFace's
+    margin, a function of the embedding's norm, needs), branch by branch as :func:`margin_psi`."""
+    theta = torch.acos(cosine)
+    if m1 == 1.0:
+        angle = theta + m2
+        m2 = torch.as_tensor(m2, dtype=cosine.dtype, device=cosine.device)
+        dm2 = torch.where(angle <= math.pi, -torch.sin(angle), -(torch.sin(m2) + m2 * torch.cos(m2)))
+        dm2 = torch.where(angle < 0, torch.zeros_like(dm2), dm2)
+    else:
+        t = m1 * theta + m2
+        k = torch.floor(t / math.pi)
+        sign = torch.where(torch.remainder(k, 2) == 0, 1.0, -1.0).to(cosine.dtype)
+        dm2 = -sign * torch.sin(t)
+    return dm2 / (1 + lambda_) if lambda_ > 0 else dm2
+
+
 class _TargetLogit(torch.autograd.Function):
     """s·(ψ(c) - m3) with its derivative written out: exact (finite everywhere) or, with
-    straight_through, dψ/dc := 1 as today's insightface loss has it."""
+    straight_through, dψ/dc := 1 as today's insightface loss has it. Per-row margins (tensors) get
+    their gradients too: -s for m3, s·dψ/dm2 for m2."""
 
     @staticmethod
     def forward(ctx, cosine, s, m1, m2, m3, lambda_, straight_through):
         psi, dpsi = margin_psi(cosine, m1=m1, m2=m2, lambda_=lambda_)
-        ctx.save_for_backward(torch.ones_like(dpsi) if straight_through else dpsi)
+        dm2 = None
+        if ctx.needs_input_grad[3]:
+            dm2 = margin_psi_dm2(cosine, m1=m1, m2=m2, lambda_=lambda_)
+        ctx.save_for_backward(torch.ones_like(dpsi) if straight_through else dpsi, dm2)
         ctx.s = s
         return s * (psi - m3)
 
     @staticmethod
     def backward(ctx, grad):
-        (dpsi,) = ctx.saved_tensors
-        return grad * ctx.s * dpsi, None, None, None, None, None, None
+        dpsi, dm2 = ctx.saved_tensors
+        grad_m2 = grad * ctx.s * dm2 if ctx.needs_input_grad[3] else None
+        grad_m3 = -ctx.s * grad if ctx.needs_input_grad[4] else None
+        return grad * ctx.s * dpsi, None, None, grad_m2, grad_m3, None, None
 
 
 def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
@@ -92,7 +115,7 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     cosine = (x_hat @ w_hat.t()).clamp(-1.0, 1.0)
     target = torch.where(counted, labels, 0).unsqueeze(1)
     target_cosine = cosine.gather(1, target).squeeze(1)
-    m2, m3 = (value.detach().to(dtype) if isinstance(value, torch.Tensor) else float(value) for value in (m2, m3))
+    m2, m3 = (value.to(dtype) if isinstance(value, torch.Tensor) else float(value) for value in (m2, m3))
     target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), m2, m3,
                                       float(lambda_), margin_grad == "straight_through")
     logits = (s * cosine).scatter(1, target, target_logit.unsqueeze(1))

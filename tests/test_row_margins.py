@@ -132,8 +132,6 @@ def test_bad_per_row_margins_are_named():
         loss(x, w, labels, m3=m3[:, None])
     with pytest.raises(TypeError, match="m2 as a tensor must be floating point"):
         loss(x, w, labels, m2=torch.zeros(5, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"m3 requires grad.*m3.detach\(\)"):
-        loss(x, w, labels, m3=m3.clone().requires_grad_(True))
     bad = m2.clone()
     bad[3] = float("nan")
     with pytest.raises(ValueError, match="row_margins must be finite"):
@@ -250,3 +248,77 @@ def test_module_argument_checks():
         arcface_ext.ElasticFaceLoss(10, 4, kind="sphere")
     with pytest.raises(ValueError, match="std must be >= 0"):
         arcface_ext.ElasticFaceLoss(10, 4, std=-1)
+
+
+# ---- differentiable margins and MagFace --------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("m1, lambda_", [(1.0, 0.0), (3.0, 2.0)], ids=["arc", "sphere-lambda"])
+def test_gradcheck_through_the_margins(reduction, m1, lambda_):
+    x, w, labels, m2, m3 = make_case(7, 5, 11, seed=8, near_centre=(0,), ignored=(2,))
+    inputs = (x.requires_grad_(True), w.requires_grad_(True), m2.requires_grad_(True), m3.requires_grad_(True))
+    for loss_fn in (arcface_ext.combined_margin_loss, reference.combined_margin_loss):
+        assert torch.autograd.gradcheck(
+            lambda a, b, p, q: loss_fn(a, b, labels, s=8.0, m1=m1, m2=p, m3=q, lambda_=lambda_, reduction=reduction),
+            inputs)
+
+
+def test_margin_gradients_match_the_reference_and_only_the_margins_may_need_them():
+    x, w, labels, m2, m3 = make_case(29, 16, 97, seed=9, near_centre=(0, 1), ignored=(4,))
+    m2[:2] = -0.3
+    grads = []
+    for loss_fn in (arcface_ext.combined_margin_loss, reference.combined_margin_loss):
+        p, q = m2.clone().requires_grad_(True), m3.clone().requires_grad_(True)
+        loss_fn(x, w, labels, s=30.0, m2=p, m3=q).backward()  # x and w need no gradient
+        grads.append((p.grad, q.grad))
+    for name, ours, expected in zip(("m2", "m3"), grads[0], grads[1]):
+        assert_matches_reference(ours, expected, name=f"grad {name}")
+    assert grads[0][0][4] == 0 and grads[0][1][4] == 0  # the ignored row
+    assert grads[0][0][:2].abs().max() == 0  # θ + m2 < 0 there: ψ is held, no gradient
+
+
+def magface_loss(embeddings, weight, labels, *, s, l_a, u_a, l_m, u_m, lambda_g):
+    """MagFace's loss as its paper and code write it (MagLinear with easy_margin=False, MagLoss) on
+    the full logits: the margin and the regulariser both from the clipped norm, with gradients."""
+    a = embeddings.norm(dim=1, keepdim=True).clamp(l_a, u_a)
+    m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
+    cosine = (F.normalize(embeddings) @ F.normalize(weight).t()).clamp(-1, 1)
+    sine = torch.sqrt((1.0 - cosine ** 2).clamp_min(1e-30))
+    cos_theta_m = cosine * torch.cos(m) - sine * torch.sin(m)
+    cos_theta_m = torch.where(cosine > torch.cos(math.pi - m), cos_theta_m, cosine - torch.sin(math.pi - m) * m)
+    one_hot = F.one_hot(labels, weight.shape[0]).to(cosine.dtype)
+    logits = s * (one_hot * cos_theta_m + (1 - one_hot) * cosine)
+    g = a / u_a ** 2 + 1 / a
+    return F.cross_entropy(logits, labels) + lambda_g * g.mean()
+
+
+def test_magface_matches_its_formula_with_gradients_through_the_norm():
+    torch.manual_seed(0)
+    n, dim, num_classes = 24, 16, 40
+    criterion = arcface_ext.MagFaceLoss(num_classes, dim, dtype=torch.float64)
+    x = torch.randn(n, dim, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True) * torch.linspace(5, 130, n, dtype=torch.float64)[:, None]  # both clips
+    labels = torch.randint(0, num_classes, (n,))
+    xs = x.clone().requires_grad_(True)
+    loss = criterion(xs, labels)
+    loss.backward()
+    xe, we = x.clone().requires_grad_(True), criterion.weight.detach().clone().requires_grad_(True)
+    expected = magface_loss(xe, we, labels, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0)
+    expected.backward()
+    # The norms and margins are formed in fp32 (as under autocast): fp32's tolerance.
+    assert_matches_reference(loss.detach(), expected.detach(), name="loss", dtype=torch.float32)
+    assert_matches_reference(xs.grad, xe.grad, name="grad_embeddings", dtype=torch.float32)
+    assert_matches_reference(criterion.weight.grad, we.grad, name="grad_weight", dtype=torch.float32)
+    assert "lambda_g=35.0" in repr(criterion)
+    with pytest.raises(ValueError, match="MagFace needs"):
+        arcface_ext.MagFaceLoss(10, 4, l_a=20, u_a=10)
+
+
+def test_sharded_loss_refuses_differentiable_margins():
+    class Differentiable(arcface_ext.ShardedCombinedMarginLoss):
+        def row_margins(self, embeddings, labels):
+            return embeddings.norm(dim=1) / 100, 0.0
+
+    criterion = Differentiable(10, 4)
+    with pytest.raises(ValueError, match="differentiable per-row margins .* not supported with sharded"):
+        criterion(torch.randn(3, 4, requires_grad=True), torch.tensor([1, 2, 3]))

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from . import insightface_config
 from .models import NETWORKS
 
-LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos")
+LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos", "magface")
 
 
 def _int_list(text: str) -> list[int]:
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", choices=LOSSES, default="arcface",
                    help="arcface: cos(θ+m); cosface: cos θ-m; sphereface: cos(mθ); combined: cos(m1·θ+m2)-m3; "
                    "adaface: margins from the embedding norm (--adaface-m, --adaface-h); elasticface-arc / "
-                   "elasticface-cos: each row's margin drawn from N(--arcface_m or --m3, --elastic-std)")
+                   "elasticface-cos: each row's margin drawn from N(--arcface_m or --m3, --elastic-std); magface: "
+                   "a margin from 0.45 to 0.8 as the norm goes from 10 to 110, plus its norm regulariser (lambda_g 35)")
     g.add_argument("--arcface-s", "--arcface_s", "--scale", dest="arcface_s", type=float, default=64.0,
                    help="scale s of the logits (all losses)")
     g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float, default=0.5,
@@ -253,6 +254,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--gradient-acc must be at least 1, got {args.gradient_acc}")
     if not 0.0 < args.sample_rate <= 1.0:
         raise SystemExit(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
+    if args.sharded_classes and args.loss == "magface":
+        raise SystemExit("--loss magface has differentiable margins, which --sharded-classes does not carry: train "
+                         "it with replicated class centres")
     if args.sharded_classes and args.loss_impl != "fused":
         raise SystemExit("--sharded-classes needs --loss-impl fused (the reference has no sharded form)")
     if args.sharded_classes and args.loss_amp == "fp16":
@@ -280,8 +284,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def margins(args: argparse.Namespace) -> tuple[float, float, float]:
     """(m1, m2, m3) of ``cos(m1·θ + m2) - m3`` for ``--loss`` (for ElasticFace the mean margins;
-    AdaFace's are per row, from the embedding norm: (1, 0, 0) here)."""
-    if args.loss == "adaface":
+    AdaFace's and MagFace's are per row, from the embedding norm: (1, 0, 0) here)."""
+    if args.loss in ("adaface", "magface"):
         return 1.0, 0.0, 0.0
     if args.loss == "elasticface-arc":
         return 1.0, args.arcface_m, 0.0

@@ -176,6 +176,8 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if args.loss == "adaface":
         return adaface(num_classes, args.embedding_size, s=args.arcface_s, m=args.adaface_m, h=args.adaface_h,
                        **common)
+    if args.loss == "magface":
+        return arcface_ext.MagFaceLoss(num_classes, args.embedding_size, s=args.arcface_s, **common)
     if args.loss.startswith("elasticface"):
         kind = args.loss.split("-")[1]
         return elasticface(num_classes, args.embedding_size, s=args.arcface_s, m=m2 if kind == "arc" else m3,
