@@ -72,7 +72,8 @@ for stage in "${STAGES[@]}"; do
       fi
       "$PY" -c 'import arcface_ext, torch; assert arcface_ext.extension_available(); print("CUDA kernels registered:", torch._C._dispatch_has_kernel_for_dispatch_key("arcface_ext::margin_softmax_forward", "CUDA"))' \
         2>&1 | tee -a "$OUT/build.log" ;;
-    cuda) run_stage cuda cuda 150 30 "$PY" -m pytest -q -p no:cacheprovider --maxfail=40 -rf --durations=10 \
+    # -v: one line a test in cuda.log, so that a stage cut off by its limit still says what ran.
+    cuda) run_stage cuda cuda 150 30 "$PY" -m pytest -v -p no:cacheprovider --maxfail=40 -rf --durations=10 \
             -o faulthandler_timeout=120 tests/test_cuda.py ;;
     bench)
       run_stage bench bench 170 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
