@@ -17,6 +17,8 @@
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   profile   benchmarks/profile_loss.py at C = 1M, fused and cuBLAS paths
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
+#   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
+#             (its images/s in metrics.jsonl, appended to profile.log)
 #   suite     the rest of the test suite (tests/ without test_cuda.py) under the machine's torch
 #   sweep     ours and ours-cublas at C = 1M with a 16, 64 and 256 MiB workspace (NOTES.md, step 4)
 # Each stage's output goes to $OUT/<stage>.log (both sanitizer stages to sanitize.log, the sweep to
@@ -31,7 +33,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile racecheck suite sweep)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile racecheck train suite sweep)
 SUMMARY=()
 
 run_stage() {  # name, log name, time limit (s), minimum worth running (s), command...
@@ -84,6 +86,12 @@ for stage in "${STAGES[@]}"; do
     profile) run_stage profile profile 60 20 "$PY" benchmarks/profile_loss.py ;;
     racecheck) run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
                  "$PY" benchmarks/sanitize_case.py ;;
+    train)
+      run_stage train profile 100 50 "$PY" -m train --network r50 --image-size 112 --batch-size 128 \
+        --synthetic-identities 1000 --synthetic-images-per-identity 16 --val-targets none --amp bf16 \
+        --loss-amp bf16 --max-steps 60 --warmup-steps 0 --log-every 10 --eval-every 0 --save-every 0 \
+        --num-workers 8 --no-plots --no-tensorboard --output /tmp/gpu-check-train
+      cat /tmp/gpu-check-train/metrics.jsonl >> "$OUT/profile.log" 2>/dev/null ;;
     suite) run_stage suite suite 200 60 "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -rf tests \
              --ignore tests/test_cuda.py ;;
     sweep)
