@@ -71,7 +71,7 @@ def check_row_margin(name, value, embeddings):
         raise ValueError(f"{name} must be on the embeddings' device ({embeddings.device}), got {value.device}")
 
 
-def row_margins(m2, m3, embeddings):
+def stack_row_margins(m2, m3, embeddings):
     """The op's (N, 2) float64 per-row (m2, m3), or None when both margins are scalars."""
     if not isinstance(m2, torch.Tensor) and not isinstance(m3, torch.Tensor):
         return None

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows, row_margins, scalar_margin
+from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows, scalar_margin, stack_row_margins
 from .functional import get_workspace_bytes, require_extension
 from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options
 from .sampling import check_labels, sample_classes, sample_size
@@ -281,7 +281,7 @@ class ShardedCombinedMarginLoss(nn.Module):
             self.last_sampled_classes = self.class_start + index
         options = (self.s, self.m1, scalar_margin(m2), scalar_margin(m3), self.lambda_, int(ignore_index),
                    self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes)
-        margins = row_margins(m2, m3, embeddings)
+        margins = stack_row_margins(m2, m3, embeddings)
         if margins is not None and margins.requires_grad:
             raise ValueError("differentiable per-row margins (m2 or m3 requiring grad, as MagFace's) are not "
                              "supported with sharded class centres: use the replicated loss")
@@ -301,15 +301,10 @@ class ShardedCombinedMarginLoss(nn.Module):
                 f"{self.class_stop}) on rank {self.rank} of {self.world_size}")
 
 
-
 class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
     """:class:`ShardedCombinedMarginLoss` with AdaFace's margins (:class:`AdaFaceMargins`). The
     running norm statistics follow the norms of every rank's rows (one all-reduce of three numbers
     a step), so that they are the same on every rank."""
-
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
-        self._init_adaface(m, h, t_alpha, kwargs.get("device"))
 
     def _norm_statistics(self, norms):
         if self.world_size == 1:
@@ -322,19 +317,7 @@ class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
         std = ((squares - count * mean * mean).clamp_min(0) / (count - 1)).sqrt()  # unbiased, as Tensor.std
         return mean, std
 
-    def extra_repr(self):
-        return f"{self._adaface_repr()}, {super().extra_repr()}"
-
 
 class ShardedElasticFaceLoss(ElasticFaceMargins, ShardedCombinedMarginLoss):
     """:class:`ShardedCombinedMarginLoss` with ElasticFace's margins (:class:`ElasticFaceMargins`):
     each rank draws the margins of its own rows."""
-
-    def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=0.05, kind="arc", *, generator=None,
-                 **kwargs):
-        m, margins = self._elastic_margins(m, std, kind)
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, **kwargs)
-        self.m, self.std, self.kind, self.generator = m, float(std), kind, generator
-
-    def extra_repr(self):
-        return f"{self._elastic_repr()}, {super().extra_repr()}"

@@ -2,7 +2,7 @@
 import torch
 
 from . import ops
-from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows, row_margins, scalar_margin
+from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows, scalar_margin, stack_row_margins
 
 _DEFAULT_WORKSPACE_BYTES = 64 * 1024 * 1024
 _workspace_bytes = _DEFAULT_WORKSPACE_BYTES
@@ -76,7 +76,7 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     dtype = fused_compute_dtype(embeddings, weight)
     needs_embeddings_grad = torch.is_grad_enabled() and embeddings.requires_grad
     needs_weight_grad = torch.is_grad_enabled() and weight.requires_grad
-    margins = row_margins(m2, m3, embeddings)
+    margins = stack_row_margins(m2, m3, embeddings)
     scalars = (float(s), float(m1), scalar_margin(m2), scalar_margin(m3), float(lambda_), int(ignore_index),
                margin_grad == "straight_through", _workspace_bytes)
     # The one-call training op returns no per-row losses, which the margins' own gradient needs.

@@ -117,12 +117,13 @@ class AdaFaceMargins:
     of the step (no gradient through the norm), as in AdaFace. μ and σ (buffers ``batch_mean``,
     ``batch_std``, AdaFace's initial 20 and 100) move in training mode only."""
 
-    def _init_adaface(self, m, h, t_alpha, device):
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
         if not (m >= 0 and h > 0 and 0 < t_alpha <= 1):
             raise ValueError(f"AdaFace needs m >= 0, h > 0 and t_alpha in (0, 1], got {m}, {h}, {t_alpha}")
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
         self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
-        self.register_buffer("batch_mean", torch.tensor(20.0, device=device))
-        self.register_buffer("batch_std", torch.tensor(100.0, device=device))
+        self.register_buffer("batch_mean", torch.tensor(20.0, device=kwargs.get("device")))
+        self.register_buffer("batch_std", torch.tensor(100.0, device=kwargs.get("device")))
 
     def _norm_statistics(self, norms):
         """(mean, std) of the norms the running statistics follow: this batch's rows."""
@@ -141,8 +142,8 @@ class AdaFaceMargins:
             z = ((norms - self.batch_mean) / (self.batch_std + 1e-3) * self.h).clamp(-1.0, 1.0)
             return -self.m * z, self.m + self.m * z
 
-    def _adaface_repr(self):
-        return f"m={self.m}, h={self.h}, t_alpha={self.t_alpha}"
+    def extra_repr(self):
+        return f"m={self.m}, h={self.h}, t_alpha={self.t_alpha}, {super().extra_repr()}"
 
 
 class ElasticFaceMargins:
@@ -153,15 +154,17 @@ class ElasticFaceMargins:
     eval mode every row gets m. The draws come from ``generator`` when given (on the embeddings'
     device), else torch's default one."""
 
-    @staticmethod
-    def _elastic_margins(m, std, kind):
+    def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=0.05, kind="arc", *, generator=None,
+                 **kwargs):
         if kind not in ("arc", "cos"):
             raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
         if std < 0:
             raise ValueError(f"std must be >= 0, got {std}")
         if m is None:
             m = 0.5 if kind == "arc" else 0.35
-        return float(m), dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
+        margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, **kwargs)
+        self.m, self.std, self.kind, self.generator = float(m), float(std), kind, generator
 
     def row_margins(self, embeddings, labels):
         if not self.training or self.std == 0:
@@ -170,36 +173,16 @@ class ElasticFaceMargins:
                             generator=self.generator).mul_(self.std).add_(self.m)
         return (drawn, 0.0) if self.kind == "arc" else (0.0, drawn)
 
-    def _elastic_repr(self):
-        return f"kind={self.kind!r}, m={self.m}, std={self.std}"
+    def extra_repr(self):
+        return f"kind={self.kind!r}, m={self.m}, std={self.std}, {super().extra_repr()}"
 
 
 class AdaFaceLoss(AdaFaceMargins, CombinedMarginLoss):
     """:class:`CombinedMarginLoss` with AdaFace's margins (:class:`AdaFaceMargins`)."""
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
-        self._init_adaface(m, h, t_alpha, kwargs.get("device"))
-
-    def extra_repr(self):
-        sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
-        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
-                f"{self._adaface_repr()}{sampled}")
-
 
 class ElasticFaceLoss(ElasticFaceMargins, CombinedMarginLoss):
     """:class:`CombinedMarginLoss` with ElasticFace's margins (:class:`ElasticFaceMargins`)."""
-
-    def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=0.05, kind="arc", *, generator=None,
-                 **kwargs):
-        m, margins = self._elastic_margins(m, std, kind)
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, **kwargs)
-        self.m, self.std, self.kind, self.generator = m, float(std), kind, generator
-
-    def extra_repr(self):
-        sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
-        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
-                f"{self._elastic_repr()}{sampled}")
 
 
 class MagFaceLoss(CombinedMarginLoss):
