@@ -4,6 +4,8 @@ that say where and by how much two tensors differ. Test modules import the helpe
 import pytest
 import torch
 
+import emulator
+
 # dtype of the compared tensor -> (atol, rtol). atol is relative to the largest magnitude in the
 # expected tensor (gradients hold entries near zero that no elementwise rtol can hold), rtol is
 # elementwise: |actual - expected| <= atol * max|expected| + rtol * |expected|.
@@ -33,12 +35,23 @@ def margin_kwargs(name):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when none is visible)")
+    config.addinivalue_line("markers", "gpu_only: needs a real GPU even where the CUDA emulator runs the "
+                                       "`cuda` tests (memory, streams, devices)")
     config.addinivalue_line("markers", "slow: long-running")
+    if emulator.EMULATED:
+        emulator.install()
 
 
 def pytest_collection_modifyitems(config, items):
     # Asked only when a collected test carries the marker, never at import time.
     if not any(item.get_closest_marker("cuda") for item in items):
+        return
+    if emulator.EMULATED:
+        # ARCFACE_EXT_EMULATE_CUDA=1: the CUDA source runs on the CPU (tests/emulator).
+        skip = pytest.mark.skip(reason="needs a real GPU; the CUDA emulator runs the other `cuda` tests")
+        for item in items:
+            if item.get_closest_marker("gpu_only"):
+                item.add_marker(skip)
         return
     if torch.cuda.is_available():
         return

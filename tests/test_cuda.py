@@ -2,7 +2,12 @@
 reduction, edge rows, many class chunks, determinism, dispatcher registration (opcheck,
 torch.compile), autocast, and the memory bound at C = 1M. Every test carries the `cuda` marker,
 which conftest.py turns into a skip when no GPU is visible; nothing here touches the GPU at import
-time."""
+time.
+
+With ARCFACE_EXT_EMULATE_CUDA=1 the same tests run the CUDA source on the CPU emulator
+(tests/emulator) with DEVICE = "cpu"; those marked `gpu_only` (memory, streams, two devices) are
+skipped there."""
+import contextlib
 import math
 
 import pytest
@@ -10,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import arcface_ext
+import emulator
 from arcface_ext import reference
 from conftest import (MARGINS, TOLERANCES, assert_close_report, assert_matches_reference, loss_and_grads,
                       margin_kwargs)
@@ -17,7 +23,7 @@ from conftest import (MARGINS, TOLERANCES, assert_close_report, assert_matches_r
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not arcface_ext.extension_available(), reason="arcface_ext._C is not built")]
 
-DEVICE = "cuda"
+DEVICE = "cpu" if emulator.EMULATED else "cuda"
 OUTPUTS = ("loss", "target_cosine", "grad_embeddings", "grad_weight")
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
@@ -187,7 +193,7 @@ def test_sampled_module_on_the_gpu():
     loss = module(xs, labels)
     loss.backward()
     sample = module.last_sampled_classes
-    assert sample.device.type == "cuda" and len(sample) == 500
+    assert sample.device.type == DEVICE and len(sample) == 500
     assert torch.isin(labels[labels >= 0], sample).all() and torch.all(sample[1:] > sample[:-1])
     positions = torch.where(labels >= 0, torch.searchsorted(sample, labels.clamp_min(0)), -1)
     expected = loss_and_grads(reference.combined_margin_loss, x, w[sample], positions)
@@ -212,8 +218,9 @@ def test_per_row_margins(kernel, dtype):
     ours, expected = run_both(x, w, labels, m2=m2, m3=m3)
     assert_matches(ours, expected)
     upstream = upstream_gradient(37, seed=0, dtype=torch.float64)
-    cpu = op_and_grads(arcface_ext.combined_margin_loss, x.cpu(), w.cpu(), labels.cpu(), upstream=upstream.cpu(),
-                       m2=m2.cpu(), m3=m3.cpu())
+    with cpu_op():
+        cpu = op_and_grads(arcface_ext.combined_margin_loss, x.cpu(), w.cpu(), labels.cpu(), upstream=upstream.cpu(),
+                           m2=m2.cpu(), m3=m3.cpu())
     assert_matches_table(ours[0].cpu(), cpu[0], name="loss vs CPU op")
 
 
@@ -249,7 +256,21 @@ def test_fused_and_cublas_paths_agree(monkeypatch, workspace, dtype):
         assert_matches_table(a, e.double(), name=name, roundings=GEMM_OPERAND_ROUNDINGS)
 
 
+def synchronize():
+    if not emulator.EMULATED:
+        torch.cuda.synchronize()
+
+
+def cpu_op():
+    """Where the CPU op is the comparison: under the emulator, its real CPU kernels."""
+    return emulator.suspended() if emulator.EMULATED else contextlib.nullcontext()
+
+
 def cuda_kernel_names(fn):
+    if emulator.EMULATED:
+        emulator.take_launch_log()
+        fn()
+        return " ".join(emulator.take_launch_log())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -286,8 +307,9 @@ def test_matches_cpu_op(margin, dtype):
     upstream = upstream_gradient(37, seed=4, dtype=torch.float64)
     kw = margin_kwargs(margin)
     cuda = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream, **kw)
-    cpu = op_and_grads(arcface_ext.combined_margin_loss, x.cpu(), w.cpu(), labels.cpu(), upstream=upstream.cpu(),
-                       **kw)
+    with cpu_op():
+        cpu = op_and_grads(arcface_ext.combined_margin_loss, x.cpu(), w.cpu(), labels.cpu(), upstream=upstream.cpu(),
+                           **kw)
     for name, a, e in zip(OUTPUTS, cuda, cpu):
         assert a.dtype == e.dtype, f"{name}: {a.dtype} on CUDA, {e.dtype} on CPU"
         # The CPU op's 16-bit gradients carry one rounding, ours two.
@@ -296,8 +318,9 @@ def test_matches_cpu_op(margin, dtype):
     args = (1 << 26,)
     _, lse_cuda, _ = torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, 64.0, kw["m1"], kw["m2"], kw["m3"],
                                                                   kw["lambda_"], -1, False, *args)
-    _, lse_cpu, _ = torch.ops.arcface_ext.margin_softmax_forward(x.cpu(), w.cpu(), labels.cpu(), 64.0, kw["m1"],
-                                                                 kw["m2"], kw["m3"], kw["lambda_"], -1, False, *args)
+    with cpu_op():
+        _, lse_cpu, _ = torch.ops.arcface_ext.margin_softmax_forward(x.cpu(), w.cpu(), labels.cpu(), 64.0, kw["m1"],
+                                                                     kw["m2"], kw["m3"], kw["lambda_"], -1, False, *args)
     assert_matches_table(lse_cuda.cpu(), lse_cpu, name="logsumexp")
 
 
@@ -417,7 +440,7 @@ def test_empty_batch(reduction):
     assert loss.shape == ((0,) if reduction == "none" else ())
     assert bool((loss == 0).all()) and target_cosine.shape == (0,)
     assert gx.shape == (0, 8) and gw.shape == (7, 8) and bool((gw == 0).all())
-    assert loss.device.type == "cuda" and gw.device.type == "cuda"
+    assert loss.device.type == DEVICE and gw.device.type == DEVICE
 
 
 def test_non_contiguous_inputs_equal_contiguous():
@@ -444,12 +467,13 @@ def test_bad_labels_raise_before_any_kernel(bad):
     with pytest.raises(ValueError, match=rf"labels\[{row}\] = {value}"):
         arcface_ext.combined_margin_loss(x, w, labels, ignore_index=ignore_index)
     # No device-side assert or illegal access happened: the context still works.
-    torch.cuda.synchronize()
+    synchronize()
     labels[row] = 0
     loss = arcface_ext.combined_margin_loss(x, w, labels, ignore_index=ignore_index)
     assert bool(loss.isfinite())
 
 
+@pytest.mark.gpu_only
 def test_mixed_devices_raise():
     x, w, labels = make_inputs(4, 6, 5, seed=13, dtype=torch.float32)
     with pytest.raises(ValueError, match="one device"):
@@ -485,6 +509,7 @@ def test_deterministic(kernel, workspace, workspace_bytes, dtype):
         assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name} differs between two runs"
 
 
+@pytest.mark.gpu_only
 def test_runs_on_the_current_stream():
     x, w, labels = make_inputs(37, 40, 4099, seed=16, dtype=torch.float32)
     upstream = upstream_gradient(37, seed=16)
@@ -597,7 +622,7 @@ def test_autocast_embeddings_from_a_linear_layer():
     criterion = arcface_ext.ArcFaceLoss(501, 32).to(DEVICE)
     inputs = torch.randn(29, 48, device=DEVICE)
     labels = torch.randint(0, 501, (29,), device=DEVICE)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         embeddings = backbone(inputs)
         assert embeddings.dtype == torch.bfloat16
         embeddings.retain_grad()
@@ -633,6 +658,7 @@ def test_bf16_module(kernel):
 
 # ---- memory -------------------------------------------------------------------------------------
 
+@pytest.mark.gpu_only
 def test_peak_memory_at_a_million_classes(kernel):
     # The issue's bound: N = 512, D = 512, C = 1,000,000, bf16; the memory beyond the inputs and
     # their gradients stays under 256 MiB (eager needs several GB: the N x C logits alone are 2 GB

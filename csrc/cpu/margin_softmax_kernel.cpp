@@ -385,9 +385,11 @@ struct MarginSoftmax {
             chunk_dot[i] += gradient_row(row, inv_norm.data(), column_dot.data(), 0, split, s, lse, grad_s) +
                             gradient_row(row, inv_norm.data(), column_dot.data(), resume, width, s, lse, grad_s);
             if (has_target) {
-              // The target's gradient goes through the margin: g = grad (p - 1) s dψ/dc.
+              // The target's gradient goes through the margin: g = grad (p - 1) s dψ/dc, with p
+              // from the logit as the forward rounded it into the log-sum-exp.
               const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
-              const double p = std::exp(t.margin.logit - static_cast<double>(lse));
+              const double p = std::exp(static_cast<double>(static_cast<acc_t>(t.margin.logit)) -
+                                        static_cast<double>(lse));
               const double g = inside * static_cast<double>(grad_row) * (p - 1.0) * t.margin.dlogit_dc;
               chunk_dot[i] += static_cast<acc_t>(g * t.cosine);
               column_dot[local] += static_cast<acc_t>(g * t.cosine);

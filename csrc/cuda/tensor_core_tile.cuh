@@ -16,6 +16,9 @@
 //   row   warp_m·64 + mi·16 + lane/4 + 8h      (warp_m = warp / 4, mi < 4, h < 2)
 //   class warp_n·32 + ni·8 + 2·(lane % 4) + e  (warp_n = warp % 4, ni < 4, e < 2)
 // relative to (row0, col0) — the mma accumulator layout, see tile_row / tile_class.
+//
+// With ARCFACE_EXT_EMULATE (tests/emulator, a host build of the kernels for CI), the five PTX
+// primitives below call the emulator's implementations of the same instructions instead.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -62,12 +65,16 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
                : "memory");
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for an older target (JIT from older PTX): never a silent zero tile
+#elif defined(ARCFACE_EXT_EMULATE)
+  ::emu::cp_async_16(dst, src, valid);
 #endif
 }
 
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(ARCFACE_EXT_EMULATE)
+  ::emu::cp_async_commit();
 #endif
 }
 
@@ -75,6 +82,8 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#elif defined(ARCFACE_EXT_EMULATE)
+  ::emu::cp_async_wait(kPending);
 #endif
 }
 
@@ -86,6 +95,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) 
                : "memory");
 #elif defined(__CUDA_ARCH__)
   __trap();
+#elif defined(ARCFACE_EXT_EMULATE)
+  ::emu::ldmatrix_x4(r, address);
 #endif
 }
 
@@ -108,6 +119,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 #elif defined(__CUDA_ARCH__)
   __trap();
+#elif defined(ARCFACE_EXT_EMULATE)
+  ::emu::mma_16816(d, a, b, kBFloat16);
 #endif
 }
 

@@ -1,0 +1,70 @@
+"""Runs the CUDA op's kernels on the CPU (see runtime.h and build.py).
+
+With ARCFACE_EXT_EMULATE_CUDA=1, conftest.py calls install() before collection: the ops
+arcface_ext::margin_softmax_forward / margin_softmax_backward then run the CUDA source, host code
+and kernels, on CPU tensors, and tests/test_cuda.py runs on DEVICE = "cpu":
+
+    ARCFACE_EXT_EMULATE_CUDA=1 python -m pytest tests/test_cuda.py
+
+The one-call training op has no CUDA kernel, so install() also takes it off the CPU's list, as on
+a GPU. suspended() brings the real CPU kernels back for a comparison with the CPU op.
+"""
+import contextlib
+import os
+import warnings
+
+import torch
+
+EMULATED = os.environ.get("ARCFACE_EXT_EMULATE_CUDA", "0") not in ("", "0")
+_OPS = ("margin_softmax_forward", "margin_softmax_backward")
+_state = {"library": None, "train_devices": None}
+
+
+def load():
+    """torch.ops.arcface_ext_emulated: the CUDA op's entry points compiled for the emulator."""
+    from . import build
+
+    return build.load()
+
+
+def install():
+    """Routes the CPU kernels of the forward and backward ops to the emulated CUDA code."""
+    import arcface_ext.ops
+
+    emulated = load()
+    if _state["library"] is None:
+        library = torch.library.Library("arcface_ext", "IMPL")
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel": the point
+            warnings.simplefilter("ignore", UserWarning)
+            for name in _OPS:
+                library.impl(name, getattr(emulated, name), "CPU")
+        _state["library"] = library
+        _state["train_devices"] = arcface_ext.ops.TRAIN_DEVICES
+        arcface_ext.ops.TRAIN_DEVICES = frozenset()
+
+
+def uninstall():
+    import arcface_ext.ops
+
+    if _state["library"] is not None:
+        _state["library"]._destroy()
+        _state["library"] = None
+        arcface_ext.ops.TRAIN_DEVICES = _state["train_devices"]
+
+
+@contextlib.contextmanager
+def suspended():
+    """The real CPU kernels inside the block (a no-op when nothing is installed)."""
+    installed = _state["library"] is not None
+    if installed:
+        uninstall()
+    try:
+        yield
+    finally:
+        if installed:
+            install()
+
+
+def take_launch_log():
+    """The kernels launched since the last call, in order."""
+    return load().take_launch_log().split()

@@ -1,0 +1,146 @@
+"""Builds csrc/cuda/margin_softmax_kernel.cu for the CPU emulator (runtime.h) and loads it.
+
+The source is compiled as it is, host code included, with three mechanical rewrites that plain
+C++ cannot express otherwise: every launch ``kernel<<<grid, block, smem, stream>>>(args)`` becomes
+``::emu::launch(kernel, "kernel", grid, block, smem, stream)(args)``, the dynamic shared array becomes a
+pointer to the emulated block's dynamic shared memory, and the CUDA registration becomes the ops
+``arcface_ext_emulated::margin_softmax_forward`` / ``margin_softmax_backward`` (same schema as the
+real ops, defaults included; they take CPU tensors, which play the part of device memory). The stand-in headers in
+``include/`` replace the CUDA runtime, cuda_fp16 and c10/cuda headers.
+
+``load()`` builds once per process (torch.utils.cpp_extension caches the build by its source,
+which embeds a hash of every header it includes) and returns ``torch.ops.arcface_ext_emulated``.
+"""
+import hashlib
+import os
+import pathlib
+import re
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+KERNEL = ROOT / "csrc" / "cuda" / "margin_softmax_kernel.cu"
+HEADERS = sorted([*(ROOT / "csrc").glob("*.h"), *(ROOT / "csrc" / "cuda").glob("*.cuh"), HERE / "runtime.h",
+                  *(HERE / "include").rglob("*.h")])
+
+LAUNCH = re.compile(r"<<<(.*?)>>>\s*\(", re.S)
+DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
+REGISTRATION = "TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m)"
+
+# mm with fp32 output for 16-bit operands (what the cuBLAS path asks of at::mm_out) has no CPU
+# kernel in ATen; the emulated device gets one that multiplies in fp32, as cuBLAS accumulates.
+EXTRA = r"""
+namespace arcface_ext_emulator {
+at::Tensor& mm_dtype_out(const at::Tensor& self, const at::Tensor& mat2, at::ScalarType out_dtype, at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == out_dtype, "mm.dtype_out: out has the wrong dtype");
+  TORCH_CHECK(out.size(0) == self.size(0) && out.size(1) == mat2.size(1), "mm.dtype_out: out has the wrong shape");
+  out.copy_(at::mm(self.to(at::kFloat), mat2.to(at::kFloat)));
+  return out;
+}
+}  // namespace arcface_ext_emulator
+
+TORCH_LIBRARY_IMPL(aten, CPU, m) { m.impl("mm.dtype_out", &arcface_ext_emulator::mm_dtype_out); }
+
+// The names of the kernels launched since the last call, one a line, in launch order.
+std::string take_launch_log() {
+  std::string names;
+  for (const std::string& name : ::emu::launch_log()) names += name + "\n";
+  ::emu::launch_log().clear();
+  return names;
+}
+TORCH_LIBRARY_FRAGMENT(arcface_ext_emulated, m) { m.def("take_launch_log() -> str", &take_launch_log); }
+"""
+
+
+def kernel_expression_start(text, end):
+    """Where the kernel expression that ends just before text[end] begins: a possibly qualified
+    name with template arguments (`cuda::fused_forward_kernel<kBFloat16, scalar_t>`)."""
+    i = end
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
+    if text[i - 1] == ">":
+        depth = 0
+        while True:
+            i -= 1
+            depth += {"<": -1, ">": 1}.get(text[i], 0)
+            if depth == 0:
+                break
+    while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_:"):
+        i -= 1
+    return i
+
+
+def real_schema(name):
+    """The schema of arcface_ext::<name> without its namespace, as arcface_ext._C defines it."""
+    import arcface_ext  # noqa: F401  (loads the real library)
+
+    schema = str(getattr(torch.ops.arcface_ext, name).default._schema)
+    return schema.split("::", 1)[1]
+
+
+def rewrite(source):
+    """The kernel source as the emulator compiles it (see the module docstring)."""
+    out, position, launches = [], 0, 0
+    for match in LAUNCH.finditer(source):
+        start = kernel_expression_start(source, match.start())
+        kernel = source[start:match.start()].strip()
+        if not re.fullmatch(r"[\w:]+(<[^;{}]*>)?", kernel):
+            raise RuntimeError(f"cannot parse the kernel of a launch: {kernel!r}")
+        if start < position:
+            raise RuntimeError("overlapping launches")
+        out.append(source[position:start])
+        name = kernel.split("<")[0].split("::")[-1]
+        out.append(f"::emu::launch({kernel}, \"{name}\", {' '.join(match.group(1).split())})(")
+        position = match.end()
+        launches += 1
+    out.append(source[position:])
+    text = "".join(out)
+    if launches == 0:
+        raise RuntimeError("no kernel launches found")
+    text, shared = DYNAMIC_SHARED.subn(r"\1* \2 = ::emu::dynamic_shared<\1>();", text)
+    if shared == 0:
+        raise RuntimeError("no dynamic shared memory declaration found")
+    if text.count(REGISTRATION) != 1:
+        raise RuntimeError("expected one CUDA registration block")
+    text = text.replace(REGISTRATION, "TORCH_LIBRARY(arcface_ext_emulated, m)")
+    head, tail = text.rsplit("TORCH_LIBRARY(arcface_ext_emulated, m)", 1)
+    tail, registered = re.subn(r'm\.impl\("(\w+)"', lambda m: f'm.def("{real_schema(m.group(1))}"', tail)
+    if registered == 0:
+        raise RuntimeError("no op registrations found")
+    return head + "TORCH_LIBRARY(arcface_ext_emulated, m)" + tail, launches
+
+
+def generated_source():
+    digest = hashlib.sha256()
+    for header in HEADERS:
+        digest.update(header.read_bytes())
+    body, launches = rewrite(KERNEL.read_text())
+    return (f"// Generated by tests/emulator/build.py from {KERNEL.relative_to(ROOT)} ({launches} launches "
+            f"rewritten); headers {digest.hexdigest()[:16]}. Do not edit.\n"
+            "#define ARCFACE_EXT_EMULATE 1\n"
+            f'#line 1 "{KERNEL}"\n{body}\n{EXTRA}')
+
+
+_LOADED = None
+
+
+def load(verbose=False):
+    """Builds (or reuses) the emulated kernels and returns torch.ops.arcface_ext_emulated."""
+    global _LOADED
+    if _LOADED is None:
+        from torch.utils import cpp_extension
+
+        build_dir = pathlib.Path(os.environ.get("ARCFACE_EMU_BUILD_DIR", ROOT / "build" / "cuda_emulator"))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        source = build_dir / "margin_softmax_kernel_emulated.cpp"
+        text = generated_source()
+        if not source.exists() or source.read_text() != text:
+            source.write_text(text)
+        cpp_extension.load(
+            name="arcface_ext_cuda_emulated", sources=[str(source)], build_directory=str(build_dir),
+            extra_include_paths=[str(HERE / "include"), str(HERE), str(ROOT / "csrc" / "cuda")],
+            extra_cflags=["-O2", "-Wno-unknown-pragmas", "-Wno-attributes"], is_python_module=False,
+            verbose=verbose)
+        _LOADED = torch.ops.arcface_ext_emulated
+    return _LOADED

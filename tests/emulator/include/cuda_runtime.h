@@ -1,0 +1,3 @@
+// Stand-in for the CUDA runtime header in the emulator build (tests/emulator).
+#pragma once
+#include "../runtime.h"

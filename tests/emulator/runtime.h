@@ -1,0 +1,671 @@
+// A CPU emulator for this project's CUDA kernels, so that their logic (indexing, tile edges,
+// pipelines, warp-level fragment layouts, reductions) runs in CI without a GPU.
+//
+// Every CUDA thread of a block is a fiber on one OS thread; the blocks of a grid run one after
+// another. A fiber runs until it meets a barrier: __syncthreads (all live threads of the block), or
+// a warp collective (__shfl_xor_sync, ldmatrix, mma: all 32 lanes of its warp), which deposits the
+// lane's operands, waits for the warp, and computes the lane's result from every lane's operands as
+// the PTX ISA defines it. Nothing here is timed or parallel: it checks results, not speed.
+//
+// What it checks on the way: block and warp barriers that not every thread reaches (a deadlock is
+// reported with where each thread waits), warp collectives with other than a full mask, 16-byte
+// alignment and bounds of every cp.async / ldmatrix address in dynamic shared memory, launches
+// beyond the grid and block limits or over 48 KiB of dynamic shared memory without the opt-in
+// attribute, cp.async copies still pending when a thread exits, and __trap.
+//
+// cp.async copies land when the issuing thread waits for their group (the latest moment the PTX
+// ISA allows), so reading a stage before its wait reads the poison that fills dynamic shared
+// memory at the start of each block (all-ones: NaN in fp16 and bf16). ARCFACE_EMU_CP_ASYNC=issue
+// lands them at once instead, which a stage overwritten while other warps still read it shows.
+// ARCFACE_EMU_SCHEDULE=greedy runs the lowest runnable thread for as long as it can (warps race
+// ahead of each other between block barriers); the default gives each thread one step per round.
+#pragma once
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// ---- the CUDA C++ vocabulary the kernels use ------------------------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+// Static shared arrays become function statics: one copy, shared by the fibers of the block that
+// runs. (The dynamic one is rewritten by build.py to ::emu::dynamic_shared<T>().)
+#define __shared__ static
+
+struct uint3 {
+  unsigned x, y, z;
+};
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+struct float2 {
+  float x, y;
+};
+
+inline float2 make_float2(float x, float y) { return {x, y}; }
+
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
+typedef struct CUstream_st* cudaStream_t;
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+};
+
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+struct cudaFuncAttributes {
+  int binaryVersion;
+  int ptxVersion;
+  int maxDynamicSharedSizeBytes;
+};
+
+namespace emu {
+
+[[noreturn]] inline void fail(const std::string& message) { throw std::runtime_error("CUDA emulator: " + message); }
+
+constexpr int kWarp = 32;
+constexpr size_t kDefaultDynamicSmemLimit = 48 * 1024;
+constexpr size_t kMaxDynamicSmem = 227 * 1024;  // sm_90's opt-in maximum per block
+
+// ---- fibers -----------------------------------------------------------------------------------
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers on the current stack, stores the stack pointer in *from and
+// resumes the context whose stack pointer is `to` (System V x86-64).
+extern "C" void arcface_emu_switch(void** from, void* to);
+asm(R"(
+.text
+.globl arcface_emu_switch
+.type arcface_emu_switch, @function
+arcface_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size arcface_emu_switch, .-arcface_emu_switch
+)");
+#else
+#error "the CUDA emulator's fibers are written for x86-64"
+#endif
+
+struct Barrier {
+  int expected = 0;
+  int arrived = 0;
+  uint64_t generation = 0;
+  const char* what = "";
+};
+
+struct PendingCopy {
+  uint32_t dst;
+  const void* src;  // nullptr: zero-fill
+};
+
+struct Thread {
+  void* sp = nullptr;
+  char* stack = nullptr;
+  uint3 idx{0, 0, 0};
+  int linear = 0;
+  bool done = false;
+  Barrier* waiting = nullptr;
+  uint64_t wait_generation = 0;
+  uint64_t collectives = 0;  // warp collectives this thread has entered
+  std::vector<PendingCopy> open_group;
+  std::vector<std::vector<PendingCopy>> groups;
+};
+
+struct Warp {
+  Barrier barrier;
+  // Two deposit areas, used alternately: a lane can be one collective ahead of the slowest lane
+  // (it cannot pass the next collective's barrier before every lane has read this one's).
+  alignas(16) unsigned char slots[2][kWarp][64];
+  const char* tags[2][kWarp];
+  // A collective whose result is the same computation for every lane (mma) stores it here once.
+  float results[2][kWarp][4];
+  uint64_t result_of[2] = {~uint64_t{0}, ~uint64_t{0}};
+};
+
+struct Launch {
+  dim3 grid, block;
+  uint3 block_idx{0, 0, 0};
+  size_t smem_bytes = 0;
+  unsigned char* smem = nullptr;
+  std::vector<Thread> threads;
+  std::vector<Warp> warps;
+  Barrier block_barrier;
+  int live = 0;
+  Thread* current = nullptr;
+  void* scheduler_sp = nullptr;
+  std::function<void()> body;
+  std::string error;
+  bool issue_copies_at_once = false;
+  bool greedy = false;
+};
+
+inline Launch*& active() {
+  static Launch* launch = nullptr;
+  return launch;
+}
+
+inline Launch& launch_state() {
+  Launch* launch = active();
+  if (launch == nullptr) fail("a device function ran outside a kernel launch");
+  return *launch;
+}
+
+inline Thread& self() { return *launch_state().current; }
+
+inline int lane_of(const Thread& t) { return t.linear % kWarp; }
+
+inline void yield_to_scheduler() {
+  Launch& l = launch_state();
+  arcface_emu_switch(&l.current->sp, l.scheduler_sp);
+}
+
+inline std::string describe_waits(const Launch& l) {
+  std::string text;
+  int shown = 0;
+  for (const Thread& t : l.threads) {
+    if (t.done || shown == 8) continue;
+    ++shown;
+    text += "\n  thread " + std::to_string(t.linear) + " waits at " +
+            (t.waiting != nullptr ? std::string(t.waiting->what) : std::string("nothing"));
+  }
+  return text;
+}
+
+inline void arrive_and_wait(Barrier& barrier) {
+  Thread& t = self();
+  const uint64_t generation = barrier.generation;
+  if (++barrier.arrived == barrier.expected) {
+    barrier.arrived = 0;
+    ++barrier.generation;
+    return;
+  }
+  t.waiting = &barrier;
+  t.wait_generation = generation;
+  yield_to_scheduler();
+}
+
+inline void land(const Launch& l, const PendingCopy& copy) {
+  if (copy.src != nullptr) {
+    std::memcpy(l.smem + copy.dst, copy.src, 16);
+  } else {
+    std::memset(l.smem + copy.dst, 0, 16);
+  }
+}
+
+void fiber_entry();
+
+inline void prepare_fiber(Thread& t, size_t stack_bytes) {
+  // The first switch to this fiber "returns" into fiber_entry with the stack aligned as at a call.
+  auto* top = reinterpret_cast<uintptr_t*>(t.stack + stack_bytes - 64);
+  top = reinterpret_cast<uintptr_t*>(reinterpret_cast<uintptr_t>(top) & ~uintptr_t{15});
+  top[0] = reinterpret_cast<uintptr_t>(&fiber_entry);
+  top[1] = 0;
+  t.sp = top - 6;  // six callee-saved registers, popped as zeros
+  std::memset(t.sp, 0, 6 * sizeof(uintptr_t));
+}
+
+inline void fiber_entry() {
+  Launch& l = launch_state();
+  Thread& t = *l.current;
+  try {
+    l.body();
+    if (!t.open_group.empty() || !t.groups.empty())
+      throw std::runtime_error("cp.async copies still pending when the thread exited");
+  } catch (const std::exception& e) {
+    if (l.error.empty()) l.error = e.what();
+  }
+  t.done = true;
+  --l.live;
+  // An exited thread no longer counts at the block barrier.
+  --l.block_barrier.expected;
+  if (l.block_barrier.arrived > 0 && l.block_barrier.arrived == l.block_barrier.expected) {
+    l.block_barrier.arrived = 0;
+    ++l.block_barrier.generation;
+  }
+  arcface_emu_switch(&t.sp, l.scheduler_sp);
+  std::abort();  // never resumed
+}
+
+inline bool env_is(const char* name, const char* value) {
+  const char* setting = std::getenv(name);
+  return setting != nullptr && std::strcmp(setting, value) == 0;
+}
+
+struct Stacks {
+  static constexpr size_t kBytes = 256 * 1024;
+  std::vector<char*> stacks;
+  ~Stacks() {
+    for (char* s : stacks) munmap(s - 4096, kBytes + 4096);
+  }
+  char* get(size_t i) {
+    while (stacks.size() <= i) {
+      void* p = mmap(nullptr, kBytes + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) fail("cannot map a fiber stack");
+      mprotect(p, 4096, PROT_NONE);  // guard page below the stack
+      stacks.push_back(static_cast<char*>(p) + 4096);
+    }
+    return stacks[i];
+  }
+};
+
+inline Stacks& stacks() {
+  static Stacks s;
+  return s;
+}
+
+inline std::map<const void*, size_t>& smem_opt_in() {
+  static std::map<const void*, size_t> limits;
+  return limits;
+}
+
+inline unsigned check_dim(long long value, long long limit, const char* what) {
+  if (value < 1 || value > limit)
+    fail(std::string("launch: ") + what + " = " + std::to_string(value) + " is outside [1, " +
+         std::to_string(limit) + "]");
+  return static_cast<unsigned>(value);
+}
+
+inline std::vector<std::string>& launch_log() {
+  static std::vector<std::string> names;
+  return names;
+}
+
+// Runs `body` (the kernel call) as every thread of every block of the grid.
+inline void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block, size_t smem_bytes, std::function<void()> body) {
+  check_dim(grid.x, 2147483647LL, "gridDim.x");
+  check_dim(grid.y, 65535, "gridDim.y");
+  check_dim(grid.z, 65535, "gridDim.z");
+  const long long threads = static_cast<long long>(block.x) * block.y * block.z;
+  check_dim(threads, 1024, "threads per block");
+  if (threads % kWarp != 0) fail("launch: the emulator wants whole warps per block");
+  size_t limit = kDefaultDynamicSmemLimit;
+  auto found = smem_opt_in().find(kernel);
+  if (found != smem_opt_in().end()) limit = found->second;
+  if (smem_bytes > limit)
+    fail("launch: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory without the opt-in "
+         "attribute (limit " + std::to_string(limit) + ")");
+  if (active() != nullptr) fail("launch: a kernel launched from inside a kernel");
+  launch_log().push_back(name);
+
+  Launch l;
+  l.grid = grid;
+  l.block = block;
+  l.smem_bytes = smem_bytes;
+  std::vector<unsigned char> smem(smem_bytes + 16);
+  l.smem = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
+  l.threads.resize(threads);
+  l.warps.resize(threads / kWarp);
+  l.body = std::move(body);
+  l.issue_copies_at_once = env_is("ARCFACE_EMU_CP_ASYNC", "issue");
+  l.greedy = env_is("ARCFACE_EMU_SCHEDULE", "greedy");
+  active() = &l;
+  struct Reset {
+    ~Reset() { active() = nullptr; }
+  } reset;
+
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        l.block_idx = {bx, by, bz};
+        std::memset(l.smem, 0xff, smem_bytes);
+        l.block_barrier = Barrier{static_cast<int>(threads), 0, 0, "__syncthreads"};
+        for (Warp& w : l.warps) {
+          w.barrier = Barrier{kWarp, 0, 0, "a warp collective"};
+          w.result_of[0] = w.result_of[1] = ~uint64_t{0};
+        }
+        l.live = static_cast<int>(threads);
+        for (long long i = 0; i < threads; ++i) {
+          Thread& t = l.threads[i];
+          t = Thread{};
+          t.linear = static_cast<int>(i);
+          t.idx = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
+                   static_cast<unsigned>(i / (block.x * block.y))};
+          t.stack = stacks().get(i);
+          prepare_fiber(t, Stacks::kBytes);
+        }
+        while (l.live > 0) {
+          bool progressed = false;
+          for (Thread& t : l.threads) {
+            if (t.done) continue;
+            if (t.waiting != nullptr && t.waiting->generation == t.wait_generation) continue;
+            t.waiting = nullptr;
+            l.current = &t;
+            arcface_emu_switch(&l.scheduler_sp, t.sp);
+            l.current = nullptr;
+            progressed = true;
+            if (!l.error.empty()) {
+              fail("block (" + std::to_string(bx) + ", " + std::to_string(by) + ", " + std::to_string(bz) +
+                   ") thread " + std::to_string(t.linear) + ": " + l.error);
+            }
+            if (l.greedy) break;
+          }
+          if (!progressed) fail("deadlock in block (" + std::to_string(bx) + ", " + std::to_string(by) + "):" +
+                                describe_waits(l));
+        }
+      }
+}
+
+template <typename Kernel>
+struct Launcher {
+  Kernel* kernel;
+  const char* name;
+  dim3 grid, block;
+  size_t smem;
+  template <typename... Args>
+  void operator()(const Args&... args) const {
+    Kernel* k = kernel;
+    run_grid(reinterpret_cast<const void*>(k), name, grid, block, smem, [&]() { k(args...); });
+  }
+};
+
+inline dim3 as_dim3(dim3 d) { return d; }
+template <typename I, typename = std::enable_if_t<std::is_integral<I>::value>>
+inline dim3 as_dim3(I i) {
+  if (i < 1 || static_cast<long long>(i) > 2147483647LL) fail("launch: a grid or block size of " + std::to_string(i));
+  return dim3(static_cast<unsigned>(i));
+}
+
+// kernel<<<grid, block, smem, stream>>>(args) is rewritten to
+// launch(kernel, "kernel", grid, block, smem, stream)(args).
+template <typename Kernel, typename G, typename B>
+Launcher<Kernel> launch(Kernel* kernel, const char* name, G grid, B block, size_t smem = 0, cudaStream_t = nullptr) {
+  return Launcher<Kernel>{kernel, name, as_dim3(grid), as_dim3(block), smem};
+}
+
+template <typename T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(launch_state().smem);
+}
+
+// ---- warp collectives ---------------------------------------------------------------------------
+
+// Every lane's `mine`, after every lane of the warp has given its own; `tag` names the collective
+// (lanes that meet at different collectives are an error).
+template <typename T>
+std::array<T, kWarp> warp_gather(const T& mine, const char* tag) {
+  static_assert(sizeof(T) <= 64 && std::is_trivially_copyable<T>::value, "warp deposit");
+  Launch& l = launch_state();
+  Thread& t = *l.current;
+  Warp& w = l.warps[t.linear / kWarp];
+  const int slot = static_cast<int>(t.collectives++ & 1);
+  const int lane = lane_of(t);
+  std::memcpy(w.slots[slot][lane], &mine, sizeof(T));
+  w.tags[slot][lane] = tag;
+  arrive_and_wait(w.barrier);
+  std::array<T, kWarp> all;
+  for (int i = 0; i < kWarp; ++i) {
+    if (std::strcmp(w.tags[slot][i], tag) != 0)
+      fail(std::string("warp collective mismatch: lane ") + std::to_string(lane) + " at " + tag + ", lane " +
+           std::to_string(i) + " at " + w.tags[slot][i]);
+    std::memcpy(&all[i], w.slots[slot][i], sizeof(T));
+  }
+  return all;
+}
+
+inline void check_full_mask(unsigned mask, const char* what) {
+  if (mask != 0xffffffffu) fail(std::string(what) + " with a partial mask: the emulator wants whole warps");
+}
+
+inline uint32_t check_smem_vector(uint32_t address, const char* what) {
+  const Launch& l = launch_state();
+  if (address % 16 != 0) fail(std::string(what) + ": shared address " + std::to_string(address) + " is not 16-byte aligned");
+  if (address + 16 > l.smem_bytes)
+    fail(std::string(what) + ": shared address " + std::to_string(address) + " is past the " +
+         std::to_string(l.smem_bytes) + " bytes of dynamic shared memory");
+  return address;
+}
+
+inline uint16_t smem_u16(uint32_t address) {
+  uint16_t v;
+  std::memcpy(&v, launch_state().smem + address, 2);
+  return v;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8j..8j+7 give the addresses of the rows of
+// matrix j (8 consecutive b16); lane l receives in r[j] row l/4, elements 2(l%4) and 2(l%4)+1 of
+// matrix j (the lower element in the lower half).
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  check_smem_vector(address, "ldmatrix");
+  const auto addresses = warp_gather(address, "ldmatrix.x4");
+  const int lane = lane_of(self());
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t row = addresses[8 * j + lane / 4];
+    const uint32_t lo = smem_u16(row + 2 * (2 * (lane % 4)));
+    const uint32_t hi = smem_u16(row + 2 * (2 * (lane % 4) + 1));
+    r[j] = lo | (hi << 16);
+  }
+}
+
+// A bf16 or fp16 bit pattern as a float (exact); fp16 through a table of all 65536 patterns.
+inline float half_bits_to_float(uint16_t bits, bool bfloat16) {
+  if (bfloat16) {
+    const uint32_t word = uint32_t{bits} << 16;
+    float f;
+    std::memcpy(&f, &word, sizeof(f));
+    return f;
+  }
+  static const std::vector<float> table = [] {
+    std::vector<float> values(65536);
+    for (uint32_t h = 0; h < 65536; ++h) {
+      const int exponent = (h >> 10) & 0x1f;
+      const uint32_t mantissa = h & 0x3ffu;
+      float magnitude;
+      if (exponent == 0) {
+        magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+      } else if (exponent == 31) {
+        magnitude = mantissa != 0 ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+      } else {
+        magnitude = std::ldexp(static_cast<float>(mantissa | 0x400u), exponent - 25);
+      }
+      values[h] = (h & 0x8000u) != 0 ? -magnitude : magnitude;
+    }
+    return values;
+  }();
+  return table[bits];
+}
+
+struct MmaOperands {
+  uint32_t a[4];
+  uint32_t b[2];
+  float c[4];
+};
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: with g = lane/4, t = lane%4,
+//   a0 = A[g][2t..2t+1], a1 = A[g+8][2t..2t+1], a2 = A[g][2t+8..2t+9], a3 = A[g+8][2t+8..2t+9]
+//   b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]
+//   d0 = D[g][2t], d1 = D[g][2t+1], d2 = D[g+8][2t], d3 = D[g+8][2t+1]
+// (the lower 16 bits hold the lower index). The products are exact in fp32 and summed in fp32,
+// in k order, then added to the accumulator. The first lane past the barrier computes the whole
+// warp's D; the others copy their fragment of it.
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bfloat16) {
+  MmaOperands mine;
+  std::memcpy(mine.a, a, sizeof(mine.a));
+  std::memcpy(mine.b, b, sizeof(mine.b));
+  std::memcpy(mine.c, d, sizeof(mine.c));
+  Launch& l = launch_state();
+  Thread& self_thread = *l.current;
+  Warp& w = l.warps[self_thread.linear / kWarp];
+  const uint64_t collective = self_thread.collectives;  // this collective's number, before gather
+  const auto all = warp_gather(mine, bfloat16 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16");
+  const int slot = static_cast<int>(collective & 1);
+  if (w.result_of[slot] != collective) {
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < kWarp; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      const MmaOperands& o = all[lane];
+      const int rows[4] = {g, g + 8, g, g + 8};
+      const int cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+      for (int q = 0; q < 4; ++q) {
+        A[rows[q]][cols[q]] = half_bits_to_float(static_cast<uint16_t>(o.a[q] & 0xffff), bfloat16);
+        A[rows[q]][cols[q] + 1] = half_bits_to_float(static_cast<uint16_t>(o.a[q] >> 16), bfloat16);
+      }
+      for (int q = 0; q < 2; ++q) {
+        B[2 * t + 8 * q][g] = half_bits_to_float(static_cast<uint16_t>(o.b[q] & 0xffff), bfloat16);
+        B[2 * t + 8 * q + 1][g] = half_bits_to_float(static_cast<uint16_t>(o.b[q] >> 16), bfloat16);
+      }
+    }
+    for (int lane = 0; lane < kWarp; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      for (int q = 0; q < 4; ++q) {
+        const int row = g + 8 * (q / 2), col = 2 * t + q % 2;
+        float sum = 0.0f;
+        for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+        w.results[slot][lane][q] = all[lane].c[q] + sum;
+      }
+    }
+    w.result_of[slot] = collective;
+  }
+  std::memcpy(d, w.results[slot][lane_of(self_thread)], sizeof(float) * 4);
+}
+
+// cp.async.cg.shared.global 16 bytes, zero-filled when !valid; lands when the thread waits for
+// its group (or at once with ARCFACE_EMU_CP_ASYNC=issue).
+inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  check_smem_vector(dst, "cp.async");
+  if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: a global source that is not 16-byte aligned");
+  Launch& l = launch_state();
+  const PendingCopy copy{dst, valid ? src : nullptr};
+  if (l.issue_copies_at_once) {
+    land(l, copy);
+  } else {
+    l.current->open_group.push_back(copy);
+  }
+}
+
+inline void cp_async_commit() {
+  Thread& t = self();
+  t.groups.push_back(std::move(t.open_group));
+  t.open_group.clear();
+}
+
+inline void cp_async_wait(int pending) {
+  Launch& l = launch_state();
+  Thread& t = *l.current;
+  while (static_cast<int>(t.groups.size()) > pending) {
+    for (const PendingCopy& copy : t.groups.front()) land(l, copy);
+    t.groups.erase(t.groups.begin());
+  }
+}
+
+inline uint32_t shared_offset(const void* p) {
+  const Launch& l = launch_state();
+  const auto* byte = static_cast<const unsigned char*>(p);
+  if (byte < l.smem || byte >= l.smem + l.smem_bytes)
+    fail("__cvta_generic_to_shared: a pointer outside dynamic shared memory");
+  return static_cast<uint32_t>(byte - l.smem);
+}
+
+}  // namespace emu
+
+// ---- built-in variables and functions --------------------------------------------------------
+
+#define threadIdx (::emu::self().idx)
+#define blockIdx (::emu::launch_state().block_idx)
+#define blockDim (::emu::launch_state().block)
+#define gridDim (::emu::launch_state().grid)
+
+inline void __syncthreads() { ::emu::arrive_and_wait(::emu::launch_state().block_barrier); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  ::emu::check_full_mask(mask, "__shfl_xor_sync");
+  if (width != 32) ::emu::fail("__shfl_xor_sync: only width 32 is emulated");
+  const auto all = ::emu::warp_gather(value, "__shfl_xor_sync");
+  return all[(::emu::lane_of(::emu::self()) ^ lane_mask) % 32];
+}
+
+[[noreturn]] inline void __trap() { ::emu::fail("__trap()"); }
+
+inline float __uint_as_float(unsigned bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline unsigned __float_as_uint(float f) {
+  unsigned bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+}
+
+inline size_t __cvta_generic_to_shared(const void* p) { return ::emu::shared_offset(p); }
+
+// ---- the CUDA runtime calls the host code makes ----------------------------------------------
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int /*device*/) {
+  switch (attribute) {
+    case cudaDevAttrMultiProcessorCount: {
+      const char* setting = std::getenv("ARCFACE_EMU_SM_COUNT");
+      *value = setting != nullptr ? std::atoi(setting) : 132;
+      return cudaSuccess;
+    }
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename Kernel>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel* kernel) {
+  attributes->binaryVersion = 90;
+  attributes->ptxVersion = 90;
+  auto found = ::emu::smem_opt_in().find(reinterpret_cast<const void*>(kernel));
+  attributes->maxDynamicSharedSizeBytes = static_cast<int>(
+      found != ::emu::smem_opt_in().end() ? found->second : ::emu::kDefaultDynamicSmemLimit);
+  return cudaSuccess;
+}
+
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > ::emu::kMaxDynamicSmem)
+    return cudaErrorInvalidValue;
+  ::emu::smem_opt_in()[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+
+inline const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "invalid value";
+}
