@@ -8,6 +8,14 @@ pointer to the emulated block's dynamic shared memory, and the CUDA registration
 real ops, defaults included; they take CPU tensors, which play the part of device memory). The stand-in headers in
 ``include/`` replace the CUDA runtime, cuda_fp16 and c10/cuda headers.
 
+With ARCFACE_EMU_ASAN=1 the build is instrumented by AddressSanitizer (its own build folder): an
+out-of-bounds read or write of a kernel, in global or shared memory, then stops the process with a
+report, as compute-sanitizer's memcheck would on a GPU. The process must load the ASan runtime first,
+and libstdc++ with it (else ASan cannot find the real __cxa_throw when an op raises):
+
+    LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)" \
+        ASAN_OPTIONS=detect_leaks=0 ARCFACE_EMU_ASAN=1 ARCFACE_EXT_EMULATE_CUDA=1 python -m pytest tests/test_cuda.py
+
 ``load()`` builds once per process (torch.utils.cpp_extension caches the build by its source,
 which embeds a hash of every header it includes) and returns ``torch.ops.arcface_ext_emulated``.
 """
@@ -131,16 +139,20 @@ def load(verbose=False):
     if _LOADED is None:
         from torch.utils import cpp_extension
 
-        build_dir = pathlib.Path(os.environ.get("ARCFACE_EMU_BUILD_DIR", ROOT / "build" / "cuda_emulator"))
+        asan = os.environ.get("ARCFACE_EMU_ASAN", "0") not in ("", "0")
+        default_dir = ROOT / "build" / ("cuda_emulator_asan" if asan else "cuda_emulator")
+        build_dir = pathlib.Path(os.environ.get("ARCFACE_EMU_BUILD_DIR", default_dir))
         build_dir.mkdir(parents=True, exist_ok=True)
         source = build_dir / "margin_softmax_kernel_emulated.cpp"
         text = generated_source()
         if not source.exists() or source.read_text() != text:
             source.write_text(text)
+        sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
         cpp_extension.load(
-            name="arcface_ext_cuda_emulated", sources=[str(source)], build_directory=str(build_dir),
+            name="arcface_ext_cuda_emulated_asan" if asan else "arcface_ext_cuda_emulated", sources=[str(source)],
+            build_directory=str(build_dir),
             extra_include_paths=[str(HERE / "include"), str(HERE), str(ROOT / "csrc" / "cuda")],
-            extra_cflags=["-O2", "-Wno-unknown-pragmas", "-Wno-attributes"], is_python_module=False,
-            verbose=verbose)
+            extra_cflags=["-O1" if asan else "-O2", "-Wno-unknown-pragmas", "-Wno-attributes", *sanitize],
+            extra_ldflags=sanitize, is_python_module=False, verbose=verbose)
         _LOADED = torch.ops.arcface_ext_emulated
     return _LOADED

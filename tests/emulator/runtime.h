@@ -7,21 +7,32 @@
 // lane's operands, waits for the warp, and computes the lane's result from every lane's operands as
 // the PTX ISA defines it. Nothing here is timed or parallel: it checks results, not speed.
 //
-// What it checks on the way: block and warp barriers that not every thread reaches (a deadlock is
-// reported with where each thread waits), warp collectives with other than a full mask, 16-byte
-// alignment and bounds of every cp.async / ldmatrix address in dynamic shared memory, launches
-// beyond the grid and block limits or over 48 KiB of dynamic shared memory without the opt-in
-// attribute, cp.async copies still pending when a thread exits, and __trap.
+// What it checks on the way:
+// - barriers not every thread reaches: a deadlock is reported with where each thread waits, and
+//   threads meeting at __syncthreads calls on different source lines are an error;
+// - warp collectives with other than a full mask, or lanes meeting at different collectives;
+// - 16-byte alignment and bounds of every cp.async / ldmatrix address in dynamic shared memory;
+// - launches beyond the grid and block limits, or over 48 KiB of dynamic shared memory without the
+//   opt-in attribute; cp.async copies still pending when a thread exits; __trap.
+// Built with AddressSanitizer (build.py, ARCFACE_EMU_ASAN=1) it also stops at any out-of-bounds
+// access to global or shared memory, as compute-sanitizer's memcheck does on a GPU.
 //
 // cp.async copies land when the issuing thread waits for their group (the latest moment the PTX
 // ISA allows), so reading a stage before its wait reads the poison that fills dynamic shared
 // memory at the start of each block (all-ones: NaN in fp16 and bf16). ARCFACE_EMU_CP_ASYNC=issue
-// lands them at once instead, which a stage overwritten while other warps still read it shows.
-// ARCFACE_EMU_SCHEDULE=greedy runs the lowest runnable thread for as long as it can (warps race
-// ahead of each other between block barriers); the default gives each thread one step per round.
+// lands them at once instead, which a stage overwritten while other warps still read it shows
+// together with ARCFACE_EMU_SCHEDULE=greedy: the lowest runnable thread runs for as long as it can
+// (warps race ahead of each other between block barriers); by default each thread takes one step
+// a round.
 #pragma once
 
 #include <sys/mman.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define ARCFACE_EMU_ASAN 1
+#endif
 
 #include <algorithm>
 #include <array>
@@ -34,6 +45,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -133,11 +145,13 @@ struct Barrier {
   int arrived = 0;
   uint64_t generation = 0;
   const char* what = "";
+  const char* site_file = "";  // where this generation's first arrival came from (block barriers)
+  int site_line = 0;
 };
 
 struct PendingCopy {
   uint32_t dst;
-  const void* src;  // nullptr: zero-fill
+  unsigned char data[16];  // read from global memory at issue (zeros for a zero-fill)
 };
 
 struct Thread {
@@ -175,6 +189,8 @@ struct Launch {
   int live = 0;
   Thread* current = nullptr;
   void* scheduler_sp = nullptr;
+  const void* scheduler_stack = nullptr;  // AddressSanitizer's view of the scheduler's stack
+  size_t scheduler_stack_bytes = 0;
   std::function<void()> body;
   std::string error;
   bool issue_copies_at_once = false;
@@ -196,9 +212,36 @@ inline Thread& self() { return *launch_state().current; }
 
 inline int lane_of(const Thread& t) { return t.linear % kWarp; }
 
+constexpr size_t kStackBytes = 256 * 1024;
+
+// The two directions of a switch, told to AddressSanitizer when it is on (its fiber API), so that
+// it checks each fiber's frames against the right stack.
+inline void switch_to_thread(Launch& l, Thread& t) {
+#if defined(ARCFACE_EMU_ASAN)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, t.stack, kStackBytes);
+  arcface_emu_switch(&l.scheduler_sp, t.sp);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+  arcface_emu_switch(&l.scheduler_sp, t.sp);
+#endif
+}
+
+inline void switch_to_scheduler(Launch& l, Thread& t, bool exiting) {
+#if defined(ARCFACE_EMU_ASAN)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake_stack, l.scheduler_stack, l.scheduler_stack_bytes);
+  arcface_emu_switch(&t.sp, l.scheduler_sp);
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+  (void)exiting;
+  arcface_emu_switch(&t.sp, l.scheduler_sp);
+#endif
+}
+
 inline void yield_to_scheduler() {
   Launch& l = launch_state();
-  arcface_emu_switch(&l.current->sp, l.scheduler_sp);
+  switch_to_scheduler(l, *l.current, false);
 }
 
 inline std::string describe_waits(const Launch& l) {
@@ -226,17 +269,14 @@ inline void arrive_and_wait(Barrier& barrier) {
   yield_to_scheduler();
 }
 
-inline void land(const Launch& l, const PendingCopy& copy) {
-  if (copy.src != nullptr) {
-    std::memcpy(l.smem + copy.dst, copy.src, 16);
-  } else {
-    std::memset(l.smem + copy.dst, 0, 16);
-  }
-}
+inline void land(const Launch& l, const PendingCopy& copy) { std::memcpy(l.smem + copy.dst, copy.data, 16); }
 
 void fiber_entry();
 
 inline void prepare_fiber(Thread& t, size_t stack_bytes) {
+#if defined(ARCFACE_EMU_ASAN)
+  ASAN_UNPOISON_MEMORY_REGION(t.stack, stack_bytes);  // frames a previous block left behind
+#endif
   // The first switch to this fiber "returns" into fiber_entry with the stack aligned as at a call.
   auto* top = reinterpret_cast<uintptr_t*>(t.stack + stack_bytes - 64);
   top = reinterpret_cast<uintptr_t*>(reinterpret_cast<uintptr_t>(top) & ~uintptr_t{15});
@@ -249,6 +289,9 @@ inline void prepare_fiber(Thread& t, size_t stack_bytes) {
 inline void fiber_entry() {
   Launch& l = launch_state();
   Thread& t = *l.current;
+#if defined(ARCFACE_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, &l.scheduler_stack, &l.scheduler_stack_bytes);
+#endif
   try {
     l.body();
     if (!t.open_group.empty() || !t.groups.empty())
@@ -264,7 +307,7 @@ inline void fiber_entry() {
     l.block_barrier.arrived = 0;
     ++l.block_barrier.generation;
   }
-  arcface_emu_switch(&t.sp, l.scheduler_sp);
+  switch_to_scheduler(l, t, true);
   std::abort();  // never resumed
 }
 
@@ -274,7 +317,7 @@ inline bool env_is(const char* name, const char* value) {
 }
 
 struct Stacks {
-  static constexpr size_t kBytes = 256 * 1024;
+  static constexpr size_t kBytes = kStackBytes;
   std::vector<char*> stacks;
   ~Stacks() {
     for (char* s : stacks) munmap(s - 4096, kBytes + 4096);
@@ -333,8 +376,13 @@ inline void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block
   l.grid = grid;
   l.block = block;
   l.smem_bytes = smem_bytes;
-  std::vector<unsigned char> smem(smem_bytes + 16);
-  l.smem = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
+  // Exactly smem_bytes (AddressSanitizer then sees a read past the end), 16-byte aligned.
+  struct Free {
+    void operator()(unsigned char* p) const { std::free(p); }
+  };
+  std::unique_ptr<unsigned char, Free> smem(
+      static_cast<unsigned char*>(std::aligned_alloc(16, std::max<size_t>(16, (smem_bytes + 15) / 16 * 16))));
+  l.smem = smem.get();
   l.threads.resize(threads);
   l.warps.resize(threads / kWarp);
   l.body = std::move(body);
@@ -372,12 +420,14 @@ inline void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block
             if (t.waiting != nullptr && t.waiting->generation == t.wait_generation) continue;
             t.waiting = nullptr;
             l.current = &t;
-            arcface_emu_switch(&l.scheduler_sp, t.sp);
+            switch_to_thread(l, t);
             l.current = nullptr;
             progressed = true;
             if (!l.error.empty()) {
+              const std::string prefix = "CUDA emulator: ";
+              const std::string what = l.error.rfind(prefix, 0) == 0 ? l.error.substr(prefix.size()) : l.error;
               fail("block (" + std::to_string(bx) + ", " + std::to_string(by) + ", " + std::to_string(bz) +
-                   ") thread " + std::to_string(t.linear) + ": " + l.error);
+                   ") thread " + std::to_string(t.linear) + ": " + what);
             }
             if (l.greedy) break;
           }
@@ -566,7 +616,15 @@ inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
   check_smem_vector(dst, "cp.async");
   if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: a global source that is not 16-byte aligned");
   Launch& l = launch_state();
-  const PendingCopy copy{dst, valid ? src : nullptr};
+  PendingCopy copy;
+  copy.dst = dst;
+  // The source is read here, where the instruction names it (global memory does not change while
+  // a kernel runs), so that an out-of-bounds source is reported at its cp.async.
+  if (valid) {
+    std::memcpy(copy.data, src, 16);
+  } else {
+    std::memset(copy.data, 0, 16);
+  }
   if (l.issue_copies_at_once) {
     land(l, copy);
   } else {
@@ -606,7 +664,20 @@ inline uint32_t shared_offset(const void* p) {
 #define blockDim (::emu::launch_state().block)
 #define gridDim (::emu::launch_state().grid)
 
-inline void __syncthreads() { ::emu::arrive_and_wait(::emu::launch_state().block_barrier); }
+// Every thread of the block must reach the same __syncthreads: arrivals from two source lines at
+// one barrier are an error here (on a GPU they hang or silently pair up the wrong barriers).
+inline void emulated_syncthreads(const char* file, int line) {
+  ::emu::Barrier& barrier = ::emu::launch_state().block_barrier;
+  if (barrier.arrived == 0) {
+    barrier.site_file = file;
+    barrier.site_line = line;
+  } else if (barrier.site_line != line || std::strcmp(barrier.site_file, file) != 0) {
+    ::emu::fail(std::string("__syncthreads at ") + file + ":" + std::to_string(line) + " meets threads waiting at " +
+                barrier.site_file + ":" + std::to_string(barrier.site_line) + ": a barrier not every thread reaches");
+  }
+  ::emu::arrive_and_wait(barrier);
+}
+#define __syncthreads() emulated_syncthreads(__FILE__, __LINE__)
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {

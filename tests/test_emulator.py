@@ -1,0 +1,126 @@
+"""The CUDA source on the CPU emulator (tests/emulator), a few cases in the main suite: both CUDA
+paths and every dtype against the CPU op, tile edges in all three dimensions, a class shard, and the
+schedule that makes a cp.async stage reused too early visible. The whole of tests/test_cuda.py runs
+on the emulator with ARCFACE_EXT_EMULATE_CUDA=1 (CI does both).
+
+The emulator builds the .cu file with the host compiler (about 20 s, cached in build/cuda_emulator)."""
+import platform
+import re
+
+import pytest
+import torch
+
+import arcface_ext
+from conftest import TOLERANCES, assert_close_report
+from emulator import build
+
+pytestmark = [
+    pytest.mark.skipif(not arcface_ext.extension_available(), reason="arcface_ext._C is not built"),
+    pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
+                       reason="the emulator's fibers are written for x86-64 Linux"),
+]
+
+ARGS = dict(s=64.0, m1=1.0, m2=0.3, m3=0.2, lambda_=0.0, ignore_index=-1, straight_through=False,
+            workspace_bytes=1 << 26)
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return build.load()
+
+
+def inputs(n, dim, num_classes, dtype, *, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=generator, dtype=torch.float64).to(dtype)
+    w = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    labels[:3] = torch.tensor([0, num_classes - 1, -1])  # first class, last class, an ignored row
+    grad = torch.randn(n, generator=generator, dtype=torch.float64)
+    return x, w, labels, grad
+
+
+def forward_backward(ops, x, w, labels, grad, **extra):
+    args = (ARGS["s"], ARGS["m1"], ARGS["m2"], ARGS["m3"], ARGS["lambda_"], ARGS["ignore_index"],
+            ARGS["straight_through"], ARGS["workspace_bytes"])
+    loss, lse, cosine = ops.margin_softmax_forward(x, w, labels, *args, **extra)
+    grad = grad.to(loss.dtype)
+    gx, gw = ops.margin_softmax_backward(grad, x, w, labels, lse, *args, True, True, **extra)
+    return {"loss": loss, "logsumexp": lse, "target_cosine": cosine, "grad_embeddings": gx, "grad_weight": gw}
+
+
+def assert_same_as_cpu_op(ours, cpu):
+    for name, expected in cpu.items():
+        actual = ours[name]
+        assert actual.dtype == expected.dtype, name
+        atol, rtol = TOLERANCES[actual.dtype]
+        # 16-bit gradients: the CUDA path rounds the gradient block and the result, the CPU op once.
+        roundings = 3 if actual.dtype in (torch.float16, torch.bfloat16) else 1
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        assert_close_report(actual.double(), expected.double(), atol=roundings * atol * max(scale, 1.0),
+                            rtol=roundings * rtol, name=name)
+
+
+# N = 130: two row tiles, the second with 2 rows; D = 72: three depth slices, the last a quarter full;
+# C = 300: three class tiles, the last partial.
+CASES = [("fused", torch.bfloat16), ("fused", torch.float16), ("cublas", torch.bfloat16),
+         ("cublas", torch.float32), ("cublas", torch.float64)]
+
+
+@pytest.mark.parametrize("path, dtype", CASES, ids=[f"{p}-{str(d)[6:]}" for p, d in CASES])
+def test_matches_the_cpu_op(emulated, monkeypatch, path, dtype):
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "1" if path == "fused" else "0")
+    x, w, labels, grad = inputs(130, 72, 300, dtype, seed=1)
+    emulated.take_launch_log()
+    ours = forward_backward(emulated, x, w, labels, grad)
+    launched = emulated.take_launch_log().split()
+    assert ("fused_forward_kernel" in launched) == (path == "fused"), launched
+    assert ("fused_backward_kernel" in launched) == (path == "fused"), launched
+    assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w, labels, grad))
+
+
+def test_class_shard(emulated):
+    # Classes [200, 500) of 700: rows whose targets are elsewhere count with no target column.
+    x, w, labels, grad = inputs(40, 64, 700, torch.bfloat16, seed=2)
+    shard = dict(class_offset=200, num_classes=700)
+    ours = forward_backward(emulated, x, w[200:500], labels, grad, **shard)
+    assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w[200:500], labels, grad, **shard))
+
+
+def test_stage_reuse_under_the_racing_schedule(emulated, monkeypatch):
+    # Warps racing ahead of each other, copies landing as soon as they are issued: a prefetch into a
+    # stage that another warp still reads would change the result. D = 160: five slices, so each of
+    # the three stages is reused.
+    monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
+    monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
+    x, w, labels, grad = inputs(40, 160, 200, torch.bfloat16, seed=3)
+    ours = forward_backward(emulated, x, w, labels, grad)
+    assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w, labels, grad))
+
+
+def test_rewrite():
+    source = """
+void f(cudaStream_t stream) {
+  fused_kernel<kBFloat16, scalar_t><<<grid, kTileThreads, cuda::kTileSmemBytes, stream>>>(a, b);
+  other_kernel<acc_t>
+      <<<blocks(n), 256, 0, stream>>>(c);
+}
+__global__ void k() { extern __shared__ __align__(16) uint16_t tile_smem[]; }
+TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
+  m.impl("margin_softmax_forward", &forward);
+}
+"""
+    text, launches = build.rewrite(source)
+    assert launches == 2
+    assert ('::emu::launch(fused_kernel<kBFloat16, scalar_t>, "fused_kernel", grid, kTileThreads, '
+            'cuda::kTileSmemBytes, stream)(a, b);') in text
+    assert '::emu::launch(other_kernel<acc_t>, "other_kernel", blocks(n), 256, 0, stream)(c);' in text
+    assert "uint16_t* tile_smem = ::emu::dynamic_shared<uint16_t>();" in text
+    assert 'TORCH_LIBRARY(arcface_ext_emulated, m)' in text
+    assert re.search(r'm\.def\("margin_softmax_forward\(Tensor embeddings, .*Tensor\? row_margins=None\) -> ', text)
+
+
+def test_every_launch_of_the_kernel_source_is_rewritten():
+    source = build.KERNEL.read_text()
+    text, launches = build.rewrite(source)
+    assert launches == source.count("<<<") > 0
+    assert "<<<" not in text and ">>>" not in text
