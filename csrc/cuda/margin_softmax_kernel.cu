@@ -391,15 +391,18 @@ using cuda::tile_class;
 using cuda::tile_row;
 
 // After tile_gemm<kBFloat16, true>: the tile's inverse class norms and clamp flags, as
-// class_inverse_norms_kernel computes them, in shared memory for the whole block.
-// (unclamped may be null.)
-__device__ __forceinline__ void publish_class_norms(float norm_sq, float* __restrict__ inv_norm,
-                                                    bool* __restrict__ unclamped) {
+// class_inverse_norms_kernel computes them, in shared memory for the whole block. The arrays are
+// template parameters (shared float[128] and bool[128], or nullptr for no flags), so that the CPU
+// emulator's checked shared arrays (tests/emulator) pass through as well.
+template <typename InvNorms, typename Unclamped>
+__device__ __forceinline__ void publish_class_norms(float norm_sq, InvNorms& inv_norm, Unclamped&& unclamped) {
   norm_sq += __shfl_xor_sync(0xffffffffu, norm_sq, 1);
   if (threadIdx.x % 2 == 0) {
     const float norm = sqrtf(norm_sq);
     inv_norm[threadIdx.x / 2] = 1.0f / fmaxf(norm, static_cast<float>(kNormEps));
-    if (unclamped != nullptr) unclamped[threadIdx.x / 2] = norm >= static_cast<float>(kNormEps);
+    if constexpr (!std::is_same<std::decay_t<Unclamped>, std::nullptr_t>::value) {
+      unclamped[threadIdx.x / 2] = norm >= static_cast<float>(kNormEps);
+    }
   }
   __syncthreads();
 }
@@ -604,7 +607,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
             if (j == row_target[r]) {
               q = row_target_q[r];
             } else {
-              const float cosine = cosine_of(acc[mi][ni][2 * h + e], row_inv_norm[r], inv_w);
+              const float cosine = cosine_of<float>(acc[mi][ni][2 * h + e], row_inv_norm[r], inv_w);
               const float inside = (cosine >= -1.0f && cosine <= 1.0f) ? 1.0f : 0.0f;
               q = inside * s * cuda::exp_acc(s * clamp_unit(cosine) - row_lse[r]);
             }

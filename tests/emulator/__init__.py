@@ -28,8 +28,14 @@ def load():
 
 
 def install():
-    """Routes the CPU kernels of the forward and backward ops to the emulated CUDA code."""
+    """Routes the CPU kernels of the forward and backward ops to the emulated CUDA code, and fills
+    every uninitialised tensor (at::empty, the host code's workspaces and outputs included) with NaN
+    (the largest integer for integer tensors), so that a kernel reading memory nothing wrote, or
+    leaving part of an output unwritten, shows in the results: compute-sanitizer's initcheck."""
     import arcface_ext.ops
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
 
     emulated = load()
     if _state["library"] is None:

@@ -1,9 +1,11 @@
 """Builds csrc/cuda/margin_softmax_kernel.cu for the CPU emulator (runtime.h) and loads it.
 
-The source is compiled as it is, host code included, with three mechanical rewrites that plain
-C++ cannot express otherwise: every launch ``kernel<<<grid, block, smem, stream>>>(args)`` becomes
+The source is compiled as it is, host code included, with four mechanical rewrites that plain C++
+cannot express otherwise: every launch ``kernel<<<grid, block, smem, stream>>>(args)`` becomes
 ``::emu::launch(kernel, "kernel", grid, block, smem, stream)(args)``, the dynamic shared array becomes a
-pointer to the emulated block's dynamic shared memory, and the CUDA registration becomes the ops
+pointer to the emulated block's dynamic shared memory, each static shared array (in the .cu and in the
+.cuh headers, whose rewritten copies sit beside the generated source) becomes an
+``::emu::SharedArray``, which checks its bounds and races, and the CUDA registration becomes the ops
 ``arcface_ext_emulated::margin_softmax_forward`` / ``margin_softmax_backward`` (same schema as the
 real ops, defaults included; they take CPU tensors, which play the part of device memory). The stand-in headers in
 ``include/`` replace the CUDA runtime, cuda_fp16 and c10/cuda headers.
@@ -34,6 +36,7 @@ HEADERS = sorted([*(ROOT / "csrc").glob("*.h"), *(ROOT / "csrc" / "cuda").glob("
 
 LAUNCH = re.compile(r"<<<(.*?)>>>\s*\(", re.S)
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
+STATIC_SHARED = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)((?:\[[^\]]+\])+);")
 REGISTRATION = "TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m)"
 
 # mm with fp32 output for 16-bit operands (what the cuBLAS path asks of at::mm_out) has no CPU
@@ -87,6 +90,19 @@ def real_schema(name):
     return schema.split("::", 1)[1]
 
 
+def rewrite_shared_arrays(text):
+    """`__shared__ T name[A][B];` -> `static ::emu::SharedArray<T, A, B> name("name");` (race
+    detection and bounds checks on every element access); no other __shared__ may remain."""
+    def array(match):
+        dims = ", ".join(d.strip() for d in re.findall(r"\[([^\]]+)\]", match.group(3)))
+        return f'static ::emu::SharedArray<{match.group(1)}, {dims}> {match.group(2)}("{match.group(2)}");'
+
+    text = STATIC_SHARED.sub(array, text)
+    if "__shared__" in text:
+        raise RuntimeError("a __shared__ declaration the emulator build does not rewrite")
+    return text
+
+
 def rewrite(source):
     """The kernel source as the emulator compiles it (see the module docstring)."""
     out, position, launches = [], 0, 0
@@ -109,6 +125,7 @@ def rewrite(source):
     text, shared = DYNAMIC_SHARED.subn(r"\1* \2 = ::emu::dynamic_shared<\1>();", text)
     if shared == 0:
         raise RuntimeError("no dynamic shared memory declaration found")
+    text = rewrite_shared_arrays(text)
     if text.count(REGISTRATION) != 1:
         raise RuntimeError("expected one CUDA registration block")
     text = text.replace(REGISTRATION, "TORCH_LIBRARY(arcface_ext_emulated, m)")
@@ -133,6 +150,11 @@ def generated_source():
 _LOADED = None
 
 
+def write_if_changed(path, text):
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def load(verbose=False):
     """Builds (or reuses) the emulated kernels and returns torch.ops.arcface_ext_emulated."""
     global _LOADED
@@ -143,10 +165,13 @@ def load(verbose=False):
         default_dir = ROOT / "build" / ("cuda_emulator_asan" if asan else "cuda_emulator")
         build_dir = pathlib.Path(os.environ.get("ARCFACE_EMU_BUILD_DIR", default_dir))
         build_dir.mkdir(parents=True, exist_ok=True)
+        # The CUDA headers the kernel includes ("reductions.cuh", ...), with their shared arrays
+        # rewritten, beside the generated source: a quoted include finds them there first.
+        for header in sorted((ROOT / "csrc" / "cuda").glob("*.cuh")):
+            write_if_changed(build_dir / header.name,
+                             f'#line 1 "{header}"\n' + rewrite_shared_arrays(header.read_text()))
+        write_if_changed(build_dir / "margin_softmax_kernel_emulated.cpp", generated_source())
         source = build_dir / "margin_softmax_kernel_emulated.cpp"
-        text = generated_source()
-        if not source.exists() or source.read_text() != text:
-            source.write_text(text)
         sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
         cpp_extension.load(
             name="arcface_ext_cuda_emulated_asan" if asan else "arcface_ext_cuda_emulated", sources=[str(source)],

@@ -13,7 +13,8 @@
 // - warp collectives with other than a full mask, or lanes meeting at different collectives;
 // - 16-byte alignment and bounds of every cp.async / ldmatrix address in dynamic shared memory;
 // - launches beyond the grid and block limits, or over 48 KiB of dynamic shared memory without the
-//   opt-in attribute; cp.async copies still pending when a thread exits; __trap.
+//   opt-in attribute; cp.async copies still pending when a thread exits; __trap;
+// - races in shared memory (see Access below) and out-of-range indices of static shared arrays.
 // Built with AddressSanitizer (build.py, ARCFACE_EMU_ASAN=1) it also stops at any out-of-bounds
 // access to global or shared memory, as compute-sanitizer's memcheck does on a GPU.
 //
@@ -149,7 +150,21 @@ struct Barrier {
   int site_line = 0;
 };
 
+// Race detection in shared memory (racecheck's job on a GPU): each element of a static __shared__
+// array and each 16-byte vector of dynamic shared memory remembers its last writer and readers
+// and the barrier epoch (block, __syncthreads count) of those accesses. Two threads touching it in
+// one epoch, at least one writing, is a race; so is a cp.async landing on data another thread read
+// while the copy was in flight. Off with ARCFACE_EMU_RACECHECK=0.
+struct Access {
+  uint64_t write_epoch = 0;
+  int writer = -1;
+  uint64_t read_epoch = 0;
+  int reader = -1;
+  bool many_readers = false;
+};
+
 struct PendingCopy {
+  uint64_t issue_epoch;
   uint32_t dst;
   unsigned char data[16];  // read from global memory at issue (zeros for a zero-fill)
 };
@@ -185,6 +200,7 @@ struct Launch {
   unsigned char* smem = nullptr;
   std::vector<Thread> threads;
   std::vector<Warp> warps;
+  std::vector<Access> smem_shadow;  // one per 16 bytes of dynamic shared memory
   Barrier block_barrier;
   int live = 0;
   Thread* current = nullptr;
@@ -269,7 +285,68 @@ inline void arrive_and_wait(Barrier& barrier) {
   yield_to_scheduler();
 }
 
-inline void land(const Launch& l, const PendingCopy& copy) { std::memcpy(l.smem + copy.dst, copy.data, 16); }
+inline bool env_is(const char* name, const char* value) {
+  const char* setting = std::getenv(name);
+  return setting != nullptr && std::strcmp(setting, value) == 0;
+}
+
+inline uint64_t& block_serial() {
+  static uint64_t serial = 0;  // counts every block run in this process: epochs never repeat
+  return serial;
+}
+
+inline uint64_t current_epoch() {
+  return (block_serial() << 32) + launch_state().block_barrier.generation + 1;
+}
+
+inline bool racecheck() {
+  static const bool on = !env_is("ARCFACE_EMU_RACECHECK", "0");
+  return on;
+}
+
+[[noreturn]] inline void race(const char* kind, int thread, int other, const std::string& where) {
+  fail(std::string("shared-memory race (") + kind + ") on " + where + ": threads " + std::to_string(other) +
+       " and " + std::to_string(thread) + " with no __syncthreads between");
+}
+
+inline std::string element(const char* name, int64_t index) { return std::string(name) + "[" + std::to_string(index) + "]"; }
+
+inline void record_read(Access& a, const char* name, int64_t index) {
+  if (!racecheck()) return;
+  const uint64_t epoch = current_epoch();
+  const int thread = self().linear;
+  if (a.write_epoch == epoch && a.writer != thread) race("read after write", thread, a.writer, element(name, index));
+  if (a.read_epoch == epoch) {
+    a.many_readers = a.many_readers || a.reader != thread;
+  } else {
+    a.read_epoch = epoch;
+    a.reader = thread;
+    a.many_readers = false;
+  }
+}
+
+inline void record_write(Access& a, const char* name, int64_t index) {
+  if (!racecheck()) return;
+  const uint64_t epoch = current_epoch();
+  const int thread = self().linear;
+  if (a.write_epoch == epoch && a.writer != thread) race("write after write", thread, a.writer, element(name, index));
+  if (a.read_epoch == epoch && (a.many_readers || a.reader != thread))
+    race("write after read", thread, a.many_readers ? -1 : a.reader, element(name, index));
+  a.write_epoch = epoch;
+  a.writer = thread;
+}
+
+inline void land(Launch& l, const PendingCopy& copy) {
+  if (racecheck()) {
+    Access& a = l.smem_shadow[copy.dst / 16];
+    const int thread = l.current->linear;
+    if (a.read_epoch >= copy.issue_epoch && (a.many_readers || a.reader != thread))
+      race("cp.async landing on data read while it was in flight", thread, a.many_readers ? -1 : a.reader,
+           element("dynamic shared memory, byte", copy.dst));
+    record_write(a, "dynamic shared memory, byte", copy.dst);
+  }
+  std::memcpy(l.smem + copy.dst, copy.data, 16);
+}
 
 void fiber_entry();
 
@@ -309,11 +386,6 @@ inline void fiber_entry() {
   }
   switch_to_scheduler(l, t, true);
   std::abort();  // never resumed
-}
-
-inline bool env_is(const char* name, const char* value) {
-  const char* setting = std::getenv(name);
-  return setting != nullptr && std::strcmp(setting, value) == 0;
 }
 
 struct Stacks {
@@ -397,6 +469,8 @@ inline void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         l.block_idx = {bx, by, bz};
+        ++block_serial();
+        l.smem_shadow.assign(smem_bytes / 16 + 1, Access{});
         std::memset(l.smem, 0xff, smem_bytes);
         l.block_barrier = Barrier{static_cast<int>(threads), 0, 0, "__syncthreads"};
         for (Warp& w : l.warps) {
@@ -518,6 +592,7 @@ inline uint16_t smem_u16(uint32_t address) {
 // matrix j (the lower element in the lower half).
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
   check_smem_vector(address, "ldmatrix");
+  record_read(launch_state().smem_shadow[address / 16], "dynamic shared memory, byte", address);
   const auto addresses = warp_gather(address, "ldmatrix.x4");
   const int lane = lane_of(self());
   for (int j = 0; j < 4; ++j) {
@@ -618,6 +693,7 @@ inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
   Launch& l = launch_state();
   PendingCopy copy;
   copy.dst = dst;
+  copy.issue_epoch = current_epoch();
   // The source is read here, where the instruction names it (global memory does not change while
   // a kernel runs), so that an out-of-bounds source is reported at its cp.async.
   if (valid) {
@@ -654,6 +730,66 @@ inline uint32_t shared_offset(const void* p) {
     fail("__cvta_generic_to_shared: a pointer outside dynamic shared memory");
   return static_cast<uint32_t>(byte - l.smem);
 }
+
+}  // namespace emu
+
+// ---- static shared arrays, with race detection ------------------------------------------------
+
+namespace emu {
+
+// build.py rewrites `__shared__ T name[A][B];` to `static ::emu::SharedArray<T, A, B> name("name");`:
+// an element access goes through SharedRef, which records it and checks the bounds.
+template <typename T>
+struct SharedRef {
+  T* value;
+  Access* access;
+  const char* name;
+  int64_t index;
+  operator T() const {
+    record_read(*access, name, index);
+    return *value;
+  }
+  SharedRef& operator=(const T& v) {
+    record_write(*access, name, index);
+    *value = v;
+    return *this;
+  }
+  SharedRef& operator=(const SharedRef& other) { return *this = static_cast<T>(other); }
+  template <typename U>
+  SharedRef& operator+=(const U& v) {
+    const T current = *this;
+    return *this = static_cast<T>(current + v);
+  }
+};
+
+template <typename T, int64_t First, int64_t... Rest>
+struct SharedIndex {
+  T* data;
+  Access* shadow;
+  const char* name;
+  int64_t offset;
+  auto operator[](int64_t i) const {
+    if (i < 0 || i >= First)
+      fail(std::string("index ") + std::to_string(i) + " out of range [0, " + std::to_string(First) +
+           ") of shared array " + name);
+    constexpr int64_t stride = (int64_t{1} * ... * Rest);
+    if constexpr (sizeof...(Rest) == 0) {
+      return SharedRef<T>{data + offset + i, shadow + offset + i, name, offset + i};
+    } else {
+      return SharedIndex<T, Rest...>{data, shadow, name, offset + i * stride};
+    }
+  }
+};
+
+template <typename T, int64_t... Dims>
+struct SharedArray {
+  static constexpr int64_t kSize = (int64_t{1} * ... * Dims);
+  T data[kSize];
+  Access shadow[kSize];
+  const char* name;
+  explicit SharedArray(const char* array_name) : data(), shadow(), name(array_name) {}
+  auto operator[](int64_t i) { return SharedIndex<T, Dims...>{data, shadow, name, 0}[i]; }
+};
 
 }  // namespace emu
 
