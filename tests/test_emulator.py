@@ -124,3 +124,19 @@ def test_every_launch_of_the_kernel_source_is_rewritten():
     text, launches = build.rewrite(source)
     assert launches == source.count("<<<") > 0
     assert "<<<" not in text and ">>>" not in text
+
+
+@pytest.mark.parametrize("workspace_bytes", [1 << 26, 1000], ids=["default", "small"])
+def test_segments_of_several_tiles(emulated, monkeypatch, workspace_bytes):
+    # The fused forward gives each block a segment of class tiles sized for ~16 blocks an SM: with
+    # one SM and 33 class tiles, 17 segments of 2 tiles (the last one short); a 1000-byte workspace
+    # (20 rows x 2 statistics x 4 bytes a segment) makes them 8 tiles long. A GPU gets there only at
+    # a large C (C = 1M on an H100) or a tiny workspace.
+    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
+    x, w, labels, grad = inputs(20, 32, 4100, torch.bfloat16, seed=4)
+    args = (ARGS["s"], ARGS["m1"], ARGS["m2"], ARGS["m3"], ARGS["lambda_"], ARGS["ignore_index"],
+            ARGS["straight_through"], workspace_bytes)
+    ours = emulated.margin_softmax_forward(x, w, labels, *args)
+    expected = torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, *args)
+    for name, a, e in zip(("loss", "logsumexp", "target_cosine"), ours, expected):
+        assert_close_report(a, e, atol=1e-5 * max(float(e.abs().max()), 1.0), rtol=1e-5, name=name)
