@@ -14,7 +14,9 @@
 // - 16-byte alignment and bounds of every cp.async / ldmatrix address in dynamic shared memory;
 // - launches beyond the grid and block limits, or over 48 KiB of dynamic shared memory without the
 //   opt-in attribute; cp.async copies still pending when a thread exits; __trap;
-// - races in shared memory (see Access below) and out-of-range indices of static shared arrays.
+// - races in shared memory (see Access below), out-of-range indices of static shared arrays, reads
+//   of static shared elements no thread of the block wrote, and launches off the current stream.
+// Blocks run one at a time, in order (ARCFACE_EMU_BLOCK_ORDER=reverse: last first).
 // Built with AddressSanitizer (build.py, ARCFACE_EMU_ASAN=1) it also stops at any out-of-bounds
 // access to global or shared memory, as compute-sanitizer's memcheck does on a GPU.
 //
@@ -60,9 +62,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// Static shared arrays become function statics: one copy, shared by the fibers of the block that
-// runs. (The dynamic one is rewritten by build.py to ::emu::dynamic_shared<T>().)
-#define __shared__ static
+// build.py rewrites every __shared__ declaration (static arrays to ::emu::SharedArray, the dynamic
+// one to ::emu::dynamic_shared<T>()); one it missed must not compile as an unchecked static.
+#define __shared__ __shared___not_rewritten_by_build_py
 
 struct uint3 {
   unsigned x, y, z;
@@ -465,50 +467,56 @@ inline void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block
     ~Reset() { active() = nullptr; }
   } reset;
 
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        l.block_idx = {bx, by, bz};
-        ++block_serial();
-        l.smem_shadow.assign(smem_bytes / 16 + 1, Access{});
-        std::memset(l.smem, 0xff, smem_bytes);
-        l.block_barrier = Barrier{static_cast<int>(threads), 0, 0, "__syncthreads"};
-        for (Warp& w : l.warps) {
-          w.barrier = Barrier{kWarp, 0, 0, "a warp collective"};
-          w.result_of[0] = w.result_of[1] = ~uint64_t{0};
+  // Blocks run one at a time, in order, or last first with ARCFACE_EMU_BLOCK_ORDER=reverse (a
+  // kernel whose blocks depend on each other's order then shows).
+  const bool reverse = env_is("ARCFACE_EMU_BLOCK_ORDER", "reverse");
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  for (uint64_t k = 0; k < blocks; ++k) {
+    const uint64_t b = reverse ? blocks - 1 - k : k;
+    const unsigned bx = static_cast<unsigned>(b % grid.x);
+    const unsigned by = static_cast<unsigned>(b / grid.x % grid.y);
+    const unsigned bz = static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y));
+    l.block_idx = {bx, by, bz};
+    ++block_serial();
+    l.smem_shadow.assign(smem_bytes / 16 + 1, Access{});
+    std::memset(l.smem, 0xff, smem_bytes);
+    l.block_barrier = Barrier{static_cast<int>(threads), 0, 0, "__syncthreads"};
+    for (Warp& w : l.warps) {
+      w.barrier = Barrier{kWarp, 0, 0, "a warp collective"};
+      w.result_of[0] = w.result_of[1] = ~uint64_t{0};
+    }
+    l.live = static_cast<int>(threads);
+    for (long long i = 0; i < threads; ++i) {
+      Thread& t = l.threads[i];
+      t = Thread{};
+      t.linear = static_cast<int>(i);
+      t.idx = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
+               static_cast<unsigned>(i / (block.x * block.y))};
+      t.stack = stacks().get(i);
+      prepare_fiber(t, Stacks::kBytes);
+    }
+    while (l.live > 0) {
+      bool progressed = false;
+      for (Thread& t : l.threads) {
+        if (t.done) continue;
+        if (t.waiting != nullptr && t.waiting->generation == t.wait_generation) continue;
+        t.waiting = nullptr;
+        l.current = &t;
+        switch_to_thread(l, t);
+        l.current = nullptr;
+        progressed = true;
+        if (!l.error.empty()) {
+          const std::string prefix = "CUDA emulator: ";
+          const std::string what = l.error.rfind(prefix, 0) == 0 ? l.error.substr(prefix.size()) : l.error;
+          fail("block (" + std::to_string(bx) + ", " + std::to_string(by) + ", " + std::to_string(bz) +
+               ") thread " + std::to_string(t.linear) + ": " + what);
         }
-        l.live = static_cast<int>(threads);
-        for (long long i = 0; i < threads; ++i) {
-          Thread& t = l.threads[i];
-          t = Thread{};
-          t.linear = static_cast<int>(i);
-          t.idx = {static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
-                   static_cast<unsigned>(i / (block.x * block.y))};
-          t.stack = stacks().get(i);
-          prepare_fiber(t, Stacks::kBytes);
-        }
-        while (l.live > 0) {
-          bool progressed = false;
-          for (Thread& t : l.threads) {
-            if (t.done) continue;
-            if (t.waiting != nullptr && t.waiting->generation == t.wait_generation) continue;
-            t.waiting = nullptr;
-            l.current = &t;
-            switch_to_thread(l, t);
-            l.current = nullptr;
-            progressed = true;
-            if (!l.error.empty()) {
-              const std::string prefix = "CUDA emulator: ";
-              const std::string what = l.error.rfind(prefix, 0) == 0 ? l.error.substr(prefix.size()) : l.error;
-              fail("block (" + std::to_string(bx) + ", " + std::to_string(by) + ", " + std::to_string(bz) +
-                   ") thread " + std::to_string(t.linear) + ": " + what);
-            }
-            if (l.greedy) break;
-          }
-          if (!progressed) fail("deadlock in block (" + std::to_string(bx) + ", " + std::to_string(by) + "):" +
-                                describe_waits(l));
-        }
+        if (l.greedy) break;
       }
+      if (!progressed) fail("deadlock in block (" + std::to_string(bx) + ", " + std::to_string(by) + "):" +
+                            describe_waits(l));
+    }
+  }
 }
 
 template <typename Kernel>
@@ -533,8 +541,13 @@ inline dim3 as_dim3(I i) {
 
 // kernel<<<grid, block, smem, stream>>>(args) is rewritten to
 // launch(kernel, "kernel", grid, block, smem, stream)(args).
+// The stream is required (the kernels launch on the current stream, which the stand-in
+// getCurrentCUDAStream gives as current_stream()): a launch on the legacy default stream fails.
+inline cudaStream_t current_stream() { return reinterpret_cast<cudaStream_t>(uintptr_t{0x5eed}); }
+
 template <typename Kernel, typename G, typename B>
-Launcher<Kernel> launch(Kernel* kernel, const char* name, G grid, B block, size_t smem = 0, cudaStream_t = nullptr) {
+Launcher<Kernel> launch(Kernel* kernel, const char* name, G grid, B block, size_t smem, cudaStream_t stream) {
+  if (stream != current_stream()) fail(std::string("launch of ") + name + " on another stream than the current one");
   return Launcher<Kernel>{kernel, name, as_dim3(grid), as_dim3(block), smem};
 }
 
@@ -739,17 +752,30 @@ namespace emu {
 
 // build.py rewrites `__shared__ T name[A][B];` to `static ::emu::SharedArray<T, A, B> name("name");`:
 // an element access goes through SharedRef, which records it and checks the bounds.
+// A read of an element no thread of this block has written is an error (on a GPU it reads whatever
+// the previous block left, or garbage), and so is a reference used after a barrier it was made
+// before (`auto v = a[i]; __syncthreads(); use(v)` would read in the wrong epoch).
 template <typename T>
 struct SharedRef {
   T* value;
   Access* access;
   const char* name;
   int64_t index;
+  uint64_t epoch;  // when the reference was made
+  void check_epoch() const {
+    if (current_epoch() != epoch)
+      fail("a reference to " + element(name, index) + " was made before a __syncthreads and used after it");
+  }
   operator T() const {
+    check_epoch();
+    if (racecheck() && (access->write_epoch >> 32) != block_serial())
+      fail("thread " + std::to_string(self().linear) + " reads " + element(name, index) +
+           ", which no thread of this block has written (uninitialised shared memory)");
     record_read(*access, name, index);
     return *value;
   }
   SharedRef& operator=(const T& v) {
+    check_epoch();
     record_write(*access, name, index);
     *value = v;
     return *this;
@@ -774,7 +800,7 @@ struct SharedIndex {
            ") of shared array " + name);
     constexpr int64_t stride = (int64_t{1} * ... * Rest);
     if constexpr (sizeof...(Rest) == 0) {
-      return SharedRef<T>{data + offset + i, shadow + offset + i, name, offset + i};
+      return SharedRef<T>{data + offset + i, shadow + offset + i, name, offset + i, current_epoch()};
     } else {
       return SharedIndex<T, Rest...>{data, shadow, name, offset + i * stride};
     }
@@ -820,7 +846,8 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   ::emu::check_full_mask(mask, "__shfl_xor_sync");
   if (width != 32) ::emu::fail("__shfl_xor_sync: only width 32 is emulated");
   const auto all = ::emu::warp_gather(value, "__shfl_xor_sync");
-  return all[(::emu::lane_of(::emu::self()) ^ lane_mask) % 32];
+  const int source = ::emu::lane_of(::emu::self()) ^ lane_mask;
+  return source >= 0 && source < 32 ? all[source] : value;  // out of range: the lane's own value
 }
 
 [[noreturn]] inline void __trap() { ::emu::fail("__trap()"); }
