@@ -118,7 +118,10 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     m2, m3 = (value.to(dtype) if isinstance(value, torch.Tensor) else float(value) for value in (m2, m3))
     target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), m2, m3,
                                       float(lambda_), margin_grad == "straight_through")
-    logits = (s * cosine).scatter(1, target, target_logit.unsqueeze(1))
+    # Under autocast the cosines come out of the matrix product in the autocast dtype while per-row
+    # margin tensors keep the target logit in fp32: the logits take the wider of the two.
+    logits = (s * cosine).to(torch.promote_types(cosine.dtype, target_logit.dtype))
+    logits = logits.scatter(1, target, target_logit.unsqueeze(1).to(logits.dtype))
     loss_rows = torch.logsumexp(logits, dim=1) - target_logit
     loss_rows = torch.where(counted, loss_rows, torch.zeros_like(loss_rows))
     loss = reduce_rows(loss_rows, labels, ignore_index, reduction)

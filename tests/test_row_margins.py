@@ -322,3 +322,22 @@ def test_sharded_loss_refuses_differentiable_margins():
     criterion = Differentiable(10, 4)
     with pytest.raises(ValueError, match="differentiable per-row margins .* not supported with sharded"):
         criterion(torch.randn(3, 4, requires_grad=True), torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("loss_fn", [arcface_ext.combined_margin_loss, reference.combined_margin_loss],
+                         ids=["fused", "reference"])
+def test_per_row_margins_under_autocast(loss_fn):
+    # Under bf16 autocast the cosines come out of the matrix product in bf16 while the per-row margin
+    # tensors keep the target logit in fp32 (the reference once failed here: a scatter of fp32 into
+    # bf16 logits). Both run, with losses within bf16's tolerance of the fp32 ones, and gradients.
+    x, w, labels, m2, m3 = make_case(24, 32, 50, seed=61)
+    x, w, m2, m3 = x.float(), w.float(), m2.float(), m3.float()
+    expected = reference.combined_margin_loss(x, w, labels, m2=m2, m3=m3, reduction="none")
+    xs = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(xs, w, labels, m2=m2, m3=m3, reduction="none")
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and bool(xs.grad.isfinite().all())
+    # s = 64 times a bf16 cosine (the reference rounds its cosines to bf16 under autocast): up to
+    # ~0.25 a logit.
+    assert_close_report(loss, expected, atol=0.5, rtol=0.0, name="loss")
