@@ -156,13 +156,15 @@ struct Barrier {
 // array and each 16-byte vector of dynamic shared memory remembers its last writer and readers
 // and the barrier epoch (block, __syncthreads count) of those accesses. Two threads touching it in
 // one epoch, at least one writing, is a race; so is a cp.async landing on data another thread read
-// while the copy was in flight. Off with ARCFACE_EMU_RACECHECK=0.
+// while the copy was in flight, and an ldmatrix of bytes a cp.async is still writing. Off with
+// ARCFACE_EMU_RACECHECK=0.
 struct Access {
   uint64_t write_epoch = 0;
   int writer = -1;
   uint64_t read_epoch = 0;
   int reader = -1;
   bool many_readers = false;
+  int in_flight = 0;  // cp.async copies issued to these bytes and not landed yet
 };
 
 struct PendingCopy {
@@ -341,6 +343,7 @@ inline void record_write(Access& a, const char* name, int64_t index) {
 inline void land(Launch& l, const PendingCopy& copy) {
   if (racecheck()) {
     Access& a = l.smem_shadow[copy.dst / 16];
+    --a.in_flight;
     const int thread = l.current->linear;
     if (a.read_epoch >= copy.issue_epoch && (a.many_readers || a.reader != thread))
       race("cp.async landing on data read while it was in flight", thread, a.many_readers ? -1 : a.reader,
@@ -605,7 +608,12 @@ inline uint16_t smem_u16(uint32_t address) {
 // matrix j (the lower element in the lower half).
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
   check_smem_vector(address, "ldmatrix");
-  record_read(launch_state().smem_shadow[address / 16], "dynamic shared memory, byte", address);
+  Access& vector = launch_state().smem_shadow[address / 16];
+  // Reading bytes a cp.async is still writing is a race whoever issued it (the issuer too: its
+  // copy is only visible after its wait).
+  if (racecheck() && vector.in_flight > 0)
+    fail("ldmatrix reads " + element("dynamic shared memory, byte", address) + " while a cp.async to it is in flight");
+  record_read(vector, "dynamic shared memory, byte", address);
   const auto addresses = warp_gather(address, "ldmatrix.x4");
   const int lane = lane_of(self());
   for (int j = 0; j < 4; ++j) {
@@ -714,6 +722,7 @@ inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
   } else {
     std::memset(copy.data, 0, 16);
   }
+  if (racecheck()) ++l.smem_shadow[dst / 16].in_flight;  // until land() takes it back
   if (l.issue_copies_at_once) {
     land(l, copy);
   } else {
