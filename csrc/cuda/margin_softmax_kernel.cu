@@ -300,7 +300,8 @@ __global__ void __launch_bounds__(kEpilogueThreads)
         // The target's gradient goes through the margin, from the direct dot product (double);
         // p from the logit as the forward rounded it into the log-sum-exp (a lone class: p = 1).
         const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
-        const double p = exp(static_cast<double>(static_cast<acc_t>(t.logit)) - static_cast<double>(lse));
+        const double logit = static_cast<double>(static_cast<acc_t>(t.logit));
+        const double p = exp(logit - static_cast<double>(lse));
         q = static_cast<acc_t>(inside * (p - 1.0) * t.dlogit_dc);
       } else {
         const acc_t cosine = cosine_of(row[j], inv_norm_x, inv_norm_w[j]);
@@ -564,7 +565,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       if (target >= 0 && target < width) {
         // Through the margin, from the direct dot product (double), as the cuBLAS path does.
         const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
-        const double p = exp(static_cast<double>(static_cast<float>(t.logit)) - static_cast<double>(logsumexp[i]));
+        const double logit = static_cast<double>(static_cast<float>(t.logit));
+        const double p = exp(logit - static_cast<double>(logsumexp[i]));
         row_target[r] = target;
         row_target_q[r] = static_cast<float>(inside * (p - 1.0) * t.dlogit_dc);
       }
