@@ -20,8 +20,9 @@ pytestmark = [
                        reason="the emulator's fibers are written for x86-64 Linux"),
 ]
 
-ARGS = dict(s=64.0, m1=1.0, m2=0.3, m3=0.2, lambda_=0.0, ignore_index=-1, straight_through=False,
-            workspace_bytes=1 << 26)
+def op_args(workspace_bytes=1 << 26):
+    """(s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes) of the ops."""
+    return (64.0, 1.0, 0.3, 0.2, 0.0, -1, False, workspace_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,7 @@ def inputs(n, dim, num_classes, dtype, *, seed):
 
 
 def forward_backward(ops, x, w, labels, grad, **extra):
-    args = (ARGS["s"], ARGS["m1"], ARGS["m2"], ARGS["m3"], ARGS["lambda_"], ARGS["ignore_index"],
-            ARGS["straight_through"], ARGS["workspace_bytes"])
+    args = op_args()
     loss, lse, cosine = ops.margin_softmax_forward(x, w, labels, *args, **extra)
     grad = grad.to(loss.dtype)
     gx, gw = ops.margin_softmax_backward(grad, x, w, labels, lse, *args, True, True, **extra)
@@ -134,8 +134,7 @@ def test_segments_of_several_tiles(emulated, monkeypatch, workspace_bytes):
     # a large C (C = 1M on an H100) or a tiny workspace.
     monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
     x, w, labels, grad = inputs(20, 32, 4100, torch.bfloat16, seed=4)
-    args = (ARGS["s"], ARGS["m1"], ARGS["m2"], ARGS["m3"], ARGS["lambda_"], ARGS["ignore_index"],
-            ARGS["straight_through"], workspace_bytes)
+    args = op_args(workspace_bytes)
     ours = emulated.margin_softmax_forward(x, w, labels, *args)
     expected = torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, *args)
     for name, a, e in zip(("loss", "logsumexp", "target_cosine"), ours, expected):
