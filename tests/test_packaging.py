@@ -1,7 +1,8 @@
 """The source distribution carries everything the extension is compiled from: every file under
 csrc/ (CUDA sources and headers too, whichever machine makes the sdist), so that a wheel built
-from it elsewhere compiles."""
+from it elsewhere compiles; and the built extension shares the process's C++ runtime."""
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -31,3 +32,19 @@ def test_sdist_holds_every_source_and_header(tmp_path):
     missing = sorted(sources - packed)
     assert not missing, f"the sdist lacks {missing}: see MANIFEST.in"
     assert "README.md" in packed and "arcface_ext/functional.py" in packed
+
+
+def test_extension_uses_the_shared_cxx_runtime():
+    # A second, static libstdc++ inside _C.so (what a g++ whose library path finds libstdc++.a
+    # first makes) has its own uninitialised locale: on the H200 image every error message with a
+    # number in it segfaulted; on Debian's g++ 12 the number is silently dropped. setup.py names
+    # the shared runtime by its soname.
+    arcface_ext = pytest.importorskip("arcface_ext")
+    if not arcface_ext.extension_available():
+        pytest.skip("the extension is not built")
+    if shutil.which("nm") is None:
+        pytest.skip("needs binutils' nm")
+    import arcface_ext._C as ext
+    listed = subprocess.run(["nm", "-D", "--defined-only", ext.__file__], capture_output=True, text=True, check=True)
+    defined = {line.split()[-1] for line in listed.stdout.splitlines() if line.strip()}
+    assert not {"__cxa_throw", "__cxa_get_globals"} & defined, f"{ext.__file__} carries its own libstdc++"

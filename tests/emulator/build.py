@@ -178,6 +178,7 @@ def load(verbose=False):
             build_directory=str(build_dir),
             extra_include_paths=[str(HERE / "include"), str(HERE), str(ROOT / "csrc" / "cuda")],
             extra_cflags=["-O1" if asan else "-O2", "-Wno-unknown-pragmas", "-Wno-attributes", *sanitize],
-            extra_ldflags=sanitize, is_python_module=False, verbose=verbose)
+            extra_ldflags=[*sanitize, "-l:libstdc++.so.6"],  # the shared C++ runtime, as setup.py links it
+            is_python_module=False, verbose=verbose)
         _LOADED = torch.ops.arcface_ext_emulated
     return _LOADED
