@@ -198,10 +198,17 @@ def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: 
 
 def _resolve_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(spec)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise SystemExit(f"--device {spec}: this process (LOCAL_RANK {local_rank}) would use {device}, but "
+                             f"{count} CUDA device(s) are visible; start one process per GPU "
+                             "(torchrun --nproc_per_node) or pass --device cpu")
     return device
 
 

@@ -17,7 +17,7 @@ import arcface_ext
 from train import checkpoint
 from train.config import parse_args
 from train.models import NETWORKS
-from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, main
+from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, _resolve_device, main
 
 from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl  # noqa: F401
 
@@ -408,3 +408,16 @@ def test_unbuilt_extension_is_named(faces, tmp_path, monkeypatch):
     monkeypatch.setattr(arcface_ext, "extension_available", lambda: False)
     with pytest.raises(SystemExit, match="compiled op is not built.*--loss-impl reference"):
         main(argv(faces, tmp_path, loss_impl="fused"))
+
+
+def test_a_process_without_its_gpu_is_told_so(monkeypatch):
+    # Two processes on a one-GPU machine: rank 1's cuda:1 failed inside torch.cuda.set_device
+    # with "invalid device ordinal" (seen on the H200). Now it is a message that says what to do.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _resolve_device("auto", 0) == torch.device("cuda", 0)
+    assert _resolve_device("cuda", 0) == torch.device("cuda", 0)
+    assert _resolve_device("cpu", 1) == torch.device("cpu")
+    for spec, rank in (("auto", 1), ("cuda", 1), ("cuda:3", 0)):
+        with pytest.raises(SystemExit, match=r"would use cuda:\d, but 1 CUDA device\(s\) are visible"):
+            _resolve_device(spec, rank)
