@@ -16,11 +16,12 @@
 #             that fits for ours and eager (45 s); the results JSON is copied to $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   profile   benchmarks/profile_loss.py at C = 1M, fused and cuBLAS paths
+#   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k), to profile.log
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
 #             (its images/s in metrics.jsonl, appended to profile.log)
 #   suite     the rest of the test suite (tests/ without test_cuda.py) under the machine's torch
-#   sweep     ours and ours-cublas at C = 1M with a 16, 64 and 256 MiB workspace (NOTES.md, step 4)
+#   sweep     ours and ours-cublas at C = 100k and 1M with a 16, 64, 128 and 256 MiB workspace
 # Each stage's output goes to $OUT/<stage>.log (both sanitizer stages to sanitize.log, the sweep to
 # profile.log: the device tool returns at most 8 files); the device, and a summary of return codes
 # and times, are printed last and kept in $OUT/summary.log.
@@ -33,7 +34,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile racecheck train suite sweep)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile ncu racecheck train suite sweep)
 SUMMARY=()
 
 run_stage() {  # name, log name, time limit (s), minimum worth running (s), command...
@@ -65,6 +66,12 @@ DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clock
          git rev-parse --short HEAD 2>/dev/null)
 echo "$DEVICE"
 
+# pytest-xdist (on the GPU image) isolates a crash: a test that kills its worker is reported and the
+# worker replaced, where a single process would end the stage (the first H200 run lost 18% of the CUDA
+# tests to one segfault that way).
+XDIST=()
+"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-p xdist --max-worker-restart 100)
+
 for stage in "${STAGES[@]}"; do
   case $stage in
     build)
@@ -73,9 +80,13 @@ for stage in "${STAGES[@]}"; do
         break
       fi
       "$PY" -c 'import arcface_ext, torch; assert arcface_ext.extension_available(); print("CUDA kernels registered:", torch._C._dispatch_has_kernel_for_dispatch_key("arcface_ext::margin_softmax_forward", "CUDA"))' \
-        2>&1 | tee -a "$OUT/build.log" ;;
+        2>&1 | tee -a "$OUT/build.log"
+      # The C++ runtime must be the process's shared one (setup.py's -l:libstdc++.so.6): 0 expected.
+      echo "CXX=${CXX:-unset}; __cxa_throw defined in _C.so: $(nm -D --defined-only arcface_ext/_C*.so 2>/dev/null \
+        | grep -c ' __cxa_throw$')" | tee -a "$OUT/build.log" ;;
     # -v: one line a test in cuda.log, so that a stage cut off by its limit still says what ran.
     cuda) run_stage cuda cuda 150 30 "$PY" -m pytest -v -p no:cacheprovider --maxfail=40 -rf --durations=10 \
+            ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} \
             -o faulthandler_timeout=120 tests/test_cuda.py ;;
     bench)
       run_stage bench bench 170 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
@@ -84,6 +95,13 @@ for stage in "${STAGES[@]}"; do
     memcheck) run_stage memcheck sanitize 100 40 compute-sanitizer --tool memcheck --error-exitcode 9 \
                 "$PY" benchmarks/sanitize_case.py ;;
     profile) run_stage profile profile 60 20 "$PY" benchmarks/profile_loss.py ;;
+    # Why the fused tiles run at a quarter of cuBLAS's rate (H200, session 7): L2 traffic, latency
+    # or the tensor pipe. One launch of each fused kernel at C = 100k, hardware counters.
+    ncu) run_stage ncu profile 90 40 ncu --clock-control none --target-processes all \
+           -k 'regex:fused_(forward|backward)_kernel|class_gradient_kernel' -c 8 \
+           --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+           --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+           "$PY" benchmarks/profile_loss.py --C 100000 --paths fused ;;
     racecheck) run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
                  "$PY" benchmarks/sanitize_case.py ;;
     train)
@@ -93,10 +111,11 @@ for stage in "${STAGES[@]}"; do
         --num-workers 8 --no-plots --no-tensorboard --output /tmp/gpu-check-train
       cat /tmp/gpu-check-train/metrics.jsonl >> "$OUT/profile.log" 2>/dev/null ;;
     suite) run_stage suite suite 200 60 "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -rf tests \
+             ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 8} \
              --ignore tests/test_cuda.py ;;
     sweep)
-      for mib in 16 64 256; do
-        run_stage "sweep-${mib}MiB" profile 40 25 "$PY" benchmarks/bench_loss.py --device cuda --C 1000000 \
+      for mib in 16 64 128 256; do
+        run_stage "sweep-${mib}MiB" profile 40 25 "$PY" benchmarks/bench_loss.py --device cuda --C 100000 1000000 \
           --impls ours,ours-cublas,floor --no-memory --warmup 2 --workspace-bytes $((mib << 20)) \
           --out "/tmp/sweep-${mib}MiB.json"
       done ;;
