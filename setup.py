@@ -28,10 +28,10 @@ def _extensions():
     cxx = opt + ["-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     # torch ships its own libgomp.so.1; linking by that soname reuses the copy torch has loaded.
     # The shared C++ runtime, named by its soname ahead of the driver's own -lstdc++. A g++ whose
-    # library path finds libstdc++.a first (the GPU image's CXX, a wrapper passing -B to a folder
-    # holding only the archive) otherwise puts a second, static libstdc++ in _C.so, with its own
-    # uninitialised locale: every error message with a number in it segfaulted there. A plain
-    # -lstdc++ finds that archive too; the soname cannot. tests/test_packaging.py checks _C.so.
+    # library path finds libstdc++.a first (the GPU image's CXX: a wrapper passing -B to a gcc
+    # folder, where -lstdc++ found the archive) otherwise puts a second, static libstdc++ in _C.so,
+    # with its own uninitialised locale: every error message with a number in it segfaulted there.
+    # A plain -lstdc++ finds that archive too; the soname cannot. test_packaging.py checks _C.so.
     link = ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
     if not with_cuda:
         _log(f"building CPU-only (torch {torch.__version__}; set FORCE_CUDA=1 to build CUDA kernels)")
