@@ -449,11 +449,13 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
   const int64_t first = int64_t{blockIdx.y} * tiles_per_segment;
   const int64_t last = std::min(first + tiles_per_segment, tiles);
+  // One pipeline over the segment's tiles: the next tile's first slices load during this epilogue.
+  const cuda::TileRun run = cuda::make_tile_run(x, n, row0, w, c, first * kTileClasses, last - first, dim);
   for (int64_t tile = first; tile < last; ++tile) {
     const int64_t col0 = tile * kTileClasses;
     cuda::TileAcc acc;
     float norm_sq;
-    cuda::tile_gemm<kBFloat16, true>(x, n, row0, w, c, col0, dim, tile_smem, acc, norm_sq);
+    cuda::tile_run_gemm<kBFloat16, true>(run, tile - first, tile_smem, acc, norm_sq);
     // (The previous tile's epilogue read tile_inv_norm before this tile's GEMM barriers.)
     publish_class_norms(norm_sq, tile_inv_norm, nullptr);
     float inv_w[4][2];

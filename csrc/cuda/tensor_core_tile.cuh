@@ -5,8 +5,9 @@
 // One block of 8 warps computes acc = X[row0 : row0+128, :] · W[col0 : col0+128, :]ᵀ over the
 // whole depth D (the rows of both operands are contiguous, D a multiple of 8 and both bases
 // 16-byte aligned, so every global load is one 16-byte cp.async). The depth is walked in 32-wide
-// slices through a 3-stage cp.async pipeline; each warp owns a 64 x 32 sub-tile and issues
-// mma.sync.m16n8k16 from ldmatrix fragments. Rows and classes past the ends load as zeros.
+// slices through a 3-stage cp.async pipeline, kept running across a run of class tiles (TileRun);
+// each warp owns a 64 x 32 sub-tile and issues mma.sync.m16n8k16 from ldmatrix fragments. Rows and
+// classes past the ends load as zeros.
 //
 // With kClassNorms, tile_gemm also sums the squares of the W tile's elements as they pass through
 // shared memory: thread t adds those of class t / 2, depth half t % 2 of each slice, so that
@@ -179,13 +180,63 @@ __device__ __forceinline__ void tile_load_slice(const uint16_t* __restrict__ x, 
   }
 }
 
-// acc = X[row0 : row0+128, :] · W[col0 : col0+128, :]ᵀ (see the top of the file). Every thread
-// of the block must call it; `smem` is kTileSmemBytes of dynamic shared memory, free again (all
-// copies landed, all warps past their last read) when it returns.
+// A run of consecutive class tiles [col0, col0 + 128·tiles) against one row tile, streamed through
+// one kTileStages-deep cp.async pipeline. Depth slice g of the run (tile g / slices, slice
+// g % slices) lands in stage g % kTileStages, and the loads stay kTileStages - 1 slices ahead
+// across tile boundaries: the next tile's first slices load while this tile's last ones are
+// multiplied and while the caller's epilogue runs, instead of the pipeline draining and filling
+// again at every tile (the H200 profile, NOTES.md session 7).
+struct TileRun {
+  const uint16_t* __restrict__ x;
+  int64_t rows;
+  int64_t row0;
+  const uint16_t* __restrict__ w;
+  int64_t classes;
+  int64_t col0;   // the first tile's first class
+  int64_t tiles;
+  int dim;
+  int slices;     // depth slices a tile
+};
+
+__device__ __forceinline__ TileRun make_tile_run(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
+                                                 const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
+                                                 int64_t tiles, int dim) {
+  return {x, rows, row0, w, classes, col0, tiles, dim, (dim + kTileDepth - 1) / kTileDepth};
+}
+
+// Where the pipeline's next load goes: slice `slice` of the run's tile `tile`, into `stage`.
+// Stepped by increments (no 64-bit division in the slice loop).
+struct TileRunCursor {
+  int64_t tile;
+  int slice;
+  int stage;
+
+  __device__ __forceinline__ void advance(int slices) {
+    if (++slice == slices) {
+      slice = 0;
+      ++tile;
+    }
+    if (++stage == kTileStages) stage = 0;
+  }
+};
+
+// Issues the cursor's slice (nothing past the run's end) and commits one group either way, so that
+// the groups committed always number the slices issued, empty ones included.
+__device__ __forceinline__ void tile_run_load(const TileRun& run, uint16_t* smem, const TileRunCursor& at) {
+  if (at.tile < run.tiles)
+    tile_load_slice(run.x, run.rows, run.row0, run.w, run.classes, run.col0 + at.tile * kTileClasses, run.dim,
+                    smem, at.stage, at.slice);
+  cp_async_commit();
+}
+
+// acc = X[row0 : row0+128, :] · W[col0 + 128·t : col0 + 128·(t+1), :]ᵀ, tile t of the run (see the
+// top of the file). Every thread of the block calls it for t = 0, 1, ... in order; between two calls
+// the caller must not touch `smem` (kTileSmemBytes of dynamic shared memory: the next tile's first
+// slices are landing there). After the run's last tile every copy has landed, every warp is past
+// its last read, and `smem` is free again.
 template <bool kBFloat16, bool kClassNorms>
-__device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
-                                          const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
-                                          int dim, uint16_t* smem, TileAcc& acc, float& norm_sq) {
+__device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uint16_t* smem, TileAcc& acc,
+                                              float& norm_sq) {
   const int lane = threadIdx.x % 32;
   const int warp_m = threadIdx.x / 32 / 4;
   const int warp_n = threadIdx.x / 32 % 4;
@@ -197,23 +248,30 @@ __device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_
       for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
   norm_sq = 0.0f;
 
-  const int slices = (dim + kTileDepth - 1) / kTileDepth;
+  // Slice g of the run (g = t·slices + slice) lands in stage g % kTileStages; the load issued at
+  // slice g is slice g + kTileStages - 1, the prologue's are 0 .. kTileStages - 2.
+  int stage = static_cast<int>(t * run.slices % kTileStages);
+  TileRunCursor next{t, 0, stage};
+  if (t == 0) {
 #pragma unroll
-  for (int s = 0; s < kTileStages - 1; ++s) {
-    if (s < slices) tile_load_slice(x, rows, row0, w, classes, col0, dim, smem, s, s);
-    cp_async_commit();
+    for (int g = 0; g < kTileStages - 1; ++g) {
+      tile_run_load(run, smem, next);
+      next.advance(run.slices);
+    }
+  } else {
+    for (int g = 0; g < kTileStages - 1; ++g) next.advance(run.slices);
   }
-  for (int slice = 0; slice < slices; ++slice) {
-    // Groups committed so far: kTileStages - 1 + slice; this leaves at most kTileStages - 2
-    // pending, so slice `slice` has landed. The barrier also means every warp is done with the
-    // stage the prefetch below overwrites (it was read at slice - 1).
+  for (int slice = 0; slice < run.slices; ++slice) {
+    // Groups committed so far: kTileStages - 1 + g; this leaves at most kTileStages - 2 pending,
+    // so slice g has landed. The barrier also means every warp is done with the stage the load
+    // below overwrites (it was read at g - 1, in this tile or at the end of the previous one).
     cp_async_wait<kTileStages - 2>();
     __syncthreads();
-    const int next = slice + kTileStages - 1;
-    if (next < slices) tile_load_slice(x, rows, row0, w, classes, col0, dim, smem, next % kTileStages, next);
-    cp_async_commit();
+    tile_run_load(run, smem, next);
+    next.advance(run.slices);
 
-    const uint16_t* sx = smem + (slice % kTileStages) * kTileStageElems;
+    const uint16_t* sx = smem + stage * kTileStageElems;
+    if (++stage == kTileStages) stage = 0;
     const uint16_t* sw = sx + kTileRows * kTilePitch;
     if constexpr (kClassNorms) {
       // Past the ends the slice holds zeros, which add nothing.
@@ -235,12 +293,12 @@ __device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_
 #pragma unroll
       for (int nj = 0; nj < 2; ++nj) {
         const int r = warp_n * 32 + nj * 16 + lane % 8 + (lane / 16) * 8;
-        uint32_t t[4];
-        ldmatrix_x4(t, shared_address(sw + r * kTilePitch + kk + (lane / 8 % 2) * 8));
-        b[2 * nj][0] = t[0];
-        b[2 * nj][1] = t[1];
-        b[2 * nj + 1][0] = t[2];
-        b[2 * nj + 1][1] = t[3];
+        uint32_t tb[4];
+        ldmatrix_x4(tb, shared_address(sw + r * kTilePitch + kk + (lane / 8 % 2) * 8));
+        b[2 * nj][0] = tb[0];
+        b[2 * nj][1] = tb[1];
+        b[2 * nj + 1][0] = tb[2];
+        b[2 * nj + 1][1] = tb[3];
       }
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi)
@@ -248,8 +306,20 @@ __device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_
         for (int ni = 0; ni < 4; ++ni) mma_16816<kBFloat16>(acc[mi][ni], a[mi], b[ni]);
     }
   }
-  cp_async_wait<0>();
-  __syncthreads();
+  if (t + 1 == run.tiles) {
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+}
+
+// One tile alone: a run of one (its pipeline fills and drains within the call, `smem` is free
+// again when it returns).
+template <bool kBFloat16, bool kClassNorms>
+__device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
+                                          const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
+                                          int dim, uint16_t* smem, TileAcc& acc, float& norm_sq) {
+  tile_run_gemm<kBFloat16, kClassNorms>(make_tile_run(x, rows, row0, w, classes, col0, 1, dim), 0, smem, acc,
+                                        norm_sq);
 }
 
 }  // namespace cuda
