@@ -14,6 +14,8 @@
 #   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths)
 #   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl, then the largest C
 #             that fits for ours and eager (45 s); the results JSON is copied to $OUT/bench.json
+#   depth     ours at C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline in the fused kernels
+#             (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   profile   benchmarks/profile_loss.py at C = 1M, fused and cuBLAS paths
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k), to profile.log
@@ -34,7 +36,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile ncu racecheck train suite sweep)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench depth memcheck profile ncu racecheck train suite sweep)
 SUMMARY=()
 
 run_stage() {  # name, log name, time limit (s), minimum worth running (s), command...
@@ -92,6 +94,11 @@ for stage in "${STAGES[@]}"; do
       run_stage bench bench 170 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
         --max-c 50000000 --max-c-seconds 45 --out "$ROOT/benchmarks/results/gpu-check.json"
       cp "$ROOT/benchmarks/results/gpu-check.json" "$OUT/bench.json" 2>/dev/null ;;
+    depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
+      for d in 3 4 5; do
+        run_stage "depth-$d" bench 40 20 env ARCFACE_EXT_TILE_STAGES=$d "$PY" benchmarks/bench_loss.py --device cuda \
+          --C 100000 1000000 --impls ours,floor --no-memory --warmup 2 --out "/tmp/depth-$d.json"
+      done ;;
     memcheck) run_stage memcheck sanitize 100 40 compute-sanitizer --tool memcheck --error-exitcode 9 \
                 "$PY" benchmarks/sanitize_case.py ;;
     profile) run_stage profile profile 60 20 "$PY" benchmarks/profile_loss.py ;;

@@ -40,8 +40,8 @@ def inputs(n, dim, num_classes, dtype, *, seed):
     return x, w, labels, grad
 
 
-def forward_backward(ops, x, w, labels, grad, **extra):
-    args = op_args()
+def forward_backward(ops, x, w, labels, grad, workspace_bytes=1 << 26, **extra):
+    args = op_args(workspace_bytes)
     loss, lse, cosine = ops.margin_softmax_forward(x, w, labels, *args, **extra)
     grad = grad.to(loss.dtype)
     gx, gw = ops.margin_softmax_backward(grad, x, w, labels, lse, *args, True, True, **extra)
@@ -86,15 +86,36 @@ def test_class_shard(emulated):
     assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w[200:500], labels, grad, **shard))
 
 
-def test_stage_reuse_under_the_racing_schedule(emulated, monkeypatch):
+@pytest.mark.parametrize("depth", ["3", "4", "5", "auto-sm80", "auto-sm90"])
+def test_pipeline_depths_under_the_racing_schedule(emulated, monkeypatch, depth):
     # Warps racing ahead of each other, copies landing as soon as they are issued: a prefetch into a
-    # stage that another warp still reads would change the result. D = 160: five slices, so each of
-    # the three stages is reused.
+    # stage that another warp still reads would change the result. D = 160: five slices a tile, so
+    # every stage is reused; one SM and a 1000-byte workspace make the forward's segments runs of 2
+    # class tiles, whose pipeline crosses from one tile into the next. Each depth the kernels are
+    # built for, and the host's own choice for an sm_80 (3) and an sm_90 (4) shared memory.
     monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
     monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
-    x, w, labels, grad = inputs(40, 160, 200, torch.bfloat16, seed=3)
-    ours = forward_backward(emulated, x, w, labels, grad)
-    assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w, labels, grad))
+    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
+    if depth.startswith("auto"):
+        monkeypatch.delenv("ARCFACE_EXT_TILE_STAGES", raising=False)
+        monkeypatch.setenv("ARCFACE_EMU_SMEM_PER_SM", "167936" if depth == "auto-sm80" else "233472")
+    else:
+        monkeypatch.setenv("ARCFACE_EXT_TILE_STAGES", depth)
+    x, w, labels, grad = inputs(40, 160, 1100, torch.bfloat16, seed=3)
+    emulated.take_launch_log()
+    ours = forward_backward(emulated, x, w, labels, grad, workspace_bytes=1000)
+    launched = emulated.take_launch_log().split()
+    stages = {"auto-sm80": 3, "auto-sm90": 4}.get(depth) or int(depth)
+    for kernel in ("fused_forward_kernel", "fused_backward_kernel"):
+        assert launched[launched.index(kernel) + 1] == f"smem:{stages * 20480}", launched
+    assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w, labels, grad, workspace_bytes=1000))
+
+
+def test_a_bad_pipeline_depth_is_named(emulated, monkeypatch):
+    monkeypatch.setenv("ARCFACE_EXT_TILE_STAGES", "8")
+    x, w, labels, _ = inputs(8, 32, 50, torch.bfloat16, seed=6)
+    with pytest.raises(ValueError, match="ARCFACE_EXT_TILE_STAGES must be 3 to 5, got '8'"):
+        emulated.margin_softmax_forward(x, w, labels, *op_args())
 
 
 def test_rewrite():

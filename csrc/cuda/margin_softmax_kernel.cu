@@ -391,7 +391,7 @@ using cuda::kTileThreads;
 using cuda::tile_class;
 using cuda::tile_row;
 
-// After tile_gemm<kBFloat16, true>: the tile's inverse class norms and clamp flags, as
+// After tile_run_gemm<kBFloat16, true, ...>: the tile's inverse class norms and clamp flags, as
 // class_inverse_norms_kernel computes them, in shared memory for the whole block. The arrays are
 // template parameters (shared float[128] and bool[128], or nullptr for no flags), so that the CPU
 // emulator's checked shared arrays (tests/emulator) pass through as well.
@@ -413,7 +413,7 @@ __device__ __forceinline__ void publish_class_norms(float norm_sq, InvNorms& inv
 // a tile to (max, Σexp) over the 4 lanes that hold them, folds that into running statistics (one
 // lane of the quad keeps them), merges the 4 warps that share a row in a fixed order, and writes one
 // (max, sum) per (row, segment g).
-template <bool kBFloat16>
+template <bool kBFloat16, int kStages>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_forward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
                          int64_t c, int dim, const RowTarget* __restrict__ rows, float s,
@@ -455,7 +455,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     const int64_t col0 = tile * kTileClasses;
     cuda::TileAcc acc;
     float norm_sq;
-    cuda::tile_run_gemm<kBFloat16, true>(run, tile - first, tile_smem, acc, norm_sq);
+    cuda::tile_run_gemm<kBFloat16, true, kStages>(run, tile - first, tile_smem, acc, norm_sq);
     // (The previous tile's epilogue read tile_inv_norm before this tile's GEMM barriers.)
     publish_class_norms(norm_sq, tile_inv_norm, nullptr);
     float inv_w[4][2];
@@ -533,7 +533,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 // [128 t, +128), forms G_ij exactly as margin_softmax_backward_kernel does, stages it in shared
 // memory (the pipeline's, free after the GEMM) and writes it out in 16-byte rows: grad_block has
 // row pitch ld, a multiple of 8 at least `width`; the columns past `width` get zeros.
-template <bool kBFloat16, typename scalar_t>
+template <bool kBFloat16, typename scalar_t, int kStages>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_backward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
                           int64_t n, int64_t width, int dim, int64_t c0,
@@ -579,7 +579,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const int64_t col0 = int64_t{blockIdx.y} * kTileClasses;
   cuda::TileAcc acc;
   float norm_sq;
-  cuda::tile_gemm<kBFloat16, true>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
+  cuda::tile_gemm<kBFloat16, true, kStages>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
   publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
   // The first row tile hands the chunk's class norms to class_gradient_kernel.
   if (chunk_inv_norm != nullptr && blockIdx.x == 0) {
@@ -592,7 +592,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   }
 
   constexpr int kPitch = kTileClasses + 8;  // 272-byte rows: 16-byte aligned for the copy-out
-  static_assert(kTileRows * kPitch * 2 <= cuda::kTileSmemBytes, "staging tile fits the pipeline");
+  static_assert(kTileRows * kPitch * 2 <= cuda::tile_smem_bytes(kStages), "staging tile fits the pipeline");
   scalar_t* staged = reinterpret_cast<scalar_t*>(tile_smem);
 #pragma unroll
   for (int ni = 0; ni < 4; ++ni)
@@ -727,16 +727,42 @@ bool use_fused_kernels(const at::Tensor& x, const at::Tensor& w) {
   // A build whose code for this GPU comes from pre-sm_80 PTX has no tensor-core tile (its
   // kernels would trap): the cuBLAS path then.
   cudaFuncAttributes attributes;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_forward_kernel<true>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_forward_kernel<true, cuda::kMinTileStages>));
   if (attributes.ptxVersion < 80) return false;
   const char* setting = std::getenv("ARCFACE_EXT_CUDA_FUSED");
   return setting == nullptr || std::strcmp(setting, "0") != 0;
 }
 
 template <typename Kernel>
-void allow_tile_smem(Kernel kernel) {
+void allow_tile_smem(Kernel kernel, int stages) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      cuda::kTileSmemBytes));
+                                      cuda::tile_smem_bytes(stages)));
+}
+
+// The fused kernels' pipeline depth: ARCFACE_EXT_TILE_STAGES (3, 4 or 5; read at every call, for
+// measuring), else the deepest of 3 and 4 that keeps two blocks an SM (4 on sm_90's 228 KB, 3 on
+// sm_80's 164 KB), with 8 KB a block for the kernels' static arrays and the runtime's reserve.
+int fused_tile_stages(int device) {
+  if (const char* setting = std::getenv("ARCFACE_EXT_TILE_STAGES")) {
+    const int stages = std::atoi(setting);
+    TORCH_CHECK_VALUE(stages >= cuda::kMinTileStages && stages <= cuda::kMaxTileStages,
+                      "arcface_ext: ARCFACE_EXT_TILE_STAGES must be ", cuda::kMinTileStages, " to ",
+                      cuda::kMaxTileStages, ", got '", setting, "'");
+    return stages;
+  }
+  const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  return 2 * (cuda::tile_smem_bytes(4) + 8192) <= per_sm ? 4 : cuda::kMinTileStages;
+}
+
+// Calls f(std::integral_constant<int, stages>{}): the kernels are instantiated for each depth.
+template <typename F>
+void with_tile_stages(int stages, F&& f) {
+  switch (stages) {
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: TORCH_CHECK(false, "arcface_ext: no fused kernels for a ", stages, "-stage pipeline");
+  }
 }
 
 template <typename scalar_t>
@@ -832,15 +858,18 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
       const at::Tensor segment_max = at::empty({n, segments.count}, acc_options);
       const at::Tensor segment_sum = at::empty({n, segments.count}, acc_options);
       constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
-      allow_tile_smem(fused_forward_kernel<kBFloat16>);
       const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
                       static_cast<unsigned>(segments.count));
-      fused_forward_kernel<kBFloat16><<<grid, kTileThreads, cuda::kTileSmemBytes, stream>>>(
-          raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
-          static_cast<acc_t>(params.s),
-          segments.tiles_per_segment, segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(),
-          segments.count);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_tile_stages(fused_tile_stages(x.get_device()), [&](auto depth) {
+        constexpr int kStages = decltype(depth)::value;
+        allow_tile_smem(fused_forward_kernel<kBFloat16, kStages>, kStages);
+        fused_forward_kernel<kBFloat16, kStages><<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
+            raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
+            static_cast<acc_t>(params.s),
+            segments.tiles_per_segment, segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(),
+            segments.count);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
       margin_softmax_finalize_kernel<acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
           segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(), segments.count, rows_ptr, n,
           loss.data_ptr<acc_t>(), logsumexp.data_ptr<acc_t>(), target_cosine.data_ptr<acc_t>());
@@ -958,9 +987,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   at::Tensor grad_block_buffer = converts ? at::empty({n * block_pitch}, x.options()) : dots_buffer;
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
-  if constexpr (converts) {
-    if (fused) allow_tile_smem(fused_backward_kernel<std::is_same<scalar_t, at::BFloat16>::value, scalar_t>);
-  }
+  const int stages = fused ? fused_tile_stages(x.get_device()) : 0;
   // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64).
   at::Tensor grad_xhat = needs_embeddings_grad ? at::zeros({n, dim}, acc_options) : at::Tensor();
   at::Tensor grad_xhat_chunk =
@@ -979,12 +1006,17 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
         constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
         const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
                         static_cast<unsigned>((width + kTileClasses - 1) / kTileClasses));
-        fused_backward_kernel<kBFloat16, scalar_t><<<grid, kTileThreads, cuda::kTileSmemBytes, stream>>>(
-            raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0,
-            rows_ptr, grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s),
-            grad_block_buffer.data_ptr<scalar_t>(), block_pitch,
-            needs_weight_grad ? chunk_inv_norm : nullptr, needs_weight_grad ? chunk_unclamped : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        with_tile_stages(stages, [&](auto depth) {
+          constexpr int kStages = decltype(depth)::value;
+          if (k == 0) allow_tile_smem(fused_backward_kernel<kBFloat16, scalar_t, kStages>, kStages);
+          fused_backward_kernel<kBFloat16, scalar_t, kStages>
+              <<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
+                  raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0,
+                  rows_ptr, grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s),
+                  grad_block_buffer.data_ptr<scalar_t>(), block_pitch,
+                  needs_weight_grad ? chunk_inv_norm : nullptr, needs_weight_grad ? chunk_unclamped : nullptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       }
     } else {
       at::Tensor dots = chunk_dot_products<scalar_t, acc_t>(

@@ -5,7 +5,8 @@
 // One block of 8 warps computes acc = X[row0 : row0+128, :] · W[col0 : col0+128, :]ᵀ over the
 // whole depth D (the rows of both operands are contiguous, D a multiple of 8 and both bases
 // 16-byte aligned, so every global load is one 16-byte cp.async). The depth is walked in 32-wide
-// slices through a 3-stage cp.async pipeline, kept running across a run of class tiles (TileRun);
+// slices through a kStages-deep cp.async pipeline (3 to 5 stages; the host picks, see
+// fused_tile_stages), kept running across a run of class tiles (TileRun);
 // each warp owns a 64 x 32 sub-tile and issues mma.sync.m16n8k16 from ldmatrix fragments. Rows and
 // classes past the ends load as zeros.
 //
@@ -33,15 +34,17 @@ namespace cuda {
 constexpr int kTileRows = 128;
 constexpr int kTileClasses = 128;
 constexpr int kTileDepth = 32;
-constexpr int kTileStages = 3;
 constexpr int kTileThreads = 256;
+constexpr int kMinTileStages = 3;
+constexpr int kMaxTileStages = 5;
 static_assert(kTileThreads == 2 * kTileClasses && kTileDepth == 32, "class norms: 2 threads a class, 16 values each");
 // 16-bit elements per shared-memory row: 32 + 8 of padding (80 bytes), so the eight 16-byte rows
 // an ldmatrix reads fall in eight different bank groups.
 constexpr int kTilePitch = kTileDepth + 8;
 constexpr int kTileStageElems = (kTileRows + kTileClasses) * kTilePitch;
-constexpr int kTileSmemBytes = kTileStages * kTileStageElems * 2;  // 61,440: opt-in dynamic smem
-// (two blocks an SM on sm_80 and sm_90; one on sm_86/sm_89, whose SMs have ~100 KB)
+// Dynamic shared memory of a kStages-deep pipeline: 20,480 bytes a stage (61,440 for 3, which fits
+// two blocks an SM on sm_80 and sm_90; 81,920 for 4 and 102,400 for 5 fit two on sm_90 only).
+constexpr int tile_smem_bytes(int stages) { return stages * kTileStageElems * 2; }
 
 using TileAcc = float[4][4][4];
 
@@ -181,8 +184,8 @@ __device__ __forceinline__ void tile_load_slice(const uint16_t* __restrict__ x, 
 }
 
 // A run of consecutive class tiles [col0, col0 + 128·tiles) against one row tile, streamed through
-// one kTileStages-deep cp.async pipeline. Depth slice g of the run (tile g / slices, slice
-// g % slices) lands in stage g % kTileStages, and the loads stay kTileStages - 1 slices ahead
+// one kStages-deep cp.async pipeline. Depth slice g of the run (tile g / slices, slice
+// g % slices) lands in stage g % kStages, and the loads stay kStages - 1 slices ahead
 // across tile boundaries: the next tile's first slices load while this tile's last ones are
 // multiplied and while the caller's epilogue runs, instead of the pipeline draining and filling
 // again at every tile (the H200 profile, NOTES.md session 7).
@@ -206,6 +209,7 @@ __device__ __forceinline__ TileRun make_tile_run(const uint16_t* __restrict__ x,
 
 // Where the pipeline's next load goes: slice `slice` of the run's tile `tile`, into `stage`.
 // Stepped by increments (no 64-bit division in the slice loop).
+template <int kStages>
 struct TileRunCursor {
   int64_t tile;
   int slice;
@@ -216,13 +220,14 @@ struct TileRunCursor {
       slice = 0;
       ++tile;
     }
-    if (++stage == kTileStages) stage = 0;
+    if (++stage == kStages) stage = 0;
   }
 };
 
 // Issues the cursor's slice (nothing past the run's end) and commits one group either way, so that
 // the groups committed always number the slices issued, empty ones included.
-__device__ __forceinline__ void tile_run_load(const TileRun& run, uint16_t* smem, const TileRunCursor& at) {
+template <int kStages>
+__device__ __forceinline__ void tile_run_load(const TileRun& run, uint16_t* smem, const TileRunCursor<kStages>& at) {
   if (at.tile < run.tiles)
     tile_load_slice(run.x, run.rows, run.row0, run.w, run.classes, run.col0 + at.tile * kTileClasses, run.dim,
                     smem, at.stage, at.slice);
@@ -231,10 +236,10 @@ __device__ __forceinline__ void tile_run_load(const TileRun& run, uint16_t* smem
 
 // acc = X[row0 : row0+128, :] · W[col0 + 128·t : col0 + 128·(t+1), :]ᵀ, tile t of the run (see the
 // top of the file). Every thread of the block calls it for t = 0, 1, ... in order; between two calls
-// the caller must not touch `smem` (kTileSmemBytes of dynamic shared memory: the next tile's first
-// slices are landing there). After the run's last tile every copy has landed, every warp is past
+// the caller must not touch `smem` (tile_smem_bytes(kStages) of dynamic shared memory: the next
+// tile's first slices are landing there). After the run's last tile every copy has landed, every warp is past
 // its last read, and `smem` is free again.
-template <bool kBFloat16, bool kClassNorms>
+template <bool kBFloat16, bool kClassNorms, int kStages>
 __device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uint16_t* smem, TileAcc& acc,
                                               float& norm_sq) {
   const int lane = threadIdx.x % 32;
@@ -248,30 +253,32 @@ __device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uin
       for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.0f;
   norm_sq = 0.0f;
 
-  // Slice g of the run (g = t·slices + slice) lands in stage g % kTileStages; the load issued at
-  // slice g is slice g + kTileStages - 1, the prologue's are 0 .. kTileStages - 2.
-  int stage = static_cast<int>(t * run.slices % kTileStages);
-  TileRunCursor next{t, 0, stage};
+  static_assert(kStages >= kMinTileStages && kStages <= kMaxTileStages, "pipeline depth");
+  // Slice g of the run (g = t·slices + slice) lands in stage g % kStages; the load issued at
+  // slice g is slice g + kStages - 1, the prologue's are 0 .. kStages - 2.
+  int stage = static_cast<int>(t * run.slices % kStages);
+  TileRunCursor<kStages> next{t, 0, stage};
   if (t == 0) {
-#pragma unroll
-    for (int g = 0; g < kTileStages - 1; ++g) {
+#pragma unroll 1
+    for (int g = 0; g < kStages - 1; ++g) {
       tile_run_load(run, smem, next);
       next.advance(run.slices);
     }
   } else {
-    for (int g = 0; g < kTileStages - 1; ++g) next.advance(run.slices);
+#pragma unroll 1
+    for (int g = 0; g < kStages - 1; ++g) next.advance(run.slices);
   }
   for (int slice = 0; slice < run.slices; ++slice) {
-    // Groups committed so far: kTileStages - 1 + g; this leaves at most kTileStages - 2 pending,
+    // Groups committed so far: kStages - 1 + g; this leaves at most kStages - 2 pending,
     // so slice g has landed. The barrier also means every warp is done with the stage the load
     // below overwrites (it was read at g - 1, in this tile or at the end of the previous one).
-    cp_async_wait<kTileStages - 2>();
+    cp_async_wait<kStages - 2>();
     __syncthreads();
     tile_run_load(run, smem, next);
     next.advance(run.slices);
 
     const uint16_t* sx = smem + stage * kTileStageElems;
-    if (++stage == kTileStages) stage = 0;
+    if (++stage == kStages) stage = 0;
     const uint16_t* sw = sx + kTileRows * kTilePitch;
     if constexpr (kClassNorms) {
       // Past the ends the slice holds zeros, which add nothing.
@@ -314,11 +321,11 @@ __device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uin
 
 // One tile alone: a run of one (its pipeline fills and drains within the call, `smem` is free
 // again when it returns).
-template <bool kBFloat16, bool kClassNorms>
+template <bool kBFloat16, bool kClassNorms, int kStages>
 __device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
                                           const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
                                           int dim, uint16_t* smem, TileAcc& acc, float& norm_sq) {
-  tile_run_gemm<kBFloat16, kClassNorms>(make_tile_run(x, rows, row0, w, classes, col0, 1, dim), 0, smem, acc,
+  tile_run_gemm<kBFloat16, kClassNorms, kStages>(make_tile_run(x, rows, row0, w, classes, col0, 1, dim), 0, smem, acc,
                                         norm_sq);
 }
 

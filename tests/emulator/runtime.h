@@ -93,6 +93,7 @@ enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
 };
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -448,6 +449,7 @@ inline void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block
          "attribute (limit " + std::to_string(limit) + ")");
   if (active() != nullptr) fail("launch: a kernel launched from inside a kernel");
   launch_log().push_back(name);
+  if (smem_bytes > 0) launch_log().push_back("smem:" + std::to_string(smem_bytes));
 
   Launch l;
   l.grid = grid;
@@ -886,6 +888,12 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, 
     }
     case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: {
+      // sm_90's 228 KB unless ARCFACE_EMU_SMEM_PER_SM says otherwise (sm_80: 167936).
+      const char* setting = std::getenv("ARCFACE_EMU_SMEM_PER_SM");
+      *value = setting != nullptr ? std::atoi(setting) : 233472;
+      return cudaSuccess;
+    }
   }
   return cudaErrorInvalidValue;
 }
