@@ -72,6 +72,13 @@ __device__ __forceinline__ acc_t cosine_of(acc_t dot, acc_t inv_norm_x, acc_t in
   return dot * inv_norm_x * inv_norm_w;
 }
 
+// e^(logit - shift) for the fused epilogues: logit <= shift, shift finite (the callers skip rows
+// whose shift is -inf; a logit of -inf gives 0), scaled to base 2 and through the SFU.
+__device__ __forceinline__ float exp_shifted(float logit, float shift) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  return cuda::ex2_approx((logit - shift) * kLog2e);
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
   return static_cast<acc_t>(*p);
@@ -463,41 +470,58 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
       for (int e = 0; e < 2; ++e) inv_w[ni][e] = tile_inv_norm[tile_class(ni, e)];
+    // Column tile_class(ni, e) = first_col + 8 ni + e of the tile: the target and the end of the
+    // classes compare in these 32-bit offsets, once a row and once a tile, not as 64-bit class
+    // indices at every logit.
+    const int first_col = tile_class(0, 0);
+    const int64_t valid = std::min<int64_t>(c - col0, kTileClasses);
     cuda::SoftmaxStats<float> tile_stats[8];
+    // Each logit is formed once, in place of its dot product, then reduced to (max, Σexp): the
+    // session-8 H200 counters found the epilogue ~40% of the kernel's instructions when it formed
+    // every logit twice, checked the class bounds as 64-bit indices and called expf.
+    auto reduce_rows = [&](auto masked) {
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
+      for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = tile_row(mi, h);
-        const float inv_x = row_inv_norm[r];
-        const int64_t target = row_target[r];
-        const float target_logit = row_target_logit[r];
-        // The logits are cheap to form twice (max, then Σexp): no array of them in registers.
-        auto logit = [&](int ni, int e) {
-          const int64_t j = col0 + tile_class(ni, e);
-          if (j >= c) return kNegInf;
-          return j == target ? target_logit
-                             : s * clamp_unit(cosine_of(acc[mi][ni][2 * h + e], inv_x, inv_w[ni][e]));
-        };
-        float m = kNegInf;
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) m = fmaxf(m, logit(ni, e));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-        float sum = 0.0f;
-        if (m != kNegInf) {
+        for (int h = 0; h < 2; ++h) {
+          const int r = tile_row(mi, h);
+          const float inv_x = row_inv_norm[r];
+          const int64_t target_col = row_target[r] - col0;
+          const int target = target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1;
+          const float target_logit = row_target_logit[r];
+          float m = kNegInf;
 #pragma unroll
           for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) sum += cuda::exp_acc(logit(ni, e) - m);
+            for (int e = 0; e < 2; ++e) {
+              float& value = acc[mi][ni][2 * h + e];
+              float logit = s * clamp_unit(cosine_of(value, inv_x, inv_w[ni][e]));
+              if constexpr (decltype(masked)::value) {
+                if (first_col + 8 * ni + e >= valid) logit = kNegInf;
+              }
+              value = target == 8 * ni + e ? target_logit : logit;
+              m = fmaxf(m, value);
+            }
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+          float sum = 0.0f;
+          if (m != kNegInf) {
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) sum += exp_shifted(acc[mi][ni][2 * h + e], m);
+          }
+          // (a + b) + (c + d) in every lane alike: fp addition is commutative.
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          tile_stats[2 * mi + h] = {m, sum};
         }
-        // (a + b) + (c + d) in every lane alike: fp addition is commutative.
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        tile_stats[2 * mi + h] = {m, sum};
-      }
+    };
+    if (valid == kTileClasses) {
+      reduce_rows(std::false_type{});
+    } else {
+      reduce_rows(std::true_type{});
+    }
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       cuda::SoftmaxStats<float> mine = tile_stats[4 * u];
@@ -594,30 +618,49 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   constexpr int kPitch = kTileClasses + 8;  // 272-byte rows: 16-byte aligned for the copy-out
   static_assert(kTileRows * kPitch * 2 <= cuda::tile_smem_bytes(kStages), "staging tile fits the pipeline");
   scalar_t* staged = reinterpret_cast<scalar_t*>(tile_smem);
+  // Row by row, each row's values read from shared memory once; the class bounds and the target
+  // compared as 32-bit offsets from this thread's first column (tile_class(ni, e) = first_col +
+  // 8 ni + e), and the two adjacent columns e = 0, 1 stored as one 32-bit word.
+  const int first_col = tile_class(0, 0);
+  const int64_t valid = std::min<int64_t>(width - col0, kTileClasses);
+  float inv_w[4][2];
 #pragma unroll
   for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int jl = tile_class(ni, e);
-      const int64_t j = col0 + jl;
-      const float inv_w = j < width ? tile_inv_norm[jl] : 0.0f;
+    for (int e = 0; e < 2; ++e) inv_w[ni][e] = first_col + 8 * ni + e < valid ? tile_inv_norm[tile_class(ni, e)] : 0.0f;
+  struct alignas(2 * sizeof(scalar_t)) Pair {
+    scalar_t value[2];
+  };
 #pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
+  for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = tile_row(mi, h);
+    for (int h = 0; h < 2; ++h) {
+      const int r = tile_row(mi, h);
+      const bool active = row_active[r];
+      const float inv_x = row_inv_norm[r];
+      const float lse = row_lse[r];
+      const float target_q = row_target_q[r];
+      const int64_t target_col = row_target[r] - col0;
+      const int target = target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1;
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        Pair pair;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
           float q = 0.0f;
-          if (row_active[r] && j < width) {
-            if (j == row_target[r]) {
-              q = row_target_q[r];
+          if (active && first_col + 8 * ni + e < valid) {
+            if (target == 8 * ni + e) {
+              q = target_q;
             } else {
-              const float cosine = cosine_of<float>(acc[mi][ni][2 * h + e], row_inv_norm[r], inv_w);
+              const float cosine = cosine_of<float>(acc[mi][ni][2 * h + e], inv_x, inv_w[ni][e]);
               const float inside = (cosine >= -1.0f && cosine <= 1.0f) ? 1.0f : 0.0f;
-              q = inside * s * cuda::exp_acc(s * clamp_unit(cosine) - row_lse[r]);
+              q = inside * s * exp_shifted(s * clamp_unit(cosine), lse);
             }
           }
-          staged[r * kPitch + jl] = to_gemm_operand<scalar_t, float>(q * inv_w);
+          pair.value[e] = to_gemm_operand<scalar_t, float>(q * inv_w[ni][e]);
         }
+        *reinterpret_cast<Pair*>(staged + r * kPitch + first_col + 8 * ni) = pair;
+      }
     }
   __syncthreads();
   constexpr int kVectorsPerRow = kTileClasses / 8;
@@ -1065,8 +1108,9 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     const at::Tensor& labels_in, const at::Tensor& logsumexp_in, double s, double m1, double m2,
     double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
     bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes,
-    const c10::optional<at::Tensor>& row_margins_in) {
-  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
+    const c10::optional<at::Tensor>& row_margins_in, bool check_labels) {
+  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes,
+                              check_labels);
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   const int64_t n = embeddings_in.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");

@@ -19,7 +19,7 @@
 //   class warp_n·32 + ni·8 + 2·(lane % 4) + e  (warp_n = warp % 4, ni < 4, e < 2)
 // relative to (row0, col0) — the mma accumulator layout, see tile_row / tile_class.
 //
-// With ARCFACE_EXT_EMULATE (tests/emulator, a host build of the kernels for CI), the five PTX
+// With ARCFACE_EXT_EMULATE (tests/emulator, a host build of the kernels for CI), the six PTX
 // primitives below call the emulator's implementations of the same instructions instead.
 #pragma once
 
@@ -128,6 +128,19 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
+// 2^x as the SFU computes it (ex2.approx.ftz.f32: relative error at most 2^-22, results below
+// FLT_MIN flushed to zero, 2^-inf = 0): one instruction, where expf takes eight. The fused
+// epilogues' exponentials, whose arguments are at most 0 and whose sums only need fp32 accuracy.
+__device__ __forceinline__ float ex2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#elif defined(ARCFACE_EXT_EMULATE)
+  return ::emu::ex2_approx(x);
+#endif
+}
+
 // The two 16-bit values packed in a 32-bit word, as floats.
 template <bool kBFloat16>
 __device__ __forceinline__ float2 unpack_pair(uint32_t word) {
@@ -161,28 +174,6 @@ __device__ __forceinline__ float sum_squares_16(const uint16_t* p) {
   return sum;
 }
 
-// Issues the cp.asyncs of depth slice `slice` into pipeline stage `stage`: 128 rows of x and 128
-// rows of W, 4 vectors of 8 elements each, two of each per thread.
-__device__ __forceinline__ void tile_load_slice(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
-                                                const uint16_t* __restrict__ w, int64_t classes,
-                                                int64_t col0, int dim, uint16_t* smem, int stage,
-                                                int slice) {
-  uint16_t* sx = smem + stage * kTileStageElems;
-  uint16_t* sw = sx + kTileRows * kTilePitch;
-  const int k0 = slice * kTileDepth;
-#pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    const int v = threadIdx.x + u * kTileThreads;
-    const int r = v / 4;
-    const int k = (v % 4) * 8;
-    const bool in_depth = k0 + k < dim;
-    const bool x_ok = in_depth && row0 + r < rows;
-    const bool w_ok = in_depth && col0 + r < classes;
-    cp_async_16(shared_address(sx + r * kTilePitch + k), x_ok ? x + (row0 + r) * dim + k0 + k : x, x_ok);
-    cp_async_16(shared_address(sw + r * kTilePitch + k), w_ok ? w + (col0 + r) * dim + k0 + k : w, w_ok);
-  }
-}
-
 // A run of consecutive class tiles [col0, col0 + 128·tiles) against one row tile, streamed through
 // one kStages-deep cp.async pipeline. Depth slice g of the run (tile g / slices, slice
 // g % slices) lands in stage g % kStages, and the loads stay kStages - 1 slices ahead
@@ -207,30 +198,80 @@ __device__ __forceinline__ TileRun make_tile_run(const uint16_t* __restrict__ x,
   return {x, rows, row0, w, classes, col0, tiles, dim, (dim + kTileDepth - 1) / kTileDepth};
 }
 
-// Where the pipeline's next load goes: slice `slice` of the run's tile `tile`, into `stage`.
-// Stepped by increments (no 64-bit division in the slice loop).
+// Where the pipeline's next load goes: slice `slice` of the run's tile `tile`, into `stage`, and
+// this thread's part of it. Thread t copies the 16-byte vectors at column k = 8·(t % 4) of rows
+// r = t / 4 and r + 64 of both operands. The cursor keeps the global addresses of its first x row
+// and first class row at the slice's column and steps them by increments: the slice loop does no
+// 64-bit multiply, and the row bounds are checked once a tile (the H200 run of session 8 counted
+// ~120 address instructions a slice, against 32 mma, when every load recomputed its address).
 template <int kStages>
 struct TileRunCursor {
   int64_t tile;
   int slice;
   int stage;
+  const uint16_t* x_src;  // x row row0 + r, column slice·32 + k
+  const uint16_t* w_src;  // class row col0 + 128·tile + r, column slice·32 + k
+  int depth_left;         // dim - (slice·32 + k): this thread's vectors of the slice exist while > 0
+  bool x_ok[2];           // x rows r and r + 64 exist
+  bool w_ok[2];           // class rows r and r + 64 of `tile` exist
 
-  __device__ __forceinline__ void advance(int slices) {
-    if (++slice == slices) {
+  __device__ __forceinline__ void aim_at_tile(const TileRun& run) {
+    const int r = threadIdx.x / 4;
+    const int64_t first = run.col0 + tile * kTileClasses + r;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) w_ok[u] = first + 64 * u < run.classes;
+    w_src = run.w + (w_ok[0] ? first * run.dim + (threadIdx.x % 4) * 8 : 0);
+  }
+
+  // At slice 0 of tile t, stage `stage_of_t`.
+  __device__ __forceinline__ void start(const TileRun& run, int64_t t, int stage_of_t) {
+    tile = t;
+    slice = 0;
+    stage = stage_of_t;
+    const int r = threadIdx.x / 4;
+    const int k = (threadIdx.x % 4) * 8;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) x_ok[u] = run.row0 + r + 64 * u < run.rows;
+    x_src = run.x + (x_ok[0] ? (run.row0 + r) * run.dim + k : 0);
+    depth_left = run.dim - k;
+    aim_at_tile(run);
+  }
+
+  __device__ __forceinline__ void advance(const TileRun& run) {
+    if (++stage == kStages) stage = 0;
+    if (++slice == run.slices) {
       slice = 0;
       ++tile;
+      x_src -= (run.slices - 1) * kTileDepth;
+      depth_left += (run.slices - 1) * kTileDepth;
+      aim_at_tile(run);
+    } else {
+      x_src += kTileDepth;
+      w_src += kTileDepth;
+      depth_left -= kTileDepth;
     }
-    if (++stage == kStages) stage = 0;
   }
 };
 
-// Issues the cursor's slice (nothing past the run's end) and commits one group either way, so that
-// the groups committed always number the slices issued, empty ones included.
+// Issues the cursor's slice into its stage (nothing past the run's end) and commits one group
+// either way, so that the groups committed always number the slices issued, empty ones included.
+// Rows and depth past the ends load as zeros, from no address (the source then names the
+// operand's first element, which is not read).
 template <int kStages>
 __device__ __forceinline__ void tile_run_load(const TileRun& run, uint16_t* smem, const TileRunCursor<kStages>& at) {
-  if (at.tile < run.tiles)
-    tile_load_slice(run.x, run.rows, run.row0, run.w, run.classes, run.col0 + at.tile * kTileClasses, run.dim,
-                    smem, at.stage, at.slice);
+  if (at.tile < run.tiles) {
+    const bool in_depth = at.depth_left > 0;
+    const int64_t second_row = int64_t{64} * run.dim;
+    uint16_t* sx = smem + at.stage * kTileStageElems + (threadIdx.x / 4) * kTilePitch + (threadIdx.x % 4) * 8;
+    uint16_t* sw = sx + kTileRows * kTilePitch;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const bool x_ok = in_depth && at.x_ok[u];
+      const bool w_ok = in_depth && at.w_ok[u];
+      cp_async_16(shared_address(sx + u * 64 * kTilePitch), x_ok ? at.x_src + u * second_row : run.x, x_ok);
+      cp_async_16(shared_address(sw + u * 64 * kTilePitch), w_ok ? at.w_src + u * second_row : run.w, w_ok);
+    }
+  }
   cp_async_commit();
 }
 
@@ -257,17 +298,28 @@ __device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uin
   // Slice g of the run (g = t·slices + slice) lands in stage g % kStages; the load issued at
   // slice g is slice g + kStages - 1, the prologue's are 0 .. kStages - 2.
   int stage = static_cast<int>(t * run.slices % kStages);
-  TileRunCursor<kStages> next{t, 0, stage};
+  TileRunCursor<kStages> next;
+  next.start(run, t, stage);
   if (t == 0) {
 #pragma unroll 1
     for (int g = 0; g < kStages - 1; ++g) {
       tile_run_load(run, smem, next);
-      next.advance(run.slices);
+      next.advance(run);
     }
   } else {
 #pragma unroll 1
-    for (int g = 0; g < kStages - 1; ++g) next.advance(run.slices);
+    for (int g = 0; g < kStages - 1; ++g) next.advance(run);
   }
+  // This thread's shared-memory byte offsets within a stage, fixed for the run: the A fragments'
+  // rows (x), the B fragments' rows (W) and its class-norm vectors; a slice adds only its stage's
+  // base, and the fragment and kk steps are immediates.
+  constexpr uint32_t kStageBytes = kTileStageElems * 2;
+  constexpr uint32_t kPitchBytes = kTilePitch * 2;
+  const uint32_t smem_base = shared_address(smem);
+  const uint32_t a_offset = (warp_m * 64 + lane % 16) * kPitchBytes + (lane / 16) * 16;
+  const uint32_t b_offset =
+      (kTileRows + warp_n * 32 + lane % 8 + (lane / 16) * 8) * kPitchBytes + (lane / 8 % 2) * 16;
+  const uint32_t norm_offset = (kTileRows + threadIdx.x / 2) * kTilePitch + (threadIdx.x % 2) * 16;  // elements
   for (int slice = 0; slice < run.slices; ++slice) {
     // Groups committed so far: kStages - 1 + g; this leaves at most kStages - 2 pending,
     // so slice g has landed. The barrier also means every warp is done with the stage the load
@@ -275,14 +327,14 @@ __device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uin
     cp_async_wait<kStages - 2>();
     __syncthreads();
     tile_run_load(run, smem, next);
-    next.advance(run.slices);
+    next.advance(run);
 
-    const uint16_t* sx = smem + stage * kTileStageElems;
+    const uint32_t stage_base = smem_base + stage * kStageBytes;
+    const uint16_t* stage_elems = smem + stage * kTileStageElems;
     if (++stage == kStages) stage = 0;
-    const uint16_t* sw = sx + kTileRows * kTilePitch;
     if constexpr (kClassNorms) {
       // Past the ends the slice holds zeros, which add nothing.
-      norm_sq += sum_squares_16<kBFloat16>(sw + (threadIdx.x / 2) * kTilePitch + (threadIdx.x % 2) * 16);
+      norm_sq += sum_squares_16<kBFloat16>(stage_elems + norm_offset);
     }
 #pragma unroll
     for (int kk = 0; kk < kTileDepth; kk += 16) {
@@ -290,18 +342,14 @@ __device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uin
       // the same rows at kk + 8, giving the a0..a3 order of the mma.
       uint32_t a[4][4];
 #pragma unroll
-      for (int mi = 0; mi < 4; ++mi) {
-        const int r = warp_m * 64 + mi * 16 + lane % 16;
-        ldmatrix_x4(a[mi], shared_address(sx + r * kTilePitch + kk + (lane / 16) * 8));
-      }
+      for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(a[mi], stage_base + a_offset + (mi * 16 * kTilePitch + kk) * 2);
       // B fragments (k16 x n8, W's rows are the n index): one ldmatrix.x4 gives two n8 tiles,
       // matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
       uint32_t b[4][2];
 #pragma unroll
       for (int nj = 0; nj < 2; ++nj) {
-        const int r = warp_n * 32 + nj * 16 + lane % 8 + (lane / 16) * 8;
         uint32_t tb[4];
-        ldmatrix_x4(tb, shared_address(sw + r * kTilePitch + kk + (lane / 8 % 2) * 8));
+        ldmatrix_x4(tb, stage_base + b_offset + (nj * 16 * kTilePitch + kk) * 2);
         b[2 * nj][0] = tb[0];
         b[2 * nj][1] = tb[1];
         b[2 * nj + 1][0] = tb[2];
