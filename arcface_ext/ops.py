@@ -28,14 +28,17 @@ def margin_softmax_forward(embeddings, weight, labels, s, m1, m2, m3, lambda_, i
 
 def margin_softmax_backward(grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_,
                             ignore_index, straight_through, workspace_bytes, needs_embeddings_grad,
-                            needs_weight_grad, class_offset=0, num_classes=-1, row_margins=None):
+                            needs_weight_grad, class_offset=0, num_classes=-1, row_margins=None,
+                            check_labels=True):
     """Gradients of Σ_i grad_loss[i]·loss[i] w.r.t. (embeddings, weight) given each row's
     log-sum-exp; with a shard of the classes and the whole softmax's log-sum-exp, the shard's part
-    of the whole loss's gradients. A gradient not asked for comes back empty."""
+    of the whole loss's gradients. A gradient not asked for comes back empty. ``check_labels=False``
+    skips the labels' value check (a device sync on CUDA) for labels the forward already checked;
+    out-of-range labels then count as targets in another shard."""
     return torch.ops.arcface_ext.margin_softmax_backward(
         grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_, ignore_index,
         straight_through, workspace_bytes, needs_embeddings_grad, needs_weight_grad, class_offset,
-        num_classes, row_margins)
+        num_classes, row_margins, check_labels)
 
 
 def margin_softmax_train(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
@@ -69,7 +72,8 @@ if IMPORT_ERROR is None:
     @torch.library.register_fake("arcface_ext::margin_softmax_backward")
     def _backward_fake(grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_,
                        ignore_index, straight_through, workspace_bytes, needs_embeddings_grad,
-                       needs_weight_grad, class_offset=0, num_classes=-1, row_margins=None):
+                       needs_weight_grad, class_offset=0, num_classes=-1, row_margins=None,
+                       check_labels=True):
         grad_embeddings = (embeddings.new_empty(embeddings.shape) if needs_embeddings_grad
                            else embeddings.new_empty((0,)))
         grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
@@ -120,9 +124,11 @@ if IMPORT_ERROR is None:
             return (None,) * num_inputs
         grad_embeddings = grad_weight = None
         if needs_embeddings_grad or needs_weight_grad:
+            # The forward checked these labels (saved above, so unchanged since): no second check,
+            # which on CUDA is a device sync in the middle of the step.
             grad_embeddings, grad_weight = torch.ops.arcface_ext.margin_softmax_backward(
                 grad_loss, embeddings, weight, labels, logsumexp, *ctx.params,
-                needs_embeddings_grad, needs_weight_grad, *ctx.shard)
+                needs_embeddings_grad, needs_weight_grad, *ctx.shard, check_labels=False)
         grads = [(grad_embeddings if needs_embeddings_grad else None),
                  (grad_weight if needs_weight_grad else None)] + [None] * (num_inputs - 2)
         if ctx.margin_inputs is not None:

@@ -29,13 +29,16 @@ TORCH_LIBRARY(arcface_ext, m) {
       "(Tensor loss, Tensor logsumexp, Tensor target_cosine)");
   // Gradients of sum_i grad_loss[i] * loss[i]; a gradient that is not needed comes back empty.
   // `logsumexp` may be a combination over shards (the whole softmax's): the shard's gradients
-  // are then its part of the whole loss's.
+  // are then its part of the whole loss's. check_labels=False skips the labels' value check (a
+  // device sync on CUDA): the autograd formula passes it, the forward having checked the same
+  // labels (saved for backward, so version-checked). Out-of-range labels are then memory-safe but
+  // count as targets in another shard.
   m.def(
       "margin_softmax_backward(Tensor grad_loss, Tensor embeddings, Tensor weight, Tensor labels, "
       "Tensor logsumexp, float s, float m1, float m2, float m3, float lambda_, int ignore_index, "
       "bool straight_through, int workspace_bytes, bool needs_embeddings_grad, "
-      "bool needs_weight_grad, int class_offset=0, int num_classes=-1, Tensor? row_margins=None) -> "
-      "(Tensor grad_embeddings, Tensor grad_weight)");
+      "bool needs_weight_grad, int class_offset=0, int num_classes=-1, Tensor? row_margins=None, "
+      "bool check_labels=True) -> (Tensor grad_embeddings, Tensor grad_weight)");
   // The training step in one call: the loss summed (or, with mean, averaged) over counted rows,
   // the target cosines, and the loss's gradients, computed in the same pass (the backward only
   // scales them). Keeps the cosines between its two passes when they fit the workspace.

@@ -11,7 +11,8 @@ namespace arcface_ext {
 // this weight's range is counted without a target column here (its target is in another shard).
 inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
                                         const at::Tensor& labels, int64_t ignore_index,
-                                        int64_t class_offset = 0, int64_t num_classes = -1) {
+                                        int64_t class_offset = 0, int64_t num_classes = -1,
+                                        bool check_labels = true) {
   TORCH_CHECK(embeddings.dim() == 2, "arcface_ext: embeddings must be 2-D (N, D), got shape ",
               embeddings.sizes());
   TORCH_CHECK(weight.dim() == 2, "arcface_ext: weight must be 2-D (C, D), got shape ", weight.sizes());
@@ -40,7 +41,7 @@ inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::
   }
   TORCH_CHECK_VALUE(class_offset + weight.size(0) <= num_classes, "arcface_ext: weight holds classes [",
                     class_offset, ", ", class_offset + weight.size(0), ") but num_classes is ", num_classes);
-  if (labels.numel() == 0) return;
+  if (labels.numel() == 0 || !check_labels) return;
   // A value check: one reduction (a device sync on CUDA), before anything indexes with a label.
   const at::Tensor bad =
       labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(num_classes)));

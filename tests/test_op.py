@@ -355,6 +355,47 @@ def test_opcheck_backward(needs):
     torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_backward, args)
 
 
+def test_backward_without_the_label_check_treats_bad_labels_as_another_shard():
+    # check_labels=False (what the autograd formula passes) skips the value check, and a label
+    # past this weight's classes must then behave exactly like a target in another shard: no
+    # out-of-range access, the same gradients as with num_classes saying so.
+    x, w, labels = make_inputs(7, 6, 11, seed=23, ignored=(2,))
+    labels[4] = 15
+    forward_args = op_arguments(x, w, labels)
+    sharded = (*forward_args[3:11], 0, 16)
+    _, logsumexp, _ = torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, *sharded)
+    grad_loss = torch.rand(7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"labels\[4\] = 15"):
+        torch.ops.arcface_ext.margin_softmax_backward(grad_loss, x, w, labels, logsumexp, *forward_args[3:11],
+                                                      True, True)
+    unchecked = torch.ops.arcface_ext.margin_softmax_backward(grad_loss, x, w, labels, logsumexp,
+                                                              *forward_args[3:11], True, True, check_labels=False)
+    expected = torch.ops.arcface_ext.margin_softmax_backward(grad_loss, x, w, labels, logsumexp,
+                                                             *sharded[:8], True, True, *sharded[8:])
+    for got, want in zip(unchecked, expected):
+        assert torch.equal(got, want)
+
+
+def test_autograd_backward_checks_the_labels_once():
+    # The label check is a device sync on CUDA; the forward makes it, the backward (same labels,
+    # saved for backward and so version-checked) must not make it again. Counted on the CPU op by
+    # its reduction over the labels' bad-value mask.
+    x, w, labels = make_inputs(7, 6, 11, seed=24)
+    x.requires_grad_()
+    w.requires_grad_()
+
+    def label_checks(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(event.name == "aten::any" for event in prof.events())
+
+    holder = {}
+    assert label_checks(lambda: holder.setdefault(
+        "loss", arcface_ext.combined_margin_loss(x, w, labels, reduction="none"))) == 1
+    assert label_checks(lambda: holder["loss"].sum().backward()) == 0
+    assert x.grad is not None and w.grad is not None
+
+
 needs_train_op = pytest.mark.skipif(not hasattr(torch.ops.arcface_ext, "margin_softmax_train"),
                                     reason="this build has no margin_softmax_train op")
 

@@ -459,8 +459,8 @@ struct OpInputs {
 
 OpInputs prepare_inputs(const at::Tensor& embeddings, const at::Tensor& weight,
                         const at::Tensor& labels, int64_t ignore_index, int64_t class_offset = 0,
-                        int64_t num_classes = -1) {
-  check_margin_softmax_inputs(embeddings, weight, labels, ignore_index, class_offset, num_classes);
+                        int64_t num_classes = -1, bool check_labels = true) {
+  check_margin_softmax_inputs(embeddings, weight, labels, ignore_index, class_offset, num_classes, check_labels);
   return {embeddings.detach().contiguous(), weight.detach().contiguous(), labels.contiguous()};
 }
 
@@ -507,9 +507,9 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
     const at::Tensor& labels_in, const at::Tensor& logsumexp_in, double s, double m1, double m2,
     double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
     bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes,
-    const c10::optional<at::Tensor>& row_margins_in) {
+    const c10::optional<at::Tensor>& row_margins_in, bool check_labels) {
   const OpInputs inputs =
-      prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
+      prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes, check_labels);
   const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   at::Tensor row_margins_storage;
