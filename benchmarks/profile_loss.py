@@ -7,8 +7,12 @@ For each path (fused: the tensor-core kernels, the default for 16-bit inputs; cu
 with ARCFACE_EXT_CUDA_FUSED=0) it warms up, then records one step with torch.profiler and prints
 the kernels by total GPU time (count, total ms, share of the step's kernel time), plus the step's
 wall time from CUDA events and the sum of kernel times (their difference is launch gaps or host
-time). torch.profiler only; no Nsight tools needed.
+time). Then where the host's time goes in that step (the CPU-side ops and CUDA runtime calls by
+self time: a device sync shows as the call that waits, e.g. cudaStreamSynchronize or
+cudaMemcpyAsync under aten::item), and the step's time over 20 steps without the profiler.
+torch.profiler only; no Nsight tools needed.
 """
+import time
 import argparse
 import os
 import sys
@@ -37,7 +41,8 @@ def profile_path(path, embeddings, weight, labels, top):
         step(embeddings, weight, labels)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         start.record()
         step(embeddings, weight, labels)
         end.record()
@@ -56,6 +61,21 @@ def profile_path(path, embeddings, weight, labels, top):
     for name, (count, total) in sorted(kernels.items(), key=lambda item: -item[1][1])[:top]:
         short = name if len(name) <= 110 else name[:107] + "..."
         print(f"{total:9.3f} {100 * total / max(kernel_ms, 1e-9):5.1f}% {count:6d}  {short}")
+    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                  key=lambda e: -e.self_cpu_time_total)
+    print(f"host, same step: {sum(e.self_cpu_time_total for e in host) / 1000:.3f} ms of CPU-side self time "
+          "(profiler overhead included)")
+    print(f"{'ms':>9} {'count':>6}  host op / runtime call (self time)")
+    for event in host[:top]:
+        print(f"{event.self_cpu_time_total / 1000:9.3f} {event.count:6d}  {event.key[:110]}")
+    steps = 20
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(steps):
+        step(embeddings, weight, labels)
+    torch.cuda.synchronize()
+    print(f"steady step without the profiler: {(time.perf_counter() - begin) * 1000 / steps:.3f} ms "
+          f"(host clock, {steps} steps)")
 
 
 def main():
