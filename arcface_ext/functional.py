@@ -4,12 +4,16 @@ import torch
 from . import ops
 from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows, scalar_margin, stack_row_margins
 
-_DEFAULT_WORKSPACE_BYTES = 64 * 1024 * 1024
+# 128 MiB: on the H200 (session 8's sweep, benchmarks/NOTES.md) twice 64 MiB's chunk width took a
+# forward + backward at C = 1M from 12.3 to 11.2 ms and at C = 100k from 2.2 to 1.8 ms. The peak
+# extra memory at C = 1M, 67 MB measured with 64 MiB, grows by the workspace: about 135 MB, half the
+# 256 MiB goal (test_cuda.py checks it on a GPU).
+_DEFAULT_WORKSPACE_BYTES = 128 * 1024 * 1024
 _workspace_bytes = _DEFAULT_WORKSPACE_BYTES
 
 
 def set_workspace_bytes(num_bytes=None):
-    """Bounds the kernels' scratch memory (default 64 MiB; None restores it). The block of
+    """Bounds the kernels' scratch memory (default 128 MiB; None restores it). The block of
     classes walked at a time shrinks to fit; it never grows to the N x C matrix."""
     global _workspace_bytes
     if num_bytes is None:

@@ -65,10 +65,17 @@ BUILD="$PY -m pip install --no-build-isolation --no-deps -v -e . || {
   echo 'pip could not install the package; building the extension in place instead'
   $PY setup.py build_ext --inplace; }"
 
+source_hash() { find csrc arcface_ext setup.py -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h' \
+                  -o -name '*.py' \) | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-12; }
+if [[ ${1:-} == --source-hash ]]; then source_hash; exit 0; fi
+
 DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1;
          "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1;
          nvcc --version 2>&1 | tail -n 2 | head -n 1;
-         git rev-parse --short HEAD 2>/dev/null)
+         git rev-parse --short HEAD 2>/dev/null;
+         # The device tool's copy can carry a stale .git (session 8: HEAD a44eedd, tree 978a749): the
+         # sources' own hash, which `bash benchmarks/gpu_check.sh --source-hash` prints for a checkout.
+         echo "source hash $(source_hash)")
 echo "$DEVICE"
 
 # pytest-xdist (on the GPU image) isolates a crash: a test that kills its worker is reported and the
