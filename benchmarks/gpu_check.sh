@@ -14,19 +14,19 @@
 #   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths)
 #   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl, then the largest C
 #             that fits for ours and eager (45 s); the results JSON is copied to $OUT/bench.json
+#   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
+#             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
 #             search: ours, ours-cublas, eager, compiled and floor at C = 1e5 and 1e6 (~35 s), for a
 #             short call; the results JSON is copied to $OUT/bench.json
-#   depth     ours at C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline in the fused kernels
-#             (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   profile   benchmarks/profile_loss.py at C = 1M and 100k, fused and cuBLAS paths
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k), to profile.log
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
 #             (its images/s in metrics.jsonl, appended to profile.log)
-#   suite     the rest of the test suite (tests/ without test_cuda.py) under the machine's torch
 #   sweep     ours and ours-cublas at C = 100k and 1M with a 16, 64, 128 and 256 MiB workspace
+#   suite     the rest of the test suite (tests/ without test_cuda.py) under the machine's torch
 # Each stage's output goes to $OUT/<stage>.log (both sanitizer stages to sanitize.log, the sweep to
 # profile.log: the device tool returns at most 8 files); the device, and a summary of return codes
 # and times, are printed last and kept in $OUT/summary.log.
@@ -39,7 +39,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench depth memcheck profile ncu racecheck train suite sweep)
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile ncu racecheck train sweep suite)
 SUMMARY=()
 
 run_stage() {  # name, log name, time limit (s), minimum worth running (s), command...
