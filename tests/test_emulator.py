@@ -147,7 +147,7 @@ def test_every_launch_of_the_kernel_source_is_rewritten():
     assert "<<<" not in text and ">>>" not in text
 
 
-@pytest.mark.parametrize("workspace_bytes", [1 << 26, 1000], ids=["default", "small"])
+@pytest.mark.parametrize("workspace_bytes", [1 << 26, 1000], ids=["64MiB", "small"])
 def test_segments_of_several_tiles(emulated, monkeypatch, workspace_bytes):
     # The fused forward gives each block a segment of class tiles sized for ~16 blocks an SM: with
     # one SM and 33 class tiles, 17 segments of 2 tiles (the last one short); a 1000-byte workspace

@@ -337,6 +337,38 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   if (j >= num_classes) return;
   const acc_t* pj = p + j * dim;
   const scalar_t* wj = w + j * dim;
+  const acc_t scale = *grad_max;
+  scalar_t* out = grad_w + j * dim;
+  // Up to D = 32·kCached (512 with 16 values a lane) the row stays in registers between the dot
+  // product and the output, so P_j and w_j are read once, not twice (the kernel is bound by memory
+  // traffic: 2.9 TB/s and a 41% L2 hit rate on the H200, session 8). Same sums in the same order as
+  // the loop below.
+  constexpr int kCached = 16;
+  if (dim <= kCached * kWarpSize) {
+    acc_t pc[kCached], wc[kCached];
+    const int d = static_cast<int>(dim);
+#pragma unroll
+    for (int t = 0; t < kCached; ++t) {
+      const int k = lane + t * kWarpSize;
+      pc[t] = k < d ? pj[k] : acc_t(0);
+      wc[t] = k < d ? load_acc<scalar_t, acc_t>(wj + k) : acc_t(0);
+    }
+    acc_t coef = 0;
+    if (unclamped[j]) {
+      acc_t dot = 0;
+#pragma unroll
+      for (int t = 0; t < kCached; ++t)
+        if (lane + t * kWarpSize < d) dot += pc[t] * wc[t];
+      dot = cuda::warp_sum(dot);
+      coef = dot * inv_norm_w[j] * inv_norm_w[j];
+    }
+#pragma unroll
+    for (int t = 0; t < kCached; ++t) {
+      const int k = lane + t * kWarpSize;
+      if (k < d) out[k] = static_cast<scalar_t>(scale * (pc[t] - coef * wc[t]));
+    }
+    return;
+  }
   acc_t coef = 0;
   if (unclamped[j]) {
     acc_t dot = 0;
@@ -344,8 +376,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     dot = cuda::warp_sum(dot);
     coef = dot * inv_norm_w[j] * inv_norm_w[j];
   }
-  const acc_t scale = *grad_max;
-  scalar_t* out = grad_w + j * dim;
   for (int64_t k = lane; k < dim; k += kWarpSize)
     out[k] = static_cast<scalar_t>(scale * (pj[k] - coef * load_acc<scalar_t, acc_t>(wj + k)));
 }
