@@ -6,6 +6,21 @@
 
 namespace arcface_ext {
 
+// The error for labels[row], which is neither ignore_index nor in [0, num_classes) (reads that one
+// label: a device sync on CUDA, on the error path only).
+inline void raise_bad_label(const at::Tensor& labels, int64_t row, int64_t ignore_index, int64_t num_classes,
+                            int64_t weight_classes) {
+  TORCH_CHECK_VALUE(false, "arcface_ext: labels[", row, "] = ", labels[row].item<int64_t>(),
+                    " is out of range: labels must lie in [0, ", num_classes, ") (",
+                    num_classes == weight_classes ? "the number of classes in weight" : "num_classes",
+                    ") or equal ignore_index (", ignore_index, ")");
+}
+
+// num_classes as the ops take it: -1 means the weight's own classes, after class_offset.
+inline int64_t resolved_num_classes(int64_t class_offset, int64_t num_classes, const at::Tensor& weight) {
+  return num_classes < 0 ? class_offset + weight.size(0) : num_classes;
+}
+
 // `weight` holds classes [class_offset, class_offset + C) of `num_classes` (-1: exactly its own C,
 // the unsharded case); labels are indices into all `num_classes`. A row whose label lies outside
 // this weight's range is counted without a target column here (its target is in another shard).
@@ -37,7 +52,7 @@ inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::
   if (num_classes < 0) {
     TORCH_CHECK_VALUE(num_classes == -1, "arcface_ext: num_classes must be -1 (weight's own C) or >= 1, got ",
                       num_classes);
-    num_classes = class_offset + weight.size(0);
+    num_classes = resolved_num_classes(class_offset, num_classes, weight);
   }
   TORCH_CHECK_VALUE(class_offset + weight.size(0) <= num_classes, "arcface_ext: weight holds classes [",
                     class_offset, ", ", class_offset + weight.size(0), ") but num_classes is ", num_classes);
@@ -46,12 +61,8 @@ inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::
   const at::Tensor bad =
       labels.ne(ignore_index).logical_and(labels.lt(0).logical_or(labels.ge(num_classes)));
   if (bad.any().item<bool>()) {
-    const int64_t row = bad.nonzero().select(1, 0)[0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "arcface_ext: labels[", row, "] = ", labels[row].item<int64_t>(),
-                      " is out of range: labels must lie in [0, ", num_classes,
-                      ") (", num_classes == weight.size(0) ? "the number of classes in weight" : "num_classes",
-                      ") or equal ignore_index (", ignore_index,
-                      ")");
+    raise_bad_label(labels, bad.nonzero().select(1, 0)[0].item<int64_t>(), ignore_index, num_classes,
+                    weight.size(0));
   }
 }
 

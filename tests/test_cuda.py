@@ -473,6 +473,21 @@ def test_bad_labels_raise_before_any_kernel(bad):
     assert bool(loss.isfinite())
 
 
+def test_the_first_bad_label_is_named():
+    # The CUDA check is one block whose threads each find their first bad row (rows i, i + 256, ...)
+    # before the smallest is taken: bad rows in different threads' later strides, the first not in
+    # the first stride. The backward op, called directly, checks the same way.
+    x, w, labels = make_inputs(700, 8, 5, seed=14, dtype=torch.float32)
+    labels[[513, 300, 650]] = torch.tensor([9, 7, -3], device=DEVICE)
+    with pytest.raises(ValueError, match=r"labels\[300\] = 7 "):
+        arcface_ext.combined_margin_loss(x, w, labels)
+    args = (x, w, labels, 64.0, 1.0, 0.5, 0.0, 0.0, -1, False, 1 << 26)
+    grad = torch.ones(700, device=DEVICE)
+    with pytest.raises(ValueError, match=r"labels\[300\] = 7 "):
+        torch.ops.arcface_ext.margin_softmax_backward(grad, *args[:3], torch.zeros(700, device=DEVICE),
+                                                      *args[3:], True, True)
+
+
 @pytest.mark.gpu_only
 def test_mixed_devices_raise():
     x, w, labels = make_inputs(4, 6, 5, seed=13, dtype=torch.float32)

@@ -414,6 +414,36 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   }
 }
 
+// The labels' value check in one launch: the first row whose label is neither ignore_index nor in
+// [0, num_classes), or n if there is none, from one block (each thread's first bad row, then the
+// smallest). The caller reads it back, the device sync the check needs, before any other kernel.
+// (ATen's form of the same check is five elementwise launches and a reduction.)
+constexpr int kLabelCheckThreads = 256;
+
+__global__ void __launch_bounds__(kLabelCheckThreads)
+    first_bad_label_kernel(const int64_t* __restrict__ labels, int64_t n, int64_t ignore_index,
+                           int64_t num_classes, int64_t* __restrict__ first_bad) {
+  __shared__ int64_t warp_first[kLabelCheckThreads / kWarpSize];
+  int64_t mine = n;
+  for (int64_t i = threadIdx.x; i < n; i += kLabelCheckThreads) {
+    const int64_t y = labels[i];
+    if (y != ignore_index && (y < 0 || y >= num_classes)) {
+      mine = i;
+      break;
+    }
+  }
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    mine = std::min(mine, __shfl_xor_sync(0xffffffffu, mine, offset));
+  if (threadIdx.x % kWarpSize == 0) warp_first[threadIdx.x / kWarpSize] = mine;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t first = warp_first[0];
+    for (int k = 1; k < kLabelCheckThreads / kWarpSize; ++k) first = std::min<int64_t>(first, warp_first[k]);
+    *first_bad = first;
+  }
+}
+
 // ---- fused tensor-core kernels (16-bit inputs, sm_80+) ---------------------------------------
 //
 // The GEMM and its epilogue in one kernel: a block computes a 128 x 128 tile of raw dot products
@@ -862,6 +892,20 @@ void gemm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 
 int64_t blocks_for_warps(int64_t warps) { return (warps + kWarpsPerBlock - 1) / kWarpsPerBlock; }
 
+// check_margin_softmax_inputs' label check on the GPU (contiguous int64 labels, on the current
+// device): one launch and one 8-byte read-back instead of six launches and one.
+void check_labels_cuda(const at::Tensor& labels, int64_t ignore_index, int64_t num_classes,
+                       int64_t weight_classes, cudaStream_t stream) {
+  const int64_t n = labels.numel();
+  if (n == 0) return;
+  const at::Tensor first_bad = at::empty({1}, labels.options());
+  first_bad_label_kernel<<<1, kLabelCheckThreads, 0, stream>>>(labels.data_ptr<int64_t>(), n, ignore_index,
+                                                               num_classes, first_bad.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t row = first_bad.item<int64_t>();
+  if (row < n) raise_bad_label(labels, row, ignore_index, num_classes, weight_classes);
+}
+
 MarginParams make_params(double s, double m1, double m2, double m3, double lambda, bool straight,
                          const double* row_margins) {
   return MarginParams{s, m1, m2, m3, lambda, straight, row_margins};
@@ -986,14 +1030,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
     bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
     const c10::optional<at::Tensor>& row_margins_in) {
-  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
+  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes,
+                              /*check_labels=*/false);
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
+  const at::Tensor labels = labels_in.contiguous();
+  check_labels_cuda(labels, ignore_index, resolved_num_classes(class_offset, num_classes, weight_in),
+                    weight_in.size(0), c10::cuda::getCurrentCUDAStream());
   at::Tensor row_margins_storage;
   const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();
-  const at::Tensor labels = labels_in.contiguous();
   const int64_t n = embeddings.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
   const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
@@ -1140,17 +1187,21 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes,
     const c10::optional<at::Tensor>& row_margins_in, bool check_labels) {
   check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes,
-                              check_labels);
+                              /*check_labels=*/false);
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   const int64_t n = embeddings_in.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
+  const at::Tensor labels = labels_in.contiguous();
+  if (check_labels) {
+    check_labels_cuda(labels, ignore_index, resolved_num_classes(class_offset, num_classes, weight_in),
+                      weight_in.size(0), c10::cuda::getCurrentCUDAStream());
+  }
   at::Tensor row_margins_storage;
   const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();
-  const at::Tensor labels = labels_in.contiguous();
   const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
 
   at::Tensor grad_embeddings = needs_embeddings_grad ? at::empty_like(embeddings)
