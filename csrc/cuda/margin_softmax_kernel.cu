@@ -894,16 +894,18 @@ int64_t blocks_for_warps(int64_t warps) { return (warps + kWarpsPerBlock - 1) / 
 
 // check_margin_softmax_inputs' label check on the GPU (contiguous int64 labels, on the current
 // device): one launch and one 8-byte read-back instead of six launches and one.
-void check_labels_cuda(const at::Tensor& labels, int64_t ignore_index, int64_t num_classes,
-                       int64_t weight_classes, cudaStream_t stream) {
+void check_labels_cuda(const at::Tensor& labels, const at::Tensor& weight, int64_t ignore_index,
+                       int64_t class_offset, int64_t num_classes) {
   const int64_t n = labels.numel();
   if (n == 0) return;
+  num_classes = resolved_num_classes(class_offset, num_classes, weight);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor first_bad = at::empty({1}, labels.options());
   first_bad_label_kernel<<<1, kLabelCheckThreads, 0, stream>>>(labels.data_ptr<int64_t>(), n, ignore_index,
                                                                num_classes, first_bad.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t row = first_bad.item<int64_t>();
-  if (row < n) raise_bad_label(labels, row, ignore_index, num_classes, weight_classes);
+  if (row < n) raise_bad_label(labels, row, ignore_index, num_classes, weight.size(0));
 }
 
 MarginParams make_params(double s, double m1, double m2, double m3, double lambda, bool straight,
@@ -1034,8 +1036,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
                               /*check_labels=*/false);
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
   const at::Tensor labels = labels_in.contiguous();
-  check_labels_cuda(labels, ignore_index, resolved_num_classes(class_offset, num_classes, weight_in),
-                    weight_in.size(0), c10::cuda::getCurrentCUDAStream());
+  check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes);
   at::Tensor row_margins_storage;
   const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
   const BelowAutogradAndAutocast below;
@@ -1194,8 +1195,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
   const at::Tensor labels = labels_in.contiguous();
   if (check_labels) {
-    check_labels_cuda(labels, ignore_index, resolved_num_classes(class_offset, num_classes, weight_in),
-                      weight_in.size(0), c10::cuda::getCurrentCUDAStream());
+    check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes);
   }
   at::Tensor row_margins_storage;
   const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
