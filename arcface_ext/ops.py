@@ -1,5 +1,6 @@
 """The dispatcher-level ops of arcface_ext: their fake (meta) kernels for torch.compile and
-their autograd formula. Importing this module loads the compiled library `arcface_ext._C`."""
+the one-call training op's autograd formula (the forward op's is in C++, csrc/autograd.cpp).
+Importing this module loads the compiled library `arcface_ext._C`."""
 import torch
 
 try:
@@ -79,65 +80,13 @@ if IMPORT_ERROR is None:
         grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
         return grad_embeddings, grad_weight
 
-    def _setup_context(ctx, inputs, output):
-        embeddings, weight, labels, *params = inputs
-        loss, logsumexp, target_cosine = output
-        ctx.save_for_backward(embeddings, weight, labels, logsumexp)
-        ctx.params = params[:8]  # s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace
-        ctx.shard = params[8:]  # class_offset, num_classes, row_margins (when given)
-        ctx.margin_inputs = None
-        if len(ctx.needs_input_grad) > _ROW_MARGINS and ctx.needs_input_grad[_ROW_MARGINS]:
-            # Differentiable per-row margins (MagFace's): their gradient needs each row's loss and
-            # target cosine, which the forward returned.
-            ctx.margin_inputs = (loss, target_cosine, labels)
-        ctx.mark_non_differentiable(logsumexp, target_cosine)
-        ctx.set_materialize_grads(False)  # no zero-filled gradients for the unused outputs
-
-    _ROW_MARGINS = 13  # the forward op's input index of row_margins
-
-    def _row_margins_grad(grad_loss, loss, target_cosine, labels, params, row_margins, shard):
-        """d(Σ grad_loss·loss)/d row_margins, (N, 2): loss_i = lse_i - s(ψ_i - m3_i) and the
-        target's softmax probability is exp(-loss_i), so d loss_i/d m3_i = s(1 - p_i) and
-        d loss_i/d m2_i = -s(1 - p_i)·dψ/dm2. Rows without a target here get 0."""
-        from .reference import margin_psi_dm2
-
-        s, m1, _, _, lambda_, ignore_index = params[:6]
-        if tuple(shard) not in ((), (0, -1)):
-            raise RuntimeError("arcface_ext: differentiable row_margins need the whole softmax (no class shard)")
-        counted = labels != ignore_index
-        cosine = torch.where(counted, target_cosine, torch.zeros_like(target_cosine)).double()
-        weight = (grad_loss.double() * s * (1 - torch.exp(-loss.double()))).masked_fill(~counted, 0)
-        dm2 = margin_psi_dm2(cosine, m1=m1, m2=row_margins[:, 0].detach(), lambda_=lambda_)
-        return torch.stack([-weight * dm2, weight], dim=1)
+    # margin_softmax_forward's autograd formula is in C++ (csrc/autograd.cpp): there it costs a
+    # training step no Python.
 
     def _no_double_backward():
         if torch.is_grad_enabled():
             raise RuntimeError("arcface_ext.combined_margin_loss does not support double backward "
                                "(create_graph=True): its gradients are computed without a graph")
-
-    def _backward(ctx, grad_loss, grad_logsumexp, grad_target_cosine):
-        _no_double_backward()
-        embeddings, weight, labels, logsumexp = ctx.saved_tensors
-        needs_embeddings_grad, needs_weight_grad = ctx.needs_input_grad[:2]
-        num_inputs = 3 + len(ctx.params) + len(ctx.shard)
-        if grad_loss is None or not (needs_embeddings_grad or needs_weight_grad or ctx.margin_inputs is not None):
-            return (None,) * num_inputs
-        grad_embeddings = grad_weight = None
-        if needs_embeddings_grad or needs_weight_grad:
-            # The forward checked these labels (saved above, so unchanged since): no second check,
-            # which on CUDA is a device sync in the middle of the step.
-            grad_embeddings, grad_weight = torch.ops.arcface_ext.margin_softmax_backward(
-                grad_loss, embeddings, weight, labels, logsumexp, *ctx.params,
-                needs_embeddings_grad, needs_weight_grad, *ctx.shard, check_labels=False)
-        grads = [(grad_embeddings if needs_embeddings_grad else None),
-                 (grad_weight if needs_weight_grad else None)] + [None] * (num_inputs - 2)
-        if ctx.margin_inputs is not None:
-            grads[_ROW_MARGINS] = _row_margins_grad(grad_loss, *ctx.margin_inputs, ctx.params, ctx.shard[2],
-                                                     ctx.shard[:2])
-        return tuple(grads)
-
-    torch.library.register_autograd("arcface_ext::margin_softmax_forward", _backward,
-                                    setup_context=_setup_context)
 
     @torch.library.register_fake("arcface_ext::margin_softmax_train")
     def _train_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,

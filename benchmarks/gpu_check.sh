@@ -20,7 +20,8 @@
 #             search: ours, ours-cublas, eager, compiled and floor at C = 1e5 and 1e6 (~35 s), for a
 #             short call; the results JSON is copied to $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   profile   benchmarks/profile_loss.py at C = 1M and 100k, fused and cuBLAS paths
+#   profile   benchmarks/profile_loss.py at C = 1M and 100k, fused and cuBLAS paths; then
+#             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k), to profile.log
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
@@ -118,7 +119,9 @@ for stage in "${STAGES[@]}"; do
     profile)
       run_stage profile profile 60 20 "$PY" benchmarks/profile_loss.py
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
-      run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000 ;;
+      run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000
+      # The host's share of a step, on inputs too small for the kernels to matter (session 9).
+      run_stage host profile 20 8 "$PY" benchmarks/host_overhead.py --device cuda ;;
     # Why the fused tiles run at a quarter of cuBLAS's rate (H200, session 7): L2 traffic, latency
     # or the tensor pipe. One launch of each fused kernel at C = 100k, hardware counters.
     ncu) run_stage ncu profile 90 40 ncu --clock-control none --target-processes all \

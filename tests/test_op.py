@@ -2,6 +2,7 @@
 dispatcher registration (opcheck, torch.compile), argument checks, the modules, and its memory
 bound."""
 import importlib.util
+import json
 import math
 import os
 
@@ -396,6 +397,34 @@ def test_autograd_backward_checks_the_labels_once():
     assert x.grad is not None and w.grad is not None
 
 
+def test_labels_changed_in_place_after_the_forward_fail_the_backward():
+    # What lets the backward skip its label check: the labels are saved for backward, so a
+    # change between the two passes (possibly to a bad label) is caught, not computed with.
+    x, w, labels = make_inputs(7, 6, 11, seed=25)
+    x.requires_grad_()
+    loss = arcface_ext.combined_margin_loss(x, w, labels, reduction="none")
+    labels[0] = 999
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
+
+
+def test_double_backward_raises():
+    x, w, labels = make_inputs(5, 6, 11, seed=26)
+    x.requires_grad_()
+    loss = arcface_ext.combined_margin_loss(x, w, labels, reduction="none").sum()
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_differentiable_row_margins_on_a_class_shard_raise_in_the_backward():
+    x, w, labels = make_inputs(5, 6, 11, seed=27)
+    margins = torch.full((5, 2), 0.2, dtype=torch.float64, requires_grad=True)
+    loss, _, _ = torch.ops.arcface_ext.margin_softmax_forward(
+        x, w, labels, 64.0, 1.0, 0.0, 0.0, 0.0, -1, False, 1 << 20, 3, 20, margins)
+    with pytest.raises(RuntimeError, match="differentiable row_margins need the whole softmax"):
+        loss.sum().backward()
+
+
 needs_train_op = pytest.mark.skipif(not hasattr(torch.ops.arcface_ext, "margin_softmax_train"),
                                     reason="this build has no margin_softmax_train op")
 
@@ -722,3 +751,19 @@ def test_largest_c_search_stops_at_its_deadline(monkeypatch):
     # Already past the deadline: it keeps the first C it tried and says nothing failed.
     found, failed = bench.largest_c("ours", 8, 8, None, None, start=1000, limit=10**9, deadline=0.0)
     assert (found, failed) == (1000, None)
+
+
+def test_host_overhead_benchmark_runs_and_restores_the_training_op(tmp_path):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "host_overhead.py")
+    spec = importlib.util.spec_from_file_location("host_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train_devices = arcface_ext.ops.TRAIN_DEVICES
+    out = tmp_path / "rows.json"
+    module.main(["--steps", "3", "--repeats", "1", "--out", str(out)])
+    rows = {row["row"]: row for row in json.loads(out.read_text())}
+    expected = {"ops", "step", "torch-ce"} | ({"step-train"} if "cpu" in train_devices else set())
+    assert set(rows) == expected
+    assert all(row["us_per_step"] > 0 and row["N"] == 8 for row in rows.values())
+    assert arcface_ext.ops.TRAIN_DEVICES == train_devices

@@ -1,0 +1,168 @@
+// The autograd formula of arcface_ext::margin_softmax_forward, for every device: the backward is
+// the margin_softmax_backward op, plus the per-row margins' gradient when they require one.
+//
+// It lives in C++ (registered for the Autograd key, as torchvision's ops do) rather than in
+// torch.library.register_autograd: the Python formula cost more host time a training step than
+// the CUDA launches of a small class count (benchmarks/NOTES.md, "Session 9").
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace arcface_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardOutput = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// dψ/dm2 at the clamped target cosines, branch by branch as margin.h's ψ (and reference.py's
+// margin_psi_dm2): ArcFace's branch holds ψ at 1 below θ + m2 = 0 and continues it linearly past
+// π; the general branch is (-1)^k cos(m1θ + m2) - 2k.
+at::Tensor margin_psi_dm2(const at::Tensor& cosine, double m1, const at::Tensor& m2, double lambda) {
+  const at::Tensor theta = at::acos(cosine);
+  at::Tensor dm2;
+  if (m1 == 1.0) {
+    const at::Tensor angle = theta + m2;
+    dm2 = at::where(angle <= M_PI, -at::sin(angle), -(at::sin(m2) + m2 * at::cos(m2)));
+    dm2 = at::where(angle < 0, at::zeros_like(dm2), dm2);
+  } else {
+    const at::Tensor t = m1 * theta + m2;
+    const at::Tensor odd = at::remainder(at::floor(t / M_PI), 2) != 0;
+    dm2 = at::where(odd, at::sin(t), -at::sin(t));
+  }
+  return lambda > 0 ? dm2 / (1 + lambda) : dm2;
+}
+
+// d(Σ grad_loss·loss)/d row_margins, (N, 2): loss_i = lse_i - s(ψ_i - m3_i) and the target's
+// softmax probability is exp(-loss_i), so d loss_i/d m3_i = s(1 - p_i) and
+// d loss_i/d m2_i = -s(1 - p_i)·dψ/dm2. Ignored rows get 0.
+at::Tensor row_margins_grad(const at::Tensor& grad_loss, const at::Tensor& loss, const at::Tensor& target_cosine,
+                            const at::Tensor& labels, const at::Tensor& row_margins, double s, double m1,
+                            double lambda, int64_t ignore_index) {
+  const at::Tensor ignored = labels == ignore_index;
+  const at::Tensor cosine = target_cosine.to(at::kDouble).masked_fill(ignored, 0);
+  const at::Tensor weight =
+      (grad_loss.to(at::kDouble) * s * (1 - at::exp(-loss.to(at::kDouble)))).masked_fill(ignored, 0);
+  const at::Tensor dm2 = margin_psi_dm2(cosine, m1, row_margins.select(1, 0), lambda);
+  return at::stack({-weight * dm2, weight}, 1);
+}
+
+class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
+ public:
+  // The forward op's arguments, in its schema's order (the backward returns one gradient each).
+  static constexpr size_t kNumInputs = 14;
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings, const at::Tensor& weight,
+                               const at::Tensor& labels, double s, double m1, double m2, double m3,
+                               double lambda, int64_t ignore_index, bool straight_through,
+                               int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
+                               const std::optional<at::Tensor>& row_margins) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("arcface_ext::margin_softmax_forward", "")
+                               .typed<ForwardOutput(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                    double, double, double, double, int64_t, bool, int64_t,
+                                                    int64_t, int64_t, const std::optional<at::Tensor>&)>();
+    at::Tensor loss, logsumexp, target_cosine;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(loss, logsumexp, target_cosine) =
+          op.call(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
+                  workspace_bytes, class_offset, num_classes, row_margins);
+    }
+    // Differentiable per-row margins (MagFace's) take their gradient from each row's loss and
+    // target cosine, which the forward returned.
+    const bool margins_grad = row_margins.has_value() && row_margins->requires_grad();
+    variable_list saved = {embeddings, weight, labels, logsumexp};
+    if (row_margins.has_value()) saved.push_back(*row_margins);
+    if (margins_grad) saved.insert(saved.end(), {loss, target_cosine});
+    ctx->save_for_backward(saved);
+    ctx->saved_data["s"] = s;
+    ctx->saved_data["m1"] = m1;
+    ctx->saved_data["m2"] = m2;
+    ctx->saved_data["m3"] = m3;
+    ctx->saved_data["lambda"] = lambda;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["straight_through"] = straight_through;
+    ctx->saved_data["workspace_bytes"] = workspace_bytes;
+    ctx->saved_data["class_offset"] = class_offset;
+    ctx->saved_data["num_classes"] = num_classes;
+    ctx->saved_data["has_row_margins"] = row_margins.has_value();
+    ctx->mark_non_differentiable({logsumexp, target_cosine});
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for the unused outputs
+    return {loss, logsumexp, target_cosine};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "arcface_ext.combined_margin_loss does not support double backward (create_graph=True): "
+                "its gradients are computed without a graph");
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("arcface_ext::margin_softmax_backward", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                double, double, double, double, double, int64_t, bool, int64_t, bool, bool, int64_t, int64_t,
+                const std::optional<at::Tensor>&, bool)>();
+    variable_list grads(kNumInputs);
+    const at::Tensor& grad_loss = grad_outputs[0];
+    if (!grad_loss.defined()) return grads;
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_row_margins = ctx->saved_data["has_row_margins"].toBool();
+    const bool margins_grad = saved.size() > 5;
+    // The edges are the tensor inputs': embeddings, weight, labels, row_margins (when given).
+    const bool needs_embeddings_grad = ctx->needs_input_grad(0);
+    const bool needs_weight_grad = ctx->needs_input_grad(1);
+    const bool needs_margins_grad = margins_grad && ctx->needs_input_grad(3);
+    const double s = ctx->saved_data["s"].toDouble();
+    const double m1 = ctx->saved_data["m1"].toDouble();
+    const double lambda = ctx->saved_data["lambda"].toDouble();
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const int64_t class_offset = ctx->saved_data["class_offset"].toInt();
+    const int64_t num_classes = ctx->saved_data["num_classes"].toInt();
+    const at::Tensor& labels = saved[2];
+    const std::optional<at::Tensor> row_margins =
+        has_row_margins ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
+    if (needs_embeddings_grad || needs_weight_grad) {
+      // The forward checked these labels (saved above, so unchanged since): no second check,
+      // which on CUDA is a device sync in the middle of the step.
+      at::Tensor grad_embeddings, grad_weight;
+      std::tie(grad_embeddings, grad_weight) =
+          op.call(grad_loss, saved[0], saved[1], labels, saved[3], s, m1, ctx->saved_data["m2"].toDouble(),
+                  ctx->saved_data["m3"].toDouble(), lambda, ignore_index,
+                  ctx->saved_data["straight_through"].toBool(), ctx->saved_data["workspace_bytes"].toInt(),
+                  needs_embeddings_grad, needs_weight_grad, class_offset, num_classes,
+                  row_margins,
+                  /*check_labels=*/false);
+      if (needs_embeddings_grad) grads[0] = grad_embeddings;
+      if (needs_weight_grad) grads[1] = grad_weight;
+    }
+    if (needs_margins_grad) {
+      TORCH_CHECK(class_offset == 0 && num_classes == -1,
+                  "arcface_ext: differentiable row_margins need the whole softmax (no class shard)");
+      grads[kNumInputs - 1] =
+          row_margins_grad(grad_loss, saved[5], saved[6], labels, *row_margins, s, m1, lambda, ignore_index);
+    }
+    return grads;
+  }
+};
+
+ForwardOutput margin_softmax_forward_autograd(const at::Tensor& embeddings, const at::Tensor& weight,
+                                              const at::Tensor& labels, double s, double m1, double m2, double m3,
+                                              double lambda, int64_t ignore_index, bool straight_through,
+                                              int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
+                                              const std::optional<at::Tensor>& row_margins) {
+  const variable_list outputs =
+      MarginSoftmax::apply(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
+                           workspace_bytes, class_offset, num_classes, row_margins);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+}  // namespace
+}  // namespace arcface_ext
+
+TORCH_LIBRARY_IMPL(arcface_ext, Autograd, m) {
+  m.impl("margin_softmax_forward", &arcface_ext::margin_softmax_forward_autograd);
+}
