@@ -324,10 +324,11 @@ __global__ void __launch_bounds__(kEpilogueThreads)
 // Gᵀ·X̂), d loss / d w_j = grad_max (P_j - (P_j·ŵ_j) ŵ_j): the gradient w.r.t. ŵ_j projected off
 // ŵ_j, which is the CPU kernel's "- (Σ_i g_ij cos_ij) ŵ_j / ‖w_j‖" term (Σ_i g_ij cos_ij =
 // ŵ_j·Σ_i g_ij x̂_i). No projection where the norm was clamped (ŵ = w / eps is then linear).
-// `p` and `grad_w` may be the same memory (fp32/fp64 write P straight into grad_weight).
-template <typename scalar_t, typename acc_t>
+// `p` and `grad_w` may be the same memory (every dtype but fp16 has the GEMM write P straight into
+// grad_weight, see kPInGradWeight); P is then of the input dtype (p_t).
+template <typename scalar_t, typename acc_t, typename p_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
-    class_gradient_kernel(const acc_t* p, const scalar_t* __restrict__ w,
+    class_gradient_kernel(const p_t* p, const scalar_t* __restrict__ w,
                           const acc_t* __restrict__ inv_norm_w,
                           const uint8_t* __restrict__ unclamped,
                           const acc_t* __restrict__ grad_max, int64_t num_classes, int64_t dim,
@@ -335,7 +336,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const int64_t j = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (j >= num_classes) return;
-  const acc_t* pj = p + j * dim;
+  const p_t* pj = p + j * dim;
   const scalar_t* wj = w + j * dim;
   const acc_t scale = *grad_max;
   scalar_t* out = grad_w + j * dim;
@@ -350,7 +351,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
 #pragma unroll
     for (int t = 0; t < kCached; ++t) {
       const int k = lane + t * kWarpSize;
-      pc[t] = k < d ? pj[k] : acc_t(0);
+      pc[t] = k < d ? load_acc<p_t, acc_t>(pj + k) : acc_t(0);
       wc[t] = k < d ? load_acc<scalar_t, acc_t>(wj + k) : acc_t(0);
     }
     acc_t coef = 0;
@@ -372,12 +373,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   acc_t coef = 0;
   if (unclamped[j]) {
     acc_t dot = 0;
-    for (int64_t k = lane; k < dim; k += kWarpSize) dot += pj[k] * load_acc<scalar_t, acc_t>(wj + k);
+    for (int64_t k = lane; k < dim; k += kWarpSize)
+      dot += load_acc<p_t, acc_t>(pj + k) * load_acc<scalar_t, acc_t>(wj + k);
     dot = cuda::warp_sum(dot);
     coef = dot * inv_norm_w[j] * inv_norm_w[j];
   }
   for (int64_t k = lane; k < dim; k += kWarpSize)
-    out[k] = static_cast<scalar_t>(scale * (pj[k] - coef * load_acc<scalar_t, acc_t>(wj + k)));
+    out[k] = static_cast<scalar_t>(scale * (load_acc<p_t, acc_t>(pj + k) - coef * load_acc<scalar_t, acc_t>(wj + k)));
 }
 
 // One warp per row: from A_i = Σ_j G_ij w_j = Σ_j (g_ij / grad_loss_i) ŵ_j,
@@ -766,25 +768,38 @@ ClassChunks plan_class_chunks(int64_t c, int64_t per_class, int64_t workspace_by
   return chunks;
 }
 
+// Where the weight-gradient GEMM writes P = Gᵀ·X̃: straight into grad_weight's rows, in the input
+// dtype, for every dtype but fp16 (class_gradient_kernel then corrects the rows in place). bf16
+// has fp32's range, and rounding P to it costs no more than the rounding of G and X̃ that the GEMM
+// multiplies already (each P_j carries an error of ~2^-9 Σ_i |G_ij| |X̃_i| from them), while it
+// halves the memory the GEMM writes and the kernel reads (at C = 1M, 2 GB of fp32 each way). fp16
+// keeps P in fp32: a sum over the rows may pass fp16's 65504 where no single G_ij did.
+template <typename scalar_t>
+constexpr bool kPInGradWeight = !std::is_same<scalar_t, at::Half>::value;
+
 // The cuBLAS path's bytes a class. The backward's needs set them (forward and backward then walk
 // the same chunks, so the recomputed dot products are bit-identical to the forward's):
 //   fp32/fp64:   N acc_t (the dot products, overwritten by the gradient block)
-//   fp16/bf16:   max(N, D) floats (the dot products, later the fp32 weight-gradient block)
+//   bf16:        N floats (the dot products) + N 16-bit values (the gradient block)
+//   fp16:        max(N, D) floats (the dot products, later the fp32 weight-gradient block)
 //                + N 16-bit values (the gradient block)
 //   every dtype: the inverse norm and the clamp flag.
 // Outside the workspace, O(N·D + N·C/4096): the per-row targets, the fp32 d loss / d x̂ and the
 // scaled x̂ operand, and the per-segment softmax statistics.
-int64_t cublas_bytes_per_class(int64_t n, int64_t dim, int64_t scalar_size, int64_t acc_size) {
-  const bool converts = scalar_size != acc_size;
-  return (converts ? std::max(n, dim) * acc_size + n * scalar_size : n * acc_size) + acc_size + 1;
+template <typename scalar_t, typename acc_t>
+int64_t cublas_bytes_per_class(int64_t n, int64_t dim) {
+  constexpr int64_t scalar_size = sizeof(scalar_t), acc_size = sizeof(acc_t);
+  const int64_t dots = kPInGradWeight<scalar_t> ? n : std::max(n, dim);
+  return dots * acc_size + (scalar_size != acc_size ? n * scalar_size : 0) + acc_size + 1;
 }
 
 // The fused backward's bytes a class: the 16-bit gradient block (N values) and, when d loss / d W
-// is needed, its fp32 GEMM output (D floats). The dot products are never stored. Outside the
-// workspace, as on the cuBLAS path: the chunk's inverse norms and clamp flags (5 bytes a class)
-// and the O(N·D) buffers.
+// is needed in fp16, its fp32 GEMM output (D floats; bf16's goes to grad_weight). The dot products
+// are never stored. Outside the workspace, as on the cuBLAS path: the chunk's inverse norms and
+// clamp flags (5 bytes a class) and the O(N·D) buffers.
+template <typename scalar_t>
 int64_t fused_backward_bytes_per_class(int64_t n, int64_t dim, bool needs_weight_grad) {
-  return n * 2 + (needs_weight_grad ? dim * 4 : 0);
+  return n * 2 + (needs_weight_grad && !kPInGradWeight<scalar_t> ? dim * 4 : 0);
 }
 
 // How the fused forward splits the classes among blocks: `tiles_per_segment` class tiles a block
@@ -998,7 +1013,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
   }
 
   const ClassChunks chunks = plan_class_chunks(
-      c, cublas_bytes_per_class(n, dim, sizeof(scalar_t), sizeof(acc_t)), workspace_bytes,
+      c, cublas_bytes_per_class<scalar_t, acc_t>(n, dim), workspace_bytes,
       kSegment * kMaxGridY);
   at::Tensor dots_buffer = at::empty({n * chunks.width}, acc_options);
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
@@ -1079,8 +1094,8 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const ClassChunks chunks = plan_class_chunks(
       c,
-      fused ? fused_backward_bytes_per_class(n, dim, needs_weight_grad)
-            : cublas_bytes_per_class(n, dim, sizeof(scalar_t), sizeof(acc_t)),
+      fused ? fused_backward_bytes_per_class<scalar_t>(n, dim, needs_weight_grad)
+            : cublas_bytes_per_class<scalar_t, acc_t>(n, dim),
       workspace_bytes, (fused ? int64_t{kTileClasses} : kSegment) * kMaxGridY);
   const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>();
 
@@ -1097,22 +1112,23 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
       x, w, labels, class_offset, ignore_index, params, rows_ptr, grad_ptr, grad_max.data_ptr<acc_t>(),
       needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream);
 
-  // The cuBLAS path keeps the chunk's dot products (fp32 for 16-bit inputs), which later hold the
-  // fp32 weight-gradient block; fp32/fp64 overwrite them with the gradient block in place. The
-  // fused path computes the gradient block straight from its tiles (row pitch a multiple of 8),
-  // needs the fp32 block only for d loss / d W, and its tiles compute the class norms.
+  // The cuBLAS path keeps the chunk's dot products (fp32 for 16-bit inputs), which for fp16 later
+  // hold the fp32 weight-gradient block; fp32/fp64 overwrite them with the gradient block in place.
+  // The fused path computes the gradient block straight from its tiles (row pitch a multiple of 8),
+  // needs the fp32 block only for fp16's d loss / d W, and its tiles compute the class norms.
+  const bool p_buffer = needs_weight_grad && !kPInGradWeight<scalar_t>;
   const int64_t block_pitch = fused ? (chunks.width + 7) / 8 * 8 : chunks.width;
-  const int64_t dots_per_class = fused ? (needs_weight_grad ? dim : 0)
-                                       : (converts && needs_weight_grad ? std::max(n, dim) : n);
+  const int64_t dots_per_class = fused ? (p_buffer ? dim : 0) : (p_buffer ? std::max(n, dim) : n);
   at::Tensor dots_buffer = at::empty({dots_per_class * chunks.width}, acc_options);
   at::Tensor grad_block_buffer = converts ? at::empty({n * block_pitch}, x.options()) : dots_buffer;
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
   const int stages = fused ? fused_tile_stages(x.get_device()) : 0;
-  // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64).
-  at::Tensor grad_xhat = needs_embeddings_grad ? at::zeros({n, dim}, acc_options) : at::Tensor();
+  // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64); the first chunk's GEMM
+  // writes it, so it needs no zero fill.
+  at::Tensor grad_xhat = needs_embeddings_grad ? at::empty({n, dim}, acc_options) : at::Tensor();
   at::Tensor grad_xhat_chunk =
-      converts && needs_embeddings_grad ? at::empty({n, dim}, acc_options) : at::Tensor();
+      converts && needs_embeddings_grad && chunks.count > 1 ? at::empty({n, dim}, acc_options) : at::Tensor();
 
   for (int64_t k = 0; k < chunks.count; ++k) {
     const int64_t c0 = chunks.begin(k), width = chunks.width_of(k, c);
@@ -1151,7 +1167,9 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
     }
 
     if (needs_embeddings_grad) {
-      if (converts) {
+      if (k == 0) {
+        gemm_acc_out(grad_xhat, grad_block, w_chunk);
+      } else if (converts) {
         gemm_acc_out(grad_xhat_chunk, grad_block, w_chunk);
         grad_xhat.add_(grad_xhat_chunk);
       } else {
@@ -1160,13 +1178,14 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
     }
     if (needs_weight_grad) {
       at::Tensor grad_w_chunk = grad_weight.narrow(0, c0, width);
-      // fp32/fp64 write P straight into grad_weight's rows; 16-bit inputs get it in fp32 in the
-      // dot-product buffer (which the gradient block has replaced by now on the cuBLAS path).
-      at::Tensor p = converts ? dots_buffer.narrow(0, 0, width * dim).view({width, dim}) : grad_w_chunk;
+      using p_t = std::conditional_t<kPInGradWeight<scalar_t>, scalar_t, acc_t>;
+      // P goes straight into grad_weight's rows (see kPInGradWeight); fp16 gets it in fp32 in
+      // the dot-product buffer (which the gradient block has replaced by now on the cuBLAS path).
+      at::Tensor p = kPInGradWeight<scalar_t> ? grad_w_chunk : dots_buffer.narrow(0, 0, width * dim).view({width, dim});
       gemm_acc_out(p, grad_block.t(), scaled_xhat);
-      class_gradient_kernel<scalar_t, acc_t>
+      class_gradient_kernel<scalar_t, acc_t, p_t>
           <<<blocks_for_warps(width), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-              p.data_ptr<acc_t>(), w_chunk.data_ptr<scalar_t>(), chunk_inv_norm, chunk_unclamped,
+              p.data_ptr<p_t>(), w_chunk.data_ptr<scalar_t>(), chunk_inv_norm, chunk_unclamped,
               grad_max.data_ptr<acc_t>(), width, dim, grad_w_chunk.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
