@@ -117,4 +117,4 @@ def reduce_rows(loss_rows, labels, ignore_index, reduction):
     if reduction == "sum":
         return loss_rows.sum()
     counted = (labels != ignore_index).sum().clamp_min(1)
-    return loss_rows.sum() / counted.to(loss_rows.dtype)
+    return loss_rows.sum() / counted  # true division keeps loss_rows' dtype (one launch fewer than .to)

@@ -241,8 +241,8 @@ __global__ void __launch_bounds__(kEpilogueThreads)
 }
 
 // Per row, merges the segments' statistics in order into logsumexp, loss and target cosine.
-// Ignored rows keep the zeros the outputs were created with (the Python layer marks their target
-// cosines NaN).
+// Ignored rows get zeros (the Python layer marks their target cosines NaN): the outputs are
+// created uninitialised, so every row is written here.
 template <typename acc_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     margin_softmax_finalize_kernel(const acc_t* __restrict__ segment_max,
@@ -254,7 +254,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const int lane = threadIdx.x % kWarpSize;
   if (i >= n) return;
   const RowTarget& t = rows[i];
-  if (!t.counted) return;
+  if (!t.counted) {
+    if (lane == 0) logsumexp[i] = loss[i] = target_cosine[i] = acc_t(0);
+    return;
+  }
   const acc_t* row_max = segment_max + i * segments;
   const acc_t* row_sum = segment_sum + i * segments;
   acc_t total_max = -std::numeric_limits<acc_t>::infinity();
@@ -1062,9 +1065,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
   const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
 
   const auto out_type = embeddings.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::zeros({n}, embeddings.options().dtype(out_type));
-  at::Tensor logsumexp = at::zeros({n}, embeddings.options().dtype(out_type));
-  at::Tensor target_cosine = at::zeros({n}, embeddings.options().dtype(out_type));
+  // margin_softmax_finalize_kernel writes every row (zeros at ignored ones): no fill launches.
+  at::Tensor loss = at::empty({n}, embeddings.options().dtype(out_type));
+  at::Tensor logsumexp = at::empty({n}, embeddings.options().dtype(out_type));
+  at::Tensor target_cosine = at::empty({n}, embeddings.options().dtype(out_type));
   if (n == 0) return {loss, logsumexp, target_cosine};
   const bool fused = use_fused_kernels(embeddings, weight);
 
