@@ -52,14 +52,17 @@ at::Tensor row_margins_grad(const at::Tensor& grad_loss, const at::Tensor& loss,
 
 class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
  public:
-  // The forward op's arguments, in its schema's order (the backward returns one gradient each).
-  static constexpr size_t kNumInputs = 14;
+  // forward's arguments: the op's, in its schema's order, and `statistics` (the backward returns
+  // one gradient each, undefined for all but embeddings, weight and row_margins).
+  static constexpr size_t kNumInputs = 15;
+  static constexpr size_t kRowMargins = 13;
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings, const at::Tensor& weight,
                                const at::Tensor& labels, double s, double m1, double m2, double m3,
                                double lambda, int64_t ignore_index, bool straight_through,
                                int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
-                               const std::optional<at::Tensor>& row_margins) {
+                               const std::optional<at::Tensor>& row_margins,
+                               std::pair<at::Tensor, at::Tensor>* statistics) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("arcface_ext::margin_softmax_forward", "")
                                .typed<ForwardOutput(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
@@ -90,9 +93,11 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
     ctx->saved_data["class_offset"] = class_offset;
     ctx->saved_data["num_classes"] = num_classes;
     ctx->saved_data["has_row_margins"] = row_margins.has_value();
-    ctx->mark_non_differentiable({logsumexp, target_cosine});
-    ctx->set_materialize_grads(false);  // no zero-filled gradients for the unused outputs
-    return {loss, logsumexp, target_cosine};
+    // The log-sum-exp and the target cosine leave through `statistics`, not as the Function's
+    // outputs: outside its graph, they are not differentiable (what mark_non_differentiable says,
+    // which compiled autograd does not support in a C++ Function).
+    *statistics = {logsumexp, target_cosine};
+    return {loss};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -142,7 +147,7 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
     if (needs_margins_grad) {
       TORCH_CHECK(class_offset == 0 && num_classes == -1,
                   "arcface_ext: differentiable row_margins need the whole softmax (no class shard)");
-      grads[kNumInputs - 1] =
+      grads[kRowMargins] =
           row_margins_grad(grad_loss, saved[5], saved[6], labels, *row_margins, s, m1, lambda, ignore_index);
     }
     return grads;
@@ -154,10 +159,11 @@ ForwardOutput margin_softmax_forward_autograd(const at::Tensor& embeddings, cons
                                               double lambda, int64_t ignore_index, bool straight_through,
                                               int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
                                               const std::optional<at::Tensor>& row_margins) {
+  std::pair<at::Tensor, at::Tensor> statistics;
   const variable_list outputs =
       MarginSoftmax::apply(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
-                           workspace_bytes, class_offset, num_classes, row_margins);
-  return {outputs[0], outputs[1], outputs[2]};
+                           workspace_bytes, class_offset, num_classes, row_margins, &statistics);
+  return {outputs[0], statistics.first, statistics.second};
 }
 
 }  // namespace

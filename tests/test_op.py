@@ -416,6 +416,38 @@ def test_double_backward_raises():
         torch.autograd.grad(loss, x, create_graph=True)
 
 
+def test_op_statistics_are_not_differentiable():
+    x, w, labels = make_inputs(5, 6, 11, seed=28)
+    loss, logsumexp, target_cosine = torch.ops.arcface_ext.margin_softmax_forward(
+        x.requires_grad_(), w, labels, 64.0, 1.0, 0.5, 0.0, 0.0, -1, False, 1 << 20)
+    assert loss.requires_grad and loss.grad_fn is not None
+    assert not logsumexp.requires_grad and not target_cosine.requires_grad
+
+
+@pytest.mark.skipif(not hasattr(getattr(torch._dynamo, "compiled_autograd", None), "_enable"),
+                    reason="this torch has no compiled autograd")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_autograd_matches_eager(reduction):
+    # Compiled autograd (the backward traced by Dynamo) runs the C++ autograd formula too; a C++
+    # Function that marks outputs non-differentiable trips its internal assert.
+    import torch._dynamo.compiled_autograd as compiled_autograd
+
+    x0, w0, labels = make_inputs(9, 8, 13, seed=29, dtype=torch.float32, ignored=(2,))
+
+    def grads():
+        x, w = _leaves(x0, w0)
+        loss = arcface_ext.combined_margin_loss(x, w, labels, reduction=reduction)
+        (loss.sum() if reduction == "none" else loss).backward()
+        return x.grad, w.grad
+
+    expected = grads()
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        got = grads()
+    for name, a, e in zip(("grad_embeddings", "grad_weight"), got, expected):
+        assert_close_report(a, e, atol=0.0, rtol=0.0, name=name)
+
+
 def test_differentiable_row_margins_on_a_class_shard_raise_in_the_backward():
     x, w, labels = make_inputs(5, 6, 11, seed=27)
     margins = torch.full((5, 2), 0.2, dtype=torch.float64, requires_grad=True)
