@@ -22,7 +22,8 @@
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   profile   benchmarks/profile_loss.py at C = 1M and 100k, fused and cuBLAS paths; then
 #             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
-#   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k), to profile.log
+#   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k), then their
+#             warp stall reasons (ncu-stalls), to profile.log
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
 #             (its images/s in metrics.jsonl, appended to profile.log)
@@ -128,7 +129,15 @@ for stage in "${STAGES[@]}"; do
            -k 'regex:fused_(forward|backward)_kernel|class_gradient_kernel' -c 8 \
            --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
            --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
-           "$PY" benchmarks/profile_loss.py --C 100000 --paths fused ;;
+           "$PY" benchmarks/profile_loss.py --C 100000 --paths fused
+      # What the warps wait on (session 8 found the forward latency-bound, 59% of cycles with no
+      # warp ready, but the sections above print no stall breakdown): stalls per issued
+      # instruction by reason, for the forward and the first backward launch. Its own run, so that
+      # a metric name this ncu lacks costs only these lines.
+      run_stage ncu-stalls profile 45 20 ncu --clock-control none --target-processes all \
+        -k 'regex:fused_(forward|backward)_kernel' -c 2 \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        "$PY" benchmarks/profile_loss.py --C 100000 --paths fused ;;
     racecheck) run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
                  "$PY" benchmarks/sanitize_case.py ;;
     train)
