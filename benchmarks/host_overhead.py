@@ -60,6 +60,8 @@ def make_steps(embeddings, weight, labels):
 
 
 def best_us(fn, device, steps, repeats):
+    # Not bench_loss.time_interleaved: on the CPU it times a single step a round, which suits
+    # steps of milliseconds, not of microseconds; here the best of `repeats` rounds of `steps`.
     for _ in range(steps // 4 + 1):
         fn()
     best = float("inf")
