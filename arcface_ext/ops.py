@@ -1,6 +1,6 @@
-"""The dispatcher-level ops of arcface_ext: their fake (meta) kernels for torch.compile and
-the one-call training op's autograd formula (the forward op's is in C++, csrc/autograd.cpp).
-Importing this module loads the compiled library `arcface_ext._C`."""
+"""The dispatcher-level ops of arcface_ext and their fake (meta) kernels for torch.compile (the
+autograd formulas are in C++, csrc/autograd.cpp). Importing this module loads the compiled library
+`arcface_ext._C`."""
 import torch
 
 try:
@@ -80,13 +80,8 @@ if IMPORT_ERROR is None:
         grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
         return grad_embeddings, grad_weight
 
-    # margin_softmax_forward's autograd formula is in C++ (csrc/autograd.cpp): there it costs a
-    # training step no Python.
-
-    def _no_double_backward():
-        if torch.is_grad_enabled():
-            raise RuntimeError("arcface_ext.combined_margin_loss does not support double backward "
-                               "(create_graph=True): its gradients are computed without a graph")
+    # The autograd formulas of margin_softmax_forward and margin_softmax_train are in C++
+    # (csrc/autograd.cpp): there they cost a training step no Python.
 
     @torch.library.register_fake("arcface_ext::margin_softmax_train")
     def _train_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
@@ -99,42 +94,3 @@ if IMPORT_ERROR is None:
                            else embeddings.new_empty((0,)))
         grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
         return loss, target_cosine, grad_embeddings, grad_weight
-
-    def _train_setup_context(ctx, inputs, output):
-        _, target_cosine, grad_embeddings, grad_weight = output
-        ctx.save_for_backward(grad_embeddings, grad_weight)
-        ctx.num_inputs = len(inputs)
-        ctx.applied_scale = None  # the grad_loss the saved gradients were scaled by in place
-        ctx.mark_non_differentiable(target_cosine, grad_embeddings, grad_weight)
-        # Otherwise autograd would hand the backward zero-filled C x D gradients for grad_weight.
-        ctx.set_materialize_grads(False)
-
-    def _train_backward(ctx, grad_loss, grad_target_cosine, grad_grad_embeddings, grad_grad_weight):
-        _no_double_backward()
-        if grad_loss is None:
-            return (None,) * ctx.num_inputs
-        saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:2]
-        eager = (not torch.compiler.is_compiling()
-                 and all(type(t) is torch.Tensor for t in (grad_loss, *saved)))
-        # A zero or non-finite scale would lose the gradients a retained graph still needs.
-        # (One scalar read per step; on CUDA a synchronisation.)
-        if eager and ctx.applied_scale is None and bool(
-                torch.isfinite(grad_loss).all() and (grad_loss != 0).all()):
-            # The gradients were computed in the forward for the loss itself; scaling them in
-            # place hands them to autograd without a second C x D buffer. (Through .data, so
-            # that a retained graph can run backward again: later calls rescale out of place.)
-            for grad, need in zip(saved, needs):
-                if need:
-                    grad.data.mul_(grad_loss)
-            ctx.applied_scale = grad_loss.detach().clone()
-            grads = saved
-        elif eager and ctx.applied_scale is not None:
-            factor = grad_loss / ctx.applied_scale
-            grads = [grad * factor for grad in saved]
-        else:
-            grads = [grad * grad_loss for grad in saved]
-        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (ctx.num_inputs - 2)
-
-    torch.library.register_autograd("arcface_ext::margin_softmax_train", _train_backward,
-                                    setup_context=_train_setup_context)

@@ -166,9 +166,95 @@ ForwardOutput margin_softmax_forward_autograd(const at::Tensor& embeddings, cons
   return {outputs[0], statistics.first, statistics.second};
 }
 
+using TrainOutput = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Tensors that only record operations (FakeTensor, functional tensors: torch.compile tracing the
+// backward, compiled autograd): the saved gradients must not be scaled in place under them.
+bool traced(const at::Tensor& t) {
+  return t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
+
+// The one-call training op: its forward returns the loss's gradients too, so the backward only
+// scales them by the upstream gradient.
+class MarginSoftmaxTrain : public torch::autograd::Function<MarginSoftmaxTrain> {
+ public:
+  // forward's arguments: the op's 15 and `outputs` (one gradient each, the first two defined).
+  static constexpr size_t kNumInputs = 16;
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings, const at::Tensor& weight,
+                               const at::Tensor& labels, double s, double m1, double m2, double m3,
+                               double lambda, int64_t ignore_index, bool straight_through,
+                               int64_t workspace_bytes, bool mean, bool needs_embeddings_grad,
+                               bool needs_weight_grad, const std::optional<at::Tensor>& row_margins,
+                               TrainOutput* outputs) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("arcface_ext::margin_softmax_train", "")
+                               .typed<TrainOutput(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                  double, double, double, double, int64_t, bool, int64_t, bool,
+                                                  bool, bool, const std::optional<at::Tensor>&)>();
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      *outputs = op.call(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
+                         workspace_bytes, mean, needs_embeddings_grad, needs_weight_grad, row_margins);
+    }
+    ctx->save_for_backward({std::get<2>(*outputs), std::get<3>(*outputs)});
+    // The target cosine and the gradients leave outside the Function's graph (not differentiable;
+    // see MarginSoftmax::forward).
+    return {std::get<0>(*outputs)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "arcface_ext.combined_margin_loss does not support double backward (create_graph=True): "
+                "its gradients are computed without a graph");
+    variable_list grads(kNumInputs);
+    const at::Tensor& grad_loss = grad_outputs[0];
+    if (!grad_loss.defined()) return grads;
+    const variable_list saved = ctx->get_saved_variables();
+    const bool needs[2] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    bool eager = !traced(grad_loss);
+    for (const at::Tensor& grad : saved) eager = eager && !traced(grad);
+    const auto applied = ctx->saved_data.find("applied_scale");  // the grad_loss they were scaled by
+    const bool scaled_before = applied != ctx->saved_data.end();
+    // A zero or non-finite scale would lose the gradients a retained graph still needs. (One scalar
+    // read per step; on CUDA a synchronisation.)
+    if (eager && !scaled_before && at::isfinite(grad_loss).all().item<bool>() &&
+        (grad_loss != 0).all().item<bool>()) {
+      // Scaled in place, the saved gradients reach autograd without a second C x D buffer (through
+      // variable_data, so that a retained graph can run backward again: later calls rescale out of
+      // place).
+      for (int k = 0; k < 2; ++k) {
+        if (!needs[k]) continue;
+        saved[k].variable_data().mul_(grad_loss);
+        grads[k] = saved[k];
+      }
+      ctx->saved_data["applied_scale"] = grad_loss.detach().clone();
+      return grads;
+    }
+    const at::Tensor factor = eager && scaled_before ? grad_loss / applied->second.toTensor() : grad_loss;
+    for (int k = 0; k < 2; ++k)
+      if (needs[k]) grads[k] = saved[k] * factor;
+    return grads;
+  }
+};
+
+TrainOutput margin_softmax_train_autograd(const at::Tensor& embeddings, const at::Tensor& weight,
+                                          const at::Tensor& labels, double s, double m1, double m2, double m3,
+                                          double lambda, int64_t ignore_index, bool straight_through,
+                                          int64_t workspace_bytes, bool mean, bool needs_embeddings_grad,
+                                          bool needs_weight_grad, const std::optional<at::Tensor>& row_margins) {
+  TrainOutput outputs;
+  const variable_list loss =
+      MarginSoftmaxTrain::apply(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
+                                workspace_bytes, mean, needs_embeddings_grad, needs_weight_grad, row_margins,
+                                &outputs);
+  return {loss[0], std::get<1>(outputs), std::get<2>(outputs), std::get<3>(outputs)};
+}
+
 }  // namespace
 }  // namespace arcface_ext
 
 TORCH_LIBRARY_IMPL(arcface_ext, Autograd, m) {
   m.impl("margin_softmax_forward", &arcface_ext::margin_softmax_forward_autograd);
+  m.impl("margin_softmax_train", &arcface_ext::margin_softmax_train_autograd);
 }
