@@ -50,6 +50,13 @@ at::Tensor row_margins_grad(const at::Tensor& grad_loss, const at::Tensor& loss,
   return at::stack({-weight * dm2, weight}, 1);
 }
 
+// The backward formulas run their ops without a graph: create_graph=True would silently get none.
+void check_no_double_backward() {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "arcface_ext.combined_margin_loss does not support double backward (create_graph=True): "
+              "its gradients are computed without a graph");
+}
+
 class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
  public:
   // forward's arguments: the op's, in its schema's order, and `statistics` (the backward returns
@@ -77,6 +84,8 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
     }
     // Differentiable per-row margins (MagFace's) take their gradient from each row's loss and
     // target cosine, which the forward returned.
+    // Saved: embeddings, weight, labels, logsumexp, then row_margins when given, then loss and
+    // target_cosine when row_margins need a gradient (the backward reads which from the count).
     const bool margins_grad = row_margins.has_value() && row_margins->requires_grad();
     variable_list saved = {embeddings, weight, labels, logsumexp};
     if (row_margins.has_value()) saved.push_back(*row_margins);
@@ -92,7 +101,6 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
     ctx->saved_data["workspace_bytes"] = workspace_bytes;
     ctx->saved_data["class_offset"] = class_offset;
     ctx->saved_data["num_classes"] = num_classes;
-    ctx->saved_data["has_row_margins"] = row_margins.has_value();
     // The log-sum-exp and the target cosine leave through `statistics`, not as the Function's
     // outputs: outside its graph, they are not differentiable (what mark_non_differentiable says,
     // which compiled autograd does not support in a C++ Function).
@@ -101,9 +109,7 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "arcface_ext.combined_margin_loss does not support double backward (create_graph=True): "
-                "its gradients are computed without a graph");
+    check_no_double_backward();
     static const auto op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("arcface_ext::margin_softmax_backward", "")
@@ -115,7 +121,7 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grads;
     const variable_list saved = ctx->get_saved_variables();
-    const bool has_row_margins = ctx->saved_data["has_row_margins"].toBool();
+    const bool has_row_margins = saved.size() > 4;
     const bool margins_grad = saved.size() > 5;
     // The edges are the tensor inputs': embeddings, weight, labels, row_margins (when given).
     const bool needs_embeddings_grad = ctx->needs_input_grad(0);
@@ -204,9 +210,7 @@ class MarginSoftmaxTrain : public torch::autograd::Function<MarginSoftmaxTrain> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "arcface_ext.combined_margin_loss does not support double backward (create_graph=True): "
-                "its gradients are computed without a graph");
+    check_no_double_backward();
     variable_list grads(kNumInputs);
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grads;
