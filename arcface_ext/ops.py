@@ -80,6 +80,26 @@ if IMPORT_ERROR is None:
         grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
         return grad_embeddings, grad_weight
 
+    def _kept_bytes(n, c):
+        # csrc/kept_block.h's kept_layout: the (N, C rounded up to 8) bf16 block, N row factors
+        # (float) and recompute flags (byte), C inverse norms (float) and clamp flags (byte).
+        return n * ((c + 7) // 8 * 8) * 2 + 5 * n + 5 * c
+
+    @torch.library.register_fake("arcface_ext::margin_softmax_forward_kept")
+    def _forward_kept_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
+                           straight_through, workspace_bytes, row_margins=None):
+        loss, logsumexp, target_cosine = _forward_fake(
+            embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes)
+        kept = embeddings.new_empty((_kept_bytes(embeddings.shape[0], weight.shape[0]),), dtype=torch.uint8)
+        return loss, logsumexp, target_cosine, kept
+
+    @torch.library.register_fake("arcface_ext::margin_softmax_backward_kept")
+    def _backward_kept_fake(grad_loss, embeddings, weight, labels, kept, s, m1, m2, m3, lambda_,
+                            ignore_index, straight_through, needs_embeddings_grad, needs_weight_grad,
+                            row_margins=None):
+        return _backward_fake(grad_loss, embeddings, weight, labels, grad_loss, s, m1, m2, m3, lambda_,
+                              ignore_index, straight_through, 0, needs_embeddings_grad, needs_weight_grad)
+
     # The autograd formulas of margin_softmax_forward and margin_softmax_train are in C++
     # (csrc/autograd.cpp): there they cost a training step no Python.
 

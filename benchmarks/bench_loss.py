@@ -1,7 +1,10 @@
 """How fast, and in how much memory, does the fused loss run forward+backward against its baselines?
 
 Compares, in one interleaved run: `ours` (arcface_ext.combined_margin_loss; on CUDA with 16-bit
-inputs its fused tensor-core kernels), `ours-cublas` (CUDA only: the same op with
+inputs its fused tensor-core kernels; for bf16 where the N x C gradient block fits the workspace,
+its forward keeps that block and its backward recomputes no cosine), `ours-recompute` (CUDA only:
+the same with ARCFACE_EXT_KEEP_BLOCK=0, the backward recomputing the cosines in its own fused
+kernel), `ours-cublas` (CUDA only: the same op with
 ARCFACE_EXT_CUDA_FUSED=0, i.e. cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the
 pure-PyTorch reference), `compiled` (torch.compile(reference, fullgraph=True)) and `floor` (the
 three GEMMs any implementation must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone on pre-normalised matrices
@@ -56,7 +59,9 @@ if ROOT not in sys.path:
 import arcface_ext  # noqa: E402
 from arcface_ext import reference  # noqa: E402
 
-IMPLS = ("ours", "ours-cublas", "eager", "compiled", "floor", "ours-sampled", "eager-sampled")
+IMPLS = ("ours", "ours-recompute", "ours-cublas", "eager", "compiled", "floor", "ours-sampled", "eager-sampled")
+# The CUDA op's switches (read at every call) that the comparison variants of `ours` set.
+SWITCHES = {"ours-cublas": ("ARCFACE_EXT_CUDA_FUSED", "0"), "ours-recompute": ("ARCFACE_EXT_KEEP_BLOCK", "0")}
 DEFAULT_IMPLS = {"cpu": ("ours", "eager", "compiled", "floor"), "cuda": IMPLS}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {
@@ -102,7 +107,7 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
             return torch.mm(grad_logits, w_hat), torch.mm(grad_logits.t(), x_hat)
         return floor_step
 
-    if impl in ("ours", "ours-cublas"):
+    if impl in ("ours", "ours-recompute", "ours-cublas"):
         loss_fn = arcface_ext.combined_margin_loss
     elif impl == "eager":
         loss_fn = reference.combined_margin_loss
@@ -115,24 +120,24 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
     else:
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
     use_autocast = autocast and not impl.startswith("ours")
-    # ours-cublas: the CUDA op with its fused tensor-core kernels switched off (cuBLAS GEMMs on
-    # class chunks + separate epilogue kernels), for comparison; the switch is read at every call.
-    fused_setting = "0" if impl == "ours-cublas" else None
+    # ours-cublas / ours-recompute: the CUDA op with its fused tensor-core kernels or its kept
+    # gradient block switched off, for comparison (SWITCHES).
+    switch, setting = SWITCHES.get(impl, (None, None))
 
     def step():
-        saved = os.environ.get("ARCFACE_EXT_CUDA_FUSED")
-        if fused_setting is not None:
-            os.environ["ARCFACE_EXT_CUDA_FUSED"] = fused_setting
+        saved = os.environ.get(switch) if switch else None
+        if switch:
+            os.environ[switch] = setting
         try:
             with torch.autocast(device_type, dtype=embeddings.dtype, enabled=use_autocast):
                 loss = loss_fn(embeddings, weight, labels, reduction=reduction)
             loss.sum().backward()
         finally:
-            if fused_setting is not None:
+            if switch:
                 if saved is None:
-                    del os.environ["ARCFACE_EXT_CUDA_FUSED"]
+                    del os.environ[switch]
                 else:
-                    os.environ["ARCFACE_EXT_CUDA_FUSED"] = saved
+                    os.environ[switch] = saved
         # Handed to the caller, not left on the leaves: dropping the result frees them.
         grads = embeddings.grad, weight.grad
         embeddings.grad = None
@@ -365,7 +370,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impls", help=f"comma-separated subset of {','.join(IMPLS)} (default: all on CUDA; "
-                        "all but ours-cublas, which only differs on CUDA, on CPU)")
+                        "all but ours-cublas and ours-recompute, which only differ on CUDA, on CPU)")
     parser.add_argument("--workspace-bytes", type=int, help="arcface_ext.set_workspace_bytes (default: the op's)")
     parser.add_argument("--sample-rate", type=float, default=0.1, help="partial FC's rate for the *-sampled impls")
     parser.add_argument("--max-c", type=int,

@@ -17,13 +17,15 @@
 #   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
 #             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
-#             search: ours, ours-cublas, eager, compiled and floor at C = 1e5 and 1e6 (~35 s), for a
+#             search: ours, ours-recompute, ours-cublas, eager, compiled and floor at C = 1e5 and 1e6
+#             (~40 s), for a
 #             short call; the results JSON is copied to $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   profile   benchmarks/profile_loss.py at C = 1M and 100k, fused and cuBLAS paths; then
+#   profile   benchmarks/profile_loss.py at C = 1M (fused and cuBLAS paths) and 100k (fused, which
+#             keeps the gradient block there, and recompute, which does not); then
 #             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
-#   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k), then their
-#             warp stall reasons (ncu-stalls), to profile.log
+#   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k, the recompute
+#             path as in session 8), then their warp stall reasons (ncu-stalls), to profile.log
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
 #             (its images/s in metrics.jsonl, appended to profile.log)
@@ -108,7 +110,7 @@ for stage in "${STAGES[@]}"; do
       cp "$ROOT/benchmarks/results/gpu-check.json" "$OUT/bench.json" 2>/dev/null ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-cublas,eager,compiled,floor --out "$ROOT/benchmarks/results/gpu-check.json"
+        --impls ours,ours-recompute,ours-cublas,eager,compiled,floor --out "$ROOT/benchmarks/results/gpu-check.json"
       cp "$ROOT/benchmarks/results/gpu-check.json" "$OUT/bench.json" 2>/dev/null ;;
     depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
       for d in 3 4 5; do
@@ -120,7 +122,8 @@ for stage in "${STAGES[@]}"; do
     profile)
       run_stage profile profile 60 20 "$PY" benchmarks/profile_loss.py
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
-      run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000
+      # fused keeps the gradient block there (bf16, 100 MB in the 128 MiB workspace); recompute does not.
+      run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000 --paths fused,recompute
       # The host's share of a step, on inputs too small for the kernels to matter (session 9).
       run_stage host profile 20 8 "$PY" benchmarks/host_overhead.py --device cuda ;;
     # Why the fused tiles run at a quarter of cuBLAS's rate (H200, session 7): L2 traffic, latency
@@ -129,7 +132,7 @@ for stage in "${STAGES[@]}"; do
            -k 'regex:fused_(forward|backward)_kernel|class_gradient_kernel' -c 8 \
            --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
            --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
-           "$PY" benchmarks/profile_loss.py --C 100000 --paths fused
+           "$PY" benchmarks/profile_loss.py --C 100000 --paths recompute
       # What the warps wait on (session 8 found the forward latency-bound, 59% of cycles with no
       # warp ready, but the sections above print no stall breakdown): stalls per issued
       # instruction by reason, for the forward and the first backward launch. Its own run, so that
@@ -137,7 +140,7 @@ for stage in "${STAGES[@]}"; do
       run_stage ncu-stalls profile 45 20 ncu --clock-control none --target-processes all \
         -k 'regex:fused_(forward|backward)_kernel' -c 2 \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-        "$PY" benchmarks/profile_loss.py --C 100000 --paths fused ;;
+        "$PY" benchmarks/profile_loss.py --C 100000 --paths recompute ;;
     racecheck) run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
                  "$PY" benchmarks/sanitize_case.py ;;
     train)

@@ -1,10 +1,12 @@
 """Where does one forward+backward of the CUDA op spend its GPU time? A kernel table per path.
 
     python benchmarks/profile_loss.py                      # N=512 D=512 C=1e6 bf16, fused and cuBLAS paths
-    python benchmarks/profile_loss.py --C 100000 --paths fused
+    python benchmarks/profile_loss.py --C 100000 --paths fused,recompute
 
-For each path (fused: the tensor-core kernels, the default for 16-bit inputs; cublas: the same op
-with ARCFACE_EXT_CUDA_FUSED=0) it warms up, then records one step with torch.profiler and prints
+For each path (fused: the tensor-core kernels, the default for 16-bit inputs, with the forward's kept
+gradient block where it fits the workspace (bf16); recompute: the same with ARCFACE_EXT_KEEP_BLOCK=0,
+the backward recomputing the cosines in its fused kernel; cublas: the same op with
+ARCFACE_EXT_CUDA_FUSED=0) it warms up, then records one step with torch.profiler and prints
 the kernels by total GPU time (count, total ms, share of the step's kernel time), plus the step's
 wall time from CUDA events and the sum of kernel times (their difference is launch gaps or host
 time). Then where the host's time goes in that step (the CPU-side ops and CUDA runtime calls by
@@ -36,7 +38,10 @@ def step(embeddings, weight, labels):
 
 
 def profile_path(path, embeddings, weight, labels, top):
-    os.environ["ARCFACE_EXT_CUDA_FUSED"] = "1" if path == "fused" else "0"
+    if path not in ("fused", "recompute", "cublas"):
+        raise SystemExit(f"unknown path {path!r}: fused, recompute or cublas")
+    os.environ["ARCFACE_EXT_CUDA_FUSED"] = "0" if path == "cublas" else "1"
+    os.environ["ARCFACE_EXT_KEEP_BLOCK"] = "0" if path == "recompute" else "1"
     for _ in range(2):
         step(embeddings, weight, labels)
     torch.cuda.synchronize()

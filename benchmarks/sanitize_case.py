@@ -8,7 +8,9 @@ gradient alone, N = 0, and per-row margins. Run it as
     compute-sanitizer --tool synccheck python3 benchmarks/sanitize_case.py
 
 Both CUDA paths run: the fused tensor-core kernels (16-bit inputs, D a multiple of 8) and the
-cuBLAS path (ARCFACE_EXT_CUDA_FUSED=0, and every other input).
+cuBLAS path (ARCFACE_EXT_CUDA_FUSED=0, and every other input); bf16 cases whose block fits the
+workspace keep the forward's gradient block (csrc/kept_block.h), one of them with a row the
+forward recomputes.
 
 It prints one line per case and exits non-zero if an output is not finite (sanitizer errors are
 the sanitizer's to report)."""
@@ -20,7 +22,8 @@ import torch
 import arcface_ext
 
 
-def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), seed=0, per_row=False):
+def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), seed=0, per_row=False,
+         opposite=False):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
     w = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
@@ -30,6 +33,9 @@ def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), see
         if dtype != torch.float16:  # their gradients are scaled by 1/eps = 1e12: inf in fp16
             x[2] = 0  # a zero embedding
             w[labels[3]] = 0  # a zero class centre
+    if opposite:  # row 4 points away from its centre and at another: the kept block recomputes it
+        w[labels[4]] = -x[4]
+        w[(labels[4] + 1) % num_classes] = x[4]
     x = x.to("cuda", dtype).requires_grad_(needs[0])
     w = w.to("cuda", dtype).requires_grad_(needs[1])
     labels = labels.cuda()
@@ -46,7 +52,8 @@ def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), see
     outputs += [t.grad for t, need in zip((x, w), needs) if need]
     finite = all(bool(t.isfinite().all()) for t in outputs)
     print(f"N={n:3d} D={dim:3d} C={num_classes:5d} {str(dtype):14s} workspace={workspace_bytes:>9d} "
-          f"needs={needs}{' per-row margins' if per_row else ''}: {'ok' if finite else 'NON-FINITE'}")
+          f"needs={needs}{' per-row margins' if per_row else ''}{' opposite row' if opposite else ''}: "
+          f"{'ok' if finite else 'NON-FINITE'}")
     return finite
 
 
@@ -71,6 +78,15 @@ def main():
     ok &= case(0, 24, 600, torch.bfloat16, workspace_bytes=1)
     ok &= case(37, 40, 1031, torch.bfloat16, workspace_bytes=1, per_row=True)
     ok &= case(37, 36, 1031, torch.float32, workspace_bytes=1, per_row=True)
+    # The kept gradient block (bf16 whose N x C block fits the workspace): 3 row tiles, a partial
+    # class tile, rows recomputed in the forward; on both paths, and with per-row margins.
+    for setting in ("1", "0"):
+        os.environ["ARCFACE_EXT_CUDA_FUSED"] = setting
+        print(f"kept block, ARCFACE_EXT_CUDA_FUSED={setting}")
+        ok &= case(300, 72, 1031, torch.bfloat16, workspace_bytes=64 << 20, opposite=True)
+        ok &= case(37, 40, 1031, torch.bfloat16, workspace_bytes=64 << 20, needs=(True, False), per_row=True)
+        ok &= case(37, 40, 1031, torch.bfloat16, workspace_bytes=64 << 20, needs=(False, True))
+    os.environ.pop("ARCFACE_EXT_CUDA_FUSED")
     arcface_ext.set_workspace_bytes(None)
     return 0 if ok else 1
 

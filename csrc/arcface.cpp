@@ -39,6 +39,19 @@ TORCH_LIBRARY(arcface_ext, m) {
       "bool straight_through, int workspace_bytes, bool needs_embeddings_grad, "
       "bool needs_weight_grad, int class_offset=0, int num_classes=-1, Tensor? row_margins=None, "
       "bool check_labels=True) -> (Tensor grad_embeddings, Tensor grad_weight)");
+  // A bf16 training step's forward and backward through the kept gradient block (csrc/kept_block.h):
+  // the forward also returns, as one uint8 tensor, what the backward's GEMMs start from, so that
+  // the backward recomputes no cosine. CUDA only; the Autograd formula of margin_softmax_forward
+  // takes this pair where the block fits the workspace (the whole softmax, no class shard).
+  m.def(
+      "margin_softmax_forward_kept(Tensor embeddings, Tensor weight, Tensor labels, float s, float m1, "
+      "float m2, float m3, float lambda_, int ignore_index, bool straight_through, int workspace_bytes, "
+      "Tensor? row_margins=None) -> (Tensor loss, Tensor logsumexp, Tensor target_cosine, Tensor kept)");
+  m.def(
+      "margin_softmax_backward_kept(Tensor grad_loss, Tensor embeddings, Tensor weight, Tensor labels, "
+      "Tensor kept, float s, float m1, float m2, float m3, float lambda_, int ignore_index, "
+      "bool straight_through, bool needs_embeddings_grad, bool needs_weight_grad, "
+      "Tensor? row_margins=None) -> (Tensor grad_embeddings, Tensor grad_weight)");
   // The training step in one call: the loss summed (or, with mean, averaged) over counted rows,
   // the target cosines, and the loss's gradients, computed in the same pass (the backward only
   // scales them). Keeps the cosines between its two passes when they fit the workspace.

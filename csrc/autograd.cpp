@@ -5,10 +5,14 @@
 // torch.library.register_autograd: the Python formula cost ~110 µs of host time a training step on
 // the CI machine, a third of the step at small shapes (benchmarks/NOTES.md, "Session 9").
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "kept_block.h"
 
 namespace arcface_ext {
 namespace {
@@ -57,37 +61,72 @@ void check_no_double_backward() {
               "its gradients are computed without a graph");
 }
 
+using KeptForwardOutput = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Whether a call's forward keeps the gradient block for its backward (kept_block.h): a bf16
+// training step over the whole softmax (no class shard) whose block fits the workspace, on a
+// device with a kernel for the kept ops (CUDA; the CPU emulator of the CUDA source in the tests),
+// unless the environment says ARCFACE_EXT_KEEP_BLOCK=0 (read at every call, for measuring).
+bool keep_gradient_block(const at::Tensor& embeddings, const at::Tensor& weight, int64_t workspace_bytes,
+                         int64_t class_offset, int64_t num_classes) {
+  if (!at::GradMode::is_enabled() || !(embeddings.requires_grad() || weight.requires_grad())) return false;
+  if (embeddings.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) return false;
+  if (embeddings.dim() != 2 || weight.dim() != 2 || embeddings.size(0) == 0) return false;  // (the op raises)
+  if (class_offset != 0 || (num_classes != -1 && num_classes != weight.size(0))) return false;
+  if (kept_layout(embeddings.size(0), weight.size(0)).bytes > workspace_bytes) return false;
+  const char* setting = std::getenv("ARCFACE_EXT_KEEP_BLOCK");
+  if (setting != nullptr && std::strcmp(setting, "0") == 0) return false;
+  const c10::DispatchKey key = embeddings.is_cuda()  ? c10::DispatchKey::CUDA
+                               : embeddings.is_cpu() ? c10::DispatchKey::CPU
+                                                     : c10::DispatchKey::Undefined;
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("arcface_ext::margin_softmax_forward_kept", "");
+  return key != c10::DispatchKey::Undefined && op.hasKernelForDispatchKey(key);
+}
+
 class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
  public:
-  // forward's arguments: the op's, in its schema's order, and `statistics` (the backward returns
-  // one gradient each, undefined for all but embeddings, weight and row_margins).
-  static constexpr size_t kNumInputs = 15;
+  // forward's arguments: the op's, in its schema's order, then `keep` (keep_gradient_block's
+  // answer) and `statistics` (the backward returns one gradient each, undefined for all but
+  // embeddings, weight and row_margins).
+  static constexpr size_t kNumInputs = 16;
   static constexpr size_t kRowMargins = 13;
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings, const at::Tensor& weight,
                                const at::Tensor& labels, double s, double m1, double m2, double m3,
                                double lambda, int64_t ignore_index, bool straight_through,
                                int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
-                               const std::optional<at::Tensor>& row_margins,
+                               const std::optional<at::Tensor>& row_margins, bool keep,
                                std::pair<at::Tensor, at::Tensor>* statistics) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("arcface_ext::margin_softmax_forward", "")
                                .typed<ForwardOutput(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                     double, double, double, double, int64_t, bool, int64_t,
                                                     int64_t, int64_t, const std::optional<at::Tensor>&)>();
-    at::Tensor loss, logsumexp, target_cosine;
+    static const auto kept_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("arcface_ext::margin_softmax_forward_kept", "")
+            .typed<KeptForwardOutput(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
+                                     double, double, int64_t, bool, int64_t, const std::optional<at::Tensor>&)>();
+    at::Tensor loss, logsumexp, target_cosine, kept;
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(loss, logsumexp, target_cosine) =
-          op.call(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
-                  workspace_bytes, class_offset, num_classes, row_margins);
+      if (keep) {
+        std::tie(loss, logsumexp, target_cosine, kept) =
+            kept_op.call(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
+                         workspace_bytes, row_margins);
+      } else {
+        std::tie(loss, logsumexp, target_cosine) =
+            op.call(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
+                    workspace_bytes, class_offset, num_classes, row_margins);
+      }
     }
     // Differentiable per-row margins (MagFace's) take their gradient from each row's loss and
     // target cosine, which the forward returned.
-    // Saved: embeddings, weight, labels, logsumexp, then row_margins when given, then loss and
-    // target_cosine when row_margins need a gradient (the backward reads which from the count).
+    // Saved: embeddings, weight, labels, logsumexp, the kept block (undefined when not kept),
+    // then row_margins when given, then loss and target_cosine when row_margins need a gradient
+    // (the backward reads which from the count).
     const bool margins_grad = row_margins.has_value() && row_margins->requires_grad();
-    variable_list saved = {embeddings, weight, labels, logsumexp};
+    variable_list saved = {embeddings, weight, labels, logsumexp, kept};
     if (row_margins.has_value()) saved.push_back(*row_margins);
     if (margins_grad) saved.insert(saved.end(), {loss, target_cosine});
     ctx->save_for_backward(saved);
@@ -117,12 +156,20 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                 double, double, double, double, double, int64_t, bool, int64_t, bool, bool, int64_t, int64_t,
                 const std::optional<at::Tensor>&, bool)>();
+    static const auto kept_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("arcface_ext::margin_softmax_backward_kept", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, const at::Tensor&, double, double, double,
+                                                      double, double, int64_t, bool, bool, bool,
+                                                      const std::optional<at::Tensor>&)>();
     variable_list grads(kNumInputs);
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grads;
     const variable_list saved = ctx->get_saved_variables();
-    const bool has_row_margins = saved.size() > 4;
-    const bool margins_grad = saved.size() > 5;
+    const bool has_row_margins = saved.size() > 5;
+    const bool margins_grad = saved.size() > 6;
+    const at::Tensor& kept = saved[4];
     // The edges are the tensor inputs': embeddings, weight, labels, row_margins (when given).
     const bool needs_embeddings_grad = ctx->needs_input_grad(0);
     const bool needs_weight_grad = ctx->needs_input_grad(1);
@@ -135,26 +182,32 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
     const int64_t num_classes = ctx->saved_data["num_classes"].toInt();
     const at::Tensor& labels = saved[2];
     const std::optional<at::Tensor> row_margins =
-        has_row_margins ? std::optional<at::Tensor>(saved[4]) : std::nullopt;
+        has_row_margins ? std::optional<at::Tensor>(saved[5]) : std::nullopt;
     TORCH_CHECK(!needs_margins_grad || (class_offset == 0 && num_classes == -1),
                 "arcface_ext: differentiable row_margins need the whole softmax (no class shard)");
     if (needs_embeddings_grad || needs_weight_grad) {
       // The forward checked these labels (saved above, so unchanged since): no second check,
       // which on CUDA is a device sync in the middle of the step.
       at::Tensor grad_embeddings, grad_weight;
-      std::tie(grad_embeddings, grad_weight) =
-          op.call(grad_loss, saved[0], saved[1], labels, saved[3], s, m1, ctx->saved_data["m2"].toDouble(),
-                  ctx->saved_data["m3"].toDouble(), lambda, ignore_index,
-                  ctx->saved_data["straight_through"].toBool(), ctx->saved_data["workspace_bytes"].toInt(),
-                  needs_embeddings_grad, needs_weight_grad, class_offset, num_classes,
-                  row_margins,
-                  /*check_labels=*/false);
+      const double m2 = ctx->saved_data["m2"].toDouble(), m3 = ctx->saved_data["m3"].toDouble();
+      const bool straight_through = ctx->saved_data["straight_through"].toBool();
+      if (kept.defined()) {
+        std::tie(grad_embeddings, grad_weight) =
+            kept_op.call(grad_loss, saved[0], saved[1], labels, kept, s, m1, m2, m3, lambda, ignore_index,
+                         straight_through, needs_embeddings_grad, needs_weight_grad, row_margins);
+      } else {
+        std::tie(grad_embeddings, grad_weight) =
+            op.call(grad_loss, saved[0], saved[1], labels, saved[3], s, m1, m2, m3, lambda, ignore_index,
+                    straight_through, ctx->saved_data["workspace_bytes"].toInt(), needs_embeddings_grad,
+                    needs_weight_grad, class_offset, num_classes, row_margins,
+                    /*check_labels=*/false);
+      }
       if (needs_embeddings_grad) grads[0] = grad_embeddings;
       if (needs_weight_grad) grads[1] = grad_weight;
     }
     if (needs_margins_grad) {
       grads[kRowMargins] =
-          row_margins_grad(grad_loss, saved[5], saved[6], labels, *row_margins, s, m1, lambda, ignore_index);
+          row_margins_grad(grad_loss, saved[6], saved[7], labels, *row_margins, s, m1, lambda, ignore_index);
     }
     return grads;
   }
@@ -166,9 +219,10 @@ ForwardOutput margin_softmax_forward_autograd(const at::Tensor& embeddings, cons
                                               int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
                                               const std::optional<at::Tensor>& row_margins) {
   std::pair<at::Tensor, at::Tensor> statistics;
+  const bool keep = keep_gradient_block(embeddings, weight, workspace_bytes, class_offset, num_classes);
   const variable_list outputs =
       MarginSoftmax::apply(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
-                           workspace_bytes, class_offset, num_classes, row_margins, &statistics);
+                           workspace_bytes, class_offset, num_classes, row_margins, keep, &statistics);
   return {outputs[0], statistics.first, statistics.second};
 }
 

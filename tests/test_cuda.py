@@ -277,11 +277,14 @@ def cuda_kernel_names(fn):
     return " ".join(event.name for event in prof.events())
 
 
-@pytest.mark.parametrize("case", ["bf16", "fp16", "disabled", "fp32", "odd-depth", "misaligned"])
+@pytest.mark.parametrize("case", ["bf16", "bf16-recompute", "fp16", "disabled", "fp32", "odd-depth", "misaligned"])
 def test_which_path_runs(monkeypatch, case):
     # The fused kernels run for 16-bit inputs with D a multiple of 8 and 16-byte aligned rows;
     # everything else (and ARCFACE_EXT_CUDA_FUSED=0) takes the cuBLAS path, with the same results.
+    # A bf16 step keeps the forward's gradient block (it fits the workspace here), so its backward
+    # runs no fused kernel, unless ARCFACE_EXT_KEEP_BLOCK=0.
     dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(case, torch.bfloat16)
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0" if case == "bf16-recompute" else "1")
     dim = 60 if case == "odd-depth" else 64
     x, w, labels = make_inputs(33, dim, 700, seed=32, dtype=dtype)
     if case == "misaligned":  # a view two bytes into its storage
@@ -290,12 +293,195 @@ def test_which_path_runs(monkeypatch, case):
     x.requires_grad_(True)
     w.requires_grad_(True)
     names = cuda_kernel_names(lambda: arcface_ext.combined_margin_loss(x, w, labels).backward())
-    fused = case in ("bf16", "fp16")
+    fused = case in ("bf16", "bf16-recompute", "fp16")
     assert ("fused_forward_kernel" in names) == fused, names
-    assert ("fused_backward_kernel" in names) == fused, names
+    assert ("fused_backward_kernel" in names) == (case in ("bf16-recompute", "fp16")), names
+    assert ("kept_block_recompute_kernel" in names) == (case == "bf16"), names
     assert ("margin_softmax_forward_kernel" in names) == (not fused), names
     ours, expected = run_both(x.detach(), w.detach(), labels, s=64.0, m2=0.5)
     assert_matches(ours, expected)
+
+
+# ---- the kept gradient block (csrc/kept_block.h) ------------------------------------------------
+# A bf16 training step whose N x C block fits the workspace keeps, from its forward, what the
+# backward's GEMMs start from, and its backward recomputes no cosine.
+
+def kept_parts(kept, n, c):
+    """The kept tensor's parts (csrc/kept_block.h): H (N, C) bf16, the row factors, the class
+    inverse norms, the recompute flags and the clamp flags."""
+    pitch = (c + 7) // 8 * 8
+    block = kept[:n * pitch * 2].view(torch.bfloat16).view(n, pitch)[:, :c]
+    offset = n * pitch * 2
+    factor = kept[offset:offset + 4 * n].view(torch.float32)
+    inv_norm = kept[offset + 4 * n:offset + 4 * n + 4 * c].view(torch.float32)
+    recompute = kept[offset + 4 * n + 4 * c:offset + 5 * n + 4 * c]
+    unclamped = kept[offset + 5 * n + 4 * c:]
+    assert unclamped.numel() == c
+    return block, factor, inv_norm, recompute, unclamped
+
+
+def step_kernel_names(x, w, labels, upstream, **kwargs):
+    """The kernels of a reduction="none" step's forward and of its backward, separately."""
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    result = {}
+    forward = cuda_kernel_names(lambda: result.setdefault(
+        "loss", arcface_ext.combined_margin_loss(x, w, labels, reduction="none", **kwargs)))
+    backward = cuda_kernel_names(lambda: result["loss"].backward(upstream.to(result["loss"].dtype)))
+    return forward, backward
+
+
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_kept_block_matches_the_reference_and_the_recomputation(kernel, monkeypatch, margin):
+    x, w, labels = make_inputs(150, 64, 1000, seed=41, dtype=torch.bfloat16, ignored=(4, 77))
+    upstream = upstream_gradient(150, seed=41, dtype=torch.float64)
+    kwargs = margin_kwargs(margin)
+    outputs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", setting)
+        forward, backward = step_kernel_names(x, w, labels, upstream, **kwargs)
+        # The kept step's backward recomputes nothing: no cosine kernel, no class-norm pass.
+        recomputes = any(name in backward for name in ("fused_backward_kernel", "margin_softmax_backward_kernel",
+                                                        "class_inverse_norms_kernel"))
+        assert recomputes == (setting == "0"), backward
+        assert ("kept_block_recompute_kernel" in forward) == (setting == "1" and kernel == "fused"), forward
+        outputs[setting] = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream, **kwargs)
+    expected = op_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels, upstream=upstream,
+                            **kwargs)
+    assert_matches(outputs["1"], expected)
+    kept, recomputed = outputs["1"], outputs["0"]
+    for name, a, e in zip(OUTPUTS[:2], kept[:2], recomputed[:2]):  # the forward's statistics are the same
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=name)
+    for name, a, e in zip(OUTPUTS[2:], kept[2:], recomputed[2:]):
+        assert_matches_table(a, e.double(), name=name, roundings=GEMM_OPERAND_ROUNDINGS)
+
+
+def test_kept_block_backward_twice_with_a_retained_graph():
+    # The backward only reads the kept block: a second backward through a retained graph adds
+    # the same gradients again.
+    x, w, labels = make_inputs(40, 32, 300, seed=42, dtype=torch.bfloat16)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    loss = arcface_ext.combined_margin_loss(x, w, labels, reduction="sum")
+    loss.backward(retain_graph=True)
+    first = (x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    loss.backward()
+    assert torch.equal(x.grad, first[0]) and torch.equal(w.grad, first[1])
+
+
+def test_kept_block_zeroes_clamped_cosines(kernel, monkeypatch):
+    # Row 0 and class 5 are parallel constant vectors (D = 24, values 1 and 3) whose fp32 cosine
+    # rounds to 1 + 2^-23 in any summation order (exact dot products, correctly rounded sqrt and
+    # division). The recomputed block has 0 in that column (the clamp's gradient); the kept block
+    # keeps its exponential, whose contribution is parallel to both vectors and so projected out:
+    # the gradients agree. Row 0's target (class 7, about 30° away) keeps the row in the block.
+    x, w, labels = make_inputs(16, 24, 40, seed=48, dtype=torch.bfloat16)
+    x[0] = 1.0
+    w[5] = 3.0
+    w[7] = 1.0 + 0.5 * w[7]
+    labels[0] = 7
+    upstream = torch.ones(16, device=DEVICE)  # (no row's gradient dwarfs row 0's)
+    outputs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", setting)
+        outputs[setting] = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+    for name, a, e in zip(OUTPUTS[2:], outputs["1"][2:], outputs["0"][2:]):
+        assert_matches_table(a, e.double(), name=name, roundings=GEMM_OPERAND_ROUNDINGS)
+
+
+def opposite_rows_inputs():
+    """Inputs where rows 5 and 9 point away from their class centre (about 170°) and straight at
+    another one: their largest logit sits ~80 above their target logit, past what the kept
+    block's fixed shift allows, so the forward recomputes those two rows exactly."""
+    x, w, labels = make_inputs(64, 32, 500, seed=43, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(43)
+    for row, other in ((5, 11), (9, 12)):
+        noise = torch.randn(32, generator=generator, dtype=torch.float64).to(DEVICE) * 0.1 * x[row].norm() / 32 ** 0.5
+        w[labels[row]] = -x[row] + noise
+        w[other] = x[row] * 2.0
+        assert labels[row] != other
+    return x.bfloat16(), w.bfloat16(), labels
+
+
+def test_kept_block_recomputes_rows_outside_its_shift(kernel):
+    x, w, labels = opposite_rows_inputs()
+    kept_outputs = torch.ops.arcface_ext.margin_softmax_forward_kept(x, w, labels, 64.0, 1.0, 0.5, 0.0, 0.0, -1,
+                                                                    False, 1 << 26)
+    _, factor, inv_norm, recompute, unclamped = kept_parts(kept_outputs[3], 64, 500)
+    if kernel == "fused":
+        # Exactly the two rows; the others keep H and their factor exp(S_i - lse_i).
+        assert recompute.nonzero().flatten().tolist() == [5, 9]
+        assert factor[5] == 1 and factor[9] == 1
+    else:
+        # The cuBLAS path writes G itself for every row.
+        assert bool((recompute == 1).all()) and bool((factor == 1).all())
+    expected_inv_norm = 1 / w.float().norm(dim=1)
+    assert_close_report(inv_norm, expected_inv_norm, atol=0, rtol=1e-5, name="inv_norm")
+    assert bool((unclamped == 1).all())
+    ours, expected = run_both(x, w, labels, s=64.0, m2=0.5)
+    assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("case", ["kept", "fp16", "workspace", "disabled", "shard", "no-grad"])
+def test_kept_block_only_where_it_fits(monkeypatch, workspace, case):
+    # The autograd formula keeps the block for bf16 steps over the whole softmax whose block fits
+    # the workspace (N·C·2 bytes and 5 (N + C) more), unless ARCFACE_EXT_KEEP_BLOCK=0.
+    dtype = torch.float16 if case == "fp16" else torch.bfloat16
+    x, w, labels = make_inputs(64, 32, 1000, seed=44, dtype=dtype)
+    needed = 64 * 1000 * 2 + 5 * (64 + 1000)
+    workspace(needed - 1 if case == "workspace" else needed)
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0" if case == "disabled" else "1")
+    x.requires_grad_(case != "no-grad")
+    w.requires_grad_(case != "no-grad")
+
+    def step():
+        if case == "shard":
+            loss, _, _ = torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, 64.0, 1.0, 0.5, 0.0, 0.0, -1,
+                                                                      False, needed, 0, 2000)
+        else:
+            loss = arcface_ext.combined_margin_loss(x, w, labels, reduction="none")
+        if loss.requires_grad:
+            loss.sum().backward()
+
+    names = cuda_kernel_names(step)
+    assert ("kept_block_recompute_kernel" in names) == (case == "kept"), names
+    if case != "no-grad":
+        assert ("fused_backward_kernel" in names) == (case != "kept"), names
+
+
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["both", "embeddings", "weight"])
+def test_opcheck_kept_ops(needs):
+    # Inputs without requires_grad: the kept ops run below the autograd formula of
+    # margin_softmax_forward and have none of their own.
+    x, w, labels = make_inputs(7, 16, 11, seed=45, dtype=torch.bfloat16, ignored=(3,))
+    forward_args = (x, w, labels, 64.0, 1.0, 0.5, 0.0, 0.0, -1, False, 1 << 20)
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_forward_kept, forward_args)
+    kept = torch.ops.arcface_ext.margin_softmax_forward_kept(*forward_args)[3]
+    grad_loss = torch.rand(7, device=DEVICE)
+    args = (grad_loss, x, w, labels, kept, 64.0, 1.0, 0.5, 0.0, 0.0, -1, False, *needs)
+    torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_backward_kept, args)
+
+
+def test_kept_block_rejects_a_foreign_block():
+    x, w, labels = make_inputs(7, 16, 11, seed=46, dtype=torch.bfloat16)
+    kept = torch.zeros(100, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="kept must be margin_softmax_forward_kept's uint8 block"):
+        torch.ops.arcface_ext.margin_softmax_backward_kept(torch.ones(7, device=DEVICE), x, w, labels, kept, 64.0,
+                                                           1.0, 0.5, 0.0, 0.0, -1, False, True, True)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_kept_block_under_compile(backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(_loss_and_cosine, fullgraph=True, backend=backend)
+    x, w, labels = make_inputs(21, 16, 97, seed=47, dtype=torch.bfloat16, ignored=(2,))
+    eager = loss_and_grads(_loss_and_cosine, x, w, labels, reduction="mean")
+    names = cuda_kernel_names(lambda: loss_and_grads(compiled, x, w, labels, reduction="mean"))
+    assert "kept_block_recompute_kernel" in names and "fused_backward_kernel" not in names, names
+    graph = loss_and_grads(compiled, x, w, labels, reduction="mean")
+    for name, a, e in zip(OUTPUTS, graph, eager):
+        assert_close_report(a.float(), e.float(), atol=1e-6, rtol=1e-6, name=f"{backend} {name}")
 
 
 # ---- against the CPU op -----------------------------------------------------------------------
@@ -703,7 +889,8 @@ def test_peak_memory_at_a_million_classes(kernel):
 def test_trainer_steps_on_the_fused_kernels(tmp_path, loss):
     # A few steps of the bundled trainer with the margin loss under bf16 autocast (--loss-amp bf16):
     # the backbone's fp32 embeddings and the fp32 centres reach the op as bf16, so the fused
-    # tensor-core kernels run, forward and backward, inside a real training step; the losses agree
+    # tensor-core kernels run inside a real training step (the backward from the kept gradient
+    # block: it fits the workspace); the losses agree
     # with the same run on the pure-PyTorch reference loss (whose bf16 cosines cost up to ~0.25 in a
     # logit) and fall.
     import json
@@ -723,7 +910,7 @@ def test_trainer_steps_on_the_fused_kernels(tmp_path, loss):
             return [json.loads(line)["loss"] for line in f if line.strip()]
 
     names = cuda_kernel_names(lambda: run("fused"))
-    assert "fused_forward_kernel" in names and "fused_backward_kernel" in names, names
+    assert "fused_forward_kernel" in names and "kept_block_recompute_kernel" in names, names
     fused = run("fused")
     reference_losses = run("reference")
     assert len(fused) == 6 and all(math.isfinite(v) for v in fused)

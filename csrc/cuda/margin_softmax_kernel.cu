@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "../checks.h"
+#include "../kept_block.h"
 #include "../margin.h"
 #include "reductions.cuh"
 #include "tensor_core_tile.cuh"
@@ -79,6 +80,19 @@ __device__ __forceinline__ float exp_shifted(float logit, float shift) {
   return cuda::ex2_approx((logit - shift) * kLog2e);
 }
 
+// The kept block's row shift S_i (see kept_block.h). Every logit of row i is at most max(s, t_i),
+// t_i the target logit; S_i stays within kKeptShiftRoom of t_i, so that the row's largest logit m_i
+// (at least t_i) is at most kKeptShiftRoom below it and the entries that matter to the row stay
+// clear of fp32's (and bf16's) underflow at e^-87. A row keeps the block only while m_i is at most
+// kKeptMaxAbove above S_i (s·e^24/‖w_j‖ is far inside bf16's range); the forward's finalize checks
+// that, and recomputes the others exactly.
+constexpr float kKeptShiftRoom = 64.0f;
+constexpr float kKeptMaxAbove = 24.0f;
+
+__device__ __forceinline__ float kept_shift(float s, float target_logit) {
+  return fminf(fmaxf(s, target_logit), target_logit + kKeptShiftRoom);
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
   return static_cast<acc_t>(*p);
@@ -99,7 +113,9 @@ __device__ __forceinline__ scalar_t to_gemm_operand(acc_t v) {
 
 // Row i's target: the norm of x_i, the target cosine and the margin (margin.h, in double).
 // With scaled_xhat, also writes (grad_loss_i / max_k |grad_loss_k|) x̂_i, the B operand of the
-// weight-gradient GEMM; the common factor keeps it in range for fp16 and is put back after.
+// weight-gradient GEMM; the common factor keeps it in range for fp16 and is put back after. With
+// row_factor (the kept block's f_i, see kept_block.h), the operand is f_i times that: the GEMM then
+// sums G_ij = f_i H_ij.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     row_targets_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
@@ -107,7 +123,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
                        int64_t class_offset, int64_t ignore_index, MarginParams params,
                        RowTarget* __restrict__ rows,
                        const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ grad_max,
-                       scalar_t* __restrict__ scaled_xhat) {
+                       scalar_t* __restrict__ scaled_xhat, const acc_t* __restrict__ row_factor) {
   const int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (i >= n) return;  // the whole warp: the shuffles below need every lane
@@ -153,7 +169,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     const double g = static_cast<double>(grad_loss[i]);
     const double g_max = static_cast<double>(*grad_max);
     const double ratio = (counted && g_max > 0) ? g / g_max : 0.0;
-    const acc_t scale = static_cast<acc_t>(ratio * inv_norm_x);
+    const double factor = row_factor != nullptr ? static_cast<double>(row_factor[i]) : 1.0;
+    const acc_t scale = static_cast<acc_t>(ratio * inv_norm_x * factor);
     scalar_t* out = scaled_xhat + i * dim;
     for (int64_t k = lane; k < dim; k += kWarpSize)
       out[k] = static_cast<scalar_t>(load_acc<scalar_t, acc_t>(xi + k) * scale);
@@ -240,22 +257,65 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   }
 }
 
+// The per-row part of the kept block (kept_block.h) that the forward's finalize writes; `factor`
+// nullptr when there is no kept block.
+struct KeptRows {
+  at::BFloat16* block;     // H, rows `ld` apart
+  int64_t ld;
+  const float* inv_norm;   // the class norms, written by the forward's tiles
+  float* factor;
+  uint8_t* recompute;
+  float s;
+};
+
+// Row i's factor f_i = exp(S_i - lse_i) and its target column, H_iy = G_iy / f_i (the forward's
+// tiles wrote 0 there; G_iy as the backward kernels form it). A row whose largest logit rose more
+// than kKeptMaxAbove above S_i, or whose H_iy would leave bf16's range, is marked for
+// recomputation instead (kept_block_recompute, then f_i = 1).
+template <typename acc_t>
+__device__ void finish_kept_row(const KeptRows& kept, const RowTarget& t, int64_t i, acc_t row_max, acc_t lse) {
+  const float shift = kept_shift(kept.s, static_cast<float>(t.logit));
+  bool keep = static_cast<float>(row_max) - shift <= kKeptMaxAbove;  // false for NaN
+  float factor = 1.0f;
+  if (keep) {
+    factor = expf(shift - static_cast<float>(lse));
+    if (t.label >= 0) {
+      const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
+      const double logit = static_cast<double>(static_cast<float>(t.logit));
+      const double p = exp(logit - static_cast<double>(lse));
+      const float q = static_cast<float>(inside * (p - 1.0) * t.dlogit_dc);
+      const double h = static_cast<double>(q) * kept.inv_norm[t.label] *
+                       exp(static_cast<double>(lse) - static_cast<double>(shift));
+      keep = fabs(h) <= 1e38;  // bf16's largest finite value is 3.39e38; false for NaN
+      if (keep) kept.block[i * kept.ld + t.label] = static_cast<at::BFloat16>(static_cast<float>(h));
+    }
+  }
+  kept.factor[i] = keep ? factor : 1.0f;
+  kept.recompute[i] = keep ? 0 : 1;
+}
+
 // Per row, merges the segments' statistics in order into logsumexp, loss and target cosine.
 // Ignored rows get zeros (the Python layer marks their target cosines NaN): the outputs are
-// created uninitialised, so every row is written here.
+// created uninitialised, so every row is written here. With a kept block, also its row factors.
 template <typename acc_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     margin_softmax_finalize_kernel(const acc_t* __restrict__ segment_max,
                                    const acc_t* __restrict__ segment_sum, int64_t segments,
                                    const RowTarget* __restrict__ rows, int64_t n,
                                    acc_t* __restrict__ loss, acc_t* __restrict__ logsumexp,
-                                   acc_t* __restrict__ target_cosine) {
+                                   acc_t* __restrict__ target_cosine, KeptRows kept) {
   const int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (i >= n) return;
   const RowTarget& t = rows[i];
   if (!t.counted) {
-    if (lane == 0) logsumexp[i] = loss[i] = target_cosine[i] = acc_t(0);
+    if (lane == 0) {
+      logsumexp[i] = loss[i] = target_cosine[i] = acc_t(0);
+      if (kept.factor != nullptr) {
+        kept.factor[i] = 0.0f;  // the row's H is finite (its tiles saw zero cosines) and unused
+        kept.recompute[i] = 0;
+      }
+    }
     return;
   }
   const acc_t* row_max = segment_max + i * segments;
@@ -272,6 +332,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     logsumexp[i] = lse;
     loss[i] = lse - static_cast<acc_t>(t.logit);
     target_cosine[i] = static_cast<acc_t>(clamp_cosine(t.cosine));
+    if (kept.factor != nullptr) finish_kept_row(kept, t, i, total_max, lse);
   }
 }
 
@@ -283,22 +344,23 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
 // row does not count), in the GEMM input dtype. The per-row factor grad_loss_i is applied after
 // the GEMMs, so G stays in [-s·max dψ/dc, s] / ‖w_j‖ whatever the loss scale.
 // `dots` and `grad_block` may be the same memory (fp32/fp64): each element is read, then written,
-// by one thread.
+// by one thread. grad_block's rows are `ld` apart. Without grad_loss (the kept block's forward, which
+// runs before it exists) every counted row is written.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kEpilogueThreads)
-    margin_softmax_backward_kernel(const acc_t* dots, scalar_t* grad_block, int64_t width,
+    margin_softmax_backward_kernel(const acc_t* dots, scalar_t* grad_block, int64_t width, int64_t ld,
                                    int64_t c0, const acc_t* __restrict__ inv_norm_w,
                                    const RowTarget* __restrict__ rows,
                                    const acc_t* __restrict__ grad_loss,
                                    const acc_t* __restrict__ logsumexp, acc_t s) {
   const int64_t i = blockIdx.x;
   const RowTarget& t = rows[i];
-  const bool active = t.counted && grad_loss[i] != acc_t(0);
+  const bool active = t.counted && (grad_loss == nullptr || grad_loss[i] != acc_t(0));
   const acc_t inv_norm_x = static_cast<acc_t>(t.inv_norm);
   const acc_t lse = logsumexp[i];
   const int64_t target = t.label - c0;
   const acc_t* row = dots + i * width;
-  scalar_t* out = grad_block + i * width;
+  scalar_t* out = grad_block + i * ld;
   const int64_t j0 = int64_t{blockIdx.y} * kSegment + threadIdx.x;
 #pragma unroll
   for (int k = 0; k < kEpilogueItems; ++k) {
@@ -387,13 +449,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
 
 // One warp per row: from A_i = Σ_j G_ij w_j = Σ_j (g_ij / grad_loss_i) ŵ_j,
 // d loss / d x_i = grad_loss_i / ‖x_i‖ (A_i - (A_i·x̂_i) x̂_i) (no projection where the norm was
-// clamped); zero at ignored rows.
+// clamped); zero at ignored rows. With row_factor, `a` holds Σ_j H_ij w_j of the kept block and
+// A_i = f_i times that (kept_block.h).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     embedding_gradient_kernel(const acc_t* __restrict__ a, const scalar_t* __restrict__ x,
                               const RowTarget* __restrict__ rows,
                               const acc_t* __restrict__ grad_loss, int64_t n, int64_t dim,
-                              scalar_t* __restrict__ grad_x) {
+                              scalar_t* __restrict__ grad_x, const acc_t* __restrict__ row_factor) {
   const int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (i >= n) return;
@@ -412,7 +475,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
       dot += ai[k] * (load_acc<scalar_t, acc_t>(xi + k) * inv_norm_x);
     dot = cuda::warp_sum(dot);
   }
-  const acc_t scale = grad_loss[i] * inv_norm_x;
+  acc_t scale = grad_loss[i] * inv_norm_x;
+  if (row_factor != nullptr) scale *= row_factor[i];
   for (int64_t k = lane; k < dim; k += kWarpSize) {
     const acc_t xhat = load_acc<scalar_t, acc_t>(xi + k) * inv_norm_x;
     out[k] = static_cast<scalar_t>(scale * (ai[k] - dot * xhat));
@@ -480,18 +544,33 @@ __device__ __forceinline__ void publish_class_norms(float norm_sq, InvNorms& inv
   __syncthreads();
 }
 
+// Two adjacent 16-bit values of a row, stored as one 32-bit word.
+template <typename scalar_t>
+struct alignas(2 * sizeof(scalar_t)) ValuePair {
+  scalar_t value[2];
+};
+
 // Forward. Block (r, g) owns rows [128 r, 128 r + 128) and class tiles
 // [g·tiles_per_segment, (g+1)·tiles_per_segment): it walks its tiles, reduces each row's logits of
 // a tile to (max, Σexp) over the 4 lanes that hold them, folds that into running statistics (one
 // lane of the quad keeps them), merges the 4 warps that share a row in a fixed order, and writes one
 // (max, sum) per (row, segment g).
-template <bool kBFloat16, int kStages>
+// With kKeep (bf16), it also writes the kept block (kept_block.h): H_ij = s·exp(l_ij - S_i)/‖w_j‖,
+// from the exponentials the sum already took (exp(l - m) of the tile's row maximum m, times
+// exp(m - S_i)); 0 at the target column (finalize writes it) and past the last class. Where the
+// cosine was clamped, G is 0 and H is not: such a cosine passed ±1 by rounding, so x̂_i and ŵ_j are
+// parallel and the projections of class_gradient_kernel and embedding_gradient_kernel remove the
+// column's contribution all the same (tracking the clamp cost registers this kernel has not got).
+// The blocks of the first row tile write the class norms.
+template <bool kBFloat16, int kStages, bool kKeep = false>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_forward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
                          int64_t c, int dim, const RowTarget* __restrict__ rows, float s,
                          int64_t tiles_per_segment,
                          float* __restrict__ segment_max, float* __restrict__ segment_sum,
-                         int64_t segments) {
+                         int64_t segments, at::BFloat16* __restrict__ kept_block, int64_t kept_ld,
+                         float* __restrict__ class_inv_norm, uint8_t* __restrict__ class_unclamped) {
+  static_assert(!kKeep || kBFloat16, "the kept block is bf16 only (fp16's range is too narrow for its shift)");
   extern __shared__ __align__(16) uint16_t tile_smem[];
   __shared__ float row_inv_norm[kTileRows];
   __shared__ float row_target_logit[kTileRows];
@@ -499,6 +578,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __shared__ float part_max[4][kTileRows];
   __shared__ float part_sum[4][kTileRows];
   __shared__ float tile_inv_norm[kTileClasses];
+  __shared__ bool tile_unclamped[kTileClasses];  // kKeep only
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
@@ -529,7 +609,19 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     float norm_sq;
     cuda::tile_run_gemm<kBFloat16, true, kStages>(run, tile - first, tile_smem, acc, norm_sq);
     // (The previous tile's epilogue read tile_inv_norm before this tile's GEMM barriers.)
-    publish_class_norms(norm_sq, tile_inv_norm, nullptr);
+    if constexpr (kKeep) {
+      publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
+      if (blockIdx.x == 0) {
+        for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
+          if (col0 + jl < c) {
+            class_inv_norm[col0 + jl] = tile_inv_norm[jl];
+            class_unclamped[col0 + jl] = tile_unclamped[jl];
+          }
+        }
+      }
+    } else {
+      publish_class_norms(norm_sq, tile_inv_norm, nullptr);
+    }
     float inv_w[4][2];
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
@@ -574,7 +666,37 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-              for (int e = 0; e < 2; ++e) sum += exp_shifted(acc[mi][ni][2 * h + e], m);
+              for (int e = 0; e < 2; ++e) {
+                float& value = acc[mi][ni][2 * h + e];
+                const float p = exp_shifted(value, m);
+                sum += p;
+                if constexpr (kKeep) value = p;
+              }
+          }
+          if constexpr (kKeep) {
+            const int64_t i = row0 + r;
+            if (i < n) {
+              // exp(l - S_i) = exp(l - m)·exp(m - S_i); the cap keeps a row that will be recomputed
+              // finite (0·inf would be NaN), and s·e^80 is finite.
+              const float shift = kept_shift(s, target_logit);
+              const float scale = s * exp_shifted(fminf(m, shift + 80.0f), shift);
+              at::BFloat16* out = kept_block + i * kept_ld + (col0 + first_col);
+#pragma unroll
+              for (int ni = 0; ni < 4; ++ni) {
+                ValuePair<at::BFloat16> pair;
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  // (With m = -inf the values are still the logits, all -inf.)
+                  const bool zero = m == kNegInf || target == 8 * ni + e;
+                  pair.value[e] = to_gemm_operand<at::BFloat16, float>(
+                      zero ? 0.0f : acc[mi][ni][2 * h + e] * scale * inv_w[ni][e]);
+                }
+                // A full tile lies inside the row (C <= pitch); a partial one stops at the pitch.
+                bool inside = true;
+                if constexpr (decltype(masked)::value) inside = first_col + 8 * ni < kept_ld - col0;
+                if (inside) *reinterpret_cast<ValuePair<at::BFloat16>*>(out + 8 * ni) = pair;
+              }
+            }
           }
           // (a + b) + (c + d) in every lane alike: fp addition is commutative.
           sum += __shfl_xor_sync(0xffffffffu, sum, 1);
@@ -618,18 +740,22 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   }
 }
 
-// Backward. Block (r, t) recomputes the tile of rows [128 r, +128) and chunk classes
-// [128 t, +128), forms G_ij exactly as margin_softmax_backward_kernel does, stages it in shared
-// memory (the pipeline's, free after the GEMM) and writes it out in 16-byte rows: grad_block has
-// row pitch ld, a multiple of 8 at least `width`; the columns past `width` get zeros.
-template <bool kBFloat16, typename scalar_t, int kStages>
-__global__ void __launch_bounds__(kTileThreads, 2)
-    fused_backward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
+// The gradient block's tile, for fused_backward_kernel and kept_block_recompute_kernel. Block
+// (r, t) recomputes the tile of rows [128 r, +128) and chunk classes [128 t, +128), forms G_ij
+// exactly as margin_softmax_backward_kernel does, stages it in shared memory (the pipeline's, free
+// after the GEMM) and writes it out in 16-byte rows: grad_block has row pitch ld, a multiple of 8
+// at least `width`; the columns past `width` get zeros.
+// With kRecompute (the kept block's forward, before any grad_loss exists): only the counted rows
+// marked in `recompute` are formed and written, the other rows of grad_block are left as they are,
+// and a block whose 128 rows have none returns at once.
+template <bool kBFloat16, typename scalar_t, int kStages, bool kRecompute>
+__device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
                           int64_t n, int64_t width, int dim, int64_t c0,
                           const RowTarget* __restrict__ rows, const float* __restrict__ grad_loss,
                           const float* __restrict__ logsumexp, float s,
                           scalar_t* __restrict__ grad_block, int64_t ld,
-                          float* __restrict__ chunk_inv_norm, uint8_t* __restrict__ chunk_unclamped) {
+                          float* __restrict__ chunk_inv_norm, uint8_t* __restrict__ chunk_unclamped,
+                          const uint8_t* __restrict__ recompute) {
   extern __shared__ __align__(16) uint16_t tile_smem[];
   __shared__ float row_inv_norm[kTileRows];
   __shared__ float row_lse[kTileRows];
@@ -642,7 +768,12 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
   for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
     const int64_t i = row0 + r;
-    const bool active = i < n && rows[i].counted && grad_loss[i] != 0.0f;
+    bool active = i < n && rows[i].counted;
+    if constexpr (kRecompute) {
+      active = active && recompute[i] != 0;
+    } else {
+      active = active && grad_loss[i] != 0.0f;
+    }
     row_active[r] = active;
     row_inv_norm[r] = 0.0f;
     row_lse[r] = 0.0f;
@@ -664,6 +795,11 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     }
   }
   __syncthreads();
+  if constexpr (kRecompute) {
+    bool any = false;
+    for (int r = 0; r < kTileRows; ++r) any = any || row_active[r];
+    if (!any) return;  // the whole block alike
+  }
 
   const int64_t col0 = int64_t{blockIdx.y} * kTileClasses;
   cuda::TileAcc acc;
@@ -693,9 +829,6 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
     for (int e = 0; e < 2; ++e) inv_w[ni][e] = first_col + 8 * ni + e < valid ? tile_inv_norm[tile_class(ni, e)] : 0.0f;
-  struct alignas(2 * sizeof(scalar_t)) Pair {
-    scalar_t value[2];
-  };
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -709,7 +842,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       const int target = target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1;
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
-        Pair pair;
+        ValuePair<scalar_t> pair;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float q = 0.0f;
@@ -724,7 +857,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
           }
           pair.value[e] = to_gemm_operand<scalar_t, float>(q * inv_w[ni][e]);
         }
-        *reinterpret_cast<Pair*>(staged + r * kPitch + first_col + 8 * ni) = pair;
+        *reinterpret_cast<ValuePair<scalar_t>*>(staged + r * kPitch + first_col + 8 * ni) = pair;
       }
     }
   __syncthreads();
@@ -734,9 +867,34 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     const int jl = (v % kVectorsPerRow) * 8;
     const int64_t i = row0 + r;
     const int64_t j = col0 + jl;
-    if (i < n && j < ld)
+    if (i < n && j < ld && (!kRecompute || row_active[r]))
       *reinterpret_cast<uint4*>(grad_block + i * ld + j) = *reinterpret_cast<const uint4*>(staged + r * kPitch + jl);
   }
+}
+
+// Backward: one chunk's gradient block from recomputed tiles (gradient_block_tile).
+template <bool kBFloat16, typename scalar_t, int kStages>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    fused_backward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk, int64_t n,
+                          int64_t width, int dim, int64_t c0, const RowTarget* __restrict__ rows,
+                          const float* __restrict__ grad_loss, const float* __restrict__ logsumexp, float s,
+                          scalar_t* __restrict__ grad_block, int64_t ld, float* __restrict__ chunk_inv_norm,
+                          uint8_t* __restrict__ chunk_unclamped) {
+  gradient_block_tile<kBFloat16, scalar_t, kStages, false>(x, w_chunk, n, width, dim, c0, rows, grad_loss,
+                                                           logsumexp, s, grad_block, ld, chunk_inv_norm,
+                                                           chunk_unclamped, nullptr);
+}
+
+// The kept block's forward: G itself at the rows finalize marked for recomputation (kept_block.h),
+// over all classes; blocks whose rows have none return at once.
+template <int kStages>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    kept_block_recompute_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
+                                int64_t c, int dim, const RowTarget* __restrict__ rows,
+                                const float* __restrict__ logsumexp, float s, at::BFloat16* __restrict__ block,
+                                int64_t ld, const uint8_t* __restrict__ recompute) {
+  gradient_block_tile<true, at::BFloat16, kStages, true>(x, w, n, c, dim, 0, rows, nullptr, logsumexp, s, block,
+                                                         ld, nullptr, nullptr, recompute);
 }
 
 // ---- host side ----------------------------------------------------------------------------
@@ -940,11 +1098,11 @@ void launch_row_targets(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         int64_t class_offset, int64_t ignore_index, const MarginParams& params,
                         RowTarget* rows,
                         const acc_t* grad_loss, const acc_t* grad_max, scalar_t* scaled_xhat,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const acc_t* row_factor = nullptr) {
   const int64_t n = x.size(0), dim = x.size(1);
   row_targets_kernel<scalar_t, acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
       x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), n, dim, w.size(0),
-      class_offset, ignore_index, params, rows, grad_loss, grad_max, scaled_xhat);
+      class_offset, ignore_index, params, rows, grad_loss, grad_max, scaled_xhat, row_factor);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -972,15 +1130,52 @@ at::Tensor chunk_dot_products(const at::Tensor& x, const at::Tensor& w_chunk, at
 
 // ---- forward ------------------------------------------------------------------------------
 
+// The kept block's parts (kept_block.h) as typed views of its uint8 tensor.
+struct KeptViews {
+  KeptLayout layout;
+  at::Tensor block;      // (N, C) bf16, rows `layout.pitch` apart
+  at::Tensor factor;     // (N,) float
+  at::Tensor inv_norm;   // (C,) float
+  at::Tensor recompute;  // (N,) uint8
+  at::Tensor unclamped;  // (C,) uint8
+};
+
+KeptViews kept_views(const at::Tensor& kept, int64_t n, int64_t c) {
+  KeptViews v;
+  v.layout = kept_layout(n, c);
+  const KeptLayout& l = v.layout;
+  v.block = kept.narrow(0, 0, l.factor_offset).view(at::kBFloat16).view({n, l.pitch}).narrow(1, 0, c);
+  v.factor = kept.narrow(0, l.factor_offset, n * 4).view(at::kFloat);
+  v.inv_norm = kept.narrow(0, l.inv_norm_offset, c * 4).view(at::kFloat);
+  v.recompute = kept.narrow(0, l.recompute_offset, n);
+  v.unclamped = kept.narrow(0, l.unclamped_offset, c);
+  return v;
+}
+
+// With `kept` (bf16 only), also writes the kept block (kept_block.h): on the fused path the
+// forward's tiles write H, finalize the row factors and target columns, and the fused backward
+// kernel recomputes the rows that did not fit their shift (its blocks return at once when none
+// did); on the cuBLAS path a second pass over the chunks writes G itself (every factor 1).
 template <typename scalar_t>
 void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                                  const MarginParams& params, int64_t ignore_index, int64_t class_offset,
                                  int64_t workspace_bytes, bool fused, at::Tensor& loss,
-                                 at::Tensor& logsumexp, at::Tensor& target_cosine) {
+                                 at::Tensor& logsumexp, at::Tensor& target_cosine,
+                                 const KeptViews* kept = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
   const int64_t n = x.size(0), dim = x.size(1), c = w.size(0);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(kept == nullptr || kBFloat16, "arcface_ext: the kept gradient block needs bf16 inputs");
+  at::BFloat16* kept_block = nullptr;
+  KeptRows kept_rows{nullptr, 0, nullptr, nullptr, nullptr, static_cast<float>(params.s)};
+  if (kept != nullptr) {
+    kept_block = kept->block.data_ptr<at::BFloat16>();
+    kept_rows = KeptRows{kept_block, kept->layout.pitch, kept->inv_norm.data_ptr<float>(),
+                         kept->factor.data_ptr<float>(), kept->recompute.data_ptr<uint8_t>(),
+                         static_cast<float>(params.s)};
+  }
 
   const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
   RowTarget* rows_ptr = row_targets_ptr(rows);
@@ -994,23 +1189,53 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
           n, c, workspace_bytes, device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()));
       const at::Tensor segment_max = at::empty({n, segments.count}, acc_options);
       const at::Tensor segment_sum = at::empty({n, segments.count}, acc_options);
-      constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
       const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
                       static_cast<unsigned>(segments.count));
-      with_tile_stages(fused_tile_stages(x.get_device()), [&](auto depth) {
+      const int stages = fused_tile_stages(x.get_device());
+      with_tile_stages(stages, [&](auto depth) {
         constexpr int kStages = decltype(depth)::value;
-        allow_tile_smem(fused_forward_kernel<kBFloat16, kStages>, kStages);
-        fused_forward_kernel<kBFloat16, kStages><<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
-            raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
-            static_cast<acc_t>(params.s),
-            segments.tiles_per_segment, segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(),
-            segments.count);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        auto launch = [&](auto keep) {
+          constexpr bool kKeep = decltype(keep)::value;
+          allow_tile_smem(fused_forward_kernel<kBFloat16, kStages, kKeep>, kStages);
+          fused_forward_kernel<kBFloat16, kStages, kKeep>
+              <<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
+                  raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
+                  static_cast<acc_t>(params.s), segments.tiles_per_segment, segment_max.data_ptr<acc_t>(),
+                  segment_sum.data_ptr<acc_t>(), segments.count, kept_block,
+                  kept != nullptr ? kept->layout.pitch : 0,
+                  kept != nullptr ? kept->inv_norm.data_ptr<float>() : nullptr,
+                  kept != nullptr ? kept->unclamped.data_ptr<uint8_t>() : nullptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if constexpr (kBFloat16) {
+          if (kept != nullptr) {
+            launch(std::true_type{});
+            return;
+          }
+        }
+        launch(std::false_type{});
       });
       margin_softmax_finalize_kernel<acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
           segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(), segments.count, rows_ptr, n,
-          loss.data_ptr<acc_t>(), logsumexp.data_ptr<acc_t>(), target_cosine.data_ptr<acc_t>());
+          loss.data_ptr<acc_t>(), logsumexp.data_ptr<acc_t>(), target_cosine.data_ptr<acc_t>(), kept_rows);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if constexpr (kBFloat16) {
+        if (kept != nullptr) {
+          // The rows finalize marked: G itself, from recomputed tiles (a block with none of them
+          // returns at once).
+          const dim3 recompute_grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
+                                    static_cast<unsigned>((c + kTileClasses - 1) / kTileClasses));
+          with_tile_stages(stages, [&](auto depth) {
+            constexpr int kStages = decltype(depth)::value;
+            allow_tile_smem(kept_block_recompute_kernel<kStages>, kStages);
+            kept_block_recompute_kernel<kStages><<<recompute_grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
+                raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
+                logsumexp.data_ptr<acc_t>(), static_cast<acc_t>(params.s), kept->block.data_ptr<at::BFloat16>(),
+                kept->layout.pitch, kept->recompute.data_ptr<uint8_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
+      }
       return;
     }
   }
@@ -1041,8 +1266,27 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
 
   margin_softmax_finalize_kernel<acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
       segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(), chunks.segments, rows_ptr, n,
-      loss.data_ptr<acc_t>(), logsumexp.data_ptr<acc_t>(), target_cosine.data_ptr<acc_t>());
+      loss.data_ptr<acc_t>(), logsumexp.data_ptr<acc_t>(), target_cosine.data_ptr<acc_t>(),
+      KeptRows{nullptr, 0, nullptr, nullptr, nullptr, 0.0f});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (kBFloat16 && kept != nullptr) {
+    // G itself for every row, as the cuBLAS backward forms it (the same chunks, so the same dot
+    // products), written into the kept block's columns; every factor 1.
+    for (int64_t k = 0; k < chunks.count; ++k) {
+      const int64_t c0 = chunks.begin(k), width = chunks.width_of(k, c);
+      acc_t* chunk_inv_norm = kept->inv_norm.data_ptr<acc_t>() + c0;
+      at::Tensor dots = chunk_dot_products<scalar_t, acc_t>(x, w.narrow(0, c0, width), dots_buffer, chunk_inv_norm,
+                                                            kept->unclamped.data_ptr<uint8_t>() + c0, stream);
+      const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(segments_in(width)));
+      margin_softmax_backward_kernel<scalar_t, acc_t><<<grid, kEpilogueThreads, 0, stream>>>(
+          dots.data_ptr<acc_t>(), kept->block.data_ptr<scalar_t>() + c0, width, kept->layout.pitch, c0,
+          chunk_inv_norm, rows_ptr, nullptr, logsumexp.data_ptr<acc_t>(), static_cast<acc_t>(params.s));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    kept->factor.fill_(1.0f);
+    kept->recompute.fill_(1);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
@@ -1078,6 +1322,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
                                           workspace_bytes, fused, loss, logsumexp, target_cosine);
   });
   return {loss, logsumexp, target_cosine};
+}
+
+// The forward of a bf16 training step that also returns the kept gradient block (kept_block.h),
+// for margin_softmax_backward_kept. The autograd formula (csrc/autograd.cpp) calls it when the
+// block fits the workspace; the block is counted against it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_kept_cuda(
+    const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
+    double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
+    bool straight_through, int64_t workspace_bytes, const c10::optional<at::Tensor>& row_margins_in) {
+  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, 0, -1, /*check_labels=*/false);
+  TORCH_CHECK(embeddings_in.scalar_type() == at::kBFloat16 && weight_in.scalar_type() == at::kBFloat16,
+              "arcface_ext: margin_softmax_forward_kept takes bf16 embeddings and weight, got ",
+              embeddings_in.scalar_type(), " and ", weight_in.scalar_type());
+  const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
+  const at::Tensor labels = labels_in.contiguous();
+  check_labels_cuda(labels, weight_in, ignore_index, 0, -1);
+  at::Tensor row_margins_storage;
+  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
+  const BelowAutogradAndAutocast below;
+  const at::Tensor embeddings = embeddings_in.detach().contiguous();
+  const at::Tensor weight = weight_in.detach().contiguous();
+  const int64_t n = embeddings.size(0), c = weight.size(0);
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
+  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
+
+  const auto options = embeddings.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({n}, options);
+  at::Tensor logsumexp = at::empty({n}, options);
+  at::Tensor target_cosine = at::empty({n}, options);
+  at::Tensor kept = at::empty({kept_layout(n, c).bytes}, embeddings.options().dtype(at::kByte));
+  if (n == 0) return {loss, logsumexp, target_cosine, kept};
+  const KeptViews views = kept_views(kept, n, c);
+  margin_softmax_forward_impl<at::BFloat16>(embeddings, weight, labels, params, ignore_index, 0, workspace_bytes,
+                                            use_fused_kernels(embeddings, weight), loss, logsumexp, target_cosine,
+                                            &views);
+  return {loss, logsumexp, target_cosine, kept};
 }
 
 // ---- backward -----------------------------------------------------------------------------
@@ -1164,7 +1444,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
           x, w_chunk, dots_buffer, inv_norm_w.data_ptr<acc_t>(), unclamped_w.data_ptr<uint8_t>(), stream);
       const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(segments_in(width)));
       margin_softmax_backward_kernel<scalar_t, acc_t><<<grid, kEpilogueThreads, 0, stream>>>(
-          dots.data_ptr<acc_t>(), grad_block.data_ptr<scalar_t>(), width, c0,
+          dots.data_ptr<acc_t>(), grad_block.data_ptr<scalar_t>(), width, width, c0,
           inv_norm_w.data_ptr<acc_t>(), rows_ptr, grad_ptr, lse.data_ptr<acc_t>(),
           static_cast<acc_t>(params.s));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1199,7 +1479,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
     embedding_gradient_kernel<scalar_t, acc_t>
         <<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
             grad_xhat.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), rows_ptr, grad_ptr, n, dim,
-            grad_embeddings.data_ptr<scalar_t>());
+            grad_embeddings.data_ptr<scalar_t>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -1250,11 +1530,91 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
   return {grad_embeddings, grad_weight};
 }
 
+// The backward from the forward's kept block (kept_block.h): G = diag(f)·H, so
+//   Σ_j G_ij w_j = f_i (H·W)_i   (the row factor applied by embedding_gradient_kernel) and
+//   Σ_i G_ij X̃_i = (Hᵀ·X̃')_j with X̃'_i = f_i X̃_i   (row_targets_kernel scales the operand),
+// then the same projections as margin_softmax_backward. No cosine is recomputed. The labels are
+// not checked again (the autograd formula passes the forward's, saved and so unchanged);
+// out-of-range ones stay memory-safe.
+std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_kept_cuda(
+    const at::Tensor& grad_loss_in, const at::Tensor& embeddings_in, const at::Tensor& weight_in,
+    const at::Tensor& labels_in, const at::Tensor& kept_in, double s, double m1, double m2, double m3,
+    double lambda, int64_t ignore_index, bool straight_through, bool needs_embeddings_grad,
+    bool needs_weight_grad, const c10::optional<at::Tensor>& row_margins_in) {
+  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, 0, -1, /*check_labels=*/false);
+  TORCH_CHECK(embeddings_in.scalar_type() == at::kBFloat16 && weight_in.scalar_type() == at::kBFloat16,
+              "arcface_ext: margin_softmax_backward_kept takes bf16 embeddings and weight, got ",
+              embeddings_in.scalar_type(), " and ", weight_in.scalar_type());
+  const int64_t n = embeddings_in.size(0), c = weight_in.size(0), dim = embeddings_in.size(1);
+  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == n && grad_loss_in.is_floating_point(),
+              "arcface_ext: grad_loss must be a floating-point (N,) tensor, got ", grad_loss_in.sizes());
+  TORCH_CHECK(kept_in.scalar_type() == at::kByte && kept_in.dim() == 1 && kept_in.size(0) == kept_layout(n, c).bytes,
+              "arcface_ext: kept must be margin_softmax_forward_kept's uint8 block of ", kept_layout(n, c).bytes,
+              " bytes for N = ", n, " and C = ", c, ", got ", kept_in.scalar_type(), " ", kept_in.sizes());
+  TORCH_CHECK(grad_loss_in.device() == embeddings_in.device() && kept_in.device() == embeddings_in.device(),
+              "arcface_ext: grad_loss and kept must be on the embeddings' device");
+  const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor row_margins_storage;
+  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
+  const BelowAutogradAndAutocast below;
+  const at::Tensor x = embeddings_in.detach().contiguous();
+  const at::Tensor w = weight_in.detach().contiguous();
+  const at::Tensor kept = kept_in.detach().contiguous();
+  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
+
+  at::Tensor grad_embeddings = needs_embeddings_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_weight = needs_weight_grad ? at::empty_like(w) : at::empty({0}, w.options());
+  if (n == 0) {
+    if (needs_weight_grad) grad_weight.zero_();
+    return {grad_embeddings, grad_weight};
+  }
+  if (!needs_embeddings_grad && !needs_weight_grad) return {grad_embeddings, grad_weight};
+
+  using scalar_t = at::BFloat16;
+  using acc_t = float;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const KeptViews views = kept_views(kept, n, c);
+  const at::Tensor grad_rows = grad_loss_in.detach().to(at::kFloat).contiguous();
+  const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>();
+  const at::Tensor grad_max = at::empty({1}, grad_rows.options());
+  max_abs_grad_kernel<acc_t><<<1, 256, 0, stream>>>(grad_ptr, labels.data_ptr<int64_t>(), n, ignore_index,
+                                                    grad_max.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
+  RowTarget* rows_ptr = row_targets_ptr(rows);
+  const at::Tensor scaled_xhat = needs_weight_grad ? at::empty({n, dim}, x.options()) : at::Tensor();
+  const acc_t* factor = views.factor.data_ptr<acc_t>();
+  launch_row_targets<scalar_t, acc_t>(x, w, labels, 0, ignore_index, params, rows_ptr, grad_ptr,
+                                      grad_max.data_ptr<acc_t>(),
+                                      needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream,
+                                      factor);
+  if (needs_weight_grad) {
+    // P = Hᵀ·X̃' straight into grad_weight (kPInGradWeight), corrected in place.
+    gemm_acc_out(grad_weight, views.block.t(), scaled_xhat);
+    class_gradient_kernel<scalar_t, acc_t, scalar_t><<<blocks_for_warps(c), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+        grad_weight.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), views.inv_norm.data_ptr<acc_t>(),
+        views.unclamped.data_ptr<uint8_t>(), grad_max.data_ptr<acc_t>(), c, dim, grad_weight.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (needs_embeddings_grad) {
+    at::Tensor grad_xhat = at::empty({n, dim}, grad_rows.options());
+    gemm_acc_out(grad_xhat, views.block, w);
+    embedding_gradient_kernel<scalar_t, acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+        grad_xhat.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), rows_ptr, grad_ptr, n, dim,
+        grad_embeddings.data_ptr<scalar_t>(), factor);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {grad_embeddings, grad_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
   m.impl("margin_softmax_forward", &margin_softmax_forward_cuda);
   m.impl("margin_softmax_backward", &margin_softmax_backward_cuda);
+  m.impl("margin_softmax_forward_kept", &margin_softmax_forward_kept_cuda);
+  m.impl("margin_softmax_backward_kept", &margin_softmax_backward_kept_cuda);
 }
 
 }  // namespace arcface_ext

@@ -16,7 +16,8 @@ import warnings
 import torch
 
 EMULATED = os.environ.get("ARCFACE_EXT_EMULATE_CUDA", "0") not in ("", "0")
-_OPS = ("margin_softmax_forward", "margin_softmax_backward")
+_OPS = ("margin_softmax_forward", "margin_softmax_backward", "margin_softmax_forward_kept",
+        "margin_softmax_backward_kept")
 _state = {"library": None, "train_devices": None}
 
 
