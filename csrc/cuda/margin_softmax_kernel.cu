@@ -1351,10 +1351,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
   at::Tensor loss = at::empty({n}, options);
   at::Tensor logsumexp = at::empty({n}, options);
   at::Tensor target_cosine = at::empty({n}, options);
-  at::Tensor kept = at::empty({kept_layout(n, c).bytes}, embeddings.options().dtype(at::kByte));
+  const int64_t kept_bytes = kept_layout(n, c).bytes;
+  at::Tensor kept = at::empty({kept_bytes}, embeddings.options().dtype(at::kByte));
   if (n == 0) return {loss, logsumexp, target_cosine, kept};
   const KeptViews views = kept_views(kept, n, c);
-  margin_softmax_forward_impl<at::BFloat16>(embeddings, weight, labels, params, ignore_index, 0, workspace_bytes,
+  // The block is part of the workspace: the forward's own buffers get what it leaves.
+  margin_softmax_forward_impl<at::BFloat16>(embeddings, weight, labels, params, ignore_index, 0,
+                                            std::max<int64_t>(workspace_bytes - kept_bytes, 0),
                                             use_fused_kernels(embeddings, weight), loss, logsumexp, target_cosine,
                                             &views);
   return {loss, logsumexp, target_cosine, kept};
