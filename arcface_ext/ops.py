@@ -35,7 +35,7 @@ def margin_softmax_backward(grad_loss, embeddings, weight, labels, logsumexp, s,
     log-sum-exp; with a shard of the classes and the whole softmax's log-sum-exp, the shard's part
     of the whole loss's gradients. A gradient not asked for comes back empty. ``check_labels=False``
     skips the labels' value check (a device sync on CUDA) for labels the forward already checked;
-    out-of-range labels then count as targets in another shard."""
+    out-of-range labels then get no gradient."""
     return torch.ops.arcface_ext.margin_softmax_backward(
         grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_, ignore_index,
         straight_through, workspace_bytes, needs_embeddings_grad, needs_weight_grad, class_offset,

@@ -4,7 +4,9 @@ Compares, in one interleaved run: `ours` (arcface_ext.combined_margin_loss; on C
 inputs its fused tensor-core kernels; for bf16 where the N x C gradient block fits the workspace,
 its forward keeps that block and its backward recomputes no cosine), `ours-recompute` (CUDA only:
 the same with ARCFACE_EXT_KEEP_BLOCK=0, the backward recomputing the cosines in its own fused
-kernel), `ours-cublas` (CUDA only: the same op with
+kernel), `ours-graphed` (CUDA only: `ours`'s step captured once in a CUDA graph and replayed, what
+the step costs with no host work; its memory is not measured: the graph's pool holds it from the
+capture on), `ours-cublas` (CUDA only: the same op with
 ARCFACE_EXT_CUDA_FUSED=0, i.e. cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the
 pure-PyTorch reference), `compiled` (torch.compile(reference, fullgraph=True)) and `floor` (the
 three GEMMs any implementation must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone on pre-normalised matrices
@@ -59,7 +61,9 @@ if ROOT not in sys.path:
 import arcface_ext  # noqa: E402
 from arcface_ext import reference  # noqa: E402
 
-IMPLS = ("ours", "ours-recompute", "ours-cublas", "eager", "compiled", "floor", "ours-sampled", "eager-sampled")
+IMPLS = ("ours", "ours-recompute", "ours-graphed", "ours-cublas", "eager", "compiled", "floor", "ours-sampled",
+         "eager-sampled")
+CUDA_ONLY = ("ours-recompute", "ours-graphed", "ours-cublas")
 # The CUDA op's switches (read at every call) that the comparison variants of `ours` set.
 SWITCHES = {"ours-cublas": ("ARCFACE_EXT_CUDA_FUSED", "0"), "ours-recompute": ("ARCFACE_EXT_KEEP_BLOCK", "0")}
 DEFAULT_IMPLS = {"cpu": ("ours", "eager", "compiled", "floor"), "cuda": IMPLS}
@@ -92,6 +96,33 @@ def sampled(loss_fn, sample_rate):
     return sampled_loss
 
 
+def graphed_step(embeddings, weight, labels, reduction):
+    """`ours`'s forward+backward captured in a CUDA graph at the first call (after two warm-up steps on
+    a side stream, as torch.cuda.graph asks), then replayed; returns the graph's gradient tensors."""
+    state = {}
+
+    def run():
+        arcface_ext.combined_margin_loss(embeddings, weight, labels, reduction=reduction).sum().backward()
+
+    def step():
+        if "graph" not in state:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run()
+                    embeddings.grad = weight.grad = None
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            state.update(graph=graph, grads=(embeddings.grad, weight.grad))
+            embeddings.grad = weight.grad = None
+        state["graph"].replay()
+        return state["grads"]
+    return step
+
+
 def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.1):
     """One forward+backward of `impl`; returns the gradients (the result whose size is excluded
     from peak extra memory)."""
@@ -107,6 +138,8 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
             return torch.mm(grad_logits, w_hat), torch.mm(grad_logits.t(), x_hat)
         return floor_step
 
+    if impl == "ours-graphed":
+        return graphed_step(embeddings, weight, labels, reduction)
     if impl in ("ours", "ours-recompute", "ours-cublas"):
         loss_fn = arcface_ext.combined_margin_loss
     elif impl == "eager":
@@ -370,7 +403,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impls", help=f"comma-separated subset of {','.join(IMPLS)} (default: all on CUDA; "
-                        "all but ours-cublas and ours-recompute, which only differ on CUDA, on CPU)")
+                        "on CPU all but the CUDA-only " + ", ".join(CUDA_ONLY) + ")")
     parser.add_argument("--workspace-bytes", type=int, help="arcface_ext.set_workspace_bytes (default: the op's)")
     parser.add_argument("--sample-rate", type=float, default=0.1, help="partial FC's rate for the *-sampled impls")
     parser.add_argument("--max-c", type=int,
@@ -393,6 +426,8 @@ def main(argv=None):
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
         raise SystemExit(f"unknown impls {unknown}; choose from {IMPLS}")
+    if args.device != "cuda" and set(impls) & set(CUDA_ONLY):
+        raise SystemExit(f"{', '.join(sorted(set(impls) & set(CUDA_ONLY)))}: CUDA only")
     if any(impl.startswith("ours") for impl in impls) and not arcface_ext.extension_available():
         raise SystemExit("arcface_ext's compiled kernels are not built: pip install --no-build-isolation -e .")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -421,7 +456,7 @@ def main(argv=None):
         times, inner = time_interleaved(steps, device=device, warmup=args.warmup, repeats=args.repeats)
         for impl in impls:
             peak = None
-            if not args.no_memory:
+            if not args.no_memory and impl != "ours-graphed":
                 if device.type == "cuda":
                     peak = cuda_peak_extra_mb(steps[impl], device)
                 else:

@@ -17,8 +17,8 @@
 #   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
 #             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
-#             search: ours, ours-recompute, ours-cublas, eager, compiled and floor at C = 1e5 and 1e6
-#             (~40 s), for a
+#             search: ours, ours-recompute, ours-graphed, ours-cublas, eager, compiled and floor at
+#             C = 1e5 and 1e6 (~45 s), for a
 #             short call; the results JSON is copied to $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   profile   benchmarks/profile_loss.py at C = 1M (fused and cuBLAS paths) and 100k (fused, which
@@ -110,7 +110,7 @@ for stage in "${STAGES[@]}"; do
       cp "$ROOT/benchmarks/results/gpu-check.json" "$OUT/bench.json" 2>/dev/null ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-cublas,eager,compiled,floor --out "$ROOT/benchmarks/results/gpu-check.json"
+        --impls ours,ours-recompute,ours-graphed,ours-cublas,eager,compiled,floor --out "$ROOT/benchmarks/results/gpu-check.json"
       cp "$ROOT/benchmarks/results/gpu-check.json" "$OUT/bench.json" 2>/dev/null ;;
     depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
       for d in 3 4 5; do

@@ -31,8 +31,9 @@ TORCH_LIBRARY(arcface_ext, m) {
   // `logsumexp` may be a combination over shards (the whole softmax's): the shard's gradients
   // are then its part of the whole loss's. check_labels=False skips the labels' value check (a
   // device sync on CUDA): the autograd formula passes it, the forward having checked the same
-  // labels (saved for backward, so version-checked). Out-of-range labels are then memory-safe but
-  // count as targets in another shard.
+  // labels (saved for backward, so version-checked). Out-of-range labels then get no gradient.
+  // (Inside a CUDA graph capture the CUDA ops cannot read a check's answer back: they skip it, and
+  // a row with an out-of-range label gets a NaN loss and no gradient.)
   m.def(
       "margin_softmax_backward(Tensor grad_loss, Tensor embeddings, Tensor weight, Tensor labels, "
       "Tensor logsumexp, float s, float m1, float m2, float m3, float lambda_, int ignore_index, "

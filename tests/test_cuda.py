@@ -674,6 +674,82 @@ def test_the_first_bad_label_is_named():
                                                       *args[3:], True, True)
 
 
+@pytest.mark.skipif(not emulator.EMULATED, reason="pretends a capture: the emulator's ARCFACE_EMU_CAPTURING")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bad_labels_inside_a_capture_give_nan_loss_and_no_gradient(monkeypatch, kernel, dtype):
+    # Inside a CUDA graph capture the label check cannot read its answer back: the op skips it, and
+    # a bad row's loss is NaN (a mean over the rows is NaN: the step shows it) while its gradient is
+    # zero (the model is not corrupted); every other row is as if the bad one were ignored.
+    x, w, labels = make_inputs(40, 16, 300, seed=49, dtype=dtype, ignored=(3,))
+    bad = labels.clone()
+    bad[[7, 21]] = torch.tensor([300, -5], device=DEVICE)
+    ignored = labels.clone()
+    ignored[[7, 21]] = -1
+    upstream = upstream_gradient(40, seed=49)
+    monkeypatch.setenv("ARCFACE_EMU_CAPTURING", "1")
+    ours = op_and_grads(arcface_ext.combined_margin_loss, x, w, bad, upstream=upstream)
+    monkeypatch.setenv("ARCFACE_EMU_CAPTURING", "0")
+    expected = op_and_grads(arcface_ext.combined_margin_loss, x, w, ignored, upstream=upstream)
+    assert bool(ours[0][[7, 21]].isnan().all()) and bool(ours[1][[7, 21]].isnan().all())
+    rows = torch.ones(40, dtype=torch.bool, device=DEVICE)
+    rows[[7, 21]] = False
+    assert torch.equal(ours[0][rows], expected[0][rows])
+    for name, a, e in zip(OUTPUTS[2:], ours[2:], expected[2:]):
+        assert torch.equal(a, e), name
+    monkeypatch.setenv("ARCFACE_EMU_CAPTURING", "1")
+    assert bool(arcface_ext.combined_margin_loss(x, w, bad).isnan())
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_training_step_in_a_cuda_graph(dtype):
+    # The whole step (forward, sum, backward) captured once and replayed on new values in the same
+    # tensors gives the eager results (bf16: the kept gradient block); a bad label copied in before a
+    # replay gives a NaN loss and the gradients of the step with that row ignored.
+    x, w, labels = make_inputs(64, 32, 1000, seed=50, dtype=dtype)
+    static_x = x.clone().requires_grad_(True)
+    static_w = w.clone().requires_grad_(True)
+    static_labels = labels.clone()
+
+    def step():
+        loss = arcface_ext.combined_margin_loss(static_x, static_w, static_labels, reduction="sum")
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the capture, as torch.cuda.graph asks
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    static_x.grad = static_w.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+
+    def replay_and_compare(expected_labels):
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = loss_and_grads(arcface_ext.combined_margin_loss, static_x.detach(), static_w.detach(),
+                                  expected_labels, reduction="sum")
+        for name, a, e in (("grad_embeddings", static_x.grad, expected[2]), ("grad_weight", static_w.grad, expected[3])):
+            torch.testing.assert_close(a, e, msg=name)
+        return expected[0]
+
+    for seed in (51, 52):
+        new_x, new_w, new_labels = make_inputs(64, 32, 1000, seed=seed, dtype=dtype)
+        with torch.no_grad():
+            static_x.copy_(new_x)
+            static_w.copy_(new_w)
+        static_labels.copy_(new_labels)
+        torch.testing.assert_close(static_loss, replay_and_compare(new_labels))
+    static_labels[5] = 1000
+    ignored = static_labels.clone()
+    ignored[5] = -1
+    replay_and_compare(ignored)
+    assert bool(static_loss.isnan())
+
+
 @pytest.mark.gpu_only
 def test_mixed_devices_raise():
     x, w, labels = make_inputs(4, 6, 5, seed=13, dtype=torch.float32)

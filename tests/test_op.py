@@ -356,23 +356,36 @@ def test_opcheck_backward(needs):
     torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_backward, args)
 
 
-def test_backward_without_the_label_check_treats_bad_labels_as_another_shard():
-    # check_labels=False (what the autograd formula passes) skips the value check, and a label
-    # past this weight's classes must then behave exactly like a target in another shard: no
-    # out-of-range access, the same gradients as with num_classes saying so.
+def test_backward_without_the_label_check_gives_bad_labels_no_gradient():
+    # check_labels=False (what the autograd formula passes) skips the value check; a label outside
+    # [0, num_classes) must then cause no out-of-range access and get no gradient: the same
+    # gradients as with the row ignored (as the CUDA op gives inside a CUDA graph capture).
     x, w, labels = make_inputs(7, 6, 11, seed=23, ignored=(2,))
     labels[4] = 15
     forward_args = op_arguments(x, w, labels)
-    sharded = (*forward_args[3:11], 0, 16)
-    _, logsumexp, _ = torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, *sharded)
+    ignored = labels.clone()
+    ignored[4] = -1
+    _, logsumexp, _ = torch.ops.arcface_ext.margin_softmax_forward(x, w, ignored, *forward_args[3:])
     grad_loss = torch.rand(7, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"labels\[4\] = 15"):
         torch.ops.arcface_ext.margin_softmax_backward(grad_loss, x, w, labels, logsumexp, *forward_args[3:11],
                                                       True, True)
     unchecked = torch.ops.arcface_ext.margin_softmax_backward(grad_loss, x, w, labels, logsumexp,
                                                               *forward_args[3:11], True, True, check_labels=False)
-    expected = torch.ops.arcface_ext.margin_softmax_backward(grad_loss, x, w, labels, logsumexp,
-                                                             *sharded[:8], True, True, *sharded[8:])
+    expected = torch.ops.arcface_ext.margin_softmax_backward(grad_loss, x, w, ignored, logsumexp,
+                                                             *forward_args[3:11], True, True)
+    for got, want in zip(unchecked, expected):
+        assert torch.equal(got, want)
+    # The same in a shard: a label past num_classes is bad; one in another shard is not.
+    labels[5] = 13
+    sharded = (*forward_args[3:11], 0, 16)
+    ignored[5] = 13
+    _, logsumexp, _ = torch.ops.arcface_ext.margin_softmax_forward(x, w, ignored, *sharded)
+    labels[4] = 16
+    unchecked = torch.ops.arcface_ext.margin_softmax_backward(grad_loss, x, w, labels, logsumexp, *sharded[:8],
+                                                              True, True, *sharded[8:], check_labels=False)
+    expected = torch.ops.arcface_ext.margin_softmax_backward(grad_loss, x, w, ignored, logsumexp, *sharded[:8],
+                                                             True, True, *sharded[8:])
     for got, want in zip(unchecked, expected):
         assert torch.equal(got, want)
 

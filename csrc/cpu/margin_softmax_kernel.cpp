@@ -510,7 +510,13 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cpu(
     const c10::optional<at::Tensor>& row_margins_in, bool check_labels) {
   const OpInputs inputs =
       prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes, check_labels);
-  const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;
+  const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight;
+  at::Tensor labels = inputs.labels;
+  if (!check_labels) {
+    // Unchecked labels out of [0, num_classes) get no gradient, as on CUDA (there: inside a CUDA graph).
+    const int64_t total = resolved_num_classes(class_offset, num_classes, weight_in);
+    labels = labels.masked_fill((labels != ignore_index) & ((labels < 0) | (labels >= total)), ignore_index);
+  }
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
   at::Tensor row_margins_storage;
   const double* row_margins = row_margins_data(row_margins_in, embeddings, row_margins_storage);

@@ -24,6 +24,9 @@
 #include <cstring>
 #include <cstdint>
 #include <limits>
+#include <mutex>
+#include <set>
+#include <tuple>
 #include <type_traits>
 
 #include "../checks.h"
@@ -56,10 +59,16 @@ struct RowTarget {
   double logit;      // s (ψ - m3), the target column's logit
   double dlogit_dc;  // s dψ/dc
   double inv_norm;   // 1 / max(‖x_i‖, eps)
-  int64_t label;           // the target's row of this weight; -1 when it is in another shard
+  int64_t label;           // the target's row of this weight; -1 when it is in another shard,
+                           // kBadLabel when the label is out of range (then not counted)
   int32_t counted;         // label != ignore_index
   int32_t norm_unclamped;  // ‖x_i‖ >= eps: the normalisation's gradient is a projection
 };
+
+// RowTarget::label of a row whose label is neither ignore_index nor in [0, num_classes). The host's
+// label check raises before any kernel sees one, except inside a CUDA graph capture, where it
+// cannot read its answer back: the kernels then give the row a NaN loss and no gradient.
+constexpr int64_t kBadLabel = -2;
 
 template <typename T>
 __device__ __forceinline__ T clamp_unit(T c) {
@@ -120,14 +129,15 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     row_targets_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                        const int64_t* __restrict__ labels, int64_t n, int64_t dim, int64_t c,
-                       int64_t class_offset, int64_t ignore_index, MarginParams params,
+                       int64_t class_offset, int64_t num_classes, int64_t ignore_index, MarginParams params,
                        RowTarget* __restrict__ rows,
                        const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ grad_max,
                        scalar_t* __restrict__ scaled_xhat, const acc_t* __restrict__ row_factor) {
   const int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (i >= n) return;  // the whole warp: the shuffles below need every lane
-  const bool counted = labels[i] != ignore_index;
+  const bool bad = labels[i] != ignore_index && (labels[i] < 0 || labels[i] >= num_classes);
+  const bool counted = labels[i] != ignore_index && !bad;
   // A target in another shard of the classes: counted, but no column of this weight is its.
   const int64_t local = labels[i] - class_offset;
   const bool has_target = counted && local >= 0 && local < c;
@@ -150,7 +160,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const double inv_norm_x = 1.0 / fmax(norm_x, kNormEps);
   if (lane == 0) {
     RowTarget t;
-    t.label = has_target ? local : -1;
+    t.label = bad ? kBadLabel : has_target ? local : -1;
     t.counted = counted;
     t.norm_unclamped = norm_x >= kNormEps;
     t.inv_norm = inv_norm_x;
@@ -311,6 +321,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   if (!t.counted) {
     if (lane == 0) {
       logsumexp[i] = loss[i] = target_cosine[i] = acc_t(0);
+      if (t.label == kBadLabel) loss[i] = target_cosine[i] = std::numeric_limits<acc_t>::quiet_NaN();
       if (kept.factor != nullptr) {
         kept.factor[i] = 0.0f;  // the row's H is finite (its tiles saw zero cosines) and unused
         kept.recompute[i] = 0;
@@ -1012,10 +1023,19 @@ bool use_fused_kernels(const at::Tensor& x, const at::Tensor& w) {
   return setting == nullptr || std::strcmp(setting, "0") != 0;
 }
 
+// The dynamic shared memory a kernel's pipeline needs beyond the default 48 KB, opted into once per
+// kernel, depth and device (the attribute persists): later calls, a CUDA graph capture's among
+// them, make no runtime call.
 template <typename Kernel>
-void allow_tile_smem(Kernel kernel, int stages) {
+void allow_tile_smem(Kernel kernel, int stages, int device) {
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, int, int>> done;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), stages, device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(key) != 0) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       cuda::tile_smem_bytes(stages)));
+  done.insert(key);
 }
 
 // The fused kernels' pipeline depth: ARCFACE_EXT_TILE_STAGES (3, 4 or 5; read at every call, for
@@ -1070,12 +1090,18 @@ int64_t blocks_for_warps(int64_t warps) { return (warps + kWarpsPerBlock - 1) / 
 
 // check_margin_softmax_inputs' label check on the GPU (contiguous int64 labels, on the current
 // device): one launch and one 8-byte read-back instead of six launches and one.
+// Inside a CUDA graph capture nothing can be read back (the kernels have not run, and a sync is not
+// allowed): the check is skipped there, and a bad row gets a NaN loss and no gradient instead
+// (kBadLabel), so that the replayed step shows it without corrupting the model.
 void check_labels_cuda(const at::Tensor& labels, const at::Tensor& weight, int64_t ignore_index,
                        int64_t class_offset, int64_t num_classes) {
   const int64_t n = labels.numel();
   if (n == 0) return;
   num_classes = resolved_num_classes(class_offset, num_classes, weight);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
   const at::Tensor first_bad = at::empty({1}, labels.options());
   first_bad_label_kernel<<<1, kLabelCheckThreads, 0, stream>>>(labels.data_ptr<int64_t>(), n, ignore_index,
                                                                num_classes, first_bad.data_ptr<int64_t>());
@@ -1095,14 +1121,14 @@ RowTarget* row_targets_ptr(const at::Tensor& storage) {
 
 template <typename scalar_t, typename acc_t>
 void launch_row_targets(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
-                        int64_t class_offset, int64_t ignore_index, const MarginParams& params,
+                        int64_t class_offset, int64_t num_classes, int64_t ignore_index, const MarginParams& params,
                         RowTarget* rows,
                         const acc_t* grad_loss, const acc_t* grad_max, scalar_t* scaled_xhat,
                         cudaStream_t stream, const acc_t* row_factor = nullptr) {
   const int64_t n = x.size(0), dim = x.size(1);
   row_targets_kernel<scalar_t, acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
       x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), n, dim, w.size(0),
-      class_offset, ignore_index, params, rows, grad_loss, grad_max, scaled_xhat, row_factor);
+      class_offset, num_classes, ignore_index, params, rows, grad_loss, grad_max, scaled_xhat, row_factor);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1159,7 +1185,7 @@ KeptViews kept_views(const at::Tensor& kept, int64_t n, int64_t c) {
 template <typename scalar_t>
 void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& labels,
                                  const MarginParams& params, int64_t ignore_index, int64_t class_offset,
-                                 int64_t workspace_bytes, bool fused, at::Tensor& loss,
+                                 int64_t num_classes, int64_t workspace_bytes, bool fused, at::Tensor& loss,
                                  at::Tensor& logsumexp, at::Tensor& target_cosine,
                                  const KeptViews* kept = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -1179,7 +1205,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
 
   const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
   RowTarget* rows_ptr = row_targets_ptr(rows);
-  launch_row_targets<scalar_t, acc_t>(x, w, labels, class_offset, ignore_index, params, rows_ptr, nullptr,
+  launch_row_targets<scalar_t, acc_t>(x, w, labels, class_offset, num_classes, ignore_index, params, rows_ptr, nullptr,
                                       nullptr, nullptr, stream);
 
   if constexpr (!std::is_same<scalar_t, acc_t>::value) {
@@ -1196,7 +1222,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
         constexpr int kStages = decltype(depth)::value;
         auto launch = [&](auto keep) {
           constexpr bool kKeep = decltype(keep)::value;
-          allow_tile_smem(fused_forward_kernel<kBFloat16, kStages, kKeep>, kStages);
+          allow_tile_smem(fused_forward_kernel<kBFloat16, kStages, kKeep>, kStages, x.get_device());
           fused_forward_kernel<kBFloat16, kStages, kKeep>
               <<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
                   raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
@@ -1227,7 +1253,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
                                     static_cast<unsigned>((c + kTileClasses - 1) / kTileClasses));
           with_tile_stages(stages, [&](auto depth) {
             constexpr int kStages = decltype(depth)::value;
-            allow_tile_smem(kept_block_recompute_kernel<kStages>, kStages);
+            allow_tile_smem(kept_block_recompute_kernel<kStages>, kStages, x.get_device());
             kept_block_recompute_kernel<kStages><<<recompute_grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
                 raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
                 logsumexp.data_ptr<acc_t>(), static_cast<acc_t>(params.s), kept->block.data_ptr<at::BFloat16>(),
@@ -1319,6 +1345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
                                   "margin_softmax_forward_cuda", [&] {
     margin_softmax_forward_impl<scalar_t>(embeddings, weight, labels, params, ignore_index, class_offset,
+                                          resolved_num_classes(class_offset, num_classes, weight),
                                           workspace_bytes, fused, loss, logsumexp, target_cosine);
   });
   return {loss, logsumexp, target_cosine};
@@ -1356,7 +1383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
   if (n == 0) return {loss, logsumexp, target_cosine, kept};
   const KeptViews views = kept_views(kept, n, c);
   // The block is part of the workspace: the forward's own buffers get what it leaves.
-  margin_softmax_forward_impl<at::BFloat16>(embeddings, weight, labels, params, ignore_index, 0,
+  margin_softmax_forward_impl<at::BFloat16>(embeddings, weight, labels, params, ignore_index, 0, c,
                                             std::max<int64_t>(workspace_bytes - kept_bytes, 0),
                                             use_fused_kernels(embeddings, weight), loss, logsumexp, target_cosine,
                                             &views);
@@ -1369,7 +1396,7 @@ template <typename scalar_t>
 void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor& x,
                                   const at::Tensor& w, const at::Tensor& labels,
                                   const at::Tensor& lse, const MarginParams& params,
-                                  int64_t ignore_index, int64_t class_offset,
+                                  int64_t ignore_index, int64_t class_offset, int64_t num_classes,
                                   int64_t workspace_bytes, bool fused,
                                   bool needs_embeddings_grad, bool needs_weight_grad,
                                   at::Tensor& grad_embeddings, at::Tensor& grad_weight) {
@@ -1396,7 +1423,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   // (grad_loss_i / grad_max) x̂_i in the GEMM dtype: the B operand of d loss / d W.
   const at::Tensor scaled_xhat = needs_weight_grad ? at::empty({n, dim}, x.options()) : at::Tensor();
   launch_row_targets<scalar_t, acc_t>(
-      x, w, labels, class_offset, ignore_index, params, rows_ptr, grad_ptr, grad_max.data_ptr<acc_t>(),
+      x, w, labels, class_offset, num_classes, ignore_index, params, rows_ptr, grad_ptr, grad_max.data_ptr<acc_t>(),
       needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream);
 
   // The cuBLAS path keeps the chunk's dot products (fp32 for 16-bit inputs), which for fp16 later
@@ -1432,7 +1459,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
                         static_cast<unsigned>((width + kTileClasses - 1) / kTileClasses));
         with_tile_stages(stages, [&](auto depth) {
           constexpr int kStages = decltype(depth)::value;
-          if (k == 0) allow_tile_smem(fused_backward_kernel<kBFloat16, scalar_t, kStages>, kStages);
+          if (k == 0) allow_tile_smem(fused_backward_kernel<kBFloat16, scalar_t, kStages>, kStages, x.get_device());
           fused_backward_kernel<kBFloat16, scalar_t, kStages>
               <<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
                   raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0,
@@ -1527,7 +1554,9 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     const at::Tensor grad_rows = grad_loss_in.detach().to(acc_type).contiguous();
     const at::Tensor lse = logsumexp_in.detach().to(acc_type).contiguous();
     margin_softmax_backward_impl<scalar_t>(grad_rows, embeddings, weight, labels, lse, params,
-                                           ignore_index, class_offset, workspace_bytes, fused, needs_embeddings_grad,
+                                           ignore_index, class_offset,
+                                           resolved_num_classes(class_offset, num_classes, weight), workspace_bytes,
+                                           fused, needs_embeddings_grad,
                                            needs_weight_grad, grad_embeddings, grad_weight);
   });
   return {grad_embeddings, grad_weight};
@@ -1588,7 +1617,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_kept_cuda(
   RowTarget* rows_ptr = row_targets_ptr(rows);
   const at::Tensor scaled_xhat = needs_weight_grad ? at::empty({n, dim}, x.options()) : at::Tensor();
   const acc_t* factor = views.factor.data_ptr<acc_t>();
-  launch_row_targets<scalar_t, acc_t>(x, w, labels, 0, ignore_index, params, rows_ptr, grad_ptr,
+  launch_row_targets<scalar_t, acc_t>(x, w, labels, 0, c, ignore_index, params, rows_ptr, grad_ptr,
                                       grad_max.data_ptr<acc_t>(),
                                       needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream,
                                       factor);

@@ -926,6 +926,17 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, in
   return cudaSuccess;
 }
 
+// Whether the stream is capturing a CUDA graph: never, unless ARCFACE_EMU_CAPTURING=1 (read at
+// every call) pretends it is, for the tests of the op's behaviour inside a capture.
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t /*stream*/, cudaStreamCaptureStatus* status) {
+  const char* setting = std::getenv("ARCFACE_EMU_CAPTURING");
+  *status = setting != nullptr && std::strcmp(setting, "0") != 0 ? cudaStreamCaptureStatusActive
+                                                                 : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+
 inline const char* cudaGetErrorString(cudaError_t error) {
   return error == cudaSuccess ? "no error" : "invalid value";
 }
