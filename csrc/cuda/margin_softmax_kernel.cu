@@ -267,6 +267,17 @@ __global__ void __launch_bounds__(kEpilogueThreads)
   }
 }
 
+// d loss_i / d cos_iy / grad_loss_i at the target column: through the margin, from the direct dot
+// product (double), with p from the target logit as the forward rounded it into the log-sum-exp
+// (a lone class: p = 1); 0 where the target cosine was clamped. Every path forms it here.
+template <typename acc_t>
+__device__ __forceinline__ acc_t target_gradient(const RowTarget& t, acc_t lse) {
+  const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
+  const double logit = static_cast<double>(static_cast<acc_t>(t.logit));
+  const double p = exp(logit - static_cast<double>(lse));
+  return static_cast<acc_t>(inside * (p - 1.0) * t.dlogit_dc);
+}
+
 // The per-row part of the kept block (kept_block.h) that the forward's finalize writes; `factor`
 // nullptr when there is no kept block.
 struct KeptRows {
@@ -290,10 +301,7 @@ __device__ void finish_kept_row(const KeptRows& kept, const RowTarget& t, int64_
   if (keep) {
     factor = expf(shift - static_cast<float>(lse));
     if (t.label >= 0) {
-      const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
-      const double logit = static_cast<double>(static_cast<float>(t.logit));
-      const double p = exp(logit - static_cast<double>(lse));
-      const float q = static_cast<float>(inside * (p - 1.0) * t.dlogit_dc);
+      const float q = target_gradient<float>(t, static_cast<float>(lse));
       const double h = static_cast<double>(q) * kept.inv_norm[t.label] *
                        exp(static_cast<double>(lse) - static_cast<double>(shift));
       keep = fabs(h) <= 1e38;  // bf16's largest finite value is 3.39e38; false for NaN
@@ -380,12 +388,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
     acc_t q = 0;
     if (active) {
       if (j == target) {
-        // The target's gradient goes through the margin, from the direct dot product (double);
-        // p from the logit as the forward rounded it into the log-sum-exp (a lone class: p = 1).
-        const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
-        const double logit = static_cast<double>(static_cast<acc_t>(t.logit));
-        const double p = exp(logit - static_cast<double>(lse));
-        q = static_cast<acc_t>(inside * (p - 1.0) * t.dlogit_dc);
+        q = target_gradient<acc_t>(t, lse);
       } else {
         const acc_t cosine = cosine_of(row[j], inv_norm_x, inv_norm_w[j]);
         const acc_t inside = (cosine >= acc_t(-1) && cosine <= acc_t(1)) ? acc_t(1) : acc_t(0);
@@ -796,12 +799,8 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
       row_lse[r] = logsumexp[i];
       const int64_t target = t.label - c0;
       if (target >= 0 && target < width) {
-        // Through the margin, from the direct dot product (double), as the cuBLAS path does.
-        const double inside = (t.cosine >= -1.0 && t.cosine <= 1.0) ? 1.0 : 0.0;
-        const double logit = static_cast<double>(static_cast<float>(t.logit));
-        const double p = exp(logit - static_cast<double>(logsumexp[i]));
         row_target[r] = target;
-        row_target_q[r] = static_cast<float>(inside * (p - 1.0) * t.dlogit_dc);
+        row_target_q[r] = target_gradient<float>(t, logsumexp[i]);
       }
     }
   }
