@@ -88,17 +88,23 @@ inline const double* row_margins_data(const c10::optional<at::Tensor>& row_margi
 }
 
 // The lazy backward's extra arguments: per-row tensors on the embeddings' device.
+// `logsumexp` may be undefined: the backward from the kept gradient block takes none.
 inline void check_margin_softmax_backward_inputs(const at::Tensor& grad_loss,
                                                  const at::Tensor& logsumexp,
                                                  const at::Tensor& embeddings) {
   const int64_t n = embeddings.size(0);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == n,
               "arcface_ext: grad_loss must have shape (N,) = (", n, ",), got ", grad_loss.sizes());
+  TORCH_CHECK(grad_loss.is_floating_point(), "arcface_ext: grad_loss must be floating-point, got ",
+              grad_loss.scalar_type());
+  TORCH_CHECK(grad_loss.device() == embeddings.device(), "arcface_ext: grad_loss must be on the embeddings' device (",
+              embeddings.device(), "), got ", grad_loss.device());
+  if (!logsumexp.defined()) return;
   TORCH_CHECK(logsumexp.dim() == 1 && logsumexp.size(0) == n,
               "arcface_ext: logsumexp must have shape (N,) = (", n, ",), got ", logsumexp.sizes());
-  TORCH_CHECK(grad_loss.device() == embeddings.device() && logsumexp.device() == embeddings.device(),
-              "arcface_ext: grad_loss and logsumexp must be on the embeddings' device (",
-              embeddings.device(), "), got ", grad_loss.device(), " and ", logsumexp.device());
+  TORCH_CHECK(logsumexp.device() == embeddings.device(),
+              "arcface_ext: logsumexp must be on the embeddings' device (", embeddings.device(), "), got ",
+              logsumexp.device());
 }
 
 }  // namespace arcface_ext

@@ -1314,11 +1314,13 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
+// Both forward ops: with `keep` (bf16, the whole softmax) the kept gradient block (kept_block.h) is
+// the fourth output, counted against the workspace; otherwise that output is undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
     bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
-    const c10::optional<at::Tensor>& row_margins_in) {
+    const c10::optional<at::Tensor>& row_margins_in, bool keep) {
   check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes,
                               /*check_labels=*/false);
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
@@ -1329,7 +1331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();
-  const int64_t n = embeddings.size(0);
+  const int64_t n = embeddings.size(0), c = weight.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
   const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
 
@@ -1338,55 +1340,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
   at::Tensor loss = at::empty({n}, embeddings.options().dtype(out_type));
   at::Tensor logsumexp = at::empty({n}, embeddings.options().dtype(out_type));
   at::Tensor target_cosine = at::empty({n}, embeddings.options().dtype(out_type));
-  if (n == 0) return {loss, logsumexp, target_cosine};
+  at::Tensor kept;
+  if (keep) {
+    const int64_t kept_bytes = kept_layout(n, c).bytes;
+    kept = at::empty({kept_bytes}, embeddings.options().dtype(at::kByte));
+    // The block is part of the workspace: the forward's own buffers get what it leaves.
+    workspace_bytes = std::max<int64_t>(workspace_bytes - kept_bytes, 0);
+  }
+  if (n == 0) return {loss, logsumexp, target_cosine, kept};
   const bool fused = use_fused_kernels(embeddings, weight);
+  const KeptViews views = keep ? kept_views(kept, n, c) : KeptViews{};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
                                   "margin_softmax_forward_cuda", [&] {
     margin_softmax_forward_impl<scalar_t>(embeddings, weight, labels, params, ignore_index, class_offset,
                                           resolved_num_classes(class_offset, num_classes, weight),
-                                          workspace_bytes, fused, loss, logsumexp, target_cosine);
+                                          workspace_bytes, fused, loss, logsumexp, target_cosine,
+                                          keep ? &views : nullptr);
   });
+  return {loss, logsumexp, target_cosine, kept};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
+    double m2, double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
+    int64_t class_offset, int64_t num_classes, const c10::optional<at::Tensor>& row_margins) {
+  at::Tensor loss, logsumexp, target_cosine, kept;
+  std::tie(loss, logsumexp, target_cosine, kept) =
+      forward_cuda(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
+                   workspace_bytes, class_offset, num_classes, row_margins, /*keep=*/false);
   return {loss, logsumexp, target_cosine};
+}
+
+void check_kept_dtypes(const at::Tensor& embeddings, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(embeddings.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "arcface_ext: ",
+              op, " takes bf16 embeddings and weight, got ", embeddings.scalar_type(), " and ",
+              weight.scalar_type());
 }
 
 // The forward of a bf16 training step that also returns the kept gradient block (kept_block.h),
 // for margin_softmax_backward_kept. The autograd formula (csrc/autograd.cpp) calls it when the
-// block fits the workspace; the block is counted against it.
+// block fits the workspace.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_kept_cuda(
-    const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
-    double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
-    bool straight_through, int64_t workspace_bytes, const c10::optional<at::Tensor>& row_margins_in) {
-  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, 0, -1, /*check_labels=*/false);
-  TORCH_CHECK(embeddings_in.scalar_type() == at::kBFloat16 && weight_in.scalar_type() == at::kBFloat16,
-              "arcface_ext: margin_softmax_forward_kept takes bf16 embeddings and weight, got ",
-              embeddings_in.scalar_type(), " and ", weight_in.scalar_type());
-  const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
-  const at::Tensor labels = labels_in.contiguous();
-  check_labels_cuda(labels, weight_in, ignore_index, 0, -1);
-  at::Tensor row_margins_storage;
-  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
-  const BelowAutogradAndAutocast below;
-  const at::Tensor embeddings = embeddings_in.detach().contiguous();
-  const at::Tensor weight = weight_in.detach().contiguous();
-  const int64_t n = embeddings.size(0), c = weight.size(0);
-  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
-  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
-
-  const auto options = embeddings.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({n}, options);
-  at::Tensor logsumexp = at::empty({n}, options);
-  at::Tensor target_cosine = at::empty({n}, options);
-  const int64_t kept_bytes = kept_layout(n, c).bytes;
-  at::Tensor kept = at::empty({kept_bytes}, embeddings.options().dtype(at::kByte));
-  if (n == 0) return {loss, logsumexp, target_cosine, kept};
-  const KeptViews views = kept_views(kept, n, c);
-  // The block is part of the workspace: the forward's own buffers get what it leaves.
-  margin_softmax_forward_impl<at::BFloat16>(embeddings, weight, labels, params, ignore_index, 0, c,
-                                            std::max<int64_t>(workspace_bytes - kept_bytes, 0),
-                                            use_fused_kernels(embeddings, weight), loss, logsumexp, target_cosine,
-                                            &views);
-  return {loss, logsumexp, target_cosine, kept};
+    const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
+    double m2, double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
+    const c10::optional<at::Tensor>& row_margins) {
+  check_kept_dtypes(embeddings, weight, "margin_softmax_forward_kept");
+  return forward_cuda(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
+                      workspace_bytes, 0, -1, row_margins, /*keep=*/true);
 }
 
 // ---- backward -----------------------------------------------------------------------------
@@ -1513,17 +1514,70 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
+// The backward from the forward's kept block (kept_block.h): G = diag(f)·H, so
+//   Σ_j G_ij w_j = f_i (H·W)_i   (the row factor applied by embedding_gradient_kernel) and
+//   Σ_i G_ij X̃_i = (Hᵀ·X̃')_j with X̃'_i = f_i X̃_i   (row_targets_kernel scales the operand),
+// then the same projections as margin_softmax_backward_impl. No cosine is recomputed.
+void margin_softmax_backward_kept_impl(const at::Tensor& grad_rows, const at::Tensor& x, const at::Tensor& w,
+                                       const at::Tensor& labels, const KeptViews& kept, const MarginParams& params,
+                                       int64_t ignore_index, bool needs_embeddings_grad, bool needs_weight_grad,
+                                       at::Tensor& grad_embeddings, at::Tensor& grad_weight) {
+  using scalar_t = at::BFloat16;
+  using acc_t = float;
+  const int64_t n = x.size(0), dim = x.size(1), c = w.size(0);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>();
+  const at::Tensor grad_max = at::empty({1}, grad_rows.options());
+  max_abs_grad_kernel<acc_t><<<1, 256, 0, stream>>>(grad_ptr, labels.data_ptr<int64_t>(), n, ignore_index,
+                                                    grad_max.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
+  RowTarget* rows_ptr = row_targets_ptr(rows);
+  const at::Tensor scaled_xhat = needs_weight_grad ? at::empty({n, dim}, x.options()) : at::Tensor();
+  const acc_t* factor = kept.factor.data_ptr<acc_t>();
+  launch_row_targets<scalar_t, acc_t>(x, w, labels, 0, c, ignore_index, params, rows_ptr, grad_ptr,
+                                      grad_max.data_ptr<acc_t>(),
+                                      needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream,
+                                      factor);
+  if (needs_weight_grad) {
+    // P = Hᵀ·X̃' straight into grad_weight (kPInGradWeight), corrected in place.
+    gemm_acc_out(grad_weight, kept.block.t(), scaled_xhat);
+    class_gradient_kernel<scalar_t, acc_t, scalar_t><<<blocks_for_warps(c), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+        grad_weight.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), kept.inv_norm.data_ptr<acc_t>(),
+        kept.unclamped.data_ptr<uint8_t>(), grad_max.data_ptr<acc_t>(), c, dim, grad_weight.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (needs_embeddings_grad) {
+    at::Tensor grad_xhat = at::empty({n, dim}, grad_rows.options());
+    gemm_acc_out(grad_xhat, kept.block, w);
+    embedding_gradient_kernel<scalar_t, acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+        grad_xhat.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), rows_ptr, grad_ptr, n, dim,
+        grad_embeddings.data_ptr<scalar_t>(), factor);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Both backward ops: from the log-sum-exp (recomputing the cosines), or from the kept block
+// (`kept` defined; `logsumexp` then undefined, the whole softmax).
+std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_loss_in, const at::Tensor& embeddings_in, const at::Tensor& weight_in,
-    const at::Tensor& labels_in, const at::Tensor& logsumexp_in, double s, double m1, double m2,
-    double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
+    const at::Tensor& labels_in, const at::Tensor& logsumexp_in, const at::Tensor& kept_in, double s, double m1,
+    double m2, double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
     bool needs_embeddings_grad, bool needs_weight_grad, int64_t class_offset, int64_t num_classes,
     const c10::optional<at::Tensor>& row_margins_in, bool check_labels) {
   check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes,
                               /*check_labels=*/false);
   check_margin_softmax_backward_inputs(grad_loss_in, logsumexp_in, embeddings_in);
-  const int64_t n = embeddings_in.size(0);
+  const int64_t n = embeddings_in.size(0), c = weight_in.size(0);
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "arcface_ext: too many rows (", n, ")");
+  if (kept_in.defined()) {
+    const int64_t bytes = kept_layout(n, c).bytes;
+    TORCH_CHECK(kept_in.scalar_type() == at::kByte && kept_in.dim() == 1 && kept_in.size(0) == bytes &&
+                    kept_in.device() == embeddings_in.device(),
+                "arcface_ext: kept must be margin_softmax_forward_kept's uint8 block of ", bytes, " bytes for N = ",
+                n, " and C = ", c, " on the embeddings' device, got ", kept_in.scalar_type(), " ", kept_in.sizes(),
+                " on ", kept_in.device());
+  }
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
   const at::Tensor labels = labels_in.contiguous();
   if (check_labels) {
@@ -1544,8 +1598,15 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
     return {grad_embeddings, grad_weight};
   }
   if (!needs_embeddings_grad && !needs_weight_grad) return {grad_embeddings, grad_weight};
-  const bool fused = use_fused_kernels(embeddings, weight);
 
+  if (kept_in.defined()) {
+    const at::Tensor kept = kept_in.detach().contiguous();
+    margin_softmax_backward_kept_impl(grad_loss_in.detach().to(at::kFloat).contiguous(), embeddings, weight, labels,
+                                      kept_views(kept, n, c), params, ignore_index, needs_embeddings_grad,
+                                      needs_weight_grad, grad_embeddings, grad_weight);
+    return {grad_embeddings, grad_weight};
+  }
+  const bool fused = use_fused_kernels(embeddings, weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(),
                                   "margin_softmax_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1561,82 +1622,28 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
   return {grad_embeddings, grad_weight};
 }
 
-// The backward from the forward's kept block (kept_block.h): G = diag(f)·H, so
-//   Σ_j G_ij w_j = f_i (H·W)_i   (the row factor applied by embedding_gradient_kernel) and
-//   Σ_i G_ij X̃_i = (Hᵀ·X̃')_j with X̃'_i = f_i X̃_i   (row_targets_kernel scales the operand),
-// then the same projections as margin_softmax_backward. No cosine is recomputed. The labels are
-// not checked again (the autograd formula passes the forward's, saved and so unchanged);
-// out-of-range ones stay memory-safe.
+std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& logsumexp, double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
+    bool straight_through, int64_t workspace_bytes, bool needs_embeddings_grad, bool needs_weight_grad,
+    int64_t class_offset, int64_t num_classes, const c10::optional<at::Tensor>& row_margins, bool check_labels) {
+  return backward_cuda(grad_loss, embeddings, weight, labels, logsumexp, at::Tensor(), s, m1, m2, m3, lambda,
+                       ignore_index, straight_through, workspace_bytes, needs_embeddings_grad, needs_weight_grad,
+                       class_offset, num_classes, row_margins, check_labels);
+}
+
+// The labels are not checked again (the autograd formula passes the forward's, saved and so
+// unchanged); out-of-range ones get no gradient.
 std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_kept_cuda(
-    const at::Tensor& grad_loss_in, const at::Tensor& embeddings_in, const at::Tensor& weight_in,
-    const at::Tensor& labels_in, const at::Tensor& kept_in, double s, double m1, double m2, double m3,
-    double lambda, int64_t ignore_index, bool straight_through, bool needs_embeddings_grad,
-    bool needs_weight_grad, const c10::optional<at::Tensor>& row_margins_in) {
-  check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, 0, -1, /*check_labels=*/false);
-  TORCH_CHECK(embeddings_in.scalar_type() == at::kBFloat16 && weight_in.scalar_type() == at::kBFloat16,
-              "arcface_ext: margin_softmax_backward_kept takes bf16 embeddings and weight, got ",
-              embeddings_in.scalar_type(), " and ", weight_in.scalar_type());
-  const int64_t n = embeddings_in.size(0), c = weight_in.size(0), dim = embeddings_in.size(1);
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == n && grad_loss_in.is_floating_point(),
-              "arcface_ext: grad_loss must be a floating-point (N,) tensor, got ", grad_loss_in.sizes());
-  TORCH_CHECK(kept_in.scalar_type() == at::kByte && kept_in.dim() == 1 && kept_in.size(0) == kept_layout(n, c).bytes,
-              "arcface_ext: kept must be margin_softmax_forward_kept's uint8 block of ", kept_layout(n, c).bytes,
-              " bytes for N = ", n, " and C = ", c, ", got ", kept_in.scalar_type(), " ", kept_in.sizes());
-  TORCH_CHECK(grad_loss_in.device() == embeddings_in.device() && kept_in.device() == embeddings_in.device(),
-              "arcface_ext: grad_loss and kept must be on the embeddings' device");
-  const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
-  const at::Tensor labels = labels_in.contiguous();
-  at::Tensor row_margins_storage;
-  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
-  const BelowAutogradAndAutocast below;
-  const at::Tensor x = embeddings_in.detach().contiguous();
-  const at::Tensor w = weight_in.detach().contiguous();
-  const at::Tensor kept = kept_in.detach().contiguous();
-  const MarginParams params = make_params(s, m1, m2, m3, lambda, straight_through, row_margins);
-
-  at::Tensor grad_embeddings = needs_embeddings_grad ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor grad_weight = needs_weight_grad ? at::empty_like(w) : at::empty({0}, w.options());
-  if (n == 0) {
-    if (needs_weight_grad) grad_weight.zero_();
-    return {grad_embeddings, grad_weight};
-  }
-  if (!needs_embeddings_grad && !needs_weight_grad) return {grad_embeddings, grad_weight};
-
-  using scalar_t = at::BFloat16;
-  using acc_t = float;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const KeptViews views = kept_views(kept, n, c);
-  const at::Tensor grad_rows = grad_loss_in.detach().to(at::kFloat).contiguous();
-  const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>();
-  const at::Tensor grad_max = at::empty({1}, grad_rows.options());
-  max_abs_grad_kernel<acc_t><<<1, 256, 0, stream>>>(grad_ptr, labels.data_ptr<int64_t>(), n, ignore_index,
-                                                    grad_max.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
-  RowTarget* rows_ptr = row_targets_ptr(rows);
-  const at::Tensor scaled_xhat = needs_weight_grad ? at::empty({n, dim}, x.options()) : at::Tensor();
-  const acc_t* factor = views.factor.data_ptr<acc_t>();
-  launch_row_targets<scalar_t, acc_t>(x, w, labels, 0, c, ignore_index, params, rows_ptr, grad_ptr,
-                                      grad_max.data_ptr<acc_t>(),
-                                      needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream,
-                                      factor);
-  if (needs_weight_grad) {
-    // P = Hᵀ·X̃' straight into grad_weight (kPInGradWeight), corrected in place.
-    gemm_acc_out(grad_weight, views.block.t(), scaled_xhat);
-    class_gradient_kernel<scalar_t, acc_t, scalar_t><<<blocks_for_warps(c), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-        grad_weight.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), views.inv_norm.data_ptr<acc_t>(),
-        views.unclamped.data_ptr<uint8_t>(), grad_max.data_ptr<acc_t>(), c, dim, grad_weight.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (needs_embeddings_grad) {
-    at::Tensor grad_xhat = at::empty({n, dim}, grad_rows.options());
-    gemm_acc_out(grad_xhat, views.block, w);
-    embedding_gradient_kernel<scalar_t, acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
-        grad_xhat.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), rows_ptr, grad_ptr, n, dim,
-        grad_embeddings.data_ptr<scalar_t>(), factor);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return {grad_embeddings, grad_weight};
+    const at::Tensor& grad_loss, const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& kept, double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
+    bool straight_through, bool needs_embeddings_grad, bool needs_weight_grad,
+    const c10::optional<at::Tensor>& row_margins) {
+  check_kept_dtypes(embeddings, weight, "margin_softmax_backward_kept");
+  TORCH_CHECK(kept.defined(), "arcface_ext: margin_softmax_backward_kept needs the kept block");
+  return backward_cuda(grad_loss, embeddings, weight, labels, at::Tensor(), kept, s, m1, m2, m3, lambda,
+                       ignore_index, straight_through, /*workspace_bytes=*/0, needs_embeddings_grad,
+                       needs_weight_grad, 0, -1, row_margins, /*check_labels=*/false);
 }
 
 }  // namespace
