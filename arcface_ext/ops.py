@@ -51,6 +51,13 @@ def margin_softmax_train(embeddings, weight, labels, s, m1, m2, m3, lambda_, ign
         workspace_bytes, mean, needs_embeddings_grad, needs_weight_grad, row_margins)
 
 
+def _gradients_like(embeddings, weight, needs_embeddings_grad, needs_weight_grad):
+    """The fake kernels' gradient outputs: full-size where asked for, empty otherwise."""
+    grad_embeddings = embeddings.new_empty(embeddings.shape) if needs_embeddings_grad else embeddings.new_empty((0,))
+    grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
+    return grad_embeddings, grad_weight
+
+
 def _devices_with_kernel(op_name):
     return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
                      if torch._C._dispatch_has_kernel_for_dispatch_key(op_name, key))
@@ -75,10 +82,7 @@ if IMPORT_ERROR is None:
                        ignore_index, straight_through, workspace_bytes, needs_embeddings_grad,
                        needs_weight_grad, class_offset=0, num_classes=-1, row_margins=None,
                        check_labels=True):
-        grad_embeddings = (embeddings.new_empty(embeddings.shape) if needs_embeddings_grad
-                           else embeddings.new_empty((0,)))
-        grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
-        return grad_embeddings, grad_weight
+        return _gradients_like(embeddings, weight, needs_embeddings_grad, needs_weight_grad)
 
     def _kept_bytes(n, c):
         # csrc/kept_block.h's kept_layout: the (N, C rounded up to 8) bf16 block, N row factors
@@ -97,8 +101,7 @@ if IMPORT_ERROR is None:
     def _backward_kept_fake(grad_loss, embeddings, weight, labels, kept, s, m1, m2, m3, lambda_,
                             ignore_index, straight_through, needs_embeddings_grad, needs_weight_grad,
                             row_margins=None):
-        return _backward_fake(grad_loss, embeddings, weight, labels, grad_loss, s, m1, m2, m3, lambda_,
-                              ignore_index, straight_through, 0, needs_embeddings_grad, needs_weight_grad)
+        return _gradients_like(embeddings, weight, needs_embeddings_grad, needs_weight_grad)
 
     # The autograd formulas of margin_softmax_forward and margin_softmax_train are in C++
     # (csrc/autograd.cpp): there they cost a training step no Python.
@@ -110,7 +113,4 @@ if IMPORT_ERROR is None:
         dtype = _loss_dtype(embeddings)
         loss = embeddings.new_empty((), dtype=dtype)
         target_cosine = embeddings.new_empty((embeddings.shape[0],), dtype=dtype)
-        grad_embeddings = (embeddings.new_empty(embeddings.shape) if needs_embeddings_grad
-                           else embeddings.new_empty((0,)))
-        grad_weight = weight.new_empty(weight.shape) if needs_weight_grad else weight.new_empty((0,))
-        return loss, target_cosine, grad_embeddings, grad_weight
+        return (loss, target_cosine, *_gradients_like(embeddings, weight, needs_embeddings_grad, needs_weight_grad))
