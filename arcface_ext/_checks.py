@@ -7,6 +7,7 @@ import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "straight_through")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduction, margin_grad,
@@ -20,10 +21,9 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
         raise ValueError(f"weight must be 2-D (C, D) (class-major), got shape {tuple(weight.shape)}")
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D (N,), got shape {tuple(labels.shape)}")
-    if not embeddings.is_floating_point():
-        raise TypeError(f"embeddings must be a floating-point tensor, got {embeddings.dtype}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    for name, t in (("embeddings", embeddings), ("weight", weight)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor (int64 class indices), got {labels.dtype}")
     if embeddings.shape[1] != weight.shape[1]:
@@ -36,26 +36,35 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
     if not (embeddings.device == weight.device == labels.device):
         raise ValueError(f"embeddings, weight and labels must be on one device, got {embeddings.device}, "
                          f"{weight.device} and {labels.device}")
+    for name, value in (("m2", m2), ("m3", m3)):
+        if isinstance(value, torch.Tensor):
+            check_row_margin(name, value, embeddings)
+    check_options(s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction, margin_grad=margin_grad,
+                  ignore_index=ignore_index)
+
+
+def check_options(*, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_index):
+    """The op's numbers and strings (per-row margin tensors are checked with the embeddings, by
+    check_row_margin): also what a module checks when it is built."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if margin_grad not in MARGIN_GRADS:
         raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
-    for name, value in (("m2", m2), ("m3", m3)):
-        if isinstance(value, torch.Tensor):
-            check_row_margin(name, value, embeddings)
     for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3), ("lambda_", lambda_)):
         if isinstance(value, torch.Tensor) and name in ("m2", "m3"):
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        # A comparison, not math.isfinite: torch.compile traces a hyper-parameter that changes
+        # between calls as a symbolic float, which compares but has no isfinite.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:
+            raise ValueError(f"{name} must be a finite Python int or float, got {value!r}")
     if s <= 0:
         raise ValueError(f"s (the scale) must be > 0, got {s}")
     if m1 <= 0:
         raise ValueError(f"m1 (the multiplicative angular margin) must be > 0, got {m1}")
     if lambda_ < 0:
         raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must be an int (int64), got {ignore_index!r}")
 
 
 def check_row_margin(name, value, embeddings):
@@ -98,7 +107,7 @@ def fused_compute_dtype(embeddings, weight):
     as autocast does for matrix products (the fused op is one; it accumulates in fp32 and returns
     an fp32 loss). fp64 inputs are left alone, as autocast leaves fp64 matrix products."""
     device_type = embeddings.device.type
-    if (torch.is_autocast_enabled(device_type)
+    if (device_type != "meta" and torch.is_autocast_enabled(device_type)
             and torch.float64 not in (embeddings.dtype, weight.dtype)):
         return torch.get_autocast_dtype(device_type)
     return compute_dtype(embeddings, weight)

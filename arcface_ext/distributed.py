@@ -264,10 +264,11 @@ class ShardedCombinedMarginLoss(nn.Module):
         return self.m2, self.m3
 
     def forward(self, embeddings, labels, return_target_cosine=False):
-        m2, m3 = self.row_margins(embeddings, labels)
-        check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=m2, m3=m3,
+        # Checked before the margins, which subclasses read from the embeddings.
+        check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
                         lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
                         ignore_index=self.ignore_index)
+        m2, m3 = self.row_margins(embeddings, labels)
         require_extension()
         dtype = fused_compute_dtype(embeddings, self.weight)
         labels = labels.long()

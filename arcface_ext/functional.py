@@ -18,8 +18,8 @@ def set_workspace_bytes(num_bytes=None):
     global _workspace_bytes
     if num_bytes is None:
         num_bytes = _DEFAULT_WORKSPACE_BYTES
-    if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes <= 0:
-        raise ValueError(f"num_bytes must be a positive int, got {num_bytes!r}")
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or not 0 < num_bytes < 2**63:
+        raise ValueError(f"num_bytes must be a positive int (int64), got {num_bytes!r}")
     _workspace_bytes = num_bytes
 
 

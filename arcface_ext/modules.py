@@ -1,17 +1,24 @@
 """nn.Module front ends that own the class-centre matrix (C, D) and call the fused loss."""
+import numbers
+
 import torch
 from torch import nn
 
 from . import functional, reference
-from ._checks import check_arguments, reduce_rows
+from ._checks import check_arguments, check_options, reduce_rows
 from .sampling import check_labels, check_sample_rate, sample_classes
 
 
 def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
                      ignore_index, sample_rate):
-    """The options every margin-loss module keeps as attributes (sizes checked, margins as floats)."""
-    if num_classes < 1 or embedding_size < 1:
-        raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes} and {embedding_size}")
+    """The options every margin-loss module keeps as attributes, checked as the op checks them, so
+    that a bad option fails when the module is built rather than at its first call."""
+    for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_options(s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction, margin_grad=margin_grad,
+                  ignore_index=ignore_index)
+    num_classes, embedding_size = int(num_classes), int(embedding_size)
     module.sample_rate = check_sample_rate(sample_rate)
     # The classes the last sampled training step kept (global indices), None before one ran.
     module.last_sampled_classes = None
@@ -51,19 +58,28 @@ class CombinedMarginLoss(nn.Module):
         # insightface initialises the class centres with N(0, 0.01); only their direction matters.
         nn.init.normal_(self.weight, std=0.01)
 
+    # Whether row_margins reads the embeddings (AdaFace, ElasticFace, MagFace): then the arguments
+    # are checked before it, so that a bad call raises the op's message and moves no statistics.
+    per_row_margins = False
+
     def row_margins(self, embeddings, labels):
         """(m2, m3) for this call: the module's numbers, or per-row tensors in subclasses whose
         margins depend on the sample (:class:`AdaFaceLoss`, :class:`ElasticFaceLoss`)."""
         return self.m2, self.m3
 
+    def _check(self, embeddings, labels):
+        check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+                        lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
+                        ignore_index=self.ignore_index)
+
     def forward(self, embeddings, labels, return_target_cosine=False):
         loss_fn = reference.combined_margin_loss if self.use_reference else functional.combined_margin_loss
         weight, ignore_index = self.weight, self.ignore_index
+        sampled = self.training and self.sample_rate < 1.0
+        if sampled or self.per_row_margins:
+            self._check(embeddings, labels)
         m2, m3 = self.row_margins(embeddings, labels)
-        if self.training and self.sample_rate < 1.0:
-            check_arguments(embeddings, weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
-                            lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
-                            ignore_index=ignore_index)
+        if sampled:
             check_labels(labels, self.num_classes, ignore_index)
             index, labels = sample_classes(labels, self.num_classes, self.sample_rate, ignore_index=ignore_index)
             # Ignored rows are -1 among the positions (a class index can no longer be ignore_index).
@@ -115,7 +131,10 @@ class AdaFaceMargins:
     statistics of the batches' clipped norms, row i's target logit is s·(cos(θ - m·z_i) - (m + m·z_i)):
     an angular margin for hard (low-norm) rows, a cosine one for easy rows. The margins are constants
     of the step (no gradient through the norm), as in AdaFace. μ and σ (buffers ``batch_mean``,
-    ``batch_std``, AdaFace's initial 20 and 100) move in training mode only."""
+    ``batch_std``, AdaFace's initial 20 and 100) move in training mode only; they stay fp32 when the
+    module is cast to 16 bits (a bf16 running mean would round away its 1% steps)."""
+
+    per_row_margins = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
         if not (m >= 0 and h > 0 and 0 < t_alpha <= 1):
@@ -124,6 +143,14 @@ class AdaFaceMargins:
         self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
         self.register_buffer("batch_mean", torch.tensor(20.0, device=kwargs.get("device")))
         self.register_buffer("batch_std", torch.tensor(100.0, device=kwargs.get("device")))
+
+    def _apply(self, fn, *args, **kwargs):
+        before = {name: self._buffers[name] for name in ("batch_mean", "batch_std")}
+        result = super()._apply(fn, *args, **kwargs)
+        for name, buffer in before.items():
+            if self._buffers[name].dtype != buffer.dtype:  # a dtype cast: take the device move only
+                self._buffers[name] = buffer.to(self._buffers[name].device)
+        return result
 
     def _norm_statistics(self, norms):
         """(mean, std) of the norms the running statistics follow: this batch's rows."""
@@ -153,6 +180,8 @@ class ElasticFaceMargins:
     ElasticFace-Cos). ``m`` defaults to the paper's 0.5 (arc) or 0.35 (cos), ``std`` to its 0.05. In
     eval mode every row gets m. The draws come from ``generator`` when given (on the embeddings'
     device), else torch's default one."""
+
+    per_row_margins = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=0.05, kind="arc", *, generator=None,
                  **kwargs):
@@ -194,6 +223,8 @@ class MagFaceLoss(CombinedMarginLoss):
     θ + m = π the target logit continues linearly (insightface's convention, MagFace's
     ``easy_margin=False``). Not available with sharded class centres.
     """
+
+    per_row_margins = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
                  **kwargs):

@@ -93,6 +93,8 @@ ARCFACE_HD TargetMargin target_margin(double c, const MarginParams& p) {
   return {p.s * (psi - p.m3), p.s * dpsi};
 }
 
-ARCFACE_HD double clamp_cosine(double c) { return fmin(fmax(c, -1.0), 1.0); }
+// Into [-1, 1]; NaN (a NaN or inf in an input) stays NaN, as in the reference, where fmin and fmax
+// would drop it.
+ARCFACE_HD double clamp_cosine(double c) { return c < -1.0 ? -1.0 : (c > 1.0 ? 1.0 : c); }
 
 }  // namespace arcface_ext

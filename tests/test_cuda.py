@@ -589,6 +589,43 @@ def test_zero_norm_embeddings_and_class_centres(kernel, margin, dtype):
     assert_matches(ours, expected, rows=zero_row, classes=zero_class)
 
 
+NON_FINITE_CASES = ["nan-row", "inf-row", "nan-class", "inf-class", "nan-target-class"]
+
+
+@pytest.mark.parametrize("keep", ["kept", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", NON_FINITE_CASES)
+def test_nan_and_inf_inputs_reach_the_loss_and_gradients(monkeypatch, kernel, case, dtype, keep):
+    """A NaN or inf in an embedding or a class centre makes the same losses, target cosines and
+    gradient rows non-finite as in the reference (fmax/fmin would drop a NaN cosine: the loss
+    stayed finite and a training loop's NaN check, or a GradScaler, never saw it). C = 257 puts the
+    bad class alone in the last, partial class tile."""
+    if keep == "kept" and not (dtype == torch.bfloat16 and kernel == "fused"):
+        pytest.skip("the kept block is the fused bf16 path's")
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "1" if keep == "kept" else "0")
+    x, w, labels = make_inputs(6, 16, 257, seed=13, dtype=dtype)
+    labels[3] = 7
+    bad = float("nan") if case.startswith("nan") else float("inf")
+    if case.endswith("row"):
+        x[1, 5] = bad
+    elif case == "nan-target-class":
+        w[7, 2] = bad
+    else:
+        w[256, 0] = bad  # no row's target
+    ours, expected = run_both(x, w, labels)
+    for name, a, e in zip(OUTPUTS, ours, expected):
+        a_bad = ~a.isfinite() if a.dim() < 2 else ~a.isfinite().all(dim=1)
+        e_bad = ~e.isfinite() if e.dim() < 2 else ~e.isfinite().all(dim=1)
+        assert torch.equal(a_bad.cpu(), e_bad.cpu()), f"{name}: non-finite at {a_bad.nonzero().flatten().tolist()}, " \
+                                                      f"reference at {e_bad.nonzero().flatten().tolist()}"
+    assert bool(e_bad.any()), "the case must reach the gradients"
+    if case.endswith("row"):  # the other rows are untouched
+        fine = torch.ones(6, dtype=torch.bool, device=DEVICE)
+        fine[1] = False
+        for name, a, e in zip(OUTPUTS[:3], ours, expected):
+            assert_matches_table(a[fine], e[fine], name=name, roundings=GEMM_OPERAND_ROUNDINGS)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_ignored_rows_and_custom_ignore_index(kernel, dtype):
     x, w, labels = make_inputs(10, 8, 7, seed=8, dtype=dtype, ignored=(0, 4, 9))

@@ -167,6 +167,34 @@ def test_zero_norm_embeddings_and_class_centres(margin, dtype, reduction):
     assert_matches(ours, expected, rows=zero_row, classes=zero_class)
 
 
+@pytest.mark.parametrize("workspace_bytes", [None, 1], ids=["default", "min-block"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("case", ["nan-row", "inf-row", "nan-class", "inf-class", "nan-target-class"])
+def test_nan_and_inf_inputs_reach_the_loss_and_gradients(workspace, case, dtype, reduction, workspace_bytes):
+    """A NaN or inf in an embedding or a class centre makes the same losses, target cosines and
+    gradient rows non-finite as in the reference, so that a NaN check or a GradScaler sees it (a
+    clamp through fmin/fmax turned a NaN target cosine into -1). "mean" takes the training op."""
+    if workspace_bytes is not None:
+        workspace(workspace_bytes)
+    x, w, labels = make_inputs(6, 16, 40, seed=13, dtype=dtype)
+    labels[3] = 7
+    bad = float("nan") if case.startswith("nan") else float("inf")
+    if case.endswith("row"):
+        x[1, 5] = bad
+    elif case == "nan-target-class":
+        w[7, 2] = bad
+    else:
+        w[39, 0] = bad  # no row's target
+    ours, expected = run_both(x, w, labels, reduction=reduction)
+    for name, a, e in zip(OUTPUTS, ours, expected):
+        a_bad = ~a.isfinite() if a.dim() < 2 else ~a.isfinite().all(dim=1)
+        e_bad = ~e.isfinite() if e.dim() < 2 else ~e.isfinite().all(dim=1)
+        assert torch.equal(a_bad, e_bad), f"{name}: non-finite at {a_bad.nonzero().flatten().tolist()}, " \
+                                          f"reference at {e_bad.nonzero().flatten().tolist()}"
+    assert bool(e_bad.any()), "the case must reach the gradients"
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_ignored_rows(reduction):
     x, w, labels = make_inputs(10, 8, 7, seed=7, ignored=(0, 4, 9))
@@ -503,6 +531,25 @@ def test_compile_fullgraph_matches_eager(reduction):
             assert_close_report(a, e, atol=0, rtol=0, name=f"N={n} {name}")
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+def test_compile_with_hyper_parameters_that_change_between_calls(dynamic):
+    # A SphereFace lambda_ anneal or a margin warm-up: Dynamo traces a float that changes between
+    # calls as a symbolic float (dynamic=True from the first call), which the argument checks must
+    # take without math.isfinite; each call must use its own value.
+    def loss(embeddings, weight, labels, s, m2, lambda_):
+        return arcface_ext.combined_margin_loss(embeddings, weight, labels, s=s, m1=2.0, m2=m2, lambda_=lambda_)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    x, w, labels = make_inputs(9, 8, 23, seed=24, dtype=torch.float32)
+    for s, m2, lambda_ in ((30.0, 0.1, 5.0), (32.0, 0.2, 4.0), (34.0, 0.3, 3.5)):
+        eager = loss_and_grads(loss, x, w, labels, s=s, m2=m2, lambda_=lambda_)
+        graph = loss_and_grads(compiled, x, w, labels, s=s, m2=m2, lambda_=lambda_)
+        for name, a, e in zip(OUTPUTS, graph, eager):
+            if e is not None:
+                assert_close_report(a, e, atol=0, rtol=0, name=f"lambda_={lambda_} {name}")
+
+
 def _autocast_loss(embeddings, weight, labels):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return arcface_ext.combined_margin_loss(embeddings, weight, labels, s=30.0, m2=0.3)
@@ -655,6 +702,10 @@ def _bad_inputs():
         "s NaN": (lambda: call(x, w, labels, s=float("nan")), ValueError, "s "),
         "margin_grad": (lambda: call(x, w, labels, margin_grad="ste"), ValueError, "margin_grad"),
         "embeddings not a tensor": (lambda: call(x.tolist(), w, labels), TypeError, "embeddings"),
+        "float8 embeddings": (lambda: call(x.to(torch.float8_e4m3fn), w, labels), TypeError, "embeddings"),
+        "ignore_index beyond int64": (lambda: call(x, w, labels, ignore_index=2**70), ValueError, "ignore_index"),
+        "workspace beyond int64": (lambda: arcface_ext.set_workspace_bytes(2**63), ValueError, "num_bytes"),
+        "workspace 0": (lambda: arcface_ext.set_workspace_bytes(0), ValueError, "num_bytes"),
     }
 
 
@@ -701,6 +752,20 @@ MODULES = {
     "CombinedMarginLoss": (lambda **kw: arcface_ext.CombinedMarginLoss(23, 12, 64.0, 1.0, 0.3, 0.2, **kw),
                            dict(s=64.0, m1=1.0, m2=0.3, m3=0.2, lambda_=0.0), "m3=0.2"),
 }
+
+
+@pytest.mark.parametrize("build, pattern", [
+    (lambda: arcface_ext.CombinedMarginLoss(10.5, 8), "num_classes"),
+    (lambda: arcface_ext.CombinedMarginLoss(10, 0), "embedding_size"),
+    (lambda: arcface_ext.ArcFaceLoss(10, 8, s=-1.0), "s "),
+    (lambda: arcface_ext.ArcFaceLoss(10, 8, m=float("nan")), "m2"),
+    (lambda: arcface_ext.CosFaceLoss(10, 8, reduction="avg"), "reduction"),
+    (lambda: arcface_ext.SphereFaceLoss(10, 8, lambda_=-1.0), "lambda_"),
+    (lambda: arcface_ext.ArcFaceLoss(10, 8, margin_grad="ste"), "margin_grad"),
+], ids=["float-classes", "no-dims", "negative-s", "nan-margin", "reduction", "negative-lambda", "margin-grad"])
+def test_modules_check_their_options_when_built(build, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        build()
 
 
 @pytest.mark.parametrize("use_reference", [False, True], ids=["fused", "reference"])

@@ -206,6 +206,31 @@ def test_adaface_statistics_are_saved_and_restored():
     assert torch.equal(b.batch_mean, a.batch_mean) and float(a.batch_mean) != 20.0
 
 
+def test_adaface_statistics_stay_fp32_in_a_16_bit_module():
+    # A bf16 running mean would round its 1% steps away: 20 + 0.01·(25 - 20) is 20 in bf16.
+    criterion = arcface_ext.AdaFaceLoss(10, 8).to(torch.bfloat16)
+    assert criterion.weight.dtype == torch.bfloat16 and criterion.batch_mean.dtype == torch.float32
+    x = torch.nn.functional.normalize(torch.randn(6, 8)).mul(25.0).bfloat16()
+    criterion(x, torch.randint(0, 10, (6,)))
+    assert 20.0 < float(criterion.batch_mean) < 20.1
+    assert criterion.to(torch.float64).batch_std.dtype == torch.float32
+
+
+@pytest.mark.parametrize("module", [arcface_ext.AdaFaceLoss, arcface_ext.ElasticFaceLoss, arcface_ext.MagFaceLoss])
+def test_per_row_margin_modules_check_their_arguments_first(module):
+    # Their margins are read from the embeddings: a bad call gets the op's message, not an
+    # IndexError from the margins, and AdaFace's statistics do not move.
+    criterion = module(10, 8)
+    state = {k: v.clone() for k, v in criterion.state_dict().items()}
+    with pytest.raises(ValueError, match="embeddings must be 2-D"):
+        criterion(torch.randn(8), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="disagree on the embedding size"):
+        criterion(torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="embeddings must be a torch.Tensor"):
+        criterion([[0.0] * 8], torch.zeros(1, dtype=torch.long))
+    assert all(torch.equal(v, state[k]) for k, v in criterion.state_dict().items())
+
+
 @pytest.mark.parametrize("kind", ["arc", "cos"])
 def test_elasticface_draws_its_margins_from_the_normal(kind):
     n, dim, num_classes = 24, 16, 40

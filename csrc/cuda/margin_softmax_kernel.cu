@@ -70,9 +70,10 @@ struct RowTarget {
 // cannot read its answer back: the kernels then give the row a NaN loss and no gradient.
 constexpr int64_t kBadLabel = -2;
 
+// A NaN cosine (from a NaN or inf in x_i or w_j) stays NaN, as in the reference's clamp.
 template <typename T>
 __device__ __forceinline__ T clamp_unit(T c) {
-  return fmin(fmax(c, T(-1)), T(1));
+  return cuda::min_nan(cuda::max_nan(c, T(-1)), T(1));
 }
 
 // The cosine of a raw dot product x_i·w_j: both normalisations as rank-1 scalings. Forward and
@@ -113,7 +114,7 @@ __device__ __forceinline__ acc_t load_acc(const scalar_t* p) {
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ scalar_t to_gemm_operand(acc_t v) {
   if constexpr (std::is_same<scalar_t, at::Half>::value) {
-    v = fmin(fmax(v, acc_t(-65504)), acc_t(65504));
+    v = cuda::min_nan(cuda::max_nan(v, acc_t(-65504)), acc_t(65504));
   }
   return static_cast<scalar_t>(v);
 }
@@ -252,7 +253,7 @@ __global__ void __launch_bounds__(kEpilogueThreads)
       const acc_t c = clamp_unit(cosine_of(row[j], inv_norm_x, inv_norm_w[j]));
       logit[k] = j == target ? target_logit : s * c;
     }
-    thread_max = fmax(thread_max, logit[k]);
+    thread_max = cuda::max_nan(thread_max, logit[k]);
   }
   SoftmaxStats<acc_t> stats{thread_max, acc_t(0)};
   if (thread_max != kNegInf) {
@@ -340,7 +341,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   const acc_t* row_max = segment_max + i * segments;
   const acc_t* row_sum = segment_sum + i * segments;
   acc_t total_max = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t k = lane; k < segments; k += kWarpSize) total_max = fmax(total_max, row_max[k]);
+  for (int64_t k = lane; k < segments; k += kWarpSize) total_max = cuda::max_nan(total_max, row_max[k]);
   total_max = cuda::warp_max(total_max);
   acc_t total_sum = 0;
   for (int64_t k = lane; k < segments; k += kWarpSize)
@@ -671,10 +672,10 @@ __global__ void __launch_bounds__(kTileThreads, 2)
                 if (first_col + 8 * ni + e >= valid) logit = kNegInf;
               }
               value = target == 8 * ni + e ? target_logit : logit;
-              m = fmaxf(m, value);
+              m = cuda::max_nan(m, value);
             }
-          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+          m = cuda::max_nan(m, __shfl_xor_sync(0xffffffffu, m, 1));
+          m = cuda::max_nan(m, __shfl_xor_sync(0xffffffffu, m, 2));
           float sum = 0.0f;
           if (m != kNegInf) {
 #pragma unroll
