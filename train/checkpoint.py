@@ -3,10 +3,12 @@ RNG states that make a resumed run repeat an uninterrupted one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-import tempfile
+import re
+import secrets
 from typing import IO, Any, Callable
 
 import numpy as np
@@ -17,10 +19,14 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 def write_atomic(path: str, write: Callable[[IO], None], *, binary: bool = True) -> None:
     """Calls ``write(file)`` on a temporary file in ``path``'s folder, then renames it to ``path``:
-    a crash or a kill mid-write leaves the previous file (or none) rather than a truncated one."""
-    directory = os.path.dirname(os.path.abspath(path))
+    a crash or a kill mid-write leaves the previous file (or none) rather than a truncated one, and
+    its temporary, which the next write of ``path`` removes. Not for concurrent writers of one path."""
+    directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    # Created as open() creates files (0666 less the umask, as the logs beside it), not 0600 as by
+    # mkstemp; O_EXCL keeps the name unique.
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+    handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
@@ -30,6 +36,12 @@ def write_atomic(path: str, write: Callable[[IO], None], *, binary: bool = True)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    # Those of earlier writes that were killed (mkstemp's names, of earlier versions, included).
+    stale = re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")
+    for entry in os.listdir(directory):
+        if stale.fullmatch(entry):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, entry))
 
 
 def save_atomic(obj: Any, path: str) -> None:
@@ -50,10 +62,16 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
     without executing code from the file. ``mmap=True`` maps the tensors from the file instead of
     reading them (this trainer's checkpoints): a rank resuming with sharded class centres then
     reads only its own rows of them, and the ranks share the page cache, rather than each holding
-    the whole C x D matrices (8 GB of centres and momentum for WebFace42M) in its memory."""
+    the whole C x D matrices (8 GB of centres and momentum for WebFace42M) in its memory.
+    Raises FileNotFoundError, or ValueError naming the file when it cannot be read."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as error:  # a truncated or foreign file fails in many ways, all of them this
+        reason = str(error).split(". ")[0].strip() or type(error).__name__
+        raise ValueError(f"{path}: not a readable checkpoint (truncated, or not saved by torch.save with "
+                         f"tensors only?): {reason}") from error
 
 
 def backbone_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -168,15 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _option_table(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Every spelling of every option (without dashes), and each dest, -> its action."""
+    """Every spelling of every option (without dashes, ``no-plots`` included), and each dest, -> its action."""
     table = {}
     for action in parser._actions:
         if not action.option_strings or action.dest in ("help", "config"):
             continue
         table[action.dest] = action
         for opt in action.option_strings:
-            if opt.startswith("--no-"):
-                continue
             table[opt.lstrip("-")] = action
     return table
 
@@ -216,6 +214,8 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
         if isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
                 raise SystemExit(f"{source}: {key} must be true or false, got {value!r}")
+            if key.startswith("no-") and f"--{key}" in action.option_strings:  # no-plots: true
+                value = not value
             argv.append(flag if value else "--no-" + flag[2:])
         elif value is None:
             continue
@@ -224,6 +224,10 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
                 value = ",".join(str(v) for v in value)
             argv += [flag, str(value)]
     return argv
+
+
+def default_warmup_steps(max_steps: int, lr_schedule: str) -> int:
+    return max(1, max_steps // 20) if lr_schedule == "poly" else 0
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -237,7 +241,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.lr_schedule is None:
         args.lr_schedule = "step" if args.lr_steps else "poly"
     if args.warmup_steps is None:
-        args.warmup_steps = max(1, args.max_steps // 20) if args.lr_schedule == "poly" else 0
+        args.warmup_steps = default_warmup_steps(args.max_steps, args.lr_schedule)
     if args.lr_schedule == "step" and not args.lr_steps:
         raise SystemExit("--lr-schedule step needs --lr-steps (e.g. --lr-steps 100000,160000)")
     if args.output is None:
@@ -272,6 +276,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
+    if known.config and not os.path.isfile(known.config):
+        raise SystemExit(f"--config {known.config}: no such file")
     file_argv = []
     if known.config and insightface_config.is_insightface_config(known.config):
         options = insightface_config.to_options(insightface_config.read(known.config), known.config)

@@ -53,13 +53,16 @@ def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, st
 
 
 def write_table(path: str, names: list[str], embeddings: np.ndarray) -> list[str]:
-    """``.npy`` (plus ``.txt`` listing the images in row order) or ``.csv`` (name, values)."""
+    """``.npy`` (plus ``.txt`` listing the images in row order) or ``.csv`` (name, values); returns
+    the files written (``np.save`` adds ``.npy`` to a path without it)."""
     if path.endswith(".csv"):
         with open(path, "w", encoding="utf-8") as f:
             f.write("image," + ",".join(f"e{j}" for j in range(embeddings.shape[1])) + "\n")
             for name, row in zip(names, embeddings):
                 f.write(f"{name}," + ",".join(f"{v:.7g}" for v in row) + "\n")
         return [path]
+    if not path.endswith(".npy"):
+        path += ".npy"
     np.save(path, embeddings)
     index = os.path.splitext(path)[0] + ".txt"
     with open(index, "w", encoding="utf-8") as f:

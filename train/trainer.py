@@ -10,6 +10,7 @@ import gc
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -30,6 +31,18 @@ ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
 # gathered over at most a twentieth of the run so that "start" is the start.
 ANGLE_SAMPLES = 2048
+
+
+# The options a resumed run may change: where it reads and writes, how often it logs, evaluates and
+# saves, how long it runs (the schedule follows a new --max-steps), where it runs, and how the same
+# gradients are computed. Any other change would make the rest of the run another run than the
+# checkpoint's, while args.json claimed otherwise.
+RESUME_MAY_CHANGE = frozenset({
+    "config", "resume", "data", "num_classes", "val_targets", "output", "pretrained_model", "finetuning",
+    "max_steps", "log_every", "eval_every", "save_every", "tensorboard", "plots", "device", "num_workers",
+    "compile", "compile_backend", "compile_mode", "channels_last", "gradient_checkpointing", "loss_impl",
+    "sharded_classes",
+})
 
 
 class TrainingDiverged(RuntimeError):
@@ -145,10 +158,47 @@ class RunLog:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a log written by :class:`RunLog`. A torn last line, which a kill -9 or a full
+    disk leaves mid-append, is dropped; a broken line before it is an error."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise SystemExit(f"{path}: line {number} is not JSON ({error.msg}); delete or repair that line") from None
+    return records
+
+
+def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The options of ``args`` that differ from ``saved`` (a checkpoint's) and may not change on
+    resume, each as ``--flag X in the checkpoint, Y requested``."""
+    from .config import build_parser, default_warmup_steps
+
+    flags = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+
+    def show(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value) or "none"
+        return "unset" if value is None else str(value)
+
+    changed = []
+    for key, value in vars(args).items():
+        if key in RESUME_MAY_CHANGE or key not in saved or saved[key] == value:
+            continue
+        if key == "warmup_steps" and (saved[key], value) == (
+                default_warmup_steps(saved["max_steps"], saved["lr_schedule"]),
+                default_warmup_steps(args.max_steps, args.lr_schedule)):
+            continue  # the default, a share of --max-steps, which may change
+        changed.append(f"{flags.get(key, key)} {show(saved[key])} in the checkpoint, {show(value)} requested")
+    return changed
 
 
 def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -243,18 +293,38 @@ class Trainer:
         if args.data == "synthetic":
             synthetic_size = {"synthetic_identities": args.synthetic_identities,
                               "synthetic_images_per_identity": args.synthetic_images_per_identity}
-        self.dataset, self.num_classes = build_train_dataset(args.data, image_size=args.image_size, seed=args.seed,
-                                                             flip=True, **synthetic_size)
+        try:
+            self.dataset, self.num_classes = build_train_dataset(args.data, image_size=args.image_size,
+                                                                 seed=args.seed, flip=True, **synthetic_size)
+        except (OSError, ValueError) as error:  # the messages name the file and what is wrong
+            raise SystemExit(str(error)) from None
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
                              "identities")
+        step_batch = args.batch_size * args.gradient_acc
+        images_per_process = math.ceil(len(self.dataset) / self.world_size)
+        if step_batch > images_per_process:
+            raise SystemExit(f"--batch-size {args.batch_size}"
+                             + (f" x --gradient-acc {args.gradient_acc}" if args.gradient_acc > 1 else "")
+                             + f" is more than the {images_per_process} images"
+                             + (f" each of the {self.world_size} processes reads" if self.distributed else "")
+                             + f" of {args.data}: lower it")
         self.verification_sets = {}
         if self.is_main:
-            self.verification_sets = build_verification_sets(args.data, args.val_targets, image_size=args.image_size,
-                                                             seed=args.seed)
-        self.backbone = get_model(args.network, embedding_size=args.embedding_size, dropout=1.0 - args.keep_prob,
-                                  image_size=args.image_size, gradient_checkpointing=args.gradient_checkpointing,
-                                  amp=args.amp).to(self.device)
+            try:
+                self.verification_sets = build_verification_sets(args.data, args.val_targets,
+                                                                 image_size=args.image_size, seed=args.seed)
+            except (OSError, ValueError, pickle.UnpicklingError) as error:
+                raise SystemExit(str(error)) from None
+        try:
+            self.backbone = get_model(args.network, embedding_size=args.embedding_size, dropout=1.0 - args.keep_prob,
+                                      image_size=args.image_size, gradient_checkpointing=args.gradient_checkpointing,
+                                      amp=args.amp).to(self.device)
+        except ValueError as error:  # a size the network cannot take
+            raise SystemExit(f"--network {args.network} --image-size {args.image_size}: {error}") from None
+        if args.batch_size < 2 and any(isinstance(m, nn.BatchNorm1d) for m in self.backbone.modules()):
+            raise SystemExit(f"--batch-size {args.batch_size}: the BatchNorm of {args.network}'s embedding head needs "
+                             "at least 2 images a pass to normalise over")
         if args.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.margin_loss = build_margin_loss(args, self.num_classes).to(self.device)
@@ -291,8 +361,7 @@ class Trainer:
             self.backbone_ddp = torch.compile(self.backbone_ddp, backend=args.compile_backend, mode=args.compile_mode)
 
         # A step's --gradient-acc passes come as one batch, split in train_step.
-        self.loader = build_train_loader(self.dataset, batch_size=args.batch_size * args.gradient_acc,
-                                         num_workers=args.num_workers,
+        self.loader = build_train_loader(self.dataset, batch_size=step_batch, num_workers=args.num_workers,
                                          seed=args.seed, distributed=self.distributed, drop_last=True,
                                          start_step=self.step)
         # Restored last, after everything that draws from the generators at start-up.
@@ -328,7 +397,17 @@ class Trainer:
         return resume
 
     def _load_training_state(self, path: str) -> list[dict[str, Any]]:
-        state = checkpoint.load(path, mmap=True)
+        try:
+            state = checkpoint.load(path, mmap=True)
+        except ValueError as error:
+            raise SystemExit(f"--resume: {error}") from None
+        if not (isinstance(state, dict) and {"args", "step", "optimizer"} <= state.keys()):
+            raise SystemExit(f"--resume {path}: not a training checkpoint of this trainer (to start from a "
+                             "backbone's weights, use --pretrained_model)")
+        changed = options_changed_on_resume(state["args"], self.args)
+        if changed:
+            raise SystemExit(f"--resume {path}: {'; '.join(changed)}. Drop these options to continue that run, "
+                             f"or start a new one (another --output) from its weights with --pretrained_model {path}")
         if state.get("num_classes") != self.num_classes:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "
                              f"{self.num_classes}; resume needs the same data (use --pretrained_model to fine-tune)")
@@ -353,9 +432,13 @@ class Trainer:
         return state["rng"]
 
     def _load_pretrained(self, path: str) -> None:
-        state = checkpoint.load(path)
         try:
-            self.backbone.load_state_dict(checkpoint.backbone_state_dict(state, path))
+            state = checkpoint.load(path)
+            weights = checkpoint.backbone_state_dict(state, path)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"--pretrained_model: {error}") from None
+        try:
+            self.backbone.load_state_dict(weights)
         except RuntimeError as error:
             a = self.args
             raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding_size "
@@ -533,13 +616,9 @@ class Trainer:
         if self._stop_signal:  # a second Ctrl-C: stop now, without the checkpoint
             signal.signal(signum, signal.SIG_DFL)
             raise KeyboardInterrupt
-        # Only a flag: printing from a handler can re-enter a half-written stream.
+        # Only a flag: printing from a handler can re-enter a half-written stream. The DataLoader
+        # workers, signalled with the process group, ignore it (train.data) and keep serving batches.
         self._stop_signal = signum
-        if hasattr(signal, "SIGCHLD"):
-            # DataLoader workers die of a SIGTERM that is not their parent's (a scheduler signals the
-            # whole process group), and torch's SIGCHLD handler would then raise in the middle of
-            # this step or of the checkpoint. The checkpoint comes first; the loop stops anyway.
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def fit(self) -> int:
         """Train to ``--max-steps``; returns the process exit code."""
@@ -547,8 +626,6 @@ class Trainer:
 
         args = self.args
         global_batch = args.batch_size * args.gradient_acc * self.world_size
-        # Installed before the DataLoader forks its workers, which inherit it: a Ctrl-C to the
-        # process group then leaves them running while this process writes the checkpoint.
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self._started = time.perf_counter()
@@ -557,18 +634,16 @@ class Trainer:
         bar = tqdm(total=args.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.is_main, file=sys.stderr)
         try:
-            if self.step == 0:
+            if self.step >= args.max_steps:  # a finished run resumed: its verification and checkpoint are written
+                self._write(f"the checkpoint is at step {self.step} of --max-steps {args.max_steps}: nothing to "
+                            "train (raise --max-steps to train on)")
+                return 0
+            if self.step == 0 and args.eval_every > 0:  # 0: verification at the end only
                 self.evaluate()
             batches = self._batches()
             window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
             while self.step < args.max_steps:
-                try:
-                    images, labels = next(batches)
-                except Exception:
-                    # A SIGTERM to the process group kills the DataLoader workers; save all the same.
-                    if self._stop_signal and not self.distributed:
-                        break
-                    raise
+                images, labels = next(batches)
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss_value, stop = self.train_step(images, labels)
                 window_steps += 1
@@ -591,7 +666,7 @@ class Trainer:
                 if args.save_every and self.step % args.save_every == 0 and self.step != args.max_steps:
                     self.save()
                     window_start = time.perf_counter()
-            if self._stop_signal:
+            if self._stop_signal and self.step < args.max_steps:  # at the last step, the run ends as usual
                 self.save()
                 self._write(f"stopped by {signal.Signals(self._stop_signal).name} at step {self.step}; "
                             f"checkpoint: {self.checkpoint_path} (continue with --resume auto)")

@@ -21,6 +21,8 @@ from train.data.transforms import decode_image, load_image_file
 
 # insightface's grid: squared L2 distances between unit vectors lie in [0, 4].
 THRESHOLDS = np.arange(0, 4, 0.01)
+# insightface's folds: a set needs at least one pair per fold.
+NFOLDS = 10
 
 
 @dataclass
@@ -236,7 +238,7 @@ def _accuracy_per_threshold(dist: np.ndarray, issame: np.ndarray) -> np.ndarray:
     return (predicted == issame[:, None]).mean(axis=0)
 
 
-def verification_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, issame, nfolds: int = 10) -> dict:
+def verification_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, issame, nfolds: int = NFOLDS) -> dict:
     """k-fold verification accuracy of pairs (embeddings1[k], embeddings2[k]).
 
     Each fold is scored at the threshold (on squared L2 distance, grid 0, 0.01, ...,
@@ -266,7 +268,7 @@ def verification_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, issa
 
 
 def evaluate(backbone: torch.nn.Module, vset: VerificationSet, *, device, batch_size: int = 64,
-             nfolds: int = 10) -> dict:
+             nfolds: int = NFOLDS) -> dict:
     """{'accuracy', 'accuracy_std', 'threshold', 'xnorm'} of `backbone` on `vset`."""
     embeddings, xnorm = compute_embeddings(backbone, vset, device=device, batch_size=batch_size, return_xnorm=True)
     result = verification_accuracy(embeddings[0::2], embeddings[1::2], vset.issame, nfolds=nfolds)

@@ -6,8 +6,11 @@ import io
 import os
 import pickle
 import runpy
+import signal
 import struct
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -487,3 +490,22 @@ def test_build_train_dataset_dispatch(tmp_path, image_folder):
     assert isinstance(ds, ImageFolderDataset) and num_classes == 2
     with pytest.raises(FileNotFoundError, match="expected 'synthetic'"):
         build_train_dataset(str(tmp_path / "nothing"))
+    (tmp_path / "rec_only").mkdir()
+    (tmp_path / "rec_only" / "train.rec").write_bytes(b"")  # its index not copied along: not an image folder
+    with pytest.raises(FileNotFoundError, match="holds train.rec but not its index train.idx"):
+        build_train_dataset(str(tmp_path / "rec_only"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_loader_workers_leave_signals_to_the_main_process(signum):
+    # As a scheduler's signal to the process group reaches them: from another process than their
+    # parent, which torch's own SIGTERM handler dies of. The trainer's main process decides.
+    loader = build_train_loader(SyntheticFaces(4, 4, image_size=16), batch_size=4, num_workers=1, seed=0)
+    stream = iter(loader)
+    first = next(stream)
+    (worker,) = stream._workers
+    subprocess.run(["kill", f"-{signum.name.removeprefix('SIG')}", str(worker.pid)], check=True)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert next(stream)[0].shape == first[0].shape
+    del stream

@@ -1,9 +1,11 @@
 """Two-process DDP on CPU (gloo) through torchrun, as a multi-GPU run is launched: training,
-logs written once, per-rank RNG states in the checkpoint, and resuming."""
+logs written once, per-rank RNG states in the checkpoint, resuming, and stopping on a SIGTERM."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -21,10 +23,13 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 
+def torchrun_command(args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "train", *args]
+
+
 def torchrun(args, timeout=240):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "train", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_command(args), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_process_gloo_training_and_resume(tmp_path):
@@ -46,6 +51,34 @@ def test_two_process_gloo_training_and_resume(tmp_path):
     steps = [r["step"] for r in read_jsonl(output / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes the log
     assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == 6
+
+
+def test_sigterm_to_the_process_group_saves_on_every_rank(tmp_path):
+    # What torchrun and cluster schedulers do: SIGTERM to the whole group, DataLoader workers
+    # included. The ranks finish the step together and write the checkpoint (a collective).
+    data = make_face_folder(str(tmp_path / "faces"))
+    output = tmp_path / "run"
+    args = base_argv(data, str(output), batch_size=8, max_steps=100000, save_every=0, num_workers=1,
+                     loss_impl=LOSS_IMPL)
+    proc = subprocess.Popen(torchrun_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (output / "metrics.jsonl").exists() or not read_jsonl(output / "metrics.jsonl"):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "training did not start within 120 s"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "stopped by SIGTERM" in err, err[-3000:]
+    assert "exited unexpectedly" not in err and "killed by signal" not in err, err[-3000:]
+    state = checkpoint.load(str(output / "checkpoint.pt"))
+    assert state["step"] >= 1 and len(state["rng"]) == 2
+    assert state["step"] == max(r["step"] for r in read_jsonl(output / "metrics.jsonl"))
 
 
 @pytest.mark.skipif(not arcface_ext.extension_available(), reason="--sharded-classes needs the compiled op")

@@ -81,6 +81,20 @@ def test_export_reports_a_missing_checkpoint(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
 
 
+def test_export_and_embed_report_a_corrupt_checkpoint(trained, tmp_path, capsys):
+    ckpt, faces = trained
+    with open(ckpt, "rb") as f:
+        truncated = f.read()[:5000]  # a copy cut short
+    for name, content in (("truncated.pt", truncated), ("text.pt", b"not a checkpoint\n")):
+        path = str(tmp_path / name)
+        with open(path, "wb") as f:
+            f.write(content)
+        assert export.main(["--checkpoint", path, "--output", str(tmp_path / "export")]) == 2
+        assert embed.main(["--model", path, "--images", faces, "--output", str(tmp_path / "emb.npy")]) == 2
+        err = capsys.readouterr().err
+        assert err.count(f"error: {path}: not a readable checkpoint") == 2 and "Traceback" not in err
+
+
 def test_embed_folder_and_compare(trained, tmp_path, capsys):
     ckpt, faces = trained
     output = tmp_path / "emb.npy"
@@ -89,6 +103,10 @@ def test_embed_folder_and_compare(trained, tmp_path, capsys):
     names = (tmp_path / "emb.txt").read_text().split()
     assert vectors.shape[0] == len(names) == 16 and names[0] == os.path.join("id_000", "00.png")
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    capsys.readouterr()
+    assert embed.main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "bare")]) == 0
+    assert f"{tmp_path / 'bare.npy'}, {tmp_path / 'bare.txt'}" in capsys.readouterr().out  # the files np.save wrote
+    assert np.array_equal(np.load(tmp_path / "bare.npy"), vectors)
 
     assert embed.main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "emb.csv")]) == 0
     header, first = (tmp_path / "emb.csv").read_text().splitlines()[:2]

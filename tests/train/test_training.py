@@ -66,6 +66,34 @@ def test_outputs_and_verification(faces, tmp_path):
     assert start.numel() > 0 and 60 < float(start.mean()) < 120  # random embeddings: about 90 degrees
 
 
+def test_eval_every_zero_verifies_at_the_end_only(faces, tmp_path):
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=3, eval_every=0)) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [3]
+
+
+def test_resuming_a_finished_run_trains_and_logs_nothing_more(faces, tmp_path, capsys):
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=2)) == 0
+    logs = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "verification.jsonl")}
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=2, resume="auto")) == 0
+    assert "nothing to train (raise --max-steps to train on)" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_text() for name in logs} == logs
+
+
+def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkeypatch):
+    # Else its checkpoint would lack the final verification, which resuming it does not add.
+    original_step = Trainer.train_step
+
+    def signalled_in_step_2(self, images, labels):
+        if self.step == 1:
+            self._on_signal(signal.SIGTERM, None)
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=2)) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
+
+
 def run_killed_at(step, argv_, monkeypatch, check=None):
     """``main(argv_)`` killed as it is about to train ``step`` (after ``check(trainer)``, if given),
     as a crash or a kill -9 would stop it: no checkpoint is written on the way out."""
@@ -101,6 +129,23 @@ def test_resume_repeats_the_uninterrupted_run_exactly(faces, tmp_path, monkeypat
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert torch.equal(a["margin_loss"]["weight"], b["margin_loss"]["weight"])
+
+
+def test_resume_drops_a_torn_last_log_line(faces, tmp_path):
+    # A kill -9 or a full disk in the middle of an append leaves half a line at the end of a log.
+    options = dict(max_steps=4, save_every=2, pairs=True, eval_every=2)
+    assert main(argv(faces, tmp_path, **options)) == 0
+    complete = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "verification.jsonl")}
+    for name, text in complete.items():
+        (tmp_path / name).write_text(text + '{"step": 5, "loss": 3.')
+    assert main(argv(faces, tmp_path, resume="auto", **options)) == 0
+    for name, text in complete.items():
+        assert (tmp_path / name).read_text() == text
+
+    lines = complete["metrics.jsonl"].splitlines(keepends=True)
+    (tmp_path / "metrics.jsonl").write_text("".join(lines[:1] + ['{"step": 2, "lo\n'] + lines[2:]))
+    with pytest.raises(SystemExit, match=r"metrics\.jsonl: line 2 is not JSON"):
+        main(argv(faces, tmp_path, resume="auto", **options))
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -180,6 +225,31 @@ def test_resume_with_more_steps_follows_the_new_schedule_in_every_group(faces, t
     assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([later, later])
 
 
+def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
+    # The optimizer's state and the schedule's base learning rates come from the checkpoint: a
+    # different --lr (or momentum, weight decay, network, ...) would be silently ignored, or fail
+    # inside torch. It is refused, each option named with both values.
+    assert main(argv(faces, tmp_path, max_steps=2)) == 0
+    for extra, message in [
+        (dict(lr=0.01, momentum=0), r"--lr 0\.1 in the checkpoint, 0\.01 requested; --momentum 0\.9 in the "
+                                    r"checkpoint, 0\.0 requested\. Drop these options.*--pretrained_model"),
+        (dict(optimizer="adamw"), r"--optimizer sgd in the checkpoint, adamw requested"),
+        (dict(network="r18"), r"--network small in the checkpoint, r18 requested"),
+        (dict(embedding_size=32), r"--embedding-size 64 in the checkpoint, 32 requested"),
+        (dict(image_size=48), r"--image-size 32 in the checkpoint, 48 requested"),
+        (dict(lr_steps="1"), r"--lr-schedule poly in the checkpoint, step requested; --lr-steps unset in the "
+                             r"checkpoint, 1 requested\."),
+        (dict(warmup_steps=3), r"--warmup-steps 1 in the checkpoint, 3 requested"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            Trainer(parse_args(argv(faces, tmp_path, max_steps=4, resume="auto", **extra)))
+    # Where and how long it runs, what it logs and how it computes the same gradients may change;
+    # so does the default warm-up, a share of --max-steps.
+    trainer = Trainer(parse_args(argv(faces, tmp_path, max_steps=100, resume="auto", log_every=5, eval_every=7,
+                                      save_every=0, num_workers=1, pairs=True, channels_last=True)))
+    assert trainer.step == 2 and trainer.args.warmup_steps == 5
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(faces, tmp_path, monkeypatch, capsys):
     original_forward = arcface_ext.CombinedMarginLoss.forward
     calls = {"n": 0}
@@ -234,6 +304,32 @@ def test_sigterm_saves_a_checkpoint_and_exits(faces, tmp_path):
     state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert state["step"] >= 1
     assert state["step"] == max(r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl"))
+
+
+def test_atomic_writes_get_the_usual_mode_and_clear_killed_temporaries(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    killed = [tmp_path / ".checkpoint.pt.k_9xq2ab.tmp", tmp_path / ".checkpoint.pt.0123abcd.tmp"]
+    others = [tmp_path / ".checkpoint.pt.bak.0123abcd.tmp", tmp_path / ".args.json.0123abcd.tmp"]
+    for path in killed + others:
+        path.write_bytes(b"half a checkpoint")
+    previous = os.umask(0o027)
+    try:
+        checkpoint.save_atomic({"step": 1}, str(target))
+        with open(tmp_path / "metrics.jsonl", "w"):
+            pass
+    finally:
+        os.umask(previous)
+    assert oct(target.stat().st_mode & 0o777) == oct((tmp_path / "metrics.jsonl").stat().st_mode & 0o777) == "0o640"
+    assert not any(path.exists() for path in killed) and all(path.exists() for path in others)
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write_atomic(str(target), fail)
+    assert checkpoint.load(str(target)) == {"step": 1}
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", "metrics.jsonl"] + [p.name for p in others])
 
 
 def test_pretrained_backbone_and_finetuning(faces, tmp_path):
@@ -402,6 +498,46 @@ def test_shipped_configs_parse(name):
     assert args.network in NETWORKS and args.image_size == 112 and args.max_steps > 100000
     if args.sharded_classes or args.sample_rate < 1:
         assert args.loss_impl == "fused" and args.loss_amp != "fp16"
+
+
+@pytest.mark.parametrize("case", ["no --config", "batch over the data", "batch of 1", "mbf at 72 px",
+                                  "missing --val-targets path", "too few pairs", "corrupt --resume",
+                                  "backbone as --resume", "corrupt --pretrained_model"])
+def test_bad_inputs_are_one_line_errors(faces, tmp_path, case):
+    data, pairs = faces
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 cut short")
+    few_pairs, folder = tmp_path / "pairs.txt", os.path.dirname(pairs)
+    with open(pairs) as f:  # the first 5 pairs, the images named by their absolute paths
+        few_pairs.write_text("".join(f"{folder}/{a} {folder}/{b} {same}\n"
+                                     for a, b, same in (line.split() for line in f.readlines()[:5])))
+    backbone = tmp_path / "backbone.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, backbone)
+    options, message = {
+        "no --config": ({"config": str(tmp_path / "run.yaml")}, r"--config \S+run\.yaml: no such file"),
+        "batch over the data": ({"batch_size": 65}, r"--batch-size 65 is more than the 64 images of .*: lower it"),
+        "batch of 1": ({"batch_size": 1}, r"--batch-size 1: the BatchNorm of small's embedding head needs at least 2"),
+        "mbf at 72 px": ({"network": "mbf", "image_size": 72}, r"--network mbf --image-size 72: .*multiple of 16"),
+        "missing --val-targets path": ({"val_targets": "/nonexistent/lfw.bin"},
+                                       r"--val-targets: no verification set at /nonexistent/lfw\.bin$"),
+        "too few pairs": ({"val_targets": str(few_pairs)}, r"pairs\.txt: 5 pairs; verification needs at least 10"),
+        "corrupt --resume": ({"resume": str(corrupt)}, r"--resume: \S+corrupt\.pt: not a readable checkpoint"),
+        "backbone as --resume": ({"resume": str(backbone)},
+                                 r"backbone\.pt: not a training checkpoint of this trainer.*--pretrained_model"),
+        "corrupt --pretrained_model": ({"pretrained_model": str(corrupt)},
+                                       r"--pretrained_model: \S+corrupt\.pt: not a readable checkpoint"),
+    }[case]
+    with pytest.raises(SystemExit, match=message) as error:
+        main(argv(faces, tmp_path / "run", **options))
+    assert "\n" not in str(error.value)
+
+
+def test_config_keys_take_the_no_spelling_of_a_switch(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("no-plots: true\nno-tensorboard: false\nchannels-last: true\nno-compile: true\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.plots, args.tensorboard, args.channels_last, args.compile) == (False, True, True, False)
+    assert parse_args(["--config", str(config), "--plots"]).plots  # the command line still wins
 
 
 def test_unbuilt_extension_is_named(faces, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import io
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -328,13 +329,31 @@ def test_pairs_list(tmp_path, pairs_images):
 
 def test_build_verification_sets_from_a_folder(tmp_path, pairs_images):
     images, issame = pairs_images
+    images, issame = images * 4, issame * 4  # 12 pairs: at least one for each of the 10 folds
     write_pairs_folder(tmp_path, images)
+    (tmp_path / "pairs.txt").write_text("".join(f"imgs/{2 * k}.png imgs/{2 * k + 1}.png {int(same)}\n"
+                                                for k, same in enumerate(issame)))
     with open(tmp_path / "lfw.bin", "wb") as f:
         pickle.dump(([png(img) for img in images], issame), f)
     with pytest.warns(UserWarning, match="cfp_fp"):
         sets = build_verification_sets(str(tmp_path), ["lfw", "cfp_fp", str(tmp_path / "pairs.txt")], image_size=20)
     assert list(sets) == ["lfw", "pairs"]
     assert torch.equal(sets["lfw"].images, sets["pairs"].images)
+
+
+def test_build_verification_sets_refuses_missing_paths_and_too_few_pairs(tmp_path, pairs_images):
+    # A name that the data folder lacks is skipped, as insightface does; a path is an error, and so
+    # is a set with fewer pairs than folds (insightface's KFold fails on it at the first evaluation).
+    images, issame = pairs_images
+    with open(tmp_path / "lfw.bin", "wb") as f:
+        pickle.dump(([png(img) for img in images], issame), f)
+    with pytest.raises(ValueError, match=r"lfw\.bin: 3 pairs; verification needs at least 10"):
+        build_verification_sets(str(tmp_path), ["lfw"], image_size=20)
+    for target in (str(tmp_path / "elsewhere" / "agedb_30.bin"), "cfp_fp.bin", "pairs.txt"):
+        with pytest.raises(FileNotFoundError, match=f"^--val-targets: no verification set at {re.escape(target)}$"):
+            build_verification_sets(str(tmp_path), [target], image_size=20)
+    with pytest.warns(UserWarning, match="'cfp_fp': no cfp_fp.bin in"):
+        assert build_verification_sets(str(tmp_path), ["cfp_fp"], image_size=20) == {}
 
 
 def test_build_verification_sets_synthetic():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import warnings
 from typing import TYPE_CHECKING
 
@@ -54,7 +55,9 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
     if spec == SYNTHETIC:
         dataset = SyntheticFaces(synthetic_identities, synthetic_images_per_identity,
                                  image_size=image_size, seed=seed, flip=flip)
-    elif os.path.isfile(os.path.join(spec, "train.rec")) and os.path.isfile(os.path.join(spec, "train.idx")):
+    elif os.path.isfile(os.path.join(spec, "train.rec")):
+        if not os.path.isfile(os.path.join(spec, "train.idx")):
+            raise FileNotFoundError(f"--data {spec!r} holds train.rec but not its index train.idx: copy that too")
         dataset = RecordIODataset(spec, image_size=image_size, seed=seed, flip=flip)
     elif os.path.isdir(spec):
         dataset = ImageFolderDataset(spec, image_size=image_size, seed=seed, flip=flip)
@@ -66,9 +69,14 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
 
 
 def _find_target(folder: str, target: str) -> str | None:
-    candidates = [target] if target.endswith((".bin", ".txt")) else []
+    """The file of a `--val-targets` entry; None for a name that `folder` lacks."""
+    is_path = target.endswith((".bin", ".txt")) or os.sep in target
+    candidates = [target] if is_path else []
     candidates += [os.path.join(folder, target), os.path.join(folder, target + ".bin")]
-    return next((c for c in candidates if os.path.isfile(c)), None)
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None and is_path:
+        raise FileNotFoundError(f"--val-targets: no verification set at {target}")
+    return found
 
 
 def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 112, seed: int = 0,
@@ -80,11 +88,12 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
     from the training ones and from the other targets. Otherwise `spec` is the
     data folder and a target is `<name>` (read from `<folder>/<name>.bin`, in
     insightface's format) or the path of a `.bin` or of a pairs-list `.txt`
-    (`image1 image2 0|1` per line). A target that is not found is skipped with
-    a warning, as insightface does.
+    (`image1 image2 0|1` per line). A name that is not found is skipped with a
+    warning, as insightface does; a path that is not found is an error, and so is
+    a set of fewer pairs than the folds of its accuracy.
     """
     # train.verification reads images through this package: import it here, not at the top.
-    from train.verification import VerificationSet, load_bin, load_pairs_list
+    from train.verification import NFOLDS, VerificationSet, load_bin, load_pairs_list
 
     sets: dict[str, VerificationSet] = {}
     for target in targets:
@@ -99,6 +108,9 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
             warnings.warn(f"verification target {target!r}: no {target}.bin in {spec!r}; skipped", stacklevel=2)
             continue
         vset = load_pairs_list(path, image_size) if path.endswith(".txt") else load_bin(path, image_size)
+        if vset.num_pairs < NFOLDS:
+            raise ValueError(f"{path}: {vset.num_pairs} pairs; verification needs at least {NFOLDS}, one for each "
+                             f"fold of its {NFOLDS}-fold accuracy")
         name = target if not target.endswith((".bin", ".txt")) else vset.name
         vset.name = name
         sets[name] = vset
@@ -166,6 +178,19 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             epoch, skip = epoch + 1, 0
 
 
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM and SIGINT.
+
+    A scheduler's SIGTERM (torchrun's, Slurm's) or a Ctrl-C reaches the whole process group. torch's
+    workers die of a SIGTERM that their parent did not send, and the main process, which finishes
+    its step and writes the checkpoint before it exits, then fails on its next batch. The workers
+    still end when the DataLoader shuts them down or the main process dies. torch sets its worker
+    signal handlers before it calls this, so these win.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, num_workers: int, seed: int,
                        distributed: bool = False, drop_last: bool = True, start_step: int = 0,
                        ) -> torch.utils.data.DataLoader:
@@ -176,7 +201,8 @@ def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, nu
     the order is drawn); with distributed=True each rank of the initialised
     process group reads its own shard. Flips depend on (seed, epoch, index) only,
     not on worker processes or global RNG state. Memory is pinned when CUDA is
-    available; workers persist across epochs. The loader has no length: iterate
+    available; workers persist across epochs and leave SIGTERM and SIGINT to the main process
+    (`_leave_signals_to_the_main_process`). The loader has no length: iterate
     it for the number of steps to train (`loader.batch_sampler.steps_per_epoch`
     tells the epoch length).
     """
@@ -195,5 +221,6 @@ def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, nu
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        worker_init_fn=_leave_signals_to_the_main_process,
         generator=torch.Generator().manual_seed(seed),
     )
