@@ -126,8 +126,9 @@ class RunLog:
         for name in self.FILES:
             path = os.path.join(output, name)
             kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step] if start_step else []
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            # Atomically: a kill here leaves the old log, which the next resume trims again.
+            checkpoint.write_atomic(path, lambda f, kept=kept: f.writelines(json.dumps(r) + "\n" for r in kept),
+                                    binary=False)
         self.writer = None
         if tensorboard:
             try:
