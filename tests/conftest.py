@@ -121,3 +121,30 @@ def loss_and_grads(loss_fn, embeddings, weight, labels, *, grad_seed=0, **kwargs
         upstream = torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5
         (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
     return loss.detach(), target_cosine, x.grad, w.grad
+
+
+NON_FINITE_CASES = ["nan-row", "inf-row", "nan-class", "inf-class", "nan-target-class"]
+
+
+def put_non_finite(case, embeddings, weight, labels):
+    """Puts a NaN or inf into row 1 of the embeddings, into row 3's target centre (class 7), or into
+    the last class centre (no row's target), in place."""
+    bad = float("nan") if case.startswith("nan") else float("inf")
+    labels[3] = 7
+    if case.endswith("row"):
+        embeddings[1, 5] = bad
+    elif case == "nan-target-class":
+        weight[7, 2] = bad
+    else:
+        weight[-1, 0] = bad
+
+
+def assert_non_finite_where_expected(ours, expected, names):
+    """Each output is non-finite exactly where the expected one is (by row for 2-D gradients), and the
+    gradients are somewhere."""
+    for name, a, e in zip(names, ours, expected):
+        a_bad = ~a.isfinite() if a.dim() < 2 else ~a.isfinite().all(dim=1)
+        e_bad = ~e.isfinite() if e.dim() < 2 else ~e.isfinite().all(dim=1)
+        assert torch.equal(a_bad.cpu(), e_bad.cpu()), (f"{name}: non-finite at {a_bad.nonzero().flatten().tolist()}, "
+                                                       f"expected at {e_bad.nonzero().flatten().tolist()}")
+    assert bool(e_bad.any()), "the case must reach the gradients"

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import arcface_ext
 import emulator
 from arcface_ext import reference
-from conftest import (MARGINS, TOLERANCES, assert_close_report, assert_matches_reference, loss_and_grads,
-                      margin_kwargs)
+from conftest import (MARGINS, NON_FINITE_CASES, TOLERANCES, assert_close_report, assert_matches_reference,
+                      assert_non_finite_where_expected, loss_and_grads, margin_kwargs, put_non_finite)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not arcface_ext.extension_available(), reason="arcface_ext._C is not built")]
@@ -589,9 +589,6 @@ def test_zero_norm_embeddings_and_class_centres(kernel, margin, dtype):
     assert_matches(ours, expected, rows=zero_row, classes=zero_class)
 
 
-NON_FINITE_CASES = ["nan-row", "inf-row", "nan-class", "inf-class", "nan-target-class"]
-
-
 @pytest.mark.parametrize("keep", ["kept", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", NON_FINITE_CASES)
@@ -604,21 +601,9 @@ def test_nan_and_inf_inputs_reach_the_loss_and_gradients(monkeypatch, kernel, ca
         pytest.skip("the kept block is the fused bf16 path's")
     monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "1" if keep == "kept" else "0")
     x, w, labels = make_inputs(6, 16, 257, seed=13, dtype=dtype)
-    labels[3] = 7
-    bad = float("nan") if case.startswith("nan") else float("inf")
-    if case.endswith("row"):
-        x[1, 5] = bad
-    elif case == "nan-target-class":
-        w[7, 2] = bad
-    else:
-        w[256, 0] = bad  # no row's target
+    put_non_finite(case, x, w, labels)
     ours, expected = run_both(x, w, labels)
-    for name, a, e in zip(OUTPUTS, ours, expected):
-        a_bad = ~a.isfinite() if a.dim() < 2 else ~a.isfinite().all(dim=1)
-        e_bad = ~e.isfinite() if e.dim() < 2 else ~e.isfinite().all(dim=1)
-        assert torch.equal(a_bad.cpu(), e_bad.cpu()), f"{name}: non-finite at {a_bad.nonzero().flatten().tolist()}, " \
-                                                      f"reference at {e_bad.nonzero().flatten().tolist()}"
-    assert bool(e_bad.any()), "the case must reach the gradients"
+    assert_non_finite_where_expected(ours, expected, OUTPUTS)
     if case.endswith("row"):  # the other rows are untouched
         fine = torch.ones(6, dtype=torch.bool, device=DEVICE)
         fine[1] = False

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.distributed
 import arcface_ext
 from train import checkpoint
 
-from trainer_fixtures import base_argv, make_face_folder, one_thread, read_jsonl  # noqa: F401
+from trainer_fixtures import base_argv, make_face_folder, one_thread, read_jsonl, signal_once_training  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
@@ -60,20 +59,7 @@ def test_sigterm_to_the_process_group_saves_on_every_rank(tmp_path):
     output = tmp_path / "run"
     args = base_argv(data, str(output), batch_size=8, max_steps=100000, save_every=0, num_workers=1,
                      loss_impl=LOSS_IMPL)
-    proc = subprocess.Popen(torchrun_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not (output / "metrics.jsonl").exists() or not read_jsonl(output / "metrics.jsonl"):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.time() < deadline, "training did not start within 120 s"
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    _, err = signal_once_training(torchrun_command(args), output, signal.SIGTERM, cwd=REPO, timeout=120)
     assert "stopped by SIGTERM" in err, err[-3000:]
     assert "exited unexpectedly" not in err and "killed by signal" not in err, err[-3000:]
     state = checkpoint.load(str(output / "checkpoint.pt"))

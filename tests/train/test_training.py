@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -19,7 +18,8 @@ from train.config import parse_args
 from train.models import NETWORKS
 from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, _resolve_device, main
 
-from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl  # noqa: F401
+from trainer_fixtures import (base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl,  # noqa: F401
+                              signal_once_training)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
@@ -286,20 +286,8 @@ def test_non_finite_weights_are_never_saved(faces, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits(faces, tmp_path):
     # As a cluster scheduler does: SIGTERM to the whole process group, DataLoader worker included.
     command = [sys.executable, "-m", "train", *argv(faces, tmp_path, max_steps=100000, save_every=0, num_workers=1)]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while not (tmp_path / "metrics.jsonl").exists() or not read_jsonl(tmp_path / "metrics.jsonl"):
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.time() < deadline, "training did not start within 60 s"
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    returncode, err = signal_once_training(command, tmp_path, signal.SIGTERM, cwd=REPO, timeout=60)
+    assert returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err
     state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert state["step"] >= 1

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -138,3 +141,25 @@ def base_argv(data: str, output: str, pairs: str | None = None, **overrides) -> 
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def signal_once_training(command: list[str], output, signum: int, *, cwd: str, timeout: float) -> tuple[int, str]:
+    """Starts ``command`` in a new session, sends ``signum`` to its whole process group (as a cluster
+    scheduler or torchrun does, DataLoader workers included) once ``output/metrics.jsonl`` has a
+    line, and returns (exit code, stderr)."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = os.path.join(output, "metrics.jsonl")
+    try:
+        deadline = time.time() + timeout
+        while not os.path.exists(metrics) or not read_jsonl(metrics):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, f"training did not start within {timeout} s"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signum)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, err
