@@ -625,6 +625,8 @@ class Trainer:
         """Train to ``--max-steps``; returns the process exit code."""
         from tqdm import tqdm
 
+        from .data import stop_loader_workers
+
         args = self.args
         global_batch = args.batch_size * args.gradient_acc * self.world_size
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -688,6 +690,7 @@ class Trainer:
             return 1
         finally:
             bar.close()
+            stop_loader_workers(self.loader)
             for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler)
             if self.is_main:

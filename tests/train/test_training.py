@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -292,6 +293,19 @@ def test_sigterm_saves_a_checkpoint_and_exits(faces, tmp_path):
     state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert state["step"] >= 1
     assert state["step"] == max(r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl"))
+
+
+def test_an_error_in_training_exits_with_loader_workers(faces, tmp_path):
+    # The workers ignore SIGTERM; multiprocessing's exit handler SIGTERMs and joins them, so a
+    # process leaving on an error (its traceback holding the loader) hung there until they were
+    # stopped explicitly.
+    script = ("import sys; from train.trainer import Trainer, main\n"
+              "def fail(self, images, labels): raise RuntimeError('injected')\n"
+              "Trainer.train_step = fail\n"
+              "main(sys.argv[1:])\n")
+    command = [sys.executable, "-c", script, *argv(faces, tmp_path, num_workers=2)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "injected" in result.stderr, result.stderr[-2000:]
 
 
 def test_atomic_writes_get_the_usual_mode_and_clear_killed_temporaries(tmp_path):

@@ -191,6 +191,19 @@ def _leave_signals_to_the_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def stop_loader_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Ends the worker processes of a loader with persistent workers now.
+
+    They ignore SIGTERM (:func:`_leave_signals_to_the_main_process`), and multiprocessing's exit
+    handler terminates daemonic children with SIGTERM, then joins them: a process leaving on an
+    error, whose traceback still holds the loader, would wait for its workers forever. The loader
+    starts new workers if it is iterated again."""
+    iterator = getattr(loader, "_iterator", None)  # where torch keeps persistent workers
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
 def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, num_workers: int, seed: int,
                        distributed: bool = False, drop_last: bool = True, start_step: int = 0,
                        ) -> torch.utils.data.DataLoader:
