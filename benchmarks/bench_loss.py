@@ -444,17 +444,30 @@ def main(argv=None):
     if args.workspace_bytes:
         arcface_ext.set_workspace_bytes(args.workspace_bytes)
 
+    # gpu_check.sh passes the sources' own hash: the device tool's copy can carry a stale .git.
     environment = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda,
-                       git_sha=git_sha(), threads=torch.get_num_threads())
+                       git_sha=git_sha(), source_hash=os.environ.get("ARCFACE_EXT_SOURCE_HASH"),
+                       threads=torch.get_num_threads())
     print(f"{environment['device']} | torch {environment['torch']} | CUDA {environment['cuda']} | "
           f"{environment['threads']} threads | git {environment['git_sha']} | "
           f"workspace {arcface_ext.get_workspace_bytes()} B")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results",
+                                   f"{slug(environment['device'])}-{datetime.date.today().isoformat()}.json")
     rows = []
     for num_classes in class_counts:
         tensors = make_inputs(n, dim, num_classes, dtype, device)
-        steps = {impl: make_step(impl, *tensors, sample_rate=args.sample_rate) for impl in impls}
-        times, inner = time_interleaved(steps, device=device, warmup=args.warmup, repeats=args.repeats)
+        steps = {}
         for impl in impls:
+            step = make_step(impl, *tensors, sample_rate=args.sample_rate)
+            try:
+                step()
+                synchronize(device)
+            except Exception as error:  # e.g. a CUDA graph capture the GPU refuses: the other rows still count
+                print(f"{impl} at C = {num_classes} failed and is left out: {type(error).__name__}: {error}")
+                continue
+            steps[impl] = step
+        times, inner = time_interleaved(steps, device=device, warmup=args.warmup, repeats=args.repeats)
+        for impl in steps:
             peak = None
             if not args.no_memory and impl != "ours-graphed":
                 if device.type == "cuda":
@@ -470,11 +483,9 @@ def main(argv=None):
                              peak_extra_mb=peak, **environment))
         del steps, tensors
         gc.collect()
+        write_rows(rows, out)  # what is measured is kept if a later C fails or the time runs out
     print_table(rows)
-    out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   f"{slug(environment['device'])}-{datetime.date.today().isoformat()}.json")
     if args.max_c:
-        write_rows(rows, out)  # the timings are kept even if the search below fails
         deadline = time.monotonic() + args.max_c_seconds
         searched = [name for name in ("ours", "eager") if name in impls]
         for position, impl in enumerate(searched):

@@ -13,13 +13,14 @@
 #             if pip cannot install there, setup.py build_ext --inplace
 #   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths)
 #   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl, then the largest C
-#             that fits for ours and eager (45 s); the results JSON is copied to $OUT/bench.json
+#             that fits for ours and eager (45 s); the results JSON is $OUT/bench.json, written after
+#             each C (an impl that fails, e.g. a refused graph capture, is left out and said so)
 #   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
 #             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
 #             search: ours, ours-recompute, ours-graphed, ours-cublas, eager, compiled and floor at
 #             C = 1e5 and 1e6 (~45 s), for a
-#             short call; the results JSON is copied to $OUT/bench.json
+#             short call; the results JSON is $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
 #   profile   benchmarks/profile_loss.py at C = 1M (fused and cuBLAS paths) and 100k (fused, which
 #             keeps the gradient block there, and recompute, which does not); then
@@ -36,7 +37,7 @@
 # and times, are printed last and kept in $OUT/summary.log.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+cd "$ROOT" || exit 1
 OUT=${OUT:-$ROOT/build/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -44,6 +45,10 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile ncu racecheck train sweep suite)
+KNOWN=" build cuda bench bench-core depth memcheck profile ncu racecheck train suite sweep --source-hash "
+for stage in "${STAGES[@]}"; do  # before anything runs: a typo must not end the call halfway
+  [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage $stage; stages:$KNOWN"; exit 2; }
+done
 SUMMARY=()
 
 run_stage() {  # name, log name, time limit (s), minimum worth running (s), command...
@@ -52,8 +57,9 @@ run_stage() {  # name, log name, time limit (s), minimum worth running (s), comm
   left=$((DEADLINE - SECONDS - 15))  # 15 s for the summary and the copies
   if ((left < minimum)); then
     SUMMARY+=("$(printf '%-14s skipped: %d s left, needs %d' "$name" "$left" "$minimum")")
+    echo "${SUMMARY[-1]}" >>"$OUT/summary.log"
     echo "=== $name: skipped ($left s left of the budget, needs $minimum)" | tee -a "$log"
-    return 0
+    return 3  # not run: a skipped build stops the stages that need it
   fi
   ((limit > left)) && limit=$left
   echo "=== $name (limit ${limit} s): $*" | tee -a "$log"
@@ -61,6 +67,7 @@ run_stage() {  # name, log name, time limit (s), minimum worth running (s), comm
   rc=$?
   tail -n 25 "$log"
   SUMMARY+=("$(printf '%-14s rc=%-3s %4d s' "$name" "$rc" $((SECONDS - start)))")
+  echo "${SUMMARY[-1]}" >>"$OUT/summary.log"  # as it goes: a call cut off still leaves the lines so far
   echo "=== $name: rc=$rc in $((SECONDS - start)) s"
   return $rc
 }
@@ -81,6 +88,9 @@ DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clock
          # sources' own hash, which `bash benchmarks/gpu_check.sh --source-hash` prints for a checkout.
          echo "source hash $(source_hash)")
 echo "$DEVICE"
+echo "$DEVICE" >"$OUT/summary.log"
+ARCFACE_EXT_SOURCE_HASH=$(source_hash)  # into bench_loss.py's rows
+export ARCFACE_EXT_SOURCE_HASH
 
 # pytest-xdist (on the GPU image) isolates a crash: a test that kills its worker is reported and the
 # worker replaced, where a single process would end the stage (the first H200 run lost 18% of the CUDA
@@ -106,12 +116,10 @@ for stage in "${STAGES[@]}"; do
             -o faulthandler_timeout=120 tests/test_cuda.py ;;
     bench)
       run_stage bench bench 170 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --max-c 50000000 --max-c-seconds 45 --out "$ROOT/benchmarks/results/gpu-check.json"
-      cp "$ROOT/benchmarks/results/gpu-check.json" "$OUT/bench.json" 2>/dev/null ;;
+        --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-graphed,ours-cublas,eager,compiled,floor --out "$ROOT/benchmarks/results/gpu-check.json"
-      cp "$ROOT/benchmarks/results/gpu-check.json" "$OUT/bench.json" 2>/dev/null ;;
+        --impls ours,ours-recompute,ours-graphed,ours-cublas,eager,compiled,floor --out "$OUT/bench.json" ;;
     depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
       for d in 3 4 5; do
         run_stage "depth-$d" bench 40 20 env ARCFACE_EXT_TILE_STAGES=$d "$PY" benchmarks/bench_loss.py --device cuda \

@@ -3,12 +3,13 @@
     python benchmarks/host_overhead.py                  # CPU
     python benchmarks/host_overhead.py --device cuda
 
-On inputs so small (default N=8, D=16, C=32) that the kernels take next to nothing, times one
+On inputs so small (default N=8, D=16, C=32; bf16 on CUDA, the dtype and path of a training step
+there, with the kept gradient block; fp32 on the CPU) that the kernels take next to nothing, times one
 forward+backward by the host clock, best of --repeats rounds of --steps steps (on CUDA with a
 synchronisation at each round's end, so a round is as long as the host's launching or the GPU's
 work, whichever is longer). Rows:
   - `ops`: the forward and backward ops called directly (the dispatcher, the C++ host code, the
-    kernels), no autograd;
+    kernels), no autograd (the recomputing pair, not the kept-block one);
   - `step`: arcface_ext.combined_margin_loss (mean) and .backward(), both inputs needing gradients,
     through the forward op's autograd formula (the path CUDA takes; on the CPU the one-call training
     op is switched off for this row);
@@ -83,6 +84,7 @@ def main(argv=None):
     parser.add_argument("--N", type=int, default=8)
     parser.add_argument("--D", type=int, default=16)
     parser.add_argument("--C", type=int, default=32)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, else fp32")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
@@ -92,9 +94,11 @@ def main(argv=None):
     arcface_ext.functional.require_extension()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     generator = torch.Generator().manual_seed(0)
-    embeddings = torch.randn(args.N, args.D, generator=generator).to(device).requires_grad_()
-    weight = torch.randn(args.C, args.D, generator=generator).to(device).requires_grad_()
+    embeddings = torch.randn(args.N, args.D, generator=generator).to(device, dtype).requires_grad_()
+    weight = torch.randn(args.C, args.D, generator=generator).to(device, dtype).requires_grad_()
     labels = torch.randint(0, args.C, (args.N,), generator=generator).to(device)
     steps = make_steps(embeddings, weight, labels)
 
@@ -111,9 +115,9 @@ def main(argv=None):
     timings["torch-ce"] = best_us(steps["torch-ce"], device, args.steps, args.repeats)
 
     common = dict(device=device_name(device), torch=torch.__version__, git=git_sha(), N=args.N, D=args.D,
-                  C=args.C, threads=args.threads)
+                  C=args.C, dtype=dtype_name, threads=args.threads)
     print(f"{common['device']} | torch {common['torch']} | git {common['git']} | "
-          f"N={args.N} D={args.D} C={args.C} fp32 | {args.threads} thread(s)")
+          f"N={args.N} D={args.D} C={args.C} {dtype_name} | {args.threads} thread(s)")
     print(f"{'row':<11} {'us/step':>9} {'x torch-ce':>11}")
     rows = []
     for name, us in timings.items():

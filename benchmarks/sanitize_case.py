@@ -19,7 +19,12 @@ import sys
 
 import torch
 
-import arcface_ext
+# From the checkout, as the other scripts: gpu_check.sh may have built the extension in place.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import arcface_ext  # noqa: E402
 
 
 def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), seed=0, per_row=False,
