@@ -407,7 +407,8 @@ class Trainer:
                              "backbone's weights, use --pretrained_model)")
         changed = options_changed_on_resume(state["args"], self.args)
         if changed:
-            raise SystemExit(f"--resume {path}: {'; '.join(changed)}. Drop these options to continue that run, "
+            raise SystemExit(f"--resume {path}: {'; '.join(changed)}. Continue that run with its own options (its "
+                             f"--config, or the values above; args.json beside the checkpoint lists them all), "
                              f"or start a new one (another --output) from its weights with --pretrained_model {path}")
         if state.get("num_classes") != self.num_classes:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "

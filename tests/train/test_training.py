@@ -233,7 +233,7 @@ def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
     assert main(argv(faces, tmp_path, max_steps=2)) == 0
     for extra, message in [
         (dict(lr=0.01, momentum=0), r"--lr 0\.1 in the checkpoint, 0\.01 requested; --momentum 0\.9 in the "
-                                    r"checkpoint, 0\.0 requested\. Drop these options.*--pretrained_model"),
+                                    r"checkpoint, 0\.0 requested\. Continue that run with its own options.*--pretrained_model"),
         (dict(optimizer="adamw"), r"--optimizer sgd in the checkpoint, adamw requested"),
         (dict(network="r18"), r"--network small in the checkpoint, r18 requested"),
         (dict(embedding_size=32), r"--embedding-size 64 in the checkpoint, 32 requested"),
