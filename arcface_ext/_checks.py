@@ -2,6 +2,7 @@
 devices, Python scalars), so they never break a compiled graph. Label values are checked inside
 the op."""
 import math
+import numbers
 
 import torch
 
@@ -55,15 +56,19 @@ def check_options(*, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_inde
             continue
         # A comparison, not math.isfinite: torch.compile traces a hyper-parameter that changes
         # between calls as a symbolic float, which compares but has no isfinite.
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -math.inf < value < math.inf:
-            raise ValueError(f"{name} must be a finite Python int or float, got {value!r}")
+        # numbers.Real takes numpy's scalars too (np.float32 is not a float subclass); the callers
+        # convert with float().
+        if (isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (int, float, numbers.Real))
+                or not -math.inf < value < math.inf):
+            raise ValueError(f"{name} must be a finite real number (int or float), got {value!r}")
     if s <= 0:
         raise ValueError(f"s (the scale) must be > 0, got {s}")
     if m1 <= 0:
         raise ValueError(f"m1 (the multiplicative angular margin) must be > 0, got {m1}")
     if lambda_ < 0:
         raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not -2**63 <= ignore_index < 2**63:
+    if (isinstance(ignore_index, (bool, torch.Tensor)) or not isinstance(ignore_index, numbers.Integral)
+            or not -2**63 <= ignore_index < 2**63):
         raise ValueError(f"ignore_index must be an int (int64), got {ignore_index!r}")
 
 

@@ -27,7 +27,7 @@ def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_
     module.s, module.m1, module.m2, module.m3, module.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
     module.reduction = reduction
     module.margin_grad = margin_grad
-    module.ignore_index = ignore_index
+    module.ignore_index = int(ignore_index)
 
 
 class CombinedMarginLoss(nn.Module):
@@ -159,15 +159,29 @@ class AdaFaceMargins:
     def row_margins(self, embeddings, labels):
         with torch.no_grad():
             norms = embeddings.detach().float().norm(dim=1).clamp(0.001, 100.0)
+            mean, std = self.batch_mean, self.batch_std
             if self.training:
-                mean, std = self._norm_statistics(norms)
+                batch_mean, batch_std = self._norm_statistics(norms)
                 # A batch of one row has no spread: the statistics stay (decided on the device).
-                seen = torch.isfinite(std)
-                for buffer, value in ((self.batch_mean, mean), (self.batch_std, std)):
-                    moved = buffer * (1 - self.t_alpha) + self.t_alpha * value.to(buffer.dtype)
-                    buffer.copy_(torch.where(seen, moved, buffer))
-            z = ((norms - self.batch_mean) / (self.batch_std + 1e-3) * self.h).clamp(-1.0, 1.0)
+                seen = torch.isfinite(batch_std)
+                mean, std = (torch.where(seen, buffer * (1 - self.t_alpha) + self.t_alpha * value.to(buffer.dtype),
+                                         buffer)
+                             for buffer, value in ((mean, batch_mean), (std, batch_std)))
+                # Stored by forward once the loss is computed: a call the op refuses (bad labels,
+                # checked on the device) leaves them as they were.
+                self._moved_statistics = (mean, std)
+            z = ((norms - mean) / (std + 1e-3) * self.h).clamp(-1.0, 1.0)
             return -self.m * z, self.m + self.m * z
+
+    def forward(self, embeddings, labels, return_target_cosine=False):
+        self._moved_statistics = None
+        out = super().forward(embeddings, labels, return_target_cosine=return_target_cosine)
+        if self._moved_statistics is not None:
+            with torch.no_grad():
+                for buffer, value in zip((self.batch_mean, self.batch_std), self._moved_statistics):
+                    buffer.copy_(value)
+            self._moved_statistics = None
+        return out
 
     def extra_repr(self):
         return f"m={self.m}, h={self.h}, t_alpha={self.t_alpha}, {super().extra_repr()}"

@@ -7,11 +7,14 @@ noisy labels.
 The sample is drawn without a host synchronisation (its size is fixed in advance, large enough to
 hold every target), so it costs a few small kernels per step on a GPU.
 """
+import numbers
+
 import torch
 
 
 def check_sample_rate(sample_rate):
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+    if (isinstance(sample_rate, (bool, torch.Tensor)) or not isinstance(sample_rate, numbers.Real)
+            or not 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
     return float(sample_rate)
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -689,6 +690,9 @@ def _bad_inputs():
         "s = 0": (lambda: call(x, w, labels, s=0.0), ValueError, "s "),
         "s < 0": (lambda: call(x, w, labels, s=-64.0), ValueError, "s "),
         "s NaN": (lambda: call(x, w, labels, s=float("nan")), ValueError, "s "),
+        "s a tensor": (lambda: call(x, w, labels, s=torch.tensor(64.0)), ValueError, "s "),
+        "m2 a bool": (lambda: call(x, w, labels, m2=True), ValueError, "m2 "),
+        "ignore_index a float": (lambda: call(x, w, labels, ignore_index=-1.0), ValueError, "ignore_index"),
         "margin_grad": (lambda: call(x, w, labels, margin_grad="ste"), ValueError, "margin_grad"),
         "embeddings not a tensor": (lambda: call(x.tolist(), w, labels), TypeError, "embeddings"),
         "float8 embeddings": (lambda: call(x.to(torch.float8_e4m3fn), w, labels), TypeError, "embeddings"),
@@ -755,6 +759,23 @@ MODULES = {
 def test_modules_check_their_options_when_built(build, pattern):
     with pytest.raises(ValueError, match=pattern):
         build()
+
+
+def test_numpy_scalars_are_taken_as_numbers():
+    # Hyper-parameters read from a config through numpy (np.float32 is no float subclass, np.int64
+    # no int subclass) give the same loss as Python numbers, in the functions and the modules.
+    x, w, labels = make_inputs(7, 8, 11, seed=28, dtype=torch.float64, ignored=(3,))
+    as_numpy = dict(s=np.float32(30.0), m1=np.int64(1), m2=np.float32(0.25), m3=np.float64(0.1),
+                    lambda_=np.float32(0.0), ignore_index=np.int64(-1))
+    as_python = {name: value.item() for name, value in as_numpy.items()}
+    for function in (arcface_ext.combined_margin_loss, reference.combined_margin_loss):
+        assert_close_report(function(x, w, labels, **as_numpy), function(x, w, labels, **as_python),
+                            atol=0, rtol=0, name=function.__module__)
+    criterion = arcface_ext.ArcFaceLoss(np.int64(11), np.int32(8), s=np.float32(30.0), m=np.float32(0.25),
+                                        sample_rate=np.float64(1.0), ignore_index=np.int16(-1)).double()
+    assert type(criterion.s) is float and type(criterion.ignore_index) is int and criterion.num_classes == 11
+    expected = arcface_ext.combined_margin_loss(x, criterion.weight, labels, s=30.0, m2=0.25)
+    assert_close_report(criterion(x, labels), expected, atol=0, rtol=0, name="module")
 
 
 @pytest.mark.parametrize("use_reference", [False, True], ids=["fused", "reference"])

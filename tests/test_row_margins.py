@@ -228,6 +228,10 @@ def test_per_row_margin_modules_check_their_arguments_first(module):
         criterion(torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="embeddings must be a torch.Tensor"):
         criterion([[0.0] * 8], torch.zeros(1, dtype=torch.long))
+    # Label values are checked by the op itself, after the margins are read (on a GPU, a check
+    # before them would be one more read-back a step).
+    with pytest.raises(ValueError, match=r"labels\[1\] = 10"):
+        criterion(torch.randn(4, 8), torch.tensor([0, 10, 2, 3]))
     assert all(torch.equal(v, state[k]) for k, v in criterion.state_dict().items())
 
 
