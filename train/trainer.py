@@ -26,6 +26,7 @@ from torch import nn
 from . import checkpoint
 from .config import margins
 from .models import get_model
+from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -112,6 +113,36 @@ class TargetAngles:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.windows = {k: tuple(v) for k, v in state["windows"].items()}
         self.angles = {phase: [state["degrees"][phase]] for phase in ANGLE_PHASES}
+
+
+# What a run (and train.export, by default) writes into its --output folder.
+RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verification.jsonl", "tensorboard",
+             LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, "backbone.pt", "backbone.json", "backbone.onnx")
+
+
+def set_aside_earlier_run(output: str) -> str | None:
+    """Before a fresh run writes into ``output``: when the folder holds another run (a checkpoint,
+    or logged steps), move that run's files into a new subfolder ``earlier-<n>`` and return it, so
+    that nothing the earlier run wrote is overwritten. Only the files a run writes move; anything
+    else in the folder stays."""
+    def non_empty(name):
+        path = os.path.join(output, name)
+        return os.path.isfile(path) and os.path.getsize(path) > 0
+    if not (os.path.exists(os.path.join(output, checkpoint.CHECKPOINT_NAME)) or non_empty("metrics.jsonl")
+            or non_empty("verification.jsonl")):
+        return None
+    n = 1
+    while True:
+        aside = os.path.join(output, f"earlier-{n}")
+        try:
+            os.mkdir(aside)
+            break
+        except FileExistsError:
+            n += 1
+    for name in RUN_FILES:
+        if os.path.lexists(os.path.join(output, name)):
+            os.replace(os.path.join(output, name), os.path.join(aside, name))
+    return aside
 
 
 class RunLog:
@@ -299,6 +330,10 @@ class Trainer:
                                                                  seed=args.seed, flip=True, **synthetic_size)
         except (OSError, ValueError) as error:  # the messages name the file and what is wrong
             raise SystemExit(str(error)) from None
+        stored_size = getattr(self.dataset, "stored_size", None)
+        if self.is_main and stored_size not in (None, (args.image_size, args.image_size)):
+            print(f"note: {args.data} holds {stored_size[0]}x{stored_size[1]} images (its property file); they are "
+                  f"resized to {args.image_size}x{args.image_size} (--image-size)", file=sys.stderr)
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
                              "identities")
@@ -383,9 +418,11 @@ class Trainer:
     def _resume_path(self) -> str | None:
         resume = self.args.resume
         if not resume:
-            if self.is_main and os.path.exists(self.checkpoint_path):
-                print(f"note: {self.checkpoint_path} exists and will be overwritten; "
-                      "pass --resume auto to continue that run instead", file=sys.stderr)
+            # Only the main process writes into the folder.
+            aside = set_aside_earlier_run(self.output) if self.is_main else None
+            if aside:
+                print(f"note: {self.output} held an earlier run; its files are now in {aside} (to continue a run, "
+                      "pass --resume auto, or --resume with its checkpoint)", file=sys.stderr)
             return None
         if resume == "auto":
             if os.path.exists(self.checkpoint_path):

@@ -198,7 +198,11 @@ def test_recordio_property_file_gives_num_classes(tmp_path, rec_images):
     _, labels, encoded = rec_images
     write_rec(tmp_path / "rec", list(zip(encoded, labels)))
     (tmp_path / "rec" / "property").write_text("10,32,32\n")
-    assert RecordIODataset(str(tmp_path / "rec"), image_size=32).num_classes == 10
+    dataset = RecordIODataset(str(tmp_path / "rec"), image_size=32)
+    assert dataset.num_classes == 10 and dataset.stored_size == (32, 32)
+    (tmp_path / "rec" / "property").write_text("10\n")  # the size is optional
+    dataset = RecordIODataset(str(tmp_path / "rec"), image_size=32)
+    assert dataset.num_classes == 10 and dataset.stored_size is None
 
 
 def test_recordio_label_array_per_image(tmp_path):

@@ -72,6 +72,22 @@ def test_eval_every_zero_verifies_at_the_end_only(faces, tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [3]
 
 
+def test_a_fresh_run_sets_an_earlier_run_aside(faces, tmp_path, capsys):
+    # Nothing a run wrote is overwritten by the next fresh run into its folder; other files stay.
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(argv(faces, tmp_path, max_steps=2)) == 0
+    first_log = (tmp_path / "metrics.jsonl").read_text()
+    assert main(argv(faces, tmp_path, max_steps=1)) == 0
+    assert "earlier-1" in capsys.readouterr().err
+    assert checkpoint.load(str(tmp_path / "earlier-1" / "checkpoint.pt"))["step"] == 2
+    assert (tmp_path / "earlier-1" / "metrics.jsonl").read_text() == first_log
+    assert (tmp_path / "earlier-1" / "args.json").is_file()
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 1
+    assert main(argv(faces, tmp_path, max_steps=1)) == 0
+    assert checkpoint.load(str(tmp_path / "earlier-2" / "checkpoint.pt"))["step"] == 1
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "earlier-2" / "earlier-1").exists()
+
+
 def test_resuming_a_finished_run_trains_and_logs_nothing_more(faces, tmp_path, capsys):
     assert main(argv(faces, tmp_path, pairs=True, max_steps=2)) == 0
     logs = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "verification.jsonl")}

@@ -284,13 +284,17 @@ class RecordIODataset(FaceImageDataset):
 
     def _count_classes(self) -> int:
         prop = os.path.join(self.root, "property")
+        self.stored_size = None  # (H, W) of the images, when the property file says
         if os.path.isfile(prop):
             with open(prop) as f:
-                first = f.read().split(",")[0].strip()
+                fields = [field.strip() for field in f.read().split(",")]
             try:
-                return int(first)
+                num_classes = int(fields[0])
             except ValueError:
-                raise RecordIOError(f"{prop}: expected 'num_classes,height,width', got {first!r}") from None
+                raise RecordIOError(f"{prop}: expected 'num_classes,height,width', got {fields[0]!r}") from None
+            if len(fields) >= 3 and fields[1].isdigit() and fields[2].isdigit():
+                self.stored_size = (int(fields[1]), int(fields[2]))
+            return num_classes
         if self.identity_range is not None and self.identity_range[1] > self.identity_range[0]:
             return self.identity_range[1] - self.identity_range[0]
         # No metadata: read every header once (reads the whole file).
