@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows, scalar_margin, stack_row_margins
+from ._checks import (FLOAT_DTYPES, check_arguments, check_row_margin, fused_compute_dtype, nan_at_ignored,
+                      reduce_rows, scalar_margin, stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
 from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options
 from .sampling import check_labels, sample_classes, sample_size
@@ -49,7 +50,10 @@ def class_shard(num_classes, rank, world_size):
 
 def _group_info(group):
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("this process is not a member of process_group")
+        return rank, dist.get_world_size(group)
     if group is not None:
         raise RuntimeError("a process group was given but torch.distributed is not initialised")
     return 0, 1
@@ -142,7 +146,17 @@ class ShardedCombinedMarginLoss(nn.Module):
     Called as ``criterion(embeddings, labels, return_target_cosine=False)`` with this rank's rows;
     the loss is over this rank's rows (``reduction`` as for the unsharded loss). See the module's
     docstring for the gradients. It is not to be wrapped in DistributedDataParallel (its
-    ``sharded`` attribute says so to the bundled trainer).
+    ``sharded`` attribute says so to the bundled trainer): DDP would broadcast rank 0's shard over
+    the others'. Wrapped on its own, DDP is told to leave ``weight`` alone and refuses the module.
+
+    Every rank calls it alike: the same training mode and dtypes, gradients needed or not on every
+    rank. The ranks compare these (and whether each rank's arguments passed their checks) in the
+    call's first collective, so that a rank that differs makes every rank raise, rather than the
+    others waiting in a collective it never joins.
+
+    Its ``state_dict`` records the classes it holds. ``load_state_dict`` takes a state of the same
+    shard, or the whole (num_classes, D) matrix (a gathered or a replicated loss's state), of which it
+    keeps this rank's rows; a shard of another layout (another number of ranks) is an error.
 
     ``sample_rate`` < 1 is partial FC as insightface runs it: in training mode each rank keeps the
     classes of its shard that are targets anywhere in the gathered batch and a uniform sample of
@@ -164,6 +178,8 @@ class ShardedCombinedMarginLoss(nn.Module):
         self.class_start, self.class_stop = class_shard(num_classes, self.rank, self.world_size)
         self.weight = nn.Parameter(torch.empty(self.class_stop - self.class_start, embedding_size,
                                                device=device, dtype=dtype))
+        # DistributedDataParallel's broadcast of rank 0's parameters would overwrite the other shards.
+        self._ddp_params_and_buffers_to_ignore = ["weight"]
         self.reset_parameters()
 
     @torch.no_grad()
@@ -172,6 +188,8 @@ class ShardedCombinedMarginLoss(nn.Module):
         a block at a time, and keep their rows: the result does not depend on the number of ranks,
         provided every rank's default generator is in the same state (seed them alike)."""
         seed = int(torch.randint(0, 2**62, (1,)))
+        if self.weight.is_meta:  # deferred initialisation: no values to draw
+            return
         generator = torch.Generator(device=self.weight.device).manual_seed(seed)
         # The same blocks on every rank (the values a draw gives depend on its size).
         block = max(1, (1 << 24) // self.embedding_size)
@@ -182,6 +200,30 @@ class ShardedCombinedMarginLoss(nn.Module):
             lo, hi = max(start, self.class_start), min(stop, self.class_stop)
             if lo < hi:
                 self.weight[lo - self.class_start:hi - self.class_start] = values[lo - start:hi - start]
+
+    def get_extra_state(self):
+        return {"num_classes": self.num_classes, "class_start": self.class_start, "class_stop": self.class_stop}
+
+    def set_extra_state(self, state):
+        pass  # checked against the weight in _load_from_state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # state_dict is load_state_dict's own copy: its entries may be replaced.
+        weight_key, extra_key = prefix + "weight", prefix + "_extra_state"
+        mine = self.get_extra_state()
+        weight, saved = state_dict.get(weight_key), state_dict.get(extra_key, mine)  # older states: none
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == self.num_classes:
+            state_dict[weight_key] = self.shard_of(weight)  # the whole matrix: this rank's rows
+        elif isinstance(saved, dict) and saved != mine:
+            error_msgs.append(
+                f"{weight_key} holds classes [{saved.get('class_start')}, {saved.get('class_stop')}) of "
+                f"{saved.get('num_classes')}, this rank holds [{self.class_start}, {self.class_stop}) of "
+                f"{self.num_classes}: load the whole matrix (gather() the shards) to change the number of ranks")
+            return
+        state_dict[extra_key] = mine
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def shard_of(self, full):
         """This rank's rows of a tensor that has one row per class (e.g. a checkpoint's centres)."""
@@ -225,19 +267,52 @@ class ShardedCombinedMarginLoss(nn.Module):
                     full[start + begin:start + begin + count].copy_(received[:count])
         return full
 
-    def _gather_labels(self, labels):
-        """Every rank's labels, each rank's padded with ignore_index to the largest local batch, and
-        that batch size."""
-        n = labels.shape[0]
+    def _agree(self, embeddings, labels, error):
+        """The call's first collective: every rank's batch size, whether its arguments passed their
+        checks (``error`` is its own exception, or None), and how it calls (compute dtype, training
+        mode, gradients). Raises on every rank when any rank failed or they differ; returns the
+        largest local batch size."""
+        if error is not None and self.world_size == 1:
+            raise error
+        rank, world_size = _group_info(self.process_group)
+        if (rank, world_size) != (self.rank, self.world_size):
+            raise RuntimeError(f"this loss was built for rank {self.rank} of {self.world_size} but is called on rank "
+                               f"{rank} of {world_size}: build it after torch.distributed.init_process_group")
         if self.world_size == 1:
-            return labels, n
-        sizes = torch.zeros(self.world_size, dtype=torch.int64, device=labels.device)
-        _all_gather_single(sizes, torch.tensor([n], dtype=torch.int64, device=labels.device),
+            return labels.shape[0]
+        row = [0, 0, 0, 0, 0]
+        if error is None:
+            grad = torch.is_grad_enabled()
+            row = [labels.shape[0], 1, 1 + FLOAT_DTYPES.index(fused_compute_dtype(embeddings, self.weight)),
+                   int(self.training), int(grad) + int(grad and embeddings.requires_grad)]
+        table = torch.empty(self.world_size * len(row), dtype=torch.int64, device=self.weight.device)
+        _all_gather_single(table, torch.tensor(row, dtype=torch.int64, device=self.weight.device),
                            group=self.process_group)
-        rows = int(sizes.max())
+        table = table.view(self.world_size, len(row)).tolist()
+        failed = [r for r, entry in enumerate(table) if not entry[1]]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"rank(s) {failed} of the process group refused their arguments (their own errors say "
+                               "why): every rank stops this call")
+        for column, what, name in (
+                (2, "compute dtype", lambda v: str(FLOAT_DTYPES[v - 1]).replace("torch.", "")),
+                (3, "mode", lambda v: "training" if v else "eval"),
+                (4, "gradients", lambda v: ("grad mode off", "embeddings without grad", "embeddings with grad")[v])):
+            values = [entry[column] for entry in table]
+            if len(set(values)) > 1:
+                ranks = ", ".join(f"rank {r}: {name(v)}" for r, v in enumerate(values))
+                raise ValueError(f"the ranks must call the sharded loss alike, but they differ in {what} ({ranks})")
+        return max(entry[0] for entry in table)
+
+    def _gather_labels(self, labels, rows):
+        """Every rank's labels, each rank's padded with ignore_index to ``rows`` (the largest local
+        batch)."""
+        if self.world_size == 1:
+            return labels
         padded = labels.new_full((rows,), self.ignore_index)
-        padded[:n] = labels
-        return _all_gather_rows(padded, rows, self.process_group, self.world_size), rows
+        padded[:labels.shape[0]] = labels
+        return _all_gather_rows(padded, rows, self.process_group, self.world_size)
 
     def _sample(self, all_labels):
         """This rank's sample of its classes, and the labels renumbered for the union of the ranks'
@@ -264,15 +339,24 @@ class ShardedCombinedMarginLoss(nn.Module):
         return self.m2, self.m3
 
     def forward(self, embeddings, labels, return_target_cosine=False):
-        # Checked before the margins, which subclasses read from the embeddings.
-        check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
-                        lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
-                        ignore_index=self.ignore_index)
+        # Checked before the margins, which subclasses read from the embeddings (AdaFace's with a
+        # collective of its own in training mode), and agreed on by every rank.
+        error = None
+        try:
+            check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+                            lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
+                            ignore_index=self.ignore_index)
+            require_extension()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            error = exc
+        rows = self._agree(embeddings, labels, error)
         m2, m3 = self.row_margins(embeddings, labels)
-        require_extension()
+        for name, value in (("m2", m2), ("m3", m3)):
+            if isinstance(value, torch.Tensor):
+                check_row_margin(name, value, embeddings)
         dtype = fused_compute_dtype(embeddings, self.weight)
         labels = labels.long()
-        all_labels, rows = self._gather_labels(labels)
+        all_labels = self._gather_labels(labels, rows)
         index, ignore_index, class_start, num_classes = None, self.ignore_index, self.class_start, self.num_classes
         if self.training and self.sample_rate < 1.0:
             # Every rank checks the same gathered labels, so that all of them raise or none does.

@@ -269,3 +269,100 @@ def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_
     torch.manual_seed(0)
     single = arcface_ext.ShardedCombinedMarginLoss(num_classes, DIM, **MARGIN, dtype=torch.float64)
     torch.testing.assert_close(results[0]["initial"], single.weight.detach(), rtol=0, atol=0)
+
+
+# ---- ranks that call differently ----------------------------------------------------------------
+
+def _outcome(call):
+    """'ok', or the exception's type and message: what a rank saw."""
+    try:
+        call()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - the test compares them
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _misuse_worker(rank, world_size, init_file, out_dir):
+    import datetime
+
+    early = arcface_ext.ShardedCombinedMarginLoss(8, 4)  # before the process group exists
+    # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        module = arcface_ext.ShardedCombinedMarginLoss(8, 4, dtype=torch.float64)
+        x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        labels = torch.tensor([0, 5, 7])
+        module32 = arcface_ext.ShardedCombinedMarginLoss(8, 4)
+
+        def autocast_on_rank_1(call):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=rank == 1):
+                return call()
+
+        outcomes = {
+            "built before init": _outcome(lambda: early(x.float(), labels)),
+            "bad labels length on rank 1": _outcome(lambda: module(x, labels[:2] if rank == 1 else labels)),
+            "dtype differs": _outcome(lambda: autocast_on_rank_1(lambda: module32(x.float(), labels))),
+            "mode differs": _outcome(lambda: module.train(rank == 0)(x, labels)),
+            "grad differs": _outcome(lambda: module.train()(x.detach() if rank == 1 else x, labels)),
+            "alike afterwards": _outcome(lambda: module(x, labels).backward()),
+        }
+        weight = module.weight.detach().clone()
+        outcomes["ddp"] = _outcome(lambda: torch.nn.parallel.DistributedDataParallel(module))
+        outcomes["ddp left the shard alone"] = bool(torch.equal(module.weight, weight))
+        # A state of the same shard loads; the whole matrix loads as this rank's rows; another rank's
+        # shard (same shape: 8 classes on 2 ranks) is refused.
+        full = torch.arange(32, dtype=torch.float64).view(8, 4)
+        state = module.state_dict()
+        others = [None] * world_size
+        dist.all_gather_object(others, state)
+        outcomes["own state"] = _outcome(lambda: module.load_state_dict(state))
+        outcomes["whole matrix"] = _outcome(lambda: module.load_state_dict({"weight": full}))
+        outcomes["whole matrix rows"] = bool(torch.equal(module.weight, full[4 * rank:4 * rank + 4]))
+        outcomes["other shard"] = _outcome(lambda: module.load_state_dict(others[1 - rank]))
+        solo = dist.new_group([0])
+        outcomes["not a member"] = _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(8, 4, process_group=solo))
+        torch.save(outcomes, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_call_differently_all_raise(tmp_path):
+    # Every rank raises (none is left waiting in a collective) when one rank's arguments fail their
+    # checks or the ranks differ in dtype, mode or gradients; a later alike call still works.
+    mp.spawn(_misuse_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank, outcomes in enumerate(ranks):
+        assert outcomes["built before init"].startswith("RuntimeError: this loss was built for rank 0 of 1")
+        assert outcomes["dtype differs"] == ("ValueError: the ranks must call the sharded loss alike, but they "
+                                             "differ in compute dtype (rank 0: float32, rank 1: bfloat16)")
+        assert outcomes["mode differs"].endswith("differ in mode (rank 0: training, rank 1: eval)")
+        assert outcomes["grad differs"].endswith(
+            "differ in gradients (rank 0: embeddings with grad, rank 1: embeddings without grad)")
+        assert outcomes["alike afterwards"] == "ok"
+        assert "parameter that requires a gradient" in outcomes["ddp"] and outcomes["ddp left the shard alone"]
+        assert outcomes["own state"] == outcomes["whole matrix"] == "ok" and outcomes["whole matrix rows"]
+        assert f"this rank holds [{4 * rank}, {4 * rank + 4}) of 8" in outcomes["other shard"]
+        assert "load the whole matrix" in outcomes["other shard"]
+    assert ranks[1]["bad labels length on rank 1"] == "ValueError: labels has 2 entries but embeddings has 3 rows"
+    assert ranks[0]["bad labels length on rank 1"] == ("RuntimeError: rank(s) [1] of the process group refused "
+                                                       "their arguments (their own errors say why): every rank "
+                                                       "stops this call")
+    assert ranks[0]["not a member"] == "ok"
+    assert ranks[1]["not a member"] == "ValueError: this process is not a member of process_group"
+
+
+def test_sharded_state_dict_and_deferred_initialisation():
+    # Single process: the shard is every class. The state records it; a state of another shard is
+    # refused, and a state without the record (older versions) still loads.
+    module = arcface_ext.ShardedCombinedMarginLoss(5, 3)
+    state = module.state_dict()
+    assert state["_extra_state"] == {"num_classes": 5, "class_start": 0, "class_stop": 5}
+    module.load_state_dict({"weight": state["weight"]})
+    other = {"weight": state["weight"][:3], "_extra_state": {"num_classes": 5, "class_start": 0, "class_stop": 3}}
+    with pytest.raises(RuntimeError, match=r"holds classes \[0, 3\) of 5, this rank holds \[0, 5\) of 5"):
+        module.load_state_dict(other)
+    meta = arcface_ext.ShardedCombinedMarginLoss(2_000_000, 512, device="meta")
+    assert meta.weight.is_meta and meta.weight.shape == (2_000_000, 512)

@@ -402,7 +402,10 @@ class Trainer:
                                          start_step=self.step)
         # Restored last, after everything that draws from the generators at start-up.
         if resumed_rng is not None:
-            checkpoint.set_rng_state(resumed_rng[self.rank] if self.rank < len(resumed_rng) else resumed_rng[0])
+            if self.rank < len(resumed_rng):
+                checkpoint.set_rng_state(resumed_rng[self.rank])
+            else:  # a process the saved run did not have: a stream of its own, not another rank's
+                seed_everything(args.seed + self.rank + self.world_size * self.step)
         else:
             seed_everything(args.seed + self.rank)  # independent dropout masks per rank
         self.log = RunLog(self.output, self.step, args.tensorboard) if self.is_main else None
@@ -451,7 +454,7 @@ class Trainer:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "
                              f"{self.num_classes}; resume needs the same data (use --pretrained_model to fine-tune)")
         self.backbone.load_state_dict(state["model"])
-        self.margin_loss.load_state_dict(self._local_centres(state["margin_loss"]))
+        self.margin_loss.load_state_dict(state["margin_loss"])  # a sharded loss keeps its rows
         self.optimizer.load_state_dict(self._local_optimizer_state(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule follows the current options (e.g. a larger --max-steps), not the file's: in
@@ -486,7 +489,7 @@ class Trainer:
         centres = state.get("margin_loss") if isinstance(state, dict) else None
         if not self.args.finetuning and centres is not None:
             if centres["weight"].shape == (self.num_classes, self.args.embedding_size):
-                self.margin_loss.load_state_dict(self._local_centres(centres))
+                self.margin_loss.load_state_dict(centres)
                 loaded += " and class centres"
             elif self.is_main:
                 print(f"note: {path} has class centres for {centres['weight'].shape[0]} classes, the data has "
@@ -503,11 +506,6 @@ class Trainer:
     def _centre_state_ids(self, optimizer_state: dict[str, Any]) -> list[int]:
         return [i for group in optimizer_state["param_groups"] if group.get("name") == "class_centers"
                 for i in group["params"]]
-
-    def _local_centres(self, centres: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not self._sharded():
-            return centres
-        return {key: self.margin_loss.shard_of(value) if key == "weight" else value for key, value in centres.items()}
 
     def _map_centre_state(self, state: dict[str, Any], per_class) -> dict[str, Any]:
         """A copy of an optimizer state dict whose class-centre tensors (momentum, Adam moments; not
@@ -554,6 +552,7 @@ class Trainer:
         centres = self.margin_loss.state_dict()
         if self._sharded():  # the whole matrix; the loss's buffers (AdaFace's) are alike on every rank
             centres["weight"] = self.margin_loss.gather(self.margin_loss.weight)
+            centres.pop("_extra_state")  # which classes the shard holds: the whole has no such range
         optimizer_state = self._full_optimizer_state()
         if not self.is_main:
             return

@@ -106,3 +106,5 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
     sharded_end = checkpoint.load(str(tmp_path / "sharded" / "checkpoint.pt"))
     torch.testing.assert_close(sharded_end["margin_loss"]["weight"], replicated_end["margin_loss"]["weight"],
                                rtol=1e-4, atol=1e-6)
+    # The whole matrix, without a shard's range: it loads into a replicated loss as it is.
+    arcface_ext.ArcFaceLoss(8, 64).load_state_dict(sharded_end["margin_loss"])
