@@ -201,7 +201,8 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
     """Turn a config mapping into command-line tokens, so that the file's values get exactly
-    the command line's parsing, choices and error messages."""
+    the command line's parsing, choices and error messages (a value outside an option's choices is
+    reported here, naming the file)."""
     table = _option_table(parser)
     unknown = sorted(k for k in config if k not in table)
     if unknown:
@@ -222,6 +223,10 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
         else:
             if isinstance(value, (list, tuple)):
                 value = ",".join(str(v) for v in value)
+            if action.choices is not None and str(value) not in action.choices:
+                # argparse would say "invalid choice" without naming the file the value came from
+                raise SystemExit(f"{source}: {key} {value!r} is not one this trainer has: "
+                                 f"{', '.join(map(str, action.choices))}")
             argv += [flag, str(value)]
     return argv
 
@@ -250,6 +255,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
     if args.max_steps < 1:
         raise SystemExit(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.warmup_steps < 0:
+        raise SystemExit(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
     if args.compile_mode and args.compile_backend != "inductor":
         raise SystemExit(f"--compile-mode is an inductor option; --compile-backend is {args.compile_backend}")
     if args.batch_size < 1:

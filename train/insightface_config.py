@@ -12,7 +12,8 @@ How its settings map:
 - ``margin_list`` (m1, m2, m3) with its fixed s = 64 -> ``--loss combined --m1 --m2 --m3``;
 - ``num_image``, ``num_epoch``, ``warmup_epoch`` -> ``--max-steps`` / ``--warmup-steps``, counted
   as ``train_v2.py`` counts them (``num_image // (batch_size * world_size) * epochs``) but in
-  optimiser steps: divided by ``gradient_acc`` (its scheduler steps every pass);
+  optimiser steps: divided by ``gradient_acc`` (its scheduler steps every pass); a negative
+  ``warmup_epoch`` is no warm-up at a lower ``--lr``, what its PolyScheduler makes of it;
 - ``verbose`` / ``frequent`` (in passes) -> ``--eval-every`` / ``--log-every`` (in steps), and
   checkpoints every ``verbose`` as well;
 - ``fp16`` -> ``--amp fp16`` (the trunk; the loss stays fp32, as in its partial FC);
@@ -113,6 +114,17 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     steps_per_epoch = int(config["num_image"]) // (batch * world_size)
     max_steps = max(1, steps_per_epoch * int(config["num_epoch"]) // passes)
     warmup_steps = int(steps_per_epoch * config["warmup_epoch"]) // passes
+    lr = float(config["lr"])
+    if warmup_steps < 0:
+        # A negative warm-up (configs/3millions.py: warmup_epoch = -1) never warms up in
+        # arcface_torch's PolyScheduler (`last_epoch < warmup_steps` never holds); its decay
+        # base_lr * (1 - (t - w) / (T - w))^2 at w = -W is base_lr * ((T - t) / (T + W))^2: the decay
+        # of a run W steps longer, entered W steps in. Here that is no warm-up at the base rate
+        # scaled by (T / (T + W))^2. (Its later PolynomialLRWarmup gives no warm-up at base_lr.)
+        lr *= (max_steps / (max_steps - warmup_steps)) ** 2
+        print(f"{path}: warmup_epoch {config['warmup_epoch']} < 0, which arcface_torch's PolyScheduler reads as no "
+              f"warm-up and a decay from lr x (T / (T + W))^2: --warmup-steps 0 --lr {lr:.6g}", file=sys.stderr)
+        warmup_steps = 0
     every = max(1, int(config["verbose"]) // passes)
     output = config.get("output") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(path))[0])
@@ -121,7 +133,7 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         "embedding-size": int(config["embedding_size"]), "image-size": 112,
         "loss": "combined", "m1": m1, "m2": m2, "m3": m3, "arcface-s": 64.0,
         "sample-rate": float(config["sample_rate"]), "sharded-classes": world_size > 1,
-        "optimizer": config["optimizer"], "lr": float(config["lr"]), "decay": float(config["weight_decay"]),
+        "optimizer": config["optimizer"], "lr": lr, "decay": float(config["weight_decay"]),
         "lr-schedule": "poly", "max-steps": max_steps, "warmup-steps": warmup_steps,
         "batch-size": batch, "gradient-acc": passes, "amp": "fp16" if config["fp16"] else "none",
         "grad-clip": 5.0, "seed": int(config["seed"]), "num-workers": int(config["num_workers"]),

@@ -3,6 +3,7 @@ them, base.py's defaults under them, and their epochs, margins and switches turn
 trainer's options."""
 import math
 import os
+import re
 
 import pytest
 
@@ -95,6 +96,36 @@ def test_base_defaults_fill_what_a_config_leaves_out(tmp_path):
 def test_what_cannot_be_read_is_named(tmp_path, text, message):
     with pytest.raises(SystemExit, match=message):
         parse_args(["--config", write(tmp_path, text)])
+
+
+def test_a_negative_warm_up_is_what_arcface_torchs_poly_scheduler_makes_of_it(tmp_path, monkeypatch, capsys):
+    # configs/3millions.py: warmup_epoch = -1. PolyScheduler never warms up then, and decays as
+    # base_lr * (1 - (t - w) / (T - w))^2 with w = -W: the same as no warm-up from a lower rate.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    text = ("config.rec = 'synthetic'\nconfig.num_classes = 300000\nconfig.num_image = 100000\n"
+            "config.batch_size = 512\nconfig.num_epoch = 30\nconfig.warmup_epoch = -1\nconfig.lr = 0.1\n")
+    args = parse_args(["--config", write(tmp_path, text, "3millions.py")])
+    steps, warmup = 100000 // 512 * 30, -(100000 // 512)
+    assert (args.max_steps, args.warmup_steps) == (steps, 0)
+    assert "warmup_epoch -1 < 0" in capsys.readouterr().err
+
+    def poly_scheduler(t):  # arcface_torch's, for t >= warmup
+        return 0.1 * (1 - (t - warmup) / (steps - warmup)) ** 2
+
+    for t in (0, 1, steps // 2, steps - 1):
+        assert math.isclose(args.lr * (1 - t / args.max_steps) ** 2, poly_scheduler(t), rel_tol=1e-12)
+
+
+def test_negative_warm_up_steps_are_refused():
+    with pytest.raises(SystemExit, match=r"^--warmup-steps must be at least 0, got -5$"):
+        parse_args(["--warmup-steps", "-5"])
+
+
+def test_a_network_this_trainer_lacks_is_named_with_the_config(tmp_path):
+    text = "config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
+    path = write(tmp_path, text + "config.network = 'mbf_large'\n")
+    with pytest.raises(SystemExit, match=f"^{re.escape(path)}: network 'mbf_large' is not one this trainer has: "):
+        parse_args(["--config", path])
 
 
 def test_a_config_trains_and_its_class_count_is_checked(tmp_path, monkeypatch):
