@@ -8,6 +8,7 @@ image), L2-normalised, images scaled as (x - 127.5) / 127.5 at the model's input
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ import torch
 
 from . import checkpoint
 from .data.transforms import IMAGE_EXTENSIONS, load_image_file
+from .tools import check_outputs, torch_device
 from .verification import compute_embeddings
 
 # Cosine similarity above which two faces are called the same when the model carries no
@@ -52,22 +54,31 @@ def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, st
     return DEFAULT_COSINE_THRESHOLD, "the default"
 
 
-def write_table(path: str, names: list[str], embeddings: np.ndarray) -> list[str]:
-    """``.npy`` (plus ``.txt`` listing the images in row order) or ``.csv`` (name, values); returns
-    the files written (``np.save`` adds ``.npy`` to a path without it)."""
+def table_files(path: str) -> list[str]:
+    """The files :func:`write_table` writes for ``path``: the ``.csv``; or the ``.npy`` (added to a
+    path without it, as ``np.save`` adds it) and the ``.txt`` beside it listing the images."""
     if path.endswith(".csv"):
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("image," + ",".join(f"e{j}" for j in range(embeddings.shape[1])) + "\n")
-            for name, row in zip(names, embeddings):
-                f.write(f"{name}," + ",".join(f"{v:.7g}" for v in row) + "\n")
         return [path]
     if not path.endswith(".npy"):
         path += ".npy"
-    np.save(path, embeddings)
-    index = os.path.splitext(path)[0] + ".txt"
-    with open(index, "w", encoding="utf-8") as f:
-        f.writelines(name + "\n" for name in names)
-    return [path, index]
+    return [path, os.path.splitext(path)[0] + ".txt"]
+
+
+def write_table(path: str, names: list[str], embeddings: np.ndarray) -> list[str]:
+    """``.npy`` (plus ``.txt`` listing the images in row order) or ``.csv`` (name, values), each
+    written atomically; returns the files written (:func:`table_files`)."""
+    files = table_files(path)
+    if path.endswith(".csv"):
+        def write_csv(f):
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["image", *(f"e{j}" for j in range(embeddings.shape[1]))])
+            writer.writerows([name, *(f"{v:.7g}" for v in row)] for name, row in zip(names, embeddings))
+        checkpoint.write_atomic(path, write_csv, binary=False)
+        return files
+    array_path, index_path = files
+    checkpoint.write_atomic(array_path, lambda f: np.save(f, embeddings))
+    checkpoint.write_atomic(index_path, lambda f: f.writelines(name + "\n" for name in names), binary=False)
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,26 +90,38 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--images", metavar="DIR", help="embed every image under this folder")
     what.add_argument("--compare", nargs=2, metavar=("IMAGE1", "IMAGE2"), help="compare two face images")
     p.add_argument("--output", default="embeddings.npy",
-                   help="with --images: .npy (+ .txt listing the images) or .csv")
+                   help="with --images: .npy (+ .txt listing the images) or .csv; an existing file is kept unless "
+                   "--overwrite is given")
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine similarity at or above which two faces are the same person; default: from the "
                    f"model's last verification, else {DEFAULT_COSINE_THRESHOLD}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output (and the .txt beside a .npy) when they exist; without it they are kept")
     args = p.parse_args(argv)
-
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
     try:
-        model, settings = checkpoint.load_backbone(args.model)
-    except (FileNotFoundError, ValueError) as error:
+        return run(args)
+    except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault.
+    What can be checked without embedding (the device, the output files) is checked first."""
+    device = torch_device(args.device)
+    model, settings = checkpoint.load_backbone(args.model)
+    if args.images:
+        check_outputs(table_files(args.output), args.overwrite)
     size = settings["image_size"]
     if args.compare:
         for path in args.compare:
             if not os.path.isfile(path):
-                print(f"error: no image at {path}", file=sys.stderr)
-                return 2
-        first, second = embed_files(model, list(args.compare), size, device=args.device)
+                raise FileNotFoundError(f"no image at {path}")
+        first, second = embed_files(model, list(args.compare), size, device=device)
         similarity = float(np.dot(first, second))
         threshold, source = cosine_threshold(settings, args.threshold)
         verdict = "same person" if similarity >= threshold else "different people"
@@ -107,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = list_images(args.images)
     if not paths:
-        print(f"error: no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.images}", file=sys.stderr)
-        return 2
-    embeddings = embed_files(model, paths, size, device=args.device, batch_size=args.batch_size)
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.images}")
+    embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size)
     names = [os.path.relpath(path, args.images) for path in paths]
     written = write_table(args.output, names, embeddings)
     print(f"embedded {len(paths)} images ({embeddings.shape[1]}-D, {size}px): {', '.join(written)}")

@@ -1,48 +1,72 @@
 """``python -m train.export``: the backbone alone, for inference: a state dict (``backbone.pt``
 plus its settings in ``backbone.json``) and an ONNX graph (``backbone.onnx``, compared with
-PyTorch through onnxruntime when that is installed)."""
+PyTorch through onnxruntime when that is installed, before anything is written)."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import warnings
 
+import numpy as np
 import torch
 
 from . import checkpoint
 
+try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
+    from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    OPSETS = range(ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET + 1)
+except ImportError:  # a private module: without it the exporter's own error tells
+    OPSETS = None
 
-def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int = 17) -> None:
-    """Trace ``model`` (eval mode, fp32) to ONNX with a dynamic batch dimension.
 
-    Needs the ``onnx`` package (the exporter builds the graph with it)."""
+class OnnxNotInstalled(ImportError):
+    """The optional ``onnx`` package is missing: the ONNX step is skipped, not failed."""
+
+
+def export_onnx(model: torch.nn.Module, image_size: int, opset: int = 17) -> bytes:
+    """``model`` (eval mode, fp32) traced to an ONNX graph with a dynamic batch dimension, serialised.
+
+    Raises OnnxNotInstalled without the ``onnx`` package (the exporter builds the graph with it),
+    ValueError when the exporter fails."""
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise RuntimeError("ONNX export needs the onnx package: pip install onnx (and onnxruntime to check "
-                           "the result)") from None
+        raise OnnxNotInstalled("ONNX export needs the onnx package: pip install onnx (and onnxruntime to check "
+                               "the result)") from None
     model = model.eval()
     dummy = torch.zeros(1, 3, image_size, image_size)
-    kwargs = dict(input_names=["input"], output_names=["embedding"], opset_version=opset,
-                  dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}})
+    kwargs = dict(input_names=["input"], output_names=["embedding"], opset_version=opset)
+    graph = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated but needs no onnxscript; it is what this uses.
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            torch.onnx.export(model, (dummy,), path, dynamo=False, **kwargs)
-        except TypeError:  # a torch without the legacy exporter: the torch.export-based one
-            torch.onnx.export(model, (dummy,), path, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                              input_names=["input"], output_names=["embedding"], opset_version=opset)
+            try:
+                torch.onnx.export(model, (dummy,), graph, dynamo=False,
+                                  dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, **kwargs)
+            except TypeError:  # a torch without the legacy exporter: the torch.export-based one
+                program = torch.onnx.export(model, (dummy,), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                            **kwargs)
+                graph = io.BytesIO(program.model_proto.SerializeToString())
+        except Exception as error:  # the exporter fails in many ways (unsupported ops, tracing, size)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"the ONNX exporter failed (opset {opset}): {reason}") from error
+    return graph.getvalue()
 
 
-def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 3) -> float | None:
-    """Max abs difference between onnxruntime's and PyTorch's embeddings of a random batch
-    (None when onnxruntime is not installed). Raises AssertionError past 1e-4 relative."""
+def check_onnx(model: torch.nn.Module, graph: bytes, image_size: int, batch: int = 3) -> float | None:
+    """Max abs difference between onnxruntime's and PyTorch's embeddings of a random batch for the
+    serialised ONNX ``graph`` (None when onnxruntime is not installed), after onnx's own checker.
+    Raises ValueError when the graph is invalid, does not run, or differs past 1e-4 relative."""
     import onnx
 
-    onnx.checker.check_model(onnx.load(path))
+    try:
+        onnx.checker.check_model(onnx.load_model_from_string(graph))
+    except onnx.checker.ValidationError as error:
+        raise ValueError(f"the exported ONNX graph is not valid: {str(error).strip().splitlines()[0]}") from error
     try:
         import onnxruntime
     except ImportError:
@@ -50,12 +74,16 @@ def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 
     x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model.eval()(x).numpy()
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(["embedding"], {"input": x.numpy()})[0]
-    error = float(abs(got - expected).max())
-    scale = float(abs(expected).max())
+    try:
+        session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        got = session.run(["embedding"], {"input": x.numpy()})[0]
+    except Exception as error:  # onnxruntime's errors have no common base but Exception
+        raise ValueError(f"onnxruntime cannot run the exported graph: {str(error).strip().splitlines()[0]}") from error
+    error = float(np.abs(got - expected).max())
+    scale = float(np.abs(expected).max())
     if not error <= 1e-4 * max(scale, 1.0):
-        raise AssertionError(f"onnxruntime differs from PyTorch by {error:.3g} (embedding scale {scale:.3g})")
+        raise ValueError(f"onnxruntime's embeddings differ from PyTorch's by {error:.3g} (embedding scale "
+                         f"{scale:.3g})")
     return error
 
 
@@ -63,37 +91,56 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__)
     p.add_argument("--checkpoint", required=True,
                    help="a training checkpoint (runs/<network>/checkpoint.pt) or a backbone state dict")
-    p.add_argument("--output", default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--output", default=None,
+                   help="output folder (default: the checkpoint's folder); an earlier export there is replaced")
     p.add_argument("--network", default=None, help="only for bare state dicts whose layout cannot be guessed")
     p.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=None)
     p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None)
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="also write backbone.onnx")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset" + (f" ({OPSETS.start} to {OPSETS.stop - 1})" if OPSETS else ""))
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write backbone.onnx (without it, or without the onnx package, the backbone.onnx of an "
+                   "earlier export in the folder is removed)")
     args = p.parse_args(argv)
+    if args.onnx and OPSETS is not None and args.opset not in OPSETS:
+        p.error(f"--opset {args.opset}: torch's ONNX exporter writes opsets {OPSETS.start} to {OPSETS.stop - 1}")
 
     try:
         model, settings = checkpoint.load_backbone(args.checkpoint, network=args.network,
                                                    embedding_size=args.embedding_size, image_size=args.image_size)
-    except (FileNotFoundError, ValueError) as error:
+        output = args.output or os.path.dirname(os.path.abspath(args.checkpoint))
+        os.makedirs(output, exist_ok=True)
+    except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    output = args.output or os.path.dirname(os.path.abspath(args.checkpoint))
-    os.makedirs(output, exist_ok=True)
-    state_path = os.path.join(output, "backbone.pt")
+    state_path, onnx_path = os.path.join(output, "backbone.pt"), os.path.join(output, "backbone.onnx")
+
+    # The graph is made and checked before anything is written: a failure leaves the folder as it was.
+    graph, skipped = None, None
+    if args.onnx:
+        try:
+            graph = export_onnx(model, settings["image_size"], args.opset)
+            difference = check_onnx(model, graph, settings["image_size"])
+        except OnnxNotInstalled as error:
+            skipped = str(error)
+        except ValueError as error:
+            print(f"error: {error}; nothing written (--no-onnx exports the state dict alone)", file=sys.stderr)
+            return 1
+
     checkpoint.save_atomic(model.state_dict(), state_path)
     checkpoint.write_json_atomic(os.path.join(output, "backbone.json"), settings)
     print(f"wrote {state_path} ({settings['network']}, {settings['embedding_size']}-D, {settings['image_size']}px)")
-    if not args.onnx:
+    if graph is None:
+        if skipped:
+            print(f"skipped ONNX: {skipped}", file=sys.stderr)
+        if os.path.exists(onnx_path):  # of an earlier export: it would pass for this one's
+            os.remove(onnx_path)
+            print(f"removed {onnx_path}: it was from an earlier export and does not match the new backbone.pt",
+                  file=sys.stderr)
         return 0
-    onnx_path = os.path.join(output, "backbone.onnx")
-    try:
-        export_onnx(model, onnx_path, settings["image_size"], args.opset)
-    except RuntimeError as error:
-        print(f"skipped ONNX: {error}", file=sys.stderr)
-        return 0
-    error = check_onnx(model, onnx_path, settings["image_size"])
-    checked = ("not compared with PyTorch (pip install onnxruntime to check it)" if error is None
-               else f"onnxruntime matches PyTorch (max abs difference {error:.2e})")
+    checkpoint.write_atomic(onnx_path, lambda f: f.write(graph))
+    checked = ("not compared with PyTorch (pip install onnxruntime to check it)" if difference is None
+               else f"onnxruntime matches PyTorch (max abs difference {difference:.2e})")
     print(f"wrote {onnx_path}: {checked}")
     return 0
 

@@ -36,7 +36,8 @@ import torch
 from PIL import Image, ImageOps
 
 from . import checkpoint
-from .embed import write_table
+from .embed import table_files, write_table
+from .tools import check_outputs, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 TARGETS = ("IJBC", "IJBB")
@@ -501,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="results JSON (default: ijbc.json or ijbb.json)")
     p.add_argument("--save-features", metavar="PATH", default=None,
                    help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output and --save-features files that exist; without it they are kept")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be at least 1 and --workers at least 0")
@@ -508,16 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
 
     try:
+        device = torch_device(args.device)
         protocol = read_protocol(args.data_root, args.target)
         model, settings = checkpoint.load_backbone(args.model)
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device {args.device!r} is not a torch device") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}, but torch sees no CUDA device")
-        for path in filter(None, (output, args.save_features)):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # Checked before hours of embedding, not found unusable after them.
+        check_outputs([output, *(table_files(args.save_features) if args.save_features else [])], args.overwrite)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -540,9 +538,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     embedding_seconds = time.monotonic() - embedding_started
+    features_saved = True
     if args.save_features:
-        written = write_table(args.save_features, protocol.image_names, features)
-        print(f"image features: {', '.join(written)}")
+        try:
+            written = write_table(args.save_features, protocol.image_names, features)
+            print(f"image features: {', '.join(written)}")
+        except OSError as error:  # a full disk, say: the scores are still computed and written
+            print(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
+            features_saved = False
 
     weights = image_weights(features, protocol.detector_scores if args.detector_score else None,
                             norm_score=args.norm_score)
@@ -583,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not write {output}: {error}", file=sys.stderr)
         return 2
     print(f"wrote {output}")
-    return 0
+    return 0 if features_saved else 2
 
 
 if __name__ == "__main__":

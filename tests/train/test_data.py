@@ -385,6 +385,32 @@ def test_pack_rec_command_line(image_folder, tmp_path, monkeypatch):
     assert pack_rec_main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
 
 
+def test_pack_rec_keeps_existing_files_unless_told(image_folder, tmp_path, capsys):
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "property").write_text("85742,112,112\n")  # another data set's
+    assert pack_rec_main([str(image_folder), str(out)]) == 1
+    assert f"{out / 'property'} exists: pass --overwrite to replace it" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["property"] and (out / "property").read_text() == "85742,112,112\n"
+    assert pack_rec_main([str(image_folder), str(out), "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["property", "train.idx", "train.rec"]
+    assert (out / "property").read_text() == "2,32,32\n"
+
+
+def test_pack_rec_failure_leaves_no_temporary_files(image_folder, tmp_path, capsys):
+    (image_folder / "bob" / "c2.png").write_bytes(b"\x89PNG cut short")
+    out = tmp_path / "packed"
+    assert pack_rec_main([str(image_folder), str(out)]) == 1
+    assert "c2.png: cannot decode image" in capsys.readouterr().err
+    assert os.listdir(out) == []
+
+
+def test_pack_rec_names_a_bad_resize(image_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pack_rec_main([str(image_folder), str(tmp_path / "packed"), "--resize", "0"])
+    assert exit_info.value.code == 2 and "--resize must be at least 1, got 0" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # Synthetic faces
 

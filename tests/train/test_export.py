@@ -1,7 +1,9 @@
 """After training: the backbone state dict and ONNX round trips, and embedding images."""
 
+import csv
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -127,3 +129,133 @@ def test_cosine_threshold_from_verification():
     assert embed.cosine_threshold({"threshold": 1.4}, None) == (pytest.approx(0.3), "the model's last verification")
     assert embed.cosine_threshold({}, None)[0] == embed.DEFAULT_COSINE_THRESHOLD
     assert embed.cosine_threshold({"threshold": 1.4}, 0.7) == (0.7, "--threshold")
+
+
+def test_export_opset_is_checked_before_anything_is_written(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--opset", "99"])
+    assert exit_info.value.code == 2 and "--opset 99: torch's ONNX exporter writes opsets" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def earlier_export(folder):
+    """The three files of an earlier export, each holding its own name."""
+    os.makedirs(folder, exist_ok=True)
+    for name in ("backbone.pt", "backbone.json", "backbone.onnx"):
+        (folder / name).write_text(name)
+
+
+def assert_earlier_export_untouched(folder):
+    assert sorted(os.listdir(folder)) == ["backbone.json", "backbone.onnx", "backbone.pt"]  # no temporary left
+    for name in os.listdir(folder):
+        assert (folder / name).read_text() == name
+
+
+def test_a_failed_onnx_export_is_an_error_and_writes_nothing(trained, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnx")
+    ckpt, _ = trained
+    earlier_export(tmp_path)
+
+    def exporter_fails(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::exotic' to ONNX is not supported.\nMore lines.")
+
+    monkeypatch.setattr(torch.onnx, "export", exporter_fails)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: the ONNX exporter failed (opset 17): Exporting the operator 'aten::exotic' to ONNX is not "
+                   "supported.; nothing written (--no-onnx exports the state dict alone)\n")
+    assert_earlier_export_untouched(tmp_path)
+
+
+def test_an_onnx_graph_that_onnxruntime_disagrees_with_is_not_written(trained, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    ckpt, _ = trained
+    earlier_export(tmp_path)
+
+    class WrongSession(ort.InferenceSession):  # the graph's embeddings, off by one
+        def run(self, outputs, feeds):
+            return [y + 1 for y in super().run(outputs, feeds)]
+
+    monkeypatch.setattr(ort, "InferenceSession", WrongSession)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: onnxruntime's embeddings differ from PyTorch's by ") and err.count("\n") == 1
+    assert_earlier_export_untouched(tmp_path)
+
+
+def test_export_without_onnx_removes_an_earlier_onnx(trained, tmp_path, monkeypatch, capsys):
+    ckpt, _ = trained
+    earlier_export(tmp_path)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"removed {tmp_path / 'backbone.onnx'}: it was from an earlier export and does not match" in err
+    assert sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.pt"]
+    assert json.loads((tmp_path / "backbone.json").read_text())["network"] == "small"
+
+
+def test_embed_keeps_existing_files_unless_told(trained, tmp_path, capsys):
+    ckpt, faces = trained
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a.jpg b.jpg 1\n")  # the user's, beside the embeddings they ask for
+    argv = ["--model", ckpt, "--images", faces, "--output", str(tmp_path / "pairs.npy")]
+    assert embed.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {pairs} exists: pass --overwrite to replace it\n"
+    assert sorted(os.listdir(tmp_path)) == ["pairs.txt"] and pairs.read_text() == "a.jpg b.jpg 1\n"
+    assert embed.main(argv + ["--overwrite"]) == 0
+    assert len(pairs.read_text().split()) == 16 and np.load(tmp_path / "pairs.npy").shape[0] == 16
+    assert sorted(os.listdir(tmp_path)) == ["pairs.npy", "pairs.txt"]  # no temporary left
+    assert embed.main(argv) == 2 and "pairs.npy exists" in capsys.readouterr().err
+
+
+def test_embed_csv_quotes_names(trained, tmp_path):
+    ckpt, faces = trained
+    odd = tmp_path / "faces"
+    os.makedirs(odd / 'smith, "jo"')
+    shutil.copy(os.path.join(faces, "id_000", "00.png"), odd / 'smith, "jo"' / "1,2.png")
+    assert embed.main(["--model", ckpt, "--images", str(odd), "--output", str(tmp_path / "e.csv")]) == 0
+    with open(tmp_path / "e.csv", newline="") as f:
+        header, row = list(csv.reader(f))
+    assert row[0] == os.path.join('smith, "jo"', "1,2.png") and len(row) == len(header)
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("corrupt image", "x.png: cannot decode image"),
+    ("corrupt compare", "x.png: cannot decode image"),
+    ("batch size 0", "--batch-size must be at least 1"),
+    ("device foo", "--device 'foo' is not a torch device"),
+    ("device cuda", "--device cuda, but torch sees no CUDA device"),
+])
+def test_embed_mistakes_are_one_line_errors(trained, tmp_path, capsys, mistake, message):
+    ckpt, faces = trained
+    if mistake == "device cuda" and torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device")
+    broken = tmp_path / "broken"
+    shutil.copytree(faces, broken)
+    (broken / "id_001" / "x.png").write_bytes(b"\x89PNG not an image")
+    output = str(tmp_path / "e.npy")
+    argv = {
+        "corrupt image": ["--images", str(broken), "--output", output],
+        "corrupt compare": ["--compare", os.path.join(faces, "id_000", "00.png"), str(broken / "id_001" / "x.png")],
+        "batch size 0": ["--images", faces, "--output", output, "--batch-size", "0"],
+        "device foo": ["--images", faces, "--output", output, "--device", "foo"],
+        "device cuda": ["--images", faces, "--output", output, "--device", "cuda"],
+    }[mistake]
+    try:
+        code = embed.main(["--model", ckpt, *argv])
+    except SystemExit as exit_info:  # argparse's own check
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.splitlines()[-1] and "Traceback" not in err, err
+    assert not os.path.exists(output)
+    if not mistake.startswith("batch"):  # argparse puts its usage line first
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_embed_makes_the_output_folder(trained, tmp_path):
+    ckpt, faces = trained
+    output = tmp_path / "new" / "folder" / "e.npy"
+    assert embed.main(["--model", ckpt, "--images", faces, "--output", str(output)]) == 0
+    assert np.load(output).shape[0] == 16

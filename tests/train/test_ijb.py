@@ -369,7 +369,8 @@ def test_main_end_to_end(release, tmp_path, capsys):
     assert ijb.tar_at_far(scores, protocol.issame, (0.1,))[0]["tar"] == tar
 
     # The options change what is computed and are recorded.
-    assert ijb.main(argv[:-4] + ["--output", str(output), "--no-flip", "--no-detector-score", "--workers", "0"]) == 0
+    assert ijb.main(argv[:-4] + ["--output", str(output), "--no-flip", "--no-detector-score", "--workers", "0",
+                                 "--overwrite"]) == 0
     options = json.loads(output.read_text())["options"]
     assert options["flip"] is False and options["detector_score"] is False
 
@@ -437,3 +438,49 @@ def test_missing_model_is_an_error_message(release, tmp_path, capsys):
     data, _, _ = release
     assert ijb.main(["--model", str(tmp_path / "none.pt"), "--data-root", data, "--device", "cpu"]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["features path is a folder", "output is a folder", "features .txt exists",
+                                  "output exists"])
+def test_unusable_outputs_are_reported_before_embedding(release, tmp_path, monkeypatch, capsys, case):
+    data, model, _ = release
+
+    def embed_crops(*args, **kwargs):
+        raise AssertionError("embedding started before the outputs were checked")
+
+    monkeypatch.setattr(ijb, "embed_crops", embed_crops)
+    output, features = tmp_path / "ijbc.json", tmp_path / "feats.npy"
+    if case == "features path is a folder":
+        features.mkdir()
+    elif case == "output is a folder":
+        output.mkdir()
+    elif case == "features .txt exists":
+        (tmp_path / "feats.txt").write_text("the user's notes\n")
+    else:
+        output.write_text("{}\n")
+
+    def contents():
+        return {name: (tmp_path / name).is_dir() or (tmp_path / name).read_text() for name in os.listdir(tmp_path)}
+
+    before = contents()
+    argv = ["--model", model, "--data-root", data, "--workers", "0", "--device", "cpu", "--output", str(output),
+            "--save-features", str(features)]
+    assert ijb.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("is a folder: name a file" if "folder" in case else "exists: pass --overwrite to replace it") in err
+    assert contents() == before
+
+
+def test_features_that_cannot_be_written_still_leave_the_results(release, tmp_path, monkeypatch, capsys):
+    data, model, _ = release
+
+    def disk_full(*args, **kwargs):
+        raise OSError("[Errno 28] No space left on device")
+
+    monkeypatch.setattr(ijb, "write_table", disk_full)
+    output = tmp_path / "ijbc.json"
+    assert ijb.main(["--model", model, "--data-root", data, "--workers", "0", "--device", "cpu",
+                     "--output", str(output), "--save-features", str(tmp_path / "feats.npy")]) == 2
+    assert "error: could not write the image features to" in capsys.readouterr().err
+    assert json.loads(output.read_text())["target"] == "IJBC"

@@ -295,6 +295,37 @@ def test_make_bin_from_image_folder(tmp_path):
     assert load_bin(str(out), image_size=20).num_pairs == 10
 
 
+def test_make_bin_keeps_an_existing_file_unless_told(tmp_path, capsys):
+    # The output's stem names the synthetic set: `make_bin data/lfw.bin --synthetic` must not
+    # replace a real lfw.bin.
+    real = tmp_path / "lfw.bin"
+    real.write_bytes(b"the real lfw.bin")
+    assert make_bin_main([str(real), "--synthetic", "--pairs", "4", "--image-size", "8"]) == 1
+    assert f"{real} exists: pass --overwrite to replace it" in capsys.readouterr().err
+    assert real.read_bytes() == b"the real lfw.bin"
+    assert make_bin_main([str(real), "--synthetic", "--pairs", "4", "--image-size", "8", "--overwrite"]) == 0
+    assert load_bin(str(real), image_size=8).num_pairs == 4
+    assert sorted(os.listdir(tmp_path)) == ["lfw.bin"]
+
+
+def test_make_bin_checks_every_image_decodes(tmp_path, pairs_images, capsys):
+    images, _ = pairs_images
+    write_pairs_folder(tmp_path, images)
+    (tmp_path / "imgs" / "3.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "pairs.bin"
+    assert make_bin_main([str(out), "--pairs-list", str(tmp_path / "pairs.txt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("make_bin: error: ") and "3.png: cannot decode image" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_make_bin_checks_the_image_size(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        make_bin_main([str(tmp_path / "x.bin"), "--synthetic", "--image-size", "0"])
+    assert exit_info.value.code == 2 and "--image-size must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.bin").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Pairs lists and building the sets
 
@@ -354,6 +385,23 @@ def test_build_verification_sets_refuses_missing_paths_and_too_few_pairs(tmp_pat
             build_verification_sets(str(tmp_path), [target], image_size=20)
     with pytest.warns(UserWarning, match="'cfp_fp': no cfp_fp.bin in"):
         assert build_verification_sets(str(tmp_path), ["cfp_fp"], image_size=20) == {}
+
+
+def test_synthetic_data_reads_the_paths_among_its_targets(tmp_path, pairs_images):
+    # With --data synthetic a name is a synthetic set, but a path is still the file it names.
+    images, issame = pairs_images
+    with open(tmp_path / "mine.bin", "wb") as f:
+        pickle.dump(([png(img) for img in images * 4], issame * 4), f)
+    sets = build_verification_sets("synthetic", ["synthetic", str(tmp_path / "mine.bin")], image_size=20,
+                                   synthetic_pairs_per_target=10)
+    assert list(sets) == ["synthetic", "mine"] and sets["mine"].num_pairs == 12
+    assert torch.equal(sets["mine"].images, load_bin(str(tmp_path / "mine.bin"), image_size=20).images)
+    for target in ("/nonexistent/lfw.bin", "lfw.bin", "elsewhere/pairs.txt"):
+        with pytest.raises(FileNotFoundError, match=f"^--val-targets: no verification set at {re.escape(target)}$"):
+            build_verification_sets("synthetic", [target], image_size=20)
+    (tmp_path / "garbage.bin").write_text("garbage\n")
+    with pytest.raises(pickle.UnpicklingError, match=r"garbage\.bin: not a readable verification \.bin"):
+        build_verification_sets("synthetic", [str(tmp_path / "garbage.bin")], image_size=20)
 
 
 def test_build_verification_sets_synthetic():

@@ -68,13 +68,19 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
     return dataset, dataset.num_classes
 
 
-def _find_target(folder: str, target: str) -> str | None:
-    """The file of a `--val-targets` entry; None for a name that `folder` lacks."""
-    is_path = target.endswith((".bin", ".txt")) or os.sep in target
-    candidates = [target] if is_path else []
-    candidates += [os.path.join(folder, target), os.path.join(folder, target + ".bin")]
+def _is_path(target: str) -> bool:
+    """Whether a `--val-targets` entry names a file rather than a set."""
+    return target.endswith((".bin", ".txt")) or os.sep in target
+
+
+def _find_target(folder: str | None, target: str) -> str | None:
+    """The file of a `--val-targets` entry; None for a name that `folder` lacks (no folder:
+    synthetic data). A path is looked for as it is, then in `folder`, and is an error when missing."""
+    candidates = [target] if _is_path(target) else []
+    if folder is not None:
+        candidates += [os.path.join(folder, target), os.path.join(folder, target + ".bin")]
     found = next((c for c in candidates if os.path.isfile(c)), None)
-    if found is None and is_path:
+    if found is None and _is_path(target):
         raise FileNotFoundError(f"--val-targets: no verification set at {target}")
     return found
 
@@ -84,26 +90,26 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
                             ) -> dict[str, VerificationSet]:
     """{name: VerificationSet} for `--val-targets`.
 
-    spec 'synthetic': one synthetic set per target name, of identities disjoint
-    from the training ones and from the other targets. Otherwise `spec` is the
-    data folder and a target is `<name>` (read from `<folder>/<name>.bin`, in
-    insightface's format) or the path of a `.bin` or of a pairs-list `.txt`
-    (`image1 image2 0|1` per line). A name that is not found is skipped with a
-    warning, as insightface does; a path that is not found is an error, and so is
-    a set of fewer pairs than the folds of its accuracy.
+    A target is `<name>` or the path of a `.bin` (insightface's format) or of a pairs-list
+    `.txt` (`image1 image2 0|1` per line); anything ending in `.bin` / `.txt` or holding a
+    path separator is a path, read from that file whatever the data. A path that is not found is
+    an error, and so is a set of fewer pairs than the folds of its accuracy. A name is read from
+    `<spec>/<name>.bin` (skipped with a warning when the folder lacks it, as insightface does);
+    with spec 'synthetic' it is one synthetic set, of identities disjoint from the training ones
+    and from the other names'.
     """
     # train.verification reads images through this package: import it here, not at the top.
     from train.verification import NFOLDS, VerificationSet, load_bin, load_pairs_list
 
     sets: dict[str, VerificationSet] = {}
     for target in targets:
-        if spec == SYNTHETIC:
+        if spec == SYNTHETIC and not _is_path(target):
             images, issame = synthetic_pairs(target, num_pairs=synthetic_pairs_per_target,
                                              num_identities=max(2, synthetic_pairs_per_target // 2),
                                              image_size=image_size, seed=seed)
             sets[target] = VerificationSet(target, images, issame)
             continue
-        path = _find_target(spec, target)
+        path = _find_target(None if spec == SYNTHETIC else spec, target)
         if path is None:
             warnings.warn(f"verification target {target!r}: no {target}.bin in {spec!r}; skipped", stacklevel=2)
             continue

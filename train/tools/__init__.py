@@ -1,2 +1,38 @@
 """Command-line tools that make data for the trainer: `pack_rec` (ImageFolder -> RecordIO)
-and `make_bin` (verification pairs -> insightface .bin)."""
+and `make_bin` (verification pairs -> insightface .bin); and the checks that they, `train.embed`
+and `train.ijb` make of their arguments before any work, so that a mistake costs no time."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def check_outputs(paths: list[str], overwrite: bool) -> None:
+    """Before a tool starts: each of ``paths`` names a file that may be written. Makes the folders
+    they go in. Raises ValueError naming the file when it is a folder, or when it exists and
+    ``overwrite`` (the tool's ``--overwrite``) is False, or when its folder is a file; OSError when
+    a folder cannot be made."""
+    for path in paths:
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a folder: name a file to write")
+        if os.path.lexists(path) and not overwrite:
+            raise ValueError(f"{path} exists: pass --overwrite to replace it")
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"{folder} is a file, not a folder to write {os.path.basename(path)} in")
+        os.makedirs(folder, exist_ok=True)
+
+
+def torch_device(text: str) -> torch.device:
+    """``--device``'s value as a device this torch can run on; ValueError otherwise."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -5,6 +5,8 @@ the synthetic faces, from random pairs of an ImageFolder, or from a pairs list.
     python -m train.tools.make_bin OUT.bin --synthetic [--name lfw] [--pairs 600] [--image-size 112]
     python -m train.tools.make_bin OUT.bin --image-folder ROOT [--pairs 600]
     python -m train.tools.make_bin OUT.bin --pairs-list pairs.txt
+
+An existing OUT.bin is kept (an error says so) unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import numpy as np
 from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.synthetic import synthetic_pairs
-from train.data.transforms import encode_image
+from train.data.transforms import decode_image, encode_image
+from train.tools import check_outputs
 from train.verification import read_pairs_list
+
+# The side of insightface's aligned faces: the images of a .bin usually have it already, so that
+# checking that they decode resizes none of them.
+ALIGNED_SIZE = 112
 
 
 def write_bin(path: str, encoded_images: list[bytes], issame) -> None:
@@ -64,17 +71,22 @@ def image_folder_pairs(root: str, num_pairs: int, *, seed: int = 0) -> tuple[lis
 
 
 def _file_bytes(pairs: list[tuple[str, str]]) -> list[bytes]:
+    """The files of ``pairs`` as they are, each checked to decode as ``load_bin`` will decode it
+    (ValueError naming the file otherwise): a .bin holding an undecodable image fails only when
+    training reads it."""
     out = []
     for pair in pairs:
         for path in pair:
             with open(path, "rb") as f:
-                out.append(f.read())
+                data = f.read()
+            decode_image(data, ALIGNED_SIZE, source=path)
+            out.append(data)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tools.make_bin", description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", help="the .bin to write")
+    parser.add_argument("output", help="the .bin to write (an existing file is kept unless --overwrite is given)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--synthetic", action="store_true", help="pairs of synthetic verification identities")
     source.add_argument("--image-folder", metavar="ROOT", help="random pairs from an ImageFolder")
@@ -86,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=("jpeg", "png"), default="jpeg", help="synthetic image encoding")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality for synthetic images")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     args = parser.parse_args(argv)
+    if args.image_size < 1:
+        parser.error(f"--image-size must be at least 1, got {args.image_size}")
     try:
+        check_outputs([args.output], args.overwrite)
         if args.synthetic:
             name = args.name or os.path.splitext(os.path.basename(args.output))[0]
             images, issame = synthetic_pairs(name, num_pairs=args.pairs, num_identities=max(2, args.pairs // 2),
