@@ -5,9 +5,10 @@ PyTorch through onnxruntime when that is installed, before anything is written).
 from __future__ import annotations
 
 import argparse
-import io
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -26,8 +27,10 @@ class OnnxNotInstalled(ImportError):
     """The optional ``onnx`` package is missing: the ONNX step is skipped, not failed."""
 
 
-def export_onnx(model: torch.nn.Module, image_size: int, opset: int = 17) -> bytes:
-    """``model`` (eval mode, fp32) traced to an ONNX graph with a dynamic batch dimension, serialised.
+def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int = 17) -> None:
+    """``model`` (eval mode, fp32) traced to an ONNX graph with a dynamic batch dimension, written to
+    ``path`` (a file, not memory: past protobuf's 2 GB, ViT-H's size, the weights go to external data
+    files beside it).
 
     Raises OnnxNotInstalled without the ``onnx`` package (the exporter builds the graph with it),
     ValueError when the exporter fails."""
@@ -39,32 +42,28 @@ def export_onnx(model: torch.nn.Module, image_size: int, opset: int = 17) -> byt
     model = model.eval()
     dummy = torch.zeros(1, 3, image_size, image_size)
     kwargs = dict(input_names=["input"], output_names=["embedding"], opset_version=opset)
-    graph = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated but needs no onnxscript; it is what this uses.
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             try:
-                torch.onnx.export(model, (dummy,), graph, dynamo=False,
+                torch.onnx.export(model, (dummy,), path, dynamo=False,
                                   dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, **kwargs)
             except TypeError:  # a torch without the legacy exporter: the torch.export-based one
-                program = torch.onnx.export(model, (dummy,), dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                            **kwargs)
-                graph = io.BytesIO(program.model_proto.SerializeToString())
+                torch.onnx.export(model, (dummy,), path, dynamic_shapes=({0: torch.export.Dim("batch")},), **kwargs)
         except Exception as error:  # the exporter fails in many ways (unsupported ops, tracing, size)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"the ONNX exporter failed (opset {opset}): {reason}") from error
-    return graph.getvalue()
 
 
-def check_onnx(model: torch.nn.Module, graph: bytes, image_size: int, batch: int = 3) -> float | None:
+def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 3) -> float | None:
     """Max abs difference between onnxruntime's and PyTorch's embeddings of a random batch for the
-    serialised ONNX ``graph`` (None when onnxruntime is not installed), after onnx's own checker.
+    ONNX graph at ``path`` (None when onnxruntime is not installed), after onnx's own checker.
     Raises ValueError when the graph is invalid, does not run, or differs past 1e-4 relative."""
     import onnx
 
     try:
-        onnx.checker.check_model(onnx.load_model_from_string(graph))
+        onnx.checker.check_model(path)  # (a path: the checker then also takes graphs past 2 GB)
     except onnx.checker.ValidationError as error:
         raise ValueError(f"the exported ONNX graph is not valid: {str(error).strip().splitlines()[0]}") from error
     try:
@@ -75,7 +74,7 @@ def check_onnx(model: torch.nn.Module, graph: bytes, image_size: int, batch: int
     with torch.no_grad():
         expected = model.eval()(x).numpy()
     try:
-        session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         got = session.run(["embedding"], {"input": x.numpy()})[0]
     except Exception as error:  # onnxruntime's errors have no common base but Exception
         raise ValueError(f"onnxruntime cannot run the exported graph: {str(error).strip().splitlines()[0]}") from error
@@ -115,34 +114,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     state_path, onnx_path = os.path.join(output, "backbone.pt"), os.path.join(output, "backbone.onnx")
 
-    # The graph is made and checked before anything is written: a failure leaves the folder as it was.
-    graph, skipped = None, None
-    if args.onnx:
-        try:
-            graph = export_onnx(model, settings["image_size"], args.opset)
-            difference = check_onnx(model, graph, settings["image_size"])
-        except OnnxNotInstalled as error:
-            skipped = str(error)
-        except ValueError as error:
-            print(f"error: {error}; nothing written (--no-onnx exports the state dict alone)", file=sys.stderr)
-            return 1
+    # The graph is made and checked in a private folder before anything is written: a failure leaves
+    # the output folder as it was.
+    staging = tempfile.mkdtemp(prefix=".backbone-onnx-", dir=output) if args.onnx else None
+    try:
+        graph, skipped, difference = None, None, None
+        if staging is not None:
+            graph = os.path.join(staging, "backbone.onnx")
+            try:
+                export_onnx(model, graph, settings["image_size"], args.opset)
+                difference = check_onnx(model, graph, settings["image_size"])
+            except OnnxNotInstalled as error:
+                graph, skipped = None, str(error)
+            except ValueError as error:
+                print(f"error: {error}; nothing written (--no-onnx exports the state dict alone)", file=sys.stderr)
+                return 1
 
-    checkpoint.save_atomic(model.state_dict(), state_path)
-    checkpoint.write_json_atomic(os.path.join(output, "backbone.json"), settings)
-    print(f"wrote {state_path} ({settings['network']}, {settings['embedding_size']}-D, {settings['image_size']}px)")
-    if graph is None:
-        if skipped:
-            print(f"skipped ONNX: {skipped}", file=sys.stderr)
-        if os.path.exists(onnx_path):  # of an earlier export: it would pass for this one's
-            os.remove(onnx_path)
-            print(f"removed {onnx_path}: it was from an earlier export and does not match the new backbone.pt",
-                  file=sys.stderr)
+        checkpoint.save_atomic(model.state_dict(), state_path)
+        checkpoint.write_json_atomic(os.path.join(output, "backbone.json"), settings)
+        print(f"wrote {state_path} ({settings['network']}, {settings['embedding_size']}-D, "
+              f"{settings['image_size']}px)")
+        if graph is None:
+            if skipped:
+                print(f"skipped ONNX: {skipped}", file=sys.stderr)
+            if os.path.exists(onnx_path):  # of an earlier export: it would pass for this one's
+                os.remove(onnx_path)
+                print(f"removed {onnx_path}: it was from an earlier export and does not match the new backbone.pt",
+                      file=sys.stderr)
+            return 0
+        for name in sorted(os.listdir(staging)):  # the graph, and a large model's external data files
+            os.replace(os.path.join(staging, name), os.path.join(output, name))
+        checked = ("not compared with PyTorch (pip install onnxruntime to check it)" if difference is None
+                   else f"onnxruntime matches PyTorch (max abs difference {difference:.2e})")
+        print(f"wrote {onnx_path}: {checked}")
         return 0
-    checkpoint.write_atomic(onnx_path, lambda f: f.write(graph))
-    checked = ("not compared with PyTorch (pip install onnxruntime to check it)" if difference is None
-               else f"onnxruntime matches PyTorch (max abs difference {difference:.2e})")
-    print(f"wrote {onnx_path}: {checked}")
-    return 0
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":
