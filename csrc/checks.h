@@ -67,10 +67,12 @@ inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::
 }
 
 // Per-row margins (AdaFace, ElasticFace): an (N, 2) float64 tensor of (m2_i, m3_i) on the
-// embeddings' device, finite (one value check, a device sync on CUDA). Returns its data, contiguous
-// (kept alive in `storage`), or nullptr when none is given.
+// embeddings' device, finite (one value check, a device sync on CUDA, unless `check_values` is
+// false: inside a CUDA graph capture, where a non-finite margin gives its row a NaN loss and
+// gradient instead). Returns its data, contiguous (kept alive in `storage`), or nullptr when none
+// is given.
 inline const double* row_margins_data(const c10::optional<at::Tensor>& row_margins, const at::Tensor& embeddings,
-                                      at::Tensor& storage) {
+                                      at::Tensor& storage, bool check_values = true) {
   if (!row_margins.has_value() || !row_margins->defined()) return nullptr;
   const at::Tensor& m = *row_margins;
   const int64_t n = embeddings.size(0);
@@ -81,7 +83,7 @@ inline const double* row_margins_data(const c10::optional<at::Tensor>& row_margi
   TORCH_CHECK_VALUE(m.device() == embeddings.device(), "arcface_ext: row_margins must be on the embeddings' device (",
                     embeddings.device(), "), got ", m.device());
   storage = m.detach().contiguous();
-  if (n > 0) {
+  if (n > 0 && check_values) {
     TORCH_CHECK_VALUE(storage.isfinite().all().item<bool>(), "arcface_ext: row_margins must be finite");
   }
   return storage.data_ptr<double>();

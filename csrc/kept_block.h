@@ -22,6 +22,11 @@
 
 namespace arcface_ext {
 
+// The most classes a kept block takes: the CUDA recompute pass launches a block per 128 classes
+// in grid.y, at most 65535 of them (8.4M classes; the block then fits the default workspace for a
+// handful of rows only).
+constexpr int64_t kMaxKeptClasses = int64_t{65535} * 128;
+
 struct KeptLayout {
   int64_t pitch;
   int64_t factor_offset;

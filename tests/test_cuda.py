@@ -423,6 +423,51 @@ def test_kept_block_recomputes_rows_outside_its_shift(kernel):
     assert_matches(ours, expected)
 
 
+def test_kept_block_gives_an_ignored_row_nothing(kernel, monkeypatch):
+    # Row 3 is ignored, and its dot products overflow fp32 (finite bf16 values near the range's
+    # end): the block's row is zero, as the recomputing path's is, so no NaN reaches grad_weight.
+    x, w, labels = make_inputs(16, 24, 40, seed=49, dtype=torch.bfloat16, ignored=(3,))
+    x[3] = 3e38
+    upstream = upstream_gradient(16, seed=49, dtype=torch.float64)
+    outputs = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", setting)
+        outputs[setting] = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+        assert all(bool(t[torch.arange(16, device=DEVICE) != 3].isfinite().all()) if t.dim() == 1 else
+                   bool(t.isfinite().all()) for t in outputs[setting][2:]), setting
+    expected = op_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels, upstream=upstream)
+    for setting in ("1", "0"):
+        for name, a, e in zip(OUTPUTS[2:], outputs[setting][2:], expected[2:]):
+            assert_matches_table(a, e, name=f"{name} (ARCFACE_EXT_KEEP_BLOCK={setting})",
+                                 roundings=GEMM_OPERAND_ROUNDINGS)
+
+
+def grid_limit_inputs():
+    """Two bf16 rows and 65535·128 + 1 classes: one class tile more than a grid's y dimension holds
+    (the kept block of two rows fits the default workspace)."""
+    c = 65535 * 128 + 1
+    x = torch.randn(2, 8, dtype=torch.float64).to(DEVICE, torch.bfloat16).requires_grad_(True)
+    w = torch.randn(c, 8, dtype=torch.float64).to(DEVICE, torch.bfloat16).requires_grad_(True)
+    return x, w, torch.tensor([0, c - 1], device=DEVICE)
+
+
+@pytest.mark.gpu_only  # (8.4M classes take the emulator ten minutes)
+def test_a_step_past_the_grid_limit_recomputes():
+    # The kept block's recompute pass has a block per 128 classes in grid.y: past 65535 of them
+    # the step recomputes instead (the block fits the workspace only for a few rows there).
+    x, w, labels = grid_limit_inputs()
+    names = cuda_kernel_names(lambda: arcface_ext.combined_margin_loss(x, w, labels, reduction="sum").backward())
+    assert "kept_block_recompute_kernel" not in names and "fused_backward_kernel" in names, names
+    assert bool(w.grad[-1].abs().sum() > 0)
+
+
+def test_the_kept_op_refuses_classes_past_the_grid_limit():
+    x, w, labels = grid_limit_inputs()
+    with pytest.raises(ValueError, match="margin_softmax_forward_kept takes at most 8388480 classes"):
+        torch.ops.arcface_ext.margin_softmax_forward_kept(x.detach(), w.detach(), labels, 64.0, 1.0, 0.5, 0.0, 0.0,
+                                                          -1, False, 1 << 27)
+
+
 @pytest.mark.parametrize("case", ["kept", "fp16", "workspace", "disabled", "shard", "no-grad"])
 def test_kept_block_only_where_it_fits(monkeypatch, workspace, case):
     # The autograd formula keeps the block for bf16 steps over the whole softmax whose block fits
@@ -723,18 +768,23 @@ def test_bad_labels_inside_a_capture_give_nan_loss_and_no_gradient(monkeypatch, 
 
 
 @pytest.mark.gpu_only
+@pytest.mark.parametrize("margins", ["scalar", "per-row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_training_step_in_a_cuda_graph(dtype):
+def test_a_training_step_in_a_cuda_graph(dtype, margins):
     # The whole step (forward, sum, backward) captured once and replayed on new values in the same
     # tensors gives the eager results (bf16: the kept gradient block); a bad label copied in before a
-    # replay gives a NaN loss and the gradients of the step with that row ignored.
+    # replay gives a NaN loss and the gradients of the step with that row ignored. Per-row margins
+    # (AdaFace's, ElasticFace's) are not read back inside the capture either.
     x, w, labels = make_inputs(64, 32, 1000, seed=50, dtype=dtype)
     static_x = x.clone().requires_grad_(True)
     static_w = w.clone().requires_grad_(True)
     static_labels = labels.clone()
+    kwargs = {}
+    if margins == "per-row":
+        kwargs["m2"] = torch.linspace(0.2, 0.6, 64, dtype=torch.float64, device=DEVICE)
 
     def step():
-        loss = arcface_ext.combined_margin_loss(static_x, static_w, static_labels, reduction="sum")
+        loss = arcface_ext.combined_margin_loss(static_x, static_w, static_labels, reduction="sum", **kwargs)
         loss.backward()
         return loss
 
@@ -753,7 +803,7 @@ def test_a_training_step_in_a_cuda_graph(dtype):
         graph.replay()
         torch.cuda.synchronize()
         expected = loss_and_grads(arcface_ext.combined_margin_loss, static_x.detach(), static_w.detach(),
-                                  expected_labels, reduction="sum")
+                                  expected_labels, reduction="sum", **kwargs)
         for name, a, e in (("grad_embeddings", static_x.grad, expected[2]), ("grad_weight", static_w.grad, expected[3])):
             torch.testing.assert_close(a, e, msg=name)
         return expected[0]

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <set>
 #include <tuple>
@@ -332,7 +333,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
       logsumexp[i] = loss[i] = target_cosine[i] = acc_t(0);
       if (t.label == kBadLabel) loss[i] = target_cosine[i] = std::numeric_limits<acc_t>::quiet_NaN();
       if (kept.factor != nullptr) {
-        kept.factor[i] = 0.0f;  // the row's H is finite (its tiles saw zero cosines) and unused
+        kept.factor[i] = 0.0f;  // the row's H is zero (the fused forward's tiles zero it) and unused
         kept.recompute[i] = 0;
       }
     }
@@ -701,8 +702,10 @@ __global__ void __launch_bounds__(kTileThreads, 2)
                 ValuePair<at::BFloat16> pair;
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                  // (With m = -inf the values are still the logits, all -inf.)
-                  const bool zero = m == kNegInf || target == 8 * ni + e;
+                  // (With m = -inf the values are still the logits, all -inf. A row that does not
+                  // count has inv_x = 0, and a dot product past fp32's range would give it NaN
+                  // cosines: its H is zero, as its factor is.)
+                  const bool zero = m == kNegInf || inv_x == 0.0f || target == 8 * ni + e;
                   pair.value[e] = to_gemm_operand<at::BFloat16, float>(
                       zero ? 0.0f : acc[mi][ni][2 * h + e] * scale * inv_w[ni][e]);
                 }
@@ -1001,6 +1004,25 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
   return value;
 }
 
+// Whether the device runs the fused kernels' tensor-core tile: sm_80+, with code built for it (a
+// build whose code for this GPU comes from pre-sm_80 PTX has no tile; its kernels would trap).
+// Asked once per device (the host time of a step counts at C ~ 100k).
+bool device_runs_tile_kernels(int device) {
+  static std::mutex mutex;
+  static std::map<int, bool> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  bool runs = device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 8;
+  if (runs) {
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_forward_kernel<true, cuda::kMinTileStages>));
+    runs = attributes.ptxVersion >= 80;
+  }
+  known.emplace(device, runs);
+  return runs;
+}
+
 // Whether the fused tensor-core kernels take a call: 16-bit inputs whose rows are whole 16-byte
 // vectors (D a multiple of 8, both bases 16-byte aligned) on an sm_80+ GPU, unless the
 // environment says ARCFACE_EXT_CUDA_FUSED=0 (read at every call; the cuBLAS path then runs, for
@@ -1013,12 +1035,7 @@ bool use_fused_kernels(const at::Tensor& x, const at::Tensor& w) {
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 != 0)
     return false;
-  if (device_attribute(cudaDevAttrComputeCapabilityMajor, x.get_device()) < 8) return false;
-  // A build whose code for this GPU comes from pre-sm_80 PTX has no tensor-core tile (its
-  // kernels would trap): the cuBLAS path then.
-  cudaFuncAttributes attributes;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, fused_forward_kernel<true, cuda::kMinTileStages>));
-  if (attributes.ptxVersion < 80) return false;
+  if (!device_runs_tile_kernels(x.get_device())) return false;
   const char* setting = std::getenv("ARCFACE_EXT_CUDA_FUSED");
   return setting == nullptr || std::strcmp(setting, "0") != 0;
 }
@@ -1093,15 +1110,18 @@ int64_t blocks_for_warps(int64_t warps) { return (warps + kWarpsPerBlock - 1) / 
 // Inside a CUDA graph capture nothing can be read back (the kernels have not run, and a sync is not
 // allowed): the check is skipped there, and a bad row gets a NaN loss and no gradient instead
 // (kBadLabel), so that the replayed step shows it without corrupting the model.
+bool current_stream_is_capturing() {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+  return capture != cudaStreamCaptureStatusNone;
+}
+
 void check_labels_cuda(const at::Tensor& labels, const at::Tensor& weight, int64_t ignore_index,
                        int64_t class_offset, int64_t num_classes) {
   const int64_t n = labels.numel();
-  if (n == 0) return;
+  if (n == 0 || current_stream_is_capturing()) return;
   num_classes = resolved_num_classes(class_offset, num_classes, weight);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return;
   const at::Tensor first_bad = at::empty({1}, labels.options());
   first_bad_label_kernel<<<1, kLabelCheckThreads, 0, stream>>>(labels.data_ptr<int64_t>(), n, ignore_index,
                                                                num_classes, first_bad.data_ptr<int64_t>());
@@ -1328,7 +1348,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   const at::Tensor labels = labels_in.contiguous();
   check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes);
   at::Tensor row_margins_storage;
-  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
+  const double* row_margins =
+      row_margins_data(row_margins_in, embeddings_in, row_margins_storage, !current_stream_is_capturing());
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();
@@ -1387,6 +1408,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forwar
     double m2, double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
     const c10::optional<at::Tensor>& row_margins) {
   check_kept_dtypes(embeddings, weight, "margin_softmax_forward_kept");
+  TORCH_CHECK_VALUE(weight.dim() != 2 || weight.size(0) <= kMaxKeptClasses, "arcface_ext: margin_softmax_forward_kept "
+                    "takes at most ", kMaxKeptClasses, " classes, got ", weight.size(0));
   return forward_cuda(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
                       workspace_bytes, 0, -1, row_margins, /*keep=*/true);
 }
@@ -1584,8 +1607,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   if (check_labels) {
     check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes);
   }
+  // The training backward (check_labels false) has the margins its forward checked: no second sync.
   at::Tensor row_margins_storage;
-  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage);
+  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage,
+                                               check_labels && !current_stream_is_capturing());
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();
