@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import checkpoint
-from .embed import table_files, write_table
+from .embed import embed_images, table_files, write_table
 from .tools import check_outputs, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -322,47 +322,6 @@ class LooseCrops(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))), ""
 
 
-@torch.no_grad()
-def embed_crops(backbone: torch.nn.Module, crops: torch.utils.data.Dataset, *, device, batch_size: int = 128,
-                workers: int = 4, flip: bool = True, log=None) -> np.ndarray:
-    """(len(crops), D) float32 raw embeddings, embedding(x) + embedding(mirrored x) with ``flip``.
-
-    This follows ``verification.compute_embeddings`` (images fed as (x - 127.5) / 127.5, module
-    modes restored afterwards) but cannot be it: here features stay un-normalised, since their norm
-    weighs them in a template, and images stream from a DataLoader rather than sit in one tensor
-    (IJB-C's 469k crops would take 17 GB). Raises ValueError naming the first unreadable image.
-    """
-    device = torch.device(device)
-    loader = torch.utils.data.DataLoader(crops, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-    modes = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
-    features, done, started, reported = None, 0, time.monotonic(), time.monotonic()
-    try:
-        for images, errors in loader:
-            failed = [e for e in errors if e]
-            if failed:
-                raise ValueError(failed[0])
-            x = images.to(device, non_blocking=True).float().sub_(127.5).div_(127.5)
-            count = x.shape[0]
-            if flip:
-                raw = backbone(torch.cat([x, torch.flip(x, dims=[3])])).float()
-                out = raw[:count] + raw[count:]
-            else:
-                out = backbone(x).float()
-            if features is None:
-                features = np.empty((len(crops), out.shape[1]), dtype=np.float32)
-            features[done:done + count] = out.cpu().numpy()
-            done += count
-            if log is not None and time.monotonic() - reported > 30:
-                reported = time.monotonic()
-                log(f"embedded {done}/{len(crops)} images ({done / (reported - started):.0f} images/s)")
-    finally:
-        for module, training in modes:
-            module.training = training
-    return features
-
-
 # ---------------------------------------------------------------------------------------------
 # Templates and scores
 
@@ -531,9 +490,9 @@ def main(argv: list[str] | None = None) -> int:
               "as insightface's alignment makes them")
     embedding_started = time.monotonic()
     try:
-        features = embed_crops(model.to(device), crops, device=device, batch_size=args.batch_size,
-                               workers=args.workers, flip=args.flip,
-                               log=lambda message: print(message, file=sys.stderr, flush=True))
+        features = embed_images(model.to(device), crops, device=device, batch_size=args.batch_size,
+                                workers=args.workers, flip=args.flip,
+                                log=lambda message: print(message, file=sys.stderr, flush=True))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

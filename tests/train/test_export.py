@@ -11,7 +11,11 @@ import pytest
 import torch
 
 import arcface_ext
+from types import SimpleNamespace
+
 from train import checkpoint, embed, export
+from train.data.transforms import load_image_file
+from train.verification import compute_embeddings
 from train.models import get_model
 
 from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, one_thread, train_one_thread  # noqa: F401
@@ -109,6 +113,17 @@ def test_embed_folder_and_compare(trained, tmp_path, capsys):
     assert embed.main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "bare")]) == 0
     assert f"{tmp_path / 'bare.npy'}, {tmp_path / 'bare.txt'}" in capsys.readouterr().out  # the files np.save wrote
     assert np.array_equal(np.load(tmp_path / "bare.npy"), vectors)
+    # Verification's embeddings, whether the images are decoded here or by worker processes.
+    model, settings = checkpoint.load_backbone(ckpt)
+    images = torch.stack([torch.from_numpy(load_image_file(os.path.join(faces, name), settings["image_size"])
+                                           .transpose(2, 0, 1).copy()) for name in names])
+    expected = compute_embeddings(model, SimpleNamespace(images=images), device="cpu")
+    np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers{workers}.npy"
+        assert embed.main(["--model", ckpt, "--images", faces, "--output", str(out), "--workers", workers,
+                           "--batch-size", "5"]) == 0
+        np.testing.assert_allclose(np.load(out), vectors, rtol=1e-5, atol=1e-6)
 
     assert embed.main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "emb.csv")]) == 0
     header, first = (tmp_path / "emb.csv").read_text().splitlines()[:2]

@@ -445,10 +445,10 @@ def test_missing_model_is_an_error_message(release, tmp_path, capsys):
 def test_unusable_outputs_are_reported_before_embedding(release, tmp_path, monkeypatch, capsys, case):
     data, model, _ = release
 
-    def embed_crops(*args, **kwargs):
+    def embed_images(*args, **kwargs):
         raise AssertionError("embedding started before the outputs were checked")
 
-    monkeypatch.setattr(ijb, "embed_crops", embed_crops)
+    monkeypatch.setattr(ijb, "embed_images", embed_images)
     output, features = tmp_path / "ijbc.json", tmp_path / "feats.npy"
     if case == "features path is a folder":
         features.mkdir()
