@@ -73,7 +73,8 @@ bool keep_gradient_block(const at::Tensor& embeddings, const at::Tensor& weight,
   if (embeddings.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) return false;
   if (embeddings.dim() != 2 || weight.dim() != 2 || embeddings.size(0) == 0) return false;  // (the op raises)
   if (class_offset != 0 || (num_classes != -1 && num_classes != weight.size(0))) return false;
-  if (kept_layout(embeddings.size(0), weight.size(0)).bytes > workspace_bytes) return false;
+  const int64_t n = embeddings.size(0);
+  if (kept_layout(n, weight.size(0)).bytes + n * kKeptRowReserve > workspace_bytes) return false;
   if (weight.size(0) > kMaxKeptClasses) return false;  // the step recomputes instead
   const char* setting = std::getenv("ARCFACE_EXT_KEEP_BLOCK");
   if (setting != nullptr && std::strcmp(setting, "0") == 0) return false;

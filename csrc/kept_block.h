@@ -27,6 +27,12 @@ namespace arcface_ext {
 // handful of rows only).
 constexpr int64_t kMaxKeptClasses = int64_t{65535} * 128;
 
+// What the workspace must hold beyond the block, per row: the fused forward's per-segment softmax
+// statistics (8 bytes a row a segment) come out of what the block leaves, and 1,024 segments keep
+// its grid wide (16 blocks an SM on 132 SMs at N = 512 takes 528). A block that left less would
+// collapse the forward onto a few blocks.
+constexpr int64_t kKeptRowReserve = 8 * 1024;
+
 struct KeptLayout {
   int64_t pitch;
   int64_t factor_offset;
