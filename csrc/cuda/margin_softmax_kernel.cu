@@ -784,6 +784,7 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   __shared__ bool tile_unclamped[kTileClasses];
 
   const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
+  bool any_active = false;
   for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
     const int64_t i = row0 + r;
     bool active = i < n && rows[i].counted;
@@ -792,6 +793,7 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
     } else {
       active = active && grad_loss[i] != 0.0f;
     }
+    any_active = any_active || active;
     row_active[r] = active;
     row_inv_norm[r] = 0.0f;
     row_lse[r] = 0.0f;
@@ -808,11 +810,10 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
       }
     }
   }
-  __syncthreads();
   if constexpr (kRecompute) {
-    bool any = false;
-    for (int r = 0; r < kTileRows; ++r) any = any || row_active[r];
-    if (!any) return;  // the whole block alike
+    if (!__syncthreads_or(any_active)) return;  // the whole block alike
+  } else {
+    __syncthreads();
   }
 
   const int64_t col0 = int64_t{blockIdx.y} * kTileClasses;

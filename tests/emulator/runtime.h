@@ -151,6 +151,18 @@ struct Barrier {
   const char* what = "";
   const char* site_file = "";  // where this generation's first arrival came from (block barriers)
   int site_line = 0;
+  // __syncthreads_or: the predicates of this generation's arrivals, and each finished generation's
+  // result by parity (a thread reads its generation's after it resumes, possibly after others
+  // have arrived at the next barrier, never the one after that).
+  bool pending_or = false;
+  bool finished_or[2] = {false, false};
+
+  void finish_generation() {
+    finished_or[generation & 1] = pending_or;
+    pending_or = false;
+    arrived = 0;
+    ++generation;
+  }
 };
 
 // Race detection in shared memory (racecheck's job on a GPU): each element of a static __shared__
@@ -281,8 +293,7 @@ inline void arrive_and_wait(Barrier& barrier) {
   Thread& t = self();
   const uint64_t generation = barrier.generation;
   if (++barrier.arrived == barrier.expected) {
-    barrier.arrived = 0;
-    ++barrier.generation;
+    barrier.finish_generation();
     return;
   }
   t.waiting = &barrier;
@@ -387,8 +398,7 @@ inline void fiber_entry() {
   // An exited thread no longer counts at the block barrier.
   --l.block_barrier.expected;
   if (l.block_barrier.arrived > 0 && l.block_barrier.arrived == l.block_barrier.expected) {
-    l.block_barrier.arrived = 0;
-    ++l.block_barrier.generation;
+    l.block_barrier.finish_generation();
   }
   switch_to_scheduler(l, t, true);
   std::abort();  // never resumed
@@ -860,6 +870,16 @@ inline void emulated_syncthreads(const char* file, int line) {
   ::emu::arrive_and_wait(barrier);
 }
 #define __syncthreads() emulated_syncthreads(__FILE__, __LINE__)
+
+// __syncthreads, and whether any thread of the block passed a non-zero predicate.
+inline int emulated_syncthreads_or(int predicate, const char* file, int line) {
+  ::emu::Barrier& barrier = ::emu::launch_state().block_barrier;
+  const uint64_t generation = barrier.generation;
+  if (predicate != 0) barrier.pending_or = true;  // (set before arriving: the last arrival finishes it)
+  emulated_syncthreads(file, line);
+  return barrier.finished_or[generation & 1] ? 1 : 0;
+}
+#define __syncthreads_or(predicate) emulated_syncthreads_or((predicate), __FILE__, __LINE__)
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
