@@ -380,8 +380,15 @@ class Trainer:
         resume = self._resume_path()
         if resume:
             resumed_rng = self._load_training_state(resume)
-        elif args.pretrained_model:
-            self._load_pretrained(args.pretrained_model)
+        else:
+            if args.pretrained_model:
+                self._load_pretrained(args.pretrained_model)
+            # After reading --pretrained_model, which may be the earlier run's checkpoint; only the
+            # main process writes into the folder.
+            aside = set_aside_earlier_run(self.output) if self.is_main else None
+            if aside:
+                print(f"note: {self.output} held an earlier run; its files are now in {aside} (to continue a run, "
+                      "pass --resume auto, or --resume with its checkpoint)", file=sys.stderr)
 
         self.backbone_ddp, self.loss_ddp = self.backbone, self.margin_loss
         if self.distributed:
@@ -421,11 +428,6 @@ class Trainer:
     def _resume_path(self) -> str | None:
         resume = self.args.resume
         if not resume:
-            # Only the main process writes into the folder.
-            aside = set_aside_earlier_run(self.output) if self.is_main else None
-            if aside:
-                print(f"note: {self.output} held an earlier run; its files are now in {aside} (to continue a run, "
-                      "pass --resume auto, or --resume with its checkpoint)", file=sys.stderr)
             return None
         if resume == "auto":
             if os.path.exists(self.checkpoint_path):

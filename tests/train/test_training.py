@@ -83,7 +83,9 @@ def test_a_fresh_run_sets_an_earlier_run_aside(faces, tmp_path, capsys):
     assert (tmp_path / "earlier-1" / "metrics.jsonl").read_text() == first_log
     assert (tmp_path / "earlier-1" / "args.json").is_file()
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 1
-    assert main(argv(faces, tmp_path, max_steps=1)) == 0
+    # Fine-tuning from the run it sets aside: the checkpoint is read before it moves.
+    assert main(argv(faces, tmp_path, max_steps=1, pretrained_model=str(tmp_path / "checkpoint.pt"))) == 0
+    assert "initialised the backbone and class centres" in capsys.readouterr().err
     assert checkpoint.load(str(tmp_path / "earlier-2" / "checkpoint.pt"))["step"] == 1
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "earlier-2" / "earlier-1").exists()
 
