@@ -315,7 +315,9 @@ class LooseCrops(torch.utils.data.Dataset):
             return torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8), ""
         try:
             with Image.open(path) as image:
-                crop = align_face(image, self.landmarks[index], self.image_size)
+                # Upright as its EXIF orientation says, as OpenCV's imread (insightface's reader)
+                # turns it: the landmarks are in those pixels.
+                crop = align_face(ImageOps.exif_transpose(image), self.landmarks[index], self.image_size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             blank = torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
             return blank, f"{path}: cannot read the image: {error}"

@@ -36,7 +36,7 @@ from train.data.recordio import (
     unpack_payload,
 )
 from train.data.synthetic import render_face, synthetic_pairs, verification_identity_base
-from train.data.transforms import flip_decision
+from train.data.transforms import decode_image, flip_decision
 from train.tools.pack_rec import main as pack_rec_main
 from train.tools.pack_rec import pack_image_folder
 
@@ -539,3 +539,15 @@ def test_loader_workers_leave_signals_to_the_main_process(signum):
     assert worker.is_alive()
     assert next(stream)[0].shape == first[0].shape
     del stream
+
+
+def test_decoded_images_follow_their_exif_orientation():
+    # Stored on its side with orientation 6 ("rotate 90° clockwise to view"): decoded upright, as
+    # OpenCV's imread decodes it.
+    upright = Image.fromarray(face_image(3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    turned = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(turned, format="PNG", exif=exif)
+    size = upright.size[0]
+    assert np.array_equal(decode_image(turned.getvalue(), size, source="turned"), np.asarray(upright.convert("RGB")))

@@ -322,6 +322,24 @@ def test_loose_crops_align_back_to_the_faces(release):
         assert error(aligned, faces[i]) < error(aligned, faces[(i + 4) % len(faces)]) / 3
 
 
+def test_loose_crops_follow_the_exif_orientation(release, tmp_path):
+    # A file stored on its side with orientation 6 ("rotate 90° clockwise to view"), as cameras
+    # write them: the landmarks are in the upright image, as OpenCV's imread gives it.
+    data, _, _ = release
+    protocol = ijb.read_protocol(data, "IJBC")
+    name, landmarks = protocol.image_names[0], protocol.landmarks[:1]
+    with Image.open(os.path.join(protocol.image_folder, name)) as image:
+        upright = image.convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.png", exif=exif)
+    upright.save(tmp_path / "upright.png")
+    crops = ijb.LooseCrops(str(tmp_path), ["turned.png", "upright.png"], np.concatenate([landmarks, landmarks]),
+                           IMAGE_SIZE)
+    (turned, failure), (expected, _) = crops[0], crops[1]
+    assert failure == "" and torch.equal(turned, expected)
+
+
 def test_main_end_to_end(release, tmp_path, capsys):
     data, model, faces = release
     output, features_path = tmp_path / "out" / "ijbc.json", tmp_path / "feats.npy"

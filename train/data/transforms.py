@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -39,7 +39,10 @@ def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            rgb = img.convert("RGB")
+            # Upright as its EXIF orientation says (a phone photo stored on its side), as OpenCV's
+            # imread (insightface's IJB reader) and its imdecode since 4.x turn it. Aligned face sets
+            # carry no orientation: for them nothing changes.
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{source}: cannot decode image ({len(data)} bytes): {exc}") from exc
     if rgb.size != (image_size, image_size):
