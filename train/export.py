@@ -23,6 +23,10 @@ except ImportError:  # a private module: without it the exporter's own error tel
     OPSETS = None
 
 
+# The files an export writes into its folder (the trainer sets them aside with a run's own).
+STATE_NAME, SETTINGS_NAME, ONNX_NAME = "backbone.pt", "backbone.json", "backbone.onnx"
+
+
 class OnnxNotInstalled(ImportError):
     """The optional ``onnx`` package is missing: the ONNX step is skipped, not failed."""
 
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    state_path, onnx_path = os.path.join(output, "backbone.pt"), os.path.join(output, "backbone.onnx")
+    state_path, onnx_path = os.path.join(output, STATE_NAME), os.path.join(output, ONNX_NAME)
 
     # The graph is made and checked in a private folder before anything is written: a failure leaves
     # the output folder as it was.
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         graph, skipped, difference = None, None, None
         if staging is not None:
-            graph = os.path.join(staging, "backbone.onnx")
+            graph = os.path.join(staging, ONNX_NAME)
             try:
                 export_onnx(model, graph, settings["image_size"], args.opset)
                 difference = check_onnx(model, graph, settings["image_size"])
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
 
         checkpoint.save_atomic(model.state_dict(), state_path)
-        checkpoint.write_json_atomic(os.path.join(output, "backbone.json"), settings)
+        checkpoint.write_json_atomic(os.path.join(output, SETTINGS_NAME), settings)
         print(f"wrote {state_path} ({settings['network']}, {settings['embedding_size']}-D, "
               f"{settings['image_size']}px)")
         if graph is None:

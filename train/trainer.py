@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, export
 from .config import margins
 from .models import get_model
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
@@ -117,7 +117,7 @@ class TargetAngles:
 
 # What a run (and train.export, by default) writes into its --output folder.
 RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verification.jsonl", "tensorboard",
-             LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, "backbone.pt", "backbone.json", "backbone.onnx")
+             LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME, export.ONNX_NAME)
 
 
 def set_aside_earlier_run(output: str) -> str | None:
