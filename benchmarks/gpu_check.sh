@@ -18,11 +18,11 @@
 #   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
 #             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
-#             search: ours, ours-recompute, ours-graphed, ours-cublas, eager, compiled and floor at
+#             search: ours, ours-recompute, ours-one-row-tile, ours-graphed, ours-cublas, eager, compiled and floor at
 #             C = 1e5 and 1e6 (~45 s), for a
 #             short call; the results JSON is $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   profile   benchmarks/profile_loss.py at C = 1M (fused and cuBLAS paths) and 100k (fused, which
+#   profile   benchmarks/profile_loss.py at C = 1M (fused, one-row-tile and cuBLAS paths) and 100k (fused, which
 #             keeps the gradient block there, and recompute, which does not); then
 #             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k, the recompute
@@ -119,7 +119,8 @@ for stage in "${STAGES[@]}"; do
         --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-graphed,ours-cublas,eager,compiled,floor --out "$OUT/bench.json" ;;
+        --impls ours,ours-recompute,ours-one-row-tile,ours-graphed,ours-cublas,eager,compiled,floor \
+        --out "$OUT/bench.json" ;;
     depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
       for d in 3 4 5; do
         run_stage "depth-$d" bench 40 20 env ARCFACE_EXT_TILE_STAGES=$d "$PY" benchmarks/bench_loss.py --device cuda \
@@ -128,7 +129,8 @@ for stage in "${STAGES[@]}"; do
     memcheck) run_stage memcheck sanitize 100 40 compute-sanitizer --tool memcheck --error-exitcode 9 \
                 "$PY" benchmarks/sanitize_case.py ;;
     profile)
-      run_stage profile profile 60 20 "$PY" benchmarks/profile_loss.py
+      # one-row-tile: the fused backward as before session 13 (each row tile's block sums the norms).
+      run_stage profile profile 70 20 "$PY" benchmarks/profile_loss.py --paths fused,one-row-tile,cublas
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
       # fused keeps the gradient block there (bf16, 100 MB in the 128 MiB workspace); recompute does not.
       run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000 --paths fused,recompute

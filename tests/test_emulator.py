@@ -111,6 +111,39 @@ def test_pipeline_depths_under_the_racing_schedule(emulated, monkeypatch, depth)
     assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w, labels, grad, workspace_bytes=1000))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("setting, grid", [(None, "1x6"), ("2", "2x6"), ("1", "3x6"), ("9", "1x6")],
+                         ids=["auto", "two", "one", "more-than-there-are"])
+def test_backward_blocks_walk_several_row_tiles(emulated, monkeypatch, dtype, setting, grid):
+    # A fused backward block walks several row tiles of its class tile and sums the class norms at
+    # the first only. N = 300: three row tiles, the last with 44 rows; C = 700: six class tiles, the
+    # last partial. With one SM (six blocks wanted) the host's choice is all three row tiles a
+    # block; ARCFACE_EXT_BACKWARD_ROW_TILES=2 splits them 2 + 1. Under the racing schedule a tile that started before
+    # the previous one's copy-out had finished, or norms read before any were summed, would show.
+    monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
+    monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
+    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
+    if setting is None:
+        monkeypatch.delenv("ARCFACE_EXT_BACKWARD_ROW_TILES", raising=False)
+    else:
+        monkeypatch.setenv("ARCFACE_EXT_BACKWARD_ROW_TILES", setting)
+    x, w, labels, grad = inputs(300, 72, 700, dtype, seed=7)
+    emulated.take_launch_log()
+    ours = forward_backward(emulated, x, w, labels, grad)
+    launched = emulated.take_launch_log().split()
+    backward = launched.index("fused_backward_kernel")
+    assert launched[backward + 2] == f"grid:{grid}", launched
+    assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w, labels, grad))
+
+
+def test_a_bad_row_tile_count_is_named(emulated, monkeypatch):
+    monkeypatch.setenv("ARCFACE_EXT_BACKWARD_ROW_TILES", "0")
+    x, w, labels, grad = inputs(8, 32, 50, torch.bfloat16, seed=6)
+    _, lse, _ = emulated.margin_softmax_forward(x, w, labels, *op_args())
+    with pytest.raises(ValueError, match="ARCFACE_EXT_BACKWARD_ROW_TILES must be a positive count, got '0'"):
+        emulated.margin_softmax_backward(grad.float(), x, w, labels, lse, *op_args(), True, True)
+
+
 def test_a_bad_pipeline_depth_is_named(emulated, monkeypatch):
     monkeypatch.setenv("ARCFACE_EXT_TILE_STAGES", "8")
     x, w, labels, _ = inputs(8, 32, 50, torch.bfloat16, seed=6)

@@ -758,14 +758,18 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   }
 }
 
-// The gradient block's tile, for fused_backward_kernel and kept_block_recompute_kernel. Block
-// (r, t) recomputes the tile of rows [128 r, +128) and chunk classes [128 t, +128), forms G_ij
-// exactly as margin_softmax_backward_kernel does, stages it in shared memory (the pipeline's, free
-// after the GEMM) and writes it out in 16-byte rows: grad_block has row pitch ld, a multiple of 8
-// at least `width`; the columns past `width` get zeros.
+// The gradient block's tile, for fused_backward_kernel and kept_block_recompute_kernel: the tile of
+// rows [128 row_tile, +128) and chunk classes [128 t, +128) (t = blockIdx.y) is recomputed, G_ij
+// formed exactly as margin_softmax_backward_kernel does, staged in shared memory (the pipeline's,
+// free after the GEMM) and written out in 16-byte rows: grad_block has row pitch ld, a multiple of
+// 8 at least `width`; the columns past `width` get zeros.
+// The class tile's norms are summed when class_norms is set; otherwise they are the ones an earlier
+// call of the same block left in shared memory (the same class tile, another row tile). A block
+// may call it again at once: the row arrays are last read before the staging barrier, and the
+// staged tile (the next GEMM's pipeline) is last read before the next call's first barrier.
 // With kRecompute (the kept block's forward, before any grad_loss exists): only the counted rows
 // marked in `recompute` are formed and written, the other rows of grad_block are left as they are,
-// and a block whose 128 rows have none returns at once.
+// and a call whose 128 rows have none returns at once (one call a block, which sums the norms).
 template <bool kBFloat16, typename scalar_t, int kStages, bool kRecompute>
 __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
                           int64_t n, int64_t width, int dim, int64_t c0,
@@ -773,7 +777,7 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
                           const float* __restrict__ logsumexp, float s,
                           scalar_t* __restrict__ grad_block, int64_t ld,
                           float* __restrict__ chunk_inv_norm, uint8_t* __restrict__ chunk_unclamped,
-                          const uint8_t* __restrict__ recompute) {
+                          const uint8_t* __restrict__ recompute, int64_t row_tile, bool class_norms) {
   extern __shared__ __align__(16) uint16_t tile_smem[];
   __shared__ float row_inv_norm[kTileRows];
   __shared__ float row_lse[kTileRows];
@@ -783,7 +787,7 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   __shared__ float tile_inv_norm[kTileClasses];
   __shared__ bool tile_unclamped[kTileClasses];
 
-  const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
+  const int64_t row0 = row_tile * kTileRows;
   bool any_active = false;
   for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
     const int64_t i = row0 + r;
@@ -819,14 +823,21 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   const int64_t col0 = int64_t{blockIdx.y} * kTileClasses;
   cuda::TileAcc acc;
   float norm_sq;
-  cuda::tile_gemm<kBFloat16, true, kStages>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
-  publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
-  // The first row tile hands the chunk's class norms to class_gradient_kernel.
-  if (chunk_inv_norm != nullptr && blockIdx.x == 0) {
-    for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
-      if (col0 + jl < width) {
-        chunk_inv_norm[col0 + jl] = tile_inv_norm[jl];
-        chunk_unclamped[col0 + jl] = tile_unclamped[jl];
+  // Two copies of the slice loop, so that neither carries the other's branch.
+  if (class_norms) {
+    cuda::tile_gemm<kBFloat16, true, kStages>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
+  } else {
+    cuda::tile_gemm<kBFloat16, false, kStages>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
+  }
+  if (class_norms) {
+    publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
+    // The first row tile hands the chunk's class norms to class_gradient_kernel.
+    if (chunk_inv_norm != nullptr && row_tile == 0) {
+      for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
+        if (col0 + jl < width) {
+          chunk_inv_norm[col0 + jl] = tile_inv_norm[jl];
+          chunk_unclamped[col0 + jl] = tile_unclamped[jl];
+        }
       }
     }
   }
@@ -887,17 +898,24 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   }
 }
 
-// Backward: one chunk's gradient block from recomputed tiles (gradient_block_tile).
+// Backward: one chunk's gradient block from recomputed tiles (gradient_block_tile). Block (b, t)
+// walks row tiles [b·row_tiles_per_block, +row_tiles_per_block) of class tile t, summing the class
+// norms at the first only (see plan_backward_row_tiles).
 template <bool kBFloat16, typename scalar_t, int kStages>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_backward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk, int64_t n,
                           int64_t width, int dim, int64_t c0, const RowTarget* __restrict__ rows,
                           const float* __restrict__ grad_loss, const float* __restrict__ logsumexp, float s,
                           scalar_t* __restrict__ grad_block, int64_t ld, float* __restrict__ chunk_inv_norm,
-                          uint8_t* __restrict__ chunk_unclamped) {
-  gradient_block_tile<kBFloat16, scalar_t, kStages, false>(x, w_chunk, n, width, dim, c0, rows, grad_loss,
-                                                           logsumexp, s, grad_block, ld, chunk_inv_norm,
-                                                           chunk_unclamped, nullptr);
+                          uint8_t* __restrict__ chunk_unclamped, int row_tiles_per_block) {
+  const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
+  const int64_t first = int64_t{blockIdx.x} * row_tiles_per_block;
+  const int64_t last = std::min<int64_t>(first + row_tiles_per_block, row_tiles);
+  for (int64_t row_tile = first; row_tile < last; ++row_tile) {
+    gradient_block_tile<kBFloat16, scalar_t, kStages, false>(x, w_chunk, n, width, dim, c0, rows, grad_loss,
+                                                             logsumexp, s, grad_block, ld, chunk_inv_norm,
+                                                             chunk_unclamped, nullptr, row_tile, row_tile == first);
+  }
 }
 
 // The kept block's forward: G itself at the rows finalize marked for recomputation (kept_block.h),
@@ -909,7 +927,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
                                 const float* __restrict__ logsumexp, float s, at::BFloat16* __restrict__ block,
                                 int64_t ld, const uint8_t* __restrict__ recompute) {
   gradient_block_tile<true, at::BFloat16, kStages, true>(x, w, n, c, dim, 0, rows, nullptr, logsumexp, s, block,
-                                                         ld, nullptr, nullptr, recompute);
+                                                         ld, nullptr, nullptr, recompute, blockIdx.x, true);
 }
 
 // ---- host side ----------------------------------------------------------------------------
@@ -1003,6 +1021,35 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
   int value = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
   return value;
+}
+
+// How many of a class tile's row tiles one block of fused_backward_kernel walks. Every row tile's
+// block used to sum the class tile's norms again (about 35 of the ~150 instructions of a depth
+// slice in the H200 SASS, session 13): a block walking k row tiles sums them once. Fewer, longer
+// blocks leave a longer idle tail in the last wave, so k is the largest that keeps at least three
+// waves of two blocks an SM, evened out over the row tiles (5 row tiles go 3 + 2, not 4 + 1).
+// ARCFACE_EXT_BACKWARD_ROW_TILES sets k instead (read at every call, for measuring and for the
+// sanitizers; 1 is one row tile a block, the layout before session 13).
+int plan_backward_row_tiles(int64_t n, int64_t width, int sm_count) {
+  const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
+  const int64_t class_tiles = (width + kTileClasses - 1) / kTileClasses;
+  int64_t per = 1;
+  if (const char* setting = std::getenv("ARCFACE_EXT_BACKWARD_ROW_TILES")) {
+    const int64_t value = std::atoll(setting);
+    TORCH_CHECK_VALUE(value >= 1, "arcface_ext: ARCFACE_EXT_BACKWARD_ROW_TILES must be a positive count, got '",
+                      setting, "'");
+    per = std::min(row_tiles, value);
+  } else {
+    const int64_t wanted_blocks = 3 * 2 * int64_t{std::max(sm_count, 1)};
+    for (int64_t k = row_tiles; k > 1; --k) {
+      if ((row_tiles + k - 1) / k * class_tiles >= wanted_blocks) {
+        per = k;
+        break;
+      }
+    }
+  }
+  const int64_t groups = (row_tiles + per - 1) / per;
+  return static_cast<int>((row_tiles + groups - 1) / groups);
 }
 
 // Whether the device runs the fused kernels' tensor-core tile: sm_80+, with code built for it (a
@@ -1118,9 +1165,9 @@ bool current_stream_is_capturing() {
 }
 
 void check_labels_cuda(const at::Tensor& labels, const at::Tensor& weight, int64_t ignore_index,
-                       int64_t class_offset, int64_t num_classes) {
+                       int64_t class_offset, int64_t num_classes, bool capturing) {
   const int64_t n = labels.numel();
-  if (n == 0 || current_stream_is_capturing()) return;
+  if (n == 0 || capturing) return;
   num_classes = resolved_num_classes(class_offset, num_classes, weight);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor first_bad = at::empty({1}, labels.options());
@@ -1347,10 +1394,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
                               /*check_labels=*/false);
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
   const at::Tensor labels = labels_in.contiguous();
-  check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes);
+  const bool capturing = current_stream_is_capturing();
+  check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes, capturing);
   at::Tensor row_margins_storage;
-  const double* row_margins =
-      row_margins_data(row_margins_in, embeddings_in, row_margins_storage, !current_stream_is_capturing());
+  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage, !capturing);
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();
@@ -1463,6 +1510,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
   const int stages = fused ? fused_tile_stages(x.get_device()) : 0;
+  const int sm_count = fused ? device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()) : 0;
   // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64); the first chunk's GEMM
   // writes it, so it needs no zero fill.
   at::Tensor grad_xhat = needs_embeddings_grad ? at::empty({n, dim}, acc_options) : at::Tensor();
@@ -1480,7 +1528,9 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
     if (fused) {
       if constexpr (converts) {
         constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
-        const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
+        const int row_tiles_per_block = plan_backward_row_tiles(n, width, sm_count);
+        const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
+        const dim3 grid(static_cast<unsigned>((row_tiles + row_tiles_per_block - 1) / row_tiles_per_block),
                         static_cast<unsigned>((width + kTileClasses - 1) / kTileClasses));
         with_tile_stages(stages, [&](auto depth) {
           constexpr int kStages = decltype(depth)::value;
@@ -1490,7 +1540,8 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
                   raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0,
                   rows_ptr, grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s),
                   grad_block_buffer.data_ptr<scalar_t>(), block_pitch,
-                  needs_weight_grad ? chunk_inv_norm : nullptr, needs_weight_grad ? chunk_unclamped : nullptr);
+                  needs_weight_grad ? chunk_inv_norm : nullptr, needs_weight_grad ? chunk_unclamped : nullptr,
+                  row_tiles_per_block);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       }
@@ -1605,13 +1656,14 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   }
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
   const at::Tensor labels = labels_in.contiguous();
-  if (check_labels) {
-    check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes);
+  // The training backward (check_labels false) has the labels and margins its forward checked: no
+  // second sync, and no capture query.
+  const bool check = check_labels && !current_stream_is_capturing();
+  if (check) {
+    check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes, /*capturing=*/false);
   }
-  // The training backward (check_labels false) has the margins its forward checked: no second sync.
   at::Tensor row_margins_storage;
-  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage,
-                                               check_labels && !current_stream_is_capturing());
+  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage, check);
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();

@@ -460,6 +460,7 @@ inline void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block
   if (active() != nullptr) fail("launch: a kernel launched from inside a kernel");
   launch_log().push_back(name);
   if (smem_bytes > 0) launch_log().push_back("smem:" + std::to_string(smem_bytes));
+  launch_log().push_back("grid:" + std::to_string(grid.x) + "x" + std::to_string(grid.y));
 
   Launch l;
   l.grid = grid;
