@@ -4,11 +4,10 @@ Compares, in one interleaved run: `ours` (arcface_ext.combined_margin_loss; on C
 inputs its fused tensor-core kernels; for bf16 where the N x C gradient block fits the workspace,
 its forward keeps that block and its backward recomputes no cosine), `ours-recompute` (CUDA only:
 the same with ARCFACE_EXT_KEEP_BLOCK=0, the backward recomputing the cosines in its own fused
-kernel), `ours-one-row-tile` (CUDA only: the same with ARCFACE_EXT_BACKWARD_ROW_TILES=1, a
-block of that fused backward kernel for each row tile of each class tile, each summing the class
-norms again, as before session 13; where the block is kept it runs no such kernel and equals
-`ours`), `ours-graphed` (CUDA only: `ours`'s step captured once in a CUDA graph and replayed, what
-the step costs with no host work; its memory is not measured: the graph's pool holds it from the
+kernel), `ours-one-row-tile` (CUDA only: the same with ARCFACE_EXT_ROW_TILES=1, a block of
+the fused kernels for each row tile, each summing the class norms again, as before session 13; the
+forward and the fused backward walk several row tiles a block otherwise), `ours-graphed` (CUDA
+only: `ours`'s step captured once in a CUDA graph and replayed, what the step costs with no host work; its memory is not measured: the graph's pool holds it from the
 capture on), `ours-cublas` (CUDA only: the same op with
 ARCFACE_EXT_CUDA_FUSED=0, i.e. cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the
 pure-PyTorch reference), `compiled` (torch.compile(reference, fullgraph=True)) and `floor` (the
@@ -69,7 +68,7 @@ IMPLS = ("ours", "ours-recompute", "ours-one-row-tile", "ours-graphed", "ours-cu
 CUDA_ONLY = ("ours-recompute", "ours-one-row-tile", "ours-graphed", "ours-cublas")
 # The CUDA op's switches (read at every call) that the comparison variants of `ours` set.
 SWITCHES = {"ours-cublas": ("ARCFACE_EXT_CUDA_FUSED", "0"), "ours-recompute": ("ARCFACE_EXT_KEEP_BLOCK", "0"),
-            "ours-one-row-tile": ("ARCFACE_EXT_BACKWARD_ROW_TILES", "1")}
+            "ours-one-row-tile": ("ARCFACE_EXT_ROW_TILES", "1")}
 DEFAULT_IMPLS = {"cpu": ("ours", "eager", "compiled", "floor"), "cuda": IMPLS}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {
@@ -158,7 +157,7 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
     use_autocast = autocast and not impl.startswith("ours")
     # ours-cublas / ours-recompute / ours-one-row-tile: the CUDA op with its fused tensor-core
-    # kernels, its kept gradient block or its backward blocks' shared class norms switched off, for
+    # kernels, its kept gradient block or its blocks' shared class norms switched off, for
     # comparison (SWITCHES).
     switch, setting = SWITCHES.get(impl, (None, None))
 

@@ -129,7 +129,7 @@ for stage in "${STAGES[@]}"; do
     memcheck) run_stage memcheck sanitize 100 40 compute-sanitizer --tool memcheck --error-exitcode 9 \
                 "$PY" benchmarks/sanitize_case.py ;;
     profile)
-      # one-row-tile: the fused backward as before session 13 (each row tile's block sums the norms).
+      # one-row-tile: the fused kernels as before session 13 (each row tile's block sums the norms).
       run_stage profile profile 70 20 "$PY" benchmarks/profile_loss.py --paths fused,one-row-tile,cublas
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
       # fused keeps the gradient block there (bf16, 100 MB in the 128 MiB workspace); recompute does not.

@@ -6,8 +6,8 @@
 For each path (fused: the tensor-core kernels, the default for 16-bit inputs, with the forward's kept
 gradient block where it fits the workspace (bf16); recompute: the same with ARCFACE_EXT_KEEP_BLOCK=0,
 the backward recomputing the cosines in its fused kernel; one-row-tile: fused with
-ARCFACE_EXT_BACKWARD_ROW_TILES=1, a fused backward block for each row tile of each class tile, each
-summing the class norms again, as before session 13; cublas: the same op with
+ARCFACE_EXT_ROW_TILES=1, a block of the fused kernels for each row tile, each summing the class
+norms again, as before session 13; cublas: the same op with
 ARCFACE_EXT_CUDA_FUSED=0) it warms up, then records one step with torch.profiler and prints
 the kernels by total GPU time (count, total ms, share of the step's kernel time), plus the step's
 wall time from CUDA events and the sum of kernel times (their difference is launch gaps or host
@@ -45,9 +45,9 @@ def profile_path(path, embeddings, weight, labels, top):
     os.environ["ARCFACE_EXT_CUDA_FUSED"] = "0" if path == "cublas" else "1"
     os.environ["ARCFACE_EXT_KEEP_BLOCK"] = "0" if path == "recompute" else "1"
     if path == "one-row-tile":
-        os.environ["ARCFACE_EXT_BACKWARD_ROW_TILES"] = "1"
+        os.environ["ARCFACE_EXT_ROW_TILES"] = "1"
     else:
-        os.environ.pop("ARCFACE_EXT_BACKWARD_ROW_TILES", None)
+        os.environ.pop("ARCFACE_EXT_ROW_TILES", None)
     for _ in range(2):
         step(embeddings, weight, labels)
     torch.cuda.synchronize()

@@ -75,12 +75,12 @@ def main():
             ok &= case(37, 40, 5003, dtype, workspace_bytes=64 << 20)  # one chunk, two 4096 segments
             ok &= case(300, 72, 1000, dtype, workspace_bytes=1)  # 3 row tiles, a partial depth slice
             if setting == "1" and dtype in (torch.bfloat16, torch.float16):
-                # The fused backward's blocks walk 2 + 1 row tiles, the class norms summed once a block
+                # The fused kernels' blocks walk 2 + 1 row tiles, the class norms summed once a block
                 # (the host picks one row tile a block at this size).
-                os.environ["ARCFACE_EXT_BACKWARD_ROW_TILES"] = "2"
-                print("ARCFACE_EXT_BACKWARD_ROW_TILES=2")
+                os.environ["ARCFACE_EXT_ROW_TILES"] = "2"
+                print("ARCFACE_EXT_ROW_TILES=2")
                 ok &= case(300, 72, 1000, dtype, workspace_bytes=1)
-                os.environ.pop("ARCFACE_EXT_BACKWARD_ROW_TILES")
+                os.environ.pop("ARCFACE_EXT_ROW_TILES")
             ok &= case(37, 36, 1031, dtype, workspace_bytes=1)  # D not a multiple of 8: cuBLAS path
     os.environ.pop("ARCFACE_EXT_CUDA_FUSED")
     ok &= case(9, 24, 600, torch.float32, workspace_bytes=1, needs=(True, False))

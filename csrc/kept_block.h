@@ -29,8 +29,9 @@ constexpr int64_t kMaxKeptClasses = int64_t{65535} * 128;
 
 // What the workspace must hold beyond the block, per row: the fused forward's per-segment softmax
 // statistics (8 bytes a row a segment) come out of what the block leaves, and 1,024 segments keep
-// its grid wide (16 blocks an SM on 132 SMs at N = 512 takes 528). A block that left less would
-// collapse the forward onto a few blocks.
+// its grid wide (at N = 512 on 132 SMs its blocks walk the four row tiles of one class tile each: a
+// segment a class tile, up to 131,072 classes). A block that left less would collapse the forward
+// onto a few blocks.
 constexpr int64_t kKeptRowReserve = 8 * 1024;
 
 struct KeptLayout {

@@ -356,6 +356,26 @@ def test_kept_block_matches_the_reference_and_the_recomputation(kernel, monkeypa
         assert_matches_table(a, e.double(), name=name, roundings=GEMM_OPERAND_ROUNDINGS)
 
 
+@pytest.mark.parametrize("keep", ["kept", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_blocks_walking_row_tiles_change_no_bit(monkeypatch, keep, dtype):
+    # The fused kernels' blocks walk several row tiles and sum the class norms once (the host's
+    # choice for large grids; ARCFACE_EXT_ROW_TILES forces it here): the same segments, the same
+    # norms and the same sums as one row tile a block, so the same bits. N = 300: three row tiles,
+    # the last partial; bf16 keeps the gradient block ("kept") or recomputes it, fp16 recomputes.
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "1" if keep == "kept" else "0")
+    x, w, labels = make_inputs(300, 72, 700, seed=43, dtype=dtype, ignored=(5, 130))
+    upstream = upstream_gradient(300, seed=43, dtype=torch.float64)
+    outputs = {}
+    for setting in ("1", "3"):
+        monkeypatch.setenv("ARCFACE_EXT_ROW_TILES", setting)
+        outputs[setting] = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream)
+    for name, a, e in zip(OUTPUTS, outputs["3"], outputs["1"]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=name)
+    expected = op_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels, upstream=upstream)
+    assert_matches(outputs["3"], expected)
+
+
 def test_kept_block_backward_twice_with_a_retained_graph():
     # The backward only reads the kept block: a second backward through a retained graph adds
     # the same gradients again.

@@ -114,33 +114,65 @@ def test_pipeline_depths_under_the_racing_schedule(emulated, monkeypatch, depth)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("setting, grid", [(None, "1x6"), ("2", "2x6"), ("1", "3x6"), ("9", "1x6")],
                          ids=["auto", "two", "one", "more-than-there-are"])
-def test_backward_blocks_walk_several_row_tiles(emulated, monkeypatch, dtype, setting, grid):
-    # A fused backward block walks several row tiles of its class tile and sums the class norms at
-    # the first only. N = 300: three row tiles, the last with 44 rows; C = 700: six class tiles, the
-    # last partial. With one SM (six blocks wanted) the host's choice is all three row tiles a
-    # block; ARCFACE_EXT_BACKWARD_ROW_TILES=2 splits them 2 + 1. Under the racing schedule a tile that started before
-    # the previous one's copy-out had finished, or norms read before any were summed, would show.
+def test_blocks_walk_several_row_tiles(emulated, monkeypatch, dtype, setting, grid):
+    # A fused block walks several row tiles of its class tiles and sums the class norms in the first
+    # only: the backward's a row tile after another, the forward's in passes over its segment. N =
+    # 300: three row tiles, the last with 44 rows; C = 700: six class tiles, the last partial. With
+    # one SM the host's choice is all three row tiles a block, in both kernels;
+    # ARCFACE_EXT_ROW_TILES=2 splits them 2 + 1. Under the racing schedule a tile that started
+    # before the previous one's copy-out had finished, or norms read before any were summed, would
+    # show.
     monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
     monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
     monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
     if setting is None:
-        monkeypatch.delenv("ARCFACE_EXT_BACKWARD_ROW_TILES", raising=False)
+        monkeypatch.delenv("ARCFACE_EXT_ROW_TILES", raising=False)
     else:
-        monkeypatch.setenv("ARCFACE_EXT_BACKWARD_ROW_TILES", setting)
+        monkeypatch.setenv("ARCFACE_EXT_ROW_TILES", setting)
     x, w, labels, grad = inputs(300, 72, 700, dtype, seed=7)
     emulated.take_launch_log()
     ours = forward_backward(emulated, x, w, labels, grad)
     launched = emulated.take_launch_log().split()
-    backward = launched.index("fused_backward_kernel")
-    assert launched[backward + 2] == f"grid:{grid}", launched
+    for kernel in ("fused_forward_kernel", "fused_backward_kernel"):
+        assert launched[launched.index(kernel) + 2] == f"grid:{grid}", (kernel, launched)
     assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w, labels, grad))
 
 
+@pytest.mark.parametrize("setting, grid", [(None, "2x3"), ("3", "1x3"), ("1", "3x3")],
+                         ids=["auto", "three", "one"])
+def test_forward_passes_over_segments_of_several_tiles(emulated, monkeypatch, setting, grid):
+    # The forward's passes over segments of 2 class tiles (one SM; a 7,200-byte workspace holds 3
+    # segments of statistics for 300 rows, so the 5 class tiles go 2 + 2 + 1): every pass's first
+    # tile streams in while the previous pass's last one is reduced. The host takes 2 + 1 passes
+    # (one block of 3 a segment would leave the second round of the one SM's two slots half
+    # empty).
+    monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
+    monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
+    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
+    if setting is None:
+        monkeypatch.delenv("ARCFACE_EXT_ROW_TILES", raising=False)
+    else:
+        monkeypatch.setenv("ARCFACE_EXT_ROW_TILES", setting)
+    x, w, labels, _ = inputs(300, 40, 600, torch.bfloat16, seed=8)
+    args = op_args(3 * 300 * 8)
+    emulated.take_launch_log()
+    ours = emulated.margin_softmax_forward(x, w, labels, *args)
+    launched = emulated.take_launch_log().split()
+    assert launched[launched.index("fused_forward_kernel") + 2] == f"grid:{grid}", launched
+    expected = torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, *args)
+    for name, a, e in zip(("loss", "logsumexp", "target_cosine"), ours, expected):
+        assert_close_report(a, e, atol=1e-5 * max(float(e.abs().max()), 1.0), rtol=1e-5, name=name)
+
+
 def test_a_bad_row_tile_count_is_named(emulated, monkeypatch):
-    monkeypatch.setenv("ARCFACE_EXT_BACKWARD_ROW_TILES", "0")
+    monkeypatch.delenv("ARCFACE_EXT_ROW_TILES", raising=False)
     x, w, labels, grad = inputs(8, 32, 50, torch.bfloat16, seed=6)
     _, lse, _ = emulated.margin_softmax_forward(x, w, labels, *op_args())
-    with pytest.raises(ValueError, match="ARCFACE_EXT_BACKWARD_ROW_TILES must be a positive count, got '0'"):
+    monkeypatch.setenv("ARCFACE_EXT_ROW_TILES", "0")
+    message = "ARCFACE_EXT_ROW_TILES must be a positive count, got '0'"
+    with pytest.raises(ValueError, match=message):
+        emulated.margin_softmax_forward(x, w, labels, *op_args())
+    with pytest.raises(ValueError, match=message):
         emulated.margin_softmax_backward(grad.float(), x, w, labels, lse, *op_args(), True, True)
 
 

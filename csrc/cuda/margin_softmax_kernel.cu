@@ -548,7 +548,7 @@ using cuda::tile_row;
 // template parameters (shared float[128] and bool[128], or nullptr for no flags), so that the CPU
 // emulator's checked shared arrays (tests/emulator) pass through as well.
 template <typename InvNorms, typename Unclamped>
-__device__ __forceinline__ void publish_class_norms(float norm_sq, InvNorms& inv_norm, Unclamped&& unclamped) {
+__device__ __forceinline__ void publish_class_norms(float norm_sq, InvNorms&& inv_norm, Unclamped&& unclamped) {
   norm_sq += __shfl_xor_sync(0xffffffffu, norm_sq, 1);
   if (threadIdx.x % 2 == 0) {
     const float norm = sqrtf(norm_sq);
@@ -566,11 +566,18 @@ struct alignas(2 * sizeof(scalar_t)) ValuePair {
   scalar_t value[2];
 };
 
-// Forward. Block (r, g) owns rows [128 r, 128 r + 128) and class tiles
-// [g·tiles_per_segment, (g+1)·tiles_per_segment): it walks its tiles, reduces each row's logits of
-// a tile to (max, Σexp) over the 4 lanes that hold them, folds that into running statistics (one
-// lane of the quad keeps them), merges the 4 warps that share a row in a fixed order, and writes one
-// (max, sum) per (row, segment g).
+// The most class tiles a fused forward block walks when it makes several passes: their norms, summed
+// in the first pass, wait in shared memory for the others (5 KB).
+constexpr int kMaxCachedTiles = 8;
+
+// Forward. Block (b, g) owns class tiles [g·tiles_per_segment, (g+1)·tiles_per_segment) and walks
+// them in `passes` passes, one a row tile: rows [128 r, +128) for r = b·row_tiles_per_block + pass
+// (one pass, one row tile a block, before session 13; see plan_fused_segments). In a pass it walks
+// its tiles, reduces each row's logits of a tile to (max, Σexp) over the 4 lanes that hold them,
+// folds that into running statistics (one lane of the quad keeps them), and at the pass's end
+// merges the 4 warps that share a row in a fixed order and writes one (max, sum) per (row,
+// segment g). The first pass sums the class tiles' norms and keeps them in shared memory for the
+// others (a pass of more than kMaxCachedTiles tiles is the only pass).
 // With kKeep (bf16), it also writes the kept block (kept_block.h): H_ij = s·exp(l_ij - S_i)/‖w_j‖,
 // from the exponentials the sum already took (exp(l - m) of the tile's row maximum m, times
 // exp(m - S_i)); 0 at the target column (finalize writes it) and past the last class. Where the
@@ -585,7 +592,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
                          int64_t tiles_per_segment,
                          float* __restrict__ segment_max, float* __restrict__ segment_sum,
                          int64_t segments, at::BFloat16* __restrict__ kept_block, int64_t kept_ld,
-                         float* __restrict__ class_inv_norm, uint8_t* __restrict__ class_unclamped) {
+                         float* __restrict__ class_inv_norm, uint8_t* __restrict__ class_unclamped,
+                         int row_tiles_per_block) {
   static_assert(!kKeep || kBFloat16, "the kept block is bf16 only (fp16's range is too narrow for its shift)");
   extern __shared__ __align__(16) uint16_t tile_smem[];
   __shared__ float row_inv_norm[kTileRows];
@@ -593,56 +601,77 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __shared__ int64_t row_target[kTileRows];
   __shared__ float part_max[4][kTileRows];
   __shared__ float part_sum[4][kTileRows];
-  __shared__ float tile_inv_norm[kTileClasses];
-  __shared__ bool tile_unclamped[kTileClasses];  // kKeep only
+  __shared__ float tile_inv_norm[kMaxCachedTiles][kTileClasses];
+  __shared__ bool tile_unclamped[kMaxCachedTiles][kTileClasses];  // kKeep only
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-  const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
-  for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
-    const int64_t i = row0 + r;
-    const bool counted = i < n && rows[i].counted;
-    // Rows that do not count get finite, meaningless statistics; finalize never reads them.
-    row_inv_norm[r] = counted ? static_cast<float>(rows[i].inv_norm) : 0.0f;
-    row_target_logit[r] = counted ? static_cast<float>(rows[i].logit) : 0.0f;
-    row_target[r] = counted ? rows[i].label : -1;
-  }
+  const int64_t first_row_tile = int64_t{blockIdx.x} * row_tiles_per_block;
+  const int64_t passes = std::min<int64_t>(row_tiles_per_block, (n + kTileRows - 1) / kTileRows - first_row_tile);
+  // The pass's rows' norms, target logits and targets; rows that do not count get finite,
+  // meaningless statistics, which finalize never reads.
+  auto load_rows = [&](int64_t row0) {
+    for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
+      const int64_t i = row0 + r;
+      const bool counted = i < n && rows[i].counted;
+      row_inv_norm[r] = counted ? static_cast<float>(rows[i].inv_norm) : 0.0f;
+      row_target_logit[r] = counted ? static_cast<float>(rows[i].logit) : 0.0f;
+      row_target[r] = counted ? rows[i].label : -1;
+    }
+  };
+  load_rows(first_row_tile * kTileRows);
   __syncthreads();
 
   // Each tile's statistics are reduced over the quad (the 4 lanes holding a row's 32 classes of
   // this warp) at once; lane q of the quad then keeps the running statistics of two of its eight
   // rows, k = q and q + 4 (k = 2 mi + h): 4 registers instead of 16 across the tile GEMM.
   const int quad_lane = threadIdx.x % 4;
+  const int warp_n = threadIdx.x / 32 % 4;
   cuda::SoftmaxStats<float> running[2] = {{kNegInf, 0.0f}, {kNegInf, 0.0f}};
 
   const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
   const int64_t first = int64_t{blockIdx.y} * tiles_per_segment;
-  const int64_t last = std::min(first + tiles_per_segment, tiles);
-  // One pipeline over the segment's tiles: the next tile's first slices load during this epilogue.
-  const cuda::TileRun run = cuda::make_tile_run(x, n, row0, w, c, first * kTileClasses, last - first, dim);
-  for (int64_t tile = first; tile < last; ++tile) {
+  const int64_t per_pass = std::min(first + tiles_per_segment, tiles) - first;
+  // One pipeline over every pass's tiles: the next tile's first slices load during this epilogue,
+  // the next pass's during the last tile's.
+  const cuda::TileRun run = cuda::make_tile_run(x, n, first_row_tile * kTileRows, w, c, first * kTileClasses,
+                                                per_pass, dim, passes);
+  int64_t pass = 0, in_pass = 0;  // t = pass·per_pass + in_pass
+  for (int64_t t = 0; t < run.tiles; ++t) {
+    const int64_t tile = first + in_pass;
     const int64_t col0 = tile * kTileClasses;
+    const int64_t row0 = (first_row_tile + pass) * kTileRows;
+    const int slot = static_cast<int>(in_pass % kMaxCachedTiles);
     cuda::TileAcc acc;
     float norm_sq;
-    cuda::tile_run_gemm<kBFloat16, true, kStages>(run, tile - first, tile_smem, acc, norm_sq);
-    // (The previous tile's epilogue read tile_inv_norm before this tile's GEMM barriers.)
-    if constexpr (kKeep) {
-      publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
-      if (blockIdx.x == 0) {
-        for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
-          if (col0 + jl < c) {
-            class_inv_norm[col0 + jl] = tile_inv_norm[jl];
-            class_unclamped[col0 + jl] = tile_unclamped[jl];
+    // (The previous tile's epilogue read the row arrays and tile_inv_norm before this tile's GEMM
+    // barriers.)
+    if (pass == 0) {
+      cuda::tile_run_gemm<kBFloat16, true, kStages>(run, t, tile_smem, acc, norm_sq);
+      if constexpr (kKeep) {
+        publish_class_norms(norm_sq, tile_inv_norm[slot], tile_unclamped[slot]);
+        if (blockIdx.x == 0) {
+          for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
+            if (col0 + jl < c) {
+              class_inv_norm[col0 + jl] = tile_inv_norm[slot][jl];
+              class_unclamped[col0 + jl] = tile_unclamped[slot][jl];
+            }
           }
         }
+      } else {
+        publish_class_norms(norm_sq, tile_inv_norm[slot], nullptr);
       }
     } else {
-      publish_class_norms(norm_sq, tile_inv_norm, nullptr);
+      cuda::tile_run_gemm<kBFloat16, false, kStages>(run, t, tile_smem, acc, norm_sq);
+      if (in_pass == 0) {  // a new pass: its row tile's rows
+        load_rows(row0);
+        __syncthreads();
+      }
     }
     float inv_w[4][2];
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) inv_w[ni][e] = tile_inv_norm[tile_class(ni, e)];
+      for (int e = 0; e < 2; ++e) inv_w[ni][e] = tile_inv_norm[slot][tile_class(ni, e)];
     // Column tile_class(ni, e) = first_col + 8 ni + e of the tile: the target and the end of the
     // classes compare in these 32-bit offsets, once a row and once a tile, not as 64-bit class
     // indices at every logit.
@@ -735,26 +764,32 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         if (quad_lane == q) mine = tile_stats[4 * u + q];  // selects, not a run-time index
       running[u] = cuda::merge_stats(running[u], mine);
     }
-  }
 
-  // Each row's statistics of this warp's 32-class columns now sit in one lane: to shared memory.
-  const int warp_n = threadIdx.x / 32 % 4;
+    if (++in_pass == per_pass) {
+      // The pass's end: each row's statistics of this warp's 32-class columns sit in one lane; to
+      // shared memory, then each row's four merged in a fixed order. (The next pass's GEMM
+      // barriers come before these arrays are written again.)
 #pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    const int k = quad_lane + 4 * u;
-    const int r = tile_row(k / 2, k % 2);
-    part_max[warp_n][r] = running[u].max;
-    part_sum[warp_n][r] = running[u].sum;
-  }
-  __syncthreads();
-  for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
-    const int64_t i = row0 + r;
-    if (i >= n) break;
-    cuda::SoftmaxStats<float> stats{part_max[0][r], part_sum[0][r]};
+      for (int u = 0; u < 2; ++u) {
+        const int k = quad_lane + 4 * u;
+        const int r = tile_row(k / 2, k % 2);
+        part_max[warp_n][r] = running[u].max;
+        part_sum[warp_n][r] = running[u].sum;
+        running[u] = {kNegInf, 0.0f};
+      }
+      __syncthreads();
+      for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
+        const int64_t i = row0 + r;
+        if (i >= n) break;
+        cuda::SoftmaxStats<float> stats{part_max[0][r], part_sum[0][r]};
 #pragma unroll
-    for (int k = 1; k < 4; ++k) stats = cuda::merge_stats(stats, {part_max[k][r], part_sum[k][r]});
-    segment_max[i * segments + blockIdx.y] = stats.max;
-    segment_sum[i * segments + blockIdx.y] = stats.sum;
+        for (int k = 1; k < 4; ++k) stats = cuda::merge_stats(stats, {part_max[k][r], part_sum[k][r]});
+        segment_max[i * segments + blockIdx.y] = stats.max;
+        segment_sum[i * segments + blockIdx.y] = stats.sum;
+      }
+      in_pass = 0;
+      ++pass;
+    }
   }
 }
 
@@ -996,25 +1031,67 @@ int64_t fused_backward_bytes_per_class(int64_t n, int64_t dim, bool needs_weight
   return n * 2 + (needs_weight_grad && !kPInGradWeight<scalar_t> ? dim * 4 : 0);
 }
 
-// How the fused forward splits the classes among blocks: `tiles_per_segment` class tiles a block
-// (its statistics merged in registers), `count` segments. Aims at ~16 blocks per SM (several
-// waves of two resident blocks, so the last wave's idle tail stays small), with at least one tile
-// a block and the 2·N·count floats of statistics within the workspace.
+// Whether a grid of `blocks` equal blocks keeps the GPU busy: two blocks an SM (the fused kernels'
+// occupancy) in every round but the last, which is at least 80% full, or at least four rounds.
+bool fills_waves(int64_t blocks, int sm_count) {
+  const int64_t slots = 2 * int64_t{std::max(sm_count, 1)};
+  const int64_t rounds = (blocks + slots - 1) / slots;
+  return blocks >= 4 * slots || (blocks >= slots && 5 * blocks >= 4 * rounds * slots);
+}
+
+// ARCFACE_EXT_ROW_TILES (read at every call, for measuring and for the sanitizers): how many row
+// tiles a fused block walks, forward and backward, instead of the host's choice; 1 is one row tile a
+// block, the layout before session 13. 0 when unset.
+int64_t row_tiles_setting() {
+  const char* setting = std::getenv("ARCFACE_EXT_ROW_TILES");
+  if (setting == nullptr) return 0;
+  const int64_t value = std::atoll(setting);
+  TORCH_CHECK_VALUE(value >= 1, "arcface_ext: ARCFACE_EXT_ROW_TILES must be a positive count, got '", setting, "'");
+  return value;
+}
+
+// k row tiles a block, evened out over the row tiles (5 row tiles go 3 + 2, not 4 + 1).
+int64_t even_row_tiles(int64_t row_tiles, int64_t k) {
+  const int64_t groups = (row_tiles + k - 1) / k;
+  return (row_tiles + groups - 1) / groups;
+}
+
+// How the fused forward splits the work among blocks: `row_tiles_per_block` row tiles (passes) and
+// `tiles_per_segment` class tiles a block (its statistics merged in registers), `count` segments.
+// Aims at ~16 blocks per SM (several waves of two resident blocks, so the last wave's idle tail
+// stays small), with at least one tile a block and the 2·N·count floats of statistics within the
+// workspace. Each pass after a block's first takes its class norms from the first (about 35 of a
+// depth slice's ~150 instructions less): the host takes the most passes (up to all the row tiles)
+// whose grid still fills the waves with at most kMaxCachedTiles class tiles a block; at N = 512 that
+// is 4 at C = 100k and 1M. ARCFACE_EXT_ROW_TILES sets the passes instead (one pass when the
+// segments would be longer than kMaxCachedTiles).
 struct FusedSegments {
   int64_t tiles_per_segment;
   int64_t count;
+  int row_tiles_per_block;
 };
 
 FusedSegments plan_fused_segments(int64_t n, int64_t c, int64_t workspace_bytes, int sm_count) {
   const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
   const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
   const int64_t wanted_blocks = 16 * int64_t{std::max(sm_count, 1)};
-  int64_t per = std::max<int64_t>(1, row_tiles * tiles / wanted_blocks);
   auto segments = [&](int64_t p) { return (tiles + p - 1) / p; };
-  while (per < tiles &&
-         (n * segments(per) * 2 * int64_t{sizeof(float)} > workspace_bytes || segments(per) > kMaxGridY))
-    per = std::min(per * 2, tiles);
-  return {per, segments(per)};
+  auto plan = [&](int64_t k) {
+    const int64_t groups = (row_tiles + k - 1) / k;
+    int64_t per = std::max<int64_t>(1, groups * tiles / wanted_blocks);
+    while (per < tiles &&
+           (n * segments(per) * 2 * int64_t{sizeof(float)} > workspace_bytes || segments(per) > kMaxGridY))
+      per = std::min(per * 2, tiles);
+    return FusedSegments{per, segments(per), static_cast<int>(even_row_tiles(row_tiles, k))};
+  };
+  const int64_t setting = row_tiles_setting();
+  for (int64_t k = setting > 0 ? std::min(row_tiles, setting) : row_tiles; k > 1; --k) {
+    const FusedSegments p = plan(k);
+    const int64_t blocks = (row_tiles + p.row_tiles_per_block - 1) / p.row_tiles_per_block * p.count;
+    if (p.tiles_per_segment <= kMaxCachedTiles && (setting > 0 || fills_waves(blocks, sm_count))) return p;
+    if (setting > 0) break;
+  }
+  return plan(1);
 }
 
 int device_attribute(cudaDeviceAttr attribute, int device) {
@@ -1026,30 +1103,22 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
 // How many of a class tile's row tiles one block of fused_backward_kernel walks. Every row tile's
 // block used to sum the class tile's norms again (about 35 of the ~150 instructions of a depth
 // slice in the H200 SASS, session 13): a block walking k row tiles sums them once. Fewer, longer
-// blocks leave a longer idle tail in the last wave, so k is the largest that keeps at least three
-// waves of two blocks an SM, evened out over the row tiles (5 row tiles go 3 + 2, not 4 + 1).
-// ARCFACE_EXT_BACKWARD_ROW_TILES sets k instead (read at every call, for measuring and for the
-// sanitizers; 1 is one row tile a block, the layout before session 13).
+// blocks leave a longer idle tail, so k is the largest whose grid still fills the waves
+// (fills_waves): 4 at N = 512 with the 128 MiB default at C = 1M.
 int plan_backward_row_tiles(int64_t n, int64_t width, int sm_count) {
   const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
   const int64_t class_tiles = (width + kTileClasses - 1) / kTileClasses;
-  int64_t per = 1;
-  if (const char* setting = std::getenv("ARCFACE_EXT_BACKWARD_ROW_TILES")) {
-    const int64_t value = std::atoll(setting);
-    TORCH_CHECK_VALUE(value >= 1, "arcface_ext: ARCFACE_EXT_BACKWARD_ROW_TILES must be a positive count, got '",
-                      setting, "'");
-    per = std::min(row_tiles, value);
-  } else {
-    const int64_t wanted_blocks = 3 * 2 * int64_t{std::max(sm_count, 1)};
+  int64_t per = std::min(row_tiles, row_tiles_setting());
+  if (per == 0) {
+    per = 1;
     for (int64_t k = row_tiles; k > 1; --k) {
-      if ((row_tiles + k - 1) / k * class_tiles >= wanted_blocks) {
+      if (fills_waves((row_tiles + k - 1) / k * class_tiles, sm_count)) {
         per = k;
         break;
       }
     }
   }
-  const int64_t groups = (row_tiles + per - 1) / per;
-  return static_cast<int>((row_tiles + groups - 1) / groups);
+  return static_cast<int>(even_row_tiles(row_tiles, per));
 }
 
 // Whether the device runs the fused kernels' tensor-core tile: sm_80+, with code built for it (a
@@ -1105,7 +1174,8 @@ void allow_tile_smem(Kernel kernel, int stages, int device) {
 
 // The fused kernels' pipeline depth: ARCFACE_EXT_TILE_STAGES (3, 4 or 5; read at every call, for
 // measuring), else the deepest of 3 and 4 that keeps two blocks an SM (4 on sm_90's 228 KB, 3 on
-// sm_80's 164 KB), with 8 KB a block for the kernels' static arrays and the runtime's reserve.
+// sm_80's 164 KB), with 16 KB a block for the kernels' static arrays (the forward's are ~12 KB) and
+// the runtime's reserve.
 int fused_tile_stages(int device) {
   if (const char* setting = std::getenv("ARCFACE_EXT_TILE_STAGES")) {
     const int stages = std::atoi(setting);
@@ -1115,7 +1185,7 @@ int fused_tile_stages(int device) {
     return stages;
   }
   const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  return 2 * (cuda::tile_smem_bytes(4) + 8192) <= per_sm ? 4 : cuda::kMinTileStages;
+  return 2 * (cuda::tile_smem_bytes(4) + 16384) <= per_sm ? 4 : cuda::kMinTileStages;
 }
 
 // Calls f(std::integral_constant<int, stages>{}): the kernels are instantiated for each depth.
@@ -1283,7 +1353,8 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
           n, c, workspace_bytes, device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()));
       const at::Tensor segment_max = at::empty({n, segments.count}, acc_options);
       const at::Tensor segment_sum = at::empty({n, segments.count}, acc_options);
-      const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
+      const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
+      const dim3 grid(static_cast<unsigned>((row_tiles + segments.row_tiles_per_block - 1) / segments.row_tiles_per_block),
                       static_cast<unsigned>(segments.count));
       const int stages = fused_tile_stages(x.get_device());
       with_tile_stages(stages, [&](auto depth) {
@@ -1298,7 +1369,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
                   segment_sum.data_ptr<acc_t>(), segments.count, kept_block,
                   kept != nullptr ? kept->layout.pitch : 0,
                   kept != nullptr ? kept->inv_norm.data_ptr<float>() : nullptr,
-                  kept != nullptr ? kept->unclamped.data_ptr<uint8_t>() : nullptr);
+                  kept != nullptr ? kept->unclamped.data_ptr<uint8_t>() : nullptr, segments.row_tiles_per_block);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         if constexpr (kBFloat16) {

@@ -6,7 +6,7 @@
 // whole depth D (the rows of both operands are contiguous, D a multiple of 8 and both bases
 // 16-byte aligned, so every global load is one 16-byte cp.async). The depth is walked in 32-wide
 // slices through a kStages-deep cp.async pipeline (3 to 5 stages; the host picks, see
-// fused_tile_stages), kept running across a run of class tiles (TileRun);
+// fused_tile_stages), kept running across a run of tiles (TileRun);
 // each warp owns a 64 x 32 sub-tile and issues mma.sync.m16n8k16 from ldmatrix fragments. Rows and
 // classes past the ends load as zeros.
 //
@@ -176,28 +176,32 @@ __device__ __forceinline__ float sum_squares_16(const uint16_t* p) {
   return sum;
 }
 
-// A run of consecutive class tiles [col0, col0 + 128·tiles) against one row tile, streamed through
-// one kStages-deep cp.async pipeline. Depth slice g of the run (tile g / slices, slice
-// g % slices) lands in stage g % kStages, and the loads stay kStages - 1 slices ahead
-// across tile boundaries: the next tile's first slices load while this tile's last ones are
-// multiplied and while the caller's epilogue runs, instead of the pipeline draining and filling
-// again at every tile (the H200 profile, NOTES.md session 7).
+// A run of tiles streamed through one kStages-deep cp.async pipeline: `passes` consecutive row
+// tiles (from row0) against the same `tiles_per_pass` consecutive class tiles (from col0), class
+// tiles inner: tile t of the run is class tile t % tiles_per_pass of row tile t / tiles_per_pass
+// (one pass, the forward before session 13: a run of class tiles against one row tile). Depth
+// slice g of the run (tile g / slices, slice g % slices) lands in stage g % kStages, and the loads
+// stay kStages - 1 slices ahead across tile and pass boundaries: the next tile's first slices
+// load while this tile's last ones are multiplied and while the caller's epilogue runs, instead of
+// the pipeline draining and filling again at every tile (the H200 profile, NOTES.md session 7).
 struct TileRun {
   const uint16_t* __restrict__ x;
   int64_t rows;
-  int64_t row0;
+  int64_t row0;   // the first pass's first row
   const uint16_t* __restrict__ w;
   int64_t classes;
-  int64_t col0;   // the first tile's first class
-  int64_t tiles;
+  int64_t col0;   // each pass's first class
+  int64_t tiles;  // passes · tiles_per_pass
+  int64_t tiles_per_pass;
   int dim;
   int slices;     // depth slices a tile
 };
 
 __device__ __forceinline__ TileRun make_tile_run(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
                                                  const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
-                                                 int64_t tiles, int dim) {
-  return {x, rows, row0, w, classes, col0, tiles, dim, (dim + kTileDepth - 1) / kTileDepth};
+                                                 int64_t tiles_per_pass, int dim, int64_t passes = 1) {
+  return {x, rows, row0, w, classes, col0, passes * tiles_per_pass, tiles_per_pass, dim,
+          (dim + kTileDepth - 1) / kTileDepth};
 }
 
 // Where the pipeline's next load goes: slice `slice` of the run's tile `tile`, into `stage`, and
@@ -209,17 +213,26 @@ __device__ __forceinline__ TileRun make_tile_run(const uint16_t* __restrict__ x,
 template <int kStages>
 struct TileRunCursor {
   int64_t tile;
+  int64_t class_tile;     // tile % tiles_per_pass
+  int64_t pass_row0;      // row0 + 128·(tile / tiles_per_pass)
   int slice;
   int stage;
-  const uint16_t* x_src;  // x row row0 + r, column slice·32 + k
-  const uint16_t* w_src;  // class row col0 + 128·tile + r, column slice·32 + k
+  const uint16_t* x_src;  // x row pass_row0 + r, column slice·32 + k
+  const uint16_t* w_src;  // class row col0 + 128·class_tile + r, column slice·32 + k
   int depth_left;         // dim - (slice·32 + k): this thread's vectors of the slice exist while > 0
-  bool x_ok[2];           // x rows r and r + 64 exist
-  bool w_ok[2];           // class rows r and r + 64 of `tile` exist
+  bool x_ok[2];           // x rows pass_row0 + r and + 64 exist
+  bool w_ok[2];           // class rows r and r + 64 of `class_tile` exist
+
+  __device__ __forceinline__ void aim_at_rows(const TileRun& run) {
+    const int64_t first = pass_row0 + threadIdx.x / 4;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) x_ok[u] = first + 64 * u < run.rows;
+    x_src = run.x + (x_ok[0] ? first * run.dim + (threadIdx.x % 4) * 8 : 0);
+  }
 
   __device__ __forceinline__ void aim_at_tile(const TileRun& run) {
     const int r = threadIdx.x / 4;
-    const int64_t first = run.col0 + tile * kTileClasses + r;
+    const int64_t first = run.col0 + class_tile * kTileClasses + r;
 #pragma unroll
     for (int u = 0; u < 2; ++u) w_ok[u] = first + 64 * u < run.classes;
     w_src = run.w + (w_ok[0] ? first * run.dim + (threadIdx.x % 4) * 8 : 0);
@@ -228,14 +241,13 @@ struct TileRunCursor {
   // At slice 0 of tile t, stage `stage_of_t`.
   __device__ __forceinline__ void start(const TileRun& run, int64_t t, int stage_of_t) {
     tile = t;
+    const int64_t pass = t / run.tiles_per_pass;
+    class_tile = t - pass * run.tiles_per_pass;
+    pass_row0 = run.row0 + pass * kTileRows;
     slice = 0;
     stage = stage_of_t;
-    const int r = threadIdx.x / 4;
-    const int k = (threadIdx.x % 4) * 8;
-#pragma unroll
-    for (int u = 0; u < 2; ++u) x_ok[u] = run.row0 + r + 64 * u < run.rows;
-    x_src = run.x + (x_ok[0] ? (run.row0 + r) * run.dim + k : 0);
-    depth_left = run.dim - k;
+    depth_left = run.dim - (threadIdx.x % 4) * 8;
+    aim_at_rows(run);
     aim_at_tile(run);
   }
 
@@ -244,8 +256,14 @@ struct TileRunCursor {
     if (++slice == run.slices) {
       slice = 0;
       ++tile;
-      x_src -= (run.slices - 1) * kTileDepth;
       depth_left += (run.slices - 1) * kTileDepth;
+      if (++class_tile == run.tiles_per_pass) {  // the next pass: the next row tile, the first class tile
+        class_tile = 0;
+        pass_row0 += kTileRows;
+        aim_at_rows(run);
+      } else {
+        x_src -= (run.slices - 1) * kTileDepth;
+      }
       aim_at_tile(run);
     } else {
       x_src += kTileDepth;
@@ -277,8 +295,8 @@ __device__ __forceinline__ void tile_run_load(const TileRun& run, uint16_t* smem
   cp_async_commit();
 }
 
-// acc = X[row0 : row0+128, :] · W[col0 + 128·t : col0 + 128·(t+1), :]ᵀ, tile t of the run (see the
-// top of the file). Every thread of the block calls it for t = 0, 1, ... in order; between two calls
+// acc = X[r0 : r0+128, :] · W[c0 : c0+128, :]ᵀ for tile t of the run, r0 = row0 + 128·(t / tiles_per_pass)
+// and c0 = col0 + 128·(t % tiles_per_pass) (see the top of the file). Every thread of the block calls it for t = 0, 1, ... in order; between two calls
 // the caller must not touch `smem` (tile_smem_bytes(kStages) of dynamic shared memory: the next
 // tile's first slices are landing there). After the run's last tile every copy has landed, every warp is past
 // its last read, and `smem` is free again.
@@ -376,7 +394,7 @@ __device__ __forceinline__ void tile_gemm(const uint16_t* __restrict__ x, int64_
                                           const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
                                           int dim, uint16_t* smem, TileAcc& acc, float& norm_sq) {
   tile_run_gemm<kBFloat16, kClassNorms, kStages>(make_tile_run(x, rows, row0, w, classes, col0, 1, dim), 0, smem, acc,
-                                        norm_sq);
+                                                 norm_sq);
 }
 
 }  // namespace cuda
