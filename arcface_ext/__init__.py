@@ -6,13 +6,14 @@ from .functional import (combined_margin_loss, extension_available, get_workspac
                          set_workspace_bytes)
 from .modules import (AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, ElasticFaceLoss, MagFaceLoss,
                       SphereFaceLoss)
-from .distributed import ShardedAdaFaceLoss, ShardedCombinedMarginLoss, ShardedElasticFaceLoss, class_shard
+from .distributed import (ShardedAdaFaceLoss, ShardedCombinedMarginLoss, ShardedElasticFaceLoss, class_shard,
+                          ddp_ignore_shards)
 from .sampling import sample_classes, sample_size
 
 __all__ = [
     "combined_margin_loss", "reference", "CombinedMarginLoss", "ArcFaceLoss", "CosFaceLoss",
     "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "MagFaceLoss", "ShardedCombinedMarginLoss", "ShardedAdaFaceLoss",
-    "ShardedElasticFaceLoss", "class_shard", "sample_classes", "sample_size",
+    "ShardedElasticFaceLoss", "class_shard", "ddp_ignore_shards", "sample_classes", "sample_size",
     "set_workspace_bytes", "get_workspace_bytes", "extension_available",
 ]
 __version__ = "0.1.0"

@@ -147,7 +147,9 @@ class ShardedCombinedMarginLoss(nn.Module):
     the loss is over this rank's rows (``reduction`` as for the unsharded loss). See the module's
     docstring for the gradients. It is not to be wrapped in DistributedDataParallel (its
     ``sharded`` attribute says so to the bundled trainer): DDP would broadcast rank 0's shard over
-    the others'. Wrapped on its own, DDP is told to leave ``weight`` alone and refuses the module.
+    the others'. Wrapped on its own, DDP is told to leave ``weight`` alone and refuses the module;
+    inside a larger wrapped module, call :func:`ddp_ignore_shards` on that module first (the first
+    call raises on every rank when it finds the shards overwritten).
 
     Every rank calls it alike: the same training mode and dtypes, gradients needed or not on every
     rank. The ranks compare these (and whether each rank's arguments passed their checks) in the
@@ -180,6 +182,7 @@ class ShardedCombinedMarginLoss(nn.Module):
                                                device=device, dtype=dtype))
         # DistributedDataParallel's broadcast of rank 0's parameters would overwrite the other shards.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
+        self._shards_compared = False  # see _agree
         self.reset_parameters()
 
     @torch.no_grad()
@@ -280,21 +283,35 @@ class ShardedCombinedMarginLoss(nn.Module):
                                f"{rank} of {world_size}: build it after torch.distributed.init_process_group")
         if self.world_size == 1:
             return labels.shape[0]
-        row = [0, 0, 0, 0, 0]
+        device = self.weight.device
+        row = torch.zeros(6, dtype=torch.int64, device=device)
         if error is None:
             grad = torch.is_grad_enabled()
-            row = [labels.shape[0], 1, 1 + FLOAT_DTYPES.index(fused_compute_dtype(embeddings, self.weight)),
-                   int(self.training), int(grad) + int(grad and embeddings.requires_grad)]
-        table = torch.empty(self.world_size * len(row), dtype=torch.int64, device=self.weight.device)
-        _all_gather_single(table, torch.tensor(row, dtype=torch.int64, device=self.weight.device),
-                           group=self.process_group)
-        table = table.view(self.world_size, len(row)).tolist()
+            row[:5] = torch.tensor([labels.shape[0], 1, 1 + FLOAT_DTYPES.index(fused_compute_dtype(embeddings, self.weight)),
+                                    int(self.training), int(grad) + int(grad and embeddings.requires_grad)])
+            if not self._shards_compared:
+                row[5] = self._first_centre_fingerprint()
+        table = torch.empty(self.world_size * row.numel(), dtype=torch.int64, device=device)
+        _all_gather_single(table, row, group=self.process_group)
+        table = table.view(self.world_size, row.numel()).tolist()
         failed = [r for r, entry in enumerate(table) if not entry[1]]
         if error is not None:
             raise error
         if failed:
             raise RuntimeError(f"rank(s) {failed} of the process group refused their arguments (their own errors say "
                                "why): every rank stops this call")
+        if not self._shards_compared:
+            # The first call: ranks hold different classes, so their first centres differ, unless
+            # DistributedDataParallel over a module holding this loss broadcast rank 0's shard over
+            # the others when it was built (it reads the ignore list of the module it wraps only).
+            self._shards_compared = True
+            prints = {entry[5] for entry in table}
+            if len(prints) == 1 and 0 not in prints:
+                raise RuntimeError(
+                    "every rank's shard of class centres starts with the same centre: DistributedDataParallel "
+                    "over a module that holds this loss has broadcast rank 0's shard over the other ranks' (and "
+                    "would average their gradients). Call arcface_ext.ddp_ignore_shards(model) before wrapping "
+                    "the model, or keep the loss outside the wrapped module")
         for column, what, name in (
                 (2, "compute dtype", lambda v: str(FLOAT_DTYPES[v - 1]).replace("torch.", "")),
                 (3, "mode", lambda v: "training" if v else "eval"),
@@ -304,6 +321,15 @@ class ShardedCombinedMarginLoss(nn.Module):
                 ranks = ", ".join(f"rank {r}: {name(v)}" for r, v in enumerate(values))
                 raise ValueError(f"the ranks must call the sharded loss alike, but they differ in {what} ({ranks})")
         return max(entry[0] for entry in table)
+
+    def _first_centre_fingerprint(self):
+        """A number of this rank's first centre's bytes (0 when there is none or it is all zeros, which
+        proves nothing), as a 0-d int64 tensor on the weight's device: no device sync."""
+        weight = self.weight.detach()
+        if weight.shape[0] == 0:
+            return torch.zeros((), dtype=torch.int64, device=weight.device)
+        data = weight[0].contiguous().view(torch.uint8).to(torch.int64)
+        return (data * torch.arange(1, data.numel() + 1, device=weight.device)).sum()
 
     def _gather_labels(self, labels, rows):
         """Every rank's labels, each rank's padded with ignore_index to ``rows`` (the largest local
@@ -384,6 +410,20 @@ class ShardedCombinedMarginLoss(nn.Module):
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
                 f"m1={self.m1}, m2={self.m2}, m3={self.m3}{sampled}, classes [{self.class_start}, "
                 f"{self.class_stop}) on rank {self.rank} of {self.world_size}")
+
+
+def ddp_ignore_shards(model):
+    """Tells DistributedDataParallel to leave the class shards of the sharded losses inside ``model``
+    alone: call it before wrapping a module that holds one (DDP reads the list of parameters to
+    ignore from the module it wraps only, so a sharded loss inside a larger model would otherwise
+    have rank 0's shard broadcast over the others' and the ranks' shard gradients averaged). Returns
+    the names it added."""
+    names = [f"{prefix}.weight" if prefix else "weight" for prefix, module in model.named_modules()
+             if isinstance(module, ShardedCombinedMarginLoss)]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    added = [name for name in names if name not in ignored]
+    model._ddp_params_and_buffers_to_ignore = ignored + added
+    return added
 
 
 class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):

@@ -312,6 +312,17 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
         weight = module.weight.detach().clone()
         outcomes["ddp"] = _outcome(lambda: torch.nn.parallel.DistributedDataParallel(module))
         outcomes["ddp left the shard alone"] = bool(torch.equal(module.weight, weight))
+        # Inside a larger wrapped model DDP reads the model's ignore list, not the loss's: it
+        # broadcasts rank 0's shard, which the loss's first call finds; ddp_ignore_shards prevents it.
+        for case, ignore in (("ddp over a model", False), ("ddp over a model, shards ignored", True)):
+            model = torch.nn.ModuleDict({"neck": torch.nn.Linear(4, 4).double(),
+                                         "head": arcface_ext.ShardedCombinedMarginLoss(8, 4, dtype=torch.float64)})
+            if ignore:
+                outcomes["ignored names"] = arcface_ext.ddp_ignore_shards(model)
+            weight = model["head"].weight.detach().clone()
+            torch.nn.parallel.DistributedDataParallel(model)
+            outcomes[case + ": shard kept"] = bool(torch.equal(model["head"].weight, weight))
+            outcomes[case] = _outcome(lambda: model["head"](x, labels).backward())
         # A state of the same shard loads; the whole matrix loads as this rank's rows; another rank's
         # shard (same shape: 8 classes on 2 ranks) is refused.
         full = torch.arange(32, dtype=torch.float64).view(8, 4)
@@ -343,6 +354,12 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
             "differ in gradients (rank 0: embeddings with grad, rank 1: embeddings without grad)")
         assert outcomes["alike afterwards"] == "ok"
         assert "parameter that requires a gradient" in outcomes["ddp"] and outcomes["ddp left the shard alone"]
+        assert outcomes["ddp over a model: shard kept"] == (rank == 0)
+        assert outcomes["ddp over a model"].startswith("RuntimeError: every rank's shard of class centres starts with "
+                                                       "the same centre")
+        assert outcomes["ignored names"] == ["head.weight"]
+        assert outcomes["ddp over a model, shards ignored: shard kept"]
+        assert outcomes["ddp over a model, shards ignored"] == "ok"
         assert outcomes["own state"] == outcomes["whole matrix"] == "ok" and outcomes["whole matrix rows"]
         assert f"this rank holds [{4 * rank}, {4 * rank + 4}) of 8" in outcomes["other shard"]
         assert "load the whole matrix" in outcomes["other shard"]
