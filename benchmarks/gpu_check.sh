@@ -17,6 +17,8 @@
 #             each C (an impl that fails, e.g. a refused graph capture, is left out and said so)
 #   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
 #             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
+#   rows      (not in the default list) ours and ours-recompute at C = 1e5 and 1e6 with blocks walking 1,
+#             2 and 4 row tiles (ARCFACE_EXT_ROW_TILES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
 #             search: ours, ours-recompute, ours-one-row-tile, ours-graphed, ours-cublas, eager, compiled and floor at
 #             C = 1e5 and 1e6 (~45 s), for a
@@ -45,7 +47,7 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile ncu racecheck train sweep suite)
-KNOWN=" build cuda bench bench-core depth memcheck profile ncu racecheck train suite sweep --source-hash "
+KNOWN=" build cuda bench bench-core depth rows memcheck profile ncu racecheck train suite sweep --source-hash "
 for stage in "${STAGES[@]}"; do  # before anything runs: a typo must not end the call halfway
   [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage $stage; stages:$KNOWN"; exit 2; }
 done
@@ -125,6 +127,11 @@ for stage in "${STAGES[@]}"; do
       for d in 3 4 5; do
         run_stage "depth-$d" bench 40 20 env ARCFACE_EXT_TILE_STAGES=$d "$PY" benchmarks/bench_loss.py --device cuda \
           --C 100000 1000000 --impls ours,floor --no-memory --warmup 2 --out "/tmp/depth-$d.json"
+      done ;;
+    rows)  # row tiles a fused block walks (the host takes 4 at N = 512; NOTES.md session 13)
+      for k in 1 2 4; do
+        run_stage "rows-$k" bench 40 20 env ARCFACE_EXT_ROW_TILES=$k "$PY" benchmarks/bench_loss.py --device cuda \
+          --C 100000 1000000 --impls ours,ours-recompute,floor --no-memory --warmup 2 --out "/tmp/rows-$k.json"
       done ;;
     memcheck) run_stage memcheck sanitize 100 40 compute-sanitizer --tool memcheck --error-exitcode 9 \
                 "$PY" benchmarks/sanitize_case.py ;;

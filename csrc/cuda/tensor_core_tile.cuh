@@ -217,6 +217,7 @@ struct TileRunCursor {
   int64_t pass_row0;      // row0 + 128·(tile / tiles_per_pass)
   int slice;
   int stage;
+  uint32_t dst;           // the shared address of this thread's x vector in `stage`
   const uint16_t* x_src;  // x row pass_row0 + r, column slice·32 + k
   const uint16_t* w_src;  // class row col0 + 128·class_tile + r, column slice·32 + k
   int depth_left;         // dim - (slice·32 + k): this thread's vectors of the slice exist while > 0
@@ -238,9 +239,10 @@ struct TileRunCursor {
     w_src = run.w + (w_ok[0] ? first * run.dim + (threadIdx.x % 4) * 8 : 0);
   }
 
-  // At slice 0 of tile t, stage `stage_of_t`.
-  __device__ __forceinline__ void start(const TileRun& run, int64_t t, int stage_of_t) {
+  // At slice 0 of tile t, stage `stage_of_t`; `smem` is the pipeline's shared memory.
+  __device__ __forceinline__ void start(const TileRun& run, int64_t t, int stage_of_t, const uint16_t* smem) {
     tile = t;
+    dst = shared_address(smem + stage_of_t * kTileStageElems + (threadIdx.x / 4) * kTilePitch + (threadIdx.x % 4) * 8);
     const int64_t pass = t / run.tiles_per_pass;
     class_tile = t - pass * run.tiles_per_pass;
     pass_row0 = run.row0 + pass * kTileRows;
@@ -252,7 +254,11 @@ struct TileRunCursor {
   }
 
   __device__ __forceinline__ void advance(const TileRun& run) {
-    if (++stage == kStages) stage = 0;
+    dst += kTileStageElems * 2;
+    if (++stage == kStages) {
+      stage = 0;
+      dst -= kStages * kTileStageElems * 2;
+    }
     if (++slice == run.slices) {
       slice = 0;
       ++tile;
@@ -278,18 +284,17 @@ struct TileRunCursor {
 // Rows and depth past the ends load as zeros, from no address (the source then names the
 // operand's first element, which is not read).
 template <int kStages>
-__device__ __forceinline__ void tile_run_load(const TileRun& run, uint16_t* smem, const TileRunCursor<kStages>& at) {
+__device__ __forceinline__ void tile_run_load(const TileRun& run, const TileRunCursor<kStages>& at) {
   if (at.tile < run.tiles) {
     const bool in_depth = at.depth_left > 0;
     const int64_t second_row = int64_t{64} * run.dim;
-    uint16_t* sx = smem + at.stage * kTileStageElems + (threadIdx.x / 4) * kTilePitch + (threadIdx.x % 4) * 8;
-    uint16_t* sw = sx + kTileRows * kTilePitch;
+    constexpr uint32_t kRowsBytes = 64 * kTilePitch * 2;  // 64 shared rows
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const bool x_ok = in_depth && at.x_ok[u];
       const bool w_ok = in_depth && at.w_ok[u];
-      cp_async_16(shared_address(sx + u * 64 * kTilePitch), x_ok ? at.x_src + u * second_row : run.x, x_ok);
-      cp_async_16(shared_address(sw + u * 64 * kTilePitch), w_ok ? at.w_src + u * second_row : run.w, w_ok);
+      cp_async_16(at.dst + u * kRowsBytes, x_ok ? at.x_src + u * second_row : run.x, x_ok);
+      cp_async_16(at.dst + (2 + u) * kRowsBytes, w_ok ? at.w_src + u * second_row : run.w, w_ok);
     }
   }
   cp_async_commit();
@@ -319,11 +324,11 @@ __device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uin
   // slice g is slice g + kStages - 1, the prologue's are 0 .. kStages - 2.
   int stage = static_cast<int>(t * run.slices % kStages);
   TileRunCursor<kStages> next;
-  next.start(run, t, stage);
+  next.start(run, t, stage, smem);
   if (t == 0) {
 #pragma unroll 1
     for (int g = 0; g < kStages - 1; ++g) {
-      tile_run_load(run, smem, next);
+      tile_run_load(run, next);
       next.advance(run);
     }
   } else {
@@ -346,7 +351,7 @@ __device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uin
     // below overwrites (it was read at g - 1, in this tile or at the end of the previous one).
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    tile_run_load(run, smem, next);
+    tile_run_load(run, next);
     next.advance(run);
 
     const uint32_t stage_base = smem_base + stage * kStageBytes;
