@@ -943,10 +943,11 @@ __global__ void __launch_bounds__(kTileThreads, 2)
                           const float* __restrict__ grad_loss, const float* __restrict__ logsumexp, float s,
                           scalar_t* __restrict__ grad_block, int64_t ld, float* __restrict__ chunk_inv_norm,
                           uint8_t* __restrict__ chunk_unclamped, int row_tiles_per_block) {
-  const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
-  const int64_t first = int64_t{blockIdx.x} * row_tiles_per_block;
-  const int64_t last = std::min<int64_t>(first + row_tiles_per_block, row_tiles);
-  for (int64_t row_tile = first; row_tile < last; ++row_tile) {
+  // (Row tiles fit an int: N < 2^31.)
+  const int row_tiles = static_cast<int>((n + kTileRows - 1) / kTileRows);
+  const int first = static_cast<int>(blockIdx.x) * row_tiles_per_block;
+  const int last = std::min(first + row_tiles_per_block, row_tiles);
+  for (int row_tile = first; row_tile < last; ++row_tile) {
     gradient_block_tile<kBFloat16, scalar_t, kStages, false>(x, w_chunk, n, width, dim, c0, rows, grad_loss,
                                                              logsumexp, s, grad_block, ld, chunk_inv_norm,
                                                              chunk_unclamped, nullptr, row_tile, row_tile == first);

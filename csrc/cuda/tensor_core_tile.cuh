@@ -345,40 +345,46 @@ __device__ __forceinline__ void tile_run_gemm(const TileRun& run, int64_t t, uin
   const uint32_t b_offset =
       (kTileRows + warp_n * 32 + lane % 8 + (lane / 16) * 8) * kPitchBytes + (lane / 8 % 2) * 16;
   const uint32_t norm_offset = (kTileRows + threadIdx.x / 2) * kTilePitch + (threadIdx.x % 2) * 16;  // elements
+  // The fragments of depth kk of this stage: A (16 x 16, row-major: lanes 0-15 address rows 0-15 at
+  // column kk, lanes 16-31 the same rows at kk + 8, giving the a0..a3 order of the mma) and B
+  // (k16 x n8, W's rows are the n index: one ldmatrix.x4 gives two n8 tiles, matrices (n 0-7,
+  // k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)).
+  auto load_fragments = [&](uint32_t stage_base, int kk, uint32_t(&a)[4][4], uint32_t(&b)[4][2]) {
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(a[mi], stage_base + a_offset + (mi * 16 * kTilePitch + kk) * 2);
+#pragma unroll
+    for (int nj = 0; nj < 2; ++nj) {
+      uint32_t tb[4];
+      ldmatrix_x4(tb, stage_base + b_offset + (nj * 16 * kTilePitch + kk) * 2);
+      b[2 * nj][0] = tb[0];
+      b[2 * nj][1] = tb[1];
+      b[2 * nj + 1][0] = tb[2];
+      b[2 * nj + 1][1] = tb[3];
+    }
+  };
   for (int slice = 0; slice < run.slices; ++slice) {
     // Groups committed so far: kStages - 1 + g; this leaves at most kStages - 2 pending,
     // so slice g has landed. The barrier also means every warp is done with the stage the load
     // below overwrites (it was read at g - 1, in this tile or at the end of the previous one).
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    tile_run_load(run, next);
-    next.advance(run);
-
     const uint32_t stage_base = smem_base + stage * kStageBytes;
     const uint16_t* stage_elems = smem + stage * kTileStageElems;
     if (++stage == kStages) stage = 0;
-    if constexpr (kClassNorms) {
-      // Past the ends the slice holds zeros, which add nothing.
-      norm_sq += sum_squares_16<kBFloat16>(stage_elems + norm_offset);
-    }
 #pragma unroll
     for (int kk = 0; kk < kTileDepth; kk += 16) {
-      // A fragments (16 x 16, row-major): lanes 0-15 address rows 0-15 at column kk, lanes 16-31
-      // the same rows at kk + 8, giving the a0..a3 order of the mma.
-      uint32_t a[4][4];
-#pragma unroll
-      for (int mi = 0; mi < 4; ++mi) ldmatrix_x4(a[mi], stage_base + a_offset + (mi * 16 * kTilePitch + kk) * 2);
-      // B fragments (k16 x n8, W's rows are the n index): one ldmatrix.x4 gives two n8 tiles,
-      // matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
-      uint32_t b[4][2];
-#pragma unroll
-      for (int nj = 0; nj < 2; ++nj) {
-        uint32_t tb[4];
-        ldmatrix_x4(tb, stage_base + b_offset + (nj * 16 * kTilePitch + kk) * 2);
-        b[2 * nj][0] = tb[0];
-        b[2 * nj][1] = tb[1];
-        b[2 * nj + 1][0] = tb[2];
-        b[2 * nj + 1][1] = tb[3];
+      uint32_t a[4][4], b[4][2];
+      load_fragments(stage_base, kk, a, b);
+      if (kk == 0) {
+        // Issued after the first fragments' ldmatrix (another stage, free since the barrier): the
+        // copies' address work covers the ldmatrix latency, which the mma would otherwise wait out
+        // (shared-memory accesses keep their program order in the SASS).
+        tile_run_load(run, next);
+        next.advance(run);
+        if constexpr (kClassNorms) {
+          // Past the ends the slice holds zeros, which add nothing.
+          norm_sq += sum_squares_16<kBFloat16>(stage_elems + norm_offset);
+        }
       }
 #pragma unroll
       for (int mi = 0; mi < 4; ++mi)
