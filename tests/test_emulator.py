@@ -138,14 +138,15 @@ def test_blocks_walk_several_row_tiles(emulated, monkeypatch, dtype, setting, gr
     assert_same_as_cpu_op(ours, forward_backward(torch.ops.arcface_ext, x, w, labels, grad))
 
 
-@pytest.mark.parametrize("setting, grid", [(None, "2x3"), ("3", "1x3"), ("1", "3x3")],
-                         ids=["auto", "three", "one"])
-def test_forward_passes_over_segments_of_several_tiles(emulated, monkeypatch, setting, grid):
-    # The forward's passes over segments of 2 class tiles (one SM; a 7,200-byte workspace holds 3
-    # segments of statistics for 300 rows, so the 5 class tiles go 2 + 2 + 1): every pass's first
-    # tile streams in while the previous pass's last one is reduced. The host takes 2 + 1 passes
-    # (one block of 3 a segment would leave the second round of the one SM's two slots half
-    # empty).
+@pytest.mark.parametrize("setting, workspace_bytes, grid",
+                         [(None, 7200, "3x3"), ("3", 7200, "3x3"), (None, 1 << 26, "1x5"), ("2", 1 << 26, "2x5")],
+                         ids=["auto-small", "three-small", "auto", "two"])
+def test_forward_passes_need_a_segment_a_class_tile(emulated, monkeypatch, setting, workspace_bytes, grid):
+    # Blocks that walk several row tiles do so over a segment of one class tile (a longer one would
+    # be read again from DRAM a pass later on a GPU). N = 300 (three row tiles), C = 600 (five class
+    # tiles): with 64 MiB the forward takes the three row tiles a block (ARCFACE_EXT_ROW_TILES=2:
+    # 2 + 1), five segments. A 7,200-byte workspace holds the statistics of 3 segments only, not of
+    # 5: one row tile a block, segments of 2, 2 and 1 class tiles, whatever ARCFACE_EXT_ROW_TILES says.
     monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
     monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
     monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
@@ -154,7 +155,7 @@ def test_forward_passes_over_segments_of_several_tiles(emulated, monkeypatch, se
     else:
         monkeypatch.setenv("ARCFACE_EXT_ROW_TILES", setting)
     x, w, labels, _ = inputs(300, 40, 600, torch.bfloat16, seed=8)
-    args = op_args(3 * 300 * 8)
+    args = op_args(workspace_bytes)
     emulated.take_launch_log()
     ours = emulated.margin_softmax_forward(x, w, labels, *args)
     launched = emulated.take_launch_log().split()
@@ -212,15 +213,17 @@ def test_every_launch_of_the_kernel_source_is_rewritten():
     assert "<<<" not in text and ">>>" not in text
 
 
-@pytest.mark.parametrize("workspace_bytes", [1 << 26, 1000, 400], ids=["64MiB", "small", "tiny"])
-def test_segments_of_several_tiles(emulated, monkeypatch, workspace_bytes):
+@pytest.mark.parametrize("workspace_bytes, sm_count, num_classes",
+                         [(1 << 26, "1", 4100), (1000, "1", 4100), (400, "1", 4100), (1 << 26, "132", 8192)],
+                         ids=["64MiB", "small", "tiny", "one-tile-segments"])
+def test_segments_of_several_tiles(emulated, monkeypatch, workspace_bytes, sm_count, num_classes):
     # The fused forward gives each block a segment of class tiles sized for ~16 blocks an SM: with
     # one SM and 33 class tiles, 17 segments of 2 tiles (the last one short); a 1000-byte workspace
-    # (20 rows x 2 statistics x 4 bytes a segment) makes them 8 tiles long, a 400-byte one 32 (more
-    # than the 8 class tiles whose norms a block keeps: their slots are reused). A GPU gets there
-    # only at a large C (C = 1M on an H100) or a tiny workspace.
-    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
-    x, w, labels, grad = inputs(20, 32, 4100, torch.bfloat16, seed=4)
+    # (20 rows x 2 statistics x 4 bytes a segment) makes them 8 tiles long, a 400-byte one 32. A GPU
+    # gets there only at a large C (C = 1M on an H100, with one row tile) or a tiny workspace. With
+    # 132 SMs and 8192 classes, 64 segments of one tile: two warps' worth for finalize's block.
+    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", sm_count)
+    x, w, labels, grad = inputs(20, 32, num_classes, torch.bfloat16, seed=4)
     args = op_args(workspace_bytes)
     ours = emulated.margin_softmax_forward(x, w, labels, *args)
     expected = torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, *args)

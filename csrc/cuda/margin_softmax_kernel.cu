@@ -314,22 +314,24 @@ __device__ void finish_kept_row(const KeptRows& kept, const RowTarget& t, int64_
   kept.recompute[i] = keep ? 0 : 1;
 }
 
-// Per row, merges the segments' statistics in order into logsumexp, loss and target cosine.
+// One block per row: merges the segments' statistics into logsumexp, loss and target cosine, each
+// thread a strided share of them and then the block's in a fixed order (bit-identical run to run).
+// A block, not a warp, a row: the fused forward's blocks that walk several row tiles write a
+// segment a class tile, 7,813 a row at C = 1M, and a warp a row left ~4 warps an SM to read them.
 // Ignored rows get zeros (the Python layer marks their target cosines NaN): the outputs are
 // created uninitialised, so every row is written here. With a kept block, also its row factors.
 template <typename acc_t>
-__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
+__global__ void __launch_bounds__(kEpilogueThreads)
     margin_softmax_finalize_kernel(const acc_t* __restrict__ segment_max,
                                    const acc_t* __restrict__ segment_sum, int64_t segments,
                                    const RowTarget* __restrict__ rows, int64_t n,
                                    acc_t* __restrict__ loss, acc_t* __restrict__ logsumexp,
                                    acc_t* __restrict__ target_cosine, KeptRows kept) {
-  const int64_t i = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
+  const int64_t i = blockIdx.x;
   if (i >= n) return;
   const RowTarget& t = rows[i];
   if (!t.counted) {
-    if (lane == 0) {
+    if (threadIdx.x == 0) {
       logsumexp[i] = loss[i] = target_cosine[i] = acc_t(0);
       if (t.label == kBadLabel) loss[i] = target_cosine[i] = std::numeric_limits<acc_t>::quiet_NaN();
       if (kept.factor != nullptr) {
@@ -341,19 +343,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
   }
   const acc_t* row_max = segment_max + i * segments;
   const acc_t* row_sum = segment_sum + i * segments;
-  acc_t total_max = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t k = lane; k < segments; k += kWarpSize) total_max = cuda::max_nan(total_max, row_max[k]);
-  total_max = cuda::warp_max(total_max);
-  acc_t total_sum = 0;
-  for (int64_t k = lane; k < segments; k += kWarpSize)
-    total_sum += row_sum[k] * cuda::exp_acc(row_max[k] - total_max);
-  total_sum = cuda::warp_sum(total_sum);
-  if (lane == 0) {
-    const acc_t lse = total_max + cuda::log_acc(total_sum);
+  cuda::SoftmaxStats<acc_t> stats{-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
+  for (int64_t k = threadIdx.x; k < segments; k += kEpilogueThreads)
+    stats = cuda::merge_stats(stats, {row_max[k], row_sum[k]});
+  stats = cuda::block_merge_stats<kEpilogueThreads>(stats);
+  if (threadIdx.x == 0) {
+    const acc_t lse = stats.max + cuda::log_acc(stats.sum);
     logsumexp[i] = lse;
     loss[i] = lse - static_cast<acc_t>(t.logit);
     target_cosine[i] = static_cast<acc_t>(clamp_cosine(t.cosine));
-    if (kept.factor != nullptr) finish_kept_row(kept, t, i, total_max, lse);
+    if (kept.factor != nullptr) finish_kept_row(kept, t, i, stats.max, lse);
   }
 }
 
@@ -566,18 +565,15 @@ struct alignas(2 * sizeof(scalar_t)) ValuePair {
   scalar_t value[2];
 };
 
-// The most class tiles a fused forward block walks when it makes several passes: their norms, summed
-// in the first pass, wait in shared memory for the others (5 KB).
-constexpr int kMaxCachedTiles = 8;
-
 // Forward. Block (b, g) owns class tiles [g·tiles_per_segment, (g+1)·tiles_per_segment) and walks
 // them in `passes` passes, one a row tile: rows [128 r, +128) for r = b·row_tiles_per_block + pass
 // (one pass, one row tile a block, before session 13; see plan_fused_segments). In a pass it walks
 // its tiles, reduces each row's logits of a tile to (max, Σexp) over the 4 lanes that hold them,
 // folds that into running statistics (one lane of the quad keeps them), and at the pass's end
 // merges the 4 warps that share a row in a fixed order and writes one (max, sum) per (row,
-// segment g). The first pass sums the class tiles' norms and keeps them in shared memory for the
-// others (a pass of more than kMaxCachedTiles tiles is the only pass).
+// segment g). A block that makes several passes has a segment of one class tile (the host's
+// plan): the first pass sums its norms, which wait in shared memory for the others, and each pass
+// reads the class tile again right after the previous one, from L2.
 // With kKeep (bf16), it also writes the kept block (kept_block.h): H_ij = s·exp(l_ij - S_i)/‖w_j‖,
 // from the exponentials the sum already took (exp(l - m) of the tile's row maximum m, times
 // exp(m - S_i)); 0 at the target column (finalize writes it) and past the last class. Where the
@@ -601,8 +597,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __shared__ int64_t row_target[kTileRows];
   __shared__ float part_max[4][kTileRows];
   __shared__ float part_sum[4][kTileRows];
-  __shared__ float tile_inv_norm[kMaxCachedTiles][kTileClasses];
-  __shared__ bool tile_unclamped[kMaxCachedTiles][kTileClasses];  // kKeep only
+  __shared__ float tile_inv_norm[kTileClasses];
+  __shared__ bool tile_unclamped[kTileClasses];  // kKeep only
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   const int64_t first_row_tile = int64_t{blockIdx.x} * row_tiles_per_block;
@@ -640,7 +636,6 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     const int64_t tile = first + in_pass;
     const int64_t col0 = tile * kTileClasses;
     const int64_t row0 = (first_row_tile + pass) * kTileRows;
-    const int slot = static_cast<int>(in_pass % kMaxCachedTiles);
     cuda::TileAcc acc;
     float norm_sq;
     // (The previous tile's epilogue read the row arrays and tile_inv_norm before this tile's GEMM
@@ -648,17 +643,17 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     if (pass == 0) {
       cuda::tile_run_gemm<kBFloat16, true, kStages>(run, t, tile_smem, acc, norm_sq);
       if constexpr (kKeep) {
-        publish_class_norms(norm_sq, tile_inv_norm[slot], tile_unclamped[slot]);
+        publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
         if (blockIdx.x == 0) {
           for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
             if (col0 + jl < c) {
-              class_inv_norm[col0 + jl] = tile_inv_norm[slot][jl];
-              class_unclamped[col0 + jl] = tile_unclamped[slot][jl];
+              class_inv_norm[col0 + jl] = tile_inv_norm[jl];
+              class_unclamped[col0 + jl] = tile_unclamped[jl];
             }
           }
         }
       } else {
-        publish_class_norms(norm_sq, tile_inv_norm[slot], nullptr);
+        publish_class_norms(norm_sq, tile_inv_norm, nullptr);
       }
     } else {
       cuda::tile_run_gemm<kBFloat16, false, kStages>(run, t, tile_smem, acc, norm_sq);
@@ -671,7 +666,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) inv_w[ni][e] = tile_inv_norm[slot][tile_class(ni, e)];
+      for (int e = 0; e < 2; ++e) inv_w[ni][e] = tile_inv_norm[tile_class(ni, e)];
     // Column tile_class(ni, e) = first_col + 8 ni + e of the tile: the target and the end of the
     // classes compare in these 32-bit offsets, once a row and once a tile, not as 64-bit class
     // indices at every logit.
@@ -1059,13 +1054,18 @@ int64_t even_row_tiles(int64_t row_tiles, int64_t k) {
 
 // How the fused forward splits the work among blocks: `row_tiles_per_block` row tiles (passes) and
 // `tiles_per_segment` class tiles a block (its statistics merged in registers), `count` segments.
-// Aims at ~16 blocks per SM (several waves of two resident blocks, so the last wave's idle tail
-// stays small), with at least one tile a block and the 2·N·count floats of statistics within the
-// workspace. Each pass after a block's first takes its class norms from the first (about 35 of a
-// depth slice's ~150 instructions less): the host takes the most passes (up to all the row tiles)
-// whose grid still fills the waves with at most kMaxCachedTiles class tiles a block; at N = 512 that
-// is 4 at C = 100k and 1M. ARCFACE_EXT_ROW_TILES sets the passes instead (one pass when the
-// segments would be longer than kMaxCachedTiles).
+// With one row tile a block it aims at ~16 blocks per SM (several waves of two resident blocks, so
+// the last wave's idle tail stays small), with at least one tile a block and the 2·N·count floats of
+// statistics within the workspace; the blocks of a segment's row tiles run side by side and read
+// its class tiles from L2 nearly together.
+// Several passes take their class norms from the first (about 35 of a depth slice's ~150
+// instructions less), over a segment of one class tile: a longer segment would be read again a pass
+// later, after every other block had streamed as much of W through L2 (at C = 1M with segments of
+// 3 tiles, ~100 MB against the H200's 50 MB of L2: W read from DRAM once a pass instead of once).
+// The host takes the most passes (up to all the row tiles) whose grid still fills the waves, when
+// the statistics of a segment a class tile fit the workspace: at N = 512, 4 at C = 100k and 1M
+// (7,813 blocks of 4 tiles at 1M). ARCFACE_EXT_ROW_TILES sets the passes instead (one pass when
+// those statistics do not fit).
 struct FusedSegments {
   int64_t tiles_per_segment;
   int64_t count;
@@ -1075,24 +1075,21 @@ struct FusedSegments {
 FusedSegments plan_fused_segments(int64_t n, int64_t c, int64_t workspace_bytes, int sm_count) {
   const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
   const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
+  const int64_t setting = row_tiles_setting();
+  if (n * tiles * 2 * int64_t{sizeof(float)} <= workspace_bytes && tiles <= kMaxGridY) {
+    for (int64_t k = setting > 0 ? std::min(row_tiles, setting) : row_tiles; k > 1; --k) {
+      const int64_t per_block = even_row_tiles(row_tiles, k);
+      if (setting > 0 || fills_waves((row_tiles + per_block - 1) / per_block * tiles, sm_count))
+        return {1, tiles, static_cast<int>(per_block)};
+    }
+  }
   const int64_t wanted_blocks = 16 * int64_t{std::max(sm_count, 1)};
   auto segments = [&](int64_t p) { return (tiles + p - 1) / p; };
-  auto plan = [&](int64_t k) {
-    const int64_t groups = (row_tiles + k - 1) / k;
-    int64_t per = std::max<int64_t>(1, groups * tiles / wanted_blocks);
-    while (per < tiles &&
-           (n * segments(per) * 2 * int64_t{sizeof(float)} > workspace_bytes || segments(per) > kMaxGridY))
-      per = std::min(per * 2, tiles);
-    return FusedSegments{per, segments(per), static_cast<int>(even_row_tiles(row_tiles, k))};
-  };
-  const int64_t setting = row_tiles_setting();
-  for (int64_t k = setting > 0 ? std::min(row_tiles, setting) : row_tiles; k > 1; --k) {
-    const FusedSegments p = plan(k);
-    const int64_t blocks = (row_tiles + p.row_tiles_per_block - 1) / p.row_tiles_per_block * p.count;
-    if (p.tiles_per_segment <= kMaxCachedTiles && (setting > 0 || fills_waves(blocks, sm_count))) return p;
-    if (setting > 0) break;
-  }
-  return plan(1);
+  int64_t per = std::max<int64_t>(1, row_tiles * tiles / wanted_blocks);
+  while (per < tiles &&
+         (n * segments(per) * 2 * int64_t{sizeof(float)} > workspace_bytes || segments(per) > kMaxGridY))
+    per = std::min(per * 2, tiles);
+  return {per, segments(per), 1};
 }
 
 int device_attribute(cudaDeviceAttr attribute, int device) {
@@ -1175,8 +1172,7 @@ void allow_tile_smem(Kernel kernel, int stages, int device) {
 
 // The fused kernels' pipeline depth: ARCFACE_EXT_TILE_STAGES (3, 4 or 5; read at every call, for
 // measuring), else the deepest of 3 and 4 that keeps two blocks an SM (4 on sm_90's 228 KB, 3 on
-// sm_80's 164 KB), with 16 KB a block for the kernels' static arrays (the forward's are ~12 KB) and
-// the runtime's reserve.
+// sm_80's 164 KB), with 8 KB a block for the kernels' static arrays and the runtime's reserve.
 int fused_tile_stages(int device) {
   if (const char* setting = std::getenv("ARCFACE_EXT_TILE_STAGES")) {
     const int stages = std::atoi(setting);
@@ -1186,7 +1182,7 @@ int fused_tile_stages(int device) {
     return stages;
   }
   const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  return 2 * (cuda::tile_smem_bytes(4) + 16384) <= per_sm ? 4 : cuda::kMinTileStages;
+  return 2 * (cuda::tile_smem_bytes(4) + 8192) <= per_sm ? 4 : cuda::kMinTileStages;
 }
 
 // Calls f(std::integral_constant<int, stages>{}): the kernels are instantiated for each depth.
@@ -1354,6 +1350,8 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
           n, c, workspace_bytes, device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()));
       const at::Tensor segment_max = at::empty({n, segments.count}, acc_options);
       const at::Tensor segment_sum = at::empty({n, segments.count}, acc_options);
+      // Passes share one class tile's norms (fused_forward_kernel).
+      TORCH_INTERNAL_ASSERT(segments.row_tiles_per_block == 1 || segments.tiles_per_segment == 1);
       const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
       const dim3 grid(static_cast<unsigned>((row_tiles + segments.row_tiles_per_block - 1) / segments.row_tiles_per_block),
                       static_cast<unsigned>(segments.count));
@@ -1381,7 +1379,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
         }
         launch(std::false_type{});
       });
-      margin_softmax_finalize_kernel<acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+      margin_softmax_finalize_kernel<acc_t><<<static_cast<unsigned>(n), kEpilogueThreads, 0, stream>>>(
           segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(), segments.count, rows_ptr, n,
           loss.data_ptr<acc_t>(), logsumexp.data_ptr<acc_t>(), target_cosine.data_ptr<acc_t>(), kept_rows);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1430,7 +1428,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
     segment_offset += segments_in(width);
   }
 
-  margin_softmax_finalize_kernel<acc_t><<<blocks_for_warps(n), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+  margin_softmax_finalize_kernel<acc_t><<<static_cast<unsigned>(n), kEpilogueThreads, 0, stream>>>(
       segment_max.data_ptr<acc_t>(), segment_sum.data_ptr<acc_t>(), chunks.segments, rows_ptr, n,
       loss.data_ptr<acc_t>(), logsumexp.data_ptr<acc_t>(), target_cosine.data_ptr<acc_t>(),
       KeptRows{nullptr, 0, nullptr, nullptr, nullptr, 0.0f});
