@@ -60,6 +60,18 @@ def assert_same_as_cpu_op(ours, cpu):
                             rtol=roundings * rtol, name=name)
 
 
+def race_on_one_sm(monkeypatch, row_tiles=None):
+    """The racing schedule (warps run ahead of each other, copies land as soon as they are issued) on
+    one SM; ARCFACE_EXT_ROW_TILES set to `row_tiles`, or the host's choice when None."""
+    monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
+    monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
+    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
+    if row_tiles is None:
+        monkeypatch.delenv("ARCFACE_EXT_ROW_TILES", raising=False)
+    else:
+        monkeypatch.setenv("ARCFACE_EXT_ROW_TILES", row_tiles)
+
+
 # N = 130: two row tiles, the second with 2 rows; D = 72: three depth slices, the last a quarter full;
 # C = 300: three class tiles, the last partial.
 CASES = [("fused", torch.bfloat16), ("fused", torch.float16), ("cublas", torch.bfloat16),
@@ -93,9 +105,7 @@ def test_pipeline_depths_under_the_racing_schedule(emulated, monkeypatch, depth)
     # every stage is reused; one SM and a 1000-byte workspace make the forward's segments runs of 2
     # class tiles, whose pipeline crosses from one tile into the next. Each depth the kernels are
     # built for, and the host's own choice for an sm_80 (3) and an sm_90 (4) shared memory.
-    monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
-    monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
-    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
+    race_on_one_sm(monkeypatch)
     if depth.startswith("auto"):
         monkeypatch.delenv("ARCFACE_EXT_TILE_STAGES", raising=False)
         monkeypatch.setenv("ARCFACE_EMU_SMEM_PER_SM", "167936" if depth == "auto-sm80" else "233472")
@@ -122,13 +132,7 @@ def test_blocks_walk_several_row_tiles(emulated, monkeypatch, dtype, setting, gr
     # ARCFACE_EXT_ROW_TILES=2 splits them 2 + 1. Under the racing schedule a tile that started
     # before the previous one's copy-out had finished, or norms read before any were summed, would
     # show.
-    monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
-    monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
-    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
-    if setting is None:
-        monkeypatch.delenv("ARCFACE_EXT_ROW_TILES", raising=False)
-    else:
-        monkeypatch.setenv("ARCFACE_EXT_ROW_TILES", setting)
+    race_on_one_sm(monkeypatch, setting)
     x, w, labels, grad = inputs(300, 72, 700, dtype, seed=7)
     emulated.take_launch_log()
     ours = forward_backward(emulated, x, w, labels, grad)
@@ -147,13 +151,7 @@ def test_forward_passes_need_a_segment_a_class_tile(emulated, monkeypatch, setti
     # tiles): with 64 MiB the forward takes the three row tiles a block (ARCFACE_EXT_ROW_TILES=2:
     # 2 + 1), five segments. A 7,200-byte workspace holds the statistics of 3 segments only, not of
     # 5: one row tile a block, segments of 2, 2 and 1 class tiles, whatever ARCFACE_EXT_ROW_TILES says.
-    monkeypatch.setenv("ARCFACE_EMU_SCHEDULE", "greedy")
-    monkeypatch.setenv("ARCFACE_EMU_CP_ASYNC", "issue")
-    monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "1")
-    if setting is None:
-        monkeypatch.delenv("ARCFACE_EXT_ROW_TILES", raising=False)
-    else:
-        monkeypatch.setenv("ARCFACE_EXT_ROW_TILES", setting)
+    race_on_one_sm(monkeypatch, setting)
     x, w, labels, _ = inputs(300, 40, 600, torch.bfloat16, seed=8)
     args = op_args(workspace_bytes)
     emulated.take_launch_log()
