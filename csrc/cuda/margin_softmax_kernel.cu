@@ -1046,10 +1046,18 @@ int64_t row_tiles_setting() {
   return value;
 }
 
-// k row tiles a block, evened out over the row tiles (5 row tiles go 3 + 2, not 4 + 1).
-int64_t even_row_tiles(int64_t row_tiles, int64_t k) {
+// How many row tiles a fused block walks over one class tile, whose norms it then sums once: the
+// ARCFACE_EXT_ROW_TILES setting, else the most whose grid (`class_tiles` blocks for each group of
+// row tiles) still fills the waves (fewer, longer blocks leave a longer idle tail); evened out over
+// the row tiles (5 row tiles go 3 + 2, not 4 + 1).
+int row_tiles_a_block(int64_t row_tiles, int64_t class_tiles, int sm_count) {
+  int64_t k = std::min(row_tiles, row_tiles_setting());
+  if (k == 0) {
+    k = row_tiles;
+    while (k > 1 && !fills_waves((row_tiles + k - 1) / k * class_tiles, sm_count)) --k;
+  }
   const int64_t groups = (row_tiles + k - 1) / k;
-  return (row_tiles + groups - 1) / groups;
+  return static_cast<int>((row_tiles + groups - 1) / groups);
 }
 
 // How the fused forward splits the work among blocks: `row_tiles_per_block` row tiles (passes) and
@@ -1075,13 +1083,9 @@ struct FusedSegments {
 FusedSegments plan_fused_segments(int64_t n, int64_t c, int64_t workspace_bytes, int sm_count) {
   const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
   const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
-  const int64_t setting = row_tiles_setting();
   if (n * tiles * 2 * int64_t{sizeof(float)} <= workspace_bytes && tiles <= kMaxGridY) {
-    for (int64_t k = setting > 0 ? std::min(row_tiles, setting) : row_tiles; k > 1; --k) {
-      const int64_t per_block = even_row_tiles(row_tiles, k);
-      if (setting > 0 || fills_waves((row_tiles + per_block - 1) / per_block * tiles, sm_count))
-        return {1, tiles, static_cast<int>(per_block)};
-    }
+    const int per_block = row_tiles_a_block(row_tiles, tiles, sm_count);
+    if (per_block > 1) return {1, tiles, per_block};
   }
   const int64_t wanted_blocks = 16 * int64_t{std::max(sm_count, 1)};
   auto segments = [&](int64_t p) { return (tiles + p - 1) / p; };
@@ -1098,25 +1102,12 @@ int device_attribute(cudaDeviceAttr attribute, int device) {
   return value;
 }
 
-// How many of a class tile's row tiles one block of fused_backward_kernel walks. Every row tile's
-// block used to sum the class tile's norms again (about 35 of the ~150 instructions of a depth
-// slice in the H200 SASS, session 13): a block walking k row tiles sums them once. Fewer, longer
-// blocks leave a longer idle tail, so k is the largest whose grid still fills the waves
-// (fills_waves): 4 at N = 512 with the 128 MiB default at C = 1M.
+// How many of a class tile's row tiles one block of fused_backward_kernel walks (row_tiles_a_block).
+// Every row tile's block used to sum the class tile's norms again (about 35 of the ~150
+// instructions of a depth slice in the H200 SASS, session 13): 4 at N = 512 with the 128 MiB
+// default at C = 1M.
 int plan_backward_row_tiles(int64_t n, int64_t width, int sm_count) {
-  const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
-  const int64_t class_tiles = (width + kTileClasses - 1) / kTileClasses;
-  int64_t per = std::min(row_tiles, row_tiles_setting());
-  if (per == 0) {
-    per = 1;
-    for (int64_t k = row_tiles; k > 1; --k) {
-      if (fills_waves((row_tiles + k - 1) / k * class_tiles, sm_count)) {
-        per = k;
-        break;
-      }
-    }
-  }
-  return static_cast<int>(even_row_tiles(row_tiles, per));
+  return row_tiles_a_block((n + kTileRows - 1) / kTileRows, (width + kTileClasses - 1) / kTileClasses, sm_count);
 }
 
 // Whether the device runs the fused kernels' tensor-core tile: sm_80+, with code built for it (a
