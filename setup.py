@@ -1,5 +1,6 @@
 """Builds arcface_ext._C: the CPU kernels always, the CUDA kernels when CUDA is available or
-FORCE_CUDA=1. Honours TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS and DEBUG=1."""
+FORCE_CUDA=1. Honours TORCH_CUDA_ARCH_LIST (default "8.0;9.0a": A100 and Hopper, whose arch-specific
+sm_90a code also has the wgmma tile), MAX_JOBS and DEBUG=1."""
 import glob
 import os
 import sys
@@ -37,14 +38,24 @@ def _extensions():
         _log(f"building CPU-only (torch {torch.__version__}; set FORCE_CUDA=1 to build CUDA kernels)")
         return [CppExtension("arcface_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    arches = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
+    defines = [("WITH_CUDA", None)]
+    if any(a.startswith("9.0a") for a in arches):
+        # The host code may then choose the wgmma tile on a compute capability 9.0 GPU. Plain 9.0 code
+        # beside it would leave the driver two builds to load there, one of them without the tile.
+        defines.append(("ARCFACE_EXT_SM90A", None))
+        if "9.0" in arches:
+            arches = [a for a in arches if a != "9.0"]
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arches)
+            _log("dropped 9.0 from TORCH_CUDA_ARCH_LIST: 9.0a builds the same GPUs' code")
     cuda_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     sources += [os.path.relpath(p, ROOT) for p in cuda_sources]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
     nvcc = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
     _log(f"building CPU+CUDA for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
          f"(CUDA_HOME={CUDA_HOME}, MAX_JOBS={os.environ.get('MAX_JOBS', 'default')})")
-    return [CUDAExtension("arcface_ext._C", sources, define_macros=[("WITH_CUDA", None)],
+    return [CUDAExtension("arcface_ext._C", sources, define_macros=defines,
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)]
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Proves without a GPU that every CUDA source of arcface_ext compiles for sm_80 and sm_90.
+# Proves without a GPU that every CUDA source of arcface_ext compiles for sm_80, sm_90 and sm_90a
+# (Hopper's arch-specific target, whose code alone has the wgmma tile: setup.py's default list).
 #
 # The CPU torch wheel has no CUDA headers, so this fetches the CUDA build of the same torch
 # version (the default manylinux wheel on the package index, about 0.5 GB; only its torch/include,
@@ -10,7 +11,7 @@
 # raised in csrc/, fails the script. The ptxas resource report (registers, shared memory, spills
 # per kernel) is written to build/cuda-compile/ptxas.log and summarised.
 #
-# Environment: PYTHON (python3), NVCC (nvcc), CUDA_ARCHS ("80 90"), TORCH_VERSION (the installed
+# Environment: PYTHON (python3), NVCC (nvcc), CUDA_ARCHS ("80 90 90a"), TORCH_VERSION (the installed
 # torch's), ARCFACE_CUDA_HEADERS (the cache folder, by default ~/.cache/arcface_ext/cuda-headers),
 # JOBS (2).
 set -euo pipefail
@@ -18,7 +19,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 NVCC=${NVCC:-nvcc}
-CUDA_ARCHS=${CUDA_ARCHS:-"80 90"}
+CUDA_ARCHS=${CUDA_ARCHS:-"80 90 90a"}
 JOBS=${JOBS:-2}
 CACHE=${ARCFACE_CUDA_HEADERS:-${XDG_CACHE_HOME:-$HOME/.cache}/arcface_ext/cuda-headers}
 OUT=$ROOT/build/cuda-compile
@@ -73,6 +74,8 @@ DEFINES=(-DWITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
 INCLUDES=(-I"$INCLUDE" -I"$INCLUDE/torch/csrc/api/include" -I"$PY_INCLUDE")
 GENCODE=()
 for arch in $CUDA_ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
+# As setup.py: a build with sm_90a code tells the host code it may choose the wgmma tile.
+[[ " $CUDA_ARCHS " == *" 90a "* ]] && DEFINES+=(-DARCFACE_EXT_SM90A)
 NVCC_FLAGS=("${TORCH_NVCC_FLAGS[@]}" --compiler-options -fPIC -O3 -std=c++17 -lineinfo
             --expt-relaxed-constexpr "${GENCODE[@]}" --threads 2 -Xptxas -v)
 
@@ -142,7 +145,7 @@ lines = open(sys.argv[1]).read().splitlines()
 # stack frame / spill line, then "Used N registers".
 rows, name, arch, spill = [], None, None, (0, 0)
 for line in lines:
-    m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+    m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'", line)
     if m:
         name, arch, spill = m.group(1), m.group(2), (0, 0)
         continue

@@ -9,7 +9,8 @@
 # The whole script keeps to GPU_CHECK_BUDGET seconds (default 520, for a `run` with timeout_s 600):
 # each stage runs under the smaller of its own limit and the time left, and a stage that would get
 # less than its minimum is skipped and says so. Stages, most important first:
-#   build     pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16);
+#   build     pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0a: the wgmma tile's
+#             sm_90a code with the rest; MAX_JOBS=16);
 #             if pip cannot install there, setup.py build_ext --inplace
 #   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths)
 #   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl, then the largest C
@@ -20,15 +21,17 @@
 #   rows      (not in the default list) ours and ours-recompute at C = 1e5 and 1e6 with blocks walking 1,
 #             2 and 4 row tiles (ARCFACE_EXT_ROW_TILES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
-#             search: ours, ours-recompute, ours-one-row-tile, ours-graphed, ours-cublas, eager, compiled and floor at
+#             search: ours, ours-recompute, ours-one-row-tile, ours-wgmma, ours-graphed, ours-cublas, eager, compiled
+#             and floor at
 #             C = 1e5 and 1e6 (~45 s), for a
 #             short call; the results JSON is $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   profile   benchmarks/profile_loss.py at C = 1M (fused, one-row-tile and cuBLAS paths) and 100k (fused, which
+#   profile   benchmarks/profile_loss.py at C = 1M (fused, wgmma, one-row-tile and cuBLAS paths) and 100k (fused, which
 #             keeps the gradient block there, and recompute, which does not); then
 #             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k, the recompute
-#             path as in session 8), then their warp stall reasons (ncu-stalls), to profile.log
+#             path as in session 8), then their warp stall reasons (ncu-stalls), then the wgmma forward's
+#             counters and stalls (ncu-wgmma, C = 1M), to profile.log
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
 #             (its images/s in metrics.jsonl, appended to profile.log)
@@ -43,7 +46,7 @@ cd "$ROOT" || exit 1
 OUT=${OUT:-$ROOT/build/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile ncu racecheck train sweep suite)
@@ -121,7 +124,7 @@ for stage in "${STAGES[@]}"; do
         --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-one-row-tile,ours-graphed,ours-cublas,eager,compiled,floor \
+        --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-graphed,ours-cublas,eager,compiled,floor \
         --out "$OUT/bench.json" ;;
     depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
       for d in 3 4 5; do
@@ -136,8 +139,9 @@ for stage in "${STAGES[@]}"; do
     memcheck) run_stage memcheck sanitize 100 40 compute-sanitizer --tool memcheck --error-exitcode 9 \
                 "$PY" benchmarks/sanitize_case.py ;;
     profile)
-      # one-row-tile: the fused kernels as before session 13 (each row tile's block sums the norms).
-      run_stage profile profile 70 20 "$PY" benchmarks/profile_loss.py --paths fused,one-row-tile,cublas
+      # one-row-tile: the fused kernels as before session 13 (each row tile's block sums the norms);
+      # wgmma: the forward on Hopper's wgmma tile (session 14).
+      run_stage profile profile 80 20 "$PY" benchmarks/profile_loss.py --paths fused,wgmma,one-row-tile,cublas
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
       # fused keeps the gradient block there (bf16, 100 MB in the 128 MiB workspace); recompute does not.
       run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000 --paths fused,recompute
@@ -157,7 +161,13 @@ for stage in "${STAGES[@]}"; do
       run_stage ncu-stalls profile 45 20 ncu --clock-control none --target-processes all \
         -k 'regex:fused_(forward|backward)_kernel' -c 2 \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-        "$PY" benchmarks/profile_loss.py --C 100000 --paths recompute ;;
+        "$PY" benchmarks/profile_loss.py --C 100000 --paths recompute
+      # The wgmma forward (session 14, never run on a GPU before): its counters and stalls, at 1M.
+      run_stage ncu-wgmma profile 60 20 ncu --clock-control none --target-processes all \
+        -k 'regex:fused_forward_wgmma_kernel' -c 1 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        "$PY" benchmarks/profile_loss.py --paths wgmma ;;
     racecheck) run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
                  "$PY" benchmarks/sanitize_case.py ;;
     train)

@@ -95,16 +95,27 @@ def assert_matches(ours, expected, rows=slice(None), classes=slice(None), roundi
             assert_matches_table(a[pick], e[pick], name=name, roundings=roundings, min_scale=min_scale)
 
 
-@pytest.fixture(params=["fused", "cublas"])
+def use_wgmma(monkeypatch, on):
+    """ARCFACE_EXT_WGMMA=1 (on: the fused forward on Hopper's wgmma tile) or 0, read at every call. On a
+    GPU the tile runs at compute capability 9.0 only (sm_90a code): elsewhere a test that asks for it
+    is skipped."""
+    if on and not emulator.EMULATED and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma tile runs on compute capability 9.0 only")
+    monkeypatch.setenv("ARCFACE_EXT_WGMMA", "1" if on else "0")
+
+
+@pytest.fixture(params=["fused", "fused-wgmma", "cublas"])
 def kernel(request, monkeypatch):
     """Runs a test on each CUDA path for 16-bit inputs: the fused tensor-core kernels (the default
-    where D is a multiple of 8) and the cuBLAS path (ARCFACE_EXT_CUDA_FUSED=0, read at every
-    call). fp32/fp64 always take the cuBLAS path, so their "cublas" variant would repeat the
-    "fused" one and is skipped."""
+    where D is a multiple of 8), the same with the forward on Hopper's wgmma tile ("fused-wgmma":
+    ARCFACE_EXT_WGMMA=1, read at every call; on a GPU only compute capability 9.0 runs it, others
+    skip it) and the cuBLAS path (ARCFACE_EXT_CUDA_FUSED=0). fp32/fp64 always take the cuBLAS path,
+    so their other variants would repeat the "fused" one and are skipped."""
     dtype = getattr(request.node, "callspec", None) and request.node.callspec.params.get("dtype")
-    if request.param == "cublas" and dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+    if request.param != "fused" and dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         pytest.skip("fp32/fp64 have one CUDA path")
-    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "1" if request.param == "fused" else "0")
+    use_wgmma(monkeypatch, request.param == "fused-wgmma")
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "0" if request.param == "cublas" else "1")
     return request.param
 
 
@@ -277,13 +288,16 @@ def cuda_kernel_names(fn):
     return " ".join(event.name for event in prof.events())
 
 
-@pytest.mark.parametrize("case", ["bf16", "bf16-recompute", "fp16", "disabled", "fp32", "odd-depth", "misaligned"])
+@pytest.mark.parametrize("case", ["bf16", "bf16-recompute", "fp16", "disabled", "fp32", "odd-depth", "misaligned",
+                                  "wgmma"])
 def test_which_path_runs(monkeypatch, case):
     # The fused kernels run for 16-bit inputs with D a multiple of 8 and 16-byte aligned rows;
     # everything else (and ARCFACE_EXT_CUDA_FUSED=0) takes the cuBLAS path, with the same results.
     # A bf16 step keeps the forward's gradient block (it fits the workspace here), so its backward
     # runs no fused kernel, unless ARCFACE_EXT_KEEP_BLOCK=0.
     dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(case, torch.bfloat16)
+    # ARCFACE_EXT_WGMMA=1 puts the fused forward on Hopper's wgmma tile (compute capability 9.0 only).
+    use_wgmma(monkeypatch, case == "wgmma")
     monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0" if case == "bf16-recompute" else "1")
     dim = 60 if case == "odd-depth" else 64
     x, w, labels = make_inputs(33, dim, 700, seed=32, dtype=dtype)
@@ -293,10 +307,11 @@ def test_which_path_runs(monkeypatch, case):
     x.requires_grad_(True)
     w.requires_grad_(True)
     names = cuda_kernel_names(lambda: arcface_ext.combined_margin_loss(x, w, labels).backward())
-    fused = case in ("bf16", "bf16-recompute", "fp16")
-    assert ("fused_forward_kernel" in names) == fused, names
+    fused = case in ("bf16", "bf16-recompute", "fp16", "wgmma")
+    assert ("fused_forward_kernel" in names) == (fused and case != "wgmma"), names
+    assert ("fused_forward_wgmma_kernel" in names) == (case == "wgmma"), names
     assert ("fused_backward_kernel" in names) == (case in ("bf16-recompute", "fp16")), names
-    assert ("kept_block_recompute_kernel" in names) == (case == "bf16"), names
+    assert ("kept_block_recompute_kernel" in names) == (case in ("bf16", "wgmma")), names
     assert ("margin_softmax_forward_kernel" in names) == (not fused), names
     ours, expected = run_both(x.detach(), w.detach(), labels, s=64.0, m2=0.5)
     assert_matches(ours, expected)
@@ -344,7 +359,7 @@ def test_kept_block_matches_the_reference_and_the_recomputation(kernel, monkeypa
         recomputes = any(name in backward for name in ("fused_backward_kernel", "margin_softmax_backward_kernel",
                                                         "class_inverse_norms_kernel"))
         assert recomputes == (setting == "0"), backward
-        assert ("kept_block_recompute_kernel" in forward) == (setting == "1" and kernel == "fused"), forward
+        assert ("kept_block_recompute_kernel" in forward) == (setting == "1" and kernel != "cublas"), forward
         outputs[setting] = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream, **kwargs)
     expected = op_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels, upstream=upstream,
                             **kwargs)
@@ -356,13 +371,16 @@ def test_kept_block_matches_the_reference_and_the_recomputation(kernel, monkeypa
         assert_matches_table(a, e.double(), name=name, roundings=GEMM_OPERAND_ROUNDINGS)
 
 
+@pytest.mark.parametrize("tile", ["mma", "wgmma"])
 @pytest.mark.parametrize("keep", ["kept", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_fused_blocks_walking_row_tiles_change_no_bit(monkeypatch, keep, dtype):
+def test_fused_blocks_walking_row_tiles_change_no_bit(monkeypatch, keep, dtype, tile):
     # The fused kernels' blocks walk several row tiles and sum the class norms once (the host's
     # choice for large grids; ARCFACE_EXT_ROW_TILES forces it here): the same segments, the same
     # norms and the same sums as one row tile a block, so the same bits. N = 300: three row tiles,
     # the last partial; bf16 keeps the gradient block ("kept") or recomputes it, fp16 recomputes.
+    # The forward runs on the mma.sync tile or on Hopper's wgmma tile (compute capability 9.0 only).
+    use_wgmma(monkeypatch, tile == "wgmma")
     monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "1" if keep == "kept" else "0")
     x, w, labels = make_inputs(300, 72, 700, seed=43, dtype=dtype, ignored=(5, 130))
     upstream = upstream_gradient(300, seed=43, dtype=torch.float64)
@@ -429,7 +447,7 @@ def test_kept_block_recomputes_rows_outside_its_shift(kernel):
     kept_outputs = torch.ops.arcface_ext.margin_softmax_forward_kept(x, w, labels, 64.0, 1.0, 0.5, 0.0, 0.0, -1,
                                                                     False, 1 << 26)
     _, factor, inv_norm, recompute, unclamped = kept_parts(kept_outputs[3], 64, 500)
-    if kernel == "fused":
+    if kernel != "cublas":
         # Exactly the two rows; the others keep H and their factor exp(S_i - lse_i).
         assert recompute.nonzero().flatten().tolist() == [5, 9]
         assert factor[5] == 1 and factor[9] == 1
@@ -663,7 +681,7 @@ def test_nan_and_inf_inputs_reach_the_loss_and_gradients(monkeypatch, kernel, ca
     gradient rows non-finite as in the reference (fmax/fmin would drop a NaN cosine: the loss
     stayed finite and a training loop's NaN check, or a GradScaler, never saw it). C = 257 puts the
     bad class alone in the last, partial class tile."""
-    if keep == "kept" and not (dtype == torch.bfloat16 and kernel == "fused"):
+    if keep == "kept" and not (dtype == torch.bfloat16 and kernel != "cublas"):
         pytest.skip("the kept block is the fused bf16 path's")
     monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "1" if keep == "kept" else "0")
     x, w, labels = make_inputs(6, 16, 257, seed=13, dtype=dtype)

@@ -35,6 +35,7 @@
 #include "../margin.h"
 #include "reductions.cuh"
 #include "tensor_core_tile.cuh"
+#include "wgmma_tile.cuh"
 
 namespace arcface_ext {
 namespace {
@@ -559,6 +560,22 @@ __device__ __forceinline__ void publish_class_norms(float norm_sq, InvNorms&& in
   __syncthreads();
 }
 
+// The fused forward's row arrays for rows [row0, +128): each row's inverse norm, target logit and
+// target; rows that do not count get finite, meaningless statistics, which finalize never reads.
+// (Template arrays, as in publish_class_norms.)
+template <typename InvNorms, typename TargetLogits, typename Targets>
+__device__ __forceinline__ void load_tile_rows(const RowTarget* __restrict__ rows, int64_t n, int64_t row0,
+                                               InvNorms&& row_inv_norm, TargetLogits&& row_target_logit,
+                                               Targets&& row_target) {
+  for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
+    const int64_t i = row0 + r;
+    const bool counted = i < n && rows[i].counted;
+    row_inv_norm[r] = counted ? static_cast<float>(rows[i].inv_norm) : 0.0f;
+    row_target_logit[r] = counted ? static_cast<float>(rows[i].logit) : 0.0f;
+    row_target[r] = counted ? rows[i].label : -1;
+  }
+}
+
 // Two adjacent 16-bit values of a row, stored as one 32-bit word.
 template <typename scalar_t>
 struct alignas(2 * sizeof(scalar_t)) ValuePair {
@@ -603,16 +620,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 
   const int64_t first_row_tile = int64_t{blockIdx.x} * row_tiles_per_block;
   const int64_t passes = std::min<int64_t>(row_tiles_per_block, (n + kTileRows - 1) / kTileRows - first_row_tile);
-  // The pass's rows' norms, target logits and targets; rows that do not count get finite,
-  // meaningless statistics, which finalize never reads.
   auto load_rows = [&](int64_t row0) {
-    for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
-      const int64_t i = row0 + r;
-      const bool counted = i < n && rows[i].counted;
-      row_inv_norm[r] = counted ? static_cast<float>(rows[i].inv_norm) : 0.0f;
-      row_target_logit[r] = counted ? static_cast<float>(rows[i].logit) : 0.0f;
-      row_target[r] = counted ? rows[i].label : -1;
-    }
+    load_tile_rows(rows, n, row0, row_inv_norm, row_target_logit, row_target);
   };
   load_rows(first_row_tile * kTileRows);
   __syncthreads();
@@ -781,6 +790,173 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         for (int k = 1; k < 4; ++k) stats = cuda::merge_stats(stats, {part_max[k][r], part_sum[k][r]});
         segment_max[i * segments + blockIdx.y] = stats.max;
         segment_sum[i * segments + blockIdx.y] = stats.sum;
+      }
+      in_pass = 0;
+      ++pass;
+    }
+  }
+}
+
+// The forward on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by use_wgmma_forward): the same
+// segments, passes, outputs and kept block as fused_forward_kernel, in the tile's accumulator layout.
+// A thread holds two rows (h) of 32 classes each, and a row's 128 classes lie in one quad, so a tile's
+// (max, Σexp) of a row is complete after two shuffles; the running statistics are the row's own, and
+// a pass's end writes them from the quad's first lane, without the four-warp merge in shared memory.
+// Its sums run in another order than fused_forward_kernel's (the tensor cores' and the quad's), so
+// the two kernels agree to fp32 round-off, not bit for bit; each is deterministic.
+template <bool kBFloat16, bool kKeep>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    fused_forward_wgmma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
+                               int64_t c, int dim, const RowTarget* __restrict__ rows, float s,
+                               int64_t tiles_per_segment,
+                               float* __restrict__ segment_max, float* __restrict__ segment_sum,
+                               int64_t segments, at::BFloat16* __restrict__ kept_block, int64_t kept_ld,
+                               float* __restrict__ class_inv_norm, uint8_t* __restrict__ class_unclamped,
+                               int row_tiles_per_block) {
+  static_assert(!kKeep || kBFloat16, "the kept block is bf16 only (fp16's range is too narrow for its shift)");
+  extern __shared__ __align__(16) uint16_t tile_smem[];
+  __shared__ float row_inv_norm[kTileRows];
+  __shared__ float row_target_logit[kTileRows];
+  __shared__ int64_t row_target[kTileRows];
+  __shared__ float tile_inv_norm[kTileClasses];
+  __shared__ bool tile_unclamped[kTileClasses];  // kKeep only
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  // The pipeline from the first 1024-byte boundary (the swizzle's atom; wgmma_smem_bytes has the room).
+  const uint32_t raw_base = cuda::shared_address(tile_smem);
+  const uint32_t base = (raw_base + 1023u) & ~1023u;
+  const uint16_t* stages = tile_smem + (base - raw_base) / 2;
+
+  const int64_t first_row_tile = int64_t{blockIdx.x} * row_tiles_per_block;
+  const int64_t passes = std::min<int64_t>(row_tiles_per_block, (n + kTileRows - 1) / kTileRows - first_row_tile);
+  load_tile_rows(rows, n, first_row_tile * kTileRows, row_inv_norm, row_target_logit, row_target);
+  __syncthreads();
+
+  cuda::SoftmaxStats<float> running[2] = {{kNegInf, 0.0f}, {kNegInf, 0.0f}};
+  const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
+  const int64_t first = int64_t{blockIdx.y} * tiles_per_segment;
+  const int64_t per_pass = std::min(first + tiles_per_segment, tiles) - first;
+  const cuda::TileRun run = cuda::make_wgmma_run(x, n, first_row_tile * kTileRows, w, c, first * kTileClasses,
+                                                 per_pass, dim, passes);
+  int64_t pass = 0, in_pass = 0;  // t = pass·per_pass + in_pass
+  for (int64_t t = 0; t < run.tiles; ++t) {
+    const int64_t col0 = (first + in_pass) * kTileClasses;
+    const int64_t row0 = (first_row_tile + pass) * kTileRows;
+    cuda::WgmmaAcc acc;
+    float norm_sq;
+    if (pass == 0) {
+      cuda::wgmma_run_gemm<kBFloat16, true>(run, t, base, stages, acc, norm_sq);
+      if constexpr (kKeep) {
+        publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
+        if (blockIdx.x == 0) {
+          for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
+            if (col0 + jl < c) {
+              class_inv_norm[col0 + jl] = tile_inv_norm[jl];
+              class_unclamped[col0 + jl] = tile_unclamped[jl];
+            }
+          }
+        }
+      } else {
+        publish_class_norms(norm_sq, tile_inv_norm, nullptr);
+      }
+    } else {
+      cuda::wgmma_run_gemm<kBFloat16, false>(run, t, base, stages, acc, norm_sq);
+      if (in_pass == 0) {  // a new pass: its row tile's rows
+        load_tile_rows(rows, n, row0, row_inv_norm, row_target_logit, row_target);
+        __syncthreads();
+      }
+    }
+    // Column wgmma_tile_class(j, e) = first_col + 8j + e: the target and the end of the classes compare
+    // as 32-bit offsets from it.
+    const int first_col = cuda::wgmma_tile_class(0, 0);
+    const int64_t valid = std::min<int64_t>(c - col0, kTileClasses);
+    auto reduce_rows = [&](auto masked) {
+      float inv_x[2], target_logit[2], m[2];
+      int target[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = cuda::wgmma_tile_row(h);
+        inv_x[h] = row_inv_norm[r];
+        const int64_t target_col = row_target[r] - col0;
+        target[h] = target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1;
+        target_logit[h] = row_target_logit[r];
+        m[h] = kNegInf;
+      }
+      // Each logit formed once, in place of its dot product; a class's inverse norm read once for both rows.
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float inv_w = tile_inv_norm[first_col + 8 * j + e];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float& value = acc[4 * j + 2 * h + e];
+            float logit = s * clamp_unit(cosine_of(value, inv_x[h], inv_w));
+            if constexpr (decltype(masked)::value) {
+              if (first_col + 8 * j + e >= valid) logit = kNegInf;
+            }
+            value = target[h] == 8 * j + e ? target_logit[h] : logit;
+            m[h] = cuda::max_nan(m[h], value);
+          }
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        m[h] = cuda::max_nan(m[h], __shfl_xor_sync(0xffffffffu, m[h], 1));
+        m[h] = cuda::max_nan(m[h], __shfl_xor_sync(0xffffffffu, m[h], 2));
+        float sum = 0.0f;
+        if (m[h] != kNegInf) {
+#pragma unroll
+          for (int j = 0; j < 16; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& value = acc[4 * j + 2 * h + e];
+              const float p = exp_shifted(value, m[h]);
+              sum += p;
+              if constexpr (kKeep) value = p;
+            }
+        }
+        if constexpr (kKeep) {
+          const int64_t i = row0 + cuda::wgmma_tile_row(h);
+          if (i < n) {
+            // As in fused_forward_kernel: exp(l - S_i) = exp(l - m)·exp(m - S_i), capped.
+            const float shift = kept_shift(s, target_logit[h]);
+            const float scale = s * exp_shifted(fminf(m[h], shift + 80.0f), shift);
+            at::BFloat16* out = kept_block + i * kept_ld + (col0 + first_col);
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+              ValuePair<at::BFloat16> pair;
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const bool zero = m[h] == kNegInf || inv_x[h] == 0.0f || target[h] == 8 * j + e;
+                pair.value[e] = to_gemm_operand<at::BFloat16, float>(
+                    zero ? 0.0f : acc[4 * j + 2 * h + e] * scale * tile_inv_norm[first_col + 8 * j + e]);
+              }
+              bool inside = true;
+              if constexpr (decltype(masked)::value) inside = first_col + 8 * j < kept_ld - col0;
+              if (inside) *reinterpret_cast<ValuePair<at::BFloat16>*>(out + 8 * j) = pair;
+            }
+          }
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        running[h] = cuda::merge_stats(running[h], {m[h], sum});
+      }
+    };
+    if (valid == kTileClasses) {
+      reduce_rows(std::false_type{});
+    } else {
+      reduce_rows(std::true_type{});
+    }
+
+    if (++in_pass == per_pass) {
+      // The pass's end: every lane of a quad holds its rows' statistics; the first writes them.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t i = row0 + cuda::wgmma_tile_row(h);
+        if (threadIdx.x % 4 == 0 && i < n) {
+          segment_max[i * segments + blockIdx.y] = running[h].max;
+          segment_sum[i * segments + blockIdx.y] = running[h].sum;
+        }
+        running[h] = {kNegInf, 0.0f};
       }
       in_pass = 0;
       ++pass;
@@ -1150,15 +1326,42 @@ bool use_fused_kernels(const at::Tensor& x, const at::Tensor& w) {
 // kernel, depth and device (the attribute persists): later calls, a CUDA graph capture's among
 // them, make no runtime call.
 template <typename Kernel>
-void allow_tile_smem(Kernel kernel, int stages, int device) {
+void allow_smem(Kernel kernel, int bytes, int device) {
   static std::mutex mutex;
   static std::set<std::tuple<const void*, int, int>> done;
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), stages, device);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), bytes, device);
   const std::lock_guard<std::mutex> lock(mutex);
   if (done.count(key) != 0) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      cuda::tile_smem_bytes(stages)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   done.insert(key);
+}
+
+template <typename Kernel>
+void allow_tile_smem(Kernel kernel, int stages, int device) {
+  allow_smem(kernel, cuda::tile_smem_bytes(stages), device);
+}
+
+// ARCFACE_EXT_WGMMA=1 (read at every call): the fused forward runs on the wgmma tile
+// (fused_forward_wgmma_kernel), which needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a,
+// setup.py's default; it defines ARCFACE_EXT_SM90A) and a GPU of compute capability 9.0. Off by
+// default until a GPU has measured it against the mma.sync kernel (NOTES.md, session 14); asked for
+// where it cannot run, it raises rather than quietly measuring the other kernel.
+bool use_wgmma_forward(int device) {
+  const char* setting = std::getenv("ARCFACE_EXT_WGMMA");
+  if (setting == nullptr || std::strcmp(setting, "0") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(setting, "1") == 0, "arcface_ext: ARCFACE_EXT_WGMMA must be 0 or 1, got '",
+                    setting, "'");
+#if defined(ARCFACE_EXT_SM90A)
+  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, device);
+  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, device);
+  TORCH_CHECK(major == 9 && minor == 0, "arcface_ext: ARCFACE_EXT_WGMMA=1 needs a GPU of compute capability 9.0 "
+              "(its sm_90a code runs nowhere else); this one is ", major, ".", minor);
+  return true;
+#else
+  (void)device;
+  TORCH_CHECK(false, "arcface_ext: ARCFACE_EXT_WGMMA=1, but this build has no sm_90a code (build it with 9.0a "
+              "in TORCH_CUDA_ARCH_LIST)");
+#endif
 }
 
 // The fused kernels' pipeline depth: ARCFACE_EXT_TILE_STAGES (3, 4 or 5; read at every call, for
@@ -1347,19 +1550,30 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
       const dim3 grid(static_cast<unsigned>((row_tiles + segments.row_tiles_per_block - 1) / segments.row_tiles_per_block),
                       static_cast<unsigned>(segments.count));
       const int stages = fused_tile_stages(x.get_device());
+      // (Both kernels take the same arguments; the wgmma tile's has one pipeline depth.)
+      const bool wgmma = use_wgmma_forward(x.get_device());
       with_tile_stages(stages, [&](auto depth) {
         constexpr int kStages = decltype(depth)::value;
         auto launch = [&](auto keep) {
           constexpr bool kKeep = decltype(keep)::value;
-          allow_tile_smem(fused_forward_kernel<kBFloat16, kStages, kKeep>, kStages, x.get_device());
-          fused_forward_kernel<kBFloat16, kStages, kKeep>
-              <<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
-                  raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
-                  static_cast<acc_t>(params.s), segments.tiles_per_segment, segment_max.data_ptr<acc_t>(),
-                  segment_sum.data_ptr<acc_t>(), segments.count, kept_block,
-                  kept != nullptr ? kept->layout.pitch : 0,
-                  kept != nullptr ? kept->inv_norm.data_ptr<float>() : nullptr,
-                  kept != nullptr ? kept->unclamped.data_ptr<uint8_t>() : nullptr, segments.row_tiles_per_block);
+          float* inv_norm_out = kept != nullptr ? kept->inv_norm.data_ptr<float>() : nullptr;
+          uint8_t* unclamped_out = kept != nullptr ? kept->unclamped.data_ptr<uint8_t>() : nullptr;
+          const int64_t kept_ld = kept != nullptr ? kept->layout.pitch : 0;
+          if (wgmma) {
+            allow_smem(fused_forward_wgmma_kernel<kBFloat16, kKeep>, cuda::wgmma_smem_bytes(), x.get_device());
+            fused_forward_wgmma_kernel<kBFloat16, kKeep><<<grid, kTileThreads, cuda::wgmma_smem_bytes(), stream>>>(
+                raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
+                static_cast<acc_t>(params.s), segments.tiles_per_segment, segment_max.data_ptr<acc_t>(),
+                segment_sum.data_ptr<acc_t>(), segments.count, kept_block, kept_ld, inv_norm_out, unclamped_out,
+                segments.row_tiles_per_block);
+          } else {
+            allow_tile_smem(fused_forward_kernel<kBFloat16, kStages, kKeep>, kStages, x.get_device());
+            fused_forward_kernel<kBFloat16, kStages, kKeep><<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
+                raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
+                static_cast<acc_t>(params.s), segments.tiles_per_segment, segment_max.data_ptr<acc_t>(),
+                segment_sum.data_ptr<acc_t>(), segments.count, kept_block, kept_ld, inv_norm_out, unclamped_out,
+                segments.row_tiles_per_block);
+          }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
         if constexpr (kBFloat16) {

@@ -156,24 +156,26 @@ __device__ __forceinline__ float2 unpack_pair(uint32_t word) {
   }
 }
 
+// sum plus the squares of 8 consecutive 16-bit values (one 16-byte shared-memory vector), in order.
+template <bool kBFloat16>
+__device__ __forceinline__ float sum_squares_8(const uint16_t* p, float sum) {
+  const uint4 words = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w4[4] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = unpack_pair<kBFloat16>(w4[q]);
+    sum = fmaf(f.x, f.x, sum);
+    sum = fmaf(f.y, f.y, sum);
+  }
+  return sum;
+}
+
 // The sum of the squares of 16 consecutive 16-bit values (two 16-byte shared-memory vectors); a
 // slice's partial sum is added to the running one once, which keeps the rounding error of a long
 // depth down (D/32 additions in a row instead of D/2).
 template <bool kBFloat16>
 __device__ __forceinline__ float sum_squares_16(const uint16_t* p) {
-  float sum = 0.0f;
-#pragma unroll
-  for (int v = 0; v < 2; ++v) {
-    const uint4 words = *reinterpret_cast<const uint4*>(p + 8 * v);
-    const uint32_t w4[4] = {words.x, words.y, words.z, words.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const float2 f = unpack_pair<kBFloat16>(w4[q]);
-      sum = fmaf(f.x, f.x, sum);
-      sum = fmaf(f.y, f.y, sum);
-    }
-  }
-  return sum;
+  return sum_squares_8<kBFloat16>(p + 8, sum_squares_8<kBFloat16>(p, 0.0f));
 }
 
 // A run of tiles streamed through one kStages-deep cp.async pipeline: `passes` consecutive row

@@ -178,12 +178,21 @@ struct Access {
   int reader = -1;
   bool many_readers = false;
   int in_flight = 0;  // cp.async copies issued to these bytes and not landed yet
+  bool unfenced = false;  // landed by a cp.async whose thread has not run fence.proxy.async since
 };
 
 struct PendingCopy {
   uint64_t issue_epoch;
   uint32_t dst;
   unsigned char data[16];  // read from global memory at issue (zeros for a zero-fill)
+};
+
+// A wgmma this thread issued and has not waited for: where its accumulators are, and its operands.
+struct WgmmaPending {
+  float* d;
+  uint64_t desc_a, desc_b;
+  bool bfloat16;
+  uint64_t serial;  // the thread's wgmma count at issue: the same op in every thread of the warpgroup
 };
 
 struct Thread {
@@ -197,6 +206,23 @@ struct Thread {
   uint64_t collectives = 0;  // warp collectives this thread has entered
   std::vector<PendingCopy> open_group;
   std::vector<std::vector<PendingCopy>> groups;
+  std::vector<uint32_t> unfenced;  // 16-byte vectors its copies landed on since its last proxy fence
+  uint64_t wgmma_issued = 0;
+  std::vector<WgmmaPending> wgmma_open;
+  std::vector<std::vector<WgmmaPending>> wgmma_groups;
+};
+
+// A warpgroup's wgmma products A·Bᵀ (64 x 128, fp32), computed by the first of its threads to wait for
+// the op and taken by each of its 128 threads in turn.
+struct WgmmaProduct {
+  uint64_t desc_a, desc_b;
+  bool bfloat16;
+  std::vector<float> p;
+  int takers;
+};
+
+struct Warpgroup {
+  std::map<uint64_t, WgmmaProduct> products;
 };
 
 struct Warp {
@@ -217,6 +243,7 @@ struct Launch {
   unsigned char* smem = nullptr;
   std::vector<Thread> threads;
   std::vector<Warp> warps;
+  std::vector<Warpgroup> warpgroups;
   std::vector<Access> smem_shadow;  // one per 16 bytes of dynamic shared memory
   Barrier block_barrier;
   int live = 0;
@@ -362,6 +389,8 @@ inline void land(Launch& l, const PendingCopy& copy) {
            element("dynamic shared memory, byte", copy.dst));
     record_write(a, "dynamic shared memory, byte", copy.dst);
   }
+  l.smem_shadow[copy.dst / 16].unfenced = true;
+  l.current->unfenced.push_back(copy.dst / 16);
   std::memcpy(l.smem + copy.dst, copy.data, 16);
 }
 
@@ -390,6 +419,8 @@ inline void fiber_entry() {
     l.body();
     if (!t.open_group.empty() || !t.groups.empty())
       throw std::runtime_error("cp.async copies still pending when the thread exited");
+    if (!t.wgmma_open.empty() || !t.wgmma_groups.empty())
+      throw std::runtime_error("wgmma operations still pending when the thread exited");
   } catch (const std::exception& e) {
     if (l.error.empty()) l.error = e.what();
   }
@@ -501,6 +532,7 @@ inline void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block
       w.barrier = Barrier{kWarp, 0, 0, "a warp collective"};
       w.result_of[0] = w.result_of[1] = ~uint64_t{0};
     }
+    l.warpgroups.assign(threads / 128, Warpgroup{});
     l.live = static_cast<int>(threads);
     for (long long i = 0; i < threads; ++i) {
       Thread& t = l.threads[i];
@@ -764,6 +796,121 @@ inline void cp_async_wait(int pending) {
   while (static_cast<int>(t.groups.size()) > pending) {
     for (const PendingCopy& copy : t.groups.front()) land(l, copy);
     t.groups.erase(t.groups.begin());
+  }
+}
+
+// fence.proxy.async.shared::cta: this thread's landed copies become visible to the async proxy
+// (wgmma's operand reads); a wgmma reading bytes still unfenced is an error.
+inline void fence_proxy_async() {
+  Launch& l = launch_state();
+  Thread& t = *l.current;
+  for (uint32_t vector : t.unfenced) l.smem_shadow[vector].unfenced = false;
+  t.unfenced.clear();
+}
+
+// The shared address of element (row, k) of a K-major 16-bit operand in the 128-byte swizzle, as the
+// descriptor gives it: start address (bits 0-13, in 16 bytes), stride between 8-row groups (bits
+// 32-45, in 16 bytes), base offset (bits 49-51) and layout (bits 62-63: 1 is the 128-byte swizzle).
+// Row r of a group sits 128·(r % 8) bytes in, and the swizzle XORs address bits 4-6 (the 16-byte chunk)
+// with bits 7-9 (the row within the 1024-byte atom). Only what the kernels use is modelled: the
+// 128-byte swizzle, base offset 0, and a start whose 16-deep step stays inside the atom's first row.
+inline uint32_t wgmma_operand_address(uint64_t desc, int row, int k) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
+  const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4;
+  const uint32_t linear = start + static_cast<uint32_t>(row / 8) * stride + static_cast<uint32_t>(row % 8) * 128 +
+                          2 * static_cast<uint32_t>(k);
+  return linear ^ (((linear >> 7) & 7) << 4);
+}
+
+inline void check_wgmma_descriptor(uint64_t desc, int rows, const char* which) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
+  const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4;
+  const std::string what = std::string("wgmma operand ") + which + ": ";
+  if ((desc >> 62) != 1) fail(what + "the emulator models the 128-byte swizzle only (layout 1)");
+  if (((desc >> 49) & 7) != 0) fail(what + "a non-zero base offset");
+  if (((start >> 7) & 7) != 0) fail(what + "start address " + std::to_string(start) + " is not in a 1024-byte atom's first row");
+  if ((start & 127) + 32 > 128) fail(what + "a 16-deep step crossing the 128-byte row");
+  if (stride % 1024 != 0) fail(what + "8-row groups " + std::to_string(stride) + " bytes apart break the atoms");
+  const uint32_t last = start + static_cast<uint32_t>((rows - 1) / 8) * stride + 1024;
+  if (last > launch_state().smem_bytes)
+    fail(what + "rows up to byte " + std::to_string(last) + " past the " + std::to_string(launch_state().smem_bytes) +
+         " bytes of dynamic shared memory");
+}
+
+// Reads the rows x 16 operand through its descriptor (with the race and proxy-fence checks of every
+// 16-byte vector), as floats.
+inline std::vector<float> wgmma_operand(uint64_t desc, int rows, bool bfloat16, const char* which) {
+  check_wgmma_descriptor(desc, rows, which);
+  Launch& l = launch_state();
+  std::vector<float> values(static_cast<size_t>(rows) * 16);
+  for (int r = 0; r < rows; ++r) {
+    for (int half = 0; half < 2; ++half) {
+      const uint32_t vector = wgmma_operand_address(desc, r, 8 * half);
+      Access& a = l.smem_shadow[vector / 16];
+      if (racecheck() && a.in_flight > 0)
+        fail(std::string("wgmma reads ") + element("dynamic shared memory, byte", vector) +
+             " while a cp.async to it is in flight");
+      if (a.unfenced)
+        fail(std::string("wgmma reads ") + element("dynamic shared memory, byte", vector) +
+             ", landed by a cp.async whose thread ran no fence.proxy.async since");
+      record_read(a, "dynamic shared memory, byte", vector);
+    }
+    for (int k = 0; k < 16; ++k) values[r * 16 + k] = half_bits_to_float(smem_u16(wgmma_operand_address(desc, r, k)), bfloat16);
+  }
+  return values;
+}
+
+// wgmma.mma_async.sync.aligned.m64n128k16.f32.{bf16,f16} with scale-d 1, both operands K-major in shared
+// memory: D += A·Bᵀ, A the warpgroup's 64 rows, B 128 rows. Issued here; it completes (reads shared
+// memory and writes the accumulators) when the thread waits for its group, the latest moment the PTX
+// ISA allows. Thread (warp q of the warpgroup, lane) holds D[16q + lane/4 + 8h][8j + 2(lane % 4) + e] in
+// d[4j + 2h + e]; the products are exact in fp32 and summed in k order, then added to d.
+inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool bfloat16) {
+  Launch& l = launch_state();
+  if (l.threads.size() % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
+  Thread& t = *l.current;
+  t.wgmma_open.push_back(WgmmaPending{d, desc_a, desc_b, bfloat16, t.wgmma_issued++});
+}
+
+inline void wgmma_commit() {
+  Thread& t = self();
+  t.wgmma_groups.push_back(std::move(t.wgmma_open));
+  t.wgmma_open.clear();
+}
+
+inline void wgmma_complete(const WgmmaPending& op) {
+  Launch& l = launch_state();
+  Thread& t = *l.current;
+  Warpgroup& group = l.warpgroups[t.linear / 128];
+  auto found = group.products.find(op.serial);
+  if (found == group.products.end()) {
+    const std::vector<float> a = wgmma_operand(op.desc_a, 64, op.bfloat16, "A");
+    const std::vector<float> b = wgmma_operand(op.desc_b, 128, op.bfloat16, "B");
+    WgmmaProduct product{op.desc_a, op.desc_b, op.bfloat16, std::vector<float>(64 * 128), 128};
+    for (int m = 0; m < 64; ++m)
+      for (int n = 0; n < 128; ++n) {
+        float sum = 0.0f;
+        for (int k = 0; k < 16; ++k) sum += a[m * 16 + k] * b[n * 16 + k];
+        product.p[m * 128 + n] = sum;
+      }
+    found = group.products.emplace(op.serial, std::move(product)).first;
+  } else if (found->second.desc_a != op.desc_a || found->second.desc_b != op.desc_b ||
+             found->second.bfloat16 != op.bfloat16) {
+    fail("the threads of a warpgroup gave one wgmma different operands");
+  }
+  const int q = t.linear % 128 / kWarp, lane = lane_of(t);
+  for (int j = 0; j < 16; ++j)
+    for (int h = 0; h < 2; ++h)
+      for (int e = 0; e < 2; ++e)
+        op.d[4 * j + 2 * h + e] += found->second.p[(16 * q + lane / 4 + 8 * h) * 128 + 8 * j + 2 * (lane % 4) + e];
+  if (--found->second.takers == 0) group.products.erase(found);
+}
+
+inline void wgmma_wait(int pending) {
+  Thread& t = self();
+  while (static_cast<int>(t.wgmma_groups.size()) > pending) {
+    for (const WgmmaPending& op : t.wgmma_groups.front()) wgmma_complete(op);
+    t.wgmma_groups.erase(t.wgmma_groups.begin());
   }
 }
 

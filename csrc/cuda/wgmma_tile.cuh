@@ -1,0 +1,332 @@
+// The 128 x 128 tile of x·Wᵀ on Hopper's warpgroup tensor-core instructions (wgmma, sm_90a): the
+// same product as tensor_core_tile.cuh's mma.sync tile, for the fused forward's wgmma variant.
+//
+// Why: on the H200 (session 8) the mma.sync forward ran its GEMM at about a third of cuBLAS's rate,
+// bound by latency with ~4 instructions issued for each mma. One wgmma.m64n128k16 does the work
+// of 64 mma.sync.m16n8k16 (a warpgroup's 64 x 128 x 16), reads both operands from shared memory
+// itself (no ldmatrix, no fragment registers) and runs asynchronously while the warps issue the
+// next slice's copies.
+//
+// One block of 256 threads (two warpgroups) computes acc = X[row0 : row0+128, :]·W[col0 : col0+128, :]ᵀ
+// over the whole depth D (the rows of both operands contiguous, D a multiple of 8, both bases 16-byte
+// aligned). The depth is walked in 64-wide slices (128 bytes a row: the width of the 128-byte swizzle)
+// through a kWgmmaStages-deep cp.async pipeline kept running across a run of tiles, as TileRun does
+// for the mma.sync tile. A stage holds the x slice (128 rows) and then the W slice (128 class rows),
+// each row 128 bytes, in wgmma's canonical K-major layout with the 128-byte swizzle: the 16-byte
+// chunk c of row r sits at r·128 + 16·(c ^ (r % 8)), in 1024-byte atoms of 8 rows (the stages are
+// 1024-byte aligned). Warpgroup g multiplies x rows 64g .. 64g+63 by all 128 class rows: four
+// m64n128k16 a slice, one for each 16-deep step, whose descriptors differ only in their start address
+// (+32 bytes a step; the hardware applies the swizzle to the address bits, as the copies did).
+//
+// After wgmma_run_gemm returns, thread (warpgroup g, warp q = warp % 4, lane) holds in acc[4j + 2h + e]
+// the dot product of
+//   row   64g + 16q + lane/4 + 8h          (h < 2)
+//   class 8j + 2·(lane % 4) + e             (j < 16, e < 2)
+// relative to (row0, col0) — wgmma's accumulator layout, see wgmma_tile_row / wgmma_tile_class. A row's
+// 128 classes sit in the four lanes of one quad: a row's reduction takes two shuffles and no shared
+// memory, where the mma.sync tile spreads a row over four warps.
+//
+// With kClassNorms, the loop also sums the squares of the W tile's elements as they pass through shared
+// memory: thread t adds those of class t / 2, depth half t % 2 of each slice, so that norm_sq + (its
+// xor-1 neighbour's) is ‖w_{col0 + t/2}‖² (publish_class_norms), as with the mma.sync tile.
+//
+// Built for sm_90a only (TORCH_CUDA_ARCH_LIST with 9.0a; setup.py then defines ARCFACE_EXT_SM90A and the
+// host may choose this tile). Compiled for any other target, the primitives trap. With
+// ARCFACE_EXT_EMULATE (tests/emulator) they call the emulator's wgmma, which reads the operands through
+// the same descriptors and swizzle.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "tensor_core_tile.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ARCFACE_EXT_WGMMA_DEVICE 1
+#endif
+
+namespace arcface_ext {
+namespace cuda {
+
+constexpr int kWgmmaDepth = 64;                 // elements a slice: one 128-byte row
+constexpr int kWgmmaStages = 3;                 // 96 KB of pipeline: two blocks an SM on sm_90
+constexpr uint32_t kWgmmaRowBytes = 128;
+constexpr uint32_t kWgmmaOperandBytes = kTileRows * kWgmmaRowBytes;  // 16 KB, x or W
+constexpr uint32_t kWgmmaStageBytes = 2 * kWgmmaOperandBytes;
+static_assert(kTileRows == kTileClasses, "one operand size for x and W");
+// The stages start at a 1024-byte boundary (the swizzle atom); the dynamic shared memory the runtime
+// gives is 16-byte aligned, so the kernel asks for 1 KB more and rounds its base up.
+constexpr int wgmma_smem_bytes() { return kWgmmaStages * kWgmmaStageBytes + 1024; }
+
+using WgmmaAcc = float[64];
+
+__device__ __forceinline__ int wgmma_tile_row(int h) {
+  return (threadIdx.x / 128) * 64 + (threadIdx.x / 32 % 4) * 16 + (threadIdx.x % 32) / 4 + 8 * h;
+}
+
+__device__ __forceinline__ int wgmma_tile_class(int j, int e) { return 8 * j + 2 * (threadIdx.x % 4) + e; }
+
+// A shared-memory matrix descriptor for a K-major operand in the 128-byte swizzle: start address,
+// leading byte offset 16 (unused by this layout), stride 1024 bytes between 8-row groups, base
+// offset 0 (atoms 1024-byte aligned), swizzle mode 1 (128 bytes).
+__device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address) {
+  return uint64_t{(address >> 4) & 0x3fffu} | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// Orders this thread's generic-proxy writes to shared memory (its landed cp.async copies) before
+// later reads by the async proxy (wgmma); each writer runs it before the barrier the readers pass.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(ARCFACE_EXT_WGMMA_DEVICE)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(ARCFACE_EXT_EMULATE)
+  ::emu::fence_proxy_async();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(ARCFACE_EXT_WGMMA_DEVICE)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(ARCFACE_EXT_WGMMA_DEVICE)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(ARCFACE_EXT_EMULATE)
+  ::emu::wgmma_commit();
+#endif
+}
+
+// Waits until every wgmma this thread's warpgroup committed has completed, then pins the accumulators:
+// the compiler must not read them before the wait (it sees the wgmma asm as their last writer).
+__device__ __forceinline__ void wgmma_wait_all(WgmmaAcc& d) {
+#if defined(ARCFACE_EXT_WGMMA_DEVICE)
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#elif defined(__CUDA_ARCH__)
+  (void)d;
+  __trap();
+#elif defined(ARCFACE_EXT_EMULATE)
+  (void)d;
+  ::emu::wgmma_wait(0);
+#endif
+}
+
+#define ARCFACE_EXT_WGMMA_D                                                                                 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "   \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, " \
+  "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define ARCFACE_EXT_WGMMA_D_OPERANDS                                                                       \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),          \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),           \
+      "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),           \
+      "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),           \
+      "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),           \
+      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),           \
+      "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),           \
+      "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// d += A·Bᵀ over 16 depth elements, asynchronously (complete after wgmma_commit and wgmma_wait_all):
+// A the warpgroup's 64 x rows, B the 128 class rows, both K-major in shared memory (descriptors).
+template <bool kBFloat16>
+__device__ __forceinline__ void wgmma_m64n128k16(WgmmaAcc& d, uint64_t desc_a, uint64_t desc_b) {
+#if defined(ARCFACE_EXT_WGMMA_DEVICE)
+  if constexpr (kBFloat16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " ARCFACE_EXT_WGMMA_D ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : ARCFACE_EXT_WGMMA_D_OPERANDS
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " ARCFACE_EXT_WGMMA_D ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : ARCFACE_EXT_WGMMA_D_OPERANDS
+        : "l"(desc_a), "l"(desc_b), "r"(1));
+  }
+#elif defined(__CUDA_ARCH__)
+  (void)d;
+  (void)desc_a;
+  (void)desc_b;
+  __trap();
+#elif defined(ARCFACE_EXT_EMULATE)
+  ::emu::wgmma_m64n128k16(d, desc_a, desc_b, kBFloat16);
+#endif
+}
+
+#undef ARCFACE_EXT_WGMMA_D
+#undef ARCFACE_EXT_WGMMA_D_OPERANDS
+
+// Where the pipeline's next load goes (the wgmma twin of TileRunCursor, whose TileRun it walks with
+// 64-wide slices: make_wgmma_run). Thread t copies the 16-byte chunk c = t % 8 of rows r = t / 8 + 32u
+// (u < 4) of both operands; all its rows have r % 8 = (t / 8) % 8, so its chunk lands at the same
+// swizzled column of every row, and its shared addresses are one base plus immediates.
+struct WgmmaRunCursor {
+  int64_t tile;
+  int64_t class_tile;     // tile % tiles_per_pass
+  int64_t pass_row0;      // row0 + 128·(tile / tiles_per_pass)
+  int slice;
+  int stage;
+  uint32_t dst;           // the shared address of this thread's first x chunk in `stage`
+  const uint16_t* x_src;  // x row pass_row0 + t/8, column slice·64 + 8c
+  const uint16_t* w_src;  // class row col0 + 128·class_tile + t/8, column slice·64 + 8c
+  int depth_left;         // dim - (slice·64 + 8c): this thread's chunks of the slice exist while > 0
+  bool x_ok[4];
+  bool w_ok[4];
+
+  __device__ __forceinline__ void aim_at_rows(const TileRun& run) {
+    const int64_t first = pass_row0 + threadIdx.x / 8;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) x_ok[u] = first + 32 * u < run.rows;
+    x_src = run.x + (x_ok[0] ? first * run.dim + (threadIdx.x % 8) * 8 : 0);
+  }
+
+  __device__ __forceinline__ void aim_at_tile(const TileRun& run) {
+    const int64_t first = run.col0 + class_tile * kTileClasses + threadIdx.x / 8;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) w_ok[u] = first + 32 * u < run.classes;
+    w_src = run.w + (w_ok[0] ? first * run.dim + (threadIdx.x % 8) * 8 : 0);
+  }
+
+  // At slice 0 of tile t, stage `stage_of_t`; `base` the pipeline's (1024-aligned) shared address.
+  __device__ __forceinline__ void start(const TileRun& run, int64_t t, int stage_of_t, uint32_t base) {
+    tile = t;
+    const int r = threadIdx.x / 8, c = threadIdx.x % 8;
+    dst = base + stage_of_t * kWgmmaStageBytes + r * kWgmmaRowBytes + 16 * (c ^ (r % 8));
+    const int64_t pass = t / run.tiles_per_pass;
+    class_tile = t - pass * run.tiles_per_pass;
+    pass_row0 = run.row0 + pass * kTileRows;
+    slice = 0;
+    stage = stage_of_t;
+    depth_left = run.dim - c * 8;
+    aim_at_rows(run);
+    aim_at_tile(run);
+  }
+
+  __device__ __forceinline__ void advance(const TileRun& run) {
+    dst += kWgmmaStageBytes;
+    if (++stage == kWgmmaStages) {
+      stage = 0;
+      dst -= kWgmmaStages * kWgmmaStageBytes;
+    }
+    if (++slice == run.slices) {
+      slice = 0;
+      ++tile;
+      depth_left += (run.slices - 1) * kWgmmaDepth;
+      if (++class_tile == run.tiles_per_pass) {
+        class_tile = 0;
+        pass_row0 += kTileRows;
+        aim_at_rows(run);
+      } else {
+        x_src -= (run.slices - 1) * kWgmmaDepth;
+      }
+      aim_at_tile(run);
+    } else {
+      x_src += kWgmmaDepth;
+      w_src += kWgmmaDepth;
+      depth_left -= kWgmmaDepth;
+    }
+  }
+};
+
+// A run of tiles walked in 64-wide slices (see TileRun).
+__device__ __forceinline__ TileRun make_wgmma_run(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
+                                                  const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
+                                                  int64_t tiles_per_pass, int dim, int64_t passes) {
+  return {x, rows, row0, w, classes, col0, passes * tiles_per_pass, tiles_per_pass, dim,
+          (dim + kWgmmaDepth - 1) / kWgmmaDepth};
+}
+
+// Issues the cursor's slice (nothing past the run's end) and commits one group either way. Rows and
+// depth past the ends load as zeros, from no address.
+__device__ __forceinline__ void wgmma_run_load(const TileRun& run, const WgmmaRunCursor& at) {
+  if (at.tile < run.tiles) {
+    const bool in_depth = at.depth_left > 0;
+    const int64_t row_step = int64_t{32} * run.dim;
+    constexpr uint32_t kRowStepBytes = 32 * kWgmmaRowBytes;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const bool x_ok = in_depth && at.x_ok[u];
+      const bool w_ok = in_depth && at.w_ok[u];
+      cp_async_16(at.dst + u * kRowStepBytes, x_ok ? at.x_src + u * row_step : run.x, x_ok);
+      cp_async_16(at.dst + kWgmmaOperandBytes + u * kRowStepBytes, w_ok ? at.w_src + u * row_step : run.w, w_ok);
+    }
+  }
+  cp_async_commit();
+}
+
+// acc = X[r0 : r0+128, :]·W[c0 : c0+128, :]ᵀ for tile t of the run (see the top of the file). Every
+// thread of the block calls it for t = 0, 1, ... in order; `base` is the pipeline's 1024-aligned
+// shared address and `stages` the same memory as a pointer. Between two calls the caller must not
+// touch the pipeline. After the run's last tile every copy has landed and every wgmma completed.
+template <bool kBFloat16, bool kClassNorms>
+__device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, uint32_t base, const uint16_t* stages,
+                                               WgmmaAcc& acc, float& norm_sq) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  norm_sq = 0.0f;
+  int stage = static_cast<int>(t * run.slices % kWgmmaStages);
+  WgmmaRunCursor next;
+  next.start(run, t, stage, base);
+  if (t == 0) {
+#pragma unroll 1
+    for (int g = 0; g < kWgmmaStages - 1; ++g) {
+      wgmma_run_load(run, next);
+      next.advance(run);
+    }
+  } else {
+#pragma unroll 1
+    for (int g = 0; g < kWgmmaStages - 1; ++g) next.advance(run);
+  }
+  const uint32_t a_offset = (threadIdx.x / 128) * 64 * kWgmmaRowBytes;  // this warpgroup's 64 x rows
+  // The class norms: class t/2's chunks 4·(t % 2) .. + 3, at their swizzled columns (elements).
+  const int norm_class = threadIdx.x / 2;
+  const int norm_row = static_cast<int>(kWgmmaOperandBytes / 2) + norm_class * (kWgmmaRowBytes / 2);
+  for (int slice = 0; slice < run.slices; ++slice) {
+    // Groups committed so far: kWgmmaStages - 1 + g; at most kWgmmaStages - 2 pending, so slice g has
+    // landed. The fence hands this thread's copies to the async proxy before the barrier; after it
+    // every warpgroup has also waited out its wgmma of slice g - 1, whose stage the load below refills.
+    cp_async_wait<kWgmmaStages - 2>();
+    fence_proxy_async();
+    __syncthreads();
+    const uint32_t stage_address = base + stage * kWgmmaStageBytes;
+    const uint16_t* stage_elems = stages + stage * (kWgmmaStageBytes / 2);
+    if (++stage == kWgmmaStages) stage = 0;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWgmmaDepth / 16; ++kk) {
+      wgmma_m64n128k16<kBFloat16>(acc, wgmma_descriptor(stage_address + a_offset + 32 * kk),
+                                  wgmma_descriptor(stage_address + kWgmmaOperandBytes + 32 * kk));
+    }
+    wgmma_commit();
+    // While the tensor cores work: the next slice's copies, and this slice's class norms.
+    wgmma_run_load(run, next);
+    next.advance(run);
+    if constexpr (kClassNorms) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int chunk = (4 * (threadIdx.x % 2) + v) ^ (norm_class % 8);
+        sum = sum_squares_8<kBFloat16>(stage_elems + norm_row + 8 * chunk, sum);
+      }
+      norm_sq += sum;  // past the ends the slice holds zeros, which add nothing
+    }
+    wgmma_wait_all(acc);
+  }
+  if (t + 1 == run.tiles) {
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+}
+
+}  // namespace cuda
+}  // namespace arcface_ext
