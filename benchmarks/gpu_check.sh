@@ -30,7 +30,7 @@
 #             keeps the gradient block there, and recompute, which does not); then
 #             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k, the recompute
-#             path as in session 8), then their warp stall reasons (ncu-stalls), then the wgmma forward's
+#             path as in session 8), then their warp stall reasons (ncu-stalls), then the wgmma kernels'
 #             counters and stalls (ncu-wgmma, C = 1M), to profile.log
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
@@ -162,9 +162,10 @@ for stage in "${STAGES[@]}"; do
         -k 'regex:fused_(forward|backward)_kernel' -c 2 \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         "$PY" benchmarks/profile_loss.py --C 100000 --paths recompute
-      # The wgmma forward (session 14, never run on a GPU before): its counters and stalls, at 1M.
+      # The wgmma tiles (session 14, never run on a GPU before): counters and stalls of the forward and
+      # the first backward launch, at 1M (where bf16 recomputes: the block does not fit).
       run_stage ncu-wgmma profile 60 20 ncu --clock-control none --target-processes all \
-        -k 'regex:fused_forward_wgmma_kernel' -c 1 \
+        -k 'regex:fused_(forward|backward)_wgmma_kernel' -c 2 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         "$PY" benchmarks/profile_loss.py --paths wgmma ;;

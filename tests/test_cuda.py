@@ -289,15 +289,15 @@ def cuda_kernel_names(fn):
 
 
 @pytest.mark.parametrize("case", ["bf16", "bf16-recompute", "fp16", "disabled", "fp32", "odd-depth", "misaligned",
-                                  "wgmma"])
+                                  "wgmma", "wgmma-fp16"])
 def test_which_path_runs(monkeypatch, case):
     # The fused kernels run for 16-bit inputs with D a multiple of 8 and 16-byte aligned rows;
     # everything else (and ARCFACE_EXT_CUDA_FUSED=0) takes the cuBLAS path, with the same results.
     # A bf16 step keeps the forward's gradient block (it fits the workspace here), so its backward
     # runs no fused kernel, unless ARCFACE_EXT_KEEP_BLOCK=0.
-    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(case, torch.bfloat16)
-    # ARCFACE_EXT_WGMMA=1 puts the fused forward on Hopper's wgmma tile (compute capability 9.0 only).
-    use_wgmma(monkeypatch, case == "wgmma")
+    dtype = {"fp16": torch.float16, "wgmma-fp16": torch.float16, "fp32": torch.float32}.get(case, torch.bfloat16)
+    # ARCFACE_EXT_WGMMA=1 puts the fused kernels on Hopper's wgmma tile (compute capability 9.0 only).
+    use_wgmma(monkeypatch, case.startswith("wgmma"))
     monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0" if case == "bf16-recompute" else "1")
     dim = 60 if case == "odd-depth" else 64
     x, w, labels = make_inputs(33, dim, 700, seed=32, dtype=dtype)
@@ -307,10 +307,12 @@ def test_which_path_runs(monkeypatch, case):
     x.requires_grad_(True)
     w.requires_grad_(True)
     names = cuda_kernel_names(lambda: arcface_ext.combined_margin_loss(x, w, labels).backward())
-    fused = case in ("bf16", "bf16-recompute", "fp16", "wgmma")
-    assert ("fused_forward_kernel" in names) == (fused and case != "wgmma"), names
-    assert ("fused_forward_wgmma_kernel" in names) == (case == "wgmma"), names
+    fused = case in ("bf16", "bf16-recompute", "fp16", "wgmma", "wgmma-fp16")
+    wgmma = case.startswith("wgmma")
+    assert ("fused_forward_kernel" in names) == (fused and not wgmma), names
+    assert ("fused_forward_wgmma_kernel" in names) == wgmma, names
     assert ("fused_backward_kernel" in names) == (case in ("bf16-recompute", "fp16")), names
+    assert ("fused_backward_wgmma_kernel" in names) == (case == "wgmma-fp16"), names
     assert ("kept_block_recompute_kernel" in names) == (case in ("bf16", "wgmma")), names
     assert ("margin_softmax_forward_kernel" in names) == (not fused), names
     ours, expected = run_both(x.detach(), w.detach(), labels, s=64.0, m2=0.5)
@@ -356,8 +358,8 @@ def test_kept_block_matches_the_reference_and_the_recomputation(kernel, monkeypa
         monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", setting)
         forward, backward = step_kernel_names(x, w, labels, upstream, **kwargs)
         # The kept step's backward recomputes nothing: no cosine kernel, no class-norm pass.
-        recomputes = any(name in backward for name in ("fused_backward_kernel", "margin_softmax_backward_kernel",
-                                                        "class_inverse_norms_kernel"))
+        recomputes = any(name in backward for name in ("fused_backward_kernel", "fused_backward_wgmma_kernel",
+                                                        "margin_softmax_backward_kernel", "class_inverse_norms_kernel"))
         assert recomputes == (setting == "0"), backward
         assert ("kept_block_recompute_kernel" in forward) == (setting == "1" and kernel != "cublas"), forward
         outputs[setting] = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream, **kwargs)

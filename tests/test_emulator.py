@@ -167,9 +167,10 @@ def test_forward_passes_need_a_segment_a_class_tile(emulated, monkeypatch, setti
 @pytest.mark.parametrize("setting, workspace_bytes, grid",
                          [("1", 7200, "3x3"), ("1", 1 << 26, "3x9"), (None, 1 << 26, "1x9"), ("2", 1 << 26, "2x9")],
                          ids=["segments-of-several-tiles", "one-row-tile", "auto", "two"])
-def test_the_wgmma_forward_under_the_racing_schedule(emulated, monkeypatch, dtype, setting, workspace_bytes, grid):
-    # The forward on Hopper's wgmma tile (ARCFACE_EXT_WGMMA=1): its 3-stage pipeline of 64-deep slices
-    # in the 128-byte swizzle, read by the emulated wgmma through its descriptors when the thread waits.
+def test_the_wgmma_tiles_under_the_racing_schedule(emulated, monkeypatch, dtype, setting, workspace_bytes, grid):
+    # The fused kernels on Hopper's wgmma tile (ARCFACE_EXT_WGMMA=1): its 3-stage pipeline of 64-deep
+    # slices in the 128-byte swizzle, read by the emulated wgmma through its descriptors when the
+    # thread waits; the forward's runs of tiles and passes, the backward's tiles one at a time.
     # D = 200: four slices a tile, the last an eighth full, so every stage is reused within a tile and
     # across tiles; N = 300: three row tiles, the last with 44 rows; C = 1100: nine class tiles, the
     # last partial; 7,200 bytes of workspace make segments of 4, 4 and 1 class tiles. Under the racing
@@ -183,7 +184,9 @@ def test_the_wgmma_forward_under_the_racing_schedule(emulated, monkeypatch, dtyp
     launched = emulated.take_launch_log().split()
     at = launched.index("fused_forward_wgmma_kernel")
     assert launched[at + 1:at + 3] == [f"smem:{3 * 32768 + 1024}", f"grid:{grid}"], launched
-    assert "fused_forward_kernel" not in launched, launched
+    at = launched.index("fused_backward_wgmma_kernel")
+    assert launched[at + 1] == f"smem:{3 * 32768 + 1024}", launched
+    assert "fused_forward_kernel" not in launched and "fused_backward_kernel" not in launched, launched
     cpu = forward_backward(torch.ops.arcface_ext, x, w, labels, grad, workspace_bytes=workspace_bytes)
     assert_same_as_cpu_op(ours, cpu)
 

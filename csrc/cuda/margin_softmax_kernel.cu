@@ -797,7 +797,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   }
 }
 
-// The forward on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by use_wgmma_forward): the same
+// The forward on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by use_wgmma_tile): the same
 // segments, passes, outputs and kept block as fused_forward_kernel, in the tile's accumulator layout.
 // A thread holds two rows (h) of 32 classes each, and a row's 128 classes lie in one quad, so a tile's
 // (max, Σexp) of a row is complete after two shuffles; the running statistics are the row's own, and
@@ -964,6 +964,24 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   }
 }
 
+// One entry of the gradient block, G_ij/‖w_j‖ as the GEMMs take it, from the recomputed raw dot
+// product: the target's q where the column is the row's target, else the softmax term (0 where the
+// cosine was clamped, or the row does not count here, or the column is past the classes).
+__device__ __forceinline__ float gradient_entry(float dot, bool counts, bool is_target, float inv_x, float inv_w,
+                                                float lse, float target_q, float s) {
+  float q = 0.0f;
+  if (counts) {
+    if (is_target) {
+      q = target_q;
+    } else {
+      const float cosine = cosine_of<float>(dot, inv_x, inv_w);
+      const float inside = (cosine >= -1.0f && cosine <= 1.0f) ? 1.0f : 0.0f;
+      q = inside * s * exp_shifted(s * clamp_unit(cosine), lse);
+    }
+  }
+  return q * inv_w;
+}
+
 // The gradient block's tile, for fused_backward_kernel and kept_block_recompute_kernel: the tile of
 // rows [128 row_tile, +128) and chunk classes [128 t, +128) (t = blockIdx.y) is recomputed, G_ij
 // formed exactly as margin_softmax_backward_kernel does, staged in shared memory (the pipeline's,
@@ -976,7 +994,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 // With kRecompute (the kept block's forward, before any grad_loss exists): only the counted rows
 // marked in `recompute` are formed and written, the other rows of grad_block are left as they are,
 // and a call whose 128 rows have none returns at once (one call a block, which sums the norms).
-template <bool kBFloat16, typename scalar_t, int kStages, bool kRecompute>
+// With kWgmma the tile comes from wgmma_tile.cuh (sm_90a; kStages is then unused) and the epilogue
+// walks its accumulator layout; the entries, the staging and the copy-out are the same.
+template <bool kBFloat16, typename scalar_t, int kStages, bool kRecompute, bool kWgmma = false>
 __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
                           int64_t n, int64_t width, int dim, int64_t c0,
                           const RowTarget* __restrict__ rows, const float* __restrict__ grad_loss,
@@ -1027,10 +1047,26 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   }
 
   const int64_t col0 = int64_t{blockIdx.y} * kTileClasses;
-  cuda::TileAcc acc;
+  cuda::TileAcc acc;        // the mma.sync tile's
+  cuda::WgmmaAcc acc_wgmma;  // the wgmma tile's
   float norm_sq;
+  // The wgmma pipeline (and then the staged tile) from the first 1024-byte boundary.
+  uint16_t* pipeline = tile_smem;
+  uint32_t pipeline_base = 0;
+  if constexpr (kWgmma) {
+    const uint32_t raw_base = cuda::shared_address(tile_smem);
+    pipeline_base = (raw_base + 1023u) & ~1023u;
+    pipeline = tile_smem + (pipeline_base - raw_base) / 2;
+  }
   // Two copies of the slice loop, so that neither carries the other's branch.
-  if (class_norms) {
+  if constexpr (kWgmma) {
+    const cuda::TileRun run = cuda::make_wgmma_run(x, n, row0, w_chunk, width, col0, 1, dim, 1);
+    if (class_norms) {
+      cuda::wgmma_run_gemm<kBFloat16, true>(run, 0, pipeline_base, pipeline, acc_wgmma, norm_sq);
+    } else {
+      cuda::wgmma_run_gemm<kBFloat16, false>(run, 0, pipeline_base, pipeline, acc_wgmma, norm_sq);
+    }
+  } else if (class_norms) {
     cuda::tile_gemm<kBFloat16, true, kStages>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
   } else {
     cuda::tile_gemm<kBFloat16, false, kStages>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
@@ -1050,12 +1086,39 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
 
   constexpr int kPitch = kTileClasses + 8;  // 272-byte rows: 16-byte aligned for the copy-out
   static_assert(kTileRows * kPitch * 2 <= cuda::tile_smem_bytes(kStages), "staging tile fits the pipeline");
-  scalar_t* staged = reinterpret_cast<scalar_t*>(tile_smem);
+  static_assert(kTileRows * kPitch * 2 <= cuda::kWgmmaStages * cuda::kWgmmaStageBytes, "and the wgmma one");
+  scalar_t* staged = reinterpret_cast<scalar_t*>(pipeline);
+  const int64_t valid = std::min<int64_t>(width - col0, kTileClasses);
+  if constexpr (kWgmma) {
+    // Two rows a thread, 32 classes each (wgmma_tile_class(j, e) = first_col + 8j + e).
+    const int first_col = cuda::wgmma_tile_class(0, 0);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = cuda::wgmma_tile_row(h);
+      const bool active = row_active[r];
+      const float inv_x = row_inv_norm[r];
+      const float lse = row_lse[r];
+      const float target_q = row_target_q[r];
+      const int64_t target_col = row_target[r] - col0;
+      const int target = target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        ValuePair<scalar_t> pair;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const bool in_range = first_col + 8 * j + e < valid;
+          const float inv_w = in_range ? tile_inv_norm[first_col + 8 * j + e] : 0.0f;
+          pair.value[e] = to_gemm_operand<scalar_t, float>(gradient_entry(
+              acc_wgmma[4 * j + 2 * h + e], active && in_range, target == 8 * j + e, inv_x, inv_w, lse, target_q, s));
+        }
+        *reinterpret_cast<ValuePair<scalar_t>*>(staged + r * kPitch + first_col + 8 * j) = pair;
+      }
+    }
+  } else {
   // Row by row, each row's values read from shared memory once; the class bounds and the target
   // compared as 32-bit offsets from this thread's first column (tile_class(ni, e) = first_col +
   // 8 ni + e), and the two adjacent columns e = 0, 1 stored as one 32-bit word.
   const int first_col = tile_class(0, 0);
-  const int64_t valid = std::min<int64_t>(width - col0, kTileClasses);
   float inv_w[4][2];
 #pragma unroll
   for (int ni = 0; ni < 4; ++ni)
@@ -1077,21 +1140,14 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
         ValuePair<scalar_t> pair;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float q = 0.0f;
-          if (active && first_col + 8 * ni + e < valid) {
-            if (target == 8 * ni + e) {
-              q = target_q;
-            } else {
-              const float cosine = cosine_of<float>(acc[mi][ni][2 * h + e], inv_x, inv_w[ni][e]);
-              const float inside = (cosine >= -1.0f && cosine <= 1.0f) ? 1.0f : 0.0f;
-              q = inside * s * exp_shifted(s * clamp_unit(cosine), lse);
-            }
-          }
-          pair.value[e] = to_gemm_operand<scalar_t, float>(q * inv_w[ni][e]);
+          pair.value[e] = to_gemm_operand<scalar_t, float>(
+              gradient_entry(acc[mi][ni][2 * h + e], active && first_col + 8 * ni + e < valid, target == 8 * ni + e,
+                             inv_x, inv_w[ni][e], lse, target_q, s));
         }
         *reinterpret_cast<ValuePair<scalar_t>*>(staged + r * kPitch + first_col + 8 * ni) = pair;
       }
     }
+  }
   __syncthreads();
   constexpr int kVectorsPerRow = kTileClasses / 8;
   for (int v = threadIdx.x; v < kTileRows * kVectorsPerRow; v += kTileThreads) {
@@ -1107,6 +1163,26 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
 // Backward: one chunk's gradient block from recomputed tiles (gradient_block_tile). Block (b, t)
 // walks row tiles [b·row_tiles_per_block, +row_tiles_per_block) of class tile t, summing the class
 // norms at the first only (see plan_backward_row_tiles).
+template <bool kBFloat16, typename scalar_t, int kStages, bool kWgmma>
+__device__ __forceinline__ void walk_gradient_row_tiles(const uint16_t* __restrict__ x,
+                                                        const uint16_t* __restrict__ w_chunk, int64_t n, int64_t width,
+                                                        int dim, int64_t c0, const RowTarget* __restrict__ rows,
+                                                        const float* __restrict__ grad_loss,
+                                                        const float* __restrict__ logsumexp, float s,
+                                                        scalar_t* __restrict__ grad_block, int64_t ld,
+                                                        float* __restrict__ chunk_inv_norm,
+                                                        uint8_t* __restrict__ chunk_unclamped, int row_tiles_per_block) {
+  // (Row tiles fit an int: N < 2^31.)
+  const int row_tiles = static_cast<int>((n + kTileRows - 1) / kTileRows);
+  const int first = static_cast<int>(blockIdx.x) * row_tiles_per_block;
+  const int last = std::min(first + row_tiles_per_block, row_tiles);
+  for (int row_tile = first; row_tile < last; ++row_tile) {
+    gradient_block_tile<kBFloat16, scalar_t, kStages, false, kWgmma>(
+        x, w_chunk, n, width, dim, c0, rows, grad_loss, logsumexp, s, grad_block, ld, chunk_inv_norm, chunk_unclamped,
+        nullptr, row_tile, row_tile == first);
+  }
+}
+
 template <bool kBFloat16, typename scalar_t, int kStages>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_backward_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk, int64_t n,
@@ -1114,15 +1190,22 @@ __global__ void __launch_bounds__(kTileThreads, 2)
                           const float* __restrict__ grad_loss, const float* __restrict__ logsumexp, float s,
                           scalar_t* __restrict__ grad_block, int64_t ld, float* __restrict__ chunk_inv_norm,
                           uint8_t* __restrict__ chunk_unclamped, int row_tiles_per_block) {
-  // (Row tiles fit an int: N < 2^31.)
-  const int row_tiles = static_cast<int>((n + kTileRows - 1) / kTileRows);
-  const int first = static_cast<int>(blockIdx.x) * row_tiles_per_block;
-  const int last = std::min(first + row_tiles_per_block, row_tiles);
-  for (int row_tile = first; row_tile < last; ++row_tile) {
-    gradient_block_tile<kBFloat16, scalar_t, kStages, false>(x, w_chunk, n, width, dim, c0, rows, grad_loss,
-                                                             logsumexp, s, grad_block, ld, chunk_inv_norm,
-                                                             chunk_unclamped, nullptr, row_tile, row_tile == first);
-  }
+  walk_gradient_row_tiles<kBFloat16, scalar_t, kStages, false>(x, w_chunk, n, width, dim, c0, rows, grad_loss,
+                                                               logsumexp, s, grad_block, ld, chunk_inv_norm,
+                                                               chunk_unclamped, row_tiles_per_block);
+}
+
+// The same on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by use_wgmma_tile).
+template <bool kBFloat16, typename scalar_t>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    fused_backward_wgmma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk, int64_t n,
+                                int64_t width, int dim, int64_t c0, const RowTarget* __restrict__ rows,
+                                const float* __restrict__ grad_loss, const float* __restrict__ logsumexp, float s,
+                                scalar_t* __restrict__ grad_block, int64_t ld, float* __restrict__ chunk_inv_norm,
+                                uint8_t* __restrict__ chunk_unclamped, int row_tiles_per_block) {
+  walk_gradient_row_tiles<kBFloat16, scalar_t, cuda::kMinTileStages, true>(
+      x, w_chunk, n, width, dim, c0, rows, grad_loss, logsumexp, s, grad_block, ld, chunk_inv_norm, chunk_unclamped,
+      row_tiles_per_block);
 }
 
 // The kept block's forward: G itself at the rows finalize marked for recomputation (kept_block.h),
@@ -1341,12 +1424,12 @@ void allow_tile_smem(Kernel kernel, int stages, int device) {
   allow_smem(kernel, cuda::tile_smem_bytes(stages), device);
 }
 
-// ARCFACE_EXT_WGMMA=1 (read at every call): the fused forward runs on the wgmma tile
-// (fused_forward_wgmma_kernel), which needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a,
+// ARCFACE_EXT_WGMMA=1 (read at every call): the fused forward and backward run on the wgmma tile
+// (fused_forward_wgmma_kernel, fused_backward_wgmma_kernel), which needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a,
 // setup.py's default; it defines ARCFACE_EXT_SM90A) and a GPU of compute capability 9.0. Off by
 // default until a GPU has measured it against the mma.sync kernel (NOTES.md, session 14); asked for
 // where it cannot run, it raises rather than quietly measuring the other kernel.
-bool use_wgmma_forward(int device) {
+bool use_wgmma_tile(int device) {
   const char* setting = std::getenv("ARCFACE_EXT_WGMMA");
   if (setting == nullptr || std::strcmp(setting, "0") == 0) return false;
   TORCH_CHECK_VALUE(std::strcmp(setting, "1") == 0, "arcface_ext: ARCFACE_EXT_WGMMA must be 0 or 1, got '",
@@ -1551,7 +1634,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
                       static_cast<unsigned>(segments.count));
       const int stages = fused_tile_stages(x.get_device());
       // (Both kernels take the same arguments; the wgmma tile's has one pipeline depth.)
-      const bool wgmma = use_wgmma_forward(x.get_device());
+      const bool wgmma = use_wgmma_tile(x.get_device());
       with_tile_stages(stages, [&](auto depth) {
         constexpr int kStages = decltype(depth)::value;
         auto launch = [&](auto keep) {
@@ -1785,6 +1868,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
   const int stages = fused ? fused_tile_stages(x.get_device()) : 0;
+  const bool wgmma = fused && use_wgmma_tile(x.get_device());
   const int sm_count = fused ? device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()) : 0;
   // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64); the first chunk's GEMM
   // writes it, so it needs no zero fill.
@@ -1807,18 +1891,28 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
         const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
         const dim3 grid(static_cast<unsigned>((row_tiles + row_tiles_per_block - 1) / row_tiles_per_block),
                         static_cast<unsigned>((width + kTileClasses - 1) / kTileClasses));
-        with_tile_stages(stages, [&](auto depth) {
-          constexpr int kStages = decltype(depth)::value;
-          if (k == 0) allow_tile_smem(fused_backward_kernel<kBFloat16, scalar_t, kStages>, kStages, x.get_device());
-          fused_backward_kernel<kBFloat16, scalar_t, kStages>
-              <<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
-                  raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0,
-                  rows_ptr, grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s),
-                  grad_block_buffer.data_ptr<scalar_t>(), block_pitch,
-                  needs_weight_grad ? chunk_inv_norm : nullptr, needs_weight_grad ? chunk_unclamped : nullptr,
-                  row_tiles_per_block);
+        if (wgmma) {
+          if (k == 0) allow_smem(fused_backward_wgmma_kernel<kBFloat16, scalar_t>, cuda::wgmma_smem_bytes(), x.get_device());
+          fused_backward_wgmma_kernel<kBFloat16, scalar_t><<<grid, kTileThreads, cuda::wgmma_smem_bytes(), stream>>>(
+              raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0, rows_ptr,
+              grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s), grad_block_buffer.data_ptr<scalar_t>(),
+              block_pitch, needs_weight_grad ? chunk_inv_norm : nullptr,
+              needs_weight_grad ? chunk_unclamped : nullptr, row_tiles_per_block);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        } else {
+          with_tile_stages(stages, [&](auto depth) {
+            constexpr int kStages = decltype(depth)::value;
+            if (k == 0) allow_tile_smem(fused_backward_kernel<kBFloat16, scalar_t, kStages>, kStages, x.get_device());
+            fused_backward_kernel<kBFloat16, scalar_t, kStages>
+                <<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
+                    raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0,
+                    rows_ptr, grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s),
+                    grad_block_buffer.data_ptr<scalar_t>(), block_pitch,
+                    needs_weight_grad ? chunk_inv_norm : nullptr, needs_weight_grad ? chunk_unclamped : nullptr,
+                    row_tiles_per_block);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
       }
     } else {
       at::Tensor dots = chunk_dot_products<scalar_t, acc_t>(
