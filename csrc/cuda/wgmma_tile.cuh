@@ -104,13 +104,23 @@ __device__ __forceinline__ void wgmma_commit() {
 #endif
 }
 
+// Pins the accumulators at this point of the instruction stream: no access to them moves across it
+// (the compiler sees the wgmma asm, not the fences and waits, as their readers and writers).
+__device__ __forceinline__ void wgmma_pin(WgmmaAcc& d) {
+#if defined(ARCFACE_EXT_WGMMA_DEVICE)
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
+
 // Waits until every wgmma this thread's warpgroup committed has completed, then pins the accumulators:
-// the compiler must not read them before the wait (it sees the wgmma asm as their last writer).
+// the compiler must not read them before the wait.
 __device__ __forceinline__ void wgmma_wait_all(WgmmaAcc& d) {
 #if defined(ARCFACE_EXT_WGMMA_DEVICE)
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  wgmma_pin(d);
 #elif defined(__CUDA_ARCH__)
   (void)d;
   __trap();
@@ -301,6 +311,8 @@ __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, ui
     const uint32_t stage_address = base + stage * kWgmmaStageBytes;
     const uint16_t* stage_elems = stages + stage * (kWgmmaStageBytes / 2);
     if (++stage == kWgmmaStages) stage = 0;
+    // The accumulators' last ordinary writes (the zeros) before the fence, as wgmma.fence requires.
+    wgmma_pin(acc);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kWgmmaDepth / 16; ++kk) {
