@@ -21,13 +21,13 @@
 #   rows      (not in the default list) ours and ours-recompute at C = 1e5 and 1e6 with blocks walking 1,
 #             2 and 4 row tiles (ARCFACE_EXT_ROW_TILES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
-#             search: ours, ours-recompute, ours-one-row-tile, ours-wgmma, ours-graphed, ours-cublas, eager, compiled
-#             and floor at
+#             search: ours, ours-recompute, ours-one-row-tile, ours-wgmma, ours-wgmma32, ours-graphed, ours-cublas,
+#             eager, compiled and floor at
 #             C = 1e5 and 1e6 (~45 s), for a
 #             short call; the results JSON is $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   profile   benchmarks/profile_loss.py at C = 1M (fused, wgmma, one-row-tile and cuBLAS paths) and 100k (fused, which
-#             keeps the gradient block there, and recompute, which does not); then
+#   profile   benchmarks/profile_loss.py at C = 1M (fused, wgmma, wgmma32, one-row-tile and cuBLAS paths) and
+#             100k (fused, which keeps the gradient block there, and recompute, which does not); then
 #             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k, the recompute
 #             path as in session 8), then their warp stall reasons (ncu-stalls), then the wgmma kernels'
@@ -124,7 +124,7 @@ for stage in "${STAGES[@]}"; do
         --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-graphed,ours-cublas,eager,compiled,floor \
+        --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-wgmma32,ours-graphed,ours-cublas,eager,compiled,floor \
         --out "$OUT/bench.json" ;;
     depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
       for d in 3 4 5; do
@@ -140,8 +140,8 @@ for stage in "${STAGES[@]}"; do
                 "$PY" benchmarks/sanitize_case.py ;;
     profile)
       # one-row-tile: the fused kernels as before session 13 (each row tile's block sums the norms);
-      # wgmma: the forward on Hopper's wgmma tile (session 14).
-      run_stage profile profile 80 20 "$PY" benchmarks/profile_loss.py --paths fused,wgmma,one-row-tile,cublas
+      # wgmma, wgmma32: the fused kernels' tiles on Hopper's wgmma, 64- and 32-deep slices (session 14).
+      run_stage profile profile 90 20 "$PY" benchmarks/profile_loss.py --paths fused,wgmma,wgmma32,one-row-tile,cublas
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
       # fused keeps the gradient block there (bf16, 100 MB in the 128 MiB workspace); recompute does not.
       run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000 --paths fused,recompute

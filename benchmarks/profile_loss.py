@@ -7,8 +7,9 @@ For each path (fused: the tensor-core kernels, the default for 16-bit inputs, wi
 gradient block where it fits the workspace (bf16); recompute: the same with ARCFACE_EXT_KEEP_BLOCK=0,
 the backward recomputing the cosines in its fused kernel; one-row-tile: fused with
 ARCFACE_EXT_ROW_TILES=1, a block of the fused kernels for each row tile, each summing the class
-norms again, as before session 13; wgmma: fused with ARCFACE_EXT_WGMMA=1, the forward on Hopper's
-wgmma tile (compute capability 9.0 only); cublas: the same op with
+norms again, as before session 13; wgmma: fused with ARCFACE_EXT_WGMMA=1, the fused kernels' tiles on
+Hopper's wgmma (compute capability 9.0 only), wgmma32 the same in 32-deep slices (ARCFACE_EXT_WGMMA=32);
+cublas: the same op with
 ARCFACE_EXT_CUDA_FUSED=0) it warms up, then records one step with torch.profiler and prints
 the kernels by total GPU time (count, total ms, share of the step's kernel time), plus the step's
 wall time from CUDA events and the sum of kernel times (their difference is launch gaps or host
@@ -41,11 +42,11 @@ def step(embeddings, weight, labels):
 
 
 def profile_path(path, embeddings, weight, labels, top):
-    if path not in ("fused", "recompute", "one-row-tile", "wgmma", "cublas"):
-        raise SystemExit(f"unknown path {path!r}: fused, recompute, one-row-tile, wgmma or cublas")
+    if path not in ("fused", "recompute", "one-row-tile", "wgmma", "wgmma32", "cublas"):
+        raise SystemExit(f"unknown path {path!r}: fused, recompute, one-row-tile, wgmma, wgmma32 or cublas")
     os.environ["ARCFACE_EXT_CUDA_FUSED"] = "0" if path == "cublas" else "1"
     os.environ["ARCFACE_EXT_KEEP_BLOCK"] = "0" if path == "recompute" else "1"
-    os.environ["ARCFACE_EXT_WGMMA"] = "1" if path == "wgmma" else "0"
+    os.environ["ARCFACE_EXT_WGMMA"] = {"wgmma": "1", "wgmma32": "32"}.get(path, "0")
     if path == "one-row-tile":
         os.environ["ARCFACE_EXT_ROW_TILES"] = "1"
     else:

@@ -90,6 +90,9 @@ def main():
                     os.environ["ARCFACE_EXT_ROW_TILES"] = "2"
                     ok &= case(300, 200, 1000, dtype, workspace_bytes=64 << 20)
                     os.environ.pop("ARCFACE_EXT_ROW_TILES")
+                    os.environ["ARCFACE_EXT_WGMMA"] = "32"  # 32-deep slices, a wgmma in flight
+                    print("ARCFACE_EXT_WGMMA=32")
+                    ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
                     os.environ.pop("ARCFACE_EXT_WGMMA")
             ok &= case(37, 36, 1031, dtype, workspace_bytes=1)  # D not a multiple of 8: cuBLAS path
     os.environ.pop("ARCFACE_EXT_CUDA_FUSED")

@@ -251,6 +251,20 @@ def test_fused_tile_edges(kernel, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_tile_edges_on_32_deep_wgmma_slices(monkeypatch, shape, dtype):
+    # The wgmma tile's other slice shape (ARCFACE_EXT_WGMMA=32: 32-deep slices in the 64-byte swizzle,
+    # 6 stages, a wgmma group in flight across the barrier), forward and backward, at the same edges.
+    use_wgmma(monkeypatch, True)
+    monkeypatch.setenv("ARCFACE_EXT_WGMMA", "32")
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "1")
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0")
+    x, w, labels = make_inputs(*shape, seed=30, dtype=dtype, ignored=(0,) if shape[0] > 1 else ())
+    ours, expected = run_both(x, w, labels, s=64.0, m2=0.5)
+    assert_matches(ours, expected, min_scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_fused_and_cublas_paths_agree(monkeypatch, workspace, dtype):
     # Both paths compute the cosines in fp32 from the same 16-bit values; only the order of the
     # dot-product sums differs, so the losses agree to fp32 round-off.

@@ -163,21 +163,25 @@ def test_forward_passes_need_a_segment_a_class_tile(emulated, monkeypatch, setti
         assert_close_report(a, e, atol=1e-5 * max(float(e.abs().max()), 1.0), rtol=1e-5, name=name)
 
 
+@pytest.mark.parametrize("depth", ["64", "32"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("setting, workspace_bytes, grid",
                          [("1", 7200, "3x3"), ("1", 1 << 26, "3x9"), (None, 1 << 26, "1x9"), ("2", 1 << 26, "2x9")],
                          ids=["segments-of-several-tiles", "one-row-tile", "auto", "two"])
-def test_the_wgmma_tiles_under_the_racing_schedule(emulated, monkeypatch, dtype, setting, workspace_bytes, grid):
+def test_the_wgmma_tiles_under_the_racing_schedule(emulated, monkeypatch, dtype, setting, workspace_bytes, grid,
+                                                   depth):
     # The fused kernels on Hopper's wgmma tile (ARCFACE_EXT_WGMMA=1): its 3-stage pipeline of 64-deep
     # slices in the 128-byte swizzle, read by the emulated wgmma through its descriptors when the
     # thread waits; the forward's runs of tiles and passes, the backward's tiles one at a time.
-    # D = 200: four slices a tile, the last an eighth full, so every stage is reused within a tile and
-    # across tiles; N = 300: three row tiles, the last with 44 rows; C = 1100: nine class tiles, the
+    # Both slice shapes: 64 deep in 3 stages (ARCFACE_EXT_WGMMA=64), 32 deep in 6 with a wgmma group in
+    # flight across the barrier (32). D = 200: four 64-deep slices a tile (seven 32-deep ones), the
+    # last partial, so every stage is reused within a tile and across tiles; N = 300: three row tiles,
+    # the last with 44 rows; C = 1100: nine class tiles, the
     # last partial; 7,200 bytes of workspace make segments of 4, 4 and 1 class tiles. Under the racing
     # schedule a stage refilled while a wgmma could still read it, or read before its copies were
     # fenced for the async proxy, fails or changes the result.
     race_on_one_sm(monkeypatch, setting)
-    monkeypatch.setenv("ARCFACE_EXT_WGMMA", "1")
+    monkeypatch.setenv("ARCFACE_EXT_WGMMA", depth)
     x, w, labels, grad = inputs(300, 200, 1100, dtype, seed=9)
     emulated.take_launch_log()
     ours = forward_backward(emulated, x, w, labels, grad, workspace_bytes=workspace_bytes)
@@ -194,7 +198,7 @@ def test_the_wgmma_tiles_under_the_racing_schedule(emulated, monkeypatch, dtype,
 def test_a_bad_wgmma_setting_is_named(emulated, monkeypatch):
     monkeypatch.setenv("ARCFACE_EXT_WGMMA", "yes")
     x, w, labels, _ = inputs(8, 32, 50, torch.bfloat16, seed=6)
-    with pytest.raises(ValueError, match="ARCFACE_EXT_WGMMA must be 0 or 1, got 'yes'"):
+    with pytest.raises(ValueError, match="ARCFACE_EXT_WGMMA must be 0, 1, 64 or 32, got 'yes'"):
         emulated.margin_softmax_forward(x, w, labels, *op_args())
 
 

@@ -797,14 +797,15 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   }
 }
 
-// The forward on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by use_wgmma_tile): the same
+// The forward on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by wgmma_tile_depth), in slices kDepth
+// deep: the same
 // segments, passes, outputs and kept block as fused_forward_kernel, in the tile's accumulator layout.
 // A thread holds two rows (h) of 32 classes each, and a row's 128 classes lie in one quad, so a tile's
 // (max, Σexp) of a row is complete after two shuffles; the running statistics are the row's own, and
 // a pass's end writes them from the quad's first lane, without the four-warp merge in shared memory.
 // Its sums run in another order than fused_forward_kernel's (the tensor cores' and the quad's), so
 // the two kernels agree to fp32 round-off, not bit for bit; each is deterministic.
-template <bool kBFloat16, bool kKeep>
+template <bool kBFloat16, bool kKeep, int kDepth>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_forward_wgmma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
                                int64_t c, int dim, const RowTarget* __restrict__ rows, float s,
@@ -835,8 +836,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
   const int64_t first = int64_t{blockIdx.y} * tiles_per_segment;
   const int64_t per_pass = std::min(first + tiles_per_segment, tiles) - first;
-  const cuda::TileRun run = cuda::make_wgmma_run(x, n, first_row_tile * kTileRows, w, c, first * kTileClasses,
-                                                 per_pass, dim, passes);
+  using Slice = cuda::WgmmaSlice<kDepth>;
+  const cuda::TileRun run = cuda::make_wgmma_run<Slice>(x, n, first_row_tile * kTileRows, w, c,
+                                                        first * kTileClasses, per_pass, dim, passes);
   int64_t pass = 0, in_pass = 0;  // t = pass·per_pass + in_pass
   for (int64_t t = 0; t < run.tiles; ++t) {
     const int64_t col0 = (first + in_pass) * kTileClasses;
@@ -844,7 +846,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     cuda::WgmmaAcc acc;
     float norm_sq;
     if (pass == 0) {
-      cuda::wgmma_run_gemm<kBFloat16, true>(run, t, base, stages, acc, norm_sq);
+      cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, t, base, stages, acc, norm_sq);
       if constexpr (kKeep) {
         publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
         if (blockIdx.x == 0) {
@@ -859,7 +861,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         publish_class_norms(norm_sq, tile_inv_norm, nullptr);
       }
     } else {
-      cuda::wgmma_run_gemm<kBFloat16, false>(run, t, base, stages, acc, norm_sq);
+      cuda::wgmma_run_gemm<kBFloat16, false, Slice>(run, t, base, stages, acc, norm_sq);
       if (in_pass == 0) {  // a new pass: its row tile's rows
         load_tile_rows(rows, n, row0, row_inv_norm, row_target_logit, row_target);
         __syncthreads();
@@ -994,9 +996,10 @@ __device__ __forceinline__ float gradient_entry(float dot, bool counts, bool is_
 // With kRecompute (the kept block's forward, before any grad_loss exists): only the counted rows
 // marked in `recompute` are formed and written, the other rows of grad_block are left as they are,
 // and a call whose 128 rows have none returns at once (one call a block, which sums the norms).
-// With kWgmma the tile comes from wgmma_tile.cuh (sm_90a; kStages is then unused) and the epilogue
-// walks its accumulator layout; the entries, the staging and the copy-out are the same.
-template <bool kBFloat16, typename scalar_t, int kStages, bool kRecompute, bool kWgmma = false>
+// With kWgmmaDepth (64 or 32; 0 is the mma.sync tile) the tile comes from wgmma_tile.cuh with slices
+// that deep (sm_90a; kStages is then unused) and the epilogue walks its accumulator layout; the
+// entries, the staging and the copy-out are the same.
+template <bool kBFloat16, typename scalar_t, int kStages, bool kRecompute, int kWgmmaDepth = 0>
 __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
                           int64_t n, int64_t width, int dim, int64_t c0,
                           const RowTarget* __restrict__ rows, const float* __restrict__ grad_loss,
@@ -1051,6 +1054,7 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   cuda::WgmmaAcc acc_wgmma;  // the wgmma tile's
   float norm_sq;
   // The wgmma pipeline (and then the staged tile) from the first 1024-byte boundary.
+  constexpr bool kWgmma = kWgmmaDepth != 0;
   uint16_t* pipeline = tile_smem;
   uint32_t pipeline_base = 0;
   if constexpr (kWgmma) {
@@ -1060,11 +1064,12 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   }
   // Two copies of the slice loop, so that neither carries the other's branch.
   if constexpr (kWgmma) {
-    const cuda::TileRun run = cuda::make_wgmma_run(x, n, row0, w_chunk, width, col0, 1, dim, 1);
+    using Slice = cuda::WgmmaSlice<kWgmmaDepth>;
+    const cuda::TileRun run = cuda::make_wgmma_run<Slice>(x, n, row0, w_chunk, width, col0, 1, dim, 1);
     if (class_norms) {
-      cuda::wgmma_run_gemm<kBFloat16, true>(run, 0, pipeline_base, pipeline, acc_wgmma, norm_sq);
+      cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, 0, pipeline_base, pipeline, acc_wgmma, norm_sq);
     } else {
-      cuda::wgmma_run_gemm<kBFloat16, false>(run, 0, pipeline_base, pipeline, acc_wgmma, norm_sq);
+      cuda::wgmma_run_gemm<kBFloat16, false, Slice>(run, 0, pipeline_base, pipeline, acc_wgmma, norm_sq);
     }
   } else if (class_norms) {
     cuda::tile_gemm<kBFloat16, true, kStages>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
@@ -1086,7 +1091,7 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
 
   constexpr int kPitch = kTileClasses + 8;  // 272-byte rows: 16-byte aligned for the copy-out
   static_assert(kTileRows * kPitch * 2 <= cuda::tile_smem_bytes(kStages), "staging tile fits the pipeline");
-  static_assert(kTileRows * kPitch * 2 <= cuda::kWgmmaStages * cuda::kWgmmaStageBytes, "and the wgmma one");
+  static_assert(kTileRows * kPitch * 2 <= cuda::kWgmmaPipelineBytes, "and the wgmma one");
   scalar_t* staged = reinterpret_cast<scalar_t*>(pipeline);
   const int64_t valid = std::min<int64_t>(width - col0, kTileClasses);
   if constexpr (kWgmma) {
@@ -1163,7 +1168,7 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
 // Backward: one chunk's gradient block from recomputed tiles (gradient_block_tile). Block (b, t)
 // walks row tiles [b·row_tiles_per_block, +row_tiles_per_block) of class tile t, summing the class
 // norms at the first only (see plan_backward_row_tiles).
-template <bool kBFloat16, typename scalar_t, int kStages, bool kWgmma>
+template <bool kBFloat16, typename scalar_t, int kStages, int kWgmmaDepth>
 __device__ __forceinline__ void walk_gradient_row_tiles(const uint16_t* __restrict__ x,
                                                         const uint16_t* __restrict__ w_chunk, int64_t n, int64_t width,
                                                         int dim, int64_t c0, const RowTarget* __restrict__ rows,
@@ -1177,7 +1182,7 @@ __device__ __forceinline__ void walk_gradient_row_tiles(const uint16_t* __restri
   const int first = static_cast<int>(blockIdx.x) * row_tiles_per_block;
   const int last = std::min(first + row_tiles_per_block, row_tiles);
   for (int row_tile = first; row_tile < last; ++row_tile) {
-    gradient_block_tile<kBFloat16, scalar_t, kStages, false, kWgmma>(
+    gradient_block_tile<kBFloat16, scalar_t, kStages, false, kWgmmaDepth>(
         x, w_chunk, n, width, dim, c0, rows, grad_loss, logsumexp, s, grad_block, ld, chunk_inv_norm, chunk_unclamped,
         nullptr, row_tile, row_tile == first);
   }
@@ -1190,20 +1195,20 @@ __global__ void __launch_bounds__(kTileThreads, 2)
                           const float* __restrict__ grad_loss, const float* __restrict__ logsumexp, float s,
                           scalar_t* __restrict__ grad_block, int64_t ld, float* __restrict__ chunk_inv_norm,
                           uint8_t* __restrict__ chunk_unclamped, int row_tiles_per_block) {
-  walk_gradient_row_tiles<kBFloat16, scalar_t, kStages, false>(x, w_chunk, n, width, dim, c0, rows, grad_loss,
+  walk_gradient_row_tiles<kBFloat16, scalar_t, kStages, 0>(x, w_chunk, n, width, dim, c0, rows, grad_loss,
                                                                logsumexp, s, grad_block, ld, chunk_inv_norm,
                                                                chunk_unclamped, row_tiles_per_block);
 }
 
-// The same on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by use_wgmma_tile).
-template <bool kBFloat16, typename scalar_t>
+// The same on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by wgmma_tile_depth).
+template <bool kBFloat16, typename scalar_t, int kDepth>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_backward_wgmma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk, int64_t n,
                                 int64_t width, int dim, int64_t c0, const RowTarget* __restrict__ rows,
                                 const float* __restrict__ grad_loss, const float* __restrict__ logsumexp, float s,
                                 scalar_t* __restrict__ grad_block, int64_t ld, float* __restrict__ chunk_inv_norm,
                                 uint8_t* __restrict__ chunk_unclamped, int row_tiles_per_block) {
-  walk_gradient_row_tiles<kBFloat16, scalar_t, cuda::kMinTileStages, true>(
+  walk_gradient_row_tiles<kBFloat16, scalar_t, cuda::kMinTileStages, kDepth>(
       x, w_chunk, n, width, dim, c0, rows, grad_loss, logsumexp, s, grad_block, ld, chunk_inv_norm, chunk_unclamped,
       row_tiles_per_block);
 }
@@ -1424,27 +1429,41 @@ void allow_tile_smem(Kernel kernel, int stages, int device) {
   allow_smem(kernel, cuda::tile_smem_bytes(stages), device);
 }
 
-// ARCFACE_EXT_WGMMA=1 (read at every call): the fused forward and backward run on the wgmma tile
-// (fused_forward_wgmma_kernel, fused_backward_wgmma_kernel), which needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a,
+// ARCFACE_EXT_WGMMA (read at every call): 1 or 64 runs the fused forward's and backward's tiles on
+// wgmma (fused_forward_wgmma_kernel, fused_backward_wgmma_kernel) in 64-deep slices, 32 in 32-deep
+// slices with a wgmma group kept in flight across the barrier (wgmma_tile.cuh; for measuring); 0 or
+// unset, the mma.sync tile. The tile needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a,
 // setup.py's default; it defines ARCFACE_EXT_SM90A) and a GPU of compute capability 9.0. Off by
-// default until a GPU has measured it against the mma.sync kernel (NOTES.md, session 14); asked for
-// where it cannot run, it raises rather than quietly measuring the other kernel.
-bool use_wgmma_tile(int device) {
+// default until a GPU has measured it (NOTES.md, session 14); asked for where it cannot run, it
+// raises rather than quietly measuring the other kernel. Returns the slice depth, 0 for mma.sync.
+int wgmma_tile_depth(int device) {
   const char* setting = std::getenv("ARCFACE_EXT_WGMMA");
-  if (setting == nullptr || std::strcmp(setting, "0") == 0) return false;
-  TORCH_CHECK_VALUE(std::strcmp(setting, "1") == 0, "arcface_ext: ARCFACE_EXT_WGMMA must be 0 or 1, got '",
-                    setting, "'");
+  if (setting == nullptr || std::strcmp(setting, "0") == 0) return 0;
+  const bool deep = std::strcmp(setting, "1") == 0 || std::strcmp(setting, "64") == 0;
+  TORCH_CHECK_VALUE(deep || std::strcmp(setting, "32") == 0,
+                    "arcface_ext: ARCFACE_EXT_WGMMA must be 0, 1, 64 or 32, got '", setting, "'");
 #if defined(ARCFACE_EXT_SM90A)
   const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, device);
   const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, device);
-  TORCH_CHECK(major == 9 && minor == 0, "arcface_ext: ARCFACE_EXT_WGMMA=1 needs a GPU of compute capability 9.0 "
-              "(its sm_90a code runs nowhere else); this one is ", major, ".", minor);
-  return true;
+  TORCH_CHECK(major == 9 && minor == 0, "arcface_ext: ARCFACE_EXT_WGMMA=", setting, " needs a GPU of compute "
+              "capability 9.0 (its sm_90a code runs nowhere else); this one is ", major, ".", minor);
+  return deep ? 64 : 32;
 #else
   (void)device;
-  TORCH_CHECK(false, "arcface_ext: ARCFACE_EXT_WGMMA=1, but this build has no sm_90a code (build it with 9.0a "
-              "in TORCH_CUDA_ARCH_LIST)");
+  TORCH_CHECK(false, "arcface_ext: ARCFACE_EXT_WGMMA=", setting, ", but this build has no sm_90a code (build it "
+              "with 9.0a in TORCH_CUDA_ARCH_LIST)");
 #endif
+}
+
+// Calls f(std::integral_constant<int, depth>{}) for a wgmma slice depth of 64 or 32.
+template <typename F>
+void with_wgmma_depth(int depth, F&& f) {
+  if (depth == 32) {
+    f(std::integral_constant<int, 32>{});
+  } else {
+    TORCH_INTERNAL_ASSERT(depth == 64);
+    f(std::integral_constant<int, 64>{});
+  }
 }
 
 // The fused kernels' pipeline depth: ARCFACE_EXT_TILE_STAGES (3, 4 or 5; read at every call, for
@@ -1633,8 +1652,8 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
       const dim3 grid(static_cast<unsigned>((row_tiles + segments.row_tiles_per_block - 1) / segments.row_tiles_per_block),
                       static_cast<unsigned>(segments.count));
       const int stages = fused_tile_stages(x.get_device());
-      // (Both kernels take the same arguments; the wgmma tile's has one pipeline depth.)
-      const bool wgmma = use_wgmma_tile(x.get_device());
+      // (Both kernels take the same arguments.)
+      const int wgmma = wgmma_tile_depth(x.get_device());
       with_tile_stages(stages, [&](auto depth) {
         constexpr int kStages = decltype(depth)::value;
         auto launch = [&](auto keep) {
@@ -1642,13 +1661,18 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
           float* inv_norm_out = kept != nullptr ? kept->inv_norm.data_ptr<float>() : nullptr;
           uint8_t* unclamped_out = kept != nullptr ? kept->unclamped.data_ptr<uint8_t>() : nullptr;
           const int64_t kept_ld = kept != nullptr ? kept->layout.pitch : 0;
-          if (wgmma) {
-            allow_smem(fused_forward_wgmma_kernel<kBFloat16, kKeep>, cuda::wgmma_smem_bytes(), x.get_device());
-            fused_forward_wgmma_kernel<kBFloat16, kKeep><<<grid, kTileThreads, cuda::wgmma_smem_bytes(), stream>>>(
-                raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
-                static_cast<acc_t>(params.s), segments.tiles_per_segment, segment_max.data_ptr<acc_t>(),
-                segment_sum.data_ptr<acc_t>(), segments.count, kept_block, kept_ld, inv_norm_out, unclamped_out,
-                segments.row_tiles_per_block);
+          if (wgmma != 0) {
+            with_wgmma_depth(wgmma, [&](auto slice_depth) {
+              constexpr int kDepth = decltype(slice_depth)::value;
+              allow_smem(fused_forward_wgmma_kernel<kBFloat16, kKeep, kDepth>, cuda::wgmma_smem_bytes(),
+                         x.get_device());
+              fused_forward_wgmma_kernel<kBFloat16, kKeep, kDepth>
+                  <<<grid, kTileThreads, cuda::wgmma_smem_bytes(), stream>>>(
+                      raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
+                      static_cast<acc_t>(params.s), segments.tiles_per_segment, segment_max.data_ptr<acc_t>(),
+                      segment_sum.data_ptr<acc_t>(), segments.count, kept_block, kept_ld, inv_norm_out,
+                      unclamped_out, segments.row_tiles_per_block);
+            });
           } else {
             allow_tile_smem(fused_forward_kernel<kBFloat16, kStages, kKeep>, kStages, x.get_device());
             fused_forward_kernel<kBFloat16, kStages, kKeep><<<grid, kTileThreads, cuda::tile_smem_bytes(kStages), stream>>>(
@@ -1868,7 +1892,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
   const int stages = fused ? fused_tile_stages(x.get_device()) : 0;
-  const bool wgmma = fused && use_wgmma_tile(x.get_device());
+  const int wgmma = fused ? wgmma_tile_depth(x.get_device()) : 0;
   const int sm_count = fused ? device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()) : 0;
   // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64); the first chunk's GEMM
   // writes it, so it needs no zero fill.
@@ -1891,14 +1915,20 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
         const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
         const dim3 grid(static_cast<unsigned>((row_tiles + row_tiles_per_block - 1) / row_tiles_per_block),
                         static_cast<unsigned>((width + kTileClasses - 1) / kTileClasses));
-        if (wgmma) {
-          if (k == 0) allow_smem(fused_backward_wgmma_kernel<kBFloat16, scalar_t>, cuda::wgmma_smem_bytes(), x.get_device());
-          fused_backward_wgmma_kernel<kBFloat16, scalar_t><<<grid, kTileThreads, cuda::wgmma_smem_bytes(), stream>>>(
-              raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0, rows_ptr,
-              grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s), grad_block_buffer.data_ptr<scalar_t>(),
-              block_pitch, needs_weight_grad ? chunk_inv_norm : nullptr,
-              needs_weight_grad ? chunk_unclamped : nullptr, row_tiles_per_block);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (wgmma != 0) {
+          with_wgmma_depth(wgmma, [&](auto slice_depth) {
+            constexpr int kDepth = decltype(slice_depth)::value;
+            if (k == 0)
+              allow_smem(fused_backward_wgmma_kernel<kBFloat16, scalar_t, kDepth>, cuda::wgmma_smem_bytes(),
+                         x.get_device());
+            fused_backward_wgmma_kernel<kBFloat16, scalar_t, kDepth>
+                <<<grid, kTileThreads, cuda::wgmma_smem_bytes(), stream>>>(
+                    raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0, rows_ptr,
+                    grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s),
+                    grad_block_buffer.data_ptr<scalar_t>(), block_pitch, needs_weight_grad ? chunk_inv_norm : nullptr,
+                    needs_weight_grad ? chunk_unclamped : nullptr, row_tiles_per_block);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         } else {
           with_tile_stages(stages, [&](auto depth) {
             constexpr int kStages = decltype(depth)::value;

@@ -9,14 +9,19 @@
 //
 // One block of 256 threads (two warpgroups) computes acc = X[row0 : row0+128, :]·W[col0 : col0+128, :]ᵀ
 // over the whole depth D (the rows of both operands contiguous, D a multiple of 8, both bases 16-byte
-// aligned). The depth is walked in 64-wide slices (128 bytes a row: the width of the 128-byte swizzle)
-// through a kWgmmaStages-deep cp.async pipeline kept running across a run of tiles, as TileRun does
-// for the mma.sync tile. A stage holds the x slice (128 rows) and then the W slice (128 class rows),
-// each row 128 bytes, in wgmma's canonical K-major layout with the 128-byte swizzle: the 16-byte
-// chunk c of row r sits at r·128 + 16·(c ^ (r % 8)), in 1024-byte atoms of 8 rows (the stages are
-// 1024-byte aligned). Warpgroup g multiplies x rows 64g .. 64g+63 by all 128 class rows: four
-// m64n128k16 a slice, one for each 16-deep step, whose descriptors differ only in their start address
-// (+32 bytes a step; the hardware applies the swizzle to the address bits, as the copies did).
+// aligned). The depth is walked in slices through a cp.async pipeline kept running across a run of
+// tiles, as TileRun does for the mma.sync tile. A stage holds the x slice (128 rows) and then the W
+// slice (128 class rows) in wgmma's canonical K-major layout with a swizzle as wide as a slice's row.
+// Two slice shapes (WgmmaSlice), both 96 KB of pipeline (two blocks an SM on sm_90):
+//   64 deep: 128-byte rows, the 128-byte swizzle (16-byte chunk c of row r at r·128 + 16·(c ^ (r % 8)),
+//            1024-byte atoms of 8 rows), 3 stages; each warpgroup waits for its slice's wgmma before
+//            the next barrier (the default);
+//   32 deep: 64-byte rows, the 64-byte swizzle (chunk c of row r at r·64 + 16·(c ^ (r / 2 % 4)),
+//            512-byte atoms), 6 stages; one wgmma group stays in flight across the barrier, and the
+//            loads run 4 slices ahead instead of 2 (ARCFACE_EXT_WGMMA=32, for measuring).
+// The stages are 1024-byte aligned. Warpgroup g multiplies x rows 64g .. 64g+63 by all 128 class rows:
+// one m64n128k16 for each 16-deep step of a slice, whose descriptors differ only in their start
+// address (+32 bytes a step; the hardware applies the swizzle to the address bits, as the copies did).
 //
 // After wgmma_run_gemm returns, thread (warpgroup g, warp q = warp % 4, lane) holds in acc[4j + 2h + e]
 // the dot product of
@@ -28,7 +33,8 @@
 //
 // With kClassNorms, the loop also sums the squares of the W tile's elements as they pass through shared
 // memory: thread t adds those of class t / 2, depth half t % 2 of each slice, so that norm_sq + (its
-// xor-1 neighbour's) is ‖w_{col0 + t/2}‖² (publish_class_norms), as with the mma.sync tile.
+// xor-1 neighbour's) is ‖w_{col0 + t/2}‖² (publish_class_norms), as with the mma.sync tile (with
+// 32-deep slices, in the same order as the mma.sync tile's sums).
 //
 // Built for sm_90a only (TORCH_CUDA_ARCH_LIST with 9.0a; setup.py then defines ARCFACE_EXT_SM90A and the
 // host may choose this tile). Compiled for any other target, the primitives trap. With
@@ -49,15 +55,33 @@
 namespace arcface_ext {
 namespace cuda {
 
-constexpr int kWgmmaDepth = 64;                 // elements a slice: one 128-byte row
-constexpr int kWgmmaStages = 3;                 // 96 KB of pipeline: two blocks an SM on sm_90
-constexpr uint32_t kWgmmaRowBytes = 128;
-constexpr uint32_t kWgmmaOperandBytes = kTileRows * kWgmmaRowBytes;  // 16 KB, x or W
-constexpr uint32_t kWgmmaStageBytes = 2 * kWgmmaOperandBytes;
+// A slice's shape and its pipeline (see the top of the file).
+template <int kDepth>
+struct WgmmaSlice {
+  static_assert(kDepth == 64 || kDepth == 32, "64- or 32-deep slices");
+  static constexpr int depth = kDepth;
+  static constexpr uint32_t row_bytes = 2 * kDepth;                   // the swizzle's width
+  static constexpr int stages = kDepth == 64 ? 3 : 6;
+  static constexpr int in_flight = kDepth == 64 ? 0 : 1;              // wgmma groups across the barrier
+  static constexpr int ahead = stages - 1 - in_flight;                // slices loaded ahead
+  static constexpr uint32_t operand_bytes = kTileRows * row_bytes;    // x or W
+  static constexpr uint32_t stage_bytes = 2 * operand_bytes;
+  static constexpr uint32_t chunks = row_bytes / 16;                  // 16-byte chunks a row
+  static constexpr int rows_a_pass = kTileThreads / chunks;           // rows one load covers
+  static constexpr int passes = kTileRows / rows_a_pass;              // loads a thread, an operand
+  static constexpr uint64_t layout = kDepth == 64 ? 1 : 2;            // descriptor: 128- or 64-byte swizzle
+  // The swizzled chunk of chunk c in row r: c XOR the row's address bits 7 and up.
+  __device__ __forceinline__ static uint32_t chunk_at(uint32_t r, uint32_t c) {
+    return c ^ ((r * row_bytes >> 7) & (chunks - 1));
+  }
+};
 static_assert(kTileRows == kTileClasses, "one operand size for x and W");
 // The stages start at a 1024-byte boundary (the swizzle atom); the dynamic shared memory the runtime
-// gives is 16-byte aligned, so the kernel asks for 1 KB more and rounds its base up.
-constexpr int wgmma_smem_bytes() { return kWgmmaStages * kWgmmaStageBytes + 1024; }
+// gives is 16-byte aligned, so the kernels ask for 1 KB more and round their base up. Both slice shapes
+// take the same: 96 KB of stages.
+constexpr int wgmma_smem_bytes() { return 3 * WgmmaSlice<64>::stage_bytes + 1024; }
+static_assert(6 * WgmmaSlice<32>::stage_bytes + 1024 == wgmma_smem_bytes(), "both pipelines alike");
+constexpr uint32_t kWgmmaPipelineBytes = 3 * WgmmaSlice<64>::stage_bytes;
 
 using WgmmaAcc = float[64];
 
@@ -67,11 +91,13 @@ __device__ __forceinline__ int wgmma_tile_row(int h) {
 
 __device__ __forceinline__ int wgmma_tile_class(int j, int e) { return 8 * j + 2 * (threadIdx.x % 4) + e; }
 
-// A shared-memory matrix descriptor for a K-major operand in the 128-byte swizzle: start address,
-// leading byte offset 16 (unused by this layout), stride 1024 bytes between 8-row groups, base
-// offset 0 (atoms 1024-byte aligned), swizzle mode 1 (128 bytes).
+// A shared-memory matrix descriptor for a K-major operand of the slice's shape: start address,
+// leading byte offset 16 (unused by the swizzled layouts), stride 8 rows between 8-row groups, base
+// offset 0 (the atoms aligned), swizzle mode 1 (128 bytes) or 2 (64 bytes).
+template <typename Slice>
 __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t address) {
-  return uint64_t{(address >> 4) & 0x3fffu} | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+  return uint64_t{(address >> 4) & 0x3fffu} | (uint64_t{1} << 16) | (uint64_t{8 * Slice::row_bytes >> 4} << 32) |
+         (Slice::layout << 62);
 }
 
 // Orders this thread's generic-proxy writes to shared memory (its landed cp.async copies) before
@@ -115,18 +141,19 @@ __device__ __forceinline__ void wgmma_pin(WgmmaAcc& d) {
 #endif
 }
 
-// Waits until every wgmma this thread's warpgroup committed has completed, then pins the accumulators:
-// the compiler must not read them before the wait.
-__device__ __forceinline__ void wgmma_wait_all(WgmmaAcc& d) {
+// Waits until at most kPending of the wgmma groups this thread's warpgroup committed are still running,
+// then pins the accumulators: the compiler must not read them before the wait.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait(WgmmaAcc& d) {
 #if defined(ARCFACE_EXT_WGMMA_DEVICE)
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
   wgmma_pin(d);
 #elif defined(__CUDA_ARCH__)
   (void)d;
   __trap();
 #elif defined(ARCFACE_EXT_EMULATE)
   (void)d;
-  ::emu::wgmma_wait(0);
+  ::emu::wgmma_wait(kPending);
 #endif
 }
 
@@ -177,9 +204,11 @@ __device__ __forceinline__ void wgmma_m64n128k16(WgmmaAcc& d, uint64_t desc_a, u
 #undef ARCFACE_EXT_WGMMA_D_OPERANDS
 
 // Where the pipeline's next load goes (the wgmma twin of TileRunCursor, whose TileRun it walks with
-// 64-wide slices: make_wgmma_run). Thread t copies the 16-byte chunk c = t % 8 of rows r = t / 8 + 32u
-// (u < 4) of both operands; all its rows have r % 8 = (t / 8) % 8, so its chunk lands at the same
-// swizzled column of every row, and its shared addresses are one base plus immediates.
+// the slice's depth: make_wgmma_run). Thread t copies the 16-byte chunk c = t % chunks of rows
+// r = t / chunks + rows_a_pass·u (u < passes) of both operands; all its rows have the same swizzle key,
+// so its chunk lands at the same swizzled column of every row, and its shared addresses are one base
+// plus immediates.
+template <typename Slice>
 struct WgmmaRunCursor {
   int64_t tile;
   int64_t class_tile;     // tile % tiles_per_pass
@@ -187,88 +216,90 @@ struct WgmmaRunCursor {
   int slice;
   int stage;
   uint32_t dst;           // the shared address of this thread's first x chunk in `stage`
-  const uint16_t* x_src;  // x row pass_row0 + t/8, column slice·64 + 8c
-  const uint16_t* w_src;  // class row col0 + 128·class_tile + t/8, column slice·64 + 8c
-  int depth_left;         // dim - (slice·64 + 8c): this thread's chunks of the slice exist while > 0
-  bool x_ok[4];
-  bool w_ok[4];
+  const uint16_t* x_src;  // x row pass_row0 + t/chunks, column slice·depth + 8c
+  const uint16_t* w_src;  // class row col0 + 128·class_tile + t/chunks, column slice·depth + 8c
+  int depth_left;         // dim - (slice·depth + 8c): this thread's chunks of the slice exist while > 0
+  bool x_ok[Slice::passes];
+  bool w_ok[Slice::passes];
 
   __device__ __forceinline__ void aim_at_rows(const TileRun& run) {
-    const int64_t first = pass_row0 + threadIdx.x / 8;
+    const int64_t first = pass_row0 + threadIdx.x / Slice::chunks;
 #pragma unroll
-    for (int u = 0; u < 4; ++u) x_ok[u] = first + 32 * u < run.rows;
-    x_src = run.x + (x_ok[0] ? first * run.dim + (threadIdx.x % 8) * 8 : 0);
+    for (int u = 0; u < Slice::passes; ++u) x_ok[u] = first + Slice::rows_a_pass * u < run.rows;
+    x_src = run.x + (x_ok[0] ? first * run.dim + (threadIdx.x % Slice::chunks) * 8 : 0);
   }
 
   __device__ __forceinline__ void aim_at_tile(const TileRun& run) {
-    const int64_t first = run.col0 + class_tile * kTileClasses + threadIdx.x / 8;
+    const int64_t first = run.col0 + class_tile * kTileClasses + threadIdx.x / Slice::chunks;
 #pragma unroll
-    for (int u = 0; u < 4; ++u) w_ok[u] = first + 32 * u < run.classes;
-    w_src = run.w + (w_ok[0] ? first * run.dim + (threadIdx.x % 8) * 8 : 0);
+    for (int u = 0; u < Slice::passes; ++u) w_ok[u] = first + Slice::rows_a_pass * u < run.classes;
+    w_src = run.w + (w_ok[0] ? first * run.dim + (threadIdx.x % Slice::chunks) * 8 : 0);
   }
 
   // At slice 0 of tile t, stage `stage_of_t`; `base` the pipeline's (1024-aligned) shared address.
   __device__ __forceinline__ void start(const TileRun& run, int64_t t, int stage_of_t, uint32_t base) {
     tile = t;
-    const int r = threadIdx.x / 8, c = threadIdx.x % 8;
-    dst = base + stage_of_t * kWgmmaStageBytes + r * kWgmmaRowBytes + 16 * (c ^ (r % 8));
+    const uint32_t r = threadIdx.x / Slice::chunks, c = threadIdx.x % Slice::chunks;
+    dst = base + stage_of_t * Slice::stage_bytes + r * Slice::row_bytes + 16 * Slice::chunk_at(r, c);
     const int64_t pass = t / run.tiles_per_pass;
     class_tile = t - pass * run.tiles_per_pass;
     pass_row0 = run.row0 + pass * kTileRows;
     slice = 0;
     stage = stage_of_t;
-    depth_left = run.dim - c * 8;
+    depth_left = run.dim - static_cast<int>(c) * 8;
     aim_at_rows(run);
     aim_at_tile(run);
   }
 
   __device__ __forceinline__ void advance(const TileRun& run) {
-    dst += kWgmmaStageBytes;
-    if (++stage == kWgmmaStages) {
+    dst += Slice::stage_bytes;
+    if (++stage == Slice::stages) {
       stage = 0;
-      dst -= kWgmmaStages * kWgmmaStageBytes;
+      dst -= Slice::stages * Slice::stage_bytes;
     }
     if (++slice == run.slices) {
       slice = 0;
       ++tile;
-      depth_left += (run.slices - 1) * kWgmmaDepth;
+      depth_left += (run.slices - 1) * Slice::depth;
       if (++class_tile == run.tiles_per_pass) {
         class_tile = 0;
         pass_row0 += kTileRows;
         aim_at_rows(run);
       } else {
-        x_src -= (run.slices - 1) * kWgmmaDepth;
+        x_src -= (run.slices - 1) * Slice::depth;
       }
       aim_at_tile(run);
     } else {
-      x_src += kWgmmaDepth;
-      w_src += kWgmmaDepth;
-      depth_left -= kWgmmaDepth;
+      x_src += Slice::depth;
+      w_src += Slice::depth;
+      depth_left -= Slice::depth;
     }
   }
 };
 
-// A run of tiles walked in 64-wide slices (see TileRun).
+// A run of tiles walked in the slice's depth (see TileRun).
+template <typename Slice>
 __device__ __forceinline__ TileRun make_wgmma_run(const uint16_t* __restrict__ x, int64_t rows, int64_t row0,
                                                   const uint16_t* __restrict__ w, int64_t classes, int64_t col0,
                                                   int64_t tiles_per_pass, int dim, int64_t passes) {
   return {x, rows, row0, w, classes, col0, passes * tiles_per_pass, tiles_per_pass, dim,
-          (dim + kWgmmaDepth - 1) / kWgmmaDepth};
+          (dim + Slice::depth - 1) / Slice::depth};
 }
 
 // Issues the cursor's slice (nothing past the run's end) and commits one group either way. Rows and
 // depth past the ends load as zeros, from no address.
-__device__ __forceinline__ void wgmma_run_load(const TileRun& run, const WgmmaRunCursor& at) {
+template <typename Slice>
+__device__ __forceinline__ void wgmma_run_load(const TileRun& run, const WgmmaRunCursor<Slice>& at) {
   if (at.tile < run.tiles) {
     const bool in_depth = at.depth_left > 0;
-    const int64_t row_step = int64_t{32} * run.dim;
-    constexpr uint32_t kRowStepBytes = 32 * kWgmmaRowBytes;
+    const int64_t row_step = int64_t{Slice::rows_a_pass} * run.dim;
+    constexpr uint32_t kRowStepBytes = Slice::rows_a_pass * Slice::row_bytes;
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < Slice::passes; ++u) {
       const bool x_ok = in_depth && at.x_ok[u];
       const bool w_ok = in_depth && at.w_ok[u];
       cp_async_16(at.dst + u * kRowStepBytes, x_ok ? at.x_src + u * row_step : run.x, x_ok);
-      cp_async_16(at.dst + kWgmmaOperandBytes + u * kRowStepBytes, w_ok ? at.w_src + u * row_step : run.w, w_ok);
+      cp_async_16(at.dst + Slice::operand_bytes + u * kRowStepBytes, w_ok ? at.w_src + u * row_step : run.w, w_ok);
     }
   }
   cp_async_commit();
@@ -278,62 +309,67 @@ __device__ __forceinline__ void wgmma_run_load(const TileRun& run, const WgmmaRu
 // thread of the block calls it for t = 0, 1, ... in order; `base` is the pipeline's 1024-aligned
 // shared address and `stages` the same memory as a pointer. Between two calls the caller must not
 // touch the pipeline. After the run's last tile every copy has landed and every wgmma completed.
-template <bool kBFloat16, bool kClassNorms>
+template <bool kBFloat16, bool kClassNorms, typename Slice>
 __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, uint32_t base, const uint16_t* stages,
                                                WgmmaAcc& acc, float& norm_sq) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
   norm_sq = 0.0f;
-  int stage = static_cast<int>(t * run.slices % kWgmmaStages);
-  WgmmaRunCursor next;
+  // Slice g of the run (g = t·slices + slice) lands in stage g % stages; the load issued at slice g
+  // is slice g + ahead, the prologue's are 0 .. ahead - 1.
+  int stage = static_cast<int>(t * run.slices % Slice::stages);
+  WgmmaRunCursor<Slice> next;
   next.start(run, t, stage, base);
   if (t == 0) {
 #pragma unroll 1
-    for (int g = 0; g < kWgmmaStages - 1; ++g) {
+    for (int g = 0; g < Slice::ahead; ++g) {
       wgmma_run_load(run, next);
       next.advance(run);
     }
   } else {
 #pragma unroll 1
-    for (int g = 0; g < kWgmmaStages - 1; ++g) next.advance(run);
+    for (int g = 0; g < Slice::ahead; ++g) next.advance(run);
   }
-  const uint32_t a_offset = (threadIdx.x / 128) * 64 * kWgmmaRowBytes;  // this warpgroup's 64 x rows
-  // The class norms: class t/2's chunks 4·(t % 2) .. + 3, at their swizzled columns (elements).
-  const int norm_class = threadIdx.x / 2;
-  const int norm_row = static_cast<int>(kWgmmaOperandBytes / 2) + norm_class * (kWgmmaRowBytes / 2);
+  const uint32_t a_offset = (threadIdx.x / 128) * 64 * Slice::row_bytes;  // this warpgroup's 64 x rows
+  // The class norms: class t/2's chunks of depth half t % 2, at their swizzled columns (elements).
+  const uint32_t norm_class = threadIdx.x / 2;
+  const uint32_t norm_row = Slice::operand_bytes / 2 + norm_class * (Slice::row_bytes / 2);
   for (int slice = 0; slice < run.slices; ++slice) {
-    // Groups committed so far: kWgmmaStages - 1 + g; at most kWgmmaStages - 2 pending, so slice g has
-    // landed. The fence hands this thread's copies to the async proxy before the barrier; after it
-    // every warpgroup has also waited out its wgmma of slice g - 1, whose stage the load below refills.
-    cp_async_wait<kWgmmaStages - 2>();
+    // Groups committed so far: ahead + g; at most ahead - 1 pending, so slice g has landed. The fence
+    // hands this thread's copies to the async proxy before the barrier. Past the barrier, every
+    // warpgroup has waited out its wgmma of slice g - 1 - in_flight, whose stage the load below
+    // refills (slice g + ahead = g - 1 - in_flight + stages).
+    cp_async_wait<Slice::ahead - 1>();
     fence_proxy_async();
     __syncthreads();
-    const uint32_t stage_address = base + stage * kWgmmaStageBytes;
-    const uint16_t* stage_elems = stages + stage * (kWgmmaStageBytes / 2);
-    if (++stage == kWgmmaStages) stage = 0;
+    const uint32_t stage_address = base + stage * Slice::stage_bytes;
+    const uint16_t* stage_elems = stages + stage * (Slice::stage_bytes / 2);
+    if (++stage == Slice::stages) stage = 0;
     // The accumulators' last ordinary writes (the zeros) before the fence, as wgmma.fence requires.
     wgmma_pin(acc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kWgmmaDepth / 16; ++kk) {
-      wgmma_m64n128k16<kBFloat16>(acc, wgmma_descriptor(stage_address + a_offset + 32 * kk),
-                                  wgmma_descriptor(stage_address + kWgmmaOperandBytes + 32 * kk));
+    for (int kk = 0; kk < Slice::depth / 16; ++kk) {
+      wgmma_m64n128k16<kBFloat16>(acc, wgmma_descriptor<Slice>(stage_address + a_offset + 32 * kk),
+                                  wgmma_descriptor<Slice>(stage_address + Slice::operand_bytes + 32 * kk));
     }
     wgmma_commit();
+    if constexpr (Slice::in_flight == 1) wgmma_wait<1>(acc);  // the previous slice's group
     // While the tensor cores work: the next slice's copies, and this slice's class norms.
     wgmma_run_load(run, next);
     next.advance(run);
     if constexpr (kClassNorms) {
       float sum = 0.0f;
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int chunk = (4 * (threadIdx.x % 2) + v) ^ (norm_class % 8);
+      for (uint32_t v = 0; v < Slice::chunks / 2; ++v) {
+        const uint32_t chunk = Slice::chunk_at(norm_class, (Slice::chunks / 2) * (threadIdx.x % 2) + v);
         sum = sum_squares_8<kBFloat16>(stage_elems + norm_row + 8 * chunk, sum);
       }
       norm_sq += sum;  // past the ends the slice holds zeros, which add nothing
     }
-    wgmma_wait_all(acc);
+    if constexpr (Slice::in_flight == 0) wgmma_wait<0>(acc);
   }
+  if constexpr (Slice::in_flight != 0) wgmma_wait<0>(acc);
   if (t + 1 == run.tiles) {
     cp_async_wait<0>();
     __syncthreads();

@@ -808,30 +808,38 @@ inline void fence_proxy_async() {
   t.unfenced.clear();
 }
 
-// The shared address of element (row, k) of a K-major 16-bit operand in the 128-byte swizzle, as the
+// The shared address of element (row, k) of a K-major 16-bit operand in a swizzled layout, as the
 // descriptor gives it: start address (bits 0-13, in 16 bytes), stride between 8-row groups (bits
-// 32-45, in 16 bytes), base offset (bits 49-51) and layout (bits 62-63: 1 is the 128-byte swizzle).
-// Row r of a group sits 128·(r % 8) bytes in, and the swizzle XORs address bits 4-6 (the 16-byte chunk)
-// with bits 7-9 (the row within the 1024-byte atom). Only what the kernels use is modelled: the
-// 128-byte swizzle, base offset 0, and a start whose 16-deep step stays inside the atom's first row.
+// 32-45, in 16 bytes), base offset (bits 49-51) and layout (bits 62-63: 1 the 128-byte swizzle, 2 the
+// 64-byte one). A row of the layout is as wide as its swizzle: row r of a group sits pitch·(r % 8)
+// bytes in, and the swizzle XORs the address bits of the 16-byte chunk (4-6, or 4-5) with as many bits
+// from bit 7 up (the row within the atom of 8 rows). Only what the kernels use is modelled: those two
+// swizzles, base offset 0, and a start whose 16-deep step stays inside the atom's first row.
+inline uint32_t wgmma_pitch(uint64_t desc) { return (desc >> 62) == 1 ? 128 : 64; }
+
 inline uint32_t wgmma_operand_address(uint64_t desc, int row, int k) {
   const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
   const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4;
-  const uint32_t linear = start + static_cast<uint32_t>(row / 8) * stride + static_cast<uint32_t>(row % 8) * 128 +
+  const uint32_t pitch = wgmma_pitch(desc);
+  const uint32_t linear = start + static_cast<uint32_t>(row / 8) * stride + static_cast<uint32_t>(row % 8) * pitch +
                           2 * static_cast<uint32_t>(k);
-  return linear ^ (((linear >> 7) & 7) << 4);
+  return linear ^ (((linear >> 7) & (pitch / 16 - 1)) << 4);
 }
 
 inline void check_wgmma_descriptor(uint64_t desc, int rows, const char* which) {
   const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
   const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4;
   const std::string what = std::string("wgmma operand ") + which + ": ";
-  if ((desc >> 62) != 1) fail(what + "the emulator models the 128-byte swizzle only (layout 1)");
+  const uint64_t layout = desc >> 62;
+  if (layout != 1 && layout != 2) fail(what + "the emulator models the 128- and 64-byte swizzles only (layouts 1, 2)");
+  const uint32_t pitch = wgmma_pitch(desc);
   if (((desc >> 49) & 7) != 0) fail(what + "a non-zero base offset");
-  if (((start >> 7) & 7) != 0) fail(what + "start address " + std::to_string(start) + " is not in a 1024-byte atom's first row");
-  if ((start & 127) + 32 > 128) fail(what + "a 16-deep step crossing the 128-byte row");
-  if (stride % 1024 != 0) fail(what + "8-row groups " + std::to_string(stride) + " bytes apart break the atoms");
-  const uint32_t last = start + static_cast<uint32_t>((rows - 1) / 8) * stride + 1024;
+  if (((start >> 7) & (pitch / 16 - 1)) != 0)
+    fail(what + "start address " + std::to_string(start) + " is not in a swizzle atom's first row");
+  if ((start % pitch) + 32 > pitch) fail(what + "a 16-deep step crossing the swizzled row");
+  if (stride % (8 * pitch) != 0)
+    fail(what + "8-row groups " + std::to_string(stride) + " bytes apart break the atoms");
+  const uint32_t last = start - start % pitch + static_cast<uint32_t>((rows - 1) / 8) * stride + 8 * pitch;
   if (last > launch_state().smem_bytes)
     fail(what + "rows up to byte " + std::to_string(last) + " past the " + std::to_string(launch_state().smem_bytes) +
          " bytes of dynamic shared memory");
