@@ -12,7 +12,8 @@
 #   build     pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0a: the wgmma tile's
 #             sm_90a code with the rest; MAX_JOBS=16);
 #             if pip cannot install there, setup.py build_ext --inplace
-#   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths)
+#   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths), the
+#             wgmma tiles' tests in a second run (cuda-wgmma)
 #   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl, then the largest C
 #             that fits for ours and eager (45 s); the results JSON is $OUT/bench.json, written after
 #             each C (an impl that fails, e.g. a refused graph capture, is left out and said so)
@@ -116,9 +117,15 @@ for stage in "${STAGES[@]}"; do
       echo "CXX=${CXX:-unset}; __cxa_throw defined in _C.so: $(nm -D --defined-only arcface_ext/_C*.so 2>/dev/null \
         | grep -c ' __cxa_throw$')" | tee -a "$OUT/build.log" ;;
     # -v: one line a test in cuda.log, so that a stage cut off by its limit still says what ran.
+    # The wgmma tiles' tests (never run on a GPU before session 14) in a run of their own, after the
+    # rest: if the hardware reads the tile otherwise than the emulator, their failures must not use up
+    # --maxfail before the other paths have run.
     cuda) run_stage cuda cuda 150 30 "$PY" -m pytest -v -p no:cacheprovider --maxfail=40 -rf --durations=10 \
             ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} \
-            -o faulthandler_timeout=120 tests/test_cuda.py ;;
+            -o faulthandler_timeout=120 tests/test_cuda.py -k "not wgmma"
+          run_stage cuda-wgmma cuda 90 20 "$PY" -m pytest -v -p no:cacheprovider --maxfail=30 -rf \
+            ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} \
+            -o faulthandler_timeout=60 tests/test_cuda.py -k wgmma ;;
     bench)
       run_stage bench bench 170 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
         --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
