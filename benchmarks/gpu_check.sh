@@ -14,9 +14,10 @@
 #             if pip cannot install there, setup.py build_ext --inplace
 #   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths), the
 #             wgmma tiles' tests in a second run (cuda-wgmma)
-#   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl, then the largest C
+#   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl but the wgmma ones, then the largest C
 #             that fits for ours and eager (45 s); the results JSON is $OUT/bench.json, written after
 #             each C (an impl that fails, e.g. a refused graph capture, is left out and said so)
+#   bench-wgmma ours, ours-wgmma, ours-wgmma32 and floor at C = 1e5 and 1e6, to bench.log
 #   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
 #             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   rows      (not in the default list) ours and ours-recompute at C = 1e5 and 1e6 with blocks walking 1,
@@ -27,7 +28,7 @@
 #             C = 1e5 and 1e6 (~45 s), for a
 #             short call; the results JSON is $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   profile   benchmarks/profile_loss.py at C = 1M (fused, wgmma, wgmma32, one-row-tile and cuBLAS paths) and
+#   profile   benchmarks/profile_loss.py at C = 1M (fused, one-row-tile, cuBLAS, wgmma and wgmma32 paths) and
 #             100k (fused, which keeps the gradient block there, and recompute, which does not); then
 #             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k, the recompute
@@ -50,8 +51,8 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
-[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench memcheck profile ncu racecheck train sweep suite)
-KNOWN=" build cuda bench bench-core depth rows memcheck profile ncu racecheck train suite sweep --source-hash "
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench bench-wgmma memcheck profile ncu racecheck train sweep suite)
+KNOWN=" build cuda bench bench-wgmma bench-core depth rows memcheck profile ncu racecheck train suite sweep --source-hash "
 for stage in "${STAGES[@]}"; do  # before anything runs: a typo must not end the call halfway
   [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage $stage; stages:$KNOWN"; exit 2; }
 done
@@ -126,9 +127,13 @@ for stage in "${STAGES[@]}"; do
           run_stage cuda-wgmma cuda 90 20 "$PY" -m pytest -v -p no:cacheprovider --maxfail=30 -rf \
             ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} \
             -o faulthandler_timeout=60 tests/test_cuda.py -k wgmma ;;
-    bench)
+    bench)  # every impl but the wgmma ones (bench-wgmma): a fault there must not cost the others
       run_stage bench bench 170 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
+        --impls ours,ours-recompute,ours-one-row-tile,ours-graphed,ours-cublas,eager,compiled,floor,ours-sampled,eager-sampled \
         --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
+    bench-wgmma)  # the wgmma tiles (session 14) against ours and the floor, to bench.log
+      run_stage bench-wgmma bench 60 25 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
+        --C 100000 1000000 --impls ours,ours-wgmma,ours-wgmma32,floor --no-memory --out /tmp/bench-wgmma.json ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
         --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-wgmma32,ours-graphed,ours-cublas,eager,compiled,floor \
@@ -148,7 +153,7 @@ for stage in "${STAGES[@]}"; do
     profile)
       # one-row-tile: the fused kernels as before session 13 (each row tile's block sums the norms);
       # wgmma, wgmma32: the fused kernels' tiles on Hopper's wgmma, 64- and 32-deep slices (session 14).
-      run_stage profile profile 90 20 "$PY" benchmarks/profile_loss.py --paths fused,wgmma,wgmma32,one-row-tile,cublas
+      run_stage profile profile 90 20 "$PY" benchmarks/profile_loss.py --paths fused,one-row-tile,cublas,wgmma,wgmma32
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
       # fused keeps the gradient block there (bf16, 100 MB in the 128 MiB workspace); recompute does not.
       run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000 --paths fused,recompute
