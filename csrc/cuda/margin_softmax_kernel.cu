@@ -582,6 +582,45 @@ struct alignas(2 * sizeof(scalar_t)) ValuePair {
   scalar_t value[2];
 };
 
+// The forward tiles' logit of a raw dot product: s·cos, -inf past the last class, the target logit
+// (margin included, from row_targets) at the row's target column.
+__device__ __forceinline__ float forward_logit(float dot, float inv_x, float inv_w, float s, bool past_end,
+                                              bool is_target, float target_logit) {
+  float logit = s * clamp_unit(cosine_of(dot, inv_x, inv_w));
+  if (past_end) logit = -std::numeric_limits<float>::infinity();
+  return is_target ? target_logit : logit;
+}
+
+// The kept block's factor for a row whose tile maximum is m: H_ij = s·exp(l_ij - S_i)/‖w_j‖ =
+// exp(l_ij - m)·[s·exp(m - S_i)]/‖w_j‖. The cap keeps a row that will be recomputed finite (0·inf
+// would be NaN), and s·e^80 is finite.
+__device__ __forceinline__ float kept_row_scale(float s, float target_logit, float m) {
+  const float shift = kept_shift(s, target_logit);
+  return s * exp_shifted(fminf(m, shift + 80.0f), shift);
+}
+
+// After the first pass's tile GEMM: the class tile's inverse norms (and, with kKeep, clamp flags) in
+// shared memory; with kKeep the blocks of the first row tile also hand them to the kept block.
+template <bool kKeep, typename InvNorms, typename Unclamped>
+__device__ __forceinline__ void publish_forward_class_norms(float norm_sq, InvNorms&& tile_inv_norm,
+                                                           Unclamped&& tile_unclamped, int64_t col0, int64_t c,
+                                                           float* __restrict__ class_inv_norm,
+                                                           uint8_t* __restrict__ class_unclamped) {
+  if constexpr (kKeep) {
+    publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
+    if (blockIdx.x == 0) {
+      for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
+        if (col0 + jl < c) {
+          class_inv_norm[col0 + jl] = tile_inv_norm[jl];
+          class_unclamped[col0 + jl] = tile_unclamped[jl];
+        }
+      }
+    }
+  } else {
+    publish_class_norms(norm_sq, tile_inv_norm, nullptr);
+  }
+}
+
 // Forward. Block (b, g) owns class tiles [g·tiles_per_segment, (g+1)·tiles_per_segment) and walks
 // them in `passes` passes, one a row tile: rows [128 r, +128) for r = b·row_tiles_per_block + pass
 // (one pass, one row tile a block, before session 13; see plan_fused_segments). In a pass it walks
@@ -651,19 +690,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     // barriers.)
     if (pass == 0) {
       cuda::tile_run_gemm<kBFloat16, true, kStages>(run, t, tile_smem, acc, norm_sq);
-      if constexpr (kKeep) {
-        publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
-        if (blockIdx.x == 0) {
-          for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
-            if (col0 + jl < c) {
-              class_inv_norm[col0 + jl] = tile_inv_norm[jl];
-              class_unclamped[col0 + jl] = tile_unclamped[jl];
-            }
-          }
-        }
-      } else {
-        publish_class_norms(norm_sq, tile_inv_norm, nullptr);
-      }
+      publish_forward_class_norms<kKeep>(norm_sq, tile_inv_norm, tile_unclamped, col0, c, class_inv_norm,
+                                         class_unclamped);
     } else {
       cuda::tile_run_gemm<kBFloat16, false, kStages>(run, t, tile_smem, acc, norm_sq);
       if (in_pass == 0) {  // a new pass: its row tile's rows
@@ -701,11 +729,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float& value = acc[mi][ni][2 * h + e];
-              float logit = s * clamp_unit(cosine_of(value, inv_x, inv_w[ni][e]));
-              if constexpr (decltype(masked)::value) {
-                if (first_col + 8 * ni + e >= valid) logit = kNegInf;
-              }
-              value = target == 8 * ni + e ? target_logit : logit;
+              value = forward_logit(value, inv_x, inv_w[ni][e], s,
+                                    decltype(masked)::value && first_col + 8 * ni + e >= valid, target == 8 * ni + e,
+                                    target_logit);
               m = cuda::max_nan(m, value);
             }
           m = cuda::max_nan(m, __shfl_xor_sync(0xffffffffu, m, 1));
@@ -725,10 +751,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
           if constexpr (kKeep) {
             const int64_t i = row0 + r;
             if (i < n) {
-              // exp(l - S_i) = exp(l - m)·exp(m - S_i); the cap keeps a row that will be recomputed
-              // finite (0·inf would be NaN), and s·e^80 is finite.
-              const float shift = kept_shift(s, target_logit);
-              const float scale = s * exp_shifted(fminf(m, shift + 80.0f), shift);
+              const float scale = kept_row_scale(s, target_logit, m);
               at::BFloat16* out = kept_block + i * kept_ld + (col0 + first_col);
 #pragma unroll
               for (int ni = 0; ni < 4; ++ni) {
@@ -847,19 +870,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     float norm_sq;
     if (pass == 0) {
       cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, t, base, stages, acc, norm_sq);
-      if constexpr (kKeep) {
-        publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
-        if (blockIdx.x == 0) {
-          for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
-            if (col0 + jl < c) {
-              class_inv_norm[col0 + jl] = tile_inv_norm[jl];
-              class_unclamped[col0 + jl] = tile_unclamped[jl];
-            }
-          }
-        }
-      } else {
-        publish_class_norms(norm_sq, tile_inv_norm, nullptr);
-      }
+      publish_forward_class_norms<kKeep>(norm_sq, tile_inv_norm, tile_unclamped, col0, c, class_inv_norm,
+                                         class_unclamped);
     } else {
       cuda::wgmma_run_gemm<kBFloat16, false, Slice>(run, t, base, stages, acc, norm_sq);
       if (in_pass == 0) {  // a new pass: its row tile's rows
@@ -892,11 +904,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             float& value = acc[4 * j + 2 * h + e];
-            float logit = s * clamp_unit(cosine_of(value, inv_x[h], inv_w));
-            if constexpr (decltype(masked)::value) {
-              if (first_col + 8 * j + e >= valid) logit = kNegInf;
-            }
-            value = target[h] == 8 * j + e ? target_logit[h] : logit;
+            value = forward_logit(value, inv_x[h], inv_w, s, decltype(masked)::value && first_col + 8 * j + e >= valid,
+                                  target[h] == 8 * j + e, target_logit[h]);
             m[h] = cuda::max_nan(m[h], value);
           }
         }
@@ -919,9 +928,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         if constexpr (kKeep) {
           const int64_t i = row0 + cuda::wgmma_tile_row(h);
           if (i < n) {
-            // As in fused_forward_kernel: exp(l - S_i) = exp(l - m)·exp(m - S_i), capped.
-            const float shift = kept_shift(s, target_logit[h]);
-            const float scale = s * exp_shifted(fminf(m[h], shift + 80.0f), shift);
+            const float scale = kept_row_scale(s, target_logit[h], m[h]);
             at::BFloat16* out = kept_block + i * kept_ld + (col0 + first_col);
 #pragma unroll
             for (int j = 0; j < 16; ++j) {
