@@ -821,8 +821,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 }
 
 // The forward on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by wgmma_tile_depth), in slices kDepth
-// deep: the same
-// segments, passes, outputs and kept block as fused_forward_kernel, in the tile's accumulator layout.
+// deep: the same segments, passes, outputs and kept block as fused_forward_kernel, in the tile's
+// accumulator layout.
 // A thread holds two rows (h) of 32 classes each, and a row's 128 classes lie in one quad, so a tile's
 // (max, Σexp) of a row is complete after two shuffles; the running statistics are the row's own, and
 // a pass's end writes them from the quad's first lane, without the four-warp merge in shared memory.

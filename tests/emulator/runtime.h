@@ -15,7 +15,9 @@
 // - launches beyond the grid and block limits, or over 48 KiB of dynamic shared memory without the
 //   opt-in attribute; cp.async copies still pending when a thread exits; __trap;
 // - races in shared memory (see Access below), out-of-range indices of static shared arrays, reads
-//   of static shared elements no thread of the block wrote, and launches off the current stream.
+//   of static shared elements no thread of the block wrote, and launches off the current stream;
+// - wgmma (sm_90a, see wgmma_m64n128k16): malformed descriptors, operands still being written by a
+//   cp.async or landed with no fence.proxy.async by their thread, warpgroups disagreeing on an op.
 // Blocks run one at a time, in order (ARCFACE_EMU_BLOCK_ORDER=reverse: last first).
 // Built with AddressSanitizer (build.py, ARCFACE_EMU_ASAN=1) it also stops at any out-of-bounds
 // access to global or shared memory, as compute-sanitizer's memcheck does on a GPU.
