@@ -12,28 +12,29 @@
 #   build     pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0a: the wgmma tile's
 #             sm_90a code with the rest; MAX_JOBS=16);
 #             if pip cannot install there, setup.py build_ext --inplace
-#   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths), the
-#             wgmma tiles' tests in a second run (cuda-wgmma)
+#   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths), then
+#             benchmarks/wgmma_probe.py (one wgmma tile, its registers decoded) and the wgmma tiles'
+#             tests in a second run (cuda-wgmma)
 #   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl but the wgmma ones, then the largest C
 #             that fits for ours and eager (45 s); the results JSON is $OUT/bench.json, written after
 #             each C (an impl that fails, e.g. a refused graph capture, is left out and said so)
-#   bench-wgmma ours, ours-wgmma, ours-wgmma32 and floor at C = 1e5 and 1e6, to bench.log
+#   bench-wgmma ours, ours-wgmma, ours-wgmma32, ours-wgmma-resident and floor at C = 1e5 and 1e6, to bench.log
 #   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
 #             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   rows      (not in the default list) ours and ours-recompute at C = 1e5 and 1e6 with blocks walking 1,
 #             2 and 4 row tiles (ARCFACE_EXT_ROW_TILES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
-#             search: ours, ours-recompute, ours-one-row-tile, ours-wgmma, ours-wgmma32, ours-graphed, ours-cublas,
-#             eager, compiled and floor at
-#             C = 1e5 and 1e6 (~45 s), for a
-#             short call; the results JSON is $OUT/bench.json
+#             search: ours, ours-recompute, ours-one-row-tile, the three ours-wgmma*, ours-graphed,
+#             ours-cublas, eager, compiled and floor at C = 1e5 and 1e6 (~45 s), for a short call; the
+#             results JSON is $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   profile   benchmarks/profile_loss.py at C = 1M (fused, one-row-tile, cuBLAS, wgmma and wgmma32 paths) and
+#   profile   benchmarks/profile_loss.py at C = 1M (fused, one-row-tile, cuBLAS and the three wgmma paths) and
 #             100k (fused, which keeps the gradient block there, and recompute, which does not); then
 #             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k, the recompute
 #             path as in session 8), then their warp stall reasons (ncu-stalls), then the wgmma kernels'
-#             counters and stalls (ncu-wgmma, C = 1M), to profile.log
+#             counters and stalls (ncu-wgmma, C = 1M), then the resident x tile's forward and first
+#             backward launch (ncu-resident), to profile.log
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
 #             (its images/s in metrics.jsonl, appended to profile.log)
@@ -124,6 +125,9 @@ for stage in "${STAGES[@]}"; do
     cuda) run_stage cuda cuda 150 30 "$PY" -m pytest -v -p no:cacheprovider --maxfail=40 -rf --durations=10 \
             ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} \
             -o faulthandler_timeout=120 tests/test_cuda.py -k "not wgmma"
+          # One wgmma tile register by register on inputs whose products name their operands: if the
+          # hardware reads the tile otherwise than the emulator, this decodes how (seconds).
+          run_stage wgmma-probe cuda 30 10 "$PY" benchmarks/wgmma_probe.py
           run_stage cuda-wgmma cuda 90 20 "$PY" -m pytest -v -p no:cacheprovider --maxfail=30 -rf \
             ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} \
             -o faulthandler_timeout=60 tests/test_cuda.py -k wgmma ;;
@@ -132,11 +136,12 @@ for stage in "${STAGES[@]}"; do
         --impls ours,ours-recompute,ours-one-row-tile,ours-graphed,ours-cublas,eager,compiled,floor,ours-sampled,eager-sampled \
         --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
     bench-wgmma)  # the wgmma tiles (session 14) against ours and the floor, to bench.log
-      run_stage bench-wgmma bench 60 25 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --C 100000 1000000 --impls ours,ours-wgmma,ours-wgmma32,floor --no-memory --out /tmp/bench-wgmma.json ;;
+      run_stage bench-wgmma bench 75 25 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
+        --C 100000 1000000 --impls ours,ours-wgmma,ours-wgmma32,ours-wgmma-resident,floor --no-memory \
+        --out /tmp/bench-wgmma.json ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-wgmma32,ours-graphed,ours-cublas,eager,compiled,floor \
+        --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-wgmma32,ours-wgmma-resident,ours-graphed,ours-cublas,eager,compiled,floor \
         --out "$OUT/bench.json" ;;
     depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
       for d in 3 4 5; do
@@ -153,7 +158,8 @@ for stage in "${STAGES[@]}"; do
     profile)
       # one-row-tile: the fused kernels as before session 13 (each row tile's block sums the norms);
       # wgmma, wgmma32: the fused kernels' tiles on Hopper's wgmma, 64- and 32-deep slices (session 14).
-      run_stage profile profile 90 20 "$PY" benchmarks/profile_loss.py --paths fused,one-row-tile,cublas,wgmma,wgmma32
+      run_stage profile profile 90 20 "$PY" benchmarks/profile_loss.py \
+        --paths fused,one-row-tile,cublas,wgmma,wgmma32,wgmma-resident
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
       # fused keeps the gradient block there (bf16, 100 MB in the 128 MiB workspace); recompute does not.
       run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000 --paths fused,recompute
@@ -180,7 +186,13 @@ for stage in "${STAGES[@]}"; do
         -k 'regex:fused_(forward|backward)_wgmma_kernel' -c 2 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-        "$PY" benchmarks/profile_loss.py --paths wgmma ;;
+        "$PY" benchmarks/profile_loss.py --paths wgmma
+      # The resident x tile (session 15): L2 throughput against the streaming tile's, forward and backward.
+      run_stage ncu-resident profile 45 15 ncu --clock-control none --target-processes all \
+        -k 'regex:fused_(forward_wgmma|backward_wgmma_resident)_kernel' -c 2 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        "$PY" benchmarks/profile_loss.py --paths wgmma-resident ;;
     racecheck) run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
                  "$PY" benchmarks/sanitize_case.py ;;
     train)

@@ -8,7 +8,9 @@ gradient block where it fits the workspace (bf16); recompute: the same with ARCF
 the backward recomputing the cosines in its fused kernel; one-row-tile: fused with
 ARCFACE_EXT_ROW_TILES=1, a block of the fused kernels for each row tile, each summing the class
 norms again, as before session 13; wgmma: fused with ARCFACE_EXT_WGMMA=1, the fused kernels' tiles on
-Hopper's wgmma (compute capability 9.0 only), wgmma32 the same in 32-deep slices (ARCFACE_EXT_WGMMA=32);
+Hopper's wgmma (compute capability 9.0 only), wgmma32 the same in 32-deep slices (ARCFACE_EXT_WGMMA=32),
+wgmma-resident the forward and backward with their x tile resident in shared memory
+(ARCFACE_EXT_WGMMA=resident);
 cublas: the same op with
 ARCFACE_EXT_CUDA_FUSED=0) it warms up, then records one step with torch.profiler and prints
 the kernels by total GPU time (count, total ms, share of the step's kernel time), plus the step's
@@ -42,11 +44,12 @@ def step(embeddings, weight, labels):
 
 
 def profile_path(path, embeddings, weight, labels, top):
-    if path not in ("fused", "recompute", "one-row-tile", "wgmma", "wgmma32", "cublas"):
-        raise SystemExit(f"unknown path {path!r}: fused, recompute, one-row-tile, wgmma, wgmma32 or cublas")
+    if path not in ("fused", "recompute", "one-row-tile", "wgmma", "wgmma32", "wgmma-resident", "cublas"):
+        raise SystemExit(f"unknown path {path!r}: fused, recompute, one-row-tile, wgmma, wgmma32, wgmma-resident "
+                         "or cublas")
     os.environ["ARCFACE_EXT_CUDA_FUSED"] = "0" if path == "cublas" else "1"
     os.environ["ARCFACE_EXT_KEEP_BLOCK"] = "0" if path == "recompute" else "1"
-    os.environ["ARCFACE_EXT_WGMMA"] = {"wgmma": "1", "wgmma32": "32"}.get(path, "0")
+    os.environ["ARCFACE_EXT_WGMMA"] = {"wgmma": "1", "wgmma32": "32", "wgmma-resident": "resident"}.get(path, "0")
     if path == "one-row-tile":
         os.environ["ARCFACE_EXT_ROW_TILES"] = "1"
     else:

@@ -114,6 +114,12 @@ def main():
             os.environ["ARCFACE_EXT_WGMMA"] = "32"
             print("ARCFACE_EXT_WGMMA=32")
             ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
+            # The x tile resident (session 15), forward and backward: segments of several class tiles
+            # (one chunk a class tile with the 1-byte workspace), and the kept block.
+            os.environ["ARCFACE_EXT_WGMMA"] = "resident"
+            print("ARCFACE_EXT_WGMMA=resident")
+            ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
+            ok &= case(300, 200, 1000, dtype, workspace_bytes=64 << 20)
         os.environ["ARCFACE_EXT_WGMMA"] = "1"
         print("kept block, ARCFACE_EXT_WGMMA=1")
         ok &= case(300, 72, 1031, torch.bfloat16, workspace_bytes=64 << 20, opposite=True)

@@ -62,4 +62,9 @@ TORCH_LIBRARY(arcface_ext, m) {
       "int workspace_bytes, bool mean, bool needs_embeddings_grad, bool needs_weight_grad, "
       "Tensor? row_margins=None) -> "
       "(Tensor loss, Tensor target_cosine, Tensor grad_embeddings, Tensor grad_weight)");
+  // A diagnostic (CUDA, sm_90a builds on compute capability 9.0 only): one 128 x 128 tile of x·wᵀ on
+  // the fused kernels' wgmma tile, variant `tile` ("64" or "32": streaming slices of that depth;
+  // "resident": the x tile resident), returned as each thread's accumulator registers and class-norm
+  // sum, (256, 65) float32. benchmarks/wgmma_probe.py reads it.
+  m.def("wgmma_tile_probe(Tensor x, Tensor w, str tile) -> Tensor");
 }

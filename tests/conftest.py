@@ -1,6 +1,9 @@
 """Shared test machinery: the `cuda` and `slow` markers, the one tolerance table, and comparisons
 that say where and by how much two tensors differ. Test modules import the helpers with
 `from conftest import ...` (tests/ is not a package, so pytest puts it on sys.path)."""
+import importlib.util
+import pathlib
+
 import pytest
 import torch
 
@@ -148,3 +151,12 @@ def assert_non_finite_where_expected(ours, expected, names):
         assert torch.equal(a_bad.cpu(), e_bad.cpu()), (f"{name}: non-finite at {a_bad.nonzero().flatten().tolist()}, "
                                                        f"expected at {e_bad.nonzero().flatten().tolist()}")
     assert bool(e_bad.any()), "the case must reach the gradients"
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -18,7 +18,8 @@ import arcface_ext
 import emulator
 from arcface_ext import reference
 from conftest import (MARGINS, NON_FINITE_CASES, TOLERANCES, assert_close_report, assert_matches_reference,
-                      assert_non_finite_where_expected, loss_and_grads, margin_kwargs, put_non_finite)
+                      assert_non_finite_where_expected, load_benchmark, loss_and_grads, margin_kwargs,
+                      put_non_finite)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not arcface_ext.extension_available(), reason="arcface_ext._C is not built")]
@@ -251,17 +252,36 @@ def test_fused_tile_edges(kernel, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused_tile_edges_on_32_deep_wgmma_slices(monkeypatch, shape, dtype):
-    # The wgmma tile's other slice shape (ARCFACE_EXT_WGMMA=32: 32-deep slices in the 64-byte swizzle,
-    # 6 stages, a wgmma group in flight across the barrier), forward and backward, at the same edges.
+@pytest.mark.parametrize("shape", FUSED_SHAPES + [(130, 512, 700)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("tile", ["32", "resident"])
+def test_fused_tile_edges_on_other_wgmma_tiles(monkeypatch, tile, shape, dtype):
+    # The wgmma tile's other variants, at the same edges and at D = 512:
+    # 32: 32-deep slices in the 64-byte swizzle, 6 stages, a wgmma group in flight across the barrier,
+    #     forward and backward (the gradient block not kept, so that the backward runs its tile);
+    # resident: the forward with its x tile resident in shared memory, one row tile a block (bf16
+    #     keeps the gradient block, fp16 does not; D = 520 is past the resident tile's 512 and takes
+    #     64-deep slices).
     use_wgmma(monkeypatch, True)
-    monkeypatch.setenv("ARCFACE_EXT_WGMMA", "32")
+    monkeypatch.setenv("ARCFACE_EXT_WGMMA", tile)
     monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "1")
-    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0")
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0" if tile == "32" else "1")
     x, w, labels = make_inputs(*shape, seed=30, dtype=dtype, ignored=(0,) if shape[0] > 1 else ())
     ours, expected = run_both(x, w, labels, s=64.0, m2=0.5)
     assert_matches(ours, expected, min_scale=1.0)
+
+
+@pytest.mark.parametrize("tile", ["64", "32", "resident"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_wgmma_tile_probe_reads_every_case(monkeypatch, tile, dtype):
+    # One wgmma tile, register by register, on inputs whose products name their operands
+    # (benchmarks/wgmma_probe.py): bit for bit where the values are integers. On a GPU this is where a
+    # reading of the descriptors, the swizzles or the accumulator layout other than the emulator's
+    # shows first, and the failure message decodes what each wrong register multiplied.
+    use_wgmma(monkeypatch, True)  # the skip on GPUs other than compute capability 9.0
+    probe = load_benchmark("wgmma_probe")
+    results = probe.run(torch.ops.arcface_ext.wgmma_tile_probe, tile, dtype, DEVICE)
+    failed = {case.name: case.problems for case in results if case.problems}
+    assert not failed, "\n".join(f"{name}:\n  " + "\n  ".join(lines) for name, lines in failed.items())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

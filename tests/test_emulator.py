@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import arcface_ext
-from conftest import TOLERANCES, assert_close_report
+from conftest import TOLERANCES, assert_close_report, load_benchmark
 from emulator import build
 
 pytestmark = [
@@ -163,7 +163,7 @@ def test_forward_passes_need_a_segment_a_class_tile(emulated, monkeypatch, setti
         assert_close_report(a, e, atol=1e-5 * max(float(e.abs().max()), 1.0), rtol=1e-5, name=name)
 
 
-@pytest.mark.parametrize("depth", ["64", "32"])
+@pytest.mark.parametrize("depth", ["64", "32", "resident"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("setting, workspace_bytes, grid",
                          [("1", 7200, "3x3"), ("1", 1 << 26, "3x9"), (None, 1 << 26, "1x9"), ("2", 1 << 26, "2x9")],
@@ -180,6 +180,10 @@ def test_the_wgmma_tiles_under_the_racing_schedule(emulated, monkeypatch, dtype,
     # last partial; 7,200 bytes of workspace make segments of 4, 4 and 1 class tiles. Under the racing
     # schedule a stage refilled while a wgmma could still read it, or read before its copies were
     # fenced for the async proxy, fails or changes the result.
+    # The resident x tile (ARCFACE_EXT_WGMMA=resident): one row tile a block whatever the setting, its
+    # four 16 KB slices loaded with the first W slice and read by every tile of the segment, W in 4
+    # stages; about 4 blocks an SM, so 9 class tiles go in segments of 6 and 3. The backward likewise,
+    # with 3 W stages and its gradient tile staged beside them, over each chunk's class tiles.
     race_on_one_sm(monkeypatch, setting)
     monkeypatch.setenv("ARCFACE_EXT_WGMMA", depth)
     x, w, labels, grad = inputs(300, 200, 1100, dtype, seed=9)
@@ -187,9 +191,14 @@ def test_the_wgmma_tiles_under_the_racing_schedule(emulated, monkeypatch, dtype,
     ours = forward_backward(emulated, x, w, labels, grad, workspace_bytes=workspace_bytes)
     launched = emulated.take_launch_log().split()
     at = launched.index("fused_forward_wgmma_kernel")
-    assert launched[at + 1:at + 3] == [f"smem:{3 * 32768 + 1024}", f"grid:{grid}"], launched
-    at = launched.index("fused_backward_wgmma_kernel")
-    assert launched[at + 1] == f"smem:{3 * 32768 + 1024}", launched
+    smem = (8 + 4) * 16384 + 1024 if depth == "resident" else 3 * 32768 + 1024
+    assert launched[at + 1:at + 3] == [f"smem:{smem}", f"grid:{'3x2' if depth == 'resident' else grid}"], launched
+    if depth == "resident":
+        at = launched.index("fused_backward_wgmma_resident_kernel")
+        assert launched[at + 1] == f"smem:{(8 + 3) * 16384 + 128 * 136 * 2 + 1024}", launched
+    else:
+        at = launched.index("fused_backward_wgmma_kernel")
+        assert launched[at + 1] == f"smem:{3 * 32768 + 1024}", launched
     assert "fused_forward_kernel" not in launched and "fused_backward_kernel" not in launched, launched
     cpu = forward_backward(torch.ops.arcface_ext, x, w, labels, grad, workspace_bytes=workspace_bytes)
     assert_same_as_cpu_op(ours, cpu)
@@ -198,8 +207,50 @@ def test_the_wgmma_tiles_under_the_racing_schedule(emulated, monkeypatch, dtype,
 def test_a_bad_wgmma_setting_is_named(emulated, monkeypatch):
     monkeypatch.setenv("ARCFACE_EXT_WGMMA", "yes")
     x, w, labels, _ = inputs(8, 32, 50, torch.bfloat16, seed=6)
-    with pytest.raises(ValueError, match="ARCFACE_EXT_WGMMA must be 0, 1, 64 or 32, got 'yes'"):
+    with pytest.raises(ValueError, match="ARCFACE_EXT_WGMMA must be 0, 1, 64, 32 or resident, got 'yes'"):
         emulated.margin_softmax_forward(x, w, labels, *op_args())
+
+
+def test_the_wgmma_probe_decodes_a_tile_read_otherwise(emulated):
+    # benchmarks/wgmma_probe.py on registers as a GPU with another reading of the PTX ISA would give
+    # them (the emulator's right ones, rearranged): an accumulator layout with the row and class
+    # halves of each register quad swapped is named as a layout, and a tile whose operands' chunks
+    # were read unswizzled (rows of x past the first of each 8 read as zeros) as wrong values, each
+    # decoded as the (row, class) it multiplied.
+    probe = load_benchmark("wgmma_probe")
+    case = probe.rows_classes_case(64, 0)
+    registers = emulated.wgmma_tile_probe(case.x.to(torch.bfloat16), case.w.to(torch.bfloat16), "64")
+    assert probe.check(case, registers, torch.bfloat16) == []
+    swapped = registers.clone()
+    swapped[:, 1:64:4], swapped[:, 2:64:4] = registers[:, 2:64:4], registers[:, 1:64:4]
+    problems = probe.check(case, swapped, torch.bfloat16)
+    assert problems[0] == "8192 of 16384 registers wrong", problems
+    assert "the accumulator layout differs" in problems[1], problems
+    assert "thread 0 (warpgroup 0, warp 0, lane 0) acc[1]: meant row 0, class 1 = 513; holds 265 (row 8, class 0)" \
+        in problems, problems
+    row, _ = probe.register_coordinates()
+    unswizzled = torch.where(row % 8 == 0, registers[:, :64], 0.0)
+    problems = probe.check(case, torch.cat([unswizzled, registers[:, 64:]], 1), torch.bfloat16)
+    assert problems[0] == "14336 of 16384 registers wrong", problems
+    assert not any("layout" in line for line in problems), problems
+    assert "(hint: rows % 8 = 0 are right: the swizzle)" in problems[1], problems
+
+
+def test_the_wgmma_tile_probe_names_bad_arguments(emulated):
+    x = torch.zeros(128, 64, dtype=torch.bfloat16)
+    assert emulated.wgmma_tile_probe(x, x, "64").shape == (256, 65)
+    with pytest.raises(ValueError, match="tile must be '64', '32' or 'resident', got '48'"):
+        emulated.wgmma_tile_probe(x, x, "48")
+    with pytest.raises(ValueError, match="at most 128 rows each"):
+        emulated.wgmma_tile_probe(torch.zeros(129, 64, dtype=torch.bfloat16), x, "64")
+    with pytest.raises(ValueError, match="must both be bfloat16 or both float16"):
+        emulated.wgmma_tile_probe(x, x.half(), "64")
+    with pytest.raises(ValueError, match="a positive multiple of 8"):
+        emulated.wgmma_tile_probe(x[:, :60], x[:, :60], "64")
+    wide = torch.zeros(8, 520, dtype=torch.bfloat16)
+    assert emulated.wgmma_tile_probe(wide, wide, "32").shape == (256, 65)
+    with pytest.raises(ValueError, match="at most 512 for this tile"):
+        emulated.wgmma_tile_probe(wide, wide, "resident")
 
 
 def test_a_bad_row_tile_count_is_named(emulated, monkeypatch):

@@ -1,7 +1,6 @@
 """The fused CPU op against the fp64 reference, and everything around it: edge cases, gradcheck,
 dispatcher registration (opcheck, torch.compile), argument checks, the modules, and its memory
 bound."""
-import importlib.util
 import json
 import math
 import os
@@ -14,7 +13,8 @@ import torch.nn.functional as F
 import arcface_ext
 from arcface_ext import reference
 from conftest import (MARGINS, NON_FINITE_CASES, assert_close_report, assert_matches_reference,
-                      assert_non_finite_where_expected, loss_and_grads, margin_kwargs, put_non_finite)
+                      assert_non_finite_where_expected, load_benchmark, loss_and_grads, margin_kwargs,
+                      put_non_finite)
 
 pytestmark = pytest.mark.skipif(not arcface_ext.extension_available(),
                                 reason="arcface_ext._C is not built")
@@ -814,14 +814,6 @@ def test_module_repr_mentions_straight_through():
 
 # ---- memory bound ----------------------------------------------------------------------------
 
-def _load_benchmark():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_loss.py")
-    spec = importlib.util.spec_from_file_location("bench_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_extra_memory_is_bounded_by_the_workspace(reduction):
@@ -829,7 +821,7 @@ def test_extra_memory_is_bounded_by_the_workspace(reduction):
     # fused forward+backward must stay within the workspace plus O(N·D), gradients excluded. The
     # reference, measured the same way, shows that the method does see an N x C buffer.
     # (Method: benchmarks/bench_loss.py's docstring; one child process, ~5 s.)
-    bench = _load_benchmark()
+    bench = load_benchmark("bench_loss")
     n, dim, num_classes, workspace_bytes = 64, 64, 100_003, 1 << 20
     impls = ["ours", "eager"] if reduction == "none" else ["ours"]
     peak = bench.cpu_peak_extra_mb(impls, n, dim, num_classes, reduction=reduction,
@@ -846,7 +838,7 @@ def test_extra_memory_is_bounded_by_the_workspace(reduction):
 
 @pytest.mark.parametrize("capacity", [999, 1000, 1_234_567, 50_000_000])
 def test_largest_c_search_brackets_the_capacity(monkeypatch, capacity):
-    bench = _load_benchmark()
+    bench = load_benchmark("bench_loss")
     tried = []
 
     def fits(impl, n, dim, num_classes, dtype, device):
@@ -865,7 +857,7 @@ def test_largest_c_search_brackets_the_capacity(monkeypatch, capacity):
 
 
 def test_largest_c_search_stops_at_its_deadline(monkeypatch):
-    bench = _load_benchmark()
+    bench = load_benchmark("bench_loss")
     monkeypatch.setattr(bench, "fits", lambda impl, n, dim, num_classes, dtype, device: num_classes <= 10**6)
     # Already past the deadline: it keeps the first C it tried and says nothing failed.
     found, failed = bench.largest_c("ours", 8, 8, None, None, start=1000, limit=10**9, deadline=0.0)
@@ -873,11 +865,7 @@ def test_largest_c_search_stops_at_its_deadline(monkeypatch):
 
 
 def test_host_overhead_benchmark_runs_and_restores_the_training_op(tmp_path):
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "host_overhead.py")
-    spec = importlib.util.spec_from_file_location("host_overhead", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("host_overhead")
     train_devices = arcface_ext.ops.TRAIN_DEVICES
     out = tmp_path / "rows.json"
     module.main(["--steps", "3", "--repeats", "1", "--out", str(out)])

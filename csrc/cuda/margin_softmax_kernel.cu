@@ -27,6 +27,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -820,15 +821,16 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   }
 }
 
-// The forward on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by wgmma_tile_depth), in slices kDepth
-// deep: the same segments, passes, outputs and kept block as fused_forward_kernel, in the tile's
-// accumulator layout.
+// The forward on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by wgmma_tile_variant), in slices kVariant
+// deep, or with the x tile resident (kVariant = kWgmmaResidentX: one pass a block, its row tile loaded
+// once for all of its class tiles, so that only W streams from L2): the same segments, passes, outputs
+// and kept block as fused_forward_kernel, in the tile's accumulator layout.
 // A thread holds two rows (h) of 32 classes each, and a row's 128 classes lie in one quad, so a tile's
 // (max, Σexp) of a row is complete after two shuffles; the running statistics are the row's own, and
 // a pass's end writes them from the quad's first lane, without the four-warp merge in shared memory.
 // Its sums run in another order than fused_forward_kernel's (the tensor cores' and the quad's), so
 // the two kernels agree to fp32 round-off, not bit for bit; each is deterministic.
-template <bool kBFloat16, bool kKeep, int kDepth>
+template <bool kBFloat16, bool kKeep, int kVariant>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_forward_wgmma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
                                int64_t c, int dim, const RowTarget* __restrict__ rows, float s,
@@ -845,10 +847,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __shared__ float tile_inv_norm[kTileClasses];
   __shared__ bool tile_unclamped[kTileClasses];  // kKeep only
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  // The pipeline from the first 1024-byte boundary (the swizzle's atom; wgmma_smem_bytes has the room).
-  const uint32_t raw_base = cuda::shared_address(tile_smem);
-  const uint32_t base = (raw_base + 1023u) & ~1023u;
-  const uint16_t* stages = tile_smem + (base - raw_base) / 2;
+  using Slice = cuda::WgmmaSliceOf<kVariant>;
+  const cuda::WgmmaSmem smem = cuda::wgmma_smem<Slice>(tile_smem, dim);
 
   const int64_t first_row_tile = int64_t{blockIdx.x} * row_tiles_per_block;
   const int64_t passes = std::min<int64_t>(row_tiles_per_block, (n + kTileRows - 1) / kTileRows - first_row_tile);
@@ -859,7 +859,6 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
   const int64_t first = int64_t{blockIdx.y} * tiles_per_segment;
   const int64_t per_pass = std::min(first + tiles_per_segment, tiles) - first;
-  using Slice = cuda::WgmmaSlice<kDepth>;
   const cuda::TileRun run = cuda::make_wgmma_run<Slice>(x, n, first_row_tile * kTileRows, w, c,
                                                         first * kTileClasses, per_pass, dim, passes);
   int64_t pass = 0, in_pass = 0;  // t = pass·per_pass + in_pass
@@ -869,12 +868,12 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     cuda::WgmmaAcc acc;
     float norm_sq;
     if (pass == 0) {
-      cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, t, base, stages, acc, norm_sq);
+      cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, t, smem.base, smem.stages, acc, norm_sq, smem.x_base);
       publish_forward_class_norms<kKeep>(norm_sq, tile_inv_norm, tile_unclamped, col0, c, class_inv_norm,
                                          class_unclamped);
     } else {
-      cuda::wgmma_run_gemm<kBFloat16, false, Slice>(run, t, base, stages, acc, norm_sq);
-      if (in_pass == 0) {  // a new pass: its row tile's rows
+      cuda::wgmma_run_gemm<kBFloat16, false, Slice>(run, t, smem.base, smem.stages, acc, norm_sq, smem.x_base);
+      if (in_pass == 0) {  // a new pass: its row tile's rows (never with a resident x tile: one pass)
         load_tile_rows(rows, n, row0, row_inv_norm, row_target_logit, row_target);
         __syncthreads();
       }
@@ -991,6 +990,133 @@ __device__ __forceinline__ float gradient_entry(float dot, bool counts, bool is_
   return q * inv_w;
 }
 
+// The gradient tiles' row arrays for rows [row0, +128) of a chunk of `width` classes from c0: whether a
+// row is formed (counted, with a non-zero grad_loss, or with kRecompute marked in `recompute`), and for
+// those its inverse norm, log-sum-exp, chunk-local target column (-1 if not in the chunk) and the
+// target's q; zeros elsewhere. Returns whether this thread saw an active row. (Template arrays, as in
+// publish_class_norms.)
+template <bool kRecompute, typename Active, typename InvNorms, typename Lse, typename TargetQ, typename Targets>
+__device__ __forceinline__ bool load_gradient_rows(const RowTarget* __restrict__ rows, int64_t n, int64_t row0,
+                                                   int64_t c0, int64_t width, const float* __restrict__ grad_loss,
+                                                   const float* __restrict__ logsumexp,
+                                                   const uint8_t* __restrict__ recompute, Active&& row_active,
+                                                   InvNorms&& row_inv_norm, Lse&& row_lse, TargetQ&& row_target_q,
+                                                   Targets&& row_target) {
+  bool any_active = false;
+  for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
+    const int64_t i = row0 + r;
+    bool active = i < n && rows[i].counted;
+    if constexpr (kRecompute) {
+      active = active && recompute[i] != 0;
+    } else {
+      active = active && grad_loss[i] != 0.0f;
+    }
+    any_active = any_active || active;
+    row_active[r] = active;
+    row_inv_norm[r] = 0.0f;
+    row_lse[r] = 0.0f;
+    row_target_q[r] = 0.0f;
+    row_target[r] = -1;
+    if (active) {
+      const RowTarget& t = rows[i];
+      row_inv_norm[r] = static_cast<float>(t.inv_norm);
+      row_lse[r] = logsumexp[i];
+      const int64_t target = t.label - c0;
+      if (target >= 0 && target < width) {
+        row_target[r] = target;
+        row_target_q[r] = target_gradient<float>(t, logsumexp[i]);
+      }
+    }
+  }
+  return any_active;
+}
+
+// The first row tile's blocks hand the chunk's class norms to class_gradient_kernel (when it runs:
+// chunk_inv_norm not null).
+template <typename InvNorms, typename Unclamped>
+__device__ __forceinline__ void hand_out_chunk_norms(int64_t col0, int64_t width, InvNorms&& tile_inv_norm,
+                                                     Unclamped&& tile_unclamped, float* __restrict__ chunk_inv_norm,
+                                                     uint8_t* __restrict__ chunk_unclamped) {
+  if (chunk_inv_norm == nullptr) return;
+  for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
+    if (col0 + jl < width) {
+      chunk_inv_norm[col0 + jl] = tile_inv_norm[jl];
+      chunk_unclamped[col0 + jl] = tile_unclamped[jl];
+    }
+  }
+}
+
+// What the gradient epilogues read of tile row r: whether it is formed, its inverse norm, log-sum-exp and
+// target's q, and its target as an offset from this thread's first column (-1 outside the tile; the
+// tile's columns compare as 32-bit offsets).
+struct GradientRow {
+  bool active;
+  float inv_x;
+  float lse;
+  float target_q;
+  int target;
+};
+
+template <typename Active, typename InvNorms, typename Lse, typename TargetQ, typename Targets>
+__device__ __forceinline__ GradientRow gradient_row(int r, int64_t col0, int first_col, Active&& row_active,
+                                                    InvNorms&& row_inv_norm, Lse&& row_lse, TargetQ&& row_target_q,
+                                                    Targets&& row_target) {
+  const int64_t target_col = row_target[r] - col0;
+  return {row_active[r], row_inv_norm[r], row_lse[r], row_target_q[r],
+          target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1};
+}
+
+// A wgmma tile's gradient entries (gradient_entry), staged in shared memory as 16-bit GEMM operands:
+// row r at staged + r·kStagedPitch; two rows a thread, 32 classes each (wgmma_tile_class(j, e) =
+// first_col + 8j + e), the two adjacent columns e = 0, 1 stored as one 32-bit word.
+constexpr int kStagedPitch = kTileClasses + 8;  // 272-byte rows: 16-byte aligned for the copy-out
+
+template <typename scalar_t, typename Active, typename InvNorms, typename Lse, typename TargetQ, typename Targets,
+          typename TileInvNorms>
+__device__ __forceinline__ void stage_wgmma_gradient(const cuda::WgmmaAcc& acc, scalar_t* staged, int64_t col0,
+                                                     int64_t valid, float s, Active&& row_active,
+                                                     InvNorms&& row_inv_norm, Lse&& row_lse, TargetQ&& row_target_q,
+                                                     Targets&& row_target, TileInvNorms&& tile_inv_norm) {
+  const int first_col = cuda::wgmma_tile_class(0, 0);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = cuda::wgmma_tile_row(h);
+    const GradientRow row =
+        gradient_row(r, col0, first_col, row_active, row_inv_norm, row_lse, row_target_q, row_target);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      ValuePair<scalar_t> pair;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool in_range = first_col + 8 * j + e < valid;
+        const float inv_w = in_range ? tile_inv_norm[first_col + 8 * j + e] : 0.0f;
+        pair.value[e] = to_gemm_operand<scalar_t, float>(
+            gradient_entry(acc[4 * j + 2 * h + e], row.active && in_range, row.target == 8 * j + e, row.inv_x, inv_w,
+                           row.lse, row.target_q, s));
+      }
+      *reinterpret_cast<ValuePair<scalar_t>*>(staged + r * kStagedPitch + first_col + 8 * j) = pair;
+    }
+  }
+}
+
+// The staged tile written out in 16-byte rows: grad_block has row pitch ld, a multiple of 8 at least the
+// chunk's width; columns past the width get the staged zeros; with kRecompute only active rows.
+template <bool kRecompute, typename scalar_t, typename Active>
+__device__ __forceinline__ void store_gradient_tile(const scalar_t* staged, scalar_t* __restrict__ grad_block,
+                                                    int64_t n, int64_t ld, int64_t row0, int64_t col0,
+                                                    Active&& row_active) {
+  constexpr int kVectorsPerRow = kTileClasses / 8;
+  for (int v = threadIdx.x; v < kTileRows * kVectorsPerRow; v += kTileThreads) {
+    const int r = v / kVectorsPerRow;
+    const int jl = (v % kVectorsPerRow) * 8;
+    const int64_t i = row0 + r;
+    const int64_t j = col0 + jl;
+    if (i < n && j < ld && (!kRecompute || row_active[r]))
+      *reinterpret_cast<uint4*>(grad_block + i * ld + j) =
+          *reinterpret_cast<const uint4*>(staged + r * kStagedPitch + jl);
+  }
+}
+
 // The gradient block's tile, for fused_backward_kernel and kept_block_recompute_kernel: the tile of
 // rows [128 row_tile, +128) and chunk classes [128 t, +128) (t = blockIdx.y) is recomputed, G_ij
 // formed exactly as margin_softmax_backward_kernel does, staged in shared memory (the pipeline's,
@@ -1024,32 +1150,8 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   __shared__ bool tile_unclamped[kTileClasses];
 
   const int64_t row0 = row_tile * kTileRows;
-  bool any_active = false;
-  for (int r = threadIdx.x; r < kTileRows; r += kTileThreads) {
-    const int64_t i = row0 + r;
-    bool active = i < n && rows[i].counted;
-    if constexpr (kRecompute) {
-      active = active && recompute[i] != 0;
-    } else {
-      active = active && grad_loss[i] != 0.0f;
-    }
-    any_active = any_active || active;
-    row_active[r] = active;
-    row_inv_norm[r] = 0.0f;
-    row_lse[r] = 0.0f;
-    row_target_q[r] = 0.0f;
-    row_target[r] = -1;
-    if (active) {
-      const RowTarget& t = rows[i];
-      row_inv_norm[r] = static_cast<float>(t.inv_norm);
-      row_lse[r] = logsumexp[i];
-      const int64_t target = t.label - c0;
-      if (target >= 0 && target < width) {
-        row_target[r] = target;
-        row_target_q[r] = target_gradient<float>(t, logsumexp[i]);
-      }
-    }
-  }
+  const bool any_active = load_gradient_rows<kRecompute>(rows, n, row0, c0, width, grad_loss, logsumexp, recompute,
+                                                         row_active, row_inv_norm, row_lse, row_target_q, row_target);
   if constexpr (kRecompute) {
     if (!__syncthreads_or(any_active)) return;  // the whole block alike
   } else {
@@ -1062,21 +1164,16 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   float norm_sq;
   // The wgmma pipeline (and then the staged tile) from the first 1024-byte boundary.
   constexpr bool kWgmma = kWgmmaDepth != 0;
-  uint16_t* pipeline = tile_smem;
-  uint32_t pipeline_base = 0;
-  if constexpr (kWgmma) {
-    const uint32_t raw_base = cuda::shared_address(tile_smem);
-    pipeline_base = (raw_base + 1023u) & ~1023u;
-    pipeline = tile_smem + (pipeline_base - raw_base) / 2;
-  }
+  using Slice = cuda::WgmmaSlice<kWgmma ? kWgmmaDepth : 64>;
+  const cuda::WgmmaSmem smem = kWgmma ? cuda::wgmma_smem<Slice>(tile_smem, dim) : cuda::WgmmaSmem{0, 0, tile_smem};
+  uint16_t* pipeline = smem.stages;
   // Two copies of the slice loop, so that neither carries the other's branch.
   if constexpr (kWgmma) {
-    using Slice = cuda::WgmmaSlice<kWgmmaDepth>;
     const cuda::TileRun run = cuda::make_wgmma_run<Slice>(x, n, row0, w_chunk, width, col0, 1, dim, 1);
     if (class_norms) {
-      cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, 0, pipeline_base, pipeline, acc_wgmma, norm_sq);
+      cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, 0, smem.base, pipeline, acc_wgmma, norm_sq);
     } else {
-      cuda::wgmma_run_gemm<kBFloat16, false, Slice>(run, 0, pipeline_base, pipeline, acc_wgmma, norm_sq);
+      cuda::wgmma_run_gemm<kBFloat16, false, Slice>(run, 0, smem.base, pipeline, acc_wgmma, norm_sq);
     }
   } else if (class_norms) {
     cuda::tile_gemm<kBFloat16, true, kStages>(x, n, row0, w_chunk, width, col0, dim, tile_smem, acc, norm_sq);
@@ -1085,47 +1182,19 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
   }
   if (class_norms) {
     publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
-    // The first row tile hands the chunk's class norms to class_gradient_kernel.
-    if (chunk_inv_norm != nullptr && row_tile == 0) {
-      for (int jl = threadIdx.x; jl < kTileClasses; jl += kTileThreads) {
-        if (col0 + jl < width) {
-          chunk_inv_norm[col0 + jl] = tile_inv_norm[jl];
-          chunk_unclamped[col0 + jl] = tile_unclamped[jl];
-        }
-      }
+    if (row_tile == 0) {
+      hand_out_chunk_norms(col0, width, tile_inv_norm, tile_unclamped, chunk_inv_norm, chunk_unclamped);
     }
   }
 
-  constexpr int kPitch = kTileClasses + 8;  // 272-byte rows: 16-byte aligned for the copy-out
+  constexpr int kPitch = kStagedPitch;
   static_assert(kTileRows * kPitch * 2 <= cuda::tile_smem_bytes(kStages), "staging tile fits the pipeline");
   static_assert(kTileRows * kPitch * 2 <= cuda::kWgmmaPipelineBytes, "and the wgmma one");
   scalar_t* staged = reinterpret_cast<scalar_t*>(pipeline);
   const int64_t valid = std::min<int64_t>(width - col0, kTileClasses);
   if constexpr (kWgmma) {
-    // Two rows a thread, 32 classes each (wgmma_tile_class(j, e) = first_col + 8j + e).
-    const int first_col = cuda::wgmma_tile_class(0, 0);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = cuda::wgmma_tile_row(h);
-      const bool active = row_active[r];
-      const float inv_x = row_inv_norm[r];
-      const float lse = row_lse[r];
-      const float target_q = row_target_q[r];
-      const int64_t target_col = row_target[r] - col0;
-      const int target = target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        ValuePair<scalar_t> pair;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const bool in_range = first_col + 8 * j + e < valid;
-          const float inv_w = in_range ? tile_inv_norm[first_col + 8 * j + e] : 0.0f;
-          pair.value[e] = to_gemm_operand<scalar_t, float>(gradient_entry(
-              acc_wgmma[4 * j + 2 * h + e], active && in_range, target == 8 * j + e, inv_x, inv_w, lse, target_q, s));
-        }
-        *reinterpret_cast<ValuePair<scalar_t>*>(staged + r * kPitch + first_col + 8 * j) = pair;
-      }
-    }
+    stage_wgmma_gradient(acc_wgmma, staged, col0, valid, s, row_active, row_inv_norm, row_lse, row_target_q,
+                         row_target, tile_inv_norm);
   } else {
   // Row by row, each row's values read from shared memory once; the class bounds and the target
   // compared as 32-bit offsets from this thread's first column (tile_class(ni, e) = first_col +
@@ -1141,35 +1210,23 @@ __device__ __forceinline__ void gradient_block_tile(const uint16_t* __restrict__
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = tile_row(mi, h);
-      const bool active = row_active[r];
-      const float inv_x = row_inv_norm[r];
-      const float lse = row_lse[r];
-      const float target_q = row_target_q[r];
-      const int64_t target_col = row_target[r] - col0;
-      const int target = target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1;
+      const GradientRow row =
+          gradient_row(r, col0, first_col, row_active, row_inv_norm, row_lse, row_target_q, row_target);
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni) {
         ValuePair<scalar_t> pair;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           pair.value[e] = to_gemm_operand<scalar_t, float>(
-              gradient_entry(acc[mi][ni][2 * h + e], active && first_col + 8 * ni + e < valid, target == 8 * ni + e,
-                             inv_x, inv_w[ni][e], lse, target_q, s));
+              gradient_entry(acc[mi][ni][2 * h + e], row.active && first_col + 8 * ni + e < valid,
+                             row.target == 8 * ni + e, row.inv_x, inv_w[ni][e], row.lse, row.target_q, s));
         }
         *reinterpret_cast<ValuePair<scalar_t>*>(staged + r * kPitch + first_col + 8 * ni) = pair;
       }
     }
   }
   __syncthreads();
-  constexpr int kVectorsPerRow = kTileClasses / 8;
-  for (int v = threadIdx.x; v < kTileRows * kVectorsPerRow; v += kTileThreads) {
-    const int r = v / kVectorsPerRow;
-    const int jl = (v % kVectorsPerRow) * 8;
-    const int64_t i = row0 + r;
-    const int64_t j = col0 + jl;
-    if (i < n && j < ld && (!kRecompute || row_active[r]))
-      *reinterpret_cast<uint4*>(grad_block + i * ld + j) = *reinterpret_cast<const uint4*>(staged + r * kPitch + jl);
-  }
+  store_gradient_tile<kRecompute>(staged, grad_block, n, ld, row0, col0, row_active);
 }
 
 // Backward: one chunk's gradient block from recomputed tiles (gradient_block_tile). Block (b, t)
@@ -1207,7 +1264,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
                                                                chunk_unclamped, row_tiles_per_block);
 }
 
-// The same on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by wgmma_tile_depth).
+// The same on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by wgmma_tile_variant; 64- or 32-deep slices).
 template <bool kBFloat16, typename scalar_t, int kDepth>
 __global__ void __launch_bounds__(kTileThreads, 2)
     fused_backward_wgmma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk, int64_t n,
@@ -1220,6 +1277,59 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       row_tiles_per_block);
 }
 
+// The backward with the x tile resident (ARCFACE_EXT_WGMMA=resident; wgmma_tile.cuh): block (b, g) forms
+// row tile b of the chunk's gradient block over segment g's class tiles, as the resident forward
+// walks its segment: its 128 x rows loaded once, W's slices streaming through 3 stages across the
+// segment's tiles (the next tile's first slices land during this tile's epilogue), the tile staged
+// beside the pipeline (kWgmmaStagedBytes) and written out. Every tile sums its class norms. The same
+// entries, staging and copy-out as gradient_block_tile; one block an SM (211 KB).
+template <bool kBFloat16, typename scalar_t>
+__global__ void __launch_bounds__(kTileThreads, 1)
+    fused_backward_wgmma_resident_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
+                                         int64_t n, int64_t width, int dim, int64_t c0,
+                                         const RowTarget* __restrict__ rows, const float* __restrict__ grad_loss,
+                                         const float* __restrict__ logsumexp, float s,
+                                         scalar_t* __restrict__ grad_block, int64_t ld,
+                                         float* __restrict__ chunk_inv_norm, uint8_t* __restrict__ chunk_unclamped,
+                                         int64_t tiles_per_segment) {
+  extern __shared__ __align__(16) uint16_t tile_smem[];
+  __shared__ float row_inv_norm[kTileRows];
+  __shared__ float row_lse[kTileRows];
+  __shared__ float row_target_q[kTileRows];
+  __shared__ int64_t row_target[kTileRows];
+  __shared__ bool row_active[kTileRows];
+  __shared__ float tile_inv_norm[kTileClasses];
+  __shared__ bool tile_unclamped[kTileClasses];
+  using Slice = cuda::WgmmaBackwardResidentSlice;
+  const cuda::WgmmaSmem smem = cuda::wgmma_smem<Slice>(tile_smem, dim);
+  scalar_t* staged = reinterpret_cast<scalar_t*>(smem.stages + Slice::stages * Slice::stage_bytes / 2);
+
+  const int64_t row0 = int64_t{blockIdx.x} * kTileRows;
+  load_gradient_rows<false>(rows, n, row0, c0, width, grad_loss, logsumexp, nullptr, row_active, row_inv_norm,
+                            row_lse, row_target_q, row_target);
+  __syncthreads();
+  const int64_t tiles = (width + kTileClasses - 1) / kTileClasses;
+  const int64_t first = int64_t{blockIdx.y} * tiles_per_segment;
+  const int64_t count = std::min(first + tiles_per_segment, tiles) - first;
+  const cuda::TileRun run =
+      cuda::make_wgmma_run<Slice>(x, n, row0, w_chunk, width, first * kTileClasses, count, dim, 1);
+  for (int64_t t = 0; t < run.tiles; ++t) {
+    const int64_t col0 = (first + t) * kTileClasses;
+    cuda::WgmmaAcc acc;
+    float norm_sq;
+    cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, t, smem.base, smem.stages, acc, norm_sq, smem.x_base);
+    // (Its barrier orders the last tile's staging and copy-out reads before these writes.)
+    publish_class_norms(norm_sq, tile_inv_norm, tile_unclamped);
+    if (blockIdx.x == 0) {
+      hand_out_chunk_norms(col0, width, tile_inv_norm, tile_unclamped, chunk_inv_norm, chunk_unclamped);
+    }
+    stage_wgmma_gradient(acc, staged, col0, std::min<int64_t>(width - col0, kTileClasses), s, row_active,
+                         row_inv_norm, row_lse, row_target_q, row_target, tile_inv_norm);
+    __syncthreads();
+    store_gradient_tile<false>(staged, grad_block, n, ld, row0, col0, row_active);
+  }
+}
+
 // The kept block's forward: G itself at the rows finalize marked for recomputation (kept_block.h),
 // over all classes; blocks whose rows have none return at once.
 template <int kStages>
@@ -1230,6 +1340,26 @@ __global__ void __launch_bounds__(kTileThreads, 2)
                                 int64_t ld, const uint8_t* __restrict__ recompute) {
   gradient_block_tile<true, at::BFloat16, kStages, true>(x, w, n, c, dim, 0, rows, nullptr, logsumexp, s, block,
                                                          ld, nullptr, nullptr, recompute, blockIdx.x, true);
+}
+
+// One wgmma tile, as the fused kernels compute it, written out register by register: thread t's
+// acc[i] at out[65t + i] and its class-norm sum at out[65t + 64] (the op wgmma_tile_probe, a
+// diagnostic: benchmarks/wgmma_probe.py decodes what the hardware multiplied from structured inputs).
+template <bool kBFloat16, int kVariant>
+__global__ void __launch_bounds__(kTileThreads)
+    wgmma_tile_probe_kernel(const uint16_t* __restrict__ x, int64_t rows, const uint16_t* __restrict__ w,
+                            int64_t classes, int dim, float* __restrict__ out) {
+  extern __shared__ __align__(16) uint16_t tile_smem[];
+  using Slice = cuda::WgmmaSliceOf<kVariant>;
+  const cuda::WgmmaSmem smem = cuda::wgmma_smem<Slice>(tile_smem, dim);
+  const cuda::TileRun run = cuda::make_wgmma_run<Slice>(x, rows, 0, w, classes, 0, 1, dim, 1);
+  cuda::WgmmaAcc acc;
+  float norm_sq;
+  cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, 0, smem.base, smem.stages, acc, norm_sq, smem.x_base);
+  float* mine = out + 65 * threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) mine[i] = acc[i];
+  mine[64] = norm_sq;
 }
 
 // ---- host side ----------------------------------------------------------------------------
@@ -1345,22 +1475,35 @@ int row_tiles_a_block(int64_t row_tiles, int64_t class_tiles, int sm_count) {
 // the statistics of a segment a class tile fit the workspace: at N = 512, 4 at C = 100k and 1M
 // (7,813 blocks of 4 tiles at 1M). ARCFACE_EXT_ROW_TILES sets the passes instead (one pass when
 // those statistics do not fit).
+// one_row_tile (the wgmma tile with its x tile resident: one block an SM, which loads its row tile once
+// for the whole segment) takes one pass a block whatever the setting, and aims at ~4 blocks an SM:
+// four waves, with segments long enough that the x tile's load is a small share of a block's reads
+// (1/7 at N = 512 and C = 100k, 1/60 at 1M).
 struct FusedSegments {
   int64_t tiles_per_segment;
   int64_t count;
   int row_tiles_per_block;
 };
 
-FusedSegments plan_fused_segments(int64_t n, int64_t c, int64_t workspace_bytes, int sm_count) {
+// Class tiles a segment for a resident x tile's blocks (one row tile each, one block an SM): about 4
+// blocks an SM, at least one tile a segment, at most kMaxGridY segments.
+int64_t resident_tiles_per_segment(int64_t row_tiles, int64_t tiles, int sm_count) {
+  int64_t per = std::max<int64_t>(1, row_tiles * tiles / (4 * int64_t{std::max(sm_count, 1)}));
+  while ((tiles + per - 1) / per > kMaxGridY) per *= 2;
+  return per;
+}
+
+FusedSegments plan_fused_segments(int64_t n, int64_t c, int64_t workspace_bytes, int sm_count,
+                                  bool one_row_tile = false) {
   const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
   const int64_t tiles = (c + kTileClasses - 1) / kTileClasses;
-  if (n * tiles * 2 * int64_t{sizeof(float)} <= workspace_bytes && tiles <= kMaxGridY) {
+  if (!one_row_tile && n * tiles * 2 * int64_t{sizeof(float)} <= workspace_bytes && tiles <= kMaxGridY) {
     const int per_block = row_tiles_a_block(row_tiles, tiles, sm_count);
     if (per_block > 1) return {1, tiles, per_block};
   }
-  const int64_t wanted_blocks = 16 * int64_t{std::max(sm_count, 1)};
   auto segments = [&](int64_t p) { return (tiles + p - 1) / p; };
-  int64_t per = std::max<int64_t>(1, row_tiles * tiles / wanted_blocks);
+  int64_t per = one_row_tile ? resident_tiles_per_segment(row_tiles, tiles, sm_count)
+                             : std::max<int64_t>(1, row_tiles * tiles / (16 * int64_t{std::max(sm_count, 1)}));
   while (per < tiles &&
          (n * segments(per) * 2 * int64_t{sizeof(float)} > workspace_bytes || segments(per) > kMaxGridY))
     per = std::min(per * 2, tiles);
@@ -1436,30 +1579,46 @@ void allow_tile_smem(Kernel kernel, int stages, int device) {
   allow_smem(kernel, cuda::tile_smem_bytes(stages), device);
 }
 
-// ARCFACE_EXT_WGMMA (read at every call): 1 or 64 runs the fused forward's and backward's tiles on
-// wgmma (fused_forward_wgmma_kernel, fused_backward_wgmma_kernel) in 64-deep slices, 32 in 32-deep
-// slices with a wgmma group kept in flight across the barrier (wgmma_tile.cuh; for measuring); 0 or
-// unset, the mma.sync tile. The tile needs a build with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a,
-// setup.py's default; it defines ARCFACE_EXT_SM90A) and a GPU of compute capability 9.0. Off by
-// default until a GPU has measured it (NOTES.md, session 14); asked for where it cannot run, it
-// raises rather than quietly measuring the other kernel. Returns the slice depth, 0 for mma.sync.
-int wgmma_tile_depth(int device) {
-  const char* setting = std::getenv("ARCFACE_EXT_WGMMA");
-  if (setting == nullptr || std::strcmp(setting, "0") == 0) return 0;
-  const bool deep = std::strcmp(setting, "1") == 0 || std::strcmp(setting, "64") == 0;
-  TORCH_CHECK_VALUE(deep || std::strcmp(setting, "32") == 0,
-                    "arcface_ext: ARCFACE_EXT_WGMMA must be 0, 1, 64 or 32, got '", setting, "'");
+// Raises unless the wgmma tile can run here: a build with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a,
+// setup.py's default; it defines ARCFACE_EXT_SM90A) and a GPU of compute capability 9.0. `asker`
+// names what asked for the tile.
+void check_wgmma_runs(int device, const std::string& asker) {
 #if defined(ARCFACE_EXT_SM90A)
   const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, device);
   const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, device);
-  TORCH_CHECK(major == 9 && minor == 0, "arcface_ext: ARCFACE_EXT_WGMMA=", setting, " needs a GPU of compute "
-              "capability 9.0 (its sm_90a code runs nowhere else); this one is ", major, ".", minor);
-  return deep ? 64 : 32;
+  TORCH_CHECK(major == 9 && minor == 0, "arcface_ext: ", asker, " needs a GPU of compute capability 9.0 (its "
+              "sm_90a code runs nowhere else); this one is ", major, ".", minor);
 #else
   (void)device;
-  TORCH_CHECK(false, "arcface_ext: ARCFACE_EXT_WGMMA=", setting, ", but this build has no sm_90a code (build it "
-              "with 9.0a in TORCH_CUDA_ARCH_LIST)");
+  TORCH_CHECK(false, "arcface_ext: ", asker, " asks for the wgmma tile, but this build has no sm_90a code (build "
+              "it with 9.0a in TORCH_CUDA_ARCH_LIST)");
 #endif
+}
+
+// ARCFACE_EXT_WGMMA (read at every call): 1 or 64 runs the fused forward's and backward's tiles on
+// wgmma (fused_forward_wgmma_kernel, fused_backward_wgmma_kernel) in 64-deep slices; 32 in 32-deep
+// slices with a wgmma group kept in flight across the barrier; `resident` with the x tile resident in
+// shared memory (fused_forward_wgmma_kernel<..., kWgmmaResidentX>, fused_backward_wgmma_resident_kernel:
+// one row tile a block; D up to cuda::kWgmmaResidentMaxDim, else 64-deep slices); 0 or unset, the
+// mma.sync tile (wgmma_tile.cuh; 32 and resident for measuring). Off by default until a GPU has
+// measured it (NOTES.md, sessions 14-15); asked for where it cannot run (check_wgmma_runs), it raises
+// rather than quietly measuring the other kernel. Returns the variant: 64, 32, cuda::kWgmmaResidentX,
+// or 0 for mma.sync.
+int wgmma_tile_variant(int device) {
+  const char* setting = std::getenv("ARCFACE_EXT_WGMMA");
+  if (setting == nullptr || std::strcmp(setting, "0") == 0) return 0;
+  int variant = 0;
+  if (std::strcmp(setting, "1") == 0 || std::strcmp(setting, "64") == 0) {
+    variant = 64;
+  } else if (std::strcmp(setting, "32") == 0) {
+    variant = 32;
+  } else if (std::strcmp(setting, "resident") == 0) {
+    variant = cuda::kWgmmaResidentX;
+  }
+  TORCH_CHECK_VALUE(variant != 0, "arcface_ext: ARCFACE_EXT_WGMMA must be 0, 1, 64, 32 or resident, got '", setting,
+                    "'");
+  check_wgmma_runs(device, std::string("ARCFACE_EXT_WGMMA=") + setting);
+  return variant;
 }
 
 // Calls f(std::integral_constant<int, depth>{}) for a wgmma slice depth of 64 or 32.
@@ -1470,6 +1629,16 @@ void with_wgmma_depth(int depth, F&& f) {
   } else {
     TORCH_INTERNAL_ASSERT(depth == 64);
     f(std::integral_constant<int, 64>{});
+  }
+}
+
+// The same for a wgmma tile variant: 64, 32 or cuda::kWgmmaResidentX.
+template <typename F>
+void with_wgmma_variant(int variant, F&& f) {
+  if (variant == cuda::kWgmmaResidentX) {
+    f(std::integral_constant<int, cuda::kWgmmaResidentX>{});
+  } else {
+    with_wgmma_depth(variant, f);
   }
 }
 
@@ -1649,8 +1818,12 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
   if constexpr (!std::is_same<scalar_t, acc_t>::value) {
     if (fused) {
       // One launch over all classes (the class norms come out of the tiles themselves).
-      const FusedSegments segments = plan_fused_segments(
-          n, c, workspace_bytes, device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()));
+      // The resident x tile holds D up to kWgmmaResidentMaxDim; past it the forward takes 64-deep slices.
+      int wgmma = wgmma_tile_variant(x.get_device());
+      if (wgmma == cuda::kWgmmaResidentX && dim > cuda::kWgmmaResidentMaxDim) wgmma = 64;
+      const FusedSegments segments =
+          plan_fused_segments(n, c, workspace_bytes, device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()),
+                              /*one_row_tile=*/wgmma == cuda::kWgmmaResidentX);
       const at::Tensor segment_max = at::empty({n, segments.count}, acc_options);
       const at::Tensor segment_sum = at::empty({n, segments.count}, acc_options);
       // Passes share one class tile's norms (fused_forward_kernel).
@@ -1660,7 +1833,6 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
                       static_cast<unsigned>(segments.count));
       const int stages = fused_tile_stages(x.get_device());
       // (Both kernels take the same arguments.)
-      const int wgmma = wgmma_tile_depth(x.get_device());
       with_tile_stages(stages, [&](auto depth) {
         constexpr int kStages = decltype(depth)::value;
         auto launch = [&](auto keep) {
@@ -1669,12 +1841,11 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
           uint8_t* unclamped_out = kept != nullptr ? kept->unclamped.data_ptr<uint8_t>() : nullptr;
           const int64_t kept_ld = kept != nullptr ? kept->layout.pitch : 0;
           if (wgmma != 0) {
-            with_wgmma_depth(wgmma, [&](auto slice_depth) {
-              constexpr int kDepth = decltype(slice_depth)::value;
-              allow_smem(fused_forward_wgmma_kernel<kBFloat16, kKeep, kDepth>, cuda::wgmma_smem_bytes(),
-                         x.get_device());
-              fused_forward_wgmma_kernel<kBFloat16, kKeep, kDepth>
-                  <<<grid, kTileThreads, cuda::wgmma_smem_bytes(), stream>>>(
+            with_wgmma_variant(wgmma, [&](auto variant) {
+              constexpr int kVariant = decltype(variant)::value;
+              constexpr int kSmem = cuda::wgmma_variant_smem_bytes<kVariant>();
+              allow_smem(fused_forward_wgmma_kernel<kBFloat16, kKeep, kVariant>, kSmem, x.get_device());
+              fused_forward_wgmma_kernel<kBFloat16, kKeep, kVariant><<<grid, kTileThreads, kSmem, stream>>>(
                       raw_bits<scalar_t>(x), raw_bits<scalar_t>(w), n, c, static_cast<int>(dim), rows_ptr,
                       static_cast<acc_t>(params.s), segments.tiles_per_segment, segment_max.data_ptr<acc_t>(),
                       segment_sum.data_ptr<acc_t>(), segments.count, kept_block, kept_ld, inv_norm_out,
@@ -1899,7 +2070,9 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
   const int stages = fused ? fused_tile_stages(x.get_device()) : 0;
-  const int wgmma = fused ? wgmma_tile_depth(x.get_device()) : 0;
+  // The resident x tile holds D up to kWgmmaResidentMaxDim; past it the backward takes 64-deep slices.
+  int wgmma = fused ? wgmma_tile_variant(x.get_device()) : 0;
+  if (wgmma == cuda::kWgmmaResidentX && dim > cuda::kWgmmaResidentMaxDim) wgmma = 64;
   const int sm_count = fused ? device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()) : 0;
   // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64); the first chunk's GEMM
   // writes it, so it needs no zero fill.
@@ -1922,7 +2095,20 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
         const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
         const dim3 grid(static_cast<unsigned>((row_tiles + row_tiles_per_block - 1) / row_tiles_per_block),
                         static_cast<unsigned>((width + kTileClasses - 1) / kTileClasses));
-        if (wgmma != 0) {
+        if (wgmma == cuda::kWgmmaResidentX) {
+          const int64_t class_tiles = (width + kTileClasses - 1) / kTileClasses;
+          const int64_t per = resident_tiles_per_segment(row_tiles, class_tiles, sm_count);
+          const dim3 resident_grid(static_cast<unsigned>(row_tiles),
+                                   static_cast<unsigned>((class_tiles + per - 1) / per));
+          constexpr int kSmem = cuda::kWgmmaBackwardResidentSmemBytes;
+          if (k == 0) allow_smem(fused_backward_wgmma_resident_kernel<kBFloat16, scalar_t>, kSmem, x.get_device());
+          fused_backward_wgmma_resident_kernel<kBFloat16, scalar_t><<<resident_grid, kTileThreads, kSmem, stream>>>(
+              raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0, rows_ptr,
+              grad_ptr, lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s), grad_block_buffer.data_ptr<scalar_t>(),
+              block_pitch, needs_weight_grad ? chunk_inv_norm : nullptr, needs_weight_grad ? chunk_unclamped : nullptr,
+              per);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else if (wgmma != 0) {
           with_wgmma_depth(wgmma, [&](auto slice_depth) {
             constexpr int kDepth = decltype(slice_depth)::value;
             if (k == 0)
@@ -2131,6 +2317,62 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_kept_cuda(
                        needs_weight_grad, 0, -1, row_margins, /*check_labels=*/false);
 }
 
+// ---- diagnostics ----------------------------------------------------------------------------
+
+// One wgmma tile of x·wᵀ as the fused kernels compute it, every thread's registers as they come out of
+// the tensor cores (wgmma_tile_probe_kernel): (256, 65) float32. x (R, D) and w (K, D): 16-bit, one
+// dtype, R and K at most 128, D a positive multiple of 8 (at most kWgmmaResidentMaxDim for the resident
+// tile); `tile` the variant: "64" or "32" (streaming slices of that depth) or "resident" (the x tile
+// resident in shared memory).
+at::Tensor wgmma_tile_probe_cuda(const at::Tensor& x_in, const at::Tensor& w_in, c10::string_view tile) {
+  const int variant = tile == "64" ? 64 : tile == "32" ? 32 : tile == "resident" ? cuda::kWgmmaResidentX : 0;
+  TORCH_CHECK_VALUE(variant != 0, "arcface_ext: wgmma_tile_probe: tile must be '64', '32' or 'resident', got '",
+                    tile, "'");
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && w_in.dim() == 2, "arcface_ext: wgmma_tile_probe: x and w must be 2-D, got ",
+                    x_in.sizes(), " and ", w_in.sizes());
+  TORCH_CHECK_VALUE(x_in.scalar_type() == w_in.scalar_type() &&
+                        (x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf),
+                    "arcface_ext: wgmma_tile_probe: x and w must both be bfloat16 or both float16, got ",
+                    x_in.scalar_type(), " and ", w_in.scalar_type());
+  const int64_t dim = x_in.size(1);
+  const int64_t max_dim = variant == cuda::kWgmmaResidentX ? cuda::kWgmmaResidentMaxDim
+                                                            : std::numeric_limits<int>::max();
+  TORCH_CHECK_VALUE(w_in.size(1) == dim && dim > 0 && dim % 8 == 0 && dim <= max_dim,
+                    "arcface_ext: wgmma_tile_probe: x and w need one depth, a positive multiple of 8 (at most ",
+                    max_dim, " for this tile); got ", x_in.sizes(), " and ", w_in.sizes());
+  TORCH_CHECK_VALUE(x_in.size(0) <= kTileRows && w_in.size(0) <= kTileClasses,
+                    "arcface_ext: wgmma_tile_probe: x and w hold at most ", kTileRows, " rows each, got ",
+                    x_in.sizes(), " and ", w_in.sizes());
+  TORCH_CHECK_VALUE(x_in.device() == w_in.device(), "arcface_ext: wgmma_tile_probe: x and w must be on one device, "
+                    "got ", x_in.device(), " and ", w_in.device());
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  check_wgmma_runs(x_in.get_device(), "wgmma_tile_probe");
+  // A fresh contiguous copy: 16-byte aligned bases, as the tile's copies need.
+  const at::Tensor x = x_in.detach().clone(at::MemoryFormat::Contiguous);
+  const at::Tensor w = w_in.detach().clone(at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty({kTileThreads, 65}, x.options().dtype(at::kFloat));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  with_wgmma_variant(variant, [&](auto variant_constant) {
+    constexpr int kVariant = decltype(variant_constant)::value;
+    constexpr int kSmem = cuda::wgmma_variant_smem_bytes<kVariant>();
+    auto launch = [&](auto bf16_flag) {
+      constexpr bool kBFloat16 = decltype(bf16_flag)::value;
+      allow_smem(wgmma_tile_probe_kernel<kBFloat16, kVariant>, kSmem, x.get_device());
+      wgmma_tile_probe_kernel<kBFloat16, kVariant><<<1, kTileThreads, kSmem, stream>>>(
+          static_cast<const uint16_t*>(x.data_ptr()), x.size(0), static_cast<const uint16_t*>(w.data_ptr()),
+          w.size(0), static_cast<int>(dim), out.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (bf16) {
+      launch(std::true_type{});
+    } else {
+      launch(std::false_type{});
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
@@ -2138,6 +2380,7 @@ TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
   m.impl("margin_softmax_backward", &margin_softmax_backward_cuda);
   m.impl("margin_softmax_forward_kept", &margin_softmax_forward_kept_cuda);
   m.impl("margin_softmax_backward_kept", &margin_softmax_backward_kept_cuda);
+  m.impl("wgmma_tile_probe", &wgmma_tile_probe_cuda);
 }
 
 }  // namespace arcface_ext

@@ -19,6 +19,13 @@
 //   32 deep: 64-byte rows, the 64-byte swizzle (chunk c of row r at r·64 + 16·(c ^ (r / 2 % 4)),
 //            512-byte atoms), 6 stages; one wgmma group stays in flight across the barrier, and the
 //            loads run 4 slices ahead instead of 2 (ARCFACE_EXT_WGMMA=32, for measuring).
+// And the resident x tile (WgmmaSlice<64, true>, ARCFACE_EXT_WGMMA=resident, for measuring): a block of
+// one row tile loads its x tile once, whole (D at most 512: 8 slices of 16 KB in the 64-deep slices'
+// layout), and streams only W's 64-deep slices through 4 stages of 16 KB (the forward, 193 KB in all)
+// or 3 with the gradient tile staged beside them (the backward, 211 KB); one block an SM. Why: at
+// 128 x 128 a streamed tile reads 256 KB from L2 for its 16.8 MFLOP at D = 512, and the H200's fused
+// forward already ran its L2 at 57% of peak at a third of cuBLAS's rate (NOTES.md, session 15); with
+// x resident a tile reads 128 KB.
 // The stages are 1024-byte aligned. Warpgroup g multiplies x rows 64g .. 64g+63 by all 128 class rows:
 // one m64n128k16 for each 16-deep step of a slice, whose descriptors differ only in their start
 // address (+32 bytes a step; the hardware applies the swizzle to the address bits, as the copies did).
@@ -55,17 +62,22 @@
 namespace arcface_ext {
 namespace cuda {
 
-// A slice's shape and its pipeline (see the top of the file).
-template <int kDepth>
+// A slice's shape and its pipeline (see the top of the file). With kResidentX the x tile is loaded once,
+// whole, and only W's slices stream through the stages (4, or kStages).
+template <int kDepth, bool kResidentX = false, int kStages = 0>
 struct WgmmaSlice {
   static_assert(kDepth == 64 || kDepth == 32, "64- or 32-deep slices");
+  static_assert(!kResidentX || kDepth == 64, "the resident x tile takes 64-deep slices");
+  static_assert(kStages == 0 || kResidentX, "a stage count for the resident tile only");
   static constexpr int depth = kDepth;
+  static constexpr bool resident_x = kResidentX;
   static constexpr uint32_t row_bytes = 2 * kDepth;                   // the swizzle's width
-  static constexpr int stages = kDepth == 64 ? 3 : 6;
+  static constexpr int stages = kResidentX ? (kStages != 0 ? kStages : 4) : kDepth == 64 ? 3 : 6;
   static constexpr int in_flight = kDepth == 64 ? 0 : 1;              // wgmma groups across the barrier
   static constexpr int ahead = stages - 1 - in_flight;                // slices loaded ahead
   static constexpr uint32_t operand_bytes = kTileRows * row_bytes;    // x or W
-  static constexpr uint32_t stage_bytes = 2 * operand_bytes;
+  static constexpr uint32_t w_offset = kResidentX ? 0 : operand_bytes;  // W's slice in a stage
+  static constexpr uint32_t stage_bytes = w_offset + operand_bytes;
   static constexpr uint32_t chunks = row_bytes / 16;                  // 16-byte chunks a row
   static constexpr int rows_a_pass = kTileThreads / chunks;           // rows one load covers
   static constexpr int passes = kTileRows / rows_a_pass;              // loads a thread, an operand
@@ -83,7 +95,47 @@ constexpr int wgmma_smem_bytes() { return 3 * WgmmaSlice<64>::stage_bytes + 1024
 static_assert(6 * WgmmaSlice<32>::stage_bytes + 1024 == wgmma_smem_bytes(), "both pipelines alike");
 constexpr uint32_t kWgmmaPipelineBytes = 3 * WgmmaSlice<64>::stage_bytes;
 
+// The tile variants (the host's ARCFACE_EXT_WGMMA): 64 or 32 for streaming slices of that depth, and
+// kWgmmaResidentX for the resident x tile, whose whole depth, at most kWgmmaResidentMaxDim, sits in
+// shared memory before the W stages (the kernels' dynamic shared memory: kWgmmaResidentSmemBytes, one
+// block an SM).
+constexpr int kWgmmaResidentX = 1;
+template <int kVariant>
+using WgmmaSliceOf = WgmmaSlice<kVariant == kWgmmaResidentX ? 64 : kVariant, kVariant == kWgmmaResidentX>;
+constexpr int kWgmmaResidentMaxDim = 512;
+using WgmmaResidentSlice = WgmmaSliceOf<kWgmmaResidentX>;
+constexpr int kWgmmaResidentSmemBytes = (kWgmmaResidentMaxDim / 64) * WgmmaResidentSlice::operand_bytes +
+                                        WgmmaResidentSlice::stages * WgmmaResidentSlice::stage_bytes + 1024;
+template <int kVariant>
+constexpr int wgmma_variant_smem_bytes() {
+  return kVariant == kWgmmaResidentX ? kWgmmaResidentSmemBytes : wgmma_smem_bytes();
+}
+// The backward's resident tile: 3 W stages, and after them the gradient tile staged for its copy-out
+// (kWgmmaStagedBytes: 128 rows of 136 values, 16-byte aligned rows), 211 KB in all.
+using WgmmaBackwardResidentSlice = WgmmaSlice<64, true, 3>;
+constexpr int kWgmmaStagedBytes = kTileRows * (kTileClasses + 8) * 2;
+constexpr int kWgmmaBackwardResidentSmemBytes =
+    (kWgmmaResidentMaxDim / 64) * WgmmaBackwardResidentSlice::operand_bytes +
+    WgmmaBackwardResidentSlice::stages * WgmmaBackwardResidentSlice::stage_bytes + kWgmmaStagedBytes + 1024;
+
 using WgmmaAcc = float[64];
+
+// Where a kernel's tile lives in its dynamic shared memory: from the first 1024-byte boundary (the
+// swizzle's atom; wgmma_variant_smem_bytes has the room), the resident x tile if the slice has one
+// (x_base), then the pipeline's stages (base, and `stages` the same memory as a pointer).
+struct WgmmaSmem {
+  uint32_t x_base;
+  uint32_t base;
+  uint16_t* stages;
+};
+
+template <typename Slice>
+__device__ __forceinline__ WgmmaSmem wgmma_smem(uint16_t* smem, int dim) {
+  const uint32_t raw = shared_address(smem);
+  const uint32_t x_base = (raw + 1023u) & ~1023u;
+  const uint32_t resident = Slice::resident_x ? (dim + Slice::depth - 1) / Slice::depth * Slice::operand_bytes : 0;
+  return {x_base, x_base + resident, smem + (x_base + resident - raw) / 2};
+}
 
 __device__ __forceinline__ int wgmma_tile_row(int h) {
   return (threadIdx.x / 128) * 64 + (threadIdx.x / 32 % 4) * 16 + (threadIdx.x % 32) / 4 + 8 * h;
@@ -286,8 +338,8 @@ __device__ __forceinline__ TileRun make_wgmma_run(const uint16_t* __restrict__ x
           (dim + Slice::depth - 1) / Slice::depth};
 }
 
-// Issues the cursor's slice (nothing past the run's end) and commits one group either way. Rows and
-// depth past the ends load as zeros, from no address.
+// Issues the cursor's slice (nothing past the run's end; W's only with a resident x tile) and commits
+// one group either way. Rows and depth past the ends load as zeros, from no address.
 template <typename Slice>
 __device__ __forceinline__ void wgmma_run_load(const TileRun& run, const WgmmaRunCursor<Slice>& at) {
   if (at.tile < run.tiles) {
@@ -296,22 +348,48 @@ __device__ __forceinline__ void wgmma_run_load(const TileRun& run, const WgmmaRu
     constexpr uint32_t kRowStepBytes = Slice::rows_a_pass * Slice::row_bytes;
 #pragma unroll
     for (int u = 0; u < Slice::passes; ++u) {
-      const bool x_ok = in_depth && at.x_ok[u];
+      if constexpr (!Slice::resident_x) {
+        const bool x_ok = in_depth && at.x_ok[u];
+        cp_async_16(at.dst + u * kRowStepBytes, x_ok ? at.x_src + u * row_step : run.x, x_ok);
+      }
       const bool w_ok = in_depth && at.w_ok[u];
-      cp_async_16(at.dst + u * kRowStepBytes, x_ok ? at.x_src + u * row_step : run.x, x_ok);
-      cp_async_16(at.dst + Slice::operand_bytes + u * kRowStepBytes, w_ok ? at.w_src + u * row_step : run.w, w_ok);
+      cp_async_16(at.dst + Slice::w_offset + u * kRowStepBytes, w_ok ? at.w_src + u * row_step : run.w, w_ok);
     }
   }
   cp_async_commit();
+}
+
+// The resident x tile: rows run.row0 .. +127 over the whole depth, slice s at x_base + s·operand_bytes in
+// the slices' swizzled layout (zeros past the rows and the depth), uncommitted: the caller's next
+// commit takes these copies into its group. One pass only (the rows never change).
+template <typename Slice>
+__device__ __forceinline__ void wgmma_load_resident_x(const TileRun& run, uint32_t x_base) {
+  static_assert(Slice::resident_x, "the resident tile's slices");
+  const uint32_t r = threadIdx.x / Slice::chunks, c = threadIdx.x % Slice::chunks;
+  const uint32_t dst = x_base + r * Slice::row_bytes + 16 * Slice::chunk_at(r, c);
+  const int64_t first = run.row0 + r;
+#pragma unroll 1
+  for (int slice = 0; slice < run.slices; ++slice) {
+    const bool in_depth = slice * Slice::depth + static_cast<int>(c) * 8 < run.dim;
+#pragma unroll
+    for (int u = 0; u < Slice::passes; ++u) {
+      const int64_t row = first + Slice::rows_a_pass * u;
+      const bool ok = in_depth && row < run.rows;
+      cp_async_16(dst + slice * Slice::operand_bytes + u * Slice::rows_a_pass * Slice::row_bytes,
+                  ok ? run.x + row * run.dim + slice * Slice::depth + c * 8 : run.x, ok);
+    }
+  }
 }
 
 // acc = X[r0 : r0+128, :]·W[c0 : c0+128, :]ᵀ for tile t of the run (see the top of the file). Every
 // thread of the block calls it for t = 0, 1, ... in order; `base` is the pipeline's 1024-aligned
 // shared address and `stages` the same memory as a pointer. Between two calls the caller must not
 // touch the pipeline. After the run's last tile every copy has landed and every wgmma completed.
+// With a resident x tile (Slice::resident_x: a run of one pass), x_base is its 1024-aligned shared
+// address, slices · operand_bytes of room; tile 0 loads it with the first W slice.
 template <bool kBFloat16, bool kClassNorms, typename Slice>
 __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, uint32_t base, const uint16_t* stages,
-                                               WgmmaAcc& acc, float& norm_sq) {
+                                               WgmmaAcc& acc, float& norm_sq, uint32_t x_base = 0) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
   norm_sq = 0.0f;
@@ -321,6 +399,7 @@ __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, ui
   WgmmaRunCursor<Slice> next;
   next.start(run, t, stage, base);
   if (t == 0) {
+    if constexpr (Slice::resident_x) wgmma_load_resident_x<Slice>(run, x_base);
 #pragma unroll 1
     for (int g = 0; g < Slice::ahead; ++g) {
       wgmma_run_load(run, next);
@@ -333,7 +412,7 @@ __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, ui
   const uint32_t a_offset = (threadIdx.x / 128) * 64 * Slice::row_bytes;  // this warpgroup's 64 x rows
   // The class norms: class t/2's chunks of depth half t % 2, at their swizzled columns (elements).
   const uint32_t norm_class = threadIdx.x / 2;
-  const uint32_t norm_row = Slice::operand_bytes / 2 + norm_class * (Slice::row_bytes / 2);
+  const uint32_t norm_row = Slice::w_offset / 2 + norm_class * (Slice::row_bytes / 2);
   for (int slice = 0; slice < run.slices; ++slice) {
     // Groups committed so far: ahead + g; at most ahead - 1 pending, so slice g has landed. The fence
     // hands this thread's copies to the async proxy before the barrier. Past the barrier, every
@@ -350,8 +429,9 @@ __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, ui
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Slice::depth / 16; ++kk) {
-      wgmma_m64n128k16<kBFloat16>(acc, wgmma_descriptor<Slice>(stage_address + a_offset + 32 * kk),
-                                  wgmma_descriptor<Slice>(stage_address + Slice::operand_bytes + 32 * kk));
+      const uint32_t a_address = Slice::resident_x ? x_base + slice * Slice::operand_bytes : stage_address;
+      wgmma_m64n128k16<kBFloat16>(acc, wgmma_descriptor<Slice>(a_address + a_offset + 32 * kk),
+                                  wgmma_descriptor<Slice>(stage_address + Slice::w_offset + 32 * kk));
     }
     wgmma_commit();
     if constexpr (Slice::in_flight == 1) wgmma_wait<1>(acc);  // the previous slice's group
