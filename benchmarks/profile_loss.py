@@ -34,6 +34,7 @@ if ROOT not in sys.path:
 import arcface_ext  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PATHS = ("fused", "recompute", "one-row-tile", "wgmma", "wgmma32", "wgmma-resident", "cublas")
 
 
 def step(embeddings, weight, labels):
@@ -44,9 +45,6 @@ def step(embeddings, weight, labels):
 
 
 def profile_path(path, embeddings, weight, labels, top):
-    if path not in ("fused", "recompute", "one-row-tile", "wgmma", "wgmma32", "wgmma-resident", "cublas"):
-        raise SystemExit(f"unknown path {path!r}: fused, recompute, one-row-tile, wgmma, wgmma32, wgmma-resident "
-                         "or cublas")
     os.environ["ARCFACE_EXT_CUDA_FUSED"] = "0" if path == "cublas" else "1"
     os.environ["ARCFACE_EXT_KEEP_BLOCK"] = "0" if path == "recompute" else "1"
     os.environ["ARCFACE_EXT_WGMMA"] = {"wgmma": "1", "wgmma32": "32", "wgmma-resident": "resident"}.get(path, "0")
@@ -105,6 +103,10 @@ def main():
     parser.add_argument("--workspace-bytes", type=int)
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:  # before any GPU work
+        raise SystemExit(f"unknown path(s) {', '.join(unknown)}: choose from {', '.join(PATHS)}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_loss.py needs a CUDA GPU")
     if args.workspace_bytes:
@@ -116,7 +118,7 @@ def main():
     labels = torch.randint(0, args.C, (args.N,), device="cuda", generator=generator)
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | N={args.N} D={args.D} C={args.C} "
           f"{args.dtype} | workspace {arcface_ext.get_workspace_bytes()} B")
-    for path in [p.strip() for p in args.paths.split(",") if p.strip()]:
+    for path in paths:
         profile_path(path, embeddings, weight, labels, args.top)
 
 

@@ -1,0 +1,89 @@
+"""benchmarks/gpu_check.sh is the GPU machine's one call, and a GPU session has minutes of device time:
+a stage that names an impl, a profile path, a probe tile or a kernel that no longer exists would
+waste it. These tests read the script and check every such name against the scripts and the CUDA
+source here, without a GPU."""
+import pathlib
+import re
+import subprocess
+
+import pytest
+
+from conftest import load_benchmark
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def option_values(option):
+    """The values the script gives `option` (a word, or a single-quoted string), comments excluded."""
+    text = "\n".join(line for line in SCRIPT.read_text().splitlines() if not line.lstrip().startswith("#"))
+    return [quoted or word for quoted, word in re.findall(rf"(?<=\s){re.escape(option)}\s+(?:'([^']*)'|([^\s'\\]+))", text)]
+
+
+def test_the_script_parses():
+    result = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_default_stage_is_known():
+    text = SCRIPT.read_text()
+    known = set(re.search(r'KNOWN=" ([^"]*) "', text).group(1).split())
+    defaults = set(re.search(r"STAGES=\(([^)]*)\)\n", text.split("[[ ${#STAGES[@]} -eq 0 ]] && ", 1)[1]).group(1)
+                   .split())
+    assert defaults <= known, defaults - known
+    cases = set(re.findall(r"^    ([a-z0-9-]+)\)", text, re.M))
+    assert known - {"--source-hash"} <= cases, (known - {"--source-hash"}) - cases
+
+
+def test_every_benchmark_impl_is_one_bench_loss_has():
+    impls = {impl for value in option_values("--impls") for impl in value.split(",")}
+    assert {"ours", "ours-wgmma", "ours-wgmma-resident", "floor"} <= impls
+    assert impls <= set(load_benchmark("bench_loss").IMPLS), impls - set(load_benchmark("bench_loss").IMPLS)
+
+
+def test_every_profile_path_is_one_profile_loss_has():
+    paths = {path for value in option_values("--paths") for path in value.split(",")}
+    assert {"fused", "wgmma", "wgmma-resident"} <= paths
+    assert paths <= set(load_benchmark("profile_loss").PATHS), paths - set(load_benchmark("profile_loss").PATHS)
+
+
+def test_the_probe_runs_every_tile_by_default():
+    probe = load_benchmark("wgmma_probe")
+    assert re.search(r"^\s+run_stage wgmma-probe .* benchmarks/wgmma_probe.py$", SCRIPT.read_text(), re.M)
+    assert set(probe.TILES) == {"64", "32", "resident"}
+
+
+def kernel_names():
+    source = (ROOT / "csrc" / "cuda" / "margin_softmax_kernel.cu").read_text()
+    return set(re.findall(r"__global__ void(?: __launch_bounds__\([^)]*\))?\s+(\w+)\(", source))
+
+
+def alternatives(pattern):
+    """The concrete names a pattern of alternatives and one-level groups stands for:
+    'a_(b|c)_d|e' -> ['a_b_d', 'a_c_d', 'e']."""
+    tops, depth, start = [], 0, 0
+    for i, char in enumerate(pattern + "|"):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "|" and depth == 0:
+            tops.append(pattern[start:i])
+            start = i + 1
+    out = []
+    for top in tops:
+        group = re.search(r"\(([^()]*)\)", top)
+        out += [top.replace(group.group(0), choice) for choice in group.group(1).split("|")] if group else [top]
+    return out
+
+
+def test_alternatives():
+    assert alternatives("a_(b|c)_d|e") == ["a_b_d", "a_c_d", "e"]
+
+
+@pytest.mark.parametrize("pattern", sorted({value[len("regex:"):] for value in option_values("-k")
+                                            if value.startswith("regex:")}))
+def test_every_ncu_kernel_filter_matches_each_kernel_it_names(pattern):
+    # ncu -k 'regex:...' profiles the kernels whose names the pattern finds: each name it stands for
+    # must be a kernel of the CUDA source.
+    names = kernel_names()
+    assert {"fused_forward_kernel", "fused_forward_wgmma_kernel", "fused_backward_wgmma_resident_kernel"} <= names
+    for concrete in alternatives(pattern):
+        assert any(re.search(concrete, name) for name in names), (pattern, concrete, sorted(names))
