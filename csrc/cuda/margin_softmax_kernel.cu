@@ -1595,6 +1595,12 @@ void check_wgmma_runs(int device, const std::string& asker) {
 #endif
 }
 
+// The wgmma tile variant a name stands for: "64", "32" (streaming slices of that depth) or "resident"
+// (cuda::kWgmmaResidentX); 0 for any other name.
+int wgmma_variant_named(c10::string_view name) {
+  return name == "64" ? 64 : name == "32" ? 32 : name == "resident" ? cuda::kWgmmaResidentX : 0;
+}
+
 // ARCFACE_EXT_WGMMA (read at every call): 1 or 64 runs the fused forward's and backward's tiles on
 // wgmma (fused_forward_wgmma_kernel, fused_backward_wgmma_kernel) in 64-deep slices; 32 in 32-deep
 // slices with a wgmma group kept in flight across the barrier; `resident` with the x tile resident in
@@ -1602,23 +1608,17 @@ void check_wgmma_runs(int device, const std::string& asker) {
 // one row tile a block; D up to cuda::kWgmmaResidentMaxDim, else 64-deep slices); 0 or unset, the
 // mma.sync tile (wgmma_tile.cuh; 32 and resident for measuring). Off by default until a GPU has
 // measured it (NOTES.md, sessions 14-15); asked for where it cannot run (check_wgmma_runs), it raises
-// rather than quietly measuring the other kernel. Returns the variant: 64, 32, cuda::kWgmmaResidentX,
-// or 0 for mma.sync.
-int wgmma_tile_variant(int device) {
+// rather than quietly measuring the other kernel. Returns the variant for depth `dim`: 64, 32,
+// cuda::kWgmmaResidentX, or 0 for mma.sync.
+int wgmma_tile_variant(int device, int64_t dim) {
   const char* setting = std::getenv("ARCFACE_EXT_WGMMA");
   if (setting == nullptr || std::strcmp(setting, "0") == 0) return 0;
-  int variant = 0;
-  if (std::strcmp(setting, "1") == 0 || std::strcmp(setting, "64") == 0) {
-    variant = 64;
-  } else if (std::strcmp(setting, "32") == 0) {
-    variant = 32;
-  } else if (std::strcmp(setting, "resident") == 0) {
-    variant = cuda::kWgmmaResidentX;
-  }
+  const int variant = std::strcmp(setting, "1") == 0 ? 64 : wgmma_variant_named(setting);
   TORCH_CHECK_VALUE(variant != 0, "arcface_ext: ARCFACE_EXT_WGMMA must be 0, 1, 64, 32 or resident, got '", setting,
                     "'");
   check_wgmma_runs(device, std::string("ARCFACE_EXT_WGMMA=") + setting);
-  return variant;
+  // The resident x tile holds D up to kWgmmaResidentMaxDim; past it the kernels take 64-deep slices.
+  return variant == cuda::kWgmmaResidentX && dim > cuda::kWgmmaResidentMaxDim ? 64 : variant;
 }
 
 // Calls f(std::integral_constant<int, depth>{}) for a wgmma slice depth of 64 or 32.
@@ -1818,9 +1818,7 @@ void margin_softmax_forward_impl(const at::Tensor& x, const at::Tensor& w, const
   if constexpr (!std::is_same<scalar_t, acc_t>::value) {
     if (fused) {
       // One launch over all classes (the class norms come out of the tiles themselves).
-      // The resident x tile holds D up to kWgmmaResidentMaxDim; past it the forward takes 64-deep slices.
-      int wgmma = wgmma_tile_variant(x.get_device());
-      if (wgmma == cuda::kWgmmaResidentX && dim > cuda::kWgmmaResidentMaxDim) wgmma = 64;
+      const int wgmma = wgmma_tile_variant(x.get_device(), dim);
       const FusedSegments segments =
           plan_fused_segments(n, c, workspace_bytes, device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()),
                               /*one_row_tile=*/wgmma == cuda::kWgmmaResidentX);
@@ -2070,9 +2068,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
   const int stages = fused ? fused_tile_stages(x.get_device()) : 0;
-  // The resident x tile holds D up to kWgmmaResidentMaxDim; past it the backward takes 64-deep slices.
-  int wgmma = fused ? wgmma_tile_variant(x.get_device()) : 0;
-  if (wgmma == cuda::kWgmmaResidentX && dim > cuda::kWgmmaResidentMaxDim) wgmma = 64;
+  const int wgmma = fused ? wgmma_tile_variant(x.get_device(), dim) : 0;
   const int sm_count = fused ? device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()) : 0;
   // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64); the first chunk's GEMM
   // writes it, so it needs no zero fill.
@@ -2325,7 +2321,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_kept_cuda(
 // tile); `tile` the variant: "64" or "32" (streaming slices of that depth) or "resident" (the x tile
 // resident in shared memory).
 at::Tensor wgmma_tile_probe_cuda(const at::Tensor& x_in, const at::Tensor& w_in, c10::string_view tile) {
-  const int variant = tile == "64" ? 64 : tile == "32" ? 32 : tile == "resident" ? cuda::kWgmmaResidentX : 0;
+  const int variant = wgmma_variant_named(tile);
   TORCH_CHECK_VALUE(variant != 0, "arcface_ext: wgmma_tile_probe: tile must be '64', '32' or 'resident', got '",
                     tile, "'");
   TORCH_CHECK_VALUE(x_in.dim() == 2 && w_in.dim() == 2, "arcface_ext: wgmma_tile_probe: x and w must be 2-D, got ",

@@ -103,9 +103,14 @@ constexpr int kWgmmaResidentX = 1;
 template <int kVariant>
 using WgmmaSliceOf = WgmmaSlice<kVariant == kWgmmaResidentX ? 64 : kVariant, kVariant == kWgmmaResidentX>;
 constexpr int kWgmmaResidentMaxDim = 512;
-using WgmmaResidentSlice = WgmmaSliceOf<kWgmmaResidentX>;
-constexpr int kWgmmaResidentSmemBytes = (kWgmmaResidentMaxDim / 64) * WgmmaResidentSlice::operand_bytes +
-                                        WgmmaResidentSlice::stages * WgmmaResidentSlice::stage_bytes + 1024;
+// A resident tile's dynamic shared memory, whatever D (so that the opt-in attribute never shrinks):
+// the x tile at its largest, the stages, `extra` bytes after them, and the 1 KB of alignment slack.
+template <typename Slice>
+constexpr int wgmma_resident_smem_bytes(int extra = 0) {
+  return (kWgmmaResidentMaxDim / Slice::depth) * Slice::operand_bytes + Slice::stages * Slice::stage_bytes + extra +
+         1024;
+}
+constexpr int kWgmmaResidentSmemBytes = wgmma_resident_smem_bytes<WgmmaSliceOf<kWgmmaResidentX>>();
 template <int kVariant>
 constexpr int wgmma_variant_smem_bytes() {
   return kVariant == kWgmmaResidentX ? kWgmmaResidentSmemBytes : wgmma_smem_bytes();
@@ -114,9 +119,7 @@ constexpr int wgmma_variant_smem_bytes() {
 // (kWgmmaStagedBytes: 128 rows of 136 values, 16-byte aligned rows), 211 KB in all.
 using WgmmaBackwardResidentSlice = WgmmaSlice<64, true, 3>;
 constexpr int kWgmmaStagedBytes = kTileRows * (kTileClasses + 8) * 2;
-constexpr int kWgmmaBackwardResidentSmemBytes =
-    (kWgmmaResidentMaxDim / 64) * WgmmaBackwardResidentSlice::operand_bytes +
-    WgmmaBackwardResidentSlice::stages * WgmmaBackwardResidentSlice::stage_bytes + kWgmmaStagedBytes + 1024;
+constexpr int kWgmmaBackwardResidentSmemBytes = wgmma_resident_smem_bytes<WgmmaBackwardResidentSlice>(kWgmmaStagedBytes);
 
 using WgmmaAcc = float[64];
 
