@@ -270,6 +270,32 @@ def test_fused_tile_edges_on_other_wgmma_tiles(monkeypatch, tile, shape, dtype):
     assert_matches(ours, expected, min_scale=1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("per_segment", [2, 3])
+def test_fused_resident_tile_over_segments_of_several_tiles(monkeypatch, per_segment, dtype):
+    # The resident x tile's blocks walk a segment of class tiles (about 4 blocks an SM), so that at
+    # the sizes above, one tile a block, its run of tiles goes untested: the x tile read by every
+    # tile of the run, and the forward's epilogue of each tile run beside the next tile's first
+    # slice, two accumulator arrays in turn (2 or 3 tiles a segment: the last on either). C is sized
+    # from the SM count (2 on the emulator, the GPU's own there) for segments of `per_segment` tiles,
+    # the last class tile partial; N = 130 (two row tiles, the second of 2 rows), D = 200 (four
+    # 64-deep slices, the last partial). bf16 keeps the gradient block (the forward writes it), fp16
+    # runs the resident backward over the same segments.
+    use_wgmma(monkeypatch, True)
+    monkeypatch.setenv("ARCFACE_EXT_WGMMA", "resident")
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "1")
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "1")
+    if emulator.EMULATED:
+        monkeypatch.setenv("ARCFACE_EMU_SM_COUNT", "2")
+        sm_count = 2
+    else:
+        sm_count = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    class_tiles = per_segment * 4 * sm_count // 2  # resident_tiles_per_segment with two row tiles
+    x, w, labels = make_inputs(130, 200, 128 * class_tiles - 50, seed=32, dtype=dtype, ignored=(0,))
+    ours, expected = run_both(x, w, labels, s=64.0, m2=0.5)
+    assert_matches(ours, expected, min_scale=1.0)
+
+
 @pytest.mark.parametrize("tile", ["64", "32", "resident"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_the_wgmma_tile_probe_reads_every_case(monkeypatch, tile, dtype):

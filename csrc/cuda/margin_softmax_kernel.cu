@@ -823,15 +823,16 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 
 // The forward on the wgmma tile (wgmma_tile.cuh: sm_90a, chosen by wgmma_tile_variant), in slices kVariant
 // deep, or with the x tile resident (kVariant = kWgmmaResidentX: one pass a block, its row tile loaded
-// once for all of its class tiles, so that only W streams from L2): the same segments, passes, outputs
-// and kept block as fused_forward_kernel, in the tile's accumulator layout.
+// once for all of its class tiles, so that only W streams from L2, and each tile's epilogue run beside
+// the next tile's first slice): the same segments, passes, outputs and kept block as
+// fused_forward_kernel, in the tile's accumulator layout.
 // A thread holds two rows (h) of 32 classes each, and a row's 128 classes lie in one quad, so a tile's
 // (max, Σexp) of a row is complete after two shuffles; the running statistics are the row's own, and
 // a pass's end writes them from the quad's first lane, without the four-warp merge in shared memory.
 // Its sums run in another order than fused_forward_kernel's (the tensor cores' and the quad's), so
 // the two kernels agree to fp32 round-off, not bit for bit; each is deterministic.
 template <bool kBFloat16, bool kKeep, int kVariant>
-__global__ void __launch_bounds__(kTileThreads, 2)
+__global__ void __launch_bounds__(kTileThreads, kVariant == cuda::kWgmmaResidentX ? 1 : 2)
     fused_forward_wgmma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w, int64_t n,
                                int64_t c, int dim, const RowTarget* __restrict__ rows, float s,
                                int64_t tiles_per_segment,
@@ -861,113 +862,162 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   const int64_t per_pass = std::min(first + tiles_per_segment, tiles) - first;
   const cuda::TileRun run = cuda::make_wgmma_run<Slice>(x, n, first_row_tile * kTileRows, w, c,
                                                         first * kTileClasses, per_pass, dim, passes);
-  int64_t pass = 0, in_pass = 0;  // t = pass·per_pass + in_pass
-  for (int64_t t = 0; t < run.tiles; ++t) {
-    const int64_t col0 = (first + in_pass) * kTileClasses;
-    const int64_t row0 = (first_row_tile + pass) * kTileRows;
-    cuda::WgmmaAcc acc;
-    float norm_sq;
-    if (pass == 0) {
-      cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, t, smem.base, smem.stages, acc, norm_sq, smem.x_base);
-      publish_forward_class_norms<kKeep>(norm_sq, tile_inv_norm, tile_unclamped, col0, c, class_inv_norm,
-                                         class_unclamped);
-    } else {
-      cuda::wgmma_run_gemm<kBFloat16, false, Slice>(run, t, smem.base, smem.stages, acc, norm_sq, smem.x_base);
-      if (in_pass == 0) {  // a new pass: its row tile's rows (never with a resident x tile: one pass)
-        load_tile_rows(rows, n, row0, row_inv_norm, row_target_logit, row_target);
-        __syncthreads();
-      }
-    }
-    // Column wgmma_tile_class(j, e) = first_col + 8j + e: the target and the end of the classes compare
-    // as 32-bit offsets from it.
-    const int first_col = cuda::wgmma_tile_class(0, 0);
+  // Column wgmma_tile_class(j, e) = first_col + 8j + e: the target and the end of the classes compare
+  // as 32-bit offsets from it.
+  const int first_col = cuda::wgmma_tile_class(0, 0);
+  // The epilogue of tile (row0, col0), its class norms in tile_inv_norm: each row's (max, Σexp) over
+  // the tile, merged into `running` (and with kKeep the kept block). Masked: columns past the last
+  // class are -inf (any tile may take it; only the last class tile needs it).
+  auto reduce_rows = [&](cuda::WgmmaAcc& acc, int64_t row0, int64_t col0, auto masked) {
     const int64_t valid = std::min<int64_t>(c - col0, kTileClasses);
-    auto reduce_rows = [&](auto masked) {
-      float inv_x[2], target_logit[2], m[2];
-      int target[2];
+    float inv_x[2], target_logit[2], m[2];
+    int target[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = cuda::wgmma_tile_row(h);
-        inv_x[h] = row_inv_norm[r];
-        const int64_t target_col = row_target[r] - col0;
-        target[h] = target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1;
-        target_logit[h] = row_target_logit[r];
-        m[h] = kNegInf;
-      }
-      // Each logit formed once, in place of its dot product; a class's inverse norm read once for both rows.
-#pragma unroll
-      for (int j = 0; j < 16; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float inv_w = tile_inv_norm[first_col + 8 * j + e];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float& value = acc[4 * j + 2 * h + e];
-            value = forward_logit(value, inv_x[h], inv_w, s, decltype(masked)::value && first_col + 8 * j + e >= valid,
-                                  target[h] == 8 * j + e, target_logit[h]);
-            m[h] = cuda::max_nan(m[h], value);
-          }
-        }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        m[h] = cuda::max_nan(m[h], __shfl_xor_sync(0xffffffffu, m[h], 1));
-        m[h] = cuda::max_nan(m[h], __shfl_xor_sync(0xffffffffu, m[h], 2));
-        float sum = 0.0f;
-        if (m[h] != kNegInf) {
-#pragma unroll
-          for (int j = 0; j < 16; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& value = acc[4 * j + 2 * h + e];
-              const float p = exp_shifted(value, m[h]);
-              sum += p;
-              if constexpr (kKeep) value = p;
-            }
-        }
-        if constexpr (kKeep) {
-          const int64_t i = row0 + cuda::wgmma_tile_row(h);
-          if (i < n) {
-            const float scale = kept_row_scale(s, target_logit[h], m[h]);
-            at::BFloat16* out = kept_block + i * kept_ld + (col0 + first_col);
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-              ValuePair<at::BFloat16> pair;
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const bool zero = m[h] == kNegInf || inv_x[h] == 0.0f || target[h] == 8 * j + e;
-                pair.value[e] = to_gemm_operand<at::BFloat16, float>(
-                    zero ? 0.0f : acc[4 * j + 2 * h + e] * scale * tile_inv_norm[first_col + 8 * j + e]);
-              }
-              bool inside = true;
-              if constexpr (decltype(masked)::value) inside = first_col + 8 * j < kept_ld - col0;
-              if (inside) *reinterpret_cast<ValuePair<at::BFloat16>*>(out + 8 * j) = pair;
-            }
-          }
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        running[h] = cuda::merge_stats(running[h], {m[h], sum});
-      }
-    };
-    if (valid == kTileClasses) {
-      reduce_rows(std::false_type{});
-    } else {
-      reduce_rows(std::true_type{});
+    for (int h = 0; h < 2; ++h) {
+      const int r = cuda::wgmma_tile_row(h);
+      inv_x[h] = row_inv_norm[r];
+      const int64_t target_col = row_target[r] - col0;
+      target[h] = target_col >= 0 && target_col < kTileClasses ? static_cast<int>(target_col) - first_col : -1;
+      target_logit[h] = row_target_logit[r];
+      m[h] = kNegInf;
     }
-
-    if (++in_pass == per_pass) {
-      // The pass's end: every lane of a quad holds its rows' statistics; the first writes them.
+    // Each logit formed once, in place of its dot product; a class's inverse norm read once for both rows.
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t i = row0 + cuda::wgmma_tile_row(h);
-        if (threadIdx.x % 4 == 0 && i < n) {
-          segment_max[i * segments + blockIdx.y] = running[h].max;
-          segment_sum[i * segments + blockIdx.y] = running[h].sum;
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float inv_w = tile_inv_norm[first_col + 8 * j + e];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float& value = acc[4 * j + 2 * h + e];
+          value = forward_logit(value, inv_x[h], inv_w, s, decltype(masked)::value && first_col + 8 * j + e >= valid,
+                                target[h] == 8 * j + e, target_logit[h]);
+          m[h] = cuda::max_nan(m[h], value);
         }
-        running[h] = {kNegInf, 0.0f};
       }
-      in_pass = 0;
-      ++pass;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      m[h] = cuda::max_nan(m[h], __shfl_xor_sync(0xffffffffu, m[h], 1));
+      m[h] = cuda::max_nan(m[h], __shfl_xor_sync(0xffffffffu, m[h], 2));
+      // With kKeep the row's kept entries are written as their exponentials are taken (zeros where the
+      // row has no finite logit; none for rows past n).
+      float sum = 0.0f;
+      const bool live = m[h] != kNegInf;
+      const int64_t i = row0 + cuda::wgmma_tile_row(h);
+      const bool keep_row = kKeep && i < n;
+      if (live || keep_row) {
+        [[maybe_unused]] const float scale = kKeep ? kept_row_scale(s, target_logit[h], m[h]) : 0.0f;
+        [[maybe_unused]] at::BFloat16* out = kKeep ? kept_block + i * kept_ld + (col0 + first_col) : nullptr;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          [[maybe_unused]] ValuePair<at::BFloat16> pair;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = live ? exp_shifted(acc[4 * j + 2 * h + e], m[h]) : 0.0f;
+            sum += p;
+            if constexpr (kKeep) {
+              const bool zero = !live || inv_x[h] == 0.0f || target[h] == 8 * j + e;
+              pair.value[e] =
+                  to_gemm_operand<at::BFloat16, float>(zero ? 0.0f : p * scale * tile_inv_norm[first_col + 8 * j + e]);
+            }
+          }
+          if constexpr (kKeep) {
+            bool inside = keep_row;
+            if constexpr (decltype(masked)::value) inside = inside && first_col + 8 * j < kept_ld - col0;
+            if (inside) {
+              *reinterpret_cast<ValuePair<at::BFloat16>*>(out + 8 * j) = pair;
+            }
+          }
+        }
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      running[h] = cuda::merge_stats(running[h], {m[h], sum});
+    }
+  };
+  auto reduce_tile = [&](cuda::WgmmaAcc& acc, int64_t row0, int64_t col0) {
+    if (col0 + kTileClasses <= c) {
+      reduce_rows(acc, row0, col0, std::false_type{});
+    } else {
+      reduce_rows(acc, row0, col0, std::true_type{});
+    }
+  };
+  // A pass's end: every lane of a quad holds its rows' statistics; the first writes them.
+  auto end_pass = [&](int64_t row0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = row0 + cuda::wgmma_tile_row(h);
+      if (threadIdx.x % 4 == 0 && i < n) {
+        segment_max[i * segments + blockIdx.y] = running[h].max;
+        segment_sum[i * segments + blockIdx.y] = running[h].sum;
+      }
+      running[h] = {kNegInf, 0.0f};
+    }
+  };
+
+  if constexpr (kVariant == cuda::kWgmmaResidentX) {
+    // One pass. Tile t - 1's epilogue runs inside tile t's GEMM, once its first slice is on the
+    // tensor cores (wgmma_run_gemm with a WgmmaPrevious); the tiles alternate two accumulator
+    // arrays. Only the run's last tile can be the class range's partial last one, and it is finished
+    // after the loop, with the mask; the others take the epilogue without it.
+    const int64_t row0 = first_row_tile * kTileRows;
+    cuda::WgmmaAcc acc_even, acc_odd;
+    float norm_sq = 0.0f, norm_prev = 0.0f;
+    int64_t col0_prev = 0;
+    auto finish = [&](cuda::WgmmaAcc& acc, auto masked) {
+      publish_forward_class_norms<kKeep>(norm_prev, tile_inv_norm, tile_unclamped, col0_prev, c, class_inv_norm,
+                                         class_unclamped);
+      // The logits go to registers of their own: ptxas serialises the pipeline if other instructions
+      // write registers that are a wgmma's accumulators while a group is in flight (this tile's is).
+      cuda::WgmmaAcc logits;
+#pragma unroll
+      for (int i = 0; i < 64; ++i) logits[i] = acc[i];
+      reduce_rows(logits, row0, col0_prev, masked);
+    };
+    auto finish_even = [&] { finish(acc_even, std::false_type{}); };
+    auto finish_odd = [&] { finish(acc_odd, std::false_type{}); };
+    auto step = [&](int64_t t, cuda::WgmmaAcc& acc, auto previous) {
+      norm_prev = norm_sq;  // tile t - 1's, which `previous` finishes
+      cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, t, smem.base, smem.stages, acc, norm_sq, smem.x_base,
+                                                   previous);
+      col0_prev = (first + t) * kTileClasses;
+    };
+    for (int64_t t = 0; t < run.tiles; t += 2) {
+      step(t, acc_even, cuda::wgmma_previous(acc_odd, finish_odd));
+      if (t + 1 < run.tiles) step(t + 1, acc_odd, cuda::wgmma_previous(acc_even, finish_even));
+    }
+    norm_prev = norm_sq;
+    cuda::wgmma_wait<0>(acc_even, acc_odd);  // (done: for ptxas, which cannot see that the last call drained)
+    if (run.tiles % 2 == 1) {
+      finish(acc_even, std::true_type{});
+    } else {
+      finish(acc_odd, std::true_type{});
+    }
+    end_pass(row0);
+  } else {
+    int64_t pass = 0, in_pass = 0;  // t = pass·per_pass + in_pass
+    for (int64_t t = 0; t < run.tiles; ++t) {
+      const int64_t col0 = (first + in_pass) * kTileClasses;
+      const int64_t row0 = (first_row_tile + pass) * kTileRows;
+      cuda::WgmmaAcc acc;
+      float norm_sq;
+      if (pass == 0) {
+        cuda::wgmma_run_gemm<kBFloat16, true, Slice>(run, t, smem.base, smem.stages, acc, norm_sq);
+        publish_forward_class_norms<kKeep>(norm_sq, tile_inv_norm, tile_unclamped, col0, c, class_inv_norm,
+                                           class_unclamped);
+      } else {
+        cuda::wgmma_run_gemm<kBFloat16, false, Slice>(run, t, smem.base, smem.stages, acc, norm_sq);
+        if (in_pass == 0) {  // a new pass: its row tile's rows
+          load_tile_rows(rows, n, row0, row_inv_norm, row_target_logit, row_target);
+          __syncthreads();
+        }
+      }
+      reduce_tile(acc, row0, col0);
+      if (++in_pass == per_pass) {
+        end_pass(row0);
+        in_pass = 0;
+        ++pass;
+      }
     }
   }
 }

@@ -19,13 +19,16 @@
 //   32 deep: 64-byte rows, the 64-byte swizzle (chunk c of row r at r·64 + 16·(c ^ (r / 2 % 4)),
 //            512-byte atoms), 6 stages; one wgmma group stays in flight across the barrier, and the
 //            loads run 4 slices ahead instead of 2 (ARCFACE_EXT_WGMMA=32, for measuring).
-// And the resident x tile (WgmmaSlice<64, true>, ARCFACE_EXT_WGMMA=resident, for measuring): a block of
-// one row tile loads its x tile once, whole (D at most 512: 8 slices of 16 KB in the 64-deep slices'
-// layout), and streams only W's 64-deep slices through 4 stages of 16 KB (the forward, 193 KB in all)
-// or 3 with the gradient tile staged beside them (the backward, 211 KB); one block an SM. Why: at
-// 128 x 128 a streamed tile reads 256 KB from L2 for its 16.8 MFLOP at D = 512, and the H200's fused
-// forward already ran its L2 at 57% of peak at a third of cuBLAS's rate (NOTES.md, session 15); with
-// x resident a tile reads 128 KB.
+// And the resident x tile (WgmmaSlice<64, true, ...>, ARCFACE_EXT_WGMMA=resident, for measuring): a block
+// of one row tile loads its x tile once, whole (D at most 512: 8 slices of 16 KB in the 64-deep slices'
+// layout), and streams only W's 64-deep slices through stages of 16 KB: the forward's 5, with one
+// wgmma group in flight across the barrier and each tile's epilogue run while the next tile's first
+// slice is on the tensor cores (WgmmaForwardResidentSlice, WgmmaPrevious; 209 KB in all), the
+// backward's 3 with the gradient tile staged beside them (211 KB); one block an SM. Why: at 128 x 128
+// a streamed tile reads 256 KB from L2 for its 16.8 MFLOP at D = 512, and the H200's fused forward
+// already ran its L2 at 57% of peak at a third of cuBLAS's rate (NOTES.md, session 15); with x
+// resident a tile reads 128 KB. With one block an SM no other block hides the epilogue, hence the
+// overlap within the block (NOTES.md, session 16).
 // The stages are 1024-byte aligned. Warpgroup g multiplies x rows 64g .. 64g+63 by all 128 class rows:
 // one m64n128k16 for each 16-deep step of a slice, whose descriptors differ only in their start
 // address (+32 bytes a step; the hardware applies the swizzle to the address bits, as the copies did).
@@ -52,6 +55,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tensor_core_tile.cuh"
 
@@ -63,18 +67,20 @@ namespace arcface_ext {
 namespace cuda {
 
 // A slice's shape and its pipeline (see the top of the file). With kResidentX the x tile is loaded once,
-// whole, and only W's slices stream through the stages (4, or kStages).
-template <int kDepth, bool kResidentX = false, int kStages = 0>
+// whole, and only W's slices stream through the stages (4, or kStages), with kInFlight wgmma groups
+// across the barrier (0 unless given).
+template <int kDepth, bool kResidentX = false, int kStages = 0, int kInFlight = -1>
 struct WgmmaSlice {
   static_assert(kDepth == 64 || kDepth == 32, "64- or 32-deep slices");
   static_assert(!kResidentX || kDepth == 64, "the resident x tile takes 64-deep slices");
-  static_assert(kStages == 0 || kResidentX, "a stage count for the resident tile only");
+  static_assert((kStages == 0 && kInFlight < 0) || kResidentX, "stages and groups in flight for the resident tile only");
   static constexpr int depth = kDepth;
   static constexpr bool resident_x = kResidentX;
   static constexpr uint32_t row_bytes = 2 * kDepth;                   // the swizzle's width
   static constexpr int stages = kResidentX ? (kStages != 0 ? kStages : 4) : kDepth == 64 ? 3 : 6;
-  static constexpr int in_flight = kDepth == 64 ? 0 : 1;              // wgmma groups across the barrier
+  static constexpr int in_flight = kInFlight >= 0 ? kInFlight : kDepth == 64 ? 0 : 1;  // wgmma groups across the barrier
   static constexpr int ahead = stages - 1 - in_flight;                // slices loaded ahead
+  static_assert(ahead >= 1 && in_flight <= 1, "a slice loaded ahead; at most one group in flight");
   static constexpr uint32_t operand_bytes = kTileRows * row_bytes;    // x or W
   static constexpr uint32_t w_offset = kResidentX ? 0 : operand_bytes;  // W's slice in a stage
   static constexpr uint32_t stage_bytes = w_offset + operand_bytes;
@@ -100,8 +106,12 @@ constexpr uint32_t kWgmmaPipelineBytes = 3 * WgmmaSlice<64>::stage_bytes;
 // shared memory before the W stages (the kernels' dynamic shared memory: kWgmmaResidentSmemBytes, one
 // block an SM).
 constexpr int kWgmmaResidentX = 1;
+// The resident forward's: 5 W stages (209 KB in all), one group in flight across the barrier, 3 slices
+// loaded ahead, so that the previous tile's epilogue runs while this tile's first slice is on the
+// tensor cores and the next three stream in (wgmma_run_gemm with a WgmmaPrevious).
+using WgmmaForwardResidentSlice = WgmmaSlice<64, true, 5, 1>;
 template <int kVariant>
-using WgmmaSliceOf = WgmmaSlice<kVariant == kWgmmaResidentX ? 64 : kVariant, kVariant == kWgmmaResidentX>;
+using WgmmaSliceOf = std::conditional_t<kVariant == kWgmmaResidentX, WgmmaForwardResidentSlice, WgmmaSlice<kVariant>>;
 constexpr int kWgmmaResidentMaxDim = 512;
 // A resident tile's dynamic shared memory, whatever D (so that the opt-in attribute never shrinks):
 // the x tile at its largest, the stages, `extra` bytes after them, and the 1 KB of alignment slack.
@@ -197,17 +207,18 @@ __device__ __forceinline__ void wgmma_pin(WgmmaAcc& d) {
 }
 
 // Waits until at most kPending of the wgmma groups this thread's warpgroup committed are still running,
-// then pins the accumulators: the compiler must not read them before the wait.
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait(WgmmaAcc& d) {
+// then pins the accumulators (every array a group in flight may write): the compiler must not read
+// them before the wait.
+template <int kPending, typename... Accs>
+__device__ __forceinline__ void wgmma_wait(Accs&... d) {
 #if defined(ARCFACE_EXT_WGMMA_DEVICE)
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-  wgmma_pin(d);
+  (wgmma_pin(d), ...);
 #elif defined(__CUDA_ARCH__)
-  (void)d;
+  ((void)d, ...);
   __trap();
 #elif defined(ARCFACE_EXT_EMULATE)
-  (void)d;
+  ((void)d, ...);
   ::emu::wgmma_wait(kPending);
 #endif
 }
@@ -227,31 +238,35 @@ __device__ __forceinline__ void wgmma_wait(WgmmaAcc& d) {
       "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),           \
       "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
-// d += A·Bᵀ over 16 depth elements, asynchronously (complete after wgmma_commit and wgmma_wait_all):
-// A the warpgroup's 64 x rows, B the 128 class rows, both K-major in shared memory (descriptors).
+// d = A·Bᵀ (+ d with `accumulate`) over 16 depth elements, asynchronously (complete after wgmma_commit
+// and a wgmma_wait that covers its group): A the warpgroup's 64 x rows, B the 128 class rows, both
+// K-major in shared memory (descriptors). Without `accumulate` (scale-d 0) the old d is not read, so a
+// tile's first step needs no zeros written into the accumulators first: ptxas serialises a wgmma
+// pipeline where other instructions write accumulators while groups are in flight.
 template <bool kBFloat16>
-__device__ __forceinline__ void wgmma_m64n128k16(WgmmaAcc& d, uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void wgmma_m64n128k16(WgmmaAcc& d, uint64_t desc_a, uint64_t desc_b, bool accumulate) {
 #if defined(ARCFACE_EXT_WGMMA_DEVICE)
   if constexpr (kBFloat16) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " ARCFACE_EXT_WGMMA_D ", %64, %65, p, 1, 1, 0, 0;\n}\n"
         : ARCFACE_EXT_WGMMA_D_OPERANDS
-        : "l"(desc_a), "l"(desc_b), "r"(1));
+        : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
   } else {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " ARCFACE_EXT_WGMMA_D ", %64, %65, p, 1, 1, 0, 0;\n}\n"
         : ARCFACE_EXT_WGMMA_D_OPERANDS
-        : "l"(desc_a), "l"(desc_b), "r"(1));
+        : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
   }
 #elif defined(__CUDA_ARCH__)
   (void)d;
   (void)desc_a;
   (void)desc_b;
+  (void)accumulate;
   __trap();
 #elif defined(ARCFACE_EXT_EMULATE)
-  ::emu::wgmma_m64n128k16(d, desc_a, desc_b, kBFloat16);
+  ::emu::wgmma_m64n128k16(d, desc_a, desc_b, kBFloat16, accumulate);
 #endif
 }
 
@@ -384,17 +399,59 @@ __device__ __forceinline__ void wgmma_load_resident_x(const TileRun& run, uint32
   }
 }
 
+// No previous tile to finish (wgmma_run_gemm's default).
+struct WgmmaNoPrevious {};
+
+// The previous tile of a run, to be finished while this one's first slices are on the tensor cores:
+// its accumulators (the other array of the pair the caller alternates) and what finishes it.
+template <typename Finish>
+struct WgmmaPrevious {
+  WgmmaAcc& acc;
+  Finish& finish;
+};
+
+template <typename Finish>
+__device__ __forceinline__ WgmmaPrevious<Finish> wgmma_previous(WgmmaAcc& acc, Finish& finish) {
+  return {acc, finish};
+}
+
 // acc = X[r0 : r0+128, :]·W[c0 : c0+128, :]ᵀ for tile t of the run (see the top of the file). Every
 // thread of the block calls it for t = 0, 1, ... in order; `base` is the pipeline's 1024-aligned
 // shared address and `stages` the same memory as a pointer. Between two calls the caller must not
 // touch the pipeline. After the run's last tile every copy has landed and every wgmma completed.
 // With a resident x tile (Slice::resident_x: a run of one pass), x_base is its 1024-aligned shared
 // address, slices · operand_bytes of room; tile 0 loads it with the first W slice.
-template <bool kBFloat16, bool kClassNorms, typename Slice>
+//
+// With a WgmmaPrevious (Slice::in_flight 1) the tile's last group stays in flight when it returns.
+// The next call waits for it just before it issues its own first slice, and once that slice's copies
+// for later slices are on their way calls previous.finish() (all threads, no pipeline barrier
+// pending: it may synchronise the block): the previous tile's epilogue runs while this tile's first
+// slice is on the tensor cores and the next slices load. The caller alternates two accumulator arrays
+// (acc this tile's, previous.acc the last's) and gives the epilogue registers of its own (a copy):
+// ptxas serialises the pipeline if other instructions write a wgmma's accumulator registers while a
+// group is in flight. The last tile of the run returns complete, and its caller finishes it. Without
+// a WgmmaPrevious every tile returns complete.
+//
+// ptxas also serialises a pipeline (the C75xx advisories, an error in .ci/compile_cuda.sh) where it
+// cannot see that no other instruction touches the accumulators of a group in flight. Hence the slice
+// loop's shape: the first slice peeled (its first step's scale-d 0 a constant, not a select on the
+// accumulators), every wait a constant count right after a commit, and the previous tile's last group
+// retired before this tile's first is issued, so that during previous.finish() the one group in flight
+// is this tile's and writes acc alone.
+template <bool kBFloat16, bool kClassNorms, typename Slice, typename Previous = WgmmaNoPrevious>
 __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, uint32_t base, const uint16_t* stages,
-                                               WgmmaAcc& acc, float& norm_sq, uint32_t x_base = 0) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+                                               WgmmaAcc& acc, float& norm_sq, uint32_t x_base = 0,
+                                               Previous previous = {}) {
+  constexpr bool kOverlap = !std::is_same<Previous, WgmmaNoPrevious>::value;
+  static_assert(!kOverlap || Slice::in_flight == 1, "a previous tile to finish needs a group in flight");
+  // Every accumulator array a group in flight may write: pinned at each wait and before each fence.
+  auto wait = [&](auto pending) {
+    if constexpr (kOverlap) {
+      wgmma_wait<decltype(pending)::value>(acc, previous.acc);
+    } else {
+      wgmma_wait<decltype(pending)::value>(acc);
+    }
+  };
   norm_sq = 0.0f;
   // Slice g of the run (g = t·slices + slice) lands in stage g % stages; the load issued at slice g
   // is slice g + ahead, the prologue's are 0 .. ahead - 1.
@@ -416,7 +473,7 @@ __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, ui
   // The class norms: class t/2's chunks of depth half t % 2, at their swizzled columns (elements).
   const uint32_t norm_class = threadIdx.x / 2;
   const uint32_t norm_row = Slice::w_offset / 2 + norm_class * (Slice::row_bytes / 2);
-  for (int slice = 0; slice < run.slices; ++slice) {
+  auto run_slice = [&](int slice, auto first) {
     // Groups committed so far: ahead + g; at most ahead - 1 pending, so slice g has landed. The fence
     // hands this thread's copies to the async proxy before the barrier. Past the barrier, every
     // warpgroup has waited out its wgmma of slice g - 1 - in_flight, whose stage the load below
@@ -425,23 +482,32 @@ __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, ui
     fence_proxy_async();
     __syncthreads();
     const uint32_t stage_address = base + stage * Slice::stage_bytes;
-    const uint16_t* stage_elems = stages + stage * (Slice::stage_bytes / 2);
     if (++stage == Slice::stages) stage = 0;
-    // The accumulators' last ordinary writes (the zeros) before the fence, as wgmma.fence requires.
+    // The accumulators' last ordinary accesses (the previous epilogue's) before the fence, as
+    // wgmma.fence requires.
     wgmma_pin(acc);
+    if constexpr (kOverlap) {
+      // The previous tile's last group, retired before this tile's first is issued: ptxas then sees
+      // that the one group in flight during previous.finish() writes acc alone.
+      if constexpr (decltype(first)::value) wait(std::integral_constant<int, 0>{});
+      wgmma_pin(previous.acc);
+    }
     wgmma_fence();
+    const uint32_t a_address = Slice::resident_x ? x_base + slice * Slice::operand_bytes : stage_address;
 #pragma unroll
     for (int kk = 0; kk < Slice::depth / 16; ++kk) {
-      const uint32_t a_address = Slice::resident_x ? x_base + slice * Slice::operand_bytes : stage_address;
       wgmma_m64n128k16<kBFloat16>(acc, wgmma_descriptor<Slice>(a_address + a_offset + 32 * kk),
-                                  wgmma_descriptor<Slice>(stage_address + Slice::w_offset + 32 * kk));
+                                  wgmma_descriptor<Slice>(stage_address + Slice::w_offset + 32 * kk),
+                                  !(decltype(first)::value && kk == 0));
     }
     wgmma_commit();
-    if constexpr (Slice::in_flight == 1) wgmma_wait<1>(acc);  // the previous slice's group
+    // The earlier groups: the previous slice's, or at a tile's first slice the previous tile's last.
+    if constexpr (Slice::in_flight == 1) wait(std::integral_constant<int, 1>{});
     // While the tensor cores work: the next slice's copies, and this slice's class norms.
     wgmma_run_load(run, next);
     next.advance(run);
     if constexpr (kClassNorms) {
+      const uint16_t* stage_elems = stages + (stage_address - base) / 2;
       float sum = 0.0f;
 #pragma unroll
       for (uint32_t v = 0; v < Slice::chunks / 2; ++v) {
@@ -450,9 +516,19 @@ __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, ui
       }
       norm_sq += sum;  // past the ends the slice holds zeros, which add nothing
     }
-    if constexpr (Slice::in_flight == 0) wgmma_wait<0>(acc);
+    if constexpr (Slice::in_flight == 0) wait(std::integral_constant<int, 0>{});
+    // The previous tile (retired before this slice was issued), finished once the copies are on their way.
+    if constexpr (kOverlap) {
+      if constexpr (decltype(first)::value) {
+        if (t > 0) previous.finish();
+      }
+    }
+  };
+  run_slice(0, std::true_type{});
+  for (int slice = 1; slice < run.slices; ++slice) run_slice(slice, std::false_type{});
+  if (!kOverlap || t + 1 == run.tiles) {
+    if constexpr (Slice::in_flight != 0) wait(std::integral_constant<int, 0>{});
   }
-  if constexpr (Slice::in_flight != 0) wgmma_wait<0>(acc);
   if (t + 1 == run.tiles) {
     cp_async_wait<0>();
     __syncthreads();

@@ -17,7 +17,8 @@
 // - races in shared memory (see Access below), out-of-range indices of static shared arrays, reads
 //   of static shared elements no thread of the block wrote, and launches off the current stream;
 // - wgmma (sm_90a, see wgmma_m64n128k16): malformed descriptors, operands still being written by a
-//   cp.async or landed with no fence.proxy.async by their thread, warpgroups disagreeing on an op.
+//   cp.async or landed with no fence.proxy.async by their thread, warpgroups disagreeing on an op;
+//   accumulators read while a wgmma still writes them read NaN.
 // Blocks run one at a time, in order (ARCFACE_EMU_BLOCK_ORDER=reverse: last first).
 // Built with AddressSanitizer (build.py, ARCFACE_EMU_ASAN=1) it also stops at any out-of-bounds
 // access to global or shared memory, as compute-sanitizer's memcheck does on a GPU.
@@ -194,6 +195,7 @@ struct WgmmaPending {
   float* d;
   uint64_t desc_a, desc_b;
   bool bfloat16;
+  bool accumulate;  // scale-d 1: D += A·Bᵀ; else D = A·Bᵀ
   uint64_t serial;  // the thread's wgmma count at issue: the same op in every thread of the warpgroup
 };
 
@@ -212,6 +214,9 @@ struct Thread {
   uint64_t wgmma_issued = 0;
   std::vector<WgmmaPending> wgmma_open;
   std::vector<std::vector<WgmmaPending>> wgmma_groups;
+  // The accumulators of this thread's pending wgmma: their values, kept here while the registers
+  // themselves read NaN (wgmma_m64n128k16).
+  std::map<float*, std::array<float, 64>> wgmma_held;
 };
 
 // A warpgroup's wgmma products A·Bᵀ (64 x 128, fp32), computed by the first of its threads to wait for
@@ -870,16 +875,24 @@ inline std::vector<float> wgmma_operand(uint64_t desc, int rows, bool bfloat16, 
   return values;
 }
 
-// wgmma.mma_async.sync.aligned.m64n128k16.f32.{bf16,f16} with scale-d 1, both operands K-major in shared
-// memory: D += A·Bᵀ, A the warpgroup's 64 rows, B 128 rows. Issued here; it completes (reads shared
-// memory and writes the accumulators) when the thread waits for its group, the latest moment the PTX
-// ISA allows. Thread (warp q of the warpgroup, lane) holds D[16q + lane/4 + 8h][8j + 2(lane % 4) + e] in
-// d[4j + 2h + e]; the products are exact in fp32 and summed in k order, then added to d.
-inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool bfloat16) {
+// wgmma.mma_async.sync.aligned.m64n128k16.f32.{bf16,f16}, both operands K-major in shared memory: D +=
+// A·Bᵀ with `accumulate` (scale-d 1), else D = A·Bᵀ; A the warpgroup's 64 rows, B 128 rows. Issued
+// here; it completes (reads shared memory and writes the accumulators) when the thread waits for its
+// group, the latest moment the PTX ISA allows. Thread (warp q of the warpgroup, lane) holds
+// D[16q + lane/4 + 8h][8j + 2(lane % 4) + e] in d[4j + 2h + e]; the products are exact in fp32 and
+// summed in k order, then added to d. From issue until the wait that completes the last pending op on
+// them, the registers read NaN (their values wait in Thread::wgmma_held): code that reads accumulators
+// a wgmma in flight still writes, which the hardware leaves undefined, gets NaN losses here.
+inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool bfloat16, bool accumulate) {
   Launch& l = launch_state();
   if (l.threads.size() % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
   Thread& t = *l.current;
-  t.wgmma_open.push_back(WgmmaPending{d, desc_a, desc_b, bfloat16, t.wgmma_issued++});
+  if (t.wgmma_held.find(d) == t.wgmma_held.end()) {
+    std::array<float, 64>& held = t.wgmma_held[d];
+    std::copy(d, d + 64, held.begin());
+    std::fill(d, d + 64, std::numeric_limits<float>::quiet_NaN());
+  }
+  t.wgmma_open.push_back(WgmmaPending{d, desc_a, desc_b, bfloat16, accumulate, t.wgmma_issued++});
 }
 
 inline void wgmma_commit() {
@@ -909,10 +922,14 @@ inline void wgmma_complete(const WgmmaPending& op) {
     fail("the threads of a warpgroup gave one wgmma different operands");
   }
   const int q = t.linear % 128 / kWarp, lane = lane_of(t);
+  std::array<float, 64>& d = t.wgmma_held.at(op.d);
   for (int j = 0; j < 16; ++j)
     for (int h = 0; h < 2; ++h)
-      for (int e = 0; e < 2; ++e)
-        op.d[4 * j + 2 * h + e] += found->second.p[(16 * q + lane / 4 + 8 * h) * 128 + 8 * j + 2 * (lane % 4) + e];
+      for (int e = 0; e < 2; ++e) {
+        const float p = found->second.p[(16 * q + lane / 4 + 8 * h) * 128 + 8 * j + 2 * (lane % 4) + e];
+        float& value = d[4 * j + 2 * h + e];
+        value = op.accumulate ? value + p : p;
+      }
   if (--found->second.takers == 0) group.products.erase(found);
 }
 
@@ -921,6 +938,19 @@ inline void wgmma_wait(int pending) {
   while (static_cast<int>(t.wgmma_groups.size()) > pending) {
     for (const WgmmaPending& op : t.wgmma_groups.front()) wgmma_complete(op);
     t.wgmma_groups.erase(t.wgmma_groups.begin());
+  }
+  // Accumulators no pending op writes any more are the thread's again.
+  for (auto held = t.wgmma_held.begin(); held != t.wgmma_held.end();) {
+    bool pending_on_it = false;
+    for (const WgmmaPending& op : t.wgmma_open) pending_on_it |= op.d == held->first;
+    for (const std::vector<WgmmaPending>& group : t.wgmma_groups)
+      for (const WgmmaPending& op : group) pending_on_it |= op.d == held->first;
+    if (pending_on_it) {
+      ++held;
+    } else {
+      std::copy(held->second.begin(), held->second.end(), held->first);
+      held = t.wgmma_held.erase(held);
+    }
   }
 }
 
