@@ -8,8 +8,8 @@
 # and compiles csrc/cuda/*.cu (and csrc/cuda/*.cpp) to object files with the flags torch's
 # CUDAExtension uses. The sources include no cuBLAS header,
 # so nvcc with the CUDA runtime headers is all that is needed. Any compile error, any warning
-# raised in csrc/, and any ptxas "Potential Performance Loss" advisory (a serialised wgmma
-# pipeline) fails the script. The ptxas resource report (registers, shared memory, spills
+# raised in csrc/, and any ptxas "Potential Performance Loss" or "warpgroup.wait is injected"
+# advisory (a serialised wgmma pipeline, a wait ptxas added) fails the script. The ptxas resource report (registers, shared memory, spills
 # per kernel) is written to build/cuda-compile/ptxas.log and summarised.
 #
 # Environment: PYTHON (python3), NVCC (nvcc), CUDA_ARCHS ("80 90 90a"), TORCH_VERSION (the installed
@@ -131,11 +131,12 @@ for src in "${CU_SOURCES[@]}" "${CPP_SOURCES[@]}"; do
   elif grep -E "csrc/[^ ]*\([0-9]+\): warning|csrc/[^ ]*:[0-9]+:[0-9]+: warning" "$OUT/$name.log" >&2; then
     log "FAILED: warnings in $src (above)"
     failed=1
-  elif grep -E "Potential Performance Loss" "$OUT/$name.log" >&2; then
+  elif grep -E "Potential Performance Loss|warpgroup.wait is injected" "$OUT/$name.log" >&2; then
     # ptxas's C75xx advisories: a wgmma pipeline it serialised (its accumulators touched while in
-    # flight, too few registers for it, ...). The code still runs, but without the overlap the tile
-    # was built for, so it is an error here as a warning in csrc/ is.
-    log "FAILED: ptxas serialised a wgmma pipeline in $src (above)"
+    # flight, too few registers for it, ...), or a wait it had to add where the source has none.
+    # The code still runs, but without the overlap the tile was built for (or with a wait nobody
+    # placed), so it is an error here as a warning in csrc/ is.
+    log "FAILED: ptxas serialised a wgmma pipeline or added a wait to it in $src (above)"
     failed=1
   else
     log "ok: $src"
