@@ -880,7 +880,7 @@ inline std::vector<float> wgmma_operand(uint64_t desc, int rows, bool bfloat16, 
 // here; it completes (reads shared memory and writes the accumulators) when the thread waits for its
 // group, the latest moment the PTX ISA allows. Thread (warp q of the warpgroup, lane) holds
 // D[16q + lane/4 + 8h][8j + 2(lane % 4) + e] in d[4j + 2h + e]; the products are exact in fp32 and
-// summed in k order, then added to d. From issue until the wait that completes the last pending op on
+// summed in k order, then added to d (or written to it, without accumulate). From issue until the wait that completes the last pending op on
 // them, the registers read NaN (their values wait in Thread::wgmma_held): code that reads accumulators
 // a wgmma in flight still writes, which the hardware leaves undefined, gets NaN losses here.
 inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool bfloat16, bool accumulate) {
