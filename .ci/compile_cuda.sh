@@ -9,7 +9,8 @@
 # CUDAExtension uses. The sources include no cuBLAS header,
 # so nvcc with the CUDA runtime headers is all that is needed. Any compile error, any warning
 # raised in csrc/, and any ptxas "Potential Performance Loss" or "warpgroup.wait is injected"
-# advisory (a serialised wgmma pipeline, a wait ptxas added) fails the script. The ptxas resource report (registers, shared memory, spills
+# advisory (a serialised wgmma pipeline, a wait ptxas added) fails the script. The ptxas
+# resource report (registers, shared memory, spills
 # per kernel) is written to build/cuda-compile/ptxas.log and summarised.
 #
 # Environment: PYTHON (python3), NVCC (nvcc), CUDA_ARCHS ("80 90 90a"), TORCH_VERSION (the installed

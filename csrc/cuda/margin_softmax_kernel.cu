@@ -987,9 +987,7 @@ __global__ void __launch_bounds__(kTileThreads, kVariant == cuda::kWgmmaResident
       if (t + 1 < run.tiles) step(t + 1, acc_odd, cuda::wgmma_previous(acc_even, finish_even));
     }
     norm_prev = norm_sq;
-    // Nothing is in flight (the last call drained), but ptxas cannot see it: without this wait it adds
-    // one itself (C7517), which .ci/compile_cuda.sh rejects.
-    cuda::wgmma_wait<0>(acc_even, acc_odd);
+    cuda::wgmma_wait<0>(acc_even, acc_odd);  // the last tile's last group
     if (run.tiles % 2 == 1) {
       finish(acc_even, std::true_type{});
     } else {

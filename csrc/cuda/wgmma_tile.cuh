@@ -402,7 +402,7 @@ __device__ __forceinline__ void wgmma_load_resident_x(const TileRun& run, uint32
 // No previous tile to finish (wgmma_run_gemm's default).
 struct WgmmaNoPrevious {};
 
-// The previous tile of a run, to be finished while this one's first slices are on the tensor cores:
+// The previous tile of a run, to be finished while this one's first slice is on the tensor cores:
 // its accumulators (the other array of the pair the caller alternates) and what finishes it.
 template <typename Finish>
 struct WgmmaPrevious {
@@ -429,8 +429,8 @@ __device__ __forceinline__ WgmmaPrevious<Finish> wgmma_previous(WgmmaAcc& acc, F
 // slice is on the tensor cores and the next slices load. The caller alternates two accumulator arrays
 // (acc this tile's, previous.acc the last's) and gives the epilogue registers of its own (a copy):
 // ptxas serialises the pipeline if other instructions write a wgmma's accumulator registers while a
-// group is in flight. The last tile of the run returns complete, and its caller finishes it. Without
-// a WgmmaPrevious every tile returns complete.
+// group is in flight. The run's last group the caller retires itself (wgmma_wait<0> on both arrays)
+// before it finishes the last tile. Without a WgmmaPrevious every tile returns complete.
 //
 // ptxas also serialises a pipeline (the C75xx advisories, an error in .ci/compile_cuda.sh) where it
 // cannot see that no other instruction touches the accumulators of a group in flight. Hence the slice
@@ -526,9 +526,7 @@ __device__ __forceinline__ void wgmma_run_gemm(const TileRun& run, int64_t t, ui
   };
   run_slice(0, std::true_type{});
   for (int slice = 1; slice < run.slices; ++slice) run_slice(slice, std::false_type{});
-  if (!kOverlap || t + 1 == run.tiles) {
-    if constexpr (Slice::in_flight != 0) wait(std::integral_constant<int, 0>{});
-  }
+  if constexpr (!kOverlap && Slice::in_flight != 0) wait(std::integral_constant<int, 0>{});
   if (t + 1 == run.tiles) {
     cp_async_wait<0>();
     __syncthreads();
