@@ -9,7 +9,10 @@ the fused kernels for each row tile, each summing the class norms again, as befo
 forward and the fused backward walk several row tiles a block otherwise), `ours-wgmma` (CUDA, compute capability 9.0 only: the same with ARCFACE_EXT_WGMMA=1, the fused kernels'
 tiles on Hopper's wgmma in 64-deep slices), `ours-wgmma32` (the same with ARCFACE_EXT_WGMMA=32: 32-deep
 slices, a wgmma group in flight across the barrier), `ours-wgmma-resident` (ARCFACE_EXT_WGMMA=resident:
-the forward's and the backward's x tile resident in shared memory, so that only W streams from L2), `ours-graphed` (CUDA
+the forward's and the backward's x tile resident in shared memory, so that only W streams from L2),
+`ours-wgmma-weight` (ARCFACE_EXT_WGMMA=resident-weight: the same, and where the bf16 backward recomputes
+(C = 1M here) it forms d loss / d W in its own class-outer tile instead of a cuBLAS GEMM and a correction
+pass), `ours-graphed` (CUDA
 only: `ours`'s step captured once in a CUDA graph and replayed, what the step costs with no host work; its memory is not measured: the graph's pool holds it from the
 capture on), `ours-cublas` (CUDA only: the same op with
 ARCFACE_EXT_CUDA_FUSED=0, i.e. cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the
@@ -67,13 +70,14 @@ import arcface_ext  # noqa: E402
 from arcface_ext import reference  # noqa: E402
 
 IMPLS = ("ours", "ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
-         "ours-graphed", "ours-cublas", "eager", "compiled", "floor", "ours-sampled", "eager-sampled")
-CUDA_ONLY = ("ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident", "ours-graphed",
-             "ours-cublas")
+         "ours-wgmma-weight", "ours-graphed", "ours-cublas", "eager", "compiled", "floor", "ours-sampled", "eager-sampled")
+CUDA_ONLY = ("ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
+             "ours-wgmma-weight", "ours-graphed", "ours-cublas")
 # The CUDA op's switches (read at every call) that the comparison variants of `ours` set.
 SWITCHES = {"ours-cublas": ("ARCFACE_EXT_CUDA_FUSED", "0"), "ours-recompute": ("ARCFACE_EXT_KEEP_BLOCK", "0"),
             "ours-one-row-tile": ("ARCFACE_EXT_ROW_TILES", "1"), "ours-wgmma": ("ARCFACE_EXT_WGMMA", "1"),
-            "ours-wgmma32": ("ARCFACE_EXT_WGMMA", "32"), "ours-wgmma-resident": ("ARCFACE_EXT_WGMMA", "resident")}
+            "ours-wgmma32": ("ARCFACE_EXT_WGMMA", "32"), "ours-wgmma-resident": ("ARCFACE_EXT_WGMMA", "resident"),
+            "ours-wgmma-weight": ("ARCFACE_EXT_WGMMA", "resident-weight")}
 DEFAULT_IMPLS = {"cpu": ("ours", "eager", "compiled", "floor"), "cuda": IMPLS}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {

@@ -137,11 +137,11 @@ for stage in "${STAGES[@]}"; do
         --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
     bench-wgmma)  # the wgmma tiles (session 14) against ours and the floor, to bench.log
       run_stage bench-wgmma bench 75 25 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --C 100000 1000000 --impls ours,ours-wgmma,ours-wgmma32,ours-wgmma-resident,floor --no-memory \
+        --C 100000 1000000 --impls ours,ours-wgmma,ours-wgmma32,ours-wgmma-resident,ours-wgmma-weight,floor --no-memory \
         --out /tmp/bench-wgmma.json ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-wgmma32,ours-wgmma-resident,ours-graphed,ours-cublas,eager,compiled,floor \
+        --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-wgmma32,ours-wgmma-resident,ours-wgmma-weight,ours-graphed,ours-cublas,eager,compiled,floor \
         --out "$OUT/bench.json" ;;
     depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
       for d in 3 4 5; do
@@ -159,7 +159,7 @@ for stage in "${STAGES[@]}"; do
       # one-row-tile: the fused kernels as before session 13 (each row tile's block sums the norms);
       # wgmma, wgmma32: the fused kernels' tiles on Hopper's wgmma, 64- and 32-deep slices (session 14).
       run_stage profile profile 90 20 "$PY" benchmarks/profile_loss.py \
-        --paths fused,one-row-tile,cublas,wgmma,wgmma32,wgmma-resident
+        --paths fused,one-row-tile,cublas,wgmma,wgmma32,wgmma-resident,wgmma-weight
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
       # fused keeps the gradient block there (bf16, 100 MB in the 128 MiB workspace); recompute does not.
       run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000 --paths fused,recompute
@@ -192,7 +192,14 @@ for stage in "${STAGES[@]}"; do
         -k 'regex:fused_(forward_wgmma|backward_wgmma_resident)_kernel' -c 2 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-        "$PY" benchmarks/profile_loss.py --paths wgmma-resident ;;
+        "$PY" benchmarks/profile_loss.py --paths wgmma-resident
+      # The backward's class-outer tile (session 17): S, the gradient block and d loss / d W in one
+      # kernel, whose x tiles stream from L2 (64 KB a 64-row tile, read by every block).
+      run_stage ncu-weight profile 45 15 ncu --clock-control none --target-processes all \
+        -k 'regex:fused_weight_gradient_wgmma_kernel' -c 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        "$PY" benchmarks/profile_loss.py --paths wgmma-weight ;;
     racecheck) run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
                  "$PY" benchmarks/sanitize_case.py ;;
     train)

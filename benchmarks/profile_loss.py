@@ -10,7 +10,8 @@ ARCFACE_EXT_ROW_TILES=1, a block of the fused kernels for each row tile, each su
 norms again, as before session 13; wgmma: fused with ARCFACE_EXT_WGMMA=1, the fused kernels' tiles on
 Hopper's wgmma (compute capability 9.0 only), wgmma32 the same in 32-deep slices (ARCFACE_EXT_WGMMA=32),
 wgmma-resident the forward and backward with their x tile resident in shared memory
-(ARCFACE_EXT_WGMMA=resident);
+(ARCFACE_EXT_WGMMA=resident), wgmma-weight the same with the bf16 backward's d loss / d W formed in its
+own class-outer tile (ARCFACE_EXT_WGMMA=resident-weight);
 cublas: the same op with
 ARCFACE_EXT_CUDA_FUSED=0) it warms up, then records one step with torch.profiler and prints
 the kernels by total GPU time (count, total ms, share of the step's kernel time), plus the step's
@@ -34,7 +35,7 @@ if ROOT not in sys.path:
 import arcface_ext  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PATHS = ("fused", "recompute", "one-row-tile", "wgmma", "wgmma32", "wgmma-resident", "cublas")
+PATHS = ("fused", "recompute", "one-row-tile", "wgmma", "wgmma32", "wgmma-resident", "wgmma-weight", "cublas")
 
 
 def step(embeddings, weight, labels):
@@ -47,7 +48,8 @@ def step(embeddings, weight, labels):
 def profile_path(path, embeddings, weight, labels, top):
     os.environ["ARCFACE_EXT_CUDA_FUSED"] = "0" if path == "cublas" else "1"
     os.environ["ARCFACE_EXT_KEEP_BLOCK"] = "0" if path == "recompute" else "1"
-    os.environ["ARCFACE_EXT_WGMMA"] = {"wgmma": "1", "wgmma32": "32", "wgmma-resident": "resident"}.get(path, "0")
+    os.environ["ARCFACE_EXT_WGMMA"] = {"wgmma": "1", "wgmma32": "32", "wgmma-resident": "resident",
+                                     "wgmma-weight": "resident-weight"}.get(path, "0")
     if path == "one-row-tile":
         os.environ["ARCFACE_EXT_ROW_TILES"] = "1"
     else:

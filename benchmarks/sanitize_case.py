@@ -120,6 +120,14 @@ def main():
             print("ARCFACE_EXT_WGMMA=resident")
             ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
             ok &= case(300, 200, 1000, dtype, workspace_bytes=64 << 20)
+        # The backward's class-outer tile (session 17; bf16, the gradient block not kept): D = 264
+        # (both warpgroups' halves of the depth, the second mostly zeros), chunks of one class tile.
+        os.environ["ARCFACE_EXT_WGMMA"] = "resident-weight"
+        os.environ["ARCFACE_EXT_KEEP_BLOCK"] = "0"
+        print("ARCFACE_EXT_WGMMA=resident-weight")
+        ok &= case(300, 264, 1000, torch.bfloat16, workspace_bytes=1)
+        ok &= case(37, 264, 1000, torch.bfloat16, workspace_bytes=64 << 20)
+        os.environ.pop("ARCFACE_EXT_KEEP_BLOCK")
         os.environ["ARCFACE_EXT_WGMMA"] = "1"
         print("kept block, ARCFACE_EXT_WGMMA=1")
         ok &= case(300, 72, 1031, torch.bfloat16, workspace_bytes=64 << 20, opposite=True)

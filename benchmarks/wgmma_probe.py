@@ -25,6 +25,17 @@ line; for a case that fails, the wrong registers decoded (what the register was 
 holds) and hints: a tile whose values are all there but in other registers is the accumulator layout;
 wrong rows only where r % 8 != 0 are the swizzle.
 
+The `weight` tile is the backward's class-outer tile (op arcface_ext::wgmma_weight_tile_probe, bf16):
+S = w·xᵀ (64 classes x 64 rows, m64n32k16 a warpgroup) and P = g·x (64 classes x 512 depth columns,
+m64n256k16 with x read along its depth, MN-major: the layout no other tile uses), on
+
+    s rows-classes@k  as rows-classes@k for S, with g the identity (P[m, d] = x[m, d]);
+    p rows            x[n, d] = n + 1, g the identity or reversed (g[m, 63 - m] = 1): P[m, d] names the
+                      row of x that class m's column d met;
+    p depth           x[n, d] = (d % 256) + 1, negated for d >= 256, g the identity: P[m, d] names the
+                      depth column it holds (the sign, which warpgroup's half);
+    random, edges     Gaussian x, w and g against fp64 (D = 512; 37 rows x 50 classes x D = 264).
+
     python benchmarks/wgmma_probe.py                           # a GPU of compute capability 9.0, sm_90a build
     ARCFACE_EXT_EMULATE_CUDA=1 python benchmarks/wgmma_probe.py   # the CPU emulator (tests/emulator)
 
@@ -106,7 +117,7 @@ def random_case(name, rows, classes, dim, seed):
     return Case(name, x, w, exact=False)
 
 
-TILES = ("64", "32", "resident")  # the op's variants: streaming slices 64 or 32 deep, the x tile resident
+TILES = ("64", "32", "resident", "weight")  # wgmma_tile_probe's variants, and the class-outer tile
 
 
 def cases(tile):
@@ -161,6 +172,112 @@ def check(case, registers, dtype):
     return problems
 
 
+OUTER = 64  # the class-outer tile's classes, rows (and g's sides)
+OUTER_DEPTH = 512
+
+
+def weight_register_coordinates():
+    """(class, row) of S's registers, (256, 16), and (class, depth column) of P's, (256, 128): thread
+    t = 128 g + 32 q + lane holds in register 4 j + 2 h + e class 16 q + lane / 4 + 8 h and row
+    32 g + 8 j + 2 (lane % 4) + e of S (j < 4), depth column 256 g + 8 j + 2 (lane % 4) + e of P (j < 32)."""
+    t = torch.arange(THREADS).view(-1, 1)
+    lane, wg = t % 32, t // 128
+    coordinates = []
+    for registers, step in ((16, 32), (128, 256)):
+        i = torch.arange(registers).view(1, -1)
+        j, h, e = i // 4, i // 2 % 2, i % 2
+        klass = (t // 32 % 4) * 16 + lane // 4 + 8 * h
+        other = wg * step + 8 * j + 2 * (lane % 4) + e
+        coordinates.append((klass.expand(THREADS, registers), other.expand(THREADS, registers)))
+    return coordinates
+
+
+@dataclass
+class WeightCase:
+    name: str
+    x: torch.Tensor  # fp64 (rows, D)
+    w: torch.Tensor  # fp64 (classes, D)
+    g: torch.Tensor  # fp64 (64, 64)
+    exact: bool = True
+    decode_p: object = None  # value of P -> what it met
+    problems: list = field(default_factory=list)
+
+
+def weight_cases():
+    eye = torch.eye(OUTER, dtype=torch.float64)
+    cases = []
+    for k in (0, 56, 88):
+        x = torch.zeros(OUTER, 128, dtype=torch.float64)
+        w = torch.zeros(OUTER, 128, dtype=torch.float64)
+        x[:, k] = torch.arange(1, OUTER + 1)
+        x[:, k + 1] = 1
+        w[:, k] = 1
+        w[:, k + 1] = 256 * torch.arange(1, OUTER + 1)
+        cases.append(WeightCase(f"s rows-classes@{k}", x, w, eye))
+    one_hot = torch.eye(OUTER, OUTER_DEPTH, dtype=torch.float64)
+    rows = torch.arange(1, OUTER + 1, dtype=torch.float64).view(-1, 1).expand(OUTER, OUTER_DEPTH).clone()
+    met_row = lambda v: f"met x row {int(v) - 1}" if v == int(v) and 1 <= v <= OUTER else None  # noqa: E731
+    cases.append(WeightCase("p rows", rows, one_hot, eye, decode_p=met_row))
+    cases.append(WeightCase("p rows reversed", rows, one_hot, eye.flip(1), decode_p=met_row))
+    columns = torch.arange(OUTER_DEPTH, dtype=torch.float64) % 256 + 1
+    columns[256:] *= -1
+    depth = columns.expand(OUTER, OUTER_DEPTH).clone()
+    cases.append(WeightCase("p depth", depth, one_hot, eye, decode_p=lambda v: (
+        f"holds depth column {int(abs(v)) - 1 + (256 if v < 0 else 0)}" if v == int(v) and 1 <= abs(v) <= 256 else None)))
+    generator = torch.Generator().manual_seed(3)
+    for name, rows_, classes, dim in (("random", OUTER, OUTER, OUTER_DEPTH), ("edges", 37, 50, 264)):
+        cases.append(WeightCase(name, torch.randn(rows_, dim, generator=generator, dtype=torch.float64),
+                                torch.randn(classes, dim, generator=generator, dtype=torch.float64),
+                                torch.randn(OUTER, OUTER, generator=generator, dtype=torch.float64), exact=False))
+    return cases
+
+
+def check_weight(case, registers):
+    """The problems of one class-outer case's (256, 144) registers; an empty list when both GEMMs are right."""
+    x, w, g = (t.to(torch.bfloat16).double() for t in (case.x, case.w, case.g))
+    assert not case.exact or (torch.equal(x, case.x) and torch.equal(w, case.w)), "values must be exact in bf16"
+    xp = torch.zeros(OUTER, OUTER_DEPTH, dtype=torch.float64)
+    xp[:x.shape[0], :x.shape[1]] = x
+    wp = torch.zeros(OUTER, OUTER_DEPTH, dtype=torch.float64)
+    wp[:w.shape[0], :w.shape[1]] = w
+    (s_class, s_row), (p_class, p_col) = weight_register_coordinates()
+    problems = []
+    for name, product, scale, got, first, second, decode in (
+            ("S", wp @ xp.T, wp.abs() @ xp.abs().T, registers[:, :16], s_class, s_row, None),
+            ("P", g @ xp, g.abs() @ xp.abs(), registers[:, 16:], p_class, p_col, case.decode_p)):
+        want = product[first, second]
+        got = got.double()
+        if case.exact:
+            wrong = got != want
+        else:
+            wrong = ((got - want).abs() > 1e-5 * scale[first, second]) | ~got.isfinite()
+            wrong |= (scale[first, second] == 0) & (got != 0)
+        count = int(wrong.sum())
+        if not count:
+            continue
+        problems.append(f"{name}: {count} of {wrong.numel()} registers wrong")
+        distinct = want.unique().numel() == want.numel()
+        if distinct and torch.equal(got.flatten().sort().values, want.flatten().sort().values):
+            problems.append(f"hint: every value of {name} is there, in other registers: the accumulator layout")
+        what = "row" if name == "S" else "depth column"
+        for t, i in wrong.nonzero().tolist()[:8]:
+            meant = f"class {int(first[t, i])}, {what} {int(second[t, i])} = {float(want[t, i]):g}"
+            found = decode(float(got[t, i])) if decode else None
+            problems.append(f"{describe_thread(t)} {name}[{i}]: meant {meant}; holds {float(got[t, i]):g}"
+                            + (f" ({found})" if found else ""))
+    return problems
+
+
+def run_weight(op, device):
+    """Each class-outer case through `op` (wgmma_weight_tile_probe), bf16: the cases with their problems."""
+    results = []
+    for case in weight_cases():
+        registers = op(*(t.to(device, torch.bfloat16) for t in (case.x, case.w, case.g))).cpu()
+        case.problems = check_weight(case, registers)
+        results.append(case)
+    return results
+
+
 def run(op, tile, dtype, device):
     """Each case of the `tile` variant in `dtype` through `op` (wgmma_tile_probe): the cases, each with
     its problems (none when the tile is right)."""
@@ -172,18 +289,19 @@ def run(op, tile, dtype, device):
     return results
 
 
-def probe_op():
-    """(op, device): the real op on a GPU, or the emulated CUDA source with ARCFACE_EXT_EMULATE_CUDA=1."""
+def probe_ops():
+    """(ops, device): the ops (wgmma_tile_probe and wgmma_weight_tile_probe) on a GPU, or the emulated
+    CUDA source's with ARCFACE_EXT_EMULATE_CUDA=1."""
     if os.environ.get("ARCFACE_EXT_EMULATE_CUDA", "0") not in ("", "0"):
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
         import emulator
 
-        return emulator.load().wgmma_tile_probe, "cpu"
+        return emulator.load(), "cpu"
     import arcface_ext
 
     if not arcface_ext.extension_available():
         raise SystemExit("wgmma_probe: arcface_ext._C is not built")
-    return torch.ops.arcface_ext.wgmma_tile_probe, "cuda"
+    return torch.ops.arcface_ext, "cuda"
 
 
 def main(argv=None):
@@ -191,12 +309,16 @@ def main(argv=None):
     parser.add_argument("--tiles", nargs="+", default=list(TILES), choices=TILES)
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
     args = parser.parse_args(argv)
-    op, device = probe_op()
+    ops, device = probe_ops()
     failed = 0
     for tile in args.tiles:
         for name in args.dtypes:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
-            for case in run(op, tile, dtype, device):
+            if tile == "weight" and dtype != torch.bfloat16:
+                continue  # the class-outer tile is bf16's
+            results = (run_weight(ops.wgmma_weight_tile_probe, device) if tile == "weight"
+                       else run(ops.wgmma_tile_probe, tile, dtype, device))
+            for case in results:
                 status = "ok" if not case.problems else "FAILED"
                 print(f"wgmma probe: {tile} {name} {case.name}: {status}")
                 for line in case.problems:

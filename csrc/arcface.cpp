@@ -67,4 +67,8 @@ TORCH_LIBRARY(arcface_ext, m) {
   // "resident": the x tile resident), returned as each thread's accumulator registers and class-norm
   // sum, (256, 65) float32. benchmarks/wgmma_probe.py reads it.
   m.def("wgmma_tile_probe(Tensor x, Tensor w, str tile) -> Tensor");
+  // The same for the backward's class-outer tile (fused_weight_gradient_wgmma_kernel): S = w·xᵀ (x and w
+  // at most 64 rows) and P = g·x (g 64 x 64), bf16, as (256, 144) float32: each thread's 16 registers of
+  // S, then its 128 of P.
+  m.def("wgmma_weight_tile_probe(Tensor x, Tensor w, Tensor g) -> Tensor");
 }

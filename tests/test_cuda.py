@@ -270,6 +270,57 @@ def test_fused_tile_edges_on_other_wgmma_tiles(monkeypatch, tile, shape, dtype):
     assert_matches(ours, expected, min_scale=1.0)
 
 
+WEIGHT_TILE_SHAPES = [(1, 8, 1), (37, 8, 129), (129, 72, 1000), (130, 264, 700), (64, 512, 64), (300, 512, 5003)]
+
+
+@pytest.mark.parametrize("shape", WEIGHT_TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fused_weight_gradient_tile(monkeypatch, workspace, shape):
+    # ARCFACE_EXT_WGMMA=resident-weight: the bf16 backward forms d loss / d W in its own class-outer
+    # tile (64 classes against every 64-row x tile: S = W·xᵀ, the gradient block G, P += G'·x with x
+    # read MN-major). Rows past a 64-row tile (37, 129, 130, 300; odd N: the block's row pitch padded),
+    # classes past a 64-class tile, depths of one warpgroup's half (8, 72) or both (264, 512), an exact
+    # tile (64, 512, 64); ignored rows; the gradient block not kept, so that the backward runs its tile;
+    # at C = 5003 a workspace of three chunks (the tile at chunk offsets).
+    use_wgmma(monkeypatch, True)
+    monkeypatch.setenv("ARCFACE_EXT_WGMMA", "resident-weight")
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "1")
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0")
+    n, dim, c = shape
+    if c > 4096:
+        workspace(n * 2 * 2048)
+    x, w, labels = make_inputs(n, dim, c, seed=33, dtype=torch.bfloat16, ignored=(0,) if n > 1 else ())
+    ours, expected = run_both(x, w, labels, s=64.0, m2=0.5)
+    assert_matches(ours, expected, min_scale=1.0)
+
+
+def test_fused_weight_gradient_tile_margins_and_clamped_norms(monkeypatch):
+    # The same tile with CosFace's and SphereFace's margins and per-row margins, a zero class centre
+    # and a zero embedding (their norms clamped: no projection), a row whose target is its centre
+    # (cosine clamped at 1), and only d loss / d W asked for.
+    use_wgmma(monkeypatch, True)
+    monkeypatch.setenv("ARCFACE_EXT_WGMMA", "resident-weight")
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "1")
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0")
+    x, w, labels = make_inputs(70, 136, 200, seed=34, dtype=torch.float64, ignored=(5,))
+    with torch.no_grad():
+        w[17] = 0.0
+        x[3] = 0.0
+        x[4] = 5.0 * w[labels[4]]
+    generator = torch.Generator().manual_seed(35)
+    m2 = (0.5 * torch.rand(70, generator=generator, dtype=torch.float64)).to(DEVICE)
+    x, w = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    for margins in (dict(m3=0.35, m2=0.0), dict(m1=1.35, m2=0.0, lambda_=0.5), dict(m2=m2)):
+        ours, expected = run_both(x, w, labels, s=64.0, **margins)
+        assert_matches(ours, expected, min_scale=1.0)
+    upstream = upstream_gradient(70, seed=1, dtype=torch.float64)
+    wr = w.detach().clone().requires_grad_(True)
+    loss = arcface_ext.combined_margin_loss(x, wr, labels, reduction="none")
+    loss.backward(upstream.to(loss.dtype))
+    wd = w.double().requires_grad_(True)
+    reference.combined_margin_loss(x.double(), wd, labels, reduction="none").backward(upstream)
+    assert_matches_table(wr.grad, wd.grad, name="grad_weight alone", roundings=GEMM_OPERAND_ROUNDINGS, min_scale=1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("per_segment", [2, 3])
 def test_fused_resident_tile_over_segments_of_several_tiles(monkeypatch, per_segment, dtype):
@@ -306,6 +357,17 @@ def test_the_wgmma_tile_probe_reads_every_case(monkeypatch, tile, dtype):
     use_wgmma(monkeypatch, True)  # the skip on GPUs other than compute capability 9.0
     probe = load_benchmark("wgmma_probe")
     results = probe.run(torch.ops.arcface_ext.wgmma_tile_probe, tile, dtype, DEVICE)
+    failed = {case.name: case.problems for case in results if case.problems}
+    assert not failed, "\n".join(f"{name}:\n  " + "\n  ".join(lines) for name, lines in failed.items())
+
+
+def test_the_wgmma_weight_tile_probe_reads_every_case(monkeypatch):
+    # The backward's class-outer tile's two GEMMs, register by register (benchmarks/wgmma_probe.py,
+    # `weight`): S = w·xᵀ on m64n32k16 and P = g·x with x read along its depth (MN-major), the one
+    # operand layout no other tile uses.
+    use_wgmma(monkeypatch, True)
+    probe = load_benchmark("wgmma_probe")
+    results = probe.run_weight(torch.ops.arcface_ext.wgmma_weight_tile_probe, DEVICE)
     failed = {case.name: case.problems for case in results if case.problems}
     assert not failed, "\n".join(f"{name}:\n  " + "\n  ".join(lines) for name, lines in failed.items())
 
@@ -349,16 +411,19 @@ def cuda_kernel_names(fn):
 
 
 @pytest.mark.parametrize("case", ["bf16", "bf16-recompute", "fp16", "disabled", "fp32", "odd-depth", "misaligned",
-                                  "wgmma", "wgmma-fp16"])
+                                  "wgmma", "wgmma-fp16", "wgmma-weight"])
 def test_which_path_runs(monkeypatch, case):
     # The fused kernels run for 16-bit inputs with D a multiple of 8 and 16-byte aligned rows;
     # everything else (and ARCFACE_EXT_CUDA_FUSED=0) takes the cuBLAS path, with the same results.
     # A bf16 step keeps the forward's gradient block (it fits the workspace here), so its backward
-    # runs no fused kernel, unless ARCFACE_EXT_KEEP_BLOCK=0.
+    # runs no fused kernel, unless ARCFACE_EXT_KEEP_BLOCK=0. ARCFACE_EXT_WGMMA=resident-weight forms
+    # d loss / d W in the backward's class-outer tile, with no class_gradient_kernel after it.
     dtype = {"fp16": torch.float16, "wgmma-fp16": torch.float16, "fp32": torch.float32}.get(case, torch.bfloat16)
     # ARCFACE_EXT_WGMMA=1 puts the fused kernels on Hopper's wgmma tile (compute capability 9.0 only).
     use_wgmma(monkeypatch, case.startswith("wgmma"))
-    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0" if case == "bf16-recompute" else "1")
+    if case == "wgmma-weight":
+        monkeypatch.setenv("ARCFACE_EXT_WGMMA", "resident-weight")
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0" if case in ("bf16-recompute", "wgmma-weight") else "1")
     dim = 60 if case == "odd-depth" else 64
     x, w, labels = make_inputs(33, dim, 700, seed=32, dtype=dtype)
     if case == "misaligned":  # a view two bytes into its storage
@@ -367,7 +432,7 @@ def test_which_path_runs(monkeypatch, case):
     x.requires_grad_(True)
     w.requires_grad_(True)
     names = cuda_kernel_names(lambda: arcface_ext.combined_margin_loss(x, w, labels).backward())
-    fused = case in ("bf16", "bf16-recompute", "fp16", "wgmma", "wgmma-fp16")
+    fused = case in ("bf16", "bf16-recompute", "fp16", "wgmma", "wgmma-fp16", "wgmma-weight")
     wgmma = case.startswith("wgmma")
     assert ("fused_forward_kernel" in names) == (fused and not wgmma), names
     assert ("fused_forward_wgmma_kernel" in names) == wgmma, names
@@ -375,6 +440,8 @@ def test_which_path_runs(monkeypatch, case):
     assert ("fused_backward_wgmma_kernel" in names) == (case == "wgmma-fp16"), names
     assert ("kept_block_recompute_kernel" in names) == (case in ("bf16", "wgmma")), names
     assert ("margin_softmax_forward_kernel" in names) == (not fused), names
+    assert ("fused_weight_gradient_wgmma_kernel" in names) == (case == "wgmma-weight"), names
+    assert ("class_gradient_kernel" in names) == (case != "wgmma-weight"), names
     ours, expected = run_both(x.detach(), w.detach(), labels, s=64.0, m2=0.5)
     assert_matches(ours, expected)
 

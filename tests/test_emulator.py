@@ -224,7 +224,7 @@ def test_the_wgmma_tiles_under_the_racing_schedule(emulated, monkeypatch, dtype,
 def test_a_bad_wgmma_setting_is_named(emulated, monkeypatch):
     monkeypatch.setenv("ARCFACE_EXT_WGMMA", "yes")
     x, w, labels, _ = inputs(8, 32, 50, torch.bfloat16, seed=6)
-    with pytest.raises(ValueError, match="ARCFACE_EXT_WGMMA must be 0, 1, 64, 32 or resident, got 'yes'"):
+    with pytest.raises(ValueError, match="ARCFACE_EXT_WGMMA must be 0, 1, 64, 32, resident or resident-weight, got 'yes'"):
         emulated.margin_softmax_forward(x, w, labels, *op_args())
 
 
@@ -268,6 +268,20 @@ def test_the_wgmma_tile_probe_names_bad_arguments(emulated):
     assert emulated.wgmma_tile_probe(wide, wide, "32").shape == (256, 65)
     with pytest.raises(ValueError, match="at most 512 for this tile"):
         emulated.wgmma_tile_probe(wide, wide, "resident")
+
+
+def test_the_wgmma_weight_tile_probe_names_bad_arguments(emulated):
+    x = torch.zeros(64, 64, dtype=torch.bfloat16)
+    assert emulated.wgmma_weight_tile_probe(x, x, x).shape == (256, 144)
+    with pytest.raises(ValueError, match="x and w hold at most 64 rows each"):
+        emulated.wgmma_weight_tile_probe(torch.zeros(65, 64, dtype=torch.bfloat16), x, x)
+    with pytest.raises(ValueError, match="x, w and g must be bfloat16"):
+        emulated.wgmma_weight_tile_probe(x, x, x.half())
+    with pytest.raises(ValueError, match=r"g must be \(64, 64\)"):
+        emulated.wgmma_weight_tile_probe(x, x, x[:, :32])
+    with pytest.raises(ValueError, match="a positive multiple of 8 \\(at most 512\\)"):
+        wide = torch.zeros(8, 520, dtype=torch.bfloat16)
+        emulated.wgmma_weight_tile_probe(wide, wide, x)
 
 
 def test_a_bad_row_tile_count_is_named(emulated, monkeypatch):

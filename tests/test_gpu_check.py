@@ -37,20 +37,20 @@ def test_every_default_stage_is_known():
 
 def test_every_benchmark_impl_is_one_bench_loss_has():
     impls = {impl for value in option_values("--impls") for impl in value.split(",")}
-    assert {"ours", "ours-wgmma", "ours-wgmma-resident", "floor"} <= impls
+    assert {"ours", "ours-wgmma", "ours-wgmma-resident", "ours-wgmma-weight", "floor"} <= impls
     assert impls <= set(load_benchmark("bench_loss").IMPLS), impls - set(load_benchmark("bench_loss").IMPLS)
 
 
 def test_every_profile_path_is_one_profile_loss_has():
     paths = {path for value in option_values("--paths") for path in value.split(",")}
-    assert {"fused", "wgmma", "wgmma-resident"} <= paths
+    assert {"fused", "wgmma", "wgmma-resident", "wgmma-weight"} <= paths
     assert paths <= set(load_benchmark("profile_loss").PATHS), paths - set(load_benchmark("profile_loss").PATHS)
 
 
 def test_the_probe_runs_every_tile_by_default():
     probe = load_benchmark("wgmma_probe")
     assert re.search(r"^\s+run_stage wgmma-probe .* benchmarks/wgmma_probe.py$", SCRIPT.read_text(), re.M)
-    assert set(probe.TILES) == {"64", "32", "resident"}
+    assert set(probe.TILES) == {"64", "32", "resident", "weight"}
 
 
 def kernel_names():

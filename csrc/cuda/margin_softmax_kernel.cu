@@ -1380,6 +1380,190 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   }
 }
 
+// The backward's class-outer tile (ARCFACE_EXT_WGMMA=resident-weight; bf16, D up to
+// kWgmmaResidentMaxDim; wgmma_tile.cuh): block b owns the chunk's classes [64b, +64), their W rows
+// resident in shared memory, and walks the 64-row tiles of x, each tile's x loaded while the previous
+// one is multiplied. For each it forms
+//   S = W_b·x_tileᵀ                     (m64n32k16: warpgroup g the tile's rows 32g .. +31),
+//   G_ij from S as gradient_block_tile does, written class-major to grad_block_t (row pitch ldn) for
+//        the embeddings' GEMM, and G_ij (g_i / g_max) / ‖x_i‖ staged as the A operand of
+//   P += G'·x_tile                      (m64n256k16, x read along its depth: warpgroup g the depth
+//                                        columns 256g .. +255),
+// so that after the last row tile P_j = Σ_i G_ij (g_i / g_max) x̂_i sits in registers, and
+//   d loss / d w_j = g_max (P_j − (P_j·w_j) / ‖w_j‖² w_j)
+// (class_gradient_kernel's expression) is written to grad_w. The backward then neither writes nor reads
+// P (two C x D passes through memory) and runs no separate weight-gradient GEMM: the tile's second GEMM
+// reads the x tile the first one already brought in. The block's class norms are summed once, from the
+// resident W rows.
+//
+// Per row tile r, with x tile r in buffer r % 2: wait for x tile r; issue S; retire the previous tile's
+// P group (wgmma_wait<1>: groups complete in order); a block barrier, after which the other buffer and
+// the staged operand are free; load x tile r + 1 into the other buffer while S runs; retire S; form G
+// and G'; a barrier; issue P += G'·x_tile r, left running while the next tile's x lands and its S is
+// issued. Rows past N load as zeros and form no gradient; x's and w's depth columns past D (up to 512)
+// load as zeros, so P's columns there are zero and never written.
+__global__ void __launch_bounds__(kTileThreads, 1)
+    fused_weight_gradient_wgmma_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ w_chunk,
+                                       int64_t n, int64_t width, int dim, int64_t c0,
+                                       const RowTarget* __restrict__ rows, const float* __restrict__ grad_loss,
+                                       const float* __restrict__ grad_max, const float* __restrict__ logsumexp,
+                                       float s, at::BFloat16* __restrict__ grad_block_t, int64_t ldn,
+                                       at::BFloat16* __restrict__ grad_w) {
+  extern __shared__ __align__(16) uint16_t tile_smem[];
+  __shared__ float row_inv_norm[kTileRows];
+  __shared__ float row_lse[kTileRows];
+  __shared__ float row_target_q[kTileRows];
+  __shared__ int64_t row_target[kTileRows];
+  __shared__ bool row_active[kTileRows];
+  __shared__ float row_factor[cuda::kOuterRows];
+  __shared__ float class_inv_norm[cuda::kOuterClasses];
+  __shared__ bool class_unclamped[cuda::kOuterClasses];
+  __shared__ float class_dot[2][cuda::kOuterClasses];
+  const uint32_t raw = cuda::shared_address(tile_smem);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  const uint32_t w_tile = base;
+  const uint32_t staged = base + 3 * cuda::kOuterTileBytes;
+  const uint16_t* w_elems = tile_smem + (w_tile - raw) / 2;
+  uint16_t* staged_elems = tile_smem + (staged - raw) / 2;
+  auto x_tile = [&](int64_t r) { return base + (1 + static_cast<uint32_t>(r % 2)) * cuda::kOuterTileBytes; };
+
+  const int g = threadIdx.x / 128;
+  const int quad = threadIdx.x % 4;
+  const int class_row = (threadIdx.x / 32 % 4) * 16 + threadIdx.x % 32 / 4;  // + 8h: the accumulators' M
+  const int64_t col0 = int64_t{blockIdx.x} * cuda::kOuterClasses;               // chunk-local
+  const int slices = (dim + 63) / 64;
+  // The tiles hold all 8 slices whatever D, zeros past it: warpgroup g's P (and its correction) reads
+  // slices 4g .. 4g+3 of x (and of w). Both warpgroups multiply whatever D (a wgmma behind a branch on
+  // the warpgroup is serialised by ptxas, advisory C7520): below D = 257 the second one's P is zeros,
+  // work wasted.
+  constexpr int tile_slices = cuda::kWgmmaResidentMaxDim / 64;
+  const bool has_columns = 256 * g < dim;  // this warpgroup's half of the depth exists
+  const float g_max = *grad_max;
+
+  cuda::outer_load_tile(w_tile, w_chunk, col0, width, dim, tile_slices);
+  cuda::outer_load_tile(x_tile(0), x, 0, n, dim, tile_slices);
+  cuda::cp_async_commit();
+
+  float acc_s[16];
+  float acc_p[128];
+  const int64_t row_tiles = (n + cuda::kOuterRows - 1) / cuda::kOuterRows;
+  for (int64_t r = 0; r < row_tiles; ++r) {
+    const int64_t row0 = r * cuda::kOuterRows;
+    // x tile r (and at r = 0 the W rows) landed, handed to the async proxy.
+    cuda::cp_async_wait<0>();
+    cuda::fence_proxy_async();
+    __syncthreads();
+    cuda::wgmma_pin(acc_s);
+    cuda::wgmma_fence();
+    cuda::outer_issue_s(acc_s, w_tile, x_tile(r), slices);
+    cuda::wgmma_commit();
+    // While S runs: this tile's row arrays (the last tile's epilogue read them before its P was issued),
+    // and at the first tile the class norms from the W rows, 4 threads a class.
+    load_gradient_rows<false>(rows, n, row0, c0, width, grad_loss, logsumexp, nullptr, row_active, row_inv_norm,
+                              row_lse, row_target_q, row_target);
+    if (threadIdx.x < cuda::kOuterRows)
+      row_factor[threadIdx.x] =
+          row_active[threadIdx.x] ? grad_loss[row0 + threadIdx.x] / g_max * row_inv_norm[threadIdx.x] : 0.0f;
+    if (r == 0) {
+      const int m = threadIdx.x / 4;
+      float sum = 0.0f;
+      for (int slice = 0; slice < slices; ++slice)
+#pragma unroll
+        for (int v = 0; v < 2; ++v)
+          sum = cuda::sum_squares_8<true>(w_elems + cuda::outer_element(m, 64 * slice + 8 * (2 * quad + v)), sum);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (quad == 0) {
+        const float norm = sqrtf(sum);
+        class_inv_norm[m] = 1.0f / fmaxf(norm, static_cast<float>(kNormEps));
+        class_unclamped[m] = norm >= static_cast<float>(kNormEps);
+      }
+    }
+    // The last tile's P group retired (S stays in flight), then every warpgroup's: the other x buffer
+    // and the staged operand are free, and this tile's arrays are written.
+    cuda::wgmma_wait<1>(acc_s, acc_p);
+    __syncthreads();
+    if (r + 1 < row_tiles) cuda::outer_load_tile(x_tile(r + 1), x, row0 + cuda::kOuterRows, n, dim, tile_slices);
+    cuda::cp_async_commit();
+    cuda::wgmma_wait<0>(acc_s, acc_p);
+    // G from S: thread holds class class_row + 8h, rows 32g + 8j + 2·quad + e in acc_s[4j + 2h + e].
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = class_row + 8 * h;
+      const bool class_ok = col0 + m < width;
+      const float inv_w = class_inv_norm[m];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int rl = 32 * g + 8 * j + 2 * quad;  // the pair's first row in the tile
+        ValuePair<at::BFloat16> pair, scaled;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int rr = rl + e;
+          const float entry = gradient_entry(acc_s[4 * j + 2 * h + e], row_active[rr] && class_ok,
+                                             row_target[rr] == col0 + m, row_inv_norm[rr], inv_w, row_lse[rr],
+                                             row_target_q[rr], s);
+          pair.value[e] = to_gemm_operand<at::BFloat16, float>(entry);
+          scaled.value[e] = to_gemm_operand<at::BFloat16, float>(entry * row_factor[rr]);
+        }
+        if (class_ok && row0 + rl < n) {  // (a second row past N lands in the pitch's padding, as a zero)
+          *reinterpret_cast<ValuePair<at::BFloat16>*>(grad_block_t + (col0 + m) * ldn + row0 + rl) = pair;
+        }
+        *reinterpret_cast<ValuePair<at::BFloat16>*>(staged_elems + cuda::outer_element(m, rl)) = scaled;
+      }
+    }
+    cuda::fence_proxy_async();
+    __syncthreads();
+    cuda::wgmma_pin(acc_p);
+    cuda::wgmma_fence();
+    cuda::outer_issue_p(acc_p, staged, x_tile(r), r != 0);
+    cuda::wgmma_commit();
+  }
+  cuda::wgmma_wait<0>(acc_s, acc_p);
+  cuda::cp_async_wait<0>();
+
+  // d loss / d w_j = g_max (P_j − (P_j·w_j) ‖w_j‖⁻² w_j): thread holds class class_row + 8h, depth columns
+  // 256g + 8j + 2·quad + e in acc_p[4j + 2h + e]; w from the resident rows (zeros past D).
+  auto w_pair = [&](int m, int d) {
+    return cuda::unpack_pair<true>(*reinterpret_cast<const uint32_t*>(w_elems + cuda::outer_element(m, d)));
+  };
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = class_row + 8 * h;
+    float dot = 0.0f;
+    if (has_columns) {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const float2 wv = w_pair(m, 256 * g + 8 * j + 2 * quad);
+        dot = fmaf(acc_p[4 * j + 2 * h], wv.x, fmaf(acc_p[4 * j + 2 * h + 1], wv.y, dot));
+      }
+    }
+    dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+    dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+    if (quad == 0) class_dot[g][m] = dot;
+  }
+  __syncthreads();
+  if (!has_columns) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = class_row + 8 * h;
+    if (col0 + m >= width) continue;
+    const float inv_w = class_inv_norm[m];
+    const float coef = class_unclamped[m] ? (class_dot[0][m] + class_dot[1][m]) * inv_w * inv_w : 0.0f;
+    at::BFloat16* out = grad_w + (col0 + m) * dim;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int d = 256 * g + 8 * j + 2 * quad;
+      if (d < dim) {
+        const float2 wv = w_pair(m, d);
+        ValuePair<at::BFloat16> pair;
+        pair.value[0] = static_cast<at::BFloat16>(g_max * (acc_p[4 * j + 2 * h] - coef * wv.x));
+        pair.value[1] = static_cast<at::BFloat16>(g_max * (acc_p[4 * j + 2 * h + 1] - coef * wv.y));
+        *reinterpret_cast<ValuePair<at::BFloat16>*>(out + d) = pair;
+      }
+    }
+  }
+}
+
 // The kept block's forward: G itself at the rows finalize marked for recomputation (kept_block.h),
 // over all classes; blocks whose rows have none return at once.
 template <int kStages>
@@ -1410,6 +1594,45 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
   for (int i = 0; i < 64; ++i) mine[i] = acc[i];
   mine[64] = norm_sq;
+}
+
+// The class-outer tile's two GEMMs (fused_weight_gradient_wgmma_kernel) on given operands, written out
+// register by register: S = w·xᵀ, thread t's 16 at out[144t + i], and P = g·x with x read along its
+// depth, its 128 at out[144t + 16 + i] (zeros past D). x
+// (rows, D) and w (classes, D) at most 64 rows each, g (64, 64), bf16; g staged as the kernel stages its
+// gradient tile (the op wgmma_weight_tile_probe, a diagnostic: benchmarks/wgmma_probe.py).
+__global__ void __launch_bounds__(kTileThreads)
+    wgmma_weight_tile_probe_kernel(const uint16_t* __restrict__ x, int64_t rows, const uint16_t* __restrict__ w,
+                                   int64_t classes, const uint16_t* __restrict__ g, int dim, float* __restrict__ out) {
+  extern __shared__ __align__(16) uint16_t tile_smem[];
+  const uint32_t raw = cuda::shared_address(tile_smem);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  const uint32_t w_tile = base, x_tile = base + cuda::kOuterTileBytes, staged = base + 3 * cuda::kOuterTileBytes;
+  uint16_t* staged_elems = tile_smem + (staged - raw) / 2;
+  const int slices = (dim + 63) / 64;
+  cuda::outer_load_tile(w_tile, w, 0, classes, dim, cuda::kWgmmaResidentMaxDim / 64);
+  cuda::outer_load_tile(x_tile, x, 0, rows, dim, cuda::kWgmmaResidentMaxDim / 64);
+  cuda::cp_async_commit();
+  for (int i = threadIdx.x; i < cuda::kOuterClasses * cuda::kOuterRows; i += kTileThreads)
+    staged_elems[cuda::outer_element(i / cuda::kOuterRows, i % cuda::kOuterRows)] = g[i];
+  cuda::cp_async_wait<0>();
+  cuda::fence_proxy_async();
+  __syncthreads();
+  float acc_s[16];
+  float acc_p[128];
+  cuda::wgmma_fence();
+  cuda::outer_issue_s(acc_s, w_tile, x_tile, slices);
+  cuda::wgmma_commit();
+  cuda::wgmma_wait<0>(acc_s);
+  cuda::wgmma_fence();
+  cuda::outer_issue_p(acc_p, staged, x_tile, false);
+  cuda::wgmma_commit();
+  cuda::wgmma_wait<0>(acc_s, acc_p);
+  float* mine = out + 144 * threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) mine[i] = acc_s[i];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) mine[16 + i] = acc_p[i];
 }
 
 // ---- host side ----------------------------------------------------------------------------
@@ -1655,20 +1878,32 @@ int wgmma_variant_named(c10::string_view name) {
 // wgmma (fused_forward_wgmma_kernel, fused_backward_wgmma_kernel) in 64-deep slices; 32 in 32-deep
 // slices with a wgmma group kept in flight across the barrier; `resident` with the x tile resident in
 // shared memory (fused_forward_wgmma_kernel<..., kWgmmaResidentX>, fused_backward_wgmma_resident_kernel:
-// one row tile a block; D up to cuda::kWgmmaResidentMaxDim, else 64-deep slices); 0 or unset, the
-// mma.sync tile (wgmma_tile.cuh; 32 and resident for measuring). Off by default until a GPU has
+// one row tile a block; D up to cuda::kWgmmaResidentMaxDim, else 64-deep slices); `resident-weight` the
+// same tiles, and d loss / d W formed in the backward's own tile (wgmma_weight_gradient_tile); 0 or
+// unset, the mma.sync tile (wgmma_tile.cuh; 32 and the resident ones for measuring). Off by default until a GPU has
 // measured it (NOTES.md, sessions 14-15); asked for where it cannot run (check_wgmma_runs), it raises
 // rather than quietly measuring the other kernel. Returns the variant for depth `dim`: 64, 32,
 // cuda::kWgmmaResidentX, or 0 for mma.sync.
 int wgmma_tile_variant(int device, int64_t dim) {
   const char* setting = std::getenv("ARCFACE_EXT_WGMMA");
   if (setting == nullptr || std::strcmp(setting, "0") == 0) return 0;
-  const int variant = std::strcmp(setting, "1") == 0 ? 64 : wgmma_variant_named(setting);
-  TORCH_CHECK_VALUE(variant != 0, "arcface_ext: ARCFACE_EXT_WGMMA must be 0, 1, 64, 32 or resident, got '", setting,
-                    "'");
+  const int variant = std::strcmp(setting, "1") == 0                 ? 64
+                      : std::strcmp(setting, "resident-weight") == 0 ? cuda::kWgmmaResidentX
+                                                                       : wgmma_variant_named(setting);
+  TORCH_CHECK_VALUE(variant != 0, "arcface_ext: ARCFACE_EXT_WGMMA must be 0, 1, 64, 32, resident or resident-weight, "
+                    "got '", setting, "'");
   check_wgmma_runs(device, std::string("ARCFACE_EXT_WGMMA=") + setting);
   // The resident x tile holds D up to kWgmmaResidentMaxDim; past it the kernels take 64-deep slices.
   return variant == cuda::kWgmmaResidentX && dim > cuda::kWgmmaResidentMaxDim ? 64 : variant;
+}
+
+// ARCFACE_EXT_WGMMA=resident-weight (for measuring): the resident tiles, and a bf16 backward that needs
+// d loss / d W forms it in its own tile (fused_weight_gradient_wgmma_kernel) instead of the cuBLAS GEMM
+// and class_gradient_kernel; D up to cuda::kWgmmaResidentMaxDim. Call after wgmma_tile_variant, which
+// checks that the setting can run.
+bool wgmma_weight_gradient_tile(int64_t dim) {
+  const char* setting = std::getenv("ARCFACE_EXT_WGMMA");
+  return setting != nullptr && std::strcmp(setting, "resident-weight") == 0 && dim <= cuda::kWgmmaResidentMaxDim;
 }
 
 // Calls f(std::integral_constant<int, depth>{}) for a wgmma slice depth of 64 or 32.
@@ -2100,11 +2335,17 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
 
   const at::Tensor rows = at::empty({n * int64_t{sizeof(RowTarget)}}, x.options().dtype(at::kByte));
   RowTarget* rows_ptr = row_targets_ptr(rows);
+  const int wgmma = fused ? wgmma_tile_variant(x.get_device(), dim) : 0;
+  // d loss / d W from the backward's own class-outer tile (bf16; see wgmma_weight_gradient_tile), which
+  // writes the gradient block class-major: no weight-gradient GEMM, no class_gradient_kernel.
+  const bool weight_tile = std::is_same<scalar_t, at::BFloat16>::value && needs_weight_grad &&
+                           wgmma == cuda::kWgmmaResidentX && wgmma_weight_gradient_tile(dim);
   // (grad_loss_i / grad_max) x̂_i in the GEMM dtype: the B operand of d loss / d W.
-  const at::Tensor scaled_xhat = needs_weight_grad ? at::empty({n, dim}, x.options()) : at::Tensor();
+  const bool weight_gemm = needs_weight_grad && !weight_tile;
+  const at::Tensor scaled_xhat = weight_gemm ? at::empty({n, dim}, x.options()) : at::Tensor();
   launch_row_targets<scalar_t, acc_t>(
       x, w, labels, class_offset, num_classes, ignore_index, params, rows_ptr, grad_ptr, grad_max.data_ptr<acc_t>(),
-      needs_weight_grad ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream);
+      weight_gemm ? scaled_xhat.data_ptr<scalar_t>() : nullptr, stream);
 
   // The cuBLAS path keeps the chunk's dot products (fp32 for 16-bit inputs), which for fp16 later
   // hold the fp32 weight-gradient block; fp32/fp64 overwrite them with the gradient block in place.
@@ -2112,13 +2353,14 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
   // needs the fp32 block only for fp16's d loss / d W, and its tiles compute the class norms.
   const bool p_buffer = needs_weight_grad && !kPInGradWeight<scalar_t>;
   const int64_t block_pitch = fused ? (chunks.width + 7) / 8 * 8 : chunks.width;
+  const int64_t row_pitch = (n + 7) / 8 * 8;  // the class-outer tile's class-major block's
   const int64_t dots_per_class = fused ? (p_buffer ? dim : 0) : (p_buffer ? std::max(n, dim) : n);
   at::Tensor dots_buffer = at::empty({dots_per_class * chunks.width}, acc_options);
-  at::Tensor grad_block_buffer = converts ? at::empty({n * block_pitch}, x.options()) : dots_buffer;
+  at::Tensor grad_block_buffer =
+      converts ? at::empty({weight_tile ? chunks.width * row_pitch : n * block_pitch}, x.options()) : dots_buffer;
   const at::Tensor inv_norm_w = at::empty({chunks.width}, acc_options);
   const at::Tensor unclamped_w = at::empty({chunks.width}, x.options().dtype(at::kByte));
   const int stages = fused ? fused_tile_stages(x.get_device()) : 0;
-  const int wgmma = fused ? wgmma_tile_variant(x.get_device(), dim) : 0;
   const int sm_count = fused ? device_attribute(cudaDevAttrMultiProcessorCount, x.get_device()) : 0;
   // A = Σ_j G_ij w_j, accumulated over chunks in fp32 (fp64 for fp64); the first chunk's GEMM
   // writes it, so it needs no zero fill.
@@ -2141,7 +2383,19 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
         const int64_t row_tiles = (n + kTileRows - 1) / kTileRows;
         const dim3 grid(static_cast<unsigned>((row_tiles + row_tiles_per_block - 1) / row_tiles_per_block),
                         static_cast<unsigned>((width + kTileClasses - 1) / kTileClasses));
-        if (wgmma == cuda::kWgmmaResidentX) {
+        if (weight_tile) {
+          constexpr int kSmem = cuda::kOuterSmemBytes;
+          if (k == 0) allow_smem(fused_weight_gradient_wgmma_kernel, kSmem, x.get_device());
+          at::BFloat16* grad_block_t = grad_block_buffer.data_ptr<at::BFloat16>();
+          fused_weight_gradient_wgmma_kernel<<<static_cast<unsigned>((width + cuda::kOuterClasses - 1) /
+                                                                     cuda::kOuterClasses),
+                                               kTileThreads, kSmem, stream>>>(
+              raw_bits<scalar_t>(x), raw_bits<scalar_t>(w_chunk), n, width, static_cast<int>(dim), c0, rows_ptr,
+              grad_ptr, grad_max.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), static_cast<acc_t>(params.s), grad_block_t,
+              row_pitch, grad_weight.narrow(0, c0, width).data_ptr<at::BFloat16>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          grad_block = grad_block_buffer.narrow(0, 0, width * row_pitch).view({width, row_pitch}).narrow(1, 0, n).t();
+        } else if (wgmma == cuda::kWgmmaResidentX) {
           const int64_t class_tiles = (width + kTileClasses - 1) / kTileClasses;
           const int64_t per = resident_tiles_per_segment(row_tiles, class_tiles, sm_count);
           const dim3 resident_grid(static_cast<unsigned>(row_tiles),
@@ -2204,7 +2458,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
         grad_xhat.addmm_(grad_block, w_chunk);
       }
     }
-    if (needs_weight_grad) {
+    if (weight_gemm) {
       at::Tensor grad_w_chunk = grad_weight.narrow(0, c0, width);
       using p_t = std::conditional_t<kPInGradWeight<scalar_t>, scalar_t, acc_t>;
       // P goes straight into grad_weight's rows (see kPInGradWeight); fp16 gets it in fp32 in
@@ -2419,6 +2673,43 @@ at::Tensor wgmma_tile_probe_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
   return out;
 }
 
+// The class-outer tile's two GEMMs on given operands (wgmma_weight_tile_probe_kernel): (256, 144) float32,
+// each thread's 16 registers of S = w·xᵀ, then its 128 of P = g·x. x (R, D) and w (K, D) bf16, R and K at
+// most 64, D a positive multiple of 8 at most kWgmmaResidentMaxDim; g (64, 64) bf16.
+at::Tensor wgmma_weight_tile_probe_cuda(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& g_in) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && w_in.dim() == 2 && g_in.dim() == 2,
+                    "arcface_ext: wgmma_weight_tile_probe: x, w and g must be 2-D, got ", x_in.sizes(), ", ",
+                    w_in.sizes(), " and ", g_in.sizes());
+  TORCH_CHECK_VALUE(x_in.scalar_type() == at::kBFloat16 && w_in.scalar_type() == at::kBFloat16 &&
+                        g_in.scalar_type() == at::kBFloat16,
+                    "arcface_ext: wgmma_weight_tile_probe: x, w and g must be bfloat16, got ", x_in.scalar_type(), ", ",
+                    w_in.scalar_type(), " and ", g_in.scalar_type());
+  const int64_t dim = x_in.size(1);
+  TORCH_CHECK_VALUE(w_in.size(1) == dim && dim > 0 && dim % 8 == 0 && dim <= cuda::kWgmmaResidentMaxDim,
+                    "arcface_ext: wgmma_weight_tile_probe: x and w need one depth, a positive multiple of 8 (at most ",
+                    cuda::kWgmmaResidentMaxDim, "); got ", x_in.sizes(), " and ", w_in.sizes());
+  TORCH_CHECK_VALUE(x_in.size(0) <= cuda::kOuterRows && w_in.size(0) <= cuda::kOuterClasses,
+                    "arcface_ext: wgmma_weight_tile_probe: x and w hold at most 64 rows each, got ", x_in.sizes(),
+                    " and ", w_in.sizes());
+  TORCH_CHECK_VALUE(g_in.size(0) == cuda::kOuterClasses && g_in.size(1) == cuda::kOuterRows,
+                    "arcface_ext: wgmma_weight_tile_probe: g must be (64, 64), got ", g_in.sizes());
+  TORCH_CHECK_VALUE(x_in.device() == w_in.device() && x_in.device() == g_in.device(),
+                    "arcface_ext: wgmma_weight_tile_probe: x, w and g must be on one device, got ", x_in.device(), ", ",
+                    w_in.device(), " and ", g_in.device());
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  check_wgmma_runs(x_in.get_device(), "wgmma_weight_tile_probe");
+  const at::Tensor x = x_in.detach().clone(at::MemoryFormat::Contiguous);
+  const at::Tensor w = w_in.detach().clone(at::MemoryFormat::Contiguous);
+  const at::Tensor g = g_in.detach().clone(at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty({kTileThreads, 144}, x.options().dtype(at::kFloat));
+  allow_smem(wgmma_weight_tile_probe_kernel, cuda::kOuterSmemBytes, x.get_device());
+  wgmma_weight_tile_probe_kernel<<<1, kTileThreads, cuda::kOuterSmemBytes, c10::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const uint16_t*>(x.data_ptr()), x.size(0), static_cast<const uint16_t*>(w.data_ptr()), w.size(0),
+      static_cast<const uint16_t*>(g.data_ptr()), static_cast<int>(dim), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
@@ -2427,6 +2718,7 @@ TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
   m.impl("margin_softmax_forward_kept", &margin_softmax_forward_kept_cuda);
   m.impl("margin_softmax_backward_kept", &margin_softmax_backward_kept_cuda);
   m.impl("wgmma_tile_probe", &wgmma_tile_probe_cuda);
+  m.impl("wgmma_weight_tile_probe", &wgmma_weight_tile_probe_cuda);
 }
 
 }  // namespace arcface_ext

@@ -16,7 +16,7 @@
 //   opt-in attribute; cp.async copies still pending when a thread exits; __trap;
 // - races in shared memory (see Access below), out-of-range indices of static shared arrays, reads
 //   of static shared elements no thread of the block wrote, and launches off the current stream;
-// - wgmma (sm_90a, see wgmma_m64n128k16): malformed descriptors, operands still being written by a
+// - wgmma (sm_90a, see wgmma_issue): malformed descriptors, operands still being written by a
 //   cp.async or landed with no fence.proxy.async by their thread, warpgroups disagreeing on an op;
 //   accumulators read while a wgmma still writes them read NaN.
 // Blocks run one at a time, in order (ARCFACE_EMU_BLOCK_ORDER=reverse: last first).
@@ -193,6 +193,8 @@ struct PendingCopy {
 // A wgmma this thread issued and has not waited for: where its accumulators are, and its operands.
 struct WgmmaPending {
   float* d;
+  int n;         // the shape's N: 128, or 32 and 256 for the backward's class-outer tile; d holds n / 2
+  bool b_mn;     // B MN-major (imm-trans-b 1), else K-major
   uint64_t desc_a, desc_b;
   bool bfloat16;
   bool accumulate;  // scale-d 1: D += A·Bᵀ; else D = A·Bᵀ
@@ -215,14 +217,16 @@ struct Thread {
   std::vector<WgmmaPending> wgmma_open;
   std::vector<std::vector<WgmmaPending>> wgmma_groups;
   // The accumulators of this thread's pending wgmma: their values, kept here while the registers
-  // themselves read NaN (wgmma_m64n128k16).
-  std::map<float*, std::array<float, 64>> wgmma_held;
+  // themselves read NaN (wgmma_issue).
+  std::map<float*, std::vector<float>> wgmma_held;
 };
 
-// A warpgroup's wgmma products A·Bᵀ (64 x 128, fp32), computed by the first of its threads to wait for
+// A warpgroup's wgmma products A·Bᵀ (64 x N, fp32), computed by the first of its threads to wait for
 // the op and taken by each of its 128 threads in turn.
 struct WgmmaProduct {
   uint64_t desc_a, desc_b;
+  int n;
+  bool b_mn;
   bool bfloat16;
   std::vector<float> p;
   int takers;
@@ -833,66 +837,117 @@ inline uint32_t wgmma_operand_address(uint64_t desc, int row, int k) {
   return linear ^ (((linear >> 7) & (pitch / 16 - 1)) << 4);
 }
 
-inline void check_wgmma_descriptor(uint64_t desc, int rows, const char* which) {
+// The same for an MN-major operand (imm-trans 1) in the 128-byte swizzle, the one such layout the
+// kernels use (CUTLASS's canonical ((8T, m), (8, k)) : ((1, LBO), (8T, SBO)) with T = 8 values): an
+// atom's 128-byte row holds 64 consecutive MN values at one k, its 8 rows are 8 consecutive k; the next
+// 64 MN values sit LBO bytes on (bits 16-29, in 16 bytes), the next 8 k SBO bytes on (bits 32-45).
+inline uint32_t wgmma_operand_address_mn(uint64_t desc, int mn, int k) {
   const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
+  const uint32_t leading = static_cast<uint32_t>((desc >> 16) & 0x3fff) << 4;
+  const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4;
+  const uint32_t linear = start + static_cast<uint32_t>(mn / 64) * leading + static_cast<uint32_t>(k / 8) * stride +
+                          static_cast<uint32_t>(k % 8) * 128 + 2 * static_cast<uint32_t>(mn % 64);
+  return linear ^ (((linear >> 7) & 7) << 4);
+}
+
+// `rows` the operand's M or N (the rows of a K-major operand; the MN extent of an MN-major one).
+inline void check_wgmma_descriptor(uint64_t desc, int rows, bool mn_major, const char* which) {
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3fff) << 4;
+  const uint32_t leading = static_cast<uint32_t>((desc >> 16) & 0x3fff) << 4;
   const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3fff) << 4;
   const std::string what = std::string("wgmma operand ") + which + ": ";
   const uint64_t layout = desc >> 62;
-  if (layout != 1 && layout != 2) fail(what + "the emulator models the 128- and 64-byte swizzles only (layouts 1, 2)");
-  const uint32_t pitch = wgmma_pitch(desc);
   if (((desc >> 49) & 7) != 0) fail(what + "a non-zero base offset");
-  if (((start >> 7) & (pitch / 16 - 1)) != 0)
-    fail(what + "start address " + std::to_string(start) + " is not in a swizzle atom's first row");
-  if ((start % pitch) + 32 > pitch) fail(what + "a 16-deep step crossing the swizzled row");
-  if (stride % (8 * pitch) != 0)
-    fail(what + "8-row groups " + std::to_string(stride) + " bytes apart break the atoms");
-  const uint32_t last = start - start % pitch + static_cast<uint32_t>((rows - 1) / 8) * stride + 8 * pitch;
+  uint32_t last;
+  if (mn_major) {
+    if (layout != 1) fail(what + "the emulator models MN-major operands in the 128-byte swizzle only (layout 1)");
+    if (start % 1024 != 0) fail(what + "MN-major start address " + std::to_string(start) + " is not a swizzle atom's");
+    if (leading % 1024 != 0 || stride % 1024 != 0)
+      fail(what + "MN-major atoms " + std::to_string(leading) + " (LBO) and " + std::to_string(stride) +
+           " (SBO) bytes apart break the atoms");
+    if (rows > 64 && leading == 0) fail(what + "an MN-major operand wider than an atom with LBO 0");
+    last = start + static_cast<uint32_t>((rows - 1) / 64) * leading + stride + 1024;  // k = 0..15: two groups
+  } else {
+    if (layout != 1 && layout != 2) fail(what + "the emulator models the 128- and 64-byte swizzles only (layouts 1, 2)");
+    const uint32_t pitch = wgmma_pitch(desc);
+    if (((start >> 7) & (pitch / 16 - 1)) != 0)
+      fail(what + "start address " + std::to_string(start) + " is not in a swizzle atom's first row");
+    if ((start % pitch) + 32 > pitch) fail(what + "a 16-deep step crossing the swizzled row");
+    if (stride % (8 * pitch) != 0)
+      fail(what + "8-row groups " + std::to_string(stride) + " bytes apart break the atoms");
+    last = start - start % pitch + static_cast<uint32_t>((rows - 1) / 8) * stride + 8 * pitch;
+  }
   if (last > launch_state().smem_bytes)
     fail(what + "rows up to byte " + std::to_string(last) + " past the " + std::to_string(launch_state().smem_bytes) +
          " bytes of dynamic shared memory");
 }
 
 // Reads the rows x 16 operand through its descriptor (with the race and proxy-fence checks of every
-// 16-byte vector), as floats.
-inline std::vector<float> wgmma_operand(uint64_t desc, int rows, bool bfloat16, const char* which) {
-  check_wgmma_descriptor(desc, rows, which);
+// 16-byte vector), as floats: values[r·16 + k], r the operand's M or N index.
+inline std::vector<float> wgmma_operand(uint64_t desc, int rows, bool mn_major, bool bfloat16, const char* which) {
+  check_wgmma_descriptor(desc, rows, mn_major, which);
   Launch& l = launch_state();
+  auto check_vector = [&](uint32_t vector) {
+    Access& a = l.smem_shadow[vector / 16];
+    if (racecheck() && a.in_flight > 0)
+      fail(std::string("wgmma reads ") + element("dynamic shared memory, byte", vector) +
+           " while a cp.async to it is in flight");
+    if (a.unfenced)
+      fail(std::string("wgmma reads ") + element("dynamic shared memory, byte", vector) +
+           ", landed by a cp.async whose thread ran no fence.proxy.async since");
+    record_read(a, "dynamic shared memory, byte", vector);
+  };
   std::vector<float> values(static_cast<size_t>(rows) * 16);
+  if (mn_major) {
+    for (int k = 0; k < 16; ++k)
+      for (int chunk = 0; chunk < rows / 8; ++chunk) check_vector(wgmma_operand_address_mn(desc, 8 * chunk, k));
+    for (int r = 0; r < rows; ++r)
+      for (int k = 0; k < 16; ++k)
+        values[r * 16 + k] = half_bits_to_float(smem_u16(wgmma_operand_address_mn(desc, r, k)), bfloat16);
+    return values;
+  }
   for (int r = 0; r < rows; ++r) {
-    for (int half = 0; half < 2; ++half) {
-      const uint32_t vector = wgmma_operand_address(desc, r, 8 * half);
-      Access& a = l.smem_shadow[vector / 16];
-      if (racecheck() && a.in_flight > 0)
-        fail(std::string("wgmma reads ") + element("dynamic shared memory, byte", vector) +
-             " while a cp.async to it is in flight");
-      if (a.unfenced)
-        fail(std::string("wgmma reads ") + element("dynamic shared memory, byte", vector) +
-             ", landed by a cp.async whose thread ran no fence.proxy.async since");
-      record_read(a, "dynamic shared memory, byte", vector);
-    }
+    for (int half = 0; half < 2; ++half) check_vector(wgmma_operand_address(desc, r, 8 * half));
     for (int k = 0; k < 16; ++k) values[r * 16 + k] = half_bits_to_float(smem_u16(wgmma_operand_address(desc, r, k)), bfloat16);
   }
   return values;
 }
 
-// wgmma.mma_async.sync.aligned.m64n128k16.f32.{bf16,f16}, both operands K-major in shared memory: D +=
-// A·Bᵀ with `accumulate` (scale-d 1), else D = A·Bᵀ; A the warpgroup's 64 rows, B 128 rows. Issued
-// here; it completes (reads shared memory and writes the accumulators) when the thread waits for its
-// group, the latest moment the PTX ISA allows. Thread (warp q of the warpgroup, lane) holds
-// D[16q + lane/4 + 8h][8j + 2(lane % 4) + e] in d[4j + 2h + e]; the products are exact in fp32 and
-// summed in k order, then added to d (or written to it, without accumulate). From issue until the wait that completes the last pending op on
-// them, the registers read NaN (their values wait in Thread::wgmma_held): code that reads accumulators
-// a wgmma in flight still writes, which the hardware leaves undefined, gets NaN losses here.
-inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool bfloat16, bool accumulate) {
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}, A K-major and B K-major (or MN-major with
+// b_mn: imm-trans-b 1) in shared memory: D += A·Bᵀ with `accumulate` (scale-d 1), else D = A·Bᵀ; A the
+// warpgroup's 64 rows, B N rows. Issued here; it completes (reads shared memory and writes the
+// accumulators) when the thread waits for its group, the latest moment the PTX ISA allows. Thread
+// (warp q of the warpgroup, lane) holds D[16q + lane/4 + 8h][8j + 2(lane % 4) + e] in d[4j + 2h + e]
+// (j < N/8); the products are exact in fp32 and summed in k order, then added to d (or written to it,
+// without accumulate). From issue until the wait that completes the last pending op on them, the
+// registers read NaN (their values wait in Thread::wgmma_held): code that reads accumulators a wgmma in
+// flight still writes, which the hardware leaves undefined, gets NaN losses here.
+inline void wgmma_issue(float* d, int n, bool b_mn, uint64_t desc_a, uint64_t desc_b, bool bfloat16, bool accumulate) {
   Launch& l = launch_state();
   if (l.threads.size() % 128 != 0) fail("wgmma in a block that is not whole warpgroups");
   Thread& t = *l.current;
-  if (t.wgmma_held.find(d) == t.wgmma_held.end()) {
-    std::array<float, 64>& held = t.wgmma_held[d];
-    std::copy(d, d + 64, held.begin());
-    std::fill(d, d + 64, std::numeric_limits<float>::quiet_NaN());
+  auto held = t.wgmma_held.find(d);
+  if (held == t.wgmma_held.end()) {
+    t.wgmma_held.emplace(d, std::vector<float>(d, d + n / 2));
+    std::fill(d, d + n / 2, std::numeric_limits<float>::quiet_NaN());
+  } else if (static_cast<int>(held->second.size()) != n / 2) {
+    fail("wgmma ops of different shapes on one accumulator array while one is pending");
   }
-  t.wgmma_open.push_back(WgmmaPending{d, desc_a, desc_b, bfloat16, accumulate, t.wgmma_issued++});
+  t.wgmma_open.push_back(WgmmaPending{d, n, b_mn, desc_a, desc_b, bfloat16, accumulate, t.wgmma_issued++});
+}
+
+inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, bool bfloat16, bool accumulate) {
+  wgmma_issue(d, 128, false, desc_a, desc_b, bfloat16, accumulate);
+}
+
+// The backward's class-outer tile's two shapes: m64n32k16 (both operands K-major) and m64n256k16 with B
+// MN-major.
+inline void wgmma_m64n32k16(float (&d)[16], uint64_t desc_a, uint64_t desc_b, bool bfloat16, bool accumulate) {
+  wgmma_issue(d, 32, false, desc_a, desc_b, bfloat16, accumulate);
+}
+
+inline void wgmma_m64n256k16_b_mn(float (&d)[128], uint64_t desc_a, uint64_t desc_b, bool bfloat16, bool accumulate) {
+  wgmma_issue(d, 256, true, desc_a, desc_b, bfloat16, accumulate);
 }
 
 inline void wgmma_commit() {
@@ -907,26 +962,26 @@ inline void wgmma_complete(const WgmmaPending& op) {
   Warpgroup& group = l.warpgroups[t.linear / 128];
   auto found = group.products.find(op.serial);
   if (found == group.products.end()) {
-    const std::vector<float> a = wgmma_operand(op.desc_a, 64, op.bfloat16, "A");
-    const std::vector<float> b = wgmma_operand(op.desc_b, 128, op.bfloat16, "B");
-    WgmmaProduct product{op.desc_a, op.desc_b, op.bfloat16, std::vector<float>(64 * 128), 128};
+    const std::vector<float> a = wgmma_operand(op.desc_a, 64, false, op.bfloat16, "A");
+    const std::vector<float> b = wgmma_operand(op.desc_b, op.n, op.b_mn, op.bfloat16, "B");
+    WgmmaProduct product{op.desc_a, op.desc_b, op.n, op.b_mn, op.bfloat16, std::vector<float>(64 * op.n), 128};
     for (int m = 0; m < 64; ++m)
-      for (int n = 0; n < 128; ++n) {
+      for (int n = 0; n < op.n; ++n) {
         float sum = 0.0f;
         for (int k = 0; k < 16; ++k) sum += a[m * 16 + k] * b[n * 16 + k];
-        product.p[m * 128 + n] = sum;
+        product.p[m * op.n + n] = sum;
       }
     found = group.products.emplace(op.serial, std::move(product)).first;
-  } else if (found->second.desc_a != op.desc_a || found->second.desc_b != op.desc_b ||
-             found->second.bfloat16 != op.bfloat16) {
+  } else if (found->second.desc_a != op.desc_a || found->second.desc_b != op.desc_b || found->second.n != op.n ||
+             found->second.b_mn != op.b_mn || found->second.bfloat16 != op.bfloat16) {
     fail("the threads of a warpgroup gave one wgmma different operands");
   }
   const int q = t.linear % 128 / kWarp, lane = lane_of(t);
-  std::array<float, 64>& d = t.wgmma_held.at(op.d);
-  for (int j = 0; j < 16; ++j)
+  std::vector<float>& d = t.wgmma_held.at(op.d);
+  for (int j = 0; j < op.n / 8; ++j)
     for (int h = 0; h < 2; ++h)
       for (int e = 0; e < 2; ++e) {
-        const float p = found->second.p[(16 * q + lane / 4 + 8 * h) * 128 + 8 * j + 2 * (lane % 4) + e];
+        const float p = found->second.p[(16 * q + lane / 4 + 8 * h) * op.n + 8 * j + 2 * (lane % 4) + e];
         float& value = d[4 * j + 2 * h + e];
         value = op.accumulate ? value + p : p;
       }
