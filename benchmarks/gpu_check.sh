@@ -18,23 +18,25 @@
 #   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl but the wgmma ones, then the largest C
 #             that fits for ours and eager (45 s); the results JSON is $OUT/bench.json, written after
 #             each C (an impl that fails, e.g. a refused graph capture, is left out and said so)
-#   bench-wgmma ours, ours-wgmma, ours-wgmma32, ours-wgmma-resident and floor at C = 1e5 and 1e6, to bench.log
+#   bench-wgmma ours, ours-wgmma, ours-wgmma32, ours-wgmma-resident, ours-wgmma-weight and floor at C = 1e5
+#             and 1e6, to bench.log
 #   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
 #             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   rows      (not in the default list) ours and ours-recompute at C = 1e5 and 1e6 with blocks walking 1,
 #             2 and 4 row tiles (ARCFACE_EXT_ROW_TILES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
-#             search: ours, ours-recompute, ours-one-row-tile, the three ours-wgmma*, ours-graphed,
+#             search: ours, ours-recompute, ours-one-row-tile, the four ours-wgmma*, ours-graphed,
 #             ours-cublas, eager, compiled and floor at C = 1e5 and 1e6 (~45 s), for a short call; the
 #             results JSON is $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   profile   benchmarks/profile_loss.py at C = 1M (fused, one-row-tile, cuBLAS and the three wgmma paths) and
+#   profile   benchmarks/profile_loss.py at C = 1M (fused, one-row-tile, cuBLAS and the four wgmma paths) and
 #             100k (fused, which keeps the gradient block there, and recompute, which does not); then
 #             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
 #   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k, the recompute
 #             path as in session 8), then their warp stall reasons (ncu-stalls), then the wgmma kernels'
 #             counters and stalls (ncu-wgmma, C = 1M), then the resident x tile's forward and first
-#             backward launch (ncu-resident), to profile.log
+#             backward launch (ncu-resident), then the backward's class-outer tile (ncu-weight), to
+#             profile.log
 #   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
 #             (its images/s in metrics.jsonl, appended to profile.log)
@@ -136,7 +138,7 @@ for stage in "${STAGES[@]}"; do
         --impls ours,ours-recompute,ours-one-row-tile,ours-graphed,ours-cublas,eager,compiled,floor,ours-sampled,eager-sampled \
         --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
     bench-wgmma)  # the wgmma tiles (session 14) against ours and the floor, to bench.log
-      run_stage bench-wgmma bench 75 25 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
+      run_stage bench-wgmma bench 90 25 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
         --C 100000 1000000 --impls ours,ours-wgmma,ours-wgmma32,ours-wgmma-resident,ours-wgmma-weight,floor --no-memory \
         --out /tmp/bench-wgmma.json ;;
     bench-core)

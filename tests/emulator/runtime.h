@@ -940,16 +940,6 @@ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, b
   wgmma_issue(d, 128, false, desc_a, desc_b, bfloat16, accumulate);
 }
 
-// The backward's class-outer tile's two shapes: m64n32k16 (both operands K-major) and m64n256k16 with B
-// MN-major.
-inline void wgmma_m64n32k16(float (&d)[16], uint64_t desc_a, uint64_t desc_b, bool bfloat16, bool accumulate) {
-  wgmma_issue(d, 32, false, desc_a, desc_b, bfloat16, accumulate);
-}
-
-inline void wgmma_m64n256k16_b_mn(float (&d)[128], uint64_t desc_a, uint64_t desc_b, bool bfloat16, bool accumulate) {
-  wgmma_issue(d, 256, true, desc_a, desc_b, bfloat16, accumulate);
-}
-
 inline void wgmma_commit() {
   Thread& t = self();
   t.wgmma_groups.push_back(std::move(t.wgmma_open));
