@@ -7,6 +7,10 @@ import numbers
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+# Device types whose op checks the labels' values whatever check_labels says: on the CPU the check
+# reads no answer back from a device. (The tests' CUDA emulator, which runs the CUDA op on CPU
+# tensors, empties it.)
+ALWAYS_CHECKED_DEVICES = frozenset({"cpu"})
 MARGIN_GRADS = ("exact", "straight_through")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -70,6 +74,19 @@ def check_options(*, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_inde
     if (isinstance(ignore_index, (bool, torch.Tensor)) or not isinstance(ignore_index, numbers.Integral)
             or not -2**63 <= ignore_index < 2**63):
         raise ValueError(f"ignore_index must be an int (int64), got {ignore_index!r}")
+
+
+def skips_label_check(check_labels, labels):
+    """Whether a call with ``check_labels`` skips the labels' check (asked for, and on a device
+    where the check is a sync)."""
+    return not check_labels and labels.device.type not in ALWAYS_CHECKED_DEVICES
+
+
+def check_flag(name, value):
+    """A yes/no option: a bool (numpy's too), not a truthy object."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def check_row_margin(name, value, embeddings):

@@ -27,8 +27,8 @@ from . import ops
 from ._checks import (FLOAT_DTYPES, check_arguments, check_row_margin, fused_compute_dtype, nan_at_ignored,
                       reduce_rows, scalar_margin, stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
-from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options
-from .sampling import check_labels, sample_classes, sample_size
+from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options, unchecked
+from .sampling import bad_labels, check_label_values, sample_classes, sample_size
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -72,17 +72,19 @@ def _all_gather_rows(local, rows, group, world_size):
 
 class _ShardedMarginSoftmax(torch.autograd.Function):
     """Per-row losses of this rank's rows and their target cosines, for a weight shard (or the
-    sampled rows ``index`` of it), given every rank's labels as the op is to see them."""
+    sampled rows ``index`` of it), given every rank's labels as the op is to see them. ``options``
+    are the op's arguments after the labels, up to the per-row margins (None or every rank's);
+    ``check_labels`` whether the op checks the labels' values (a sync on a GPU)."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight, all_labels, index, rows, options, group):
-        ignore_index, class_start = options[5], options[8]
+    def forward(ctx, embeddings, weight, all_labels, index, rows, options, group, check_labels):
+        ignore_index, class_start, num_classes = options[5], options[8], options[9]
         rank, world_size = _group_info(group)
         n = embeddings.shape[0]
         all_embeddings = _all_gather_rows(embeddings.detach(), rows, group, world_size)
         classes = weight.detach() if index is None else weight.detach().index_select(0, index)
 
-        loss, lse, cosine = ops.margin_softmax_forward(all_embeddings, classes, all_labels, *options)
+        loss, lse, cosine = ops.margin_softmax_forward(all_embeddings, classes, all_labels, *options, check_labels)
         if world_size > 1:
             # The whole softmax's log-sum-exp from the shards' (max first, for range), and the target
             # logit and cosine from the shard that holds each row's target (zero on the others).
@@ -97,6 +99,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             lse = lse_max + torch.log(parts[0])
             loss = torch.where(counted, lse - parts[1], torch.zeros_like(lse))
             cosine = parts[2]
+            if not check_labels:  # a bad label's row: NaN, as the op gives it on each shard
+                bad = bad_labels(all_labels, num_classes, ignore_index)
+                loss = loss.masked_fill(bad, float("nan"))
+                cosine = cosine.masked_fill(bad, float("nan"))
         mine = slice(rank * rows, rank * rows + n)
         ctx.save_for_backward(all_embeddings, classes, all_labels, lse, index)
         ctx.options, ctx.group, ctx.world_size, ctx.mine, ctx.rows = options, group, world_size, mine, rows
@@ -116,9 +122,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         if grad_loss is None:  # every rank skips alike: only the target cosines were used
             grad_loss = lse.new_zeros(n)
         all_grad = _all_gather_rows(grad_loss.to(lse.dtype), ctx.rows, ctx.group, world_size)
+        # The forward checked these labels (or was told not to): no second check, no second sync.
         grad_embeddings, grad_classes = ops.margin_softmax_backward(
             all_grad, all_embeddings, classes, all_labels, lse, *options[:8], needs_embeddings_grad,
-            needs_weight_grad, *options[8:])
+            needs_weight_grad, *options[8:], False)
         grad_x = grad_w = None
         if needs_embeddings_grad:
             if world_size > 1:
@@ -134,7 +141,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             if index is not None:  # the classes left out of the sample get no gradient
                 grad_classes = grad_classes.new_zeros(ctx.weight_shape).index_copy_(0, index, grad_classes)
             grad_w = grad_classes / world_size if world_size > 1 else grad_classes
-        return grad_x, grad_w, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 class ShardedCombinedMarginLoss(nn.Module):
@@ -165,16 +172,20 @@ class ShardedCombinedMarginLoss(nn.Module):
     its other classes (``sample_size(shard size, sample_rate, gathered rows)`` in all), and the
     softmax runs over the union of the ranks' samples. The centres left out get no gradient that
     step. In eval mode every class counts.
+
+    ``check_labels=False`` skips the check of the gathered labels' values on GPUs (a device
+    synchronisation): a bad label gives its row a NaN loss on every rank instead. The call's first
+    collective still reads its answer back.
     """
 
     sharded = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
-                 reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, process_group=None,
-                 device=None, dtype=None):
+                 reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
+                 process_group=None, device=None, dtype=None):
         super().__init__()
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
-                         ignore_index, sample_rate)
+                         ignore_index, sample_rate, check_labels)
         self.process_group = process_group
         self.rank, self.world_size = _group_info(process_group)
         self.class_start, self.class_stop = class_shard(num_classes, self.rank, self.world_size)
@@ -273,7 +284,7 @@ class ShardedCombinedMarginLoss(nn.Module):
     def _agree(self, embeddings, labels, error):
         """The call's first collective: every rank's batch size, whether its arguments passed their
         checks (``error`` is its own exception, or None), and how it calls (compute dtype, training
-        mode, gradients). Raises on every rank when any rank failed or they differ; returns the
+        mode, gradients, label check: a rank that checks would raise alone). Raises on every rank when any rank failed or they differ; returns the
         largest local batch size."""
         if error is not None and self.world_size == 1:
             raise error
@@ -284,11 +295,12 @@ class ShardedCombinedMarginLoss(nn.Module):
         if self.world_size == 1:
             return labels.shape[0]
         device = self.weight.device
-        row = torch.zeros(6, dtype=torch.int64, device=device)
+        row = torch.zeros(7, dtype=torch.int64, device=device)
         if error is None:
             grad = torch.is_grad_enabled()
             row[:5] = torch.tensor([labels.shape[0], 1, 1 + FLOAT_DTYPES.index(fused_compute_dtype(embeddings, self.weight)),
                                     int(self.training), int(grad) + int(grad and embeddings.requires_grad)])
+            row[6] = int(not unchecked(self, labels))
             if not self._shards_compared:
                 row[5] = self._first_centre_fingerprint()
         table = torch.empty(self.world_size * row.numel(), dtype=torch.int64, device=device)
@@ -315,7 +327,8 @@ class ShardedCombinedMarginLoss(nn.Module):
         for column, what, name in (
                 (2, "compute dtype", lambda v: str(FLOAT_DTYPES[v - 1]).replace("torch.", "")),
                 (3, "mode", lambda v: "training" if v else "eval"),
-                (4, "gradients", lambda v: ("grad mode off", "embeddings without grad", "embeddings with grad")[v])):
+                (4, "gradients", lambda v: ("grad mode off", "embeddings without grad", "embeddings with grad")[v]),
+                (6, "label checks", lambda v: "check_labels=True" if v else "check_labels=False")):
             values = [entry[column] for entry in table]
             if len(set(values)) > 1:
                 ranks = ", ".join(f"rank {r}: {name(v)}" for r, v in enumerate(values))
@@ -384,22 +397,29 @@ class ShardedCombinedMarginLoss(nn.Module):
         labels = labels.long()
         all_labels = self._gather_labels(labels, rows)
         index, ignore_index, class_start, num_classes = None, self.ignore_index, self.class_start, self.num_classes
+        skip_check = unchecked(self, labels)
         if self.training and self.sample_rate < 1.0:
-            # Every rank checks the same gathered labels, so that all of them raise or none does.
-            check_labels(all_labels, self.num_classes, self.ignore_index)
+            bad = None
+            if skip_check:  # a bad row gets a place past the union of the samples: a NaN loss
+                bad = bad_labels(all_labels, self.num_classes, self.ignore_index)
+            else:
+                # Every rank checks the same gathered labels, so that all of them raise or none does.
+                check_label_values(all_labels, self.num_classes, self.ignore_index)
             index, all_labels, class_start, num_classes = self._sample(all_labels)
+            if bad is not None:
+                all_labels = all_labels.masked_fill(bad, num_classes)
             ignore_index = -1
             self.last_sampled_classes = self.class_start + index
-        options = (self.s, self.m1, scalar_margin(m2), scalar_margin(m3), self.lambda_, int(ignore_index),
-                   self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes)
         margins = stack_row_margins(m2, m3, embeddings)
         if margins is not None and margins.requires_grad:
             raise ValueError("differentiable per-row margins (m2 or m3 requiring grad, as MagFace's) are not "
                              "supported with sharded class centres: use the replicated loss")
         if margins is not None:  # every rank's rows' margins, as the op sees every rank's rows
-            options += (_all_gather_rows(margins, rows, self.process_group, self.world_size),)
+            margins = _all_gather_rows(margins, rows, self.process_group, self.world_size)
+        options = (self.s, self.m1, scalar_margin(m2), scalar_margin(m3), self.lambda_, int(ignore_index),
+                   self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes, margins)
         loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), all_labels,
-                                                        index, rows, options, self.process_group)
+                                                        index, rows, options, self.process_group, not skip_check)
         loss = reduce_rows(loss_rows, labels, self.ignore_index, self.reduction)
         if return_target_cosine:
             return loss, nan_at_ignored(cosine, labels, self.ignore_index)
@@ -407,6 +427,7 @@ class ShardedCombinedMarginLoss(nn.Module):
 
     def extra_repr(self):
         sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
+        sampled += "" if self.check_labels else ", check_labels=False"
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
                 f"m1={self.m1}, m2={self.m2}, m3={self.m3}{sampled}, classes [{self.class_start}, "
                 f"{self.class_stop}) on rank {self.rank} of {self.world_size}")

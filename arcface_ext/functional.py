@@ -2,7 +2,8 @@
 import torch
 
 from . import ops
-from ._checks import check_arguments, fused_compute_dtype, nan_at_ignored, reduce_rows, scalar_margin, stack_row_margins
+from ._checks import (check_arguments, check_flag, fused_compute_dtype, nan_at_ignored, reduce_rows, scalar_margin,
+                      stack_row_margins)
 
 # 128 MiB: on the H200 (session 8's sweep, benchmarks/NOTES.md) twice 64 MiB's chunk width took a
 # forward + backward at C = 1M from 12.3 to 11.2 ms and at C = 100k from 2.2 to 1.8 ms. The peak
@@ -43,7 +44,7 @@ def require_extension():
 
 def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
                          reduction="mean", margin_grad="exact", ignore_index=-1,
-                         return_target_cosine=False):
+                         return_target_cosine=False, check_labels=True):
     r"""Softmax cross-entropy with the combined angular/cosine margin, fused: the N x C logits are
     never stored.
 
@@ -70,12 +71,20 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
             (dψ/dc := 1, the behaviour of today's insightface loss).
         return_target_cosine: also return the clamped target cosine of each row (N,), detached,
             NaN at ignored rows; it comes out of the same pass at no extra cost.
+        check_labels: check that every label is in [0, C) or ``ignore_index`` (and that per-row
+            margins are finite), raising ``ValueError`` before the loss is computed. On a GPU the
+            check reads its answer back, one device synchronisation a call; ``False`` skips it, for
+            labels known to be good (a training loop that checked its dataset): a row with a bad
+            label then gets a NaN loss (so a mean loss is NaN) and no gradient, and a non-finite
+            margin a NaN loss and gradient, never a memory error. CPU tensors are checked either
+            way: there the check costs no synchronisation.
 
     Returns:
         The loss (fp32, or fp64 for fp64 inputs), or ``(loss, target_cosine)``.
     """
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
                     reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
+    check_labels = check_flag("check_labels", check_labels)
     require_extension()
     dtype = fused_compute_dtype(embeddings, weight)
     needs_embeddings_grad = torch.is_grad_enabled() and embeddings.requires_grad
@@ -94,7 +103,7 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
             needs_embeddings_grad, needs_weight_grad, margins)
     else:
         loss_rows, _, target_cosine = ops.margin_softmax_forward(
-            embeddings.to(dtype), weight.to(dtype), labels.long(), *scalars, 0, -1, margins)
+            embeddings.to(dtype), weight.to(dtype), labels.long(), *scalars, 0, -1, margins, check_labels)
         loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
     if return_target_cosine:
         return loss, nan_at_ignored(target_cosine, labels, ignore_index)

@@ -4,13 +4,13 @@ import numbers
 import torch
 from torch import nn
 
-from . import functional, reference
-from ._checks import check_arguments, check_options, reduce_rows
-from .sampling import check_labels, check_sample_rate, sample_classes
+from . import _checks, functional, reference
+from ._checks import check_arguments, check_flag, check_options, reduce_rows
+from .sampling import bad_labels, check_label_values, check_sample_rate, sample_classes
 
 
 def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
-                     ignore_index, sample_rate):
+                     ignore_index, sample_rate, check_labels=True):
     """The options every margin-loss module keeps as attributes, checked as the op checks them, so
     that a bad option fails when the module is built rather than at its first call."""
     for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
@@ -28,6 +28,12 @@ def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_
     module.reduction = reduction
     module.margin_grad = margin_grad
     module.ignore_index = int(ignore_index)
+    module.check_labels = check_flag("check_labels", check_labels)
+
+
+def unchecked(module, labels):
+    """Whether this call skips the label check: asked for, and on a device where it costs a sync."""
+    return _checks.skips_label_check(module.check_labels, labels)
 
 
 class CombinedMarginLoss(nn.Module):
@@ -42,14 +48,17 @@ class CombinedMarginLoss(nn.Module):
     ``sample_size(C, sample_rate, N)`` classes in all (``last_sampled_classes`` says which); the
     centres left out get no gradient that step (an optimizer's momentum and weight decay still
     move them, as in insightface). In eval mode every class counts.
+
+    ``check_labels=False`` skips the label check, a device synchronisation a call on a GPU, as
+    :func:`arcface_ext.combined_margin_loss` does (a bad label gives its row a NaN loss instead).
     """
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
-                 reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, use_reference=False,
-                 device=None, dtype=None):
+                 reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
+                 use_reference=False, device=None, dtype=None):
         super().__init__()
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
-                         ignore_index, sample_rate)
+                         ignore_index, sample_rate, check_labels)
         self.use_reference = use_reference
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
         self.reset_parameters()
@@ -79,15 +88,23 @@ class CombinedMarginLoss(nn.Module):
         if sampled or self.per_row_margins:
             self._check(embeddings, labels)
         m2, m3 = self.row_margins(embeddings, labels)
+        skip_check = unchecked(self, labels)
         if sampled:
-            check_labels(labels, self.num_classes, ignore_index)
+            bad = None
+            if skip_check:  # a bad row gets a position past the sample: the op makes its loss NaN
+                bad = bad_labels(labels, self.num_classes, ignore_index)
+            else:
+                check_label_values(labels, self.num_classes, ignore_index)
             index, labels = sample_classes(labels, self.num_classes, self.sample_rate, ignore_index=ignore_index)
+            if bad is not None:
+                labels = labels.masked_fill(bad, index.shape[0])
             # Ignored rows are -1 among the positions (a class index can no longer be ignore_index).
             weight, ignore_index = weight.index_select(0, index), -1
             self.last_sampled_classes = index
         return loss_fn(embeddings, weight, labels, s=self.s, m1=self.m1, m2=m2, m3=m3,
                        lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
-                       ignore_index=ignore_index, return_target_cosine=return_target_cosine)
+                       ignore_index=ignore_index, return_target_cosine=return_target_cosine,
+                       check_labels=not skip_check)
 
     def extra_repr(self):
         parts = [f"num_classes={self.num_classes}", f"embedding_size={self.embedding_size}",
@@ -98,6 +115,8 @@ class CombinedMarginLoss(nn.Module):
             parts.append(f"margin_grad={self.margin_grad!r}")
         if self.sample_rate < 1.0:
             parts.append(f"sample_rate={self.sample_rate}")
+        if not self.check_labels:
+            parts.append("check_labels=False")
         if self.use_reference:
             parts.append("use_reference=True")
         return ", ".join(parts)

@@ -17,14 +17,17 @@ def _loss_dtype(embeddings):
 
 
 def margin_softmax_forward(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
-                           straight_through, workspace_bytes, class_offset=0, num_classes=-1, row_margins=None):
+                           straight_through, workspace_bytes, class_offset=0, num_classes=-1, row_margins=None,
+                           check_labels=True):
     """(loss per row, log-sum-exp per row, clamped target cosine per row). With a shard of the
     classes (``weight`` holds classes [class_offset, class_offset + C) of ``num_classes``), a row
     whose target is elsewhere gets the shard's log-sum-exp as its loss and 0 as its cosine.
-    ``row_margins`` (N, 2) float64, when given, replaces m2 and m3 row by row."""
+    ``row_margins`` (N, 2) float64, when given, replaces m2 and m3 row by row. ``check_labels=False``
+    skips the CUDA op's checks of the labels' values and the margins' finiteness (device syncs): a bad
+    row gets a NaN loss instead."""
     return torch.ops.arcface_ext.margin_softmax_forward(
         embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through,
-        workspace_bytes, class_offset, num_classes, row_margins)
+        workspace_bytes, class_offset, num_classes, row_margins, check_labels)
 
 
 def margin_softmax_backward(grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_,
@@ -70,7 +73,8 @@ if IMPORT_ERROR is None:
 
     @torch.library.register_fake("arcface_ext::margin_softmax_forward")
     def _forward_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
-                      straight_through, workspace_bytes, class_offset=0, num_classes=-1, row_margins=None):
+                      straight_through, workspace_bytes, class_offset=0, num_classes=-1, row_margins=None,
+                      check_labels=True):
         torch._check(embeddings.dim() == 2 and weight.dim() == 2 and labels.dim() == 1)
         torch._check(embeddings.shape[1] == weight.shape[1])
         torch._check(labels.shape[0] == embeddings.shape[0])
@@ -91,7 +95,7 @@ if IMPORT_ERROR is None:
 
     @torch.library.register_fake("arcface_ext::margin_softmax_forward_kept")
     def _forward_kept_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
-                           straight_through, workspace_bytes, row_margins=None):
+                           straight_through, workspace_bytes, row_margins=None, check_labels=True):
         loss, logsumexp, target_cosine = _forward_fake(
             embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through, workspace_bytes)
         kept = embeddings.new_empty((_kept_bytes(embeddings.shape[0], weight.shape[0]),), dtype=torch.uint8)

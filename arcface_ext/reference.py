@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from ._checks import check_arguments, compute_dtype, reduce_rows
+from . import _checks
+from ._checks import check_arguments, check_flag, compute_dtype, reduce_rows
 
 NORM_EPS = 1e-12  # as F.normalize; csrc/margin.h kNormEps
 SIN_THETA_EPS = 1e-6  # csrc/margin.h kSinThetaEps
@@ -94,21 +95,23 @@ class _TargetLogit(torch.autograd.Function):
 
 def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
                          reduction="mean", margin_grad="exact", ignore_index=-1,
-                         return_target_cosine=False):
+                         return_target_cosine=False, check_labels=True):
     """Same signature and semantics as :func:`arcface_ext.combined_margin_loss`."""
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
                     reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
+    check_labels = not _checks.skips_label_check(check_flag("check_labels", check_labels), labels)
     dtype = compute_dtype(embeddings, weight)
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32  # never round a cosine to 16 bits before the exponential
     x = embeddings.to(dtype)
     w = weight.to(dtype)
     labels = labels.long()
-    counted = labels != ignore_index
     num_classes = w.shape[0]
-    if not torch.compiler.is_compiling() and bool(
-            ((labels < 0) | (labels >= num_classes)).logical_and(counted).any()):
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if check_labels and not torch.compiler.is_compiling() and bool(bad.any()):
         raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+    # Unchecked (check_labels=False), a bad row is not counted: it gets a NaN loss and no gradient.
+    counted = (labels != ignore_index) & ~bad
 
     x_hat = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
     w_hat = w / w.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
@@ -124,6 +127,7 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     logits = logits.scatter(1, target, target_logit.unsqueeze(1).to(logits.dtype))
     loss_rows = torch.logsumexp(logits, dim=1) - target_logit
     loss_rows = torch.where(counted, loss_rows, torch.zeros_like(loss_rows))
+    loss_rows = torch.where(bad, torch.full_like(loss_rows, float("nan")), loss_rows)
     loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
     if return_target_cosine:
         nan = torch.full_like(target_cosine, float("nan"))

@@ -26,7 +26,7 @@ def sample_size(num_classes, sample_rate, num_rows):
     return min(num_classes, max(1, int(sample_rate * num_classes), min(num_classes, num_rows)))
 
 
-def check_labels(labels, num_classes, ignore_index):
+def check_label_values(labels, num_classes, ignore_index):
     """Raises ValueError unless every label is in [0, num_classes) or is ``ignore_index``. It reads
     one value back from the labels' device: the sampled paths remap labels before the op could
     check them."""
@@ -49,7 +49,7 @@ def sample_classes(labels, num_classes, sample_rate, *, class_start=0, ignore_in
     Returns ``(index, positions)``: ``index`` (K,) int64, the sampled classes as offsets from
     ``class_start``, sorted; ``positions`` (N,) int64, each row's target's place in ``index``, or -1
     for rows that are ignored or whose target lies outside the range. Labels are not range-checked
-    here (see :func:`check_labels`).
+    here (see :func:`check_label_values`).
     """
     sample_rate = check_sample_rate(sample_rate)
     device = labels.device
@@ -68,3 +68,8 @@ def sample_classes(labels, num_classes, sample_rate, *, class_start=0, ignore_in
         index = torch.topk(scores, k, sorted=False).indices.sort().values
     positions = torch.searchsorted(index, safe)
     return index, torch.where(targeted, positions, torch.full_like(positions, -1))
+
+
+def bad_labels(labels, num_classes, ignore_index):
+    """Which rows' labels are neither in [0, num_classes) nor ``ignore_index`` (no host sync)."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))

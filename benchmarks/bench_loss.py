@@ -12,7 +12,8 @@ slices, a wgmma group in flight across the barrier), `ours-wgmma-resident` (ARCF
 the forward's and the backward's x tile resident in shared memory, so that only W streams from L2),
 `ours-wgmma-weight` (ARCFACE_EXT_WGMMA=resident-weight: the same, and where the bf16 backward recomputes
 (C = 1M here) it forms d loss / d W in its own class-outer tile instead of a cuBLAS GEMM and a correction
-pass), `ours-graphed` (CUDA
+pass), `ours-unchecked` (CUDA only: `ours` with check_labels=False, no label check and so no device
+sync in the step, the host free to run ahead), `ours-graphed` (CUDA
 only: `ours`'s step captured once in a CUDA graph and replayed, what the step costs with no host work; its memory is not measured: the graph's pool holds it from the
 capture on), `ours-cublas` (CUDA only: the same op with
 ARCFACE_EXT_CUDA_FUSED=0, i.e. cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the
@@ -50,6 +51,7 @@ not overhead). Measured after warm-up, so torch.compile's compile-time memory ne
 """
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -70,9 +72,10 @@ import arcface_ext  # noqa: E402
 from arcface_ext import reference  # noqa: E402
 
 IMPLS = ("ours", "ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
-         "ours-wgmma-weight", "ours-graphed", "ours-cublas", "eager", "compiled", "floor", "ours-sampled", "eager-sampled")
+         "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas", "eager", "compiled", "floor",
+         "ours-sampled", "eager-sampled")
 CUDA_ONLY = ("ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
-             "ours-wgmma-weight", "ours-graphed", "ours-cublas")
+             "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas")
 # The CUDA op's switches (read at every call) that the comparison variants of `ours` set.
 SWITCHES = {"ours-cublas": ("ARCFACE_EXT_CUDA_FUSED", "0"), "ours-recompute": ("ARCFACE_EXT_KEEP_BLOCK", "0"),
             "ours-one-row-tile": ("ARCFACE_EXT_ROW_TILES", "1"), "ours-wgmma": ("ARCFACE_EXT_WGMMA", "1"),
@@ -154,6 +157,8 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
         return graphed_step(embeddings, weight, labels, reduction)
     if impl in ("ours", "ours-cublas") or impl in SWITCHES:
         loss_fn = arcface_ext.combined_margin_loss
+    elif impl == "ours-unchecked":
+        loss_fn = functools.partial(arcface_ext.combined_margin_loss, check_labels=False)
     elif impl == "eager":
         loss_fn = reference.combined_margin_loss
     elif impl == "ours-sampled":

@@ -25,7 +25,7 @@
 #   rows      (not in the default list) ours and ours-recompute at C = 1e5 and 1e6 with blocks walking 1,
 #             2 and 4 row tiles (ARCFACE_EXT_ROW_TILES), to bench.log
 #   bench-core (not in the default list) the bench without the sampled impls and the largest-C
-#             search: ours, ours-recompute, ours-one-row-tile, the four ours-wgmma*, ours-graphed,
+#             search: ours, ours-recompute, ours-one-row-tile, the four ours-wgmma*, ours-unchecked, ours-graphed,
 #             ours-cublas, eager, compiled and floor at C = 1e5 and 1e6 (~45 s), for a short call; the
 #             results JSON is $OUT/bench.json
 #   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
@@ -135,7 +135,7 @@ for stage in "${STAGES[@]}"; do
             -o faulthandler_timeout=60 tests/test_cuda.py -k wgmma ;;
     bench)  # every impl but the wgmma ones (bench-wgmma): a fault there must not cost the others
       run_stage bench bench 170 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-one-row-tile,ours-graphed,ours-cublas,eager,compiled,floor,ours-sampled,eager-sampled \
+        --impls ours,ours-recompute,ours-one-row-tile,ours-unchecked,ours-graphed,ours-cublas,eager,compiled,floor,ours-sampled,eager-sampled \
         --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
     bench-wgmma)  # the wgmma tiles (session 14) against ours and the floor, to bench.log
       run_stage bench-wgmma bench 90 25 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
@@ -143,7 +143,7 @@ for stage in "${STAGES[@]}"; do
         --out /tmp/bench-wgmma.json ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-wgmma32,ours-wgmma-resident,ours-wgmma-weight,ours-graphed,ours-cublas,eager,compiled,floor \
+        --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-wgmma32,ours-wgmma-resident,ours-wgmma-weight,ours-unchecked,ours-graphed,ours-cublas,eager,compiled,floor \
         --out "$OUT/bench.json" ;;
     depth)  # the fused kernels' pipeline depth (3 on sm_80, 4 by default on sm_90; NOTES.md session 7)
       for d in 3 4 5; do

@@ -22,11 +22,15 @@ TORCH_LIBRARY(arcface_ext, m) {
   // `num_classes` (-1: just its own C) and labels index all of them. A row whose target lies in
   // another shard is counted without a target column: its loss is then the shard's log-sum-exp
   // (target logit 0) and its target cosine 0, and the caller combines the shards' statistics.
+  // check_labels=False skips the CUDA op's check of the labels' values and of the per-row margins'
+  // finiteness, each a device sync: a row with an out-of-range label then gets a NaN loss and no
+  // gradient, and a non-finite margin a NaN loss and gradient (as inside a CUDA graph capture, where
+  // no check can read its answer back). The CPU op checks either way: there it costs no sync.
   m.def(
       "margin_softmax_forward(Tensor embeddings, Tensor weight, Tensor labels, float s, float m1, "
       "float m2, float m3, float lambda_, int ignore_index, bool straight_through, "
-      "int workspace_bytes, int class_offset=0, int num_classes=-1, Tensor? row_margins=None) -> "
-      "(Tensor loss, Tensor logsumexp, Tensor target_cosine)");
+      "int workspace_bytes, int class_offset=0, int num_classes=-1, Tensor? row_margins=None, "
+      "bool check_labels=True) -> (Tensor loss, Tensor logsumexp, Tensor target_cosine)");
   // Gradients of sum_i grad_loss[i] * loss[i]; a gradient that is not needed comes back empty.
   // `logsumexp` may be a combination over shards (the whole softmax's): the shard's gradients
   // are then its part of the whole loss's. check_labels=False skips the labels' value check (a
@@ -47,7 +51,8 @@ TORCH_LIBRARY(arcface_ext, m) {
   m.def(
       "margin_softmax_forward_kept(Tensor embeddings, Tensor weight, Tensor labels, float s, float m1, "
       "float m2, float m3, float lambda_, int ignore_index, bool straight_through, int workspace_bytes, "
-      "Tensor? row_margins=None) -> (Tensor loss, Tensor logsumexp, Tensor target_cosine, Tensor kept)");
+      "Tensor? row_margins=None, bool check_labels=True) -> "
+      "(Tensor loss, Tensor logsumexp, Tensor target_cosine, Tensor kept)");
   m.def(
       "margin_softmax_backward_kept(Tensor grad_loss, Tensor embeddings, Tensor weight, Tensor labels, "
       "Tensor kept, float s, float m1, float m2, float m3, float lambda_, int ignore_index, "

@@ -90,36 +90,37 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
   // forward's arguments: the op's, in its schema's order, then `keep` (keep_gradient_block's
   // answer) and `statistics` (the backward returns one gradient each, undefined for all but
   // embeddings, weight and row_margins).
-  static constexpr size_t kNumInputs = 16;
+  static constexpr size_t kNumInputs = 17;
   static constexpr size_t kRowMargins = 13;
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings, const at::Tensor& weight,
                                const at::Tensor& labels, double s, double m1, double m2, double m3,
                                double lambda, int64_t ignore_index, bool straight_through,
                                int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
-                               const std::optional<at::Tensor>& row_margins, bool keep,
+                               const std::optional<at::Tensor>& row_margins, bool check_labels, bool keep,
                                std::pair<at::Tensor, at::Tensor>* statistics) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("arcface_ext::margin_softmax_forward", "")
                                .typed<ForwardOutput(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                     double, double, double, double, int64_t, bool, int64_t,
-                                                    int64_t, int64_t, const std::optional<at::Tensor>&)>();
+                                                    int64_t, int64_t, const std::optional<at::Tensor>&, bool)>();
     static const auto kept_op =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("arcface_ext::margin_softmax_forward_kept", "")
             .typed<KeptForwardOutput(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
-                                     double, double, int64_t, bool, int64_t, const std::optional<at::Tensor>&)>();
+                                     double, double, int64_t, bool, int64_t, const std::optional<at::Tensor>&,
+                                     bool)>();
     at::Tensor loss, logsumexp, target_cosine, kept;
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       if (keep) {
         std::tie(loss, logsumexp, target_cosine, kept) =
             kept_op.call(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
-                         workspace_bytes, row_margins);
+                         workspace_bytes, row_margins, check_labels);
       } else {
         std::tie(loss, logsumexp, target_cosine) =
             op.call(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
-                    workspace_bytes, class_offset, num_classes, row_margins);
+                    workspace_bytes, class_offset, num_classes, row_margins, check_labels);
       }
     }
     // Differentiable per-row margins (MagFace's) take their gradient from each row's loss and
@@ -188,8 +189,9 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
     TORCH_CHECK(!needs_margins_grad || (class_offset == 0 && num_classes == -1),
                 "arcface_ext: differentiable row_margins need the whole softmax (no class shard)");
     if (needs_embeddings_grad || needs_weight_grad) {
-      // The forward checked these labels (saved above, so unchanged since): no second check,
-      // which on CUDA is a device sync in the middle of the step.
+      // The forward checked these labels (saved above, so unchanged since), or was told not to
+      // (check_labels=False: a row with a bad label has a NaN loss and gets no gradient): no second
+      // check, which on CUDA is a device sync in the middle of the step.
       at::Tensor grad_embeddings, grad_weight;
       const double m2 = ctx->saved_data["m2"].toDouble(), m3 = ctx->saved_data["m3"].toDouble();
       const bool straight_through = ctx->saved_data["straight_through"].toBool();
@@ -219,12 +221,13 @@ ForwardOutput margin_softmax_forward_autograd(const at::Tensor& embeddings, cons
                                               const at::Tensor& labels, double s, double m1, double m2, double m3,
                                               double lambda, int64_t ignore_index, bool straight_through,
                                               int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
-                                              const std::optional<at::Tensor>& row_margins) {
+                                              const std::optional<at::Tensor>& row_margins, bool check_labels) {
   std::pair<at::Tensor, at::Tensor> statistics;
   const bool keep = keep_gradient_block(embeddings, weight, workspace_bytes, class_offset, num_classes);
   const variable_list outputs =
       MarginSoftmax::apply(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
-                           workspace_bytes, class_offset, num_classes, row_margins, keep, &statistics);
+                           workspace_bytes, class_offset, num_classes, row_margins, check_labels, keep,
+                           &statistics);
   return {outputs[0], statistics.first, statistics.second};
 }
 

@@ -9,6 +9,7 @@ With ARCFACE_EXT_EMULATE_CUDA=1 the same tests run the CUDA source on the CPU em
 skipped there."""
 import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -933,6 +934,158 @@ def test_bad_labels_inside_a_capture_give_nan_loss_and_no_gradient(monkeypatch, 
         assert torch.equal(a, e), name
     monkeypatch.setenv("ARCFACE_EMU_CAPTURING", "1")
     assert bool(arcface_ext.combined_margin_loss(x, w, bad).isnan())
+
+
+def with_bad_rows(labels, rows, values):
+    """(labels with bad values at `rows`, the same labels with those rows ignored, the other rows)."""
+    bad = labels.clone()
+    bad[rows] = torch.tensor(values, device=DEVICE)
+    ignored = labels.clone()
+    ignored[rows] = -1
+    others = torch.ones(labels.shape[0], dtype=torch.bool, device=DEVICE)
+    others[rows] = False
+    return bad, ignored, others
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_unchecked_bad_labels_give_nan_loss_and_no_gradient(kernel, dtype):
+    # check_labels=False: no check, no sync; a bad row's loss and target cosine are NaN and it gets
+    # no gradient; every other row is as if the bad one were ignored (bf16: the kept gradient block's
+    # step, fp16 the recomputing one), and the reference, told the same, agrees.
+    x, w, labels = make_inputs(40, 16, 300, seed=53, dtype=dtype, ignored=(3,))
+    bad, ignored, others = with_bad_rows(labels, [7, 21, 30], [300, -5, 10**12])
+    upstream = upstream_gradient(40, seed=53)
+    ours = op_and_grads(arcface_ext.combined_margin_loss, x, w, bad, upstream=upstream, check_labels=False)
+    expected = op_and_grads(arcface_ext.combined_margin_loss, x, w, ignored, upstream=upstream)
+    assert bool(ours[0][~others].isnan().all()) and bool(ours[1][~others].isnan().all())
+    assert torch.equal(ours[0][others], expected[0][others])
+    for name, a, e in zip(OUTPUTS[2:], ours[2:], expected[2:]):
+        assert torch.equal(a, e), name
+    reference_rows = op_and_grads(reference.combined_margin_loss, x.double(), w.double(), bad, upstream=upstream,
+                                  check_labels=False)
+    assert bool(reference_rows[0][~others].isnan().all()) and bool(reference_rows[1][~others].isnan().all())
+    assert_matches(ours, reference_rows, rows=others)
+    for reduction in ("mean", "sum"):
+        assert bool(arcface_ext.combined_margin_loss(x, w, bad, reduction=reduction, check_labels=False).isnan())
+    with pytest.raises(ValueError, match=r"labels\[7\] = 300"):
+        arcface_ext.combined_margin_loss(x, w, bad)
+
+
+def test_unchecked_non_finite_margins_give_nan_rows():
+    # A non-finite per-row margin, unchecked: that row's loss and gradient are NaN, the others exact.
+    x, w, labels = make_inputs(24, 16, 200, seed=54, dtype=torch.bfloat16)
+    m2 = torch.linspace(0.2, 0.6, 24, dtype=torch.float64, device=DEVICE)
+    bad = m2.clone()
+    bad[5] = float("nan")
+    upstream = upstream_gradient(24, seed=54)
+    ours = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream, m2=bad, check_labels=False)
+    expected = op_and_grads(arcface_ext.combined_margin_loss, x, w, labels, upstream=upstream, m2=m2)
+    assert bool(ours[0][5].isnan()) and bool(ours[2][5].isnan().all())
+    others = torch.arange(24, device=DEVICE) != 5
+    assert torch.equal(ours[0][others], expected[0][others])
+    assert torch.equal(ours[2][others], expected[2][others])
+    with pytest.raises(ValueError, match="row_margins must be finite"):
+        arcface_ext.combined_margin_loss(x, w, labels, m2=bad)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
+def test_unchecked_bad_labels_in_a_sampled_module(sharded):
+    # Partial FC, check_labels=False: the bad row is left out of the sample as an ignored one would
+    # be, and put past the sample, so that the op gives it a NaN loss and no gradient; the other
+    # rows, and the sample, are those of the same step with the row ignored. (One rank: the
+    # sharded module's own sample and renumbering.)
+    x, w, labels = make_inputs(32, 16, 2000, seed=55, dtype=torch.float32, ignored=(4,))
+    bad, ignored, others = with_bad_rows(labels, [9, 17], [2000, -3])
+    kind = arcface_ext.ShardedCombinedMarginLoss if sharded else arcface_ext.CombinedMarginLoss
+    module = kind(2000, 16, sample_rate=0.1, reduction="none", check_labels=False, device=DEVICE)
+    assert "check_labels=False" in repr(module)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    results = []
+    for batch_labels in (bad, ignored):
+        torch.manual_seed(56)
+        xs = x.clone().requires_grad_(True)
+        module.weight.grad = None
+        loss, cosine = module(xs, batch_labels, return_target_cosine=True)
+        loss.backward(torch.ones_like(loss))
+        results.append((loss.detach(), cosine, xs.grad, module.weight.grad, module.last_sampled_classes))
+    ours, expected = results
+    assert torch.equal(ours[4], expected[4])
+    assert bool(ours[0][~others].isnan().all()) and bool(ours[1][~others].isnan().all())
+    assert torch.equal(ours[0][others], expected[0][others])
+    for name, a, e in zip(OUTPUTS[2:], ours[2:4], expected[2:4]):
+        assert torch.equal(a, e), name
+    module.check_labels = True
+    with pytest.raises(ValueError, match="labels must lie in"):
+        module(x, bad)
+
+
+def _unchecked_sharded_worker(rank, world_size, init_file, out_dir, sample_rate):
+    import torch.distributed as dist
+
+    emulator.install()  # a spawned process: conftest did not run here
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        x, w, labels = make_inputs(12, 16, 90, seed=58, dtype=torch.float32, ignored=(1,))
+        bad, ignored, _ = with_bad_rows(labels, [2, 9], [90, -4])
+        mine = slice(6 * rank, 6 * rank + 6)
+        module = arcface_ext.ShardedCombinedMarginLoss(90, 16, sample_rate=sample_rate, reduction="none",
+                                                       check_labels=False)
+        with torch.no_grad():
+            module.weight.copy_(module.shard_of(w))
+        results = {}
+        for name, batch_labels in (("bad", bad), ("ignored", ignored)):
+            torch.manual_seed(59 + rank)
+            xs = x[mine].clone().requires_grad_(True)
+            module.weight.grad = None
+            loss, cosine = module(xs, batch_labels[mine], return_target_cosine=True)
+            loss.backward(torch.ones_like(loss))
+            results[name] = (loss.detach(), cosine, xs.grad, module.weight.grad)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not emulator.EMULATED, reason="two gloo ranks on the emulator's CPU tensors")
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5], ids=["all-classes", "sampled"])
+def test_unchecked_bad_labels_across_sharded_ranks(tmp_path, sample_rate):
+    # Two ranks, check_labels=False: a bad label (row 2 on rank 0, row 9 on rank 1) gives its row a
+    # NaN loss and target cosine on its rank (the shards' statistics combine without its target),
+    # and every other output is that of the same step with the row ignored.
+    import torch.multiprocessing as mp
+
+    mp.spawn(_unchecked_sharded_worker, args=(2, str(tmp_path / "store"), str(tmp_path), sample_rate), nprocs=2,
+             join=True)
+    for rank, row in ((0, 2), (1, 3)):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        ours, expected = results["bad"], results["ignored"]
+        others = torch.arange(6) != row
+        assert bool(ours[0][row].isnan()) and bool(ours[1][row].isnan())
+        assert torch.equal(ours[0][others], expected[0][others])
+        for name, a, e in zip(OUTPUTS[2:], ours[2:], expected[2:]):
+            assert torch.equal(a, e), (rank, name)
+
+
+@pytest.mark.gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_unchecked_training_step_never_synchronises(dtype):
+    # torch.cuda's sync debug mode raises on any device synchronisation: the checked step reads its
+    # label check back (one sync), the unchecked one (forward, mean, backward) none.
+    x, w, labels = make_inputs(64, 32, 1000, seed=57, dtype=dtype)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    m2 = torch.linspace(0.2, 0.6, 64, dtype=torch.float64, device=DEVICE)
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        arcface_ext.combined_margin_loss(x, w, labels, m2=m2, check_labels=False).backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            arcface_ext.combined_margin_loss(x, w, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert bool(x.grad.isfinite().all()) and bool(w.grad.isfinite().all())
 
 
 @pytest.mark.gpu_only

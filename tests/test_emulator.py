@@ -322,7 +322,7 @@ TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
     assert '::emu::launch(other_kernel<acc_t>, "other_kernel", blocks(n), 256, 0, stream)(c);' in text
     assert "uint16_t* tile_smem = ::emu::dynamic_shared<uint16_t>();" in text
     assert 'TORCH_LIBRARY(arcface_ext_emulated, m)' in text
-    assert re.search(r'm\.def\("margin_softmax_forward\(Tensor embeddings, .*Tensor\? row_margins=None\) -> ', text)
+    assert re.search(r'm\.def\("margin_softmax_forward\(Tensor embeddings, .*Tensor\? row_margins=None, bool check_labels=True\) -> ', text)
 
 
 def test_every_launch_of_the_kernel_source_is_rewritten():

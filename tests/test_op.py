@@ -428,6 +428,27 @@ def test_autograd_backward_checks_the_labels_once():
     assert x.grad is not None and w.grad is not None
 
 
+def test_check_labels_false_still_checks_cpu_tensors():
+    # check_labels=False skips a check that costs a device sync; on the CPU it costs none, and the
+    # CPU op (and the reference, and partial FC's remapping) check anyway. The flag is a bool.
+    x, w, labels = make_inputs(6, 8, 11, seed=25)
+    labels[4] = 11
+    for loss_fn in (arcface_ext.combined_margin_loss, reference.combined_margin_loss):
+        with pytest.raises(ValueError, match="labels"):
+            loss_fn(x, w, labels, check_labels=False)
+        with pytest.raises(TypeError, match="check_labels must be a bool, got 0"):
+            loss_fn(x, w, labels, check_labels=0)
+    module = arcface_ext.CombinedMarginLoss(11, 8, sample_rate=0.5, check_labels=False)
+    assert "check_labels=False" in repr(module)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        module(x, labels)
+    with pytest.raises(TypeError, match="check_labels must be a bool"):
+        arcface_ext.ArcFaceLoss(11, 8, check_labels="no")
+    labels[4] = 3
+    checked = arcface_ext.combined_margin_loss(x, w, labels)
+    assert torch.equal(arcface_ext.combined_margin_loss(x, w, labels, check_labels=False), checked)
+
+
 def test_labels_changed_in_place_after_the_forward_fail_the_backward():
     # What lets the backward skip its label check: the labels are saved for backward, so a
     # change between the two passes (possibly to a bad label) is caught, not computed with.

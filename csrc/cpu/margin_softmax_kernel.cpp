@@ -468,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cpu(
     const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
     bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
-    const c10::optional<at::Tensor>& row_margins_in) {
+    const c10::optional<at::Tensor>& row_margins_in, bool /*check_labels: checked anyway, no sync here*/) {
   const OpInputs inputs =
       prepare_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes);
   const at::Tensor &embeddings = inputs.embeddings, &weight = inputs.weight, &labels = inputs.labels;

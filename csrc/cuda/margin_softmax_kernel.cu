@@ -2232,15 +2232,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& embeddings_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
     double s, double m1, double m2, double m3, double lambda, int64_t ignore_index,
     bool straight_through, int64_t workspace_bytes, int64_t class_offset, int64_t num_classes,
-    const c10::optional<at::Tensor>& row_margins_in, bool keep) {
+    const c10::optional<at::Tensor>& row_margins_in, bool check_labels, bool keep) {
   check_margin_softmax_inputs(embeddings_in, weight_in, labels_in, ignore_index, class_offset, num_classes,
                               /*check_labels=*/false);
   const c10::cuda::CUDAGuard device_guard(embeddings_in.device());
   const at::Tensor labels = labels_in.contiguous();
-  const bool capturing = current_stream_is_capturing();
-  check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes, capturing);
+  // check_labels=False (the caller's choice) and a capture both skip the values' checks, each a sync.
+  const bool check = check_labels && !current_stream_is_capturing();
+  check_labels_cuda(labels, weight_in, ignore_index, class_offset, num_classes, /*capturing=*/!check);
   at::Tensor row_margins_storage;
-  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage, !capturing);
+  const double* row_margins = row_margins_data(row_margins_in, embeddings_in, row_margins_storage, check);
   const BelowAutogradAndAutocast below;
   const at::Tensor embeddings = embeddings_in.detach().contiguous();
   const at::Tensor weight = weight_in.detach().contiguous();
@@ -2277,11 +2278,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
     double m2, double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
-    int64_t class_offset, int64_t num_classes, const c10::optional<at::Tensor>& row_margins) {
+    int64_t class_offset, int64_t num_classes, const c10::optional<at::Tensor>& row_margins, bool check_labels) {
   at::Tensor loss, logsumexp, target_cosine, kept;
   std::tie(loss, logsumexp, target_cosine, kept) =
       forward_cuda(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
-                   workspace_bytes, class_offset, num_classes, row_margins, /*keep=*/false);
+                   workspace_bytes, class_offset, num_classes, row_margins, check_labels, /*keep=*/false);
   return {loss, logsumexp, target_cosine};
 }
 
@@ -2297,12 +2298,12 @@ void check_kept_dtypes(const at::Tensor& embeddings, const at::Tensor& weight, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_forward_kept_cuda(
     const at::Tensor& embeddings, const at::Tensor& weight, const at::Tensor& labels, double s, double m1,
     double m2, double m3, double lambda, int64_t ignore_index, bool straight_through, int64_t workspace_bytes,
-    const c10::optional<at::Tensor>& row_margins) {
+    const c10::optional<at::Tensor>& row_margins, bool check_labels) {
   check_kept_dtypes(embeddings, weight, "margin_softmax_forward_kept");
   TORCH_CHECK_VALUE(weight.dim() != 2 || weight.size(0) <= kMaxKeptClasses, "arcface_ext: margin_softmax_forward_kept "
                     "takes at most ", kMaxKeptClasses, " classes, got ", weight.size(0));
   return forward_cuda(embeddings, weight, labels, s, m1, m2, m3, lambda, ignore_index, straight_through,
-                      workspace_bytes, 0, -1, row_margins, /*keep=*/true);
+                      workspace_bytes, 0, -1, row_margins, check_labels, /*keep=*/true);
 }
 
 // ---- backward -----------------------------------------------------------------------------

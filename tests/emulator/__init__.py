@@ -18,7 +18,7 @@ import torch
 EMULATED = os.environ.get("ARCFACE_EXT_EMULATE_CUDA", "0") not in ("", "0")
 _OPS = ("margin_softmax_forward", "margin_softmax_backward", "margin_softmax_forward_kept",
         "margin_softmax_backward_kept", "wgmma_tile_probe", "wgmma_weight_tile_probe")
-_state = {"library": None, "train_devices": None}
+_state = {"library": None, "train_devices": None, "checked_devices": None}
 
 
 def load():
@@ -32,7 +32,9 @@ def install():
     """Routes the CPU kernels of the forward and backward ops to the emulated CUDA code, and fills
     every uninitialised tensor (at::empty, the host code's workspaces and outputs included) with NaN
     (the largest integer for integer tensors), so that a kernel reading memory nothing wrote, or
-    leaving part of an output unwritten, shows in the results: compute-sanitizer's initcheck."""
+    leaving part of an output unwritten, shows in the results: compute-sanitizer's initcheck.
+    CPU tensors then also skip the labels' check when told to (check_labels=False), as CUDA ones do."""
+    import arcface_ext._checks
     import arcface_ext.ops
 
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -48,15 +50,19 @@ def install():
         _state["library"] = library
         _state["train_devices"] = arcface_ext.ops.TRAIN_DEVICES
         arcface_ext.ops.TRAIN_DEVICES = frozenset()
+        _state["checked_devices"] = arcface_ext._checks.ALWAYS_CHECKED_DEVICES
+        arcface_ext._checks.ALWAYS_CHECKED_DEVICES = frozenset()
 
 
 def uninstall():
+    import arcface_ext._checks
     import arcface_ext.ops
 
     if _state["library"] is not None:
         _state["library"]._destroy()
         _state["library"] = None
         arcface_ext.ops.TRAIN_DEVICES = _state["train_devices"]
+        arcface_ext._checks.ALWAYS_CHECKED_DEVICES = _state["checked_devices"]
 
 
 @contextlib.contextmanager
