@@ -1386,7 +1386,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
 // one is multiplied. For each it forms
 //   S = W_b·x_tileᵀ                     (m64n32k16: warpgroup g the tile's rows 32g .. +31),
 //   G_ij from S as gradient_block_tile does, written class-major to grad_block_t (row pitch ldn) for
-//        the embeddings' GEMM, and G_ij (g_i / g_max) / ‖x_i‖ staged as the A operand of
+//        the embeddings' GEMM (not at all when grad_block_t is null: no embedding gradient asked
+//        for, 1 GB of writes fewer at C = 1M), and G_ij (g_i / g_max) / ‖x_i‖ staged as the A operand of
 //   P += G'·x_tile                      (m64n256k16, x read along its depth: warpgroup g the depth
 //                                        columns 256g .. +255),
 // so that after the last row tile P_j = Σ_i G_ij (g_i / g_max) x̂_i sits in registers, and
@@ -1505,7 +1506,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
           pair.value[e] = to_gemm_operand<at::BFloat16, float>(entry);
           scaled.value[e] = to_gemm_operand<at::BFloat16, float>(entry * row_factor[rr]);
         }
-        if (class_ok && row0 + rl < n) {  // (a second row past N lands in the pitch's padding, as a zero)
+        // (A second row past N lands in the pitch's padding, as a zero.)
+        if (grad_block_t != nullptr && class_ok && row0 + rl < n) {
           *reinterpret_cast<ValuePair<at::BFloat16>*>(grad_block_t + (col0 + m) * ldn + row0 + rl) = pair;
         }
         *reinterpret_cast<ValuePair<at::BFloat16>*>(staged_elems + cuda::outer_element(m, rl)) = scaled;
@@ -2387,7 +2389,7 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
         if (weight_tile) {
           constexpr int kSmem = cuda::kOuterSmemBytes;
           if (k == 0) allow_smem(fused_weight_gradient_wgmma_kernel, kSmem, x.get_device());
-          at::BFloat16* grad_block_t = grad_block_buffer.data_ptr<at::BFloat16>();
+          at::BFloat16* grad_block_t = needs_embeddings_grad ? grad_block_buffer.data_ptr<at::BFloat16>() : nullptr;
           fused_weight_gradient_wgmma_kernel<<<static_cast<unsigned>((width + cuda::kOuterClasses - 1) /
                                                                      cuda::kOuterClasses),
                                                kTileThreads, kSmem, stream>>>(
