@@ -247,7 +247,10 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
         raise SystemExit("arcface_ext's compiled op is not built: run `pip install --no-build-isolation -e .` "
                          "from the repository root, or train with --loss-impl reference (pure PyTorch, slower)")
     m1, m2, m3 = margins(args)
-    common = dict(sample_rate=args.sample_rate)
+    # Every label was checked when its image was read (the datasets check them against their number of
+    # classes, the loss's): no label check in the loss, a device sync in the middle of every step on a
+    # GPU. (A bad label would still stop the run, as a NaN loss.)
+    common = dict(sample_rate=args.sample_rate, check_labels=False)
     if args.sharded_classes:
         adaface, elasticface, combined = (arcface_ext.ShardedAdaFaceLoss, arcface_ext.ShardedElasticFaceLoss,
                                           arcface_ext.ShardedCombinedMarginLoss)
