@@ -275,7 +275,7 @@ WEIGHT_TILE_SHAPES = [(1, 8, 1), (37, 8, 129), (129, 72, 1000), (130, 264, 700),
 
 
 @pytest.mark.parametrize("shape", WEIGHT_TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fused_weight_gradient_tile(monkeypatch, workspace, shape):
+def test_fused_wgmma_weight_gradient_tile(monkeypatch, workspace, shape):
     # ARCFACE_EXT_WGMMA=resident-weight: the bf16 backward forms d loss / d W in its own class-outer
     # tile (64 classes against every 64-row x tile: S = W·xᵀ, the gradient block G, P += G'·x with x
     # read MN-major). Rows past a 64-row tile (37, 129, 130, 300; odd N: the block's row pitch padded),
@@ -294,7 +294,7 @@ def test_fused_weight_gradient_tile(monkeypatch, workspace, shape):
     assert_matches(ours, expected, min_scale=1.0)
 
 
-def test_fused_weight_gradient_tile_margins_and_clamped_norms(monkeypatch):
+def test_fused_wgmma_weight_gradient_tile_margins_and_clamped_norms(monkeypatch):
     # The same tile with CosFace's and SphereFace's margins and per-row margins, a zero class centre
     # and a zero embedding (their norms clamped: no projection), a row whose target is its centre
     # (cosine clamped at 1), and only d loss / d W asked for.
@@ -324,7 +324,7 @@ def test_fused_weight_gradient_tile_margins_and_clamped_norms(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("per_segment", [2, 3])
-def test_fused_resident_tile_over_segments_of_several_tiles(monkeypatch, per_segment, dtype):
+def test_fused_wgmma_resident_tile_over_segments_of_several_tiles(monkeypatch, per_segment, dtype):
     # The resident x tile's blocks walk a segment of class tiles (about 4 blocks an SM), so that at
     # the sizes above, one tile a block, its run of tiles goes untested: the x tile read by every
     # tile of the run, and the forward's epilogue of each tile run beside the next tile's first
@@ -969,6 +969,24 @@ def test_unchecked_bad_labels_give_nan_loss_and_no_gradient(kernel, dtype):
         assert bool(arcface_ext.combined_margin_loss(x, w, bad, reduction=reduction, check_labels=False).isnan())
     with pytest.raises(ValueError, match=r"labels\[7\] = 300"):
         arcface_ext.combined_margin_loss(x, w, bad)
+
+
+def test_unchecked_bad_labels_in_the_wgmma_weight_gradient_tile(monkeypatch):
+    # The same through the backward's class-outer tile (bf16, recomputing): a bad row forms no
+    # gradient there either, so d loss / d W and d loss / d x equal those with the row ignored.
+    use_wgmma(monkeypatch, True)
+    monkeypatch.setenv("ARCFACE_EXT_WGMMA", "resident-weight")
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "1")
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "0")
+    x, w, labels = make_inputs(70, 64, 300, seed=60, dtype=torch.bfloat16)
+    bad, ignored, others = with_bad_rows(labels, [5, 40, 69], [300, -7, 1000])
+    upstream = upstream_gradient(70, seed=60)
+    ours = op_and_grads(arcface_ext.combined_margin_loss, x, w, bad, upstream=upstream, check_labels=False)
+    expected = op_and_grads(arcface_ext.combined_margin_loss, x, w, ignored, upstream=upstream)
+    assert bool(ours[0][~others].isnan().all())
+    assert torch.equal(ours[0][others], expected[0][others])
+    for name, a, e in zip(OUTPUTS[2:], ours[2:], expected[2:]):
+        assert torch.equal(a, e), name
 
 
 def test_unchecked_non_finite_margins_give_nan_rows():

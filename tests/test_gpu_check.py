@@ -87,3 +87,23 @@ def test_every_ncu_kernel_filter_matches_each_kernel_it_names(pattern):
     assert {"fused_forward_kernel", "fused_forward_wgmma_kernel", "fused_backward_wgmma_resident_kernel"} <= names
     for concrete in alternatives(pattern):
         assert any(re.search(concrete, name) for name in names), (pattern, concrete, sorted(names))
+
+
+def test_every_test_that_forces_a_wgmma_tile_is_in_the_wgmma_stage():
+    # The cuda stage runs tests/test_cuda.py -k "not wgmma" and cuda-wgmma runs -k wgmma, so that a
+    # tile the hardware reads otherwise than the emulator cannot use up the other paths' --maxfail (or
+    # crash their run). A test that always turns a wgmma tile on must say wgmma in its name; otherwise
+    # it runs with the others and never in cuda-wgmma (session 18 found three such). Tests that turn it
+    # on for some parameters only get it from their ids ("fused-wgmma", "wgmma-weight").
+    import ast
+
+    source = (ROOT / "tests" / "test_cuda.py").read_text()
+    forced = re.compile(r'use_wgmma\(monkeypatch, True\)|setenv\("ARCFACE_EXT_WGMMA", "(?!0")')
+    def forces(test):  # a statement of the test's own body, not one under a condition
+        return any(isinstance(statement, ast.Expr) and forced.search(ast.get_source_segment(source, statement))
+                   for statement in test.body)
+
+    offenders = [node.name for node in ast.parse(source).body
+                 if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and forces(node)
+                 and "wgmma" not in node.name]
+    assert not offenders, f"rename to say wgmma: {offenders}"
