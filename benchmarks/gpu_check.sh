@@ -9,35 +9,42 @@
 # The whole script keeps to GPU_CHECK_BUDGET seconds (default 520, for a `run` with timeout_s 600):
 # each stage runs under the smaller of its own limit and the time left, and a stage that would get
 # less than its minimum is skipped and says so. Stages, most important first:
-#   build     pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0a: the wgmma tile's
-#             sm_90a code with the rest; MAX_JOBS=16);
-#             if pip cannot install there, setup.py build_ext --inplace
-#   cuda      pytest tests/test_cuda.py (the CUDA op against the fp64 reference, both CUDA paths), then
-#             benchmarks/wgmma_probe.py (one wgmma tile, its registers decoded) and the wgmma tiles'
-#             tests in a second run (cuda-wgmma)
-#   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl but the wgmma ones, then the largest C
-#             that fits for ours and eager (45 s); the results JSON is $OUT/bench.json, written after
-#             each C (an impl that fails, e.g. a refused graph capture, is left out and said so)
-#   bench-wgmma ours, ours-wgmma, ours-wgmma32, ours-wgmma-resident, ours-wgmma-weight and floor at C = 1e5
-#             and 1e6, to bench.log
+#   build     pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0a whatever the
+#             environment says: the wgmma tiles' sm_90a code with the rest; MAX_JOBS=16); if pip cannot
+#             install there (not for a compile error), setup.py build_ext --inplace. The call stops
+#             if the extension then does not load with its CUDA kernels.
+#   cuda      pytest tests/test_cuda.py -k "not wgmma" (the CUDA op against the fp64 reference, both
+#             CUDA paths), then benchmarks/wgmma_probe.py (each wgmma tile, its registers decoded; one
+#             process a tile) and the wgmma tiles' tests in a run of their own (cuda-wgmma, no
+#             --maxfail). With pytest-xdist a test whose kernel faults ends its worker (conftest.py),
+#             which is replaced; with pytest-timeout a test that hangs ends after 60 s.
+#   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl but the wgmma ones; the
+#             results JSON is $OUT/bench.json, written (and its rows printed) after each C (an impl that
+#             fails, e.g. a refused graph capture, is left out and said so)
+#   bench-wgmma each wgmma impl (ours-wgmma, ours-wgmma32, ours-wgmma-resident, ours-wgmma-weight) against
+#             ours at C = 1e5 and 1e6, one process each, to bench.log
+#   max-c     (not in the default list: a44eedd's run found ours >= 50M, eager 10.4M) the largest C that
+#             fits for ours and eager (45 s), to bench.log
 #   depth     (not in the default list: 3, 4 and 5 stages timed alike on the H200, session 8) ours at
 #             C = 1e5 and 1e6 with a 3-, 4- and 5-stage pipeline (ARCFACE_EXT_TILE_STAGES), to bench.log
 #   rows      (not in the default list) ours and ours-recompute at C = 1e5 and 1e6 with blocks walking 1,
 #             2 and 4 row tiles (ARCFACE_EXT_ROW_TILES), to bench.log
-#   bench-core (not in the default list) the bench without the sampled impls and the largest-C
-#             search: ours, ours-recompute, ours-one-row-tile, the four ours-wgmma*, ours-unchecked, ours-graphed,
-#             ours-cublas, eager, compiled and floor at C = 1e5 and 1e6 (~45 s), for a short call; the
-#             results JSON is $OUT/bench.json
-#   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py
-#   profile   benchmarks/profile_loss.py at C = 1M (fused, one-row-tile, cuBLAS and the four wgmma paths) and
-#             100k (fused, which keeps the gradient block there, and recompute, which does not); then
-#             benchmarks/host_overhead.py (µs of host time a step, tiny inputs)
-#   ncu       Nsight Compute counters of the fused kernels (one launch each, C = 100k, the recompute
-#             path as in session 8), then their warp stall reasons (ncu-stalls), then the wgmma kernels'
-#             counters and stalls (ncu-wgmma, C = 1M), then the resident x tile's forward and first
-#             backward launch (ncu-resident), then the backward's class-outer tile (ncu-weight), to
-#             profile.log
-#   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory)
+#   bench-core (not in the default list) the bench without the sampled impls: ours, ours-recompute,
+#             ours-one-row-tile, the four ours-wgmma*, ours-unchecked, ours-graphed, ours-cublas, eager,
+#             compiled and floor at C = 1e5 and 1e6 (~45 s), for a short call; the results JSON is
+#             $OUT/bench.json
+#   memcheck  compute-sanitizer --tool memcheck on benchmarks/sanitize_case.py, the wgmma cases in a
+#             process of their own (memcheck-wgmma)
+#   profile   benchmarks/profile_loss.py at C = 1M (fused, one-row-tile and cuBLAS, then each wgmma path
+#             in a process of its own: profile-wgmma) and 100k (fused, which keeps the gradient block
+#             there, and recompute, which does not); then benchmarks/host_overhead.py (µs of host time
+#             a step, tiny inputs)
+#   ncu       Nsight Compute on one launch or two of each kernel: the wgmma forward and backward
+#             (ncu-wgmma, C = 1M), the resident x tile's (ncu-resident), the backward's class-outer
+#             tile (ncu-weight), then the mma.sync fused kernels at C = 100k (ncu, the recompute path
+#             as in session 8) and their warp stall reasons (ncu-stalls), to profile.log
+#   racecheck compute-sanitizer --tool racecheck (the fused kernels stage tiles in shared memory): the
+#             wgmma cases first (racecheck-wgmma), then the others
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
 #             (its images/s in metrics.jsonl, appended to profile.log)
 #   sweep     ours and ours-cublas at C = 100k and 1M with a 16, 64, 128 and 256 MiB workspace
@@ -51,15 +58,36 @@ cd "$ROOT" || exit 1
 OUT=${OUT:-$ROOT/build/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
+# 9.0a whatever the environment says (GPU.md's recipe exports 9.0, whose build has no wgmma code at all);
+# GPU_CHECK_ARCH_LIST overrides it.
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${GPU_CHECK_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench bench-wgmma memcheck profile ncu racecheck train sweep suite)
-KNOWN=" build cuda bench bench-wgmma bench-core depth rows memcheck profile ncu racecheck train suite sweep --source-hash "
+KNOWN=" build cuda bench bench-wgmma bench-core max-c depth rows memcheck profile ncu racecheck train suite sweep --source-hash "
 for stage in "${STAGES[@]}"; do  # before anything runs: a typo must not end the call halfway
   [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage $stage; stages:$KNOWN"; exit 2; }
 done
 SUMMARY=()
+# The wgmma variants (never run on a GPU before session 14), one process each where a stage runs
+# several: a kernel fault leaves its process's CUDA context unusable, and the others must still run.
+# The probe's tiles, the benchmark's impls and the profile's paths:
+WGMMA_TILES=(64 32 resident weight)
+WGMMA_IMPLS=(ours-wgmma ours-wgmma32 ours-wgmma-resident ours-wgmma-weight)
+WGMMA_PATHS=(wgmma wgmma32 wgmma-resident wgmma-weight)
+# each COMMAND... -- VALUE...: COMMAND once a value, the value in place of the word {}, one process
+# each, going on after a failure; the last failure's status.
+each() {
+  local cmd=() arg value rc=0
+  while [[ $1 != -- ]]; do cmd+=("$1"); shift; done
+  shift
+  for value in "$@"; do
+    echo "--- $value"
+    "${cmd[@]//\{\}/$value}" || rc=$?
+  done
+  return $rc
+}
+export -f each
 
 run_stage() {  # name, log name, time limit (s), minimum worth running (s), command...
   local name=$1 log=$OUT/$2.log limit=$3 minimum=$4 start=$SECONDS left rc
@@ -82,7 +110,9 @@ run_stage() {  # name, log name, time limit (s), minimum worth running (s), comm
   return $rc
 }
 
+# The fallback is for a pip that cannot install here, not for a compile error (which it would repeat).
 BUILD="$PY -m pip install --no-build-isolation --no-deps -v -e . || {
+  if grep -qE '\\): error|: error:|ninja: build stopped' '$OUT/build.log'; then exit 1; fi
   echo 'pip could not install the package; building the extension in place instead'
   $PY setup.py build_ext --inplace; }"
 
@@ -107,40 +137,56 @@ export ARCFACE_EXT_SOURCE_HASH
 # tests to one segfault that way).
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-p xdist --max-worker-restart 100)
+# pytest-timeout (on the GPU image): a test that hangs (a wgmma kernel waiting forever) ends its
+# process after 60 s, with its stack, instead of holding the stage to its limit, where pytest would
+# print none of the failures' tracebacks; under xdist its worker is replaced.
+TIMEOUT=()
+"$PY" -c 'import pytest_timeout' 2>/dev/null && TIMEOUT=(--timeout 60 --timeout-method thread)
 
 for stage in "${STAGES[@]}"; do
   case $stage in
     build)
+      echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" >>"$OUT/build.log"
       if ! run_stage build build 200 60 bash -c "$BUILD"; then
         SUMMARY+=("build failed: the stages that need the extension were not run")
         break
       fi
-      "$PY" -c 'import arcface_ext, torch; assert arcface_ext.extension_available(); print("CUDA kernels registered:", torch._C._dispatch_has_kernel_for_dispatch_key("arcface_ext::margin_softmax_forward", "CUDA"))' \
-        2>&1 | tee -a "$OUT/build.log"
+      # Without the CUDA kernels every CUDA test would skip and its stage say rc=0: stop here instead.
+      if ! "$PY" -c 'import arcface_ext, torch; assert arcface_ext.extension_available(), "arcface_ext._C did not load"; assert torch._C._dispatch_has_kernel_for_dispatch_key("arcface_ext::margin_softmax_forward", "CUDA"), "no CUDA kernels in the build"; print("CUDA kernels registered")' \
+          2>&1 | tee -a "$OUT/build.log"; then
+        SUMMARY+=("build: the extension does not load with CUDA kernels (build.log): the other stages were not run")
+        break
+      fi
       # The C++ runtime must be the process's shared one (setup.py's -l:libstdc++.so.6): 0 expected.
-      echo "CXX=${CXX:-unset}; __cxa_throw defined in _C.so: $(nm -D --defined-only arcface_ext/_C*.so 2>/dev/null \
-        | grep -c ' __cxa_throw$')" | tee -a "$OUT/build.log" ;;
+      so=$(ls arcface_ext/_C*.so 2>/dev/null | head -n 1)
+      echo "CXX=${CXX:-unset}; ${so:-no arcface_ext/_C*.so}: __cxa_throw defined $(nm -D --defined-only ${so:-/dev/null} \
+        2>/dev/null | grep -c ' __cxa_throw$') time(s)" | tee -a "$OUT/build.log" ;;
     # -v: one line a test in cuda.log, so that a stage cut off by its limit still says what ran.
     # The wgmma tiles' tests (never run on a GPU before session 14) in a run of their own, after the
     # rest: if the hardware reads the tile otherwise than the emulator, their failures must not use up
     # --maxfail before the other paths have run.
     cuda) run_stage cuda cuda 150 30 "$PY" -m pytest -v -p no:cacheprovider --maxfail=40 -rf --durations=10 \
-            ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} \
+            ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} ${TIMEOUT[@]+"${TIMEOUT[@]}"} \
             -o faulthandler_timeout=120 tests/test_cuda.py -k "not wgmma"
-          # One wgmma tile register by register on inputs whose products name their operands: if the
-          # hardware reads the tile otherwise than the emulator, this decodes how (seconds).
-          run_stage wgmma-probe cuda 30 10 "$PY" benchmarks/wgmma_probe.py
-          run_stage cuda-wgmma cuda 90 20 "$PY" -m pytest -v -p no:cacheprovider --maxfail=30 -rf \
-            ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} \
+          # Each wgmma tile register by register on inputs whose products name their operands: if the
+          # hardware reads a tile otherwise than the emulator, this decodes how (seconds a tile).
+          run_stage wgmma-probe cuda 45 10 bash -c 'each "$@"' _ "$PY" benchmarks/wgmma_probe.py --tiles {} \
+            -- "${WGMMA_TILES[@]}"
+          # No --maxfail: the 64-deep tile's ~100 tests come first in the file, and had they all failed,
+          # the other tiles' would never have run. The stage's limit bounds it.
+          run_stage cuda-wgmma cuda 90 20 "$PY" -m pytest -v -p no:cacheprovider -rf \
+            ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 4} ${TIMEOUT[@]+"${TIMEOUT[@]}"} \
             -o faulthandler_timeout=60 tests/test_cuda.py -k wgmma ;;
     bench)  # every impl but the wgmma ones (bench-wgmma): a fault there must not cost the others
-      run_stage bench bench 170 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
+      run_stage bench bench 150 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
         --impls ours,ours-recompute,ours-one-row-tile,ours-unchecked,ours-graphed,ours-cublas,eager,compiled,floor,ours-sampled,eager-sampled \
-        --max-c 50000000 --max-c-seconds 45 --out "$OUT/bench.json" ;;
-    bench-wgmma)  # the wgmma tiles (session 14) against ours and the floor, to bench.log
-      run_stage bench-wgmma bench 90 25 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --C 100000 1000000 --impls ours,ours-wgmma,ours-wgmma32,ours-wgmma-resident,ours-wgmma-weight,floor --no-memory \
-        --out /tmp/bench-wgmma.json ;;
+        --out "$OUT/bench.json" ;;
+    max-c)  # (not in the default list: a44eedd's run found ours >= 50M, eager 10.4M) the largest C that fits
+      run_stage max-c bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 3 --C 100000 \
+        --impls ours,eager --no-memory --max-c 50000000 --max-c-seconds 45 --out /tmp/max-c.json ;;
+    bench-wgmma)  # each wgmma tile (session 14 on) against ours, one process each, to bench.log
+      run_stage bench-wgmma bench 100 25 bash -c 'each "$@"' _ "$PY" benchmarks/bench_loss.py --device cuda \
+        --repeats 7 --C 100000 1000000 --impls ours,{} --no-memory --out /tmp/bench-{}.json -- "${WGMMA_IMPLS[@]}" ;;
     bench-core)
       run_stage bench-core bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
         --impls ours,ours-recompute,ours-one-row-tile,ours-wgmma,ours-wgmma32,ours-wgmma-resident,ours-wgmma-weight,ours-unchecked,ours-graphed,ours-cublas,eager,compiled,floor \
@@ -156,54 +202,66 @@ for stage in "${STAGES[@]}"; do
           --C 100000 1000000 --impls ours,ours-recompute,floor --no-memory --warmup 2 --out "/tmp/rows-$k.json"
       done ;;
     memcheck) run_stage memcheck sanitize 100 40 compute-sanitizer --tool memcheck --error-exitcode 9 \
-                "$PY" benchmarks/sanitize_case.py ;;
+                "$PY" benchmarks/sanitize_case.py mma
+              run_stage memcheck-wgmma sanitize 60 20 compute-sanitizer --tool memcheck --error-exitcode 9 \
+                "$PY" benchmarks/sanitize_case.py wgmma ;;
     profile)
       # one-row-tile: the fused kernels as before session 13 (each row tile's block sums the norms);
       # wgmma, wgmma32: the fused kernels' tiles on Hopper's wgmma, 64- and 32-deep slices (session 14).
-      run_stage profile profile 90 20 "$PY" benchmarks/profile_loss.py \
-        --paths fused,one-row-tile,cublas,wgmma,wgmma32,wgmma-resident,wgmma-weight
+      run_stage profile profile 60 20 "$PY" benchmarks/profile_loss.py --paths fused,one-row-tile,cublas
+      run_stage profile-wgmma profile 60 15 bash -c 'each "$@"' _ "$PY" benchmarks/profile_loss.py --paths {} \
+        -- "${WGMMA_PATHS[@]}"
       # At C = 100k about half the measured step had no kernel running (by arithmetic, session 7).
       # fused keeps the gradient block there (bf16, 100 MB in the 128 MiB workspace); recompute does not.
       run_stage profile-100k profile 40 15 "$PY" benchmarks/profile_loss.py --C 100000 --paths fused,recompute
       # The host's share of a step, on inputs too small for the kernels to matter (session 9).
       run_stage host profile 20 8 "$PY" benchmarks/host_overhead.py --device cuda ;;
-    # Why the fused tiles run at a quarter of cuBLAS's rate (H200, session 7): L2 traffic, latency
-    # or the tensor pipe. One launch of each fused kernel at C = 100k, hardware counters.
-    ncu) run_stage ncu profile 90 40 ncu --clock-control none --target-processes all \
-           -k 'regex:fused_(forward|backward)_kernel|class_gradient_kernel' -c 8 \
-           --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-           --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
-           "$PY" benchmarks/profile_loss.py --C 100000 --paths recompute
-      # What the warps wait on (session 8 found the forward latency-bound, 59% of cycles with no
-      # warp ready, but the sections above print no stall breakdown): stalls per issued
-      # instruction by reason, for the forward and the first backward launch. Its own run, so that
-      # a metric name this ncu lacks costs only these lines.
-      run_stage ncu-stalls profile 45 20 ncu --clock-control none --target-processes all \
-        -k 'regex:fused_(forward|backward)_kernel' -c 2 \
-        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-        "$PY" benchmarks/profile_loss.py --C 100000 --paths recompute
-      # The wgmma tiles (session 14, never run on a GPU before): counters and stalls of the forward and
-      # the first backward launch, at 1M (where bf16 recomputes: the block does not fit).
-      run_stage ncu-wgmma profile 60 20 ncu --clock-control none --target-processes all \
+    # Nsight Compute, the wgmma tiles first (never profiled), then the mma.sync tiles (session 8's
+    # counters; their stall reasons never printed). --kill yes ends the program once its launches are
+    # profiled: ncu prints its sections only when the program exits, so a stage cut off by its limit
+    # while the program ran on would print nothing.
+    ncu)
+      # The wgmma tiles (session 14): counters and stalls of the forward and the first backward launch,
+      # at 1M (where bf16 recomputes: the block does not fit).
+      run_stage ncu-wgmma profile 60 30 ncu --clock-control none --target-processes all --kill yes \
         -k 'regex:fused_(forward|backward)_wgmma_kernel' -c 2 \
         --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         "$PY" benchmarks/profile_loss.py --paths wgmma
       # The resident x tile (session 15): L2 throughput against the streaming tile's, forward and backward.
-      run_stage ncu-resident profile 45 15 ncu --clock-control none --target-processes all \
+      run_stage ncu-resident profile 45 30 ncu --clock-control none --target-processes all --kill yes \
         -k 'regex:fused_(forward_wgmma|backward_wgmma_resident)_kernel' -c 2 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         "$PY" benchmarks/profile_loss.py --paths wgmma-resident
       # The backward's class-outer tile (session 17): S, the gradient block and d loss / d W in one
       # kernel, whose x tiles stream from L2 (64 KB a 64-row tile, read by every block).
-      run_stage ncu-weight profile 45 15 ncu --clock-control none --target-processes all \
+      run_stage ncu-weight profile 45 30 ncu --clock-control none --target-processes all --kill yes \
         -k 'regex:fused_weight_gradient_wgmma_kernel' -c 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-        "$PY" benchmarks/profile_loss.py --paths wgmma-weight ;;
-    racecheck) run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
-                 "$PY" benchmarks/sanitize_case.py ;;
+        "$PY" benchmarks/profile_loss.py --paths wgmma-weight
+      # Why the fused tiles ran at a quarter of cuBLAS's rate (H200, session 7): L2 traffic, latency
+      # or the tensor pipe. One launch of each fused kernel at C = 100k, hardware counters.
+      run_stage ncu profile 90 40 ncu --clock-control none --target-processes all --kill yes \
+        -k 'regex:fused_(forward|backward)_kernel|class_gradient_kernel' -c 8 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        "$PY" benchmarks/profile_loss.py --C 100000 --paths recompute
+      # What the warps wait on (session 8 found the forward latency-bound, 59% of cycles with no
+      # warp ready, but the sections above print no stall breakdown): stalls per issued
+      # instruction by reason, for the forward and the first backward launch. Its own run, so that
+      # a metric name this ncu lacks costs only these lines.
+      run_stage ncu-stalls profile 45 30 ncu --clock-control none --target-processes all --kill yes \
+        -k 'regex:fused_(forward|backward)_kernel' -c 2 \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        "$PY" benchmarks/profile_loss.py --C 100000 --paths recompute ;;
+    # The wgmma tiles first: their shared memory has never been race-checked; the others had 0 hazards
+    # in session 8 (a44eedd).
+    racecheck) run_stage racecheck-wgmma sanitize 60 25 compute-sanitizer --tool racecheck --error-exitcode 9 \
+                 "$PY" benchmarks/sanitize_case.py wgmma
+               run_stage racecheck sanitize 90 40 compute-sanitizer --tool racecheck --error-exitcode 9 \
+                 "$PY" benchmarks/sanitize_case.py mma ;;
     train)
       run_stage train profile 100 50 "$PY" -m train --network r50 --image-size 112 --batch-size 128 \
         --synthetic-identities 1000 --synthetic-images-per-identity 16 --val-targets none --amp bf16 \

@@ -13,7 +13,9 @@ workspace keep the forward's gradient block (csrc/kept_block.h), one of them wit
 forward recomputes.
 
 It prints one line per case and exits non-zero if an output is not finite (sanitizer errors are
-the sanitizer's to report)."""
+the sanitizer's to report). An argument picks a part: `mma` (everything but the wgmma tiles) or
+`wgmma` (the Hopper wgmma tiles alone, compute capability 9.0); without one, both, wgmma last.
+gpu_check.sh runs the parts in separate processes: a fault leaves the CUDA context unusable."""
 import os
 import sys
 
@@ -62,7 +64,23 @@ def case(n, dim, num_classes, dtype, *, workspace_bytes, needs=(True, True), see
     return finite
 
 
-def main():
+def main(argv=None):
+    parts = (sys.argv[1:] if argv is None else argv) or ["mma", "wgmma"]
+    if not set(parts) <= {"mma", "wgmma"}:
+        raise SystemExit(f"sanitize_case: parts are mma and wgmma, got {parts}")
+    ok = True
+    if "mma" in parts:
+        ok &= mma_cases()
+    if "wgmma" in parts:
+        if torch.cuda.get_device_capability() != (9, 0):
+            print("the wgmma tiles run on compute capability 9.0 only: no wgmma cases")
+        else:
+            ok &= wgmma_cases()
+    arcface_ext.set_workspace_bytes(None)
+    return 0 if ok else 1
+
+
+def mma_cases():
     ok = True
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         # 16-bit inputs with D a multiple of 8 take the fused tensor-core kernels by default; run
@@ -98,43 +116,46 @@ def main():
         ok &= case(300, 72, 1031, torch.bfloat16, workspace_bytes=64 << 20, opposite=True)
         ok &= case(37, 40, 1031, torch.bfloat16, workspace_bytes=64 << 20, needs=(True, False), per_row=True)
         ok &= case(37, 40, 1031, torch.bfloat16, workspace_bytes=64 << 20, needs=(False, True))
-    if torch.cuda.get_device_capability() == (9, 0):
-        # Last (never run on a GPU before session 14's; a fault here must not cost the cases above):
-        # the fused kernels on Hopper's wgmma tile. 64-deep slices (D = 200: the last an eighth full),
-        # one row tile a block, then 2 + 1 with the kept block (bf16) or not (fp16); 32-deep slices
-        # with a wgmma in flight; the kept block with rows recomputed.
-        os.environ["ARCFACE_EXT_CUDA_FUSED"] = "1"
-        for dtype in (torch.bfloat16, torch.float16):
-            os.environ["ARCFACE_EXT_WGMMA"] = "1"
-            print("ARCFACE_EXT_WGMMA=1")
-            ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
-            os.environ["ARCFACE_EXT_ROW_TILES"] = "2"
-            ok &= case(300, 200, 1000, dtype, workspace_bytes=64 << 20)
-            os.environ.pop("ARCFACE_EXT_ROW_TILES")
-            os.environ["ARCFACE_EXT_WGMMA"] = "32"
-            print("ARCFACE_EXT_WGMMA=32")
-            ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
-            # The x tile resident (session 15), forward and backward: segments of several class tiles
-            # (one chunk a class tile with the 1-byte workspace), and the kept block.
-            os.environ["ARCFACE_EXT_WGMMA"] = "resident"
-            print("ARCFACE_EXT_WGMMA=resident")
-            ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
-            ok &= case(300, 200, 1000, dtype, workspace_bytes=64 << 20)
-        # The backward's class-outer tile (session 17; bf16, the gradient block not kept): D = 264
-        # (both warpgroups' halves of the depth, the second mostly zeros), chunks of one class tile.
-        os.environ["ARCFACE_EXT_WGMMA"] = "resident-weight"
-        os.environ["ARCFACE_EXT_KEEP_BLOCK"] = "0"
-        print("ARCFACE_EXT_WGMMA=resident-weight")
-        ok &= case(300, 264, 1000, torch.bfloat16, workspace_bytes=1)
-        ok &= case(37, 264, 1000, torch.bfloat16, workspace_bytes=64 << 20)
-        os.environ.pop("ARCFACE_EXT_KEEP_BLOCK")
-        os.environ["ARCFACE_EXT_WGMMA"] = "1"
-        print("kept block, ARCFACE_EXT_WGMMA=1")
-        ok &= case(300, 72, 1031, torch.bfloat16, workspace_bytes=64 << 20, opposite=True)
-        os.environ.pop("ARCFACE_EXT_WGMMA")
     os.environ.pop("ARCFACE_EXT_CUDA_FUSED")
-    arcface_ext.set_workspace_bytes(None)
-    return 0 if ok else 1
+    return ok
+
+
+def wgmma_cases():
+    # Never run on a GPU before session 14's: the fused kernels on Hopper's wgmma tile. 64-deep
+    # slices (D = 200: the last an eighth full), one row tile a block, then 2 + 1 with the kept block
+    # (bf16) or not (fp16); 32-deep slices with a wgmma in flight; the kept block with rows recomputed.
+    ok = True
+    os.environ["ARCFACE_EXT_CUDA_FUSED"] = "1"
+    for dtype in (torch.bfloat16, torch.float16):
+        os.environ["ARCFACE_EXT_WGMMA"] = "1"
+        print("ARCFACE_EXT_WGMMA=1")
+        ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
+        os.environ["ARCFACE_EXT_ROW_TILES"] = "2"
+        ok &= case(300, 200, 1000, dtype, workspace_bytes=64 << 20)
+        os.environ.pop("ARCFACE_EXT_ROW_TILES")
+        os.environ["ARCFACE_EXT_WGMMA"] = "32"
+        print("ARCFACE_EXT_WGMMA=32")
+        ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
+        # The x tile resident (session 15), forward and backward: segments of several class tiles
+        # (one chunk a class tile with the 1-byte workspace), and the kept block.
+        os.environ["ARCFACE_EXT_WGMMA"] = "resident"
+        print("ARCFACE_EXT_WGMMA=resident")
+        ok &= case(300, 200, 1000, dtype, workspace_bytes=1)
+        ok &= case(300, 200, 1000, dtype, workspace_bytes=64 << 20)
+    # The backward's class-outer tile (session 17; bf16, the gradient block not kept): D = 264
+    # (both warpgroups' halves of the depth, the second mostly zeros), chunks of one class tile.
+    os.environ["ARCFACE_EXT_WGMMA"] = "resident-weight"
+    os.environ["ARCFACE_EXT_KEEP_BLOCK"] = "0"
+    print("ARCFACE_EXT_WGMMA=resident-weight")
+    ok &= case(300, 264, 1000, torch.bfloat16, workspace_bytes=1)
+    ok &= case(37, 264, 1000, torch.bfloat16, workspace_bytes=64 << 20)
+    os.environ.pop("ARCFACE_EXT_KEEP_BLOCK")
+    os.environ["ARCFACE_EXT_WGMMA"] = "1"
+    print("kept block, ARCFACE_EXT_WGMMA=1")
+    ok &= case(300, 72, 1031, torch.bfloat16, workspace_bytes=64 << 20, opposite=True)
+    os.environ.pop("ARCFACE_EXT_WGMMA")
+    os.environ.pop("ARCFACE_EXT_CUDA_FUSED")
+    return ok
 
 
 if __name__ == "__main__":

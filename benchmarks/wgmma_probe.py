@@ -39,7 +39,8 @@ m64n256k16 with x read along its depth, MN-major: the layout no other tile uses)
     python benchmarks/wgmma_probe.py                           # a GPU of compute capability 9.0, sm_90a build
     ARCFACE_EXT_EMULATE_CUDA=1 python benchmarks/wgmma_probe.py   # the CPU emulator (tests/emulator)
 
-gpu_check.sh runs it at the start of its cuda-wgmma stage. Exit status 1 if a case fails.
+gpu_check.sh runs it before its cuda-wgmma stage, one process a tile (a fault in one tile leaves the
+CUDA context unusable; the others still run). Exit status 1 if a case fails.
 """
 import argparse
 import os
@@ -47,6 +48,12 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+
+# The repository root first, as the other benchmarks do: a package built in place (setup.py
+# build_ext --inplace, gpu_check.sh's fallback) is found there, not from benchmarks/.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 ROWS = CLASSES = 128
 THREADS = 256
@@ -293,7 +300,7 @@ def probe_ops():
     """(ops, device): the ops (wgmma_tile_probe and wgmma_weight_tile_probe) on a GPU, or the emulated
     CUDA source's with ARCFACE_EXT_EMULATE_CUDA=1."""
     if os.environ.get("ARCFACE_EXT_EMULATE_CUDA", "0") not in ("", "0"):
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
         import emulator
 
         return emulator.load(), "cpu"

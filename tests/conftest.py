@@ -2,7 +2,9 @@
 that say where and by how much two tensors differ. Test modules import the helpers with
 `from conftest import ...` (tests/ is not a package, so pytest puts it on sys.path)."""
 import importlib.util
+import os
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -43,6 +45,26 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running")
     if emulator.EMULATED:
         emulator.install()
+
+
+@pytest.fixture(autouse=True)
+def _no_faulted_gpu_worker_lives_on(request):
+    """On a GPU, after each `cuda` test, waits for its kernels. A kernel fault (an illegal address or
+    instruction, a trap) leaves the process's CUDA context unusable: every later test in the process
+    would fail at once and use up --maxfail (gpu_check.sh). Under pytest-xdist the worker then exits,
+    and xdist reports the test as crashed and starts a fresh worker for the rest; in one process the
+    error is this test's."""
+    yield
+    if emulator.EMULATED or request.node.get_closest_marker("cuda") is None or not torch.cuda.is_initialized():
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as error:  # torch.AcceleratorError too
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            sys.stderr.write(f"{request.node.nodeid}: the CUDA context is lost ({error}); this worker exits\n")
+            sys.stderr.flush()
+            os._exit(70)
+        raise
 
 
 def pytest_collection_modifyitems(config, items):

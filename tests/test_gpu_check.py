@@ -20,6 +20,22 @@ def option_values(option):
     return [quoted or word for quoted, word in re.findall(rf"(?<=\s){re.escape(option)}\s+(?:'([^']*)'|([^\s'\\]+))", text)]
 
 
+def array_values(name):
+    """The words of the script's bash array `name=(...)`."""
+    match = re.search(rf"^{name}=\(([^)]*)\)", SCRIPT.read_text(), re.M)
+    assert match, name
+    return match.group(1).split()
+
+
+def listed(option, array):
+    """The names the script gives `option` in comma-separated lists, `{}` standing for each word of
+    `array` (the stages that run `each` of them in a process of its own)."""
+    names = {name for value in option_values(option) for name in value.split(",")}
+    if "{}" in names:
+        names = (names - {"{}"}) | set(array_values(array))
+    return names
+
+
 def test_the_script_parses():
     result = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -36,21 +52,34 @@ def test_every_default_stage_is_known():
 
 
 def test_every_benchmark_impl_is_one_bench_loss_has():
-    impls = {impl for value in option_values("--impls") for impl in value.split(",")}
+    impls = listed("--impls", "WGMMA_IMPLS")
     assert {"ours", "ours-wgmma", "ours-wgmma-resident", "ours-wgmma-weight", "floor"} <= impls
+    assert set(array_values("WGMMA_IMPLS")) == {impl for impl in load_benchmark("bench_loss").IMPLS
+                                               if impl.startswith("ours-wgmma")}
     assert impls <= set(load_benchmark("bench_loss").IMPLS), impls - set(load_benchmark("bench_loss").IMPLS)
 
 
 def test_every_profile_path_is_one_profile_loss_has():
-    paths = {path for value in option_values("--paths") for path in value.split(",")}
+    paths = listed("--paths", "WGMMA_PATHS")
     assert {"fused", "wgmma", "wgmma-resident", "wgmma-weight"} <= paths
+    assert set(array_values("WGMMA_PATHS")) == {path for path in load_benchmark("profile_loss").PATHS
+                                               if path.startswith("wgmma")}
     assert paths <= set(load_benchmark("profile_loss").PATHS), paths - set(load_benchmark("profile_loss").PATHS)
 
 
-def test_the_probe_runs_every_tile_by_default():
+def test_the_probe_runs_every_tile_in_a_process_of_its_own():
     probe = load_benchmark("wgmma_probe")
-    assert re.search(r"^\s+run_stage wgmma-probe .* benchmarks/wgmma_probe.py$", SCRIPT.read_text(), re.M)
-    assert set(probe.TILES) == {"64", "32", "resident", "weight"}
+    assert re.search(r'^\s+run_stage wgmma-probe .* benchmarks/wgmma_probe.py --tiles \{\} \\\n\s+-- "\$\{WGMMA_TILES\[@\]\}"$',
+                     SCRIPT.read_text(), re.M)
+    assert set(probe.TILES) == {"64", "32", "resident", "weight"} == set(array_values("WGMMA_TILES"))
+
+
+def test_each_runs_a_command_a_value_and_goes_on_after_a_failure(tmp_path):
+    # The script's `each`, run by bash as the stages run it.
+    function = re.search(r"^each\(\) \{.*?^\}\n", SCRIPT.read_text(), re.M | re.S).group(0)
+    script = function + 'each sh -c "echo {}; [ {} != b ]" -- a b c; echo "rc=$?"'
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert result.stdout.split() == ["---", "a", "a", "---", "b", "b", "---", "c", "c", "rc=1"], result.stdout
 
 
 def kernel_names():
