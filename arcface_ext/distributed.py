@@ -25,9 +25,9 @@ from torch import nn
 
 from . import ops
 from ._checks import (FLOAT_DTYPES, check_arguments, check_row_margin, fused_compute_dtype, nan_at_ignored,
-                      reduce_rows, scalar_margin, stack_row_margins)
+                      reduce_rows, scalar_margin, skips_label_check, stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
-from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options, unchecked
+from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options
 from .sampling import bad_labels, check_label_values, sample_classes, sample_size
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
@@ -284,8 +284,8 @@ class ShardedCombinedMarginLoss(nn.Module):
     def _agree(self, embeddings, labels, error):
         """The call's first collective: every rank's batch size, whether its arguments passed their
         checks (``error`` is its own exception, or None), and how it calls (compute dtype, training
-        mode, gradients, label check: a rank that checks would raise alone). Raises on every rank when any rank failed or they differ; returns the
-        largest local batch size."""
+        mode, gradients, label check: a rank that checks would raise alone). Raises on every rank
+        when any rank failed or they differ; returns the largest local batch size."""
         if error is not None and self.world_size == 1:
             raise error
         rank, world_size = _group_info(self.process_group)
@@ -300,7 +300,7 @@ class ShardedCombinedMarginLoss(nn.Module):
             grad = torch.is_grad_enabled()
             row[:5] = torch.tensor([labels.shape[0], 1, 1 + FLOAT_DTYPES.index(fused_compute_dtype(embeddings, self.weight)),
                                     int(self.training), int(grad) + int(grad and embeddings.requires_grad)])
-            row[6] = int(not unchecked(self, labels))
+            row[6] = int(not skips_label_check(self.check_labels, labels))
             if not self._shards_compared:
                 row[5] = self._first_centre_fingerprint()
         table = torch.empty(self.world_size * row.numel(), dtype=torch.int64, device=device)
@@ -397,7 +397,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         labels = labels.long()
         all_labels = self._gather_labels(labels, rows)
         index, ignore_index, class_start, num_classes = None, self.ignore_index, self.class_start, self.num_classes
-        skip_check = unchecked(self, labels)
+        skip_check = skips_label_check(self.check_labels, labels)
         if self.training and self.sample_rate < 1.0:
             bad = None
             if skip_check:  # a bad row gets a place past the union of the samples: a NaN loss

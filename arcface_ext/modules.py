@@ -31,11 +31,6 @@ def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_
     module.check_labels = check_flag("check_labels", check_labels)
 
 
-def unchecked(module, labels):
-    """Whether this call skips the label check: asked for, and on a device where it costs a sync."""
-    return _checks.skips_label_check(module.check_labels, labels)
-
-
 class CombinedMarginLoss(nn.Module):
     """Margin softmax cross-entropy with its own class centres ``weight`` (C, D).
 
@@ -88,7 +83,7 @@ class CombinedMarginLoss(nn.Module):
         if sampled or self.per_row_margins:
             self._check(embeddings, labels)
         m2, m3 = self.row_margins(embeddings, labels)
-        skip_check = unchecked(self, labels)
+        skip_check = _checks.skips_label_check(self.check_labels, labels)
         if sampled:
             bad = None
             if skip_check:  # a bad row gets a position past the sample: the op makes its loss NaN

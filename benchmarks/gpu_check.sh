@@ -152,8 +152,11 @@ for stage in "${STAGES[@]}"; do
         break
       fi
       # Without the CUDA kernels every CUDA test would skip and its stage say rc=0: stop here instead.
-      if ! "$PY" -c 'import arcface_ext, torch; assert arcface_ext.extension_available(), "arcface_ext._C did not load"; assert torch._C._dispatch_has_kernel_for_dispatch_key("arcface_ext::margin_softmax_forward", "CUDA"), "no CUDA kernels in the build"; print("CUDA kernels registered")' \
-          2>&1 | tee -a "$OUT/build.log"; then
+      if ! "$PY" -c '
+import arcface_ext, torch
+assert arcface_ext.extension_available(), "arcface_ext._C did not load"
+assert torch._C._dispatch_has_kernel_for_dispatch_key("arcface_ext::margin_softmax_forward", "CUDA"), "no CUDA kernels"
+print("CUDA kernels registered")' 2>&1 | tee -a "$OUT/build.log"; then
         SUMMARY+=("build: the extension does not load with CUDA kernels (build.log): the other stages were not run")
         break
       fi

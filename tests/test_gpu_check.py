@@ -69,8 +69,9 @@ def test_every_profile_path_is_one_profile_loss_has():
 
 def test_the_probe_runs_every_tile_in_a_process_of_its_own():
     probe = load_benchmark("wgmma_probe")
-    assert re.search(r'^\s+run_stage wgmma-probe .* benchmarks/wgmma_probe.py --tiles \{\} \\\n\s+-- "\$\{WGMMA_TILES\[@\]\}"$',
-                     SCRIPT.read_text(), re.M)
+    line = (r'^\s+run_stage wgmma-probe .* benchmarks/wgmma_probe.py --tiles \{\} \\\n'
+            r'\s+-- "\$\{WGMMA_TILES\[@\]\}"$')
+    assert re.search(line, SCRIPT.read_text(), re.M)
     assert set(probe.TILES) == {"64", "32", "resident", "weight"} == set(array_values("WGMMA_TILES"))
 
 
