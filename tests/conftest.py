@@ -67,6 +67,24 @@ def _no_faulted_gpu_worker_lives_on(request):
         raise
 
 
+@pytest.fixture(autouse=True)
+def _wgmma_kernels_run_in_wgmma_tests(request):
+    """On the emulator (CI), fails a test of tests/test_cuda.py that launched a wgmma kernel without
+    saying wgmma in its id: gpu_check.sh runs that file's -k "not wgmma" tests apart from its
+    -k wgmma ones, so that a tile the hardware reads otherwise cannot take the other paths' tests
+    down with it. (tests/test_gpu_check.py checks the names statically; this sees tiles turned on
+    through fixtures and helpers too. Tests that read the launch log themselves hide their launches.)"""
+    watched = emulator.EMULATED and request.node.path.name == "test_cuda.py"
+    if watched:
+        emulator.take_launch_log()
+    yield
+    if watched and "wgmma" not in request.node.nodeid:
+        launched = sorted({name for name in emulator.take_launch_log() if "wgmma" in name})
+        if launched:
+            pytest.fail(f"{request.node.nodeid} launched {launched} but does not say wgmma in its id: "
+                        "gpu_check.sh would run it in the cuda stage, not in cuda-wgmma")
+
+
 def pytest_collection_modifyitems(config, items):
     # Asked only when a collected test carries the marker, never at import time.
     if not any(item.get_closest_marker("cuda") for item in items):
