@@ -25,7 +25,7 @@ from torch import nn
 
 from . import ops
 from ._checks import (FLOAT_DTYPES, check_arguments, check_row_margin, fused_compute_dtype, nan_at_ignored,
-                      reduce_rows, scalar_margin, skips_label_check, stack_row_margins)
+                      scalar_margin, skips_label_check, stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
 from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options
 from .sampling import bad_labels, check_label_values, sample_classes, sample_size
@@ -420,7 +420,7 @@ class ShardedCombinedMarginLoss(nn.Module):
                    self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes, margins)
         loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), all_labels,
                                                         index, rows, options, self.process_group, not skip_check)
-        loss = reduce_rows(loss_rows, labels, self.ignore_index, self.reduction)
+        loss = ops.reduce_loss(loss_rows, labels, self.ignore_index, self.reduction)
         if return_target_cosine:
             return loss, nan_at_ignored(cosine, labels, self.ignore_index)
         return loss

@@ -2,7 +2,7 @@
 import torch
 
 from . import ops
-from ._checks import (check_arguments, check_flag, fused_compute_dtype, nan_at_ignored, reduce_rows, scalar_margin,
+from ._checks import (check_arguments, check_flag, fused_compute_dtype, nan_at_ignored, scalar_margin,
                       stack_row_margins)
 
 # 128 MiB: on the H200 (session 8's sweep, benchmarks/NOTES.md) twice 64 MiB's chunk width took a
@@ -89,6 +89,7 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     dtype = fused_compute_dtype(embeddings, weight)
     needs_embeddings_grad = torch.is_grad_enabled() and embeddings.requires_grad
     needs_weight_grad = torch.is_grad_enabled() and weight.requires_grad
+    labels = labels.long()
     margins = stack_row_margins(m2, m3, embeddings)
     scalars = (float(s), float(m1), scalar_margin(m2), scalar_margin(m3), float(lambda_), int(ignore_index),
                margin_grad == "straight_through", _workspace_bytes)
@@ -99,12 +100,12 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
         # A training step: the gradients come out of the forward's own pass (the backward
         # only scales them), which saves recomputing the cosines.
         loss, target_cosine, _, _ = ops.margin_softmax_train(
-            embeddings.to(dtype), weight.to(dtype), labels.long(), *scalars, reduction == "mean",
+            embeddings.to(dtype), weight.to(dtype), labels, *scalars, reduction == "mean",
             needs_embeddings_grad, needs_weight_grad, margins)
     else:
         loss_rows, _, target_cosine = ops.margin_softmax_forward(
-            embeddings.to(dtype), weight.to(dtype), labels.long(), *scalars, 0, -1, margins, check_labels)
-        loss = reduce_rows(loss_rows, labels, ignore_index, reduction)
+            embeddings.to(dtype), weight.to(dtype), labels, *scalars, 0, -1, margins, check_labels)
+        loss = ops.reduce_loss(loss_rows, labels, ignore_index, reduction)
     if return_target_cosine:
         return loss, nan_at_ignored(target_cosine, labels, ignore_index)
     return loss

@@ -54,6 +54,15 @@ def margin_softmax_train(embeddings, weight, labels, s, m1, m2, m3, lambda_, ign
         workspace_bytes, mean, needs_embeddings_grad, needs_weight_grad, row_margins)
 
 
+def reduce_loss(loss, labels, ignore_index, reduction):
+    """The per-row ``loss`` over the rows whose label is not ``ignore_index``: their sum, or for
+    ``"mean"`` their sum over their count (0 when none count); ``"none"`` returns it as it is. One
+    kernel each way, where the same in ATen calls took seven."""
+    if reduction == "none":
+        return loss
+    return torch.ops.arcface_ext.reduce_loss(loss, labels, ignore_index, reduction == "mean")
+
+
 def _gradients_like(embeddings, weight, needs_embeddings_grad, needs_weight_grad):
     """The fake kernels' gradient outputs: full-size where asked for, empty otherwise."""
     grad_embeddings = embeddings.new_empty(embeddings.shape) if needs_embeddings_grad else embeddings.new_empty((0,))
@@ -107,7 +116,17 @@ if IMPORT_ERROR is None:
                             row_margins=None):
         return _gradients_like(embeddings, weight, needs_embeddings_grad, needs_weight_grad)
 
-    # The autograd formulas of margin_softmax_forward and margin_softmax_train are in C++
+    @torch.library.register_fake("arcface_ext::reduce_loss")
+    def _reduce_loss_fake(loss, labels, ignore_index, mean):
+        torch._check(loss.dim() == 1 and labels.dim() == 1)
+        torch._check(loss.shape[0] == labels.shape[0])
+        return loss.new_empty(())
+
+    @torch.library.register_fake("arcface_ext::reduce_loss_backward")
+    def _reduce_loss_backward_fake(grad, labels, ignore_index, mean):
+        return grad.new_empty((labels.shape[0],))
+
+    # The autograd formulas of margin_softmax_forward, margin_softmax_train and reduce_loss are in C++
     # (csrc/autograd.cpp): there they cost a training step no Python.
 
     @torch.library.register_fake("arcface_ext::margin_softmax_train")

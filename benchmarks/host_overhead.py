@@ -15,7 +15,11 @@ work, whichever is longer). Rows:
     op is switched off for this row);
   - `step-train` (CPU only): the same call through the one-call training op, the CPU's default;
   - `torch-ce`: F.cross_entropy(F.linear(x̂, ŵ)·s) and .backward(), the unfused loss a user would
-    otherwise write, for scale.
+    otherwise write, for scale;
+  - `mean`, `mean-aten`: the batch's mean alone, forward and backward from an (N,) per-row loss: the
+    reduce_loss op the step uses, and the ATen expression it replaced (`(labels != -1).sum().clamp_min(1)`,
+    `loss.sum() / count`: five launches forward and one backward, and on CUDA the backward op's copy of
+    the expanded gradient, not in this row).
 Rows (device, versions, git sha, µs per step) go to --out when given.
 """
 import argparse
@@ -32,6 +36,7 @@ if ROOT not in sys.path:
 
 import arcface_ext  # noqa: E402
 from arcface_ext import ops  # noqa: E402
+from arcface_ext._checks import reduce_rows  # noqa: E402
 from benchmarks.bench_loss import device_name, git_sha, write_rows  # noqa: E402
 
 
@@ -57,7 +62,16 @@ def make_steps(embeddings, weight, labels):
         embeddings.grad = None
         weight.grad = None
 
-    return {"ops": run_ops, "step": step, "torch-ce": torch_ce}
+    loss_rows = torch.rand(labels.shape[0], device=labels.device).requires_grad_()
+
+    def mean_of(reduce):
+        def run():
+            reduce(loss_rows, labels, -1, "mean").backward()
+            loss_rows.grad = None
+        return run
+
+    return {"ops": run_ops, "step": step, "torch-ce": torch_ce, "mean": mean_of(ops.reduce_loss),
+            "mean-aten": mean_of(reduce_rows)}
 
 
 def best_us(fn, device, steps, repeats):
@@ -113,6 +127,8 @@ def main(argv=None):
     if device.type in ops.TRAIN_DEVICES:
         timings["step-train"] = best_us(steps["step"], device, args.steps, args.repeats)
     timings["torch-ce"] = best_us(steps["torch-ce"], device, args.steps, args.repeats)
+    for name in ("mean", "mean-aten"):
+        timings[name] = best_us(steps[name], device, args.steps, args.repeats)
 
     common = dict(device=device_name(device), torch=torch.__version__, git=git_sha(), N=args.N, D=args.D,
                   C=args.C, dtype=dtype_name, threads=args.threads)

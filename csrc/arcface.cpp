@@ -67,6 +67,13 @@ TORCH_LIBRARY(arcface_ext, m) {
       "int workspace_bytes, bool mean, bool needs_embeddings_grad, bool needs_weight_grad, "
       "Tensor? row_margins=None) -> "
       "(Tensor loss, Tensor target_cosine, Tensor grad_embeddings, Tensor grad_weight)");
+  // The loss over the rows whose label is not ignore_index: their sum, or with `mean` their sum over
+  // their count (at least 1), summed in double. A training step's reduction in one kernel, where
+  // ATen's `(labels != ignore_index).sum().clamp_min(1)` and `loss.sum() / count` took five (and two
+  // more in the backward).
+  m.def("reduce_loss(Tensor loss, Tensor labels, int ignore_index, bool mean) -> Tensor");
+  // Its gradient: (N,) of grad at counted rows (grad / count with `mean`), 0 at ignored rows.
+  m.def("reduce_loss_backward(Tensor grad, Tensor labels, int ignore_index, bool mean) -> Tensor");
   // A diagnostic (CUDA, sm_90a builds on compute capability 9.0 only): one 128 x 128 tile of x·wᵀ on
   // the fused kernels' wgmma tile, variant `tile` ("64" or "32": streaming slices of that depth;
   // "resident": the x tile resident), returned as each thread's accumulator registers and class-norm

@@ -314,10 +314,49 @@ TrainOutput margin_softmax_train_autograd(const at::Tensor& embeddings, const at
   return {loss[0], std::get<1>(outputs), std::get<2>(outputs), std::get<3>(outputs)};
 }
 
+// reduce_loss: its backward writes each row's gradient in one kernel, which the margin-softmax
+// backward takes as its grad_loss as it is (float, contiguous: no copy).
+class ReduceLoss : public torch::autograd::Function<ReduceLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& loss, const at::Tensor& labels,
+                               int64_t ignore_index, bool mean) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("arcface_ext::reduce_loss", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+    at::Tensor reduced;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      reduced = op.call(loss, labels, ignore_index, mean);
+    }
+    ctx->save_for_backward({labels});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["mean"] = mean;
+    return {reduced};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    check_no_double_backward();
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("arcface_ext::reduce_loss_backward", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+    variable_list grads(4);
+    const at::Tensor& grad = grad_outputs[0];
+    if (!grad.defined() || !ctx->needs_input_grad(0)) return grads;
+    grads[0] = op.call(grad, ctx->get_saved_variables()[0], ctx->saved_data["ignore_index"].toInt(),
+                       ctx->saved_data["mean"].toBool());
+    return grads;
+  }
+};
+
+at::Tensor reduce_loss_autograd(const at::Tensor& loss, const at::Tensor& labels, int64_t ignore_index, bool mean) {
+  return ReduceLoss::apply(loss, labels, ignore_index, mean)[0];
+}
+
 }  // namespace
 }  // namespace arcface_ext
 
 TORCH_LIBRARY_IMPL(arcface_ext, Autograd, m) {
   m.impl("margin_softmax_forward", &arcface_ext::margin_softmax_forward_autograd);
   m.impl("margin_softmax_train", &arcface_ext::margin_softmax_train_autograd);
+  m.impl("reduce_loss", &arcface_ext::reduce_loss_autograd);
 }

@@ -109,4 +109,25 @@ inline void check_margin_softmax_backward_inputs(const at::Tensor& grad_loss,
               logsumexp.device());
 }
 
+// reduce_loss's and reduce_loss_backward's arguments: `values` (the loss, (N,), or its gradient, a
+// scalar) floating point on the labels' device; labels (N,) int64, whose values are only compared
+// with ignore_index.
+inline void check_reduce_loss_inputs(const char* op, const char* name, const at::Tensor& values, bool per_row,
+                                     const at::Tensor& labels) {
+  TORCH_CHECK_VALUE(labels.dim() == 1, "arcface_ext: ", op, ": labels must be 1-D (N,), got shape ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong, "arcface_ext: ", op, ": labels must be int64, got ",
+                    labels.scalar_type());
+  if (per_row) {
+    TORCH_CHECK_VALUE(values.dim() == 1 && values.size(0) == labels.size(0), "arcface_ext: ", op, ": ", name,
+                      " must have shape (N,) = (", labels.size(0), ",) as labels, got ", values.sizes());
+  } else {
+    TORCH_CHECK_VALUE(values.dim() == 0, "arcface_ext: ", op, ": ", name, " must be a scalar, got shape ",
+                      values.sizes());
+  }
+  TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble, "arcface_ext: ", op,
+                    ": ", name, " must be float32 or float64, got ", values.scalar_type());
+  TORCH_CHECK_VALUE(values.device() == labels.device(), "arcface_ext: ", op, ": ", name,
+                    " and labels must be on one device, got ", values.device(), " and ", labels.device());
+}
+
 }  // namespace arcface_ext

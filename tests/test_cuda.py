@@ -443,8 +443,38 @@ def test_which_path_runs(monkeypatch, case):
     assert ("margin_softmax_forward_kernel" in names) == (not fused), names
     assert ("fused_weight_gradient_wgmma_kernel" in names) == (case == "wgmma-weight"), names
     assert ("class_gradient_kernel" in names) == (case != "wgmma-weight"), names
+    # The mean: one kernel each way (reduce_loss), in place of ATen's seven small ones.
+    assert "reduce_loss_kernel" in names and "reduce_loss_backward_kernel" in names, names
     ours, expected = run_both(x.detach(), w.detach(), labels, s=64.0, m2=0.5)
     assert_matches(ours, expected)
+
+
+@pytest.mark.parametrize("n, ignored", [(0, ()), (5, (0, 1, 2, 3, 4)), (1000, range(0, 1000, 3))],
+                         ids=["empty", "all-ignored", "strided"])
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_reduce_loss_matches_the_cpu_op(dtype, mean, n, ignored):
+    # One block of 256 threads walks every row (1000 rows: four each), sums in double and counts in a
+    # fixed order; its backward counts again and writes every row. A NaN at an ignored row must not
+    # reach the sum.
+    generator = torch.Generator().manual_seed(n)
+    loss = (torch.rand(n, generator=generator, dtype=torch.float64) * 30).to(dtype)
+    labels = torch.randint(0, 5, (n,), generator=generator)
+    labels[list(ignored)] = -1
+    if ignored:
+        loss[ignored[0]] = float("nan")
+    grad = torch.tensor(3.0, dtype=dtype)
+    op = torch.ops.arcface_ext
+    reduced = op.reduce_loss(loss.to(DEVICE), labels.to(DEVICE), -1, mean)
+    grad_rows = op.reduce_loss_backward(grad.to(DEVICE), labels.to(DEVICE), -1, mean)
+    with cpu_op():
+        expected = op.reduce_loss(loss, labels, -1, mean)
+        expected_rows = op.reduce_loss_backward(grad, labels, -1, mean)
+    assert reduced.shape == () and reduced.dtype == dtype and not torch.isnan(reduced)
+    # Both sum in double, in different orders: fp32 may round the two sums to neighbours.
+    assert_close_report(reduced.cpu().double(), expected.double(),
+                        rtol=1e-12 if dtype == torch.float64 else 2.0 ** -23, atol=0, name="reduced loss")
+    assert torch.equal(grad_rows.cpu(), expected_rows)
 
 
 # ---- the kept gradient block (csrc/kept_block.h) ------------------------------------------------

@@ -521,6 +521,97 @@ def test_opcheck_train(needs, mean):
     torch.library.opcheck(torch.ops.arcface_ext.margin_softmax_train, args)
 
 
+# ---- the loss's reduction (reduce_loss) --------------------------------------------------------
+
+def reduction_inputs(n, ignored, *, dtype, ignore_index=-1, seed=0):
+    """A per-row loss that requires grad (ignored rows not 0, so that the reduction must skip them)
+    and its labels."""
+    generator = torch.Generator().manual_seed(seed)
+    loss = (torch.rand(n, generator=generator, dtype=torch.float64) * 30).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 5, (n,), generator=generator)
+    labels[labels == ignore_index] = ignore_index + 1
+    labels[list(ignored)] = ignore_index
+    return loss, labels
+
+
+@pytest.mark.parametrize("ignore_index", [-1, 3])
+@pytest.mark.parametrize("n, ignored", [(0, ()), (1, ()), (7, (1, 5)), (4, (0, 1, 2, 3)), (700, range(0, 700, 7))],
+                         ids=["empty", "one", "some-ignored", "all-ignored", "many"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_reduce_loss_matches_its_definition(dtype, reduction, n, ignored, ignore_index):
+    loss, labels = reduction_inputs(n, ignored, dtype=dtype, ignore_index=ignore_index)
+    reduced = arcface_ext.ops.reduce_loss(loss, labels, ignore_index, reduction)
+    counted = labels != ignore_index
+    count = max(int(counted.sum()), 1) if reduction == "mean" else 1
+    expected = loss.detach().double()[counted].sum() / count
+    assert reduced.shape == () and reduced.dtype == dtype
+    # Summed in double: fp32 rounds once on the way out; fp64 differs from torch's sum by its order.
+    assert_close_report(reduced.double(), expected, rtol=1e-12 if dtype == torch.float64 else 2.0 ** -23, atol=0)
+    (grad,) = torch.autograd.grad(reduced * 3.0, loss)
+    # ATen's (3 / count) in the loss's dtype at counted rows, 0 at ignored ones, exactly.
+    scale = torch.tensor(3.0, dtype=dtype) / count
+    assert torch.equal(grad, torch.where(counted, scale, torch.zeros((), dtype=dtype)))
+
+
+def test_reduce_loss_takes_nan_from_counted_rows_only():
+    loss = torch.tensor([1.0, float("nan"), 2.0])
+    assert arcface_ext.ops.reduce_loss(loss, torch.tensor([0, -1, 1]), -1, "mean").item() == 1.5
+    assert torch.isnan(arcface_ext.ops.reduce_loss(loss, torch.tensor([0, 1, 1]), -1, "mean"))
+    assert arcface_ext.ops.reduce_loss(loss, torch.tensor([0, 1, 1]), -1, "none") is loss
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduce_loss_gradcheck(reduction):
+    loss, labels = reduction_inputs(9, (2, 4), dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: arcface_ext.ops.reduce_loss(a, labels, -1, reduction), (loss,))
+
+
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+def test_opcheck_reduce_loss(mean):
+    loss, labels = reduction_inputs(9, (2, 4), dtype=torch.float32)
+    torch.library.opcheck(torch.ops.arcface_ext.reduce_loss, (loss, labels, -1, mean))
+    torch.library.opcheck(torch.ops.arcface_ext.reduce_loss_backward, (torch.tensor(2.5), labels, -1, mean))
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda op, loss, labels: op.reduce_loss(loss[None], labels, -1, True), r"loss must have shape \(N,\)"),
+    (lambda op, loss, labels: op.reduce_loss(loss, labels[:3], -1, True), r"loss must have shape \(N,\) = \(3,\)"),
+    (lambda op, loss, labels: op.reduce_loss(loss, labels.int(), -1, True), "labels must be int64"),
+    (lambda op, loss, labels: op.reduce_loss(loss, labels[None], -1, True), "labels must be 1-D"),
+    (lambda op, loss, labels: op.reduce_loss(loss.half(), labels, -1, True), "loss must be float32 or float64"),
+    (lambda op, loss, labels: op.reduce_loss_backward(loss, labels, -1, True), "grad must be a scalar"),
+    (lambda op, loss, labels: op.reduce_loss_backward(loss[0].half(), labels, -1, True), "grad must be float32"),
+], ids=["loss-2d", "n-mismatch", "int32-labels", "labels-2d", "fp16-loss", "grad-not-scalar", "fp16-grad"])
+def test_reduce_loss_checks_its_arguments(call, pattern):
+    loss, labels = reduction_inputs(5, (1,), dtype=torch.float32)
+    with pytest.raises(ValueError, match=pattern):
+        call(torch.ops.arcface_ext, loss.detach(), labels)
+
+
+def test_the_cuda_path_reduces_the_loss_in_one_op_each_way(monkeypatch):
+    # The forward op's path (CUDA's; here on the CPU with the one-call training op off): the mean is
+    # reduce_loss and its backward, not ATen's ne, sum, clamp_min, sum and div (and the backward's
+    # div and expanded copy), seven launches and their host time.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func.overloadpacket).replace("aten.", ""))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(arcface_ext.ops, "TRAIN_DEVICES", frozenset())
+    x, w, labels = make_inputs(6, 8, 9, seed=29, dtype=torch.float32, ignored=(2,))
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    with Record():
+        arcface_ext.combined_margin_loss(x, w, labels).backward()
+    assert calls.count("arcface_ext.reduce_loss") == 1 and calls.count("arcface_ext.reduce_loss_backward") == 1, calls
+    assert not {"sum", "div", "ne", "clamp_min", "expand"} & set(calls), calls
+
+
 def _loss_and_cosine(embeddings, weight, labels, reduction):
     loss, target_cosine = arcface_ext.combined_margin_loss(embeddings, weight, labels, s=30.0, m2=0.3, m3=0.1,
                                                            reduction=reduction, return_target_cosine=True)
@@ -891,7 +982,7 @@ def test_host_overhead_benchmark_runs_and_restores_the_training_op(tmp_path):
     out = tmp_path / "rows.json"
     module.main(["--steps", "3", "--repeats", "1", "--out", str(out)])
     rows = {row["row"]: row for row in json.loads(out.read_text())}
-    expected = {"ops", "step", "torch-ce"} | ({"step-train"} if "cpu" in train_devices else set())
+    expected = {"ops", "step", "torch-ce", "mean", "mean-aten"} | ({"step-train"} if "cpu" in train_devices else set())
     assert set(rows) == expected
     assert all(row["us_per_step"] > 0 and row["N"] == 8 for row in rows.values())
     assert arcface_ext.ops.TRAIN_DEVICES == train_devices

@@ -627,12 +627,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_train_
   return {loss, target_cosine, grad_embeddings, grad_weight};
 }
 
+// The loss over the counted rows: their sum in double, in row order, over their count with `mean`.
+at::Tensor reduce_loss_cpu(const at::Tensor& loss_in, const at::Tensor& labels_in, int64_t ignore_index, bool mean) {
+  check_reduce_loss_inputs("reduce_loss", "loss", loss_in, /*per_row=*/true, labels_in);
+  const at::Tensor loss = loss_in.detach().contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const int64_t* label = labels.data_ptr<int64_t>();
+  double total = 0;
+  int64_t counted = 0;
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "reduce_loss_cpu", [&] {
+    const scalar_t* value = loss.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < loss.size(0); ++i) {
+      if (label[i] == ignore_index) continue;
+      total += static_cast<double>(value[i]);
+      ++counted;
+    }
+  });
+  if (mean) total /= static_cast<double>(std::max<int64_t>(counted, 1));
+  return at::full({}, total, loss.options());
+}
+
+// reduce_loss's gradient: grad (over the count with `mean`, divided in grad's dtype) at counted rows.
+at::Tensor reduce_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& labels_in, int64_t ignore_index,
+                                    bool mean) {
+  check_reduce_loss_inputs("reduce_loss_backward", "grad", grad, /*per_row=*/false, labels_in);
+  const at::Tensor labels = labels_in.contiguous();
+  const int64_t n = labels.size(0);
+  const int64_t* label = labels.data_ptr<int64_t>();
+  int64_t counted = 0;
+  for (int64_t i = 0; i < n; ++i) counted += label[i] != ignore_index;
+  at::Tensor grad_rows = at::empty({n}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "reduce_loss_backward_cpu", [&] {
+    scalar_t g = grad.item<scalar_t>();
+    if (mean) g /= static_cast<scalar_t>(std::max<int64_t>(counted, 1));
+    scalar_t* out = grad_rows.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) out[i] = label[i] == ignore_index ? scalar_t(0) : g;
+  });
+  return grad_rows;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(arcface_ext, CPU, m) {
   m.impl("margin_softmax_forward", &margin_softmax_forward_cpu);
   m.impl("margin_softmax_backward", &margin_softmax_backward_cpu);
   m.impl("margin_softmax_train", &margin_softmax_train_cpu);
+  m.impl("reduce_loss", &reduce_loss_cpu);
+  m.impl("reduce_loss_backward", &reduce_loss_backward_cpu);
 }
 
 }  // namespace arcface_ext

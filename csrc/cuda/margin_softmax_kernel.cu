@@ -530,6 +530,63 @@ __global__ void __launch_bounds__(kLabelCheckThreads)
   }
 }
 
+// reduce_loss in one block: the counted rows' loss summed in double (each thread its strided rows,
+// then the warps in a fixed order, so the result is the same run to run), over their count with `mean`.
+constexpr int kReduceThreads = 256;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_loss_kernel(const scalar_t* __restrict__ loss, const int64_t* __restrict__ labels, int64_t n,
+                       int64_t ignore_index, bool mean, scalar_t* __restrict__ out) {
+  __shared__ double warp_total[kReduceThreads / kWarpSize];
+  __shared__ int64_t warp_counted[kReduceThreads / kWarpSize];
+  double total = 0;
+  int64_t counted = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) {
+    if (labels[i] == ignore_index) continue;
+    total += static_cast<double>(loss[i]);
+    ++counted;
+  }
+  total = cuda::warp_sum(total);
+  counted = cuda::warp_sum(counted);
+  if (threadIdx.x % kWarpSize == 0) {
+    warp_total[threadIdx.x / kWarpSize] = total;
+    warp_counted[threadIdx.x / kWarpSize] = counted;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    total = warp_total[0];
+    counted = warp_counted[0];
+    for (int k = 1; k < kReduceThreads / kWarpSize; ++k) {
+      total += warp_total[k];
+      counted += warp_counted[k];
+    }
+    if (mean) total /= static_cast<double>(counted > 0 ? counted : 1);
+    *out = static_cast<scalar_t>(total);
+  }
+}
+
+// reduce_loss's gradient, in one block (every thread needs the count): grad, over the count with
+// `mean` (divided in grad's dtype, as ATen's grad / count), at counted rows, 0 at ignored ones.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_loss_backward_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ labels, int64_t n,
+                                int64_t ignore_index, bool mean, scalar_t* __restrict__ grad_rows) {
+  __shared__ int64_t warp_counted[kReduceThreads / kWarpSize];
+  scalar_t g = *grad;
+  if (mean) {
+    int64_t counted = 0;
+    for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) counted += labels[i] != ignore_index;
+    counted = cuda::warp_sum(counted);
+    if (threadIdx.x % kWarpSize == 0) warp_counted[threadIdx.x / kWarpSize] = counted;
+    __syncthreads();
+    counted = 0;
+    for (int k = 0; k < kReduceThreads / kWarpSize; ++k) counted += warp_counted[k];
+    g /= static_cast<scalar_t>(counted > 0 ? counted : 1);
+  }
+  for (int64_t i = threadIdx.x; i < n; i += kReduceThreads) grad_rows[i] = labels[i] == ignore_index ? scalar_t(0) : g;
+}
+
 // ---- fused tensor-core kernels (16-bit inputs, sm_80+) ---------------------------------------
 //
 // The GEMM and its epilogue in one kernel: a block computes a 128 x 128 tile of raw dot products
@@ -2620,6 +2677,39 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_kept_cuda(
                        needs_weight_grad, 0, -1, row_margins, /*check_labels=*/false);
 }
 
+// ---- the loss's reduction -------------------------------------------------------------------
+
+at::Tensor reduce_loss_cuda(const at::Tensor& loss_in, const at::Tensor& labels_in, int64_t ignore_index, bool mean) {
+  check_reduce_loss_inputs("reduce_loss", "loss", loss_in, /*per_row=*/true, labels_in);
+  const c10::cuda::CUDAGuard device_guard(loss_in.device());
+  const at::Tensor loss = loss_in.detach().contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor out = at::empty({}, loss.options());
+  AT_DISPATCH_FLOATING_TYPES(loss.scalar_type(), "reduce_loss_cuda", [&] {
+    reduce_loss_kernel<scalar_t><<<1, kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        loss.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), labels.size(0), ignore_index, mean,
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor reduce_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& labels_in, int64_t ignore_index,
+                                     bool mean) {
+  check_reduce_loss_inputs("reduce_loss_backward", "grad", grad, /*per_row=*/false, labels_in);
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  const at::Tensor labels = labels_in.contiguous();
+  at::Tensor grad_rows = at::empty({labels.size(0)}, grad.options());
+  if (labels.size(0) == 0) return grad_rows;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "reduce_loss_backward_cuda", [&] {
+    reduce_loss_backward_kernel<scalar_t><<<1, kReduceThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), labels.size(0), ignore_index, mean,
+        grad_rows.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_rows;
+}
+
 // ---- diagnostics ----------------------------------------------------------------------------
 
 // One wgmma tile of x·wᵀ as the fused kernels compute it, every thread's registers as they come out of
@@ -2720,6 +2810,8 @@ TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
   m.impl("margin_softmax_backward", &margin_softmax_backward_cuda);
   m.impl("margin_softmax_forward_kept", &margin_softmax_forward_kept_cuda);
   m.impl("margin_softmax_backward_kept", &margin_softmax_backward_kept_cuda);
+  m.impl("reduce_loss", &reduce_loss_cuda);
+  m.impl("reduce_loss_backward", &reduce_loss_backward_cuda);
   m.impl("wgmma_tile_probe", &wgmma_tile_probe_cuda);
   m.impl("wgmma_weight_tile_probe", &wgmma_weight_tile_probe_cuda);
 }

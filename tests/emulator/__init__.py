@@ -17,7 +17,8 @@ import torch
 
 EMULATED = os.environ.get("ARCFACE_EXT_EMULATE_CUDA", "0") not in ("", "0")
 _OPS = ("margin_softmax_forward", "margin_softmax_backward", "margin_softmax_forward_kept",
-        "margin_softmax_backward_kept", "wgmma_tile_probe", "wgmma_weight_tile_probe")
+        "margin_softmax_backward_kept", "reduce_loss", "reduce_loss_backward", "wgmma_tile_probe",
+        "wgmma_weight_tile_probe")
 _state = {"library": None, "train_devices": None, "checked_devices": None}
 
 
