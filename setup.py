@@ -14,6 +14,30 @@ def _log(message):
     print(f"arcface_ext setup: {message}", file=sys.stderr)
 
 
+def _openmp_flag():
+    """["-fopenmp"] where the C++ compiler builds and links OpenMP code, else [] (Apple's clang, a clang
+    without libomp): there the CPU kernels' at::parallel_for runs on one thread instead of failing
+    the install."""
+    import shlex
+    import subprocess
+    import sysconfig
+    import tempfile
+
+    compiler = shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "probe.cpp")
+        with open(source, "w") as f:
+            f.write("#include <omp.h>\nint threads() { return omp_get_max_threads(); }\n")
+        command = [*compiler, "-fopenmp", "-fPIC", "-shared", source, "-o", os.path.join(folder, "probe.so")]
+        try:
+            built = subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            built = False
+    if not built:
+        _log(f"{compiler[0]} does not build OpenMP code (-fopenmp): the CPU kernels will run on one thread")
+    return ["-fopenmp"] if built else []
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
@@ -26,14 +50,15 @@ def _extensions():
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math lets the branch-free epilogue loops vectorise (clamps become vmaxps).
-    cxx = opt + ["-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    openmp = _openmp_flag()
+    cxx = opt + ["-std=c++17", *openmp, "-fno-trapping-math", "-fno-math-errno"]
     # torch ships its own libgomp.so.1; linking by that soname reuses the copy torch has loaded.
     # The shared C++ runtime, named by its soname ahead of the driver's own -lstdc++. A g++ whose
     # library path finds libstdc++.a first (the GPU image's CXX: a wrapper passing -B to a gcc
     # folder, where -lstdc++ found the archive) otherwise puts a second, static libstdc++ in _C.so,
     # with its own uninitialised locale: every error message with a number in it segfaulted there.
     # A plain -lstdc++ finds that archive too; the soname cannot. test_packaging.py checks _C.so.
-    link = ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
+    link = openmp + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
     if not with_cuda:
         _log(f"building CPU-only (torch {torch.__version__}; set FORCE_CUDA=1 to build CUDA kernels)")
         return [CppExtension("arcface_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]

@@ -81,3 +81,38 @@ def test_cuda_build_compiles_its_architectures_side_by_side(monkeypatch):
     assert "csrc/cuda/margin_softmax_kernel.cu" in extension["sources"]
     assert "--threads" not in cuda_build_arguments(monkeypatch, MAX_JOBS="1")["extra_compile_args"]["nvcc"]
     assert "--threads" not in cuda_build_arguments(monkeypatch, TORCH_CUDA_ARCH_LIST="9.0a")["extra_compile_args"]["nvcc"]
+
+
+def cpu_build_arguments(monkeypatch, **env):
+    """What setup.py would hand CppExtension for a CPU-only build."""
+    import runpy
+
+    import setuptools
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("FORCE_CUDA", "0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    monkeypatch.setattr(cpp_extension, "CppExtension", lambda name, sources, **kwargs: dict(kwargs, sources=sources))
+    runpy.run_path(os.path.join(REPO, "setup.py"), run_name="setup")
+    (extension,) = captured["ext_modules"]
+    return extension
+
+
+def test_build_leaves_out_openmp_where_the_compiler_lacks_it(monkeypatch, tmp_path, capfd):
+    # Apple's clang rejects -fopenmp: the install must still build (the CPU kernels then run on one
+    # thread), where passing the flag unconditionally failed it.
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    extension = cpu_build_arguments(monkeypatch, CXX="g++")
+    assert "-fopenmp" in extension["extra_compile_args"]["cxx"] and "-fopenmp" in extension["extra_link_args"]
+    compiler = tmp_path / "clang-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor a; do [ "$a" = -fopenmp ] && { echo "unsupported option -fopenmp" >&2; '
+                        'exit 1; }; done\nexec g++ "$@"\n')
+    compiler.chmod(0o755)
+    extension = cpu_build_arguments(monkeypatch, CXX=str(compiler))
+    assert "-fopenmp" not in extension["extra_compile_args"]["cxx"] + extension["extra_link_args"]
+    assert "the CPU kernels will run on one thread" in capfd.readouterr().err
