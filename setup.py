@@ -14,28 +14,35 @@ def _log(message):
     print(f"arcface_ext setup: {message}", file=sys.stderr)
 
 
-def _openmp_flag():
-    """["-fopenmp"] where the C++ compiler builds and links OpenMP code, else [] (Apple's clang, a clang
-    without libomp): there the CPU kernels' at::parallel_for runs on one thread instead of failing
-    the install."""
+def _openmp_flags():
+    """["-fopenmp"] where the C++ compiler builds and links OpenMP code; else ["-fopenmp-simd"] where it
+    takes that (the kernels' `omp simd` loops, no runtime needed), else []. Apple's clang has no
+    OpenMP runtime: there the CPU kernels' at::parallel_for runs on one thread, instead of the install
+    failing."""
     import shlex
     import subprocess
     import sysconfig
     import tempfile
 
     compiler = shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
+    probes = (("-fopenmp", "#include <omp.h>\nint threads() { return omp_get_max_threads(); }\n", ["-shared", "-fPIC"]),
+              ("-fopenmp-simd", "void twice(float* x, int n) {\n#pragma omp simd\n  for (int i = 0; i < n; ++i) x[i] *= 2;\n}\n",
+               ["-c"]))
     with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "probe.cpp")
-        with open(source, "w") as f:
-            f.write("#include <omp.h>\nint threads() { return omp_get_max_threads(); }\n")
-        command = [*compiler, "-fopenmp", "-fPIC", "-shared", source, "-o", os.path.join(folder, "probe.so")]
-        try:
-            built = subprocess.run(command, capture_output=True, timeout=120).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            built = False
-    if not built:
-        _log(f"{compiler[0]} does not build OpenMP code (-fopenmp): the CPU kernels will run on one thread")
-    return ["-fopenmp"] if built else []
+        source, output = os.path.join(folder, "probe.cpp"), os.path.join(folder, "probe.o")
+        for flag, code, mode in probes:
+            with open(source, "w") as f:
+                f.write(code)
+            try:
+                result = subprocess.run([*compiler, flag, *mode, source, "-o", output], capture_output=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if result.returncode == 0:
+                if flag != "-fopenmp":
+                    _log(f"{compiler[0]} does not build OpenMP code (-fopenmp): the CPU kernels will run on one thread")
+                return [flag]
+    _log(f"{compiler[0]} takes neither -fopenmp nor -fopenmp-simd: the CPU kernels will run on one thread")
+    return []
 
 
 def _extensions():
@@ -50,7 +57,7 @@ def _extensions():
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math lets the branch-free epilogue loops vectorise (clamps become vmaxps).
-    openmp = _openmp_flag()
+    openmp = _openmp_flags()
     cxx = opt + ["-std=c++17", *openmp, "-fno-trapping-math", "-fno-math-errno"]
     # torch ships its own libgomp.so.1; linking by that soname reuses the copy torch has loaded.
     # The shared C++ runtime, named by its soname ahead of the driver's own -lstdc++. A g++ whose
@@ -58,7 +65,7 @@ def _extensions():
     # folder, where -lstdc++ found the archive) otherwise puts a second, static libstdc++ in _C.so,
     # with its own uninitialised locale: every error message with a number in it segfaulted there.
     # A plain -lstdc++ finds that archive too; the soname cannot. test_packaging.py checks _C.so.
-    link = openmp + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
+    link = [f for f in openmp if f == "-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
     if not with_cuda:
         _log(f"building CPU-only (torch {torch.__version__}; set FORCE_CUDA=1 to build CUDA kernels)")
         return [CppExtension("arcface_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
