@@ -308,6 +308,10 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = _resolve_device(args.device, local_rank)
+        if self.device.type == "cuda":
+            # Every step has the same shapes: cuDNN times its convolution algorithms once per shape
+            # and keeps the fastest (arcface_torch's train_v2.py does the same).
+            torch.backends.cudnn.benchmark = True
         self.distributed = self.world_size > 1
         if self.distributed:
             if self.device.type == "cuda":
