@@ -137,3 +137,97 @@ def test_every_test_that_forces_a_wgmma_tile_is_in_the_wgmma_stage():
                  if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and forces(node)
                  and "wgmma" not in node.name]
     assert not offenders, f"rename to say wgmma: {offenders}"
+
+
+# ---- the whole script, run with stand-ins for python and the GPU tools ---------------------------
+# The one call's control flow (stage order, the time budget, `each`'s processes, a stage that fails
+# or a build that does not load) checked end to end here, where only its names were before.
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+args="$*"
+printf '%s\n' "${args//$'\n'/ }" >> "$STUB_LOG"
+case "$*" in
+  *"import xdist"*|*"import pytest_timeout"*) exit 1 ;;  # the plugins are absent here
+  *"CUDA kernels registered"*)
+    [[ -n ${STUB_NO_KERNELS:-} ]] && { echo "AssertionError: no CUDA kernels" >&2; exit 1; }
+    echo "CUDA kernels registered"; exit 0 ;;
+  *"import torch; print"*) echo "torch (stand-in)"; exit 0 ;;
+esac
+[[ -n ${STUB_FAIL:-} && "$*" == *"$STUB_FAIL"* ]] && { echo "stand-in: fault in $*"; exit 134; }
+exit 0
+"""
+# ncu and compute-sanitizer run the program after their options; nvidia-smi and nvcc say who they are.
+WRAPPER = '#!/usr/bin/env bash\nwhile [[ $# -gt 0 && $1 != "$PYTHON" ]]; do shift; done\nexec "$@"\n'
+STAND_INS = {"python": FAKE_PYTHON, "ncu": WRAPPER, "compute-sanitizer": WRAPPER,
+             "nvidia-smi": "#!/bin/sh\necho 'NVIDIA H200 (stand-in)'\n", "nvcc": "#!/bin/sh\necho nvcc; echo stand-in\n"}
+DEFAULT_STAGE_RUNS = ["build", "cuda", "wgmma-probe", "cuda-wgmma", "bench", "bench-wgmma", "memcheck",
+                      "memcheck-wgmma", "profile", "profile-wgmma", "profile-100k", "host", "ncu-wgmma",
+                      "ncu-resident", "ncu-weight", "ncu", "ncu-stalls", "racecheck-wgmma", "racecheck", "train",
+                      "sweep-16MiB", "sweep-64MiB", "sweep-128MiB", "sweep-256MiB", "suite"]
+
+
+def dry_run(tmp_path, *stages, budget=565, **env):
+    """Runs gpu_check.sh with the stand-ins; (return code, summary lines, python's command lines)."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in STAND_INS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out, log = tmp_path / "out", tmp_path / "python.log"
+    environment = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"),
+                       OUT=str(out), GPU_CHECK_BUDGET=str(budget), STUB_LOG=str(log), **env)
+    result = subprocess.run(["bash", str(SCRIPT), *stages], cwd=ROOT, env=environment, capture_output=True,
+                            text=True, timeout=120)
+    summary = (out / "summary.log").read_text().splitlines() if (out / "summary.log").exists() else []
+    calls = log.read_text().splitlines() if log.exists() else []
+    return result.returncode, summary, calls, result.stdout + result.stderr
+
+
+def stage_lines(summary):
+    """{stage name: its summary line} for the stages that ran or were skipped."""
+    return {line.split()[0]: line for line in summary if re.match(r"\S+\s+(rc=|skipped)", line)}
+
+
+def test_a_dry_run_of_every_default_stage(tmp_path):
+    rc, summary, calls, output = dry_run(tmp_path)
+    assert rc == 0, output[-3000:]
+    lines = stage_lines(summary)
+    assert list(lines) == DEFAULT_STAGE_RUNS, summary
+    assert all("rc=0" in line for line in lines.values()), summary
+    assert summary[0] == "NVIDIA H200 (stand-in)"
+    # One process per wgmma variant, each named once: a fault in one must not end the others.
+    for tile in array_values("WGMMA_TILES"):
+        assert sum(f"benchmarks/wgmma_probe.py --tiles {tile}" in call for call in calls) == 1, tile
+    for impl in array_values("WGMMA_IMPLS"):
+        assert sum(f"--impls ours,{impl} " in call for call in calls) == 1, impl
+    for path in array_values("WGMMA_PATHS"):
+        assert any(call.endswith(f"benchmarks/profile_loss.py --paths {path}") for call in calls), path
+    assert sum("benchmarks/sanitize_case.py wgmma" in call for call in calls) == 2  # memcheck, racecheck
+
+
+def test_a_failing_variant_leaves_the_others_and_the_later_stages_running(tmp_path):
+    rc, summary, calls, output = dry_run(tmp_path, "cuda", "bench-wgmma", STUB_FAIL="--tiles 64")
+    lines = stage_lines(summary)
+    assert "rc=134" in lines["wgmma-probe"], summary
+    assert all("rc=0" in lines[name] for name in ("cuda", "cuda-wgmma", "bench-wgmma")), summary
+    assert all(any(f"--tiles {tile}" in call for call in calls) for tile in ("32", "resident", "weight"))
+
+
+@pytest.mark.parametrize("env", [{"STUB_FAIL": "pip install"}, {"STUB_NO_KERNELS": "1"}], ids=["compile-error", "no-kernels"])
+def test_a_build_without_cuda_kernels_stops_the_call(tmp_path, env):
+    rc, summary, calls, output = dry_run(tmp_path, "build", "cuda", "bench", **env)
+    assert "cuda" not in stage_lines(summary) and "bench" not in stage_lines(summary), summary
+    assert any("the other stages were not run" in line or "were not run" in line for line in summary), summary
+    assert not any("-m pytest" in call for call in calls), calls
+
+
+def test_stages_past_the_budget_are_skipped_and_said_so(tmp_path):
+    # 50 s of budget leave 35 after the summary's 15: the test stages (minimum 30, 10, 20) run, the
+    # benchmark (minimum 60) does not.
+    rc, summary, calls, output = dry_run(tmp_path, "cuda", "bench", budget=50)
+    lines = stage_lines(summary)
+    assert all("rc=0" in lines[name] for name in ("cuda", "wgmma-probe", "cuda-wgmma")), summary
+    assert "skipped" in lines["bench"] and "needs 60" in lines["bench"], summary
+    assert not any("bench_loss.py" in call for call in calls), calls
