@@ -50,8 +50,9 @@ def test_extension_uses_the_shared_cxx_runtime():
     assert not {"__cxa_throw", "__cxa_get_globals"} & defined, f"{ext.__file__} carries its own libstdc++"
 
 
-def cuda_build_arguments(monkeypatch, **env):
-    """What setup.py would hand CUDAExtension, without a CUDA toolkit (FORCE_CUDA=1)."""
+def build_arguments(monkeypatch, *, cuda, **env):
+    """What setup.py would hand CUDAExtension (cuda=True: FORCE_CUDA=1, no toolkit needed) or, for a
+    CPU-only build, CppExtension."""
     import runpy
 
     import setuptools
@@ -60,12 +61,15 @@ def cuda_build_arguments(monkeypatch, **env):
     for name in ("TORCH_CUDA_ARCH_LIST", "MAX_JOBS"):  # setup.py sets the first: restored after the test
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    monkeypatch.setenv("FORCE_CUDA", "1")
+    monkeypatch.setenv("FORCE_CUDA", "1" if cuda else "0")
+    if not cuda:
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     captured = {}
     monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
-    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda name, sources, **kwargs: dict(kwargs, sources=sources))
+    monkeypatch.setattr(cpp_extension, "CUDAExtension" if cuda else "CppExtension",
+                        lambda name, sources, **kwargs: dict(kwargs, sources=sources))
     runpy.run_path(os.path.join(REPO, "setup.py"), run_name="setup")
     (extension,) = captured["ext_modules"]
     return extension
@@ -74,32 +78,13 @@ def cuda_build_arguments(monkeypatch, **env):
 def test_cuda_build_compiles_its_architectures_side_by_side(monkeypatch):
     # nvcc compiles a source's architectures one after another unless told --threads (8.0 and 9.0a:
     # 174 s alone, 112 s side by side on 2 cores); MAX_JOBS caps it.
-    extension = cuda_build_arguments(monkeypatch, MAX_JOBS="8")
+    extension = build_arguments(monkeypatch, cuda=True, MAX_JOBS="8")
     nvcc = extension["extra_compile_args"]["nvcc"]
     assert nvcc[nvcc.index("--threads") + 1] == "2"  # the default list's two architectures
     assert ("ARCFACE_EXT_SM90A", None) in extension["define_macros"]
     assert "csrc/cuda/margin_softmax_kernel.cu" in extension["sources"]
-    assert "--threads" not in cuda_build_arguments(monkeypatch, MAX_JOBS="1")["extra_compile_args"]["nvcc"]
-    assert "--threads" not in cuda_build_arguments(monkeypatch, TORCH_CUDA_ARCH_LIST="9.0a")["extra_compile_args"]["nvcc"]
-
-
-def cpu_build_arguments(monkeypatch, **env):
-    """What setup.py would hand CppExtension for a CPU-only build."""
-    import runpy
-
-    import setuptools
-    import torch.utils.cpp_extension as cpp_extension
-
-    monkeypatch.setenv("FORCE_CUDA", "0")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    captured = {}
-    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
-    monkeypatch.setattr(cpp_extension, "CppExtension", lambda name, sources, **kwargs: dict(kwargs, sources=sources))
-    runpy.run_path(os.path.join(REPO, "setup.py"), run_name="setup")
-    (extension,) = captured["ext_modules"]
-    return extension
+    assert "--threads" not in build_arguments(monkeypatch, cuda=True, MAX_JOBS="1")["extra_compile_args"]["nvcc"]
+    assert "--threads" not in build_arguments(monkeypatch, cuda=True, TORCH_CUDA_ARCH_LIST="9.0a")["extra_compile_args"]["nvcc"]
 
 
 def test_build_leaves_out_openmp_where_the_compiler_lacks_it(monkeypatch, tmp_path, capfd):
@@ -107,13 +92,13 @@ def test_build_leaves_out_openmp_where_the_compiler_lacks_it(monkeypatch, tmp_pa
     # thread), where passing the flag unconditionally failed it.
     if shutil.which("g++") is None:
         pytest.skip("needs g++")
-    extension = cpu_build_arguments(monkeypatch, CXX="g++")
+    extension = build_arguments(monkeypatch, cuda=False, CXX="g++")
     assert "-fopenmp" in extension["extra_compile_args"]["cxx"] and "-fopenmp" in extension["extra_link_args"]
     compiler = tmp_path / "clang-without-openmp"
     compiler.write_text('#!/bin/sh\nfor a; do [ "$a" = -fopenmp ] && { echo "unsupported option -fopenmp" >&2; '
                         'exit 1; }; done\nexec g++ "$@"\n')
     compiler.chmod(0o755)
-    extension = cpu_build_arguments(monkeypatch, CXX=str(compiler))
+    extension = build_arguments(monkeypatch, cuda=False, CXX=str(compiler))
     # (its `omp simd` loops still vectorise: -fopenmp-simd needs no OpenMP runtime)
     assert "-fopenmp-simd" in extension["extra_compile_args"]["cxx"]
     assert "-fopenmp" not in extension["extra_compile_args"]["cxx"] + extension["extra_link_args"]
