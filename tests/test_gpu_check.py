@@ -231,3 +231,10 @@ def test_stages_past_the_budget_are_skipped_and_said_so(tmp_path):
     assert all("rc=0" in lines[name] for name in ("cuda", "wgmma-probe", "cuda-wgmma")), summary
     assert "skipped" in lines["bench"] and "needs 60" in lines["bench"], summary
     assert not any("bench_loss.py" in call for call in calls), calls
+
+
+def test_the_optional_stages_run(tmp_path):
+    rc, summary, calls, output = dry_run(tmp_path, "fuzz", "max-c", "bench-core")
+    assert rc == 0 and all("rc=0" in line for line in stage_lines(summary).values()), output[-3000:]
+    assert list(stage_lines(summary)) == ["fuzz", "max-c", "bench-core"], summary
+    assert any(call.endswith("tests/test_fuzz.py") for call in calls), calls
