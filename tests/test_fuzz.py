@@ -1,6 +1,6 @@
 """Random configurations of the CUDA op against the fp64 reference, for as long as
 ARCFACE_FUZZ_SECONDS says (skipped without it): shapes, dtypes, margins (per-row ones too), reductions,
-ignored rows, the workspace, and the path switches (cuBLAS, mma.sync, the wgmma tiles, the kept
+ignored rows, class shards (combined as the sharded loss combines them), the workspace, and the path switches (cuBLAS, mma.sync, the wgmma tiles, the kept
 gradient block, row tiles, pipeline depth). On the CPU emulator of the CUDA source or on a GPU:
 
     ARCFACE_EXT_EMULATE_CUDA=1 ARCFACE_FUZZ_SECONDS=600 python -m pytest -q tests/test_fuzz.py
@@ -19,7 +19,8 @@ import arcface_ext
 import emulator
 from arcface_ext import reference
 from conftest import MARGINS, loss_and_grads, margin_kwargs
-from test_cuda import DEVICE, assert_matches, make_inputs, run_both
+from test_cuda import (DEVICE, GEMM_OPERAND_ROUNDINGS, assert_matches, make_inputs, op_and_grads, run_both,
+                       upstream_gradient)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not arcface_ext.extension_available(), reason="arcface_ext._C is not built"),
@@ -58,8 +59,29 @@ def draw(seed):
            "ARCFACE_EXT_ROW_TILES": rng.choice([None, None, "1", "2", "3"]),
            "ARCFACE_EXT_TILE_STAGES": rng.choice([None, None, "3", "4"])}
     workspace = rng.choice([None, None, 1, rng.randint(10_000, 4_000_000)])
+    shards = None
+    if margin != "per-row" and num_classes >= 2 and rng.random() < 0.2:
+        cuts = sorted(rng.sample(range(1, num_classes), rng.randint(1, min(3, num_classes - 1))))
+        shards = list(zip([0, *cuts], [*cuts, num_classes]))
     return dict(seed=seed, dtype=dtype, n=n, dim=dim, num_classes=num_classes, ignored=ignored, margin=margin,
-                options=options, env=env, workspace=workspace)
+                options=options, env=env, workspace=workspace, shards=shards)
+
+
+def check_shards(config, x, w, labels, options):
+    """The op on each class shard, combined as the sharded loss combines them (reduction "none")."""
+    from test_distributed import sharded_op
+
+    upstream = upstream_gradient(config["n"], seed=config["seed"])
+    margins = {key: options[key] for key in ("s", "m1", "m2", "m3", "lambda_")}
+    straight_through = options["margin_grad"] == "straight_through"
+    loss, cosine, gx, gw = sharded_op(x, w, labels, config["shards"], upstream, straight_through=straight_through,
+                                      workspace_bytes=config["workspace"] or 1 << 20, **margins)
+    expected = op_and_grads(reference.combined_margin_loss, x.double(), w.double(), labels,
+                            upstream=upstream.double(), margin_grad=options["margin_grad"], **margins)
+    counted = labels != -1
+    # 16-bit: each shard's part of d loss / d x is rounded (twice) before the parts are summed.
+    assert_matches((loss, cosine[counted], gx, gw), (expected[0], expected[1][counted], *expected[2:]),
+                   roundings=2 * GEMM_OPERAND_ROUNDINGS, min_scale=1.0 if config["num_classes"] <= 2 else 0.0)
 
 
 def check(config, monkeypatch):
@@ -83,6 +105,9 @@ def check(config, monkeypatch):
         # With one or two classes the exact gradients can be 0 where ours hold round-off: measured
         # against a scale of at least 1, as test_shapes does.
         min_scale = 1.0 if config["num_classes"] <= 2 else 0.0
+        if config["shards"]:
+            check_shards(config, x, w, labels, options)
+            return
         if reduction == "none":
             ours, expected = run_both(x, w, labels, seed=config["seed"], check_labels=check_labels, **options)
         else:
