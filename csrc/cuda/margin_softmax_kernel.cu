@@ -2433,9 +2433,11 @@ void margin_softmax_backward_impl(const at::Tensor& grad_rows, const at::Tensor&
     const at::Tensor w_chunk = w.narrow(0, c0, width);
     acc_t* chunk_inv_norm = inv_norm_w.data_ptr<acc_t>();
     uint8_t* chunk_unclamped = unclamped_w.data_ptr<uint8_t>();
+    // (The class-outer tile's block is class-major, in a buffer sized for it: its view comes below.)
     at::Tensor grad_block =
-        fused ? grad_block_buffer.narrow(0, 0, n * block_pitch).view({n, block_pitch}).narrow(1, 0, width)
-              : grad_block_buffer.narrow(0, 0, n * width).view({n, width});
+        weight_tile ? at::Tensor()
+        : fused     ? grad_block_buffer.narrow(0, 0, n * block_pitch).view({n, block_pitch}).narrow(1, 0, width)
+                    : grad_block_buffer.narrow(0, 0, n * width).view({n, width});
     if (fused) {
       if constexpr (converts) {
         constexpr bool kBFloat16 = std::is_same<scalar_t, at::BFloat16>::value;
