@@ -109,11 +109,11 @@ inline void check_margin_softmax_backward_inputs(const at::Tensor& grad_loss,
               logsumexp.device());
 }
 
-// reduce_loss's and reduce_loss_backward's arguments: `values` (the loss, (N,), or its gradient, a
-// scalar) floating point on the labels' device; labels (N,) int64, whose values are only compared
-// with ignore_index.
-inline void check_reduce_loss_inputs(const char* op, const char* name, const at::Tensor& values, bool per_row,
-                                     const at::Tensor& labels) {
+// reduce_loss's and reduce_loss_backward's arguments: `values` (per_row: the loss, (N,); else its
+// gradient, a scalar) floating point on the labels' device; labels (N,) int64, whose values are only
+// compared with ignore_index.
+inline void check_reduce_loss_inputs(const char* op, const at::Tensor& values, bool per_row, const at::Tensor& labels) {
+  const char* name = per_row ? "loss" : "grad";
   TORCH_CHECK_VALUE(labels.dim() == 1, "arcface_ext: ", op, ": labels must be 1-D (N,), got shape ", labels.sizes());
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong, "arcface_ext: ", op, ": labels must be int64, got ",
                     labels.scalar_type());

@@ -629,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> margin_softmax_train_
 
 // The loss over the counted rows: their sum in double, in row order, over their count with `mean`.
 at::Tensor reduce_loss_cpu(const at::Tensor& loss_in, const at::Tensor& labels_in, int64_t ignore_index, bool mean) {
-  check_reduce_loss_inputs("reduce_loss", "loss", loss_in, /*per_row=*/true, labels_in);
+  check_reduce_loss_inputs("reduce_loss", loss_in, /*per_row=*/true, labels_in);
   const at::Tensor loss = loss_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const int64_t* label = labels.data_ptr<int64_t>();
@@ -650,7 +650,7 @@ at::Tensor reduce_loss_cpu(const at::Tensor& loss_in, const at::Tensor& labels_i
 // reduce_loss's gradient: grad (over the count with `mean`, divided in grad's dtype) at counted rows.
 at::Tensor reduce_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& labels_in, int64_t ignore_index,
                                     bool mean) {
-  check_reduce_loss_inputs("reduce_loss_backward", "grad", grad, /*per_row=*/false, labels_in);
+  check_reduce_loss_inputs("reduce_loss_backward", grad, /*per_row=*/false, labels_in);
   const at::Tensor labels = labels_in.contiguous();
   const int64_t n = labels.size(0);
   const int64_t* label = labels.data_ptr<int64_t>();

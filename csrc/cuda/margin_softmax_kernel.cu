@@ -2682,7 +2682,7 @@ std::tuple<at::Tensor, at::Tensor> margin_softmax_backward_kept_cuda(
 // ---- the loss's reduction -------------------------------------------------------------------
 
 at::Tensor reduce_loss_cuda(const at::Tensor& loss_in, const at::Tensor& labels_in, int64_t ignore_index, bool mean) {
-  check_reduce_loss_inputs("reduce_loss", "loss", loss_in, /*per_row=*/true, labels_in);
+  check_reduce_loss_inputs("reduce_loss", loss_in, /*per_row=*/true, labels_in);
   const c10::cuda::CUDAGuard device_guard(loss_in.device());
   const at::Tensor loss = loss_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous();
@@ -2698,7 +2698,7 @@ at::Tensor reduce_loss_cuda(const at::Tensor& loss_in, const at::Tensor& labels_
 
 at::Tensor reduce_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& labels_in, int64_t ignore_index,
                                      bool mean) {
-  check_reduce_loss_inputs("reduce_loss_backward", "grad", grad, /*per_row=*/false, labels_in);
+  check_reduce_loss_inputs("reduce_loss_backward", grad, /*per_row=*/false, labels_in);
   const c10::cuda::CUDAGuard device_guard(grad.device());
   const at::Tensor labels = labels_in.contiguous();
   at::Tensor grad_rows = at::empty({labels.size(0)}, grad.options());
