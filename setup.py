@@ -94,6 +94,9 @@ def _extensions():
         nvcc += ["--threads", str(threads)]
     _log(f"building CPU+CUDA for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
          f"(CUDA_HOME={CUDA_HOME}, MAX_JOBS={os.environ.get('MAX_JOBS', 'default')})")
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 8):
+        _log(f"torch {torch.__version__} has no GEMM with fp32 output for 16-bit inputs (2.8 has): the CUDA "
+             "kernels will upcast those GEMMs' operands to fp32, as accurate and slower")
     return [CUDAExtension("arcface_ext._C", sources, define_macros=defines,
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)]
 

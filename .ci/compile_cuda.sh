@@ -43,7 +43,7 @@ if [[ ! -f $INCLUDE/.complete ]]; then
   # win; ignore the config files and that variable so the package index's default wheel arrives.
   env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
     "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: \
-    --platform manylinux_2_28_x86_64 --python-version "$PY_TAG" \
+    --platform manylinux_2_28_x86_64 --platform manylinux1_x86_64 --python-version "$PY_TAG" \
     "torch==$TORCH_VERSION" -d "$tmp" >&2
   wheel=$(ls "$tmp"/torch-*.whl)
   log "got $(basename "$wheel") ($(du -h "$wheel" | cut -f1))"

@@ -267,6 +267,9 @@ class ShardedCombinedMarginLoss(nn.Module):
         if self.rank == dst:
             full = torch.empty((self.num_classes, *shard.shape[1:]), dtype=shard.dtype, device="cpu",
                                pin_memory=shard.is_cuda)
+        # gather's group_dst (a rank in the group) is torch 2.6's; dst is global in every version.
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        global_dst = dist.get_global_rank(group, dst)
         shard = shard.detach()
         for begin in range(0, largest, rows_per_piece):
             end = min(begin + rows_per_piece, largest)
@@ -274,7 +277,7 @@ class ShardedCombinedMarginLoss(nn.Module):
             mine = shard[begin:end]
             piece[:mine.shape[0]] = mine
             pieces = [torch.empty_like(piece) for _ in bounds] if self.rank == dst else None
-            dist.gather(piece, pieces, group=self.process_group, group_dst=dst)
+            dist.gather(piece, pieces, dst=global_dst, group=self.process_group)
             if self.rank == dst:
                 for (start, stop), received in zip(bounds, pieces):
                     count = max(0, min(end, stop - start) - begin)

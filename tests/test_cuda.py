@@ -167,6 +167,61 @@ def test_many_class_chunks(kernel, workspace, workspace_bytes, dtype):
     assert_matches(ours, expected)
 
 
+GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_")
+
+
+def record_gemms(call):
+    """call()'s outermost ATen GEMMs (those inside the op included) as (name, the tuple of their
+    tensor arguments' dtypes, each "float" (fp32), "16-bit" or "other"); None where this torch's
+    profiler records no dtypes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
+        call()
+    names = {"float": "float", "c10::BFloat16": "16-bit", "c10::Half": "16-bit"}
+    gemms = []
+    for event in profile.events():
+        if event.name not in GEMMS or (event.cpu_parent is not None and event.cpu_parent.name in GEMMS):
+            continue
+        if getattr(event, "input_dtypes", None) is None:
+            return None
+        gemms.append((event.name, tuple(names.get(d, "other") for d in event.input_dtypes
+                                        if d not in ("Scalar", "ScalarType", ""))))
+    return gemms
+
+
+@pytest.mark.parametrize("scratch", [None, "4096"], ids=["one-slice", "many-slices"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("path", ["cublas", "fused-recompute", "fused-kept", "mixed"])
+def test_upcast_gemms(monkeypatch, workspace, path, dtype, scratch):
+    # Torch < 2.8 has no GEMM with fp32 output for 16-bit operands: the op then upcasts them to
+    # fp32 a slice of the inner dimension at a time (ARCFACE_EXT_GEMM_UPCAST=1 forces it on newer
+    # torch; ARCFACE_EXT_GEMM_UPCAST_SCRATCH=4096 bytes gives many slices). "mixed" is the control:
+    # the mixed-dtype GEMM of torch >= 2.8, which the recording must see.
+    if path == "fused-kept" and dtype == torch.float16:
+        pytest.skip("only bf16 keeps the gradient block")
+    if path == "mixed" and (scratch or torch.torch_version.TorchVersion(torch.__version__) < (2, 8)):
+        pytest.skip("the control runs once, on torch >= 2.8")
+    use_wgmma(monkeypatch, False)
+    monkeypatch.setenv("ARCFACE_EXT_GEMM_UPCAST", "0" if path == "mixed" else "1")
+    monkeypatch.setenv("ARCFACE_EXT_CUDA_FUSED", "0" if path == "cublas" else "1")
+    monkeypatch.setenv("ARCFACE_EXT_KEEP_BLOCK", "1" if path == "fused-kept" else "0")
+    if scratch:
+        monkeypatch.setenv("ARCFACE_EXT_GEMM_UPCAST_SCRATCH", scratch)
+    workspace(200_003)  # several class chunks on the recomputing paths
+    x, w, labels = make_inputs(37, 96, 3001, seed=41, dtype=dtype, ignored=(5,))
+    labels[:3] = torch.tensor([0, 3000, 1500], device=DEVICE)
+    results = []
+    gemms = record_gemms(lambda: results.extend(run_both(x, w, labels, s=64.0, m2=0.5)))
+    ours, expected = results
+    assert_matches(ours, expected)
+    if gemms is None:
+        return  # this torch's profiler records no dtypes: the results alone are checked
+    mixed = [name for name, dtypes in gemms if "16-bit" in dtypes and "float" in dtypes]
+    upcast = [name for name, dtypes in gemms if set(dtypes) == {"float"}]
+    assert (bool(mixed), bool(upcast)) == ((True, False) if path == "mixed" else (False, True)), gemms
+    # Many slices: an addmm_ accumulates every slice after the first.
+    assert ("aten::addmm_" in upcast) == (scratch is not None), gemms
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 1), (5, 7, 3), (3, 5, 4097), (64, 128, 8193),
                                    (300, 8, 50)], ids=lambda s: "x".join(map(str, s)))
 def test_shapes(shape):

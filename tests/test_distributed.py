@@ -193,6 +193,14 @@ def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, s
             assert torch.equal(numbers, torch.arange(num_classes, dtype=torch.float64))
         else:
             assert in_pieces is None and numbers is None
+        if world_size == 3:
+            # Over a subgroup, dst is a rank of the group: its rank 1 is global rank 2.
+            pair_group = dist.new_group([1, 2])
+            if rank > 0:
+                pair = arcface_ext.ShardedCombinedMarginLoss(7, DIM, process_group=pair_group, dtype=torch.float64)
+                classes = torch.arange(pair.class_start, pair.class_stop, dtype=torch.float64)
+                whole = pair.gather(classes, dst=1)
+                assert torch.equal(whole, torch.arange(7, dtype=torch.float64)) if rank == 2 else whole is None
         # AdaFace's norm statistics follow every rank's rows, the same on every rank.
         adaface = arcface_ext.ShardedAdaFaceLoss(num_classes, DIM, dtype=torch.float64)
         adaface(xs.detach() * (1 + rank), labels[mine])

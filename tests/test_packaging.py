@@ -87,6 +87,19 @@ def test_cuda_build_compiles_its_architectures_side_by_side(monkeypatch):
     assert "--threads" not in build_arguments(monkeypatch, cuda=True, TORCH_CUDA_ARCH_LIST="9.0a")["extra_compile_args"]["nvcc"]
 
 
+def test_cuda_build_against_torch_before_2_8_says_its_gemms_upcast(monkeypatch, capfd):
+    # Torch < 2.8 has no GEMM with fp32 output for 16-bit inputs: the kernels then upcast (see
+    # gemm_acc_out), and the build says so.
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu128")
+    build_arguments(monkeypatch, cuda=True)
+    assert "torch 2.7.1+cu128 has no GEMM with fp32 output for 16-bit inputs" in capfd.readouterr().err
+    monkeypatch.setattr(torch, "__version__", "2.8.0+cu128")
+    build_arguments(monkeypatch, cuda=True)
+    assert "no GEMM with fp32 output" not in capfd.readouterr().err
+
+
 def test_build_leaves_out_openmp_where_the_compiler_lacks_it(monkeypatch, tmp_path, capfd):
     # Apple's clang rejects -fopenmp: the install must still build (the CPU kernels then run on one
     # thread), where passing the flag unconditionally failed it.

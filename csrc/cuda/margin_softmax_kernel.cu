@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -2024,13 +2025,72 @@ struct BelowAutogradAndAutocast {
                                            c10::autocast_dispatch_keyset};
 };
 
+// at::mm_out with an fp32 out for 16-bit operands (cuBLAS with fp32 output) arrived in torch 2.8.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+constexpr bool kTorchHasMixedGemm = true;
+#else
+constexpr bool kTorchHasMixedGemm = false;
+#endif
+
+// The most scratch an upcast GEMM takes beyond its output: its operands' fp32 copies, a slice of the
+// inner dimension at a time (ARCFACE_EXT_GEMM_UPCAST_SCRATCH=<bytes> sets it, for the tests).
+int64_t upcast_scratch_bytes() {
+  const char* setting = std::getenv("ARCFACE_EXT_GEMM_UPCAST_SCRATCH");
+  if (setting == nullptr) return int64_t{32} << 20;
+  const int64_t bytes = std::atoll(setting);
+  TORCH_CHECK_VALUE(bytes >= 1, "arcface_ext: ARCFACE_EXT_GEMM_UPCAST_SCRATCH must be a positive number of bytes, "
+                    "got '", setting, "'");
+  return bytes;
+}
+
+// out = a·b in fp32 for 16-bit a and b where torch has no mixed-dtype GEMM (or
+// ARCFACE_EXT_GEMM_UPCAST=1 asks for it): fp32 GEMMs over slices of the inner dimension, whose fp32
+// copies of the operands are exact (a product of two 16-bit values is exact in fp32, and TF32, if
+// the user allows it, holds fp16 and bf16 values exactly too). Correct, and slower than cuBLAS's
+// mixed-dtype GEMM on tensor cores.
+void gemm_upcast_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t m = a.size(0), inner = a.size(1), n = b.size(1);
+  if (inner == 0) {
+    out.zero_();
+    return;
+  }
+  const int64_t per_slice = std::max<int64_t>(1, (m + n) * int64_t{sizeof(float)});
+  const int64_t step = std::clamp<int64_t>(upcast_scratch_bytes() / per_slice, 1, inner);
+  for (int64_t k0 = 0; k0 < inner; k0 += step) {
+    const int64_t len = std::min(step, inner - k0);
+    const at::Tensor a32 = a.narrow(1, k0, len).to(out.scalar_type());
+    const at::Tensor b32 = b.narrow(0, k0, len).to(out.scalar_type());
+    if (k0 == 0) {
+      at::mm_out(out, a32, b32);
+    } else {
+      out.addmm_(a32, b32);
+    }
+  }
+}
+
+bool upcast_gemms() {
+  if (!kTorchHasMixedGemm) {
+    TORCH_WARN_ONCE("arcface_ext was built against torch ", TORCH_VERSION_MAJOR, ".", TORCH_VERSION_MINOR,
+                    ", which has no GEMM with fp32 output for 16-bit inputs (torch 2.8 has): the loss's "
+                    "cuBLAS GEMMs upcast their 16-bit operands to fp32 instead: as accurate, and slower. "
+                    "Build it against torch >= 2.8 for full speed.");
+    return true;
+  }
+  const char* setting = std::getenv("ARCFACE_EXT_GEMM_UPCAST");
+  return setting != nullptr && std::strcmp(setting, "0") != 0;
+}
+
 // out = a·b with out in the accumulation dtype: for 16-bit a and b, cuBLAS with fp32 output (the
 // cosine is never rounded to 16 bits), otherwise the plain GEMM.
 void gemm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (out.scalar_type() == a.scalar_type()) {
     at::mm_out(out, a, b);
+  } else if (upcast_gemms()) {
+    gemm_upcast_out(out, a, b);
   } else {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
     at::mm_out(out, a, b, out.scalar_type());
+#endif
   }
 }
 

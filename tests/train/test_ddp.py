@@ -104,7 +104,10 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
     assert sharded_loss == pytest.approx(replicated_loss, rel=1e-4)
     replicated_end = checkpoint.load(str(tmp_path / "replicated" / "checkpoint.pt"))
     sharded_end = checkpoint.load(str(tmp_path / "sharded" / "checkpoint.pt"))
+    # fp32 round-off of two summation orders through four steps: entries near zero are compared
+    # against the matrix's scale (its largest entries are about 6).
+    scale = float(replicated_end["margin_loss"]["weight"].abs().max())
     torch.testing.assert_close(sharded_end["margin_loss"]["weight"], replicated_end["margin_loss"]["weight"],
-                               rtol=1e-4, atol=1e-6)
+                               rtol=1e-4, atol=1e-5 * scale)
     # The whole matrix, without a shard's range: it loads into a replicated loss as it is.
     arcface_ext.ArcFaceLoss(8, 64).load_state_dict(sharded_end["margin_loss"])
