@@ -58,7 +58,9 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math lets the branch-free epilogue loops vectorise (clamps become vmaxps).
     openmp = _openmp_flags()
-    cxx = opt + ["-std=c++17", *openmp, "-fno-trapping-math", "-fno-math-errno"]
+    # No -std: torch's BuildExtension passes the standard its headers need (C++17 in torch 2.11,
+    # C++20 in 2.13; 2.15's headers do not compile as C++17).
+    cxx = opt + [*openmp, "-fno-trapping-math", "-fno-math-errno"]
     # torch ships its own libgomp.so.1; linking by that soname reuses the copy torch has loaded.
     # The shared C++ runtime, named by its soname ahead of the driver's own -lstdc++. A g++ whose
     # library path finds libstdc++.a first (the GPU image's CXX: a wrapper passing -B to a gcc
@@ -84,7 +86,7 @@ def _extensions():
     cuda_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     sources += [os.path.relpath(p, ROOT) for p in cuda_sources]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
-    nvcc = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
     # One nvcc call per source compiles every architecture in turn; --threads compiles them side by
     # side, within MAX_JOBS where it is set: 8.0 and 9.0a compiled in 112 s instead of 174 s on 2 cores
     # (.ci/compile_cuda.sh, session 18).

@@ -78,7 +78,12 @@ GENCODE=()
 for arch in $CUDA_ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
 # As setup.py: a build with sm_90a code tells the host code it may choose the wgmma tile.
 [[ " $CUDA_ARCHS " == *" 90a "* ]] && DEFINES+=(-DARCFACE_EXT_SM90A)
-NVCC_FLAGS=("${TORCH_NVCC_FLAGS[@]}" --compiler-options -fPIC -O3 -std=c++17 -lineinfo
+# The C++ standard torch's BuildExtension passes where setup.py names none (torch 2.13's headers need
+# C++20, torch 2.4's build with C++17).
+CXX_STD=$("$PYTHON" -c '
+import inspect, re, torch.utils.cpp_extension as c
+print(re.search(r"cpp_flag_prefix \+ .(c\+\+\d+).", inspect.getsource(c.BuildExtension)).group(1))')
+NVCC_FLAGS=("${TORCH_NVCC_FLAGS[@]}" --compiler-options -fPIC -O3 "-std=$CXX_STD" -lineinfo
             --expt-relaxed-constexpr "${GENCODE[@]}" --threads 2 -Xptxas -v)
 
 rm -rf "$OUT"
@@ -89,7 +94,7 @@ if [[ ${#CU_SOURCES[@]} -eq 0 ]]; then
   log "no CUDA sources in csrc/cuda"
   exit 1
 fi
-log "torch $TORCH_VERSION headers, $("$NVCC" --version | tail -1), archs: $CUDA_ARCHS"
+log "torch $TORCH_VERSION headers, $("$NVCC" --version | tail -1), -std=$CXX_STD, archs: $CUDA_ARCHS"
 
 compile_one() {  # source -> object; its compiler output in $OUT/<name>.log
   local src=$1 name
@@ -98,7 +103,7 @@ compile_one() {  # source -> object; its compiler output in $OUT/<name>.log
     (cd "$ROOT" && "$NVCC" -c "$src" -o "$OUT/$name.o" "${DEFINES[@]}" "${INCLUDES[@]}" \
       "${NVCC_FLAGS[@]}") >"$OUT/$name.log" 2>&1
   else
-    (cd "$ROOT" && "${CXX:-c++}" -c "$src" -o "$OUT/$name.o" -O3 -std=c++17 -fPIC -Wall \
+    (cd "$ROOT" && "${CXX:-c++}" -c "$src" -o "$OUT/$name.o" -O3 "-std=$CXX_STD" -fPIC -Wall \
       "${DEFINES[@]}" "${INCLUDES[@]}" -I"$CUDA_INCLUDE") >"$OUT/$name.log" 2>&1
   fi
 }
@@ -126,7 +131,7 @@ for src in "${CU_SOURCES[@]}" "${CPP_SOURCES[@]}"; do
   if [[ ! -s $OUT/$name.o ]] || grep -qE "(error|Error)[ :]" "$OUT/$name.log"; then
     log "FAILED: $src"
     # The errors with their context; torch's own header warnings (C++20 bit-field initialisers
-    # under -std=c++17, as setup.py builds) would only bury them.
+    # under -std=c++17, as older torch builds) would only bury them.
     grep -E -B2 -A4 "(error|Error)[ :]" "$OUT/$name.log" | head -80 >&2
     failed=1
   elif grep -E "csrc/[^ ]*\([0-9]+\): warning|csrc/[^ ]*:[0-9]+:[0-9]+: warning" "$OUT/$name.log" >&2; then

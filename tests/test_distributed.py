@@ -2,6 +2,7 @@
 into the whole softmax, and ShardedCombinedMarginLoss over real gloo process groups, all against the
 fp64 reference of the unsharded loss."""
 import os
+import time
 
 import pytest
 import torch
@@ -164,6 +165,15 @@ class _GivenMargins(arcface_ext.ShardedCombinedMarginLoss):
         return self.margins
 
 
+def settle(group=None):
+    """Before torch 2.8, destroying a gloo group held the GIL while joining its worker threads, one of
+    which could still be releasing a finished collective's tensors, which takes the GIL
+    (pytorch#154976): seen hung on 2.4.1. A barrier and a pause that lets go of the GIL give the
+    threads time to finish first."""
+    dist.barrier(group=group)
+    time.sleep(0.1)
+
+
 def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, sample_rate, per_row):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -201,6 +211,7 @@ def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, s
                 classes = torch.arange(pair.class_start, pair.class_stop, dtype=torch.float64)
                 whole = pair.gather(classes, dst=1)
                 assert torch.equal(whole, torch.arange(7, dtype=torch.float64)) if rank == 2 else whole is None
+                settle(pair_group)
         # AdaFace's norm statistics follow every rank's rows, the same on every rank.
         adaface = arcface_ext.ShardedAdaFaceLoss(num_classes, DIM, dtype=torch.float64)
         adaface(xs.detach() * (1 + rank), labels[mine])
@@ -209,6 +220,7 @@ def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, s
                     "gathered_grad": gathered, "sampled": module.last_sampled_classes,
                     "adaface": (adaface.batch_mean, adaface.batch_std)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        settle()
     finally:
         dist.destroy_process_group()
 
