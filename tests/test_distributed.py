@@ -356,6 +356,7 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
         solo = dist.new_group([0])
         outcomes["not a member"] = _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(8, 4, process_group=solo))
         torch.save(outcomes, os.path.join(out_dir, f"rank{rank}.pt"))
+        settle()
     finally:
         dist.destroy_process_group()
 

@@ -757,6 +757,10 @@ class Trainer:
                 # threads is left for the interpreter's teardown (a suspect for the rare abort above).
                 self.backbone_ddp, self.loss_ddp = self.backbone, self.margin_loss
                 gc.collect()
+                # Before torch 2.8 the group's destructor joined gloo's threads holding the GIL, which a
+                # thread still releasing a finished collective's tensors needs (pytorch#154976; a test
+                # hung so on 2.4.1): a pause that lets go of the GIL lets them finish first.
+                time.sleep(0.1)
                 dist.destroy_process_group()
 
     def _saved_step(self) -> int | str:
