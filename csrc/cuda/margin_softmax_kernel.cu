@@ -2026,11 +2026,7 @@ struct BelowAutogradAndAutocast {
 };
 
 // at::mm_out with an fp32 out for 16-bit operands (cuBLAS with fp32 output) arrived in torch 2.8.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-constexpr bool kTorchHasMixedGemm = true;
-#else
-constexpr bool kTorchHasMixedGemm = false;
-#endif
+#define ARCFACE_EXT_MIXED_GEMM (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
 
 // The most scratch an upcast GEMM takes beyond its output: its operands' fp32 copies, a slice of the
 // inner dimension at a time (ARCFACE_EXT_GEMM_UPCAST_SCRATCH=<bytes> sets it, for the tests).
@@ -2069,7 +2065,7 @@ void gemm_upcast_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) 
 }
 
 bool upcast_gemms() {
-  if (!kTorchHasMixedGemm) {
+  if (!ARCFACE_EXT_MIXED_GEMM) {
     TORCH_WARN_ONCE("arcface_ext was built against torch ", TORCH_VERSION_MAJOR, ".", TORCH_VERSION_MINOR,
                     ", which has no GEMM with fp32 output for 16-bit inputs (torch 2.8 has): the loss's "
                     "cuBLAS GEMMs upcast their 16-bit operands to fp32 instead: as accurate, and slower. "
@@ -2088,7 +2084,7 @@ void gemm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   } else if (upcast_gemms()) {
     gemm_upcast_out(out, a, b);
   } else {
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#if ARCFACE_EXT_MIXED_GEMM
     at::mm_out(out, a, b, out.scalar_type());
 #endif
   }
