@@ -541,6 +541,31 @@ def test_loader_workers_leave_signals_to_the_main_process(signum):
     del stream
 
 
+def test_loader_workers_end_with_a_script_that_never_stops_them(tmp_path):
+    # The workers ignore a SIGTERM that is not their main process's decision; multiprocessing's exit
+    # handler terminates live daemonic workers with SIGTERM and joins them. A script that leaves its
+    # loader's iterator alive (as a global, or in a traceback) must still exit, normally and on error.
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        "from train.data import SyntheticFaces, build_train_loader\n"
+        "stream = iter(build_train_loader(SyntheticFaces(4, 4, image_size=16), batch_size=4, num_workers=2, "
+        "seed=0))\n"
+        "print(next(stream)[0].shape, flush=True)\n"
+        "if sys.argv[1] == 'error':\n"
+        "    raise RuntimeError('leaving on an error')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    for how, code in (("normally", 0), ("error", 1)):
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=60,
+                              env=env)
+        assert done.returncode == code, done.stderr
+        assert "torch.Size([4, 3, 16, 16])" in done.stdout
+        assert ("leaving on an error" in done.stderr) == (how == "error")
+        assert time.monotonic() - started < 30
+
+
 def test_decoded_images_follow_their_exif_orientation():
     # Stored on its side with orientation 6 ("rotate 90° clockwise to view"): decoded upright, as
     # OpenCV's imread decodes it.

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import os
 import signal
 import warnings
@@ -184,26 +186,51 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             epoch, skip = epoch + 1, 0
 
 
-def _leave_signals_to_the_main_process(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM and SIGINT.
+class _LeaveSignalsToTheMainProcess:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM and SIGINT while its main
+    process lives, and exits on them once that process is exiting.
 
     A scheduler's SIGTERM (torchrun's, Slurm's) or a Ctrl-C reaches the whole process group. torch's
     workers die of a SIGTERM that their parent did not send, and the main process, which finishes
-    its step and writes the checkpoint before it exits, then fails on its next batch. The workers
-    still end when the DataLoader shuts them down or the main process dies. torch sets its worker
-    signal handlers before it calls this, so these win.
+    its step and writes the checkpoint before it exits, then fails on its next batch. So the workers
+    leave the decision to it. But at interpreter exit, multiprocessing ends the daemonic children that
+    are still running with SIGTERM and joins them: a script that never shut its loader's persistent
+    workers down (or one leaving on an error, whose traceback holds the loader) would wait for them
+    forever. `exiting` is set at the main process's exit, before multiprocessing's own exit handler
+    runs (`atexit` calls handlers last-registered first), and a worker then exits quietly, as torch's
+    workers do on their parent's SIGTERM. torch sets its worker signal handlers before it calls this,
+    so these win. The workers also end when the DataLoader shuts them down or the main process dies.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __init__(self, exiting):
+        self.exiting = exiting
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.exiting.is_set():
+            os._exit(0)
+
+
+_exiting = None
+
+
+def _main_process_exiting():
+    """An event set when this process exits (registered once, on the first loader)."""
+    global _exiting
+    if _exiting is None:
+        _exiting = multiprocessing.Event()
+        atexit.register(_exiting.set)
+    return _exiting
 
 
 def stop_loader_workers(loader: torch.utils.data.DataLoader) -> None:
     """Ends the worker processes of a loader with persistent workers now.
 
-    They ignore SIGTERM (:func:`_leave_signals_to_the_main_process`), and multiprocessing's exit
-    handler terminates daemonic children with SIGTERM, then joins them: a process leaving on an
-    error, whose traceback still holds the loader, would wait for its workers forever. The loader
-    starts new workers if it is iterated again."""
+    Without this they would end only at the main process's exit
+    (:class:`_LeaveSignalsToTheMainProcess`). The loader starts new workers if it is iterated again."""
     iterator = getattr(loader, "_iterator", None)  # where torch keeps persistent workers
     if iterator is not None:
         iterator._shutdown_workers()
@@ -221,7 +248,7 @@ def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, nu
     process group reads its own shard. Flips depend on (seed, epoch, index) only,
     not on worker processes or global RNG state. Memory is pinned when CUDA is
     available; workers persist across epochs and leave SIGTERM and SIGINT to the main process
-    (`_leave_signals_to_the_main_process`). The loader has no length: iterate
+    (`_LeaveSignalsToTheMainProcess`); `stop_loader_workers` ends them. The loader has no length: iterate
     it for the number of steps to train (`loader.batch_sampler.steps_per_epoch`
     tells the epoch length).
     """
@@ -240,6 +267,6 @@ def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, nu
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        worker_init_fn=_leave_signals_to_the_main_process,
+        worker_init_fn=_LeaveSignalsToTheMainProcess(_main_process_exiting()) if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
