@@ -51,6 +51,9 @@
 #   suite     the rest of the test suite (tests/ without test_cuda.py) under the machine's torch
 #   fuzz      (not in the default list) tests/test_fuzz.py for 90 s: random shapes, dtypes, margins and
 #             path switches against the fp64 reference, to cuda.log
+#   loader    (not in the default list) benchmarks/bench_loader.py: the trainer's data loader on 4,096
+#             packed 112 px JPEG faces with 1, 4, 8 and 16 workers, images/s delivered to the GPU, to
+#             profile.log (is a trainer's images/s its loader's?)
 # Each stage's output goes to $OUT/<stage>.log (both sanitizer stages to sanitize.log, the sweep to
 # profile.log: the device tool returns at most 8 files); the device, and a summary of return codes
 # and times, are printed last and kept in $OUT/summary.log.
@@ -66,7 +69,7 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${GPU_CHECK_ARCH_LIST:-9.0a} MAX_
 DEADLINE=$((SECONDS + ${GPU_CHECK_BUDGET:-520}))
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(build cuda bench bench-wgmma memcheck profile ncu racecheck train sweep suite)
-KNOWN=" build cuda bench bench-wgmma bench-core max-c depth rows memcheck profile ncu racecheck train suite sweep fuzz --source-hash "
+KNOWN=" build cuda bench bench-wgmma bench-core max-c depth rows memcheck profile ncu racecheck train suite sweep fuzz loader --source-hash "
 for stage in "${STAGES[@]}"; do  # before anything runs: a typo must not end the call halfway
   [[ $KNOWN == *" $stage "* ]] || { echo "unknown stage $stage; stages:$KNOWN"; exit 2; }
 done
@@ -278,6 +281,8 @@ print("CUDA kernels registered")' 2>&1 | tee -a "$OUT/build.log"; then
              --ignore tests/test_cuda.py ;;
     fuzz) run_stage fuzz cuda 120 30 env ARCFACE_FUZZ_SECONDS=90 "$PY" -m pytest -q -s -p no:cacheprovider \
             tests/test_fuzz.py ;;
+    loader) run_stage loader profile 90 40 "$PY" benchmarks/bench_loader.py --device cuda --workers 1,4,8,16 \
+              --out /tmp/loader.json ;;
     sweep)
       for mib in 16 64 128 256; do
         run_stage "sweep-${mib}MiB" profile 40 25 "$PY" benchmarks/bench_loss.py --device cuda --C 100000 1000000 \

@@ -234,7 +234,8 @@ def test_stages_past_the_budget_are_skipped_and_said_so(tmp_path):
 
 
 def test_the_optional_stages_run(tmp_path):
-    rc, summary, calls, output = dry_run(tmp_path, "fuzz", "max-c", "bench-core")
+    rc, summary, calls, output = dry_run(tmp_path, "fuzz", "max-c", "bench-core", "loader")
     assert rc == 0 and all("rc=0" in line for line in stage_lines(summary).values()), output[-3000:]
-    assert list(stage_lines(summary)) == ["fuzz", "max-c", "bench-core"], summary
+    assert list(stage_lines(summary)) == ["fuzz", "max-c", "bench-core", "loader"], summary
     assert any(call.endswith("tests/test_fuzz.py") for call in calls), calls
+    assert any("benchmarks/bench_loader.py --device cuda" in call for call in calls), calls

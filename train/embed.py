@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .data.transforms import IMAGE_EXTENSIONS, load_image_file
+from .data.transforms import IMAGE_EXTENSIONS, load_image_file, to_chw, to_model_input
 from .tools import check_outputs, torch_device
 
 # Cosine similarity above which two faces are called the same when the model carries no
@@ -56,7 +56,7 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
             failed = [e for e in errors if e]
             if failed:
                 raise ValueError(failed[0])
-            x = batch.to(device, non_blocking=True).float().sub_(127.5).div_(127.5)
+            x = to_model_input(batch.to(device, non_blocking=True))
             count = x.shape[0]
             if flip:
                 raw = backbone(torch.cat([x, torch.flip(x, dims=[3])])).float()
@@ -92,7 +92,7 @@ class ImageFiles(torch.utils.data.Dataset):
             image = load_image_file(self.paths[index], self.image_size)
         except (OSError, ValueError) as error:
             return torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8), str(error)
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), ""
+        return to_chw(image), ""
 
 
 def embed_files(model: torch.nn.Module, paths: list[str], image_size: int, *, device="cpu",

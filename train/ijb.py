@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import checkpoint
+from .data.transforms import to_chw
 from .embed import embed_images, table_files, write_table
 from .tools import check_outputs, torch_device
 
@@ -321,7 +322,7 @@ class LooseCrops(torch.utils.data.Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             blank = torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
             return blank, f"{path}: cannot read the image: {error}"
-        return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))), ""
+        return to_chw(crop), ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from train.data.transforms import decode_image, load_image_file
+from train.data.transforms import decode_image, load_image_file, to_chw, to_model_input
 
 # insightface's grid: squared L2 distances between unit vectors lie in [0, 4].
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -128,7 +128,7 @@ def _decode_pairs(name: str, encoded: list[bytes], issame: np.ndarray, image_siz
     images = torch.empty((len(encoded), 3, image_size, image_size), dtype=torch.uint8)
     for i, data in enumerate(encoded):
         img = decode_image(data, image_size, source=f"{where}: image {i}")
-        images[i] = torch.from_numpy(img.transpose(2, 0, 1).copy())
+        images[i] = to_chw(img)
     return VerificationSet(name, images, issame)
 
 
@@ -186,7 +186,7 @@ def load_pairs_list(path: str, image_size: int = 112) -> VerificationSet:
     for k, pair in enumerate(pairs):
         for j, image_path in enumerate(pair):
             img = load_image_file(image_path, image_size)
-            images[2 * k + j] = torch.from_numpy(img.transpose(2, 0, 1).copy())
+            images[2 * k + j] = to_chw(img)
     return VerificationSet(os.path.splitext(os.path.basename(path))[0], images, issame)
 
 
@@ -209,8 +209,7 @@ def compute_embeddings(backbone: torch.nn.Module, vset: VerificationSet, *, devi
     try:
         outputs, norm_sum = [], 0.0
         for start in range(0, vset.images.shape[0], batch_size):
-            x = vset.images[start:start + batch_size].to(device=device, dtype=torch.float32)
-            x = (x - 127.5) / 127.5
+            x = to_model_input(vset.images[start:start + batch_size].to(device))
             count = x.shape[0]
             raw = backbone(torch.cat([x, torch.flip(x, dims=[3])])).float()
             norm_sum += float(raw.norm(dim=1).sum())

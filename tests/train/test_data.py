@@ -3,6 +3,7 @@ framing (multi-part and corrupted records), insightface's record layout, ImageFo
 the pack_rec tool, the synthetic faces, and the resumable loader."""
 
 import io
+import json
 import os
 import pickle
 import runpy
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from conftest import load_benchmark
 
 from train.data import (
     ImageFolderDataset,
@@ -36,7 +39,7 @@ from train.data.recordio import (
     unpack_payload,
 )
 from train.data.synthetic import render_face, synthetic_pairs, verification_identity_base
-from train.data.transforms import decode_image, flip_decision
+from train.data.transforms import decode_image, flip_decision, to_model_input
 from train.tools.pack_rec import main as pack_rec_main
 from train.tools.pack_rec import pack_image_folder
 
@@ -180,8 +183,8 @@ def test_recordio_dataset_reads_insightface_layout(tmp_path, rec_images):
         else:
             np.testing.assert_array_equal(image, images[i])
     x, label = ds[0]
-    assert x.dtype == torch.float32 and x.shape == (3, 32, 32) and label == 0
-    assert torch.allclose(x, (torch.from_numpy(images[0]).permute(2, 0, 1).float() - 127.5) / 127.5)
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32) and label == 0
+    assert torch.equal(x, torch.from_numpy(images[0]).permute(2, 0, 1))
 
 
 def test_recordio_without_identity_header_uses_every_key(tmp_path, rec_images):
@@ -328,7 +331,8 @@ def test_image_folder_labels_sorted_and_resized(image_folder):
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and label == 0
     np.testing.assert_array_equal(ds.load(2)[0], face_image(2))
     x, label = ds[3]
-    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1 and label == 1
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and label == 1
+    assert torch.equal(x, torch.from_numpy(ds.load(3)[0]).permute(2, 0, 1))
 
 
 def test_image_folder_errors(tmp_path):
@@ -431,8 +435,7 @@ def test_synthetic_dataset_items():
     ds = SyntheticFaces(7, 3, image_size=40, seed=2)
     assert len(ds) == 21 and ds.num_classes == 7
     x, label = ds[10]
-    assert x.dtype == torch.float32 and x.shape == (3, 40, 40) and label == 3
-    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert x.dtype == torch.uint8 and x.shape == (3, 40, 40) and label == 3
     assert torch.equal(ds[10][0], x) and torch.equal(ds[-11][0], x)
     with pytest.raises(IndexError):
         ds[21]
@@ -496,6 +499,18 @@ def test_flips_depend_on_seed_epoch_index_only():
     for epoch in range(6):
         x, _ = ds[(1, epoch)]
         assert torch.equal(x, x0.flip(2) if flip_decision(0, epoch, 1) else x0)
+
+
+def test_model_input_scales_uint8_images_as_insightface():
+    images = (torch.arange(2 * 3 * 8 * 8) % 256).to(torch.uint8).view(2, 3, 8, 8)  # every value
+    x = to_model_input(images)
+    assert x.dtype == torch.float32 and x.is_contiguous()
+    assert torch.equal(x, (images.float() - 127.5) / 127.5)  # bit for bit: (x - 127.5) / 127.5
+    assert x.min() == -1 and x.max() == 1
+    last = to_model_input(images, memory_format=torch.channels_last)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, x)
+    with pytest.raises(TypeError, match="expected uint8 images, got torch.float32"):
+        to_model_input(x)  # already scaled: scaling it again would be silently wrong
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -576,3 +591,15 @@ def test_decoded_images_follow_their_exif_orientation():
     upright.transpose(Image.Transpose.ROTATE_90).save(turned, format="PNG", exif=exif)
     size = upright.size[0]
     assert np.array_equal(decode_image(turned.getvalue(), size, source="turned"), np.asarray(upright.convert("RGB")))
+
+
+def test_loader_benchmark_runs_on_a_pack_of_its_own(tmp_path):
+    out = tmp_path / "rows.json"
+    load_benchmark("bench_loader").main(["--images", "48", "--image-size", "32", "--batch-size", "8", "--batches",
+                                         "3", "--warmup", "1", "--workers", "0,1", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(row["workers"], row["scaled_on"]) for row in rows] == [(0, "device"), (0, "worker"), (1, "device"),
+                                                                    (1, "worker")]
+    assert all(row["images_per_s"] > 0 and row["images"] == 48 for row in rows)
+    assert [row["mb_per_batch"] for row in rows[:2]] == [round(8 * 3 * 32 * 32 / 2 ** 20, 2),
+                                                         round(4 * 8 * 3 * 32 * 32 / 2 ** 20, 2)]

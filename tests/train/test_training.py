@@ -16,6 +16,7 @@ import torch
 import arcface_ext
 from train import checkpoint
 from train.config import parse_args
+from train.data.transforms import to_model_input
 from train.models import NETWORKS
 from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, _resolve_device, main
 
@@ -179,7 +180,7 @@ def test_gradient_accumulation_steps_on_the_mean_gradient_of_its_passes(faces, t
     images, labels = next(iter(trainer.loader))
     backbone, margin_loss = copy.deepcopy(trainer.backbone), copy.deepcopy(trainer.margin_loss)
     for images_part, labels_part in zip(images.chunk(2), labels.chunk(2)):
-        (margin_loss(backbone(images_part), labels_part) / 2).backward()
+        (margin_loss(backbone(to_model_input(images_part)), labels_part) / 2).backward()
     expected = [p.grad for p in [*backbone.parameters(), *margin_loss.parameters()] if p.requires_grad]
 
     applied = {}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .transforms import FaceImageDataset
+from .transforms import FaceImageDataset, to_chw
 
 # Separate random streams, so that changing how samples vary leaves identities as they are.
 _IDENTITY_STREAM, _SAMPLE_STREAM, _PAIRS_STREAM = 1, 2, 3
@@ -503,5 +503,5 @@ def synthetic_pairs(name: str, *, num_pairs: int = 600, num_identities: int = 30
         samples = rng.integers(0, 1 << 31, 2)
         for j, (who, sample) in enumerate(((first, samples[0]), (second, samples[1]))):
             img = render_face(seed, base + who, int(sample), image_size)
-            images[2 * k + j] = torch.from_numpy(img.transpose(2, 0, 1).copy())
+            images[2 * k + j] = to_chw(img)
     return images, issame

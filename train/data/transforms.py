@@ -71,21 +71,32 @@ def encode_image(image: np.ndarray, *, fmt: str = "jpeg", quality: int = 95) -> 
     return out.getvalue()
 
 
-def normalize(image: np.ndarray, *, flip: bool = False) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) tensor in [-1, 1], as (x - 127.5) / 127.5."""
+def to_chw(image: np.ndarray, *, flip: bool = False) -> torch.Tensor:
+    """uint8 (H, W, 3) array -> uint8 (3, H, W) tensor, mirrored left to right when `flip`."""
     if flip:
         image = image[:, ::-1]
-    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    return chw.float().sub_(127.5).div_(127.5)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def to_model_input(images: torch.Tensor, *, memory_format: torch.memory_format = torch.contiguous_format,
+                   ) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float32 in [-1, 1], as (x - 127.5) / 127.5 (insightface's
+    scaling), on the images' device and in `memory_format`. The training loader, verification and
+    `train.embed` hand over uint8 images, a quarter of float32's bytes through the workers' shared
+    memory and the host-to-device copy, and scale them here, on the device that runs the network."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return images.to(torch.float32, memory_format=memory_format).sub_(127.5).div_(127.5)
 
 
 class FaceImageDataset(torch.utils.data.Dataset):
     """Base of the training datasets.
 
     Subclasses implement `__len__`, `num_classes` and `load(index) -> (uint8
-    (H, W, 3) image, int label)`. An item is addressed by an `index` or by an
-    `(index, epoch)` key, which is what `ResumableBatchSampler` yields: the flip
-    of a sample then depends only on (seed, epoch, index).
+    (H, W, 3) image, int label)`. An item is (uint8 (3, H, W) image, int label),
+    scaled for the network by `to_model_input` on its device. It is addressed by an
+    `index` or by an `(index, epoch)` key, which is what `ResumableBatchSampler` yields:
+    the flip of a sample then depends only on (seed, epoch, index).
     """
 
     num_classes: int
@@ -111,4 +122,4 @@ class FaceImageDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {key} out of range for a dataset of {n} images")
         image, label = self.load(index)
         mirrored = self.flip and flip_decision(self.seed, int(epoch), index)
-        return normalize(image, flip=mirrored), int(label)
+        return to_chw(image, flip=mirrored), int(label)
