@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from conftest import load_benchmark
+from trainer_fixtures import REPO
 
 from train.data import (
     ImageFolderDataset,
@@ -570,7 +571,7 @@ def test_loader_workers_end_with_a_script_that_never_stops_them(tmp_path):
         "if sys.argv[1] == 'error':\n"
         "    raise RuntimeError('leaving on an error')\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     for how, code in (("normally", 0), ("error", 1)):
         started = time.monotonic()
         done = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True, timeout=60,

@@ -1,7 +1,6 @@
 """Two-process DDP on CPU (gloo) through torchrun, as a multi-GPU run is launched: training,
 logs written once, per-rank RNG states in the checkpoint, resuming, and stopping on a SIGTERM."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,9 +12,9 @@ import torch.distributed
 import arcface_ext
 from train import checkpoint
 
-from trainer_fixtures import base_argv, make_face_folder, one_thread, read_jsonl, signal_once_training  # noqa: F401
+from trainer_fixtures import (REPO, base_argv, make_face_folder, one_thread, read_jsonl,  # noqa: F401
+                              signal_once_training)
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

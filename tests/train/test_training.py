@@ -20,10 +20,9 @@ from train.data.transforms import to_model_input
 from train.models import NETWORKS
 from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, _resolve_device, main
 
-from trainer_fixtures import (base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl,  # noqa: F401
+from trainer_fixtures import (REPO, base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl,  # noqa: F401
                               signal_once_training)
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from train.data.synthetic import render_face
 
 IMAGE_SIZE = 32
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
 
 @pytest.fixture(autouse=True)
