@@ -18,14 +18,15 @@ Every rank must call the loss at the same points, with the same options (it runs
 the local batch sizes may differ.
 """
 import itertools
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from . import ops
-from ._checks import (FLOAT_DTYPES, check_arguments, check_row_margin, fused_compute_dtype, nan_at_ignored,
-                      scalar_margin, skips_label_check, stack_row_margins)
+from ._checks import (FLOAT_DTYPES, check_arguments, check_flag, check_row_margin, fused_compute_dtype,
+                      nan_at_ignored, scalar_margin, skips_label_check, stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
 from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options
 from .sampling import bad_labels, check_label_values, sample_classes, sample_size
@@ -388,6 +389,7 @@ class ShardedCombinedMarginLoss(nn.Module):
             check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
                             lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
                             ignore_index=self.ignore_index)
+            check_flag("return_target_cosine", return_target_cosine)
             require_extension()
         except (TypeError, ValueError, RuntimeError) as exc:
             error = exc
@@ -452,19 +454,20 @@ def ddp_ignore_shards(model):
 
 class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
     """:class:`ShardedCombinedMarginLoss` with AdaFace's margins (:class:`AdaFaceMargins`). The
-    running norm statistics follow the norms of every rank's rows (one all-reduce of three numbers
-    a step), so that they are the same on every rank."""
+    running norm statistics follow the norms of every rank's counted rows (one all-reduce of three
+    numbers a step), so that they are the same on every rank."""
 
-    def _norm_statistics(self, norms):
+    def _norm_statistics(self, norms, counted):
         if self.world_size == 1:
-            return super()._norm_statistics(norms)
-        moments = torch.stack([norms.double().sum(), norms.double().square().sum(),
-                               torch.tensor(float(norms.numel()), dtype=torch.float64, device=norms.device)])
+            return super()._norm_statistics(norms, counted)
+        weights = counted.double()
+        norms = norms.double()
+        moments = torch.stack([(norms * weights).sum(), (norms.square() * weights).sum(), weights.sum()])
         dist.all_reduce(moments, group=self.process_group)
         total, squares, count = moments
         mean = total / count
-        std = ((squares - count * mean * mean).clamp_min(0) / (count - 1)).sqrt()  # unbiased, as Tensor.std
-        return mean, std
+        variance = (squares - count * mean * mean).clamp_min(0) / (count - 1)  # unbiased, as Tensor.std
+        return mean, torch.where(count > 1, variance.sqrt(), torch.full_like(variance, math.nan))
 
 
 class ShardedElasticFaceLoss(ElasticFaceMargins, ShardedCombinedMarginLoss):

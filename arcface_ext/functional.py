@@ -85,6 +85,7 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
                     reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
     check_labels = check_flag("check_labels", check_labels)
+    return_target_cosine = check_flag("return_target_cosine", return_target_cosine)
     require_extension()
     dtype = fused_compute_dtype(embeddings, weight)
     needs_embeddings_grad = torch.is_grad_enabled() and embeddings.requires_grad
@@ -98,8 +99,10 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
                margin_grad == "straight_through", _workspace_bytes)
     # The one-call training op returns no per-row losses, which the margins' own gradient needs.
     differentiable_margins = margins is not None and margins.requires_grad and torch.is_grad_enabled()
+    # The training op stores its gradients in the inputs' dtype before the backward scales them: in
+    # fp16, a loss scaler's factor would come too late for the entries already rounded to zero.
     if (reduction != "none" and (needs_embeddings_grad or needs_weight_grad) and not differentiable_margins
-            and embeddings.device.type in ops.TRAIN_DEVICES):
+            and dtype != torch.float16 and embeddings.device.type in ops.TRAIN_DEVICES):
         # A training step: the gradients come out of the forward's own pass (the backward
         # only scales them), which saves recomputing the cosines.
         loss, target_cosine, _, _ = ops.margin_softmax_train(

@@ -1,4 +1,5 @@
 """nn.Module front ends that own the class-centre matrix (C, D) and call the fused loss."""
+import math
 import numbers
 
 import torch
@@ -7,6 +8,12 @@ from torch import nn
 from . import _checks, functional, reference
 from ._checks import check_arguments, check_flag, check_options, reduce_rows
 from .sampling import bad_labels, check_label_values, check_sample_rate, sample_classes
+
+
+def norm_dtype(embeddings):
+    """The embeddings in the dtype their norms are taken in (the per-row margins' inputs): fp32 for
+    16-bit embeddings, fp64 for fp64."""
+    return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
 
 
 def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
@@ -151,12 +158,19 @@ class AdaFaceMargins:
     per_row_margins = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
-        if not (m >= 0 and h > 0 and 0 < t_alpha <= 1):
-            raise ValueError(f"AdaFace needs m >= 0, h > 0 and t_alpha in (0, 1], got {m}, {h}, {t_alpha}")
+        if not (0 <= m < math.inf and 0 < h < math.inf and 0 < t_alpha <= 1):
+            raise ValueError(f"AdaFace needs finite m >= 0 and h > 0 and t_alpha in (0, 1], got {m}, {h}, {t_alpha}")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
         self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
         self.register_buffer("batch_mean", torch.tensor(20.0, device=kwargs.get("device")))
         self.register_buffer("batch_std", torch.tensor(100.0, device=kwargs.get("device")))
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if "batch_mean" in self._buffers:  # (not yet registered when the base class's __init__ calls this)
+            with torch.no_grad():
+                self.batch_mean.fill_(20.0)
+                self.batch_std.fill_(100.0)
 
     def _apply(self, fn, *args, **kwargs):
         before = {name: self._buffers[name] for name in ("batch_mean", "batch_std")}
@@ -166,17 +180,23 @@ class AdaFaceMargins:
                 self._buffers[name] = buffer.to(self._buffers[name].device)
         return result
 
-    def _norm_statistics(self, norms):
-        """(mean, std) of the norms the running statistics follow: this batch's rows."""
-        return norms.mean(), norms.std()
+    def _norm_statistics(self, norms, counted):
+        """(mean, unbiased std) of the norms the running statistics follow: this batch's counted rows
+        (NaN with fewer than two)."""
+        weights = counted.to(norms.dtype)
+        count = weights.sum()
+        mean = (norms * weights).sum() / count
+        variance = ((norms - mean).square() * weights).sum() / (count - 1)
+        return mean, torch.where(count > 1, variance.sqrt(), torch.full_like(variance, math.nan))
 
     def row_margins(self, embeddings, labels):
         with torch.no_grad():
-            norms = embeddings.detach().float().norm(dim=1).clamp(0.001, 100.0)
+            norms = norm_dtype(embeddings.detach()).norm(dim=1).clamp(0.001, 100.0)
             mean, std = self.batch_mean, self.batch_std
             if self.training:
-                batch_mean, batch_std = self._norm_statistics(norms)
-                # A batch of one row has no spread: the statistics stay (decided on the device).
+                batch_mean, batch_std = self._norm_statistics(norms, labels != self.ignore_index)
+                # Fewer than two counted rows have no spread: the statistics stay (decided on the
+                # device).
                 seen = torch.isfinite(batch_std)
                 mean, std = (torch.where(seen, buffer * (1 - self.t_alpha) + self.t_alpha * value.to(buffer.dtype),
                                          buffer)
@@ -215,8 +235,8 @@ class ElasticFaceMargins:
                  **kwargs):
         if kind not in ("arc", "cos"):
             raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
-        if std < 0:
-            raise ValueError(f"std must be >= 0, got {std}")
+        if not 0 <= std < math.inf:
+            raise ValueError(f"std must be finite and >= 0, got {std}")
         if m is None:
             m = 0.5 if kind == "arc" else 0.35
         margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
@@ -263,7 +283,7 @@ class MagFaceLoss(CombinedMarginLoss):
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = (float(v) for v in (l_a, u_a, l_m, u_m, lambda_g))
 
     def _norms(self, embeddings):
-        return embeddings.float().norm(dim=1).clamp(self.l_a, self.u_a)
+        return norm_dtype(embeddings).norm(dim=1).clamp(self.l_a, self.u_a)
 
     def row_margins(self, embeddings, labels):
         norms = self._norms(embeddings)

@@ -100,6 +100,7 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
                     reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
     check_labels = not _checks.skips_label_check(check_flag("check_labels", check_labels), labels)
+    return_target_cosine = check_flag("return_target_cosine", return_target_cosine)
     dtype = compute_dtype(embeddings, weight)
     if dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32  # never round a cosine to 16 bits before the exponential

@@ -612,6 +612,25 @@ def test_the_cuda_path_reduces_the_loss_in_one_op_each_way(monkeypatch):
     assert not {"sum", "div", "ne", "clamp_min", "expand"} & set(calls), calls
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fp16_loss_scaling_keeps_small_gradients(reduction):
+    # GradScaler's pattern: an fp16 loss multiplied by 2^11 before backward. The scale must reach
+    # the gradients before they are rounded to fp16, or the small entries flush to zero (the
+    # one-call training op stored them at scale 1: a quarter of grad_weight was zero here).
+    x, w, labels = make_inputs(64, 32, 2000, seed=31, dtype=torch.float16)
+    scale = 2.0 ** 11
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    (arcface_ext.combined_margin_loss(x, w, labels, reduction=reduction).float() * scale).backward()
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    (reference.combined_margin_loss(x64, w64, labels, reduction=reduction) * scale).backward()
+    for name, ours, exact in (("grad_embeddings", x.grad, x64.grad), ("grad_weight", w.grad, w64.grad)):
+        representable = exact.half() != 0
+        lost = int((representable & (ours == 0)).sum())
+        assert lost <= representable.sum() // 100, f"{name}: {lost} of {int(representable.sum())} entries lost"
+        assert_close_report(ours.double(), exact, atol=1e-3 * float(exact.abs().max()), rtol=2e-2, name=name)
+
+
 def _loss_and_cosine(embeddings, weight, labels, reduction):
     loss, target_cosine = arcface_ext.combined_margin_loss(embeddings, weight, labels, s=30.0, m2=0.3, m3=0.1,
                                                            reduction=reduction, return_target_cosine=True)

@@ -2,6 +2,7 @@
 per-sample margins) against the fp64 reference, the op's registration with the new argument, and
 the AdaFace and ElasticFace modules against their papers' formulas written out on the full logits."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -273,10 +274,48 @@ def test_per_row_margin_modules_with_partial_fc_and_the_reference():
 def test_module_argument_checks():
     with pytest.raises(ValueError, match="AdaFace needs"):
         arcface_ext.AdaFaceLoss(10, 4, h=0)
+    with pytest.raises(ValueError, match="AdaFace needs finite"):
+        arcface_ext.AdaFaceLoss(10, 4, h=math.inf)
     with pytest.raises(ValueError, match="kind must be 'arc' or 'cos'"):
         arcface_ext.ElasticFaceLoss(10, 4, kind="sphere")
-    with pytest.raises(ValueError, match="std must be >= 0"):
-        arcface_ext.ElasticFaceLoss(10, 4, std=-1)
+    for std in (-1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="std must be finite and >= 0"):
+            arcface_ext.ElasticFaceLoss(10, 4, std=std)
+    x, w, labels = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1])
+    for call in (lambda: arcface_ext.combined_margin_loss(x, w, labels, return_target_cosine=1),
+                 lambda: reference.combined_margin_loss(x, w, labels, return_target_cosine=1),
+                 lambda: arcface_ext.ArcFaceLoss(5, 4)(x, labels, return_target_cosine=1),
+                 lambda: arcface_ext.ShardedCombinedMarginLoss(5, 4)(x, labels, return_target_cosine=1)):
+        with pytest.raises(TypeError, match="return_target_cosine must be a bool"):
+            call()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
+def test_adaface_statistics_follow_the_counted_rows_only(sharded):
+    # Rows labelled ignore_index (padding) count for nothing, in the running statistics too; with
+    # fewer than two counted rows there is no spread to follow, and the statistics stay.
+    module = arcface_ext.ShardedAdaFaceLoss if sharded else arcface_ext.AdaFaceLoss
+    criterion = module(10, 8, dtype=torch.float64)
+    x = torch.randn(6, 8, dtype=torch.float64) * torch.tensor([5.0, 30, 0, 0, 12, 0], dtype=torch.float64)[:, None]
+    labels = torch.tensor([1, 2, -1, -1, 3, -1])
+    criterion(x, labels)
+    norms = x.norm(dim=1)[labels != -1]
+    torch.testing.assert_close(criterion.batch_mean, (0.99 * 20 + 0.01 * norms.mean()).float())
+    torch.testing.assert_close(criterion.batch_std, (0.99 * 100 + 0.01 * norms.std()).float())
+    before = {k: v.clone() for k, v in criterion.state_dict().items() if k.startswith("batch_")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "degrees of freedom <= 0" from a batch of one
+        for batch in ([-1, -1, -1], [4, -1, -1], [7]):
+            criterion(torch.randn(len(batch), 8, dtype=torch.float64), torch.tensor(batch))
+    assert all(torch.equal(criterion.state_dict()[k], v) for k, v in before.items())
+
+
+def test_adaface_reset_parameters_restores_the_statistics():
+    # Deferred initialisation (meta device, to_empty, reset_parameters) leaves no garbage statistics.
+    criterion = arcface_ext.AdaFaceLoss(10, 4, device="meta").to_empty(device="cpu")
+    criterion.reset_parameters()
+    assert float(criterion.batch_mean) == 20.0 and float(criterion.batch_std) == 100.0
+    assert 0.005 < float(criterion.weight.detach().std()) < 0.02
 
 
 # ---- differentiable margins and MagFace --------------------------------------------------------
@@ -334,10 +373,10 @@ def test_magface_matches_its_formula_with_gradients_through_the_norm():
     xe, we = x.clone().requires_grad_(True), criterion.weight.detach().clone().requires_grad_(True)
     expected = magface_loss(xe, we, labels, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0)
     expected.backward()
-    # The norms and margins are formed in fp32 (as under autocast): fp32's tolerance.
-    assert_matches_reference(loss.detach(), expected.detach(), name="loss", dtype=torch.float32)
-    assert_matches_reference(xs.grad, xe.grad, name="grad_embeddings", dtype=torch.float32)
-    assert_matches_reference(criterion.weight.grad, we.grad, name="grad_weight", dtype=torch.float32)
+    # The norms and margins are formed in fp64 for fp64 embeddings: fp64's tolerance.
+    assert_matches_reference(loss.detach(), expected.detach(), name="loss")
+    assert_matches_reference(xs.grad, xe.grad, name="grad_embeddings")
+    assert_matches_reference(criterion.weight.grad, we.grad, name="grad_weight")
     assert "lambda_g=35.0" in repr(criterion)
     with pytest.raises(ValueError, match="MagFace needs"):
         arcface_ext.MagFaceLoss(10, 4, l_a=20, u_a=10)
