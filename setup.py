@@ -1,6 +1,7 @@
 """Builds arcface_ext._C: the CPU kernels always, the CUDA kernels when CUDA is available or
-FORCE_CUDA=1. Honours TORCH_CUDA_ARCH_LIST (default "8.0;9.0a": A100 and Hopper, whose arch-specific
-sm_90a code also has the wgmma tile), MAX_JOBS and DEBUG=1."""
+FORCE_CUDA=1. Honours TORCH_CUDA_ARCH_LIST (default "8.0+PTX;9.0a": A100 and the other sm_8x GPUs,
+Hopper, whose arch-specific sm_90a code also has the wgmma tile, and through the sm_80 PTX, which the
+driver compiles at first use, the GPUs after them), MAX_JOBS and DEBUG=1."""
 import glob
 import os
 import sys
@@ -72,7 +73,9 @@ def _extensions():
         _log(f"building CPU-only (torch {torch.__version__}; set FORCE_CUDA=1 to build CUDA kernels)")
         return [CppExtension("arcface_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    # Without the PTX, a GPU newer than Hopper (compute capability 10.x, 12.x) would find no code for
+    # any kernel: every CUDA call would fail.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
     arches = os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
     defines = [("WITH_CUDA", None)]
     if any(a.startswith("9.0a") for a in arches):

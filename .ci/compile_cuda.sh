@@ -76,6 +76,8 @@ DEFINES=(-DWITH_CUDA -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C
 INCLUDES=(-I"$INCLUDE" -I"$INCLUDE/torch/csrc/api/include" -I"$PY_INCLUDE")
 GENCODE=()
 for arch in $CUDA_ARCHS; do GENCODE+=(-gencode "arch=compute_$arch,code=sm_$arch"); done
+# setup.py's default list also embeds sm_80's PTX (8.0+PTX), for GPUs newer than Hopper.
+[[ " $CUDA_ARCHS " == *" 80 "* ]] && GENCODE+=(-gencode "arch=compute_80,code=compute_80")
 # As setup.py: a build with sm_90a code tells the host code it may choose the wgmma tile.
 [[ " $CUDA_ARCHS " == *" 90a "* ]] && DEFINES+=(-DARCFACE_EXT_SM90A)
 # The C++ standard torch's BuildExtension passes where setup.py names none (torch 2.13's headers need

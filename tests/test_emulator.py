@@ -113,24 +113,26 @@ def test_class_shard(emulated):
     assert_same_as_cpu_op(ours, forward_backward(CpuOps(), x, w[200:500], labels, grad, **shard))
 
 
-@pytest.mark.parametrize("depth", ["3", "4", "5", "auto-sm80", "auto-sm90"])
+@pytest.mark.parametrize("depth", ["3", "4", "5", "auto-sm80", "auto-sm90", "auto-sm86"])
 def test_pipeline_depths_under_the_racing_schedule(emulated, monkeypatch, depth):
     # Warps racing ahead of each other, copies landing as soon as they are issued: a prefetch into a
     # stage that another warp still reads would change the result. D = 160: five slices a tile, so
     # every stage is reused; one SM and a 1000-byte workspace make the forward's segments runs of 2
     # class tiles, whose pipeline crosses from one tile into the next. Each depth the kernels are
-    # built for, and the host's own choice for an sm_80 (3) and an sm_90 (4) shared memory.
+    # built for, and the host's own choice for an sm_80 (3), an sm_90 (4) and an sm_86 (3) shared
+    # memory.
     race_on_one_sm(monkeypatch)
     if depth.startswith("auto"):
         monkeypatch.delenv("ARCFACE_EXT_TILE_STAGES", raising=False)
-        monkeypatch.setenv("ARCFACE_EMU_SMEM_PER_SM", "167936" if depth == "auto-sm80" else "233472")
+        monkeypatch.setenv("ARCFACE_EMU_SMEM_PER_SM", {"auto-sm80": "167936", "auto-sm90": "233472",
+                                                       "auto-sm86": "102400"}[depth])
     else:
         monkeypatch.setenv("ARCFACE_EXT_TILE_STAGES", depth)
     x, w, labels, grad = inputs(40, 160, 1100, torch.bfloat16, seed=3)
     emulated.take_launch_log()
     ours = forward_backward(emulated, x, w, labels, grad, workspace_bytes=1000)
     launched = emulated.take_launch_log().split()
-    stages = {"auto-sm80": 3, "auto-sm90": 4}.get(depth) or int(depth)
+    stages = {"auto-sm80": 3, "auto-sm90": 4, "auto-sm86": 3}.get(depth) or int(depth)
     for kernel in ("fused_forward_kernel", "fused_backward_kernel"):
         assert launched[launched.index(kernel) + 1] == f"smem:{stages * 20480}", launched
     assert_same_as_cpu_op(ours, forward_backward(CpuOps(), x, w, labels, grad, workspace_bytes=1000))
@@ -301,6 +303,14 @@ def test_a_bad_pipeline_depth_is_named(emulated, monkeypatch):
     x, w, labels, _ = inputs(8, 32, 50, torch.bfloat16, seed=6)
     with pytest.raises(ValueError, match="ARCFACE_EXT_TILE_STAGES must be 3 to 5, got '8'"):
         emulated.margin_softmax_forward(x, w, labels, *op_args())
+    # 5 stages (100 KB) do not fit the 99 KB a block may have on an sm_86, sm_89 or sm_120 GPU; 4 do.
+    monkeypatch.setenv("ARCFACE_EMU_SMEM_PER_SM", "102400")
+    monkeypatch.setenv("ARCFACE_EXT_TILE_STAGES", "5")
+    with pytest.raises(ValueError, match="ARCFACE_EXT_TILE_STAGES=5 needs 110592 bytes of shared memory a "
+                                         "block; this GPU allows 101376"):
+        emulated.margin_softmax_forward(x, w, labels, *op_args())
+    monkeypatch.setenv("ARCFACE_EXT_TILE_STAGES", "4")
+    emulated.margin_softmax_forward(x, w, labels, *op_args())
 
 
 def test_rewrite():

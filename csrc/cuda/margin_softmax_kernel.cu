@@ -1987,19 +1987,31 @@ void with_wgmma_variant(int variant, F&& f) {
   }
 }
 
+// A bound on the static shared memory of the fused tile kernels, beside their pipeline's dynamic
+// stages (6,784 bytes by ptxas for sm_90a, session 22), and the runtime's reserve.
+constexpr int kTileStaticSmemBound = 8192;
+
 // The fused kernels' pipeline depth: ARCFACE_EXT_TILE_STAGES (3, 4 or 5; read at every call, for
-// measuring), else the deepest of 3 and 4 that keeps two blocks an SM (4 on sm_90's 228 KB, 3 on
-// sm_80's 164 KB), with 8 KB a block for the kernels' static arrays and the runtime's reserve.
+// measuring; one that does not fit a block of this GPU is an error), else the deepest of 3 and 4
+// that keeps two blocks an SM (4 on sm_90's 228 KB, 3 on sm_80's 164 KB and on the 100 KB of
+// sm_86, sm_89 and sm_120).
 int fused_tile_stages(int device) {
   if (const char* setting = std::getenv("ARCFACE_EXT_TILE_STAGES")) {
     const int stages = std::atoi(setting);
     TORCH_CHECK_VALUE(stages >= cuda::kMinTileStages && stages <= cuda::kMaxTileStages,
                       "arcface_ext: ARCFACE_EXT_TILE_STAGES must be ", cuda::kMinTileStages, " to ",
                       cuda::kMaxTileStages, ", got '", setting, "'");
+    // (5 stages do not fit the 99 KB a block of an sm_86, sm_89 or sm_120 GPU may have: a clear
+    // error here rather than cudaFuncSetAttribute's "invalid argument".)
+    const int per_block = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    TORCH_CHECK_VALUE(cuda::tile_smem_bytes(stages) + kTileStaticSmemBound <= per_block,
+                      "arcface_ext: ARCFACE_EXT_TILE_STAGES=", stages, " needs ",
+                      cuda::tile_smem_bytes(stages) + kTileStaticSmemBound,
+                      " bytes of shared memory a block; this GPU allows ", per_block);
     return stages;
   }
   const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  return 2 * (cuda::tile_smem_bytes(4) + 8192) <= per_sm ? 4 : cuda::kMinTileStages;
+  return 2 * (cuda::tile_smem_bytes(4) + kTileStaticSmemBound) <= per_sm ? 4 : cuda::kMinTileStages;
 }
 
 // Calls f(std::integral_constant<int, stages>{}): the kernels are instantiated for each depth.

@@ -97,6 +97,7 @@ enum cudaDeviceAttr {
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -1150,10 +1151,13 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, 
     }
     case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: {
-      // sm_90's 228 KB unless ARCFACE_EMU_SMEM_PER_SM says otherwise (sm_80: 167936).
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: {
+      // sm_90's 228 KB unless ARCFACE_EMU_SMEM_PER_SM says otherwise (sm_80: 167936; sm_86, sm_89
+      // and sm_120: 102400). A block may opt into all of it but the 1 KB the system reserves.
       const char* setting = std::getenv("ARCFACE_EMU_SMEM_PER_SM");
-      *value = setting != nullptr ? std::atoi(setting) : 233472;
+      const int per_sm = setting != nullptr ? std::atoi(setting) : 233472;
+      *value = attribute == cudaDevAttrMaxSharedMemoryPerBlockOptin ? per_sm - 1024 : per_sm;
       return cudaSuccess;
     }
   }
