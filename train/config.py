@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -189,9 +190,15 @@ def load_config_file(path: str) -> dict[str, Any]:
         except ImportError:
             raise SystemExit(f"{path}: reading YAML needs PyYAML (pip install pyyaml), "
                              "or write the config as JSON") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise SystemExit(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"{path}: not valid JSON: {error}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -223,6 +230,12 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
         else:
             if isinstance(value, (list, tuple)):
                 value = ",".join(str(v) for v in value)
+            if action.type is not None:
+                try:
+                    action.type(str(value))
+                except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+                    # argparse would print its usage and name the flag, not the file
+                    raise SystemExit(f"{source}: {key} {value!r}: {error}") from None
             if action.choices is not None and str(value) not in action.choices:
                 # argparse would say "invalid choice" without naming the file the value came from
                 raise SystemExit(f"{source}: {key} {value!r} is not one this trainer has: "
@@ -265,6 +278,19 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--gradient-acc must be at least 1, got {args.gradient_acc}")
     if not 0.0 < args.sample_rate <= 1.0:
         raise SystemExit(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
+    # Checked here, before a run moves an earlier one aside or builds anything: a bad value used to
+    # train on and fail mid-run (--log-every 0), or fail deep inside torch with a traceback.
+    for flag, value, least in (("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 0),
+                               ("--save-every", args.save_every, 0), ("--num-workers", args.num_workers, 0),
+                               ("--embedding-size", args.embedding_size, 1),
+                               ("--image-size", args.image_size, 1)):
+        if value < least:
+            raise SystemExit(f"{flag} must be at least {least}, got {value}")
+    for flag, value, positive in (("--lr", args.lr, True), ("--arcface-s", args.arcface_s, True),
+                                  ("--momentum", args.momentum, False), ("--decay", args.decay, False),
+                                  ("--grad-clip", args.grad_clip, False)):
+        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise SystemExit(f"{flag} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
     if args.sharded_classes and args.loss == "magface":
         raise SystemExit("--loss magface has differentiable margins, which --sharded-classes does not carry: train "
                          "it with replicated class centres")

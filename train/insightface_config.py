@@ -44,6 +44,9 @@ BASE = {
 # Switches with no counterpart here, reported when a config turns them on.
 IGNORED = ("dali", "dali_aug", "save_all_states", "using_wandb", "save_artifacts", "wandb_resume")
 REQUIRED = ("rec", "num_classes", "num_image", "num_epoch")
+# Keys of arcface_torch's configs that are read above, or that only its wandb logger reads.
+KNOWN = {*BASE, *IGNORED, *REQUIRED, "wandb_key", "suffix_run_name", "wandb_entity", "wandb_project",
+         "wandb_log_all"}
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -147,4 +150,8 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         ignored.append("momentum (train_v2.py's SGD uses 0.9 whatever it says)")
     if ignored:
         print(f"{path}: ignored arcface_torch settings: {', '.join(ignored)}", file=sys.stderr)
+    unknown = sorted(key for key in config if key not in KNOWN)
+    if unknown:  # a misspelt key (config.smaple_rate), or an older arcface_torch's (config.loss)
+        print(f"{path}: keys arcface_torch's train_v2.py does not have, ignored: {', '.join(unknown)}",
+              file=sys.stderr)
     return options

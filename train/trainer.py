@@ -25,7 +25,7 @@ from torch import nn
 
 from . import checkpoint, export
 from .config import margins
-from .data.transforms import to_model_input
+from .data.transforms import DataError, to_model_input
 from .models import get_model
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 
@@ -111,9 +111,18 @@ class TargetAngles:
         return {"windows": {k: list(v) for k, v in self.windows.items()},
                 "degrees": {phase: self.degrees(phase) for phase in ANGLE_PHASES}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.windows = {k: tuple(v) for k, v in state["windows"].items()}
-        self.angles = {phase: [state["degrees"][phase]] for phase in ANGLE_PHASES}
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        """The angles a run gathered up to ``step``, resumed with this run's windows: a window of the
+        run's --max-steps (raised on resume) that lies ahead of ``step`` replaces the saved one (the
+        "end" of 200 steps is not that of 260), unless they are the same window; one that has
+        passed cannot be gathered any more, and the saved window and angles stand for it."""
+        for phase in ANGLE_PHASES:
+            saved = tuple(state["windows"][phase])
+            if saved == self.windows[phase] or self.windows[phase][1] <= step:
+                self.windows[phase] = saved
+                self.angles[phase] = [state["degrees"][phase]]
+            else:
+                self.angles[phase] = []
 
 
 # What a run (and train.export, by default) writes into its --output folder.
@@ -389,6 +398,14 @@ class Trainer:
         resume = self._resume_path()
         if resume:
             resumed_rng = self._load_training_state(resume)
+            # A checkpoint from another folder: whatever run this folder holds is not the one
+            # continued, and its checkpoint and logs must not be overwritten or spliced into.
+            own = self.checkpoint_path
+            if self.is_main and not (os.path.exists(own) and os.path.samefile(own, resume)):
+                aside = set_aside_earlier_run(self.output)
+                if aside:
+                    print(f"note: {self.output} held another run than the one in {resume}; its files are now "
+                          f"in {aside}", file=sys.stderr)
         else:
             if args.pretrained_model:
                 self._load_pretrained(args.pretrained_model)
@@ -476,8 +493,8 @@ class Trainer:
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
-        self.angles.load_state_dict(state["target_angles"])
         self.step = int(state["step"])
+        self.angles.load_state_dict(state["target_angles"], self.step)
         self.elapsed = float(state.get("elapsed", 0.0))
         self.last_verification = state.get("verification", {})
         if self.is_main:
@@ -494,8 +511,15 @@ class Trainer:
             self.backbone.load_state_dict(weights)
         except RuntimeError as error:
             a = self.args
-            raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding_size "
-                             f"{a.embedding_size} --image-size {a.image_size}:\n{error}") from None
+            try:  # what the file holds, in the flags' words (load_state_dict's own list runs to pages)
+                found = checkpoint.describe_backbone(weights)
+                holds = (f"it holds --network {found['network']} --embedding-size {found['embedding_size']} "
+                         f"--image-size {found['image_size']}")
+            except (ValueError, KeyError, IndexError):
+                lines = str(error).splitlines()
+                holds = "\n".join(lines[:3] + ([f"... ({len(lines) - 3} more lines)"] if len(lines) > 3 else []))
+            raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "
+                             f"{a.embedding_size} --image-size {a.image_size}: {holds}") from None
         loaded = "backbone"
         centres = state.get("margin_loss") if isinstance(state, dict) else None
         if not self.args.finetuning and centres is not None:
@@ -728,6 +752,21 @@ class Trainer:
             self._write(f"done: {self.step} steps in {self.elapsed + time.perf_counter() - self._started:.0f} s; "
                         f"outputs in {self.output}")
             return 0
+        except DataError as error:
+            # A worker's exception arrives with the worker's traceback in its message; the error is
+            # the last line, after the exception's class name.
+            message = str(error).strip()
+            if "Original Traceback" in message:
+                message = message.splitlines()[-1].split(": ", 1)[-1]
+            last = "no checkpoint was written before it"
+            if os.path.exists(self.checkpoint_path):
+                last = f"the last checkpoint is kept: {self.checkpoint_path} (step {self._saved_step()})"
+            tqdm.write(f"error: {'rank ' + str(self.rank) + ': ' if self.distributed else ''}step {self.step + 1}'s "
+                       f"batch: {message}. {last}; with the image replaced or removed, continue with --resume auto "
+                       "(removed, it changes the data order)", file=sys.stderr)
+            if self.distributed:  # the other ranks wait in a collective: torchrun ends them
+                raise SystemExit(1) from None
+            return 1
         except TrainingDiverged as error:
             last = "no checkpoint was written before it"
             if os.path.exists(self.checkpoint_path):

@@ -309,7 +309,8 @@ def test_indexed_recordio_missing_key(tmp_path, rec_images):
 
 @pytest.fixture
 def image_folder(tmp_path):
-    """bob: 2 PNG, alice: JPEG (magic in it) + BMP at 40 px, carol: empty, plus a stray file."""
+    """bob: 2 PNG, alice: JPEG (magic in it) + BMP at 40 px, carol: empty, dave: an image in a sub-folder
+    only, plus a stray file."""
     root = tmp_path / "faces"
     for name in ("bob", "alice", "carol"):
         (root / name).mkdir(parents=True)
@@ -319,12 +320,19 @@ def image_folder(tmp_path):
     Image.fromarray(face_image(4, 40)).save(root / "alice" / "y.bmp")
     (root / "alice" / "notes.txt").write_text("not an image")
     (root / "stray.jpg").write_bytes(b"")
+    (root / "dave" / "session1").mkdir(parents=True)  # nested: not searched
+    Image.fromarray(face_image(5)).save(root / "dave" / "session1" / "z.png")
     return root
 
 
 def test_image_folder_labels_sorted_and_resized(image_folder):
-    ds = ImageFolderDataset(str(image_folder), image_size=32, flip=False)
-    assert ds.identities == ["alice", "bob"]  # carol holds no image
+    with pytest.warns(UserWarning) as said:
+        ds = ImageFolderDataset(str(image_folder), image_size=32, flip=False)
+    # What the layout leaves out is said, not dropped silently.
+    assert [str(w.message).split(": ", 1)[1] for w in said] == [
+        "1 image(s) directly in it, outside any identity folder, are left out",
+        "1 folder(s) hold images only in sub-folders, which are not searched, and are left out (dave)"]
+    assert ds.identities == ["alice", "bob"]  # carol holds no image, dave none directly
     assert ds.num_classes == 2
     assert [os.path.basename(p) for p in ds.paths] == ["x.jpg", "y.bmp", "a0.PNG", "b1.png"]
     assert ds.labels.tolist() == [0, 0, 1, 1]

@@ -77,6 +77,15 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path, monkeypatch, cap
     assert "ignored arcface_torch settings: using_wandb, momentum" in err
 
 
+def test_keys_arcface_torch_lacks_are_reported(tmp_path, capsys):
+    # A misspelt key, or an older arcface_torch's config.loss, would otherwise pass unnoticed.
+    text = WEBFACE_VIT + "config.smaple_rate = 0.2\nconfig.loss = 'cosface'\nconfig.wandb_project = 'p'\n"
+    args = parse_args(["--config", write(tmp_path, text)])
+    assert args.sample_rate == 0.3
+    assert capsys.readouterr().err.strip().endswith("keys arcface_torch's train_v2.py does not have, ignored: "
+                                                    "loss, smaple_rate")
+
+
 def test_base_defaults_fill_what_a_config_leaves_out(tmp_path):
     config = insightface_config.read(write(tmp_path, "config.rec = 'x'\nconfig.num_classes = 3\n"
                                                      "config.num_image = 10\nconfig.num_epoch = 1\n"))

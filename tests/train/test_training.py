@@ -5,6 +5,7 @@ options come from flags, aliases and config files alike."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,25 @@ def test_resume_repeats_the_uninterrupted_run_exactly(faces, tmp_path, monkeypat
     assert torch.equal(a["margin_loss"]["weight"], b["margin_loss"]["weight"])
 
 
+def test_resume_from_elsewhere_sets_aside_the_run_in_the_output_folder(faces, tmp_path, capsys):
+    # --resume PATH into a folder that holds another run: that run's checkpoint and logs move to
+    # earlier-1/ (they were overwritten, and the logs spliced, when the folder was taken as the
+    # resumed run's own); resuming from the folder's own checkpoint moves nothing.
+    first, other = tmp_path / "first", tmp_path / "other"
+    assert main(argv(faces, first, max_steps=4, save_every=2)) == 0
+    assert main(argv(faces, other, max_steps=3, seed=1)) == 0
+    held = {name: (other / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "args.json")}
+    capsys.readouterr()
+    assert main(argv(faces, other, max_steps=6, resume=str(first / "checkpoint.pt"))) == 0
+    assert f"held another run than the one in {first / 'checkpoint.pt'}" in capsys.readouterr().err
+    assert {name: (other / "earlier-1" / name).read_bytes() for name in held} == held
+    assert [r["step"] for r in read_jsonl(other / "metrics.jsonl")] == [5, 6]
+    assert checkpoint.load(str(other / "checkpoint.pt"))["step"] == 6
+    assert main(argv(faces, other, max_steps=7, resume=str(other / "checkpoint.pt"))) == 0
+    assert not (other / "earlier-2").exists()
+    assert [r["step"] for r in read_jsonl(other / "metrics.jsonl")] == [5, 6, 7]
+
+
 def test_resume_drops_a_torn_last_log_line(faces, tmp_path):
     # A kill -9 or a full disk in the middle of an append leaves half a line at the end of a log.
     options = dict(max_steps=4, save_every=2, pairs=True, eval_every=2)
@@ -231,6 +251,65 @@ def test_gradient_accumulation_is_checked(value):
         parse_args(["--gradient-acc", value])
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--log-every", "0", "--log-every must be at least 1, got 0"),
+    ("--eval-every", "-1", "--eval-every must be at least 0, got -1"),
+    ("--save-every", "-5", "--save-every must be at least 0, got -5"),
+    ("--num-workers", "-1", "--num-workers must be at least 0, got -1"),
+    ("--image-size", "0", "--image-size must be at least 1, got 0"),
+    ("--embedding-size", "0", "--embedding-size must be at least 1, got 0"),
+    ("--lr", "-1", r"--lr must be a finite number > 0, got -1\.0"),
+    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--arcface-s", "0", r"--arcface-s must be a finite number > 0, got 0\.0"),
+    ("--decay", "-1", r"--decay must be a finite number >= 0, got -1\.0"),
+    ("--momentum", "inf", "--momentum must be a finite number >= 0, got inf"),
+    ("--grad-clip", "-1", r"--grad-clip must be a finite number >= 0, got -1\.0"),
+])
+def test_numeric_options_are_checked_before_the_run(flag, value, message):
+    # Each used to train and fail mid-run (--log-every 0 at the first log) or fail inside torch with
+    # a traceback, after a fresh run had moved the folder's earlier run aside.
+    with pytest.raises(SystemExit, match=f"^{message}$"):
+        parse_args([flag, value])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_image_that_does_not_decode_mid_run_is_a_one_line_error(tmp_path, capsys, num_workers):
+    # Found by a worker at step 3 (the folder is listed, not decoded, when it is opened): a message
+    # naming the file and the kept checkpoint, exit status 1, not the worker's traceback.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    broken = os.path.join(data, "id_002", "01.png")
+    assert main(base_argv(data, str(tmp_path / "run"), max_steps=2, batch_size=8, save_every=2)) == 0
+    with open(broken, "wb") as f:
+        f.write(b"not an image")
+    capsys.readouterr()
+    assert main(base_argv(data, str(tmp_path / "run"), max_steps=40, batch_size=8, save_every=2,
+                          num_workers=num_workers, resume="auto")) == 1
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert re.fullmatch(rf"error: step \d+'s batch: {re.escape(broken)}: cannot decode image \(12 bytes\): .*"
+                        rf"\. the last checkpoint is kept: .*checkpoint\.pt \(step \d+\); .*--resume auto.*", line), line
+    assert "Traceback" not in err
+
+
+def test_a_pretrained_model_of_another_network_is_named(faces, tmp_path):
+    # One line saying what the file holds, not load_state_dict's pages of missing and unexpected keys.
+    assert main(argv(faces, tmp_path / "small", max_steps=1)) == 0
+    with pytest.raises(SystemExit, match=r"^--pretrained_model .*checkpoint\.pt does not fit --network r18 "
+                                         r"--embedding-size 64 --image-size 32: it holds --network small "
+                                         r"--embedding-size 64 --image-size 32$"):
+        Trainer(parse_args(argv(faces, tmp_path / "r18", network="r18",
+                                pretrained_model=str(tmp_path / "small" / "checkpoint.pt"))))
+
+
+def test_config_file_mistakes_name_the_file(tmp_path):
+    for name, text, message in [("bad.json", '{"max-steps": 3,,}', "not valid JSON: Expecting property name"),
+                                ("bad.yaml", "a: [1,\n", "not valid YAML: while parsing"),
+                                ("typed.yaml", "max-steps: five\n", "max-steps 'five': invalid literal for int")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match=f"^{tmp_path / name}: {message}"):
+            parse_args(["--config", str(tmp_path / name)])
+
+
 def test_resume_with_more_steps_follows_the_new_schedule_in_every_group(faces, tmp_path):
     # The learning rate of the first resumed step, of the backbone and of the class centres alike,
     # is the longer schedule's, not the value the shorter run's schedule left in the optimizer.
@@ -242,6 +321,16 @@ def test_resume_with_more_steps_follows_the_new_schedule_in_every_group(faces, t
     trainer.scheduler.step()
     later = trainer.args.lr * LearningRateSchedule("poly", 12, trainer.args.warmup_steps)(5)
     assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([later, later])
+
+
+def test_resume_with_more_steps_gathers_the_angles_of_the_new_end(faces, tmp_path):
+    # 8 steps, then resumed to 12: the "end" angles are those of steps 11-12, not of the first run's
+    # last step; the new middle (step 6) had passed, so the first run's middle stands.
+    assert main(argv(faces, tmp_path, max_steps=8)) == 0
+    assert main(argv(faces, tmp_path, max_steps=12, resume="auto")) == 0
+    angles = checkpoint.load(str(tmp_path / "checkpoint.pt"))["target_angles"]
+    assert angles["windows"] == {"start": [0, 1], "middle": [4, 5], "end": [11, 12]}
+    assert all(len(angles["degrees"][phase]) == 16 for phase in ("start", "middle", "end"))
 
 
 def test_resume_refuses_options_that_change_the_run(faces, tmp_path):

@@ -372,6 +372,19 @@ def test_build_verification_sets_from_a_folder(tmp_path, pairs_images):
     assert torch.equal(sets["lfw"].images, sets["pairs"].images)
 
 
+def test_verification_sets_of_the_same_file_name_are_all_kept(tmp_path, pairs_images):
+    # /a/lfw.bin and /b/lfw.bin: the second was dropped under the first's name.
+    images, issame = pairs_images
+    for folder, repeat in (("a", 4), ("b", 5)):
+        (tmp_path / folder).mkdir()
+        with open(tmp_path / folder / "lfw.bin", "wb") as f:
+            pickle.dump(([png(img) for img in images * repeat], issame * repeat), f)
+    sets = build_verification_sets(str(tmp_path / "a"), ["lfw", str(tmp_path / "a" / "lfw.bin"),
+                                                         str(tmp_path / "b" / "lfw.bin")], image_size=20)
+    assert list(sets) == ["lfw", "a/lfw", "b/lfw"]
+    assert [v.num_pairs for v in sets.values()] == [12, 12, 15] and sets["b/lfw"].name == "b/lfw"
+
+
 def test_build_verification_sets_refuses_missing_paths_and_too_few_pairs(tmp_path, pairs_images):
     # A name that the data folder lacks is skipped, as insightface does; a path is an error, and so
     # is a set with fewer pairs than folds (insightface's KFold fails on it at the first evaluation).

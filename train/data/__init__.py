@@ -120,6 +120,10 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
             raise ValueError(f"{path}: {vset.num_pairs} pairs; verification needs at least {NFOLDS}, one for each "
                              f"fold of its {NFOLDS}-fold accuracy")
         name = target if not target.endswith((".bin", ".txt")) else vset.name
+        if name in sets:  # another set's file of the same name (/a/lfw.bin, /b/lfw.bin): its folder tells them apart
+            name = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{name}"
+            if name in sets:
+                name = target
         vset.name = name
         sets[name] = vset
     return sets

@@ -4,10 +4,11 @@ bring your own data (and what `python -m train.tools.pack_rec` packs)."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
-from .transforms import IMAGE_EXTENSIONS, FaceImageDataset, load_image_file
+from .transforms import IMAGE_EXTENSIONS, DataError, FaceImageDataset, load_image_file
 
 
 def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -21,16 +22,28 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
         raise FileNotFoundError(f"image folder {root!r} does not exist")
     identities: list[str] = []
     samples: list[tuple[str, int]] = []
+    loose, nested = 0, []  # what the layout leaves out, said rather than dropped silently
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
+            loose += name.lower().endswith(IMAGE_EXTENSIONS)
             continue
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        entries = os.listdir(folder)
+        files = sorted(f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
+            if any(os.path.isdir(os.path.join(folder, f)) for f in entries):
+                nested.append(name)
             continue
         label = len(identities)
         identities.append(name)
         samples.extend((os.path.join(folder, f), label) for f in files)
+    if loose:
+        warnings.warn(f"image folder {root!r}: {loose} image(s) directly in it, outside any identity folder, are "
+                      "left out", stacklevel=2)
+    if nested:
+        warnings.warn(f"image folder {root!r}: {len(nested)} folder(s) hold images only in sub-folders, which are not "
+                      f"searched, and are left out ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''})",
+                      stacklevel=2)
     if not samples:
         raise ValueError(
             f"image folder {root!r} holds no identity sub-folder with {'/'.join(IMAGE_EXTENSIONS)} images"
@@ -53,4 +66,9 @@ class ImageFolderDataset(FaceImageDataset):
         return len(self.paths)
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
-        return load_image_file(self.paths[index], self.image_size), int(self.labels[index])
+        path = self.paths[index]
+        try:
+            image = load_image_file(path, self.image_size)
+        except OSError as exc:  # removed or unreadable since the folder was listed
+            raise DataError(f"{path}: cannot read image: {exc.strerror or exc}") from exc
+        return image, int(self.labels[index])

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .transforms import FaceImageDataset, decode_image
+from .transforms import DataError, FaceImageDataset, decode_image
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -37,7 +37,7 @@ _MAX_LENGTH = (1 << _LENGTH_BITS) - 1
 WHOLE, FIRST, MIDDLE, LAST = 0, 1, 2, 3
 
 
-class RecordIOError(ValueError):
+class RecordIOError(DataError):
     """A .rec/.idx file is not what it should be; the message names the file and record."""
 
 

@@ -30,11 +30,15 @@ def flip_decision(seed: int, epoch: int, index: int) -> bool:
     return bool(h >> 63)
 
 
+class DataError(ValueError):
+    """A stored image or label that cannot be used; the message names its file (and record)."""
+
+
 def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
     """Decode JPEG/PNG/BMP bytes into a uint8 (image_size, image_size, 3) RGB array.
 
     Aligned faces are square; anything else is resized to the square (bilinear).
-    Raises ValueError naming `source` when the bytes are not a decodable image.
+    Raises DataError (a ValueError) naming `source` when the bytes are not a decodable image.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -44,7 +48,7 @@ def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
             # carry no orientation: for them nothing changes.
             rgb = ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{source}: cannot decode image ({len(data)} bytes): {exc}") from exc
+        raise DataError(f"{source}: cannot decode image ({len(data)} bytes): {exc}") from exc
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
