@@ -51,6 +51,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN/inf; the last good checkpoint is left in place."""
 
 
+class CheckpointNotWritten(RuntimeError):
+    """Writing the checkpoint failed (a full disk, ...); the previous one is left in place."""
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -335,7 +339,12 @@ class Trainer:
             torch.set_num_threads(max(1, cores // local_world_size - args.num_workers))
         self.output = args.output
         self.checkpoint_path = os.path.join(self.output, checkpoint.CHECKPOINT_NAME)
-        os.makedirs(self.output, exist_ok=True)
+        try:
+            os.makedirs(self.output, exist_ok=True)
+        except OSError as error:  # a file in the way, a read-only file system, no permission
+            raise SystemExit(f"--output {self.output}: cannot create the folder: {error.strerror or error}") from None
+        if not os.access(self.output, os.W_OK | os.X_OK):
+            raise SystemExit(f"--output {self.output}: cannot write into the folder")
 
         seed_everything(args.seed)  # the same initial weights on every rank
         synthetic_size = {}
@@ -591,7 +600,7 @@ class Trainer:
         optimizer_state = self._full_optimizer_state()
         if not self.is_main:
             return
-        checkpoint.save_atomic({
+        state = {
             "step": self.step,
             "args": vars(self.args),
             "num_classes": self.num_classes,
@@ -604,7 +613,12 @@ class Trainer:
             "target_angles": self.angles.state_dict(),
             "elapsed": self.elapsed + (time.perf_counter() - self._started),
             "verification": self.last_verification,
-        }, self.checkpoint_path)
+        }
+        try:
+            checkpoint.save_atomic(state, self.checkpoint_path)
+        except (OSError, RuntimeError) as error:  # torch.save's full disk is a RuntimeError
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointNotWritten(f"writing {self.checkpoint_path} at step {self.step} failed: {reason}") from None
 
     # ------------------------------------------------------------- the loop
 
@@ -752,25 +766,23 @@ class Trainer:
             self._write(f"done: {self.step} steps in {self.elapsed + time.perf_counter() - self._started:.0f} s; "
                         f"outputs in {self.output}")
             return 0
-        except DataError as error:
-            # A worker's exception arrives with the worker's traceback in its message; the error is
-            # the last line, after the exception's class name.
+        except (DataError, CheckpointNotWritten) as error:
+            # One rank's alone. A worker's exception arrives with the worker's traceback in its
+            # message; the error is the last line, after the exception's class name.
             message = str(error).strip()
             if "Original Traceback" in message:
                 message = message.splitlines()[-1].split(": ", 1)[-1]
-            last = "no checkpoint was written before it"
-            if os.path.exists(self.checkpoint_path):
-                last = f"the last checkpoint is kept: {self.checkpoint_path} (step {self._saved_step()})"
-            tqdm.write(f"error: {'rank ' + str(self.rank) + ': ' if self.distributed else ''}step {self.step + 1}'s "
-                       f"batch: {message}. {last}; with the image replaced or removed, continue with --resume auto "
-                       "(removed, it changes the data order)", file=sys.stderr)
+            if isinstance(error, DataError):
+                message = (f"step {self.step + 1}'s batch: {message}. {self._kept_checkpoint()}; with the image "
+                           "replaced or removed, continue with --resume auto (removed, it changes the data order)")
+            else:
+                message = f"{message}. {self._kept_checkpoint()}"
+            tqdm.write(f"error: {'rank ' + str(self.rank) + ': ' if self.distributed else ''}{message}", file=sys.stderr)
             if self.distributed:  # the other ranks wait in a collective: torchrun ends them
                 raise SystemExit(1) from None
             return 1
         except TrainingDiverged as error:
-            last = "no checkpoint was written before it"
-            if os.path.exists(self.checkpoint_path):
-                last = f"the last good checkpoint is kept: {self.checkpoint_path} (step {self._saved_step()})"
+            last = self._kept_checkpoint().replace("the last checkpoint", "the last good checkpoint")
             self._write(f"error: training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "
                         "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
                         "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, --arcface_s).")
@@ -785,7 +797,10 @@ class Trainer:
                 if args.plots:
                     from .plots import write_plots
 
-                    write_plots(self.output, self.angles)
+                    try:
+                        write_plots(self.output, self.angles)
+                    except OSError as error:  # a full disk: the run's outcome is said above, not replaced by this
+                        print(f"note: the plots were not written: {error}", file=sys.stderr)
             if self.distributed:
                 # All ranks reach here at the same step (stops and divergence are agreed on every
                 # step); leaving together keeps one rank from tearing its gloo/NCCL group down while
@@ -803,6 +818,11 @@ class Trainer:
                 # hung so on 2.4.1): a pause that lets go of the GIL lets them finish first.
                 time.sleep(0.1)
                 dist.destroy_process_group()
+
+    def _kept_checkpoint(self) -> str:
+        if not os.path.exists(self.checkpoint_path):
+            return "no checkpoint was written before it"
+        return f"the last checkpoint is kept: {self.checkpoint_path} (step {self._saved_step()})"
 
     def _saved_step(self) -> int | str:
         try:

@@ -301,6 +301,30 @@ def test_a_pretrained_model_of_another_network_is_named(faces, tmp_path):
                                 pretrained_model=str(tmp_path / "small" / "checkpoint.pt"))))
 
 
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(faces, tmp_path, monkeypatch, capsys):
+    # A full disk at the step-4 checkpoint: the step-2 one stays, exit status 1, one line.
+    real_save = checkpoint.save_atomic
+
+    def save_atomic(state, path):
+        if state["step"] == 4:
+            raise OSError(28, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_atomic", save_atomic)
+    assert main(argv(faces, tmp_path, max_steps=6, save_every=2)) == 1
+    err = capsys.readouterr().err
+    assert (f"error: writing {tmp_path / 'checkpoint.pt'} at step 4 failed: [Errno 28] No space left on device. "
+            f"the last checkpoint is kept: {tmp_path / 'checkpoint.pt'} (step 2)") in err
+    assert "Traceback" not in err and checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
+
+
+def test_an_output_folder_that_cannot_be_made_is_named(faces, tmp_path):
+    (tmp_path / "file").write_text("")
+    for output, reason in ((tmp_path / "file", "File exists"), (tmp_path / "file" / "run", "Not a directory")):
+        with pytest.raises(SystemExit, match=f"^--output {re.escape(str(output))}: cannot create the folder: {reason}$"):
+            main(argv(faces, output))
+
+
 def test_config_file_mistakes_name_the_file(tmp_path):
     for name, text, message in [("bad.json", '{"max-steps": 3,,}', "not valid JSON: Expecting property name"),
                                 ("bad.yaml", "a: [1,\n", "not valid YAML: while parsing"),
