@@ -19,6 +19,7 @@ the local batch sizes may differ.
 """
 import itertools
 import math
+import re
 
 import torch
 import torch.distributed as dist
@@ -423,8 +424,15 @@ class ShardedCombinedMarginLoss(nn.Module):
             margins = _all_gather_rows(margins, rows, self.process_group, self.world_size)
         options = (self.s, self.m1, scalar_margin(m2), scalar_margin(m3), self.lambda_, int(ignore_index),
                    self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes, margins)
-        loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), all_labels,
-                                                        index, rows, options, self.process_group, not skip_check)
+        try:
+            loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), all_labels,
+                                                            index, rows, options, self.process_group, not skip_check)
+        except ValueError as error:  # the op names a row of the gathered batch: name the rank's own row
+            found = re.search(r"labels\[(\d+)\]", str(error))
+            if found is None or rows == 0:
+                raise
+            k = int(found.group(1))
+            raise ValueError(str(error).replace(found.group(0), f"rank {k // rows}'s labels[{k % rows}]", 1)) from None
         loss = ops.reduce_loss(loss_rows, labels, self.ignore_index, self.reduction)
         if return_target_cosine:
             return loss, nan_at_ignored(cosine, labels, self.ignore_index)
