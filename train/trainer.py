@@ -362,7 +362,7 @@ class Trainer:
                   f"resized to {args.image_size}x{args.image_size} (--image-size)", file=sys.stderr)
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
-                             "identities")
+                             "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))
         step_batch = args.batch_size * args.gradient_acc
         images_per_process = math.ceil(len(self.dataset) / self.world_size)
         if step_batch > images_per_process:

@@ -631,6 +631,15 @@ def test_shipped_configs_parse(name):
     assert args.network in NETWORKS and args.image_size == 112 and args.max_steps > 100000
     if args.sharded_classes or args.sample_rate < 1:
         assert args.loss_impl == "fused" and args.loss_amp != "fp16"
+    assert args.num_classes in (85742, 360232, 2059906)
+
+
+def test_a_shipped_config_without_data_is_an_error(tmp_path):
+    # Not r50 training on 100 synthetic identities: the config's class count is checked.
+    with pytest.raises(SystemExit, match=r"^--num-classes is 85742, but synthetic holds 100 identities \(no --data "
+                                         r"given\?\)$"):
+        Trainer(parse_args(["--config", os.path.join(REPO, "train", "configs", "ms1mv2_r50.yaml"), "--device", "cpu",
+                            "--output", str(tmp_path)]))
 
 
 @pytest.mark.parametrize("case", ["no --config", "batch over the data", "batch of 1", "mbf at 72 px",
