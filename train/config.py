@@ -262,6 +262,19 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.warmup_steps = default_warmup_steps(args.max_steps, args.lr_schedule)
     if args.lr_schedule == "step" and not args.lr_steps:
         raise SystemExit("--lr-schedule step needs --lr-steps (e.g. --lr-steps 100000,160000)")
+    if args.lr_schedule == "poly" and args.lr_steps:  # (a config's poly, with --lr-steps added on the command line)
+        raise SystemExit("--lr-steps goes with --lr-schedule step, but the schedule is poly: add --lr-schedule step")
+    # A margin flag the loss does not read would be silently ignored (--loss arcface --m2 0.4 trains at
+    # --arcface-m).
+    reads = {"combined": ("m1", "m2", "m3"), "cosface": ("m3",), "elasticface-cos": ("m3",),
+             "sphereface": ("m1",)}.get(args.loss, ())
+    unread = [f"--{name}" for name in ("m1", "m2", "m3") if getattr(args, name) is not None and name not in reads]
+    if unread:
+        own = {"arcface": "--arcface-m", "elasticface-arc": "--arcface-m and --elastic-std",
+               "adaface": "--adaface-m and --adaface-h", "magface": "its fixed MS1MV2 settings"}.get(
+                   args.loss, " ".join(f"--{name}" for name in reads))
+        raise SystemExit(f"{' and '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to --loss "
+                         f"{args.loss}, whose margin is {own}")
     if args.output is None:
         args.output = os.path.join("runs", args.network)
     if not 0.0 < args.keep_prob <= 1.0:

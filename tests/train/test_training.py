@@ -325,6 +325,19 @@ def test_an_output_folder_that_cannot_be_made_is_named(faces, tmp_path):
             main(argv(faces, output))
 
 
+@pytest.mark.parametrize("options, message", [
+    ("--loss arcface --m2 0.4", "--m2 does not apply to --loss arcface, whose margin is --arcface-m"),
+    ("--loss cosface --m1 2", "--m1 does not apply to --loss cosface, whose margin is --m3"),
+    ("--loss sphereface --m2 0.1 --m3 0.1", "--m2 and --m3 do not apply to --loss sphereface, whose margin is --m1"),
+    ("--lr-schedule poly --lr-steps 10", "--lr-steps goes with --lr-schedule step, but the schedule is poly: add "
+                                         "--lr-schedule step"),
+])
+def test_options_the_run_would_ignore_are_refused(options, message):
+    with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
+        parse_args(options.split())
+    assert parse_args("--loss combined --m1 1 --m2 0.3 --m3 0.2".split()).m3 == 0.2
+
+
 def test_config_file_mistakes_name_the_file(tmp_path):
     for name, text, message in [("bad.json", '{"max-steps": 3,,}', "not valid JSON: Expecting property name"),
                                 ("bad.yaml", "a: [1,\n", "not valid YAML: while parsing"),

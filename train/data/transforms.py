@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -34,6 +34,12 @@ class DataError(ValueError):
     """A stored image or label that cannot be used; the message names its file (and record)."""
 
 
+def decode_failure(exc: Exception) -> str:
+    """Why Pillow could not decode an image, in words for an error message (its own words for bytes
+    of no known format name the in-memory buffer's address)."""
+    return "not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError) else str(exc)
+
+
 def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
     """Decode JPEG/PNG/BMP bytes into a uint8 (image_size, image_size, 3) RGB array.
 
@@ -48,7 +54,7 @@ def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
             # carry no orientation: for them nothing changes.
             rgb = ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{source}: cannot decode image ({len(data)} bytes): {exc}") from exc
+        raise DataError(f"{source}: cannot decode image ({len(data)} bytes): {decode_failure(exc)}") from exc
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)

@@ -23,7 +23,7 @@ from PIL import Image
 from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.recordio import RecordIOWriter, pack_payload
-from train.data.transforms import encode_image
+from train.data.transforms import decode_failure, encode_image
 from train.tools import check_outputs
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
@@ -41,7 +41,7 @@ def _image_bytes(path: str, *, resize: int | None, quality: int) -> tuple[bytes,
                 return data, img.size
             rgb = img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{path}: cannot decode image: {exc}") from exc
+        raise ValueError(f"{path}: cannot decode image: {decode_failure(exc)}") from exc
     if resize is not None and rgb.size != (resize, resize):
         rgb = rgb.resize((resize, resize), Image.BILINEAR)
     return encode_image(np.asarray(rgb), quality=quality), rgb.size
