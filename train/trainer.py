@@ -464,15 +464,24 @@ class Trainer:
         resume = self.args.resume
         if not resume:
             return None
-        if resume == "auto":
-            if os.path.exists(self.checkpoint_path):
-                return self.checkpoint_path
-            if self.is_main:
-                print(f"--resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
-            return None
-        if not os.path.isfile(resume):
+        path = self.checkpoint_path if resume == "auto" else resume
+        found = os.path.isfile(path)
+        if self.distributed:
+            # Every rank must take the same decision: a node-local --output that holds the checkpoint
+            # on some nodes only had one rank resume and another start afresh, waiting on each other.
+            seen = [None] * self.world_size
+            dist.all_gather_object(seen, found)
+            if len(set(seen)) > 1:
+                raise SystemExit(f"--resume {resume}: rank(s) {[r for r, f in enumerate(seen) if not f]} find no "
+                                 f"checkpoint at {path}, the others do: every process must see the same checkpoint "
+                                 "(an --output folder shared by the nodes)")
+        if found:
+            return path
+        if resume != "auto":
             raise SystemExit(f"--resume: no checkpoint at {resume}")
-        return resume
+        if self.is_main:
+            print(f"--resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
+        return None
 
     def _load_training_state(self, path: str) -> list[dict[str, Any]]:
         try:
@@ -503,6 +512,12 @@ class Trainer:
             group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        if self.distributed:  # node-local copies of the checkpoint must be the same one
+            steps = [None] * self.world_size
+            dist.all_gather_object(steps, self.step)
+            if len(set(steps)) > 1:
+                raise SystemExit(f"--resume {path}: the ranks' checkpoints are at different steps {steps}: every "
+                                 "process must resume from the same checkpoint")
         self.angles.load_state_dict(state["target_angles"], self.step)
         self.elapsed = float(state.get("elapsed", 0.0))
         self.last_verification = state.get("verification", {})
@@ -731,6 +746,7 @@ class Trainer:
                 self.evaluate()
             batches = self._batches()
             window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            stop = False  # agreed by every rank at each step: a signal may reach some of them only
             while self.step < args.max_steps:
                 images, labels = next(batches)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -755,11 +771,14 @@ class Trainer:
                 if args.save_every and self.step % args.save_every == 0 and self.step != args.max_steps:
                     self.save()
                     window_start = time.perf_counter()
-            if self._stop_signal and self.step < args.max_steps:  # at the last step, the run ends as usual
+            if stop and self.step < args.max_steps:  # at the last step, the run ends as usual
                 self.save()
-                self._write(f"stopped by {signal.Signals(self._stop_signal).name} at step {self.step}; "
-                            f"checkpoint: {self.checkpoint_path} (continue with --resume auto)")
-                return 128 + self._stop_signal
+                # (A rank that was not signalled itself, as on the nodes a pre-emption spared, stops as
+                # if terminated.)
+                cause = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal to another process"
+                self._write(f"stopped by {cause} at step {self.step}; checkpoint: {self.checkpoint_path} (continue "
+                            "with --resume auto)")
+                return 128 + (self._stop_signal or signal.SIGTERM)
             self.evaluate()
             self.save()
             bar.close()

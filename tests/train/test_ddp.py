@@ -1,9 +1,11 @@
 """Two-process DDP on CPU (gloo) through torchrun, as a multi-GPU run is launched: training,
 logs written once, per-rank RNG states in the checkpoint, resuming, and stopping on a SIGTERM."""
 
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -63,6 +65,49 @@ def test_sigterm_to_the_process_group_saves_on_every_rank(tmp_path):
     assert "exited unexpectedly" not in err and "killed by signal" not in err, err[-3000:]
     state = checkpoint.load(str(output / "checkpoint.pt"))
     assert state["step"] >= 1 and len(state["rng"]) == 2
+    assert state["step"] == max(r["step"] for r in read_jsonl(output / "metrics.jsonl"))
+
+
+def _rank_process(parent: int, rank: int) -> int:
+    """The pid of torchrun ``parent``'s worker of ``rank`` (read from /proc)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    raise AssertionError(f"no worker of rank {rank} under {parent}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
+def test_a_signal_to_one_rank_stops_every_rank_with_the_checkpoint(tmp_path):
+    # A pre-empted node: SIGTERM reaches its ranks only. The ranks agree on stopping at each step,
+    # and all of them save and exit (they waited for each other in mismatched collectives before:
+    # the signalled rank saved, the others went on to the final verification).
+    data = make_face_folder(str(tmp_path / "faces"))
+    output = tmp_path / "run"
+    args = base_argv(data, str(output), batch_size=8, max_steps=100000, save_every=0, loss_impl=LOSS_IMPL)
+    proc = subprocess.Popen(torchrun_command(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (output / "metrics.jsonl").exists() or not read_jsonl(output / "metrics.jsonl"):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.kill(_rank_process(proc.pid, 1), signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "stopped by a signal to another process" in err, err[-3000:]
+    state = checkpoint.load(str(output / "checkpoint.pt"))
     assert state["step"] == max(r["step"] for r in read_jsonl(output / "metrics.jsonl"))
 
 
