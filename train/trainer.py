@@ -797,11 +797,11 @@ class Trainer:
             else:
                 message = f"{message}. {self._kept_checkpoint()}"
             tqdm.write(f"error: {'rank ' + str(self.rank) + ': ' if self.distributed else ''}{message}", file=sys.stderr)
-            if self.distributed:  # the other ranks wait in a collective: torchrun ends them
+            if self.distributed:  # the others fail in their next collective, or torchrun ends them
                 raise SystemExit(1) from None
             return 1
         except TrainingDiverged as error:
-            last = self._kept_checkpoint().replace("the last checkpoint", "the last good checkpoint")
+            last = self._kept_checkpoint("last good")
             self._write(f"error: training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "
                         "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
                         "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, --arcface_s).")
@@ -838,10 +838,10 @@ class Trainer:
                 time.sleep(0.1)
                 dist.destroy_process_group()
 
-    def _kept_checkpoint(self) -> str:
+    def _kept_checkpoint(self, which: str = "last") -> str:
         if not os.path.exists(self.checkpoint_path):
             return "no checkpoint was written before it"
-        return f"the last checkpoint is kept: {self.checkpoint_path} (step {self._saved_step()})"
+        return f"the {which} checkpoint is kept: {self.checkpoint_path} (step {self._saved_step()})"
 
     def _saved_step(self) -> int | str:
         try:
