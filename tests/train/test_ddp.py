@@ -145,7 +145,10 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
     replicated_loss = [r["loss"] for r in read_jsonl(tmp_path / "replicated" / "metrics.jsonl")]
     sharded_loss = [r["loss"] for r in read_jsonl(tmp_path / "sharded" / "metrics.jsonl")]
     assert len(replicated_loss) == len(sharded_loss) == 4
-    assert sharded_loss == pytest.approx(replicated_loss, rel=1e-4)
+    # Two summation orders (the sharded softmax's and the replicated one's) through three SGD steps at
+    # s = 64: torch 2.4.1 gave a relative 1.8e-4 at step 4 (session 22's CI), 2.13 under 1e-4. A wrong
+    # shard gradient differs by far more.
+    assert sharded_loss == pytest.approx(replicated_loss, rel=5e-4)
     replicated_end = checkpoint.load(str(tmp_path / "replicated" / "checkpoint.pt"))
     sharded_end = checkpoint.load(str(tmp_path / "sharded" / "checkpoint.pt"))
     # fp32 round-off of two summation orders through four steps: entries near zero are compared
