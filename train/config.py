@@ -279,21 +279,15 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.output = os.path.join("runs", args.network)
     if not 0.0 < args.keep_prob <= 1.0:
         raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
-    if args.max_steps < 1:
-        raise SystemExit(f"--max-steps must be at least 1, got {args.max_steps}")
-    if args.warmup_steps < 0:
-        raise SystemExit(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
     if args.compile_mode and args.compile_backend != "inductor":
         raise SystemExit(f"--compile-mode is an inductor option; --compile-backend is {args.compile_backend}")
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.gradient_acc < 1:
-        raise SystemExit(f"--gradient-acc must be at least 1, got {args.gradient_acc}")
     if not 0.0 < args.sample_rate <= 1.0:
         raise SystemExit(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     # Checked here, before a run moves an earlier one aside or builds anything: a bad value used to
     # train on and fail mid-run (--log-every 0), or fail deep inside torch with a traceback.
-    for flag, value, least in (("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 0),
+    for flag, value, least in (("--max-steps", args.max_steps, 1), ("--warmup-steps", args.warmup_steps, 0),
+                               ("--batch-size", args.batch_size, 1), ("--gradient-acc", args.gradient_acc, 1),
+                               ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 0),
                                ("--save-every", args.save_every, 0), ("--num-workers", args.num_workers, 0),
                                ("--embedding-size", args.embedding_size, 1),
                                ("--image-size", args.image_size, 1)):
