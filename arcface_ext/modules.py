@@ -156,24 +156,25 @@ class AdaFaceMargins:
     module is cast to 16 bits (a bf16 running mean would round away its 1% steps)."""
 
     per_row_margins = True
+    initial_statistics = {"batch_mean": 20.0, "batch_std": 100.0}  # AdaFace's
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
         if not (0 <= m < math.inf and 0 < h < math.inf and 0 < t_alpha <= 1):
             raise ValueError(f"AdaFace needs finite m >= 0 and h > 0 and t_alpha in (0, 1], got {m}, {h}, {t_alpha}")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
         self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
-        self.register_buffer("batch_mean", torch.tensor(20.0, device=kwargs.get("device")))
-        self.register_buffer("batch_std", torch.tensor(100.0, device=kwargs.get("device")))
+        for name, value in self.initial_statistics.items():
+            self.register_buffer(name, torch.tensor(value, device=kwargs.get("device")))
 
     def reset_parameters(self):
         super().reset_parameters()
         if "batch_mean" in self._buffers:  # (not yet registered when the base class's __init__ calls this)
             with torch.no_grad():
-                self.batch_mean.fill_(20.0)
-                self.batch_std.fill_(100.0)
+                for name, value in self.initial_statistics.items():
+                    self._buffers[name].fill_(value)
 
     def _apply(self, fn, *args, **kwargs):
-        before = {name: self._buffers[name] for name in ("batch_mean", "batch_std")}
+        before = {name: self._buffers[name] for name in self.initial_statistics}
         result = super()._apply(fn, *args, **kwargs)
         for name, buffer in before.items():
             if self._buffers[name].dtype != buffer.dtype:  # a dtype cast: take the device move only

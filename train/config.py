@@ -18,6 +18,11 @@ from . import insightface_config
 from .models import NETWORKS
 
 LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos", "magface")
+# Which of --m1, --m2 and --m3 each loss reads, with the value each takes when not given (None: --arcface-m).
+# The losses not named read none: arcface and elasticface-arc take --arcface-m, adaface and magface
+# their own per-row margins.
+MARGIN_FLAGS = {"combined": {"m1": 1.0, "m2": None, "m3": 0.0}, "cosface": {"m3": 0.35},
+                "elasticface-cos": {"m3": 0.35}, "sphereface": {"m1": 4.0}}
 
 
 def _int_list(text: str) -> list[int]:
@@ -266,8 +271,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--lr-steps goes with --lr-schedule step, but the schedule is poly: add --lr-schedule step")
     # A margin flag the loss does not read would be silently ignored (--loss arcface --m2 0.4 trains at
     # --arcface-m).
-    reads = {"combined": ("m1", "m2", "m3"), "cosface": ("m3",), "elasticface-cos": ("m3",),
-             "sphereface": ("m1",)}.get(args.loss, ())
+    reads = MARGIN_FLAGS.get(args.loss, {})
     unread = [f"--{name}" for name in ("m1", "m2", "m3") if getattr(args, name) is not None and name not in reads]
     if unread:
         own = {"arcface": "--arcface-m", "elasticface-arc": "--arcface-m and --elastic-std",
@@ -333,16 +337,10 @@ def margins(args: argparse.Namespace) -> tuple[float, float, float]:
     AdaFace's and MagFace's are per row, from the embedding norm: (1, 0, 0) here)."""
     if args.loss in ("adaface", "magface"):
         return 1.0, 0.0, 0.0
-    if args.loss == "elasticface-arc":
+    if args.loss in ("arcface", "elasticface-arc"):
         return 1.0, args.arcface_m, 0.0
-    if args.loss == "elasticface-cos":
-        return 1.0, 0.0, 0.35 if args.m3 is None else args.m3
-    if args.loss == "arcface":
-        return 1.0, args.arcface_m, 0.0
-    if args.loss == "cosface":
-        return 1.0, 0.0, 0.35 if args.m3 is None else args.m3
-    if args.loss == "sphereface":
-        return 4.0 if args.m1 is None else args.m1, 0.0, 0.0
-    return (1.0 if args.m1 is None else args.m1,
-            args.arcface_m if args.m2 is None else args.m2,
-            0.0 if args.m3 is None else args.m3)
+    values = {"m1": 1.0, "m2": 0.0, "m3": 0.0}
+    for name, default in MARGIN_FLAGS[args.loss].items():
+        given = getattr(args, name)
+        values[name] = given if given is not None else args.arcface_m if default is None else default
+    return values["m1"], values["m2"], values["m3"]
