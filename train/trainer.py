@@ -315,7 +315,8 @@ class Trainer:
     """One training run, set up from parsed options (see :mod:`train.config`)."""
 
     def __init__(self, args: argparse.Namespace):
-        from .data import build_train_dataset, build_train_loader, build_verification_sets
+        from .data import (build_train_dataset, build_train_loader, build_verification_sets,
+                           check_every_rank_reads_the_same)
 
         self.args = args
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -363,6 +364,8 @@ class Trainer:
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
                              "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))
+        if self.distributed:
+            check_every_rank_reads_the_same(self.dataset, args.data)
         step_batch = args.batch_size * args.gradient_acc
         images_per_process = math.ceil(len(self.dataset) / self.world_size)
         if step_batch > images_per_process:

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import runpy
+import shutil
 import signal
 import struct
 import subprocess
@@ -29,6 +30,7 @@ from train.data import (
     SyntheticFaces,
     build_train_dataset,
     build_train_loader,
+    check_every_rank_reads_the_same,
 )
 from train.data.recordio import (
     MAGIC,
@@ -548,6 +550,75 @@ def test_build_train_dataset_dispatch(tmp_path, image_folder):
     (tmp_path / "rec_only" / "train.rec").write_bytes(b"")  # its index not copied along: not an image folder
     with pytest.raises(FileNotFoundError, match="holds train.rec but not its index train.idx"):
         build_train_dataset(str(tmp_path / "rec_only"))
+
+
+def test_fingerprints_tell_copies_from_other_sets(tmp_path, rec_images):
+    # The same files at another place give the same fingerprint; another packing, another folder
+    # layout or other synthetic settings give another.
+    _, labels, encoded = rec_images
+    write_rec(tmp_path / "rec", list(zip(encoded, labels)))
+    shutil.copytree(tmp_path / "rec", tmp_path / "copy")
+    write_rec(tmp_path / "repacked", list(zip(encoded[:2] + [encoded[3], encoded[2], encoded[4]], labels)))
+    rec = [RecordIODataset(str(tmp_path / name), image_size=32).fingerprint() for name in ("rec", "copy", "repacked")]
+    assert rec[0] == rec[1] != rec[2]
+
+    faces = make_face_folder_like(tmp_path / "faces")
+    shutil.copytree(faces, tmp_path / "faces-copy")
+    before = [ImageFolderDataset(str(root), image_size=32).fingerprint() for root in (faces, tmp_path / "faces-copy")]
+    os.rename(faces / "id1" / "0.png", faces / "id1" / "renamed.png")
+    after = ImageFolderDataset(str(faces), image_size=32).fingerprint()
+    assert before[0] == before[1] != after
+
+    synthetic = [SyntheticFaces(4, 2, seed=seed, first_identity=first).fingerprint() for seed, first in
+                 ((0, 0), (0, 0), (1, 0), (0, 4))]
+    assert synthetic[0] == synthetic[1] and len(set(synthetic)) == 3
+    assert SyntheticFaces(4, 2).fingerprint() != SyntheticFaces(2, 4).fingerprint()  # same size, other classes
+
+
+def make_face_folder_like(root, identities=3, images=2):
+    for identity in range(identities):
+        (root / f"id{identity}").mkdir(parents=True)
+        for i in range(images):
+            Image.fromarray(face_image(10 * identity + i)).save(root / f"id{identity}" / f"{i}.png")
+    return root
+
+
+def _data_check_worker(rank, world_size, init_file, roots, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        dataset = ImageFolderDataset(roots[rank], image_size=32)
+        try:
+            check_every_rank_reads_the_same(dataset, "faces")
+            outcome = "passed"
+        except SystemExit as error:
+            outcome = str(error)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_ranks_with_different_copies_of_the_data_all_stop(tmp_path):
+    faces = make_face_folder_like(tmp_path / "faces")
+    shutil.copytree(faces, tmp_path / "node1")
+    shutil.copytree(faces, tmp_path / "node2")
+    (tmp_path / "node2" / "id1" / "1.png").unlink()  # a partial copy on a third node
+    runs = {"same": [faces, tmp_path / "node1", faces], "differ": [faces, tmp_path / "node1", tmp_path / "node2"]}
+    for case, roots in runs.items():
+        out = tmp_path / case
+        out.mkdir()
+        torch.multiprocessing.spawn(_data_check_worker, args=(3, str(tmp_path / f"store-{case}"),
+                                                              [str(r) for r in roots], str(out)), nprocs=3, join=True)
+        outcomes = [(out / f"rank{rank}.txt").read_text() for rank in range(3)]
+        if case == "same":
+            assert outcomes == ["passed"] * 3
+        else:
+            assert len(set(outcomes)) == 1, outcomes  # every rank stops, with the same message
+            assert "--data faces: the processes read different training sets" in outcomes[0]
+            assert "ranks 0, 1: 6 images of 3 identities" in outcomes[0]
+            assert "rank 2: 5 images of 3 identities" in outcomes[0]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -70,6 +70,29 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
     return dataset, dataset.num_classes
 
 
+def check_every_rank_reads_the_same(dataset: FaceImageDataset, spec: str) -> None:
+    """Raise SystemExit on every rank of the default process group unless all ranks built the same
+    training set from `--data spec` (its fingerprint: size, classes and index, not the pixels).
+
+    Each node reads its own copy of a dataset; a copy that differs (another packing, a partial
+    copy, an ImageFolder that gained a folder) would train with labels that mean different
+    identities on different ranks, silently."""
+    import torch.distributed as dist
+
+    mine = (len(dataset), dataset.num_classes, dataset.fingerprint())
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    if all(other == seen[0] for other in seen):
+        return
+    groups: dict[tuple, list[int]] = {}
+    for rank, other in enumerate(seen):
+        groups.setdefault(other, []).append(rank)
+    kinds = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {size} images of "
+                      f"{classes} identities (index {digest})" for (size, classes, digest), ranks in groups.items())
+    raise SystemExit(f"--data {spec}: the processes read different training sets ({kinds}); every node needs "
+                     "the same copy")
+
+
 def _is_path(target: str) -> bool:
     """Whether a `--val-targets` entry names a file rather than a set."""
     return target.endswith((".bin", ".txt")) or os.sep in target

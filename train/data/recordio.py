@@ -188,6 +188,14 @@ class IndexedRecordIO:
         self._file = None
         self._pid = None
 
+    def offsets(self, keys: np.ndarray) -> np.ndarray:
+        """Where the records of `keys` start (int64; -1 for a key the .idx lacks)."""
+        if isinstance(self._offsets, dict):
+            return np.fromiter((self._offsets.get(int(k), -1) for k in keys), np.int64, len(keys))
+        keys = np.asarray(keys, dtype=np.int64)
+        inside = (keys >= 0) & (keys < self._offsets.size)
+        return np.where(inside, self._offsets[np.where(inside, keys, 0)], -1)
+
     def offset(self, key: int) -> int:
         key = int(key)
         if isinstance(self._offsets, dict):
@@ -305,6 +313,12 @@ class RecordIODataset(FaceImageDataset):
 
     def __len__(self) -> int:
         return int(self.image_keys.size)
+
+    def _index_parts(self) -> list[bytes]:
+        # Where each image record starts: another packing moves them (record 0's range and the
+        # .rec's size catch the rest).
+        rec_size = os.path.getsize(self.records.rec_path)
+        return [self.records.offsets(self.image_keys).tobytes(), str((self.identity_range, rec_size)).encode()]
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         key = int(self.image_keys[index])

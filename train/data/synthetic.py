@@ -481,6 +481,9 @@ class SyntheticFaces(FaceImageDataset):
     def __len__(self) -> int:
         return self.num_classes * self.images_per_identity
 
+    def _index_parts(self) -> list[bytes]:
+        return [str((self.seed, self.first_identity, self.images_per_identity)).encode()]
+
     def load(self, index: int) -> tuple[np.ndarray, int]:
         label, sample = divmod(index, self.images_per_identity)
         return render_face(self.seed, self.first_identity + label, sample, self.image_size), label

@@ -5,6 +5,7 @@ one would."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -121,6 +122,19 @@ class FaceImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def _index_parts(self) -> list[bytes]:
+        """What, beyond the size and the class count, tells this set from another of its kind."""
+        return []
+
+    def fingerprint(self) -> str:
+        """A short digest of the set's index (its kind, size, classes and what `_index_parts` adds,
+        not its pixels): processes that read different data give different digests."""
+        digest = hashlib.blake2b(digest_size=8)
+        for part in [f"{type(self).__name__} {len(self)} {self.num_classes}".encode(), *self._index_parts()]:
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+        return digest.hexdigest()
 
     def __getitem__(self, key) -> tuple[torch.Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
