@@ -295,6 +295,12 @@ def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: 
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.decay)
 
 
+def _lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process of the group went away (gloo's words;
+    NCCL waits for its watchdog instead)."""
+    return any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
+
+
 def _resolve_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -803,6 +809,15 @@ class Trainer:
             if self.distributed:  # the others fail in their next collective, or torchrun ends them
                 raise SystemExit(1) from None
             return 1
+        except RuntimeError as error:
+            # Another rank failed (its error is in its own output) and this one found its connection
+            # closed in the next collective, or torchrun's SIGTERM made it stop there: one line, not
+            # a gloo traceback that reads like a second error.
+            if not (self.distributed and _lost_a_peer(error)):
+                raise
+            tqdm.write(f"error: rank {self.rank}: another process stopped during step {self.step + 1} (see its "
+                       f"error); {self._kept_checkpoint()}", file=sys.stderr)
+            raise SystemExit(1) from None
         except TrainingDiverged as error:
             last = self._kept_checkpoint("last good")
             self._write(f"error: training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "

@@ -2,6 +2,7 @@
 logs written once, per-rank RNG states in the checkpoint, resuming, and stopping on a SIGTERM."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,6 +110,24 @@ def test_a_signal_to_one_rank_stops_every_rank_with_the_checkpoint(tmp_path):
     assert "stopped by a signal to another process" in err, err[-3000:]
     state = checkpoint.load(str(output / "checkpoint.pt"))
     assert state["step"] == max(r["step"] for r in read_jsonl(output / "metrics.jsonl"))
+
+
+def test_one_rank_failing_leaves_one_line_on_the_others(tmp_path):
+    # A broken image found by one rank: that rank says which; the other finds its connection closed
+    # in the next collective (or gets torchrun's SIGTERM and then finds it closed). It used to print
+    # a gloo traceback ("Connection closed by peer") that read like a second error.
+    data = make_face_folder(str(tmp_path / "faces"))
+    first_identity = os.path.join(data, sorted(os.listdir(data))[0])
+    broken = os.path.join(first_identity, sorted(os.listdir(first_identity))[0])
+    with open(broken, "wb") as f:
+        f.write(b"garbage")
+    result = torchrun(base_argv(data, str(tmp_path / "run"), batch_size=8, max_steps=20, save_every=0,
+                                loss_impl=LOSS_IMPL))
+    assert result.returncode != 0
+    assert re.search(rf"error: rank \d: step \d+'s batch: {re.escape(broken)}: cannot decode image", result.stderr), \
+        result.stderr[-3000:]
+    assert not re.search(r"\[rank\d\]: Traceback", result.stderr), result.stderr[-3000:]
+    assert "Connection closed by peer" not in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.skipif(not arcface_ext.extension_available(), reason="--sharded-classes needs the compiled op")
