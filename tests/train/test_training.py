@@ -433,7 +433,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(faces, tmp_path):
     command = [sys.executable, "-m", "train", *argv(faces, tmp_path, max_steps=100000, save_every=0, num_workers=1)]
     returncode, err = signal_once_training(command, tmp_path, signal.SIGTERM, cwd=REPO, timeout=60)
     assert returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "stopped by SIGTERM" in err
+    assert re.search(r"stopped by SIGTERM at step \d+; checkpoint: .*checkpoint\.pt \(written in \d+\.\d s; continue "
+                     r"with --resume auto\)", err), err[-2000:]  # the time, to set a launcher's grace by
     state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert state["step"] >= 1
     assert state["step"] == max(r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl"))
