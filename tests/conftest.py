@@ -5,6 +5,7 @@ import importlib.util
 import os
 import pathlib
 import sys
+import time
 
 import pytest
 import torch
@@ -191,6 +192,15 @@ def assert_non_finite_where_expected(ours, expected, names):
         assert torch.equal(a_bad.cpu(), e_bad.cpu()), (f"{name}: non-finite at {a_bad.nonzero().flatten().tolist()}, "
                                                        f"expected at {e_bad.nonzero().flatten().tolist()}")
     assert bool(e_bad.any()), "the case must reach the gradients"
+
+
+def settle(group=None):
+    """Before a gloo group is destroyed. Before torch 2.8, destroying one held the GIL while joining
+    its worker threads, one of which could still be releasing a finished collective's tensors, which
+    takes the GIL (pytorch#154976): seen hung on 2.4.1. A barrier and a pause that lets go of the GIL
+    give the threads time to finish first."""
+    torch.distributed.barrier(group=group)
+    time.sleep(0.1)
 
 
 def load_benchmark(name):

@@ -2,7 +2,6 @@
 into the whole softmax, and ShardedCombinedMarginLoss over real gloo process groups, all against the
 fp64 reference of the unsharded loss."""
 import os
-import time
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.multiprocessing as mp
 
 import arcface_ext
 from arcface_ext import ops, reference
-from conftest import MARGINS, assert_matches_reference, loss_and_grads, margin_kwargs
+from conftest import MARGINS, assert_matches_reference, loss_and_grads, margin_kwargs, settle
 
 pytestmark = pytest.mark.skipif(not arcface_ext.extension_available(),
                                 reason="arcface_ext._C is not built")
@@ -163,15 +162,6 @@ class _GivenMargins(arcface_ext.ShardedCombinedMarginLoss):
 
     def row_margins(self, embeddings, labels):
         return self.margins
-
-
-def settle(group=None):
-    """Before torch 2.8, destroying a gloo group held the GIL while joining its worker threads, one of
-    which could still be releasing a finished collective's tensors, which takes the GIL
-    (pytorch#154976): seen hung on 2.4.1. A barrier and a pause that lets go of the GIL give the
-    threads time to finish first."""
-    dist.barrier(group=group)
-    time.sleep(0.1)
 
 
 def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, sample_rate, per_row):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_benchmark
+from conftest import load_benchmark, settle
 from trainer_fixtures import REPO
 
 from train.data import (
@@ -594,6 +594,7 @@ def _data_check_worker(rank, world_size, init_file, roots, out_dir):
             outcome = str(error)
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(outcome)
+        settle()
     finally:
         torch.distributed.destroy_process_group()
 

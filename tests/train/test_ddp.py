@@ -145,8 +145,10 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
     pretrained = str(start / "checkpoint.pt")
 
     def run(output, *extra, max_steps=4):
+        # At --lr 0.02: at the default 0.1 these four steps are chaotic (the loss climbs), and the two
+        # summation orders' round-off grew tenfold a step, to a relative 1.8e-4 at step 4 on torch 2.4.1.
         args = base_argv(data, str(output), batch_size=4, gradient_acc=2, max_steps=max_steps, save_every=0,
-                         pretrained_model=pretrained) + list(extra)
+                         pretrained_model=pretrained) + ["--lr", "0.02", *extra]
         result = torchrun(args)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
@@ -164,10 +166,9 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
     replicated_loss = [r["loss"] for r in read_jsonl(tmp_path / "replicated" / "metrics.jsonl")]
     sharded_loss = [r["loss"] for r in read_jsonl(tmp_path / "sharded" / "metrics.jsonl")]
     assert len(replicated_loss) == len(sharded_loss) == 4
-    # Two summation orders (the sharded softmax's and the replicated one's) through three SGD steps at
-    # s = 64: torch 2.4.1 gave a relative 1.8e-4 at step 4 (session 22's CI), 2.13 under 1e-4. A wrong
-    # shard gradient differs by far more.
-    assert sharded_loss == pytest.approx(replicated_loss, rel=5e-4)
+    # Two summation orders (the sharded softmax's and the replicated one's) through three SGD steps: a
+    # relative 2e-7 on torch 2.4.1 and 2.13, the same straight through and across the resume.
+    assert sharded_loss == pytest.approx(replicated_loss, rel=1e-5)
     replicated_end = checkpoint.load(str(tmp_path / "replicated" / "checkpoint.pt"))
     sharded_end = checkpoint.load(str(tmp_path / "sharded" / "checkpoint.pt"))
     # fp32 round-off of two summation orders through four steps: entries near zero are compared
