@@ -325,6 +325,17 @@ def test_an_output_folder_that_cannot_be_made_is_named(faces, tmp_path):
             main(argv(faces, output))
 
 
+def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_path):
+    # The data cannot feed --batch-size: the folder made for the run goes again; one that was there
+    # before stays.
+    for output in (tmp_path / "new", tmp_path / "existing"):
+        if output.name == "existing":
+            output.mkdir()
+        with pytest.raises(SystemExit, match="is more than the 64 images"):
+            main(argv(faces, output, batch_size=100))
+        assert output.exists() == (output.name == "existing")
+
+
 @pytest.mark.parametrize("options, message", [
     ("--loss arcface --m2 0.4", "--m2 does not apply to --loss arcface, whose margin is --arcface-m"),
     ("--loss cosface --m1 2", "--m1 does not apply to --loss cosface, whose margin is --m3"),
