@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdaFace's h: how far the norm moves the margin (its paper: 0.333)")
     g.add_argument("--elastic-std", "--elastic_std", dest="elastic_std", type=float, default=0.05,
                    help="ElasticFace's standard deviation of the per-row margin (its paper: 0.05)")
+    g.add_argument("--margin-grad", "--margin_grad", dest="margin_grad", choices=("exact", "straight_through"),
+                   default="exact",
+                   help="the target logit's gradient: exact (of cos(m1·θ+m2), the paper's) or straight_through "
+                   "(as if the angular margin were not there: arcface_torch's loss, which applies it under "
+                   "no_grad). The same loss value; the configs that follow arcface_torch's ArcFace use the latter")
     g.add_argument("--loss-impl", "--loss_impl", dest="loss_impl", choices=("fused", "reference"), default="fused",
                    help="the compiled arcface_ext op, or its pure-PyTorch reference")
     g.add_argument("--sharded-classes", "--model-parallel", dest="sharded_classes",
@@ -302,6 +307,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                                   ("--grad-clip", args.grad_clip, False)):
         if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
             raise SystemExit(f"{flag} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    if args.margin_grad != "exact" and args.loss == "magface":
+        raise SystemExit("--margin-grad straight_through does not go with --loss magface, whose margin's gradient "
+                         "reaches the embedding's norm")
     if args.sharded_classes and args.loss == "magface":
         raise SystemExit("--loss magface has differentiable margins, which --sharded-classes does not carry: train "
                          "it with replicated class centres")

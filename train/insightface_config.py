@@ -9,14 +9,18 @@ arcface_torch's ``configs/base.py`` defaults, as its ``get_config`` merges them.
 
 How its settings map:
 
-- ``margin_list`` (m1, m2, m3) with its fixed s = 64 -> ``--loss combined --m1 --m2 --m3``;
+- ``margin_list`` (m1, m2, m3) with its fixed s = 64 -> ``--loss combined --m1 --m2 --m3``; an
+  angular margin alone (m1 = 1, m3 = 0) also ``--margin-grad straight_through``, as its loss applies
+  it under ``no_grad``; with m3 > 0 its loss applies m3 only (m2 is dropped), this trainer both, with
+  a note;
 - ``num_image``, ``num_epoch``, ``warmup_epoch`` -> ``--max-steps`` / ``--warmup-steps``, counted
   as ``train_v2.py`` counts them (``num_image // (batch_size * world_size) * epochs``) but in
   optimiser steps: divided by ``gradient_acc`` (its scheduler steps every pass); a negative
   ``warmup_epoch`` is no warm-up at a lower ``--lr``, what its PolyScheduler makes of it;
 - ``verbose`` / ``frequent`` (in passes) -> ``--eval-every`` / ``--log-every`` (in steps), and
   checkpoints every ``verbose`` as well;
-- ``fp16`` -> ``--amp fp16`` (the trunk; the loss stays fp32, as in its partial FC);
+- ``fp16`` -> ``--amp fp16`` (the trunk; the loss stays fp32 here, where its partial FC computes the
+  cosines with fp16 GEMMs);
 - its partial FC always splits the class centres across the GPUs: ``--sharded-classes`` when
   torchrun starts more than one process (``WORLD_SIZE``), replicated otherwise;
 - ``output`` None -> ``work_dirs/<config name>``, as its ``get_config`` does;
@@ -128,6 +132,10 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         print(f"{path}: warmup_epoch {config['warmup_epoch']} < 0, which arcface_torch's PolyScheduler reads as no "
               f"warm-up and a decay from lr x (T / (T + W))^2: --warmup-steps 0 --lr {lr:.6g}", file=sys.stderr)
         warmup_steps = 0
+    if m3 > 0 and m2 != 0:
+        print(f"{path}: margin_list {tuple(config['margin_list'])}: arcface_torch's CombinedMarginLoss applies only "
+              f"m3 when m3 > 0 (m2 is dropped); this trainer applies cos(m1·θ + m2) - m3 as written (add --m2 0 "
+              "to train as arcface_torch did)", file=sys.stderr)
     every = max(1, int(config["verbose"]) // passes)
     output = config.get("output") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(path))[0])
@@ -135,6 +143,7 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         "data": config["rec"], "num-classes": int(config["num_classes"]), "network": config["network"],
         "embedding-size": int(config["embedding_size"]), "image-size": 112,
         "loss": "combined", "m1": m1, "m2": m2, "m3": m3, "arcface-s": 64.0,
+        "margin-grad": "straight_through" if (m1, m3) == (1.0, 0.0) and m2 != 0.0 else "exact",
         "sample-rate": float(config["sample_rate"]), "sharded-classes": world_size > 1,
         "optimizer": config["optimizer"], "lr": lr, "decay": float(config["weight_decay"]),
         "lr-schedule": "poly", "max-steps": max_steps, "warmup-steps": warmup_steps,

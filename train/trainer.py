@@ -265,6 +265,8 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     # classes, the loss's): no label check in the loss, a device sync in the middle of every step on a
     # GPU. (A bad label would still stop the run, as a NaN loss.)
     common = dict(sample_rate=args.sample_rate, check_labels=False)
+    if args.margin_grad != "exact":  # (MagFace refuses it in config.resolve)
+        common["margin_grad"] = args.margin_grad
     if args.sharded_classes:
         adaface, elasticface, combined = (arcface_ext.ShardedAdaFaceLoss, arcface_ext.ShardedElasticFaceLoss,
                                           arcface_ext.ShardedCombinedMarginLoss)
@@ -403,7 +405,10 @@ class Trainer:
         self.optimizer = build_optimizer(args, self.backbone, self.margin_loss)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, LearningRateSchedule(args.lr_schedule, args.max_steps, args.warmup_steps, args.lr_steps))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled="fp16" in (args.amp, args.loss_amp))
+        # After an overflow the scale grows back after 100 clean steps, as in arcface_torch (torch's
+        # default, 2,000, leaves more small fp16 gradients at zero for longer).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled="fp16" in (args.amp, args.loss_amp),
+                                           growth_interval=100)
         # The scaler skips the steps whose fp16 gradients overflow (a few at the start, by design);
         # the schedule still advances, which torch warns about.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -811,7 +816,13 @@ class Trainer:
             if self.distributed:  # the others fail in their next collective, or torchrun ends them
                 raise SystemExit(1) from None
             return 1
-        except RuntimeError as error:
+        except TrainingDiverged as error:
+            last = self._kept_checkpoint("last good")
+            self._write(f"error: training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "
+                        "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
+                        "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, --arcface_s).")
+            return 1
+        except RuntimeError as error:  # (after TrainingDiverged, one)
             # Another rank failed (its error is in its own output) and this one found its connection
             # closed in the next collective, or torchrun's SIGTERM made it stop there: one line, not
             # a gloo traceback that reads like a second error.
@@ -820,12 +831,6 @@ class Trainer:
             tqdm.write(f"error: rank {self.rank}: another process stopped during step {self.step + 1} (see its "
                        f"error); {self._kept_checkpoint()}", file=sys.stderr)
             raise SystemExit(1) from None
-        except TrainingDiverged as error:
-            last = self._kept_checkpoint("last good")
-            self._write(f"error: training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "
-                        "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
-                        "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, --arcface_s).")
-            return 1
         finally:
             bar.close()
             stop_loader_workers(self.loader)

@@ -66,6 +66,18 @@ def test_a_webface_vit_config_becomes_these_options(tmp_path, monkeypatch, capsy
     assert parse_args(["--config", write(tmp_path, WEBFACE_VIT)]).sharded_classes is False
 
 
+@pytest.mark.parametrize("margins, grad, note", [
+    ((1.0, 0.0, 0.4), "exact", False),  # CosFace: the same gradient either way
+    ((1.0, 0.5, 0.0), "straight_through", False),  # ArcFace: its loss adds the angle under no_grad
+    ((1.0, 0.3, 0.2), "exact", True),  # its loss would drop m2: said, and both applied here
+])
+def test_margins_train_as_arcface_torchs_loss_does(tmp_path, capsys, margins, grad, note):
+    args = parse_args(["--config", write(tmp_path, WEBFACE_VIT.replace("(1.0, 0.0, 0.4)", str(margins)))])
+    assert (args.m1, args.m2, args.m3, args.margin_grad) == (*margins, grad)
+    err = capsys.readouterr().err
+    assert ("applies only m3 when m3 > 0 (m2 is dropped)" in err) == note, err
+
+
 def test_gradient_accumulation_counts_optimiser_steps(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     text = WEBFACE_VIT + "config.gradient_acc = 4\nconfig.frequent = 50\nconfig.using_wandb = True\nconfig.momentum = 0.8\n"

@@ -19,7 +19,7 @@ from train import checkpoint
 from train.config import parse_args
 from train.data.transforms import to_model_input
 from train.models import NETWORKS
-from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, _resolve_device, main
+from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, _resolve_device, build_margin_loss, main
 
 from trainer_fixtures import (REPO, base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl,  # noqa: F401
                               signal_once_training)
@@ -636,6 +636,29 @@ def test_margins_per_loss():
     assert margins(parse_args(["--loss", "elasticface-cos"])) == (1.0, 0.0, 0.35)
 
 
+@pytest.mark.parametrize("loss", ["arcface", "combined", "adaface", "elasticface-arc"])
+def test_margin_grad_reaches_the_loss(loss):
+    # arcface_torch's gradient (straight through the angular margin) against the exact one: the same
+    # loss, other embedding gradients.
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 16), torch.randint(0, 10, (6,))
+    grads, values = {}, {}
+    for grad in ("exact", "straight_through"):
+        args = parse_args(["--loss", loss, "--margin-grad", grad, "--embedding-size", "16"])
+        module = build_margin_loss(args, 10)
+        assert module.margin_grad == grad
+        torch.manual_seed(1)
+        module.reset_parameters()
+        x_ = x.clone().requires_grad_()
+        values[grad] = module(x_, y)
+        values[grad].backward()
+        grads[grad] = x_.grad
+    torch.testing.assert_close(values["exact"], values["straight_through"])
+    assert not torch.allclose(grads["exact"], grads["straight_through"], rtol=1e-3)
+    with pytest.raises(SystemExit, match="does not go with --loss magface"):
+        parse_args(["--loss", "magface", "--margin-grad", "straight_through"])
+
+
 @pytest.mark.parametrize("options", [
     {"amp": "bf16", "gradient_checkpointing": True, "loss_impl": "reference"},
     {"amp": "fp16", "channels_last": True, "optimizer": "adamw", "lr_steps": "1", "loss": "cosface"},
@@ -648,6 +671,8 @@ def test_memory_and_precision_options_train(faces, tmp_path, options):
     assert state["args"]["amp"] == options["amp"]
     assert state["args"]["loss_amp"] == options.get("loss_amp", "none")
     assert state["scaler"]["scale"] > 0 if options["amp"] == "fp16" else state["scaler"] == {}
+    if options["amp"] == "fp16":
+        assert state["scaler"]["growth_interval"] == 100  # arcface_torch's
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "train", "configs"))))
