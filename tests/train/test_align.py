@@ -1,0 +1,194 @@
+"""`python -m train.tools.align`: photos with 5 landmarks -> an ImageFolder of ArcFace crops, on
+synthetic faces pasted into larger photos by known similarities (so the crop to expect is known)."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train import ijb
+from train.data.imagefolder import scan_image_folder
+from train.data.synthetic import render_face
+from train.tools import align
+
+SIZE = 112  # the crop, and the rendered faces
+PHOTO = 200  # the photos the faces are pasted into
+IDENTITIES, IMAGES = 3, 2
+
+
+def similarity(angle: float, scale: float, tx: float, ty: float) -> np.ndarray:
+    c, s = scale * math.cos(angle), scale * math.sin(angle)
+    return np.array([[c, -s, tx], [s, c, ty]])
+
+
+def paste(face: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """``face`` (an aligned crop) placed into a PHOTO x PHOTO photo by a random similarity, and its
+    landmarks there: the template's points mapped the same way."""
+    matrix = similarity(rng.uniform(-0.5, 0.5), rng.uniform(1.1, 1.4), 0, 0)
+    centre = np.full(2, SIZE / 2 - 0.5)
+    matrix[:, 2] = np.full(2, PHOTO / 2 - 0.5) - matrix[:, :2] @ centre + rng.uniform(-10, 10, 2)
+    photo = ijb.warp_affine(Image.fromarray(face), matrix, PHOTO)
+    return photo, ijb.ARCFACE_TEMPLATE @ matrix[:, :2].T + matrix[:, 2]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """raw/person<k>/<j>.png (lossless, so only the two warps stand between crop and face), the
+    faces as rendered, and their landmarks, in name order."""
+    root = tmp_path_factory.mktemp("align") / "raw"
+    rng = np.random.default_rng(0)
+    names, faces, landmarks = [], [], []
+    for who in range(IDENTITIES):
+        os.makedirs(root / f"person{who}")
+        for j in range(IMAGES):
+            face = render_face(0, 30_000 + who, j, SIZE)
+            photo, points = paste(face, rng)
+            name = f"person{who}/{j}.png"
+            Image.fromarray(photo).save(root / name)
+            names.append(name)
+            faces.append(face)
+            landmarks.append(points)
+    return str(root), names, np.stack(faces), np.stack(landmarks)
+
+
+def lines(names, landmarks, *, sep=" ", strip_extension=False, extra=""):
+    out = []
+    for name, points in zip(names, landmarks):
+        shown = os.path.splitext(name)[0] if strip_extension else name
+        out.append(sep.join([shown, *(f"{v:.4f}" for v in points.reshape(-1))]) + extra + "\n")
+    return out
+
+
+def write(path, content):
+    with open(path, "w") as f:
+        f.writelines(content)
+    return str(path)
+
+
+def crop_error(image: np.ndarray, face: np.ndarray) -> float:
+    inner = slice(4, -4)  # the rim of the pasted face meets black when it is turned
+    return float(np.abs(image.astype(np.float64) - face)[inner, inner].mean())
+
+
+def read(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_crops_are_the_faces_in_an_image_folder(photos, tmp_path, capsys):
+    root, names, faces, landmarks = photos
+    listing = write(tmp_path / "lm.txt", lines(names, landmarks, extra=" 0.99"))  # insightface's: a score
+    out = tmp_path / "aligned"
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--format", "png",
+                       "--workers", "2"]) == 0
+    assert f"wrote {len(names)} crop(s)" in capsys.readouterr().err
+    identities, samples = scan_image_folder(str(out))
+    as_read = align.read_face_landmarks(listing)[1]  # to 4 decimals
+    assert identities == [f"person{k}" for k in range(IDENTITIES)]
+    assert [os.path.relpath(p, out) for p, _ in samples] == names
+    for i, (path, _) in enumerate(samples):
+        crop = read(path)
+        assert crop.shape == (SIZE, SIZE, 3)
+        # Two bilinear warps blur the sensor noise, so not pixel for pixel: a few grey levels, and
+        # far closer to its own face than to another identity's.
+        assert crop_error(crop, faces[i]) < 6
+        assert crop_error(crop, faces[i]) < crop_error(crop, faces[(i + IMAGES) % len(faces)]) / 3
+        # The same warp as train.ijb's alignment of IJB's loose crops.
+        with Image.open(os.path.join(root, names[i])) as photo:
+            assert np.array_equal(crop, ijb.align_face(photo, as_read[i], SIZE))
+
+
+def test_celeba_and_vggface2_lists_are_read_as_they_are(photos, tmp_path):
+    root, names, _, landmarks = photos
+    # CelebA: a count, a header, then whitespace-separated fields (integers in the real file).
+    celeba = write(tmp_path / "celeba.txt", [f"{len(names)}\n", "lefteye_x lefteye_y righteye_x righteye_y nose_x "
+                                             "nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y\n",
+                                             *lines(names, landmarks, sep="   ")])
+    # VGGFace2: a CSV header, names without an extension.
+    vgg = write(tmp_path / "vgg.csv", ['"NAME_ID","P1X","P1Y","P2X","P2Y","P3X","P3Y","P4X","P4Y","P5X","P5Y"\n',
+                                       *lines(names, landmarks, sep=",", strip_extension=True)])
+    for listing, extension, skipped in ((celeba, None, 2), (vgg, ".png", 1)):
+        read_names, read_points, line_nos, header = align.read_face_landmarks(listing, extension=extension)
+        assert read_names == names and header == skipped
+        np.testing.assert_allclose(read_points, landmarks, atol=1e-4)
+        assert line_nos[0] == skipped + 1
+    out = tmp_path / "vgg-aligned"
+    assert align.main(["--images", root, "--landmarks", vgg, "--extension", ".png", "--output", str(out),
+                       "--workers", "0"]) == 0
+    assert sorted(os.path.relpath(p, out) for p, _ in scan_image_folder(str(out))[1]) == \
+        sorted(os.path.splitext(n)[0] + ".jpg" for n in names)
+
+
+def test_existing_crops_are_kept_skipped_or_replaced(photos, tmp_path, capsys):
+    root, names, _, landmarks = photos
+    listing = write(tmp_path / "lm.txt", lines(names, landmarks))
+    out = tmp_path / "aligned"
+    args = ["--images", root, "--landmarks", listing, "--output", str(out), "--workers", "0"]
+    first = out / "person0" / "0.jpg"
+    os.makedirs(first.parent)
+    first.write_bytes(b"mine")
+    assert align.main(args) == 2
+    assert "1 of the crops exist already" in capsys.readouterr().err
+    assert first.read_bytes() == b"mine" and len(os.listdir(out)) == 1
+    assert align.main([*args, "--skip-existing"]) == 0
+    err = capsys.readouterr().err
+    assert f"{len(names) - 1} face(s)" in err and "1 existing left as they are" in err
+    assert first.read_bytes() == b"mine"
+    assert align.main([*args, "--overwrite"]) == 0
+    assert read(first).shape == (SIZE, SIZE, 3)
+    assert not [f for _, _, files in os.walk(out) for f in files if f.endswith(".tmp")]
+
+
+def test_faces_that_cannot_be_aligned_are_listed_and_the_rest_written(photos, tmp_path, capsys):
+    root, names, _, landmarks = photos
+    broken = tmp_path / "broken"
+    os.makedirs(broken / "x")
+    for name in names:
+        os.makedirs(broken / os.path.dirname(name), exist_ok=True)
+        os.link(os.path.join(root, name), broken / name)
+    (broken / "x" / "bad.jpg").write_bytes(b"not a jpeg")
+    points = list(landmarks) + [landmarks[0], landmarks[0], np.full((5, 2), 7.0)]
+    listing = write(tmp_path / "lm.txt", lines([*names, "x/bad.jpg", "x/missing.jpg", "x/flat.jpg"], np.stack(points)))
+    out = tmp_path / "aligned"
+    assert align.main(["--images", str(broken), "--landmarks", listing, "--output", str(out), "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    bad, missing, flat = len(names) + 1, len(names) + 2, len(names) + 3
+    assert f"line {bad}: {broken / 'x' / 'bad.jpg'}: cannot read the image: not an image format Pillow reads" in err
+    assert f"line {missing}: {broken / 'x' / 'missing.jpg'}: no such file" in err
+    assert f"line {flat}: {broken / 'x' / 'flat.jpg'}: its 5 landmarks coincide" in err
+    assert f"wrote {len(names)} crop(s)" in err and "3 face(s) could not be aligned" in err
+    assert sorted(os.listdir(out / "x") if os.path.isdir(out / "x") else []) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a.png 1 2 3 4 5 6 7 8 9 10\nb.png 1 2 3\n", "line 2: expected 'image x1 y1 ... x5 y5'"),
+    ("a.png 1 2 3 4 5 6 7 8 9 10\na.png 1 2 3 4 5 6 7 8 9 10\n", "line 2: a.png is listed again (first on line 1)"),
+    ("a 1 2 3 4 5 6 7 8 9 10\n", "a is not a .jpg/.jpeg/.png/.bmp file; if the names come without one, pass --extension"),
+    ("a.png 1 2 3 4 5 6 7 8 9 nan\n", "no line of the form"),
+    ("header\n", "no line of the form"),
+    ("../a.png 1 2 3 4 5 6 7 8 9 10\n", "../a.png is not inside --images"),
+    ("a.png 1 2 3 4 5 6 7 8 9 10\na.jpg 1 2 3 4 5 6 7 8 9 10\n", "a.png and a.jpg would both be written to"),
+])
+def test_bad_lists_are_one_line_errors_before_any_work(tmp_path, capsys, content, message):
+    os.makedirs(tmp_path / "raw")
+    listing = write(tmp_path / "lm.txt", [content])
+    out = tmp_path / "aligned"
+    assert align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_wrong_column_order_is_warned_about(photos, tmp_path, capsys):
+    root, names, _, landmarks = photos
+    swapped = landmarks[:, [1, 0, 2, 4, 3]]  # the subject's left eye first
+    listing = write(tmp_path / "lm.txt", lines(names, swapped))
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(tmp_path / "out"),
+                       "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "fit the face template poorly" in err and f"{len(names)} of {len(names)} faces list the eye further right" in err
+    errors = align.fit_errors(landmarks)
+    assert errors.max() < 1e-6  # the pasted faces' landmarks are the template's, exactly
+    assert align.fit_errors(swapped).min() > align.POOR_FIT_PIXELS

@@ -1,0 +1,290 @@
+"""Align face photos to the ArcFace crop from their 5 landmarks, into a folder the trainer,
+``pack_rec``, ``make_bin`` and ``train.embed`` read.
+
+    python -m train.tools.align --images RAW_ROOT --landmarks landmarks.txt --output ALIGNED_ROOT
+                                [--image-size 112] [--format jpeg|png] [--extension .jpg]
+                                [--workers N] [--overwrite | --skip-existing]
+
+The landmarks file has one face per line: the image's path (relative to --images) and then ten
+numbers, x1 y1 ... x5 y5 in the image's pixels (pixel centres at integers, the image turned upright
+by its EXIF orientation, as OpenCV's imread gives it to a detector): the left eye, the right eye,
+the nose tip, the left and the right mouth corner, left and right as seen in the image. Fields are
+separated by spaces, tabs or commas; further numbers on a line (a detector score) are ignored; lines
+before the first face that do not parse (a count, a column header) are skipped. This reads
+insightface's ``*_name_5pts_score.txt``, CelebA's ``list_landmarks_celeba.txt`` and VGGFace2's
+``loose_landmark_*.csv`` (with ``--extension .jpg``: its names have none) as they are.
+
+Each face is warped as ``train.ijb`` warps IJB's loose crops (least-squares similarity onto the
+ArcFace template, bilinear, black beyond the image) and written to the same relative path under
+--output with the format's extension, so an ImageFolder (one folder per identity) stays one. Files
+appear whole or not at all. Faces that cannot be aligned (a missing or undecodable image, landmarks
+that coincide) are listed at the end and the others are written; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import re
+import secrets
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from train.data.transforms import decode_failure, encode_image
+from train.ijb import ARCFACE_TEMPLATE, arcface_template, estimate_similarity, warp_affine
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
+_FIELD_SEPARATORS = re.compile(r"[,\s]+")
+
+# A face whose landmarks, mapped onto the 112-pixel template by their best similarity, miss it by
+# more than this RMS distance (in template pixels; the eyes are 35 apart) is unlike a face in the
+# expected order. The template is a mean face, so a real face misses it by a few pixels (its own
+# proportions, its pose); the same points with the eyes and mouth corners listed the other way round
+# (the subject's left first) miss by about 20 or more.
+POOR_FIT_PIXELS = 10.0
+_SHOWN_FAILURES = 20
+
+
+def read_face_landmarks(path: str, *, extension: str | None = None) -> tuple[list[str], np.ndarray, np.ndarray, int]:
+    """(image names, (N, 5, 2) float64 landmarks, (N,) line numbers, number of header lines skipped)
+    of a landmarks file (see the module's doc). ``extension`` is appended to every name. Raises
+    ValueError naming the line for a malformed line after the first face, a name listed twice, a
+    name without an image extension, or a file listing no face."""
+    names, values, line_nos, seen = [], [], [], {}
+    skipped = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            fields = [x for x in _FIELD_SEPARATORS.split(line.strip()) if x]
+            if not fields:
+                continue
+            numbers = _numbers(fields[1:11])
+            if len(fields) < 11 or numbers is None or not all(math.isfinite(v) for v in numbers):
+                if not names:  # a count or a column header before the faces
+                    skipped += 1
+                    continue
+                raise ValueError(f"{path}: line {line_no}: expected 'image x1 y1 ... x5 y5' (a path and 10 finite "
+                                 f"coordinates), got {line.strip()[:120]!r}")
+            name = fields[0] + (extension or "")
+            if name in seen:
+                raise ValueError(f"{path}: line {line_no}: {name} is listed again (first on line {seen[name]}); "
+                                 "one face an image: keep the one to train on")
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                raise ValueError(f"{path}: line {line_no}: {name} is not a {'/'.join(IMAGE_EXTENSIONS)} file"
+                                 + ("" if extension else "; if the names come without one, pass --extension .jpg"))
+            seen[name] = line_no
+            names.append(name)
+            values.append(numbers)
+            line_nos.append(line_no)
+    if not names:
+        raise ValueError(f"{path}: no line of the form 'image x1 y1 ... x5 y5'")
+    return names, np.array(values, dtype=np.float64).reshape(-1, 5, 2), np.array(line_nos), skipped
+
+
+def _numbers(fields: list[str]) -> list[float] | None:
+    try:
+        return [float(x) for x in fields]
+    except ValueError:
+        return None
+
+
+def output_paths(names: list[str], images: str, output: str, fmt: str) -> list[str]:
+    """Where each image's crop goes: its path relative to ``images``, under ``output``, with the
+    format's extension. ValueError for a name outside ``images`` and for two names that would write
+    one file (``a.png`` and ``a.jpg``)."""
+    root, suffix, paths, taken = os.path.abspath(images), FORMAT_EXTENSIONS[fmt], [], {}
+    for name in names:
+        relative = os.path.relpath(os.path.abspath(os.path.join(root, name)), root)
+        if relative == os.curdir or relative.split(os.sep)[0] == os.pardir:
+            raise ValueError(f"{name} is not inside --images {images}")
+        target = os.path.join(output, os.path.splitext(relative)[0] + suffix)
+        if target in taken:
+            raise ValueError(f"{taken[target]} and {name} would both be written to {target}")
+        taken[target] = name
+        paths.append(target)
+    return paths
+
+
+def fit_errors(landmarks: np.ndarray) -> np.ndarray:
+    """(N,) RMS distance, in 112-pixel template pixels, between each face's landmarks mapped by
+    their best similarity and the template (inf where the points coincide)."""
+    errors = np.full(len(landmarks), math.inf)
+    for i, points in enumerate(landmarks):
+        try:
+            matrix = estimate_similarity(points, ARCFACE_TEMPLATE)
+        except ValueError:
+            continue
+        mapped = points @ matrix[:, :2].T + matrix[:, 2]
+        errors[i] = math.sqrt(float(np.mean(np.sum((mapped - ARCFACE_TEMPLATE) ** 2, axis=1))))
+    return errors
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """``data`` to ``path`` under a temporary name, then renamed: a killed run leaves whole crops
+    (and at most a hidden temporary a worker). Not synced to the disk, unlike checkpoints: a dataset
+    is millions of small files, and a crash of the machine itself, which may leave an empty crop
+    behind a rename, is rare enough to be handled by hand (remove the empty files, rerun with
+    --skip-existing)."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# What the worker processes align (set before they start, inherited or passed to their initializer).
+_job: dict = {}
+
+
+def _start(job: dict) -> None:
+    _job.update(job)
+
+
+def _align_one(index: int) -> tuple[int, str]:
+    """Aligns and writes face ``index`` of ``_job``; returns (index, "" or why it failed)."""
+    source = os.path.join(_job["images"], _job["names"][index])
+    try:
+        matrix = estimate_similarity(_job["landmarks"][index], arcface_template(_job["image_size"]))
+    except ValueError:
+        return index, f"{source}: its 5 landmarks coincide"
+    try:
+        with Image.open(source) as image:
+            crop = warp_affine(ImageOps.exif_transpose(image), matrix, _job["image_size"])
+    except FileNotFoundError:
+        return index, f"{source}: no such file"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        return index, f"{source}: cannot read the image: {decode_failure(error)}"
+    data = encode_image(crop, fmt=_job["format"], quality=_job["quality"])
+    try:
+        write_file_atomic(_job["outputs"][index], data)
+    except OSError as error:
+        return index, f"{_job['outputs'][index]}: cannot write: {error}"
+    return index, ""
+
+
+def align_folder(images: str, names: list[str], landmarks: np.ndarray, outputs: list[str], *, image_size: int = 112,
+                 fmt: str = "jpeg", quality: int = 95, workers: int = 0, progress: bool = True) -> list[tuple[int, str]]:
+    """Aligns face i of ``names``/``landmarks`` into ``outputs[i]`` for every i; returns the
+    (index, reason) of the faces that could not be aligned, in index order."""
+    job = {"images": images, "names": names, "landmarks": landmarks, "outputs": outputs,
+           "image_size": int(image_size), "format": fmt, "quality": int(quality)}
+    failures = []
+    bar = _progress(len(names), progress)
+    if workers == 0 or len(names) < 2:
+        _start(job)
+        results = map(_align_one, range(len(names)))
+        failures = _collect(results, bar)
+    else:
+        with multiprocessing.get_context().Pool(workers, initializer=_start, initargs=(job,)) as pool:
+            failures = _collect(pool.imap_unordered(_align_one, range(len(names)), chunksize=32), bar)
+    if bar is not None:
+        bar.close()
+    return sorted(failures)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="face", desc="align", file=sys.stderr, dynamic_ncols=True)
+
+
+def _collect(results, bar) -> list[tuple[int, str]]:
+    failures = []
+    for index, reason in results:
+        if reason:
+            failures.append((index, reason))
+        if bar is not None:
+            bar.update(1)
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.tools.align", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", required=True, help="the folder the landmarks file's image paths are relative to")
+    parser.add_argument("--landmarks", required=True,
+                        help="one face a line: image path, then x1 y1 ... x5 y5 (left eye, right eye, nose tip, "
+                             "left and right mouth corner, in image pixels)")
+    parser.add_argument("--output", required=True, help="the folder the aligned crops are written to")
+    parser.add_argument("--image-size", type=int, default=112, help="side of the square crop (default 112)")
+    parser.add_argument("--format", choices=tuple(FORMAT_EXTENSIONS), default="jpeg")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    parser.add_argument("--extension", default=None,
+                        help="appended to every image path of the landmarks file (VGGFace2's lists: .jpg)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes decoding, warping and encoding (0: in this process)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace crops that exist")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="leave crops that exist as they are and align the others (to finish a stopped run)")
+    args = parser.parse_args(argv)
+    if args.image_size < 8:
+        parser.error(f"--image-size must be at least 8, got {args.image_size}")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality must be 1 to 100, got {args.quality}")
+    if args.workers < 0:
+        parser.error(f"--workers must be at least 0, got {args.workers}")
+    started = time.monotonic()
+
+    try:
+        if not os.path.isdir(args.images):
+            raise ValueError(f"--images {args.images} is not a folder")
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise ValueError(f"--output {args.output} is a file, not a folder")
+        names, landmarks, line_nos, skipped = read_face_landmarks(args.landmarks, extension=args.extension)
+        outputs = output_paths(names, args.images, args.output, args.format)
+    except (OSError, ValueError) as error:
+        print(f"align: error: {error}", file=sys.stderr)
+        return 2
+    if skipped:
+        print(f"align: skipped {skipped} line(s) before the first face of {args.landmarks} (a count or a header)",
+              file=sys.stderr)
+
+    present = [i for i, path in enumerate(outputs) if os.path.lexists(path)]
+    if present and not (args.overwrite or args.skip_existing):
+        print(f"align: error: {len(present)} of the crops exist already ({outputs[present[0]]}, ...): pass "
+              "--skip-existing to align the others, or --overwrite to replace them", file=sys.stderr)
+        return 2
+    todo = np.setdiff1d(np.arange(len(names)), present) if args.skip_existing else np.arange(len(names))
+
+    errors = fit_errors(landmarks[todo]) if len(todo) else np.zeros(0)
+    usable = np.isfinite(errors)
+    if usable.any() and float(np.median(errors[usable])) > POOR_FIT_PIXELS:
+        swapped = int(np.sum(landmarks[todo][:, 0, 0] > landmarks[todo][:, 1, 0]))
+        print(f"align: warning: the landmarks fit the face template poorly (median RMS miss {np.median(errors[usable]):.1f} "
+              f"of 112 pixels; faces in the expected order miss by a few): check the column order, which must be left eye, right eye, "
+              f"nose, left mouth, right mouth, x before y"
+              + (f"; {swapped} of {len(todo)} faces list the eye further right first" if swapped > len(todo) // 2 else ""),
+              file=sys.stderr)
+
+    print(f"align: {len(todo)} face(s) of {args.landmarks} to {args.output} at {args.image_size}px"
+          + (f" ({len(present)} existing left as they are)" if args.skip_existing and present else ""), file=sys.stderr)
+    failures = align_folder(args.images, [names[i] for i in todo], landmarks[todo], [outputs[i] for i in todo],
+                            image_size=args.image_size, fmt=args.format, quality=args.quality, workers=args.workers)
+    reasons = dict(failures)
+    for shown, i in enumerate(sorted(reasons)):
+        if shown == _SHOWN_FAILURES:
+            print(f"align: ... and {len(reasons) - shown} more", file=sys.stderr)
+            break
+        print(f"align: line {line_nos[todo[i]]}: {reasons[i]}", file=sys.stderr)
+    written = len(todo) - len(reasons)
+    print(f"align: wrote {written} crop(s) to {args.output} in {time.monotonic() - started:.1f} s"
+          + (f"; {len(reasons)} face(s) could not be aligned" if reasons else ""), file=sys.stderr)
+    return 1 if reasons else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
