@@ -2,7 +2,9 @@
 comparison of two faces (cosine similarity and a same/different decision).
 
 Embeddings are made the way verification makes them: embedding(image) + embedding(mirrored
-image), L2-normalised, images scaled as (x - 127.5) / 127.5 at the model's input size.
+image), L2-normalised, images scaled as (x - 127.5) / 127.5 at the model's input size. Photos that
+are not aligned are embedded with ``--landmarks`` (a file as ``python -m train.tools.align`` reads):
+each listed face is aligned as that tool and ``train.ijb`` align it, then embedded.
 """
 
 from __future__ import annotations
@@ -103,6 +105,28 @@ def embed_files(model: torch.nn.Module, paths: list[str], image_size: int, *, de
     return torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
 
 
+def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str, image_size: int, *,
+                       extension: str | None = None, device="cpu", batch_size: int = 64,
+                       workers: int = 0) -> tuple[list[str], np.ndarray]:
+    """(names as listed, (N, D) float32 unit-length embeddings) of the faces of ``landmarks_file``
+    (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``.
+    Raises ValueError naming the line of landmarks that coincide, before any embedding."""
+    from .ijb import LooseCrops, unusable_landmarks
+    from .tools.align import read_face_landmarks
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--images {folder} is not a folder")
+    names, points, line_nos, _ = read_face_landmarks(landmarks_file, extension=extension)
+    unusable = np.flatnonzero(unusable_landmarks(points))
+    if unusable.size:
+        raise ValueError(f"{landmarks_file}: line {line_nos[unusable[0]]}: the 5 landmarks of {names[unusable[0]]} "
+                         f"coincide" + (f" ({unusable.size} such lines)" if unusable.size > 1 else ""))
+    faces = LooseCrops(folder, names, points, image_size)
+    features = embed_images(model.to(device), faces, device=device, batch_size=batch_size, workers=workers,
+                            log=lambda message: print(message, file=sys.stderr, flush=True))
+    return names, torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
+
+
 def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, str]:
     """The same/different threshold on cosine similarity and where it came from. Verification
     picks a threshold t on the squared distance of unit vectors, which is 2 - 2·cos."""
@@ -148,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", metavar="DIR", help="embed every image under this folder")
     what.add_argument("--compare", nargs=2, metavar=("IMAGE1", "IMAGE2"), help="compare two face images")
+    p.add_argument("--landmarks", metavar="FILE", default=None,
+                   help="with --images: embed the faces this file lists (image path relative to --images, then "
+                   "x1 y1 ... x5 y5), each aligned from its 5 landmarks, instead of every image as it is")
+    p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
     p.add_argument("--output", default="embeddings.npy",
                    help="with --images: .npy (+ .txt listing the images) or .csv; an existing file is kept unless "
                    "--overwrite is given")
@@ -165,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--batch-size must be at least 1")
     if args.workers < 0:
         p.error("--workers must be at least 0")
+    if args.landmarks and not args.images:
+        p.error("--landmarks goes with --images (the faces it lists are found under that folder)")
+    if args.extension and not args.landmarks:
+        p.error("--extension goes with --landmarks")
     try:
         return run(args)
     except (OSError, ValueError) as error:
@@ -191,13 +223,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source})")
         return 0
 
-    paths = list_images(args.images)
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.images}")
-    embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size, workers=args.workers)
-    names = [os.path.relpath(path, args.images) for path in paths]
+    if args.landmarks:
+        names, embeddings = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
+                                               device=device, batch_size=args.batch_size, workers=args.workers)
+    else:
+        paths = list_images(args.images)
+        if not paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.images}")
+        embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size, workers=args.workers)
+        names = [os.path.relpath(path, args.images) for path in paths]
     written = write_table(args.output, names, embeddings)
-    print(f"embedded {len(paths)} images ({embeddings.shape[1]}-D, {size}px): {', '.join(written)}")
+    print(f"embedded {len(names)} {'faces' if args.landmarks else 'images'} ({embeddings.shape[1]}-D, {size}px): "
+          f"{', '.join(written)}")
     return 0
 
 

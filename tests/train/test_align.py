@@ -192,3 +192,41 @@ def test_a_wrong_column_order_is_warned_about(photos, tmp_path, capsys):
     errors = align.fit_errors(landmarks)
     assert errors.max() < 1e-6  # the pasted faces' landmarks are the template's, exactly
     assert align.fit_errors(swapped).min() > align.POOR_FIT_PIXELS
+
+
+def test_embed_with_landmarks_embeds_the_aligned_crops(photos, tmp_path, capsys):
+    """`train.embed --images raw --landmarks FILE` gives what embedding align's (lossless) crops gives."""
+    import json
+
+    import torch
+
+    from train import checkpoint, embed
+    from train.models import get_model
+
+    root, names, _, landmarks = photos
+    torch.manual_seed(0)
+    model = get_model("small", embedding_size=16, image_size=SIZE)
+    backbone = str(tmp_path / "backbone.pt")
+    checkpoint.save_atomic(model.state_dict(), backbone)
+    with open(tmp_path / "backbone.json", "w") as f:
+        json.dump({"network": "small", "embedding_size": 16, "image_size": SIZE}, f)
+    listing = write(tmp_path / "lm.csv", lines(names, landmarks, sep=",", strip_extension=True))
+    crops = tmp_path / "aligned"
+    assert align.main(["--images", root, "--landmarks", listing, "--extension", ".png", "--output", str(crops),
+                       "--format", "png", "--workers", "0"]) == 0
+    common = ["--model", backbone, "--workers", "0"]
+    assert embed.main([*common, "--images", root, "--landmarks", listing, "--extension", ".png",
+                       "--output", str(tmp_path / "raw.npy")]) == 0
+    assert f"embedded {len(names)} faces" in capsys.readouterr().out
+    assert embed.main([*common, "--images", str(crops), "--output", str(tmp_path / "crops.npy")]) == 0
+    with open(tmp_path / "raw.txt") as f:
+        assert f.read().split() == names
+    np.testing.assert_allclose(np.load(tmp_path / "raw.npy"), np.load(tmp_path / "crops.npy"), atol=1e-6)
+
+    # Coinciding landmarks are an error naming the line, before any embedding; --landmarks needs --images.
+    flat = write(tmp_path / "flat.txt", lines(names[:1], np.full((1, 5, 2), 3.0)))
+    assert embed.main([*common, "--images", root, "--landmarks", flat, "--output", str(tmp_path / "f.npy")]) == 2
+    assert "line 1: the 5 landmarks of person0/0.png coincide" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        embed.main([*common, "--compare", "a.png", "b.png", "--landmarks", flat])
+    assert "--landmarks goes with --images" in capsys.readouterr().err
