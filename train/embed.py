@@ -112,11 +112,13 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
     (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``.
     Raises ValueError naming the line of landmarks that coincide, before any embedding."""
     from .ijb import LooseCrops, unusable_landmarks
-    from .tools.align import read_face_landmarks
+    from .tools.align import landmark_notes, read_face_landmarks
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder} is not a folder")
     names, points, line_nos, _ = read_face_landmarks(landmarks_file, extension=extension)
+    for note in landmark_notes(points, line_nos):
+        print(f"warning: {landmarks_file}: {note}", file=sys.stderr)
     unusable = np.flatnonzero(unusable_landmarks(points))
     if unusable.size:
         raise ValueError(f"{landmarks_file}: line {line_nos[unusable[0]]}: the 5 landmarks of {names[unusable[0]]} "

@@ -16,6 +16,8 @@ Where this differs from insightface, and why:
 - Images are decoded and warped with Pillow instead of OpenCV (same pixel-centre convention, same
   black border); OpenCV's fixed-point bilinear rounds a little differently, so an aligned pixel
   may differ by one grey level.
+- A model whose input is not 112 pixels (insightface's always are) is shown the 112 crop resized, as the
+  trainer showed it its training faces, not a crop framed by insightface's template for that size.
 - Faces are joined to their landmarks by image name; insightface joins them by line position, which
   gives the same result when, as in the release, both files list the same images in the same order.
   Media and template features are summed in float64.
@@ -36,7 +38,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import checkpoint
-from .data.transforms import to_chw
+from .data.transforms import to_chw, to_rgb
 from .embed import embed_images, table_files, write_table
 from .tools import check_outputs, torch_device
 
@@ -46,6 +48,9 @@ TARGETS = ("IJBC", "IJBB")
 # Where the eyes, nose tip and mouth corners land in a 112x112 ArcFace crop (x, y in pixels).
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]])
+
+# The side of the faces the template is for, and of the training sets' faces.
+ALIGNED_SIZE = 112
 
 # Pairs scored per step: two (chunk, D) float64 gathers stay near 130 MB at D = 512.
 PAIR_CHUNK = 1 << 15
@@ -103,7 +108,7 @@ def warp_affine(image: Image.Image, matrix: np.ndarray, size: int) -> np.ndarray
     linear, offset = inverse[:, :2], inverse[:, 2]
     shifted = offset + 1.0 + 0.5 - linear @ np.array([0.5, 0.5])  # + 1: the frame
     coefficients = (linear[0, 0], linear[0, 1], shifted[0], linear[1, 0], linear[1, 1], shifted[1])
-    framed = ImageOps.expand(image.convert("RGB"), border=1, fill=0)
+    framed = ImageOps.expand(to_rgb(image), border=1, fill=0)
     channels = [np.asarray(band.convert("F").transform((size, size), Image.AFFINE, coefficients,
                                                         resample=Image.BILINEAR))
                 for band in framed.split()]
@@ -114,6 +119,18 @@ def align_face(image: Image.Image, landmarks: np.ndarray, image_size: int) -> np
     """The uint8 (image_size, image_size, 3) ArcFace crop of the face with 5 ``landmarks``
     (left eye, right eye, nose tip, left and right mouth corner; (x, y) in ``image`` pixels)."""
     return warp_affine(image, estimate_similarity(landmarks, arcface_template(image_size)), image_size)
+
+
+def align_for_model(image: Image.Image, landmarks: np.ndarray, image_size: int) -> np.ndarray:
+    """The uint8 (image_size, image_size, 3) crop a model of that input size is shown: the 112-pixel
+    ArcFace crop, resized (bilinear) to ``image_size`` when that differs, as the trainer's readers
+    resize its 112-pixel training faces. For 112 this is ``align_face``; insightface's models are 112,
+    and its templates for other sizes (``arcface_template``) frame the face otherwise than a model
+    trained here on resized faces saw it."""
+    crop = align_face(image, landmarks, ALIGNED_SIZE)
+    if image_size != ALIGNED_SIZE:
+        crop = np.asarray(Image.fromarray(crop).resize((image_size, image_size), Image.BILINEAR))
+    return crop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +335,7 @@ class LooseCrops(torch.utils.data.Dataset):
             with Image.open(path) as image:
                 # Upright as its EXIF orientation says, as OpenCV's imread (insightface's reader)
                 # turns it: the landmarks are in those pixels.
-                crop = align_face(ImageOps.exif_transpose(image), self.landmarks[index], self.image_size)
+                crop = align_for_model(ImageOps.exif_transpose(image), self.landmarks[index], self.image_size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             blank = torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
             return blank, f"{path}: cannot read the image: {error}"

@@ -108,10 +108,10 @@ def test_celeba_and_vggface2_lists_are_read_as_they_are(photos, tmp_path):
                                              *lines(names, landmarks, sep="   ")])
     # VGGFace2: a CSV header, names without an extension.
     vgg = write(tmp_path / "vgg.csv", ['"NAME_ID","P1X","P1Y","P2X","P2Y","P3X","P3Y","P4X","P4Y","P5X","P5Y"\n',
-                                       *lines(names, landmarks, sep=",", strip_extension=True)])
+                                       *lines([f'"{os.path.splitext(n)[0]}"' for n in names], landmarks, sep=",")])
     for listing, extension, skipped in ((celeba, None, 2), (vgg, ".png", 1)):
         read_names, read_points, line_nos, header = align.read_face_landmarks(listing, extension=extension)
-        assert read_names == names and header == skipped
+        assert read_names == names and len(header) == skipped
         np.testing.assert_allclose(read_points, landmarks, atol=1e-4)
         assert line_nos[0] == skipped + 1
     out = tmp_path / "vgg-aligned"
@@ -165,15 +165,20 @@ def test_faces_that_cannot_be_aligned_are_listed_and_the_rest_written(photos, tm
 @pytest.mark.parametrize("content, message", [
     ("a.png 1 2 3 4 5 6 7 8 9 10\nb.png 1 2 3\n", "line 2: expected 'image x1 y1 ... x5 y5'"),
     ("a.png 1 2 3 4 5 6 7 8 9 10\na.png 1 2 3 4 5 6 7 8 9 10\n", "line 2: a.png is listed again (first on line 1)"),
-    ("a 1 2 3 4 5 6 7 8 9 10\n", "a is not a .jpg/.jpeg/.png/.bmp file; if the names come without one, pass --extension"),
-    ("a.png 1 2 3 4 5 6 7 8 9 nan\n", "no line of the form"),
+    ("a 1 2 3 4 5 6 7 8 9 10\n", "a is not a .jpg/.jpeg/.png/.bmp file; its names have no extension? pass --extension"),
+    ("a.webp 1 2 3 4 5 6 7 8 9 10\n", "a.webp is not a .jpg/.jpeg/.png/.bmp file\n"),
+    ("a.png 1 2 3 4 5 6 7 8 9 nan\n", "line 1: expected 'image x1 y1 ... x5 y5'"),
+    ("count\nmy photo.png 1 2 3 4 5 6 7 8 9 10\n", "line 2: expected 'image x1 y1 ... x5 y5'"),
+    ("a.png 1 2 3 4 5 6 7 8 9 10\n\xeb\n", "line 2: not UTF-8 text"),
     ("header\n", "no line of the form"),
     ("../a.png 1 2 3 4 5 6 7 8 9 10\n", "../a.png is not inside --images"),
     ("a.png 1 2 3 4 5 6 7 8 9 10\na.jpg 1 2 3 4 5 6 7 8 9 10\n", "a.png and a.jpg would both be written to"),
 ])
 def test_bad_lists_are_one_line_errors_before_any_work(tmp_path, capsys, content, message):
     os.makedirs(tmp_path / "raw")
-    listing = write(tmp_path / "lm.txt", [content])
+    with open(tmp_path / "lm.txt", "wb") as f:
+        f.write(content.encode("latin-1"))
+    listing = str(tmp_path / "lm.txt")
     out = tmp_path / "aligned"
     assert align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(out)]) == 2
     err = capsys.readouterr().err
@@ -194,8 +199,10 @@ def test_a_wrong_column_order_is_warned_about(photos, tmp_path, capsys):
     assert align.fit_errors(swapped).min() > align.POOR_FIT_PIXELS
 
 
-def test_embed_with_landmarks_embeds_the_aligned_crops(photos, tmp_path, capsys):
-    """`train.embed --images raw --landmarks FILE` gives what embedding align's (lossless) crops gives."""
+@pytest.mark.parametrize("model_size", [SIZE, 64])
+def test_embed_with_landmarks_embeds_the_aligned_crops(photos, tmp_path, capsys, model_size):
+    """`train.embed --images raw --landmarks FILE` gives what embedding align's (lossless) crops gives,
+    for a model of another input size too (both resize the 112 crop, as the trainer's readers do)."""
     import json
 
     import torch
@@ -205,11 +212,11 @@ def test_embed_with_landmarks_embeds_the_aligned_crops(photos, tmp_path, capsys)
 
     root, names, _, landmarks = photos
     torch.manual_seed(0)
-    model = get_model("small", embedding_size=16, image_size=SIZE)
+    model = get_model("small", embedding_size=16, image_size=model_size)
     backbone = str(tmp_path / "backbone.pt")
     checkpoint.save_atomic(model.state_dict(), backbone)
     with open(tmp_path / "backbone.json", "w") as f:
-        json.dump({"network": "small", "embedding_size": 16, "image_size": SIZE}, f)
+        json.dump({"network": "small", "embedding_size": 16, "image_size": model_size}, f)
     listing = write(tmp_path / "lm.csv", lines(names, landmarks, sep=",", strip_extension=True))
     crops = tmp_path / "aligned"
     assert align.main(["--images", root, "--landmarks", listing, "--extension", ".png", "--output", str(crops),
@@ -230,3 +237,118 @@ def test_embed_with_landmarks_embeds_the_aligned_crops(photos, tmp_path, capsys)
     with pytest.raises(SystemExit):
         embed.main([*common, "--compare", "a.png", "b.png", "--landmarks", flat])
     assert "--landmarks goes with --images" in capsys.readouterr().err
+
+
+def test_sixteen_bit_photos_are_scaled_not_clipped(photos, tmp_path):
+    """A 16-bit greyscale PNG opens as Pillow's mode I;16, which convert("RGB") clips at 255 (a white
+    crop); the readers scale it to 8 bits."""
+    from train.data.transforms import load_image_file
+
+    root, names, _, landmarks = photos
+    os.makedirs(tmp_path / "raw")
+    with Image.open(os.path.join(root, names[0])) as photo:
+        grey = np.asarray(photo.convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "raw" / "deep.png")
+    Image.fromarray(grey).save(tmp_path / "raw" / "flat.png")
+    with Image.open(tmp_path / "raw" / "deep.png") as check:
+        assert check.mode.startswith("I")
+    assert np.array_equal(load_image_file(str(tmp_path / "raw" / "deep.png"), PHOTO),
+                          load_image_file(str(tmp_path / "raw" / "flat.png"), PHOTO))
+    listing = write(tmp_path / "lm.txt", lines(["deep.png", "flat.png"], landmarks[[0, 0]]))
+    out = tmp_path / "out"
+    assert align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(out),
+                       "--format", "png", "--workers", "0"]) == 0
+    deep, flat = read(out / "deep.png"), read(out / "flat.png")
+    assert np.array_equal(deep, flat) and 40 < deep.mean() < 200
+
+
+def test_quoted_names_may_hold_spaces_and_commas(photos, tmp_path):
+    root, names, _, landmarks = photos
+    os.makedirs(tmp_path / "raw" / "Zoë Ünal")
+    os.link(os.path.join(root, names[0]), tmp_path / "raw" / "Zoë Ünal" / "photo 1.png")
+    os.link(os.path.join(root, names[1]), tmp_path / "raw" / "Zoë Ünal" / "a,b.png")
+    listing = write(tmp_path / "lm.txt", [*lines(['"Zoë Ünal/photo 1.png"'], landmarks[:1]),
+                                          *lines(['"Zoë Ünal/a,b.png"'], landmarks[1:2], sep=",")])
+    assert align.read_face_landmarks(listing)[0] == ["Zoë Ünal/photo 1.png", "Zoë Ünal/a,b.png"]
+    out = tmp_path / "out"
+    assert align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(out),
+                       "--workers", "0"]) == 0
+    assert sorted(os.listdir(out / "Zoë Ünal")) == ["a,b.jpg", "photo 1.jpg"]
+
+
+def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_path, capsys):
+    root, names, _, landmarks = photos
+    listing = write(tmp_path / "lm.txt", lines(names, landmarks))
+    (tmp_path / "file").write_text("")
+    for output, message in ((root, "is --images: the crops would go among the photos"),
+                            (str(tmp_path / "file" / "out"), "cannot be written")):
+        assert align.main(["--images", root, "--landmarks", listing, "--output", output, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert sorted(os.listdir(os.path.join(root, "person0"))) == ["0.png", "1.png"]
+    with Image.open(os.path.join(root, names[0])) as photo:
+        assert photo.size == (PHOTO, PHOTO)
+    # --skip-existing over crops of another size would mix sizes.
+    out = tmp_path / "out"
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--workers", "0"]) == 0
+    os.remove(out / "person2" / "1.jpg")
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--workers", "0",
+                       "--skip-existing", "--image-size", "128"]) == 2
+    assert "person0/0.jpg is 112x112, not --image-size 128" in capsys.readouterr().err
+    assert not (out / "person2" / "1.jpg").exists()
+
+
+def test_suspect_landmarks_are_named(photos, tmp_path, capsys):
+    root, names, _, landmarks = photos
+    mixed = landmarks.copy()
+    mixed[1] = landmarks[1][[1, 0, 2, 4, 3]]  # one face in the other order
+    outside = landmarks.copy()
+    outside[2] += 1000  # off its photo
+    fractions = landmarks / PHOTO  # not in pixels
+    for points, message, status in (
+            (mixed, "1 face(s) fit the face template poorly (RMS miss over 10 of 112 pixels), lines 2:", 0),
+            (outside, f"line 3: {os.path.join(root, names[2])}: its landmarks lie outside the 200x200 image", 1),
+            (fractions, "pixels apart (median): landmarks must be in pixels", 0)):
+        listing = write(tmp_path / "lm.txt", lines(names, points))
+        out = tmp_path / f"out{status}{len(message)}"
+        assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--workers", "0"]) == status
+        assert message in capsys.readouterr().err
+
+
+def test_a_signal_stops_the_workers_and_a_rerun_finishes(photos, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, names, _, landmarks = photos
+    many = tmp_path / "many"
+    listed = []
+    for k in range(400):
+        os.makedirs(many / f"id{k // 10}", exist_ok=True)
+        name = f"id{k // 10}/{k}.png"
+        os.link(os.path.join(root, names[k % len(names)]), many / name)
+        listed.append(name)
+    listing = write(tmp_path / "lm.txt", lines(listed, landmarks[np.arange(400) % len(names)]))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "train.tools.align", "--images", str(many), "--landmarks", listing,
+               "--output", str(out), "--workers", "2"]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.Popen(command, cwd=repo, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and sum(len(f) for _, _, f in os.walk(out)) >= 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    if run.returncode == 0:
+        pytest.skip("the run finished before the signal")
+    assert run.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    time.sleep(0.5)
+    settled = sorted(f for _, _, files in os.walk(out) for f in files)
+    time.sleep(0.5)
+    assert sorted(f for _, _, files in os.walk(out) for f in files) == settled  # no worker writes on
+    finish = subprocess.run([*command, "--skip-existing"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert finish.returncode == 0, finish.stderr
+    crops = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if not f.startswith(".")]
+    assert len(crops) == 400 and all(read(c).shape == (SIZE, SIZE, 3) for c in crops)

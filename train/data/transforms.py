@@ -41,6 +41,16 @@ def decode_failure(exc: Exception) -> str:
     return "not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError) else str(exc)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. Pillow's ``convert("RGB")`` clips 16-bit greyscale (a 16-bit PNG opens
+    as mode I;16) at 255, which would turn a face white; such images are scaled to 8 bits
+    (x / 257, rounded) first."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(grey)
+    return image.convert("RGB")
+
+
 def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
     """Decode JPEG/PNG/BMP bytes into a uint8 (image_size, image_size, 3) RGB array.
 
@@ -53,7 +63,7 @@ def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
             # Upright as its EXIF orientation says (a phone photo stored on its side), as OpenCV's
             # imread (insightface's IJB reader) and its imdecode since 4.x turn it. Aligned face sets
             # carry no orientation: for them nothing changes.
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            rgb = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{source}: cannot decode image ({len(data)} bytes): {decode_failure(exc)}") from exc
     if rgb.size != (image_size, image_size):

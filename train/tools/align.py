@@ -24,12 +24,16 @@ that coincide) are listed at the end and the others are written; the exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import math
 import multiprocessing
 import os
 import re
 import secrets
+import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -51,32 +55,44 @@ POOR_FIT_PIXELS = 10.0
 _SHOWN_FAILURES = 20
 
 
-def read_face_landmarks(path: str, *, extension: str | None = None) -> tuple[list[str], np.ndarray, np.ndarray, int]:
-    """(image names, (N, 5, 2) float64 landmarks, (N,) line numbers, number of header lines skipped)
-    of a landmarks file (see the module's doc). ``extension`` is appended to every name. Raises
-    ValueError naming the line for a malformed line after the first face, a name listed twice, a
-    name without an image extension, or a file listing no face."""
-    names, values, line_nos, seen = [], [], [], {}
-    skipped = 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = [x for x in _FIELD_SEPARATORS.split(line.strip()) if x]
+def read_face_landmarks(path: str, *, extension: str | None = None
+                        ) -> tuple[list[str], np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """(image names, (N, 5, 2) float64 landmarks, (N,) line numbers, the (line number, text) of the
+    lines skipped before the first face) of a landmarks file (see the module's doc). ``extension``
+    is appended to every name. Raises ValueError naming the line for a malformed line after the
+    first face (or one before it that names an image), a name listed twice, a name that is not an
+    image file, text that is not UTF-8, or a file listing no face; FileNotFoundError when ``path``
+    is not a file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"landmarks file {path}: {'a folder' if os.path.isdir(path) else 'no such file'}")
+    names, values, line_nos, seen, skipped = [], [], [], {}, []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:  # line by line, so that a wrong encoding names its line
+                # -sig: a byte-order mark, as Windows tools write, is not part of the first name.
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}: line {line_no}: not UTF-8 text ({error.reason}); save the list as "
+                                 "UTF-8") from None
+            fields = _fields(line)
             if not fields:
                 continue
             numbers = _numbers(fields[1:11])
             if len(fields) < 11 or numbers is None or not all(math.isfinite(v) for v in numbers):
-                if not names:  # a count or a column header before the faces
-                    skipped += 1
+                # A count or a column header before the faces; but not a face that does not parse.
+                if not names and not any(field.lower().endswith(IMAGE_EXTENSIONS) for field in fields):
+                    skipped.append((line_no, line.strip()))
                     continue
                 raise ValueError(f"{path}: line {line_no}: expected 'image x1 y1 ... x5 y5' (a path and 10 finite "
-                                 f"coordinates), got {line.strip()[:120]!r}")
+                                 f"coordinates; a path with spaces or commas in quotes), got {line.strip()[:120]!r}")
             name = fields[0] + (extension or "")
             if name in seen:
-                raise ValueError(f"{path}: line {line_no}: {name} is listed again (first on line {seen[name]}); "
-                                 "one face an image: keep the one to train on")
+                raise ValueError(f"{path}: line {line_no}: {name} is listed again (first on line {seen[name]}): "
+                                 "one face an image is read; keep one of its lines")
             if not name.lower().endswith(IMAGE_EXTENSIONS):
-                raise ValueError(f"{path}: line {line_no}: {name} is not a {'/'.join(IMAGE_EXTENSIONS)} file"
-                                 + ("" if extension else "; if the names come without one, pass --extension .jpg"))
+                hint = "; its names have no extension? pass --extension .jpg" \
+                    if not extension and not os.path.splitext(name)[1] else ""
+                raise ValueError(f"{path}: line {line_no}: {name} is not a {'/'.join(IMAGE_EXTENSIONS)} file{hint}")
             seen[name] = line_no
             names.append(name)
             values.append(numbers)
@@ -84,6 +100,19 @@ def read_face_landmarks(path: str, *, extension: str | None = None) -> tuple[lis
     if not names:
         raise ValueError(f"{path}: no line of the form 'image x1 y1 ... x5 y5'")
     return names, np.array(values, dtype=np.float64).reshape(-1, 5, 2), np.array(line_nos), skipped
+
+
+def _fields(line: str) -> list[str]:
+    """A line's fields: separated by commas (a CSV, whose names may be quoted, as VGGFace2 quotes
+    them), else by spaces and tabs (a name with spaces in double quotes)."""
+    line = line.strip()
+    if "," in line:
+        row = next(csv.reader([line], skipinitialspace=True))
+    elif '"' in line:
+        row = next(csv.reader([line.replace("\t", " ")], delimiter=" ", skipinitialspace=True))
+    else:
+        row = line.split()
+    return [field.strip() for field in row if field.strip()]
 
 
 def _numbers(fields: list[str]) -> list[float] | None:
@@ -95,33 +124,66 @@ def _numbers(fields: list[str]) -> list[float] | None:
 
 def output_paths(names: list[str], images: str, output: str, fmt: str) -> list[str]:
     """Where each image's crop goes: its path relative to ``images``, under ``output``, with the
-    format's extension. ValueError for a name outside ``images`` and for two names that would write
-    one file (``a.png`` and ``a.jpg``)."""
+    format's extension. ValueError for a name outside ``images``, for two names that would write
+    one file (``a.png`` and ``a.jpg``), and for a crop that would replace its own photo."""
     root, suffix, paths, taken = os.path.abspath(images), FORMAT_EXTENSIONS[fmt], [], {}
     for name in names:
-        relative = os.path.relpath(os.path.abspath(os.path.join(root, name)), root)
+        source = os.path.abspath(os.path.join(root, name))
+        relative = os.path.relpath(source, root)
         if relative == os.curdir or relative.split(os.sep)[0] == os.pardir:
             raise ValueError(f"{name} is not inside --images {images}")
         target = os.path.join(output, os.path.splitext(relative)[0] + suffix)
         if target in taken:
             raise ValueError(f"{taken[target]} and {name} would both be written to {target}")
+        if os.path.realpath(target) == os.path.realpath(source):
+            raise ValueError(f"the crop of {name} would replace the photo itself ({target}): name another --output")
         taken[target] = name
         paths.append(target)
     return paths
 
 
 def fit_errors(landmarks: np.ndarray) -> np.ndarray:
-    """(N,) RMS distance, in 112-pixel template pixels, between each face's landmarks mapped by
-    their best similarity and the template (inf where the points coincide)."""
-    errors = np.full(len(landmarks), math.inf)
-    for i, points in enumerate(landmarks):
-        try:
-            matrix = estimate_similarity(points, ARCFACE_TEMPLATE)
-        except ValueError:
-            continue
-        mapped = points @ matrix[:, :2].T + matrix[:, 2]
-        errors[i] = math.sqrt(float(np.mean(np.sum((mapped - ARCFACE_TEMPLATE) ** 2, axis=1))))
-    return errors
+    """(N,) RMS distance, in 112-pixel template pixels, between each face's (N, 5, 2) landmarks
+    mapped by their best similarity (``estimate_similarity``'s closed form, for all faces at once)
+    and the template; inf where the points coincide."""
+    z = landmarks[..., 0] + 1j * landmarks[..., 1]
+    w = ARCFACE_TEMPLATE[:, 0] + 1j * ARCFACE_TEMPLATE[:, 1]
+    z_c, w_c = z - z.mean(axis=1, keepdims=True), w - w.mean()
+    spread = np.sum(np.abs(z_c) ** 2, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.sum(np.conj(z_c) * w_c, axis=1) / spread
+        errors = np.sqrt(np.mean(np.abs(a[:, None] * z_c - w_c) ** 2, axis=1))
+    return np.where(spread > 0, errors, math.inf)
+
+
+def landmark_notes(landmarks: np.ndarray, line_nos: np.ndarray) -> list[str]:
+    """Warnings about landmarks that make poor crops: a file whose faces mostly miss the template
+    (a wrong column order), single faces that miss it, eyes too close for pixel coordinates."""
+    errors = fit_errors(landmarks)
+    usable = np.isfinite(errors)
+    if not usable.any():
+        return []
+    notes = []
+    median = float(np.median(errors[usable]))
+    if median > POOR_FIT_PIXELS:
+        swapped = int(np.sum(landmarks[:, 0, 0] > landmarks[:, 1, 0]))
+        notes.append(f"the landmarks fit the face template poorly (median RMS miss {median:.1f} of 112 pixels; faces "
+                     "in the expected order miss by a few): check the column order, which must be left eye, right "
+                     "eye, nose, left mouth, right mouth, x before y"
+                     + (f"; {swapped} of {len(landmarks)} faces list the eye further right first"
+                        if swapped > len(landmarks) // 2 else ""))
+    else:
+        poor = np.flatnonzero(usable & (errors > POOR_FIT_PIXELS))
+        if poor.size:
+            shown = ", ".join(str(n) for n in line_nos[poor[:8]]) + (", ..." if poor.size > 8 else "")
+            notes.append(f"{poor.size} face(s) fit the face template poorly (RMS miss over {POOR_FIT_PIXELS:g} of 112 "
+                         f"pixels), lines {shown}: a strong profile does, and so do landmarks in another order; "
+                         "their crops are made all the same")
+    eyes = np.linalg.norm(landmarks[usable, 1] - landmarks[usable, 0], axis=1)
+    if float(np.median(eyes)) < 4:
+        notes.append(f"the eyes lie {float(np.median(eyes)):.2g} pixels apart (median): landmarks must be in pixels, "
+                     "not fractions of the image")
+    return notes
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
@@ -146,8 +208,11 @@ def write_file_atomic(path: str, data: bytes) -> None:
 _job: dict = {}
 
 
-def _start(job: dict) -> None:
+def _start(job: dict, worker: bool = True) -> None:
     _job.update(job)
+    if worker:  # a Ctrl-C at the terminal is the main process's to handle: it ends the workers with
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a SIGTERM each, which must then end them (a forked
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # worker inherits the main process's handler)
 
 
 def _align_one(index: int) -> tuple[int, str]:
@@ -159,7 +224,12 @@ def _align_one(index: int) -> tuple[int, str]:
         return index, f"{source}: its 5 landmarks coincide"
     try:
         with Image.open(source) as image:
-            crop = warp_affine(ImageOps.exif_transpose(image), matrix, _job["image_size"])
+            upright = ImageOps.exif_transpose(image)
+            centre = _job["landmarks"][index].mean(axis=0)
+            if not (-0.5 <= centre[0] <= upright.width - 0.5 and -0.5 <= centre[1] <= upright.height - 0.5):
+                return index, (f"{source}: its landmarks lie outside the {upright.width}x{upright.height} image "
+                               f"(centred at {centre[0]:.0f}, {centre[1]:.0f})")
+            crop = warp_affine(upright, matrix, _job["image_size"])
     except FileNotFoundError:
         return index, f"{source}: no such file"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -181,7 +251,7 @@ def align_folder(images: str, names: list[str], landmarks: np.ndarray, outputs: 
     failures = []
     bar = _progress(len(names), progress)
     if workers == 0 or len(names) < 2:
-        _start(job)
+        _start(job, worker=False)
         results = map(_align_one, range(len(names)))
         failures = _collect(results, bar)
     else:
@@ -193,7 +263,7 @@ def align_folder(images: str, names: list[str], landmarks: np.ndarray, outputs: 
 
 
 def _progress(total: int, enabled: bool):
-    if not enabled:
+    if not enabled or total == 0:
         return None
     try:
         from tqdm import tqdm
@@ -219,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="one face a line: image path, then x1 y1 ... x5 y5 (left eye, right eye, nose tip, "
                              "left and right mouth corner, in image pixels)")
     parser.add_argument("--output", required=True, help="the folder the aligned crops are written to")
-    parser.add_argument("--image-size", type=int, default=112, help="side of the square crop (default 112)")
+    parser.add_argument("--image-size", type=int, default=112,
+                        help="side of the square crop (default 112). Other sizes use insightface's template for them: "
+                             "the 112 one scaled for multiples of 112, else its 128-pixel crop's (8 more pixels each "
+                             "side) scaled; a model trained here at another size was shown 112 crops resized")
     parser.add_argument("--format", choices=tuple(FORMAT_EXTENSIONS), default="jpeg")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     parser.add_argument("--extension", default=None,
@@ -244,13 +317,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--images {args.images} is not a folder")
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise ValueError(f"--output {args.output} is a file, not a folder")
+        if os.path.realpath(args.output) == os.path.realpath(args.images):
+            raise ValueError(f"--output {args.output} is --images: the crops would go among the photos; name another "
+                             "folder")
         names, landmarks, line_nos, skipped = read_face_landmarks(args.landmarks, extension=args.extension)
         outputs = output_paths(names, args.images, args.output, args.format)
+        _check_writable(args.output)
     except (OSError, ValueError) as error:
         print(f"align: error: {error}", file=sys.stderr)
         return 2
     if skipped:
-        print(f"align: skipped {skipped} line(s) before the first face of {args.landmarks} (a count or a header)",
+        print(f"align: skipped {len(skipped)} line(s) before the first face of {args.landmarks} (a count or a "
+              f"header): {', '.join(repr(text[:40]) for _, text in skipped[:2])}{', ...' if len(skipped) > 2 else ''}",
               file=sys.stderr)
 
     present = [i for i, path in enumerate(outputs) if os.path.lexists(path)]
@@ -258,22 +336,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align: error: {len(present)} of the crops exist already ({outputs[present[0]]}, ...): pass "
               "--skip-existing to align the others, or --overwrite to replace them", file=sys.stderr)
         return 2
+    if present and args.skip_existing:
+        other = _crop_of_another_size((outputs[i] for i in present[:3]), args.image_size)
+        if other:
+            print(f"align: error: {other[0]} is {other[1]}x{other[2]}, not --image-size {args.image_size}: "
+                  "--skip-existing would mix crop sizes; name another --output, or pass --overwrite", file=sys.stderr)
+            return 2
     todo = np.setdiff1d(np.arange(len(names)), present) if args.skip_existing else np.arange(len(names))
-
-    errors = fit_errors(landmarks[todo]) if len(todo) else np.zeros(0)
-    usable = np.isfinite(errors)
-    if usable.any() and float(np.median(errors[usable])) > POOR_FIT_PIXELS:
-        swapped = int(np.sum(landmarks[todo][:, 0, 0] > landmarks[todo][:, 1, 0]))
-        print(f"align: warning: the landmarks fit the face template poorly (median RMS miss {np.median(errors[usable]):.1f} "
-              f"of 112 pixels; faces in the expected order miss by a few): check the column order, which must be left eye, right eye, "
-              f"nose, left mouth, right mouth, x before y"
-              + (f"; {swapped} of {len(todo)} faces list the eye further right first" if swapped > len(todo) // 2 else ""),
-              file=sys.stderr)
+    for note in landmark_notes(landmarks[todo], line_nos[todo]) if len(todo) else []:
+        print(f"align: warning: {note}", file=sys.stderr)
 
     print(f"align: {len(todo)} face(s) of {args.landmarks} to {args.output} at {args.image_size}px"
           + (f" ({len(present)} existing left as they are)" if args.skip_existing and present else ""), file=sys.stderr)
-    failures = align_folder(args.images, [names[i] for i in todo], landmarks[todo], [outputs[i] for i in todo],
-                            image_size=args.image_size, fmt=args.format, quality=args.quality, workers=args.workers)
+    try:
+        with _signals_stop():
+            failures = align_folder(args.images, [names[i] for i in todo], landmarks[todo],
+                                    [outputs[i] for i in todo], image_size=args.image_size, fmt=args.format,
+                                    quality=args.quality, workers=args.workers)
+    except _Stopped as stop:
+        print(f"\nalign: stopped by {stop.name}: the crops written are whole; rerun with --skip-existing to align the "
+              "rest", file=sys.stderr)
+        return 128 + stop.number
     reasons = dict(failures)
     for shown, i in enumerate(sorted(reasons)):
         if shown == _SHOWN_FAILURES:
@@ -285,6 +368,49 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; {len(reasons)} face(s) could not be aligned" if reasons else ""), file=sys.stderr)
     return 1 if reasons else 0
 
+
+def _check_writable(folder: str) -> None:
+    """Makes ``folder`` and writes a file in it, before any photo is read; OSError (naming
+    --output) when it cannot."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(f"--output {folder} cannot be written: {error.strerror or error}") from None
+
+
+def _crop_of_another_size(paths, size: int) -> tuple[str, int, int] | None:
+    """(path, width, height) of the first of ``paths`` that is not a ``size`` square."""
+    for path in paths:
+        try:
+            with Image.open(path) as crop:
+                if crop.width != crop.height or crop.width != size:
+                    return path, crop.width, crop.height
+        except (OSError, ValueError):
+            continue  # not a crop at all: --skip-existing leaves it, as asked
+    return None
+
+
+class _Stopped(Exception):
+    def __init__(self, number: int):
+        super().__init__(number)
+        self.number, self.name = number, signal.Signals(number).name
+
+
+@contextlib.contextmanager
+def _signals_stop():
+    """Ctrl-C (SIGINT) and SIGTERM raise ``_Stopped`` in the main process while aligning, so that
+    the worker pool is terminated (its ``with`` block ends) rather than left writing on its own."""
+    def stop(number, frame):
+        raise _Stopped(number)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 if __name__ == "__main__":
     sys.exit(main())

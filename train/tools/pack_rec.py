@@ -23,7 +23,7 @@ from PIL import Image
 from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.recordio import RecordIOWriter, pack_payload
-from train.data.transforms import decode_failure, encode_image
+from train.data.transforms import decode_failure, encode_image, to_rgb
 from train.tools import check_outputs
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
@@ -39,7 +39,7 @@ def _image_bytes(path: str, *, resize: int | None, quality: int) -> tuple[bytes,
             img.load()
             if img.format == "JPEG" and (resize is None or img.size == (resize, resize)):
                 return data, img.size
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: cannot decode image: {decode_failure(exc)}") from exc
     if resize is not None and rgb.size != (resize, resize):
