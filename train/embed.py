@@ -110,7 +110,8 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
                        workers: int = 0) -> tuple[list[str], np.ndarray]:
     """(names as listed, (N, D) float32 unit-length embeddings) of the faces of ``landmarks_file``
     (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``.
-    Raises ValueError naming the line of landmarks that coincide, before any embedding."""
+    Raises ValueError naming the line of landmarks that coincide (before any embedding), and of the
+    first face whose image cannot be read or whose landmarks lie off it."""
     from .ijb import LooseCrops, unusable_landmarks
     from .tools.align import landmark_notes, read_face_landmarks
 
@@ -123,7 +124,8 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
     if unusable.size:
         raise ValueError(f"{landmarks_file}: line {line_nos[unusable[0]]}: the 5 landmarks of {names[unusable[0]]} "
                          f"coincide" + (f" ({unusable.size} such lines)" if unusable.size > 1 else ""))
-    faces = LooseCrops(folder, names, points, image_size)
+    faces = LooseCrops(folder, names, points, image_size, check_bounds=True,
+                       sources=[f"{landmarks_file}: line {n}" for n in line_nos])
     features = embed_images(model.to(device), faces, device=device, batch_size=batch_size, workers=workers,
                             log=lambda message: print(message, file=sys.stderr, flush=True))
     return names, torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()

@@ -314,31 +314,54 @@ def unusable_landmarks(landmarks: np.ndarray) -> np.ndarray:
     return ~(spread > 0)
 
 
+def landmarks_off_image(landmarks: np.ndarray, width: int, height: int) -> str | None:
+    """Why a face's (5, 2) ``landmarks`` cannot be on a ``width`` x ``height`` image (their centre
+    lies outside it: coordinates of another image, or of another scale), or None."""
+    centre = landmarks.mean(axis=0)
+    if -0.5 <= centre[0] <= width - 0.5 and -0.5 <= centre[1] <= height - 0.5:
+        return None
+    return f"its landmarks lie outside the {width}x{height} image (centred at {centre[0]:.0f}, {centre[1]:.0f})"
+
+
 class LooseCrops(torch.utils.data.Dataset):
     """Item i: (uint8 (3, S, S) aligned crop of image i, "" or why it could not be read). A bad
     image is reported rather than raised so that the message reaches the user without a worker's
     traceback around it. Images whose landmarks are unusable become black crops: insightface's
-    similarity estimate is NaN for them, and OpenCV warps a NaN matrix to black."""
+    similarity estimate is NaN for them, and OpenCV warps a NaN matrix to black.
 
-    def __init__(self, folder: str, names: list[str], landmarks: np.ndarray, image_size: int):
+    ``sources`` (where each face is listed, "file: line 7") prefixes the face's messages; with
+    ``check_bounds``, landmarks that lie off their image are reported rather than warped to a black
+    crop (IJB's protocol is kept as insightface evaluates it, so ``train.ijb`` leaves it off)."""
+
+    def __init__(self, folder: str, names: list[str], landmarks: np.ndarray, image_size: int, *,
+                 sources: list[str] | None = None, check_bounds: bool = False):
         self.folder, self.names, self.landmarks, self.image_size = folder, names, landmarks, int(image_size)
         self.unusable = unusable_landmarks(landmarks)
+        self.sources, self.check_bounds = sources, check_bounds
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         path = os.path.join(self.folder, self.names[index])
+        blank = torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
         if self.unusable[index]:
-            return torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8), ""
+            return blank, ""
+        prefix = f"{self.sources[index]}: " if self.sources is not None else ""
         try:
             with Image.open(path) as image:
                 # Upright as its EXIF orientation says, as OpenCV's imread (insightface's reader)
                 # turns it: the landmarks are in those pixels.
-                crop = align_for_model(ImageOps.exif_transpose(image), self.landmarks[index], self.image_size)
+                upright = ImageOps.exif_transpose(image)
+                off = landmarks_off_image(self.landmarks[index], upright.width, upright.height) \
+                    if self.check_bounds else None
+                if off:
+                    return blank, f"{prefix}{path}: {off}"
+                crop = align_for_model(upright, self.landmarks[index], self.image_size)
+        except FileNotFoundError:
+            return blank, f"{prefix}{path}: no such file"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            blank = torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
-            return blank, f"{path}: cannot read the image: {error}"
+            return blank, f"{prefix}{path}: cannot read the image: {error}"
         return to_chw(crop), ""
 
 

@@ -173,6 +173,13 @@ def test_faces_that_cannot_be_aligned_are_listed_and_the_rest_written(photos, tm
     ("header\n", "no line of the form"),
     ("../a.png 1 2 3 4 5 6 7 8 9 10\n", "../a.png is not inside --images"),
     ("a.png 1 2 3 4 5 6 7 8 9 10\na.jpg 1 2 3 4 5 6 7 8 9 10\n", "a.png and a.jpg would both be written to"),
+    ("a.png 1 2 3 4 5 6 7 8 9 10\n./a.png 1 2 3 4 5 6 7 8 9 10\n", "line 2: ./a.png is listed again (first on line 1)"),
+    # An empty CSV cell is refused, not skipped (which would shift every later column by one).
+    ("a.png,,2,3,4,5,6,7,8,9,10\n", "line 1: expected 'image x1 y1 ... x5 y5'"),
+    ("a.png,1,2,3,4,5,6,7,8,9,10\nb.png,1,2,3,4,5,6,7,8,9,\n", "line 2: expected 'image x1 y1 ... x5 y5'"),
+    (",1,2,3,4,5,6,7,8,9,10\n", "line 1: the image path is empty"),
+    # A header that names an image file is not taken for one silently; the message says what to do.
+    ("image.jpg x1 y1 x2 y2 x3 y3 x4 y4 x5 y5\n", "if it is a header or a comment, delete it or start it with #"),
 ])
 def test_bad_lists_are_one_line_errors_before_any_work(tmp_path, capsys, content, message):
     os.makedirs(tmp_path / "raw")
@@ -234,6 +241,18 @@ def test_embed_with_landmarks_embeds_the_aligned_crops(photos, tmp_path, capsys,
     flat = write(tmp_path / "flat.txt", lines(names[:1], np.full((1, 5, 2), 3.0)))
     assert embed.main([*common, "--images", root, "--landmarks", flat, "--output", str(tmp_path / "f.npy")]) == 2
     assert "line 1: the 5 landmarks of person0/0.png coincide" in capsys.readouterr().err
+    # Landmarks off the photo (another image's, or another scale's) are an error naming the line,
+    # not a black crop embedded; so is a missing photo.
+    shifted = landmarks[:2].copy()
+    shifted[1, :, 1] += 1000  # the second face's, far below its photo
+    off = write(tmp_path / "off.txt", lines(names[:2], shifted))
+    assert embed.main([*common, "--images", root, "--landmarks", off, "--output", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err
+    assert f"{off}: line 2: {os.path.join(root, names[1])}: its landmarks lie outside the {PHOTO}x{PHOTO} image" in err
+    missing = write(tmp_path / "missing.txt", lines(["person0/9.png"], landmarks[:1]))
+    assert embed.main([*common, "--images", root, "--landmarks", missing, "--output", str(tmp_path / "m.npy")]) == 2
+    assert f"{missing}: line 1: {os.path.join(root, 'person0/9.png')}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists() and not (tmp_path / "m.npy").exists()
     with pytest.raises(SystemExit):
         embed.main([*common, "--compare", "a.png", "b.png", "--landmarks", flat])
     assert "--landmarks goes with --images" in capsys.readouterr().err
@@ -267,13 +286,22 @@ def test_quoted_names_may_hold_spaces_and_commas(photos, tmp_path):
     os.makedirs(tmp_path / "raw" / "Zoë Ünal")
     os.link(os.path.join(root, names[0]), tmp_path / "raw" / "Zoë Ünal" / "photo 1.png")
     os.link(os.path.join(root, names[1]), tmp_path / "raw" / "Zoë Ünal" / "a,b.png")
-    listing = write(tmp_path / "lm.txt", [*lines(['"Zoë Ünal/photo 1.png"'], landmarks[:1]),
-                                          *lines(['"Zoë Ünal/a,b.png"'], landmarks[1:2], sep=",")])
-    assert align.read_face_landmarks(listing)[0] == ["Zoë Ünal/photo 1.png", "Zoë Ünal/a,b.png"]
+    os.link(os.path.join(root, names[2]), tmp_path / "raw" / "c,d.png")
+    listing = write(tmp_path / "lm.txt", [
+        "# faces of sample.jpg, as the detector found them\n",  # a comment, even one naming an image
+        *lines(["c,d.png"], landmarks[2:3]),  # a comma in a name of a space-separated list, on its first line
+        "\n", "   # x.jpg 1 2 3 4 5 6 7 8 9 10\n",
+        *lines(['"Zoë Ünal/photo 1.png"'], landmarks[:1]),
+        *lines(['"Zoë Ünal/a,b.png"'], landmarks[1:2], sep=",")])
+    listed, points, line_nos, skipped = align.read_face_landmarks(listing)
+    assert listed == ["c,d.png", "Zoë Ünal/photo 1.png", "Zoë Ünal/a,b.png"]
+    assert line_nos.tolist() == [2, 5, 6] and skipped == []
+    np.testing.assert_allclose(points, landmarks[[2, 0, 1]], atol=1e-4)
     out = tmp_path / "out"
     assert align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(out),
                        "--workers", "0"]) == 0
     assert sorted(os.listdir(out / "Zoë Ünal")) == ["a,b.jpg", "photo 1.jpg"]
+    assert (out / "c,d.jpg").is_file()
 
 
 def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_path, capsys):
@@ -294,7 +322,16 @@ def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_pa
     os.remove(out / "person2" / "1.jpg")
     assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--workers", "0",
                        "--skip-existing", "--image-size", "128"]) == 2
-    assert "person0/0.jpg is 112x112, not --image-size 128" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{len(names) - 1} of the {len(names) - 1} existing crops are not --image-size 128" in err
+    assert "person0/0.jpg is 112x112, ..." in err
+    assert not (out / "person2" / "1.jpg").exists()
+    # Every existing crop is checked: one of another size among the last (an --overwrite at another
+    # size that was stopped) is found.
+    Image.new("RGB", (128, 128)).save(out / "person2" / "0.jpg")
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--workers", "0",
+                       "--skip-existing"]) == 2
+    assert f"1 of the {len(names) - 1} existing crops are not --image-size 112" in capsys.readouterr().err
     assert not (out / "person2" / "1.jpg").exists()
 
 

@@ -9,8 +9,9 @@ The landmarks file has one face per line: the image's path (relative to --images
 numbers, x1 y1 ... x5 y5 in the image's pixels (pixel centres at integers, the image turned upright
 by its EXIF orientation, as OpenCV's imread gives it to a detector): the left eye, the right eye,
 the nose tip, the left and the right mouth corner, left and right as seen in the image. Fields are
-separated by spaces, tabs or commas; further numbers on a line (a detector score) are ignored; lines
-before the first face that do not parse (a count, a column header) are skipped. This reads
+separated by spaces and tabs or by commas (a path with spaces in double quotes); further numbers on a
+line (a detector score) are ignored; lines before the first face that do not parse (a count, a
+column header) are skipped, as are blank lines and lines starting with # anywhere. This reads
 insightface's ``*_name_5pts_score.txt``, CelebA's ``list_landmarks_celeba.txt`` and VGGFace2's
 ``loose_landmark_*.csv`` (with ``--extension .jpg``: its names have none) as they are.
 
@@ -40,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from train.data.transforms import decode_failure, encode_image
-from train.ijb import ARCFACE_TEMPLATE, arcface_template, estimate_similarity, warp_affine
+from train.ijb import ARCFACE_TEMPLATE, arcface_template, estimate_similarity, landmarks_off_image, warp_affine
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
@@ -75,25 +76,29 @@ def read_face_landmarks(path: str, *, extension: str | None = None
                 raise ValueError(f"{path}: line {line_no}: not UTF-8 text ({error.reason}); save the list as "
                                  "UTF-8") from None
             fields = _fields(line)
-            if not fields:
-                continue
+            if not fields or fields[0].startswith("#"):
+                continue  # a blank line, a comment
             numbers = _numbers(fields[1:11])
             if len(fields) < 11 or numbers is None or not all(math.isfinite(v) for v in numbers):
                 # A count or a column header before the faces; but not a face that does not parse.
                 if not names and not any(field.lower().endswith(IMAGE_EXTENSIONS) for field in fields):
                     skipped.append((line_no, line.strip()))
                     continue
+                header = "; if it is a header or a comment, delete it or start it with #" if not names else ""
                 raise ValueError(f"{path}: line {line_no}: expected 'image x1 y1 ... x5 y5' (a path and 10 finite "
-                                 f"coordinates; a path with spaces or commas in quotes), got {line.strip()[:120]!r}")
+                                 f"coordinates; a path with spaces in quotes), got {line.strip()[:120]!r}{header}")
+            if not fields[0]:
+                raise ValueError(f"{path}: line {line_no}: the image path is empty")
             name = fields[0] + (extension or "")
-            if name in seen:
-                raise ValueError(f"{path}: line {line_no}: {name} is listed again (first on line {seen[name]}): "
+            key = os.path.normpath(name)  # ./a.jpg is a.jpg
+            if key in seen:
+                raise ValueError(f"{path}: line {line_no}: {name} is listed again (first on line {seen[key]}): "
                                  "one face an image is read; keep one of its lines")
             if not name.lower().endswith(IMAGE_EXTENSIONS):
                 hint = "; its names have no extension? pass --extension .jpg" \
                     if not extension and not os.path.splitext(name)[1] else ""
                 raise ValueError(f"{path}: line {line_no}: {name} is not a {'/'.join(IMAGE_EXTENSIONS)} file{hint}")
-            seen[name] = line_no
+            seen[key] = line_no
             names.append(name)
             values.append(numbers)
             line_nos.append(line_no)
@@ -103,16 +108,19 @@ def read_face_landmarks(path: str, *, extension: str | None = None
 
 
 def _fields(line: str) -> list[str]:
-    """A line's fields: separated by commas (a CSV, whose names may be quoted, as VGGFace2 quotes
-    them), else by spaces and tabs (a name with spaces in double quotes)."""
+    """A line's fields: separated by commas when it has the 11 fields of a face that way (a CSV,
+    whose names may be quoted, as VGGFace2 quotes them; an empty field stays, to be refused, rather
+    than shift the columns), else by spaces and tabs (a name with spaces or commas in double
+    quotes, or with commas as it is)."""
     line = line.strip()
     if "," in line:
-        row = next(csv.reader([line], skipinitialspace=True))
-    elif '"' in line:
+        row = [field.strip() for field in next(csv.reader([line], skipinitialspace=True))]
+        if len(row) >= 11:
+            return row if any(row) else []
+    if '"' in line:
         row = next(csv.reader([line.replace("\t", " ")], delimiter=" ", skipinitialspace=True))
-    else:
-        row = line.split()
-    return [field.strip() for field in row if field.strip()]
+        return [field for field in row if field]
+    return line.split()
 
 
 def _numbers(fields: list[str]) -> list[float] | None:
@@ -225,10 +233,9 @@ def _align_one(index: int) -> tuple[int, str]:
     try:
         with Image.open(source) as image:
             upright = ImageOps.exif_transpose(image)
-            centre = _job["landmarks"][index].mean(axis=0)
-            if not (-0.5 <= centre[0] <= upright.width - 0.5 and -0.5 <= centre[1] <= upright.height - 0.5):
-                return index, (f"{source}: its landmarks lie outside the {upright.width}x{upright.height} image "
-                               f"(centred at {centre[0]:.0f}, {centre[1]:.0f})")
+            off = landmarks_off_image(_job["landmarks"][index], upright.width, upright.height)
+            if off:
+                return index, f"{source}: {off}"
             crop = warp_affine(upright, matrix, _job["image_size"])
     except FileNotFoundError:
         return index, f"{source}: no such file"
@@ -337,9 +344,13 @@ def main(argv: list[str] | None = None) -> int:
               "--skip-existing to align the others, or --overwrite to replace them", file=sys.stderr)
         return 2
     if present and args.skip_existing:
-        other = _crop_of_another_size((outputs[i] for i in present[:3]), args.image_size)
-        if other:
-            print(f"align: error: {other[0]} is {other[1]}x{other[2]}, not --image-size {args.image_size}: "
+        if len(present) > 20000:  # about 50 us each from a warm cache
+            print(f"align: checking the size of the {len(present)} existing crops", file=sys.stderr)
+        others = _crops_of_another_size([outputs[i] for i in present], args.image_size)
+        if others:
+            path, width, height = others[0]
+            print(f"align: error: {len(others)} of the {len(present)} existing crops are not --image-size "
+                  f"{args.image_size} ({path} is {width}x{height}{', ...' if len(others) > 1 else ''}): "
                   "--skip-existing would mix crop sizes; name another --output, or pass --overwrite", file=sys.stderr)
             return 2
     todo = np.setdiff1d(np.arange(len(names)), present) if args.skip_existing else np.arange(len(names))
@@ -380,16 +391,17 @@ def _check_writable(folder: str) -> None:
         raise OSError(f"--output {folder} cannot be written: {error.strerror or error}") from None
 
 
-def _crop_of_another_size(paths, size: int) -> tuple[str, int, int] | None:
-    """(path, width, height) of the first of ``paths`` that is not a ``size`` square."""
+def _crops_of_another_size(paths: list[str], size: int) -> list[tuple[str, int, int]]:
+    """(path, width, height) of each of ``paths`` that is not a ``size`` square (its header read)."""
+    others = []
     for path in paths:
         try:
             with Image.open(path) as crop:
                 if crop.width != crop.height or crop.width != size:
-                    return path, crop.width, crop.height
+                    others.append((path, crop.width, crop.height))
         except (OSError, ValueError):
             continue  # not a crop at all: --skip-existing leaves it, as asked
-    return None
+    return others
 
 
 class _Stopped(Exception):
