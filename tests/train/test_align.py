@@ -176,7 +176,7 @@ def test_faces_that_cannot_be_aligned_are_listed_and_the_rest_written(photos, tm
     ("a.png 1 2 3 4 5 6 7 8 9 10\n./a.png 1 2 3 4 5 6 7 8 9 10\n", "line 2: ./a.png is listed again (first on line 1)"),
     # An empty CSV cell is refused, not skipped (which would shift every later column by one).
     ("a.png,,2,3,4,5,6,7,8,9,10\n", "line 1: expected 'image x1 y1 ... x5 y5'"),
-    ("a.png,1,2,3,4,5,6,7,8,9,10\nb.png,1,2,3,4,5,6,7,8,9,\n", "line 2: expected 'image x1 y1 ... x5 y5'"),
+    ("a.png,1,2,3,4,5,6,7,8,9,10\nb.png,1,2,3,4,5,6,7,8,9,\n", "; its column 11 is empty"),
     (",1,2,3,4,5,6,7,8,9,10\n", "line 1: the image path is empty"),
     # A header that names an image file is not taken for one silently; the message says what to do.
     ("image.jpg x1 y1 x2 y2 x3 y3 x4 y4 x5 y5\n", "if it is a header or a comment, delete it or start it with #"),

@@ -84,7 +84,10 @@ def read_face_landmarks(path: str, *, extension: str | None = None
                 if not names and not any(field.lower().endswith(IMAGE_EXTENSIONS) for field in fields):
                     skipped.append((line_no, line.strip()))
                     continue
-                header = "; if it is a header or a comment, delete it or start it with #" if not names else ""
+                if "" in fields[:11]:
+                    header = f"; its column {fields.index('') + 1} is empty"
+                else:
+                    header = "; if it is a header or a comment, delete it or start it with #" if not names else ""
                 raise ValueError(f"{path}: line {line_no}: expected 'image x1 y1 ... x5 y5' (a path and 10 finite "
                                  f"coordinates; a path with spaces in quotes), got {line.strip()[:120]!r}{header}")
             if not fields[0]:
