@@ -304,6 +304,15 @@ def test_quoted_names_may_hold_spaces_and_commas(photos, tmp_path):
     assert (out / "c,d.jpg").is_file()
 
 
+def test_temporaries_of_killed_workers_are_removed(tmp_path):
+    (tmp_path / "a").mkdir()
+    kept = [".hidden.jpg", "x.jpg", ".x.jpg.1234abcd.tmp.jpg", ".x.jpg.zz34abcd.tmp"]
+    for name in [*kept, ".x.jpg.1234abcd.tmp", ".y z.png.00000000.tmp"]:
+        (tmp_path / "a" / name).write_text("")
+    assert align.remove_temporaries([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(kept)
+
+
 def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_path, capsys):
     root, names, _, landmarks = photos
     listing = write(tmp_path / "lm.txt", lines(names, landmarks))
@@ -385,6 +394,7 @@ def test_a_signal_stops_the_workers_and_a_rerun_finishes(photos, tmp_path):
     settled = sorted(f for _, _, files in os.walk(out) for f in files)
     time.sleep(0.5)
     assert sorted(f for _, _, files in os.walk(out) for f in files) == settled  # no worker writes on
+    assert not [f for f in settled if f.startswith(".")]  # nor leaves a temporary it was writing
     finish = subprocess.run([*command, "--skip-existing"], cwd=repo, capture_output=True, text=True, timeout=120)
     assert finish.returncode == 0, finish.stderr
     crops = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if not f.startswith(".")]

@@ -199,10 +199,10 @@ def landmark_notes(landmarks: np.ndarray, line_nos: np.ndarray) -> list[str]:
 
 def write_file_atomic(path: str, data: bytes) -> None:
     """``data`` to ``path`` under a temporary name, then renamed: a killed run leaves whole crops
-    (and at most a hidden temporary a worker). Not synced to the disk, unlike checkpoints: a dataset
-    is millions of small files, and a crash of the machine itself, which may leave an empty crop
-    behind a rename, is rare enough to be handled by hand (remove the empty files, rerun with
-    --skip-existing)."""
+    (and at most a hidden temporary a worker, which ``remove_temporaries`` removes). Not synced to
+    the disk, unlike checkpoints: a dataset is millions of small files, and a crash of the machine
+    itself, which may leave an empty crop behind a rename, is rare enough to be handled by hand
+    (remove the empty files, rerun with --skip-existing)."""
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
@@ -213,6 +213,26 @@ def write_file_atomic(path: str, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_temporaries(folders) -> int:
+    """Removes the temporaries of ``write_file_atomic`` that a stopped or killed worker left in
+    ``folders`` (a worker's SIGTERM ends it mid-write); returns how many."""
+    removed = 0
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if _TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+                    removed += 1
+    return removed
 
 
 # What the worker processes align (set before they start, inherited or passed to their initializer).
@@ -357,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                   "--skip-existing would mix crop sizes; name another --output, or pass --overwrite", file=sys.stderr)
             return 2
     todo = np.setdiff1d(np.arange(len(names)), present) if args.skip_existing else np.arange(len(names))
+    folders = sorted({os.path.dirname(path) for path in outputs})
+    if present:  # an earlier run's folder: what its killed workers left half-written goes
+        remove_temporaries(folders)
     for note in landmark_notes(landmarks[todo], line_nos[todo]) if len(todo) else []:
         print(f"align: warning: {note}", file=sys.stderr)
 
@@ -368,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                                     [outputs[i] for i in todo], image_size=args.image_size, fmt=args.format,
                                     quality=args.quality, workers=args.workers)
     except _Stopped as stop:
+        remove_temporaries(folders)  # the pool's workers have ended (its block terminated them)
         print(f"\nalign: stopped by {stop.name}: the crops written are whole; rerun with --skip-existing to align the "
               "rest", file=sys.stderr)
         return 128 + stop.number
