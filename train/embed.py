@@ -110,20 +110,30 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
                        workers: int = 0) -> tuple[list[str], np.ndarray]:
     """(names as listed, (N, D) float32 unit-length embeddings) of the faces of ``landmarks_file``
     (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``.
-    Raises ValueError naming the line of landmarks that coincide (before any embedding), and of the
-    first face whose image cannot be read or whose landmarks lie off it."""
+    Raises ValueError naming the line of landmarks that coincide and FileNotFoundError naming that
+    of a missing image, before any embedding; ValueError naming the line of the first face whose
+    image cannot be read or whose landmarks lie off it, when it is reached."""
     from .ijb import LooseCrops, unusable_landmarks
     from .tools.align import landmark_notes, read_face_landmarks
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder} is not a folder")
-    names, points, line_nos, _ = read_face_landmarks(landmarks_file, extension=extension)
+    names, points, line_nos, skipped = read_face_landmarks(landmarks_file, extension=extension)
+    if skipped:
+        print(f"skipped {len(skipped)} line(s) before the first face of {landmarks_file} (a count or a header): "
+              f"{', '.join(repr(text[:40]) for _, text in skipped[:2])}{', ...' if len(skipped) > 2 else ''}",
+              file=sys.stderr)
     for note in landmark_notes(points, line_nos):
         print(f"warning: {landmarks_file}: {note}", file=sys.stderr)
     unusable = np.flatnonzero(unusable_landmarks(points))
     if unusable.size:
         raise ValueError(f"{landmarks_file}: line {line_nos[unusable[0]]}: the 5 landmarks of {names[unusable[0]]} "
                          f"coincide" + (f" ({unusable.size} such lines)" if unusable.size > 1 else ""))
+    missing = [i for i, name in enumerate(names) if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        first = missing[0]
+        raise FileNotFoundError(f"{landmarks_file}: line {line_nos[first]}: {os.path.join(folder, names[first])}: no "
+                                "such file" + (f" ({len(missing)} such lines)" if len(missing) > 1 else ""))
     faces = LooseCrops(folder, names, points, image_size, check_bounds=True,
                        sources=[f"{landmarks_file}: line {n}" for n in line_nos])
     features = embed_images(model.to(device), faces, device=device, batch_size=batch_size, workers=workers,

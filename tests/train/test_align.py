@@ -99,6 +99,15 @@ def test_crops_are_the_faces_in_an_image_folder(photos, tmp_path, capsys):
         with Image.open(os.path.join(root, names[i])) as photo:
             assert np.array_equal(crop, ijb.align_face(photo, as_read[i], SIZE))
 
+    # Another size frames the face as the trainer shows a model of that size its 112 faces: the 112
+    # crop resized (not insightface's template for that size, whose margins differ).
+    small = tmp_path / "small"
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(small), "--format", "png",
+                       "--workers", "0", "--image-size", "64"]) == 0
+    for i, name in enumerate(names):
+        resized = Image.fromarray(read(out / name)).resize((64, 64), Image.BILINEAR)
+        assert np.array_equal(read(small / name), np.asarray(resized))
+
 
 def test_celeba_and_vggface2_lists_are_read_as_they_are(photos, tmp_path):
     root, names, _, landmarks = photos

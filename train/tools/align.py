@@ -16,7 +16,8 @@ insightface's ``*_name_5pts_score.txt``, CelebA's ``list_landmarks_celeba.txt`` 
 ``loose_landmark_*.csv`` (with ``--extension .jpg``: its names have none) as they are.
 
 Each face is warped as ``train.ijb`` warps IJB's loose crops (least-squares similarity onto the
-ArcFace template, bilinear, black beyond the image) and written to the same relative path under
+ArcFace template, bilinear, black beyond the image; at another --image-size than 112, the 112 crop
+resized, as the trainer resizes its faces) and written to the same relative path under
 --output with the format's extension, so an ImageFolder (one folder per identity) stays one. Files
 appear whole or not at all. Faces that cannot be aligned (a missing or undecodable image, landmarks
 that coincide) are listed at the end and the others are written; the exit status is then 1.
@@ -41,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from train.data.transforms import decode_failure, encode_image
-from train.ijb import ARCFACE_TEMPLATE, arcface_template, estimate_similarity, landmarks_off_image, warp_affine
+from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
@@ -250,7 +251,7 @@ def _align_one(index: int) -> tuple[int, str]:
     """Aligns and writes face ``index`` of ``_job``; returns (index, "" or why it failed)."""
     source = os.path.join(_job["images"], _job["names"][index])
     try:
-        matrix = estimate_similarity(_job["landmarks"][index], arcface_template(_job["image_size"]))
+        estimate_similarity(_job["landmarks"][index], ARCFACE_TEMPLATE)
     except ValueError:
         return index, f"{source}: its 5 landmarks coincide"
     try:
@@ -259,7 +260,7 @@ def _align_one(index: int) -> tuple[int, str]:
             off = landmarks_off_image(_job["landmarks"][index], upright.width, upright.height)
             if off:
                 return index, f"{source}: {off}"
-            crop = warp_affine(upright, matrix, _job["image_size"])
+            crop = align_for_model(upright, _job["landmarks"][index], _job["image_size"])
     except FileNotFoundError:
         return index, f"{source}: no such file"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -320,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                              "left and right mouth corner, in image pixels)")
     parser.add_argument("--output", required=True, help="the folder the aligned crops are written to")
     parser.add_argument("--image-size", type=int, default=112,
-                        help="side of the square crop (default 112). Other sizes use insightface's template for them: "
-                             "the 112 one scaled for multiples of 112, else its 128-pixel crop's (8 more pixels each "
-                             "side) scaled; a model trained here at another size was shown 112 crops resized")
+                        help="side of the square crop (default 112). Another size is the 112 crop resized (bilinear), "
+                             "the face framed as the trainer shows a model of that size its 112 faces, and as "
+                             "train.embed --landmarks and train.ijb frame it")
     parser.add_argument("--format", choices=tuple(FORMAT_EXTENSIONS), default="jpeg")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     parser.add_argument("--extension", default=None,
@@ -378,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     todo = np.setdiff1d(np.arange(len(names)), present) if args.skip_existing else np.arange(len(names))
     folders = sorted({os.path.dirname(path) for path in outputs})
-    if present:  # an earlier run's folder: what its killed workers left half-written goes
-        remove_temporaries(folders)
+    remove_temporaries(folders)  # what an earlier run's killed workers left half-written
     for note in landmark_notes(landmarks[todo], line_nos[todo]) if len(todo) else []:
         print(f"align: warning: {note}", file=sys.stderr)
 
