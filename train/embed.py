@@ -27,6 +27,16 @@ from .tools import check_outputs, torch_device
 DEFAULT_COSINE_THRESHOLD = 0.3
 
 
+def load_model(path: str, device) -> tuple[torch.nn.Module, dict]:
+    """(eval-mode backbone, settings) of ``--model``: an ONNX file (``onnx_backbone``, run by
+    onnxruntime), else what ``checkpoint.load_backbone`` reads."""
+    if path.lower().endswith(".onnx"):
+        from .onnx_backbone import load_onnx_backbone
+
+        return load_onnx_backbone(path, device)
+    return checkpoint.load_backbone(path)
+
+
 def list_images(folder: str) -> list[str]:
     """Image files under ``folder`` (recursively), sorted."""
     found = []
@@ -182,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="a training checkpoint, or backbone.pt from python -m train.export")
+                   help="a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth, "
+                   "or an ONNX model (.onnx: insightface's released ones, or train.export's; needs onnxruntime)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", metavar="DIR", help="embed every image under this folder")
     what.add_argument("--compare", nargs=2, metavar=("IMAGE1", "IMAGE2"), help="compare two face images")
@@ -222,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault.
     What can be checked without embedding (the device, the output files) is checked first."""
     device = torch_device(args.device)
-    model, settings = checkpoint.load_backbone(args.model)
+    model, settings = load_model(args.model, device)
     if args.images:
         check_outputs(table_files(args.output), args.overwrite)
     size = settings["image_size"]

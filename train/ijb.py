@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 
 from . import checkpoint
 from .data.transforms import to_chw, to_rgb
-from .embed import embed_images, table_files, write_table
+from .embed import embed_images, load_model, table_files, write_table
 from .tools import check_outputs, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -486,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.ijb", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="a training checkpoint, or backbone.pt from python -m train.export")
+                   help="a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth, "
+                   "or an ONNX model (.onnx: insightface's released ones, or train.export's; needs onnxruntime)")
     p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
                    help="the IJBC (or IJBB) folder of IJB_release, holding meta/ and loose_crop/ (or its parent)")
     p.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS)
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = torch_device(args.device)
         protocol = read_protocol(args.data_root, args.target)
-        model, settings = checkpoint.load_backbone(args.model)
+        model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them.
         check_outputs([output, *(table_files(args.save_features) if args.save_features else [])], args.overwrite)
     except (OSError, ValueError) as error:

@@ -274,3 +274,83 @@ def test_embed_makes_the_output_folder(trained, tmp_path):
     output = tmp_path / "new" / "folder" / "e.npy"
     assert embed.main(["--model", ckpt, "--images", faces, "--output", str(output)]) == 0
     assert np.load(output).shape[0] == 16
+
+
+class _RawPixels(torch.nn.Module):
+    """A backbone behind the input scaling MXNet's converted models carry in their graph: fed pixels
+    0-255, it subtracts and multiplies first."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone((x - 127.5) * (1 / 127.5))
+
+
+def _export_graph(module, path, *, dynamic=True):
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation
+        kwargs = dict(input_names=["data"], output_names=["fc1"], opset_version=17,
+                      dynamic_axes={"data": {0: "n"}, "fc1": {0: "n"}} if dynamic else None)
+        dummy = (torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),)
+        try:
+            torch.onnx.export(module.eval(), dummy, str(path), dynamo=False, **kwargs)
+        except TypeError:  # a torch before the exporter's `dynamo` switch: TorchScript's is its only one
+            torch.onnx.export(module.eval(), dummy, str(path), **kwargs)
+    return str(path)
+
+
+def test_embed_and_compare_with_onnx_models(trained, tmp_path, capsys):
+    """`--model x.onnx`: train.export's graph gives what its state dict gives; a graph that scales its
+    own input (as insightface's models converted from MXNet do) is fed pixels, one of fixed batch
+    size is fed slices of it; a graph that is not a recognition model is a one-line error."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from train.onnx_backbone import feeds_raw_pixels, load_onnx_backbone
+
+    ckpt, faces = trained
+    export_dir = tmp_path / "export"
+    assert export.main(["--checkpoint", ckpt, "--output", str(export_dir)]) == 0
+    expected = tmp_path / "pt.npy"
+    assert embed.main(["--model", str(export_dir / "backbone.pt"), "--images", faces, "--output", str(expected),
+                       "--workers", "0"]) == 0
+    vectors = np.load(expected)
+    model, settings = checkpoint.load_backbone(ckpt)
+    graphs = {
+        "export": str(export_dir / "backbone.onnx"),
+        "raw": _export_graph(_RawPixels(model), tmp_path / "raw.onnx"),
+        "batch1": _export_graph(model, tmp_path / "batch1.onnx", dynamic=False),
+    }
+    for kind, graph in graphs.items():
+        onnx_model, onnx_settings = load_onnx_backbone(graph)
+        assert onnx_settings["image_size"] == IMAGE_SIZE and onnx_settings["embedding_size"] == vectors.shape[1]
+        assert onnx_model.raw_pixels == (kind == "raw") == feeds_raw_pixels(graph, onnx_model.input.name)
+        assert onnx_model.batch == (1 if kind == "batch1" else None)
+        out = tmp_path / f"{kind}.npy"
+        assert embed.main(["--model", graph, "--images", faces, "--output", str(out), "--workers", "0",
+                           "--batch-size", "5"]) == 0
+        np.testing.assert_allclose(np.load(out), vectors, atol=2e-5, err_msg=kind)
+    # The export's backbone.json (beside backbone.onnx) gives the threshold, as for backbone.pt.
+    written = json.loads((export_dir / "backbone.json").read_text())
+    assert ("threshold" in written) == ("threshold" in load_onnx_backbone(graphs["export"])[1])
+    image = os.path.join(faces, "id_000", "00.png")
+    capsys.readouterr()
+    assert embed.main(["--model", graphs["raw"], "--compare", image, image, "--threshold", "0.5"]) == 0
+    assert "cosine similarity 1.0000: same person" in capsys.readouterr().out
+
+    # Graphs that are no recognition model, and files that are no graph: one-line errors.
+    class Features(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.avg_pool2d(x, 4)
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    for path, message in ((_export_graph(Features(), tmp_path / "features.onnx"), "not (N, D) embeddings"),
+                          (str(broken), "onnxruntime cannot load it"),
+                          (str(tmp_path / "missing.onnx"), "no model at")):
+        assert embed.main(["--model", path, "--images", faces, "--output", str(tmp_path / "x.npy")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not (tmp_path / "x.npy").exists(), err

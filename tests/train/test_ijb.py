@@ -394,6 +394,27 @@ def test_main_end_to_end(release, tmp_path, capsys):
     assert options["flip"] is False and options["detector_score"] is False
 
 
+def test_an_onnx_model_gives_its_state_dicts_features(release, tmp_path):
+    """`--model x.onnx` (insightface's released models are ONNX files): train.export's graph of the
+    backbone gives the features its state dict gives."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from train import export
+
+    data, model, _ = release
+    backbone, settings = checkpoint.load_backbone(model)
+    graph = str(tmp_path / "backbone.onnx")
+    export.export_onnx(backbone, graph, settings["image_size"])
+    features = {}
+    for name, path in (("pt", model), ("onnx", graph)):
+        out = tmp_path / f"{name}.npy"
+        assert ijb.main(["--model", path, "--data-root", data, "--workers", "0", "--device", "cpu", "--output",
+                         str(tmp_path / f"{name}.json"), "--save-features", str(out)]) == 0
+        features[name] = np.load(out)
+    np.testing.assert_allclose(features["onnx"], features["pt"], rtol=1e-4, atol=1e-4)
+    assert json.loads((tmp_path / "onnx.json").read_text())["options"]["network"] == "onnx"
+
+
 def test_unusable_landmarks_make_a_black_crop_as_in_insightface(release, tmp_path, capsys):
     # skimage's estimate is NaN for coincident points, and OpenCV warps a NaN matrix to black.
     data, model, _ = release

@@ -1,0 +1,144 @@
+"""A face-recognition backbone in an ONNX file, run by onnxruntime behind the module interface that
+``train.embed`` and ``train.ijb`` embed with: insightface's released models (``w600k_r50.onnx``,
+``glintr100.onnx``, ...), or ``train.export``'s ``backbone.onnx``.
+
+The model takes one (N, 3, S, S) RGB batch and gives (N, D) embeddings. Its input scale is told by
+its graph, as insightface's ``ArcFaceONNX`` tells it: a graph that starts by subtracting a constant
+and multiplying (the models converted from MXNet) is fed pixels 0-255; any other (PyTorch's exports,
+this trainer's) is fed (x - 127.5) / 127.5.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+DEFAULT_IMAGE_SIZE = 112
+
+
+class OnnxBackbone(torch.nn.Module):
+    """forward(x): (N, D) float32 embeddings, on x's device, of (N, 3, S, S) images scaled as
+    (x - 127.5) / 127.5 (what ``to_model_input`` makes). A graph whose batch size is fixed (1, say)
+    is run on slices of that size, the last one padded."""
+
+    def __init__(self, session, *, raw_pixels: bool, batch: int | None):
+        super().__init__()
+        self.session, self.raw_pixels, self.batch = session, raw_pixels, batch
+        self.input = session.get_inputs()[0]
+        self.output_name = session.get_outputs()[0].name
+        self.dtype = _DTYPES[self.input.type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.raw_pixels:
+            x = x * 127.5 + 127.5
+        array = x.detach().float().cpu().numpy().astype(self.dtype, copy=False)
+        if self.batch is None:
+            out = self._run(array)
+        else:
+            pieces = []
+            for start in range(0, array.shape[0], self.batch):
+                piece = array[start:start + self.batch]
+                count = piece.shape[0]
+                if count < self.batch:
+                    piece = np.concatenate([piece, np.zeros((self.batch - count, *piece.shape[1:]), piece.dtype)])
+                pieces.append(self._run(piece)[:count])
+            out = np.concatenate(pieces)
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)
+
+    def _run(self, array: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input.name: array})[0]
+
+
+def feeds_raw_pixels(path: str, input_name: str) -> bool:
+    """Whether the graph at ``path`` normalises its own input: the node reading ``input_name`` is a
+    Sub whose result a Mul or Div reads next (MXNet's ``_minusscalar``, ``_mulscalar``). False
+    without the onnx package to read the graph with (a note says so)."""
+    try:
+        import onnx
+    except ImportError:
+        print(f"note: {path}: without the onnx package its graph cannot be read; it is fed (x - 127.5) / 127.5",
+              file=sys.stderr)
+        return False
+    graph = onnx.load(path, load_external_data=False).graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    first = readers.get(input_name, [])
+    if len(first) != 1 or first[0].op_type != "Sub":
+        return False
+    second = readers.get(first[0].output[0], [])
+    return len(second) == 1 and second[0].op_type in ("Mul", "Div")
+
+
+def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[OnnxBackbone, dict]:
+    """(the model, settings: network "onnx", embedding_size, image_size, and the ``threshold`` of
+    ``train.export``'s ``backbone.json`` beside it when there is one). Raises FileNotFoundError,
+    or ValueError naming the file when onnxruntime is missing or the graph is not one image batch in
+    and (N, D) embeddings out."""
+    import json
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model at {path}")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ValueError(f"{path}: an ONNX model runs on onnxruntime: pip install onnxruntime (onnxruntime-gpu "
+                         "for CUDA)") from None
+    device = torch.device(device)
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        else:
+            print(f"note: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu): {path} runs on the CPU",
+                  file=sys.stderr)
+    try:
+        session = onnxruntime.InferenceSession(path, providers=providers)
+    except Exception as error:  # onnxruntime's errors share no base class but Exception
+        raise ValueError(f"{path}: onnxruntime cannot load it: {_first_line(error)}") from None
+
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ValueError(f"{path}: the graph takes {len(inputs)} inputs, not one image batch")
+    shape, kind = inputs[0].shape, inputs[0].type
+    if len(shape) != 4 or shape[1] != 3:
+        raise ValueError(f"{path}: the graph's input {inputs[0].name} is {shape}, not (N, 3, H, W) images")
+    if kind not in _DTYPES:
+        raise ValueError(f"{path}: the graph's input is {kind}, not float or float16")
+    height, width = shape[2], shape[3]
+    if isinstance(height, int) and isinstance(width, int):
+        if height != width:
+            raise ValueError(f"{path}: the graph's input is {height}x{width}; the faces here are square")
+        image_size = height
+    elif isinstance(height, int) or isinstance(width, int):
+        image_size = height if isinstance(height, int) else width
+    else:
+        image_size = DEFAULT_IMAGE_SIZE
+        print(f"note: {path}: the graph's input size is not fixed; faces are fed at {image_size}px", file=sys.stderr)
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+
+    model = OnnxBackbone(session, raw_pixels=feeds_raw_pixels(path, inputs[0].name), batch=batch)
+    try:
+        probe = model(torch.zeros(2, 3, image_size, image_size))
+    except Exception as error:
+        raise ValueError(f"{path}: onnxruntime cannot run it on a {image_size}px batch: {_first_line(error)}") from None
+    if probe.ndim != 2 or probe.shape[0] != 2:
+        raise ValueError(f"{path}: the graph gives {tuple(probe.shape)} for 2 images, not (N, D) embeddings "
+                         "(a recognition model's output)")
+    settings = {"network": "onnx", "embedding_size": int(probe.shape[1]), "image_size": int(image_size)}
+    sidecar = os.path.splitext(path)[0] + ".json"  # train.export's backbone.json
+    if os.path.exists(sidecar):
+        with open(sidecar, encoding="utf-8") as f:
+            written = json.load(f)
+        if isinstance(written, dict) and "threshold" in written:
+            settings["threshold"] = written["threshold"]
+    return model.eval(), settings
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
