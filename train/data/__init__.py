@@ -93,7 +93,7 @@ def check_every_rank_reads_the_same(dataset: FaceImageDataset, spec: str) -> Non
                      "the same copy")
 
 
-def _is_path(target: str) -> bool:
+def is_target_path(target: str) -> bool:
     """Whether a `--val-targets` entry names a file rather than a set."""
     return target.endswith((".bin", ".txt")) or os.sep in target
 
@@ -101,11 +101,11 @@ def _is_path(target: str) -> bool:
 def _find_target(folder: str | None, target: str) -> str | None:
     """The file of a `--val-targets` entry; None for a name that `folder` lacks (no folder:
     synthetic data). A path is looked for as it is, then in `folder`, and is an error when missing."""
-    candidates = [target] if _is_path(target) else []
+    candidates = [target] if is_target_path(target) else []
     if folder is not None:
         candidates += [os.path.join(folder, target), os.path.join(folder, target + ".bin")]
     found = next((c for c in candidates if os.path.isfile(c)), None)
-    if found is None and _is_path(target):
+    if found is None and is_target_path(target):
         raise FileNotFoundError(f"--val-targets: no verification set at {target}")
     return found
 
@@ -128,7 +128,7 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
 
     sets: dict[str, VerificationSet] = {}
     for target in targets:
-        if spec == SYNTHETIC and not _is_path(target):
+        if spec == SYNTHETIC and not is_target_path(target):
             images, issame = synthetic_pairs(target, num_pairs=synthetic_pairs_per_target,
                                              num_identities=max(2, synthetic_pairs_per_target // 2),
                                              image_size=image_size, seed=seed)

@@ -1,0 +1,86 @@
+"""`python -m train.verify`: a trained model's verification accuracy, measured outside training as
+training measures it."""
+
+import json
+import os
+import pickle
+
+import pytest
+
+import arcface_ext
+from train import checkpoint, export, verify
+from train.verification import read_pairs_list
+
+from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, train_one_thread
+
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+
+
+@pytest.fixture(scope="module")
+def verified(tmp_path_factory):
+    """A checkpoint of a run that verified on a pairs list at its end, the list, and a data folder
+    holding the same pairs as insightface's lfw.bin."""
+    root = tmp_path_factory.mktemp("verify")
+    data = make_face_folder(str(root / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(root / "pairs"), pairs=20)
+    argv = base_argv(data, str(root / "run"), pairs=pairs, batch_size=8, max_steps=2, loss_impl=LOSS_IMPL)
+    assert train_one_thread(argv) == 0
+    bins = root / "bins"
+    os.makedirs(bins)
+    listed, issame = read_pairs_list(pairs)
+    encoded = [open(path, "rb").read() for pair in listed for path in pair]  # PNGs, as .bin holds images
+    with open(bins / "lfw.bin", "wb") as f:
+        pickle.dump((encoded, [bool(x) for x in issame]), f)
+    return str(root / "run" / "checkpoint.pt"), pairs, str(bins)
+
+
+def test_verify_gives_trainings_own_verification(verified, tmp_path, capsys):
+    ckpt, pairs, bins = verified
+    recorded = checkpoint.load(ckpt)["verification"]["pairs"]
+    output = tmp_path / "out" / "results.json"
+    # The pairs list, and the same pairs as <data>/lfw.bin: both give what training recorded.
+    assert verify.main(["--model", ckpt, "--targets", pairs, "--batch-size", "8", "--output", str(output)]) == 0
+    assert verify.main(["--model", ckpt, "--data", bins, "--targets", "lfw,cfp_fp", "--batch-size", "8",
+                        "--output", str(tmp_path / "bin.json")]) == 0
+    captured = capsys.readouterr()
+    assert "pairs: accuracy" in captured.out and "lfw: accuracy" in captured.out
+    assert "cfp_fp" in captured.err and "skipped" in captured.err  # a name the folder lacks: a note
+    for path, name in ((output, "pairs"), (tmp_path / "bin.json", "lfw")):
+        result = json.loads(path.read_text())
+        assert list(result["targets"]) == [name] and result["network"] == "small"
+        got = result["targets"][name]
+        assert got["pairs"] == 20
+        for key in ("accuracy", "accuracy_std", "threshold"):
+            assert got[key] == recorded[key], (name, key)
+        assert got["xnorm"] == pytest.approx(recorded["xnorm"], rel=1e-5)
+    assert verify.main(["--model", ckpt, "--targets", pairs, "--output", str(output)]) == 2  # kept
+    assert "exists" in capsys.readouterr().err
+
+
+def test_verify_an_onnx_model(verified, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    ckpt, pairs, _ = verified
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
+    for model, name in ((ckpt, "pt.json"), (str(tmp_path / "backbone.onnx"), "onnx.json")):
+        assert verify.main(["--model", model, "--targets", pairs, "--output", str(tmp_path / name)]) == 0
+    pt, onnx = (json.loads((tmp_path / name).read_text())["targets"]["pairs"] for name in ("pt.json", "onnx.json"))
+    assert onnx["accuracy"] == pt["accuracy"] and onnx["xnorm"] == pytest.approx(pt["xnorm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--targets", "lfw"], "--targets lfw: a name is looked for in --data FOLDER"),
+    ([], "name the sets: --data FOLDER"),
+    (["--targets", "missing/lfw.bin"], "no verification set at missing/lfw.bin"),
+    (["--data", "."], "none of lfw, cfp_fp, agedb_30 found in --data ."),
+    (["--targets", "x.bin", "--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_mistakes_are_one_line_errors(verified, tmp_path, capsys, argv, message, monkeypatch):
+    ckpt, _, _ = verified
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = verify.main(["--model", ckpt, *argv])
+    except SystemExit as exit_info:  # argparse's errors
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.splitlines()[-1] and "Traceback" not in err, err

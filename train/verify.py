@@ -1,0 +1,104 @@
+"""``python -m train.verify``: a model's verification accuracy on LFW, CFP-FP, AgeDB-30 and the other
+sets of insightface's ``.bin`` format (or pairs lists), measured as training measures it.
+
+    python -m train.verify --model MODEL --data FOLDER [--targets lfw,cfp_fp,agedb_30]
+    python -m train.verify --model MODEL --targets /data/lfw.bin,pairs.txt
+
+MODEL is what ``train.embed`` takes: a training checkpoint, ``train.export``'s ``backbone.pt`` or
+``backbone.onnx``, insightface's ``backbone.pth`` or its released ONNX models. Each pair is scored as
+``train.verification`` scores it (embedding(image) + embedding(mirrored image), L2-normalised; 10-fold
+accuracy, each fold judged at the squared-distance threshold best on the other nine), which is
+insightface's ``Accuracy-Flip``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import time
+import warnings
+
+from . import checkpoint
+from .data import SYNTHETIC, build_verification_sets, is_target_path
+from .embed import load_model
+from .tools import check_outputs, torch_device
+from .verification import evaluate
+
+DEFAULT_TARGETS = ("lfw", "cfp_fp", "agedb_30")
+
+
+def _targets(text: str) -> list[str]:
+    return [t for t in text.replace(",", " ").split() if t]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.verify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a training checkpoint, backbone.pt or backbone.onnx from python -m train.export, "
+                   "insightface's backbone.pth, or an ONNX model")
+    p.add_argument("--data", default=None,
+                   help="the folder a target's name is looked for in (<data>/<name>.bin, a training set's folder "
+                   "as insightface ships them); 'synthetic' for the demo's synthetic sets")
+    p.add_argument("--targets", type=_targets, default=None,
+                   help=f"names (with --data; default {','.join(DEFAULT_TARGETS)}) or paths of .bin files and "
+                   "pairs lists (image1 image2 0|1 a line)")
+    p.add_argument("--seed", type=int, default=0, help="with --data synthetic: the training run's --seed")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
+    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace --output when it exists; without it it is kept")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    targets = args.targets or (["synthetic"] if args.data == SYNTHETIC else list(DEFAULT_TARGETS))
+    if args.data is None and not args.targets:
+        p.error(f"name the sets: --data FOLDER (holding {', '.join(t + '.bin' for t in DEFAULT_TARGETS)}) or "
+                "--targets with paths")
+    names = [t for t in targets if not is_target_path(t)]
+    if args.data is None and names:
+        p.error(f"--targets {names[0]}: a name is looked for in --data FOLDER; pass --data, or the path of a .bin "
+                "or pairs list")
+    try:
+        return run(args, targets)
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, targets: list[str]) -> int:
+    """``main`` after parsing; raises OSError or ValueError naming what is at fault."""
+    device = torch_device(args.device)
+    if args.output:
+        check_outputs([args.output], args.overwrite)
+    model, settings = load_model(args.model, device)
+    size = settings["image_size"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sets = build_verification_sets(args.data or "", targets, image_size=size, seed=args.seed)
+    for warning in caught:
+        print(f"note: {warning.message}", file=sys.stderr)
+    if not sets:
+        raise FileNotFoundError(f"none of {', '.join(targets)} found in --data {args.data}")
+
+    model = model.to(device)
+    results = {}
+    print(f"{args.model}: {settings['network']}, {settings['embedding_size']}-D, {size}px, on {device}", flush=True)
+    for name, vset in sets.items():
+        started = time.monotonic()
+        result = {k: float(v) for k, v in evaluate(model, vset, device=device, batch_size=args.batch_size).items()}
+        result["pairs"] = int(vset.num_pairs)
+        results[name] = result
+        print(f"{name}: accuracy {result['accuracy']:.4f} ± {result['accuracy_std']:.4f} (threshold "
+              f"{result['threshold']:.3f}, xnorm {result['xnorm']:.2f}; {vset.num_pairs} pairs, "
+              f"{time.monotonic() - started:.1f} s)", flush=True)
+    if args.output:
+        checkpoint.write_json_atomic(args.output, {"model": args.model, "image_size": size, "network":
+                                                   settings["network"], "targets": results})
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
