@@ -123,13 +123,18 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
     batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
 
     model = OnnxBackbone(session, raw_pixels=feeds_raw_pixels(path, inputs[0].name), batch=batch)
-    try:
-        probe = model(torch.zeros(2, 3, image_size, image_size))
-    except Exception as error:
-        raise ValueError(f"{path}: onnxruntime cannot run it on a {image_size}px batch: {_first_line(error)}") from None
-    if probe.ndim != 2 or probe.shape[0] != 2:
-        raise ValueError(f"{path}: the graph gives {tuple(probe.shape)} for 2 images, not (N, D) embeddings "
-                         "(a recognition model's output)")
+    probe, failure = _probe(model, image_size)
+    if failure and batch is None:
+        # A graph whose batch dimension is free but which reshapes to a batch of 1 inside (a fixed
+        # Reshape from its export) runs one image at a time.
+        model.batch = 1
+        probe, failure_of_one = _probe(model, image_size)
+        if failure_of_one:
+            model.batch = None
+        else:
+            print(f"note: {path} runs on one image at a time (on a batch of 2: {failure})", file=sys.stderr)
+    if probe is None:
+        raise ValueError(f"{path}: {failure}")
     settings = {"network": "onnx", "embedding_size": int(probe.shape[1]), "image_size": int(image_size)}
     sidecar = os.path.splitext(path)[0] + ".json"  # train.export's backbone.json
     if os.path.exists(sidecar):
@@ -138,6 +143,18 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
         if isinstance(written, dict) and "threshold" in written:
             settings["threshold"] = written["threshold"]
     return model.eval(), settings
+
+
+def _probe(model: OnnxBackbone, image_size: int) -> tuple[torch.Tensor | None, str]:
+    """(model's output for 2 black images, "") when it is (2, D) embeddings, else (None, why not)."""
+    try:
+        probe = model(torch.zeros(2, 3, image_size, image_size))
+    except Exception as error:  # onnxruntime's errors share no base class but Exception
+        return None, f"onnxruntime cannot run it on {image_size}px images: {_first_line(error)}"
+    if probe.ndim != 2 or probe.shape[0] != 2:
+        return None, (f"the graph gives {tuple(probe.shape)} for 2 images, not (N, D) embeddings (a recognition "
+                      "model's output)")
+    return probe, ""
 
 
 def _first_line(error: Exception) -> str:

@@ -276,6 +276,17 @@ def test_embed_makes_the_output_folder(trained, tmp_path):
     assert np.load(output).shape[0] == 16
 
 
+class _OneAtATime(torch.nn.Module):
+    """A backbone exported with a fixed reshape to a batch of one, behind a free batch dimension."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone(x).reshape(1, -1)
+
+
 class _RawPixels(torch.nn.Module):
     """A backbone behind the input scaling MXNet's converted models carry in their graph: fed pixels
     0-255, it subtracts and multiplies first."""
@@ -323,12 +334,13 @@ def test_embed_and_compare_with_onnx_models(trained, tmp_path, capsys):
         "export": str(export_dir / "backbone.onnx"),
         "raw": _export_graph(_RawPixels(model), tmp_path / "raw.onnx"),
         "batch1": _export_graph(model, tmp_path / "batch1.onnx", dynamic=False),
+        "reshape1": _export_graph(_OneAtATime(model), tmp_path / "reshape1.onnx"),
     }
     for kind, graph in graphs.items():
         onnx_model, onnx_settings = load_onnx_backbone(graph)
         assert onnx_settings["image_size"] == IMAGE_SIZE and onnx_settings["embedding_size"] == vectors.shape[1]
         assert onnx_model.raw_pixels == (kind == "raw") == feeds_raw_pixels(graph, onnx_model.input.name)
-        assert onnx_model.batch == (1 if kind == "batch1" else None)
+        assert onnx_model.batch == (1 if kind in ("batch1", "reshape1") else None)
         out = tmp_path / f"{kind}.npy"
         assert embed.main(["--model", graph, "--images", faces, "--output", str(out), "--workers", "0",
                            "--batch-size", "5"]) == 0
