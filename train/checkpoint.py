@@ -163,14 +163,30 @@ def _describe_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
             "image_size": image_size}
 
 
+def read_settings(path: str) -> dict[str, Any]:
+    """The settings ``python -m train.export`` writes beside a backbone (``backbone.json``: network,
+    embedding_size, image_size, threshold); ValueError naming the file when it is not such JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not the settings JSON train.export writes: {error}") from None
+    types = {"network": str, "embedding_size": int, "image_size": int, "threshold": (int, float)}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: not the settings JSON train.export writes (an object of {', '.join(types)})")
+    for key, kind in types.items():
+        if key in settings and (not isinstance(settings[key], kind) or isinstance(settings[key], bool)):
+            wanted = "number" if key == "threshold" else kind.__name__
+            raise ValueError(f"{path}: {key} is {settings[key]!r}, not a {wanted}")
+    return settings
+
+
 def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An eval-mode backbone from a training checkpoint, a state dict written by
     ``python -m train.export`` (settings beside it in ``<name>.json``) or a bare state dict of a
     backbone it builds (:func:`describe_backbone`); ``overrides`` (network, embedding_size, image_size) win over what the file says.
     Returns ``(model, settings)``; settings also hold ``threshold`` (squared distance, from
     the last verification) when known."""
-    import json
-
     from .models import get_model
 
     state = load(path)
@@ -184,8 +200,7 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
     else:
         sidecar = os.path.splitext(path)[0] + ".json"
         if os.path.exists(sidecar):
-            with open(sidecar, encoding="utf-8") as f:
-                settings = json.load(f)
+            settings = read_settings(sidecar)
     weights = backbone_state_dict(state, path)
     if not all(k in settings for k in ("network", "embedding_size", "image_size")):
         settings = {**describe_backbone(weights), **settings}

@@ -54,8 +54,10 @@ class OnnxBackbone(torch.nn.Module):
 
 
 def feeds_raw_pixels(path: str, input_name: str) -> bool:
-    """Whether the graph at ``path`` normalises its own input: the node reading ``input_name`` is a
-    Sub whose result a Mul or Div reads next (MXNet's ``_minusscalar``, ``_mulscalar``). False
+    """Whether the graph at ``path`` normalises its own input, so that it is fed pixels 0-255: the
+    input (through Cast and Identity nodes, beside Shape nodes reading its size) goes into a Sub whose
+    result (likewise) goes into a Mul or Div, as MXNet's ``_minusscalar`` and ``_mulscalar``; or,
+    insightface's own test, a node named Sub/_minus and one named Mul/_mul among the first 8. False
     without the onnx package to read the graph with (a note says so)."""
     try:
         import onnx
@@ -64,15 +66,29 @@ def feeds_raw_pixels(path: str, input_name: str) -> bool:
               file=sys.stderr)
         return False
     graph = onnx.load(path, load_external_data=False).graph
+    names = [node.name for node in graph.node[:8]]
+    if any(n.startswith(("Sub", "_minus")) for n in names) and any(n.startswith(("Mul", "_mul")) for n in names):
+        return True
     readers = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    first = readers.get(input_name, [])
-    if len(first) != 1 or first[0].op_type != "Sub":
+
+    def next_op(value: str):
+        """The node that computes on ``value``, through casts and copies; None when not one."""
+        while True:
+            nodes = [n for n in readers.get(value, []) if n.op_type != "Shape"]
+            if len(nodes) != 1:
+                return None
+            if nodes[0].op_type not in ("Cast", "Identity"):
+                return nodes[0]
+            value = nodes[0].output[0]
+
+    first = next_op(input_name)
+    if first is None or first.op_type != "Sub":
         return False
-    second = readers.get(first[0].output[0], [])
-    return len(second) == 1 and second[0].op_type in ("Mul", "Div")
+    second = next_op(first.output[0])
+    return second is not None and second.op_type in ("Mul", "Div")
 
 
 def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[OnnxBackbone, dict]:
@@ -80,8 +96,6 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
     ``train.export``'s ``backbone.json`` beside it when there is one). Raises FileNotFoundError,
     or ValueError naming the file when onnxruntime is missing or the graph is not one image batch in
     and (N, D) embeddings out."""
-    import json
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no model at {path}")
     try:
@@ -97,8 +111,10 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
         else:
             print(f"note: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu): {path} runs on the CPU",
                   file=sys.stderr)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # its errors come back as exceptions, which the messages here give
     try:
-        session = onnxruntime.InferenceSession(path, providers=providers)
+        session = onnxruntime.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime's errors share no base class but Exception
         raise ValueError(f"{path}: onnxruntime cannot load it: {_first_line(error)}") from None
 
@@ -132,16 +148,27 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
         if failure_of_one:
             model.batch = None
         else:
-            print(f"note: {path} runs on one image at a time (on a batch of 2: {failure})", file=sys.stderr)
+            print(f"note: {path} runs on one image at a time (its graph fails on a batch of 2)", file=sys.stderr)
     if probe is None:
         raise ValueError(f"{path}: {failure}")
-    settings = {"network": "onnx", "embedding_size": int(probe.shape[1]), "image_size": int(image_size)}
+    dimension = int(probe.shape[1])
+    outputs = session.get_outputs()
+    print(f"note: {path}: fed " + ("pixels 0-255 (its graph scales its input)" if model.raw_pixels else
+                                   "(x - 127.5) / 127.5") + f", {image_size}px; its output {outputs[0].name} is "
+          f"the {dimension}-D embedding" + (f" (of {len(outputs)} outputs)" if len(outputs) > 1 else ""),
+          file=sys.stderr)
+    if len(outputs) > 1 or dimension < 64:
+        print(f"warning: {path}: " + (f"{len(outputs)} outputs" if len(outputs) > 1 else f"{dimension}-D outputs")
+              + ": is it a recognition model? (insightface's are one 512-D output; its model packs also hold "
+              "detection, landmark and gender/age models)", file=sys.stderr)
+    settings = {"network": "onnx", "embedding_size": dimension, "image_size": int(image_size)}
     sidecar = os.path.splitext(path)[0] + ".json"  # train.export's backbone.json
     if os.path.exists(sidecar):
-        with open(sidecar, encoding="utf-8") as f:
-            written = json.load(f)
-        if isinstance(written, dict) and "threshold" in written:
-            settings["threshold"] = written["threshold"]
+        from .checkpoint import read_settings
+
+        threshold = read_settings(sidecar).get("threshold")
+        if threshold is not None:
+            settings["threshold"] = threshold
     return model.eval(), settings
 
 

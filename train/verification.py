@@ -185,7 +185,10 @@ def load_pairs_list(path: str, image_size: int = 112) -> VerificationSet:
     images = torch.empty((2 * len(pairs), 3, image_size, image_size), dtype=torch.uint8)
     for k, pair in enumerate(pairs):
         for j, image_path in enumerate(pair):
-            img = load_image_file(image_path, image_size)
+            try:
+                img = load_image_file(image_path, image_size)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: pair {k + 1}: no image at {image_path}") from None
             images[2 * k + j] = to_chw(img)
     return VerificationSet(os.path.splitext(os.path.basename(path))[0], images, issame)
 

@@ -14,6 +14,7 @@ insightface's ``Accuracy-Flip``.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 import time
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", type=_targets, default=None,
                    help=f"names (with --data; default {','.join(DEFAULT_TARGETS)}) or paths of .bin files and "
                    "pairs lists (image1 image2 0|1 a line)")
-    p.add_argument("--seed", type=int, default=0, help="with --data synthetic: the training run's --seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="with --data synthetic: the training run's --seed (default: a checkpoint's own, else 0)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")
@@ -72,11 +74,17 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     device = torch_device(args.device)
     if args.output:
         check_outputs([args.output], args.overwrite)
+    if args.data not in (None, SYNTHETIC) and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data} is not a folder")
     model, settings = load_model(args.model, device)
     size = settings["image_size"]
+    seed = args.seed
+    if args.data == SYNTHETIC and seed is None:
+        seed = _run_seed(args.model)
+        print(f"synthetic sets of --seed {seed}" + (" (the run's)" if seed is not None else ""), file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sets = build_verification_sets(args.data or "", targets, image_size=size, seed=args.seed)
+        sets = build_verification_sets(args.data or "", targets, image_size=size, seed=seed or 0, flag="--targets")
     for warning in caught:
         print(f"note: {warning.message}", file=sys.stderr)
     if not sets:
@@ -98,6 +106,15 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
                                                    settings["network"], "targets": results})
         print(f"wrote {args.output}")
     return 0
+
+
+def _run_seed(path: str) -> int | None:
+    """The ``--seed`` of the run whose training checkpoint ``path`` is; None for other models."""
+    if path.lower().endswith(".onnx"):
+        return None
+    state = checkpoint.load(path)
+    run = state.get("args") if isinstance(state, dict) else None
+    return run.get("seed") if isinstance(run, dict) and isinstance(run.get("seed"), int) else None
 
 
 if __name__ == "__main__":

@@ -187,6 +187,9 @@ def test_faces_that_cannot_be_aligned_are_listed_and_the_rest_written(photos, tm
     ("a.png,,2,3,4,5,6,7,8,9,10\n", "line 1: expected 'image x1 y1 ... x5 y5'"),
     ("a.png,1,2,3,4,5,6,7,8,9,10\nb.png,1,2,3,4,5,6,7,8,9,\n", "; its column 11 is empty"),
     (",1,2,3,4,5,6,7,8,9,10\n", "line 1: the image path is empty"),
+    # A first face that does not parse is not taken for a header, even with names without extensions.
+    ('"id0/0",,2,3,4,5,6,7,8,9,10\n', "line 1: expected 'image x1 y1 ... x5 y5'"),
+    ("a.png,1,2,3,4,5,6,7,8,9,10\nb.png\r,1,2,3,4,5,6,7,8,9,10\n", "line 2: new-line character"),
     # A header that names an image file is not taken for one silently; the message says what to do.
     ("image.jpg x1 y1 x2 y2 x3 y3 x4 y4 x5 y5\n", "if it is a header or a comment, delete it or start it with #"),
 ])
@@ -344,6 +347,17 @@ def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_pa
     assert f"{len(names) - 1} of the {len(names) - 1} existing crops are not --image-size 128" in err
     assert "person0/0.jpg is 112x112, ..." in err
     assert not (out / "person2" / "1.jpg").exists()
+    # An empty crop (a crash of the machine after the rename) is made again.
+    (out / "person1" / "0.jpg").write_bytes(b"")
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--workers", "0",
+                       "--skip-existing"]) == 0
+    assert "1 existing crop(s) are empty" in capsys.readouterr().err
+    assert read(out / "person1" / "0.jpg").shape == (SIZE, SIZE, 3) and (out / "person2" / "1.jpg").exists()
+    os.remove(out / "person2" / "1.jpg")
+    # Crops of another --format beside: the folder would hold the faces twice.
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--workers", "0",
+                       "--skip-existing", "--format", "png"]) == 2
+    assert f"{out / 'person0' / '0.jpg'} exists where 0.png goes ({len(names) - 1} such" in capsys.readouterr().err
     # Every existing crop is checked: one of another size among the last (an --overwrite at another
     # size that was stopped) is found.
     Image.new("RGB", (128, 128)).save(out / "person2" / "0.jpg")

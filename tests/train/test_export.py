@@ -289,14 +289,18 @@ class _OneAtATime(torch.nn.Module):
 
 class _RawPixels(torch.nn.Module):
     """A backbone behind the input scaling MXNet's converted models carry in their graph: fed pixels
-    0-255, it subtracts and multiplies first."""
+    0-255, it subtracts and multiplies first; with ``shape`` its input's size is read too (a Shape
+    node beside the Sub), with ``cast`` the scaling is done in float64 (Cast nodes around it)."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, *, shape=False, cast=False):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.shape, self.cast = backbone, shape, cast
 
     def forward(self, x):
-        return self.backbone((x - 127.5) * (1 / 127.5))
+        y = x.double() if self.cast else x
+        y = ((y - 127.5) * (1 / 127.5)).float()
+        out = self.backbone(y)
+        return out.reshape(x.shape[0], -1) if self.shape else out
 
 
 def _export_graph(module, path, *, dynamic=True):
@@ -333,13 +337,15 @@ def test_embed_and_compare_with_onnx_models(trained, tmp_path, capsys):
     graphs = {
         "export": str(export_dir / "backbone.onnx"),
         "raw": _export_graph(_RawPixels(model), tmp_path / "raw.onnx"),
+        "raw_shape": _export_graph(_RawPixels(model, shape=True), tmp_path / "raw_shape.onnx"),
+        "raw_cast": _export_graph(_RawPixels(model, cast=True), tmp_path / "raw_cast.onnx"),
         "batch1": _export_graph(model, tmp_path / "batch1.onnx", dynamic=False),
         "reshape1": _export_graph(_OneAtATime(model), tmp_path / "reshape1.onnx"),
     }
     for kind, graph in graphs.items():
         onnx_model, onnx_settings = load_onnx_backbone(graph)
         assert onnx_settings["image_size"] == IMAGE_SIZE and onnx_settings["embedding_size"] == vectors.shape[1]
-        assert onnx_model.raw_pixels == (kind == "raw") == feeds_raw_pixels(graph, onnx_model.input.name)
+        assert onnx_model.raw_pixels == kind.startswith("raw") == feeds_raw_pixels(graph, onnx_model.input.name)
         assert onnx_model.batch == (1 if kind in ("batch1", "reshape1") else None)
         out = tmp_path / f"{kind}.npy"
         assert embed.main(["--model", graph, "--images", faces, "--output", str(out), "--workers", "0",
@@ -352,6 +358,16 @@ def test_embed_and_compare_with_onnx_models(trained, tmp_path, capsys):
     capsys.readouterr()
     assert embed.main(["--model", graphs["raw"], "--compare", image, image, "--threshold", "0.5"]) == 0
     assert "cosine similarity 1.0000: same person" in capsys.readouterr().out
+
+    # A graph that gives few values a face (insightface's gender/age model: 3) runs, with a warning.
+    class GenderAge(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    capsys.readouterr()
+    assert embed.main(["--model", _export_graph(GenderAge(), tmp_path / "genderage.onnx"), "--images", faces,
+                       "--output", str(tmp_path / "ga.npy")]) == 0
+    assert "3-D outputs: is it a recognition model?" in capsys.readouterr().err
 
     # Graphs that are no recognition model, and files that are no graph: one-line errors.
     class Features(torch.nn.Module):
@@ -366,3 +382,19 @@ def test_embed_and_compare_with_onnx_models(trained, tmp_path, capsys):
         assert embed.main(["--model", path, "--images", faces, "--output", str(tmp_path / "x.npy")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and not (tmp_path / "x.npy").exists(), err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"network": "small", "threshold": "abc"}', "threshold is 'abc', not a number"),
+    ("{'network': 'small'}", "not the settings JSON train.export writes"),
+    ("[1, 2]", "not the settings JSON train.export writes"),
+])
+def test_a_bad_settings_file_is_named(trained, tmp_path, capsys, content, message):
+    ckpt, faces = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--no-onnx"]) == 0
+    (tmp_path / "backbone.json").write_text(content)
+    capsys.readouterr()
+    assert embed.main(["--model", str(tmp_path / "backbone.pt"), "--compare", os.path.join(faces, "id_000", "00.png"),
+                       os.path.join(faces, "id_000", "01.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'backbone.json'}: {message}" in err and err.count("\n") == 1, err

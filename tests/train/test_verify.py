@@ -68,16 +68,39 @@ def test_verify_an_onnx_model(verified, tmp_path, capsys):
     assert onnx["accuracy"] == pt["accuracy"] and onnx["xnorm"] == pytest.approx(pt["xnorm"], rel=1e-4)
 
 
+def test_synthetic_sets_are_those_of_the_runs_seed(tmp_path, capsys):
+    """--data synthetic rebuilds the demo's sets with the checkpoint's own --seed."""
+    argv = base_argv("synthetic", str(tmp_path / "run"), pairs="synthetic", batch_size=8, max_steps=1, seed=3,
+                     loss_impl=LOSS_IMPL)
+    assert train_one_thread(argv) == 0
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    recorded = checkpoint.load(ckpt)["verification"]["synthetic"]
+    capsys.readouterr()
+    assert verify.main(["--model", ckpt, "--data", "synthetic", "--batch-size", "8", "--output",
+                        str(tmp_path / "s.json")]) == 0
+    assert "synthetic sets of --seed 3 (the run's)" in capsys.readouterr().err
+    got = json.loads((tmp_path / "s.json").read_text())["targets"]["synthetic"]
+    assert (got["accuracy"], got["threshold"]) == (recorded["accuracy"], recorded["threshold"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--targets", "lfw"], "--targets lfw: a name is looked for in --data FOLDER"),
     ([], "name the sets: --data FOLDER"),
     (["--targets", "missing/lfw.bin"], "no verification set at missing/lfw.bin"),
     (["--data", "."], "none of lfw, cfp_fp, agedb_30 found in --data ."),
     (["--targets", "x.bin", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--data", "nowhere"], "--data nowhere is not a folder"),
+    (["--targets", "gaps.txt"], "gaps.txt: pair 2: no image at"),
 ])
 def test_mistakes_are_one_line_errors(verified, tmp_path, capsys, argv, message, monkeypatch):
-    ckpt, _, _ = verified
+    ckpt, pairs, _ = verified
     monkeypatch.chdir(tmp_path)
+    with open(pairs) as f:  # the list's images are found beside it: its second pair's first is not there
+        listed = f.readlines()
+    listed[1] = "absent.png " + listed[1].split(" ", 1)[1]
+    with open(os.path.join(os.path.dirname(pairs), "gaps.txt"), "w") as f:
+        f.writelines(listed)
+    argv = [os.path.join(os.path.dirname(pairs), a) if a == "gaps.txt" else a for a in argv]
     try:
         code = verify.main(["--model", ckpt, *argv])
     except SystemExit as exit_info:  # argparse's errors

@@ -98,7 +98,7 @@ def is_target_path(target: str) -> bool:
     return target.endswith((".bin", ".txt")) or os.sep in target
 
 
-def _find_target(folder: str | None, target: str) -> str | None:
+def _find_target(folder: str | None, target: str, flag: str = "--val-targets") -> str | None:
     """The file of a `--val-targets` entry; None for a name that `folder` lacks (no folder:
     synthetic data). A path is looked for as it is, then in `folder`, and is an error when missing."""
     candidates = [target] if is_target_path(target) else []
@@ -106,12 +106,12 @@ def _find_target(folder: str | None, target: str) -> str | None:
         candidates += [os.path.join(folder, target), os.path.join(folder, target + ".bin")]
     found = next((c for c in candidates if os.path.isfile(c)), None)
     if found is None and is_target_path(target):
-        raise FileNotFoundError(f"--val-targets: no verification set at {target}")
+        raise FileNotFoundError(f"{flag}: no verification set at {target}")
     return found
 
 
 def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 112, seed: int = 0,
-                            synthetic_pairs_per_target: int = DEFAULT_SYNTHETIC_PAIRS,
+                            synthetic_pairs_per_target: int = DEFAULT_SYNTHETIC_PAIRS, flag: str = "--val-targets",
                             ) -> dict[str, VerificationSet]:
     """{name: VerificationSet} for `--val-targets`.
 
@@ -121,7 +121,7 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
     an error, and so is a set of fewer pairs than the folds of its accuracy. A name is read from
     `<spec>/<name>.bin` (skipped with a warning when the folder lacks it, as insightface does);
     with spec 'synthetic' it is one synthetic set, of identities disjoint from the training ones
-    and from the other names'.
+    and from the other names'. ``flag`` names the option in messages.
     """
     # train.verification reads images through this package: import it here, not at the top.
     from train.verification import NFOLDS, VerificationSet, load_bin, load_pairs_list
@@ -134,7 +134,7 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
                                              image_size=image_size, seed=seed)
             sets[target] = VerificationSet(target, images, issame)
             continue
-        path = _find_target(None if spec == SYNTHETIC else spec, target)
+        path = _find_target(None if spec == SYNTHETIC else spec, target, flag)
         if path is None:
             warnings.warn(f"verification target {target!r}: no {target}.bin in {spec!r}; skipped", stacklevel=2)
             continue

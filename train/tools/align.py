@@ -76,13 +76,18 @@ def read_face_landmarks(path: str, *, extension: str | None = None
             except UnicodeDecodeError as error:
                 raise ValueError(f"{path}: line {line_no}: not UTF-8 text ({error.reason}); save the list as "
                                  "UTF-8") from None
-            fields = _fields(line)
+            try:
+                fields = _fields(line)
+            except csv.Error as error:  # a carriage return inside a line, say
+                raise ValueError(f"{path}: line {line_no}: {error}") from None
             if not fields or fields[0].startswith("#"):
                 continue  # a blank line, a comment
             numbers = _numbers(fields[1:11])
             if len(fields) < 11 or numbers is None or not all(math.isfinite(v) for v in numbers):
-                # A count or a column header before the faces; but not a face that does not parse.
-                if not names and not any(field.lower().endswith(IMAGE_EXTENSIONS) for field in fields):
+                # A count or a column header before the faces (no image name, no coordinate after
+                # its first field); but not a face that does not parse.
+                if not names and not any(field.lower().endswith(IMAGE_EXTENSIONS) for field in fields) \
+                        and not any(_numbers([field]) for field in fields[1:]):
                     skipped.append((line_no, line.strip()))
                     continue
                 if "" in fields[:11]:
@@ -362,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
               f"header): {', '.join(repr(text[:40]) for _, text in skipped[:2])}{', ...' if len(skipped) > 2 else ''}",
               file=sys.stderr)
 
+    twins = [(path, twin) for path in outputs for twin in _other_format_paths(path) if os.path.lexists(twin)]
+    if twins:
+        print(f"align: error: {twins[0][1]} exists where {os.path.basename(twins[0][0])} goes ({len(twins)} such "
+              "crops of another --format): the folder would hold those faces twice; keep --format as it was, or name "
+              "another --output", file=sys.stderr)
+        return 2
     present = [i for i, path in enumerate(outputs) if os.path.lexists(path)]
     if present and not (args.overwrite or args.skip_existing):
         print(f"align: error: {len(present)} of the crops exist already ({outputs[present[0]]}, ...): pass "
@@ -370,13 +381,22 @@ def main(argv: list[str] | None = None) -> int:
     if present and args.skip_existing:
         if len(present) > 20000:  # about 50 us each from a warm cache
             print(f"align: checking the size of the {len(present)} existing crops", file=sys.stderr)
-        others = _crops_of_another_size([outputs[i] for i in present], args.image_size)
+        others, empty, foreign = _check_existing([outputs[i] for i in present], args.image_size)
         if others:
             path, width, height = others[0]
             print(f"align: error: {len(others)} of the {len(present)} existing crops are not --image-size "
                   f"{args.image_size} ({path} is {width}x{height}{', ...' if len(others) > 1 else ''}): "
                   "--skip-existing would mix crop sizes; name another --output, or pass --overwrite", file=sys.stderr)
             return 2
+        if empty:  # what a crash of the machine may leave behind a rename (see write_file_atomic)
+            print(f"align: {len(empty)} existing crop(s) are empty ({outputs[present[empty[0]]]}"
+                  f"{', ...' if len(empty) > 1 else ''}): aligned again", file=sys.stderr)
+        if foreign:  # not written here: left to whoever wrote them, as --skip-existing promises
+            print(f"align: warning: {len(foreign)} file(s) where crops go are not images "
+                  f"({outputs[present[foreign[0]]]}{', ...' if len(foreign) > 1 else ''}): left as they are",
+                  file=sys.stderr)
+        again = set(empty)
+        present = [i for k, i in enumerate(present) if k not in again]
     todo = np.setdiff1d(np.arange(len(names)), present) if args.skip_existing else np.arange(len(names))
     folders = sorted({os.path.dirname(path) for path in outputs})
     remove_temporaries(folders)  # what an earlier run's killed workers left half-written
@@ -418,17 +438,27 @@ def _check_writable(folder: str) -> None:
         raise OSError(f"--output {folder} cannot be written: {error.strerror or error}") from None
 
 
-def _crops_of_another_size(paths: list[str], size: int) -> list[tuple[str, int, int]]:
-    """(path, width, height) of each of ``paths`` that is not a ``size`` square (its header read)."""
-    others = []
-    for path in paths:
+def _check_existing(paths: list[str], size: int) -> tuple[list[tuple[str, int, int]], list[int], list[int]]:
+    """((path, width, height) of each of ``paths`` that is not a ``size`` square, the indices of
+    the empty ones, the indices of the others that do not open as images), from their headers."""
+    others, empty, foreign = [], [], []
+    for k, path in enumerate(paths):
         try:
+            if os.path.getsize(path) == 0:
+                empty.append(k)
+                continue
             with Image.open(path) as crop:
                 if crop.width != crop.height or crop.width != size:
                     others.append((path, crop.width, crop.height))
-        except (OSError, ValueError):
-            continue  # not a crop at all: --skip-existing leaves it, as asked
-    return others
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            foreign.append(k)
+    return others, empty, foreign
+
+
+def _other_format_paths(path: str) -> list[str]:
+    """Where a crop of ``path``'s face in the other formats would be."""
+    stem, suffix = os.path.splitext(path)
+    return [stem + other for other in FORMAT_EXTENSIONS.values() if other != suffix]
 
 
 class _Stopped(Exception):
