@@ -78,13 +78,15 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
         raise FileNotFoundError(f"--data {args.data} is not a folder")
     model, settings = load_model(args.model, device)
     size = settings["image_size"]
-    seed = args.seed
-    if args.data == SYNTHETIC and seed is None:
-        seed = _run_seed(args.model)
-        print(f"synthetic sets of --seed {seed}" + (" (the run's)" if seed is not None else ""), file=sys.stderr)
+    seed = args.seed if args.seed is not None else 0
+    if args.data == SYNTHETIC and args.seed is None:
+        run_seed = _run_seed(args.model)
+        seed = run_seed if run_seed is not None else 0
+        print(f"synthetic sets of --seed {seed}" + (" (the run's)" if run_seed is not None else
+                                                    " (the model holds no run's: pass it with --seed)"), file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sets = build_verification_sets(args.data or "", targets, image_size=size, seed=seed or 0, flag="--targets")
+        sets = build_verification_sets(args.data or "", targets, image_size=size, seed=seed, flag="--targets")
     for warning in caught:
         print(f"note: {warning.message}", file=sys.stderr)
     if not sets:
