@@ -10,6 +10,7 @@ build bytes, lists, tuples, bools and numpy arrays, so a crafted file cannot run
 
 from __future__ import annotations
 
+import csv
 import os
 import pickle
 from dataclasses import dataclass
@@ -159,8 +160,8 @@ def load_bin(path: str, image_size: int = 112) -> VerificationSet:
 
 
 def read_pairs_list(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
-    """Parse a pairs list: `image1 image2 0|1` per line (tabs or spaces; tabs allow
-    spaces in names), relative paths taken from the list's folder, `#` comments."""
+    """Parse a pairs list: `image1 image2 0|1` per line (tabs or spaces; tabs, or double
+    quotes, allow spaces in names), relative paths taken from the list's folder, `#` comments."""
     folder = os.path.dirname(os.path.abspath(path))
     pairs, issame = [], []
     with open(path, encoding="utf-8") as f:
@@ -168,7 +169,12 @@ def read_pairs_list(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            fields = line.split("\t") if "\t" in line else line.split()
+            if "\t" in line:
+                fields = line.split("\t")
+            elif '"' in line:  # "my photo.jpg" other.jpg 1
+                fields = next(csv.reader([line], delimiter=" ", skipinitialspace=True))
+            else:
+                fields = line.split()
             fields = [x.strip() for x in fields if x.strip()]
             if len(fields) != 3 or fields[2] not in ("0", "1"):
                 raise ValueError(f"{path}: line {line_no}: expected 'image1 image2 0|1', got {line[:120]!r}")

@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -353,6 +354,12 @@ def test_pairs_list(tmp_path, pairs_images):
     (tmp_path / "bad.txt").write_text("imgs/0.png imgs/1.png 1\nimgs/0.png imgs/1.png maybe\n")
     with pytest.raises(ValueError, match=r"bad\.txt: line 2"):
         load_pairs_list(str(tmp_path / "bad.txt"))
+    # Names with spaces: tab-separated, or in double quotes (as align's landmarks files quote them).
+    shutil.copy(tmp_path / "imgs" / "0.png", tmp_path / "imgs" / "my face.png")
+    (tmp_path / "spaces.txt").write_text('"imgs/my face.png" imgs/1.png 1\nimgs/1.png\timgs/my face.png\t0\n')
+    spaced = load_pairs_list(str(tmp_path / "spaces.txt"), image_size=20)
+    assert spaced.issame.tolist() == [True, False]
+    assert torch.equal(spaced.images[0], vset.images[0]) and torch.equal(spaced.images[3], vset.images[0])
     (tmp_path / "missing.txt").write_text("imgs/0.png imgs/nope.png 0\n")
     with pytest.raises(FileNotFoundError, match="nope.png"):
         load_pairs_list(str(tmp_path / "missing.txt"))
