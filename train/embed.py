@@ -4,7 +4,8 @@ comparison of two faces (cosine similarity and a same/different decision).
 Embeddings are made the way verification makes them: embedding(image) + embedding(mirrored
 image), L2-normalised, images scaled as (x - 127.5) / 127.5 at the model's input size. Photos that
 are not aligned are embedded with ``--landmarks`` (a file as ``python -m train.tools.align`` reads):
-each listed face is aligned as that tool and ``train.ijb`` align it, then embedded.
+each listed face is aligned as that tool and ``train.ijb`` align it, then embedded (a file that
+``python -m train.tools.detect`` writes with a face detector).
 """
 
 from __future__ import annotations
@@ -116,19 +117,20 @@ def embed_files(model: torch.nn.Module, paths: list[str], image_size: int, *, de
 
 
 def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str, image_size: int, *,
-                       extension: str | None = None, device="cpu", batch_size: int = 64,
+                       extension: str | None = None, several: bool = False, device="cpu", batch_size: int = 64,
                        workers: int = 0) -> tuple[list[str], np.ndarray]:
     """(names as listed, (N, D) float32 unit-length embeddings) of the faces of ``landmarks_file``
-    (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``.
+    (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``
+    (``several``: an image may be listed again, and its k-th face listed is named ``<name>#<k>``).
     Raises ValueError naming the line of landmarks that coincide and FileNotFoundError naming that
     of a missing image, before any embedding; ValueError naming the line of the first face whose
     image cannot be read or whose landmarks lie off it, when it is reached."""
     from .ijb import LooseCrops, unusable_landmarks
-    from .tools.align import landmark_notes, read_face_landmarks
+    from .tools.align import face_numbers, landmark_notes, read_face_landmarks
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder} is not a folder")
-    names, points, line_nos, skipped = read_face_landmarks(landmarks_file, extension=extension)
+    names, points, line_nos, skipped = read_face_landmarks(landmarks_file, extension=extension, several=several)
     if skipped:
         print(f"skipped {len(skipped)} line(s) before the first face of {landmarks_file} (a count or a header): "
               f"{', '.join(repr(text[:40]) for _, text in skipped[:2])}{', ...' if len(skipped) > 2 else ''}",
@@ -148,6 +150,8 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
                        sources=[f"{landmarks_file}: line {n}" for n in line_nos])
     features = embed_images(model.to(device), faces, device=device, batch_size=batch_size, workers=workers,
                             log=lambda message: print(message, file=sys.stderr, flush=True))
+    if several:
+        names = [f"{name}#{number}" for name, number in zip(names, face_numbers(names))]
     return names, torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
 
 
@@ -201,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --images: embed the faces this file lists (image path relative to --images, then "
                    "x1 y1 ... x5 y5), each aligned from its 5 landmarks, instead of every image as it is")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
+    p.add_argument("--all-faces", action="store_true",
+                   help="with --landmarks: an image listed on several lines is several faces (a group photo's, as "
+                   "python -m train.tools.detect --all-faces lists them), named <image>#<k>, k from 1 as listed")
     p.add_argument("--output", default="embeddings.npy",
                    help="with --images: .npy (+ .txt listing the images) or .csv; an existing file is kept unless "
                    "--overwrite is given")
@@ -222,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--landmarks goes with --images (the faces it lists are found under that folder)")
     if args.extension and not args.landmarks:
         p.error("--extension goes with --landmarks")
+    if args.all_faces and not args.landmarks:
+        p.error("--all-faces goes with --landmarks")
     try:
         return run(args)
     except (OSError, ValueError) as error:
@@ -250,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.landmarks:
         names, embeddings = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
-                                               device=device, batch_size=args.batch_size, workers=args.workers)
+                                               several=args.all_faces, device=device, batch_size=args.batch_size, workers=args.workers)
     else:
         paths = list_images(args.images)
         if not paths:

@@ -91,11 +91,10 @@ def feeds_raw_pixels(path: str, input_name: str) -> bool:
     return second is not None and second.op_type in ("Mul", "Div")
 
 
-def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[OnnxBackbone, dict]:
-    """(the model, settings: network "onnx", embedding_size, image_size, and the ``threshold`` of
-    ``train.export``'s ``backbone.json`` beside it when there is one). Raises FileNotFoundError,
-    or ValueError naming the file when onnxruntime is missing or the graph is not one image batch in
-    and (N, D) embeddings out."""
+def open_session(path: str, device: torch.device | str = "cpu"):
+    """An onnxruntime session of the graph at ``path``, on ``device``'s GPU when this onnxruntime
+    has a CUDA provider (a note otherwise). Raises FileNotFoundError, or ValueError naming the file
+    when onnxruntime is missing or cannot load it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no model at {path}")
     try:
@@ -117,7 +116,15 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
         session = onnxruntime.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime's errors share no base class but Exception
         raise ValueError(f"{path}: onnxruntime cannot load it: {_first_line(error)}") from None
+    return session
 
+
+def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[OnnxBackbone, dict]:
+    """(the model, settings: network "onnx", embedding_size, image_size, and the ``threshold`` of
+    ``train.export``'s ``backbone.json`` beside it when there is one). Raises FileNotFoundError,
+    or ValueError naming the file when onnxruntime is missing or the graph is not one image batch in
+    and (N, D) embeddings out."""
+    session = open_session(path, device)
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ValueError(f"{path}: the graph takes {len(inputs)} inputs, not one image batch")

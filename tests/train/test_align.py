@@ -422,3 +422,48 @@ def test_a_signal_stops_the_workers_and_a_rerun_finishes(photos, tmp_path):
     assert finish.returncode == 0, finish.stderr
     crops = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if not f.startswith(".")]
     assert len(crops) == 400 and all(read(c).shape == (SIZE, SIZE, 3) for c in crops)
+
+
+def test_several_faces_of_a_photo_with_all_faces(photos, tmp_path, capsys):
+    """An image listed on several lines (a group photo's faces, as `detect --all-faces` writes them)
+    is an error naming --all-faces; with it, align writes <name>_<k> for the k-th face listed of every
+    image and embed names its rows <name>#<k>, each face the crop of its own landmarks."""
+    import json
+
+    import torch
+
+    from train import checkpoint, embed
+    from train.models import get_model
+
+    root, names, faces, landmarks = photos
+    # person0/0.png twice: its own face, then the points of person1/0.png's face (in the same frame).
+    listing = write(tmp_path / "group_landmarks.txt", lines([names[0], names[1], names[0]], landmarks[[0, 1, 2]]))
+    crops = tmp_path / "aligned"
+    common = ["--images", root, "--landmarks", listing, "--output", str(crops), "--format", "png", "--workers", "0"]
+    assert align.main(common) == 2
+    err = capsys.readouterr().err
+    assert "line 3: person0/0.png is listed again (first on line 1)" in err and "pass --all-faces" in err, err
+    assert align.main(common + ["--all-faces"]) == 0
+    assert sorted(os.listdir(crops / "person0")) == ["0_1.png", "0_2.png", "1_1.png"]
+    single = tmp_path / "single"
+    assert align.main(["--images", root, "--landmarks", write(tmp_path / "one.txt", lines(names[:3], landmarks[:3])),
+                       "--output", str(single), "--format", "png", "--workers", "0"]) == 0
+    # The second face of person0/0.png is what person1/0.png's landmarks cut from person0/0.png.
+    assert np.array_equal(read(crops / "person0" / "0_1.png"), read(single / "person0" / "0.png"))
+    assert np.array_equal(read(crops / "person0" / "1_1.png"), read(single / "person0" / "1.png"))
+    assert not np.array_equal(read(crops / "person0" / "0_2.png"), read(crops / "person0" / "0_1.png"))
+
+    torch.manual_seed(0)
+    backbone = str(tmp_path / "backbone.pt")
+    checkpoint.save_atomic(get_model("small", embedding_size=16, image_size=SIZE).state_dict(), backbone)
+    with open(tmp_path / "backbone.json", "w") as f:
+        json.dump({"network": "small", "embedding_size": 16, "image_size": SIZE}, f)
+    out = tmp_path / "group.npy"
+    assert embed.main(["--model", backbone, "--workers", "0", "--images", root, "--landmarks", listing,
+                       "--output", str(out), "--all-faces"]) == 0
+    assert (tmp_path / "group.txt").read_text().split() == ["person0/0.png#1", "person0/1.png#1", "person0/0.png#2"]
+    assert embed.main(["--model", backbone, "--workers", "0", "--images", str(crops), "--output",
+                       str(tmp_path / "crops.npy")]) == 0
+    by_crop = dict(zip((tmp_path / "crops.txt").read_text().split(), np.load(tmp_path / "crops.npy")))
+    np.testing.assert_allclose(np.load(out), np.stack([by_crop["person0/0_1.png"], by_crop["person0/1_1.png"],
+                                                       by_crop["person0/0_2.png"]]), atol=1e-6)

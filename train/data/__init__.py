@@ -33,6 +33,7 @@ __all__ = [
     "build_train_dataset",
     "build_train_loader",
     "build_verification_sets",
+    "leave_signals_to_the_main_process",
 ]
 
 SYNTHETIC = "synthetic"
@@ -241,6 +242,12 @@ class _LeaveSignalsToTheMainProcess:
             os._exit(0)
 
 
+def leave_signals_to_the_main_process() -> _LeaveSignalsToTheMainProcess:
+    """The ``worker_init_fn`` of a loader whose main process stops cleanly on SIGTERM and Ctrl-C (the
+    trainer's, ``train.tools.detect``'s): see ``_LeaveSignalsToTheMainProcess``."""
+    return _LeaveSignalsToTheMainProcess(_main_process_exiting())
+
+
 _exiting = None
 
 
@@ -294,6 +301,6 @@ def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, nu
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        worker_init_fn=_LeaveSignalsToTheMainProcess(_main_process_exiting()) if num_workers > 0 else None,
+        worker_init_fn=leave_signals_to_the_main_process() if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )

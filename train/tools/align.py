@@ -3,7 +3,7 @@
 
     python -m train.tools.align --images RAW_ROOT --landmarks landmarks.txt --output ALIGNED_ROOT
                                 [--image-size 112] [--format jpeg|png] [--extension .jpg]
-                                [--workers N] [--overwrite | --skip-existing]
+                                [--workers N] [--overwrite | --skip-existing] [--all-faces]
 
 The landmarks file has one face per line: the image's path (relative to --images) and then ten
 numbers, x1 y1 ... x5 y5 in the image's pixels (pixel centres at integers, the image turned upright
@@ -13,12 +13,15 @@ separated by spaces and tabs or by commas (a path with spaces in double quotes);
 line (a detector score) are ignored; lines before the first face that do not parse (a count, a
 column header) are skipped, as are blank lines and lines starting with # anywhere. This reads
 insightface's ``*_name_5pts_score.txt``, CelebA's ``list_landmarks_celeba.txt`` and VGGFace2's
-``loose_landmark_*.csv`` (with ``--extension .jpg``: its names have none) as they are.
+``loose_landmark_*.csv`` (with ``--extension .jpg``: its names have none) as they are, and what
+``python -m train.tools.detect`` writes.
 
 Each face is warped as ``train.ijb`` warps IJB's loose crops (least-squares similarity onto the
 ArcFace template, bilinear, black beyond the image; at another --image-size than 112, the 112 crop
 resized, as the trainer resizes its faces) and written to the same relative path under
---output with the format's extension, so an ImageFolder (one folder per identity) stays one. Files
+--output with the format's extension, so an ImageFolder (one folder per identity) stays one (with
+--all-faces, where an image may be listed on several lines, a group photo's faces, the k-th face
+listed of ``a.jpg`` goes to ``a_k.jpg``, k from 1, for every image). Files
 appear whole or not at all. Faces that cannot be aligned (a missing or undecodable image, landmarks
 that coincide) are listed at the end and the others are written; the exit status is then 1.
 """
@@ -57,12 +60,13 @@ POOR_FIT_PIXELS = 10.0
 _SHOWN_FAILURES = 20
 
 
-def read_face_landmarks(path: str, *, extension: str | None = None
+def read_face_landmarks(path: str, *, extension: str | None = None, several: bool = False
                         ) -> tuple[list[str], np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """(image names, (N, 5, 2) float64 landmarks, (N,) line numbers, the (line number, text) of the
     lines skipped before the first face) of a landmarks file (see the module's doc). ``extension``
-    is appended to every name. Raises ValueError naming the line for a malformed line after the
-    first face (or one before it that names an image), a name listed twice, a name that is not an
+    is appended to every name; ``several``: a name may be listed again (another face of the image).
+    Raises ValueError naming the line for a malformed line after the first face (or one before it
+    that names an image), a name listed twice (unless ``several``), a name that is not an
     image file, text that is not UTF-8, or a file listing no face; FileNotFoundError when ``path``
     is not a file."""
     if not os.path.isfile(path):
@@ -100,14 +104,15 @@ def read_face_landmarks(path: str, *, extension: str | None = None
                 raise ValueError(f"{path}: line {line_no}: the image path is empty")
             name = fields[0] + (extension or "")
             key = os.path.normpath(name)  # ./a.jpg is a.jpg
-            if key in seen:
+            if key in seen and not several:
                 raise ValueError(f"{path}: line {line_no}: {name} is listed again (first on line {seen[key]}): "
-                                 "one face an image is read; keep one of its lines")
+                                 "one face an image is read; keep one of its lines, or pass --all-faces to take "
+                                 "each line as a face (a group photo's)")
             if not name.lower().endswith(IMAGE_EXTENSIONS):
                 hint = "; its names have no extension? pass --extension .jpg" \
                     if not extension and not os.path.splitext(name)[1] else ""
                 raise ValueError(f"{path}: line {line_no}: {name} is not a {'/'.join(IMAGE_EXTENSIONS)} file{hint}")
-            seen[key] = line_no
+            seen.setdefault(key, line_no)
             names.append(name)
             values.append(numbers)
             line_nos.append(line_no)
@@ -139,17 +144,30 @@ def _numbers(fields: list[str]) -> list[float] | None:
         return None
 
 
-def output_paths(names: list[str], images: str, output: str, fmt: str) -> list[str]:
-    """Where each image's crop goes: its path relative to ``images``, under ``output``, with the
-    format's extension. ValueError for a name outside ``images``, for two names that would write
-    one file (``a.png`` and ``a.jpg``), and for a crop that would replace its own photo."""
-    root, suffix, paths, taken = os.path.abspath(images), FORMAT_EXTENSIONS[fmt], [], {}
+def face_numbers(names: list[str]) -> list[int]:
+    """Each face's number among its image's faces (1 for the first listed, 2 for the next, ...)."""
+    counts: dict[str, int] = {}
+    numbers = []
     for name in names:
+        key = os.path.normpath(name)
+        counts[key] = counts.get(key, 0) + 1
+        numbers.append(counts[key])
+    return numbers
+
+
+def output_paths(names: list[str], images: str, output: str, fmt: str, *, several: bool = False) -> list[str]:
+    """Where each image's crop goes: its path relative to ``images``, under ``output``, with the
+    format's extension (``several``: with ``_<k>`` after the name for its image's k-th face).
+    ValueError for a name outside ``images``, for two names that would write one file (``a.png``
+    and ``a.jpg``), and for a crop that would replace its own photo."""
+    root, suffix, paths, taken = os.path.abspath(images), FORMAT_EXTENSIONS[fmt], [], {}
+    numbers = face_numbers(names) if several else [None] * len(names)
+    for name, number in zip(names, numbers):
         source = os.path.abspath(os.path.join(root, name))
         relative = os.path.relpath(source, root)
         if relative == os.curdir or relative.split(os.sep)[0] == os.pardir:
             raise ValueError(f"{name} is not inside --images {images}")
-        target = os.path.join(output, os.path.splitext(relative)[0] + suffix)
+        target = os.path.join(output, os.path.splitext(relative)[0] + ("" if number is None else f"_{number}") + suffix)
         if target in taken:
             raise ValueError(f"{taken[target]} and {name} would both be written to {target}")
         if os.path.realpath(target) == os.path.realpath(source):
@@ -339,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     existing.add_argument("--overwrite", action="store_true", help="replace crops that exist")
     existing.add_argument("--skip-existing", action="store_true",
                           help="leave crops that exist as they are and align the others (to finish a stopped run)")
+    parser.add_argument("--all-faces", action="store_true",
+                        help="an image listed on several lines is several faces (a group photo's, as detect "
+                             "--all-faces lists them): the k-th listed of a.jpg goes to a_k.jpg, for every image")
     args = parser.parse_args(argv)
     if args.image_size < 8:
         parser.error(f"--image-size must be at least 8, got {args.image_size}")
@@ -356,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.realpath(args.output) == os.path.realpath(args.images):
             raise ValueError(f"--output {args.output} is --images: the crops would go among the photos; name another "
                              "folder")
-        names, landmarks, line_nos, skipped = read_face_landmarks(args.landmarks, extension=args.extension)
-        outputs = output_paths(names, args.images, args.output, args.format)
+        names, landmarks, line_nos, skipped = read_face_landmarks(args.landmarks, extension=args.extension,
+                                                                  several=args.all_faces)
+        outputs = output_paths(names, args.images, args.output, args.format, several=args.all_faces)
         _check_writable(args.output)
     except (OSError, ValueError) as error:
         print(f"align: error: {error}", file=sys.stderr)

@@ -1,0 +1,259 @@
+"""`python -m train.tools.detect` on a stand-in for insightface's SCRFD: an ONNX graph with SCRFD's
+outputs that finds red squares, each a "face" whose box and landmarks are known offsets from the
+square's place, so that the whole path (letterbox, decoding, suppression, scaling back, the file
+align reads) has an answer to check."""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.ijb import ARCFACE_TEMPLATE
+from train.tools import align, detect
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+GREY, RED = (128, 128, 128), (255, 0, 0)
+PHOTO_W, PHOTO_H = 1280, 960  # scaled by 1/2 into the 640 x 640 canvas (its lower quarter black)
+# The template's points (112-pixel crop) at a quarter size, in units of stride 8: a face 28 canvas
+# pixels wide, whose box runs 3.5 strides right and down from the anchor.
+KEYPOINTS = ARCFACE_TEMPLATE / 4 / 8
+BOX = (0.0, 0.0, 3.5, 3.5)
+
+
+class RedSquares(torch.nn.Module):
+    """SCRFD's outputs (scores, then boxes, then keypoints, each stride's (places x anchors, columns)):
+    at stride 8 a place whose pixels are red scores near 1, every other place near 0; boxes and
+    keypoints are the same offsets everywhere."""
+
+    def __init__(self, strides=(8, 16, 32), anchors=2, keypoints=True, batch_dim=False, by_stride=False):
+        super().__init__()
+        self.strides, self.anchors, self.keypoints, self.batch_dim = strides, anchors, keypoints, batch_dim
+        self.by_stride = by_stride  # the outputs stride by stride, each's scores, boxes and keypoints
+        self.register_buffer("box", torch.tensor([BOX], dtype=torch.float32))
+        self.register_buffer("points", torch.tensor(KEYPOINTS.reshape(1, 10), dtype=torch.float32))
+
+    def forward(self, x):
+        scores, boxes, points = [], [], []
+        for stride in self.strides:
+            pooled = torch.nn.functional.avg_pool2d(x, stride)
+            redness = pooled[:, 0] - pooled[:, 1] - pooled[:, 2] - 1  # red 2, black 0, grey -1
+            logit = 8 * redness - 8 if stride == 8 else redness * 0 - 20
+            score = torch.sigmoid(logit).reshape(-1, 1, 1).expand(-1, self.anchors, 1).reshape(-1, 1)
+            scores.append(score)
+            boxes.append(score * 0 + self.box)
+            points.append(score * 0 + self.points)
+        outputs = scores + boxes + (points if self.keypoints else [])
+        if self.by_stride:
+            outputs = [o for level in zip(scores, boxes, points) for o in level]
+        return tuple(o[None] for o in outputs) if self.batch_dim else tuple(outputs)
+
+
+def export(module, path, *, fixed=None):
+    size = fixed or 640
+    outputs = module(torch.zeros(1, 3, 128, 128))
+    names = [f"out{i}" for i in range(len(outputs) if isinstance(outputs, tuple) else 1)]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = dict(input_names=["input.1"], output_names=names,
+                      opset_version=17, dynamic_axes=None if fixed else {"input.1": {2: "h", 3: "w"}})
+        try:
+            torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), str(path), dynamo=False, **kwargs)
+        except TypeError:  # a torch before the exporter's `dynamo` switch
+            torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), str(path), **kwargs)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    return export(RedSquares(), tmp_path_factory.mktemp("detector") / "det.onnx")
+
+
+def photo(squares, size=(PHOTO_W, PHOTO_H), side=16):
+    """A grey photo with a red ``side`` x ``side`` square at each (x, y) of ``squares`` (multiples of
+    ``side``: one place of stride 8 in the canvas, where the photo is scaled by 8 / side)."""
+    pixels = np.full((size[1], size[0], 3), GREY, np.uint8)
+    for x, y in squares:
+        pixels[y:y + side, x:x + side] = RED
+    return Image.fromarray(pixels)
+
+
+def expected_landmarks(x, y, scale=0.5):
+    """The landmarks in the photo of the red square at (x, y): its place's anchor in the canvas
+    plus the keypoint offsets, mapped back through pixel centres."""
+    canvas = np.array([x, y]) * scale + KEYPOINTS * 8
+    return (canvas + 0.5) / scale - 0.5
+
+
+def test_the_faces_landmarks_are_found_where_the_graph_puts_them(detector):
+    found = detect.FaceDetector(detector)
+    assert (found.width, found.height, found.anchors, found.strides) == (640, 640, 2, (8, 16, 32))
+    boxes, scores, points = found.detect(photo([(320, 160), (640, 480)]))
+    # Each square fires its place's two anchors (the same box): suppression keeps one a face.
+    assert len(scores) == 2 and np.all(scores > 0.99)
+    order = np.argsort(points[:, 0, 0])
+    np.testing.assert_allclose(points[order[0]], expected_landmarks(320, 160), atol=1e-3)
+    np.testing.assert_allclose(points[order[1]], expected_landmarks(640, 480), atol=1e-3)
+    np.testing.assert_allclose(boxes[order[0]], (np.array([160, 80, 160 + 28, 80 + 28]) + 0.5) / 0.5 - 0.5, atol=1e-3)
+    # The main face is insightface's pick: the boxes are alike, so the one nearer the centre.
+    assert detect.main_face(boxes, PHOTO_W, PHOTO_H) == order[1]
+    # No red: no face.
+    assert len(found.detect(photo([]))[1]) == 0
+
+
+@pytest.mark.parametrize("variant", ["five_strides", "batch_dim", "fixed", "by_stride"])
+def test_other_scrfd_layouts(tmp_path, variant):
+    """5 strides of 1 anchor (insightface's 15-output models), outputs with a batch dimension, a
+    graph of fixed input size, and outputs listed stride by stride give the same faces."""
+    module = RedSquares(strides=(8, 16, 32, 64, 128), anchors=1) if variant == "five_strides" else \
+        RedSquares(batch_dim=variant == "batch_dim", by_stride=variant == "by_stride")
+    graph = export(module, tmp_path / "det.onnx", fixed=640 if variant == "fixed" else None)
+    found = detect.FaceDetector(graph)
+    assert found.anchors == (1 if variant == "five_strides" else 2)
+    boxes, scores, points = found.detect(photo([(320, 160)]))
+    assert len(scores) == 1
+    np.testing.assert_allclose(points[0], expected_landmarks(320, 160), atol=1e-3)
+
+
+def test_non_maximum_suppression_keeps_the_best_of_overlapping_boxes():
+    boxes = np.array([[0, 0, 9, 9], [1, 1, 10, 10], [20, 20, 29, 29], [0, 0, 9, 4]], dtype=np.float64)
+    # IoU of the first two (areas of 10 x 10 pixels, counted + 1): 81 / 119 = 0.68; of the first and
+    # the last: 50 / 100 = 0.5.
+    assert detect.non_maximum_suppression(boxes, 0.4).tolist() == [0, 2]
+    assert detect.non_maximum_suppression(boxes, 0.6).tolist() == [0, 2, 3]
+    assert detect.non_maximum_suppression(boxes, 0.7).tolist() == [0, 1, 2, 3]
+
+
+def test_detect_writes_the_landmarks_align_reads(detector, tmp_path, capsys):
+    """One line a photo (its main face), names with spaces or a leading # as align reads them, a
+    photo turned by its EXIF orientation found upright, photos without a face or that do not
+    decode listed (exit status 1); then align makes the crops."""
+    images = tmp_path / "raw"
+    (images / "person a").mkdir(parents=True)
+    photo([(320, 160), (640, 480)]).save(images / "person a" / "two faces.png")
+    photo([(320, 160)]).save(images / "#1.png")
+    # Stored on its side with EXIF orientation 6 (turn 90 degrees clockwise to view): upright, it is
+    # the photo above.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo([(320, 160)]).transpose(Image.Transpose.ROTATE_90).save(images / "turned.jpg", exif=exif, quality=100)
+    photo([]).save(images / "empty.png")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "landmarks.txt"
+    assert detect.main(["--detector", detector, "--images", str(images), "--output", str(out), "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "empty.png: no face scores 0.5 or more" in err and "broken.jpg: cannot read the image" in err, err
+    assert not os.path.exists(str(out) + ".partial")
+    text = out.read_text()
+    assert "# no face: empty.png\n" in text and "# unreadable: broken.jpg\n" in text
+    names, points, _, skipped = align.read_face_landmarks(str(out))
+    assert names == ["./#1.png", "person a/two faces.png", "turned.jpg"] and not skipped
+    np.testing.assert_allclose(points[0], expected_landmarks(320, 160), atol=0.01)
+    np.testing.assert_allclose(points[1], expected_landmarks(640, 480), atol=0.01)
+    np.testing.assert_allclose(points[2], expected_landmarks(320, 160), atol=0.6)  # through JPEG
+    crops = tmp_path / "aligned"
+    assert align.main(["--images", str(images), "--landmarks", str(out), "--output", str(crops), "--workers", "0"]) == 0
+    assert sorted(os.listdir(crops)) == ["#1.jpg", "person a", "turned.jpg"]
+    assert os.listdir(crops / "person a") == ["two faces.jpg"]
+    # A second run does not replace the file unasked.
+    assert detect.main(["--detector", detector, "--images", str(images), "--output", str(out)]) == 2
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_all_faces_and_resume(detector, tmp_path, capsys):
+    images = tmp_path / "raw"
+    images.mkdir()
+    for k in range(4):
+        photo([(320, 160), (640, 480)] if k == 1 else [(160 * k, 160)]).save(images / f"{k}.png")
+    whole = tmp_path / "whole.txt"
+    args = ["--detector", detector, "--images", str(images), "--workers", "0", "--all-faces"]
+    assert detect.main(args + ["--output", str(whole)]) == 0
+    lines = whole.read_text().splitlines(keepends=True)
+    faces = [line for line in lines if not line.startswith("#")]
+    assert [line.split()[0] for line in faces] == ["0.png", "1.png", "1.png", "2.png", "3.png"]
+
+    # A run stopped after two photos, its last line cut short: --resume finishes it as one run.
+    out = tmp_path / "landmarks.txt"
+    cut = lines[:lines.index(faces[3])] + [faces[3][:15]]
+    (tmp_path / "landmarks.txt.partial").write_text("".join(cut))
+    capsys.readouterr()
+    assert detect.main(args + ["--output", str(out)]) == 2
+    assert "landmarks.txt.partial is left from a stopped run: pass --resume" in capsys.readouterr().err
+    assert detect.main(args + ["--output", str(out), "--resume"]) == 0
+    assert "2 photo(s) of" in capsys.readouterr().err
+    assert out.read_text() == whole.read_text()
+    crops = tmp_path / "aligned"
+    assert align.main(["--images", str(images), "--landmarks", str(out), "--output", str(crops), "--workers", "0",
+                       "--all-faces"]) == 0
+    assert sorted(os.listdir(crops)) == ["0_1.jpg", "1_1.jpg", "1_2.jpg", "2_1.jpg", "3_1.jpg"]
+    # A partial file of other settings is not mixed in.
+    (tmp_path / "landmarks.txt.partial").write_text("".join(cut))
+    out.unlink()
+    assert detect.main(args[:-1] + ["--output", str(out), "--resume"]) == 2
+    assert "was written with other settings" in capsys.readouterr().err
+
+
+def test_models_that_are_no_face_detector_with_keypoints_are_named(detector, tmp_path, capsys):
+    images = tmp_path / "raw"
+    images.mkdir()
+    photo([]).save(images / "a.png")
+
+    class Embedding(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    cases = [
+        (export(RedSquares(keypoints=False), tmp_path / "boxes.onnx"), [], "finds boxes only (6 outputs)"),
+        (export(Embedding(), tmp_path / "embedding.onnx"), [], "1 outputs: not an SCRFD face detector"),
+        (str(broken), [], "onnxruntime cannot load it"),
+        (str(tmp_path / "missing.onnx"), [], "no model at"),
+        (detector, ["--size", "600"], "--size must be a positive multiple of 32"),
+        (export(RedSquares(), tmp_path / "fixed.onnx", fixed=320), ["--size", "640"], "takes 320x320 images only"),
+    ]
+    for graph, extra, message in cases:
+        out = tmp_path / "x.txt"
+        assert detect.main(["--detector", graph, "--images", str(images), "--output", str(out)] + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not out.exists(), (message, err)
+
+
+def test_a_signal_to_the_process_group_stops_the_run_and_resume_finishes_it(detector, tmp_path):
+    """SIGTERM to every process (a scheduler's), the loader's workers included: the run ends with
+    143 and no traceback, its partial file holds whole lines, and --resume finishes the file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = tmp_path / "raw"
+    images.mkdir()
+    for k in range(200):
+        photo([(8 * (k % 60), 160)], size=(640, 480), side=8).save(images / f"{k:03d}.png")
+    out = tmp_path / "landmarks.txt"
+    partial = tmp_path / "landmarks.txt.partial"
+    command = [sys.executable, "-m", "train.tools.detect", "--detector", detector, "--images", str(images),
+               "--output", str(out), "--workers", "2"]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.Popen(command, cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (partial.exists() and partial.read_text().count("\n") >= 12) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    if run.returncode == 0:
+        pytest.skip("the run finished before the signal")
+    assert run.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err and "Traceback" not in err, err
+    done = partial.read_text()
+    assert done.endswith("\n") and not out.exists()
+    finish = subprocess.run([*command, "--resume"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert finish.returncode == 0, finish.stderr
+    names, points, _, _ = align.read_face_landmarks(str(out))
+    assert names == [f"{k:03d}.png" for k in range(200)]
+    np.testing.assert_allclose(points, [expected_landmarks(8 * (k % 60), 160, scale=1) for k in range(200)],
+                               atol=0.01)
