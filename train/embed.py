@@ -5,7 +5,8 @@ Embeddings are made the way verification makes them: embedding(image) + embeddin
 image), L2-normalised, images scaled as (x - 127.5) / 127.5 at the model's input size. Photos that
 are not aligned are embedded with ``--landmarks`` (a file as ``python -m train.tools.align`` reads):
 each listed face is aligned as that tool and ``train.ijb`` align it, then embedded (a file that
-``python -m train.tools.detect`` writes with a face detector).
+``python -m train.tools.detect`` writes with a face detector); or with ``--detector``, which finds
+the faces as that tool does.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
     Raises ValueError naming the line of landmarks that coincide and FileNotFoundError naming that
     of a missing image, before any embedding; ValueError naming the line of the first face whose
     image cannot be read or whose landmarks lie off it, when it is reached."""
-    from .ijb import LooseCrops, unusable_landmarks
+    from .ijb import unusable_landmarks
     from .tools.align import face_numbers, landmark_notes, read_face_landmarks
 
     if not os.path.isdir(folder):
@@ -146,13 +147,51 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
         first = missing[0]
         raise FileNotFoundError(f"{landmarks_file}: line {line_nos[first]}: {os.path.join(folder, names[first])}: no "
                                 "such file" + (f" ({len(missing)} such lines)" if len(missing) > 1 else ""))
-    faces = LooseCrops(folder, names, points, image_size, check_bounds=True,
-                       sources=[f"{landmarks_file}: line {n}" for n in line_nos])
-    features = embed_images(model.to(device), faces, device=device, batch_size=batch_size, workers=workers,
-                            log=lambda message: print(message, file=sys.stderr, flush=True))
+    embeddings = embed_faces(model, folder, names, points, image_size, device=device, batch_size=batch_size,
+                             workers=workers, sources=[f"{landmarks_file}: line {n}" for n in line_nos])
     if several:
         names = [f"{name}#{number}" for name, number in zip(names, face_numbers(names))]
-    return names, torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
+    return names, embeddings
+
+
+def embed_faces(model: torch.nn.Module, folder: str, names: list[str], points: np.ndarray, image_size: int, *,
+                device="cpu", batch_size: int = 64, workers: int = 0, sources: list[str] | None = None) -> np.ndarray:
+    """(N, D) float32 unit-length embeddings of face i of image ``names[i]`` under ``folder``, aligned
+    from its (5, 2) landmarks ``points[i]`` as ``train.tools.align`` aligns it. ValueError naming the
+    first face whose image cannot be read or whose landmarks lie off it (``sources[i]`` first)."""
+    from .ijb import LooseCrops
+
+    faces = LooseCrops(folder, names, points, image_size, check_bounds=True, sources=sources)
+    features = embed_images(model.to(device), faces, device=device, batch_size=batch_size, workers=workers,
+                            log=lambda message: print(message, file=sys.stderr, flush=True))
+    return torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
+
+
+def detect_faces(detector_path: str, paths: list[str], *, all_faces: bool = False, device="cpu",
+                 workers: int = 0, show_progress: bool = True) -> tuple[list[int], np.ndarray, list[int], list[str]]:
+    """The faces ``train.tools.detect`` finds in ``paths`` with the SCRFD detector at
+    ``detector_path``: (each face's photo, as an index into ``paths``; (F, 5, 2) landmarks; each
+    face's number among its photo's faces, from 1; why each photo without a face has none)."""
+    from .tools.detect import FaceDetector, chosen_faces, detect_photos, progress
+
+    detector = FaceDetector(detector_path, device=str(device))
+    photos, points, numbers, failures = [], [], [], []
+    bar = progress(len(paths), "detect") if show_progress else None
+    for index, boxes, _, landmarks, width, height, failure in detect_photos(detector, paths, workers=workers):
+        chosen = [] if failure else chosen_faces(boxes, width, height, all_faces)
+        if failure:
+            failures.append(f"{paths[index]}: cannot read the image: {failure}")
+        elif not chosen:
+            failures.append(f"{paths[index]}: no face scores {detector.threshold:g} or more")
+        for number, k in enumerate(chosen, 1):
+            photos.append(index)
+            points.append(landmarks[k])
+            numbers.append(number)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return photos, np.array(points, dtype=np.float64).reshape(-1, 5, 2), numbers, failures
 
 
 def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, str]:
@@ -205,9 +244,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --images: embed the faces this file lists (image path relative to --images, then "
                    "x1 y1 ... x5 y5), each aligned from its 5 landmarks, instead of every image as it is")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
+    p.add_argument("--detector", metavar="FILE", default=None,
+                   help="find the faces in the photos with this SCRFD face detector (an ONNX file with keypoints: "
+                   "insightface's det_10g.onnx; needs onnxruntime), as python -m train.tools.detect finds them, and "
+                   "embed each photo's main face aligned (with --all-faces, every face); with --compare, each "
+                   "photo's main face")
     p.add_argument("--all-faces", action="store_true",
                    help="with --landmarks: an image listed on several lines is several faces (a group photo's, as "
-                   "python -m train.tools.detect --all-faces lists them), named <image>#<k>, k from 1 as listed")
+                   "python -m train.tools.detect --all-faces lists them); with --detector: every face found. Rows "
+                   "named <image>#<k>, k from 1 (as listed; best detection first)")
     p.add_argument("--output", default="embeddings.npy",
                    help="with --images: .npy (+ .txt listing the images) or .csv; an existing file is kept unless "
                    "--overwrite is given")
@@ -229,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--landmarks goes with --images (the faces it lists are found under that folder)")
     if args.extension and not args.landmarks:
         p.error("--extension goes with --landmarks")
-    if args.all_faces and not args.landmarks:
-        p.error("--all-faces goes with --landmarks")
+    if args.detector and args.landmarks:
+        p.error("--detector and --landmarks are two ways to find the faces in the photos: give one")
+    if args.all_faces and not (args.landmarks or (args.detector and args.images)):
+        p.error("--all-faces goes with --images and --landmarks or --detector")
     try:
         return run(args)
     except (OSError, ValueError) as error:
@@ -250,26 +297,54 @@ def run(args: argparse.Namespace) -> int:
         for path in args.compare:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no image at {path}")
-        first, second = embed_files(model, list(args.compare), size, device=device)
+        if args.detector:
+            photos, points, _, failures = detect_faces(args.detector, list(args.compare), device=device,
+                                                   show_progress=False)
+            if failures:
+                raise ValueError(f"{failures[0]} (--detector {args.detector})")
+            first, second = embed_faces(model, "", list(args.compare), points, size, device=device)
+        else:
+            first, second = embed_files(model, list(args.compare), size, device=device)
         similarity = float(np.dot(first, second))
         threshold, source = cosine_threshold(settings, args.threshold)
         verdict = "same person" if similarity >= threshold else "different people"
         print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source})")
         return 0
 
+    failures = []
     if args.landmarks:
         names, embeddings = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
-                                               several=args.all_faces, device=device, batch_size=args.batch_size, workers=args.workers)
+                                               several=args.all_faces, device=device, batch_size=args.batch_size,
+                                               workers=args.workers)
     else:
         paths = list_images(args.images)
         if not paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.images}")
-        embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size, workers=args.workers)
-        names = [os.path.relpath(path, args.images) for path in paths]
+        if args.detector:
+            photos, points, numbers, failures = detect_faces(args.detector, paths, all_faces=args.all_faces,
+                                                             device=device, workers=args.workers)
+            for shown, failure in enumerate(failures):
+                if shown == 20:
+                    print(f"warning: ... and {len(failures) - shown} more photos without a face", file=sys.stderr)
+                    break
+                print(f"warning: {failure}", file=sys.stderr)
+            if not photos:
+                raise ValueError(f"--detector {args.detector} found no face in the {len(paths)} photo(s) under "
+                                 f"{args.images}")
+            embeddings = embed_faces(model, "", [paths[i] for i in photos], points, size, device=device,
+                                     batch_size=args.batch_size, workers=args.workers)
+            names = [os.path.relpath(paths[i], args.images) + (f"#{number}" if args.all_faces else "")
+                     for i, number in zip(photos, numbers)]
+        else:
+            embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size,
+                                     workers=args.workers)
+            names = [os.path.relpath(path, args.images) for path in paths]
     written = write_table(args.output, names, embeddings)
-    print(f"embedded {len(names)} {'faces' if args.landmarks else 'images'} ({embeddings.shape[1]}-D, {size}px): "
-          f"{', '.join(written)}")
-    return 0
+    faces = args.landmarks or args.detector
+    print(f"embedded {len(names)} {'faces' if faces else 'images'} ({embeddings.shape[1]}-D, {size}px): "
+          f"{', '.join(written)}" + (f"; {len(failures)} photo(s) without a face or unreadable, left out"
+                                      if failures else ""))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

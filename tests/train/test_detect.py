@@ -257,3 +257,55 @@ def test_a_signal_to_the_process_group_stops_the_run_and_resume_finishes_it(dete
     assert names == [f"{k:03d}.png" for k in range(200)]
     np.testing.assert_allclose(points, [expected_landmarks(8 * (k % 60), 160, scale=1) for k in range(200)],
                                atol=0.01)
+
+
+def test_embed_with_a_detector_embeds_what_the_landmarks_file_gives(detector, tmp_path, capsys):
+    """`train.embed --detector` (in one step) gives the rows of `detect` then `embed --landmarks`, with
+    --all-faces too; photos without a face are left out with a warning (exit 1); `--compare` takes
+    each photo's main face."""
+    import json
+
+    from train import checkpoint, embed
+    from train.models import get_model
+
+    images = tmp_path / "raw"
+    (images / "b").mkdir(parents=True)
+    photo([(320, 160), (640, 480)]).save(images / "b" / "two.png")
+    photo([(480, 320)]).save(images / "one.png")
+    photo([]).save(images / "none.png")
+    torch.manual_seed(0)
+    backbone = str(tmp_path / "backbone.pt")
+    checkpoint.save_atomic(get_model("small", embedding_size=16, image_size=112).state_dict(), backbone)
+    (tmp_path / "backbone.json").write_text(json.dumps({"network": "small", "embedding_size": 16,
+                                                        "image_size": 112}))
+    common = ["--model", backbone, "--workers", "0", "--images", str(images)]
+    for extra in ([], ["--all-faces"]):
+        listing = tmp_path / f"landmarks{len(extra)}.txt"
+        assert detect.main(["--detector", detector, "--images", str(images), "--output", str(listing),
+                            "--workers", "0", *extra]) == 1
+        listed, detected = tmp_path / f"listed{len(extra)}.npy", tmp_path / f"detected{len(extra)}.npy"
+        assert embed.main([*common, "--landmarks", str(listing), "--output", str(listed), *extra]) == 0
+        capsys.readouterr()
+        assert embed.main([*common, "--detector", detector, "--output", str(detected), *extra]) == 1
+        captured = capsys.readouterr()
+        assert f"warning: {images / 'none.png'}: no face scores 0.5 or more" in captured.err
+        assert "1 photo(s) without a face or unreadable, left out" in captured.out
+        rows = (tmp_path / f"detected{len(extra)}.txt").read_text().split()
+        assert rows == (tmp_path / f"listed{len(extra)}.txt").read_text().split()
+        assert rows == (["b/two.png#1", "b/two.png#2", "one.png#1"] if extra else ["b/two.png", "one.png"])
+        # The file holds the landmarks to 0.01 pixel; the red squares' sharp edges make that show.
+        np.testing.assert_allclose(np.load(detected), np.load(listed), atol=5e-3)
+
+    vectors = dict(zip((tmp_path / "detected0.txt").read_text().split(), np.load(tmp_path / "detected0.npy")))
+    assert embed.main(["--model", backbone, "--detector", detector, "--compare", str(images / "b" / "two.png"),
+                       str(images / "one.png"), "--threshold", "0.5"]) == 0
+    similarity = float(np.dot(vectors["b/two.png"], vectors["one.png"]))
+    assert f"cosine similarity {similarity:.4f}" in capsys.readouterr().out
+    assert embed.main(["--model", backbone, "--detector", detector, "--compare", str(images / "one.png"),
+                       str(images / "none.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{images / 'none.png'}: no face scores 0.5 or more (--detector {detector})" in err and \
+        err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        embed.main([*common, "--detector", detector, "--landmarks", str(tmp_path / "landmarks0.txt")])
+    assert "--detector and --landmarks are two ways" in capsys.readouterr().err

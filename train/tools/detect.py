@@ -239,6 +239,29 @@ def _as_is(item):
     return item
 
 
+def detect_photos(detector: FaceDetector, paths: list[str], *, workers: int = 0):
+    """Yields, photo by photo in order, (its index in ``paths``, boxes, scores, landmarks as
+    ``FaceDetector.detect`` gives them, its width, its height, ""), or (index, None, None, None, 0, 0,
+    why) for a photo that does not decode. ``workers`` processes decode and scale the photos; they
+    leave SIGTERM and Ctrl-C to this process."""
+    loader = torch.utils.data.DataLoader(
+        Photos(paths, detector.width, detector.height), batch_size=None, num_workers=workers, collate_fn=_as_is,
+        worker_init_fn=leave_signals_to_the_main_process() if workers else None)
+    for index, canvas, scale_x, scale_y, width, height, failure in loader:
+        if canvas is None:
+            yield index, None, None, None, 0, 0, failure
+        else:
+            yield (index, *detector.detect_canvas(canvas, scale_x, scale_y), width, height, "")
+
+
+def chosen_faces(boxes: np.ndarray, width: int, height: int, all_faces: bool) -> list[int]:
+    """The faces a photo's line(s) take: all of them, best first, or its main face; none when none
+    was found."""
+    if not len(boxes):
+        return []
+    return list(range(len(boxes))) if all_faces else [main_face(boxes, width, height)]
+
+
 def _settings_line(args: argparse.Namespace, detector: FaceDetector) -> str:
     return (f"# train.tools.detect: detector {os.path.abspath(args.detector)}, {detector.width}x{detector.height}, "
             f"threshold {args.threshold:g}, {'all faces' if args.all_faces else 'main face'}\n")
@@ -329,26 +352,22 @@ def main(argv: list[str] | None = None) -> int:
         f.writelines(kept or [settings, "# image x1 y1 ... x5 y5 score: left eye, right eye, nose tip, left and "
                                         "right mouth corner, in the photo's pixels\n"])
     os.replace(partial + ".tmp", partial)
-    loader = torch.utils.data.DataLoader(
-        Photos([paths[i] for i in todo], detector.width, detector.height), batch_size=None, num_workers=args.workers,
-        collate_fn=_as_is, worker_init_fn=leave_signals_to_the_main_process() if args.workers else None)
-    bar = _progress(len(todo))
+    bar = progress(len(todo), "detect")
     try:
         with _signals_stop(), open(partial, "a", encoding="utf-8") as f:
-            for index, canvas, scale_x, scale_y, width, height, failure in loader:
+            for index, boxes, scores, points, width, height, failure in \
+                    detect_photos(detector, [paths[i] for i in todo], workers=args.workers):
                 name = names[todo[index]]
-                if canvas is not None:
-                    boxes, scores, points = detector.detect_canvas(canvas, scale_x, scale_y)
-                    chosen = range(len(scores)) if args.all_faces else [main_face(boxes, width, height)] \
-                        if len(scores) else []
+                if failure:
+                    lines = [f"{_UNREADABLE}{quote_name(name)}\n"]
+                    failures.append(f"{os.path.join(args.images, name)}: cannot read the image: {failure}")
+                else:
+                    chosen = chosen_faces(boxes, width, height, args.all_faces)
                     lines = [face_line(name, points[k], scores[k]) for k in chosen] or \
                         [f"{_NO_FACE}{quote_name(name)}\n"]
                     faces, found = faces + len(chosen), found + bool(chosen)
                     if not chosen:
                         failures.append(f"{os.path.join(args.images, name)}: no face scores {args.threshold:g} or more")
-                else:
-                    lines = [f"{_UNREADABLE}{quote_name(name)}\n"]
-                    failures.append(f"{os.path.join(args.images, name)}: cannot read the image: {failure}")
                 f.writelines(lines)
                 f.flush()
                 if bar is not None:
@@ -376,14 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures or earlier else 0
 
 
-def _progress(total: int):
+def progress(total: int, desc: str):
+    """A tqdm bar of ``total`` photos on stderr; None without tqdm or photos."""
     if total == 0:
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="photo", desc="detect", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, unit="photo", desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
 if __name__ == "__main__":
