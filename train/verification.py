@@ -205,13 +205,14 @@ def load_pairs_list(path: str, image_size: int = 112) -> VerificationSet:
 
 @torch.no_grad()
 def compute_embeddings(backbone: torch.nn.Module, vset: VerificationSet, *, device, batch_size: int = 64,
-                       return_xnorm: bool = False):
+                       return_xnorm: bool = False, on_batch=None):
     """L2-normalised embedding(image) + embedding(mirrored image) of every image: (2P, D) float32.
 
     Images are fed as (x - 127.5) / 127.5. The backbone runs in eval mode and each
     module's train/eval mode is restored afterwards. With return_xnorm=True also
     returns insightface's 'XNorm': the mean norm of the raw (un-normalised)
-    embeddings of the images and of their mirrors.
+    embeddings of the images and of their mirrors. ``on_batch(count)`` is called after each batch
+    (a progress bar's update).
     """
     modes = [(m, m.training) for m in backbone.modules()]
     backbone.eval()
@@ -223,6 +224,8 @@ def compute_embeddings(backbone: torch.nn.Module, vset: VerificationSet, *, devi
             raw = backbone(torch.cat([x, torch.flip(x, dims=[3])])).float()
             norm_sum += float(raw.norm(dim=1).sum())
             outputs.append((raw[:count] + raw[count:]).cpu())
+            if on_batch is not None:
+                on_batch(count)
     finally:
         for module, training in modes:
             module.training = training
@@ -276,9 +279,11 @@ def verification_accuracy(embeddings1: np.ndarray, embeddings2: np.ndarray, issa
 
 
 def evaluate(backbone: torch.nn.Module, vset: VerificationSet, *, device, batch_size: int = 64,
-             nfolds: int = NFOLDS) -> dict:
-    """{'accuracy', 'accuracy_std', 'threshold', 'xnorm'} of `backbone` on `vset`."""
-    embeddings, xnorm = compute_embeddings(backbone, vset, device=device, batch_size=batch_size, return_xnorm=True)
+             nfolds: int = NFOLDS, on_batch=None) -> dict:
+    """{'accuracy', 'accuracy_std', 'threshold', 'xnorm'} of `backbone` on `vset` (``on_batch``: as
+    ``compute_embeddings``'s)."""
+    embeddings, xnorm = compute_embeddings(backbone, vset, device=device, batch_size=batch_size, return_xnorm=True,
+                                           on_batch=on_batch)
     result = verification_accuracy(embeddings[0::2], embeddings[1::2], vset.issame, nfolds=nfolds)
     result["xnorm"] = xnorm
     return result

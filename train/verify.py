@@ -97,7 +97,14 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     print(f"{args.model}: {settings['network']}, {settings['embedding_size']}-D, {size}px, on {device}", flush=True)
     for name, vset in sets.items():
         started = time.monotonic()
-        result = {k: float(v) for k, v in evaluate(model, vset, device=device, batch_size=args.batch_size).items()}
+        bar = _progress(vset.images.shape[0], name)
+        try:
+            result = evaluate(model, vset, device=device, batch_size=args.batch_size,
+                              on_batch=None if bar is None else bar.update)
+        finally:
+            if bar is not None:
+                bar.close()
+        result = {k: float(v) for k, v in result.items()}
         result["pairs"] = int(vset.num_pairs)
         results[name] = result
         print(f"{name}: accuracy {result['accuracy']:.4f} ± {result['accuracy_std']:.4f} (threshold "
@@ -108,6 +115,16 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
                                                    settings["network"], "targets": results})
         print(f"wrote {args.output}")
     return 0
+
+
+def _progress(total: int, name: str):
+    """A tqdm bar of a set's images on stderr, gone when done (the result line follows); None
+    without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="image", desc=name, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
 def _run_seed(path: str) -> int | None:
