@@ -40,9 +40,14 @@ def load_model(path: str, device) -> tuple[torch.nn.Module, dict]:
 
 
 def list_images(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursively), sorted."""
-    found = []
-    for root, _, files in os.walk(folder):
+    """Image files under ``folder`` (recursively, into linked folders too, each folder once), sorted."""
+    found, seen = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            folders[:] = []
+            continue
+        seen.add(real)
         found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 

@@ -95,6 +95,8 @@ def open_session(path: str, device: torch.device | str = "cpu"):
     """An onnxruntime session of the graph at ``path``, on ``device``'s GPU when this onnxruntime
     has a CUDA provider (a note otherwise). Raises FileNotFoundError, or ValueError naming the file
     when onnxruntime is missing or cannot load it."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a folder, not a model file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no model at {path}")
     try:

@@ -151,7 +151,8 @@ def test_detect_writes_the_landmarks_align_reads(detector, tmp_path, capsys):
     text = out.read_text()
     assert "# no face: empty.png\n" in text and "# unreadable: broken.jpg\n" in text
     names, points, _, skipped = align.read_face_landmarks(str(out))
-    assert names == ["./#1.png", "person a/two faces.png", "turned.jpg"] and not skipped
+    assert names == ["#1.png", "person a/two faces.png", "turned.jpg"] and not skipped
+    assert text.count('\n"#1.png" ') == 1  # quoted, not a comment
     np.testing.assert_allclose(points[0], expected_landmarks(320, 160), atol=0.01)
     np.testing.assert_allclose(points[1], expected_landmarks(640, 480), atol=0.01)
     np.testing.assert_allclose(points[2], expected_landmarks(320, 160), atol=0.6)  # through JPEG
@@ -190,11 +191,20 @@ def test_all_faces_and_resume(detector, tmp_path, capsys):
     assert align.main(["--images", str(images), "--landmarks", str(out), "--output", str(crops), "--workers", "0",
                        "--all-faces"]) == 0
     assert sorted(os.listdir(crops)) == ["0_1.jpg", "1_1.jpg", "1_2.jpg", "2_1.jpg", "3_1.jpg"]
-    # A partial file of other settings is not mixed in.
-    (tmp_path / "landmarks.txt.partial").write_text("".join(cut))
-    out.unlink()
-    assert detect.main(args[:-1] + ["--output", str(out), "--resume"]) == 2
-    assert "was written with other settings" in capsys.readouterr().err
+    # A partial file of other settings (a folder of other photos too) is not mixed in.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "0.png").write_bytes((images / "0.png").read_bytes())
+    for changed in (args[:-1], [*args[:3], str(other), *args[4:]]):
+        (tmp_path / "landmarks.txt.partial").write_text("".join(cut))
+        out.unlink(missing_ok=True)
+        assert detect.main(changed + ["--output", str(out), "--resume"]) == 2
+        assert "was written with other settings" in capsys.readouterr().err
+    # A damaged line (not the last) is dropped on resume, and its photo detected again.
+    damaged = lines[:lines.index(faces[1])] + [faces[1][:12] + "\n"] + lines[lines.index(faces[1]) + 1:]
+    (tmp_path / "landmarks.txt.partial").write_text("".join(damaged))
+    assert detect.main(args + ["--output", str(out), "--resume"]) == 0
+    assert sorted(out.read_text().splitlines()) == sorted(whole.read_text().splitlines())  # its lines last
 
 
 def test_models_that_are_no_face_detector_with_keypoints_are_named(detector, tmp_path, capsys):
@@ -210,9 +220,10 @@ def test_models_that_are_no_face_detector_with_keypoints_are_named(detector, tmp
     broken.write_bytes(b"not a graph")
     cases = [
         (export(RedSquares(keypoints=False), tmp_path / "boxes.onnx"), [], "finds boxes only (6 outputs)"),
-        (export(Embedding(), tmp_path / "embedding.onnx"), [], "1 outputs: not an SCRFD face detector"),
+        (export(Embedding(), tmp_path / "embedding.onnx"), [], "1 output(s): not an SCRFD face detector"),
         (str(broken), [], "onnxruntime cannot load it"),
         (str(tmp_path / "missing.onnx"), [], "no model at"),
+        (str(tmp_path), [], "is a folder, not a model file"),
         (detector, ["--size", "600"], "--size must be a positive multiple of 32"),
         (export(RedSquares(), tmp_path / "fixed.onnx", fixed=320), ["--size", "640"], "takes 320x320 images only"),
     ]
@@ -309,3 +320,52 @@ def test_embed_with_a_detector_embeds_what_the_landmarks_file_gives(detector, tm
     with pytest.raises(SystemExit):
         embed.main([*common, "--detector", detector, "--landmarks", str(tmp_path / "landmarks0.txt")])
     assert "--detector and --landmarks are two ways" in capsys.readouterr().err
+
+
+def test_names_and_outputs_that_need_care(detector, tmp_path, capsys):
+    """A name that is not UTF-8 is listed as a failure while the others are done; a tab inside a name
+    survives the file; --output must not be a photo nor empty; a partial file that another run holds
+    is refused."""
+    images = tmp_path / "raw"
+    images.mkdir()
+    photo([(320, 160)]).save(images / "tab\tname.png")
+    photo([(320, 160)]).save(images / "plain.png")
+    latin = os.path.join(os.fsencode(images), b"caf\xe9.png")
+    photo([(320, 160)]).save(open(latin, "wb"), format="PNG")
+    out = tmp_path / "landmarks.txt"
+    common = ["--detector", detector, "--images", str(images), "--workers", "0"]
+    assert detect.main([*common, "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "its name is not UTF-8 text without line breaks" in err and "Traceback" not in err, err
+    names, _, _, _ = align.read_face_landmarks(str(out))
+    assert names == ["plain.png", "tab\tname.png"]
+
+    assert detect.main([*common, "--output", str(images / "plain.png"), "--overwrite"]) == 2
+    assert "is one of the photos" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        detect.main([*common, "--output", ""])
+    assert "--output is empty" in capsys.readouterr().err
+
+    fcntl = pytest.importorskip("fcntl")
+    partial = tmp_path / "held.txt.partial"
+    partial.write_text("x\n")
+    with open(partial) as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert detect.main([*common, "--output", str(tmp_path / "held.txt"), "--overwrite"]) == 2
+        assert "is being written by another detect run" in capsys.readouterr().err
+    assert partial.read_text() == "x\n"
+
+
+def test_linked_folders_are_listed_once(tmp_path):
+    """The photo listing (detect's, embed's) goes into linked folders, and round a link cycle once."""
+    from train.embed import list_images
+
+    target = tmp_path / "target"
+    (target / "sub").mkdir(parents=True)
+    photo([]).save(target / "a.png")
+    photo([]).save(target / "sub" / "b.png")
+    os.symlink(target, target / "sub" / "up")  # a cycle
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(target, root / "linked")
+    assert list_images(str(root)) == [str(root / "linked" / "a.png"), str(root / "linked" / "sub" / "b.png")]

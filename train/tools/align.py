@@ -49,7 +49,9 @@ from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, la
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
-_FIELD_SEPARATORS = re.compile(r"[,\s]+")
+# A field of a space- or tab-separated line: in double quotes (which may hold spaces, tabs and
+# doubled quotes), or a run of anything but white space.
+_QUOTED_OR_PLAIN = re.compile(r'"((?:[^"]|"")*)"|(\S+)')
 
 # A face whose landmarks, mapped onto the 112-pixel template by their best similarity, miss it by
 # more than this RMS distance (in template pixels; the eyes are 35 apart) is unlike a face in the
@@ -84,8 +86,8 @@ def read_face_landmarks(path: str, *, extension: str | None = None, several: boo
                 fields = _fields(line)
             except csv.Error as error:  # a carriage return inside a line, say
                 raise ValueError(f"{path}: line {line_no}: {error}") from None
-            if not fields or fields[0].startswith("#"):
-                continue  # a blank line, a comment
+            if not fields or line.lstrip().startswith("#"):
+                continue  # a blank line, a comment (a name starting with # is quoted)
             numbers = _numbers(fields[1:11])
             if len(fields) < 11 or numbers is None or not all(math.isfinite(v) for v in numbers):
                 # A count or a column header before the faces (no image name, no coordinate after
@@ -132,8 +134,7 @@ def _fields(line: str) -> list[str]:
         if len(row) >= 11:
             return row if any(row) else []
     if '"' in line:
-        row = next(csv.reader([line.replace("\t", " ")], delimiter=" ", skipinitialspace=True))
-        return [field for field in row if field]
+        return [m[1].replace('""', '"') if m[1] is not None else m[2] for m in _QUOTED_OR_PLAIN.finditer(line)]
     return line.split()
 
 
@@ -494,6 +495,10 @@ def _signals_stop():
     """Ctrl-C (SIGINT) and SIGTERM raise ``_Stopped`` in the main process while aligning, so that
     the worker pool is terminated (its ``with`` block ends) rather than left writing on its own."""
     def stop(number, frame):
+        # A second Ctrl-C (a key held, or pressed again while the workers are ended) would interrupt
+        # that ending with a traceback: the first signal decides.
+        for other in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(other, signal.SIG_IGN)
         raise _Stopped(number)
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}

@@ -10,29 +10,33 @@ The detector is one of insightface's SCRFD models with keypoints: ``det_10g.onnx
 (3 strides with 2 anchors a place, or 5 strides with 1). As insightface's ``SCRFD.detect`` does, each
 photo (upright by its EXIF orientation) is scaled to fit --size x --size keeping its shape, placed in
 the top-left corner on black, fed as (RGB - 127.5) / 128, and the anchors above --threshold are
-decoded, kept by non-maximum suppression (IoU 0.4) and scaled back to the photo's pixels. The photo
-is scaled by Pillow's antialiased bilinear filter (insightface's OpenCV resize does not antialias),
-and points are mapped back through pixel centres ((x + 0.5) / scale - 0.5; insightface divides by the
-scale, which puts them up to half a detector pixel up and left).
+decoded, scaled back to the photo's pixels and kept by non-maximum suppression (IoU 0.4). Unlike
+insightface's, the photo is scaled by Pillow's antialiased bilinear filter (OpenCV's resize does not
+antialias), points are mapped back through pixel centres ((x + 0.5) / scale - 0.5, where insightface
+divides by the scale) and each axis by its own scale (insightface uses the height's for both).
 
-Every image under --images (recursively) gets one line: its main face, the one insightface's
-``max_num=1`` picks (the largest box, with a penalty for lying off the photo's centre), as
-``path x1 y1 ... x5 y5 score``; with --all-faces a line for each face, best first, which align and
-embed read as several faces of the photo. A photo without a face above the threshold, or that does
-not decode, gets a comment line saying so, is listed at the end, and makes the exit status 1.
+Every image under --images (recursively, linked folders too) gets one line: its main face, the one
+insightface's ``max_num=1`` picks (the largest box, with a penalty for lying off the photo's
+centre), as ``path x1 y1 ... x5 y5 score``; with --all-faces a line for each face, best first, which
+align and embed read as several faces of the photo. A photo without a face above the threshold, or
+that does not decode, gets a comment line saying so, is listed at the end, and makes the exit
+status 1.
 
 Lines are written to ``<output>.partial`` as the photos are done, and the file takes its name when
-all are: a run stopped by Ctrl-C or SIGTERM keeps what it did, and --resume finishes it.
+all are: a run stopped by Ctrl-C or SIGTERM keeps what it did, and --resume finishes it (with the
+same photos, detector and settings, which the file's first line records).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -43,7 +47,7 @@ from train.data.transforms import decode_failure, to_rgb
 from train.embed import list_images
 from train.onnx_backbone import _first_line, open_session
 from train.tools import check_outputs
-from train.tools.align import _fields, _signals_stop, _Stopped
+from train.tools.align import _fields, _numbers, _signals_stop, _Stopped
 
 # insightface's FaceAnalysis: det_size (640, 640), det_thresh 0.5; SCRFD's nms_threshold 0.4.
 DEFAULT_SIZE = 640
@@ -67,11 +71,11 @@ class FaceDetector:
             raise ValueError(f"{path}: the graph's inputs are {[i.shape for i in inputs]}, not one (1, 3, H, W) image: "
                              "not an SCRFD face detector")
         if len(outputs) in (6, 10):
-            raise ValueError(f"{path}: this SCRFD model finds boxes only ({len(outputs)} outputs), no landmarks to align "
-                             "by: use one with keypoints (insightface's det_10g.onnx, det_500m.onnx, scrfd_*_kps)")
+            raise ValueError(f"{path}: this SCRFD model finds boxes only ({len(outputs)} outputs), no landmarks to "
+                             "align by: use one with keypoints (insightface's det_10g.onnx, scrfd_*_kps)")
         if len(outputs) not in (9, 15):
-            raise ValueError(f"{path}: the graph has {len(outputs)} outputs: not an SCRFD face detector with keypoints "
-                             "(9 or 15: scores, boxes and keypoints at each of 3 or 5 strides)")
+            raise ValueError(f"{path}: the graph has {len(outputs)} output(s): not an SCRFD face detector with "
+                             "keypoints (9 or 15: scores, boxes and keypoints at each of 3 or 5 strides)")
         self.input_name, self.output_names = inputs[0].name, [o.name for o in outputs]
         self.strides = (8, 16, 32) if len(outputs) == 9 else (8, 16, 32, 64, 128)
         height, width = inputs[0].shape[2:]
@@ -149,13 +153,14 @@ class FaceDetector:
             points.append(centres[:, None, :] + offsets)
             scores.append(score[keep])
         boxes, scores, points = np.concatenate(boxes), np.concatenate(scores), np.concatenate(points)
+        # From the canvas's pixels to the photo's, through pixel centres as the resize maps them; then
+        # the suppression, in the photo's pixels as insightface's (its + 1 a side depends on the scale).
+        scale = np.array([scale_x, scale_y], np.float64)
+        boxes = ((boxes.reshape(-1, 2, 2) + 0.5) / scale - 0.5).reshape(-1, 4)
+        points = (points + 0.5) / scale - 0.5
         order = np.argsort(-scores, kind="stable")
         kept = order[non_maximum_suppression(boxes[order], self.nms_threshold)]
-        # From the canvas's pixels to the photo's, through pixel centres as the resize maps them.
-        scale = np.array([scale_x, scale_y], np.float64)
-        boxes = ((boxes[kept].reshape(-1, 2, 2) + 0.5) / scale - 0.5).reshape(-1, 4)
-        points = (points[kept] + 0.5) / scale - 0.5
-        return boxes, scores[kept].astype(np.float64), points
+        return boxes[kept], scores[kept].astype(np.float64), points[kept]
 
     def detect(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.detect_canvas(*self.letterbox(image))
@@ -200,11 +205,9 @@ def main_face(boxes: np.ndarray, width: int, height: int) -> int:
 
 
 def quote_name(name: str) -> str:
-    """``name`` as a landmarks file's first field: in double quotes when it holds spaces, commas or
-    quotes, and behind ``./`` when it starts with # (which would make the line a comment)."""
-    if name.startswith("#"):
-        name = "./" + name
-    if any(c.isspace() or c in ',"' for c in name):
+    """``name`` as a landmarks file's first field: in double quotes when it holds white space,
+    commas or quotes, or starts with # (which would make the line a comment)."""
+    if name.startswith("#") or any(c.isspace() or c in ',"' for c in name):
         out = io.StringIO()
         csv.writer(out, delimiter=" ", quoting=csv.QUOTE_ALL, lineterminator="").writerow([name])
         return out.getvalue()
@@ -227,8 +230,11 @@ class Photos(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            with Image.open(self.paths[index]) as image:
+            with Image.open(self.paths[index]) as image, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Pillow's about a corrupt EXIF block: the pixels are there
                 upright = to_rgb(ImageOps.exif_transpose(image))
+        except FileNotFoundError:
+            return index, None, 0.0, 0.0, 0, 0, "no such file (a broken link?)"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             return index, None, 0.0, 0.0, 0, 0, decode_failure(error)
         canvas, scale_x, scale_y = letterbox(upright, self.width, self.height)
@@ -263,34 +269,112 @@ def chosen_faces(boxes: np.ndarray, width: int, height: int, all_faces: bool) ->
 
 
 def _settings_line(args: argparse.Namespace, detector: FaceDetector) -> str:
-    return (f"# train.tools.detect: detector {os.path.abspath(args.detector)}, {detector.width}x{detector.height}, "
-            f"threshold {args.threshold:g}, {'all faces' if args.all_faces else 'main face'}\n")
+    return (f"# train.tools.detect: photos {os.path.abspath(args.images)}, detector {os.path.abspath(args.detector)}, "
+            f"{detector.width}x{detector.height}, threshold {args.threshold:g}, "
+            f"{'all faces' if args.all_faces else 'main face'}\n")
+
+
+def _face_name(line: str) -> str | None:
+    """The photo a line of a face names, or None when the line is not a whole face."""
+    fields = _fields(line)
+    if len(fields) < 12 or _numbers(fields[1:12]) is None:
+        return None
+    return fields[0]
 
 
 def _done_in_partial(path: str, settings: str) -> tuple[list[str], set[str]]:
     """(the lines of a stopped run's partial file to keep, the photos they cover). A photo that did
-    not decode is tried again, and a last line cut short is dropped. ValueError when the file was
-    written with other settings."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    not decode is tried again, as is one whose line is damaged (a last line cut short). ValueError
+    when the file was written with other settings, or is not one of these files."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a file detect writes (not UTF-8 text): pass --overwrite to start "
+                         "again") from None
     if not lines or lines[0] != settings:
-        raise ValueError(f"{path} was written with other settings ({lines[0].strip() if lines else 'none'}): "
+        raise ValueError(f"{path} was written with other settings ({lines[0].strip()[2:] if lines else 'none'}): "
                          "resume with those, or pass --overwrite to start again")
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    kept, done = [], set()
+    kept, redo = [], set()  # (line, the photo it names or None), the photos with a damaged line
     for line in lines:
         if line.startswith(_UNREADABLE):
             continue
         if line.startswith(_NO_FACE):
-            done.add(os.path.normpath(_fields(line[len(_NO_FACE):])[0]))
-        elif not line.startswith("#") and line.strip():
-            done.add(os.path.normpath(_fields(line)[0]))
-        kept.append(line)
-    return kept, done
+            names = _fields(line[len(_NO_FACE):])
+            name = names[0] if len(names) == 1 and line.endswith("\n") else None
+        elif line.startswith("#"):
+            kept.append((line, None))
+            continue
+        else:
+            name = _face_name(line) if line.endswith("\n") else None
+        if name is None:  # damaged (a last line cut short): its photo, if its name reads, is done again
+            with contextlib.suppress(ValueError, csv.Error, IndexError):
+                redo.add(os.path.normpath(_fields(line[len(_NO_FACE):] if line.startswith(_NO_FACE) else line)[0]))
+            continue
+        kept.append((line, os.path.normpath(name)))
+    kept = [(line, name) for line, name in kept if name not in redo]
+    return [line for line, _ in kept], {name for _, name in kept if name is not None}
+
+
+def _listable(name: str) -> bool:
+    """Whether a photo's name can be a line of the file: UTF-8 text without line breaks."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a name of bytes that are not UTF-8, as the file system gave it
+        return False
+    return "\n" not in name and "\r" not in name
+
+
+class _Partial:
+    """``<output>.partial``, open for appending and locked against a second run on the same
+    output (an advisory lock, where the system has them)."""
+
+    def __init__(self, path: str, lines: list[str]):
+        self.path = path
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+        self.file = open(path, "a", encoding="utf-8")
+        _lock(self.file, path)
+
+    def write(self, lines: list[str]) -> None:
+        self.file.writelines(lines)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _lock(f, path: str) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no second-run check
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"{path} is being written by another detect run: wait for it, or stop it and pass "
+                         "--resume") from None
+
+
+def _check_unlocked(path: str) -> None:
+    """ValueError when another run holds ``path`` (a partial file) locked."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            _lock(f, path)
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # a Ctrl-C before the photos (loading the detector, listing the folder)
+        print("\ndetect: stopped by SIGINT before any photo was done", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tools.detect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--detector", required=True,
                         help="an SCRFD face detector with keypoints in an ONNX file (insightface's det_10g.onnx)")
@@ -310,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     existing.add_argument("--overwrite", action="store_true", help="replace --output, or a stopped run's partial file")
     existing.add_argument("--resume", action="store_true", help="finish the stopped run whose partial file is there")
     args = parser.parse_args(argv)
+    if not args.output:
+        parser.error("--output is empty: name the landmarks file to write")
     if not 0 < args.threshold < 1:
         parser.error(f"--threshold must lie between 0 and 1, got {args.threshold}")
     if args.workers < 0:
@@ -319,42 +405,46 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError:
         parser.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
     started = time.monotonic()
-    partial = args.output + ".partial"
+    partial_path = args.output + ".partial"
 
     try:
         if not os.path.isdir(args.images):
             raise ValueError(f"--images {args.images} is not a folder")
         check_outputs([args.output], args.overwrite)
-        if os.path.lexists(partial) and not (args.resume or args.overwrite):
-            raise ValueError(f"{partial} is left from a stopped run: pass --resume to finish it, or --overwrite to "
-                             "start again")
+        if os.path.isdir(partial_path):
+            raise ValueError(f"{partial_path}, where detect keeps a run's lines, is a folder")
+        if os.path.lexists(partial_path) and not (args.resume or args.overwrite):
+            raise ValueError(f"{partial_path} is left from a stopped run: pass --resume to finish it, or --overwrite "
+                             "to start again")
+        _check_unlocked(partial_path)
         detector = FaceDetector(args.detector, size=args.size, threshold=args.threshold, device=args.device)
         paths = list_images(args.images)
         if not paths:
             raise ValueError(f"--images {args.images} holds no .jpg, .jpeg, .png or .bmp file")
+        if os.path.realpath(args.output) in {os.path.realpath(path) for path in paths}:
+            raise ValueError(f"--output {args.output} is one of the photos: name another file")
         settings = _settings_line(args, detector)
-        kept, done = _done_in_partial(partial, settings) if args.resume and os.path.exists(partial) else ([], set())
+        kept, done = _done_in_partial(partial_path, settings) if args.resume and os.path.exists(partial_path) \
+            else ([], set())
+        partial = _Partial(partial_path, kept or [
+            settings, "# image x1 y1 ... x5 y5 score: left eye, right eye, nose tip, left and right mouth corner, in "
+            "the photo's pixels\n"])
     except (OSError, ValueError) as error:
         print(f"detect: error: {error}", file=sys.stderr)
         return 2
     names = [os.path.relpath(path, args.images) for path in paths]
-    # A name with a line break cannot be a line of the file.
-    failures = [f"{paths[i]}: its name holds a line break, which the landmarks file cannot" for i, name
-                in enumerate(names) if "\n" in name or "\r" in name]
-    todo = [i for i, name in enumerate(names)
-            if os.path.normpath(name) not in done and "\n" not in name and "\r" not in name]
+    failures = [f"{paths[i]!r}: its name is not UTF-8 text without line breaks, which a line of the file must be"
+                for i, name in enumerate(names) if not _listable(name)]
+    todo = [i for i, name in enumerate(names) if _listable(name) and os.path.normpath(name) not in done]
     print(f"detect: {len(todo)} photo(s) of {args.images} at {detector.width}x{detector.height}"
-          + (f" ({len(names) - len(todo)} done by the stopped run)" if done else ""), file=sys.stderr)
+          + (f" ({len(done)} done by the stopped run)" if done else ""), file=sys.stderr)
 
     faces = found = 0
-    earlier = sum(line.startswith(_NO_FACE) for line in kept)  # the stopped run's photos without a face
-    with open(partial + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept or [settings, "# image x1 y1 ... x5 y5 score: left eye, right eye, nose tip, left and "
-                                        "right mouth corner, in the photo's pixels\n"])
-    os.replace(partial + ".tmp", partial)
+    earlier_faces = sum(not line.startswith("#") for line in kept)
+    earlier_empty = sum(line.startswith(_NO_FACE) for line in kept)  # the stopped run's photos without a face
     bar = progress(len(todo), "detect")
     try:
-        with _signals_stop(), open(partial, "a", encoding="utf-8") as f:
+        with _signals_stop():
             for index, boxes, scores, points, width, height, failure in \
                     detect_photos(detector, [paths[i] for i in todo], workers=args.workers):
                 name = names[todo[index]]
@@ -368,31 +458,42 @@ def main(argv: list[str] | None = None) -> int:
                     faces, found = faces + len(chosen), found + bool(chosen)
                     if not chosen:
                         failures.append(f"{os.path.join(args.images, name)}: no face scores {args.threshold:g} or more")
-                f.writelines(lines)
-                f.flush()
+                partial.write(lines)
                 if bar is not None:
                     bar.update(1)
     except _Stopped as stop:
         if bar is not None:
             bar.close()
-        print(f"\ndetect: stopped by {stop.name}: the photos done are in {partial}; rerun with --resume to finish",
-              file=sys.stderr)
+        partial.close()
+        print(f"\ndetect: stopped by {stop.name}: the photos done are in {partial_path}; rerun with --resume to "
+              "finish", file=sys.stderr)
         return 128 + stop.number
+    except OSError as error:  # a full disk, say
+        partial.close()
+        print(f"\ndetect: error: cannot write {partial_path}: {error.strerror or error}; the photos done are in it: "
+              "rerun with --resume when it can be written", file=sys.stderr)
+        return 2
     if bar is not None:
         bar.close()
-    os.replace(partial, args.output)
+    partial.close()
+    try:
+        os.replace(partial_path, args.output)
+    except OSError as error:
+        print(f"detect: error: cannot name {partial_path} {args.output}: {error.strerror or error}", file=sys.stderr)
+        return 2
     for shown, failure in enumerate(failures):
         if shown == _SHOWN_FAILURES:
             print(f"detect: ... and {len(failures) - shown} more", file=sys.stderr)
             break
         print(f"detect: {failure}", file=sys.stderr)
-    if earlier:
-        print(f"detect: and {earlier} photo(s) without a face in the stopped run (see the comments in {args.output})",
-              file=sys.stderr)
-    print(f"detect: wrote {faces} face(s) of {found} photo(s) to {args.output} in "
-          f"{time.monotonic() - started:.1f} s" + (f"; {len(failures) + earlier} photo(s) without a face or unreadable"
-                                                   if failures or earlier else ""), file=sys.stderr)
-    return 1 if failures or earlier else 0
+    if earlier_empty:
+        print(f"detect: and {earlier_empty} photo(s) without a face in the stopped run (see the comments in "
+              f"{args.output})", file=sys.stderr)
+    print(f"detect: wrote {faces} face(s) of {found} photo(s) to {args.output} in {time.monotonic() - started:.1f} s"
+          + (f" ({faces + earlier_faces} in the file with the stopped run's)" if done else "")
+          + (f"; {len(failures) + earlier_empty} photo(s) without a face or unreadable"
+             if failures or earlier_empty else ""), file=sys.stderr)
+    return 1 if failures or earlier_empty else 0
 
 
 def progress(total: int, desc: str):
