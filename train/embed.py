@@ -48,6 +48,9 @@ def list_images(folder: str) -> list[str]:
             folders[:] = []
             continue
         seen.add(real)
+        # Real folders first, then links, each by name: a folder is listed under its own path when the
+        # tree holds it, and under the same path whatever order the file system lists them in.
+        folders.sort(key=lambda name: (os.path.islink(os.path.join(root, name)), name))
         found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 

@@ -346,14 +346,29 @@ def test_names_and_outputs_that_need_care(detector, tmp_path, capsys):
         detect.main([*common, "--output", ""])
     assert "--output is empty" in capsys.readouterr().err
 
+    copy = tmp_path / "det.onnx"
+    copy.write_bytes(open(detector, "rb").read())
+    assert detect.main(["--detector", str(copy), "--images", str(images), "--output", str(copy), "--overwrite"]) == 2
+    assert "is --detector" in capsys.readouterr().err and copy.read_bytes() == open(detector, "rb").read()
+
+    # A run that was replacing an output, stopped, resumes without --overwrite.
+    partial = tmp_path / "landmarks.txt.partial"
+    lines = out.read_text().splitlines(keepends=True)
+    partial.write_text("".join(lines[:2]))
+    out.write_text("an older file\n")
+    assert detect.main([*common, "--output", str(out), "--resume"]) == 1
+    assert align.read_face_landmarks(str(out))[0] == ["plain.png", "tab\tname.png"]
+    assert not partial.exists() and not (tmp_path / "landmarks.txt.lock").exists()
+
+    # A second run on an output that a run is writing is refused before it touches anything.
     fcntl = pytest.importorskip("fcntl")
-    partial = tmp_path / "held.txt.partial"
-    partial.write_text("x\n")
-    with open(partial) as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    held = tmp_path / "held.txt.partial"
+    held.write_text("x\n")
+    with open(tmp_path / "held.txt.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         assert detect.main([*common, "--output", str(tmp_path / "held.txt"), "--overwrite"]) == 2
-        assert "is being written by another detect run" in capsys.readouterr().err
-    assert partial.read_text() == "x\n"
+        assert "another detect run is writing" in capsys.readouterr().err
+    assert held.read_text() == "x\n"
 
 
 def test_linked_folders_are_listed_once(tmp_path):

@@ -494,19 +494,24 @@ class _Stopped(Exception):
 def _signals_stop():
     """Ctrl-C (SIGINT) and SIGTERM raise ``_Stopped`` in the main process while aligning, so that
     the worker pool is terminated (its ``with`` block ends) rather than left writing on its own."""
+    stopped = []
+
     def stop(number, frame):
         # A second Ctrl-C (a key held, or pressed again while the workers are ended) would interrupt
-        # that ending with a traceback: the first signal decides.
+        # that ending, or the exit after it, with a traceback: the first signal decides, and the
+        # signals stay ignored until the process exits.
         for other in (signal.SIGINT, signal.SIGTERM):
             signal.signal(other, signal.SIG_IGN)
+        stopped.append(number)
         raise _Stopped(number)
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        if not stopped:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -230,9 +230,10 @@ class Photos(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            with Image.open(self.paths[index]) as image, warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Pillow's about a corrupt EXIF block: the pixels are there
-                upright = to_rgb(ImageOps.exif_transpose(image))
+                with Image.open(self.paths[index]) as image:
+                    upright = to_rgb(ImageOps.exif_transpose(image))
         except FileNotFoundError:
             return index, None, 0.0, 0.0, 0, 0, "no such file (a broken link?)"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -326,17 +327,19 @@ def _listable(name: str) -> bool:
 
 
 class _Partial:
-    """``<output>.partial``, open for appending and locked against a second run on the same
-    output (an advisory lock, where the system has them)."""
+    """``<output>.partial``, written whole from ``lines`` and then open for appending."""
 
     def __init__(self, path: str, lines: list[str]):
         self.path = path
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         self.file = open(path, "a", encoding="utf-8")
-        _lock(self.file, path)
 
     def write(self, lines: list[str]) -> None:
         self.file.writelines(lines)
@@ -346,31 +349,39 @@ class _Partial:
         self.file.close()
 
 
-def _lock(f, path: str) -> None:
-    try:
-        import fcntl
-    except ImportError:  # Windows: no second-run check
-        return
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise ValueError(f"{path} is being written by another detect run: wait for it, or stop it and pass "
-                         "--resume") from None
+class _RunLock:
+    """``<output>.lock``, held (an advisory lock, where the system has them) for the whole of a run,
+    so that a second run on the same output is refused before it touches anything; removed at the
+    end (a killed run leaves it, unlocked, for the next run to take)."""
 
+    def __init__(self, output: str):
+        self.path = output + ".lock"
+        try:
+            self.file = open(self.path, "a")
+        except OSError as error:
+            raise OSError(f"--output {output}: cannot write in its folder: {error.strerror or error}") from None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no second-run check
+            return
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise ValueError(f"another detect run is writing {output}: wait for it, or stop it and pass "
+                             "--resume") from None
 
-def _check_unlocked(path: str) -> None:
-    """ValueError when another run holds ``path`` (a partial file) locked."""
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            _lock(f, path)
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        self.file.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # a Ctrl-C before the photos (loading the detector, listing the folder)
-        print("\ndetect: stopped by SIGINT before any photo was done", file=sys.stderr)
+        print("\ndetect: stopped by SIGINT while starting, before this run did any photo", file=sys.stderr)
         return 130
 
 
@@ -407,16 +418,23 @@ def _main(argv: list[str] | None) -> int:
     started = time.monotonic()
     partial_path = args.output + ".partial"
 
+    lock = None
     try:
         if not os.path.isdir(args.images):
             raise ValueError(f"--images {args.images} is not a folder")
-        check_outputs([args.output], args.overwrite)
+        for flag, path in (("--images", args.images), ("--detector", args.detector)):
+            if not _listable(os.path.abspath(path)):  # the file's first line records both
+                raise ValueError(f"{flag} {path!r}: its path is not UTF-8 text without line breaks")
+        if os.path.exists(args.detector) and os.path.realpath(args.output) == os.path.realpath(args.detector):
+            raise ValueError(f"--output {args.output} is --detector: name another file")
+        # A stopped run that was replacing --output resumes without --overwrite.
+        check_outputs([args.output], args.overwrite or (args.resume and os.path.isfile(partial_path)))
+        lock = _RunLock(args.output)
         if os.path.isdir(partial_path):
             raise ValueError(f"{partial_path}, where detect keeps a run's lines, is a folder")
         if os.path.lexists(partial_path) and not (args.resume or args.overwrite):
             raise ValueError(f"{partial_path} is left from a stopped run: pass --resume to finish it, or --overwrite "
                              "to start again")
-        _check_unlocked(partial_path)
         detector = FaceDetector(args.detector, size=args.size, threshold=args.threshold, device=args.device)
         paths = list_images(args.images)
         if not paths:
@@ -430,8 +448,20 @@ def _main(argv: list[str] | None) -> int:
             settings, "# image x1 y1 ... x5 y5 score: left eye, right eye, nose tip, left and right mouth corner, in "
             "the photo's pixels\n"])
     except (OSError, ValueError) as error:
+        if lock is not None:
+            lock.release()
         print(f"detect: error: {error}", file=sys.stderr)
         return 2
+    try:
+        return _detect_all(args, detector, paths, partial, kept, done, started)
+    finally:
+        lock.release()
+
+
+def _detect_all(args, detector: FaceDetector, paths: list[str], partial: _Partial, kept: list[str], done: set[str],
+                started: float) -> int:
+    """The photos not ``done`` into ``partial``, then the summary; the exit status."""
+    partial_path = partial.path
     names = [os.path.relpath(path, args.images) for path in paths]
     failures = [f"{paths[i]!r}: its name is not UTF-8 text without line breaks, which a line of the file must be"
                 for i, name in enumerate(names) if not _listable(name)]
@@ -491,7 +521,7 @@ def _main(argv: list[str] | None) -> int:
               f"{args.output})", file=sys.stderr)
     print(f"detect: wrote {faces} face(s) of {found} photo(s) to {args.output} in {time.monotonic() - started:.1f} s"
           + (f" ({faces + earlier_faces} in the file with the stopped run's)" if done else "")
-          + (f"; {len(failures) + earlier_empty} photo(s) without a face or unreadable"
+          + (f"; {len(failures) + earlier_empty} photo(s) have no face line (listed above)"
              if failures or earlier_empty else ""), file=sys.stderr)
     return 1 if failures or earlier_empty else 0
 
