@@ -180,21 +180,18 @@ def detect_faces(detector_path: str, paths: list[str], *, all_faces: bool = Fals
     """The faces ``train.tools.detect`` finds in ``paths`` with the SCRFD detector at
     ``detector_path``: (each face's photo, as an index into ``paths``; (F, 5, 2) landmarks; each
     face's number among its photo's faces, from 1; why each photo without a face has none)."""
-    from .tools.detect import FaceDetector, chosen_faces, detect_photos, progress
+    from .tools.detect import FaceDetector, detect_photos, progress
 
     detector = FaceDetector(detector_path, device=str(device))
     photos, points, numbers, failures = [], [], [], []
     bar = progress(len(paths), "detect") if show_progress else None
-    for index, boxes, _, landmarks, width, height, failure in detect_photos(detector, paths, workers=workers):
-        chosen = [] if failure else chosen_faces(boxes, width, height, all_faces)
-        if failure:
-            failures.append(f"{paths[index]}: cannot read the image: {failure}")
-        elif not chosen:
-            failures.append(f"{paths[index]}: no face scores {detector.threshold:g} or more")
-        for number, k in enumerate(chosen, 1):
-            photos.append(index)
-            points.append(landmarks[k])
-            numbers.append(number)
+    for index, _, landmarks, why in detect_photos(detector, paths, all_faces=all_faces, workers=workers):
+        if why:
+            failures.append(f"{paths[index]}: {why}")
+        else:
+            photos += [index] * len(landmarks)
+            points += list(landmarks)
+            numbers += range(1, len(landmarks) + 1)
         if bar is not None:
             bar.update(1)
     if bar is not None:

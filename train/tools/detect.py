@@ -246,27 +246,25 @@ def _as_is(item):
     return item
 
 
-def detect_photos(detector: FaceDetector, paths: list[str], *, workers: int = 0):
-    """Yields, photo by photo in order, (its index in ``paths``, boxes, scores, landmarks as
-    ``FaceDetector.detect`` gives them, its width, its height, ""), or (index, None, None, None, 0, 0,
-    why) for a photo that does not decode. ``workers`` processes decode and scale the photos; they
-    leave SIGTERM and Ctrl-C to this process."""
+def detect_photos(detector: FaceDetector, paths: list[str], *, all_faces: bool = False, workers: int = 0):
+    """Yields, photo by photo in order, (its index in ``paths``, the scores (F,) and landmarks
+    (F, 5, 2) of its faces, "" or why it has none). The faces are its main face (insightface's
+    ``max_num=1`` pick) or, with ``all_faces``, all of them, best first; a photo that does not decode
+    has None for both. ``workers`` processes decode and scale the photos; they leave SIGTERM and
+    Ctrl-C to this process."""
     loader = torch.utils.data.DataLoader(
         Photos(paths, detector.width, detector.height), batch_size=None, num_workers=workers, collate_fn=_as_is,
         worker_init_fn=leave_signals_to_the_main_process() if workers else None)
     for index, canvas, scale_x, scale_y, width, height, failure in loader:
         if canvas is None:
-            yield index, None, None, None, 0, 0, failure
-        else:
-            yield (index, *detector.detect_canvas(canvas, scale_x, scale_y), width, height, "")
-
-
-def chosen_faces(boxes: np.ndarray, width: int, height: int, all_faces: bool) -> list[int]:
-    """The faces a photo's line(s) take: all of them, best first, or its main face; none when none
-    was found."""
-    if not len(boxes):
-        return []
-    return list(range(len(boxes))) if all_faces else [main_face(boxes, width, height)]
+            yield index, None, None, f"cannot read the image: {failure}"
+            continue
+        boxes, scores, points = detector.detect_canvas(canvas, scale_x, scale_y)
+        if not len(scores):
+            yield index, scores, points, f"no face scores {detector.threshold:g} or more"
+            continue
+        chosen = slice(None) if all_faces else [main_face(boxes, width, height)]
+        yield index, scores[chosen], points[chosen], ""
 
 
 def _settings_line(args: argparse.Namespace, detector: FaceDetector) -> str:
@@ -475,19 +473,15 @@ def _detect_all(args, detector: FaceDetector, paths: list[str], partial: _Partia
     bar = progress(len(todo), "detect")
     try:
         with _signals_stop():
-            for index, boxes, scores, points, width, height, failure in \
-                    detect_photos(detector, [paths[i] for i in todo], workers=args.workers):
+            for index, scores, points, why in \
+                    detect_photos(detector, [paths[i] for i in todo], all_faces=args.all_faces, workers=args.workers):
                 name = names[todo[index]]
-                if failure:
-                    lines = [f"{_UNREADABLE}{quote_name(name)}\n"]
-                    failures.append(f"{os.path.join(args.images, name)}: cannot read the image: {failure}")
+                if why:
+                    lines = [f"{_UNREADABLE if scores is None else _NO_FACE}{quote_name(name)}\n"]
+                    failures.append(f"{os.path.join(args.images, name)}: {why}")
                 else:
-                    chosen = chosen_faces(boxes, width, height, args.all_faces)
-                    lines = [face_line(name, points[k], scores[k]) for k in chosen] or \
-                        [f"{_NO_FACE}{quote_name(name)}\n"]
-                    faces, found = faces + len(chosen), found + bool(chosen)
-                    if not chosen:
-                        failures.append(f"{os.path.join(args.images, name)}: no face scores {args.threshold:g} or more")
+                    lines = [face_line(name, p, score) for p, score in zip(points, scores)]
+                    faces, found = faces + len(scores), found + 1
                 partial.write(lines)
                 if bar is not None:
                     bar.update(1)
