@@ -57,27 +57,37 @@ def list_images(folder: str) -> list[str]:
 
 @torch.no_grad()
 def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *, device, batch_size: int = 128,
-                 workers: int = 4, flip: bool = True, log=None) -> np.ndarray:
-    """(len(images), D) float32 raw embeddings, embedding(x) + embedding(mirrored x) with ``flip``,
-    of a dataset whose item i is (uint8 (3, S, S) image, "" or why image i could not be read).
+                 workers: int = 4, flip: bool = True, log=None, normalize: bool = False, dtype=np.float32,
+                 unreadable: list | None = None, extras: list | None = None) -> np.ndarray:
+    """(len(images), D) raw embeddings, embedding(x) + embedding(mirrored x) with ``flip``, of a
+    dataset whose item i is (uint8 (3, S, S) image, "" or why image i could not be read); with
+    ``normalize``, of unit length; held as ``dtype``.
 
     As ``verification.compute_embeddings`` (images fed as (x - 127.5) / 127.5, module modes restored
-    afterwards), except that the features stay un-normalised (IJB weighs them by their norm in a
-    template) and the images stream from a DataLoader, decoded by ``workers`` processes, rather
-    than sit in one tensor (IJB-C's 469k crops would take 17 GB, a million 112 px faces 37 GB).
-    Raises ValueError naming the first unreadable image.
+    afterwards), except that the features stay un-normalised by default (IJB weighs them by their
+    norm in a template) and the images stream from a DataLoader, decoded by ``workers`` processes
+    (which leave Ctrl-C and SIGTERM to this one), rather than sit in one tensor (IJB-C's 469k crops
+    would take 17 GB, a million 112 px faces 37 GB). Raises ValueError naming the first unreadable
+    image, unless ``unreadable`` is a list: each unreadable image's (index, why) is then appended
+    to it and its row is NaN. Items may carry a third element, which ``extras`` (a list) then
+    receives, batch by batch, as the DataLoader collates it.
     """
+    from .data import leave_signals_to_the_main_process
+
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         worker_init_fn=leave_signals_to_the_main_process() if workers else None)
     modes = [(m, m.training) for m in backbone.modules()]
     backbone.eval()
     features, done, started, reported = None, 0, time.monotonic(), time.monotonic()
     try:
-        for batch, errors in loader:
-            failed = [e for e in errors if e]
-            if failed:
-                raise ValueError(failed[0])
+        for batch, errors, *extra in loader:
+            if extras is not None:
+                extras.append(extra[0])
+            failed = [(done + i, e) for i, e in enumerate(errors) if e]
+            if failed and unreadable is None:
+                raise ValueError(failed[0][1])
             x = to_model_input(batch.to(device, non_blocking=True))
             count = x.shape[0]
             if flip:
@@ -85,9 +95,14 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
                 out = raw[:count] + raw[count:]
             else:
                 out = backbone(x).float()
+            if normalize:
+                out = torch.nn.functional.normalize(out, dim=1)
             if features is None:
-                features = np.empty((len(images), out.shape[1]), dtype=np.float32)
+                features = np.empty((len(images), out.shape[1]), dtype=dtype)
             features[done:done + count] = out.cpu().numpy()
+            for index, why in failed:
+                features[index] = np.nan
+                unreadable.append((index, why))
             done += count
             if log is not None and time.monotonic() - reported > 30:
                 reported = time.monotonic()

@@ -55,25 +55,42 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
     are removed on an error). Existing files are replaced only with `overwrite`
     (ValueError otherwise, before any image is read)."""
     identities, samples = scan_image_folder(image_folder)
+    check_outputs([os.path.join(output_dir, name) for name in OUTPUT_FILES], overwrite)
+    images = ((label, *_image_bytes(path, resize=resize, quality=quality)) for path, label in samples)
+    return write_pack(output_dir, images, num_images=len(samples), num_identities=len(identities), log=log)
+
+
+def write_pack(output_dir: str, images, *, num_images: int, num_identities: int, log=sys.stderr,
+               tool: str = "pack_rec") -> dict:
+    """Write `train.rec`, `train.idx` and `property` into `output_dir` from `images`, an iterable of
+    `num_images` (label, JPEG bytes, (width, height)) in label order (each label's images together),
+    labels in [0, num_identities), every label present. The layout is insightface's (the module's
+    docstring); `property` gives the first image's size. The files replace any there once complete:
+    check them first (`check_outputs`). Returns {'images', 'identities', 'image_size'}."""
     rec_path, idx_path, property_path = (os.path.join(output_dir, name) for name in OUTPUT_FILES)
-    check_outputs([rec_path, idx_path, property_path], overwrite)
-    num_images, num_ids = len(samples), len(identities)
     first_identity_record = num_images + 1
-    image_range = [[0, 0] for _ in identities]
-    image_size = None
+    image_range = [[0, 0] for _ in range(num_identities)]
+    image_size, written, previous = None, 0, -1
     start = time.time()
     try:
         with RecordIOWriter(rec_path + ".tmp", idx_path + ".tmp") as writer:
-            writer.write(0, pack_payload([first_identity_record, first_identity_record + num_ids], b""))
-            for key, (path, label) in enumerate(samples, 1):
-                data, size = _image_bytes(path, resize=resize, quality=quality)
+            writer.write(0, pack_payload([first_identity_record, first_identity_record + num_identities], b""))
+            for key, (label, data, size) in enumerate(images, 1):
+                if key > num_images or not previous <= label < num_identities:
+                    raise ValueError(f"{tool}: image {key} of {num_images} has label {label}: expected labels in "
+                                     f"[0, {num_identities}), each label's images together")
                 image_size = image_size or size
                 writer.write(key, pack_payload(float(label), data, id=key))
                 if image_range[label][0] == 0:
                     image_range[label][0] = key
                 image_range[label][1] = key + 1
+                previous, written = label, key
                 if log is not None and key % 10000 == 0:
-                    print(f"pack_rec: {key}/{num_images} images, {key / (time.time() - start):.0f}/s", file=log)
+                    print(f"{tool}: {key}/{num_images} images, {key / (time.time() - start):.0f}/s", file=log)
+            empty = [label for label, (first, _) in enumerate(image_range) if first == 0]
+            if written != num_images or empty:
+                raise ValueError(f"{tool}: {written} images of the {num_images} expected, "
+                                 f"{len(empty)} of {num_identities} labels without an image")
             for label, (first, end) in enumerate(image_range):
                 writer.write(first_identity_record + label, pack_payload([first, end], b""))
         os.replace(rec_path + ".tmp", rec_path)
@@ -83,10 +100,10 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
             if os.path.exists(tmp):
                 os.remove(tmp)
     width, height = image_size
-    checkpoint.write_atomic(property_path, lambda f: f.write(f"{num_ids},{height},{width}\n"), binary=False)
+    checkpoint.write_atomic(property_path, lambda f: f.write(f"{num_identities},{height},{width}\n"), binary=False)
     if log is not None:
-        print(f"pack_rec: wrote {num_images} images of {num_ids} identities to {rec_path}", file=log)
-    return {"images": num_images, "identities": num_ids, "image_size": (height, width)}
+        print(f"{tool}: wrote {num_images} images of {num_identities} identities to {rec_path}", file=log)
+    return {"images": num_images, "identities": num_identities, "image_size": (height, width)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,507 @@
+"""``python -m train.tools.clean``: the label noise and the duplicated identities of a training set,
+found with a trained model, and the set written again without them.
+
+    python -m train.tools.clean --model runs/r50/checkpoint.pt --data /data/faces_emore --output /data/emore_clean
+
+Every image of ``--data`` (a RecordIO folder or an ImageFolder, as the trainer reads them) is embedded
+as verification embeds it (image + mirror, unit length) and compared with its class's centre:
+
+- ``--centres trained``: the class centres the checkpoint trained with its margin loss (the default
+  when the checkpoint holds one for each class of the data);
+- ``--centres mean``: the mean embedding of the class's other images (the default otherwise: a model
+  that did not train on this data, such as insightface's released models, for a new data set).
+
+An image whose angle to its centre exceeds ``--drop-angle`` (75 degrees, the threshold of the drop step
+of insightface's sub-center ArcFace, there taken to the dominant sub-centre) is dropped, as is an
+image that does not decode. Two classes whose mean embeddings (of their kept images) have a cosine
+of at least ``--duplicate-cosine`` are listed as one identity under two labels, and with
+``--merge-duplicates`` become one class. Classes left with fewer than ``--min-images`` images are
+dropped. ``--output`` receives:
+
+- ``train.rec``, ``train.idx``, ``property``: the cleaned set (the images' bytes as stored, labels
+  renumbered 0..C'-1), and the verification ``.bin`` files beside a RecordIO ``--data``, so that
+  ``--data OUTPUT`` trains as ``--data DATA`` did; not with ``--report-only``;
+- ``samples.csv``: each image's class, cosine and angle to its centre, nearest other class and its
+  cosine, new label (-1: dropped) and why it was dropped;
+- ``duplicates.csv``: the class pairs at or above ``--duplicate-cosine``, most alike first;
+- ``classes.csv``: each new label's source labels and image count;
+- ``summary.json``: the counts, the options and the angle distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from train import checkpoint
+from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset
+from train.data.recordio import _class_index, unpack_payload
+from train.data.transforms import to_chw
+from train.tools import check_outputs, torch_device
+from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
+
+DEFAULT_DROP_ANGLE = 75.0
+DEFAULT_DUPLICATE_COSINE = 0.6
+MAX_PAIRS = 10_000_000  # more pairs than this: --duplicate-cosine is too low to name duplicates
+LARGE_GROUP = 5  # a merged group of more classes than this is worth a look
+REPORTS = ("samples.csv", "duplicates.csv", "classes.csv", "summary.json")
+
+
+class _Images(torch.utils.data.Dataset):
+    """Item i: (uint8 (3, S, S) image i of a training set, "" or why it could not be read, its label
+    or -1 when that cannot be read either)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        try:
+            image, label = self.data.load(index)
+        except (OSError, ValueError) as error:
+            blank = torch.zeros((3, self.data.image_size, self.data.image_size), dtype=torch.uint8)
+            return blank, str(error), _label(self.data, index)
+        return to_chw(image), "", label
+
+
+def _label(data, index: int) -> int:
+    """The label of image ``index`` of a RecordIO or ImageFolder set; -1 when it does not read."""
+    if isinstance(data, ImageFolderDataset):
+        return int(data.labels[index])
+    key = int(data.image_keys[index])
+    try:
+        header, _ = data.records.read_header(key)
+        return _class_index(header.label, f"{data.records.rec_path}: record {key}", data.num_classes)
+    except (OSError, ValueError):
+        return -1
+
+
+def dataset_labels(data) -> np.ndarray:
+    """The label of every image of a RecordIO or ImageFolder set (a RecordIO set's records are read:
+    the embedding pass reads the labels itself); -1 for a record whose label does not read."""
+    if isinstance(data, ImageFolderDataset):
+        return data.labels.copy()
+    labels = np.asarray([_label(data, i) for i in range(len(data))], dtype=np.int64)
+    data.records.close()
+    return labels
+
+
+def trained_centres(path: str, num_classes: int, dim: int) -> tuple[torch.Tensor | None, str]:
+    """(the (C, D) class centres a training checkpoint holds, "") or (None, why there are none)."""
+    if path.lower().endswith(".onnx"):
+        return None, "an ONNX model holds no class centres"
+    try:
+        state = checkpoint.load(path, mmap=True)
+    except Exception:  # not a torch file: load_model has read it already, and says what it is
+        return None, f"{path} is not a training checkpoint"
+    weight = state.get("margin_loss", {}).get("weight") if isinstance(state, dict) else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None, f"{path} is not a training checkpoint with class centres"
+    if tuple(weight.shape) != (num_classes, dim):
+        return None, (f"{path}'s class centres are {tuple(weight.shape)[0]} x {tuple(weight.shape)[1]}, the data has "
+                      f"{num_classes} classes and the model {dim}-D embeddings: it trained on other data")
+    return weight.float(), ""
+
+
+def class_sums(embeddings: np.ndarray, labels: np.ndarray, keep: np.ndarray, num_classes: int, *,
+               chunk: int = 65536) -> tuple[torch.Tensor, np.ndarray]:
+    """((C, D) float64 sums of the kept unit embeddings of each class, (C,) their counts)."""
+    sums = torch.zeros(num_classes, embeddings.shape[1], dtype=torch.float64)
+    for start in range(0, len(labels), chunk):
+        rows = np.flatnonzero(keep[start:start + chunk]) + start
+        sums.index_add_(0, torch.from_numpy(labels[rows]), torch.from_numpy(embeddings[rows]).double())
+    return sums, np.bincount(labels[keep], minlength=num_classes)
+
+
+def nearest_centres(embeddings: np.ndarray, labels: np.ndarray, centres: torch.Tensor, *, device,
+                    rows: int = 4096, columns: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For unit ``embeddings`` (N, D) and unit ``centres`` (C, D): (cosine to the own class's centre,
+    the nearest other class (-1 when there is none), its cosine), each (N,). The N x C cosines are
+    made in blocks of ``rows`` x ``columns`` on ``device``, never all at once."""
+    n, num_classes = len(labels), centres.shape[0]
+    centres = centres.to(device, torch.float32)
+    own = np.empty(n, dtype=np.float32)
+    other = np.full(n, -1, dtype=np.int64)
+    other_cosine = np.full(n, np.nan, dtype=np.float32)
+    for start in range(0, n, rows):
+        x = torch.from_numpy(np.asarray(embeddings[start:start + rows], dtype=np.float32)).to(device)
+        y = torch.from_numpy(labels[start:start + rows]).to(device)
+        own[start:start + len(y)] = (x * centres[y]).sum(1).cpu().numpy()
+        best = torch.full((len(y),), -math.inf, device=device)
+        best_class = torch.full((len(y),), -1, dtype=torch.int64, device=device)
+        for first in range(0, num_classes, columns):
+            cosines = x @ centres[first:first + columns].T
+            mine = (y >= first) & (y < first + cosines.shape[1])
+            cosines[mine, y[mine] - first] = -math.inf
+            value, index = cosines.max(1)
+            better = value > best
+            best = torch.where(better, value, best)
+            best_class = torch.where(better, index + first, best_class)
+        found = best_class >= 0
+        other[start:start + len(y)] = best_class.cpu().numpy()
+        other_cosine[start:start + len(y)] = torch.where(found, best, torch.nan).cpu().numpy()
+    return own, other, other_cosine
+
+
+def leave_one_out_cosines(embeddings: np.ndarray, labels: np.ndarray, sums: torch.Tensor,
+                          counts: np.ndarray, *, chunk: int = 65536) -> np.ndarray:
+    """Each image's cosine to the mean of its class's other images (``sums``, ``counts``: of the
+    class's images, this one included); NaN for an image alone in its class."""
+    out = np.empty(len(labels), dtype=np.float32)
+    for start in range(0, len(labels), chunk):
+        x = torch.from_numpy(np.asarray(embeddings[start:start + chunk], dtype=np.float64))
+        y = torch.from_numpy(labels[start:start + chunk])
+        rest = sums[y] - x  # the other images' sum
+        cosine = (rest * x).sum(1) / rest.norm(dim=1).clamp_min(1e-12)
+        cosine[torch.from_numpy(counts[labels[start:start + chunk]] < 2)] = torch.nan
+        out[start:start + len(y)] = cosine.numpy()
+    return out
+
+
+def duplicate_pairs(means: torch.Tensor, present: np.ndarray, threshold: float, *, device,
+                    rows: int = 2048, columns: int = 65536) -> list[tuple[int, int, float]]:
+    """The pairs (a, b, cosine), a < b, of classes with ``present`` images whose unit mean embeddings
+    ``means`` (C, D) have a cosine of at least ``threshold``, most alike first. Made in blocks of
+    ``rows`` x ``columns`` on ``device``."""
+    classes = torch.from_numpy(np.flatnonzero(present))
+    unit = means[classes].to(device, torch.float32)
+    pairs = []
+    for start in range(0, len(classes), rows):
+        block = unit[start:start + rows]
+        for first in range(start, len(classes), columns):  # only the columns right of the diagonal
+            cosines = block @ unit[first:first + columns].T
+            i, j = torch.nonzero(cosines >= threshold, as_tuple=True)
+            upper = j + first > i + start
+            i, j = i[upper], j[upper]
+            if len(pairs) + len(i) > MAX_PAIRS:
+                raise ValueError(f"--duplicate-cosine {threshold:g} makes more than {MAX_PAIRS:,} class pairs: at that "
+                                 "cosine different people look alike; raise it")
+            for a, b, c in zip((i + start).tolist(), (j + first).tolist(), cosines[i, j].tolist()):
+                pairs.append((int(classes[a]), int(classes[b]), c))
+    pairs.sort(key=lambda pair: (-pair[2], pair[0], pair[1]))
+    return pairs
+
+
+def merged_groups(num_classes: int, pairs: list[tuple[int, int, float]]) -> np.ndarray:
+    """(C,) each class's group: the smallest class joined to it through ``pairs`` (union-find)."""
+    parent = np.arange(num_classes)
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b, _ in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.asarray([root(a) for a in range(num_classes)])
+
+
+def angles(cosines: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0)))
+
+
+def _embeddings(args, model, data, device) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """((N, D) float16 unit embeddings of ``data`` (NaN rows: unreadable), (N,) labels (-1: unreadable
+    too), {index: why unreadable}); read from ``--embeddings`` when it holds this model's embeddings
+    of this data, else made (and written there when it is given)."""
+    from train.embed import embed_images
+
+    stat = os.stat(args.model)
+    identity = {"data": data.fingerprint(), "model": os.path.abspath(args.model), "model_bytes": stat.st_size,
+                "model_mtime_ns": stat.st_mtime_ns, "image_size": data.image_size}
+    sidecar = (args.embeddings + ".json") if args.embeddings else None
+    if args.embeddings and os.path.exists(args.embeddings):
+        with open(sidecar, encoding="utf-8") as f:
+            saved = json.load(f)
+        if {k: saved.get(k) for k in identity} != identity:
+            raise ValueError(f"--embeddings {args.embeddings} holds another model's or another data set's "
+                             f"embeddings ({sidecar} says {saved.get('model')}); name a new file")
+        embeddings = np.load(args.embeddings, mmap_mode="r")
+        if embeddings.shape[0] != len(data):
+            raise ValueError(f"--embeddings {args.embeddings} has {embeddings.shape[0]} rows, the data {len(data)}")
+        print(f"clean: embeddings of {len(data)} images read from {args.embeddings}", file=sys.stderr, flush=True)
+        return embeddings, dataset_labels(data), {int(k): v for k, v in saved["unreadable"].items()}
+    unreadable: list[tuple[int, str]] = []
+    labels: list[torch.Tensor] = []
+    started = time.monotonic()
+    embeddings = embed_images(model, _Images(data), device=device, batch_size=args.batch_size,
+                              workers=args.workers, normalize=True, dtype=np.float16, unreadable=unreadable,
+                              extras=labels,
+                              log=lambda message: print(f"clean: {message}", file=sys.stderr, flush=True))
+    print(f"clean: embedded {len(data)} images in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    if args.embeddings:
+        checkpoint.write_atomic(args.embeddings, lambda f: np.save(f, embeddings))
+        checkpoint.write_json_atomic(sidecar, {**identity, "unreadable": {str(i): w for i, w in unreadable}})
+    return embeddings, torch.cat(labels).numpy().astype(np.int64), dict(unreadable)
+
+
+def _source_names(data) -> list[str]:
+    if isinstance(data, ImageFolderDataset):
+        prefix = len(os.path.join(data.root, ""))
+        return [path[prefix:] for path in data.paths]
+    return [f"record {key}" for key in data.image_keys]
+
+
+def _class_names(data) -> list[str] | None:
+    return list(data.identities) if isinstance(data, ImageFolderDataset) else None
+
+
+def _packed_images(data, order: np.ndarray, new_labels: np.ndarray):
+    """(new label, stored bytes, (width, height) of the first) of the images ``order`` lists."""
+    first = True
+    for index in order:
+        if isinstance(data, RecordIODataset):
+            key = int(data.image_keys[index])
+            _, image = unpack_payload(data.records.read(key), where=f"{data.records.rec_path}: record {key}")
+            size = None
+            if first:
+                with Image.open(io.BytesIO(image)) as img:
+                    size = img.size
+        else:
+            image, size = _image_bytes(data.paths[index], resize=None, quality=95)
+        first = False
+        yield int(new_labels[index]), image, size
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.tools.clean", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a training checkpoint (its class centres too), backbone.pt from python -m train.export, "
+                   "insightface's backbone.pth, or an ONNX model")
+    p.add_argument("--data", required=True, help="the training set: a folder with train.rec + train.idx, or an "
+                   "ImageFolder (one sub-folder per identity)")
+    p.add_argument("--output", required=True, help="the folder the cleaned set and the reports are written to "
+                   "(not --data's)")
+    p.add_argument("--centres", "--centers", dest="centres", choices=("auto", "trained", "mean"), default="auto",
+                   help="each class's centre: the checkpoint's trained class centres, or the mean embedding of the "
+                   "class's other images (auto: trained when the checkpoint holds one for each class of the data)")
+    p.add_argument("--drop-angle", type=float, default=DEFAULT_DROP_ANGLE,
+                   help=f"drop images further than this many degrees from their class's centre "
+                   f"(default {DEFAULT_DROP_ANGLE:g}; 180 drops none)")
+    p.add_argument("--duplicate-cosine", type=float, default=DEFAULT_DUPLICATE_COSINE,
+                   help="list class pairs whose mean embeddings have at least this cosine as one identity under two "
+                   f"labels (default {DEFAULT_DUPLICATE_COSINE:g})")
+    p.add_argument("--merge-duplicates", action="store_true",
+                   help="make each group of listed classes one class (otherwise they are only listed)")
+    p.add_argument("--min-images", type=int, default=1,
+                   help="drop classes left with fewer images than this (default 1)")
+    p.add_argument("--report-only", action="store_true", help="write the reports, not the cleaned set")
+    p.add_argument("--embeddings", metavar="FILE.npy", default=None,
+                   help="keep the embeddings (float16, 2 bytes x D an image) in this file and read them from it when "
+                   "it holds this model's embeddings of this data: another --drop-angle then costs no embedding")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images (0: in this process)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files --output holds")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    if args.workers < 0:
+        p.error("--workers must be at least 0")
+    if args.min_images < 1:
+        p.error("--min-images must be at least 1")
+    if not 0 <= args.drop_angle <= 180:
+        p.error(f"--drop-angle is in degrees, from 0 to 180: got {args.drop_angle:g}")
+    if not -1 <= args.duplicate_cosine <= 1:
+        p.error(f"--duplicate-cosine is a cosine, from -1 to 1: got {args.duplicate_cosine:g}")
+    if args.embeddings and not args.embeddings.endswith(".npy"):
+        p.error("--embeddings names a .npy file")
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return run(args)
+    except (OSError, ValueError) as error:
+        print(f"clean: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clean: stopped; files being written were removed, files already written are whole", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("clean: terminated; files being written were removed, files already written are whole",
+              file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _stop(signum, frame):
+    """SIGTERM unwinds as Ctrl-C does, so that no temporary file is left behind."""
+    raise _Terminated
+
+
+def run(args: argparse.Namespace) -> int:
+    """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault.
+    The device, the data, the model and the outputs are checked before any image is embedded."""
+    from train.embed import load_model
+
+    device = torch_device(args.device)
+    if args.data == "synthetic":
+        raise ValueError("--data synthetic is drawn, not stored: there is nothing to clean")
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such folder")
+    if os.path.realpath(args.output) == os.path.realpath(args.data):
+        raise ValueError("--output is --data's folder: the cleaned set goes to another folder")
+    model, settings = load_model(args.model, device)
+    data, num_classes = build_train_dataset(args.data, image_size=settings["image_size"], flip=False)
+    bins = sorted(glob.glob(os.path.join(glob.escape(args.data), "*.bin"))) if isinstance(data, RecordIODataset) else []
+    outputs = [os.path.join(args.output, name) for name in REPORTS]
+    if not args.report_only:
+        outputs += [os.path.join(args.output, name) for name in OUTPUT_FILES]
+        outputs += [os.path.join(args.output, os.path.basename(path)) for path in bins]
+    check_outputs(outputs, args.overwrite)
+    if args.embeddings:
+        check_outputs([args.embeddings, args.embeddings + ".json"], overwrite=True)
+
+    centres, why_not = trained_centres(args.model, num_classes, settings["embedding_size"])
+    if args.centres == "trained" and centres is None:
+        raise ValueError(f"--centres trained: {why_not}")
+    source = args.centres if args.centres != "auto" else ("trained" if centres is not None else "mean")
+    print(f"clean: {len(data)} images of {num_classes} classes in {args.data}; {settings['network']} at "
+          f"{settings['image_size']}px on {device}; centres: "
+          + ("the checkpoint's trained class centres" if source == "trained"
+             else "each class's mean embedding" + (f" ({why_not})" if args.centres == "auto" else "")),
+          file=sys.stderr, flush=True)
+    model = model.to(device)
+    embeddings, read_labels, unreadable = _embeddings(args, model, data, device)
+    readable = np.ones(len(data), dtype=bool)
+    readable[list(unreadable)] = False  # their rows are NaN, and so is all that is made of them
+    labels = np.maximum(read_labels, 0)  # a label that did not read (-1) stands as 0 in the sums, not kept
+
+    # Each image against its class's centre, and the nearest other class.
+    if source == "trained":
+        unit_centres = torch.nn.functional.normalize(centres, dim=1)
+        cosine, other, other_cosine = nearest_centres(embeddings, labels, unit_centres, device=device)
+    else:
+        sums, counts = class_sums(embeddings, labels, readable, num_classes)
+        unit_centres = torch.nn.functional.normalize(sums, dim=1).float()
+        _, other, other_cosine = nearest_centres(embeddings, labels, unit_centres, device=device)
+        cosine = leave_one_out_cosines(embeddings, labels, sums, counts)
+    cosine[~readable] = np.nan
+    other[~readable], other_cosine[~readable] = -1, np.nan
+    angle = angles(cosine)
+    why = np.full(len(data), "", dtype=object)
+    why[angle > args.drop_angle] = "angle"
+    why[~readable] = "unreadable"
+    keep = why == ""
+
+    # Duplicated identities: classes whose kept images' mean embeddings are alike.
+    sums, counts = class_sums(embeddings, labels, keep, num_classes)
+    means = torch.nn.functional.normalize(sums, dim=1)
+    pairs = duplicate_pairs(means, counts > 0, args.duplicate_cosine, device=device)
+    group = merged_groups(num_classes, pairs) if args.merge_duplicates else np.arange(num_classes)
+    largest = int(np.bincount(group).max())
+    if largest > LARGE_GROUP:
+        print(f"clean: warning: --merge-duplicates joins {largest} classes into one (chains of pairs at cosine >= "
+              f"{args.duplicate_cosine:g}): look at duplicates.csv, or raise --duplicate-cosine", file=sys.stderr)
+    group_counts = np.bincount(group, weights=counts, minlength=num_classes).astype(np.int64)
+    too_small = keep & (group_counts[group[labels]] < args.min_images)
+    why[too_small], keep[too_small] = "class too small", False
+    kept_groups = np.unique(group[labels[keep]])
+    new_label_of_group = np.full(num_classes, -1, dtype=np.int64)
+    new_label_of_group[kept_groups] = np.arange(len(kept_groups))
+    new_labels = np.where(keep, new_label_of_group[group[labels]], -1)
+
+    names, class_names = _source_names(data), _class_names(data)
+    if not args.report_only and len(kept_groups) == 0:
+        raise ValueError(f"every image was dropped (--drop-angle {args.drop_angle:g}): nothing to write")
+    if not args.report_only:
+        order = np.flatnonzero(keep)
+        order = order[np.argsort(new_labels[order], kind="stable")]
+        write_pack(args.output, _packed_images(data, order, new_labels), num_images=len(order),
+                   num_identities=len(kept_groups), log=sys.stderr, tool="clean")
+        for path in bins:
+            target = os.path.join(args.output, os.path.basename(path))
+            checkpoint.write_atomic(target, lambda f, path=path: shutil.copyfileobj(open(path, "rb"), f))
+    _write_reports(args, data, names, class_names, read_labels, cosine, angle, other, other_cosine, new_labels, why,
+                   pairs, group, keep, kept_groups, source, len(unreadable))
+    return 0
+
+
+def _label_name(label: int, class_names: list[str] | None) -> str:
+    return class_names[label] if class_names is not None and label >= 0 else ""
+
+
+def _write_reports(args, data, names, class_names, labels, cosine, angle, other, other_cosine, new_labels, why,
+                   pairs, group, keep, kept_groups, source, unreadable) -> None:
+    def number(x: float) -> str:
+        return "" if math.isnan(x) else f"{x:.4f}"
+
+    def samples(f):
+        w = csv.writer(f)
+        w.writerow(["index", "image", "label", "class", "cosine", "angle", "nearest_other", "nearest_other_class",
+                    "nearest_other_cosine", "new_label", "dropped"])
+        for i in range(len(labels)):
+            w.writerow([i, names[i], labels[i], _label_name(labels[i], class_names), number(cosine[i]),
+                        number(angle[i]), other[i], _label_name(other[i], class_names), number(other_cosine[i]),
+                        new_labels[i], why[i]])
+
+    def duplicates(f):
+        w = csv.writer(f)
+        w.writerow(["label_a", "class_a", "label_b", "class_b", "cosine", "merged"])
+        for a, b, c in pairs:
+            w.writerow([a, _label_name(a, class_names), b, _label_name(b, class_names), f"{c:.4f}",
+                        int(bool(args.merge_duplicates))])
+
+    counts = np.bincount(new_labels[keep], minlength=len(kept_groups))
+    members: dict[int, list[int]] = {}
+    for label in np.unique(labels[keep]):
+        members.setdefault(int(group[label]), []).append(int(label))
+
+    def classes(f):
+        w = csv.writer(f)
+        w.writerow(["new_label", "labels", "classes", "images"])
+        for new, old in enumerate(kept_groups):
+            labels_of = members[int(old)]
+            w.writerow([new, " ".join(map(str, labels_of)),
+                        " ".join(_label_name(x, class_names) for x in labels_of) if class_names else "", counts[new]])
+
+    checkpoint.write_atomic(os.path.join(args.output, "samples.csv"), samples, binary=False)
+    checkpoint.write_atomic(os.path.join(args.output, "duplicates.csv"), duplicates, binary=False)
+    checkpoint.write_atomic(os.path.join(args.output, "classes.csv"), classes, binary=False)
+    measured = angle[~np.isnan(angle)]
+    dropped = {reason: int((why == reason).sum()) for reason in ("angle", "unreadable", "class too small")}
+    summary = {
+        "data": args.data, "model": args.model, "centres": source, "images": int(len(labels)),
+        "classes": int(data.num_classes), "kept_images": int(keep.sum()), "kept_classes": int(len(kept_groups)),
+        "dropped": dropped, "duplicate_pairs": len(pairs), "merged": bool(args.merge_duplicates),
+        "largest_merged_group": int(np.bincount(group).max()),
+        "nearer_to_another_class": int(np.sum(other_cosine > cosine)),
+        "angle_percentiles": {str(q): round(float(np.percentile(measured, q)), 2) for q in (1, 10, 50, 90, 99)}
+        if measured.size else {},
+        "options": {"drop_angle": args.drop_angle, "duplicate_cosine": args.duplicate_cosine,
+                    "min_images": args.min_images, "report_only": args.report_only},
+    }
+    checkpoint.write_json_atomic(os.path.join(args.output, "summary.json"), summary)
+    print(f"clean: kept {summary['kept_images']} of {len(labels)} images ({dropped['angle']} further than "
+          f"{args.drop_angle:g} degrees from their centre, {unreadable} unreadable, {dropped['class too small']} "
+          f"in classes under --min-images) in {summary['kept_classes']} of {data.num_classes} classes; "
+          f"{len(pairs)} class pair(s) at cosine >= {args.duplicate_cosine:g}"
+          + (" merged" if args.merge_duplicates else " listed in duplicates.csv")
+          + (f"; wrote {args.output}" if not args.report_only else f"; reports in {args.output}"), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
