@@ -1,0 +1,249 @@
+"""``python -m train.tools.clean``: mislabelled images and split identities of a small synthetic set,
+found with a model trained on it, against the cosines computed here from the same model; the
+cleaned RecordIO set read back; and what it refuses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import arcface_ext
+from train import checkpoint
+from train.data import ImageFolderDataset, RecordIODataset
+from train.data.synthetic import render_face
+from train.data.transforms import decode_image
+from train.embed import embed_files
+from train.tools import clean, pack_rec
+from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, train_one_thread
+
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained on 10 synthetic identities of 16 images (60 steps: its classes are apart, the
+    training images at 20-50 degrees from their centres), and that folder."""
+    root = tmp_path_factory.mktemp("clean")
+    faces = make_face_folder(str(root / "faces"), identities=10, images=16)
+    argv = base_argv(faces, str(root / "run"), batch_size=32, max_steps=60, save_every=0, log_every=10,
+                     loss_impl=LOSS_IMPL)
+    assert train_one_thread(argv) == 0
+    return str(root / "run" / "checkpoint.pt"), faces
+
+
+def noisy_copy(faces: str, folder) -> str:
+    """The folder with two images of identity 3 filed under identity 7."""
+    shutil.copytree(faces, folder)
+    for j in range(2):
+        Image.fromarray(render_face(0, 3, 100 + j, IMAGE_SIZE)).save(os.path.join(folder, "id_007", f"x{j}.png"))
+    return str(folder)
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_clean(*argv) -> int:
+    return clean.main([*map(str, argv), "--workers", "0", "--batch-size", "32"])
+
+
+def test_trained_centres_drop_the_mislabelled_images(trained, tmp_path, capsys):
+    ckpt, faces = trained
+    data = noisy_copy(faces, tmp_path / "noisy")
+    out = tmp_path / "out"
+    assert run_clean("--model", ckpt, "--data", data, "--output", out) == 0
+    assert "the checkpoint's trained class centres" in capsys.readouterr().err
+    rows = read_csv(out / "samples.csv")
+    dropped = [r for r in rows if r["dropped"]]
+    assert [r["image"] for r in dropped] == ["id_007/x0.png", "id_007/x1.png"]
+    assert all(r["dropped"] == "angle" and r["new_label"] == "-1" and r["nearest_other_class"] == "id_003"
+               and float(r["angle"]) > 75 for r in dropped)
+    assert max(float(r["angle"]) for r in rows if not r["dropped"]) < 75
+
+    # The report's cosines are the model's: image + mirror embedded here, against the checkpoint's centres.
+    model, _ = checkpoint.load_backbone(ckpt)
+    dataset = ImageFolderDataset(data, image_size=IMAGE_SIZE)
+    embeddings = embed_files(model, dataset.paths, IMAGE_SIZE, batch_size=32)
+    centres = torch.nn.functional.normalize(checkpoint.load(ckpt)["margin_loss"]["weight"], dim=1).numpy()
+    cosines = embeddings @ centres.T
+    own = cosines[np.arange(len(rows)), dataset.labels]
+    np.testing.assert_allclose([float(r["cosine"]) for r in rows], own, atol=2e-3)  # float16 embeddings
+    cosines[np.arange(len(rows)), dataset.labels] = -np.inf
+    assert [int(r["nearest_other"]) for r in rows] == cosines.argmax(1).tolist()
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept_images"] == 160 and summary["dropped"]["angle"] == 2 and summary["centres"] == "trained"
+    assert summary["nearer_to_another_class"] == 2 and summary["duplicate_pairs"] == 0
+
+    # The cleaned set: the kept images, in the trainer's RecordIO layout, labels as before.
+    packed = RecordIODataset(str(out), image_size=IMAGE_SIZE, flip=False)
+    assert (len(packed), packed.num_classes) == (160, 10)
+    kept = [i for i, r in enumerate(rows) if not r["dropped"]]
+    for index in (0, 77, 159):
+        image, label = packed.load(index)
+        stored, _ = pack_rec._image_bytes(dataset.paths[kept[index]], resize=None, quality=95)  # as pack_rec stores
+        assert label == dataset.labels[kept[index]]
+        np.testing.assert_array_equal(image, decode_image(stored, IMAGE_SIZE, source="test"))
+    assert [r["images"] for r in read_csv(out / "classes.csv")] == ["16"] * 10
+
+
+def test_class_means_find_and_merge_a_split_identity(trained, tmp_path):
+    ckpt, faces = trained
+    data = noisy_copy(faces, tmp_path / "split")
+    os.makedirs(os.path.join(data, "id_005b"))
+    for sample in range(8, 16):
+        name = f"{sample:02d}.png"
+        os.replace(os.path.join(data, "id_005", name), os.path.join(data, "id_005b", name))
+    out = tmp_path / "out"
+    # 11 classes against the checkpoint's 10: the centres are the classes' means.
+    assert run_clean("--model", ckpt, "--data", data, "--output", out, "--merge-duplicates",
+                     "--duplicate-cosine", "0.6") == 0
+    pairs = read_csv(out / "duplicates.csv")
+    assert [(p["class_a"], p["class_b"], p["merged"]) for p in pairs] == [("id_005", "id_005b", "1")]
+    classes = read_csv(out / "classes.csv")
+    assert len(classes) == 10 and classes[5]["classes"] == "id_005 id_005b" and classes[5]["images"] == "16"
+    rows = read_csv(out / "samples.csv")
+    assert sorted(r["image"] for r in rows if r["dropped"]) == ["id_007/x0.png", "id_007/x1.png"]
+    assert json.loads((out / "summary.json").read_text())["centres"] == "mean"
+
+    # Each image's cosine is to the mean of its class's other images.
+    model, _ = checkpoint.load_backbone(ckpt)
+    dataset = ImageFolderDataset(data, image_size=IMAGE_SIZE)
+    x = embed_files(model, dataset.paths, IMAGE_SIZE, batch_size=32).astype(np.float64)
+    expected = []
+    for i, label in enumerate(dataset.labels):
+        others = x[(dataset.labels == label) & (np.arange(len(x)) != i)].sum(0)
+        expected.append(others @ x[i] / np.linalg.norm(others))
+    np.testing.assert_allclose([float(r["cosine"]) for r in rows], expected, atol=2e-3)
+    packed = RecordIODataset(str(out), image_size=IMAGE_SIZE, flip=False)
+    assert (len(packed), packed.num_classes) == (160, 10)
+
+
+def test_recordio_input_keeps_bins_and_reuses_embeddings(trained, tmp_path, capsys):
+    ckpt, faces = trained
+    rec = tmp_path / "rec"
+    pack_rec.pack_image_folder(noisy_copy(faces, tmp_path / "noisy"), str(rec), log=None)
+    (rec / "lfw.bin").write_bytes(b"verification pairs")
+    cache = tmp_path / "cache" / "embeddings.npy"
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_clean("--model", ckpt, "--data", rec, "--output", first, "--embeddings", cache) == 0
+    assert (first / "lfw.bin").read_bytes() == b"verification pairs"
+    rows = read_csv(first / "samples.csv")
+    assert [r["image"] for r in rows if r["dropped"]] == ["record 129", "record 130"]  # id_007/x0, x1
+    assert run_clean("--model", ckpt, "--data", rec, "--output", second, "--embeddings", cache,
+                     "--drop-angle", "180", "--report-only") == 0
+    assert "read from" in capsys.readouterr().err
+    again = read_csv(second / "samples.csv")
+    assert [r["cosine"] for r in again] == [r["cosine"] for r in rows] and not any(r["dropped"] for r in again)
+    assert not (second / "train.rec").exists()
+    # The cleaned set cleans again, to itself.
+    assert run_clean("--model", ckpt, "--data", first, "--output", tmp_path / "third") == 0
+    assert len(RecordIODataset(str(tmp_path / "third"), flip=False)) == 160
+    # Embeddings of another model are not taken for this one's.
+    other = tmp_path / "other.pt"
+    state = checkpoint.load(ckpt)
+    checkpoint.save_atomic({**state, "step": 0}, str(other))
+    assert run_clean("--model", other, "--data", rec, "--output", tmp_path / "fourth", "--embeddings", cache) == 2
+    assert "another model's" in capsys.readouterr().err
+
+
+def test_unreadable_images_and_small_classes_are_dropped(trained, tmp_path):
+    ckpt, faces = trained
+    data = tmp_path / "faces"
+    shutil.copytree(faces, data)
+    (data / "id_002" / "03.png").write_bytes(b"not an image")
+    os.makedirs(data / "id_010")
+    shutil.copy(data / "id_001" / "00.png", data / "id_010" / "00.png")  # a class of one image
+    out = tmp_path / "out"
+    assert run_clean("--model", ckpt, "--data", data, "--output", out, "--min-images", "2",
+                     "--duplicate-cosine", "1") == 0
+    rows = {r["image"]: r for r in read_csv(out / "samples.csv")}
+    assert rows["id_002/03.png"]["dropped"] == "unreadable" and rows["id_002/03.png"]["cosine"] == ""
+    assert rows["id_010/00.png"]["dropped"] == "class too small"
+    assert rows["id_010/00.png"]["cosine"] == ""  # alone in its class: no other image to compare with
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dropped"] == {"angle": 0, "unreadable": 1, "class too small": 1}
+    assert summary["kept_classes"] == 10
+    assert len(RecordIODataset(str(out), flip=False)) == 159
+
+
+def test_refusals_write_nothing(trained, tmp_path, capsys):
+    ckpt, faces = trained
+    out = tmp_path / "out"
+    assert run_clean("--model", ckpt, "--data", faces, "--output", faces) == 2
+    assert "--output is --data's folder" in capsys.readouterr().err
+    assert run_clean("--model", ckpt, "--data", "synthetic", "--output", out) == 2
+    assert "nothing to clean" in capsys.readouterr().err
+    os.makedirs(out)
+    (out / "samples.csv").write_text("mine")
+    assert run_clean("--model", ckpt, "--data", faces, "--output", out) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["samples.csv"] and (out / "samples.csv").read_text() == "mine"
+    data = tmp_path / "more"
+    make_face_folder(str(data), identities=3, images=2)
+    assert run_clean("--model", ckpt, "--data", data, "--output", tmp_path / "o2", "--centres", "trained") == 2
+    assert "--centres trained:" in capsys.readouterr().err and not os.path.exists(tmp_path / "o2" / "samples.csv")
+    for bad in (["--drop-angle", "200"], ["--duplicate-cosine", "2"], ["--min-images", "0"],
+                ["--embeddings", "x.txt"]):
+        with pytest.raises(SystemExit):
+            run_clean("--model", ckpt, "--data", faces, "--output", out, *bad)
+
+
+def test_a_stop_while_writing_leaves_no_partial_file(trained, tmp_path, monkeypatch, capsys):
+    ckpt, faces = trained
+    original = clean._packed_images
+
+    def stopped(*args):
+        for k, item in enumerate(original(*args)):
+            if k == 50:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(clean, "_packed_images", stopped)
+    out = tmp_path / "out"
+    assert run_clean("--model", ckpt, "--data", faces, "--output", out) == 130
+    assert "stopped" in capsys.readouterr().err
+    assert os.listdir(out) == []
+
+
+def test_blocked_searches_match_the_whole_matrix():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((23, 8))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = rng.integers(0, 9, 23)
+    centres = torch.nn.functional.normalize(torch.randn(9, 8, dtype=torch.float64), dim=1)
+    own, other, other_cosine = clean.nearest_centres(x, labels, centres, device="cpu", rows=5, columns=4)
+    full = x @ centres.numpy().T
+    np.testing.assert_allclose(own, full[np.arange(23), labels], atol=1e-6)
+    full[np.arange(23), labels] = -np.inf
+    assert other.tolist() == full.argmax(1).tolist()
+    np.testing.assert_allclose(other_cosine, full.max(1), atol=1e-6)
+
+    present = np.ones(9, dtype=bool)
+    present[4] = False
+    pairs = clean.duplicate_pairs(centres, present, -0.2, device="cpu", rows=2, columns=3)
+    c = centres.numpy() @ centres.numpy().T
+    expected = sorted(((a, b, c[a, b]) for a in range(9) for b in range(a + 1, 9)
+                       if c[a, b] >= -0.2 and present[a] and present[b]), key=lambda p: -p[2])
+    assert [(a, b) for a, b, _ in pairs] == [(a, b) for a, b, _ in expected]
+    np.testing.assert_allclose([p[2] for p in pairs], [p[2] for p in expected], atol=1e-6)
+
+    assert clean.merged_groups(6, [(4, 5, 0.9), (1, 4, 0.8), (0, 2, 0.7)]).tolist() == [0, 1, 0, 3, 1, 1]
+
+
+def test_write_pack_wants_each_labels_images_together(tmp_path):
+    image = pack_rec.encode_image(render_face(0, 0, 0, 8))
+    items = [(0, image, (8, 8)), (1, image, None), (0, image, None)]
+    with pytest.raises(ValueError, match="each label's images together"):
+        pack_rec.write_pack(str(tmp_path), iter(items), num_images=3, num_identities=2, log=None)
+    with pytest.raises(ValueError, match="1 of 3 labels without an image"):
+        pack_rec.write_pack(str(tmp_path), iter(items[:2]), num_images=2, num_identities=3, log=None)
+    assert os.listdir(tmp_path) == []
