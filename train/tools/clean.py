@@ -120,19 +120,21 @@ def trained_centres(path: str, num_classes: int, dim: int) -> tuple[torch.Tensor
 
 def class_sums(embeddings: np.ndarray, labels: np.ndarray, keep: np.ndarray, num_classes: int, *,
                chunk: int = 65536) -> tuple[torch.Tensor, np.ndarray]:
-    """((C, D) float64 sums of the kept unit embeddings of each class, (C,) their counts)."""
+    """((C, D) float64 sums of the kept embeddings of each class, each made unit length again (they are
+    stored rounded), (C,) their counts)."""
     sums = torch.zeros(num_classes, embeddings.shape[1], dtype=torch.float64)
     for start in range(0, len(labels), chunk):
         rows = np.flatnonzero(keep[start:start + chunk]) + start
-        sums.index_add_(0, torch.from_numpy(labels[rows]), torch.from_numpy(embeddings[rows]).double())
+        unit = torch.nn.functional.normalize(torch.from_numpy(np.asarray(embeddings[rows])).double(), dim=1)
+        sums.index_add_(0, torch.from_numpy(labels[rows]), unit)
     return sums, np.bincount(labels[keep], minlength=num_classes)
 
 
 def nearest_centres(embeddings: np.ndarray, labels: np.ndarray, centres: torch.Tensor, *, device,
                     rows: int = 4096, columns: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For unit ``embeddings`` (N, D) and unit ``centres`` (C, D): (cosine to the own class's centre,
-    the nearest other class (-1 when there is none), its cosine), each (N,). The N x C cosines are
-    made in blocks of ``rows`` x ``columns`` on ``device``, never all at once."""
+    """For ``embeddings`` (N, D) and unit ``centres`` (C, D): (cosine to the own class's centre, the
+    nearest other class (-1 when there is none), its cosine), each (N,). The N x C cosines are made in
+    blocks of ``rows`` x ``columns`` on ``device``, never all at once."""
     n, num_classes = len(labels), centres.shape[0]
     centres = centres.to(device, torch.float32)
     own = np.empty(n, dtype=np.float32)
@@ -140,6 +142,7 @@ def nearest_centres(embeddings: np.ndarray, labels: np.ndarray, centres: torch.T
     other_cosine = np.full(n, np.nan, dtype=np.float32)
     for start in range(0, n, rows):
         x = torch.from_numpy(np.asarray(embeddings[start:start + rows], dtype=np.float32)).to(device)
+        x = torch.nn.functional.normalize(x, dim=1)  # unit again: they are stored rounded
         y = torch.from_numpy(labels[start:start + rows]).to(device)
         own[start:start + len(y)] = (x * centres[y]).sum(1).cpu().numpy()
         best = torch.full((len(y),), -math.inf, device=device)
@@ -158,18 +161,17 @@ def nearest_centres(embeddings: np.ndarray, labels: np.ndarray, centres: torch.T
     return own, other, other_cosine
 
 
-def leave_one_out_cosines(embeddings: np.ndarray, labels: np.ndarray, sums: torch.Tensor,
-                          counts: np.ndarray, *, chunk: int = 65536) -> np.ndarray:
-    """Each image's cosine to the mean of its class's other images (``sums``, ``counts``: of the
-    class's images, this one included); NaN for an image alone in its class."""
-    out = np.empty(len(labels), dtype=np.float32)
-    for start in range(0, len(labels), chunk):
-        x = torch.from_numpy(np.asarray(embeddings[start:start + chunk], dtype=np.float64))
-        y = torch.from_numpy(labels[start:start + chunk])
-        rest = sums[y] - x  # the other images' sum
-        cosine = (rest * x).sum(1) / rest.norm(dim=1).clamp_min(1e-12)
-        cosine[torch.from_numpy(counts[labels[start:start + chunk]] < 2)] = torch.nan
-        out[start:start + len(y)] = cosine.numpy()
+def leave_one_out_cosines(cosine_to_mean: np.ndarray, labels: np.ndarray, sums: torch.Tensor,
+                          counts: np.ndarray) -> np.ndarray:
+    """Each unit embedding x's cosine to the mean of its class's other images, from its cosine to
+    the class's whole mean (``sums``, ``counts``: of the class's unit embeddings, x included): with
+    s the sum, s.x = |s| cos and |s - x|^2 = |s|^2 - 2 s.x + 1, so the cosine is (s.x - 1) / |s - x|.
+    NaN for an image alone in its class."""
+    norm = sums.norm(dim=1).numpy()[labels]
+    dot = cosine_to_mean.astype(np.float64) * norm
+    rest = np.sqrt(np.maximum(norm * norm - 2 * dot + 1, 1e-24))
+    out = ((dot - 1) / rest).astype(np.float32)
+    out[counts[labels] < 2] = np.nan
     return out
 
 
@@ -397,8 +399,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         sums, counts = class_sums(embeddings, labels, readable, num_classes)
         unit_centres = torch.nn.functional.normalize(sums, dim=1).float()
-        _, other, other_cosine = nearest_centres(embeddings, labels, unit_centres, device=device)
-        cosine = leave_one_out_cosines(embeddings, labels, sums, counts)
+        to_mean, other, other_cosine = nearest_centres(embeddings, labels, unit_centres, device=device)
+        cosine = leave_one_out_cosines(to_mean, labels, sums, counts)
     cosine[~readable] = np.nan
     other[~readable], other_cosine[~readable] = -1, np.nan
     angle = angles(cosine)
