@@ -31,10 +31,10 @@ DEFAULT_COSINE_THRESHOLD = 0.3
 
 def load_model(path: str, device) -> tuple[torch.nn.Module, dict]:
     """(eval-mode backbone, settings) of ``--model``: an ONNX file (``onnx_backbone``, run by
-    onnxruntime), else what ``checkpoint.load_backbone`` reads."""
-    if path.lower().endswith(".onnx"):
-        from .onnx_backbone import load_onnx_backbone
+    onnxruntime; told by its name or its first bytes), else what ``checkpoint.load_backbone`` reads."""
+    from .onnx_backbone import is_onnx_file, load_onnx_backbone
 
+    if is_onnx_file(path):
         return load_onnx_backbone(path, device)
     return checkpoint.load_backbone(path)
 

@@ -20,6 +20,20 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 DEFAULT_IMAGE_SIZE = 112
 
 
+def is_onnx_file(path: str) -> bool:
+    """Whether ``--model PATH`` names an ONNX model: its name ends in ``.onnx``, or the file starts as
+    ONNX files do (the ``ir_version`` field, tag 0x08) rather than as torch's files (a zip archive,
+    or a pickle for the legacy format)."""
+    if path.lower().endswith(".onnx"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x08 and head[1] < 0x80
+
+
 class OnnxBackbone(torch.nn.Module):
     """forward(x): (N, D) float32 embeddings, on x's device, of (N, 3, S, S) images scaled as
     (x - 127.5) / 127.5 (what ``to_model_input`` makes). A graph whose batch size is fixed (1, say)

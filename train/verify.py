@@ -129,7 +129,9 @@ def _progress(total: int, name: str):
 
 def _run_seed(path: str) -> int | None:
     """The ``--seed`` of the run whose training checkpoint ``path`` is; None for other models."""
-    if path.lower().endswith(".onnx"):
+    from .onnx_backbone import is_onnx_file
+
+    if is_onnx_file(path):
         return None
     state = checkpoint.load(path)
     run = state.get("args") if isinstance(state, dict) else None

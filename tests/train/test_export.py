@@ -351,6 +351,12 @@ def test_embed_and_compare_with_onnx_models(trained, tmp_path, capsys):
         assert embed.main(["--model", graph, "--images", faces, "--output", str(out), "--workers", "0",
                            "--batch-size", "5"]) == 0
         np.testing.assert_allclose(np.load(out), vectors, atol=2e-5, err_msg=kind)
+    # An ONNX file under another name (a download saved as model.bin) is told by its first bytes.
+    renamed = tmp_path / "model.bin"
+    shutil.copy(graphs["export"], renamed)
+    out = tmp_path / "renamed.npy"
+    assert embed.main(["--model", str(renamed), "--images", faces, "--output", str(out), "--workers", "0"]) == 0
+    np.testing.assert_allclose(np.load(out), vectors, atol=2e-5)
     # The export's backbone.json (beside backbone.onnx) gives the threshold, as for backbone.pt.
     written = json.loads((export_dir / "backbone.json").read_text())
     assert ("threshold" in written) == ("threshold" in load_onnx_backbone(graphs["export"])[1])

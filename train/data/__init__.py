@@ -122,13 +122,16 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
     an error, and so is a set of fewer pairs than the folds of its accuracy. A name is read from
     `<spec>/<name>.bin` (skipped with a warning when the folder lacks it, as insightface does);
     with spec 'synthetic' it is one synthetic set, of identities disjoint from the training ones
-    and from the other names'. ``flag`` names the option in messages.
+    and from the other names'. A file named twice is one set. ``flag`` names the option in messages.
     """
     # train.verification reads images through this package: import it here, not at the top.
     from train.verification import NFOLDS, VerificationSet, load_bin, load_pairs_list
 
     sets: dict[str, VerificationSet] = {}
+    files: set[str] = set()  # each file is read once, however often it is named (lfw, lfw.bin, <data>/lfw.bin)
     for target in targets:
+        if target in sets:
+            continue
         if spec == SYNTHETIC and not is_target_path(target):
             images, issame = synthetic_pairs(target, num_pairs=synthetic_pairs_per_target,
                                              num_identities=max(2, synthetic_pairs_per_target // 2),
@@ -139,6 +142,9 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
         if path is None:
             warnings.warn(f"verification target {target!r}: no {target}.bin in {spec!r}; skipped", stacklevel=2)
             continue
+        if os.path.realpath(path) in files:
+            continue
+        files.add(os.path.realpath(path))
         vset = load_pairs_list(path, image_size) if path.endswith(".txt") else load_bin(path, image_size)
         if vset.num_pairs < NFOLDS:
             raise ValueError(f"{path}: {vset.num_pairs} pairs; verification needs at least {NFOLDS}, one for each "

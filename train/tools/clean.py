@@ -103,7 +103,9 @@ def dataset_labels(data) -> np.ndarray:
 
 def trained_centres(path: str, num_classes: int, dim: int) -> tuple[torch.Tensor | None, str]:
     """(the (C, D) class centres a training checkpoint holds, "") or (None, why there are none)."""
-    if path.lower().endswith(".onnx"):
+    from train.onnx_backbone import is_onnx_file
+
+    if is_onnx_file(path):
         return None, "an ONNX model holds no class centres"
     try:
         state = checkpoint.load(path, mmap=True)
