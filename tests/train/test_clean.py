@@ -8,6 +8,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from train.data.synthetic import render_face
 from train.data.transforms import decode_image
 from train.embed import embed_files
 from train.tools import clean, pack_rec
-from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, train_one_thread
+from trainer_fixtures import IMAGE_SIZE, REPO, base_argv, make_face_folder, train_one_thread
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
@@ -247,3 +249,23 @@ def test_write_pack_wants_each_labels_images_together(tmp_path):
     with pytest.raises(ValueError, match="1 of 3 labels without an image"):
         pack_rec.write_pack(str(tmp_path), iter(items[:2]), num_images=2, num_identities=3, log=None)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_processes_under_torchrun_clean_as_one(trained, tmp_path):
+    ckpt, faces = trained
+    data = noisy_copy(faces, tmp_path / "noisy")
+    argv = ["--model", ckpt, "--data", data, "--workers", "0", "--batch-size", "32"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "train.tools.clean", *argv, "--output", str(tmp_path / "two")]
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "under torchrun, --embeddings FILE.npy" in refused.stderr
+    cache = tmp_path / "embeddings.npy"
+    result = subprocess.run(command + ["--embeddings", str(cache)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "on 2 processes" in result.stderr and not os.path.exists(str(cache) + ".partial.npy")
+    assert run_clean(*argv[:6], "--output", tmp_path / "one") == 0
+    for name in ("samples.csv", "train.rec", "train.idx", "classes.csv"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name

@@ -52,6 +52,7 @@ from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
 from train.tools import check_outputs, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
+from train.embed import embed_images, load_model
 
 DEFAULT_DROP_ANGLE = 75.0
 DEFAULT_DUPLICATE_COSINE = 0.6
@@ -222,39 +223,102 @@ def angles(cosines: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0)))
 
 
-def _embeddings(args, model, data, device) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+def _embeddings(args, model, data, dim: int, device, rank: int = 0, world: int = 1):
     """((N, D) float16 unit embeddings of ``data`` (NaN rows: unreadable), (N,) labels (-1: unreadable
     too), {index: why unreadable}); read from ``--embeddings`` when it holds this model's embeddings
-    of this data, else made (and written there when it is given)."""
-    from train.embed import embed_images
-
+    of this data, else made (and written there when it is given). Under torchrun (``world`` > 1)
+    each process embeds its contiguous share of the images into the ``--embeddings`` file, and only
+    rank 0 gets the result (the others get None)."""
     stat = os.stat(args.model)
     identity = {"data": data.fingerprint(), "model": os.path.abspath(args.model), "model_bytes": stat.st_size,
                 "model_mtime_ns": stat.st_mtime_ns, "image_size": data.image_size}
     sidecar = (args.embeddings + ".json") if args.embeddings else None
     if args.embeddings and os.path.exists(args.embeddings):
-        with open(sidecar, encoding="utf-8") as f:
-            saved = json.load(f)
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                saved = json.load(f)
+            unreadable = {int(k): str(v) for k, v in saved["unreadable"].items()}
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            raise ValueError(f"--embeddings {args.embeddings} exists, but {sidecar}, which says whose embeddings "
+                             "they are, is missing or damaged: remove the file or name a new one") from None
         if {k: saved.get(k) for k in identity} != identity:
             raise ValueError(f"--embeddings {args.embeddings} holds another model's or another data set's "
                              f"embeddings ({sidecar} says {saved.get('model')}); name a new file")
-        embeddings = np.load(args.embeddings, mmap_mode="r")
-        if embeddings.shape[0] != len(data):
-            raise ValueError(f"--embeddings {args.embeddings} has {embeddings.shape[0]} rows, the data {len(data)}")
+        try:
+            embeddings = np.load(args.embeddings, mmap_mode="r")
+        except ValueError as error:
+            raise ValueError(f"--embeddings {args.embeddings}: not a readable .npy file ({error})") from None
+        if embeddings.shape != (len(data), dim) or embeddings.dtype != np.float16:
+            raise ValueError(f"--embeddings {args.embeddings} holds {embeddings.dtype} {embeddings.shape}, not "
+                             f"float16 {(len(data), dim)}: the data's {len(data)} images, the model's {dim}-D")
+        if rank != 0:
+            return None
         print(f"clean: embeddings of {len(data)} images read from {args.embeddings}", file=sys.stderr, flush=True)
-        return embeddings, dataset_labels(data), {int(k): v for k, v in saved["unreadable"].items()}
-    unreadable: list[tuple[int, str]] = []
-    labels: list[torch.Tensor] = []
-    started = time.monotonic()
-    embeddings = embed_images(model, _Images(data), device=device, batch_size=args.batch_size,
-                              workers=args.workers, normalize=True, dtype=np.float16, unreadable=unreadable,
-                              extras=labels,
-                              log=lambda message: print(f"clean: {message}", file=sys.stderr, flush=True))
-    print(f"clean: embedded {len(data)} images in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        return embeddings, dataset_labels(data), unreadable
+
+    first, end = len(data) * rank // world, len(data) * (rank + 1) // world
+    shard_unreadable, shard_labels, started = [], [], time.monotonic()
+    images = _Images(data) if world == 1 else torch.utils.data.Subset(_Images(data), range(first, end))
+    embeddings = embed_images(model, images, device=device, batch_size=args.batch_size, workers=args.workers,
+                              normalize=True, dtype=np.float16, unreadable=shard_unreadable, extras=shard_labels,
+                              log=(lambda message: print(f"clean: {message}", file=sys.stderr, flush=True))
+                              if rank == 0 else None)
+    labels = torch.cat(shard_labels).numpy().astype(np.int64) if shard_labels else np.empty(0, np.int64)
+    unreadable = {first + i: why for i, why in shard_unreadable}
+    if world == 1:
+        if args.embeddings:
+            checkpoint.write_atomic(args.embeddings, lambda f: np.save(f, embeddings))
+    else:  # into one file, each process its rows; rank 0 gathers the labels and the unreadable images
+        import torch.distributed as dist
+
+        partial = args.embeddings + ".partial.npy"
+        try:
+            if rank == 0:
+                np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(data), dim)).flush()
+            dist.barrier()
+            rows = np.lib.format.open_memmap(partial, mode="r+")
+            rows[first:end] = embeddings
+            rows.flush()
+            del rows, embeddings
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (labels, unreadable))
+            if rank != 0:
+                return None
+            labels = np.concatenate([shard for shard, _ in gathered])
+            unreadable = {i: why for _, shard in gathered for i, why in shard.items()}
+            os.replace(partial, args.embeddings)
+        finally:
+            if rank == 0 and os.path.exists(partial):  # a stop or an error: no half-filled file is left
+                os.remove(partial)
+        embeddings = np.load(args.embeddings, mmap_mode="r")
+    print(f"clean: embedded {len(data)} images in {time.monotonic() - started:.0f} s"
+          + (f" on {world} processes" if world > 1 else ""), file=sys.stderr, flush=True)
     if args.embeddings:
-        checkpoint.write_atomic(args.embeddings, lambda f: np.save(f, embeddings))
-        checkpoint.write_json_atomic(sidecar, {**identity, "unreadable": {str(i): w for i, w in unreadable}})
-    return embeddings, torch.cat(labels).numpy().astype(np.int64), dict(unreadable)
+        checkpoint.write_json_atomic(sidecar, {**identity, "unreadable": {str(i): w for i, w in unreadable.items()}})
+    return embeddings, labels, unreadable
+
+
+def _process_group(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device): under torchrun (WORLD_SIZE > 1) with the process
+    group started (NCCL on GPUs, each process on its LOCAL_RANK's; gloo on CPUs); else (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return dist.get_rank(), world, device
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        time.sleep(0.1)  # gloo's threads release their last tensors first (see the trainer's exit)
+        dist.destroy_process_group()
 
 
 def _source_names(data) -> list[str]:
@@ -330,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--duplicate-cosine is a cosine, from -1 to 1: got {args.duplicate_cosine:g}")
     if args.embeddings and not args.embeddings.endswith(".npy"):
         p.error("--embeddings names a .npy file")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.embeddings:
+        p.error("under torchrun, --embeddings FILE.npy is where the processes put their embeddings: name one on a "
+                "file system all of them see")
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         return run(args)
@@ -345,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _leave_process_group()
 
 
 class _Terminated(Exception):
@@ -359,9 +427,7 @@ def _stop(signum, frame):
 def run(args: argparse.Namespace) -> int:
     """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault.
     The device, the data, the model and the outputs are checked before any image is embedded."""
-    from train.embed import load_model
-
-    device = torch_device(args.device)
+    rank, world, device = _process_group(torch_device(args.device))
     if args.data == "synthetic":
         raise ValueError("--data synthetic is drawn, not stored: there is nothing to clean")
     if not os.path.isdir(args.data):
@@ -383,13 +449,18 @@ def run(args: argparse.Namespace) -> int:
     if args.centres == "trained" and centres is None:
         raise ValueError(f"--centres trained: {why_not}")
     source = args.centres if args.centres != "auto" else ("trained" if centres is not None else "mean")
-    print(f"clean: {len(data)} images of {num_classes} classes in {args.data}; {settings['network']} at "
-          f"{settings['image_size']}px on {device}; centres: "
-          + ("the checkpoint's trained class centres" if source == "trained"
-             else "each class's mean embedding" + (f" ({why_not})" if args.centres == "auto" else "")),
-          file=sys.stderr, flush=True)
+    if rank == 0:
+        print(f"clean: {len(data)} images of {num_classes} classes in {args.data}; {settings['network']} at "
+              f"{settings['image_size']}px on {device}" + (f" and {world - 1} more process{'es' if world > 2 else ''}" if world > 1 else "")
+              + "; centres: " + ("the checkpoint's trained class centres" if source == "trained"
+                                 else "each class's mean embedding" + (f" ({why_not})" if args.centres == "auto"
+                                                                      else "")), file=sys.stderr, flush=True)
     model = model.to(device)
-    embeddings, read_labels, unreadable = _embeddings(args, model, data, device)
+    made = _embeddings(args, model, data, settings["embedding_size"], device, rank, world)
+    _leave_process_group()
+    if made is None:  # another process's share, embedded: rank 0 does the rest
+        return 0
+    embeddings, read_labels, unreadable = made
     readable = np.ones(len(data), dtype=bool)
     readable[list(unreadable)] = False  # their rows are NaN, and so is all that is made of them
     labels = np.maximum(read_labels, 0)  # a label that did not read (-1) stands as 0 in the sums, not kept
