@@ -374,6 +374,7 @@ class Trainer:
                              "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))
         if self.distributed:
             check_every_rank_reads_the_same(self.dataset, args.data)
+        self.data_fingerprint = self.dataset.fingerprint()
         step_batch = args.batch_size * args.gradient_acc
         images_per_process = math.ceil(len(self.dataset) / self.world_size)
         if step_batch > images_per_process:
@@ -633,6 +634,7 @@ class Trainer:
             "step": self.step,
             "args": vars(self.args),
             "num_classes": self.num_classes,
+            "data_fingerprint": self.data_fingerprint,  # which data the class centres are of (train.tools.clean)
             "model": self.backbone.state_dict(),
             "margin_loss": centres,
             "optimizer": optimizer_state,

@@ -59,9 +59,15 @@ def run_clean(*argv) -> int:
 
 def test_trained_centres_drop_the_mislabelled_images(trained, tmp_path, capsys):
     ckpt, faces = trained
+    # On the data it trained on, the checkpoint's centres are the default; on other data (here the same
+    # classes and two more images) the classes' means are.
+    assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "own", "--report-only") == 0
+    assert "the checkpoint's trained class centres" in capsys.readouterr().err
     data = noisy_copy(faces, tmp_path / "noisy")
+    assert run_clean("--model", ckpt, "--data", data, "--output", tmp_path / "auto", "--report-only") == 0
+    assert "each class's mean embedding" in capsys.readouterr().err
     out = tmp_path / "out"
-    assert run_clean("--model", ckpt, "--data", data, "--output", out) == 0
+    assert run_clean("--model", ckpt, "--data", data, "--output", out, "--centres", "trained") == 0
     assert "the checkpoint's trained class centres" in capsys.readouterr().err
     rows = read_csv(out / "samples.csv")
     dropped = [r for r in rows if r["dropped"]]
@@ -96,6 +102,13 @@ def test_trained_centres_drop_the_mislabelled_images(trained, tmp_path, capsys):
         np.testing.assert_array_equal(image, decode_image(stored, IMAGE_SIZE, source="test"))
     assert [r["images"] for r in read_csv(out / "classes.csv")] == ["16"] * 10
 
+    # Centres that do not fit the labels (a folder renamed, so the classes after it move up one) are refused.
+    shuffled = tmp_path / "renamed"
+    shutil.copytree(faces, shuffled)
+    os.rename(shuffled / "id_002", shuffled / "zz_002")
+    assert run_clean("--model", ckpt, "--data", shuffled, "--output", tmp_path / "r", "--centres", "trained") == 2
+    assert "nearer another class's trained centre than their own" in capsys.readouterr().err
+
 
 def test_class_means_find_and_merge_a_split_identity(trained, tmp_path):
     ckpt, faces = trained
@@ -110,8 +123,9 @@ def test_class_means_find_and_merge_a_split_identity(trained, tmp_path):
                      "--duplicate-cosine", "0.6") == 0
     pairs = read_csv(out / "duplicates.csv")
     assert [(p["class_a"], p["class_b"], p["merged"]) for p in pairs] == [("id_005", "id_005b", "1")]
-    classes = read_csv(out / "classes.csv")
-    assert len(classes) == 10 and classes[5]["classes"] == "id_005 id_005b" and classes[5]["images"] == "16"
+    classes = read_csv(out / "classes.csv")  # a row for each old class; the merged two share new label 5
+    assert [c["new_label"] for c in classes] == ["0", "1", "2", "3", "4", "5", "5", "6", "7", "8", "9"]
+    assert [(c["class"], c["images"]) for c in classes[5:7]] == [("id_005", "8"), ("id_005b", "8")]
     rows = read_csv(out / "samples.csv")
     assert sorted(r["image"] for r in rows if r["dropped"]) == ["id_007/x0.png", "id_007/x1.png"]
     assert json.loads((out / "summary.json").read_text())["centres"] == "mean"
@@ -154,7 +168,30 @@ def test_recordio_input_keeps_bins_and_reuses_embeddings(trained, tmp_path, caps
     state = checkpoint.load(ckpt)
     checkpoint.save_atomic({**state, "step": 0}, str(other))
     assert run_clean("--model", other, "--data", rec, "--output", tmp_path / "fourth", "--embeddings", cache) == 2
-    assert "another model's" in capsys.readouterr().err
+    assert "another model or data (changed: the model file)" in capsys.readouterr().err
+    # Nor are those of images since replaced under the same names; --overwrite makes them again.
+    folder = tmp_path / "folder"
+    shutil.copytree(faces, folder)
+    folder_cache = tmp_path / "folder.npy"
+    assert run_clean("--model", ckpt, "--data", folder, "--output", tmp_path / "f1", "--embeddings", folder_cache,
+                     "--report-only") == 0
+    Image.fromarray(render_face(0, 5, 0, IMAGE_SIZE)).save(folder / "id_001" / "00.png")
+    os.utime(folder / "id_001" / "00.png", ns=(1, 1))
+    argv = ["--model", ckpt, "--data", folder, "--output", tmp_path / "f2", "--embeddings", folder_cache,
+            "--report-only"]
+    assert run_clean(*argv) == 2
+    assert "(changed: the data's files (sizes or times))" in capsys.readouterr().err
+    assert run_clean(*argv, "--overwrite") == 0
+    assert "made again" in capsys.readouterr().err
+    replaced = read_csv(tmp_path / "f2" / "samples.csv")[16]
+    assert replaced["image"] == "id_001/00.png" and replaced["dropped"] == "angle"
+    assert run_clean(*argv, "--overwrite") == 0 and "read from" in capsys.readouterr().err
+    # A damaged cache is a one-line error naming it.
+    (tmp_path / "folder.npy.json").write_text("[]")
+    assert run_clean(*argv, "--overwrite") == 0  # made again
+    folder_cache.write_bytes(folder_cache.read_bytes()[:100])
+    assert run_clean(*argv[:-1], "--output", tmp_path / "f3") == 2
+    assert "--embeddings" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_unreadable_images_and_small_classes_are_dropped(trained, tmp_path):
@@ -169,12 +206,46 @@ def test_unreadable_images_and_small_classes_are_dropped(trained, tmp_path):
                      "--duplicate-cosine", "1") == 0
     rows = {r["image"]: r for r in read_csv(out / "samples.csv")}
     assert rows["id_002/03.png"]["dropped"] == "unreadable" and rows["id_002/03.png"]["cosine"] == ""
+    assert "cannot decode" in rows["id_002/03.png"]["detail"]
     assert rows["id_010/00.png"]["dropped"] == "class too small"
     assert rows["id_010/00.png"]["cosine"] == ""  # alone in its class: no other image to compare with
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dropped"] == {"angle": 0, "unreadable": 1, "class too small": 1}
     assert summary["kept_classes"] == 10
     assert len(RecordIODataset(str(out), flip=False)) == 159
+
+
+def test_odd_names_a_diverged_model_and_nothing_left(trained, tmp_path, capsys):
+    ckpt, faces = trained
+    data = tmp_path / "faces"
+    shutil.copytree(faces, data)
+    latin = os.fsencode(str(data / "id_003")) + b"/caf\xe9, \"x\".png"  # not UTF-8, a comma and quotes
+    os.rename(data / "id_003" / "00.png", latin)
+    out = tmp_path / "out"
+    assert run_clean("--model", ckpt, "--data", data, "--output", out, "--centres", "trained") == 0
+    with open(out / "samples.csv", "rb") as f:
+        assert b'id_003/caf\xe9, ""x"".png' in f.read()  # the name's own bytes, quoted as CSV quotes
+    assert len(read_csv_bytes(out / "samples.csv")) == 160
+
+    # Every image dropped: the reports say why, the exit status is 1, and no cleaned set is left there.
+    assert run_clean("--model", ckpt, "--data", data, "--output", out, "--min-images", "1000", "--overwrite") == 1
+    assert "no image is left to write" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == sorted(clean.REPORTS)
+    assert json.loads((out / "summary.json").read_text())["dropped"]["class too small"] == 160
+
+    # A model whose embeddings are NaN is an error, not a set kept whole.
+    state = checkpoint.load(ckpt)
+    name = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    broken = tmp_path / "nan.pt"
+    checkpoint.save_atomic(state, str(broken))
+    assert run_clean("--model", broken, "--data", data, "--output", tmp_path / "o") == 2
+    assert "is not finite" in capsys.readouterr().err and not os.path.exists(tmp_path / "o" / "samples.csv")
+
+
+def read_csv_bytes(path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.reader(f))[1:]
 
 
 def test_refusals_write_nothing(trained, tmp_path, capsys):
@@ -209,11 +280,19 @@ def test_a_stop_while_writing_leaves_no_partial_file(trained, tmp_path, monkeypa
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(clean, "_packed_images", stopped)
     out = tmp_path / "out"
-    assert run_clean("--model", ckpt, "--data", faces, "--output", out) == 130
+    assert run_clean("--model", ckpt, "--data", faces, "--output", out, "--drop-angle", "30") == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    monkeypatch.setattr(clean, "_packed_images", stopped)
+    assert run_clean("--model", ckpt, "--data", faces, "--output", out, "--overwrite") == 130
     assert "stopped" in capsys.readouterr().err
-    assert os.listdir(out) == []
+    # The earlier run's files, all of them and as they were: not some replaced by this run's.
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    # --report-only replaces the reports and removes the cleaned set they no longer describe.
+    monkeypatch.undo()
+    assert run_clean("--model", ckpt, "--data", faces, "--output", out, "--report-only") == 2  # kept without
+    assert run_clean("--model", ckpt, "--data", faces, "--output", out, "--report-only", "--overwrite") == 0
+    assert sorted(os.listdir(out)) == sorted(clean.REPORTS)
 
 
 def test_blocked_searches_match_the_whole_matrix():

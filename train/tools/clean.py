@@ -7,9 +7,11 @@ Every image of ``--data`` (a RecordIO folder or an ImageFolder, as the trainer r
 as verification embeds it (image + mirror, unit length) and compared with its class's centre:
 
 - ``--centres trained``: the class centres the checkpoint trained with its margin loss (the default
-  when the checkpoint holds one for each class of the data);
+  when the checkpoint records that it trained on this very data; refused when most images lie nearer
+  another class's centre than their own: centres of other data, or of other labels);
 - ``--centres mean``: the mean embedding of the class's other images (the default otherwise: a model
-  that did not train on this data, such as insightface's released models, for a new data set).
+  that did not train on this data, such as insightface's released models, for a new data set). A
+  class of one image is not checked; in a class of two, a stray image takes its partner with it.
 
 An image whose angle to its centre exceeds ``--drop-angle`` (75 degrees, the threshold of the drop step
 of insightface's sub-center ArcFace, there taken to the dominant sub-centre) is dropped, as is an
@@ -18,13 +20,14 @@ of at least ``--duplicate-cosine`` are listed as one identity under two labels, 
 ``--merge-duplicates`` become one class. Classes left with fewer than ``--min-images`` images are
 dropped. ``--output`` receives:
 
-- ``train.rec``, ``train.idx``, ``property``: the cleaned set (the images' bytes as stored, labels
-  renumbered 0..C'-1), and the verification ``.bin`` files beside a RecordIO ``--data``, so that
-  ``--data OUTPUT`` trains as ``--data DATA`` did; not with ``--report-only``;
+- ``train.rec``, ``train.idx``, ``property``: the cleaned set (a RecordIO set's images as stored, a
+  folder's as ``pack_rec`` stores them; labels renumbered 0..C'-1 in the old order), and the
+  verification ``.bin`` files beside a RecordIO ``--data``, so that ``--data OUTPUT`` trains as
+  ``--data DATA`` did; not with ``--report-only``;
 - ``samples.csv``: each image's class, cosine and angle to its centre, nearest other class and its
-  cosine, new label (-1: dropped) and why it was dropped;
+  cosine, new label (-1: dropped), why it was dropped and, for an unreadable image, why it is;
 - ``duplicates.csv``: the class pairs at or above ``--duplicate-cosine``, most alike first;
-- ``classes.csv``: each new label's source labels and image count;
+- ``classes.csv``: each kept old class's new label (merged classes share one) and image count;
 - ``summary.json``: the counts, the options and the angle distribution.
 """
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import hashlib
 import io
 import json
 import math
@@ -59,6 +63,7 @@ DEFAULT_DUPLICATE_COSINE = 0.6
 MAX_PAIRS = 10_000_000  # more pairs than this: --duplicate-cosine is too low to name duplicates
 LARGE_GROUP = 5  # a merged group of more classes than this is worth a look
 REPORTS = ("samples.csv", "duplicates.csv", "classes.csv", "summary.json")
+STAGING = ".clean.partial"  # where a run writes before its files take their places
 
 
 class _Images(torch.utils.data.Dataset):
@@ -102,23 +107,32 @@ def dataset_labels(data) -> np.ndarray:
     return labels
 
 
-def trained_centres(path: str, num_classes: int, dim: int) -> tuple[torch.Tensor | None, str]:
-    """(the (C, D) class centres a training checkpoint holds, "") or (None, why there are none)."""
+def trained_centres(path: str, data, dim: int) -> tuple[torch.Tensor | None, str, bool]:
+    """(the (C, D) class centres a training checkpoint holds, or None; why there are none; whether
+    the checkpoint says it trained on this very data). Centres are returned when their shape fits
+    the data's classes and the model's embeddings (the checkpoint's record of its data, when it has
+    one, is compared by ``--centres auto``)."""
     from train.onnx_backbone import is_onnx_file
 
     if is_onnx_file(path):
-        return None, "an ONNX model holds no class centres"
+        return None, "an ONNX model holds no class centres", False
     try:
         state = checkpoint.load(path, mmap=True)
     except Exception:  # not a torch file: load_model has read it already, and says what it is
-        return None, f"{path} is not a training checkpoint"
+        return None, f"{path} is not a training checkpoint", False
     weight = state.get("margin_loss", {}).get("weight") if isinstance(state, dict) else None
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return None, f"{path} is not a training checkpoint with class centres"
-    if tuple(weight.shape) != (num_classes, dim):
-        return None, (f"{path}'s class centres are {tuple(weight.shape)[0]} x {tuple(weight.shape)[1]}, the data has "
-                      f"{num_classes} classes and the model {dim}-D embeddings: it trained on other data")
-    return weight.float(), ""
+        return None, f"{path} is not a training checkpoint with class centres", False
+    if tuple(weight.shape) != (data.num_classes, dim):
+        return None, (f"{path}'s class centres are {weight.shape[0]} x {weight.shape[1]}, the data has "
+                      f"{data.num_classes} classes and the model {dim}-D embeddings: it trained on other data"), False
+    recorded = state.get("data_fingerprint")
+    if recorded is None:
+        return weight.float(), "", False
+    if recorded != data.fingerprint():
+        return weight.float(), (f"{path} trained on other data (or on this data with other files or labels): "
+                                "its record of its data differs"), False
+    return weight.float(), "", True
 
 
 def class_sums(embeddings: np.ndarray, labels: np.ndarray, keep: np.ndarray, num_classes: int, *,
@@ -229,32 +243,17 @@ def _embeddings(args, model, data, dim: int, device, rank: int = 0, world: int =
     of this data, else made (and written there when it is given). Under torchrun (``world`` > 1)
     each process embeds its contiguous share of the images into the ``--embeddings`` file, and only
     rank 0 gets the result (the others get None)."""
-    stat = os.stat(args.model)
-    identity = {"data": data.fingerprint(), "model": os.path.abspath(args.model), "model_bytes": stat.st_size,
-                "model_mtime_ns": stat.st_mtime_ns, "image_size": data.image_size}
-    sidecar = (args.embeddings + ".json") if args.embeddings else None
-    if args.embeddings and os.path.exists(args.embeddings):
-        try:
-            with open(sidecar, encoding="utf-8") as f:
-                saved = json.load(f)
-            unreadable = {int(k): str(v) for k, v in saved["unreadable"].items()}
-        except (OSError, ValueError, KeyError, AttributeError, TypeError):
-            raise ValueError(f"--embeddings {args.embeddings} exists, but {sidecar}, which says whose embeddings "
-                             "they are, is missing or damaged: remove the file or name a new one") from None
-        if {k: saved.get(k) for k in identity} != identity:
-            raise ValueError(f"--embeddings {args.embeddings} holds another model's or another data set's "
-                             f"embeddings ({sidecar} says {saved.get('model')}); name a new file")
-        try:
-            embeddings = np.load(args.embeddings, mmap_mode="r")
-        except ValueError as error:
-            raise ValueError(f"--embeddings {args.embeddings}: not a readable .npy file ({error})") from None
-        if embeddings.shape != (len(data), dim) or embeddings.dtype != np.float16:
-            raise ValueError(f"--embeddings {args.embeddings} holds {embeddings.dtype} {embeddings.shape}, not "
-                             f"float16 {(len(data), dim)}: the data's {len(data)} images, the model's {dim}-D")
+    if args.embeddings:  # what the file's embeddings are of
+        stat = os.stat(args.model)
+        identity = {"data": data.fingerprint(), "files": _content_stamp(data), "model": os.path.abspath(args.model),
+                    "model_bytes": stat.st_size, "model_mtime_ns": stat.st_mtime_ns, "image_size": data.image_size}
+        sidecar = args.embeddings + ".json"
+    cached = _cached(args.embeddings, sidecar, identity, (len(data), dim), args.overwrite) if args.embeddings else None
+    if cached is not None:
         if rank != 0:
             return None
         print(f"clean: embeddings of {len(data)} images read from {args.embeddings}", file=sys.stderr, flush=True)
-        return embeddings, dataset_labels(data), unreadable
+        return cached[0], dataset_labels(data), cached[1]
 
     first, end = len(data) * rank // world, len(data) * (rank + 1) // world
     shard_unreadable, shard_labels, started = [], [], time.monotonic()
@@ -265,6 +264,8 @@ def _embeddings(args, model, data, dim: int, device, rank: int = 0, world: int =
                               if rank == 0 else None)
     labels = torch.cat(shard_labels).numpy().astype(np.int64) if shard_labels else np.empty(0, np.int64)
     unreadable = {first + i: why for i, why in shard_unreadable}
+    if args.embeddings and rank == 0 and os.path.exists(sidecar):
+        os.remove(sidecar)  # it describes the file about to be replaced; written again once that is whole
     if world == 1:
         if args.embeddings:
             checkpoint.write_atomic(args.embeddings, lambda f: np.save(f, embeddings))
@@ -291,7 +292,7 @@ def _embeddings(args, model, data, dim: int, device, rank: int = 0, world: int =
             if rank == 0 and os.path.exists(partial):  # a stop or an error: no half-filled file is left
                 os.remove(partial)
         embeddings = np.load(args.embeddings, mmap_mode="r")
-    print(f"clean: embedded {len(data)} images in {time.monotonic() - started:.0f} s"
+    print(f"clean: embedded {len(data)} images in {time.monotonic() - started:.1f} s"
           + (f" on {world} processes" if world > 1 else ""), file=sys.stderr, flush=True)
     if args.embeddings:
         checkpoint.write_json_atomic(sidecar, {**identity, "unreadable": {str(i): w for i, w in unreadable.items()}})
@@ -319,6 +320,58 @@ def _leave_process_group() -> None:
     if dist.is_initialized():
         time.sleep(0.1)  # gloo's threads release their last tensors first (see the trainer's exit)
         dist.destroy_process_group()
+
+
+_IDENTITY_NAMES = {"data": "the data's images or labels", "files": "the data's files (sizes or times)",
+                   "model": "the model file", "model_bytes": "the model file", "model_mtime_ns": "the model file",
+                   "image_size": "the image size"}
+
+
+def _cached(path: str, sidecar: str, identity: dict, shape: tuple[int, int], overwrite: bool):
+    """(embeddings, {index: why unreadable}) that ``path`` holds for ``identity``; None when there is
+    no such file, or it holds others and ``overwrite`` lets them be replaced. ValueError naming
+    ``--embeddings`` for a damaged file, or for another model's or data's without ``overwrite``."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            saved = json.load(f)
+        unreadable = {int(k): str(v) for k, v in saved["unreadable"].items()}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        if overwrite:
+            return None
+        raise ValueError(f"--embeddings {path} exists, but {sidecar}, which says whose embeddings they are, is "
+                         "missing or damaged: pass --overwrite to make them again, or name another file") from None
+    differ = sorted({_IDENTITY_NAMES[k] for k in identity if saved.get(k) != identity[k]})
+    if differ:
+        said = f"--embeddings {path} was made with another model or data (changed: {', '.join(differ)})"
+        if overwrite:
+            print(f"clean: {said}: made again", file=sys.stderr, flush=True)
+            return None
+        raise ValueError(f"{said}: pass --overwrite to make it again, or name another file")
+    try:
+        embeddings = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"--embeddings {path}: not a readable .npy file (truncated?): {error}") from None
+    if embeddings.shape != shape or embeddings.dtype != np.float16:
+        raise ValueError(f"--embeddings {path} holds {embeddings.dtype} {embeddings.shape}, not float16 {shape}: "
+                         f"the data's {shape[0]} images, the model's {shape[1]}-D")
+    return embeddings, unreadable
+
+
+def _content_stamp(data) -> str:
+    """A digest of the data's files' sizes and modification times: images replaced under the same
+    names change it (the fingerprint holds only names, labels and record offsets)."""
+    digest = hashlib.blake2b(digest_size=8)
+    if isinstance(data, ImageFolderDataset):
+        for path in data.paths:
+            stat = os.stat(path)
+            digest.update(f"{stat.st_size} {stat.st_mtime_ns}\n".encode())
+    else:
+        for path in (data.records.rec_path, data.records.idx_path):
+            stat = os.stat(path)
+            digest.update(f"{stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _source_names(data) -> list[str]:
@@ -376,11 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embeddings", metavar="FILE.npy", default=None,
                    help="keep the embeddings (float16, 2 bytes x D an image) in this file and read them from it when "
                    "it holds this model's embeddings of this data: another --drop-angle then costs no embedding")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
+    p.add_argument("--device", default="cpu", help="where the model runs and the cosines are made (cpu, cuda, "
+                   "cuda:1; under torchrun, cuda is each process's own GPU)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
+                   help="images a forward pass (each also mirrored; default 128)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes decoding images (0: in this process)")
-    p.add_argument("--overwrite", action="store_true", help="replace the files --output holds")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs --output holds (with --report-only, a cleaned set there is removed), "
+                   "and --embeddings made with another model or data")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
@@ -437,18 +494,21 @@ def run(args: argparse.Namespace) -> int:
     model, settings = load_model(args.model, device)
     data, num_classes = build_train_dataset(args.data, image_size=settings["image_size"], flip=False)
     bins = sorted(glob.glob(os.path.join(glob.escape(args.data), "*.bin"))) if isinstance(data, RecordIODataset) else []
-    outputs = [os.path.join(args.output, name) for name in REPORTS]
+    # A cleaned set already there is replaced (with --overwrite) even by --report-only, which removes it:
+    # a set beside reports that do not describe it would mislead.
+    outputs = [os.path.join(args.output, name) for name in REPORTS + OUTPUT_FILES]
     if not args.report_only:
-        outputs += [os.path.join(args.output, name) for name in OUTPUT_FILES]
         outputs += [os.path.join(args.output, os.path.basename(path)) for path in bins]
     check_outputs(outputs, args.overwrite)
     if args.embeddings:
         check_outputs([args.embeddings, args.embeddings + ".json"], overwrite=True)
 
-    centres, why_not = trained_centres(args.model, num_classes, settings["embedding_size"])
+    centres, why_not, same_data = trained_centres(args.model, data, settings["embedding_size"])
     if args.centres == "trained" and centres is None:
         raise ValueError(f"--centres trained: {why_not}")
-    source = args.centres if args.centres != "auto" else ("trained" if centres is not None else "mean")
+    if args.centres == "auto" and centres is not None and not same_data and not why_not:
+        why_not = f"{args.model} holds no record of the data it trained on (a checkpoint of an earlier version): --centres trained takes its centres"
+    source = args.centres if args.centres != "auto" else ("trained" if same_data else "mean")
     if rank == 0:
         print(f"clean: {len(data)} images of {num_classes} classes in {args.data}; {settings['network']} at "
               f"{settings['image_size']}px on {device}" + (f" and {world - 1} more process{'es' if world > 2 else ''}" if world > 1 else "")
@@ -464,11 +524,21 @@ def run(args: argparse.Namespace) -> int:
     readable = np.ones(len(data), dtype=bool)
     readable[list(unreadable)] = False  # their rows are NaN, and so is all that is made of them
     labels = np.maximum(read_labels, 0)  # a label that did not read (-1) stands as 0 in the sums, not kept
+    broken = _not_finite(embeddings, readable)
+    if broken.size:
+        raise ValueError(f"the model's embedding of {broken.size} of {int(readable.sum())} readable images is not "
+                         f"finite (the first: {_source_names(data)[broken[0]]}): has --model {args.model} diverged?")
 
     # Each image against its class's centre, and the nearest other class.
     if source == "trained":
         unit_centres = torch.nn.functional.normalize(centres, dim=1)
         cosine, other, other_cosine = nearest_centres(embeddings, labels, unit_centres, device=device)
+        astray = float(np.mean(other_cosine[readable] > cosine[readable])) if readable.any() else 0.0
+        if astray > 0.5:
+            raise ValueError(f"{astray:.0%} of the images lie nearer another class's trained centre than their own: "
+                             f"{args.model}'s class centres do not fit this data's labels (did it train on other "
+                             "data, or on this data with its classes in another order?); --centres mean does not "
+                             "need them")
     else:
         sums, counts = class_sums(embeddings, labels, readable, num_classes)
         unit_centres = torch.nn.functional.normalize(sums, dim=1).float()
@@ -499,69 +569,101 @@ def run(args: argparse.Namespace) -> int:
     new_label_of_group[kept_groups] = np.arange(len(kept_groups))
     new_labels = np.where(keep, new_label_of_group[group[labels]], -1)
 
-    names, class_names = _source_names(data), _class_names(data)
-    if not args.report_only and len(kept_groups) == 0:
-        raise ValueError(f"every image was dropped (--drop-angle {args.drop_angle:g}): nothing to write")
-    if not args.report_only:
-        order = np.flatnonzero(keep)
-        order = order[np.argsort(new_labels[order], kind="stable")]
-        write_pack(args.output, _packed_images(data, order, new_labels), num_images=len(order),
-                   num_identities=len(kept_groups), log=sys.stderr, tool="clean")
-        for path in bins:
-            target = os.path.join(args.output, os.path.basename(path))
-            checkpoint.write_atomic(target, lambda f, path=path: shutil.copyfileobj(open(path, "rb"), f))
-    _write_reports(args, data, names, class_names, read_labels, cosine, angle, other, other_cosine, new_labels, why,
-                   pairs, group, keep, kept_groups, source, len(unreadable))
+    result = dict(data=data, names=_source_names(data), class_names=_class_names(data), labels=read_labels,
+                  cosine=cosine, angle=angle, other=other, other_cosine=other_cosine, new_labels=new_labels,
+                  why=why, unreadable=unreadable, pairs=pairs, group=group, keep=keep, kept_groups=kept_groups,
+                  source=source)
+    write_set = not args.report_only and len(kept_groups) > 0
+    # Everything goes to a hidden folder first and takes its place at the end, at once: a stop leaves
+    # the outputs of before (or none), never a cleaned set beside the reports of another run.
+    staging = os.path.join(args.output, STAGING)
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's
+    os.makedirs(staging)
+    try:
+        summary = _write_reports(args, staging, **result)
+        if write_set:
+            order = np.flatnonzero(keep)
+            order = order[np.argsort(new_labels[order], kind="stable")]
+            write_pack(staging, _packed_images(data, order, new_labels), num_images=len(order),
+                       num_identities=len(kept_groups), log=sys.stderr, tool="clean")
+            for path in bins:
+                with open(path, "rb") as source_file, open(os.path.join(staging, os.path.basename(path)), "wb") as f:
+                    shutil.copyfileobj(source_file, f)
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(args.output, name))
+        if not write_set:  # a cleaned set there now would not be the one these reports describe
+            for name in OUTPUT_FILES:
+                if os.path.lexists(os.path.join(args.output, name)):
+                    os.remove(os.path.join(args.output, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    dropped = summary["dropped"]
+    reasons = (f"{dropped['angle']} further than {args.drop_angle:g} degrees from their centre, "
+               f"{dropped['unreadable']} unreadable, {dropped['class too small']} in classes under --min-images "
+               f"{args.min_images}")
+    pairs_said = (f"{_count(len(pairs), 'class pair')} at cosine >= {args.duplicate_cosine:g}"
+                  + (" merged" if args.merge_duplicates else " listed in duplicates.csv"))
+    if not args.report_only and not write_set:
+        print(f"clean: error: no image is left to write ({reasons}); the reports are in {args.output}",
+              file=sys.stderr)
+        return 1
+    print(f"clean: kept {summary['kept_images']} of {_count(len(labels), 'image')} ({reasons}) in "
+          f"{summary['kept_classes']} of {_count(data.num_classes, 'class')}; {pairs_said}"
+          + (f"; wrote {args.output}" if write_set else f"; reports in {args.output}"), file=sys.stderr)
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _not_finite(embeddings: np.ndarray, readable: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """The readable images whose embedding is not finite (a diverged model's)."""
+    found = [np.flatnonzero(~np.isfinite(np.asarray(embeddings[i:i + chunk])).all(1) & readable[i:i + chunk]) + i
+             for i in range(0, len(readable), chunk)]
+    return np.concatenate(found) if found else np.empty(0, np.int64)
 
 
 def _label_name(label: int, class_names: list[str] | None) -> str:
     return class_names[label] if class_names is not None and label >= 0 else ""
 
 
-def _write_reports(args, data, names, class_names, labels, cosine, angle, other, other_cosine, new_labels, why,
-                   pairs, group, keep, kept_groups, source, unreadable) -> None:
+def _csv(path: str, header: list[str], rows) -> None:
+    # Names that are not UTF-8 (surrogate-escaped by Python) are written as the bytes they were.
+    with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _write_reports(args, folder, *, data, names, class_names, labels, cosine, angle, other, other_cosine, new_labels,
+                   why, unreadable, pairs, group, keep, kept_groups, source) -> dict:
+    """samples.csv, duplicates.csv, classes.csv and summary.json into ``folder``; returns the summary."""
     def number(x: float) -> str:
         return "" if math.isnan(x) else f"{x:.4f}"
 
-    def samples(f):
-        w = csv.writer(f)
-        w.writerow(["index", "image", "label", "class", "cosine", "angle", "nearest_other", "nearest_other_class",
-                    "nearest_other_cosine", "new_label", "dropped"])
-        for i in range(len(labels)):
-            w.writerow([i, names[i], labels[i], _label_name(labels[i], class_names), number(cosine[i]),
-                        number(angle[i]), other[i], _label_name(other[i], class_names), number(other_cosine[i]),
-                        new_labels[i], why[i]])
-
-    def duplicates(f):
-        w = csv.writer(f)
-        w.writerow(["label_a", "class_a", "label_b", "class_b", "cosine", "merged"])
-        for a, b, c in pairs:
-            w.writerow([a, _label_name(a, class_names), b, _label_name(b, class_names), f"{c:.4f}",
-                        int(bool(args.merge_duplicates))])
-
-    counts = np.bincount(new_labels[keep], minlength=len(kept_groups))
-    members: dict[int, list[int]] = {}
-    for label in np.unique(labels[keep]):
-        members.setdefault(int(group[label]), []).append(int(label))
-
-    def classes(f):
-        w = csv.writer(f)
-        w.writerow(["new_label", "labels", "classes", "images"])
-        for new, old in enumerate(kept_groups):
-            labels_of = members[int(old)]
-            w.writerow([new, " ".join(map(str, labels_of)),
-                        " ".join(_label_name(x, class_names) for x in labels_of) if class_names else "", counts[new]])
-
-    checkpoint.write_atomic(os.path.join(args.output, "samples.csv"), samples, binary=False)
-    checkpoint.write_atomic(os.path.join(args.output, "duplicates.csv"), duplicates, binary=False)
-    checkpoint.write_atomic(os.path.join(args.output, "classes.csv"), classes, binary=False)
+    _csv(os.path.join(folder, "samples.csv"),
+         ["index", "image", "label", "class", "cosine", "angle", "nearest_other", "nearest_other_class",
+          "nearest_other_cosine", "new_label", "dropped", "detail"],
+         ([i, names[i], labels[i], _label_name(labels[i], class_names), number(cosine[i]), number(angle[i]),
+           other[i], _label_name(other[i], class_names), number(other_cosine[i]), new_labels[i], why[i],
+           unreadable.get(i, "")] for i in range(len(labels))))
+    _csv(os.path.join(folder, "duplicates.csv"), ["label_a", "class_a", "label_b", "class_b", "cosine", "merged"],
+         ([a, _label_name(a, class_names), b, _label_name(b, class_names), f"{c:.4f}", int(bool(args.merge_duplicates))]
+          for a, b, c in pairs))
+    # One row for each old class kept, by new label: a merged class's old classes share it.
+    kept_labels = np.unique(labels[keep])
+    images = np.bincount(labels[keep], minlength=data.num_classes)
+    new_of = {int(old): int(new) for new, old in enumerate(kept_groups)}
+    rows = sorted((new_of[int(group[old])], int(old), _label_name(int(old), class_names), int(images[old]))
+                  for old in kept_labels)
+    _csv(os.path.join(folder, "classes.csv"), ["new_label", "label", "class", "images"], rows)
     measured = angle[~np.isnan(angle)]
-    dropped = {reason: int((why == reason).sum()) for reason in ("angle", "unreadable", "class too small")}
     summary = {
         "data": args.data, "model": args.model, "centres": source, "images": int(len(labels)),
         "classes": int(data.num_classes), "kept_images": int(keep.sum()), "kept_classes": int(len(kept_groups)),
-        "dropped": dropped, "duplicate_pairs": len(pairs), "merged": bool(args.merge_duplicates),
+        "dropped": {reason: int((why == reason).sum()) for reason in ("angle", "unreadable", "class too small")},
+        "duplicate_pairs": len(pairs), "merged": bool(args.merge_duplicates),
         "largest_merged_group": int(np.bincount(group).max()),
         "nearer_to_another_class": int(np.sum(other_cosine > cosine)),
         "angle_percentiles": {str(q): round(float(np.percentile(measured, q)), 2) for q in (1, 10, 50, 90, 99)}
@@ -569,13 +671,10 @@ def _write_reports(args, data, names, class_names, labels, cosine, angle, other,
         "options": {"drop_angle": args.drop_angle, "duplicate_cosine": args.duplicate_cosine,
                     "min_images": args.min_images, "report_only": args.report_only},
     }
-    checkpoint.write_json_atomic(os.path.join(args.output, "summary.json"), summary)
-    print(f"clean: kept {summary['kept_images']} of {len(labels)} images ({dropped['angle']} further than "
-          f"{args.drop_angle:g} degrees from their centre, {unreadable} unreadable, {dropped['class too small']} "
-          f"in classes under --min-images) in {summary['kept_classes']} of {data.num_classes} classes; "
-          f"{len(pairs)} class pair(s) at cosine >= {args.duplicate_cosine:g}"
-          + (" merged" if args.merge_duplicates else " listed in duplicates.csv")
-          + (f"; wrote {args.output}" if not args.report_only else f"; reports in {args.output}"), file=sys.stderr)
+    with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    return summary
 
 
 if __name__ == "__main__":
