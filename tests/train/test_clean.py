@@ -264,6 +264,16 @@ def test_refusals_write_nothing(trained, tmp_path, capsys):
     make_face_folder(str(data), identities=3, images=2)
     assert run_clean("--model", ckpt, "--data", data, "--output", tmp_path / "o2", "--centres", "trained") == 2
     assert "--centres trained:" in capsys.readouterr().err and not os.path.exists(tmp_path / "o2" / "samples.csv")
+    # A second run into an output that a run is writing is refused.
+    from train.tools import RunLock
+
+    os.makedirs(tmp_path / "o3")
+    held = RunLock(str(tmp_path / "o3" / ".clean.lock"), "held")
+    try:
+        assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "o3") == 2
+        assert "another clean run is writing" in capsys.readouterr().err
+    finally:
+        held.release()
     for bad in (["--drop-angle", "200"], ["--duplicate-cosine", "2"], ["--min-images", "0"],
                 ["--embeddings", "x.txt"]):
         with pytest.raises(SystemExit):

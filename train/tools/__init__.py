@@ -7,6 +7,7 @@ so that a mistake costs no time."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -39,3 +40,32 @@ def torch_device(text: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {text}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+class RunLock:
+    """``path``, held (an advisory lock, where the system has them) for the whole of a run, so that a
+    second run on the same output is refused before it touches anything; removed at the end (a
+    killed run leaves it, unlocked, for the next run to take). ``busy`` is the ValueError's message
+    when another run holds it; ``flag`` names the option whose folder must be writable."""
+
+    def __init__(self, path: str, busy: str, flag: str = "--output"):
+        self.path = path
+        try:
+            self.file = open(self.path, "a")
+        except OSError as error:
+            raise OSError(f"{flag} {os.path.dirname(path) or '.'}: cannot write in the folder: "
+                          f"{error.strerror or error}") from None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no second-run check
+            return
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise ValueError(busy) from None
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        self.file.close()

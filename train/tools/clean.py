@@ -54,7 +54,7 @@ from train import checkpoint
 from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset
 from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
-from train.tools import check_outputs, torch_device
+from train.tools import RunLock, check_outputs, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
 from train.embed import embed_images, load_model
 
@@ -502,6 +502,17 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(outputs, args.overwrite)
     if args.embeddings:
         check_outputs([args.embeddings, args.embeddings + ".json"], overwrite=True)
+    lock = RunLock(os.path.join(args.output, ".clean.lock"), f"another clean run is writing {args.output}: wait "
+                   "for it to end, or stop it") if rank == 0 else None
+    try:
+        return _clean(args, data, model, settings, bins, device, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> int:
+    num_classes = data.num_classes
 
     centres, why_not, same_data = trained_centres(args.model, data, settings["embedding_size"])
     if args.centres == "trained" and centres is None:

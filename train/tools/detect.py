@@ -46,7 +46,7 @@ from train.data import leave_signals_to_the_main_process
 from train.data.transforms import decode_failure, to_rgb
 from train.embed import list_images
 from train.onnx_backbone import _first_line, open_session
-from train.tools import check_outputs
+from train.tools import RunLock, check_outputs
 from train.tools.align import _fields, _numbers, _signals_stop, _Stopped
 
 # insightface's FaceAnalysis: det_size (640, 640), det_thresh 0.5; SCRFD's nms_threshold 0.4.
@@ -347,34 +347,6 @@ class _Partial:
         self.file.close()
 
 
-class _RunLock:
-    """``<output>.lock``, held (an advisory lock, where the system has them) for the whole of a run,
-    so that a second run on the same output is refused before it touches anything; removed at the
-    end (a killed run leaves it, unlocked, for the next run to take)."""
-
-    def __init__(self, output: str):
-        self.path = output + ".lock"
-        try:
-            self.file = open(self.path, "a")
-        except OSError as error:
-            raise OSError(f"--output {output}: cannot write in its folder: {error.strerror or error}") from None
-        try:
-            import fcntl
-        except ImportError:  # Windows: no second-run check
-            return
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.close()
-            raise ValueError(f"another detect run is writing {output}: wait for it, or stop it and pass "
-                             "--resume") from None
-
-    def release(self) -> None:
-        with contextlib.suppress(OSError):
-            os.remove(self.path)
-        self.file.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -427,7 +399,8 @@ def _main(argv: list[str] | None) -> int:
             raise ValueError(f"--output {args.output} is --detector: name another file")
         # A stopped run that was replacing --output resumes without --overwrite.
         check_outputs([args.output], args.overwrite or (args.resume and os.path.isfile(partial_path)))
-        lock = _RunLock(args.output)
+        lock = RunLock(args.output + ".lock", f"another detect run is writing {args.output}: wait for it, or stop "
+                       "it and pass --resume")
         if os.path.isdir(partial_path):
             raise ValueError(f"{partial_path}, where detect keeps a run's lines, is a folder")
         if os.path.lexists(partial_path) and not (args.resume or args.overwrite):
