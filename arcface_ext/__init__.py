@@ -9,11 +9,13 @@ from .modules import (AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss,
 from .distributed import (ShardedAdaFaceLoss, ShardedCombinedMarginLoss, ShardedElasticFaceLoss, class_shard,
                           ddp_ignore_shards)
 from .sampling import sample_classes, sample_size
+from .subcenter import SubCenterMarginLoss, subcenter_margin_loss
 
 __all__ = [
     "combined_margin_loss", "reference", "CombinedMarginLoss", "ArcFaceLoss", "CosFaceLoss",
     "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "MagFaceLoss", "ShardedCombinedMarginLoss", "ShardedAdaFaceLoss",
     "ShardedElasticFaceLoss", "class_shard", "ddp_ignore_shards", "sample_classes", "sample_size",
-    "set_workspace_bytes", "get_workspace_bytes", "extension_available",
+    "set_workspace_bytes", "get_workspace_bytes", "extension_available", "SubCenterMarginLoss",
+    "subcenter_margin_loss",
 ]
 __version__ = "0.1.0"

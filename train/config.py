@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the target logit's gradient: exact (of cos(m1·θ+m2), the paper's) or straight_through "
                    "(as if the angular margin were not there: arcface_torch's loss, which applies it under "
                    "no_grad). The same loss value; the configs that follow arcface_torch's ArcFace use the latter")
+    g.add_argument("--subcenters", "--loss_K", dest="subcenters", type=int, default=1,
+                   help="sub-center ArcFace: K centres a class, each class's cosine the best of its K (the paper: "
+                   "3, for noisy data; python -m train.tools.clean then drops what the dominant sub-centres leave). "
+                   "With arcface, cosface, sphereface or combined; a PyTorch path in fp32, not the fused op")
     g.add_argument("--loss-impl", "--loss_impl", dest="loss_impl", choices=("fused", "reference"), default="fused",
                    help="the compiled arcface_ext op, or its pure-PyTorch reference")
     g.add_argument("--sharded-classes", "--model-parallel", dest="sharded_classes",
@@ -315,6 +319,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                          "it with replicated class centres")
     if args.sharded_classes and args.loss_impl != "fused":
         raise SystemExit("--sharded-classes needs --loss-impl fused (the reference has no sharded form)")
+    if args.subcenters < 1:
+        raise SystemExit(f"--subcenters must be at least 1, got {args.subcenters}")
+    if args.subcenters > 1:
+        clash = [flag for flag, on in (
+            (f"--loss {args.loss}", args.loss not in ("arcface", "cosface", "sphereface", "combined")),
+            ("--sharded-classes", args.sharded_classes), (f"--sample-rate {args.sample_rate:g}", args.sample_rate < 1),
+            (f"--loss-amp {args.loss_amp}", args.loss_amp != "none")) if on]
+        if clash:
+            raise SystemExit(f"--subcenters {args.subcenters} does not go with {' or '.join(clash)}: sub-centres run "
+                             "with replicated class centres in fp32, with arcface, cosface, sphereface or combined")
     if args.sharded_classes and args.loss_amp == "fp16":
         # Each rank would see overflows in its own shard of fp16 gradients only, and the gradient
         # scaler would skip steps on some ranks and not on others.

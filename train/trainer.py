@@ -257,6 +257,10 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """
     import arcface_ext
 
+    if getattr(args, "subcenters", 1) > 1:  # a PyTorch path of its own (config.resolve refuses what it lacks)
+        m1, m2, m3 = margins(args)
+        return arcface_ext.SubCenterMarginLoss(num_classes, args.embedding_size, k=args.subcenters, s=args.arcface_s,
+                                               m1=m1, m2=m2, m3=m3, margin_grad=args.margin_grad)
     if args.loss_impl == "fused" and not arcface_ext.extension_available():
         raise SystemExit("arcface_ext's compiled op is not built: run `pip install --no-build-isolation -e .` "
                          "from the repository root, or train with --loss-impl reference (pure PyTorch, slower)")
@@ -885,7 +889,7 @@ class Trainer:
             + (f", compiled ({a.compile_backend}{', ' + a.compile_mode if a.compile_mode else ''})" if a.compile else ""),
             f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities; "
             f"verification: {', '.join(self.verification_sets) or 'none'}",
-            f"loss {self.margin_loss!r} ({a.loss_impl})",
+            f"loss {self.margin_loss!r} ({'PyTorch, fp32' if getattr(a, 'subcenters', 1) > 1 else a.loss_impl})",
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
             + f" on {self.device}, {a.max_steps} steps from step {self.step}",

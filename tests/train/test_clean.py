@@ -358,3 +358,40 @@ def test_two_processes_under_torchrun_clean_as_one(trained, tmp_path):
     assert run_clean(*argv[:6], "--output", tmp_path / "one") == 0
     for name in ("samples.csv", "train.rec", "train.idx", "classes.csv"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_sub_center_training_then_its_dominant_sub_centres_clean(trained, tmp_path, capsys):
+    """insightface's route for noisy data: train sub-center ArcFace (K = 3), then drop what lies far
+    from each class's dominant sub-centre."""
+    _, faces = trained
+    data = noisy_copy(faces, tmp_path / "noisy")
+    argv = base_argv(data, str(tmp_path / "run"), batch_size=32, max_steps=60, save_every=0, log_every=10,
+                     subcenters=3)
+    assert train_one_thread(argv) == 0
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    state = checkpoint.load(ckpt)
+    assert state["margin_loss"]["weight"].shape == (30, 64)
+    capsys.readouterr()
+    assert run_clean("--model", ckpt, "--data", data, "--output", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "trained class centres" in err and "3 sub-centres a class" in err
+    rows = read_csv(tmp_path / "out" / "samples.csv")
+    dropped = {r["image"] for r in rows if r["dropped"]}
+    assert {"id_007/x0.png", "id_007/x1.png"} <= dropped and len(dropped) <= 4  # the noise, and few clean images
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["subcentres"] == 3 and summary["at_dominant_subcentre"] > 0.9
+
+    # The report's cosine is to the class's dominant sub-centre: the one nearest to most of its images.
+    model, _ = checkpoint.load_backbone(ckpt)
+    dataset = ImageFolderDataset(data, image_size=IMAGE_SIZE)
+    x = embed_files(model, dataset.paths, IMAGE_SIZE, batch_size=32)
+    centres = torch.nn.functional.normalize(state["margin_loss"]["weight"], dim=1).numpy().reshape(10, 3, -1)
+    nearest = np.einsum("nkd,nd->nk", centres[dataset.labels], x).argmax(1)
+    dominant = [np.bincount(nearest[dataset.labels == c], minlength=3).argmax() for c in range(10)]
+    expected = np.einsum("nd,nd->n", centres[dataset.labels, np.asarray(dominant)[dataset.labels]], x)
+    np.testing.assert_allclose([float(r["cosine"]) for r in rows], expected, atol=2e-3)
+
+    # What sub-centres do not go with is refused before anything runs.
+    for clash in ({"loss": "adaface"}, {"sample_rate": 0.5}, {"loss_amp": "bf16"}):
+        with pytest.raises(SystemExit, match="--subcenters 3 does not go with"):
+            train_one_thread(base_argv(data, str(tmp_path / "x"), subcenters=3, **clash))

@@ -108,7 +108,8 @@ def dataset_labels(data) -> np.ndarray:
 
 
 def trained_centres(path: str, data, dim: int) -> tuple[torch.Tensor | None, str, bool]:
-    """(the (C, D) class centres a training checkpoint holds, or None; why there are none; whether
+    """(the (C·K, D) class centres a training checkpoint holds (K sub-centres a class when it trained
+    with ``--subcenters K``), or None; why there are none; whether
     the checkpoint says it trained on this very data). Centres are returned when their shape fits
     the data's classes and the model's embeddings (the checkpoint's record of its data, when it has
     one, is compared by ``--centres auto``)."""
@@ -123,8 +124,11 @@ def trained_centres(path: str, data, dim: int) -> tuple[torch.Tensor | None, str
     weight = state.get("margin_loss", {}).get("weight") if isinstance(state, dict) else None
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return None, f"{path} is not a training checkpoint with class centres", False
-    if tuple(weight.shape) != (data.num_classes, dim):
-        return None, (f"{path}'s class centres are {weight.shape[0]} x {weight.shape[1]}, the data has "
+    run = state.get("args") if isinstance(state.get("args"), dict) else {}
+    k = run.get("subcenters", 1) if isinstance(run.get("subcenters", 1), int) else 1
+    if tuple(weight.shape) != (data.num_classes * k, dim):
+        per_class = f" ({k} sub-centres a class)" if k > 1 else ""
+        return None, (f"{path}'s class centres are {weight.shape[0]} x {weight.shape[1]}{per_class}, the data has "
                       f"{data.num_classes} classes and the model {dim}-D embeddings: it trained on other data"), False
     recorded = state.get("data_fingerprint")
     if recorded is None:
@@ -147,13 +151,16 @@ def class_sums(embeddings: np.ndarray, labels: np.ndarray, keep: np.ndarray, num
     return sums, np.bincount(labels[keep], minlength=num_classes)
 
 
-def nearest_centres(embeddings: np.ndarray, labels: np.ndarray, centres: torch.Tensor, *, device,
-                    rows: int = 4096, columns: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For ``embeddings`` (N, D) and unit ``centres`` (C, D): (cosine to the own class's centre, the
-    nearest other class (-1 when there is none), its cosine), each (N,). The N x C cosines are made in
-    blocks of ``rows`` x ``columns`` on ``device``, never all at once."""
-    n, num_classes = len(labels), centres.shape[0]
+def nearest_centres(embeddings: np.ndarray, labels: np.ndarray, centres: torch.Tensor, *, device, k: int = 1,
+                    own_rows: np.ndarray | None = None, rows: int = 4096, columns: int = 65536,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``embeddings`` (N, D) and unit ``centres`` (C·k, D; class c's sub-centres its rows c·k …):
+    (cosine to the own class's centre: row ``own_rows[label]``, by default its first; the nearest
+    other class by its best sub-centre (-1 when there is none); that cosine), each (N,). The N x C·k
+    cosines are made in blocks of ``rows`` x ``columns`` classes on ``device``, never all at once."""
+    n, num_classes = len(labels), centres.shape[0] // k
     centres = centres.to(device, torch.float32)
+    own_rows = torch.from_numpy(np.arange(num_classes) * k if own_rows is None else own_rows).to(device)
     own = np.empty(n, dtype=np.float32)
     other = np.full(n, -1, dtype=np.int64)
     other_cosine = np.full(n, np.nan, dtype=np.float32)
@@ -161,11 +168,11 @@ def nearest_centres(embeddings: np.ndarray, labels: np.ndarray, centres: torch.T
         x = torch.from_numpy(np.asarray(embeddings[start:start + rows], dtype=np.float32)).to(device)
         x = torch.nn.functional.normalize(x, dim=1)  # unit again: they are stored rounded
         y = torch.from_numpy(labels[start:start + rows]).to(device)
-        own[start:start + len(y)] = (x * centres[y]).sum(1).cpu().numpy()
+        own[start:start + len(y)] = (x * centres[own_rows[y]]).sum(1).cpu().numpy()
         best = torch.full((len(y),), -math.inf, device=device)
         best_class = torch.full((len(y),), -1, dtype=torch.int64, device=device)
         for first in range(0, num_classes, columns):
-            cosines = x @ centres[first:first + columns].T
+            cosines = (x @ centres[first * k:(first + columns) * k].T).view(len(y), -1, k).amax(dim=2)
             mine = (y >= first) & (y < first + cosines.shape[1])
             cosines[mine, y[mine] - first] = -math.inf
             value, index = cosines.max(1)
@@ -176,6 +183,26 @@ def nearest_centres(embeddings: np.ndarray, labels: np.ndarray, centres: torch.T
         other[start:start + len(y)] = best_class.cpu().numpy()
         other_cosine[start:start + len(y)] = torch.where(found, best, torch.nan).cpu().numpy()
     return own, other, other_cosine
+
+
+def dominant_subcentres(embeddings: np.ndarray, labels: np.ndarray, readable: np.ndarray, centres: torch.Tensor,
+                        k: int, *, chunk: int = 65536) -> tuple[np.ndarray, float]:
+    """((C,) each class's dominant sub-centre, as a row of the unit ``centres`` (C·k, D): the one
+    nearest to most of its readable images, ties to the first; the share of images whose nearest
+    sub-centre of their class is its dominant one)."""
+    num_classes = centres.shape[0] // k
+    grouped = centres.float().view(num_classes, k, -1)
+    votes = np.zeros((num_classes, k), dtype=np.int64)
+    nearest = np.full(len(labels), -1, dtype=np.int64)
+    for start in range(0, len(labels), chunk):
+        rows = np.flatnonzero(readable[start:start + chunk]) + start
+        x = torch.nn.functional.normalize(torch.from_numpy(np.asarray(embeddings[rows], dtype=np.float32)), dim=1)
+        y = torch.from_numpy(labels[rows])
+        nearest[rows] = torch.bmm(grouped[y], x.unsqueeze(2)).squeeze(2).argmax(dim=1).numpy()
+    np.add.at(votes, (labels[readable], nearest[readable]), 1)
+    dominant = votes.argmax(axis=1)
+    share = float(np.mean(nearest[readable] == dominant[labels[readable]])) if readable.any() else 1.0
+    return np.arange(num_classes) * k + dominant, share
 
 
 def leave_one_out_cosines(cosine_to_mean: np.ndarray, labels: np.ndarray, sums: torch.Tensor,
@@ -541,9 +568,17 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
                          f"finite (the first: {_source_names(data)[broken[0]]}): has --model {args.model} diverged?")
 
     # Each image against its class's centre, and the nearest other class.
+    k, at_dominant = 1, None
     if source == "trained":
         unit_centres = torch.nn.functional.normalize(centres, dim=1)
-        cosine, other, other_cosine = nearest_centres(embeddings, labels, unit_centres, device=device)
+        k = unit_centres.shape[0] // num_classes
+        own_rows = None
+        if k > 1:  # sub-center ArcFace: each image against its class's dominant sub-centre
+            own_rows, at_dominant = dominant_subcentres(embeddings, labels, readable, unit_centres, k)
+            print(f"clean: {k} sub-centres a class; {at_dominant:.1%} of the images lie nearest their class's "
+                  "dominant one", file=sys.stderr, flush=True)
+        cosine, other, other_cosine = nearest_centres(embeddings, labels, unit_centres, device=device, k=k,
+                                                      own_rows=own_rows)
         astray = float(np.mean(other_cosine[readable] > cosine[readable])) if readable.any() else 0.0
         if astray > 0.5:
             raise ValueError(f"{astray:.0%} of the images lie nearer another class's trained centre than their own: "
@@ -583,7 +618,7 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
     result = dict(data=data, names=_source_names(data), class_names=_class_names(data), labels=read_labels,
                   cosine=cosine, angle=angle, other=other, other_cosine=other_cosine, new_labels=new_labels,
                   why=why, unreadable=unreadable, pairs=pairs, group=group, keep=keep, kept_groups=kept_groups,
-                  source=source)
+                  source=source, subcentres=k, at_dominant=at_dominant)
     write_set = not args.report_only and len(kept_groups) > 0
     # Everything goes to a hidden folder first and takes its place at the end, at once: a stop leaves
     # the outputs of before (or none), never a cleaned set beside the reports of another run.
@@ -596,7 +631,7 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
             order = np.flatnonzero(keep)
             order = order[np.argsort(new_labels[order], kind="stable")]
             write_pack(staging, _packed_images(data, order, new_labels), num_images=len(order),
-                       num_identities=len(kept_groups), log=sys.stderr, tool="clean")
+                       num_identities=len(kept_groups), log=sys.stderr, tool="clean", shown_dir=args.output)
             for path in bins:
                 with open(path, "rb") as source_file, open(os.path.join(staging, os.path.basename(path)), "wb") as f:
                     shutil.copyfileobj(source_file, f)
@@ -648,7 +683,7 @@ def _csv(path: str, header: list[str], rows) -> None:
 
 
 def _write_reports(args, folder, *, data, names, class_names, labels, cosine, angle, other, other_cosine, new_labels,
-                   why, unreadable, pairs, group, keep, kept_groups, source) -> dict:
+                   why, unreadable, pairs, group, keep, kept_groups, source, subcentres, at_dominant) -> dict:
     """samples.csv, duplicates.csv, classes.csv and summary.json into ``folder``; returns the summary."""
     def number(x: float) -> str:
         return "" if math.isnan(x) else f"{x:.4f}"
@@ -671,7 +706,8 @@ def _write_reports(args, folder, *, data, names, class_names, labels, cosine, an
     _csv(os.path.join(folder, "classes.csv"), ["new_label", "label", "class", "images"], rows)
     measured = angle[~np.isnan(angle)]
     summary = {
-        "data": args.data, "model": args.model, "centres": source, "images": int(len(labels)),
+        "data": args.data, "model": args.model, "centres": source, "subcentres": subcentres,
+        "at_dominant_subcentre": at_dominant, "images": int(len(labels)),
         "classes": int(data.num_classes), "kept_images": int(keep.sum()), "kept_classes": int(len(kept_groups)),
         "dropped": {reason: int((why == reason).sum()) for reason in ("angle", "unreadable", "class too small")},
         "duplicate_pairs": len(pairs), "merged": bool(args.merge_duplicates),

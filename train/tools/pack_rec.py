@@ -61,12 +61,13 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
 
 
 def write_pack(output_dir: str, images, *, num_images: int, num_identities: int, log=sys.stderr,
-               tool: str = "pack_rec") -> dict:
+               tool: str = "pack_rec", shown_dir: str | None = None) -> dict:
     """Write `train.rec`, `train.idx` and `property` into `output_dir` from `images`, an iterable of
     `num_images` (label, JPEG bytes, (width, height)) in label order (each label's images together),
     labels in [0, num_identities), every label present. The layout is insightface's (the module's
     docstring); `property` gives the first image's size. The files replace any there once complete:
-    check them first (`check_outputs`). Returns {'images', 'identities', 'image_size'}."""
+    check them first (`check_outputs`). `shown_dir` is the folder the log names (where the caller
+    will move the files). Returns {'images', 'identities', 'image_size'}."""
     rec_path, idx_path, property_path = (os.path.join(output_dir, name) for name in OUTPUT_FILES)
     first_identity_record = num_images + 1
     image_range = [[0, 0] for _ in range(num_identities)]
@@ -102,7 +103,8 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
     width, height = image_size
     checkpoint.write_atomic(property_path, lambda f: f.write(f"{num_identities},{height},{width}\n"), binary=False)
     if log is not None:
-        print(f"{tool}: wrote {num_images} images of {num_identities} identities to {rec_path}", file=log)
+        shown = os.path.join(shown_dir, OUTPUT_FILES[0]) if shown_dir else rec_path
+        print(f"{tool}: wrote {num_images} images of {num_identities} identities to {shown}", file=log)
     return {"images": num_images, "identities": num_identities, "image_size": (height, width)}
 
 

@@ -1,0 +1,118 @@
+"""The sub-center margin loss (arcface_ext.subcenter) against the whole-matrix computation written
+out here with autograd, in fp64: values, gradients, chunking, ignored rows, K = 1 against the
+reference, and its argument checks."""
+import math
+
+import pytest
+import torch
+
+from arcface_ext import reference
+from arcface_ext.subcenter import SubCenterMarginLoss, subcenter_margin_loss
+
+MARGINS = {
+    "arcface": dict(m1=1.0, m2=0.5, m3=0.0),
+    "cosface": dict(m1=1.0, m2=0.0, m3=0.35),
+    "sphereface": dict(m1=1.35, m2=0.0, m3=0.0),
+    "combined": dict(m1=1.0, m2=0.3, m3=0.2),
+}
+
+
+def whole_matrix(x, w, labels, k, *, s, m1, m2, m3, margin_grad="exact", ignore_index=-1, reduction="mean"):
+    """The N x C·K cosines at once: each class's best sub-centre, the margin on the target, logsumexp."""
+    x_hat = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    w_hat = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = (x_hat @ w_hat.t()).clamp(-1, 1).view(x.shape[0], -1, k).amax(dim=2)
+    counted = labels != ignore_index
+    target = torch.where(counted, labels, 0)
+    target_cos = cos.gather(1, target[:, None]).squeeze(1)
+    target_logit = reference._TargetLogit.apply(target_cos, s, m1, m2, m3, 0.0, margin_grad == "straight_through")
+    logits = (s * cos).scatter(1, target[:, None], target_logit[:, None])
+    rows = torch.where(counted, torch.logsumexp(logits, dim=1) - target_logit, torch.zeros_like(target_logit))
+    if reduction == "none":
+        return rows
+    return rows.sum() / counted.sum().clamp_min(1) if reduction == "mean" else rows.sum()
+
+
+def inputs(n=13, c=11, k=3, d=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(c * k, d, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, c, (n,), generator=g)
+    return x, w, labels
+
+
+@pytest.mark.parametrize("margin", MARGINS)
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_matches_the_whole_matrix_in_fp64(margin, margin_grad, chunk):
+    x, w, labels = inputs(seed=hash((margin, margin_grad, chunk)) % 1000)
+    labels[3] = -1  # an ignored row: no loss, no gradient
+    options = dict(s=30.0, margin_grad=margin_grad, **MARGINS[margin])
+    ours = subcenter_margin_loss(x, w, labels, k=3, class_chunk=chunk, **options)
+    gx, gw = torch.autograd.grad(ours, (x, w))
+    expected = whole_matrix(x, w, labels, 3, **options)
+    ex, ew = torch.autograd.grad(expected, (x, w))
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gw, ew, rtol=1e-9, atol=1e-11)
+    assert gx[3].abs().max() == 0
+
+
+def test_gradcheck_and_reductions():
+    x, w, labels = inputs(n=5, c=4, k=2, d=6, seed=3)
+    f = lambda x, w: subcenter_margin_loss(x, w, labels, k=2, s=8.0, class_chunk=3, reduction="sum")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w))
+    rows = subcenter_margin_loss(x, w, labels, k=2, s=8.0, reduction="none")
+    torch.testing.assert_close(rows, whole_matrix(x, w, labels, 2, s=8.0, m1=1.0, m2=0.5, m3=0.0, reduction="none"))
+
+
+def test_one_sub_centre_is_the_combined_margin_loss():
+    x, w, labels = inputs(k=1, seed=5)
+    ours, cos = subcenter_margin_loss(x, w, labels, k=1, return_target_cosine=True)
+    expected, expected_cos = reference.combined_margin_loss(x, w, labels, return_target_cosine=True)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(cos, expected_cos)
+    torch.testing.assert_close(torch.autograd.grad(ours, w)[0], torch.autograd.grad(expected, w)[0])
+
+
+def test_the_gradient_reaches_only_the_winning_sub_centre():
+    # One sample of class 0, nearest to its sub-centre 1 (row 1); class 1's best for it is row 4.
+    # Only those two rows move: the max passes the gradient to its winner alone.
+    x = torch.tensor([[1.0, 0.2]], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.1], [0.3, -1.0], [0.5, 0.5], [-0.2, -1.0]],
+                     dtype=torch.float64, requires_grad=True)
+    loss, cos = subcenter_margin_loss(x, w, torch.tensor([0]), k=3, return_target_cosine=True)
+    assert math.isclose(cos.item(), 1.0 / math.hypot(1.0, 0.2), rel_tol=1e-12)
+    (grad,) = torch.autograd.grad(loss, w)
+    moved = grad.abs().sum(dim=1) > 0
+    assert moved.tolist() == [False, True, False, False, True, False]
+
+
+def test_under_autocast_and_with_16_bit_inputs_the_cosines_stay_fp32():
+    x, w, labels = inputs(seed=7, dtype=torch.float32)
+    expected = subcenter_margin_loss(x, w, labels, k=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = subcenter_margin_loss(x, w, labels, k=3)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, expected)
+    half = subcenter_margin_loss(x.detach().bfloat16(), w.detach().bfloat16(), labels, k=3)
+    assert half.dtype == torch.float32
+
+
+def test_module_and_checks():
+    module = SubCenterMarginLoss(11, 16, k=3, s=30.0)
+    assert module.weight.shape == (33, 16)
+    x, _, labels = inputs()
+    loss = module(x.float(), labels)
+    loss.backward()
+    assert module.weight.grad.shape == (33, 16)
+    with pytest.raises(ValueError, match="not a multiple of k = 3"):
+        subcenter_margin_loss(x, torch.randn(10, 16, dtype=torch.float64), labels, k=3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\)"):
+        subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels + 11, k=3)
+    with pytest.raises(ValueError, match="k .sub-centres a class. must be an int >= 1"):
+        subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels, k=0)
+    with pytest.raises(TypeError, match="per-row tensors"):
+        subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels, k=3, m2=torch.zeros(13))
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        SubCenterMarginLoss(11, 16, k=0)
