@@ -566,12 +566,15 @@ class Trainer:
         loaded = "backbone"
         centres = state.get("margin_loss") if isinstance(state, dict) else None
         if not self.args.finetuning and centres is not None:
-            if centres["weight"].shape == (self.num_classes, self.args.embedding_size):
+            k = getattr(self.args, "subcenters", 1)
+            if centres["weight"].shape == (self.num_classes * k, self.args.embedding_size):
                 self.margin_loss.load_state_dict(centres)
                 loaded += " and class centres"
             elif self.is_main:
-                print(f"note: {path} has class centres for {centres['weight'].shape[0]} classes, the data has "
-                      f"{self.num_classes}: starting fresh ones", file=sys.stderr)
+                rows, dim = centres["weight"].shape
+                print(f"note: {path} has {rows} x {dim} class centres, this run {self.num_classes * k} x "
+                      f"{self.args.embedding_size} ({self.num_classes} classes"
+                      + (f" x {k} sub-centres" if k > 1 else "") + "): starting fresh ones", file=sys.stderr)
         if self.is_main:
             print(f"initialised the {loaded} from {path}", file=sys.stderr)
 
