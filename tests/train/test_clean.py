@@ -108,6 +108,18 @@ def test_trained_centres_drop_the_mislabelled_images(trained, tmp_path, capsys):
     os.rename(shuffled / "id_002", shuffled / "zz_002")
     assert run_clean("--model", ckpt, "--data", shuffled, "--output", tmp_path / "r", "--centres", "trained") == 2
     assert "nearer another class's trained centre than their own" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r")  # the folder the failed run made is gone
+    # Other people's images under the training files' names: the fingerprint (names, labels) matches,
+    # but the trained centres do not fit these classes, and auto takes the means instead.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(faces, swapped)
+    for who in (6, 7, 8, 9):
+        for j in range(16):
+            Image.fromarray(render_face(0, 40 + who, j, IMAGE_SIZE)).save(swapped / f"id_{who:03d}" / f"{j:02d}.png")
+    assert run_clean("--model", ckpt, "--data", swapped, "--output", tmp_path / "s", "--report-only") == 0
+    err = capsys.readouterr().err
+    assert "4 of 10 classes" in err and "each class's mean embedding is the centre instead" in err
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["centres"] == "mean"
 
 
 def test_class_means_find_and_merge_a_split_identity(trained, tmp_path):
@@ -192,6 +204,7 @@ def test_recordio_input_keeps_bins_and_reuses_embeddings(trained, tmp_path, caps
     folder_cache.write_bytes(folder_cache.read_bytes()[:100])
     assert run_clean(*argv[:-1], "--output", tmp_path / "f3") == 2
     assert "--embeddings" in capsys.readouterr().err.splitlines()[-1]
+    assert run_clean(*argv, "--overwrite") == 0 and "made again" in capsys.readouterr().err
 
 
 def test_unreadable_images_and_small_classes_are_dropped(trained, tmp_path):
@@ -264,6 +277,15 @@ def test_refusals_write_nothing(trained, tmp_path, capsys):
     make_face_folder(str(data), identities=3, images=2)
     assert run_clean("--model", ckpt, "--data", data, "--output", tmp_path / "o2", "--centres", "trained") == 2
     assert "--centres trained:" in capsys.readouterr().err and not os.path.exists(tmp_path / "o2" / "samples.csv")
+    # A file where the run stages its outputs, and a cleaned set that --report-only would orphan: refused.
+    os.makedirs(tmp_path / "o4")
+    (tmp_path / "o4" / ".clean.partial").write_text("mine")
+    assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "o4") == 2
+    assert "is in the way" in capsys.readouterr().err
+    (tmp_path / "o4" / ".clean.partial").unlink()
+    (tmp_path / "o4" / "train.rec").write_text("a set")
+    assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "o4", "--report-only") == 2
+    assert "that the new reports would not describe: pass --overwrite" in capsys.readouterr().err
     # A second run into an output that a run is writing is refused.
     from train.tools import RunLock
 

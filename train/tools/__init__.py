@@ -51,21 +51,32 @@ class RunLock:
     def __init__(self, path: str, busy: str, flag: str = "--output"):
         self.path = path
         try:
-            self.file = open(self.path, "a")
-        except OSError as error:
-            raise OSError(f"{flag} {os.path.dirname(path) or '.'}: cannot write in the folder: "
-                          f"{error.strerror or error}") from None
-        try:
             import fcntl
         except ImportError:  # Windows: no second-run check
-            return
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl = None
+        while True:
+            try:
+                self.file = open(self.path, "a")
+            except OSError as error:
+                raise OSError(f"{flag}: cannot create the run's lock file {path}: {error.strerror or error}") from None
+            if fcntl is None:
+                return
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.close()
+                raise ValueError(busy) from None
+            # Locked, but the file may have been removed by the run that held it just before (release):
+            # then this lock guards nothing, and the path is taken again.
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
             self.file.close()
-            raise ValueError(busy) from None
 
     def release(self) -> None:
+        # Removed while still locked: a run waiting on this file then finds it gone and takes a new one.
         with contextlib.suppress(OSError):
             os.remove(self.path)
         self.file.close()

@@ -7,8 +7,9 @@ Every image of ``--data`` (a RecordIO folder or an ImageFolder, as the trainer r
 as verification embeds it (image + mirror, unit length) and compared with its class's centre:
 
 - ``--centres trained``: the class centres the checkpoint trained with its margin loss (the default
-  when the checkpoint records that it trained on this very data; refused when most images lie nearer
-  another class's centre than their own: centres of other data, or of other labels);
+  when the checkpoint records that it trained on this very data and its centres fit the labels;
+  refused when most classes have most of their images nearer another class's centre than their own:
+  centres of other data, or of other labels);
 - ``--centres mean``: the mean embedding of the class's other images (the default otherwise: a model
   that did not train on this data, such as insightface's released models, for a new data set). A
   class of one image is not checked; in a class of two, a stray image takes its partner with it.
@@ -34,6 +35,7 @@ dropped. ``--output`` receives:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import hashlib
@@ -62,6 +64,9 @@ DEFAULT_DROP_ANGLE = 75.0
 DEFAULT_DUPLICATE_COSINE = 0.6
 MAX_PAIRS = 10_000_000  # more pairs than this: --duplicate-cosine is too low to name duplicates
 LARGE_GROUP = 5  # a merged group of more classes than this is worth a look
+# Trained centres under which more than this share of the classes have most of their images nearer
+# another class's centre do not fit the data: --centres auto then takes the classes' means.
+UNFIT_SHARE = 0.05
 REPORTS = ("samples.csv", "duplicates.csv", "classes.csv", "summary.json")
 STAGING = ".clean.partial"  # where a run writes before its files take their places
 
@@ -183,6 +188,25 @@ def nearest_centres(embeddings: np.ndarray, labels: np.ndarray, centres: torch.T
         other[start:start + len(y)] = best_class.cpu().numpy()
         other_cosine[start:start + len(y)] = torch.where(found, best, torch.nan).cpu().numpy()
     return own, other, other_cosine
+
+
+def unfit_classes(labels: np.ndarray, readable: np.ndarray, cosine: np.ndarray, other_cosine: np.ndarray,
+                  num_classes: int) -> tuple[np.ndarray, int]:
+    """(the classes most of whose readable images lie nearer another class's centre than their own,
+    the number of classes with a readable image): trained centres that do not fit the data's labels
+    (another set under these names, or classes renumbered) show as many such classes, where a model's
+    own training data shows few (its noise is spread over the classes)."""
+    astray = readable & (other_cosine > cosine)
+    images = np.bincount(labels[readable], minlength=num_classes)
+    strays = np.bincount(labels[astray], minlength=num_classes)
+    return np.flatnonzero(2 * strays > images), int(np.count_nonzero(images))
+
+
+def _class_label(data, classes: np.ndarray) -> str:
+    if not len(classes):
+        return "none"
+    names = _class_names(data)
+    return names[classes[0]] if names else f"label {classes[0]}"
 
 
 def dominant_subcentres(embeddings: np.ndarray, labels: np.ndarray, readable: np.ndarray, centres: torch.Tensor,
@@ -356,33 +380,38 @@ _IDENTITY_NAMES = {"data": "the data's images or labels", "files": "the data's f
 
 def _cached(path: str, sidecar: str, identity: dict, shape: tuple[int, int], overwrite: bool):
     """(embeddings, {index: why unreadable}) that ``path`` holds for ``identity``; None when there is
-    no such file, or it holds others and ``overwrite`` lets them be replaced. ValueError naming
-    ``--embeddings`` for a damaged file, or for another model's or data's without ``overwrite``."""
+    no such file, or when it is damaged or holds others and ``overwrite`` lets it be made again.
+    ValueError naming ``--embeddings`` otherwise."""
     if not os.path.exists(path):
         return None
+    again = "pass --overwrite to make it again, or name another file"
     try:
         with open(sidecar, encoding="utf-8") as f:
             saved = json.load(f)
         unreadable = {int(k): str(v) for k, v in saved["unreadable"].items()}
+        if any(not 0 <= i < shape[0] for i in unreadable):
+            raise ValueError("an image index out of range")
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         if overwrite:
             return None
         raise ValueError(f"--embeddings {path} exists, but {sidecar}, which says whose embeddings they are, is "
-                         "missing or damaged: pass --overwrite to make them again, or name another file") from None
+                         f"missing or damaged: {again}") from None
     differ = sorted({_IDENTITY_NAMES[k] for k in identity if saved.get(k) != identity[k]})
-    if differ:
-        said = f"--embeddings {path} was made with another model or data (changed: {', '.join(differ)})"
-        if overwrite:
-            print(f"clean: {said}: made again", file=sys.stderr, flush=True)
-            return None
-        raise ValueError(f"{said}: pass --overwrite to make it again, or name another file")
     try:
-        embeddings = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"--embeddings {path}: not a readable .npy file (truncated?): {error}") from None
-    if embeddings.shape != shape or embeddings.dtype != np.float16:
-        raise ValueError(f"--embeddings {path} holds {embeddings.dtype} {embeddings.shape}, not float16 {shape}: "
-                         f"the data's {shape[0]} images, the model's {shape[1]}-D")
+        if differ:
+            raise ValueError(f"--embeddings {path} was made with another model or data (changed: {', '.join(differ)})")
+        try:
+            embeddings = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as error:
+            raise ValueError(f"--embeddings {path}: not a readable .npy file (truncated?): {error}") from None
+        if embeddings.shape != shape or embeddings.dtype != np.float16:
+            raise ValueError(f"--embeddings {path} holds {embeddings.dtype} {embeddings.shape}, not float16 {shape}: "
+                             f"the data's {shape[0]} images, the model's {shape[1]}-D")
+    except ValueError as error:
+        if overwrite:
+            _say_once(f"{error}: made again")
+            return None
+        raise ValueError(f"{error}: {again}") from None
     return embeddings, unreadable
 
 
@@ -441,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(not --data's)")
     p.add_argument("--centres", "--centers", dest="centres", choices=("auto", "trained", "mean"), default="auto",
                    help="each class's centre: the checkpoint's trained class centres, or the mean embedding of the "
-                   "class's other images (auto: trained when the checkpoint holds one for each class of the data)")
+                   "class's other images (auto: trained when the checkpoint records that it trained on this data and "
+                   "its centres fit the labels, else mean)")
     p.add_argument("--drop-angle", type=float, default=DEFAULT_DROP_ANGLE,
                    help=f"drop images further than this many degrees from their class's centre "
                    f"(default {DEFAULT_DROP_ANGLE:g}; 180 drops none)")
@@ -479,24 +509,52 @@ def main(argv: list[str] | None = None) -> int:
     if args.embeddings and not args.embeddings.endswith(".npy"):
         p.error("--embeddings names a .npy file")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.embeddings:
-        p.error("under torchrun, --embeddings FILE.npy is where the processes put their embeddings: name one on a "
-                "file system all of them see")
+        _say_once("error: under torchrun, --embeddings FILE.npy is where the processes put their embeddings: name "
+                  "one on a file system all of them see")
+        return 2
     previous = signal.signal(signal.SIGTERM, _stop)
+    existed = os.path.lexists(args.output)
+    status = 2
     try:
-        return run(args)
+        status = run(args)
+        return status
     except (OSError, ValueError) as error:
-        print(f"clean: error: {error}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"clean: {f'[rank {rank}] ' if rank else ''}error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("clean: stopped; files being written were removed, files already written are whole", file=sys.stderr)
+        _say_once("stopped: --output holds what it held before (this run's files are moved into it only at the end)")
         return 130
     except _Terminated:
-        print("clean: terminated; files being written were removed, files already written are whole",
-              file=sys.stderr)
+        _say_once("terminated: --output holds what it held before (this run's files are moved into it only at the "
+                  "end)")
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
         _leave_process_group()
+        if status not in (0, 1) and not existed and int(os.environ.get("RANK", "0")) == 0:
+            with contextlib.suppress(OSError):  # the folder this run made, left empty by its failure
+                os.rmdir(args.output)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait (are blocked) while the block runs, and arrive after it."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _say_once(message: str) -> None:
+    """A message the processes of a torchrun run would all print: rank 0 prints it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"clean: {message}", file=sys.stderr)
 
 
 class _Terminated(Exception):
@@ -521,12 +579,21 @@ def run(args: argparse.Namespace) -> int:
     model, settings = load_model(args.model, device)
     data, num_classes = build_train_dataset(args.data, image_size=settings["image_size"], flip=False)
     bins = sorted(glob.glob(os.path.join(glob.escape(args.data), "*.bin"))) if isinstance(data, RecordIODataset) else []
-    # A cleaned set already there is replaced (with --overwrite) even by --report-only, which removes it:
-    # a set beside reports that do not describe it would mislead.
-    outputs = [os.path.join(args.output, name) for name in REPORTS + OUTPUT_FILES]
+    outputs = [os.path.join(args.output, name) for name in REPORTS]
     if not args.report_only:
+        outputs += [os.path.join(args.output, name) for name in OUTPUT_FILES]
         outputs += [os.path.join(args.output, os.path.basename(path)) for path in bins]
+    elif not args.overwrite:
+        # A cleaned set there would stand beside reports that do not describe it: --overwrite removes it.
+        found = [name for name in OUTPUT_FILES if os.path.lexists(os.path.join(args.output, name))]
+        if found:
+            raise ValueError(f"{os.path.join(args.output, found[0])} exists, a cleaned set that the new reports "
+                             "would not describe: pass --overwrite to remove it (and the reports beside it)")
     check_outputs(outputs, args.overwrite)
+    staging = os.path.join(args.output, STAGING)
+    if os.path.lexists(staging) and (os.path.islink(staging) or not os.path.isdir(staging)):
+        raise ValueError(f"{staging}, where clean writes before it moves its files into --output, is in the way "
+                         "(a file or a link): remove it")
     if args.embeddings:
         check_outputs([args.embeddings, args.embeddings + ".json"], overwrite=True)
     lock = RunLock(os.path.join(args.output, ".clean.lock"), f"another clean run is writing {args.output}: wait "
@@ -575,17 +642,26 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
         own_rows = None
         if k > 1:  # sub-center ArcFace: each image against its class's dominant sub-centre
             own_rows, at_dominant = dominant_subcentres(embeddings, labels, readable, unit_centres, k)
-            print(f"clean: {k} sub-centres a class; {at_dominant:.1%} of the images lie nearest their class's "
-                  "dominant one", file=sys.stderr, flush=True)
         cosine, other, other_cosine = nearest_centres(embeddings, labels, unit_centres, device=device, k=k,
                                                       own_rows=own_rows)
-        astray = float(np.mean(other_cosine[readable] > cosine[readable])) if readable.any() else 0.0
-        if astray > 0.5:
-            raise ValueError(f"{astray:.0%} of the images lie nearer another class's trained centre than their own: "
-                             f"{args.model}'s class centres do not fit this data's labels (did it train on other "
-                             "data, or on this data with its classes in another order?); --centres mean does not "
-                             "need them")
-    else:
+        unfit, measured = unfit_classes(labels, readable, cosine, other_cosine, num_classes)
+        share = len(unfit) / max(1, measured)
+        said = (f"{len(unfit)} of {measured} classes ({share:.0%}; the first: {_class_label(data, unfit)}) have most "
+                f"of their images nearer another class's trained centre than their own")
+        if args.centres == "auto" and share > UNFIT_SHARE:
+            print(f"clean: {said}: {args.model}'s class centres do not fit this data (other images under these "
+                  "names?); each class's mean embedding is the centre instead", file=sys.stderr, flush=True)
+            source, k, at_dominant = "mean", 1, None
+        elif share > 0.5:
+            raise ValueError(f"{said}: {args.model}'s class centres do not fit this data's labels (did it train on "
+                             "other data, or on this data with its classes in another order?); --centres mean does "
+                             "not need them")
+        elif share > UNFIT_SHARE:
+            print(f"clean: warning: {said}", file=sys.stderr, flush=True)
+        if k > 1:
+            print(f"clean: {k} sub-centres a class; {at_dominant:.1%} of the images lie nearest their class's "
+                  "dominant one", file=sys.stderr, flush=True)
+    if source == "mean":
         sums, counts = class_sums(embeddings, labels, readable, num_classes)
         unit_centres = torch.nn.functional.normalize(sums, dim=1).float()
         to_mean, other, other_cosine = nearest_centres(embeddings, labels, unit_centres, device=device)
@@ -623,7 +699,7 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
     # Everything goes to a hidden folder first and takes its place at the end, at once: a stop leaves
     # the outputs of before (or none), never a cleaned set beside the reports of another run.
     staging = os.path.join(args.output, STAGING)
-    shutil.rmtree(staging, ignore_errors=True)  # a killed run's
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's (checked to be a folder of ours at the start)
     os.makedirs(staging)
     try:
         summary = _write_reports(args, staging, **result)
@@ -635,10 +711,13 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
             for path in bins:
                 with open(path, "rb") as source_file, open(os.path.join(staging, os.path.basename(path)), "wb") as f:
                     shutil.copyfileobj(source_file, f)
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(args.output, name))
-        if not write_set:  # a cleaned set there now would not be the one these reports describe
-            for name in OUTPUT_FILES:
+        # Into place, with Ctrl-C and SIGTERM held back until every file has moved (they then stop the
+        # run as usual, its files all in place).
+        stale = [] if write_set else [*OUTPUT_FILES, *(os.path.basename(path) for path in bins)]
+        with _signals_held():
+            for name in os.listdir(staging):
+                os.replace(os.path.join(staging, name), os.path.join(args.output, name))
+            for name in stale:  # a cleaned set there now would not be the one these reports describe
                 if os.path.lexists(os.path.join(args.output, name)):
                     os.remove(os.path.join(args.output, name))
     finally:
