@@ -134,3 +134,34 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
         nan = torch.full_like(target_cosine, float("nan"))
         return loss, torch.where(counted, target_cosine, nan).detach()
     return loss
+
+
+def subcenter_margin_loss(embeddings, weight, labels, *, k, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
+                          reduction="mean", margin_grad="exact", ignore_index=-1, return_target_cosine=False):
+    """Sub-center margin loss (as :func:`arcface_ext.subcenter_margin_loss`) the plain way: the whole
+    N x C·k cosine matrix, each class's best sub-centre by max-pooling (insightface's reshape to
+    (N, C, k)), then :func:`combined_margin_loss`'s margin and softmax; autograd's max passes the
+    gradient to the winner."""
+    check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction,
+                    margin_grad=margin_grad, ignore_index=ignore_index)
+    if weight.shape[0] % k:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of k = {k} sub-centres a class")
+    dtype = torch.float64 if torch.float64 in (embeddings.dtype, weight.dtype) else torch.float32
+    with torch.autocast(embeddings.device.type, enabled=False):
+        x = embeddings.to(dtype)
+        w = weight.to(dtype)
+        x_hat = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        w_hat = w / w.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        cosine = (x_hat @ w_hat.t()).clamp(-1.0, 1.0).view(x.shape[0], -1, k).amax(dim=2)
+        labels = labels.long()
+        counted = labels != ignore_index
+        target = torch.where(counted, labels, 0).unsqueeze(1)
+        target_cosine = cosine.gather(1, target).squeeze(1)
+        target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), float(m2), float(m3), float(lambda_),
+                                          margin_grad == "straight_through")
+        logits = (s * cosine).scatter(1, target, target_logit.unsqueeze(1))
+        rows = torch.where(counted, torch.logsumexp(logits, dim=1) - target_logit, torch.zeros_like(target_logit))
+    loss = reduce_rows(rows, labels, ignore_index, reduction)
+    if return_target_cosine:
+        return loss, torch.where(counted, target_cosine, torch.full_like(target_cosine, float("nan"))).detach()
+    return loss

@@ -20,8 +20,9 @@ from torch import nn
 from ._checks import check_arguments, check_flag, reduce_rows
 from .reference import NORM_EPS, margin_psi
 
-# Cosines held at a time: an N x chunk·K block of about this many values.
-BLOCK_VALUES = 1 << 24
+# Cosines held at a time: an N x chunk·K block of about this many values (16 MiB in fp32; a few such
+# blocks are alive at once in the backward pass).
+BLOCK_VALUES = 1 << 22
 
 
 def _unit(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +134,7 @@ def subcenter_margin_loss(embeddings, weight, labels, *, k, s=64.0, m1=1.0, m2=0
     class: ``weight`` is (C·k, D), class c's sub-centres rows c·k … c·k + k − 1, and each class's
     cosine is the largest of its sub-centres'. Margins are numbers (not per-row tensors). Labels out
     of [0, C) that are not ``ignore_index`` raise ValueError. ``class_chunk`` sets how many classes a
-    block of cosines holds (default: about 16M cosines a block)."""
+    block of cosines holds (default: about 4M cosines a block)."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k (sub-centres a class) must be an int >= 1, got {k!r}")
     for name, value in (("m2", m2), ("m3", m3)):

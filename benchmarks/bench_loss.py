@@ -19,7 +19,10 @@ capture on), `ours-cublas` (CUDA only: the same op with
 ARCFACE_EXT_CUDA_FUSED=0, i.e. cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the
 pure-PyTorch reference), `compiled` (torch.compile(reference, fullgraph=True)) and `floor` (the
 three GEMMs any implementation must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone on pre-normalised matrices
-with torch.mm). `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
+with torch.mm). `subcenter` (arcface_ext.subcenter_margin_loss, sub-center ArcFace's chunked PyTorch path) and
+`subcenter-eager` (reference.subcenter_margin_loss, the whole N x C matrix) read the C rows as C / k
+classes of k sub-centres (--subcenters, default 3): the same matrix products as the others; they
+are not in the default set. `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
 insightface runs for millions of identities): each step draws its sample (arcface_ext.sample_classes),
 gathers those centres and runs ours or the reference on them; the draw and the gather are timed too. Prints a table with ratios and writes its rows to
 benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the same name).
@@ -73,7 +76,7 @@ from arcface_ext import reference  # noqa: E402
 
 IMPLS = ("ours", "ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
          "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas", "eager", "compiled", "floor",
-         "ours-sampled", "eager-sampled")
+         "ours-sampled", "eager-sampled", "subcenter", "subcenter-eager")
 CUDA_ONLY = ("ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
              "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas")
 # The CUDA op's switches (read at every call) that the comparison variants of `ours` set.
@@ -138,7 +141,7 @@ def graphed_step(embeddings, weight, labels, reduction):
     return step
 
 
-def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.1):
+def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.1, subcenters=3):
     """One forward+backward of `impl`; returns the gradients (the result whose size is excluded
     from peak extra memory)."""
     device_type = embeddings.device.type
@@ -167,9 +170,16 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
         loss_fn = sampled(reference.combined_margin_loss, sample_rate)
     elif impl == "compiled":
         loss_fn = torch.compile(reference.combined_margin_loss, fullgraph=True, dynamic=False)
+    elif impl in ("subcenter", "subcenter-eager"):
+        # The C rows as C / k classes of k sub-centres: the same matrix products as the other impls.
+        if weight.shape[0] % subcenters:
+            raise ValueError(f"C = {weight.shape[0]} is not a multiple of --subcenters {subcenters}")
+        labels = labels % (weight.shape[0] // subcenters)
+        loss_fn = functools.partial(arcface_ext.subcenter_margin_loss if impl == "subcenter"
+                                    else reference.subcenter_margin_loss, k=subcenters)
     else:
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
-    use_autocast = autocast and not impl.startswith("ours")
+    use_autocast = autocast and not impl.startswith(("ours", "subcenter"))
     # ours-cublas / ours-recompute / ours-one-row-tile / ours-wgmma(32, -resident): the CUDA op with its fused
     # tensor-core kernels, its kept gradient block or its blocks' shared class norms switched off, or
     # its forward on the wgmma tile, for comparison (SWITCHES).
@@ -288,7 +298,8 @@ def _memory_child(spec):
     tensors = make_inputs(spec["N"], spec["D"], spec["C"], DTYPES[spec["dtype"]], torch.device("cpu"))
     peaks = {}
     for impl in spec["impls"]:
-        step = make_step(impl, *tensors, reduction=spec.get("reduction", "mean"), sample_rate=spec["sample_rate"])
+        step = make_step(impl, *tensors, reduction=spec.get("reduction", "mean"), sample_rate=spec["sample_rate"],
+                         subcenters=spec.get("subcenters", 3))
         for _ in range(spec.get("warmup", 1)):
             step()
         gc.collect()
@@ -304,12 +315,12 @@ def _memory_child(spec):
 
 
 def cpu_peak_extra_mb(impls, n, dim, num_classes, dtype="fp32", *, reduction="mean", threads=None,
-                      workspace_bytes=None, warmup=1, sample_rate=0.1, timeout=900):
+                      workspace_bytes=None, warmup=1, sample_rate=0.1, subcenters=3, timeout=900):
     """{impl: peak extra memory (MiB) of one forward+backward}, measured in one child process
     (the benchmark gives each impl its own)."""
     spec = dict(impls=list(impls), N=n, D=dim, C=num_classes, dtype=dtype, reduction=reduction,
                 warmup=warmup, threads=threads or torch.get_num_threads(), workspace_bytes=workspace_bytes,
-                sample_rate=sample_rate)
+                sample_rate=sample_rate, subcenters=subcenters)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
     child = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)],
                            env=env, capture_output=True, text=True, timeout=timeout)
@@ -425,6 +436,8 @@ def parse_args(argv=None):
                         "on CPU all but the CUDA-only " + ", ".join(CUDA_ONLY) + ")")
     parser.add_argument("--workspace-bytes", type=int, help="arcface_ext.set_workspace_bytes (default: the op's)")
     parser.add_argument("--sample-rate", type=float, default=0.1, help="partial FC's rate for the *-sampled impls")
+    parser.add_argument("--subcenters", type=int, default=3,
+                        help="k of the subcenter impls, which read the C rows as C / k classes of k sub-centres")
     parser.add_argument("--max-c", type=int,
                         help="CUDA: also search the largest C that fits, up to this, for ours and eager")
     parser.add_argument("--max-c-seconds", type=float, default=120.0,
@@ -477,7 +490,7 @@ def main(argv=None):
         tensors = make_inputs(n, dim, num_classes, dtype, device)
         steps = {}
         for impl in impls:
-            step = make_step(impl, *tensors, sample_rate=args.sample_rate)
+            step = make_step(impl, *tensors, sample_rate=args.sample_rate, subcenters=args.subcenters)
             try:
                 step()
                 synchronize(device)
@@ -494,8 +507,10 @@ def main(argv=None):
                 else:
                     peak = cpu_peak_extra_mb([impl], n, dim, num_classes, dtype_name,
                                              workspace_bytes=args.workspace_bytes,
-                                             sample_rate=args.sample_rate)[impl]
+                                             sample_rate=args.sample_rate, subcenters=args.subcenters)[impl]
             extra = {"sample_rate": args.sample_rate} if impl.endswith("-sampled") else {}
+            if impl.startswith("subcenter"):
+                extra["subcenters"] = args.subcenters
             rows.append(dict(impl=impl, N=n, D=dim, C=num_classes, dtype=dtype_name, **extra,
                              ms=statistics.median(times[impl]), ms_all=[round(t, 4) for t in times[impl]],
                              steps_per_sample=inner[impl],

@@ -17,20 +17,9 @@ MARGINS = {
 }
 
 
-def whole_matrix(x, w, labels, k, *, s, m1, m2, m3, margin_grad="exact", ignore_index=-1, reduction="mean"):
+def whole_matrix(x, w, labels, k, **options):
     """The N x C·K cosines at once: each class's best sub-centre, the margin on the target, logsumexp."""
-    x_hat = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    w_hat = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    cos = (x_hat @ w_hat.t()).clamp(-1, 1).view(x.shape[0], -1, k).amax(dim=2)
-    counted = labels != ignore_index
-    target = torch.where(counted, labels, 0)
-    target_cos = cos.gather(1, target[:, None]).squeeze(1)
-    target_logit = reference._TargetLogit.apply(target_cos, s, m1, m2, m3, 0.0, margin_grad == "straight_through")
-    logits = (s * cos).scatter(1, target[:, None], target_logit[:, None])
-    rows = torch.where(counted, torch.logsumexp(logits, dim=1) - target_logit, torch.zeros_like(target_logit))
-    if reduction == "none":
-        return rows
-    return rows.sum() / counted.sum().clamp_min(1) if reduction == "mean" else rows.sum()
+    return reference.subcenter_margin_loss(x, w, labels, k=k, **options)
 
 
 def inputs(n=13, c=11, k=3, d=16, seed=0, dtype=torch.float64):
@@ -116,3 +105,29 @@ def test_module_and_checks():
         subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels, k=3, m2=torch.zeros(13))
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         SubCenterMarginLoss(11, 16, k=0)
+
+
+def test_no_tensor_the_size_of_the_whole_matrix_is_made():
+    # Every tensor made in the forward and backward pass, recorded: with 2 classes a chunk, none comes
+    # near the N x C·K cosines (2,112 here): the blocks are N x 2·K = 384, the targets' sub-centres
+    # N x K x D = 768.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    x, w, labels = inputs(n=64, c=11, k=3, d=4)
+    with Largest():
+        loss = subcenter_margin_loss(x, w, labels, k=3, class_chunk=2)
+        loss.backward()
+    assert Largest.largest <= max(64 * 2 * 3, 64 * 3 * 4) < 64 * 11 * 3
+    with Largest():
+        reference.subcenter_margin_loss(x, w, labels, k=3).backward()
+    assert Largest.largest >= 64 * 11 * 3  # the recording sees the whole matrix where there is one
