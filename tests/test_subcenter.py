@@ -2,6 +2,7 @@
 out here with autograd, in fp64: values, gradients, chunking, ignored rows, K = 1 against the
 reference, and its argument checks."""
 import math
+import zlib
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def inputs(n=13, c=11, k=3, d=16, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
 @pytest.mark.parametrize("chunk", [None, 1, 4])
 def test_matches_the_whole_matrix_in_fp64(margin, margin_grad, chunk):
-    x, w, labels = inputs(seed=hash((margin, margin_grad, chunk)) % 1000)
+    x, w, labels = inputs(seed=zlib.crc32(f"{margin} {margin_grad} {chunk}".encode()) % 1000)
     labels[3] = -1  # an ignored row: no loss, no gradient
     options = dict(s=30.0, margin_grad=margin_grad, **MARGINS[margin])
     ours = subcenter_margin_loss(x, w, labels, k=3, class_chunk=chunk, **options)
@@ -131,3 +132,47 @@ def test_no_tensor_the_size_of_the_whole_matrix_is_made():
     with Largest():
         reference.subcenter_margin_loss(x, w, labels, k=3).backward()
     assert Largest.largest >= 64 * 11 * 3  # the recording sees the whole matrix where there is one
+
+
+def test_edges_empty_batches_bad_labels_tiny_norms_and_no_double_backward():
+    # An empty batch: zero loss (an empty row vector with reduction none), zero gradients.
+    x, w = torch.randn(0, 8, requires_grad=True), torch.randn(9, 8, requires_grad=True)
+    loss = subcenter_margin_loss(x, w, torch.zeros(0, dtype=torch.long), k=3)
+    loss.backward()
+    assert loss.item() == 0 and w.grad.abs().sum() == 0
+    assert subcenter_margin_loss(x, w, torch.zeros(0, dtype=torch.long), k=3, reduction="none").shape == (0,)
+
+    # Unchecked bad labels: that row's loss is NaN and it moves nothing; the others are as without it.
+    x, w, labels = inputs(seed=11)
+    bad = labels.clone()
+    bad[2] = 99
+    rows = subcenter_margin_loss(x, w, bad, k=3, reduction="none", check_labels=False)
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
+    kept = torch.ones(13, dtype=torch.bool)
+    kept[2] = False
+    torch.testing.assert_close(rows[kept], subcenter_margin_loss(x, w, labels, k=3, reduction="none")[kept])
+    (gx,) = torch.autograd.grad(rows[kept].sum(), x)
+    assert gx[2].abs().max() == 0
+
+    # An embedding shorter than the norm's eps: the gradient of x / max(|x|, eps), as autograd has it.
+    x, w, labels = inputs(n=4, seed=12)
+    tiny = x.detach().clone()
+    tiny[1] *= 1e-14
+    tiny.requires_grad_(True)
+    ours = torch.autograd.grad(subcenter_margin_loss(tiny, w, labels[:4], k=3), tiny)[0]
+    expected = torch.autograd.grad(whole_matrix(tiny, w, labels[:4], 3), tiny)[0]
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-6)
+
+    # Double backward is refused (the first gradient carries no graph, or says it is once-differentiable).
+    x, w, labels = inputs(seed=13)
+    (gx,) = torch.autograd.grad(subcenter_margin_loss(x, w, labels, k=3), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable|twice"):
+        torch.autograd.grad(gx.square().sum(), x)
+    with pytest.raises(ValueError, match="class_chunk must be None or an int >= 1"):
+        subcenter_margin_loss(x, w, labels, k=3, class_chunk=0)
+
+
+def test_compiles_as_one_graph():
+    x, w, labels = inputs(seed=14, dtype=torch.float32)
+    compiled = torch.compile(lambda x, w, y: subcenter_margin_loss(x, w, y, k=3, class_chunk=4), fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, labels), subcenter_margin_loss(x, w, labels, k=3, class_chunk=4))

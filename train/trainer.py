@@ -260,7 +260,7 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if getattr(args, "subcenters", 1) > 1:  # a PyTorch path of its own (config.resolve refuses what it lacks)
         m1, m2, m3 = margins(args)
         return arcface_ext.SubCenterMarginLoss(num_classes, args.embedding_size, k=args.subcenters, s=args.arcface_s,
-                                               m1=m1, m2=m2, m3=m3, margin_grad=args.margin_grad)
+                                               m1=m1, m2=m2, m3=m3, margin_grad=args.margin_grad, check_labels=False)
     if args.loss_impl == "fused" and not arcface_ext.extension_available():
         raise SystemExit("arcface_ext's compiled op is not built: run `pip install --no-build-isolation -e .` "
                          "from the repository root, or train with --loss-impl reference (pure PyTorch, slower)")

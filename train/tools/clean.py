@@ -210,7 +210,7 @@ def _class_label(data, classes: np.ndarray) -> str:
 
 
 def dominant_subcentres(embeddings: np.ndarray, labels: np.ndarray, readable: np.ndarray, centres: torch.Tensor,
-                        k: int, *, chunk: int = 65536) -> tuple[np.ndarray, float]:
+                        k: int, *, chunk: int = 8192) -> tuple[np.ndarray, float]:
     """((C,) each class's dominant sub-centre, as a row of the unit ``centres`` (C·k, D): the one
     nearest to most of its readable images, ties to the first; the share of images whose nearest
     sub-centre of their class is its dominant one)."""
