@@ -612,14 +612,15 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
     if args.centres == "trained" and centres is None:
         raise ValueError(f"--centres trained: {why_not}")
     if args.centres == "auto" and centres is not None and not same_data and not why_not:
-        why_not = f"{args.model} holds no record of the data it trained on (a checkpoint of an earlier version): --centres trained takes its centres"
+        why_not = (f"{args.model} holds no record of the data it trained on (a checkpoint of an earlier version): "
+                   "--centres trained takes its centres")
     source = args.centres if args.centres != "auto" else ("trained" if same_data else "mean")
     if rank == 0:
+        others = f" and {_count(world - 1, 'more process')}" if world > 1 else ""
+        centred = ("the checkpoint's trained class centres" if source == "trained"
+                   else "each class's mean embedding" + (f" ({why_not})" if args.centres == "auto" else ""))
         print(f"clean: {len(data)} images of {num_classes} classes in {args.data}; {settings['network']} at "
-              f"{settings['image_size']}px on {device}" + (f" and {world - 1} more process{'es' if world > 2 else ''}" if world > 1 else "")
-              + "; centres: " + ("the checkpoint's trained class centres" if source == "trained"
-                                 else "each class's mean embedding" + (f" ({why_not})" if args.centres == "auto"
-                                                                      else "")), file=sys.stderr, flush=True)
+              f"{settings['image_size']}px on {device}{others}; centres: {centred}", file=sys.stderr, flush=True)
     model = model.to(device)
     made = _embeddings(args, model, data, settings["embedding_size"], device, rank, world)
     _leave_process_group()
