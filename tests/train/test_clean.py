@@ -417,3 +417,43 @@ def test_sub_center_training_then_its_dominant_sub_centres_clean(trained, tmp_pa
     for clash in ({"loss": "adaface"}, {"sample_rate": 0.5}, {"loss_amp": "bf16"}):
         with pytest.raises(SystemExit, match="--subcenters 3 does not go with"):
             train_one_thread(base_argv(data, str(tmp_path / "x"), subcenters=3, **clash))
+
+
+def test_identities_of_a_test_set_are_dropped(trained, tmp_path, capsys):
+    ckpt, faces = trained
+    # A pairs list whose first pairs show identity 3 of the training set (other photos of it); the
+    # rest, people the training set lacks.
+    pairs = tmp_path / "pairs"
+    os.makedirs(pairs)
+    lines = []
+    for k in range(10):
+        who = (3, 3) if k < 2 else (10_000 + k, 10_000 + k + (k % 2))
+        for j in range(2):
+            Image.fromarray(render_face(0, who[j], 300 + 2 * k + j, IMAGE_SIZE)).save(pairs / f"{k}_{j}.png")
+        lines.append(f"{k}_0.png {k}_1.png {int(who[0] == who[1])}\n")
+    (pairs / "pairs.txt").write_text("".join(lines))
+    out = tmp_path / "out"
+    argv = ["--model", ckpt, "--data", faces, "--output", out, "--exclude-sets", pairs / "pairs.txt"]
+    assert run_clean(*argv, "--overlap-cosine", "0.8") == 0
+    overlaps = read_csv(out / "overlaps.csv")
+    # Identity 3 is found, at one of its own photos (the tiny model at 32 px may also take some of the
+    # other synthetic people for training identities: what is listed is checked below, independently).
+    assert overlaps[0]["class"] == "id_003" and int(overlaps[0]["image"]) < 4
+    model, _ = checkpoint.load_backbone(ckpt)
+    dataset = ImageFolderDataset(faces, image_size=IMAGE_SIZE)
+    x = embed_files(model, dataset.paths, IMAGE_SIZE, batch_size=32)
+    means = np.stack([x[dataset.labels == c].sum(0) for c in range(10)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    test = embed_files(model, [str(pairs / f"{k}_{j}.png") for k in range(10) for j in range(2)], IMAGE_SIZE)
+    best = (means @ test.T).max(1)
+    assert sorted(int(o["label"]) for o in overlaps) == np.flatnonzero(best >= 0.8).tolist()
+    np.testing.assert_allclose(sorted(float(o["cosine"]) for o in overlaps), np.sort(best[best >= 0.8]), atol=2e-3)
+    rows = read_csv(out / "samples.csv")
+    dropped = {r["class"] for r in rows if r["dropped"] == "test identity"}
+    assert dropped == {o["class"] for o in overlaps}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_identities"] == len(overlaps) and summary["dropped"]["test identity"] == 16 * len(overlaps)
+    assert RecordIODataset(str(out), flip=False).num_classes == 10 - len(overlaps)
+    # A set name the data folder lacks is an error before any work.
+    assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "o2", "--exclude-sets", "lfw") == 2
+    assert "--exclude-sets lfw: no lfw.bin in" in capsys.readouterr().err

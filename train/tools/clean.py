@@ -28,6 +28,8 @@ dropped. ``--output`` receives:
 - ``samples.csv``: each image's class, cosine and angle to its centre, nearest other class and its
   cosine, new label (-1: dropped), why it was dropped and, for an unreadable image, why it is;
 - ``duplicates.csv``: the class pairs at or above ``--duplicate-cosine``, most alike first;
+- ``overlaps.csv``: with ``--exclude-sets``, the classes found among a test set's people (a class's
+  kept images' mean embedding at ``--overlap-cosine`` or more from one of the set's images), dropped;
 - ``classes.csv``: each kept old class's new label (merged classes share one) and image count;
 - ``summary.json``: the counts, the options and the angle distribution.
 """
@@ -47,18 +49,20 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
 from train import checkpoint
-from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset
+from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset, is_target_path
 from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
+from train.embed import embed_images, load_model
 from train.tools import RunLock, check_outputs, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
-from train.embed import embed_images, load_model
+from train.verification import compute_embeddings
 
 DEFAULT_DROP_ANGLE = 75.0
 DEFAULT_DUPLICATE_COSINE = 0.6
@@ -67,7 +71,8 @@ LARGE_GROUP = 5  # a merged group of more classes than this is worth a look
 # Trained centres under which more than this share of the classes have most of their images nearer
 # another class's centre do not fit the data: --centres auto then takes the classes' means.
 UNFIT_SHARE = 0.05
-REPORTS = ("samples.csv", "duplicates.csv", "classes.csv", "summary.json")
+REPORTS = ("samples.csv", "duplicates.csv", "overlaps.csv", "classes.csv", "summary.json")
+DEFAULT_OVERLAP_COSINE = 0.5
 STAGING = ".clean.partial"  # where a run writes before its files take their places
 
 
@@ -265,6 +270,25 @@ def duplicate_pairs(means: torch.Tensor, present: np.ndarray, threshold: float, 
                 pairs.append((int(classes[a]), int(classes[b]), c))
     pairs.sort(key=lambda pair: (-pair[2], pair[0], pair[1]))
     return pairs
+
+
+def test_overlaps(means: torch.Tensor, present: np.ndarray, test_sets: dict, threshold: float, *, device,
+                  rows: int = 8192) -> list[tuple[int, str, int, float]]:
+    """The classes with ``present`` images whose unit mean embedding (``means``, (C, D)) has a cosine
+    of at least ``threshold`` with an image of a test set (``test_sets``: {name: (T, D) unit
+    embeddings}): (class, set, image index in the set, cosine), each class once, at its nearest test
+    image, most alike first."""
+    best = {}
+    classes = torch.from_numpy(np.flatnonzero(present))
+    for name, images in test_sets.items():
+        targets = torch.from_numpy(images).to(device, torch.float32)
+        for start in range(0, len(classes), rows):
+            block = classes[start:start + rows]
+            value, index = (means[block].to(device, torch.float32) @ targets.T).max(dim=1)
+            for c, v, i in zip(block.tolist(), value.tolist(), index.tolist()):
+                if v >= threshold and (c not in best or v > best[c][2]):
+                    best[c] = (name, i, v)
+    return sorted(((c, name, i, v) for c, (name, i, v) in best.items()), key=lambda row: (-row[3], row[0]))
 
 
 def merged_groups(num_classes: int, pairs: list[tuple[int, int, float]]) -> np.ndarray:
@@ -480,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
                    f"labels (default {DEFAULT_DUPLICATE_COSINE:g})")
     p.add_argument("--merge-duplicates", action="store_true",
                    help="make each group of listed classes one class (otherwise they are only listed)")
+    p.add_argument("--exclude-sets", metavar="SETS", default=None,
+                   help="drop the identities of these test sets: names of <data>/<name>.bin or paths of .bin files "
+                   "and pairs lists (as the trainer's --val-targets), comma-separated; a class is one of them when "
+                   "its kept images' mean embedding reaches --overlap-cosine with one of the set's images")
+    p.add_argument("--overlap-cosine", type=float, default=DEFAULT_OVERLAP_COSINE,
+                   help=f"see --exclude-sets (default {DEFAULT_OVERLAP_COSINE:g})")
     p.add_argument("--min-images", type=int, default=1,
                    help="drop classes left with fewer images than this (default 1)")
     p.add_argument("--report-only", action="store_true", help="write the reports, not the cleaned set")
@@ -504,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--min-images must be at least 1")
     if not 0 <= args.drop_angle <= 180:
         p.error(f"--drop-angle is in degrees, from 0 to 180: got {args.drop_angle:g}")
+    if not -1 <= args.overlap_cosine <= 1:
+        p.error(f"--overlap-cosine is a cosine, from -1 to 1: got {args.overlap_cosine:g}")
     if not -1 <= args.duplicate_cosine <= 1:
         p.error(f"--duplicate-cosine is a cosine, from -1 to 1: got {args.duplicate_cosine:g}")
     if args.embeddings and not args.embeddings.endswith(".npy"):
@@ -596,16 +628,36 @@ def run(args: argparse.Namespace) -> int:
                          "(a file or a link): remove it")
     if args.embeddings:
         check_outputs([args.embeddings, args.embeddings + ".json"], overwrite=True)
+    test_sets = _test_sets(args, settings["image_size"]) if args.exclude_sets and rank == 0 else {}
     lock = RunLock(os.path.join(args.output, ".clean.lock"), f"another clean run is writing {args.output}: wait "
                    "for it to end, or stop it") if rank == 0 else None
     try:
-        return _clean(args, data, model, settings, bins, device, rank, world)
+        if test_sets:
+            model = model.to(device)
+            test_sets = {name: compute_embeddings(model, vset, device=device, batch_size=args.batch_size)
+                         for name, vset in test_sets.items()}
+        return _clean(args, data, model, settings, bins, device, rank, world, test_sets)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> int:
+def _test_sets(args, image_size: int) -> dict:
+    """{name: VerificationSet} of ``--exclude-sets``: names of ``<data>/<name>.bin``, or paths of .bin
+    files and pairs lists, read before any work; a name the data folder lacks is an error here."""
+    from train.data import build_verification_sets
+
+    names = [t for t in args.exclude_sets.replace(",", " ").split() if t]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sets = build_verification_sets(args.data, names, image_size=image_size, flag="--exclude-sets")
+    missing = [t for t in names if not is_target_path(t) and t not in sets]
+    if missing:
+        raise FileNotFoundError(f"--exclude-sets {missing[0]}: no {missing[0]}.bin in {args.data}")
+    return sets
+
+
+def _clean(args, data, model, settings, bins, device, rank: int, world: int, test_sets: dict) -> int:
     num_classes = data.num_classes
 
     centres, why_not, same_data = trained_centres(args.model, data, settings["embedding_size"])
@@ -675,6 +727,17 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
     why[~readable] = "unreadable"
     keep = why == ""
 
+    # Identities of the test sets: classes whose kept images' mean embedding is near a test image.
+    overlaps = []
+    if args.exclude_sets:
+        sums, counts = class_sums(embeddings, labels, keep, num_classes)
+        overlaps = test_overlaps(torch.nn.functional.normalize(sums, dim=1), counts > 0, test_sets,
+                                 args.overlap_cosine, device=device)
+        in_test = np.zeros(num_classes, dtype=bool)
+        in_test[[label for label, *_ in overlaps]] = True
+        why[keep & in_test[labels]] = "test identity"
+        keep = why == ""
+
     # Duplicated identities: classes whose kept images' mean embeddings are alike.
     sums, counts = class_sums(embeddings, labels, keep, num_classes)
     means = torch.nn.functional.normalize(sums, dim=1)
@@ -695,7 +758,7 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
     result = dict(data=data, names=_source_names(data), class_names=_class_names(data), labels=read_labels,
                   cosine=cosine, angle=angle, other=other, other_cosine=other_cosine, new_labels=new_labels,
                   why=why, unreadable=unreadable, pairs=pairs, group=group, keep=keep, kept_groups=kept_groups,
-                  source=source, subcentres=k, at_dominant=at_dominant)
+                  source=source, subcentres=k, at_dominant=at_dominant, overlaps=overlaps)
     write_set = not args.report_only and len(kept_groups) > 0
     # Everything goes to a hidden folder first and takes its place at the end, at once: a stop leaves
     # the outputs of before (or none), never a cleaned set beside the reports of another run.
@@ -725,8 +788,10 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
         shutil.rmtree(staging, ignore_errors=True)
     dropped = summary["dropped"]
     reasons = (f"{dropped['angle']} further than {args.drop_angle:g} degrees from their centre, "
-               f"{dropped['unreadable']} unreadable, {dropped['class too small']} in classes under --min-images "
-               f"{args.min_images}")
+               f"{dropped['unreadable']} unreadable, "
+               + (f"{dropped['test identity']} of {_count(summary['test_identities'], 'test identity')}, "
+                  if args.exclude_sets else "")
+               + f"{dropped['class too small']} in classes under --min-images {args.min_images}")
     pairs_said = (f"{_count(len(pairs), 'class pair')} at cosine >= {args.duplicate_cosine:g}"
                   + (" merged" if args.merge_duplicates else " listed in duplicates.csv"))
     if not args.report_only and not write_set:
@@ -740,7 +805,11 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int) -> 
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+    if n == 1:
+        return f"{n} {noun}"
+    if noun.endswith("y"):
+        return f"{n} {noun[:-1]}ies"
+    return f"{n} {noun}" + ("es" if noun.endswith("s") else "s")
 
 
 def _not_finite(embeddings: np.ndarray, readable: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -763,8 +832,10 @@ def _csv(path: str, header: list[str], rows) -> None:
 
 
 def _write_reports(args, folder, *, data, names, class_names, labels, cosine, angle, other, other_cosine, new_labels,
-                   why, unreadable, pairs, group, keep, kept_groups, source, subcentres, at_dominant) -> dict:
-    """samples.csv, duplicates.csv, classes.csv and summary.json into ``folder``; returns the summary."""
+                   why, unreadable, pairs, group, keep, kept_groups, source, subcentres, at_dominant,
+                   overlaps) -> dict:
+    """samples.csv, duplicates.csv, overlaps.csv, classes.csv and summary.json into ``folder``; returns
+    the summary."""
     def number(x: float) -> str:
         return "" if math.isnan(x) else f"{x:.4f}"
 
@@ -774,6 +845,8 @@ def _write_reports(args, folder, *, data, names, class_names, labels, cosine, an
          ([i, names[i], labels[i], _label_name(labels[i], class_names), number(cosine[i]), number(angle[i]),
            other[i], _label_name(other[i], class_names), number(other_cosine[i]), new_labels[i], why[i],
            unreadable.get(i, "")] for i in range(len(labels))))
+    _csv(os.path.join(folder, "overlaps.csv"), ["label", "class", "set", "image", "cosine"],
+         ([label, _label_name(label, class_names), name, image, f"{c:.4f}"] for label, name, image, c in overlaps))
     _csv(os.path.join(folder, "duplicates.csv"), ["label_a", "class_a", "label_b", "class_b", "cosine", "merged"],
          ([a, _label_name(a, class_names), b, _label_name(b, class_names), f"{c:.4f}", int(bool(args.merge_duplicates))]
           for a, b, c in pairs))
@@ -789,14 +862,17 @@ def _write_reports(args, folder, *, data, names, class_names, labels, cosine, an
         "data": args.data, "model": args.model, "centres": source, "subcentres": subcentres,
         "at_dominant_subcentre": at_dominant, "images": int(len(labels)),
         "classes": int(data.num_classes), "kept_images": int(keep.sum()), "kept_classes": int(len(kept_groups)),
-        "dropped": {reason: int((why == reason).sum()) for reason in ("angle", "unreadable", "class too small")},
+        "dropped": {reason: int((why == reason).sum())
+                    for reason in ("angle", "unreadable", "test identity", "class too small")},
+        "test_identities": len(overlaps),
         "duplicate_pairs": len(pairs), "merged": bool(args.merge_duplicates),
         "largest_merged_group": int(np.bincount(group).max()),
         "nearer_to_another_class": int(np.sum(other_cosine > cosine)),
         "angle_percentiles": {str(q): round(float(np.percentile(measured, q)), 2) for q in (1, 10, 50, 90, 99)}
         if measured.size else {},
         "options": {"drop_angle": args.drop_angle, "duplicate_cosine": args.duplicate_cosine,
-                    "min_images": args.min_images, "report_only": args.report_only},
+                    "min_images": args.min_images, "report_only": args.report_only,
+                    "exclude_sets": args.exclude_sets, "overlap_cosine": args.overlap_cosine},
     }
     with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
