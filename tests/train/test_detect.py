@@ -384,3 +384,39 @@ def test_linked_folders_are_listed_once(tmp_path):
     root.mkdir()
     os.symlink(target, root / "linked")
     assert list_images(str(root)) == [str(root / "linked" / "a.png"), str(root / "linked" / "sub" / "b.png")]
+
+
+def test_align_with_a_detector_makes_the_crops_of_detect_then_align(detector, tmp_path, capsys):
+    images = tmp_path / "raw"
+    (images / "b").mkdir(parents=True)
+    photo([(320, 160), (640, 480)]).save(images / "a.png")
+    photo([(320, 320)]).save(images / "b" / "c.png")
+    photo([]).save(images / "empty.png")
+    landmarks = tmp_path / "landmarks.txt"
+    assert detect.main(["--detector", detector, "--images", str(images), "--output", str(landmarks),
+                        "--workers", "0"]) == 1
+    two_step, one_step = tmp_path / "two", tmp_path / "one"
+    assert align.main(["--images", str(images), "--landmarks", str(landmarks), "--output", str(two_step),
+                       "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert align.main(["--images", str(images), "--detector", detector, "--output", str(one_step),
+                       "--workers", "0"]) == 1  # the photo without a face
+    assert "empty.png: no face scores 0.5 or more" in capsys.readouterr().err
+    for name in ("a.jpg", "b/c.jpg"):
+        ours = np.asarray(Image.open(one_step / name), dtype=float)
+        theirs = np.asarray(Image.open(two_step / name), dtype=float)
+        assert np.abs(ours - theirs).mean() < 1.0, name  # the file holds the landmarks to 0.01 px
+    assert sorted(os.listdir(one_step)) == ["a.jpg", "b"]
+    # Every face of a group photo; a rerun with --skip-existing detects again only the photo that has no
+    # crop (the one without a face).
+    assert align.main(["--images", str(images), "--detector", detector, "--output", str(tmp_path / "all"),
+                       "--all-faces", "--workers", "0"]) == 1
+    assert sorted(os.listdir(tmp_path / "all")) == ["a_1.jpg", "a_2.jpg", "b"]
+    assert os.listdir(tmp_path / "all" / "b") == ["c_1.jpg"]
+    capsys.readouterr()
+    assert align.main(["--images", str(images), "--detector", detector, "--output", str(one_step),
+                       "--skip-existing", "--workers", "0"]) == 1
+    assert "align: 0 face(s) of the photos under" in capsys.readouterr().err
+    # Crops inside the photos' folder would be taken for photos next time.
+    assert align.main(["--images", str(images), "--detector", detector, "--output", str(images / "crops")]) == 2
+    assert "is inside --images" in capsys.readouterr().err

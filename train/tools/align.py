@@ -14,7 +14,8 @@ line (a detector score) are ignored; lines before the first face that do not par
 column header) are skipped, as are blank lines and lines starting with # anywhere. This reads
 insightface's ``*_name_5pts_score.txt``, CelebA's ``list_landmarks_celeba.txt`` and VGGFace2's
 ``loose_landmark_*.csv`` (with ``--extension .jpg``: its names have none) as they are, and what
-``python -m train.tools.detect`` writes.
+``python -m train.tools.detect`` writes. With ``--detector FILE`` instead of ``--landmarks``, the
+faces are found in every photo under --images as that tool finds them, in the same run.
 
 Each face is warped as ``train.ijb`` warps IJB's loose crops (least-squares similarity onto the
 ArcFace template, bilinear, black beyond the image; at another --image-size than 112, the 112 crop
@@ -339,10 +340,19 @@ def _collect(results, bar) -> list[tuple[int, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tools.align", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", required=True, help="the folder the landmarks file's image paths are relative to")
-    parser.add_argument("--landmarks", required=True,
-                        help="one face a line: image path, then x1 y1 ... x5 y5 (left eye, right eye, nose tip, "
-                             "left and right mouth corner, in image pixels)")
+    parser.add_argument("--images", required=True,
+                        help="the folder the landmarks file's image paths are relative to (with --detector: the "
+                             "photos, every image under it)")
+    faces = parser.add_mutually_exclusive_group(required=True)
+    faces.add_argument("--landmarks",
+                       help="one face a line: image path, then x1 y1 ... x5 y5 (left eye, right eye, nose tip, "
+                            "left and right mouth corner, in image pixels)")
+    faces.add_argument("--detector", metavar="FILE",
+                       help="find the faces with this SCRFD detector (an ONNX file with keypoints: insightface's "
+                            "det_10g.onnx; needs onnxruntime) as python -m train.tools.detect finds them with its "
+                            "defaults, instead of reading --landmarks: each photo's main face (with --all-faces, "
+                            "every face)")
+    parser.add_argument("--device", default="cpu", help="with --detector: where it runs (cuda: onnxruntime-gpu)")
     parser.add_argument("--output", required=True, help="the folder the aligned crops are written to")
     parser.add_argument("--image-size", type=int, default=112,
                         help="side of the square crop (default 112). Another size is the 112 crop resized (bilinear), "
@@ -368,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--quality must be 1 to 100, got {args.quality}")
     if args.workers < 0:
         parser.error(f"--workers must be at least 0, got {args.workers}")
+    if args.extension and args.detector:
+        parser.error("--extension goes with --landmarks (the detector lists the photos' own names)")
     started = time.monotonic()
 
     try:
@@ -378,13 +390,23 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.realpath(args.output) == os.path.realpath(args.images):
             raise ValueError(f"--output {args.output} is --images: the crops would go among the photos; name another "
                              "folder")
-        names, landmarks, line_nos, skipped = read_face_landmarks(args.landmarks, extension=args.extension,
-                                                                  several=args.all_faces)
+        if args.detector:
+            names, landmarks, failed = _detected_faces(args)
+            line_nos, skipped = np.zeros(len(names), dtype=np.int64), []
+            where = [name + (f"#{number}" if args.all_faces else "")
+                     for name, number in zip(names, face_numbers(names))]
+        else:
+            names, landmarks, line_nos, skipped = read_face_landmarks(args.landmarks, extension=args.extension,
+                                                                      several=args.all_faces)
+            failed, where = [], [f"line {n}" for n in line_nos]
         outputs = output_paths(names, args.images, args.output, args.format, several=args.all_faces)
         _check_writable(args.output)
     except (OSError, ValueError) as error:
         print(f"align: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # during detection: nothing is written before it ends
+        print("\nalign: stopped during the detection; no crop was written", file=sys.stderr)
+        return 130
     if skipped:
         print(f"align: skipped {len(skipped)} line(s) before the first face of {args.landmarks} (a count or a "
               f"header): {', '.join(repr(text[:40]) for _, text in skipped[:2])}{', ...' if len(skipped) > 2 else ''}",
@@ -423,10 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     todo = np.setdiff1d(np.arange(len(names)), present) if args.skip_existing else np.arange(len(names))
     folders = sorted({os.path.dirname(path) for path in outputs})
     remove_temporaries(folders)  # what an earlier run's killed workers left half-written
-    for note in landmark_notes(landmarks[todo], line_nos[todo]) if len(todo) else []:
+    for note in landmark_notes(landmarks[todo], line_nos[todo]) if len(todo) and not args.detector else []:
         print(f"align: warning: {note}", file=sys.stderr)
 
-    print(f"align: {len(todo)} face(s) of {args.landmarks} to {args.output} at {args.image_size}px"
+    source = args.landmarks or f"the photos under {args.images}"
+    print(f"align: {len(todo)} face(s) of {source} to {args.output} at {args.image_size}px"
           + (f" ({len(present)} existing left as they are)" if args.skip_existing and present else ""), file=sys.stderr)
     try:
         with _signals_stop():
@@ -439,15 +462,40 @@ def main(argv: list[str] | None = None) -> int:
               "rest", file=sys.stderr)
         return 128 + stop.number
     reasons = dict(failures)
-    for shown, i in enumerate(sorted(reasons)):
+    listed = [f"{where[todo[i]]}: {reasons[i]}" for i in sorted(reasons)] + failed
+    for shown, text in enumerate(listed):
         if shown == _SHOWN_FAILURES:
-            print(f"align: ... and {len(reasons) - shown} more", file=sys.stderr)
+            print(f"align: ... and {len(listed) - shown} more", file=sys.stderr)
             break
-        print(f"align: line {line_nos[todo[i]]}: {reasons[i]}", file=sys.stderr)
+        print(f"align: {text}", file=sys.stderr)
     written = len(todo) - len(reasons)
     print(f"align: wrote {written} crop(s) to {args.output} in {time.monotonic() - started:.1f} s"
-          + (f"; {len(reasons)} face(s) could not be aligned" if reasons else ""), file=sys.stderr)
-    return 1 if reasons else 0
+          + (f"; {len(reasons)} face(s) could not be aligned" if reasons else "")
+          + (f"; {len(failed)} photo(s) without a face" if failed else ""), file=sys.stderr)
+    return 1 if reasons or failed else 0
+
+
+def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
+    """(each face's photo, relative to --images; (F, 5, 2) landmarks; "<photo>: why" for each photo
+    without a face) of the photos under --images, found by --detector. With --skip-existing and one
+    face a photo, photos whose crop exists are not detected again."""
+    from train.embed import detect_faces, list_images
+
+    root = os.path.realpath(args.images)
+    if os.path.commonpath([root, os.path.realpath(args.output)]) == root:
+        raise ValueError(f"--output {args.output} is inside --images: the next run would take the crops for photos; "
+                         "name a folder beside it")
+    paths = list_images(args.images)
+    if not paths:
+        raise ValueError(f"--images {args.images} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+    if args.skip_existing and not args.all_faces:
+        crops = output_paths([os.path.relpath(p, args.images) for p in paths], args.images, args.output, args.format)
+        paths = [p for p, crop in zip(paths, crops) if not os.path.lexists(crop)]
+    photos, points, _, failures = detect_faces(args.detector, paths, all_faces=args.all_faces, device=args.device,
+                                               workers=args.workers)
+    prefix = len(os.path.join(args.images, ""))
+    failed = [text[prefix:] if text.startswith(os.path.join(args.images, "")) else text for text in failures]
+    return [os.path.relpath(paths[i], args.images) for i in photos], points, failed
 
 
 def _check_writable(folder: str) -> None:
