@@ -58,7 +58,8 @@ def list_images(folder: str) -> list[str]:
 @torch.no_grad()
 def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *, device, batch_size: int = 128,
                  workers: int = 4, flip: bool = True, log=None, normalize: bool = False, dtype=np.float32,
-                 unreadable: list | None = None, extras: list | None = None) -> np.ndarray:
+                 unreadable: list | None = None, extras: list | None = None,
+                 workers_leave_signals: bool = False) -> np.ndarray:
     """(len(images), D) raw embeddings, embedding(x) + embedding(mirrored x) with ``flip``, of a
     dataset whose item i is (uint8 (3, S, S) image, "" or why image i could not be read); with
     ``normalize``, of unit length; held as ``dtype``.
@@ -66,8 +67,9 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
     As ``verification.compute_embeddings`` (images fed as (x - 127.5) / 127.5, module modes restored
     afterwards), except that the features stay un-normalised by default (IJB weighs them by their
     norm in a template) and the images stream from a DataLoader, decoded by ``workers`` processes
-    (which leave Ctrl-C and SIGTERM to this one), rather than sit in one tensor (IJB-C's 469k crops
-    would take 17 GB, a million 112 px faces 37 GB). Raises ValueError naming the first unreadable
+    (with ``workers_leave_signals``, for a caller that stops on SIGTERM itself, they leave Ctrl-C and
+    SIGTERM to this process), rather than sit in one tensor (IJB-C's 469k crops would take 17 GB, a
+    million 112 px faces 37 GB). Raises ValueError naming the first unreadable
     image, unless ``unreadable`` is a list: each unreadable image's (index, why) is then appended
     to it and its row is NaN. Items may carry a third element, which ``extras`` (a list) then
     receives, batch by batch, as the DataLoader collates it.
@@ -77,7 +79,8 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda",
-                                         worker_init_fn=leave_signals_to_the_main_process() if workers else None)
+                                         worker_init_fn=leave_signals_to_the_main_process()
+                                         if workers and workers_leave_signals else None)
     modes = [(m, m.training) for m in backbone.modules()]
     backbone.eval()
     features, done, started, reported = None, 0, time.monotonic(), time.monotonic()
@@ -298,11 +301,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--detector and --landmarks are two ways to find the faces in the photos: give one")
     if args.all_faces and not (args.landmarks or (args.detector and args.images)):
         p.error("--all-faces goes with --images and --landmarks or --detector")
+    from .tools.align import _signals_stop, _Stopped
+
     try:
-        return run(args)
+        # Ctrl-C and SIGTERM unwind (the detector's loader workers leave them to this process, and
+        # end when it shuts them down); the output is written whole or not at all.
+        with _signals_stop():
+            return run(args)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except _Stopped as stop:
+        print(f"\nstopped by {stop.name}: nothing written", file=sys.stderr)
+        return 128 + stop.number
 
 
 def run(args: argparse.Namespace) -> int:

@@ -223,7 +223,7 @@ def test_unreadable_images_and_small_classes_are_dropped(trained, tmp_path):
     assert rows["id_010/00.png"]["dropped"] == "class too small"
     assert rows["id_010/00.png"]["cosine"] == ""  # alone in its class: no other image to compare with
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["dropped"] == {"angle": 0, "unreadable": 1, "class too small": 1}
+    assert summary["dropped"] == {"angle": 0, "unreadable": 1, "test identity": 0, "class too small": 1}
     assert summary["kept_classes"] == 10
     assert len(RecordIODataset(str(out), flip=False)) == 159
 

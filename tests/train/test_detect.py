@@ -3,6 +3,7 @@ outputs that finds red squares, each a "face" whose box and landmarks are known 
 square's place, so that the whole path (letterbox, decoding, suppression, scaling back, the file
 align reads) has an answer to check."""
 
+import contextlib
 import os
 import warnings
 
@@ -420,3 +421,49 @@ def test_align_with_a_detector_makes_the_crops_of_detect_then_align(detector, tm
     # Crops inside the photos' folder would be taken for photos next time.
     assert align.main(["--images", str(images), "--detector", detector, "--output", str(images / "crops")]) == 2
     assert "is inside --images" in capsys.readouterr().err
+
+
+def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_path):
+    """SIGTERM to the main process alone (`kill PID`) during align --detector's detection: the loader's
+    workers leave signals to the main process, which stops (143) and ends them; none is left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = tmp_path / "raw"
+    images.mkdir()
+    for k in range(300):
+        photo([(8 * (k % 60), 160)], size=(640, 480), side=8).save(images / f"{k:03d}.png")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.Popen([sys.executable, "-m", "train.tools.align", "--detector", detector, "--images",
+                            str(images), "--output", str(tmp_path / "out"), "--workers", "2"],
+                           cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children = f"/proc/{run.pid}/task/{run.pid}/children"
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and run.poll() is None:
+            with contextlib.suppress(OSError):
+                if len(open(children).read().split()) >= 2:  # the two workers are up
+                    break
+            time.sleep(0.02)
+        time.sleep(0.5)  # into the detection
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+        if run.returncode == 1:
+            pytest.skip("the run finished before the signal")
+        assert run.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
+        assert "Traceback" not in err, err
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(run.pid, 0)  # any process of the run's group still alive?
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the loader's workers outlived the run")
+        assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)

@@ -404,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"align: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # during detection: nothing is written before it ends
-        print("\nalign: stopped during the detection; no crop was written", file=sys.stderr)
-        return 130
+    except _Stopped as stop:  # during the detection: nothing is written before it ends
+        print(f"\nalign: stopped by {stop.name} during the detection; no crop was written", file=sys.stderr)
+        return 128 + stop.number
     if skipped:
         print(f"align: skipped {len(skipped)} line(s) before the first face of {args.landmarks} (a count or a "
               f"header): {', '.join(repr(text[:40]) for _, text in skipped[:2])}{', ...' if len(skipped) > 2 else ''}",
@@ -471,14 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     written = len(todo) - len(reasons)
     print(f"align: wrote {written} crop(s) to {args.output} in {time.monotonic() - started:.1f} s"
           + (f"; {len(reasons)} face(s) could not be aligned" if reasons else "")
-          + (f"; {len(failed)} photo(s) without a face" if failed else ""), file=sys.stderr)
+          + (f"; {len(failed)} photo(s) without a face or unreadable" if failed else ""), file=sys.stderr)
     return 1 if reasons or failed else 0
 
 
 def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
     """(each face's photo, relative to --images; (F, 5, 2) landmarks; "<photo>: why" for each photo
-    without a face) of the photos under --images, found by --detector. With --skip-existing and one
-    face a photo, photos whose crop exists are not detected again."""
+    without a face or unreadable) of the photos under --images, found by --detector. What the photos'
+    names decide is checked before any detection (two photos that would write one crop, crops named
+    the other way of --all-faces). With --skip-existing and one face a photo, the existing crops are
+    checked as the landmarks route checks them, and photos with a good crop are not detected again."""
     from train.embed import detect_faces, list_images
 
     root = os.path.realpath(args.images)
@@ -488,13 +490,34 @@ def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
     paths = list_images(args.images)
     if not paths:
         raise ValueError(f"--images {args.images} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+    names = [os.path.relpath(p, args.images) for p in paths]
+    crops = output_paths(names, args.images, args.output, args.format)  # one face a photo: its plain name
+    if args.all_faces:
+        plain = [crop for crop in crops if os.path.lexists(crop)]
+        if plain:
+            raise ValueError(f"{plain[0]} exists: crops of one face a photo ({len(plain)}) are where --all-faces "
+                             "writes <photo>_<k>; name another --output, or align without --all-faces")
+    else:
+        numbered = [crop for crop in output_paths(names, args.images, args.output, args.format, several=True)
+                    if os.path.lexists(crop)]
+        if numbered:
+            raise ValueError(f"{numbered[0]} exists: crops of --all-faces ({len(numbered)}) are where this run "
+                             "writes one face a photo; name another --output, or pass --all-faces")
     if args.skip_existing and not args.all_faces:
-        crops = output_paths([os.path.relpath(p, args.images) for p in paths], args.images, args.output, args.format)
-        paths = [p for p, crop in zip(paths, crops) if not os.path.lexists(crop)]
-    photos, points, _, failures = detect_faces(args.detector, paths, all_faces=args.all_faces, device=args.device,
-                                               workers=args.workers)
-    prefix = len(os.path.join(args.images, ""))
-    failed = [text[prefix:] if text.startswith(os.path.join(args.images, "")) else text for text in failures]
+        present = [i for i, crop in enumerate(crops) if os.path.lexists(crop)]
+        others, empty, _ = _check_existing([crops[i] for i in present], args.image_size)
+        if others:
+            path, width, height = others[0]
+            raise ValueError(f"{len(others)} of the {len(present)} existing crops are not --image-size "
+                             f"{args.image_size} ({path} is {width}x{height}): --skip-existing would mix crop sizes; "
+                             "name another --output, or pass --overwrite")
+        done = {present[k] for k in range(len(present))} - {present[k] for k in empty}
+        paths = [p for i, p in enumerate(paths) if i not in done]
+    with _signals_stop():  # the detector's loader workers leave Ctrl-C and SIGTERM to this process
+        photos, points, _, failures = detect_faces(args.detector, paths, all_faces=args.all_faces,
+                                                   device=args.device, workers=args.workers)
+    prefix = os.path.join(args.images, "")
+    failed = [text[len(prefix):] if text.startswith(prefix) else text for text in failures]
     return [os.path.relpath(paths[i], args.images) for i in photos], points, failed
 
 

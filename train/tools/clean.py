@@ -45,6 +45,7 @@ import io
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -335,6 +336,7 @@ def _embeddings(args, model, data, dim: int, device, rank: int = 0, world: int =
     images = _Images(data) if world == 1 else torch.utils.data.Subset(_Images(data), range(first, end))
     embeddings = embed_images(model, images, device=device, batch_size=args.batch_size, workers=args.workers,
                               normalize=True, dtype=np.float16, unreadable=shard_unreadable, extras=shard_labels,
+                              workers_leave_signals=True,
                               log=(lambda message: print(f"clean: {message}", file=sys.stderr, flush=True))
                               if rank == 0 else None)
     labels = torch.cat(shard_labels).numpy().astype(np.int64) if shard_labels else np.empty(0, np.int64)
@@ -508,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="drop the identities of these test sets: names of <data>/<name>.bin or paths of .bin files "
                    "and pairs lists (as the trainer's --val-targets), comma-separated; a class is one of them when "
                    "its kept images' mean embedding reaches --overlap-cosine with one of the set's images")
-    p.add_argument("--overlap-cosine", type=float, default=DEFAULT_OVERLAP_COSINE,
+    p.add_argument("--overlap-cosine", type=float, default=None,
                    help=f"see --exclude-sets (default {DEFAULT_OVERLAP_COSINE:g})")
     p.add_argument("--min-images", type=int, default=1,
                    help="drop classes left with fewer images than this (default 1)")
@@ -534,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--min-images must be at least 1")
     if not 0 <= args.drop_angle <= 180:
         p.error(f"--drop-angle is in degrees, from 0 to 180: got {args.drop_angle:g}")
+    if args.overlap_cosine is not None and not args.exclude_sets:
+        p.error("--overlap-cosine goes with --exclude-sets")
+    if args.exclude_sets is not None and not args.exclude_sets.replace(",", " ").split():
+        p.error("--exclude-sets names no set")
+    args.overlap_cosine = DEFAULT_OVERLAP_COSINE if args.overlap_cosine is None else args.overlap_cosine
     if not -1 <= args.overlap_cosine <= 1:
         p.error(f"--overlap-cosine is a cosine, from -1 to 1: got {args.overlap_cosine:g}")
     if not -1 <= args.duplicate_cosine <= 1:
@@ -550,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = run(args)
         return status
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
         rank = int(os.environ.get("RANK", "0"))
         print(f"clean: {f'[rank {rank}] ' if rank else ''}error: {error}", file=sys.stderr)
         return 2
@@ -737,6 +744,11 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int, tes
         in_test[[label for label, *_ in overlaps]] = True
         why[keep & in_test[labels]] = "test identity"
         keep = why == ""
+        if len(overlaps) > max(1, UNFIT_SHARE * np.count_nonzero(counts)):
+            print(f"clean: warning: {len(overlaps)} of {np.count_nonzero(counts)} classes match a test image at "
+                  f"cosine >= {args.overlap_cosine:g}: more than test sets usually share with a training set; at "
+                  "that cosine this model may take different people for one (look at overlaps.csv, or raise "
+                  "--overlap-cosine)", file=sys.stderr, flush=True)
 
     # Duplicated identities: classes whose kept images' mean embeddings are alike.
     sums, counts = class_sums(embeddings, labels, keep, num_classes)
@@ -789,8 +801,8 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int, tes
     dropped = summary["dropped"]
     reasons = (f"{dropped['angle']} further than {args.drop_angle:g} degrees from their centre, "
                f"{dropped['unreadable']} unreadable, "
-               + (f"{dropped['test identity']} of {_count(summary['test_identities'], 'test identity')}, "
-                  if args.exclude_sets else "")
+               + (f"{_count(dropped['test identity'], 'image')} of "
+                  f"{_count(summary['test_identities'], 'test identity')}, " if args.exclude_sets else "")
                + f"{dropped['class too small']} in classes under --min-images {args.min_images}")
     pairs_said = (f"{_count(len(pairs), 'class pair')} at cosine >= {args.duplicate_cosine:g}"
                   + (" merged" if args.merge_duplicates else " listed in duplicates.csv"))
@@ -845,8 +857,9 @@ def _write_reports(args, folder, *, data, names, class_names, labels, cosine, an
          ([i, names[i], labels[i], _label_name(labels[i], class_names), number(cosine[i]), number(angle[i]),
            other[i], _label_name(other[i], class_names), number(other_cosine[i]), new_labels[i], why[i],
            unreadable.get(i, "")] for i in range(len(labels))))
-    _csv(os.path.join(folder, "overlaps.csv"), ["label", "class", "set", "image", "cosine"],
-         ([label, _label_name(label, class_names), name, image, f"{c:.4f}"] for label, name, image, c in overlaps))
+    _csv(os.path.join(folder, "overlaps.csv"), ["label", "class", "set", "image", "pair", "cosine"],
+         ([label, _label_name(label, class_names), name, image, image // 2, f"{c:.4f}"]
+          for label, name, image, c in overlaps))
     _csv(os.path.join(folder, "duplicates.csv"), ["label_a", "class_a", "label_b", "class_b", "cosine", "merged"],
          ([a, _label_name(a, class_names), b, _label_name(b, class_names), f"{c:.4f}", int(bool(args.merge_duplicates))]
           for a, b, c in pairs))
