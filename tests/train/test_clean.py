@@ -398,8 +398,12 @@ def test_sub_center_training_then_its_dominant_sub_centres_clean(trained, tmp_pa
     err = capsys.readouterr().err
     assert "trained class centres" in err and "3 sub-centres a class" in err
     rows = read_csv(tmp_path / "out" / "samples.csv")
-    dropped = {r["image"] for r in rows if r["dropped"]}
-    assert {"id_007/x0.png", "id_007/x1.png"} <= dropped and len(dropped) <= 4  # the noise, and few clean images
+    # The two stray images lie nearer identity 3 than their class's dominant sub-centre. (Whether this
+    # 60-step model puts both past 75 degrees varies with the torch version: 84 and 70 degrees on 2.4.1.)
+    noise = [r for r in rows if r["image"] in ("id_007/x0.png", "id_007/x1.png")]
+    assert all(r["nearest_other_class"] == "id_003" and float(r["nearest_other_cosine"]) > float(r["cosine"])
+               for r in noise)
+    assert {r["image"] for r in rows if r["dropped"]} == {r["image"] for r in rows if float(r["angle"]) > 75}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["subcentres"] == 3 and summary["at_dominant_subcentre"] > 0.9
 
