@@ -376,9 +376,9 @@ class Trainer:
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
                              "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))
+        self.data_fingerprint = self.dataset.fingerprint()  # (an ImageFolder's joins every file name: once)
         if self.distributed:
-            check_every_rank_reads_the_same(self.dataset, args.data)
-        self.data_fingerprint = self.dataset.fingerprint()
+            check_every_rank_reads_the_same(self.dataset, args.data, self.data_fingerprint)
         step_batch = args.batch_size * args.gradient_acc
         images_per_process = math.ceil(len(self.dataset) / self.world_size)
         if step_batch > images_per_process:

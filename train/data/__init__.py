@@ -71,16 +71,16 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
     return dataset, dataset.num_classes
 
 
-def check_every_rank_reads_the_same(dataset: FaceImageDataset, spec: str) -> None:
+def check_every_rank_reads_the_same(dataset: FaceImageDataset, spec: str, fingerprint: str | None = None) -> None:
     """Raise SystemExit on every rank of the default process group unless all ranks built the same
     training set from `--data spec` (its fingerprint: size, classes and index, not the pixels).
 
     Each node reads its own copy of a dataset; a copy that differs (another packing, a partial
     copy, an ImageFolder that gained a folder) would train with labels that mean different
-    identities on different ranks, silently."""
+    identities on different ranks, silently. ``fingerprint``: the dataset's, when the caller has it."""
     import torch.distributed as dist
 
-    mine = (len(dataset), dataset.num_classes, dataset.fingerprint())
+    mine = (len(dataset), dataset.num_classes, fingerprint or dataset.fingerprint())
     seen = [None] * dist.get_world_size()
     dist.all_gather_object(seen, mine)
     if all(other == seen[0] for other in seen):

@@ -286,8 +286,9 @@ def test_overlaps(means: torch.Tensor, present: np.ndarray, test_sets: dict, thr
         for start in range(0, len(classes), rows):
             block = classes[start:start + rows]
             value, index = (means[block].to(device, torch.float32) @ targets.T).max(dim=1)
-            for c, v, i in zip(block.tolist(), value.tolist(), index.tolist()):
-                if v >= threshold and (c not in best or v > best[c][2]):
+            near = (value >= threshold).nonzero().squeeze(1)  # few, if any: the loop is over these alone
+            for c, v, i in zip(block[near.cpu()].tolist(), value[near].tolist(), index[near].tolist()):
+                if c not in best or v > best[c][2]:
                     best[c] = (name, i, v)
     return sorted(((c, name, i, v) for c, (name, i, v) in best.items()), key=lambda row: (-row[3], row[0]))
 
