@@ -1,11 +1,13 @@
 """nn.Module front ends that own the class-centre matrix (C, D) and call the fused loss."""
+import functools
 import math
 import numbers
 
 import torch
 from torch import nn
 
-from . import _checks, functional, reference
+from . import _checks, chunked, functional, reference
+from .chunked import check_filtering_threshold
 from ._checks import check_arguments, check_flag, check_options, reduce_rows
 from .sampling import bad_labels, check_label_values, check_sample_rate, sample_classes
 
@@ -53,15 +55,23 @@ class CombinedMarginLoss(nn.Module):
 
     ``check_labels=False`` skips the label check, a device synchronisation a call on a GPU, as
     :func:`arcface_ext.combined_margin_loss` does (a bad label gives its row a NaN loss instead).
+
+    ``interclass_filtering_threshold`` τ > 0 is Partial FC's inter-class filtering (insightface's
+    option of the same name): the other classes whose cosine exceeds τ get logit 0 and no gradient.
+    It runs on the chunked PyTorch path (:mod:`arcface_ext.chunked`), not the fused op.
     """
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
                  reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
-                 use_reference=False, device=None, dtype=None):
+                 use_reference=False, interclass_filtering_threshold=0.0, device=None, dtype=None):
         super().__init__()
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
                          ignore_index, sample_rate, check_labels)
         self.use_reference = use_reference
+        self.interclass_filtering_threshold = check_filtering_threshold(interclass_filtering_threshold)
+        if self.interclass_filtering_threshold and (self.per_row_margins or self.curricular):
+            raise ValueError(f"interclass_filtering_threshold does not go with {type(self).__name__}'s "
+                             f"{'per-row margins' if self.per_row_margins else 'hard negatives'}")
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -72,11 +82,20 @@ class CombinedMarginLoss(nn.Module):
     # Whether row_margins reads the embeddings (AdaFace, ElasticFace, MagFace): then the arguments
     # are checked before it, so that a bad call raises the op's message and moves no statistics.
     per_row_margins = False
+    # Whether the module changes its hard negatives' logits (CurricularFace): the chunked path then.
+    curricular = False
 
     def row_margins(self, embeddings, labels):
         """(m2, m3) for this call: the module's numbers, or per-row tensors in subclasses whose
         margins depend on the sample (:class:`AdaFaceLoss`, :class:`ElasticFaceLoss`)."""
         return self.m2, self.m3
+
+    def chunked_options(self, embeddings, labels):
+        """The options of :func:`arcface_ext.chunked_margin_loss` this call needs, or None for the
+        fused op: inter-class filtering here, CurricularFace's t in :class:`CurricularFaceLoss`."""
+        if self.interclass_filtering_threshold:
+            return {"interclass_filtering_threshold": self.interclass_filtering_threshold}
+        return None
 
     def _check(self, embeddings, labels):
         check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
@@ -84,12 +103,17 @@ class CombinedMarginLoss(nn.Module):
                         ignore_index=self.ignore_index)
 
     def forward(self, embeddings, labels, return_target_cosine=False):
-        loss_fn = reference.combined_margin_loss if self.use_reference else functional.combined_margin_loss
         weight, ignore_index = self.weight, self.ignore_index
         sampled = self.training and self.sample_rate < 1.0
-        if sampled or self.per_row_margins:
+        if sampled or self.per_row_margins or self.curricular:
             self._check(embeddings, labels)
         m2, m3 = self.row_margins(embeddings, labels)
+        options = self.chunked_options(embeddings, labels)
+        if options is None:
+            loss_fn = reference.combined_margin_loss if self.use_reference else functional.combined_margin_loss
+        else:
+            loss_fn = functools.partial(reference.chunked_margin_loss if self.use_reference else
+                                        chunked.chunked_margin_loss, **options)
         skip_check = _checks.skips_label_check(self.check_labels, labels)
         if sampled:
             bad = None
@@ -117,6 +141,8 @@ class CombinedMarginLoss(nn.Module):
             parts.append(f"margin_grad={self.margin_grad!r}")
         if self.sample_rate < 1.0:
             parts.append(f"sample_rate={self.sample_rate}")
+        if self.interclass_filtering_threshold:
+            parts.append(f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
         if not self.check_labels:
             parts.append("check_labels=False")
         if self.use_reference:
@@ -143,6 +169,18 @@ class SphereFaceLoss(CombinedMarginLoss):
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=4, lambda_=0.0, **kwargs):
         super().__init__(num_classes, embedding_size, s=s, m1=float(m), m2=0.0, m3=0.0, lambda_=lambda_, **kwargs)
+
+
+def _apply_keeping_dtype(module, apply, names, fn, *args, **kwargs):
+    """``module._apply`` (``apply``, the base class's) but the buffers ``names`` only follow device
+    moves, not dtype casts: running statistics stay fp32 when the module is cast to 16 bits (a bf16
+    running mean would round away its 1% steps)."""
+    before = {name: module._buffers[name] for name in names}
+    result = apply(fn, *args, **kwargs)
+    for name, buffer in before.items():
+        if module._buffers[name].dtype != buffer.dtype:  # a dtype cast: take the device move only
+            module._buffers[name] = buffer.to(module._buffers[name].device)
+    return result
 
 
 class AdaFaceMargins:
@@ -174,12 +212,7 @@ class AdaFaceMargins:
                     self._buffers[name].fill_(value)
 
     def _apply(self, fn, *args, **kwargs):
-        before = {name: self._buffers[name] for name in self.initial_statistics}
-        result = super()._apply(fn, *args, **kwargs)
-        for name, buffer in before.items():
-            if self._buffers[name].dtype != buffer.dtype:  # a dtype cast: take the device move only
-                self._buffers[name] = buffer.to(self._buffers[name].device)
-        return result
+        return _apply_keeping_dtype(self, super()._apply, self.initial_statistics, fn, *args, **kwargs)
 
     def _norm_statistics(self, norms, counted):
         """(mean, unbiased std) of the norms the running statistics follow: this batch's counted rows
@@ -304,3 +337,75 @@ class MagFaceLoss(CombinedMarginLoss):
         sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
                 f"l_a={self.l_a}, u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, lambda_g={self.lambda_g}{sampled}")
+
+
+class CurricularFaceLoss(CombinedMarginLoss):
+    """CurricularFace (Huang et al., CVPR 2020): ArcFace's target logit s·cos(θ + m), and each hard
+    negative, another class j whose cosine c_j exceeds the target's margined cosine cos(θ + m) (whose
+    logit would beat the target's), gets s·c_j·(t + c_j) instead of s·c_j. t (buffer ``t``, from 0) is
+    a running mean of the batches' target cosines at rate ``momentum`` (its 0.01): early in training t
+    is near 0 and the hard negatives count less (easy samples first); as the target cosines rise so
+    does t, and the hard negatives count more. The modulation's own gradient, t + 2c_j, flows; t is a
+    constant of the step.
+
+    t moves in training mode only, once a call, before that call's logits use it (as in
+    CurricularFace), from the counted rows' clamped target cosines; it stays fp32 when the module is
+    cast to 16 bits. Under DistributedDataParallel (which broadcasts buffers from rank 0 at every
+    forward) it follows rank 0's batches. Past θ + m = π the target logit continues linearly
+    (c - m·sin m, CurricularFace's and insightface's), and the hard-negative test compares with that
+    same margined cosine, where CurricularFace's code compares with cos(θ + m) itself (which turns
+    back up there); the two differ only for targets more than π - m from their class.
+
+    It runs on the chunked PyTorch path (:mod:`arcface_ext.chunked`), not the fused op; ``sample_rate``
+    (partial FC) and the other options are :class:`CombinedMarginLoss`'s. Not available with sharded
+    class centres.
+    """
+
+    curricular = True
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, momentum=0.01, **kwargs):
+        if (isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, numbers.Real)
+                or not 0 < momentum <= 1):
+            raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
+        self.m, self.momentum = float(m), float(momentum)
+        self.register_buffer("t", torch.zeros((), device=kwargs.get("device")))
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if "t" in self._buffers:  # (not yet registered when the base class's __init__ calls this)
+            with torch.no_grad():
+                self.t.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        return _apply_keeping_dtype(self, super()._apply, ("t",), fn, *args, **kwargs)
+
+    def chunked_options(self, embeddings, labels):
+        t = self.t
+        if self.training:
+            with torch.no_grad():
+                labels = labels.long()
+                counted = (labels != self.ignore_index) & ~bad_labels(labels, self.num_classes, self.ignore_index)
+                x = norm_dtype(embeddings.detach())
+                w = self.weight.detach()[torch.where(counted, labels, 0)].to(x.dtype)
+                cosine = (torch.nn.functional.normalize(x, dim=1, eps=reference.NORM_EPS)
+                          * torch.nn.functional.normalize(w, dim=1, eps=reference.NORM_EPS)).sum(dim=1)
+                count = counted.sum()
+                mean = torch.where(counted, cosine.clamp(-1.0, 1.0), torch.zeros_like(cosine)).sum() / count.clamp_min(1)
+                # No counted row: t stays (decided on the device, no sync).
+                t = torch.where(count > 0, t * (1 - self.momentum) + self.momentum * mean.to(t.dtype), t)
+                # Stored by forward once the loss is computed: a call the loss refuses leaves t as it was.
+                self._moved_t = t
+        return {"curricular_t": t}
+
+    def forward(self, embeddings, labels, return_target_cosine=False):
+        self._moved_t = None
+        out = super().forward(embeddings, labels, return_target_cosine=return_target_cosine)
+        if self._moved_t is not None:
+            with torch.no_grad():
+                self.t.copy_(self._moved_t)
+            self._moved_t = None
+        return out
+
+    def extra_repr(self):
+        return f"m={self.m}, momentum={self.momentum}, {super().extra_repr()}"

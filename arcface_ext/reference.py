@@ -136,32 +136,61 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     return loss
 
 
-def subcenter_margin_loss(embeddings, weight, labels, *, k, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
-                          reduction="mean", margin_grad="exact", ignore_index=-1, return_target_cosine=False):
-    """Sub-center margin loss (as :func:`arcface_ext.subcenter_margin_loss`) the plain way: the whole
-    N x C·k cosine matrix, each class's best sub-centre by max-pooling (insightface's reshape to
-    (N, C, k)), then :func:`combined_margin_loss`'s margin and softmax; autograd's max passes the
-    gradient to the winner."""
+def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
+                        interclass_filtering_threshold=0.0, curricular_t=None, reduction="mean",
+                        margin_grad="exact", ignore_index=-1, return_target_cosine=False, check_labels=True):
+    """:func:`arcface_ext.chunked_margin_loss` the plain way: the whole N x C·k cosine matrix, each
+    class's best sub-centre by max-pooling (insightface's reshape to (N, C, k)), the other classes'
+    cosines filtered (set to 0 above the threshold, as insightface multiplies them by a 0/1 mask) or
+    CurricularFace's hard negatives replaced by c·(t + c), then :func:`combined_margin_loss`'s margin
+    and softmax; autograd differentiates all of it (the max passes the gradient to the winner).
+    Unchecked bad labels give their row a NaN loss, as :func:`combined_margin_loss`'s."""
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction,
                     margin_grad=margin_grad, ignore_index=ignore_index)
     if weight.shape[0] % k:
         raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of k = {k} sub-centres a class")
+    check_labels = check_flag("check_labels", check_labels)  # (unchecked on any device, as the chunked path)
     dtype = torch.float64 if torch.float64 in (embeddings.dtype, weight.dtype) else torch.float32
+    labels = labels.long()
+    num_classes = weight.shape[0] // k
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if check_labels and not torch.compiler.is_compiling() and bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+    counted = (labels != ignore_index) & ~bad
     with torch.autocast(embeddings.device.type, enabled=False):
         x = embeddings.to(dtype)
         w = weight.to(dtype)
         x_hat = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
         w_hat = w / w.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
         cosine = (x_hat @ w_hat.t()).clamp(-1.0, 1.0).view(x.shape[0], -1, k).amax(dim=2)
-        labels = labels.long()
-        counted = labels != ignore_index
         target = torch.where(counted, labels, 0).unsqueeze(1)
         target_cosine = cosine.gather(1, target).squeeze(1)
         target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), float(m2), float(m3), float(lambda_),
                                           margin_grad == "straight_through")
+        if interclass_filtering_threshold > 0:
+            with torch.no_grad():
+                keep = (cosine <= interclass_filtering_threshold).to(dtype)
+            cosine = cosine * keep
+        elif curricular_t is not None:
+            t = torch.as_tensor(curricular_t, dtype=dtype, device=cosine.device).detach()
+            with torch.no_grad():
+                hard = cosine > (target_logit / s).unsqueeze(1)
+            cosine = torch.where(hard, cosine * (t + cosine), cosine)
         logits = (s * cosine).scatter(1, target, target_logit.unsqueeze(1))
         rows = torch.where(counted, torch.logsumexp(logits, dim=1) - target_logit, torch.zeros_like(target_logit))
+        rows = torch.where(bad, torch.full_like(rows, float("nan")), rows)
     loss = reduce_rows(rows, labels, ignore_index, reduction)
     if return_target_cosine:
         return loss, torch.where(counted, target_cosine, torch.full_like(target_cosine, float("nan"))).detach()
     return loss
+
+
+def subcenter_margin_loss(embeddings, weight, labels, *, k, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
+                          reduction="mean", margin_grad="exact", ignore_index=-1, return_target_cosine=False,
+                          interclass_filtering_threshold=0.0):
+    """Sub-center margin loss (as :func:`arcface_ext.subcenter_margin_loss`) the plain way
+    (:func:`chunked_margin_loss` with ``k`` sub-centres)."""
+    return chunked_margin_loss(embeddings, weight, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
+                               interclass_filtering_threshold=interclass_filtering_threshold, reduction=reduction,
+                               margin_grad=margin_grad, ignore_index=ignore_index,
+                               return_target_cosine=return_target_cosine)

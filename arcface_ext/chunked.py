@@ -1,0 +1,258 @@
+"""The PyTorch path for the margin losses the fused kernels do not carry: sub-centres (a class's cosine
+the best of its K centres), Partial FC's inter-class filtering and CurricularFace's hard negatives
+(both change the other classes' logits, each as a function of their own cosine).
+
+It walks the classes in chunks, holding an N x chunk·K block of cosines at a time, never the whole
+N x C·K matrix, and recomputes the blocks in the backward pass; fp32 throughout (fp64 for fp64
+inputs), also under autocast, so no cosine is rounded to 16 bits before the exponential. It does the
+same matrix products as the fused op but not in one pass: on a CPU it takes about 2.5x the fused op's
+time (``benchmarks/bench_loss.py``).
+
+With c_j the clamped cosine of a class j other than the row's target, its logit is s·f(c_j):
+
+- plain: f(c) = c;
+- inter-class filtering (``interclass_filtering_threshold`` τ > 0, An et al., CVPR 2022, as
+  insightface's ``CombinedMarginLoss``): f(c) = 0 for c > τ, else c. A class that close is taken
+  for the same person filed twice (inter-class noise): its logit is zeroed and it gets no gradient;
+- CurricularFace (``curricular_t`` t, Huang et al., CVPR 2020): f(c) = c·(t + c) for a hard negative,
+  one whose cosine exceeds the target's margined cosine ψ(c_y) - m3 (whose logit would beat the
+  target's), else c. t, a running mean of the target cosines, is a constant of the step (no gradient).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._checks import check_arguments, check_flag, reduce_rows
+from .reference import NORM_EPS, margin_psi
+
+# Cosines held at a time: an N x chunk·K block of about this many values (16 MiB in fp32; a few such
+# blocks are alive at once in the backward pass).
+BLOCK_VALUES = 1 << 22
+
+
+def _unit(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = rows.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return rows / norm, norm
+
+
+def _chunk_classes(n: int, k: int, num_classes: int, chunk: int | None) -> int:
+    if chunk is not None:
+        return chunk
+    return max(1, min(num_classes, BLOCK_VALUES // max(1, n * k)))
+
+
+def _negatives(best, s, threshold, curricular_t, hard_above):
+    """The logits s·f(c) of a block of clamped cosines c (N, c) of non-target classes, and f'(c)
+    (None where it is 1 everywhere)."""
+    if threshold > 0:
+        kept = best <= threshold
+        return s * torch.where(kept, best, torch.zeros_like(best)), kept.to(best.dtype)
+    if curricular_t is not None:
+        hard = best > hard_above[:, None]
+        t = curricular_t.to(best.dtype)
+        return (s * torch.where(hard, best * (t + best), best),
+                torch.where(hard, t + 2.0 * best, torch.ones_like(best)))
+    return s * best, None
+
+
+class _ChunkedLossRows(torch.autograd.Function):
+    """Per-row losses (and clamped target cosines) of the chunked margin loss; rows not counted 0."""
+
+    @staticmethod
+    def forward(ctx, x, w, labels, counted, curricular_t, k, s, m1, m2, m3, lambda_, straight_through, threshold,
+                chunk):
+        dtype = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            x_hat, x_norm = _unit(x.to(dtype))
+            n, dim, num_classes = x.shape[0], x.shape[1], w.shape[0] // k
+            target = torch.where(counted, labels, 0)
+            # The target's cosine: the best of its class's K sub-centres.
+            target_rows, _ = _unit(w.view(num_classes, k, dim)[target].reshape(n * k, dim).to(dtype))
+            raw = torch.bmm(target_rows.view(n, k, dim), x_hat.unsqueeze(2)).squeeze(2)
+            target_raw, target_sub = raw.max(dim=1)
+            target_cos = target_raw.clamp(-1.0, 1.0)
+            psi, dpsi = margin_psi(target_cos, m1=m1, m2=m2, lambda_=lambda_)
+            target_logit = s * (psi - m3)
+            hard_above = psi - m3
+            # logsumexp over the other classes' logits, online across chunks, the target's logit included.
+            run_max, run_sum = target_logit.clone(), torch.ones_like(target_logit)
+            step = _chunk_classes(n, k, num_classes, chunk)
+            for first in range(0, num_classes, step):
+                logits, _ = _negatives(_class_cosines(x_hat, w, first, step, k)[0], s, threshold, curricular_t,
+                                       hard_above)
+                _mask_target(logits, labels, counted, first, -torch.inf)
+                new_max = torch.maximum(run_max, logits.max(dim=1).values)
+                run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+                run_max = new_max
+            lse = run_max + torch.log(run_sum)
+            rows = torch.where(counted, lse - target_logit, torch.zeros_like(lse))
+        t = curricular_t if curricular_t is not None else torch.zeros(())
+        ctx.save_for_backward(x_hat, x_norm, w, labels, counted, lse, target_logit, target_sub,
+                              torch.ones_like(dpsi) if straight_through else dpsi,
+                              (target_raw.abs() <= 1.0).to(dtype), t)
+        ctx.k, ctx.s, ctx.step, ctx.dtypes = k, s, step, (x.dtype, w.dtype)
+        ctx.threshold, ctx.curricular = threshold, curricular_t is not None
+        ctx.mark_non_differentiable(target_cos)
+        return rows, target_cos
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows, _grad_target_cos):
+        x_hat, x_norm, w, labels, counted, lse, target_logit, target_sub, dpsi, inside, t = ctx.saved_tensors
+        k, s = ctx.k, ctx.s
+        curricular_t = t if ctx.curricular else None
+        need_x, need_w = ctx.needs_input_grad[:2]
+        with torch.autocast(x_hat.device.type, enabled=False):
+            n, num_classes = x_hat.shape[0], w.shape[0] // k
+            g = torch.where(counted, grad_rows.to(x_hat.dtype), torch.zeros_like(lse))
+            hard_above = target_logit / s
+            grad_x_hat = torch.zeros_like(x_hat) if need_x else None
+            grad_w = torch.zeros(w.shape, dtype=x_hat.dtype, device=w.device) if need_w else None
+            for first in range(0, num_classes, ctx.step):
+                best, which, unit_rows, norms, best_raw = _class_cosines(x_hat, w, first, ctx.step, k)
+                logits, slope = _negatives(best, s, ctx.threshold, curricular_t, hard_above)
+                p = torch.exp(logits - lse[:, None])
+                _mask_target(p, labels, counted, first, 0.0)  # the target's share comes below, with its margin
+                grad_best = (g[:, None] * s) * p if slope is None else (g[:, None] * s) * p * slope
+                # (the clamp to [-1, 1] passes no gradient where it clamped)
+                grad_best = torch.where(best_raw.abs() <= 1.0, grad_best, torch.zeros_like(p))
+                if k == 1:
+                    grad_cos = grad_best
+                else:
+                    grad_cos = torch.zeros(n, best.shape[1], k, dtype=x_hat.dtype, device=x_hat.device)
+                    grad_cos.scatter_(2, which.unsqueeze(2), grad_best.unsqueeze(2))
+                    grad_cos = grad_cos.view(n, unit_rows.shape[0])
+                if need_x:
+                    grad_x_hat += grad_cos @ unit_rows
+                if need_w:
+                    grad_w[first * k:first * k + unit_rows.shape[0]] = _through_norm(grad_cos.t() @ x_hat,
+                                                                                     unit_rows, norms)
+            # The target: d loss / d target logit = p_target - 1, times the margin's derivative.
+            p_target = torch.exp(target_logit - lse)
+            grad_t = g * (p_target - 1.0) * s * dpsi * inside
+            rows = torch.where(counted, labels, 0) * k + target_sub
+            unit_rows, norms = _unit(w[rows].to(x_hat.dtype))
+            grad_x = None
+            if need_x:
+                grad_x_hat += grad_t[:, None] * unit_rows
+                grad_x = _through_norm(grad_x_hat, x_hat, x_norm).to(ctx.dtypes[0])
+            if need_w:
+                grad_w.index_add_(0, rows, _through_norm(grad_t[:, None] * x_hat, unit_rows, norms))
+                grad_w = grad_w.to(ctx.dtypes[1])
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _class_cosines(x_hat, w, first, step, k):
+    """For classes first … first + step − 1: (N, c) best sub-centre cosine (clamped), (N, c) which
+    sub-centre (None for k = 1), the (c·K, D) unit sub-centres (in x_hat's dtype, converted a chunk at
+    a time), their norms, and (N, c) the best cosine before the clamp."""
+    unit_rows, norms = _unit(w[first * k:(first + step) * k].to(x_hat.dtype))
+    raw = x_hat @ unit_rows.t()
+    which = None
+    if k > 1:
+        raw, which = raw.view(x_hat.shape[0], unit_rows.shape[0] // k, k).max(dim=2)
+    return raw.clamp(-1.0, 1.0), which, unit_rows, norms, raw
+
+
+def _mask_target(block, labels, counted, first, value):
+    """Sets each counted row's target column in a block of classes first … to ``value`` (a scatter
+    that writes every row, the others their own value: no data-dependent shape, no device sync)."""
+    inside = counted & (labels >= first) & (labels < first + block.shape[1])
+    column = (labels - first).clamp(0, block.shape[1] - 1).unsqueeze(1)
+    kept = block.gather(1, column)
+    block.scatter_(1, column, torch.where(inside.unsqueeze(1), torch.full_like(kept, value), kept))
+
+
+def _through_norm(grad_unit, unit, norm):
+    """The gradient of rows v from that of v / max(|v|, eps): projected off v / |v| and divided by
+    |v|, or, for rows shorter than eps (divided by eps alone), just divided."""
+    projected = (grad_unit - unit * (grad_unit * unit).sum(dim=1, keepdim=True)) / norm
+    return torch.where(norm > NORM_EPS, projected, grad_unit / NORM_EPS)
+
+
+def check_int_option(name, value, *, optional=False):
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}an int >= 1, got {value!r}")
+    return int(value)
+
+
+def check_filtering_threshold(value):
+    """Partial FC's inter-class filtering threshold: a number in [0, 1], 0 (insightface's default) for
+    none."""
+    if (isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real)
+            or not 0 <= value <= 1):
+        raise ValueError(f"interclass_filtering_threshold must be a number in [0, 1] (0: no filtering), got {value!r}")
+    return float(value)
+
+
+def check_curricular_t(value, embeddings):
+    """CurricularFace's t: None, a finite number, or a one-element float tensor (kept on the device, no
+    sync), returned as a 0-dim tensor in the embeddings' compute dtype and device."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"curricular_t must be a number or a one-element float tensor, got a "
+                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        if value.device != embeddings.device:
+            raise ValueError(f"curricular_t is on {value.device}, the embeddings on {embeddings.device}")
+        return value.detach().reshape(())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"curricular_t must be a finite number or a one-element float tensor, got {value!r}")
+    return torch.tensor(float(value), dtype=torch.float64, device=embeddings.device)
+
+
+def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
+                        interclass_filtering_threshold=0.0, curricular_t=None, reduction="mean",
+                        margin_grad="exact", ignore_index=-1, return_target_cosine=False, check_labels=True,
+                        class_chunk=None):
+    """The combined margin loss of :func:`arcface_ext.combined_margin_loss`, on the chunked PyTorch
+    path, with what the fused op lacks (see the module's docstring):
+
+    - ``k`` sub-centres a class: ``weight`` is (C·k, D), class c's sub-centres rows c·k … c·k + k − 1,
+      and each class's cosine is the largest of its sub-centres';
+    - ``interclass_filtering_threshold`` τ in (0, 1]: other classes with a cosine above τ get logit 0
+      and no gradient (0: none);
+    - ``curricular_t``: CurricularFace's t (a number or a one-element tensor; None: not CurricularFace).
+      :class:`arcface_ext.CurricularFaceLoss` keeps it up to date.
+
+    Filtering and CurricularFace do not go together. Margins are numbers (not per-row tensors). Labels
+    out of [0, C) that are not ``ignore_index`` raise ValueError (a device synchronisation on a GPU),
+    or, with ``check_labels=False`` or inside ``torch.compile``, give their row a NaN loss and no
+    gradient, as the fused op's unchecked labels do. ``class_chunk`` sets how many classes a block of
+    cosines holds (default: about 4M cosines a block). Double backward is not supported."""
+    k = check_int_option("k (sub-centres a class)", k)
+    class_chunk = check_int_option("class_chunk", class_chunk, optional=True)
+    for name, value in (("m2", m2), ("m3", m3)):
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: the chunked margin loss takes margins as numbers, not per-row tensors")
+    check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction,
+                    margin_grad=margin_grad, ignore_index=ignore_index)
+    threshold = check_filtering_threshold(interclass_filtering_threshold)
+    curricular_t = check_curricular_t(curricular_t, embeddings)
+    if threshold > 0 and curricular_t is not None:
+        raise ValueError("interclass_filtering_threshold and curricular_t do not go together: each sets the other "
+                         "classes' logits")
+    return_target_cosine = check_flag("return_target_cosine", return_target_cosine)
+    if weight.shape[0] % k:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of k = {k} sub-centres a class")
+    num_classes = weight.shape[0] // k
+    labels = labels.long()
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if check_flag("check_labels", check_labels) and not torch.compiler.is_compiling() and bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+    counted = (labels != ignore_index) & ~bad
+    rows, target_cos = _ChunkedLossRows.apply(embeddings, weight, labels, counted, curricular_t, k, float(s),
+                                              float(m1), float(m2), float(m3), float(lambda_),
+                                              margin_grad == "straight_through", threshold, class_chunk)
+    rows = torch.where(bad, torch.full_like(rows, float("nan")), rows)
+    loss = reduce_rows(rows, labels, ignore_index, reduction)
+    if return_target_cosine:
+        return loss, torch.where(counted, target_cos, torch.full_like(target_cos, float("nan"))).detach()
+    return loss

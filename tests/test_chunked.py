@@ -1,0 +1,238 @@
+"""Partial FC's inter-class filtering and CurricularFace on the chunked path (arcface_ext.chunked):
+against the whole-matrix reference in fp64 (values and gradients, every margin, chunks, sub-centres),
+against the two methods written out here as their papers and code describe them, gradcheck, and the
+modules (CurricularFace's running t, filtering with class sampling, the refusals)."""
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arcface_ext
+from arcface_ext import reference
+from arcface_ext.chunked import chunked_margin_loss
+
+MARGINS = {
+    "arcface": dict(m1=1.0, m2=0.5, m3=0.0),
+    "cosface": dict(m1=1.0, m2=0.0, m3=0.35),
+    "sphereface": dict(m1=1.35, m2=0.0, m3=0.0),
+    "combined": dict(m1=1.0, m2=0.3, m3=0.2),
+}
+
+
+def inputs(n=13, c=11, k=1, d=16, seed=0, dtype=torch.float64, near=5):
+    """Random rows, with ``near`` other classes' centres put close to some embeddings, so that both
+    filtering (cosines past 0.4) and easy and hard negatives occur."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    w = torch.randn(c * k, d, generator=g, dtype=dtype)
+    labels = torch.randint(0, c, (n,), generator=g)
+    for i in range(near):
+        other = (int(labels[i]) + 1 + i) % c
+        w[other * k] = x[i] + 0.4 * torch.randn(d, generator=g, dtype=dtype)
+    # A few rows close to their own class, so that not every negative is hard.
+    for i in range(near, min(n, near + 4)):
+        w[int(labels[i]) * k] = x[i] + 0.2 * torch.randn(d, generator=g, dtype=dtype)
+    return x.requires_grad_(True), w.requires_grad_(True), labels
+
+
+def cosines(x, w):
+    return (F.normalize(x, dim=1) @ F.normalize(w, dim=1).t()).clamp(-1, 1)
+
+
+def filtered_as_insightface(x, w, labels, threshold, s=64.0, m=0.5):
+    """insightface's CombinedMarginLoss (ArcFace) with inter-class filtering, as its code describes it:
+    the clamped cosines of the other classes past the threshold are multiplied by 0 (the target's
+    column is kept), then the angular margin on the target, then cross-entropy of s times them."""
+    cos = cosines(x, w)
+    with torch.no_grad():
+        keep = 1.0 - (cos > threshold).to(cos.dtype)
+        keep[torch.arange(len(labels)), labels] = 1.0
+    cos = cos * keep
+    target = cos[torch.arange(len(labels)), labels]
+    margined = torch.cos(torch.acos(target) + m)
+    logits = cos.scatter(1, labels[:, None], margined[:, None]) * s
+    return F.cross_entropy(logits, labels)
+
+
+def curricular_as_its_paper(x, w, labels, t, s=64.0, m=0.5):
+    """CurricularFace's logits as its paper writes them: target s·cos(θ + m); another class j gets
+    s·c_j·(t + c_j) when c_j > cos(θ_y + m), else s·c_j."""
+    cos = cosines(x, w)
+    target = cos[torch.arange(len(labels)), labels]
+    margined = torch.cos(torch.acos(target) + m)
+    hard = (cos > margined[:, None]).detach()
+    cos = torch.where(hard, cos * (t + cos), cos)
+    logits = cos.scatter(1, labels[:, None], margined[:, None]) * s
+    return F.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("margin", MARGINS)
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("kind", ["filtering", "curricular"])
+@pytest.mark.parametrize("k,chunk", [(1, None), (1, 3), (3, 2)])
+def test_matches_the_whole_matrix_in_fp64(margin, margin_grad, kind, k, chunk):
+    x, w, labels = inputs(k=k, seed=zlib.crc32(f"{margin} {margin_grad} {kind} {k}".encode()) % 1000)
+    labels[7] = -1  # an ignored row: no loss, no gradient
+    options = dict(s=30.0, margin_grad=margin_grad, k=k, **MARGINS[margin])
+    options.update(interclass_filtering_threshold=0.4) if kind == "filtering" else options.update(curricular_t=0.3)
+    ours = chunked_margin_loss(x, w, labels, class_chunk=chunk, **options)
+    gx, gw = torch.autograd.grad(ours, (x, w))
+    expected = reference.chunked_margin_loss(x, w, labels, **options)
+    ex, ew = torch.autograd.grad(expected, (x, w))
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gw, ew, rtol=1e-9, atol=1e-11)
+    assert gx[7].abs().max() == 0
+    # The options change the loss (the inputs reach the filtered and the hard regions).
+    plain = reference.chunked_margin_loss(x, w, labels, s=30.0, margin_grad=margin_grad, k=k, **MARGINS[margin])
+    assert abs(ours.item() - plain.item()) > 1e-3
+
+
+def test_filtering_is_insightfaces():
+    x, w, labels = inputs(seed=21)
+    assert (cosines(x, w).scatter(1, labels[:, None], -1.0) > 0.4).sum() >= 3
+    ours = arcface_ext.chunked_margin_loss(x, w, labels, interclass_filtering_threshold=0.4, class_chunk=4)
+    theirs = filtered_as_insightface(x, w, labels, 0.4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for ours_grad, their_grad in zip(torch.autograd.grad(ours, (x, w)), torch.autograd.grad(theirs, (x, w))):
+        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-9, atol=1e-12)
+    # A filtered class gets no gradient from the row, and its logit counts as e^0 in the softmax.
+    g = torch.Generator().manual_seed(23)
+    one = torch.randn(1, 16, dtype=torch.float64, generator=g)
+    near = one + 0.3 * torch.randn(4, 16, dtype=torch.float64, generator=g)
+    far = -one + 0.3 * torch.randn(6, 16, dtype=torch.float64, generator=g)
+    w1 = torch.cat([one, near, far]).requires_grad_(True)
+    cos = cosines(one, w1)[0].detach()
+    assert (cos[1:5] > 0.4).all() and (cos[5:] < 0).all()
+    loss = chunked_margin_loss(one, w1, torch.tensor([0]), s=10.0, m2=0.0, interclass_filtering_threshold=0.4,
+                               class_chunk=3)
+    expected = math.log(math.exp(10.0 * cos[0]) + 4 + sum(math.exp(10.0 * c) for c in cos[5:].tolist())) - 10.0 * cos[0]
+    assert math.isclose(loss.item(), expected, rel_tol=1e-12)
+    (gw,) = torch.autograd.grad(loss, w1)
+    assert gw[1:5].abs().max() == 0 and (gw[5:].abs().sum(dim=1) > 0).all()
+
+
+def test_curricular_is_its_papers():
+    x, w, labels = inputs(seed=22)
+    t = torch.tensor(0.25, dtype=torch.float64)
+    ours = arcface_ext.chunked_margin_loss(x, w, labels, curricular_t=t, class_chunk=5)
+    theirs = curricular_as_its_paper(x, w, labels, t)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for ours_grad, their_grad in zip(torch.autograd.grad(ours, (x, w)), torch.autograd.grad(theirs, (x, w))):
+        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-9, atol=1e-12)
+    # No hard negative (every target well inside its margin): the plain combined margin loss.
+    x_easy, labels_easy = x[:11], torch.arange(11)
+    w_easy = x_easy.detach().clone()
+    cos = cosines(x_easy, w_easy)
+    margined = torch.cos(torch.acos(cos[torch.arange(11), labels_easy]) + 0.5)
+    assert not (cos.scatter(1, labels_easy[:, None], -1.0) > margined[:, None]).any()
+    torch.testing.assert_close(chunked_margin_loss(x_easy, w_easy, labels_easy, curricular_t=0.7),
+                               reference.combined_margin_loss(x_easy, w_easy, labels_easy), rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck():
+    x, w, labels = inputs(n=5, c=4, k=2, d=6, seed=3, near=2)
+    for options in (dict(interclass_filtering_threshold=0.3), dict(curricular_t=0.4)):
+        f = lambda x, w: chunked_margin_loss(x, w, labels, k=2, s=8.0, class_chunk=3, reduction="sum",  # noqa: E731
+                                             **options)
+        assert torch.autograd.gradcheck(f, (x, w))
+
+
+def test_curricular_module_moves_t_as_curricularface():
+    torch.manual_seed(0)
+    module = arcface_ext.CurricularFaceLoss(11, 16, s=30.0)
+    assert module.t.item() == 0 and module.t.dtype == torch.float32
+    x, _, labels = inputs(seed=4, dtype=torch.float32)
+    labels[2] = -1
+    counted = labels != -1
+    target = cosines(x, module.weight)[torch.arange(13), labels.clamp_min(0)][counted]
+    loss, target_cos = module(x, labels, return_target_cosine=True)
+    t = 0.01 * target.mean()
+    torch.testing.assert_close(module.t, t.detach())
+    # The call used the moved t, as CurricularFace updates it before its logits.
+    expected = reference.chunked_margin_loss(x, module.weight, labels, s=30.0, curricular_t=t.detach())
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert module.weight.grad is not None
+    # Again: t = 0.99 t + 0.01 mean.
+    module(x, labels)
+    torch.testing.assert_close(module.t, (0.99 * t + 0.01 * target.mean()).detach())
+    before = module.t.clone()
+    # Eval mode, a batch of ignored rows, and a refused call leave t as it was.
+    module.eval()
+    module(x, labels)
+    module.train()
+    module(x, torch.full_like(labels, -1))
+    with pytest.raises(ValueError, match="labels must lie"):
+        module(x, labels + 11)
+    assert torch.equal(module.t, before)
+    # It stays fp32 under a cast, travels in the state dict, and reset_parameters zeroes it.
+    assert module.to(torch.bfloat16).t.dtype == torch.float32
+    assert "t" in module.state_dict()
+    module.reset_parameters()
+    assert module.t.item() == 0
+
+
+def test_modules_with_sampling_reference_and_refusals():
+    x, w, labels = inputs(c=40, seed=5, dtype=torch.float32)
+    module = arcface_ext.CombinedMarginLoss(40, 16, s=30.0, interclass_filtering_threshold=0.4, sample_rate=0.5)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    torch.manual_seed(1)
+    loss = module(x, labels)
+    index = module.last_sampled_classes
+    positions = torch.searchsorted(index, labels)
+    expected = reference.chunked_margin_loss(x, w[index], positions, s=30.0, interclass_filtering_threshold=0.4)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    unsampled = torch.ones(40, dtype=torch.bool)
+    unsampled[index] = False
+    assert module.weight.grad[unsampled].abs().max() == 0
+    module.eval()
+    full = module(x, labels)
+    module.use_reference = True
+    torch.testing.assert_close(module(x, labels), full)
+    torch.testing.assert_close(full, reference.chunked_margin_loss(x, w, labels, s=30.0,
+                                                                   interclass_filtering_threshold=0.4))
+    curricular = arcface_ext.CurricularFaceLoss(40, 16, sample_rate=0.5, use_reference=True)
+    curricular(x, labels).backward()
+    assert curricular.t.item() != 0
+
+    with pytest.raises(ValueError, match="interclass_filtering_threshold must be a number in"):
+        arcface_ext.CombinedMarginLoss(40, 16, interclass_filtering_threshold=1.5)
+    with pytest.raises(ValueError, match="does not go with AdaFaceLoss's per-row margins"):
+        arcface_ext.AdaFaceLoss(40, 16, interclass_filtering_threshold=0.4)
+    with pytest.raises(ValueError, match="does not go with CurricularFaceLoss's hard negatives"):
+        arcface_ext.CurricularFaceLoss(40, 16, interclass_filtering_threshold=0.4)
+    with pytest.raises(ValueError, match="momentum must be"):
+        arcface_ext.CurricularFaceLoss(40, 16, momentum=0)
+    with pytest.raises(ValueError, match="do not go together"):
+        chunked_margin_loss(x, w, labels, interclass_filtering_threshold=0.4, curricular_t=0.1)
+    with pytest.raises(ValueError, match="curricular_t must be"):
+        chunked_margin_loss(x, w, labels, curricular_t=torch.zeros(2))
+    with pytest.raises(ValueError, match="curricular_t must be"):
+        chunked_margin_loss(x, w, labels, curricular_t=math.nan)
+    sub = arcface_ext.SubCenterMarginLoss(40, 16, k=2, interclass_filtering_threshold=0.4)
+    assert "interclass_filtering_threshold=0.4" in repr(sub)
+    sub(x, labels).backward()
+
+
+def test_unchecked_bad_labels_empty_batches_and_compile():
+    x, w, labels = inputs(seed=6)
+    bad = labels.clone()
+    bad[1] = 50
+    for options in (dict(interclass_filtering_threshold=0.4), dict(curricular_t=0.2)):
+        rows = chunked_margin_loss(x, w, bad, reduction="none", check_labels=False, **options)
+        assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+        torch.testing.assert_close(rows, reference.chunked_margin_loss(x, w, bad, reduction="none",
+                                                                       check_labels=False, **options),
+                                   equal_nan=True)
+        empty = chunked_margin_loss(x[:0], w, labels[:0], **options)
+        assert empty.item() == 0
+    xf, wf = x.detach().float(), w.detach().float()
+    compiled = torch.compile(lambda x, w, y, t: chunked_margin_loss(x, w, y, curricular_t=t, class_chunk=4),
+                             fullgraph=True)
+    t = torch.tensor(0.3)
+    torch.testing.assert_close(compiled(xf, wf, labels, t), chunked_margin_loss(xf, wf, labels, curricular_t=t))
