@@ -22,7 +22,9 @@ three GEMMs any implementation must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone o
 with torch.mm). `subcenter` (arcface_ext.subcenter_margin_loss, sub-center ArcFace's chunked PyTorch path) and
 `subcenter-eager` (reference.subcenter_margin_loss, the whole N x C matrix) read the C rows as C / k
 classes of k sub-centres (--subcenters, default 3): the same matrix products as the others; they
-are not in the default set. `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
+are not in the default set. Nor are `filtered` / `curricular` (arcface_ext.chunked_margin_loss with
+Partial FC's inter-class filtering at 0.4, or CurricularFace's hard negatives at t = 0.3) and their
+whole-matrix `-eager` forms (reference.chunked_margin_loss). `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
 insightface runs for millions of identities): each step draws its sample (arcface_ext.sample_classes),
 gathers those centres and runs ours or the reference on them; the draw and the gather are timed too. Prints a table with ratios and writes its rows to
 benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the same name).
@@ -76,7 +78,11 @@ from arcface_ext import reference  # noqa: E402
 
 IMPLS = ("ours", "ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
          "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas", "eager", "compiled", "floor",
-         "ours-sampled", "eager-sampled", "subcenter", "subcenter-eager")
+         "ours-sampled", "eager-sampled", "subcenter", "subcenter-eager", "filtered", "filtered-eager", "curricular",
+         "curricular-eager")
+# The chunked path's options for the filtered and curricular impls: insightface's filtering threshold of
+# the Partial FC paper's experiments, and a CurricularFace t of mid-training.
+CHUNKED_OPTIONS = {"filtered": dict(interclass_filtering_threshold=0.4), "curricular": dict(curricular_t=0.3)}
 CUDA_ONLY = ("ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
              "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas")
 # The CUDA op's switches (read at every call) that the comparison variants of `ours` set.
@@ -177,9 +183,12 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
         labels = labels % (weight.shape[0] // subcenters)
         loss_fn = functools.partial(arcface_ext.subcenter_margin_loss if impl == "subcenter"
                                     else reference.subcenter_margin_loss, k=subcenters)
+    elif impl.split("-")[0] in CHUNKED_OPTIONS:
+        loss_fn = functools.partial(reference.chunked_margin_loss if impl.endswith("-eager")
+                                    else arcface_ext.chunked_margin_loss, **CHUNKED_OPTIONS[impl.split("-")[0]])
     else:
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
-    use_autocast = autocast and not impl.startswith(("ours", "subcenter"))
+    use_autocast = autocast and not impl.startswith(("ours", "subcenter", "filtered", "curricular"))
     # ours-cublas / ours-recompute / ours-one-row-tile / ours-wgmma(32, -resident): the CUDA op with its fused
     # tensor-core kernels, its kept gradient block or its blocks' shared class norms switched off, or
     # its forward on the wgmma tile, for comparison (SWITCHES).

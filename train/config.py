@@ -17,7 +17,10 @@ from typing import Any, Sequence
 from . import insightface_config
 from .models import NETWORKS
 
-LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos", "magface")
+LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos", "magface",
+          "curricularface")
+# The losses that take --interclass-filter and --subcenters (the others set their own margins or negatives).
+PLAIN_MARGIN_LOSSES = ("arcface", "cosface", "sphereface", "combined")
 # Which of --m1, --m2 and --m3 each loss reads, with the value each takes when not given (None: --arcface-m).
 # The losses not named read none: arcface and elasticface-arc take --arcface-m, adaface and magface
 # their own per-row margins.
@@ -94,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="arcface: cos(θ+m); cosface: cos θ-m; sphereface: cos(mθ); combined: cos(m1·θ+m2)-m3; "
                    "adaface: margins from the embedding norm (--adaface-m, --adaface-h); elasticface-arc / "
                    "elasticface-cos: each row's margin drawn from N(--arcface_m or --m3, --elastic-std); magface: "
-                   "a margin from 0.45 to 0.8 as the norm goes from 10 to 110, plus its norm regulariser (lambda_g 35)")
+                   "a margin from 0.45 to 0.8 as the norm goes from 10 to 110, plus its norm regulariser (lambda_g 35); "
+                   "curricularface: cos(θ+m) (--arcface_m) and hard negatives c·(t+c), t a running mean of the target "
+                   "cosines (a PyTorch path in fp32, not the fused op)")
     g.add_argument("--arcface-s", "--arcface_s", "--scale", dest="arcface_s", type=float, default=64.0,
                    help="scale s of the logits (all losses)")
     g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float, default=0.5,
@@ -118,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sub-center ArcFace: K centres a class, each class's cosine the best of its K (the paper: "
                    "3, for noisy data; python -m train.tools.clean then drops what the dominant sub-centres leave). "
                    "With arcface, cosface, sphereface or combined; a PyTorch path in fp32, not the fused op")
+    g.add_argument("--interclass-filter", "--interclass-filtering-threshold", "--interclass_filtering_threshold",
+                   dest="interclass_filter", type=float, default=0.0,
+                   help="partial FC's inter-class filtering (arcface_torch's interclass_filtering_threshold): other "
+                   "classes whose cosine to a sample exceeds this get logit 0 and no gradient, taken for the same "
+                   "person filed twice. 0: off. With arcface, cosface, sphereface or combined; a PyTorch path in "
+                   "fp32, not the fused op")
     g.add_argument("--loss-impl", "--loss_impl", dest="loss_impl", choices=("fused", "reference"), default="fused",
                    help="the compiled arcface_ext op, or its pure-PyTorch reference")
     g.add_argument("--sharded-classes", "--model-parallel", dest="sharded_classes",
@@ -321,14 +332,26 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("--sharded-classes needs --loss-impl fused (the reference has no sharded form)")
     if args.subcenters < 1:
         raise SystemExit(f"--subcenters must be at least 1, got {args.subcenters}")
-    if args.subcenters > 1:
-        clash = [flag for flag, on in (
-            (f"--loss {args.loss}", args.loss not in ("arcface", "cosface", "sphereface", "combined")),
-            ("--sharded-classes", args.sharded_classes), (f"--sample-rate {args.sample_rate:g}", args.sample_rate < 1),
-            (f"--loss-amp {args.loss_amp}", args.loss_amp != "none")) if on]
+    if not 0.0 <= args.interclass_filter <= 1.0:
+        raise SystemExit(f"--interclass-filter must be in [0, 1] (0: off), got {args.interclass_filter}")
+    # The chunked PyTorch path (arcface_ext.chunked): replicated class centres, fp32.
+    for flag, on, plain_only, samples in (
+            (f"--subcenters {args.subcenters}", args.subcenters > 1, True, False),
+            (f"--interclass-filter {args.interclass_filter:g}", args.interclass_filter > 0, True, True),
+            ("--loss curricularface", args.loss == "curricularface", False, True)):
+        if not on:
+            continue
+        clash = [other for other, bad in (
+            (f"--loss {args.loss}", plain_only and args.loss not in PLAIN_MARGIN_LOSSES),
+            ("--sharded-classes", args.sharded_classes),
+            (f"--sample-rate {args.sample_rate:g}", not samples and args.sample_rate < 1),
+            (f"--loss-amp {args.loss_amp}", args.loss_amp != "none")) if bad]
         if clash:
-            raise SystemExit(f"--subcenters {args.subcenters} does not go with {' or '.join(clash)}: sub-centres run "
-                             "with replicated class centres in fp32, with arcface, cosface, sphereface or combined")
+            hint = (" (--no-sharded-classes replicates the centres)"
+                    if args.sharded_classes and len(clash) == 1 else "")
+            raise SystemExit(f"{flag} does not go with {' or '.join(clash)}: it runs on a PyTorch path in fp32 with "
+                             "replicated class centres" + (", with arcface, cosface, sphereface or combined"
+                                                           if plain_only else "") + hint)
     if args.sharded_classes and args.loss_amp == "fp16":
         # Each rank would see overflows in its own shard of fp16 gradients only, and the gradient
         # scaler would skip steps on some ranks and not on others.
@@ -359,7 +382,7 @@ def margins(args: argparse.Namespace) -> tuple[float, float, float]:
     AdaFace's and MagFace's are per row, from the embedding norm: (1, 0, 0) here)."""
     if args.loss in ("adaface", "magface"):
         return 1.0, 0.0, 0.0
-    if args.loss in ("arcface", "elasticface-arc"):
+    if args.loss in ("arcface", "elasticface-arc", "curricularface"):
         return 1.0, args.arcface_m, 0.0
     values = {"m1": 1.0, "m2": 0.0, "m3": 0.0}
     for name, default in MARGIN_FLAGS[args.loss].items():

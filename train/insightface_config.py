@@ -26,7 +26,9 @@ How its settings map:
 - ``output`` None -> ``work_dirs/<config name>``, as its ``get_config`` does;
 - ``num_classes`` -> ``--num-classes``, checked against the data;
 - ``dali``, ``save_all_states`` and the wandb keys have no counterpart and are reported as
-  ignored; ``interclass_filtering_threshold`` > 0 is refused (not implemented here).
+  ignored;
+- ``interclass_filtering_threshold`` -> ``--interclass-filter`` (a PyTorch path in fp32 with replicated
+  class centres: with more than one process, add ``--no-sharded-classes``).
 """
 
 from __future__ import annotations
@@ -110,9 +112,6 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     if missing:
         raise SystemExit(f"{path}: arcface_torch configs set {', '.join(REQUIRED)}; this one lacks "
                          f"{', '.join(missing)}")
-    if config.get("interclass_filtering_threshold", 0):
-        raise SystemExit(f"{path}: interclass_filtering_threshold > 0 (partial FC's inter-class filtering) is not "
-                         "implemented here")
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     m1, m2, m3 = (float(m) for m in config["margin_list"])
@@ -145,6 +144,7 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         "loss": "combined", "m1": m1, "m2": m2, "m3": m3, "arcface-s": 64.0,
         "margin-grad": "straight_through" if (m1, m3) == (1.0, 0.0) and m2 != 0.0 else "exact",
         "sample-rate": float(config["sample_rate"]), "sharded-classes": world_size > 1,
+        "interclass-filter": float(config["interclass_filtering_threshold"]),
         "optimizer": config["optimizer"], "lr": lr, "decay": float(config["weight_decay"]),
         "lr-schedule": "poly", "max-steps": max_steps, "warmup-steps": warmup_steps,
         "batch-size": batch, "gradient-acc": passes, "amp": "fp16" if config["fp16"] else "none",

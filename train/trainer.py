@@ -247,6 +247,12 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
     return changed
 
 
+def chunked_loss(args: argparse.Namespace) -> bool:
+    """Whether the loss runs on arcface_ext's chunked PyTorch path (fp32) rather than --loss-impl's."""
+    return (getattr(args, "subcenters", 1) > 1 or getattr(args, "interclass_filter", 0.0) > 0
+            or args.loss == "curricularface")
+
+
 def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """The loss as a module that owns its class centres and is called as
     ``loss(embeddings, labels, return_target_cosine=True)``.
@@ -257,10 +263,13 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """
     import arcface_ext
 
-    if getattr(args, "subcenters", 1) > 1:  # a PyTorch path of its own (config.resolve refuses what it lacks)
+    # (The chunked PyTorch path's options: config.resolve refuses what it lacks.)
+    interclass_filter = getattr(args, "interclass_filter", 0.0)
+    if getattr(args, "subcenters", 1) > 1:
         m1, m2, m3 = margins(args)
         return arcface_ext.SubCenterMarginLoss(num_classes, args.embedding_size, k=args.subcenters, s=args.arcface_s,
-                                               m1=m1, m2=m2, m3=m3, margin_grad=args.margin_grad, check_labels=False)
+                                               m1=m1, m2=m2, m3=m3, margin_grad=args.margin_grad, check_labels=False,
+                                               interclass_filtering_threshold=interclass_filter)
     if args.loss_impl == "fused" and not arcface_ext.extension_available():
         raise SystemExit("arcface_ext's compiled op is not built: run `pip install --no-build-isolation -e .` "
                          "from the repository root, or train with --loss-impl reference (pure PyTorch, slower)")
@@ -283,6 +292,10 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
                        **common)
     if args.loss == "magface":
         return arcface_ext.MagFaceLoss(num_classes, args.embedding_size, s=args.arcface_s, **common)
+    if args.loss == "curricularface":
+        return arcface_ext.CurricularFaceLoss(num_classes, args.embedding_size, s=args.arcface_s, m=m2, **common)
+    if interclass_filter > 0:
+        common["interclass_filtering_threshold"] = interclass_filter
     if args.loss.startswith("elasticface"):
         kind = args.loss.split("-")[1]
         return elasticface(num_classes, args.embedding_size, s=args.arcface_s, m=m2 if kind == "arc" else m3,
@@ -568,7 +581,11 @@ class Trainer:
         if not self.args.finetuning and centres is not None:
             k = getattr(self.args, "subcenters", 1)
             if centres["weight"].shape == (self.num_classes * k, self.args.embedding_size):
-                self.margin_loss.load_state_dict(centres)
+                # The centres, and the running statistics both losses keep (AdaFace's norm statistics,
+                # CurricularFace's t); those of another loss are left out, these start fresh.
+                own = self.margin_loss.state_dict()
+                own.update({key: value for key, value in centres.items() if key in own})
+                self.margin_loss.load_state_dict(own)
                 loaded += " and class centres"
             elif self.is_main:
                 rows, dim = centres["weight"].shape
@@ -892,7 +909,7 @@ class Trainer:
             + (f", compiled ({a.compile_backend}{', ' + a.compile_mode if a.compile_mode else ''})" if a.compile else ""),
             f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities; "
             f"verification: {', '.join(self.verification_sets) or 'none'}",
-            f"loss {self.margin_loss!r} ({'PyTorch, fp32' if getattr(a, 'subcenters', 1) > 1 else a.loss_impl})",
+            f"loss {self.margin_loss!r} ({'PyTorch, fp32' if chunked_loss(a) else a.loss_impl})",
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
             + f" on {self.device}, {a.max_steps} steps from step {self.step}",

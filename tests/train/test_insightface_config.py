@@ -110,13 +110,26 @@ def test_base_defaults_fill_what_a_config_leaves_out(tmp_path):
     ("print('hello')\n", "only `config.<key> = <value>` lines are read"),
     ("config.warmup_epoch = config.num_epoch // 10\n", "config.num_epoch is used before it is set"),
     ("config.rec = 'x'\nconfig.num_classes = 3\n", "this one lacks num_image, num_epoch"),
-    ("config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
-     "config.interclass_filtering_threshold = 0.4\n", "interclass_filtering_threshold > 0"),
     ("config = (\n", "not a Python config file"),
 ])
 def test_what_cannot_be_read_is_named(tmp_path, text, message):
     with pytest.raises(SystemExit, match=message):
         parse_args(["--config", write(tmp_path, text)])
+
+
+def test_interclass_filtering_maps_to_the_flag_and_asks_for_replicated_centres(tmp_path, monkeypatch):
+    text = ("config.rec = 'x'\nconfig.num_classes = 30\nconfig.num_image = 900\nconfig.num_epoch = 1\n"
+            "config.sample_rate = 0.3\nconfig.interclass_filtering_threshold = 0.4\n")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_args(["--config", write(tmp_path, text)])
+    assert (args.interclass_filter, args.sample_rate, args.sharded_classes) == (0.4, 0.3, False)
+    # Eight processes: arcface_torch's partial FC shards the centres, which the filtering's path lacks.
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(SystemExit, match=r"--interclass-filter 0.4 does not go with --sharded-classes.*"
+                                         r"--no-sharded-classes replicates"):
+        parse_args(["--config", write(tmp_path, text)])
+    args = parse_args(["--config", write(tmp_path, text), "--no-sharded-classes"])
+    assert (args.interclass_filter, args.sharded_classes) == (0.4, False)
 
 
 def test_a_negative_warm_up_is_what_arcface_torchs_poly_scheduler_makes_of_it(tmp_path, monkeypatch, capsys):

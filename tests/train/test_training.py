@@ -625,6 +625,45 @@ def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeyp
         assert set(state) == {"weight", "batch_mean", "batch_std"} and float(state["batch_mean"]) != 20.0
 
 
+@pytest.mark.parametrize("options", [dict(loss="curricularface"), dict(interclass_filter=0.2, sample_rate=0.25),
+                                     dict(loss="cosface", interclass_filter=0.3)],
+                         ids=["curricularface", "filter-sampled", "filter-cosface"])
+def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monkeypatch, capsys, options):
+    # CurricularFace's t is a buffer of the loss (in the checkpoint); the filtering needs none.
+    options = dict(max_steps=4, save_every=2, **options)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(argv(many_faces, full, **options)) == 0
+    assert "(PyTorch, fp32)" in capsys.readouterr().err
+    curve = losses(full)
+    assert len(curve) == 4 and all(math.isfinite(v) for v in curve)
+    run_killed_at(3, argv(many_faces, killed, **options), monkeypatch)
+    assert main(argv(many_faces, killed, resume="auto", **options)) == 0
+    assert losses(killed) == curve
+    state = checkpoint.load(str(full / "checkpoint.pt"))["margin_loss"]
+    if options.get("loss") == "curricularface":
+        assert set(state) == {"weight", "t"} and 0 < abs(float(state["t"])) < 0.05
+        # A pretrained checkpoint of another loss: its centres load, t starts at 0 (and the reverse).
+        other = tmp_path / "other"
+        assert main(argv(many_faces, other, max_steps=1, pretrained_model=str(full / "checkpoint.pt"))) == 0
+        assert "backbone and class centres" in capsys.readouterr().err
+        assert main(argv(many_faces, tmp_path / "back", max_steps=1, loss="curricularface",
+                         pretrained_model=str(other / "checkpoint.pt"))) == 0
+    else:
+        assert set(state) == {"weight"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--interclass-filter", "0.4", "--loss", "adaface"], "--interclass-filter 0.4 does not go with --loss adaface"),
+    (["--interclass-filter", "0.4", "--sharded-classes"], "--no-sharded-classes replicates the centres"),
+    (["--loss", "curricularface", "--loss-amp", "bf16"], "--loss curricularface does not go with --loss-amp bf16"),
+    (["--loss", "curricularface", "--subcenters", "3"], "--subcenters 3 does not go with --loss curricularface"),
+    (["--interclass-filter", "1.5"], r"--interclass-filter must be in \[0, 1\]"),
+])
+def test_chunked_path_options_that_do_not_go_together(extra, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_args(extra)
+
+
 def test_margins_per_loss():
     from train.config import margins
 
@@ -634,6 +673,7 @@ def test_margins_per_loss():
     assert margins(parse_args(["--loss", "combined", "--m1", "1.0", "--m2", "0.3", "--m3", "0.2"])) == (1.0, 0.3, 0.2)
     assert margins(parse_args(["--loss", "elasticface-arc"])) == (1.0, 0.5, 0.0)
     assert margins(parse_args(["--loss", "elasticface-cos"])) == (1.0, 0.0, 0.35)
+    assert margins(parse_args(["--loss", "curricularface", "--arcface-m", "0.4"])) == (1.0, 0.4, 0.0)
 
 
 @pytest.mark.parametrize("loss", ["arcface", "combined", "adaface", "elasticface-arc"])
