@@ -29,8 +29,8 @@ from torch.autograd.function import once_differentiable
 from ._checks import check_arguments, check_flag, reduce_rows
 from .reference import NORM_EPS, margin_psi
 
-# Cosines held at a time: an N x chunk·K block of about this many values (16 MiB in fp32; a few such
-# blocks are alive at once in the backward pass).
+# Values a block holds: about this many cosines (N x chunk·K) and centre rows' values (chunk·K x D),
+# 16 MiB each in fp32; a few such blocks are alive at once in the backward pass.
 BLOCK_VALUES = 1 << 22
 
 
@@ -39,10 +39,10 @@ def _unit(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows / norm, norm
 
 
-def _chunk_classes(n: int, k: int, num_classes: int, chunk: int | None) -> int:
+def _chunk_classes(n: int, dim: int, k: int, num_classes: int, chunk: int | None) -> int:
     if chunk is not None:
         return chunk
-    return max(1, min(num_classes, BLOCK_VALUES // max(1, n * k)))
+    return max(1, min(num_classes, BLOCK_VALUES // max(1, max(n, dim) * k)))
 
 
 def _negatives(best, s, threshold, curricular_t, hard_above):
@@ -80,7 +80,7 @@ class _ChunkedLossRows(torch.autograd.Function):
             hard_above = psi - m3
             # logsumexp over the other classes' logits, online across chunks, the target's logit included.
             run_max, run_sum = target_logit.clone(), torch.ones_like(target_logit)
-            step = _chunk_classes(n, k, num_classes, chunk)
+            step = _chunk_classes(n, dim, k, num_classes, chunk)
             for first in range(0, num_classes, step):
                 logits, _ = _negatives(_class_cosines(x_hat, w, first, step, k)[0], s, threshold, curricular_t,
                                        hard_above)
@@ -113,24 +113,31 @@ class _ChunkedLossRows(torch.autograd.Function):
             grad_x_hat = torch.zeros_like(x_hat) if need_x else None
             grad_w = torch.zeros(w.shape, dtype=x_hat.dtype, device=w.device) if need_w else None
             for first in range(0, num_classes, ctx.step):
-                best, which, unit_rows, norms, best_raw = _class_cosines(x_hat, w, first, ctx.step, k)
+                best, which, rows_w, norms, best_raw = _class_cosines(x_hat, w, first, ctx.step, k)
                 logits, slope = _negatives(best, s, ctx.threshold, curricular_t, hard_above)
-                p = torch.exp(logits - lse[:, None])
-                _mask_target(p, labels, counted, first, 0.0)  # the target's share comes below, with its margin
-                grad_best = (g[:, None] * s) * p if slope is None else (g[:, None] * s) * p * slope
+                # d loss / d c = g·s·p·f'(c), p the softmax; in place, one block at a time.
+                grad_best = logits.sub_(lse[:, None]).exp_().mul_(g[:, None] * s)
+                _mask_target(grad_best, labels, counted, first, 0.0)  # the target's share comes below
+                if slope is not None:
+                    grad_best.mul_(slope)
                 # (the clamp to [-1, 1] passes no gradient where it clamped)
-                grad_best = torch.where(best_raw.abs() <= 1.0, grad_best, torch.zeros_like(p))
+                grad_best.masked_fill_(best_raw.abs() > 1.0, 0.0)
                 if k == 1:
                     grad_cos = grad_best
                 else:
                     grad_cos = torch.zeros(n, best.shape[1], k, dtype=x_hat.dtype, device=x_hat.device)
                     grad_cos.scatter_(2, which.unsqueeze(2), grad_best.unsqueeze(2))
-                    grad_cos = grad_cos.view(n, unit_rows.shape[0])
+                    grad_cos = grad_cos.view(n, rows_w.shape[0])
+                # The normalisation as a rank-1 scaling (no unit copy of the centres): with S = G / |w_j|
+                # column-wise, x̂'s gradient is S·w and the centres' (Sᵀx̂ projected off ŵ_j) / |w_j|.
+                scaled = grad_cos.div_(norms.t())
                 if need_x:
-                    grad_x_hat += grad_cos @ unit_rows
+                    grad_x_hat.addmm_(scaled, rows_w)
                 if need_w:
-                    grad_w[first * k:first * k + unit_rows.shape[0]] = _through_norm(grad_cos.t() @ x_hat,
-                                                                                     unit_rows, norms)
+                    block = scaled.t() @ x_hat
+                    dot = (block * rows_w).sum(dim=1, keepdim=True).mul_((norms > NORM_EPS).to(norms.dtype))
+                    grad_w[first * k:first * k + rows_w.shape[0]] = block.addcmul_(rows_w, dot.div_(norms.square()),
+                                                                                   value=-1.0)
             # The target: d loss / d target logit = p_target - 1, times the margin's derivative.
             p_target = torch.exp(target_logit - lse)
             grad_t = g * (p_target - 1.0) * s * dpsi * inside
@@ -148,14 +155,16 @@ class _ChunkedLossRows(torch.autograd.Function):
 
 def _class_cosines(x_hat, w, first, step, k):
     """For classes first … first + step − 1: (N, c) best sub-centre cosine (clamped), (N, c) which
-    sub-centre (None for k = 1), the (c·K, D) unit sub-centres (in x_hat's dtype, converted a chunk at
-    a time), their norms, and (N, c) the best cosine before the clamp."""
-    unit_rows, norms = _unit(w[first * k:(first + step) * k].to(x_hat.dtype))
-    raw = x_hat @ unit_rows.t()
+    sub-centre (None for k = 1), the (c·K, D) sub-centres (in x_hat's dtype, converted a chunk at a
+    time, not normalised), their norms clamped to eps (c·K, 1), and (N, c) the best cosine before the
+    clamp. The normalisation is a rank-1 scaling of the dot products, not a copy of the centres."""
+    rows = w[first * k:(first + step) * k].to(x_hat.dtype)
+    norms = rows.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    raw = (x_hat @ rows.t()).div_(norms.t())
     which = None
     if k > 1:
-        raw, which = raw.view(x_hat.shape[0], unit_rows.shape[0] // k, k).max(dim=2)
-    return raw.clamp(-1.0, 1.0), which, unit_rows, norms, raw
+        raw, which = raw.view(x_hat.shape[0], rows.shape[0] // k, k).max(dim=2)
+    return raw.clamp(-1.0, 1.0), which, rows, norms, raw
 
 
 def _mask_target(block, labels, counted, first, value):
@@ -169,9 +178,11 @@ def _mask_target(block, labels, counted, first, value):
 
 def _through_norm(grad_unit, unit, norm):
     """The gradient of rows v from that of v / max(|v|, eps): projected off v / |v| and divided by
-    |v|, or, for rows shorter than eps (divided by eps alone), just divided."""
-    projected = (grad_unit - unit * (grad_unit * unit).sum(dim=1, keepdim=True)) / norm
-    return torch.where(norm > NORM_EPS, projected, grad_unit / NORM_EPS)
+    |v|, or, for rows shorter than eps (divided by eps alone), just divided. In place: ``grad_unit``
+    becomes the result (a block of centre rows is the size of the cosine block or larger)."""
+    longer = (norm > NORM_EPS).to(norm.dtype)
+    dot = (grad_unit * unit).sum(dim=1, keepdim=True).mul_(longer)
+    return grad_unit.addcmul_(unit, dot, value=-1.0).div_(norm)
 
 
 def check_int_option(name, value, *, optional=False):

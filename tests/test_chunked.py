@@ -236,3 +236,19 @@ def test_unchecked_bad_labels_empty_batches_and_compile():
                              fullgraph=True)
     t = torch.tensor(0.3)
     torch.testing.assert_close(compiled(xf, wf, labels, t), chunked_margin_loss(xf, wf, labels, curricular_t=t))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_centres_shorter_than_the_norms_eps(k):
+    # The normalisation is a rank-1 scaling here: a centre shorter than eps (divided by eps alone)
+    # gets the gradient of w / max(|w|, eps) all the same, as autograd has it on the whole matrix.
+    x, w, labels = inputs(n=6, c=5, k=k, seed=31, near=2)
+    tiny = w.detach().clone()
+    tiny[1] *= 1e-14
+    tiny[3 * k] = 0.0
+    tiny.requires_grad_(True)
+    for options in (dict(interclass_filtering_threshold=0.4), dict(curricular_t=0.2), {}):
+        ours = torch.autograd.grad(chunked_margin_loss(x, tiny, labels, k=k, class_chunk=2, **options), (x, tiny))
+        theirs = torch.autograd.grad(reference.chunked_margin_loss(x, tiny, labels, k=k, **options), (x, tiny))
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
