@@ -178,3 +178,20 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
                                rtol=1e-4, atol=1e-5 * scale)
     # The whole matrix, without a shard's range: it loads into a replicated loss as it is.
     arcface_ext.ArcFaceLoss(8, 64).load_state_dict(sharded_end["margin_loss"])
+
+
+def test_chunked_path_losses_train_under_ddp(tmp_path):
+    # CurricularFace's running t is a buffer of the DDP-wrapped loss (broadcast from rank 0 at each
+    # forward); the filtering's path has none. Both train through the chunked autograd function.
+    data = make_face_folder(str(tmp_path / "faces"))
+    for name, extra in (("curricular", {"loss": "curricularface"}), ("filtered", {"interclass_filter": 0.3})):
+        output = tmp_path / name
+        result = torchrun(base_argv(data, str(output), batch_size=8, max_steps=3, save_every=3, loss_impl=LOSS_IMPL,
+                                    **extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "(PyTorch, fp32)" in result.stderr and "2 process(es)" in result.stderr
+        state = checkpoint.load(str(output / "checkpoint.pt"))["margin_loss"]
+        losses = [r["loss"] for r in read_jsonl(output / "metrics.jsonl")]
+        assert len(losses) == 3 and all(v == v for v in losses)
+        if name == "curricular":
+            assert 0 < abs(float(state["t"])) < 0.05
