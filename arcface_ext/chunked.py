@@ -59,98 +59,149 @@ def _negatives(best, s, threshold, curricular_t, hard_above):
     return s * best, None
 
 
+class _Targets:
+    """What a call needs of its rows' targets: which rows count (label not ``ignore_index`` and in
+    [0, num_classes)), which of them this block of centres holds (``owned``; every counted row unless
+    the centres are a shard of the classes), their best sub-centre (row of ``weight``), the clamped
+    target cosine, and the target logit s·(ψ − m3) with its chain factor s·dψ/dc (0 where the clamp
+    clamped), all in the compute dtype."""
+
+    def __init__(self, x, w, labels, *, k, s, m1, m2, m3, lambda_, straight_through, ignore_index, class_offset,
+                 num_classes):
+        self.dtype = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+        self.x_hat, self.x_norm = _unit(x.to(self.dtype))
+        n, dim = x.shape
+        self.local = w.shape[0] // k
+        total = self.local if num_classes < 0 else num_classes
+        labels = labels.long()
+        self.counted = (labels != ignore_index) & (labels >= 0) & (labels < total)
+        self.bad = (labels != ignore_index) & ~self.counted
+        # Targets as indices into this block of classes; rows whose target it does not hold are not owned.
+        self.position = labels - class_offset
+        self.owned = self.counted & (self.position >= 0) & (self.position < self.local)
+        target = torch.where(self.owned, self.position, 0)
+        # The target's cosine: the best of its class's K sub-centres.
+        rows, _ = _unit(w.view(self.local, k, dim)[target].reshape(n * k, dim).to(self.dtype))
+        raw = torch.bmm(rows.view(n, k, dim), self.x_hat.unsqueeze(2)).squeeze(2)
+        raw, sub = raw.max(dim=1)
+        self.row = target * k + sub
+        self.cosine = raw.clamp(-1.0, 1.0)
+        psi, dpsi = margin_psi(self.cosine, m1=m1, m2=m2, lambda_=lambda_)
+        self.logit = s * (psi - m3)
+        self.slope = s * (torch.ones_like(dpsi) if straight_through else dpsi) * (raw.abs() <= 1.0).to(self.dtype)
+
+
+def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through, ignore_index, class_offset=0,
+                  num_classes=-1, threshold=0.0, curricular_t=None, chunk=None):
+    """The chunked path's forward on a block of classes, with the fused op's (``margin_softmax_forward``)
+    outputs and shard semantics: ``w`` holds classes [class_offset, class_offset + C) of
+    ``num_classes`` (-1: just its own C) and labels index all of them. Returns (per-row loss, the
+    row's log-sum-exp, the clamped target cosine): a row whose target is in another shard gets the
+    shard's log-sum-exp as its loss and target cosine 0; ignored rows 0, 0, 0; a label outside
+    [0, num_classes) a NaN loss. CurricularFace's hard-negative test needs each row's target here:
+    with ``curricular_t`` every counted row's target must be in ``w``."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        r = _Targets(x, w, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, straight_through=straight_through,
+                     ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes)
+        n, dim = x.shape
+        hard_above = r.logit / s
+        # logsumexp over the other classes' logits, online across chunks, the target's logit included.
+        run_max = torch.where(r.owned, r.logit, torch.full_like(r.logit, -torch.inf))
+        run_sum = r.owned.to(r.dtype)
+        step = _chunk_classes(n, dim, k, r.local, chunk)
+        for first in range(0, r.local, step):
+            logits, _ = _negatives(_class_cosines(r.x_hat, w, first, step, k)[0], s, threshold, curricular_t,
+                                   hard_above)
+            _mask_target(logits, r.position, r.owned, first, -torch.inf)
+            new_max = torch.maximum(run_max, logits.max(dim=1).values)
+            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+            run_max = new_max
+        zero = torch.zeros_like(run_max)
+        lse = torch.where(r.counted, run_max + torch.log(run_sum), zero)
+        rows = torch.where(r.owned, lse - r.logit, lse)
+        rows = torch.where(r.bad, torch.full_like(rows, float("nan")), rows)
+        return rows, lse, torch.where(r.owned, r.cosine, zero)
+
+
+def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, lambda_, straight_through, ignore_index,
+                   needs_embeddings_grad=True, needs_weight_grad=True, class_offset=0, num_classes=-1, threshold=0.0,
+                   curricular_t=None, chunk=None):
+    """The gradients of Σ_i grad_rows[i]·loss[i] for :func:`shard_forward`'s block of classes, given each
+    row's log-sum-exp (the whole softmax's when the classes are sharded: then they are this shard's part
+    of the whole loss's gradients), as ``margin_softmax_backward``. Returns (d/dx or None, d/dw or None)
+    in the inputs' dtypes; rows not counted get none."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        r = _Targets(x, w, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, straight_through=straight_through,
+                     ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes)
+        n, dim = x.shape
+        g = torch.where(r.counted, grad_rows.to(r.dtype), torch.zeros_like(r.logit))
+        # (+inf where nothing counts: no exp overflows into a 0·inf there)
+        lse = torch.where(r.counted, logsumexp.to(r.dtype), torch.full_like(r.logit, torch.inf))
+        hard_above = r.logit / s
+        x_hat = r.x_hat
+        grad_x_hat = torch.zeros_like(x_hat) if needs_embeddings_grad else None
+        grad_w = torch.zeros(w.shape, dtype=r.dtype, device=w.device) if needs_weight_grad else None
+        step = _chunk_classes(n, dim, k, r.local, chunk)
+        for first in range(0, r.local, step):
+            best, which, rows_w, norms, best_raw = _class_cosines(x_hat, w, first, step, k)
+            logits, slope = _negatives(best, s, threshold, curricular_t, hard_above)
+            # d loss / d c = g·s·p·f'(c), p the softmax; in place, one block at a time.
+            grad_best = logits.sub_(lse[:, None]).exp_().mul_(g[:, None] * s)
+            _mask_target(grad_best, r.position, r.owned, first, 0.0)  # the target's share comes below
+            if slope is not None:
+                grad_best.mul_(slope)
+            # (the clamp to [-1, 1] passes no gradient where it clamped)
+            grad_best.masked_fill_(best_raw.abs() > 1.0, 0.0)
+            if k == 1:
+                grad_cos = grad_best
+            else:
+                grad_cos = torch.zeros(n, best.shape[1], k, dtype=r.dtype, device=x.device)
+                grad_cos.scatter_(2, which.unsqueeze(2), grad_best.unsqueeze(2))
+                grad_cos = grad_cos.view(n, rows_w.shape[0])
+            # The normalisation as a rank-1 scaling (no unit copy of the centres): with S = G / |w_j|
+            # column-wise, x̂'s gradient is S·w and the centres' (Sᵀx̂ projected off ŵ_j) / |w_j|.
+            scaled = grad_cos.div_(norms.t())
+            if needs_embeddings_grad:
+                grad_x_hat.addmm_(scaled, rows_w)
+            if needs_weight_grad:
+                block = scaled.t() @ x_hat
+                dot = (block * rows_w).sum(dim=1, keepdim=True).mul_((norms > NORM_EPS).to(norms.dtype))
+                grad_w[first * k:first * k + rows_w.shape[0]] = block.addcmul_(rows_w, dot.div_(norms.square()),
+                                                                               value=-1.0)
+        # The target (rows whose target this block holds): d loss / d target logit = p_target - 1,
+        # times the margin's chain factor.
+        grad_t = torch.where(r.owned, g * (torch.exp(r.logit - lse) - 1.0) * r.slope, torch.zeros_like(g))
+        unit_rows, norms = _unit(w[r.row].to(r.dtype))
+        grad_x = None
+        if needs_embeddings_grad:
+            grad_x_hat.addcmul_(grad_t[:, None], unit_rows)
+            grad_x = _through_norm(grad_x_hat, x_hat, r.x_norm).to(x.dtype)
+        if needs_weight_grad:
+            grad_w.index_add_(0, r.row, _through_norm(grad_t[:, None] * x_hat, unit_rows, norms))
+            grad_w = grad_w.to(w.dtype)
+        return grad_x, grad_w
+
+
 class _ChunkedLossRows(torch.autograd.Function):
-    """Per-row losses (and clamped target cosines) of the chunked margin loss; rows not counted 0."""
+    """Per-row losses (NaN at a bad label, 0 at ignored rows) and clamped target cosines of the
+    chunked margin loss, with every class in ``w``."""
 
     @staticmethod
-    def forward(ctx, x, w, labels, counted, curricular_t, k, s, m1, m2, m3, lambda_, straight_through, threshold,
-                chunk):
-        dtype = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
-        with torch.autocast(x.device.type, enabled=False):
-            x_hat, x_norm = _unit(x.to(dtype))
-            n, dim, num_classes = x.shape[0], x.shape[1], w.shape[0] // k
-            target = torch.where(counted, labels, 0)
-            # The target's cosine: the best of its class's K sub-centres.
-            target_rows, _ = _unit(w.view(num_classes, k, dim)[target].reshape(n * k, dim).to(dtype))
-            raw = torch.bmm(target_rows.view(n, k, dim), x_hat.unsqueeze(2)).squeeze(2)
-            target_raw, target_sub = raw.max(dim=1)
-            target_cos = target_raw.clamp(-1.0, 1.0)
-            psi, dpsi = margin_psi(target_cos, m1=m1, m2=m2, lambda_=lambda_)
-            target_logit = s * (psi - m3)
-            hard_above = psi - m3
-            # logsumexp over the other classes' logits, online across chunks, the target's logit included.
-            run_max, run_sum = target_logit.clone(), torch.ones_like(target_logit)
-            step = _chunk_classes(n, dim, k, num_classes, chunk)
-            for first in range(0, num_classes, step):
-                logits, _ = _negatives(_class_cosines(x_hat, w, first, step, k)[0], s, threshold, curricular_t,
-                                       hard_above)
-                _mask_target(logits, labels, counted, first, -torch.inf)
-                new_max = torch.maximum(run_max, logits.max(dim=1).values)
-                run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
-                run_max = new_max
-            lse = run_max + torch.log(run_sum)
-            rows = torch.where(counted, lse - target_logit, torch.zeros_like(lse))
-        t = curricular_t if curricular_t is not None else torch.zeros(())
-        ctx.save_for_backward(x_hat, x_norm, w, labels, counted, lse, target_logit, target_sub,
-                              torch.ones_like(dpsi) if straight_through else dpsi,
-                              (target_raw.abs() <= 1.0).to(dtype), t)
-        ctx.k, ctx.s, ctx.step, ctx.dtypes = k, s, step, (x.dtype, w.dtype)
-        ctx.threshold, ctx.curricular = threshold, curricular_t is not None
+    def forward(ctx, x, w, labels, curricular_t, options):
+        rows, lse, target_cos = shard_forward(x, w, labels, curricular_t=curricular_t, **options)
+        ctx.save_for_backward(x, w, labels, lse, curricular_t if curricular_t is not None else torch.zeros(()))
+        ctx.options, ctx.curricular = options, curricular_t is not None
         ctx.mark_non_differentiable(target_cos)
         return rows, target_cos
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows, _grad_target_cos):
-        x_hat, x_norm, w, labels, counted, lse, target_logit, target_sub, dpsi, inside, t = ctx.saved_tensors
-        k, s = ctx.k, ctx.s
-        curricular_t = t if ctx.curricular else None
-        need_x, need_w = ctx.needs_input_grad[:2]
-        with torch.autocast(x_hat.device.type, enabled=False):
-            n, num_classes = x_hat.shape[0], w.shape[0] // k
-            g = torch.where(counted, grad_rows.to(x_hat.dtype), torch.zeros_like(lse))
-            hard_above = target_logit / s
-            grad_x_hat = torch.zeros_like(x_hat) if need_x else None
-            grad_w = torch.zeros(w.shape, dtype=x_hat.dtype, device=w.device) if need_w else None
-            for first in range(0, num_classes, ctx.step):
-                best, which, rows_w, norms, best_raw = _class_cosines(x_hat, w, first, ctx.step, k)
-                logits, slope = _negatives(best, s, ctx.threshold, curricular_t, hard_above)
-                # d loss / d c = g·s·p·f'(c), p the softmax; in place, one block at a time.
-                grad_best = logits.sub_(lse[:, None]).exp_().mul_(g[:, None] * s)
-                _mask_target(grad_best, labels, counted, first, 0.0)  # the target's share comes below
-                if slope is not None:
-                    grad_best.mul_(slope)
-                # (the clamp to [-1, 1] passes no gradient where it clamped)
-                grad_best.masked_fill_(best_raw.abs() > 1.0, 0.0)
-                if k == 1:
-                    grad_cos = grad_best
-                else:
-                    grad_cos = torch.zeros(n, best.shape[1], k, dtype=x_hat.dtype, device=x_hat.device)
-                    grad_cos.scatter_(2, which.unsqueeze(2), grad_best.unsqueeze(2))
-                    grad_cos = grad_cos.view(n, rows_w.shape[0])
-                # The normalisation as a rank-1 scaling (no unit copy of the centres): with S = G / |w_j|
-                # column-wise, x̂'s gradient is S·w and the centres' (Sᵀx̂ projected off ŵ_j) / |w_j|.
-                scaled = grad_cos.div_(norms.t())
-                if need_x:
-                    grad_x_hat.addmm_(scaled, rows_w)
-                if need_w:
-                    block = scaled.t() @ x_hat
-                    dot = (block * rows_w).sum(dim=1, keepdim=True).mul_((norms > NORM_EPS).to(norms.dtype))
-                    grad_w[first * k:first * k + rows_w.shape[0]] = block.addcmul_(rows_w, dot.div_(norms.square()),
-                                                                                   value=-1.0)
-            # The target: d loss / d target logit = p_target - 1, times the margin's derivative.
-            p_target = torch.exp(target_logit - lse)
-            grad_t = g * (p_target - 1.0) * s * dpsi * inside
-            rows = torch.where(counted, labels, 0) * k + target_sub
-            unit_rows, norms = _unit(w[rows].to(x_hat.dtype))
-            grad_x = None
-            if need_x:
-                grad_x_hat += grad_t[:, None] * unit_rows
-                grad_x = _through_norm(grad_x_hat, x_hat, x_norm).to(ctx.dtypes[0])
-            if need_w:
-                grad_w.index_add_(0, rows, _through_norm(grad_t[:, None] * x_hat, unit_rows, norms))
-                grad_w = grad_w.to(ctx.dtypes[1])
-        return grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None, None
+        x, w, labels, lse, t = ctx.saved_tensors
+        grad_x, grad_w = shard_backward(grad_rows, x, w, labels, lse, curricular_t=t if ctx.curricular else None,
+                                        needs_embeddings_grad=ctx.needs_input_grad[0],
+                                        needs_weight_grad=ctx.needs_input_grad[1], **ctx.options)
+        return grad_x, grad_w, None, None, None
 
 
 def _class_cosines(x_hat, w, first, step, k):
@@ -259,10 +310,10 @@ def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0
     if check_flag("check_labels", check_labels) and not torch.compiler.is_compiling() and bool(bad.any()):
         raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
     counted = (labels != ignore_index) & ~bad
-    rows, target_cos = _ChunkedLossRows.apply(embeddings, weight, labels, counted, curricular_t, k, float(s),
-                                              float(m1), float(m2), float(m3), float(lambda_),
-                                              margin_grad == "straight_through", threshold, class_chunk)
-    rows = torch.where(bad, torch.full_like(rows, float("nan")), rows)
+    options = dict(k=k, s=float(s), m1=float(m1), m2=float(m2), m3=float(m3), lambda_=float(lambda_),
+                   straight_through=margin_grad == "straight_through", ignore_index=int(ignore_index),
+                   threshold=threshold, chunk=class_chunk)
+    rows, target_cos = _ChunkedLossRows.apply(embeddings, weight, labels, curricular_t, options)
     loss = reduce_rows(rows, labels, ignore_index, reduction)
     if return_target_cosine:
         return loss, torch.where(counted, target_cos, torch.full_like(target_cos, float("nan"))).detach()

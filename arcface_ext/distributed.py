@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
+from . import chunked, ops
 from ._checks import (FLOAT_DTYPES, check_arguments, check_flag, check_row_margin, fused_compute_dtype,
                       nan_at_ignored, scalar_margin, skips_label_check, stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
+from .chunked import check_filtering_threshold
 from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options
 from .sampling import bad_labels, check_label_values, sample_classes, sample_size
 
@@ -79,14 +80,19 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     ``check_labels`` whether the op checks the labels' values (a sync on a GPU)."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight, all_labels, index, rows, options, group, check_labels):
+    def forward(ctx, embeddings, weight, all_labels, index, rows, options, group, check_labels, threshold):
         ignore_index, class_start, num_classes = options[5], options[8], options[9]
         rank, world_size = _group_info(group)
         n = embeddings.shape[0]
         all_embeddings = _all_gather_rows(embeddings.detach(), rows, group, world_size)
         classes = weight.detach() if index is None else weight.detach().index_select(0, index)
 
-        loss, lse, cosine = ops.margin_softmax_forward(all_embeddings, classes, all_labels, *options, check_labels)
+        if threshold:  # inter-class filtering: the chunked PyTorch path, with the op's shard semantics
+            loss, lse, cosine = chunked.shard_forward(all_embeddings, classes, all_labels,
+                                                      **_chunked_options(options, threshold))
+        else:
+            loss, lse, cosine = ops.margin_softmax_forward(all_embeddings, classes, all_labels, *options,
+                                                           check_labels)
         if world_size > 1:
             # The whole softmax's log-sum-exp from the shards' (max first, for range), and the target
             # logit and cosine from the shard that holds each row's target (zero on the others).
@@ -108,6 +114,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         mine = slice(rank * rows, rank * rows + n)
         ctx.save_for_backward(all_embeddings, classes, all_labels, lse, index)
         ctx.options, ctx.group, ctx.world_size, ctx.mine, ctx.rows = options, group, world_size, mine, rows
+        ctx.threshold = threshold
         ctx.weight_shape = weight.shape
         ctx.mark_non_differentiable(cosine)
         ctx.set_materialize_grads(False)
@@ -124,10 +131,15 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         if grad_loss is None:  # every rank skips alike: only the target cosines were used
             grad_loss = lse.new_zeros(n)
         all_grad = _all_gather_rows(grad_loss.to(lse.dtype), ctx.rows, ctx.group, world_size)
-        # The forward checked these labels (or was told not to): no second check, no second sync.
-        grad_embeddings, grad_classes = ops.margin_softmax_backward(
-            all_grad, all_embeddings, classes, all_labels, lse, *options[:8], needs_embeddings_grad,
-            needs_weight_grad, *options[8:], False)
+        if ctx.threshold:
+            grad_embeddings, grad_classes = chunked.shard_backward(
+                all_grad, all_embeddings, classes, all_labels, lse, needs_embeddings_grad=needs_embeddings_grad,
+                needs_weight_grad=needs_weight_grad, **_chunked_options(options, ctx.threshold))
+        else:
+            # The forward checked these labels (or was told not to): no second check, no second sync.
+            grad_embeddings, grad_classes = ops.margin_softmax_backward(
+                all_grad, all_embeddings, classes, all_labels, lse, *options[:8], needs_embeddings_grad,
+                needs_weight_grad, *options[8:], False)
         grad_x = grad_w = None
         if needs_embeddings_grad:
             if world_size > 1:
@@ -143,7 +155,17 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             if index is not None:  # the classes left out of the sample get no gradient
                 grad_classes = grad_classes.new_zeros(ctx.weight_shape).index_copy_(0, index, grad_classes)
             grad_w = grad_classes / world_size if world_size > 1 else grad_classes
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
+
+
+def _chunked_options(options, threshold):
+    """The op's options (after the labels) as :func:`arcface_ext.chunked.shard_forward`'s keywords."""
+    s, m1, m2, m3, lambda_, ignore_index, straight_through, _, class_start, num_classes, margins = options
+    if margins is not None:
+        raise ValueError("inter-class filtering does not take per-row margins")
+    return dict(s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, ignore_index=ignore_index,
+                straight_through=straight_through, class_offset=class_start, num_classes=num_classes,
+                threshold=threshold)
 
 
 class ShardedCombinedMarginLoss(nn.Module):
@@ -178,16 +200,24 @@ class ShardedCombinedMarginLoss(nn.Module):
     ``check_labels=False`` skips the check of the gathered labels' values on GPUs (a device
     synchronisation): a bad label gives its row a NaN loss on every rank instead. The call's first
     collective still reads its answer back.
+
+    ``interclass_filtering_threshold`` > 0 is Partial FC's inter-class filtering, as in
+    :class:`arcface_ext.CombinedMarginLoss` (insightface runs it on sharded centres): each shard
+    filters its own classes, on the chunked PyTorch path (:mod:`arcface_ext.chunked`) instead of the
+    fused op; the collectives are the same.
     """
 
     sharded = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
                  reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
-                 process_group=None, device=None, dtype=None):
+                 interclass_filtering_threshold=0.0, process_group=None, device=None, dtype=None):
         super().__init__()
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
                          ignore_index, sample_rate, check_labels)
+        self.interclass_filtering_threshold = check_filtering_threshold(interclass_filtering_threshold)
+        if self.interclass_filtering_threshold and getattr(self, "per_row_margins", False):
+            raise ValueError(f"interclass_filtering_threshold does not go with {type(self).__name__}'s per-row margins")
         self.process_group = process_group
         self.rank, self.world_size = _group_info(process_group)
         self.class_start, self.class_stop = class_shard(num_classes, self.rank, self.world_size)
@@ -416,6 +446,9 @@ class ShardedCombinedMarginLoss(nn.Module):
                 all_labels = all_labels.masked_fill(bad, num_classes)
             ignore_index = -1
             self.last_sampled_classes = self.class_start + index
+        elif self.interclass_filtering_threshold and not skip_check:
+            # (the chunked path checks no labels; every rank checks the same gathered ones)
+            check_label_values(all_labels, self.num_classes, self.ignore_index)
         margins = stack_row_margins(m2, m3, embeddings)
         if margins is not None and margins.requires_grad:
             raise ValueError("differentiable per-row margins (m2 or m3 requiring grad, as MagFace's) are not "
@@ -426,7 +459,8 @@ class ShardedCombinedMarginLoss(nn.Module):
                    self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes, margins)
         try:
             loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), all_labels,
-                                                            index, rows, options, self.process_group, not skip_check)
+                                                            index, rows, options, self.process_group, not skip_check,
+                                                            self.interclass_filtering_threshold)
         except ValueError as error:  # the op names a row of the gathered batch: name the rank's own row
             found = re.search(r"labels\[(\d+)\]", str(error))
             if found is None or rows == 0:
@@ -441,6 +475,8 @@ class ShardedCombinedMarginLoss(nn.Module):
     def extra_repr(self):
         sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         sampled += "" if self.check_labels else ", check_labels=False"
+        if self.interclass_filtering_threshold:
+            sampled += f", interclass_filtering_threshold={self.interclass_filtering_threshold}"
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
                 f"m1={self.m1}, m2={self.m2}, m3={self.m3}{sampled}, classes [{self.class_start}, "
                 f"{self.class_stop}) on rank {self.rank} of {self.world_size}")

@@ -252,3 +252,79 @@ def test_centres_shorter_than_the_norms_eps(k):
         theirs = torch.autograd.grad(reference.chunked_margin_loss(x, tiny, labels, k=k, **options), (x, tiny))
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def combine_shards(x, w, labels, bounds, grad_rows, **options):
+    """chunked.shard_forward / shard_backward on each shard [a, b) of w, combined as the sharded loss
+    combines them: (loss per row, target cosine, d/dx, d/dw of Σ grad_rows·loss)."""
+    from arcface_ext.chunked import shard_backward, shard_forward
+
+    c = w.shape[0]
+    outputs = [shard_forward(x, w[a:b], labels, class_offset=a, num_classes=c, **options) for a, b in bounds]
+    counted = labels != -1
+    lse = torch.logsumexp(torch.stack([lse for _, lse, _ in outputs]), dim=0)
+    target_logit, cosine = torch.zeros_like(lse), torch.zeros_like(lse)
+    for (a, b), (loss_s, lse_s, cos_s) in zip(bounds, outputs):
+        owned = counted & (labels >= a) & (labels < b)
+        target_logit += torch.where(owned, lse_s - loss_s, 0.0)
+        cosine += torch.where(owned, cos_s, 0.0)
+    loss = torch.where(counted, lse - target_logit, 0.0)
+    grads = [shard_backward(grad_rows, x, w[a:b], labels, lse, class_offset=a, num_classes=c, **options)
+             for a, b in bounds]
+    return loss, cosine, sum(gx for gx, _ in grads), torch.cat([gw for _, gw in grads])
+
+
+@pytest.mark.parametrize("bounds", [[(0, 11)], [(0, 5), (5, 11)], [(0, 1), (1, 8), (8, 11)]],
+                         ids=["1-shard", "2-shards", "3-uneven"])
+@pytest.mark.parametrize("threshold", [0.0, 0.4])
+def test_shards_of_the_chunked_path_combine_to_the_whole_loss(bounds, threshold):
+    # What ShardedCombinedMarginLoss runs on each rank with interclass_filtering_threshold: the fused
+    # op's shard semantics (a row whose target another shard holds counts without a target column).
+    x, w, labels = inputs(seed=41)
+    labels[4] = -1
+    grad_rows = torch.rand(13, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    options = dict(s=30.0, m1=1.0, m2=0.3, m3=0.2, lambda_=0.0, straight_through=False, ignore_index=-1)
+    loss, cosine, gx, gw = combine_shards(x.detach(), w.detach(), labels, bounds, grad_rows, threshold=threshold,
+                                          chunk=2, **options)
+    rows, expected_cos = reference.chunked_margin_loss(x, w, labels, s=30.0, m1=1.0, m2=0.3, m3=0.2,
+                                                       interclass_filtering_threshold=threshold, reduction="none",
+                                                       return_target_cosine=True)
+    ex, ew = torch.autograd.grad((rows * grad_rows).sum(), (x, w))
+    torch.testing.assert_close(loss, rows.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cosine[labels != -1], expected_cos[labels != -1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, ew, rtol=1e-9, atol=1e-12)
+    if threshold == 0 and arcface_ext.extension_available():
+        # Each shard's own outputs are the fused op's.
+        from arcface_ext import ops
+        from arcface_ext.chunked import shard_forward
+
+        for a, b in bounds:
+            ours = shard_forward(x.detach(), w.detach()[a:b], labels, class_offset=a, num_classes=11, **options)
+            theirs = ops.margin_softmax_forward(x.detach(), w.detach()[a:b], labels, 30.0, 1.0, 0.3, 0.2, 0.0, -1,
+                                                False, 1 << 20, a, 11)
+            for mine, op in zip(ours, theirs):
+                torch.testing.assert_close(mine, op, rtol=1e-12, atol=1e-12)
+
+
+def test_sharded_module_with_filtering_on_one_process():
+    if not arcface_ext.extension_available():
+        pytest.skip("the sharded module needs the compiled op")
+    x, w, labels = inputs(seed=42)
+    sharded = arcface_ext.ShardedCombinedMarginLoss(11, 16, s=30.0, interclass_filtering_threshold=0.4,
+                                                    dtype=torch.float64)
+    assert "interclass_filtering_threshold=0.4" in repr(sharded)
+    with torch.no_grad():
+        sharded.weight.copy_(w)
+    xs = x.detach().clone().requires_grad_(True)
+    loss = sharded(xs, labels)
+    loss.backward()
+    expected = reference.chunked_margin_loss(x, w, labels, s=30.0, interclass_filtering_threshold=0.4)
+    ex, ew = torch.autograd.grad(expected, (x, w))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(xs.grad, ex)
+    torch.testing.assert_close(sharded.weight.grad, ew)
+    with pytest.raises(ValueError, match="labels must lie"):
+        sharded(xs, labels + 11)
+    with pytest.raises(ValueError, match="does not go with ShardedAdaFaceLoss's per-row margins"):
+        arcface_ext.ShardedAdaFaceLoss(11, 16, interclass_filtering_threshold=0.4)

@@ -1,6 +1,7 @@
 """Class centres split across ranks: the op's shard mode (labels of other shards), its combination
 into the whole softmax, and ShardedCombinedMarginLoss over real gloo process groups, all against the
 fp64 reference of the unsharded loss."""
+import functools
 import os
 
 import pytest
@@ -164,14 +165,15 @@ class _GivenMargins(arcface_ext.ShardedCombinedMarginLoss):
         return self.margins
 
 
-def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, sample_rate, per_row):
+def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, sample_rate, per_row, threshold):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         x, w, labels = make_case(13, sizes, num_classes, DIM, ignored=ignored)
         mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
         torch.manual_seed(0)
-        module = _GivenMargins(num_classes, DIM, **MARGIN, sample_rate=sample_rate, dtype=torch.float64)
+        module = _GivenMargins(num_classes, DIM, **MARGIN, sample_rate=sample_rate, dtype=torch.float64,
+                               interclass_filtering_threshold=threshold)
         module.margins = (MARGIN["m2"], MARGIN["m3"])
         if per_row:
             m2, m3 = row_margin_table(len(labels))
@@ -215,14 +217,17 @@ def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, s
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes, ignored, num_classes, sample_rate, per_row", [
-    ([5, 3], (6,), NUM_CLASSES, 1.0, False), ([4, 1, 3], (0,), NUM_CLASSES, 1.0, False),
-    ([5, 3], (6,), 60, 0.3, False), ([4, 1, 3], (0,), 60, 0.3, True)],
-    ids=["2-ranks", "3-ranks-uneven", "2-ranks-sampled", "3-ranks-uneven-sampled-per-row-margins"])
-def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_classes, sample_rate, per_row):
+@pytest.mark.parametrize("sizes, ignored, num_classes, sample_rate, per_row, threshold", [
+    ([5, 3], (6,), NUM_CLASSES, 1.0, False, 0.0), ([4, 1, 3], (0,), NUM_CLASSES, 1.0, False, 0.0),
+    ([5, 3], (6,), 60, 0.3, False, 0.0), ([4, 1, 3], (0,), 60, 0.3, True, 0.0),
+    ([4, 1, 3], (0,), NUM_CLASSES, 1.0, False, 0.3), ([5, 3], (6,), 60, 0.3, False, 0.3)],
+    ids=["2-ranks", "3-ranks-uneven", "2-ranks-sampled", "3-ranks-uneven-sampled-per-row-margins",
+         "3-ranks-uneven-filtered", "2-ranks-sampled-filtered"])
+def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_classes, sample_rate, per_row,
+                                                  threshold):
     world_size = len(sizes)
     mp.spawn(_worker, args=(world_size, str(tmp_path / "store"), sizes, ignored, str(tmp_path), num_classes,
-                            sample_rate, per_row), nprocs=world_size, join=True)
+                            sample_rate, per_row, threshold), nprocs=world_size, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     x, w, labels = make_case(13, sizes, num_classes, DIM, ignored=ignored)
 
@@ -248,11 +253,18 @@ def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_
     # embeddings the gradient of its own loss, the centres the mean of the ranks' gradients.
     grad_w = torch.zeros_like(w)
     m2, m3 = row_margin_table(len(labels)) if per_row else (None, None)
+    # Inter-class filtering: the replicated loss's (the chunked path on the whole matrix); the inputs
+    # have other classes past the threshold, so that it matters.
+    whole = reference.combined_margin_loss
+    if threshold:
+        whole = functools.partial(reference.chunked_margin_loss, interclass_filtering_threshold=threshold)
+        cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(w[classes], dim=1).T
+        assert (cos.scatter(1, positions.clamp_min(0)[:, None], -1.0) > threshold).sum() >= 3
     for r, result in enumerate(results):
         mine = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
         margins = dict(MARGIN, m2=m2[mine], m3=m3[mine]) if per_row else MARGIN
-        loss, cosine, gx, gw = loss_and_grads(reference.combined_margin_loss, x[mine], w[classes],
-                                              positions[mine], return_target_cosine=True, **margins)
+        loss, cosine, gx, gw = loss_and_grads(whole, x[mine], w[classes], positions[mine], return_target_cosine=True,
+                                              **margins)
         assert_matches_reference(result["loss"], loss, name=f"rank {r} loss")
         torch.testing.assert_close(result["cosine"], cosine, equal_nan=True)
         assert_matches_reference(result["grad_x"], gx, name=f"rank {r} grad_embeddings")

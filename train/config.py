@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    dest="interclass_filter", type=float, default=0.0,
                    help="partial FC's inter-class filtering (arcface_torch's interclass_filtering_threshold): other "
                    "classes whose cosine to a sample exceeds this get logit 0 and no gradient, taken for the same "
-                   "person filed twice. 0: off. With arcface, cosface, sphereface or combined; a PyTorch path in "
-                   "fp32, not the fused op")
+                   "person filed twice. 0: off. With arcface, cosface, sphereface or combined (also sharded); a PyTorch "
+                   "path in fp32, not the fused op")
     g.add_argument("--loss-impl", "--loss_impl", dest="loss_impl", choices=("fused", "reference"), default="fused",
                    help="the compiled arcface_ext op, or its pure-PyTorch reference")
     g.add_argument("--sharded-classes", "--model-parallel", dest="sharded_classes",
@@ -335,23 +335,21 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if not 0.0 <= args.interclass_filter <= 1.0:
         raise SystemExit(f"--interclass-filter must be in [0, 1] (0: off), got {args.interclass_filter}")
     # The chunked PyTorch path (arcface_ext.chunked): replicated class centres, fp32.
-    for flag, on, plain_only, samples in (
-            (f"--subcenters {args.subcenters}", args.subcenters > 1, True, False),
-            (f"--interclass-filter {args.interclass_filter:g}", args.interclass_filter > 0, True, True),
-            ("--loss curricularface", args.loss == "curricularface", False, True)):
+    for flag, on, plain_only, samples, shards in (
+            (f"--subcenters {args.subcenters}", args.subcenters > 1, True, False, False),
+            (f"--interclass-filter {args.interclass_filter:g}", args.interclass_filter > 0, True, True, True),
+            ("--loss curricularface", args.loss == "curricularface", False, True, False)):
         if not on:
             continue
         clash = [other for other, bad in (
             (f"--loss {args.loss}", plain_only and args.loss not in PLAIN_MARGIN_LOSSES),
-            ("--sharded-classes", args.sharded_classes),
+            ("--sharded-classes", not shards and args.sharded_classes),
             (f"--sample-rate {args.sample_rate:g}", not samples and args.sample_rate < 1),
             (f"--loss-amp {args.loss_amp}", args.loss_amp != "none")) if bad]
         if clash:
-            hint = (" (--no-sharded-classes replicates the centres)"
-                    if args.sharded_classes and len(clash) == 1 else "")
-            raise SystemExit(f"{flag} does not go with {' or '.join(clash)}: it runs on a PyTorch path in fp32 with "
-                             "replicated class centres" + (", with arcface, cosface, sphereface or combined"
-                                                           if plain_only else "") + hint)
+            raise SystemExit(f"{flag} does not go with {' or '.join(clash)}: it runs on a PyTorch path in fp32"
+                             + ("" if shards else " with replicated class centres")
+                             + (", with arcface, cosface, sphereface or combined" if plain_only else ""))
     if args.sharded_classes and args.loss_amp == "fp16":
         # Each rank would see overflows in its own shard of fp16 gradients only, and the gradient
         # scaler would skip steps on some ranks and not on others.

@@ -27,8 +27,8 @@ How its settings map:
 - ``num_classes`` -> ``--num-classes``, checked against the data;
 - ``dali``, ``save_all_states`` and the wandb keys have no counterpart and are reported as
   ignored;
-- ``interclass_filtering_threshold`` -> ``--interclass-filter`` (a PyTorch path in fp32 with replicated
-  class centres: with more than one process, add ``--no-sharded-classes``).
+- ``interclass_filtering_threshold`` -> ``--interclass-filter`` (a PyTorch path in fp32, sharded
+  like the rest with more than one process).
 """
 
 from __future__ import annotations

@@ -182,9 +182,12 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
 
 def test_chunked_path_losses_train_under_ddp(tmp_path):
     # CurricularFace's running t is a buffer of the DDP-wrapped loss (broadcast from rank 0 at each
-    # forward); the filtering's path has none. Both train through the chunked autograd function.
+    # forward); the filtering's path has none, and runs on replicated or sharded centres.
     data = make_face_folder(str(tmp_path / "faces"))
-    for name, extra in (("curricular", {"loss": "curricularface"}), ("filtered", {"interclass_filter": 0.3})):
+    runs = [("curricular", {"loss": "curricularface"}), ("filtered", {"interclass_filter": 0.3})]
+    if arcface_ext.extension_available():  # sharded centres, each rank filtering its own classes
+        runs.append(("filtered-sharded", {"interclass_filter": 0.3, "sharded_classes": True}))
+    for name, extra in runs:
         output = tmp_path / name
         result = torchrun(base_argv(data, str(output), batch_size=8, max_steps=3, save_every=3, loss_impl=LOSS_IMPL,
                                     **extra))

@@ -117,19 +117,16 @@ def test_what_cannot_be_read_is_named(tmp_path, text, message):
         parse_args(["--config", write(tmp_path, text)])
 
 
-def test_interclass_filtering_maps_to_the_flag_and_asks_for_replicated_centres(tmp_path, monkeypatch):
+def test_interclass_filtering_maps_to_the_flag(tmp_path, monkeypatch):
     text = ("config.rec = 'x'\nconfig.num_classes = 30\nconfig.num_image = 900\nconfig.num_epoch = 1\n"
             "config.sample_rate = 0.3\nconfig.interclass_filtering_threshold = 0.4\n")
     monkeypatch.setenv("WORLD_SIZE", "1")
     args = parse_args(["--config", write(tmp_path, text)])
     assert (args.interclass_filter, args.sample_rate, args.sharded_classes) == (0.4, 0.3, False)
-    # Eight processes: arcface_torch's partial FC shards the centres, which the filtering's path lacks.
+    # Eight processes: sharded centres, as arcface_torch's partial FC, which filter their own classes.
     monkeypatch.setenv("WORLD_SIZE", "8")
-    with pytest.raises(SystemExit, match=r"--interclass-filter 0.4 does not go with --sharded-classes.*"
-                                         r"--no-sharded-classes replicates"):
-        parse_args(["--config", write(tmp_path, text)])
-    args = parse_args(["--config", write(tmp_path, text), "--no-sharded-classes"])
-    assert (args.interclass_filter, args.sharded_classes) == (0.4, False)
+    args = parse_args(["--config", write(tmp_path, text)])
+    assert (args.interclass_filter, args.sharded_classes) == (0.4, True)
 
 
 def test_a_negative_warm_up_is_what_arcface_torchs_poly_scheduler_makes_of_it(tmp_path, monkeypatch, capsys):

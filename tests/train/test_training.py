@@ -626,8 +626,9 @@ def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("options", [dict(loss="curricularface"), dict(interclass_filter=0.2, sample_rate=0.25),
-                                     dict(loss="cosface", interclass_filter=0.3)],
-                         ids=["curricularface", "filter-sampled", "filter-cosface"])
+                                     dict(loss="cosface", interclass_filter=0.3),
+                                     dict(interclass_filter=0.2, sample_rate=0.25, sharded_classes=True)],
+                         ids=["curricularface", "filter-sampled", "filter-cosface", "filter-sampled-sharded"])
 def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monkeypatch, capsys, options):
     # CurricularFace's t is a buffer of the loss (in the checkpoint); the filtering needs none.
     options = dict(max_steps=4, save_every=2, **options)
@@ -654,7 +655,7 @@ def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monk
 
 @pytest.mark.parametrize("extra, message", [
     (["--interclass-filter", "0.4", "--loss", "adaface"], "--interclass-filter 0.4 does not go with --loss adaface"),
-    (["--interclass-filter", "0.4", "--sharded-classes"], "--no-sharded-classes replicates the centres"),
+    (["--loss", "curricularface", "--sharded-classes"], "--loss curricularface does not go with --sharded-classes"),
     (["--loss", "curricularface", "--loss-amp", "bf16"], "--loss curricularface does not go with --loss-amp bf16"),
     (["--loss", "curricularface", "--subcenters", "3"], "--subcenters 3 does not go with --loss curricularface"),
     (["--interclass-filter", "1.5"], r"--interclass-filter must be in \[0, 1\]"),
