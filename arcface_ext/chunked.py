@@ -5,8 +5,10 @@ the best of its K centres), Partial FC's inter-class filtering and CurricularFac
 It walks the classes in chunks, holding an N x chunk·K block of cosines at a time, never the whole
 N x C·K matrix, and recomputes the blocks in the backward pass; fp32 throughout (fp64 for fp64
 inputs), also under autocast, so no cosine is rounded to 16 bits before the exponential. It does the
-same matrix products as the fused op but not in one pass: on a CPU it takes about 2.5x the fused op's
-time (``benchmarks/bench_loss.py``).
+same matrix products as the fused op (four, not three) with a dozen elementwise passes over each
+block where the op has fused epilogues: on a CPU it takes about twice the fused op's time and about its
+memory (``benchmarks/bench_loss.py``, README). :func:`shard_forward` and :func:`shard_backward` are its
+two passes on a shard of the classes, as the fused op's shard mode runs them (sharded centres).
 
 With c_j the clamped cosine of a class j other than the row's target, its logit is s·f(c_j):
 
@@ -255,7 +257,7 @@ def check_filtering_threshold(value):
 
 def check_curricular_t(value, embeddings):
     """CurricularFace's t: None, a finite number, or a one-element float tensor (kept on the device, no
-    sync), returned as a 0-dim tensor in the embeddings' compute dtype and device."""
+    sync), returned as a 0-dim tensor on the embeddings' device."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
