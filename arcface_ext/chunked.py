@@ -22,11 +22,11 @@ With c_j the clamped cosine of a class j other than the row's target, its logit 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._checks import check_arguments, check_flag, reduce_rows
 from .reference import NORM_EPS, margin_psi
@@ -34,6 +34,11 @@ from .reference import NORM_EPS, margin_psi
 # Values a block holds: about this many cosines (N x chunk·K) and centre rows' values (chunk·K x D),
 # 16 MiB each in fp32; a few such blocks are alive at once in the backward pass.
 BLOCK_VALUES = 1 << 22
+
+
+def _no_autocast(device_type):
+    """Autocast off for the device's type (the meta device has none: shapes only)."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
 
 
 def _unit(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +56,10 @@ def _negatives(best, s, threshold, curricular_t, hard_above):
     """The logits s·f(c) of a block of clamped cosines c (N, c) of non-target classes, and f'(c)
     (None where it is 1 everywhere)."""
     if threshold > 0:
-        kept = best <= threshold
-        return s * torch.where(kept, best, torch.zeros_like(best)), kept.to(best.dtype)
+        # (a NaN cosine, from a non-finite centre, is not filtered: it stays NaN, as in the forward of
+        # insightface's mask and the unfiltered loss, rather than hiding behind a finite loss)
+        dirty = best > threshold
+        return s * torch.where(dirty, torch.zeros_like(best), best), (~dirty).to(best.dtype)
     if curricular_t is not None:
         hard = best > hard_above[:, None]
         t = curricular_t.to(best.dtype)
@@ -102,7 +109,7 @@ def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through
     shard's log-sum-exp as its loss and target cosine 0; ignored rows 0, 0, 0; a label outside
     [0, num_classes) a NaN loss. CurricularFace's hard-negative test needs each row's target here:
     with ``curricular_t`` every counted row's target must be in ``w``."""
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), _no_autocast(x.device.type):
         r = _Targets(x, w, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, straight_through=straight_through,
                      ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes)
         n, dim = x.shape
@@ -132,7 +139,7 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
     row's log-sum-exp (the whole softmax's when the classes are sharded: then they are this shard's part
     of the whole loss's gradients), as ``margin_softmax_backward``. Returns (d/dx or None, d/dw or None)
     in the inputs' dtypes; rows not counted get none."""
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), _no_autocast(x.device.type):
         r = _Targets(x, w, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, straight_through=straight_through,
                      ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes)
         n, dim = x.shape
@@ -197,8 +204,9 @@ class _ChunkedLossRows(torch.autograd.Function):
         return rows, target_cos
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_rows, _grad_target_cos):
+        if torch.is_grad_enabled():  # (create_graph=True: the passes below record no graph)
+            raise RuntimeError("the chunked margin loss does not support double backward (create_graph=True)")
         x, w, labels, lse, t = ctx.saved_tensors
         grad_x, grad_w = shard_backward(grad_rows, x, w, labels, lse, curricular_t=t if ctx.curricular else None,
                                         needs_embeddings_grad=ctx.needs_input_grad[0],
@@ -309,7 +317,8 @@ def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0
     num_classes = weight.shape[0] // k
     labels = labels.long()
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if check_flag("check_labels", check_labels) and not torch.compiler.is_compiling() and bool(bad.any()):
+    if (check_flag("check_labels", check_labels) and not torch.compiler.is_compiling()
+            and labels.device.type != "meta" and bool(bad.any())):
         raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
     counted = (labels != ignore_index) & ~bad
     options = dict(k=k, s=float(s), m1=float(m1), m2=float(m2), m3=float(m3), lambda_=float(lambda_),

@@ -430,6 +430,8 @@ class ShardedCombinedMarginLoss(nn.Module):
             if isinstance(value, torch.Tensor):
                 check_row_margin(name, value, embeddings)
         dtype = fused_compute_dtype(embeddings, self.weight)
+        if self.interclass_filtering_threshold:  # the chunked path: fp32 (fp64) also under autocast
+            dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         labels = labels.long()
         all_labels = self._gather_labels(labels, rows)
         index, ignore_index, class_start, num_classes = None, self.ignore_index, self.class_start, self.num_classes

@@ -172,13 +172,13 @@ class SphereFaceLoss(CombinedMarginLoss):
 
 
 def _apply_keeping_dtype(module, apply, names, fn, *args, **kwargs):
-    """``module._apply`` (``apply``, the base class's) but the buffers ``names`` only follow device
-    moves, not dtype casts: running statistics stay fp32 when the module is cast to 16 bits (a bf16
-    running mean would round away its 1% steps)."""
+    """``module._apply`` (``apply``, the base class's) but the buffers ``names`` do not follow casts to
+    16 bits, only the device move: running statistics stay fp32 when the module is cast to 16 bits (a
+    bf16 running mean would round away its 1% steps). A cast to fp64 they follow."""
     before = {name: module._buffers[name] for name in names}
     result = apply(fn, *args, **kwargs)
     for name, buffer in before.items():
-        if module._buffers[name].dtype != buffer.dtype:  # a dtype cast: take the device move only
+        if module._buffers[name].dtype in (torch.float16, torch.bfloat16) and buffer.dtype != module._buffers[name].dtype:
             module._buffers[name] = buffer.to(module._buffers[name].device)
     return result
 
@@ -349,8 +349,9 @@ class CurricularFaceLoss(CombinedMarginLoss):
     constant of the step.
 
     t moves in training mode only, once a call, before that call's logits use it (as in
-    CurricularFace), from the counted rows' clamped target cosines; it stays fp32 when the module is
-    cast to 16 bits. Under DistributedDataParallel (which broadcasts buffers from rank 0 at every
+    CurricularFace), from the counted rows' clamped target cosines, and not when they hold a NaN (a
+    non-finite embedding): that call's loss is NaN, t stays. It is fp32 (fp64 in an fp64 module) and
+    stays fp32 when the module is cast to 16 bits. Under DistributedDataParallel (which broadcasts buffers from rank 0 at every
     forward) it follows rank 0's batches. Past θ + m = π the target logit continues linearly
     (c - m·sin m, CurricularFace's and insightface's), and the hard-negative test compares with that
     same margined cosine, where CurricularFace's code compares with cos(θ + m) itself (which turns
@@ -369,7 +370,8 @@ class CurricularFaceLoss(CombinedMarginLoss):
             raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
         self.m, self.momentum = float(m), float(momentum)
-        self.register_buffer("t", torch.zeros((), device=kwargs.get("device")))
+        dtype = torch.float64 if kwargs.get("dtype") == torch.float64 else torch.float32
+        self.register_buffer("t", torch.zeros((), device=kwargs.get("device"), dtype=dtype))
 
     def reset_parameters(self):
         super().reset_parameters()
@@ -392,8 +394,11 @@ class CurricularFaceLoss(CombinedMarginLoss):
                           * torch.nn.functional.normalize(w, dim=1, eps=reference.NORM_EPS)).sum(dim=1)
                 count = counted.sum()
                 mean = torch.where(counted, cosine.clamp(-1.0, 1.0), torch.zeros_like(cosine)).sum() / count.clamp_min(1)
-                # No counted row: t stays (decided on the device, no sync).
-                t = torch.where(count > 0, t * (1 - self.momentum) + self.momentum * mean.to(t.dtype), t)
+                # No counted row, or a non-finite embedding or centre (an fp16 overflow, a step a
+                # gradient scaler skips): t stays, rather than staying NaN ever after (decided on the
+                # device, no sync).
+                moves = (count > 0) & torch.isfinite(mean)
+                t = torch.where(moves, t * (1 - self.momentum) + self.momentum * mean.to(t.dtype), t)
                 # Stored by forward once the loss is computed: a call the loss refuses leaves t as it was.
                 self._moved_t = t
         return {"curricular_t": t}

@@ -328,3 +328,55 @@ def test_sharded_module_with_filtering_on_one_process():
         sharded(xs, labels + 11)
     with pytest.raises(ValueError, match="does not go with ShardedAdaFaceLoss's per-row margins"):
         arcface_ext.ShardedAdaFaceLoss(11, 16, interclass_filtering_threshold=0.4)
+
+
+def test_non_finite_inputs_double_backward_and_the_meta_device():
+    # A NaN centre is not filtered away: the loss is NaN, as without filtering (not a finite loss with
+    # NaN gradients).
+    x, w, labels = inputs(seed=51)
+    w = w.detach().clone()
+    w[10] = float("nan")
+    for options in (dict(interclass_filtering_threshold=0.3), dict(curricular_t=0.2), {}):
+        assert torch.isnan(chunked_margin_loss(x, w, labels, **options))
+    # Double backward raises when asked for, rather than returning a gradient without a graph.
+    x, w, labels = inputs(seed=52)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(chunked_margin_loss(x, w, labels, curricular_t=0.1), x, create_graph=True)
+    # The meta device: shapes only, as the fused op's fake kernels give them.
+    xm, wm = torch.empty(4, 8, device="meta"), torch.empty(6, 8, device="meta")
+    ym = torch.zeros(4, dtype=torch.long, device="meta")
+    assert chunked_margin_loss(xm, wm, ym, interclass_filtering_threshold=0.3).shape == ()
+    assert arcface_ext.CurricularFaceLoss(6, 8, device="meta")(xm, ym).device.type == "meta"
+
+
+def test_a_non_finite_batch_leaves_curricular_t_as_it_was():
+    module = arcface_ext.CurricularFaceLoss(11, 16)
+    x, _, labels = inputs(seed=53, dtype=torch.float32)
+    module(x, labels)
+    before = module.t.clone()
+    bad = x.detach().clone()
+    bad[0] = float("inf")
+    assert torch.isnan(module(bad, labels))
+    assert torch.equal(module.t, before)
+    assert torch.isfinite(module(x, labels))
+    # fp64 modules keep an fp64 t; 16-bit casts leave it fp32.
+    assert arcface_ext.CurricularFaceLoss(11, 16, dtype=torch.float64).t.dtype == torch.float64
+    assert module.double().t.dtype == torch.float64 and module.half().t.dtype == torch.float64
+
+
+def test_sharded_filtering_stays_fp32_under_autocast():
+    if not arcface_ext.extension_available():
+        pytest.skip("the sharded module needs the compiled op")
+    x, w, labels = inputs(seed=54, dtype=torch.float32)
+    grads = []
+    for autocast in (False, True):
+        sharded = arcface_ext.ShardedCombinedMarginLoss(11, 16, interclass_filtering_threshold=0.3)
+        with torch.no_grad():
+            sharded.weight.copy_(w)
+        xs = x.detach().clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = sharded(xs, labels)
+        loss.backward()
+        grads.append((loss.detach(), xs.grad, sharded.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
