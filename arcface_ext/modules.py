@@ -133,6 +133,9 @@ class CombinedMarginLoss(nn.Module):
                        check_labels=not skip_check)
 
     def extra_repr(self):
+        return ", ".join(self._repr_parts())
+
+    def _repr_parts(self):
         parts = [f"num_classes={self.num_classes}", f"embedding_size={self.embedding_size}",
                  f"s={self.s}", f"m1={self.m1}", f"m2={self.m2}", f"m3={self.m3}"]
         if self.lambda_:
@@ -147,7 +150,7 @@ class CombinedMarginLoss(nn.Module):
             parts.append("check_labels=False")
         if self.use_reference:
             parts.append("use_reference=True")
-        return ", ".join(parts)
+        return parts
 
 
 class ArcFaceLoss(CombinedMarginLoss):
@@ -413,4 +416,5 @@ class CurricularFaceLoss(CombinedMarginLoss):
         return out
 
     def extra_repr(self):
-        return f"m={self.m}, momentum={self.momentum}, {super().extra_repr()}"
+        parts = [part for part in self._repr_parts() if not part.startswith(("m1=", "m2=", "m3="))]
+        return ", ".join(parts[:2] + [f"m={self.m}", f"momentum={self.momentum}"] + parts[2:])

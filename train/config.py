@@ -294,7 +294,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     reads = MARGIN_FLAGS.get(args.loss, {})
     unread = [f"--{name}" for name in ("m1", "m2", "m3") if getattr(args, name) is not None and name not in reads]
     if unread:
-        own = {"arcface": "--arcface-m", "elasticface-arc": "--arcface-m and --elastic-std",
+        own = {"arcface": "--arcface-m", "curricularface": "--arcface-m", "elasticface-arc": "--arcface-m and --elastic-std",
                "adaface": "--adaface-m and --adaface-h", "magface": "its fixed MS1MV2 settings"}.get(
                    args.loss, " ".join(f"--{name}" for name in reads))
         raise SystemExit(f"{' and '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to --loss "
@@ -349,7 +349,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if clash:
             raise SystemExit(f"{flag} does not go with {' or '.join(clash)}: it runs on a PyTorch path in fp32"
                              + ("" if shards else " with replicated class centres")
-                             + (", with arcface, cosface, sphereface or combined" if plain_only else ""))
+                             + (", with arcface, cosface, sphereface or combined"
+                                if plain_only and args.loss not in PLAIN_MARGIN_LOSSES else ""))
     if args.sharded_classes and args.loss_amp == "fp16":
         # Each rank would see overflows in its own shard of fp16 gradients only, and the gradient
         # scaler would skip steps on some ranks and not on others.

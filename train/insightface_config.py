@@ -54,6 +54,12 @@ REQUIRED = ("rec", "num_classes", "num_image", "num_epoch")
 KNOWN = {*BASE, *IGNORED, *REQUIRED, "wandb_key", "suffix_run_name", "wandb_entity", "wandb_project",
          "wandb_log_all"}
 
+# The numeric keys, integers or any number: anything else (None, a string, a boolean) is named as an
+# error rather than failing inside a conversion.
+INTEGERS = ("gradient_acc", "batch_size", "num_image", "num_epoch", "verbose", "frequent", "num_classes",
+            "embedding_size", "seed", "num_workers")
+NUMBERS = ("warmup_epoch", "lr", "sample_rate", "interclass_filtering_threshold", "weight_decay", "momentum")
+
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
@@ -112,6 +118,16 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     if missing:
         raise SystemExit(f"{path}: arcface_torch configs set {', '.join(REQUIRED)}; this one lacks "
                          f"{', '.join(missing)}")
+    for key in INTEGERS + NUMBERS:
+        value = config.get(key, 0)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (key in INTEGERS and value != int(value))):
+            raise SystemExit(f"{path}: config.{key} = {value!r}: {'an integer' if key in INTEGERS else 'a number'} "
+                             "expected")
+    margin_list = config["margin_list"]
+    if (not isinstance(margin_list, (tuple, list)) or len(margin_list) != 3
+            or any(isinstance(m, bool) or not isinstance(m, (int, float)) for m in margin_list)):
+        raise SystemExit(f"{path}: config.margin_list = {margin_list!r}: three numbers (m1, m2, m3) expected")
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     m1, m2, m3 = (float(m) for m in config["margin_list"])
@@ -144,7 +160,8 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         "loss": "combined", "m1": m1, "m2": m2, "m3": m3, "arcface-s": 64.0,
         "margin-grad": "straight_through" if (m1, m3) == (1.0, 0.0) and m2 != 0.0 else "exact",
         "sample-rate": float(config["sample_rate"]), "sharded-classes": world_size > 1,
-        "interclass-filter": float(config["interclass_filtering_threshold"]),
+        # (arcface_torch filters when the threshold is > 0: a negative one is off there too)
+        "interclass-filter": max(0.0, float(config["interclass_filtering_threshold"])),
         "optimizer": config["optimizer"], "lr": lr, "decay": float(config["weight_decay"]),
         "lr-schedule": "poly", "max-steps": max_steps, "warmup-steps": warmup_steps,
         "batch-size": batch, "gradient-acc": passes, "amp": "fp16" if config["fp16"] else "none",

@@ -228,7 +228,10 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
     resume, each as ``--flag X in the checkpoint, Y requested``."""
     from .config import build_parser, default_warmup_steps
 
-    flags = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+    actions = [action for action in build_parser()._actions if action.option_strings]
+    flags = {action.dest: action.option_strings[0] for action in actions}
+    # An option newer than the checkpoint is not in it: that run had the option's default.
+    defaults = {action.dest: action.default for action in actions if action.default is not None}
 
     def show(value: Any) -> str:
         if isinstance(value, (list, tuple)):
@@ -237,6 +240,11 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
 
     changed = []
     for key, value in vars(args).items():
+        if key not in saved and key in defaults:
+            if key not in RESUME_MAY_CHANGE and value != defaults[key]:
+                changed.append(f"{flags.get(key, key)} {show(defaults[key])} (the default: the checkpoint is older than "
+                               f"the option), {show(value)} requested")
+            continue
         if key in RESUME_MAY_CHANGE or key not in saved or saved[key] == value:
             continue
         if key == "warmup_steps" and (saved[key], value) == (
@@ -248,9 +256,20 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
 
 
 def chunked_loss(args: argparse.Namespace) -> bool:
-    """Whether the loss runs on arcface_ext's chunked PyTorch path (fp32) rather than --loss-impl's."""
+    """Whether the loss runs on arcface_ext's chunked PyTorch path (fp32) rather than the fused op; with
+    --loss-impl reference, CurricularFace and the filtering run on the path's whole-matrix reference
+    (sub-centres on the chunked path all the same)."""
     return (getattr(args, "subcenters", 1) > 1 or getattr(args, "interclass_filter", 0.0) > 0
             or args.loss == "curricularface")
+
+
+def loss_implementation(args: argparse.Namespace) -> str:
+    """What the run's log says computes the loss."""
+    if not chunked_loss(args):
+        return args.loss_impl
+    if args.loss_impl == "reference" and getattr(args, "subcenters", 1) == 1:
+        return "reference: PyTorch on the whole matrix, fp32"
+    return "chunked PyTorch path, fp32"
 
 
 def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -270,7 +289,9 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
         return arcface_ext.SubCenterMarginLoss(num_classes, args.embedding_size, k=args.subcenters, s=args.arcface_s,
                                                m1=m1, m2=m2, m3=m3, margin_grad=args.margin_grad, check_labels=False,
                                                interclass_filtering_threshold=interclass_filter)
-    if args.loss_impl == "fused" and not arcface_ext.extension_available():
+    # (CurricularFace and the filtering on replicated centres are pure PyTorch: no compiled op needed.)
+    needs_extension = args.sharded_classes or not chunked_loss(args)
+    if args.loss_impl == "fused" and needs_extension and not arcface_ext.extension_available():
         raise SystemExit("arcface_ext's compiled op is not built: run `pip install --no-build-isolation -e .` "
                          "from the repository root, or train with --loss-impl reference (pure PyTorch, slower)")
     m1, m2, m3 = margins(args)
@@ -909,7 +930,7 @@ class Trainer:
             + (f", compiled ({a.compile_backend}{', ' + a.compile_mode if a.compile_mode else ''})" if a.compile else ""),
             f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities; "
             f"verification: {', '.join(self.verification_sets) or 'none'}",
-            f"loss {self.margin_loss!r} ({'PyTorch, fp32' if chunked_loss(a) else a.loss_impl})",
+            f"loss {self.margin_loss!r} ({loss_implementation(a)})",
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
             + f" on {self.device}, {a.max_steps} steps from step {self.step}",

@@ -111,6 +111,12 @@ def test_base_defaults_fill_what_a_config_leaves_out(tmp_path):
     ("config.warmup_epoch = config.num_epoch // 10\n", "config.num_epoch is used before it is set"),
     ("config.rec = 'x'\nconfig.num_classes = 3\n", "this one lacks num_image, num_epoch"),
     ("config = (\n", "not a Python config file"),
+    ("config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
+     "config.interclass_filtering_threshold = None\n", r"config.interclass_filtering_threshold = None: a number"),
+    ("config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
+     "config.batch_size = '128'\n", r"config.batch_size = '128': an integer"),
+    ("config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
+     "config.margin_list = (1.0, 0.5)\n", r"margin_list = \(1.0, 0.5\): three numbers"),
 ])
 def test_what_cannot_be_read_is_named(tmp_path, text, message):
     with pytest.raises(SystemExit, match=message):
@@ -127,6 +133,9 @@ def test_interclass_filtering_maps_to_the_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     args = parse_args(["--config", write(tmp_path, text)])
     assert (args.interclass_filter, args.sharded_classes) == (0.4, True)
+    # A threshold <= 0 is off, as arcface_torch reads it.
+    args = parse_args(["--config", write(tmp_path, text.replace("= 0.4", "= -1"))])
+    assert args.interclass_filter == 0.0
 
 
 def test_a_negative_warm_up_is_what_arcface_torchs_poly_scheduler_makes_of_it(tmp_path, monkeypatch, capsys):

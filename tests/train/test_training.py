@@ -399,6 +399,14 @@ def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
     ]:
         with pytest.raises(SystemExit, match=message):
             Trainer(parse_args(argv(faces, tmp_path, max_steps=4, resume="auto", **extra)))
+    # A checkpoint older than an option (its options lack the key) trained with the option's default.
+    path = str(tmp_path / "checkpoint.pt")
+    state = checkpoint.load(path)
+    del state["args"]["interclass_filter"]
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match=r"--interclass-filter 0\.0 \(the default: the checkpoint is older than the "
+                                         r"option\), 0\.3 requested"):
+        Trainer(parse_args(argv(faces, tmp_path, max_steps=4, resume="auto", interclass_filter=0.3)))
     # Where and how long it runs, what it logs and how it computes the same gradients may change;
     # so does the default warm-up, a share of --max-steps.
     trainer = Trainer(parse_args(argv(faces, tmp_path, max_steps=100, resume="auto", log_every=5, eval_every=7,
@@ -634,7 +642,8 @@ def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monk
     options = dict(max_steps=4, save_every=2, **options)
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(argv(many_faces, full, **options)) == 0
-    assert "(PyTorch, fp32)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(chunked PyTorch path, fp32)" in err if LOSS_IMPL == "fused" else "(reference: PyTorch on the whole" in err
     curve = losses(full)
     assert len(curve) == 4 and all(math.isfinite(v) for v in curve)
     run_killed_at(3, argv(many_faces, killed, **options), monkeypatch)
@@ -659,6 +668,9 @@ def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monk
     (["--loss", "curricularface", "--loss-amp", "bf16"], "--loss curricularface does not go with --loss-amp bf16"),
     (["--loss", "curricularface", "--subcenters", "3"], "--subcenters 3 does not go with --loss curricularface"),
     (["--interclass-filter", "1.5"], r"--interclass-filter must be in \[0, 1\]"),
+    (["--loss", "curricularface", "--m2", "0.3"], "--m2 does not apply to --loss curricularface, whose margin is "
+                                                   "--arcface-m"),
+    (["--interclass-filter", "0.3", "--loss-amp", "bf16"], r"in fp32$"),
 ])
 def test_chunked_path_options_that_do_not_go_together(extra, message):
     with pytest.raises(SystemExit, match=message):
@@ -773,10 +785,13 @@ def test_config_keys_take_the_no_spelling_of_a_switch(tmp_path):
     assert parse_args(["--config", str(config), "--plots"]).plots  # the command line still wins
 
 
-def test_unbuilt_extension_is_named(faces, tmp_path, monkeypatch):
+def test_unbuilt_extension_is_named(faces, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(arcface_ext, "extension_available", lambda: False)
     with pytest.raises(SystemExit, match="compiled op is not built.*--loss-impl reference"):
         main(argv(faces, tmp_path, loss_impl="fused"))
+    # The chunked PyTorch path's losses do not need it (on replicated centres).
+    assert main(argv(faces, tmp_path / "curricular", loss_impl="fused", loss="curricularface", max_steps=2)) == 0
+    assert "(chunked PyTorch path, fp32)" in capsys.readouterr().err
 
 
 def test_a_process_without_its_gpu_is_told_so(monkeypatch):
