@@ -7,8 +7,8 @@ from .functional import (combined_margin_loss, extension_available, get_workspac
                          set_workspace_bytes)
 from .modules import (AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, CurricularFaceLoss, ElasticFaceLoss,
                       MagFaceLoss, SphereFaceLoss)
-from .distributed import (ShardedAdaFaceLoss, ShardedCombinedMarginLoss, ShardedElasticFaceLoss, class_shard,
-                          ddp_ignore_shards)
+from .distributed import (ShardedAdaFaceLoss, ShardedCombinedMarginLoss, ShardedCurricularFaceLoss,
+                          ShardedElasticFaceLoss, class_shard, ddp_ignore_shards)
 from .sampling import sample_classes, sample_size
 from .subcenter import SubCenterMarginLoss, subcenter_margin_loss
 from .chunked import chunked_margin_loss
@@ -18,6 +18,6 @@ __all__ = [
     "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "MagFaceLoss", "ShardedCombinedMarginLoss", "ShardedAdaFaceLoss",
     "ShardedElasticFaceLoss", "class_shard", "ddp_ignore_shards", "sample_classes", "sample_size",
     "set_workspace_bytes", "get_workspace_bytes", "extension_available", "SubCenterMarginLoss",
-    "subcenter_margin_loss", "CurricularFaceLoss", "chunked_margin_loss",
+    "subcenter_margin_loss", "CurricularFaceLoss", "chunked_margin_loss", "ShardedCurricularFaceLoss",
 ]
 __version__ = "0.1.0"

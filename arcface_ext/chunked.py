@@ -101,19 +101,20 @@ class _Targets:
 
 
 def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through, ignore_index, class_offset=0,
-                  num_classes=-1, threshold=0.0, curricular_t=None, chunk=None):
+                  num_classes=-1, threshold=0.0, curricular_t=None, hard_above=None, chunk=None):
     """The chunked path's forward on a block of classes, with the fused op's (``margin_softmax_forward``)
     outputs and shard semantics: ``w`` holds classes [class_offset, class_offset + C) of
     ``num_classes`` (-1: just its own C) and labels index all of them. Returns (per-row loss, the
     row's log-sum-exp, the clamped target cosine): a row whose target is in another shard gets the
     shard's log-sum-exp as its loss and target cosine 0; ignored rows 0, 0, 0; a label outside
-    [0, num_classes) a NaN loss. CurricularFace's hard-negative test needs each row's target here:
-    with ``curricular_t`` every counted row's target must be in ``w``."""
+    [0, num_classes) a NaN loss. CurricularFace's hard-negative test needs each row's margined target
+    cosine ψ(c_y) − m3: ``hard_above`` (N,) gives it (from :func:`margined_target`, for targets in
+    other shards); without it every counted row's target must be in ``w``."""
     with torch.no_grad(), _no_autocast(x.device.type):
         r = _Targets(x, w, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, straight_through=straight_through,
                      ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes)
         n, dim = x.shape
-        hard_above = r.logit / s
+        hard_above = r.logit / s if hard_above is None else hard_above.to(r.dtype)
         # logsumexp over the other classes' logits, online across chunks, the target's logit included.
         run_max = torch.where(r.owned, r.logit, torch.full_like(r.logit, -torch.inf))
         run_sum = r.owned.to(r.dtype)
@@ -134,7 +135,7 @@ def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through
 
 def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, lambda_, straight_through, ignore_index,
                    needs_embeddings_grad=True, needs_weight_grad=True, class_offset=0, num_classes=-1, threshold=0.0,
-                   curricular_t=None, chunk=None):
+                   curricular_t=None, hard_above=None, chunk=None):
     """The gradients of Σ_i grad_rows[i]·loss[i] for :func:`shard_forward`'s block of classes, given each
     row's log-sum-exp (the whole softmax's when the classes are sharded: then they are this shard's part
     of the whole loss's gradients), as ``margin_softmax_backward``. Returns (d/dx or None, d/dw or None)
@@ -146,7 +147,7 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
         g = torch.where(r.counted, grad_rows.to(r.dtype), torch.zeros_like(r.logit))
         # (+inf where nothing counts: no exp overflows into a 0·inf there)
         lse = torch.where(r.counted, logsumexp.to(r.dtype), torch.full_like(r.logit, torch.inf))
-        hard_above = r.logit / s
+        hard_above = r.logit / s if hard_above is None else hard_above.to(r.dtype)
         x_hat = r.x_hat
         grad_x_hat = torch.zeros_like(x_hat) if needs_embeddings_grad else None
         grad_w = torch.zeros(w.shape, dtype=r.dtype, device=w.device) if needs_weight_grad else None
@@ -189,6 +190,31 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
             grad_w.index_add_(0, r.row, _through_norm(grad_t[:, None] * x_hat, unit_rows, norms))
             grad_w = grad_w.to(w.dtype)
         return grad_x, grad_w
+
+
+def shard_target_cosines(x, w, labels, *, k=1, ignore_index, class_offset=0, num_classes=-1, **_):
+    """The clamped target cosine of each row whose target ``w`` (classes [class_offset, class_offset + C)
+    of ``num_classes``) holds, 0 at the others: summed over the shards (an all-reduce), every row's."""
+    with torch.no_grad(), _no_autocast(x.device.type):
+        r = _Targets(x, w, labels, k=k, s=1.0, m1=1.0, m2=0.0, m3=0.0, lambda_=0.0, straight_through=True,
+                     ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes)
+        return torch.where(r.owned, r.cosine, torch.zeros_like(r.cosine))
+
+
+def margined_target(target_cosine, *, m1, m2, m3, lambda_, **_):
+    """ψ(c_y) − m3 for clamped target cosines: the cosine a negative must beat to be hard (CurricularFace)."""
+    with torch.no_grad():
+        return margin_psi(target_cosine, m1=m1, m2=m2, lambda_=lambda_)[0] - m3
+
+
+def moved_t(t, target_cosine, counted, momentum):
+    """CurricularFace's t moved by the mean of the counted rows' clamped target cosines at rate
+    ``momentum``; t as it was when no row counts or the mean is not finite (no device sync)."""
+    with torch.no_grad():
+        count = counted.sum()
+        mean = torch.where(counted, target_cosine, torch.zeros_like(target_cosine)).sum() / count.clamp_min(1)
+        moves = (count > 0) & torch.isfinite(mean)
+        return torch.where(moves, t * (1 - momentum) + momentum * mean.to(t.dtype), t)
 
 
 class _ChunkedLossRows(torch.autograd.Function):

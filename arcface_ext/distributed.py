@@ -30,7 +30,7 @@ from ._checks import (FLOAT_DTYPES, check_arguments, check_flag, check_row_margi
                       nan_at_ignored, scalar_margin, skips_label_check, stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
 from .chunked import check_filtering_threshold
-from .modules import AdaFaceMargins, ElasticFaceMargins, set_loss_options
+from .modules import AdaFaceMargins, ElasticFaceMargins, _apply_keeping_dtype, set_loss_options
 from .sampling import bad_labels, check_label_values, sample_classes, sample_size
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
@@ -77,19 +77,33 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     """Per-row losses of this rank's rows and their target cosines, for a weight shard (or the
     sampled rows ``index`` of it), given every rank's labels as the op is to see them. ``options``
     are the op's arguments after the labels, up to the per-row margins (None or every rank's);
-    ``check_labels`` whether the op checks the labels' values (a sync on a GPU)."""
+    ``check_labels`` whether the op checks the labels' values (a sync on a GPU). ``chunked``: None
+    for the fused op, else the chunked path's ``threshold`` and ``curricular`` (None, or CurricularFace's
+    (t, momentum, whether t moves)); the third output is then t as this call moved it."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight, all_labels, index, rows, options, group, check_labels, threshold):
+    def forward(ctx, embeddings, weight, all_labels, index, rows, options, group, check_labels, chunked_spec):
         ignore_index, class_start, num_classes = options[5], options[8], options[9]
         rank, world_size = _group_info(group)
         n = embeddings.shape[0]
         all_embeddings = _all_gather_rows(embeddings.detach(), rows, group, world_size)
         classes = weight.detach() if index is None else weight.detach().index_select(0, index)
 
-        if threshold:  # inter-class filtering: the chunked PyTorch path, with the op's shard semantics
-            loss, lse, cosine = chunked.shard_forward(all_embeddings, classes, all_labels,
-                                                      **_chunked_options(options, threshold))
+        spec, t = None, None
+        if chunked_spec is not None:  # the chunked PyTorch path, with the op's shard semantics
+            spec = _chunked_options(options, chunked_spec["threshold"])
+            if chunked_spec["curricular"] is not None:
+                # CurricularFace: every row's target cosine (from the shard that holds its target) for
+                # its hard-negative test on every shard, and the mean that moves t, the same on all ranks.
+                t, momentum, moving = chunked_spec["curricular"]
+                target_cosine = chunked.shard_target_cosines(all_embeddings, classes, all_labels, **spec)
+                if world_size > 1:
+                    dist.all_reduce(target_cosine, group=group)
+                if moving:
+                    t = chunked.moved_t(t, target_cosine, (all_labels != ignore_index) & (all_labels >= 0)
+                                        & (all_labels < num_classes), momentum)
+                spec.update(curricular_t=t, hard_above=chunked.margined_target(target_cosine, **spec))
+            loss, lse, cosine = chunked.shard_forward(all_embeddings, classes, all_labels, **spec)
         else:
             loss, lse, cosine = ops.margin_softmax_forward(all_embeddings, classes, all_labels, *options,
                                                            check_labels)
@@ -114,14 +128,16 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         mine = slice(rank * rows, rank * rows + n)
         ctx.save_for_backward(all_embeddings, classes, all_labels, lse, index)
         ctx.options, ctx.group, ctx.world_size, ctx.mine, ctx.rows = options, group, world_size, mine, rows
-        ctx.threshold = threshold
+        ctx.spec = spec
         ctx.weight_shape = weight.shape
         ctx.mark_non_differentiable(cosine)
         ctx.set_materialize_grads(False)
-        return loss[mine], cosine[mine]
+        if t is not None:
+            ctx.mark_non_differentiable(t)
+        return loss[mine], cosine[mine], t
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_cosine):
+    def backward(ctx, grad_loss, grad_cosine, grad_t=None):
         if torch.is_grad_enabled():
             raise RuntimeError("the sharded margin loss does not support double backward (create_graph=True)")
         all_embeddings, classes, all_labels, lse, index = ctx.saved_tensors
@@ -131,10 +147,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         if grad_loss is None:  # every rank skips alike: only the target cosines were used
             grad_loss = lse.new_zeros(n)
         all_grad = _all_gather_rows(grad_loss.to(lse.dtype), ctx.rows, ctx.group, world_size)
-        if ctx.threshold:
+        if ctx.spec is not None:
             grad_embeddings, grad_classes = chunked.shard_backward(
                 all_grad, all_embeddings, classes, all_labels, lse, needs_embeddings_grad=needs_embeddings_grad,
-                needs_weight_grad=needs_weight_grad, **_chunked_options(options, ctx.threshold))
+                needs_weight_grad=needs_weight_grad, **ctx.spec)
         else:
             # The forward checked these labels (or was told not to): no second check, no second sync.
             grad_embeddings, grad_classes = ops.margin_softmax_backward(
@@ -208,6 +224,13 @@ class ShardedCombinedMarginLoss(nn.Module):
     """
 
     sharded = True
+    curricular = False  # (ShardedCurricularFaceLoss)
+
+    def chunked_spec(self):
+        """The chunked path's options for this call (see _ShardedMarginSoftmax), or None for the fused op."""
+        if self.interclass_filtering_threshold:
+            return {"threshold": self.interclass_filtering_threshold, "curricular": None}
+        return None
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
                  reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
@@ -216,8 +239,9 @@ class ShardedCombinedMarginLoss(nn.Module):
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
                          ignore_index, sample_rate, check_labels)
         self.interclass_filtering_threshold = check_filtering_threshold(interclass_filtering_threshold)
-        if self.interclass_filtering_threshold and getattr(self, "per_row_margins", False):
-            raise ValueError(f"interclass_filtering_threshold does not go with {type(self).__name__}'s per-row margins")
+        if self.interclass_filtering_threshold and (getattr(self, "per_row_margins", False) or self.curricular):
+            raise ValueError(f"interclass_filtering_threshold does not go with {type(self).__name__}'s "
+                             f"{'hard negatives' if self.curricular else 'per-row margins'}")
         self.process_group = process_group
         self.rank, self.world_size = _group_info(process_group)
         self.class_start, self.class_stop = class_shard(num_classes, self.rank, self.world_size)
@@ -430,7 +454,8 @@ class ShardedCombinedMarginLoss(nn.Module):
             if isinstance(value, torch.Tensor):
                 check_row_margin(name, value, embeddings)
         dtype = fused_compute_dtype(embeddings, self.weight)
-        if self.interclass_filtering_threshold:  # the chunked path: fp32 (fp64) also under autocast
+        spec = self.chunked_spec()
+        if spec is not None:  # the chunked path: fp32 (fp64) also under autocast
             dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         labels = labels.long()
         all_labels = self._gather_labels(labels, rows)
@@ -448,7 +473,7 @@ class ShardedCombinedMarginLoss(nn.Module):
                 all_labels = all_labels.masked_fill(bad, num_classes)
             ignore_index = -1
             self.last_sampled_classes = self.class_start + index
-        elif self.interclass_filtering_threshold and not skip_check:
+        elif spec is not None and not skip_check:
             # (the chunked path checks no labels; every rank checks the same gathered ones)
             check_label_values(all_labels, self.num_classes, self.ignore_index)
         margins = stack_row_margins(m2, m3, embeddings)
@@ -460,9 +485,9 @@ class ShardedCombinedMarginLoss(nn.Module):
         options = (self.s, self.m1, scalar_margin(m2), scalar_margin(m3), self.lambda_, int(ignore_index),
                    self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes, margins)
         try:
-            loss_rows, cosine = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype), all_labels,
-                                                            index, rows, options, self.process_group, not skip_check,
-                                                            self.interclass_filtering_threshold)
+            loss_rows, cosine, t = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype),
+                                                               all_labels, index, rows, options, self.process_group,
+                                                               not skip_check, spec)
         except ValueError as error:  # the op names a row of the gathered batch: name the rank's own row
             found = re.search(r"labels\[(\d+)\]", str(error))
             if found is None or rows == 0:
@@ -470,6 +495,9 @@ class ShardedCombinedMarginLoss(nn.Module):
             k = int(found.group(1))
             raise ValueError(str(error).replace(found.group(0), f"rank {k // rows}'s labels[{k % rows}]", 1)) from None
         loss = ops.reduce_loss(loss_rows, labels, self.ignore_index, self.reduction)
+        if t is not None and self.training:
+            with torch.no_grad():
+                self.t.copy_(t)
         if return_target_cosine:
             return loss, nan_at_ignored(cosine, labels, self.ignore_index)
         return loss
@@ -519,3 +547,39 @@ class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
 class ShardedElasticFaceLoss(ElasticFaceMargins, ShardedCombinedMarginLoss):
     """:class:`ShardedCombinedMarginLoss` with ElasticFace's margins (:class:`ElasticFaceMargins`):
     each rank draws the margins of its own rows."""
+
+
+class ShardedCurricularFaceLoss(ShardedCombinedMarginLoss):
+    """:class:`arcface_ext.CurricularFaceLoss` with sharded class centres: each rank's shard tests its
+    own classes against every row's margined target cosine (an all-reduce of N values brings each
+    row's from the shard that holds its target), on the chunked PyTorch path. t moves by the mean of
+    every rank's counted rows' target cosines, the same on every rank (the replicated loss under DDP
+    follows rank 0's batches instead)."""
+
+    curricular = True
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, momentum=0.01, **kwargs):
+        if (isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, (int, float))
+                or not 0 < momentum <= 1):
+            raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
+        self.m, self.momentum = float(m), float(momentum)
+        dtype = torch.float64 if kwargs.get("dtype") == torch.float64 else torch.float32
+        self.register_buffer("t", torch.zeros((), device=kwargs.get("device"), dtype=dtype))
+        # DistributedDataParallel around a larger model would broadcast rank 0's t: the same on every
+        # rank here anyway.
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if "t" in self._buffers:
+            with torch.no_grad():
+                self.t.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        return _apply_keeping_dtype(self, super()._apply, ("t",), fn, *args, **kwargs)
+
+    def chunked_spec(self):
+        return {"threshold": 0.0, "curricular": (self.t, self.momentum, self.training)}
+
+    def extra_repr(self):
+        return f"m={self.m}, momentum={self.momentum}, {super().extra_repr()}"

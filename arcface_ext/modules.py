@@ -395,13 +395,9 @@ class CurricularFaceLoss(CombinedMarginLoss):
                 w = self.weight.detach()[torch.where(counted, labels, 0)].to(x.dtype)
                 cosine = (torch.nn.functional.normalize(x, dim=1, eps=reference.NORM_EPS)
                           * torch.nn.functional.normalize(w, dim=1, eps=reference.NORM_EPS)).sum(dim=1)
-                count = counted.sum()
-                mean = torch.where(counted, cosine.clamp(-1.0, 1.0), torch.zeros_like(cosine)).sum() / count.clamp_min(1)
                 # No counted row, or a non-finite embedding or centre (an fp16 overflow, a step a
-                # gradient scaler skips): t stays, rather than staying NaN ever after (decided on the
-                # device, no sync).
-                moves = (count > 0) & torch.isfinite(mean)
-                t = torch.where(moves, t * (1 - self.momentum) + self.momentum * mean.to(t.dtype), t)
+                # gradient scaler skips): t stays, rather than staying NaN ever after.
+                t = chunked.moved_t(t, cosine.clamp(-1.0, 1.0), counted, self.momentum)
                 # Stored by forward once the loss is computed: a call the loss refuses leaves t as it was.
                 self._moved_t = t
         return {"curricular_t": t}

@@ -380,3 +380,28 @@ def test_sharded_filtering_stays_fp32_under_autocast():
         grads.append((loss.detach(), xs.grad, sharded.weight.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_sharded_curricularface_on_one_process_is_the_replicated_one():
+    if not arcface_ext.extension_available():
+        pytest.skip("the sharded module needs the compiled op")
+    x, w, labels = inputs(seed=55)
+    labels[2] = -1
+    sharded = arcface_ext.ShardedCurricularFaceLoss(11, 16, s=30.0, dtype=torch.float64)
+    replicated = arcface_ext.CurricularFaceLoss(11, 16, s=30.0, dtype=torch.float64)
+    with torch.no_grad():
+        sharded.weight.copy_(w)
+        replicated.weight.copy_(w)
+    for step in range(2):
+        outputs = []
+        for module in (sharded, replicated):
+            module.weight.grad = None
+            xs = (x.detach() * (step + 1)).requires_grad_(True)
+            loss, cos = module(xs, labels, return_target_cosine=True)
+            loss.backward()
+            outputs.append((loss.detach(), cos, xs.grad, module.weight.grad, module.t.clone()))
+        for a, b in zip(*outputs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert sharded.t.item() != 0
+    with pytest.raises(ValueError, match="does not go with ShardedCurricularFaceLoss's hard negatives"):
+        arcface_ext.ShardedCurricularFaceLoss(11, 16, interclass_filtering_threshold=0.4)

@@ -411,3 +411,65 @@ def test_sharded_state_dict_and_deferred_initialisation():
         module.load_state_dict(other)
     meta = arcface_ext.ShardedCombinedMarginLoss(2_000_000, 512, device="meta")
     assert meta.weight.is_meta and meta.weight.shape == (2_000_000, 512)
+
+
+# ---- CurricularFace on sharded centres ----------------------------------------------------------------
+
+def _curricular_worker(rank, world_size, init_file, sizes, out_dir, sample_rate):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        x, w, labels = make_case(17, sizes, NUM_CLASSES, DIM, ignored=(1,))
+        mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        module = arcface_ext.ShardedCurricularFaceLoss(NUM_CLASSES, DIM, s=30.0, sample_rate=sample_rate,
+                                                       dtype=torch.float64)
+        with torch.no_grad():
+            module.weight.copy_(module.shard_of(w))
+            module.t.fill_(0.2)
+        results = []
+        for step in range(2):  # the second call uses the t the first one moved
+            xs = (x[mine] * (1 + step)).clone().requires_grad_(True)
+            module.weight.grad = None
+            torch.manual_seed(100 + rank)
+            loss = module(xs, labels[mine])
+            loss.backward()
+            results.append({"loss": loss.detach(), "grad_x": xs.grad, "grad_w": module.gather(module.weight.grad),
+                            "t": module.t.clone(), "sampled": module.last_sampled_classes})
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        settle()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes, sample_rate", [([5, 3], 1.0), ([4, 1, 3], 1.0), ([5, 3], 0.5)],
+                         ids=["2-ranks", "3-ranks-uneven", "2-ranks-sampled"])
+def test_gloo_ranks_curricularface_matches_the_whole_batch(tmp_path, sizes, sample_rate):
+    # t moves by the mean target cosine of every rank's counted rows (the same on every rank); each
+    # rank's loss and gradients are then the replicated CurricularFace's at that t, over the union of
+    # the ranks' samples.
+    world_size = len(sizes)
+    mp.spawn(_curricular_worker, args=(world_size, str(tmp_path / "store"), sizes, str(tmp_path), sample_rate),
+             nprocs=world_size, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    x, w, labels = make_case(17, sizes, NUM_CLASSES, DIM, ignored=(1,))
+    counted = labels != -1
+    t = torch.tensor(0.2, dtype=torch.float64)
+    for step in range(2):
+        xs = x * (1 + step)
+        target = (torch.nn.functional.normalize(xs, dim=1)
+                  * torch.nn.functional.normalize(w[labels.clamp_min(0)], dim=1)).sum(dim=1).clamp(-1, 1)
+        t = 0.99 * t + 0.01 * target[counted].mean()
+        classes = torch.arange(NUM_CLASSES)
+        if sample_rate < 1:
+            classes = torch.cat([result[step]["sampled"] for result in results])
+        positions = torch.where(counted, torch.searchsorted(classes, labels.clamp_min(0)), -1)
+        grad_w = torch.zeros_like(w)
+        for r, result in enumerate(results):
+            mine = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+            torch.testing.assert_close(result[step]["t"], t, rtol=1e-12, atol=1e-14)
+            loss, _, gx, gw = loss_and_grads(functools.partial(reference.chunked_margin_loss, curricular_t=t),
+                                          xs[mine], w[classes], positions[mine], s=30.0, m1=1.0, m2=0.5, m3=0.0)
+            assert_matches_reference(result[step]["loss"], loss, name=f"rank {r} loss")
+            assert_matches_reference(result[step]["grad_x"], gx, name=f"rank {r} grad_embeddings")
+            grad_w[classes] += gw / world_size
+        assert_matches_reference(results[0][step]["grad_w"], grad_w, name="gathered grad_weight")

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "elasticface-cos: each row's margin drawn from N(--arcface_m or --m3, --elastic-std); magface: "
                    "a margin from 0.45 to 0.8 as the norm goes from 10 to 110, plus its norm regulariser (lambda_g 35); "
                    "curricularface: cos(θ+m) (--arcface_m) and hard negatives c·(t+c), t a running mean of the target "
-                   "cosines (a PyTorch path in fp32, not the fused op)")
+                   "cosines (a PyTorch path in fp32, not the fused op; also sharded)")
     g.add_argument("--arcface-s", "--arcface_s", "--scale", dest="arcface_s", type=float, default=64.0,
                    help="scale s of the logits (all losses)")
     g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float, default=0.5,
@@ -338,7 +338,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for flag, on, plain_only, samples, shards in (
             (f"--subcenters {args.subcenters}", args.subcenters > 1, True, False, False),
             (f"--interclass-filter {args.interclass_filter:g}", args.interclass_filter > 0, True, True, True),
-            ("--loss curricularface", args.loss == "curricularface", False, True, False)):
+            ("--loss curricularface", args.loss == "curricularface", False, True, True)):
         if not on:
             continue
         clash = [other for other, bad in (

@@ -314,7 +314,8 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if args.loss == "magface":
         return arcface_ext.MagFaceLoss(num_classes, args.embedding_size, s=args.arcface_s, **common)
     if args.loss == "curricularface":
-        return arcface_ext.CurricularFaceLoss(num_classes, args.embedding_size, s=args.arcface_s, m=m2, **common)
+        curricular = arcface_ext.ShardedCurricularFaceLoss if args.sharded_classes else arcface_ext.CurricularFaceLoss
+        return curricular(num_classes, args.embedding_size, s=args.arcface_s, m=m2, **common)
     if interclass_filter > 0:  # (sharded too)
         common["interclass_filtering_threshold"] = interclass_filter
     if args.loss.startswith("elasticface"):
