@@ -30,7 +30,7 @@ from ._checks import (FLOAT_DTYPES, check_arguments, check_flag, check_row_margi
                       nan_at_ignored, scalar_margin, skips_label_check, stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
 from .chunked import check_filtering_threshold
-from .modules import AdaFaceMargins, ElasticFaceMargins, _apply_keeping_dtype, set_loss_options
+from .modules import AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, set_loss_options
 from .sampling import bad_labels, check_label_values, sample_classes, sample_size
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
@@ -549,34 +549,12 @@ class ShardedElasticFaceLoss(ElasticFaceMargins, ShardedCombinedMarginLoss):
     each rank draws the margins of its own rows."""
 
 
-class ShardedCurricularFaceLoss(ShardedCombinedMarginLoss):
+class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
     """:class:`arcface_ext.CurricularFaceLoss` with sharded class centres: each rank's shard tests its
     own classes against every row's margined target cosine (an all-reduce of N values brings each
     row's from the shard that holds its target), on the chunked PyTorch path. t moves by the mean of
     every rank's counted rows' target cosines, the same on every rank (the replicated loss under DDP
     follows rank 0's batches instead)."""
-
-    curricular = True
-
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, momentum=0.01, **kwargs):
-        if (isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, (int, float))
-                or not 0 < momentum <= 1):
-            raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
-        self.m, self.momentum = float(m), float(momentum)
-        dtype = torch.float64 if kwargs.get("dtype") == torch.float64 else torch.float32
-        self.register_buffer("t", torch.zeros((), device=kwargs.get("device"), dtype=dtype))
-        # DistributedDataParallel around a larger model would broadcast rank 0's t: the same on every
-        # rank here anyway.
-
-    def reset_parameters(self):
-        super().reset_parameters()
-        if "t" in self._buffers:
-            with torch.no_grad():
-                self.t.zero_()
-
-    def _apply(self, fn, *args, **kwargs):
-        return _apply_keeping_dtype(self, super()._apply, ("t",), fn, *args, **kwargs)
 
     def chunked_spec(self):
         return {"threshold": 0.0, "curricular": (self.t, self.momentum, self.training)}

@@ -342,7 +342,33 @@ class MagFaceLoss(CombinedMarginLoss):
                 f"l_a={self.l_a}, u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, lambda_g={self.lambda_g}{sampled}")
 
 
-class CurricularFaceLoss(CombinedMarginLoss):
+class CurricularFaceT:
+    """CurricularFace's running t (buffer ``t``) and margin for a margin-loss module (mixed in before
+    it): ``m`` ArcFace's angular margin, t moving at rate ``momentum``; fp32 (fp64 in an fp64 module),
+    never cast to 16 bits."""
+
+    curricular = True
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, momentum=0.01, **kwargs):
+        if (isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, numbers.Real)
+                or not 0 < momentum <= 1):
+            raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
+        self.m, self.momentum = float(m), float(momentum)
+        dtype = torch.float64 if kwargs.get("dtype") == torch.float64 else torch.float32
+        self.register_buffer("t", torch.zeros((), device=kwargs.get("device"), dtype=dtype))
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if "t" in self._buffers:  # (not yet registered when the base class's __init__ calls this)
+            with torch.no_grad():
+                self.t.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        return _apply_keeping_dtype(self, super()._apply, ("t",), fn, *args, **kwargs)
+
+
+class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
     """CurricularFace (Huang et al., CVPR 2020): ArcFace's target logit s·cos(θ + m), and each hard
     negative, another class j whose cosine c_j exceeds the target's margined cosine cos(θ + m) (whose
     logit would beat the target's), gets s·c_j·(t + c_j) instead of s·c_j. t (buffer ``t``, from 0) is
@@ -364,26 +390,6 @@ class CurricularFaceLoss(CombinedMarginLoss):
     (partial FC) and the other options are :class:`CombinedMarginLoss`'s. Not available with sharded
     class centres.
     """
-
-    curricular = True
-
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, momentum=0.01, **kwargs):
-        if (isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, numbers.Real)
-                or not 0 < momentum <= 1):
-            raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
-        self.m, self.momentum = float(m), float(momentum)
-        dtype = torch.float64 if kwargs.get("dtype") == torch.float64 else torch.float32
-        self.register_buffer("t", torch.zeros((), device=kwargs.get("device"), dtype=dtype))
-
-    def reset_parameters(self):
-        super().reset_parameters()
-        if "t" in self._buffers:  # (not yet registered when the base class's __init__ calls this)
-            with torch.no_grad():
-                self.t.zero_()
-
-    def _apply(self, fn, *args, **kwargs):
-        return _apply_keeping_dtype(self, super()._apply, ("t",), fn, *args, **kwargs)
 
     def chunked_options(self, embeddings, labels):
         t = self.t
