@@ -13,8 +13,8 @@ two passes on a shard of the classes, as the fused op's shard mode runs them (sh
 With c_j the clamped cosine of a class j other than the row's target, its logit is s·f(c_j):
 
 - plain: f(c) = c;
-- inter-class filtering (``interclass_filtering_threshold`` τ > 0, An et al., CVPR 2022, as
-  insightface's ``CombinedMarginLoss``): f(c) = 0 for c > τ, else c. A class that close is taken
+- inter-class filtering (``interclass_filtering_threshold`` τ > 0, the option of insightface's arcface_torch
+  ``CombinedMarginLoss``, against the inter-class conflict of the Partial FC paper, An et al., CVPR 2022): f(c) = 0 for c > τ, else c. A class that close is taken
   for the same person filed twice (inter-class noise): its logit is zeroed and it gets no gradient;
 - CurricularFace (``curricular_t`` t, Huang et al., CVPR 2020): f(c) = c·(t + c) for a hard negative,
   one whose cosine exceeds the target's margined cosine ψ(c_y) - m3 (whose logit would beat the
