@@ -77,9 +77,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     """Per-row losses of this rank's rows and their target cosines, for a weight shard (or the
     sampled rows ``index`` of it), given every rank's labels as the op is to see them. ``options``
     are the op's arguments after the labels, up to the per-row margins (None or every rank's);
-    ``check_labels`` whether the op checks the labels' values (a sync on a GPU). ``chunked``: None
-    for the fused op, else the chunked path's ``threshold`` and ``curricular`` (None, or CurricularFace's
-    (t, momentum, whether t moves)); the third output is then t as this call moved it."""
+    ``check_labels`` whether the op checks the labels' values (a sync on a GPU). ``chunked_spec``:
+    None for the fused op, else the chunked path's ``threshold`` and ``curricular`` (None, or
+    CurricularFace's (t, momentum, whether t moves)); the third output is t as this call moved it, or
+    None."""
 
     @staticmethod
     def forward(ctx, embeddings, weight, all_labels, index, rows, options, group, check_labels, chunked_spec):
@@ -178,7 +179,7 @@ def _chunked_options(options, threshold):
     """The op's options (after the labels) as :func:`arcface_ext.chunked.shard_forward`'s keywords."""
     s, m1, m2, m3, lambda_, ignore_index, straight_through, _, class_start, num_classes, margins = options
     if margins is not None:
-        raise ValueError("inter-class filtering does not take per-row margins")
+        raise ValueError("the chunked path (inter-class filtering, CurricularFace) does not take per-row margins")
     return dict(s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, ignore_index=ignore_index,
                 straight_through=straight_through, class_offset=class_start, num_classes=num_classes,
                 threshold=threshold)
