@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._checks import check_flag, check_options
+from . import reference
 from .chunked import check_filtering_threshold, check_int_option, chunked_margin_loss
 
 
@@ -42,11 +43,12 @@ class SubCenterMarginLoss(nn.Module):
     :class:`arcface_ext.CombinedMarginLoss`. ``k=3`` is the paper's choice. Called as
     ``criterion(embeddings, labels)``; ``return_target_cosine=True`` also returns each row's target
     cosine (to its best sub-centre). ``interclass_filtering_threshold`` > 0 also filters the other
-    classes as Partial FC does (:mod:`arcface_ext.chunked`)."""
+    classes as arcface_torch does (:mod:`arcface_ext.chunked`). ``use_reference=True`` runs
+    :func:`arcface_ext.reference.subcenter_margin_loss` (the whole matrix) instead."""
 
     def __init__(self, num_classes, embedding_size, k=3, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
                  reduction="mean", margin_grad="exact", ignore_index=-1, check_labels=True, class_chunk=None,
-                 interclass_filtering_threshold=0.0, device=None, dtype=None):
+                 interclass_filtering_threshold=0.0, use_reference=False, device=None, dtype=None):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size), ("k", k)):
             check_int_option(name, value)
@@ -59,11 +61,18 @@ class SubCenterMarginLoss(nn.Module):
         self.s, self.m1, self.m2, self.m3, self.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
         self.reduction, self.margin_grad, self.ignore_index = reduction, margin_grad, int(ignore_index)
         self.class_chunk = class_chunk
+        self.use_reference = check_flag("use_reference", use_reference)
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.k, self.embedding_size, device=device,
                                                dtype=dtype))
         nn.init.normal_(self.weight, std=0.01)  # insightface's initialisation, as CombinedMarginLoss's
 
     def forward(self, embeddings, labels, return_target_cosine=False):
+        if self.use_reference:
+            return reference.chunked_margin_loss(
+                embeddings, self.weight, labels, k=self.k, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+                lambda_=self.lambda_, interclass_filtering_threshold=self.interclass_filtering_threshold,
+                reduction=self.reduction, margin_grad=self.margin_grad, ignore_index=self.ignore_index,
+                return_target_cosine=return_target_cosine, check_labels=self.check_labels)
         return chunked_margin_loss(embeddings, self.weight, labels, k=self.k, s=self.s, m1=self.m1, m2=self.m2,
                                    m3=self.m3, lambda_=self.lambda_,
                                    interclass_filtering_threshold=self.interclass_filtering_threshold,
@@ -78,4 +87,5 @@ class SubCenterMarginLoss(nn.Module):
                 + (f", interclass_filtering_threshold={self.interclass_filtering_threshold}"
                    if self.interclass_filtering_threshold else "")
                 + (f", margin_grad={self.margin_grad!r}" if self.margin_grad != "exact" else "")
-                + ("" if self.check_labels else ", check_labels=False"))
+                + ("" if self.check_labels else ", check_labels=False")
+                + (", use_reference=True" if self.use_reference else ""))

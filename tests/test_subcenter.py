@@ -106,6 +106,15 @@ def test_module_and_checks():
         subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels, k=3, m2=torch.zeros(13))
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         SubCenterMarginLoss(11, 16, k=0)
+    # use_reference: the whole matrix, the same loss and gradients.
+    chunked = SubCenterMarginLoss(11, 16, k=3, s=30.0, dtype=torch.float64)
+    whole = SubCenterMarginLoss(11, 16, k=3, s=30.0, use_reference=True, dtype=torch.float64)
+    assert "use_reference=True" in repr(whole)
+    with torch.no_grad():
+        whole.weight.copy_(chunked.weight)
+    for criterion in (chunked, whole):
+        criterion(x.detach(), labels).backward()
+    torch.testing.assert_close(whole.weight.grad, chunked.weight.grad, rtol=1e-9, atol=1e-12)
 
 
 def test_no_tensor_the_size_of_the_whole_matrix_is_made():

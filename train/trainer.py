@@ -257,8 +257,7 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
 
 def chunked_loss(args: argparse.Namespace) -> bool:
     """Whether the loss runs on arcface_ext's chunked PyTorch path (fp32) rather than the fused op; with
-    --loss-impl reference, CurricularFace and the filtering run on the path's whole-matrix reference
-    (sub-centres on the chunked path all the same)."""
+    --loss-impl reference, on the path's whole-matrix reference."""
     return (getattr(args, "subcenters", 1) > 1 or getattr(args, "interclass_filter", 0.0) > 0
             or args.loss == "curricularface")
 
@@ -267,7 +266,7 @@ def loss_implementation(args: argparse.Namespace) -> str:
     """What the run's log says computes the loss."""
     if not chunked_loss(args):
         return args.loss_impl
-    if args.loss_impl == "reference" and getattr(args, "subcenters", 1) == 1:
+    if args.loss_impl == "reference":
         return "reference: PyTorch on the whole matrix, fp32"
     return "chunked PyTorch path, fp32"
 
@@ -288,7 +287,8 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
         m1, m2, m3 = margins(args)
         return arcface_ext.SubCenterMarginLoss(num_classes, args.embedding_size, k=args.subcenters, s=args.arcface_s,
                                                m1=m1, m2=m2, m3=m3, margin_grad=args.margin_grad, check_labels=False,
-                                               interclass_filtering_threshold=interclass_filter)
+                                               interclass_filtering_threshold=interclass_filter,
+                                               use_reference=args.loss_impl == "reference")
     # (CurricularFace and the filtering on replicated centres are pure PyTorch: no compiled op needed.)
     needs_extension = args.sharded_classes or not chunked_loss(args)
     if args.loss_impl == "fused" and needs_extension and not arcface_ext.extension_available():
