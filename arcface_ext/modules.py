@@ -56,8 +56,8 @@ class CombinedMarginLoss(nn.Module):
     ``check_labels=False`` skips the label check, a device synchronisation a call on a GPU, as
     :func:`arcface_ext.combined_margin_loss` does (a bad label gives its row a NaN loss instead).
 
-    ``interclass_filtering_threshold`` τ > 0 is Partial FC's inter-class filtering (insightface's
-    option of the same name): the other classes whose cosine exceeds τ get logit 0 and no gradient.
+    ``interclass_filtering_threshold`` τ > 0 is inter-class filtering (arcface_torch's option of the
+    same name): the other classes whose cosine exceeds τ get logit 0 and no gradient.
     It runs on the chunked PyTorch path (:mod:`arcface_ext.chunked`), not the fused op.
     """
 
@@ -397,13 +397,11 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
             with torch.no_grad():
                 labels = labels.long()
                 counted = (labels != self.ignore_index) & ~bad_labels(labels, self.num_classes, self.ignore_index)
-                x = norm_dtype(embeddings.detach())
-                w = self.weight.detach()[torch.where(counted, labels, 0)].to(x.dtype)
-                cosine = (torch.nn.functional.normalize(x, dim=1, eps=reference.NORM_EPS)
-                          * torch.nn.functional.normalize(w, dim=1, eps=reference.NORM_EPS)).sum(dim=1)
+                cosine = chunked.shard_target_cosines(embeddings.detach(), self.weight.detach(), labels,
+                                                      ignore_index=self.ignore_index)
                 # No counted row, or a non-finite embedding or centre (an fp16 overflow, a step a
                 # gradient scaler skips): t stays, rather than staying NaN ever after.
-                t = chunked.moved_t(t, cosine.clamp(-1.0, 1.0), counted, self.momentum)
+                t = chunked.moved_t(t, cosine, counted, self.momentum)
                 # Stored by forward once the loss is computed: a call the loss refuses leaves t as it was.
                 self._moved_t = t
         return {"curricular_t": t}
