@@ -3,11 +3,16 @@ the best of its K centres), Partial FC's inter-class filtering and CurricularFac
 (both change the other classes' logits, each as a function of their own cosine).
 
 It walks the classes in chunks, holding an N x chunk·K block of cosines at a time, never the whole
-N x C·K matrix, and recomputes the blocks in the backward pass; fp32 throughout (fp64 for fp64
-inputs), also under autocast, so no cosine is rounded to 16 bits before the exponential. It does the
-same matrix products as the fused op (four, not three) with a dozen elementwise passes over each
-block where the op has fused epilogues: on a CPU it takes about twice the fused op's time and about its
-memory (``benchmarks/bench_loss.py``, README). :func:`shard_forward` and :func:`shard_backward` are its
+N x C·K matrix, and recomputes the blocks in the backward pass. It computes in fp32 (fp64 for fp64
+inputs). Its matrix products are the only exception: under ``torch.autocast`` (fp16/bf16) or with 16-bit
+inputs, as for the fused op, they take operands rounded to 16 bits (the embeddings and each chunk of
+centres as autocast rounds a matrix product's inputs, a chunk at a time, never a 16-bit copy of the
+whole weight; in the backward pass the gradient block too) and accumulate in fp32 with fp32 results
+(``torch.mm(..., out_dtype=torch.float32)`` on GPUs, tensor cores; the products of the 16-bit values
+in fp32 elsewhere). Norms, cosines, margins and softmax stay fp32: no cosine is rounded to 16 bits
+before the exponential. It does the same matrix products as the fused op (four, not three) with a
+dozen elementwise passes over each block where the op has fused epilogues: on a CPU it takes about
+twice the fused op's time and about its memory (``benchmarks/bench_loss.py``, README). :func:`shard_forward` and :func:`shard_backward` are its
 two passes on a shard of the classes, as the fused op's shard mode runs them (sharded centres).
 
 With c_j the clamped cosine of a class j other than the row's target, its logit is s·f(c_j):
@@ -28,7 +33,7 @@ import numbers
 
 import torch
 
-from ._checks import check_arguments, check_flag, reduce_rows
+from ._checks import check_arguments, check_flag, fused_compute_dtype, reduce_rows
 from .reference import NORM_EPS, margin_psi
 
 # Values a block holds: about this many cosines (N x chunk·K) and centre rows' values (chunk·K x D),
@@ -39,6 +44,28 @@ BLOCK_VALUES = 1 << 22
 def _no_autocast(device_type):
     """Autocast off for the device's type (the meta device has none: shapes only)."""
     return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
+SIXTEEN_BITS = (torch.float16, torch.bfloat16)
+# torch.mm(a, b, out_dtype=torch.float32) for 16-bit a, b (CUDA, torch 2.8 and later).
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def gemm_dtype(embeddings, weight):
+    """The 16-bit type the chunked path's matrix products take their operands in, or None for the
+    compute dtype: the autocast dtype under ``torch.autocast`` for the inputs' device, else the inputs'
+    common type when it is 16-bit (fp64 inputs: None, as autocast leaves fp64 matrix products)."""
+    dtype = fused_compute_dtype(embeddings, weight)
+    return dtype if dtype in SIXTEEN_BITS else None
+
+
+def _mm(a, b):
+    """a·b; for 16-bit operands the fp32 product (fp32 accumulation), not a 16-bit one."""
+    if a.dtype not in SIXTEEN_BITS:
+        return a @ b
+    if _MM_OUT_DTYPE and a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # (exact products of the 16-bit values, summed in fp32)
 
 
 def _unit(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,12 +100,19 @@ class _Targets:
     [0, num_classes)), which of them this block of centres holds (``owned``; every counted row unless
     the centres are a shard of the classes), their best sub-centre (row of ``weight``), the clamped
     target cosine, and the target logit s·(ψ − m3) with its chain factor s·dψ/dc (0 where the clamp
-    clamped), all in the compute dtype."""
+    clamped), all in the compute dtype. With ``gemm`` (a 16-bit type) the embeddings are rounded to it
+    first: the matrix products' operand (``x_op``), and the norm's and the target cosines' input."""
 
     def __init__(self, x, w, labels, *, k, s, m1, m2, m3, lambda_, straight_through, ignore_index, class_offset,
-                 num_classes):
+                 num_classes, gemm=None):
         self.dtype = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+        self.gemm = gemm
+        if gemm is not None:
+            x = x.to(gemm)
         self.x_hat, self.x_norm = _unit(x.to(self.dtype))
+        # The products' left operand: x̂ itself in fp32/fp64; the rounded embeddings, scaled by 1/|x| after
+        # the product, with 16-bit operands (so that the cosines are those of the rounded inputs).
+        self.x_op = self.x_hat if gemm is None else x
         n, dim = x.shape
         self.local = w.shape[0] // k
         total = self.local if num_classes < 0 else num_classes
@@ -90,7 +124,8 @@ class _Targets:
         self.owned = self.counted & (self.position >= 0) & (self.position < self.local)
         target = torch.where(self.owned, self.position, 0)
         # The target's cosine: the best of its class's K sub-centres.
-        rows, _ = _unit(w.view(self.local, k, dim)[target].reshape(n * k, dim).to(self.dtype))
+        rows = w.view(self.local, k, dim)[target].reshape(n * k, dim)
+        rows, _ = _unit((rows if gemm is None else rows.to(gemm)).to(self.dtype))
         raw = torch.bmm(rows.view(n, k, dim), self.x_hat.unsqueeze(2)).squeeze(2)
         raw, sub = raw.max(dim=1)
         self.row = target * k + sub
@@ -99,9 +134,13 @@ class _Targets:
         self.logit = s * (psi - m3)
         self.slope = s * (torch.ones_like(dpsi) if straight_through else dpsi) * (raw.abs() <= 1.0).to(self.dtype)
 
+    def centres(self, w, first, step, k):
+        """Rows of ``w`` for classes first … first + step − 1, as the products take them."""
+        return w[first * k:(first + step) * k].to(self.dtype if self.gemm is None else self.gemm)
+
 
 def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through, ignore_index, class_offset=0,
-                  num_classes=-1, threshold=0.0, curricular_t=None, hard_above=None, chunk=None):
+                  num_classes=-1, threshold=0.0, curricular_t=None, hard_above=None, chunk=None, gemm_dtype=None):
     """The chunked path's forward on a block of classes, with the fused op's (``margin_softmax_forward``)
     outputs and shard semantics: ``w`` holds classes [class_offset, class_offset + C) of
     ``num_classes`` (-1: just its own C) and labels index all of them. Returns (per-row loss, the
@@ -109,10 +148,12 @@ def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through
     shard's log-sum-exp as its loss and target cosine 0; ignored rows 0, 0, 0; a label outside
     [0, num_classes) a NaN loss. CurricularFace's hard-negative test needs each row's margined target
     cosine ψ(c_y) − m3: ``hard_above`` (N,) gives it (from :func:`margined_target`, for targets in
-    other shards); without it every counted row's target must be in ``w``."""
+    other shards); without it every counted row's target must be in ``w``. ``gemm_dtype``: the 16-bit
+    type of the matrix products' operands (:func:`gemm_dtype`), or None."""
     with torch.no_grad(), _no_autocast(x.device.type):
         r = _Targets(x, w, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, straight_through=straight_through,
-                     ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes)
+                     ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes,
+                     gemm=gemm_dtype)
         n, dim = x.shape
         hard_above = r.logit / s if hard_above is None else hard_above.to(r.dtype)
         # logsumexp over the other classes' logits, online across chunks, the target's logit included.
@@ -120,8 +161,7 @@ def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through
         run_sum = r.owned.to(r.dtype)
         step = _chunk_classes(n, dim, k, r.local, chunk)
         for first in range(0, r.local, step):
-            logits, _ = _negatives(_class_cosines(r.x_hat, w, first, step, k)[0], s, threshold, curricular_t,
-                                   hard_above)
+            logits, _ = _negatives(_class_cosines(r, w, first, step, k)[0], s, threshold, curricular_t, hard_above)
             _mask_target(logits, r.position, r.owned, first, -torch.inf)
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
             run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
@@ -135,25 +175,35 @@ def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through
 
 def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, lambda_, straight_through, ignore_index,
                    needs_embeddings_grad=True, needs_weight_grad=True, class_offset=0, num_classes=-1, threshold=0.0,
-                   curricular_t=None, hard_above=None, chunk=None):
+                   curricular_t=None, hard_above=None, chunk=None, gemm_dtype=None):
     """The gradients of Σ_i grad_rows[i]·loss[i] for :func:`shard_forward`'s block of classes, given each
     row's log-sum-exp (the whole softmax's when the classes are sharded: then they are this shard's part
     of the whole loss's gradients), as ``margin_softmax_backward``. Returns (d/dx or None, d/dw or None)
     in the inputs' dtypes; rows not counted get none."""
     with torch.no_grad(), _no_autocast(x.device.type):
         r = _Targets(x, w, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, straight_through=straight_through,
-                     ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes)
+                     ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes,
+                     gemm=gemm_dtype)
         n, dim = x.shape
         g = torch.where(r.counted, grad_rows.to(r.dtype), torch.zeros_like(r.logit))
         # (+inf where nothing counts: no exp overflows into a 0·inf there)
         lse = torch.where(r.counted, logsumexp.to(r.dtype), torch.full_like(r.logit, torch.inf))
         hard_above = r.logit / s if hard_above is None else hard_above.to(r.dtype)
         x_hat = r.x_hat
+        x_hat_op = x_hat if r.gemm is None else x_hat.to(r.gemm)  # (the centres' gradient GEMM's operand)
+        # The target (rows whose target this block holds): d loss / d target logit = p_target - 1,
+        # times the margin's chain factor; its part of the centres' gradient joins its chunk's block.
+        grad_t = torch.where(r.owned, g * (torch.exp(r.logit - lse) - 1.0) * r.slope, torch.zeros_like(g))
+        unit_rows, target_norms = _unit((w[r.row] if r.gemm is None else w[r.row].to(r.gemm)).to(r.dtype))
         grad_x_hat = torch.zeros_like(x_hat) if needs_embeddings_grad else None
-        grad_w = torch.zeros(w.shape, dtype=r.dtype, device=w.device) if needs_weight_grad else None
+        grad_w = target_part = None
+        if needs_weight_grad:
+            target_part = _through_norm(grad_t[:, None] * x_hat, unit_rows, target_norms)
+            # Written a chunk at a time in the weight's dtype (no fp32 copy of 16-bit centres' gradient).
+            grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         step = _chunk_classes(n, dim, k, r.local, chunk)
         for first in range(0, r.local, step):
-            best, which, rows_w, norms, best_raw = _class_cosines(x_hat, w, first, step, k)
+            best, which, rows_w, norms, best_raw = _class_cosines(r, w, first, step, k)
             logits, slope = _negatives(best, s, threshold, curricular_t, hard_above)
             # d loss / d c = g·s·p·f'(c), p the softmax; in place, one block at a time.
             grad_best = logits.sub_(lse[:, None]).exp_().mul_(g[:, None] * s)
@@ -170,34 +220,38 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
                 grad_cos = grad_cos.view(n, rows_w.shape[0])
             # The normalisation as a rank-1 scaling (no unit copy of the centres): with S = G / |w_j|
             # column-wise, x̂'s gradient is S·w and the centres' (Sᵀx̂ projected off ŵ_j) / |w_j|.
+            # (with 16-bit operands, S rounded to 16 bits, as the fused kernels round their gradient block)
             scaled = grad_cos.div_(norms.t())
+            if r.gemm is not None:
+                scaled = scaled.to(r.gemm)
             if needs_embeddings_grad:
-                grad_x_hat.addmm_(scaled, rows_w)
+                if r.gemm is None:
+                    grad_x_hat.addmm_(scaled, rows_w)
+                else:
+                    grad_x_hat += _mm(scaled, rows_w)
             if needs_weight_grad:
-                block = scaled.t() @ x_hat
+                block = _mm(scaled.t(), x_hat_op)
                 dot = (block * rows_w).sum(dim=1, keepdim=True).mul_((norms > NORM_EPS).to(norms.dtype))
-                grad_w[first * k:first * k + rows_w.shape[0]] = block.addcmul_(rows_w, dot.div_(norms.square()),
-                                                                               value=-1.0)
-        # The target (rows whose target this block holds): d loss / d target logit = p_target - 1,
-        # times the margin's chain factor.
-        grad_t = torch.where(r.owned, g * (torch.exp(r.logit - lse) - 1.0) * r.slope, torch.zeros_like(g))
-        unit_rows, norms = _unit(w[r.row].to(r.dtype))
+                block.addcmul_(rows_w, dot.div_(norms.square()), value=-1.0)
+                lo, size = first * k, rows_w.shape[0]
+                inside = r.owned & (r.row >= lo) & (r.row < lo + size)
+                block.index_add_(0, (r.row - lo).clamp(0, size - 1),
+                                 torch.where(inside[:, None], target_part, torch.zeros_like(target_part)))
+                grad_w[lo:lo + size] = block
         grad_x = None
         if needs_embeddings_grad:
             grad_x_hat.addcmul_(grad_t[:, None], unit_rows)
             grad_x = _through_norm(grad_x_hat, x_hat, r.x_norm).to(x.dtype)
-        if needs_weight_grad:
-            grad_w.index_add_(0, r.row, _through_norm(grad_t[:, None] * x_hat, unit_rows, norms))
-            grad_w = grad_w.to(w.dtype)
         return grad_x, grad_w
 
 
-def shard_target_cosines(x, w, labels, *, k=1, ignore_index, class_offset=0, num_classes=-1, **_):
+def shard_target_cosines(x, w, labels, *, k=1, ignore_index, class_offset=0, num_classes=-1, gemm_dtype=None, **_):
     """The clamped target cosine of each row whose target ``w`` (classes [class_offset, class_offset + C)
     of ``num_classes``) holds, 0 at the others: summed over the shards (an all-reduce), every row's."""
     with torch.no_grad(), _no_autocast(x.device.type):
         r = _Targets(x, w, labels, k=k, s=1.0, m1=1.0, m2=0.0, m3=0.0, lambda_=0.0, straight_through=True,
-                     ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes)
+                     ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes,
+                     gemm=gemm_dtype)
         return torch.where(r.owned, r.cosine, torch.zeros_like(r.cosine))
 
 
@@ -240,17 +294,20 @@ class _ChunkedLossRows(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
-def _class_cosines(x_hat, w, first, step, k):
+def _class_cosines(r, w, first, step, k):
     """For classes first … first + step − 1: (N, c) best sub-centre cosine (clamped), (N, c) which
-    sub-centre (None for k = 1), the (c·K, D) sub-centres (in x_hat's dtype, converted a chunk at a
-    time, not normalised), their norms clamped to eps (c·K, 1), and (N, c) the best cosine before the
-    clamp. The normalisation is a rank-1 scaling of the dot products, not a copy of the centres."""
-    rows = w[first * k:(first + step) * k].to(x_hat.dtype)
-    norms = rows.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-    raw = (x_hat @ rows.t()).div_(norms.t())
+    sub-centre (None for k = 1), the (c·K, D) sub-centres (as the products take them, converted a
+    chunk at a time, not normalised), their norms clamped to eps (c·K, 1, compute dtype), and (N, c)
+    the best cosine before the clamp. The normalisation is a rank-1 scaling of the dot products, not a
+    copy of the centres (with 16-bit operands, of the embeddings too)."""
+    rows = r.centres(w, first, step, k)
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True, dtype=r.dtype).clamp_min(NORM_EPS)
+    raw = _mm(r.x_op, rows.t()).div_(norms.t())
+    if r.gemm is not None:
+        raw.div_(r.x_norm)
     which = None
     if k > 1:
-        raw, which = raw.view(x_hat.shape[0], rows.shape[0] // k, k).max(dim=2)
+        raw, which = raw.view(r.x_op.shape[0], rows.shape[0] // k, k).max(dim=2)
     return raw.clamp(-1.0, 1.0), which, rows, norms, raw
 
 
@@ -324,7 +381,9 @@ def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0
     out of [0, C) that are not ``ignore_index`` raise ValueError (a device synchronisation on a GPU),
     or, with ``check_labels=False`` or inside ``torch.compile``, give their row a NaN loss and no
     gradient, as the fused op's unchecked labels do. ``class_chunk`` sets how many classes a block of
-    cosines holds (default: about 4M cosines a block). Double backward is not supported."""
+    cosines holds (default: about 4M cosines a block). Under ``torch.autocast`` or with 16-bit inputs
+    the matrix products take 16-bit operands, with fp32 accumulation and results (the module's
+    docstring); the rest, the loss included, is fp32. Double backward is not supported."""
     k = check_int_option("k (sub-centres a class)", k)
     class_chunk = check_int_option("class_chunk", class_chunk, optional=True)
     for name, value in (("m2", m2), ("m3", m3)):
@@ -349,7 +408,7 @@ def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0
     counted = (labels != ignore_index) & ~bad
     options = dict(k=k, s=float(s), m1=float(m1), m2=float(m2), m3=float(m3), lambda_=float(lambda_),
                    straight_through=margin_grad == "straight_through", ignore_index=int(ignore_index),
-                   threshold=threshold, chunk=class_chunk)
+                   threshold=threshold, chunk=class_chunk, gemm_dtype=gemm_dtype(embeddings, weight))
     rows, target_cos = _ChunkedLossRows.apply(embeddings, weight, labels, curricular_t, options)
     loss = reduce_rows(rows, labels, ignore_index, reduction)
     if return_target_cosine:

@@ -78,9 +78,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     sampled rows ``index`` of it), given every rank's labels as the op is to see them. ``options``
     are the op's arguments after the labels, up to the per-row margins (None or every rank's);
     ``check_labels`` whether the op checks the labels' values (a sync on a GPU). ``chunked_spec``:
-    None for the fused op, else the chunked path's ``threshold`` and ``curricular`` (None, or
-    CurricularFace's (t, momentum, whether t moves)); the third output is t as this call moved it, or
-    None."""
+    None for the fused op, else the chunked path's ``threshold``, ``curricular`` (None, or
+    CurricularFace's (t, momentum, whether t moves)) and ``gemm_dtype``; the third output is t as
+    this call moved it, or None."""
 
     @staticmethod
     def forward(ctx, embeddings, weight, all_labels, index, rows, options, group, check_labels, chunked_spec):
@@ -93,6 +93,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         spec, t = None, None
         if chunked_spec is not None:  # the chunked PyTorch path, with the op's shard semantics
             spec = _chunked_options(options, chunked_spec["threshold"])
+            spec["gemm_dtype"] = chunked_spec["gemm_dtype"]
             if chunked_spec["curricular"] is not None:
                 # CurricularFace: every row's target cosine (from the shard that holds its target) for
                 # its hard-negative test on every shard, and the mean that moves t, the same on all ranks.
@@ -456,7 +457,10 @@ class ShardedCombinedMarginLoss(nn.Module):
                 check_row_margin(name, value, embeddings)
         dtype = fused_compute_dtype(embeddings, self.weight)
         spec = self.chunked_spec()
-        if spec is not None:  # the chunked path: fp32 (fp64) also under autocast
+        if spec is not None:
+            # The chunked path: fp32 (fp64), its products' operands rounded to 16 bits a chunk at a time
+            # under autocast (no 16-bit copy of the whole shard).
+            spec["gemm_dtype"] = chunked.gemm_dtype(embeddings, self.weight)
             dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
         labels = labels.long()
         all_labels = self._gather_labels(labels, rows)

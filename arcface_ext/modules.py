@@ -398,7 +398,8 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
                 labels = labels.long()
                 counted = (labels != self.ignore_index) & ~bad_labels(labels, self.num_classes, self.ignore_index)
                 cosine = chunked.shard_target_cosines(embeddings.detach(), self.weight.detach(), labels,
-                                                      ignore_index=self.ignore_index)
+                                                      ignore_index=self.ignore_index,
+                                                      gemm_dtype=chunked.gemm_dtype(embeddings, self.weight))
                 # No counted row, or a non-finite embedding or centre (an fp16 overflow, a step a
                 # gradient scaler skips): t stays, rather than staying NaN ever after.
                 t = chunked.moved_t(t, cosine, counted, self.momentum)

@@ -6,7 +6,8 @@ sub-centre and its noise at the others, which ``train.tools.clean`` then drops.
 The class centres are ``weight`` (C·K, D), class c's sub-centres its rows c·K … c·K + K − 1 (as
 insightface's reshape to (N, C, K) reads them). This is the chunked PyTorch path of
 :mod:`arcface_ext.chunked`, not the fused op: it never holds the N x C·K matrix, and computes in fp32
-(fp64 for fp64 inputs), also under autocast. A sample's gradient reaches only the sub-centre that won
+(fp64 for fp64 inputs); under autocast or with 16-bit inputs only its matrix products take 16-bit
+operands, with fp32 accumulation and results. A sample's gradient reaches only the sub-centre that won
 its max, as the max's derivative says.
 """
 from __future__ import annotations

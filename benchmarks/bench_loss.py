@@ -21,7 +21,7 @@ pure-PyTorch reference), `compiled` (torch.compile(reference, fullgraph=True)) a
 three GEMMs any implementation must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone on pre-normalised matrices
 with torch.mm). `subcenter` (arcface_ext.subcenter_margin_loss, sub-center ArcFace's chunked PyTorch path) and
 `subcenter-eager` (reference.subcenter_margin_loss, the whole N x C matrix) read the C rows as C / k
-classes of k sub-centres (--subcenters, default 3): the same matrix products as the others; they
+classes of k sub-centres (--subcenters, default 3; C mod k rows left out): the same matrix products as the others; they
 are not in the default set. Nor are `filtered` / `curricular` (arcface_ext.chunked_margin_loss with
 Partial FC's inter-class filtering at 0.4, or CurricularFace's hard negatives at t = 0.3) and their
 whole-matrix `-eager` forms (reference.chunked_margin_loss). `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
@@ -37,7 +37,7 @@ Timing: every impl runs --warmup times first (torch.compile compiles there), the
 turns, --repeats rounds, the first impl of each round rotating; `ms` is the median over rounds of
 one forward+backward (on CUDA, each round is a run of back-to-back steps lasting about 20 ms, timed
 with CUDA events and divided by its length, `steps_per_sample`; on the CPU, one step by the host clock) (both embeddings and weight need gradients, as in training). For 16-bit
-dtypes the references run under torch.autocast, as insightface's training does; ours takes the
+dtypes the references run under torch.autocast, as insightface's training does; ours and the chunked path take the
 16-bit tensors directly. Ratios are time ratios: `x floor` = ms / floor's ms, and so on (< 1 is
 faster); `mem x eager` = peak_extra_mb / eager's.
 
@@ -177,12 +177,16 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
     elif impl == "compiled":
         loss_fn = torch.compile(reference.combined_margin_loss, fullgraph=True, dynamic=False)
     elif impl in ("subcenter", "subcenter-eager"):
-        # The C rows as C / k classes of k sub-centres: the same matrix products as the other impls.
-        if weight.shape[0] % subcenters:
-            raise ValueError(f"C = {weight.shape[0]} is not a multiple of --subcenters {subcenters}")
-        labels = labels % (weight.shape[0] // subcenters)
-        loss_fn = functools.partial(arcface_ext.subcenter_margin_loss if impl == "subcenter"
-                                    else reference.subcenter_margin_loss, k=subcenters)
+        # The C rows as C // k classes of k sub-centres (the last C mod k rows left out): the same
+        # matrix products as the other impls.
+        classes = weight.shape[0] // subcenters
+        if classes == 0:
+            raise ValueError(f"C = {weight.shape[0]} is fewer than --subcenters {subcenters}")
+        labels = labels % classes
+        chunked_fn = arcface_ext.subcenter_margin_loss if impl == "subcenter" else reference.subcenter_margin_loss
+
+        def loss_fn(x, w, y, **kwargs):
+            return chunked_fn(x, w[:classes * subcenters], y, k=subcenters, **kwargs)
     elif impl.split("-")[0] in CHUNKED_OPTIONS:
         loss_fn = functools.partial(reference.chunked_margin_loss if impl.endswith("-eager")
                                     else arcface_ext.chunked_margin_loss, **CHUNKED_OPTIONS[impl.split("-")[0]])

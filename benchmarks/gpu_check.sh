@@ -18,7 +18,8 @@
 #             process a tile) and the wgmma tiles' tests in a run of their own (cuda-wgmma, no
 #             --maxfail). With pytest-xdist a test whose kernel faults ends its worker (conftest.py),
 #             which is replaced; with pytest-timeout a test that hangs ends after 60 s.
-#   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl but the wgmma ones; the
+#   bench     benchmarks/bench_loss.py --device cuda, C = 1e5 and 1e6, every impl but the wgmma ones and
+#             the chunked path's whole-matrix forms (subcenter, filtered, curricular: bf16 operands); the
 #             results JSON is $OUT/bench.json, written (and its rows printed) after each C (an impl that
 #             fails, e.g. a refused graph capture, is left out and said so)
 #   bench-wgmma each wgmma impl (ours-wgmma, ours-wgmma32, ours-wgmma-resident, ours-wgmma-weight) against
@@ -187,7 +188,7 @@ print("CUDA kernels registered")' 2>&1 | tee -a "$OUT/build.log"; then
             -o faulthandler_timeout=60 tests/test_cuda.py -k wgmma ;;
     bench)  # every impl but the wgmma ones (bench-wgmma): a fault there must not cost the others
       run_stage bench bench 150 60 "$PY" benchmarks/bench_loss.py --device cuda --repeats 7 \
-        --impls ours,ours-recompute,ours-one-row-tile,ours-unchecked,ours-graphed,ours-cublas,eager,compiled,floor,ours-sampled,eager-sampled \
+        --impls ours,ours-recompute,ours-one-row-tile,ours-unchecked,ours-graphed,ours-cublas,eager,compiled,floor,ours-sampled,eager-sampled,subcenter,filtered,curricular \
         --out "$OUT/bench.json" ;;
     max-c)  # (not in the default list: a44eedd's run found ours >= 50M, eager 10.4M) the largest C that fits
       run_stage max-c bench 90 40 "$PY" benchmarks/bench_loss.py --device cuda --repeats 3 --C 100000 \

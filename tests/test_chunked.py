@@ -364,22 +364,27 @@ def test_a_non_finite_batch_leaves_curricular_t_as_it_was():
     assert module.double().t.dtype == torch.float64 and module.half().t.dtype == torch.float64
 
 
-def test_sharded_filtering_stays_fp32_under_autocast():
+def test_sharded_filtering_under_autocast_is_the_replicated_one():
+    # Both round their products' operands to bf16 a chunk at a time; the rest, the loss included, fp32.
     if not arcface_ext.extension_available():
         pytest.skip("the sharded module needs the compiled op")
     x, w, labels = inputs(seed=54, dtype=torch.float32)
-    grads = []
-    for autocast in (False, True):
-        sharded = arcface_ext.ShardedCombinedMarginLoss(11, 16, interclass_filtering_threshold=0.3)
+    outputs = []
+    for cls in (arcface_ext.ShardedCombinedMarginLoss, arcface_ext.CombinedMarginLoss):
+        module = cls(11, 16, interclass_filtering_threshold=0.3)
         with torch.no_grad():
-            sharded.weight.copy_(w)
+            module.weight.copy_(w)
         xs = x.detach().clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = sharded(xs, labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module(xs, labels)
         loss.backward()
-        grads.append((loss.detach(), xs.grad, sharded.weight.grad))
-    for a, b in zip(*grads):
+        assert loss.dtype == xs.grad.dtype == module.weight.grad.dtype == torch.float32
+        outputs.append((loss.detach(), xs.grad, module.weight.grad))
+    for a, b in zip(*outputs):
         torch.testing.assert_close(a, b)
+    rounded = reference.chunked_margin_loss(x.detach().bfloat16().double(), w.detach().bfloat16().double(), labels,
+                                            interclass_filtering_threshold=0.3)
+    torch.testing.assert_close(outputs[0][0].double(), rounded, rtol=1e-6, atol=1e-5)
 
 
 def test_sharded_curricularface_on_one_process_is_the_replicated_one():
@@ -405,3 +410,145 @@ def test_sharded_curricularface_on_one_process_is_the_replicated_one():
     assert sharded.t.item() != 0
     with pytest.raises(ValueError, match="does not go with ShardedCurricularFaceLoss's hard negatives"):
         arcface_ext.ShardedCurricularFaceLoss(11, 16, interclass_filtering_threshold=0.4)
+
+
+# 16-bit operands: under autocast, or with 16-bit inputs, the products take the embeddings and each
+# chunk of centres rounded to 16 bits (the gradient block too in the backward pass), accumulate in fp32,
+# and everything else stays fp32. The ground truth: the fp64 reference on the rounded inputs.
+SIXTEEN = {"bf16": torch.bfloat16, "fp16": torch.float16}
+KINDS = {"subcenters": dict(k=3), "filtering": dict(interclass_filtering_threshold=0.4),
+         "curricular": dict(curricular_t=0.3), "plain": dict()}
+
+
+def relative_error(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("precision", SIXTEEN)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["autocast", "16-bit inputs"])
+def test_16_bit_operands_are_the_rounded_inputs_in_fp32(precision, kind, how):
+    dtype = SIXTEEN[precision]
+    options = dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, **KINDS[kind])
+    x, w, labels = inputs(n=40, c=50, k=options.get("k", 1), d=64, seed=zlib.crc32(f"{precision}{kind}".encode()),
+                          dtype=torch.float32)
+    labels[3] = -1
+    if how == "autocast":
+        x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype):
+            ours = chunked_margin_loss(x, w, labels, reduction="none", class_chunk=7, **options)
+    else:
+        x, w = x.detach().to(dtype).requires_grad_(True), w.detach().to(dtype).requires_grad_(True)
+        ours = chunked_margin_loss(x, w, labels, reduction="none", class_chunk=7, **options)
+    ours.sum().backward()
+    assert ours.dtype == torch.float32 and x.grad.dtype == x.dtype and w.grad.dtype == w.dtype
+    xr = x.detach().to(dtype).double().requires_grad_(True)
+    wr = w.detach().to(dtype).double().requires_grad_(True)
+    expected = reference.chunked_margin_loss(xr, wr, labels, reduction="none", **options)
+    expected.sum().backward()
+    # The loss: the rounded inputs' to fp32 accumulation (s·cosine errors of ~1e-5), where the
+    # unrounded inputs' differs by the rounding (~1e-2 at s = 64 in bf16).
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=5e-5)
+    if how == "autocast" and dtype == torch.bfloat16:
+        unrounded = chunked_margin_loss(x.detach(), w.detach(), labels, reduction="none", **options)
+        assert (unrounded.double() - expected).abs().max() > 20 * (ours.double() - expected).abs().max()
+    # The gradients: through a gradient block rounded to 16 bits.
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert relative_error(x.grad, xr.grad) < tolerance
+    assert relative_error(w.grad, wr.grad) < tolerance
+    assert torch.equal(x.grad[3], torch.zeros_like(x.grad[3]))
+
+
+def test_16_bit_operands_a_chunk_at_a_time(monkeypatch):
+    # Every product takes 16-bit operands, and no 16-bit copy of the whole weight is made.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from arcface_ext import chunked
+
+    x, w, labels = inputs(n=20, c=60, d=32, seed=3, dtype=torch.float32)
+    operands = []
+
+    def recording_mm(a, b):
+        operands.append((a.dtype, b.dtype))
+        return real_mm(a, b)
+
+    real_mm = chunked._mm
+    monkeypatch.setattr(chunked, "_mm", recording_mm)
+    largest = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16:
+                    largest.append(t.numel())
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Sizes():
+        loss = chunked_margin_loss(x, w, labels, interclass_filtering_threshold=0.4, class_chunk=8)
+        loss.backward()
+    # Forward: 8 chunks of cosines; backward: 8 chunks of three products (the cosines again, then the
+    # two gradients).
+    assert operands == [(torch.bfloat16, torch.bfloat16)] * 32
+    assert max(largest) < w.numel() / 2
+    # fp32 and fp64 stay as they were, under autocast too (autocast leaves fp64 products alone).
+    operands.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_margin_loss(x.double(), w.double(), labels, class_chunk=30)
+    assert operands == [(torch.float64, torch.float64)] * 2
+
+
+def test_curricular_t_moves_by_the_rounded_target_cosines():
+    x, w, labels = inputs(n=30, c=40, d=64, seed=8, dtype=torch.float32)
+    module = arcface_ext.CurricularFaceLoss(40, 64, momentum=0.5)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(x, labels).backward()
+    expected = cosines(x.detach().bfloat16().double(), w.detach().bfloat16().double())[torch.arange(30), labels]
+    assert math.isclose(float(module.t), 0.5 * float(expected.mean()), rel_tol=1e-5)
+
+
+def test_16_bit_operands_compile():
+    x, w, labels = inputs(n=16, c=20, d=32, seed=9, dtype=torch.float32)
+
+    def loss(x, w, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return chunked_margin_loss(x, w, y, interclass_filtering_threshold=0.4, class_chunk=6)
+
+    # (inductor's fused elementwise kernels may compute from a rounded value's fp32 original, as its
+    # emulate_precision_casts is off by default: the two agree to the rounding, not to fp32)
+    compiled = torch.compile(loss, fullgraph=True)
+    torch.testing.assert_close(compiled(x.detach(), w.detach(), labels), loss(x.detach(), w.detach(), labels),
+                               rtol=2e-3, atol=0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", SIXTEEN)
+def test_16_bit_operands_on_the_gpu(precision):
+    # The products go to torch.mm(..., out_dtype=torch.float32) where torch has it (2.8 and later): 16-bit
+    # tensor-core GEMMs with fp32 results. The same semantics as on the CPU.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    dtype = SIXTEEN[precision]
+    x, w, labels = inputs(n=64, c=300, k=3, d=128, seed=10, dtype=torch.float32)
+    x, w = x.detach().cuda().requires_grad_(True), w.detach().cuda().requires_grad_(True)
+    labels = labels.cuda()
+    seen = set()
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cuda", dtype=dtype), Ops():
+        ours = chunked_margin_loss(x, w, labels, k=3, reduction="none", class_chunk=40)
+        ours.sum().backward()
+    if "dtype" in torch.ops.aten.mm.overloads():
+        assert "aten.mm.dtype" in seen
+    xr = x.detach().to(dtype).double().requires_grad_(True)
+    wr = w.detach().to(dtype).double().requires_grad_(True)
+    expected = reference.chunked_margin_loss(xr, wr, labels, k=3, reduction="none")
+    expected.sum().backward()
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=5e-5)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert relative_error(x.grad, xr.grad) < tolerance and relative_error(w.grad, wr.grad) < tolerance

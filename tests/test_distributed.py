@@ -473,3 +473,56 @@ def test_gloo_ranks_curricularface_matches_the_whole_batch(tmp_path, sizes, samp
             assert_matches_reference(result[step]["grad_x"], gx, name=f"rank {r} grad_embeddings")
             grad_w[classes] += gw / world_size
         assert_matches_reference(results[0][step]["grad_w"], grad_w, name="gathered grad_weight")
+
+
+def _sixteen_bit_worker(rank, world_size, init_file, sizes, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        x, w, labels = make_case(19, sizes, NUM_CLASSES, DIM, dtype=torch.float32, ignored=(2,))
+        mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        results = {}
+        for name, module in (("filtered", arcface_ext.ShardedCombinedMarginLoss(NUM_CLASSES, DIM,
+                                                                                 interclass_filtering_threshold=0.2)),
+                             ("curricular", arcface_ext.ShardedCurricularFaceLoss(NUM_CLASSES, DIM))):
+            with torch.no_grad():
+                module.weight.copy_(module.shard_of(w))
+            xs = x[mine].clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = module(xs, labels[mine])
+            loss.backward()
+            results[name] = {"loss": loss.detach(), "grad_x": xs.grad, "grad_w": module.gather(module.weight.grad),
+                             "t": getattr(module, "t", None)}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        settle()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_ranks_chunked_path_under_autocast(tmp_path):
+    # fp32 shards under bf16 autocast: each rank's products take bf16 operands a chunk at a time, the
+    # rest fp32; the loss is the whole batch's on the rounded inputs (to fp32 accumulation), the
+    # gradients to the bf16 gradient block's rounding.
+    sizes = [5, 4]
+    mp.spawn(_sixteen_bit_worker, args=(2, str(tmp_path / "store"), sizes, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    x, w, labels = make_case(19, sizes, NUM_CLASSES, DIM, dtype=torch.float32, ignored=(2,))
+    x, w = x.bfloat16().double(), w.bfloat16().double()
+    counted = labels != -1
+    target = (torch.nn.functional.normalize(x, dim=1)
+              * torch.nn.functional.normalize(w[labels.clamp_min(0)], dim=1)).sum(dim=1).clamp(-1, 1)
+    t = 0.01 * target[counted].mean()
+    for name, whole in (("filtered", functools.partial(reference.chunked_margin_loss,
+                                                         interclass_filtering_threshold=0.2)),
+                        ("curricular", functools.partial(reference.chunked_margin_loss, curricular_t=t))):
+        grad_w = torch.zeros_like(w)
+        for r, result in enumerate(results):
+            mine = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+            loss, _, gx, gw = loss_and_grads(whole, x[mine], w, labels[mine], s=64.0, m1=1.0, m2=0.5, m3=0.0)
+            got = result[name]
+            torch.testing.assert_close(got["loss"].double(), loss, rtol=1e-6, atol=1e-5)
+            assert float((got["grad_x"].double() - gx).norm() / gx.norm()) < 1e-2, (name, r)
+            grad_w += gw / 2
+            if name == "curricular":
+                torch.testing.assert_close(got["t"].double(), t, rtol=1e-5, atol=1e-7)
+        assert float((results[0][name]["grad_w"].double() - grad_w).norm() / grad_w.norm()) < 1e-2, name

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "elasticface-cos: each row's margin drawn from N(--arcface_m or --m3, --elastic-std); magface: "
                    "a margin from 0.45 to 0.8 as the norm goes from 10 to 110, plus its norm regulariser (lambda_g 35); "
                    "curricularface: cos(θ+m) (--arcface_m) and hard negatives c·(t+c), t a running mean of the target "
-                   "cosines (a PyTorch path in fp32, not the fused op; also sharded)")
+                   "cosines (the chunked PyTorch path, not the fused op; also sharded)")
     g.add_argument("--arcface-s", "--arcface_s", "--scale", dest="arcface_s", type=float, default=64.0,
                    help="scale s of the logits (all losses)")
     g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float, default=0.5,
@@ -122,13 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--subcenters", "--loss_K", dest="subcenters", type=int, default=1,
                    help="sub-center ArcFace: K centres a class, each class's cosine the best of its K (the paper: "
                    "3, for noisy data; python -m train.tools.clean then drops what the dominant sub-centres leave). "
-                   "With arcface, cosface, sphereface or combined; a PyTorch path in fp32, not the fused op")
+                   "With arcface, cosface, sphereface or combined; the chunked PyTorch path, not the fused op")
     g.add_argument("--interclass-filter", "--interclass-filtering-threshold", "--interclass_filtering_threshold",
                    dest="interclass_filter", type=float, default=0.0,
                    help="partial FC's inter-class filtering (arcface_torch's interclass_filtering_threshold): other "
                    "classes whose cosine to a sample exceeds this get logit 0 and no gradient, taken for the same "
-                   "person filed twice. 0: off. With arcface, cosface, sphereface or combined (also sharded); a PyTorch "
-                   "path in fp32, not the fused op")
+                   "person filed twice. 0: off. With arcface, cosface, sphereface or combined (also sharded); the "
+                   "chunked PyTorch path, not the fused op")
     g.add_argument("--loss-impl", "--loss_impl", dest="loss_impl", choices=("fused", "reference"), default="fused",
                    help="the compiled arcface_ext op, or its pure-PyTorch reference")
     g.add_argument("--sharded-classes", "--model-parallel", dest="sharded_classes",
@@ -334,7 +334,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--subcenters must be at least 1, got {args.subcenters}")
     if not 0.0 <= args.interclass_filter <= 1.0:
         raise SystemExit(f"--interclass-filter must be in [0, 1] (0: off), got {args.interclass_filter}")
-    # The chunked PyTorch path (arcface_ext.chunked): replicated class centres, fp32.
+    # The chunked PyTorch path (arcface_ext.chunked).
     for flag, on, plain_only, samples, shards in (
             (f"--subcenters {args.subcenters}", args.subcenters > 1, True, False, False),
             (f"--interclass-filter {args.interclass_filter:g}", args.interclass_filter > 0, True, True, True),
@@ -344,10 +344,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         clash = [other for other, bad in (
             (f"--loss {args.loss}", plain_only and args.loss not in PLAIN_MARGIN_LOSSES),
             ("--sharded-classes", not shards and args.sharded_classes),
-            (f"--sample-rate {args.sample_rate:g}", not samples and args.sample_rate < 1),
-            (f"--loss-amp {args.loss_amp}", args.loss_amp != "none")) if bad]
+            (f"--sample-rate {args.sample_rate:g}", not samples and args.sample_rate < 1)) if bad]
         if clash:
-            raise SystemExit(f"{flag} does not go with {' or '.join(clash)}: it runs on a PyTorch path in fp32"
+            raise SystemExit(f"{flag} does not go with {' or '.join(clash)}: it runs on the chunked PyTorch path"
                              + ("" if shards else " with replicated class centres")
                              + (", with arcface, cosface, sphereface or combined"
                                 if plain_only and args.loss not in PLAIN_MARGIN_LOSSES else ""))

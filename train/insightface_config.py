@@ -27,7 +27,7 @@ How its settings map:
 - ``num_classes`` -> ``--num-classes``, checked against the data;
 - ``dali``, ``save_all_states`` and the wandb keys have no counterpart and are reported as
   ignored;
-- ``interclass_filtering_threshold`` -> ``--interclass-filter`` (a PyTorch path in fp32, sharded
+- ``interclass_filtering_threshold`` -> ``--interclass-filter`` (the chunked PyTorch path, sharded
   like the rest with more than one process).
 """
 

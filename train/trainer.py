@@ -256,7 +256,7 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
 
 
 def chunked_loss(args: argparse.Namespace) -> bool:
-    """Whether the loss runs on arcface_ext's chunked PyTorch path (fp32) rather than the fused op; with
+    """Whether the loss runs on arcface_ext's chunked PyTorch path rather than the fused op; with
     --loss-impl reference, on the path's whole-matrix reference."""
     return (getattr(args, "subcenters", 1) > 1 or getattr(args, "interclass_filter", 0.0) > 0
             or args.loss == "curricularface")
@@ -268,6 +268,8 @@ def loss_implementation(args: argparse.Namespace) -> str:
         return args.loss_impl
     if args.loss_impl == "reference":
         return "reference: PyTorch on the whole matrix, fp32"
+    if args.loss_amp != "none":
+        return f"chunked PyTorch path, fp32, its matrix products on {args.loss_amp} operands (--loss-amp)"
     return "chunked PyTorch path, fp32"
 
 

@@ -636,16 +636,25 @@ def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeyp
 @pytest.mark.parametrize("options", [dict(loss="curricularface"), dict(interclass_filter=0.2, sample_rate=0.25),
                                      dict(loss="cosface", interclass_filter=0.3),
                                      dict(interclass_filter=0.2, sample_rate=0.25, sharded_classes=True),
-                                     dict(loss="curricularface", sample_rate=0.25, sharded_classes=True)],
+                                     dict(loss="curricularface", sample_rate=0.25, sharded_classes=True),
+                                     dict(loss="curricularface", loss_amp="bf16"),
+                                     dict(subcenters=3, interclass_filter=0.3, loss_amp="fp16"),
+                                     dict(interclass_filter=0.2, sharded_classes=True, loss_amp="bf16")],
                          ids=["curricularface", "filter-sampled", "filter-cosface", "filter-sampled-sharded",
-                              "curricularface-sampled-sharded"])
+                              "curricularface-sampled-sharded", "curricularface-bf16", "subcenters-filter-fp16",
+                              "filter-sharded-bf16"])
 def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monkeypatch, capsys, options):
     # CurricularFace's t is a buffer of the loss (in the checkpoint); the filtering needs none.
     options = dict(max_steps=4, save_every=2, **options)
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(argv(many_faces, full, **options)) == 0
     err = capsys.readouterr().err
-    assert "(chunked PyTorch path, fp32)" in err if LOSS_IMPL == "fused" else "(reference: PyTorch on the whole" in err
+    if LOSS_IMPL == "reference":
+        assert "(reference: PyTorch on the whole matrix, fp32)" in err
+    elif "loss_amp" in options:  # (the products' operands rounded to 16 bits, the rest fp32)
+        assert f"(chunked PyTorch path, fp32, its matrix products on {options['loss_amp']} operands" in err
+    else:
+        assert "(chunked PyTorch path, fp32)" in err
     curve = losses(full)
     assert len(curve) == 4 and all(math.isfinite(v) for v in curve)
     run_killed_at(3, argv(many_faces, killed, **options), monkeypatch)
@@ -668,12 +677,11 @@ def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monk
 
 @pytest.mark.parametrize("extra, message", [
     (["--interclass-filter", "0.4", "--loss", "adaface"], "--interclass-filter 0.4 does not go with --loss adaface"),
-    (["--loss", "curricularface", "--loss-amp", "bf16"], "--loss curricularface does not go with --loss-amp bf16"),
     (["--loss", "curricularface", "--subcenters", "3"], "--subcenters 3 does not go with --loss curricularface"),
     (["--interclass-filter", "1.5"], r"--interclass-filter must be in \[0, 1\]"),
     (["--loss", "curricularface", "--m2", "0.3"], "--m2 does not apply to --loss curricularface, whose margin is "
                                                    "--arcface-m"),
-    (["--interclass-filter", "0.3", "--loss-amp", "bf16"], r"in fp32$"),
+    (["--subcenters", "3", "--sample-rate", "0.5"], r"runs on the chunked PyTorch path with replicated class centres$"),
 ])
 def test_chunked_path_options_that_do_not_go_together(extra, message):
     with pytest.raises(SystemExit, match=message):
