@@ -186,7 +186,9 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
         chunked_fn = arcface_ext.subcenter_margin_loss if impl == "subcenter" else reference.subcenter_margin_loss
 
         def loss_fn(x, w, y, **kwargs):
-            return chunked_fn(x, w[:classes * subcenters], y, k=subcenters, **kwargs)
+            # (a slice only when it leaves rows out: its backward is a whole zero-filled gradient more)
+            rows = classes * subcenters
+            return chunked_fn(x, w if rows == w.shape[0] else w[:rows], y, k=subcenters, **kwargs)
     elif impl.split("-")[0] in CHUNKED_OPTIONS:
         loss_fn = functools.partial(reference.chunked_margin_loss if impl.endswith("-eager")
                                     else arcface_ext.chunked_margin_loss, **CHUNKED_OPTIONS[impl.split("-")[0]])
