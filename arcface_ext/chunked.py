@@ -190,7 +190,15 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
         lse = torch.where(r.counted, logsumexp.to(r.dtype), torch.full_like(r.logit, torch.inf))
         hard_above = r.logit / s if hard_above is None else hard_above.to(r.dtype)
         x_hat = r.x_hat
-        x_hat_op = x_hat if r.gemm is None else x_hat.to(r.gemm)  # (the centres' gradient GEMM's operand)
+        row_factor, x_hat_op = g[:, None] * s, x_hat
+        if r.gemm is not None:
+            # 16-bit operands, as the fused kernels form them: the gradient block leaves out each row's
+            # upstream gradient g_i (a loss scaler's factor among them), applied after the products, so
+            # that it stays within s / |w_j| whatever the loss scale; the centres' product takes
+            # x̂_i·g_i / max|g| instead, and the result is multiplied by max|g|.
+            g_max = g.abs().amax() if n else g.new_ones(())
+            g_max = torch.where(g_max > 0, g_max, torch.ones_like(g_max))
+            row_factor, x_hat_op = s, (x_hat * (g / g_max)[:, None]).to(r.gemm)
         # The target (rows whose target this block holds): d loss / d target logit = p_target - 1,
         # times the margin's chain factor; its part of the centres' gradient joins its chunk's block.
         grad_t = torch.where(r.owned, g * (torch.exp(r.logit - lse) - 1.0) * r.slope, torch.zeros_like(g))
@@ -206,7 +214,7 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
             best, which, rows_w, norms, best_raw = _class_cosines(r, w, first, step, k)
             logits, slope = _negatives(best, s, threshold, curricular_t, hard_above)
             # d loss / d c = g·s·p·f'(c), p the softmax; in place, one block at a time.
-            grad_best = logits.sub_(lse[:, None]).exp_().mul_(g[:, None] * s)
+            grad_best = logits.sub_(lse[:, None]).exp_().mul_(row_factor)
             _mask_target(grad_best, r.position, r.owned, first, 0.0)  # the target's share comes below
             if slope is not None:
                 grad_best.mul_(slope)
@@ -220,17 +228,22 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
                 grad_cos = grad_cos.view(n, rows_w.shape[0])
             # The normalisation as a rank-1 scaling (no unit copy of the centres): with S = G / |w_j|
             # column-wise, x̂'s gradient is S·w and the centres' (Sᵀx̂ projected off ŵ_j) / |w_j|.
-            # (with 16-bit operands, S rounded to 16 bits, as the fused kernels round their gradient block)
             scaled = grad_cos.div_(norms.t())
             if r.gemm is not None:
+                # Rounded to 16 bits; fp16 saturates at ±65504 rather than overflowing (centres shorter
+                # than s / 65504: their gradient is then too small, as the fused op's is).
+                if r.gemm == torch.float16:
+                    scaled.clamp_(-65504.0, 65504.0)
                 scaled = scaled.to(r.gemm)
             if needs_embeddings_grad:
                 if r.gemm is None:
                     grad_x_hat.addmm_(scaled, rows_w)
                 else:
-                    grad_x_hat += _mm(scaled, rows_w)
+                    grad_x_hat.addcmul_(g[:, None], _mm(scaled, rows_w))
             if needs_weight_grad:
                 block = _mm(scaled.t(), x_hat_op)
+                if r.gemm is not None:
+                    block.mul_(g_max)
                 dot = (block * rows_w).sum(dim=1, keepdim=True).mul_((norms > NORM_EPS).to(norms.dtype))
                 block.addcmul_(rows_w, dot.div_(norms.square()), value=-1.0)
                 lo, size = first * k, rows_w.shape[0]

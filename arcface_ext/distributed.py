@@ -458,10 +458,11 @@ class ShardedCombinedMarginLoss(nn.Module):
         dtype = fused_compute_dtype(embeddings, self.weight)
         spec = self.chunked_spec()
         if spec is not None:
-            # The chunked path: fp32 (fp64), its products' operands rounded to 16 bits a chunk at a time
-            # under autocast (no 16-bit copy of the whole shard).
+            # The chunked path takes the inputs as they are (no copy of the whole shard in another dtype):
+            # it computes in fp32 (fp64), its products' operands rounded to 16 bits a chunk at a time
+            # under autocast or for 16-bit inputs, and returns gradients in the inputs' dtypes.
             spec["gemm_dtype"] = chunked.gemm_dtype(embeddings, self.weight)
-            dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
+            dtype = None
         labels = labels.long()
         all_labels = self._gather_labels(labels, rows)
         index, ignore_index, class_start, num_classes = None, self.ignore_index, self.class_start, self.num_classes
@@ -490,8 +491,8 @@ class ShardedCombinedMarginLoss(nn.Module):
         options = (self.s, self.m1, scalar_margin(m2), scalar_margin(m3), self.lambda_, int(ignore_index),
                    self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes, margins)
         try:
-            loss_rows, cosine, t = _ShardedMarginSoftmax.apply(embeddings.to(dtype), self.weight.to(dtype),
-                                                               all_labels, index, rows, options, self.process_group,
+            inputs = (embeddings, self.weight) if dtype is None else (embeddings.to(dtype), self.weight.to(dtype))
+            loss_rows, cosine, t = _ShardedMarginSoftmax.apply(*inputs, all_labels, index, rows, options, self.process_group,
                                                                not skip_check, spec)
         except ValueError as error:  # the op names a row of the gathered batch: name the rank's own row
             found = re.search(r"labels\[(\d+)\]", str(error))

@@ -387,8 +387,8 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
     back up there); the two differ only for targets more than π - m from their class.
 
     It runs on the chunked PyTorch path (:mod:`arcface_ext.chunked`), not the fused op; ``sample_rate``
-    (partial FC) and the other options are :class:`CombinedMarginLoss`'s. Not available with sharded
-    class centres.
+    (partial FC) and the other options are :class:`CombinedMarginLoss`'s;
+    :class:`arcface_ext.ShardedCurricularFaceLoss` is the same with sharded class centres.
     """
 
     def chunked_options(self, embeddings, labels):

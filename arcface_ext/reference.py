@@ -162,7 +162,7 @@ def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0
         w = weight.to(dtype)
         x_hat = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
         w_hat = w / w.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-        cosine = (x_hat @ w_hat.t()).clamp(-1.0, 1.0).view(x.shape[0], -1, k).amax(dim=2)
+        cosine = (x_hat @ w_hat.t()).clamp(-1.0, 1.0).view(x.shape[0], w.shape[0] // k, k).amax(dim=2)
         target = torch.where(counted, labels, 0).unsqueeze(1)
         target_cosine = cosine.gather(1, target).squeeze(1)
         target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), float(m2), float(m3), float(lambda_),

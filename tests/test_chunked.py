@@ -552,3 +552,72 @@ def test_16_bit_operands_on_the_gpu(precision):
     torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=5e-5)
     tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
     assert relative_error(x.grad, xr.grad) < tolerance and relative_error(w.grad, wr.grad) < tolerance
+
+
+@pytest.mark.parametrize("precision", SIXTEEN)
+def test_16_bit_gradient_block_leaves_the_loss_scale_out(precision):
+    # A loss scaler's 2^16 times s / |w_j| (centres of norm ~0.2) would pass fp16's 65504: each row's
+    # upstream gradient is applied after the products, as in the fused kernels. A zero centre's block
+    # saturates instead of overflowing.
+    dtype = SIXTEEN[precision]
+    x, w, labels = inputs(n=128, c=50, d=64, seed=11, dtype=torch.float32)
+    w = (0.2 * torch.nn.functional.normalize(w.detach(), dim=1))
+    w[7] = 0.0
+    labels[labels == 7] = 8
+    x, w = x.detach().requires_grad_(True), w.requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = chunked_margin_loss(x, w, labels, curricular_t=0.0, class_chunk=16)
+    (loss * 2.0 ** 16).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+    xr = x.detach().to(dtype).double().requires_grad_(True)
+    wr = w.detach().to(dtype).double().requires_grad_(True)
+    reference.chunked_margin_loss(xr, wr, labels, curricular_t=0.0).backward()
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert relative_error(x.grad / 2.0 ** 16, xr.grad) < tolerance
+    others = torch.arange(50) != 7  # (the zero centre's own gradient saturates in fp16)
+    assert relative_error(w.grad[others] / 2.0 ** 16, wr.grad[others]) < tolerance
+
+
+def test_16_bit_centres_sharded_are_not_copied_whole(monkeypatch):
+    # The sharded chunked path takes bf16 centres as they are: no fp32 copy of the shard or of its
+    # gradient, and the replicated module's numbers.
+    if not arcface_ext.extension_available():
+        pytest.skip("the sharded module needs the compiled op")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from arcface_ext import chunked
+
+    monkeypatch.setattr(chunked, "BLOCK_VALUES", 32 * 50)  # blocks of 50 classes
+
+    x, w, labels = inputs(n=24, c=400, d=32, seed=12, dtype=torch.float32)
+    largest = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    largest.append(t.numel())
+            return out
+
+    outputs = []
+    for cls in (arcface_ext.ShardedCombinedMarginLoss, arcface_ext.CombinedMarginLoss):
+        module = cls(400, 32, interclass_filtering_threshold=0.3, dtype=torch.bfloat16)
+        with torch.no_grad():
+            module.weight.copy_(w)
+        xs = x.detach().bfloat16().requires_grad_(True)
+        largest.clear()
+        with Sizes():
+            loss = module(xs, labels)
+            loss.backward()
+        assert max(largest) < w.numel() / 2, cls.__name__
+        outputs.append((loss.detach(), xs.grad, module.weight.grad))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_references_empty_batch():
+    x, w = torch.zeros(0, 16, dtype=torch.float64), torch.randn(33, 16, dtype=torch.float64)
+    labels = torch.zeros(0, dtype=torch.long)
+    for k in (1, 3):
+        assert float(reference.chunked_margin_loss(x, w, labels, k=k)) == 0.0
+        assert float(chunked_margin_loss(x, w, labels, k=k)) == 0.0

@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype of the convolutional trunk (the head and the loss stay fp32)")
     g.add_argument("--loss-amp", "--loss_amp", dest="loss_amp", choices=("none", "fp16", "bf16"), default="none",
                    help="autocast dtype of the margin loss: its GEMMs then run on 16-bit copies of the "
-                   "embeddings and the fp32 class centres (tensor cores on GPUs; fp32 accumulation and loss). "
-                   "Worth it when the classes run into the hundreds of thousands")
+                   "embeddings and the fp32 class centres (the chunked path's losses: a chunk of centres at a "
+                   "time; tensor cores on GPUs; fp32 accumulation and loss). Worth it when the classes run into "
+                   "the hundreds of thousands")
     g.add_argument("--grad-clip", "--grad_clip", dest="grad_clip", type=float, default=5.0,
                    help="clip the backbone's gradient norm to this (0: off), as insightface does")
 
