@@ -296,10 +296,14 @@ def test_adaface_statistics_follow_the_counted_rows_only(sharded):
     # fewer than two counted rows there is no spread to follow, and the statistics stay.
     module = arcface_ext.ShardedAdaFaceLoss if sharded else arcface_ext.AdaFaceLoss
     criterion = module(10, 8, dtype=torch.float64)
-    x = torch.randn(6, 8, dtype=torch.float64) * torch.tensor([5.0, 30, 0, 0, 12, 0], dtype=torch.float64)[:, None]
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 8, generator=generator, dtype=torch.float64)
+         * torch.tensor([5.0, 30, 0, 0, 12, 0], dtype=torch.float64)[:, None])
     labels = torch.tensor([1, 2, -1, -1, 3, -1])
     criterion(x, labels)
-    norms = x.norm(dim=1)[labels != -1]
+    # (AdaFace clips the norms to [0.001, 100]: a row of 30·N(0, 1)⁸ passes 100 now and then, which made
+    # this test fail on some draws of the unseeded generator)
+    norms = x.norm(dim=1).clamp(0.001, 100)[labels != -1]
     torch.testing.assert_close(criterion.batch_mean, (0.99 * 20 + 0.01 * norms.mean()).float())
     torch.testing.assert_close(criterion.batch_std, (0.99 * 100 + 0.01 * norms.std()).float())
     before = {k: v.clone() for k, v in criterion.state_dict().items() if k.startswith("batch_")}
