@@ -8,7 +8,7 @@ from .functional import (combined_margin_loss, extension_available, get_workspac
 from .modules import (AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, CurricularFaceLoss, ElasticFaceLoss,
                       MagFaceLoss, SphereFaceLoss)
 from .distributed import (ShardedAdaFaceLoss, ShardedCombinedMarginLoss, ShardedCurricularFaceLoss,
-                          ShardedElasticFaceLoss, class_shard, ddp_ignore_shards)
+                          ShardedElasticFaceLoss, ShardedSubCenterMarginLoss, class_shard, ddp_ignore_shards)
 from .sampling import sample_classes, sample_size
 from .subcenter import SubCenterMarginLoss, subcenter_margin_loss
 from .chunked import chunked_margin_loss
@@ -19,5 +19,6 @@ __all__ = [
     "ShardedElasticFaceLoss", "class_shard", "ddp_ignore_shards", "sample_classes", "sample_size",
     "set_workspace_bytes", "get_workspace_bytes", "extension_available", "SubCenterMarginLoss",
     "subcenter_margin_loss", "CurricularFaceLoss", "chunked_margin_loss", "ShardedCurricularFaceLoss",
+    "ShardedSubCenterMarginLoss",
 ]
 __version__ = "0.1.0"

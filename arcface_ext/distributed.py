@@ -90,10 +90,11 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         all_embeddings = _all_gather_rows(embeddings.detach(), rows, group, world_size)
         classes = weight.detach() if index is None else weight.detach().index_select(0, index)
 
-        spec, t = None, None
+        spec, t, k = None, None, 1
         if chunked_spec is not None:  # the chunked PyTorch path, with the op's shard semantics
             spec = _chunked_options(options, chunked_spec["threshold"])
-            spec["gemm_dtype"] = chunked_spec["gemm_dtype"]
+            k = chunked_spec.get("k", 1)  # (sub-centres: k rows of weight a class)
+            spec.update(gemm_dtype=chunked_spec["gemm_dtype"], k=k)
             if chunked_spec["curricular"] is not None:
                 # CurricularFace: every row's target cosine (from the shard that holds its target) for
                 # its hard-negative test on every shard, and the mean that moves t, the same on all ranks.
@@ -113,7 +114,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             # The whole softmax's log-sum-exp from the shards' (max first, for range), and the target
             # logit and cosine from the shard that holds each row's target (zero on the others).
             counted = all_labels != ignore_index
-            owned = counted & (all_labels >= class_start) & (all_labels < class_start + classes.shape[0])
+            owned = counted & (all_labels >= class_start) & (all_labels < class_start + classes.shape[0] // k)
             lse_max = lse.clone()
             dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=group)
             zero = torch.zeros_like(lse)
@@ -230,14 +231,15 @@ class ShardedCombinedMarginLoss(nn.Module):
 
     def chunked_spec(self):
         """The chunked path's options for this call (see _ShardedMarginSoftmax), or None for the fused op."""
-        if self.interclass_filtering_threshold:
-            return {"threshold": self.interclass_filtering_threshold, "curricular": None}
+        if self.interclass_filtering_threshold or self.k > 1:
+            return {"threshold": self.interclass_filtering_threshold, "curricular": None, "k": self.k}
         return None
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
                  reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
-                 interclass_filtering_threshold=0.0, process_group=None, device=None, dtype=None):
+                 interclass_filtering_threshold=0.0, process_group=None, device=None, dtype=None, _k=1):
         super().__init__()
+        self.k = _k  # rows of weight a class: sub-centres (ShardedSubCenterMarginLoss)
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
                          ignore_index, sample_rate, check_labels)
         self.interclass_filtering_threshold = check_filtering_threshold(interclass_filtering_threshold)
@@ -247,7 +249,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         self.process_group = process_group
         self.rank, self.world_size = _group_info(process_group)
         self.class_start, self.class_stop = class_shard(num_classes, self.rank, self.world_size)
-        self.weight = nn.Parameter(torch.empty(self.class_stop - self.class_start, embedding_size,
+        self.weight = nn.Parameter(torch.empty((self.class_stop - self.class_start) * self.k, embedding_size,
                                                device=device, dtype=dtype))
         # DistributedDataParallel's broadcast of rank 0's parameters would overwrite the other shards.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
@@ -265,16 +267,20 @@ class ShardedCombinedMarginLoss(nn.Module):
         generator = torch.Generator(device=self.weight.device).manual_seed(seed)
         # The same blocks on every rank (the values a draw gives depend on its size).
         block = max(1, (1 << 24) // self.embedding_size)
-        for start in range(0, self.class_stop, block):
-            stop = min(start + block, self.num_classes)
+        first, last = self.class_start * self.k, self.class_stop * self.k  # (rows: k a class)
+        for start in range(0, last, block):
+            stop = min(start + block, self.num_classes * self.k)
             values = torch.randn(stop - start, self.embedding_size, generator=generator,
                                  device=self.weight.device, dtype=torch.float32).mul_(0.01)
-            lo, hi = max(start, self.class_start), min(stop, self.class_stop)
+            lo, hi = max(start, first), min(stop, last)
             if lo < hi:
-                self.weight[lo - self.class_start:hi - self.class_start] = values[lo - start:hi - start]
+                self.weight[lo - first:hi - first] = values[lo - start:hi - start]
 
     def get_extra_state(self):
-        return {"num_classes": self.num_classes, "class_start": self.class_start, "class_stop": self.class_stop}
+        state = {"num_classes": self.num_classes, "class_start": self.class_start, "class_stop": self.class_stop}
+        if self.k > 1:
+            state["k"] = self.k
+        return state
 
     def set_extra_state(self, state):
         pass  # checked against the weight in _load_from_state_dict
@@ -285,7 +291,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         weight_key, extra_key = prefix + "weight", prefix + "_extra_state"
         mine = self.get_extra_state()
         weight, saved = state_dict.get(weight_key), state_dict.get(extra_key, mine)  # older states: none
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == self.num_classes:
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == self.num_classes * self.k:
             state_dict[weight_key] = self.shard_of(weight)  # the whole matrix: this rank's rows
         elif isinstance(saved, dict) and saved != mine:
             error_msgs.append(
@@ -298,13 +304,16 @@ class ShardedCombinedMarginLoss(nn.Module):
                                       error_msgs)
 
     def shard_of(self, full):
-        """This rank's rows of a tensor that has one row per class (e.g. a checkpoint's centres)."""
-        if full.shape[0] != self.num_classes:
-            raise ValueError(f"expected {self.num_classes} rows (one per class), got shape {tuple(full.shape)}")
-        return full[self.class_start:self.class_stop]
+        """This rank's rows of a tensor that has one row per class (k with sub-centres, as ``weight``;
+        e.g. a checkpoint's centres)."""
+        if full.shape[0] != self.num_classes * self.k:
+            per_class = "one per class" if self.k == 1 else f"{self.k} per class"
+            raise ValueError(f"expected {self.num_classes * self.k} rows ({per_class}), got shape "
+                             f"{tuple(full.shape)}")
+        return full[self.class_start * self.k:self.class_stop * self.k]
 
     def gather(self, shard, dst=0, *, piece_bytes=64 << 20):
-        """The full (num_classes, ...) tensor from every rank's ``shard`` (this rank's rows of it,
+        """The full (num_classes·k, ...) tensor from every rank's ``shard`` (this rank's rows of it,
         e.g. its weight or its optimizer state), on rank ``dst`` in host memory (None on the others).
         Collective: every rank calls it.
 
@@ -312,18 +321,20 @@ class ShardedCombinedMarginLoss(nn.Module):
         arrives, so rank ``dst``'s device holds at most world_size pieces at a time rather than the
         whole matrix twice over: at WebFace42M's 2M x 512 fp32 centres the whole is 4.2 GB, and a
         checkpoint gathers it once for the centres and once for each optimizer state."""
-        if shard.shape[0] != self.class_stop - self.class_start:
-            raise ValueError(f"expected this rank's {self.class_stop - self.class_start} rows, got shape "
+        k = self.k
+        if shard.shape[0] != (self.class_stop - self.class_start) * k:
+            raise ValueError(f"expected this rank's {(self.class_stop - self.class_start) * k} rows, got shape "
                              f"{tuple(shard.shape)}")
         if self.world_size == 1:
             return shard.detach().to("cpu", copy=True)
-        bounds = [class_shard(self.num_classes, r, self.world_size) for r in range(self.world_size)]
+        bounds = [(start * k, stop * k) for start, stop in
+                  (class_shard(self.num_classes, r, self.world_size) for r in range(self.world_size))]
         largest = bounds[0][1] - bounds[0][0]  # the first shard is the largest
         row_bytes = shard[0].numel() * shard.element_size()  # every shard has at least one row
         rows_per_piece = max(1, min(largest, piece_bytes // row_bytes))
         full = None
         if self.rank == dst:
-            full = torch.empty((self.num_classes, *shard.shape[1:]), dtype=shard.dtype, device="cpu",
+            full = torch.empty((self.num_classes * k, *shard.shape[1:]), dtype=shard.dtype, device="cpu",
                                pin_memory=shard.is_cuda)
         # gather's group_dst (a rank in the group) is torch 2.6's; dst is global in every version.
         group = dist.group.WORLD if self.process_group is None else self.process_group
@@ -479,6 +490,8 @@ class ShardedCombinedMarginLoss(nn.Module):
                 all_labels = all_labels.masked_fill(bad, num_classes)
             ignore_index = -1
             self.last_sampled_classes = self.class_start + index
+            if self.k > 1:  # the sampled classes' rows of weight
+                index = (index[:, None] * self.k + torch.arange(self.k, device=index.device)).reshape(-1)
         elif spec is not None and not skip_check:
             # (the chunked path checks no labels; every rank checks the same gathered ones)
             check_label_values(all_labels, self.num_classes, self.ignore_index)
@@ -513,9 +526,26 @@ class ShardedCombinedMarginLoss(nn.Module):
         sampled += "" if self.check_labels else ", check_labels=False"
         if self.interclass_filtering_threshold:
             sampled += f", interclass_filtering_threshold={self.interclass_filtering_threshold}"
-        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
+        k = f"k={self.k}, " if self.k > 1 else ""
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {k}s={self.s}, "
                 f"m1={self.m1}, m2={self.m2}, m3={self.m3}{sampled}, classes [{self.class_start}, "
                 f"{self.class_stop}) on rank {self.rank} of {self.world_size}")
+
+
+class ShardedSubCenterMarginLoss(ShardedCombinedMarginLoss):
+    """:class:`arcface_ext.SubCenterMarginLoss` with sharded class centres: rank r holds the ``k``
+    sub-centres of each of its classes [``class_start``, ``class_stop``), ``weight`` of
+    (class_stop − class_start)·k rows, class c's sub-centres rows (c − class_start)·k … + k − 1 (the
+    whole matrix, as :meth:`gather` returns it, is the replicated module's layout). Each shard walks
+    its own classes on the chunked PyTorch path (:mod:`arcface_ext.chunked`) with the fused op's
+    collectives; ``sample_rate`` (partial FC: a sampled class brings all its sub-centres) and
+    ``interclass_filtering_threshold`` as :class:`ShardedCombinedMarginLoss`'s. At WebFace42M's 2M
+    identities, three sub-centres of 512 fp32 values are 12 GB of centres, 24 GB with their momentum:
+    this splits them across the ranks."""
+
+    def __init__(self, num_classes, embedding_size, k=3, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, **kwargs):
+        super().__init__(num_classes, embedding_size, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
+                         _k=chunked.check_int_option("k", k), **kwargs)
 
 
 def ddp_ignore_shards(model):

@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_flag, check_options
+from ._checks import check_arguments, check_flag, check_options, skips_label_check
 from . import reference
 from .chunked import check_filtering_threshold, check_int_option, chunked_margin_loss
+from .sampling import bad_labels, check_label_values, check_sample_rate, sample_classes
 
 
 def subcenter_margin_loss(embeddings, weight, labels, *, k, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
@@ -44,12 +45,15 @@ class SubCenterMarginLoss(nn.Module):
     :class:`arcface_ext.CombinedMarginLoss`. ``k=3`` is the paper's choice. Called as
     ``criterion(embeddings, labels)``; ``return_target_cosine=True`` also returns each row's target
     cosine (to its best sub-centre). ``interclass_filtering_threshold`` > 0 also filters the other
-    classes as arcface_torch does (:mod:`arcface_ext.chunked`). ``use_reference=True`` runs
-    :func:`arcface_ext.reference.subcenter_margin_loss` (the whole matrix) instead."""
+    classes as arcface_torch does (:mod:`arcface_ext.chunked`). ``sample_rate`` < 1 is partial FC as
+    in :class:`arcface_ext.CombinedMarginLoss` (training mode; a sampled class brings its k
+    sub-centres; ``last_sampled_classes``). ``use_reference=True`` runs
+    :func:`arcface_ext.reference.subcenter_margin_loss` (the whole matrix) instead.
+    :class:`arcface_ext.ShardedSubCenterMarginLoss` is the same with sharded class centres."""
 
     def __init__(self, num_classes, embedding_size, k=3, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
                  reduction="mean", margin_grad="exact", ignore_index=-1, check_labels=True, class_chunk=None,
-                 interclass_filtering_threshold=0.0, use_reference=False, device=None, dtype=None):
+                 interclass_filtering_threshold=0.0, sample_rate=1.0, use_reference=False, device=None, dtype=None):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size), ("k", k)):
             check_int_option(name, value)
@@ -62,24 +66,43 @@ class SubCenterMarginLoss(nn.Module):
         self.s, self.m1, self.m2, self.m3, self.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
         self.reduction, self.margin_grad, self.ignore_index = reduction, margin_grad, int(ignore_index)
         self.class_chunk = class_chunk
+        self.sample_rate = check_sample_rate(sample_rate)
+        self.last_sampled_classes = None
         self.use_reference = check_flag("use_reference", use_reference)
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.k, self.embedding_size, device=device,
                                                dtype=dtype))
         nn.init.normal_(self.weight, std=0.01)  # insightface's initialisation, as CombinedMarginLoss's
 
     def forward(self, embeddings, labels, return_target_cosine=False):
+        weight, ignore_index, check_labels = self.weight, self.ignore_index, self.check_labels
+        if self.training and self.sample_rate < 1.0:
+            check_arguments(embeddings, weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+                            lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
+                            ignore_index=ignore_index)
+            bad = None
+            if skips_label_check(check_labels, labels):  # a bad row gets a position past the sample: NaN
+                bad = bad_labels(labels, self.num_classes, ignore_index)
+            else:
+                check_label_values(labels, self.num_classes, ignore_index)
+            index, labels = sample_classes(labels, self.num_classes, self.sample_rate, ignore_index=ignore_index)
+            if bad is not None:
+                labels = labels.masked_fill(bad, index.shape[0])
+            self.last_sampled_classes = index
+            rows = (index[:, None] * self.k + torch.arange(self.k, device=index.device)).reshape(-1)
+            # Ignored rows are -1 among the positions; the labels were checked (or marked) above.
+            weight, ignore_index, check_labels = weight.index_select(0, rows), -1, False
         if self.use_reference:
             return reference.chunked_margin_loss(
-                embeddings, self.weight, labels, k=self.k, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+                embeddings, weight, labels, k=self.k, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
                 lambda_=self.lambda_, interclass_filtering_threshold=self.interclass_filtering_threshold,
-                reduction=self.reduction, margin_grad=self.margin_grad, ignore_index=self.ignore_index,
-                return_target_cosine=return_target_cosine, check_labels=self.check_labels)
-        return chunked_margin_loss(embeddings, self.weight, labels, k=self.k, s=self.s, m1=self.m1, m2=self.m2,
+                reduction=self.reduction, margin_grad=self.margin_grad, ignore_index=ignore_index,
+                return_target_cosine=return_target_cosine, check_labels=check_labels)
+        return chunked_margin_loss(embeddings, weight, labels, k=self.k, s=self.s, m1=self.m1, m2=self.m2,
                                    m3=self.m3, lambda_=self.lambda_,
                                    interclass_filtering_threshold=self.interclass_filtering_threshold,
                                    reduction=self.reduction, margin_grad=self.margin_grad,
-                                   ignore_index=self.ignore_index, return_target_cosine=return_target_cosine,
-                                   check_labels=self.check_labels, class_chunk=self.class_chunk)
+                                   ignore_index=ignore_index, return_target_cosine=return_target_cosine,
+                                   check_labels=check_labels, class_chunk=self.class_chunk)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, k={self.k}, s={self.s}, "
@@ -88,5 +111,6 @@ class SubCenterMarginLoss(nn.Module):
                 + (f", interclass_filtering_threshold={self.interclass_filtering_threshold}"
                    if self.interclass_filtering_threshold else "")
                 + (f", margin_grad={self.margin_grad!r}" if self.margin_grad != "exact" else "")
+                + (f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else "")
                 + ("" if self.check_labels else ", check_labels=False")
                 + (", use_reference=True" if self.use_reference else ""))

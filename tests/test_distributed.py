@@ -526,3 +526,66 @@ def test_gloo_ranks_chunked_path_under_autocast(tmp_path):
             if name == "curricular":
                 torch.testing.assert_close(got["t"].double(), t, rtol=1e-5, atol=1e-7)
         assert float((results[0][name]["grad_w"].double() - grad_w).norm() / grad_w.norm()) < 1e-2, name
+
+
+def _subcenter_worker(rank, world_size, init_file, sizes, out_dir, num_classes, sample_rate, threshold):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        x, w, labels = make_case(23, sizes, 3 * num_classes, DIM, ignored=(4,))  # w: 3 rows a class
+        mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        labels = labels % num_classes
+        labels[4] = -1
+        torch.manual_seed(0)
+        module = arcface_ext.ShardedSubCenterMarginLoss(num_classes, DIM, k=3, s=30.0, sample_rate=sample_rate,
+                                                        interclass_filtering_threshold=threshold, dtype=torch.float64)
+        initial = module.gather(module.weight)
+        with torch.no_grad():
+            module.weight.copy_(module.shard_of(w))
+        xs = x[mine].clone().requires_grad_(True)
+        torch.manual_seed(100 + rank)
+        loss = module(xs, labels[mine])
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad_x": xs.grad, "grad_w": module.gather(module.weight.grad),
+                    "sampled": module.last_sampled_classes, "initial": initial, "shape": tuple(module.weight.shape)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        settle()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes, num_classes, sample_rate, threshold", [([4, 1, 3], 11, 1.0, 0.0),
+                                                                      ([5, 3], 40, 0.5, 0.3)],
+                         ids=["3-ranks-uneven", "2-ranks-sampled-filtered"])
+def test_gloo_ranks_subcenters_match_the_whole_batch(tmp_path, sizes, num_classes, sample_rate, threshold):
+    # Each rank holds its classes' 3 sub-centres; the whole batch's sub-center loss over the union of
+    # the samples (a sampled class with all its sub-centres), in fp64.
+    world_size = len(sizes)
+    mp.spawn(_subcenter_worker, args=(world_size, str(tmp_path / "store"), sizes, str(tmp_path), num_classes,
+                                      sample_rate, threshold), nprocs=world_size, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    x, w, labels = make_case(23, sizes, 3 * num_classes, DIM, ignored=(4,))
+    labels = labels % num_classes
+    labels[4] = -1
+    classes = torch.arange(num_classes)
+    if sample_rate < 1:
+        classes = torch.cat([result["sampled"] for result in results])
+        assert len(classes) < num_classes
+    for r, result in enumerate(results):
+        start, stop = arcface_ext.class_shard(num_classes, r, world_size)
+        assert result["shape"] == (3 * (stop - start), DIM)
+    rows = (classes[:, None] * 3 + torch.arange(3)).reshape(-1)
+    positions = torch.where(labels >= 0, torch.searchsorted(classes, labels.clamp_min(0)), -1)
+    whole = functools.partial(reference.chunked_margin_loss, k=3, interclass_filtering_threshold=threshold)
+    grad_w = torch.zeros_like(w)
+    for r, result in enumerate(results):
+        mine = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+        loss, _, gx, gw = loss_and_grads(whole, x[mine], w[rows], positions[mine], s=30.0, m1=1.0, m2=0.5, m3=0.0)
+        assert_matches_reference(result["loss"], loss, name=f"rank {r} loss")
+        assert_matches_reference(result["grad_x"], gx, name=f"rank {r} grad_embeddings")
+        grad_w[rows] += gw / world_size
+    assert_matches_reference(results[0]["grad_w"], grad_w, name="gathered grad_weight")
+    # The initial centres do not depend on the number of ranks.
+    torch.manual_seed(0)
+    single = arcface_ext.ShardedSubCenterMarginLoss(num_classes, DIM, k=3, dtype=torch.float64)
+    torch.testing.assert_close(results[0]["initial"], single.weight.detach(), rtol=0, atol=0)

@@ -187,3 +187,71 @@ def test_compiles_as_one_graph():
     x, w, labels = inputs(seed=14, dtype=torch.float32)
     compiled = torch.compile(lambda x, w, y: subcenter_margin_loss(x, w, y, k=3, class_chunk=4), fullgraph=True)
     torch.testing.assert_close(compiled(x, w, labels), subcenter_margin_loss(x, w, labels, k=3, class_chunk=4))
+
+
+# ---- partial FC and sharded centres ----------------------------------------------------------------
+
+def test_partial_fc_samples_whole_classes():
+    # A sampled class brings its k sub-centres; the loss is the whole matrix's over the sampled rows of
+    # weight, with the labels renumbered; the centres left out get no gradient.
+    x, w, labels = inputs(n=12, c=40, seed=21)
+    labels[2] = -1
+    module = SubCenterMarginLoss(40, 16, k=3, s=30.0, sample_rate=0.3, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(w)
+    torch.manual_seed(0)
+    xs = x.detach().clone().requires_grad_(True)
+    loss = module(xs, labels)
+    loss.backward()
+    index = module.last_sampled_classes
+    assert len(index) == 12 and torch.isin(labels[labels >= 0], index).all()  # sample_size(40, 0.3, 12)
+    rows = (index[:, None] * 3 + torch.arange(3)).reshape(-1)
+    positions = torch.where(labels >= 0, torch.searchsorted(index, labels.clamp_min(0)), -1)
+    xr, wr = x.detach().clone().requires_grad_(True), w.detach()[rows].clone().requires_grad_(True)
+    expected = reference.subcenter_margin_loss(xr, wr, positions, k=3, s=30.0)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(module.weight.grad[rows], wr.grad, rtol=1e-10, atol=1e-12)
+    left_out = torch.ones(120, dtype=torch.bool)
+    left_out[rows] = False
+    assert torch.all(module.weight.grad[left_out] == 0)
+    assert "sample_rate=0.3" in repr(module)
+    # Eval mode: every class; a bad label raises (CPU labels are checked even with check_labels=False).
+    module.eval()
+    torch.testing.assert_close(module(x, labels), reference.subcenter_margin_loss(x, w, labels, k=3, s=30.0))
+    module.train()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 40\)"):
+        module(x, labels + 40)
+
+
+def test_sharded_on_one_process_is_the_replicated_one():
+    import arcface_ext
+
+    if not arcface_ext.extension_available():
+        pytest.skip("the sharded module needs the compiled op")
+    x, w, labels = inputs(n=12, c=11, seed=22)
+    for options in (dict(), dict(interclass_filtering_threshold=0.3), dict(sample_rate=0.5)):
+        outputs = []
+        for cls in (arcface_ext.ShardedSubCenterMarginLoss, SubCenterMarginLoss):
+            module = cls(11, 16, k=3, s=30.0, dtype=torch.float64, **options)
+            with torch.no_grad():
+                module.weight.copy_(w)
+            xs = x.detach().clone().requires_grad_(True)
+            torch.manual_seed(1)
+            loss = module(xs, labels)
+            loss.backward()
+            outputs.append((loss.detach(), xs.grad, module.weight.grad))
+        for a, b in zip(*outputs):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    sharded = arcface_ext.ShardedSubCenterMarginLoss(11, 16, k=3)
+    assert sharded.weight.shape == (33, 16) and "k=3" in repr(sharded)
+    assert sharded.get_extra_state()["k"] == 3
+    assert sharded.gather(sharded.weight).shape == (33, 16)
+    whole = torch.randn(33, 16)
+    sharded.load_state_dict({"weight": whole, "_extra_state": sharded.get_extra_state()})
+    assert torch.equal(sharded.weight.detach(), whole)
+    with pytest.raises(ValueError, match=r"expected 33 rows \(3 per class\)"):
+        sharded.shard_of(torch.zeros(11, 16))
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        arcface_ext.ShardedSubCenterMarginLoss(11, 16, k=0)

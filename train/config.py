@@ -335,22 +335,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--subcenters must be at least 1, got {args.subcenters}")
     if not 0.0 <= args.interclass_filter <= 1.0:
         raise SystemExit(f"--interclass-filter must be in [0, 1] (0: off), got {args.interclass_filter}")
-    # The chunked PyTorch path (arcface_ext.chunked).
-    for flag, on, plain_only, samples, shards in (
-            (f"--subcenters {args.subcenters}", args.subcenters > 1, True, False, False),
-            (f"--interclass-filter {args.interclass_filter:g}", args.interclass_filter > 0, True, True, True),
-            ("--loss curricularface", args.loss == "curricularface", False, True, True)):
-        if not on:
-            continue
-        clash = [other for other, bad in (
-            (f"--loss {args.loss}", plain_only and args.loss not in PLAIN_MARGIN_LOSSES),
-            ("--sharded-classes", not shards and args.sharded_classes),
-            (f"--sample-rate {args.sample_rate:g}", not samples and args.sample_rate < 1)) if bad]
-        if clash:
-            raise SystemExit(f"{flag} does not go with {' or '.join(clash)}: it runs on the chunked PyTorch path"
-                             + ("" if shards else " with replicated class centres")
-                             + (", with arcface, cosface, sphereface or combined"
-                                if plain_only and args.loss not in PLAIN_MARGIN_LOSSES else ""))
+    # The chunked PyTorch path (arcface_ext.chunked): sub-centres and the filtering change the plain
+    # losses' classes or negatives; CurricularFace sets its own negatives (and so does not go with them).
+    if args.loss not in PLAIN_MARGIN_LOSSES:
+        for flag, on in ((f"--subcenters {args.subcenters}", args.subcenters > 1),
+                         (f"--interclass-filter {args.interclass_filter:g}", args.interclass_filter > 0)):
+            if on:
+                raise SystemExit(f"{flag} does not go with --loss {args.loss}: it runs on the chunked PyTorch path, "
+                                 "with arcface, cosface, sphereface or combined")
     if args.sharded_classes and args.loss_amp == "fp16":
         # Each rank would see overflows in its own shard of fp16 gradients only, and the gradient
         # scaler would skip steps on some ranks and not on others.

@@ -285,12 +285,13 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
     # (The chunked PyTorch path's options: config.resolve refuses what it lacks.)
     interclass_filter = getattr(args, "interclass_filter", 0.0)
-    if getattr(args, "subcenters", 1) > 1:
+    subcenters = getattr(args, "subcenters", 1)
+    if subcenters > 1 and not args.sharded_classes:
         m1, m2, m3 = margins(args)
-        return arcface_ext.SubCenterMarginLoss(num_classes, args.embedding_size, k=args.subcenters, s=args.arcface_s,
+        return arcface_ext.SubCenterMarginLoss(num_classes, args.embedding_size, k=subcenters, s=args.arcface_s,
                                                m1=m1, m2=m2, m3=m3, margin_grad=args.margin_grad, check_labels=False,
                                                interclass_filtering_threshold=interclass_filter,
-                                               use_reference=args.loss_impl == "reference")
+                                               sample_rate=args.sample_rate, use_reference=args.loss_impl == "reference")
     # (CurricularFace and the filtering on replicated centres are pure PyTorch: no compiled op needed.)
     needs_extension = args.sharded_classes or not chunked_loss(args)
     if args.loss_impl == "fused" and needs_extension and not arcface_ext.extension_available():
@@ -303,6 +304,10 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     common = dict(sample_rate=args.sample_rate, check_labels=False)
     if args.margin_grad != "exact":  # (MagFace refuses it in config.resolve)
         common["margin_grad"] = args.margin_grad
+    if subcenters > 1:  # (sharded: the replicated form is above)
+        return arcface_ext.ShardedSubCenterMarginLoss(num_classes, args.embedding_size, k=subcenters, s=args.arcface_s,
+                                                      m1=m1, m2=m2, m3=m3,
+                                                      interclass_filtering_threshold=interclass_filter, **common)
     if args.sharded_classes:
         adaface, elasticface, combined = (arcface_ext.ShardedAdaFaceLoss, arcface_ext.ShardedElasticFaceLoss,
                                           arcface_ext.ShardedCombinedMarginLoss)

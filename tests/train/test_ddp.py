@@ -188,6 +188,7 @@ def test_chunked_path_losses_train_under_ddp(tmp_path):
     if arcface_ext.extension_available():  # sharded centres, each rank filtering its own classes
         runs.append(("filtered-sharded", {"interclass_filter": 0.3, "sharded_classes": True}))
         runs.append(("curricular-sharded", {"loss": "curricularface", "sharded_classes": True}))
+        runs.append(("subcenters-sharded", {"subcenters": 3, "sharded_classes": True, "sample_rate": 0.5}))
     for name, extra in runs:
         output = tmp_path / name
         result = torchrun(base_argv(data, str(output), batch_size=8, max_steps=3, save_every=3, loss_impl=LOSS_IMPL,
@@ -199,3 +200,5 @@ def test_chunked_path_losses_train_under_ddp(tmp_path):
         assert len(losses) == 3 and all(v == v for v in losses)
         if name.startswith("curricular"):
             assert 0 < abs(float(state["t"])) < 0.05
+        if name.startswith("subcenters"):  # every rank's sub-centres, gathered in insightface's layout
+            assert state["weight"].shape == (3 * checkpoint.load(str(output / "checkpoint.pt"))["num_classes"], 64)

@@ -639,10 +639,12 @@ def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeyp
                                      dict(loss="curricularface", sample_rate=0.25, sharded_classes=True),
                                      dict(loss="curricularface", loss_amp="bf16"),
                                      dict(subcenters=3, interclass_filter=0.3, loss_amp="fp16"),
-                                     dict(interclass_filter=0.2, sharded_classes=True, loss_amp="bf16")],
+                                     dict(interclass_filter=0.2, sharded_classes=True, loss_amp="bf16"),
+                                     dict(subcenters=3, sample_rate=0.25),
+                                     dict(subcenters=2, sharded_classes=True, sample_rate=0.25, interclass_filter=0.3)],
                          ids=["curricularface", "filter-sampled", "filter-cosface", "filter-sampled-sharded",
                               "curricularface-sampled-sharded", "curricularface-bf16", "subcenters-filter-fp16",
-                              "filter-sharded-bf16"])
+                              "filter-sharded-bf16", "subcenters-sampled", "subcenters-sampled-sharded-filter"])
 def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monkeypatch, capsys, options):
     # CurricularFace's t is a buffer of the loss (in the checkpoint); the filtering needs none.
     options = dict(max_steps=4, save_every=2, **options)
@@ -673,6 +675,13 @@ def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monk
                          pretrained_model=str(other / "checkpoint.pt"))) == 0
     else:
         assert set(state) == {"weight"}
+    k = options.get("subcenters", 1)
+    # The whole matrix in insightface's layout (class c's sub-centres rows c·k … c·k + k − 1), also
+    # from sharded centres, which resume on replicated ones.
+    assert state["weight"].shape[0] == checkpoint.load(str(full / "checkpoint.pt"))["num_classes"] * k
+    if k > 1 and options.get("sharded_classes"):
+        assert main(argv(many_faces, killed, resume="auto", **dict(options, sharded_classes=False, max_steps=5))) == 0
+        assert len(losses(killed)) == 5
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -681,7 +690,8 @@ def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monk
     (["--interclass-filter", "1.5"], r"--interclass-filter must be in \[0, 1\]"),
     (["--loss", "curricularface", "--m2", "0.3"], "--m2 does not apply to --loss curricularface, whose margin is "
                                                    "--arcface-m"),
-    (["--subcenters", "3", "--sample-rate", "0.5"], r"runs on the chunked PyTorch path with replicated class centres$"),
+    (["--subcenters", "2", "--loss", "magface"], r"--subcenters 2 does not go with --loss magface: it runs on the "
+                                                 r"chunked PyTorch path, with arcface, cosface, sphereface or combined$"),
 ])
 def test_chunked_path_options_that_do_not_go_together(extra, message):
     with pytest.raises(SystemExit, match=message):
