@@ -208,7 +208,8 @@ class ShardedCombinedMarginLoss(nn.Module):
 
     Its ``state_dict`` records the classes it holds. ``load_state_dict`` takes a state of the same
     shard, or the whole (num_classes, D) matrix (a gathered or a replicated loss's state), of which it
-    keeps this rank's rows; a shard of another layout (another number of ranks) is an error.
+    keeps this rank's rows (num_classes·k rows with k sub-centres a class); a shard of another layout
+    (another number of ranks, or of sub-centres) is an error.
 
     ``sample_rate`` < 1 is partial FC as insightface runs it: in training mode each rank keeps the
     classes of its shard that are targets anywhere in the gathered batch and a uniform sample of
@@ -293,6 +294,10 @@ class ShardedCombinedMarginLoss(nn.Module):
         weight, saved = state_dict.get(weight_key), state_dict.get(extra_key, mine)  # older states: none
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == self.num_classes * self.k:
             state_dict[weight_key] = self.shard_of(weight)  # the whole matrix: this rank's rows
+        elif isinstance(saved, dict) and saved.get("k", 1) != self.k:
+            error_msgs.append(f"{weight_key} holds {saved.get('k', 1)} sub-centre(s) a class, this module "
+                              f"{self.k}")
+            return
         elif isinstance(saved, dict) and saved != mine:
             error_msgs.append(
                 f"{weight_key} holds classes [{saved.get('class_start')}, {saved.get('class_stop')}) of "
@@ -356,8 +361,8 @@ class ShardedCombinedMarginLoss(nn.Module):
     def _agree(self, embeddings, labels, error):
         """The call's first collective: every rank's batch size, whether its arguments passed their
         checks (``error`` is its own exception, or None), and how it calls (compute dtype, training
-        mode, gradients, label check: a rank that checks would raise alone). Raises on every rank
-        when any rank failed or they differ; returns the largest local batch size."""
+        mode, gradients, label check: a rank that checks would raise alone; sub-centres a class).
+        Raises on every rank when any rank failed or they differ; returns the largest local batch size."""
         if error is not None and self.world_size == 1:
             raise error
         rank, world_size = _group_info(self.process_group)
@@ -367,12 +372,13 @@ class ShardedCombinedMarginLoss(nn.Module):
         if self.world_size == 1:
             return labels.shape[0]
         device = self.weight.device
-        row = torch.zeros(7, dtype=torch.int64, device=device)
+        row = torch.zeros(8, dtype=torch.int64, device=device)
         if error is None:
             grad = torch.is_grad_enabled()
             row[:5] = torch.tensor([labels.shape[0], 1, 1 + FLOAT_DTYPES.index(fused_compute_dtype(embeddings, self.weight)),
                                     int(self.training), int(grad) + int(grad and embeddings.requires_grad)])
             row[6] = int(not skips_label_check(self.check_labels, labels))
+            row[7] = self.k
             if not self._shards_compared:
                 row[5] = self._first_centre_fingerprint()
         table = torch.empty(self.world_size * row.numel(), dtype=torch.int64, device=device)
@@ -400,7 +406,8 @@ class ShardedCombinedMarginLoss(nn.Module):
                 (2, "compute dtype", lambda v: str(FLOAT_DTYPES[v - 1]).replace("torch.", "")),
                 (3, "mode", lambda v: "training" if v else "eval"),
                 (4, "gradients", lambda v: ("grad mode off", "embeddings without grad", "embeddings with grad")[v]),
-                (6, "label checks", lambda v: "check_labels=True" if v else "check_labels=False")):
+                (6, "label checks", lambda v: "check_labels=True" if v else "check_labels=False"),
+                (7, "sub-centres a class", lambda v: f"k={v}")):
             values = [entry[column] for entry in table]
             if len(set(values)) > 1:
                 ranks = ", ".join(f"rank {r}: {name(v)}" for r, v in enumerate(values))

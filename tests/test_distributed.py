@@ -330,6 +330,8 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
             "dtype differs": _outcome(lambda: autocast_on_rank_1(lambda: module32(x.float(), labels))),
             "mode differs": _outcome(lambda: module.train(rank == 0)(x, labels)),
             "grad differs": _outcome(lambda: module.train()(x.detach() if rank == 1 else x, labels)),
+            "sub-centres differ": _outcome(lambda: arcface_ext.ShardedSubCenterMarginLoss(
+                8, 4, k=2 + rank, dtype=torch.float64)(x, labels)),
             # Every rank checks the gathered labels: the error names the rank and its own row.
             "bad label on rank 1": _outcome(lambda: module(x, torch.tensor([18, 5, 7]) if rank == 1 else labels)),
             "alike afterwards": _outcome(lambda: module(x, labels).backward()),
@@ -378,6 +380,7 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
         assert outcomes["mode differs"].endswith("differ in mode (rank 0: training, rank 1: eval)")
         assert outcomes["grad differs"].endswith(
             "differ in gradients (rank 0: embeddings with grad, rank 1: embeddings without grad)")
+        assert outcomes["sub-centres differ"].endswith("differ in sub-centres a class (rank 0: k=2, rank 1: k=3)")
         assert outcomes["bad label on rank 1"].startswith("ValueError: arcface_ext: rank 1's labels[0] = 18 is out of "
                                                           "range"), outcomes["bad label on rank 1"]
         assert outcomes["alike afterwards"] == "ok"

@@ -251,6 +251,9 @@ def test_sharded_on_one_process_is_the_replicated_one():
     whole = torch.randn(33, 16)
     sharded.load_state_dict({"weight": whole, "_extra_state": sharded.get_extra_state()})
     assert torch.equal(sharded.weight.detach(), whole)
+    state = arcface_ext.ShardedSubCenterMarginLoss(11, 16, k=2).state_dict()
+    with pytest.raises(RuntimeError, match="weight holds 2 sub-centre.s. a class, this module 3"):
+        sharded.load_state_dict(state)
     with pytest.raises(ValueError, match=r"expected 33 rows \(3 per class\)"):
         sharded.shard_of(torch.zeros(11, 16))
     with pytest.raises(ValueError, match="k must be an int >= 1"):

@@ -448,6 +448,9 @@ class Trainer:
         if args.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.input_memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        if args.sharded_classes and self.num_classes < self.world_size:
+            raise SystemExit(f"--sharded-classes gives each of the {self.world_size} processes at least one class, but "
+                             f"the data has {self.num_classes} identities: run fewer processes, or replicated centres")
         self.margin_loss = build_margin_loss(args, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(args, self.backbone, self.margin_loss)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
