@@ -9,7 +9,7 @@ from torch import nn
 from . import _checks, chunked, functional, reference
 from .chunked import check_filtering_threshold
 from ._checks import check_arguments, check_flag, check_options, reduce_rows
-from .sampling import bad_labels, check_label_values, check_sample_rate, sample_classes
+from .sampling import bad_labels, check_sample_rate, sample_step
 
 
 def norm_dtype(embeddings):
@@ -116,14 +116,7 @@ class CombinedMarginLoss(nn.Module):
                                         chunked.chunked_margin_loss, **options)
         skip_check = _checks.skips_label_check(self.check_labels, labels)
         if sampled:
-            bad = None
-            if skip_check:  # a bad row gets a position past the sample: the op makes its loss NaN
-                bad = bad_labels(labels, self.num_classes, ignore_index)
-            else:
-                check_label_values(labels, self.num_classes, ignore_index)
-            index, labels = sample_classes(labels, self.num_classes, self.sample_rate, ignore_index=ignore_index)
-            if bad is not None:
-                labels = labels.masked_fill(bad, index.shape[0])
+            index, labels = sample_step(labels, self.num_classes, self.sample_rate, ignore_index, skip_check)
             # Ignored rows are -1 among the positions (a class index can no longer be ignore_index).
             weight, ignore_index = weight.index_select(0, index), -1
             self.last_sampled_classes = index

@@ -73,3 +73,18 @@ def sample_classes(labels, num_classes, sample_rate, *, class_start=0, ignore_in
 def bad_labels(labels, num_classes, ignore_index):
     """Which rows' labels are neither in [0, num_classes) nor ``ignore_index`` (no host sync)."""
     return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+
+
+def sample_step(labels, num_classes, sample_rate, ignore_index, skip_check):
+    """Partial FC's sample for one call of a replicated loss: the labels checked (a ValueError), or with
+    ``skip_check`` a bad row given the position past the sample (the loss gives it a NaN), then the
+    sample drawn. Returns (index, positions) as :func:`sample_classes`, ignored rows at -1."""
+    bad = None
+    if skip_check:
+        bad = bad_labels(labels, num_classes, ignore_index)
+    else:
+        check_label_values(labels, num_classes, ignore_index)
+    index, positions = sample_classes(labels, num_classes, sample_rate, ignore_index=ignore_index)
+    if bad is not None:
+        positions = positions.masked_fill(bad, index.shape[0])
+    return index, positions

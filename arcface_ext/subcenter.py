@@ -18,7 +18,7 @@ from torch import nn
 from ._checks import check_arguments, check_flag, check_options, skips_label_check
 from . import reference
 from .chunked import check_filtering_threshold, check_int_option, chunked_margin_loss
-from .sampling import bad_labels, check_label_values, check_sample_rate, sample_classes
+from .sampling import check_sample_rate, sample_step
 
 
 def subcenter_margin_loss(embeddings, weight, labels, *, k, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
@@ -79,14 +79,8 @@ class SubCenterMarginLoss(nn.Module):
             check_arguments(embeddings, weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
                             lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
                             ignore_index=ignore_index)
-            bad = None
-            if skips_label_check(check_labels, labels):  # a bad row gets a position past the sample: NaN
-                bad = bad_labels(labels, self.num_classes, ignore_index)
-            else:
-                check_label_values(labels, self.num_classes, ignore_index)
-            index, labels = sample_classes(labels, self.num_classes, self.sample_rate, ignore_index=ignore_index)
-            if bad is not None:
-                labels = labels.masked_fill(bad, index.shape[0])
+            index, labels = sample_step(labels, self.num_classes, self.sample_rate, ignore_index,
+                                        skips_label_check(check_labels, labels))
             self.last_sampled_classes = index
             rows = (index[:, None] * self.k + torch.arange(self.k, device=index.device)).reshape(-1)
             # Ignored rows are -1 among the positions; the labels were checked (or marked) above.
