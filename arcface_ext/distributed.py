@@ -512,8 +512,8 @@ class ShardedCombinedMarginLoss(nn.Module):
                    self.margin_grad == "straight_through", get_workspace_bytes(), class_start, num_classes, margins)
         try:
             inputs = (embeddings, self.weight) if dtype is None else (embeddings.to(dtype), self.weight.to(dtype))
-            loss_rows, cosine, t = _ShardedMarginSoftmax.apply(*inputs, all_labels, index, rows, options, self.process_group,
-                                                               not skip_check, spec)
+            loss_rows, cosine, t = _ShardedMarginSoftmax.apply(*inputs, all_labels, index, rows, options,
+                                                               self.process_group, not skip_check, spec)
         except ValueError as error:  # the op names a row of the gathered batch: name the rank's own row
             found = re.search(r"labels\[(\d+)\]", str(error))
             if found is None or rows == 0:

@@ -291,7 +291,8 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
         return arcface_ext.SubCenterMarginLoss(num_classes, args.embedding_size, k=subcenters, s=args.arcface_s,
                                                m1=m1, m2=m2, m3=m3, margin_grad=args.margin_grad, check_labels=False,
                                                interclass_filtering_threshold=interclass_filter,
-                                               sample_rate=args.sample_rate, use_reference=args.loss_impl == "reference")
+                                               sample_rate=args.sample_rate,
+                                               use_reference=args.loss_impl == "reference")
     # (CurricularFace and the filtering on replicated centres are pure PyTorch: no compiled op needed.)
     needs_extension = args.sharded_classes or not chunked_loss(args)
     if args.loss_impl == "fused" and needs_extension and not arcface_ext.extension_available():
