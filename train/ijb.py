@@ -1,5 +1,6 @@
 """``python -m train.ijb``: IJB-B / IJB-C 1:1 template verification (TAR at FAR = 1e-6 ... 1e-1), the
-benchmark the ArcFace paper reports, run on insightface's ``IJB_release`` files.
+benchmark the ArcFace paper reports, and 1:N template identification (rank-k identification rate
+and TPIR at FPIR), run on insightface's ``IJB_release`` files.
 
 The protocol is insightface's (``recognition/arcface_torch/eval_ijbc.py``): every loose crop is aligned
 to the ArcFace 5-point template by a least-squares similarity transform; its embedding is
@@ -21,11 +22,17 @@ Where this differs from insightface, and why:
 - Faces are joined to their landmarks by image name; insightface joins them by line position, which
   gives the same result when, as in the release, both files list the same images in the same order.
   Media and template features are summed in float64.
+- 1:N: each gallery (IJB-C's G1 and G2, IJB-B's S1 and S2) is searched on its own, as the protocol
+  defines it: a probe whose subject is in the other gallery is a non-mated search, and FPIR is the
+  fraction of non-mated searches whose best score passes the threshold. insightface's ``ijb_1n.py``
+  searches both galleries as one, where every probe has its mate, and derives its threshold from all
+  non-mate pairs; its figures, which papers quote, are reported beside the protocol's.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import sys
@@ -43,6 +50,9 @@ from .embed import embed_images, load_model, table_files, write_table
 from .tools import check_outputs, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+FPIRS = (1e-4, 1e-3, 1e-2, 1e-1)  # 1:N: TPIR at these FPIRs
+INSIGHTFACE_FPIRS = (1e-2, 1e-1)  # those insightface's ijb_1n.py prints
+RANKS = (1, 5, 10)  # 1:N: identification rate within these ranks (CMC)
 TARGETS = ("IJBC", "IJBB")
 
 # Where the eyes, nose tip and mouth corners land in a 112x112 ArcFace crop (x, y in pixels).
@@ -54,6 +64,9 @@ ALIGNED_SIZE = 112
 
 # Pairs scored per step: two (chunk, D) float64 gathers stay near 130 MB at D = 512.
 PAIR_CHUNK = 1 << 15
+
+# Probes searched per step: a (chunk, G) float64 score block is 60 MB for IJB-C's 1772-template G1.
+PROBE_CHUNK = 1 << 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +155,8 @@ class IJBProtocol:
     """One target of ``IJB_release``. A face is a line of ``<target>_face_tid_mid.txt``: image
     ``face_image[f]`` (an index into the image arrays) in template ``templates[f]``, media
     ``medias[f]``. Images are the lines of ``<target>_name_5pts_score.txt`` that some face uses,
-    in file order; ``pairs`` (P, 2) holds template ids, ``issame`` whether each pair is one person."""
+    in file order; ``pairs`` (P, 2) holds template ids, ``issame`` whether each pair is one person;
+    ``identification`` the 1:N galleries and probes, when they were read."""
 
     target: str
     image_folder: str
@@ -152,8 +166,18 @@ class IJBProtocol:
     face_image: np.ndarray  # (F,) int64
     templates: np.ndarray  # (F,) int64
     medias: np.ndarray  # (F,) int64
-    pairs: np.ndarray  # (P, 2) int64
-    issame: np.ndarray  # (P,) bool
+    pairs: np.ndarray | None  # (P, 2) int64; None when the 1:1 protocol was not read
+    issame: np.ndarray | None  # (P,) bool
+    identification: IJBIdentification | None = None
+
+
+@dataclass
+class IJBIdentification:
+    """The 1:N protocol: each gallery's templates with their subjects (one template a subject), and
+    the probe templates with theirs; template ids are those of ``<target>_face_tid_mid.txt``."""
+
+    galleries: dict[str, tuple[np.ndarray, np.ndarray]]  # name ("G1") -> (template ids, subject ids)
+    probes: tuple[np.ndarray, np.ndarray]
 
 
 def _data_lines(path: str):
@@ -249,6 +273,88 @@ def read_template_pairs(path: str) -> tuple[np.ndarray, np.ndarray]:
     return table[:, :2].copy(), table[:, 2] == 1
 
 
+def read_template_subjects(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The templates of a 1:N list (``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_probe_mixed.csv``, ...): CSV
+    with a row a face image, whose ``TEMPLATE_ID`` and ``SUBJECT_ID`` columns (named by a header row;
+    without one, the first two columns) give each template its subject. -> (template ids in order of
+    first listing, their subject ids, the line of each template's first row). A template listed with
+    two subjects is an error naming both lines."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file at {path}")
+    columns, first_line, subject_of = None, {}, {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        for row in reader:
+            fields = [field.strip() for field in row]
+            if not any(fields):
+                continue
+            line_no = reader.line_num
+            if columns is None:
+                if not _is_int(fields[0]):
+                    names = [field.upper() for field in fields]
+                    if "TEMPLATE_ID" not in names or "SUBJECT_ID" not in names:
+                        raise ValueError(f"{path}: line {line_no}: expected a header with TEMPLATE_ID and "
+                                         f"SUBJECT_ID columns, or rows 'template_id,subject_id,...', got "
+                                         f"{','.join(fields)[:120]!r}")
+                    columns = names.index("TEMPLATE_ID"), names.index("SUBJECT_ID")
+                    continue
+                columns = 0, 1
+            wanted = [fields[c] if c < len(fields) else "" for c in columns]
+            if not all(map(_is_int, wanted)):
+                raise ValueError(f"{path}: line {line_no}: expected a template id and a subject id (integers) in "
+                                 f"columns {columns[0] + 1} and {columns[1] + 1}, got {','.join(fields)[:120]!r}")
+            template, subject = int(wanted[0]), int(wanted[1])
+            if template not in subject_of:
+                subject_of[template], first_line[template] = subject, line_no
+            elif subject_of[template] != subject:
+                raise ValueError(f"{path}: line {line_no}: template {template} is listed with subject {subject}, "
+                                 f"and with subject {subject_of[template]} on line {first_line[template]}")
+    if not subject_of:
+        raise ValueError(f"{path}: no templates listed")
+    templates = np.fromiter(subject_of, dtype=np.int64, count=len(subject_of))
+    return (templates, np.fromiter(subject_of.values(), dtype=np.int64, count=len(subject_of)),
+            np.fromiter(first_line.values(), dtype=np.int64, count=len(subject_of)))
+
+
+def identification_paths(meta: str, target: str) -> dict[str, str]:
+    """The 1:N lists of insightface's updated meta data: two galleries (IJB-C's G1 and G2, IJB-B's S1
+    and S2) and the mixed probes (still images and video frames)."""
+    prefix = os.path.join(meta, target.lower())
+    galleries = ("G1", "G2") if target == "IJBC" else ("S1", "S2")
+    return {**{name: f"{prefix}_1N_gallery_{name}.csv" for name in galleries},
+            "probe": f"{prefix}_1N_probe_mixed.csv"}
+
+
+def has_identification(root: str, target: str) -> bool:
+    """Whether the release under ``root`` holds the 1:N lists (insightface's first IJB_release did not)."""
+    folder = find_release(root, target)
+    return all(os.path.isfile(path) for path in identification_paths(os.path.join(folder, "meta"), target).values())
+
+
+def read_identification(meta: str, target: str, known_templates: np.ndarray, faces_path: str) -> IJBIdentification:
+    """Read and check the 1:N lists: every template must have faces in ``faces_path``, and a gallery
+    holds one template a subject (insightface's ijb_1n.py stops on a subject enrolled twice)."""
+    lists = {}
+    for name, path in identification_paths(meta, target).items():
+        templates, subjects, lines = read_template_subjects(path)
+        unknown = ~np.isin(templates, known_templates)
+        if unknown.any():
+            k = int(np.argmax(unknown))
+            raise ValueError(f"{path}: line {lines[k]}: template {templates[k]} is not in {faces_path} "
+                             f"({int(unknown.sum())} templates of this list are not)")
+        if name != "probe":
+            _, first, counts = np.unique(subjects, return_index=True, return_counts=True)
+            if (counts > 1).any():
+                k = int(first[np.argmax(counts > 1)])
+                again = int(np.flatnonzero(subjects == subjects[k])[1])
+                raise ValueError(f"{path}: line {lines[again]}: subject {subjects[k]} has a second template, "
+                                 f"{templates[again]} (the first, {templates[k]}, on line {lines[k]}): a gallery "
+                                 "holds one template a subject")
+        lists[name] = templates, subjects
+    probes = lists.pop("probe")
+    return IJBIdentification(galleries=lists, probes=probes)
+
+
 def find_release(root: str, target: str) -> str:
     """The folder holding ``meta/`` and ``loose_crop/``: ``root`` itself or ``root/<target>``."""
     for folder in (root, os.path.join(root, target)):
@@ -258,9 +364,13 @@ def find_release(root: str, target: str) -> str:
                             f"the {target} folder of insightface's IJB_release (meta/ and loose_crop/)")
 
 
-def read_protocol(root: str, target: str = "IJBC") -> IJBProtocol:
-    """Read and cross-check the three meta files of ``target`` under ``root``. Raises
-    FileNotFoundError or ValueError naming the file and line at fault."""
+def read_protocol(root: str, target: str = "IJBC", protocols=("1:1",)) -> IJBProtocol:
+    """Read and cross-check the meta files of ``target`` under ``root``: the images, landmarks and
+    templates, with ``protocols`` "1:1" the template pairs, with "1:N" the galleries and probes.
+    Raises FileNotFoundError or ValueError naming the file and line at fault."""
+    unknown_protocols = set(protocols) - {"1:1", "1:N"}
+    if unknown_protocols or not protocols:
+        raise ValueError(f"protocols must be some of '1:1' and '1:N', got {protocols!r}")
     folder = find_release(root, target)
     meta = os.path.join(folder, "meta")
     prefix = os.path.join(meta, target.lower())
@@ -268,7 +378,7 @@ def read_protocol(root: str, target: str = "IJBC") -> IJBProtocol:
                                               f"{prefix}_template_pair_label.txt")
     names, landmarks, scores, landmark_lines = read_landmarks(landmarks_path)
     face_names, templates, medias = read_template_media(faces_path)
-    pairs, issame = read_template_pairs(pairs_path)
+    pairs, issame = read_template_pairs(pairs_path) if "1:1" in protocols else (None, None)
 
     row_of = {name: i for i, name in enumerate(names)}
     face_row = np.empty(len(face_names), dtype=np.int64)
@@ -279,15 +389,17 @@ def read_protocol(root: str, target: str = "IJBC") -> IJBProtocol:
         face_row[f] = row_of[name]
 
     known = np.unique(templates)
-    unknown = ~np.isin(pairs, known).all(axis=1)
-    if unknown.any():
-        row = int(np.argmax(unknown))
-        template = next(int(t) for t in pairs[row] if not np.isin(t, known))
-        raise ValueError(f"{pairs_path}: line {_line_of_row(pairs_path, row)}: template {template} is not in "
-                         f"{faces_path} ({int(unknown.sum())} pairs name unknown templates)")
-    if issame.all() or not issame.any():
-        raise ValueError(f"{pairs_path}: every pair is labelled {int(issame[0])}: a ROC needs both same-person "
-                         "and different-person pairs")
+    if pairs is not None:
+        unknown = ~np.isin(pairs, known).all(axis=1)
+        if unknown.any():
+            row = int(np.argmax(unknown))
+            template = next(int(t) for t in pairs[row] if not np.isin(t, known))
+            raise ValueError(f"{pairs_path}: line {_line_of_row(pairs_path, row)}: template {template} is not in "
+                             f"{faces_path} ({int(unknown.sum())} pairs name unknown templates)")
+        if issame.all() or not issame.any():
+            raise ValueError(f"{pairs_path}: every pair is labelled {int(issame[0])}: a ROC needs both "
+                             "same-person and different-person pairs")
+    identification = read_identification(meta, target, known, faces_path) if "1:N" in protocols else None
 
     used = np.unique(face_row)  # sorted: file order
     image_folder = os.path.join(folder, "loose_crop")
@@ -299,7 +411,7 @@ def read_protocol(root: str, target: str = "IJBC") -> IJBProtocol:
     return IJBProtocol(
         target=target, image_folder=image_folder, image_names=[names[i] for i in used],
         landmarks=landmarks[used], detector_scores=scores[used], face_image=np.searchsorted(used, face_row),
-        templates=templates, medias=medias, pairs=pairs, issame=issame,
+        templates=templates, medias=medias, pairs=pairs, issame=issame, identification=identification,
     )
 
 
@@ -435,6 +547,16 @@ def pair_scores(features: np.ndarray, first: np.ndarray, second: np.ndarray, *, 
 # ROC
 
 
+def _threshold_allowing(negatives: np.ndarray, rate: float) -> float | None:
+    """The lowest threshold that scores strictly above it leave at most floor(rate x N) of the N sorted
+    ``negatives`` (fewer when negatives tie with it): the (k+1)-th highest, -inf when every one may
+    pass, None when not one may (the rate cannot be measured on N)."""
+    allowed = math.floor(rate * negatives.size * (1 + 1e-12))  # 1e-12: rate x N landing a hair below an integer
+    if allowed < 1:
+        return None
+    return -math.inf if allowed >= negatives.size else float(negatives[negatives.size - 1 - allowed])
+
+
 def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars=FARS) -> list[dict]:
     """For each FAR: {'far', 'tar', 'threshold', 'false_accepts'}.
 
@@ -450,16 +572,131 @@ def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars=FARS) -> list[dict]:
         raise ValueError(f"need positive and negative pairs, got {positives.size} and {negatives.size}")
     rows = []
     for far in fars:
-        allowed = math.floor(far * negatives.size * (1 + 1e-12))  # 1e-12: FAR x N landing a hair below an integer
-        if allowed < 1:
+        threshold = _threshold_allowing(negatives, far)
+        if threshold is None:
             rows.append({"far": far, "tar": None, "threshold": None, "false_accepts": None})
             continue
-        threshold = -math.inf if allowed >= negatives.size else float(negatives[negatives.size - 1 - allowed])
         accepted = positives.size - np.searchsorted(positives, threshold, side="right")
         false_accepts = negatives.size - np.searchsorted(negatives, threshold, side="right")
         rows.append({"far": far, "tar": float(accepted / positives.size), "threshold": threshold,
                      "false_accepts": int(false_accepts)})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 1:N identification
+
+
+def mate_index(probe_subjects: np.ndarray, gallery_subjects: np.ndarray) -> np.ndarray:
+    """(P,) int64: the gallery row of each probe's subject, -1 where the gallery lacks it. A subject
+    listed twice in the gallery is an error."""
+    row_of = {}
+    for row, subject in enumerate(np.asarray(gallery_subjects, dtype=np.int64).tolist()):
+        if subject in row_of:
+            raise ValueError(f"subject {subject} has two gallery templates (rows {row_of[subject]} and {row})")
+        row_of[subject] = row
+    return np.array([row_of.get(subject, -1) for subject in np.asarray(probe_subjects, dtype=np.int64).tolist()],
+                    dtype=np.int64)
+
+
+def search_gallery(probes: np.ndarray, gallery: np.ndarray, mates: np.ndarray, *, chunk: int = PROBE_CHUNK,
+                   on_non_mates=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Search each of the unit-length ``probes`` (P, D) in ``gallery`` (G, D) by cosine, ``chunk``
+    probes at a time. -> ((P,) best score, (P,) mate score (NaN without a mate), (P,) mate rank: 1 + the
+    other gallery templates scoring at least as high, so that a tie counts against the mate; 0
+    without a mate). ``on_non_mates(scores)`` is handed each chunk's scores with the mates' set to
+    -inf."""
+    if gallery.shape[0] == 0:
+        raise ValueError("the gallery is empty")
+    count = probes.shape[0]
+    best, mate_score, mate_rank = np.empty(count), np.full(count, np.nan), np.zeros(count, dtype=np.int64)
+    for start in range(0, count, chunk):
+        end = min(start + chunk, count)
+        scores = np.asarray(probes[start:end], dtype=np.float64) @ np.asarray(gallery, dtype=np.float64).T
+        best[start:end] = scores.max(axis=1)
+        rows = np.flatnonzero(mates[start:end] >= 0)
+        if rows.size:
+            mate = scores[rows, mates[start:end][rows]]
+            mate_score[start + rows] = mate
+            mate_rank[start + rows] = np.count_nonzero(scores[rows] >= mate[:, None], axis=1)
+            scores[rows, mates[start:end][rows]] = -np.inf
+        if on_non_mates is not None:
+            on_non_mates(scores)
+    return best, mate_score, mate_rank
+
+
+def open_set_identification(probes: np.ndarray, probe_subjects: np.ndarray, gallery: np.ndarray,
+                            gallery_subjects: np.ndarray, *, fpirs=FPIRS, ranks=RANKS,
+                            chunk: int = PROBE_CHUNK) -> dict:
+    """1:N open-set identification of unit-length template features, as the IJB-B/C protocol defines
+    it (and NIST's FRVT): a probe whose subject the gallery holds is a mated search, any other a
+    non-mated one.
+
+    - ``rank``: CMC, the fraction of mated searches whose mate is among the ``k`` best scores.
+    - ``tpir_at_fpir``: a search returns the gallery's best template when its score is strictly above
+      a threshold. FPIR is the fraction of non-mated searches that return one; TPIR the fraction of
+      mated searches that return their mate (rank 1 and above the threshold). The threshold for an
+      FPIR is chosen from the non-mated searches' best scores as ``tar_at_far`` chooses it: at most
+      floor(FPIR x non-mated) false alarms, None where that is 0.
+    """
+    mates = mate_index(probe_subjects, gallery_subjects)
+    best, mate_score, mate_rank = search_gallery(probes, gallery, mates, chunk=chunk)
+    mated = mates >= 0
+    non_mated = np.sort(best[~mated])
+    result = {"templates": int(gallery.shape[0]), "mated_searches": int(mated.sum()),
+              "non_mated_searches": int(non_mated.size),
+              "rank": {k: float(np.mean(mate_rank[mated] <= k)) if mated.any() else None for k in ranks},
+              "tpir_at_fpir": []}
+    for fpir in fpirs:
+        threshold = _threshold_allowing(non_mated, fpir) if non_mated.size else None
+        row = {"fpir": fpir, "tpir": None, "threshold": threshold, "false_alarms": None}
+        if threshold is not None:
+            row["false_alarms"] = int(non_mated.size - np.searchsorted(non_mated, threshold, side="right"))
+            if mated.any():
+                row["tpir"] = float(np.mean((mate_rank[mated] == 1) & (mate_score[mated] > threshold)))
+        result["tpir_at_fpir"].append(row)
+    return result
+
+
+def insightface_identification(probes: np.ndarray, probe_subjects: np.ndarray, gallery: np.ndarray,
+                               gallery_subjects: np.ndarray, *, fpirs=INSIGHTFACE_FPIRS, ranks=RANKS,
+                               chunk: int = PROBE_CHUNK) -> dict:
+    """The figures insightface's ``ijb_1n.py`` prints (which papers quote as IJB-C 1:N), computed as it
+    computes them on its gallery of G1 and G2 together, where every probe has its mate:
+
+    - ``rank``: the fraction of probes whose mate is among the ``k`` best scores (ties count against
+      the mate here; insightface's unstable argsort breaks them arbitrarily);
+    - ``tpir_at_fpir``: its threshold for "FPIR" f is the ceil(f x P)-th highest score among all
+      probe-gallery pairs of different subjects (P probes), and its rate the fraction of probes whose
+      mate scores strictly above it, whatever the mate's rank. This is not the protocol's FPIR (a
+      fraction of non-mated searches; see ``open_set_identification``), but it is the number quoted.
+
+    A probe without exactly one template of its subject in the gallery is an error, as there."""
+    mates = mate_index(probe_subjects, gallery_subjects)
+    if (mates < 0).any():
+        k = int(np.argmax(mates < 0))
+        raise ValueError(f"probe subject {int(np.asarray(probe_subjects)[k])} has no gallery template")
+    count = probes.shape[0]
+    needed = [math.ceil(count * fpir) for fpir in fpirs]
+    keep = max(needed)
+    kept = [np.empty(0)]
+
+    def highest(scores):  # the `keep` highest non-mate scores so far
+        values = scores[np.isfinite(scores)].ravel()
+        if values.size > keep:
+            values = np.partition(values, values.size - keep)[values.size - keep:]
+        merged = np.concatenate([kept[0], values])
+        kept[0] = merged if merged.size <= keep else np.partition(merged, merged.size - keep)[merged.size - keep:]
+
+    _, mate_score, mate_rank = search_gallery(probes, gallery, mates, chunk=chunk, on_non_mates=highest)
+    top = np.sort(kept[0])[::-1]
+    result = {"templates": int(gallery.shape[0]), "probes": int(count),
+              "rank": {k: float(np.mean(mate_rank <= k)) for k in ranks}, "tpir_at_fpir": []}
+    for fpir, k in zip(fpirs, needed):
+        threshold = float(top[k - 1]) if 1 <= k <= top.size else None
+        result["tpir_at_fpir"].append({"fpir": fpir, "threshold": threshold,
+                                       "tpir": None if threshold is None else float(np.mean(mate_score > threshold))})
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +719,113 @@ def format_table(rows: list[dict]) -> str:
     ])
 
 
+def verify_pairs(protocol: IJBProtocol, template_ids: np.ndarray, pooled: np.ndarray, target: str) -> dict:
+    """Score the 1:1 pairs, print the table, and return the results' 1:1 entries."""
+    pair_index = np.searchsorted(template_ids, protocol.pairs)
+    scores = pair_scores(pooled, pair_index[:, 0], pair_index[:, 1])
+    rows = tar_at_far(scores, protocol.issame)
+    positives = int(protocol.issame.sum())
+    print(f"{target} 1:1 verification, {len(template_ids)} templates, {len(scores)} pairs "
+          f"({positives} same, {len(scores) - positives} different):")
+    print(format_table(rows))
+    if any(r["tar"] is None for r in rows):
+        print(f"  (-: FAR below 1/{len(scores) - positives}, less than one false accept among the different-person "
+              "pairs: not measurable)")
+    return {
+        "counts": {"pairs": int(len(scores)), "positive_pairs": positives,
+                   "negative_pairs": int(len(scores) - positives)},
+        "tar_at_far": {far_key(r["far"]): r["tar"] for r in rows},
+        "threshold_at_far": {far_key(r["far"]): None if r["threshold"] in (None, -math.inf) else r["threshold"]
+                             for r in rows},
+        "false_accepts_at_far": {far_key(r["far"]): r["false_accepts"] for r in rows},
+    }
+
+
+def _percent(value, fmt=".2f", width=9) -> str:
+    return f"{'-' if value is None else format(100 * value, fmt):>{width}}"
+
+
+def _threshold_value(threshold):
+    return None if threshold in (None, -math.inf) else threshold
+
+
+def identify(lists: IJBIdentification, template_ids: np.ndarray, pooled: np.ndarray, target: str) -> dict:
+    """Search the probes in each gallery on its own (the protocol's open-set figures, and their mean
+    over the galleries), then in all galleries together as insightface's ijb_1n.py does; print the
+    tables and return the results' "identification" entry."""
+    def features(templates):
+        return pooled[np.searchsorted(template_ids, templates)]
+
+    probe_templates, probe_subjects = lists.probes
+    probes = features(probe_templates)
+    galleries = {name: open_set_identification(probes, probe_subjects, features(templates), subjects)
+                 for name, (templates, subjects) in lists.galleries.items()}
+
+    def mean(values):
+        return None if not values or any(v is None for v in values) else float(np.mean(values))
+
+    runs = list(galleries.values())
+    averaged = {"rank": {k: mean([r["rank"][k] for r in runs]) for k in RANKS},
+                "tpir": [mean([r["tpir_at_fpir"][i]["tpir"] for r in runs]) for i in range(len(FPIRS))]}
+
+    print(f"{target} 1:N identification, {len(probe_templates)} probe templates searched in each gallery on its own "
+          "(open set: a probe whose subject the gallery lacks is a non-mated search):")
+    print("  gallery  templates     mated  non-mated" + "".join(f"{f'rank-{k} (%)':>13}" for k in RANKS))
+    for name, r in galleries.items():
+        print(f"  {name:<8}{r['templates']:>10}{r['mated_searches']:>10}{r['non_mated_searches']:>11}"
+              + "".join(_percent(r["rank"][k], width=13) for k in RANKS))
+    if len(galleries) > 1:
+        print(f"  {'mean':<39}" + "".join(_percent(averaged["rank"][k], width=13) for k in RANKS))
+    print("  FPIR             " + "".join(f"{far_key(f):>9}" for f in FPIRS))
+    for name, r in galleries.items():
+        print(f"  {name + ' TPIR (%)':<17}" + "".join(_percent(row["tpir"]) for row in r["tpir_at_fpir"]))
+        print(f"  {name + ' cosine':<17}" + "".join(
+            f"{'-' if _threshold_value(row['threshold']) is None else format(row['threshold'], '.4f'):>9}"
+            for row in r["tpir_at_fpir"]))
+    if len(galleries) > 1:
+        print(f"  {'mean TPIR (%)':<17}" + "".join(_percent(v) for v in averaged["tpir"]))
+    if any(row["threshold"] is None for r in runs for row in r["tpir_at_fpir"]):
+        print("  (-: FPIR below 1/non-mated searches, less than one false alarm allowed: not measurable)")
+
+    result = {
+        "probe_templates": int(len(probe_templates)),
+        "galleries": {name: {
+            "templates": r["templates"], "mated_searches": r["mated_searches"],
+            "non_mated_searches": r["non_mated_searches"],
+            **{f"rank_{k}": r["rank"][k] for k in RANKS},
+            "tpir_at_fpir": {far_key(row["fpir"]): row["tpir"] for row in r["tpir_at_fpir"]},
+            "threshold_at_fpir": {far_key(row["fpir"]): _threshold_value(row["threshold"]) for row in r["tpir_at_fpir"]},
+            "false_alarms_at_fpir": {far_key(row["fpir"]): row["false_alarms"] for row in r["tpir_at_fpir"]},
+        } for name, r in galleries.items()},
+        "mean": {**{f"rank_{k}": averaged["rank"][k] for k in RANKS},
+                 "tpir_at_fpir": {far_key(f): v for f, v in zip(FPIRS, averaged["tpir"])}},
+    }
+
+    together = "+".join(lists.galleries)
+    templates = np.concatenate([t for t, _ in lists.galleries.values()])
+    subjects = np.concatenate([s for _, s in lists.galleries.values()])
+    try:
+        closed = insightface_identification(probes, probe_subjects, features(templates), subjects)
+    except ValueError as error:  # a probe without its mate, or a subject in two galleries
+        print(f"  insightface's ijb_1n.py figures ({together} as one gallery) not computed: {error}; that script "
+              "stops there")
+        result["insightface"] = {"gallery": together, "error": str(error)}
+        return result
+    print(f"  insightface's ijb_1n.py figures, {together} as one closed-set gallery of {closed['templates']} templates "
+          "(its \"TPIR at FPIR f\": probes whose mate scores above the ceil(f x probes)-th highest non-mate "
+          "score):")
+    print("    " + "   ".join(f"top-{k} {100 * closed['rank'][k]:.2f}" for k in RANKS) + "   " + "   ".join(
+        f"TPIR {'-' if row['tpir'] is None else format(100 * row['tpir'], '.2f')} at {far_key(row['fpir'])}"
+        for row in closed["tpir_at_fpir"]))
+    result["insightface"] = {
+        "gallery": together, "templates": closed["templates"],
+        **{f"rank_{k}": closed["rank"][k] for k in RANKS},
+        "tpir_at_fpir": {far_key(row["fpir"]): row["tpir"] for row in closed["tpir_at_fpir"]},
+        "threshold_at_fpir": {far_key(row["fpir"]): row["threshold"] for row in closed["tpir_at_fpir"]},
+    }
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.ijb", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -491,6 +835,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
                    help="the IJBC (or IJBB) folder of IJB_release, holding meta/ and loose_crop/ (or its parent)")
     p.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS)
+    p.add_argument("--protocol", default="auto", type=str.upper, choices=("AUTO", "1:1", "1:N", "BOTH"),
+                   help="1:1 template verification, 1:N identification (the release's gallery and probe lists), or "
+                   "both; auto (default): 1:1, and 1:N too when meta/ holds its lists")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
                    help="images per forward pass (twice as many rows with the mirror)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -515,7 +862,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         device = torch_device(args.device)
-        protocol = read_protocol(args.data_root, args.target)
+        protocols = {"1:1": ("1:1",), "1:N": ("1:N",), "BOTH": ("1:1", "1:N")}.get(args.protocol)
+        if protocols is None:  # auto
+            protocols = ("1:1", "1:N") if has_identification(args.data_root, args.target) else ("1:1",)
+            if protocols == ("1:1",):
+                print(f"note: no 1:N gallery and probe lists in {os.path.join(find_release(args.data_root, args.target), 'meta')} "
+                      f"({args.target.lower()}_1N_*.csv, insightface's updated meta data): 1:1 verification only")
+        protocol = read_protocol(args.data_root, args.target, protocols)
         model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them.
         check_outputs([output, *(table_files(args.save_features) if args.save_features else [])], args.overwrite)
@@ -523,8 +876,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     size = settings["image_size"]
+    lists = []
+    if protocol.issame is not None:
+        lists.append(f"{len(protocol.issame)} pairs")
+    if protocol.identification is not None:
+        lists.append(f"{len(protocol.identification.probes[0])} probe templates searched in "
+                     + " and ".join(protocol.identification.galleries))
     print(f"{args.target}: {len(protocol.image_names)} images, {protocol.templates.size} faces, "
-          f"{len(np.unique(protocol.templates))} templates, {len(protocol.issame)} pairs; "
+          f"{len(np.unique(protocol.templates))} templates, {'; '.join(lists)}; "
           f"embedding at {size}px on {device}", flush=True)
 
     crops = LooseCrops(protocol.image_folder, protocol.image_names, protocol.landmarks, size)
@@ -554,35 +913,25 @@ def main(argv: list[str] | None = None) -> int:
                             norm_score=args.norm_score)
     template_ids, pooled = template_features(features, protocol.templates, protocol.medias,
                                              face_image=protocol.face_image, weights=weights)
-    pair_index = np.searchsorted(template_ids, protocol.pairs)
-    scores = pair_scores(pooled, pair_index[:, 0], pair_index[:, 1])
-    rows = tar_at_far(scores, protocol.issame)
-
-    positives = int(protocol.issame.sum())
-    print(f"{args.target} 1:1 verification, {len(template_ids)} templates, {len(scores)} pairs "
-          f"({positives} same, {len(scores) - positives} different):")
-    print(format_table(rows))
-    if any(r["tar"] is None for r in rows):
-        print(f"  (-: FAR below 1/{len(scores) - positives}, less than one false accept among the different-person "
-              "pairs: not measurable)")
     result = {
         "target": args.target,
         "model": os.path.abspath(args.model),
         "data_root": os.path.abspath(args.data_root),
+        "protocols": list(protocols),
         "options": {"flip": args.flip, "detector_score": args.detector_score, "norm_score": args.norm_score,
                     "image_size": size, "network": settings.get("network"), "batch_size": args.batch_size,
                     "device": str(device)},
         "counts": {"images": len(protocol.image_names), "faces": int(protocol.templates.size),
                    "media": int(len(np.unique(np.stack([protocol.templates, protocol.medias], axis=1), axis=0))),
-                   "templates": int(len(template_ids)), "pairs": int(len(scores)),
-                   "positive_pairs": positives, "negative_pairs": int(len(scores) - positives),
-                   "unusable_landmarks": unusable},
-        "tar_at_far": {far_key(r["far"]): r["tar"] for r in rows},
-        "threshold_at_far": {far_key(r["far"]): None if r["threshold"] in (None, -math.inf) else r["threshold"]
-                             for r in rows},
-        "false_accepts_at_far": {far_key(r["far"]): r["false_accepts"] for r in rows},
-        "seconds": {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)},
+                   "templates": int(len(template_ids)), "unusable_landmarks": unusable},
     }
+    if protocol.issame is not None:
+        entries = verify_pairs(protocol, template_ids, pooled, args.target)
+        result["counts"].update(entries.pop("counts"))
+        result.update(entries)
+    if protocol.identification is not None:
+        result["identification"] = identify(protocol.identification, template_ids, pooled, args.target)
+    result["seconds"] = {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)}
     try:
         checkpoint.write_json_atomic(output, result)
     except OSError as error:

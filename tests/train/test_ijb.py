@@ -1,6 +1,7 @@
 """IJB-B / IJB-C 1:1 verification: alignment, template pooling, TAR at FAR, and `python -m train.ijb`
 end to end on a tiny synthetic release (faces pasted into loose crops at known landmarks)."""
 
+import heapq
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from trainer_fixtures import IMAGE_SIZE, one_thread  # noqa: F401
 
 CROP_SIZE = 64
 IDENTITIES, TEMPLATES_PER_IDENTITY = 6, 2
+SUBJECT_BASE = 500  # the 1:N lists' subject id of identity 0
 
 
 def similarity(angle: float, scale: float, tx: float, ty: float) -> np.ndarray:
@@ -173,6 +175,145 @@ def test_tar_at_far_by_hand():
 
 
 # ---------------------------------------------------------------------------------------------
+# 1:N identification
+
+
+def unit_rows(rng, count, dim, *, grid=None):
+    rows = rng.normal(size=(count, dim))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows if grid is None else np.round(rows / grid) * grid  # on a grid: scores tie
+
+
+def brute_force_identification(probes, probe_subjects, gallery, gallery_subjects, fpir, rank):
+    """CMC at ``rank`` and the best TPIR of any threshold whose FPIR is at most ``fpir``, probe by probe."""
+    scores = probes @ gallery.T
+    ranks, mate_scores, non_mated_best = [], [], []
+    for i, subject in enumerate(probe_subjects):
+        rows = np.flatnonzero(gallery_subjects == subject)
+        if rows.size:
+            mate = scores[i, rows[0]]
+            others = np.delete(scores[i], rows[0])
+            ranks.append(1 + np.sum(others >= mate))
+            mate_scores.append(mate)
+        else:
+            non_mated_best.append(scores[i].max())
+    ranks, mate_scores, non_mated_best = map(np.array, (ranks, mate_scores, non_mated_best))
+    best = None
+    for t in np.concatenate([[-np.inf], np.unique(non_mated_best)]):
+        if np.mean(non_mated_best > t) <= fpir:
+            tpir = np.mean((ranks == 1) & (mate_scores > t))
+            best = tpir if best is None else max(best, tpir)
+    return np.mean(ranks <= rank), best
+
+
+@pytest.mark.parametrize("grid", [None, 0.25])
+def test_open_set_identification_matches_brute_force(grid):
+    rng = np.random.default_rng(7)
+    gallery_subjects = rng.permutation(400)[:60]
+    probe_subjects = rng.integers(0, 400, 700)  # most without a mate
+    gallery = unit_rows(rng, 60, 8, grid=grid)
+    # Each probe near its subject's direction, the unenrolled subjects' too.
+    directions = unit_rows(rng, 400, 8, grid=grid)
+    directions[gallery_subjects] = gallery
+    probes = directions[probe_subjects] + 0.6 * rng.normal(size=(700, 8))
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    if grid:
+        probes = np.round(probes / grid) * grid
+    fpirs = (1e-3, 1e-2, 0.05, 0.1, 0.5)
+    result = ijb.open_set_identification(probes, probe_subjects, gallery, gallery_subjects, fpirs=fpirs)
+    mated = int(np.isin(probe_subjects, gallery_subjects).sum())
+    assert (result["mated_searches"], result["non_mated_searches"], result["templates"]) == (mated, 700 - mated, 60)
+    assert 50 < mated < 200
+    for row in result["tpir_at_fpir"]:
+        rank_1, tpir = brute_force_identification(probes, probe_subjects, gallery, gallery_subjects, row["fpir"], 1)
+        if row["fpir"] * (700 - mated) < 1:
+            assert row["tpir"] is None and row["threshold"] is None
+            continue
+        assert row["tpir"] == pytest.approx(tpir, abs=1e-12), row
+        assert row["false_alarms"] <= row["fpir"] * (700 - mated)
+    for k in (1, 5, 10):
+        assert result["rank"][k] == pytest.approx(
+            brute_force_identification(probes, probe_subjects, gallery, gallery_subjects, 1.0, k)[0], abs=1e-12)
+    # The chunking does not change anything.
+    mates = ijb.mate_index(probe_subjects, gallery_subjects)
+    whole, small = ijb.search_gallery(probes, gallery, mates), ijb.search_gallery(probes, gallery, mates, chunk=7)
+    for a, b in zip(whole, small):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_open_set_identification_by_hand():
+    # Gallery: subjects 1 and 2 along x and y. Probes: subject 1 near x (mated, rank 1, score 0.8),
+    # subject 2 nearer x than y (mated, rank 2), subjects 7 and 8 unenrolled (best scores 0.6, 0.3).
+    gallery, gallery_subjects = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([1, 2])
+    probes = np.array([[0.8, 0.6], [0.8, 0.6 - 0.2], [0.6, -0.8], [-0.954, 0.3]])
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    result = ijb.open_set_identification(probes, np.array([1, 2, 7, 8]), gallery, gallery_subjects,
+                                         fpirs=(0.4, 0.5, 1.0))
+    assert result["rank"] == {1: 0.5, 5: 1.0, 10: 1.0}
+    no_alarm, one_alarm, any_alarm = result["tpir_at_fpir"]
+    assert no_alarm == {"fpir": 0.4, "tpir": None, "threshold": None, "false_alarms": None}  # 0.8 alarms allowed
+    assert one_alarm["threshold"] == pytest.approx(0.3, abs=1e-3) and one_alarm["false_alarms"] == 1
+    assert one_alarm["tpir"] == 0.5  # subject 2's mate is not the best
+    assert any_alarm == {"fpir": 1.0, "tpir": 0.5, "threshold": -math.inf, "false_alarms": 2}
+
+
+def insightface_1n(probes, probe_subjects, gallery, gallery_subjects, fars=(0.01, 0.1)):
+    """insightface's ijb_1n.py evaluation, step for step as that script takes them."""
+    similarity = probes @ gallery.T
+    top_inds = np.argsort(-similarity)
+    mask = [int(np.flatnonzero(gallery_subjects == s)[0]) for s in probe_subjects]
+    tops = [np.mean([mask[i] in top_inds[i, :k] for i in range(len(mask))]) for k in (1, 5, 10)]
+    required = [math.ceil(len(mask) * f) for f in fars]
+    sims = similarity.copy()
+    positives = np.array([sims[i, g] for i, g in enumerate(mask)])
+    for i, g in enumerate(mask):
+        sims[i, g] = -2.0
+    negatives = heapq.nlargest(max(required), sims[sims > -2.0])
+    return tops, [float(np.sum(positives > negatives[k - 1]) / len(mask)) for k in required], \
+        [negatives[k - 1] for k in required]
+
+
+def test_insightface_identification_is_its_scripts():
+    rng = np.random.default_rng(3)
+    gallery_subjects = rng.permutation(1000)[:300]
+    gallery = unit_rows(rng, 300, 16)
+    mates = rng.integers(0, 300, 2500)
+    probes = gallery[mates] + 0.35 * rng.normal(size=(2500, 16))
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    ours = ijb.insightface_identification(probes, gallery_subjects[mates], gallery, gallery_subjects, chunk=1000)
+    tops, rates, thresholds = insightface_1n(probes, gallery_subjects[mates], gallery, gallery_subjects)
+    assert [ours["rank"][k] for k in (1, 5, 10)] == tops
+    assert [row["tpir"] for row in ours["tpir_at_fpir"]] == rates
+    assert [row["threshold"] for row in ours["tpir_at_fpir"]] == thresholds
+    assert 0.3 < tops[0] < 0.95 and 0 < rates[0] < rates[1] < 1  # neither trivial nor hopeless
+    with pytest.raises(ValueError, match="probe subject 5000 has no gallery template"):
+        ijb.insightface_identification(probes[:2], np.array([gallery_subjects[0], 5000]), gallery, gallery_subjects)
+    with pytest.raises(ValueError, match="subject 3 has two gallery templates"):
+        ijb.mate_index(np.array([3]), np.array([1, 3, 2, 3]))
+
+
+def test_template_subject_lists(tmp_path):
+    path = tmp_path / "g.csv"
+    # As the release writes them: a header (here after a byte-order mark), a row an image, more columns.
+    path.write_text("\ufeffTEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID\n5,50,img/1.jpg,1\n\n5,50,img/2.jpg,2\n"
+                    "3,30,frames/7.png,3\n")
+    templates, subjects, lines = ijb.read_template_subjects(str(path))
+    assert templates.tolist() == [5, 3] and subjects.tolist() == [50, 30] and lines.tolist() == [2, 5]
+    path.write_text("SUBJECT_ID,TEMPLATE_ID\n50,5\n")  # columns found by name
+    assert ijb.read_template_subjects(str(path))[0].tolist() == [5]
+    path.write_text("5,50\n6,60,x\n")  # no header: the first two columns
+    assert ijb.read_template_subjects(str(path))[1].tolist() == [50, 60]
+    for text, message in [("TEMPLATE_ID,SUBJECT_ID\n5,50\n5,51\n",
+                           "line 3: template 5 is listed with subject 51, and with subject 50 on line 2"),
+                          ("TEMPLATE,SUBJECT\n5,50\n", "line 1: expected a header with TEMPLATE_ID and SUBJECT_ID"),
+                          ("TEMPLATE_ID,SUBJECT_ID\n5,x\n", "line 2: expected a template id and a subject id"),
+                          ("TEMPLATE_ID,SUBJECT_ID\n", "no templates listed")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            ijb.read_template_subjects(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
 # Templates and scores
 
 
@@ -280,6 +421,19 @@ def write_release(root, target="IJBC"):
                           ("template_pair_label", pairs)):
         with open(f"{prefix}_{suffix}.txt", "w") as f:
             f.writelines(lines)
+    # 1:N, as the release's CSVs list it (a row a face image, subject ids of their own): each identity's
+    # first template enrolled, the first half of the identities in G1, the others in G2; the second
+    # templates are the probes.
+    images_of = {}
+    for line in tid_mid:
+        name, template_id, _ = line.split()
+        images_of.setdefault(int(template_id), []).append(name)
+    lists = {"gallery_G1": templates[0:2 * (IDENTITIES // 2):2], "gallery_G2": templates[2 * (IDENTITIES // 2)::2],
+             "probe_mixed": templates[1::2]}
+    for name, chosen in lists.items():
+        with open(f"{prefix}_1N_{name}.csv", "w") as f:
+            f.write("TEMPLATE_ID,SUBJECT_ID,FILENAME\n")
+            f.writelines(f"{t},{SUBJECT_BASE + who},img/{image}\n" for t, who in chosen for image in images_of[t])
     return np.stack(faces)
 
 
@@ -387,6 +541,22 @@ def test_main_end_to_end(release, tmp_path, capsys):
     scores = ijb.pair_scores(pooled, index[:, 0], index[:, 1])
     assert ijb.tar_at_far(scores, protocol.issame, (0.1,))[0]["tar"] == tar
 
+    # The release holds the 1:N lists, so 1:N ran too (auto), and its figures are those of the saved
+    # features' templates searched in each gallery.
+    assert result["protocols"] == ["1:1", "1:N"] and "1:N identification, 6 probe templates" in printed
+    found = result["identification"]
+    assert found["probe_templates"] == IDENTITIES and list(found["galleries"]) == ["G1", "G2"]
+    lists = ijb.read_protocol(data, "IJBC", ("1:N",)).identification
+    probes = pooled[np.searchsorted(ids, lists.probes[0])]
+    for name, (templates, subjects) in lists.galleries.items():
+        expected = ijb.open_set_identification(probes, lists.probes[1], pooled[np.searchsorted(ids, templates)],
+                                               subjects)
+        assert found["galleries"][name]["rank_1"] == expected["rank"][1]
+        assert (found["galleries"][name]["mated_searches"], found["galleries"][name]["non_mated_searches"]) == (3, 3)
+    assert found["mean"]["rank_1"] == np.mean([g["rank_1"] for g in found["galleries"].values()])
+    assert found["insightface"]["gallery"] == "G1+G2" and found["insightface"]["templates"] == IDENTITIES
+    assert "insightface's ijb_1n.py figures, G1+G2" in printed
+
     # The options change what is computed and are recorded.
     assert ijb.main(argv[:-4] + ["--output", str(output), "--no-flip", "--no-detector-score", "--workers", "0",
                                  "--overwrite"]) == 0
@@ -460,6 +630,14 @@ def corrupt(path, line_no, text):
     (lambda d: open(f"{d}/loose_crop/4.jpg", "wb").write(b"not a jpeg"), "4.jpg: cannot read the image"),
     (lambda d: os.remove(f"{d}/meta/ijbc_template_pair_label.txt"), "no file at"),
     (lambda d: shutil.rmtree(f"{d}/meta"), "no meta/ folder"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_1N_gallery_G2.csv", 3, "999,503,img/x.jpg"),
+     "ijbc_1N_gallery_G2.csv: line 3: template 999 is not in"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_1N_gallery_G1.csv", 3, "100,509,img/x.jpg"),
+     "ijbc_1N_gallery_G1.csv: line 3: template 100 is listed with subject 509, and with subject 500 on line 2"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_1N_gallery_G1.csv", 11, "106,501,img/x.jpg"),
+     "ijbc_1N_gallery_G1.csv: line 11: subject 501 has a second template, 106 (the first, 102, on line 5)"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_1N_probe_mixed.csv", 1, "TEMPLATE,SUBJECT"),
+     "ijbc_1N_probe_mixed.csv: line 1: expected a header with TEMPLATE_ID and SUBJECT_ID"),
 ])
 def test_bad_input_is_an_error_message(release, tmp_path, capsys, mutation, message):
     data, model, _ = release
@@ -524,3 +702,40 @@ def test_features_that_cannot_be_written_still_leave_the_results(release, tmp_pa
                      "--output", str(output), "--save-features", str(tmp_path / "feats.npy")]) == 2
     assert "error: could not write the image features to" in capsys.readouterr().err
     assert json.loads(output.read_text())["target"] == "IJBC"
+
+
+def test_protocol_option(release, tmp_path, capsys):
+    """--protocol 1:N needs no pairs file; without the 1:N lists auto runs 1:1 alone and says so, and
+    1:N is an error naming the list; a probe whose subject no gallery holds is a non-mated search in
+    both, and leaves insightface's figures uncomputed, as its script stops there."""
+    data, model, _ = release
+    copy = str(tmp_path / "IJBC")
+    shutil.copytree(data, copy)
+    os.remove(f"{copy}/meta/ijbc_template_pair_label.txt")
+    output = tmp_path / "ijbc.json"
+    argv = ["--model", model, "--data-root", copy, "--workers", "0", "--device", "cpu", "--output", str(output)]
+    assert ijb.main(argv + ["--protocol", "1:n"]) == 0
+    result = json.loads(output.read_text())
+    assert result["protocols"] == ["1:N"] and "tar_at_far" not in result and "pairs" not in result["counts"]
+    assert result["identification"]["galleries"]["G1"]["templates"] == 3
+    printed = capsys.readouterr().out
+    assert "1:1 verification" not in printed and "probe templates searched in G1 and G2" in printed
+
+    shutil.copytree(data, copy, dirs_exist_ok=True)
+    probe_list = f"{copy}/meta/ijbc_1N_probe_mixed.csv"
+    with open(probe_list) as f:
+        text = f.read()
+    with open(probe_list, "w") as f:  # the last probe's subject (505) becomes one enrolled nowhere
+        f.write(text.replace(f",{SUBJECT_BASE + 5},", ",900,"))
+    assert ijb.main(argv + ["--overwrite"]) == 0
+    found = json.loads(output.read_text())["identification"]
+    assert [g["non_mated_searches"] for g in found["galleries"].values()] == [3, 4]
+    assert found["insightface"] == {"gallery": "G1+G2", "error": "probe subject 900 has no gallery template"}
+    assert "figures (G1+G2 as one gallery) not computed: probe subject 900" in capsys.readouterr().out
+
+    os.remove(f"{copy}/meta/ijbc_1N_gallery_G2.csv")
+    assert ijb.main(argv + ["--overwrite"]) == 0
+    assert "identification" not in json.loads(output.read_text())
+    assert "note: no 1:N gallery and probe lists in" in capsys.readouterr().out
+    assert ijb.main(argv + ["--overwrite", "--protocol", "1:N"]) == 2
+    assert "error: no file at" in capsys.readouterr().err
