@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint; 'auto': <output>/checkpoint.pt if it exists")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
                    help="also log to <output>/tensorboard when the tensorboard package is installed")
+    g.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
+                   help="also log to Weights & Biases (the wandb package; main process only; WANDB_MODE=offline "
+                   "logs into <output>/wandb without an account, for `wandb sync` later)")
+    g.add_argument("--wandb-project", "--wandb_project", dest="wandb_project", default="arcface-ext",
+                   help="the W&B project of --wandb")
+    g.add_argument("--wandb-entity", "--wandb_entity", dest="wandb_entity", default=None,
+                   help="the W&B team or user of --wandb (default: your account's default entity)")
+    g.add_argument("--wandb-run-name", "--wandb_run_name", dest="wandb_run_name", default=None,
+                   help="the W&B run's display name (default: the --output folder's name)")
     g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write loss.png, verification.png and target_angle.png at the end")
     return p

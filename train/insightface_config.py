@@ -25,8 +25,11 @@ How its settings map:
   torchrun starts more than one process (``WORLD_SIZE``), replicated otherwise;
 - ``output`` None -> ``work_dirs/<config name>``, as its ``get_config`` does;
 - ``num_classes`` -> ``--num-classes``, checked against the data;
-- ``dali``, ``save_all_states`` and the wandb keys have no counterpart and are reported as
-  ignored;
+- ``using_wandb`` -> ``--wandb``, with ``wandb_project``, ``wandb_entity`` and ``suffix_run_name``
+  (the run is named ``<output folder>_<suffix>``); the main process logs (``wandb_log_all`` is not
+  followed), a resumed run continues its W&B run by itself (``wandb_resume`` is not needed), and
+  ``wandb_key`` is not read: log in with ``wandb login`` or ``WANDB_API_KEY``;
+- ``dali`` and ``save_all_states`` have no counterpart and are reported as ignored;
 - ``interclass_filtering_threshold`` -> ``--interclass-filter`` (the chunked PyTorch path, sharded
   like the rest with more than one process).
 """
@@ -48,11 +51,11 @@ BASE = {
     "seed": 2048, "num_workers": 2, "val_targets": ["lfw", "cfp_fp", "agedb_30"], "warmup_epoch": 0,
 }
 # Switches with no counterpart here, reported when a config turns them on.
-IGNORED = ("dali", "dali_aug", "save_all_states", "using_wandb", "save_artifacts", "wandb_resume")
+IGNORED = ("dali", "dali_aug", "save_all_states", "save_artifacts")
 REQUIRED = ("rec", "num_classes", "num_image", "num_epoch")
 # Keys of arcface_torch's configs that are read above, or that only its wandb logger reads.
-KNOWN = {*BASE, *IGNORED, *REQUIRED, "wandb_key", "suffix_run_name", "wandb_entity", "wandb_project",
-         "wandb_log_all"}
+KNOWN = {*BASE, *IGNORED, *REQUIRED, "using_wandb", "wandb_key", "suffix_run_name", "wandb_entity",
+         "wandb_project", "wandb_log_all", "wandb_resume", "notes"}
 
 # The numeric keys, integers or any number: anything else (None, a string, a boolean) is named as an
 # error rather than failing inside a conversion.
@@ -171,6 +174,16 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     }
     if config.get("resume"):
         options["resume"] = "auto"
+    if config.get("using_wandb"):
+        options["wandb"] = True
+        for key in ("wandb_project", "wandb_entity"):
+            if config.get(key):
+                options[key.replace("_", "-")] = str(config[key])
+        if config.get("suffix_run_name"):
+            options["wandb-run-name"] = f"{os.path.basename(os.path.normpath(output))}_{config['suffix_run_name']}"
+        if config.get("wandb_key"):
+            print(f"{path}: config.wandb_key is not read: log in once with `wandb login`, or set WANDB_API_KEY",
+                  file=sys.stderr)
     ignored = [key for key in IGNORED if config.get(key)]
     if float(config.get("momentum", 0.9)) != 0.9:
         ignored.append("momentum (train_v2.py's SGD uses 0.9 whatever it says)")

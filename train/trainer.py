@@ -43,7 +43,7 @@ RESUME_MAY_CHANGE = frozenset({
     "config", "resume", "data", "num_classes", "val_targets", "output", "pretrained_model", "finetuning",
     "max_steps", "log_every", "eval_every", "save_every", "tensorboard", "plots", "device", "num_workers",
     "compile", "compile_backend", "compile_mode", "channels_last", "gradient_checkpointing", "loss_impl",
-    "sharded_classes",
+    "sharded_classes", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
 })
 
 
@@ -131,7 +131,7 @@ class TargetAngles:
 
 # What a run (and train.export, by default) writes into its --output folder.
 RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verification.jsonl", "tensorboard",
-             LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME, export.ONNX_NAME)
+             "wandb", LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME, export.ONNX_NAME)
 
 
 def set_aside_earlier_run(output: str) -> str | None:
@@ -159,15 +159,39 @@ def set_aside_earlier_run(output: str) -> str | None:
     return aside
 
 
+def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
+    """The Weights & Biases run of ``--wandb``, its files under ``<output>/wandb``: a new one, or the
+    run ``run_id`` continued (a resumed run's, kept in its checkpoint). Its x-axis is the training
+    step, logged as ``step``: a resumed run logs steps again from its checkpoint's."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--wandb: the wandb package is not installed (pip install wandb)") from None
+    name = args.wandb_run_name or os.path.basename(os.path.abspath(output))
+    try:
+        run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=name, dir=output,
+                         config={k: v for k, v in vars(args).items() if not k.startswith("wandb")},
+                         id=run_id, resume="allow" if run_id else None)
+        run.define_metric("step")
+        for prefix in ("train", "verification"):
+            run.define_metric(f"{prefix}/*", step_metric="step")
+    except Exception as error:  # no account, no network, a bad entity: wandb's own exception types
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"--wandb: Weights & Biases did not start: {message} (log in with `wandb login` or "
+                         "WANDB_API_KEY; WANDB_MODE=offline logs without an account, `wandb sync` uploads it later)"
+                         ) from None
+    return run
+
+
 class RunLog:
     """``metrics.jsonl`` and ``verification.jsonl`` (one JSON object a line) plus TensorBoard
-    when installed. A resumed run first drops the lines past its checkpoint's step, which the
-    killed run may have written."""
+    when installed, and a Weights & Biases run when given. A resumed run first drops the lines past
+    its checkpoint's step, which the killed run may have written (what it sent to W&B stays there)."""
 
     FILES = ("metrics.jsonl", "verification.jsonl")
 
-    def __init__(self, output: str, start_step: int, tensorboard: bool):
-        self.output = output
+    def __init__(self, output: str, start_step: int, tensorboard: bool, wandb_run=None):
+        self.output, self.wandb = output, wandb_run
         for name in self.FILES:
             path = os.path.join(output, name)
             kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step] if start_step else []
@@ -192,15 +216,25 @@ class RunLog:
         if self.writer is not None:
             for key in ("loss", "lr", "samples_per_sec"):
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+        if self.wandb is not None:
+            self.wandb.log({"step": record["step"],
+                            **{f"train/{key}": record[key] for key in ("loss", "lr", "samples_per_sec")}})
 
     def verification(self, record: dict[str, Any]) -> None:
         self._append("verification.jsonl", record)
         if self.writer is not None:
             self.writer.add_scalar(f"verification/{record['target']}", record["accuracy"], record["step"])
+        if self.wandb is not None:
+            target = record["target"]
+            self.wandb.log({"step": record["step"], f"verification/{target}": record["accuracy"],
+                            f"verification/{target}_std": record["accuracy_std"],
+                            f"verification/{target}_xnorm": record["xnorm"]})
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=exit_code)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -467,6 +501,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # training seconds before this process, carried over by resume
         self.last_verification: dict[str, dict[str, float]] = {}
+        self.wandb_run_id: str | None = None  # the --wandb run this one logs to (a resumed run's, kept on)
         resumed_rng = None
 
         resume = self._resume_path()
@@ -515,7 +550,11 @@ class Trainer:
                 seed_everything(args.seed + self.rank + self.world_size * self.step)
         else:
             seed_everything(args.seed + self.rank)  # independent dropout masks per rank
-        self.log = RunLog(self.output, self.step, args.tensorboard) if self.is_main else None
+        wandb_run = None
+        if args.wandb and self.is_main:
+            wandb_run = start_wandb(args, self.output, self.wandb_run_id)
+            self.wandb_run_id = wandb_run.id
+        self.log = RunLog(self.output, self.step, args.tensorboard, wandb_run) if self.is_main else None
         if self.is_main:
             checkpoint.write_json_atomic(os.path.join(self.output, "args.json"), vars(args))
 
@@ -586,6 +625,7 @@ class Trainer:
         self.angles.load_state_dict(state["target_angles"], self.step)
         self.elapsed = float(state.get("elapsed", 0.0))
         self.last_verification = state.get("verification", {})
+        self.wandb_run_id = state.get("wandb_run_id")  # kept also while --wandb is off, for a later resume
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
         return state["rng"]
@@ -702,6 +742,8 @@ class Trainer:
             "elapsed": self.elapsed + (time.perf_counter() - self._started),
             "verification": self.last_verification,
         }
+        if self.wandb_run_id:
+            state["wandb_run_id"] = self.wandb_run_id
         try:
             checkpoint.save_atomic(state, self.checkpoint_path)
         except (OSError, RuntimeError) as error:  # torch.save's full disk is a RuntimeError
@@ -797,6 +839,15 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to ``--max-steps``; returns the process exit code."""
+        exit_code = 1  # unless _fit returns
+        try:
+            exit_code = self._fit()
+            return exit_code
+        finally:
+            if self.is_main:
+                self.log.close(exit_code)
+
+    def _fit(self) -> int:
         from tqdm import tqdm
 
         from .data import stop_loader_workers
@@ -896,7 +947,6 @@ class Trainer:
             for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler)
             if self.is_main:
-                self.log.close()
                 if args.plots:
                     from .plots import write_plots
 

@@ -86,7 +86,23 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path, monkeypatch, cap
     assert args.gradient_acc == 4 and args.max_steps == passes_per_epoch * 40 // 4
     assert (args.eval_every, args.log_every, args.lr) == (500, 12, 0.002)
     err = capsys.readouterr().err
-    assert "ignored arcface_torch settings: using_wandb, momentum" in err
+    assert "ignored arcface_torch settings: momentum" in err and args.wandb is True
+    assert (args.wandb_project, args.wandb_entity, args.wandb_run_name) == ("arcface-ext", None, None)
+
+
+def test_wandb_settings(tmp_path, capsys):
+    text = WEBFACE_VIT + ("config.using_wandb = True\nconfig.wandb_project = 'faces'\nconfig.wandb_entity = 'lab'\n"
+                          "config.suffix_run_name = 'try2'\nconfig.wandb_key = 'secret'\nconfig.wandb_log_all = True\n"
+                          "config.notes = 'n'\nconfig.wandb_resume = False\nconfig.output = 'out/vit'\n")
+    args = parse_args(["--config", write(tmp_path, text)])
+    assert (args.wandb, args.wandb_project, args.wandb_entity, args.wandb_run_name) == (True, "faces", "lab", "vit_try2")
+    err = capsys.readouterr().err
+    assert "config.wandb_key is not read: log in once with `wandb login`, or set WANDB_API_KEY" in err
+    assert "ignored" not in err and "does not have" not in err
+    assert "secret" not in str(vars(args))
+    # Off unless asked for, whatever else the file says about W&B.
+    args = parse_args(["--config", write(tmp_path, WEBFACE_VIT + "config.wandb_project = 'faces'\n")])
+    assert args.wandb is False
 
 
 def test_keys_arcface_torch_lacks_are_reported(tmp_path, capsys):

@@ -1,0 +1,148 @@
+"""``--wandb``: the trainer's Weights & Biases logging, against a stand-in for the wandb package
+(what the trainer asks of it), and against the real one in offline mode when it is installed."""
+
+import glob
+import os
+import sys
+import types
+
+import pytest
+
+import arcface_ext
+from train import checkpoint
+from train.trainer import Trainer, main
+
+from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl  # noqa: F401
+
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    return make_face_folder(str(root / "train")), make_pairs_list(str(root / "pairs"))
+
+
+def argv(faces, output, **overrides):
+    data, pairs = faces
+    return base_argv(data, str(output), pairs, **{"loss_impl": LOSS_IMPL, "wandb": True, **overrides})
+
+
+class FakeRun:
+    def __init__(self, **kwargs):
+        self.init = kwargs
+        self.id = kwargs.get("id") or f"run{len(FakeWandb.runs)}"
+        self.logged, self.metrics, self.finished = [], [], None
+
+    def define_metric(self, name, step_metric=None):
+        self.metrics.append((name, step_metric))
+
+    def log(self, data):
+        assert self.finished is None, "logged after finish"
+        self.logged.append(dict(data))
+
+    def finish(self, exit_code=0):
+        self.finished = exit_code
+
+
+class FakeWandb(types.ModuleType):
+    runs: list = []
+
+    def __init__(self, fail=None):
+        super().__init__("wandb")
+        self.fail = fail
+        FakeWandb.runs = []
+
+    def init(self, **kwargs):
+        if self.fail:
+            raise RuntimeError(self.fail)
+        FakeWandb.runs.append(FakeRun(**kwargs))
+        return FakeWandb.runs[-1]
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    module = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return module
+
+
+def test_a_run_logs_its_metrics_and_verification(faces, tmp_path, fake_wandb):
+    output = tmp_path / "r1"
+    assert main(argv(faces, output, max_steps=4, eval_every=2, wandb_entity="team")) == 0
+    [run] = FakeWandb.runs
+    init = run.init
+    assert (init["project"], init["entity"], init["name"], init["dir"]) == ("arcface-ext", "team", "r1", str(output))
+    assert init["id"] is None and init["resume"] is None
+    assert init["config"]["max_steps"] == 4 and not any(k.startswith("wandb") for k in init["config"])
+    assert ("train/*", "step") in run.metrics and ("verification/*", "step") in run.metrics
+    train = [r for r in run.logged if "train/loss" in r]
+    assert [(r["step"], r["train/loss"], r["train/lr"]) for r in train] == [
+        (r["step"], r["loss"], r["lr"]) for r in read_jsonl(output / "metrics.jsonl")]
+    verification = [r for r in run.logged if "verification/pairs" in r]
+    assert [(r["step"], r["verification/pairs"], r["verification/pairs_std"]) for r in verification] == [
+        (r["step"], r["accuracy"], r["accuracy_std"]) for r in read_jsonl(output / "verification.jsonl")]
+    assert [r["step"] for r in verification] == [0, 2, 4]
+    assert run.finished == 0
+    assert checkpoint.load(str(output / "checkpoint.pt"))["wandb_run_id"] == "run0"
+
+
+def test_a_resumed_run_continues_its_wandb_run(faces, tmp_path, fake_wandb):
+    output = tmp_path / "run"
+    assert main(argv(faces, output, max_steps=4, save_every=2, wandb_run_name="mine")) == 0
+    # Resumed without --wandb, the run keeps its W&B id for a later resume that logs again.
+    assert main(argv(faces, output, max_steps=6, resume="auto", wandb=False)) == 0
+    assert len(FakeWandb.runs) == 1
+    assert checkpoint.load(str(output / "checkpoint.pt"))["wandb_run_id"] == "run0"
+    assert main(argv(faces, output, max_steps=8, resume="auto")) == 0
+    first, resumed = FakeWandb.runs
+    assert (resumed.init["id"], resumed.init["resume"], resumed.init["name"]) == ("run0", "allow", "run")
+    assert first.init["name"] == "mine"  # the run name may change on resume; the run stays the same
+    assert [r["step"] for r in resumed.logged if "train/loss" in r] == [7, 8]
+    # A fresh run in the folder is a new W&B run, and the earlier run's wandb/ moves aside with it.
+    (output / "wandb").mkdir()
+    assert main(argv(faces, output, max_steps=2)) == 0
+    assert FakeWandb.runs[-1].init["id"] is None and (output / "earlier-1" / "wandb").is_dir()
+
+
+def test_the_exit_code_reaches_wandb(faces, tmp_path, fake_wandb, monkeypatch):
+    from train.config import parse_args
+
+    trainer = Trainer(parse_args(argv(faces, tmp_path, max_steps=2)))
+    monkeypatch.setattr(trainer, "_fit", lambda: 143)  # stopped by SIGTERM
+    assert trainer.fit() == 143 and FakeWandb.runs[-1].finished == 143
+    trainer = Trainer(parse_args(argv(faces, tmp_path / "b", max_steps=2)))
+
+    def fail():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_fit", fail)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert FakeWandb.runs[-1].finished == 1
+
+
+@pytest.mark.parametrize("module, message", [
+    (None, "--wandb: the wandb package is not installed (pip install wandb)"),
+    (FakeWandb(fail="api_key not configured (no-tty)\ncall wandb.login"),
+     "--wandb: Weights & Biases did not start: api_key not configured (no-tty) (log in with `wandb login`"),
+])
+def test_wandb_that_cannot_start_is_one_line(faces, tmp_path, monkeypatch, module, message):
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        main(argv(faces, tmp_path / "out", max_steps=2))
+
+
+def test_real_wandb_offline(faces, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    output = tmp_path / "offline"
+    assert main(argv(faces, output, max_steps=4, save_every=2, eval_every=2)) == 0
+    run_id = checkpoint.load(str(output / "checkpoint.pt"))["wandb_run_id"]
+    assert glob.glob(str(output / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+    assert main(argv(faces, output, max_steps=6, resume="auto")) == 0
+    assert checkpoint.load(str(output / "checkpoint.pt"))["wandb_run_id"] == run_id
+    assert len(glob.glob(str(output / "wandb" / f"offline-run-*-{run_id}"))) >= 1
+    assert os.path.isdir(output / "wandb")
