@@ -65,7 +65,8 @@ ALIGNED_SIZE = 112
 # Pairs scored per step: two (chunk, D) float64 gathers stay near 130 MB at D = 512.
 PAIR_CHUNK = 1 << 15
 
-# Probes searched per step: a (chunk, G) float64 score block is 60 MB for IJB-C's 1772-template G1.
+# Probes searched per step: a (chunk, G) float64 score block is 58 MB for IJB-C's 1772-template G1,
+# 116 MB for G1 and G2 together.
 PROBE_CHUNK = 1 << 12
 
 
@@ -184,11 +185,16 @@ def _data_lines(path: str):
     """(line number, fields) of every non-blank line of a whitespace-separated text file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no file at {path}")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if fields:
-                yield line_no, fields
+    line_no = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                fields = line.split()
+                if fields:
+                    yield line_no, fields
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text: {error.reason} (byte 0x{error.object[error.start]:02x}) "
+                         f"after line {line_no}") from None
 
 
 def _line_of_row(path: str, row: int) -> int:
@@ -282,33 +288,45 @@ def read_template_subjects(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no file at {path}")
     columns, first_line, subject_of = None, {}, {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            fields = [field.strip() for field in row]
-            if not any(fields):
-                continue
-            line_no = reader.line_num
-            if columns is None:
-                if not _is_int(fields[0]):
-                    names = [field.upper() for field in fields]
-                    if "TEMPLATE_ID" not in names or "SUBJECT_ID" not in names:
-                        raise ValueError(f"{path}: line {line_no}: expected a header with TEMPLATE_ID and "
-                                         f"SUBJECT_ID columns, or rows 'template_id,subject_id,...', got "
-                                         f"{','.join(fields)[:120]!r}")
-                    columns = names.index("TEMPLATE_ID"), names.index("SUBJECT_ID")
+    line_no = 0
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)
+            for row in reader:
+                if reader.line_num > line_no + 1:  # a quoted field with line breaks: an unclosed quote
+                    raise ValueError(f"{path}: line {line_no + 1}: a quoted field runs over lines {line_no + 1}-"
+                                     f"{reader.line_num} (a quote left open?)")
+                line_no = reader.line_num
+                fields = [field.strip() for field in row]
+                if not any(fields):
                     continue
-                columns = 0, 1
-            wanted = [fields[c] if c < len(fields) else "" for c in columns]
-            if not all(map(_is_int, wanted)):
-                raise ValueError(f"{path}: line {line_no}: expected a template id and a subject id (integers) in "
-                                 f"columns {columns[0] + 1} and {columns[1] + 1}, got {','.join(fields)[:120]!r}")
-            template, subject = int(wanted[0]), int(wanted[1])
-            if template not in subject_of:
-                subject_of[template], first_line[template] = subject, line_no
-            elif subject_of[template] != subject:
-                raise ValueError(f"{path}: line {line_no}: template {template} is listed with subject {subject}, "
-                                 f"and with subject {subject_of[template]} on line {first_line[template]}")
+                if columns is None:
+                    if not _is_int(fields[0]):
+                        names = [field.upper() for field in fields]
+                        if "TEMPLATE_ID" not in names or "SUBJECT_ID" not in names:
+                            raise ValueError(f"{path}: line {line_no}: expected a header with TEMPLATE_ID and "
+                                             f"SUBJECT_ID columns, or rows 'template_id,subject_id,...', got "
+                                             f"{','.join(fields)[:120]!r}")
+                        columns = names.index("TEMPLATE_ID"), names.index("SUBJECT_ID")
+                        continue
+                    columns = 0, 1
+                wanted = [fields[c] if c < len(fields) else "" for c in columns]
+                if not all(map(_is_int, wanted)):
+                    raise ValueError(f"{path}: line {line_no}: expected a template id and a subject id (integers) "
+                                     f"in columns {columns[0] + 1} and {columns[1] + 1}, got "
+                                     f"{','.join(fields)[:120]!r}")
+                template, subject = int(wanted[0]), int(wanted[1])
+                if template not in subject_of:
+                    subject_of[template], first_line[template] = subject, line_no
+                elif subject_of[template] != subject:
+                    raise ValueError(f"{path}: line {line_no}: template {template} is listed with subject "
+                                     f"{subject}, and with subject {subject_of[template]} on line "
+                                     f"{first_line[template]}")
+    except csv.Error as error:  # a quote left open at the end, a field past csv's size limit
+        raise ValueError(f"{path}: line {line_no + 1}: not readable as CSV: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text: {error.reason} (byte 0x{error.object[error.start]:02x}) "
+                         f"after line {line_no}") from None
     if not subject_of:
         raise ValueError(f"{path}: no templates listed")
     templates = np.fromiter(subject_of, dtype=np.int64, count=len(subject_of))
@@ -325,10 +343,11 @@ def identification_paths(meta: str, target: str) -> dict[str, str]:
             "probe": f"{prefix}_1N_probe_mixed.csv"}
 
 
-def has_identification(root: str, target: str) -> bool:
-    """Whether the release under ``root`` holds the 1:N lists (insightface's first IJB_release did not)."""
+def missing_identification(root: str, target: str) -> list[str]:
+    """The 1:N lists the release under ``root`` lacks (insightface's first IJB_release had none)."""
     folder = find_release(root, target)
-    return all(os.path.isfile(path) for path in identification_paths(os.path.join(folder, "meta"), target).values())
+    return [path for path in identification_paths(os.path.join(folder, "meta"), target).values()
+            if not os.path.isfile(path)]
 
 
 def read_identification(meta: str, target: str, known_templates: np.ndarray, faces_path: str) -> IJBIdentification:
@@ -350,9 +369,25 @@ def read_identification(meta: str, target: str, known_templates: np.ndarray, fac
                 raise ValueError(f"{path}: line {lines[again]}: subject {subjects[k]} has a second template, "
                                  f"{templates[again]} (the first, {templates[k]}, on line {lines[k]}): a gallery "
                                  "holds one template a subject")
-        lists[name] = templates, subjects
-    probes = lists.pop("probe")
-    return IJBIdentification(galleries=lists, probes=probes)
+        lists[name] = templates, subjects, lines, path
+    # The galleries split the subjects, and a probe is no gallery template (it would find itself).
+    probe_templates, probe_subjects, probe_lines, probe_path = lists.pop("probe")
+    enrolled = {}  # template or subject -> (gallery, line)
+    for name, (templates, subjects, lines, path) in lists.items():
+        for template, subject, line in zip(templates.tolist(), subjects.tolist(), lines.tolist()):
+            for kind, key in (("template", template), ("subject", subject)):
+                if (kind, key) in enrolled:
+                    other, other_line = enrolled[kind, key]
+                    raise ValueError(f"{path}: line {line}: {kind} {key} is also in gallery {other} ({other_line}): "
+                                     "the galleries hold different subjects")
+                enrolled[kind, key] = name, f"{os.path.basename(path)}, line {line}"
+    for template, line in zip(probe_templates.tolist(), probe_lines.tolist()):
+        if ("template", template) in enrolled:
+            other, where = enrolled["template", template]
+            raise ValueError(f"{probe_path}: line {line}: template {template} is a gallery template of {other} "
+                             f"({where}): a probe would find itself")
+    return IJBIdentification(galleries={name: (t, s) for name, (t, s, _, _) in lists.items()},
+                             probes=(probe_templates, probe_subjects))
 
 
 def find_release(root: str, target: str) -> str:
@@ -675,7 +710,8 @@ def insightface_identification(probes: np.ndarray, probe_subjects: np.ndarray, g
     mates = mate_index(probe_subjects, gallery_subjects)
     if (mates < 0).any():
         k = int(np.argmax(mates < 0))
-        raise ValueError(f"probe subject {int(np.asarray(probe_subjects)[k])} has no gallery template")
+        raise ValueError(f"the probes' subject {int(np.asarray(probe_subjects)[k])} has no gallery template "
+                         f"({int((mates < 0).sum())} probes have none)")
     count = probes.shape[0]
     needed = [math.ceil(count * fpir) for fpir in fpirs]
     keep = max(needed)
@@ -864,10 +900,11 @@ def main(argv: list[str] | None = None) -> int:
         device = torch_device(args.device)
         protocols = {"1:1": ("1:1",), "1:N": ("1:N",), "BOTH": ("1:1", "1:N")}.get(args.protocol)
         if protocols is None:  # auto
-            protocols = ("1:1", "1:N") if has_identification(args.data_root, args.target) else ("1:1",)
-            if protocols == ("1:1",):
-                print(f"note: no 1:N gallery and probe lists in {os.path.join(find_release(args.data_root, args.target), 'meta')} "
-                      f"({args.target.lower()}_1N_*.csv, insightface's updated meta data): 1:1 verification only")
+            missing = missing_identification(args.data_root, args.target)
+            protocols = ("1:1",) if missing else ("1:1", "1:N")
+            if missing:
+                print(f"note: 1:1 verification only: no 1:N list{'s' if len(missing) > 1 else ''} "
+                      f"{', '.join(missing)} (insightface's updated meta data)")
         protocol = read_protocol(args.data_root, args.target, protocols)
         model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them.

@@ -286,7 +286,7 @@ def test_insightface_identification_is_its_scripts():
     assert [row["tpir"] for row in ours["tpir_at_fpir"]] == rates
     assert [row["threshold"] for row in ours["tpir_at_fpir"]] == thresholds
     assert 0.3 < tops[0] < 0.95 and 0 < rates[0] < rates[1] < 1  # neither trivial nor hopeless
-    with pytest.raises(ValueError, match="probe subject 5000 has no gallery template"):
+    with pytest.raises(ValueError, match="the probes' subject 5000 has no gallery template \\(1 probes have none\\)"):
         ijb.insightface_identification(probes[:2], np.array([gallery_subjects[0], 5000]), gallery, gallery_subjects)
     with pytest.raises(ValueError, match="subject 3 has two gallery templates"):
         ijb.mate_index(np.array([3]), np.array([1, 3, 2, 3]))
@@ -307,10 +307,20 @@ def test_template_subject_lists(tmp_path):
                            "line 3: template 5 is listed with subject 51, and with subject 50 on line 2"),
                           ("TEMPLATE,SUBJECT\n5,50\n", "line 1: expected a header with TEMPLATE_ID and SUBJECT_ID"),
                           ("TEMPLATE_ID,SUBJECT_ID\n5,x\n", "line 2: expected a template id and a subject id"),
-                          ("TEMPLATE_ID,SUBJECT_ID\n", "no templates listed")]:
+                          ("TEMPLATE_ID,SUBJECT_ID\n", "no templates listed"),
+                          # A quote left open swallows the lines after it, or runs to the end.
+                          ('TEMPLATE_ID,SUBJECT_ID,FILENAME\n5,50,"img/1.jpg\n6,60,img/2.jpg"\n7,70,img/3.jpg\n',
+                           "line 2: a quoted field runs over lines 2-3 \\(a quote left open\\?\\)"),
+                          ('TEMPLATE_ID,SUBJECT_ID,FILENAME\n5,50,"img/1.jpg\n6,60,img/2.jpg\n',
+                           "line 2: not readable as CSV: unexpected end of data"),
+                          ("TEMPLATE_ID,SUBJECT_ID,FILENAME\n5,50," + "x" * 200_000 + "\n",
+                           "line 2: not readable as CSV: field larger than field limit")]:
         path.write_text(text)
         with pytest.raises(ValueError, match=message):
             ijb.read_template_subjects(str(path))
+    path.write_bytes("TEMPLATE_ID,SUBJECT_ID,FILENAME\n5,50,caf\u00e9.jpg\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"g.csv: not UTF-8 text: invalid continuation byte \(byte 0xe9\)"):
+        ijb.read_template_subjects(str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,6 +648,16 @@ def corrupt(path, line_no, text):
      "ijbc_1N_gallery_G1.csv: line 11: subject 501 has a second template, 106 (the first, 102, on line 5)"),
     (lambda d: corrupt(f"{d}/meta/ijbc_1N_probe_mixed.csv", 1, "TEMPLATE,SUBJECT"),
      "ijbc_1N_probe_mixed.csv: line 1: expected a header with TEMPLATE_ID and SUBJECT_ID"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_1N_gallery_G2.csv", 11, "104,502,img/x.jpg"),
+     "ijbc_1N_gallery_G2.csv: line 11: template 104 is also in gallery G1 (ijbc_1N_gallery_G1.csv, line 8)"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_1N_gallery_G2.csv", 11, "105,500,img/x.jpg"),
+     "ijbc_1N_gallery_G2.csv: line 11: subject 500 is also in gallery G1 (ijbc_1N_gallery_G1.csv, line 2): the "
+     "galleries hold different subjects"),
+    (lambda d: corrupt(f"{d}/meta/ijbc_1N_probe_mixed.csv", 20, "100,500,img/x.jpg"),
+     "ijbc_1N_probe_mixed.csv: line 20: template 100 is a gallery template of G1 (ijbc_1N_gallery_G1.csv, line 2): "
+     "a probe would find itself"),
+    (lambda d: open(f"{d}/meta/ijbc_face_tid_mid.txt", "ab").write(b"caf\xe9.jpg 100 1\n"),
+     "ijbc_face_tid_mid.txt: not UTF-8 text: invalid continuation byte (byte 0xe9) after line"),
 ])
 def test_bad_input_is_an_error_message(release, tmp_path, capsys, mutation, message):
     data, model, _ = release
@@ -730,12 +750,13 @@ def test_protocol_option(release, tmp_path, capsys):
     assert ijb.main(argv + ["--overwrite"]) == 0
     found = json.loads(output.read_text())["identification"]
     assert [g["non_mated_searches"] for g in found["galleries"].values()] == [3, 4]
-    assert found["insightface"] == {"gallery": "G1+G2", "error": "probe subject 900 has no gallery template"}
-    assert "figures (G1+G2 as one gallery) not computed: probe subject 900" in capsys.readouterr().out
+    assert found["insightface"] == {"gallery": "G1+G2",
+                                    "error": "the probes' subject 900 has no gallery template (1 probes have none)"}
+    assert "figures (G1+G2 as one gallery) not computed: the probes' subject 900" in capsys.readouterr().out
 
     os.remove(f"{copy}/meta/ijbc_1N_gallery_G2.csv")
     assert ijb.main(argv + ["--overwrite"]) == 0
     assert "identification" not in json.loads(output.read_text())
-    assert "note: no 1:N gallery and probe lists in" in capsys.readouterr().out
+    assert "note: 1:1 verification only: no 1:N list " in capsys.readouterr().out
     assert ijb.main(argv + ["--overwrite", "--protocol", "1:N"]) == 2
     assert "error: no file at" in capsys.readouterr().err
