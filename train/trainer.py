@@ -26,7 +26,7 @@ from torch import nn
 from . import checkpoint, export
 from .config import margins
 from .data.transforms import DataError, to_model_input
-from .models import get_model
+from .models import get_model, multiply_adds
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 
 ANGLE_PHASES = ("start", "middle", "end")
@@ -986,8 +986,13 @@ class Trainer:
     def describe(self) -> str:
         a = self.args
         params = sum(p.numel() for p in self.backbone.parameters())
+        try:
+            work = multiply_adds(a.network, a.image_size, embedding_size=a.embedding_size)
+            work = f", {work / 1e9:.2f}G multiply-adds an image" if work >= 1e8 else f", {work / 1e6:.1f}M multiply-adds an image"
+        except Exception:  # only for the message (a torch whose meta kernels lack an operator, say)
+            work = ""
         return "\n".join([
-            f"network {a.network}: {params / 1e6:.2f}M parameters, {a.image_size}px input, "
+            f"network {a.network}: {params / 1e6:.2f}M parameters{work}, {a.image_size}px input, "
             f"{a.embedding_size}-D embedding, amp {a.amp}"
             + (f", compiled ({a.compile_backend}{', ' + a.compile_mode if a.compile_mode else ''})" if a.compile else ""),
             f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities; "

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from train.checkpoint import describe_backbone
-from train.models import NETWORKS, get_model
+from train.models import NETWORKS, get_model, multiply_adds
 
 from trainer_fixtures import forward_backward, one_thread, output_dtypes  # noqa: F401
 
@@ -33,6 +33,23 @@ def test_parameter_counts(name):
     assert count == EXACT_PARAMETERS[name], f"{name}: {count} parameters, expected {EXACT_PARAMETERS[name]}"
     if name in PUBLISHED_PARAMETERS:
         assert round(count / 1e6, 1) == PUBLISHED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name, size", [("r18", 112), ("mbf", 112), ("small", 48)])
+def test_multiply_adds_on_the_meta_device_are_the_real_forwards(name, size):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = get_model(name, image_size=size).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    assert multiply_adds(name, size) == counter.get_total_flops() // 2 > 0
+
+
+def test_multiply_adds_of_the_iresnets():
+    # insightface's r50 and r100: the 6.3G and 12.1G multiply-adds (12.6 and 24.2 GFLOPs) quoted for them.
+    assert [round(multiply_adds(name) / 1e9, 1) for name in ("r50", "r100")] == [6.3, 12.1]
+    assert multiply_adds("r50", embedding_size=128) < multiply_adds("r50")  # the head's FC counts
 
 
 def test_layout_matches_insightface_state_dicts():

@@ -50,6 +50,11 @@ def test_a_few_steps_decrease_the_loss(faces, tmp_path):
     assert last < 0.85 * first, f"loss did not go down: first steps {curve[:4]}, last steps {curve[-4:]}"
 
 
+def test_the_start_up_summary(faces, tmp_path):
+    summary = Trainer(parse_args(argv(faces, tmp_path, max_steps=1))).describe()
+    assert summary.startswith("network small: ") and "M multiply-adds an image, 32px input" in summary, summary
+
+
 def test_outputs_and_verification(faces, tmp_path):
     assert main(argv(faces, tmp_path, pairs=True, max_steps=4, eval_every=2) + ["--plots"]) == 0
     names = set(os.listdir(tmp_path))
