@@ -32,6 +32,7 @@ from train.data import (
     build_train_loader,
     check_every_rank_reads_the_same,
 )
+from train.data import recordio
 from train.data.recordio import (
     MAGIC,
     IndexedRecordIO,
@@ -39,6 +40,7 @@ from train.data.recordio import (
     encode_frames,
     pack_payload,
     read_frames,
+    read_index,
     unpack_payload,
 )
 from train.data.synthetic import render_face, synthetic_pairs, verification_identity_base
@@ -283,6 +285,33 @@ def test_bad_index_and_missing_records(tmp_path, rec_images):
     idx.write_text("\n".join(lines[:5]) + "\n")  # keys 0..4, record 0 says images are 1..5
     with pytest.raises(RecordIOError, match="no key 5"):
         RecordIODataset(str(tmp_path / "rec"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    (b"0\t0\n7\t123456789012\n-1\t5\n", ([0, 7, -1], [0, 123456789012, 5])),  # mxnet's form: numpy's parse
+    (b"1\t2\n\n 3 4\r\n5\t6", ([1, 3, 5], [2, 4, 6])),  # blank lines, spaces, CRLF, no last newline
+    (b"", ([], [])),
+    (b"1\t2\t3\n4\n", "line 1"),  # two numbers in all, but not two a line
+    (b"1\t2\n3\tx\n", "line 2"), (b"1\t2.5\n", "line 1"), (b"\t5\n7\t8\n", "line 1"),
+])
+def test_read_index(tmp_path, text, expected):
+    path = tmp_path / "train.idx"
+    path.write_bytes(text)
+    if isinstance(expected, str):
+        with pytest.raises(RecordIOError, match=f"train.idx: {expected}: expected 'key<TAB>offset'"):
+            read_index(str(path))
+        return
+    keys, offsets = read_index(str(path))
+    assert keys.dtype == offsets.dtype == np.int64 and (keys.tolist(), offsets.tolist()) == expected
+
+
+def test_read_index_of_many_records_is_the_line_by_line_parse(tmp_path):
+    rng = np.random.default_rng(0)
+    keys, offsets = rng.permutation(200_000), np.cumsum(rng.integers(1, 10_000, 200_000))
+    path = tmp_path / "train.idx"
+    path.write_text("".join(f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist())))
+    fast, slow = read_index(str(path)), recordio._read_index_by_line(str(path))
+    assert all(np.array_equal(a, b) for a, b in zip(fast, slow)) and np.array_equal(fast[0], keys)
 
 
 def test_recordio_dataset_pickles_without_its_file(tmp_path, rec_images):

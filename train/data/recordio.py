@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import struct
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -128,7 +129,33 @@ def read_frames(f, offset: int, *, where: str) -> bytes:
 
 
 def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Parse an `.idx` file (lines `key<TAB>offset`) into (keys, offsets) int64 arrays, in file order."""
+    """Parse an `.idx` file (lines `key<TAB>offset`) into (keys, offsets) int64 arrays, in file order.
+
+    mxnet writes it as ``"%d\\t%d\\n"`` a record; a file in that form is parsed by numpy in one pass
+    (WebFace42M's index has 42M lines: seconds, against a minute line by line in Python, and a
+    third of the memory). Any other (blank lines, spaces, an error to name) is read line by line."""
+    with open(idx_path, "rb") as f:
+        data = f.read()
+    if data and data.endswith(b"\n") and b" " not in data and b"\r" not in data:
+        text = np.frombuffer(data, dtype=np.uint8)
+        tabs, newlines = np.flatnonzero(text == 9), np.flatnonzero(text == 10)
+        # One tab inside each line: then two numbers a line are two numbers each line.
+        if tabs.size == newlines.size and (tabs < newlines).all() and (tabs[1:] > newlines[:-1]).all():
+            del text, tabs
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # numpy < 2 warns, and stops, where the text is not a number
+                    values = np.fromstring(data, dtype=np.int64, sep=" ")
+            except (ValueError, DeprecationWarning):
+                values = None
+            if values is not None and values.size == 2 * newlines.size:
+                pairs = values.reshape(-1, 2)
+                return pairs[:, 0].copy(), pairs[:, 1].copy()
+    del data
+    return _read_index_by_line(idx_path)
+
+
+def _read_index_by_line(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
     keys, offsets = [], []
     with open(idx_path, "rb") as f:
         for line_no, line in enumerate(f, 1):
