@@ -33,6 +33,7 @@ from train.data import (
     check_every_rank_reads_the_same,
 )
 from train.data import recordio
+from train.data.imagefolder import scan_image_folder
 from train.data.recordio import (
     MAGIC,
     IndexedRecordIO,
@@ -354,6 +355,24 @@ def image_folder(tmp_path):
     (root / "dave" / "session1").mkdir(parents=True)  # nested: not searched
     Image.fromarray(face_image(5)).save(root / "dave" / "session1" / "z.png")
     return root
+
+
+def test_image_folder_paths_are_two_arrays_the_workers_share(image_folder):
+    """42M path strings would be copied into every DataLoader worker as it reads them (their reference
+    counts are written); the paths live in numpy arrays instead, and read back as the scan listed
+    them. The fingerprint's bytes are those of the list they replace (checkpoints keep theirs)."""
+    with pytest.warns(UserWarning):
+        ds = ImageFolderDataset(str(image_folder), image_size=32)
+        identities, samples = scan_image_folder(str(image_folder))
+    listed = [path for path, _ in samples]
+    assert list(ds.paths) == listed and ds.paths[-1] == listed[-1] and ds.paths[1:3] == listed[1:3]
+    assert {type(v) for v in vars(ds.paths).values()} == {str, np.ndarray}
+    prefix = len(os.path.join(str(image_folder), ""))
+    assert ds._index_parts()[0] == "\n".join(p[prefix:] for p in listed).encode("utf-8", "surrogateescape")
+    with pytest.raises(IndexError):
+        ds.paths[len(listed)]
+    clone = pickle.loads(pickle.dumps(ds))  # as a spawned worker receives it
+    assert list(clone.paths) == listed and clone.fingerprint() == ds.fingerprint()
 
 
 def test_image_folder_labels_sorted_and_resized(image_folder):

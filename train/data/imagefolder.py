@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -51,6 +52,43 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     return identities, samples
 
 
+class PathList(Sequence):
+    """The image paths of an ImageFolder, ``root`` joined to names kept in one numpy byte buffer.
+
+    A Python list of 42M path strings (WebFace42M) takes ~5 GB, and every DataLoader worker ends
+    up with its own copy: reading a string updates its reference count, which copies its memory page
+    into the forked worker (pytorch/pytorch#13246). Two numpy arrays have no reference counts to
+    touch, so the workers keep sharing them, and they take a third of the memory."""
+
+    def __init__(self, root: str, names: list[str]):
+        self.root = os.path.join(root, "")
+        encoded = [name.encode("utf-8", "surrogateescape") for name in names]
+        self._ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return int(self._ends.size)
+
+    def name(self, index: int) -> str:
+        """The path below the root of image ``index``."""
+        start = int(self._ends[index - 1]) if index > 0 else 0
+        return self._buffer[start:int(self._ends[index])].tobytes().decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"image {index} out of range for {len(self)} images")
+        return self.root + self.name(index)
+
+    def joined_names(self) -> bytes:
+        """The names below the root, one a line (no last newline), as UTF-8 bytes."""
+        return np.insert(self._buffer, self._ends[:-1], ord("\n")).tobytes()
+
+
 class ImageFolderDataset(FaceImageDataset):
     """Aligned face images under `root/<identity>/<image>`, resized to image_size when needed."""
 
@@ -58,8 +96,10 @@ class ImageFolderDataset(FaceImageDataset):
         super().__init__(image_size=image_size, seed=seed, flip=flip)
         self.root = root
         self.identities, samples = scan_image_folder(root)
-        self.paths = [path for path, _ in samples]
-        self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
+        # (Every path is os.path.join(root, identity, file); relpath would take 30 s for 5.8M.)
+        prefix = len(os.path.join(root, ""))
+        self.paths = PathList(root, [path[prefix:] for path, _ in samples])
+        self.labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
         self.num_classes = len(self.identities)
 
     def __len__(self) -> int:
@@ -67,10 +107,7 @@ class ImageFolderDataset(FaceImageDataset):
 
     def _index_parts(self) -> list[bytes]:
         # The names below the root (nodes may mount it at different places) and their identities.
-        # (Every path is os.path.join(root, identity, file); relpath would take 30 s for 5.8M.)
-        prefix = len(os.path.join(self.root, ""))
-        names = "\n".join(path[prefix:] for path in self.paths)
-        return [names.encode("utf-8", "surrogateescape"), self.labels.tobytes()]
+        return [self.paths.joined_names(), self.labels.tobytes()]
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         path = self.paths[index]
