@@ -254,6 +254,52 @@ def write_table(path: str, names: list[str], embeddings: np.ndarray) -> list[str
     return files
 
 
+def read_table(path: str) -> tuple[list[str], np.ndarray]:
+    """What :func:`write_table` wrote at ``path``: (image names, (N, D) float32 embeddings). Raises
+    FileNotFoundError or ValueError naming the file (and the line or row) at fault."""
+    files = table_files(path)
+    for file in files:
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"no file at {file}")
+    if path.endswith(".csv"):
+        names, rows = [], []
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or header[0] != "image" or len(header) < 2:
+                raise ValueError(f"{path}: line 1: expected the header 'image,e0,e1,...' of train.embed's tables")
+            for row in reader:
+                if not row:
+                    continue
+                try:
+                    values = [float(v) for v in row[1:]]
+                except ValueError:
+                    values = []
+                if len(values) != len(header) - 1:
+                    raise ValueError(f"{path}: line {reader.line_num}: expected an image name and "
+                                     f"{len(header) - 1} numbers")
+                names.append(row[0])
+                rows.append(values)
+        embeddings = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(header) - 1)
+    else:
+        array_path, index_path = files
+        try:
+            embeddings = np.load(array_path, allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{array_path}: not a .npy array: {error}") from None
+        if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
+            raise ValueError(f"{array_path}: expected a 2-D float array, got {embeddings.dtype} {embeddings.shape}")
+        with open(index_path, encoding="utf-8") as f:
+            names = [line.rstrip("\n") for line in f]
+        if len(names) != embeddings.shape[0]:
+            raise ValueError(f"{index_path} lists {len(names)} images, {array_path} holds {embeddings.shape[0]} rows")
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{path}: the embedding of {names[bad[0]]} (row {bad[0] + 1}) is not finite "
+                         f"({bad.size} rows are not)")
+    return names, embeddings
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -46,7 +46,7 @@ from PIL import Image, ImageOps
 
 from . import checkpoint
 from .data.transforms import to_chw, to_rgb
-from .embed import embed_images, load_model, table_files, write_table
+from .embed import embed_images, load_model, read_table, table_files, write_table
 from .tools import check_outputs, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -399,9 +399,10 @@ def find_release(root: str, target: str) -> str:
                             f"the {target} folder of insightface's IJB_release (meta/ and loose_crop/)")
 
 
-def read_protocol(root: str, target: str = "IJBC", protocols=("1:1",)) -> IJBProtocol:
+def read_protocol(root: str, target: str = "IJBC", protocols=("1:1",), *, check_images: bool = True) -> IJBProtocol:
     """Read and cross-check the meta files of ``target`` under ``root``: the images, landmarks and
-    templates, with ``protocols`` "1:1" the template pairs, with "1:N" the galleries and probes.
+    templates, with ``protocols`` "1:1" the template pairs, with "1:N" the galleries and probes; that
+    the images are there unless ``check_images`` is False (features saved earlier are scored).
     Raises FileNotFoundError or ValueError naming the file and line at fault."""
     unknown_protocols = set(protocols) - {"1:1", "1:N"}
     if unknown_protocols or not protocols:
@@ -438,7 +439,7 @@ def read_protocol(root: str, target: str = "IJBC", protocols=("1:1",)) -> IJBPro
 
     used = np.unique(face_row)  # sorted: file order
     image_folder = os.path.join(folder, "loose_crop")
-    missing = [int(i) for i in used if not os.path.isfile(os.path.join(image_folder, names[i]))]
+    missing = [int(i) for i in used if not os.path.isfile(os.path.join(image_folder, names[i]))] if check_images else []
     if missing:
         more = f" ({len(missing) - 1} more images are missing)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"{landmarks_path}: line {landmark_lines[missing[0]]}: no image at "
@@ -862,12 +863,30 @@ def identify(lists: IJBIdentification, template_ids: np.ndarray, pooled: np.ndar
     return result
 
 
+def saved_features(path: str, image_names: list[str]) -> np.ndarray:
+    """The rows of an earlier run's ``--save-features`` table for ``image_names``, in their order.
+    Raises ValueError when the table lacks one of them (features of another release or target)."""
+    names, table = read_table(path)
+    row_of = {name: row for row, name in enumerate(names)}
+    missing = [name for name in image_names if name not in row_of]
+    if missing:
+        raise ValueError(f"{path} has no features for {len(missing)} of the {len(image_names)} images of this release "
+                         f"(the first: {missing[0]}): features of another release or --target?")
+    return table[[row_of[name] for name in image_names]]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.ijb", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth, "
-                   "or an ONNX model (.onnx: insightface's released ones, or train.export's; needs onnxruntime)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model",
+                        help="a training checkpoint, backbone.pt from python -m train.export, insightface's "
+                        "backbone.pth, or an ONNX model (.onnx: insightface's released ones, or train.export's; "
+                        "needs onnxruntime)")
+    source.add_argument("--features", metavar="PATH",
+                        help="instead of a model, the image features an earlier run saved with --save-features "
+                        "(.npy with its .txt, or .csv): scored again without embedding, e.g. with another --protocol "
+                        "or --no-detector-score (--flip is as it was when they were saved)")
     p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
                    help="the IJBC (or IJBB) folder of IJB_release, holding meta/ and loose_crop/ (or its parent)")
     p.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS)
@@ -893,6 +912,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be at least 1 and --workers at least 0")
+    if args.features and args.save_features:
+        p.error("--save-features with --features: the features are already saved")
     output = args.output or f"{args.target.lower()}.json"
     started = time.monotonic()
 
@@ -905,8 +926,12 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 print(f"note: 1:1 verification only: no 1:N list{'s' if len(missing) > 1 else ''} "
                       f"{', '.join(missing)} (insightface's updated meta data)")
-        protocol = read_protocol(args.data_root, args.target, protocols)
-        model, settings = load_model(args.model, device)
+        protocol = read_protocol(args.data_root, args.target, protocols, check_images=not args.features)
+        if args.features:
+            model, settings = None, {"image_size": None, "network": None}
+            features = saved_features(args.features, protocol.image_names)
+        else:
+            model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them.
         check_outputs([output, *(table_files(args.save_features) if args.save_features else [])], args.overwrite)
     except (OSError, ValueError) as error:
@@ -921,21 +946,22 @@ def main(argv: list[str] | None = None) -> int:
                      + " and ".join(protocol.identification.galleries))
     print(f"{args.target}: {len(protocol.image_names)} images, {protocol.templates.size} faces, "
           f"{len(np.unique(protocol.templates))} templates, {'; '.join(lists)}; "
-          f"embedding at {size}px on {device}", flush=True)
+          + (f"features from {args.features}" if args.features else f"embedding at {size}px on {device}"), flush=True)
 
-    crops = LooseCrops(protocol.image_folder, protocol.image_names, protocol.landmarks, size)
-    unusable = int(crops.unusable.sum())
-    if unusable:
-        print(f"note: {unusable} images have coincident or non-finite landmarks; they are embedded as black crops, "
-              "as insightface's alignment makes them")
+    unusable = int(unusable_landmarks(protocol.landmarks).sum())
     embedding_started = time.monotonic()
-    try:
-        features = embed_images(model.to(device), crops, device=device, batch_size=args.batch_size,
-                                workers=args.workers, flip=args.flip,
-                                log=lambda message: print(message, file=sys.stderr, flush=True))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if model is not None:
+        crops = LooseCrops(protocol.image_folder, protocol.image_names, protocol.landmarks, size)
+        if unusable:
+            print(f"note: {unusable} images have coincident or non-finite landmarks; they are embedded as black "
+                  "crops, as insightface's alignment makes them")
+        try:
+            features = embed_images(model.to(device), crops, device=device, batch_size=args.batch_size,
+                                    workers=args.workers, flip=args.flip,
+                                    log=lambda message: print(message, file=sys.stderr, flush=True))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     embedding_seconds = time.monotonic() - embedding_started
     features_saved = True
     if args.save_features:
@@ -952,11 +978,12 @@ def main(argv: list[str] | None = None) -> int:
                                              face_image=protocol.face_image, weights=weights)
     result = {
         "target": args.target,
-        "model": os.path.abspath(args.model),
+        "model": os.path.abspath(args.model) if args.model else None,
+        **({"features": os.path.abspath(args.features)} if args.features else {}),
         "data_root": os.path.abspath(args.data_root),
         "protocols": list(protocols),
-        "options": {"flip": args.flip, "detector_score": args.detector_score, "norm_score": args.norm_score,
-                    "image_size": size, "network": settings.get("network"), "batch_size": args.batch_size,
+        "options": {"flip": None if args.features else args.flip, "detector_score": args.detector_score,
+                    "norm_score": args.norm_score, "image_size": size, "network": settings.get("network"), "batch_size": args.batch_size,
                     "device": str(device)},
         "counts": {"images": len(protocol.image_names), "faces": int(protocol.templates.size),
                    "media": int(len(np.unique(np.stack([protocol.templates, protocol.medias], axis=1), axis=0))),

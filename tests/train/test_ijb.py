@@ -760,3 +760,82 @@ def test_protocol_option(release, tmp_path, capsys):
     assert "note: 1:1 verification only: no 1:N list " in capsys.readouterr().out
     assert ijb.main(argv + ["--overwrite", "--protocol", "1:N"]) == 2
     assert "error: no file at" in capsys.readouterr().err
+
+
+def test_saved_features_are_scored_again_without_a_model(release, tmp_path, capsys):
+    """--features: an earlier run's --save-features table (.npy + .txt, or .csv), scored again as the
+    run that saved it scored it, here under other options; no model is loaded, no image read."""
+    data, model, _ = release
+    base = ["--data-root", data, "--workers", "0", "--device", "cpu"]
+    for table in ("feats.npy", "feats.csv"):
+        saved, again = tmp_path / f"saved-{table}.json", tmp_path / f"again-{table}.json"
+        assert ijb.main(["--model", model, *base, "--output", str(saved), "--save-features", str(tmp_path / table),
+                         "--no-detector-score"]) == 0
+        shutil.move(os.path.join(data, "loose_crop"), tmp_path / "crops")  # no image is read
+        try:
+            assert ijb.main(["--features", str(tmp_path / table), *base, "--output", str(again),
+                             "--no-detector-score"]) == 0
+        finally:
+            shutil.move(tmp_path / "crops", os.path.join(data, "loose_crop"))
+        first, second = json.loads(saved.read_text()), json.loads(again.read_text())
+        assert second["model"] is None and second["features"] == str(tmp_path / table)
+        assert second["options"]["flip"] is None and second["options"]["detector_score"] is False
+        for key in ("tar_at_far", "threshold_at_far", "identification"):
+            if table.endswith(".npy"):
+                assert second[key] == first[key], key
+            else:  # the CSV keeps 7 significant digits
+                assert_close_results(second[key], first[key])
+        assert "features from" in capsys.readouterr().out
+    # Other options than the saving run's.
+    assert ijb.main(["--features", str(tmp_path / "feats.npy"), *base, "--output", str(tmp_path / "n.json"),
+                     "--protocol", "1:N", "--no-norm-score"]) == 0
+    assert "identification" in json.loads((tmp_path / "n.json").read_text())
+
+    # Features of another release, a missing table, and options that make no sense with them.
+    (tmp_path / "feats.txt").write_text((tmp_path / "feats.txt").read_text().replace("\n3.jpg\n", "\nx.jpg\n"))
+    assert ijb.main(["--features", str(tmp_path / "feats.npy"), *base, "--output", str(tmp_path / "x.json")]) == 2
+    assert "has no features for 1 of the 36 images of this release (the first: 3.jpg)" in capsys.readouterr().err
+    assert ijb.main(["--features", str(tmp_path / "none.npy"), *base]) == 2
+    assert "error: no file at" in capsys.readouterr().err
+    for extra, message in ((["--save-features", str(tmp_path / "y.npy")], "--save-features with --features"),
+                           (["--model", model], "not allowed with argument --features")):
+        with pytest.raises(SystemExit):
+            ijb.main(["--features", str(tmp_path / "feats.npy"), *base, *extra])
+        assert message in capsys.readouterr().err
+
+
+def assert_close_results(got, expected):
+    """Equal JSON results, numbers to 1e-5 (a table written with 7 significant digits)."""
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert_close_results(got[key], expected[key])
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    else:
+        assert got == expected
+
+
+def test_read_table_is_write_tables_inverse_and_names_bad_tables(tmp_path):
+    from train.embed import read_table, write_table
+
+    rng = np.random.default_rng(0)
+    names, values = ["a.jpg", "b c.jpg", 'q"uote.jpg'], rng.normal(size=(3, 4)).astype(np.float32)
+    for name in ("t.npy", "t.csv"):
+        write_table(str(tmp_path / name), names, values)
+        got_names, got = read_table(str(tmp_path / name))
+        assert got_names == names and got.shape == (3, 4)
+        np.testing.assert_allclose(got, values, rtol=1e-6 if name.endswith(".csv") else 0)
+    (tmp_path / "t.txt").write_text("a.jpg\nb.jpg\n")
+    with pytest.raises(ValueError, match=r"t.txt lists 2 images, .*t.npy holds 3 rows"):
+        read_table(str(tmp_path / "t.npy"))
+    values[1, 2] = np.nan
+    write_table(str(tmp_path / "n.npy"), names, values)
+    with pytest.raises(ValueError, match=r"the embedding of b c.jpg \(row 2\) is not finite \(1 rows are not\)"):
+        read_table(str(tmp_path / "n.npy"))
+    (tmp_path / "bad.csv").write_text("image,e0\na.jpg,1\nb.jpg,x\n")
+    with pytest.raises(ValueError, match="bad.csv: line 3: expected an image name and 1 numbers"):
+        read_table(str(tmp_path / "bad.csv"))
+    (tmp_path / "other.csv").write_text("name,value\n")
+    with pytest.raises(ValueError, match="line 1: expected the header 'image,e0,e1,...'"):
+        read_table(str(tmp_path / "other.csv"))
