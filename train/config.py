@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-entity", "--wandb_entity", dest="wandb_entity", default=None,
                    help="the W&B team or user of --wandb (default: your account's default entity)")
     g.add_argument("--wandb-run-name", "--wandb_run_name", dest="wandb_run_name", default=None,
-                   help="the W&B run's display name (default: the --output folder's name)")
+                   help="the W&B run's display name; {output} stands for the --output folder's name, the "
+                   "default")
     g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write loss.png, verification.png and target_angle.png at the end")
     return p

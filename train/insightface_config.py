@@ -180,7 +180,7 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
             if config.get(key):
                 options[key.replace("_", "-")] = str(config[key])
         if config.get("suffix_run_name"):
-            options["wandb-run-name"] = f"{os.path.basename(os.path.normpath(output))}_{config['suffix_run_name']}"
+            options["wandb-run-name"] = f"{{output}}_{config['suffix_run_name']}"  # the --output in force
         if config.get("wandb_key"):
             print(f"{path}: config.wandb_key is not read: log in once with `wandb login`, or set WANDB_API_KEY",
                   file=sys.stderr)

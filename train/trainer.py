@@ -130,8 +130,9 @@ class TargetAngles:
 
 
 # What a run (and train.export, by default) writes into its --output folder.
+# (Not wandb/: W&B keeps each run in a folder of its own under it, so a fresh run overwrites nothing there.)
 RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verification.jsonl", "tensorboard",
-             "wandb", LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME, export.ONNX_NAME)
+             LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME, export.ONNX_NAME)
 
 
 def set_aside_earlier_run(output: str) -> str | None:
@@ -159,15 +160,25 @@ def set_aside_earlier_run(output: str) -> str | None:
     return aside
 
 
-def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
-    """The Weights & Biases run of ``--wandb``, its files under ``<output>/wandb``: a new one, or the
-    run ``run_id`` continued (a resumed run's, kept in its checkpoint). Its x-axis is the training
-    step, logged as ``step``: a resumed run logs steps again from its checkpoint's."""
+def wandb_module():
     try:
         import wandb
     except ImportError:
         raise SystemExit("--wandb: the wandb package is not installed (pip install wandb)") from None
-    name = args.wandb_run_name or os.path.basename(os.path.abspath(output))
+    return wandb
+
+
+def wandb_run_name(args: argparse.Namespace, output: str) -> str:
+    """``--wandb-run-name`` with ``{output}`` replaced by the --output folder's name (the default)."""
+    return (args.wandb_run_name or "{output}").replace("{output}", os.path.basename(os.path.abspath(output)))
+
+
+def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
+    """The Weights & Biases run of ``--wandb``, its files under ``<output>/wandb``: a new one, or the
+    run ``run_id`` continued (a resumed run's, kept in its checkpoint). Its x-axis is the training
+    step, logged as ``step``: a resumed run logs steps again from its checkpoint's."""
+    wandb = wandb_module()
+    name = wandb_run_name(args, output)
     try:
         run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=name, dir=output,
                          config={k: v for k, v in vars(args).items() if not k.startswith("wandb")},
@@ -177,9 +188,9 @@ def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
             run.define_metric(f"{prefix}/*", step_metric="step")
     except Exception as error:  # no account, no network, a bad entity: wandb's own exception types
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(f"--wandb: Weights & Biases did not start: {message} (log in with `wandb login` or "
-                         "WANDB_API_KEY; WANDB_MODE=offline logs without an account, `wandb sync` uploads it later)"
-                         ) from None
+        raise SystemExit(f"--wandb: Weights & Biases did not start: {message} (online it needs `wandb login` or "
+                         "WANDB_API_KEY, and a project and entity it can write to; WANDB_MODE=offline logs without "
+                         "an account, for `wandb sync` later)") from None
     return run
 
 
@@ -410,6 +421,8 @@ class Trainer:
         self.args = args
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        if args.wandb and self.rank == 0:
+            wandb_module()  # a missing package is said before the data is read
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = _resolve_device(args.device, local_rank)
         if self.device.type == "cuda":
@@ -504,9 +517,12 @@ class Trainer:
         self.wandb_run_id: str | None = None  # the --wandb run this one logs to (a resumed run's, kept on)
         resumed_rng = None
 
+        wandb_run = None
         resume = self._resume_path()
         if resume:
             resumed_rng = self._load_training_state(resume)
+            # Before the folder changes: a W&B run that cannot start leaves it as it was.
+            wandb_run = self._start_wandb()
             # A checkpoint from another folder: whatever run this folder holds is not the one
             # continued, and its checkpoint and logs must not be overwritten or spliced into.
             own = self.checkpoint_path
@@ -518,6 +534,7 @@ class Trainer:
         else:
             if args.pretrained_model:
                 self._load_pretrained(args.pretrained_model)
+            wandb_run = self._start_wandb()
             # After reading --pretrained_model, which may be the earlier run's checkpoint; only the
             # main process writes into the folder.
             aside = set_aside_earlier_run(self.output) if self.is_main else None
@@ -550,10 +567,6 @@ class Trainer:
                 seed_everything(args.seed + self.rank + self.world_size * self.step)
         else:
             seed_everything(args.seed + self.rank)  # independent dropout masks per rank
-        wandb_run = None
-        if args.wandb and self.is_main:
-            wandb_run = start_wandb(args, self.output, self.wandb_run_id)
-            self.wandb_run_id = wandb_run.id
         self.log = RunLog(self.output, self.step, args.tensorboard, wandb_run) if self.is_main else None
         if self.is_main:
             checkpoint.write_json_atomic(os.path.join(self.output, "args.json"), vars(args))
@@ -563,6 +576,14 @@ class Trainer:
         self._started = time.perf_counter()
 
     # ----------------------------------------------------------------- state
+
+    def _start_wandb(self):
+        """The --wandb run (main process; a resumed run's own, whose id its checkpoint keeps), or None."""
+        if not (self.args.wandb and self.is_main):
+            return None
+        run = start_wandb(self.args, self.output, self.wandb_run_id)
+        self.wandb_run_id = run.id
+        return run
 
     def _resume_path(self) -> str | None:
         resume = self.args.resume

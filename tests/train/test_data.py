@@ -294,6 +294,8 @@ def test_bad_index_and_missing_records(tmp_path, rec_images):
     (b"", ([], [])),
     (b"1\t2\t3\n4\n", "line 1"),  # two numbers in all, but not two a line
     (b"1\t2\n3\tx\n", "line 2"), (b"1\t2.5\n", "line 1"), (b"\t5\n7\t8\n", "line 1"),
+    (b"1\t99999999999999999999\n", "line 1"), (b"2\t-\n", "line 1"),  # past int64; a sign alone
+    (b"\t5\n7\x0b8\t9\n", "line 1"),  # a vertical tab, whitespace to numpy, hiding an empty key
 ])
 def test_read_index(tmp_path, text, expected):
     path = tmp_path / "train.idx"
@@ -304,6 +306,29 @@ def test_read_index(tmp_path, text, expected):
         return
     keys, offsets = read_index(str(path))
     assert keys.dtype == offsets.dtype == np.int64 and (keys.tolist(), offsets.tolist()) == expected
+
+
+def test_read_index_fast_path_never_reads_otherwise_than_line_by_line(tmp_path):
+    rng = np.random.default_rng(1)
+    alphabet = list(b"0123456789\t\n") * 3 + list(b" -+_\x0b\x0c\r.x")
+    path = tmp_path / "fuzz.idx"
+    fast_taken = 0
+    for _ in range(3000):
+        data = bytes(rng.choice(alphabet, size=int(rng.integers(1, 40))).tolist())
+        if rng.random() < 0.5:  # mostly well-formed lines, with the odd long number
+            def number():
+                return bytes(rng.choice(list(b"0123456789"), size=int(rng.integers(1, 21))).tolist())
+            data = b"".join(number() + b"\t" + number() + b"\n" for _ in range(int(rng.integers(1, 4))))
+        path.write_bytes(data)
+        try:
+            slow = recordio._read_index_by_line(str(path))
+        except RecordIOError:
+            slow = None
+        fast = recordio._parse_mxnet_index(data)
+        if fast is not None:
+            fast_taken += 1
+            assert slow is not None and all(np.array_equal(a, b) for a, b in zip(fast, slow)), data
+    assert fast_taken > 500
 
 
 def test_read_index_of_many_records_is_the_line_by_line_parse(tmp_path):
@@ -369,8 +394,12 @@ def test_image_folder_paths_are_two_arrays_the_workers_share(image_folder):
     assert {type(v) for v in vars(ds.paths).values()} == {str, np.ndarray}
     prefix = len(os.path.join(str(image_folder), ""))
     assert ds._index_parts()[0] == "\n".join(p[prefix:] for p in listed).encode("utf-8", "surrogateescape")
-    with pytest.raises(IndexError):
-        ds.paths[len(listed)]
+    assert ds.paths.name(-1) == listed[-1][prefix:] and ds.paths[np.int64(0)] == listed[0]
+    with pytest.raises(IndexError, match=f"image -{len(listed) + 1} out of range for {len(listed)} images"):
+        ds.paths[-len(listed) - 1]
+    for index in (1.5, "1"):
+        with pytest.raises(TypeError):
+            ds.paths[index]
     clone = pickle.loads(pickle.dumps(ds))  # as a spawned worker receives it
     assert list(clone.paths) == listed and clone.fingerprint() == ds.fingerprint()
 

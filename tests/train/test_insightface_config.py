@@ -9,6 +9,7 @@ import pytest
 
 from train import insightface_config
 from train.config import parse_args
+from train.trainer import wandb_run_name
 from train.trainer import main
 
 from trainer_fixtures import make_face_folder, one_thread, read_jsonl  # noqa: F401
@@ -95,7 +96,11 @@ def test_wandb_settings(tmp_path, capsys):
                           "config.suffix_run_name = 'try2'\nconfig.wandb_key = 'secret'\nconfig.wandb_log_all = True\n"
                           "config.notes = 'n'\nconfig.wandb_resume = False\nconfig.output = 'out/vit'\n")
     args = parse_args(["--config", write(tmp_path, text)])
-    assert (args.wandb, args.wandb_project, args.wandb_entity, args.wandb_run_name) == (True, "faces", "lab", "vit_try2")
+    assert (args.wandb, args.wandb_project, args.wandb_entity) == (True, "faces", "lab")
+    # Named after the --output in force: the config's, or the command line's.
+    assert wandb_run_name(args, args.output) == "vit_try2"
+    other = parse_args(["--config", write(tmp_path, text), "--output", str(tmp_path / "elsewhere")])
+    assert wandb_run_name(other, other.output) == "elsewhere_try2"
     err = capsys.readouterr().err
     assert "config.wandb_key is not read: log in once with `wandb login`, or set WANDB_API_KEY" in err
     assert "ignored" not in err and "does not have" not in err

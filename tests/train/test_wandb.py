@@ -95,14 +95,29 @@ def test_a_resumed_run_continues_its_wandb_run(faces, tmp_path, fake_wandb):
     assert len(FakeWandb.runs) == 1
     assert checkpoint.load(str(output / "checkpoint.pt"))["wandb_run_id"] == "run0"
     assert main(argv(faces, output, max_steps=8, resume="auto")) == 0
-    first, resumed = FakeWandb.runs
+    first, resumed = FakeWandb.runs[:2]
     assert (resumed.init["id"], resumed.init["resume"], resumed.init["name"]) == ("run0", "allow", "run")
+    assert main(argv(faces, output, max_steps=9, resume="auto", wandb_run_name="{output}-b")) == 0
+    assert FakeWandb.runs[-1].init["name"] == "run-b"
     assert first.init["name"] == "mine"  # the run name may change on resume; the run stays the same
     assert [r["step"] for r in resumed.logged if "train/loss" in r] == [7, 8]
-    # A fresh run in the folder is a new W&B run, and the earlier run's wandb/ moves aside with it.
-    (output / "wandb").mkdir()
+    # A fresh run in the folder is a new W&B run; wandb/ stays, where W&B keeps each run in its own folder.
+    (output / "wandb" / "run-0").mkdir(parents=True)
     assert main(argv(faces, output, max_steps=2)) == 0
-    assert FakeWandb.runs[-1].init["id"] is None and (output / "earlier-1" / "wandb").is_dir()
+    assert FakeWandb.runs[-1].init["id"] is None and (output / "earlier-1" / "checkpoint.pt").is_file()
+    assert (output / "wandb" / "run-0").is_dir() and not (output / "earlier-1" / "wandb").exists()
+
+
+def test_wandb_that_cannot_start_leaves_the_folder_as_it_was(faces, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb())
+    assert main(argv(faces, output, max_steps=2)) == 0
+    before = sorted(os.listdir(output))
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb(fail="project name a/b is invalid"))
+    for extra in ({}, {"resume": "auto", "max_steps": 4}):
+        with pytest.raises(SystemExit, match="project name a/b is invalid"):
+            main(argv(faces, output, **extra))
+        assert sorted(os.listdir(output)) == before  # no earlier-1/: the run is where --resume auto finds it
 
 
 def test_the_exit_code_reaches_wandb(faces, tmp_path, fake_wandb, monkeypatch):
@@ -125,7 +140,7 @@ def test_the_exit_code_reaches_wandb(faces, tmp_path, fake_wandb, monkeypatch):
 @pytest.mark.parametrize("module, message", [
     (None, "--wandb: the wandb package is not installed (pip install wandb)"),
     (FakeWandb(fail="api_key not configured (no-tty)\ncall wandb.login"),
-     "--wandb: Weights & Biases did not start: api_key not configured (no-tty) (log in with `wandb login`"),
+     "--wandb: Weights & Biases did not start: api_key not configured (no-tty) (online it needs `wandb login`"),
 ])
 def test_wandb_that_cannot_start_is_one_line(faces, tmp_path, monkeypatch, module, message):
     monkeypatch.setitem(sys.modules, "wandb", module)

@@ -3,6 +3,7 @@ bring your own data (and what `python -m train.tools.pack_rec` packs)."""
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from collections.abc import Sequence
@@ -69,19 +70,23 @@ class PathList(Sequence):
     def __len__(self) -> int:
         return int(self._ends.size)
 
+    def _position(self, index) -> int:
+        position = operator.index(index)  # a TypeError for 1.5 or "1", as a list's
+        if position < 0:
+            position += len(self)
+        if not 0 <= position < len(self):
+            raise IndexError(f"image {index} out of range for {len(self)} images")
+        return position
+
     def name(self, index: int) -> str:
         """The path below the root of image ``index``."""
+        index = self._position(index)
         start = int(self._ends[index - 1]) if index > 0 else 0
         return self._buffer[start:int(self._ends[index])].tobytes().decode("utf-8", "surrogateescape")
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"image {index} out of range for {len(self)} images")
         return self.root + self.name(index)
 
     def joined_names(self) -> bytes:

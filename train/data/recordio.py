@@ -136,23 +136,36 @@ def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
     third of the memory). Any other (blank lines, spaces, an error to name) is read line by line."""
     with open(idx_path, "rb") as f:
         data = f.read()
-    if data and data.endswith(b"\n") and b" " not in data and b"\r" not in data:
-        text = np.frombuffer(data, dtype=np.uint8)
-        tabs, newlines = np.flatnonzero(text == 9), np.flatnonzero(text == 10)
-        # One tab inside each line: then two numbers a line are two numbers each line.
-        if tabs.size == newlines.size and (tabs < newlines).all() and (tabs[1:] > newlines[:-1]).all():
-            del text, tabs
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")  # numpy < 2 warns, and stops, where the text is not a number
-                    values = np.fromstring(data, dtype=np.int64, sep=" ")
-            except (ValueError, DeprecationWarning):
-                values = None
-            if values is not None and values.size == 2 * newlines.size:
-                pairs = values.reshape(-1, 2)
-                return pairs[:, 0].copy(), pairs[:, 1].copy()
+    parsed = _parse_mxnet_index(data)
     del data
-    return _read_index_by_line(idx_path)
+    return parsed if parsed is not None else _read_index_by_line(idx_path)
+
+
+def _parse_mxnet_index(data: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """(keys, offsets) of an index of lines ``<digits><TAB><digits><LF>``, at most 18 digits each (no
+    sign, no other whitespace, nothing numpy's parse would read otherwise than int() or saturate at
+    int64's bounds); None for anything else."""
+    text = np.frombuffer(data, dtype=np.uint8)
+    counts = np.bincount(text, minlength=256)
+    if not data.endswith(b"\n") or counts[ord("0"):ord("9") + 1].sum() + counts[9] + counts[10] != text.size:
+        return None
+    tabs, newlines = np.flatnonzero(text == 9), np.flatnonzero(text == 10)
+    if tabs.size != newlines.size:
+        return None
+    starts = np.concatenate([[0], newlines[:-1] + 1])
+    key_digits, offset_digits = tabs - starts, newlines - tabs - 1  # negative where a line has no tab
+    if not (((key_digits >= 1) & (key_digits <= 18) & (offset_digits >= 1) & (offset_digits <= 18)).all()):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy < 2 warns, and stops, where the text is not a number
+            values = np.fromstring(data, dtype=np.int64, sep=" ")
+    except (ValueError, DeprecationWarning):
+        return None
+    if values.size != 2 * newlines.size:
+        return None
+    pairs = values.reshape(-1, 2)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
 def _read_index_by_line(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +177,8 @@ def _read_index_by_line(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
                 continue
             try:
                 key, offset = (int(x) for x in fields)
+                if not all(-(1 << 63) <= v < (1 << 63) for v in (key, offset)):
+                    raise ValueError
             except ValueError:
                 raise RecordIOError(
                     f"{idx_path}: line {line_no}: expected 'key<TAB>offset', got {line[:80]!r}"
