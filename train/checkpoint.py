@@ -75,15 +75,55 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
 
 
 def backbone_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The backbone weights held by ``obj``: a training checkpoint (its ``model``), a
-    ``{"state_dict": ...}`` wrapper or a bare state dict; DDP's ``module.`` prefix removed."""
+    """The backbone weights held by ``obj``: a training checkpoint (its ``model``), arcface_torch's
+    ``checkpoint_gpu_<rank>.pt`` (its ``state_dict_backbone``), a ``{"state_dict": ...}`` wrapper or a
+    bare state dict; DDP's ``module.`` prefix removed."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict_backbone"), dict):  # arcface_torch's
+        obj = obj["state_dict_backbone"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{source}: not a backbone state dict or a training checkpoint")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+INSIGHTFACE_SHARD = re.compile(r"checkpoint_gpu_(\d+)\.pt")
+
+
+def insightface_class_centres(path: str, state: dict[str, Any]) -> tuple[torch.Tensor | None, str]:
+    """The whole (C, D) class-centre matrix of an arcface_torch run, whose partial FC keeps each GPU's
+    classes in that GPU's ``checkpoint_gpu_<rank>.pt`` (``state_dict_softmax_fc``; rank r holds C // W
+    classes, one more when r < C % W, after those of the ranks before it). ``path`` is one of the files
+    (``state`` its contents); the others are read from beside it. -> (matrix, "") or (None, why not)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    ranks = {}
+    for name in os.listdir(folder):
+        match = INSIGHTFACE_SHARD.fullmatch(name)
+        if match:
+            ranks[int(match.group(1))] = os.path.join(folder, name)
+    world = len(ranks)
+    if sorted(ranks) != list(range(world)):
+        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+        return None, f"no {', '.join(f'checkpoint_gpu_{r}.pt' for r in missing[:3])} beside it"
+    shards = []
+    for rank in range(world):
+        try:
+            other = state if os.path.samefile(ranks[rank], path) else load(ranks[rank])
+        except (OSError, ValueError) as error:
+            return None, str(error)
+        fc = other.get("state_dict_softmax_fc") if isinstance(other, dict) else None
+        weight = fc.get("weight") if isinstance(fc, dict) else None
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            return None, f"{os.path.basename(ranks[rank])} holds no partial FC weight (state_dict_softmax_fc)"
+        shards.append(weight)
+    classes = sum(w.shape[0] for w in shards)
+    expected = [classes // world + int(rank < classes % world) for rank in range(world)]
+    if [w.shape[0] for w in shards] != expected or len({w.shape[1] for w in shards}) > 1:
+        return None, (f"the {world} files' shards ({', '.join(str(tuple(w.shape)) for w in shards)}) are not one "
+                      f"run's split of {classes} classes")
+    return torch.cat([w.float() for w in shards]), ""
 
 
 def rng_state() -> dict[str, Any]:

@@ -672,6 +672,12 @@ class Trainer:
                              f"{a.embedding_size} --image-size {a.image_size}: {holds}") from None
         loaded = "backbone"
         centres = state.get("margin_loss") if isinstance(state, dict) else None
+        if centres is None and isinstance(state, dict) and "state_dict_softmax_fc" in state and not self.args.finetuning:
+            weight, why = checkpoint.insightface_class_centres(path, state)  # arcface_torch's, a file a GPU
+            if weight is None and self.is_main:
+                print(f"note: {path}: arcface_torch's class centres not taken ({why}): starting fresh ones",
+                      file=sys.stderr)
+            centres = None if weight is None else {"weight": weight}
         if not self.args.finetuning and centres is not None:
             k = getattr(self.args, "subcenters", 1)
             if centres["weight"].shape == (self.num_classes * k, self.args.embedding_size):

@@ -831,3 +831,54 @@ def test_a_process_without_its_gpu_is_told_so(monkeypatch):
     for spec, rank in (("auto", 1), ("cuda", 1), ("cuda:3", 0)):
         with pytest.raises(SystemExit, match=r"would use cuda:\d, but 1 CUDA device\(s\) are visible"):
             _resolve_device(spec, rank)
+
+
+def write_arcface_torch_run(folder, backbone_state, centres, world):
+    """What arcface_torch's train_v2.py saves with save_all_states: a checkpoint_gpu_<rank>.pt a GPU,
+    each with the backbone and that rank's rows of the partial FC (C // W, one more for r < C % W)."""
+    os.makedirs(folder, exist_ok=True)
+    classes = centres.shape[0]
+    start = 0
+    for rank in range(world):
+        rows = classes // world + int(rank < classes % world)
+        torch.save({"epoch": 3, "global_step": 1000, "state_dict_backbone": backbone_state,
+                    "state_dict_softmax_fc": {"weight": centres[start:start + rows].clone()},
+                    "state_optimizer": {"state": {}, "param_groups": []}, "state_lr_scheduler": {"last_epoch": 1000}},
+                   os.path.join(folder, f"checkpoint_gpu_{rank}.pt"))
+        start += rows
+
+
+def test_pretrained_from_arcface_torchs_checkpoints(faces, tmp_path, capsys):
+    """--pretrained_model checkpoint_gpu_0.pt: the backbone, and the class centres put together from
+    every rank's file beside it; without all of them, or of another split, the backbone alone."""
+    assert main(argv(faces, tmp_path / "a", max_steps=2)) == 0
+    trained = checkpoint.load(str(tmp_path / "a" / "checkpoint.pt"))
+    backbone_state = trained["model"]
+    centres = torch.randn(trained["margin_loss"]["weight"].shape)
+    write_arcface_torch_run(str(tmp_path / "it"), backbone_state, centres, world=3)
+    capsys.readouterr()
+    from train.config import parse_args
+
+    run = Trainer(parse_args(argv(faces, tmp_path / "b", max_steps=1,
+                                  pretrained_model=str(tmp_path / "it" / "checkpoint_gpu_1.pt"))))
+    assert "initialised the backbone and class centres from" in capsys.readouterr().err
+    assert torch.equal(run.margin_loss.weight.detach(), centres)
+    assert all(torch.equal(v, backbone_state[k]) for k, v in run.backbone.state_dict().items())
+
+    os.rename(tmp_path / "it" / "checkpoint_gpu_2.pt", tmp_path / "gpu_2.pt")
+    run = Trainer(parse_args(argv(faces, tmp_path / "c", max_steps=1,
+                                  pretrained_model=str(tmp_path / "it" / "checkpoint_gpu_0.pt"))))
+    err = capsys.readouterr().err  # the last rank's file missing: fewer centres than the data's classes
+    assert "checkpoint_gpu_0.pt has 6 x 64 class centres, this run 8 x 64 (8 classes): starting fresh ones" in err
+    assert "initialised the backbone from" in err and not torch.equal(run.margin_loss.weight.detach(), centres)
+    os.rename(tmp_path / "gpu_2.pt", tmp_path / "it" / "checkpoint_gpu_2.pt")
+    os.remove(tmp_path / "it" / "checkpoint_gpu_1.pt")
+    Trainer(parse_args(argv(faces, tmp_path / "d", max_steps=1,
+                            pretrained_model=str(tmp_path / "it" / "checkpoint_gpu_0.pt"))))
+    assert "arcface_torch's class centres not taken (no checkpoint_gpu_1.pt beside it)" in capsys.readouterr().err
+    # And the tools that take a --model take it too.
+    from train.checkpoint import load_backbone
+
+    model, settings = load_backbone(str(tmp_path / "it" / "checkpoint_gpu_0.pt"))
+    assert settings["network"] == "small" and all(
+        torch.equal(v, backbone_state[k]) for k, v in model.state_dict().items())
