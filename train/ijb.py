@@ -619,6 +619,12 @@ def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars=FARS) -> list[dict]:
     return rows
 
 
+def curve_rates(count: int, points: int = 200) -> list[float]:
+    """Log-spaced rates from the smallest measurable on ``count`` negatives (1/count) to 1."""
+    low = math.log10(1.0 / max(count, 1))
+    return sorted({float(r) for r in np.logspace(low, 0.0, points)})
+
+
 # ---------------------------------------------------------------------------------------------
 # 1:N identification
 
@@ -863,6 +869,31 @@ def identify(lists: IJBIdentification, template_ids: np.ndarray, pooled: np.ndar
     return result
 
 
+def draw_curves(path: str, target: str, protocol: IJBProtocol, template_ids: np.ndarray, pooled: np.ndarray) -> None:
+    """``--plot``: the ROC of the 1:1 pairs and each gallery's TPIR against FPIR, at 200 log-spaced
+    rates from the smallest each can measure, as the tables choose their thresholds."""
+    from .plots import plot_ijb
+
+    roc = identification = None
+    if protocol.issame is not None:
+        index = np.searchsorted(template_ids, protocol.pairs)
+        scores = pair_scores(pooled, index[:, 0], index[:, 1])
+        rows = [r for r in tar_at_far(scores, protocol.issame, curve_rates(int((~protocol.issame).sum())))
+                if r["tar"] is not None]
+        roc = ([r["far"] for r in rows], [r["tar"] for r in rows])
+    if protocol.identification is not None:
+        identification = {}
+        probe_templates, probe_subjects = protocol.identification.probes
+        probes = pooled[np.searchsorted(template_ids, probe_templates)]
+        for name, (templates, subjects) in protocol.identification.galleries.items():
+            non_mated = int((~np.isin(probe_subjects, subjects)).sum())
+            found = open_set_identification(probes, probe_subjects, pooled[np.searchsorted(template_ids, templates)],
+                                            subjects, fpirs=curve_rates(non_mated), ranks=())
+            rows = [r for r in found["tpir_at_fpir"] if r["tpir"] is not None]
+            identification[name] = ([r["fpir"] for r in rows], [r["tpir"] for r in rows])
+    plot_ijb(path, target, roc=roc, identification=identification)
+
+
 def saved_features(path: str, image_names: list[str]) -> np.ndarray:
     """The rows of an earlier run's ``--save-features`` table for ``image_names``, in their order.
     Raises ValueError when the table lacks one of them (features of another release or target)."""
@@ -907,13 +938,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="results JSON (default: ijbc.json or ijbb.json)")
     p.add_argument("--save-features", metavar="PATH", default=None,
                    help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="also draw the 1:1 ROC (TAR against FAR) and the 1:N TPIR against FPIR of each gallery into "
+                   "FILE (.png, .pdf or .svg; needs matplotlib)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace --output and --save-features files that exist; without it they are kept")
+                   help="replace --output, --save-features and --plot files that exist; without it they are kept")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be at least 1 and --workers at least 0")
     if args.features and args.save_features:
         p.error("--save-features with --features: the features are already saved")
+    if args.plot:
+        from .plots import _pyplot
+
+        if os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg"):
+            p.error(f"--plot {args.plot}: a .png, .pdf or .svg file")
+        if _pyplot() is None:
+            p.error("--plot needs matplotlib (pip install matplotlib, or the [train] extra)")
     output = args.output or f"{args.target.lower()}.json"
     started = time.monotonic()
 
@@ -933,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them.
-        check_outputs([output, *(table_files(args.save_features) if args.save_features else [])], args.overwrite)
+        check_outputs([output, *(table_files(args.save_features) if args.save_features else []),
+                       *([args.plot] if args.plot else [])], args.overwrite)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -995,6 +1037,13 @@ def main(argv: list[str] | None = None) -> int:
         result.update(entries)
     if protocol.identification is not None:
         result["identification"] = identify(protocol.identification, template_ids, pooled, args.target)
+    if args.plot:
+        try:
+            draw_curves(args.plot, args.target, protocol, template_ids, pooled)
+            print(f"curves: {args.plot}")
+        except OSError as error:  # the results are still written
+            print(f"error: could not write {args.plot}: {error}", file=sys.stderr)
+            features_saved = False
     result["seconds"] = {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)}
     try:
         checkpoint.write_json_atomic(output, result)

@@ -104,3 +104,37 @@ def write_plots(output: str, angles) -> list[str]:
         plot_target_angles(angles, os.path.join(output, ANGLE_PNG))
         written.append(ANGLE_PNG)
     return [os.path.join(output, name) for name in written]
+
+
+def plot_ijb(path: str, title: str, roc=None, identification=None) -> None:
+    """IJB-B/C curves, as ``train.ijb --plot`` draws them: ``roc`` (FARs, TARs) of 1:1 verification,
+    and ``identification`` {gallery: (FPIRs, TPIRs)} of 1:N, each against a log-scale x axis. Written
+    atomically; the format follows the file's extension (png, pdf, svg)."""
+    from .checkpoint import write_atomic
+
+    plt = _pyplot()
+    panels = [p for p in (roc, identification) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    axes = list(axes[0])
+    if roc:
+        ax = axes.pop(0)
+        ax.plot(roc[0], [100 * t for t in roc[1]], lw=1.5)
+        ax.set_xlabel("false accept rate (FAR)")
+        ax.set_ylabel("true accept rate (TAR, %)")
+        ax.set_title(f"{title} 1:1 verification")
+    if identification:
+        ax = axes.pop(0)
+        for gallery, (fpirs, tpirs) in identification.items():
+            ax.plot(fpirs, [100 * t for t in tpirs], lw=1.5, label=gallery)
+        ax.set_xlabel("false positive identification rate (FPIR)")
+        ax.set_ylabel("true positive identification rate (TPIR, %)")
+        ax.set_title(f"{title} 1:N identification, open set")
+        ax.legend()
+    for ax in fig.axes:
+        ax.set_xscale("log")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    extension = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    write_atomic(path, lambda f: fig.savefig(f, format=extension, dpi=120))
+    plt.close(fig)

@@ -839,3 +839,27 @@ def test_read_table_is_write_tables_inverse_and_names_bad_tables(tmp_path):
     (tmp_path / "other.csv").write_text("name,value\n")
     with pytest.raises(ValueError, match="line 1: expected the header 'image,e0,e1,...'"):
         read_table(str(tmp_path / "other.csv"))
+
+
+def test_plot_draws_the_curves(release, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    data, model, _ = release
+    base = ["--model", model, "--data-root", data, "--workers", "0", "--device", "cpu"]
+    for name, magic in (("curves.png", b"\x89PNG"), ("curves.pdf", b"%PDF")):
+        plot = tmp_path / name
+        assert ijb.main([*base, "--output", str(tmp_path / "r.json"), "--plot", str(plot), "--overwrite"]) == 0
+        assert plot.read_bytes().startswith(magic) and f"curves: {plot}" in capsys.readouterr().out
+    # Kept unless --overwrite, checked before embedding; another format is refused.
+    assert ijb.main([*base, "--output", str(tmp_path / "s.json"), "--plot", str(tmp_path / "curves.png")]) == 2
+    assert "curves.png" in capsys.readouterr().err and not (tmp_path / "s.json").exists()
+    with pytest.raises(SystemExit):
+        ijb.main([*base, "--plot", str(tmp_path / "curves.jpg")])
+    assert "a .png, .pdf or .svg file" in capsys.readouterr().err
+
+
+def test_curve_rates_span_what_the_negatives_measure():
+    rates = ijb.curve_rates(60)
+    assert rates[0] == pytest.approx(1 / 60) and rates[-1] == 1.0 and rates == sorted(rates)
+    rows = ijb.tar_at_far(np.r_[np.linspace(0, 1, 60), np.linspace(0.5, 1.5, 20)], np.r_[np.zeros(60, bool),
+                                                                                          np.ones(20, bool)], rates)
+    assert all(r["tar"] is not None for r in rows)  # every point of the curve is measurable
