@@ -97,6 +97,9 @@ def insightface_class_centres(path: str, state: dict[str, Any]) -> tuple[torch.T
     classes in that GPU's ``checkpoint_gpu_<rank>.pt`` (``state_dict_softmax_fc``; rank r holds C // W
     classes, one more when r < C % W, after those of the ranks before it). ``path`` is one of the files
     (``state`` its contents); the others are read from beside it. -> (matrix, "") or (None, why not)."""
+    if not INSIGHTFACE_SHARD.fullmatch(os.path.basename(path)):
+        return None, ("it is not named checkpoint_gpu_<rank>.pt, as arcface_torch names them: which GPU's classes it "
+                      "holds, and where the other GPUs' files are, is unknown")
     folder = os.path.dirname(os.path.abspath(path))
     ranks = {}
     for name in os.listdir(folder):
@@ -107,7 +110,7 @@ def insightface_class_centres(path: str, state: dict[str, Any]) -> tuple[torch.T
     if sorted(ranks) != list(range(world)):
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
         return None, f"no {', '.join(f'checkpoint_gpu_{r}.pt' for r in missing[:3])} beside it"
-    shards = []
+    shards, steps = [], set()
     for rank in range(world):
         try:
             other = state if os.path.samefile(ranks[rank], path) else load(ranks[rank])
@@ -117,7 +120,13 @@ def insightface_class_centres(path: str, state: dict[str, Any]) -> tuple[torch.T
         weight = fc.get("weight") if isinstance(fc, dict) else None
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             return None, f"{os.path.basename(ranks[rank])} holds no partial FC weight (state_dict_softmax_fc)"
+        if not weight.is_floating_point() or not bool(torch.isfinite(weight).all()):
+            return None, f"{os.path.basename(ranks[rank])}'s partial FC weight is not finite floating point ({weight.dtype})"
+        steps.add((other.get("epoch"), other.get("global_step")))
         shards.append(weight)
+    if len(steps) > 1:
+        return None, (f"the files are of different (epoch, step)s {sorted(steps, key=str)}: not one run's "
+                      "checkpoint")
     classes = sum(w.shape[0] for w in shards)
     expected = [classes // world + int(rank < classes % world) for rank in range(world)]
     if [w.shape[0] for w in shards] != expected or len({w.shape[1] for w in shards}) > 1:

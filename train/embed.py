@@ -256,15 +256,35 @@ def write_table(path: str, names: list[str], embeddings: np.ndarray) -> list[str
 
 def read_table(path: str) -> tuple[list[str], np.ndarray]:
     """What :func:`write_table` wrote at ``path``: (image names, (N, D) float32 embeddings). Raises
-    FileNotFoundError or ValueError naming the file (and the line or row) at fault."""
+    FileNotFoundError or ValueError naming the file (and the line or row) at fault: a table that is
+    not one, values that are not finite, or an image named twice."""
     files = table_files(path)
     for file in files:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no file at {file}")
-    if path.endswith(".csv"):
-        names, rows = [], []
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
+    try:
+        names, embeddings = _read_csv_table(path) if path.endswith(".csv") else _read_npy_table(*files)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text: {error.reason}") from None
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"{path}: the table holds no values")
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{path}: the embedding of {names[bad[0]]} (row {bad[0] + 1}) is not finite "
+                         f"({bad.size} rows are not)")
+    seen = {}
+    for row, name in enumerate(names):
+        if name in seen:
+            raise ValueError(f"{path}: {name} is listed twice (rows {seen[name] + 1} and {row + 1})")
+        seen[name] = row
+    return names, embeddings
+
+
+def _read_csv_table(path: str) -> tuple[list[str], np.ndarray]:
+    names, rows = [], []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
             header = next(reader, None)
             if not header or header[0] != "image" or len(header) < 2:
                 raise ValueError(f"{path}: line 1: expected the header 'image,e0,e1,...' of train.embed's tables")
@@ -280,23 +300,28 @@ def read_table(path: str) -> tuple[list[str], np.ndarray]:
                                      f"{len(header) - 1} numbers")
                 names.append(row[0])
                 rows.append(values)
-        embeddings = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(header) - 1)
-    else:
-        array_path, index_path = files
-        try:
-            embeddings = np.load(array_path, allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise ValueError(f"{array_path}: not a .npy array: {error}") from None
-        if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
-            raise ValueError(f"{array_path}: expected a 2-D float array, got {embeddings.dtype} {embeddings.shape}")
-        with open(index_path, encoding="utf-8") as f:
-            names = [line.rstrip("\n") for line in f]
-        if len(names) != embeddings.shape[0]:
-            raise ValueError(f"{index_path} lists {len(names)} images, {array_path} holds {embeddings.shape[0]} rows")
-    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
-    if bad.size:
-        raise ValueError(f"{path}: the embedding of {names[bad[0]]} (row {bad[0] + 1}) is not finite "
-                         f"({bad.size} rows are not)")
+        except csv.Error as error:  # a field past csv's size limit, ...
+            raise ValueError(f"{path}: line {reader.line_num}: not readable as CSV: {error}") from None
+    with np.errstate(over="ignore"):  # a value past float32's range: reported as not finite
+        return names, np.asarray(rows, dtype=np.float32).reshape(len(rows), len(header) - 1)
+
+
+def _read_npy_table(array_path: str, index_path: str) -> tuple[list[str], np.ndarray]:
+    try:
+        embeddings = np.load(array_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        reason = "it holds Python objects" if "allow_pickle" in str(error) else str(error) or type(error).__name__
+        raise ValueError(f"{array_path}: not a .npy array of numbers ({reason})") from None
+    if not isinstance(embeddings, np.ndarray):  # an .npz archive
+        raise ValueError(f"{array_path}: not a .npy array (an .npz archive?)")
+    if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
+        raise ValueError(f"{array_path}: expected a 2-D float array, got {embeddings.dtype} {embeddings.shape}")
+    with open(index_path, encoding="utf-8-sig") as f:
+        names = f.read().splitlines()
+    while names and not names[-1]:  # a blank last line (an editor's)
+        names.pop()
+    if len(names) != embeddings.shape[0]:
+        raise ValueError(f"{index_path} lists {len(names)} images, {array_path} holds {embeddings.shape[0]} rows")
     return names, embeddings
 
 
@@ -304,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth, "
-                   "or an ONNX model (.onnx: insightface's released ones, or train.export's; needs onnxruntime)")
+                   help="a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth "
+                   "or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released ones, or train.export's; needs onnxruntime)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", metavar="DIR", help="embed every image under this folder")
     what.add_argument("--compare", nargs=2, metavar=("IMAGE1", "IMAGE2"), help="compare two face images")

@@ -871,15 +871,16 @@ def identify(lists: IJBIdentification, template_ids: np.ndarray, pooled: np.ndar
 
 def draw_curves(path: str, target: str, protocol: IJBProtocol, template_ids: np.ndarray, pooled: np.ndarray) -> None:
     """``--plot``: the ROC of the 1:1 pairs and each gallery's TPIR against FPIR, at 200 log-spaced
-    rates from the smallest each can measure, as the tables choose their thresholds."""
+    rates from the smallest each can measure and the tables' rates, thresholds chosen as the tables
+    choose them (drawn as steps: a rate holds until the next point's)."""
     from .plots import plot_ijb
 
     roc = identification = None
     if protocol.issame is not None:
         index = np.searchsorted(template_ids, protocol.pairs)
         scores = pair_scores(pooled, index[:, 0], index[:, 1])
-        rows = [r for r in tar_at_far(scores, protocol.issame, curve_rates(int((~protocol.issame).sum())))
-                if r["tar"] is not None]
+        rates = sorted(set(curve_rates(int((~protocol.issame).sum()))) | set(FARS))
+        rows = [r for r in tar_at_far(scores, protocol.issame, rates) if r["tar"] is not None]
         roc = ([r["far"] for r in rows], [r["tar"] for r in rows])
     if protocol.identification is not None:
         identification = {}
@@ -888,7 +889,7 @@ def draw_curves(path: str, target: str, protocol: IJBProtocol, template_ids: np.
         for name, (templates, subjects) in protocol.identification.galleries.items():
             non_mated = int((~np.isin(probe_subjects, subjects)).sum())
             found = open_set_identification(probes, probe_subjects, pooled[np.searchsorted(template_ids, templates)],
-                                            subjects, fpirs=curve_rates(non_mated), ranks=())
+                                            subjects, fpirs=sorted(set(curve_rates(non_mated)) | set(FPIRS)), ranks=())
             rows = [r for r in found["tpir_at_fpir"] if r["tpir"] is not None]
             identification[name] = ([r["fpir"] for r in rows], [r["tpir"] for r in rows])
     plot_ijb(path, target, roc=roc, identification=identification)
@@ -903,6 +904,11 @@ def saved_features(path: str, image_names: list[str]) -> np.ndarray:
     if missing:
         raise ValueError(f"{path} has no features for {len(missing)} of the {len(image_names)} images of this release "
                          f"(the first: {missing[0]}): features of another release or --target?")
+    if len(names) != len(image_names):  # IJB-B's image names are some of IJB-C's
+        listed = set(image_names)
+        extra = next(name for name in names if name not in listed)
+        raise ValueError(f"{path} has features of {len(names) - len(image_names)} images this release does not use "
+                         f"(the first: {extra}): features of another release or --target?")
     return table[[row_of[name] for name in image_names]]
 
 
@@ -912,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model",
                         help="a training checkpoint, backbone.pt from python -m train.export, insightface's "
-                        "backbone.pth, or an ONNX model (.onnx: insightface's released ones, or train.export's; "
+                        "backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released ones, or train.export's; "
                         "needs onnxruntime)")
     source.add_argument("--features", metavar="PATH",
                         help="instead of a model, the image features an earlier run saved with --save-features "
@@ -929,8 +935,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes decoding and aligning images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="add the embedding of the mirrored crop (insightface's F1)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the embedding of the mirrored crop (insightface's F1; the default)")
     p.add_argument("--detector-score", action=argparse.BooleanOptionalAction, default=True,
                    help="weigh each image by its detector score (insightface's D1)")
     p.add_argument("--norm-score", action=argparse.BooleanOptionalAction, default=True,
@@ -948,6 +954,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--batch-size must be at least 1 and --workers at least 0")
     if args.features and args.save_features:
         p.error("--save-features with --features: the features are already saved")
+    if args.features and args.flip is not None:
+        p.error("--flip/--no-flip with --features: the features are as they were embedded")
+    args.flip = True if args.flip is None else args.flip
     if args.plot:
         from .plots import _pyplot
 
@@ -956,6 +965,9 @@ def main(argv: list[str] | None = None) -> int:
         if _pyplot() is None:
             p.error("--plot needs matplotlib (pip install matplotlib, or the [train] extra)")
     output = args.output or f"{args.target.lower()}.json"
+    written = [output, *(table_files(args.save_features) if args.save_features else []), *([args.plot] if args.plot else [])]
+    if len({os.path.realpath(path) for path in written}) < len(written):
+        p.error(f"--output, --save-features and --plot must be different files, got {', '.join(written)}")
     started = time.monotonic()
 
     try:
@@ -974,8 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them.
-        check_outputs([output, *(table_files(args.save_features) if args.save_features else []),
-                       *([args.plot] if args.plot else [])], args.overwrite)
+        check_outputs(written, args.overwrite)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -1037,13 +1048,6 @@ def main(argv: list[str] | None = None) -> int:
         result.update(entries)
     if protocol.identification is not None:
         result["identification"] = identify(protocol.identification, template_ids, pooled, args.target)
-    if args.plot:
-        try:
-            draw_curves(args.plot, args.target, protocol, template_ids, pooled)
-            print(f"curves: {args.plot}")
-        except OSError as error:  # the results are still written
-            print(f"error: could not write {args.plot}: {error}", file=sys.stderr)
-            features_saved = False
     result["seconds"] = {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)}
     try:
         checkpoint.write_json_atomic(output, result)
@@ -1051,6 +1055,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not write {output}: {error}", file=sys.stderr)
         return 2
     print(f"wrote {output}")
+    if args.plot:  # after the results, which a failure here must not cost
+        try:
+            draw_curves(args.plot, args.target, protocol, template_ids, pooled)
+            print(f"curves: {args.plot}")
+        except Exception as error:  # noqa: BLE001 (a full disk, a matplotlib backend's failure)
+            print(f"error: could not draw {args.plot}: {error}", file=sys.stderr)
+            return 2
     return 0 if features_saved else 2
 
 

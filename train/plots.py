@@ -118,14 +118,14 @@ def plot_ijb(path: str, title: str, roc=None, identification=None) -> None:
     axes = list(axes[0])
     if roc:
         ax = axes.pop(0)
-        ax.plot(roc[0], [100 * t for t in roc[1]], lw=1.5)
+        ax.plot(roc[0], [100 * t for t in roc[1]], lw=1.5, drawstyle="steps-post")
         ax.set_xlabel("false accept rate (FAR)")
         ax.set_ylabel("true accept rate (TAR, %)")
         ax.set_title(f"{title} 1:1 verification")
     if identification:
         ax = axes.pop(0)
         for gallery, (fpirs, tpirs) in identification.items():
-            ax.plot(fpirs, [100 * t for t in tpirs], lw=1.5, label=gallery)
+            ax.plot(fpirs, [100 * t for t in tpirs], lw=1.5, label=gallery, drawstyle="steps-post")
         ax.set_xlabel("false positive identification rate (FPIR)")
         ax.set_ylabel("true positive identification rate (TPIR, %)")
         ax.set_title(f"{title} 1:N identification, open set")

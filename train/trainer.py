@@ -672,12 +672,14 @@ class Trainer:
                              f"{a.embedding_size} --image-size {a.image_size}: {holds}") from None
         loaded = "backbone"
         centres = state.get("margin_loss") if isinstance(state, dict) else None
+        assembled = False
         if centres is None and isinstance(state, dict) and "state_dict_softmax_fc" in state and not self.args.finetuning:
             weight, why = checkpoint.insightface_class_centres(path, state)  # arcface_torch's, a file a GPU
             if weight is None and self.is_main:
                 print(f"note: {path}: arcface_torch's class centres not taken ({why}): starting fresh ones",
                       file=sys.stderr)
             centres = None if weight is None else {"weight": weight}
+            assembled = centres is not None
         if not self.args.finetuning and centres is not None:
             k = getattr(self.args, "subcenters", 1)
             if centres["weight"].shape == (self.num_classes * k, self.args.embedding_size):
@@ -691,7 +693,9 @@ class Trainer:
                 rows, dim = centres["weight"].shape
                 print(f"note: {path} has {rows} x {dim} class centres, this run {self.num_classes * k} x "
                       f"{self.args.embedding_size} ({self.num_classes} classes"
-                      + (f" x {k} sub-centres" if k > 1 else "") + "): starting fresh ones", file=sys.stderr)
+                      + (f" x {k} sub-centres" if k > 1 else "") + "): starting fresh ones"
+                      + (" (put together from the checkpoint_gpu_<rank>.pt files beside it: is the last rank's "
+                         "missing?)" if assembled else ""), file=sys.stderr)
         if self.is_main:
             print(f"initialised the {loaded} from {path}", file=sys.stderr)
 

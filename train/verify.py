@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="a training checkpoint, backbone.pt or backbone.onnx from python -m train.export, "
-                   "insightface's backbone.pth, or an ONNX model")
+                   "insightface's backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model")
     p.add_argument("--data", default=None,
                    help="the folder a target's name is looked for in (<data>/<name>.bin, a training set's folder "
                    "as insightface ships them); 'synthetic' for the demo's synthetic sets")

@@ -797,8 +797,18 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
     assert "has no features for 1 of the 36 images of this release (the first: 3.jpg)" in capsys.readouterr().err
     assert ijb.main(["--features", str(tmp_path / "none.npy"), *base]) == 2
     assert "error: no file at" in capsys.readouterr().err
+    # A table of more images than the release uses (IJB-B's names are some of IJB-C's).
+    (tmp_path / "feats.txt").write_text((tmp_path / "feats.txt").read_text().replace("\nx.jpg\n", "\n3.jpg\n"))
+    saved_rows = np.load(tmp_path / "feats.npy")
+    np.save(tmp_path / "more.npy", np.concatenate([saved_rows, saved_rows[:1]]))
+    (tmp_path / "more.txt").write_text((tmp_path / "feats.txt").read_text() + "999.jpg\n")
+    assert ijb.main(["--features", str(tmp_path / "more.npy"), *base, "--output", str(tmp_path / "x.json")]) == 2
+    assert "has features of 1 images this release does not use (the first: 999.jpg)" in capsys.readouterr().err
     for extra, message in ((["--save-features", str(tmp_path / "y.npy")], "--save-features with --features"),
-                           (["--model", model], "not allowed with argument --features")):
+                           (["--model", model], "not allowed with argument --features"),
+                           (["--no-flip"], "--flip/--no-flip with --features"),
+                           (["--output", str(tmp_path / "c.png"), "--plot", str(tmp_path / "c.png")],
+                            "--output, --save-features and --plot must be different files")):
         with pytest.raises(SystemExit):
             ijb.main(["--features", str(tmp_path / "feats.npy"), *base, *extra])
         assert message in capsys.readouterr().err
@@ -839,6 +849,35 @@ def test_read_table_is_write_tables_inverse_and_names_bad_tables(tmp_path):
     (tmp_path / "other.csv").write_text("name,value\n")
     with pytest.raises(ValueError, match="line 1: expected the header 'image,e0,e1,...'"):
         read_table(str(tmp_path / "other.csv"))
+    (tmp_path / "twice.csv").write_text("image,e0\na.jpg,1\nb.jpg,2\na.jpg,3\n")
+    with pytest.raises(ValueError, match=r"twice.csv: a.jpg is listed twice \(rows 1 and 3\)"):
+        read_table(str(tmp_path / "twice.csv"))
+    (tmp_path / "big.csv").write_text("image,e0\na.jpg,1e300\n")
+    with pytest.raises(ValueError, match="the embedding of a.jpg .* is not finite"):
+        read_table(str(tmp_path / "big.csv"))
+    (tmp_path / "long.csv").write_text("image,e0\na.jpg," + "1" * 200_000 + "\n")
+    with pytest.raises(ValueError, match="long.csv: line 2: not readable as CSV"):
+        read_table(str(tmp_path / "long.csv"))
+    # Written by an editor: a byte-order mark, a blank last line.
+    np.save(tmp_path / "ed.npy", np.ones((2, 4), np.float32))
+    (tmp_path / "ed.txt").write_bytes("\ufeffa.jpg\nb.jpg\n\n".encode())
+    assert read_table(str(tmp_path / "ed.npy"))[0] == ["a.jpg", "b.jpg"]
+    (tmp_path / "ed.txt").write_bytes(b"a.jpg\n\xe9.jpg\n")
+    with pytest.raises(ValueError, match="ed.npy: not UTF-8 text"):
+        read_table(str(tmp_path / "ed.npy"))
+    # Not .npy arrays of numbers.
+    (tmp_path / "ed.txt").write_text("a.jpg\nb.jpg\n")
+    for content, message in ((b"", "not a .npy array of numbers"), (b"\x93NUMPY", "not a .npy array of numbers")):
+        (tmp_path / "ed.npy").write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            read_table(str(tmp_path / "ed.npy"))
+    np.savez(tmp_path / "z.npz", np.ones((2, 4)))
+    os.replace(tmp_path / "z.npz", tmp_path / "ed.npy")
+    with pytest.raises(ValueError, match=r"not a .npy array \(an .npz archive\?\)"):
+        read_table(str(tmp_path / "ed.npy"))
+    np.save(tmp_path / "ed.npy", np.array([{"a": 1}, {"b": 2}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"not a .npy array of numbers \(it holds Python objects\)"):
+        read_table(str(tmp_path / "ed.npy"))
 
 
 def test_plot_draws_the_curves(release, tmp_path, capsys):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -869,13 +870,30 @@ def test_pretrained_from_arcface_torchs_checkpoints(faces, tmp_path, capsys):
     run = Trainer(parse_args(argv(faces, tmp_path / "c", max_steps=1,
                                   pretrained_model=str(tmp_path / "it" / "checkpoint_gpu_0.pt"))))
     err = capsys.readouterr().err  # the last rank's file missing: fewer centres than the data's classes
-    assert "checkpoint_gpu_0.pt has 6 x 64 class centres, this run 8 x 64 (8 classes): starting fresh ones" in err
+    assert ("checkpoint_gpu_0.pt has 6 x 64 class centres, this run 8 x 64 (8 classes): starting fresh ones (put "
+            "together from the checkpoint_gpu_<rank>.pt files beside it: is the last rank's missing?)") in err
     assert "initialised the backbone from" in err and not torch.equal(run.margin_loss.weight.detach(), centres)
     os.rename(tmp_path / "gpu_2.pt", tmp_path / "it" / "checkpoint_gpu_2.pt")
     os.remove(tmp_path / "it" / "checkpoint_gpu_1.pt")
     Trainer(parse_args(argv(faces, tmp_path / "d", max_steps=1,
                             pretrained_model=str(tmp_path / "it" / "checkpoint_gpu_0.pt"))))
     assert "arcface_torch's class centres not taken (no checkpoint_gpu_1.pt beside it)" in capsys.readouterr().err
+    # Another run's file among them, a file named otherwise, a shard that is not finite: the backbone alone.
+    write_arcface_torch_run(str(tmp_path / "it"), backbone_state, centres, world=3)
+    other = torch.load(tmp_path / "it" / "checkpoint_gpu_1.pt")
+    torch.save({**other, "global_step": 2000}, tmp_path / "it" / "checkpoint_gpu_1.pt")
+    os.makedirs(tmp_path / "one")
+    shutil.copy(tmp_path / "it" / "checkpoint_gpu_0.pt", tmp_path / "one" / "model.pt")
+    for pretrained, why in ((tmp_path / "it" / "checkpoint_gpu_0.pt", "the files are of different (epoch, step)s"),
+                            (tmp_path / "one" / "model.pt", "it is not named checkpoint_gpu_<rank>.pt")):
+        Trainer(parse_args(argv(faces, tmp_path / "e", max_steps=1, pretrained_model=str(pretrained))))
+        err = capsys.readouterr().err
+        assert f"arcface_torch's class centres not taken ({why}" in err and "initialised the backbone from" in err
+    torch.save({**other, "state_dict_softmax_fc": {"weight": other["state_dict_softmax_fc"]["weight"] * float("nan")}},
+               tmp_path / "it" / "checkpoint_gpu_1.pt")
+    Trainer(parse_args(argv(faces, tmp_path / "f", max_steps=1,
+                            pretrained_model=str(tmp_path / "it" / "checkpoint_gpu_0.pt"))))
+    assert "checkpoint_gpu_1.pt's partial FC weight is not finite floating point" in capsys.readouterr().err
     # And the tools that take a --model take it too.
     from train.checkpoint import load_backbone
 
