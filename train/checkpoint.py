@@ -121,7 +121,8 @@ def insightface_class_centres(path: str, state: dict[str, Any]) -> tuple[torch.T
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             return None, f"{os.path.basename(ranks[rank])} holds no partial FC weight (state_dict_softmax_fc)"
         if not weight.is_floating_point() or not bool(torch.isfinite(weight).all()):
-            return None, f"{os.path.basename(ranks[rank])}'s partial FC weight is not finite floating point ({weight.dtype})"
+            return None, (f"{os.path.basename(ranks[rank])}'s partial FC weight is not finite floating point "
+                          f"({weight.dtype})")
         steps.add((other.get("epoch"), other.get("global_step")))
         shards.append(weight)
     if len(steps) > 1:

@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth "
-                   "or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released ones, or train.export's; needs onnxruntime)")
+                   "or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released "
+                   "ones, or train.export's; needs onnxruntime)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", metavar="DIR", help="embed every image under this folder")
     what.add_argument("--compare", nargs=2, metavar=("IMAGE1", "IMAGE2"), help="compare two face images")

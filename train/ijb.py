@@ -837,7 +837,8 @@ def identify(lists: IJBIdentification, template_ids: np.ndarray, pooled: np.ndar
             "non_mated_searches": r["non_mated_searches"],
             **{f"rank_{k}": r["rank"][k] for k in RANKS},
             "tpir_at_fpir": {far_key(row["fpir"]): row["tpir"] for row in r["tpir_at_fpir"]},
-            "threshold_at_fpir": {far_key(row["fpir"]): _threshold_value(row["threshold"]) for row in r["tpir_at_fpir"]},
+            "threshold_at_fpir": {far_key(row["fpir"]): _threshold_value(row["threshold"])
+                                  for row in r["tpir_at_fpir"]},
             "false_alarms_at_fpir": {far_key(row["fpir"]): row["false_alarms"] for row in r["tpir_at_fpir"]},
         } for name, r in galleries.items()},
         "mean": {**{f"rank_{k}": averaged["rank"][k] for k in RANKS},
@@ -918,8 +919,8 @@ def main(argv: list[str] | None = None) -> int:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model",
                         help="a training checkpoint, backbone.pt from python -m train.export, insightface's "
-                        "backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released ones, or train.export's; "
-                        "needs onnxruntime)")
+                        "backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: "
+                        "insightface's released ones, or train.export's; needs onnxruntime)")
     source.add_argument("--features", metavar="PATH",
                         help="instead of a model, the image features an earlier run saved with --save-features "
                         "(.npy with its .txt, or .csv): scored again without embedding, e.g. with another --protocol "
@@ -965,7 +966,8 @@ def main(argv: list[str] | None = None) -> int:
         if _pyplot() is None:
             p.error("--plot needs matplotlib (pip install matplotlib, or the [train] extra)")
     output = args.output or f"{args.target.lower()}.json"
-    written = [output, *(table_files(args.save_features) if args.save_features else []), *([args.plot] if args.plot else [])]
+    written = [output, *(table_files(args.save_features) if args.save_features else []),
+               *([args.plot] if args.plot else [])]
     if len({os.path.realpath(path) for path in written}) < len(written):
         p.error(f"--output, --save-features and --plot must be different files, got {', '.join(written)}")
     started = time.monotonic()
@@ -1036,7 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
         "data_root": os.path.abspath(args.data_root),
         "protocols": list(protocols),
         "options": {"flip": None if args.features else args.flip, "detector_score": args.detector_score,
-                    "norm_score": args.norm_score, "image_size": size, "network": settings.get("network"), "batch_size": args.batch_size,
+                    "norm_score": args.norm_score, "image_size": size, "network": settings.get("network"),
+                    "batch_size": args.batch_size,
                     "device": str(device)},
         "counts": {"images": len(protocol.image_names), "faces": int(protocol.templates.size),
                    "media": int(len(np.unique(np.stack([protocol.templates, protocol.medias], axis=1), axis=0))),

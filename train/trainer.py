@@ -673,7 +673,8 @@ class Trainer:
         loaded = "backbone"
         centres = state.get("margin_loss") if isinstance(state, dict) else None
         assembled = False
-        if centres is None and isinstance(state, dict) and "state_dict_softmax_fc" in state and not self.args.finetuning:
+        arcface_torch = isinstance(state, dict) and "state_dict_softmax_fc" in state
+        if centres is None and arcface_torch and not self.args.finetuning:
             weight, why = checkpoint.insightface_class_centres(path, state)  # arcface_torch's, a file a GPU
             if weight is None and self.is_main:
                 print(f"note: {path}: arcface_torch's class centres not taken ({why}): starting fresh ones",
@@ -1019,7 +1020,7 @@ class Trainer:
         params = sum(p.numel() for p in self.backbone.parameters())
         try:
             work = multiply_adds(a.network, a.image_size, embedding_size=a.embedding_size)
-            work = f", {work / 1e9:.2f}G multiply-adds an image" if work >= 1e8 else f", {work / 1e6:.1f}M multiply-adds an image"
+            work = (f", {work / 1e9:.2f}G" if work >= 1e8 else f", {work / 1e6:.1f}M") + " multiply-adds an image"
         except Exception:  # only for the message (a torch whose meta kernels lack an operator, say)
             work = ""
         return "\n".join([
