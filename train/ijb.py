@@ -778,8 +778,7 @@ def verify_pairs(protocol: IJBProtocol, template_ids: np.ndarray, pooled: np.nda
         "counts": {"pairs": int(len(scores)), "positive_pairs": positives,
                    "negative_pairs": int(len(scores) - positives)},
         "tar_at_far": {far_key(r["far"]): r["tar"] for r in rows},
-        "threshold_at_far": {far_key(r["far"]): None if r["threshold"] in (None, -math.inf) else r["threshold"]
-                             for r in rows},
+        "threshold_at_far": {far_key(r["far"]): _threshold_value(r["threshold"]) for r in rows},
         "false_accepts_at_far": {far_key(r["far"]): r["false_accepts"] for r in rows},
     }
 
