@@ -2,6 +2,7 @@
 
     python benchmarks/bench_loader.py                    # a RecordIO pack of synthetic faces, made here
     python benchmarks/bench_loader.py --data /data/faces_emore --device cuda --workers 1,2,4,8
+    python benchmarks/bench_loader.py --augment 0,0.2,1 --scaled-on device   # AdaFace's augmentations' cost
 
 The trainer's loader (`train.data.build_train_loader`, random order, random flips) over a folder in
 insightface's layout (`train.rec` + `train.idx`, JPEG faces) or any other `--data` the trainer takes.
@@ -13,7 +14,9 @@ them) are packed into a temporary folder with `train.tools.pack_rec`. For each -
   - `worker`: the batch scaled to float32 in the workers, as the trainer did before, then copied.
 A row times --batches batches of --batch-size after --warmup batches (worker start-up excluded), up to
 the device holding the scaled batch (synchronised at the end on CUDA). The main process runs one
-intra-op thread. Rows (device, CPU, versions, git sha, images/s) go to --out when given.
+intra-op thread. --augment p adds AdaFace's three augmentations (`--crop-augmentation`,
+`--low-res-augmentation`, `--photometric-augmentation`), each with probability p, a row set for each p.
+Rows (device, CPU, versions, git sha, augmentation, images/s) go to --out when given.
 """
 import argparse
 import os
@@ -28,7 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.bench_loss import device_name, git_sha, write_rows  # noqa: E402
-from train.data import build_train_dataset, build_train_loader, stop_loader_workers  # noqa: E402
+from train.data import Augmentation, build_train_dataset, build_train_loader, stop_loader_workers  # noqa: E402
 from train.data.synthetic import render_face  # noqa: E402
 from train.data.transforms import encode_image, to_model_input  # noqa: E402
 from train.tools.pack_rec import pack_image_folder  # noqa: E402
@@ -89,12 +92,19 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--augment", default="0",
+                        help="comma-separated probabilities of AdaFace's three augmentations (each), a row set each")
+    parser.add_argument("--scaled-on", default="device,worker", help="the rows: device, worker or both")
     parser.add_argument("--out", help="write the rows (JSON) here")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
     device = torch.device(args.device)
     workers = [int(w) for w in args.workers.split(",")]
+    probabilities = [float(p) for p in args.augment.split(",")]
+    scaled_on = args.scaled_on.split(",")
+    if not set(scaled_on) <= {"device", "worker"}:
+        parser.error(f"--scaled-on takes device and worker, got {args.scaled_on}")
     with tempfile.TemporaryDirectory() as folder:
         data = args.data
         if data is None:
@@ -110,10 +120,11 @@ def main(argv=None):
         print(f"{common['device']} | {common['cpu']}, {common['cores']} cores | torch {common['torch']} | "
               f"git {common['git']} | {common['data']} ({len(dataset)} images, {args.image_size} px) | "
               f"batch {args.batch_size}")
-        print(f"{'workers':>7} {'scaled on':>9} {'images/s':>9} {'MB/batch':>9}")
+        print(f"{'augment':>7} {'workers':>7} {'scaled on':>9} {'images/s':>9} {'MB/batch':>9}")
         rows = []
-        for count in workers:
-            for scaled in ("device", "worker"):
+        for p, count in ((p, count) for p in probabilities for count in workers):
+            dataset.augment = Augmentation(crop=p, low_res=p, photometric=p)
+            for scaled in scaled_on:
                 source = dataset if scaled == "device" else ScaledInWorkers(dataset)
                 loader = build_train_loader(source, batch_size=args.batch_size, num_workers=count, seed=0)
                 try:
@@ -122,8 +133,8 @@ def main(argv=None):
                     stop_loader_workers(loader)
                 copied = args.batch_size * 3 * args.image_size ** 2 * (1 if scaled == "device" else 4) / 2 ** 20
                 assert loaded.dtype == torch.float32 and loaded.device.type == device.type
-                print(f"{count:>7} {scaled:>9} {rate:>9.0f} {copied:>9.1f}")
-                rows.append(dict(common, workers=count, scaled_on=scaled, images_per_s=round(rate, 1),
+                print(f"{p:>7g} {count:>7} {scaled:>9} {rate:>9.0f} {copied:>9.1f}")
+                rows.append(dict(common, augment=p, workers=count, scaled_on=scaled, images_per_s=round(rate, 1),
                                  mb_per_batch=round(copied, 2)))
     if args.out:
         write_rows(rows, args.out)

@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-images-per-identity", "--synthetic_images_per_identity",
                    dest="synthetic_images_per_identity", type=int, default=160,
                    help="--data synthetic: images of each training identity")
+    # AdaFace's flags and values (its MS1MV2 / WebFace4M runs: 0.2 each); off by default, as in
+    # arcface_torch, whose training sees the flip alone.
+    g.add_argument("--crop-augmentation", "--crop_augmentation_prob", dest="crop_augmentation", type=float,
+                   default=0.0, help="probability of AdaFace's crop augmentation: black outside a random box of "
+                   "20-100%% of the image, the face left where it is (AdaFace: 0.2)")
+    g.add_argument("--low-res-augmentation", "--low_res_augmentation_prob", dest="low_res_augmentation",
+                   type=float, default=0.0, help="probability of AdaFace's low-resolution augmentation: shrunk to "
+                   "20-100%% of its side and enlarged back, each with a random filter (AdaFace: 0.2)")
+    g.add_argument("--photometric-augmentation", "--photometric_augmentation_prob", dest="photometric_augmentation",
+                   type=float, default=0.0, help="probability of AdaFace's photometric augmentation: brightness, "
+                   "contrast and saturation each scaled by 0.5-1.5 (AdaFace: 0.2)")
     g.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=None,
                    help="the number of identities the data must have (checked; taken from the data when not given)")
     g.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
@@ -333,6 +344,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                                   ("--grad-clip", args.grad_clip, False)):
         if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
             raise SystemExit(f"{flag} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    for flag, value in (("--crop-augmentation", args.crop_augmentation),
+                        ("--low-res-augmentation", args.low_res_augmentation),
+                        ("--photometric-augmentation", args.photometric_augmentation)):
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise SystemExit(f"{flag} is a probability: it must be in [0, 1], got {value}")
     if args.margin_grad != "exact" and args.loss == "magface":
         raise SystemExit("--margin-grad straight_through does not go with --loss magface, whose margin's gradient "
                          "reaches the embedding's norm")

@@ -300,6 +300,15 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
     return changed
 
 
+def augmentation(args: argparse.Namespace):
+    """AdaFace's augmentations as the options ask for them (a `train.data.Augmentation`, false when
+    all three are off)."""
+    from .data import Augmentation
+
+    return Augmentation(crop=getattr(args, "crop_augmentation", 0.0), low_res=getattr(args, "low_res_augmentation", 0.0),
+                        photometric=getattr(args, "photometric_augmentation", 0.0))
+
+
 def chunked_loss(args: argparse.Namespace) -> bool:
     """Whether the loss runs on arcface_ext's chunked PyTorch path rather than the fused op; with
     --loss-impl reference, on the path's whole-matrix reference."""
@@ -455,8 +464,9 @@ class Trainer:
             synthetic_size = {"synthetic_identities": args.synthetic_identities,
                               "synthetic_images_per_identity": args.synthetic_images_per_identity}
         try:
-            self.dataset, self.num_classes = build_train_dataset(args.data, image_size=args.image_size,
-                                                                 seed=args.seed, flip=True, **synthetic_size)
+            self.dataset, self.num_classes = build_train_dataset(
+                args.data, image_size=args.image_size, seed=args.seed, flip=True, augment=augmentation(args),
+                **synthetic_size)
         except (OSError, ValueError) as error:  # the messages name the file and what is wrong
             raise SystemExit(str(error)) from None
         stored_size = getattr(self.dataset, "stored_size", None)
@@ -1027,8 +1037,9 @@ class Trainer:
             f"network {a.network}: {params / 1e6:.2f}M parameters{work}, {a.image_size}px input, "
             f"{a.embedding_size}-D embedding, amp {a.amp}"
             + (f", compiled ({a.compile_backend}{', ' + a.compile_mode if a.compile_mode else ''})" if a.compile else ""),
-            f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities; "
-            f"verification: {', '.join(self.verification_sets) or 'none'}",
+            f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities, flipped"
+            + (f", augmented ({self.dataset.augment.describe()})" if self.dataset.augment else "")
+            + f"; verification: {', '.join(self.verification_sets) or 'none'}",
             f"loss {self.margin_loss!r} ({loss_implementation(a)})",
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")

@@ -761,3 +761,8 @@ def test_loader_benchmark_runs_on_a_pack_of_its_own(tmp_path):
     assert all(row["images_per_s"] > 0 and row["images"] == 48 for row in rows)
     assert [row["mb_per_batch"] for row in rows[:2]] == [round(8 * 3 * 32 * 32 / 2 ** 20, 2),
                                                          round(4 * 8 * 3 * 32 * 32 / 2 ** 20, 2)]
+    load_benchmark("bench_loader").main(["--images", "48", "--image-size", "32", "--batch-size", "8", "--batches",
+                                         "3", "--warmup", "1", "--workers", "0", "--augment", "0,0.5",
+                                         "--scaled-on", "device", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(row["augment"], row["scaled_on"]) for row in rows] == [(0, "device"), (0.5, "device")]

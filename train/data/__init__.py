@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .augment import Augmentation
 from .imagefolder import ImageFolderDataset
 from .recordio import RecordIODataset, RecordIOError
 from .synthetic import SyntheticFaces, synthetic_pairs
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from train.verification import VerificationSet
 
 __all__ = [
+    "Augmentation",
     "FaceImageDataset",
     "ImageFolderDataset",
     "RecordIODataset",
@@ -43,6 +45,7 @@ DEFAULT_SYNTHETIC_PAIRS = 600
 
 
 def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip: bool = True,
+                        augment: Augmentation | None = None,
                         synthetic_identities: int = DEFAULT_SYNTHETIC_IDENTITIES,
                         synthetic_images_per_identity: int = DEFAULT_SYNTHETIC_IMAGES_PER_IDENTITY,
                         ) -> tuple[FaceImageDataset, int]:
@@ -50,10 +53,11 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
 
     spec: 'synthetic'; a folder holding `train.rec` + `train.idx` (insightface
     RecordIO); or an ImageFolder root (one sub-folder per identity).
-    `dataset[i]` and `dataset[(i, epoch)]` give (float32 (3, image_size,
-    image_size) image in [-1, 1], int label); with flip=True the image is
-    mirrored for a deterministic half of the (seed, epoch, i). Datasets pickle
-    without open files, so DataLoader workers each open their own.
+    `dataset[i]` and `dataset[(i, epoch)]` give (uint8 (3, image_size,
+    image_size) image, int label); with flip=True the image is
+    mirrored for a deterministic half of the (seed, epoch, i), after `augment`
+    (AdaFace's augmentations), whose draws are a function of (seed, epoch, i) too.
+    Datasets pickle without open files, so DataLoader workers each open their own.
     """
     if spec == SYNTHETIC:
         dataset = SyntheticFaces(synthetic_identities, synthetic_images_per_identity,
@@ -68,6 +72,7 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
         raise FileNotFoundError(
             f"--data {spec!r}: expected 'synthetic', a folder with train.rec + train.idx, or an image folder"
         )
+    dataset.augment = augment
     return dataset, dataset.num_classes
 
 

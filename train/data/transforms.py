@@ -117,10 +117,13 @@ class FaceImageDataset(torch.utils.data.Dataset):
     (H, W, 3) image, int label)`. An item is (uint8 (3, H, W) image, int label),
     scaled for the network by `to_model_input` on its device. It is addressed by an
     `index` or by an `(index, epoch)` key, which is what `ResumableBatchSampler` yields:
-    the flip of a sample then depends only on (seed, epoch, index).
+    the flip and the augmentations of a sample then depend only on (seed, epoch, index).
     """
 
     num_classes: int
+    # AdaFace's augmentations (`train.data.augment.Augmentation`), applied before the flip; set by
+    # `build_train_dataset`.
+    augment = None
 
     def __init__(self, *, image_size: int, seed: int, flip: bool):
         self.image_size = int(image_size)
@@ -155,5 +158,7 @@ class FaceImageDataset(torch.utils.data.Dataset):
         if not 0 <= index < n:
             raise IndexError(f"index {key} out of range for a dataset of {n} images")
         image, label = self.load(index)
+        if self.augment:
+            image = self.augment(image, self.seed, int(epoch), index)
         mirrored = self.flip and flip_decision(self.seed, int(epoch), index)
         return to_chw(image, flip=mirrored), int(label)
