@@ -1,0 +1,132 @@
+"""Draw training images as the trainer's loader hands them to the network (decoded, resized,
+augmented, flipped) in a grid, each labelled with its identity and index, to check a training set and
+its augmentations by eye: faces aligned and upright, colours right (a pack written in BGR order shows
+blue faces), one identity's images alike.
+
+    python -m train.tools.preview samples.png --data /data/faces_emore
+    python -m train.tools.preview first.png --data /data/faces_emore --first 0 --count 40
+    python -m train.tools.preview one.png --data /data/faces_emore --image 123 --count 24 \\
+        --crop-augmentation 0.2 --low-res-augmentation 0.2 --photometric-augmentation 0.2
+
+By default --count images drawn at random from the whole set; --first I takes I, I+1, ... (a RecordIO
+pack and an ImageFolder keep an identity's images together); --image I shows image I in --count
+epochs, each epoch's augmentation and flip. Every option of ``python -m train`` is taken as the
+trainer takes it (--config, --data, --image-size, --seed, the augmentations, ...), so a preview with a
+run's options shows what that run trains on; the others are ignored. An existing output is kept
+unless --overwrite is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from train import checkpoint
+from train.tools import check_outputs
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+LABEL_HEIGHT = 12  # pixels of text under each tile
+GAP = 2
+
+
+def grid(tiles: list[np.ndarray], captions: list[str], columns: int) -> Image.Image:
+    """uint8 (H, W, 3) ``tiles`` in rows of ``columns`` on white, each with its caption under it."""
+    height, width = tiles[0].shape[:2]
+    rows = math.ceil(len(tiles) / columns)
+    cell_w, cell_h = width + GAP, height + LABEL_HEIGHT + GAP
+    sheet = Image.new("RGB", (columns * cell_w + GAP, rows * cell_h + GAP), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for k, (tile, caption) in enumerate(zip(tiles, captions)):
+        x, y = GAP + (k % columns) * cell_w, GAP + (k // columns) * cell_h
+        sheet.paste(Image.fromarray(tile), (x, y))
+        # Cut to the tile's width: a long caption would run into its neighbour's.
+        while caption and draw.textlength(caption, font=font) > width:
+            caption = caption[:-1]
+        draw.text((x, y + height), caption, fill="black", font=font)
+    return sheet
+
+
+def pick(args: argparse.Namespace, size: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """The (index, epoch) of each tile."""
+    if args.image is not None:
+        if not 0 <= args.image < size:
+            raise ValueError(f"--image {args.image}: the set has images 0 to {size - 1}")
+        return [(args.image, args.epoch + k) for k in range(args.count)]
+    if args.first is not None:
+        if not 0 <= args.first < size:
+            raise ValueError(f"--first {args.first}: the set has images 0 to {size - 1}")
+        return [(index, args.epoch) for index in range(args.first, min(size, args.first + args.count))]
+    chosen = rng.choice(size, size=min(args.count, size), replace=False)
+    return [(int(index), args.epoch) for index in chosen]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.tools.preview", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="Any option of python -m train is accepted as the trainer takes it (python -m train --help).")
+    parser.add_argument("output", help="the image to write (.png, .jpg, .webp)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--first", type=int, default=None, metavar="I", help="images I, I+1, ... (default: at random)")
+    which.add_argument("--image", type=int, default=None, metavar="I",
+                       help="image I, once an epoch from --epoch on: its augmentations and flips")
+    parser.add_argument("--count", type=int, default=64, help="how many tiles (default 64)")
+    parser.add_argument("--columns", type=int, default=None, help="tiles a row (default: a square grid)")
+    parser.add_argument("--epoch", type=int, default=0, help="the epoch whose flips and augmentations to show")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.config import parse_args
+    from train.data import build_train_dataset
+    from train.trainer import augmentation
+
+    parser = build_parser()
+    args, trainer_argv = parser.parse_known_args(argv)
+    for flag, value, least in (("--count", args.count, 1), ("--columns", args.columns, 1), ("--epoch", args.epoch, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    extension = os.path.splitext(args.output)[1].lower()
+    if extension not in FORMATS:
+        parser.error(f"{args.output}: name a .png, .jpg or .webp file")
+    options = parse_args(trainer_argv)  # exits with the trainer's own message on a bad option
+    try:
+        check_outputs([args.output], args.overwrite)
+        synthetic = ({"synthetic_identities": options.synthetic_identities,
+                      "synthetic_images_per_identity": options.synthetic_images_per_identity}
+                     if options.data == "synthetic" else {})
+        dataset, classes = build_train_dataset(options.data, image_size=options.image_size, seed=options.seed,
+                                               flip=True, augment=augmentation(options), **synthetic)
+        keys = pick(args, len(dataset), np.random.default_rng(options.seed))
+        tiles, captions = [], []
+        for index, epoch in keys:
+            image, label = dataset[(index, epoch)]
+            tiles.append(image.numpy().transpose(1, 2, 0))
+            captions.append(f"{label} e{epoch}" if args.image is not None else f"{label} #{index}")
+    except (OSError, ValueError) as error:  # the data's own errors name the file and record
+        print(f"preview: error: {error}", file=sys.stderr)
+        return 1
+    sheet = grid(tiles, captions, args.columns or math.ceil(math.sqrt(len(tiles))))
+    encoded = io.BytesIO()
+    sheet.save(encoded, format=FORMATS[extension])
+    try:
+        checkpoint.write_atomic(args.output, lambda f: f.write(encoded.getvalue()))
+    except OSError as error:
+        print(f"preview: error: cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    described = dataset.augment.describe() if dataset.augment else "none"
+    print(f"preview: wrote {len(tiles)} of the {len(dataset)} images ({classes} identities) of {options.data} to "
+          f"{args.output}: identity and {'epoch' if args.image is not None else 'index'} under each; "
+          f"augmentations: {described}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
