@@ -1,0 +1,139 @@
+"""TinyFace 1:N identification (`python -m train.tinyface`): the ranks against a brute-force search,
+the folders and file names read as the release names them, and the tool end to end on a tiny
+synthetic release, with a model and with saved features."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train import checkpoint, tinyface
+from train.data.synthetic import render_face
+from train.embed import embed_files, read_table, write_table
+from train.models import get_model
+
+from trainer_fixtures import IMAGE_SIZE, one_thread  # noqa: F401
+
+
+def brute_force_ranks(probes, probe_labels, gallery, gallery_labels):
+    ranks = []
+    for probe, label in zip(probes.astype(np.float64), probe_labels):
+        scores = gallery.astype(np.float64) @ probe
+        mates = gallery_labels == label
+        if not mates.any():
+            ranks.append(0)
+            continue
+        best = scores[mates].max()
+        ranks.append(1 + int(np.sum(scores[~mates] >= best)))
+    return np.array(ranks)
+
+
+def test_mate_ranks_match_a_brute_force_search_ties_included():
+    rng = np.random.default_rng(0)
+    # Few distinct values: many exact ties between mates and non-mates.
+    gallery = rng.integers(-2, 3, (300, 8)).astype(np.float32)
+    probes = rng.integers(-2, 3, (70, 8)).astype(np.float32)
+    gallery_labels = np.concatenate([rng.integers(0, 30, 200), np.full(100, -1)])
+    probe_labels = rng.integers(0, 35, 70)  # some identities the gallery lacks
+    got = tinyface.mate_ranks(probes, probe_labels, gallery, gallery_labels, chunk=16)
+    expected = brute_force_ranks(probes, probe_labels, gallery, gallery_labels)
+    assert np.array_equal(got, expected), np.flatnonzero(got != expected)[:5]
+    assert (got == 0).any() and (got > 1).any() and (got == 1).any()
+    with pytest.raises(ValueError, match="the gallery is empty"):
+        tinyface.mate_ranks(probes, probe_labels, gallery[:0], gallery_labels[:0])
+
+
+def test_identities_are_the_file_names_numbers():
+    assert tinyface.identities(["Probe/12_3.jpg", "Gallery_Match/7_1.png", "x/40.jpg"]).tolist() == [12, 7, 40]
+    with pytest.raises(ValueError, match=r"Probe/a_1\.jpg: expected TinyFace's <identity>_<n> file name"):
+        tinyface.identities(["Probe/1_1.jpg", "Probe/a_1.jpg"])
+
+
+PROBE_IDS, MATCH_PER_ID, DISTRACTORS = (3, 5, 8, 13), 2, 6
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tinyface")
+    data = root / "Testing_Set"
+    for folder in tinyface.FOLDERS:
+        (data / folder).mkdir(parents=True)
+    for who in PROBE_IDS:
+        Image.fromarray(render_face(0, who, 0, 20)[:, 2:18]).save(data / "Probe" / f"{who}_1.jpg")  # 20 x 16
+        for k in range(MATCH_PER_ID):
+            Image.fromarray(render_face(0, who, k + 1, 20)).save(data / "Gallery_Match" / f"{who}_{k + 1}.jpg")
+    for k in range(DISTRACTORS):
+        Image.fromarray(render_face(0, 100 + k, 0, 20)).save(data / "Gallery_Distractor" / f"{1000 + k}.jpg")
+    torch.manual_seed(0)
+    model = get_model("small", embedding_size=32, image_size=IMAGE_SIZE)
+    path = str(root / "backbone.pt")
+    checkpoint.save_atomic(model.state_dict(), path)
+    with open(root / "backbone.json", "w") as f:
+        json.dump({"network": "small", "embedding_size": 32, "image_size": IMAGE_SIZE}, f)
+    return str(data), path
+
+
+def test_the_tool_ranks_what_the_model_embeds(release, tmp_path, capsys):
+    data, model_path = release
+    out, table = tmp_path / "tinyface.json", tmp_path / "features.npy"
+    assert tinyface.main(["--model", model_path, "--data-root", data, "--device", "cpu", "--workers", "0",
+                          "--output", str(out), "--save-features", str(table)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["probes"], result["gallery_match"], result["gallery_distractors"], result["identities"]) == (
+        4, 8, DISTRACTORS, 4)
+    assert "TinyFace: 4 probes searched among 8 gallery images and 6 distractors" in capsys.readouterr().out
+    protocol = tinyface.TinyFaceProtocol(data)
+    model, _ = checkpoint.load_backbone(model_path)
+    features = embed_files(model, [os.path.join(data, n) for n in protocol.image_names], IMAGE_SIZE)
+    probes, gallery = features[:4], features[4:]
+    ranks = brute_force_ranks(probes, protocol.probe_labels, gallery, protocol.gallery_labels)
+    assert result["rank"] == {str(k): pytest.approx(float(np.mean(ranks <= k))) for k in tinyface.RANKS}
+    names, saved = read_table(str(table))
+    assert names == protocol.image_names and names[0] == os.path.join("Probe", "13_1.jpg")
+    np.testing.assert_allclose(saved / np.linalg.norm(saved, axis=1, keepdims=True), features, atol=1e-5)
+
+
+def test_saved_features_are_scored_again(release, tmp_path, capsys):
+    data, _ = release
+    protocol = tinyface.TinyFaceProtocol(data)
+    names = protocol.image_names
+    # Each image along its identity's axis, distractors along their own: every probe at rank 1, except
+    # the one whose feature is turned towards a distractor.
+    axis = {who: i for i, who in enumerate(PROBE_IDS)}
+    features = np.zeros((len(names), 16), dtype=np.float32)
+    for row, name in enumerate(names):
+        folder, base = name.split(os.sep)
+        features[row, axis[int(base.split("_")[0])] if folder != "Gallery_Distractor" else 8 + row % 8] = 1
+    features[0] = 0
+    features[0, 8 + (len(names) - 1) % 8] = 1  # probe 13_1 now along the last distractor's axis
+    csv = tmp_path / "features.csv"
+    write_table(str(csv), names, features)
+    out = tmp_path / "again.json"
+    assert tinyface.main(["--features", str(csv), "--data-root", data, "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    # 13_1's mates score 0, tied with the 12 other gallery images (ties count against the mate): rank 13.
+    assert result["rank"] == {"1": 0.75, "5": 0.75, "10": 0.75, "20": 1.0}
+    assert result["options"]["flip"] is None
+    assert "rank-1 75.00%  rank-5 75.00%  rank-10 75.00%  rank-20 100.00%" in capsys.readouterr().out
+
+
+def test_mistakes_are_one_line_errors(release, tmp_path, capsys):
+    data, model_path = release
+    assert tinyface.main(["--model", model_path, "--data-root", str(tmp_path), "--output", str(tmp_path / "o.json")]) == 2
+    assert "no Probe/ folder (expected TinyFace's Testing_Set" in capsys.readouterr().err
+    (tmp_path / "o.json").write_text("mine")
+    assert tinyface.main(["--model", model_path, "--data-root", data, "--output", str(tmp_path / "o.json")]) == 2
+    assert "o.json exists: pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "o.json").read_text() == "mine"
+    partial = tmp_path / "partial.csv"
+    write_table(str(partial), ["Probe/3_1.jpg"], np.ones((1, 2), dtype=np.float32))
+    assert tinyface.main(["--features", str(partial), "--data-root", data, "--output", str(tmp_path / "p.json")]) == 2
+    assert "has no features for" in capsys.readouterr().err
+    for extra, message in [(["--features", "x.npy", "--save-features", "y.npy"], "already saved"),
+                           (["--features", "x.npy", "--no-flip"], "--flip/--no-flip with --features")]:
+        with pytest.raises(SystemExit):
+            tinyface.main(extra + ["--data-root", data])
+        assert message in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""``python -m train.tinyface``: TinyFace's 1:N identification (Cheng et al., ACCV 2018), the
+low-resolution benchmark AdaFace reports beside IJB-B/C. Each image of ``Probe/`` is searched, by
+cosine, among the images of ``Gallery_Match/`` and ``Gallery_Distractor/``; the result is the
+fraction of probes whose identity is among the best 1, 5, 10 and 20 gallery images (closed set:
+every probe's identity has images in Gallery_Match; the distractors belong to none of them). An
+image's identity is its file name's number before the first ``_`` (``1234_2.jpg``).
+
+    python -m train.tinyface --model runs/r100/export/backbone.pt --data-root /data/tinyface/Testing_Set
+
+``--data-root`` is the folder that holds the three: the release's ``tinyface/Testing_Set`` (its faces
+as cropped, about 20 x 16 pixels, resized to the model's square input) or a copy of it with the faces
+aligned, such as the ``aligned_pad_0.1_pad_high`` folder of 112 x 112 faces whose figures AdaFace
+publishes. Embeddings are those of verification: image plus mirror (``--no-flip``: the image alone),
+then L2-normalised (AdaFace's ``pre_norm_vector_add``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .embed import ImageFiles, embed_images, list_images, load_model, table_files, write_table
+from .ijb import saved_features
+from .tools import check_outputs, torch_device
+
+FOLDERS = ("Probe", "Gallery_Match", "Gallery_Distractor")
+RANKS = (1, 5, 10, 20)
+# Probes a chunk of the search: 512 x 160k gallery images of float32 scores is 0.3 GB.
+PROBE_CHUNK = 512
+
+
+class TinyFaceProtocol:
+    """The image files of the three folders (names relative to the root, sorted), and the identity of
+    each probe and gallery image (-1 for the distractors)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.names: dict[str, list[str]] = {}
+        for folder in FOLDERS:
+            path = os.path.join(root, folder)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"--data-root {root}: no {folder}/ folder (expected TinyFace's Testing_Set, "
+                                        f"which holds {', '.join(FOLDERS)})")
+            found = [os.path.relpath(p, root) for p in list_images(path)]
+            if not found:
+                raise ValueError(f"--data-root {root}: {folder}/ holds no images")
+            self.names[folder] = found
+        self.probe_labels = identities(self.names["Probe"])
+        self.match_labels = identities(self.names["Gallery_Match"])
+
+    @property
+    def image_names(self) -> list[str]:
+        return [name for folder in FOLDERS for name in self.names[folder]]
+
+    def split(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probe rows, gallery rows: match then distractors) of the features of ``image_names``."""
+        probes = len(self.names["Probe"])
+        return features[:probes], features[probes:]
+
+    @property
+    def gallery_labels(self) -> np.ndarray:
+        return np.concatenate([self.match_labels, np.full(len(self.names["Gallery_Distractor"]), -1, dtype=np.int64)])
+
+
+def identities(names: list[str]) -> np.ndarray:
+    """The identity of each image, the number its file name starts with before ``_``; ValueError
+    naming the first file whose name does not."""
+    labels = np.empty(len(names), dtype=np.int64)
+    for i, name in enumerate(names):
+        head = os.path.splitext(os.path.basename(name))[0].split("_", 1)[0]
+        if not head.isdigit():
+            raise ValueError(f"{name}: expected TinyFace's <identity>_<n> file name, whose identity is a number")
+        labels[i] = int(head)
+    return labels
+
+
+def mate_ranks(probes: np.ndarray, probe_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray, *,
+               chunk: int = PROBE_CHUNK) -> np.ndarray:
+    """(P,) the rank of each unit-length probe's best-scoring mate among the gallery images: 1 + the
+    non-mates scoring at least as high, so that a tie counts against the mate; 0 where the gallery
+    holds no image of the probe's identity."""
+    if gallery.shape[0] == 0:
+        raise ValueError("the gallery is empty")
+    gallery = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
+    labels = torch.from_numpy(np.asarray(gallery_labels, dtype=np.int64))
+    ranks = np.zeros(len(probes), dtype=np.int64)
+    for start in range(0, len(probes), chunk):
+        block = torch.from_numpy(np.ascontiguousarray(probes[start:start + chunk], dtype=np.float32))
+        scores = block @ gallery.T
+        mates = labels[None, :] == torch.from_numpy(np.asarray(probe_labels[start:start + chunk], dtype=np.int64))[:, None]
+        best = scores.masked_fill(~mates, -torch.inf).amax(dim=1)
+        above = (scores >= best[:, None]) & ~mates
+        found = mates.any(dim=1)
+        ranks[start:start + len(block)] = torch.where(found, 1 + above.sum(dim=1), 0).numpy()
+    return ranks
+
+
+def identification(protocol: TinyFaceProtocol, features: np.ndarray, ranks=RANKS) -> dict:
+    """Rank-k identification rates of the features of ``protocol.image_names`` (normalised here)."""
+    features = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0))
+    if bad.size:
+        raise ValueError(f"{protocol.image_names[bad[0]]}: its feature is zero or not finite"
+                         + (f" ({bad.size} such images)" if bad.size > 1 else ""))
+    probes, gallery = protocol.split(features / norms)
+    rank = mate_ranks(probes, protocol.probe_labels, gallery, protocol.gallery_labels)
+    mated = rank > 0
+    return {"probes": int(len(probes)), "probes_without_mate": int((~mated).sum()),
+            "gallery_match": len(protocol.names["Gallery_Match"]),
+            "gallery_distractors": len(protocol.names["Gallery_Distractor"]),
+            "identities": int(len(np.unique(protocol.match_labels))),
+            "rank": {k: float(np.mean(rank[mated] <= k)) if mated.any() else None for k in ranks}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.tinyface", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model",
+                        help="a training checkpoint, backbone.pt from python -m train.export, insightface's "
+                        "backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (needs onnxruntime)")
+    source.add_argument("--features", metavar="PATH",
+                        help="instead of a model, the image features an earlier run saved with --save-features")
+    p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
+                   help="the folder holding Probe/, Gallery_Match/ and Gallery_Distractor/ (TinyFace's Testing_Set, "
+                   "or an aligned copy of it)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
+                   help="images per forward pass (twice as many rows with the mirror)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding images")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the embedding of the mirrored image (the default)")
+    p.add_argument("--output", default="tinyface.json", help="results JSON")
+    p.add_argument("--save-features", metavar="PATH", default=None,
+                   help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
+    p.add_argument("--overwrite", action="store_true", help="replace --output and --save-features files that exist")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("--batch-size must be at least 1 and --workers at least 0")
+    if args.features and args.save_features:
+        p.error("--save-features with --features: the features are already saved")
+    if args.features and args.flip is not None:
+        p.error("--flip/--no-flip with --features: the features are as they were embedded")
+    args.flip = True if args.flip is None else args.flip
+    written = [args.output, *(table_files(args.save_features) if args.save_features else [])]
+    if len({os.path.realpath(path) for path in written}) < len(written):
+        p.error(f"--output and --save-features must be different files, got {', '.join(written)}")
+    started = time.monotonic()
+    try:
+        device = torch_device(args.device)
+        protocol = TinyFaceProtocol(args.data_root)
+        if args.features:
+            model, size = None, None
+            features = saved_features(args.features, protocol.image_names)
+        else:
+            model, settings = load_model(args.model, device)
+            size = settings["image_size"]
+        check_outputs(written, args.overwrite)  # before the embedding, not after it
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    names = protocol.image_names
+    print(f"TinyFace: {len(protocol.names['Probe'])} probes searched among {len(protocol.names['Gallery_Match'])} "
+          f"gallery images and {len(protocol.names['Gallery_Distractor'])} distractors; "
+          + (f"features from {args.features}" if args.features else f"embedding at {size}px on {device}"), flush=True)
+    embedding_started = time.monotonic()
+    if model is not None:
+        try:
+            features = embed_images(model.to(device), ImageFiles([os.path.join(args.data_root, n) for n in names], size),
+                                    device=device, batch_size=args.batch_size, workers=args.workers, flip=args.flip,
+                                    log=lambda message: print(message, file=sys.stderr, flush=True))
+        except ValueError as error:  # an image that does not decode, named
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    embedding_seconds = time.monotonic() - embedding_started
+    features_saved = True
+    if args.save_features:
+        try:
+            print(f"image features: {', '.join(write_table(args.save_features, names, features))}")
+        except OSError as error:  # the scores are still computed and written
+            print(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
+            features_saved = False
+    try:
+        scores = identification(protocol, features)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if scores["probes_without_mate"]:
+        print(f"note: {scores['probes_without_mate']} probes have no image of their identity in Gallery_Match; "
+              "they are left out of the rates")
+    print("  ".join(f"rank-{k} {100 * v:.2f}%" for k, v in scores["rank"].items() if v is not None))
+    result = {"benchmark": "TinyFace", "model": os.path.abspath(args.model) if args.model else None,
+              **({"features": os.path.abspath(args.features)} if args.features else {}),
+              "data_root": os.path.abspath(args.data_root),
+              "options": {"flip": None if args.features else args.flip, "image_size": size,
+                          "batch_size": args.batch_size, "device": str(device)},
+              **scores,
+              "seconds": {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)}}
+    try:
+        checkpoint.write_json_atomic(args.output, result)
+    except OSError as error:
+        print(f"error: could not write {args.output}: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}")
+    return 0 if features_saved else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
