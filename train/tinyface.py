@@ -8,7 +8,7 @@ image's identity is its file name's number before the first ``_`` (``1234_2.jpg`
     python -m train.tinyface --model runs/r100/export/backbone.pt --data-root /data/tinyface/Testing_Set
 
 ``--data-root`` is the folder that holds the three: the release's ``tinyface/Testing_Set`` (its faces
-as cropped, about 20 x 16 pixels, resized to the model's square input) or a copy of it with the faces
+as cropped, a few dozen pixels, resized to the model's square input) or a copy of it with the faces
 aligned, such as the ``aligned_pad_0.1_pad_high`` folder of 112 x 112 faces whose figures AdaFace
 publishes. Embeddings are those of verification: image plus mirror (``--no-flip``: the image alone),
 then L2-normalised (AdaFace's ``pre_norm_vector_add``).
