@@ -101,7 +101,11 @@ def main(argv=None):
     torch.set_num_threads(1)
     device = torch.device(args.device)
     workers = [int(w) for w in args.workers.split(",")]
-    probabilities = [float(p) for p in args.augment.split(",")]
+    try:
+        probabilities = [float(p) for p in args.augment.split(",")]
+        augmentations = [Augmentation(crop=p, low_res=p, photometric=p) for p in probabilities]
+    except ValueError as error:  # before the packing and the timing, not after them
+        parser.error(f"--augment {args.augment}: probabilities in [0, 1], comma-separated ({error})")
     scaled_on = args.scaled_on.split(",")
     if not set(scaled_on) <= {"device", "worker"}:
         parser.error(f"--scaled-on takes device and worker, got {args.scaled_on}")
@@ -122,8 +126,9 @@ def main(argv=None):
               f"batch {args.batch_size}")
         print(f"{'augment':>7} {'workers':>7} {'scaled on':>9} {'images/s':>9} {'MB/batch':>9}")
         rows = []
-        for p, count in ((p, count) for p in probabilities for count in workers):
-            dataset.augment = Augmentation(crop=p, low_res=p, photometric=p)
+        for (p, augmentation), count in ((pair, count) for pair in zip(probabilities, augmentations)
+                                          for count in workers):
+            dataset.augment = augmentation
             for scaled in scaled_on:
                 source = dataset if scaled == "device" else ScaledInWorkers(dataset)
                 loader = build_train_loader(source, batch_size=args.batch_size, num_workers=count, seed=0)

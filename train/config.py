@@ -287,7 +287,7 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
                 # argparse would say "invalid choice" without naming the file the value came from
                 raise SystemExit(f"{source}: {key} {value!r} is not one this trainer has: "
                                  f"{', '.join(map(str, action.choices))}")
-            argv += [flag, str(value)]
+            argv.append(f"{flag}={value}")  # one token: a value such as -inf is not taken for a flag
     return argv
 
 
@@ -349,6 +349,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                         ("--photometric-augmentation", args.photometric_augmentation)):
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise SystemExit(f"{flag} is a probability: it must be in [0, 1], got {value}")
+        setattr(args, flag[2:].replace("-", "_"), value + 0.0)  # -0.0 as 0.0 in args.json
     if args.margin_grad != "exact" and args.loss == "magface":
         raise SystemExit("--margin-grad straight_through does not go with --loss magface, whose margin's gradient "
                          "reaches the embedding's norm")

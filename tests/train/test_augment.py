@@ -14,12 +14,16 @@ import arcface_ext
 from train import checkpoint
 from train.config import parse_args
 from train.data import Augmentation, SyntheticFaces, build_train_dataset, build_train_loader
-from train.data.augment import CROP_ASPECT, crop_box, crop_in_place, jitter_colours, through_low_resolution
+from train.data.augment import (CROP_ASPECT, Draws, crop_box, crop_in_place, jitter_colours, resampling_weights, resize,
+                                through_low_resolution)
 from train.trainer import Trainer, main
 
+from make_opencv_resize_cases import CASES, KERNELS, PATH, case_image
 from trainer_fixtures import base_argv, make_face_folder, one_thread, read_jsonl  # noqa: F401
 
 ALL = Augmentation(crop=1.0, low_res=1.0, photometric=1.0)
+EXPECTED_UNIFORMS = [0.6014845214281602, 0.5486316869276056, 0.8307327466820285]  # Draws(0, 1, 2, 3)
+EXPECTED_INTEGER = 4  # Draws(5).integer(0, 5)
 
 
 def noise(size=48, seed=0, low=1):
@@ -65,10 +69,10 @@ def test_workers_load_what_the_main_process_would(tmp_path):
 
 def test_crop_keeps_a_box_in_place_and_blackens_the_rest():
     image = noise()
-    rng = np.random.default_rng(0)
+    draws = Draws(0)
     areas, tops = [], set()
     for _ in range(300):
-        out = crop_in_place(image, rng)
+        out = crop_in_place(image, draws)
         kept = (out != 0).all(axis=2)
         rows, cols = np.flatnonzero(kept.any(axis=1)), np.flatnonzero(kept.any(axis=0))
         top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
@@ -83,8 +87,8 @@ def test_crop_keeps_a_box_in_place_and_blackens_the_rest():
 
 def test_a_box_that_cannot_fit_falls_back_to_the_centre():
     # Too wide for any box of 20% of the area at an aspect of 4:3 or less: the widest allowed, centred.
-    assert crop_box(10, 100, np.random.default_rng(0)) == (0, 43, 10, 13)
-    assert crop_box(100, 10, np.random.default_rng(0)) == (43, 0, 13, 10)
+    assert crop_box(10, 100, Draws(0)) == (0, 43, 10, 13)
+    assert crop_box(100, 10, Draws(0)) == (43, 0, 13, 10)
 
 
 def high_frequency(image):
@@ -92,33 +96,58 @@ def high_frequency(image):
 
 
 def test_low_resolution_loses_detail_and_keeps_flat_colour():
-    rng = np.random.default_rng(0)
+    draws = Draws(0)
     checkers = np.kron((np.indices((24, 24)).sum(0) % 2) * 255, np.ones((2, 2)))[..., None].repeat(3, 2)
     checkers = checkers.astype(np.uint8)  # 2x2 black and white squares
     flat = np.full((48, 48, 3), (90, 140, 200), dtype=np.uint8)
     details = []
     for _ in range(100):
-        out = through_low_resolution(checkers, rng)
+        out = through_low_resolution(checkers, draws)
         assert out.shape == checkers.shape and out.dtype == np.uint8
         details.append(high_frequency(out))
-        assert np.abs(through_low_resolution(flat, rng).astype(int) - flat).max() <= 1
+        assert np.abs(through_low_resolution(flat, draws).astype(int) - flat).max() <= 1
     assert np.mean(details) < 0.6 * high_frequency(checkers), np.mean(details)
     # Shrinking to 1 pixel at the smallest: an image of a few pixels survives it.
-    assert through_low_resolution(noise(size=3), rng).shape == (3, 3, 3)
+    assert through_low_resolution(noise(size=3), draws).shape == (3, 3, 3)
+
+
+def test_resize_is_opencvs():
+    # AdaFace's low-resolution augmentation resizes with cv2.resize; what OpenCV 4.12 made of these
+    # cases (noise and fine stripes, which show every difference in sampling) is stored, as written by
+    # make_opencv_resize_cases.py. OpenCV rounds its 8-bit weights to 11 bits: a grey level apart.
+    stored = np.load(PATH)
+    for k, (height, width, h, w) in enumerate(CASES):
+        image = case_image(height, width, k)
+        for kernel in KERNELS:
+            ours = resize(image, h, w, kernel).astype(int)
+            theirs = stored[f"{k}_{kernel}"].astype(int)
+            assert ours.shape == theirs.shape
+            worst = np.abs(ours - theirs).max()
+            assert worst <= 1, f"case {k} ({height}x{width} -> {h}x{w}) {kernel}: {worst} grey levels apart"
+    with pytest.raises(ValueError, match="unknown interpolation 'bilinear'"):
+        resampling_weights(4, 2, "bilinear")
+
+
+def test_draws_do_not_depend_on_numpys_generator_methods():
+    # PCG64's stream from a SeedSequence is fixed across numpy versions; these are its first draws.
+    draws = Draws(0, 1, 2, 3)
+    assert draws.uniform(size=3).tolist() == EXPECTED_UNIFORMS
+    assert Draws(5).integer(0, 5) == EXPECTED_INTEGER
+    assert sorted(Draws(7).permutation(3).tolist()) == [0, 1, 2]
 
 
 def test_photometric_jitter_scales_brightness_contrast_and_saturation():
-    rng = np.random.default_rng(0)
+    draws = Draws(0)
     grey = np.full((16, 16, 3), 100, dtype=np.uint8)
     levels = []
     for _ in range(200):
-        out = jitter_colours(grey, rng)
+        out = jitter_colours(grey, draws)
         # A flat grey image has no contrast or colour to scale: only its brightness moves, by 0.5-1.5.
         assert (out == out[0, 0, 0]).all()
         levels.append(int(out[0, 0, 0]))
     assert 50 <= min(levels) < 60 and 140 < max(levels) <= 150
     colour = noise(size=16)
-    spreads = [np.ptp(jitter_colours(colour, rng).astype(int), axis=2).mean() for _ in range(200)]
+    spreads = [np.ptp(jitter_colours(colour, draws).astype(int), axis=2).mean() for _ in range(200)]
     base = np.ptp(colour.astype(int), axis=2).mean()
     assert min(spreads) < 0.7 * base and max(spreads) > 1.15 * base  # saturation and contrast both ways
 
@@ -148,8 +177,31 @@ def test_each_augmentation_applies_with_its_own_probability():
 def test_probabilities_are_checked(flag, value):
     with pytest.raises(SystemExit, match=f"{flag} is a probability: it must be in \\[0, 1\\], got {value}"):
         parse_args([flag, value])
-    with pytest.raises(ValueError, match="crop augmentation probability must be in"):
+    with pytest.raises(ValueError, match="crop augmentation probability must be a number in"):
         Augmentation(crop=float(value))
+    assert Augmentation(crop=np.float32(0.5)).crop == 0.5 and str(Augmentation(crop=-0.0).crop) == "0.0"
+
+
+def test_a_negative_value_in_a_config_file_reaches_its_check(tmp_path):
+    # A file's value is handed over as one token (--flag=value): "-inf" was taken for a flag, and the
+    # error was argparse's "expected one argument", naming neither the file nor the range.
+    config = tmp_path / "run.yaml"
+    config.write_text("crop-augmentation: -.inf\n")
+    with pytest.raises(SystemExit, match=r"--crop-augmentation is a probability: it must be in \[0, 1\], got -inf"):
+        parse_args(["--config", str(config)])
+    config.write_text("crop-augmentation: -0.0\nlr: 0.05\n")
+    args = parse_args(["--config", str(config)])
+    assert str(args.crop_augmentation) == "0.0" and args.lr == 0.05  # -0.0 kept as 0.0 in args.json
+
+
+def test_a_mirrored_one_pixel_or_read_only_image_becomes_a_tensor():
+    from train.data.transforms import to_chw
+
+    pixel = np.array([[[1, 2, 3]]], dtype=np.uint8)
+    assert to_chw(pixel, flip=True).flatten().tolist() == [1, 2, 3]  # numpy calls the mirrored view contiguous
+    frozen = noise(size=4)
+    frozen.flags.writeable = False
+    assert torch.equal(to_chw(frozen), torch.from_numpy(frozen.copy()).permute(2, 0, 1))
 
 
 def test_adaface_flag_names():

@@ -22,7 +22,7 @@ def test_one_image_over_epochs_shows_each_epochs_augmentation(tmp_path, capsys):
     options = ["--data", "synthetic", "--image-size", "32", "--seed", "3", "--crop-augmentation", "1",
                "--photometric-augmentation", "0.5"]
     assert preview.main([str(out), "--image", "7", "--count", "6", "--columns", "3", "--epoch", "2"] + options) == 0
-    assert "identity and epoch under each; augmentations: crop 1, photometric 0.5" in capsys.readouterr().err
+    assert "identity and epoch under each; augmentations: crop 1.0, photometric 0.5" in capsys.readouterr().err
     sheet = np.asarray(Image.open(out).convert("RGB"))
     assert sheet.shape == (2 * (32 + preview.LABEL_HEIGHT + preview.GAP) + preview.GAP,
                            3 * (32 + preview.GAP) + preview.GAP, 3)

@@ -96,7 +96,9 @@ def to_chw(image: np.ndarray, *, flip: bool = False) -> torch.Tensor:
     """uint8 (H, W, 3) array -> uint8 (3, H, W) tensor, mirrored left to right when `flip`."""
     if flip:
         image = image[:, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    # A copy, always: numpy calls a mirrored 1 x 1 view contiguous (its stride stays negative), and
+    # an array Pillow made may be read-only; torch takes neither.
+    return torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
 
 
 def to_model_input(images: torch.Tensor, *, memory_format: torch.memory_format = torch.contiguous_format,
