@@ -189,11 +189,9 @@ def resampling_weights(source: int, size: int, kernel: str) -> np.ndarray:
         weights[out, np.minimum(np.floor(out * scale).astype(np.int64), source - 1)] = 1
         return weights.astype(np.float32)
     if kernel == "area":  # shrinking: each output pixel the mean of the source it covers
-        for i in out:
-            start, end = i * scale, (i + 1) * scale
-            for j in range(int(np.floor(start)), min(source, int(np.ceil(end - 1e-9)))):
-                weights[i, j] = (min(end, j + 1) - max(start, j)) / scale
-        return weights.astype(np.float32)
+        start, pixel = out[:, None] * scale, np.arange(source)[None, :]
+        overlap = np.minimum(start + scale, pixel + 1) - np.maximum(start, pixel)
+        return (np.clip(overlap, 0, None) / scale).astype(np.float32)
     if kernel == "area-enlarging":  # OpenCV's linear interpolation between pixel edges
         base = np.floor(out * scale).astype(np.int64)
         t = ((out + 1) - (base + 1) * (size / source)).astype(np.float32)  # OpenCV's float, rounding included
