@@ -1,6 +1,7 @@
 """AdaFace's training augmentations (Kim et al., CVPR 2022): a crop kept in place on black, a trip
 through a lower resolution, and brightness/contrast/saturation jitter, each applied to a sample with its
 own probability. They make the low-quality images whose small embedding norms AdaFace's margin adapts to.
+The low resolution is OpenCV's (AdaFace resizes with ``cv2.resize``), computed here without OpenCV.
 
 Every random choice comes from a generator seeded by (seed, epoch, index), as the flip's does, so a
 sample looks the same whichever worker loads it and a resumed run sees what an uninterrupted one would."""
