@@ -335,7 +335,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                                ("--batch-size", args.batch_size, 1), ("--gradient-acc", args.gradient_acc, 1),
                                ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 0),
                                ("--save-every", args.save_every, 0), ("--num-workers", args.num_workers, 0),
-                               ("--embedding-size", args.embedding_size, 1),
+                               ("--embedding-size", args.embedding_size, 1), ("--seed", args.seed, 0),
                                ("--image-size", args.image_size, 1)):
         if value < least:
             raise SystemExit(f"{flag} must be at least {least}, got {value}")

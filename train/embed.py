@@ -227,6 +227,47 @@ def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, st
     return DEFAULT_COSINE_THRESHOLD, "the default"
 
 
+MODEL_HELP = ("a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth or "
+              "arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released ones, or "
+              "train.export's; needs onnxruntime)")
+
+
+def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, workers_help: str,
+                          flip_help: str) -> None:
+    """The options of the benchmarks that embed a release's images (``train.ijb``, ``train.tinyface``):
+    --model or --features, --batch-size, --workers, --device, --flip, --save-features, --overwrite."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help=MODEL_HELP)
+    source.add_argument("--features", metavar="PATH", help=features_help)
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
+                   help="images per forward pass (twice as many rows with the mirror)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help=workers_help)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help=flip_help)
+    p.add_argument("--save-features", metavar="PATH", default=None,
+                   help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
+
+
+def check_benchmark_options(p: argparse.ArgumentParser, args: argparse.Namespace, written: list[str],
+                            flags: str) -> None:
+    """argparse errors for what ``add_benchmark_options``' options cannot mean together, and for
+    output files (``written``, given by ``flags``) that coincide; --flip's default (on) set."""
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("--batch-size must be at least 1 and --workers at least 0")
+    if args.features and args.save_features:
+        p.error("--save-features with --features: the features are already saved")
+    if args.features and args.flip is not None:
+        p.error("--flip/--no-flip with --features: the features are as they were embedded")
+    args.flip = True if args.flip is None else args.flip
+    if len({os.path.realpath(path) for path in written}) < len(written):
+        p.error(f"{flags} must be different files, got {', '.join(written)}")
+
+
+def benchmark_inputs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The files a benchmark run reads (its model, or its features table), which no output may replace."""
+    return (args.model,) if args.model else tuple(table_files(args.features))
+
+
 def table_files(path: str) -> list[str]:
     """The files :func:`write_table` writes for ``path``: the ``.csv``; or the ``.npy`` (added to a
     path without it, as ``np.save`` adds it) and the ``.txt`` beside it listing the images."""

@@ -46,7 +46,8 @@ from PIL import Image, ImageOps
 
 from . import checkpoint
 from .data.transforms import to_chw, to_rgb
-from .embed import embed_images, load_model, read_table, table_files, write_table
+from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, embed_images, load_model,
+                    read_table, table_files, write_table)
 from .tools import check_outputs, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -895,68 +896,54 @@ def draw_curves(path: str, target: str, protocol: IJBProtocol, template_ids: np.
     plot_ijb(path, target, roc=roc, identification=identification)
 
 
-def saved_features(path: str, image_names: list[str]) -> np.ndarray:
+def saved_features(path: str, image_names: list[str], hint: str = "features of another release or --target?"
+                   ) -> np.ndarray:
     """The rows of an earlier run's ``--save-features`` table for ``image_names``, in their order.
-    Raises ValueError when the table lacks one of them (features of another release or target)."""
+    Raises ValueError when the table lacks one of them or holds others (``hint`` says what that may be)."""
     names, table = read_table(path)
     row_of = {name: row for row, name in enumerate(names)}
     missing = [name for name in image_names if name not in row_of]
     if missing:
         raise ValueError(f"{path} has no features for {len(missing)} of the {len(image_names)} images of this release "
-                         f"(the first: {missing[0]}): features of another release or --target?")
+                         f"(the first: {missing[0]}): {hint}")
     if len(names) != len(image_names):  # IJB-B's image names are some of IJB-C's
         listed = set(image_names)
         extra = next(name for name in names if name not in listed)
         raise ValueError(f"{path} has features of {len(names) - len(image_names)} images this release does not use "
-                         f"(the first: {extra}): features of another release or --target?")
+                         f"(the first: {extra}): {hint}")
     return table[[row_of[name] for name in image_names]]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.ijb", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model",
-                        help="a training checkpoint, backbone.pt from python -m train.export, insightface's "
-                        "backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: "
-                        "insightface's released ones, or train.export's; needs onnxruntime)")
-    source.add_argument("--features", metavar="PATH",
-                        help="instead of a model, the image features an earlier run saved with --save-features "
-                        "(.npy with its .txt, or .csv): scored again without embedding, e.g. with another --protocol "
-                        "or --no-detector-score (--flip is as it was when they were saved)")
+    add_benchmark_options(
+        p, features_help="instead of a model, the image features an earlier run saved with --save-features (.npy "
+        "with its .txt, or .csv): scored again without embedding, e.g. with another --protocol or "
+        "--no-detector-score (--flip is as it was when they were saved)",
+        workers_help="DataLoader processes decoding and aligning images",
+        flip_help="add the embedding of the mirrored crop (insightface's F1; the default)")
     p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
                    help="the IJBC (or IJBB) folder of IJB_release, holding meta/ and loose_crop/ (or its parent)")
     p.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS)
     p.add_argument("--protocol", default="auto", type=str.upper, choices=("AUTO", "1:1", "1:N", "BOTH"),
                    help="1:1 template verification, 1:N identification (the release's gallery and probe lists), or "
                    "both; auto (default): 1:1, and 1:N too when meta/ holds its lists")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
-                   help="images per forward pass (twice as many rows with the mirror)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes decoding and aligning images")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the embedding of the mirrored crop (insightface's F1; the default)")
     p.add_argument("--detector-score", action=argparse.BooleanOptionalAction, default=True,
                    help="weigh each image by its detector score (insightface's D1)")
     p.add_argument("--norm-score", action=argparse.BooleanOptionalAction, default=True,
                    help="keep each image feature's norm as its weight (N1); --no-norm-score normalises first")
     p.add_argument("--output", default=None, help="results JSON (default: ijbc.json or ijbb.json)")
-    p.add_argument("--save-features", metavar="PATH", default=None,
-                   help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
     p.add_argument("--plot", metavar="FILE", default=None,
                    help="also draw the 1:1 ROC (TAR against FAR) and the 1:N TPIR against FPIR of each gallery into "
                    "FILE (.png, .pdf or .svg; needs matplotlib)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output, --save-features and --plot files that exist; without it they are kept")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
-        p.error("--batch-size must be at least 1 and --workers at least 0")
-    if args.features and args.save_features:
-        p.error("--save-features with --features: the features are already saved")
-    if args.features and args.flip is not None:
-        p.error("--flip/--no-flip with --features: the features are as they were embedded")
-    args.flip = True if args.flip is None else args.flip
+    output = args.output or f"{args.target.lower()}.json"
+    written = [output, *(table_files(args.save_features) if args.save_features else []),
+               *([args.plot] if args.plot else [])]
+    check_benchmark_options(p, args, written, "--output, --save-features and --plot")
     if args.plot:
         from .plots import _pyplot
 
@@ -964,11 +951,6 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--plot {args.plot}: a .png, .pdf or .svg file")
         if _pyplot() is None:
             p.error("--plot needs matplotlib (pip install matplotlib, or the [train] extra)")
-    output = args.output or f"{args.target.lower()}.json"
-    written = [output, *(table_files(args.save_features) if args.save_features else []),
-               *([args.plot] if args.plot else [])]
-    if len({os.path.realpath(path) for path in written}) < len(written):
-        p.error(f"--output, --save-features and --plot must be different files, got {', '.join(written)}")
     started = time.monotonic()
 
     try:
@@ -987,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them.
-        check_outputs(written, args.overwrite)
+        check_outputs(written, args.overwrite, inputs=benchmark_inputs(args))
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .embed import ImageFiles, embed_images, list_images, load_model, table_files, write_table
+from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, embed_images,
+                    list_images, load_model, table_files, write_table)
 from .ijb import saved_features
 from .tools import check_outputs, torch_device
 
@@ -40,15 +41,11 @@ class TinyFaceProtocol:
     each probe and gallery image (-1 for the distractors)."""
 
     def __init__(self, root: str):
-        self.root = root
+        self.root = root = find_testing_set(root)
         self.names: dict[str, list[str]] = {}
         for folder in FOLDERS:
-            path = os.path.join(root, folder)
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"--data-root {root}: no {folder}/ folder (expected TinyFace's Testing_Set, "
-                                        f"which holds {', '.join(FOLDERS)})")
-            found = [os.path.relpath(p, root) for p in list_images(path)]
-            if not found:
+            found = [os.path.relpath(p, root) for p in list_images(os.path.join(root, folder))]
+            if not found and folder != "Gallery_Distractor":
                 raise ValueError(f"--data-root {root}: {folder}/ holds no images")
             self.names[folder] = found
         self.probe_labels = identities(self.names["Probe"])
@@ -68,14 +65,29 @@ class TinyFaceProtocol:
         return np.concatenate([self.match_labels, np.full(len(self.names["Gallery_Distractor"]), -1, dtype=np.int64)])
 
 
+def find_testing_set(root: str) -> str:
+    """``root``, or the ``Testing_Set`` under it (``tinyface/Testing_Set``, the release's layout), that
+    holds the three folders; FileNotFoundError saying what is missing otherwise."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data-root {root}: no such folder")
+    for candidate in (root, os.path.join(root, "Testing_Set"), os.path.join(root, "tinyface", "Testing_Set")):
+        if all(os.path.isdir(os.path.join(candidate, folder)) for folder in FOLDERS):
+            return candidate
+    missing = [folder for folder in FOLDERS if not os.path.isdir(os.path.join(root, folder))]
+    raise FileNotFoundError(f"--data-root {root}: no {', '.join(f + '/' for f in missing)} folder (expected TinyFace's "
+                            f"Testing_Set, which holds {', '.join(FOLDERS)}, or a folder above it)")
+
+
 def identities(names: list[str]) -> np.ndarray:
-    """The identity of each image, the number its file name starts with before ``_``; ValueError
-    naming the first file whose name does not."""
+    """The identity of each image, the number its file name starts with before ``_`` (ASCII digits,
+    at most 18, as in ``int()`` of AdaFace's reader: 0012 is 12); ValueError naming the first file
+    whose name does not."""
     labels = np.empty(len(names), dtype=np.int64)
     for i, name in enumerate(names):
         head = os.path.splitext(os.path.basename(name))[0].split("_", 1)[0]
-        if not head.isdigit():
-            raise ValueError(f"{name}: expected TinyFace's <identity>_<n> file name, whose identity is a number")
+        if not (head.isascii() and head.isdigit() and len(head.lstrip("0")) <= 18):
+            raise ValueError(f"{name}: expected TinyFace's <identity>_<n> file name, whose identity is a number "
+                             "(of at most 18 digits)")
         labels[i] = int(head)
     return labels
 
@@ -103,15 +115,18 @@ def mate_ranks(probes: np.ndarray, probe_labels: np.ndarray, gallery: np.ndarray
 
 def identification(protocol: TinyFaceProtocol, features: np.ndarray, ranks=RANKS) -> dict:
     """Rank-k identification rates of the features of ``protocol.image_names`` (normalised here)."""
-    features = np.asarray(features, dtype=np.float32)
+    features = np.asarray(features, dtype=np.float64)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0))
     if bad.size:
         raise ValueError(f"{protocol.image_names[bad[0]]}: its feature is zero or not finite"
                          + (f" ({bad.size} such images)" if bad.size > 1 else ""))
-    probes, gallery = protocol.split(features / norms)
+    probes, gallery = protocol.split((features / norms).astype(np.float32))
     rank = mate_ranks(probes, protocol.probe_labels, gallery, protocol.gallery_labels)
     mated = rank > 0
+    if not mated.any():
+        raise ValueError("no probe's identity has an image in Gallery_Match: nothing to rank (are the file names "
+                         "TinyFace's <identity>_<n>?)")
     return {"probes": int(len(probes)), "probes_without_mate": int((~mated).sum()),
             "gallery_match": len(protocol.names["Gallery_Match"]),
             "gallery_distractors": len(protocol.names["Gallery_Distractor"]),
@@ -122,47 +137,29 @@ def identification(protocol: TinyFaceProtocol, features: np.ndarray, ranks=RANKS
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.tinyface", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model",
-                        help="a training checkpoint, backbone.pt from python -m train.export, insightface's "
-                        "backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (needs onnxruntime)")
-    source.add_argument("--features", metavar="PATH",
-                        help="instead of a model, the image features an earlier run saved with --save-features")
+    add_benchmark_options(
+        p, features_help="instead of a model, the image features an earlier run saved with --save-features",
+        workers_help="DataLoader processes decoding images",
+        flip_help="add the embedding of the mirrored image (the default)")
     p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
                    help="the folder holding Probe/, Gallery_Match/ and Gallery_Distractor/ (TinyFace's Testing_Set, "
-                   "or an aligned copy of it)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
-                   help="images per forward pass (twice as many rows with the mirror)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader processes decoding images")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the embedding of the mirrored image (the default)")
+                   "or an aligned copy of it), or a folder above it")
     p.add_argument("--output", default="tinyface.json", help="results JSON")
-    p.add_argument("--save-features", metavar="PATH", default=None,
-                   help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
     p.add_argument("--overwrite", action="store_true", help="replace --output and --save-features files that exist")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
-        p.error("--batch-size must be at least 1 and --workers at least 0")
-    if args.features and args.save_features:
-        p.error("--save-features with --features: the features are already saved")
-    if args.features and args.flip is not None:
-        p.error("--flip/--no-flip with --features: the features are as they were embedded")
-    args.flip = True if args.flip is None else args.flip
     written = [args.output, *(table_files(args.save_features) if args.save_features else [])]
-    if len({os.path.realpath(path) for path in written}) < len(written):
-        p.error(f"--output and --save-features must be different files, got {', '.join(written)}")
+    check_benchmark_options(p, args, written, "--output and --save-features")
     started = time.monotonic()
     try:
         device = torch_device(args.device)
         protocol = TinyFaceProtocol(args.data_root)
         if args.features:
             model, size = None, None
-            features = saved_features(args.features, protocol.image_names)
+            features = saved_features(args.features, protocol.image_names, "features of another release?")
         else:
             model, settings = load_model(args.model, device)
             size = settings["image_size"]
-        check_outputs(written, args.overwrite)  # before the embedding, not after it
+        check_outputs(written, args.overwrite, inputs=benchmark_inputs(args))  # before the embedding, not after it
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -173,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     embedding_started = time.monotonic()
     if model is not None:
         try:
-            features = embed_images(model.to(device), ImageFiles([os.path.join(args.data_root, n) for n in names], size),
+            features = embed_images(model.to(device), ImageFiles([os.path.join(protocol.root, n) for n in names], size),
                                     device=device, batch_size=args.batch_size, workers=args.workers, flip=args.flip,
                                     log=lambda message: print(message, file=sys.stderr, flush=True))
         except ValueError as error:  # an image that does not decode, named
@@ -198,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(f"rank-{k} {100 * v:.2f}%" for k, v in scores["rank"].items() if v is not None))
     result = {"benchmark": "TinyFace", "model": os.path.abspath(args.model) if args.model else None,
               **({"features": os.path.abspath(args.features)} if args.features else {}),
-              "data_root": os.path.abspath(args.data_root),
+              "data_root": os.path.abspath(protocol.root),
               "options": {"flip": None if args.features else args.flip, "image_size": size,
-                          "batch_size": args.batch_size, "device": str(device)},
+                          "batch_size": None if args.features else args.batch_size,
+                          "device": None if args.features else str(device)},
               **scores,
               "seconds": {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)}}
     try:

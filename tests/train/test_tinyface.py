@@ -47,9 +47,11 @@ def test_mate_ranks_match_a_brute_force_search_ties_included():
 
 
 def test_identities_are_the_file_names_numbers():
-    assert tinyface.identities(["Probe/12_3.jpg", "Gallery_Match/7_1.png", "x/40.jpg"]).tolist() == [12, 7, 40]
-    with pytest.raises(ValueError, match=r"Probe/a_1\.jpg: expected TinyFace's <identity>_<n> file name"):
-        tinyface.identities(["Probe/1_1.jpg", "Probe/a_1.jpg"])
+    assert tinyface.identities(["Probe/12_3.jpg", "Gallery_Match/0012_1.png", "x/40.jpg", "y/7_3_x.jpg"]).tolist() == [
+        12, 12, 40, 7]
+    for name in ("Probe/a_1.jpg", "Probe/\u00b2_1.jpg", "Probe/\u0663_1.jpg", "Probe/99999999999999999999_1.jpg"):
+        with pytest.raises(ValueError, match="expected TinyFace's <identity>_<n> file name"):
+            tinyface.identities(["Probe/1_1.jpg", name])
 
 
 PROBE_IDS, MATCH_PER_ID, DISTRACTORS = (3, 5, 8, 13), 2, 6
@@ -120,10 +122,38 @@ def test_saved_features_are_scored_again(release, tmp_path, capsys):
     assert "rank-1 75.00%  rank-5 75.00%  rank-10 75.00%  rank-20 100.00%" in capsys.readouterr().out
 
 
+def test_the_release_folder_above_and_a_release_without_mates(release, tmp_path, capsys):
+    data, _ = release
+    above = tmp_path / "tinyface"
+    above.mkdir()
+    os.symlink(data, above / "Testing_Set")
+    assert tinyface.TinyFaceProtocol(str(tmp_path)).root == str(above / "Testing_Set")  # tinyface/Testing_Set
+    protocol = tinyface.TinyFaceProtocol(data)
+    features = np.eye(len(protocol.image_names), dtype=np.float32)  # no probe's mate scores above the rest...
+    features[:, 0] = 1e-30  # ...and tiny features are still features (normalised in float64)
+    result = tinyface.identification(protocol, features)
+    assert result["rank"][1] == 0.0 and result["probes_without_mate"] == 0
+    protocol.probe_labels = protocol.probe_labels + 1000
+    with pytest.raises(ValueError, match="no probe's identity has an image in Gallery_Match"):
+        tinyface.identification(protocol, features)
+
+
 def test_mistakes_are_one_line_errors(release, tmp_path, capsys):
     data, model_path = release
     assert tinyface.main(["--model", model_path, "--data-root", str(tmp_path), "--output", str(tmp_path / "o.json")]) == 2
-    assert "no Probe/ folder (expected TinyFace's Testing_Set" in capsys.readouterr().err
+    assert "no Probe/, Gallery_Match/, Gallery_Distractor/ folder (expected TinyFace's Testing_Set" in capsys.readouterr().err
+    assert tinyface.main(["--model", model_path, "--data-root", str(tmp_path / "none")]) == 2
+    assert "--data-root " in capsys.readouterr().err
+    # The output may not replace what the run reads (--overwrite would have turned the model into JSON).
+    assert tinyface.main(["--model", model_path, "--data-root", data, "--output", model_path, "--overwrite"]) == 2
+    assert "backbone.pt is one of the files this run reads" in capsys.readouterr().err
+    # A folder it cannot write in is found before the embedding, not after it.
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path / "ro") else real_access(path, mode))
+        (tmp_path / "ro").mkdir()
+        assert tinyface.main(["--model", model_path, "--data-root", data, "--output", str(tmp_path / "ro" / "r.json")]) == 2
+    assert "cannot write r.json in" in capsys.readouterr().err
     (tmp_path / "o.json").write_text("mine")
     assert tinyface.main(["--model", model_path, "--data-root", data, "--output", str(tmp_path / "o.json")]) == 2
     assert "o.json exists: pass --overwrite" in capsys.readouterr().err

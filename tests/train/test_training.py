@@ -264,6 +264,7 @@ def test_gradient_accumulation_is_checked(value):
     ("--num-workers", "-1", "--num-workers must be at least 0, got -1"),
     ("--image-size", "0", "--image-size must be at least 1, got 0"),
     ("--embedding-size", "0", "--embedding-size must be at least 1, got 0"),
+    ("--seed", "-5", "--seed must be at least 0, got -5"),
     ("--lr", "-1", r"--lr must be a finite number > 0, got -1\.0"),
     ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
     ("--arcface-s", "0", r"--arcface-s must be a finite number > 0, got 0\.0"),

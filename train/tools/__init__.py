@@ -14,20 +14,27 @@ import os
 import torch
 
 
-def check_outputs(paths: list[str], overwrite: bool) -> None:
+def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] = ()) -> None:
     """Before a tool starts: each of ``paths`` names a file that may be written. Makes the folders
-    they go in. Raises ValueError naming the file when it is a folder, or when it exists and
-    ``overwrite`` (the tool's ``--overwrite``) is False, or when its folder is a file; OSError when
-    a folder cannot be made."""
+    they go in. Raises ValueError naming the file when it is a folder, or one of the tool's
+    ``inputs`` (a model, a features table: --overwrite would replace it), or when it exists and
+    ``overwrite`` (the tool's ``--overwrite``) is False, or when its folder is a file or cannot be
+    written in (a read-only file system: found now, not after hours of work); OSError when a folder
+    cannot be made."""
+    read = {os.path.realpath(path) for path in inputs if path}
     for path in paths:
         if os.path.isdir(path):
             raise ValueError(f"{path} is a folder: name a file to write")
+        if os.path.realpath(path) in read:
+            raise ValueError(f"{path} is one of the files this run reads: name another file to write")
         if os.path.lexists(path) and not overwrite:
             raise ValueError(f"{path} exists: pass --overwrite to replace it")
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise ValueError(f"{folder} is a file, not a folder to write {os.path.basename(path)} in")
         os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write {os.path.basename(path)} in {folder} (read-only, or not yours)")
 
 
 def torch_device(text: str) -> torch.device:
