@@ -3,17 +3,17 @@ augmented, flipped) in a grid, each labelled with its identity and index, to che
 its augmentations by eye: faces aligned and upright, colours right (a pack written in BGR order shows
 blue faces), one identity's images alike.
 
-    python -m train.tools.preview samples.png --data /data/faces_emore
-    python -m train.tools.preview first.png --data /data/faces_emore --first 0 --count 40
-    python -m train.tools.preview one.png --data /data/faces_emore --image 123 --count 24 \\
+    python -m train.tools.preview --data /data/faces_emore --output samples.png
+    python -m train.tools.preview --data /data/faces_emore --first 0 --count 40 --output first.png
+    python -m train.tools.preview --data /data/faces_emore --image 123 --count 24 --output one.png \\
         --crop-augmentation 0.2 --low-res-augmentation 0.2 --photometric-augmentation 0.2
 
 By default --count images drawn at random from the whole set; --first I takes I, I+1, ... (a RecordIO
 pack and an ImageFolder keep an identity's images together); --image I shows image I in --count
 epochs, each epoch's augmentation and flip. Every option of ``python -m train`` is taken as the
-trainer takes it (--config, --data, --image-size, --seed, the augmentations, ...), so a preview with a
-run's options shows what that run trains on; the others are ignored. An existing output is kept
-unless --overwrite is given.
+trainer takes it (--config, --data, --num-classes, --image-size, --seed, the augmentations, ...), so a
+preview with a run's options shows what that run trains on; the others are ignored (--output is the
+image to write here, not a run's folder). An existing output is kept unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -31,24 +31,25 @@ from train import checkpoint
 from train.tools import check_outputs
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+SAVE_OPTIONS = {"PNG": {}, "JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"lossless": True}}
 LABEL_HEIGHT = 12  # pixels of text under each tile
 GAP = 2
 
 
 def grid(tiles: list[np.ndarray], captions: list[str], columns: int) -> Image.Image:
-    """uint8 (H, W, 3) ``tiles`` in rows of ``columns`` on white, each with its caption under it."""
+    """uint8 (H, W, 3) ``tiles`` in rows of ``columns`` on white, each with its caption under it; a
+    cell is as wide as the widest caption (a caption cut short would show another number)."""
     height, width = tiles[0].shape[:2]
     rows = math.ceil(len(tiles) / columns)
-    cell_w, cell_h = width + GAP, height + LABEL_HEIGHT + GAP
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell_w = max(width, *(math.ceil(measure.textlength(c, font=font)) for c in captions)) + GAP
+    cell_h = height + LABEL_HEIGHT + GAP
     sheet = Image.new("RGB", (columns * cell_w + GAP, rows * cell_h + GAP), "white")
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
     for k, (tile, caption) in enumerate(zip(tiles, captions)):
         x, y = GAP + (k % columns) * cell_w, GAP + (k // columns) * cell_h
         sheet.paste(Image.fromarray(tile), (x, y))
-        # Cut to the tile's width: a long caption would run into its neighbour's.
-        while caption and draw.textlength(caption, font=font) > width:
-            caption = caption[:-1]
         draw.text((x, y + height), caption, fill="black", font=font)
     return sheet
 
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.tools.preview", description=__doc__.split("\n\n")[0], allow_abbrev=False,
         epilog="Any option of python -m train is accepted as the trainer takes it (python -m train --help).")
-    parser.add_argument("output", help="the image to write (.png, .jpg, .webp)")
+    parser.add_argument("--output", required=True, help="the image to write (.png, .jpg, .webp)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--first", type=int, default=None, metavar="I", help="images I, I+1, ... (default: at random)")
     which.add_argument("--image", type=int, default=None, metavar="I",
@@ -98,12 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.output}: name a .png, .jpg or .webp file")
     options = parse_args(trainer_argv)  # exits with the trainer's own message on a bad option
     try:
-        check_outputs([args.output], args.overwrite)
         synthetic = ({"synthetic_identities": options.synthetic_identities,
                       "synthetic_images_per_identity": options.synthetic_images_per_identity}
                      if options.data == "synthetic" else {})
         dataset, classes = build_train_dataset(options.data, image_size=options.image_size, seed=options.seed,
                                                flip=True, augment=augmentation(options), **synthetic)
+        if options.num_classes is not None and options.num_classes != classes:  # as the trainer refuses it
+            raise ValueError(f"--num-classes is {options.num_classes}, but {options.data} holds {classes} identities")
+        stored = getattr(dataset, "stored_size", None)
+        if stored not in (None, (options.image_size, options.image_size)):
+            print(f"note: {options.data} holds {stored[0]}x{stored[1]} images (its property file); they are resized "
+                  f"to {options.image_size}x{options.image_size} (--image-size)", file=sys.stderr)
+        check_outputs([args.output], args.overwrite)
         keys = pick(args, len(dataset), np.random.default_rng(options.seed))
         tiles, captions = [], []
         for index, epoch in keys:
@@ -113,16 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:  # the data's own errors name the file and record
         print(f"preview: error: {error}", file=sys.stderr)
         return 1
-    sheet = grid(tiles, captions, args.columns or math.ceil(math.sqrt(len(tiles))))
+    sheet = grid(tiles, captions, min(len(tiles), args.columns or math.ceil(math.sqrt(len(tiles)))))
     encoded = io.BytesIO()
-    sheet.save(encoded, format=FORMATS[extension])
-    try:
+    try:  # at the quality the details augmentations make are seen in (Pillow's defaults blur them)
+        sheet.save(encoded, format=FORMATS[extension], **SAVE_OPTIONS[FORMATS[extension]])
         checkpoint.write_atomic(args.output, lambda f: f.write(encoded.getvalue()))
-    except OSError as error:
-        print(f"preview: error: cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
+    except (OSError, ValueError) as error:  # a sheet past WebP's or JPEG's size limit, a full disk
+        print(f"preview: error: cannot write the {sheet.width} x {sheet.height} sheet to {args.output}: "
+              f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
         return 1
     described = dataset.augment.describe() if dataset.augment else "none"
-    print(f"preview: wrote {len(tiles)} of the {len(dataset)} images ({classes} identities) of {options.data} to "
+    print(f"preview: wrote {len(tiles)} tiles of {options.data} ({len(dataset)} images, {classes} identities) to "
           f"{args.output}: identity and {'epoch' if args.image is not None else 'index'} under each; "
           f"augmentations: {described}", file=sys.stderr)
     return 0
