@@ -1,0 +1,162 @@
+"""The README as documentation that stays true: the signatures in its API table are the code's (names,
+order, keyword-only markers, defaults), every `arcface_ext.<name>` it mentions exists, and its Python
+examples that can run on a CPU run as written."""
+import ast
+import inspect
+import os
+import re
+
+import pytest
+import torch
+
+import arcface_ext
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def readme():
+    with open(README, encoding="utf-8") as f:
+        return f.read()
+
+
+def section(text, heading):
+    """The text under a heading, up to the next heading of the same or a higher level."""
+    level = heading.split(" ", 1)[0]
+    start = text.index("\n" + heading + "\n") + len(heading) + 2
+    stop = re.compile(r"^#{1,%d} " % len(level), re.M).search(text, start)
+    return text[start:stop.start() if stop else len(text)]
+
+
+def documented_signatures():
+    """(name, parameters) for each call written in the first cell of the API table's rows."""
+    found = []
+    for line in section(readme(), "## API").splitlines():
+        if not line.startswith("| `"):
+            continue
+        first_cell = line.split(" | ")[0]
+        for code in re.findall(r"`([^`]+)`", first_cell):
+            match = re.fullmatch(r"([\w.]+)\((.*)\)", code)
+            if match:
+                found.append((match.group(1), match.group(2)))
+    return found
+
+
+def resolve(name):
+    target = arcface_ext
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def parse_parameters(text):
+    """The documented parameters as ast: a `...` stands for parameters left out."""
+    text = re.sub(r"\.\.\.\s*,\s*|,\s*\.\.\.(?=\s*$)", "", text.strip())
+    if text == "...":
+        text = ""
+    return ast.parse(f"def documented({text}): pass").body[0].args
+
+
+def literal(node):
+    try:
+        return True, ast.literal_eval(node)
+    except ValueError:
+        return False, None          # a symbol such as τ: the name is checked, not the value
+
+
+SIGNATURES = documented_signatures()
+
+
+def test_the_api_table_is_read():
+    names = {name for name, _ in SIGNATURES}
+    assert {"combined_margin_loss", "CombinedMarginLoss", "ArcFaceLoss", "SubCenterMarginLoss",
+            "ShardedCombinedMarginLoss", "sample_classes", "set_workspace_bytes"} <= names
+
+
+@pytest.mark.parametrize("name,parameters", SIGNATURES, ids=[f"{n}#{i}" for i, (n, _) in enumerate(SIGNATURES)])
+def test_api_table_signature_is_the_code(name, parameters):
+    actual = inspect.signature(resolve(name)).parameters
+    documented = parse_parameters(parameters)
+    positional = [a.arg for a in documented.args]
+    keyword_only = [a.arg for a in documented.kwonlyargs]
+    for arg in positional + keyword_only:
+        assert arg in actual, f"README documents {name}({arg}=...), which {name} does not take: {list(actual)}"
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+    order = [p for p in actual if actual[p].kind in kinds]
+    elided = "..." in parameters      # where the `*` falls is not shown: names and defaults only
+    assert elided or [p for p in order if p in positional] == positional, \
+        f"README gives {name}'s positional parameters as {positional}; the code's order is {order}"
+    for arg in keyword_only:
+        assert actual[arg].kind == inspect.Parameter.KEYWORD_ONLY, \
+            f"README shows {name}'s {arg} after `*` (keyword-only); the code takes it as {actual[arg].kind}"
+    defaults = list(zip(documented.args[len(documented.args) - len(documented.defaults):], documented.defaults))
+    defaults += [(a, d) for a, d in zip(documented.kwonlyargs, documented.kw_defaults)]
+    for arg, node in defaults:
+        if node is None:
+            assert actual[arg.arg].default is inspect.Parameter.empty, \
+                f"README shows {name}'s {arg.arg} without a default; the code's is {actual[arg.arg].default!r}"
+            continue
+        known, value = literal(node)
+        if known:
+            assert actual[arg.arg].default == value and type(actual[arg.arg].default) in (type(value), int, float), \
+                f"README gives {name}'s {arg.arg} the default {value!r}; the code's is {actual[arg.arg].default!r}"
+    for arg in documented.args[:len(documented.args) - len(documented.defaults)]:
+        assert actual[arg.arg].default is inspect.Parameter.empty, \
+            f"README shows {name}'s {arg.arg} without a default; the code's is {actual[arg.arg].default!r}"
+
+
+def test_every_name_the_readme_gives_exists():
+    text = readme()
+    names = set(re.findall(r"\barcface_ext\.((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)", text))
+    names |= {f"reference.{n}" for n in re.findall(r"`reference\.(?!py`)(\w+)", text)}
+    names |= {f"chunked.{n}" for n in re.findall(r"`chunked\.(?!py`)(\w+)", text)}
+    missing = []
+    for name in sorted(names):
+        try:
+            resolve(name)
+        except AttributeError:
+            missing.append(name)
+    assert not missing, f"README names {missing}, which arcface_ext does not have"
+    assert {"combined_margin_loss", "reference.combined_margin_loss", "chunked.shard_forward"} <= names
+
+
+def python_examples():
+    return re.findall(r"```python\n(.*?)```", readme(), re.S)
+
+
+class TinyBackbone(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 512)
+
+    def forward(self, images):
+        return self.fc(images.flatten(1))
+
+
+def test_the_examples_run_on_a_cpu():
+    if not arcface_ext.extension_available():
+        pytest.skip("the extension is not built")
+    examples = python_examples()
+    assert len(examples) >= 4
+    ran = 0
+    torch.manual_seed(0)
+    for code in examples:
+        if ".cuda()" in code or "init_process_group" in code:
+            continue        # a GPU or a process group: the distributed tests run these calls
+        # One namespace an example, holding what the text around it says the reader has (the earlier
+        # examples' imports among it).
+        images = torch.randn(8, 3, 8, 8)
+        labels = torch.randint(0, 85742, (8,))
+        namespace = {"torch": torch, "arcface_ext": arcface_ext, "backbone": TinyBackbone(), "loader": [(images, labels)] * 2,
+                     "embeddings": torch.randn(8, 512, requires_grad=True), "weight": torch.randn(85742, 512),
+                     "labels": labels}
+        exec(compile(code, README + " (a python example)", "exec"), namespace)
+        ran += 1
+        if "optimizer.step()" in code:
+            assert torch.isfinite(namespace["loss"]) and namespace["loss"] > 0
+            assert namespace["criterion"].weight.shape == (85742, 512)
+        if "return_target_cosine=True" in code:
+            assert namespace["target_cosine"].shape == (8,)
+            expected = arcface_ext.reference.combined_margin_loss(
+                namespace["embeddings"].double(), namespace["weight"].double(), labels, s=64.0, m1=1.0, m2=0.5, m3=0.0)
+            torch.testing.assert_close(namespace["loss"].double(), expected, rtol=1e-5, atol=1e-5)
+    assert ran >= 2
