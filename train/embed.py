@@ -58,7 +58,7 @@ def list_images(folder: str) -> list[str]:
 @torch.no_grad()
 def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *, device, batch_size: int = 128,
                  workers: int = 4, flip: bool = True, log=None, normalize: bool = False, dtype=np.float32,
-                 unreadable: list | None = None, extras: list | None = None,
+                 unreadable: list | None = None, extras: list | None = None, norms: list | None = None,
                  workers_leave_signals: bool = False) -> np.ndarray:
     """(len(images), D) raw embeddings, embedding(x) + embedding(mirrored x) with ``flip``, of a
     dataset whose item i is (uint8 (3, S, S) image, "" or why image i could not be read); with
@@ -72,7 +72,9 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
     million 112 px faces 37 GB). Raises ValueError naming the first unreadable
     image, unless ``unreadable`` is a list: each unreadable image's (index, why) is then appended
     to it and its row is NaN. Items may carry a third element, which ``extras`` (a list) then
-    receives, batch by batch, as the DataLoader collates it.
+    receives, batch by batch, as the DataLoader collates it. ``norms`` (a list) receives, batch by
+    batch, each image's feature norm: the mean of ‖embedding(x)‖ and ‖embedding(mirrored x)‖ with
+    ``flip`` (each image's share of insightface's XNorm), else ‖embedding(x)‖; MagFace's quality.
     """
     from .data import leave_signals_to_the_main_process
 
@@ -96,8 +98,12 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
             if flip:
                 raw = backbone(torch.cat([x, torch.flip(x, dims=[3])])).float()
                 out = raw[:count] + raw[count:]
+                if norms is not None:
+                    norms.append(((raw[:count].norm(dim=1) + raw[count:].norm(dim=1)) / 2).cpu().numpy())
             else:
                 out = backbone(x).float()
+                if norms is not None:
+                    norms.append(out.norm(dim=1).cpu().numpy())
             if normalize:
                 out = torch.nn.functional.normalize(out, dim=1)
             if features is None:
@@ -136,16 +142,18 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def embed_files(model: torch.nn.Module, paths: list[str], image_size: int, *, device="cpu",
-                batch_size: int = 64, workers: int = 0) -> np.ndarray:
-    """(len(paths), D) float32 unit-length embeddings (verification's: image plus mirror)."""
+                batch_size: int = 64, workers: int = 0, norms: list | None = None) -> np.ndarray:
+    """(len(paths), D) float32 unit-length embeddings (verification's: image plus mirror); the
+    feature norms as ``embed_images`` gives them appended to ``norms``."""
     features = embed_images(model.to(device), ImageFiles(paths, image_size), device=device, batch_size=batch_size,
-                            workers=workers, log=lambda message: print(message, file=sys.stderr, flush=True))
+                            workers=workers, log=lambda message: print(message, file=sys.stderr, flush=True),
+                            norms=norms)
     return torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
 
 
 def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str, image_size: int, *,
                        extension: str | None = None, several: bool = False, device="cpu", batch_size: int = 64,
-                       workers: int = 0) -> tuple[list[str], np.ndarray]:
+                       workers: int = 0, norms: list | None = None) -> tuple[list[str], np.ndarray]:
     """(names as listed, (N, D) float32 unit-length embeddings) of the faces of ``landmarks_file``
     (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``
     (``several``: an image may be listed again, and its k-th face listed is named ``<name>#<k>``).
@@ -174,14 +182,15 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
         raise FileNotFoundError(f"{landmarks_file}: line {line_nos[first]}: {os.path.join(folder, names[first])}: no "
                                 "such file" + (f" ({len(missing)} such lines)" if len(missing) > 1 else ""))
     embeddings = embed_faces(model, folder, names, points, image_size, device=device, batch_size=batch_size,
-                             workers=workers, sources=[f"{landmarks_file}: line {n}" for n in line_nos])
+                             workers=workers, sources=[f"{landmarks_file}: line {n}" for n in line_nos], norms=norms)
     if several:
         names = [f"{name}#{number}" for name, number in zip(names, face_numbers(names))]
     return names, embeddings
 
 
 def embed_faces(model: torch.nn.Module, folder: str, names: list[str], points: np.ndarray, image_size: int, *,
-                device="cpu", batch_size: int = 64, workers: int = 0, sources: list[str] | None = None) -> np.ndarray:
+                device="cpu", batch_size: int = 64, workers: int = 0, sources: list[str] | None = None,
+                norms: list | None = None) -> np.ndarray:
     """(N, D) float32 unit-length embeddings of face i of image ``names[i]`` under ``folder``, aligned
     from its (5, 2) landmarks ``points[i]`` as ``train.tools.align`` aligns it. ValueError naming the
     first face whose image cannot be read or whose landmarks lie off it (``sources[i]`` first)."""
@@ -189,7 +198,7 @@ def embed_faces(model: torch.nn.Module, folder: str, names: list[str], points: n
 
     faces = LooseCrops(folder, names, points, image_size, check_bounds=True, sources=sources)
     features = embed_images(model.to(device), faces, device=device, batch_size=batch_size, workers=workers,
-                            log=lambda message: print(message, file=sys.stderr, flush=True))
+                            log=lambda message: print(message, file=sys.stderr, flush=True), norms=norms)
     return torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
 
 
@@ -295,6 +304,16 @@ def write_table(path: str, names: list[str], embeddings: np.ndarray) -> list[str
     return files
 
 
+def write_norms(path: str, names: list[str], norms: np.ndarray) -> str:
+    """A CSV table ``image,norm`` of each face's feature norm, in the rows' order, written atomically."""
+    def write_csv(f):
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image", "norm"])
+        writer.writerows([name, f"{norm:.7g}"] for name, norm in zip(names, norms))
+    checkpoint.write_atomic(path, write_csv, binary=False)
+    return path
+
+
 def read_table(path: str) -> tuple[list[str], np.ndarray]:
     """What :func:`write_table` wrote at ``path``: (image names, (N, D) float32 embeddings). Raises
     FileNotFoundError or ValueError naming the file (and the line or row) at fault: a table that is
@@ -392,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="embeddings.npy",
                    help="with --images: .npy (+ .txt listing the images) or .csv; an existing file is kept unless "
                    "--overwrite is given")
+    p.add_argument("--norms", metavar="FILE", default=None,
+                   help="with --images: also write each face's feature norm (the mean over the image and its mirror "
+                   "of the embedding's length before normalisation; MagFace's quality score, and AdaFace's proxy of "
+                   "it) to this CSV file, image,norm in the rows' order; kept unless --overwrite is given")
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine similarity at or above which two faces are the same person; default: from the "
                    f"model's last verification, else {DEFAULT_COSINE_THRESHOLD}")
@@ -406,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--batch-size must be at least 1")
     if args.workers < 0:
         p.error("--workers must be at least 0")
+    if args.norms and not args.images:
+        p.error("--norms goes with --images (--compare prints the two norms)")
+    if args.norms and os.path.realpath(args.norms) in {os.path.realpath(f) for f in table_files(args.output)}:
+        p.error(f"--norms and --output must be different files, got {args.norms}")
     if args.landmarks and not args.images:
         p.error("--landmarks goes with --images (the faces it lists are found under that folder)")
     if args.extension and not args.landmarks:
@@ -435,8 +462,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch_device(args.device)
     model, settings = load_model(args.model, device)
     if args.images:
-        check_outputs(table_files(args.output), args.overwrite)
+        check_outputs(table_files(args.output) + ([args.norms] if args.norms else []), args.overwrite,
+                      inputs=(args.model, args.landmarks, args.detector))
     size = settings["image_size"]
+    norms = []
     if args.compare:
         for path in args.compare:
             if not os.path.isfile(path):
@@ -446,20 +475,22 @@ def run(args: argparse.Namespace) -> int:
                                                    show_progress=False)
             if failures:
                 raise ValueError(f"{failures[0]} (--detector {args.detector})")
-            first, second = embed_faces(model, "", list(args.compare), points, size, device=device)
+            first, second = embed_faces(model, "", list(args.compare), points, size, device=device, norms=norms)
         else:
-            first, second = embed_files(model, list(args.compare), size, device=device)
+            first, second = embed_files(model, list(args.compare), size, device=device, norms=norms)
         similarity = float(np.dot(first, second))
         threshold, source = cosine_threshold(settings, args.threshold)
         verdict = "same person" if similarity >= threshold else "different people"
-        print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source})")
+        first_norm, second_norm = np.concatenate(norms)
+        print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source}); "
+              f"feature norms {first_norm:.2f} and {second_norm:.2f}")
         return 0
 
     failures = []
     if args.landmarks:
         names, embeddings = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
                                                several=args.all_faces, device=device, batch_size=args.batch_size,
-                                               workers=args.workers)
+                                               workers=args.workers, norms=norms)
     else:
         paths = list_images(args.images)
         if not paths:
@@ -476,14 +507,16 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--detector {args.detector} found no face in the {len(paths)} photo(s) under "
                                  f"{args.images}")
             embeddings = embed_faces(model, "", [paths[i] for i in photos], points, size, device=device,
-                                     batch_size=args.batch_size, workers=args.workers)
+                                     batch_size=args.batch_size, workers=args.workers, norms=norms)
             names = [os.path.relpath(paths[i], args.images) + (f"#{number}" if args.all_faces else "")
                      for i, number in zip(photos, numbers)]
         else:
             embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size,
-                                     workers=args.workers)
+                                     workers=args.workers, norms=norms)
             names = [os.path.relpath(path, args.images) for path in paths]
     written = write_table(args.output, names, embeddings)
+    if args.norms:
+        written.append(write_norms(args.norms, names, np.concatenate(norms)))
     faces = args.landmarks or args.detector
     print(f"embedded {len(names)} {'faces' if faces else 'images'} ({embeddings.shape[1]}-D, {size}px): "
           f"{', '.join(written)}" + (f"; {len(failures)} photo(s) without a face or unreadable, left out"

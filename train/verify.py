@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     """``main`` after parsing; raises OSError or ValueError naming what is at fault."""
     device = torch_device(args.device)
     if args.output:
-        check_outputs([args.output], args.overwrite)
+        check_outputs([args.output], args.overwrite, inputs=(args.model,))
     if args.data not in (None, SYNTHETIC) and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data} is not a folder")
     model, settings = load_model(args.model, device)

@@ -236,6 +236,55 @@ def test_embed_csv_quotes_names(trained, tmp_path):
     assert row[0] == os.path.join('smith, "jo"', "1,2.png") and len(row) == len(header)
 
 
+def test_embed_writes_feature_norms(trained, tmp_path, capsys):
+    """--norms: each face's mean of ‖f(image)‖ and ‖f(mirror)‖ before normalisation (MagFace's quality),
+    in the rows' order; --compare prints the two; neither replaces a file the run reads."""
+    ckpt, faces = trained
+    output, norms = tmp_path / "e.npy", tmp_path / "norms.csv"
+    assert embed.main(["--model", ckpt, "--images", faces, "--output", str(output), "--norms", str(norms),
+                       "--workers", "0", "--batch-size", "5"]) == 0
+    assert str(norms) in capsys.readouterr().out
+    names = (tmp_path / "e.txt").read_text().splitlines()
+    with open(norms, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert header == ["image", "norm"] and [row[0] for row in rows] == names
+    model, settings = checkpoint.load_backbone(ckpt)
+    images = torch.stack([torch.from_numpy(load_image_file(os.path.join(faces, name), settings["image_size"])
+                                           .transpose(2, 0, 1).copy()) for name in names])
+    x = (images.float() - 127.5) / 127.5
+    expected = (embeddings_of(model, x).norm(dim=1) + embeddings_of(model, x.flip(3)).norm(dim=1)) / 2
+    got = np.array([float(row[1]) for row in rows])
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5)
+    assert np.ptp(got) > 0      # one number a face, not one for all
+
+    first, last = os.path.join(faces, names[0]), os.path.join(faces, names[-1])
+    assert embed.main(["--model", ckpt, "--compare", first, last]) == 0
+    assert f"feature norms {got[0]:.2f} and {got[-1]:.2f}" in capsys.readouterr().out
+
+    def error(argv):
+        try:
+            code = embed.main(["--model", ckpt, *argv])
+        except SystemExit as exit_info:
+            code = exit_info.code
+        return code, capsys.readouterr().err
+    # The norms file may not be the table, nor replace the model with --overwrite; --compare prints its own.
+    code, err = error(["--images", faces, "--output", str(output), "--norms", str(tmp_path / "e.txt"),
+                       "--overwrite"])
+    assert code == 2 and "--norms and --output must be different files" in err
+    code, err = error(["--images", faces, "--output", str(tmp_path / "f.npy"), "--norms", ckpt, "--overwrite"])
+    assert code == 2 and "one of the files this run reads" in err and os.path.getsize(ckpt) > 0
+    code, err = error(["--compare", first, last, "--norms", str(tmp_path / "n.csv")])
+    assert code == 2 and "--norms goes with --images" in err
+    code, err = error(["--images", faces, "--output", str(tmp_path / "g.npy"), "--norms", str(norms)])
+    assert code == 2 and f"{norms} exists" in err and not os.path.exists(tmp_path / "g.npy")
+    # The .txt beside an .npy output may not replace the --landmarks file either.
+    landmarks = tmp_path / "lm.txt"
+    landmarks.write_text("id_000/00.png 1 2 3 4 5 6 7 8 9 10\n")
+    code, err = error(["--images", faces, "--landmarks", str(landmarks), "--output", str(tmp_path / "lm.npy"),
+                       "--overwrite"])
+    assert code == 2 and "one of the files this run reads" in err and landmarks.read_text().startswith("id_000")
+
+
 @pytest.mark.parametrize("mistake, message", [
     ("corrupt image", "x.png: cannot decode image"),
     ("corrupt compare", "x.png: cannot decode image"),

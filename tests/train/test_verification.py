@@ -318,6 +318,11 @@ def test_make_bin_checks_every_image_decodes(tmp_path, pairs_images, capsys):
     err = capsys.readouterr().err
     assert err.startswith("make_bin: error: ") and "3.png: cannot decode image" in err and err.count("\n") == 1
     assert not out.exists()
+    # The list itself is not an output, --overwrite or not.
+    listed = (tmp_path / "pairs.txt").read_text()
+    assert make_bin_main([str(tmp_path / "pairs.txt"), "--pairs-list", str(tmp_path / "pairs.txt"), "--overwrite"]) == 1
+    assert "is one of the files this run reads" in capsys.readouterr().err
+    assert (tmp_path / "pairs.txt").read_text() == listed
 
 
 def test_make_bin_checks_the_image_size(tmp_path, capsys):

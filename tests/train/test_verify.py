@@ -92,6 +92,7 @@ def test_synthetic_sets_are_those_of_the_runs_seed(tmp_path, capsys):
     (["--targets", "x.bin", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--data", "nowhere"], "--data nowhere is not a folder"),
     (["--targets", "gaps.txt"], "gaps.txt: pair 2: no image at"),
+    (["--data", ".", "--output", "MODEL", "--overwrite"], "is one of the files this run reads"),
 ])
 def test_mistakes_are_one_line_errors(verified, tmp_path, capsys, argv, message, monkeypatch):
     ckpt, pairs, _ = verified
@@ -101,10 +102,12 @@ def test_mistakes_are_one_line_errors(verified, tmp_path, capsys, argv, message,
     listed[1] = "absent.png " + listed[1].split(" ", 1)[1]
     with open(os.path.join(os.path.dirname(pairs), "gaps.txt"), "w") as f:
         f.writelines(listed)
-    argv = [os.path.join(os.path.dirname(pairs), a) if a == "gaps.txt" else a for a in argv]
+    argv = [os.path.join(os.path.dirname(pairs), a) if a == "gaps.txt" else ckpt if a == "MODEL" else a for a in argv]
+    size = os.path.getsize(ckpt)
     try:
         code = verify.main(["--model", ckpt, *argv])
     except SystemExit as exit_info:  # argparse's errors
         code = exit_info.code
     err = capsys.readouterr().err
     assert code == 2 and message in err.splitlines()[-1] and "Traceback" not in err, err
+    assert os.path.getsize(ckpt) == size

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_size < 1:
         parser.error(f"--image-size must be at least 1, got {args.image_size}")
     try:
-        check_outputs([args.output], args.overwrite)
+        check_outputs([args.output], args.overwrite, inputs=(args.pairs_list,))
         if args.synthetic:
             name = args.name or os.path.splitext(os.path.basename(args.output))[0]
             images, issame = synthetic_pairs(name, num_pairs=args.pairs, num_identities=max(2, args.pairs // 2),
