@@ -71,6 +71,14 @@ def check_options(*, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_inde
         raise ValueError(f"m1 (the multiplicative angular margin) must be > 0, got {m1}")
     if lambda_ < 0:
         raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
+    # Margins past these bounds train nothing useful and say nothing: an angle past π turns the
+    # continuation c - m2·sin m2 into a bonus (m2 = 10 gives a zero loss), and a cosine margin past the
+    # cosines' own range cannot be overcome. Degrees for radians is the usual slip.
+    if not isinstance(m2, torch.Tensor) and not -math.pi / 2 <= m2 <= math.pi / 2:
+        raise ValueError(f"m2 (the additive angular margin, in radians) must lie in [-pi/2, pi/2], got {m2} "
+                         "(ArcFace's 0.5 rad is 28.6 degrees)")
+    if not isinstance(m3, torch.Tensor) and not -1 <= m3 <= 1:
+        raise ValueError(f"m3 (the additive cosine margin) must lie in [-1, 1], got {m3}")
     if (isinstance(ignore_index, (bool, torch.Tensor)) or not isinstance(ignore_index, numbers.Integral)
             or not -2**63 <= ignore_index < 2**63):
         raise ValueError(f"ignore_index must be an int (int64), got {ignore_index!r}")
@@ -80,6 +88,16 @@ def skips_label_check(check_labels, labels):
     """Whether a call with ``check_labels`` skips the labels' check (asked for, and on a device
     where the check is a sync)."""
     return not check_labels and labels.device.type not in ALWAYS_CHECKED_DEVICES
+
+
+def check_real(name, value, condition="", ok=lambda v: True):
+    """A finite real number (numpy's too) that satisfies ``ok``, as a float; ValueError naming
+    ``name`` and what it must be (``condition``) otherwise."""
+    if (isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real)
+            or not -math.inf < value < math.inf or not ok(value)):
+        raise ValueError(f"{name} must be a finite real number{' ' + condition if condition else ''}, "
+                         f"got {value!r}")
+    return float(value)
 
 
 def check_flag(name, value):

@@ -34,7 +34,7 @@ import numbers
 
 import torch
 
-from ._checks import check_arguments, check_flag, fused_compute_dtype, reduce_rows
+from ._checks import check_arguments, check_flag, fused_compute_dtype, reduce_rows, skips_label_check
 from .reference import NORM_EPS, margin_psi
 
 # Values a block holds: about this many cosines (N x chunk·K) and centre rows' values (chunk·K x D),
@@ -416,7 +416,8 @@ def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0
     num_classes = weight.shape[0] // k
     labels = labels.long()
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if (check_flag("check_labels", check_labels) and not torch.compiler.is_compiling()
+    # CPU labels are checked whatever check_labels says, as the fused op checks them (no device sync).
+    if (not skips_label_check(check_flag("check_labels", check_labels), labels) and not torch.compiler.is_compiling()
             and labels.device.type != "meta" and bool(bad.any())):
         raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
     counted = (labels != ignore_index) & ~bad

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import _checks, chunked, functional, reference
 from .chunked import check_filtering_threshold
-from ._checks import check_arguments, check_flag, check_options, reduce_rows
+from ._checks import check_arguments, check_flag, check_options, check_real, reduce_rows
 from .sampling import bad_labels, check_sample_rate, sample_step
 
 
@@ -67,7 +67,7 @@ class CombinedMarginLoss(nn.Module):
         super().__init__()
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
                          ignore_index, sample_rate, check_labels)
-        self.use_reference = use_reference
+        self.use_reference = check_flag("use_reference", use_reference)
         self.interclass_filtering_threshold = check_filtering_threshold(interclass_filtering_threshold)
         if self.interclass_filtering_threshold and (self.per_row_margins or self.curricular):
             raise ValueError(f"interclass_filtering_threshold does not go with {type(self).__name__}'s "
@@ -186,19 +186,24 @@ class AdaFaceMargins:
     statistics of the batches' clipped norms, row i's target logit is s·(cos(θ - m·z_i) - (m + m·z_i)):
     an angular margin for hard (low-norm) rows, a cosine one for easy rows. The margins are constants
     of the step (no gradient through the norm), as in AdaFace. μ and σ (buffers ``batch_mean``,
-    ``batch_std``, AdaFace's initial 20 and 100) move in training mode only; they stay fp32 when the
-    module is cast to 16 bits (a bf16 running mean would round away its 1% steps)."""
+    ``batch_std``, AdaFace's initial 20 and 100) move in training mode only; they are fp32 (fp64 in an
+    fp64 module) and stay fp32 when the module is cast to 16 bits (a bf16 running mean would round away
+    its 1% steps)."""
 
     per_row_margins = True
     initial_statistics = {"batch_mean": 20.0, "batch_std": 100.0}  # AdaFace's
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
-        if not (0 <= m < math.inf and 0 < h < math.inf and 0 < t_alpha <= 1):
-            raise ValueError(f"AdaFace needs finite m >= 0 and h > 0 and t_alpha in (0, 1], got {m}, {h}, {t_alpha}")
+        # Its margins reach m angular and 2m cosine: m = 1 is already far past AdaFace's 0.4.
+        m = check_real("AdaFace's m", m, "in [0, 1]", lambda v: 0 <= v <= 1)
+        h = check_real("AdaFace's h", h, "> 0", lambda v: v > 0)
+        t_alpha = check_real("AdaFace's t_alpha", t_alpha, "in (0, 1]", lambda v: 0 < v <= 1)
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
-        self.m, self.h, self.t_alpha = float(m), float(h), float(t_alpha)
+        self.m, self.h, self.t_alpha = m, h, t_alpha
+        # fp32 (fp64 in an fp64 module), as CurricularFace's t.
+        dtype = torch.float64 if kwargs.get("dtype") == torch.float64 else torch.float32
         for name, value in self.initial_statistics.items():
-            self.register_buffer(name, torch.tensor(value, device=kwargs.get("device")))
+            self.register_buffer(name, torch.tensor(value, device=kwargs.get("device"), dtype=dtype))
 
     def reset_parameters(self):
         super().reset_parameters()
@@ -235,6 +240,9 @@ class AdaFaceMargins:
                 # checked on the device) leaves them as they were.
                 self._moved_statistics = (mean, std)
             z = ((norms - mean) / (std + 1e-3) * self.h).clamp(-1.0, 1.0)
+            # A non-finite embedding (NaN norm) gets margin 0: its loss is NaN anyway, as for the other
+            # losses, where a NaN margin would make the op refuse the whole call.
+            z = torch.nan_to_num(z, nan=0.0)
             return -self.m * z, self.m + self.m * z
 
     def forward(self, embeddings, labels, return_target_cosine=False):
@@ -265,8 +273,7 @@ class ElasticFaceMargins:
                  **kwargs):
         if kind not in ("arc", "cos"):
             raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
-        if not 0 <= std < math.inf:
-            raise ValueError(f"std must be finite and >= 0, got {std}")
+        std = check_real("std", std, ">= 0", lambda v: v >= 0)
         if m is None:
             m = 0.5 if kind == "arc" else 0.35
         margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
@@ -306,8 +313,10 @@ class MagFaceLoss(CombinedMarginLoss):
 
     def __init__(self, num_classes, embedding_size, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
                  **kwargs):
-        if not (0 < l_a < u_a and l_m <= u_m and lambda_g >= 0):
-            raise ValueError(f"MagFace needs 0 < l_a < u_a, l_m <= u_m and lambda_g >= 0, got l_a={l_a}, "
+        for name, value in (("l_a", l_a), ("u_a", u_a), ("l_m", l_m), ("u_m", u_m), ("lambda_g", lambda_g)):
+            check_real(name, value)
+        if not (0 < l_a < u_a and 0 <= l_m <= u_m <= math.pi / 2 and lambda_g >= 0):
+            raise ValueError(f"MagFace needs 0 < l_a < u_a, 0 <= l_m <= u_m <= pi/2 and lambda_g >= 0, got l_a={l_a}, "
                              f"u_a={u_a}, l_m={l_m}, u_m={u_m}, lambda_g={lambda_g}")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = (float(v) for v in (l_a, u_a, l_m, u_m, lambda_g))
@@ -317,7 +326,10 @@ class MagFaceLoss(CombinedMarginLoss):
 
     def row_margins(self, embeddings, labels):
         norms = self._norms(embeddings)
-        return self.l_m + (self.u_m - self.l_m) / (self.u_a - self.l_a) * (norms - self.l_a), self.m3
+        margins = self.l_m + (self.u_m - self.l_m) / (self.u_a - self.l_a) * (norms - self.l_a)
+        # A non-finite embedding's margin (NaN, from its norm) as l_m: its loss is NaN anyway, where a NaN
+        # margin would make the op refuse the whole call.
+        return torch.nan_to_num(margins, nan=self.l_m), self.m3
 
     def forward(self, embeddings, labels, return_target_cosine=False):
         out = super().forward(embeddings, labels, return_target_cosine=return_target_cosine)

@@ -83,8 +83,11 @@ inline const double* row_margins_data(const c10::optional<at::Tensor>& row_margi
   TORCH_CHECK_VALUE(m.device() == embeddings.device(), "arcface_ext: row_margins must be on the embeddings' device (",
                     embeddings.device(), "), got ", m.device());
   storage = m.detach().contiguous();
-  if (n > 0 && check_values) {
-    TORCH_CHECK_VALUE(storage.isfinite().all().item<bool>(), "arcface_ext: row_margins must be finite");
+  if (n > 0 && check_values && !storage.isfinite().all().item<bool>()) {
+    // Which column, on the error path only (one sync on the common one): m2 is column 0, m3 column 1.
+    const bool m2_finite = storage.select(1, 0).isfinite().all().item<bool>();
+    TORCH_CHECK_VALUE(false, "arcface_ext: the per-row margin ", m2_finite ? "m3" : "m2",
+                      " must be finite (row_margins column ", m2_finite ? 1 : 0, " holds a NaN or an infinity)");
   }
   return storage.data_ptr<double>();
 }

@@ -219,10 +219,16 @@ def test_modules_with_sampling_reference_and_refusals():
     sub(x, labels).backward()
 
 
-def test_unchecked_bad_labels_empty_batches_and_compile():
+def test_unchecked_bad_labels_empty_batches_and_compile(monkeypatch):
     x, w, labels = inputs(seed=6)
     bad = labels.clone()
     bad[1] = 50
+    # CPU labels are checked whatever check_labels says, as the fused op checks them (no device sync).
+    for options in (dict(interclass_filtering_threshold=0.4), dict(curricular_t=0.2)):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\)"):
+            chunked_margin_loss(x, w, bad, check_labels=False, **options)
+    # Unchecked, as on a GPU (the emulator's way of running the CPU as one).
+    monkeypatch.setattr(arcface_ext._checks, "ALWAYS_CHECKED_DEVICES", frozenset())
     for options in (dict(interclass_filtering_threshold=0.4), dict(curricular_t=0.2)):
         rows = chunked_margin_loss(x, w, bad, reduction="none", check_labels=False, **options)
         assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()

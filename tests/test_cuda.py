@@ -1090,7 +1090,7 @@ def test_unchecked_non_finite_margins_give_nan_rows():
     others = torch.arange(24, device=DEVICE) != 5
     assert torch.equal(ours[0][others], expected[0][others])
     assert torch.equal(ours[2][others], expected[2][others])
-    with pytest.raises(ValueError, match="row_margins must be finite"):
+    with pytest.raises(ValueError, match="the per-row margin m2 must be finite"):
         arcface_ext.combined_margin_loss(x, w, labels, m2=bad)
 
 

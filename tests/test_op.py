@@ -823,6 +823,12 @@ def _bad_inputs():
         "s NaN": (lambda: call(x, w, labels, s=float("nan")), ValueError, "s "),
         "s a tensor": (lambda: call(x, w, labels, s=torch.tensor(64.0)), ValueError, "s "),
         "m2 a bool": (lambda: call(x, w, labels, m2=True), ValueError, "m2 "),
+        # Degrees for radians, an angle past pi (which trained nothing: a zero loss), a cosine margin
+        # past the cosines' range.
+        "m2 in degrees": (lambda: call(x, w, labels, m2=28.6), ValueError, r"m2 .*radians.* must lie in \[-pi/2"),
+        "m2 past pi": (lambda: call(x, w, labels, m2=10.0), ValueError, "m2 .* must lie in"),
+        "m2 below -pi/2": (lambda: call(x, w, labels, m2=-2.0), ValueError, "m2 .* must lie in"),
+        "m3 past 1": (lambda: call(x, w, labels, m3=22.4), ValueError, r"m3 .* must lie in \[-1, 1\]"),
         "ignore_index a float": (lambda: call(x, w, labels, ignore_index=-1.0), ValueError, "ignore_index"),
         "margin_grad": (lambda: call(x, w, labels, margin_grad="ste"), ValueError, "margin_grad"),
         "embeddings not a tensor": (lambda: call(x.tolist(), w, labels), TypeError, "embeddings"),
@@ -886,7 +892,13 @@ MODULES = {
     (lambda: arcface_ext.CosFaceLoss(10, 8, reduction="avg"), "reduction"),
     (lambda: arcface_ext.SphereFaceLoss(10, 8, lambda_=-1.0), "lambda_"),
     (lambda: arcface_ext.ArcFaceLoss(10, 8, margin_grad="ste"), "margin_grad"),
-], ids=["float-classes", "no-dims", "negative-s", "nan-margin", "reduction", "negative-lambda", "margin-grad"])
+    (lambda: arcface_ext.ArcFaceLoss(10, 8, m=28.6), "m2 .* must lie in"),
+    (lambda: arcface_ext.CosFaceLoss(10, 8, m=35), "m3 .* must lie in"),
+    (lambda: arcface_ext.CurricularFaceLoss(10, 8, m=3.2), "m2 .* must lie in"),
+    (lambda: arcface_ext.SubCenterMarginLoss(10, 8, m2=10.0), "m2 .* must lie in"),
+    (lambda: arcface_ext.ShardedCombinedMarginLoss(10, 8, m3=-1.5), "m3 .* must lie in"),
+], ids=["float-classes", "no-dims", "negative-s", "nan-margin", "reduction", "negative-lambda", "margin-grad",
+        "arc-degrees", "cos-scaled", "curricular-past-pi", "subcenter-past-pi", "sharded-m3"])
 def test_modules_check_their_options_when_built(build, pattern):
     with pytest.raises(ValueError, match=pattern):
         build()

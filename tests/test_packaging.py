@@ -37,6 +37,7 @@ def test_sdist_holds_every_source_and_header(tmp_path):
     missing = sorted(sources - packed)
     assert not missing, f"the sdist lacks {missing}: see MANIFEST.in"
     assert "README.md" in packed and "arcface_ext/functional.py" in packed
+    assert not [name for name in packed if name.startswith("tests/")], "a partial test suite in the sdist"
 
 
 def test_extension_uses_the_shared_cxx_runtime():

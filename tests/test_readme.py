@@ -80,6 +80,11 @@ def test_api_table_signature_is_the_code(name, parameters):
     keyword_only = [a.arg for a in documented.kwonlyargs]
     for arg in positional + keyword_only:
         assert arg in actual, f"README documents {name}({arg}=...), which {name} does not take: {list(actual)}"
+    # A signature written out whole (no `...`, and the code takes no **kwargs the text points elsewhere for)
+    # lists every parameter.
+    whole = "..." not in parameters and not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in actual.values())
+    left_out = [p for p in actual if p not in positional + keyword_only and not p.startswith("_")]
+    assert not whole or not left_out, f"README's {name}(...) leaves out {left_out}"
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
     order = [p for p in actual if actual[p].kind in kinds]
     elided = "..." in parameters      # where the `*` falls is not shown: names and defaults only

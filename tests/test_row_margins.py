@@ -135,8 +135,10 @@ def test_bad_per_row_margins_are_named():
         loss(x, w, labels, m2=torch.zeros(5, dtype=torch.int64))
     bad = m2.clone()
     bad[3] = float("nan")
-    with pytest.raises(ValueError, match="row_margins must be finite"):
+    with pytest.raises(ValueError, match="the per-row margin m2 must be finite"):
         loss(x, w, labels, m2=bad)
+    with pytest.raises(ValueError, match="the per-row margin m3 must be finite"):
+        loss(x, w, labels, m2=m2, m3=torch.where(bad.isnan(), torch.inf, m3))
     with pytest.raises(ValueError, match=r"row_margins must have shape \(N, 2\)"):
         torch.ops.arcface_ext.margin_softmax_forward(x, w, labels, 64.0, 1.0, 0.0, 0.0, 0.0, -1, False, 1 << 20,
                                                      0, -1, torch.zeros(5, 3, dtype=torch.float64))
@@ -175,13 +177,14 @@ def test_adaface_matches_its_formula_and_tracks_the_norm_statistics():
     xs = x.clone().requires_grad_(True)
     loss = criterion(xs, labels)
     loss.backward()
-    torch.testing.assert_close(criterion.batch_mean, mean.float())
-    torch.testing.assert_close(criterion.batch_std, std.float())
+    # An fp64 module keeps fp64 statistics.
+    torch.testing.assert_close(criterion.batch_mean, mean)
+    torch.testing.assert_close(criterion.batch_std, std)
 
     w = criterion.weight.detach().clone().requires_grad_(True)
     xe = x.clone().requires_grad_(True)
-    expected = F.cross_entropy(adaface_logits(xe, w, labels, s=64.0, m=0.4, h=0.333, mean=mean.float().double(),
-                                              std=std.float().double()), labels)
+    expected = F.cross_entropy(adaface_logits(xe, w, labels, s=64.0, m=0.4, h=0.333, mean=mean,
+                                              std=std), labels)
     expected.backward()
     assert_matches_reference(loss, expected.detach(), name="loss", dtype=torch.float32)
     assert_matches_reference(xs.grad, xe.grad, name="grad_embeddings", dtype=torch.float32)
@@ -192,9 +195,9 @@ def test_adaface_matches_its_formula_and_tracks_the_norm_statistics():
     criterion.eval()
     criterion.batch_std.fill_(5.0)
     loss = criterion(x, labels)
-    torch.testing.assert_close(criterion.batch_mean, mean.float())
+    torch.testing.assert_close(criterion.batch_mean, mean)
     expected = F.cross_entropy(adaface_logits(x, criterion.weight.detach(), labels, s=64.0, m=0.4, h=0.333,
-                                              mean=mean.float().double(), std=5.0), labels)
+                                              mean=mean, std=5.0), labels)
     assert_matches_reference(loss.detach(), expected, name="eval loss, clipped scaler", dtype=torch.float32)
     assert "AdaFaceLoss" in repr(criterion) and "h=0.333" in repr(criterion)
 
@@ -215,6 +218,27 @@ def test_adaface_statistics_stay_fp32_in_a_16_bit_module():
     criterion(x, torch.randint(0, 10, (6,)))
     assert 20.0 < float(criterion.batch_mean) < 20.1
     assert criterion.to(torch.float64).batch_std.dtype == torch.float64  # (an fp64 module: fp64 statistics)
+    # Built in fp64, as cast to it (and as CurricularFace's t).
+    built = arcface_ext.AdaFaceLoss(10, 8, dtype=torch.float64)
+    assert built.batch_mean.dtype == built.batch_std.dtype == torch.float64
+
+
+@pytest.mark.parametrize("module", [arcface_ext.ArcFaceLoss, arcface_ext.AdaFaceLoss, arcface_ext.MagFaceLoss,
+                                    arcface_ext.ElasticFaceLoss])
+def test_a_nan_embedding_is_a_nan_loss_for_every_per_row_margin_loss(module):
+    # As for ArcFace (the README's promise, so that a NaN check or a gradient scaler sees it): AdaFace's
+    # and MagFace's margins, read from the NaN row's norm, made the op refuse the whole call instead.
+    torch.manual_seed(0)
+    criterion = module(10, 8, reduction="none").double()
+    x = torch.nn.functional.normalize(torch.randn(6, 8, dtype=torch.float64)).mul(25.0)
+    x[2] = math.nan
+    labels = torch.randint(0, 10, (6,))
+    loss = criterion(x, labels)
+    assert bool(loss[2].isnan()) and bool(loss[torch.arange(6) != 2].isfinite().all())
+    if module is arcface_ext.AdaFaceLoss:     # the NaN row moved no statistics
+        assert math.isfinite(float(criterion.batch_mean)) and math.isfinite(float(criterion.batch_std))
+    criterion.reduction = "mean"
+    assert bool(criterion(x, labels).isnan())
 
 
 @pytest.mark.parametrize("module", [arcface_ext.AdaFaceLoss, arcface_ext.ElasticFaceLoss, arcface_ext.MagFaceLoss])
@@ -272,14 +296,23 @@ def test_per_row_margin_modules_with_partial_fc_and_the_reference():
 
 
 def test_module_argument_checks():
-    with pytest.raises(ValueError, match="AdaFace needs"):
+    with pytest.raises(ValueError, match="AdaFace's h must be a finite real number > 0, got 0"):
         arcface_ext.AdaFaceLoss(10, 4, h=0)
-    with pytest.raises(ValueError, match="AdaFace needs finite"):
+    with pytest.raises(ValueError, match="AdaFace's h must be a finite real number"):
         arcface_ext.AdaFaceLoss(10, 4, h=math.inf)
+    for m in ("0.4", 22.9, -0.1):     # a string from a config, degrees, negative
+        with pytest.raises(ValueError, match=r"AdaFace's m must be a finite real number in \[0, 1\]"):
+            arcface_ext.AdaFaceLoss(10, 4, m=m)
+    with pytest.raises(ValueError, match="l_a must be a finite real number, got '10'"):
+        arcface_ext.MagFaceLoss(10, 4, l_a="10")
+    with pytest.raises(ValueError, match=r"u_m <= pi/2"):
+        arcface_ext.MagFaceLoss(10, 4, u_m=45.0)
+    with pytest.raises(ValueError, match="m2 .* must lie in"):
+        arcface_ext.ElasticFaceLoss(10, 4, m=28.6)
     with pytest.raises(ValueError, match="kind must be 'arc' or 'cos'"):
         arcface_ext.ElasticFaceLoss(10, 4, kind="sphere")
     for std in (-1, math.nan, math.inf):
-        with pytest.raises(ValueError, match="std must be finite and >= 0"):
+        with pytest.raises(ValueError, match="std must be a finite real number >= 0"):
             arcface_ext.ElasticFaceLoss(10, 4, std=std)
     x, w, labels = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1])
     for call in (lambda: arcface_ext.combined_margin_loss(x, w, labels, return_target_cosine=1),
@@ -304,8 +337,8 @@ def test_adaface_statistics_follow_the_counted_rows_only(sharded):
     # (AdaFace clips the norms to [0.001, 100]: a row of 30·N(0, 1)⁸ passes 100 now and then, which made
     # this test fail on some draws of the unseeded generator)
     norms = x.norm(dim=1).clamp(0.001, 100)[labels != -1]
-    torch.testing.assert_close(criterion.batch_mean, (0.99 * 20 + 0.01 * norms.mean()).float())
-    torch.testing.assert_close(criterion.batch_std, (0.99 * 100 + 0.01 * norms.std()).float())
+    torch.testing.assert_close(criterion.batch_mean, 0.99 * 20 + 0.01 * norms.mean())
+    torch.testing.assert_close(criterion.batch_std, 0.99 * 100 + 0.01 * norms.std())
     before = {k: v.clone() for k, v in criterion.state_dict().items() if k.startswith("batch_")}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "degrees of freedom <= 0" from a batch of one

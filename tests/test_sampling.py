@@ -32,6 +32,22 @@ def test_sample_rate_is_checked(rate):
         arcface_ext.CombinedMarginLoss(10, 4, sample_rate=rate)
 
 
+def test_sample_classes_and_sample_size_check_their_arguments():
+    # Float labels were truncated (3.7 taken for class 3) where the loss raises.
+    for labels in (torch.tensor([3.7, -1.0, 5.2]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="labels must be an integer tensor"):
+            sample_classes(labels, 100, 0.05)
+    with pytest.raises(ValueError, match="labels must be a 1-D tensor"):
+        sample_classes(torch.zeros(2, 2, dtype=torch.long), 100, 0.05)
+    with pytest.raises(ValueError, match="sample_rate"):
+        sample_size(100, 0.0, 8)
+    with pytest.raises(ValueError, match="num_rows must be an int >= 0"):
+        sample_size(100, 0.1, -1)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+        sample_size(0, 0.1, 8)
+    assert sample_size(100, 0.1, 0) == 10
+
+
 @pytest.mark.parametrize("class_start", [0, 40])
 def test_sample_keeps_every_target_and_maps_each_row(class_start):
     num_classes = 200

@@ -7,6 +7,7 @@ import zlib
 import pytest
 import torch
 
+import arcface_ext
 from arcface_ext import reference
 from arcface_ext.subcenter import SubCenterMarginLoss, subcenter_margin_loss
 
@@ -146,7 +147,7 @@ def test_no_tensor_the_size_of_the_whole_matrix_is_made():
     assert Largest.largest >= 64 * 11 * 3  # the recording sees the whole matrix where there is one
 
 
-def test_edges_empty_batches_bad_labels_tiny_norms_and_no_double_backward():
+def test_edges_empty_batches_bad_labels_tiny_norms_and_no_double_backward(monkeypatch):
     # An empty batch: zero loss (an empty row vector with reduction none), zero gradients.
     x, w = torch.randn(0, 8, requires_grad=True), torch.randn(9, 8, requires_grad=True)
     loss = subcenter_margin_loss(x, w, torch.zeros(0, dtype=torch.long), k=3)
@@ -158,6 +159,11 @@ def test_edges_empty_batches_bad_labels_tiny_norms_and_no_double_backward():
     x, w, labels = inputs(seed=11)
     bad = labels.clone()
     bad[2] = 99
+    for call in (lambda: subcenter_margin_loss(x, w, bad, k=3, check_labels=False),
+                 lambda: SubCenterMarginLoss(11, 16, k=3, check_labels=False)(x, bad)):
+        with pytest.raises(ValueError, match="labels must lie in"):  # CPU labels: checked all the same
+            call()
+    monkeypatch.setattr(arcface_ext._checks, "ALWAYS_CHECKED_DEVICES", frozenset())  # unchecked, as on a GPU
     rows = subcenter_margin_loss(x, w, bad, k=3, reduction="none", check_labels=False)
     assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
     kept = torch.ones(13, dtype=torch.bool)

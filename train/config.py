@@ -321,6 +321,19 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                    args.loss, " ".join(f"--{name}" for name in reads))
         raise SystemExit(f"{' and '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to --loss "
                          f"{args.loss}, whose margin is {own}")
+    # The loss's own checks, as one-line errors naming the flag (a module built with them raises).
+    _, m2, m3 = margins(args)
+    if not -math.pi / 2 <= m2 <= math.pi / 2:
+        raise SystemExit(f"{'--m2' if args.m2 is not None else '--arcface-m'} (an angular margin, in radians) must "
+                         f"lie in [-pi/2, pi/2], got {m2} (ArcFace's 0.5 rad is 28.6 degrees)")
+    if not -1 <= m3 <= 1:
+        raise SystemExit(f"{'--m3' if args.m3 is not None else '--arcface-m'} (a cosine margin) must lie in [-1, 1], "
+                         f"got {m3}")
+    if args.loss == "adaface" and not (0 <= args.adaface_m <= 1 and 0 < args.adaface_h < math.inf):
+        raise SystemExit(f"--adaface-m must lie in [0, 1] and --adaface-h be > 0, got {args.adaface_m} and "
+                         f"{args.adaface_h}")
+    if args.loss.startswith("elasticface") and not 0 <= args.elastic_std < math.inf:
+        raise SystemExit(f"--elastic-std must be finite and >= 0, got {args.elastic_std}")
     if args.output is None:
         args.output = os.path.join("runs", args.network)
     if not 0.0 < args.keep_prob <= 1.0:

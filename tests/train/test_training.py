@@ -279,6 +279,20 @@ def test_numeric_options_are_checked_before_the_run(flag, value, message):
         parse_args([flag, value])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--arcface-m", "28.6"], r"--arcface-m \(an angular margin, in radians\) must lie in \[-pi/2, pi/2\], got 28.6"),
+    (["--loss", "combined", "--m2", "nan"], r"--m2 \(an angular margin, in radians\) must lie in"),
+    (["--loss", "cosface", "--m3", "35"], r"--m3 \(a cosine margin\) must lie in \[-1, 1\], got 35.0"),
+    (["--loss", "elasticface-cos", "--m3", "-2"], r"--m3 \(a cosine margin\) must lie in"),
+    (["--loss", "adaface", "--adaface-m", "2"], r"--adaface-m must lie in \[0, 1\]"),
+    (["--loss", "elasticface-arc", "--elastic-std", "-1"], r"--elastic-std must be finite and >= 0"),
+])
+def test_margins_are_checked_before_the_run(argv, message):
+    # The loss modules refuse them too, but with a traceback, after the data was read.
+    with pytest.raises(SystemExit, match=message):
+        parse_args(argv)
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_an_image_that_does_not_decode_mid_run_is_a_one_line_error(tmp_path, capsys, num_workers):
     # Found by a worker at step 3 (the folder is listed, not decoded, when it is opened): a message
