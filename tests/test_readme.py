@@ -1,6 +1,7 @@
 """The README as documentation that stays true: the signatures in its API table are the code's (names,
 order, keyword-only markers, defaults), every `arcface_ext.<name>` it mentions exists, and its Python
 examples that can run on a CPU run as written."""
+import argparse
 import ast
 import inspect
 import os
@@ -165,3 +166,28 @@ def test_the_examples_run_on_a_cpu():
                 namespace["embeddings"].double(), namespace["weight"].double(), labels, s=64.0, m1=1.0, m2=0.5, m3=0.0)
             torch.testing.assert_close(namespace["loss"].double(), expected, rtol=1e-5, atol=1e-5)
     assert ran >= 2
+
+
+def test_the_trainers_options_table_is_the_parser():
+    """Every flag of the README's options table is one the trainer takes, and every option the trainer
+    takes is in the table (under one of its spellings), so that the table neither promises nor hides."""
+    config = pytest.importorskip("train.config")
+    parser = config.build_parser()
+    known = {s for action in parser._actions for s in action.option_strings}
+    rows = [line for line in section(readme(), "### Options").splitlines() if line.startswith("| `--")]
+    assert len(rows) > 40
+    documented = set()
+    for row in rows:
+        first_cell = row.split(" | ")[0]
+        documented |= set(re.findall(r"`(--[a-z][\w-]*)", first_cell))
+    unknown = sorted(documented - known)
+    assert not unknown, f"README's options table gives {unknown}, which python -m train does not take"
+    hidden = [action.option_strings for action in parser._actions
+              if action.option_strings and action.help != argparse.SUPPRESS and "-h" not in action.option_strings
+              and not documented & set(action.option_strings) and not documented_elsewhere(action)]
+    assert not hidden, f"python -m train takes {hidden}, which README's options table does not give"
+
+
+def documented_elsewhere(action):
+    """An option the table leaves to the README's text around it: named in backticks anywhere."""
+    return any(f"`{flag}" in readme() for flag in action.option_strings)
