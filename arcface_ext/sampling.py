@@ -35,6 +35,8 @@ def check_label_values(labels, num_classes, ignore_index):
     """Raises ValueError unless every label is in [0, num_classes) or is ``ignore_index``. It reads
     one value back from the labels' device: the sampled paths remap labels before the op could
     check them."""
+    if labels.device.type == "meta":  # shapes only (a model traced or sized on the meta device)
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         value = int(labels[bad][0])

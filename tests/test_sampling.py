@@ -213,3 +213,15 @@ def test_single_process_sharded_sample_is_the_replicated_sample():
     assert_matches_reference(results[1][2], results[0][2], name="grad_weight")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 500\)"):
         sharded(x, torch.full_like(labels, 500))
+
+
+def test_sampled_modules_run_on_the_meta_device():
+    # Shapes only (a model sized or traced on the meta device): the label check has no values to read.
+    x = torch.randn(4, 8, device="meta", requires_grad=True)
+    labels = torch.zeros(4, dtype=torch.long, device="meta")
+    for module in (arcface_ext.ArcFaceLoss(10, 8, device="meta", sample_rate=0.5),
+                   arcface_ext.SubCenterMarginLoss(10, 8, device="meta", sample_rate=0.5)):
+        loss = module(x, labels)
+        assert loss.device.type == "meta" and loss.shape == ()
+        loss.backward()
+    assert x.grad.shape == (4, 8)
