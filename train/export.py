@@ -1,6 +1,8 @@
 """``python -m train.export``: the backbone alone, for inference: a state dict (``backbone.pt``
 plus its settings in ``backbone.json``) and an ONNX graph (``backbone.onnx``, compared with
-PyTorch through onnxruntime when that is installed, before anything is written)."""
+PyTorch through onnxruntime when that is installed, before anything is written); with
+``--normalized-onnx`` also ``backbone_normalized.onnx``, whose output is the embedding verification
+compares (image plus mirror, L2-normalised), so that ``backbone.json``'s threshold applies to it as it is."""
 
 from __future__ import annotations
 
@@ -25,6 +27,22 @@ except ImportError:  # a private module: without it the exporter's own error tel
 
 # The files an export writes into its folder (the trainer sets them aside with a run's own).
 STATE_NAME, SETTINGS_NAME, ONNX_NAME = "backbone.pt", "backbone.json", "backbone.onnx"
+NORMALIZED_ONNX_NAME = "backbone_normalized.onnx"
+
+
+class FlipNormalized(torch.nn.Module):
+    """A backbone's verification embedding: embedding(x) + embedding(mirrored x), L2-normalised (as
+    ``train.verification`` and ``train.embed`` make it). Its own mirror image gives the same output, so
+    a tool that flips and normalises again (``train.embed``) gets the same embeddings from it."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = self.backbone(torch.cat([x, torch.flip(x, dims=[3])]))
+        count = x.shape[0]
+        return torch.nn.functional.normalize(both[:count] + both[count:], dim=1)
 
 
 class OnnxNotInstalled(ImportError):
@@ -101,10 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None)
     p.add_argument("--opset", type=int, default=17,
                    help="ONNX opset" + (f" ({OPSETS.start} to {OPSETS.stop - 1})" if OPSETS else ""))
+    p.add_argument("--normalized-onnx", action="store_true",
+                   help=f"also write {NORMALIZED_ONNX_NAME}: embedding(image) + embedding(mirror), L2-normalised, the "
+                   "embedding verification chose backbone.json's threshold on (cosine = dot product; same person at "
+                   "cosine >= 1 - threshold/2)")
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="also write backbone.onnx (without it, or without the onnx package, the backbone.onnx of an "
                    "earlier export in the folder is removed)")
     args = p.parse_args(argv)
+    if args.normalized_onnx and not args.onnx:
+        p.error("--normalized-onnx with --no-onnx: give one")
     if args.onnx and OPSETS is not None and args.opset not in OPSETS:
         p.error(f"--opset {args.opset}: torch's ONNX exporter writes opsets {OPSETS.start} to {OPSETS.stop - 1}")
 
@@ -117,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     state_path, onnx_path = os.path.join(output, STATE_NAME), os.path.join(output, ONNX_NAME)
+    normalized_path = os.path.join(output, NORMALIZED_ONNX_NAME)
 
     # The graph is made and checked in a private folder before anything is written: a failure leaves
     # the output folder as it was.
@@ -128,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 export_onnx(model, graph, settings["image_size"], args.opset)
                 difference = check_onnx(model, graph, settings["image_size"])
+                if args.normalized_onnx:
+                    deployed = FlipNormalized(model).eval()
+                    export_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"],
+                                args.opset)
+                    check_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"])
             except OnnxNotInstalled as error:
                 graph, skipped = None, str(error)
             except ValueError as error:
@@ -138,19 +168,26 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.write_json_atomic(os.path.join(output, SETTINGS_NAME), settings)
         print(f"wrote {state_path} ({settings['network']}, {settings['embedding_size']}-D, "
               f"{settings['image_size']}px)")
+        # Graphs of an earlier export that this one does not write would pass for this one's.
+        stale = [onnx_path] if graph is None else []
+        if graph is None or not args.normalized_onnx:
+            stale.append(normalized_path)
+        for path in stale:
+            if os.path.exists(path):
+                os.remove(path)
+                print(f"removed {path}: it was from an earlier export and does not match the new backbone.pt",
+                      file=sys.stderr)
         if graph is None:
             if skipped:
                 print(f"skipped ONNX: {skipped}", file=sys.stderr)
-            if os.path.exists(onnx_path):  # of an earlier export: it would pass for this one's
-                os.remove(onnx_path)
-                print(f"removed {onnx_path}: it was from an earlier export and does not match the new backbone.pt",
-                      file=sys.stderr)
             return 0
         for name in sorted(os.listdir(staging)):  # the graph, and a large model's external data files
             os.replace(os.path.join(staging, name), os.path.join(output, name))
         checked = ("not compared with PyTorch (pip install onnxruntime to check it)" if difference is None
                    else f"onnxruntime matches PyTorch (max abs difference {difference:.2e})")
         print(f"wrote {onnx_path}: {checked}")
+        if args.normalized_onnx:
+            print(f"wrote {normalized_path}: image + mirror, L2-normalised (the embedding verification compares)")
         return 0
     finally:
         if staging is not None:

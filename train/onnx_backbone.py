@@ -185,7 +185,10 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
               + ": is it a recognition model? (insightface's are one 512-D output; its model packs also hold "
               "detection, landmark and gender/age models)", file=sys.stderr)
     settings = {"network": "onnx", "embedding_size": dimension, "image_size": int(image_size)}
-    sidecar = os.path.splitext(path)[0] + ".json"  # train.export's backbone.json
+    stem = os.path.splitext(path)[0]
+    if stem.endswith("_normalized"):  # train.export's backbone_normalized.onnx, of the same backbone.json
+        stem = stem[:-len("_normalized")]
+    sidecar = stem + ".json"  # train.export's backbone.json
     if os.path.exists(sidecar):
         from .checkpoint import read_settings
 

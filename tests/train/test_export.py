@@ -74,6 +74,38 @@ def test_onnx_round_trip(trained, tmp_path, capsys):
     np.testing.assert_allclose(got, embeddings_of(model, x).numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_normalized_onnx_gives_the_verification_embedding(trained, tmp_path, capsys):
+    # --normalized-onnx: a graph whose output is what verification compares (image + mirror, unit length),
+    # so that a deployment compares dot products with backbone.json's threshold as it is.
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    ckpt, faces = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--normalized-onnx"]) == 0
+    normalized = tmp_path / "backbone_normalized.onnx"
+    assert f"wrote {normalized}" in capsys.readouterr().out
+    model, settings = checkpoint.load_backbone(ckpt)
+    paths = sorted(embed.list_images(faces))[:6]
+    images = torch.stack([torch.from_numpy(load_image_file(path, settings["image_size"]).transpose(2, 0, 1).copy())
+                          for path in paths])
+    session = ort.InferenceSession(str(normalized), providers=["CPUExecutionProvider"])
+    got = session.run(["embedding"], {"input": ((images.float() - 127.5) / 127.5).numpy()})[0]
+    expected = embed.embed_files(model, paths, settings["image_size"])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    # train.embed flips and normalises again: the graph is its own mirror image, so nothing changes.
+    loaded, onnx_settings = embed.load_model(str(normalized), "cpu")
+    np.testing.assert_allclose(embed.embed_files(loaded, paths, settings["image_size"]), expected, rtol=1e-4, atol=1e-5)
+    # backbone.json beside it gives its threshold, as for backbone.onnx.
+    assert "threshold" not in onnx_settings
+    (tmp_path / "backbone.json").write_text(json.dumps({**settings, "threshold": 1.25}))
+    assert embed.load_model(str(normalized), "cpu")[1]["threshold"] == 1.25
+    # An export without it removes the earlier one, which would pass for the new backbone's.
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
+    assert f"removed {normalized}" in capsys.readouterr().err and not normalized.exists()
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--normalized-onnx", "--no-onnx"])
+
+
 def test_export_without_onnx_installed(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
     ckpt, _ = trained
