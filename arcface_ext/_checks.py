@@ -13,6 +13,10 @@ REDUCTIONS = ("mean", "sum", "none")
 ALWAYS_CHECKED_DEVICES = frozenset({"cpu"})
 MARGIN_GRADS = ("exact", "straight_through")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The margins' bounds as numbers (per-row tensors are only checked finite): past them a margin trains
+# nothing useful and says nothing (see check_options). The trainer checks its flags against them.
+MAX_ANGULAR_MARGIN = math.pi / 2   # |m2|, radians
+MAX_COSINE_MARGIN = 1.0            # |m3|
 
 
 def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduction, margin_grad,
@@ -29,8 +33,7 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
     for name, t in (("embeddings", embeddings), ("weight", weight)):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (int64 class indices), got {labels.dtype}")
+    check_label_dtype(labels)
     if embeddings.shape[1] != weight.shape[1]:
         raise ValueError(f"embeddings (N, D) = {tuple(embeddings.shape)} and weight (C, D) = "
                          f"{tuple(weight.shape)} disagree on the embedding size D")
@@ -74,10 +77,10 @@ def check_options(*, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_inde
     # Margins past these bounds train nothing useful and say nothing: an angle past π turns the
     # continuation c - m2·sin m2 into a bonus (m2 = 10 gives a zero loss), and a cosine margin past the
     # cosines' own range cannot be overcome. Degrees for radians is the usual slip.
-    if not isinstance(m2, torch.Tensor) and not -math.pi / 2 <= m2 <= math.pi / 2:
+    if not isinstance(m2, torch.Tensor) and not -MAX_ANGULAR_MARGIN <= m2 <= MAX_ANGULAR_MARGIN:
         raise ValueError(f"m2 (the additive angular margin, in radians) must lie in [-pi/2, pi/2], got {m2} "
                          "(ArcFace's 0.5 rad is 28.6 degrees)")
-    if not isinstance(m3, torch.Tensor) and not -1 <= m3 <= 1:
+    if not isinstance(m3, torch.Tensor) and not -MAX_COSINE_MARGIN <= m3 <= MAX_COSINE_MARGIN:
         raise ValueError(f"m3 (the additive cosine margin) must lie in [-1, 1], got {m3}")
     if (isinstance(ignore_index, (bool, torch.Tensor)) or not isinstance(ignore_index, numbers.Integral)
             or not -2**63 <= ignore_index < 2**63):
@@ -98,6 +101,12 @@ def check_real(name, value, condition="", ok=lambda v: True):
         raise ValueError(f"{name} must be a finite real number{' ' + condition if condition else ''}, "
                          f"got {value!r}")
     return float(value)
+
+
+def check_label_dtype(labels):
+    """Labels are class indices: an integer tensor (not float, complex or bool)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64 class indices), got {labels.dtype}")
 
 
 def check_flag(name, value):

@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from ._checks import check_label_dtype
+
 
 def check_sample_rate(sample_rate):
     if (isinstance(sample_rate, (bool, torch.Tensor)) or not isinstance(sample_rate, numbers.Real)
@@ -23,10 +25,10 @@ def sample_size(num_classes, sample_rate, num_rows):
     """How many of ``num_classes`` classes a step with ``num_rows`` rows keeps: ``int(sample_rate *
     num_classes)`` as insightface's partial FC, raised to ``min(num_classes, num_rows)`` so that the
     classes of all the rows' targets always fit (at least one)."""
-    for name, value in (("num_classes", num_classes), ("num_rows", num_rows)):
+    for name, value, least in (("num_classes", num_classes, 1), ("num_rows", num_rows, 0)):
         # (torch.SymInt: a batch size under torch.compile's dynamic shapes.)
-        if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) or value < (name == "num_classes"):
-            raise ValueError(f"{name} must be an int >= {int(name == 'num_classes')}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     sample_rate = check_sample_rate(sample_rate)
     return min(num_classes, max(1, int(sample_rate * num_classes), min(num_classes, num_rows)))
 
@@ -61,8 +63,7 @@ def sample_classes(labels, num_classes, sample_rate, *, class_start=0, ignore_in
     sample_rate = check_sample_rate(sample_rate)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
         raise ValueError(f"labels must be a 1-D tensor, got {getattr(labels, 'shape', type(labels).__name__)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (int64 class indices), got {labels.dtype}")
+    check_label_dtype(labels)
     device = labels.device
     labels = labels.long()
     k = sample_size(num_classes, sample_rate, labels.shape[0])

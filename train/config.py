@@ -322,11 +322,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"{' and '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to --loss "
                          f"{args.loss}, whose margin is {own}")
     # The loss's own checks, as one-line errors naming the flag (a module built with them raises).
+    from arcface_ext._checks import MAX_ANGULAR_MARGIN, MAX_COSINE_MARGIN
+
     _, m2, m3 = margins(args)
-    if not -math.pi / 2 <= m2 <= math.pi / 2:
+    if not -MAX_ANGULAR_MARGIN <= m2 <= MAX_ANGULAR_MARGIN:
         raise SystemExit(f"{'--m2' if args.m2 is not None else '--arcface-m'} (an angular margin, in radians) must "
                          f"lie in [-pi/2, pi/2], got {m2} (ArcFace's 0.5 rad is 28.6 degrees)")
-    if not -1 <= m3 <= 1:
+    if not -MAX_COSINE_MARGIN <= m3 <= MAX_COSINE_MARGIN:
         raise SystemExit(f"{'--m3' if args.m3 is not None else '--arcface-m'} (a cosine margin) must lie in [-1, 1], "
                          f"got {m3}")
     if args.loss == "adaface" and not (0 <= args.adaface_m <= 1 and 0 < args.adaface_h < math.inf):

@@ -292,11 +292,7 @@ def write_table(path: str, names: list[str], embeddings: np.ndarray) -> list[str
     written atomically; returns the files written (:func:`table_files`)."""
     files = table_files(path)
     if path.endswith(".csv"):
-        def write_csv(f):
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["image", *(f"e{j}" for j in range(embeddings.shape[1]))])
-            writer.writerows([name, *(f"{v:.7g}" for v in row)] for name, row in zip(names, embeddings))
-        checkpoint.write_atomic(path, write_csv, binary=False)
+        _write_csv(path, [f"e{j}" for j in range(embeddings.shape[1])], names, embeddings)
         return files
     array_path, index_path = files
     checkpoint.write_atomic(array_path, lambda f: np.save(f, embeddings))
@@ -306,12 +302,18 @@ def write_table(path: str, names: list[str], embeddings: np.ndarray) -> list[str
 
 def write_norms(path: str, names: list[str], norms: np.ndarray) -> str:
     """A CSV table ``image,norm`` of each face's feature norm, in the rows' order, written atomically."""
+    _write_csv(path, ["norm"], names, norms[:, None])
+    return path
+
+
+def _write_csv(path: str, columns: list[str], names: list[str], rows: np.ndarray) -> None:
+    """``image,<columns>`` then a row an image (its name, quoted where it needs it, and 7 significant
+    digits a value), written atomically."""
     def write_csv(f):
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image", "norm"])
-        writer.writerows([name, f"{norm:.7g}"] for name, norm in zip(names, norms))
+        writer.writerow(["image", *columns])
+        writer.writerows([name, *(f"{v:.7g}" for v in row)] for name, row in zip(names, rows))
     checkpoint.write_atomic(path, write_csv, binary=False)
-    return path
 
 
 def read_table(path: str) -> tuple[list[str], np.ndarray]:

@@ -185,10 +185,13 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
               + ": is it a recognition model? (insightface's are one 512-D output; its model packs also hold "
               "detection, landmark and gender/age models)", file=sys.stderr)
     settings = {"network": "onnx", "embedding_size": dimension, "image_size": int(image_size)}
-    stem = os.path.splitext(path)[0]
-    if stem.endswith("_normalized"):  # train.export's backbone_normalized.onnx, of the same backbone.json
-        stem = stem[:-len("_normalized")]
-    sidecar = stem + ".json"  # train.export's backbone.json
+    from .export import NORMALIZED_ONNX_NAME, SETTINGS_NAME
+
+    # train.export's backbone.json, beside backbone.onnx and backbone_normalized.onnx alike.
+    if os.path.basename(path) == NORMALIZED_ONNX_NAME:
+        sidecar = os.path.join(os.path.dirname(path), SETTINGS_NAME)
+    else:
+        sidecar = os.path.splitext(path)[0] + ".json"
     if os.path.exists(sidecar):
         from .checkpoint import read_settings
 
