@@ -213,6 +213,17 @@ def _describe_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
             "image_size": image_size}
 
 
+def settings_path(model_path: str) -> str:
+    """Where ``python -m train.export``'s settings of the model at ``model_path`` are: ``<stem>.json``
+    beside it (``backbone.json`` beside ``backbone.pt`` and ``backbone.onnx``), and ``backbone.json``
+    beside ``backbone_normalized.onnx`` too."""
+    from .export import NORMALIZED_ONNX_NAME, SETTINGS_NAME
+
+    if os.path.basename(model_path) == NORMALIZED_ONNX_NAME:
+        return os.path.join(os.path.dirname(model_path), SETTINGS_NAME)
+    return os.path.splitext(model_path)[0] + ".json"
+
+
 def read_settings(path: str) -> dict[str, Any]:
     """The settings ``python -m train.export`` writes beside a backbone (``backbone.json``: network,
     embedding_size, image_size, threshold); ValueError naming the file when it is not such JSON."""
@@ -248,7 +259,7 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
         if results:
             settings["threshold"] = sum(r["threshold"] for r in results) / len(results)
     else:
-        sidecar = os.path.splitext(path)[0] + ".json"
+        sidecar = settings_path(path)
         if os.path.exists(sidecar):
             settings = read_settings(sidecar)
     weights = backbone_state_dict(state, path)

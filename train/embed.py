@@ -22,7 +22,8 @@ import torch
 
 from . import checkpoint
 from .data.transforms import IMAGE_EXTENSIONS, load_image_file, to_chw, to_model_input
-from .tools import check_outputs, torch_device
+from .signals import Stopped, signals_held, stop_on_signals
+from .tools import check_outputs, listable_name, torch_device
 
 # Cosine similarity above which two faces are called the same when the model carries no
 # verification threshold of its own.
@@ -273,8 +274,9 @@ def check_benchmark_options(p: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def benchmark_inputs(args: argparse.Namespace) -> tuple[str, ...]:
-    """The files a benchmark run reads (its model, or its features table), which no output may replace."""
-    return (args.model,) if args.model else tuple(table_files(args.features))
+    """The files a benchmark run reads (its model and the settings beside it, or its features table), which
+    no output may replace."""
+    return (args.model, checkpoint.settings_path(args.model)) if args.model else tuple(table_files(args.features))
 
 
 def table_files(path: str) -> list[str]:
@@ -443,19 +445,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--detector and --landmarks are two ways to find the faces in the photos: give one")
     if args.all_faces and not (args.landmarks or (args.detector and args.images)):
         p.error("--all-faces goes with --images and --landmarks or --detector")
-    from .tools.align import _signals_stop, _Stopped
-
     try:
         # Ctrl-C and SIGTERM unwind (the detector's loader workers leave them to this process, and
-        # end when it shuts them down); the output is written whole or not at all.
-        with _signals_stop():
+        # end when it shuts them down); the outputs are written whole or not at all.
+        with stop_on_signals():
             return run(args)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except _Stopped as stop:
-        print(f"\nstopped by {stop.name}: nothing written", file=sys.stderr)
-        return 128 + stop.number
+    except Stopped as stop:
+        print(f"\nstopped by {stop.name}" + (" as the outputs were written: they are whole" if stop.after_writing
+                                             else ": nothing written"), file=sys.stderr)
+        return stop.exit_status
 
 
 def run(args: argparse.Namespace) -> int:
@@ -463,9 +464,14 @@ def run(args: argparse.Namespace) -> int:
     What can be checked without embedding (the device, the output files) is checked first."""
     device = torch_device(args.device)
     model, settings = load_model(args.model, device)
+    if args.norms and settings.get("unit_length"):
+        raise ValueError(f"--norms: {args.model} gives embeddings of unit length (its graph normalises them), so every "
+                         "norm would be 1; the backbone's own output has them (train.export's backbone.onnx or "
+                         "backbone.pt)")
     if args.images:
         check_outputs(table_files(args.output) + ([args.norms] if args.norms else []), args.overwrite,
-                      inputs=(args.model, args.landmarks, args.detector))
+                      inputs=(args.model, checkpoint.settings_path(args.model), args.landmarks, args.detector),
+                      image_folders=(args.images,))
     size = settings["image_size"]
     norms = []
     if args.compare:
@@ -484,8 +490,8 @@ def run(args: argparse.Namespace) -> int:
         threshold, source = cosine_threshold(settings, args.threshold)
         verdict = "same person" if similarity >= threshold else "different people"
         first_norm, second_norm = np.concatenate(norms)
-        print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source}); "
-              f"feature norms {first_norm:.2f} and {second_norm:.2f}")
+        print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source})"
+              + ("" if settings.get("unit_length") else f"; feature norms {first_norm:.2f} and {second_norm:.2f}"))
         return 0
 
     failures = []
@@ -497,14 +503,19 @@ def run(args: argparse.Namespace) -> int:
         paths = list_images(args.images)
         if not paths:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.images}")
+        # A name that cannot be a row of the table (or a line of the .npy's index) is left out, as a photo
+        # without a face is, rather than failing the run after the embedding.
+        failures = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
+                    for path in paths if not listable_name(os.path.relpath(path, args.images))]
+        paths = [path for path in paths if listable_name(os.path.relpath(path, args.images))]
+        if failures and not paths:
+            raise ValueError(failures[0])
         if args.detector:
-            photos, points, numbers, failures = detect_faces(args.detector, paths, all_faces=args.all_faces,
-                                                             device=device, workers=args.workers)
-            for shown, failure in enumerate(failures):
-                if shown == 20:
-                    print(f"warning: ... and {len(failures) - shown} more photos without a face", file=sys.stderr)
-                    break
-                print(f"warning: {failure}", file=sys.stderr)
+            photos, points, numbers, found = detect_faces(args.detector, paths, all_faces=args.all_faces,
+                                                          device=device, workers=args.workers)
+            failures += found
+        _warn_left_out(failures)
+        if args.detector:
             if not photos:
                 raise ValueError(f"--detector {args.detector} found no face in the {len(paths)} photo(s) under "
                                  f"{args.images}")
@@ -516,14 +527,22 @@ def run(args: argparse.Namespace) -> int:
             embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size,
                                      workers=args.workers, norms=norms)
             names = [os.path.relpath(path, args.images) for path in paths]
-    written = write_table(args.output, names, embeddings)
-    if args.norms:
-        written.append(write_norms(args.norms, names, np.concatenate(norms)))
+    with signals_held():  # the table's files, and the norms, all or none
+        written = write_table(args.output, names, embeddings)
+        if args.norms:
+            written.append(write_norms(args.norms, names, np.concatenate(norms)))
     faces = args.landmarks or args.detector
     print(f"embedded {len(names)} {'faces' if faces else 'images'} ({embeddings.shape[1]}-D, {size}px): "
-          f"{', '.join(written)}" + (f"; {len(failures)} photo(s) without a face or unreadable, left out"
-                                      if failures else ""))
+          f"{', '.join(written)}" + (f"; {len(failures)} photo(s) left out (the warnings say why)" if failures
+                                      else ""))
     return 1 if failures else 0
+
+
+def _warn_left_out(failures: list[str], shown: int = 20) -> None:
+    for failure in failures[:shown]:
+        print(f"warning: {failure}", file=sys.stderr)
+    if len(failures) > shown:
+        print(f"warning: ... and {len(failures) - shown} more photos left out", file=sys.stderr)
 
 
 if __name__ == "__main__":

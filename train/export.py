@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .signals import Stopped, signals_held, stop_on_signals
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
     from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -28,6 +29,7 @@ except ImportError:  # a private module: without it the exporter's own error tel
 # The files an export writes into its folder (the trainer sets them aside with a run's own).
 STATE_NAME, SETTINGS_NAME, ONNX_NAME = "backbone.pt", "backbone.json", "backbone.onnx"
 NORMALIZED_ONNX_NAME = "backbone_normalized.onnx"
+FLIP_OPSET = 10  # the first opset in which torch's exporter writes torch.flip (a Slice with a negative step)
 
 
 class FlipNormalized(torch.nn.Module):
@@ -131,24 +133,49 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--normalized-onnx with --no-onnx: give one")
     if args.onnx and OPSETS is not None and args.opset not in OPSETS:
         p.error(f"--opset {args.opset}: torch's ONNX exporter writes opsets {OPSETS.start} to {OPSETS.stop - 1}")
-
+    if args.normalized_onnx and args.opset < FLIP_OPSET:
+        p.error(f"--normalized-onnx needs --opset {FLIP_OPSET} or later (its mirror image is ONNX's Slice with a "
+                f"negative step, from opset {FLIP_OPSET}), got {args.opset}")
     try:
-        model, settings = checkpoint.load_backbone(args.checkpoint, network=args.network,
-                                                   embedding_size=args.embedding_size, image_size=args.image_size)
-        output = args.output or os.path.dirname(os.path.abspath(args.checkpoint))
-        os.makedirs(output, exist_ok=True)
+        # Ctrl-C and SIGTERM unwind: the private folder goes, and the output folder is as it was, or
+        # (when they come while the files move into place) holds the whole export.
+        with stop_on_signals():
+            return _export(args)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"stopped by {stop.name}" + (" as the files moved into place: the export is whole"
+                                           if stop.after_writing else ": nothing written"), file=sys.stderr)
+        return stop.exit_status
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``main`` after parsing; raises OSError or ValueError naming what is at fault (before anything
+    is written in the output folder)."""
+    output = args.output or os.path.dirname(os.path.abspath(args.checkpoint))
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {output} is a file, not a folder to export into")
+    names = [STATE_NAME, SETTINGS_NAME] + ([ONNX_NAME] if args.onnx else []) + (
+        [NORMALIZED_ONNX_NAME] if args.normalized_onnx else [])
+    for name in names:
+        if os.path.isdir(os.path.join(output, name)):
+            raise ValueError(f"{os.path.join(output, name)} is a folder: the export writes a file of that name")
+    model, settings = checkpoint.load_backbone(args.checkpoint, network=args.network,
+                                               embedding_size=args.embedding_size, image_size=args.image_size)
+    os.makedirs(output, exist_ok=True)
     state_path, onnx_path = os.path.join(output, STATE_NAME), os.path.join(output, ONNX_NAME)
     normalized_path = os.path.join(output, NORMALIZED_ONNX_NAME)
 
-    # The graph is made and checked in a private folder before anything is written: a failure leaves
+    # Every file is made (and the graphs checked) in a private folder first; a failure or a stop leaves
     # the output folder as it was.
-    staging = tempfile.mkdtemp(prefix=".backbone-onnx-", dir=output) if args.onnx else None
+    try:
+        staging = tempfile.mkdtemp(prefix=".backbone-export-", dir=output)
+    except PermissionError:
+        raise ValueError(f"cannot write in --output {output} (read-only, or not yours)") from None
     try:
         graph, skipped, difference = None, None, None
-        if staging is not None:
+        if args.onnx:
             graph = os.path.join(staging, ONNX_NAME)
             try:
                 export_onnx(model, graph, settings["image_size"], args.opset)
@@ -160,29 +187,33 @@ def main(argv: list[str] | None = None) -> int:
                     check_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"])
             except OnnxNotInstalled as error:
                 graph, skipped = None, str(error)
+                for name in os.listdir(staging):
+                    os.remove(os.path.join(staging, name))
             except ValueError as error:
                 print(f"error: {error}; nothing written (--no-onnx exports the state dict alone)", file=sys.stderr)
                 return 1
+        checkpoint.save_atomic(model.state_dict(), os.path.join(staging, STATE_NAME))
+        checkpoint.write_json_atomic(os.path.join(staging, SETTINGS_NAME), settings)
 
-        checkpoint.save_atomic(model.state_dict(), state_path)
-        checkpoint.write_json_atomic(os.path.join(output, SETTINGS_NAME), settings)
+        # Graphs of an earlier export that this one does not write would pass for this one's.
+        stale = [path for path in ([onnx_path] if graph is None else []) + (
+            [] if args.normalized_onnx and graph is not None else [normalized_path]) if os.path.exists(path)]
+        with signals_held():  # all the files move, and the stale ones go, or nothing changes
+            # The state dict last: a reader that takes backbone.pt for the sign of a finished export finds
+            # the graphs and settings in place.
+            for name in sorted(os.listdir(staging), key=lambda name: name == STATE_NAME):
+                os.replace(os.path.join(staging, name), os.path.join(output, name))
+            for path in stale:
+                os.remove(path)
         print(f"wrote {state_path} ({settings['network']}, {settings['embedding_size']}-D, "
               f"{settings['image_size']}px)")
-        # Graphs of an earlier export that this one does not write would pass for this one's.
-        stale = [onnx_path] if graph is None else []
-        if graph is None or not args.normalized_onnx:
-            stale.append(normalized_path)
         for path in stale:
-            if os.path.exists(path):
-                os.remove(path)
-                print(f"removed {path}: it was from an earlier export and does not match the new backbone.pt",
-                      file=sys.stderr)
+            print(f"removed {path}: it was from an earlier export and does not match the new backbone.pt",
+                  file=sys.stderr)
         if graph is None:
             if skipped:
                 print(f"skipped ONNX: {skipped}", file=sys.stderr)
             return 0
-        for name in sorted(os.listdir(staging)):  # the graph, and a large model's external data files
-            os.replace(os.path.join(staging, name), os.path.join(output, name))
         checked = ("not compared with PyTorch (pip install onnxruntime to check it)" if difference is None
                    else f"onnxruntime matches PyTorch (max abs difference {difference:.2e})")
         print(f"wrote {onnx_path}: {checked}")
@@ -190,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {normalized_path}: image + mirror, L2-normalised (the embedding verification compares)")
         return 0
     finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -185,16 +185,14 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
               + ": is it a recognition model? (insightface's are one 512-D output; its model packs also hold "
               "detection, landmark and gender/age models)", file=sys.stderr)
     settings = {"network": "onnx", "embedding_size": dimension, "image_size": int(image_size)}
-    from .export import NORMALIZED_ONNX_NAME, SETTINGS_NAME
+    # Outputs of unit length (a graph that normalises, as train.export's backbone_normalized.onnx does)
+    # have no feature norm to tell: a tool asked for norms says so rather than printing 1s.
+    if torch.allclose(probe.float().norm(dim=1), torch.ones(2), atol=1e-4):
+        settings["unit_length"] = True
+    from .checkpoint import read_settings, settings_path
 
-    # train.export's backbone.json, beside backbone.onnx and backbone_normalized.onnx alike.
-    if os.path.basename(path) == NORMALIZED_ONNX_NAME:
-        sidecar = os.path.join(os.path.dirname(path), SETTINGS_NAME)
-    else:
-        sidecar = os.path.splitext(path)[0] + ".json"
+    sidecar = settings_path(path)  # train.export's backbone.json
     if os.path.exists(sidecar):
-        from .checkpoint import read_settings
-
         threshold = read_settings(sidecar).get("threshold")
         if threshold is not None:
             settings["threshold"] = threshold

@@ -23,6 +23,7 @@ import warnings
 from . import checkpoint
 from .data import SYNTHETIC, build_verification_sets, is_target_path
 from .embed import load_model
+from .signals import Stopped, signals_held, stop_on_signals
 from .tools import check_outputs, torch_device
 from .verification import evaluate
 
@@ -63,17 +64,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--targets {names[0]}: a name is looked for in --data FOLDER; pass --data, or the path of a .bin "
                 "or pairs list")
     try:
-        return run(args, targets)
+        with stop_on_signals():  # Ctrl-C and SIGTERM: a one-line stop, --output written whole or not at all
+            return run(args, targets)
     except (OSError, ValueError, pickle.UnpicklingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"\nstopped by {stop.name}" + (f": {args.output} was written" if stop.after_writing else
+                                             (": nothing written" if args.output else "")), file=sys.stderr)
+        return stop.exit_status
 
 
 def run(args: argparse.Namespace, targets: list[str]) -> int:
     """``main`` after parsing; raises OSError or ValueError naming what is at fault."""
     device = torch_device(args.device)
     if args.output:
-        check_outputs([args.output], args.overwrite, inputs=(args.model,))
+        # Not the model, its settings, a set it reads, nor an image a pairs list (beside or above it) names.
+        files = [t if is_target_path(t) else os.path.join(args.data or "", t + ".bin") for t in targets]
+        check_outputs([args.output], args.overwrite, inputs=(args.model, checkpoint.settings_path(args.model), *files),
+                      image_folders=tuple(os.path.dirname(os.path.abspath(f)) for f in files if not f.endswith(".bin")))
     if args.data not in (None, SYNTHETIC) and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data} is not a folder")
     model, settings = load_model(args.model, device)
@@ -107,12 +116,15 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
         result = {k: float(v) for k, v in result.items()}
         result["pairs"] = int(vset.num_pairs)
         results[name] = result
+        # A graph that normalises its output has no feature norm to show (xnorm is 1 by construction).
+        xnorm = "" if settings.get("unit_length") else f", xnorm {result['xnorm']:.2f}"
         print(f"{name}: accuracy {result['accuracy']:.4f} ± {result['accuracy_std']:.4f} (threshold "
-              f"{result['threshold']:.3f}, xnorm {result['xnorm']:.2f}; {vset.num_pairs} pairs, "
-              f"{time.monotonic() - started:.1f} s)", flush=True)
+              f"{result['threshold']:.3f}{xnorm}; {vset.num_pairs} pairs, {time.monotonic() - started:.1f} s)",
+              flush=True)
     if args.output:
-        checkpoint.write_json_atomic(args.output, {"model": args.model, "image_size": size, "network":
-                                                   settings["network"], "targets": results})
+        with signals_held():
+            checkpoint.write_json_atomic(args.output, {"model": args.model, "image_size": size, "network":
+                                                       settings["network"], "targets": results})
         print(f"wrote {args.output}")
     return 0
 

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -309,17 +310,43 @@ def test_a_stop_while_writing_leaves_no_partial_file(trained, tmp_path, monkeypa
     def stopped(*args):
         for k, item in enumerate(original(*args)):
             if k == 50:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C
             yield item
 
     out = tmp_path / "out"
     assert run_clean("--model", ckpt, "--data", faces, "--output", out, "--drop-angle", "30") == 0
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     monkeypatch.setattr(clean, "_packed_images", stopped)
-    assert run_clean("--model", ckpt, "--data", faces, "--output", out, "--overwrite") == 130
-    assert "stopped" in capsys.readouterr().err
+    try:
+        assert run_clean("--model", ckpt, "--data", faces, "--output", out, "--overwrite") == 130
+    finally:  # the first stop leaves the signals ignored, for a process about to exit
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "clean: stopped by SIGINT: --output holds what it held before" in capsys.readouterr().err
     # The earlier run's files, all of them and as they were: not some replaced by this run's.
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    # A SIGTERM while the files move into place waits for them all.
+    monkeypatch.undo()
+    replace, moved = os.replace, []
+
+    def replace_then_signal(source, target):
+        if os.path.dirname(target) == str(out):
+            if not moved:
+                os.kill(os.getpid(), signal.SIGTERM)
+            moved.append(target)
+        replace(source, target)
+
+    monkeypatch.setattr(clean.os, "replace", replace_then_signal)
+    try:
+        assert run_clean("--model", ckpt, "--data", faces, "--output", out, "--overwrite", "--drop-angle",
+                         "40") == 143
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "clean: stopped by SIGTERM as this run's files were moved into --output: they are all" in \
+        capsys.readouterr().err
+    assert sorted(os.listdir(out)) == sorted(before) and json.loads((out / "summary.json").read_text()) \
+        != json.loads(before["summary.json"])
     # --report-only replaces the reports and removes the cleaned set they no longer describe.
     monkeypatch.undo()
     assert run_clean("--model", ckpt, "--data", faces, "--output", out, "--report-only") == 2  # kept without

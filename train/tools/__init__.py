@@ -14,19 +14,29 @@ import os
 import torch
 
 
-def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] = ()) -> None:
+def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] = (),
+                  image_folders: tuple[str, ...] = ()) -> None:
     """Before a tool starts: each of ``paths`` names a file that may be written. Makes the folders
     they go in. Raises ValueError naming the file when it is a folder, or one of the tool's
-    ``inputs`` (a model, a features table: --overwrite would replace it), or when it exists and
-    ``overwrite`` (the tool's ``--overwrite``) is False, or when its folder is a file or cannot be
-    written in (a read-only file system: found now, not after hours of work); OSError when a folder
-    cannot be made."""
+    ``inputs`` (a model, its settings, a features table: --overwrite would replace it), or an image's
+    name under one of the ``image_folders`` the tool reads (it would replace a photo, or be one the
+    next time), or when it exists and ``overwrite`` (the tool's ``--overwrite``) is False, or when its
+    folder is a file or cannot be written in (a read-only file system: found now, not after hours of
+    work); OSError when a folder cannot be made."""
+    from train.data.transforms import IMAGE_EXTENSIONS
+
     read = {os.path.realpath(path) for path in inputs if path}
+    folders = [os.path.join(os.path.realpath(folder), "") for folder in image_folders if folder]
     for path in paths:
         if os.path.isdir(path):
             raise ValueError(f"{path} is a folder: name a file to write")
         if os.path.realpath(path) in read:
             raise ValueError(f"{path} is one of the files this run reads: name another file to write")
+        if path.lower().endswith(IMAGE_EXTENSIONS):
+            for folder in folders:
+                if os.path.realpath(path).startswith(folder):
+                    raise ValueError(f"{path} is an image's name in {folder[:-1]}, whose images this run reads: "
+                                     "name another file to write")
         if os.path.lexists(path) and not overwrite:
             raise ValueError(f"{path} exists: pass --overwrite to replace it")
         folder = os.path.dirname(os.path.abspath(path))
@@ -35,6 +45,16 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ValueError(f"cannot write {os.path.basename(path)} in {folder} (read-only, or not yours)")
+
+
+def listable_name(name: str) -> bool:
+    """Whether an image's name can be a line of a text file (a landmarks file, an embeddings table's
+    index or row): UTF-8 without line breaks. A file system gives names of any bytes but ``/``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, as the file system gave them (surrogate escapes)
+        return False
+    return "\n" not in name and "\r" not in name
 
 
 def torch_device(text: str) -> torch.device:

@@ -45,10 +45,10 @@ import time
 import numpy as np
 from PIL import Image, ImageOps
 
-from train.data.transforms import decode_failure, encode_image
+from train.data.transforms import IMAGE_EXTENSIONS, decode_failure, encode_image
 from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
+from train.signals import Stopped, stop_on_signals
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
 # A field of a space- or tab-separated line: in double quotes (which may hold spaces, tabs and
 # doubled quotes), or a run of anything but white space.
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"align: error: {error}", file=sys.stderr)
         return 2
-    except _Stopped as stop:  # during the detection: nothing is written before it ends
+    except Stopped as stop:  # during the detection: nothing is written before it ends
         print(f"\nalign: stopped by {stop.name} during the detection; no crop was written", file=sys.stderr)
         return 128 + stop.number
     if skipped:
@@ -452,11 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"align: {len(todo)} face(s) of {source} to {args.output} at {args.image_size}px"
           + (f" ({len(present)} existing left as they are)" if args.skip_existing and present else ""), file=sys.stderr)
     try:
-        with _signals_stop():
+        with stop_on_signals():
             failures = align_folder(args.images, [names[i] for i in todo], landmarks[todo],
                                     [outputs[i] for i in todo], image_size=args.image_size, fmt=args.format,
                                     quality=args.quality, workers=args.workers)
-    except _Stopped as stop:
+    except Stopped as stop:
         remove_temporaries(folders)  # the pool's workers have ended (its block terminated them)
         print(f"\nalign: stopped by {stop.name}: the crops written are whole; rerun with --skip-existing to align the "
               "rest", file=sys.stderr)
@@ -513,7 +513,7 @@ def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
                              "name another --output, or pass --overwrite")
         done = {present[k] for k in range(len(present))} - {present[k] for k in empty}
         paths = [p for i, p in enumerate(paths) if i not in done]
-    with _signals_stop():  # the detector's loader workers leave Ctrl-C and SIGTERM to this process
+    with stop_on_signals():  # the detector's loader workers leave Ctrl-C and SIGTERM to this process
         photos, points, _, failures = detect_faces(args.detector, paths, all_faces=args.all_faces,
                                                    device=args.device, workers=args.workers)
     prefix = os.path.join(args.images, "")
@@ -554,35 +554,6 @@ def _other_format_paths(path: str) -> list[str]:
     stem, suffix = os.path.splitext(path)
     return [stem + other for other in FORMAT_EXTENSIONS.values() if other != suffix]
 
-
-class _Stopped(Exception):
-    def __init__(self, number: int):
-        super().__init__(number)
-        self.number, self.name = number, signal.Signals(number).name
-
-
-@contextlib.contextmanager
-def _signals_stop():
-    """Ctrl-C (SIGINT) and SIGTERM raise ``_Stopped`` in the main process while aligning, so that
-    the worker pool is terminated (its ``with`` block ends) rather than left writing on its own."""
-    stopped = []
-
-    def stop(number, frame):
-        # A second Ctrl-C (a key held, or pressed again while the workers are ended) would interrupt
-        # that ending, or the exit after it, with a traceback: the first signal decides, and the
-        # signals stay ignored until the process exits.
-        for other in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(other, signal.SIG_IGN)
-        stopped.append(number)
-        raise _Stopped(number)
-
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        if not stopped:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
 
 if __name__ == "__main__":
     sys.exit(main())

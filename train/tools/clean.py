@@ -47,7 +47,6 @@ import math
 import os
 import pickle
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -61,6 +60,7 @@ from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset,
 from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
 from train.embed import embed_images, load_model
+from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import RunLock, check_outputs, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
 from train.verification import compute_embeddings
@@ -552,58 +552,36 @@ def main(argv: list[str] | None = None) -> int:
         _say_once("error: under torchrun, --embeddings FILE.npy is where the processes put their embeddings: name "
                   "one on a file system all of them see")
         return 2
-    previous = signal.signal(signal.SIGTERM, _stop)
     existed = os.path.lexists(args.output)
     status = 2
     try:
-        status = run(args)
+        # Ctrl-C and SIGTERM unwind, so that no temporary file is left behind.
+        with stop_on_signals():
+            status = run(args)
         return status
     except (OSError, ValueError, pickle.UnpicklingError) as error:
         rank = int(os.environ.get("RANK", "0"))
         print(f"clean: {f'[rank {rank}] ' if rank else ''}error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        _say_once("stopped: --output holds what it held before (this run's files are moved into it only at the end)")
-        return 130
-    except _Terminated:
-        _say_once("terminated: --output holds what it held before (this run's files are moved into it only at the "
-                  "end)")
-        return 143
+    except Stopped as stop:
+        if stop.after_writing:
+            status = 0  # the folder it made holds the run's files
+            _say_once(f"stopped by {stop.name} as this run's files were moved into --output: they are all there")
+        else:
+            _say_once(f"stopped by {stop.name}: --output holds what it held before (this run's files are moved into "
+                      "it only at the end)")
+        return stop.exit_status
     finally:
-        signal.signal(signal.SIGTERM, previous)
         _leave_process_group()
         if status not in (0, 1) and not existed and int(os.environ.get("RANK", "0")) == 0:
             with contextlib.suppress(OSError):  # the folder this run made, left empty by its failure
                 os.rmdir(args.output)
 
 
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM wait (are blocked) while the block runs, and arrive after it."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _say_once(message: str) -> None:
     """A message the processes of a torchrun run would all print: rank 0 prints it."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"clean: {message}", file=sys.stderr)
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _stop(signum, frame):
-    """SIGTERM unwinds as Ctrl-C does, so that no temporary file is left behind."""
-    raise _Terminated
 
 
 def run(args: argparse.Namespace) -> int:
@@ -635,7 +613,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{staging}, where clean writes before it moves its files into --output, is in the way "
                          "(a file or a link): remove it")
     if args.embeddings:
-        check_outputs([args.embeddings, args.embeddings + ".json"], overwrite=True)
+        check_outputs([args.embeddings, args.embeddings + ".json"], overwrite=True,
+                      inputs=(args.model, checkpoint.settings_path(args.model)))
     test_sets = _test_sets(args, settings["image_size"]) if args.exclude_sets and rank == 0 else {}
     lock = RunLock(os.path.join(args.output, ".clean.lock"), f"another clean run is writing {args.output}: wait "
                    "for it to end, or stop it") if rank == 0 else None
@@ -791,7 +770,7 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int, tes
         # Into place, with Ctrl-C and SIGTERM held back until every file has moved (they then stop the
         # run as usual, its files all in place).
         stale = [] if write_set else [*OUTPUT_FILES, *(os.path.basename(path) for path in bins)]
-        with _signals_held():
+        with signals_held():
             for name in os.listdir(staging):
                 os.replace(os.path.join(staging, name), os.path.join(args.output, name))
             for name in stale:  # a cleaned set there now would not be the one these reports describe

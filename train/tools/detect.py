@@ -46,8 +46,9 @@ from train.data import leave_signals_to_the_main_process
 from train.data.transforms import decode_failure, to_rgb
 from train.embed import list_images
 from train.onnx_backbone import _first_line, open_session
-from train.tools import RunLock, check_outputs
-from train.tools.align import _fields, _numbers, _signals_stop, _Stopped
+from train.tools import RunLock, check_outputs, listable_name
+from train.signals import Stopped, stop_on_signals
+from train.tools.align import _fields, _numbers
 
 # insightface's FaceAnalysis: det_size (640, 640), det_thresh 0.5; SCRFD's nms_threshold 0.4.
 DEFAULT_SIZE = 640
@@ -315,15 +316,6 @@ def _done_in_partial(path: str, settings: str) -> tuple[list[str], set[str]]:
     return [line for line, _ in kept], {name for _, name in kept if name is not None}
 
 
-def _listable(name: str) -> bool:
-    """Whether a photo's name can be a line of the file: UTF-8 text without line breaks."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # a name of bytes that are not UTF-8, as the file system gave it
-        return False
-    return "\n" not in name and "\r" not in name
-
-
 class _Partial:
     """``<output>.partial``, written whole from ``lines`` and then open for appending."""
 
@@ -393,12 +385,13 @@ def _main(argv: list[str] | None) -> int:
         if not os.path.isdir(args.images):
             raise ValueError(f"--images {args.images} is not a folder")
         for flag, path in (("--images", args.images), ("--detector", args.detector)):
-            if not _listable(os.path.abspath(path)):  # the file's first line records both
+            if not listable_name(os.path.abspath(path)):  # the file's first line records both
                 raise ValueError(f"{flag} {path!r}: its path is not UTF-8 text without line breaks")
         if os.path.exists(args.detector) and os.path.realpath(args.output) == os.path.realpath(args.detector):
             raise ValueError(f"--output {args.output} is --detector: name another file")
         # A stopped run that was replacing --output resumes without --overwrite.
-        check_outputs([args.output], args.overwrite or (args.resume and os.path.isfile(partial_path)))
+        check_outputs([args.output], args.overwrite or (args.resume and os.path.isfile(partial_path)),
+                      image_folders=(args.images,))
         lock = RunLock(args.output + ".lock", f"another detect run is writing {args.output}: wait for it, or stop "
                        "it and pass --resume")
         if os.path.isdir(partial_path):
@@ -435,8 +428,8 @@ def _detect_all(args, detector: FaceDetector, paths: list[str], partial: _Partia
     partial_path = partial.path
     names = [os.path.relpath(path, args.images) for path in paths]
     failures = [f"{paths[i]!r}: its name is not UTF-8 text without line breaks, which a line of the file must be"
-                for i, name in enumerate(names) if not _listable(name)]
-    todo = [i for i, name in enumerate(names) if _listable(name) and os.path.normpath(name) not in done]
+                for i, name in enumerate(names) if not listable_name(name)]
+    todo = [i for i, name in enumerate(names) if listable_name(name) and os.path.normpath(name) not in done]
     print(f"detect: {len(todo)} photo(s) of {args.images} at {detector.width}x{detector.height}"
           + (f" ({len(done)} done by the stopped run)" if done else ""), file=sys.stderr)
 
@@ -445,7 +438,7 @@ def _detect_all(args, detector: FaceDetector, paths: list[str], partial: _Partia
     earlier_empty = sum(line.startswith(_NO_FACE) for line in kept)  # the stopped run's photos without a face
     bar = progress(len(todo), "detect")
     try:
-        with _signals_stop():
+        with stop_on_signals():
             for index, scores, points, why in \
                     detect_photos(detector, [paths[i] for i in todo], all_faces=args.all_faces, workers=args.workers):
                 name = names[todo[index]]
@@ -458,7 +451,7 @@ def _detect_all(args, detector: FaceDetector, paths: list[str], partial: _Partia
                 partial.write(lines)
                 if bar is not None:
                     bar.update(1)
-    except _Stopped as stop:
+    except Stopped as stop:
         if bar is not None:
             bar.close()
         partial.close()

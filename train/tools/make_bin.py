@@ -103,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_size < 1:
         parser.error(f"--image-size must be at least 1, got {args.image_size}")
     try:
-        check_outputs([args.output], args.overwrite, inputs=(args.pairs_list,))
+        # Not the list, nor an image it names, nor an image's name among the photos a pair is drawn from.
+        listed = [path for pair in read_pairs_list(args.pairs_list)[0] for path in pair] if args.pairs_list else []
+        check_outputs([args.output], args.overwrite, inputs=(args.pairs_list, *listed),
+                      image_folders=(args.image_folder,) if args.image_folder else
+                      (os.path.dirname(os.path.abspath(args.pairs_list)),) if args.pairs_list else ())
         if args.synthetic:
             name = args.name or os.path.splitext(os.path.basename(args.output))[0]
             images, issame = synthetic_pairs(name, num_pairs=args.pairs, num_identities=max(2, args.pairs // 2),

@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         if stored not in (None, (options.image_size, options.image_size)):
             print(f"note: {options.data} holds {stored[0]}x{stored[1]} images (its property file); they are resized "
                   f"to {options.image_size}x{options.image_size} (--image-size)", file=sys.stderr)
-        check_outputs([args.output], args.overwrite)
+        # The grid is an image: not among the training images (it would be one the next time).
+        check_outputs([args.output], args.overwrite,
+                      image_folders=(options.data,) if os.path.isdir(options.data) else ())
         keys = pick(args, len(dataset), np.random.default_rng(options.seed))
         tiles, captions = [], []
         for index, epoch in keys:

@@ -1,0 +1,287 @@
+"""export, embed, verify and make_bin the way a user deploying a model makes mistakes: a stop
+(Ctrl-C, SIGTERM) at any point, outputs named as inputs, a normalising graph asked for norms,
+photos whose names a table cannot hold."""
+
+import json
+import os
+import shutil
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import arcface_ext
+from train import embed, export, verify
+from train.signals import Stopped, signals_held, stop_on_signals
+from train.tools import make_bin
+
+from trainer_fixtures import base_argv, make_face_folder, train_one_thread  # noqa: F401
+
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    data = make_face_folder(str(root / "faces"), identities=4, images=4)
+    argv = base_argv(data, str(root / "run"), batch_size=8, max_steps=2, loss_impl=LOSS_IMPL)
+    assert train_one_thread(argv) == 0
+    return str(root / "run" / "checkpoint.pt"), data
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """A folder holding backbone.pt, backbone.json, backbone.onnx and backbone_normalized.onnx."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path_factory.mktemp("exported")
+    assert export.main(["--checkpoint", trained[0], "--output", str(folder), "--normalized-onnx"]) == 0
+    return folder
+
+
+def code_of(main, argv):
+    try:
+        return main(argv)
+    except SystemExit as exit_info:  # argparse's own checks
+        return exit_info.code
+
+
+def test_a_stop_unwinds_and_one_during_writing_comes_after_it():
+    def kill_self():
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Stopped) as stop:
+        with stop_on_signals():
+            kill_self()
+    assert stop.value.exit_status == 143 and stop.value.name == "SIGTERM" and not stop.value.after_writing
+    # The first signal decides: the signals stay ignored after it (the process is about to exit).
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    done = []
+    with pytest.raises(Stopped) as stop:
+        with stop_on_signals():
+            with signals_held():
+                kill_self()
+                done.append("the block went on")
+    assert done and stop.value.after_writing
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A block that fails is not "written": the stop says so.
+    with pytest.raises(Stopped) as stop:
+        with stop_on_signals():
+            with signals_held():
+                kill_self()
+                raise OSError("disk full")
+    assert not stop.value.after_writing and isinstance(stop.value.__context__, OSError)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Not an Exception: an `except Exception` around an exporter does not take it for the exporter's error.
+    assert not issubclass(Stopped, Exception)
+
+
+@pytest.fixture
+def restore_signals():
+    yield
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def earlier_export(folder):
+    os.makedirs(folder, exist_ok=True)
+    for name in ("backbone.pt", "backbone.json", "backbone.onnx", "backbone_normalized.onnx"):
+        (folder / name).write_text(name)
+
+
+def test_sigterm_during_the_export_leaves_the_folder_as_it_was(trained, tmp_path, monkeypatch, capsys,
+                                                               restore_signals):
+    ckpt, _ = trained
+    earlier_export(tmp_path)
+
+    def stopped_while_exporting(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not reached: the handler raises")
+
+    monkeypatch.setattr(export, "export_onnx", stopped_while_exporting)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--normalized-onnx"]) == 143
+    assert capsys.readouterr().err == "stopped by SIGTERM: nothing written\n"
+    # No private folder left, every earlier file as it was.
+    assert sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.onnx", "backbone.pt",
+                                            "backbone_normalized.onnx"]
+    assert all((tmp_path / name).read_text() == name for name in os.listdir(tmp_path))
+
+
+def test_sigterm_while_the_files_move_into_place_waits_for_them(trained, tmp_path, monkeypatch, capsys,
+                                                                 restore_signals):
+    ckpt, _ = trained
+    earlier_export(tmp_path)
+    replace = os.replace
+    moved = []
+
+    def replace_then_signal(source, target):
+        if os.path.dirname(target) != str(tmp_path):  # a write in the private folder
+            return replace(source, target)
+        if not moved:
+            os.kill(os.getpid(), signal.SIGTERM)  # held until every file has moved
+        replace(source, target)
+        moved.append(os.path.basename(target))
+
+    monkeypatch.setattr(export.os, "replace", replace_then_signal)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--no-onnx"]) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM as the files moved into place: the export is whole" in err
+    # The new state dict and settings, and the old graphs (they are not the new backbone's) gone.
+    assert moved[-1] == "backbone.pt" and sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.pt"]
+    assert json.loads((tmp_path / "backbone.json").read_text())["network"] == "small"
+
+
+def test_export_output_mistakes_are_one_line_errors(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert export.main(["--checkpoint", ckpt, "--output", str(afile), "--no-onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --output {afile} is a file, not a folder to export into\n" and afile.read_text() == "mine"
+
+    (tmp_path / "out" / "backbone.json").mkdir(parents=True)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--no-onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "backbone.json is a folder: the export writes a file of that name" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path / "out") == ["backbone.json"]
+
+    if os.geteuid() != 0:  # root writes in read-only folders
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            assert export.main(["--checkpoint", ckpt, "--output", str(locked), "--no-onnx"]) == 2
+            assert "cannot write in --output" in capsys.readouterr().err
+        finally:
+            locked.chmod(0o755)
+
+
+def test_normalized_onnx_below_opset_10_is_refused_up_front(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    code = code_of(export.main, ["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--normalized-onnx",
+                                 "--opset", "9"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--normalized-onnx needs --opset 10 or later" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_normalising_graph_has_no_norms_to_give(exported, trained, tmp_path, capsys):
+    _, faces = trained
+    normalized = str(exported / "backbone_normalized.onnx")
+    code = code_of(embed.main, ["--model", normalized, "--images", faces, "--output", str(tmp_path / "e.npy"),
+                                "--norms", str(tmp_path / "n.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and "gives embeddings of unit length" in err and not os.listdir(tmp_path)
+    first, second = sorted(embed.list_images(faces))[:2]
+    assert embed.main(["--model", normalized, "--compare", first, second]) == 0
+    out = capsys.readouterr().out
+    assert "cosine similarity" in out and "feature norms" not in out
+    # The backbone's own graph has them.
+    assert embed.main(["--model", str(exported / "backbone.onnx"), "--compare", first, second]) == 0
+    assert "feature norms" in capsys.readouterr().out
+
+
+def test_outputs_never_replace_what_a_run_reads(exported, trained, tmp_path, capsys):
+    ckpt, faces = trained
+    settings = exported / "backbone.json"
+    kept = settings.read_text()
+    image = sorted(embed.list_images(faces))[0]
+    image_bytes = open(image, "rb").read()
+    for model in ("backbone.pt", "backbone.onnx", "backbone_normalized.onnx"):
+        code = code_of(embed.main, ["--model", str(exported / model), "--images", faces, "--output",
+                                    str(tmp_path / "e.csv"), "--overwrite"] +
+                       (["--norms", str(settings)] if model != "backbone_normalized.onnx" else []))
+        err = capsys.readouterr().err
+        if model == "backbone_normalized.onnx":
+            assert code == 0
+            continue
+        assert code == 2 and f"{settings} is one of the files this run reads" in err, err
+    # An image's name among the photos: it would replace one, or be one the next time.
+    for target in (image, os.path.join(faces, "new.png")):
+        code = code_of(embed.main, ["--model", ckpt, "--images", faces, "--output", str(tmp_path / "f.npy"),
+                                    "--norms", target, "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and "is an image's name in" in err and "whose images this run reads" in err, err
+    assert open(image, "rb").read() == image_bytes and not os.path.exists(os.path.join(faces, "new.png"))
+
+    # verify --output: not the model's settings, nor a set it reads, nor an image a pairs list names.
+    first, second = sorted(embed.list_images(faces))[:2]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"{first} {second} 0\n{first} {first} 1\n")
+    for output in (settings, pairs):
+        code = code_of(verify.main, ["--model", str(exported / "backbone.pt"), "--targets", str(pairs),
+                                     "--output", str(output), "--overwrite"])
+        err = capsys.readouterr().err
+        assert code == 2 and "one of the files this run reads" in err, err
+    shutil.copy(first, tmp_path / "a.png")
+    pairs.write_text("a.png a.png 1\n")
+    code = code_of(verify.main, ["--model", ckpt, "--targets", str(pairs), "--output", str(tmp_path / "b.jpg")])
+    assert code == 2 and "is an image's name in" in capsys.readouterr().err
+    assert settings.read_text() == kept
+
+    # make_bin: not an image its pairs list names.
+    pairs.write_text(f"{first} {second} 0\n")
+    code = code_of(make_bin.main, [first, "--pairs-list", str(pairs), "--overwrite"])
+    assert code == 1 and "one of the files this run reads" in capsys.readouterr().err
+    assert open(image, "rb").read() == image_bytes
+
+
+def test_verify_shows_no_xnorm_for_a_normalising_graph(exported, trained, tmp_path, capsys):
+    ckpt, faces = trained
+    images = sorted(embed.list_images(faces))
+    pairs = tmp_path / "pairs.txt"  # 10 pairs, one a fold: 5 same, 5 different
+    pairs.write_text("".join(f"{images[k]} {images[k]} 1\n{images[k]} {images[-1 - k]} 0\n" for k in range(5)))
+    assert verify.main(["--model", str(exported / "backbone_normalized.onnx"), "--targets", str(pairs)]) == 0
+    out = capsys.readouterr().out
+    assert "pairs: accuracy" in out and "xnorm" not in out
+    assert verify.main(["--model", str(exported / "backbone.onnx"), "--targets", str(pairs)]) == 0
+    assert "xnorm" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="names of any bytes: a Linux file system's")
+def test_photos_whose_names_a_table_cannot_hold_are_left_out(trained, tmp_path, capsys):
+    ckpt, faces = trained
+    folder = tmp_path / "faces"
+    shutil.copytree(faces, folder)
+    source = sorted(embed.list_images(str(folder)))[0]
+    odd = [os.path.join(str(folder), "line\nbreak.png"), os.path.join(str(folder), "carriage\rreturn.png"),
+           os.fsdecode(os.path.join(os.fsencode(str(folder)), b"latin-\xe9.png"))]
+    for path in odd:
+        shutil.copy(source, path)
+    for output in ("e.npy", "e.csv"):
+        assert embed.main(["--model", ckpt, "--images", str(folder), "--output", str(tmp_path / output),
+                           "--workers", "0"]) == 1
+        captured = capsys.readouterr()
+        assert captured.err.count("its name is not UTF-8 text without line breaks") == 3
+        assert "16 images" in captured.out and "3 photo(s) left out (the warnings say why)" in captured.out
+    names, vectors = embed.read_table(str(tmp_path / "e.npy"))
+    assert len(names) == vectors.shape[0] == 16
+    assert embed.read_table(str(tmp_path / "e.csv"))[0] == names
+
+
+def test_ctrl_c_stops_verify_without_a_traceback(trained, tmp_path):
+    import subprocess
+    import time
+
+    ckpt, _ = trained
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    output = tmp_path / "results.json"
+    run = subprocess.Popen([sys.executable, "-m", "train.verify", "--model", ckpt, "--data", "synthetic",
+                            "--output", str(output), "--batch-size", "8"],
+                           cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = run.stdout.readline()  # the model's line, printed as the sets' evaluation starts
+    time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    if run.returncode == 0:
+        pytest.skip("the run finished before the signal")
+    assert first.startswith(ckpt) and run.returncode == 130, (first + out, err)
+    assert err.endswith("stopped by SIGINT: nothing written\n") and "Traceback" not in err, err
+    assert not output.exists() and os.listdir(tmp_path) == []
