@@ -342,7 +342,7 @@ def test_names_and_outputs_that_need_care(detector, tmp_path, capsys):
     assert names == ["plain.png", "tab\tname.png"]
 
     assert detect.main([*common, "--output", str(images / "plain.png"), "--overwrite"]) == 2
-    assert "is one of the photos" in capsys.readouterr().err
+    assert "plain.png is an image's name in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         detect.main([*common, "--output", ""])
     assert "--output is empty" in capsys.readouterr().err
