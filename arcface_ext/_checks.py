@@ -41,6 +41,9 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
         raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has {embeddings.shape[0]} rows")
     if weight.shape[0] == 0:
         raise ValueError("weight must hold at least one class centre (C >= 1)")
+    if embeddings.shape[1] == 0:
+        raise ValueError(f"embeddings and weight have no columns (D = 0, shapes {tuple(embeddings.shape)} and "
+                         f"{tuple(weight.shape)}): an embedding holds at least one value")
     if not (embeddings.device == weight.device == labels.device):
         raise ValueError(f"embeddings, weight and labels must be on one device, got {embeddings.device}, "
                          f"{weight.device} and {labels.device}")

@@ -38,6 +38,8 @@ inline void check_margin_softmax_inputs(const at::Tensor& embeddings, const at::
   TORCH_CHECK(labels.size(0) == embeddings.size(0), "arcface_ext: labels has ", labels.size(0),
               " entries but embeddings has ", embeddings.size(0), " rows");
   TORCH_CHECK(weight.size(0) > 0, "arcface_ext: weight must hold at least one class centre");
+  TORCH_CHECK(embeddings.size(1) > 0, "arcface_ext: embeddings and weight have no columns (D = 0): an ",
+              "embedding holds at least one value");
   TORCH_CHECK(at::isFloatingType(embeddings.scalar_type()),
               "arcface_ext: embeddings must be floating point, got ", embeddings.scalar_type());
   TORCH_CHECK(embeddings.scalar_type() == weight.scalar_type(),

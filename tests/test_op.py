@@ -815,6 +815,7 @@ def _bad_inputs():
         "integer embeddings": (lambda: call(x.long(), w, labels), TypeError, "embeddings"),
         "integer weight": (lambda: call(x, w.int(), labels), TypeError, "weight"),
         "no classes": (lambda: call(x, w[:0], labels), ValueError, "weight"),
+        "D = 0": (lambda: call(x[:, :0], w[:, :0], labels), ValueError, r"no columns \(D = 0"),
         "weight on meta": (lambda: call(x, w.to("meta"), labels), ValueError, "device"),
         "labels on meta": (lambda: call(x, w, labels.to("meta")), ValueError, "device"),
         "reduction": (lambda: call(x, w, labels, reduction="avg"), ValueError, "reduction"),
@@ -858,6 +859,7 @@ def _bad_op_calls():
         "label >= C": (lambda: op(*op_arguments(x, w, labels + 5)), r"labels\[0\]"),
         "D mismatch": (lambda: op(*op_arguments(x, w[:, :5], labels)), "disagree on D"),
         "N mismatch": (lambda: op(*op_arguments(x, w, labels[:2])), "labels has 2 entries"),
+        "D = 0": (lambda: op(*op_arguments(x[:, :0], w[:, :0], labels)), r"no columns \(D = 0\)"),
     }
 
 
