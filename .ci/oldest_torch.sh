@@ -26,7 +26,7 @@ python3 -m venv "$WORK/venv"
 # shellcheck disable=SC1091
 . "$WORK/venv/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q "torch==$TORCH_VERSION" ninja numpy setuptools wheel
+python -m pip install -q "torch==$TORCH_VERSION" ninja numpy "setuptools>=77" wheel
 cd "$WORK/tree"
 python -m pip install -q --no-build-isolation -e ".[train,test]"
 python -c "import arcface_ext, torch; assert arcface_ext.extension_available(), 'arcface_ext._C did not load'"

@@ -116,6 +116,14 @@ run_stage() {  # name, log name, time limit (s), minimum worth running (s), comm
   return $rc
 }
 
+# pyproject.toml's license is an SPDX string, which setuptools reads from 77 on; an older one there (no
+# network to upgrade it) gets the table form in this copy of the tree, rather than a failed build.
+if ! "$PY" -c 'import setuptools, sys; sys.exit(int(setuptools.__version__.split(".")[0]) < 77)' 2>/dev/null; then
+  echo "setuptools $("$PY" -c 'import setuptools; print(setuptools.__version__)' 2>&1) is older than 77: pyproject.toml's" \
+       "license written as a table in this copy"
+  sed -i 's/^license = "MIT".*$/license = { text = "MIT" }/' pyproject.toml
+fi
+
 # The fallback is for a pip that cannot install here, not for a compile error (which it would repeat).
 BUILD="$PY -m pip install --no-build-isolation --no-deps -v -e . || {
   if grep -qE '\\): error|: error:|ninja: build stopped' '$OUT/build.log'; then exit 1; fi
