@@ -62,6 +62,10 @@ def _extensions():
     # No -std: torch's BuildExtension passes the standard its headers need (C++17 in torch 2.11,
     # C++20 in 2.13; 2.15's headers do not compile as C++17).
     cxx = opt + [*openmp, "-fno-trapping-math", "-fno-math-errno"]
+    # Python's own flags (sysconfig's CFLAGS) ask for -g: the CPU build's _C.so carried 10 MB of debug
+    # information nobody asked for. DEBUG=1 keeps it.
+    if not debug:
+        cxx.append("-g0")
     # torch ships its own libgomp.so.1; linking by that soname reuses the copy torch has loaded.
     # The shared C++ runtime, named by its soname ahead of the driver's own -lstdc++. A g++ whose
     # library path finds libstdc++.a first (the GPU image's CXX: a wrapper passing -B to a gcc

@@ -145,10 +145,11 @@ class ImageFiles(torch.utils.data.Dataset):
 def embed_files(model: torch.nn.Module, paths: list[str], image_size: int, *, device="cpu",
                 batch_size: int = 64, workers: int = 0, norms: list | None = None) -> np.ndarray:
     """(len(paths), D) float32 unit-length embeddings (verification's: image plus mirror); the
-    feature norms as ``embed_images`` gives them appended to ``norms``."""
+    feature norms as ``embed_images`` gives them appended to ``norms``. The decoding workers leave
+    Ctrl-C and SIGTERM to this process (a terminal's Ctrl-C reaches them all)."""
     features = embed_images(model.to(device), ImageFiles(paths, image_size), device=device, batch_size=batch_size,
                             workers=workers, log=lambda message: print(message, file=sys.stderr, flush=True),
-                            norms=norms)
+                            norms=norms, workers_leave_signals=True)
     return torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
 
 
@@ -199,7 +200,8 @@ def embed_faces(model: torch.nn.Module, folder: str, names: list[str], points: n
 
     faces = LooseCrops(folder, names, points, image_size, check_bounds=True, sources=sources)
     features = embed_images(model.to(device), faces, device=device, batch_size=batch_size, workers=workers,
-                            log=lambda message: print(message, file=sys.stderr, flush=True), norms=norms)
+                            log=lambda message: print(message, file=sys.stderr, flush=True), norms=norms,
+                            workers_leave_signals=True)
     return torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
 
 

@@ -7,6 +7,7 @@ compares (image plus mirror, L2-normalised), so that ``backbone.json``'s thresho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -163,6 +164,7 @@ def _export(args: argparse.Namespace) -> int:
             raise ValueError(f"{os.path.join(output, name)} is a folder: the export writes a file of that name")
     model, settings = checkpoint.load_backbone(args.checkpoint, network=args.network,
                                                embedding_size=args.embedding_size, image_size=args.image_size)
+    made = not os.path.lexists(output)
     os.makedirs(output, exist_ok=True)
     state_path, onnx_path = os.path.join(output, STATE_NAME), os.path.join(output, ONNX_NAME)
     normalized_path = os.path.join(output, NORMALIZED_ONNX_NAME)
@@ -222,6 +224,9 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made:  # the folder this run made, left empty by a failure or a stop
+            with contextlib.suppress(OSError):
+                os.rmdir(output)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Ctrl-C and SIGTERM in the command-line tools: a stop unwinds (``finally`` blocks remove what was
 half made) and the tool exits with 128 + the signal's number, without a traceback; the steps that
-write a tool's outputs hold the signals until the outputs are whole."""
+write a tool's outputs hold the signals until the outputs are whole, and a stop after them says the
+outputs were written."""
 
 from __future__ import annotations
 
@@ -12,76 +13,99 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Stopped(BaseException):
-    """Raised in the main process by Ctrl-C (SIGINT) or SIGTERM inside :func:`stop_on_signals`.
+    """Raised in the main thread by Ctrl-C (SIGINT) or SIGTERM inside :func:`stop_on_signals`.
     A BaseException, as KeyboardInterrupt is, so that an ``except Exception`` around code that fails
-    in many ways (torch's ONNX exporter, onnxruntime) does not take the stop for that code's failure."""
+    in many ways (torch's ONNX exporter, onnxruntime) does not take the stop for that code's failure.
+    ``after_writing``: a :func:`signals_held` block of that run had ended whole before the stop
+    (the outputs are in place)."""
 
-    def __init__(self, number: int):
+    def __init__(self, number: int, after_writing: bool = False):
         super().__init__(number)
         self.number, self.name = number, signal.Signals(number).name
-        self.after_writing = False  # it came during a :func:`signals_held` block that then ended whole
+        self.after_writing = after_writing
 
     @property
     def exit_status(self) -> int:
         return 128 + self.number
 
 
+class _Run:
+    written = False
+
+
+_runs: list[_Run] = []  # the stop_on_signals blocks running, innermost last
+
+
+def _main_thread() -> bool:
+    """Only the main thread sets signal handlers (and Python runs them there)."""
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextlib.contextmanager
 def stop_on_signals():
-    """Ctrl-C and SIGTERM raise :class:`Stopped` in the main process while the block runs. The first
-    signal decides: the signals stay ignored after it until the process exits, so that a second
-    Ctrl-C (a key held, or pressed again while worker processes are ended) cannot interrupt the
-    clean-up, or the exit after it, with a traceback."""
-    stopped = []
+    """Ctrl-C and SIGTERM raise :class:`Stopped` in the main thread while the block runs. After the
+    first, both are ignored until the block ends, so that a second Ctrl-C (a key held, or pressed again
+    while worker processes are ended) cannot interrupt the clean-up with a traceback; the handlers of
+    before are back once it ends. A signal the process was started ignoring (``nohup``, a job started
+    in the background by a script) stays ignored. Outside the main thread it changes nothing."""
+    if not _main_thread():
+        yield
+        return
+    run = _Run()
 
     def stop(number, frame):
         for other in STOP_SIGNALS:
             signal.signal(other, signal.SIG_IGN)
-        stopped.append(number)
-        raise Stopped(number)
+        raise Stopped(number, after_writing=run.written)
 
-    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(number, stop)
+    _runs.append(run)
     try:
         yield
     finally:
-        if not stopped:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+        _runs.remove(run)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
 def signals_held():
     """Ctrl-C and SIGTERM wait while the block runs, and arrive as it ends: a block of renames that must
-    all happen, or none, is not cut in the middle. Under :func:`stop_on_signals`, a stop that came
-    during a block that then ended normally is raised with ``after_writing`` set, so that the tool
-    says its outputs were written rather than that nothing was.
+    all happen, or none, is not cut in the middle. A block that ends normally marks the
+    :func:`stop_on_signals` run it is in as written, so that a stop from then on (the one that waited,
+    or one during the report after it) comes with ``after_writing`` set and the tool says its outputs
+    are in place rather than that nothing was written.
 
     The signals are not blocked (a thread's signal mask holds only that thread, and a process-wide
     signal goes to any thread that does not block it: torch's own threads): for the block, their
-    handler notes them; the main thread runs Python's handlers, so nothing is missed."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+    handler notes them; the main thread runs Python's handlers, so none is missed."""
+    if not _main_thread():
         yield
+        if _runs:
+            _runs[-1].written = True
         return
     came = []
 
     def note(number, frame):
         came.append(number)
 
-    previous = {number: signal.signal(number, note) for number in STOP_SIGNALS}
-    ended = False
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(number, note)
     try:
         yield
-        ended = True
+        if _runs:
+            _runs[-1].written = True
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         if came:
             handler = previous[came[0]]
-            try:
-                if callable(handler):
-                    handler(came[0], None)
-                elif handler == signal.SIG_DFL:
-                    signal.raise_signal(came[0])  # its default action: the process ends by it
-            except Stopped as stop:
-                stop.after_writing = ended
-                raise
+            if callable(handler):
+                handler(came[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(came[0])  # its default action: the process ends by it

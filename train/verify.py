@@ -21,11 +21,11 @@ import time
 import warnings
 
 from . import checkpoint
-from .data import SYNTHETIC, build_verification_sets, is_target_path
+from .data import SYNTHETIC, build_verification_sets, find_target, is_target_path
 from .embed import load_model
 from .signals import Stopped, signals_held, stop_on_signals
 from .tools import check_outputs, torch_device
-from .verification import evaluate
+from .verification import evaluate, read_pairs_list
 
 DEFAULT_TARGETS = ("lfw", "cfp_fp", "agedb_30")
 
@@ -79,10 +79,14 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     """``main`` after parsing; raises OSError or ValueError naming what is at fault."""
     device = torch_device(args.device)
     if args.output:
-        # Not the model, its settings, a set it reads, nor an image a pairs list (beside or above it) names.
-        files = [t if is_target_path(t) else os.path.join(args.data or "", t + ".bin") for t in targets]
-        check_outputs([args.output], args.overwrite, inputs=(args.model, checkpoint.settings_path(args.model), *files),
-                      image_folders=tuple(os.path.dirname(os.path.abspath(f)) for f in files if not f.endswith(".bin")))
+        # Not the model, its settings, a set it reads (found as the sets are), an image a pairs list names,
+        # nor an image's name in a pairs list's folder.
+        files = [find_target(None if args.data == SYNTHETIC else args.data, t, "--targets") for t in targets]
+        lists = [f for f in files if f and not f.endswith(".bin")]
+        images = [path for f in lists for pair in read_pairs_list(f)[0] for path in pair]
+        check_outputs([args.output], args.overwrite,
+                      inputs=(args.model, checkpoint.settings_path(args.model), *filter(None, files), *images),
+                      image_folders=tuple(os.path.dirname(os.path.abspath(f)) for f in lists))
     if args.data not in (None, SYNTHETIC) and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data} is not a folder")
     model, settings = load_model(args.model, device)

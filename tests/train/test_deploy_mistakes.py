@@ -2,15 +2,14 @@
 (Ctrl-C, SIGTERM) at any point, outputs named as inputs, a normalising graph asked for norms,
 photos whose names a table cannot hold."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 import arcface_ext
 from train import embed, export, verify
@@ -52,14 +51,17 @@ def test_a_stop_unwinds_and_one_during_writing_comes_after_it():
     def kill_self():
         os.kill(os.getpid(), signal.SIGTERM)
 
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    ignored = []
     with pytest.raises(Stopped) as stop:
         with stop_on_signals():
-            kill_self()
+            try:
+                kill_self()
+            finally:  # the clean-up: a second signal would interrupt it
+                ignored.append(signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)
     assert stop.value.exit_status == 143 and stop.value.name == "SIGTERM" and not stop.value.after_writing
-    # The first signal decides: the signals stay ignored after it (the process is about to exit).
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert ignored == [True]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # back as they were
 
     done = []
     with pytest.raises(Stopped) as stop:
@@ -68,8 +70,13 @@ def test_a_stop_unwinds_and_one_during_writing_comes_after_it():
                 kill_self()
                 done.append("the block went on")
     assert done and stop.value.after_writing
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A stop after the block (while the tool reports) says the outputs were written too.
+    with pytest.raises(Stopped) as stop:
+        with stop_on_signals():
+            with signals_held():
+                pass
+            kill_self()
+    assert stop.value.after_writing
     # A block that fails is not "written": the stop says so.
     with pytest.raises(Stopped) as stop:
         with stop_on_signals():
@@ -77,10 +84,38 @@ def test_a_stop_unwinds_and_one_during_writing_comes_after_it():
                 kill_self()
                 raise OSError("disk full")
     assert not stop.value.after_writing and isinstance(stop.value.__context__, OSError)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Not an Exception: an `except Exception` around an exporter does not take it for the exporter's error.
     assert not issubclass(Stopped, Exception)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_signals_ignored_from_the_start_stay_ignored_and_threads_are_left_alone():
+    import threading
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background by a script
+    try:
+        with stop_on_signals():
+            os.kill(os.getpid(), signal.SIGINT)  # nothing happens
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # Outside the main thread (a tool's main() run in a thread): no handler set, no error.
+    failures = []
+
+    def in_a_thread():
+        try:
+            with stop_on_signals():
+                with signals_held():
+                    pass
+        except BaseException as error:  # noqa: B036 (the test reports any)
+            failures.append(error)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert failures == []
 
 
 @pytest.fixture
@@ -112,6 +147,10 @@ def test_sigterm_during_the_export_leaves_the_folder_as_it_was(trained, tmp_path
     assert sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.onnx", "backbone.pt",
                                             "backbone_normalized.onnx"]
     assert all((tmp_path / name).read_text() == name for name in os.listdir(tmp_path))
+    # A folder the export made is gone again.
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "new" / "export")]) == 143
+    assert capsys.readouterr().err == "stopped by SIGTERM: nothing written\n"
+    assert os.listdir(tmp_path / "new") == []
 
 
 def test_sigterm_while_the_files_move_into_place_waits_for_them(trained, tmp_path, monkeypatch, capsys,
@@ -224,6 +263,20 @@ def test_outputs_never_replace_what_a_run_reads(exported, trained, tmp_path, cap
     pairs.write_text("a.png a.png 1\n")
     code = code_of(verify.main, ["--model", ckpt, "--targets", str(pairs), "--output", str(tmp_path / "b.jpg")])
     assert code == 2 and "is an image's name in" in capsys.readouterr().err
+    # A list found in --data, and the photos it names in another folder.
+    lists, photos = tmp_path / "lists", tmp_path / "photos"
+    lists.mkdir()
+    photos.mkdir()
+    shutil.copy(first, photos / "0.png")
+    (lists / "mine.txt").write_text("../photos/0.png ../photos/0.png 1\n")
+    for output in (lists / "mine.txt", photos / "0.png"):
+        code = code_of(verify.main, ["--model", ckpt, "--data", str(lists), "--targets", "mine.txt", "--output",
+                                     str(output), "--overwrite"])
+        assert code == 2 and "one of the files this run reads" in capsys.readouterr().err
+    # backbone_normalized.onnx's settings are backbone.json too.
+    code = code_of(verify.main, ["--model", str(exported / "backbone_normalized.onnx"), "--targets", str(pairs),
+                                 "--output", str(settings), "--overwrite"])
+    assert code == 2 and f"{settings} is one of the files this run reads" in capsys.readouterr().err
     assert settings.read_text() == kept
 
     # make_bin: not an image its pairs list names.
@@ -285,3 +338,52 @@ def test_ctrl_c_stops_verify_without_a_traceback(trained, tmp_path):
     assert first.startswith(ckpt) and run.returncode == 130, (first + out, err)
     assert err.endswith("stopped by SIGINT: nothing written\n") and "Traceback" not in err, err
     assert not output.exists() and os.listdir(tmp_path) == []
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, from /proc/<pid>/stat (its fourth field)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers in /proc")
+def test_ctrl_c_to_the_process_group_stops_embed_and_its_workers_without_a_traceback(trained, tmp_path):
+    """A terminal's Ctrl-C reaches every process of the group: the decoding workers leave it to the
+    main process, which stops (130) with one line; none prints a traceback."""
+    import subprocess
+    import time
+
+    ckpt, faces = trained
+    many = tmp_path / "many"
+    source = sorted(embed.list_images(faces))
+    for k in range(3000):
+        os.makedirs(many / f"id{k // 100}", exist_ok=True)
+        os.link(source[k % len(source)], many / f"id{k // 100}" / f"{k}.png")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    output = tmp_path / "e.npy"
+    run = subprocess.Popen([sys.executable, "-m", "train.embed", "--model", ckpt, "--images", str(many), "--output",
+                            str(output), "--workers", "2", "--batch-size", "1"],
+                           cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while run.poll() is None and len(_children(run.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # into the embedding
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+        if run.returncode == 0:
+            pytest.skip("the run finished before the signal")
+        assert run.returncode == 130 and "Traceback" not in err and "Stopped" not in err, err
+        assert err.rstrip().endswith("stopped by SIGINT: nothing written") and not output.exists(), err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)

@@ -50,6 +50,14 @@ def test_consecutive_images_of_a_folder_and_random_ones(tmp_path):
     assert tiles == {dataset[(i, 0)][0].numpy().transpose(1, 2, 0).tobytes() for i in range(12)}
     assert preview.main(["--output", str(tmp_path / "one.jpg"), "--data", data, "--image-size", str(IMAGE_SIZE), "--count", "1"]) == 0
     assert Image.open(tmp_path / "one.jpg").format == "JPEG"
+    # Not among an identity's images (it would be one the next time), even through a link; the folder's
+    # root holds no image that is read.
+    common = ["--data", data, "--image-size", str(IMAGE_SIZE), "--count", "1"]
+    assert preview.main(["--output", str(tmp_path / "faces" / "id_000" / "grid.png"), *common]) == 1
+    (tmp_path / "faces" / "id_001" / "link.png").symlink_to(tmp_path / "elsewhere.png")
+    assert preview.main(["--output", str(tmp_path / "faces" / "id_001" / "link.png"), "--overwrite", *common]) == 1
+    assert not (tmp_path / "elsewhere.png").exists()
+    assert preview.main(["--output", str(tmp_path / "faces" / "grid.png"), *common]) == 0
 
 
 def test_options_come_from_a_trainer_config(tmp_path):

@@ -104,7 +104,7 @@ def is_target_path(target: str) -> bool:
     return target.endswith((".bin", ".txt")) or os.sep in target
 
 
-def _find_target(folder: str | None, target: str, flag: str = "--val-targets") -> str | None:
+def find_target(folder: str | None, target: str, flag: str = "--val-targets") -> str | None:
     """The file of a `--val-targets` entry; None for a name that `folder` lacks (no folder:
     synthetic data). A path is looked for as it is, then in `folder`, and is an error when missing."""
     candidates = [target] if is_target_path(target) else []
@@ -143,7 +143,7 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
                                              image_size=image_size, seed=seed)
             sets[target] = VerificationSet(target, images, issame)
             continue
-        path = _find_target(None if spec == SYNTHETIC else spec, target, flag)
+        path = find_target(None if spec == SYNTHETIC else spec, target, flag)
         if path is None:
             warnings.warn(f"verification target {target!r}: no {target}.bin in {spec!r}; skipped", stacklevel=2)
             continue

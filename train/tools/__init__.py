@@ -30,11 +30,15 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
     for path in paths:
         if os.path.isdir(path):
             raise ValueError(f"{path} is a folder: name a file to write")
-        if os.path.realpath(path) in read:
+        # Where the file lands: a write in place follows a link to its target; a temporary file renamed
+        # onto the path replaces the link itself, in the link's (real) folder. Both are checked.
+        landing = {os.path.realpath(path),
+                   os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))}
+        if landing & read:
             raise ValueError(f"{path} is one of the files this run reads: name another file to write")
         if path.lower().endswith(IMAGE_EXTENSIONS):
             for folder in folders:
-                if os.path.realpath(path).startswith(folder):
+                if any(place.startswith(folder) for place in landing):
                     raise ValueError(f"{path} is an image's name in {folder[:-1]}, whose images this run reads: "
                                      "name another file to write")
         if os.path.lexists(path) and not overwrite:

@@ -110,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         if stored not in (None, (options.image_size, options.image_size)):
             print(f"note: {options.data} holds {stored[0]}x{stored[1]} images (its property file); they are resized "
                   f"to {options.image_size}x{options.image_size} (--image-size)", file=sys.stderr)
-        # The grid is an image: not among the training images (it would be one the next time).
-        check_outputs([args.output], args.overwrite,
-                      image_folders=(options.data,) if os.path.isdir(options.data) else ())
+        # The grid is an image: not in an ImageFolder's identity folders (it would be a training image the
+        # next time). A RecordIO folder, or an ImageFolder's root, holds no image that is read.
+        identities = (() if not os.path.isdir(options.data) or os.path.isfile(os.path.join(options.data, "train.rec"))
+                      else tuple(entry.path for entry in os.scandir(options.data) if entry.is_dir()))
+        check_outputs([args.output], args.overwrite, image_folders=identities)
         keys = pick(args, len(dataset), np.random.default_rng(options.seed))
         tiles, captions = [], []
         for index, epoch in keys:
