@@ -11,23 +11,16 @@ import sys
 
 import pytest
 
-import arcface_ext
 from train import embed, export, verify
 from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import make_bin
 
-from trainer_fixtures import base_argv, make_face_folder, train_one_thread  # noqa: F401
-
-LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+from trainer_fixtures import one_thread, two_step_checkpoint  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    data = make_face_folder(str(root / "faces"), identities=4, images=4)
-    argv = base_argv(data, str(root / "run"), batch_size=8, max_steps=2, loss_impl=LOSS_IMPL)
-    assert train_one_thread(argv) == 0
-    return str(root / "run" / "checkpoint.pt"), data
+    return two_step_checkpoint(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="module")

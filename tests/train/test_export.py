@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import arcface_ext
 from types import SimpleNamespace
 
 from train import checkpoint, embed, export
@@ -18,19 +17,13 @@ from train.data.transforms import load_image_file
 from train.verification import compute_embeddings
 from train.models import get_model
 
-from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, one_thread, train_one_thread  # noqa: F401
-
-LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+from trainer_fixtures import IMAGE_SIZE, one_thread, two_step_checkpoint  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A checkpoint after two steps (so BN statistics are not at their defaults) and its data."""
-    root = tmp_path_factory.mktemp("trained")
-    data = make_face_folder(str(root / "faces"), identities=4, images=4)
-    argv = base_argv(data, str(root / "run"), batch_size=8, max_steps=2, loss_impl=LOSS_IMPL)
-    assert train_one_thread(argv) == 0
-    return str(root / "run" / "checkpoint.pt"), data
+    return two_step_checkpoint(tmp_path_factory.mktemp("trained"))
 
 
 def embeddings_of(model, x):

@@ -139,6 +139,18 @@ def base_argv(data: str, output: str, pairs: str | None = None, **overrides) -> 
     return argv
 
 
+def two_step_checkpoint(root) -> tuple[str, str]:
+    """(a checkpoint after two steps on a small face folder, so that BN statistics are not at their
+    defaults; that folder), made under ``root``: what the export, embed and verify tests take."""
+    import arcface_ext
+
+    data = make_face_folder(str(root / "faces"), identities=4, images=4)
+    loss_impl = "fused" if arcface_ext.extension_available() else "reference"
+    argv = base_argv(data, str(root / "run"), batch_size=8, max_steps=2, loss_impl=loss_impl)
+    assert train_one_thread(argv) == 0
+    return str(root / "run" / "checkpoint.pt"), data
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
