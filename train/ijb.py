@@ -48,7 +48,8 @@ from . import checkpoint
 from .data.transforms import to_chw, to_rgb
 from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, embed_images, load_model,
                     read_table, table_files, write_table)
-from .tools import check_outputs, torch_device
+from .signals import Stopped, signals_held, stop_on_signals
+from .tools import check_outputs, say, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FPIRS = (1e-4, 1e-3, 1e-2, 1e-1)  # 1:N: TPIR at these FPIRs
@@ -400,6 +401,11 @@ def find_release(root: str, target: str) -> str:
                             f"the {target} folder of insightface's IJB_release (meta/ and loose_crop/)")
 
 
+def pairs_file(root: str, target: str) -> str:
+    """The 1:1 list of template pairs (``<target>_template_pair_label.txt``) of the release under ``root``."""
+    return os.path.join(find_release(root, target), "meta", f"{target.lower()}_template_pair_label.txt")
+
+
 def read_protocol(root: str, target: str = "IJBC", protocols=("1:1",), *, check_images: bool = True) -> IJBProtocol:
     """Read and cross-check the meta files of ``target`` under ``root``: the images, landmarks and
     templates, with ``protocols`` "1:1" the template pairs, with "1:N" the galleries and probes; that
@@ -412,7 +418,7 @@ def read_protocol(root: str, target: str = "IJBC", protocols=("1:1",), *, check_
     meta = os.path.join(folder, "meta")
     prefix = os.path.join(meta, target.lower())
     landmarks_path, faces_path, pairs_path = (f"{prefix}_name_5pts_score.txt", f"{prefix}_face_tid_mid.txt",
-                                              f"{prefix}_template_pair_label.txt")
+                                              pairs_file(root, target))
     names, landmarks, scores, landmark_lines = read_landmarks(landmarks_path)
     face_names, templates, medias = read_template_media(faces_path)
     pairs, issame = read_template_pairs(pairs_path) if "1:1" in protocols else (None, None)
@@ -769,11 +775,11 @@ def verify_pairs(protocol: IJBProtocol, template_ids: np.ndarray, pooled: np.nda
     scores = pair_scores(pooled, pair_index[:, 0], pair_index[:, 1])
     rows = tar_at_far(scores, protocol.issame)
     positives = int(protocol.issame.sum())
-    print(f"{target} 1:1 verification, {len(template_ids)} templates, {len(scores)} pairs "
+    say(f"{target} 1:1 verification, {len(template_ids)} templates, {len(scores)} pairs "
           f"({positives} same, {len(scores) - positives} different):")
-    print(format_table(rows))
+    say(format_table(rows))
     if any(r["tar"] is None for r in rows):
-        print(f"  (-: FAR below 1/{len(scores) - positives}, less than one false accept among the different-person "
+        say(f"  (-: FAR below 1/{len(scores) - positives}, less than one false accept among the different-person "
               "pairs: not measurable)")
     return {
         "counts": {"pairs": int(len(scores)), "positive_pairs": positives,
@@ -811,24 +817,24 @@ def identify(lists: IJBIdentification, template_ids: np.ndarray, pooled: np.ndar
     averaged = {"rank": {k: mean([r["rank"][k] for r in runs]) for k in RANKS},
                 "tpir": [mean([r["tpir_at_fpir"][i]["tpir"] for r in runs]) for i in range(len(FPIRS))]}
 
-    print(f"{target} 1:N identification, {len(probe_templates)} probe templates searched in each gallery on its own "
+    say(f"{target} 1:N identification, {len(probe_templates)} probe templates searched in each gallery on its own "
           "(open set: a probe whose subject the gallery lacks is a non-mated search):")
-    print("  gallery  templates     mated  non-mated" + "".join(f"{f'rank-{k} (%)':>13}" for k in RANKS))
+    say("  gallery  templates     mated  non-mated" + "".join(f"{f'rank-{k} (%)':>13}" for k in RANKS))
     for name, r in galleries.items():
-        print(f"  {name:<8}{r['templates']:>10}{r['mated_searches']:>10}{r['non_mated_searches']:>11}"
+        say(f"  {name:<8}{r['templates']:>10}{r['mated_searches']:>10}{r['non_mated_searches']:>11}"
               + "".join(_percent(r["rank"][k], width=13) for k in RANKS))
     if len(galleries) > 1:
-        print(f"  {'mean':<39}" + "".join(_percent(averaged["rank"][k], width=13) for k in RANKS))
-    print("  FPIR             " + "".join(f"{far_key(f):>9}" for f in FPIRS))
+        say(f"  {'mean':<39}" + "".join(_percent(averaged["rank"][k], width=13) for k in RANKS))
+    say("  FPIR             " + "".join(f"{far_key(f):>9}" for f in FPIRS))
     for name, r in galleries.items():
-        print(f"  {name + ' TPIR (%)':<17}" + "".join(_percent(row["tpir"]) for row in r["tpir_at_fpir"]))
-        print(f"  {name + ' cosine':<17}" + "".join(
+        say(f"  {name + ' TPIR (%)':<17}" + "".join(_percent(row["tpir"]) for row in r["tpir_at_fpir"]))
+        say(f"  {name + ' cosine':<17}" + "".join(
             f"{'-' if _threshold_value(row['threshold']) is None else format(row['threshold'], '.4f'):>9}"
             for row in r["tpir_at_fpir"]))
     if len(galleries) > 1:
-        print(f"  {'mean TPIR (%)':<17}" + "".join(_percent(v) for v in averaged["tpir"]))
+        say(f"  {'mean TPIR (%)':<17}" + "".join(_percent(v) for v in averaged["tpir"]))
     if any(row["threshold"] is None for r in runs for row in r["tpir_at_fpir"]):
-        print("  (-: FPIR below 1/non-mated searches, less than one false alarm allowed: not measurable)")
+        say("  (-: FPIR below 1/non-mated searches, less than one false alarm allowed: not measurable)")
 
     result = {
         "probe_templates": int(len(probe_templates)),
@@ -851,14 +857,14 @@ def identify(lists: IJBIdentification, template_ids: np.ndarray, pooled: np.ndar
     try:
         closed = insightface_identification(probes, probe_subjects, features(templates), subjects)
     except ValueError as error:  # a probe without its mate, or a subject in two galleries
-        print(f"  insightface's ijb_1n.py figures ({together} as one gallery) not computed: {error}; that script "
+        say(f"  insightface's ijb_1n.py figures ({together} as one gallery) not computed: {error}; that script "
               "stops there")
         result["insightface"] = {"gallery": together, "error": str(error)}
         return result
-    print(f"  insightface's ijb_1n.py figures, {together} as one closed-set gallery of {closed['templates']} templates "
+    say(f"  insightface's ijb_1n.py figures, {together} as one closed-set gallery of {closed['templates']} templates "
           "(its \"TPIR at FPIR f\": probes whose mate scores above the ceil(f x probes)-th highest non-mate "
           "score):")
-    print("    " + "   ".join(f"top-{k} {100 * closed['rank'][k]:.2f}" for k in RANKS) + "   " + "   ".join(
+    say("    " + "   ".join(f"top-{k} {100 * closed['rank'][k]:.2f}" for k in RANKS) + "   " + "   ".join(
         f"TPIR {'-' if row['tpir'] is None else format(100 * row['tpir'], '.2f')} at {far_key(row['fpir'])}"
         for row in closed["tpir_at_fpir"]))
     result["insightface"] = {
@@ -915,6 +921,17 @@ def saved_features(path: str, image_names: list[str], hint: str = "features of a
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        # Ctrl-C and SIGTERM: one line, exit 130 / 143; the decoding workers leave them to this process.
+        with stop_on_signals():
+            return _main(argv)
+    except Stopped as stop:
+        say(f"\nstopped by {stop.name}: " + ("the files written before it are whole" if stop.after_writing else
+                                            "nothing written"), file=sys.stderr)
+        return stop.exit_status
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.ijb", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_options(
@@ -959,8 +976,12 @@ def main(argv: list[str] | None = None) -> int:
         if protocols is None:  # auto
             missing = missing_identification(args.data_root, args.target)
             protocols = ("1:1",) if missing else ("1:1", "1:N")
-            if missing:
-                print(f"note: 1:1 verification only: no 1:N list{'s' if len(missing) > 1 else ''} "
+            pairs_path = pairs_file(args.data_root, args.target)
+            if not missing and not os.path.isfile(pairs_path):
+                protocols = ("1:N",)
+                say(f"note: 1:N identification only: no 1:1 pairs list {pairs_path}")
+            elif missing:
+                say(f"note: 1:1 verification only: no 1:N list{'s' if len(missing) > 1 else ''} "
                       f"{', '.join(missing)} (insightface's updated meta data)")
         protocol = read_protocol(args.data_root, args.target, protocols, check_images=not args.features)
         if args.features:
@@ -968,10 +989,13 @@ def main(argv: list[str] | None = None) -> int:
             features = saved_features(args.features, protocol.image_names)
         else:
             model, settings = load_model(args.model, device)
-        # Checked before hours of embedding, not found unusable after them.
-        check_outputs(written, args.overwrite, inputs=benchmark_inputs(args))
+        # Checked before hours of embedding, not found unusable after them; not the release's own files.
+        meta = os.path.join(os.path.dirname(protocol.image_folder), "meta")
+        check_outputs(written, args.overwrite,
+                      inputs=(*benchmark_inputs(args), *(os.path.join(meta, name) for name in os.listdir(meta))),
+                      image_folders=(protocol.image_folder,))
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}", file=sys.stderr)
         return 2
     size = settings["image_size"]
     lists = []
@@ -980,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
     if protocol.identification is not None:
         lists.append(f"{len(protocol.identification.probes[0])} probe templates searched in "
                      + " and ".join(protocol.identification.galleries))
-    print(f"{args.target}: {len(protocol.image_names)} images, {protocol.templates.size} faces, "
+    say(f"{args.target}: {len(protocol.image_names)} images, {protocol.templates.size} faces, "
           f"{len(np.unique(protocol.templates))} templates, {'; '.join(lists)}; "
           + (f"features from {args.features}" if args.features else f"embedding at {size}px on {device}"), flush=True)
 
@@ -989,29 +1013,39 @@ def main(argv: list[str] | None = None) -> int:
     if model is not None:
         crops = LooseCrops(protocol.image_folder, protocol.image_names, protocol.landmarks, size)
         if unusable:
-            print(f"note: {unusable} images have coincident or non-finite landmarks; they are embedded as black "
+            say(f"note: {unusable} images have coincident or non-finite landmarks; they are embedded as black "
                   "crops, as insightface's alignment makes them")
-        try:
-            features = embed_images(model.to(device), crops, device=device, batch_size=args.batch_size,
-                                    workers=args.workers, flip=args.flip,
-                                    log=lambda message: print(message, file=sys.stderr, flush=True))
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
+        unreadable = []  # every image that does not decode, named at the end: one round of fixes, not one per file
+        features = embed_images(model.to(device), crops, device=device, batch_size=args.batch_size,
+                                workers=args.workers, flip=args.flip, unreadable=unreadable,
+                                log=lambda message: say(message, file=sys.stderr, flush=True),
+                                workers_leave_signals=True)
+        if unreadable:
+            for _, why in unreadable[:10]:
+                say(f"error: {why}", file=sys.stderr)
+            say(f"error: {len(unreadable)} image(s) of {protocol.image_folder} cannot be read"
+                + (" (the first 10 above)" if len(unreadable) > 10 else "") + ": nothing scored", file=sys.stderr)
             return 2
     embedding_seconds = time.monotonic() - embedding_started
     features_saved = True
     if args.save_features:
         try:
-            written = write_table(args.save_features, protocol.image_names, features)
-            print(f"image features: {', '.join(written)}")
+            with signals_held():  # the .npy and its .txt, both or neither
+                written = write_table(args.save_features, protocol.image_names, features)
+            say(f"image features: {', '.join(written)}")
         except OSError as error:  # a full disk, say: the scores are still computed and written
-            print(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
+            say(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
             features_saved = False
 
     weights = image_weights(features, protocol.detector_scores if args.detector_score else None,
                             norm_score=args.norm_score)
     template_ids, pooled = template_features(features, protocol.templates, protocol.medias,
                                              face_image=protocol.face_image, weights=weights)
+    weightless = int((~pooled.any(axis=1)).sum())
+    if weightless:
+        say(f"note: {weightless} template(s) have no weight (each face's detector score is 0"
+            + (", or its feature zero" if args.norm_score else "") + "): a zero feature, which matches nothing "
+            "(--no-detector-score weighs the faces equally)", file=sys.stderr)
     result = {
         "target": args.target,
         "model": os.path.abspath(args.model) if args.model else None,
@@ -1034,17 +1068,18 @@ def main(argv: list[str] | None = None) -> int:
         result["identification"] = identify(protocol.identification, template_ids, pooled, args.target)
     result["seconds"] = {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)}
     try:
-        checkpoint.write_json_atomic(output, result)
+        with signals_held():
+            checkpoint.write_json_atomic(output, result)
     except OSError as error:
-        print(f"error: could not write {output}: {error}", file=sys.stderr)
+        say(f"error: could not write {output}: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {output}")
+    say(f"wrote {output}")
     if args.plot:  # after the results, which a failure here must not cost
         try:
             draw_curves(args.plot, args.target, protocol, template_ids, pooled)
-            print(f"curves: {args.plot}")
+            say(f"curves: {args.plot}")
         except Exception as error:  # noqa: BLE001 (a full disk, a matplotlib backend's failure)
-            print(f"error: could not draw {args.plot}: {error}", file=sys.stderr)
+            say(f"error: could not draw {args.plot}: {error}", file=sys.stderr)
             return 2
     return 0 if features_saved else 2
 

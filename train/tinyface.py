@@ -28,7 +28,8 @@ from . import checkpoint
 from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, embed_images,
                     list_images, load_model, table_files, write_table)
 from .ijb import saved_features
-from .tools import check_outputs, torch_device
+from .signals import Stopped, signals_held, stop_on_signals
+from .tools import check_outputs, say, torch_device
 
 FOLDERS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 RANKS = (1, 5, 10, 20)
@@ -135,6 +136,17 @@ def identification(protocol: TinyFaceProtocol, features: np.ndarray, ranks=RANKS
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        # Ctrl-C and SIGTERM: one line, exit 130 / 143; the decoding workers leave them to this process.
+        with stop_on_signals():
+            return _main(argv)
+    except Stopped as stop:
+        say(f"\nstopped by {stop.name}: " + ("the files written before it are whole" if stop.after_writing else
+                                            "nothing written"), file=sys.stderr)
+        return stop.exit_status
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.tinyface", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_options(
@@ -159,40 +171,47 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, settings = load_model(args.model, device)
             size = settings["image_size"]
-        check_outputs(written, args.overwrite, inputs=benchmark_inputs(args))  # before the embedding, not after it
+        # Before the embedding, not after it; not an image's name among the release's.
+        check_outputs(written, args.overwrite, inputs=benchmark_inputs(args), image_folders=(protocol.root,))
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}", file=sys.stderr)
         return 2
     names = protocol.image_names
-    print(f"TinyFace: {len(protocol.names['Probe'])} probes searched among {len(protocol.names['Gallery_Match'])} "
+    say(f"TinyFace: {len(protocol.names['Probe'])} probes searched among {len(protocol.names['Gallery_Match'])} "
           f"gallery images and {len(protocol.names['Gallery_Distractor'])} distractors; "
           + (f"features from {args.features}" if args.features else f"embedding at {size}px on {device}"), flush=True)
     embedding_started = time.monotonic()
     if model is not None:
-        try:
-            features = embed_images(model.to(device), ImageFiles([os.path.join(protocol.root, n) for n in names], size),
-                                    device=device, batch_size=args.batch_size, workers=args.workers, flip=args.flip,
-                                    log=lambda message: print(message, file=sys.stderr, flush=True))
-        except ValueError as error:  # an image that does not decode, named
-            print(f"error: {error}", file=sys.stderr)
+        unreadable = []  # every image that does not decode, named at the end: one round of fixes, not one per file
+        features = embed_images(model.to(device), ImageFiles([os.path.join(protocol.root, n) for n in names], size),
+                                device=device, batch_size=args.batch_size, workers=args.workers, flip=args.flip,
+                                unreadable=unreadable, log=lambda message: say(message, file=sys.stderr, flush=True),
+                                workers_leave_signals=True)
+        if unreadable:
+            for _, why in unreadable[:10]:
+                say(f"error: {why}", file=sys.stderr)
+            say(f"error: {len(unreadable)} image(s) of {protocol.root} cannot be read"
+                + (" (the first 10 above)" if len(unreadable) > 10 else "") + ": nothing scored", file=sys.stderr)
             return 2
     embedding_seconds = time.monotonic() - embedding_started
     features_saved = True
     if args.save_features:
         try:
-            print(f"image features: {', '.join(write_table(args.save_features, names, features))}")
+            with signals_held():  # the .npy and its .txt, both or neither
+                files = write_table(args.save_features, names, features)
+            say(f"image features: {', '.join(files)}")
         except OSError as error:  # the scores are still computed and written
-            print(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
+            say(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
             features_saved = False
     try:
         scores = identification(protocol, features)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}", file=sys.stderr)
         return 2
     if scores["probes_without_mate"]:
-        print(f"note: {scores['probes_without_mate']} probes have no image of their identity in Gallery_Match; "
+        say(f"note: {scores['probes_without_mate']} probes have no image of their identity in Gallery_Match; "
               "they are left out of the rates")
-    print("  ".join(f"rank-{k} {100 * v:.2f}%" for k, v in scores["rank"].items() if v is not None))
+    say("  ".join(f"rank-{k} {100 * v:.2f}%" for k, v in scores["rank"].items() if v is not None))
     result = {"benchmark": "TinyFace", "model": os.path.abspath(args.model) if args.model else None,
               **({"features": os.path.abspath(args.features)} if args.features else {}),
               "data_root": os.path.abspath(protocol.root),
@@ -202,11 +221,12 @@ def main(argv: list[str] | None = None) -> int:
               **scores,
               "seconds": {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)}}
     try:
-        checkpoint.write_json_atomic(args.output, result)
+        with signals_held():
+            checkpoint.write_json_atomic(args.output, result)
     except OSError as error:
-        print(f"error: could not write {args.output}: {error}", file=sys.stderr)
+        say(f"error: could not write {args.output}: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}")
+    say(f"wrote {args.output}")
     return 0 if features_saved else 2
 
 

@@ -16,7 +16,7 @@ from train import checkpoint, ijb
 from train.data.synthetic import render_face
 from train.models import get_model
 
-from trainer_fixtures import IMAGE_SIZE, one_thread  # noqa: F401
+from trainer_fixtures import IMAGE_SIZE, REPO, one_thread  # noqa: F401
 
 CROP_SIZE = 64
 IDENTITIES, TEMPLATES_PER_IDENTITY = 6, 2
@@ -638,7 +638,6 @@ def corrupt(path, line_no, text):
      "ijbc_face_tid_mid.txt: line 6: nope.jpg has no landmarks in"),
     (lambda d: os.remove(f"{d}/loose_crop/5.jpg"), "ijbc_name_5pts_score.txt: line 5: no image at"),
     (lambda d: open(f"{d}/loose_crop/4.jpg", "wb").write(b"not a jpeg"), "4.jpg: cannot read the image"),
-    (lambda d: os.remove(f"{d}/meta/ijbc_template_pair_label.txt"), "no file at"),
     (lambda d: shutil.rmtree(f"{d}/meta"), "no meta/ folder"),
     (lambda d: corrupt(f"{d}/meta/ijbc_1N_gallery_G2.csv", 3, "999,503,img/x.jpg"),
      "ijbc_1N_gallery_G2.csv: line 3: template 999 is not in"),
@@ -670,6 +669,32 @@ def test_bad_input_is_an_error_message(release, tmp_path, capsys, mutation, mess
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
     assert not output.exists()
+
+
+def test_the_release_is_never_an_output_and_every_unreadable_crop_is_named(release, tmp_path, capsys):
+    """--overwrite replaces the run's own outputs, never the release's meta files or crops; crops that
+    do not decode are all named after the embedding (one round of fixes), and nothing is scored."""
+    data, model, _ = release
+    copy = str(tmp_path / "IJBC")
+    shutil.copytree(data, copy)
+    common = ["--model", model, "--data-root", copy, "--workers", "0", "--device", "cpu", "--overwrite"]
+    meta = f"{copy}/meta/ijbc_template_pair_label.txt"
+    kept = open(meta).read()
+    for flag, path in (("--output", meta), ("--save-features", f"{copy}/meta/ijbc_name_5pts_score.npy"),
+                       ("--output", f"{copy}/loose_crop/1.jpg"), ("--plot", f"{copy}/loose_crop/new.png")):
+        assert ijb.main(common + [flag, path]) == 2, (flag, path)
+        err = capsys.readouterr().err
+        assert "one of the files this run reads" in err or "is an image's name in" in err, err
+    assert open(meta).read() == kept and os.path.getsize(f"{copy}/loose_crop/1.jpg") > 1000
+
+    for name in ("4.jpg", "7.jpg"):
+        with open(f"{copy}/loose_crop/{name}", "wb") as f:
+            f.write(b"not a jpeg")
+    output = tmp_path / "ijbc.json"
+    assert ijb.main(common + ["--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "4.jpg: cannot read the image" in err and "7.jpg: cannot read the image" in err
+    assert "error: 2 image(s) of" in err and "cannot be read: nothing scored" in err and not output.exists()
 
 
 def test_missing_model_is_an_error_message(release, tmp_path, capsys):
@@ -740,6 +765,12 @@ def test_protocol_option(release, tmp_path, capsys):
     assert result["identification"]["galleries"]["G1"]["templates"] == 3
     printed = capsys.readouterr().out
     assert "1:1 verification" not in printed and "probe templates searched in G1 and G2" in printed
+    # auto without the pairs list, the 1:N lists there: 1:N alone, said; --protocol 1:1 names the file.
+    assert ijb.main(argv + ["--overwrite"]) == 0
+    assert json.loads(output.read_text())["protocols"] == ["1:N"]
+    assert "note: 1:N identification only: no 1:1 pairs list" in capsys.readouterr().out
+    assert ijb.main(argv + ["--overwrite", "--protocol", "1:1"]) == 2
+    assert "error: no file at" in capsys.readouterr().err
 
     shutil.copytree(data, copy, dirs_exist_ok=True)
     probe_list = f"{copy}/meta/ijbc_1N_probe_mixed.csv"
@@ -902,3 +933,37 @@ def test_curve_rates_span_what_the_negatives_measure():
     rows = ijb.tar_at_far(np.r_[np.linspace(0, 1, 60), np.linspace(0.5, 1.5, 20)], np.r_[np.zeros(60, bool),
                                                                                           np.ones(20, bool)], rates)
     assert all(r["tar"] is not None for r in rows)  # every point of the curve is measurable
+
+
+def test_results_are_written_when_the_reader_of_stdout_goes(release, tmp_path):
+    """`python -m train.ijb ... | head -1`: the printing stops, the scoring and the results file do not."""
+    import subprocess
+    import sys
+
+    data, model, _ = release
+    output = tmp_path / "ijbc.json"
+    run = subprocess.Popen([sys.executable, "-m", "train.ijb", "--model", model, "--data-root", data, "--workers", "0",
+                            "--device", "cpu", "--output", str(output)],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = run.stdout.readline()
+    run.stdout.close()  # as `head -1` exits
+    _, err = run.communicate(timeout=120)
+    assert first.startswith("IJBC: ") and "Traceback" not in err, err
+    assert json.loads(output.read_text())["tar_at_far"]
+
+
+def test_sigterm_during_the_embedding_is_one_line(release, tmp_path, monkeypatch, capsys):
+    import signal
+
+    data, model, _ = release
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not reached: the handler raises")
+
+    monkeypatch.setattr(ijb, "embed_images", stopped)
+    output = tmp_path / "ijbc.json"
+    assert ijb.main(["--model", model, "--data-root", data, "--workers", "0", "--device", "cpu",
+                     "--output", str(output)]) == 143
+    assert capsys.readouterr().err == "\nstopped by SIGTERM: nothing written\n" and not output.exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # back as it was

@@ -167,3 +167,22 @@ def test_mistakes_are_one_line_errors(release, tmp_path, capsys):
         with pytest.raises(SystemExit):
             tinyface.main(extra + ["--data-root", data])
         assert message in capsys.readouterr().err
+
+
+def test_release_images_are_never_outputs_and_every_unreadable_one_is_named(release, tmp_path, capsys):
+    import shutil
+
+    data, model_path = release
+    copy = tmp_path / "Testing_Set"
+    shutil.copytree(data, copy)
+    common = ["--model", model_path, "--data-root", str(copy), "--device", "cpu", "--workers", "0", "--overwrite"]
+    probe = copy / "Probe" / "3_1.jpg"
+    kept = probe.read_bytes()
+    assert tinyface.main(common + ["--output", str(probe)]) == 2
+    assert "is an image's name in" in capsys.readouterr().err and probe.read_bytes() == kept
+    for name in ("Gallery_Match/5_1.jpg", "Gallery_Distractor/1002.jpg"):
+        (copy / name).write_bytes(b"not a jpeg")
+    out = tmp_path / "t.json"
+    assert tinyface.main(common + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "5_1.jpg" in err and "1002.jpg" in err and "error: 2 image(s) of" in err and not out.exists(), err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -49,6 +50,19 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
         os.makedirs(folder, exist_ok=True)
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ValueError(f"cannot write {os.path.basename(path)} in {folder} (read-only, or not yours)")
+
+
+def say(*args, **kwargs) -> None:
+    """``print``, carrying on when the stream's reader has gone (``| head``): a benchmark's results file
+    is still written after hours of embedding. The stream then points at /dev/null, so that the
+    interpreter's last flush of its buffer fails silently too."""
+    stream = kwargs.get("file") or sys.stdout
+    try:
+        print(*args, **kwargs)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 def listable_name(name: str) -> bool:
