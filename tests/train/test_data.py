@@ -214,6 +214,21 @@ def test_recordio_property_file_gives_num_classes(tmp_path, rec_images):
     assert dataset.num_classes == 10 and dataset.stored_size is None
 
 
+def test_recordio_without_a_property_file_counts_its_classes_with_a_note_when_large(tmp_path, rec_images, capsys,
+                                                                                    monkeypatch):
+    from train.data import recordio
+
+    _, labels, encoded = rec_images
+    for folder in ("small", "large"):
+        write_rec(tmp_path / folder, list(zip(encoded, labels)), identity_header=False)
+    assert RecordIODataset(str(tmp_path / "small"), image_size=32).num_classes == max(labels) + 1
+    assert "note:" not in capsys.readouterr().err
+    monkeypatch.setattr(recordio, "SCAN_NOTE_RECORDS", len(labels) - 1)  # a set past the note's size
+    assert RecordIODataset(str(tmp_path / "large"), image_size=32).num_classes == max(labels) + 1
+    assert f"has no property file: reading the label of every one of its {len(labels)} records" in \
+        capsys.readouterr().err
+
+
 def test_recordio_label_array_per_image(tmp_path):
     folder = tmp_path / "rec"
     folder.mkdir()

@@ -20,6 +20,7 @@ import math
 import os
 import warnings
 import struct
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -37,6 +38,9 @@ _MAX_LENGTH = (1 << _LENGTH_BITS) - 1
 # Continuation flags of a frame.
 WHOLE, FIRST, MIDDLE, LAST = 0, 1, 2, 3
 
+
+# Past this many records, counting the classes without a property file (a pass over the whole .rec) gets a note.
+SCAN_NOTE_RECORDS = 100_000
 
 class RecordIOError(DataError):
     """A .rec/.idx file is not what it should be; the message names the file and record."""
@@ -348,6 +352,10 @@ class RecordIODataset(FaceImageDataset):
         if self.identity_range is not None and self.identity_range[1] > self.identity_range[0]:
             return self.identity_range[1] - self.identity_range[0]
         # No metadata: read every header once (reads the whole file).
+        if len(self.image_keys) > SCAN_NOTE_RECORDS:
+            print(f"note: {self.root} has no property file: reading the label of every one of its "
+                  f"{len(self.image_keys)} records to count the classes (a file 'property' holding "
+                  "'num_classes,height,width', as insightface ships and pack_rec writes, skips this)", file=sys.stderr)
         where = f"{self.records.rec_path}: record"
         top = max(_class_index(self.records.read_header(k)[0].label, f"{where} {k}") for k in self.image_keys)
         self.records.close()
