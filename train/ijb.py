@@ -401,6 +401,15 @@ def find_release(root: str, target: str) -> str:
                             f"the {target} folder of insightface's IJB_release (meta/ and loose_crop/)")
 
 
+def release_files(root: str, target: str) -> list[str]:
+    """The meta files of the release under ``root`` that the tool reads (those there): its landmarks,
+    faces, pairs and 1:N lists."""
+    prefix = os.path.join(find_release(root, target), "meta", target.lower())
+    names = [f"{prefix}_name_5pts_score.txt", f"{prefix}_face_tid_mid.txt", pairs_file(root, target),
+             *identification_paths(os.path.dirname(prefix), target).values()]
+    return [name for name in names if os.path.exists(name)]
+
+
 def pairs_file(root: str, target: str) -> str:
     """The 1:1 list of template pairs (``<target>_template_pair_label.txt``) of the release under ``root``."""
     return os.path.join(find_release(root, target), "meta", f"{target.lower()}_template_pair_label.txt")
@@ -990,9 +999,8 @@ def _main(argv: list[str] | None) -> int:
         else:
             model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them; not the release's own files.
-        meta = os.path.join(os.path.dirname(protocol.image_folder), "meta")
         check_outputs(written, args.overwrite,
-                      inputs=(*benchmark_inputs(args), *(os.path.join(meta, name) for name in os.listdir(meta))),
+                      inputs=(*benchmark_inputs(args), *release_files(args.data_root, args.target)),
                       image_folders=(protocol.image_folder,))
     except (OSError, ValueError) as error:
         say(f"error: {error}", file=sys.stderr)
@@ -1043,9 +1051,9 @@ def _main(argv: list[str] | None) -> int:
                                              face_image=protocol.face_image, weights=weights)
     weightless = int((~pooled.any(axis=1)).sum())
     if weightless:
-        say(f"note: {weightless} template(s) have no weight (each face's detector score is 0"
-            + (", or its feature zero" if args.norm_score else "") + "): a zero feature, which matches nothing "
-            "(--no-detector-score weighs the faces equally)", file=sys.stderr)
+        say(f"note: {weightless} template(s) have no weight (each of their faces has a zero feature"
+            + (", or a detector score of 0: --no-detector-score weighs the faces equally" if args.detector_score
+               else "") + "): a zero feature, which matches nothing", file=sys.stderr)
     result = {
         "target": args.target,
         "model": os.path.abspath(args.model) if args.model else None,

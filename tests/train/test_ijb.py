@@ -942,14 +942,39 @@ def test_results_are_written_when_the_reader_of_stdout_goes(release, tmp_path):
 
     data, model, _ = release
     output = tmp_path / "ijbc.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe is buffered
     run = subprocess.Popen([sys.executable, "-m", "train.ijb", "--model", model, "--data-root", data, "--workers", "0",
                             "--device", "cpu", "--output", str(output)],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     first = run.stdout.readline()
     run.stdout.close()  # as `head -1` exits
     _, err = run.communicate(timeout=120)
-    assert first.startswith("IJBC: ") and "Traceback" not in err, err
+    assert first.startswith("IJBC: ") and run.returncode == 0 and "Error" not in err, (run.returncode, err)
     assert json.loads(output.read_text())["tar_at_far"]
+
+
+def test_outputs_in_meta_may_be_replaced_and_a_template_without_weight_gets_a_note(release, tmp_path, capsys):
+    """The release's own meta files are refused as outputs, an earlier run's results beside them are
+    not; a template whose faces all have zero features is named in a note, whatever the weighting."""
+    data, model, _ = release
+    copy = str(tmp_path / "IJBC")
+    shutil.copytree(data, copy)
+    features = tmp_path / "feats.npy"
+    assert ijb.main(["--model", model, "--data-root", copy, "--workers", "0", "--device", "cpu", "--output",
+                     f"{copy}/meta/ijbc.json", "--save-features", str(features)]) == 0
+    argv = ["--features", str(features), "--data-root", copy, "--output", f"{copy}/meta/ijbc.json", "--overwrite"]
+    assert ijb.main(argv) == 0
+    names, saved = ijb.read_table(str(features))
+    protocol = ijb.read_protocol(copy, "IJBC")
+    faces = [names.index(protocol.image_names[i]) for i in protocol.face_image[protocol.templates == 100]]
+    saved[faces] = 0
+    ijb.write_table(str(features), names, saved)
+    capsys.readouterr()
+    for extra, detector in (([], True), (["--no-detector-score", "--no-norm-score"], False)):
+        assert ijb.main(argv + extra) == 0
+        err = capsys.readouterr().err
+        assert "note: 1 template(s) have no weight (each of their faces has a zero feature" in err
+        assert ("--no-detector-score weighs the faces equally" in err) == detector
 
 
 def test_sigterm_during_the_embedding_is_one_line(release, tmp_path, monkeypatch, capsys):

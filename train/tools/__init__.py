@@ -57,6 +57,7 @@ def say(*args, **kwargs) -> None:
     is still written after hours of embedding. The stream then points at /dev/null, so that the
     interpreter's last flush of its buffer fails silently too."""
     stream = kwargs.get("file") or sys.stdout
+    kwargs.setdefault("flush", True)  # a pipe's buffer would otherwise break only at the interpreter's exit
     try:
         print(*args, **kwargs)
     except BrokenPipeError:
