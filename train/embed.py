@@ -260,6 +260,31 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
                    help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
 
 
+def run_stoppable(main, argv: list[str] | None) -> int:
+    """A benchmark's ``main(argv)`` under :func:`stop_on_signals`: Ctrl-C and SIGTERM give one line and
+    exit 130 / 143 (its decoding workers leave them to this process)."""
+    from .tools import say
+
+    try:
+        with stop_on_signals():
+            return main(argv)
+    except Stopped as stop:
+        say(f"\nstopped by {stop.name}: " + ("the files written before it are whole" if stop.after_writing else
+                                            "nothing written"), file=sys.stderr)
+        return stop.exit_status
+
+
+def report_unreadable(unreadable: list[tuple[int, str]], folder: str, shown: int = 10) -> None:
+    """The images of a benchmark's release that did not decode (``embed_images``' ``unreadable``), all
+    counted and the first ``shown`` named, after the embedding: one round of fixes, not one a file."""
+    from .tools import say
+
+    for _, why in unreadable[:shown]:
+        say(f"error: {why}", file=sys.stderr)
+    say(f"error: {len(unreadable)} image(s) of {folder} cannot be read"
+        + (f" (the first {shown} above)" if len(unreadable) > shown else "") + ": nothing scored", file=sys.stderr)
+
+
 def check_benchmark_options(p: argparse.ArgumentParser, args: argparse.Namespace, written: list[str],
                             flags: str) -> None:
     """argparse errors for what ``add_benchmark_options``' options cannot mean together, and for

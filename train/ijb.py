@@ -47,8 +47,8 @@ from PIL import Image, ImageOps
 from . import checkpoint
 from .data.transforms import to_chw, to_rgb
 from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, embed_images, load_model,
-                    read_table, table_files, write_table)
-from .signals import Stopped, signals_held, stop_on_signals
+                    read_table, report_unreadable, run_stoppable, table_files, write_table)
+from .signals import signals_held
 from .tools import check_outputs, say, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -930,14 +930,7 @@ def saved_features(path: str, image_names: list[str], hint: str = "features of a
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        # Ctrl-C and SIGTERM: one line, exit 130 / 143; the decoding workers leave them to this process.
-        with stop_on_signals():
-            return _main(argv)
-    except Stopped as stop:
-        say(f"\nstopped by {stop.name}: " + ("the files written before it are whole" if stop.after_writing else
-                                            "nothing written"), file=sys.stderr)
-        return stop.exit_status
+    return run_stoppable(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -1029,10 +1022,7 @@ def _main(argv: list[str] | None) -> int:
                                 log=lambda message: say(message, file=sys.stderr, flush=True),
                                 workers_leave_signals=True)
         if unreadable:
-            for _, why in unreadable[:10]:
-                say(f"error: {why}", file=sys.stderr)
-            say(f"error: {len(unreadable)} image(s) of {protocol.image_folder} cannot be read"
-                + (" (the first 10 above)" if len(unreadable) > 10 else "") + ": nothing scored", file=sys.stderr)
+            report_unreadable(unreadable, protocol.image_folder)
             return 2
     embedding_seconds = time.monotonic() - embedding_started
     features_saved = True

@@ -26,9 +26,9 @@ import torch
 
 from . import checkpoint
 from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, embed_images,
-                    list_images, load_model, table_files, write_table)
+                    list_images, load_model, report_unreadable, run_stoppable, table_files, write_table)
 from .ijb import saved_features
-from .signals import Stopped, signals_held, stop_on_signals
+from .signals import signals_held
 from .tools import check_outputs, say, torch_device
 
 FOLDERS = ("Probe", "Gallery_Match", "Gallery_Distractor")
@@ -136,14 +136,7 @@ def identification(protocol: TinyFaceProtocol, features: np.ndarray, ranks=RANKS
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        # Ctrl-C and SIGTERM: one line, exit 130 / 143; the decoding workers leave them to this process.
-        with stop_on_signals():
-            return _main(argv)
-    except Stopped as stop:
-        say(f"\nstopped by {stop.name}: " + ("the files written before it are whole" if stop.after_writing else
-                                            "nothing written"), file=sys.stderr)
-        return stop.exit_status
+    return run_stoppable(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -188,10 +181,7 @@ def _main(argv: list[str] | None) -> int:
                                 unreadable=unreadable, log=lambda message: say(message, file=sys.stderr, flush=True),
                                 workers_leave_signals=True)
         if unreadable:
-            for _, why in unreadable[:10]:
-                say(f"error: {why}", file=sys.stderr)
-            say(f"error: {len(unreadable)} image(s) of {protocol.root} cannot be read"
-                + (" (the first 10 above)" if len(unreadable) > 10 else "") + ": nothing scored", file=sys.stderr)
+            report_unreadable(unreadable, protocol.root)
             return 2
     embedding_seconds = time.monotonic() - embedding_started
     features_saved = True
