@@ -532,9 +532,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.images}")
         # A name that cannot be a row of the table (or a line of the .npy's index) is left out, as a photo
         # without a face is, rather than failing the run after the embedding.
+        listable = [listable_name(os.path.relpath(path, args.images)) for path in paths]
         failures = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
-                    for path in paths if not listable_name(os.path.relpath(path, args.images))]
-        paths = [path for path in paths if listable_name(os.path.relpath(path, args.images))]
+                    for path, ok in zip(paths, listable) if not ok]
+        paths = [path for path, ok in zip(paths, listable) if ok]
         if failures and not paths:
             raise ValueError(failures[0])
         if args.detector:
@@ -554,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
             embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size,
                                      workers=args.workers, norms=norms)
             names = [os.path.relpath(path, args.images) for path in paths]
-    with signals_held():  # the table's files, and the norms, all or none
+    with signals_held():  # a stop does not come between the table's files and the norms
         written = write_table(args.output, names, embeddings)
         if args.norms:
             written.append(write_norms(args.norms, names, np.concatenate(norms)))
