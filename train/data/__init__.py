@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import warnings
 from typing import TYPE_CHECKING
 
@@ -239,6 +240,13 @@ class _LeaveSignalsToTheMainProcess:
     runs (`atexit` calls handlers last-registered first), and a worker then exits quietly, as torch's
     workers do on their parent's SIGTERM. torch sets its worker signal handlers before it calls this,
     so these win. The workers also end when the DataLoader shuts them down or the main process dies.
+
+    A worker hands each batch's tensors to the main process as file descriptors, which a thread of
+    the worker serves (``multiprocessing.resource_sharer``) when the main process asks for them. A stop
+    raised in the main process while it is asking hangs up mid-transfer, and that thread would print a
+    traceback of the reset connection under the tool's one-line stop message. The main process is the
+    only one that connects, and it hangs up only when it stops or dies (and then says so itself), so
+    the worker does not report a connection that ends early.
     """
 
     def __init__(self, exiting):
@@ -247,10 +255,25 @@ class _LeaveSignalsToTheMainProcess:
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        sys.excepthook = _QuietOnHangUp(sys.excepthook)
 
     def _on_signal(self, signum, frame) -> None:
         if self.exiting.is_set():
             os._exit(0)
+
+
+class _QuietOnHangUp:
+    """A ``sys.excepthook`` that drops the errors of a connection the other end closed early
+    (in a loader's worker, only the handle-sharing thread reports through it) and passes on the rest."""
+
+    HANG_UPS = (ConnectionError, EOFError)
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, kind, value, trace) -> None:
+        if not issubclass(kind, self.HANG_UPS):
+            self.previous(kind, value, trace)
 
 
 def leave_signals_to_the_main_process() -> _LeaveSignalsToTheMainProcess:
