@@ -12,7 +12,9 @@ the faces as that tool does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import json
 import os
 import sys
 import time
@@ -303,30 +305,86 @@ def check_benchmark_options(p: argparse.ArgumentParser, args: argparse.Namespace
 def benchmark_inputs(args: argparse.Namespace) -> tuple[str, ...]:
     """The files a benchmark run reads (its model and the settings beside it, or its features table), which
     no output may replace."""
-    return (args.model, checkpoint.settings_path(args.model)) if args.model else tuple(table_files(args.features))
+    return ((args.model, checkpoint.settings_path(args.model)) if args.model
+            else tuple(table_files(args.features, about=True)))
 
 
-def table_files(path: str) -> list[str]:
+def table_files(path: str, *, about: bool = False) -> list[str]:
     """The files :func:`write_table` writes for ``path``: the ``.csv``; or the ``.npy`` (added to a
-    path without it, as ``np.save`` adds it) and the ``.txt`` beside it listing the images."""
+    path without it, as ``np.save`` adds it) and the ``.txt`` beside it listing the images; with
+    ``about``, then the table's provenance (:func:`about_path`)."""
     if path.endswith(".csv"):
-        return [path]
-    if not path.endswith(".npy"):
-        path += ".npy"
-    return [path, os.path.splitext(path)[0] + ".txt"]
+        files = [path]
+    else:
+        if not path.endswith(".npy"):
+            path += ".npy"
+        files = [path, os.path.splitext(path)[0] + ".txt"]
+    return files + [about_path(files[0])] if about else files
 
 
-def write_table(path: str, names: list[str], embeddings: np.ndarray) -> list[str]:
+def about_path(path: str) -> str:
+    """Where the provenance of the table at ``path`` (its ``.npy`` or ``.csv``) is: that file's name
+    with ``.json`` appended (``e.npy.json``), a name no other output of the tools takes."""
+    return path + ".json"
+
+
+def write_table(path: str, names: list[str], embeddings: np.ndarray, about: dict | None = None) -> list[str]:
     """``.npy`` (plus ``.txt`` listing the images in row order) or ``.csv`` (name, values), each
-    written atomically; returns the files written (:func:`table_files`)."""
+    written atomically, and what ``about`` says of them (the model, the mirror, ...; the rows' and
+    values' counts and the time are added) as JSON at :func:`about_path`; returns the files written
+    (:func:`table_files`). Without ``about``, an earlier table's provenance there is removed: it
+    would describe other features."""
     files = table_files(path)
     if path.endswith(".csv"):
         _write_csv(path, [f"e{j}" for j in range(embeddings.shape[1])], names, embeddings)
+    else:
+        array_path, index_path = files
+        checkpoint.write_atomic(array_path, lambda f: np.save(f, embeddings))
+        checkpoint.write_atomic(index_path, lambda f: f.writelines(name + "\n" for name in names), binary=False)
+    provenance = about_path(files[0])
+    if about is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(provenance)
         return files
-    array_path, index_path = files
-    checkpoint.write_atomic(array_path, lambda f: np.save(f, embeddings))
-    checkpoint.write_atomic(index_path, lambda f: f.writelines(name + "\n" for name in names), binary=False)
-    return files
+    checkpoint.write_json_atomic(provenance, {**about, "rows": int(embeddings.shape[0]),
+                                              "values": int(embeddings.shape[1]),
+                                              "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return files + [provenance]
+
+
+def read_about(path: str, embeddings: np.ndarray) -> dict | None:
+    """The provenance :func:`write_table` wrote beside the table at ``path`` whose values are
+    ``embeddings``; None when there is none (a table of older versions, or made by other code), or
+    when it does not describe this table (other counts of rows or values: the table was replaced by
+    other code), which a note on stderr then says."""
+    from .tools import say
+
+    provenance = about_path(table_files(path)[0])
+    try:
+        with open(provenance, encoding="utf-8") as f:
+            about = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        say(f"note: {provenance} is not readable as this table's provenance ({error}); left aside", file=sys.stderr)
+        return None
+    if not isinstance(about, dict) or (about.get("rows"), about.get("values")) != tuple(embeddings.shape):
+        say(f"note: {provenance} describes another table than {path} (other counts of rows or values); left aside",
+            file=sys.stderr)
+        return None
+    return about
+
+
+def describe_about(about: dict | None) -> str:
+    """A few words on where a table's features came from, for a run's first line: '' without provenance."""
+    if not about:
+        return ""
+    said = [f"model {about['model']}"] if about.get("model") else []
+    if about.get("flip") is not None:
+        said.append("with the mirror" if about["flip"] else "without the mirror")
+    if about.get("image_size"):
+        said.append(f"{about['image_size']}px")
+    return f" ({', '.join(said)})" if said else ""
 
 
 def write_norms(path: str, names: list[str], norms: np.ndarray) -> str:
@@ -462,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be at least 0")
     if args.norms and not args.images:
         p.error("--norms goes with --images (--compare prints the two norms)")
-    if args.norms and os.path.realpath(args.norms) in {os.path.realpath(f) for f in table_files(args.output)}:
+    table = table_files(args.output, about=True)
+    if args.norms and os.path.realpath(args.norms) in {os.path.realpath(f) for f in table}:
         p.error(f"--norms and --output must be different files, got {args.norms}")
     if args.landmarks and not args.images:
         p.error("--landmarks goes with --images (the faces it lists are found under that folder)")
@@ -496,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
                          "norm would be 1; the backbone's own output has them (train.export's backbone.onnx or "
                          "backbone.pt)")
     if args.images:
-        check_outputs(table_files(args.output) + ([args.norms] if args.norms else []), args.overwrite,
+        check_outputs(table_files(args.output, about=True) + ([args.norms] if args.norms else []), args.overwrite,
                       inputs=(args.model, checkpoint.settings_path(args.model), args.landmarks, args.detector),
                       image_folders=(args.images,))
     size = settings["image_size"]
@@ -555,8 +614,13 @@ def run(args: argparse.Namespace) -> int:
             embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size,
                                      workers=args.workers, norms=norms)
             names = [os.path.relpath(path, args.images) for path in paths]
+    about = {"made_by": "train.embed", "model": os.path.abspath(args.model), "image_size": size, "flip": True,
+             "unit_length": True, "images": os.path.abspath(args.images),
+             "faces": f"aligned from the landmarks in {os.path.abspath(args.landmarks)}" if args.landmarks else
+             f"found and aligned by {os.path.abspath(args.detector)}" + (", every face" if args.all_faces else "")
+             if args.detector else "the images as they are"}
     with signals_held():  # a stop does not come between the table's files and the norms
-        written = write_table(args.output, names, embeddings)
+        written = write_table(args.output, names, embeddings, about=about)
         if args.norms:
             written.append(write_norms(args.norms, names, np.concatenate(norms)))
     faces = args.landmarks or args.detector

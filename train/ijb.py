@@ -46,8 +46,8 @@ from PIL import Image, ImageOps
 
 from . import checkpoint
 from .data.transforms import to_chw, to_rgb
-from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, embed_images, load_model,
-                    read_table, report_unreadable, run_stoppable, table_files, write_table)
+from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about, embed_images,
+                    load_model, read_about, read_table, report_unreadable, run_stoppable, table_files, write_table)
 from .signals import signals_held
 from .tools import check_outputs, say, torch_device
 
@@ -548,6 +548,14 @@ def image_weights(features: np.ndarray, detector_scores: np.ndarray | None = Non
     return weights
 
 
+def unit_length(features: np.ndarray, tolerance: float = 1e-3) -> bool:
+    """Whether every non-zero feature has length 1 (to ``tolerance``): a table of normalised
+    features (train.embed's), whose norms then weigh nothing."""
+    norms = np.sqrt(np.einsum("ij,ij->i", features, features, dtype=np.float64))
+    norms = norms[norms > 0]
+    return bool(norms.size) and bool(np.all(np.abs(norms - 1) <= tolerance))
+
+
 def _sum_by_group(values: np.ndarray, rows: np.ndarray, weights: np.ndarray, groups: np.ndarray,
                   num_groups: int, chunk: int = 1 << 14) -> np.ndarray:
     """(num_groups, D) float64: group g sums weights[i] * values[rows[i]] over every i with
@@ -960,7 +968,7 @@ def _main(argv: list[str] | None) -> int:
                    help="replace --output, --save-features and --plot files that exist; without it they are kept")
     args = p.parse_args(argv)
     output = args.output or f"{args.target.lower()}.json"
-    written = [output, *(table_files(args.save_features) if args.save_features else []),
+    written = [output, *(table_files(args.save_features, about=True) if args.save_features else []),
                *([args.plot] if args.plot else [])]
     check_benchmark_options(p, args, written, "--output, --save-features and --plot")
     if args.plot:
@@ -989,6 +997,7 @@ def _main(argv: list[str] | None) -> int:
         if args.features:
             model, settings = None, {"image_size": None, "network": None}
             features = saved_features(args.features, protocol.image_names)
+            about = read_about(args.features, features)
         else:
             model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them; not the release's own files.
@@ -1007,7 +1016,8 @@ def _main(argv: list[str] | None) -> int:
                      + " and ".join(protocol.identification.galleries))
     say(f"{args.target}: {len(protocol.image_names)} images, {protocol.templates.size} faces, "
           f"{len(np.unique(protocol.templates))} templates, {'; '.join(lists)}; "
-          + (f"features from {args.features}" if args.features else f"embedding at {size}px on {device}"), flush=True)
+          + (f"features from {args.features}{describe_about(about)}" if args.features
+             else f"embedding at {size}px on {device}"), flush=True)
 
     unusable = int(unusable_landmarks(protocol.landmarks).sum())
     embedding_started = time.monotonic()
@@ -1029,12 +1039,23 @@ def _main(argv: list[str] | None) -> int:
     if args.save_features:
         try:
             with signals_held():  # the .npy and its .txt, both or neither
-                written = write_table(args.save_features, protocol.image_names, features)
+                written = write_table(args.save_features, protocol.image_names, features, about={
+                    "made_by": "train.ijb", "model": os.path.abspath(args.model), "network": settings.get("network"),
+                    "image_size": size, "flip": args.flip, "unit_length": bool(settings.get("unit_length")),
+                    "images": f"the loose crops of {args.target} under {os.path.abspath(protocol.image_folder)}, "
+                              "aligned from the release's landmarks"})
             say(f"image features: {', '.join(written)}")
         except OSError as error:  # a full disk, say: the scores are still computed and written
             say(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
             features_saved = False
 
+    normalised = settings.get("unit_length") if model is not None else (
+        bool(about and about.get("unit_length")) or unit_length(features))
+    if args.norm_score and normalised:
+        source = f"{args.model} gives" if model is not None else f"{args.features} holds"
+        say(f"note: {source} features of unit length: the faces of a template are not weighted by their feature "
+            "norm, as insightface's evaluation (and --norm-score, the default) weighs them; the backbone's own output "
+            "keeps the norms (a checkpoint, or train.export's backbone.onnx)", file=sys.stderr)
     weights = image_weights(features, protocol.detector_scores if args.detector_score else None,
                             norm_score=args.norm_score)
     template_ids, pooled = template_features(features, protocol.templates, protocol.medias,
@@ -1047,7 +1068,7 @@ def _main(argv: list[str] | None) -> int:
     result = {
         "target": args.target,
         "model": os.path.abspath(args.model) if args.model else None,
-        **({"features": os.path.abspath(args.features)} if args.features else {}),
+        **({"features": os.path.abspath(args.features), "features_about": about} if args.features else {}),
         "data_root": os.path.abspath(args.data_root),
         "protocols": list(protocols),
         "options": {"flip": None if args.features else args.flip, "detector_score": args.detector_score,

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, embed_images,
-                    list_images, load_model, report_unreadable, run_stoppable, table_files, write_table)
+from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
+                    embed_images, list_images, load_model, read_about, report_unreadable, run_stoppable, table_files,
+                    write_table)
 from .ijb import saved_features
 from .signals import signals_held
 from .tools import check_outputs, say, torch_device
@@ -152,7 +153,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--output", default="tinyface.json", help="results JSON")
     p.add_argument("--overwrite", action="store_true", help="replace --output and --save-features files that exist")
     args = p.parse_args(argv)
-    written = [args.output, *(table_files(args.save_features) if args.save_features else [])]
+    written = [args.output, *(table_files(args.save_features, about=True) if args.save_features else [])]
     check_benchmark_options(p, args, written, "--output and --save-features")
     started = time.monotonic()
     try:
@@ -161,6 +162,7 @@ def _main(argv: list[str] | None) -> int:
         if args.features:
             model, size = None, None
             features = saved_features(args.features, protocol.image_names, "features of another release?")
+            about = read_about(args.features, features)
         else:
             model, settings = load_model(args.model, device)
             size = settings["image_size"]
@@ -172,7 +174,8 @@ def _main(argv: list[str] | None) -> int:
     names = protocol.image_names
     say(f"TinyFace: {len(protocol.names['Probe'])} probes searched among {len(protocol.names['Gallery_Match'])} "
           f"gallery images and {len(protocol.names['Gallery_Distractor'])} distractors; "
-          + (f"features from {args.features}" if args.features else f"embedding at {size}px on {device}"), flush=True)
+          + (f"features from {args.features}{describe_about(about)}" if args.features
+             else f"embedding at {size}px on {device}"), flush=True)
     embedding_started = time.monotonic()
     if model is not None:
         unreadable = []  # every image that does not decode, named at the end: one round of fixes, not one per file
@@ -188,7 +191,12 @@ def _main(argv: list[str] | None) -> int:
     if args.save_features:
         try:
             with signals_held():  # the .npy and its .txt, both or neither
-                files = write_table(args.save_features, names, features)
+                files = write_table(args.save_features, names, features, about={
+                    "made_by": "train.tinyface", "model": os.path.abspath(args.model),
+                    "network": settings.get("network"), "image_size": size, "flip": args.flip,
+                    "unit_length": bool(settings.get("unit_length")),
+                    "images": f"TinyFace's Probe, Gallery_Match and Gallery_Distractor under "
+                              f"{os.path.abspath(protocol.root)}"})
             say(f"image features: {', '.join(files)}")
         except OSError as error:  # the scores are still computed and written
             say(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
@@ -203,7 +211,7 @@ def _main(argv: list[str] | None) -> int:
               "they are left out of the rates")
     say("  ".join(f"rank-{k} {100 * v:.2f}%" for k, v in scores["rank"].items() if v is not None))
     result = {"benchmark": "TinyFace", "model": os.path.abspath(args.model) if args.model else None,
-              **({"features": os.path.abspath(args.features)} if args.features else {}),
+              **({"features": os.path.abspath(args.features), "features_about": about} if args.features else {}),
               "data_root": os.path.abspath(protocol.root),
               "options": {"flip": None if args.features else args.flip, "image_size": size,
                           "batch_size": None if args.features else args.batch_size,

@@ -136,8 +136,16 @@ def test_embed_folder_and_compare(trained, tmp_path, capsys):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     capsys.readouterr()
     assert embed.main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "bare")]) == 0
-    assert f"{tmp_path / 'bare.npy'}, {tmp_path / 'bare.txt'}" in capsys.readouterr().out  # the files np.save wrote
+    assert f"{tmp_path / 'bare.npy'}, {tmp_path / 'bare.txt'}, {tmp_path / 'bare.npy.json'}" in \
+        capsys.readouterr().out  # the files np.save wrote, and where they came from
     assert np.array_equal(np.load(tmp_path / "bare.npy"), vectors)
+    about = json.loads((tmp_path / "emb.npy.json").read_text())
+    assert {k: about[k] for k in ("made_by", "model", "images", "faces", "flip", "unit_length", "rows", "values")} == {
+        "made_by": "train.embed", "model": os.path.abspath(ckpt), "images": os.path.abspath(faces),
+        "faces": "the images as they are", "flip": True, "unit_length": True, "rows": 16, "values": vectors.shape[1]}
+    # A table written again without provenance (by code calling write_table) leaves no stale one.
+    embed.write_table(str(output), names[:2], vectors[:2])
+    assert not (tmp_path / "emb.npy.json").exists()
     # Verification's embeddings, whether the images are decoded here or by worker processes.
     model, settings = checkpoint.load_backbone(ckpt)
     images = torch.stack([torch.from_numpy(load_image_file(os.path.join(faces, name), settings["image_size"])
@@ -246,7 +254,7 @@ def test_embed_keeps_existing_files_unless_told(trained, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["pairs.txt"] and pairs.read_text() == "a.jpg b.jpg 1\n"
     assert embed.main(argv + ["--overwrite"]) == 0
     assert len(pairs.read_text().split()) == 16 and np.load(tmp_path / "pairs.npy").shape[0] == 16
-    assert sorted(os.listdir(tmp_path)) == ["pairs.npy", "pairs.txt"]  # no temporary left
+    assert sorted(os.listdir(tmp_path)) == ["pairs.npy", "pairs.npy.json", "pairs.txt"]  # no temporary left
     assert embed.main(argv) == 2 and "pairs.npy exists" in capsys.readouterr().err
 
 

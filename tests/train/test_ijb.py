@@ -595,6 +595,33 @@ def test_an_onnx_model_gives_its_state_dicts_features(release, tmp_path):
     assert json.loads((tmp_path / "onnx.json").read_text())["options"]["network"] == "onnx"
 
 
+def test_features_of_unit_length_are_said_to_lose_the_norm_weighting(release, tmp_path, capsys):
+    """insightface's IJB evaluation weighs a template's faces by their feature norm (--norm-score):
+    a model that normalises its output (train.export's backbone_normalized.onnx), or a table of
+    train.embed's unit-length features, has none, and the run says so (the scores are still computed)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from train import export
+
+    data, model, _ = release
+    base = ["--data-root", data, "--workers", "0", "--device", "cpu", "--protocol", "1:1"]
+    backbone, settings = checkpoint.load_backbone(model)
+    graph = str(tmp_path / "backbone_normalized.onnx")
+    export.export_onnx(export.FlipNormalized(backbone).eval(), graph, settings["image_size"])
+    for path, noted in ((model, False), (graph, True)):
+        assert ijb.main(["--model", path, *base, "--output", str(tmp_path / "r.json"), "--overwrite"]) == 0
+        assert ("features of unit length" in capsys.readouterr().err) == noted, path
+    names = ijb.read_protocol(data, "IJBC", ("1:1",)).image_names
+    unit = np.random.default_rng(0).normal(size=(len(names), 8)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    ijb.write_table(str(tmp_path / "unit.npy"), names, unit)
+    for extra, noted in (([], True), (["--no-norm-score"], False)):
+        assert ijb.main(["--features", str(tmp_path / "unit.npy"), *base, "--output", str(tmp_path / "u.json"),
+                         "--overwrite", *extra]) == 0
+        err = capsys.readouterr().err
+        assert (f"note: {tmp_path / 'unit.npy'} holds features of unit length" in err) == noted, err
+
+
 def test_unusable_landmarks_make_a_black_crop_as_in_insightface(release, tmp_path, capsys):
     # skimage's estimate is NaN for coincident points, and OpenCV warps a NaN matrix to black.
     data, model, _ = release
@@ -811,12 +838,18 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
         first, second = json.loads(saved.read_text()), json.loads(again.read_text())
         assert second["model"] is None and second["features"] == str(tmp_path / table)
         assert second["options"]["flip"] is None and second["options"]["detector_score"] is False
+        # Where the features came from: written beside the table, and carried into the new results.
+        about = json.loads((tmp_path / f"{table}.json").read_text())
+        assert second["features_about"] == about
+        assert (about["made_by"], about["model"], about["flip"], about["image_size"], about["unit_length"],
+                about["rows"]) == ("train.ijb", os.path.abspath(model), True, IMAGE_SIZE, False, 36)
+        assert f"features from {tmp_path / table} (model {os.path.abspath(model)}, with the mirror, " \
+               f"{IMAGE_SIZE}px)" in capsys.readouterr().out
         for key in ("tar_at_far", "threshold_at_far", "identification"):
             if table.endswith(".npy"):
                 assert second[key] == first[key], key
             else:  # the CSV keeps 7 significant digits
                 assert_close_results(second[key], first[key])
-        assert "features from" in capsys.readouterr().out
     # Other options than the saving run's.
     assert ijb.main(["--features", str(tmp_path / "feats.npy"), *base, "--output", str(tmp_path / "n.json"),
                      "--protocol", "1:N", "--no-norm-score"]) == 0
@@ -835,6 +868,18 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
     (tmp_path / "more.txt").write_text((tmp_path / "feats.txt").read_text() + "999.jpg\n")
     assert ijb.main(["--features", str(tmp_path / "more.npy"), *base, "--output", str(tmp_path / "x.json")]) == 2
     assert "has features of 1 images this release does not use (the first: 999.jpg)" in capsys.readouterr().err
+    # A table without provenance (another tool's, or an older version's), and one whose provenance
+    # describes another table (the .npy replaced by other code): scored, with none.
+    np.save(tmp_path / "other.npy", saved_rows[::-1])
+    (tmp_path / "other.txt").write_text("".join(f"{n}\n" for n in (tmp_path / "feats.txt").read_text().split()[::-1]))
+    assert ijb.main(["--features", str(tmp_path / "other.npy"), *base, "--output", str(tmp_path / "o.json")]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["features_about"] is None
+    np.save(tmp_path / "other.npy", np.concatenate([saved_rows[::-1], saved_rows[::-1]], axis=1))
+    shutil.copy(tmp_path / "feats.npy.json", tmp_path / "other.npy.json")
+    assert ijb.main(["--features", str(tmp_path / "other.npy"), *base, "--output", str(tmp_path / "o.json"),
+                     "--overwrite"]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["features_about"] is None
+    assert "other.npy.json describes another table than" in capsys.readouterr().err
     for extra, message in ((["--save-features", str(tmp_path / "y.npy")], "--save-features with --features"),
                            (["--model", model], "not allowed with argument --features"),
                            (["--no-flip"], "--flip/--no-flip with --features"),

@@ -96,6 +96,12 @@ def test_the_tool_ranks_what_the_model_embeds(release, tmp_path, capsys):
     names, saved = read_table(str(table))
     assert names == protocol.image_names and names[0] == os.path.join("Probe", "13_1.jpg")
     np.testing.assert_allclose(saved / np.linalg.norm(saved, axis=1, keepdims=True), features, atol=1e-5)
+    about = json.loads((tmp_path / "features.npy.json").read_text())
+    assert (about["made_by"], about["model"], about["flip"], about["image_size"], about["rows"]) == (
+        "train.tinyface", os.path.abspath(model_path), True, IMAGE_SIZE, len(names))
+    assert tinyface.main(["--features", str(table), "--data-root", data, "--output", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["features_about"] == about
+    assert f"(model {os.path.abspath(model_path)}, with the mirror, {IMAGE_SIZE}px)" in capsys.readouterr().out
 
 
 def test_saved_features_are_scored_again(release, tmp_path, capsys):
