@@ -615,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
                                      workers=args.workers, norms=norms)
             names = [os.path.relpath(path, args.images) for path in paths]
     about = {"made_by": "train.embed", "model": os.path.abspath(args.model), "image_size": size, "flip": True,
-             "unit_length": True, "images": os.path.abspath(args.images),
+             "normalised": True, "images": os.path.abspath(args.images),
              "faces": f"aligned from the landmarks in {os.path.abspath(args.landmarks)}" if args.landmarks else
              f"found and aligned by {os.path.abspath(args.detector)}" + (", every face" if args.all_faces else "")
              if args.detector else "the images as they are"}

@@ -1041,7 +1041,7 @@ def _main(argv: list[str] | None) -> int:
             with signals_held():  # the .npy and its .txt, both or neither
                 written = write_table(args.save_features, protocol.image_names, features, about={
                     "made_by": "train.ijb", "model": os.path.abspath(args.model), "network": settings.get("network"),
-                    "image_size": size, "flip": args.flip, "unit_length": bool(settings.get("unit_length")),
+                    "image_size": size, "flip": args.flip, "normalised": bool(settings.get("unit_length")),
                     "images": f"the loose crops of {args.target} under {os.path.abspath(protocol.image_folder)}, "
                               "aligned from the release's landmarks"})
             say(f"image features: {', '.join(written)}")
@@ -1050,7 +1050,7 @@ def _main(argv: list[str] | None) -> int:
             features_saved = False
 
     normalised = settings.get("unit_length") if model is not None else (
-        bool(about and about.get("unit_length")) or unit_length(features))
+        bool(about and about.get("normalised")) or unit_length(features))
     if args.norm_score and normalised:
         source = f"{args.model} gives" if model is not None else f"{args.features} holds"
         say(f"note: {source} features of unit length: the faces of a template are not weighted by their feature "

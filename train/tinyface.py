@@ -194,7 +194,7 @@ def _main(argv: list[str] | None) -> int:
                 files = write_table(args.save_features, names, features, about={
                     "made_by": "train.tinyface", "model": os.path.abspath(args.model),
                     "network": settings.get("network"), "image_size": size, "flip": args.flip,
-                    "unit_length": bool(settings.get("unit_length")),
+                    "normalised": bool(settings.get("unit_length")),
                     "images": f"TinyFace's Probe, Gallery_Match and Gallery_Distractor under "
                               f"{os.path.abspath(protocol.root)}"})
             say(f"image features: {', '.join(files)}")

@@ -140,9 +140,9 @@ def test_embed_folder_and_compare(trained, tmp_path, capsys):
         capsys.readouterr().out  # the files np.save wrote, and where they came from
     assert np.array_equal(np.load(tmp_path / "bare.npy"), vectors)
     about = json.loads((tmp_path / "emb.npy.json").read_text())
-    assert {k: about[k] for k in ("made_by", "model", "images", "faces", "flip", "unit_length", "rows", "values")} == {
+    assert {k: about[k] for k in ("made_by", "model", "images", "faces", "flip", "normalised", "rows", "values")} == {
         "made_by": "train.embed", "model": os.path.abspath(ckpt), "images": os.path.abspath(faces),
-        "faces": "the images as they are", "flip": True, "unit_length": True, "rows": 16, "values": vectors.shape[1]}
+        "faces": "the images as they are", "flip": True, "normalised": True, "rows": 16, "values": vectors.shape[1]}
     # A table written again without provenance (by code calling write_table) leaves no stale one.
     embed.write_table(str(output), names[:2], vectors[:2])
     assert not (tmp_path / "emb.npy.json").exists()

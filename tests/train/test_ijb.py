@@ -841,7 +841,7 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
         # Where the features came from: written beside the table, and carried into the new results.
         about = json.loads((tmp_path / f"{table}.json").read_text())
         assert second["features_about"] == about
-        assert (about["made_by"], about["model"], about["flip"], about["image_size"], about["unit_length"],
+        assert (about["made_by"], about["model"], about["flip"], about["image_size"], about["normalised"],
                 about["rows"]) == ("train.ijb", os.path.abspath(model), True, IMAGE_SIZE, False, 36)
         assert f"features from {tmp_path / table} (model {os.path.abspath(model)}, with the mirror, " \
                f"{IMAGE_SIZE}px)" in capsys.readouterr().out
