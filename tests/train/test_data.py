@@ -227,6 +227,9 @@ def test_recordio_without_a_property_file_counts_its_classes_with_a_note_when_la
     assert RecordIODataset(str(tmp_path / "large"), image_size=32).num_classes == max(labels) + 1
     assert f"has no property file: reading the label of every one of its {len(labels)} records" in \
         capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # under torchrun, the first process alone says it
+    assert RecordIODataset(str(tmp_path / "large"), image_size=32).num_classes == max(labels) + 1
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_recordio_label_array_per_image(tmp_path):

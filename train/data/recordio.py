@@ -352,7 +352,7 @@ class RecordIODataset(FaceImageDataset):
         if self.identity_range is not None and self.identity_range[1] > self.identity_range[0]:
             return self.identity_range[1] - self.identity_range[0]
         # No metadata: read every header once (reads the whole file).
-        if len(self.image_keys) > SCAN_NOTE_RECORDS:
+        if len(self.image_keys) > SCAN_NOTE_RECORDS and os.environ.get("RANK", "0") == "0":  # once, under torchrun
             print(f"note: {self.root} has no property file: reading the label of every one of its "
                   f"{len(self.image_keys)} records to count the classes (a file 'property' holding "
                   "'num_classes,height,width', as insightface ships and pack_rec writes, skips this)", file=sys.stderr)
