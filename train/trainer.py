@@ -635,6 +635,7 @@ class Trainer:
         if state.get("num_classes") != self.num_classes:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "
                              f"{self.num_classes}; resume needs the same data (use --pretrained_model to fine-tune)")
+        self._check_resumed_data(state, path)
         self.backbone.load_state_dict(state["model"])
         self.margin_loss.load_state_dict(state["margin_loss"])  # a sharded loss keeps its rows
         self.optimizer.load_state_dict(self._local_optimizer_state(state["optimizer"]))
@@ -661,6 +662,27 @@ class Trainer:
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
         return state["rng"]
+
+    def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
+        """A resumed run reads the data its checkpoint trained on: the same files (moved, or mounted
+        elsewhere, they keep their record), or other images of the same identities in the same order
+        (a note: the data order from here on is not the uninterrupted run's). Other identities, or the
+        same ones in another order, would give each label another person's class centre."""
+        recorded = state.get("data_fingerprint")
+        if recorded is None or recorded == self.data_fingerprint:  # (a checkpoint older than the record)
+            return
+        classes = self.dataset.classes_digest()
+        if classes is not None and state.get("data_classes") == classes:
+            if self.is_main:
+                print(f"note: --data {self.args.data} holds other images than the data {path} trained on, of the "
+                      "same identities: the run goes on with them (the data order is not the uninterrupted run's)",
+                      file=sys.stderr)
+            return
+        raise SystemExit(f"--resume {path}: --data {self.args.data} is not the data that run trained on (its "
+                         "record of its data differs: other identities, or the same ones in another order, would "
+                         "give each label another person's class centre). Resume with that run's data, or start a "
+                         f"new run (another --output) from its weights with --pretrained_model {path} (with "
+                         "--finetuning for other identities)")
 
     def _load_pretrained(self, path: str) -> None:
         try:
@@ -775,6 +797,7 @@ class Trainer:
             "args": vars(self.args),
             "num_classes": self.num_classes,
             "data_fingerprint": self.data_fingerprint,  # which data the class centres are of (train.tools.clean)
+            "data_classes": self.dataset.classes_digest(),  # which identities they are (None: unnamed)
             "model": self.backbone.state_dict(),
             "margin_loss": centres,
             "optimizer": optimizer_state,

@@ -435,6 +435,31 @@ def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
     assert trainer.step == 2 and trainer.args.warmup_steps == 5
 
 
+def test_resume_refuses_data_whose_labels_are_other_identities(faces, tmp_path, capsys):
+    # The checkpoint's class centre k is identity k of its data. A copy elsewhere resumes silently; other
+    # images of the same identities with a note; the identities renamed into another order (each label then
+    # another person's centre: a trial's loss went from 0.2 to 86 at the resumed step) or others are refused.
+    data, _ = faces
+    run = tmp_path / "run"
+    assert main(argv(faces, run, max_steps=2)) == 0
+    moved, fewer, reordered = tmp_path / "moved", tmp_path / "fewer", tmp_path / "reordered"
+    shutil.copytree(data, moved)
+    shutil.copytree(data, fewer)
+    os.remove(sorted((fewer / sorted(os.listdir(fewer))[0]).iterdir())[0])
+    shutil.copytree(data, reordered)
+    first = sorted(os.listdir(reordered))[0]
+    os.rename(reordered / first, reordered / f"zz_{first}")  # now the last identity, label 7, not 0
+    capsys.readouterr()
+    trainer = Trainer(parse_args(base_argv(str(moved), str(run), loss_impl=LOSS_IMPL, max_steps=4, resume="auto")))
+    assert trainer.step == 2 and "note:" not in capsys.readouterr().err
+    trainer = Trainer(parse_args(base_argv(str(fewer), str(run), loss_impl=LOSS_IMPL, max_steps=4, resume="auto")))
+    assert trainer.step == 2
+    assert f"note: --data {fewer} holds other images than the data" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--data .*reordered is not the data that run trained on .*another "
+                                         r"person's class centre.*--pretrained_model"):
+        Trainer(parse_args(base_argv(str(reordered), str(run), loss_impl=LOSS_IMPL, max_steps=4, resume="auto")))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(faces, tmp_path, monkeypatch, capsys):
     original_forward = arcface_ext.CombinedMarginLoss.forward
     calls = {"n": 0}

@@ -3,6 +3,7 @@ bring your own data (and what `python -m train.tools.pack_rec` packs)."""
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 import warnings
@@ -113,6 +114,14 @@ class ImageFolderDataset(FaceImageDataset):
     def _index_parts(self) -> list[bytes]:
         # The names below the root (nodes may mount it at different places) and their identities.
         return [self.paths.joined_names(), self.labels.tobytes()]
+
+    def classes_digest(self) -> str:
+        digest = hashlib.blake2b(digest_size=8)
+        for name in self.identities:
+            encoded = name.encode("utf-8", "surrogateescape")
+            digest.update(len(encoded).to_bytes(8, "little"))
+            digest.update(encoded)
+        return digest.hexdigest()
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         path = self.paths[index]

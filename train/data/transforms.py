@@ -142,6 +142,11 @@ class FaceImageDataset(torch.utils.data.Dataset):
         """What, beyond the size and the class count, tells this set from another of its kind."""
         return []
 
+    def classes_digest(self) -> str | None:
+        """A short digest of the identities' names in label order, for sets that name them (an image
+        folder's); None for the others. Equal digests: label k is the same person in both sets."""
+        return None
+
     def fingerprint(self) -> str:
         """A short digest of the set's index (its kind, size, classes and what `_index_parts` adds,
         not its pixels): processes that read different data give different digests."""
