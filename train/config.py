@@ -258,6 +258,15 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
     the command line's parsing, choices and error messages (a value outside an option's choices is
     reported here, naming the file)."""
     table = _option_table(parser)
+    if "config" in config:
+        # A run's args.json: it names the --config its values came from (they are all in it), and its
+        # warm-up, when the default share of its --max-steps, stays the default (a new --max-steps on the
+        # command line moves it, as it moves the run's own on a resume).
+        config = {key: value for key, value in config.items() if key != "config"}
+        steps = config.get("max_steps")
+        if isinstance(steps, int) and config.get("warmup_steps") == default_warmup_steps(
+                steps, config.get("lr_schedule", "poly")):
+            del config["warmup_steps"]
     unknown = sorted(k for k in config if k not in table)
     if unknown:
         raise SystemExit(f"{source}: unknown key(s) {', '.join(unknown)}; keys are the flag names of "

@@ -629,8 +629,10 @@ class Trainer:
                              "backbone's weights, use --pretrained_model)")
         changed = options_changed_on_resume(state["args"], self.args)
         if changed:
-            raise SystemExit(f"--resume {path}: {'; '.join(changed)}. Continue that run with its own options (its "
-                             f"--config, or the values above; args.json beside the checkpoint lists them all), "
+            run_args = os.path.join(os.path.dirname(path), "args.json")
+            own = (f"--config {run_args}, which lists them all, with --resume" if os.path.isfile(run_args) else
+                   "its --config, or the values above")
+            raise SystemExit(f"--resume {path}: {'; '.join(changed)}. Continue that run with its own options ({own}), "
                              f"or start a new one (another --output) from its weights with --pretrained_model {path}")
         if state.get("num_classes") != self.num_classes:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "

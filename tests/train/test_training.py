@@ -433,6 +433,15 @@ def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
     trainer = Trainer(parse_args(argv(faces, tmp_path, max_steps=100, resume="auto", log_every=5, eval_every=7,
                                       save_every=0, num_workers=1, pairs=True, channels_last=True)))
     assert trainer.step == 2 and trainer.args.warmup_steps == 5
+    # The message's way on: the run's own args.json as the config (it names the --config it came from).
+    with pytest.raises(SystemExit, match=rf"--lr 0\.1 in the checkpoint, 0\.01 requested.*\. Continue that run with its "
+                                         rf"own options \(--config {re.escape(str(tmp_path / 'args.json'))}, which "
+                                         r"lists them all, with --resume\)"):
+        Trainer(parse_args(["--resume", "auto", "--output", str(tmp_path), "--lr", "0.01"]))
+    args_json = json.loads((tmp_path / "args.json").read_text())
+    assert "config" in args_json
+    trainer = Trainer(parse_args(["--config", str(tmp_path / "args.json"), "--resume", "auto", "--max-steps", "3"]))
+    assert trainer.step == 2 and trainer.args.max_steps == 3 and trainer.args.network == "small"
 
 
 def test_resume_refuses_data_whose_labels_are_other_identities(faces, tmp_path, capsys):
