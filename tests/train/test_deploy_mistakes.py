@@ -272,9 +272,10 @@ def test_outputs_never_replace_what_a_run_reads(exported, trained, tmp_path, cap
     assert code == 2 and f"{settings} is one of the files this run reads" in capsys.readouterr().err
     assert settings.read_text() == kept
 
-    # make_bin: not an image its pairs list names.
-    pairs.write_text(f"{first} {second} 0\n")
-    code = code_of(make_bin.main, [first, "--pairs-list", str(pairs), "--overwrite"])
+    # make_bin: not an image its pairs list names (by a .bin link to it; a name not ending in .bin is refused).
+    pairs.write_text(f"{first} {second} 0\n" * 10)
+    os.symlink(first, tmp_path / "first.bin")
+    code = code_of(make_bin.main, [str(tmp_path / "first.bin"), "--pairs-list", str(pairs), "--overwrite"])
     assert code == 1 and "one of the files this run reads" in capsys.readouterr().err
     assert open(image, "rb").read() == image_bytes
 

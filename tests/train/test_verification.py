@@ -278,15 +278,15 @@ def test_make_bin_writes_what_load_bin_reads(tmp_path, pairs_images):
     vset = load_bin(str(path), image_size=20)
     assert torch.equal(vset.images, torch.from_numpy(stacked)) and vset.issame.tolist() == issame
 
-    assert make_bin_main([str(tmp_path / "agedb_30.bin"), "--synthetic", "--pairs", "8", "--image-size", "24"]) == 0
+    assert make_bin_main([str(tmp_path / "agedb_30.bin"), "--synthetic", "--pairs", "10", "--image-size", "24"]) == 0
     synthetic = load_bin(str(tmp_path / "agedb_30.bin"), image_size=24)
-    assert synthetic.num_pairs == 8 and synthetic.issame.tolist() == [True, False] * 4
+    assert synthetic.num_pairs == 10 and synthetic.issame.tolist() == [True, False] * 5
 
 
 def test_make_bin_from_image_folder(tmp_path):
     for person in ("ann", "ben", "cat"):
         (tmp_path / "faces" / person).mkdir(parents=True)
-        for k in range(2):
+        for k in range(4):
             Image.fromarray(picture(hash((person, k)) % 1000)).save(tmp_path / "faces" / person / f"{k}.png")
     pairs, issame = image_folder_pairs(str(tmp_path / "faces"), 10, seed=3)
     for (a, b), same in zip(pairs, issame):
@@ -296,16 +296,52 @@ def test_make_bin_from_image_folder(tmp_path):
     assert load_bin(str(out), image_size=20).num_pairs == 10
 
 
+def test_make_bin_draws_distinct_pairs_and_refuses_what_no_reader_takes(tmp_path, capsys):
+    # 10 identities of 6 images: 150 same pairs and 1,650 different ones exist. A trial's 1,000 pairs held
+    # 569 distinct ones (one 8 times); a set of fewer than 10 pairs, or options that only shape
+    # synthetic images, were written or ignored without a word.
+    for person in range(10):
+        (tmp_path / "faces" / f"p{person}").mkdir(parents=True)
+        for k in range(6):
+            Image.fromarray(picture(person * 10 + k)).save(tmp_path / "faces" / f"p{person}" / f"{k}.png")
+    faces = str(tmp_path / "faces")
+    for count in (20, 300):  # drawn (a small share), taken from the list of all (150 same pairs of 150)
+        pairs, issame = image_folder_pairs(faces, count, seed=1)
+        assert len({tuple(sorted(p)) for p in pairs}) == count and issame.tolist() == [True, False] * (count // 2)
+        for (a, b), same in zip(pairs, issame):
+            assert (os.path.dirname(a) == os.path.dirname(b)) == same and a != b
+    with pytest.raises(ValueError, match=r"has 150 distinct pairs of same identities: --pairs 302 needs 151"):
+        image_folder_pairs(faces, 302)
+    assert make_bin_main([str(tmp_path / "big.bin"), "--image-folder", faces, "--pairs", "1000"]) == 1
+    assert "has 150 distinct pairs of same identities" in capsys.readouterr().err
+    for argv, message in (
+            (["--image-folder", faces, "--pairs", "7"], "--pairs must be at least 10"),
+            (["--synthetic", "--pairs", "0"], "--pairs must be at least 10"),
+            (["--image-folder", faces, "--image-size", "64"], "--image-size shapes synthetic images"),
+            (["--image-folder", faces, "--format", "png", "--quality", "90"], "--format, --quality shape synthetic"),
+            (["--pairs-list", "p.txt", "--pairs", "10"], "--pairs-list gives its own pairs")):
+        with pytest.raises(SystemExit):
+            make_bin_main([str(tmp_path / "x.bin"), *argv])
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        make_bin_main([str(tmp_path / "heldout"), "--synthetic"])
+    assert "name the output NAME.bin" in capsys.readouterr().err
+    (tmp_path / "few.txt").write_text("".join(f"faces/p{k}/0.png faces/p{k}/1.png 1\n" for k in range(7)))
+    assert make_bin_main([str(tmp_path / "few.bin"), "--pairs-list", str(tmp_path / "few.txt")]) == 1
+    assert "lists 7 pairs: a set needs at least 10" in capsys.readouterr().err
+    assert not any(name.endswith(".bin") for name in os.listdir(tmp_path))
+
+
 def test_make_bin_keeps_an_existing_file_unless_told(tmp_path, capsys):
     # The output's stem names the synthetic set: `make_bin data/lfw.bin --synthetic` must not
     # replace a real lfw.bin.
     real = tmp_path / "lfw.bin"
     real.write_bytes(b"the real lfw.bin")
-    assert make_bin_main([str(real), "--synthetic", "--pairs", "4", "--image-size", "8"]) == 1
+    assert make_bin_main([str(real), "--synthetic", "--pairs", "10", "--image-size", "8"]) == 1
     assert f"{real} exists: pass --overwrite to replace it" in capsys.readouterr().err
     assert real.read_bytes() == b"the real lfw.bin"
-    assert make_bin_main([str(real), "--synthetic", "--pairs", "4", "--image-size", "8", "--overwrite"]) == 0
-    assert load_bin(str(real), image_size=8).num_pairs == 4
+    assert make_bin_main([str(real), "--synthetic", "--pairs", "10", "--image-size", "8", "--overwrite"]) == 0
+    assert load_bin(str(real), image_size=8).num_pairs == 10
     assert sorted(os.listdir(tmp_path)) == ["lfw.bin"]
 
 
@@ -313,14 +349,20 @@ def test_make_bin_checks_every_image_decodes(tmp_path, pairs_images, capsys):
     images, _ = pairs_images
     write_pairs_folder(tmp_path, images)
     (tmp_path / "imgs" / "3.png").write_bytes(b"\x89PNG not really")
+    with open(tmp_path / "pairs.txt", "a") as f:  # ten pairs, the least a set holds
+        f.write("imgs/0.png imgs/2.png 0\n" * 7)
     out = tmp_path / "pairs.bin"
     assert make_bin_main([str(out), "--pairs-list", str(tmp_path / "pairs.txt")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("make_bin: error: ") and "3.png: cannot decode image" in err and err.count("\n") == 1
     assert not out.exists()
-    # The list itself is not an output, --overwrite or not.
+    # The list itself is not an output, --overwrite or not (named as it is, or by a .bin link to it).
     listed = (tmp_path / "pairs.txt").read_text()
-    assert make_bin_main([str(tmp_path / "pairs.txt"), "--pairs-list", str(tmp_path / "pairs.txt"), "--overwrite"]) == 1
+    with pytest.raises(SystemExit):
+        make_bin_main([str(tmp_path / "pairs.txt"), "--pairs-list", str(tmp_path / "pairs.txt"), "--overwrite"])
+    assert "name the output NAME.bin" in capsys.readouterr().err
+    os.symlink(tmp_path / "pairs.txt", tmp_path / "link.bin")
+    assert make_bin_main([str(tmp_path / "link.bin"), "--pairs-list", str(tmp_path / "pairs.txt"), "--overwrite"]) == 1
     assert "is one of the files this run reads" in capsys.readouterr().err
     assert (tmp_path / "pairs.txt").read_text() == listed
 
