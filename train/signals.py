@@ -72,19 +72,20 @@ def stop_on_signals():
 
 
 @contextlib.contextmanager
-def signals_held():
+def signals_held(final: bool = True):
     """Ctrl-C and SIGTERM wait while the block runs, and arrive as it ends: a block of renames that must
     all happen, or none, is not cut in the middle. A block that ends normally marks the
-    :func:`stop_on_signals` run it is in as written, so that a stop from then on (the one that waited,
-    or one during the report after it) comes with ``after_writing`` set and the tool says its outputs
-    are in place rather than that nothing was written.
+    :func:`stop_on_signals` run it is in as written (not with ``final`` False: files written into a
+    staging folder that the run moves into place later), so that a stop from then on (the one that
+    waited, or one during the report after it) comes with ``after_writing`` set and the tool says its
+    outputs are in place rather than that nothing was written.
 
     The signals are not blocked (a thread's signal mask holds only that thread, and a process-wide
     signal goes to any thread that does not block it: torch's own threads): for the block, their
     handler notes them; the main thread runs Python's handlers, so none is missed."""
     if not _main_thread():
         yield
-        if _runs:
+        if _runs and final:
             _runs[-1].written = True
         return
     came = []
@@ -98,7 +99,7 @@ def signals_held():
             signal.signal(number, note)
     try:
         yield
-        if _runs:
+        if _runs and final:
             _runs[-1].written = True
     finally:
         for number, handler in previous.items():

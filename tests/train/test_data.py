@@ -492,14 +492,14 @@ def test_pack_rec_command_line(image_folder, tmp_path, monkeypatch):
     assert (out / "property").read_text().strip() == "2,24,24"
     ds, num_classes = build_train_dataset(str(out), image_size=24)
     assert isinstance(ds, RecordIODataset) and num_classes == 2 and len(ds) == 4
-    assert pack_rec_main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
+    assert pack_rec_main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
 
 
 def test_pack_rec_keeps_existing_files_unless_told(image_folder, tmp_path, capsys):
     out = tmp_path / "packed"
     out.mkdir()
     (out / "property").write_text("85742,112,112\n")  # another data set's
-    assert pack_rec_main([str(image_folder), str(out)]) == 1
+    assert pack_rec_main([str(image_folder), str(out)]) == 2
     assert f"{out / 'property'} exists: pass --overwrite to replace it" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["property"] and (out / "property").read_text() == "85742,112,112\n"
     assert pack_rec_main([str(image_folder), str(out), "--overwrite"]) == 0
@@ -510,9 +510,54 @@ def test_pack_rec_keeps_existing_files_unless_told(image_folder, tmp_path, capsy
 def test_pack_rec_failure_leaves_no_temporary_files(image_folder, tmp_path, capsys):
     (image_folder / "bob" / "c2.png").write_bytes(b"\x89PNG cut short")
     out = tmp_path / "packed"
-    assert pack_rec_main([str(image_folder), str(out)]) == 1
+    assert pack_rec_main([str(image_folder), str(out)]) == 2
     assert "c2.png: cannot decode image" in capsys.readouterr().err
+    assert not out.exists()  # nor the folder it made
+    out.mkdir()  # one the user made stays
+    assert pack_rec_main([str(image_folder), str(out)]) == 2
     assert os.listdir(out) == []
+
+
+def test_pack_rec_says_what_it_changed_and_what_is_not_aligned(image_folder, tmp_path, capsys):
+    # Unaligned photos of mixed sizes were packed without a word, the property file giving the first's
+    # size (a trial's 321x315, wrong for 119 of 120 images); PNG crops were re-encoded as JPEG silently.
+    assert pack_rec_main([str(image_folder), str(tmp_path / "mixed")]) == 0
+    err = capsys.readouterr().err
+    assert "note: 3 of the 4 images were re-encoded as JPEG (quality 95)" in err  # the JPEG is stored as it is
+    assert "note: the images are not all 32x32 (width x height), the size the property file gives: 40x40 too" in err
+    assert (tmp_path / "mixed" / "property").read_text() == "2,32,32\n"
+    assert pack_rec_main([str(image_folder), str(tmp_path / "resized"), "--resize", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "not all" not in err and "note: 3 of the 4 images were re-encoded as JPEG (quality 95; resized to 32x32 " \
+                                    "where they were not)" in err
+    wide = tmp_path / "wide"
+    (wide / "ann").mkdir(parents=True)
+    Image.fromarray(face_image(9)).resize((40, 30)).save(wide / "ann" / "1.png")
+    assert pack_rec_main([str(wide), str(tmp_path / "wide_pack")]) == 0
+    assert "note: the images are 40x30 (width x height), not square as aligned faces are" in capsys.readouterr().err
+
+
+def test_sigterm_stops_pack_rec_with_one_line_and_no_temporary_files(tmp_path):
+    # SIGTERM ended it silently (status -15) and left train.rec.tmp / train.idx.tmp behind.
+    faces = tmp_path / "faces"
+    (faces / "ann").mkdir(parents=True)
+    Image.fromarray(face_image(1)).save(faces / "ann" / "0.png")
+    for k in range(1, 4000):
+        os.link(faces / "ann" / "0.png", faces / "ann" / f"{k}.png")
+    out = tmp_path / "packed"
+    run = subprocess.Popen([sys.executable, "-m", "train.tools.pack_rec", str(faces), str(out)], cwd=REPO,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while run.poll() is None and not (out / "train.rec.tmp").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 143 and err.strip() == "pack_rec: stopped by SIGTERM: nothing written (what the folder " \
+                                                     "held is as it was)", err
+    assert not out.exists()
 
 
 def test_pack_rec_names_a_bad_resize(image_folder, tmp_path, capsys):

@@ -276,7 +276,7 @@ def test_outputs_never_replace_what_a_run_reads(exported, trained, tmp_path, cap
     pairs.write_text(f"{first} {second} 0\n" * 10)
     os.symlink(first, tmp_path / "first.bin")
     code = code_of(make_bin.main, [str(tmp_path / "first.bin"), "--pairs-list", str(pairs), "--overwrite"])
-    assert code == 1 and "one of the files this run reads" in capsys.readouterr().err
+    assert code == 2 and "one of the files this run reads" in capsys.readouterr().err
     assert open(image, "rb").read() == image_bytes
 
 

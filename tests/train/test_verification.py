@@ -312,7 +312,7 @@ def test_make_bin_draws_distinct_pairs_and_refuses_what_no_reader_takes(tmp_path
             assert (os.path.dirname(a) == os.path.dirname(b)) == same and a != b
     with pytest.raises(ValueError, match=r"has 150 distinct pairs of same identities: --pairs 302 needs 151"):
         image_folder_pairs(faces, 302)
-    assert make_bin_main([str(tmp_path / "big.bin"), "--image-folder", faces, "--pairs", "1000"]) == 1
+    assert make_bin_main([str(tmp_path / "big.bin"), "--image-folder", faces, "--pairs", "1000"]) == 2
     assert "has 150 distinct pairs of same identities" in capsys.readouterr().err
     for argv, message in (
             (["--image-folder", faces, "--pairs", "7"], "--pairs must be at least 10"),
@@ -327,7 +327,7 @@ def test_make_bin_draws_distinct_pairs_and_refuses_what_no_reader_takes(tmp_path
         make_bin_main([str(tmp_path / "heldout"), "--synthetic"])
     assert "name the output NAME.bin" in capsys.readouterr().err
     (tmp_path / "few.txt").write_text("".join(f"faces/p{k}/0.png faces/p{k}/1.png 1\n" for k in range(7)))
-    assert make_bin_main([str(tmp_path / "few.bin"), "--pairs-list", str(tmp_path / "few.txt")]) == 1
+    assert make_bin_main([str(tmp_path / "few.bin"), "--pairs-list", str(tmp_path / "few.txt")]) == 2
     assert "lists 7 pairs: a set needs at least 10" in capsys.readouterr().err
     assert not any(name.endswith(".bin") for name in os.listdir(tmp_path))
 
@@ -337,7 +337,7 @@ def test_make_bin_keeps_an_existing_file_unless_told(tmp_path, capsys):
     # replace a real lfw.bin.
     real = tmp_path / "lfw.bin"
     real.write_bytes(b"the real lfw.bin")
-    assert make_bin_main([str(real), "--synthetic", "--pairs", "10", "--image-size", "8"]) == 1
+    assert make_bin_main([str(real), "--synthetic", "--pairs", "10", "--image-size", "8"]) == 2
     assert f"{real} exists: pass --overwrite to replace it" in capsys.readouterr().err
     assert real.read_bytes() == b"the real lfw.bin"
     assert make_bin_main([str(real), "--synthetic", "--pairs", "10", "--image-size", "8", "--overwrite"]) == 0
@@ -352,7 +352,7 @@ def test_make_bin_checks_every_image_decodes(tmp_path, pairs_images, capsys):
     with open(tmp_path / "pairs.txt", "a") as f:  # ten pairs, the least a set holds
         f.write("imgs/0.png imgs/2.png 0\n" * 7)
     out = tmp_path / "pairs.bin"
-    assert make_bin_main([str(out), "--pairs-list", str(tmp_path / "pairs.txt")]) == 1
+    assert make_bin_main([str(out), "--pairs-list", str(tmp_path / "pairs.txt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("make_bin: error: ") and "3.png: cannot decode image" in err and err.count("\n") == 1
     assert not out.exists()
@@ -362,7 +362,7 @@ def test_make_bin_checks_every_image_decodes(tmp_path, pairs_images, capsys):
         make_bin_main([str(tmp_path / "pairs.txt"), "--pairs-list", str(tmp_path / "pairs.txt"), "--overwrite"])
     assert "name the output NAME.bin" in capsys.readouterr().err
     os.symlink(tmp_path / "pairs.txt", tmp_path / "link.bin")
-    assert make_bin_main([str(tmp_path / "link.bin"), "--pairs-list", str(tmp_path / "pairs.txt"), "--overwrite"]) == 1
+    assert make_bin_main([str(tmp_path / "link.bin"), "--pairs-list", str(tmp_path / "pairs.txt"), "--overwrite"]) == 2
     assert "is one of the files this run reads" in capsys.readouterr().err
     assert (tmp_path / "pairs.txt").read_text() == listed
 

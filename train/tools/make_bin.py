@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         write_bin(args.output, encoded, issame)
     except (OSError, ValueError) as exc:
         print(f"make_bin: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"make_bin: wrote {len(issame)} pairs ({int(np.sum(issame))} same) to {args.output}", file=sys.stderr)
     return 0
 

@@ -12,6 +12,7 @@ one per identity with the range `[first, end)` of its image records.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -24,14 +25,17 @@ from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.recordio import RecordIOWriter, pack_payload
 from train.data.transforms import decode_failure, encode_image, to_rgb
+from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import check_outputs
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
 
 
-def _image_bytes(path: str, *, resize: int | None, quality: int) -> tuple[bytes, tuple[int, int]]:
+def _image_bytes(path: str, *, resize: int | None, quality: int, counts: dict | None = None
+                 ) -> tuple[bytes, tuple[int, int]]:
     """The JPEG to store for `path` and its (width, height). A JPEG already of the
-    wanted size is stored as it is; anything else is decoded and re-encoded."""
+    wanted size is stored as it is; anything else is decoded and re-encoded (counted in
+    ``counts["re-encoded"]``)."""
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -44,6 +48,8 @@ def _image_bytes(path: str, *, resize: int | None, quality: int) -> tuple[bytes,
         raise ValueError(f"{path}: cannot decode image: {decode_failure(exc)}") from exc
     if resize is not None and rgb.size != (resize, resize):
         rgb = rgb.resize((resize, resize), Image.BILINEAR)
+    if counts is not None:
+        counts["re-encoded"] = counts.get("re-encoded", 0) + 1
     return encode_image(np.asarray(rgb), quality=quality), rgb.size
 
 
@@ -55,9 +61,22 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
     are removed on an error). Existing files are replaced only with `overwrite`
     (ValueError otherwise, before any image is read)."""
     identities, samples = scan_image_folder(image_folder)
+    made = not os.path.isdir(output_dir)
     check_outputs([os.path.join(output_dir, name) for name in OUTPUT_FILES], overwrite)
-    images = ((label, *_image_bytes(path, resize=resize, quality=quality)) for path, label in samples)
-    return write_pack(output_dir, images, num_images=len(samples), num_identities=len(identities), log=log)
+    counts = {}
+    images = ((label, *_image_bytes(path, resize=resize, quality=quality, counts=counts)) for path, label in samples)
+    try:
+        summary = write_pack(output_dir, images, num_images=len(samples), num_identities=len(identities), log=log)
+    except BaseException:  # an error or a stop: no empty folder of this run's making is left
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(output_dir)
+        raise
+    if log is not None and counts.get("re-encoded"):
+        print(f"pack_rec: note: {counts['re-encoded']} of the {len(samples)} images were re-encoded as JPEG (quality "
+              f"{quality}{f'; resized to {resize}x{resize} where they were not' if resize is not None else ''}): "
+              "insightface's RecordIO holds JPEGs", file=log)
+    return summary
 
 
 def write_pack(output_dir: str, images, *, num_images: int, num_identities: int, log=sys.stderr,
@@ -67,11 +86,12 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
     labels in [0, num_identities), every label present. The layout is insightface's (the module's
     docstring); `property` gives the first image's size. The files replace any there once complete:
     check them first (`check_outputs`). `shown_dir` is the folder the log names (where the caller
-    will move the files). Returns {'images', 'identities', 'image_size'}."""
+    will move the files: this run's outputs are then not written yet). Returns {'images', 'identities',
+    'image_size'}."""
     rec_path, idx_path, property_path = (os.path.join(output_dir, name) for name in OUTPUT_FILES)
     first_identity_record = num_images + 1
     image_range = [[0, 0] for _ in range(num_identities)]
-    image_size, written, previous = None, 0, -1
+    image_size, written, previous, sizes, more_sizes = None, 0, -1, {}, False
     start = time.time()
     try:
         with RecordIOWriter(rec_path + ".tmp", idx_path + ".tmp") as writer:
@@ -81,6 +101,10 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
                     raise ValueError(f"{tool}: image {key} of {num_images} has label {label}: expected labels in "
                                      f"[0, {num_identities}), each label's images together")
                 image_size = image_size or size
+                if size in sizes or len(sizes) < 3:
+                    sizes[size] = True
+                else:
+                    more_sizes = True
                 writer.write(key, pack_payload(float(label), data, id=key))
                 if image_range[label][0] == 0:
                     image_range[label][0] = key
@@ -94,17 +118,28 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
                                  f"{len(empty)} of {num_identities} labels without an image")
             for label, (first, end) in enumerate(image_range):
                 writer.write(first_identity_record + label, pack_payload([first, end], b""))
-        os.replace(rec_path + ".tmp", rec_path)
-        os.replace(idx_path + ".tmp", idx_path)
-    finally:  # an error or a Ctrl-C leaves no half-written pack behind
+        width, height = image_size
+        with signals_held(final=shown_dir is None):  # the three files together, or none
+            os.replace(rec_path + ".tmp", rec_path)
+            os.replace(idx_path + ".tmp", idx_path)
+            checkpoint.write_atomic(property_path, lambda f: f.write(f"{num_identities},{height},{width}\n"),
+                                    binary=False)
+    finally:  # an error, a Ctrl-C or a SIGTERM leaves no half-written pack behind
         for tmp in (rec_path + ".tmp", idx_path + ".tmp"):
             if os.path.exists(tmp):
                 os.remove(tmp)
-    width, height = image_size
-    checkpoint.write_atomic(property_path, lambda f: f.write(f"{num_identities},{height},{width}\n"), binary=False)
     if log is not None:
         shown = os.path.join(shown_dir, OUTPUT_FILES[0]) if shown_dir else rec_path
         print(f"{tool}: wrote {num_images} images of {num_identities} identities to {shown}", file=log)
+        others = [f"{w}x{h}" for w, h in sizes if (w, h) != image_size]
+        if others:
+            print(f"{tool}: note: the images are not all {width}x{height} (width x height), the size the property "
+                  f"file gives: {', '.join(others)}{' and others' if more_sizes else ''} too. Aligned faces "
+                  "are all one size: align the photos first (python -m train.tools.align), or --resize N; the "
+                  "trainer resizes each image to --image-size", file=log)
+        elif width != height:
+            print(f"{tool}: note: the images are {width}x{height} (width x height), not square as aligned faces "
+                  "are (python -m train.tools.align makes 112x112 crops)", file=log)
     return {"images": num_images, "identities": num_identities, "image_size": (height, width)}
 
 
@@ -121,11 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.resize is not None and args.resize < 1:
         parser.error(f"--resize must be at least 1, got {args.resize}")
     try:
-        pack_image_folder(args.image_folder, args.output_dir, quality=args.quality, resize=args.resize,
-                          overwrite=args.overwrite)
+        with stop_on_signals():
+            pack_image_folder(args.image_folder, args.output_dir, quality=args.quality, resize=args.resize,
+                              overwrite=args.overwrite, log=sys.stderr)
     except (OSError, ValueError) as exc:
         print(f"pack_rec: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    except Stopped as stop:
+        print(f"pack_rec: stopped by {stop.name}: " + ("the pack is written whole" if stop.after_writing else
+                                                      "nothing written (what the folder held is as it was)"),
+              file=sys.stderr)
+        return stop.exit_status
     return 0
 
 
