@@ -245,7 +245,8 @@ def read_settings(path: str) -> dict[str, Any]:
 def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An eval-mode backbone from a training checkpoint, a state dict written by
     ``python -m train.export`` (settings beside it in ``<name>.json``) or a bare state dict of a
-    backbone it builds (:func:`describe_backbone`); ``overrides`` (network, embedding_size, image_size) win over what the file says.
+    backbone it builds (:func:`describe_backbone`); ``overrides`` (network, embedding_size, image_size)
+    win over what is guessed of a bare state dict (ValueError when they contradict what the file records).
     Returns ``(model, settings)``; settings also hold ``threshold`` (squared distance, from
     the last verification) when known."""
     from .models import get_model
@@ -263,6 +264,13 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
         if os.path.exists(sidecar):
             settings = read_settings(sidecar)
     weights = backbone_state_dict(state, path)
+    # What the file records (a checkpoint's options, an export's settings) is what the weights are:
+    # another value given for it would build a model they do not fit.
+    for key, value in overrides.items():
+        if value is not None and key in settings and settings[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{path} records {flag} {settings[key]}, {flag} {value} given: that option is for a bare "
+                             "state dict whose layout cannot be guessed; leave it out")
     if not all(k in settings for k in ("network", "embedding_size", "image_size")):
         settings = {**describe_backbone(weights), **settings}
     settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -271,6 +279,13 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
+        try:  # what the file holds, in the options' words (load_state_dict's own list runs to pages)
+            found = describe_backbone(weights)
+            holds = (f"it holds network {found['network']} with embedding size {found['embedding_size']} at "
+                     f"{found['image_size']}px")
+        except (ValueError, KeyError, IndexError):
+            lines = str(error).splitlines()
+            holds = "\n".join(lines[:3] + ([f"... ({len(lines) - 3} more lines)"] if len(lines) > 3 else []))
         raise ValueError(f"{path} does not fit network {settings['network']} with embedding size "
-                         f"{settings['embedding_size']} at {settings['image_size']}px:\n{error}") from None
+                         f"{settings['embedding_size']} at {settings['image_size']}px: {holds}") from None
     return model.eval(), settings

@@ -187,6 +187,24 @@ def test_export_opset_is_checked_before_anything_is_written(trained, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_a_layout_that_contradicts_the_checkpoint(trained, tmp_path, capsys):
+    # --network r18 with a training checkpoint built r18 and printed load_state_dict's 94 lines.
+    ckpt, _ = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--network", "r18"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {ckpt} records --network small, --network r18 given: that option is for a bare state " \
+                  "dict whose layout cannot be guessed; leave it out\n"
+    assert not (tmp_path / "out").exists()
+    # A bare state dict told the wrong layout: what it holds, in one sentence.
+    bare = tmp_path / "bare.pt"
+    torch.save(checkpoint.load(ckpt)["model"], bare)
+    with pytest.raises(ValueError, match=r"does not fit network r18 with embedding size 64 at 32px: it holds network "
+                                         r"small with embedding size 64 at 32px$"):
+        checkpoint.load_backbone(str(bare), network="r18", embedding_size=64, image_size=32)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "same"), "--network", "small",
+                        "--no-onnx"]) == 0  # the recorded value itself is no contradiction
+
+
 def earlier_export(folder):
     """The three files of an earlier export, each holding its own name."""
     os.makedirs(folder, exist_ok=True)
