@@ -1076,16 +1076,18 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import parse_args
+    from .tools import plain_warnings
 
     args = parse_args(argv)
     existed = os.path.isdir(args.output)
-    try:
-        trainer = Trainer(args)
-    except BaseException:
-        # A run that stops at start-up (a bad option, data that does not fit) leaves no empty --output
-        # behind it. (Any rank may get here first under torchrun; the folder is only ever empty.)
-        if not existed:
-            with contextlib.suppress(OSError):
-                os.rmdir(args.output)
-        raise
-    return trainer.fit()
+    with plain_warnings():
+        try:
+            trainer = Trainer(args)
+        except BaseException:
+            # A run that stops at start-up (a bad option, data that does not fit) leaves no empty --output
+            # behind it. (Any rank may get here first under torchrun; the folder is only ever empty.)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    os.rmdir(args.output)
+            raise
+        return trainer.fit()

@@ -423,12 +423,15 @@ def test_image_folder_paths_are_two_arrays_the_workers_share(image_folder):
 
 
 def test_image_folder_labels_sorted_and_resized(image_folder):
+    (image_folder / "bob" / "older").mkdir()
+    Image.fromarray(face_image(5)).save(image_folder / "bob" / "older" / "c.png")
     with pytest.warns(UserWarning) as said:
         ds = ImageFolderDataset(str(image_folder), image_size=32, flip=False)
     # What the layout leaves out is said, not dropped silently.
     assert [str(w.message).split(": ", 1)[1] for w in said] == [
         "1 image(s) directly in it, outside any identity folder, are left out",
-        "1 folder(s) hold images only in sub-folders, which are not searched, and are left out (dave)"]
+        "1 folder(s) hold images only in sub-folders, which are not searched, and are left out (dave)",
+        "1 identity folder(s) also hold sub-folders, which are not searched: their images are left out (bob)"]
     assert ds.identities == ["alice", "bob"]  # carol holds no image, dave none directly
     assert ds.num_classes == 2
     assert [os.path.basename(p) for p in ds.paths] == ["x.jpg", "y.bmp", "a0.PNG", "b1.png"]
@@ -516,6 +519,16 @@ def test_pack_rec_failure_leaves_no_temporary_files(image_folder, tmp_path, caps
     out.mkdir()  # one the user made stays
     assert pack_rec_main([str(image_folder), str(out)]) == 2
     assert os.listdir(out) == []
+
+
+def test_the_tools_show_the_image_folders_warnings_as_one_line_each(image_folder, tmp_path, capsys):
+    # Python's form, "/.../train/data/__init__.py:149: UserWarning: ..." and the line of source after it,
+    # came out of the trainer, pack_rec and make_bin.
+    assert pack_rec_main([str(image_folder), str(tmp_path / "packed")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: image folder {str(image_folder)!r}: 1 image(s) directly in it, outside any identity folder, " \
+           "are left out\n" in err
+    assert "UserWarning" not in err and "warnings.warn" not in err and ".py:" not in err
 
 
 def test_pack_rec_says_what_it_changed_and_what_is_not_aligned(image_folder, tmp_path, capsys):

@@ -19,13 +19,14 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
 
     Identities are the sub-folders holding at least one image, sorted by name;
     label i is the i-th of them. Images (.jpg .jpeg .png .bmp, any case) are
-    sorted by file name within their folder; nested folders are not searched.
+    sorted by file name within their folder; nested folders are not searched (a warning says
+    which hold images left out so).
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist")
     identities: list[str] = []
     samples: list[tuple[str, int]] = []
-    loose, nested = 0, []  # what the layout leaves out, said rather than dropped silently
+    loose, nested, beside = 0, [], []  # what the layout leaves out, said rather than dropped silently
     for name in sorted(os.listdir(root)):
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
@@ -33,10 +34,15 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
             continue
         entries = os.listdir(folder)
         files = sorted(f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS))
+        # (isdir only for the few names that are not images: a folder of 5M images costs no more calls)
+        has_folders = any(os.path.isdir(os.path.join(folder, f)) for f in entries
+                          if not f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            if any(os.path.isdir(os.path.join(folder, f)) for f in entries):
+            if has_folders:
                 nested.append(name)
             continue
+        if has_folders:
+            beside.append(name)
         label = len(identities)
         identities.append(name)
         samples.extend((os.path.join(folder, f), label) for f in files)
@@ -47,6 +53,10 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
         warnings.warn(f"image folder {root!r}: {len(nested)} folder(s) hold images only in sub-folders, which are not "
                       f"searched, and are left out ({', '.join(nested[:3])}{', ...' if len(nested) > 3 else ''})",
                       stacklevel=2)
+    if beside:
+        shown = ", ".join(beside[:3]) + (", ..." if len(beside) > 3 else "")
+        warnings.warn(f"image folder {root!r}: {len(beside)} identity folder(s) also hold sub-folders, which are not "
+                      f"searched: their images are left out ({shown})", stacklevel=2)
     if not samples:
         raise ValueError(
             f"image folder {root!r} holds no identity sub-folder with {'/'.join(IMAGE_EXTENSIONS)} images"

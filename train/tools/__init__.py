@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 
 import torch
 
@@ -127,3 +128,29 @@ class RunLock:
         with contextlib.suppress(OSError):
             os.remove(self.path)
         self.file.close()
+
+
+# The project's own code: its warnings speak to the tool's user, and say where in the data they are.
+_OWN_CODE = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), name, "")
+                  for name in ("train", "arcface_ext"))
+
+
+@contextlib.contextmanager
+def plain_warnings():
+    """While the block runs, a warning of this project's code (an image folder's left-out images, a
+    verification set not found) shows as one line, ``warning: <message>``, rather than as Python
+    shows it (the file and line of the code that warned, and that line's source); others (torch's)
+    as before."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(_OWN_CODE):
+            say(f"warning: {message}", file=file or sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous

@@ -61,7 +61,7 @@ from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
 from train.embed import embed_images, load_model
 from train.signals import Stopped, signals_held, stop_on_signals
-from train.tools import RunLock, check_outputs, torch_device
+from train.tools import RunLock, check_outputs, plain_warnings, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
 from train.verification import compute_embeddings
 
@@ -485,7 +485,7 @@ def _packed_images(data, order: np.ndarray, new_labels: np.ndarray):
         yield int(new_labels[index]), image, size
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.tools.clean", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
@@ -871,6 +871,12 @@ def _write_reports(args, folder, *, data, names, class_names, labels, cosine, an
         json.dump(summary, f, indent=2)
         f.write("\n")
     return summary
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    with plain_warnings():  # the image folder's warnings as one line each
+        return _main(argv)
 
 
 if __name__ == "__main__":

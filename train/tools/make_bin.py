@@ -22,7 +22,7 @@ from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.synthetic import synthetic_pairs
 from train.data.transforms import decode_image, encode_image
-from train.tools import check_outputs
+from train.tools import check_outputs, plain_warnings
 from train.verification import NFOLDS, read_pairs_list
 
 # The side of insightface's aligned faces: the images of a .bin usually have it already, so that
@@ -136,7 +136,7 @@ def _file_bytes(pairs: list[tuple[str, str]]) -> list[bytes]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tools.make_bin", description=__doc__.split("\n\n")[0])
     parser.add_argument("output", help="the .bin to write (an existing file is kept unless --overwrite is given)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -206,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"make_bin: wrote {len(issame)} pairs ({int(np.sum(issame))} same) to {args.output}", file=sys.stderr)
     return 0
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    with plain_warnings():  # the image folder's warnings as one line each
+        return _main(argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from train.data.imagefolder import scan_image_folder
 from train.data.recordio import RecordIOWriter, pack_payload
 from train.data.transforms import decode_failure, encode_image, to_rgb
 from train.signals import Stopped, signals_held, stop_on_signals
-from train.tools import check_outputs
+from train.tools import check_outputs, plain_warnings
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
 
@@ -143,7 +143,7 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
     return {"images": num_images, "identities": num_identities, "image_size": (height, width)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tools.pack_rec", description=__doc__.split("\n\n")[0])
     parser.add_argument("image_folder", help="root with one sub-folder of aligned face images per identity")
     parser.add_argument("output_dir", help="where train.rec, train.idx and property are written")
@@ -168,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return stop.exit_status
     return 0
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    with plain_warnings():  # the image folder's warnings as one line each
+        return _main(argv)
 
 
 if __name__ == "__main__":

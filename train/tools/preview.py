@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from train import checkpoint
-from train.tools import check_outputs
+from train.tools import check_outputs, plain_warnings
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 SAVE_OPTIONS = {"PNG": {}, "JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"lossless": True}}
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     from train.config import parse_args
     from train.data import build_train_dataset
     from train.trainer import augmentation
@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.output}: identity and {'epoch' if args.image is not None else 'index'} under each; "
           f"augmentations: {described}", file=sys.stderr)
     return 0
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    with plain_warnings():  # the image folder's warnings as one line each
+        return _main(argv)
 
 
 if __name__ == "__main__":
