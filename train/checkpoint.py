@@ -64,6 +64,10 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
     reads only its own rows of them, and the ranks share the page cache, rather than each holding
     the whole C x D matrices (8 GB of centres and momentum for WebFace42M) in its memory.
     Raises FileNotFoundError, or ValueError naming the file when it cannot be read."""
+    if os.path.isdir(path):
+        inside = [name for name in (CHECKPOINT_NAME, "backbone.pt") if os.path.isfile(os.path.join(path, name))]
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file" + (
+            f": {' or '.join(os.path.join(path, name) for name in inside)}?" if inside else ""))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:

@@ -986,8 +986,10 @@ class Trainer:
             if "Original Traceback" in message:
                 message = message.splitlines()[-1].split(": ", 1)[-1]
             if isinstance(error, DataError):
+                again = ("continue with --resume auto" if os.path.exists(self.checkpoint_path) else
+                         "run it again")
                 message = (f"step {self.step + 1}'s batch: {message}. {self._kept_checkpoint()}; with the image "
-                           "replaced or removed, continue with --resume auto (removed, it changes the data order)")
+                           f"replaced or removed, {again} (removed, it changes the data order)")
             else:
                 message = f"{message}. {self._kept_checkpoint()}"
             tqdm.write(f"error: {'rank ' + str(self.rank) + ': ' if self.distributed else ''}{message}", file=sys.stderr)

@@ -107,9 +107,13 @@ def test_export_without_onnx_installed(trained, tmp_path, monkeypatch, capsys):
     assert os.path.exists(tmp_path / "backbone.pt") and not os.path.exists(tmp_path / "backbone.onnx")
 
 
-def test_export_reports_a_missing_checkpoint(tmp_path, capsys):
+def test_export_reports_a_missing_checkpoint(trained, tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+    # The run's folder for its checkpoint: said so, with the file it holds.
+    run = os.path.dirname(trained[0])
+    assert embed.main(["--model", run, "--images", trained[1], "--output", str(tmp_path / "e.npy")]) == 2
+    assert capsys.readouterr().err == f"error: {run} is a folder, not a checkpoint file: {trained[0]}?\n"
 
 
 def test_export_and_embed_report_a_corrupt_checkpoint(trained, tmp_path, capsys):

@@ -310,6 +310,12 @@ def test_an_image_that_does_not_decode_mid_run_is_a_one_line_error(tmp_path, cap
     assert re.fullmatch(rf"error: step \d+'s batch: {re.escape(broken)}: cannot decode image \(12 bytes\): .*"
                         rf"\. the last checkpoint is kept: .*checkpoint\.pt \(step \d+\); .*--resume auto.*", line), line
     assert "Traceback" not in err
+    # Without a checkpoint there is nothing to resume: the message says to run it again.
+    assert main(base_argv(data, str(tmp_path / "fresh"), max_steps=40, batch_size=8, save_every=0,
+                          num_workers=num_workers)) == 1
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("error: "))
+    assert line.endswith("no checkpoint was written before it; with the image replaced or removed, run it again "
+                         "(removed, it changes the data order)"), line
 
 
 def test_a_pretrained_model_of_another_network_is_named(faces, tmp_path):
