@@ -169,6 +169,14 @@ def test_faces_that_cannot_be_aligned_are_listed_and_the_rest_written(photos, tm
     assert f"line {flat}: {broken / 'x' / 'flat.jpg'}: its 5 landmarks coincide" in err
     assert f"wrote {len(names)} crop(s)" in err and "3 face(s) could not be aligned" in err
     assert sorted(os.listdir(out / "x") if os.path.isdir(out / "x") else []) == []
+    # The wrong --images (none of the listed photos under it): one error before any work, no folder made.
+    assert align.main(["--images", str(tmp_path), "--landmarks", listing, "--output", str(tmp_path / "none"),
+                       "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"align: error: none of the {len(names) + 3} photos {listing} lists is under --images "
+                          f"{tmp_path} (line 1: {tmp_path / names[0]}): --images is the folder its paths are relative "
+                          "to"), err
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("content, message", [
