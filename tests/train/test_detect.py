@@ -188,6 +188,10 @@ def test_all_faces_and_resume(detector, tmp_path, capsys):
     assert detect.main(args + ["--output", str(out), "--resume"]) == 0
     assert "2 photo(s) of" in capsys.readouterr().err
     assert out.read_text() == whole.read_text()
+    # --resume once the run has finished: nothing to finish, said as such.
+    assert detect.main(args + ["--output", str(out), "--resume"]) == 2
+    assert "landmarks.txt is the output of a run that finished" in capsys.readouterr().err
+    assert out.read_text() == whole.read_text()
     crops = tmp_path / "aligned"
     assert align.main(["--images", str(images), "--landmarks", str(out), "--output", str(crops), "--workers", "0",
                        "--all-faces"]) == 0

@@ -389,6 +389,9 @@ def _main(argv: list[str] | None) -> int:
                 raise ValueError(f"{flag} {path!r}: its path is not UTF-8 text without line breaks")
         if os.path.exists(args.detector) and os.path.realpath(args.output) == os.path.realpath(args.detector):
             raise ValueError(f"--output {args.output} is --detector: name another file")
+        if args.resume and not os.path.lexists(partial_path) and os.path.isfile(args.output):
+            raise ValueError(f"--resume: {args.output} is the output of a run that finished (no {partial_path} of a "
+                             "stopped one is there): nothing to finish; --overwrite detects again")
         # A stopped run that was replacing --output resumes without --overwrite.
         check_outputs([args.output], args.overwrite or (args.resume and os.path.isfile(partial_path)),
                       image_folders=(args.images,))
