@@ -472,8 +472,9 @@ class Trainer:
             raise SystemExit(str(error)) from None
         stored_size = getattr(self.dataset, "stored_size", None)
         if self.is_main and stored_size not in (None, (args.image_size, args.image_size)):
-            print(f"note: {args.data} holds {stored_size[1]}x{stored_size[0]} (width x height) images (its property "
-                  f"file); they are resized to {args.image_size}x{args.image_size} (--image-size)", file=sys.stderr)
+            print(f"note: {args.data} holds {stored_size[1]}x{stored_size[0]} (width x height) images "
+                  f"({self.dataset.stored_size_source}); they are resized to {args.image_size}x{args.image_size} "
+                  "(--image-size)", file=sys.stderr)
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
                              "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))

@@ -450,6 +450,13 @@ def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
     assert trainer.step == 2 and trainer.args.max_steps == 3 and trainer.args.network == "small"
 
 
+def test_a_folder_of_another_image_size_gets_a_note(faces, tmp_path, capsys):
+    # A RecordIO set's property file gave the note; an image folder of 32px crops trained at 48 gave none.
+    Trainer(parse_args(argv(faces, tmp_path, max_steps=1, image_size=48)))
+    assert f"note: {faces[0]} holds 32x32 (width x height) images (its first image); they are resized to 48x48 " \
+           "(--image-size)" in capsys.readouterr().err
+
+
 def test_resume_refuses_data_whose_labels_are_other_identities(faces, tmp_path, capsys):
     # The checkpoint's class centre k is identity k of its data. A copy elsewhere resumes silently; other
     # images of the same identities with a note; the identities renamed into another order (each label then

@@ -64,6 +64,19 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     return identities, samples
 
 
+def _first_size(path: str) -> tuple[int, int] | None:
+    """(H, W) of the image at ``path`` from its header (a folder of aligned faces is of one size, so
+    this says what the trainer resizes from), or None when it does not open (reading it says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return height, width
+
+
 class PathList(Sequence):
     """The image paths of an ImageFolder, ``root`` joined to names kept in one numpy byte buffer.
 
@@ -117,6 +130,7 @@ class ImageFolderDataset(FaceImageDataset):
         self.paths = PathList(root, [path[prefix:] for path, _ in samples])
         self.labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
         self.num_classes = len(self.identities)
+        self.stored_size, self.stored_size_source = _first_size(samples[0][0]), "its first image"
 
     def __len__(self) -> int:
         return len(self.paths)

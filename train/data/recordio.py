@@ -339,6 +339,7 @@ class RecordIODataset(FaceImageDataset):
     def _count_classes(self) -> int:
         prop = os.path.join(self.root, "property")
         self.stored_size = None  # (H, W) of the images, when the property file says
+        self.stored_size_source = "its property file"
         if os.path.isfile(prop):
             with open(prop) as f:
                 fields = [field.strip() for field in f.read().split(",")]

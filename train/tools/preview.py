@@ -108,8 +108,9 @@ def _main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--num-classes is {options.num_classes}, but {options.data} holds {classes} identities")
         stored = getattr(dataset, "stored_size", None)
         if stored not in (None, (options.image_size, options.image_size)):
-            print(f"note: {options.data} holds {stored[1]}x{stored[0]} (width x height) images (its property file); "
-                  f"they are resized to {options.image_size}x{options.image_size} (--image-size)", file=sys.stderr)
+            print(f"note: {options.data} holds {stored[1]}x{stored[0]} (width x height) images "
+                  f"({dataset.stored_size_source}); they are resized to {options.image_size}x{options.image_size} "
+                  "(--image-size)", file=sys.stderr)
         # The grid is an image: not in an ImageFolder's identity folders (it would be a training image the
         # next time). A RecordIO folder, or an ImageFolder's root, holds no image that is read.
         identities = (() if not os.path.isdir(options.data) or os.path.isfile(os.path.join(options.data, "train.rec"))
