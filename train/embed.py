@@ -571,6 +571,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{failures[0]} (--detector {args.detector})")
             first, second = embed_faces(model, "", list(args.compare), points, size, device=device, norms=norms)
         else:
+            _warn_if_not_aligned(list(args.compare))
             first, second = embed_files(model, list(args.compare), size, device=device, norms=norms)
         similarity = float(np.dot(first, second))
         threshold, source = cosine_threshold(settings, args.threshold)
@@ -601,6 +602,8 @@ def run(args: argparse.Namespace) -> int:
             photos, points, numbers, found = detect_faces(args.detector, paths, all_faces=args.all_faces,
                                                           device=device, workers=args.workers)
             failures += found
+        else:
+            _warn_if_not_aligned(paths[:1])
         _warn_left_out(failures)
         if args.detector:
             if not photos:
@@ -628,6 +631,20 @@ def run(args: argparse.Namespace) -> int:
           f"{', '.join(written)}" + (f"; {len(failures)} photo(s) left out (the warnings say why)" if failures
                                       else ""))
     return 1 if failures else 0
+
+
+def _warn_if_not_aligned(paths: list[str]) -> None:
+    """A warning for each of ``paths`` (a folder's first image, or the two compared) that is not square:
+    not an aligned face crop, which ``--images``/``--compare`` take, but a photo, which would be
+    squeezed into one (the faces in photos: --detector or --landmarks)."""
+    from .data.imagefolder import header_size
+
+    for path in paths:
+        size = header_size(path)
+        if size is not None and size[0] != size[1]:
+            print(f"warning: {path} is {size[1]}x{size[0]} (width x height), not square: the images are taken as "
+                  "aligned face crops, as they are; for photos, find the faces with --detector or --landmarks",
+                  file=sys.stderr)
 
 
 def _warn_left_out(failures: list[str], shown: int = 20) -> None:

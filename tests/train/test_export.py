@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from types import SimpleNamespace
 
@@ -278,6 +279,19 @@ def test_embed_keeps_existing_files_unless_told(trained, tmp_path, capsys):
     assert len(pairs.read_text().split()) == 16 and np.load(tmp_path / "pairs.npy").shape[0] == 16
     assert sorted(os.listdir(tmp_path)) == ["pairs.npy", "pairs.npy.json", "pairs.txt"]  # no temporary left
     assert embed.main(argv) == 2 and "pairs.npy exists" in capsys.readouterr().err
+
+
+def test_embed_warns_of_photos_that_are_not_face_crops(trained, tmp_path, capsys):
+    # A photo of any shape was squeezed into the model's square input without a word.
+    ckpt, faces = trained
+    photo = tmp_path / "photos" / "p" / "wide.png"
+    photo.parent.mkdir(parents=True)
+    Image.open(sorted(embed.list_images(faces))[0]).resize((48, 32)).save(photo)
+    assert embed.main(["--model", ckpt, "--images", str(tmp_path / "photos"), "--output", str(tmp_path / "e.npy"),
+                       "--workers", "0"]) == 0
+    assert f"warning: {photo} is 48x32 (width x height), not square" in capsys.readouterr().err
+    assert embed.main(["--model", ckpt, "--compare", str(photo), str(photo), "--threshold", "0.5"]) == 0
+    assert capsys.readouterr().err.count("not square") == 2
 
 
 def test_embed_csv_quotes_names(trained, tmp_path):

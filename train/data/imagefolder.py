@@ -64,7 +64,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     return identities, samples
 
 
-def _first_size(path: str) -> tuple[int, int] | None:
+def header_size(path: str) -> tuple[int, int] | None:
     """(H, W) of the image at ``path`` from its header (a folder of aligned faces is of one size, so
     this says what the trainer resizes from), or None when it does not open (reading it says why)."""
     from PIL import Image
@@ -130,7 +130,7 @@ class ImageFolderDataset(FaceImageDataset):
         self.paths = PathList(root, [path[prefix:] for path, _ in samples])
         self.labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
         self.num_classes = len(self.identities)
-        self.stored_size, self.stored_size_source = _first_size(samples[0][0]), "its first image"
+        self.stored_size, self.stored_size_source = header_size(samples[0][0]), "its first image"
 
     def __len__(self) -> int:
         return len(self.paths)
