@@ -399,13 +399,13 @@ def main(argv: list[str] | None = None) -> int:
             names, landmarks, line_nos, skipped = read_face_landmarks(args.landmarks, extension=args.extension,
                                                                       several=args.all_faces)
             failed, where = [], [f"line {n}" for n in line_nos]
-            if names and not any(os.path.isfile(os.path.join(args.images, name)) for name in names):
-                # Not a few missing photos (listed at the end) but the wrong folder: said before any work.
-                raise ValueError(f"none of the {len(set(names))} photos {args.landmarks} lists is under --images "
-                                 f"{args.images} (line {line_nos[0]}: {os.path.join(args.images, names[0])}): --images "
-                                 "is the folder its paths are relative to"
-                                 + ("" if args.extension else " (--extension adds a suffix its names lack)"))
         outputs = output_paths(names, args.images, args.output, args.format, several=args.all_faces)
+        if not args.detector and names and not any(os.path.isfile(os.path.join(args.images, n)) for n in names):
+            # Not a few missing photos (listed at the end) but the wrong folder: said before any work.
+            raise ValueError(f"none of the {len(set(names))} photos {args.landmarks} lists is under --images "
+                             f"{args.images} (line {line_nos[0]}: {os.path.join(args.images, names[0])}): --images "
+                             "is the folder its paths are relative to"
+                             + ("" if args.extension else " (--extension adds a suffix its names lack)"))
         _check_writable(args.output)
     except (OSError, ValueError) as error:
         print(f"align: error: {error}", file=sys.stderr)

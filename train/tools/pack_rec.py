@@ -82,9 +82,10 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
 def write_pack(output_dir: str, images, *, num_images: int, num_identities: int, log=sys.stderr,
                tool: str = "pack_rec", shown_dir: str | None = None) -> dict:
     """Write `train.rec`, `train.idx` and `property` into `output_dir` from `images`, an iterable of
-    `num_images` (label, JPEG bytes, (width, height)) in label order (each label's images together),
-    labels in [0, num_identities), every label present. The layout is insightface's (the module's
-    docstring); `property` gives the first image's size. The files replace any there once complete:
+    `num_images` (label, JPEG bytes, (width, height): None after the first where it is not known) in
+    label order (each label's images together), labels in [0, num_identities), every label present.
+    The layout is insightface's (the module's docstring); `property` gives the first image's size, and
+    a note the other sizes seen. The files replace any there once complete:
     check them first (`check_outputs`). `shown_dir` is the folder the log names (where the caller
     will move the files: this run's outputs are then not written yet). Returns {'images', 'identities',
     'image_size'}."""
@@ -101,7 +102,9 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
                     raise ValueError(f"{tool}: image {key} of {num_images} has label {label}: expected labels in "
                                      f"[0, {num_identities}), each label's images together")
                 image_size = image_size or size
-                if size in sizes or len(sizes) < 3:
+                if size is None:  # not known (clean's RecordIO images after the first)
+                    pass
+                elif size in sizes or len(sizes) < 3:
                     sizes[size] = True
                 else:
                     more_sizes = True
