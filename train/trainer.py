@@ -479,6 +479,7 @@ class Trainer:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
                              "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))
         self.data_fingerprint = self.dataset.fingerprint()  # (an ImageFolder's joins every file name: once)
+        self.data_classes = self.dataset.classes_digest()
         if self.distributed:
             check_every_rank_reads_the_same(self.dataset, args.data, self.data_fingerprint)
         step_batch = args.batch_size * args.gradient_acc
@@ -674,8 +675,7 @@ class Trainer:
         recorded = state.get("data_fingerprint")
         if recorded is None or recorded == self.data_fingerprint:  # (a checkpoint older than the record)
             return
-        classes = self.dataset.classes_digest()
-        if classes is not None and state.get("data_classes") == classes:
+        if self.data_classes is not None and state.get("data_classes") == self.data_classes:
             if self.is_main:
                 print(f"note: --data {self.args.data} holds other images than the data {path} trained on, of the "
                       "same identities: the run goes on with them (the data order is not the uninterrupted run's)",
@@ -800,7 +800,7 @@ class Trainer:
             "args": vars(self.args),
             "num_classes": self.num_classes,
             "data_fingerprint": self.data_fingerprint,  # which data the class centres are of (train.tools.clean)
-            "data_classes": self.dataset.classes_digest(),  # which identities they are (None: unnamed)
+            "data_classes": self.data_classes,  # which identities they are (None: a set that does not name them)
             "model": self.backbone.state_dict(),
             "margin_loss": centres,
             "optimizer": optimizer_state,
