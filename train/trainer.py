@@ -47,6 +47,15 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
+# The lock a run holds on its --output folder (Trainer._lock_output), by the folder's real path.
+OUTPUT_LOCK_NAME = ".run.lock"
+_OUTPUT_LOCKS: dict = {}
+
+
+class _VerificationStopped(Exception):
+    """Raised between the batches of a verification when a stop signal has come."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN/inf; the last good checkpoint is left in place."""
 
@@ -458,6 +467,7 @@ class Trainer:
             raise SystemExit(f"--output {self.output}: cannot create the folder: {error.strerror or error}") from None
         if not os.access(self.output, os.W_OK | os.X_OK):
             raise SystemExit(f"--output {self.output}: cannot write into the folder")
+        self._lock_output()
 
         seed_everything(args.seed)  # the same initial weights on every rank
         synthetic_size = {}
@@ -539,7 +549,10 @@ class Trainer:
             # A checkpoint from another folder: whatever run this folder holds is not the one
             # continued, and its checkpoint and logs must not be overwritten or spliced into.
             own = self.checkpoint_path
-            if self.is_main and not (os.path.exists(own) and os.path.samefile(own, resume)):
+            moves = not (os.path.exists(own) and os.path.samefile(own, resume))
+            if self.distributed and moves:  # every rank has read the checkpoint before its folder changes
+                dist.barrier()
+            if self.is_main and moves:
                 aside = set_aside_earlier_run(self.output)
                 if aside:
                     print(f"note: {self.output} held another run than the one in {resume}; its files are now "
@@ -548,8 +561,10 @@ class Trainer:
             if args.pretrained_model:
                 self._load_pretrained(args.pretrained_model)
             wandb_run = self._start_wandb()
-            # After reading --pretrained_model, which may be the earlier run's checkpoint; only the
-            # main process writes into the folder.
+            # After every process has read --pretrained_model, which may be the earlier run's checkpoint
+            # (or train.export's backbone.pt beside it); only the main process writes into the folder.
+            if self.distributed:
+                dist.barrier()
             aside = set_aside_earlier_run(self.output) if self.is_main else None
             if aside:
                 print(f"note: {self.output} held an earlier run; its files are now in {aside} (to continue a run, "
@@ -587,6 +602,37 @@ class Trainer:
         self._stop_signal = 0
         self._previous_handlers: dict[int, Any] = {}
         self._started = time.perf_counter()
+
+    def _lock_output(self) -> None:
+        """One run at a time in --output: a second (the same command started twice) would move the first's
+        files aside while it runs and interleave its logs with them. The main process holds the lock file
+        for the run (released when it ends or fails; a killed run's lock the next run takes); every
+        process stops, with one message, when another run holds it. A second Trainer of this process
+        on the same folder (as tests make them) shares the lock."""
+        key = os.path.realpath(self.output)
+        refused = ""
+        if self.is_main and key not in _OUTPUT_LOCKS:
+            from .tools import RunLock
+
+            try:
+                _OUTPUT_LOCKS[key] = RunLock(os.path.join(self.output, OUTPUT_LOCK_NAME),
+                                             f"--output {self.output}: another run is writing into this folder "
+                                             "(it holds its lock file): wait for it to end, stop it, or name "
+                                             "another --output")
+            except (OSError, ValueError) as error:
+                refused = str(error)
+        if self.distributed:
+            said = [None] * self.world_size
+            dist.all_gather_object(said, refused)
+            refused = said[0]
+        if refused:
+            raise SystemExit(refused)
+
+    def release_output(self) -> None:
+        """Lets another run write into --output (the end of ``fit``, a failed start)."""
+        lock = _OUTPUT_LOCKS.pop(os.path.realpath(self.output), None) if self.is_main else None
+        if lock is not None:
+            lock.release()
 
     # ----------------------------------------------------------------- state
 
@@ -874,23 +920,41 @@ class Trainer:
         self.step += 1
         return loss_value, stop > 0
 
-    def evaluate(self) -> None:
-        """Verification on every target (rank 0; the others wait)."""
+    def evaluate(self, stoppable: bool = True) -> bool:
+        """Verification on every target (rank 0; the others wait); returns whether a process was
+        signalled to stop by its end. A signal cuts the verification short (at the batch it comes in:
+        a launcher's grace after its SIGTERM, torchrun's 30 s, goes to the checkpoint, not to lfw,
+        cfp_fp and agedb_30); the sets done by then are logged. Not ``stoppable``: the run's final
+        verification, which its last checkpoint holds (a stop then ends the run as usual)."""
         if self.is_main and self.verification_sets:
             from .verification import evaluate
 
+            def stop_here(count):
+                if self._stop_signal and stoppable:
+                    raise _VerificationStopped
+
             self.backbone.eval()
-            for name, vset in self.verification_sets.items():
-                result = evaluate(self.backbone, vset, device=self.device, batch_size=self.args.batch_size)
-                record = {"step": self.step, "target": name, **{k: float(v) for k, v in result.items()}}
-                self.last_verification[name] = record
-                self.log.verification(record)
-                self._write(f"[step {self.step}] {name}: accuracy {record['accuracy']:.4f} "
-                            f"± {record['accuracy_std']:.4f} (threshold {record['threshold']:.3f}, "
-                            f"xnorm {record['xnorm']:.2f})")
+            try:
+                self._evaluate_sets(evaluate, stop_here)
+            except _VerificationStopped:
+                self._write(f"[step {self.step}] verification cut short by the stop")
             self.backbone.train()
-        if self.distributed:
-            dist.barrier()
+        if self.distributed:  # (also the others' wait for it)
+            flag = torch.tensor([float(self._stop_signal > 0)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item() > 0)
+        return self._stop_signal > 0
+
+    def _evaluate_sets(self, evaluate, on_batch) -> None:
+        for name, vset in self.verification_sets.items():
+            result = evaluate(self.backbone, vset, device=self.device, batch_size=self.args.batch_size,
+                              on_batch=on_batch)
+            record = {"step": self.step, "target": name, **{k: float(v) for k, v in result.items()}}
+            self.last_verification[name] = record
+            self.log.verification(record)
+            self._write(f"[step {self.step}] {name}: accuracy {record['accuracy']:.4f} "
+                        f"± {record['accuracy_std']:.4f} (threshold {record['threshold']:.3f}, "
+                        f"xnorm {record['xnorm']:.2f})")
 
     def _write(self, message: str) -> None:
         if self.is_main:
@@ -915,6 +979,7 @@ class Trainer:
         finally:
             if self.is_main:
                 self.log.close(exit_code)
+            self.release_output()
 
     def _fit(self) -> int:
         from tqdm import tqdm
@@ -935,12 +1000,12 @@ class Trainer:
                 self._write(f"the checkpoint is at step {self.step} of --max-steps {args.max_steps}: nothing to "
                             "train (raise --max-steps to train on)")
                 return 0
+            stop = False  # agreed by every rank at each step: a signal may reach some of them only
             if self.step == 0 and args.eval_every > 0:  # 0: verification at the end only
-                self.evaluate()
+                stop = self.evaluate()
             batches = self._batches()
             window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-            stop = False  # agreed by every rank at each step: a signal may reach some of them only
-            while self.step < args.max_steps:
+            while self.step < args.max_steps and not stop:
                 images, labels = next(batches)
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss_value, stop = self.train_step(images, labels)
@@ -957,7 +1022,7 @@ class Trainer:
                                           "time": round(self.elapsed + now - self._started, 3)})
                     window_start, window_steps, window_loss = now, 0, 0.0
                 if args.eval_every and self.step % args.eval_every == 0 and self.step != args.max_steps:
-                    self.evaluate()
+                    stop = self.evaluate() or stop
                     window_start = time.perf_counter()
                 if stop:
                     break
@@ -974,7 +1039,7 @@ class Trainer:
                 self._write(f"stopped by {cause} at step {self.step}; checkpoint: {self.checkpoint_path} (written in "
                             f"{saved_in:.1f} s; continue with --resume auto)")
                 return 128 + (self._stop_signal or signal.SIGTERM)
-            self.evaluate()
+            self.evaluate(stoppable=False)
             self.save()
             bar.close()
             self._write(f"done: {self.step} steps in {self.elapsed + time.perf_counter() - self._started:.0f} s; "
@@ -1088,9 +1153,21 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(args)
         except BaseException:
             # A run that stops at start-up (a bad option, data that does not fit) leaves no empty --output
-            # behind it. (Any rank may get here first under torchrun; the folder is only ever empty.)
+            # behind it, nor its lock. (Any rank may get here first under torchrun; the folder is only
+            # ever empty.)
+            lock = _OUTPUT_LOCKS.pop(os.path.realpath(args.output), None)
+            if lock is not None:
+                lock.release()
             if not existed:
                 with contextlib.suppress(OSError):
                     os.rmdir(args.output)
+            if dist.is_available() and dist.is_initialized():
+                # A refusal every process makes (the options, the data, the lock): its group goes before
+                # the interpreter's teardown, where gloo's threads aborted the process (SIGABRT, after
+                # the message) in 2 of 4 runs of a helper's trial. (As at the end of fit.)
+                gc.collect()
+                time.sleep(0.1)
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
             raise
         return trainer.fit()

@@ -120,6 +120,44 @@ def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkey
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
 
+def test_a_signal_during_verification_cuts_it_short_and_saves_that_step(faces, tmp_path, monkeypatch, capsys):
+    # The stop waited for the whole verification (lfw, cfp_fp, agedb_30: past torchrun's 30 s grace at
+    # scale) and one more step before the checkpoint, which a launcher's SIGKILL then cost.
+    original = Trainer._evaluate_sets
+
+    def signalled_in_verification(self, evaluate, on_batch):
+        if self.step == 2:
+            self._on_signal(signal.SIGTERM, None)
+        return original(self, evaluate, on_batch)
+
+    monkeypatch.setattr(Trainer, "_evaluate_sets", signalled_in_verification)
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=8, eval_every=2, save_every=0)) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "[step 2] verification cut short by the stop" in err and "stopped by SIGTERM at step 2" in err
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
+    assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [0]  # step 2's was cut
+
+
+def test_a_second_run_into_the_same_output_is_refused(faces, tmp_path):
+    # Started twice, the second run moved the first's files aside while it ran and interleaved its logs.
+    assert main(argv(faces, tmp_path, max_steps=2)) == 0
+    assert not (tmp_path / ".run.lock").exists()  # released at the end
+    held = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                             f"f = open({str(tmp_path / '.run.lock')!r}, 'a')\n"
+                             "fcntl.flock(f.fileno(), fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline() == "held\n"
+        before = sorted(os.listdir(tmp_path))
+        with pytest.raises(SystemExit, match=r"another run is writing into this folder"):
+            main(argv(faces, tmp_path, max_steps=4))
+        assert sorted(os.listdir(tmp_path)) == before  # nothing moved aside
+    finally:
+        held.kill()
+        held.wait()
+    assert main(argv(faces, tmp_path, max_steps=4, resume="auto")) == 0  # a killed run's lock is taken
+
+
 def run_killed_at(step, argv_, monkeypatch, check=None):
     """``main(argv_)`` killed as it is about to train ``step`` (after ``check(trainer)``, if given),
     as a crash or a kill -9 would stop it: no checkpoint is written on the way out."""
