@@ -1161,6 +1161,13 @@ def main(argv: list[str] | None = None) -> int:
             if not existed:
                 with contextlib.suppress(OSError):
                     os.rmdir(args.output)
+            error = sys.exc_info()[1]
+            if dist.is_available() and dist.is_initialized() and _lost_a_peer(error):
+                # Another process stopped at start-up (its error is in its own output) and this one found
+                # its connection closed in a start-up collective: one line, not a gloo traceback.
+                print(f"error: rank {os.environ.get('RANK', '0')}: another process stopped during start-up (see its "
+                      "error)", file=sys.stderr)
+                raise SystemExit(1) from None
             if dist.is_available() and dist.is_initialized():
                 # A refusal every process makes (the options, the data, the lock): its group goes before
                 # the interpreter's teardown, where gloo's threads aborted the process (SIGABRT, after

@@ -202,3 +202,31 @@ def test_chunked_path_losses_train_under_ddp(tmp_path):
             assert 0 < abs(float(state["t"])) < 0.05
         if name.startswith("subcenters"):  # every rank's sub-centres, gathered in insightface's layout
             assert state["weight"].shape == (3 * checkpoint.load(str(output / "checkpoint.pt"))["num_classes"], 64)
+
+
+def test_start_up_over_the_group(tmp_path):
+    """--pretrained_model inside --output: every process reads it before the earlier run is moved aside
+    (a race lost 2-3 of 6 runs of a helper's trial). A process that stops at start-up (its own --data
+    missing) leaves the others one line each, not gloo's traceback of the closed connection."""
+    data = make_face_folder(str(tmp_path / "faces"))
+    output = tmp_path / "run"
+    args = base_argv(data, str(output), batch_size=8, max_steps=2, save_every=0, loss_impl=LOSS_IMPL)
+    assert torchrun(args).returncode == 0
+    again = torchrun(args + ["--pretrained_model", str(output / "checkpoint.pt")])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (output / "earlier-1" / "checkpoint.pt").exists() and not (output / ".run.lock").exists()
+
+    script = tmp_path / "per_rank.py"
+    script.write_text("import os, sys\n"
+                      "from train.trainer import main\n"
+                      "argv = sys.argv[1:]\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    argv[argv.index('--data') + 1] = os.path.join(os.path.dirname(__file__), 'nowhere')\n"
+                      "sys.exit(main(argv))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    failed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), *base_argv(data, str(tmp_path / "other"), loss_impl=LOSS_IMPL)],
+                            cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert failed.returncode != 0
+    assert "error: rank 0: another process stopped during start-up (see its error)" in failed.stderr, failed.stderr
+    assert "nowhere" in failed.stderr and "Connection closed by peer" not in failed.stderr, failed.stderr[-3000:]
