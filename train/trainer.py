@@ -965,7 +965,10 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal:  # a second Ctrl-C: stop now, without the checkpoint
             signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
+            # (A SystemExit unwinds as KeyboardInterrupt did, temporary files removed, without its traceback.)
+            print(f"\nstopped by a second {signal.Signals(signum).name}: at once, without a checkpoint of this step",
+                  file=sys.stderr)
+            raise SystemExit(128 + signum)
         # Only a flag: printing from a handler can re-enter a half-written stream. The DataLoader
         # workers, signalled with the process group, ignore it (train.data) and keep serving batches.
         self._stop_signal = signum
@@ -1142,25 +1145,39 @@ class Trainer:
         ])
 
 
+def _undo_start(output: str, existed: bool) -> None:
+    """What a run that stops at start-up made: its lock, and the --output folder it created (only ever
+    empty then)."""
+    lock = _OUTPUT_LOCKS.pop(os.path.realpath(output), None)
+    if lock is not None:
+        lock.release()
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.rmdir(output)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import parse_args
+    from .signals import Stopped, stop_on_signals
     from .tools import plain_warnings
 
     args = parse_args(argv)
     existed = os.path.isdir(args.output)
     with plain_warnings():
         try:
-            trainer = Trainer(args)
+            # Ctrl-C and SIGTERM during the start-up (reading the data, the checkpoint) unwind as below
+            # and say so; from the first step on, the trainer's own handling saves a checkpoint.
+            with stop_on_signals():
+                trainer = Trainer(args)
+        except Stopped as stop:
+            _undo_start(args.output, existed)
+            print(f"stopped by {stop.name} during the start-up, before the first step", file=sys.stderr)
+            return stop.exit_status
         except BaseException:
             # A run that stops at start-up (a bad option, data that does not fit) leaves no empty --output
             # behind it, nor its lock. (Any rank may get here first under torchrun; the folder is only
             # ever empty.)
-            lock = _OUTPUT_LOCKS.pop(os.path.realpath(args.output), None)
-            if lock is not None:
-                lock.release()
-            if not existed:
-                with contextlib.suppress(OSError):
-                    os.rmdir(args.output)
+            _undo_start(args.output, existed)
             error = sys.exc_info()[1]
             if dist.is_available() and dist.is_initialized() and _lost_a_peer(error):
                 # Another process stopped at start-up (its error is in its own output) and this one found

@@ -138,6 +138,36 @@ def test_a_signal_during_verification_cuts_it_short_and_saves_that_step(faces, t
     assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [0]  # step 2's was cut
 
 
+def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, monkeypatch, capsys):
+    # Before the trainer's handlers, Ctrl-C printed a KeyboardInterrupt traceback from every process and
+    # SIGTERM ended it silently with an empty --output left; a second Ctrl-C printed a traceback too.
+    original_data = Trainer._lock_output
+
+    def signalled_at_start(self):
+        original_data(self)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_lock_output", signalled_at_start)
+    assert main(argv(faces, tmp_path / "new", max_steps=2)) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.endswith("stopped by SIGTERM during the start-up, before the first step\n")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    original_step = Trainer.train_step
+
+    def twice(self, images, labels):
+        if self.step == 1:
+            self._on_signal(signal.SIGINT, None)
+            self._on_signal(signal.SIGINT, None)
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", twice)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv(faces, tmp_path / "run", max_steps=4))
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert "stopped by a second SIGINT: at once, without a checkpoint of this step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
+
+
 def test_a_second_run_into_the_same_output_is_refused(faces, tmp_path):
     # Started twice, the second run moved the first's files aside while it ran and interleaved its logs.
     assert main(argv(faces, tmp_path, max_steps=2)) == 0
