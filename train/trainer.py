@@ -408,6 +408,11 @@ def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: 
     return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.decay)
 
 
+def _sentence(text: str) -> str:
+    """``text`` as the start of a sentence (its first letter upper-case)."""
+    return text[:1].upper() + text[1:]
+
+
 def _lost_a_peer(error: BaseException) -> bool:
     """Whether a collective failed because another process of the group went away (gloo's words;
     NCCL waits for its watchdog instead)."""
@@ -499,7 +504,9 @@ class Trainer:
                              + (f" x --gradient-acc {args.gradient_acc}" if args.gradient_acc > 1 else "")
                              + f" is more than the {images_per_process} images"
                              + (f" each of the {self.world_size} processes reads" if self.distributed else "")
-                             + f" of {args.data}: lower it")
+                             + f" of {args.data}: "
+                             + ("run fewer processes (a resumed run keeps its --batch-size)" if args.resume and
+                                self.distributed else "lower it"))
         self.verification_sets = {}
         if self.is_main:
             try:
@@ -567,8 +574,9 @@ class Trainer:
                 dist.barrier()
             aside = set_aside_earlier_run(self.output) if self.is_main else None
             if aside:
-                print(f"note: {self.output} held an earlier run; its files are now in {aside} (to continue a run, "
-                      "pass --resume auto, or --resume with its checkpoint)", file=sys.stderr)
+                print(f"note: {self.output} held an earlier run; its files are now in {aside}" + (
+                      "" if args.resume else " (to continue a run, pass --resume auto, or --resume with its "
+                      "checkpoint)"), file=sys.stderr)
 
         self.backbone_ddp, self.loss_ddp = self.backbone, self.margin_loss
         if self.distributed:
@@ -711,6 +719,13 @@ class Trainer:
         self.wandb_run_id = state.get("wandb_run_id")  # kept also while --wandb is off, for a later resume
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            saved_world = len(state["rng"])  # one generator state a process
+            if saved_world != self.world_size:
+                step_batch = self.args.batch_size * self.args.gradient_acc
+                print(f"note: that run had {saved_world} process(es), a batch of {step_batch * saved_world} a step; "
+                      f"this one has {self.world_size}, {step_batch * self.world_size} a step (--batch-size is a "
+                      "process's): the learning rate is as it was, and the data order from here on is not the "
+                      "uninterrupted run's", file=sys.stderr)
         return state["rng"]
 
     def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
@@ -1054,19 +1069,20 @@ class Trainer:
             message = str(error).strip()
             if "Original Traceback" in message:
                 message = message.splitlines()[-1].split(": ", 1)[-1]
+            kept = _sentence(self._kept_checkpoint())
             if isinstance(error, DataError):
                 again = ("continue with --resume auto" if os.path.exists(self.checkpoint_path) else
                          "run it again")
-                message = (f"step {self.step + 1}'s batch: {message}. {self._kept_checkpoint()}; with the image "
-                           f"replaced or removed, {again} (removed, it changes the data order)")
+                message = (f"step {self.step + 1}'s batch: {message}. {kept}; with the image replaced or removed, "
+                           f"{again} (removed, it changes the data order)")
             else:
-                message = f"{message}. {self._kept_checkpoint()}"
+                message = f"{message}. {kept}"
             tqdm.write(f"error: {'rank ' + str(self.rank) + ': ' if self.distributed else ''}{message}", file=sys.stderr)
             if self.distributed:  # the others fail in their next collective, or torchrun ends them
                 raise SystemExit(1) from None
             return 1
         except TrainingDiverged as error:
-            last = self._kept_checkpoint("last good")
+            last = _sentence(self._kept_checkpoint("last good"))
             self._write(f"error: training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "
                         "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
                         "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, --arcface_s).")

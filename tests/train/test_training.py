@@ -168,6 +168,18 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
 
 
+def test_resuming_on_another_number_of_processes_says_what_changes(faces, tmp_path, capsys):
+    # Allowed (the README's list), but the step's batch and the data order change without a word.
+    assert main(argv(faces, tmp_path, max_steps=2)) == 0
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    state["rng"] = state["rng"] * 2  # as a run of two processes saved it
+    torch.save(state, tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    Trainer(parse_args(argv(faces, tmp_path, max_steps=4, resume="auto")))
+    assert "note: that run had 2 process(es), a batch of 32 a step; this one has 1, 16 a step" in \
+        capsys.readouterr().err
+
+
 def test_a_second_run_into_the_same_output_is_refused(faces, tmp_path):
     # Started twice, the second run moved the first's files aside while it ran and interleaved its logs.
     assert main(argv(faces, tmp_path, max_steps=2)) == 0
@@ -376,13 +388,13 @@ def test_an_image_that_does_not_decode_mid_run_is_a_one_line_error(tmp_path, cap
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if line.startswith("error: "))
     assert re.fullmatch(rf"error: step \d+'s batch: {re.escape(broken)}: cannot decode image \(12 bytes\): .*"
-                        rf"\. the last checkpoint is kept: .*checkpoint\.pt \(step \d+\); .*--resume auto.*", line), line
+                        rf"\. The last checkpoint is kept: .*checkpoint\.pt \(step \d+\); .*--resume auto.*", line), line
     assert "Traceback" not in err
     # Without a checkpoint there is nothing to resume: the message says to run it again.
     assert main(base_argv(data, str(tmp_path / "fresh"), max_steps=40, batch_size=8, save_every=0,
                           num_workers=num_workers)) == 1
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("error: "))
-    assert line.endswith("no checkpoint was written before it; with the image replaced or removed, run it again "
+    assert line.endswith("No checkpoint was written before it; with the image replaced or removed, run it again "
                          "(removed, it changes the data order)"), line
 
 
@@ -409,7 +421,7 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(faces, tmp_path
     assert main(argv(faces, tmp_path, max_steps=6, save_every=2)) == 1
     err = capsys.readouterr().err
     assert (f"error: writing {tmp_path / 'checkpoint.pt'} at step 4 failed: [Errno 28] No space left on device. "
-            f"the last checkpoint is kept: {tmp_path / 'checkpoint.pt'} (step 2)") in err
+            f"The last checkpoint is kept: {tmp_path / 'checkpoint.pt'} (step 2)") in err
     assert "Traceback" not in err and checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
 
