@@ -499,13 +499,14 @@ class Trainer:
             check_every_rank_reads_the_same(self.dataset, args.data, self.data_fingerprint)
         step_batch = args.batch_size * args.gradient_acc
         images_per_process = math.ceil(len(self.dataset) / self.world_size)
+        resuming = args.resume and (args.resume != "auto" or os.path.isfile(self.checkpoint_path))
         if step_batch > images_per_process:
             raise SystemExit(f"--batch-size {args.batch_size}"
                              + (f" x --gradient-acc {args.gradient_acc}" if args.gradient_acc > 1 else "")
                              + f" is more than the {images_per_process} images"
                              + (f" each of the {self.world_size} processes reads" if self.distributed else "")
                              + f" of {args.data}: "
-                             + ("run fewer processes (a resumed run keeps its --batch-size)" if args.resume and
+                             + ("run fewer processes (a resumed run keeps its --batch-size)" if resuming and
                                 self.distributed else "lower it"))
         self.verification_sets = {}
         if self.is_main:
@@ -731,12 +732,21 @@ class Trainer:
     def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
         """A resumed run reads the data its checkpoint trained on: the same files (moved, or mounted
         elsewhere, they keep their record), or other images of the same identities in the same order
-        (a note: the data order from here on is not the uninterrupted run's). Other identities, or the
-        same ones in another order, would give each label another person's class centre."""
+        (a note: the data order from here on is not the uninterrupted run's). An image folder of other
+        identities, or of the same ones in another order, which would give each label another person's
+        class centre, is refused; where the identities cannot be compared (a RecordIO set names none,
+        as after repacking it without a broken image; a checkpoint older than the record), a note."""
         recorded = state.get("data_fingerprint")
         if recorded is None or recorded == self.data_fingerprint:  # (a checkpoint older than the record)
             return
-        if self.data_classes is not None and state.get("data_classes") == self.data_classes:
+        saved_classes = state.get("data_classes")
+        if self.data_classes is None or saved_classes is None:
+            if self.is_main:
+                print(f"note: --data {self.args.data} is not the data {path} trained on (its record of its data "
+                      "differs), and its identities cannot be compared with that data's (they are not named): "
+                      "the run goes on, each label taken for the person it was", file=sys.stderr)
+            return
+        if saved_classes == self.data_classes:
             if self.is_main:
                 print(f"note: --data {self.args.data} holds other images than the data {path} trained on, of the "
                       "same identities: the run goes on with them (the data order is not the uninterrupted run's)",
@@ -994,6 +1004,9 @@ class Trainer:
         try:
             exit_code = self._fit()
             return exit_code
+        except SystemExit as exit_info:  # a second Ctrl-C's status, for the logs' record of the end
+            exit_code = exit_info.code if isinstance(exit_info.code, int) else 1
+            raise
         finally:
             if self.is_main:
                 self.log.close(exit_code)
@@ -1161,6 +1174,17 @@ class Trainer:
         ])
 
 
+def _leave_group() -> None:
+    """The process group of a run that stops at start-up, gone before the interpreter's teardown, where
+    gloo's threads aborted the process (SIGABRT, after the message) in 2 of 4 runs of a helper's trial.
+    (As at the end of fit.)"""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        time.sleep(0.1)
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
 def _undo_start(output: str, existed: bool) -> None:
     """What a run that stops at start-up made: its lock, and the --output folder it created (only ever
     empty then)."""
@@ -1188,6 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
         except Stopped as stop:
             _undo_start(args.output, existed)
             print(f"stopped by {stop.name} during the start-up, before the first step", file=sys.stderr)
+            _leave_group()
             return stop.exit_status
         except BaseException:
             # A run that stops at start-up (a bad option, data that does not fit) leaves no empty --output
@@ -1200,14 +1225,8 @@ def main(argv: list[str] | None = None) -> int:
                 # its connection closed in a start-up collective: one line, not a gloo traceback.
                 print(f"error: rank {os.environ.get('RANK', '0')}: another process stopped during start-up (see its "
                       "error)", file=sys.stderr)
+                _leave_group()
                 raise SystemExit(1) from None
-            if dist.is_available() and dist.is_initialized():
-                # A refusal every process makes (the options, the data, the lock): its group goes before
-                # the interpreter's teardown, where gloo's threads aborted the process (SIGABRT, after
-                # the message) in 2 of 4 runs of a helper's trial. (As at the end of fit.)
-                gc.collect()
-                time.sleep(0.1)
-                with contextlib.suppress(Exception):
-                    dist.destroy_process_group()
+            _leave_group()
             raise
         return trainer.fit()

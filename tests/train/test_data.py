@@ -425,6 +425,7 @@ def test_image_folder_paths_are_two_arrays_the_workers_share(image_folder):
 def test_image_folder_labels_sorted_and_resized(image_folder):
     (image_folder / "bob" / "older").mkdir()
     Image.fromarray(face_image(5)).save(image_folder / "bob" / "older" / "c.png")
+    (image_folder / "alice" / ".ipynb_checkpoints").mkdir()  # no images: nothing left out, nothing said
     with pytest.warns(UserWarning) as said:
         ds = ImageFolderDataset(str(image_folder), image_size=32, flip=False)
     # What the layout leaves out is said, not dropped silently.
@@ -798,16 +799,23 @@ def test_loader_workers_do_not_report_a_main_process_that_hangs_up_mid_transfer(
     # the thread reports it.
     script = tmp_path / "script.py"
     script.write_text(
-        "import os, socket, sys, time\n"
+        "import os, socket, sys, threading\n"
         "from multiprocessing import resource_sharer\n"
         "from train.data import leave_signals_to_the_main_process\n"
         "if sys.argv[1] == 'worker':\n"
         "    leave_signals_to_the_main_process()(0)\n"
+        "reported, hook = threading.Event(), sys.excepthook\n"
+        "def told(*error):\n"
+        "    try:\n"
+        "        hook(*error)\n"
+        "    finally:\n"
+        "        reported.set()\n"
+        "sys.excepthook = told  # the thread's report, quiet or not, is waited for\n"
         "read, write = os.pipe()\n"
         "shared = resource_sharer.DupFd(read)\n"
         "with socket.socket(socket.AF_UNIX) as hang_up:\n"
         "    hang_up.connect(shared._id[0])\n"
-        "time.sleep(1)\n"
+        "assert reported.wait(50)\n"
         "sys.excepthook(ValueError, ValueError('a real error'), None)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))

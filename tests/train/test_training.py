@@ -180,6 +180,21 @@ def test_resuming_on_another_number_of_processes_says_what_changes(faces, tmp_pa
         capsys.readouterr().err
 
 
+def test_a_file_system_without_locks_runs_with_a_note(tmp_path, monkeypatch, capsys):
+    # flock failing with ENOSYS (Lustre without flock, NFS without lockd) said "another run holds it".
+    import errno
+    import fcntl
+
+    from train.tools import RunLock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    RunLock(str(tmp_path / ".run.lock"), "another run holds it").release()
+    assert "this file system does not lock files (Function not implemented)" in capsys.readouterr().err
+
+
 def test_a_second_run_into_the_same_output_is_refused(faces, tmp_path):
     # Started twice, the second run moved the first's files aside while it ran and interleaved its logs.
     assert main(argv(faces, tmp_path, max_steps=2)) == 0

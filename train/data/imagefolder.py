@@ -34,8 +34,9 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
             continue
         entries = os.listdir(folder)
         files = sorted(f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS))
-        # (isdir only for the few names that are not images: a folder of 5M images costs no more calls)
-        has_folders = any(os.path.isdir(os.path.join(folder, f)) for f in entries
+        # (isdir only for the few names that are not images: a folder of 5M images costs no more calls;
+        # a sub-folder without images, as a tool's own .ipynb_checkpoints or @eaDir, is not said)
+        has_folders = any(_holds_images(os.path.join(folder, f)) for f in entries
                           if not f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             if has_folders:
@@ -62,6 +63,14 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
             f"image folder {root!r} holds no identity sub-folder with {'/'.join(IMAGE_EXTENSIONS)} images"
         )
     return identities, samples
+
+
+def _holds_images(path: str) -> bool:
+    """Whether ``path`` is a folder with an image directly in it."""
+    try:
+        return os.path.isdir(path) and any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(path))
+    except OSError:
+        return False
 
 
 def header_size(path: str) -> tuple[int, int] | None:

@@ -9,6 +9,7 @@ so that a mistake costs no time."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import warnings
@@ -111,9 +112,15 @@ class RunLock:
                 return
             try:
                 fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self.file.close()
-                raise ValueError(busy) from None
+            except OSError as error:
+                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    self.file.close()
+                    raise ValueError(busy) from None
+                # A file system without flock (Lustre mounted without it, NFS without lockd, some FUSE
+                # mounts): the run goes on unguarded rather than refused as if another held the lock.
+                print(f"note: {path}: this file system does not lock files ({error.strerror or error}): a second "
+                      "run on the same output would not be stopped", file=sys.stderr)
+                return
             # Locked, but the file may have been removed by the run that held it just before (release):
             # then this lock guards nothing, and the path is taken again.
             try:

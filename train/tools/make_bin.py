@@ -68,11 +68,21 @@ def image_folder_pairs(root: str, num_pairs: int, *, seed: int = 0) -> tuple[lis
             raise ValueError(f"{root} has {available[kind]} distinct pairs of {kind} identities: --pairs {num_pairs} "
                              f"needs {count} (half the pairs are of the same identity, half of different ones)")
     rng = np.random.default_rng(seed)
+    # Same pairs: an identity drawn among those with pairs left (an identity of two images has one; without
+    # this, a few large identities among many small ones would leave the draw repeating exhausted ones).
+    live, used = list(multi), {label: 0 for label in multi}
+    label_of = {path: label for label in multi for path in by_label[label]}
 
     def same_pair():
-        paths = by_label[multi[rng.integers(len(multi))]]
+        paths = by_label[live[rng.integers(len(live))]]
         i, j = rng.choice(len(paths), 2, replace=False)
         return paths[i], paths[j]
+
+    def took_same(pair):
+        label = label_of[pair[0]]
+        used[label] += 1
+        if used[label] == sizes[label] * (sizes[label] - 1) // 2:
+            live.remove(label)
 
     def different_pair():
         a, b = rng.choice(len(identities), 2, replace=False)
@@ -86,7 +96,8 @@ def image_folder_pairs(root: str, num_pairs: int, *, seed: int = 0) -> tuple[lis
                 for first in by_label[a] for second in by_label[b]]
 
     draw = {"same": same_pair, "different": different_pair}
-    drawn = {kind: _distinct(draw[kind], count, available[kind], lambda kind=kind: every(kind), rng)
+    took = {"same": took_same, "different": None}
+    drawn = {kind: _distinct(draw[kind], count, available[kind], lambda kind=kind: every(kind), rng, took[kind])
              for kind, count in wanted.items()}
     order = {kind: iter(found) for kind, found in drawn.items()}
     pairs = [next(order["same" if same else "different"]) for same in issame]
@@ -98,10 +109,10 @@ def image_folder_pairs(root: str, num_pairs: int, *, seed: int = 0) -> tuple[lis
 ENUMERATE_PAIRS = 500_000
 
 
-def _distinct(draw, count: int, available: int, every, rng) -> list[tuple[str, str]]:
+def _distinct(draw, count: int, available: int, every, rng, took=None) -> list[tuple[str, str]]:
     """``count`` pairs (``available`` of them exist), none twice either way round: from ``draw()``, a
-    repeat drawn again, or, for a large share of a few (or when repeats keep coming), a sample of
-    ``every()``."""
+    repeat drawn again (``took(pair)`` told of each new one), or, for a large share of a few (or when
+    repeats keep coming), a sample of ``every()``."""
     if count * 4 > available and available <= ENUMERATE_PAIRS:
         pairs = every()
         return [pairs[i] for i in sorted(rng.choice(len(pairs), count, replace=False))]
@@ -114,6 +125,8 @@ def _distinct(draw, count: int, available: int, every, rng) -> list[tuple[str, s
         if key not in seen:
             seen.add(key)
             out.append(pair)
+            if took is not None:
+                took(pair)
     if len(out) == count:
         return out
     if available > ENUMERATE_PAIRS:
