@@ -52,6 +52,13 @@ OUTPUT_LOCK_NAME = ".run.lock"
 _OUTPUT_LOCKS: dict = {}
 
 
+def _release_output_lock(output: str) -> None:
+    """The lock this process holds on ``output`` (the main process's), released; none held: nothing."""
+    lock = _OUTPUT_LOCKS.pop(os.path.realpath(output), None)
+    if lock is not None:
+        lock.release()
+
+
 class _VerificationStopped(Exception):
     """Raised between the batches of a verification when a stop signal has come."""
 
@@ -638,10 +645,8 @@ class Trainer:
             raise SystemExit(refused)
 
     def release_output(self) -> None:
-        """Lets another run write into --output (the end of ``fit``, a failed start)."""
-        lock = _OUTPUT_LOCKS.pop(os.path.realpath(self.output), None) if self.is_main else None
-        if lock is not None:
-            lock.release()
+        """Lets another run write into --output (the end of ``fit``)."""
+        _release_output_lock(self.output)
 
     # ----------------------------------------------------------------- state
 
@@ -1188,9 +1193,7 @@ def _leave_group() -> None:
 def _undo_start(output: str, existed: bool) -> None:
     """What a run that stops at start-up made: its lock, and the --output folder it created (only ever
     empty then)."""
-    lock = _OUTPUT_LOCKS.pop(os.path.realpath(output), None)
-    if lock is not None:
-        lock.release()
+    _release_output_lock(output)
     if not existed:
         with contextlib.suppress(OSError):
             os.rmdir(output)
