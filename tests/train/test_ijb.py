@@ -880,6 +880,19 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
                      "--overwrite"]) == 0
     assert json.loads((tmp_path / "o.json").read_text())["features_about"] is None
     assert "other.npy.json describes another table than" in capsys.readouterr().err
+    # Rewritten with the same counts (the rows reordered): only the digest tells.
+    np.save(tmp_path / "other.npy", saved_rows[::-1])
+    assert ijb.main(["--features", str(tmp_path / "other.npy"), *base, "--output", str(tmp_path / "o.json"),
+                     "--overwrite"]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["features_about"] is None
+    assert "other.npy.json describes another table than" in capsys.readouterr().err
+    # The same files again: the digest matches.
+    shutil.copy(tmp_path / "feats.npy", tmp_path / "other.npy")
+    shutil.copy(tmp_path / "feats.txt", tmp_path / "other.txt")
+    assert ijb.main(["--features", str(tmp_path / "other.npy"), *base, "--output", str(tmp_path / "o.json"),
+                     "--overwrite"]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["features_about"] == \
+        json.loads((tmp_path / "feats.npy.json").read_text())
     for extra, message in ((["--save-features", str(tmp_path / "y.npy")], "--save-features with --features"),
                            (["--model", model], "not allowed with argument --features"),
                            (["--no-flip"], "--flip/--no-flip with --features"),
