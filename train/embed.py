@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .data.transforms import IMAGE_EXTENSIONS, load_image_file, to_chw, to_model_input
+from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input
 from .signals import Stopped, signals_held, stop_on_signals
 from .tools import check_outputs, listable_name, torch_device
 
@@ -129,30 +129,39 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
 class ImageFiles(torch.utils.data.Dataset):
     """Item i: (uint8 (3, S, S) image file i resized to S, "" or why it could not be read): a bad
     file is reported rather than raised, so that its message reaches the user without a worker's
-    traceback around it."""
+    traceback around it. With ``sizes``, a third element: the file's (height, width) before the
+    resize ((0, 0) for a bad file)."""
 
-    def __init__(self, paths: list[str], image_size: int):
-        self.paths, self.image_size = paths, int(image_size)
+    def __init__(self, paths: list[str], image_size: int, *, sizes: bool = False):
+        self.paths, self.image_size, self.sizes = paths, int(image_size), sizes
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple:
         try:
-            image = load_image_file(self.paths[index], self.image_size)
+            image, size = load_image_file_and_size(self.paths[index], self.image_size)
+            why = ""
         except (OSError, ValueError) as error:
-            return torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8), str(error)
-        return to_chw(image), ""
+            image, size, why = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8), (0, 0), str(error)
+        return (to_chw(image), why) + ((torch.tensor(size, dtype=torch.int64),) if self.sizes else ())
 
 
 def embed_files(model: torch.nn.Module, paths: list[str], image_size: int, *, device="cpu",
-                batch_size: int = 64, workers: int = 0, norms: list | None = None) -> np.ndarray:
+                batch_size: int = 64, workers: int = 0, norms: list | None = None,
+                not_square: list | None = None) -> np.ndarray:
     """(len(paths), D) float32 unit-length embeddings (verification's: image plus mirror); the
-    feature norms as ``embed_images`` gives them appended to ``norms``. The decoding workers leave
-    Ctrl-C and SIGTERM to this process (a terminal's Ctrl-C reaches them all)."""
-    features = embed_images(model.to(device), ImageFiles(paths, image_size), device=device, batch_size=batch_size,
-                            workers=workers, log=lambda message: print(message, file=sys.stderr, flush=True),
-                            norms=norms, workers_leave_signals=True)
+    feature norms as ``embed_images`` gives them appended to ``norms``; (index, (height, width)) of
+    each image that is not square appended to ``not_square``. The decoding workers leave Ctrl-C and
+    SIGTERM to this process (a terminal's Ctrl-C reaches them all)."""
+    sizes = [] if not_square is not None else None
+    features = embed_images(model.to(device), ImageFiles(paths, image_size, sizes=sizes is not None),
+                            device=device, batch_size=batch_size, workers=workers,
+                            log=lambda message: print(message, file=sys.stderr, flush=True),
+                            norms=norms, extras=sizes, workers_leave_signals=True)
+    if sizes:
+        sizes = torch.cat(sizes).tolist()
+        not_square.extend((i, (h, w)) for i, (h, w) in enumerate(sizes) if h != w)
     return torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
 
 
@@ -636,9 +645,11 @@ def run(args: argparse.Namespace) -> int:
             names = [os.path.relpath(paths[i], args.images) + (f"#{number}" if args.all_faces else "")
                      for i, number in zip(photos, numbers)]
         else:
+            not_square = []
             embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size,
-                                     workers=args.workers, norms=norms)
+                                     workers=args.workers, norms=norms, not_square=not_square)
             names = [os.path.relpath(path, args.images) for path in paths]
+            _warn_others_not_square(paths, not_square)
     about = {"made_by": "train.embed", "model": os.path.abspath(args.model), "image_size": size, "flip": True,
              "normalised": True, "images": os.path.abspath(args.images),
              "faces": f"aligned from the landmarks in {os.path.abspath(args.landmarks)}" if args.landmarks else
@@ -667,6 +678,18 @@ def _warn_if_not_aligned(paths: list[str]) -> None:
             print(f"warning: {path} is {size[1]}x{size[0]} (width x height), not square: the images are taken as "
                   "aligned face crops, as they are; for photos, find the faces with --detector or --landmarks",
                   file=sys.stderr)
+
+
+def _warn_others_not_square(paths: list[str], not_square: list) -> None:
+    """After the embedding, one warning for the images past the first (which ``_warn_if_not_aligned``
+    looked at before it) that were not square: photos among the crops."""
+    others = [(i, size) for i, size in not_square if i > 0]
+    if others:
+        index, (height, width) = others[0]
+        count = f"{len(others)} more" if not_square[0][0] == 0 else f"{len(others)} of the {len(paths)}"
+        print(f"warning: {count} images are not square (the first: {paths[index]}, {width}x{height}): they were "
+              "taken as aligned face crops, as they are; for photos, find the faces with --detector or --landmarks",
+              file=sys.stderr)
 
 
 def _warn_left_out(failures: list[str], shown: int = 20) -> None:

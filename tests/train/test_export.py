@@ -292,6 +292,17 @@ def test_embed_warns_of_photos_that_are_not_face_crops(trained, tmp_path, capsys
     assert f"warning: {photo} is 48x32 (width x height), not square" in capsys.readouterr().err
     assert embed.main(["--model", ckpt, "--compare", str(photo), str(photo), "--threshold", "0.5"]) == 0
     assert capsys.readouterr().err.count("not square") == 2
+    # Photos past the folder's first image (a crop) were not looked at: they are counted as they are read.
+    crop = tmp_path / "photos" / "a" / "crop.png"
+    crop.parent.mkdir()
+    Image.open(sorted(embed.list_images(faces))[0]).save(crop)
+    Image.open(photo).resize((40, 30)).save(tmp_path / "photos" / "p" / "wider.png")
+    for workers in ("0", "1"):
+        assert embed.main(["--model", ckpt, "--images", str(tmp_path / "photos"), "--output", str(tmp_path / "e.npy"),
+                           "--workers", workers, "--overwrite"]) == 0
+        err = capsys.readouterr().err
+        assert f"warning: 2 of the 3 images are not square (the first: {photo}, 48x32)" in err, err
+        assert "(width x height), not square" not in err  # the first image, a crop, was square
 
 
 def test_embed_csv_quotes_names(trained, tmp_path):

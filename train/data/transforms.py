@@ -57,6 +57,11 @@ def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
     Aligned faces are square; anything else is resized to the square (bilinear).
     Raises DataError (a ValueError) naming `source` when the bytes are not a decodable image.
     """
+    return decode_image_and_size(data, image_size, source=source)[0]
+
+
+def decode_image_and_size(data: bytes, image_size: int, *, source: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode_image`'s array and the (height, width) the image had before the resize (upright)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -66,16 +71,22 @@ def decode_image(data: bytes, image_size: int, *, source: str) -> np.ndarray:
             rgb = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{source}: cannot decode image ({len(data)} bytes): {decode_failure(exc)}") from exc
+    width, height = rgb.size
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.asarray(rgb, dtype=np.uint8), (height, width)
 
 
 def load_image_file(path: str, image_size: int) -> np.ndarray:
     """Read and decode one image file (see `decode_image`)."""
+    return load_image_file_and_size(path, image_size)[0]
+
+
+def load_image_file_and_size(path: str, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read and decode one image file (see `decode_image_and_size`)."""
     with open(path, "rb") as f:
         data = f.read()
-    return decode_image(data, image_size, source=path)
+    return decode_image_and_size(data, image_size, source=path)
 
 
 def encode_image(image: np.ndarray, *, fmt: str = "jpeg", quality: int = 95) -> bytes:
