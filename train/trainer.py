@@ -1231,5 +1231,11 @@ def main(argv: list[str] | None = None) -> int:
                 _leave_group()
                 raise SystemExit(1) from None
             _leave_group()
+            if isinstance(error, SystemExit) and isinstance(error.code, str) \
+                    and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # Every process says its own refusal: the rank tells whose a line is (one process's own
+                # --device or data, or the same refusal from each).
+                raise SystemExit(f"error: rank {os.environ.get('RANK', '0')}: {error.code}") from None
             raise
         return trainer.fit()
+
