@@ -4,8 +4,10 @@ this trainer's options, so that ``--config configs/wf42m_pfc02_r100.py`` runs wh
 
 The file is parsed, never executed: only assignments ``config.<key> = <value>`` count, where a
 value is a literal (numbers, strings, booleans, None, tuples, lists) or arithmetic on literals and
-earlier ``config.<key>`` values (``config.num_epoch // 10``). Keys the file leaves out take
-arcface_torch's ``configs/base.py`` defaults, as its ``get_config`` merges them.
+earlier ``config.<key>`` values (``config.num_epoch // 10``), and ``from configs.<name> import config``,
+which applies the assignments of ``<name>.py`` beside it. Keys the file leaves out take the
+defaults of the ``base.py`` beside it, as arcface_torch's ``get_config`` merges its ``configs/base.py``
+(those of arcface_torch's own ``base.py`` when there is none).
 
 How its settings map:
 
@@ -73,21 +75,41 @@ def is_insightface_config(path: str) -> bool:
 
 
 def read(path: str) -> dict[str, Any]:
-    """The ``config.<key>`` assignments of an arcface_torch config file, over base.py's defaults."""
+    """The ``config.<key>`` assignments of an arcface_torch config file, over base.py's defaults: the
+    ``base.py`` beside it when there is one (``get_config`` merges the checkout's own ``configs/base.py``,
+    which a user may have edited), else :data:`BASE`."""
+    defaults = dict(BASE)
+    base = os.path.join(os.path.dirname(os.path.abspath(path)), "base.py")
+    if os.path.isfile(base) and not os.path.samefile(base, path):
+        defaults = _assignments(base, defaults, defaults, ())
+    return _assignments(path, dict(defaults), defaults, ())
+
+
+def _assignments(path: str, values: dict[str, Any], defaults: dict[str, Any],
+                 importers: tuple[str, ...]) -> dict[str, Any]:
+    """``values`` updated by the file's ``config.<key>`` lines, in order; ``from configs.<name> import
+    config`` (a config made by editing another) applies ``<name>.py``'s lines, from beside the file."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     try:
         tree = ast.parse(source, filename=path)
     except SyntaxError as error:
         raise SystemExit(f"{path}: not a Python config file: {error}") from None
-    values = dict(BASE)
+    importers = (*importers, os.path.abspath(path))
     for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and any(alias.name == "config" and alias.asname in (None, "config")
+                                                    for alias in node.names):
+            # Python would bind `config` to the other file's object, edits and all: skipping the
+            # line trained on base.py's values instead of that file's (its fp16, margins, decay).
+            values = _assignments(_imported_config(node, path, importers), values, defaults, importers)
+            continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             target = node.targets[0]
             if isinstance(target, ast.Name) and target.id == "config":
-                continue  # config = edict()
+                values = dict(defaults)  # config = edict(): what came before is dropped
+                continue
             if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
                     and target.value.id == "config"):
                 values[target.attr] = _evaluate(node.value, values, path)
@@ -95,6 +117,21 @@ def read(path: str) -> dict[str, Any]:
         raise SystemExit(f"{path}:{node.lineno}: only `config.<key> = <value>` lines are read from an "
                          "arcface_torch config (the file is parsed, not run)")
     return values
+
+
+def _imported_config(node: ast.ImportFrom, path: str, importers: tuple[str, ...]) -> str:
+    """The file of ``from configs.<name> import config`` (or ``from .<name> import config``): arcface_torch's
+    configs are modules of one folder, so ``<name>.py`` beside the importing file."""
+    module = "." * node.level + (node.module or "")
+    name = (node.module or "").rsplit(".", 1)[-1]
+    other = os.path.join(os.path.dirname(os.path.abspath(path)), f"{name}.py")
+    if not name or not os.path.isfile(other):
+        raise SystemExit(f"{path}:{node.lineno}: `from {module} import config` takes another config's settings, "
+                         f"which are read from {name or '?'}.py beside this file, and there is none")
+    if os.path.abspath(other) in importers:
+        raise SystemExit(f"{path}:{node.lineno}: `from {module} import config` imports a config that imports "
+                         "this one")
+    return other
 
 
 def _evaluate(node: ast.AST, values: dict[str, Any], path: str) -> Any:

@@ -126,6 +126,32 @@ def test_base_defaults_fill_what_a_config_leaves_out(tmp_path):
     assert config["rec"] == "x" and config["gradient_acc"] == 1
 
 
+def test_a_config_importing_another_takes_its_settings(tmp_path, monkeypatch):
+    # `from configs.wf42m_vit_t import config` binds the other file's config, edits and all: read
+    # without it, the run took base.py's fp16, decay and margins instead.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    write(tmp_path, WEBFACE_VIT)
+    path = write(tmp_path, "from configs.wf42m_vit_t import config\n\nconfig.lr = 0.002\n", "edited.py")
+    args = parse_args(["--config", path])
+    assert (args.lr, args.decay, args.amp, args.m3, args.sample_rate, args.optimizer) == (
+        0.002, 0.1, "fp16", 0.4, 0.3, "adamw")
+    # `config = edict()` after the import starts over, as it does in Python.
+    path = write(tmp_path, "from .wf42m_vit_t import config\nconfig = edict()\nconfig.rec = 'x'\n"
+                           "config.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n", "fresh.py")
+    assert insightface_config.read(path)["sample_rate"] == 1.0
+    with pytest.raises(SystemExit, match=r"missing.py:1: `from configs.ms1mv2_r50 import config` .* read from "
+                                         r"ms1mv2_r50.py beside this file, and there is none$"):
+        parse_args(["--config", write(tmp_path, "from configs.ms1mv2_r50 import config\n", "missing.py")])
+
+
+def test_the_base_py_beside_a_config_gives_its_defaults(tmp_path):
+    # get_config merges the checkout's own configs/base.py, edits included.
+    write(tmp_path, "config = edict()\nconfig.margin_list = (1.0, 0.0, 0.35)\nconfig.seed = 7\n", "base.py")
+    config = insightface_config.read(write(tmp_path, "config.rec = 'x'\nconfig.num_classes = 3\n"
+                                                     "config.num_image = 10\nconfig.num_epoch = 1\n"))
+    assert (config["margin_list"], config["seed"], config["lr"]) == ((1.0, 0.0, 0.35), 7, 0.1)
+
+
 @pytest.mark.parametrize("text, message", [
     ("import os\nconfig.rec = os.getcwd()\n", r"cannot read `os.getcwd\(\)`"),
     ("print('hello')\n", "only `config.<key> = <value>` lines are read"),
