@@ -26,6 +26,8 @@ How its settings map:
 - its partial FC always splits the class centres across the GPUs: ``--sharded-classes`` when
   torchrun starts more than one process (``WORLD_SIZE``), replicated otherwise;
 - ``output`` None -> ``work_dirs/<config name>``, as its ``get_config`` does;
+- ``resume`` -> ``--resume auto``: a run of this trainer in the output folder (arcface_torch's own
+  ``checkpoint_gpu_<rank>.pt`` there is an error that names ``--pretrained_model``);
 - ``num_classes`` -> ``--num-classes``, checked against the data;
 - ``using_wandb`` -> ``--wandb``, with ``wandb_project``, ``wandb_entity`` and ``suffix_run_name``
   (the run is named ``<output folder>_<suffix>``); the main process logs (``wandb_log_all`` is not

@@ -664,19 +664,31 @@ class Trainer:
             return None
         path = self.checkpoint_path if resume == "auto" else resume
         found = os.path.isfile(path)
+        # arcface_torch's own checkpoints (config.resume = True into the folder of a run it trained):
+        # that run was to be continued, not replaced by one from scratch.
+        foreign = [] if found or resume != "auto" or not os.path.isdir(self.output) else sorted(
+            name for name in os.listdir(self.output) if checkpoint.INSIGHTFACE_SHARD.fullmatch(name))
         if self.distributed:
             # Every rank must take the same decision: a node-local --output that holds the checkpoint
             # on some nodes only had one rank resume and another start afresh, waiting on each other.
             seen = [None] * self.world_size
-            dist.all_gather_object(seen, found)
-            if len(set(seen)) > 1:
-                raise SystemExit(f"--resume {resume}: rank(s) {[r for r, f in enumerate(seen) if not f]} find no "
-                                 f"checkpoint at {path}, the others do: every process must see the same checkpoint "
+            dist.all_gather_object(seen, (found, bool(foreign)))
+            if len({f for f, _ in seen}) > 1:
+                raise SystemExit(f"--resume {resume}: rank(s) {[r for r, (f, _) in enumerate(seen) if not f]} find "
+                                 f"no checkpoint at {path}, the others do: every process must see the same checkpoint "
                                  "(an --output folder shared by the nodes)")
+            if not foreign and any(f for _, f in seen):
+                foreign = ["checkpoint_gpu_<rank>.pt"]
         if found:
             return path
         if resume != "auto":
             raise SystemExit(f"--resume: no checkpoint at {resume}")
+        if foreign:
+            first = os.path.join(self.output, foreign[0])
+            raise SystemExit(f"--resume auto: {self.output} holds arcface_torch's {foreign[0]}, not a checkpoint of "
+                             "this trainer: its optimizer and schedule cannot be resumed here. Without --resume "
+                             "(config.resume = False), start from its weights and class centres with --pretrained_model "
+                             f"{first} (--max-steps the steps left), or afresh")
         if self.is_main:
             print(f"--resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
         return None

@@ -1006,6 +1006,18 @@ def write_arcface_torch_run(folder, backbone_state, centres, world):
         start += rows
 
 
+def test_resume_auto_into_an_arcface_torch_run_is_refused(faces, tmp_path):
+    """config.resume = True (--resume auto) into the folder of a run arcface_torch trained: its
+    checkpoint_gpu_<rank>.pt cannot be resumed here, and a run from scratch (what it was) is not what
+    was asked for; the error names --pretrained_model, and the folder is left as it was."""
+    write_arcface_torch_run(str(tmp_path / "it"), {}, torch.randn(8, 64), world=2)
+    before = sorted(os.listdir(tmp_path / "it"))
+    with pytest.raises(SystemExit, match=r"^--resume auto: .*it holds arcface_torch's checkpoint_gpu_0.pt, not a "
+                                         r"checkpoint of this trainer: .* --pretrained_model .*checkpoint_gpu_0.pt "):
+        main(argv(faces, tmp_path / "it", max_steps=1, resume="auto"))
+    assert sorted(os.listdir(tmp_path / "it")) == before
+
+
 def test_pretrained_from_arcface_torchs_checkpoints(faces, tmp_path, capsys):
     """--pretrained_model checkpoint_gpu_0.pt: the backbone, and the class centres put together from
     every rank's file beside it; without all of them, or of another split, the backbone alone."""
