@@ -401,6 +401,24 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _epoch_sizes(argv: list[str]) -> dict[str, int]:
+    """``--batch-size`` and ``--gradient-acc`` of the command line as an arcface_torch config's
+    ``batch_size`` and ``gradient_acc``: its steps are epochs of ``num_image`` in batches of these, so
+    that they follow them, as they would the file's edited values (taken as overrides of the
+    computed steps, the run was as many epochs more or fewer as the batch was smaller or larger)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--batch-size", "--batch_size", dest="batch_size")
+    pre.add_argument("--gradient-acc", "--gradient_acc", dest="gradient_acc")
+    known, _ = pre.parse_known_args(argv)
+    sizes = {}
+    for key in ("batch_size", "gradient_acc"):
+        value = getattr(known, key)
+        # (a value that is no positive integer is left to the full parser, which names it)
+        if value is not None and value.strip().isdigit() and int(value) >= 1:
+            sizes[key] = int(value)
+    return sizes
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``) on top of ``--config FILE`` and the defaults."""
     parser = build_parser()
@@ -411,7 +429,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"--config {known.config}: no such file")
     file_argv = []
     if known.config and insightface_config.is_insightface_config(known.config):
-        options = insightface_config.to_options(insightface_config.read(known.config), known.config)
+        config = insightface_config.read(known.config)
+        config.update(_epoch_sizes(list(sys.argv[1:] if argv is None else argv)))
+        options = insightface_config.to_options(config, known.config)
         file_argv = _config_to_argv(options, parser, known.config)
     elif known.config:
         file_argv = _config_to_argv(load_config_file(known.config), parser, known.config)

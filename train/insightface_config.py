@@ -17,7 +17,8 @@ How its settings map:
   a note;
 - ``num_image``, ``num_epoch``, ``warmup_epoch`` -> ``--max-steps`` / ``--warmup-steps``, counted
   as ``train_v2.py`` counts them (``num_image // (batch_size * world_size) * epochs``) but in
-  optimiser steps: divided by ``gradient_acc`` (its scheduler steps every pass); a negative
+  optimiser steps: divided by ``gradient_acc`` (its scheduler steps every pass); ``--batch-size``
+  and ``--gradient-acc`` on the command line stand for ``batch_size`` and ``gradient_acc`` there; a negative
   ``warmup_epoch`` is no warm-up at a lower ``--lr``, what its PolyScheduler makes of it;
 - ``verbose`` / ``frequent`` (in passes) -> ``--eval-every`` / ``--log-every`` (in steps), and
   checkpoints every ``verbose`` as well;
@@ -166,6 +167,9 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
                 or (key in INTEGERS and value != int(value))):
             raise SystemExit(f"{path}: config.{key} = {value!r}: {'an integer' if key in INTEGERS else 'a number'} "
                              "expected")
+    for key in ("batch_size", "gradient_acc"):  # (the divisors of the step counts below)
+        if config[key] < 1:
+            raise SystemExit(f"{path}: config.{key} = {config[key]!r}: at least 1 expected")
     margin_list = config["margin_list"]
     if (not isinstance(margin_list, (tuple, list)) or len(margin_list) != 3
             or any(isinstance(m, bool) or not isinstance(m, (int, float)) for m in margin_list)):

@@ -91,6 +91,27 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path, monkeypatch, cap
     assert (args.wandb_project, args.wandb_entity, args.wandb_run_name) == ("arcface-ext", None, None)
 
 
+def test_batch_and_accumulation_of_the_command_line_keep_the_epochs(tmp_path, monkeypatch):
+    # --gradient-acc 2 on half the GPUs (as the README advises) or another --batch-size stands for the
+    # config's batch_size / gradient_acc: the steps follow, as for an edited file. Taken as overrides
+    # of the steps counted for the file's values, the run was 40 or 10 epochs where the config says 20.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    path = write(tmp_path, WEBFACE_VIT.replace("num_epoch = 40", "num_epoch = 20"))
+
+    def epochs(args):
+        return args.max_steps * args.batch_size * args.gradient_acc * 4 / 42474557
+
+    assert math.isclose(epochs(parse_args(["--config", path])), 20, abs_tol=0.01)
+    for flags in (["--gradient-acc", "2"], ["--batch_size=64"], ["--batch-size", "96", "--gradient_acc", "3"]):
+        args = parse_args(["--config", path, *flags])
+        assert math.isclose(epochs(args), 20, abs_tol=0.01), flags
+        assert args.warmup_steps == args.max_steps // 10 and args.eval_every == 2000 // args.gradient_acc, flags
+    # --max-steps given stays as given.
+    assert parse_args(["--config", path, "--batch-size", "64", "--max-steps", "7"]).max_steps == 7
+    with pytest.raises(SystemExit, match=r"config.batch_size = 0: at least 1 expected$"):  # was a ZeroDivisionError
+        parse_args(["--config", write(tmp_path, WEBFACE_VIT + "config.batch_size = 0\n", "zero.py")])
+
+
 def test_wandb_settings(tmp_path, capsys):
     text = WEBFACE_VIT + ("config.using_wandb = True\nconfig.wandb_project = 'faces'\nconfig.wandb_entity = 'lab'\n"
                           "config.suffix_run_name = 'try2'\nconfig.wandb_key = 'secret'\nconfig.wandb_log_all = True\n"
