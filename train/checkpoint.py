@@ -65,7 +65,10 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
     the whole C x D matrices (8 GB of centres and momentum for WebFace42M) in its memory.
     Raises FileNotFoundError, or ValueError naming the file when it cannot be read."""
     if os.path.isdir(path):
-        inside = [name for name in (CHECKPOINT_NAME, "backbone.pt") if os.path.isfile(os.path.join(path, name))]
+        # This trainer's files first, then arcface_torch's (its output folder: model.pt a epoch, the
+        # checkpoint_gpu_<rank>.pt of save_all_states; backbone.pth as its models are released).
+        inside = [name for name in (CHECKPOINT_NAME, "backbone.pt", "model.pt", "backbone.pth", "checkpoint_gpu_0.pt")
+                  if os.path.isfile(os.path.join(path, name))]
         raise FileNotFoundError(f"{path} is a folder, not a checkpoint file" + (
             f": {' or '.join(os.path.join(path, name) for name in inside)}?" if inside else ""))
     if not os.path.isfile(path):

@@ -115,6 +115,14 @@ def test_export_reports_a_missing_checkpoint(trained, tmp_path, capsys):
     run = os.path.dirname(trained[0])
     assert embed.main(["--model", run, "--images", trained[1], "--output", str(tmp_path / "e.npy")]) == 2
     assert capsys.readouterr().err == f"error: {run} is a folder, not a checkpoint file: {trained[0]}?\n"
+    # arcface_torch's output folder: its model.pt (and checkpoint_gpu_<rank>.pt) named, as the file to give.
+    folder = tmp_path / "work_dirs"
+    folder.mkdir()
+    for name in ("model.pt", "checkpoint_gpu_0.pt"):
+        shutil.copy(trained[0], folder / name)
+    assert embed.main(["--model", str(folder), "--images", trained[1], "--output", str(tmp_path / "e.npy")]) == 2
+    assert capsys.readouterr().err == (f"error: {folder} is a folder, not a checkpoint file: {folder / 'model.pt'} or "
+                                       f"{folder / 'checkpoint_gpu_0.pt'}?\n")
 
 
 def test_export_and_embed_report_a_corrupt_checkpoint(trained, tmp_path, capsys):
