@@ -236,15 +236,18 @@ def test_a_network_this_trainer_lacks_is_named_with_the_config(tmp_path):
         parse_args(["--config", path])
 
 
-def test_a_config_trains_and_its_class_count_is_checked(tmp_path, monkeypatch):
+def test_a_config_trains_and_its_class_count_is_checked(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     data = make_face_folder(str(tmp_path / "faces"))
     text = (f"config.rec = {data!r}\nconfig.num_classes = 8\nconfig.num_image = 64\nconfig.num_epoch = 1\n"
             f"config.network = 'small'\nconfig.embedding_size = 64\nconfig.batch_size = 16\nconfig.verbose = 2\n"
-            f"config.frequent = 1\nconfig.val_targets = []\nconfig.output = {str(tmp_path / 'run')!r}\n")
+            f"config.frequent = 1\nconfig.val_targets = []\nconfig.output = {str(tmp_path / 'run')!r}\n"
+            "config.fp16 = True\n")
     path = write(tmp_path, text, "tiny.py")
     overrides = ["--image-size", "32", "--num-workers", "0", "--no-plots", "--no-tensorboard"]
     assert main(["--config", path, *overrides]) == 0
+    # Its fp16 on a CPU, where torch's fp16 convolutions crawl (r18: 8x slower), is said.
+    assert "note: --amp fp16 on the CPU runs several times slower than fp32" in capsys.readouterr().err
     curve = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert len(curve) == 64 // 16 and all(math.isfinite(v) for v in curve)
     with pytest.raises(SystemExit, match="--num-classes is 9, but .* holds 8 identities"):
