@@ -55,8 +55,11 @@ BASE = {
     "momentum": 0.9, "weight_decay": 5e-4, "verbose": 2000, "frequent": 10, "dali": False, "gradient_acc": 1,
     "seed": 2048, "num_workers": 2, "val_targets": ["lfw", "cfp_fp", "agedb_30"], "warmup_epoch": 0,
 }
-# Switches with no counterpart here, reported when a config turns them on.
-IGNORED = ("dali", "dali_aug", "save_all_states", "save_artifacts")
+# Switches with no counterpart here, reported when a config turns them on, with what happens instead
+# (a bare "ignored" read as if checkpoints of every state were not written).
+IGNORED = {"dali": "PyTorch's DataLoader reads the data", "dali_aug": "PyTorch's DataLoader reads the data",
+           "save_all_states": "checkpoint.pt holds every state anyway, for --resume",
+           "save_artifacts": "no W&B model artifacts"}
 REQUIRED = ("rec", "num_classes", "num_image", "num_epoch")
 # Keys of arcface_torch's configs that are read above, or that only its wandb logger reads.
 KNOWN = {*BASE, *IGNORED, *REQUIRED, "using_wandb", "wandb_key", "suffix_run_name", "wandb_entity",
@@ -227,7 +230,7 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         if config.get("wandb_key"):
             print(f"{path}: config.wandb_key is not read: log in once with `wandb login`, or set WANDB_API_KEY",
                   file=sys.stderr)
-    ignored = [key for key in IGNORED if config.get(key)]
+    ignored = [f"{key} ({why})" for key, why in IGNORED.items() if config.get(key)]
     if float(config.get("momentum", 0.9)) != 0.9:
         ignored.append("momentum (train_v2.py's SGD uses 0.9 whatever it says)")
     if ignored:
