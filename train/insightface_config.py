@@ -87,7 +87,11 @@ def read(path: str) -> dict[str, Any]:
     defaults = dict(BASE)
     base = os.path.join(os.path.dirname(os.path.abspath(path)), "base.py")
     if os.path.isfile(base) and not os.path.samefile(base, path):
-        defaults = _assignments(base, defaults, defaults, ())
+        try:
+            defaults = _assignments(base, defaults, defaults, ())
+        except SystemExit as error:  # (said, as the file given is another)
+            raise SystemExit(f"{error} (read as the defaults of {path}, as arcface_torch's get_config merges the "
+                             "configs/base.py beside a config)") from None
     return _assignments(path, dict(defaults), defaults, ())
 
 

@@ -174,6 +174,11 @@ def test_the_base_py_beside_a_config_gives_its_defaults(tmp_path):
     config = insightface_config.read(write(tmp_path, "config.rec = 'x'\nconfig.num_classes = 3\n"
                                                      "config.num_image = 10\nconfig.num_epoch = 1\n"))
     assert (config["margin_list"], config["seed"], config["lr"]) == ((1.0, 0.0, 0.35), 7, 0.1)
+    # A base.py that is no config (another project's module) is named as what was read.
+    write(tmp_path, "import torch\n\nclass Base:\n    pass\n", "base.py")
+    with pytest.raises(SystemExit, match=r"base.py:3: only `config.<key> = <value>` lines .* \(read as the defaults "
+                                         r"of .*wf42m_vit_t.py, as arcface_torch's get_config merges"):
+        insightface_config.read(str(tmp_path / "wf42m_vit_t.py"))
 
 
 @pytest.mark.parametrize("text, message", [
