@@ -347,6 +347,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--elastic-std must be finite and >= 0, got {args.elastic_std}")
     if args.output is None:
         args.output = os.path.join("runs", args.network)
+    if args.finetuning and not args.pretrained_model:  # (was a run from random weights, without a word)
+        raise SystemExit("--finetuning takes the backbone of --pretrained_model (with fresh class centres): give "
+                         "--pretrained_model too")
     if not 0.0 < args.keep_prob <= 1.0:
         raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
     if args.compile_mode and args.compile_backend != "inductor":

@@ -466,11 +466,6 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method="env://")
         self.is_main = self.rank == 0
-        if self.device.type == "cpu" and args.amp == "fp16" and self.is_main:
-            # An arcface_torch config's fp16 = True tried on a CPU, where torch's fp16 convolutions are
-            # slow (r18, 8 images at 112 px: 24 s a step against 2.8 s in fp32 on this project's machine).
-            print("note: --amp fp16 on the CPU runs several times slower than fp32 (torch's CPU fp16 convolutions); "
-                  "--amp none for a CPU trial", file=sys.stderr)
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Leave a core to each DataLoader worker: oversubscribed OpenMP threads spin and stall.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -1046,6 +1041,11 @@ class Trainer:
         self._started = time.perf_counter()
         if self.is_main:
             print(self.describe(), file=sys.stderr)
+        if self.is_main and self.device.type == "cpu" and args.amp == "fp16":
+            # An arcface_torch config's fp16 = True tried on a CPU, where torch's fp16 convolutions are
+            # slow (r18, 8 images at 112 px: 24 s a step against 2.8 s in fp32 on this project's machine).
+            print("note: --amp fp16 on the CPU runs several times slower than fp32 (torch's CPU fp16 convolutions); "
+                  "--amp none for a CPU trial", file=sys.stderr)
         bar = tqdm(total=args.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not self.is_main, file=sys.stderr)
         try:

@@ -464,6 +464,9 @@ def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_p
     ("--loss sphereface --m2 0.1 --m3 0.1", "--m2 and --m3 do not apply to --loss sphereface, whose margin is --m1"),
     ("--lr-schedule poly --lr-steps 10", "--lr-steps goes with --lr-schedule step, but the schedule is poly: add "
                                          "--lr-schedule step"),
+    # (was a run from random weights, without a word)
+    ("--finetuning", "--finetuning takes the backbone of --pretrained_model (with fresh class centres): give "
+                     "--pretrained_model too"),
 ])
 def test_options_the_run_would_ignore_are_refused(options, message):
     with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
