@@ -17,6 +17,7 @@ that a replicated classifier under DistributedDataParallel would give:
 Every rank must call the loss at the same points, with the same options (it runs collectives);
 the local batch sizes may differ.
 """
+import functools
 import itertools
 import math
 import re
@@ -26,8 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from . import chunked, ops
-from ._checks import (FLOAT_DTYPES, check_arguments, check_flag, check_row_margin, fused_compute_dtype,
-                      nan_at_ignored, scalar_margin, skips_label_check, stack_row_margins)
+from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_flag, check_row_margin,
+                      fused_compute_dtype, nan_at_ignored, scalar_margin, skips_label_check, stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
 from .chunked import check_filtering_threshold
 from .modules import AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, set_loss_options
@@ -60,6 +61,16 @@ def _group_info(group):
     if group is not None:
         raise RuntimeError("a process group was given but torch.distributed is not initialised")
     return 0, 1
+
+
+def _option_text(name, bits):
+    """``name=value`` for an option that travelled as a float64's bits in an int64."""
+    value = torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
+    if name == "margin_grad":
+        return f"margin_grad={MARGIN_GRADS[int(value)]!r}"
+    if name in ("num_classes", "embedding_size", "ignore_index"):
+        return f"{name}={int(value)}"
+    return f"{name}={value!r}"
 
 
 def _all_gather_rows(local, rows, group, world_size):
@@ -202,9 +213,9 @@ class ShardedCombinedMarginLoss(nn.Module):
     call raises on every rank when it finds the shards overwritten).
 
     Every rank calls it alike: the same training mode and dtypes, gradients needed or not on every
-    rank. The ranks compare these (and whether each rank's arguments passed their checks) in the
-    call's first collective, so that a rank that differs makes every rank raise, rather than the
-    others waiting in a collective it never joins.
+    rank, a module built with the same options. The ranks compare these (and whether each rank's
+    arguments passed their checks) in the call's first collective, so that a rank that differs makes
+    every rank raise, rather than the others waiting in a collective it never joins.
 
     Its ``state_dict`` records the classes it holds. ``load_state_dict`` takes a state of the same
     shard, or the whole (num_classes, D) matrix (a gathered or a replicated loss's state), of which it
@@ -372,7 +383,13 @@ class ShardedCombinedMarginLoss(nn.Module):
         if self.world_size == 1:
             return labels.shape[0]
         device = self.weight.device
-        row = torch.zeros(8, dtype=torch.int64, device=device)
+        options = self._options_compared()
+        row = torch.zeros(8 + len(options), dtype=torch.int64, device=device)
+        # The options the collectives depend on, as their bits (the floats' too): ranks built with
+        # another num_classes or embedding size would hold overlapping shards or gather rows of
+        # another length (gloo aborts the process), another sample rate would misplace the union of
+        # the samples, other margins would give a row the margin of whichever shard holds its target.
+        row[8:] = torch.tensor([value for _, value in options], dtype=torch.float64).view(torch.int64).to(device)
         if error is None:
             grad = torch.is_grad_enabled()
             row[:5] = torch.tensor([labels.shape[0], 1, 1 + FLOAT_DTYPES.index(fused_compute_dtype(embeddings, self.weight)),
@@ -407,12 +424,21 @@ class ShardedCombinedMarginLoss(nn.Module):
                 (3, "mode", lambda v: "training" if v else "eval"),
                 (4, "gradients", lambda v: ("grad mode off", "embeddings without grad", "embeddings with grad")[v]),
                 (6, "label checks", lambda v: "check_labels=True" if v else "check_labels=False"),
-                (7, "sub-centres a class", lambda v: f"k={v}")):
+                (7, "sub-centres a class", lambda v: f"k={v}"),
+                *((8 + i, option, functools.partial(_option_text, option)) for i, (option, _) in enumerate(options))):
             values = [entry[column] for entry in table]
             if len(set(values)) > 1:
                 ranks = ", ".join(f"rank {r}: {name(v)}" for r, v in enumerate(values))
                 raise ValueError(f"the ranks must call the sharded loss alike, but they differ in {what} ({ranks})")
         return max(entry[0] for entry in table)
+
+    def _options_compared(self):
+        """(name, value) of the options every rank must share, as floats (exact for these ints)."""
+        return [("num_classes", self.num_classes), ("embedding_size", self.embedding_size), ("s", self.s),
+                ("m1", self.m1), ("m2", self.m2), ("m3", self.m3), ("lambda_", self.lambda_),
+                ("margin_grad", MARGIN_GRADS.index(self.margin_grad)), ("ignore_index", self.ignore_index),
+                ("sample_rate", self.sample_rate),
+                ("interclass_filtering_threshold", self.interclass_filtering_threshold)]
 
     def _first_centre_fingerprint(self):
         """A number of this rank's first centre's bytes (0 when there is none or it is all zeros, which

@@ -332,6 +332,16 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
             "grad differs": _outcome(lambda: module.train()(x.detach() if rank == 1 else x, labels)),
             "sub-centres differ": _outcome(lambda: arcface_ext.ShardedSubCenterMarginLoss(
                 8, 4, k=2 + rank, dtype=torch.float64)(x, labels)),
+            # Options built differently (num_classes read from each rank's part of the data): the
+            # shards overlapped silently, and embeddings of another size made gloo abort the process.
+            "num_classes differ": _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(
+                8 + 2 * rank, 4, dtype=torch.float64)(x, labels)),
+            "embedding sizes differ": _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(
+                8, 4 + rank, dtype=torch.float64)(torch.cat([x] + [x[:, :1]] * rank, dim=1), labels)),
+            "sample rates differ": _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(
+                8, 4, sample_rate=0.5 + 0.25 * rank, dtype=torch.float64)(x, labels)),
+            "margin grads differ": _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(
+                8, 4, margin_grad=("exact", "straight_through")[rank], dtype=torch.float64)(x, labels)),
             # Every rank checks the gathered labels: the error names the rank and its own row.
             "bad label on rank 1": _outcome(lambda: module(x, torch.tensor([18, 5, 7]) if rank == 1 else labels)),
             "alike afterwards": _outcome(lambda: module(x, labels).backward()),
@@ -381,6 +391,14 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
         assert outcomes["grad differs"].endswith(
             "differ in gradients (rank 0: embeddings with grad, rank 1: embeddings without grad)")
         assert outcomes["sub-centres differ"].endswith("differ in sub-centres a class (rank 0: k=2, rank 1: k=3)")
+        assert outcomes["num_classes differ"].endswith("differ in num_classes (rank 0: num_classes=8, rank 1: "
+                                                       "num_classes=10)"), outcomes["num_classes differ"]
+        assert outcomes["embedding sizes differ"].endswith(
+            "differ in embedding_size (rank 0: embedding_size=4, rank 1: embedding_size=5)")
+        assert outcomes["sample rates differ"].endswith(
+            "differ in sample_rate (rank 0: sample_rate=0.5, rank 1: sample_rate=0.75)")
+        assert outcomes["margin grads differ"].endswith(
+            "differ in margin_grad (rank 0: margin_grad='exact', rank 1: margin_grad='straight_through')")
         assert outcomes["bad label on rank 1"].startswith("ValueError: arcface_ext: rank 1's labels[0] = 18 is out of "
                                                           "range"), outcomes["bad label on rank 1"]
         assert outcomes["alike afterwards"] == "ok"
