@@ -209,7 +209,7 @@ class ShardedCombinedMarginLoss(nn.Module):
     docstring for the gradients. It is not to be wrapped in DistributedDataParallel (its
     ``sharded`` attribute says so to the bundled trainer): DDP would broadcast rank 0's shard over
     the others'. Wrapped on its own, DDP is told to leave ``weight`` alone and refuses the module;
-    inside a larger wrapped module, call :func:`ddp_ignore_shards` on that module first (the first
+    inside a larger wrapped module, call :func:`ddp_ignore_shards` on that module first (the next
     call raises on every rank when it finds the shards overwritten).
 
     Every rank calls it alike: the same training mode and dtypes, gradients needed or not on every
@@ -265,7 +265,6 @@ class ShardedCombinedMarginLoss(nn.Module):
                                                device=device, dtype=dtype))
         # DistributedDataParallel's broadcast of rank 0's parameters would overwrite the other shards.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
-        self._shards_compared = False  # see _agree
         self.reset_parameters()
 
     @torch.no_grad()
@@ -396,8 +395,7 @@ class ShardedCombinedMarginLoss(nn.Module):
                                     int(self.training), int(grad) + int(grad and embeddings.requires_grad)])
             row[6] = int(not skips_label_check(self.check_labels, labels))
             row[7] = self.k
-            if not self._shards_compared:
-                row[5] = self._first_centre_fingerprint()
+            row[5] = self._first_centre_fingerprint()
         table = torch.empty(self.world_size * row.numel(), dtype=torch.int64, device=device)
         _all_gather_single(table, row, group=self.process_group)
         table = table.view(self.world_size, row.numel()).tolist()
@@ -407,18 +405,18 @@ class ShardedCombinedMarginLoss(nn.Module):
         if failed:
             raise RuntimeError(f"rank(s) {failed} of the process group refused their arguments (their own errors say "
                                "why): every rank stops this call")
-        if not self._shards_compared:
-            # The first call: ranks hold different classes, so their first centres differ, unless
-            # DistributedDataParallel over a module holding this loss broadcast rank 0's shard over
-            # the others when it was built (it reads the ignore list of the module it wraps only).
-            self._shards_compared = True
-            prints = {entry[5] for entry in table}
-            if len(prints) == 1 and 0 not in prints:
-                raise RuntimeError(
-                    "every rank's shard of class centres starts with the same centre: DistributedDataParallel "
-                    "over a module that holds this loss has broadcast rank 0's shard over the other ranks' (and "
-                    "would average their gradients). Call arcface_ext.ddp_ignore_shards(model) before wrapping "
-                    "the model, or keep the loss outside the wrapped module")
+        # Ranks hold different classes, so their first centres differ, unless DistributedDataParallel
+        # over a module holding this loss broadcast rank 0's shard over the others when it was built (it
+        # reads the ignore list of the module it wraps only). Compared at every call, not only the
+        # first: a model called once before it is wrapped (a sanity check, an evaluation) is overwritten
+        # after that call, and its shards then train in step, the same on every rank.
+        prints = {entry[5] for entry in table}
+        if len(prints) == 1 and 0 not in prints:
+            raise RuntimeError(
+                "every rank's shard of class centres starts with the same centre: DistributedDataParallel "
+                "over a module that holds this loss has broadcast rank 0's shard over the other ranks' (and "
+                "would average their gradients). Call arcface_ext.ddp_ignore_shards(model) before wrapping "
+                "the model, or keep the loss outside the wrapped module")
         for column, what, name in (
                 (2, "compute dtype", lambda v: str(FLOAT_DTYPES[v - 1]).replace("torch.", "")),
                 (3, "mode", lambda v: "training" if v else "eval"),

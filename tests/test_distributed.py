@@ -360,6 +360,13 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
             torch.nn.parallel.DistributedDataParallel(model)
             outcomes[case + ": shard kept"] = bool(torch.equal(model["head"].weight, weight))
             outcomes[case] = _outcome(lambda: model["head"](x, labels).backward())
+        # A model whose loss was called once before it was wrapped (a sanity check): the broadcast
+        # comes after that call, and the shards then trained in step, silently.
+        model = torch.nn.ModuleDict({"head": arcface_ext.ShardedCombinedMarginLoss(8, 4, dtype=torch.float64)})
+        with torch.no_grad():
+            model["head"](x, labels)
+        torch.nn.parallel.DistributedDataParallel(model)
+        outcomes["ddp over a model after a call"] = _outcome(lambda: model["head"](x, labels).backward())
         # A state of the same shard loads; the whole matrix loads as this rank's rows; another rank's
         # shard (same shape: 8 classes on 2 ranks) is refused.
         full = torch.arange(32, dtype=torch.float64).view(8, 4)
@@ -406,6 +413,7 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
         assert outcomes["ddp over a model: shard kept"] == (rank == 0)
         assert outcomes["ddp over a model"].startswith("RuntimeError: every rank's shard of class centres starts with "
                                                        "the same centre")
+        assert outcomes["ddp over a model after a call"] == outcomes["ddp over a model"]
         assert outcomes["ignored names"] == ["head.weight"]
         assert outcomes["ddp over a model, shards ignored: shard kept"]
         assert outcomes["ddp over a model, shards ignored"] == "ok"
