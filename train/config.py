@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", default=None,
                    help="YAML or JSON file whose keys are flag names (either spelling), or an insightface "
                    "arcface_torch config (configs/*.py, read, not run); the command line overrides it")
+    # What torch.distributed.launch (arcface_torch's older launch lines) passes each process besides
+    # LOCAL_RANK in its environment, which is what is read: accepted rather than an "unrecognized
+    # arguments" stop, and dropped in resolve().
+    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("data and model")
     g.add_argument("--data", "--data-set", "--data_set", dest="data", default="synthetic",
@@ -306,6 +310,11 @@ def default_warmup_steps(max_steps: int, lr_schedule: str) -> int:
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on other options."""
+    local_rank = vars(args).pop("local_rank", None)
+    if local_rank is not None:
+        if os.environ.setdefault("LOCAL_RANK", str(local_rank)) != str(local_rank):
+            raise SystemExit(f"--local-rank {local_rank}, but LOCAL_RANK is {os.environ['LOCAL_RANK']} in the "
+                             "environment: launch with torchrun, which sets LOCAL_RANK alone")
     if args.val_targets is None:
         args.val_targets = ["synthetic"] if args.data == "synthetic" else ["lfw", "cfp_fp", "agedb_30"]
     if args.image_size is None:

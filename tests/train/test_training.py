@@ -474,6 +474,17 @@ def test_options_the_run_would_ignore_are_refused(options, message):
     assert parse_args("--loss combined --m1 1 --m2 0.3 --m3 0.2".split()).m3 == 0.2
 
 
+def test_torch_distributed_launchs_local_rank_is_accepted(monkeypatch):
+    # arcface_torch's older launch lines (python -m torch.distributed.launch) pass --local-rank=N besides
+    # LOCAL_RANK in the environment: was "unrecognized arguments"; not an option of the run (args.json).
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    args = parse_args(["--local-rank=0", "--max-steps", "3"])
+    assert "local_rank" not in vars(args) and args.max_steps == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit, match="^--local-rank 0, but LOCAL_RANK is 1 in the environment"):
+        parse_args(["--local_rank", "0"])
+
+
 def test_config_file_mistakes_name_the_file(tmp_path):
     for name, text, message in [("bad.json", '{"max-steps": 3,,}', "not valid JSON: Expecting property name"),
                                 ("bad.yaml", "a: [1,\n", "not valid YAML: while parsing"),
