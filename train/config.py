@@ -437,6 +437,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
+    if known.config and not os.path.isfile(known.config) and os.path.isfile(known.config + ".py"):
+        known.config += ".py"  # configs/ms1mv2_r50, as arcface_torch's train_v2.py takes its configs
     if known.config and not os.path.isfile(known.config):
         raise SystemExit(f"--config {known.config}: no such file")
     file_argv = []
@@ -447,7 +449,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         file_argv = _config_to_argv(options, parser, known.config)
     elif known.config:
         file_argv = _config_to_argv(load_config_file(known.config), parser, known.config)
-    args = parser.parse_args(file_argv + list(sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(file_argv + list(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        # train_v2.py takes its config as its argument: say where it goes here.
+        config = next((u for u in unknown if not u.startswith("-") and (os.path.isfile(u) or os.path.isfile(u + ".py"))),
+                      None)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
+            f" (a config file goes after --config: --config {config}; arcface_torch's train_v2.py takes it as its "
+            "argument)" if config else ""))
     return resolve(args)
 
 

@@ -143,6 +143,20 @@ def test_keys_arcface_torch_lacks_are_reported(tmp_path, capsys):
                                                     "loss, smaple_rate")
 
 
+def test_a_config_named_as_train_v2_py_takes_it(tmp_path, monkeypatch, capsys):
+    # train_v2.py takes `configs/ms1mv2_r50` (no .py) as its argument: --config takes that name, and
+    # the config given as an argument is named in the error (was a bare "unrecognized arguments").
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, WEBFACE_VIT)
+    assert parse_args(["--config", "wf42m_vit_t"]).network == "vit_t_dp005_mask0"
+    for argument in ("wf42m_vit_t.py", "wf42m_vit_t"):
+        with pytest.raises(SystemExit):
+            parse_args([argument])
+        assert capsys.readouterr().err.strip().endswith(
+            f"unrecognized arguments: {argument} (a config file goes after --config: --config {argument}; "
+            "arcface_torch's train_v2.py takes it as its argument)")
+
+
 def test_base_defaults_fill_what_a_config_leaves_out(tmp_path):
     config = insightface_config.read(write(tmp_path, "config.rec = 'x'\nconfig.num_classes = 3\n"
                                                      "config.num_image = 10\nconfig.num_epoch = 1\n"))
