@@ -227,11 +227,13 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     if config.get("using_wandb"):
         options["wandb"] = True
         for key in ("wandb_project", "wandb_entity"):
-            if config.get(key):
+            # (configs/base.py's placeholders "project" and "entity", read from a base.py beside the
+            # config, are no W&B names: this trainer's defaults stand instead)
+            if config.get(key) and config[key] != key.removeprefix("wandb_"):
                 options[key.replace("_", "-")] = str(config[key])
         if config.get("suffix_run_name"):
             options["wandb-run-name"] = f"{{output}}_{config['suffix_run_name']}"  # the --output in force
-        if config.get("wandb_key"):
+        if config.get("wandb_key") and set(str(config["wandb_key"])) != {"X"}:  # (base.py's placeholder)
             print(f"{path}: config.wandb_key is not read: log in once with `wandb login`, or set WANDB_API_KEY",
                   file=sys.stderr)
     ignored = [f"{key} ({why})" for key, why in IGNORED.items() if config.get(key)]

@@ -182,12 +182,18 @@ def test_a_config_importing_another_takes_its_settings(tmp_path, monkeypatch):
         parse_args(["--config", write(tmp_path, "from configs.ms1mv2_r50 import config\n", "missing.py")])
 
 
-def test_the_base_py_beside_a_config_gives_its_defaults(tmp_path):
+def test_the_base_py_beside_a_config_gives_its_defaults(tmp_path, capsys):
     # get_config merges the checkout's own configs/base.py, edits included.
     write(tmp_path, "config = edict()\nconfig.margin_list = (1.0, 0.0, 0.35)\nconfig.seed = 7\n", "base.py")
     config = insightface_config.read(write(tmp_path, "config.rec = 'x'\nconfig.num_classes = 3\n"
                                                      "config.num_image = 10\nconfig.num_epoch = 1\n"))
     assert (config["margin_list"], config["seed"], config["lr"]) == ((1.0, 0.0, 0.35), 7, 0.1)
+    # Its W&B placeholders are no names: the defaults stand (a run under entity "entity" fails to start).
+    write(tmp_path, "config.wandb_key = 'XXXXXXXX'\nconfig.wandb_entity = 'entity'\nconfig.wandb_project = 'project'\n",
+          "base.py")
+    args = parse_args(["--config", write(tmp_path, WEBFACE_VIT + "config.using_wandb = True\n")])
+    assert (args.wandb, args.wandb_entity, args.wandb_project) == (True, None, "arcface-ext")
+    assert "wandb_key" not in capsys.readouterr().err
     # A base.py that is no config (another project's module) is named as what was read.
     write(tmp_path, "import torch\n\nclass Base:\n    pass\n", "base.py")
     with pytest.raises(SystemExit, match=r"base.py:3: only `config.<key> = <value>` lines .* \(read as the defaults "
