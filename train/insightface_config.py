@@ -87,18 +87,22 @@ def read(path: str) -> dict[str, Any]:
     defaults = dict(BASE)
     base = os.path.join(os.path.dirname(os.path.abspath(path)), "base.py")
     if os.path.isfile(base) and not os.path.samefile(base, path):
-        try:
-            defaults = _assignments(base, defaults, defaults, ())
-        except SystemExit as error:  # (said, as the file given is another)
-            raise SystemExit(f"{error} (read as the defaults of {path}, as arcface_torch's get_config merges the "
-                             "configs/base.py beside a config)") from None
+        # Older arcface_torch's base.py chose its data with `if` blocks and held functions: what is not a
+        # `config.<key> = <value>` line of it is left to the defaults (the file given is another), with a note.
+        skipped: list[int] = []
+        defaults = _assignments(base, defaults, defaults, (), skipped)
+        if skipped:
+            print(f"note: {base}, read as the defaults of {path} (as arcface_torch's get_config merges it), has lines "
+                  f"that are not `config.<key> = <value>`, left out: {', '.join(map(str, skipped[:10]))}"
+                  + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""), file=sys.stderr)
     return _assignments(path, dict(defaults), defaults, ())
 
 
 def _assignments(path: str, values: dict[str, Any], defaults: dict[str, Any],
-                 importers: tuple[str, ...]) -> dict[str, Any]:
+                 importers: tuple[str, ...], skipped: list[int] | None = None) -> dict[str, Any]:
     """``values`` updated by the file's ``config.<key>`` lines, in order; ``from configs.<name> import
-    config`` (a config made by editing another) applies ``<name>.py``'s lines, from beside the file."""
+    config`` (a config made by editing another) applies ``<name>.py``'s lines, from beside the file.
+    A line that cannot be read is an error, or with ``skipped`` given, its number is added there."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     try:
@@ -107,25 +111,30 @@ def _assignments(path: str, values: dict[str, Any], defaults: dict[str, Any],
         raise SystemExit(f"{path}: not a Python config file: {error}") from None
     importers = (*importers, os.path.abspath(path))
     for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and any(alias.name == "config" and alias.asname in (None, "config")
-                                                    for alias in node.names):
-            # Python would bind `config` to the other file's object, edits and all: skipping the
-            # line trained on base.py's values instead of that file's (its fp16, margins, decay).
-            values = _assignments(_imported_config(node, path, importers), values, defaults, importers)
-            continue
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            continue
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            if isinstance(target, ast.Name) and target.id == "config":
-                values = dict(defaults)  # config = edict(): what came before is dropped
+        try:
+            if isinstance(node, ast.ImportFrom) and any(alias.name == "config" and alias.asname in (None, "config")
+                                                        for alias in node.names):
+                # Python would bind `config` to the other file's object, edits and all: skipping the
+                # line trained on base.py's values instead of that file's (its fp16, margins, decay).
+                values = _assignments(_imported_config(node, path, importers), values, defaults, importers)
                 continue
-            if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
-                    and target.value.id == "config"):
-                values[target.attr] = _evaluate(node.value, values, path)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
-        raise SystemExit(f"{path}:{node.lineno}: only `config.<key> = <value>` lines are read from an "
-                         "arcface_torch config (the file is parsed, not run)")
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target = node.targets[0]
+                if isinstance(target, ast.Name) and target.id == "config":
+                    values = dict(defaults)  # config = edict(): what came before is dropped
+                    continue
+                if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
+                        and target.value.id == "config"):
+                    values[target.attr] = _evaluate(node.value, values, path)
+                    continue
+            raise SystemExit(f"{path}:{node.lineno}: only `config.<key> = <value>` lines are read from an "
+                             "arcface_torch config (the file is parsed, not run)")
+        except SystemExit:
+            if skipped is None:
+                raise
+            skipped.append(node.lineno)
     return values
 
 

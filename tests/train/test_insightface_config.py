@@ -194,11 +194,18 @@ def test_the_base_py_beside_a_config_gives_its_defaults(tmp_path, capsys):
     args = parse_args(["--config", write(tmp_path, WEBFACE_VIT + "config.using_wandb = True\n")])
     assert (args.wandb, args.wandb_entity, args.wandb_project) == (True, None, "arcface-ext")
     assert "wandb_key" not in capsys.readouterr().err
-    # A base.py that is no config (another project's module) is named as what was read.
-    write(tmp_path, "import torch\n\nclass Base:\n    pass\n", "base.py")
-    with pytest.raises(SystemExit, match=r"base.py:3: only `config.<key> = <value>` lines .* \(read as the defaults "
-                                         r"of .*wf42m_vit_t.py, as arcface_torch's get_config merges"):
-        insightface_config.read(str(tmp_path / "wf42m_vit_t.py"))
+    # An older arcface_torch's base.py, which chose its data in `if` blocks and held functions: its
+    # plain lines are read, the others left out with a note (an error would stop a config that ran).
+    write(tmp_path, "config = edict()\nconfig.lr = 0.2\nif config.lr > 0.1:\n    config.rec = 'x'\n"
+                    "def lr_step_func(epoch):\n    return 1\nconfig.lr_func = lr_step_func\n", "base.py")
+    config = insightface_config.read(str(tmp_path / "wf42m_vit_t.py"))
+    assert config["lr"] == 0.001 and config["rec"] == "/train_tmp/WebFace42M" and "lr_func" not in config
+    assert re.search(r"note: .*base.py, read as the defaults of .*wf42m_vit_t.py \(as arcface_torch's get_config "
+                     r"merges it\), has lines that are not `config.<key> = <value>`, left out: 3, 5, 7$",
+                     capsys.readouterr().err.strip())
+    config = insightface_config.read(write(tmp_path, "config.rec = 'x'\nconfig.num_classes = 3\n"
+                                                     "config.num_image = 10\nconfig.num_epoch = 1\n", "other.py"))
+    assert config["lr"] == 0.2
 
 
 @pytest.mark.parametrize("text, message", [
