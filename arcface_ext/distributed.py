@@ -32,7 +32,7 @@ from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_flag, c
 from .functional import get_workspace_bytes, require_extension
 from .chunked import check_filtering_threshold
 from .modules import AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, set_loss_options
-from .sampling import bad_labels, check_label_values, sample_classes, sample_size
+from .sampling import bad_labels, sample_classes, sample_size
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -456,6 +456,19 @@ class ShardedCombinedMarginLoss(nn.Module):
         padded[:labels.shape[0]] = labels
         return _all_gather_rows(padded, rows, self.process_group, self.world_size)
 
+    def _check_gathered_labels(self, all_labels, rows):
+        """The range check of every rank's labels, before sampling or the chunked path (the op checks
+        them itself otherwise). Every rank checks the same gathered labels, so that all of them raise
+        or none does, and the error names the rank and its own row, as the op's does."""
+        if all_labels.device.type == "meta":  # shapes only
+            return
+        bad = bad_labels(all_labels, self.num_classes, self.ignore_index)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0])
+            raise ValueError(f"arcface_ext: rank {k // rows}'s labels[{k % rows}] = {int(all_labels[k])} is out of "
+                             f"range: labels must lie in [0, {self.num_classes}) (num_classes) or equal ignore_index "
+                             f"({self.ignore_index})")
+
     def _sample(self, all_labels):
         """This rank's sample of its classes, and the labels renumbered for the union of the ranks'
         samples (rank r's sample holding places [offsets[r], offsets[r + 1]) of it): (index, labels
@@ -514,8 +527,7 @@ class ShardedCombinedMarginLoss(nn.Module):
             if skip_check:  # a bad row gets a place past the union of the samples: a NaN loss
                 bad = bad_labels(all_labels, self.num_classes, self.ignore_index)
             else:
-                # Every rank checks the same gathered labels, so that all of them raise or none does.
-                check_label_values(all_labels, self.num_classes, self.ignore_index)
+                self._check_gathered_labels(all_labels, rows)
             index, all_labels, class_start, num_classes = self._sample(all_labels)
             if bad is not None:
                 all_labels = all_labels.masked_fill(bad, num_classes)
@@ -523,9 +535,8 @@ class ShardedCombinedMarginLoss(nn.Module):
             self.last_sampled_classes = self.class_start + index
             if self.k > 1:  # the sampled classes' rows of weight
                 index = (index[:, None] * self.k + torch.arange(self.k, device=index.device)).reshape(-1)
-        elif spec is not None and not skip_check:
-            # (the chunked path checks no labels; every rank checks the same gathered ones)
-            check_label_values(all_labels, self.num_classes, self.ignore_index)
+        elif spec is not None and not skip_check:  # (the chunked path checks no labels)
+            self._check_gathered_labels(all_labels, rows)
         margins = stack_row_margins(m2, m3, embeddings)
         if margins is not None and margins.requires_grad:
             raise ValueError("differentiable per-row margins (m2 or m3 requiring grad, as MagFace's) are not "

@@ -344,6 +344,13 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
                 8, 4, margin_grad=("exact", "straight_through")[rank], dtype=torch.float64)(x, labels)),
             # Every rank checks the gathered labels: the error names the rank and its own row.
             "bad label on rank 1": _outcome(lambda: module(x, torch.tensor([18, 5, 7]) if rank == 1 else labels)),
+            # Sampled and chunked paths check the gathered labels before the op: named alike (they said
+            # "got 18", with neither rank nor row).
+            "bad label on rank 1, sampled": _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(
+                8, 4, sample_rate=0.5, dtype=torch.float64)(x, torch.tensor([1, 5, 18]) if rank == 1 else labels)),
+            "bad label on rank 1, filtered": _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(
+                8, 4, interclass_filtering_threshold=0.3, dtype=torch.float64)(
+                    x, torch.tensor([1, 5, 18]) if rank == 1 else labels)),
             "alike afterwards": _outcome(lambda: module(x, labels).backward()),
         }
         weight = module.weight.detach().clone()
@@ -408,6 +415,10 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
             "differ in margin_grad (rank 0: margin_grad='exact', rank 1: margin_grad='straight_through')")
         assert outcomes["bad label on rank 1"].startswith("ValueError: arcface_ext: rank 1's labels[0] = 18 is out of "
                                                           "range"), outcomes["bad label on rank 1"]
+        for case in ("sampled", "filtered"):
+            assert outcomes[f"bad label on rank 1, {case}"] == (
+                "ValueError: arcface_ext: rank 1's labels[2] = 18 is out of range: labels must lie in [0, 8) "
+                "(num_classes) or equal ignore_index (-1)"), outcomes[f"bad label on rank 1, {case}"]
         assert outcomes["alike afterwards"] == "ok"
         assert "parameter that requires a gradient" in outcomes["ddp"] and outcomes["ddp left the shard alone"]
         assert outcomes["ddp over a model: shard kept"] == (rank == 0)
