@@ -42,6 +42,7 @@ How its settings map:
 from __future__ import annotations
 
 import ast
+import difflib
 import operator
 import os
 import sys
@@ -173,6 +174,14 @@ def _evaluate(node: ast.AST, values: dict[str, Any], path: str) -> Any:
 
 def to_options(config: dict[str, Any], path: str, world_size: int | None = None) -> dict[str, Any]:
     """This trainer's options (flag names without dashes) for an arcface_torch config."""
+    for key in sorted(config):
+        # A key a letter or two from one of train_v2.py's (config.smaple_rate) is a misspelling: read as
+        # a foreign key, its value was dropped and the run took the default (sample rate 1, not 0.2).
+        close = [] if key in KNOWN else difflib.get_close_matches(key, KNOWN, n=1, cutoff=0.8)
+        if close:
+            raise SystemExit(f"{path}: config.{key} is no key of arcface_torch's train_v2.py: config.{close[0]} "
+                             f"misspelt? (its value would be dropped, and {close[0]} left at "
+                             f"{config.get(close[0], 'unset')!r})")
     missing = [key for key in REQUIRED if key not in config]
     if missing:
         raise SystemExit(f"{path}: arcface_torch configs set {', '.join(REQUIRED)}; this one lacks "
@@ -251,7 +260,7 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     if ignored:
         print(f"{path}: ignored arcface_torch settings: {', '.join(ignored)}", file=sys.stderr)
     unknown = sorted(key for key in config if key not in KNOWN)
-    if unknown:  # a misspelt key (config.smaple_rate), or an older arcface_torch's (config.loss)
+    if unknown:  # an older arcface_torch's key (config.loss, config.decay_epoch), or another fork's
         print(f"{path}: keys arcface_torch's train_v2.py does not have, ignored: {', '.join(unknown)}",
               file=sys.stderr)
     return options

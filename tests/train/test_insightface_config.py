@@ -135,12 +135,20 @@ def test_wandb_settings(tmp_path, capsys):
 
 
 def test_keys_arcface_torch_lacks_are_reported(tmp_path, capsys):
-    # A misspelt key, or an older arcface_torch's config.loss, would otherwise pass unnoticed.
-    text = WEBFACE_VIT + "config.smaple_rate = 0.2\nconfig.loss = 'cosface'\nconfig.wandb_project = 'p'\n"
+    # An older arcface_torch's config.loss or config.decay_epoch would otherwise pass unnoticed.
+    text = WEBFACE_VIT + "config.decay_epoch = [8, 14]\nconfig.loss = 'cosface'\nconfig.wandb_project = 'p'\n"
     args = parse_args(["--config", write(tmp_path, text)])
     assert args.sample_rate == 0.3
     assert capsys.readouterr().err.strip().endswith("keys arcface_torch's train_v2.py does not have, ignored: "
-                                                    "loss, smaple_rate")
+                                                    "decay_epoch, loss")
+    # A misspelt key is an error: with a note only, the run went on at the default it meant to change.
+    for line, message in (("config.smaple_rate = 0.2", "config.smaple_rate is no key of arcface_torch's train_v2.py: "
+                                                       "config.sample_rate misspelt? (its value would be dropped, and "
+                                                       "sample_rate left at 0.3)"),
+                          ("config.num_images = 10", "config.num_images is no key of arcface_torch's train_v2.py: "
+                                                     "config.num_image misspelt?")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            parse_args(["--config", write(tmp_path, WEBFACE_VIT + line + "\n")])
 
 
 def test_a_config_named_as_train_v2_py_takes_it(tmp_path, monkeypatch, capsys):
