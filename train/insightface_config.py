@@ -259,7 +259,15 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         ignored.append("momentum (train_v2.py's SGD uses 0.9 whatever it says)")
     if ignored:
         print(f"{path}: ignored arcface_torch settings: {', '.join(ignored)}", file=sys.stderr)
-    unknown = sorted(key for key in config if key not in KNOWN)
+    # Older arcface_torch (train.py) chose the margin by name; train_v2.py reads margin_list alone, so
+    # a config of that time trains base.py's ArcFace there, and here: said, with the line that keeps it.
+    older = {"cosface": (1.0, 0.0, 0.4), "arcface": (1.0, 0.5, 0.0)}.get(str(config.get("loss", "")).lower())
+    if "loss" in config and older != (m1, m2, m3):
+        keep = f"config.margin_list = {older}" if older else "a margin_list"
+        print(f"{path}: config.loss = {config['loss']!r} is older arcface_torch's (train.py); train_v2.py reads "
+              f"margin_list alone, {tuple(config['margin_list'])} here: for the loss it names, set {keep}",
+              file=sys.stderr)
+    unknown = sorted(key for key in config if key not in KNOWN and not (key == "loss" and older != (m1, m2, m3)))
     if unknown:  # an older arcface_torch's key (config.loss, config.decay_epoch), or another fork's
         print(f"{path}: keys arcface_torch's train_v2.py does not have, ignored: {', '.join(unknown)}",
               file=sys.stderr)

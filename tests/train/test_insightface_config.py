@@ -141,6 +141,14 @@ def test_keys_arcface_torch_lacks_are_reported(tmp_path, capsys):
     assert args.sample_rate == 0.3
     assert capsys.readouterr().err.strip().endswith("keys arcface_torch's train_v2.py does not have, ignored: "
                                                     "decay_epoch, loss")
+    # An older arcface_torch's config.loss = 'cosface' (configs/3millions.py still has one) without a
+    # margin_list: train_v2.py trains base.py's ArcFace, and so does this; said, with the line for CosFace.
+    text = "config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\nconfig.loss = 'cosface'\n"
+    args = parse_args(["--config", write(tmp_path, text, "old.py")])
+    assert (args.m2, args.m3) == (0.5, 0.0)
+    assert ("config.loss = 'cosface' is older arcface_torch's (train.py); train_v2.py reads margin_list alone, "
+            "(1.0, 0.5, 0.0) here: for the loss it names, set config.margin_list = (1.0, 0.0, 0.4)"
+            in capsys.readouterr().err)
     # A misspelt key is an error: with a note only, the run went on at the default it meant to change.
     for line, message in (("config.smaple_rate = 0.2", "config.smaple_rate is no key of arcface_torch's train_v2.py: "
                                                        "config.sample_rate misspelt? (its value would be dropped, and "
