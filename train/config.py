@@ -452,8 +452,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(file_argv + list(sys.argv[1:] if argv is None else argv))
     if unknown:
         # train_v2.py takes its config as its argument: say where it goes here.
-        config = next((u for u in unknown if not u.startswith("-") and (os.path.isfile(u) or os.path.isfile(u + ".py"))),
-                      None)
+        config = next((u for u in unknown
+                       if not u.startswith("-") and (os.path.isfile(u) or os.path.isfile(u + ".py"))), None)
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
             f" (a config file goes after --config: --config {config}; arcface_torch's train_v2.py takes it as its "
             "argument)" if config else ""))

@@ -154,14 +154,20 @@ RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verifica
 
 def set_aside_earlier_run(output: str) -> str | None:
     """Before a fresh run writes into ``output``: when the folder holds another run (a checkpoint,
-    or logged steps), move that run's files into a new subfolder ``earlier-<n>`` and return it, so
-    that nothing the earlier run wrote is overwritten. Only the files a run writes move; anything
-    else in the folder stays."""
+    or logged steps; or arcface_torch's ``training.log`` or ``checkpoint_gpu_<rank>.pt``), move that
+    run's files into a new subfolder ``earlier-<n>`` and return it, so that nothing the earlier run
+    wrote is overwritten or mixed with this one's. Only the files a run writes move; anything else in
+    the folder stays."""
     def non_empty(name):
         path = os.path.join(output, name)
         return os.path.isfile(path) and os.path.getsize(path) > 0
+    # A run of arcface_torch's train_v2.py: an arcface_torch config names the same folder for this
+    # trainer (work_dirs/<config name>), where this run's TensorBoard events went into its tensorboard/.
+    insightface = sorted(name for name in os.listdir(output) if checkpoint.INSIGHTFACE_SHARD.fullmatch(name))
+    if insightface or non_empty("training.log"):
+        insightface += ["training.log", "model.pt"]
     if not (os.path.exists(os.path.join(output, checkpoint.CHECKPOINT_NAME)) or non_empty("metrics.jsonl")
-            or non_empty("verification.jsonl")):
+            or non_empty("verification.jsonl") or insightface):
         return None
     n = 1
     while True:
@@ -171,7 +177,7 @@ def set_aside_earlier_run(output: str) -> str | None:
             break
         except FileExistsError:
             n += 1
-    for name in RUN_FILES:
+    for name in (*RUN_FILES, *insightface):
         if os.path.lexists(os.path.join(output, name)):
             os.replace(os.path.join(output, name), os.path.join(aside, name))
     return aside
@@ -687,8 +693,8 @@ class Trainer:
             first = os.path.join(self.output, foreign[0])
             raise SystemExit(f"--resume auto: {self.output} holds arcface_torch's {foreign[0]}, not a checkpoint of "
                              "this trainer: its optimizer and schedule cannot be resumed here. Without --resume "
-                             "(config.resume = False), start from its weights and class centres with --pretrained_model "
-                             f"{first} (--max-steps the steps left), or afresh")
+                             "(config.resume = False), start from its weights and class centres with "
+                             f"--pretrained_model {first} (--max-steps the steps left), or afresh")
         if self.is_main:
             print(f"--resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
         return None

@@ -97,6 +97,21 @@ def test_a_fresh_run_sets_an_earlier_run_aside(faces, tmp_path, capsys):
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "earlier-2" / "earlier-1").exists()
 
 
+def test_a_fresh_run_sets_an_arcface_torch_run_aside(faces, tmp_path, capsys):
+    # An arcface_torch config names its own output folder (work_dirs/<config name>) for this trainer
+    # too: arcface_torch's run there is set aside, its TensorBoard events not mixed with this run's.
+    write_arcface_torch_run(str(tmp_path), {}, torch.randn(8, 64), world=2)
+    for name in ("training.log", "model.pt", "tensorboard/events.out.tfevents.1.host"):
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text("arcface_torch's")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(argv(faces, tmp_path, max_steps=1)) == 0
+    assert "its files are now in" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "earlier-1")) == ["checkpoint_gpu_0.pt", "checkpoint_gpu_1.pt", "model.pt",
+                                                          "tensorboard", "training.log"]
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "training.log").exists()
+
+
 def test_resuming_a_finished_run_trains_and_logs_nothing_more(faces, tmp_path, capsys):
     assert main(argv(faces, tmp_path, pairs=True, max_steps=2)) == 0
     logs = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "verification.jsonl")}
