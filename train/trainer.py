@@ -588,9 +588,11 @@ class Trainer:
                 dist.barrier()
             aside = set_aside_earlier_run(self.output) if self.is_main else None
             if aside:
+                # (an arcface_torch run set aside has no checkpoint that --resume takes)
+                resumable = os.path.exists(os.path.join(aside, checkpoint.CHECKPOINT_NAME))
                 print(f"note: {self.output} held an earlier run; its files are now in {aside}" + (
-                      "" if args.resume else " (to continue a run, pass --resume auto, or --resume with its "
-                      "checkpoint)"), file=sys.stderr)
+                      "" if args.resume or not resumable else " (to continue a run, pass --resume auto, or --resume "
+                      "with its checkpoint)"), file=sys.stderr)
 
         self.backbone_ddp, self.loss_ddp = self.backbone, self.margin_loss
         if self.distributed:

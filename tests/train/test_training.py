@@ -106,7 +106,8 @@ def test_a_fresh_run_sets_an_arcface_torch_run_aside(faces, tmp_path, capsys):
         (tmp_path / name).write_text("arcface_torch's")
     (tmp_path / "notes.txt").write_text("mine")
     assert main(argv(faces, tmp_path, max_steps=1)) == 0
-    assert "its files are now in" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (not told to continue it with --resume, which cannot)
+    assert f"its files are now in {tmp_path / 'earlier-1'}\n" in err and "--resume" not in err
     assert sorted(os.listdir(tmp_path / "earlier-1")) == ["checkpoint_gpu_0.pt", "checkpoint_gpu_1.pt", "model.pt",
                                                           "tensorboard", "training.log"]
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "training.log").exists()
