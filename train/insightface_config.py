@@ -104,9 +104,9 @@ def _assignments(path: str, values: dict[str, Any], defaults: dict[str, Any],
     """``values`` updated by the file's ``config.<key>`` lines, in order; ``from configs.<name> import
     config`` (a config made by editing another) applies ``<name>.py``'s lines, from beside the file.
     A line that cannot be read is an error, or with ``skipped`` given, its number is added there."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         source = f.read()
-    try:
+    try:  # (from bytes: a `# -*- coding: ... -*-` line is followed, and a file in another encoding is named)
         tree = ast.parse(source, filename=path)
     except SyntaxError as error:
         raise SystemExit(f"{path}: not a Python config file: {error}") from None
@@ -192,6 +192,13 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
                 or (key in INTEGERS and value != int(value))):
             raise SystemExit(f"{path}: config.{key} = {value!r}: {'an integer' if key in INTEGERS else 'a number'} "
                              "expected")
+    # Strings and lists of them, named rather than read letter by letter (val_targets = 'lfw' as l, f, w).
+    for key, kind, wanted in (("rec", str, "a path"), ("output", (str, type(None)), "a path or None")):
+        if not isinstance(config[key], kind):
+            raise SystemExit(f"{path}: config.{key} = {config[key]!r}: {wanted} expected")
+    if not (isinstance(config["val_targets"], (list, tuple)) and all(isinstance(v, str) for v in config["val_targets"])):
+        raise SystemExit(f"{path}: config.val_targets = {config['val_targets']!r}: a list of names expected "
+                         "(['lfw', 'cfp_fp', 'agedb_30'])")
     for key in ("batch_size", "gradient_acc"):  # (the divisors of the step counts below)
         if config[key] < 1:
             raise SystemExit(f"{path}: config.{key} = {config[key]!r}: at least 1 expected")

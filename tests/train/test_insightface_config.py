@@ -44,7 +44,7 @@ config.val_targets = []
 
 def write(tmp_path, text, name="wf42m_vit_t.py"):
     path = tmp_path / name
-    path.write_text(text)
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     return str(path)
 
 
@@ -236,10 +236,25 @@ def test_the_base_py_beside_a_config_gives_its_defaults(tmp_path, capsys):
      "config.batch_size = '128'\n", r"config.batch_size = '128': an integer"),
     ("config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
      "config.margin_list = (1.0, 0.5)\n", r"margin_list = \(1.0, 0.5\): three numbers"),
+    # (was read letter by letter: targets l, f and w)
+    ("config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
+     "config.val_targets = 'lfw'\n", r"config.val_targets = 'lfw': a list of names expected"),
+    # (was --data synthetic, and a class count that did not match it)
+    ("config.rec = None\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n",
+     r"config.rec = None: a path expected"),
+    # (was a UnicodeDecodeError traceback)
+    ("config.rec = 'caf\xe9'\n".encode("latin-1"), "not a Python config file: .*'utf-8' codec can't decode"),
 ])
 def test_what_cannot_be_read_is_named(tmp_path, text, message):
     with pytest.raises(SystemExit, match=message):
         parse_args(["--config", write(tmp_path, text)])
+
+
+def test_a_config_in_another_encoding_is_read_by_its_coding_line(tmp_path):
+    # Python reads a `# -*- coding: latin-1 -*-` file in that encoding; so does this (the file was
+    # decoded as UTF-8 whatever it said).
+    text = "# -*- coding: latin-1 -*-\nconfig.rec = '/data/caf\xe9'\n".encode("latin-1")
+    assert insightface_config.read(write(tmp_path, text))["rec"] == "/data/caf\xe9"
 
 
 def test_interclass_filtering_maps_to_the_flag(tmp_path, monkeypatch):
