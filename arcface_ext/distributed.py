@@ -17,6 +17,7 @@ that a replicated classifier under DistributedDataParallel would give:
 Every rank must call the loss at the same points, with the same options (it runs collectives);
 the local batch sizes may differ.
 """
+import copy
 import functools
 import itertools
 import math
@@ -266,6 +267,16 @@ class ShardedCombinedMarginLoss(nn.Module):
         # DistributedDataParallel's broadcast of rank 0's parameters would overwrite the other shards.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
         self.reset_parameters()
+
+    def __deepcopy__(self, memo):
+        # A process group is a handle on the ranks' connections, which can be neither copied nor
+        # pickled: a copy (an EMA or SWA model made with copy.deepcopy) shares it.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     @torch.no_grad()
     def reset_parameters(self):

@@ -1,6 +1,7 @@
 """Class centres split across ranks: the op's shard mode (labels of other shards), its combination
 into the whole softmax, and ShardedCombinedMarginLoss over real gloo process groups, all against the
 fp64 reference of the unsharded loss."""
+import copy
 import functools
 import os
 
@@ -384,6 +385,14 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
         outcomes["whole matrix"] = _outcome(lambda: module.load_state_dict({"weight": full}))
         outcomes["whole matrix rows"] = bool(torch.equal(module.weight, full[4 * rank:4 * rank + 4]))
         outcomes["other shard"] = _outcome(lambda: module.load_state_dict(others[1 - rank]))
+        # An EMA or SWA copy of a model made with copy.deepcopy: a loss over an explicit process group
+        # shares it (deepcopy raised "cannot pickle ProcessGroup").
+        pair = arcface_ext.ShardedCombinedMarginLoss(8, 4, process_group=dist.new_group([0, 1]), dtype=torch.float64)
+        copied = copy.deepcopy(torch.nn.ModuleDict({"head": pair}))["head"]
+        outcomes["deepcopy over a group"] = _outcome(lambda: copied(x, labels).backward())
+        outcomes["deepcopy shares the group"] = copied.process_group is pair.process_group
+        outcomes["deepcopy copies the shard"] = bool(torch.equal(copied.weight, pair.weight)
+                                                     and copied.weight is not pair.weight)
         solo = dist.new_group([0])
         outcomes["not a member"] = _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(8, 4, process_group=solo))
         torch.save(outcomes, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -431,6 +440,8 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
         assert outcomes["own state"] == outcomes["whole matrix"] == "ok" and outcomes["whole matrix rows"]
         assert f"this rank holds [{4 * rank}, {4 * rank + 4}) of 8" in outcomes["other shard"]
         assert "load the whole matrix" in outcomes["other shard"]
+        assert outcomes["deepcopy over a group"] == "ok" and outcomes["deepcopy shares the group"]
+        assert outcomes["deepcopy copies the shard"]
     assert ranks[1]["bad labels length on rank 1"] == "ValueError: labels has 2 entries but embeddings has 3 rows"
     assert ranks[0]["bad labels length on rank 1"] == ("RuntimeError: rank(s) [1] of the process group refused "
                                                        "their arguments (their own errors say why): every rank "
