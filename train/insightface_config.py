@@ -212,7 +212,12 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     passes = int(config["gradient_acc"])
     batch = int(config["batch_size"])
     steps_per_epoch = int(config["num_image"]) // (batch * world_size)
-    max_steps = max(1, steps_per_epoch * int(config["num_epoch"]) // passes)
+    max_steps = steps_per_epoch * int(config["num_epoch"]) // passes
+    if max_steps < 1:  # (was a run of one step, without a word)
+        print(f"{path}: config.num_image {config['num_image']} in batches of {batch} x {world_size} process(es)"
+              f"{f' x {passes} passes' if passes > 1 else ''} for {config['num_epoch']} epoch(s) is no step, as "
+              "train_v2.py counts them: one here (a smaller --batch-size, or --max-steps)", file=sys.stderr)
+        max_steps = 1
     warmup_steps = int(steps_per_epoch * config["warmup_epoch"]) // passes
     lr = float(config["lr"])
     if warmup_steps < 0:

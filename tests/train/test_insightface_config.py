@@ -94,7 +94,7 @@ def test_gradient_accumulation_counts_optimiser_steps(tmp_path, monkeypatch, cap
     assert (args.wandb_project, args.wandb_entity, args.wandb_run_name) == ("arcface-ext", None, None)
 
 
-def test_batch_and_accumulation_of_the_command_line_keep_the_epochs(tmp_path, monkeypatch):
+def test_batch_and_accumulation_of_the_command_line_keep_the_epochs(tmp_path, monkeypatch, capsys):
     # --gradient-acc 2 on half the GPUs (as the README advises) or another --batch-size stands for the
     # config's batch_size / gradient_acc: the steps follow, as for an edited file. Taken as overrides
     # of the steps counted for the file's values, the run was 40 or 10 epochs where the config says 20.
@@ -111,6 +111,11 @@ def test_batch_and_accumulation_of_the_command_line_keep_the_epochs(tmp_path, mo
         assert args.warmup_steps == args.max_steps // 10 and args.eval_every == 2000 // args.gradient_acc, flags
     # --max-steps given stays as given.
     assert parse_args(["--config", path, "--batch-size", "64", "--max-steps", "7"]).max_steps == 7
+    # Fewer images than a batch: one step, said so (was without a word).
+    small = write(tmp_path, WEBFACE_VIT.replace("42474557", "1000"), "small.py")
+    assert parse_args(["--config", small]).max_steps == 1
+    assert ("config.num_image 1000 in batches of 384 x 4 process(es) for 40 epoch(s) is no step, as train_v2.py "
+            "counts them: one here") in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"config.batch_size = 0: at least 1 expected$"):  # was a ZeroDivisionError
         parse_args(["--config", write(tmp_path, WEBFACE_VIT + "config.batch_size = 0\n", "zero.py")])
 
