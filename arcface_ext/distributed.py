@@ -241,6 +241,8 @@ class ShardedCombinedMarginLoss(nn.Module):
 
     sharded = True
     curricular = False  # (ShardedCurricularFaceLoss)
+    # A subclass's own options that the ranks must share, compared as _agree compares the others'.
+    compared_options = ()
 
     def chunked_spec(self):
         """The chunked path's options for this call (see _ShardedMarginSoftmax), or None for the fused op."""
@@ -447,7 +449,8 @@ class ShardedCombinedMarginLoss(nn.Module):
                 ("m1", self.m1), ("m2", self.m2), ("m3", self.m3), ("lambda_", self.lambda_),
                 ("margin_grad", MARGIN_GRADS.index(self.margin_grad)), ("ignore_index", self.ignore_index),
                 ("sample_rate", self.sample_rate),
-                ("interclass_filtering_threshold", self.interclass_filtering_threshold)]
+                ("interclass_filtering_threshold", self.interclass_filtering_threshold),
+                *((name, getattr(self, name)) for name in self.compared_options)]
 
     def _first_centre_fingerprint(self):
         """A number of this rank's first centre's bytes (0 when there is none or it is all zeros, which
@@ -620,6 +623,8 @@ class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
     running norm statistics follow the norms of every rank's counted rows (one all-reduce of three
     numbers a step), so that they are the same on every rank."""
 
+    compared_options = ("m", "h", "t_alpha")
+
     def _norm_statistics(self, norms, counted):
         if self.world_size == 1:
             return super()._norm_statistics(norms, counted)
@@ -637,6 +642,9 @@ class ShardedElasticFaceLoss(ElasticFaceMargins, ShardedCombinedMarginLoss):
     """:class:`ShardedCombinedMarginLoss` with ElasticFace's margins (:class:`ElasticFaceMargins`):
     each rank draws the margins of its own rows."""
 
+    # (its m is m2 or m3; a rank with std = 0 would gather no margins where the others gather theirs)
+    compared_options = ("std",)
+
 
 class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
     """:class:`arcface_ext.CurricularFaceLoss` with sharded class centres: each rank's shard tests its
@@ -644,6 +652,8 @@ class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
     row's from the shard that holds its target), on the chunked PyTorch path. t moves by the mean of
     every rank's counted rows' target cosines, the same on every rank (the replicated loss under DDP
     follows rank 0's batches instead)."""
+
+    compared_options = ("momentum",)  # (t, moved at another rate, would differ between ranks)
 
     def chunked_spec(self):
         return {"threshold": 0.0, "curricular": (self.t, self.momentum, self.training)}

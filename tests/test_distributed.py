@@ -343,6 +343,12 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
                 8, 4, sample_rate=0.5 + 0.25 * rank, dtype=torch.float64)(x, labels)),
             "margin grads differ": _outcome(lambda: arcface_ext.ShardedCombinedMarginLoss(
                 8, 4, margin_grad=("exact", "straight_through")[rank], dtype=torch.float64)(x, labels)),
+            # A subclass's own options: std = 0 on one rank gathered no margins there (gloo aborted); t,
+            # moved at another rate, differed between the ranks silently.
+            "elastic stds differ": _outcome(lambda: arcface_ext.ShardedElasticFaceLoss(
+                8, 4, std=0.05 * rank, dtype=torch.float64)(x, labels).backward()),
+            "curricular momenta differ": _outcome(lambda: arcface_ext.ShardedCurricularFaceLoss(
+                8, 4, momentum=0.01 * (rank + 1), dtype=torch.float64)(x, labels)),
             # Every rank checks the gathered labels: the error names the rank and its own row.
             "bad label on rank 1": _outcome(lambda: module(x, torch.tensor([18, 5, 7]) if rank == 1 else labels)),
             # Sampled and chunked paths check the gathered labels before the op: named alike (they said
@@ -422,6 +428,9 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
             "differ in sample_rate (rank 0: sample_rate=0.5, rank 1: sample_rate=0.75)")
         assert outcomes["margin grads differ"].endswith(
             "differ in margin_grad (rank 0: margin_grad='exact', rank 1: margin_grad='straight_through')")
+        assert outcomes["elastic stds differ"].endswith("differ in std (rank 0: std=0.0, rank 1: std=0.05)")
+        assert outcomes["curricular momenta differ"].endswith(
+            "differ in momentum (rank 0: momentum=0.01, rank 1: momentum=0.02)")
         assert outcomes["bad label on rank 1"].startswith("ValueError: arcface_ext: rank 1's labels[0] = 18 is out of "
                                                           "range"), outcomes["bad label on rank 1"]
         for case in ("sampled", "filtered"):
