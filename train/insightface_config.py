@@ -91,7 +91,11 @@ def read(path: str) -> dict[str, Any]:
         # Older arcface_torch's base.py chose its data with `if` blocks and held functions: what is not a
         # `config.<key> = <value>` line of it is left to the defaults (the file given is another), with a note.
         skipped: list[int] = []
-        defaults = _assignments(base, defaults, defaults, (), skipped)
+        try:
+            defaults = _assignments(base, defaults, defaults, (), skipped)
+        except SystemExit as error:  # (a base.py that does not parse: said why it was read, the file given is another)
+            raise SystemExit(f"{error} (read as the defaults of {path}, as arcface_torch's get_config merges the "
+                             "configs/base.py beside a config)") from None
         if skipped:
             print(f"note: {base}, read as the defaults of {path} (as arcface_torch's get_config merges it), has lines "
                   f"that are not `config.<key> = <value>`, left out: {', '.join(map(str, skipped[:10]))}"

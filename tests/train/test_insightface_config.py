@@ -229,6 +229,16 @@ def test_the_base_py_beside_a_config_gives_its_defaults(tmp_path, capsys):
     assert config["lr"] == 0.2
 
 
+def test_a_base_py_that_does_not_parse_is_named_as_the_configs_defaults(tmp_path):
+    # The error names base.py, which the command line did not: it says why that file was read.
+    write(tmp_path, "print 'hello'\nconfig.lr = 0.2\n", "base.py")
+    path = write(tmp_path, "config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 10\nconfig.num_epoch = 1\n")
+    with pytest.raises(SystemExit, match=r"base.py: not a Python config file: .* \(read as the defaults of "
+                                         r".*wf42m_vit_t.py, as arcface_torch's get_config merges the configs/base.py "
+                                         r"beside a config\)$"):
+        insightface_config.read(path)
+
+
 @pytest.mark.parametrize("text, message", [
     ("import os\nconfig.rec = os.getcwd()\n", r"cannot read `os.getcwd\(\)`"),
     ("print('hello')\n", "only `config.<key> = <value>` lines are read"),
