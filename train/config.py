@@ -451,9 +451,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         file_argv = _config_to_argv(load_config_file(known.config), parser, known.config)
     args, unknown = parser.parse_known_args(file_argv + list(sys.argv[1:] if argv is None else argv))
     if unknown:
-        # train_v2.py takes its config as its argument: say where it goes here.
-        config = next((u for u in unknown
-                       if not u.startswith("-") and (os.path.isfile(u) or os.path.isfile(u + ".py"))), None)
+        # train_v2.py takes its config as its argument: say where it goes here (an arcface_torch config's
+        # name only: another file, a .rec given without --data, is no config to put after --config).
+        config = next((u for u in unknown if not u.startswith("-") and (
+            (u.endswith(".py") and os.path.isfile(u)) or os.path.isfile(u + ".py"))), None)
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
             f" (a config file goes after --config: --config {config}; arcface_torch's train_v2.py takes it as its "
             "argument)" if config else ""))

@@ -176,6 +176,11 @@ def test_a_config_named_as_train_v2_py_takes_it(tmp_path, monkeypatch, capsys):
         assert capsys.readouterr().err.strip().endswith(
             f"unrecognized arguments: {argument} (a config file goes after --config: --config {argument}; "
             "arcface_torch's train_v2.py takes it as its argument)")
+    # Another file given as an argument (a .rec without --data) is not called a config.
+    (tmp_path / "faces.rec").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        parse_args(["faces.rec"])
+    assert capsys.readouterr().err.strip().endswith("unrecognized arguments: faces.rec")
 
 
 def test_base_defaults_fill_what_a_config_leaves_out(tmp_path):
