@@ -418,17 +418,14 @@ def _epoch_sizes(argv: list[str]) -> dict[str, int]:
     ``batch_size`` and ``gradient_acc``: its steps are epochs of ``num_image`` in batches of these, so
     that they follow them, as they would the file's edited values (taken as overrides of the
     computed steps, the run was as many epochs more or fewer as the batch was smaller or larger)."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--batch-size", "--batch_size", dest="batch_size")
-    pre.add_argument("--gradient-acc", "--gradient_acc", dest="gradient_acc")
-    known, _ = pre.parse_known_args(argv)
-    sizes = {}
-    for key in ("batch_size", "gradient_acc"):
-        value = getattr(known, key)
-        # (a value that is no positive integer is left to the full parser, which names it)
-        if value is not None and value.strip().isdigit() and int(value) >= 1:
-            sizes[key] = int(value)
-    return sizes
+    # Read by the parser itself, which finds them as it will below (an abbreviation it takes, --batch-s,
+    # was missed by a parser of these two alone, and the steps counted for the file's batch); a value
+    # it refuses stops here with the error it gives below. (Below 1: left to resolve(), which names it.)
+    parser = build_parser()
+    parser.set_defaults(batch_size=None, gradient_acc=None)
+    known, _ = parser.parse_known_args(argv)
+    return {key: getattr(known, key) for key in ("batch_size", "gradient_acc")
+            if getattr(known, key) is not None and getattr(known, key) >= 1}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

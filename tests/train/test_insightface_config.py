@@ -105,7 +105,8 @@ def test_batch_and_accumulation_of_the_command_line_keep_the_epochs(tmp_path, mo
         return args.max_steps * args.batch_size * args.gradient_acc * 4 / 42474557
 
     assert math.isclose(epochs(parse_args(["--config", path])), 20, abs_tol=0.01)
-    for flags in (["--gradient-acc", "2"], ["--batch_size=64"], ["--batch-size", "96", "--gradient_acc", "3"]):
+    for flags in (["--gradient-acc", "2"], ["--batch_size=64"], ["--batch-size", "96", "--gradient_acc", "3"],
+                  ["--batch-s", "64"], ["--gradient-a", "2"]):  # (abbreviations, which the parser takes)
         args = parse_args(["--config", path, *flags])
         assert math.isclose(epochs(args), 20, abs_tol=0.01), flags
         assert args.warmup_steps == args.max_steps // 10 and args.eval_every == 2000 // args.gradient_acc, flags
