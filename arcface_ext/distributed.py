@@ -425,11 +425,15 @@ class ShardedCombinedMarginLoss(nn.Module):
         # after that call, and its shards then train in step, the same on every rank.
         prints = {entry[5] for entry in table}
         if len(prints) == 1 and 0 not in prints:
+            # (The other way to get there: each rank drew its shard alone, after one seed on every rank.)
             raise RuntimeError(
                 "every rank's shard of class centres starts with the same centre: DistributedDataParallel "
                 "over a module that holds this loss has broadcast rank 0's shard over the other ranks' (and "
                 "would average their gradients). Call arcface_ext.ddp_ignore_shards(model) before wrapping "
-                "the model, or keep the loss outside the wrapped module")
+                "the model, or keep the loss outside the wrapped module. (Or every rank initialised its shard "
+                "from the same seed, e.g. nn.init.normal_ after one torch.manual_seed: rank r's classes would "
+                "start as copies of rank 0's; reset_parameters() draws the whole matrix and keeps this rank's "
+                "rows.)")
         for column, what, name in (
                 (2, "compute dtype", lambda v: str(FLOAT_DTYPES[v - 1]).replace("torch.", "")),
                 (3, "mode", lambda v: "training" if v else "eval"),

@@ -381,6 +381,12 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
             model["head"](x, labels)
         torch.nn.parallel.DistributedDataParallel(model)
         outcomes["ddp over a model after a call"] = _outcome(lambda: model["head"](x, labels).backward())
+        # Shards drawn alone after one seed on every rank: the same error, which names that cause too
+        # (it blamed DistributedDataParallel alone, with none in use).
+        own = arcface_ext.ShardedCombinedMarginLoss(8, 4, dtype=torch.float64)
+        torch.manual_seed(1)
+        torch.nn.init.normal_(own.weight, 0.0, 0.01)
+        outcomes["own initialisation from one seed"] = _outcome(lambda: own(x, labels))
         # A state of the same shard loads; the whole matrix loads as this rank's rows; another rank's
         # shard (same shape: 8 classes on 2 ranks) is refused.
         full = torch.arange(32, dtype=torch.float64).view(8, 4)
@@ -443,6 +449,8 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
         assert outcomes["ddp over a model"].startswith("RuntimeError: every rank's shard of class centres starts with "
                                                        "the same centre")
         assert outcomes["ddp over a model after a call"] == outcomes["ddp over a model"]
+        assert outcomes["own initialisation from one seed"] == outcomes["ddp over a model"]
+        assert "from the same seed" in outcomes["own initialisation from one seed"]
         assert outcomes["ignored names"] == ["head.weight"]
         assert outcomes["ddp over a model, shards ignored: shard kept"]
         assert outcomes["ddp over a model, shards ignored"] == "ok"
