@@ -686,8 +686,10 @@ def _warn_others_not_square(paths: list[str], not_square: list) -> None:
     others = [(i, size) for i, size in not_square if i > 0]
     if others:
         index, (height, width) = others[0]
-        count = f"{len(others)} more" if not_square[0][0] == 0 else f"{len(others)} of the {len(paths)}"
-        print(f"warning: {count} images are not square (the first: {paths[index]}, {width}x{height}): they were "
+        many = len(others) > 1
+        count = (f"{len(others)} more image{'s are' if many else ' is'}" if not_square[0][0] == 0
+                 else f"{len(others)} of the {len(paths)} images {'are' if many else 'is'}")
+        print(f"warning: {count} not square (the first: {paths[index]}, {width}x{height}): they were "
               "taken as aligned face crops, as they are; for photos, find the faces with --detector or --landmarks",
               file=sys.stderr)
 

@@ -1263,4 +1263,3 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"error: rank {os.environ.get('RANK', '0')}: {error.code}") from None
             raise
         return trainer.fit()
-
