@@ -26,6 +26,9 @@ PLAIN_MARGIN_LOSSES = ("arcface", "cosface", "sphereface", "combined")
 # their own per-row margins.
 MARGIN_FLAGS = {"combined": {"m1": 1.0, "m2": None, "m3": 0.0}, "cosface": {"m3": 0.35},
                 "elasticface-cos": {"m3": 0.35}, "sphereface": {"m1": 4.0}}
+# The defaults of the parameters that only some losses read (a value other than these, given to a
+# loss that does not read it, is refused).
+OWN_PARAMETER_DEFAULTS = {"arcface_m": 0.5, "adaface_m": 0.4, "adaface_h": 0.333, "elastic_std": 0.05}
 
 
 def _int_list(text: str) -> list[int]:
@@ -117,17 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "cosines (the chunked PyTorch path, not the fused op; also sharded)")
     g.add_argument("--arcface-s", "--arcface_s", "--scale", dest="arcface_s", type=float, default=64.0,
                    help="scale s of the logits (all losses)")
-    g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float, default=0.5,
+    g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float, default=OWN_PARAMETER_DEFAULTS["arcface_m"],
                    help="additive angular margin of --loss arcface (the mean one of elasticface-arc)")
     g.add_argument("--m1", type=float, default=None,
                    help="multiplicative angular margin (sphereface: 4, combined: 1.0)")
     g.add_argument("--m2", type=float, default=None, help="additive angular margin (combined: --arcface_m)")
     g.add_argument("--m3", type=float, default=None, help="additive cosine margin (cosface: 0.35, combined: 0.0)")
-    g.add_argument("--adaface-m", "--adaface_m", dest="adaface_m", type=float, default=0.4,
+    g.add_argument("--adaface-m", "--adaface_m", dest="adaface_m", type=float, default=OWN_PARAMETER_DEFAULTS["adaface_m"],
                    help="AdaFace's margin m (its paper: 0.4)")
-    g.add_argument("--adaface-h", "--adaface_h", dest="adaface_h", type=float, default=0.333,
+    g.add_argument("--adaface-h", "--adaface_h", dest="adaface_h", type=float, default=OWN_PARAMETER_DEFAULTS["adaface_h"],
                    help="AdaFace's h: how far the norm moves the margin (its paper: 0.333)")
-    g.add_argument("--elastic-std", "--elastic_std", dest="elastic_std", type=float, default=0.05,
+    g.add_argument("--elastic-std", "--elastic_std", dest="elastic_std", type=float, default=OWN_PARAMETER_DEFAULTS["elastic_std"],
                    help="ElasticFace's standard deviation of the per-row margin (its paper: 0.05)")
     g.add_argument("--margin-grad", "--margin_grad", dest="margin_grad", choices=("exact", "straight_through"),
                    default="exact",
@@ -333,9 +336,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     # --arcface-m).
     reads = MARGIN_FLAGS.get(args.loss, {})
     unread = [f"--{name}" for name in ("m1", "m2", "m3") if getattr(args, name) is not None and name not in reads]
+    # So would the other losses' own parameters (--loss cosface --arcface-m 0.2 trained at --m3 0.35).
+    # Only a value other than the default counts: args.json lists every option, and is a config.
+    read_by = {"arcface_m": args.loss in ("arcface", "elasticface-arc", "curricularface")
+                            or (args.loss == "combined" and args.m2 is None),
+               "adaface_m": args.loss == "adaface", "adaface_h": args.loss == "adaface",
+               "elastic_std": args.loss.startswith("elasticface")}
+    unread += [f"--{dest.replace('_', '-')} {getattr(args, dest):g}" for dest, read in read_by.items()
+               if not read and getattr(args, dest) != OWN_PARAMETER_DEFAULTS[dest]]
     if unread:
         own = {"arcface": "--arcface-m", "curricularface": "--arcface-m", "elasticface-arc": "--arcface-m and --elastic-std",
-               "adaface": "--adaface-m and --adaface-h", "magface": "its fixed MS1MV2 settings"}.get(
+               "adaface": "--adaface-m and --adaface-h", "magface": "its fixed MS1MV2 settings",
+               "elasticface-cos": "--m3 and --elastic-std"}.get(
                    args.loss, " ".join(f"--{name}" for name in reads))
         raise SystemExit(f"{' and '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to --loss "
                          f"{args.loss}, whose margin is {own}")

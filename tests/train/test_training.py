@@ -478,6 +478,18 @@ def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_p
     ("--loss arcface --m2 0.4", "--m2 does not apply to --loss arcface, whose margin is --arcface-m"),
     ("--loss cosface --m1 2", "--m1 does not apply to --loss cosface, whose margin is --m3"),
     ("--loss sphereface --m2 0.1 --m3 0.1", "--m2 and --m3 do not apply to --loss sphereface, whose margin is --m1"),
+    # The losses' own parameters too (--loss cosface --arcface-m 0.2 trained at --m3 0.35, without a word).
+    ("--loss cosface --arcface-m 0.2", "--arcface-m 0.2 does not apply to --loss cosface, whose margin is --m3"),
+    ("--loss adaface --arcface-m 0.3", "--arcface-m 0.3 does not apply to --loss adaface, whose margin is "
+                                       "--adaface-m and --adaface-h"),
+    ("--loss combined --m2 0.3 --arcface-m 0.4", "--arcface-m 0.4 does not apply to --loss combined, whose margin is "
+                                                 "--m1 --m2 --m3"),
+    ("--loss arcface --adaface-m 0.2 --adaface-h 0.5", "--adaface-m 0.2 and --adaface-h 0.5 do not apply to --loss "
+                                                       "arcface, whose margin is --arcface-m"),
+    ("--loss magface --elastic-std 0.1", "--elastic-std 0.1 does not apply to --loss magface, whose margin is its "
+                                         "fixed MS1MV2 settings"),
+    ("--loss elasticface-cos --arcface-m 0.3", "--arcface-m 0.3 does not apply to --loss elasticface-cos, whose "
+                                               "margin is --m3 and --elastic-std"),
     ("--lr-schedule poly --lr-steps 10", "--lr-steps goes with --lr-schedule step, but the schedule is poly: add "
                                          "--lr-schedule step"),
     # (was a run from random weights, without a word)
@@ -488,6 +500,11 @@ def test_options_the_run_would_ignore_are_refused(options, message):
     with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
         parse_args(options.split())
     assert parse_args("--loss combined --m1 1 --m2 0.3 --m3 0.2".split()).m3 == 0.2
+    # Their defaults pass, as args.json (a config) lists every option, and the losses that read them take them.
+    assert parse_args("--loss cosface --arcface-m 0.5 --adaface-m 0.4 --elastic-std 0.05".split()).loss == "cosface"
+    assert parse_args("--loss combined --arcface-m 0.3".split()).arcface_m == 0.3
+    assert parse_args("--loss elasticface-cos --elastic-std 0.1".split()).elastic_std == 0.1
+    assert parse_args("--loss curricularface --arcface-m 0.3".split()).arcface_m == 0.3
 
 
 def test_torch_distributed_launchs_local_rank_is_accepted(monkeypatch):
