@@ -28,6 +28,7 @@ MARGIN_FLAGS = {"combined": {"m1": 1.0, "m2": None, "m3": 0.0}, "cosface": {"m3"
                 "elasticface-cos": {"m3": 0.35}, "sphereface": {"m1": 4.0}}
 # The defaults of the parameters that only some losses read (a value other than these, given to a
 # loss that does not read it, is refused).
+SGD_MOMENTUM = 0.9
 OWN_PARAMETER_DEFAULTS = {"arcface_m": 0.5, "adaface_m": 0.4, "adaface_h": 0.333, "elastic_std": 0.05}
 
 
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     g.add_argument("--lr", type=float, default=None, help="base learning rate; default 0.1 (sgd) or 0.001 (adamw)")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=SGD_MOMENTUM, help="SGD's (AdamW has its betas, PyTorch's)")
     g.add_argument("--decay", "--weight-decay", "--weight_decay", dest="decay", type=float, default=5e-4,
                    help="weight decay")
     g.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=("step", "poly"), default=None,
@@ -398,6 +399,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise SystemExit(f"{flag} is a probability: it must be in [0, 1], got {value}")
         setattr(args, flag[2:].replace("-", "_"), value + 0.0)  # -0.0 as 0.0 in args.json
+    # AdamW has no momentum option (its betas): --optimizer adamw --momentum 0.5 trained as 0.9 did. Its
+    # default passes, as args.json lists every option.
+    if args.optimizer == "adamw" and args.momentum != SGD_MOMENTUM:
+        raise SystemExit(f"--momentum {args.momentum:g} does not apply to --optimizer adamw (its betas are PyTorch's "
+                         "0.9 and 0.999): it is --optimizer sgd's")
     if args.margin_grad != "exact" and args.loss == "magface":
         raise SystemExit("--margin-grad straight_through does not go with --loss magface, whose margin's gradient "
                          "reaches the embedding's norm")

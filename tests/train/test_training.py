@@ -490,6 +490,8 @@ def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_p
                                          "fixed MS1MV2 settings"),
     ("--loss elasticface-cos --arcface-m 0.3", "--arcface-m 0.3 does not apply to --loss elasticface-cos, whose "
                                                "margin is --m3 and --elastic-std"),
+    ("--optimizer adamw --momentum 0.5", "--momentum 0.5 does not apply to --optimizer adamw (its betas are "
+                                         "PyTorch's 0.9 and 0.999): it is --optimizer sgd's"),
     ("--lr-schedule poly --lr-steps 10", "--lr-steps goes with --lr-schedule step, but the schedule is poly: add "
                                          "--lr-schedule step"),
     # (was a run from random weights, without a word)
@@ -505,6 +507,7 @@ def test_options_the_run_would_ignore_are_refused(options, message):
     assert parse_args("--loss combined --arcface-m 0.3".split()).arcface_m == 0.3
     assert parse_args("--loss elasticface-cos --elastic-std 0.1".split()).elastic_std == 0.1
     assert parse_args("--loss curricularface --arcface-m 0.3".split()).arcface_m == 0.3
+    assert parse_args("--optimizer adamw --momentum 0.9".split()).optimizer == "adamw"
 
 
 def test_torch_distributed_launchs_local_rank_is_accepted(monkeypatch):
