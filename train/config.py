@@ -331,6 +331,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.warmup_steps = default_warmup_steps(args.max_steps, args.lr_schedule)
     if args.lr_schedule == "step" and not args.lr_steps:
         raise SystemExit("--lr-schedule step needs --lr-steps (e.g. --lr-steps 100000,160000)")
+    # A step at 0 or before divided the base rate from the first step (a lower --lr), one named twice by
+    # 100 there: typos, not schedules.
+    if args.lr_steps and (min(args.lr_steps) < 1 or len(set(args.lr_steps)) < len(args.lr_steps)):
+        raise SystemExit(f"--lr-steps {','.join(map(str, args.lr_steps))}: the steps must be distinct and at least 1")
     if args.lr_schedule == "poly" and args.lr_steps:  # (a config's poly, with --lr-steps added on the command line)
         raise SystemExit("--lr-steps goes with --lr-schedule step, but the schedule is poly: add --lr-schedule step")
     # A margin flag the loss does not read would be silently ignored (--loss arcface --m2 0.4 trains at

@@ -492,6 +492,10 @@ def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_p
                                                "margin is --m3 and --elastic-std"),
     ("--optimizer adamw --momentum 0.5", "--momentum 0.5 does not apply to --optimizer adamw (its betas are "
                                          "PyTorch's 0.9 and 0.999): it is --optimizer sgd's"),
+    # (a step at 0 or before divided the base rate from the start; one named twice divided by 100 there)
+    ("--lr-steps 0,100", "--lr-steps 0,100: the steps must be distinct and at least 1"),
+    ("--lr-steps=-5", "--lr-steps -5: the steps must be distinct and at least 1"),
+    ("--lr-steps 10,10", "--lr-steps 10,10: the steps must be distinct and at least 1"),
     ("--lr-schedule poly --lr-steps 10", "--lr-steps goes with --lr-schedule step, but the schedule is poly: add "
                                          "--lr-schedule step"),
     # (was a run from random weights, without a word)
