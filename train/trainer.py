@@ -342,7 +342,8 @@ def chunked_loss(args: argparse.Namespace) -> bool:
 def loss_implementation(args: argparse.Namespace) -> str:
     """What the run's log says computes the loss."""
     if not chunked_loss(args):
-        return args.loss_impl
+        # (--loss-amp is named: the network's line gives --amp, the trunk's, and the module's repr neither)
+        return args.loss_impl + (f", under --loss-amp {args.loss_amp} autocast" if args.loss_amp != "none" else "")
     if args.loss_impl == "reference":
         return "reference: PyTorch on the whole matrix, fp32"
     if args.loss_amp != "none":

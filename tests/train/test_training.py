@@ -915,6 +915,20 @@ def test_chunked_path_options_that_do_not_go_together(extra, message):
         parse_args(extra)
 
 
+@pytest.mark.parametrize("options, said", [
+    ("", "fused"), ("--loss-impl reference", "reference"),
+    ("--loss-amp bf16", "fused, under --loss-amp bf16 autocast"),
+    ("--loss adaface --loss-impl reference --loss-amp fp16", "reference, under --loss-amp fp16 autocast"),
+    ("--loss curricularface --loss-amp bf16", "chunked PyTorch path, fp32, its matrix products on bf16 operands "
+                                              "(--loss-amp)"),
+])
+def test_the_log_names_what_computes_the_loss(options, said):
+    # A run with --loss-amp logged "(fused)" as one without did (the network's line gives --amp alone).
+    from train.trainer import loss_implementation
+
+    assert loss_implementation(parse_args(options.split())) == said
+
+
 def test_margins_per_loss():
     from train.config import margins
 
