@@ -121,17 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "cosines (the chunked PyTorch path, not the fused op; also sharded)")
     g.add_argument("--arcface-s", "--arcface_s", "--scale", dest="arcface_s", type=float, default=64.0,
                    help="scale s of the logits (all losses)")
-    g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float, default=OWN_PARAMETER_DEFAULTS["arcface_m"],
+    g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float,
+                   default=OWN_PARAMETER_DEFAULTS["arcface_m"],
                    help="additive angular margin of --loss arcface (the mean one of elasticface-arc)")
     g.add_argument("--m1", type=float, default=None,
                    help="multiplicative angular margin (sphereface: 4, combined: 1.0)")
     g.add_argument("--m2", type=float, default=None, help="additive angular margin (combined: --arcface_m)")
     g.add_argument("--m3", type=float, default=None, help="additive cosine margin (cosface: 0.35, combined: 0.0)")
-    g.add_argument("--adaface-m", "--adaface_m", dest="adaface_m", type=float, default=OWN_PARAMETER_DEFAULTS["adaface_m"],
+    g.add_argument("--adaface-m", "--adaface_m", dest="adaface_m", type=float,
+                   default=OWN_PARAMETER_DEFAULTS["adaface_m"],
                    help="AdaFace's margin m (its paper: 0.4)")
-    g.add_argument("--adaface-h", "--adaface_h", dest="adaface_h", type=float, default=OWN_PARAMETER_DEFAULTS["adaface_h"],
+    g.add_argument("--adaface-h", "--adaface_h", dest="adaface_h", type=float,
+                   default=OWN_PARAMETER_DEFAULTS["adaface_h"],
                    help="AdaFace's h: how far the norm moves the margin (its paper: 0.333)")
-    g.add_argument("--elastic-std", "--elastic_std", dest="elastic_std", type=float, default=OWN_PARAMETER_DEFAULTS["elastic_std"],
+    g.add_argument("--elastic-std", "--elastic_std", dest="elastic_std", type=float,
+                   default=OWN_PARAMETER_DEFAULTS["elastic_std"],
                    help="ElasticFace's standard deviation of the per-row margin (its paper: 0.05)")
     g.add_argument("--margin-grad", "--margin_grad", dest="margin_grad", choices=("exact", "straight_through"),
                    default="exact",
