@@ -341,12 +341,14 @@ def chunked_loss(args: argparse.Namespace) -> bool:
 
 def loss_implementation(args: argparse.Namespace) -> str:
     """What the run's log says computes the loss."""
+    amp = args.loss_amp != "none"
+    if args.loss_impl == "reference":  # (train_step leaves --loss-amp out)
+        return ("reference: PyTorch on the whole matrix, fp32" if chunked_loss(args) else "reference, fp32") \
+            + (f" (--loss-amp {args.loss_amp} is the fused op's, not applied)" if amp else "")
     if not chunked_loss(args):
         # (--loss-amp is named: the network's line gives --amp, the trunk's, and the module's repr neither)
-        return args.loss_impl + (f", under --loss-amp {args.loss_amp} autocast" if args.loss_amp != "none" else "")
-    if args.loss_impl == "reference":
-        return "reference: PyTorch on the whole matrix, fp32"
-    if args.loss_amp != "none":
+        return "fused" + (f", under --loss-amp {args.loss_amp} autocast" if amp else "")
+    if amp:
         return f"chunked PyTorch path, fp32, its matrix products on {args.loss_amp} operands (--loss-amp)"
     return "chunked PyTorch path, fp32"
 
@@ -928,7 +930,10 @@ class Trainer:
         was signalled)."""
         args = self.args
         passes = args.gradient_acc
-        loss_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.loss_amp)
+        # The reference stays the fp32 ground truth (under autocast its product, and with it the whole
+        # loss, would be 16-bit: at s = 64 a 0.1-0.25 logit error), as the chunked path's reference does.
+        loss_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.loss_amp) \
+            if args.loss_impl == "fused" else None
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for index, (images_part, labels_part) in enumerate(zip(images.chunk(passes), labels.chunk(passes))):
