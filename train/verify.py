@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --data synthetic: the training run's --seed (default: a checkpoint's own, else 0)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
+    p.add_argument("--amp", choices=("none", "fp16", "bf16"), default=None,
+                   help="autocast the network's trunk to this type (default: a training checkpoint's own --amp, as "
+                   "its run verified; none for other models)")
     p.add_argument("--output", default=None, help="also write the results as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace --output when it exists; without it it is kept")
     args = p.parse_args(argv)
@@ -91,9 +94,11 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
         raise FileNotFoundError(f"--data {args.data} is not a folder")
     model, settings = load_model(args.model, device)
     size = settings["image_size"]
+    run = _run_args(args.model)
+    _set_amp(model, args, run)
     seed = args.seed if args.seed is not None else 0
     if args.data == SYNTHETIC and args.seed is None:
-        run_seed = _run_seed(args.model)
+        run_seed = run.get("seed") if isinstance(run.get("seed"), int) else None
         seed = run_seed if run_seed is not None else 0
         print(f"synthetic sets of --seed {seed}" + (" (the run's)" if run_seed is not None else
                                                     " (the model holds no run's: pass it with --seed)"), file=sys.stderr)
@@ -143,15 +148,32 @@ def _progress(total: int, name: str):
     return tqdm(total=total, unit="image", desc=name, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def _run_seed(path: str) -> int | None:
-    """The ``--seed`` of the run whose training checkpoint ``path`` is; None for other models."""
+def _run_args(path: str) -> dict:
+    """The options of the run whose training checkpoint ``path`` is; {} for other models."""
     from .onnx_backbone import is_onnx_file
 
     if is_onnx_file(path):
-        return None
-    state = checkpoint.load(path)
+        return {}
+    try:  # mapped: a checkpoint's class centres and optimizer state are not read for its options
+        state = checkpoint.load(path, mmap=True)
+    except ValueError:  # a file of torch's legacy format, which cannot be mapped (none of this trainer's)
+        state = checkpoint.load(path)
     run = state.get("args") if isinstance(state, dict) else None
-    return run.get("seed") if isinstance(run, dict) and isinstance(run.get("seed"), int) else None
+    return run if isinstance(run, dict) else {}
+
+
+def _set_amp(model, args: argparse.Namespace, run: dict) -> None:
+    """The trunk's autocast: ``--amp``, else the run's own. A run trained with ``--amp`` verified under it (its
+    backbone autocasts its trunk, as insightface's does), and fp32 gives other figures: a pair near the
+    threshold can change sides."""
+    amp = args.amp if args.amp is not None else run.get("amp", "none")
+    if amp == "none" and not hasattr(model, "amp"):
+        return
+    if not hasattr(model, "amp"):
+        raise ValueError(f"--amp {amp}: {args.model} is an ONNX model, run as its graph is")
+    model.amp = amp
+    if args.amp is None and amp != "none":
+        print(f"the trunk under --amp {amp}, as the run verified (--amp none for fp32)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,31 @@ def test_synthetic_sets_are_those_of_the_runs_seed(tmp_path, capsys):
     assert (got["accuracy"], got["threshold"]) == (recorded["accuracy"], recorded["threshold"])
 
 
+def test_verify_runs_the_trunk_under_the_runs_amp(tmp_path, capsys):
+    """A run trained with --amp verified with its trunk under autocast: train.verify on its checkpoint
+    does too (fp32 moves the embeddings, and so XNorm and pairs near the threshold), unless told."""
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(tmp_path / "pairs"), pairs=20)
+    argv = base_argv(data, str(tmp_path / "run"), pairs=pairs, batch_size=8, max_steps=2, amp="bf16",
+                     loss_impl=LOSS_IMPL)
+    assert train_one_thread(argv) == 0
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    recorded = checkpoint.load(ckpt)["verification"]["pairs"]
+    capsys.readouterr()
+    output = str(tmp_path / "run.json")
+    assert verify.main(["--model", ckpt, "--targets", pairs, "--batch-size", "8", "--output", output]) == 0
+    got = json.loads(open(output).read())["targets"]["pairs"]
+    for key in ("accuracy", "accuracy_std", "threshold"):
+        assert got[key] == recorded[key], key
+    assert got["xnorm"] == pytest.approx(recorded["xnorm"], rel=1e-6)
+    assert "the trunk under --amp bf16, as the run verified" in capsys.readouterr().err
+    output = str(tmp_path / "fp32.json")
+    assert verify.main(["--model", ckpt, "--targets", pairs, "--batch-size", "8", "--amp", "none", "--output",
+                        output]) == 0
+    fp32 = json.loads(open(output).read())["targets"]["pairs"]
+    assert fp32["xnorm"] != pytest.approx(recorded["xnorm"], rel=1e-4)  # fp32: other embeddings
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--targets", "lfw"], "--targets lfw: a name is looked for in --data FOLDER"),
     ([], "name the sets: --data FOLDER"),
