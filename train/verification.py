@@ -118,6 +118,8 @@ def _as_bytes(item, where: str) -> bytes:
 
 def _as_issame(values, where: str) -> np.ndarray:
     flags = np.asarray(values)
+    if flags.shape == (0,):  # an empty list has no type to tell: no pairs, which the caller counts
+        return flags.astype(bool)
     if flags.ndim != 1 or not (flags.dtype == bool or (np.issubdtype(flags.dtype, np.integer)
                                                         and np.isin(flags, (0, 1)).all())):
         raise ValueError(f"{where}: the same/different list must hold one bool per pair, got {flags.dtype} "

@@ -448,6 +448,10 @@ def test_build_verification_sets_refuses_missing_paths_and_too_few_pairs(tmp_pat
         pickle.dump(([png(img) for img in images], issame), f)
     with pytest.raises(ValueError, match=r"lfw\.bin: 3 pairs; verification needs at least 10"):
         build_verification_sets(str(tmp_path), ["lfw"], image_size=20)
+    with open(tmp_path / "empty.bin", "wb") as f:  # an empty list pickles without a type: still no pairs, not floats
+        pickle.dump(([], []), f)
+    with pytest.raises(ValueError, match=r"empty\.bin: 0 pairs; verification needs at least 10"):
+        build_verification_sets(str(tmp_path), [str(tmp_path / "empty.bin")], image_size=20)
     for target in (str(tmp_path / "elsewhere" / "agedb_30.bin"), "cfp_fp.bin", "pairs.txt"):
         with pytest.raises(FileNotFoundError, match=f"^--val-targets: no verification set at {re.escape(target)}$"):
             build_verification_sets(str(tmp_path), [target], image_size=20)
