@@ -13,12 +13,13 @@ from __future__ import annotations
 import csv
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from train.data.transforms import decode_image, load_image_file, to_chw, to_model_input
+from train.data.transforms import decode_image_and_size, load_image_file_and_size, to_chw, to_model_input
 
 # insightface's grid: squared L2 distances between unit vectors lie in [0, 4].
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -127,11 +128,25 @@ def _as_issame(values, where: str) -> np.ndarray:
     return flags.astype(bool)
 
 
+def _warn_not_square(where: str, sizes: list[tuple[str, tuple[int, int]]], total: int, image_size: int) -> None:
+    """One warning for the images of a set that are not square (``sizes``: (which, (height, width)) of each):
+    photos, or crops of another layout, among aligned faces; each is stretched to the model's square input."""
+    if sizes:
+        which, (height, width) = sizes[0]
+        warnings.warn(f"{where}: {len(sizes)} of {total} images are not square ({which} is {width}x{height}, "
+                      f"width x height): each is stretched to {image_size}x{image_size}, where a verification set "
+                      "holds aligned square face crops", stacklevel=3)
+
+
 def _decode_pairs(name: str, encoded: list[bytes], issame: np.ndarray, image_size: int, where: str) -> VerificationSet:
     images = torch.empty((len(encoded), 3, image_size, image_size), dtype=torch.uint8)
+    not_square = []
     for i, data in enumerate(encoded):
-        img = decode_image(data, image_size, source=f"{where}: image {i}")
+        img, (height, width) = decode_image_and_size(data, image_size, source=f"{where}: image {i}")
         images[i] = to_chw(img)
+        if height != width:
+            not_square.append((f"image {i}", (height, width)))
+    _warn_not_square(where, not_square, len(encoded), image_size)
     return VerificationSet(name, images, issame)
 
 
@@ -191,13 +206,17 @@ def load_pairs_list(path: str, image_size: int = 112) -> VerificationSet:
     """A verification set from a pairs list (see `read_pairs_list`)."""
     pairs, issame = read_pairs_list(path)
     images = torch.empty((2 * len(pairs), 3, image_size, image_size), dtype=torch.uint8)
+    not_square = []
     for k, pair in enumerate(pairs):
         for j, image_path in enumerate(pair):
             try:
-                img = load_image_file(image_path, image_size)
+                img, (height, width) = load_image_file_and_size(image_path, image_size)
             except FileNotFoundError:
                 raise FileNotFoundError(f"{path}: pair {k + 1}: no image at {image_path}") from None
             images[2 * k + j] = to_chw(img)
+            if height != width:
+                not_square.append((image_path, (height, width)))
+    _warn_not_square(path, not_square, images.shape[0], image_size)
     return VerificationSet(os.path.splitext(os.path.basename(path))[0], images, issame)
 
 

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -211,6 +212,27 @@ def test_load_bin_reads_real_format(tmp_path, pairs_images, protocol, numpy_issa
     for i, img in enumerate(images):
         assert np.array_equal(vset.images[i].permute(1, 2, 0).numpy(), img)
     assert load_bin(str(path), image_size=12).images.shape == (6, 3, 12, 12)  # resized
+
+
+def test_sets_warn_of_images_that_are_not_square(tmp_path, pairs_images):
+    # A photo among aligned crops is stretched to the model's square input: a warning naming the set, not a
+    # silent change of its face's shape. Square images of another size are resized without one.
+    images, issame = pairs_images
+    encoded = [png(img) for img in images]
+    encoded[3] = png(np.zeros((20, 30, 3), dtype=np.uint8))
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(pickle.dumps((encoded, issame)))
+    with pytest.warns(UserWarning, match=r"lfw\.bin: 1 of 6 images are not square \(image 3 is 30x20, width x "
+                      r"height\): each is stretched to 12x12"):
+        assert load_bin(str(path), image_size=12).images.shape == (6, 3, 12, 12)
+    write_pairs_folder(tmp_path, images)
+    Image.fromarray(np.zeros((25, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "5.png")
+    with pytest.warns(UserWarning, match=r"pairs\.txt: 1 of 6 images are not square \(.*5\.png is 20x25"):
+        load_pairs_list(str(tmp_path / "pairs.txt"), image_size=20)
+    path.write_bytes(pickle.dumps(([png(img) for img in images], issame)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_bin(str(path), image_size=12)
 
 
 def test_load_bin_reads_python2_pickles(tmp_path, pairs_images):
