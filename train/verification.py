@@ -226,8 +226,10 @@ def load_pairs_list(path: str, image_size: int = 112) -> VerificationSet:
 
 @torch.no_grad()
 def compute_embeddings(backbone: torch.nn.Module, vset: VerificationSet, *, device, batch_size: int = 64,
-                       return_xnorm: bool = False, on_batch=None):
-    """L2-normalised embedding(image) + embedding(mirrored image) of every image: (2P, D) float32.
+                       return_xnorm: bool = False, on_batch=None, dtype=np.float32):
+    """L2-normalised embedding(image) + embedding(mirrored image) of every image: (2P, D) of ``dtype``.
+    The sum and its normalisation are computed in float64, as insightface computes them, whatever the
+    ``dtype`` kept: a pair's distance then lands on the same side of a threshold of the grid as there.
 
     Images are fed as (x - 127.5) / 127.5. The backbone runs in eval mode and each
     module's train/eval mode is restored afterwards. With return_xnorm=True also
@@ -244,13 +246,14 @@ def compute_embeddings(backbone: torch.nn.Module, vset: VerificationSet, *, devi
             count = x.shape[0]
             raw = backbone(torch.cat([x, torch.flip(x, dims=[3])])).float()
             norm_sum += float(raw.norm(dim=1).sum())
-            outputs.append((raw[:count] + raw[count:]).cpu())
+            raw = raw.cpu().double()  # (on the CPU: some devices have no float64)
+            outputs.append(raw[:count] + raw[count:])
             if on_batch is not None:
                 on_batch(count)
     finally:
         for module, training in modes:
             module.training = training
-    embeddings = torch.nn.functional.normalize(torch.cat(outputs), dim=1).numpy().astype(np.float32)
+    embeddings = torch.nn.functional.normalize(torch.cat(outputs), dim=1).numpy().astype(dtype, copy=False)
     if return_xnorm:
         return embeddings, norm_sum / (2 * vset.images.shape[0])
     return embeddings
@@ -303,8 +306,10 @@ def evaluate(backbone: torch.nn.Module, vset: VerificationSet, *, device, batch_
              nfolds: int = NFOLDS, on_batch=None) -> dict:
     """{'accuracy', 'accuracy_std', 'threshold', 'xnorm'} of `backbone` on `vset` (``on_batch``: as
     ``compute_embeddings``'s)."""
+    # float64: a distance on a point of the threshold grid (a tie: 0.4 from (1, 0) and (0.8, 0.6)) rounded to
+    # float32 crosses it, and another threshold would be chosen than insightface's.
     embeddings, xnorm = compute_embeddings(backbone, vset, device=device, batch_size=batch_size, return_xnorm=True,
-                                           on_batch=on_batch)
+                                           on_batch=on_batch, dtype=np.float64)
     result = verification_accuracy(embeddings[0::2], embeddings[1::2], vset.issame, nfolds=nfolds)
     result["xnorm"] = xnorm
     return result

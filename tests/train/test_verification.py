@@ -181,6 +181,30 @@ def test_evaluate_identical_pairs_are_all_same():
                                             rel=1e-4)
 
 
+class Colours(torch.nn.Module):
+    """The image's red and green values, 0-255: embeddings chosen exactly by the pictures' colours."""
+
+    def forward(self, x):
+        return x[:, :2].mean(dim=(2, 3)) * 127.5 + 127.5
+
+
+def test_evaluate_chooses_insightfaces_threshold_at_a_tie():
+    # Same pairs at a squared distance that is a point of the grid, (1, 0) against (0.8, 0.6): 0.4 in
+    # float64, as insightface computes it (0.39999999999999997, accepted from 0.40 on), 0.40000002 had the
+    # unit vectors been rounded to float32 (accepted from 0.41 on). Different pairs at distance 2.
+    colours = [((255, 0), (204, 153)) if k % 2 == 0 else ((255, 0), (0, 255)) for k in range(10)]
+    images = torch.zeros((20, 3, 2, 2), dtype=torch.uint8)
+    for k, pair in enumerate(colours):
+        for j, (red, green) in enumerate(pair):
+            images[2 * k + j, 0], images[2 * k + j, 1] = red, green
+    vset = VerificationSet("ties", images, np.arange(10) % 2 == 0)
+    e1, e2 = np.array([[1.0, 0.0]]), np.array([[204.0, 153.0]]) / np.hypot(204.0, 153.0)
+    expected = THRESHOLDS[np.argmax(THRESHOLDS > np.sum((e1 - e2) ** 2))]
+    assert expected == THRESHOLDS[40]  # (each fold chooses it: their mean, up to rounding)
+    result = evaluate(Colours(), vset, device="cpu", batch_size=3)
+    assert result["accuracy"] == 1.0 and result["threshold"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_verification_set_checks_shapes():
     with pytest.raises(ValueError, match="3 images for 2 pairs"):
         VerificationSet("bad", torch.zeros(3, 3, 4, 4, dtype=torch.uint8), [True, False])
