@@ -26,13 +26,15 @@ def _pyplot():
 def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
     plt = _pyplot()
     steps = [r["step"] for r in metrics]
+    # A lone point (a run stopped after its first --log-every steps) is a line of no length: a marker shows it.
+    marker = "o" if len(steps) == 1 else None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in metrics], color="tab:blue", lw=1.5)
+    ax.plot(steps, [r["loss"] for r in metrics], color="tab:blue", lw=1.5, marker=marker)
     ax.set_xlabel("step")
     ax.set_ylabel("loss", color="tab:blue")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()
-    lr_ax.plot(steps, [r["lr"] for r in metrics], color="tab:gray", lw=1, ls="--")
+    lr_ax.plot(steps, [r["lr"] for r in metrics], color="tab:gray", lw=1, ls="--", marker=marker and "x")
     lr_ax.set_ylabel("learning rate", color="tab:gray")
     ax.set_title("training loss (solid) and learning rate (dashed)")
     fig.tight_layout()
