@@ -81,10 +81,21 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
                          f"tensors only?): {reason}") from error
 
 
+# What wrappers put before a module's own keys: DDP's ``module.``, and ``torch.compile``'s ``_orig_mod.``
+# (a compiled DDP model's state dict has both: ``_orig_mod.module.``).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped_key(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def backbone_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The backbone weights held by ``obj``: a training checkpoint (its ``model``), arcface_torch's
     ``checkpoint_gpu_<rank>.pt`` (its ``state_dict_backbone``), a ``{"state_dict": ...}`` wrapper or a
-    bare state dict; DDP's ``module.`` prefix removed."""
+    bare state dict; the prefixes of DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) removed."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict_backbone"), dict):  # arcface_torch's
@@ -93,7 +104,7 @@ def backbone_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{source}: not a backbone state dict or a training checkpoint")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {_unwrapped_key(k): v for k, v in obj.items()}
 
 
 INSIGHTFACE_SHARD = re.compile(r"checkpoint_gpu_(\d+)\.pt")
@@ -249,6 +260,45 @@ def read_settings(path: str) -> dict[str, Any]:
     return settings
 
 
+def recorded_settings(state: Any, path: str) -> dict[str, Any]:
+    """What the file at ``path`` (read as ``state``) records of its backbone: a training checkpoint's
+    options (network, embedding_size, image_size, and threshold, the mean of its last verification's,
+    when it verified), or the settings ``python -m train.export`` wrote beside a state dict; ``{}`` for
+    a bare state dict."""
+    if isinstance(state, dict) and isinstance(state.get("args"), dict):
+        args = state["args"]
+        settings = {k: args[k] for k in ("network", "embedding_size", "image_size")}
+        results = list(state.get("verification", {}).values())
+        if results:
+            settings["threshold"] = sum(r["threshold"] for r in results) / len(results)
+        return settings
+    sidecar = settings_path(path)
+    return read_settings(sidecar) if os.path.exists(sidecar) else {}
+
+
+def held_backbone(weights: dict[str, torch.Tensor], recorded: dict[str, Any]) -> dict[str, Any] | None:
+    """The network, embedding_size and image_size of ``weights``, as the file records them
+    (:func:`recorded_settings`) where it does, else as read from their shapes (:func:`describe_backbone`;
+    shapes fit a range of image sizes: 36 to 44 px all give a ViT 4x4 patches, read as 36); None when
+    neither tells."""
+    keys = ("network", "embedding_size", "image_size")
+    known = {k: recorded[k] for k in keys if k in recorded}
+    if len(known) == len(keys):
+        return known
+    try:
+        return {**describe_backbone(weights), **known}
+    except (ValueError, KeyError, IndexError):
+        return None
+
+
+def summarize_load_error(error: RuntimeError, lines: int = 3, width: int = 300) -> str:
+    """``load_state_dict``'s error cut to its first ``lines`` lines of at most ``width`` characters:
+    its lists of missing and unexpected keys run to pages, on one line each."""
+    text = str(error).splitlines()
+    kept = [line if len(line) <= width else line[:width] + " ..." for line in text[:lines]]
+    return "\n".join(kept + ([f"... ({len(text) - lines} more lines)"] if len(text) > lines else []))
+
+
 def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An eval-mode backbone from a training checkpoint, a state dict written by
     ``python -m train.export`` (settings beside it in ``<name>.json``) or a bare state dict of a
@@ -259,17 +309,7 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
     from .models import get_model
 
     state = load(path)
-    settings: dict[str, Any] = {}
-    if isinstance(state, dict) and isinstance(state.get("args"), dict):
-        args = state["args"]
-        settings = {k: args[k] for k in ("network", "embedding_size", "image_size")}
-        results = list(state.get("verification", {}).values())
-        if results:
-            settings["threshold"] = sum(r["threshold"] for r in results) / len(results)
-    else:
-        sidecar = settings_path(path)
-        if os.path.exists(sidecar):
-            settings = read_settings(sidecar)
+    settings = recorded_settings(state, path)
     weights = backbone_state_dict(state, path)
     # What the file records (a checkpoint's options, an export's settings) is what the weights are:
     # another value given for it would build a model they do not fit.
@@ -286,13 +326,10 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        try:  # what the file holds, in the options' words (load_state_dict's own list runs to pages)
-            found = describe_backbone(weights)
-            holds = (f"it holds network {found['network']} with embedding size {found['embedding_size']} at "
-                     f"{found['image_size']}px")
-        except (ValueError, KeyError, IndexError):
-            lines = str(error).splitlines()
-            holds = "\n".join(lines[:3] + ([f"... ({len(lines) - 3} more lines)"] if len(lines) > 3 else []))
+        # What the file holds, in the options' words (load_state_dict's own list runs to pages).
+        found = held_backbone(weights, {})  # (what it records is what was built)
+        holds = (f"it holds network {found['network']} with embedding size {found['embedding_size']} at "
+                 f"{found['image_size']}px" if found else summarize_load_error(error))
         raise ValueError(f"{path} does not fit network {settings['network']} with embedding size "
                          f"{settings['embedding_size']} at {settings['image_size']}px: {holds}") from None
     return model.eval(), settings

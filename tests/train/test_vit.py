@@ -3,6 +3,7 @@ FLOPs, state-dict layout), masking and stochastic depth in training only, the op
 backbone takes, and ``--network vit_t`` through the trainer, a resume and the ONNX export."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import arcface_ext
 from conftest import assert_close_report
 from train import checkpoint
+from train.config import parse_args
 from train.models import NETWORKS, VIT_CONFIGS, VisionTransformer, get_model
 from train.models.vit import Attention, DropPath
+from train.trainer import Trainer, build_optimizer
 
 from test_training import run_killed_at
 from trainer_fixtures import (assert_onnx_export_matches, base_argv, output_dtypes, forward_backward, make_face_folder, one_thread, read_jsonl,  # noqa: F401
@@ -391,3 +394,40 @@ def test_parameter_free_modules_keep_insightface_keys():
     assert not any(".drop_path." in k or k.startswith("dropout") for k in model.state_dict())
     assert all(isinstance(block.drop_path, DropPath) for block in model.blocks)
     assert isinstance(model.dropout, nn.Dropout)
+
+
+def test_a_compiled_models_state_dict_loads(vit_runs, tmp_path):
+    # torch.compile's wrapper puts `_orig_mod.` before every key (`_orig_mod.module.` over DDP): a
+    # state dict saved from a compiled model is the same backbone, for train.embed and --pretrained_model.
+    root, argv = vit_runs
+    model, _ = checkpoint.load_backbone(str(root / "full" / "checkpoint.pt"))
+    compiled = torch.compile(model).state_dict()  # (compiles lazily: nothing runs here)
+    assert all(key.startswith("_orig_mod.") for key in compiled)
+    for name, state in (("compiled", compiled), ("compiled_ddp", {k.replace("_orig_mod.", "_orig_mod.module."): v
+                                                                   for k, v in compiled.items()})):
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path)
+        loaded, settings = checkpoint.load_backbone(str(path))
+        assert settings == {"network": "vit_t", "embedding_size": 64, "image_size": IMAGE_SIZE}
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+        trainer = Trainer(parse_args(argv(name, pretrained_model=str(path))))
+        assert torch.equal(trainer.backbone.pos_embed, model.pos_embed)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_weight_decay_reaches_every_parameter_as_in_arcface_torch(optimizer):
+    # arcface_torch hands backbone.parameters() to its optimizer whole: no exemption for norms, biases or
+    # the position embedding, which the README's --decay says. (With mask_ratio 0 the frozen mask token,
+    # which gets no gradient there either, is left out.)
+    args = SimpleNamespace(optimizer=optimizer, lr=0.001, momentum=0.9, decay=0.1)
+    for name in ("vit_t", "vit_t_dp005_mask0"):
+        model = get_model(name, image_size=IMAGE_SIZE, embedding_size=64)
+        centres = nn.Linear(64, 5, bias=False)
+        groups = build_optimizer(args, model, centres).param_groups
+        decayed = {id(p) for group in groups if group["weight_decay"] == 0.1 for p in group["params"]}
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert {"pos_embed", "norm.bias", "blocks.0.norm1.weight", "feature.1.bias"} <= set(trainable)
+        assert ("mask_token" in trainable) == (name == "vit_t")
+        assert all(id(p) in decayed for p in model.parameters() if p.requires_grad)
+        assert id(centres.weight) in decayed
