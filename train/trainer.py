@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import gc
 import json
 import math
@@ -219,16 +220,19 @@ def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
 
 class RunLog:
     """``metrics.jsonl`` and ``verification.jsonl`` (one JSON object a line) plus TensorBoard
-    when installed, and a Weights & Biases run when given. A resumed run first drops the lines past
-    its checkpoint's step, which the killed run may have written (what it sent to W&B stays there)."""
+    when installed, and a Weights & Biases run when given. A resumed run's logs start with those of
+    its checkpoint's folder, ``history`` (``output`` unless it resumes from elsewhere), up to the
+    checkpoint's step: the lines past it, which the killed run may have written, are dropped (what it
+    sent to W&B stays there)."""
 
     FILES = ("metrics.jsonl", "verification.jsonl")
 
-    def __init__(self, output: str, start_step: int, tensorboard: bool, wandb_run=None):
+    def __init__(self, output: str, start_step: int, tensorboard: bool, wandb_run=None, history: str | None = None):
         self.output, self.wandb = output, wandb_run
         for name in self.FILES:
             path = os.path.join(output, name)
-            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step] if start_step else []
+            earlier = os.path.join(history or output, name)
+            kept = [r for r in read_jsonl(earlier) if r.get("step", 0) <= start_step] if start_step else []
             # Atomically: a kill here leaves the old log, which the next resume trims again.
             checkpoint.write_atomic(path, lambda f, kept=kept: f.writelines(json.dumps(r) + "\n" for r in kept),
                                     binary=False)
@@ -435,6 +439,15 @@ def _lost_a_peer(error: BaseException) -> bool:
     return any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
 
 
+def _is_terminal(stream) -> bool:
+    """Whether ``stream`` shows a progress bar: a terminal that knows its width (tqdm draws nothing in
+    one of 0 columns, as a pseudo-terminal without a size reports)."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):  # a stream without a file (captured), or a closed one
+        return False
+
+
 def _resolve_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -622,7 +635,9 @@ class Trainer:
                 seed_everything(args.seed + self.rank + self.world_size * self.step)
         else:
             seed_everything(args.seed + self.rank)  # independent dropout masks per rank
-        self.log = RunLog(self.output, self.step, args.tensorboard, wandb_run) if self.is_main else None
+        # (A run resumed from another folder's checkpoint: that folder's logs up to its step begin this one's.)
+        history = os.path.dirname(os.path.abspath(resume)) if resume else None
+        self.log = RunLog(self.output, self.step, args.tensorboard, wandb_run, history) if self.is_main else None
         if self.is_main:
             checkpoint.write_json_atomic(os.path.join(self.output, "args.json"), vars(args))
 
@@ -1060,8 +1075,11 @@ class Trainer:
             # slow (r18, 8 images at 112 px: 24 s a step against 2.8 s in fp32 on this project's machine).
             print("note: --amp fp16 on the CPU runs several times slower than fp32 (torch's CPU fp16 convolutions); "
                   "--amp none for a CPU trial", file=sys.stderr)
+        # A terminal gets a progress bar. A file or a pipe (a cluster job's log, `> log.txt`) gets a line
+        # every --log-every steps instead: there the bar's redraws, ten a second, would bury the log.
+        interactive = _is_terminal(sys.stderr)
         bar = tqdm(total=args.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not self.is_main, file=sys.stderr)
+                   disable=not (self.is_main and interactive), file=sys.stderr)
         try:
             if self.step >= args.max_steps:  # a finished run resumed: its verification and checkpoint are written
                 self._write(f"the checkpoint is at step {self.step} of --max-steps {args.max_steps}: nothing to "
@@ -1072,6 +1090,7 @@ class Trainer:
                 stop = self.evaluate()
             batches = self._batches()
             window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            loop_start, loop_start_step = window_start, self.step  # for the lines' ETA
             while self.step < args.max_steps and not stop:
                 images, labels = next(batches)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -1082,11 +1101,19 @@ class Trainer:
                 if self.step % args.log_every == 0 or self.step == args.max_steps or stop:
                     now = time.perf_counter()
                     rate = window_steps * global_batch / max(now - window_start, 1e-9)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                    loss_mean = window_loss / window_steps  # the number metrics.jsonl gets, not the last step's
+                    bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                     if self.is_main:
-                        self.log.metrics({"step": self.step, "loss": window_loss / window_steps, "lr": lr,
+                        self.log.metrics({"step": self.step, "loss": loss_mean, "lr": lr,
                                           "samples_per_sec": rate,
                                           "time": round(self.elapsed + now - self._started, 3)})
+                        if not interactive:
+                            # The time left at this process's pace so far, its verifications and saves included.
+                            left = (args.max_steps - self.step) * (now - loop_start) / (self.step - loop_start_step)
+                            epoch = self.step / self.loader.batch_sampler.steps_per_epoch
+                            self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, lr {lr:.6g}, "
+                                        f"{rate:.1f} images/s, epoch {epoch:.2f}, "
+                                        f"ETA {datetime.timedelta(seconds=round(left))}")
                     window_start, window_steps, window_loss = now, 0, 0.0
                 if args.eval_every and self.step % args.eval_every == 0 and self.step != args.max_steps:
                     stop = self.evaluate() or stop

@@ -79,6 +79,28 @@ def test_eval_every_zero_verifies_at_the_end_only(faces, tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [3]
 
 
+def test_output_to_a_file_gets_a_line_per_logged_step_not_a_bar(faces, tmp_path, capsys):
+    # (capsys's stderr is no terminal, as a file or a pipe is not)
+    assert main(argv(faces, tmp_path, max_steps=6, log_every=2)) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "step/s" not in err, err  # no progress bar redrawn into the file
+    lines = re.findall(r"^\[step (\d+)/6\] loss ([\d.]+), lr ([\d.e-]+), ([\d.]+) images/s, epoch ([\d.]+), "
+                       r"ETA (\d+:\d\d:\d\d)$", err, re.M)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(int(s), float(loss), float(lr)) for s, loss, lr, *_ in lines] == [
+        (r["step"], round(r["loss"], 4), float(f"{r['lr']:.6g}")) for r in records]
+    assert [float(epoch) for *_, epoch, _ in lines] == [0.5, 1.0, 1.5]  # 64 images, 16 a step
+    assert lines[-1][-1] == "0:00:00"
+
+
+def test_the_progress_bar_shows_the_logged_loss(faces, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("train.trainer._is_terminal", lambda stream: True, raising=False)
+    assert main(argv(faces, tmp_path, max_steps=4, log_every=2)) == 0
+    shown = re.findall(r"loss=([\d.]+)", capsys.readouterr().err)
+    # The mean over the --log-every steps that metrics.jsonl holds, not the last step's loss alone.
+    assert sorted(set(shown)) == sorted(f"{r['loss']:.3f}" for r in read_jsonl(tmp_path / "metrics.jsonl"))
+
+
 def test_a_fresh_run_sets_an_earlier_run_aside(faces, tmp_path, capsys):
     # Nothing a run wrote is overwritten by the next fresh run into its folder; other files stay.
     (tmp_path / "notes.txt").write_text("mine")
@@ -280,11 +302,13 @@ def test_resume_from_elsewhere_sets_aside_the_run_in_the_output_folder(faces, tm
     assert main(argv(faces, other, max_steps=6, resume=str(first / "checkpoint.pt"))) == 0
     assert f"held another run than the one in {first / 'checkpoint.pt'}" in capsys.readouterr().err
     assert {name: (other / "earlier-1" / name).read_bytes() for name in held} == held
-    assert [r["step"] for r in read_jsonl(other / "metrics.jsonl")] == [5, 6]
+    # The resumed run's logs: the checkpoint's folder's up to its step, then its own (the plots show the run).
+    resumed = read_jsonl(other / "metrics.jsonl")
+    assert resumed[:4] == read_jsonl(first / "metrics.jsonl") and [r["step"] for r in resumed[4:]] == [5, 6]
     assert checkpoint.load(str(other / "checkpoint.pt"))["step"] == 6
     assert main(argv(faces, other, max_steps=7, resume=str(other / "checkpoint.pt"))) == 0
     assert not (other / "earlier-2").exists()
-    assert [r["step"] for r in read_jsonl(other / "metrics.jsonl")] == [5, 6, 7]
+    assert [r["step"] for r in read_jsonl(other / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_resume_drops_a_torn_last_log_line(faces, tmp_path):
