@@ -1,9 +1,14 @@
 """The run's figures, as PNG files in its output folder: the loss curve, verification accuracy
 over steps, and the distribution of the target angle θ at the start, middle and end of
-training (the ArcFace paper's picture of the margin at work)."""
+training (the ArcFace paper's picture of the margin at work).
+
+The trainer draws them when a run ends. ``python -m train.plots RUN`` draws them again from what the
+run folder holds: a run still training (its logs so far, the angles of its last checkpoint), one
+stopped before its end, or one trained with ``--no-plots``."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections import defaultdict
@@ -23,6 +28,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str) -> None:
+    """``fig`` as a PNG at ``path``, written whole or not at all (a figure redrawn while a viewer
+    reads it, or a stop mid-write, leaves the previous one)."""
+    from .checkpoint import write_atomic
+
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
 def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
     plt = _pyplot()
     steps = [r["step"] for r in metrics]
@@ -37,8 +51,7 @@ def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
     lr_ax.plot(steps, [r["lr"] for r in metrics], color="tab:gray", lw=1, ls="--", marker=marker and "x")
     lr_ax.set_ylabel("learning rate", color="tab:gray")
     ax.set_title("training loss (solid) and learning rate (dashed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -58,8 +71,7 @@ def plot_verification(records: list[dict[str, Any]], path: str) -> None:
     ax.set_ylim(top=100)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -81,31 +93,63 @@ def plot_target_angles(angles, path: str) -> None:
     ax.set_ylabel("density")
     ax.set_title("target angle distribution")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
-def write_plots(output: str, angles) -> list[str]:
-    """Draw every figure the run's logs allow; returns the files written."""
+def write_plots(output: str, angles, into: str | None = None) -> list[str]:
+    """Draw every figure the run's logs in ``output`` allow, into ``into`` (default ``output``);
+    ``angles``: a :class:`train.trainer.TargetAngles`, or None. Returns the files written."""
     from .trainer import read_jsonl
 
     if _pyplot() is None:
         print("note: matplotlib is not installed; no plots written (pip install matplotlib)", file=sys.stderr)
         return []
+    into = output if into is None else into
     written = []
     metrics = read_jsonl(os.path.join(output, "metrics.jsonl"))
     if metrics:
-        plot_loss(metrics, os.path.join(output, LOSS_PNG))
+        plot_loss(metrics, os.path.join(into, LOSS_PNG))
         written.append(LOSS_PNG)
     records = read_jsonl(os.path.join(output, "verification.jsonl"))
     if records:
-        plot_verification(records, os.path.join(output, VERIFICATION_PNG))
+        plot_verification(records, os.path.join(into, VERIFICATION_PNG))
         written.append(VERIFICATION_PNG)
-    if any(angles.degrees(phase).numel() for phase in angles.windows):
-        plot_target_angles(angles, os.path.join(output, ANGLE_PNG))
+    if angles is not None and any(angles.degrees(phase).numel() for phase in angles.windows):
+        plot_target_angles(angles, os.path.join(into, ANGLE_PNG))
         written.append(ANGLE_PNG)
-    return [os.path.join(output, name) for name in written]
+    return [os.path.join(into, name) for name in written]
+
+
+class SavedAngles:
+    """The target angles a checkpoint holds (``TargetAngles.state_dict``), for :func:`plot_target_angles`."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.windows = {phase: tuple(window) for phase, window in state["windows"].items()}
+        self._degrees = state["degrees"]
+
+    def degrees(self, phase: str):
+        return self._degrees[phase]
+
+
+def saved_angles(run: str) -> SavedAngles | None:
+    """The angles of ``run``'s checkpoint (those gathered up to its step); None without a checkpoint
+    or one that holds none (a note says why when it does not load)."""
+    from . import checkpoint
+
+    path = os.path.join(run, checkpoint.CHECKPOINT_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        state = checkpoint.load(path, mmap=True)  # (only the angles are read: the weights stay on disk)
+    except (OSError, ValueError) as error:  # (ValueError names the file)
+        print(f"note: {ANGLE_PNG} not drawn: {error}", file=sys.stderr)
+        return None
+    try:
+        return SavedAngles(state["target_angles"])
+    except (KeyError, TypeError) as error:
+        print(f"note: {path} holds no target angles ({type(error).__name__}: {error}); no {ANGLE_PNG}", file=sys.stderr)
+    return None
 
 
 def plot_ijb(path: str, title: str, roc=None, identification=None) -> None:
@@ -140,3 +184,48 @@ def plot_ijb(path: str, title: str, roc=None, identification=None) -> None:
     extension = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     write_atomic(path, lambda f: fig.savefig(f, format=extension, dpi=120))
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .signals import Stopped, stop_on_signals
+
+    p = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run's --output folder (its metrics.jsonl, verification.jsonl and checkpoint.pt)")
+    p.add_argument("--output", default=None,
+                   help=f"the folder the figures go to (default: the run folder); there, {LOSS_PNG}, "
+                   f"{VERIFICATION_PNG} or {ANGLE_PNG} already present are kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the figures in --output")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.run):
+        p.error(f"{args.run}: not a folder (a run's --output)")
+    if args.output is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
+        p.error(f"--output {args.output}: not a folder")
+    if _pyplot() is None:
+        print("error: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return 2
+    into = args.run if args.output is None else args.output
+    if args.output is not None and not args.overwrite and os.path.realpath(into) != os.path.realpath(args.run):
+        present = [name for name in (LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG) if os.path.exists(os.path.join(into, name))]
+        if present:
+            p.error(f"--output {into} holds {', '.join(present)}: kept (--overwrite replaces them)")
+    try:
+        with stop_on_signals():  # (each figure is written whole or not at all)
+            written = write_plots(args.run, saved_angles(args.run), into=into)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Stopped as stop:
+        print(f"\nstopped by {stop.name}", file=sys.stderr)
+        return stop.exit_status
+    if not written:
+        print(f"error: {args.run}: nothing to draw (no logged step in metrics.jsonl, no verification in "
+              "verification.jsonl, no target angles in checkpoint.pt)", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

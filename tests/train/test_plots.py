@@ -1,5 +1,7 @@
 """The run's figures (``train.plots``), drawn from the logs a run leaves."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,3 +17,60 @@ def test_the_loss_plot_of_a_single_logged_step_shows_it(tmp_path):
     middle = pixels[h // 4:3 * h // 4, w // 4:3 * w // 4]  # where a lone point lands, away from the axis label
     blue = (np.abs(middle - (31, 119, 180)).sum(axis=2) < 30).sum()  # matplotlib's tab:blue, the loss's colour
     assert blue > 20, "the loss's only point is not drawn"
+
+
+@pytest.fixture
+def run_without_plots(tmp_path):
+    """A short run with verification, trained with --no-plots (the fixtures' default)."""
+    import arcface_ext
+    from train.trainer import main
+
+    from trainer_fixtures import base_argv, make_face_folder, make_pairs_list
+
+    data, pairs = make_face_folder(str(tmp_path / "train")), make_pairs_list(str(tmp_path / "pairs"))
+    run = tmp_path / "run"
+    impl = "fused" if arcface_ext.extension_available() else "reference"
+    assert main(base_argv(data, str(run), pairs, loss_impl=impl, max_steps=4, eval_every=2)) == 0
+    assert not {"loss.png", "verification.png", "target_angle.png"} & set(os.listdir(run))
+    return run
+
+
+def test_the_command_draws_a_runs_figures_from_its_folder(run_without_plots, capsys):
+    pytest.importorskip("matplotlib")
+    from train.plots import main
+
+    assert main([str(run_without_plots)]) == 0
+    names = ("loss.png", "verification.png", "target_angle.png")
+    assert capsys.readouterr().out.split() == [str(run_without_plots / name) for name in names]
+    for name in names:
+        assert Image.open(run_without_plots / name).format == "PNG"
+    assert not [n for n in os.listdir(run_without_plots) if n.endswith(".tmp")]
+
+
+def test_the_command_keeps_figures_in_another_folder_unless_overwrite(run_without_plots, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from train.plots import main
+
+    elsewhere = tmp_path / "figures"
+    elsewhere.mkdir()
+    (elsewhere / "loss.png").write_bytes(b"mine")
+    with pytest.raises(SystemExit) as stop:
+        main([str(run_without_plots), "--output", str(elsewhere)])
+    assert stop.value.code == 2 and "holds loss.png: kept (--overwrite replaces them)" in capsys.readouterr().err
+    assert (elsewhere / "loss.png").read_bytes() == b"mine"
+    assert main([str(run_without_plots), "--output", str(elsewhere), "--overwrite"]) == 0
+    assert Image.open(elsewhere / "loss.png").format == "PNG"
+    assert not {"loss.png", "verification.png", "target_angle.png"} & set(os.listdir(run_without_plots))
+
+
+def test_the_command_names_a_folder_with_nothing_to_draw(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from train.plots import main
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "target_angle.png not drawn: " in err and "not a readable checkpoint" in err and f"error: {tmp_path}: nothing to draw" in err
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "missing")])
+    assert stop.value.code == 2 and "not a folder (a run's --output)" in capsys.readouterr().err
