@@ -807,19 +807,25 @@ class Trainer:
             weights = checkpoint.backbone_state_dict(state, path)
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(f"--pretrained_model: {error}") from None
+        a = self.args
+        try:
+            recorded = checkpoint.recorded_settings(state, path)
+        except ValueError as error:  # a backbone.json beside it that is not train.export's
+            raise SystemExit(f"--pretrained_model: {error}") from None
         try:
             self.backbone.load_state_dict(weights)
         except RuntimeError as error:
-            a = self.args
-            try:  # what the file holds, in the flags' words (load_state_dict's own list runs to pages)
-                found = checkpoint.describe_backbone(weights)
-                holds = (f"it holds --network {found['network']} --embedding-size {found['embedding_size']} "
-                         f"--image-size {found['image_size']}")
-            except (ValueError, KeyError, IndexError):
-                lines = str(error).splitlines()
-                holds = "\n".join(lines[:3] + ([f"... ({len(lines) - 3} more lines)"] if len(lines) > 3 else []))
+            # What the file holds, in the flags' words (load_state_dict's own list runs to pages).
+            found = checkpoint.held_backbone(weights, recorded)
+            holds = (f"it holds --network {found['network']} --embedding-size {found['embedding_size']} "
+                     f"--image-size {found['image_size']}" if found else checkpoint.summarize_load_error(error))
             raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "
                              f"{a.embedding_size} --image-size {a.image_size}: {holds}") from None
+        if recorded.get("image_size", a.image_size) != a.image_size and self.is_main:
+            # The weights fit (a ViT's patches, or an iResNet's last feature map, are as many), but the
+            # faces are drawn at another scale than they learnt.
+            print(f"note: --pretrained_model {path} was trained at {recorded['image_size']}px; this run trains at "
+                  f"--image-size {a.image_size}", file=sys.stderr)
         loaded = "backbone"
         centres = state.get("margin_loss") if isinstance(state, dict) else None
         assembled = False

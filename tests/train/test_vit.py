@@ -431,3 +431,35 @@ def test_weight_decay_reaches_every_parameter_as_in_arcface_torch(optimizer):
         assert ("mask_token" in trainable) == (name == "vit_t")
         assert all(id(p) in decayed for p in model.parameters() if p.requires_grad)
         assert id(centres.weight) in decayed
+
+
+def test_a_pretrained_vit_of_another_size_is_named_by_its_record(vit_runs, tmp_path, capsys):
+    # 36 to 44 px give the same 4x4 patches: the weights alone read as 36 px, the checkpoint says 40.
+    root, argv = vit_runs
+    state = checkpoint.load(str(root / "full" / "checkpoint.pt"))
+    state["args"]["image_size"] = 40
+    at_40 = tmp_path / "at_40.pt"
+    torch.save(state, at_40)
+    with pytest.raises(SystemExit, match=r"^--pretrained_model .*at_40\.pt does not fit --network vit_s --embedding-size "
+                                         r"64 --image-size 40: it holds --network vit_t --embedding-size 64 "
+                                         r"--image-size 40$"):
+        # (the command line's later flags win)
+        Trainer(parse_args(argv("vit_s", pretrained_model=str(at_40)) + ["--network", "vit_s", "--image-size", "40"]))
+    # The same patches at another size load, and the run says the faces are drawn at another scale.
+    Trainer(parse_args(argv("vit_t", pretrained_model=str(at_40))))
+    assert f"note: --pretrained_model {at_40} was trained at 40px; this run trains at --image-size 36" \
+        in capsys.readouterr().err
+
+
+def test_a_foreign_state_dict_is_named_in_a_few_short_lines(vit_runs, tmp_path):
+    # load_state_dict lists every missing and unexpected key on one line each: pages for a ViT.
+    root, argv = vit_runs
+    weights = checkpoint.load(str(root / "full" / "checkpoint.pt"))["model"]
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"encoder." + k: v for k, v in weights.items()}, foreign)
+    with pytest.raises(SystemExit) as raised:
+        Trainer(parse_args(argv("foreign", pretrained_model=str(foreign))))
+    message = str(raised.value)
+    assert message.startswith(f"--pretrained_model {foreign} does not fit --network vit_t")
+    assert "Missing key(s)" in message and "Unexpected key(s)" in message
+    assert len(message) < 1200 and all(len(line) < 400 for line in message.splitlines()), message
