@@ -161,7 +161,11 @@ class CosFaceLoss(CombinedMarginLoss):
 
 
 class SphereFaceLoss(CombinedMarginLoss):
-    """Multiplicative angular margin: target logit s·ψ(mθ), optionally blended with cos θ by lambda_."""
+    """Multiplicative angular margin: target logit s·ψ(mθ), optionally blended with cos θ by lambda_:
+    s·(ψ + λ·cos θ)/(1 + λ), ψ = (-1)^k cos(mθ) - 2k. SphereFace's own code (wy1iu/sphereface) anneals
+    λ during training, max(5, 1000 / (1 + 0.12·iteration)), and scales ψ by the feature's own norm
+    instead of normalising the feature; here the embedding is normalised and scaled by s, and λ is the
+    constant you give (assign ``criterion.lambda_`` between steps to anneal it)."""
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=4, lambda_=0.0, **kwargs):
         super().__init__(num_classes, embedding_size, s=s, m1=float(m), m2=0.0, m3=0.0, lambda_=lambda_, **kwargs)
@@ -188,7 +192,13 @@ class AdaFaceMargins:
     of the step (no gradient through the norm), as in AdaFace. μ and σ (buffers ``batch_mean``,
     ``batch_std``, AdaFace's initial 20 and 100) move in training mode only; they are fp32 (fp64 in an
     fp64 module) and stay fp32 when the module is cast to 16 bits (a bf16 running mean would round away
-    its 1% steps)."""
+    its 1% steps).
+
+    Where AdaFace's code (mk-minchul/AdaFace ``head.py``) differs: it moves μ and σ at every call, over
+    the whole batch (here: training mode only, the counted rows only), clamps every cosine to
+    ±(1 - 1e-3) and θ - m·z_i to [1e-3, π - 1e-3]; here cosines are clamped to ±1, ψ is held at 1 where
+    θ - m·z_i < 0 and continues linearly past π (c - m2·sin m2, the combined loss's rule). The losses
+    differ only for cosines within 1e-3 of ±1 and for targets more than π - m from their centre."""
 
     per_row_margins = True
     initial_statistics = {"batch_mean": 20.0, "batch_std": 100.0}  # AdaFace's
@@ -265,7 +275,9 @@ class ElasticFaceMargins:
     s·cos(θ + m_i), ElasticFace-Arc) or a cosine one (``kind="cos"``: s·(cos θ - m_i),
     ElasticFace-Cos). ``m`` defaults to the paper's 0.5 (arc) or 0.35 (cos), ``std`` to its 0.05. In
     eval mode every row gets m. The draws come from ``generator`` when given (on the embeddings'
-    device), else torch's default one."""
+    device), else torch's default one. Past θ + m_i = π the angular form continues linearly, as the
+    combined loss does, where ElasticFace's code takes cos(θ + m_i) itself (which turns back up there).
+    ElasticFace+ (the draws sorted against the rows' target cosines) is not provided."""
 
     per_row_margins = True
 
@@ -304,9 +316,13 @@ class MagFaceLoss(CombinedMarginLoss):
     m(a_i) = l_m + (u_m - l_m)·(a_i - l_a)/(u_a - l_a) with a_i clipped to [l_a, u_a], plus the
     regulariser λ_g·g(a_i), g(a) = a/u_a² + 1/a, which rewards large norms; the norm becomes a
     measure of the face's quality. Unlike AdaFace's, these margins are differentiable: the gradient
-    flows through m(a_i) into the norm, as in MagFace. The defaults are its MS1MV2 settings. Past
-    θ + m = π the target logit continues linearly (insightface's convention, MagFace's
-    ``easy_margin=False``). Not available with sharded class centres.
+    flows through m(a_i) into the norm, as in MagFace. The defaults are its MS1MV2 settings.
+
+    The margin applies at every θ (MagFace's ``MagLinear(easy_margin=False)``), continuing linearly past
+    θ + m = π. MagFace's training code builds ``MagLinear`` with its default ``easy_margin=True``, which
+    drops the margin wherever cos θ <= 0 (target logit s·cos θ, and no gradient into the norm through
+    the margin there): the two differ for targets more than π/2 from their centre, as many are early in
+    training. Not available with sharded class centres.
     """
 
     per_row_margins = True
@@ -387,8 +403,8 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
     non-finite embedding): that call's loss is NaN, t stays. It is fp32 (fp64 in an fp64 module) and
     stays fp32 when the module is cast to 16 bits. Under DistributedDataParallel (which broadcasts buffers from rank 0 at every
     forward) it follows rank 0's batches. Past θ + m = π the target logit continues linearly
-    (c - m·sin m, CurricularFace's and insightface's), and the hard-negative test compares with that
-    same margined cosine, where CurricularFace's code compares with cos(θ + m) itself (which turns
+    (c - m·sin m, CurricularFace's and arcface_torch's earlier ArcFace's), and the hard-negative test
+    compares with that same margined cosine, where CurricularFace's code compares with cos(θ + m) itself (which turns
     back up there); the two differ only for targets more than π - m from their class.
 
     It runs on the chunked PyTorch path (:mod:`arcface_ext.chunked`), not the fused op; ``sample_rate``

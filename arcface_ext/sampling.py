@@ -24,7 +24,9 @@ def check_sample_rate(sample_rate):
 def sample_size(num_classes, sample_rate, num_rows):
     """How many of ``num_classes`` classes a step with ``num_rows`` rows keeps: ``int(sample_rate *
     num_classes)`` as insightface's partial FC, raised to ``min(num_classes, num_rows)`` so that the
-    classes of all the rows' targets always fit (at least one)."""
+    classes of all the rows' targets always fit (at least one). (insightface's, when the targets'
+    classes outnumber ``int(sample_rate * num_classes)``, is those classes alone: a size that depends
+    on the batch's labels, which a sample drawn without a host synchronisation cannot have.)"""
     for name, value, least in (("num_classes", num_classes, 1), ("num_rows", num_rows, 0)):
         # (torch.SymInt: a batch size under torch.compile's dynamic shapes.)
         if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) or value < least:

@@ -446,3 +446,36 @@ def test_per_row_margins_under_autocast(loss_fn):
     # s = 64 times a bf16 cosine (the reference rounds its cosines to bf16 under autocast): up to
     # ~0.25 a logit.
     assert_close_report(loss, expected, atol=0.5, rtol=0.0, name="loss")
+
+
+def test_the_documented_departures_from_the_authors_code_hold():
+    """What the README and docstrings say about the authors' own code, pinned: a target more than
+    π - m from its centre continues linearly, c - m·sin m, where ElasticFace's code takes cos(θ + m)
+    and AdaFace's holds θ + m at π - 1e-3; MagFace's margin applies where cos θ < 0 too, where its
+    training code (MagLinear's easy_margin=True) leaves the target logit at s·cos θ."""
+    dim, num_classes = 8, 5
+    w = torch.eye(num_classes, dim, dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    # Row 0: θ ≈ 3.0 from its centre (past π - 0.5); row 1: θ ≈ 2.0 (cos θ < 0, θ + m < π).
+    x = torch.zeros(2, dim, dtype=torch.float64)
+    x[0, 0], x[0, 2] = math.cos(3.0), math.sin(3.0)
+    x[1, 1], x[1, 3] = math.cos(2.0), math.sin(2.0)
+
+    def target_logit(criterion, embeddings):
+        with torch.no_grad():
+            criterion.weight.copy_(w)
+            rows = criterion(embeddings, labels)
+        cosine = F.normalize(embeddings) @ w.t()
+        others = torch.logsumexp(64.0 * cosine.scatter(1, labels[:, None], -math.inf), dim=1)
+        # loss_i = log(e^{t} + e^{others}) - t  =>  t = others - log(e^{loss} - 1)
+        return others - torch.log(torch.expm1(rows))
+
+    elastic = arcface_ext.ElasticFaceLoss(num_classes, dim, std=0.0, reduction="none", dtype=torch.float64)
+    logit = float(target_logit(elastic, x)[0]) / 64.0
+    assert logit == pytest.approx(math.cos(3.0) - 0.5 * math.sin(0.5), abs=1e-9)
+    assert abs(logit - math.cos(3.5)) > 0.25  # ElasticFace's code: cos(θ + m), turned back up
+
+    magface = arcface_ext.MagFaceLoss(num_classes, dim, reduction="none", lambda_g=0.0, dtype=torch.float64)
+    logit = float(target_logit(magface, x * 10.0)[1]) / 64.0  # norm l_a: margin l_m = 0.45
+    assert logit == pytest.approx(math.cos(2.45), abs=1e-9)
+    assert abs(logit - math.cos(2.0)) > 0.3  # MagFace's training code: no margin where cos θ <= 0
