@@ -318,24 +318,26 @@ class MagFaceLoss(CombinedMarginLoss):
     measure of the face's quality. Unlike AdaFace's, these margins are differentiable: the gradient
     flows through m(a_i) into the norm, as in MagFace. The defaults are its MS1MV2 settings.
 
-    The margin applies at every θ (MagFace's ``MagLinear(easy_margin=False)``), continuing linearly past
-    θ + m = π. MagFace's training code builds ``MagLinear`` with its default ``easy_margin=True``, which
-    drops the margin wherever cos θ <= 0 (target logit s·cos θ, and no gradient into the norm through
-    the margin there): the two differ for targets more than π/2 from their centre, as many are early in
+    By default the margin applies at every θ (MagFace's ``MagLinear(easy_margin=False)``), continuing
+    linearly past θ + m = π. ``easy_margin=True`` is what MagFace's training code builds (``MagLinear``'s
+    default): no margin wherever cos θ <= 0 (target logit s·cos θ, and no gradient into the norm through
+    the margin there). The two differ for targets more than π/2 from their centre, as many are early in
     training. Not available with sharded class centres.
     """
 
     per_row_margins = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
-                 **kwargs):
+                 easy_margin=False, **kwargs):
         for name, value in (("l_a", l_a), ("u_a", u_a), ("l_m", l_m), ("u_m", u_m), ("lambda_g", lambda_g)):
             check_real(name, value)
+        easy_margin = check_flag("easy_margin", easy_margin)
         if not (0 < l_a < u_a and 0 <= l_m <= u_m <= math.pi / 2 and lambda_g >= 0):
             raise ValueError(f"MagFace needs 0 < l_a < u_a, 0 <= l_m <= u_m <= pi/2 and lambda_g >= 0, got l_a={l_a}, "
                              f"u_a={u_a}, l_m={l_m}, u_m={u_m}, lambda_g={lambda_g}")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = (float(v) for v in (l_a, u_a, l_m, u_m, lambda_g))
+        self.easy_margin = easy_margin
 
     def _norms(self, embeddings):
         return norm_dtype(embeddings).norm(dim=1).clamp(self.l_a, self.u_a)
@@ -345,7 +347,15 @@ class MagFaceLoss(CombinedMarginLoss):
         margins = self.l_m + (self.u_m - self.l_m) / (self.u_a - self.l_a) * (norms - self.l_a)
         # A non-finite embedding's margin (NaN, from its norm) as l_m: its loss is NaN anyway, where a NaN
         # margin would make the op refuse the whole call.
-        return torch.nan_to_num(margins, nan=self.l_m), self.m3
+        margins = torch.nan_to_num(margins, nan=self.l_m)
+        if self.easy_margin:
+            # The targets' cosines (a gather and N dot products, no N x C product), as the op's product
+            # rounds its operands; a margin of 0 where cos θ <= 0, constant there.
+            cosine = chunked.shard_target_cosines(embeddings.detach(), self.weight.detach(), labels,
+                                                  ignore_index=self.ignore_index,
+                                                  gemm_dtype=chunked.gemm_dtype(embeddings, self.weight))
+            margins = torch.where(cosine > 0, margins, torch.zeros_like(margins))
+        return margins, self.m3
 
     def forward(self, embeddings, labels, return_target_cosine=False):
         out = super().forward(embeddings, labels, return_target_cosine=return_target_cosine)
@@ -360,7 +370,8 @@ class MagFaceLoss(CombinedMarginLoss):
     def extra_repr(self):
         sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
-                f"l_a={self.l_a}, u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, lambda_g={self.lambda_g}{sampled}")
+                f"l_a={self.l_a}, u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, lambda_g={self.lambda_g}"
+                f"{', easy_margin=True' if self.easy_margin else ''}{sampled}")
 
 
 class CurricularFaceT:

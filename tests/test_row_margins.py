@@ -382,15 +382,19 @@ def test_margin_gradients_match_the_reference_and_only_the_margins_may_need_them
     assert grads[0][0][:2].abs().max() == 0  # θ + m2 < 0 there: ψ is held, no gradient
 
 
-def magface_loss(embeddings, weight, labels, *, s, l_a, u_a, l_m, u_m, lambda_g):
-    """MagFace's loss as its paper and code write it (MagLinear with easy_margin=False, MagLoss) on
-    the full logits: the margin and the regulariser both from the clipped norm, with gradients."""
+def magface_loss(embeddings, weight, labels, *, s, l_a, u_a, l_m, u_m, lambda_g, easy_margin=False):
+    """MagFace's loss as its paper and code write it (MagLinear, MagLoss) on the full logits: the
+    margin and the regulariser both from the clipped norm, with gradients; ``easy_margin`` as
+    MagLinear's (no margin where cos θ <= 0)."""
     a = embeddings.norm(dim=1, keepdim=True).clamp(l_a, u_a)
     m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
     cosine = (F.normalize(embeddings) @ F.normalize(weight).t()).clamp(-1, 1)
     sine = torch.sqrt((1.0 - cosine ** 2).clamp_min(1e-30))
     cos_theta_m = cosine * torch.cos(m) - sine * torch.sin(m)
-    cos_theta_m = torch.where(cosine > torch.cos(math.pi - m), cos_theta_m, cosine - torch.sin(math.pi - m) * m)
+    if easy_margin:
+        cos_theta_m = torch.where(cosine > 0, cos_theta_m, cosine)
+    else:
+        cos_theta_m = torch.where(cosine > torch.cos(math.pi - m), cos_theta_m, cosine - torch.sin(math.pi - m) * m)
     one_hot = F.one_hot(labels, weight.shape[0]).to(cosine.dtype)
     logits = s * (one_hot * cos_theta_m + (1 - one_hot) * cosine)
     g = a / u_a ** 2 + 1 / a
@@ -417,6 +421,33 @@ def test_magface_matches_its_formula_with_gradients_through_the_norm():
     assert "lambda_g=35.0" in repr(criterion)
     with pytest.raises(ValueError, match="MagFace needs"):
         arcface_ext.MagFaceLoss(10, 4, l_a=20, u_a=10)
+
+
+def test_magface_easy_margin_matches_magfaces_training_code():
+    torch.manual_seed(1)
+    n, dim, num_classes = 32, 8, 12
+    criterion = arcface_ext.MagFaceLoss(num_classes, dim, easy_margin=True, dtype=torch.float64)
+    x = torch.randn(n, dim, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True) * torch.linspace(5, 130, n, dtype=torch.float64)[:, None]
+    labels = torch.randint(0, num_classes, (n,))
+    cosine = (F.normalize(x) @ F.normalize(criterion.weight.detach()).t()).gather(1, labels[:, None])
+    assert 5 <= int((cosine <= 0).sum()) <= n - 5  # both sides of cos θ = 0
+    xs = x.clone().requires_grad_(True)
+    loss = criterion(xs, labels)
+    loss.backward()
+    xe, we = x.clone().requires_grad_(True), criterion.weight.detach().clone().requires_grad_(True)
+    expected = magface_loss(xe, we, labels, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
+                            easy_margin=True)
+    expected.backward()
+    assert_matches_reference(loss.detach(), expected.detach(), name="loss")
+    assert_matches_reference(xs.grad, xe.grad, name="grad_embeddings")
+    assert_matches_reference(criterion.weight.grad, we.grad, name="grad_weight")
+    default = magface_loss(x, criterion.weight.detach(), labels, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8,
+                           lambda_g=35.0)
+    assert abs(float(default) - loss.item()) > 0.1  # the rows with cos θ <= 0 lose their margin
+    assert "easy_margin=True" in repr(criterion)
+    with pytest.raises(TypeError, match="easy_margin must be a bool"):
+        arcface_ext.MagFaceLoss(10, 4, easy_margin=1)
 
 
 def test_sharded_loss_refuses_differentiable_margins():

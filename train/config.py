@@ -29,7 +29,8 @@ MARGIN_FLAGS = {"combined": {"m1": 1.0, "m2": None, "m3": 0.0}, "cosface": {"m3"
 # The defaults of the parameters that only some losses read (a value other than these, given to a
 # loss that does not read it, is refused).
 SGD_MOMENTUM = 0.9
-OWN_PARAMETER_DEFAULTS = {"arcface_m": 0.5, "adaface_m": 0.4, "adaface_h": 0.333, "elastic_std": 0.05}
+OWN_PARAMETER_DEFAULTS = {"arcface_m": 0.5, "adaface_m": 0.4, "adaface_h": 0.333, "elastic_std": 0.05,
+                          "magface_easy_margin": False}
 
 
 def _int_list(text: str) -> list[int]:
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--elastic-std", "--elastic_std", dest="elastic_std", type=float,
                    default=OWN_PARAMETER_DEFAULTS["elastic_std"],
                    help="ElasticFace's standard deviation of the per-row margin (its paper: 0.05)")
+    g.add_argument("--magface-easy-margin", "--magface_easy_margin", dest="magface_easy_margin",
+                   action=argparse.BooleanOptionalAction, default=OWN_PARAMETER_DEFAULTS["magface_easy_margin"],
+                   help="--loss magface: no margin where cos θ <= 0, as MagFace's training code (MagLinear's "
+                   "easy_margin=True); off: the margin at every θ")
     g.add_argument("--margin-grad", "--margin_grad", dest="margin_grad", choices=("exact", "straight_through"),
                    default="exact",
                    help="the target logit's gradient: exact (of cos(m1·θ+m2), the paper's) or straight_through "
@@ -350,12 +355,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     read_by = {"arcface_m": args.loss in ("arcface", "elasticface-arc", "curricularface")
                             or (args.loss == "combined" and args.m2 is None),
                "adaface_m": args.loss == "adaface", "adaface_h": args.loss == "adaface",
-               "elastic_std": args.loss.startswith("elasticface")}
-    unread += [f"--{dest.replace('_', '-')} {getattr(args, dest):g}" for dest, read in read_by.items()
-               if not read and getattr(args, dest) != OWN_PARAMETER_DEFAULTS[dest]]
+               "elastic_std": args.loss.startswith("elasticface"), "magface_easy_margin": args.loss == "magface"}
+    unread += [f"--{dest.replace('_', '-')}" + ("" if isinstance(getattr(args, dest), bool) else f" {getattr(args, dest):g}")
+               for dest, read in read_by.items() if not read and getattr(args, dest) != OWN_PARAMETER_DEFAULTS[dest]]
     if unread:
         own = {"arcface": "--arcface-m", "curricularface": "--arcface-m", "elasticface-arc": "--arcface-m and --elastic-std",
-               "adaface": "--adaface-m and --adaface-h", "magface": "its fixed MS1MV2 settings",
+               "adaface": "--adaface-m and --adaface-h", "magface": "its fixed MS1MV2 settings (and --magface-easy-margin)",
                "elasticface-cos": "--m3 and --elastic-std"}.get(
                    args.loss, " ".join(f"--{name}" for name in reads))
         raise SystemExit(f"{' and '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to --loss "

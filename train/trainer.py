@@ -404,7 +404,8 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
         return adaface(num_classes, args.embedding_size, s=args.arcface_s, m=args.adaface_m, h=args.adaface_h,
                        **common)
     if args.loss == "magface":
-        return arcface_ext.MagFaceLoss(num_classes, args.embedding_size, s=args.arcface_s, **common)
+        return arcface_ext.MagFaceLoss(num_classes, args.embedding_size, s=args.arcface_s,
+                                       easy_margin=args.magface_easy_margin, **common)
     if args.loss == "curricularface":
         curricular = arcface_ext.ShardedCurricularFaceLoss if args.sharded_classes else arcface_ext.CurricularFaceLoss
         return curricular(num_classes, args.embedding_size, s=args.arcface_s, m=m2, **common)

@@ -511,7 +511,9 @@ def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_p
     ("--loss arcface --adaface-m 0.2 --adaface-h 0.5", "--adaface-m 0.2 and --adaface-h 0.5 do not apply to --loss "
                                                        "arcface, whose margin is --arcface-m"),
     ("--loss magface --elastic-std 0.1", "--elastic-std 0.1 does not apply to --loss magface, whose margin is its "
-                                         "fixed MS1MV2 settings"),
+                                         "fixed MS1MV2 settings (and --magface-easy-margin)"),
+    ("--loss arcface --magface-easy-margin", "--magface-easy-margin does not apply to --loss arcface, whose margin is "
+                                             "--arcface-m"),
     ("--loss elasticface-cos --arcface-m 0.3", "--arcface-m 0.3 does not apply to --loss elasticface-cos, whose "
                                                "margin is --m3 and --elastic-std"),
     ("--optimizer adamw --momentum 0.5", "--momentum 0.5 does not apply to --optimizer adamw (its betas are "
@@ -536,6 +538,10 @@ def test_options_the_run_would_ignore_are_refused(options, message):
     assert parse_args("--loss elasticface-cos --elastic-std 0.1".split()).elastic_std == 0.1
     assert parse_args("--loss curricularface --arcface-m 0.3".split()).arcface_m == 0.3
     assert parse_args("--optimizer adamw --momentum 0.9".split()).optimizer == "adamw"
+    assert parse_args("--loss cosface --no-magface-easy-margin".split()).loss == "cosface"
+    args = parse_args("--loss magface --magface-easy-margin --num-classes 10 --embedding-size 8".split())
+    assert build_margin_loss(args, 10).easy_margin and not build_margin_loss(
+        parse_args("--loss magface --num-classes 10 --embedding-size 8".split()), 10).easy_margin
 
 
 def test_torch_distributed_launchs_local_rank_is_accepted(monkeypatch):
