@@ -967,6 +967,8 @@ class Trainer:
             with contextlib.ExitStack() as stack:
                 if index < passes - 1:
                     for module in (self.backbone_ddp, self.loss_ddp):
+                        # (--compile wraps the DDP module: its no_sync is the wrapped one's.)
+                        module = getattr(module, "_orig_mod", module)
                         if isinstance(module, nn.parallel.DistributedDataParallel):
                             stack.enter_context(module.no_sync())
                 embeddings = self.backbone_ddp(images_part)

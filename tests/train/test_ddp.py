@@ -233,3 +233,41 @@ def test_start_up_over_the_group(tmp_path):
             or "stopped by SIGTERM during the start-up" in failed.stderr), failed.stderr[-3000:]
     assert "Connection closed by peer" not in failed.stderr, failed.stderr[-3000:]
     assert re.search(r"error: rank 1: --data '[^']*nowhere': expected", failed.stderr), failed.stderr[-3000:]
+
+
+def test_compiled_ddp_accumulates_without_all_reduces(tmp_path):
+    """--gradient-acc under --compile: DDP all-reduces the backbone's gradients in a step's last pass
+    only, as without --compile, with the same losses. (torch.compile wraps the DDP module, whose
+    no_sync the earlier passes skipped: every gradient bucket was all-reduced in every pass.)"""
+    data = make_face_folder(str(tmp_path / "faces"))
+    script = tmp_path / "count_all_reduces.py"
+    script.write_text(
+        "import os, sys\n"
+        "from torch.distributed.algorithms.ddp_comm_hooks import default_hooks\n"
+        "from torch.nn.parallel import DistributedDataParallel\n"
+        "from train.trainer import main\n"
+        "calls = []\n"
+        "init = DistributedDataParallel.__init__\n"
+        "def counting_init(self, *args, **kwargs):\n"
+        "    init(self, *args, **kwargs)\n"
+        "    def hook(state, bucket):\n"
+        "        calls.append(bucket)\n"
+        "        return default_hooks.allreduce_hook(None, bucket)\n"
+        "    self.register_comm_hook(None, hook)\n"
+        "DistributedDataParallel.__init__ = counting_init\n"
+        "code = main(sys.argv[1:])\n"
+        "print(f\"rank {os.environ['RANK']}: {len(calls)} all-reduces\", flush=True)\n"
+        "sys.exit(code)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    counts, losses = {}, {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "--compile-backend", "aot_eager"])):
+        args = base_argv(data, str(tmp_path / name), batch_size=4, gradient_acc=2, max_steps=2, save_every=0,
+                         loss_impl=LOSS_IMPL) + extra
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=240,
+                                env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        counts[name] = sorted(re.findall(r"rank \d: (\d+) all-reduces", result.stdout))
+        losses[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
+    assert len(counts["eager"]) == 2 and counts["compiled"] == counts["eager"], counts
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
