@@ -1099,7 +1099,10 @@ class Trainer:
                 stop = self.evaluate()
             batches = self._batches()
             window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-            loop_start, loop_start_step = window_start, self.step  # for the lines' ETA
+            # The lines' ETA: the pace from the first logged line on, verifications and saves included; the
+            # first window (the loader's workers starting, --compile compiling) alone only for the first line.
+            pace_from = (window_start, self.step)
+            first_line = True
             while self.step < args.max_steps and not stop:
                 images, labels = next(batches)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -1117,8 +1120,9 @@ class Trainer:
                                           "samples_per_sec": rate,
                                           "time": round(self.elapsed + now - self._started, 3)})
                         if not interactive:
-                            # The time left at this process's pace so far, its verifications and saves included.
-                            left = (args.max_steps - self.step) * (now - loop_start) / (self.step - loop_start_step)
+                            left = (args.max_steps - self.step) * (now - pace_from[0]) / max(1, self.step - pace_from[1])
+                            if first_line:
+                                pace_from, first_line = (now, self.step), False
                             epoch = self.step / self.loader.batch_sampler.steps_per_epoch
                             self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, lr {lr:.6g}, "
                                         f"{rate:.1f} images/s, epoch {epoch:.2f}, "

@@ -93,6 +93,23 @@ def test_output_to_a_file_gets_a_line_per_logged_step_not_a_bar(faces, tmp_path,
     assert lines[-1][-1] == "0:00:00"
 
 
+def test_the_lines_eta_leaves_out_a_slow_start(faces, tmp_path, capsys, monkeypatch):
+    # A first step that takes long (the loader's workers starting, --compile compiling) is not the pace of the
+    # rest: from the second line on the ETA is that of the steps after the first line.
+    step, slow = Trainer.train_step, []
+
+    def train_step(self, *args, **kwargs):
+        if not slow:
+            slow.append(time.sleep(3.0))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert main(argv(faces, tmp_path, max_steps=6, log_every=2)) == 0
+    etas = re.findall(r"^\[step \d+/6\] .* ETA (\d+):(\d\d):(\d\d)$", capsys.readouterr().err, re.M)
+    seconds = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in etas]
+    assert len(seconds) == 3 and seconds[0] >= 6 and seconds[1] <= 1, seconds  # (3 s a step, then fast)
+
+
 def test_the_progress_bar_shows_the_logged_loss(faces, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("train.trainer._is_terminal", lambda stream: True, raising=False)
     assert main(argv(faces, tmp_path, max_steps=4, log_every=2)) == 0
