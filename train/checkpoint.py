@@ -276,19 +276,23 @@ def recorded_settings(state: Any, path: str) -> dict[str, Any]:
     return read_settings(sidecar) if os.path.exists(sidecar) else {}
 
 
-def held_backbone(weights: dict[str, torch.Tensor], recorded: dict[str, Any]) -> dict[str, Any] | None:
-    """The network, embedding_size and image_size of ``weights``, as the file records them
-    (:func:`recorded_settings`) where it does, else as read from their shapes (:func:`describe_backbone`;
-    shapes fit a range of image sizes: 36 to 44 px all give a ViT 4x4 patches, read as 36); None when
-    neither tells."""
+def held_backbone(weights: dict[str, torch.Tensor], recorded: dict[str, Any],
+                  built: dict[str, Any]) -> dict[str, Any] | None:
+    """The network, embedding_size and image_size of ``weights``, which did not load into a model of
+    ``built``'s, as the file records them (:func:`recorded_settings`) where it does, else as read from
+    their shapes (:func:`describe_backbone`; shapes fit a range of image sizes: 36 to 44 px all give a
+    ViT 4x4 patches, read as 36). None when neither tells, or when they tell ``built``'s own: then the
+    mismatch is in the keys (one missing, a foreign one), which only ``load_state_dict``'s error names."""
     keys = ("network", "embedding_size", "image_size")
     known = {k: recorded[k] for k in keys if k in recorded}
     if len(known) == len(keys):
-        return known
-    try:
-        return {**describe_backbone(weights), **known}
-    except (ValueError, KeyError, IndexError):
-        return None
+        found = known
+    else:
+        try:
+            found = {**describe_backbone(weights), **known}
+        except (ValueError, KeyError, IndexError):
+            return None
+    return None if all(found[k] == built[k] for k in keys) else found
 
 
 def summarize_load_error(error: RuntimeError, lines: int = 3, width: int = 300) -> str:
@@ -327,7 +331,7 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
         model.load_state_dict(weights)
     except RuntimeError as error:
         # What the file holds, in the options' words (load_state_dict's own list runs to pages).
-        found = held_backbone(weights, {})  # (what it records is what was built)
+        found = held_backbone(weights, {}, settings)  # (what it records is what was built)
         holds = (f"it holds network {found['network']} with embedding size {found['embedding_size']} at "
                  f"{found['image_size']}px" if found else summarize_load_error(error))
         raise ValueError(f"{path} does not fit network {settings['network']} with embedding size "

@@ -817,7 +817,7 @@ class Trainer:
             self.backbone.load_state_dict(weights)
         except RuntimeError as error:
             # What the file holds, in the flags' words (load_state_dict's own list runs to pages).
-            found = checkpoint.held_backbone(weights, recorded)
+            found = checkpoint.held_backbone(weights, recorded, vars(a))
             holds = (f"it holds --network {found['network']} --embedding-size {found['embedding_size']} "
                      f"--image-size {found['image_size']}" if found else checkpoint.summarize_load_error(error))
             raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "

@@ -480,6 +480,26 @@ def test_a_pretrained_model_of_another_network_is_named(faces, tmp_path):
                                 pretrained_model=str(tmp_path / "small" / "checkpoint.pt"))))
 
 
+def test_a_pretrained_model_of_the_same_network_that_does_not_load_names_its_keys(faces, tmp_path):
+    # A file that records (or whose shapes read as) the very --network, --embedding-size and --image-size
+    # given, whose weights still do not load (a key missing): "does not fit X: it holds X" says nothing;
+    # load_state_dict's first lines say what is wrong.
+    assert main(argv(faces, tmp_path / "small", max_steps=1)) == 0
+    state = checkpoint.load(str(tmp_path / "small" / "checkpoint.pt"))
+    missing = next(key for key in state["model"] if key.endswith("running_var"))
+    del state["model"][missing]
+    for name, saved in (("checkpoint", state), ("bare", state["model"])):
+        torch.save(saved, tmp_path / f"{name}.pt")
+        with pytest.raises(SystemExit) as raised:
+            Trainer(parse_args(argv(faces, tmp_path / f"from-{name}", pretrained_model=str(tmp_path / f"{name}.pt"))))
+        message = str(raised.value)
+        assert "does not fit --network small --embedding-size 64 --image-size 32: " in message, message
+        assert "it holds" not in message and "Missing key(s)" in message and missing in message, message
+    with pytest.raises(ValueError) as raised:
+        checkpoint.load_backbone(str(tmp_path / "bare.pt"), network="small", embedding_size=64, image_size=32)
+    assert "it holds" not in str(raised.value) and missing in str(raised.value), raised.value
+
+
 def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(faces, tmp_path, monkeypatch, capsys):
     # A full disk at the step-4 checkpoint: the step-2 one stays, exit status 1, one line.
     real_save = checkpoint.save_atomic
