@@ -28,13 +28,13 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> None:
-    """``fig`` as a PNG at ``path``, written whole or not at all (a figure redrawn while a viewer
-    reads it, or a stop mid-write, leaves the previous one)."""
+def _save(fig, path: str, extension: str = "png") -> None:
+    """``fig`` at ``path`` in the format of ``extension``, written whole or not at all (a figure redrawn
+    while a viewer reads it, or a stop mid-write, leaves the previous one)."""
     from .checkpoint import write_atomic
 
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    write_atomic(path, lambda f: fig.savefig(f, format=extension, dpi=120))
 
 
 def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
@@ -156,8 +156,6 @@ def plot_ijb(path: str, title: str, roc=None, identification=None) -> None:
     """IJB-B/C curves, as ``train.ijb --plot`` draws them: ``roc`` (FARs, TARs) of 1:1 verification,
     and ``identification`` {gallery: (FPIRs, TPIRs)} of 1:N, each against a log-scale x axis. Written
     atomically; the format follows the file's extension (png, pdf, svg)."""
-    from .checkpoint import write_atomic
-
     plt = _pyplot()
     panels = [p for p in (roc, identification) if p]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
@@ -180,9 +178,7 @@ def plot_ijb(path: str, title: str, roc=None, identification=None) -> None:
         ax.set_xscale("log")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    extension = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    write_atomic(path, lambda f: fig.savefig(f, format=extension, dpi=120))
+    _save(fig, path, os.path.splitext(path)[1].lstrip(".").lower() or "png")
     plt.close(fig)
 
 

@@ -94,11 +94,11 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
         raise FileNotFoundError(f"--data {args.data} is not a folder")
     model, settings = load_model(args.model, device)
     size = settings["image_size"]
-    run = _run_args(args.model)
-    _set_amp(model, args, run)
+    run_args = _run_args(args.model)
+    _set_amp(model, args, run_args)
     seed = args.seed if args.seed is not None else 0
     if args.data == SYNTHETIC and args.seed is None:
-        run_seed = run.get("seed") if isinstance(run.get("seed"), int) else None
+        run_seed = run_args.get("seed") if isinstance(run_args.get("seed"), int) else None
         seed = run_seed if run_seed is not None else 0
         print(f"synthetic sets of --seed {seed}" + (" (the run's)" if run_seed is not None else
                                                     " (the model holds no run's: pass it with --seed)"), file=sys.stderr)
@@ -173,7 +173,9 @@ def _set_amp(model, args: argparse.Namespace, run: dict) -> None:
         raise ValueError(f"--amp {amp}: {args.model} is an ONNX model, run as its graph is")
     model.amp = amp
     if args.amp is None and amp != "none":
-        print(f"the trunk under --amp {amp}, as the run verified (--amp none for fp32)", file=sys.stderr)
+        # (16-bit rounding differs between a CPU and a GPU: the run's own figures come on its device type.)
+        print(f"the trunk under --amp {amp}, as the run verified (on the run's device type, its figures; --amp none "
+              "for fp32)", file=sys.stderr)
 
 
 if __name__ == "__main__":

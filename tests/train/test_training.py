@@ -93,6 +93,23 @@ def test_output_to_a_file_gets_a_line_per_logged_step_not_a_bar(faces, tmp_path,
     assert lines[-1][-1] == "0:00:00"
 
 
+def test_a_terminal_that_knows_its_width_gets_the_bar():
+    # tqdm draws nothing in a terminal of 0 columns (a pseudo-terminal without a size): it gets the lines.
+    fcntl, termios, struct = pytest.importorskip("fcntl"), pytest.importorskip("termios"), pytest.importorskip("struct")
+    from train.trainer import _is_terminal
+
+    leader, follower = os.openpty()
+    try:
+        with os.fdopen(follower, "w") as stream:
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+            assert stream.isatty() and not _is_terminal(stream)
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+            assert _is_terminal(stream)
+        assert not _is_terminal(stream)  # closed
+    finally:
+        os.close(leader)
+
+
 def test_the_lines_eta_leaves_out_a_slow_start(faces, tmp_path, capsys, monkeypatch):
     # A first step that takes long (the loader's workers starting, --compile compiling) is not the pace of the
     # rest: from the second line on the ETA is that of the steps after the first line.
