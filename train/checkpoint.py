@@ -9,6 +9,8 @@ import os
 import random
 import re
 import secrets
+import socket
+import time
 from typing import IO, Any, Callable
 
 import numpy as np
@@ -20,12 +22,14 @@ CHECKPOINT_NAME = "checkpoint.pt"
 def write_atomic(path: str, write: Callable[[IO], None], *, binary: bool = True) -> None:
     """Calls ``write(file)`` on a temporary file in ``path``'s folder, then renames it to ``path``:
     a crash or a kill mid-write leaves the previous file (or none) rather than a truncated one, and
-    its temporary, which the next write of ``path`` removes. Not for concurrent writers of one path."""
+    its temporary, which a later write of ``path`` removes. Of two writers of one path at once (the
+    trainer's figures and a ``train.plots`` beside it), the last rename wins; each file is whole."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    # Created as open() creates files (0666 less the umask, as the logs beside it), not 0600 as by
-    # mkstemp; O_EXCL keeps the name unique.
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+    # Named for its writer (host and process), so that the clean-up below can tell a killed writer's
+    # temporary from one another process is writing now. Created as open() creates files (0666 less
+    # the umask, as the logs beside it), not 0600 as by mkstemp; O_EXCL keeps the name unique.
+    tmp = os.path.join(directory, f".{name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
@@ -36,12 +40,42 @@ def write_atomic(path: str, write: Callable[[IO], None], *, binary: bool = True)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    # Those of earlier writes that were killed (mkstemp's names, of earlier versions, included).
-    stale = re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")
+    _remove_stale_temporaries(directory, name)
+
+
+# A host name as it can stand in a file name (the temporaries' writers, above).
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+# Another host's temporary untouched this long is taken for a killed writer's (a writer still
+# writing changes its modification time).
+_STALE_SECONDS = 3600
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """The temporaries of earlier writes of ``name`` that were killed: this host's whose process is
+    gone, any untouched for an hour, and those of earlier versions (8 random characters, or mkstemp's),
+    which did not name their writer."""
+    unnamed = re.compile(re.escape(f".{name}.") + r"[a-z0-9_]{8}\.tmp")
+    named = re.compile(re.escape(f".{name}.") + r"(\w+)-(\d+)-[0-9a-f]{8}\.tmp")
     for entry in os.listdir(directory):
-        if stale.fullmatch(entry):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(directory, entry))
+        found = named.fullmatch(entry)
+        if not (unnamed.fullmatch(entry) or found):
+            continue
+        full = os.path.join(directory, entry)
+        with contextlib.suppress(FileNotFoundError):
+            if found and (found.group(1) != _HOST or _process_alive(int(found.group(2)))) \
+                    and time.time() - os.stat(full).st_mtime < _STALE_SECONDS:
+                continue  # another process's write in progress
+            os.remove(full)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def save_atomic(obj: Any, path: str) -> None:

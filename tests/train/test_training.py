@@ -799,6 +799,32 @@ def test_atomic_writes_get_the_usual_mode_and_clear_killed_temporaries(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", "metrics.jsonl"] + [p.name for p in others])
 
 
+def test_atomic_writes_leave_another_writers_temporary_alone(tmp_path):
+    # The trainer's end-of-run figures and a train.plots writing the same figure at once: neither may
+    # remove the other's temporary mid-write. A killed writer's (its process gone, or another
+    # host's untouched for an hour) is removed.
+    target = tmp_path / "loss.png"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = checkpoint._HOST
+        writing = [tmp_path / f".loss.png.{host}-{alive.pid}-0123abcd.tmp",
+                   tmp_path / ".loss.png.otherhost-12-0123abcd.tmp"]
+        killed = [tmp_path / f".loss.png.{host}-{gone.pid}-0123abcd.tmp",
+                  tmp_path / ".loss.png.otherhost-13-0123abcd.tmp"]
+        for path in writing + killed:
+            path.write_bytes(b"half a figure")
+        an_hour_ago = time.time() - 3700
+        os.utime(killed[1], (an_hour_ago, an_hour_ago))
+        checkpoint.write_atomic(str(target), lambda f: f.write(b"figure"))
+        assert target.read_bytes() == b"figure"
+        assert all(path.exists() for path in writing) and not any(path.exists() for path in killed)
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_pretrained_backbone_and_finetuning(faces, tmp_path):
     assert main(argv(faces, tmp_path / "first", max_steps=2)) == 0
     source = checkpoint.load(str(tmp_path / "first" / "checkpoint.pt"))
