@@ -14,8 +14,10 @@ import os
 import pickle
 import random
 import signal
+import socket
 import sys
 import time
+import traceback
 import warnings
 from typing import Any, Iterator
 
@@ -148,8 +150,8 @@ class TargetAngles:
 
 # What a run (and train.export, by default) writes into its --output folder.
 # (Not wandb/: W&B keeps each run in a folder of its own under it, so a fresh run overwrites nothing there.)
-RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verification.jsonl", "tensorboard",
-             LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME, export.ONNX_NAME,
+RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verification.jsonl", "training.log",
+             "tensorboard", LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME, export.ONNX_NAME,
              export.NORMALIZED_ONNX_NAME)
 
 
@@ -220,7 +222,9 @@ def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
 
 class RunLog:
     """``metrics.jsonl`` and ``verification.jsonl`` (one JSON object a line) plus TensorBoard
-    when installed, and a Weights & Biases run when given. A resumed run's logs start with those of
+    when installed, and a Weights & Biases run when given; ``training.log``, what the run said (its
+    settings, notes, a line at each logged step, verifications, how it ended), each line with the
+    time, appended to by each resume in the folder. A resumed run's logs start with those of
     its checkpoint's folder, ``history`` (``output`` unless it resumes from elsewhere), up to the
     checkpoint's step: the lines past it, which the killed run may have written, are dropped (what it
     sent to W&B stays there)."""
@@ -248,6 +252,13 @@ class RunLog:
     def _append(self, name: str, record: dict[str, Any]) -> None:
         with open(os.path.join(self.output, name), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def text(self, message: str) -> None:
+        """``message``'s lines into ``training.log``. Of a line a progress bar redrew, the last drawing."""
+        lines = [line.rsplit("\r", 1)[-1].rstrip() for line in message.splitlines()]
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        with open(os.path.join(self.output, "training.log"), "a", encoding="utf-8") as f:
+            f.writelines(f"{stamp} {line}\n" for line in lines if line)
 
     def metrics(self, record: dict[str, Any]) -> None:
         self._append("metrics.jsonl", record)
@@ -465,10 +476,46 @@ def _resolve_device(spec: str, local_rank: int) -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def _kept_stderr() -> Iterator[list[str]]:
+    """sys.stderr passed on as it is, and what is written to it kept in the list yielded."""
+    class Tee:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, text):
+            kept.append(text)
+            return self.stream.write(text)
+
+        def __getattr__(self, name):  # isatty, fileno, flush, encoding: the stream's
+            return getattr(self.stream, name)
+
+    kept: list[str] = []
+    stream = sys.stderr
+    sys.stderr = Tee(stream)
+    try:
+        yield kept
+    finally:
+        sys.stderr = stream
+
+
 class Trainer:
     """One training run, set up from parsed options (see :mod:`train.config`)."""
 
     def __init__(self, args: argparse.Namespace):
+        # What the set-up says (notes, warnings) goes to training.log too, written once the folder's
+        # earlier run, with its log, has been set aside.
+        with _kept_stderr() as said:
+            self._set_up(args)
+        if self.is_main:
+            import arcface_ext
+
+            self.log.text(f"=== {'resumed' if self.step else 'started'} at step {self.step}: host "
+                          f"{socket.gethostname()}, process {os.getpid()}, torch {torch.__version__}, "
+                          f"arcface_ext {arcface_ext.__version__}")
+            self.log.text("".join(said))
+
+    def _set_up(self, args: argparse.Namespace) -> None:
         from .data import (build_train_dataset, build_train_loader, build_verification_sets,
                            check_every_rank_reads_the_same)
 
@@ -1036,18 +1083,29 @@ class Trainer:
                         f"± {record['accuracy_std']:.4f} (threshold {record['threshold']:.3f}, "
                         f"xnorm {record['xnorm']:.2f})")
 
-    def _write(self, message: str) -> None:
+    def _write(self, message: str, *, screen: bool = True) -> None:
+        """``message`` on the main process's stderr (unless not ``screen``) and in its training.log."""
         if self.is_main:
             from tqdm import tqdm
 
-            tqdm.write(message, file=sys.stderr)
+            if screen:
+                tqdm.write(message, file=sys.stderr)
+            self.log.text(message)
+
+    def _error(self, message: str) -> None:
+        """An error line of this process (each says its own), in training.log when it is the main one's."""
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+        if self.is_main:
+            self.log.text(message)
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal:  # a second Ctrl-C: stop now, without the checkpoint
             signal.signal(signum, signal.SIG_DFL)
             # (A SystemExit unwinds as KeyboardInterrupt did, temporary files removed, without its traceback.)
-            print(f"\nstopped by a second {signal.Signals(signum).name}: at once, without a checkpoint of this step",
-                  file=sys.stderr)
+            self._error(f"\nstopped by a second {signal.Signals(signum).name}: at once, without a checkpoint of "
+                        "this step")
             raise SystemExit(128 + signum)
         # Only a flag: printing from a handler can re-enter a half-written stream. The DataLoader
         # workers, signalled with the process group, ignore it (train.data) and keep serving batches.
@@ -1061,6 +1119,10 @@ class Trainer:
             return exit_code
         except SystemExit as exit_info:  # a second Ctrl-C's status, for the logs' record of the end
             exit_code = exit_info.code if isinstance(exit_info.code, int) else 1
+            raise
+        except Exception:  # a failure the trainer does not say itself: its traceback, kept with the run
+            if self.is_main:
+                self.log.text(f"error: the run failed at step {self.step + 1}:\n{traceback.format_exc()}")
             raise
         finally:
             if self.is_main:
@@ -1077,13 +1139,12 @@ class Trainer:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self._started = time.perf_counter()
-        if self.is_main:
-            print(self.describe(), file=sys.stderr)
-        if self.is_main and self.device.type == "cpu" and args.amp == "fp16":
+        self._write(self.describe())
+        if self.device.type == "cpu" and args.amp == "fp16":
             # An arcface_torch config's fp16 = True tried on a CPU, where torch's fp16 convolutions are
             # slow (r18, 8 images at 112 px: 24 s a step against 2.8 s in fp32 on this project's machine).
-            print("note: --amp fp16 on the CPU runs several times slower than fp32 (torch's CPU fp16 convolutions); "
-                  "--amp none for a CPU trial", file=sys.stderr)
+            self._write("note: --amp fp16 on the CPU runs several times slower than fp32 (torch's CPU fp16 "
+                        "convolutions); --amp none for a CPU trial")
         # A terminal gets a progress bar. A file or a pipe (a cluster job's log, `> log.txt`) gets a line
         # every --log-every steps instead: there the bar's redraws, ten a second, would bury the log.
         interactive = _is_terminal(sys.stderr)
@@ -1119,14 +1180,14 @@ class Trainer:
                         self.log.metrics({"step": self.step, "loss": loss_mean, "lr": lr,
                                           "samples_per_sec": rate,
                                           "time": round(self.elapsed + now - self._started, 3)})
-                        if not interactive:
-                            left = (args.max_steps - self.step) * (now - pace_from[0]) / max(1, self.step - pace_from[1])
-                            if first_line:
-                                pace_from, first_line = (now, self.step), False
-                            epoch = self.step / self.loader.batch_sampler.steps_per_epoch
-                            self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, lr {lr:.6g}, "
-                                        f"{rate:.1f} images/s, epoch {epoch:.2f}, "
-                                        f"ETA {datetime.timedelta(seconds=round(left))}")
+                        # (On a terminal the bar shows them; training.log gets the lines all the same.)
+                        left = (args.max_steps - self.step) * (now - pace_from[0]) / max(1, self.step - pace_from[1])
+                        if first_line:
+                            pace_from, first_line = (now, self.step), False
+                        epoch = self.step / self.loader.batch_sampler.steps_per_epoch
+                        self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, lr {lr:.6g}, "
+                                    f"{rate:.1f} images/s, epoch {epoch:.2f}, "
+                                    f"ETA {datetime.timedelta(seconds=round(left))}", screen=not interactive)
                     window_start, window_steps, window_loss = now, 0, 0.0
                 if args.eval_every and self.step % args.eval_every == 0 and self.step != args.max_steps:
                     stop = self.evaluate() or stop
@@ -1166,7 +1227,7 @@ class Trainer:
                            f"{again} (removed, it changes the data order)")
             else:
                 message = f"{message}. {kept}"
-            tqdm.write(f"error: {'rank ' + str(self.rank) + ': ' if self.distributed else ''}{message}", file=sys.stderr)
+            self._error(f"error: {'rank ' + str(self.rank) + ': ' if self.distributed else ''}{message}")
             if self.distributed:  # the others fail in their next collective, or torchrun ends them
                 raise SystemExit(1) from None
             return 1
@@ -1182,8 +1243,8 @@ class Trainer:
             # a gloo traceback that reads like a second error.
             if not (self.distributed and _lost_a_peer(error)):
                 raise
-            tqdm.write(f"error: rank {self.rank}: another process stopped during step {self.step + 1} (see its "
-                       f"error); {self._kept_checkpoint()}", file=sys.stderr)
+            self._error(f"error: rank {self.rank}: another process stopped during step {self.step + 1} (see its "
+                        f"error); {self._kept_checkpoint()}")
             raise SystemExit(1) from None
         finally:
             bar.close()
@@ -1197,7 +1258,7 @@ class Trainer:
                     try:
                         write_plots(self.output, self.angles)
                     except OSError as error:  # a full disk: the run's outcome is said above, not replaced by this
-                        print(f"note: the plots were not written: {error}", file=sys.stderr)
+                        self._error(f"note: the plots were not written: {error}")
             if self.distributed:
                 # All ranks reach here at the same step (stops and divergence are agreed on every
                 # step); leaving together keeps one rank from tearing its gloo/NCCL group down while

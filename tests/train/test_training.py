@@ -93,6 +93,44 @@ def test_output_to_a_file_gets_a_line_per_logged_step_not_a_bar(faces, tmp_path,
     assert lines[-1][-1] == "0:00:00"
 
 
+def test_training_log_keeps_what_the_run_said(faces, tmp_path, monkeypatch):
+    # As arcface_torch's training.log: the settings, the set-up's notes, a line at each logged step (on a
+    # terminal too, where the bar shows them), the verifications and the end, each line with its time; a
+    # resume appends; a failure the trainer does not say itself leaves its traceback there.
+    monkeypatch.setattr("train.trainer._is_terminal", lambda stream: True, raising=False)
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=4, log_every=2, eval_every=2)) == 0
+
+    def said():
+        text = (tmp_path / "training.log").read_text()
+        assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in text.splitlines()), text
+        return [line[20:] for line in text.splitlines()]
+
+    lines = said()
+    assert re.fullmatch(r"=== started at step 0: host .+, process \d+, torch .+, arcface_ext .+", lines[0]), lines[0]
+    assert lines[1].startswith("network small: ") and lines[-1].startswith("done: 4 steps in ")
+    logged = [(int(step), float(loss)) for step, loss in
+              (re.fullmatch(r"\[step (\d+)/4\] loss ([\d.]+), .* ETA .*", line).groups()
+               for line in lines if line.startswith("[step ") and "/4]" in line)]
+    assert logged == [(r["step"], round(r["loss"], 4)) for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    verified = [line for line in lines if re.fullmatch(r"\[step \d\] pairs: accuracy .*", line)]
+    assert [line[6] for line in verified] == ["0", "2", "4"]
+
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=6, log_every=2, eval_every=2, resume="auto")) == 0
+    resumed = said()
+    assert resumed[:len(lines)] == lines
+    assert resumed[len(lines)].startswith("=== resumed at step 4: ")
+    assert resumed[len(lines) + 1] == f"resumed from {tmp_path / 'checkpoint.pt'} at step 4"  # a set-up note
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(Trainer, "train_step", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        main(argv(faces, tmp_path, pairs=True, max_steps=8, resume="auto"))
+    failed = said()[len(resumed):]
+    assert "error: the run failed at step 7:" in failed and failed[-1] == "RuntimeError: injected", failed
+
+
 def test_a_terminal_that_knows_its_width_gets_the_bar():
     # tqdm draws nothing in a terminal of 0 columns (a pseudo-terminal without a size): it gets the lines.
     fcntl, termios, struct = pytest.importorskip("fcntl"), pytest.importorskip("termios"), pytest.importorskip("struct")
@@ -166,7 +204,8 @@ def test_a_fresh_run_sets_an_arcface_torch_run_aside(faces, tmp_path, capsys):
     assert f"its files are now in {tmp_path / 'earlier-1'}\n" in err and "--resume" not in err
     assert sorted(os.listdir(tmp_path / "earlier-1")) == ["checkpoint_gpu_0.pt", "checkpoint_gpu_1.pt", "model.pt",
                                                           "tensorboard", "training.log"]
-    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path / "training.log").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert "arcface_torch's" not in (tmp_path / "training.log").read_text()  # this run's own
 
 
 def test_resuming_a_finished_run_trains_and_logs_nothing_more(faces, tmp_path, capsys):
