@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
@@ -274,29 +275,35 @@ class MarginSoftmaxTrain : public torch::autograd::Function<MarginSoftmaxTrain> 
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grads;
     const variable_list saved = ctx->get_saved_variables();
-    const bool needs[2] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
     bool eager = !traced(grad_loss);
     for (const at::Tensor& grad : saved) eager = eager && !traced(grad);
-    const auto applied = ctx->saved_data.find("applied_scale");  // the grad_loss they were scaled by
-    const bool scaled_before = applied != ctx->saved_data.end();
-    // A zero or non-finite scale would lose the gradients a retained graph still needs. (One scalar
-    // read per step; on CUDA a synchronisation.)
-    if (eager && !scaled_before && at::isfinite(grad_loss).all().item<bool>() &&
-        (grad_loss != 0).all().item<bool>()) {
-      // Scaled in place, the saved gradients reach autograd without a second C x D buffer (through
-      // variable_data, so that a retained graph can run backward again: later calls rescale out of
-      // place).
-      for (int k = 0; k < 2; ++k) {
-        if (!needs[k]) continue;
+    // Each saved gradient remembers the grad_loss it was scaled by in place: a backward pass that
+    // asks for one input alone (autograd.grad(loss, embeddings), backward(inputs=...)) leaves the
+    // other one unscaled for a later pass.
+    static const char* const kAppliedScale[2] = {"applied_scale_embeddings", "applied_scale_weight"};
+    std::optional<bool> scalable;
+    for (int k = 0; k < 2; ++k) {
+      if (!ctx->needs_input_grad(k)) continue;
+      const auto applied = ctx->saved_data.find(kAppliedScale[k]);
+      if (eager && applied != ctx->saved_data.end()) {
+        grads[k] = saved[k] * (grad_loss / applied->second.toTensor());
+        continue;
+      }
+      // A zero or non-finite scale would lose the gradients a retained graph still needs. (One
+      // scalar read per step; on CUDA a synchronisation.)
+      if (eager && !scalable.has_value())
+        scalable = (at::isfinite(grad_loss) & (grad_loss != 0)).all().item<bool>();
+      if (eager && *scalable) {
+        // Scaled in place, the saved gradients reach autograd without a second C x D buffer
+        // (through variable_data, so that a retained graph can run backward again: later calls
+        // rescale out of place).
         saved[k].variable_data().mul_(grad_loss);
         grads[k] = saved[k];
+        ctx->saved_data[kAppliedScale[k]] = grad_loss.detach().clone();
+      } else {
+        grads[k] = saved[k] * grad_loss;
       }
-      ctx->saved_data["applied_scale"] = grad_loss.detach().clone();
-      return grads;
     }
-    const at::Tensor factor = eager && scaled_before ? grad_loss / applied->second.toTensor() : grad_loss;
-    for (int k = 0; k < 2; ++k)
-      if (needs[k]) grads[k] = saved[k] * factor;
     return grads;
   }
 };

@@ -793,6 +793,24 @@ def test_retained_graph_after_a_zero_upstream_gradient(reduction):
     _assert_grads(x, w, expected, 1.0, "zero, then one")
 
 
+@pytest.mark.parametrize("first", ["embeddings", "weight"])
+def test_retained_graph_one_input_at_a_time(first):
+    # A backward pass for one input alone (autograd.grad(loss, embeddings) for a penalty, then
+    # loss.backward(); or backward(inputs=...)) must not leave the other input's gradient scaled
+    # by the wrong upstream gradient on the next pass.
+    x0, w0, labels = make_inputs(9, 8, 13, seed=42, dtype=torch.float32)
+    expected = _reference_grads(x0, w0, labels, "mean")
+    x, w = _leaves(x0, w0)
+    loss = arcface_ext.combined_margin_loss(x, w, labels) * 3.0
+    order = (x, w) if first == "embeddings" else (w, x)
+    got = {id(t): torch.autograd.grad(loss, t, retain_graph=True)[0] for t in order}
+    w.grad = None
+    loss.backward(inputs=[w])
+    for name, grad, want in (("grad_embeddings", got[id(x)], expected[0]), ("grad_weight", got[id(w)], expected[1]),
+                             ("grad_weight (backward(inputs=[w]))", w.grad, expected[1])):
+        assert_matches_reference(grad, want * 3.0, name=f"{first} first: {name}")
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 def _bad_inputs():
