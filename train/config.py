@@ -43,12 +43,22 @@ def _str_list(text: str) -> list[str]:
     return [] if names == ["none"] else names
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after a help that does not say its default itself, and none for a
+    default of None (the help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
         description="Train a face-recognition backbone with an ArcFace-style margin loss. "
         "With no arguments it runs the demo: the small network on synthetic faces, a few minutes on a CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", default=None,
                    help="YAML or JSON file whose keys are flag names (either spelling), or an insightface "
@@ -89,15 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the number of identities the data must have (checked; taken from the data when not given)")
     g.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                    help="input side in pixels; default 112 (aligned faces), 64 for the synthetic demo")
-    g.add_argument("--network", choices=NETWORKS, default="small")
-    g.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=512)
+    g.add_argument("--network", choices=NETWORKS, default="small",
+                   help="the backbone: r18 to r200 (iResNet), small (the demo's), mbf (MobileFaceNet; the image size a "
+                   "multiple of 16), vit_* (arcface_torch's Vision Transformers)")
+    g.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=512,
+                   help="length of the face embedding the backbone gives (and of each class centre)")
     g.add_argument("--keep-prob", "--keep_prob", dest="keep_prob", type=float, default=1.0,
                    help="dropout keep probability in the embedding head")
     g.add_argument("--gradient-checkpointing", dest="gradient_checkpointing",
                    action=argparse.BooleanOptionalAction, default=False,
                    help="recompute activations in the backward pass to save memory")
     g.add_argument("--channels-last", dest="channels_last",
-                   action=argparse.BooleanOptionalAction, default=False)
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="the backbone's weights and input images in the channels-last (NHWC) memory layout, which "
+                   "tensor-core convolutions prefer")
     g.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the backbone's training forward and backward (the first steps compile: "
                    "minutes for r100); verification and checkpoints use the plain module")
@@ -105,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile backend for --compile (inductor; aot_eager for checking)")
     g.add_argument("--compile-mode", dest="compile_mode", default=None,
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode for --compile (the inductor backend)")
+                   help="torch.compile mode for --compile (the inductor backend; default: torch.compile's own)")
     g.add_argument("--pretrained-model", "--pretrained_model", dest="pretrained_model", default=None,
                    help="initialise from this backbone state dict or training checkpoint")
     g.add_argument("--finetuning", action=argparse.BooleanOptionalAction, default=False,
@@ -170,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--sharded-classes); insightface's WebFace42M configurations use 0.2-0.3. 1: every class")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd (with --momentum) or adamw (PyTorch's betas), each with --decay")
     g.add_argument("--lr", type=float, default=None, help="base learning rate; default 0.1 (sgd) or 0.001 (adamw)")
     g.add_argument("--momentum", type=float, default=SGD_MOMENTUM, help="SGD's (AdamW has its betas, PyTorch's)")
     g.add_argument("--decay", "--weight-decay", "--weight_decay", dest="decay", type=float, default=5e-4,
@@ -182,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps at which the step schedule divides the learning rate by 10, e.g. 100000,160000")
     g.add_argument("--warmup-steps", "--warmup_steps", dest="warmup_steps", type=int, default=None,
                    help="linear warm-up from 0; default 5%% of --max-steps for poly, 0 for step")
-    g.add_argument("--max-steps", "--max_step", "--max_steps", dest="max_steps", type=int, default=300)
+    g.add_argument("--max-steps", "--max_step", "--max_steps", dest="max_steps", type=int, default=300,
+                   help="optimiser steps to train (the schedule's length), each of --gradient-acc passes")
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
                    help="images per process and forward pass (the global batch is this times the world "
                    "size times --gradient-acc)")
@@ -200,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip the backbone's gradient norm to this (0: off), as insightface does")
 
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, the data order, the augmentations and the synthetic data")
     g.add_argument("--device", default="auto",
                    help="'auto' (cuda:LOCAL_RANK when available, else cpu), 'cpu', 'cuda', ...")
     g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=1,

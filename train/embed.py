@@ -264,9 +264,11 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
     source.add_argument("--model", help=MODEL_HELP)
     source.add_argument("--features", metavar="PATH", help=features_help)
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
-                   help="images per forward pass (twice as many rows with the mirror)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help=workers_help)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="images per forward pass (twice as many rows with the mirror; default: 128)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help=workers_help + " (0: in this process; default: one a core, up to 8)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs: cpu, cuda, cuda:1, ... (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help=flip_help)
     p.add_argument("--save-features", metavar="PATH", default=None,
                    help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
@@ -529,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                    "python -m train.tools.detect --all-faces lists them); with --detector: every face found. Rows "
                    "named <image>#<k>, k from 1 (as listed; best detection first)")
     p.add_argument("--output", default="embeddings.npy",
-                   help="with --images: .npy (+ .txt listing the images) or .csv; an existing file is kept unless "
-                   "--overwrite is given")
+                   help="with --images: .npy (+ .txt listing the images) or .csv (default: embeddings.npy); an "
+                   "existing file is kept unless --overwrite is given")
     p.add_argument("--norms", metavar="FILE", default=None,
                    help="with --images: also write each face's feature norm (the mean over the image and its mirror "
                    "of the embedding's length before normalisation; MagFace's quality score, and AdaFace's proxy of "
@@ -538,10 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine similarity at or above which two faces are the same person; default: from the "
                    f"model's last verification, else {DEFAULT_COSINE_THRESHOLD}")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
+                   help="images per forward pass (twice as many rows with the mirror; default: 64)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images (0: in this process)")
+                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output (and the .txt beside a .npy) when they exist; without it they are kept")
     args = p.parse_args(argv)

@@ -118,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None,
                    help="output folder (default: the checkpoint's folder); an earlier export there is replaced")
     p.add_argument("--network", default=None, help="only for bare state dicts whose layout cannot be guessed")
-    p.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=None)
-    p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None)
+    p.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=None,
+                   help="the embedding's length, as --network: only for bare state dicts")
+    p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
+                   help="the input side in pixels, as --network: only for bare state dicts")
     p.add_argument("--opset", type=int, default=17,
-                   help="ONNX opset" + (f" ({OPSETS.start} to {OPSETS.stop - 1})" if OPSETS else ""))
+                   help="ONNX opset (" + (f"{OPSETS.start} to {OPSETS.stop - 1}; " if OPSETS else "") + "default: 17)")
     p.add_argument("--normalized-onnx", action="store_true",
                    help=f"also write {NORMALIZED_ONNX_NAME}: embedding(image) + embedding(mirror), L2-normalised, the "
                    "embedding verification chose backbone.json's threshold on (cosine = dot product; same person at "

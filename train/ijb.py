@@ -952,7 +952,8 @@ def _main(argv: list[str] | None) -> int:
         flip_help="add the embedding of the mirrored crop (insightface's F1; the default)")
     p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
                    help="the IJBC (or IJBB) folder of IJB_release, holding meta/ and loose_crop/ (or its parent)")
-    p.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS)
+    p.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS,
+                   help="the benchmark whose meta/ files are read: IJBC or IJBB (default: IJBC)")
     p.add_argument("--protocol", default="auto", type=str.upper, choices=("AUTO", "1:1", "1:N", "BOTH"),
                    help="1:1 template verification, 1:N identification (the release's gallery and probe lists), or "
                    "both; auto (default): 1:1, and 1:N too when meta/ holds its lists")

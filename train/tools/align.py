@@ -352,18 +352,21 @@ def main(argv: list[str] | None = None) -> int:
                             "det_10g.onnx; needs onnxruntime) as python -m train.tools.detect finds them with its "
                             "defaults, instead of reading --landmarks: each photo's main face (with --all-faces, "
                             "every face)")
-    parser.add_argument("--device", default="cpu", help="with --detector: where it runs (cuda: onnxruntime-gpu)")
+    parser.add_argument("--device", default="cpu",
+                        help="with --detector: where it runs: cpu, or cuda[:N] with onnxruntime-gpu (default: cpu)")
     parser.add_argument("--output", required=True, help="the folder the aligned crops are written to")
     parser.add_argument("--image-size", type=int, default=112,
                         help="side of the square crop (default 112). Another size is the 112 crop resized (bilinear), "
                              "the face framed as the trainer shows a model of that size its 112 faces, and as "
                              "train.embed --landmarks and train.ijb frame it")
-    parser.add_argument("--format", choices=tuple(FORMAT_EXTENSIONS), default="jpeg")
+    parser.add_argument("--format", choices=tuple(FORMAT_EXTENSIONS), default="jpeg",
+                        help="the crops' encoding (default jpeg)")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     parser.add_argument("--extension", default=None,
                         help="appended to every image path of the landmarks file (VGGFace2's lists: .jpg)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes decoding, warping and encoding (0: in this process)")
+                        help="processes decoding, warping and encoding (0: in this process; default: one a core, "
+                             "up to 8)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace crops that exist")
     existing.add_argument("--skip-existing", action="store_true",

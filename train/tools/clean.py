@@ -519,12 +519,12 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--embeddings", metavar="FILE.npy", default=None,
                    help="keep the embeddings (float16, 2 bytes x D an image) in this file and read them from it when "
                    "it holds this model's embeddings of this data: another --drop-angle then costs no embedding")
-    p.add_argument("--device", default="cpu", help="where the model runs and the cosines are made (cpu, cuda, "
-                   "cuda:1; under torchrun, cuda is each process's own GPU)")
+    p.add_argument("--device", default="cpu", help="where the model runs and the cosines are made: cpu, cuda, "
+                   "cuda:1, ... (default: cpu; under torchrun, cuda is each process's own GPU)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
                    help="images a forward pass (each also mirrored; default 128)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images (0: in this process)")
+                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs --output holds (with --report-only, a cleaned set there is removed), "
                    "and --embeddings made with another model or data")

@@ -361,8 +361,10 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--all-faces", action="store_true",
                         help="a line for every face found (group photos), not only the main face")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="processes decoding and scaling the photos (0: in this process)")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] with onnxruntime-gpu")
+                        help="processes decoding and scaling the photos (0: in this process; default: one a core, "
+                             "up to 4)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the detector runs: cpu, or cuda[:N] with onnxruntime-gpu (default: cpu)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace --output, or a stopped run's partial file")
     existing.add_argument("--resume", action="store_true", help="finish the stopped run whose partial file is there")

@@ -1,0 +1,60 @@
+"""The command-line entry points as a new user meets them: every option of every command's ``--help``
+says what it does, and its default once."""
+
+import argparse
+import importlib
+
+import pytest
+
+from train.config import build_parser
+
+ENTRY_POINTS = ["train.verify", "train.embed", "train.export", "train.ijb", "train.tinyface", "train.plots",
+                "train.tools.align", "train.tools.clean", "train.tools.detect", "train.tools.make_bin",
+                "train.tools.pack_rec", "train.tools.preview"]
+
+
+class _Parsing(Exception):
+    pass
+
+
+def parser_of(module: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser a command's ``main`` builds, caught as it starts parsing."""
+    seen = []
+
+    def capture(self, args=None, namespace=None):
+        seen.append(self)
+        raise _Parsing
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    with pytest.raises(_Parsing):
+        importlib.import_module(module).main([])
+    return seen[0]
+
+
+def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
+
+
+@pytest.mark.parametrize("module", ["train"] + ENTRY_POINTS)
+def test_every_option_has_a_help_text(module, monkeypatch):
+    # python -m train's --network, --embedding-size, --channels-last, --optimizer, --max-steps and --seed,
+    # train.verify's and train.embed's --device and --batch-size, train.export's --embedding-size and
+    # --image-size, train.ijb's --target and --device, align's --format had none.
+    parser = build_parser() if module == "train" else parser_of(module, monkeypatch)
+    missing = [a.option_strings[0] if a.option_strings else a.dest for a in options(parser)
+               if not (a.help or "").strip()]
+    assert not missing, f"python -m {module} --help says nothing of {missing}"
+
+
+def test_the_trainers_help_gives_each_default_once():
+    # argparse's "(default: None)" followed options whose help said their default already ("default
+    # lfw,cfp_fp,agedb_30 ... (default: None)"), and came twice after --wandb-entity's.
+    parser = build_parser()
+    text = parser.format_help()
+    assert "(default: None)" not in text
+    formatter = parser._get_formatter()
+    for action in options(parser):
+        said = formatter._get_help_string(action) or ""
+        assert said.count("(default:") <= 1 and not ("(default: " in said and "; default " in said), said
+    assert "(default: small)" in text and "(default: 512)" in text and "(default: 300)" in text
