@@ -295,8 +295,11 @@ class ElasticFaceMargins:
     def row_margins(self, embeddings, labels):
         if not self.training or self.std == 0:
             return self.m2, self.m3
+        # No generator argument when there is none: torch.compile cannot trace randn's generator
+        # overload for a batch size that changes between calls.
+        generator = {} if self.generator is None else {"generator": self.generator}
         drawn = torch.randn(embeddings.shape[0], device=embeddings.device, dtype=torch.float64,
-                            generator=self.generator).mul_(self.std).add_(self.m)
+                            **generator).mul_(self.std).add_(self.m)
         return (drawn, 0.0) if self.kind == "arc" else (0.0, drawn)
 
     def extra_repr(self):

@@ -77,7 +77,9 @@ def sample_classes(labels, num_classes, sample_rate, *, class_start=0, ignore_in
     else:
         # Targets score 2, every other class a uniform draw in [0, 1): the top k are the targets and
         # a uniform sample of the rest. amax keeps a scatter of several rows onto a class exact.
-        scores = torch.rand(num_classes, generator=generator, device=device)
+        # (No generator argument when there is none: torch.compile cannot trace rand's generator
+        # overload for a size that changes between calls.)
+        scores = torch.rand(num_classes, device=device, **({} if generator is None else {"generator": generator}))
         scores.scatter_reduce_(0, safe, targeted.to(scores.dtype) * 2.0, reduce="amax")
         index = torch.topk(scores, k, sorted=False).indices.sort().values
     positions = torch.searchsorted(index, safe)

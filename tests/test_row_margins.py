@@ -281,6 +281,19 @@ def test_elasticface_draws_its_margins_from_the_normal(kind):
     assert f"kind='{kind}'" in repr(criterion)
 
 
+def test_elasticface_compiles_over_batch_sizes_that_change():
+    # The last batch of an epoch is smaller: torch.compile then traces the batch size as a symbol,
+    # and randn(..., generator=None) with a symbolic size fails to trace (torch 2.13).
+    criterion = arcface_ext.ElasticFaceLoss(12, 8, dtype=torch.float64)
+    compiled = torch.compile(criterion, backend="eager")
+    for n in (6, 4, 9):
+        x, labels = torch.randn(n, 8, dtype=torch.float64), torch.randint(0, 12, (n,))
+        torch.manual_seed(n)
+        got = compiled(x, labels)
+        torch.manual_seed(n)
+        assert_matches_reference(got, criterion(x, labels), name=f"loss at N = {n}")
+
+
 def test_per_row_margin_modules_with_partial_fc_and_the_reference():
     # The sampled path and the reference path carry the per-row margins too: the same sample (same
     # seed) gives the same loss either way.

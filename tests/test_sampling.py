@@ -215,6 +215,19 @@ def test_single_process_sharded_sample_is_the_replicated_sample():
         sharded(x, torch.full_like(labels, 500))
 
 
+def test_sample_classes_compiles_with_dynamic_shapes():
+    # randn/rand(..., generator=None) with a symbolic size fails to trace (torch 2.13): the draw
+    # passes no generator argument when it has none.
+    compiled = torch.compile(sample_classes, backend="eager", dynamic=True)
+    for n, num_classes in ((6, 50), (4, 70)):
+        labels = torch.randint(0, num_classes, (n,))
+        torch.manual_seed(n)
+        index, positions = compiled(labels, num_classes, 0.3)
+        torch.manual_seed(n)
+        expected = sample_classes(labels, num_classes, 0.3)
+        assert torch.equal(index, expected[0]) and torch.equal(positions, expected[1])
+
+
 def test_sampled_modules_run_on_the_meta_device():
     # Shapes only (a model sized or traced on the meta device): the label check has no values to read.
     x = torch.randn(4, 8, device="meta", requires_grad=True)
