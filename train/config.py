@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="sgd (with --momentum) or adamw (PyTorch's betas), each with --decay")
     g.add_argument("--lr", type=float, default=None, help="base learning rate; default 0.1 (sgd) or 0.001 (adamw)")
-    g.add_argument("--momentum", type=float, default=SGD_MOMENTUM, help="SGD's (AdamW has its betas, PyTorch's)")
+    g.add_argument("--momentum", type=float, default=SGD_MOMENTUM, help="SGD's, below 1 (AdamW has its betas, PyTorch's)")
     g.add_argument("--decay", "--weight-decay", "--weight_decay", dest="decay", type=float, default=5e-4,
                    help="weight decay")
     g.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=("step", "poly"), default=None,
@@ -265,7 +265,11 @@ def _option_table(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]
 def load_config_file(path: str) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or JSON file holding one mapping."""
     with open(path, encoding="utf-8") as f:
-        text = f.read()
+        try:
+            text = f.read()
+        except UnicodeDecodeError as error:
+            raise SystemExit(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}): a YAML or JSON "
+                             "config is a text file") from None
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
@@ -306,6 +310,13 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
     if unknown:
         raise SystemExit(f"{source}: unknown key(s) {', '.join(unknown)}; keys are the flag names of "
                          "`python -m train --help` (e.g. max-steps or max_step)")
+    # Two spellings of one option (max-steps and max_step, plots and no-plots): the later one won, without a word.
+    spellings: dict[str, list[str]] = {}
+    for key in config:
+        spellings.setdefault(table[key].dest, []).append(key)
+    twice = next((keys for keys in spellings.values() if len(keys) > 1), None)
+    if twice:
+        raise SystemExit(f"{source}: {' and '.join(twice)} are one option, given {len(twice)} times: keep one")
     argv = []
     for key, value in config.items():
         action = table[key]
@@ -386,7 +397,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     # The loss's own checks, as one-line errors naming the flag (a module built with them raises).
     from arcface_ext._checks import MAX_ANGULAR_MARGIN, MAX_COSINE_MARGIN
 
-    _, m2, m3 = margins(args)
+    m1, m2, m3 = margins(args)
+    if not 0 < m1 < math.inf:  # (the loss module refused it with a traceback, after the data was read)
+        raise SystemExit(f"--m1 (a multiplicative angular margin) must be a finite number > 0, got {m1} "
+                         "(SphereFace's is 4, 1 is none)")
     if not -MAX_ANGULAR_MARGIN <= m2 <= MAX_ANGULAR_MARGIN:
         raise SystemExit(f"{'--m2' if args.m2 is not None else '--arcface-m'} (an angular margin, in radians) must "
                          f"lie in [-pi/2, pi/2], got {m2} (ArcFace's 0.5 rad is 28.6 degrees)")
@@ -424,6 +438,15 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                                   ("--grad-clip", args.grad_clip, False)):
         if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
             raise SystemExit(f"{flag} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    if args.momentum >= 1:  # (PyTorch takes it: each step's velocity then keeps all of the last, and grows)
+        raise SystemExit(f"--momentum must be below 1, got {args.momentum:g} (SGD's is 0.9)")
+    if args.device != "auto":  # (was torch's RuntimeError, with a traceback, after the data was read)
+        import torch
+
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise SystemExit(f"--device {args.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
     for flag, value in (("--crop-augmentation", args.crop_augmentation),
                         ("--low-res-augmentation", args.low_res_augmentation),
                         ("--photometric-augmentation", args.photometric_augmentation)):
@@ -480,21 +503,28 @@ def _epoch_sizes(argv: list[str]) -> dict[str, int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``) on top of ``--config FILE`` and the defaults."""
     parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(prog=parser.prog, add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config and not os.path.isfile(known.config) and os.path.isfile(known.config + ".py"):
         known.config += ".py"  # configs/ms1mv2_r50, as arcface_torch's train_v2.py takes its configs
+    if known.config and os.path.isdir(known.config):
+        raise SystemExit(f"--config {known.config} is a folder: name a YAML or JSON file, or an arcface_torch "
+                         "configs/*.py")
     if known.config and not os.path.isfile(known.config):
         raise SystemExit(f"--config {known.config}: no such file")
     file_argv = []
-    if known.config and insightface_config.is_insightface_config(known.config):
-        config = insightface_config.read(known.config)
-        config.update(_epoch_sizes(list(sys.argv[1:] if argv is None else argv)))
-        options = insightface_config.to_options(config, known.config)
-        file_argv = _config_to_argv(options, parser, known.config)
-    elif known.config:
-        file_argv = _config_to_argv(load_config_file(known.config), parser, known.config)
+    try:
+        if known.config and insightface_config.is_insightface_config(known.config):
+            config = insightface_config.read(known.config)
+            config.update(_epoch_sizes(list(sys.argv[1:] if argv is None else argv)))
+            options = insightface_config.to_options(config, known.config)
+            file_argv = _config_to_argv(options, parser, known.config)
+        elif known.config:
+            file_argv = _config_to_argv(load_config_file(known.config), parser, known.config)
+    except OSError as error:  # (unreadable: its permissions; or the base.py beside an arcface_torch config)
+        raise SystemExit(f"--config {known.config}: cannot read {error.filename or known.config}: "
+                         f"{error.strerror or error}") from None
     args, unknown = parser.parse_known_args(file_argv + list(sys.argv[1:] if argv is None else argv))
     if unknown:
         # train_v2.py takes its config as its argument: say where it goes here (an arcface_torch config's

@@ -478,6 +478,8 @@ def test_gradient_accumulation_is_checked(value):
     ("--arcface-s", "0", r"--arcface-s must be a finite number > 0, got 0\.0"),
     ("--decay", "-1", r"--decay must be a finite number >= 0, got -1\.0"),
     ("--momentum", "inf", "--momentum must be a finite number >= 0, got inf"),
+    ("--momentum", "1", r"--momentum must be below 1, got 1 \(SGD's is 0\.9\)"),  # (PyTorch's SGD takes it)
+    ("--device", "gpu", r"--device 'gpu' is not a torch device \(auto, cpu, cuda, cuda:1, \.\.\.\)"),
     ("--grad-clip", "-1", r"--grad-clip must be a finite number >= 0, got -1\.0"),
 ])
 def test_numeric_options_are_checked_before_the_run(flag, value, message):
@@ -494,6 +496,9 @@ def test_numeric_options_are_checked_before_the_run(flag, value, message):
     (["--loss", "elasticface-cos", "--m3", "-2"], r"--m3 \(a cosine margin\) must lie in"),
     (["--loss", "adaface", "--adaface-m", "2"], r"--adaface-m must lie in \[0, 1\]"),
     (["--loss", "elasticface-arc", "--elastic-std", "-1"], r"--elastic-std must be finite and >= 0"),
+    (["--loss", "sphereface", "--m1", "0"], r"--m1 \(a multiplicative angular margin\) must be a finite number > 0, "
+                                            r"got 0\.0"),
+    (["--loss", "combined", "--m1", "-2"], r"--m1 \(a multiplicative angular margin\) must be a finite number > 0"),
 ])
 def test_margins_are_checked_before_the_run(argv, message):
     # The loss modules refuse them too, but with a traceback, after the data was read.
@@ -655,6 +660,41 @@ def test_config_file_mistakes_name_the_file(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(SystemExit, match=f"^{tmp_path / name}: {message}"):
             parse_args(["--config", str(tmp_path / name)])
+    # Each of these was a traceback (UnicodeDecodeError, PermissionError), "no such file" for a folder, or
+    # the later of two spellings of one option taken without a word.
+    (tmp_path / "latin1.yaml").write_bytes(b"output: caf\xe9\n")
+    with pytest.raises(SystemExit, match=f"^{tmp_path / 'latin1.yaml'}: not UTF-8 text"):
+        parse_args(["--config", str(tmp_path / "latin1.yaml")])
+    (tmp_path / "twice.yaml").write_text("max-steps: 5\nmax_step: 6\n")
+    with pytest.raises(SystemExit, match=f"^{tmp_path / 'twice.yaml'}: max-steps and max_step are one option, given "
+                                         "2 times: keep one$"):
+        parse_args(["--config", str(tmp_path / "twice.yaml")])
+    with pytest.raises(SystemExit, match=f"^--config {tmp_path} is a folder"):
+        parse_args(["--config", str(tmp_path)])
+
+
+def test_config_without_its_file_is_the_trainers_usage_error(capsys):
+    with pytest.raises(SystemExit) as stop:  # (was "__main__.py: error: ...", or pytest's name here)
+        parse_args(["--config"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "python -m train: error: argument --config: expected one argument"
+
+
+@pytest.mark.parametrize("name", ["run.yaml", "run.json", "r50.py"])
+def test_an_unreadable_config_file_is_a_one_line_error(tmp_path, monkeypatch, name):
+    import train.config
+    import train.insightface_config
+
+    (tmp_path / name).write_text("config.network = 'r18'\n" if name.endswith(".py") else "{}")
+
+    def refused(path, *args, **kwargs):  # (chmod 000 does not stop root, who runs the tests here)
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(train.config, "open", refused, raising=False)
+    monkeypatch.setattr(train.insightface_config, "open", refused, raising=False)
+    with pytest.raises(SystemExit, match=f"^--config {tmp_path / name}: cannot read {tmp_path / name}: Permission "
+                                         "denied$"):
+        parse_args(["--config", str(tmp_path / name)])
 
 
 def test_resume_with_more_steps_follows_the_new_schedule_in_every_group(faces, tmp_path):
