@@ -887,22 +887,49 @@ class Trainer:
             assembled = centres is not None
         if not self.args.finetuning and centres is not None:
             k = getattr(self.args, "subcenters", 1)
-            if centres["weight"].shape == (self.num_classes * k, self.args.embedding_size):
+            if centres["weight"].shape != (self.num_classes * k, self.args.embedding_size):
+                if self.is_main:
+                    rows, dim = centres["weight"].shape
+                    print(f"note: {path} has {rows} x {dim} class centres, this run {self.num_classes * k} x "
+                          f"{self.args.embedding_size} ({self.num_classes} classes"
+                          + (f" x {k} sub-centres" if k > 1 else "") + "): starting fresh ones"
+                          + (" (put together from the checkpoint_gpu_<rank>.pt files beside it: is the last rank's "
+                             "missing?)" if assembled else ""), file=sys.stderr)
+            elif self._centres_are_of_these_identities(state, path):
                 # The centres, and the running statistics both losses keep (AdaFace's norm statistics,
                 # CurricularFace's t); those of another loss are left out, these start fresh.
                 own = self.margin_loss.state_dict()
                 own.update({key: value for key, value in centres.items() if key in own})
                 self.margin_loss.load_state_dict(own)
                 loaded += " and class centres"
-            elif self.is_main:
-                rows, dim = centres["weight"].shape
-                print(f"note: {path} has {rows} x {dim} class centres, this run {self.num_classes * k} x "
-                      f"{self.args.embedding_size} ({self.num_classes} classes"
-                      + (f" x {k} sub-centres" if k > 1 else "") + "): starting fresh ones"
-                      + (" (put together from the checkpoint_gpu_<rank>.pt files beside it: is the last rank's "
-                         "missing?)" if assembled else ""), file=sys.stderr)
         if self.is_main:
             print(f"initialised the {loaded} from {path}", file=sys.stderr)
+
+    def _centres_are_of_these_identities(self, state: dict[str, Any], path: str) -> bool:
+        """Whether --pretrained_model's class centres, as many as the data's classes, are taken: centre k
+        for label k's person. A checkpoint of this trainer records its data: when both sets name their
+        identities (image folders) and these differ, or come in another order, centre k is another
+        person's (a note; fresh centres, as with --finetuning). When the data differs and its identities
+        cannot be compared (synthetic faces, RecordIO sets), they are taken with a note. Files without
+        the record (an export's, arcface_torch's) are taken on their count alone."""
+        recorded = state.get("data_fingerprint")
+        if recorded is None or recorded == self.data_fingerprint:
+            return True
+        saved_classes = state.get("data_classes")
+        if saved_classes is not None and self.data_classes is not None:
+            if saved_classes == self.data_classes:  # other images of the same identities
+                return True
+            if self.is_main:
+                print(f"note: {path}'s class centres are of other identities than --data {self.args.data}'s "
+                      "(or of the same ones in another order: the identities its record names differ): starting "
+                      "fresh ones, as --finetuning does", file=sys.stderr)
+            return False
+        if self.is_main:
+            print(f"note: --data {self.args.data} is not the data {path} trained on (its record of its data "
+                  "differs), and their identities cannot be compared (they are not named): its class centres are "
+                  "taken, each label for the person it was there; for other identities, pass --finetuning",
+                  file=sys.stderr)
+        return True
 
     # A sharded loss's checkpoint holds the whole class-centre matrix and its optimizer state, as a
     # replicated one's does: a run can resume on another number of processes, or unsharded.
