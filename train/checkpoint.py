@@ -79,8 +79,22 @@ def _process_alive(pid: int) -> bool:
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` atomically (see :func:`write_atomic`)."""
-    write_atomic(path, lambda f: torch.save(obj, f))
+    """``torch.save`` to ``path`` atomically (see :func:`write_atomic`). A write that fails (a full
+    disk, a quota) raises the OSError that says why."""
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as error:
+            # torch's zip writer reports a failed write of the file as "[enforce fail at
+            # inline_container.cc] unexpected pos ..." (a full disk read as such); the OSError
+            # (No space left on device, File too large) is the exception it was raised during.
+            cause = error.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+    write_atomic(path, write)
 
 
 def write_json_atomic(path: str, content: Any) -> None:

@@ -1010,7 +1010,7 @@ class Trainer:
             state["wandb_run_id"] = self.wandb_run_id
         try:
             checkpoint.save_atomic(state, self.checkpoint_path)
-        except (OSError, RuntimeError) as error:  # torch.save's full disk is a RuntimeError
+        except (OSError, RuntimeError) as error:  # (a full disk or a quota: save_atomic's OSError)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointNotWritten(f"writing {self.checkpoint_path} at step {self.step} failed: {reason}") from None
 

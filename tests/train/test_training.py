@@ -904,6 +904,25 @@ def test_atomic_writes_leave_another_writers_temporary_alone(tmp_path):
         alive.wait()
 
 
+def test_a_checkpoint_write_that_fails_says_why(tmp_path):
+    # A quota (here the file-size limit, as `ulimit -f` sets it) or a full disk met mid-write: torch.save
+    # reports it as "[enforce fail at inline_container.cc:...] unexpected pos 704 vs 598"; the error is the
+    # system's own (the trainer's one line quotes it), and the previous checkpoint stays, alone.
+    target = tmp_path / "checkpoint.pt"
+    script = ("import resource, sys, torch\n"
+              "from train import checkpoint\n"
+              "checkpoint.save_atomic({'step': 1}, sys.argv[1])\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))\n"
+              "try:\n"
+              "    checkpoint.save_atomic({'step': 2, 'weight': torch.zeros(1_000_000)}, sys.argv[1])\n"
+              "except BaseException as error:\n"
+              "    print(type(error).__name__, error)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(target)], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.strip() == "OSError [Errno 27] File too large", result.stdout + result.stderr[-2000:]
+    assert checkpoint.load(str(target)) == {"step": 1} and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
 def test_pretrained_backbone_and_finetuning(faces, tmp_path):
     assert main(argv(faces, tmp_path / "first", max_steps=2)) == 0
     source = checkpoint.load(str(tmp_path / "first" / "checkpoint.pt"))
