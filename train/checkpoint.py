@@ -125,6 +125,12 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # a truncated or foreign file fails in many ways, all of them this
         reason = str(error).split(". ")[0].strip() or type(error).__name__
+        with open(path, "rb") as f:
+            head = f.read(8)
+        # torch.save writes a zip archive (before torch 1.6, a pickle): of another file the unpickler's
+        # error is a stray byte's code ("KeyError: 104" for a text file), its start says more.
+        if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+            reason = f"it starts with {head!r}, where torch.save's files start with b'PK' (a zip archive)"
         raise ValueError(f"{path}: not a readable checkpoint (truncated, or not saved by torch.save with "
                          f"tensors only?): {reason}") from error
 

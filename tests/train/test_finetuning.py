@@ -76,3 +76,13 @@ def test_class_centres_for_data_that_names_no_identities_are_taken_with_a_note(p
     err = capsys.readouterr().err
     assert (f"note: --data synthetic is not the data {path} trained on (its record of its data differs), and their "
             "identities cannot be compared") in err and "for other identities, pass --finetuning" in err
+
+
+def test_a_file_torch_did_not_write_says_how_it_starts(tmp_path):
+    # A text file given as --pretrained_model (or --resume, --model) failed with the unpickler's
+    # "KeyError: 104", the code of its first byte, which says nothing.
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, these are notes\n")
+    with pytest.raises(ValueError, match=r"notes\.pt: not a readable checkpoint .*: it starts with b'hello, t', "
+                                         r"where torch\.save's files start with b'PK'"):
+        checkpoint.load(str(text))
