@@ -482,7 +482,40 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         # Each rank would see overflows in its own shard of fp16 gradients only, and the gradient
         # scaler would skip steps on some ranks and not on others.
         raise SystemExit("--sharded-classes does not go with --loss-amp fp16: use --loss-amp bf16")
+    if os.environ.get("RANK", "0") == "0":
+        for note in unused_options(args):
+            print(f"note: {note}", file=sys.stderr)
     return args
+
+
+def unused_options(args: argparse.Namespace) -> list[str]:
+    """What the run will not use of the options given at other values than their defaults, each as a
+    note's text. Said rather than refused: a run's args.json given as --config lists every option, and a
+    resume may turn --compile or --wandb off, leaving its --compile-mode or --wandb-project behind."""
+    parser = build_parser()
+
+    def given(*dests: str) -> list[str]:
+        return [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in dests
+                if getattr(args, dest) != parser.get_default(dest)]
+
+    notes = []
+    for switch, dests in (("--compile", ("compile_backend", "compile_mode")),
+                          ("--wandb", ("wandb_project", "wandb_entity", "wandb_run_name"))):
+        unused = given(*dests) if not getattr(args, switch[2:]) else []
+        if unused:
+            notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used without {switch}")
+    unused = given("synthetic_identities", "synthetic_images_per_identity") if args.data != "synthetic" else []
+    if unused:
+        notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the data is {args.data}, "
+                     "not synthetic")
+    if args.warmup_steps > args.max_steps:
+        notes.append(f"--warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}: the learning "
+                     f"rate rises to {args.max_steps / args.warmup_steps:.0%} of --lr {args.lr:g}, no further")
+    late = [step for step in args.lr_steps or [] if step >= args.max_steps]
+    if args.lr_schedule == "step" and late:
+        notes.append(f"--lr-steps {','.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not before "
+                     f"--max-steps {args.max_steps}: the learning rate is not divided there")
+    return notes
 
 
 def _epoch_sizes(argv: list[str]) -> dict[str, int]:

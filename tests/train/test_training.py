@@ -642,6 +642,32 @@ def test_options_the_run_would_ignore_are_refused(options, message):
         parse_args("--loss magface --num-classes 10 --embedding-size 8".split()), 10).easy_margin
 
 
+@pytest.mark.parametrize("options, note", [
+    ("--compile-mode max-autotune --compile-backend inductor", "--compile-mode max-autotune is not used without "
+                                                               "--compile"),
+    ("--wandb-project faces --wandb-entity me", "--wandb-project faces and --wandb-entity me are not used without "
+                                                "--wandb"),
+    ("--data /data/faces_emore --synthetic-identities 20", "--synthetic-identities 20 is not used: the data is "
+                                                           "/data/faces_emore, not synthetic"),
+    ("--max-steps 10 --warmup-steps 40", "--warmup-steps 40 is more than --max-steps 10: the learning rate rises to "
+                                         "25% of --lr 0.1, no further"),
+    ("--max-steps 100 --lr-steps 50,100,150", "--lr-steps 100,150 are not before --max-steps 100: the learning rate "
+                                              "is not divided there"),
+])
+def test_options_the_run_would_not_use_are_said(options, note, capsys, monkeypatch, tmp_path):
+    # Each was taken without a word. Notes, not errors: a run's args.json (a config) lists every option, and a
+    # resume may turn --compile or --wandb off. Under torchrun the first process says it.
+    parse_args(options.split())
+    assert capsys.readouterr().err.splitlines() == [f"note: {note}"]
+    monkeypatch.setenv("RANK", "1")
+    parse_args(options.split())
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "args.json").write_text(json.dumps(vars(parse_args([]))))  # every option, at its default
+    parse_args(["--config", str(tmp_path / "args.json")])
+    assert capsys.readouterr().err == ""
+
+
 def test_torch_distributed_launchs_local_rank_is_accepted(monkeypatch):
     # arcface_torch's older launch lines (python -m torch.distributed.launch) pass --local-rank=N besides
     # LOCAL_RANK in the environment: was "unrecognized arguments"; not an option of the run (args.json).
