@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.seed is not None and args.seed < 0:  # (was numpy's "expected non-negative integer")
+        p.error(f"--seed must be at least 0, got {args.seed}")
+    if args.seed is not None and args.data != SYNTHETIC:  # (was taken without a word)
+        p.error("--seed goes with --data synthetic: it draws the synthetic sets")
     targets = args.targets or (["synthetic"] if args.data == SYNTHETIC else list(DEFAULT_TARGETS))
     if args.data is None and not args.targets:
         p.error(f"name the sets: --data FOLDER (holding {', '.join(t + '.bin' for t in DEFAULT_TARGETS)}) or "

@@ -118,6 +118,8 @@ def test_verify_runs_the_trunk_under_the_runs_amp(tmp_path, capsys):
     (["--data", "nowhere"], "--data nowhere is not a folder"),
     (["--targets", "gaps.txt"], "gaps.txt: pair 2: no image at"),
     (["--data", ".", "--output", "MODEL", "--overwrite"], "is one of the files this run reads"),
+    (["--data", "synthetic", "--seed", "-1"], "--seed must be at least 0, got -1"),  # (numpy's words, no flag)
+    (["--targets", "x.bin", "--seed", "3"], "--seed goes with --data synthetic: it draws the synthetic sets"),
 ])
 def test_mistakes_are_one_line_errors(verified, tmp_path, capsys, argv, message, monkeypatch):
     ckpt, pairs, _ = verified
