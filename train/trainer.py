@@ -74,6 +74,16 @@ class CheckpointNotWritten(RuntimeError):
     """Writing the checkpoint failed (a full disk, ...); the previous one is left in place."""
 
 
+class LogNotWritten(RuntimeError):
+    """Appending to a log of the run failed (a full disk, a quota: met by a log line more often than by a
+    checkpoint); the last checkpoint is left in place."""
+
+
+def _os_reason(error: OSError) -> str:
+    """Why a write failed, as ``[Errno 28] No space left on device`` (without the file, named beside it)."""
+    return f"[Errno {error.errno}] {error.strerror}" if error.strerror else str(error) or type(error).__name__
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -250,15 +260,21 @@ class RunLog:
                 self.writer = SummaryWriter(os.path.join(output, "tensorboard"), purge_step=start_step or None)
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
-        with open(os.path.join(self.output, name), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append_text(name, json.dumps(record) + "\n")
+
+    def _append_text(self, name: str, text: str) -> None:
+        path = os.path.join(self.output, name)
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as error:
+            raise LogNotWritten(f"writing {path} failed: {_os_reason(error)}") from None
 
     def text(self, message: str) -> None:
         """``message``'s lines into ``training.log``. Of a line a progress bar redrew, the last drawing."""
         lines = [line.rsplit("\r", 1)[-1].rstrip() for line in message.splitlines()]
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        with open(os.path.join(self.output, "training.log"), "a", encoding="utf-8") as f:
-            f.writelines(f"{stamp} {line}\n" for line in lines if line)
+        self._append_text("training.log", "".join(f"{stamp} {line}\n" for line in lines if line))
 
     def metrics(self, record: dict[str, Any]) -> None:
         self._append("metrics.jsonl", record)
@@ -510,10 +526,13 @@ class Trainer:
         if self.is_main:
             import arcface_ext
 
-            self.log.text(f"=== {'resumed' if self.step else 'started'} at step {self.step}: host "
-                          f"{socket.gethostname()}, process {os.getpid()}, torch {torch.__version__}, "
-                          f"arcface_ext {arcface_ext.__version__}")
-            self.log.text("".join(said))
+            try:
+                self.log.text(f"=== {'resumed' if self.step else 'started'} at step {self.step}: host "
+                              f"{socket.gethostname()}, process {os.getpid()}, torch {torch.__version__}, "
+                              f"arcface_ext {arcface_ext.__version__}")
+                self.log.text("".join(said))
+            except LogNotWritten as error:  # a full disk, a quota
+                raise SystemExit(f"error: {error}") from None
 
     def _set_up(self, args: argparse.Namespace) -> None:
         from .data import (build_train_dataset, build_train_loader, build_verification_sets,
@@ -685,9 +704,12 @@ class Trainer:
             seed_everything(args.seed + self.rank)  # independent dropout masks per rank
         # (A run resumed from another folder's checkpoint: that folder's logs up to its step begin this one's.)
         history = os.path.dirname(os.path.abspath(resume)) if resume else None
-        self.log = RunLog(self.output, self.step, args.tensorboard, wandb_run, history) if self.is_main else None
-        if self.is_main:
-            checkpoint.write_json_atomic(os.path.join(self.output, "args.json"), vars(args))
+        try:
+            self.log = RunLog(self.output, self.step, args.tensorboard, wandb_run, history) if self.is_main else None
+            if self.is_main:
+                checkpoint.write_json_atomic(os.path.join(self.output, "args.json"), vars(args))
+        except OSError as error:  # a full disk, a quota
+            raise SystemExit(f"--output {self.output}: cannot write into the folder: {_os_reason(error)}") from None
 
         self._stop_signal = 0
         self._previous_handlers: dict[int, Any] = {}
@@ -1125,7 +1147,8 @@ class Trainer:
 
         tqdm.write(message, file=sys.stderr)
         if self.is_main:
-            self.log.text(message)
+            with contextlib.suppress(LogNotWritten):  # (the error may be that training.log cannot be written)
+                self.log.text(message)
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal:  # a second Ctrl-C: stop now, without the checkpoint
@@ -1147,9 +1170,15 @@ class Trainer:
         except SystemExit as exit_info:  # a second Ctrl-C's status, for the logs' record of the end
             exit_code = exit_info.code if isinstance(exit_info.code, int) else 1
             raise
+        except LogNotWritten as error:  # one line, as a checkpoint that cannot be written
+            self._error(f"error: {error}. {_sentence(self._kept_checkpoint())}")
+            if self.distributed:  # the others fail in their next collective, or torchrun ends them
+                raise SystemExit(1) from None
+            return 1
         except Exception:  # a failure the trainer does not say itself: its traceback, kept with the run
             if self.is_main:
-                self.log.text(f"error: the run failed at step {self.step + 1}:\n{traceback.format_exc()}")
+                with contextlib.suppress(LogNotWritten):
+                    self.log.text(f"error: the run failed at step {self.step + 1}:\n{traceback.format_exc()}")
             raise
         finally:
             if self.is_main:

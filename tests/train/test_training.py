@@ -578,6 +578,37 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(faces, tmp_path
     assert "Traceback" not in err and checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
 
+def test_a_log_that_cannot_be_written_is_a_one_line_error(faces, tmp_path, monkeypatch, capsys):
+    # The disk fills (another job's files) between checkpoints: a log line meets it first, and so do the
+    # error's own lines for training.log. One line, exit status 1, the last checkpoint kept and resumable
+    # (it was three tracebacks chained, 50 lines).
+    import train.trainer as trainer_module
+
+    full = []
+
+    def open_(path, mode="r", *args, **kwargs):
+        if "a" in mode and os.path.basename(path) in ("metrics.jsonl", "training.log"):
+            if full or (path.endswith("metrics.jsonl") and len(read_jsonl(path)) == 3):
+                full.append(path)
+                raise OSError(28, "No space left on device", path)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "open", open_, raising=False)
+    assert main(argv(faces, tmp_path, max_steps=6, save_every=2)) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"error: writing {tmp_path / 'metrics.jsonl'} failed: [Errno 28] No space left on device. "
+        f"The last checkpoint is kept: {tmp_path / 'checkpoint.pt'} (step 2)"), err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / ".run.lock")
+    # At start-up, a one-line refusal too.
+    with pytest.raises(SystemExit, match=re.escape(f"error: writing {tmp_path / 'new' / 'training.log'} failed: "
+                                                   "[Errno 28] No space left on device") + "$"):
+        main(argv(faces, tmp_path / "new", max_steps=2))
+    monkeypatch.undo()
+    assert main(argv(faces, tmp_path, max_steps=6, save_every=2, resume="auto")) == 0
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
+
+
 def test_an_output_folder_that_cannot_be_made_is_named(faces, tmp_path):
     (tmp_path / "file").write_text("")
     for output, reason in ((tmp_path / "file", "File exists"), (tmp_path / "file" / "run", "Not a directory")):
