@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --landmarks: an image listed on several lines is several faces (a group photo's, as "
                    "python -m train.tools.detect --all-faces lists them); with --detector: every face found. Rows "
                    "named <image>#<k>, k from 1 (as listed; best detection first)")
-    p.add_argument("--output", default="embeddings.npy",
+    p.add_argument("--output", default=None,
                    help="with --images: .npy (+ .txt listing the images) or .csv (default: embeddings.npy); an "
                    "existing file is kept unless --overwrite is given")
     p.add_argument("--norms", metavar="FILE", default=None,
@@ -554,6 +554,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be at least 0")
     if args.norms and not args.images:
         p.error("--norms goes with --images (--compare prints the two norms)")
+    # (each was taken without a word: --compare wrote no --output, --images made no decision at --threshold)
+    if args.output is not None and not args.images:
+        p.error("--output goes with --images (--compare prints its result)")
+    if args.threshold is not None and not args.compare:
+        p.error("--threshold goes with --compare (--images writes the embeddings, and decides nothing)")
+    if args.threshold is not None and not -1 <= args.threshold <= 1:
+        p.error(f"--threshold is a cosine similarity, from -1 to 1: got {args.threshold}")
+    args.output = args.output or "embeddings.npy"
+    if os.path.isdir(args.output):  # (was written as <folder>.npy beside it)
+        p.error(f"--output {args.output} is a folder: name a .npy or .csv file")
     table = table_files(args.output, about=True)
     if args.norms and os.path.realpath(args.norms) in {os.path.realpath(f) for f in table}:
         p.error(f"--norms and --output must be different files, got {args.norms}")

@@ -181,7 +181,7 @@ def test_embed_folder_and_compare(trained, tmp_path, capsys):
     assert embed.main(["--model", ckpt, "--compare", image, image, "--threshold", "0.5"]) == 0
     assert "cosine similarity 1.0000: same person (threshold 0.5000, from --threshold)" in capsys.readouterr().out
     other = os.path.join(faces, names[-1])
-    assert embed.main(["--model", ckpt, "--compare", image, other, "--threshold", "1.01"]) == 0
+    assert embed.main(["--model", ckpt, "--compare", image, other, "--threshold", "1"]) == 0
     assert "different people" in capsys.readouterr().out
 
 
@@ -379,6 +379,12 @@ def test_embed_writes_feature_norms(trained, tmp_path, capsys):
     ("batch size 0", "--batch-size must be at least 1"),
     ("device foo", "--device 'foo' is not a torch device"),
     ("device cuda", "--device cuda, but torch sees no CUDA device"),
+    # (each of these was taken without a word: no file written, no decision made, a <folder>.npy beside it)
+    ("output with compare", "--output goes with --images (--compare prints its result)"),
+    ("threshold with images", "--threshold goes with --compare (--images writes the embeddings, and decides nothing)"),
+    ("threshold past 1", "--threshold is a cosine similarity, from -1 to 1: got 2.0"),
+    ("threshold nan", "--threshold is a cosine similarity, from -1 to 1: got nan"),
+    ("output a folder", "is a folder: name a .npy or .csv file"),
 ])
 def test_embed_mistakes_are_one_line_errors(trained, tmp_path, capsys, mistake, message):
     ckpt, faces = trained
@@ -388,12 +394,18 @@ def test_embed_mistakes_are_one_line_errors(trained, tmp_path, capsys, mistake, 
     shutil.copytree(faces, broken)
     (broken / "id_001" / "x.png").write_bytes(b"\x89PNG not an image")
     output = str(tmp_path / "e.npy")
+    compared = [os.path.join(faces, "id_000", "00.png"), os.path.join(faces, "id_000", "01.png")]
     argv = {
         "corrupt image": ["--images", str(broken), "--output", output],
         "corrupt compare": ["--compare", os.path.join(faces, "id_000", "00.png"), str(broken / "id_001" / "x.png")],
         "batch size 0": ["--images", faces, "--output", output, "--batch-size", "0"],
         "device foo": ["--images", faces, "--output", output, "--device", "foo"],
         "device cuda": ["--images", faces, "--output", output, "--device", "cuda"],
+        "output with compare": ["--compare", *compared, "--output", output],
+        "threshold with images": ["--images", faces, "--output", output, "--threshold", "0.3"],
+        "threshold past 1": ["--compare", *compared, "--threshold", "2"],
+        "threshold nan": ["--compare", *compared, "--threshold", "nan"],
+        "output a folder": ["--images", faces, "--output", str(tmp_path)],
     }[mistake]
     try:
         code = embed.main(["--model", ckpt, *argv])
@@ -401,8 +413,8 @@ def test_embed_mistakes_are_one_line_errors(trained, tmp_path, capsys, mistake, 
         code = exit_info.code
     err = capsys.readouterr().err
     assert code == 2 and message in err.splitlines()[-1] and "Traceback" not in err, err
-    assert not os.path.exists(output)
-    if not mistake.startswith("batch"):  # argparse puts its usage line first
+    assert not os.path.exists(output) and not os.path.exists(str(tmp_path) + ".npy")
+    if mistake.startswith(("device", "corrupt")):  # (the others are argparse's, its usage line first)
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
