@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the embedding's length, as --network: only for bare state dicts")
     p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                    help="the input side in pixels, as --network: only for bare state dicts")
-    p.add_argument("--opset", type=int, default=17,
+    p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (" + (f"{OPSETS.start} to {OPSETS.stop - 1}; " if OPSETS else "") + "default: 17)")
     p.add_argument("--normalized-onnx", action="store_true",
                    help=f"also write {NORMALIZED_ONNX_NAME}: embedding(image) + embedding(mirror), L2-normalised, the "
@@ -134,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.normalized_onnx and not args.onnx:
         p.error("--normalized-onnx with --no-onnx: give one")
+    if args.opset is not None and not args.onnx:  # (was taken without a word)
+        p.error("--opset goes with the ONNX graph, which --no-onnx does not write")
+    args.opset = 17 if args.opset is None else args.opset
+    for flag, value in (("--embedding-size", args.embedding_size), ("--image-size", args.image_size)):
+        if value is not None and value < 1:  # (a negative size was a traceback from torch)
+            p.error(f"{flag} must be at least 1, got {value}")
     if args.onnx and OPSETS is not None and args.opset not in OPSETS:
         p.error(f"--opset {args.opset}: torch's ONNX exporter writes opsets {OPSETS.start} to {OPSETS.stop - 1}")
     if args.normalized_onnx and args.opset < FLIP_OPSET:
@@ -167,7 +173,10 @@ def _export(args: argparse.Namespace) -> int:
     model, settings = checkpoint.load_backbone(args.checkpoint, network=args.network,
                                                embedding_size=args.embedding_size, image_size=args.image_size)
     made = not os.path.lexists(output)
-    os.makedirs(output, exist_ok=True)
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as error:  # (was "[Errno 13] Permission denied: 'ro/sub'", naming no option)
+        raise ValueError(f"--output {output}: cannot make the folder: {error.strerror or error}") from None
     state_path, onnx_path = os.path.join(output, STATE_NAME), os.path.join(output, ONNX_NAME)
     normalized_path = os.path.join(output, NORMALIZED_ONNX_NAME)
 

@@ -184,6 +184,10 @@ def test_export_output_mistakes_are_one_line_errors(trained, tmp_path, capsys):
     assert "backbone.json is a folder: the export writes a file of that name" in err and err.count("\n") == 1
     assert os.listdir(tmp_path / "out") == ["backbone.json"]
 
+    # (was "[Errno 20] Not a directory: ...", naming no option)
+    assert export.main(["--checkpoint", ckpt, "--output", str(afile / "sub"), "--no-onnx"]) == 2
+    assert capsys.readouterr().err == f"error: --output {afile / 'sub'}: cannot make the folder: Not a directory\n"
+
     if os.geteuid() != 0:  # root writes in read-only folders
         locked = tmp_path / "locked"
         locked.mkdir()
@@ -201,6 +205,19 @@ def test_normalized_onnx_below_opset_10_is_refused_up_front(trained, tmp_path, c
                                  "--opset", "9"])
     err = capsys.readouterr().err
     assert code == 2 and "--normalized-onnx needs --opset 10 or later" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-onnx", "--opset", "12"], "--opset goes with the ONNX graph, which --no-onnx does not write"),  # (ignored)
+    (["--embedding-size", "-5"], "--embedding-size must be at least 1, got -5"),  # (a traceback from torch)
+    (["--image-size", "0"], "--image-size must be at least 1, got 0"),
+])
+def test_export_option_mistakes_are_usage_errors(trained, tmp_path, capsys, argv, message):
+    ckpt, _ = trained
+    code = code_of(export.main, ["--checkpoint", ckpt, "--output", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1] == f"python -m train.export: error: {message}"
     assert not (tmp_path / "out").exists()
 
 
