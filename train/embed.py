@@ -263,9 +263,9 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help=MODEL_HELP)
     source.add_argument("--features", metavar="PATH", help=features_help)
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help="images per forward pass (twice as many rows with the mirror; default: 128)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=int, default=None,
                    help=workers_help + " (0: in this process; default: one a core, up to 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs: cpu, cuda, cuda:1, ... (default: cuda when torch sees a GPU, else cpu)")
@@ -302,7 +302,16 @@ def report_unreadable(unreadable: list[tuple[int, str]], folder: str, shown: int
 def check_benchmark_options(p: argparse.ArgumentParser, args: argparse.Namespace, written: list[str],
                             flags: str) -> None:
     """argparse errors for what ``add_benchmark_options``' options cannot mean together, and for
-    output files (``written``, given by ``flags``) that coincide; --flip's default (on) set."""
+    output files (``written``, given by ``flags``) that coincide; the defaults of --flip (on), --batch-size
+    and --workers set."""
+    # (taken without a word; a note, not an error: one command line may run with --model, then with --features)
+    unused = [flag for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers))
+              if value is not None and args.features]
+    if unused:
+        print(f"note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used with --features, which "
+              "are scored as they are, without embedding", file=sys.stderr)
+    args.batch_size = 128 if args.batch_size is None else args.batch_size
+    args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be at least 1 and --workers at least 0")
     if args.features and args.save_features:
