@@ -213,6 +213,21 @@ def test_bad_lists_are_one_line_errors_before_any_work(tmp_path, capsys, content
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "png", "--quality", "50"], "--quality is JPEG's: --format png is lossless"),
+    (["--device", "cuda"], "--device goes with --detector: --landmarks aligns on the CPU"),
+])
+def test_options_the_landmarks_run_would_ignore_are_refused(tmp_path, capsys, argv, message):
+    # Each was taken without a word: a PNG has no quality, and only the detector runs on --device.
+    os.makedirs(tmp_path / "raw")
+    listing = write(tmp_path / "lm.txt", "a.png 1 2 3 4 5 6 7 8 9 10\n")
+    with pytest.raises(SystemExit) as stop:
+        align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(tmp_path / "out"), *argv])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m train.tools.align: error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_wrong_column_order_is_warned_about(photos, tmp_path, capsys):
     root, names, _, landmarks = photos
     swapped = landmarks[:, [1, 0, 2, 4, 3]]  # the subject's left eye first

@@ -578,6 +578,19 @@ def test_pack_rec_names_a_bad_resize(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         pack_rec_main([str(image_folder), str(tmp_path / "packed"), "--resize", "0"])
     assert exit_info.value.code == 2 and "--resize must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # (was passed to Pillow as it was)
+        pack_rec_main([str(image_folder), str(tmp_path / "packed"), "--quality", "500"])
+    assert exit_info.value.code == 2 and "--quality must be 1 to 100, got 500" in capsys.readouterr().err
+
+
+def test_pack_rec_names_an_output_folder_it_cannot_make(image_folder, tmp_path, capsys):
+    # (was "pack_rec: error: [Errno 20] Not a directory: '<folder>'"; check_outputs, which every tool's
+    # outputs pass, says what the folder is for)
+    (tmp_path / "afile").write_text("mine")
+    assert pack_rec_main([str(image_folder), str(tmp_path / "afile" / "packed")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"pack_rec: error: cannot make the folder "
+                                                        f"{tmp_path / 'afile' / 'packed'} to write train.rec in: Not a "
+                                                        "directory")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -365,7 +365,13 @@ def test_make_bin_draws_distinct_pairs_and_refuses_what_no_reader_takes(tmp_path
             (["--synthetic", "--pairs", "0"], "--pairs must be at least 10"),
             (["--image-folder", faces, "--image-size", "64"], "--image-size shapes synthetic images"),
             (["--image-folder", faces, "--format", "png", "--quality", "90"], "--format, --quality shape synthetic"),
-            (["--pairs-list", "p.txt", "--pairs", "10"], "--pairs-list gives its own pairs")):
+            (["--pairs-list", "p.txt", "--pairs", "10"], "--pairs-list gives its own pairs"),
+            # (these were written, or numpy's and the OS's words naming no option)
+            (["--synthetic", "--quality", "500"], "--quality must be 1 to 100, got 500"),
+            (["--synthetic", "--format", "png", "--quality", "50"], "--quality is JPEG's: --format png is lossless"),
+            (["--synthetic", "--seed", "-1"], "--seed must be at least 0, got -1"),
+            (["--pairs-list", "absent.txt"], "--pairs-list absent.txt: no such file"),
+            (["--pairs-list", faces], f"--pairs-list {faces}: a folder, not a pairs list")):
         with pytest.raises(SystemExit):
             make_bin_main([str(tmp_path / "x.bin"), *argv])
         assert message in capsys.readouterr().err, argv

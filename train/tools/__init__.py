@@ -25,7 +25,7 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
     name under one of the ``image_folders`` the tool reads (it would replace a photo, or be one the
     next time), or when it exists and ``overwrite`` (the tool's ``--overwrite``) is False, or when its
     folder is a file or cannot be written in (a read-only file system: found now, not after hours of
-    work); OSError when a folder cannot be made."""
+    work), or a folder that cannot be made."""
     from train.data.transforms import IMAGE_EXTENSIONS
 
     read = {os.path.realpath(path) for path in inputs if path}
@@ -49,7 +49,11 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise ValueError(f"{folder} is a file, not a folder to write {os.path.basename(path)} in")
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:  # (was "[Errno 13] Permission denied: '<folder>'", or Errno 20, naming no output)
+            raise ValueError(f"cannot make the folder {folder} to write {os.path.basename(path)} in: "
+                             f"{error.strerror or error}") from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ValueError(f"cannot write {os.path.basename(path)} in {folder} (read-only, or not yours)")
 

@@ -379,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--image-size must be at least 8, got {args.image_size}")
     if not 1 <= args.quality <= 100:
         parser.error(f"--quality must be 1 to 100, got {args.quality}")
+    if args.format == "png" and args.quality != parser.get_default("quality"):  # (was taken without a word)
+        parser.error("--quality is JPEG's: --format png is lossless")
+    if args.device != parser.get_default("device") and not args.detector:
+        parser.error("--device goes with --detector: --landmarks aligns on the CPU")
     if args.workers < 0:
         parser.error(f"--workers must be at least 0, got {args.workers}")
     if args.extension and args.detector:

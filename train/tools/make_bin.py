@@ -177,7 +177,7 @@ def _main(argv: list[str] | None = None) -> int:
         if given:
             parser.error(f"{', '.join(given)} shape{'s' if len(given) == 1 else ''} synthetic images: "
                          f"--{'image-folder' if args.image_folder else 'pairs-list'} writes its images' files as they "
-                         "are (train.tools.align --size/--format makes crops of another size or encoding)")
+                         "are (train.tools.align --image-size/--format makes crops of another size or encoding)")
     if args.pairs_list and (args.pairs is not None or args.seed is not None):
         parser.error("--pairs and --seed go with --synthetic or --image-folder: --pairs-list gives its own pairs")
     args.pairs = 600 if args.pairs is None else args.pairs
@@ -187,6 +187,16 @@ def _main(argv: list[str] | None = None) -> int:
     args.quality = 95 if args.quality is None else args.quality
     if args.image_size < 1:
         parser.error(f"--image-size must be at least 1, got {args.image_size}")
+    # (each was taken: a quality out of JPEG's range or for a PNG; numpy's "expected non-negative integer")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality must be 1 to 100, got {args.quality}")
+    if args.format == "png" and only["--quality"] is not None:
+        parser.error("--quality is JPEG's: --format png is lossless")
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, got {args.seed}")
+    if args.pairs_list and not os.path.isfile(args.pairs_list):  # (was "[Errno 2] No such file or directory: ...")
+        parser.error(f"--pairs-list {args.pairs_list}: " + ("a folder, not a pairs list" if os.path.isdir(
+            args.pairs_list) else "no such file"))
     if not args.output.endswith(".bin"):
         parser.error(f"name the output NAME.bin, got {args.output}: train.verify and the trainer's --val-targets take "
                      "a path ending in .bin, and a name without it for a set in the data folder")

@@ -158,6 +158,8 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resize is not None and args.resize < 1:
         parser.error(f"--resize must be at least 1, got {args.resize}")
+    if not 1 <= args.quality <= 100:  # (as align and make_bin take it; was passed to Pillow as it was)
+        parser.error(f"--quality must be 1 to 100, got {args.quality}")
     try:
         with stop_on_signals():
             pack_image_folder(args.image_folder, args.output_dir, quality=args.quality, resize=args.resize,
