@@ -201,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return 2
     into = args.run if args.output is None else args.output
+    # Found before any drawing (was "[Errno 13] Permission denied: '<folder>/.loss.png...tmp'", or Errno 20).
+    existing = os.path.abspath(into)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    named = f"--output {into}" if args.output is not None else into
+    if not os.path.isdir(existing):
+        p.error(f"{named}: cannot make the folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        p.error(f"{named}: cannot write in {existing} (read-only, or not yours)")
     if args.output is not None and not args.overwrite and os.path.realpath(into) != os.path.realpath(args.run):
         present = [name for name in (LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG) if os.path.exists(os.path.join(into, name))]
         if present:

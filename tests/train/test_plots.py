@@ -63,6 +63,31 @@ def test_the_command_keeps_figures_in_another_folder_unless_overwrite(run_withou
     assert not {"loss.png", "verification.png", "target_angle.png"} & set(os.listdir(run_without_plots))
 
 
+def test_the_command_refuses_a_folder_it_cannot_write_in_before_drawing(run_without_plots, tmp_path, capsys,
+                                                                        monkeypatch):
+    # (was "error: [Errno 13] Permission denied: '<folder>/.loss.png.<...>.tmp'", or Errno 20 under a file)
+    pytest.importorskip("matplotlib")
+    from train.plots import main
+
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        main([str(run_without_plots), "--output", str(tmp_path / "afile" / "figures")])
+    assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m train.plots: error: --output {tmp_path / 'afile' / 'figures'}: cannot make the folder: "
+        f"{tmp_path / 'afile'} is a file")
+    locked = str(tmp_path / "locked")
+    os.mkdir(locked)
+    real_access = os.access  # (root, who runs the tests here, writes in a folder of mode 555)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == locked else real_access(path, mode))
+    for argv, named in (([locked], locked), ([str(run_without_plots), "--output", f"{locked}/new"],
+                                             f"--output {locked}/new")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+            f"python -m train.plots: error: {named}: cannot write in {locked} (read-only, or not yours)")
+    assert os.listdir(locked) == []
+
+
 def test_the_command_names_a_folder_with_nothing_to_draw(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from train.plots import main
