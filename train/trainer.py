@@ -808,6 +808,11 @@ class Trainer:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "
                              f"{self.num_classes}; resume needs the same data (use --pretrained_model to fine-tune)")
         self._check_resumed_data(state, path)
+        # (was not loaded without a word; the run's own, given again with its command line, went in at its start)
+        given = self.args.pretrained_model
+        if self.is_main and given and given != state["args"].get("pretrained_model"):
+            print(f"note: --pretrained_model {given} is not loaded: a resumed run continues from the weights of "
+                  f"{path}", file=sys.stderr)
         self.backbone.load_state_dict(state["model"])
         self.margin_loss.load_state_dict(state["margin_loss"])  # a sharded loss keeps its rows
         self.optimizer.load_state_dict(self._local_optimizer_state(state["optimizer"]))

@@ -777,6 +777,23 @@ def test_resume_with_more_steps_gathers_the_angles_of_the_new_end(faces, tmp_pat
     assert all(len(angles["degrees"][phase]) == 16 for phase in ("start", "middle", "end"))
 
 
+def test_a_resume_says_it_does_not_load_another_pretrained_model(faces, tmp_path, capsys):
+    # The resumed checkpoint's weights are the run's: another --pretrained_model was not loaded, without a word.
+    # The run's own, given again with its command line, was loaded at its start: nothing to say.
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    assert main(argv(faces, first, max_steps=2)) == 0
+    start = str(first / "checkpoint.pt")
+    assert main(argv(faces, tuned, max_steps=2, pretrained_model=start)) == 0
+    capsys.readouterr()
+    assert main(argv(faces, tuned, max_steps=3, pretrained_model=start, resume="auto")) == 0
+    assert "--pretrained_model" not in capsys.readouterr().err
+    other = str(tmp_path / "other.pt")
+    shutil.copy(start, other)
+    assert main(argv(faces, tuned, max_steps=4, pretrained_model=other, resume="auto")) == 0
+    assert (f"note: --pretrained_model {other} is not loaded: a resumed run continues from the weights of "
+            f"{tuned / 'checkpoint.pt'}") in capsys.readouterr().err.splitlines()
+
+
 def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
     # The optimizer's state and the schedule's base learning rates come from the checkpoint: a
     # different --lr (or momentum, weight decay, network, ...) would be silently ignored, or fail
