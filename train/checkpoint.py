@@ -123,6 +123,8 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except PermissionError as error:  # (was "not a readable checkpoint (truncated, or not saved by torch.save ...?)")
+        raise ValueError(f"{path}: cannot read it: {error.strerror or error}") from None
     except Exception as error:  # a truncated or foreign file fails in many ways, all of them this
         reason = str(error).split(". ")[0].strip() or type(error).__name__
         with open(path, "rb") as f:

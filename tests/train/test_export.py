@@ -200,6 +200,19 @@ def test_export_opset_is_checked_before_anything_is_written(trained, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_that_cannot_be_read_says_so(trained, tmp_path, capsys, monkeypatch):
+    # (was "not a readable checkpoint (truncated, or not saved by torch.save with tensors only?): [Errno 13] ...")
+    ckpt, _ = trained
+
+    def refused(path, *args, **kwargs):  # (chmod 000 does not stop root, who runs the tests here)
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(torch, "load", refused)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {ckpt}: cannot read it: Permission denied\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_refuses_a_layout_that_contradicts_the_checkpoint(trained, tmp_path, capsys):
     # --network r18 with a training checkpoint built r18 and printed load_state_dict's 94 lines.
     ckpt, _ = trained
