@@ -430,7 +430,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                                ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 0),
                                ("--save-every", args.save_every, 0), ("--num-workers", args.num_workers, 0),
                                ("--embedding-size", args.embedding_size, 1), ("--seed", args.seed, 0),
-                               ("--image-size", args.image_size, 1)):
+                               ("--image-size", args.image_size, 1),
+                               ("--synthetic-identities", args.synthetic_identities, 1),
+                               ("--synthetic-images-per-identity", args.synthetic_images_per_identity, 1),
+                               ("--num-classes", 1 if args.num_classes is None else args.num_classes, 1)):
         if value < least:
             raise SystemExit(f"{flag} must be at least {least}, got {value}")
     for flag, value, positive in (("--lr", args.lr, True), ("--arcface-s", args.arcface_s, True),

@@ -479,6 +479,11 @@ def test_gradient_accumulation_is_checked(value):
     ("--decay", "-1", r"--decay must be a finite number >= 0, got -1\.0"),
     ("--momentum", "inf", "--momentum must be a finite number >= 0, got inf"),
     ("--momentum", "1", r"--momentum must be below 1, got 1 \(SGD's is 0\.9\)"),  # (PyTorch's SGD takes it)
+    # (were "--num-classes is 0, but synthetic holds 100 identities (no --data given?)" and "need at least one
+    # identity and one image each, got 0 x 160", after the start-up)
+    ("--num-classes", "0", "--num-classes must be at least 1, got 0"),
+    ("--synthetic-identities", "0", "--synthetic-identities must be at least 1, got 0"),
+    ("--synthetic-images-per-identity", "-1", "--synthetic-images-per-identity must be at least 1, got -1"),
     ("--device", "gpu", r"--device 'gpu' is not a torch device \(auto, cpu, cuda, cuda:1, \.\.\.\)"),
     ("--grad-clip", "-1", r"--grad-clip must be a finite number >= 0, got -1\.0"),
 ])
