@@ -536,9 +536,11 @@ def _epoch_sizes(argv: list[str]) -> dict[str, int]:
             if getattr(known, key) is not None and getattr(known, key) >= 1}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (default ``sys.argv[1:]``) on top of ``--config FILE`` and the defaults."""
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``) on top of ``--config FILE`` and the defaults; ``prog``:
+    the command its usage errors name (a tool that takes the trainer's options, as preview does)."""
     parser = build_parser()
+    parser.prog = prog or parser.prog
     pre = argparse.ArgumentParser(prog=parser.prog, add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)

@@ -87,6 +87,11 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--crop-augmentation is a probability"):
         preview.main(["--output", str(tmp_path / "y.png"), "--crop-augmentation", "2"])
+    for argv, message in [(["--foo"], "unrecognized arguments: --foo"),  # (were "python -m train: error: ...")
+                          (["--lr", "x"], "argument --lr: invalid float value: 'x'")]:
+        with pytest.raises(SystemExit):
+            preview.main(["--output", str(tmp_path / "y.png"), *argv])
+        assert capsys.readouterr().err.splitlines()[-1] == f"python -m train.tools.preview: error: {message}"
     assert not (tmp_path / "y.png").exists()
 
 

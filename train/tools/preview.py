@@ -97,7 +97,7 @@ def _main(argv: list[str] | None = None) -> int:
     extension = os.path.splitext(args.output)[1].lower()
     if extension not in FORMATS:
         parser.error(f"{args.output}: name a .png, .jpg or .webp file")
-    options = parse_args(trainer_argv)  # exits with the trainer's own message on a bad option
+    options = parse_args(trainer_argv, prog=parser.prog)  # exits with the trainer's own message on a bad option
     try:
         synthetic = ({"synthetic_identities": options.synthetic_identities,
                       "synthetic_images_per_identity": options.synthetic_images_per_identity}
