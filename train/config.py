@@ -262,6 +262,12 @@ def _option_table(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]
     return table
 
 
+def _refuse_repeated_keys(keys: list[str], path: str) -> None:
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise SystemExit(f"{path}: {twice} is given {keys.count(twice)} times: keep one")
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or JSON file holding one mapping."""
     with open(path, encoding="utf-8") as f:
@@ -277,12 +283,17 @@ def load_config_file(path: str) -> dict[str, Any]:
             raise SystemExit(f"{path}: reading YAML needs PyYAML (pip install pyyaml), "
                              "or write the config as JSON") from None
         try:
+            # A key given twice: the parsers keep the later one without a word.
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            keys = [key.value for key, _ in root.value] if isinstance(root, yaml.MappingNode) else []
+            _refuse_repeated_keys(keys, path)
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
             raise SystemExit(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=lambda pairs: _refuse_repeated_keys([k for k, _ in pairs], path)
+                              or dict(pairs))
         except json.JSONDecodeError as error:
             raise SystemExit(f"{path}: not valid JSON: {error}") from None
     if data is None:

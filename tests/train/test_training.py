@@ -727,6 +727,11 @@ def test_config_file_mistakes_name_the_file(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes(b"output: caf\xe9\n")
     with pytest.raises(SystemExit, match=f"^{tmp_path / 'latin1.yaml'}: not UTF-8 text"):
         parse_args(["--config", str(tmp_path / "latin1.yaml")])
+    for name, text in (("again.yaml", "max-steps: 5\nlr: 0.1\nmax-steps: 6\n"), ("again.json", '{"lr": 0.1, "lr": 1}')):
+        (tmp_path / name).write_text(text)  # (the parsers keep the later value without a word)
+        key = "lr" if name.endswith("json") else "max-steps"
+        with pytest.raises(SystemExit, match=f"^{tmp_path / name}: {key} is given 2 times: keep one$"):
+            parse_args(["--config", str(tmp_path / name)])
     (tmp_path / "twice.yaml").write_text("max-steps: 5\nmax_step: 6\n")
     with pytest.raises(SystemExit, match=f"^{tmp_path / 'twice.yaml'}: max-steps and max_step are one option, given "
                                          "2 times: keep one$"):
