@@ -607,6 +607,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--norms: {args.model} gives embeddings of unit length (its graph normalises them), so every "
                          "norm would be 1; the backbone's own output has them (train.export's backbone.onnx or "
                          "backbone.pt)")
+    if args.images and not os.path.isdir(args.images):  # (was "no images (.jpg, ...) under <it>")
+        raise ValueError(f"--images {args.images} is not a folder")
     if args.images:
         check_outputs(table_files(args.output, about=True) + ([args.norms] if args.norms else []), args.overwrite,
                       inputs=(args.model, checkpoint.settings_path(args.model), args.landmarks, args.detector),
