@@ -446,8 +446,11 @@ def test_image_folder_labels_sorted_and_resized(image_folder):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolderDataset(str(tmp_path / "missing"))
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match="'.*a_file' is a file, not a folder"):  # (not "does not exist")
+        ImageFolderDataset(str(tmp_path / "a_file"))
     (tmp_path / "empty" / "someone").mkdir(parents=True)
     with pytest.raises(ValueError, match="no identity sub-folder"):
         ImageFolderDataset(str(tmp_path / "empty"))

@@ -23,7 +23,8 @@ def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     which hold images left out so).
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
+        raise FileNotFoundError(f"image folder {root!r} " + (
+            "is a file, not a folder" if os.path.exists(root) else "does not exist"))
     identities: list[str] = []
     samples: list[tuple[str, int]] = []
     loose, nested, beside = 0, [], []  # what the layout leaves out, said rather than dropped silently
