@@ -449,6 +449,10 @@ def read_table(path: str) -> tuple[list[str], np.ndarray]:
     """What :func:`write_table` wrote at ``path``: (image names, (N, D) float32 embeddings). Raises
     FileNotFoundError or ValueError naming the file (and the line or row) at fault: a table that is
     not one, values that are not finite, or an image named twice."""
+    if os.path.isfile(path) and not path.endswith((".csv", ".npy")):
+        # (a table path without .npy is the name np.save was given: its .npy is looked for, below)
+        raise ValueError(f"{path}: not a feature table: a .npy (with the .txt beside it) or a .csv, as "
+                         "--save-features and train.embed write them")
     files = table_files(path)
     for file in files:
         if not os.path.isfile(file):

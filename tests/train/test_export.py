@@ -569,3 +569,13 @@ def test_a_bad_settings_file_is_named(trained, tmp_path, capsys, content, messag
                        os.path.join(faces, "id_000", "01.png")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'backbone.json'}: {message}" in err and err.count("\n") == 1, err
+
+
+def test_a_file_that_is_not_a_feature_table_is_named_so(tmp_path):
+    # train.ijb / train.tinyface --features garbage.pt (the file exists) said "no file at garbage.pt.npy".
+    other = tmp_path / "garbage.pt"
+    other.write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValueError, match=r"garbage\.pt: not a feature table: a \.npy .* or a \.csv"):
+        embed.read_table(str(other))
+    with pytest.raises(FileNotFoundError, match=r"no file at .*missing\.npy"):  # a name without .npy: np.save's
+        embed.read_table(str(tmp_path / "missing"))
