@@ -250,6 +250,14 @@ class RunLog:
             # Atomically: a kill here leaves the old log, which the next resume trims again.
             checkpoint.write_atomic(path, lambda f, kept=kept: f.writelines(json.dumps(r) + "\n" for r in kept),
                                     binary=False)
+        # training.log is kept whole; a last line torn by a kill -9 or a full disk mid-append is ended, so
+        # that this run's first line starts a line of its own.
+        with contextlib.suppress(OSError), open(os.path.join(output, "training.log"), "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         self.writer = None
         if tensorboard:
             try:

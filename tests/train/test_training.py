@@ -391,9 +391,15 @@ def test_resume_drops_a_torn_last_log_line(faces, tmp_path):
     complete = {name: (tmp_path / name).read_text() for name in ("metrics.jsonl", "verification.jsonl")}
     for name, text in complete.items():
         (tmp_path / name).write_text(text + '{"step": 5, "loss": 3.')
+    torn = "2026-12-05 01:17:39 [step 5/8] loss 31.2812, lr 0.08"
+    with open(tmp_path / "training.log", "a") as f:
+        f.write(torn)
     assert main(argv(faces, tmp_path, resume="auto", **options)) == 0
     for name, text in complete.items():
         assert (tmp_path / name).read_text() == text
+    # training.log keeps the torn line (a record of what happened), ended: the resume's starts a line.
+    log = (tmp_path / "training.log").read_text().splitlines()
+    assert " === resumed at step 4: " in log[log.index(torn) + 1], log
 
     lines = complete["metrics.jsonl"].splitlines(keepends=True)
     (tmp_path / "metrics.jsonl").write_text("".join(lines[:1] + ['{"step": 2, "lo\n'] + lines[2:]))
