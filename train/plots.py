@@ -100,18 +100,16 @@ def plot_target_angles(angles, path: str) -> None:
 def write_plots(output: str, angles, into: str | None = None) -> list[str]:
     """Draw every figure the run's logs in ``output`` allow, into ``into`` (default ``output``);
     ``angles``: a :class:`train.trainer.TargetAngles`, or None. Returns the files written."""
-    from .trainer import read_jsonl
-
     if _pyplot() is None:
         print("note: matplotlib is not installed; no plots written (pip install matplotlib)", file=sys.stderr)
         return []
     into = output if into is None else into
     written = []
-    metrics = read_jsonl(os.path.join(output, "metrics.jsonl"))
+    metrics = _logged(os.path.join(output, "metrics.jsonl"), ("step", "loss", "lr"))
     if metrics:
         plot_loss(metrics, os.path.join(into, LOSS_PNG))
         written.append(LOSS_PNG)
-    records = read_jsonl(os.path.join(output, "verification.jsonl"))
+    records = _logged(os.path.join(output, "verification.jsonl"), ("step", "target", "accuracy", "accuracy_std"))
     if records:
         plot_verification(records, os.path.join(into, VERIFICATION_PNG))
         written.append(VERIFICATION_PNG)
@@ -119,6 +117,24 @@ def write_plots(output: str, angles, into: str | None = None) -> list[str]:
         plot_target_angles(angles, os.path.join(into, ANGLE_PNG))
         written.append(ANGLE_PNG)
     return [os.path.join(into, name) for name in written]
+
+
+def _logged(path: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The records of a run's log with the ``keys`` a figure draws; ValueError naming the line of one
+    without them (a file this trainer did not write). A last line cut short is left out, with a note."""
+    from .trainer import read_jsonl
+
+    records = read_jsonl(path)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if sum(1 for line in f if line.strip()) > len(records):
+                print(f"note: the last line of {path} is not JSON (a write cut short): left out", file=sys.stderr)
+    for number, record in enumerate(records, 1):
+        missing = [key for key in keys if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise ValueError(f"{path}: record {number} has no {', '.join(repr(key) for key in missing)} "
+                             "(not a log of this trainer?)")
+    return records
 
 
 class SavedAngles:

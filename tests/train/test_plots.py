@@ -99,3 +99,20 @@ def test_the_command_names_a_folder_with_nothing_to_draw(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path / "missing")])
     assert stop.value.code == 2 and "not a folder (a run's --output)" in capsys.readouterr().err
+
+
+def test_the_command_names_logs_it_cannot_draw(tmp_path, capsys):
+    # A record without a figure's keys (another program's jsonl) was a KeyError traceback; a log whose
+    # only line is cut short drew nothing without a word.
+    pytest.importorskip("matplotlib")
+    from train.plots import main
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'metrics.jsonl'}: record 1 has no 'lr' (not a log of this trainer?)\n"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n')
+    (tmp_path / "verification.jsonl").write_text('{"step": 1, "targ')
+    assert main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the last line of {tmp_path / 'verification.jsonl'} is not JSON (a write cut short): left out" in err
+    assert os.path.exists(tmp_path / "loss.png") and not os.path.exists(tmp_path / "verification.png")
