@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import runpy
 import shutil
 import signal
@@ -716,6 +717,12 @@ def test_build_train_dataset_dispatch(tmp_path, image_folder):
     assert isinstance(ds, ImageFolderDataset) and num_classes == 2
     with pytest.raises(FileNotFoundError, match="expected 'synthetic'"):
         build_train_dataset(str(tmp_path / "nothing"))
+    # A path that names nothing says so, and where a relative one was looked for (a user trial's
+    # relative --data from another directory read as 'not an image folder').
+    with pytest.raises(FileNotFoundError, match=r"'.*nothing': no such folder; expected 'synthetic'"):
+        build_train_dataset(str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match=f"'nothing/faces': no such folder under {re.escape(os.getcwd())}; "):
+        build_train_dataset(os.path.join("nothing", "faces"))
     (tmp_path / "rec_only").mkdir()
     (tmp_path / "rec_only" / "train.rec").write_bytes(b"")  # its index not copied along: not an image folder
     with pytest.raises(FileNotFoundError, match="holds train.rec but not its index train.idx"):

@@ -70,8 +70,11 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
     elif os.path.isdir(spec):
         dataset = ImageFolderDataset(spec, image_size=image_size, seed=seed, flip=flip)
     else:
+        # A path that names nothing (a relative path from another directory, a typo) says so.
+        missing = "" if os.path.lexists(spec) else (
+            "no such folder" + ("" if os.path.isabs(spec) else f" under {os.getcwd()}") + "; ")
         raise FileNotFoundError(
-            f"--data {spec!r}: expected 'synthetic', a folder with train.rec + train.idx, or an image folder"
+            f"--data {spec!r}: {missing}expected 'synthetic', a folder with train.rec + train.idx, or an image folder"
         )
     dataset.augment = augment
     return dataset, dataset.num_classes
