@@ -649,6 +649,9 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # training seconds before this process, carried over by resume
         self.last_verification: dict[str, dict[str, float]] = {}
+        # The step whose verification a stop cut short: its checkpoint says so, and the resumed run does
+        # the sets left before its first step (a pre-emption during every such verification left holes).
+        self.verification_cut_short_at: int | None = None
         self.wandb_run_id: str | None = None  # the --wandb run this one logs to (a resumed run's, kept on)
         resumed_rng = None
 
@@ -843,6 +846,8 @@ class Trainer:
         self.angles.load_state_dict(state["target_angles"], self.step)
         self.elapsed = float(state.get("elapsed", 0.0))
         self.last_verification = state.get("verification", {})
+        if state.get("verification_cut_short"):
+            self.verification_cut_short_at = self.step
         self.wandb_run_id = state.get("wandb_run_id")  # kept also while --wandb is off, for a later resume
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
@@ -1043,6 +1048,8 @@ class Trainer:
         }
         if self.wandb_run_id:
             state["wandb_run_id"] = self.wandb_run_id
+        if self.verification_cut_short_at == self.step:
+            state["verification_cut_short"] = True
         try:
             checkpoint.save_atomic(state, self.checkpoint_path)
         except (OSError, RuntimeError) as error:  # (a full disk or a quota: save_atomic's OSError)
@@ -1126,6 +1133,7 @@ class Trainer:
             try:
                 self._evaluate_sets(evaluate, stop_here)
             except _VerificationStopped:
+                self.verification_cut_short_at = self.step
                 self._write(f"[step {self.step}] verification cut short by the stop")
             self.backbone.train()
         if self.distributed:  # (also the others' wait for it)
@@ -1136,6 +1144,9 @@ class Trainer:
 
     def _evaluate_sets(self, evaluate, on_batch) -> None:
         for name, vset in self.verification_sets.items():
+            if self.step and self.verification_cut_short_at == self.step and \
+                    self.last_verification.get(name, {}).get("step") == self.step:
+                continue  # done before the stop that cut this step's verification short (and logged)
             result = evaluate(self.backbone, vset, device=self.device, batch_size=self.args.batch_size,
                               on_batch=on_batch)
             record = {"step": self.step, "target": name, **{k: float(v) for k, v in result.items()}}
@@ -1225,7 +1236,9 @@ class Trainer:
                             "train (raise --max-steps to train on)")
                 return 0
             stop = False  # agreed by every rank at each step: a signal may reach some of them only
-            if self.step == 0 and args.eval_every > 0:  # 0: verification at the end only
+            # At the start of a fresh run, and of one resumed where a stop had cut a verification short (0:
+            # verification at the end only).
+            if args.eval_every > 0 and (self.step == 0 or self.verification_cut_short_at == self.step):
                 stop = self.evaluate()
             batches = self._batches()
             window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0

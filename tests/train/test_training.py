@@ -247,6 +247,15 @@ def test_a_signal_during_verification_cuts_it_short_and_saves_that_step(faces, t
     assert "[step 2] verification cut short by the stop" in err and "stopped by SIGTERM at step 2" in err
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
     assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [0]  # step 2's was cut
+    # The resumed run does step 2's verification before its first step: the logs have no hole there (a run
+    # pre-empted 32 times lost 2 of its 31 verifications so), and they are the uninterrupted run's.
+    monkeypatch.undo()
+    options = dict(pairs=True, max_steps=8, eval_every=2, save_every=0)
+    assert main(argv(faces, tmp_path, resume="auto", **options)) == 0
+    assert main(argv(faces, tmp_path / "uninterrupted", **options)) == 0
+    resumed, uninterrupted = (read_jsonl(path / "verification.jsonl") for path in (tmp_path, tmp_path / "uninterrupted"))
+    assert [r["step"] for r in resumed] == [0, 2, 4, 6, 8]
+    assert [r["accuracy"] for r in resumed] == [r["accuracy"] for r in uninterrupted]
 
 
 def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, monkeypatch, capsys):
