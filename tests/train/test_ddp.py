@@ -232,7 +232,7 @@ def test_start_up_over_the_group(tmp_path):
     assert ("error: rank 0: another process stopped during start-up (see its error)" in failed.stderr
             or "stopped by SIGTERM during the start-up" in failed.stderr), failed.stderr[-3000:]
     assert "Connection closed by peer" not in failed.stderr, failed.stderr[-3000:]
-    assert re.search(r"error: rank 1: --data '[^']*nowhere': expected", failed.stderr), failed.stderr[-3000:]
+    assert re.search(r"error: rank 1: --data '[^']*nowhere': no such folder; expected", failed.stderr), failed.stderr[-3000:]
 
 
 def test_compiled_ddp_accumulates_without_all_reduces(tmp_path):
