@@ -21,13 +21,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+def one_thread():
     """One intra-op thread (and OMP_NUM_THREADS=1 for the trainer and its subprocesses): the
-    networks here are tiny, and spare OpenMP threads only spin when the cores are shared."""
+    networks here are tiny, and spare OpenMP threads only spin when the cores are shared. (Not
+    the test's own ``monkeypatch``, whose ``undo()`` mid-test would leave the rest of the test to
+    the trainer's thread count: a run compared with one before the undo then differs.)"""
     previous = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
     torch.set_num_threads(previous)
 
 
