@@ -123,7 +123,7 @@ def test_trained_centres_drop_the_mislabelled_images(trained, tmp_path, capsys):
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["centres"] == "mean"
 
 
-def test_class_means_find_and_merge_a_split_identity(trained, tmp_path):
+def test_class_means_find_and_merge_a_split_identity(trained, tmp_path, capsys):
     ckpt, faces = trained
     data = noisy_copy(faces, tmp_path / "split")
     os.makedirs(os.path.join(data, "id_005b"))
@@ -134,6 +134,9 @@ def test_class_means_find_and_merge_a_split_identity(trained, tmp_path):
     # 11 classes against the checkpoint's 10: the centres are the classes' means.
     assert run_clean("--model", ckpt, "--data", data, "--output", out, "--merge-duplicates",
                      "--duplicate-cosine", "0.6") == 0
+    # (Not "in 10 of 11 classes", which reads as one class dropped.)
+    assert "in 10 classes (11 of the 11 kept, 1 of them merged into others); 1 class pair at cosine >= 0.6 merged" \
+        in capsys.readouterr().err
     pairs = read_csv(out / "duplicates.csv")
     assert [(p["class_a"], p["class_b"], p["merged"]) for p in pairs] == [("id_005", "id_005b", "1")]
     classes = read_csv(out / "classes.csv")  # a row for each old class; the merged two share new label 5

@@ -790,8 +790,13 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int, tes
         print(f"clean: error: no image is left to write ({reasons}); the reports are in {args.output}",
               file=sys.stderr)
         return 1
+    merged_away = summary["kept_classes_before_merging"] - summary["kept_classes"]
+    # (Merged, "in 100 of 110 classes" read as if 10 had been dropped.)
+    classes_said = (f"{summary['kept_classes']} classes ({summary['kept_classes_before_merging']} of the "
+                    f"{data.num_classes} kept, {merged_away} of them merged into others)" if merged_away else
+                    f"{summary['kept_classes']} of {_count(data.num_classes, 'class')}")
     print(f"clean: kept {summary['kept_images']} of {_count(len(labels), 'image')} ({reasons}) in "
-          f"{summary['kept_classes']} of {_count(data.num_classes, 'class')}; {pairs_said}"
+          f"{classes_said}; {pairs_said}"
           + (f"; wrote {args.output}" if write_set else f"; reports in {args.output}"), file=sys.stderr)
     return 0
 
@@ -855,6 +860,7 @@ def _write_reports(args, folder, *, data, names, class_names, labels, cosine, an
         "data": args.data, "model": args.model, "centres": source, "subcentres": subcentres,
         "at_dominant_subcentre": at_dominant, "images": int(len(labels)),
         "classes": int(data.num_classes), "kept_images": int(keep.sum()), "kept_classes": int(len(kept_groups)),
+        "kept_classes_before_merging": int(len(kept_labels)),
         "dropped": {reason: int((why == reason).sum())
                     for reason in ("angle", "unreadable", "test identity", "class too small")},
         "test_identities": len(overlaps),
