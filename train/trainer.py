@@ -1405,11 +1405,14 @@ def _leave_group() -> None:
 
 
 def _undo_start(output: str, existed: bool) -> None:
-    """What a run that stops at start-up made: its lock, and the --output folder it created (only ever
-    empty then)."""
+    """What a run that stops at start-up made: its lock, and the --output folder it created, with the
+    logs and args.json the set-up began there (a run stopped by a full disk at its last step)."""
     _release_output_lock(output)
     if not existed:
         with contextlib.suppress(OSError):
+            for name in (*RunLog.FILES, "training.log", "args.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(output, name))
             os.rmdir(output)
 
 

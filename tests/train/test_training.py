@@ -624,6 +624,7 @@ def test_a_log_that_cannot_be_written_is_a_one_line_error(faces, tmp_path, monke
     with pytest.raises(SystemExit, match=re.escape(f"error: writing {tmp_path / 'new' / 'training.log'} failed: "
                                                    "[Errno 28] No space left on device") + "$"):
         main(argv(faces, tmp_path / "new", max_steps=2))
+    assert not (tmp_path / "new").exists()  # the folder it made, with the logs its set-up began, is gone
     monkeypatch.undo()
     assert main(argv(faces, tmp_path, max_steps=6, save_every=2, resume="auto")) == 0
     assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
