@@ -502,25 +502,33 @@ def _resolve_device(spec: str, local_rank: int) -> torch.device:
 
 @contextlib.contextmanager
 def _kept_stderr() -> Iterator[list[str]]:
-    """sys.stderr passed on as it is, and what is written to it kept in the list yielded."""
+    """sys.stderr passed on as it is, and what is written to it kept in the list yielded. What was
+    installed on it meanwhile stays: W&B's console capture, started in the set-up, patches the write
+    of the sys.stderr it finds (this one), and a stream may wrap it; the copy then stays in place,
+    passing everything on without keeping it."""
     class Tee:
         def __init__(self, stream):
             self.stream = stream
+            self.keeping = True
 
         def write(self, text):
-            kept.append(text)
-            return self.stream.write(text)
+            written = self.stream.write(text)  # (first: what the stream refuses, bytes, is not kept)
+            if self.keeping and isinstance(text, str):
+                kept.append(text)
+            return written
 
         def __getattr__(self, name):  # isatty, fileno, flush, encoding: the stream's
             return getattr(self.stream, name)
 
     kept: list[str] = []
     stream = sys.stderr
-    sys.stderr = Tee(stream)
+    tee = sys.stderr = Tee(stream)
     try:
         yield kept
     finally:
-        sys.stderr = stream
+        tee.keeping = False
+        if sys.stderr is tee and "write" not in vars(tee):
+            sys.stderr = stream
 
 
 class Trainer:

@@ -131,6 +131,26 @@ def test_training_log_keeps_what_the_run_said(faces, tmp_path, monkeypatch):
     assert "error: the run failed at step 7:" in failed and failed[-1] == "RuntimeError: injected", failed
 
 
+def test_the_set_ups_copy_of_stderr_leaves_what_was_installed_on_it(capsys):
+    # W&B's console capture (its default, console="wrap") patches the write of the sys.stderr it finds when
+    # the run starts, in the set-up: the copy training.log takes was swapped back for the stream after it,
+    # and W&B's log of the run's stderr ended there. A write the stream refuses (bytes) made the set-up's
+    # lines unjoinable: a TypeError at the end of the set-up.
+    from train.trainer import _kept_stderr
+
+    seen = []
+    with _kept_stderr() as said:
+        print("note: one", file=sys.stderr)
+        with pytest.raises(TypeError):
+            sys.stderr.write(b"raw")
+        stream, write = sys.stderr, sys.stderr.write
+        stream.write = lambda text: (seen.append(text), write(text))[1]  # as wandb's StreamWrapper does
+    print("after the set-up", file=sys.stderr)
+    assert "".join(said) == "note: one\n"
+    assert "".join(seen) == "after the set-up\n"
+    assert capsys.readouterr().err == "note: one\nafter the set-up\n"
+
+
 def test_a_terminal_that_knows_its_width_gets_the_bar():
     # tqdm draws nothing in a terminal of 0 columns (a pseudo-terminal without a size): it gets the lines.
     fcntl, termios, struct = pytest.importorskip("fcntl"), pytest.importorskip("termios"), pytest.importorskip("struct")
