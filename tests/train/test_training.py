@@ -257,25 +257,38 @@ def test_a_signal_during_verification_cuts_it_short_and_saves_that_step(faces, t
     original = Trainer._evaluate_sets
 
     def signalled_in_verification(self, evaluate, on_batch):
-        if self.step == 2:
-            self._on_signal(signal.SIGTERM, None)
-        return original(self, evaluate, on_batch)
+        sets = []
 
+        def evaluate_one(*args, **kwargs):  # the signal comes in the second set, after the first was logged
+            sets.append(1)
+            if self.step == 2 and len(sets) == 2:
+                self._on_signal(signal.SIGTERM, None)
+            return evaluate(*args, **kwargs)
+
+        return original(self, evaluate_one, on_batch)
+
+    pairs = faces[1]
+    second = os.path.join(os.path.dirname(pairs), "second.txt")  # (its images are named from its folder)
+    shutil.copy(pairs, second)
+    options = dict(val_targets=f"{pairs},{second}", max_steps=8, eval_every=2, save_every=0)
     monkeypatch.setattr(Trainer, "_evaluate_sets", signalled_in_verification)
-    assert main(argv(faces, tmp_path, pairs=True, max_steps=8, eval_every=2, save_every=0)) == 128 + signal.SIGTERM
+    assert main(argv(faces, tmp_path, **options)) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "[step 2] verification cut short by the stop" in err and "stopped by SIGTERM at step 2" in err
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
-    assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [0]  # step 2's was cut
-    # The resumed run does step 2's verification before its first step: the logs have no hole there (a run
-    # pre-empted 32 times lost 2 of its 31 verifications so), and they are the uninterrupted run's.
+    verified = [(r["step"], r["target"]) for r in read_jsonl(tmp_path / "verification.jsonl")]
+    assert verified == [(0, "pairs"), (0, "second"), (2, "pairs")]  # step 2's second set was cut
+    # The resumed run does step 2's sets left (not those done) before its first step: the logs have no hole
+    # there (a run pre-empted 32 times lost 2 of its 31 verifications so), and they and the losses are the
+    # uninterrupted run's.
     monkeypatch.undo()
-    options = dict(pairs=True, max_steps=8, eval_every=2, save_every=0)
     assert main(argv(faces, tmp_path, resume="auto", **options)) == 0
     assert main(argv(faces, tmp_path / "uninterrupted", **options)) == 0
     resumed, uninterrupted = (read_jsonl(path / "verification.jsonl") for path in (tmp_path, tmp_path / "uninterrupted"))
-    assert [r["step"] for r in resumed] == [0, 2, 4, 6, 8]
+    assert [(r["step"], r["target"]) for r in resumed] == [(step, target) for step in (0, 2, 4, 6, 8)
+                                                           for target in ("pairs", "second")]
     assert [r["accuracy"] for r in resumed] == [r["accuracy"] for r in uninterrupted]
+    assert losses(tmp_path) == losses(tmp_path / "uninterrupted")
 
 
 def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, monkeypatch, capsys):
