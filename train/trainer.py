@@ -543,7 +543,7 @@ class Trainer:
             import arcface_ext
 
             try:
-                self.log.text(f"=== {'resumed' if self.step else 'started'} at step {self.step}: host "
+                self.log.text(f"=== {'resumed' if self.resumed_from else 'started'} at step {self.step}: host "
                               f"{socket.gethostname()}, process {os.getpid()}, torch {torch.__version__}, "
                               f"arcface_ext {arcface_ext.__version__}")
                 self.log.text("".join(said))
@@ -665,6 +665,7 @@ class Trainer:
 
         wandb_run = None
         resume = self._resume_path()
+        self.resumed_from = resume
         if resume:
             resumed_rng = self._load_training_state(resume)
             # Before the folder changes: a W&B run that cannot start leaves it as it was.
@@ -1347,7 +1348,7 @@ class Trainer:
 
                     try:
                         write_plots(self.output, self.angles)
-                    except OSError as error:  # a full disk: the run's outcome is said above, not replaced by this
+                    except (OSError, ValueError) as error:  # a full disk, an edited log: the run's outcome is said above
                         self._error(f"note: the plots were not written: {error}")
             if self.distributed:
                 # All ranks reach here at the same step (stops and divergence are agreed on every
