@@ -280,7 +280,9 @@ class RunLog:
 
     def text(self, message: str) -> None:
         """``message``'s lines into ``training.log``. Of a line a progress bar redrew, the last drawing."""
-        lines = [line.rsplit("\r", 1)[-1].rstrip() for line in message.splitlines()]
+        # (Split at "\n" alone: splitlines splits at "\r" too.)
+        lines = [next((part for part in reversed(line.split("\r")) if part.strip()), "").rstrip()
+                 for line in message.split("\n")]
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         self._append_text("training.log", "".join(f"{stamp} {line}\n" for line in lines if line))
 

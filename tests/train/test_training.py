@@ -20,7 +20,8 @@ from train import checkpoint
 from train.config import parse_args
 from train.data.transforms import to_model_input
 from train.models import NETWORKS
-from train.trainer import LearningRateSchedule, Trainer, TrainingDiverged, _resolve_device, build_margin_loss, main
+from train.trainer import (LearningRateSchedule, RunLog, Trainer, TrainingDiverged, _resolve_device, build_margin_loss,
+                           main)
 
 from trainer_fixtures import (REPO, base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl,  # noqa: F401
                               signal_once_training)
@@ -149,6 +150,13 @@ def test_the_set_ups_copy_of_stderr_leaves_what_was_installed_on_it(capsys):
     assert "".join(said) == "note: one\n"
     assert "".join(seen) == "after the set-up\n"
     assert capsys.readouterr().err == "note: one\nafter the set-up\n"
+
+
+def test_training_log_keeps_a_redrawn_lines_last_drawing(tmp_path):
+    log = RunLog(str(tmp_path), 0, tensorboard=False)
+    log.text("reading:  10%\rreading: 100%\r\nnote: two\nlines\n")
+    assert [line[20:] for line in (tmp_path / "training.log").read_text().splitlines()] == [
+        "reading: 100%", "note: two", "lines"]
 
 
 def test_a_terminal_that_knows_its_width_gets_the_bar():
