@@ -1155,6 +1155,7 @@ class Trainer:
 
     def _evaluate_sets(self, evaluate, on_batch) -> None:
         for name, vset in self.verification_sets.items():
+            # (Not at step 0: a run resumed there starts its logs afresh, and verifies step 0 again.)
             if self.step and self.verification_cut_short_at == self.step and \
                     self.last_verification.get(name, {}).get("step") == self.step:
                 continue  # done before the stop that cut this step's verification short (and logged)

@@ -259,6 +259,24 @@ def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkey
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
 
+def test_a_stop_after_the_first_verification_does_not_repeat_it_on_resume(faces, tmp_path, monkeypatch):
+    # A stop that came during the step-0 verification, after its last set: the checkpoint is at step 0. A
+    # run resumed at step 0 starts its logs afresh and verifies step 0 again: one record a set and step.
+    original = Trainer._evaluate_sets
+
+    def signalled_after_verification(self, evaluate, on_batch):
+        original(self, evaluate, on_batch)
+        self._on_signal(signal.SIGTERM, None)
+
+    monkeypatch.setattr(Trainer, "_evaluate_sets", signalled_after_verification)
+    options = dict(pairs=True, max_steps=4, eval_every=2, save_every=0)
+    assert main(argv(faces, tmp_path, **options)) == 128 + signal.SIGTERM
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 0
+    monkeypatch.setattr(Trainer, "_evaluate_sets", original)
+    assert main(argv(faces, tmp_path, resume="auto", **options)) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [0, 2, 4]
+
+
 def test_a_signal_during_verification_cuts_it_short_and_saves_that_step(faces, tmp_path, monkeypatch, capsys):
     # The stop waited for the whole verification (lfw, cfp_fp, agedb_30: past torchrun's 30 s grace at
     # scale) and one more step before the checkpoint, which a launcher's SIGKILL then cost.
