@@ -496,15 +496,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         # Each rank would see overflows in its own shard of fp16 gradients only, and the gradient
         # scaler would skip steps on some ranks and not on others.
         raise SystemExit("--sharded-classes does not go with --loss-amp fp16: use --loss-amp bf16")
-    if os.environ.get("RANK", "0") == "0":
-        for note in unused_options(args):
-            print(f"note: {note}", file=sys.stderr)
     return args
 
 
 def unused_options(args: argparse.Namespace) -> list[str]:
     """What the run will not use of the options given at other values than their defaults, each as a
-    note's text. Said rather than refused: a run's args.json given as --config lists every option, and a
+    note's text (the trainer's set-up says them, so that training.log keeps them). Said rather than refused: a run's args.json given as --config lists every option, and a
     resume may turn --compile or --wandb off, leaving its --compile-mode or --wandb-project behind."""
     parser = build_parser()
 

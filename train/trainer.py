@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint, export
-from .config import margins
+from .config import margins, unused_options
 from .data.transforms import DataError, to_model_input
 from .models import get_model, multiply_adds
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
@@ -559,6 +559,9 @@ class Trainer:
         self.args = args
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        if self.rank == 0:
+            for note in unused_options(args):
+                print(f"note: {note}", file=sys.stderr)
         if args.wandb and self.rank == 0:
             wandb_module()  # a missing package is said before the data is read
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

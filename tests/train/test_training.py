@@ -17,7 +17,7 @@ import torch
 
 import arcface_ext
 from train import checkpoint
-from train.config import parse_args
+from train.config import parse_args, unused_options
 from train.data.transforms import to_model_input
 from train.models import NETWORKS
 from train.trainer import (LearningRateSchedule, RunLog, Trainer, TrainingDiverged, _resolve_device, build_margin_loss,
@@ -765,18 +765,22 @@ def test_options_the_run_would_ignore_are_refused(options, message):
     ("--max-steps 100 --lr-steps 50,100,150", "--lr-steps 100,150 are not before --max-steps 100: the learning rate "
                                               "is not divided there"),
 ])
-def test_options_the_run_would_not_use_are_said(options, note, capsys, monkeypatch, tmp_path):
+def test_options_the_run_would_not_use_are_said(options, note, tmp_path):
     # Each was taken without a word. Notes, not errors: a run's args.json (a config) lists every option, and a
-    # resume may turn --compile or --wandb off. Under torchrun the first process says it.
-    parse_args(options.split())
-    assert capsys.readouterr().err.splitlines() == [f"note: {note}"]
-    monkeypatch.setenv("RANK", "1")
-    parse_args(options.split())
-    assert capsys.readouterr().err == ""
-    monkeypatch.setenv("RANK", "0")
+    # resume may turn --compile or --wandb off.
+    assert unused_options(parse_args(options.split())) == [note]
     (tmp_path / "args.json").write_text(json.dumps(vars(parse_args([]))))  # every option, at its default
-    parse_args(["--config", str(tmp_path / "args.json")])
-    assert capsys.readouterr().err == ""
+    assert unused_options(parse_args(["--config", str(tmp_path / "args.json")])) == []
+
+
+def test_options_the_run_would_not_use_are_in_training_log(faces, tmp_path, capsys):
+    # They were said by the option parser, before the trainer's set-up began keeping what it says for
+    # training.log: on the screen, missing from the run's own record. (Under torchrun the first process
+    # says them, as it writes training.log.)
+    assert main(argv(faces, tmp_path, max_steps=2, warmup_steps=4)) == 0
+    note = "note: --warmup-steps 4 is more than --max-steps 2: the learning rate rises to 50% of --lr 0.1, no further"
+    assert capsys.readouterr().err.count(note) == 1
+    assert [line[20:] for line in (tmp_path / "training.log").read_text().splitlines()].count(note) == 1
 
 
 def test_torch_distributed_launchs_local_rank_is_accepted(monkeypatch):
@@ -1474,7 +1478,7 @@ def test_pretrained_from_arcface_torchs_checkpoints(faces, tmp_path, capsys):
     centres = torch.randn(trained["margin_loss"]["weight"].shape)
     write_arcface_torch_run(str(tmp_path / "it"), backbone_state, centres, world=3)
     capsys.readouterr()
-    from train.config import parse_args
+    from train.config import parse_args, unused_options
 
     run = Trainer(parse_args(argv(faces, tmp_path / "b", max_steps=1,
                                   pretrained_model=str(tmp_path / "it" / "checkpoint_gpu_1.pt"))))
