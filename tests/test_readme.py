@@ -3,9 +3,13 @@ order, keyword-only markers, defaults), every `arcface_ext.<name>` it mentions e
 examples that can run on a CPU run as written."""
 import argparse
 import ast
+import glob
+import importlib
+import importlib.util
 import inspect
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -191,3 +195,126 @@ def test_the_trainers_options_table_is_the_parser():
 def documented_elsewhere(action):
     """An option the table leaves to the README's text around it: named in backticks anywhere."""
     return any(f"`{flag}" in readme() for flag in action.option_strings)
+
+
+# The README's shell commands: what a reader types. Each `python -m <module>` / `python <script>` it gives
+# names a module or script that exists and only options its parser takes (with a choice among the
+# parser's choices), and every file of the repository it names exists.
+
+def code_spans_and_blocks():
+    text = readme()
+    blocks = re.findall(r"```\w*\n(.*?)```", text, re.S)
+    spans = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))]
+    return blocks, spans
+
+
+def readme_commands():
+    """(target, words after it, the command) for each command line: a line of a bash block, or code in the
+    text that starts with `python`, `torchrun` or a `train.<tool>` module followed by an option. The target is
+    a module (`train.embed`) or a script's path (`benchmarks/bench_loss.py`)."""
+    blocks, spans = code_spans_and_blocks()
+    lines = [line for block in blocks for line in block.splitlines()]
+    lines += [span for span in spans if re.match(r"(python|torchrun)\b|train\.[\w.]+ --", span)]
+    commands = []
+    for line in lines:
+        for command in re.split(r"\s*(?:&&|\|\||;|\|)\s*", line):
+            match = (re.search(r"(?:^|\s)-m (train[\w.]*)(?=\s|$)", command)
+                     or re.search(r"(?:^|\s)python (\S+\.py)(?=\s|$)", command)
+                     or re.match(r"(train\.[\w.]+)(?=\s)", command))
+            if match:
+                commands.append((match.group(1), command[match.end():].split(), command))
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+class _ParserBuilt(BaseException):
+    """Raised by a command's parser as it starts to parse: the command then stops before doing anything."""
+
+
+def command_parsers(target, monkeypatch):
+    """The argparse parsers of a README command: the trainer's, or the one its main() builds, caught as it
+    parses `--help` (a BaseException, so that no `except Exception` in main() takes it)."""
+    if target == "train":
+        return [pytest.importorskip("train.config").build_parser()]
+    if target.endswith(".py"):
+        path = os.path.join(os.path.dirname(README), target)
+        assert os.path.isfile(path), f"README runs {target}, which does not exist"
+        spec = importlib.util.spec_from_file_location("readme_command_" + re.sub(r"\W", "_", target), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        assert importlib.util.find_spec(target) is not None, f"README runs python -m {target}, which does not exist"
+        module = importlib.import_module(target)
+
+    def caught(self, *args, **kwargs):
+        raise _ParserBuilt(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", caught)
+    monkeypatch.setattr(sys, "argv", [target, "--help"])
+    try:
+        module.main(*(["--help"] if inspect.signature(module.main).parameters else []))
+    except _ParserBuilt as built:
+        parsers = [built.args[0]]
+    else:
+        pytest.fail(f"{target}'s main() parsed no options")
+    finally:
+        monkeypatch.undo()
+    if target == "train.tools.preview":   # it passes every other option to the trainer's parser
+        parsers += command_parsers("train", monkeypatch)
+    return parsers
+
+
+def test_the_commands_are_read():
+    targets = {target for target, _, _ in COMMANDS}
+    assert {"train", "train.export", "train.embed", "train.verify", "train.tools.align", "train.tools.detect",
+            "train.tools.clean", "train.tools.preview", "train.plots", "benchmarks/bench_loss.py"} <= targets
+    assert len(COMMANDS) > 30
+
+
+@pytest.mark.parametrize("target", sorted({t for t, _, _ in COMMANDS}))
+def test_every_command_takes_the_options_the_readme_gives(target, monkeypatch):
+    actions = {}
+    for parser in command_parsers(target, monkeypatch):
+        actions.update({flag: action for action in parser._actions for flag in action.option_strings})
+    wrong = []
+    for _, words, command in (c for c in COMMANDS if c[0] == target):
+        for i, word in enumerate(words):
+            flag = word.split("=", 1)[0]
+            if not re.fullmatch(r"--[A-Za-z][\w-]*", flag):
+                continue
+            if flag not in actions:
+                wrong.append(f"{flag} (not an option of {target}) in: {command}")
+                continue
+            value = word.split("=", 1)[1] if "=" in word else (words[i + 1] if i + 1 < len(words) else None)
+            choices = actions[flag].choices
+            if (choices is not None and actions[flag].nargs != 0 and value is not None
+                    and not value.startswith(("-", "<")) and value not in ("...", "P", "N", "I")
+                    and value not in choices):
+                wrong.append(f"{flag} {value} (its choices: {sorted(map(str, choices))}) in: {command}")
+    assert not wrong, "README gives:\n" + "\n".join(wrong)
+
+
+def test_the_files_the_readme_names_exist():
+    """Each path of the repository in the README's code (a config, a script, a result file) is there: as
+    written, or, for a result file's bare name, in benchmarks/results/."""
+    root = os.path.dirname(README)
+    blocks, spans = code_spans_and_blocks()
+    code = "\n".join(blocks + spans)
+    paths = set(re.findall(r"(?<![\w./-])((?:benchmarks|train|tests|csrc|\.ci)/[\w./*-]*)", code))
+    paths |= {"benchmarks/results/" + name for name in re.findall(r"(?<![\w/-])((?:amd|intel|nvidia)-[\w.*-]+)", code)}
+    missing = [path for path in sorted(paths) if not glob.glob(os.path.join(root, path.rstrip(".")))]
+    assert not missing, f"README names {missing}, which the repository does not hold"
+    assert len(paths) > 30
+
+
+def test_the_benchmark_impls_the_readme_runs_exist():
+    path = os.path.join(os.path.dirname(README), "benchmarks", "bench_loss.py")
+    spec = importlib.util.spec_from_file_location("readme_bench_loss", path)
+    bench_loss = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_loss)
+    named = {impl for target, words, _ in COMMANDS if target == "benchmarks/bench_loss.py"
+             for flag, value in zip(words, words[1:]) if flag == "--impls" for impl in value.split(",")}
+    assert "ours-sampled" in named
+    assert not named - set(bench_loss.IMPLS), f"README runs bench_loss.py --impls {sorted(named - set(bench_loss.IMPLS))}"
