@@ -146,11 +146,44 @@ class CombinedMarginLoss(nn.Module):
         return parts
 
 
-class ArcFaceLoss(CombinedMarginLoss):
-    """Additive angular margin: target logit s·cos(θ + m)."""
+def easy_margins(module, embeddings, labels, margins):
+    """The per-row angular ``margins`` where the row's target cosine is > 0, and 0 elsewhere (target
+    logit s·cos θ, constant there): the "easy margin" of MagFace's and ArcMarginProduct's code. The
+    targets' cosines take a gather and N dot products (no N x C product), rounded as the op's product
+    rounds its operands."""
+    cosine = chunked.shard_target_cosines(embeddings.detach(), module.weight.detach(), labels,
+                                          ignore_index=module.ignore_index,
+                                          gemm_dtype=chunked.gemm_dtype(embeddings, module.weight))
+    if not torch.is_tensor(margins):
+        margins = torch.full_like(cosine, margins, dtype=torch.float64)
+    return torch.where(cosine > 0, margins, torch.zeros_like(margins))
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, **kwargs):
+
+class ArcFaceLoss(CombinedMarginLoss):
+    """Additive angular margin: target logit s·cos(θ + m), continued linearly past θ + m = π (as
+    pytorch-metric-learning's ``ArcFaceLoss`` and ArcMarginProduct's ``easy_margin=False`` do).
+
+    ``easy_margin=True`` applies the margin only where cos θ > 0 and leaves the target logit at s·cos θ
+    elsewhere, as ``ArcMarginProduct(easy_margin=True)`` (ronghuaiyang/arcface-pytorch and its many
+    copies) does. The two differ for targets more than π/2 from their centre. Not with
+    ``interclass_filtering_threshold``."""
+
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, *, easy_margin=False, **kwargs):
+        easy_margin = check_flag("easy_margin", easy_margin)
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
+        if easy_margin and self.interclass_filtering_threshold:
+            raise ValueError("interclass_filtering_threshold does not go with ArcFaceLoss's easy_margin")
+        self.easy_margin = easy_margin
+        # The margins then depend on the sample: the arguments are checked before row_margins reads them.
+        self.per_row_margins = easy_margin
+
+    def row_margins(self, embeddings, labels):
+        if not self.easy_margin:
+            return self.m2, self.m3
+        return easy_margins(self, embeddings, labels, self.m2), self.m3
+
+    def _repr_parts(self):
+        return super()._repr_parts() + (["easy_margin=True"] if self.easy_margin else [])
 
 
 class CosFaceLoss(CombinedMarginLoss):
@@ -352,12 +385,7 @@ class MagFaceLoss(CombinedMarginLoss):
         # margin would make the op refuse the whole call.
         margins = torch.nan_to_num(margins, nan=self.l_m)
         if self.easy_margin:
-            # The targets' cosines (a gather and N dot products, no N x C product), as the op's product
-            # rounds its operands; a margin of 0 where cos θ <= 0, constant there.
-            cosine = chunked.shard_target_cosines(embeddings.detach(), self.weight.detach(), labels,
-                                                  ignore_index=self.ignore_index,
-                                                  gemm_dtype=chunked.gemm_dtype(embeddings, self.weight))
-            margins = torch.where(cosine > 0, margins, torch.zeros_like(margins))
+            margins = easy_margins(self, embeddings, labels, margins)
         return margins, self.m3
 
     def forward(self, embeddings, labels, return_target_cosine=False):

@@ -1,0 +1,174 @@
+"""The README's "Coming from another library" mappings, checked in fp64 against those libraries' losses
+written out here from their documented semantics (none of them is needed to run this): the same weights,
+inputs and labels give the same loss and gradients."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arcface_ext
+from conftest import assert_matches_reference
+
+N, D, C = 48, 16, 23
+
+
+def inputs(centres, *, seed=0, away=8):
+    """fp64 embeddings and labels; the first ``away`` rows point nearly opposite their class centre, so that
+    θ + m passes π there and the rules past it are compared too."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, centres.shape[0], (N,), generator=g)
+    x = torch.randn(N, D, dtype=torch.float64, generator=g)
+    x[:away] = -F.normalize(centres[labels[:away]]) + 0.05 * torch.randn(away, D, dtype=torch.float64, generator=g)
+    return x, labels
+
+
+def margin_softmax(cosine, labels, target_logit, s, **cross_entropy):
+    """Cross-entropy of s·cos θ_j with the target's logit replaced."""
+    logits = cosine.scatter(1, labels[:, None], target_logit[:, None]) * s
+    return F.cross_entropy(logits, labels, **cross_entropy)
+
+
+def pml_angular(x, W, labels, *, margin_degrees=28.6, scale=64.0, sub_centers=1):
+    """pytorch-metric-learning's ArcFaceLoss / SubCenterArcFaceLoss: W is (D, C·k) (class c's sub-centres are
+    columns c·k ... c·k + k - 1, a class's cosine the largest of theirs), the margin in degrees, past
+    θ = π - m the target logit cos θ - m·sin m, and the mean over the rows (its default MeanReducer)."""
+    m = math.radians(margin_degrees)
+    cosine = (F.normalize(x) @ F.normalize(W, dim=0)).view(len(x), -1, sub_centers).amax(2)
+    theta = cosine.gather(1, labels[:, None]).squeeze(1).clamp(-1, 1).acos()
+    target = torch.where(theta <= math.pi - m, torch.cos(theta + m), torch.cos(theta) - m * math.sin(m))
+    return margin_softmax(cosine, labels, target, scale)
+
+
+def arc_margin_product_loss(x, centres, labels, *, s=30.0, m=0.5, easy_margin=False, **cross_entropy):
+    """ronghuaiyang/arcface-pytorch's ArcMarginProduct (its weight, ``centres`` here, (C, D)) followed by
+    nn.CrossEntropyLoss(**cross_entropy):
+    target logit s·cos(θ + m); with easy_margin, s·cos θ where cos θ <= 0; without, s·(cos θ - m·sin m) where
+    cos θ <= cos(π - m)."""
+    cosine = F.normalize(x) @ F.normalize(centres).t()
+    index = labels.clamp_min(0)[:, None]      # (rows that cross_entropy ignores are labelled -1)
+    c = cosine.gather(1, index).squeeze(1)
+    shifted = torch.cos(c.clamp(-1, 1).acos() + m)
+    if easy_margin:
+        target = torch.where(c > 0, shifted, c)
+    else:
+        target = torch.where(c > math.cos(math.pi - m), shifted, c - m * math.sin(m))
+    return F.cross_entropy(cosine.scatter(1, index, target[:, None]) * s, labels, **cross_entropy)
+
+
+def compare(theirs, ours, x, parameters, ours_weight):
+    """Loss and gradients (embeddings, and the weight as ``ours_weight`` maps theirs onto ours)."""
+    xt, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, actual = theirs(xt), ours(xo)
+    expected.backward()
+    actual.backward()
+    assert_matches_reference(actual.detach(), expected.detach(), name="loss")
+    assert_matches_reference(xo.grad, xt.grad, name="grad_embeddings")
+    assert_matches_reference(parameters[1].grad, ours_weight(parameters[0].grad), name="grad_weight")
+
+
+@pytest.mark.parametrize("margin_degrees,scale,sub_centers", [(28.6, 64.0, 1), (50.0, 30.0, 1), (28.6, 64.0, 3)])
+def test_pytorch_metric_learnings_arcface_and_subcenter_arcface(margin_degrees, scale, sub_centers):
+    W = torch.randn(D, C * sub_centers, dtype=torch.float64, requires_grad=True)   # theirs: (D, C·k)
+    if sub_centers == 1:
+        ours = arcface_ext.ArcFaceLoss(C, D, s=scale, m=math.radians(margin_degrees), dtype=torch.float64)
+    else:
+        ours = arcface_ext.SubCenterMarginLoss(C, D, k=sub_centers, s=scale, m2=math.radians(margin_degrees),
+                                               dtype=torch.float64)
+    ours.load_state_dict({"weight": W.detach().t()})        # their state dict's "W", transposed
+    x, labels = inputs(W.detach().t()[::sub_centers])
+    theirs = lambda x: pml_angular(x, W, labels, margin_degrees=margin_degrees, scale=scale,  # noqa: E731
+                                   sub_centers=sub_centers)
+    compare(theirs, lambda x: ours(x, labels), x, (W, ours.weight), lambda g: g.t())
+
+
+def test_pytorch_metric_learnings_cosface():
+    W = torch.randn(D, C, dtype=torch.float64, requires_grad=True)
+    ours = arcface_ext.CosFaceLoss(C, D, s=64.0, m=0.35, dtype=torch.float64)
+    ours.load_state_dict({"weight": W.detach().t()})
+    x, labels = inputs(W.detach().t())
+
+    def theirs(x):
+        cosine = F.normalize(x) @ F.normalize(W, dim=0)
+        return margin_softmax(cosine, labels, cosine.gather(1, labels[:, None]).squeeze(1) - 0.35, 64.0)
+    compare(theirs, lambda x: ours(x, labels), x, (W, ours.weight), lambda g: g.t())
+
+
+def test_pytorch_metric_learnings_sphereface_needs_embeddings_of_one_norm():
+    """Its SphereFaceLoss scales the logits by the embedding's own norm (times `scale`, 1 by default): ours
+    by s, the same for embeddings whose norm is s, in the loss and the centres' gradient (the embeddings'
+    gradient differs by the part along the embedding that its norm's gradient adds)."""
+    W = torch.randn(D, C, dtype=torch.float64)
+    ours = arcface_ext.SphereFaceLoss(C, D, m=4, s=10.0, dtype=torch.float64)
+    ours.load_state_dict({"weight": W.t()})
+    x, labels = inputs(W.t())
+    x = 10.0 * F.normalize(x)
+    cosine = F.normalize(x) @ F.normalize(W, dim=0)
+    theta = cosine.gather(1, labels[:, None]).squeeze(1).acos()
+    k = torch.floor(4 * theta / math.pi)
+    expected = margin_softmax(cosine, labels, (-1) ** k * torch.cos(4 * theta) - 2 * k, 10.0)
+    assert_matches_reference(ours(x, labels).detach(), expected, name="loss")
+
+
+@pytest.mark.parametrize("easy_margin", [False, True])
+def test_arc_margin_product(easy_margin):
+    weight = torch.randn(C, D, dtype=torch.float64, requires_grad=True)   # theirs: (C, D), as ours
+    ours = arcface_ext.ArcFaceLoss(C, D, s=30.0, m=0.5, easy_margin=easy_margin, dtype=torch.float64)
+    ours.load_state_dict({"weight": weight.detach()})       # their state dict as it is
+    x, labels = inputs(weight.detach())
+    cosine = (F.normalize(x) @ F.normalize(weight.detach()).t()).gather(1, labels[:, None])
+    assert 8 <= int((cosine <= 0).sum()) <= N - 8           # both sides of cos θ = 0
+    theirs = lambda x: arc_margin_product_loss(x, weight, labels, easy_margin=easy_margin)  # noqa: E731
+    compare(theirs, lambda x: ours(x, labels), x, (weight, ours.weight), lambda g: g)
+    other = arc_margin_product_loss(x, weight.detach(), labels, easy_margin=not easy_margin)
+    assert abs(float(other) - ours(x, labels).item()) > 0.1   # the option changes the loss here
+
+
+def test_easy_margin_is_checked_and_shown():
+    assert "easy_margin=True" in repr(arcface_ext.ArcFaceLoss(10, 4, easy_margin=True))
+    assert "easy_margin" not in repr(arcface_ext.ArcFaceLoss(10, 4))
+    with pytest.raises(TypeError, match="easy_margin must be a bool"):
+        arcface_ext.ArcFaceLoss(10, 4, easy_margin=1)
+    with pytest.raises(ValueError, match="easy_margin"):
+        arcface_ext.ArcFaceLoss(10, 4, easy_margin=True, interclass_filtering_threshold=0.3)
+    x, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, -1, 10])
+    with pytest.raises(ValueError, match=r"labels\[5\] = 10 is out of range"):
+        arcface_ext.ArcFaceLoss(10, 4, easy_margin=True)(x, labels)
+
+
+def test_easy_margin_with_class_sampling_and_16_bit_inputs():
+    torch.manual_seed(0)
+    criterion = arcface_ext.ArcFaceLoss(50, 8, easy_margin=True, sample_rate=0.3)
+    x, labels = torch.randn(16, 8), torch.randint(0, 50, (16,))
+    assert torch.isfinite(criterion(x, labels))
+    criterion.eval()
+    full = criterion(x, labels)
+    assert_matches_reference(criterion.bfloat16()(x.bfloat16(), labels).double(), full.double(),
+                             dtype=torch.bfloat16, name="bf16 loss")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropys_class_weights_and_ignore_index(reduction):
+    """nn.CrossEntropyLoss(weight=w, ignore_index=-1, reduction=...) after a margin head is ours with
+    reduction="none", the rows weighted by w[label] and divided by the counted rows' weights for "mean"."""
+    weight = torch.randn(C, D, dtype=torch.float64, requires_grad=True)
+    class_weights = torch.rand(C, dtype=torch.float64) + 0.5
+    ours = arcface_ext.ArcFaceLoss(C, D, s=30.0, m=0.5, reduction="none", ignore_index=-1, dtype=torch.float64)
+    ours.load_state_dict({"weight": weight.detach()})
+    x, labels = inputs(weight.detach())
+    labels[[3, 17]] = -1
+
+    row_weights = torch.where(labels >= 0, class_weights[labels.clamp_min(0)], 0.0)
+
+    def weighted(x):
+        rows = ours(x, labels) * row_weights      # (ignored rows' losses are 0)
+        # "none" is summed here for a scalar to differentiate: their weighted rows, summed alike.
+        return rows.sum() / row_weights.sum() if reduction == "mean" else rows.sum()
+
+    def theirs(x):
+        return arc_margin_product_loss(x, weight, labels, weight=class_weights, ignore_index=-1,
+                                       reduction=reduction).sum()
+    compare(theirs, weighted, x, (weight, ours.weight), lambda g: g)
+    rows = ours(x, labels).detach()
+    expected = arc_margin_product_loss(x, weight.detach(), labels, ignore_index=-1, reduction="none")
+    assert_matches_reference(rows, expected, name="rows")
