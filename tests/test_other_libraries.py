@@ -172,3 +172,23 @@ def test_cross_entropys_class_weights_and_ignore_index(reduction):
     rows = ours(x, labels).detach()
     expected = arc_margin_product_loss(x, weight.detach(), labels, ignore_index=-1, reduction="none")
     assert_matches_reference(rows, expected, name="rows")
+
+
+@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.4)], ids=["arcface", "cosface"])
+def test_arcface_torchs_combined_margin_loss(margins):
+    """arcface_torch's CombinedMarginLoss(s, m1, m2, m3) after PartialFC_V2's normalised product, with its
+    cross-entropy's mean: the margin moves the target logit but takes no part in the gradient (the
+    product's gradient passes as if the logit were s·cos θ), and past θ + m2 = π it keeps cos(θ + m2). Ours
+    with margin_grad="straight_through" is the same up to that point; past it ours continues linearly."""
+    m1, m2, m3 = margins
+    weight = torch.randn(C, D, dtype=torch.float64, requires_grad=True)
+    ours = arcface_ext.CombinedMarginLoss(C, D, s=64.0, m1=m1, m2=m2, m3=m3, margin_grad="straight_through",
+                                          dtype=torch.float64)
+    ours.load_state_dict({"weight": weight.detach()})       # PartialFC_V2's state dict, on one process
+    x, labels = inputs(weight.detach(), away=0)
+
+    def theirs(x):
+        cosine = F.normalize(x) @ F.normalize(weight).t()
+        c = cosine.gather(1, labels[:, None]).squeeze(1)
+        return margin_softmax(cosine, labels, c + (torch.cos(c.acos() + m2) - m3 - c).detach(), 64.0)
+    compare(theirs, lambda x: ours(x, labels), x, (weight, ours.weight), lambda g: g)
