@@ -10,6 +10,7 @@ import random
 import re
 import secrets
 import socket
+import sys
 import time
 from typing import IO, Any, Callable
 
@@ -248,13 +249,27 @@ def describe_backbone(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     bare ``.pth`` files such as insightface's ``backbone.pth``, which carry no settings): iResNets
     and the demo network, MobileFaceNet (``mbf``) and the Vision Transformers. A ViT's variants
     that differ only in training (drop path, masking) have the same weights and are named by the
-    first of them; a 12x12 ViT grid is read as 112 px, the size faces are aligned to."""
+    first of them. The shapes of an iResNet's or a ViT's weights fit a range of image sizes
+    (:func:`fitting_image_sizes`): 112 px, the size faces are aligned to, where it is one of them."""
+    return _describe(state_dict)[0]
+
+
+def fitting_image_sizes(state_dict: dict[str, torch.Tensor]) -> range:
+    """The image sizes whose network (as :func:`describe_backbone` names it) has the shapes of
+    ``state_dict``: 97 to 128 px all give the demo network a 4x4 last map, 108 to 116 px a ViT
+    its 12x12 patches."""
+    return _describe(state_dict)[1]
+
+
+def _describe(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, Any], range]:
+    """(:func:`describe_backbone`'s settings, :func:`fitting_image_sizes`)."""
     if "pos_embed" in state_dict and "feature.2.weight" in state_dict:
         return _describe_vit(state_dict)
     if "features.layers.0.layers.0.weight" in state_dict and "features.layers.2.weight" in state_dict:
         gdconv_side = state_dict["features.layers.0.layers.0.weight"].shape[-1]  # the last map's side
-        return {"network": "mbf", "embedding_size": int(state_dict["features.layers.2.weight"].shape[0]),
-                "image_size": int(gdconv_side) * 16}
+        image_size = int(gdconv_side) * 16  # (it takes multiples of 16 only)
+        return ({"network": "mbf", "embedding_size": int(state_dict["features.layers.2.weight"].shape[0]),
+                 "image_size": image_size}, range(image_size, image_size + 1))
     from .models import IRESNET_LAYERS
 
     blocks = [1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith(f"layer{i}.")), default=-1)
@@ -269,10 +284,13 @@ def describe_backbone(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
                          "pass --network, --embedding-size and --image-size")
     embedding_size, fc_in = state_dict["fc.weight"].shape
     side = round((fc_in / widths[-1]) ** 0.5)
-    return {"network": network, "embedding_size": int(embedding_size), "image_size": side * 2 ** halvings}
+    # Each stride-2 stage rounds up (ceil(size / 2)): the last map's side is ceil(size / 2^halvings).
+    sizes = range((side - 1) * 2 ** halvings + 1, side * 2 ** halvings + 1)
+    return ({"network": network, "embedding_size": int(embedding_size),
+             "image_size": 112 if 112 in sizes else sizes[-1]}, sizes)
 
 
-def _describe_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _describe_vit(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, Any], range]:
     from .models.vit import PATCH_SIZE, VIT_CONFIGS
 
     _, tokens, dim = state_dict["pos_embed"].shape
@@ -282,9 +300,9 @@ def _describe_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     if not names or grid * grid != tokens:
         raise ValueError(f"not a ViT this trainer builds: {depth} blocks of width {dim}, {tokens} tokens; "
                          "pass --network, --embedding-size and --image-size")
-    image_size = 112 if grid == 112 // PATCH_SIZE else grid * PATCH_SIZE
-    return {"network": names[0], "embedding_size": int(state_dict["feature.2.weight"].shape[0]),
-            "image_size": image_size}
+    sizes = range(grid * PATCH_SIZE, (grid + 1) * PATCH_SIZE)  # (the patches leave the last rows unseen)
+    return ({"network": names[0], "embedding_size": int(state_dict["feature.2.weight"].shape[0]),
+             "image_size": 112 if 112 in sizes else sizes[0]}, sizes)
 
 
 def settings_path(model_path: str) -> str:
@@ -379,10 +397,21 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
             raise ValueError(f"{path} records {flag} {settings[key]}, {flag} {value} given: that option is for a bare "
                              "state dict whose layout cannot be guessed; leave it out")
     if not all(k in settings for k in ("network", "embedding_size", "image_size")):
-        settings = {**describe_backbone(weights), **settings}
+        guessed, sizes = _describe(weights)
+        if "image_size" not in settings and overrides.get("image_size") is None and len(sizes) > 1 \
+                and 112 not in sizes:
+            # The images are resized to it: a wrong guess gives other embeddings, without an error. (112
+            # px, where the weights fit it, is the size faces are aligned to: insightface's .pth files.)
+            print(f"note: {path} records no image size, and its weights fit any from {sizes[0]} to {sizes[-1]} px: "
+                  f"taken as {guessed['image_size']} px (python -m train.export --image-size N records the size in "
+                  "backbone.json beside the weights)", file=sys.stderr)
+        settings = {**guessed, **settings}
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    model = get_model(settings["network"], embedding_size=settings["embedding_size"],
-                      image_size=settings["image_size"])
+    try:
+        model = get_model(settings["network"], embedding_size=settings["embedding_size"],
+                          image_size=settings["image_size"])
+    except ValueError as error:  # a package.module:factory that does not import here, say
+        raise ValueError(f"{path} holds a backbone of network {settings['network']}: {error}") from None
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:

@@ -213,6 +213,28 @@ def test_a_checkpoint_that_cannot_be_read_says_so(trained, tmp_path, capsys, mon
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bare_state_dicts_image_size_is_112_where_it_fits_else_a_guess_said(trained, tmp_path, capsys):
+    # A bare state dict's weights fit a range of image sizes. The demo network at 112 px was exported as 128 px,
+    # the top of its range, and train.embed resized faces to that, for other embeddings without an error.
+    torch.save(get_model("small", image_size=112, embedding_size=64).state_dict(), tmp_path / "at112.pt")
+    assert export.main(["--checkpoint", str(tmp_path / "at112.pt"), "--output", str(tmp_path / "a"), "--no-onnx"]) == 0
+    assert json.loads((tmp_path / "a" / "backbone.json").read_text())["image_size"] == 112
+    assert "note" not in capsys.readouterr().err
+    # Where 112 px is not one of them, the size taken is said, and how to record the right one.
+    ckpt, _ = trained
+    torch.save(checkpoint.load(ckpt)["model"], tmp_path / "at32.pt")
+    assert checkpoint.load_backbone(str(tmp_path / "at32.pt"))[1]["image_size"] == IMAGE_SIZE
+    assert capsys.readouterr().err == f"note: {tmp_path / 'at32.pt'} records no image size, and its weights fit any " \
+        f"from 1 to 32 px: taken as 32 px (python -m train.export --image-size N records the size in backbone.json " \
+        "beside the weights)\n"
+    assert export.main(["--checkpoint", str(tmp_path / "at32.pt"), "--output", str(tmp_path / "b"), "--no-onnx",
+                        "--image-size", "30"]) == 0
+    assert json.loads((tmp_path / "b" / "backbone.json").read_text())["image_size"] == 30
+    assert "note" not in capsys.readouterr().err
+    checkpoint.load_backbone(str(tmp_path / "b" / "backbone.pt"))  # (the size recorded beside it: no note)
+    assert "note" not in capsys.readouterr().err
+
+
 def test_export_refuses_a_layout_that_contradicts_the_checkpoint(trained, tmp_path, capsys):
     # --network r18 with a training checkpoint built r18 and printed load_state_dict's 94 lines.
     ckpt, _ = trained

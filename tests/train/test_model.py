@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from train.checkpoint import describe_backbone
+from train.checkpoint import describe_backbone, fitting_image_sizes
 from train.models import NETWORKS, get_model, multiply_adds
 
 from trainer_fixtures import forward_backward, one_thread, output_dtypes  # noqa: F401
@@ -100,8 +100,28 @@ def test_small_network_takes_any_size(size):
     model = get_model("small", image_size=size, embedding_size=128)
     out = model(torch.randn(2, 3, size, size))
     assert out.shape == (2, 128)
+    # 112 px where the weights fit it (97 to 128 px all give a 4x4 last map), else the largest they fit.
     assert describe_backbone(model.state_dict()) == {"network": "small", "embedding_size": 128,
-                                                     "image_size": 32 * model.feature_map_size}
+                                                     "image_size": 112 if size == 112 else 32 * model.feature_map_size}
+
+
+@pytest.mark.parametrize("name, image_size", [("small", 112), ("small", 56), ("r18", 100), ("r50", 112),
+                                               ("vit_t", 96), ("vit_t", 112), ("mbf", 96)])
+def test_the_image_sizes_a_bare_state_dict_fits(name, image_size):
+    # The demo network trained at 112 px was read as 128 px, the top of the sizes its weights fit: exported so
+    # into backbone.json, and train.embed resized faces to 128, for other embeddings without an error.
+    def shapes(size):
+        try:
+            return {k: v.shape for k, v in meta_model(name, embedding_size=64, image_size=size).state_dict().items()}
+        except ValueError:  # (MobileFaceNet takes multiples of 16 only)
+            return None
+
+    sizes = fitting_image_sizes(meta_model(name, embedding_size=64, image_size=image_size).state_dict())
+    assert image_size in sizes
+    for size in (sizes[0] - 1, sizes[0], sizes[-1], sizes[-1] + 1):
+        assert (shapes(size) == shapes(image_size)) == (size in sizes), (size, sizes)
+    guess = describe_backbone(meta_model(name, embedding_size=64, image_size=image_size).state_dict())["image_size"]
+    assert guess == 112 if 112 in sizes else guess in sizes
 
 
 def test_dropout_from_keep_prob():
