@@ -15,7 +15,7 @@ import sys
 from typing import Any, Sequence
 
 from . import insightface_config
-from .models import NETWORKS
+from .models import NETWORKS, is_factory_spec
 
 LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos", "magface",
           "curricularface")
@@ -35,6 +35,14 @@ OWN_PARAMETER_DEFAULTS = {"arcface_m": 0.5, "adaface_m": 0.4, "adaface_h": 0.333
 
 def _int_list(text: str) -> list[int]:
     return [int(v) for v in str(text).replace(",", " ").split()]
+
+
+class _NetworkChoices(tuple):
+    """--network's choices: the built-in networks' names, and any ``package.module:factory`` (which the
+    listing in argparse's usage and errors shows as that pattern)."""
+
+    def __contains__(self, name: object) -> bool:
+        return tuple.__contains__(self, name) or (isinstance(name, str) and is_factory_spec(name))
 
 
 def _str_list(text: str) -> list[str]:
@@ -99,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the number of identities the data must have (checked; taken from the data when not given)")
     g.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                    help="input side in pixels; default 112 (aligned faces), 64 for the synthetic demo")
-    g.add_argument("--network", choices=NETWORKS, default="small",
+    g.add_argument("--network", choices=_NetworkChoices(NETWORKS + ("package.module:factory",)), default="small",
                    help="the backbone: r18 to r200 (iResNet), small (the demo's), mbf (MobileFaceNet; the image size a "
-                   "multiple of 16), vit_* (arcface_torch's Vision Transformers)")
+                   "multiple of 16), vit_* (arcface_torch's Vision Transformers), or package.module:factory, a "
+                   "network of your own: the factory, imported from PYTHONPATH, called with embedding_size= and "
+                   "image_size=, returns an nn.Module mapping N x 3 x H x W images to N x D embeddings")
     g.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=512,
                    help="length of the face embedding the backbone gives (and of each class centre)")
     g.add_argument("--keep-prob", "--keep_prob", dest="keep_prob", type=float, default=1.0,
@@ -424,7 +434,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.loss.startswith("elasticface") and not 0 <= args.elastic_std < math.inf:
         raise SystemExit(f"--elastic-std must be finite and >= 0, got {args.elastic_std}")
     if args.output is None:
-        args.output = os.path.join("runs", args.network)
+        args.output = os.path.join("runs", args.network.replace(":", "."))  # (package.module:factory)
     if args.finetuning and not args.pretrained_model:  # (was a run from random weights, without a word)
         raise SystemExit("--finetuning takes the backbone of --pretrained_model (with fresh class centres): give "
                          "--pretrained_model too")

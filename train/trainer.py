@@ -29,7 +29,7 @@ from torch import nn
 from . import checkpoint, export
 from .config import margins, unused_options
 from .data.transforms import DataError, to_model_input
-from .models import get_model, multiply_adds
+from .models import check_embedding_shape, get_model, is_factory_spec, multiply_adds
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 
 ANGLE_PHASES = ("start", "middle", "end")
@@ -636,7 +636,9 @@ class Trainer:
             self.backbone = get_model(args.network, embedding_size=args.embedding_size, dropout=1.0 - args.keep_prob,
                                       image_size=args.image_size, gradient_checkpointing=args.gradient_checkpointing,
                                       amp=args.amp).to(self.device)
-        except ValueError as error:  # a size the network cannot take
+            if is_factory_spec(args.network):  # (the networks here are known to give N x --embedding-size)
+                check_embedding_shape(self.backbone, args.embedding_size, args.image_size)
+        except ValueError as error:  # a size the network cannot take; a factory not there, or of another shape
             raise SystemExit(f"--network {args.network} --image-size {args.image_size}: {error}") from None
         if args.batch_size < 2 and any(isinstance(m, nn.BatchNorm1d) for m in self.backbone.modules()):
             raise SystemExit(f"--batch-size {args.batch_size}: the BatchNorm of {args.network}'s embedding head needs "

@@ -175,7 +175,11 @@ def _set_amp(model, args: argparse.Namespace, run: dict) -> None:
     if amp == "none" and not hasattr(model, "amp"):
         return
     if not hasattr(model, "amp"):
-        raise ValueError(f"--amp {amp}: {args.model} is an ONNX model, run as its graph is")
+        from .onnx_backbone import OnnxBackbone
+
+        raise ValueError(f"--amp {amp}: {args.model} " + (
+            "is an ONNX model, run as its graph is" if isinstance(model, OnnxBackbone) else
+            "is a network of its own (package.module:factory) that has no amp attribute to autocast by"))
     model.amp = amp
     if args.amp is None and amp != "none":
         # (16-bit rounding differs between a CPU and a GPU: the run's own figures come on its device type.)

@@ -2,10 +2,14 @@
 
 iResNets ``r18`` ... ``r200``, the demo's ``small``, MobileFaceNet ``mbf``, and arcface_torch's Vision
 Transformers under its names: ``vit_t``, ``vit_t_dp005_mask0``, ``vit_s``, ``vit_s_dp005_mask_0``,
-``vit_b``, ``vit_b_dp005_mask_005``, ``vit_l_dp005_mask_005``, ``vit_h``."""
+``vit_b``, ``vit_b_dp005_mask_005``, ``vit_l_dp005_mask_005``, ``vit_h``; and any other backbone as
+``package.module:factory``, imported (:func:`import_factory`)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import re
 from functools import partial
 
 import torch
@@ -23,16 +27,104 @@ _BUILDERS.update({name: partial(vit, name) for name in VIT_CONFIGS})
 
 NETWORKS = tuple(_BUILDERS)
 
+# ``package.module:factory`` (the factory may be an attribute path, ``module:Class.build``).
+_FACTORY_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+# What get_model passes the built-in networks besides embedding_size and image_size, with the value that
+# asks nothing of a network (and the trainer's option that sets it): a factory that does not take one is
+# not passed it, and refused another value.
+_OPTIONAL_KEYWORDS = {"dropout": (0.0, "--keep-prob"), "gradient_checkpointing": (False, "--gradient-checkpointing"),
+                      "amp": ("none", "--amp")}
+
+
+def is_factory_spec(name: str) -> bool:
+    """Whether ``name`` has the form ``package.module:factory`` (not whether it imports)."""
+    return _FACTORY_SPEC.fullmatch(name) is not None
+
+
+def check_network_name(name: str) -> str:
+    """``name`` if it is one of :data:`NETWORKS` or has the form ``package.module:factory``, else ValueError."""
+    if name in _BUILDERS or is_factory_spec(name):
+        return name
+    raise ValueError(f"unknown network {name!r}; expected one of {', '.join(NETWORKS)}, or package.module:factory "
+                     "for a backbone of your own")
+
+
+def import_factory(spec: str):
+    """The callable ``package.module:factory`` names, imported as ``python -c 'import package.module'``
+    would import it (the module on ``sys.path``: PYTHONPATH, or the current folder for ``python -m``);
+    ValueError saying what is missing when it does not import or is not there."""
+    module_name, _, attributes = spec.partition(":")
+    try:
+        factory = importlib.import_module(module_name)
+    except ImportError as error:  # (the module itself, or a module it imports, is missing)
+        raise ValueError(f"cannot import {module_name} ({error}); is its folder on PYTHONPATH?") from None
+    for attribute in attributes.split("."):
+        try:
+            factory = getattr(factory, attribute)
+        except AttributeError:
+            raise ValueError(f"{module_name} has no {attributes}") from None
+    if not callable(factory):
+        raise ValueError(f"{spec} is a {type(factory).__name__}, not a callable")
+    return factory
+
+
+def _build_external(spec: str, embedding_size: int, image_size: int, **kwargs) -> nn.Module:
+    """``spec``'s factory called with ``embedding_size`` and ``image_size``, and those of ``kwargs`` it takes
+    (all, with a ``**kwargs``); a value it does not take, other than the one that asks nothing, is refused."""
+    factory = import_factory(spec)
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: passed what the networks here are
+        parameters = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    taken = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)}
+    missing = [k for k in ("embedding_size", "image_size") if not (takes_any or k in taken)]
+    if missing:
+        raise ValueError(f"{spec} must take the keyword arguments embedding_size and image_size; it does not take "
+                         f"{' or '.join(missing)}")
+    passed = {"embedding_size": embedding_size, "image_size": image_size}
+    for key, value in kwargs.items():
+        if takes_any or key in taken:
+            passed[key] = value
+        elif value != _OPTIONAL_KEYWORDS.get(key, (None,))[0]:
+            flag = _OPTIONAL_KEYWORDS.get(key, (None, key))[1]
+            raise ValueError(f"{spec} takes no {key}= argument, which {flag} needs: leave that option out, or "
+                             "give the factory that parameter")
+    model = factory(**passed)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
 
 def get_model(name: str, **kwargs) -> nn.Module:
-    """Build backbone ``name`` (one of :data:`NETWORKS`); ``kwargs`` go to :class:`IResNet`,
-    :class:`MobileFaceNet` or :class:`VisionTransformer`: ``embedding_size``, ``dropout``,
-    ``image_size``, ``gradient_checkpointing``, ``amp``, ..."""
+    """Build backbone ``name`` (one of :data:`NETWORKS`, or ``package.module:factory``); ``kwargs`` go to
+    :class:`IResNet`, :class:`MobileFaceNet` or :class:`VisionTransformer`: ``embedding_size``, ``dropout``,
+    ``image_size``, ``gradient_checkpointing``, ``amp``, ... A factory is called with ``embedding_size`` and
+    ``image_size`` (both required) and those of the others it takes, and must return an ``nn.Module`` that maps
+    N x 3 x image_size x image_size images to N x embedding_size embeddings (:func:`check_embedding_shape`)."""
+    if is_factory_spec(name):
+        kwargs.setdefault("embedding_size", 512)
+        kwargs.setdefault("image_size", 112)
+        return _build_external(name, **kwargs)
+    return _BUILDERS[check_network_name(name)](**kwargs)
+
+
+def check_embedding_shape(model: nn.Module, embedding_size: int, image_size: int) -> None:
+    """ValueError unless ``model`` maps two ``image_size`` images (on its parameters' device, in eval mode, without
+    gradients, so that nothing of it changes) to a 2 x ``embedding_size`` tensor."""
+    first = next(model.parameters(), None)
+    x = torch.zeros(2, 3, image_size, image_size, device=first.device if first is not None else "cpu")
+    training = model.training
     try:
-        builder = _BUILDERS[name]
-    except KeyError:
-        raise ValueError(f"unknown network {name!r}; expected one of {', '.join(NETWORKS)}") from None
-    return builder(**kwargs)
+        with torch.no_grad():
+            out = model.eval()(x)
+    finally:
+        model.train(training)
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != (2, embedding_size):
+        raise ValueError(f"it maps 2 x 3 x {image_size} x {image_size} images to {shape}, not to "
+                         f"(2, {embedding_size}): a backbone must give N x --embedding-size embeddings")
 
 
 def multiply_adds(name: str, image_size: int = 112, **kwargs) -> int:
@@ -47,11 +139,15 @@ def multiply_adds(name: str, image_size: int = 112, **kwargs) -> int:
         model = get_model(name, image_size=image_size, **kwargs)
     x = torch.zeros(1, 3, image_size, image_size, device="meta")
     # forward_trunk/forward_head: the amp="none" forward, which autocast on meta does not allow as model(x);
-    # on meta scaled_dot_product_attention decomposes into the two products the counter knows.
+    # on meta scaled_dot_product_attention decomposes into the two products the counter knows. A network of
+    # one's own (package.module:factory) runs as it is.
+    forward = (lambda x: model.forward_head(model.forward_trunk(x))) if hasattr(model, "forward_trunk") else model
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval().forward_head(model.forward_trunk(x))
+        model.eval()
+        forward(x)
     return counter.get_total_flops() // 2
 
 
-__all__ = ["NETWORKS", "VIT_CONFIGS", "IBasicBlock", "IResNet", "MobileFaceNet", "VisionTransformer", "get_model",
-           "iresnet", "mbf", "mobilefacenet", "multiply_adds", "small", "vit"]
+__all__ = ["NETWORKS", "VIT_CONFIGS", "IBasicBlock", "IResNet", "MobileFaceNet", "VisionTransformer",
+           "check_embedding_shape", "check_network_name", "get_model", "import_factory", "iresnet", "is_factory_spec",
+           "mbf", "mobilefacenet", "multiply_adds", "small", "vit"]

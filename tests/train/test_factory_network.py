@@ -1,0 +1,170 @@
+"""A backbone of one's own, ``--network package.module:factory``: imported where the run is built, resumed,
+fine-tuned from, exported and verified, with one-line errors when it is missing or gives another shape."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import arcface_ext
+from train import checkpoint, export, verify
+from train.config import parse_args
+from train.models import get_model, multiply_adds
+from train.trainer import main
+
+from trainer_fixtures import (IMAGE_SIZE, assert_onnx_export_matches, base_argv, make_face_folder,  # noqa: F401
+                              one_thread)
+
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+MODULE = "h75_own_backbones"  # a name no other test imports
+NETWORK = f"{MODULE}:tiny"
+
+SOURCE = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, embedding_size, image_size, width=8):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.PReLU(width),
+                                   nn.Conv2d(width, 2 * width, 3, 2, 1), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(8 * width, embedding_size), nn.BatchNorm1d(embedding_size))
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def tiny(embedding_size=512, image_size=112):
+    return Tiny(embedding_size, image_size)
+
+
+def one_wider(embedding_size=512, image_size=112):
+    return Tiny(embedding_size + 1, image_size)
+
+
+def sized(size):
+    return Tiny(size, size)
+
+
+def not_a_module(embedding_size, image_size):
+    return "a string"
+'''
+
+
+@pytest.fixture
+def own_module(tmp_path, monkeypatch):
+    """The folder of ``MODULE`` on ``sys.path`` (PYTHONPATH, in a user's shell), its import forgotten after."""
+    folder = tmp_path / "own"
+    folder.mkdir()
+    (folder / f"{MODULE}.py").write_text(SOURCE)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, MODULE, raising=False)
+    yield folder
+    sys.modules.pop(MODULE, None)
+
+
+def forget_module(monkeypatch, folder):
+    """As a shell whose PYTHONPATH lacks the module's folder."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(folder)])
+    sys.modules.pop(MODULE, None)
+
+
+@pytest.fixture
+def faces(tmp_path):
+    return make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+
+
+def test_a_factory_network_trains_resumes_exports_and_verifies(own_module, faces, tmp_path, capsys):
+    output = tmp_path / "run"
+    argv = base_argv(faces, str(output), network=NETWORK, batch_size=8, max_steps=4, save_every=2,
+                     loss_impl=LOSS_IMPL)
+    first = argv[:argv.index("--max-steps")] + ["--max-steps", "2"] + argv[argv.index("--max-steps") + 2:]
+    assert main(first) == 0
+    # 8x3x3x3 + 16x8x3x3 convolutions on 16x16 and 8x8 maps, and the 64 -> 64 linear head
+    assert "network h75_own_backbones:tiny: 0.01M parameters, 0.1M multiply-adds an image" in capsys.readouterr().err
+    assert multiply_adds(NETWORK, IMAGE_SIZE, embedding_size=64) == 8 * 27 * 16 * 16 + 16 * 72 * 8 * 8 + 64 * 64
+    assert json.loads((output / "args.json").read_text())["network"] == NETWORK
+    assert main(argv + ["--resume", "auto"]) == 0
+    assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == 4
+
+    exported = tmp_path / "exported"
+    assert_onnx_export_matches(str(output / "checkpoint.pt"), exported, capsys, IMAGE_SIZE)
+    assert json.loads((exported / "backbone.json").read_text())["network"] == NETWORK
+    model, settings = checkpoint.load_backbone(str(exported / "backbone.pt"))
+    assert type(model).__name__ == "Tiny" and settings["embedding_size"] == 64
+    with torch.no_grad():
+        assert model(torch.zeros(3, 3, IMAGE_SIZE, IMAGE_SIZE)).shape == (3, 64)
+
+    # Fine-tuning from the export: the factory's weights load into the factory's network.
+    tuned = base_argv(faces, str(tmp_path / "tuned"), network=NETWORK, batch_size=8, max_steps=1,
+                      loss_impl=LOSS_IMPL, pretrained_model=str(exported / "backbone.pt"), finetuning=True)
+    assert main(tuned) == 0
+    # Another network told what the file holds, in the options' words.
+    other = base_argv(faces, str(tmp_path / "other"), batch_size=8, max_steps=1, loss_impl=LOSS_IMPL,
+                      pretrained_model=str(exported / "backbone.pt"))
+    with pytest.raises(SystemExit, match=f"it holds --network {NETWORK} --embedding-size 64 --image-size 32$"):
+        main(other)
+    # The network has no amp attribute: verify's --amp says so (it did say "is an ONNX model").
+    capsys.readouterr()
+    assert verify.main(["--model", str(exported / "backbone.pt"), "--data", "synthetic", "--amp", "bf16"]) != 0
+    assert "is a network of its own (package.module:factory) that has no amp attribute" in capsys.readouterr().err
+
+
+def test_a_factory_that_does_not_import_is_a_one_line_error_naming_where_it_was_named(own_module, faces, tmp_path,
+                                                                                        monkeypatch):
+    output = tmp_path / "run"
+    argv = base_argv(faces, str(output), network=NETWORK, batch_size=8, max_steps=1, loss_impl=LOSS_IMPL)
+    assert main(argv) == 0
+    assert export.main(["--checkpoint", str(output / "checkpoint.pt"), "--output", str(tmp_path / "exp"),
+                        "--no-onnx"]) == 0
+    forget_module(monkeypatch, own_module)
+    missing = f"cannot import {MODULE} \\(No module named '{MODULE}'\\); is its folder on PYTHONPATH\\?$"
+    with pytest.raises(SystemExit, match=f"^--network {NETWORK} --image-size 32: {missing}"):
+        main(argv + ["--max-steps", "2", "--resume", "auto"])
+    for model in (output / "checkpoint.pt", tmp_path / "exp" / "backbone.pt"):
+        with pytest.raises(ValueError, match=f"^{model} holds a backbone of network {NETWORK}: {missing}"):
+            checkpoint.load_backbone(str(model))
+    with pytest.raises(SystemExit, match=f"^--network {MODULE}:nowhere --image-size 32: cannot import {MODULE} "):
+        main(base_argv(faces, str(tmp_path / "b"), network=f"{MODULE}:nowhere"))
+
+
+@pytest.mark.parametrize("factory, options, message", [
+    ("one_wider", {}, r"it maps 2 x 3 x 32 x 32 images to \(2, 65\), not to \(2, 64\): a backbone must give N x "
+                      "--embedding-size embeddings"),
+    ("not_a_module", {}, "returned a str, not a torch.nn.Module"),
+    ("sized", {}, "must take the keyword arguments embedding_size and image_size; it does not take embedding_size "
+                  "or image_size"),
+    ("missing", {}, f"{MODULE} has no missing"),
+    ("tiny", {"amp": "bf16"}, "takes no amp= argument, which --amp needs: leave that option out, or give the "
+                              "factory that parameter"),
+    ("tiny", {"keep_prob": 0.5}, "takes no dropout= argument, which --keep-prob needs"),
+])
+def test_a_factory_that_does_not_fit_is_refused_naming_network(own_module, faces, tmp_path, factory, options,
+                                                               message):
+    argv = base_argv(faces, str(tmp_path / "run"), network=f"{MODULE}:{factory}", **options)
+    with pytest.raises(SystemExit, match=f"^--network {MODULE}:{factory} --image-size 32: .*{message}"):
+        main(argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_parser_takes_a_factory_and_names_its_folder_after_it(tmp_path, capsys):
+    args = parse_args(["--network", "my_nets.faces:build"])
+    assert args.network == "my_nets.faces:build" and args.output == "runs/my_nets.faces.build"
+    with pytest.raises(SystemExit):
+        parse_args(["--network", "r51"])
+    assert "package.module:factory" in capsys.readouterr().err
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"network": "not a factory"}))
+    with pytest.raises(SystemExit, match="network 'not a factory' is not one this trainer has: r18, .*"
+                                         "package.module:factory"):
+        parse_args(["--config", str(config)])
+
+
+def test_get_model_passes_a_factory_what_it_takes(own_module):
+    model = get_model(NETWORK, embedding_size=16, image_size=IMAGE_SIZE, dropout=0.0, gradient_checkpointing=False,
+                      amp="none")
+    assert model.head[0].out_features == 16
+    with pytest.raises(ValueError, match="unknown network 'r51'; expected one of r18, .*package.module:factory"):
+        get_model("r51")
