@@ -396,7 +396,9 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
             flag = "--" + key.replace("_", "-")
             raise ValueError(f"{path} records {flag} {settings[key]}, {flag} {value} given: that option is for a bare "
                              "state dict whose layout cannot be guessed; leave it out")
-    if not all(k in settings for k in ("network", "embedding_size", "image_size")):
+    # (guessed only where neither the file nor the options say: a package.module:factory network's bare state
+    # dict has no shapes to guess from, and was refused with all three options given)
+    if not all(k in settings or overrides.get(k) is not None for k in ("network", "embedding_size", "image_size")):
         guessed, sizes = _describe(weights)
         if "image_size" not in settings and overrides.get("image_size") is None and len(sizes) > 1 \
                 and 112 not in sizes:

@@ -168,3 +168,16 @@ def test_get_model_passes_a_factory_what_it_takes(own_module):
     assert model.head[0].out_features == 16
     with pytest.raises(ValueError, match="unknown network 'r51'; expected one of r18, .*package.module:factory"):
         get_model("r51")
+
+
+def test_a_bare_state_dict_of_a_factory_network_loads_with_the_three_options(own_module, tmp_path):
+    # Its shapes say nothing of a network here, and it was refused with all three given ("not a backbone this
+    # trainer builds: ... pass --network, --embedding-size and --image-size").
+    built = get_model(NETWORK, embedding_size=16, image_size=IMAGE_SIZE)
+    path = tmp_path / "backbone.pth"
+    torch.save(built.state_dict(), path)
+    model, settings = checkpoint.load_backbone(str(path), network=NETWORK, embedding_size=16, image_size=IMAGE_SIZE)
+    assert settings == {"network": NETWORK, "embedding_size": 16, "image_size": IMAGE_SIZE}
+    torch.testing.assert_close(model.state_dict(), built.state_dict())
+    with pytest.raises(ValueError, match="pass --network, --embedding-size and --image-size"):
+        checkpoint.load_backbone(str(path), network=NETWORK)
