@@ -48,6 +48,10 @@ def sized(size):
     return Tiny(size, size)
 
 
+def fixed_size(embedding_size, image_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, embedding_size))
+
+
 def not_a_module(embedding_size, image_size):
     return "a string"
 '''
@@ -134,6 +138,8 @@ def test_a_factory_that_does_not_import_is_a_one_line_error_naming_where_it_was_
     ("one_wider", {}, r"it maps 2 x 3 x 32 x 32 images to \(2, 65\), not to \(2, 64\): a backbone must give N x "
                       "--embedding-size embeddings"),
     ("not_a_module", {}, "returned a str, not a torch.nn.Module"),
+    ("fixed_size", {"image_size": 16}, r"it fails on 2 x 3 x 16 x 16 images: mat1 and mat2 shapes cannot be "
+                                       r"multiplied \(2x768 and 3072x64\)$"),
     ("sized", {}, "must take the keyword arguments embedding_size and image_size; it does not take embedding_size "
                   "or image_size"),
     ("missing", {}, f"{MODULE} has no missing"),
@@ -144,7 +150,8 @@ def test_a_factory_that_does_not_import_is_a_one_line_error_naming_where_it_was_
 def test_a_factory_that_does_not_fit_is_refused_naming_network(own_module, faces, tmp_path, factory, options,
                                                                message):
     argv = base_argv(faces, str(tmp_path / "run"), network=f"{MODULE}:{factory}", **options)
-    with pytest.raises(SystemExit, match=f"^--network {MODULE}:{factory} --image-size 32: .*{message}"):
+    size = options.get("image_size", IMAGE_SIZE)
+    with pytest.raises(SystemExit, match=f"^--network {MODULE}:{factory} --image-size {size}: .*{message}"):
         main(argv)
     assert not (tmp_path / "run").exists()
 
