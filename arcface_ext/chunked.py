@@ -35,7 +35,7 @@ import numbers
 import torch
 
 from ._checks import check_arguments, check_flag, fused_compute_dtype, reduce_rows, skips_label_check
-from .reference import NORM_EPS, margin_psi
+from .reference import NORM_EPS, _TargetLogit, margin_psi
 
 # Values a block holds: about this many cosines (N x chunk·K) and centre rows' values (chunk·K x D),
 # 16 MiB each in fp32; a few such blocks are alive at once in the backward pass.
@@ -341,6 +341,51 @@ def _through_norm(grad_unit, unit, norm):
     longer = (norm > NORM_EPS).to(norm.dtype)
     dot = (grad_unit * unit).sum(dim=1, keepdim=True).mul_(longer)
     return grad_unit.addcmul_(unit, dot, value=-1.0).div_(norm)
+
+
+class _UnitSum(torch.autograd.Function):
+    """Σ_j w_j / max(‖w_j‖, eps) over the rows of ``w`` (D,), in ``dtype``, a block of rows at a time: no
+    normalised copy of the whole matrix, in the forward pass or the backward."""
+
+    @staticmethod
+    def forward(ctx, w, dtype):
+        step = max(1, BLOCK_VALUES // max(1, w.shape[1]))
+        total = torch.zeros(w.shape[1], dtype=dtype, device=w.device)
+        for first in range(0, w.shape[0], step):
+            total += _unit(w[first:first + step].to(dtype))[0].sum(dim=0)
+        ctx.save_for_backward(w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        grad_w = torch.empty_like(w)
+        step = max(1, BLOCK_VALUES // max(1, w.shape[1]))
+        for first in range(0, w.shape[0], step):
+            unit, norm = _unit(w[first:first + step].to(grad.dtype))
+            grad_w[first:first + step] = _through_norm(grad.expand_as(unit).clone(), unit, norm)
+        return grad_w, None
+
+
+def label_smoothing_rows(embeddings, weight, labels, *, epsilon, s, m1, m2, m3, lambda_, margin_grad,
+                         ignore_index, dtype):
+    """Per row, what ``nn.CrossEntropyLoss(label_smoothing=ε)`` adds to the margin softmax's loss:
+    ε·(z_y − mean_j z_j), z_y = s·(ψ − m3) the target logit and z_j = s·c_j the C − 1 others, in ``dtype``
+    (0 at rows not counted). The mean takes Σ_j c_j as x̂·Σ_j ŵ_j: one sum of the unit centres, no N x C
+    matrix. (The op clamps each c_j to ±1, this sum does not: they differ by rounding only.)"""
+    with _no_autocast(embeddings.device.type):
+        num_classes = weight.shape[0]
+        counted = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+        x = _unit(embeddings.to(dtype))[0]
+        centres = _unit(weight.index_select(0, torch.where(counted, labels, 0).long()).to(dtype))[0]
+        target_cosine = (x * centres).sum(dim=1).clamp(-1.0, 1.0)
+        m2, m3 = (v.to(dtype) if torch.is_tensor(v) else float(v) for v in (m2, m3))
+        target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), m2, m3, float(lambda_),
+                                          margin_grad == "straight_through")
+        cosine_sum = x @ _UnitSum.apply(weight, dtype)
+        mean_logit = (s * (cosine_sum - target_cosine) + target_logit) / num_classes
+        rows = epsilon * (target_logit - mean_logit)
+        return torch.where(counted, rows, torch.zeros_like(rows))
 
 
 def check_int_option(name, value, *, optional=False):

@@ -59,11 +59,18 @@ class CombinedMarginLoss(nn.Module):
     ``interclass_filtering_threshold`` τ > 0 is inter-class filtering (arcface_torch's option of the
     same name): the other classes whose cosine exceeds τ get logit 0 and no gradient.
     It runs on the chunked PyTorch path (:mod:`arcface_ext.chunked`), not the fused op.
+
+    ``label_smoothing`` ε > 0 is ``nn.CrossEntropyLoss(label_smoothing=ε)`` on the margin logits: each
+    row's loss gains ε·(z_y − mean_j z_j) (:func:`arcface_ext.chunked.label_smoothing_rows`: a sum of
+    the unit centres and N dot products beside the fused op, still no N x C matrix). With
+    ``sample_rate`` the mean is over the sampled classes. Not with inter-class filtering or
+    CurricularFace.
     """
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
                  reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
-                 use_reference=False, interclass_filtering_threshold=0.0, device=None, dtype=None):
+                 use_reference=False, interclass_filtering_threshold=0.0, label_smoothing=0.0, device=None,
+                 dtype=None):
         super().__init__()
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
                          ignore_index, sample_rate, check_labels)
@@ -72,6 +79,10 @@ class CombinedMarginLoss(nn.Module):
         if self.interclass_filtering_threshold and (self.per_row_margins or self.curricular):
             raise ValueError(f"interclass_filtering_threshold does not go with {type(self).__name__}'s "
                              f"{'per-row margins' if self.per_row_margins else 'hard negatives'}")
+        self.label_smoothing = check_real("label_smoothing", label_smoothing, "in [0, 1]", lambda v: 0 <= v <= 1)
+        if self.label_smoothing and (self.interclass_filtering_threshold or self.curricular):
+            raise ValueError("label_smoothing does not go with "
+                             f"{'CurricularFace' if self.curricular else 'interclass_filtering_threshold'}")
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -120,10 +131,19 @@ class CombinedMarginLoss(nn.Module):
             # Ignored rows are -1 among the positions (a class index can no longer be ignore_index).
             weight, ignore_index = weight.index_select(0, index), -1
             self.last_sampled_classes = index
-        return loss_fn(embeddings, weight, labels, s=self.s, m1=self.m1, m2=m2, m3=m3,
-                       lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
-                       ignore_index=ignore_index, return_target_cosine=return_target_cosine,
-                       check_labels=not skip_check)
+        reduction = "none" if self.label_smoothing else self.reduction
+        out = loss_fn(embeddings, weight, labels, s=self.s, m1=self.m1, m2=m2, m3=m3,
+                      lambda_=self.lambda_, reduction=reduction, margin_grad=self.margin_grad,
+                      ignore_index=ignore_index, return_target_cosine=return_target_cosine,
+                      check_labels=not skip_check)
+        if not self.label_smoothing:
+            return out
+        loss, target_cosine = out if return_target_cosine else (out, None)
+        loss = loss + chunked.label_smoothing_rows(
+            embeddings, weight, labels, epsilon=self.label_smoothing, s=self.s, m1=self.m1, m2=m2, m3=m3,
+            lambda_=self.lambda_, margin_grad=self.margin_grad, ignore_index=ignore_index, dtype=loss.dtype)
+        loss = reduce_rows(loss, labels, ignore_index, self.reduction)
+        return (loss, target_cosine) if return_target_cosine else loss
 
     def extra_repr(self):
         return ", ".join(self._repr_parts())
@@ -139,6 +159,8 @@ class CombinedMarginLoss(nn.Module):
             parts.append(f"sample_rate={self.sample_rate}")
         if self.interclass_filtering_threshold:
             parts.append(f"interclass_filtering_threshold={self.interclass_filtering_threshold}")
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
         if not self.check_labels:
             parts.append("check_labels=False")
         if self.use_reference:

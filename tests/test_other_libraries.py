@@ -192,3 +192,103 @@ def test_arcface_torchs_combined_margin_loss(margins):
         c = cosine.gather(1, labels[:, None]).squeeze(1)
         return margin_softmax(cosine, labels, c + (torch.cos(c.acos() + m2) - m3 - c).detach(), 64.0)
     compare(theirs, lambda x: ours(x, labels), x, (weight, ours.weight), lambda g: g)
+
+
+def smoothed_margin_loss(x, centres, labels, target_of, *, s, epsilon, **cross_entropy):
+    """nn.CrossEntropyLoss(label_smoothing=epsilon) on s·cos θ_j with the target's logit s·target_of(c_y)."""
+    cosine = F.normalize(x) @ F.normalize(centres).t()
+    index = labels.clamp_min(0)[:, None]
+    target = target_of(cosine.gather(1, index).squeeze(1))
+    return F.cross_entropy(cosine.scatter(1, index, target[:, None]) * s, labels, label_smoothing=epsilon,
+                           **cross_entropy)
+
+
+def arc(m, straight_through=False, easy_margin=False):
+    def target_of(c):
+        shifted = torch.cos(c.clamp(-1, 1).acos() + m)
+        psi = torch.where(c > 0 if easy_margin else c > math.cos(math.pi - m), shifted,
+                          c if easy_margin else c - m * math.sin(m))
+        return c + (psi - c).detach() if straight_through else psi
+    return target_of
+
+
+SMOOTHED = {
+    "arcface": (dict(m=0.5), arc(0.5)),
+    "arcface_straight_through": (dict(m=0.5, margin_grad="straight_through"), arc(0.5, straight_through=True)),
+    "arcface_easy_margin": (dict(m=0.5, easy_margin=True), arc(0.5, easy_margin=True)),
+    "cosface": (dict(m1=1.0, m2=0.0, m3=0.35), lambda c: c - 0.35),
+    "combined": (dict(m1=1.0, m2=0.3, m3=0.2), lambda c: arc(0.3)(c) - 0.2),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", SMOOTHED)
+def test_cross_entropys_label_smoothing(kind, reduction):
+    """label_smoothing=ε is nn.CrossEntropyLoss(label_smoothing=ε) on the margin logits, ignored rows
+    (ignore_index) included."""
+    options, target_of = SMOOTHED[kind]
+    module = arcface_ext.ArcFaceLoss if "m" in options else arcface_ext.CombinedMarginLoss
+    weight = torch.randn(C, D, dtype=torch.float64, requires_grad=True)
+    ours = module(C, D, s=30.0, label_smoothing=0.1, reduction=reduction, dtype=torch.float64, **options)
+    ours.load_state_dict({"weight": weight.detach()})
+    x, labels = inputs(weight.detach())
+    labels[[3, 17]] = -1
+    theirs = lambda x: smoothed_margin_loss(x, weight, labels, target_of, s=30.0, epsilon=0.1,  # noqa: E731
+                                            ignore_index=-1, reduction=reduction).sum()
+    compare(theirs, lambda x: ours(x, labels).sum(), x, (weight, ours.weight), lambda g: g)
+    if reduction == "none":
+        assert ours(x, labels)[[3, 17]].eq(0).all()
+    assert "label_smoothing=0.1" in repr(ours)
+
+
+def test_label_smoothing_with_per_row_margins_and_class_sampling():
+    """Per-row margin tensors (MagFace's, differentiable: their gradient reaches the norm) and partial FC's
+    sample (the mean over the sampled classes, as a CrossEntropyLoss over the sampled logits has it)."""
+    torch.manual_seed(3)
+    num_classes = 200
+    weight = torch.randn(num_classes, D, dtype=torch.float64, requires_grad=True)
+    ours = arcface_ext.MagFaceLoss(num_classes, D, label_smoothing=0.2, lambda_g=0.0, sample_rate=0.3,
+                                   dtype=torch.float64)
+    ours.load_state_dict({"weight": weight.detach()})
+    x, labels = inputs(weight.detach())
+    x = x * torch.linspace(5, 130, N, dtype=torch.float64)[:, None] / x.norm(dim=1, keepdim=True)
+    xo = x.clone().requires_grad_()
+    loss = ours(xo, labels)
+    loss.backward()
+    classes = ours.last_sampled_classes
+    assert len(classes) == 60
+    xt = x.clone().requires_grad_()
+    margins = 0.45 + (0.8 - 0.45) / 100 * (xt.norm(dim=1).clamp(10, 110) - 10)
+
+    def target_of(c):
+        angle = c.clamp(-1, 1).acos() + margins
+        return torch.where(angle <= math.pi, torch.cos(angle), c - margins * torch.sin(margins))
+    expected = smoothed_margin_loss(xt, weight[classes], torch.searchsorted(classes, labels), target_of, s=64.0,
+                                    epsilon=0.2)
+    expected.backward()
+    assert_matches_reference(loss.detach(), expected.detach(), name="loss")
+    assert_matches_reference(xo.grad, xt.grad, name="grad_embeddings")
+    assert_matches_reference(ours.weight.grad, weight.grad, name="grad_weight")
+
+
+def test_label_smoothing_with_16_bit_inputs():
+    torch.manual_seed(4)
+    weight = torch.randn(C, D, dtype=torch.bfloat16)
+    x, labels = inputs(weight.double())
+    x = x.bfloat16()
+    ours = arcface_ext.ArcFaceLoss(C, D, s=30.0, m=0.5, label_smoothing=0.1, dtype=torch.bfloat16)
+    ours.load_state_dict({"weight": weight})
+    loss = ours(x, labels)
+    assert loss.dtype == torch.float32
+    expected = smoothed_margin_loss(x.double(), weight.double(), labels, arc(0.5), s=30.0, epsilon=0.1)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_label_smoothing_is_checked():
+    with pytest.raises(ValueError, match=r"label_smoothing must be a finite real number in \[0, 1\]"):
+        arcface_ext.ArcFaceLoss(10, 4, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="label_smoothing does not go with interclass_filtering_threshold"):
+        arcface_ext.ArcFaceLoss(10, 4, label_smoothing=0.1, interclass_filtering_threshold=0.3)
+    with pytest.raises(ValueError, match="label_smoothing does not go with CurricularFace"):
+        arcface_ext.CurricularFaceLoss(10, 4, label_smoothing=0.1)
+    assert "label_smoothing" not in repr(arcface_ext.ArcFaceLoss(10, 4))
