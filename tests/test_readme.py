@@ -318,3 +318,33 @@ def test_the_benchmark_impls_the_readme_runs_exist():
              for flag, value in zip(words, words[1:]) if flag == "--impls" for impl in value.split(",")}
     assert "ours-sampled" in named
     assert not named - set(bench_loss.IMPLS), f"README runs bench_loss.py --impls {sorted(named - set(bench_loss.IMPLS))}"
+
+
+def test_the_trainers_options_table_gives_the_parsers_defaults():
+    """A default the options table writes as one value a flag (a number, a `name`, off) is the parser's."""
+    config = pytest.importorskip("train.config")
+    actions = {flag: action for action in config.build_parser()._actions for flag in action.option_strings}
+    checked = 0
+    for row in (line for line in section(readme(), "### Options").splitlines() if line.startswith("| `--")):
+        first_cell, default = [cell.strip() for cell in row.strip().strip("|").split(" | ")[:2]]
+        names = [re.findall(r"`(--[\w-]+)", name) for name in first_cell.split("`, `")]   # each flag, its aliases
+        values = [value.strip() for value in default.split(",")]
+        if len(values) == 1:
+            values *= len(names)
+        if not default or len(values) != len(names):
+            continue
+        for aliases, value in zip(names, values):
+            if value == "off":
+                expected = [False]
+            elif re.fullmatch(r"`[\w-]+`", value):
+                expected = [value.strip("`")]
+            elif re.fullmatch(r"[\d.e-]+", value):
+                expected = [float(value)]
+            else:
+                continue        # a default that depends (`112 (64 for synthetic)`): the text says how
+            for flag in aliases:
+                actual = actions[flag].default
+                assert actual in expected or (actions[flag].nargs == 0 and actual is None and expected == [False]), \
+                    f"README's options table gives {flag} the default {value}; python -m train's is {actual!r}"
+                checked += 1
+    assert checked > 40
