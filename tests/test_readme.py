@@ -288,10 +288,10 @@ def test_every_command_takes_the_options_the_readme_gives(target, monkeypatch):
                 wrong.append(f"{flag} (not an option of {target}) in: {command}")
                 continue
             value = word.split("=", 1)[1] if "=" in word else (words[i + 1] if i + 1 < len(words) else None)
-            choices = actions[flag].choices
+            choices, convert = actions[flag].choices, actions[flag].type
             if (choices is not None and actions[flag].nargs != 0 and value is not None
                     and not value.startswith(("-", "<")) and value not in ("...", "P", "N", "I")
-                    and value not in choices):
+                    and (convert(value) if callable(convert) else value) not in choices):
                 wrong.append(f"{flag} {value} (its choices: {sorted(map(str, choices))}) in: {command}")
     assert not wrong, "README gives:\n" + "\n".join(wrong)
 
@@ -348,3 +348,15 @@ def test_the_trainers_options_table_gives_the_parsers_defaults():
                     f"README's options table gives {flag} the default {value}; python -m train's is {actual!r}"
                 checked += 1
     assert checked > 40
+
+
+def test_every_option_the_readme_writes_is_one_of_its_commands(monkeypatch):
+    """An option in the text (`--skip-existing`, `--resume`), not only in a command line, is taken by one of
+    the commands the README runs: none is renamed or gone. pip's and torchrun's own are listed here."""
+    known = {"--no-build-isolation", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_endpoint",
+             "--shutdown-timeout"}
+    for target in sorted({target for target, _, _ in COMMANDS}):
+        for parser in command_parsers(target, monkeypatch):
+            known |= {flag for action in parser._actions for flag in action.option_strings}
+    unknown = sorted(set(re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", readme())) - known)
+    assert not unknown, f"README writes {unknown}, which none of its commands takes"
