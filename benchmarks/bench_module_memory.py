@@ -1,0 +1,158 @@
+"""How much memory does training a loss module with many class centres take in all, on the CPU?
+
+bench_loss.py measures the loss's own extra memory (beyond its inputs and their gradients). What a
+user must budget is more: the C x D centres, their C x D gradient, SGD's C x D momentum, and the
+optimizer step's own temporaries. Each configuration runs in a fresh child process (glibc's mmap
+threshold pinned as in bench_loss.py, so that the resident set follows the live heap) which builds
+`arcface_ext.CombinedMarginLoss(C, D)` (ArcFace, m = 0.5; `--impls reference` sets
+use_reference=True, the pure-PyTorch loss) and torch.optim.SGD(momentum 0.9, weight decay 5e-4, as
+the trainer's), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
+embeddings (N x D, requiring grad, as a backbone's output). Reported, in MiB beyond the process's
+resident set before the module was built (torch imported, threads set, one step of an 8-class module
+and its optimizer run):
+
+  centres_mb   the module's weight alone (C x D x 4 bytes)
+  state_mb     resident after the first step: centres and momentum (zero_grad frees the gradient)
+  peak_mb      the most resident at any moment of steps 2.. (the kernel's peak-RSS counter, reset
+               before them): what the process needs for the loss and its optimizer
+  step_peak_mb peak_mb - state_mb: what a step adds at its peak (gradient, the loss's scratch, the
+               optimizer's temporaries)
+  ms           median time of steps 2.. (loss, backward, optimizer step), by the host clock
+
+    python benchmarks/bench_module_memory.py                  # C = 100k, 300k, 1M; N = 256; ours
+    python benchmarks/bench_module_memory.py --impls ours,reference --C 100000 --sample-rate 1 0.1
+
+Rows go to benchmarks/results/<device>-module-memory-<YYYY-MM-DD>.json (or --out).
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import arcface_ext  # noqa: E402
+from bench_loss import MMAP_THRESHOLD_BYTES, _proc_status_mb, device_name, git_sha, slug  # noqa: E402
+
+IMPLS = ("ours", "reference")
+
+
+def _rss_mb():
+    return _proc_status_mb("VmRSS")["VmRSS"]
+
+
+def _child(spec):
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    # A step of a few classes first, so that what the first call sets up once (thread pools, lazy imports)
+    # is in the baseline, not counted as the centres'.
+    warm = arcface_ext.CombinedMarginLoss(8, spec["D"], use_reference=spec["impl"] == "reference")
+    warm_optimizer = torch.optim.SGD(warm.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    warm(torch.randn(4, spec["D"], requires_grad=True), torch.arange(4)).backward()
+    warm_optimizer.step()
+    del warm, warm_optimizer
+    gc.collect()
+    baseline = _rss_mb()
+    module = arcface_ext.CombinedMarginLoss(spec["C"], spec["D"], sample_rate=spec["sample_rate"],
+                                            use_reference=spec["impl"] == "reference")
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    built = _rss_mb() - baseline
+    embeddings = torch.randn(spec["N"], spec["D"], requires_grad=True)
+    labels = torch.randint(0, spec["C"], (spec["N"],))
+    embeddings_mb = _rss_mb() - baseline - built
+
+    def step():
+        loss = module(embeddings, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        embeddings.grad = None
+
+    step()
+    gc.collect()
+    state = _rss_mb() - baseline
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident set
+    times = []
+    for _ in range(spec["steps"] - 1):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = _proc_status_mb("VmHWM")["VmHWM"] - baseline
+    print(json.dumps(dict(centres_mb=built, embeddings_mb=embeddings_mb, state_mb=state, peak_mb=peak,
+                          step_peak_mb=peak - state, ms=statistics.median(times),
+                          ms_all=[round(t, 3) for t in times])))
+
+
+def measure(spec, timeout):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                           env=env, capture_output=True, text=True, timeout=timeout)
+    if child.returncode != 0:
+        raise RuntimeError(f"child for {spec} failed:\n{child.stderr[-4000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--C", type=int, nargs="+", default=[100_000, 300_000, 1_000_000], help="class counts")
+    parser.add_argument("--N", type=int, default=256, help="rows a step")
+    parser.add_argument("--D", type=int, default=512, help="embedding size")
+    parser.add_argument("--impls", default="ours", help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--sample-rate", type=float, nargs="+", default=[1.0], help="partial FC's rates")
+    parser.add_argument("--steps", type=int, default=4, help="steps a configuration (the first is not timed)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds a configuration may take")
+    parser.add_argument("--out", help="output JSON path")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(json.loads(args.child))
+        return
+    impls = args.impls.split(",")
+    for impl in impls:
+        if impl not in IMPLS:
+            parser.error(f"--impls: unknown implementation {impl!r} (choose from {', '.join(IMPLS)})")
+    if args.steps < 2:
+        parser.error(f"--steps: need at least 2 (the first is not timed), got {args.steps}")
+    for rate in args.sample_rate:
+        if not 0 < rate <= 1:
+            parser.error(f"--sample-rate: each must lie in (0, 1], got {rate}")
+    environment = dict(device=device_name(torch.device("cpu")), torch=torch.__version__, git_sha=git_sha(),
+                       threads=torch.get_num_threads())
+    print(f"{environment['device']} | torch {environment['torch']} | {environment['threads']} threads | "
+          f"git {environment['git_sha']}")
+    out = args.out or os.path.join(HERE, "results", f"{slug(environment['device'])}-module-memory-"
+                                                    f"{datetime.date.today().isoformat()}.json")
+    title = (f"{'impl':<10} {'C':>9} {'N':>5} {'rate':>5} {'centres MB':>10} {'state MB':>9} {'peak MB':>9} "
+             f"{'step peak MB':>12} {'ms':>9}")
+    print(title)
+    print("-" * len(title))
+    rows = []
+    for num_classes in args.C:
+        for rate in args.sample_rate:
+            for impl in impls:
+                spec = dict(impl=impl, C=num_classes, N=args.N, D=args.D, sample_rate=rate, steps=args.steps,
+                            threads=environment["threads"])
+                result = measure(spec, args.timeout)
+                rows.append(dict(impl=impl, C=num_classes, N=args.N, D=args.D, dtype="fp32", sample_rate=rate,
+                                 optimizer="sgd momentum 0.9", **result, **environment))
+                print(f"{impl:<10} {num_classes:>9} {args.N:>5} {rate:>5} {result['centres_mb']:>10.1f} "
+                      f"{result['state_mb']:>9.1f} {result['peak_mb']:>9.1f} {result['step_peak_mb']:>12.1f} "
+                      f"{result['ms']:>9.1f}", flush=True)
+                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+                with open(out, "w") as handle:  # kept if a later configuration fails
+                    json.dump(rows, handle, indent=1)
+    print(f"wrote {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()
