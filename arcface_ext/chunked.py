@@ -343,28 +343,46 @@ def _through_norm(grad_unit, unit, norm):
     return grad_unit.addcmul_(unit, dot, value=-1.0).div_(norm)
 
 
-class _UnitSum(torch.autograd.Function):
-    """Σ_j w_j / max(‖w_j‖, eps) over the rows of ``w`` (D,), in ``dtype``, a block of rows at a time: no
-    normalised copy of the whole matrix, in the forward pass or the backward."""
+class _SmoothingCosines(torch.autograd.Function):
+    """For each row, in ``dtype``: its target's cosine x̂·ŵ_y and its cosines' sum x̂·Σ_j ŵ_j, with
+    ŵ_j = w_j / n_j, n_j = max(‖w_j‖, eps). Σ_j ŵ_j takes the centres a block at a time (no normalised copy of
+    the matrix); its gradient, G/n_j − w_j·(w_j·G)/n_j³ for G the rows' x̂ weighted by their gradients (G/n_j
+    alone for a row shorter than eps), is one matrix-vector product and one pass that writes the centres'
+    gradient, into which the targets' rows are then added."""
 
     @staticmethod
-    def forward(ctx, w, dtype):
+    def forward(ctx, x, w, target, dtype):
+        x_unit, x_norm = _unit(x.to(dtype))
         step = max(1, BLOCK_VALUES // max(1, w.shape[1]))
-        total = torch.zeros(w.shape[1], dtype=dtype, device=w.device)
+        unit_sum = torch.zeros(w.shape[1], dtype=dtype, device=w.device)
+        norms = torch.empty(w.shape[0], 1, dtype=dtype, device=w.device)
         for first in range(0, w.shape[0], step):
-            total += _unit(w[first:first + step].to(dtype))[0].sum(dim=0)
-        ctx.save_for_backward(w)
-        return total
+            block = w[first:first + step].to(dtype)
+            norms[first:first + step] = block.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+            unit_sum += norms[first:first + step, 0].reciprocal() @ block
+        centres = w.index_select(0, target).to(dtype) / norms[target]
+        ctx.save_for_backward(x_unit, x_norm, w, norms, target, unit_sum, centres)
+        ctx.x_dtype = x.dtype
+        return (x_unit * centres).sum(dim=1), x_unit @ unit_sum
 
     @staticmethod
-    def backward(ctx, grad):
-        (w,) = ctx.saved_tensors
-        grad_w = torch.empty_like(w)
-        step = max(1, BLOCK_VALUES // max(1, w.shape[1]))
-        for first in range(0, w.shape[0], step):
-            unit, norm = _unit(w[first:first + step].to(grad.dtype))
-            grad_w[first:first + step] = _through_norm(grad.expand_as(unit).clone(), unit, norm)
-        return grad_w, None
+    def backward(ctx, grad_target, grad_sum):
+        x_unit, x_norm, w, norms, target, unit_sum, centres = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x_unit = grad_target[:, None] * centres + grad_sum[:, None] * unit_sum
+            grad_x = _through_norm(grad_x_unit, x_unit, x_norm).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            weighted = grad_sum @ x_unit
+            grad_w = torch.empty_like(w)
+            step = max(1, BLOCK_VALUES // max(1, w.shape[1]))
+            for first in range(0, w.shape[0], step):
+                block, norm = w[first:first + step].to(weighted.dtype), norms[first:first + step, 0]
+                along = torch.where(norm > NORM_EPS, (block @ weighted) / norm.pow(3), torch.zeros_like(norm))
+                grad_w[first:first + step] = (block * -along[:, None]).addr_(norm.reciprocal(), weighted)
+            grad_centres = _through_norm(grad_target[:, None] * x_unit, centres, norms[target])
+            grad_w.index_add_(0, target, grad_centres.to(w.dtype))
+        return grad_x, grad_w, None, None
 
 
 def label_smoothing_rows(embeddings, weight, labels, *, epsilon, s, m1, m2, m3, lambda_, margin_grad,
@@ -376,13 +394,12 @@ def label_smoothing_rows(embeddings, weight, labels, *, epsilon, s, m1, m2, m3, 
     with _no_autocast(embeddings.device.type):
         num_classes = weight.shape[0]
         counted = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-        x = _unit(embeddings.to(dtype))[0]
-        centres = _unit(weight.index_select(0, torch.where(counted, labels, 0).long()).to(dtype))[0]
-        target_cosine = (x * centres).sum(dim=1).clamp(-1.0, 1.0)
+        target_cosine, cosine_sum = _SmoothingCosines.apply(embeddings, weight,
+                                                            torch.where(counted, labels, 0).long(), dtype)
+        target_cosine = target_cosine.clamp(-1.0, 1.0)
         m2, m3 = (v.to(dtype) if torch.is_tensor(v) else float(v) for v in (m2, m3))
         target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), m2, m3, float(lambda_),
                                           margin_grad == "straight_through")
-        cosine_sum = x @ _UnitSum.apply(weight, dtype)
         mean_logit = (s * (cosine_sum - target_cosine) + target_logit) / num_classes
         rows = epsilon * (target_logit - mean_logit)
         return torch.where(counted, rows, torch.zeros_like(rows))
