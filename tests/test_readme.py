@@ -360,3 +360,24 @@ def test_every_option_the_readme_writes_is_one_of_its_commands(monkeypatch):
             known |= {flag for action in parser._actions for flag in action.option_strings}
     unknown = sorted(set(re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", readme())) - known)
     assert not unknown, f"README writes {unknown}, which none of its commands takes"
+
+
+def test_every_trainer_module_and_function_the_readme_names_exists():
+    """`train.embed`, `train.tools.pack_rec`, `train.models.multiply_adds`, ...: a module of the trainer, or a
+    name in one (`train.rec` / `train.idx` are RecordIO files, not code)."""
+    _, spans = code_spans_and_blocks()
+    names = {match.group(1) for span in spans for match in [re.match(r"(train(?:\.\w+)+)(?:\(\))?(?=\s|$)", span)]
+             if match and match.group(1) not in ("train.rec", "train.idx")}
+    missing = []
+    for name in sorted(names):
+        parts = name.split(".")
+        cut = len(parts)
+        while cut > 1 and importlib.util.find_spec(".".join(parts[:cut])) is None:
+            cut -= 1        # the longest importable module, then attributes of it
+        target = importlib.import_module(".".join(parts[:cut]))
+        for part in parts[cut:]:
+            target = getattr(target, part, None)
+        if target is None:
+            missing.append(name)
+    assert not missing, f"README names {missing}, which the trainer does not have"
+    assert {"train.embed", "train.tools.pack_rec", "train.models.multiply_adds"} <= names
