@@ -381,3 +381,14 @@ def test_every_trainer_module_and_function_the_readme_names_exists():
             missing.append(name)
     assert not missing, f"README names {missing}, which the trainer does not have"
     assert {"train.embed", "train.tools.pack_rec", "train.models.multiply_adds"} <= names
+
+
+def test_every_link_within_the_readme_has_its_heading():
+    """`[...](#anchor)`: a heading whose GitHub anchor it is (lower case, punctuation but `-` and `_` dropped,
+    spaces as `-`), so that a renamed section leaves no dead link."""
+    text = readme()
+    headings = re.findall(r"(?m)^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.S))
+    anchors = {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert len(links) > 10
+    assert not links - anchors, f"README links to {sorted(links - anchors)}, which no heading is"
