@@ -393,3 +393,18 @@ def test_every_link_within_the_readme_has_its_heading():
     links = set(re.findall(r"\]\(#([^)]+)\)", text))
     assert len(links) > 10
     assert not links - anchors, f"README links to {sorted(links - anchors)}, which no heading is"
+
+
+def test_every_tool_of_the_trainer_is_in_the_readme():
+    """Each `python -m train.<module>` a reader can run (a module that runs as __main__) is one the README
+    names, so that no tool is there without a word on it."""
+    root = os.path.dirname(README)
+    text = readme()
+    tools = []
+    for path in glob.glob(os.path.join(root, "train", "*.py")) + glob.glob(os.path.join(root, "train", "tools", "*.py")):
+        with open(path, encoding="utf-8") as f:
+            if 'if __name__ == "__main__"' in f.read():
+                tools.append(os.path.relpath(path, root)[:-3].replace(os.sep, "."))
+    assert "train.tools.align" in tools and "train.verify" in tools
+    unnamed = sorted(tool for tool in tools if not re.search(r"`(?:python -m )?%s\b" % re.escape(tool), text))
+    assert not unnamed, f"README says nothing of {unnamed}"
