@@ -165,6 +165,18 @@ RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verifica
              export.NORMALIZED_ONNX_NAME)
 
 
+def _copied_tensors(value: Any) -> Any:
+    """``value`` (dicts, lists and tuples of tensors and other things) with each tensor copied: what a run
+    keeps of a checkpoint read through a file mapping must not be a view of it."""
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _copied_tensors(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied_tensors(item) for item in value)
+    return value
+
+
 def set_aside_earlier_run(output: str) -> str | None:
     """Before a fresh run writes into ``output``: when the folder holds another run (a checkpoint,
     or logged steps; or arcface_torch's ``training.log`` or ``checkpoint_gpu_<rank>.pt``), move that
@@ -842,7 +854,10 @@ class Trainer:
                   f"{path}", file=sys.stderr)
         self.backbone.load_state_dict(state["model"])
         self.margin_loss.load_state_dict(state["margin_loss"])  # a sharded loss keeps its rows
-        self.optimizer.load_state_dict(self._local_optimizer_state(state["optimizer"]))
+        # Copies: load_state_dict keeps a state tensor of the right dtype and device as it is, and a view of
+        # the file mapping (mmap=True) kept the whole checkpoint mapped for the run (its pages resident, and
+        # its disk space taken after the next save replaced it: 4.1 GB at a million classes).
+        self.optimizer.load_state_dict(_copied_tensors(self._local_optimizer_state(state["optimizer"])))
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule follows the current options (e.g. a larger --max-steps), not the file's: in
         # every parameter group, from the next step on (the loaded learning rates are the file's).
@@ -859,7 +874,7 @@ class Trainer:
             if len(set(steps)) > 1:
                 raise SystemExit(f"--resume {path}: the ranks' checkpoints are at different steps {steps}: every "
                                  "process must resume from the same checkpoint")
-        self.angles.load_state_dict(state["target_angles"], self.step)
+        self.angles.load_state_dict(_copied_tensors(state["target_angles"]), self.step)
         self.elapsed = float(state.get("elapsed", 0.0))
         self.last_verification = state.get("verification", {})
         if state.get("verification_cut_short"):
