@@ -1007,6 +1007,35 @@ def test_non_finite_weights_are_never_saved(faces, tmp_path):
     assert checkpoint.all_finite(Trainer(parse_args(argv(faces, tmp_path, resume="auto"))).backbone)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads the kernel's peak-RSS counter (Linux)")
+def test_the_finite_check_before_a_save_makes_no_copy_of_the_centres():
+    # torch.isfinite of a whole fp32 tensor made temporaries of 1.75 times its size: at a million 512-D
+    # class centres, 3.4 GB, the trainer's peak. In a child with glibc's mmap threshold low, so that the
+    # resident set follows what is allocated (see benchmarks/bench_loss.py).
+    code = (
+        "import torch\n"
+        "from train import checkpoint\n"
+        "def mb(key): return int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]) // 1024\n"
+        "module = torch.nn.Linear(512, 125_000, bias=False)  # 256 MB of fp32\n"
+        "before = mb('VmRSS')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "assert checkpoint.all_finite(module)\n"
+        "print(mb('VmHWM') - before)\n")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024), OMP_NUM_THREADS="1")
+    child = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    extra = int(child.stdout.split()[-1])
+    assert extra < 64, f"all_finite of 256 MB of weights took {extra} MB more"
+    with torch.no_grad():
+        module = torch.nn.Linear(4, 3 * (1 << 22) // 4 + 5)  # the last slice short, the bias a slice of its own
+        assert checkpoint.all_finite(module)
+        module.weight[-1, -1] = float("nan")
+        assert not checkpoint.all_finite(module)
+        module.weight[-1, -1] = 0.0
+        module.bias[0] = -float("inf")
+        assert not checkpoint.all_finite(module)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits(faces, tmp_path):
     # As a cluster scheduler does: SIGTERM to the whole process group, DataLoader worker included.
     command = [sys.executable, "-m", "train", *argv(faces, tmp_path, max_steps=100000, save_every=0, num_workers=1)]
