@@ -5,8 +5,8 @@ user must budget is more: the C x D centres, their C x D gradient, SGD's C x D m
 optimizer step's own temporaries. Each configuration runs in a fresh child process (glibc's mmap
 threshold pinned as in bench_loss.py, so that the resident set follows the live heap) which builds
 `arcface_ext.CombinedMarginLoss(C, D)` (ArcFace, m = 0.5; `--impls reference` sets
-use_reference=True, the pure-PyTorch loss) and torch.optim.SGD(momentum 0.9, weight decay 5e-4, as
-the trainer's), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
+use_reference=True, the pure-PyTorch loss) and torch.optim.SGD(momentum 0.9, weight decay --weight-decay,
+5e-4 by default as the trainer's), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
 embeddings (N x D, requiring grad, as a backbone's output). Reported, in MiB beyond the process's
 resident set before the module was built (torch imported, threads set, one step of an 8-class module
 and its optimizer run):
@@ -28,6 +28,7 @@ import argparse
 import datetime
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -64,7 +65,7 @@ def _child(spec):
     baseline = _rss_mb()
     module = arcface_ext.CombinedMarginLoss(spec["C"], spec["D"], sample_rate=spec["sample_rate"],
                                             use_reference=spec["impl"] == "reference")
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=spec["weight_decay"])
     built = _rss_mb() - baseline
     embeddings = torch.randn(spec["N"], spec["D"], requires_grad=True)
     labels = torch.randint(0, spec["C"], (spec["N"],))
@@ -109,6 +110,7 @@ def main(argv=None):
     parser.add_argument("--D", type=int, default=512, help="embedding size")
     parser.add_argument("--impls", default="ours", help=f"comma-separated subset of {','.join(IMPLS)}")
     parser.add_argument("--sample-rate", type=float, nargs="+", default=[1.0], help="partial FC's rates")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD's (the trainer's default 5e-4)")
     parser.add_argument("--steps", type=int, default=4, help="steps a configuration (the first is not timed)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a configuration may take")
     parser.add_argument("--out", help="output JSON path")
@@ -123,6 +125,8 @@ def main(argv=None):
             parser.error(f"--impls: unknown implementation {impl!r} (choose from {', '.join(IMPLS)})")
     if args.steps < 2:
         parser.error(f"--steps: need at least 2 (the first is not timed), got {args.steps}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay: must be a finite number >= 0, got {args.weight_decay}")
     for rate in args.sample_rate:
         if not 0 < rate <= 1:
             parser.error(f"--sample-rate: each must lie in (0, 1], got {rate}")
@@ -141,10 +145,10 @@ def main(argv=None):
         for rate in args.sample_rate:
             for impl in impls:
                 spec = dict(impl=impl, C=num_classes, N=args.N, D=args.D, sample_rate=rate, steps=args.steps,
-                            threads=environment["threads"])
+                            weight_decay=args.weight_decay, threads=environment["threads"])
                 result = measure(spec, args.timeout)
                 rows.append(dict(impl=impl, C=num_classes, N=args.N, D=args.D, dtype="fp32", sample_rate=rate,
-                                 optimizer="sgd momentum 0.9", **result, **environment))
+                                 optimizer="sgd momentum 0.9", weight_decay=args.weight_decay, **result, **environment))
                 print(f"{impl:<10} {num_classes:>9} {args.N:>5} {rate:>5} {result['centres_mb']:>10.1f} "
                       f"{result['state_mb']:>9.1f} {result['peak_mb']:>9.1f} {result['step_peak_mb']:>12.1f} "
                       f"{result['ms']:>9.1f}", flush=True)
