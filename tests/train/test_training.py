@@ -432,6 +432,36 @@ def test_resume_repeats_the_uninterrupted_run_exactly(faces, tmp_path, monkeypat
     assert torch.equal(a["margin_loss"]["weight"], b["margin_loss"]["weight"])
 
 
+# The checkpoint of the trainer's first version (e186e8c): these keys alone, and none of the options
+# added since in its "args" (each had its default's behaviour there).
+FIRST_VERSION_KEYS = ("step", "args", "num_classes", "model", "margin_loss", "optimizer", "scheduler", "scaler", "rng",
+                      "target_angles", "elapsed", "verification")
+OPTIONS_SINCE_FIRST_VERSION = (
+    "adaface_h", "adaface_m", "compile", "compile_backend", "compile_mode", "crop_augmentation", "elastic_std",
+    "gradient_acc", "interclass_filter", "local_rank", "loss_amp", "low_res_augmentation", "magface_easy_margin",
+    "margin_grad", "num_classes", "photometric_augmentation", "sample_rate", "sharded_classes", "subcenters", "wandb",
+    "wandb_entity", "wandb_project", "wandb_run_name")
+
+
+def test_a_checkpoint_of_the_first_version_resumes_exactly(faces, tmp_path, monkeypatch, capsys):
+    # A run folder an upgrade finds: the checkpoint in the first version's layout (no record of its
+    # data, its options those of then), no training.log. It resumes as the run would have gone on.
+    options = dict(max_steps=8, save_every=4, keep_prob=0.8)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(argv(faces, full, **options)) == 0
+    run_killed_at(5, argv(faces, killed, **options), monkeypatch)
+    state = checkpoint.load(str(killed / "checkpoint.pt"))
+    old = {key: state[key] for key in FIRST_VERSION_KEYS}
+    old["args"] = {k: v for k, v in state["args"].items() if k not in OPTIONS_SINCE_FIRST_VERSION}
+    torch.save(old, killed / "checkpoint.pt")
+    os.remove(killed / "training.log")
+    capsys.readouterr()
+
+    assert main(argv(faces, killed, resume="auto", **options)) == 0
+    assert losses(killed) == losses(full)
+    assert "note:" not in capsys.readouterr().err  # nothing to say of that run's options or data
+
+
 def test_resume_from_elsewhere_sets_aside_the_run_in_the_output_folder(faces, tmp_path, capsys):
     # --resume PATH into a folder that holds another run: that run's checkpoint and logs move to
     # earlier-1/ (they were overwritten, and the logs spliced, when the folder was taken as the
