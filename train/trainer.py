@@ -899,7 +899,16 @@ class Trainer:
         class centre, is refused; where the identities cannot be compared (a RecordIO set names none,
         as after repacking it without a broken image; a checkpoint older than the record), a note."""
         recorded = state.get("data_fingerprint")
-        if recorded is None or recorded == self.data_fingerprint:  # (a checkpoint older than the record)
+        if recorded is None:
+            if self._data_unrecorded(state) and self.is_main:
+                print(f"note: {path} is of an earlier version, which did not record its data: --data "
+                      f"{self.args.data} cannot be checked against that run's ({state['args'].get('data')}). The run "
+                      "goes on, each label taken for the person it was there: other identities, or the same ones in "
+                      "another order, would give each label another person's class centre (then resume with that "
+                      f"run's data, or start a new run from its weights with --pretrained_model {path} "
+                      "--finetuning)", file=sys.stderr)
+            return
+        if recorded == self.data_fingerprint:
             return
         saved_classes = state.get("data_classes")
         if self.data_classes is None or saved_classes is None:
@@ -982,9 +991,17 @@ class Trainer:
         identities (image folders) and these differ, or come in another order, centre k is another
         person's (a note; fresh centres, as with --finetuning). When the data differs and its identities
         cannot be compared (synthetic faces, RecordIO sets), they are taken with a note. Files without
-        the record (an export's, arcface_torch's) are taken on their count alone."""
+        the record (an export's, arcface_torch's, an earlier version's checkpoint: the last with a note when
+        it trained on other --data) are taken on their count alone."""
         recorded = state.get("data_fingerprint")
-        if recorded is None or recorded == self.data_fingerprint:
+        if recorded is None:
+            if self._data_unrecorded(state) and self.is_main:
+                print(f"note: {path} is of an earlier version, which did not record its data: its class centres are "
+                      f"taken on their count alone, each label for the person it was in that run's data "
+                      f"({state['args'].get('data')}); for other identities than those, or the same ones in another "
+                      "order, pass --finetuning", file=sys.stderr)
+            return True
+        if recorded == self.data_fingerprint:
             return True
         saved_classes = state.get("data_classes")
         if saved_classes is not None and self.data_classes is not None:
@@ -1001,6 +1018,18 @@ class Trainer:
                   "taken, each label for the person it was there; for other identities, pass --finetuning",
                   file=sys.stderr)
         return True
+
+    def _data_unrecorded(self, state: Any) -> bool:
+        """Whether ``state`` is a checkpoint of this trainer from before checkpoints recorded their data
+        (7d668c4) whose --data names other data than this run's (another path: moved, or other images).
+        Exports and arcface_torch's files, which never record it, are not."""
+        args = state.get("args") if isinstance(state, dict) else None
+        if not isinstance(args, dict) or "data" not in args:
+            return False
+        saved, given = str(args["data"]), str(self.args.data)
+        if saved == given:
+            return False
+        return "synthetic" in (saved, given) or os.path.abspath(saved) != os.path.abspath(given)
 
     # A sharded loss's checkpoint holds the whole class-centre matrix and its optimizer state, as a
     # replicated one's does: a run can resume on another number of processes, or unsharded.

@@ -443,6 +443,14 @@ OPTIONS_SINCE_FIRST_VERSION = (
     "wandb_entity", "wandb_project", "wandb_run_name")
 
 
+def as_first_version(path) -> None:
+    """Rewrites the checkpoint at ``path`` in the first version's layout."""
+    state = checkpoint.load(str(path))
+    old = {key: state[key] for key in FIRST_VERSION_KEYS}
+    old["args"] = {k: v for k, v in state["args"].items() if k not in OPTIONS_SINCE_FIRST_VERSION}
+    torch.save(old, path)
+
+
 def test_a_checkpoint_of_the_first_version_resumes_exactly(faces, tmp_path, monkeypatch, capsys):
     # A run folder an upgrade finds: the checkpoint in the first version's layout (no record of its
     # data, its options those of then), no training.log. It resumes as the run would have gone on.
@@ -450,16 +458,43 @@ def test_a_checkpoint_of_the_first_version_resumes_exactly(faces, tmp_path, monk
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(argv(faces, full, **options)) == 0
     run_killed_at(5, argv(faces, killed, **options), monkeypatch)
-    state = checkpoint.load(str(killed / "checkpoint.pt"))
-    old = {key: state[key] for key in FIRST_VERSION_KEYS}
-    old["args"] = {k: v for k, v in state["args"].items() if k not in OPTIONS_SINCE_FIRST_VERSION}
-    torch.save(old, killed / "checkpoint.pt")
+    as_first_version(killed / "checkpoint.pt")
     os.remove(killed / "training.log")
     capsys.readouterr()
 
     assert main(argv(faces, killed, resume="auto", **options)) == 0
     assert losses(killed) == losses(full)
     assert "note:" not in capsys.readouterr().err  # nothing to say of that run's options or data
+
+
+def test_a_checkpoint_that_did_not_record_its_data_is_noted_with_other_data(faces, tmp_path, capsys):
+    # Before checkpoints recorded their data (7d668c4), --data of the same identities in another order
+    # (refused with a checkpoint of today) resumed, and gave its centres to --pretrained_model, without
+    # a word: each label then trains another person's class centre.
+    run = tmp_path / "run"
+    assert main(argv(faces, run, max_steps=2)) == 0
+    as_first_version(run / "checkpoint.pt")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(faces[0], swapped)
+    os.rename(swapped / "id_000", swapped / "tmp")
+    os.rename(swapped / "id_001", swapped / "id_000")
+    os.rename(swapped / "tmp", swapped / "id_001")
+    capsys.readouterr()
+
+    assert main(argv((str(swapped), None), tmp_path / "tuned", max_steps=1,
+                     pretrained_model=str(run / "checkpoint.pt"))) == 0
+    assert "its class centres are taken on their count alone" in capsys.readouterr().err
+    # The same --data as that run's: nothing to say.
+    kept = tmp_path / "kept.pt"
+    shutil.copy(run / "checkpoint.pt", kept)
+    assert main(argv(faces, run, max_steps=3, resume="auto")) == 0
+    assert "note:" not in capsys.readouterr().err
+
+    shutil.copy(kept, run / "checkpoint.pt")
+    assert main(argv((str(swapped), None), run, max_steps=3, resume="auto")) == 0
+    err = capsys.readouterr().err
+    assert f"is of an earlier version, which did not record its data: --data {swapped} cannot be checked" in err
+    assert "--finetuning" in err
 
 
 def test_resume_from_elsewhere_sets_aside_the_run_in_the_output_folder(faces, tmp_path, capsys):
