@@ -914,7 +914,7 @@ class Trainer:
         if self.data_classes is None or saved_classes is None:
             if self.is_main:
                 print(f"note: --data {self.args.data} is not the data {path} trained on (its record of its data "
-                      "differs), and its identities cannot be compared with that data's (they are not named): "
+                      f"differs), and its identities cannot be compared with that data's ({self._unnamed(state)}): "
                       "the run goes on, each label taken for the person it was", file=sys.stderr)
             return
         if saved_classes == self.data_classes:
@@ -1014,10 +1014,16 @@ class Trainer:
             return False
         if self.is_main:
             print(f"note: --data {self.args.data} is not the data {path} trained on (its record of its data "
-                  "differs), and their identities cannot be compared (they are not named): its class centres are "
+                  f"differs), and their identities cannot be compared ({self._unnamed(state)}): its class centres are "
                   "taken, each label for the person it was there; for other identities, pass --finetuning",
                   file=sys.stderr)
         return True
+
+    def _unnamed(self, state: dict[str, Any]) -> str:
+        """Why a checkpoint's identities cannot be compared with this run's data's."""
+        if self.data_classes is not None and "data_classes" not in state:
+            return "that checkpoint, of an earlier version, does not name them (070f41b on does)"
+        return "they are not named"
 
     def _data_unrecorded(self, state: Any) -> bool:
         """Whether ``state`` is a checkpoint of this trainer from before checkpoints recorded their data

@@ -496,6 +496,15 @@ def test_a_checkpoint_that_did_not_record_its_data_is_noted_with_other_data(face
     assert f"is of an earlier version, which did not record its data: --data {swapped} cannot be checked" in err
     assert "--finetuning" in err
 
+    # Versions from 7d668c4 to 070f41b recorded the data but not its identities' names: a note that
+    # says so (not 'they are not named', which an image folder's are).
+    state = checkpoint.load(str(run / "checkpoint.pt"))
+    del state["data_classes"]
+    state["data_fingerprint"] = "0" * 16
+    torch.save(state, run / "checkpoint.pt")
+    assert main(argv((str(swapped), None), run, max_steps=4, resume="auto")) == 0
+    assert "that checkpoint, of an earlier version, does not name them" in capsys.readouterr().err
+
 
 def test_resume_from_elsewhere_sets_aside_the_run_in_the_output_folder(faces, tmp_path, capsys):
     # --resume PATH into a folder that holds another run: that run's checkpoint and logs move to
