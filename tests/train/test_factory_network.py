@@ -54,6 +54,10 @@ def fixed_size(embedding_size, image_size):
 
 def not_a_module(embedding_size, image_size):
     return "a string"
+
+
+def needs_depth(depth, embedding_size, image_size):
+    return Tiny(embedding_size, image_size)
 '''
 
 
@@ -143,6 +147,9 @@ def test_a_factory_that_does_not_import_is_a_one_line_error_naming_where_it_was_
     ("sized", {}, "must take the keyword arguments embedding_size and image_size; it does not take embedding_size "
                   "or image_size"),
     ("missing", {}, f"{MODULE} has no missing"),
+    # (a TypeError's traceback before: the factory was called with a parameter of its own left out)
+    ("needs_depth", {}, "cannot be called with embedding_size= and image_size=: missing a required argument: "
+                        "'depth'"),
     ("tiny", {"amp": "bf16"}, "takes no amp= argument, which --amp needs: leave that option out, or give the "
                               "factory that parameter"),
     ("tiny", {"keep_prob": 0.5}, "takes no dropout= argument, which --keep-prob needs"),

@@ -73,9 +73,10 @@ def _build_external(spec: str, embedding_size: int, image_size: int, **kwargs) -
     (all, with a ``**kwargs``); a value it does not take, other than the one that asks nothing, is refused."""
     factory = import_factory(spec)
     try:
-        parameters = inspect.signature(factory).parameters.values()
+        signature = inspect.signature(factory)
     except (TypeError, ValueError):  # a builtin without a signature: passed what the networks here are
-        parameters = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+        signature = inspect.Signature([inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+    parameters = signature.parameters.values()
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     taken = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                       inspect.Parameter.KEYWORD_ONLY)}
@@ -91,6 +92,10 @@ def _build_external(spec: str, embedding_size: int, image_size: int, **kwargs) -
             flag = _OPTIONAL_KEYWORDS.get(key, (None, key))[1]
             raise ValueError(f"{spec} takes no {key}= argument, which {flag} needs: leave that option out, or "
                              "give the factory that parameter")
+    try:
+        signature.bind(**passed)
+    except TypeError as error:  # another parameter it requires (was a traceback from the call)
+        raise ValueError(f"{spec} cannot be called with {' and '.join(f'{k}=' for k in passed)}: {error}") from None
     model = factory(**passed)
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
