@@ -2,6 +2,7 @@
 fine-tuned from, exported and verified, with one-line errors when it is missing or gives another shape."""
 
 import json
+import pathlib
 import sys
 
 import pytest
@@ -195,3 +196,21 @@ def test_a_bare_state_dict_of_a_factory_network_loads_with_the_three_options(own
     torch.testing.assert_close(model.state_dict(), built.state_dict())
     with pytest.raises(ValueError, match="pass --network, --embedding-size and --image-size"):
         checkpoint.load_backbone(str(path), network=NETWORK)
+
+
+def test_a_file_naming_a_factory_runs_its_module_when_loaded_as_the_readme_warns(own_module, tmp_path):
+    # weights_only=True keeps a file's tensors from running code, not its network's name: a backbone.json (or a
+    # checkpoint's args) naming package.module:factory has that module imported by train.embed/verify/export.
+    (own_module / "h80_side_effect.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n")
+    torch.save(get_model(NETWORK, embedding_size=16, image_size=IMAGE_SIZE).state_dict(), tmp_path / "backbone.pt")
+    (tmp_path / "backbone.json").write_text(json.dumps({"network": "h80_side_effect:build", "embedding_size": 16,
+                                                        "image_size": IMAGE_SIZE}))
+    try:
+        with pytest.raises(ValueError, match="h80_side_effect has no build"):
+            checkpoint.load_backbone(str(tmp_path / "backbone.pt"))
+    finally:
+        sys.modules.pop("h80_side_effect", None)
+    assert (own_module / "h80_side_effect.ran").exists()
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    assert "has its\nmodule imported, which runs that module's code" in readme
+    assert "imports that module when it is loaded" in readme
