@@ -1598,7 +1598,7 @@ def test_pretrained_from_arcface_torchs_checkpoints(faces, tmp_path, capsys):
     centres = torch.randn(trained["margin_loss"]["weight"].shape)
     write_arcface_torch_run(str(tmp_path / "it"), backbone_state, centres, world=3)
     capsys.readouterr()
-    from train.config import parse_args, unused_options
+    from train.config import parse_args
 
     run = Trainer(parse_args(argv(faces, tmp_path / "b", max_steps=1,
                                   pretrained_model=str(tmp_path / "it" / "checkpoint_gpu_1.pt"))))
