@@ -421,10 +421,10 @@ class MagFaceLoss(CombinedMarginLoss):
         return (loss, target_cosine) if return_target_cosine else loss
 
     def extra_repr(self):
-        sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
-        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
-                f"l_a={self.l_a}, u_a={self.u_a}, l_m={self.l_m}, u_m={self.u_m}, lambda_g={self.lambda_g}"
-                f"{', easy_margin=True' if self.easy_margin else ''}{sampled}")
+        # Its own parameters for m1, m2, m3 (its margin is the norm's), then the options the others show.
+        parts = [part for part in self._repr_parts() if not part.startswith(("m1=", "m2=", "m3="))]
+        own = [f"l_a={self.l_a}", f"u_a={self.u_a}", f"l_m={self.l_m}", f"u_m={self.u_m}", f"lambda_g={self.lambda_g}"]
+        return ", ".join(parts[:3] + own + (["easy_margin=True"] if self.easy_margin else []) + parts[3:])
 
 
 class CurricularFaceT:

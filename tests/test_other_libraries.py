@@ -257,6 +257,7 @@ def test_label_smoothing_with_per_row_margins_and_class_sampling():
     loss.backward()
     classes = ours.last_sampled_classes
     assert len(classes) == 60
+    assert repr(ours).endswith("lambda_g=0.0, sample_rate=0.3, label_smoothing=0.2)")   # (MagFace's showed neither)
     xt = x.clone().requires_grad_()
     margins = 0.45 + (0.8 - 0.45) / 100 * (xt.norm(dim=1).clamp(10, 110) - 10)
 
