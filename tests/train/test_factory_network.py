@@ -59,6 +59,16 @@ def not_a_module(embedding_size, image_size):
 
 def needs_depth(depth, embedding_size, image_size):
     return Tiny(embedding_size, image_size)
+
+
+class SizeAsserted(Tiny):
+    def forward(self, x):  # as timm's patch embedding checks its input (an AssertionError)
+        torch._assert(x.shape[-2] == 32, f"Input height ({x.shape[-2]}) doesn't match model (32).")
+        return super().forward(x)
+
+
+def size_asserted(embedding_size, image_size):
+    return SizeAsserted(embedding_size, 32)
 '''
 
 
@@ -148,6 +158,9 @@ def test_a_factory_that_does_not_import_is_a_one_line_error_naming_where_it_was_
     ("sized", {}, "must take the keyword arguments embedding_size and image_size; it does not take embedding_size "
                   "or image_size"),
     ("missing", {}, f"{MODULE} has no missing"),
+    # (an AssertionError's traceback before)
+    ("size_asserted", {"image_size": 16}, r"it fails on 2 x 3 x 16 x 16 images: Input height \(16\) doesn't match "
+                                          r"model \(32\)\.$"),
     # (a TypeError's traceback before: the factory was called with a parameter of its own left out)
     ("needs_depth", {}, "cannot be called with embedding_size= and image_size=: missing a required argument: "
                         "'depth'"),

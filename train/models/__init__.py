@@ -118,16 +118,18 @@ def get_model(name: str, **kwargs) -> nn.Module:
 def check_embedding_shape(model: nn.Module, embedding_size: int, image_size: int) -> None:
     """ValueError unless ``model`` maps two ``image_size`` images (on its parameters' device, in eval mode, without
     gradients, so that nothing of it changes) to a 2 x ``embedding_size`` tensor; also where that forward raises
-    a RuntimeError."""
+    a RuntimeError or an AssertionError."""
     first = next(model.parameters(), None)
     x = torch.zeros(2, 3, image_size, image_size, device=first.device if first is not None else "cpu")
     training = model.training
     try:
         with torch.no_grad():
             out = model.eval()(x)
-    except RuntimeError as error:  # an image size it cannot take, say (torch's message, its first line)
-        raise ValueError(f"it fails on 2 x 3 x {image_size} x {image_size} images: {str(error).splitlines()[0]}") \
-            from None
+    except (RuntimeError, AssertionError) as error:
+        # An image size it cannot take, say: torch's message, or an input check's (timm's patch embedding asserts
+        # its size), its first line; the exception's name where it has none.
+        said = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"it fails on 2 x 3 x {image_size} x {image_size} images: {said}") from None
     finally:
         model.train(training)
     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
