@@ -511,8 +511,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 def unused_options(args: argparse.Namespace) -> list[str]:
     """What the run will not use of the options given at other values than their defaults, each as a
-    note's text (the trainer's set-up says them, so that training.log keeps them). Said rather than refused: a run's args.json given as --config lists every option, and a
-    resume may turn --compile or --wandb off, leaving its --compile-mode or --wandb-project behind."""
+    note's text (the trainer's set-up says them, so that training.log keeps them). Said rather than
+    refused: a run's args.json given as --config lists every option, and a resume may turn --compile or
+    --wandb off, leaving its --compile-mode or --wandb-project behind."""
     parser = build_parser()
 
     def given(*dests: str) -> list[str]:
