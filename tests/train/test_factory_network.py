@@ -61,6 +61,10 @@ def needs_depth(depth, embedding_size, image_size):
     return Tiny(embedding_size, image_size)
 
 
+def any_options(embedding_size, image_size, **options):
+    return Tiny(embedding_size, image_size)
+
+
 class SizeAsserted(Tiny):
     def forward(self, x):  # as timm's patch embedding checks its input (an AssertionError)
         torch._assert(x.shape[-2] == 32, f"Input height ({x.shape[-2]}) doesn't match model (32).")
@@ -227,3 +231,21 @@ def test_a_file_naming_a_factory_runs_its_module_when_loaded_as_the_readme_warns
     readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
     assert "has its\nmodule imported, which runs that module's code" in readme
     assert "imports that module when it is loaded" in readme
+
+
+def test_verify_of_a_factory_network_trained_under_amp_runs_without_amp_given(own_module, faces, tmp_path, capsys):
+    # Its run recorded --amp bf16 (a factory that takes amp= uses it as it builds the network, with no amp
+    # attribute to set later): train.verify without --amp refused the run's own amp as if it had been given
+    # ("--amp bf16: ... has no amp attribute"). It runs unautocast, and says so; an --amp given is still refused.
+    output = tmp_path / "run"
+    assert main(base_argv(faces, str(output), network=f"{MODULE}:any_options", batch_size=8, max_steps=1,
+                          loss_impl=LOSS_IMPL)) == 0
+    state = checkpoint.load(str(output / "checkpoint.pt"))
+    state["args"]["amp"] = "bf16"
+    torch.save(state, output / "checkpoint.pt")
+    capsys.readouterr()
+    assert verify.main(["--model", str(output / "checkpoint.pt"), "--data", "synthetic"]) == 0
+    assert ("the run trained under --amp bf16; this network of its own (package.module:factory) has no amp attribute "
+            "to autocast by: verified in fp32 (--amp none: without this note)" in capsys.readouterr().err)
+    assert verify.main(["--model", str(output / "checkpoint.pt"), "--data", "synthetic", "--amp", "bf16"]) != 0
+    assert "has no amp attribute" in capsys.readouterr().err
