@@ -5,7 +5,7 @@ user must budget is more: the C x D centres, their C x D gradient, SGD's C x D m
 optimizer step's own temporaries. Each configuration runs in a fresh child process (glibc's mmap
 threshold pinned as in bench_loss.py, so that the resident set follows the live heap) which builds
 `arcface_ext.CombinedMarginLoss(C, D)` (ArcFace, m = 0.5; `--impls reference` sets
-use_reference=True, the pure-PyTorch loss) and torch.optim.SGD(momentum 0.9, weight decay --weight-decay,
+use_reference=True, the pure-PyTorch loss; --label-smoothing its label_smoothing) and torch.optim.SGD(momentum 0.9, weight decay --weight-decay,
 5e-4 by default as the trainer's), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
 embeddings (N x D, requiring grad, as a backbone's output). Reported, in MiB beyond the process's
 resident set before the module was built (torch imported, threads set, one step of an 8-class module
@@ -21,6 +21,7 @@ and its optimizer run):
 
     python benchmarks/bench_module_memory.py                  # C = 100k, 300k, 1M; N = 256; ours
     python benchmarks/bench_module_memory.py --impls ours,reference --C 100000 --sample-rate 1 0.1
+    python benchmarks/bench_module_memory.py --C 100000 --label-smoothing 0 0.1
 
 Rows go to benchmarks/results/<device>-module-memory-<YYYY-MM-DD>.json (or --out).
 """
@@ -64,7 +65,8 @@ def _child(spec):
     gc.collect()
     baseline = _rss_mb()
     module = arcface_ext.CombinedMarginLoss(spec["C"], spec["D"], sample_rate=spec["sample_rate"],
-                                            use_reference=spec["impl"] == "reference")
+                                            use_reference=spec["impl"] == "reference",
+                                            label_smoothing=spec["label_smoothing"])
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=spec["weight_decay"])
     built = _rss_mb() - baseline
     embeddings = torch.randn(spec["N"], spec["D"], requires_grad=True)
@@ -110,6 +112,8 @@ def main(argv=None):
     parser.add_argument("--D", type=int, default=512, help="embedding size")
     parser.add_argument("--impls", default="ours", help=f"comma-separated subset of {','.join(IMPLS)}")
     parser.add_argument("--sample-rate", type=float, nargs="+", default=[1.0], help="partial FC's rates")
+    parser.add_argument("--label-smoothing", type=float, nargs="+", default=[0.0],
+                        help="the modules' label_smoothing (0: none)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD's (the trainer's default 5e-4)")
     parser.add_argument("--steps", type=int, default=4, help="steps a configuration (the first is not timed)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a configuration may take")
@@ -130,26 +134,30 @@ def main(argv=None):
     for rate in args.sample_rate:
         if not 0 < rate <= 1:
             parser.error(f"--sample-rate: each must lie in (0, 1], got {rate}")
+    for epsilon in args.label_smoothing:
+        if not 0 <= epsilon <= 1:
+            parser.error(f"--label-smoothing: each must lie in [0, 1], got {epsilon}")
     environment = dict(device=device_name(torch.device("cpu")), torch=torch.__version__, git_sha=git_sha(),
                        threads=torch.get_num_threads())
     print(f"{environment['device']} | torch {environment['torch']} | {environment['threads']} threads | "
           f"git {environment['git_sha']}")
     out = args.out or os.path.join(HERE, "results", f"{slug(environment['device'])}-module-memory-"
                                                     f"{datetime.date.today().isoformat()}.json")
-    title = (f"{'impl':<10} {'C':>9} {'N':>5} {'rate':>5} {'centres MB':>10} {'state MB':>9} {'peak MB':>9} "
+    title = (f"{'impl':<10} {'C':>9} {'N':>5} {'rate':>5} {'ls':>4} {'centres MB':>10} {'state MB':>9} {'peak MB':>9} "
              f"{'step peak MB':>12} {'ms':>9}")
     print(title)
     print("-" * len(title))
     rows = []
     for num_classes in args.C:
-        for rate in args.sample_rate:
+        for rate, epsilon in ((r, e) for r in args.sample_rate for e in args.label_smoothing):
             for impl in impls:
-                spec = dict(impl=impl, C=num_classes, N=args.N, D=args.D, sample_rate=rate, steps=args.steps,
-                            weight_decay=args.weight_decay, threads=environment["threads"])
+                spec = dict(impl=impl, C=num_classes, N=args.N, D=args.D, sample_rate=rate, label_smoothing=epsilon,
+                            steps=args.steps, weight_decay=args.weight_decay, threads=environment["threads"])
                 result = measure(spec, args.timeout)
                 rows.append(dict(impl=impl, C=num_classes, N=args.N, D=args.D, dtype="fp32", sample_rate=rate,
-                                 optimizer="sgd momentum 0.9", weight_decay=args.weight_decay, **result, **environment))
-                print(f"{impl:<10} {num_classes:>9} {args.N:>5} {rate:>5} {result['centres_mb']:>10.1f} "
+                                 label_smoothing=epsilon, optimizer="sgd momentum 0.9", weight_decay=args.weight_decay,
+                                 **result, **environment))
+                print(f"{impl:<10} {num_classes:>9} {args.N:>5} {rate:>5} {epsilon:>4} {result['centres_mb']:>10.1f} "
                       f"{result['state_mb']:>9.1f} {result['peak_mb']:>9.1f} {result['step_peak_mb']:>12.1f} "
                       f"{result['ms']:>9.1f}", flush=True)
                 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
