@@ -249,3 +249,5 @@ def test_verify_of_a_factory_network_trained_under_amp_runs_without_amp_given(ow
             "to autocast by: verified in fp32 (--amp none: without this note)" in capsys.readouterr().err)
     assert verify.main(["--model", str(output / "checkpoint.pt"), "--data", "synthetic", "--amp", "bf16"]) != 0
     assert "has no amp attribute" in capsys.readouterr().err
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    assert "else verifies\nin fp32, with a note where its run trained under `--amp`" in readme
