@@ -848,7 +848,7 @@ def test_options_the_run_would_not_use_are_said(options, note, tmp_path):
     assert unused_options(parse_args(["--config", str(tmp_path / "args.json")])) == []
 
 
-def test_options_the_run_would_not_use_are_in_training_log(faces, tmp_path, capsys):
+def test_options_the_run_would_not_use_are_in_training_log(faces, tmp_path, capsys, monkeypatch):
     # They were said by the option parser, before the trainer's set-up began keeping what it says for
     # training.log: on the screen, missing from the run's own record. (Under torchrun the first process
     # says them, as it writes training.log.)
@@ -856,6 +856,10 @@ def test_options_the_run_would_not_use_are_in_training_log(faces, tmp_path, caps
     note = "note: --warmup-steps 4 is more than --max-steps 2: the learning rate rises to 50% of --lr 0.1, no further"
     assert capsys.readouterr().err.count(note) == 1
     assert [line[20:] for line in (tmp_path / "training.log").read_text().splitlines()].count(note) == 1
+    # Under torchrun only the first process says them (the parser's check of RANK moved with them).
+    monkeypatch.setenv("RANK", "1")
+    Trainer(parse_args(argv(faces, tmp_path / "rank1", max_steps=2, warmup_steps=4)))
+    assert note not in capsys.readouterr().err
 
 
 def test_torch_distributed_launchs_local_rank_is_accepted(monkeypatch):
