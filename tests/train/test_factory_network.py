@@ -218,7 +218,8 @@ def test_a_bare_state_dict_of_a_factory_network_loads_with_the_three_options(own
 def test_a_file_naming_a_factory_runs_its_module_when_loaded_as_the_readme_warns(own_module, tmp_path):
     # weights_only=True keeps a file's tensors from running code, not its network's name: a backbone.json (or a
     # checkpoint's args) naming package.module:factory has that module imported by train.embed/verify/export.
-    (own_module / "h80_side_effect.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n")
+    (own_module / "h80_side_effect.py").write_text("import pathlib\n"
+                                                   "pathlib.Path(__file__).with_suffix('.ran').touch()\n")
     torch.save(get_model(NETWORK, embedding_size=16, image_size=IMAGE_SIZE).state_dict(), tmp_path / "backbone.pt")
     (tmp_path / "backbone.json").write_text(json.dumps({"network": "h80_side_effect:build", "embedding_size": 16,
                                                         "image_size": IMAGE_SIZE}))
