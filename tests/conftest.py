@@ -1,6 +1,7 @@
 """Shared test machinery: the `cuda` and `slow` markers, the one tolerance table, and comparisons
 that say where and by how much two tensors differ. Test modules import the helpers with
 `from conftest import ...` (tests/ is not a package, so pytest puts it on sys.path)."""
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -103,6 +104,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda"):
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def largest_tensor_made():
+    """Records every tensor the operations inside make (forward and backward): yields a one-element list
+    whose item is, on leaving, the largest one's element count (to show no N x C matrix is formed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    largest = [0]
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    largest[0] = max(largest[0], t.numel())
+            return out
+
+    with Recording():
+        yield largest
 
 
 def _describe_mismatch(actual, expected, atol, rtol, name):

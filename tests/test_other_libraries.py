@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import arcface_ext
-from conftest import assert_matches_reference
+from conftest import assert_matches_reference, largest_tensor_made
 
 N, D, C = 48, 16, 23
 
@@ -301,25 +301,12 @@ def test_label_smoothing_is_checked():
 def test_label_smoothing_and_easy_margin_make_no_n_by_c_tensor(options):
     """Every tensor the forward and backward passes make, recorded: none as large as the N x C cosines (the
     largest are the N x D embeddings' and the C x D centres'), as the reference's product is."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    Largest.largest = max(Largest.largest, t.numel())
-            return out
-
     n, c, d = 64, 50, 4
     x, labels = torch.randn(n, d, requires_grad=True), torch.randint(0, c, (n,))
     for use_reference in (False, True):
-        Largest.largest = 0
-        with Largest():
+        with largest_tensor_made() as largest:
             arcface_ext.ArcFaceLoss(c, d, use_reference=use_reference, **options)(x, labels).backward()
         if use_reference:
-            assert Largest.largest >= n * c     # the recording sees the matrix where there is one
+            assert largest[0] >= n * c     # the recording sees the matrix where there is one
         else:
-            assert Largest.largest <= max(n * d, c * d) < n * c
+            assert largest[0] <= max(n * d, c * d) < n * c

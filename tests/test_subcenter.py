@@ -10,6 +10,7 @@ import torch
 import arcface_ext
 from arcface_ext import reference
 from arcface_ext.subcenter import SubCenterMarginLoss, subcenter_margin_loss
+from conftest import largest_tensor_made
 
 MARGINS = {
     "arcface": dict(m1=1.0, m2=0.5, m3=0.0),
@@ -125,26 +126,14 @@ def test_no_tensor_the_size_of_the_whole_matrix_is_made():
     # Every tensor made in the forward and backward pass, recorded: with 2 classes a chunk, none comes
     # near the N x C·K cosines (2,112 here): the blocks are N x 2·K = 384, the targets' sub-centres
     # N x K x D = 768.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    Largest.largest = max(Largest.largest, t.numel())
-            return out
-
     x, w, labels = inputs(n=64, c=11, k=3, d=4)
-    with Largest():
+    with largest_tensor_made() as largest:
         loss = subcenter_margin_loss(x, w, labels, k=3, class_chunk=2)
         loss.backward()
-    assert Largest.largest <= max(64 * 2 * 3, 64 * 3 * 4) < 64 * 11 * 3
-    with Largest():
+    assert largest[0] <= max(64 * 2 * 3, 64 * 3 * 4) < 64 * 11 * 3
+    with largest_tensor_made() as largest:
         reference.subcenter_margin_loss(x, w, labels, k=3).backward()
-    assert Largest.largest >= 64 * 11 * 3  # the recording sees the whole matrix where there is one
+    assert largest[0] >= 64 * 11 * 3  # the recording sees the whole matrix where there is one
 
 
 def test_edges_empty_batches_bad_labels_tiny_norms_and_no_double_backward(monkeypatch):
