@@ -195,7 +195,7 @@ def insightface_class_centres(path: str, state: dict[str, Any]) -> tuple[torch.T
         weight = fc.get("weight") if isinstance(fc, dict) else None
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             return None, f"{os.path.basename(ranks[rank])} holds no partial FC weight (state_dict_softmax_fc)"
-        if not weight.is_floating_point() or not bool(torch.isfinite(weight).all()):
+        if not weight.is_floating_point() or not finite(weight):
             return None, (f"{os.path.basename(ranks[rank])}'s partial FC weight is not finite floating point "
                           f"({weight.dtype})")
         steps.add((other.get("epoch"), other.get("global_step")))
@@ -240,10 +240,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def all_finite(module: torch.nn.Module) -> bool:
     """Whether every parameter and buffer of ``module`` is finite (checked before a save, so
     that a diverged state never replaces the last good checkpoint)."""
-    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
-    # A slice at a time: torch.isfinite of a whole fp32 tensor made temporaries of 1.75 times its size
-    # (an |x| copy and bool masks), 3.4 GB for a million 512-D class centres, the trainer's peak.
-    return all(bool(torch.isfinite(part).all()) for t in tensors for part in t.detach().reshape(-1).split(_CHECK_SLICE))
+    return all(finite(t) for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point())
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of ``tensor`` is finite, a slice at a time: torch.isfinite of a whole fp32
+    tensor makes temporaries of 1.75 times its size (an |x| copy and bool masks), 3.4 GB for a million
+    512-D class centres, the trainer's peak."""
+    return all(bool(torch.isfinite(part).all()) for part in tensor.detach().reshape(-1).split(_CHECK_SLICE))
 
 
 _CHECK_SLICE = 1 << 22  # elements: 16 MB of fp32 a slice
