@@ -5,8 +5,10 @@ user must budget is more: the C x D centres, their C x D gradient, SGD's C x D m
 optimizer step's own temporaries. Each configuration runs in a fresh child process (glibc's mmap
 threshold pinned as in bench_loss.py, so that the resident set follows the live heap) which builds
 `arcface_ext.CombinedMarginLoss(C, D)` (ArcFace, m = 0.5; `--impls reference` sets
-use_reference=True, the pure-PyTorch loss; --label-smoothing its label_smoothing) and torch.optim.SGD(momentum 0.9, weight decay --weight-decay,
-5e-4 by default as the trainer's), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
+use_reference=True, the pure-PyTorch loss; --label-smoothing its label_smoothing) and an SGD (momentum 0.9, weight decay
+--weight-decay, 5e-4 by default as the trainer's; --sgd: torch.optim.SGD as it is, ``torch`` (a copy of the
+gradient to add the decay to), with ``fused=True``, or the bundled trainer's ``train.trainer.SGD``, which adds
+the decay in place), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
 embeddings (N x D, requiring grad, as a backbone's output). Reported, in MiB beyond the process's
 resident set before the module was built (torch imported, threads set, one step of an 8-class module
 and its optimizer run):
@@ -22,12 +24,14 @@ and its optimizer run):
     python benchmarks/bench_module_memory.py                  # C = 100k, 300k, 1M; N = 256; ours
     python benchmarks/bench_module_memory.py --impls ours,reference --C 100000 --sample-rate 1 0.1
     python benchmarks/bench_module_memory.py --C 100000 --label-smoothing 0 0.1
+    python benchmarks/bench_module_memory.py --C 300000 --sgd torch fused trainer
 
 Rows go to benchmarks/results/<device>-module-memory-<YYYY-MM-DD>.json (or --out).
 """
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import math
 import os
@@ -46,6 +50,14 @@ import arcface_ext  # noqa: E402
 from bench_loss import MMAP_THRESHOLD_BYTES, _proc_status_mb, device_name, git_sha, slug  # noqa: E402
 
 IMPLS = ("ours", "reference")
+SGDS = ("torch", "fused", "trainer")
+
+
+def _sgd(kind, params, weight_decay):
+    if kind == "trainer":
+        from train.trainer import SGD  # the bundled trainer's: the weight decay added to the gradient in place
+        return SGD(params, lr=0.1, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=weight_decay, fused=kind == "fused" or None)
 
 
 def _rss_mb():
@@ -58,7 +70,7 @@ def _child(spec):
     # A step of a few classes first, so that what the first call sets up once (thread pools, lazy imports)
     # is in the baseline, not counted as the centres'.
     warm = arcface_ext.CombinedMarginLoss(8, spec["D"], use_reference=spec["impl"] == "reference")
-    warm_optimizer = torch.optim.SGD(warm.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    warm_optimizer = _sgd(spec["sgd"], warm.parameters(), 5e-4)
     warm(torch.randn(4, spec["D"], requires_grad=True), torch.arange(4)).backward()
     warm_optimizer.step()
     del warm, warm_optimizer
@@ -67,7 +79,7 @@ def _child(spec):
     module = arcface_ext.CombinedMarginLoss(spec["C"], spec["D"], sample_rate=spec["sample_rate"],
                                             use_reference=spec["impl"] == "reference",
                                             label_smoothing=spec["label_smoothing"])
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=spec["weight_decay"])
+    optimizer = _sgd(spec["sgd"], module.parameters(), spec["weight_decay"])
     built = _rss_mb() - baseline
     embeddings = torch.randn(spec["N"], spec["D"], requires_grad=True)
     labels = torch.randint(0, spec["C"], (spec["N"],))
@@ -115,6 +127,8 @@ def main(argv=None):
     parser.add_argument("--label-smoothing", type=float, nargs="+", default=[0.0],
                         help="the modules' label_smoothing (0: none)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD's (the trainer's default 5e-4)")
+    parser.add_argument("--sgd", nargs="+", default=["torch"], choices=SGDS,
+                        help="torch.optim.SGD as it is, with fused=True, or the trainer's (the decay in place)")
     parser.add_argument("--steps", type=int, default=4, help="steps a configuration (the first is not timed)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a configuration may take")
     parser.add_argument("--out", help="output JSON path")
@@ -143,23 +157,23 @@ def main(argv=None):
           f"git {environment['git_sha']}")
     out = args.out or os.path.join(HERE, "results", f"{slug(environment['device'])}-module-memory-"
                                                     f"{datetime.date.today().isoformat()}.json")
-    title = (f"{'impl':<10} {'C':>9} {'N':>5} {'rate':>5} {'ls':>4} {'centres MB':>10} {'state MB':>9} {'peak MB':>9} "
-             f"{'step peak MB':>12} {'ms':>9}")
+    title = (f"{'impl':<10} {'C':>9} {'N':>5} {'rate':>5} {'ls':>4} {'sgd':>7} {'centres MB':>10} {'state MB':>9} "
+             f"{'peak MB':>9} {'step peak MB':>12} {'ms':>9}")
     print(title)
     print("-" * len(title))
     rows = []
     for num_classes in args.C:
-        for rate, epsilon in ((r, e) for r in args.sample_rate for e in args.label_smoothing):
+        for rate, epsilon, sgd in itertools.product(args.sample_rate, args.label_smoothing, args.sgd):
             for impl in impls:
                 spec = dict(impl=impl, C=num_classes, N=args.N, D=args.D, sample_rate=rate, label_smoothing=epsilon,
-                            steps=args.steps, weight_decay=args.weight_decay, threads=environment["threads"])
+                            sgd=sgd, steps=args.steps, weight_decay=args.weight_decay, threads=environment["threads"])
                 result = measure(spec, args.timeout)
                 rows.append(dict(impl=impl, C=num_classes, N=args.N, D=args.D, dtype="fp32", sample_rate=rate,
-                                 label_smoothing=epsilon, optimizer="sgd momentum 0.9", weight_decay=args.weight_decay,
-                                 **result, **environment))
-                print(f"{impl:<10} {num_classes:>9} {args.N:>5} {rate:>5} {epsilon:>4} {result['centres_mb']:>10.1f} "
-                      f"{result['state_mb']:>9.1f} {result['peak_mb']:>9.1f} {result['step_peak_mb']:>12.1f} "
-                      f"{result['ms']:>9.1f}", flush=True)
+                                 label_smoothing=epsilon, optimizer=f"sgd momentum 0.9 ({sgd})",
+                                 weight_decay=args.weight_decay, **result, **environment))
+                print(f"{impl:<10} {num_classes:>9} {args.N:>5} {rate:>5} {epsilon:>4} {sgd:>7} "
+                      f"{result['centres_mb']:>10.1f} {result['state_mb']:>9.1f} {result['peak_mb']:>9.1f} "
+                      f"{result['step_peak_mb']:>12.1f} {result['ms']:>9.1f}", flush=True)
                 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
                 with open(out, "w") as handle:  # kept if a later configuration fails
                     json.dump(rows, handle, indent=1)
