@@ -684,6 +684,10 @@ class Trainer:
                 check_embedding_shape(self.backbone, args.embedding_size, args.image_size)
         except ValueError as error:  # a size the network cannot take; a factory not there, or of another shape
             raise SystemExit(f"--network {args.network} --image-size {args.image_size}: {error}") from None
+        if args.network.startswith("__main__:") and self.rank == 0:
+            print(f"note: --network {args.network} is found in this program only: train.export, train.embed, "
+                  "train.verify and python -m train --resume import __main__ as their own and will not find it; "
+                  f"put it in a module and name it module:{args.network.partition(':')[2]}", file=sys.stderr)
         if args.batch_size < 2 and any(isinstance(m, nn.BatchNorm1d) for m in self.backbone.modules()):
             raise SystemExit(f"--batch-size {args.batch_size}: the BatchNorm of {args.network}'s embedding head needs "
                              "at least 2 images a pass to normalise over")

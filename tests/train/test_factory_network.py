@@ -2,7 +2,9 @@
 fine-tuned from, exported and verified, with one-line errors when it is missing or gives another shape."""
 
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -14,8 +16,8 @@ from train.config import parse_args
 from train.models import get_model, multiply_adds
 from train.trainer import main
 
-from trainer_fixtures import (IMAGE_SIZE, assert_onnx_export_matches, base_argv, make_face_folder,  # noqa: F401
-                              one_thread)
+from trainer_fixtures import (IMAGE_SIZE, REPO, assert_onnx_export_matches, base_argv,  # noqa: F401
+                              make_face_folder, one_thread)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 MODULE = "h75_own_backbones"  # a name no other test imports
@@ -252,3 +254,27 @@ def test_verify_of_a_factory_network_trained_under_amp_runs_without_amp_given(ow
     assert "has no amp attribute" in capsys.readouterr().err
     readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
     assert "else verifies\nin fp32, with a note where its run trained under `--amp`" in readme
+
+
+def test_a_factory_in_a_scripts_main_trains_with_a_note_and_is_then_a_one_line_error(faces, tmp_path, capsys):
+    # A script that defines its network and calls the trainer: the run has it, but train.export and the
+    # others import __main__ as their own later ("__main__ has no tiny" said nothing of why).
+    output = tmp_path / "run"
+    argv = base_argv(faces, str(output), network="__main__:tiny", batch_size=8, max_steps=1, loss_impl=LOSS_IMPL)
+    script = tmp_path / "my_training.py"
+    script.write_text(SOURCE + f"\nimport sys\nfrom train.trainer import main\nsys.exit(main({argv!r}))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    child = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert ("note: --network __main__:tiny is found in this program only: train.export, train.embed, train.verify "
+            "and python -m train --resume import __main__ as their own and will not find it; put it in a module and "
+            "name it module:tiny") in child.stderr
+    missing = ("__main__ has no tiny: a network defined in a script run as the main program is found by that "
+               "program alone; put it in a module and name it module:tiny")
+    with pytest.raises(ValueError, match=f"^{output / 'checkpoint.pt'} holds a backbone of network __main__:tiny: "
+                                         f"{missing}$"):
+        checkpoint.load_backbone(str(output / "checkpoint.pt"))
+    assert export.main(["--checkpoint", str(output / "checkpoint.pt"), "--output", str(tmp_path / "exp"),
+                        "--no-onnx"]) != 0
+    assert missing in capsys.readouterr().err

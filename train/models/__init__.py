@@ -62,6 +62,10 @@ def import_factory(spec: str):
         try:
             factory = getattr(factory, attribute)
         except AttributeError:
+            if module_name == "__main__":  # a script's network, named by that script's own run (args.json)
+                raise ValueError(f"__main__ has no {attributes}: a network defined in a script run as the main "
+                                 "program is found by that program alone; put it in a module and name it "
+                                 f"module:{attributes}") from None
             raise ValueError(f"{module_name} has no {attributes}") from None
     if not callable(factory):
         raise ValueError(f"{spec} is a {type(factory).__name__}, not a callable")
