@@ -5,6 +5,8 @@ dependency of this project: tests/test_other_libraries.py checks the same maths 
 
     python benchmarks/compare_other_libraries.py
 """
+from __future__ import annotations
+
 import argparse
 import math
 import os
