@@ -644,10 +644,11 @@ class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
 
 class ShardedElasticFaceLoss(ElasticFaceMargins, ShardedCombinedMarginLoss):
     """:class:`ShardedCombinedMarginLoss` with ElasticFace's margins (:class:`ElasticFaceMargins`):
-    each rank draws the margins of its own rows."""
+    each rank draws the margins of its own rows. Not ElasticFace+ (``plus=True``)."""
 
     # (its m is m2 or m3; a rank with std = 0 would gather no margins where the others gather theirs)
     compared_options = ("std",)
+    plus_provided = False
 
 
 class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):

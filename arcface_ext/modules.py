@@ -328,24 +328,39 @@ class ElasticFaceMargins:
     """ElasticFace's per-row margins (Boutros et al., CVPRW 2022), for a margin-loss module (mixed in
     before it): each training row draws its margin from N(m, std²), an angular one (``kind="arc"``:
     s·cos(θ + m_i), ElasticFace-Arc) or a cosine one (``kind="cos"``: s·(cos θ - m_i),
-    ElasticFace-Cos). ``m`` defaults to the paper's 0.5 (arc) or 0.35 (cos), ``std`` to its 0.05. In
+    ElasticFace-Cos). ``m`` defaults to the paper's 0.5 (arc) or 0.35 (cos), ``std`` to its 0.05 (with
+    ``plus``, to the 0.0175 (arc) and 0.02 (cos) of ElasticFace's configurations for ElasticFace+). In
     eval mode every row gets m. The draws come from ``generator`` when given (on the embeddings'
     device), else torch's default one. Past θ + m_i = π the angular form continues linearly, as the
     combined loss does, where ElasticFace's code takes cos(θ + m_i) itself (which turns back up there).
-    ElasticFace+ (the draws sorted against the rows' target cosines) is not provided."""
+
+    ``plus=True`` is ElasticFace+ (ElasticFace-Arc+, -Cos+): the same draws, handed out by the rows'
+    target cosines cos θ_y (a gather and N dot products, no N x C product), the largest margin to the
+    row farthest from its class centre, the smallest to the nearest; ignored rows take no part. This is
+    the pairing the two sorts of ElasticFace's code set up (cosines descending, draws ascending); its
+    code then indexes the sorted draws by the cosines' order (``draws[order]``), which gives row i the
+    draw of rank ``order[i]``, not one ranked by row i's own cosine (the two agree only when the order
+    is its own inverse). Not with sharded class centres."""
 
     per_row_margins = True
+    plus_provided = True
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=0.05, kind="arc", *, generator=None,
-                 **kwargs):
+    def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=None, kind="arc", *, plus=False,
+                 generator=None, **kwargs):
         if kind not in ("arc", "cos"):
             raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
+        plus = check_flag("plus", plus)
+        if std is None:
+            std = (0.0175 if kind == "arc" else 0.02) if plus else 0.05
         std = check_real("std", std, ">= 0", lambda v: v >= 0)
+        if plus and not self.plus_provided:
+            raise ValueError("plus=True (ElasticFace+) is not provided with sharded class centres: each rank "
+                             "would need its rows' target cosines from the ranks that hold their classes")
         if m is None:
             m = 0.5 if kind == "arc" else 0.35
         margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, **kwargs)
-        self.m, self.std, self.kind, self.generator = float(m), float(std), kind, generator
+        self.m, self.std, self.kind, self.plus, self.generator = float(m), float(std), kind, plus, generator
 
     def row_margins(self, embeddings, labels):
         if not self.training or self.std == 0:
@@ -355,10 +370,29 @@ class ElasticFaceMargins:
         generator = {} if self.generator is None else {"generator": self.generator}
         drawn = torch.randn(embeddings.shape[0], device=embeddings.device, dtype=torch.float64,
                             **generator).mul_(self.std).add_(self.m)
+        if self.plus:
+            drawn = self._by_target_cosine(embeddings, labels, drawn)
         return (drawn, 0.0) if self.kind == "arc" else (0.0, drawn)
 
+    def _by_target_cosine(self, embeddings, labels, drawn):
+        """ElasticFace+: the counted rows' ``drawn`` margins, largest first, to their rows in the order of
+        their target cosines, lowest first; ``m`` at ignored rows (their margin counts for nothing)."""
+        cosine = chunked.shard_target_cosines(embeddings.detach(), self.weight.detach(), labels,
+                                              ignore_index=self.ignore_index,
+                                              gemm_dtype=chunked.gemm_dtype(embeddings, self.weight))
+        counted = labels != self.ignore_index
+        # Ignored rows sort last on both sides (cosine +inf, draw -inf), so that the counted rows share out
+        # their own draws; a NaN cosine (a non-finite embedding, whose loss is NaN) after the finite ones.
+        key = torch.where(counted, torch.nan_to_num(cosine.to(torch.float64), nan=2.0, posinf=2.0, neginf=-2.0),
+                          torch.full_like(drawn, math.inf))
+        order = torch.argsort(key, stable=True)
+        ranked = torch.where(counted, drawn, torch.full_like(drawn, -math.inf)).sort(descending=True).values
+        handed = torch.empty_like(drawn).index_copy_(0, order, ranked)
+        return torch.where(counted, handed, torch.full_like(drawn, self.m))
+
     def extra_repr(self):
-        return f"kind={self.kind!r}, m={self.m}, std={self.std}, {super().extra_repr()}"
+        plus = ", plus=True" if self.plus else ""
+        return f"kind={self.kind!r}, m={self.m}{plus}, std={self.std}, {super().extra_repr()}"
 
 
 class AdaFaceLoss(AdaFaceMargins, CombinedMarginLoss):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import arcface_ext
 from arcface_ext import reference
-from conftest import TOLERANCES, assert_close_report, assert_matches_reference, loss_and_grads
+from conftest import TOLERANCES, assert_close_report, assert_matches_reference, largest_tensor_made, loss_and_grads
 
 OUTPUTS = ("loss", "target_cosine", "grad_embeddings", "grad_weight")
 
@@ -279,6 +279,68 @@ def test_elasticface_draws_its_margins_from_the_normal(kind):
     assert_matches_reference(criterion(x, labels), reference.combined_margin_loss(x, criterion.weight, labels,
                                                                                  s=64.0, **fixed), name="eval loss")
     assert f"kind='{kind}'" in repr(criterion)
+
+
+@pytest.mark.parametrize("kind", ["arc", "cos"])
+def test_elasticface_plus_hands_the_draws_out_by_target_cosine(kind):
+    # ElasticFace+: the same draws as ElasticFace's, the largest margin to the counted row farthest from its
+    # centre (lowest cos θ_y), the smallest to the nearest; ignored rows take no part. Written out in fp64
+    # from the normalised rows, with a tie (two equal rows: the first in row order takes the larger draw).
+    n, dim, num_classes, m, std = 40, 16, 50, (0.5 if kind == "arc" else 0.35), 0.05
+    criterion = arcface_ext.ElasticFaceLoss(num_classes, dim, m=m, std=std, kind=kind, plus=True,
+                                            generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    labels[[5, 17]] = -1
+    x[9], labels[9] = x[7], labels[7]
+    drawn = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * std + m
+    w = criterion.weight.detach()
+    cosine = (F.normalize(x) * F.normalize(w)[labels.clamp_min(0)]).sum(1)
+    rows = sorted((i for i in range(n) if labels[i] >= 0), key=lambda i: (cosine[i].item(), i))
+    draws = sorted((drawn[i].item() for i in range(n) if labels[i] >= 0), reverse=True)
+    expected = torch.full((n,), m, dtype=torch.float64)
+    expected[rows] = torch.tensor(draws, dtype=torch.float64)
+    assert expected[rows[0]] == max(draws) and expected[rows[-1]] == min(draws) and expected[7] >= expected[9]
+
+    loss = criterion(x, labels)
+    margins = dict(m2=expected, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=expected)
+    assert_matches_reference(loss, reference.combined_margin_loss(x, w, labels, s=64.0, **margins), name="loss")
+    criterion.generator.manual_seed(3)
+    got = criterion.row_margins(x, labels)[0 if kind == "arc" else 1]
+    assert torch.equal(got, expected)
+    # The plain ElasticFace's draws, for the same seed, are the same numbers in row order.
+    plain = arcface_ext.ElasticFaceLoss(num_classes, dim, m=m, std=std, kind=kind,
+                                        generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.equal(plain.row_margins(x, labels)[0 if kind == "arc" else 1], drawn)
+    # Eval mode and std = 0: the mean margin everywhere, as without plus.
+    criterion.eval()
+    assert criterion.row_margins(x, labels) == (criterion.m2, criterion.m3)
+    assert f"kind='{kind}', m={m}, plus=True, std=0.05" in repr(criterion)
+    assert "plus" not in repr(plain)
+
+
+def test_elasticface_plus_with_partial_fc_a_nan_row_and_no_n_by_c_tensor():
+    n, dim, num_classes = 64, 4, 50
+    x, labels = torch.randn(n, dim, requires_grad=True), torch.randint(0, num_classes, (n,))
+    criterion = arcface_ext.ElasticFaceLoss(num_classes, dim, plus=True, sample_rate=0.5)
+    with largest_tensor_made() as largest:
+        criterion(x, labels).backward()
+    assert largest[0] <= max(n * dim, num_classes * dim) < n * num_classes
+    # A non-finite row: its own loss is NaN, the others' margins are still the counted rows' draws.
+    bad = x.detach().clone()
+    bad[3] = math.nan
+    margins = criterion.row_margins(bad, labels)[0]
+    assert torch.isfinite(margins).all()
+    per_row = arcface_ext.ElasticFaceLoss(num_classes, dim, plus=True, reduction="none")(bad, labels)
+    assert per_row[3].isnan() and torch.isfinite(per_row[torch.arange(n) != 3]).all()
+    with pytest.raises(ValueError, match=r"plus=True \(ElasticFace\+\) is not provided with sharded class centres"):
+        arcface_ext.ShardedElasticFaceLoss(num_classes, dim, plus=True)
+    with pytest.raises(TypeError, match="plus must be a bool"):
+        arcface_ext.ElasticFaceLoss(num_classes, dim, plus=1)
+    # The standard deviations of ElasticFace's configurations: 0.05, and 0.0175 / 0.02 for Arc+ / Cos+.
+    assert [arcface_ext.ElasticFaceLoss(10, 4, kind=kind, plus=plus).std
+            for plus in (False, True) for kind in ("arc", "cos")] == [0.05, 0.05, 0.0175, 0.02]
 
 
 def test_elasticface_compiles_over_batch_sizes_that_change():

@@ -17,15 +17,19 @@ from typing import Any, Sequence
 from . import insightface_config
 from .models import NETWORKS, is_factory_spec
 
-LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos", "magface",
-          "curricularface")
+LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos",
+          "elasticface-arc+", "elasticface-cos+", "magface", "curricularface")
 # The losses that take --interclass-filter and --subcenters (the others set their own margins or negatives).
 PLAIN_MARGIN_LOSSES = ("arcface", "cosface", "sphereface", "combined")
 # Which of --m1, --m2 and --m3 each loss reads, with the value each takes when not given (None: --arcface-m).
-# The losses not named read none: arcface and elasticface-arc take --arcface-m, adaface and magface
+# The losses not named read none: arcface and elasticface-arc(+) take --arcface-m, adaface and magface
 # their own per-row margins.
 MARGIN_FLAGS = {"combined": {"m1": 1.0, "m2": None, "m3": 0.0}, "cosface": {"m3": 0.35},
-                "elasticface-cos": {"m3": 0.35}, "sphereface": {"m1": 4.0}}
+                "elasticface-cos": {"m3": 0.35}, "elasticface-cos+": {"m3": 0.35}, "sphereface": {"m1": 4.0}}
+# ElasticFace's standard deviations: its paper's for ElasticFace, its configurations' for ElasticFace+.
+ELASTIC_STDS = {"elasticface-arc+": 0.0175, "elasticface-cos+": 0.02}
+# The losses whose margin is --arcface-m.
+ARCFACE_M_LOSSES = ("arcface", "elasticface-arc", "elasticface-arc+", "curricularface")
 # The defaults of the parameters that only some losses read (a value other than these, given to a
 # loss that does not read it, is refused).
 SGD_MOMENTUM = 0.9
@@ -141,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", choices=LOSSES, default="arcface",
                    help="arcface: cos(θ+m); cosface: cos θ-m; sphereface: cos(mθ); combined: cos(m1·θ+m2)-m3; "
                    "adaface: margins from the embedding norm (--adaface-m, --adaface-h); elasticface-arc / "
-                   "elasticface-cos: each row's margin drawn from N(--arcface_m or --m3, --elastic-std); magface: "
+                   "elasticface-cos: each row's margin drawn from N(--arcface_m or --m3, --elastic-std), and with + "
+                   "(ElasticFace+) the draws handed out by target cosine, the largest to the hardest row; magface: "
                    "a margin from 0.45 to 0.8 as the norm goes from 10 to 110, plus its norm regulariser (lambda_g 35); "
                    "curricularface: cos(θ+m) (--arcface_m) and hard negatives c·(t+c), t a running mean of the target "
                    "cosines (the chunked PyTorch path, not the fused op; also sharded)")
@@ -160,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adaface-h", "--adaface_h", dest="adaface_h", type=float,
                    default=OWN_PARAMETER_DEFAULTS["adaface_h"],
                    help="AdaFace's h: how far the norm moves the margin (its paper: 0.333)")
-    g.add_argument("--elastic-std", "--elastic_std", dest="elastic_std", type=float,
-                   default=OWN_PARAMETER_DEFAULTS["elastic_std"],
-                   help="ElasticFace's standard deviation of the per-row margin (its paper: 0.05)")
+    g.add_argument("--elastic-std", "--elastic_std", dest="elastic_std", type=float, default=None,
+                   help="ElasticFace's standard deviation of the per-row margin (default: its paper's 0.05; for "
+                   "elasticface-arc+ and -cos+ its configurations' 0.0175 and 0.02)")
     g.add_argument("--magface-easy-margin", "--magface_easy_margin", dest="magface_easy_margin",
                    action=argparse.BooleanOptionalAction, default=OWN_PARAMETER_DEFAULTS["magface_easy_margin"],
                    help="--loss magface: no margin where cos θ <= 0, as MagFace's training code (MagLinear's "
@@ -386,6 +391,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.lr = 0.1 if args.optimizer == "sgd" else 1e-3
     if args.lr_schedule is None:
         args.lr_schedule = "step" if args.lr_steps else "poly"
+    if args.elastic_std is None:
+        args.elastic_std = ELASTIC_STDS.get(args.loss, OWN_PARAMETER_DEFAULTS["elastic_std"])
     if args.warmup_steps is None:
         args.warmup_steps = default_warmup_steps(args.max_steps, args.lr_schedule)
     if args.lr_schedule == "step" and not args.lr_steps:
@@ -402,7 +409,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     unread = [f"--{name}" for name in ("m1", "m2", "m3") if getattr(args, name) is not None and name not in reads]
     # So would the other losses' own parameters (--loss cosface --arcface-m 0.2 trained at --m3 0.35).
     # Only a value other than the default counts: args.json lists every option, and is a config.
-    read_by = {"arcface_m": args.loss in ("arcface", "elasticface-arc", "curricularface")
+    read_by = {"arcface_m": args.loss in ARCFACE_M_LOSSES
                             or (args.loss == "combined" and args.m2 is None),
                "adaface_m": args.loss == "adaface", "adaface_h": args.loss == "adaface",
                "elastic_std": args.loss.startswith("elasticface"), "magface_easy_margin": args.loss == "magface"}
@@ -412,7 +419,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         own = {"arcface": "--arcface-m", "curricularface": "--arcface-m", "elasticface-arc": "--arcface-m and --elastic-std",
                "adaface": "--adaface-m and --adaface-h", "magface": "its fixed MS1MV2 settings (and --magface-easy-margin)",
                "elasticface-cos": "--m3 and --elastic-std"}.get(
-                   args.loss, " ".join(f"--{name}" for name in reads))
+                   args.loss.rstrip("+"), " ".join(f"--{name}" for name in reads))
         raise SystemExit(f"{' and '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to --loss "
                          f"{args.loss}, whose margin is {own}")
     # The loss's own checks, as one-line errors naming the flag (a module built with them raises).
@@ -488,6 +495,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.sharded_classes and args.loss == "magface":
         raise SystemExit("--loss magface has differentiable margins, which --sharded-classes does not carry: train "
                          "it with replicated class centres")
+    if args.sharded_classes and args.loss.endswith("+"):
+        raise SystemExit(f"--loss {args.loss} (ElasticFace+) does not go with --sharded-classes: each process would "
+                         f"need its rows' target cosines from the processes that hold their classes; train "
+                         f"{args.loss.rstrip('+')} sharded, or {args.loss} with replicated class centres")
     if args.sharded_classes and args.loss_impl != "fused":
         raise SystemExit("--sharded-classes needs --loss-impl fused (the reference has no sharded form)")
     if args.subcenters < 1:
@@ -599,7 +610,7 @@ def margins(args: argparse.Namespace) -> tuple[float, float, float]:
     AdaFace's and MagFace's are per row, from the embedding norm: (1, 0, 0) here)."""
     if args.loss in ("adaface", "magface"):
         return 1.0, 0.0, 0.0
-    if args.loss in ("arcface", "elasticface-arc", "curricularface"):
+    if args.loss in ARCFACE_M_LOSSES:
         return 1.0, args.arcface_m, 0.0
     values = {"m1": 1.0, "m2": 0.0, "m3": 0.0}
     for name, default in MARGIN_FLAGS[args.loss].items():

@@ -461,9 +461,9 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if interclass_filter > 0:  # (sharded too)
         common["interclass_filtering_threshold"] = interclass_filter
     if args.loss.startswith("elasticface"):
-        kind = args.loss.split("-")[1]
+        kind, plus = args.loss.split("-")[1].rstrip("+"), args.loss.endswith("+")
         return elasticface(num_classes, args.embedding_size, s=args.arcface_s, m=m2 if kind == "arc" else m3,
-                           std=args.elastic_std, kind=kind, **common)
+                           std=args.elastic_std, kind=kind, plus=plus, **common)
     return combined(num_classes, args.embedding_size, s=args.arcface_s, m1=m1, m2=m2, m3=m3, **common)
 
 

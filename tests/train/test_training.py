@@ -1380,7 +1380,7 @@ def test_sample_rate_is_checked(rate):
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
-@pytest.mark.parametrize("loss", ["adaface", "elasticface-arc", "elasticface-cos", "magface"])
+@pytest.mark.parametrize("loss", ["adaface", "elasticface-arc", "elasticface-cos", "elasticface-cos+", "magface"])
 def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeypatch, loss, sharded):
     # AdaFace's norm statistics are buffers of the loss (in the checkpoint); ElasticFace draws its
     # margins from the generator the checkpoint restores: a resumed run repeats the whole run.
@@ -1388,6 +1388,12 @@ def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeyp
         pytest.skip("--sharded-classes needs the compiled op")
     if sharded and loss == "magface":
         with pytest.raises(SystemExit, match="differentiable margins, which --sharded-classes does not carry"):
+            parse_args(["--loss", loss, "--sharded-classes"])
+        return
+    if sharded and loss.endswith("+"):
+        with pytest.raises(SystemExit, match=r"^--loss elasticface-cos\+ \(ElasticFace\+\) does not go with "
+                                             r"--sharded-classes: .*; train elasticface-cos sharded, or "
+                                             r"elasticface-cos\+ with replicated class centres$"):
             parse_args(["--loss", loss, "--sharded-classes"])
         return
     options = dict(max_steps=4, save_every=2, loss=loss, sharded_classes=sharded)
@@ -1503,6 +1509,12 @@ def test_margins_per_loss():
     assert margins(parse_args(["--loss", "combined", "--m1", "1.0", "--m2", "0.3", "--m3", "0.2"])) == (1.0, 0.3, 0.2)
     assert margins(parse_args(["--loss", "elasticface-arc"])) == (1.0, 0.5, 0.0)
     assert margins(parse_args(["--loss", "elasticface-cos"])) == (1.0, 0.0, 0.35)
+    assert margins(parse_args(["--loss", "elasticface-arc+", "--arcface-m", "0.45"])) == (1.0, 0.45, 0.0)
+    assert margins(parse_args(["--loss", "elasticface-cos+"])) == (1.0, 0.0, 0.35)
+    for loss, kind in (("elasticface-arc+", "arc"), ("elasticface-cos+", "cos"), ("elasticface-arc", "arc")):
+        module = build_margin_loss(parse_args(["--loss", loss, "--elastic-std", "0.1"]), 10)
+        assert (type(module), module.kind, module.plus, module.std) == (
+            arcface_ext.ElasticFaceLoss, kind, loss.endswith("+"), 0.1)
     assert margins(parse_args(["--loss", "curricularface", "--arcface-m", "0.4"])) == (1.0, 0.4, 0.0)
 
 
