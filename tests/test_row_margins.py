@@ -343,10 +343,11 @@ def test_elasticface_plus_with_partial_fc_a_nan_row_and_no_n_by_c_tensor():
             for plus in (False, True) for kind in ("arc", "cos")] == [0.05, 0.05, 0.0175, 0.02]
 
 
-def test_elasticface_compiles_over_batch_sizes_that_change():
+@pytest.mark.parametrize("plus", [False, True])
+def test_elasticface_compiles_over_batch_sizes_that_change(plus):
     # The last batch of an epoch is smaller: torch.compile then traces the batch size as a symbol,
     # and randn(..., generator=None) with a symbolic size fails to trace (torch 2.13).
-    criterion = arcface_ext.ElasticFaceLoss(12, 8, dtype=torch.float64)
+    criterion = arcface_ext.ElasticFaceLoss(12, 8, plus=plus, dtype=torch.float64)
     compiled = torch.compile(criterion, backend="eager")
     for n in (6, 4, 9):
         x, labels = torch.randn(n, 8, dtype=torch.float64), torch.randint(0, 12, (n,))
