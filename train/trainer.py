@@ -473,7 +473,9 @@ class SGD(torch.optim.SGD):
     class centres is a temporary the size of the centres at the step's peak: 1.95 GB at a million 512-D
     classes in fp32. The same operation in place gives the same parameters and momentum bit for bit, so
     checkpoints of either resume alike; the state dict is torch's. The gradients hold ``grad + decay *
-    param`` after the step, as a step's own copy did (they are cleared before the next backward)."""
+    param`` after the step, as a step's own copy did (they are cleared before the next backward).
+    ``fused=True`` steps as torch's does: under a GradScaler its kernel unscales the gradients itself
+    (``grad_scale``) before it adds the decay, which, added here first, would be divided by the scale."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -483,9 +485,9 @@ class SGD(torch.optim.SGD):
         for group in self.param_groups:
             decay, grads = group["weight_decay"], [p.grad for p in group["params"] if p.grad is not None]
             # torch's own path for what it treats otherwise: maximize negates the gradients first
-            # (into a copy it reuses), a tensor decay may need a gradient, sparse gradients.
-            if (not decay or group["maximize"] or group["differentiable"] or isinstance(decay, torch.Tensor)
-                    or any(g.is_sparse for g in grads)):
+            # (into a copy it reuses), a tensor decay may need a gradient, sparse gradients, fused.
+            if (not decay or group["maximize"] or group["differentiable"] or group.get("fused")
+                    or isinstance(decay, torch.Tensor) or any(g.is_sparse for g in grads)):
                 continue
             for param in group["params"]:
                 if param.grad is not None:

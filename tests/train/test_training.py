@@ -1145,6 +1145,28 @@ def test_the_trainers_sgd_steps_as_torchs_bit_for_bit(foreach):
         SGD(ours, lr=0.1).step(lambda: 0.0)
 
 
+def test_the_trainers_sgd_fused_under_a_grad_scaler_steps_as_torchs():
+    # Fused, torch's kernel unscales the gradients itself (GradScaler hands it grad_scale): a decay added to
+    # the still-scaled gradients before it would be divided by the scale (the update 0.1 off here).
+    def steps(optimizer_class):
+        gen = torch.Generator().manual_seed(5)
+        param = torch.nn.Parameter(torch.randn(50, 8, generator=gen))
+        optimizer = optimizer_class([param], lr=0.1, momentum=0.9, weight_decay=0.05, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for _ in range(3):
+            optimizer.zero_grad()
+            scaler.scale((param * torch.randn(param.shape, generator=gen)).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return param
+
+    try:
+        torchs = steps(torch.optim.SGD)
+    except RuntimeError as error:  # a torch without CPU fused SGD or a CPU GradScaler
+        pytest.skip(str(error))
+    assert torch.equal(steps(SGD), torchs)
+
+
 def test_the_trainers_sgd_makes_no_copy_of_the_gradients():
     # torch's SGD copies each gradient to add the weight decay to it: at a million 512-D class centres,
     # 1.95 GB at the step's peak. Measured in a child as the finite check above is.
