@@ -494,8 +494,12 @@ class SGD(torch.optim.SGD):
                     param.grad.add_(param, alpha=decay)
             folded.append((group, decay))
             group["weight_decay"] = 0.0
+        # torch's step without the hooks this class's own step has run: torch wraps them around
+        # torch.optim.SGD.step as well once an SGD of its own is made (a step hook then ran twice).
+        torch_step = torch.optim.SGD.step
+        torch_step = torch_step.__wrapped__ if getattr(torch_step, "hooked", False) else torch_step
         try:
-            return super().step()
+            return torch_step(self)
         finally:
             for group, decay in folded:
                 group["weight_decay"] = decay

@@ -1167,6 +1167,20 @@ def test_the_trainers_sgd_fused_under_a_grad_scaler_steps_as_torchs():
     assert torch.equal(steps(SGD), torchs)
 
 
+def test_the_trainers_sgd_runs_its_step_hooks_once():
+    # torch wraps each optimizer class's step in its hooks when the first of that class is made: once
+    # torch.optim.SGD has one, this SGD's step must not run them again through torch's.
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer, calls = SGD([param], lr=0.1, weight_decay=0.1), []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    param.grad = torch.ones(3)
+    optimizer.step()
+    assert calls == ["pre", "post"]
+    assert torch.equal(param.detach(), torch.full((3,), 1 - 0.1 * 1.1))
+
+
 def test_the_trainers_sgd_makes_no_copy_of_the_gradients():
     # torch's SGD copies each gradient to add the weight decay to it: at a million 512-D class centres,
     # 1.95 GB at the step's peak. Measured in a child as the finite check above is.
