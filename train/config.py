@@ -332,6 +332,11 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
         if isinstance(steps, int) and config.get("warmup_steps") == default_warmup_steps(
                 steps, config.get("lr_schedule", "poly")):
             del config["warmup_steps"]
+        # So does its --elastic-std when its loss's default (every run records one): another --loss on the
+        # command line takes its own (an arcface run's 0.05 trained elasticface-arc+ at it, not at 0.0175).
+        if config.get("elastic_std") == ELASTIC_STDS.get(config.get("loss", "arcface"),
+                                                         OWN_PARAMETER_DEFAULTS["elastic_std"]):
+            del config["elastic_std"]
     unknown = sorted(k for k in config if k not in table)
     if unknown:
         raise SystemExit(f"{source}: unknown key(s) {', '.join(unknown)}; keys are the flag names of "

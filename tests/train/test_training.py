@@ -1554,6 +1554,20 @@ def test_margins_per_loss():
     assert margins(parse_args(["--loss", "curricularface", "--arcface-m", "0.4"])) == (1.0, 0.4, 0.0)
 
 
+@pytest.mark.parametrize("loss, other, std", [("arcface", "elasticface-arc+", 0.0175),
+                                               ("elasticface-arc+", "arcface", 0.05),
+                                               ("elasticface-cos+", "elasticface-cos", 0.05),
+                                               ("elasticface-cos+", "elasticface-cos+", 0.02)])
+def test_a_runs_args_json_leaves_elastic_std_to_another_loss(tmp_path, loss, other, std):
+    # args.json records the std its loss took by default (0.05 for every loss but the two +): given as a
+    # --config with another --loss, that one's default applies, not the run's (nor a refusal of it).
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(vars(parse_args(["--loss", loss]))))
+    assert parse_args(["--config", str(path), "--loss", other]).elastic_std == std
+    path.write_text(json.dumps(vars(parse_args(["--loss", "elasticface-arc", "--elastic-std", "0.1"]))))
+    assert parse_args(["--config", str(path), "--loss", "elasticface-arc+"]).elastic_std == 0.1
+
+
 @pytest.mark.parametrize("loss", ["arcface", "combined", "adaface", "elasticface-arc"])
 def test_margin_grad_reaches_the_loss(loss):
     # arcface_torch's gradient (straight through the angular margin) against the exact one: the same
