@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 from functools import partial
 
 import torch
@@ -63,9 +64,10 @@ def import_factory(spec: str):
             factory = getattr(factory, attribute)
         except AttributeError:
             if module_name == "__main__":  # a script's network, named by that script's own run (args.json)
-                raise ValueError(f"__main__ has no {attributes}: a network defined in a script run as the main "
-                                 "program is found by that program alone; put it in a module and name it "
-                                 f"module:{attributes}") from None
+                program = getattr(sys.modules.get("__main__"), "__file__", None) or "an interactive session"
+                raise ValueError(f"__main__ ({program}) has no {attributes}: a network named __main__:... is found "
+                                 "only in the script that defines it, run as the main program; put it in a module "
+                                 f"and name it module:{attributes}") from None
             raise ValueError(f"{module_name} has no {attributes}") from None
     if not callable(factory):
         raise ValueError(f"{spec} is a {type(factory).__name__}, not a callable")
