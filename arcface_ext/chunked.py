@@ -174,6 +174,9 @@ def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through
         return rows, lse, torch.where(r.owned, r.cosine, zero)
 
 
+# no_grad as a decorator, one context manager in the body: torch 2.14.1's dynamo on Python 3.13 fails to trace
+# (an AssertionError on its block stack) a loop with a branch under two nested ones.
+@torch.no_grad()
 def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, lambda_, straight_through, ignore_index,
                    needs_embeddings_grad=True, needs_weight_grad=True, class_offset=0, num_classes=-1, threshold=0.0,
                    curricular_t=None, hard_above=None, chunk=None, gemm_dtype=None):
@@ -181,7 +184,7 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
     row's log-sum-exp (the whole softmax's when the classes are sharded: then they are this shard's part
     of the whole loss's gradients), as ``margin_softmax_backward``. Returns (d/dx or None, d/dw or None)
     in the inputs' dtypes; rows not counted get none."""
-    with torch.no_grad(), _no_autocast(x.device.type):
+    with _no_autocast(x.device.type):
         r = _Targets(x, w, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, straight_through=straight_through,
                      ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes,
                      gemm=gemm_dtype)
