@@ -473,7 +473,8 @@ class SGD(torch.optim.SGD):
     class centres is a temporary the size of the centres at the step's peak: 1.95 GB at a million 512-D
     classes in fp32. The same operation in place gives the same parameters and momentum bit for bit, so
     checkpoints of either resume alike; the state dict is torch's. The gradients hold ``grad + decay *
-    param`` after the step, as a step's own copy did (they are cleared before the next backward).
+    param`` after the step, as a step's own copy did (with nesterov and foreach, torch adds ``momentum *
+    buf`` to them in place as well; the trainer clears them before the next backward).
     ``fused=True`` steps as torch's does: under a GradScaler its kernel unscales the gradients itself
     (``grad_scale``) before it adds the decay, which, added here first, would be divided by the scale."""
 

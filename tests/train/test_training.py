@@ -1115,20 +1115,22 @@ def test_the_finite_check_before_a_save_makes_no_copy_of_the_centres():
         assert not checkpoint.all_finite(module)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.gpu_only])])
 @pytest.mark.parametrize("foreach", [False, True])
-def test_the_trainers_sgd_steps_as_torchs_bit_for_bit(foreach):
+def test_the_trainers_sgd_steps_as_torchs_bit_for_bit(foreach, device):
     # Weight decay added to the gradients in place: the same parameters, momentum and state dict as
     # torch.optim.SGD's, so that checkpoints of either resume alike. A group without decay, one that
     # maximizes (torch's own path), a parameter without a gradient, nesterov, a first step without momentum.
+    # On a GPU too, where torch's foreach kernels do the adding (gpu_check.sh's suite stage runs it).
     def steps(optimizer_class):
         gen = torch.Generator().manual_seed(5)
-        params = [torch.nn.Parameter(torch.randn(300, 16, generator=gen)) for _ in range(5)]
+        params = [torch.nn.Parameter(torch.randn(300, 16, generator=gen).to(device)) for _ in range(5)]
         groups = [{"params": params[:2]}, {"params": params[2:3], "weight_decay": 0.0},
                   {"params": params[3:4], "maximize": True}, {"params": params[4:], "nesterov": True}]
         optimizer = optimizer_class(groups, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=foreach)
         for step in range(6):
             for index, param in enumerate(params):
-                param.grad = None if (index, step) == (1, 2) else torch.randn(param.shape, generator=gen)
+                param.grad = None if (index, step) == (1, 2) else torch.randn(param.shape, generator=gen).to(device)
             optimizer.step()
         return params, optimizer.state_dict()
 
