@@ -29,7 +29,7 @@ from torch import nn
 from . import checkpoint, export
 from .config import margins, unused_options
 from .data.transforms import DataError, to_model_input
-from .models import check_embedding_shape, get_model, is_factory_spec, multiply_adds
+from .models import check_embedding_shape, get_model, is_factory_spec, model_multiply_adds, multiply_adds
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 
 ANGLE_PHASES = ("start", "middle", "end")
@@ -1484,7 +1484,9 @@ class Trainer:
         a = self.args
         params = sum(p.numel() for p in self.backbone.parameters())
         try:
-            work = multiply_adds(a.network, a.image_size, embedding_size=a.embedding_size)
+            # A network of one's own is counted as built (its factory, which may do anything, is called once).
+            work = (model_multiply_adds(self.backbone, a.image_size) if is_factory_spec(a.network) else
+                    multiply_adds(a.network, a.image_size, embedding_size=a.embedding_size))
             work = (f", {work / 1e9:.2f}G" if work >= 1e8 else f", {work / 1e6:.1f}M") + " multiply-adds an image"
         except Exception:  # only for the message (a torch whose meta kernels lack an operator, say)
             work = ""

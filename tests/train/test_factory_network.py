@@ -40,7 +40,11 @@ class Tiny(nn.Module):
         return self.head(self.trunk(x))
 
 
+CALLS = []
+
+
 def tiny(embedding_size=512, image_size=112):
+    CALLS.append(image_size)
     return Tiny(embedding_size, image_size)
 
 
@@ -108,8 +112,10 @@ def test_a_factory_network_trains_resumes_exports_and_verifies(own_module, faces
                      loss_impl=LOSS_IMPL)
     first = argv[:argv.index("--max-steps")] + ["--max-steps", "2"] + argv[argv.index("--max-steps") + 2:]
     assert main(first) == 0
-    # 8x3x3x3 + 16x8x3x3 convolutions on 16x16 and 8x8 maps, and the 64 -> 64 linear head
+    # 8x3x3x3 + 16x8x3x3 convolutions on 16x16 and 8x8 maps, and the 64 -> 64 linear head, counted on the
+    # network built: the factory is called once (it was called again on the meta device for the count).
     assert "network h75_own_backbones:tiny: 0.01M parameters, 0.1M multiply-adds an image" in capsys.readouterr().err
+    assert sys.modules[MODULE].CALLS == [IMAGE_SIZE]
     assert multiply_adds(NETWORK, IMAGE_SIZE, embedding_size=64) == 8 * 27 * 16 * 16 + 16 * 72 * 8 * 8 + 64 * 64
     assert json.loads((output / "args.json").read_text())["network"] == NETWORK
     assert main(argv + ["--resume", "auto"]) == 0

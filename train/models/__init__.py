@@ -150,21 +150,33 @@ def multiply_adds(name: str, image_size: int = 112, **kwargs) -> int:
     FlopCounterMode counts them (two FLOPs a multiply-add). Built and run on the meta device: no
     memory, no data, milliseconds. BatchNorm, activations and additions are not counted, as ptflops
     (arcface_torch's flops.py) does not count them in ResNets either."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.device("meta"):
         model = get_model(name, image_size=image_size, **kwargs)
-    x = torch.zeros(1, 3, image_size, image_size, device="meta")
+    return model_multiply_adds(model, image_size)
+
+
+def model_multiply_adds(model: nn.Module, image_size: int) -> int:
+    """:func:`multiply_adds` of a network already built, on one blank image on its parameters' device (the
+    meta device's for :func:`multiply_adds`), in eval mode and without gradients, its mode restored after: a
+    network of one's own is counted so, without calling its factory again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    first = next(model.parameters(), None)
+    x = torch.zeros(1, 3, image_size, image_size, device=first.device if first is not None else "cpu")
     # forward_trunk/forward_head: the amp="none" forward, which autocast on meta does not allow as model(x);
     # on meta scaled_dot_product_attention decomposes into the two products the counter knows. A network of
     # one's own (package.module:factory) runs as it is.
     forward = (lambda x: model.forward_head(model.forward_trunk(x))) if hasattr(model, "forward_trunk") else model
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval()
-        forward(x)
+    training = model.training
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model.eval()
+            forward(x)
+    finally:
+        model.train(training)
     return counter.get_total_flops() // 2
 
 
 __all__ = ["NETWORKS", "VIT_CONFIGS", "IBasicBlock", "IResNet", "MobileFaceNet", "VisionTransformer",
            "check_embedding_shape", "check_network_name", "get_model", "import_factory", "iresnet", "is_factory_spec",
-           "mbf", "mobilefacenet", "multiply_adds", "small", "vit"]
+           "mbf", "mobilefacenet", "model_multiply_adds", "multiply_adds", "small", "vit"]
