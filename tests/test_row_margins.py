@@ -281,21 +281,24 @@ def test_elasticface_draws_its_margins_from_the_normal(kind):
     assert f"kind='{kind}'" in repr(criterion)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.gpu_only])])
 @pytest.mark.parametrize("kind", ["arc", "cos"])
-def test_elasticface_plus_hands_the_draws_out_by_target_cosine(kind):
+def test_elasticface_plus_hands_the_draws_out_by_target_cosine(kind, device):
     # ElasticFace+: the same draws as ElasticFace's, the largest margin to the counted row farthest from its
     # centre (lowest cos θ_y), the smallest to the nearest; ignored rows take no part. Written out in fp64
     # from the normalised rows, with a tie (two equal rows: the first in row order takes the larger draw).
     n, dim, num_classes, m, std = 40, 16, 50, (0.5 if kind == "arc" else 0.35), 0.05
     criterion = arcface_ext.ElasticFaceLoss(num_classes, dim, m=m, std=std, kind=kind, plus=True,
-                                            generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+                                            generator=torch.Generator(device).manual_seed(3), dtype=torch.float64,
+                                            device=device)
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
     labels = torch.randint(0, num_classes, (n,), generator=generator)
     labels[[5, 17]] = -1
     x[9], labels[9] = x[7], labels[7]
-    drawn = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * std + m
-    w = criterion.weight.detach()
+    drawn = (torch.randn(n, generator=torch.Generator(device).manual_seed(3), dtype=torch.float64, device=device)
+             * std + m).cpu()
+    w = criterion.weight.detach().cpu()
     cosine = (F.normalize(x) * F.normalize(w)[labels.clamp_min(0)]).sum(1)
     rows = sorted((i for i in range(n) if labels[i] >= 0), key=lambda i: (cosine[i].item(), i))
     draws = sorted((drawn[i].item() for i in range(n) if labels[i] >= 0), reverse=True)
@@ -303,19 +306,19 @@ def test_elasticface_plus_hands_the_draws_out_by_target_cosine(kind):
     expected[rows] = torch.tensor(draws, dtype=torch.float64)
     assert expected[rows[0]] == max(draws) and expected[rows[-1]] == min(draws) and expected[7] >= expected[9]
 
-    loss = criterion(x, labels)
+    loss = criterion(x.to(device), labels.to(device)).cpu()
     margins = dict(m2=expected, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=expected)
     assert_matches_reference(loss, reference.combined_margin_loss(x, w, labels, s=64.0, **margins), name="loss")
     criterion.generator.manual_seed(3)
-    got = criterion.row_margins(x, labels)[0 if kind == "arc" else 1]
-    assert torch.equal(got, expected)
+    got = criterion.row_margins(x.to(device), labels.to(device))[0 if kind == "arc" else 1]
+    assert torch.equal(got.cpu(), expected)
     # The plain ElasticFace's draws, for the same seed, are the same numbers in row order.
-    plain = arcface_ext.ElasticFaceLoss(num_classes, dim, m=m, std=std, kind=kind,
-                                        generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    assert torch.equal(plain.row_margins(x, labels)[0 if kind == "arc" else 1], drawn)
+    plain = arcface_ext.ElasticFaceLoss(num_classes, dim, m=m, std=std, kind=kind, device=device,
+                                        generator=torch.Generator(device).manual_seed(3), dtype=torch.float64)
+    assert torch.equal(plain.row_margins(x.to(device), labels.to(device))[0 if kind == "arc" else 1].cpu(), drawn)
     # Eval mode and std = 0: the mean margin everywhere, as without plus.
     criterion.eval()
-    assert criterion.row_margins(x, labels) == (criterion.m2, criterion.m3)
+    assert criterion.row_margins(x.to(device), labels.to(device)) == (criterion.m2, criterion.m3)
     assert f"kind='{kind}', m={m}, plus=True, std=0.05" in repr(criterion)
     assert "plus" not in repr(plain)
 
