@@ -644,11 +644,31 @@ class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
 
 class ShardedElasticFaceLoss(ElasticFaceMargins, ShardedCombinedMarginLoss):
     """:class:`ShardedCombinedMarginLoss` with ElasticFace's margins (:class:`ElasticFaceMargins`):
-    each rank draws the margins of its own rows. Not ElasticFace+ (``plus=True``)."""
+    each rank draws the margins of its own rows, and with ``plus=True`` (ElasticFace+) hands them out by
+    its rows' target cosines, which the ranks that hold their classes compute (a gather of the rows and an
+    all-reduce of N cosines, in training mode)."""
 
-    # (its m is m2 or m3; a rank with std = 0 would gather no margins where the others gather theirs)
-    compared_options = ("std",)
-    plus_provided = False
+    # (its m is m2 or m3; a rank with std = 0 would gather no margins where the others gather theirs, one
+    # without plus would not join the collectives of target_cosines)
+    compared_options = ("std", "plus")
+
+    def target_cosines(self, embeddings, labels):
+        """This rank's rows' clamped target cosines (0 at ignored rows): every rank's rows gathered, each
+        rank's shard giving those of its classes, summed over the ranks."""
+        if self.world_size == 1:
+            return super().target_cosines(embeddings, labels)
+        sizes = torch.empty(self.world_size, dtype=torch.int64, device=embeddings.device)
+        _all_gather_single(sizes, torch.tensor([labels.shape[0]], device=embeddings.device), group=self.process_group)
+        rows = int(sizes.max())
+        all_labels = self._gather_labels(labels.long(), rows)
+        all_embeddings = _all_gather_rows(embeddings.detach(), rows, self.process_group, self.world_size)
+        cosine = chunked.shard_target_cosines(all_embeddings, self.weight.detach(), all_labels,
+                                              ignore_index=self.ignore_index, class_offset=self.class_start,
+                                              num_classes=self.num_classes,
+                                              gemm_dtype=chunked.gemm_dtype(embeddings, self.weight))
+        dist.all_reduce(cosine, group=self.process_group)
+        start = self.rank * rows
+        return cosine[start:start + labels.shape[0]]
 
 
 class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):

@@ -340,10 +340,10 @@ class ElasticFaceMargins:
     the pairing the two sorts of ElasticFace's code set up (cosines descending, draws ascending); its
     code then indexes the sorted draws by the cosines' order (``draws[order]``), which gives row i the
     draw of rank ``order[i]``, not one ranked by row i's own cosine (the two agree only when the order
-    is its own inverse). Not with sharded class centres."""
+    is its own inverse). Each call (each rank, under DDP or with sharded centres) ranks its own rows, as
+    ElasticFace's code does on each GPU."""
 
     per_row_margins = True
-    plus_provided = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=None, kind="arc", *, plus=False,
                  generator=None, **kwargs):
@@ -353,9 +353,6 @@ class ElasticFaceMargins:
         if std is None:
             std = (0.0175 if kind == "arc" else 0.02) if plus else 0.05
         std = check_real("std", std, ">= 0", lambda v: v >= 0)
-        if plus and not self.plus_provided:
-            raise ValueError("plus=True (ElasticFace+) is not provided with sharded class centres: each rank "
-                             "would need its rows' target cosines from the ranks that hold their classes")
         if m is None:
             m = 0.5 if kind == "arc" else 0.35
         margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
@@ -377,9 +374,7 @@ class ElasticFaceMargins:
     def _by_target_cosine(self, embeddings, labels, drawn):
         """ElasticFace+: the counted rows' ``drawn`` margins, largest first, to their rows in the order of
         their target cosines, lowest first; ``m`` at ignored rows (their margin counts for nothing)."""
-        cosine = chunked.shard_target_cosines(embeddings.detach(), self.weight.detach(), labels,
-                                              ignore_index=self.ignore_index,
-                                              gemm_dtype=chunked.gemm_dtype(embeddings, self.weight))
+        cosine = self.target_cosines(embeddings, labels)
         counted = labels != self.ignore_index
         # Ignored rows sort last on both sides (cosine +inf, draw -inf), so that the counted rows share out
         # their own draws; a NaN cosine (a non-finite embedding, whose loss is NaN) after the finite ones.
@@ -389,6 +384,12 @@ class ElasticFaceMargins:
         ranked = torch.where(counted, drawn, torch.full_like(drawn, -math.inf)).sort(descending=True).values
         handed = torch.empty_like(drawn).index_copy_(0, order, ranked)
         return torch.where(counted, handed, torch.full_like(drawn, self.m))
+
+    def target_cosines(self, embeddings, labels):
+        """The rows' clamped target cosines (0 at ignored rows), without gradients: a gather and N dot products."""
+        return chunked.shard_target_cosines(embeddings.detach(), self.weight.detach(), labels,
+                                            ignore_index=self.ignore_index,
+                                            gemm_dtype=chunked.gemm_dtype(embeddings, self.weight))
 
     def extra_repr(self):
         plus = ", plus=True" if self.plus else ""

@@ -208,10 +208,19 @@ def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, s
         # AdaFace's norm statistics follow every rank's counted rows, the same on every rank.
         adaface = arcface_ext.ShardedAdaFaceLoss(num_classes, DIM, dtype=torch.float64)
         adaface(xs.detach() * (1 + rank), labels[mine])
+        # ElasticFace+: each rank hands its own draws out by its rows' target cosines, from the ranks that
+        # hold their classes.
+        elastic = arcface_ext.ShardedElasticFaceLoss(num_classes, DIM, plus=True, dtype=torch.float64,
+                                                     generator=torch.Generator().manual_seed(7 + rank))
+        with torch.no_grad():
+            elastic.weight.copy_(elastic.shard_of(w))
+        elastic_margins = elastic.row_margins(xs.detach(), labels[mine])[0]
+        elastic_loss = elastic(xs.detach(), labels[mine])  # the whole call: its collectives in step with the op's
         torch.save({"loss": loss.detach(), "cosine": cosine, "grad_x": xs.grad, "grad_w": module.weight.grad,
                     "range": (module.class_start, module.class_stop), "initial": initial,
                     "gathered_grad": gathered, "sampled": module.last_sampled_classes,
-                    "adaface": (adaface.batch_mean, adaface.batch_std)},
+                    "adaface": (adaface.batch_mean, adaface.batch_std), "elastic_plus": elastic_margins,
+                    "elastic_loss": elastic_loss},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         settle()
     finally:
@@ -288,6 +297,20 @@ def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_
     for result in results:
         torch.testing.assert_close(result["adaface"][0], (0.99 * 20.0 + 0.01 * norms.mean()))
         torch.testing.assert_close(result["adaface"][1], (0.99 * 100.0 + 0.01 * norms.std()))
+
+    # ElasticFace+: rank r's draws (its generator), the largest to its counted row of lowest target cosine.
+    unit = torch.nn.functional.normalize
+    cosine = (unit(x, dim=1) * unit(w, dim=1)[labels.clamp_min(0)]).sum(1)
+    for r, result in enumerate(results):
+        mine = range(sum(sizes[:r]), sum(sizes[:r + 1]))
+        generator = torch.Generator().manual_seed(7 + r)
+        drawn = torch.randn(len(mine), generator=generator, dtype=torch.float64) * 0.0175 + 0.5
+        counted = [i for i in range(len(mine)) if labels[mine[i]] != -1]
+        expected = torch.full((len(mine),), 0.5, dtype=torch.float64)
+        ranked = sorted(counted, key=lambda i: (cosine[mine[i]].item(), i))
+        expected[ranked] = drawn[counted].sort(descending=True).values
+        assert torch.equal(result["elastic_plus"], expected), (r, result["elastic_plus"], expected)
+        assert torch.isfinite(result["elastic_loss"])
 
     # The initial centres do not depend on the number of ranks.
     torch.manual_seed(0)

@@ -337,8 +337,13 @@ def test_elasticface_plus_with_partial_fc_a_nan_row_and_no_n_by_c_tensor():
     assert torch.isfinite(margins).all()
     per_row = arcface_ext.ElasticFaceLoss(num_classes, dim, plus=True, reduction="none")(bad, labels)
     assert per_row[3].isnan() and torch.isfinite(per_row[torch.arange(n) != 3]).all()
-    with pytest.raises(ValueError, match=r"plus=True \(ElasticFace\+\) is not provided with sharded class centres"):
-        arcface_ext.ShardedElasticFaceLoss(num_classes, dim, plus=True)
+    # Sharded centres on one process: the same margins (tests/test_distributed.py: over gloo ranks).
+    sharded = arcface_ext.ShardedElasticFaceLoss(num_classes, dim, plus=True,
+                                                 generator=torch.Generator().manual_seed(4))
+    replicated = arcface_ext.ElasticFaceLoss(num_classes, dim, plus=True, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        sharded.weight.copy_(replicated.weight)
+    assert torch.equal(sharded.row_margins(x.detach(), labels)[0], replicated.row_margins(x.detach(), labels)[0])
     with pytest.raises(TypeError, match="plus must be a bool"):
         arcface_ext.ElasticFaceLoss(num_classes, dim, plus=1)
     # The standard deviations of ElasticFace's configurations: 0.05, and 0.0175 / 0.02 for Arc+ / Cos+.

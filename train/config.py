@@ -500,10 +500,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.sharded_classes and args.loss == "magface":
         raise SystemExit("--loss magface has differentiable margins, which --sharded-classes does not carry: train "
                          "it with replicated class centres")
-    if args.sharded_classes and args.loss.endswith("+"):
-        raise SystemExit(f"--loss {args.loss} (ElasticFace+) does not go with --sharded-classes: each process would "
-                         f"need its rows' target cosines from the processes that hold their classes; train "
-                         f"{args.loss.rstrip('+')} sharded, or {args.loss} with replicated class centres")
     if args.sharded_classes and args.loss_impl != "fused":
         raise SystemExit("--sharded-classes needs --loss-impl fused (the reference has no sharded form)")
     if args.subcenters < 1:

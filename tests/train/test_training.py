@@ -1428,12 +1428,6 @@ def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeyp
         with pytest.raises(SystemExit, match="differentiable margins, which --sharded-classes does not carry"):
             parse_args(["--loss", loss, "--sharded-classes"])
         return
-    if sharded and loss.endswith("+"):
-        with pytest.raises(SystemExit, match=r"^--loss elasticface-cos\+ \(ElasticFace\+\) does not go with "
-                                             r"--sharded-classes: .*; train elasticface-cos sharded, or "
-                                             r"elasticface-cos\+ with replicated class centres$"):
-            parse_args(["--loss", loss, "--sharded-classes"])
-        return
     options = dict(max_steps=4, save_every=2, loss=loss, sharded_classes=sharded)
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(argv(faces, full, **options)) == 0
