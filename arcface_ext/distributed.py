@@ -71,6 +71,8 @@ def _option_text(name, bits):
         return f"margin_grad={MARGIN_GRADS[int(value)]!r}"
     if name in ("num_classes", "embedding_size", "ignore_index"):
         return f"{name}={int(value)}"
+    if name == "plus":
+        return f"plus={bool(value)}"
     return f"{name}={value!r}"
 
 

@@ -370,6 +370,9 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
             # moved at another rate, differed between the ranks silently.
             "elastic stds differ": _outcome(lambda: arcface_ext.ShardedElasticFaceLoss(
                 8, 4, std=0.05 * rank, dtype=torch.float64)(x, labels).backward()),
+            # (a rank without plus would not join the collectives of ElasticFace+'s target cosines)
+            "elastic plus differs": _outcome(lambda: arcface_ext.ShardedElasticFaceLoss(
+                8, 4, std=0.05, plus=rank == 1, dtype=torch.float64)(x, labels)),
             "curricular momenta differ": _outcome(lambda: arcface_ext.ShardedCurricularFaceLoss(
                 8, 4, momentum=0.01 * (rank + 1), dtype=torch.float64)(x, labels)),
             # Every rank checks the gathered labels: the error names the rank and its own row.
@@ -458,6 +461,7 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
         assert outcomes["margin grads differ"].endswith(
             "differ in margin_grad (rank 0: margin_grad='exact', rank 1: margin_grad='straight_through')")
         assert outcomes["elastic stds differ"].endswith("differ in std (rank 0: std=0.0, rank 1: std=0.05)")
+        assert outcomes["elastic plus differs"].endswith("differ in plus (rank 0: plus=False, rank 1: plus=True)")
         assert outcomes["curricular momenta differ"].endswith(
             "differ in momentum (rank 0: momentum=0.01, rank 1: momentum=0.02)")
         assert outcomes["bad label on rank 1"].startswith("ValueError: arcface_ext: rank 1's labels[0] = 18 is out of "
