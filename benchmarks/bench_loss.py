@@ -336,11 +336,18 @@ def cpu_peak_extra_mb(impls, n, dim, num_classes, dtype="fp32", *, reduction="me
     spec = dict(impls=list(impls), N=n, D=dim, C=num_classes, dtype=dtype, reduction=reduction,
                 warmup=warmup, threads=threads or torch.get_num_threads(), workspace_bytes=workspace_bytes,
                 sample_rate=sample_rate, subcenters=subcenters)
+    return run_child(__file__, "--memory-child", spec, timeout, f"memory child for {impls}")
+
+
+def run_child(script, flag, spec, timeout, what):
+    """The JSON that ``script`` run as ``script flag <spec as JSON>`` prints last, in a fresh process with
+    glibc's mmap threshold pinned (MMAP_THRESHOLD_BYTES), so that its resident set follows its live heap;
+    RuntimeError with its stderr's end, naming ``what``, when it fails."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
-    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)],
+    child = subprocess.run([sys.executable, os.path.abspath(script), flag, json.dumps(spec)],
                            env=env, capture_output=True, text=True, timeout=timeout)
     if child.returncode != 0:
-        raise RuntimeError(f"memory child for {impls} failed:\n{child.stderr[-4000:]}")
+        raise RuntimeError(f"{what} failed:\n{child.stderr[-4000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -47,7 +46,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import arcface_ext  # noqa: E402
-from bench_loss import MMAP_THRESHOLD_BYTES, _proc_status_mb, device_name, git_sha, slug  # noqa: E402
+from bench_loss import _proc_status_mb, device_name, git_sha, run_child, slug  # noqa: E402
 
 IMPLS = ("ours", "reference")
 SGDS = ("torch", "fused", "trainer")
@@ -109,12 +108,7 @@ def _child(spec):
 
 
 def measure(spec, timeout):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
-    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                           env=env, capture_output=True, text=True, timeout=timeout)
-    if child.returncode != 0:
-        raise RuntimeError(f"child for {spec} failed:\n{child.stderr[-4000:]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    return run_child(__file__, "--child", spec, timeout, f"child for {spec}")
 
 
 def main(argv=None):
