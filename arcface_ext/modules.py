@@ -324,6 +324,11 @@ class AdaFaceMargins:
         return f"m={self.m}, h={self.h}, t_alpha={self.t_alpha}, {super().extra_repr()}"
 
 
+# ElasticFace's default standard deviations by (kind, plus): its paper's 0.05, and its configurations' for
+# ElasticFace+ (the trainer's --elastic-std defaults read them too).
+ELASTICFACE_STDS = {("arc", False): 0.05, ("cos", False): 0.05, ("arc", True): 0.0175, ("cos", True): 0.02}
+
+
 class ElasticFaceMargins:
     """ElasticFace's per-row margins (Boutros et al., CVPRW 2022), for a margin-loss module (mixed in
     before it): each training row draws its margin from N(m, std²), an angular one (``kind="arc"``:
@@ -351,7 +356,7 @@ class ElasticFaceMargins:
             raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
         plus = check_flag("plus", plus)
         if std is None:
-            std = (0.0175 if kind == "arc" else 0.02) if plus else 0.05
+            std = ELASTICFACE_STDS[kind, plus]
         std = check_real("std", std, ">= 0", lambda v: v >= 0)
         if m is None:
             m = 0.5 if kind == "arc" else 0.35

@@ -26,8 +26,6 @@ PLAIN_MARGIN_LOSSES = ("arcface", "cosface", "sphereface", "combined")
 # their own per-row margins.
 MARGIN_FLAGS = {"combined": {"m1": 1.0, "m2": None, "m3": 0.0}, "cosface": {"m3": 0.35},
                 "elasticface-cos": {"m3": 0.35}, "elasticface-cos+": {"m3": 0.35}, "sphereface": {"m1": 4.0}}
-# ElasticFace's standard deviations: its paper's for ElasticFace, its configurations' for ElasticFace+.
-ELASTIC_STDS = {"elasticface-arc+": 0.0175, "elasticface-cos+": 0.02}
 # The losses whose margin is --arcface-m.
 ARCFACE_M_LOSSES = ("arcface", "elasticface-arc", "elasticface-arc+", "curricularface")
 # The defaults of the parameters that only some losses read (a value other than these, given to a
@@ -334,8 +332,7 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
             del config["warmup_steps"]
         # So does its --elastic-std when its loss's default (every run records one): another --loss on the
         # command line takes its own (an arcface run's 0.05 trained elasticface-arc+ at it, not at 0.0175).
-        if config.get("elastic_std") == ELASTIC_STDS.get(config.get("loss", "arcface"),
-                                                         OWN_PARAMETER_DEFAULTS["elastic_std"]):
+        if config.get("elastic_std") == default_elastic_std(config.get("loss", "arcface")):
             del config["elastic_std"]
     unknown = sorted(k for k in config if k not in table)
     if unknown:
@@ -377,6 +374,16 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
     return argv
 
 
+def default_elastic_std(loss: str) -> float:
+    """--elastic-std's default for ``loss``: ElasticFaceLoss's own for the ElasticFace losses (0.0175 and
+    0.02 with +), the value that asks nothing (0.05) for the others, which do not read it."""
+    if not loss.startswith("elasticface-"):
+        return OWN_PARAMETER_DEFAULTS["elastic_std"]
+    from arcface_ext.modules import ELASTICFACE_STDS
+
+    return ELASTICFACE_STDS[loss.split("-")[1].rstrip("+"), loss.endswith("+")]
+
+
 def default_warmup_steps(max_steps: int, lr_schedule: str) -> int:
     return max(1, max_steps // 20) if lr_schedule == "poly" else 0
 
@@ -397,7 +404,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.lr_schedule is None:
         args.lr_schedule = "step" if args.lr_steps else "poly"
     if args.elastic_std is None:
-        args.elastic_std = ELASTIC_STDS.get(args.loss, OWN_PARAMETER_DEFAULTS["elastic_std"])
+        args.elastic_std = default_elastic_std(args.loss)
     if args.warmup_steps is None:
         args.warmup_steps = default_warmup_steps(args.max_steps, args.lr_schedule)
     if args.lr_schedule == "step" and not args.lr_steps:
