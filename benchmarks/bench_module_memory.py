@@ -1,20 +1,22 @@
 """How much memory does training a loss module with many class centres take in all, on the CPU?
 
 bench_loss.py measures the loss's own extra memory (beyond its inputs and their gradients). What a
-user must budget is more: the C x D centres, their C x D gradient, SGD's C x D momentum, and the
-optimizer step's own temporaries. Each configuration runs in a fresh child process (glibc's mmap
+user must budget is more: the C x D centres, their C x D gradient, SGD's C x D momentum (AdamW's two
+moments), and the optimizer step's own temporaries. Each configuration runs in a fresh child process (glibc's mmap
 threshold pinned as in bench_loss.py, so that the resident set follows the live heap) which builds
 `arcface_ext.CombinedMarginLoss(C, D)` (ArcFace, m = 0.5; `--impls reference` sets
 use_reference=True, the pure-PyTorch loss; --label-smoothing its label_smoothing) and an SGD (momentum 0.9, weight decay
 --weight-decay, 5e-4 by default as the trainer's; --sgd: torch.optim.SGD as it is, ``torch`` (a copy of the
 gradient to add the decay to), with ``fused=True``, or the bundled trainer's ``train.trainer.SGD``, which adds
-the decay in place), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
+the decay in place; or with --adamw an AdamW (lr 0.001, the same weight decay): ``torch``,
+``fused``, or the trainer's ``train.trainer.AdamW``, which steps the centres a slice at a time), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
 embeddings (N x D, requiring grad, as a backbone's output). Reported, in MiB beyond the process's
 resident set before the module was built (torch imported, threads set, one step of an 8-class module
 and its optimizer run):
 
   centres_mb   the module's weight alone (C x D x 4 bytes)
-  state_mb     resident after the first step: centres and momentum (zero_grad frees the gradient)
+  state_mb     resident after the first step: centres and momentum or moments (zero_grad frees the
+               gradient)
   peak_mb      the most resident at any moment of steps 2.. (the kernel's peak-RSS counter, reset
                before them): what the process needs for the loss and its optimizer
   step_peak_mb peak_mb - state_mb: what a step adds at its peak (gradient, the loss's scratch, the
@@ -25,6 +27,7 @@ and its optimizer run):
     python benchmarks/bench_module_memory.py --impls ours,reference --C 100000 --sample-rate 1 0.1
     python benchmarks/bench_module_memory.py --C 100000 --label-smoothing 0 0.1
     python benchmarks/bench_module_memory.py --C 300000 --sgd torch fused trainer
+    python benchmarks/bench_module_memory.py --C 300000 --sgd trainer --adamw torch fused trainer
 
 Rows go to benchmarks/results/<device>-module-memory-<YYYY-MM-DD>.json (or --out).
 """
@@ -49,10 +52,17 @@ import arcface_ext  # noqa: E402
 from bench_loss import _proc_status_mb, device_name, git_sha, run_child, slug  # noqa: E402
 
 IMPLS = ("ours", "reference")
-SGDS = ("torch", "fused", "trainer")
+KINDS = ("torch", "fused", "trainer")
 
 
-def _sgd(kind, params, weight_decay):
+def _optimizer(name, params, weight_decay):
+    """name: "sgd/<kind>" or "adamw/<kind>", kind one of KINDS."""
+    algorithm, kind = name.split("/")
+    if algorithm == "adamw":
+        if kind == "trainer":
+            from train.trainer import AdamW  # the bundled trainer's: large tensors stepped a slice at a time
+            return AdamW(params, lr=1e-3, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay, fused=kind == "fused" or None)
     if kind == "trainer":
         from train.trainer import SGD  # the bundled trainer's: the weight decay added to the gradient in place
         return SGD(params, lr=0.1, momentum=0.9, weight_decay=weight_decay)
@@ -69,7 +79,7 @@ def _child(spec):
     # A step of a few classes first, so that what the first call sets up once (thread pools, lazy imports)
     # is in the baseline, not counted as the centres'.
     warm = arcface_ext.CombinedMarginLoss(8, spec["D"], use_reference=spec["impl"] == "reference")
-    warm_optimizer = _sgd(spec["sgd"], warm.parameters(), 5e-4)
+    warm_optimizer = _optimizer(spec["optimizer"], warm.parameters(), 5e-4)
     warm(torch.randn(4, spec["D"], requires_grad=True), torch.arange(4)).backward()
     warm_optimizer.step()
     del warm, warm_optimizer
@@ -78,7 +88,7 @@ def _child(spec):
     module = arcface_ext.CombinedMarginLoss(spec["C"], spec["D"], sample_rate=spec["sample_rate"],
                                             use_reference=spec["impl"] == "reference",
                                             label_smoothing=spec["label_smoothing"])
-    optimizer = _sgd(spec["sgd"], module.parameters(), spec["weight_decay"])
+    optimizer = _optimizer(spec["optimizer"], module.parameters(), spec["weight_decay"])
     built = _rss_mb() - baseline
     embeddings = torch.randn(spec["N"], spec["D"], requires_grad=True)
     labels = torch.randint(0, spec["C"], (spec["N"],))
@@ -111,6 +121,11 @@ def measure(spec, timeout):
     return run_child(__file__, "--child", spec, timeout, f"child for {spec}")
 
 
+def _described(name):
+    algorithm, kind = name.split("/")
+    return f"sgd momentum 0.9 ({kind})" if algorithm == "sgd" else f"adamw lr 0.001 ({kind})"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--C", type=int, nargs="+", default=[100_000, 300_000, 1_000_000], help="class counts")
@@ -120,9 +135,13 @@ def main(argv=None):
     parser.add_argument("--sample-rate", type=float, nargs="+", default=[1.0], help="partial FC's rates")
     parser.add_argument("--label-smoothing", type=float, nargs="+", default=[0.0],
                         help="the modules' label_smoothing (0: none)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD's (the trainer's default 5e-4)")
-    parser.add_argument("--sgd", nargs="+", default=["torch"], choices=SGDS,
-                        help="torch.optim.SGD as it is, with fused=True, or the trainer's (the decay in place)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4,
+                        help="the optimizers' (the trainer's default 5e-4)")
+    parser.add_argument("--sgd", nargs="*", default=None, choices=KINDS,
+                        help="torch.optim.SGD as it is, with fused=True, or the trainer's (the decay in place); "
+                             "default torch unless --adamw is given")
+    parser.add_argument("--adamw", nargs="*", default=[], choices=KINDS,
+                        help="torch.optim.AdamW as it is, with fused=True, or the trainer's (sliced)")
     parser.add_argument("--steps", type=int, default=4, help="steps a configuration (the first is not timed)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds a configuration may take")
     parser.add_argument("--out", help="output JSON path")
@@ -131,6 +150,10 @@ def main(argv=None):
     if args.child:
         _child(json.loads(args.child))
         return
+    optimizers = [f"sgd/{kind}" for kind in (args.sgd if args.sgd is not None else [] if args.adamw else ["torch"])]
+    optimizers += [f"adamw/{kind}" for kind in args.adamw]
+    if not optimizers:
+        parser.error("--sgd and --adamw: name at least one optimizer")
     impls = args.impls.split(",")
     for impl in impls:
         if impl not in IMPLS:
@@ -151,21 +174,21 @@ def main(argv=None):
           f"git {environment['git_sha']}")
     out = args.out or os.path.join(HERE, "results", f"{slug(environment['device'])}-module-memory-"
                                                     f"{datetime.date.today().isoformat()}.json")
-    title = (f"{'impl':<10} {'C':>9} {'N':>5} {'rate':>5} {'ls':>4} {'sgd':>7} {'centres MB':>10} {'state MB':>9} "
+    title = (f"{'impl':<10} {'C':>9} {'N':>5} {'rate':>5} {'ls':>4} {'optimizer':>13} {'centres MB':>10} {'state MB':>9} "
              f"{'peak MB':>9} {'step peak MB':>12} {'ms':>9}")
     print(title)
     print("-" * len(title))
     rows = []
     for num_classes in args.C:
-        for rate, epsilon, sgd in itertools.product(args.sample_rate, args.label_smoothing, args.sgd):
+        for rate, epsilon, name in itertools.product(args.sample_rate, args.label_smoothing, optimizers):
             for impl in impls:
                 spec = dict(impl=impl, C=num_classes, N=args.N, D=args.D, sample_rate=rate, label_smoothing=epsilon,
-                            sgd=sgd, steps=args.steps, weight_decay=args.weight_decay, threads=environment["threads"])
+                            optimizer=name, steps=args.steps, weight_decay=args.weight_decay, threads=environment["threads"])
                 result = measure(spec, args.timeout)
                 rows.append(dict(impl=impl, C=num_classes, N=args.N, D=args.D, dtype="fp32", sample_rate=rate,
-                                 label_smoothing=epsilon, optimizer=f"sgd momentum 0.9 ({sgd})",
+                                 label_smoothing=epsilon, optimizer=_described(name),
                                  weight_decay=args.weight_decay, **result, **environment))
-                print(f"{impl:<10} {num_classes:>9} {args.N:>5} {rate:>5} {epsilon:>4} {sgd:>7} "
+                print(f"{impl:<10} {num_classes:>9} {args.N:>5} {rate:>5} {epsilon:>4} {name:>13} "
                       f"{result['centres_mb']:>10.1f} {result['state_mb']:>9.1f} {result['peak_mb']:>9.1f} "
                       f"{result['step_peak_mb']:>12.1f} {result['ms']:>9.1f}", flush=True)
                 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
