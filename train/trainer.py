@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -222,6 +222,12 @@ def wandb_run_name(args: argparse.Namespace, output: str) -> str:
     return (args.wandb_run_name or "{output}").replace("{output}", os.path.basename(os.path.abspath(output)))
 
 
+def logged_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options a run records with its scalars (W&B's config, TensorBoard's hparams): all but
+    --wandb's own."""
+    return {key: value for key, value in vars(args).items() if not key.startswith("wandb")}
+
+
 def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
     """The Weights & Biases run of ``--wandb``, its files under ``<output>/wandb``: a new one, or the
     run ``run_id`` continued (a resumed run's, kept in its checkpoint). Its x-axis is the training
@@ -230,8 +236,7 @@ def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
     name = wandb_run_name(args, output)
     try:
         run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=name, dir=output,
-                         config={k: v for k, v in vars(args).items() if not k.startswith("wandb")},
-                         id=run_id, resume="allow" if run_id else None)
+                         config=logged_options(args), id=run_id, resume="allow" if run_id else None)
         run.define_metric("step")
         for prefix in ("train", "verification"):
             run.define_metric(f"{prefix}/*", step_metric="step")
@@ -245,7 +250,9 @@ def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
 
 class RunLog:
     """``metrics.jsonl`` and ``verification.jsonl`` (one JSON object a line) plus TensorBoard
-    when installed, and a Weights & Biases run when given; ``training.log``, what the run said (its
+    when installed, and a Weights & Biases run when given, both with the same scalars (TensorBoard's
+    HParams tab with the run's ``options`` against the loss and the accuracies of ``targets``; W&B's
+    config is set by :func:`start_wandb`); ``training.log``, what the run said (its
     settings, notes, a line at each logged step, verifications, how it ended), each line with the
     time, appended to by each resume in the folder. A resumed run's logs start with those of
     its checkpoint's folder, ``history`` (``output`` unless it resumes from elsewhere), up to the
@@ -254,7 +261,8 @@ class RunLog:
 
     FILES = ("metrics.jsonl", "verification.jsonl")
 
-    def __init__(self, output: str, start_step: int, tensorboard: bool, wandb_run=None, history: str | None = None):
+    def __init__(self, output: str, start_step: int, tensorboard: bool, wandb_run=None, history: str | None = None,
+                 options: dict[str, Any] | None = None, targets: Iterable[str] = ()):
         self.output, self.wandb = output, wandb_run
         for name in self.FILES:
             path = os.path.join(output, name)
@@ -278,7 +286,24 @@ class RunLog:
             except ImportError:  # tensorboard is optional
                 pass
             else:
-                self.writer = SummaryWriter(os.path.join(output, "tensorboard"), purge_step=start_step or None)
+                # TensorBoard hides what a killed run logged past the checkpoint this run starts from: the
+                # events from purge_step on, so the step after it (the checkpoint's own step stays, as in
+                # metrics.jsonl). A fresh run writes one too: TensorBoard's Python loader takes a run's
+                # first such mark for its start, and only a later one for a restart.
+                self.writer = SummaryWriter(os.path.join(output, "tensorboard"), purge_step=start_step + 1)
+                if options is not None:
+                    self._hparams(options, targets)
+
+    def _hparams(self, options: dict[str, Any], targets: Iterable[str]) -> None:
+        """``options`` in TensorBoard's HParams tab, against the loss and each target's accuracy."""
+        from torch.utils.tensorboard.summary import hparams
+
+        # (Booleans as "True" / "False": torch's hparams would make them 1.0 / 0.0.)
+        values = {key: value if type(value) in (int, float, str) else str(value)
+                  for key, value in options.items() if value is not None}
+        metrics = {tag: 0.0 for tag in ("train/loss", *(f"verification/{target}" for target in targets))}
+        for summary in hparams(values, metrics):  # (the tab reads the metrics' values from their scalars)
+            self.writer.file_writer.add_summary(summary)
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         self._append_text(name, json.dumps(record) + "\n")
@@ -301,22 +326,21 @@ class RunLog:
 
     def metrics(self, record: dict[str, Any]) -> None:
         self._append("metrics.jsonl", record)
-        if self.writer is not None:
-            for key in ("loss", "lr", "samples_per_sec"):
-                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
-        if self.wandb is not None:
-            self.wandb.log({"step": record["step"],
-                            **{f"train/{key}": record[key] for key in ("loss", "lr", "samples_per_sec")}})
+        self._scalars(record["step"], {f"train/{key}": record[key] for key in ("loss", "lr", "samples_per_sec")})
 
     def verification(self, record: dict[str, Any]) -> None:
         self._append("verification.jsonl", record)
+        target = record["target"]
+        self._scalars(record["step"], {f"verification/{target}": record["accuracy"],
+                                       f"verification/{target}_std": record["accuracy_std"],
+                                       f"verification/{target}_xnorm": record["xnorm"]})
+
+    def _scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
-            self.writer.add_scalar(f"verification/{record['target']}", record["accuracy"], record["step"])
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
         if self.wandb is not None:
-            target = record["target"]
-            self.wandb.log({"step": record["step"], f"verification/{target}": record["accuracy"],
-                            f"verification/{target}_std": record["accuracy_std"],
-                            f"verification/{target}_xnorm": record["xnorm"]})
+            self.wandb.log({"step": step, **scalars})
 
     def close(self, exit_code: int = 0) -> None:
         if self.writer is not None:
@@ -855,7 +879,8 @@ class Trainer:
         # (A run resumed from another folder's checkpoint: that folder's logs up to its step begin this one's.)
         history = os.path.dirname(os.path.abspath(resume)) if resume else None
         try:
-            self.log = RunLog(self.output, self.step, args.tensorboard, wandb_run, history) if self.is_main else None
+            self.log = RunLog(self.output, self.step, args.tensorboard, wandb_run, history, logged_options(args),
+                              self.verification_sets) if self.is_main else None
             if self.is_main:
                 checkpoint.write_json_atomic(os.path.join(self.output, "args.json"), vars(args))
         except OSError as error:  # a full disk, a quota

@@ -1,0 +1,125 @@
+"""``--tensorboard``: the trainer's TensorBoard events, against a stand-in for torch's SummaryWriter
+(what the trainer asks of it), and read back with TensorBoard's own loaders when it is installed."""
+
+import shutil
+import sys
+import types
+
+import pytest
+
+import arcface_ext
+from train.trainer import main
+
+from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl  # noqa: F401
+
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    return make_face_folder(str(root / "train")), make_pairs_list(str(root / "pairs"))
+
+
+def argv(faces, output, **overrides):
+    data, pairs = faces
+    options = {"loss_impl": LOSS_IMPL, "max_steps": 4, "save_every": 2, "eval_every": 2, **overrides}
+    return [arg for arg in base_argv(data, str(output), pairs, **options) if arg != "--no-tensorboard"]
+
+
+class FakeWriter:
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step = log_dir, purge_step
+        self.scalars, self.summaries, self.closed = [], [], False
+        self.file_writer = types.SimpleNamespace(add_summary=self.summaries.append)
+        FakeWriter.writers.append(self)
+
+    def add_scalar(self, tag, value, step):
+        assert not self.closed, "written after close"
+        self.scalars.append((tag, step, value))
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_tensorboard(monkeypatch):
+    FakeWriter.writers = []
+    hparams = []
+
+    def record_hparams(values, metrics):
+        hparams.append((values, metrics))
+        return ["experiment", "session start", "session end"]
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard.summary", types.SimpleNamespace(hparams=record_hparams))
+    return hparams
+
+
+def logged(output):
+    """(tag, step, value) of each scalar that metrics.jsonl and verification.jsonl hold, in their order."""
+    expected = [(f"train/{key}", r["step"], r[key]) for r in read_jsonl(output / "metrics.jsonl")
+                for key in ("loss", "lr", "samples_per_sec")]
+    for r in read_jsonl(output / "verification.jsonl"):
+        expected += [(f"verification/{r['target']}", r["step"], r["accuracy"]),
+                     (f"verification/{r['target']}_std", r["step"], r["accuracy_std"]),
+                     (f"verification/{r['target']}_xnorm", r["step"], r["xnorm"])]
+    return sorted(expected, key=lambda scalar: (scalar[0], scalar[1]))
+
+
+def test_a_run_and_its_resume_log_the_scalars_and_options(faces, tmp_path, fake_tensorboard):
+    output = tmp_path / "run"
+    assert main(argv(faces, output, max_steps=2)) == 0
+    assert main(argv(faces, output, resume="auto")) == 0
+    first, resumed = FakeWriter.writers
+    assert first.log_dir == resumed.log_dir == str(output / "tensorboard")
+    # The events past the checkpoint's step are hidden (those a killed run wrote), not its own step's.
+    assert (first.purge_step, resumed.purge_step) == (1, 3)
+    scalars = sorted(first.scalars + resumed.scalars, key=lambda scalar: (scalar[0], scalar[1]))
+    assert scalars == logged(output)
+    assert {tag for tag, _, _ in scalars} >= {"train/loss", "train/lr", "train/samples_per_sec",
+                                              "verification/pairs", "verification/pairs_std"}
+    assert first.closed and resumed.closed
+    (options, metrics), (resumed_options, _) = fake_tensorboard
+    assert list(metrics) == ["train/loss", "verification/pairs"]
+    assert (options["max_steps"], resumed_options["max_steps"], resumed_options["resume"]) == (2, 4, "auto")
+    assert "wandb" not in options and options["loss_impl"] == LOSS_IMPL
+    assert first.summaries == ["experiment", "session start", "session end"]
+
+
+def test_without_tensorboard_the_default_is_quiet(faces, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as without the package
+    output = tmp_path / "run"
+    assert main(argv(faces, output, max_steps=2)) == 0
+    assert not (output / "tensorboard").exists()
+    assert "tensorboard" not in capsys.readouterr().err.replace(str(tmp_path), "").lower()
+
+
+def test_real_tensorboard_resumed_after_a_kill(faces, tmp_path):
+    """A run killed after step 4 whose checkpoint is at step 2, resumed: TensorBoard's loaders (the
+    one scripts use, and the one behind its Python server) show each step once, the resumed run's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
+    from tensorboard.util import tensor_util
+
+    output = tmp_path / "run"
+    assert main(argv(faces, output, max_steps=2)) == 0
+    shutil.copy(output / "checkpoint.pt", tmp_path / "step2.pt")
+    assert main(argv(faces, output, resume="auto")) == 0
+    shutil.copy(tmp_path / "step2.pt", output / "checkpoint.pt")  # as if killed after step 4's events
+    assert main(argv(faces, output, resume="auto", log_every=2)) == 0  # its step 3 is logged no more
+
+    expected = logged(output)
+    assert [step for tag, step, _ in expected if tag == "train/loss"] == [1, 2, 4]
+    scripts = event_accumulator.EventAccumulator(str(output / "tensorboard"), size_guidance={"scalars": 0})
+    scripts.Reload()
+    read = sorted((tag, event.step, event.value) for tag in scripts.Tags()["scalars"]
+                  for event in scripts.Scalars(tag))
+    server = plugin_event_accumulator.EventAccumulator(str(output / "tensorboard"), size_guidance={"tensors": 0})
+    server.Reload()
+    served = sorted((tag, event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
+                    for tag in server.PluginTagToContent("scalars") for event in server.Tensors(tag))
+    for scalars in (read, served):
+        assert [(tag, step) for tag, step, _ in scalars] == [(tag, step) for tag, step, _ in expected]
+        assert [value for _, _, value in scalars] == pytest.approx([value for _, _, value in expected], rel=1e-6)
+    assert "hparams" in server.ActivePlugins()
