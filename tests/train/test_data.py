@@ -854,15 +854,17 @@ def test_loader_workers_end_with_a_script_that_never_stops_them(tmp_path):
     # The workers ignore a SIGTERM that is not their main process's decision; multiprocessing's exit
     # handler terminates live daemonic workers with SIGTERM and joins them. A script that leaves its
     # loader's iterator alive (as a global, or in a traceback) must still exit, normally and on error.
+    # (Guarded by __main__: from Python 3.14 the workers start from a forkserver, which imports the script.)
     script = tmp_path / "script.py"
     script.write_text(
         "import sys\n"
         "from train.data import SyntheticFaces, build_train_loader\n"
-        "stream = iter(build_train_loader(SyntheticFaces(4, 4, image_size=16), batch_size=4, num_workers=2, "
+        "if __name__ == '__main__':\n"
+        "    stream = iter(build_train_loader(SyntheticFaces(4, 4, image_size=16), batch_size=4, num_workers=2, "
         "seed=0))\n"
-        "print(next(stream)[0].shape, flush=True)\n"
-        "if sys.argv[1] == 'error':\n"
-        "    raise RuntimeError('leaving on an error')\n"
+        "    print(next(stream)[0].shape, flush=True)\n"
+        "    if sys.argv[1] == 'error':\n"
+        "        raise RuntimeError('leaving on an error')\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     for how, code in (("normally", 0), ("error", 1)):
@@ -887,18 +889,22 @@ def test_decoded_images_follow_their_exif_orientation():
     assert np.array_equal(decode_image(turned.getvalue(), size, source="turned"), np.asarray(upright.convert("RGB")))
 
 
-def test_loader_benchmark_runs_on_a_pack_of_its_own(tmp_path):
+def test_loader_benchmark_runs_on_a_pack_of_its_own(tmp_path, monkeypatch):
     out = tmp_path / "rows.json"
-    load_benchmark("bench_loader").main(["--images", "48", "--image-size", "32", "--batch-size", "8", "--batches",
-                                         "3", "--warmup", "1", "--workers", "0,1", "--out", str(out)])
+    # Workers started from a forkserver (Python 3.14's default on Linux) unpickle its ScaledInWorkers by
+    # name: loaded from its file, bench_loader must be importable as itself too.
+    bench_loader = load_benchmark("bench_loader")
+    monkeypatch.setitem(sys.modules, "bench_loader", bench_loader)
+    monkeypatch.syspath_prepend(os.path.dirname(bench_loader.__file__))
+    bench_loader.main(["--images", "48", "--image-size", "32", "--batch-size", "8", "--batches", "3", "--warmup", "1",
+                       "--workers", "0,1", "--out", str(out)])
     rows = json.loads(out.read_text())
     assert [(row["workers"], row["scaled_on"]) for row in rows] == [(0, "device"), (0, "worker"), (1, "device"),
                                                                     (1, "worker")]
     assert all(row["images_per_s"] > 0 and row["images"] == 48 for row in rows)
     assert [row["mb_per_batch"] for row in rows[:2]] == [round(8 * 3 * 32 * 32 / 2 ** 20, 2),
                                                          round(4 * 8 * 3 * 32 * 32 / 2 ** 20, 2)]
-    load_benchmark("bench_loader").main(["--images", "48", "--image-size", "32", "--batch-size", "8", "--batches",
-                                         "3", "--warmup", "1", "--workers", "0", "--augment", "0,0.5",
-                                         "--scaled-on", "device", "--out", str(out)])
+    bench_loader.main(["--images", "48", "--image-size", "32", "--batch-size", "8", "--batches", "3", "--warmup", "1",
+                       "--workers", "0", "--augment", "0,0.5", "--scaled-on", "device", "--out", str(out)])
     rows = json.loads(out.read_text())
     assert [(row["augment"], row["scaled_on"]) for row in rows] == [(0, "device"), (0.5, "device")]
