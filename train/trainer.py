@@ -580,6 +580,9 @@ class AdamW(torch.optim.AdamW):
                 and not grad.is_sparse and param.is_contiguous() and grad.is_contiguous()
                 and grad.dtype == param.dtype and grad.device == param.device)
 
+    # Eager under torch.compile too: this frame compiled on its own (torch's step graph-breaks in the frame that
+    # calls it) took the step count of one sliced tensor for another's (one went up twice a step, the other not).
+    @torch.compiler.disable
     def _sliced_step(self, param, group):
         state, keys = self.state[param], ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
         if not state:  # as torch's first step makes it (the step a CPU tensor of the default scalar dtype)

@@ -1290,6 +1290,32 @@ def test_the_trainers_adamw_leaves_fused_and_step_hooks_to_torch(monkeypatch):
     assert torch.equal(steps(AdamW, fused=True)[0], torchs)
 
 
+def test_the_trainers_adamw_under_torch_compile_steps_each_tensor_once(monkeypatch):
+    # torch.compile(optimizer.step): torch's step graph-breaks, so the sliced step was compiled as a frame of
+    # its own, which took one sliced tensor's state for another's (step counts 5 and 1 after 3 steps). Now
+    # the sliced tensors step eagerly (torch's eager results) and the rest in torch's compiled step.
+    monkeypatch.setattr(AdamW, "slice_numel", 1000)
+    torch._dynamo.reset()
+
+    def steps(optimizer_class, compiled):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(3000,), (20,), (50, 50)]]
+        optimizer = optimizer_class(params, lr=0.01, weight_decay=0.1)
+        step = torch.compile(optimizer.step, backend="eager") if compiled else optimizer.step
+        for _ in range(3):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=gen)
+            step()
+        return params, [optimizer.state[param]["step"].item() for param in params]
+
+    (ours, counts), (eager, _), (compiled, _) = (steps(AdamW, True), steps(torch.optim.AdamW, False),
+                                                 steps(torch.optim.AdamW, True))
+    torch._dynamo.reset()
+    assert counts == [3.0, 3.0, 3.0]
+    assert torch.equal(ours[0], eager[0]) and torch.equal(ours[2], eager[2])  # sliced
+    assert torch.equal(ours[1], compiled[1])
+
+
 def test_the_trainers_adamw_makes_no_parameter_sized_temporaries():
     # torch's AdamW divides sqrt(exp_avg_sq) into new tensors the size of each parameter (two at once a
     # tensor at a time, the CPU's default): at a million 512-D class centres, 3.9 GB at the step's peak.
