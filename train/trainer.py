@@ -553,6 +553,10 @@ class AdamW(torch.optim.AdamW):
             raise ValueError("this AdamW takes no closure (the trainer's optimizer)")
         sliced = [(param, group) for group in self.param_groups if self._slices(group)
                   for param in group["params"] if self._sliceable(param)]
+        # Those whose state this step makes, listed in self.state (so in the state dict, and a checkpoint) in
+        # torch's order at the end: after the older ones, by group, not the sliced ones last.
+        fresh = [param for group in self.param_groups for param in group["params"]
+                 if param.grad is not None and param not in self.state] if sliced else []
         # torch's step first, without them: a parameter without a gradient is left alone (and where
         # torch's raises, nothing has been stepped).
         grads = [param.grad for param, _ in sliced]
@@ -565,6 +569,8 @@ class AdamW(torch.optim.AdamW):
                 param.grad = grad
         for param, group in sliced:
             self._sliced_step(param, group)
+        for param in fresh:
+            self.state[param] = self.state.pop(param)
         return loss
 
     @staticmethod
