@@ -543,7 +543,7 @@ class AdamW(torch.optim.AdamW):
     implementation torch would pick); its operations are elementwise: the parameters, moments and state
     dict are torch's bit for bit, so checkpoints of either resume alike. Tensors of a slice or less, and what
     torch treats otherwise (capturable, differentiable, fused, a tensor lr or betas, complex, sparse or
-    non-contiguous tensors), step in torch's own step."""
+    non-contiguous tensors or moments), step in torch's own step."""
 
     slice_numel = 1 << 22  # 16 MiB of fp32 temporaries, two at once
 
@@ -584,7 +584,9 @@ class AdamW(torch.optim.AdamW):
         grad = param.grad
         return (grad is not None and param.numel() > self.slice_numel and not param.is_complex()
                 and not grad.is_sparse and param.is_contiguous() and grad.is_contiguous()
-                and grad.dtype == param.dtype and grad.device == param.device)
+                and grad.dtype == param.dtype and grad.device == param.device
+                # (Moments loaded as they were saved: channels_last, from a run with --channels-last.)
+                and all(value.is_contiguous() for value in self.state.get(param, {}).values()))
 
     # Eager under torch.compile too: this frame compiled on its own (torch's step graph-breaks in the frame that
     # calls it) took the step count of one sliced tensor for another's (one went up twice a step, the other not).

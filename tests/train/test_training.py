@@ -3,6 +3,7 @@ for bit, a NaN stops the run without touching the last good checkpoint, SIGTERM 
 options come from flags, aliases and config files alike."""
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -1289,6 +1290,31 @@ def test_the_trainers_adamw_leaves_fused_and_step_hooks_to_torch(monkeypatch):
     except RuntimeError as error:  # a torch without CPU fused AdamW
         pytest.skip(str(error))
     assert torch.equal(steps(AdamW, fused=True)[0], torchs)
+
+
+def test_the_trainers_adamw_resumes_moments_of_another_memory_format(monkeypatch):
+    # A checkpoint of a run with --channels-last resumed without it (an option a resume may change): the
+    # moments load channels_last beside a contiguous parameter. torch's step takes them; the sliced one
+    # raised (a view of them as one row). They step in torch's own step now, as torch's.
+    monkeypatch.setattr(AdamW, "slice_numel", 1000)
+
+    def resumed(optimizer_class):
+        gen = torch.Generator().manual_seed(5)
+        param = torch.nn.Parameter(torch.randn(10, 30, 2, 2, generator=gen).to(memory_format=torch.channels_last))
+        optimizer = optimizer_class([param], lr=0.01, weight_decay=0.1)
+        for step in range(4):
+            if step == 2:
+                saved = copy.deepcopy(optimizer.state_dict())  # (as torch.save keeps them: channels_last)
+                param = torch.nn.Parameter(param.detach().contiguous())
+                optimizer = optimizer_class([param], lr=0.01, weight_decay=0.1)
+                optimizer.load_state_dict(saved)
+            param.grad = torch.randn(param.shape, generator=gen)
+            optimizer.step()
+        return param, optimizer.state_dict()["state"][0]
+
+    (ours, ours_state), (torchs, torchs_state) = resumed(AdamW), resumed(torch.optim.AdamW)
+    assert torch.equal(ours, torchs)
+    assert all(torch.equal(ours_state[key], torchs_state[key]) for key in torchs_state)
 
 
 def test_the_trainers_adamw_under_torch_compile_steps_each_tensor_once(monkeypatch):
