@@ -288,9 +288,12 @@ class RunLog:
             else:
                 # TensorBoard hides what a killed run logged past the checkpoint this run starts from: the
                 # events from purge_step on, so the step after it (the checkpoint's own step stays, as in
-                # metrics.jsonl). A fresh run writes one too: TensorBoard's Python loader takes a run's
-                # first such mark for its start, and only a later one for a restart.
-                self.writer = SummaryWriter(os.path.join(output, "tensorboard"), purge_step=start_step + 1)
+                # metrics.jsonl), or all of them from a checkpoint at step 0 (a stop in step 0's verification:
+                # this run verifies step 0 again, and its logs start afresh). A fresh run writes one too:
+                # TensorBoard's Python loader takes a run's first such mark for its start, and only a later
+                # one for a restart.
+                self.writer = SummaryWriter(os.path.join(output, "tensorboard"),
+                                            purge_step=start_step + 1 if start_step else 0)
                 if options is not None:
                     self._hparams(options, targets)
 

@@ -1,14 +1,16 @@
 """``--tensorboard``: the trainer's TensorBoard events, against a stand-in for torch's SummaryWriter
 (what the trainer asks of it), and read back with TensorBoard's own loaders when it is installed."""
 
+import os
 import shutil
+import signal
 import sys
 import types
 
 import pytest
 
 import arcface_ext
-from train.trainer import main
+from train.trainer import Trainer, main
 
 from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl  # noqa: F401
 
@@ -74,7 +76,7 @@ def test_a_run_and_its_resume_log_the_scalars_and_options(faces, tmp_path, fake_
     first, resumed = FakeWriter.writers
     assert first.log_dir == resumed.log_dir == str(output / "tensorboard")
     # The events past the checkpoint's step are hidden (those a killed run wrote), not its own step's.
-    assert (first.purge_step, resumed.purge_step) == (1, 3)
+    assert (first.purge_step, resumed.purge_step) == (0, 3)
     scalars = sorted(first.scalars + resumed.scalars, key=lambda scalar: (scalar[0], scalar[1]))
     assert scalars == logged(output)
     assert {tag for tag, _, _ in scalars} >= {"train/loss", "train/lr", "train/samples_per_sec",
@@ -85,6 +87,43 @@ def test_a_run_and_its_resume_log_the_scalars_and_options(faces, tmp_path, fake_
     assert (options["max_steps"], resumed_options["max_steps"], resumed_options["resume"]) == (2, 4, "auto")
     assert "wandb" not in options and options["loss_impl"] == LOSS_IMPL
     assert first.summaries == ["experiment", "session start", "session end"]
+
+
+def stopped_in_step_0s_verification(faces, output, monkeypatch):
+    """The options of a run with two verification sets, run until a SIGTERM comes in step 0's second
+    set (the first logged; the checkpoint at step 0), then resumed to its end."""
+    pairs = faces[1]
+    second = os.path.join(os.path.dirname(pairs), "second.txt")
+    shutil.copy(pairs, second)
+    options = argv(faces, output, val_targets=f"{pairs},{second}", save_every=0)
+    original = Trainer._evaluate_sets
+
+    def signalled_in_verification(self, evaluate, on_batch):
+        sets = []
+
+        def evaluate_one(*args, **kwargs):
+            sets.append(1)
+            if self.step == 0 and len(sets) == 2:
+                self._on_signal(signal.SIGTERM, None)
+            return evaluate(*args, **kwargs)
+
+        return original(self, evaluate_one, on_batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_evaluate_sets", signalled_in_verification)
+        assert main(options) == 128 + signal.SIGTERM
+    assert main(options + ["--resume", "auto"]) == 0
+    assert [(r["step"], r["target"]) for r in read_jsonl(output / "verification.jsonl")][:2] == [(0, "pairs"),
+                                                                                               (0, "second")]
+
+
+def test_a_run_resumed_from_step_0_hides_all_the_stopped_runs_events(faces, tmp_path, fake_tensorboard,
+                                                                      monkeypatch):
+    # A stop in step 0's verification leaves a checkpoint at step 0; the resumed run verifies step 0 again
+    # and its logs start afresh. Its mark at step 1 had left the stopped run's step-0 accuracy of the
+    # first set beside the new one: twice at step 0, where verification.jsonl has it once.
+    stopped_in_step_0s_verification(faces, tmp_path / "run", monkeypatch)
+    assert [writer.purge_step for writer in FakeWriter.writers] == [0, 0]
 
 
 def test_without_tensorboard_the_default_is_quiet(faces, tmp_path, monkeypatch, capsys):
@@ -123,3 +162,20 @@ def test_real_tensorboard_resumed_after_a_kill(faces, tmp_path):
         assert [(tag, step) for tag, step, _ in scalars] == [(tag, step) for tag, step, _ in expected]
         assert [value for _, _, value in scalars] == pytest.approx([value for _, _, value in expected], rel=1e-6)
     assert "hparams" in server.ActivePlugins()
+
+
+def test_real_tensorboard_resumed_from_step_0(faces, tmp_path, monkeypatch):
+    """As above, after a stop in step 0's verification: step 0's accuracies once each, the resumed run's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator, plugin_event_accumulator
+
+    output = tmp_path / "run"
+    stopped_in_step_0s_verification(faces, output, monkeypatch)
+    expected = [(tag, step) for tag, step, _ in logged(output)]
+    scripts = event_accumulator.EventAccumulator(str(output / "tensorboard"), size_guidance={"scalars": 0})
+    scripts.Reload()
+    server = plugin_event_accumulator.EventAccumulator(str(output / "tensorboard"), size_guidance={"tensors": 0})
+    server.Reload()
+    assert sorted((tag, event.step) for tag in scripts.Tags()["scalars"] for event in scripts.Scalars(tag)) == expected
+    assert sorted((tag, event.step) for tag in server.PluginTagToContent("scalars")
+                  for event in server.Tensors(tag)) == expected
