@@ -340,14 +340,23 @@ class RunLog:
 
     def _scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
+            try:
+                for tag, value in scalars.items():
+                    self.writer.add_scalar(tag, value, step)
+            except OSError as error:  # a full disk, a quota: met by the writer's thread, raised at its next call
+                self.writer = None  # (whose close would raise it again)
+                raise LogNotWritten(f"writing {os.path.join(self.output, 'tensorboard')} failed: "
+                                    f"{_os_reason(error)}") from None
         if self.wandb is not None:
             self.wandb.log({"step": step, **scalars})
 
     def close(self, exit_code: int = 0) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as error:  # its last events, written at the close: said, the run's end left as it is
+                print(f"warning: writing {os.path.join(self.output, 'tensorboard')} failed: {_os_reason(error)}; "
+                      "TensorBoard lacks the last events", file=sys.stderr)
         if self.wandb is not None:
             self.wandb.finish(exit_code=exit_code)
 

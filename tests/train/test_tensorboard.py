@@ -126,6 +126,39 @@ def test_a_run_resumed_from_step_0_hides_all_the_stopped_runs_events(faces, tmp_
     assert [writer.purge_step for writer in FakeWriter.writers] == [0, 0]
 
 
+def test_a_full_disk_under_tensorboard_is_a_one_line_error(faces, tmp_path, fake_tensorboard, monkeypatch, capsys):
+    # torch's writer meets a full disk in its thread and raises it at its next call, and again at close:
+    # it was a traceback, raised again by the close in fit's finally (the lock left, W&B not finished).
+    # Now as a log that cannot be written: one line, exit status 1, the last checkpoint kept.
+    class FullDiskWriter(FakeWriter):
+        full_from_step = 3
+
+        def add_scalar(self, tag, value, step):
+            if step >= self.full_from_step:
+                raise OSError(28, "No space left on device")
+            super().add_scalar(tag, value, step)
+
+        def close(self):
+            super().close()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FullDiskWriter))
+    output = tmp_path / "run"
+    assert main(argv(faces, output)) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"error: writing {output / 'tensorboard'} failed: [Errno 28] No space left on device. "
+        f"The last checkpoint is kept: {output / 'checkpoint.pt'} (step 2)"), err
+    assert "Traceback" not in err and not (output / ".run.lock").exists()
+    # Met only by the close's last write: the run ends as it would, and says what TensorBoard lacks.
+    FullDiskWriter.full_from_step = 5
+    assert main(argv(faces, output, resume="auto")) == 0
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"warning: writing {output / 'tensorboard'} failed: [Errno 28] No space "
+                                            "left on device; TensorBoard lacks the last events"), err
+    assert "Traceback" not in err and not (output / ".run.lock").exists()
+
+
 def test_without_tensorboard_the_default_is_quiet(faces, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as without the package
     output = tmp_path / "run"
