@@ -1634,13 +1634,19 @@ def _leave_group() -> None:
 
 def _undo_start(output: str, existed: bool) -> None:
     """What a run that stops at start-up made: its lock, and the --output folder it created, with the
-    logs and args.json the set-up began there (a run stopped by a full disk at its last step)."""
+    logs, TensorBoard events and args.json the set-up began there (a run stopped by a full disk at its last
+    step)."""
     _release_output_lock(output)
     if not existed:
         with contextlib.suppress(OSError):
             for name in (*RunLog.FILES, "training.log", "args.json"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(output, name))
+            tensorboard = os.path.join(output, "tensorboard")
+            if os.path.isdir(tensorboard):  # the events file its TensorBoard writer began
+                for name in os.listdir(tensorboard):
+                    os.remove(os.path.join(tensorboard, name))
+                os.rmdir(tensorboard)
             os.rmdir(output)
 
 

@@ -159,6 +159,29 @@ def test_a_full_disk_under_tensorboard_is_a_one_line_error(faces, tmp_path, fake
     assert "Traceback" not in err and not (output / ".run.lock").exists()
 
 
+def test_a_run_that_stops_at_start_up_leaves_no_output_folder(faces, tmp_path, fake_tensorboard, monkeypatch):
+    # As without TensorBoard: the folder the run made goes, with the events file its writer began there
+    # (torch's makes the folder and the file when it is made). It was left holding tensorboard/.
+    import train.trainer as trainer_module
+
+    class FileMakingWriter(FakeWriter):
+        def __init__(self, log_dir, purge_step=None):
+            super().__init__(log_dir, purge_step)
+            os.makedirs(log_dir, exist_ok=True)
+            open(os.path.join(log_dir, "events.out.tfevents.0.host.1.0"), "wb").close()
+
+    def open_(path, mode="r", *args, **kwargs):
+        if "a" in mode and os.path.basename(path) == "training.log":
+            raise OSError(28, "No space left on device", path)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FileMakingWriter))
+    monkeypatch.setattr(trainer_module, "open", open_, raising=False)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        main(argv(faces, tmp_path / "new"))
+    assert FakeWriter.writers and not (tmp_path / "new").exists()
+
+
 def test_without_tensorboard_the_default_is_quiet(faces, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as without the package
     output = tmp_path / "run"
