@@ -7,9 +7,9 @@ threshold pinned as in bench_loss.py, so that the resident set follows the live 
 `arcface_ext.CombinedMarginLoss(C, D)` (ArcFace, m = 0.5; `--impls reference` sets
 use_reference=True, the pure-PyTorch loss; --label-smoothing its label_smoothing) and an SGD (momentum 0.9, weight decay
 --weight-decay, 5e-4 by default as the trainer's; --sgd: torch.optim.SGD as it is, ``torch`` (a copy of the
-gradient to add the decay to), with ``fused=True``, or the bundled trainer's ``train.trainer.SGD``, which adds
+gradient to add the decay to), with ``fused=True``, or ``arcface_ext.optim.SGD`` (the trainer's; ``trainer``), which adds
 the decay in place; or with --adamw an AdamW (lr 0.001, the same weight decay): ``torch``,
-``fused``, or the trainer's ``train.trainer.AdamW``, which steps the centres a slice at a time), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
+``fused``, or ``arcface_ext.optim.AdamW`` (the trainer's; ``trainer``), which steps the centres a slice at a time), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
 embeddings (N x D, requiring grad, as a backbone's output). Reported, in MiB beyond the process's
 resident set before the module was built (torch imported, threads set, one step of an 8-class module
 and its optimizer run):
@@ -60,12 +60,12 @@ def _optimizer(name, params, weight_decay):
     algorithm, kind = name.split("/")
     if algorithm == "adamw":
         if kind == "trainer":
-            from train.trainer import AdamW  # the bundled trainer's: large tensors stepped a slice at a time
-            return AdamW(params, lr=1e-3, weight_decay=weight_decay)
+            # the trainer's: large tensors stepped a slice at a time
+            return arcface_ext.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay)
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay, fused=kind == "fused" or None)
     if kind == "trainer":
-        from train.trainer import SGD  # the bundled trainer's: the weight decay added to the gradient in place
-        return SGD(params, lr=0.1, momentum=0.9, weight_decay=weight_decay)
+        # the trainer's: the weight decay added to the gradient in place
+        return arcface_ext.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=weight_decay, fused=kind == "fused" or None)
 
 

@@ -1,0 +1,265 @@
+"""arcface_ext.optim's SGD and AdamW against torch.optim's: the same parameters, state and state dicts bit
+for bit, checkpoints resumed either way, and without torch's parameter-sized temporaries."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from arcface_ext.optim import SGD, AdamW
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.gpu_only])])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sgd_steps_as_torchs_bit_for_bit(foreach, device):
+    # Weight decay added to the gradients in place: the same parameters, momentum and state dict as
+    # torch.optim.SGD's, so that checkpoints of either resume alike. A group without decay, one that
+    # maximizes (torch's own path), a parameter without a gradient, nesterov, a first step without momentum.
+    # On a GPU too, where torch's foreach kernels do the adding (gpu_check.sh's suite stage runs it).
+    def steps(optimizer_class):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(300, 16, generator=gen).to(device)) for _ in range(5)]
+        groups = [{"params": params[:2]}, {"params": params[2:3], "weight_decay": 0.0},
+                  {"params": params[3:4], "maximize": True}, {"params": params[4:], "nesterov": True}]
+        optimizer = optimizer_class(groups, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=foreach)
+        for step in range(6):
+            for index, param in enumerate(params):
+                param.grad = None if (index, step) == (1, 2) else torch.randn(param.shape, generator=gen).to(device)
+            optimizer.step()
+        return params, optimizer.state_dict()
+
+    ours, ours_state = steps(SGD)
+    torchs, torchs_state = steps(torch.optim.SGD)
+    assert all(torch.equal(a, b) for a, b in zip(ours, torchs))
+    assert ours_state["param_groups"] == torchs_state["param_groups"]
+    assert ours_state["state"].keys() == torchs_state["state"].keys()
+    assert all(torch.equal(ours_state["state"][k]["momentum_buffer"], torchs_state["state"][k]["momentum_buffer"])
+               for k in ours_state["state"])
+    with pytest.raises(ValueError, match="closure"):
+        SGD(ours, lr=0.1).step(lambda: 0.0)
+
+
+def test_sgd_fused_under_a_grad_scaler_steps_as_torchs():
+    # Fused, torch's kernel unscales the gradients itself (GradScaler hands it grad_scale): a decay added to
+    # the still-scaled gradients before it would be divided by the scale (the update 0.1 off here).
+    def steps(optimizer_class):
+        gen = torch.Generator().manual_seed(5)
+        param = torch.nn.Parameter(torch.randn(50, 8, generator=gen))
+        optimizer = optimizer_class([param], lr=0.1, momentum=0.9, weight_decay=0.05, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for _ in range(3):
+            optimizer.zero_grad()
+            scaler.scale((param * torch.randn(param.shape, generator=gen)).sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return param
+
+    try:
+        torchs = steps(torch.optim.SGD)
+    except RuntimeError as error:  # a torch without CPU fused SGD or a CPU GradScaler
+        pytest.skip(str(error))
+    assert torch.equal(steps(SGD), torchs)
+
+
+def test_sgd_runs_its_step_hooks_once():
+    # torch wraps each optimizer class's step in its hooks when the first of that class is made: once
+    # torch.optim.SGD has one, this SGD's step must not run them again through torch's.
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer, calls = SGD([param], lr=0.1, weight_decay=0.1), []
+    optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+    param.grad = torch.ones(3)
+    optimizer.step()
+    assert calls == ["pre", "post"]
+    assert torch.equal(param.detach(), torch.full((3,), 1 - 0.1 * 1.1))
+
+
+def test_sgd_makes_no_copy_of_the_gradients():
+    # torch's SGD copies each gradient to add the weight decay to it: at a million 512-D class centres,
+    # 1.95 GB at the step's peak. Measured in a child process: its peak resident set, reset before the step.
+    code = (
+        "import sys, torch\n"
+        "from arcface_ext.optim import SGD\n"
+        "def mb(key): return int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]) // 1024\n"
+        "centres = torch.nn.Parameter(torch.zeros(125_000, 512))  # 256 MB of fp32\n"
+        "centres.grad = torch.ones_like(centres)\n"
+        "kind = SGD if sys.argv[1] == 'ours' else torch.optim.SGD\n"
+        "optimizer = kind([centres], lr=0.1, momentum=0.9, weight_decay=5e-4)\n"
+        "optimizer.step()  # the momentum buffer made\n"
+        "before = mb('VmRSS')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "optimizer.step()\n"
+        "print(mb('VmHWM') - before)\n")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024), OMP_NUM_THREADS="1")
+    extra = {}
+    for kind in ("ours", "torch"):
+        child = subprocess.run([sys.executable, "-c", code, kind], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert child.returncode == 0, child.stderr[-2000:]
+        extra[kind] = int(child.stdout.split()[-1])
+    assert extra["torch"] > 200, extra  # the copy this measures is seen
+    assert extra["ours"] < 32, extra
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.gpu_only])])
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adamw_steps_as_torchs_bit_for_bit(amsgrad, foreach, device, monkeypatch):
+    # Large tensors stepped a slice at a time by torch's functional AdamW: the same parameters, moments
+    # and state dict as torch.optim.AdamW's. Slices of 1000 elements here (none divides the tensors), a
+    # tensor of a slice or less and one of several, a group that maximizes and one without decay, a
+    # parameter without a gradient for a step, one that is not contiguous (torch's own path), a group
+    # of another lr. On a GPU too, where torch's default is foreach (gpu_check.sh's suite stage runs it).
+    monkeypatch.setattr(AdamW, "slice_numel", 1000)
+
+    def steps(first, then):  # three steps, a checkpoint's state dict loaded into a new optimizer, three more
+        gen = torch.Generator().manual_seed(5)
+        shapes = [(337, 17), (20,), (5003,), (64, 64), (90, 40)]
+        params = [torch.nn.Parameter(torch.randn(shape, generator=gen).to(device)) for shape in shapes]
+        params[4] = torch.nn.Parameter(params[4].detach().t())  # (40, 90), not contiguous
+
+        def build(optimizer_class):
+            groups = [{"params": params[:2]}, {"params": params[2:3], "maximize": True, "weight_decay": 0.0},
+                      {"params": params[3:], "lr": 0.01}]
+            return optimizer_class(groups, lr=1e-3, weight_decay=0.1, amsgrad=amsgrad, foreach=foreach)
+
+        optimizer = build(first)
+        for step in range(6):
+            if step == 3:
+                saved = optimizer.state_dict()
+                optimizer = build(then)
+                optimizer.load_state_dict(saved)
+            for index, param in enumerate(params):
+                grad = torch.randn(param.shape, generator=gen).to(device)
+                param.grad = None if (index, step) == (0, 2) else grad
+            optimizer.step()
+        return params, optimizer.state_dict()
+
+    torchs, torchs_state = steps(torch.optim.AdamW, torch.optim.AdamW)
+    # Ours throughout, and a checkpoint of either resumed in the other.
+    for first, then in [(AdamW, AdamW), (torch.optim.AdamW, AdamW), (AdamW, torch.optim.AdamW)]:
+        ours, ours_state = steps(first, then)
+        assert all(torch.equal(a, b) for a, b in zip(ours, torchs)), (first, then)
+        assert ours_state["param_groups"] == torchs_state["param_groups"]
+        # In the same order (a checkpoint's bytes): the sliced tensors' states had come last.
+        assert list(ours_state["state"]) == list(torchs_state["state"]), (first, then)
+        for index, state in torchs_state["state"].items():
+            assert ours_state["state"][index].keys() == state.keys()
+            for key, value in state.items():
+                assert ours_state["state"][index][key].dtype == value.dtype
+                assert ours_state["state"][index][key].device == value.device
+                assert torch.equal(ours_state["state"][index][key], value), (first, then, index, key)
+    with pytest.raises(ValueError, match="closure"):
+        AdamW(ours, lr=0.1).step(lambda: 0.0)
+
+
+def test_adamw_leaves_fused_and_step_hooks_to_torch(monkeypatch):
+    # fused=True steps in torch's kernel (under a GradScaler it unscales there); hooks run once even
+    # when torch.optim.AdamW's step has been wrapped in them as well.
+    monkeypatch.setattr(AdamW, "slice_numel", 10)
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    def steps(optimizer_class, **options):
+        gen = torch.Generator().manual_seed(5)
+        param = torch.nn.Parameter(torch.randn(50, 8, generator=gen))
+        optimizer, calls = optimizer_class([param], lr=0.1, weight_decay=0.05, **options), []
+        optimizer.register_step_pre_hook(lambda *_: calls.append("pre"))
+        optimizer.register_step_post_hook(lambda *_: calls.append("post"))
+        for _ in range(3):
+            param.grad = torch.randn(param.shape, generator=gen)
+            optimizer.step()
+        return param, calls
+
+    (ours, calls), (torchs, _) = steps(AdamW), steps(torch.optim.AdamW)
+    assert calls == ["pre", "post"] * 3
+    assert torch.equal(ours, torchs)
+    try:
+        torchs, _ = steps(torch.optim.AdamW, fused=True)
+    except RuntimeError as error:  # a torch without CPU fused AdamW
+        pytest.skip(str(error))
+    assert torch.equal(steps(AdamW, fused=True)[0], torchs)
+
+
+def test_adamw_resumes_moments_of_another_memory_format(monkeypatch):
+    # A checkpoint of a run with --channels-last resumed without it (an option a resume may change): the
+    # moments load channels_last beside a contiguous parameter. torch's step takes them; the sliced one
+    # raised (a view of them as one row). They step in torch's own step now, as torch's.
+    monkeypatch.setattr(AdamW, "slice_numel", 1000)
+
+    def resumed(optimizer_class):
+        gen = torch.Generator().manual_seed(5)
+        param = torch.nn.Parameter(torch.randn(10, 30, 2, 2, generator=gen).to(memory_format=torch.channels_last))
+        optimizer = optimizer_class([param], lr=0.01, weight_decay=0.1)
+        for step in range(4):
+            if step == 2:
+                saved = copy.deepcopy(optimizer.state_dict())  # (as torch.save keeps them: channels_last)
+                param = torch.nn.Parameter(param.detach().contiguous())
+                optimizer = optimizer_class([param], lr=0.01, weight_decay=0.1)
+                optimizer.load_state_dict(saved)
+            param.grad = torch.randn(param.shape, generator=gen)
+            optimizer.step()
+        return param, optimizer.state_dict()["state"][0]
+
+    (ours, ours_state), (torchs, torchs_state) = resumed(AdamW), resumed(torch.optim.AdamW)
+    assert torch.equal(ours, torchs)
+    assert all(torch.equal(ours_state[key], torchs_state[key]) for key in torchs_state)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # (torch's own, inside dynamo)
+def test_adamw_under_torch_compile_steps_each_tensor_once(monkeypatch):
+    # torch.compile(optimizer.step): torch's step graph-breaks, so the sliced step was compiled as a frame of
+    # its own, which took one sliced tensor's state for another's (step counts 5 and 1 after 3 steps). Now
+    # the sliced tensors step eagerly (torch's eager results) and the rest in torch's compiled step.
+    monkeypatch.setattr(AdamW, "slice_numel", 1000)
+    torch._dynamo.reset()
+
+    def steps(optimizer_class, compiled):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(3000,), (20,), (50, 50)]]
+        optimizer = optimizer_class(params, lr=0.01, weight_decay=0.1)
+        step = torch.compile(optimizer.step, backend="eager") if compiled else optimizer.step
+        for _ in range(3):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=gen)
+            step()
+        return params, [optimizer.state[param]["step"].item() for param in params]
+
+    (ours, counts), (eager, _), (compiled, _) = (steps(AdamW, True), steps(torch.optim.AdamW, False),
+                                                 steps(torch.optim.AdamW, True))
+    torch._dynamo.reset()
+    assert counts == [3.0, 3.0, 3.0]
+    assert torch.equal(ours[0], eager[0]) and torch.equal(ours[2], eager[2])  # sliced
+    assert torch.equal(ours[1], compiled[1])
+
+
+def test_adamw_makes_no_parameter_sized_temporaries():
+    # torch's AdamW divides sqrt(exp_avg_sq) into new tensors the size of each parameter (two at once a
+    # tensor at a time, the CPU's default): at a million 512-D class centres, 3.9 GB at the step's peak.
+    # Measured in a child as the SGD's above.
+    code = (
+        "import sys, torch\n"
+        "from arcface_ext.optim import AdamW\n"
+        "def mb(key): return int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]) // 1024\n"
+        "centres = torch.nn.Parameter(torch.zeros(125_000, 512))  # 256 MB of fp32\n"
+        "centres.grad = torch.ones_like(centres)\n"
+        "kind = AdamW if sys.argv[1] == 'ours' else torch.optim.AdamW\n"
+        "optimizer = kind([centres], lr=1e-3, weight_decay=0.1)\n"
+        "optimizer.step()  # the moments made\n"
+        "before = mb('VmRSS')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "optimizer.step()\n"
+        "print(mb('VmHWM') - before)\n")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024), OMP_NUM_THREADS="1")
+    extra = {}
+    for kind in ("ours", "torch"):
+        child = subprocess.run([sys.executable, "-c", code, kind], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert child.returncode == 0, child.stderr[-2000:]
+        extra[kind] = int(child.stdout.split()[-1])
+    assert extra["torch"] > 400, extra  # the two temporaries this measures are seen
+    assert extra["ours"] < 48, extra  # two slices of 16 MiB
