@@ -80,13 +80,14 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
     batch, each image's feature norm: the mean of ‖embedding(x)‖ and ‖embedding(mirrored x)‖ with
     ``flip`` (each image's share of insightface's XNorm), else ‖embedding(x)‖; MagFace's quality.
     """
-    from .data import leave_signals_to_the_main_process
+    from .data import leave_signals_to_the_main_process, worker_start_method
 
     device = torch.device(device)
+    leave_signals = workers and workers_leave_signals
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda",
-                                         worker_init_fn=leave_signals_to_the_main_process()
-                                         if workers and workers_leave_signals else None)
+                                         worker_init_fn=leave_signals_to_the_main_process() if leave_signals else None,
+                                         multiprocessing_context=worker_start_method() if leave_signals else None)
     modes = [(m, m.training) for m in backbone.modules()]
     backbone.eval()
     features, done, started, reported = None, 0, time.monotonic(), time.monotonic()

@@ -32,6 +32,7 @@ from train.data import (
     build_train_dataset,
     build_train_loader,
     check_every_rank_reads_the_same,
+    stop_loader_workers,
 )
 from train.data import recordio
 from train.data.imagefolder import scan_image_folder
@@ -875,6 +876,27 @@ def test_loader_workers_end_with_a_script_that_never_stops_them(tmp_path):
         assert "torch.Size([4, 3, 16, 16])" in done.stdout
         assert ("leaving on an error" in done.stderr) == (how == "error")
         assert time.monotonic() - started < 30
+
+
+class ParentProcessIds(torch.utils.data.Dataset):
+    """Each item: the id of the parent of the process that loads it."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        return os.getppid()
+
+
+def test_loader_workers_are_children_of_the_main_process():
+    # Not a forkserver's (Python 3.14's default on Linux): a SIGTERM to the process group ends the
+    # forkserver, torch's workers take their parent for dead, and one with a full queue hung at exit.
+    loader = build_train_loader(ParentProcessIds(), batch_size=2, num_workers=2, seed=0)
+    try:
+        parents = next(iter(loader))
+    finally:
+        stop_loader_workers(loader)
+    assert parents.tolist() == [os.getpid()] * 2
 
 
 def test_decoded_images_follow_their_exif_orientation():

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from train.data import leave_signals_to_the_main_process
+from train.data import leave_signals_to_the_main_process, worker_start_method
 from train.data.transforms import decode_failure, to_rgb
 from train.embed import list_images
 from train.onnx_backbone import _first_line, open_session
@@ -255,7 +255,8 @@ def detect_photos(detector: FaceDetector, paths: list[str], *, all_faces: bool =
     Ctrl-C to this process."""
     loader = torch.utils.data.DataLoader(
         Photos(paths, detector.width, detector.height), batch_size=None, num_workers=workers, collate_fn=_as_is,
-        worker_init_fn=leave_signals_to_the_main_process() if workers else None)
+        worker_init_fn=leave_signals_to_the_main_process() if workers else None,
+        multiprocessing_context=worker_start_method() if workers else None)
     for index, canvas, scale_x, scale_y, width, height, failure in loader:
         if canvas is None:
             yield index, None, None, f"cannot read the image: {failure}"
