@@ -79,18 +79,19 @@ def test_sgd_runs_its_step_hooks_once():
     assert torch.equal(param.detach(), torch.full((3,), 1 - 0.1 * 1.1))
 
 
-def test_sgd_makes_no_copy_of_the_gradients():
-    # torch's SGD copies each gradient to add the weight decay to it: at a million 512-D class centres,
-    # 1.95 GB at the step's peak. Measured in a child process: its peak resident set, reset before the step.
+def second_step_extra_mb(name, arguments):
+    """What a second step of ours and of torch's optimizer ``name`` adds to the resident set at its peak, in
+    MB, for 256 MB of fp32 centres: each in a child process, its peak resident set reset before the step
+    (glibc's mmap threshold pinned, so that freed temporaries leave the resident set)."""
     code = (
         "import sys, torch\n"
-        "from arcface_ext.optim import SGD\n"
+        "import arcface_ext.optim\n"
         "def mb(key): return int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]) // 1024\n"
         "centres = torch.nn.Parameter(torch.zeros(125_000, 512))  # 256 MB of fp32\n"
         "centres.grad = torch.ones_like(centres)\n"
-        "kind = SGD if sys.argv[1] == 'ours' else torch.optim.SGD\n"
-        "optimizer = kind([centres], lr=0.1, momentum=0.9, weight_decay=5e-4)\n"
-        "optimizer.step()  # the momentum buffer made\n"
+        "module = arcface_ext.optim if sys.argv[1] == 'ours' else torch.optim\n"
+        f"optimizer = getattr(module, {name!r})([centres], {arguments})\n"
+        "optimizer.step()  # the state made\n"
         "before = mb('VmRSS')\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "optimizer.step()\n"
@@ -102,6 +103,13 @@ def test_sgd_makes_no_copy_of_the_gradients():
                                timeout=120)
         assert child.returncode == 0, child.stderr[-2000:]
         extra[kind] = int(child.stdout.split()[-1])
+    return extra
+
+
+def test_sgd_makes_no_copy_of_the_gradients():
+    # torch's SGD copies each gradient to add the weight decay to it: at a million 512-D class centres,
+    # 1.95 GB at the step's peak.
+    extra = second_step_extra_mb("SGD", "lr=0.1, momentum=0.9, weight_decay=5e-4")
     assert extra["torch"] > 200, extra  # the copy this measures is seen
     assert extra["ours"] < 32, extra
 
@@ -240,26 +248,6 @@ def test_adamw_under_torch_compile_steps_each_tensor_once(monkeypatch):
 def test_adamw_makes_no_parameter_sized_temporaries():
     # torch's AdamW divides sqrt(exp_avg_sq) into new tensors the size of each parameter (two at once a
     # tensor at a time, the CPU's default): at a million 512-D class centres, 3.9 GB at the step's peak.
-    # Measured in a child as the SGD's above.
-    code = (
-        "import sys, torch\n"
-        "from arcface_ext.optim import AdamW\n"
-        "def mb(key): return int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]) // 1024\n"
-        "centres = torch.nn.Parameter(torch.zeros(125_000, 512))  # 256 MB of fp32\n"
-        "centres.grad = torch.ones_like(centres)\n"
-        "kind = AdamW if sys.argv[1] == 'ours' else torch.optim.AdamW\n"
-        "optimizer = kind([centres], lr=1e-3, weight_decay=0.1)\n"
-        "optimizer.step()  # the moments made\n"
-        "before = mb('VmRSS')\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "optimizer.step()\n"
-        "print(mb('VmHWM') - before)\n")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024), OMP_NUM_THREADS="1")
-    extra = {}
-    for kind in ("ours", "torch"):
-        child = subprocess.run([sys.executable, "-c", code, kind], cwd=REPO, env=env, capture_output=True, text=True,
-                               timeout=120)
-        assert child.returncode == 0, child.stderr[-2000:]
-        extra[kind] = int(child.stdout.split()[-1])
+    extra = second_step_extra_mb("AdamW", "lr=1e-3, weight_decay=0.1")
     assert extra["torch"] > 400, extra  # the two temporaries this measures are seen
     assert extra["ours"] < 48, extra  # two slices of 16 MiB

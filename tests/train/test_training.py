@@ -25,16 +25,8 @@ from train.models import NETWORKS
 from train.trainer import (LearningRateSchedule, RunLog, Trainer, TrainingDiverged, _resolve_device,
                            build_margin_loss, build_optimizer, main)
 
-from trainer_fixtures import (REPO, base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl,  # noqa: F401
+from trainer_fixtures import (LOSS_IMPL, REPO, base_argv, faces, make_face_folder, one_thread, read_jsonl,  # noqa: F401
                               signal_once_training)
-
-LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
-
-
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces")
-    return make_face_folder(str(root / "train")), make_pairs_list(str(root / "pairs"))
 
 
 def argv(faces, output, pairs=False, **overrides):

@@ -8,19 +8,10 @@ import types
 
 import pytest
 
-import arcface_ext
 from train import checkpoint
 from train.trainer import Trainer, main
 
-from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, read_jsonl  # noqa: F401
-
-LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
-
-
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces")
-    return make_face_folder(str(root / "train")), make_pairs_list(str(root / "pairs"))
+from trainer_fixtures import LOSS_IMPL, base_argv, faces, one_thread, read_jsonl  # noqa: F401
 
 
 def argv(faces, output, **overrides):

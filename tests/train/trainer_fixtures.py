@@ -14,10 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+import arcface_ext
 from train.data.synthetic import render_face
 
 IMAGE_SIZE = 32
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+# The fused op where it is built, else the reference: the trainer tests run either way.
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
 
 @pytest.fixture(autouse=True)
@@ -179,3 +182,10 @@ def signal_once_training(command: list[str], output, signum: int, *, cwd: str, t
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """(an ImageFolder of 8 identities, a pairs list), made once a test module."""
+    root = tmp_path_factory.mktemp("faces")
+    return make_face_folder(str(root / "train")), make_pairs_list(str(root / "pairs"))
