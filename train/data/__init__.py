@@ -271,12 +271,16 @@ class _QuietOnHangUp:
     (in a loader's worker, only the handle-sharing thread reports through it) and passes on the rest."""
 
     HANG_UPS = (ConnectionError, EOFError)
+    # From Python 3.14 the sender of a descriptor waits for the receiver's acknowledgement (before, on
+    # Linux, it did not): a receiver that hung up without it makes the sender raise this RuntimeError.
+    UNACKNOWLEDGED = "did not receive acknowledgement of fd"
 
     def __init__(self, previous):
         self.previous = previous
 
     def __call__(self, kind, value, trace) -> None:
-        if not issubclass(kind, self.HANG_UPS):
+        unacknowledged = issubclass(kind, RuntimeError) and str(value) == self.UNACKNOWLEDGED
+        if not (issubclass(kind, self.HANG_UPS) or unacknowledged):
             self.previous(kind, value, trace)
 
 
