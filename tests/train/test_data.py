@@ -911,6 +911,19 @@ def test_loader_workers_are_children_of_the_main_process():
     assert parents.tolist() == [os.getpid()] * 2
 
 
+def test_the_loaders_start_method_leaves_the_process_default_unset():
+    # A caller may still choose its own start method after a loader was built (multiprocessing's
+    # get_start_method() fixes the default on first use: set_start_method then raised).
+    code = ("import multiprocessing\n"
+            "from train.data import worker_start_method\n"
+            "print(worker_start_method())\n"
+            "multiprocessing.set_start_method('spawn')\n"
+            "print(multiprocessing.get_start_method())\n")
+    child = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split()[-1] == "spawn"
+
+
 def test_decoded_images_follow_their_exif_orientation():
     # Stored on its side with orientation 6 ("rotate 90° clockwise to view"): decoded upright, as
     # OpenCV's imread decodes it.

@@ -302,7 +302,9 @@ def worker_start_method() -> str | None:
     one whose queue's pipe is full waits at exit forever, an orphan holding the run's stderr (seen with
     ``train.tools.detect --workers 2`` on Python 3.14.10: 5 of 40 runs). Forked workers also share the
     dataset's arrays of paths and offsets rather than each unpickling a copy."""
-    if multiprocessing.get_start_method() == "forkserver" and "fork" in multiprocessing.get_all_start_methods():
+    # (Not get_start_method(), which fixes the default for the process: a later set_start_method raised.)
+    methods = multiprocessing.get_all_start_methods()  # the default first
+    if (multiprocessing.get_start_method(allow_none=True) or methods[0]) == "forkserver" and "fork" in methods:
         return "fork"
     return None
 
