@@ -30,15 +30,17 @@ class SGD(torch.optim.SGD):
             raise ValueError("this SGD takes no closure")
         folded = []
         for group in self.param_groups:
-            decay, grads = group["weight_decay"], [p.grad for p in group["params"] if p.grad is not None]
+            decay, params = group["weight_decay"], [p for p in group["params"] if p.grad is not None]
             # torch's own path for what it treats otherwise: maximize negates the gradients first
             # (into a copy it reuses), a tensor decay may need a gradient, sparse gradients, fused.
             if (not decay or group["maximize"] or group["differentiable"] or group.get("fused")
-                    or isinstance(decay, torch.Tensor) or any(g.is_sparse for g in grads)):
+                    or isinstance(decay, torch.Tensor) or any(p.grad.is_sparse for p in params)):
                 continue
-            for param in group["params"]:
-                if param.grad is not None:
+            if group["foreach"] is False:  # as torch's a tensor at a time
+                for param in params:
                     param.grad.add_(param, alpha=decay)
+            elif params:  # as torch's foreach kernels (a GPU's default; on a CPU they add a tensor at a time)
+                torch._foreach_add_([p.grad for p in params], params, alpha=decay)
             folded.append((group, decay))
             group["weight_decay"] = 0.0
         try:
