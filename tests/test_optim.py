@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.gpu_only])])
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [None, False, True])  # None: the default, the trainer's
 def test_sgd_steps_as_torchs_bit_for_bit(foreach, device):
     # Weight decay added to the gradients in place: the same parameters, momentum and state dict as
     # torch.optim.SGD's, so that checkpoints of either resume alike. A group without decay, one that
