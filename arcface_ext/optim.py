@@ -26,15 +26,16 @@ class SGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:  # it would compute the gradients again, after the decay was added
-            raise ValueError("this SGD takes no closure")
+        loss = _gradients_from(closure)
         folded = []
         for group in self.param_groups:
             decay, params = group["weight_decay"], [p for p in group["params"] if p.grad is not None]
             # torch's own path for what it treats otherwise: maximize negates the gradients first
-            # (into a copy it reuses), a tensor decay may need a gradient, sparse gradients, fused.
+            # (into a copy it reuses), a tensor decay may need a gradient, sparse gradients, fused, a
+            # parameter listed twice (torch adds its decay to the gradient once for each, not twice in place).
             if (not decay or group["maximize"] or group["differentiable"] or group.get("fused")
-                    or isinstance(decay, torch.Tensor) or any(p.grad.is_sparse for p in params)):
+                    or isinstance(decay, torch.Tensor) or any(p.grad.is_sparse for p in params)
+                    or _repeats_a_parameter(group)):
                 continue
             if group["foreach"] is False:  # as torch's a tensor at a time
                 for param in params:
@@ -44,10 +45,29 @@ class SGD(torch.optim.SGD):
             folded.append((group, decay))
             group["weight_decay"] = 0.0
         try:
-            return _unhooked_step(torch.optim.SGD)(self)
+            _unhooked_step(torch.optim.SGD)(self)
         finally:
             for group, decay in folded:
                 group["weight_decay"] = decay
+        return loss
+
+
+def _gradients_from(closure):
+    """The closure's loss, called first (with gradients enabled) as torch's steps call it, so that the step
+    reads the gradients it computes (PyTorch Lightning steps every optimizer with one: its closure runs the
+    training step and its backward, then clips the gradients); None without one. torch's own step is then
+    called without it: called there, after the decay was added to the gradients (or sliced tensors' were
+    set aside), it would compute them again."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _repeats_a_parameter(group) -> bool:
+    """Whether a parameter is listed twice in the group (torch warns that this is deprecated, and steps it
+    once for each)."""
+    return len({id(param) for param in group["params"]}) < len(group["params"])
 
 
 def _unhooked_step(optimizer_class):
@@ -66,14 +86,13 @@ class AdamW(torch.optim.AdamW):
     implementation torch would pick); its operations are elementwise: the parameters, moments and state
     dict are torch's bit for bit, so checkpoints of either resume alike. Tensors of a slice or less, and what
     torch treats otherwise (capturable, differentiable, fused, a tensor lr or betas, complex, sparse or
-    non-contiguous tensors or moments), step in torch's own step."""
+    non-contiguous tensors or moments, a group that lists a parameter twice), step in torch's own step."""
 
     slice_numel = 1 << 22  # 16 MiB of fp32 temporaries, two at once
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is not None:  # it would compute the gradients again, between the two steps
-            raise ValueError("this AdamW takes no closure")
+        loss = _gradients_from(closure)
         sliced = [(param, group) for group in self.param_groups if self._slices(group)
                   for param in group["params"] if self._sliceable(param)]
         # Those whose state this step makes, listed in self.state (so in the state dict, and a checkpoint) in
@@ -86,7 +105,7 @@ class AdamW(torch.optim.AdamW):
         for param, _ in sliced:
             param.grad = None
         try:
-            loss = _unhooked_step(torch.optim.AdamW)(self)
+            _unhooked_step(torch.optim.AdamW)(self)
         finally:
             for (param, _), grad in zip(sliced, grads):
                 param.grad = grad
@@ -100,7 +119,7 @@ class AdamW(torch.optim.AdamW):
     def _slices(group) -> bool:
         scalars = (group["lr"], *group["betas"], group["weight_decay"], group["eps"])
         return not (group.get("capturable") or group.get("differentiable") or group.get("fused")
-                    or not group.get("decoupled_weight_decay", True)
+                    or not group.get("decoupled_weight_decay", True) or _repeats_a_parameter(group)
                     or any(isinstance(value, torch.Tensor) for value in scalars))
 
     def _sliceable(self, param) -> bool:

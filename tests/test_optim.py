@@ -114,6 +114,28 @@ def test_sgd_makes_no_copy_of_the_gradients():
     assert extra["ours"] < 32, extra
 
 
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("optimizer_class", [SGD, AdamW])
+def test_a_parameter_listed_twice_steps_as_in_torchs(optimizer_class, foreach, monkeypatch):
+    # torch deprecates it (a warning) and steps the parameter once for each listing; ours had added SGD's
+    # decay to its gradient twice in place, and AdamW's foreach slices differed. Such a group takes torch's path.
+    monkeypatch.setattr(AdamW, "slice_numel", 1000)
+    torch_class = optimizer_class.__mro__[1]
+    options = {"momentum": 0.9} if optimizer_class is SGD else {}
+
+    def steps(cls):
+        gen = torch.Generator().manual_seed(5)
+        large, small = (torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in [(50, 40), (7,)])
+        with pytest.warns(UserWarning, match="duplicate"):
+            optimizer = cls([large, small, large], lr=0.1, weight_decay=0.05, foreach=foreach, **options)
+        for _ in range(3):
+            large.grad, small.grad = torch.randn(large.shape, generator=gen), torch.randn(small.shape, generator=gen)
+            optimizer.step()
+        return large, small
+
+    assert all(torch.equal(a, b) for a, b in zip(steps(optimizer_class), steps(torch_class)))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.gpu_only])])
 @pytest.mark.parametrize("foreach", [None, False, True])
 @pytest.mark.parametrize("amsgrad", [False, True])
