@@ -407,7 +407,10 @@ def test_suspect_landmarks_are_named(photos, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_a_signal_stops_the_workers_and_a_rerun_finishes(photos, tmp_path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the main process", "Ctrl-C to the group"])
+def test_a_signal_stops_the_workers_and_a_rerun_finishes(photos, tmp_path, to_group):
+    # A SIGTERM to the main process (a scheduler's), which ends the workers; and a Ctrl-C at the terminal,
+    # a SIGINT to the whole process group, the workers (and Python 3.14's forkserver) included.
     import signal
     import subprocess
     import sys
@@ -426,16 +429,20 @@ def test_a_signal_stops_the_workers_and_a_rerun_finishes(photos, tmp_path):
     command = [sys.executable, "-m", "train.tools.align", "--images", str(many), "--landmarks", listing,
                "--output", str(out), "--workers", "2"]
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    run = subprocess.Popen(command, cwd=repo, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(command, cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=to_group)
     deadline = time.monotonic() + 60
     while not (out.exists() and sum(len(f) for _, _, f in os.walk(out)) >= 20) and time.monotonic() < deadline:
         time.sleep(0.05)
-    run.send_signal(signal.SIGTERM)
+    number = signal.SIGINT if to_group else signal.SIGTERM
+    if to_group:
+        os.killpg(run.pid, number)
+    else:
+        run.send_signal(number)
     _, err = run.communicate(timeout=60)
     if run.returncode == 0:
         pytest.skip("the run finished before the signal")
-    assert run.returncode == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert run.returncode == 128 + number
+    assert f"stopped by {number.name}" in err and "Traceback" not in err, err
     time.sleep(0.5)
     settled = sorted(f for _, _, files in os.walk(out) for f in files)
     time.sleep(0.5)
