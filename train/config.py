@@ -28,6 +28,7 @@ MARGIN_FLAGS = {"combined": {"m1": 1.0, "m2": None, "m3": 0.0}, "cosface": {"m3"
                 "elasticface-cos": {"m3": 0.35}, "elasticface-cos+": {"m3": 0.35}, "sphereface": {"m1": 4.0}}
 # The losses whose margin is --arcface-m.
 ARCFACE_M_LOSSES = ("arcface", "elasticface-arc", "elasticface-arc+", "curricularface")
+LR_SCHEDULES = ("step", "poly", "cosine")  # train.trainer.LearningRateSchedule's kinds
 # The defaults of the parameters that only some losses read (a value other than these, given to a
 # loss that does not read it, is refused).
 SGD_MOMENTUM = 0.9
@@ -204,13 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=SGD_MOMENTUM, help="SGD's, below 1 (AdamW has its betas, PyTorch's)")
     g.add_argument("--decay", "--weight-decay", "--weight_decay", dest="decay", type=float, default=5e-4,
                    help="weight decay")
-    g.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=("step", "poly"), default=None,
+    g.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=None,
                    help="step: divide by 10 at --lr-steps (the paper); poly: (1-t)^2 decay after warm-up "
-                   "(insightface); default step when --lr-steps is given, else poly")
+                   "(insightface); cosine: (1+cos(pi t))/2 after warm-up; default step when --lr-steps is given, "
+                   "else poly")
     g.add_argument("--lr-steps", "--lr_steps", dest="lr_steps", type=_int_list, default=None,
                    help="steps at which the step schedule divides the learning rate by 10, e.g. 100000,160000")
     g.add_argument("--warmup-steps", "--warmup_steps", dest="warmup_steps", type=int, default=None,
-                   help="linear warm-up from 0; default 5%% of --max-steps for poly, 0 for step")
+                   help="linear warm-up from 0; default 5%% of --max-steps for poly and cosine, 0 for step")
     g.add_argument("--max-steps", "--max_step", "--max_steps", dest="max_steps", type=int, default=300,
                    help="optimiser steps to train (the schedule's length), each of --gradient-acc passes")
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
@@ -385,7 +387,7 @@ def default_elastic_std(loss: str) -> float:
 
 
 def default_warmup_steps(max_steps: int, lr_schedule: str) -> int:
-    return max(1, max_steps // 20) if lr_schedule == "poly" else 0
+    return 0 if lr_schedule == "step" else max(1, max_steps // 20)
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -413,8 +415,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     # 100 there: typos, not schedules.
     if args.lr_steps and (min(args.lr_steps) < 1 or len(set(args.lr_steps)) < len(args.lr_steps)):
         raise SystemExit(f"--lr-steps {','.join(map(str, args.lr_steps))}: the steps must be distinct and at least 1")
-    if args.lr_schedule == "poly" and args.lr_steps:  # (a config's poly, with --lr-steps added on the command line)
-        raise SystemExit("--lr-steps goes with --lr-schedule step, but the schedule is poly: add --lr-schedule step")
+    if args.lr_schedule != "step" and args.lr_steps:  # (a config's poly, with --lr-steps added on the command line)
+        raise SystemExit(f"--lr-steps goes with --lr-schedule step, but the schedule is {args.lr_schedule}: add "
+                         "--lr-schedule step")
     # A margin flag the loss does not read would be silently ignored (--loss arcface --m2 0.4 trains at
     # --arcface-m).
     reads = MARGIN_FLAGS.get(args.loss, {})

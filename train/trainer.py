@@ -29,7 +29,7 @@ from torch import nn
 from arcface_ext.optim import SGD, AdamW  # noqa: F401 (train.trainer.SGD, AdamW: the trainer's)
 
 from . import checkpoint, export
-from .config import margins, unused_options
+from .config import LR_SCHEDULES, margins, unused_options
 from .data.transforms import DataError, to_model_input
 from .models import check_embedding_shape, get_model, is_factory_spec, model_multiply_adds, multiply_adds
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
@@ -96,12 +96,13 @@ class LearningRateSchedule:
     """Multiplier of the base learning rate at a step, for ``torch.optim.lr_scheduler.LambdaLR``.
 
     ``step``: the paper's schedule, divided by 10 at each of ``lr_steps``; ``poly``: insightface's,
-    ``(1 - t)^2`` over the steps after warm-up. Both warm up linearly over ``warmup_steps``.
+    ``(1 - t)^2`` over the steps after warm-up; ``cosine``: ``(1 + cos(pi t)) / 2`` over them (SGDR's
+    annealing to 0, without restarts). All warm up linearly over ``warmup_steps``.
     A plain object (not a closure), so that the scheduler's state dict holds it.
     """
 
     def __init__(self, kind: str, max_steps: int, warmup_steps: int = 0, lr_steps: list[int] | None = None):
-        if kind not in ("step", "poly"):
+        if kind not in LR_SCHEDULES:
             raise ValueError(f"unknown lr schedule {kind!r}")
         self.kind = kind
         self.max_steps = int(max_steps)
@@ -113,8 +114,10 @@ class LearningRateSchedule:
             return (step + 1) / self.warmup_steps
         if self.kind == "step":
             return 0.1 ** sum(step >= s for s in self.lr_steps)
-        t = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
-        return max(0.0, 1.0 - t) ** 2
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * t))
+        return (1.0 - t) ** 2
 
 
 class TargetAngles:

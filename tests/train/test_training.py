@@ -1231,6 +1231,14 @@ def test_learning_rate_schedules():
     assert poly(10) == pytest.approx(1.0) and poly(55) == pytest.approx(0.25) and poly(100) == 0.0
     step = LearningRateSchedule("step", max_steps=100, lr_steps=[30, 60])
     assert [step(s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = LearningRateSchedule("cosine", max_steps=110, warmup_steps=10)
+    assert cosine(0) == pytest.approx(0.1) and cosine(10) == pytest.approx(1.0)
+    assert [cosine(s) for s in (35, 60, 85, 110, 120)] == pytest.approx([(2 + 2 ** 0.5) / 4, 0.5, (2 - 2 ** 0.5) / 4, 0, 0])
+    # Its default warm-up is poly's, 5% of the steps; --lr-steps is step's alone.
+    args = parse_args(["--lr-schedule", "cosine", "--max-steps", "200"])
+    assert (args.lr_schedule, args.warmup_steps) == ("cosine", 10)
+    with pytest.raises(SystemExit, match="--lr-steps goes with --lr-schedule step, but the schedule is cosine"):
+        parse_args(["--lr-schedule", "cosine", "--lr-steps", "100"])
 
 
 def test_flags_aliases_and_config_files(tmp_path):
