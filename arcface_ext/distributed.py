@@ -302,34 +302,53 @@ class ShardedCombinedMarginLoss(nn.Module):
             if lo < hi:
                 self.weight[lo - first:hi - first] = values[lo - start:hi - start]
 
+    # The classes the shard holds, in the state dict as a tensor, not a dict: tools that write state dicts
+    # with safetensors (Accelerate's save_state and save_model by default) take tensors only.
+    extra_state_fields = ("num_classes", "class_start", "class_stop", "k")
+
     def get_extra_state(self):
-        state = {"num_classes": self.num_classes, "class_start": self.class_start, "class_stop": self.class_stop}
-        if self.k > 1:
-            state["k"] = self.k
-        return state
+        return torch.tensor([getattr(self, name) for name in self.extra_state_fields], dtype=torch.int64)
 
     def set_extra_state(self, state):
         pass  # checked against the weight in _load_from_state_dict
+
+    @classmethod
+    def _shard_record(cls, state):
+        """get_extra_state's record as a dict (a state dict's tensor, or the dict older versions wrote,
+        without "k" where it was 1), or None."""
+        if isinstance(state, torch.Tensor) and state.shape == (len(cls.extra_state_fields),):
+            return dict(zip(cls.extra_state_fields, state.tolist()))
+        if isinstance(state, dict):
+            return {"k": 1, **state}
+        return None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # state_dict is load_state_dict's own copy: its entries may be replaced.
         weight_key, extra_key = prefix + "weight", prefix + "_extra_state"
-        mine = self.get_extra_state()
-        weight, saved = state_dict.get(weight_key), state_dict.get(extra_key, mine)  # older states: none
+        mine = self._shard_record(self.get_extra_state())
+        weight = state_dict.get(weight_key)
+        saved = self._shard_record(state_dict[extra_key]) if extra_key in state_dict else mine  # older states: none
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == self.num_classes * self.k:
             state_dict[weight_key] = self.shard_of(weight)  # the whole matrix: this rank's rows
-        elif isinstance(saved, dict) and saved.get("k", 1) != self.k:
-            error_msgs.append(f"{weight_key} holds {saved.get('k', 1)} sub-centre(s) a class, this module "
-                              f"{self.k}")
+        elif saved is not None and saved["k"] != self.k:
+            error_msgs.append(f"{weight_key} holds {saved['k']} sub-centre(s) a class, this module {self.k}")
             return
-        elif isinstance(saved, dict) and saved != mine:
+        elif saved is not None and saved != mine:
+            held = (saved["class_start"], saved["class_stop"])
+            ranks = [r for r in range(self.world_size) if class_shard(self.num_classes, r, self.world_size) == held]
+            if saved["num_classes"] == self.num_classes and ranks:
+                why = (f"that is rank {ranks[0]}'s shard: a checkpoint that one rank wrote (PyTorch Lightning's and "
+                       "Accelerate's under DDP are rank 0's) holds that rank's shard alone. Save the whole matrix, "
+                       "gather() called on every rank, and its optimizer state the same way")
+            else:
+                why = "load the whole matrix (gather() the shards) to change the number of ranks"
             error_msgs.append(
-                f"{weight_key} holds classes [{saved.get('class_start')}, {saved.get('class_stop')}) of "
-                f"{saved.get('num_classes')}, this rank holds [{self.class_start}, {self.class_stop}) of "
-                f"{self.num_classes}: load the whole matrix (gather() the shards) to change the number of ranks")
+                f"{weight_key} holds classes [{saved['class_start']}, {saved['class_stop']}) of "
+                f"{saved['num_classes']}, this rank holds [{self.class_start}, {self.class_stop}) of "
+                f"{self.num_classes}: {why}")
             return
-        state_dict[extra_key] = mine
+        state_dict[extra_key] = self.get_extra_state()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -393,7 +412,8 @@ class ShardedCombinedMarginLoss(nn.Module):
         rank, world_size = _group_info(self.process_group)
         if (rank, world_size) != (self.rank, self.world_size):
             raise RuntimeError(f"this loss was built for rank {self.rank} of {self.world_size} but is called on rank "
-                               f"{rank} of {world_size}: build it after torch.distributed.init_process_group")
+                               f"{rank} of {world_size}: build it after torch.distributed.init_process_group (under PyTorch "
+                               "Lightning, in the LightningModule's configure_model hook)")
         if self.world_size == 1:
             return labels.shape[0]
         device = self.weight.device
@@ -432,7 +452,8 @@ class ShardedCombinedMarginLoss(nn.Module):
                 "every rank's shard of class centres starts with the same centre: DistributedDataParallel "
                 "over a module that holds this loss has broadcast rank 0's shard over the other ranks' (and "
                 "would average their gradients). Call arcface_ext.ddp_ignore_shards(model) before wrapping "
-                "the model, or keep the loss outside the wrapped module. (Or every rank initialised its shard "
+                "the model (under PyTorch Lightning, in configure_model, once the loss is built), or keep the loss "
+                "outside the wrapped module. (Or every rank initialised its shard "
                 "from the same seed, e.g. nn.init.normal_ after one torch.manual_seed: rank r's classes would "
                 "start as copies of rank 0's; reset_parameters() draws the whole matrix and keeps this rank's "
                 "rows.)")

@@ -446,6 +446,7 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for rank, outcomes in enumerate(ranks):
         assert outcomes["built before init"].startswith("RuntimeError: this loss was built for rank 0 of 1")
+        assert "configure_model" in outcomes["built before init"]
         assert outcomes["dtype differs"] == ("ValueError: the ranks must call the sharded loss alike, but they "
                                              "differ in compute dtype (rank 0: float32, rank 1: bfloat16)")
         assert outcomes["mode differs"].endswith("differ in mode (rank 0: training, rank 1: eval)")
@@ -483,7 +484,9 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
         assert outcomes["ddp over a model, shards ignored"] == "ok"
         assert outcomes["own state"] == outcomes["whole matrix"] == "ok" and outcomes["whole matrix rows"]
         assert f"this rank holds [{4 * rank}, {4 * rank + 4}) of 8" in outcomes["other shard"]
-        assert "load the whole matrix" in outcomes["other shard"]
+        # The same layout: a checkpoint that one rank wrote (Lightning's, Accelerate's) holds its shard alone.
+        assert f"that is rank {1 - rank}'s shard" in outcomes["other shard"], outcomes["other shard"]
+        assert "Save the whole matrix" in outcomes["other shard"]
         assert outcomes["deepcopy over a group"] == "ok" and outcomes["deepcopy shares the group"]
         assert outcomes["deepcopy copies the shard"]
     assert ranks[1]["bad labels length on rank 1"] == "ValueError: labels has 2 entries but embeddings has 3 rows"
@@ -494,16 +497,37 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
     assert ranks[1]["not a member"] == "ValueError: this process is not a member of process_group"
 
 
+@pytest.mark.parametrize("module_class", [arcface_ext.ShardedCombinedMarginLoss, arcface_ext.ShardedAdaFaceLoss,
+                                          arcface_ext.ShardedElasticFaceLoss, arcface_ext.ShardedCurricularFaceLoss,
+                                          arcface_ext.ShardedSubCenterMarginLoss])
+def test_sharded_state_dict_holds_tensors_only(module_class):
+    # Accelerate's save_state and save_model write the model's state dict with safetensors by default, which
+    # takes tensors only: the shard's record, a dict, failed there on every rank ("'dict' object has no
+    # attribute 'storage'", accelerate 1.16.0). The record is a tensor; the state still round-trips.
+    module = module_class(7, 4)
+    state = module.state_dict()
+    assert all(isinstance(value, torch.Tensor) for value in state.values()), \
+        {key: type(value).__name__ for key, value in state.items()}
+    copy_ = module_class(7, 4)
+    copy_.load_state_dict(state)
+    assert torch.equal(copy_.weight, module.weight)
+
+
 def test_sharded_state_dict_and_deferred_initialisation():
     # Single process: the shard is every class. The state records it; a state of another shard is
     # refused, and a state without the record (older versions) still loads.
     module = arcface_ext.ShardedCombinedMarginLoss(5, 3)
     state = module.state_dict()
-    assert state["_extra_state"] == {"num_classes": 5, "class_start": 0, "class_stop": 5}
+    # num_classes, class_start, class_stop, k
+    assert state["_extra_state"].dtype == torch.int64 and state["_extra_state"].tolist() == [5, 0, 5, 1]
     module.load_state_dict({"weight": state["weight"]})
-    other = {"weight": state["weight"][:3], "_extra_state": {"num_classes": 5, "class_start": 0, "class_stop": 3}}
-    with pytest.raises(RuntimeError, match=r"holds classes \[0, 3\) of 5, this rank holds \[0, 5\) of 5"):
-        module.load_state_dict(other)
+    module.load_state_dict(state)
+    for record in (torch.tensor([5, 0, 3, 1]), {"num_classes": 5, "class_start": 0, "class_stop": 3}):  # (older)
+        with pytest.raises(RuntimeError, match=r"holds classes \[0, 3\) of 5, this rank holds \[0, 5\) of 5"):
+            module.load_state_dict({"weight": state["weight"][:3], "_extra_state": record})
+    # The record older versions wrote, a dict, still loads.
+    module.load_state_dict({"weight": state["weight"], "_extra_state": {"num_classes": 5, "class_start": 0,
+                                                                        "class_stop": 5}})
     meta = arcface_ext.ShardedCombinedMarginLoss(2_000_000, 512, device="meta")
     assert meta.weight.is_meta and meta.weight.shape == (2_000_000, 512)
 

@@ -241,7 +241,7 @@ def test_sharded_on_one_process_is_the_replicated_one():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     sharded = arcface_ext.ShardedSubCenterMarginLoss(11, 16, k=3)
     assert sharded.weight.shape == (33, 16) and "k=3" in repr(sharded)
-    assert sharded.get_extra_state()["k"] == 3
+    assert sharded.get_extra_state().tolist() == [11, 0, 11, 3]  # num_classes, class_start, class_stop, k
     assert sharded.gather(sharded.weight).shape == (33, 16)
     whole = torch.randn(33, 16)
     sharded.load_state_dict({"weight": whole, "_extra_state": sharded.get_extra_state()})
