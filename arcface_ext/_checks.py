@@ -3,6 +3,7 @@ devices, Python scalars), so they never break a compiled graph. Label values are
 the op."""
 import math
 import numbers
+import sys
 
 import torch
 
@@ -24,6 +25,7 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
     for name, t in (("embeddings", embeddings), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_not_dtensor(name, t)
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(embeddings.shape)}")
     if weight.dim() != 2:
@@ -52,6 +54,33 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
             check_row_margin(name, value, embeddings)
     check_options(s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction, margin_grad=margin_grad,
                   ignore_index=ignore_index)
+
+
+def is_dtensor(tensor):
+    """Whether ``tensor`` is a DTensor (FSDP2's parameters are), without importing torch.distributed.tensor
+    (0.4 s where nothing has yet; torch 2.4 kept it in torch.distributed._tensor): a program that made one
+    has imported it."""
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        dtensor = getattr(sys.modules.get(module), "DTensor", None)
+        if dtensor is not None and isinstance(tensor, dtensor):
+            return True
+    return False
+
+
+def check_not_dtensor(name, tensor):
+    """The kernels take local tensors. A DTensor reached the op as PyTorch's 'got mixed torch.Tensor and
+    DTensor' or 'does not have a sharding strategy registered', naming neither the argument nor the cause:
+    most often FSDP2's sharded parameter, met outside the forward of the module fully_shard was applied to."""
+    if not is_dtensor(tensor):
+        return
+    what = (f"{name} is a DTensor ({', '.join(map(str, tensor.placements))} over {tensor.device_mesh.size()} "
+            "rank(s)): arcface_ext's losses take plain tensors")
+    if name == "weight":
+        raise TypeError(f"{what}. A loss module's weight is FSDP2's sharded DTensor outside the forward of the module "
+                        "fully_shard was applied to (once that module reshards after its forward): call the loss "
+                        "inside that forward, or fully_shard the loss module itself. For class centres split across "
+                        "ranks use arcface_ext.ShardedCombinedMarginLoss; else pass weight.full_tensor()")
+    raise TypeError(f"{what}: pass {name}.to_local() (this rank's part) or {name}.full_tensor() (the whole)")
 
 
 def check_options(*, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_index):
@@ -123,6 +152,7 @@ def check_row_margin(name, value, embeddings):
     """A per-row margin (AdaFace, ElasticFace, MagFace): a real (N,) tensor on the embeddings'
     device; it gets a gradient when it requires one (MagFace's margin is a function of the norm).
     Its values are checked (finite) inside the op."""
+    check_not_dtensor(name, value)
     if value.dim() != 1 or value.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{name} as a tensor holds one margin per row: shape (N,) = ({embeddings.shape[0]},), "
                          f"got {tuple(value.shape)}")

@@ -29,7 +29,8 @@ from torch import nn
 
 from . import chunked, ops
 from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_flag, check_row_margin,
-                      fused_compute_dtype, nan_at_ignored, scalar_margin, skips_label_check, stack_row_margins)
+                      fused_compute_dtype, is_dtensor, nan_at_ignored, scalar_margin, skips_label_check,
+                      stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
 from .chunked import check_filtering_threshold
 from .modules import AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, set_loss_options
@@ -271,6 +272,21 @@ class ShardedCombinedMarginLoss(nn.Module):
         # DistributedDataParallel's broadcast of rank 0's parameters would overwrite the other shards.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
         self.reset_parameters()
+
+    def __setattr__(self, name, value):
+        # FSDP2's fully_shard of a module that holds this loss (or of the loss) sets a DTensor, its shard of
+        # each parameter, in the parameter's place, through setattr for a module that defines __setattr__.
+        # The rank's shard of the classes would be split again as though it were the whole matrix, and each
+        # forward would all-gather a mix of the ranks' shards (the same on every rank), or, for shards of
+        # unequal sizes, abort (gloo) in that all-gather before this loss runs: refused here, before any
+        # collective.
+        if name == "weight" and is_dtensor(value):
+            raise ValueError(
+                f"{type(self).__name__}.weight is this rank's shard of the class centres (classes "
+                f"[{self.class_start}, {self.class_stop}) of {self.num_classes}) and cannot be sharded again (FSDP2's "
+                "fully_shard, or a DTensor): leave it out, fully_shard(model, ignored_params={loss.weight}), or keep "
+                "the loss outside the module you shard, and do not fully_shard the loss itself")
+        super().__setattr__(name, value)
 
     def __deepcopy__(self, memo):
         # A process group is a handle on the ranks' connections, which can be neither copied nor

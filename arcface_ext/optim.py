@@ -10,7 +10,22 @@ the other. The bundled trainer steps with them (``--optimizer sgd`` / ``adamw``)
 import torch
 from torch.optim.adamw import adamw as adamw_update  # torch's functional AdamW
 
+from ._checks import is_dtensor
+
 __all__ = ["SGD", "AdamW"]
+
+
+def _local(tensor):
+    """A DTensor's shard on this rank (a view of it: in-place updates reach the DTensor), else the tensor."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def _layout(tensor):
+    """What must match for tensors to be stepped elementwise on this rank's shards: a DTensor's mesh,
+    placements and local shape; a tensor's shape."""
+    if is_dtensor(tensor):
+        return tensor.device_mesh, tuple(tensor.placements), tensor.to_local().shape
+    return None, None, tensor.shape
 
 
 class SGD(torch.optim.SGD):
@@ -40,8 +55,14 @@ class SGD(torch.optim.SGD):
             if group["foreach"] is False:  # as torch's a tensor at a time
                 for param in params:
                     param.grad.add_(param, alpha=decay)
-            elif params:  # as torch's foreach kernels (a GPU's default; on a CPU they add a tensor at a time)
-                torch._foreach_add_([p.grad for p in params], params, alpha=decay)
+            else:  # as torch's foreach kernels (a GPU's default; on a CPU they add a tensor at a time)
+                # One call a kind of tensor: _foreach_add_ refuses lists that mix DTensors and tensors (a
+                # model whose loss alone is under FSDP2's fully_shard).
+                kinds = {}
+                for param in params:
+                    kinds.setdefault(type(param.grad), []).append(param)
+                for same in kinds.values():
+                    torch._foreach_add_([p.grad for p in same], same, alpha=decay)
             folded.append((group, decay))
             group["weight_decay"] = 0.0
         try:
@@ -123,12 +144,15 @@ class AdamW(torch.optim.AdamW):
                     or any(isinstance(value, torch.Tensor) for value in scalars))
 
     def _sliceable(self, param) -> bool:
-        grad = param.grad
-        return (grad is not None and param.numel() > self.slice_numel and not param.is_complex()
-                and not grad.is_sparse and param.is_contiguous() and grad.is_contiguous()
-                and grad.dtype == param.dtype and grad.device == param.device
+        # A DTensor (FSDP2's parameters, gradients and moments) is sliced on this rank's shard: slices of
+        # the DTensor itself are new tensors (a Shard(0) tensor's flat slice is gathered), whose update
+        # never reached the parameter.
+        grad, local = param.grad, _local(param)
+        states = [value for value in self.state.get(param, {}).values() if value.dim()]  # (not the step)
+        return (grad is not None and local.numel() > self.slice_numel and not param.is_complex()
+                and not grad.is_sparse and grad.dtype == param.dtype and grad.device == param.device
                 # (Moments loaded as they were saved: channels_last, from a run with --channels-last.)
-                and all(value.is_contiguous() for value in self.state.get(param, {}).values()))
+                and all(_layout(t) == _layout(param) and _local(t).is_contiguous() for t in (param, grad, *states)))
 
     # Eager under torch.compile too: this frame compiled on its own (torch's step graph-breaks in the frame that
     # calls it) took the step count of one sliced tensor for another's (one went up twice a step, the other not).
@@ -140,8 +164,8 @@ class AdamW(torch.optim.AdamW):
             state["step"] = torch.tensor(0.0, dtype=scalar_dtype)
             for key in keys:
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        flat = [tensor.view(-1) for tensor in (param, param.grad, *(state[key] for key in keys))]
-        for start in range(0, param.numel(), self.slice_numel):
+        flat = [_local(tensor).view(-1) for tensor in (param, param.grad, *(state[key] for key in keys))]
+        for start in range(0, flat[0].numel(), self.slice_numel):
             value, grad, exp_avg, exp_avg_sq, *max_exp_avg_sq = (t[start:start + self.slice_numel] for t in flat)
             step = state["step"].clone()  # each slice's step from the same count (the update adds one)
             adamw_update(

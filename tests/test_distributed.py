@@ -708,3 +708,159 @@ def test_gloo_ranks_subcenters_match_the_whole_batch(tmp_path, sizes, num_classe
     torch.manual_seed(0)
     single = arcface_ext.ShardedSubCenterMarginLoss(num_classes, DIM, k=3, dtype=torch.float64)
     torch.testing.assert_close(results[0]["initial"], single.weight.detach(), rtol=0, atol=0)
+
+
+# ---- FSDP2 (fully_shard), DTensor and torch.distributed.checkpoint ------------------------------------
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch 2.4 kept it private
+    fully_shard = None
+FSDP_CLASSES, FSDP_ROWS, FSDP_STEPS = 37, 6, 3  # 37: FSDP2's shards and the class shards of unequal sizes
+
+
+class _Embedder(torch.nn.Module):
+    """A backbone and its loss in one module, as an FSDP2 training script holds them."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, DIM))
+        self.head = head
+
+    def forward(self, images, labels):
+        return self.head(self.backbone(images), labels)
+
+
+def _fsdp_start():
+    """Every case's initial backbone (as a state dict) and whole class-centre matrix, and the steps' batches."""
+    torch.manual_seed(0)
+    backbone = _Embedder(torch.nn.Identity()).double().backbone.state_dict()
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(FSDP_CLASSES, DIM, generator=generator, dtype=torch.float64)
+    batches = [(torch.randn(2 * FSDP_ROWS, 8, generator=generator, dtype=torch.float64),
+                torch.randint(0, FSDP_CLASSES, (2 * FSDP_ROWS,), generator=generator)) for _ in range(FSDP_STEPS)]
+    return backbone, centres, batches
+
+
+FSDP_OPTIMIZERS = {"sgd": dict(lr=0.5, momentum=0.9, weight_decay=5e-4), "adamw": dict(lr=1e-2, weight_decay=0.05)}
+
+
+def _fsdp_optimizer(case, params):
+    if case == "sgd":
+        return arcface_ext.optim.SGD(params, **FSDP_OPTIMIZERS[case])
+    optimizer = arcface_ext.optim.AdamW(params, **FSDP_OPTIMIZERS[case])
+    optimizer.slice_numel = 100  # the centres' shard (19 or 18 x 12) in slices
+    return optimizer
+
+
+def _fsdp_model(case, rank):
+    """sgd: an FSDP2 backbone and a sharded head (ShardedCombinedMarginLoss, left out of fully_shard): one
+    optimizer over DTensors and plain tensors. adamw: backbone and ArcFaceLoss both under fully_shard."""
+    backbone, centres, _ = _fsdp_start()
+    head = (arcface_ext.ShardedCombinedMarginLoss(FSDP_CLASSES, DIM, dtype=torch.float64) if case == "sgd"
+            else arcface_ext.ArcFaceLoss(FSDP_CLASSES, DIM, dtype=torch.float64))
+    model = _Embedder(head).double()
+    model.backbone.load_state_dict(backbone)
+    model.head.load_state_dict({"weight": centres})  # (the sharded head keeps its rows)
+    for layer in (model.backbone[0], model.backbone[2]):
+        fully_shard(layer)
+    fully_shard(model.backbone)
+    if case == "adamw":
+        fully_shard(model.head)
+        fully_shard(model)
+    return model, _fsdp_optimizer(case, model.parameters())
+
+
+def _fsdp_steps(model, optimizer, rank, steps):
+    for images, labels in [_fsdp_start()[2][step] for step in steps]:
+        mine = slice(rank * FSDP_ROWS, (rank + 1) * FSDP_ROWS)
+        loss = model(images[mine], labels[mine])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _whole_parameters(model):
+    """name -> the whole parameter: a DTensor's full_tensor, the sharded head's gathered shards."""
+    whole = {}
+    for name, param in model.named_parameters():
+        if isinstance(model.head, arcface_ext.ShardedCombinedMarginLoss) and name == "head.weight":
+            whole[name] = model.head.gather(param)
+        else:
+            whole[name] = param.full_tensor() if hasattr(param, "full_tensor") else param.detach().clone()
+    return whole
+
+
+def _fsdp_worker(rank, world_size, init_file, out_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        results = {}
+        for case in ("sgd", "adamw"):
+            # arcface_ext.optim.SGD raised on the sgd case ('_foreach_add_ got mixed torch.Tensor and DTensor');
+            # AdamW sliced the flattened DTensors, not their shards: here the view raised; with 1001 x 32 centres
+            # the slices were new tensors, and the centres' shards were left as they were, silently.
+            outcome = _outcome(lambda: _fsdp_steps(*_fsdp_model(case, rank)[:2], rank, range(FSDP_STEPS)))
+            if outcome != "ok":
+                results[case] = outcome
+                continue
+            model, optimizer = _fsdp_model(case, rank)
+            _fsdp_steps(model, optimizer, rank, range(FSDP_STEPS))
+            results[case] = _whole_parameters(model)
+        # Resumed from a DCP checkpoint (sharded state dicts of the model and AdamW) after step 1: the
+        # uninterrupted run's parameters, bit for bit.
+        model, optimizer = _fsdp_model("adamw", rank)
+        _fsdp_steps(model, optimizer, rank, [0])
+        dcp.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), checkpoint_id=f"{out_dir}/dcp")
+        model, optimizer = _fsdp_model("adamw", rank)
+        state = dict(zip(("model", "optim"), get_state_dict(model, optimizer)))
+        dcp.load(state, checkpoint_id=f"{out_dir}/dcp")
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _fsdp_steps(model, optimizer, rank, range(1, FSDP_STEPS))
+        results["adamw resumed"] = _whole_parameters(model)
+        # A sharded head under fully_shard: refused there, before its all-gather (with 37 classes, shards of
+        # 19 and 18 rows, gloo aborted the process in it).
+        sharded = _Embedder(arcface_ext.ShardedCombinedMarginLoss(FSDP_CLASSES, DIM))
+        results["sharded head under fully_shard"] = _outcome(lambda: fully_shard(sharded))
+        # A DTensor handed to the loss: named (PyTorch's 'got mixed torch.Tensor and DTensor' named neither).
+        mesh = init_device_mesh("cpu", (world_size,))
+        weight = distribute_tensor(torch.randn(FSDP_CLASSES, DIM), mesh, [Shard(0)])
+        results["dtensor weight"] = _outcome(lambda: arcface_ext.combined_margin_loss(
+            torch.randn(4, DIM), weight, torch.tensor([0, 1, 2, 3])))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        settle()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(fully_shard is None, reason="this torch has no torch.distributed.fsdp.fully_shard")
+def test_fsdp2_steps_match_one_process(tmp_path):
+    # Two gloo ranks, each with its rows of the batch, against one process stepping torch's optimizers
+    # over the whole batch with a replicated loss, in fp64.
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for case, optimizer_class in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
+        backbone, centres, batches = _fsdp_start()
+        model = _Embedder(arcface_ext.CombinedMarginLoss(FSDP_CLASSES, DIM, dtype=torch.float64)).double()
+        model.backbone.load_state_dict(backbone)
+        model.head.load_state_dict({"weight": centres})
+        optimizer = optimizer_class(model.parameters(), **FSDP_OPTIMIZERS[case])
+        for images, labels in batches:
+            optimizer.zero_grad()
+            model(images, labels).backward()
+            optimizer.step()
+        assert isinstance(ranks[0][case], dict), ranks[0][case]
+        for name, param in model.named_parameters():
+            assert_matches_reference(ranks[0][case][name], param.detach(), name=f"{case}: {name}")
+    for name, param in ranks[0]["adamw"].items():
+        assert torch.equal(ranks[0]["adamw resumed"][name], param), name
+    for outcomes in ranks:
+        assert outcomes["sharded head under fully_shard"].startswith(
+            "ValueError: ShardedCombinedMarginLoss.weight is this rank's shard of the class centres"), \
+            outcomes["sharded head under fully_shard"]
+        assert outcomes["dtensor weight"].startswith("TypeError: weight is a DTensor (S(0) over 2 rank(s))"), \
+            outcomes["dtensor weight"]
