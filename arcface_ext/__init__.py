@@ -9,7 +9,8 @@ from .functional import (combined_margin_loss, extension_available, get_workspac
 from .modules import (AdaFaceLoss, ArcFaceLoss, CombinedMarginLoss, CosFaceLoss, CurricularFaceLoss, ElasticFaceLoss,
                       MagFaceLoss, SphereFaceLoss)
 from .distributed import (ShardedAdaFaceLoss, ShardedCombinedMarginLoss, ShardedCurricularFaceLoss,
-                          ShardedElasticFaceLoss, ShardedSubCenterMarginLoss, class_shard, ddp_ignore_shards)
+                          ShardedElasticFaceLoss, ShardedSubCenterMarginLoss, class_shard, ddp_ignore_shards,
+                          full_state_dict, shard_optimizer_state)
 from .sampling import sample_classes, sample_size
 from .subcenter import SubCenterMarginLoss, subcenter_margin_loss
 from .chunked import chunked_margin_loss
@@ -20,6 +21,6 @@ __all__ = [
     "ShardedElasticFaceLoss", "class_shard", "ddp_ignore_shards", "sample_classes", "sample_size",
     "set_workspace_bytes", "get_workspace_bytes", "extension_available", "SubCenterMarginLoss",
     "subcenter_margin_loss", "CurricularFaceLoss", "chunked_margin_loss", "ShardedCurricularFaceLoss",
-    "ShardedSubCenterMarginLoss",
+    "ShardedSubCenterMarginLoss", "full_state_dict", "shard_optimizer_state",
 ]
 __version__ = "0.1.0"

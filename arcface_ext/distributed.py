@@ -661,6 +661,77 @@ def ddp_ignore_shards(model):
     return added
 
 
+def _sharded_losses(model):
+    """(state-dict prefix, module) of the sharded losses in ``model`` (itself included), in the same order
+    on every rank."""
+    return [(f"{name}." if name else "", module) for name, module in model.named_modules()
+            if isinstance(module, ShardedCombinedMarginLoss)]
+
+
+def _map_class_state(model, optimizer, state_dict, per_class):
+    """A copy of the optimizer state dict ``state_dict`` in which the per-class tensors (momentum, Adam's
+    moments; not a step count) of every sharded loss's centres went through ``per_class(module, name,
+    tensor)``, in the same order on every rank (it may be a collective). The parameters are told apart by
+    their place in ``optimizer``'s groups, as torch's load_state_dict pairs them; nothing is written in place."""
+    losses = {id(module.weight): (prefix, module) for prefix, module in _sharded_losses(model)}
+    state_dict = {**state_dict, "state": dict(state_dict["state"])}
+    if len(optimizer.param_groups) != len(state_dict["param_groups"]):
+        raise ValueError(f"the optimizer state dict has {len(state_dict['param_groups'])} parameter group(s), the "
+                         f"optimizer {len(optimizer.param_groups)}")
+    for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
+        for param, index in zip(group["params"], saved["params"]):
+            if id(param) not in losses or index not in state_dict["state"]:  # (no state before the first step)
+                continue
+            prefix, module = losses[id(param)]
+            entry = dict(state_dict["state"][index])
+            for key in sorted(entry):
+                if torch.is_tensor(entry[key]) and entry[key].dim() > 0:
+                    entry[key] = per_class(module, f"{prefix}weight's {key}", entry[key])
+            state_dict["state"][index] = entry
+    return state_dict
+
+
+def full_state_dict(model, optimizer=None, *, dst=0):
+    """``(model_state, optimizer_state)``: ``model.state_dict()`` and ``optimizer.state_dict()`` (None
+    without an optimizer) with the class centres of every sharded loss in ``model`` whole, as a replicated
+    loss holds them (num_classes·k rows, gathered into host memory with the loss's ``gather``), and so their
+    optimizer state (momentum, Adam's moments): one checkpoint that resumes on any number of ranks, or on a
+    replicated loss. Returned on rank ``dst`` of the losses' process group, ``(None, None)`` on the others.
+    Collective: every rank calls it. To resume, ``model.load_state_dict`` keeps each rank's rows of the whole
+    centres itself; the optimizer's state goes through :func:`shard_optimizer_state` first."""
+    losses = _sharded_losses(model)
+    model_state = model.state_dict()
+    for prefix, module in losses:
+        model_state[prefix + "weight"] = module.gather(module.weight.detach(), dst)
+        model_state.pop(prefix + "_extra_state", None)  # which classes a shard holds: the whole has no range
+    optimizer_state = None
+    if optimizer is not None:
+        optimizer_state = _map_class_state(model, optimizer, optimizer.state_dict(),
+                                           lambda module, name, tensor: module.gather(tensor, dst))
+    if losses:
+        mine = all(module.rank == dst for _, module in losses)
+    else:
+        mine = (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0) == dst
+    return (model_state, optimizer_state) if mine else (None, None)
+
+
+def shard_optimizer_state(model, optimizer, state_dict):
+    """This rank's optimizer state dict from ``state_dict``, whose sharded losses' centres have their whole
+    per-class state (:func:`full_state_dict`'s, or a replicated loss's): each rank's rows of it, for
+    ``optimizer.load_state_dict``. A rank's own state passes unchanged. Not a collective. Also a load hook:
+    ``optimizer.register_load_state_dict_pre_hook(lambda opt, state: shard_optimizer_state(model, opt, state))``."""
+    def rows(module, name, tensor):
+        whole, own = module.num_classes * module.k, module.weight.shape[0]
+        if tensor.shape[0] == whole:
+            return module.shard_of(tensor)
+        if tensor.shape[0] == own:
+            return tensor
+        raise ValueError(f"optimizer state {name} has {tensor.shape[0]} rows: neither the whole centres' "
+                         f"{whole} nor this rank's {own} (classes [{module.class_start}, {module.class_stop}))")
+
+    return _map_class_state(model, optimizer, state_dict, rows)
+
+
 class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
     """:class:`ShardedCombinedMarginLoss` with AdaFace's margins (:class:`AdaFaceMargins`). The
     running norm statistics follow the norms of every rank's counted rows (one all-reduce of three

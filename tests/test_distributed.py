@@ -532,6 +532,116 @@ def test_sharded_state_dict_and_deferred_initialisation():
     assert meta.weight.is_meta and meta.weight.shape == (2_000_000, 512)
 
 
+# ---- one checkpoint for any number of ranks: full_state_dict, shard_optimizer_state ------------------
+
+class _TwoHeads(torch.nn.Module):
+    """A projection and two sharded losses (one with sub-centres), as a model holding them is saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 4, dtype=torch.float64)
+        self.head = arcface_ext.ShardedCombinedMarginLoss(11, 4, dtype=torch.float64)
+        self.sub = arcface_ext.ShardedSubCenterMarginLoss(7, 4, k=2, dtype=torch.float64)
+
+    def forward(self, inputs, labels):
+        x = self.proj(inputs)
+        return self.head(x, labels) + self.sub(x, labels % 7)
+
+
+def _two_heads_and_optimizer():
+    torch.manual_seed(0)  # every rank alike: the sharded losses draw the same whole matrix
+    model = _TwoHeads()
+    # The heads' group first: the optimizer's order is not the model's.
+    optimizer = arcface_ext.optim.AdamW([{"params": [model.sub.weight, model.head.weight], "lr": 0.05},
+                                         {"params": model.proj.parameters()}], lr=0.01)
+    return model, optimizer
+
+
+def _checkpoint_steps(model, optimizer, rank, world_size, steps):
+    for step in steps:
+        gen = torch.Generator().manual_seed(100 + step)
+        inputs, labels = torch.randn(6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 11, (6,), generator=gen)
+        rows = slice(rank * 6 // world_size, (rank + 1) * 6 // world_size)
+        optimizer.zero_grad()
+        model(inputs[rows], labels[rows]).backward()
+        for param in model.proj.parameters():  # replicated: averaged, as DDP would
+            dist.all_reduce(param.grad)
+            param.grad /= world_size
+        optimizer.step()
+
+
+def _checkpoint_worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        model, optimizer = _two_heads_and_optimizer()
+        _checkpoint_steps(model, optimizer, rank, world_size, range(2))
+        model_state, optimizer_state = arcface_ext.full_state_dict(model, optimizer)
+        if rank == 0:
+            torch.save({"model": model_state, "optimizer": optimizer_state}, os.path.join(out_dir, "whole.pt"))
+        local = copy.deepcopy(optimizer.state_dict())
+        _checkpoint_steps(model, optimizer, rank, world_size, range(2, 4))
+        uninterrupted = {name: module.gather(module.weight.detach()) for name, module in (("head", model.head),
+                                                                                          ("sub", model.sub))}
+        dist.barrier()
+        # Resumed from the whole checkpoint by a fresh model: the optimizer's state sharded by a load hook.
+        saved = torch.load(os.path.join(out_dir, "whole.pt"), weights_only=True)
+        resumed, resumed_optimizer = _two_heads_and_optimizer()
+        resumed.load_state_dict(saved["model"])
+        resumed_optimizer.register_load_state_dict_pre_hook(
+            lambda opt, state: arcface_ext.shard_optimizer_state(resumed, opt, state))
+        resumed_optimizer.load_state_dict(saved["optimizer"])
+        # A rank's own state passes unchanged; another size of rows is refused.
+        own = arcface_ext.shard_optimizer_state(resumed, resumed_optimizer, local)
+        wrong = copy.deepcopy(local)
+        wrong["state"][1]["exp_avg"] = wrong["state"][1]["exp_avg"][:1]
+        _checkpoint_steps(resumed, resumed_optimizer, rank, world_size, range(2, 4))
+        result = {"returned": model_state is not None and optimizer_state is not None,
+                  "own unchanged": all(torch.equal(own["state"][i][key], local["state"][i][key])
+                                       for i in local["state"] for key in local["state"][i]),
+                  "wrong": _outcome(lambda: arcface_ext.shard_optimizer_state(resumed, resumed_optimizer, wrong)),
+                  "local": local, "uninterrupted": uninterrupted,
+                  "resumed": {name: module.gather(module.weight.detach()) for name, module in (("head", resumed.head),
+                                                                                               ("sub", resumed.sub))}}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        settle()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_full_state_dict_resumes_on_any_number_of_ranks(tmp_path):
+    # Three gloo ranks write one checkpoint (rank 0's file) with the whole centres and their Adam moments;
+    # it resumes on the same ranks bit for bit, its rows are each rank's own state, and it loads in one
+    # process (a replicated layout) as the whole.
+    mp.spawn(_checkpoint_worker, args=(3, str(tmp_path / "store"), str(tmp_path)), nprocs=3, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    saved = torch.load(tmp_path / "whole.pt", weights_only=True)
+    assert [r["returned"] for r in ranks] == [True, False, False]  # (None, None) on the others
+    assert saved["model"]["head.weight"].shape == (11, 4) and saved["model"]["sub.weight"].shape == (14, 4)
+    assert not [key for key in saved["model"] if key.endswith("_extra_state")]
+    for name in ("head", "sub"):
+        assert torch.equal(ranks[0]["resumed"][name], ranks[0]["uninterrupted"][name]), name
+        assert ranks[1]["resumed"][name] is None  # (gathered on rank 0)
+    for rank, result in enumerate(ranks):
+        assert result["own unchanged"]
+        assert result["wrong"] == ("ValueError: optimizer state head.weight's exp_avg has 1 rows: neither the whole "
+                                   f"centres' 11 nor this rank's 4 (classes [{4 * rank}, {4 * rank + 4}))") \
+            if rank < 2 else result["wrong"].endswith("nor this rank's 3 (classes [8, 11))")
+        # The whole moments' rows are each rank's own (index 0: sub's weight, 1: head's, as the groups list them).
+        for index, per_class in ((0, 2), (1, 1)):
+            start, stop = arcface_ext.class_shard(11 if index else 7, rank, 3)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(saved["optimizer"]["state"][index][key][start * per_class:stop * per_class],
+                                   result["local"]["state"][index][key])
+        assert torch.equal(saved["optimizer"]["state"][2]["exp_avg"], result["local"]["state"][2]["exp_avg"])  # (proj)
+    # One process: the sharded losses hold every class, and take the whole state as it is.
+    model, optimizer = _two_heads_and_optimizer()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(arcface_ext.shard_optimizer_state(model, optimizer, saved["optimizer"]))
+    assert torch.equal(optimizer.state[model.head.weight]["exp_avg"], saved["optimizer"]["state"][1]["exp_avg"])
+    assert arcface_ext.full_state_dict(model, optimizer)[0]["head.weight"].shape == (11, 4)
+
+
 # ---- CurricularFace on sharded centres ----------------------------------------------------------------
 
 def _curricular_worker(rank, world_size, init_file, sizes, out_dir, sample_rate):

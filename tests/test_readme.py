@@ -142,7 +142,8 @@ class TinyBackbone(torch.nn.Module):
         return self.fc(images.flatten(1))
 
 
-def test_the_examples_run_on_a_cpu():
+def test_the_examples_run_on_a_cpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (the checkpoint example writes its file)
     if not arcface_ext.extension_available():
         pytest.skip("the extension is not built")
     examples = python_examples()
@@ -159,8 +160,18 @@ def test_the_examples_run_on_a_cpu():
         namespace = {"torch": torch, "arcface_ext": arcface_ext, "backbone": TinyBackbone(), "loader": [(images, labels)] * 2,
                      "embeddings": torch.randn(8, 512, requires_grad=True), "weight": torch.randn(85742, 512),
                      "labels": labels}
+        if "full_state_dict" in code:  # a model holding a sharded loss (one process: every class), one step taken
+            model = torch.nn.ModuleDict({"backbone": TinyBackbone(), "criterion": arcface_ext.ShardedCombinedMarginLoss(20, 512)})
+            optimizer = arcface_ext.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            model["criterion"](model["backbone"](images), labels % 20).backward()
+            optimizer.step()
+            namespace.update(model=model, optimizer=optimizer)
+            momentum = optimizer.state[model["criterion"].weight]["momentum_buffer"].clone()
         exec(compile(code, README + " (a python example)", "exec"), namespace)
         ran += 1
+        if "full_state_dict" in code:
+            assert torch.equal(namespace["saved"]["model"]["criterion.weight"], model["criterion"].weight)
+            assert torch.equal(optimizer.state[model["criterion"].weight]["momentum_buffer"], momentum)
         if "optimizer.step()" in code:
             assert torch.isfinite(namespace["loss"]) and namespace["loss"] > 0
             assert namespace["criterion"].weight.shape == (85742, 512)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from arcface_ext import full_state_dict, shard_optimizer_state
 from arcface_ext.optim import SGD, AdamW  # noqa: F401 (train.trainer.SGD, AdamW: the trainer's)
 
 from . import checkpoint, export
@@ -903,7 +904,8 @@ class Trainer:
         # Copies: load_state_dict keeps a state tensor of the right dtype and device as it is, and a view of
         # the file mapping (mmap=True) kept the whole checkpoint mapped for the run (its pages resident, and
         # its disk space taken after the next save replaced it: 4.1 GB at a million classes).
-        self.optimizer.load_state_dict(_copied_tensors(self._local_optimizer_state(state["optimizer"])))
+        self.optimizer.load_state_dict(_copied_tensors(shard_optimizer_state(self.margin_loss, self.optimizer,
+                                                                             state["optimizer"])))
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule follows the current options (e.g. a larger --max-steps), not the file's: in
         # every parameter group, from the next step on (the loaded learning rates are the file's).
@@ -1084,41 +1086,11 @@ class Trainer:
         return "synthetic" in (saved, given) or os.path.abspath(saved) != os.path.abspath(given)
 
     # A sharded loss's checkpoint holds the whole class-centre matrix and its optimizer state, as a
-    # replicated one's does: a run can resume on another number of processes, or unsharded.
+    # replicated one's does: a run can resume on another number of processes, or unsharded
+    # (arcface_ext.full_state_dict, shard_optimizer_state).
 
     def _sharded(self) -> bool:
         return getattr(self.margin_loss, "sharded", False)
-
-    def _centre_state_ids(self, optimizer_state: dict[str, Any]) -> list[int]:
-        return [i for group in optimizer_state["param_groups"] if group.get("name") == "class_centers"
-                for i in group["params"]]
-
-    def _map_centre_state(self, state: dict[str, Any], per_class) -> dict[str, Any]:
-        """A copy of an optimizer state dict whose class-centre tensors (momentum, Adam moments; not
-        scalars such as Adam's step) went through ``per_class``, in the same order on every rank
-        (``per_class`` may be a collective). The live optimizer state is never written."""
-        state = {**state, "state": dict(state["state"])}
-        for i in self._centre_state_ids(state):
-            if i not in state["state"]:  # before the first step, on every rank alike
-                continue
-            entry = dict(state["state"][i])
-            for key in sorted(entry):
-                if torch.is_tensor(entry[key]) and entry[key].dim() > 0:
-                    entry[key] = per_class(entry[key])
-            state["state"][i] = entry
-        return state
-
-    def _local_optimizer_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """This rank's rows of a whole checkpoint's class-centre optimizer state."""
-        return self._map_centre_state(state, self.margin_loss.shard_of) if self._sharded() else state
-
-    def _full_optimizer_state(self) -> dict[str, Any] | None:
-        """The optimizer's state with the class centres' rows of every rank (rank 0; collective)."""
-        state = self.optimizer.state_dict()
-        if not self._sharded():
-            return state
-        state = self._map_centre_state(state, self.margin_loss.gather)
-        return state if self.is_main else None
 
     def save(self) -> None:
         """Write the checkpoint (collective: every rank must call it)."""
@@ -1135,11 +1107,8 @@ class Trainer:
         if self.distributed:
             rng_states = [None] * self.world_size
             dist.all_gather_object(rng_states, rng)
-        centres = self.margin_loss.state_dict()
-        if self._sharded():  # the whole matrix; the loss's buffers (AdaFace's) are alike on every rank
-            centres["weight"] = self.margin_loss.gather(self.margin_loss.weight)
-            centres.pop("_extra_state")  # which classes the shard holds: the whole has no such range
-        optimizer_state = self._full_optimizer_state()
+        # The whole centres and their optimizer state (the loss's buffers, AdaFace's, are alike on every rank).
+        centres, optimizer_state = full_state_dict(self.margin_loss, self.optimizer)
         if not self.is_main:
             return
         state = {
