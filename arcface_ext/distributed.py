@@ -678,10 +678,14 @@ def _map_class_state(model, optimizer, state_dict, per_class):
     if len(optimizer.param_groups) != len(state_dict["param_groups"]):
         raise ValueError(f"the optimizer state dict has {len(state_dict['param_groups'])} parameter group(s), the "
                          f"optimizer {len(optimizer.param_groups)}")
+    done = set()
     for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
         for param, index in zip(group["params"], saved["params"]):
-            if id(param) not in losses or index not in state_dict["state"]:  # (no state before the first step)
+            # No state before the first step. A parameter a group lists twice (deprecated by torch) has one
+            # index: its state mapped twice was the whole's rows gathered again, which raised on rank dst alone.
+            if id(param) not in losses or index not in state_dict["state"] or index in done:
                 continue
+            done.add(index)
             prefix, module = losses[id(param)]
             entry = dict(state_dict["state"][index])
             for key in sorted(entry):

@@ -2,6 +2,7 @@
 into the whole softmax, and ShardedCombinedMarginLoss over real gloo process groups, all against the
 fp64 reference of the unsharded loss."""
 import copy
+import datetime
 import functools
 import os
 
@@ -640,6 +641,38 @@ def test_full_state_dict_resumes_on_any_number_of_ranks(tmp_path):
     optimizer.load_state_dict(arcface_ext.shard_optimizer_state(model, optimizer, saved["optimizer"]))
     assert torch.equal(optimizer.state[model.head.weight]["exp_avg"], saved["optimizer"]["state"][1]["exp_avg"])
     assert arcface_ext.full_state_dict(model, optimizer)[0]["head.weight"].shape == (11, 4)
+
+
+def _listed_twice_worker(rank, world_size, init_file, out_dir):
+    # (A short timeout: a rank left waiting fails the test rather than hanging it.)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        loss = arcface_ext.ShardedCombinedMarginLoss(5, 4, dtype=torch.float64)
+        with pytest.warns(UserWarning, match="duplicate"):
+            optimizer = arcface_ext.optim.SGD([loss.weight, loss.weight], lr=0.1, momentum=0.9)
+        loss(torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 5, (3,))).backward()
+        optimizer.step()
+        returned = []
+        outcome = _outcome(lambda: returned.append(arcface_ext.full_state_dict(loss, optimizer)))
+        whole = returned[0][1] if returned and returned[0][1] is not None else None
+        torch.save({"outcome": outcome, "whole": whole, "local": optimizer.state[loss.weight]["momentum_buffer"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        settle()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_full_state_dict_of_a_parameter_listed_twice(tmp_path):
+    # torch's state dict gives both listings one index: its state was gathered twice, and rank 0 (given the
+    # whole the first time) raised while the other ranks went on, to wait in their next collective.
+    mp.spawn(_listed_twice_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["outcome"] for r in ranks] == ["ok", "ok"]
+    (whole,) = (state["momentum_buffer"] for state in ranks[0]["whole"]["state"].values())
+    assert torch.equal(whole, torch.cat([ranks[0]["local"], ranks[1]["local"]]))
 
 
 # ---- CurricularFace on sharded centres ----------------------------------------------------------------
