@@ -700,10 +700,17 @@ def full_state_dict(model, optimizer=None, *, dst=0):
     without an optimizer) with the class centres of every sharded loss in ``model`` whole, as a replicated
     loss holds them (num_classes·k rows, gathered into host memory with the loss's ``gather``), and so their
     optimizer state (momentum, Adam's moments): one checkpoint that resumes on any number of ranks, or on a
-    replicated loss. Returned on rank ``dst`` of the losses' process group, ``(None, None)`` on the others.
-    Collective: every rank calls it. To resume, ``model.load_state_dict`` keeps each rank's rows of the whole
-    centres itself; the optimizer's state goes through :func:`shard_optimizer_state` first."""
+    replicated loss. Returned on rank ``dst`` of the losses' process group (of the default group in a model
+    without one), ``(None, None)`` on the others. Collective: every rank calls it. To resume,
+    ``model.load_state_dict`` keeps each rank's rows of the whole centres itself; the optimizer's state goes
+    through :func:`shard_optimizer_state` first."""
     losses = _sharded_losses(model)
+    initialised = dist.is_available() and dist.is_initialized()
+    # Refused on every rank before any collective: on one rank it returned (None, None) without a word.
+    for size in {module.world_size for _, module in losses} or {dist.get_world_size() if initialised else 1}:
+        if not (isinstance(dst, int) and 0 <= dst < size):
+            raise ValueError(f"dst must be a rank of the {'losses' if losses else 'default'} process group, in "
+                             f"[0, {size}): got {dst!r}")
     model_state = model.state_dict()
     for prefix, module in losses:
         model_state[prefix + "weight"] = module.gather(module.weight.detach(), dst)
@@ -715,7 +722,7 @@ def full_state_dict(model, optimizer=None, *, dst=0):
     if losses:
         mine = all(module.rank == dst for _, module in losses)
     else:
-        mine = (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0) == dst
+        mine = (dist.get_rank() if initialised else 0) == dst
     return (model_state, optimizer_state) if mine else (None, None)
 
 

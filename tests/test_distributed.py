@@ -643,6 +643,17 @@ def test_full_state_dict_resumes_on_any_number_of_ranks(tmp_path):
     assert arcface_ext.full_state_dict(model, optimizer)[0]["head.weight"].shape == (11, 4)
 
 
+def test_full_state_dict_refuses_a_dst_outside_the_group():
+    # One process: dst=1 returned (None, None), no checkpoint and no word (on several gloo ranks, gloo's
+    # 'invalid root rank' from inside the gather).
+    loss = arcface_ext.ShardedCombinedMarginLoss(5, 4)
+    for model in (torch.nn.ModuleDict({"loss": loss}), torch.nn.Linear(2, 2)):
+        for dst in (1, -1):
+            with pytest.raises(ValueError, match=rf"dst must be a rank of the .* process group, in \[0, 1\): got {dst}"):
+                arcface_ext.full_state_dict(model, dst=dst)
+        assert arcface_ext.full_state_dict(model, dst=0)[0].keys() == model.state_dict().keys() - {"loss._extra_state"}
+
+
 def _listed_twice_worker(rank, world_size, init_file, out_dir):
     # (A short timeout: a rank left waiting fails the test rather than hanging it.)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
