@@ -678,6 +678,12 @@ def _map_class_state(model, optimizer, state_dict, per_class):
     if len(optimizer.param_groups) != len(state_dict["param_groups"]):
         raise ValueError(f"the optimizer state dict has {len(state_dict['param_groups'])} parameter group(s), the "
                          f"optimizer {len(optimizer.param_groups)}")
+    # (As torch's load_state_dict would say, after its load hooks: paired off by place, another parameter's state
+    # was taken for a loss's, and refused for its rows, naming the loss.)
+    for number, (group, saved) in enumerate(zip(optimizer.param_groups, state_dict["param_groups"])):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(f"the optimizer state dict's parameter group {number} has {len(saved['params'])} "
+                             f"parameter(s), the optimizer's {len(group['params'])}")
     done = set()
     for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
         for param, index in zip(group["params"], saved["params"]):

@@ -654,6 +654,21 @@ def test_full_state_dict_refuses_a_dst_outside_the_group():
         assert arcface_ext.full_state_dict(model, dst=0)[0].keys() == model.state_dict().keys() - {"loss._extra_state"}
 
 
+def test_shard_optimizer_state_names_a_group_of_another_size():
+    # Paired off by place with another optimizer's group, a parameter's state was taken for the loss's and
+    # refused for its rows ('loss.weight's momentum_buffer has 3 rows'), before torch's own check could say why.
+    loss, proj = arcface_ext.ShardedCombinedMarginLoss(5, 4), torch.nn.Linear(4, 3)
+    model = torch.nn.ModuleDict({"loss": loss, "proj": proj})
+    other = arcface_ext.optim.SGD([proj.weight, loss.weight], lr=0.1, momentum=0.9)
+    for param in (proj.weight, loss.weight):
+        param.grad = torch.ones_like(param)
+    other.step()
+    optimizer = arcface_ext.optim.SGD([loss.weight], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"^the optimizer state dict's parameter group 0 has 2 parameter\(s\), "
+                                         r"the optimizer's 1$"):
+        arcface_ext.shard_optimizer_state(model, optimizer, other.state_dict())
+
+
 def _listed_twice_worker(rank, world_size, init_file, out_dir):
     # (A short timeout: a rank left waiting fails the test rather than hanging it.)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
