@@ -653,8 +653,7 @@ def ddp_ignore_shards(model):
     ignore from the module it wraps only, so a sharded loss inside a larger model would otherwise
     have rank 0's shard broadcast over the others' and the ranks' shard gradients averaged). Returns
     the names it added."""
-    names = [f"{prefix}.weight" if prefix else "weight" for prefix, module in model.named_modules()
-             if isinstance(module, ShardedCombinedMarginLoss)]
+    names = [prefix + "weight" for prefix, _ in _sharded_losses(model)]
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     added = [name for name in names if name not in ignored]
     model._ddp_params_and_buffers_to_ignore = ignored + added
