@@ -303,9 +303,11 @@ class ShardedCombinedMarginLoss(nn.Module):
         """N(0, 0.01) as insightface initialises its centres. The ranks draw the same full matrix,
         a block at a time, and keep their rows: the result does not depend on the number of ranks,
         provided every rank's default generator is in the same state (seed them alike)."""
-        seed = int(torch.randint(0, 2**62, (1,)))
         if self.weight.is_meta:  # deferred initialisation: no values to draw
             return
+        # From the CPU's default generator, wherever the weight is: under torch.device("meta") (or "cuda")
+        # as the default device, randint without a device drew a meta tensor, which int() refused.
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         generator = torch.Generator(device=self.weight.device).manual_seed(seed)
         # The same blocks on every rank (the values a draw gives depend on its size).
         block = max(1, (1 << 24) // self.embedding_size)

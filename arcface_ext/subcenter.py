@@ -71,7 +71,12 @@ class SubCenterMarginLoss(nn.Module):
         self.use_reference = check_flag("use_reference", use_reference)
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.k, self.embedding_size, device=device,
                                                dtype=dtype))
-        nn.init.normal_(self.weight, std=0.01)  # insightface's initialisation, as CombinedMarginLoss's
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """N(0, 0.01), insightface's initialisation, as CombinedMarginLoss's (for deferred initialisation:
+        built under ``torch.device("meta")``, then ``to_empty`` and this)."""
+        nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, embeddings, labels, return_target_cosine=False):
         weight, ignore_index, check_labels = self.weight, self.ignore_index, self.check_labels

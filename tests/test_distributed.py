@@ -533,6 +533,26 @@ def test_sharded_state_dict_and_deferred_initialisation():
     assert meta.weight.is_meta and meta.weight.shape == (2_000_000, 512)
 
 
+@pytest.mark.parametrize("module_class", [arcface_ext.ShardedCombinedMarginLoss, arcface_ext.ShardedAdaFaceLoss,
+                                          arcface_ext.ShardedElasticFaceLoss, arcface_ext.ShardedCurricularFaceLoss,
+                                          arcface_ext.ShardedSubCenterMarginLoss])
+def test_built_under_the_meta_default_device(module_class):
+    # Under `with torch.device("meta")` reset_parameters drew its seed with torch.randint on the default
+    # device, a meta tensor, and int() of it raised "Tensor.item() cannot be called on meta tensors": the
+    # module could not be built. Built so, then to_empty and reset_parameters (every buffer too), it is the
+    # module built directly from the same seed.
+    torch.manual_seed(0)
+    built = module_class(7, 4, dtype=torch.float64)
+    with torch.device("meta"):
+        deferred = module_class(7, 4, dtype=torch.float64)
+    assert deferred.weight.is_meta
+    deferred.to_empty(device="cpu")
+    torch.manual_seed(0)
+    deferred.reset_parameters()
+    for (name, value), expected in zip(deferred.state_dict().items(), built.state_dict().values()):
+        assert torch.equal(value, expected), (name, value, expected)
+
+
 # ---- one checkpoint for any number of ranks: full_state_dict, shard_optimizer_state ------------------
 
 class _TwoHeads(torch.nn.Module):

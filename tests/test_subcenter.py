@@ -253,3 +253,31 @@ def test_sharded_on_one_process_is_the_replicated_one():
         sharded.shard_of(torch.zeros(11, 16))
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         arcface_ext.ShardedSubCenterMarginLoss(11, 16, k=0)
+
+
+@pytest.mark.parametrize("options", [dict(k=3), dict(k=2, sample_rate=0.5)], ids=["k3", "k2-sampled"])
+def test_deferred_initialisation_on_the_meta_device(options):
+    # Built under torch.device("meta"), then to_empty and reset_parameters, as a user does with nn.Linear:
+    # SubCenterMarginLoss had no reset_parameters, and to_empty left its centres uninitialised memory.
+    torch.manual_seed(0)
+    built = SubCenterMarginLoss(11, 16, dtype=torch.float64, **options)
+    with torch.device("meta"):
+        deferred = SubCenterMarginLoss(11, 16, dtype=torch.float64, **options)
+    assert deferred.weight.is_meta
+    deferred.to_empty(device="cpu")
+    torch.manual_seed(0)
+    deferred.reset_parameters()
+    assert torch.equal(deferred.weight, built.weight), (deferred.weight - built.weight).abs().max()
+    x, _, labels = inputs(n=8, c=11, k=options["k"])
+    losses = []
+    for module in (built, deferred):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+        torch.manual_seed(1)  # the same samples
+        for _ in range(3):
+            loss = module(x.detach(), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        losses.append(loss.detach())
+    assert torch.equal(*losses), losses
+    assert torch.equal(deferred.weight, built.weight), (deferred.weight - built.weight).abs().max()
