@@ -644,9 +644,10 @@ class ShardedSubCenterMarginLoss(ShardedCombinedMarginLoss):
     identities, three sub-centres of 512 fp32 values are 12 GB of centres, 24 GB with their momentum:
     this splits them across the ranks."""
 
-    def __init__(self, num_classes, embedding_size, k=3, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, **kwargs):
+    def __init__(self, num_classes, embedding_size, k=3, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *, device=None,
+                 dtype=None, **kwargs):
         super().__init__(num_classes, embedding_size, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
-                         _k=chunked.check_int_option("k", k), **kwargs)
+                         _k=chunked.check_int_option("k", k), device=device, dtype=dtype, **kwargs)
 
 
 def ddp_ignore_shards(model):

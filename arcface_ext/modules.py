@@ -190,9 +190,10 @@ class ArcFaceLoss(CombinedMarginLoss):
     copies) does. The two differ for targets more than π/2 from their centre. Not with
     ``interclass_filtering_threshold``."""
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, *, easy_margin=False, **kwargs):
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, *, easy_margin=False, device=None, dtype=None,
+                 **kwargs):
         easy_margin = check_flag("easy_margin", easy_margin)
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, device=device, dtype=dtype, **kwargs)
         if easy_margin and self.interclass_filtering_threshold:
             raise ValueError("interclass_filtering_threshold does not go with ArcFaceLoss's easy_margin")
         self.easy_margin = easy_margin
@@ -211,8 +212,8 @@ class ArcFaceLoss(CombinedMarginLoss):
 class CosFaceLoss(CombinedMarginLoss):
     """Additive cosine margin: target logit s·(cos θ - m)."""
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.35, **kwargs):
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=m, **kwargs)
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.35, *, device=None, dtype=None, **kwargs):
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=m, device=device, dtype=dtype, **kwargs)
 
 
 class SphereFaceLoss(CombinedMarginLoss):
@@ -222,8 +223,9 @@ class SphereFaceLoss(CombinedMarginLoss):
     instead of normalising the feature; here the embedding is normalised and scaled by s, and λ is the
     constant you give (assign ``criterion.lambda_`` between steps to anneal it)."""
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=4, lambda_=0.0, **kwargs):
-        super().__init__(num_classes, embedding_size, s=s, m1=float(m), m2=0.0, m3=0.0, lambda_=lambda_, **kwargs)
+    def __init__(self, num_classes, embedding_size, s=64.0, m=4, lambda_=0.0, *, device=None, dtype=None, **kwargs):
+        super().__init__(num_classes, embedding_size, s=s, m1=float(m), m2=0.0, m3=0.0, lambda_=lambda_, device=device,
+                         dtype=dtype, **kwargs)
 
 
 def _apply_keeping_dtype(module, apply, names, fn, *args, **kwargs):
@@ -258,17 +260,18 @@ class AdaFaceMargins:
     per_row_margins = True
     initial_statistics = {"batch_mean": 20.0, "batch_std": 100.0}  # AdaFace's
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, **kwargs):
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, *, device=None, dtype=None,
+                 **kwargs):
         # Its margins reach m angular and 2m cosine: m = 1 is already far past AdaFace's 0.4.
         m = check_real("AdaFace's m", m, "in [0, 1]", lambda v: 0 <= v <= 1)
         h = check_real("AdaFace's h", h, "> 0", lambda v: v > 0)
         t_alpha = check_real("AdaFace's t_alpha", t_alpha, "in (0, 1]", lambda v: 0 < v <= 1)
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, device=device, dtype=dtype, **kwargs)
         self.m, self.h, self.t_alpha = m, h, t_alpha
         # fp32 (fp64 in an fp64 module), as CurricularFace's t.
-        dtype = torch.float64 if kwargs.get("dtype") == torch.float64 else torch.float32
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
         for name, value in self.initial_statistics.items():
-            self.register_buffer(name, torch.tensor(value, device=kwargs.get("device"), dtype=dtype))
+            self.register_buffer(name, torch.tensor(value, device=device, dtype=dtype))
 
     def reset_parameters(self):
         super().reset_parameters()
@@ -351,7 +354,7 @@ class ElasticFaceMargins:
     per_row_margins = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=None, kind="arc", *, plus=False,
-                 generator=None, **kwargs):
+                 generator=None, device=None, dtype=None, **kwargs):
         if kind not in ("arc", "cos"):
             raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
         plus = check_flag("plus", plus)
@@ -361,7 +364,7 @@ class ElasticFaceMargins:
         if m is None:
             m = 0.5 if kind == "arc" else 0.35
         margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, **kwargs)
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, device=device, dtype=dtype, **kwargs)
         self.m, self.std, self.kind, self.plus, self.generator = float(m), float(std), kind, plus, generator
 
     def row_margins(self, embeddings, labels):
@@ -426,14 +429,14 @@ class MagFaceLoss(CombinedMarginLoss):
     per_row_margins = True
 
     def __init__(self, num_classes, embedding_size, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
-                 easy_margin=False, **kwargs):
+                 easy_margin=False, *, device=None, dtype=None, **kwargs):
         for name, value in (("l_a", l_a), ("u_a", u_a), ("l_m", l_m), ("u_m", u_m), ("lambda_g", lambda_g)):
             check_real(name, value)
         easy_margin = check_flag("easy_margin", easy_margin)
         if not (0 < l_a < u_a and 0 <= l_m <= u_m <= math.pi / 2 and lambda_g >= 0):
             raise ValueError(f"MagFace needs 0 < l_a < u_a, 0 <= l_m <= u_m <= pi/2 and lambda_g >= 0, got l_a={l_a}, "
                              f"u_a={u_a}, l_m={l_m}, u_m={u_m}, lambda_g={lambda_g}")
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, device=device, dtype=dtype, **kwargs)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = (float(v) for v in (l_a, u_a, l_m, u_m, lambda_g))
         self.easy_margin = easy_margin
 
@@ -474,14 +477,14 @@ class CurricularFaceT:
 
     curricular = True
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, momentum=0.01, **kwargs):
+    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, momentum=0.01, *, device=None, dtype=None, **kwargs):
         if (isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, numbers.Real)
                 or not 0 < momentum <= 1):
             raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
-        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
+        super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, device=device, dtype=dtype, **kwargs)
         self.m, self.momentum = float(m), float(momentum)
-        dtype = torch.float64 if kwargs.get("dtype") == torch.float64 else torch.float32
-        self.register_buffer("t", torch.zeros((), device=kwargs.get("device"), dtype=dtype))
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.register_buffer("t", torch.zeros((), device=device, dtype=dtype))
 
     def reset_parameters(self):
         super().reset_parameters()

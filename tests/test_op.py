@@ -1,6 +1,7 @@
 """The fused CPU op against the fp64 reference, and everything around it: edge cases, gradcheck,
 dispatcher registration (opcheck, torch.compile), argument checks, the modules, and its memory
 bound."""
+import copy
 import json
 import math
 import os
@@ -973,6 +974,59 @@ def test_module_fused_matches_module_reference():
 def test_module_repr_mentions_straight_through():
     criterion = arcface_ext.ArcFaceLoss(5, 3, margin_grad="straight_through")
     assert "margin_grad='straight_through'" in repr(criterion)
+
+
+EVERY_MODULE = {
+    "ArcFaceLoss": (arcface_ext.ArcFaceLoss, {}), "CosFaceLoss": (arcface_ext.CosFaceLoss, {}),
+    "SphereFaceLoss": (arcface_ext.SphereFaceLoss, {}), "CombinedMarginLoss": (arcface_ext.CombinedMarginLoss, {}),
+    "AdaFaceLoss": (arcface_ext.AdaFaceLoss, {}), "ElasticFaceLoss": (arcface_ext.ElasticFaceLoss, {"std": 0.0}),
+    "MagFaceLoss": (arcface_ext.MagFaceLoss, {}), "CurricularFaceLoss": (arcface_ext.CurricularFaceLoss, {}),
+    "SubCenterMarginLoss": (arcface_ext.SubCenterMarginLoss, {"k": 2}),
+    "ArcFaceLoss-sampled": (arcface_ext.ArcFaceLoss, {"sample_rate": 0.5}),
+    "ShardedCombinedMarginLoss": (arcface_ext.ShardedCombinedMarginLoss, {}),
+    "ShardedAdaFaceLoss": (arcface_ext.ShardedAdaFaceLoss, {}),
+    "ShardedElasticFaceLoss": (arcface_ext.ShardedElasticFaceLoss, {"std": 0.0}),
+    "ShardedCurricularFaceLoss": (arcface_ext.ShardedCurricularFaceLoss, {}),
+    "ShardedSubCenterMarginLoss": (arcface_ext.ShardedSubCenterMarginLoss, {"k": 2}),
+}
+
+
+@pytest.mark.parametrize("how", ["skip_init", "meta-assign"])
+@pytest.mark.parametrize("name", list(EVERY_MODULE))
+def test_module_built_without_initialisation_resumes_a_checkpoint(name, how):
+    # torch.nn.utils.skip_init(cls, ...) needs a `device` argument in cls's signature: the subclasses took it
+    # through **kwargs and skip_init refused them ("Module must support a 'device' arg to skip
+    # initialization"). Then a checkpoint (running statistics moved) loads, and training goes on as the
+    # saved module's copy does, bit for bit; also into a module built on the meta device with assign=True.
+    cls, options = EVERY_MODULE[name]
+    x, _, labels = make_inputs(8, 6, 11, seed=30, dtype=torch.float64)
+
+    def steps(module, count):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+        torch.manual_seed(1)  # the same samples
+        for _ in range(count):
+            loss = module(x * 10, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return loss.detach()
+
+    torch.manual_seed(0)
+    saved = cls(11, 6, dtype=torch.float64, **options)
+    steps(saved, 2)
+    state = copy.deepcopy(saved.state_dict())
+    if how == "skip_init":
+        module = torch.nn.utils.skip_init(cls, 11, 6, dtype=torch.float64, **options)
+        module.load_state_dict(state)
+    else:
+        with torch.device("meta"):
+            module = cls(11, 6, dtype=torch.float64, **options)
+        module.load_state_dict(state, assign=True)
+    assert isinstance(module.weight, torch.nn.Parameter) and module.weight.requires_grad
+    expected = copy.deepcopy(saved)
+    assert_close_report(steps(module, 3), steps(expected, 3), atol=0, rtol=0, name="loss")
+    for (key, value), wanted in zip(module.state_dict().items(), expected.state_dict().values()):
+        assert_close_report(value, wanted, atol=0, rtol=0, name=key)
 
 
 # ---- memory bound ----------------------------------------------------------------------------
