@@ -349,6 +349,11 @@ class ShardedCombinedMarginLoss(nn.Module):
         saved = self._shard_record(state_dict[extra_key]) if extra_key in state_dict else mine  # older states: none
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == self.num_classes * self.k:
             state_dict[weight_key] = self.shard_of(weight)  # the whole matrix: this rank's rows
+            if local_metadata.get("assign_to_params_buffers", False) and self.world_size > 1:
+                # load_state_dict(assign=True) makes the state's tensor the parameter: a view of the whole
+                # matrix would keep all of it in this rank's memory, and torch.save of the module's state
+                # writes a view's whole storage. The rank's rows alone, as a copy.
+                state_dict[weight_key] = state_dict[weight_key].clone()
         elif saved is not None and saved["k"] != self.k:
             error_msgs.append(f"{weight_key} holds {saved['k']} sub-centre(s) a class, this module {self.k}")
             return

@@ -721,6 +721,50 @@ def test_full_state_dict_of_a_parameter_listed_twice(tmp_path):
     assert torch.equal(whole, torch.cat([ranks[0]["local"], ranks[1]["local"]]))
 
 
+def _deferred_worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        torch.set_num_threads(1)
+        found = {}
+        for name, build in (("combined", lambda: arcface_ext.ShardedCombinedMarginLoss(9, 4, dtype=torch.float64)),
+                            ("subcenter", lambda: arcface_ext.ShardedSubCenterMarginLoss(9, 4, k=2,
+                                                                                         dtype=torch.float64))):
+            torch.manual_seed(0)
+            built = build()
+            with torch.device("meta"):
+                deferred, assigned = build(), build()
+            deferred.to_empty(device="cpu")
+            torch.manual_seed(0)
+            deferred.reset_parameters()
+            whole = torch.randn(9 * built.k, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+            assigned.load_state_dict({"weight": whole}, assign=True)
+            found[name] = {"deferred": deferred.weight.detach(), "built": built.weight.detach(),
+                           "assigned": assigned.weight.detach(), "whole": whole,
+                           "rows": (assigned.class_start * built.k, assigned.class_stop * built.k),
+                           "storage_bytes": assigned.weight.untyped_storage().nbytes(),
+                           "shard_bytes": assigned.weight.numel() * assigned.weight.element_size()}
+        torch.save(found, os.path.join(out_dir, f"rank{rank}.pt"))
+        settle()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gloo_ranks_deferred_initialisation_and_assigned_whole_matrix(tmp_path):
+    # Built under torch.device("meta") on each rank, then to_empty and reset_parameters: each rank's rows of
+    # the same whole matrix, as the directly built module's. The whole matrix loaded with assign=True into a
+    # meta-built module: each rank's parameter was a view of the whole (it kept the whole matrix in every
+    # rank's memory, and torch.save of the rank's state would write all of it); now a copy of its rows.
+    mp.spawn(_deferred_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        for name, found in torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).items():
+            assert torch.equal(found["deferred"], found["built"]), (rank, name)
+            start, stop = found["rows"]
+            assert torch.equal(found["assigned"], found["whole"][start:stop]), (rank, name)
+            assert found["storage_bytes"] == found["shard_bytes"], (rank, name, found["storage_bytes"],
+                                                                    found["shard_bytes"])
+
+
 # ---- CurricularFace on sharded centres ----------------------------------------------------------------
 
 def _curricular_worker(rank, world_size, init_file, sizes, out_dir, sample_rate):
