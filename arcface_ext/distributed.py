@@ -357,6 +357,11 @@ class ShardedCombinedMarginLoss(nn.Module):
         elif saved is not None and saved["k"] != self.k:
             error_msgs.append(f"{weight_key} holds {saved['k']} sub-centre(s) a class, this module {self.k}")
             return
+        elif saved is not None and saved["num_classes"] != self.num_classes:
+            # (Not a matter of ranks, as the message below would say: the whole matrix would not load either.)
+            error_msgs.append(f"{weight_key} holds centres of a loss of {saved['num_classes']} classes, this module "
+                              f"has {self.num_classes} (num_classes)")
+            return
         elif saved is not None and saved != mine:
             held = (saved["class_start"], saved["class_stop"])
             ranks = [r for r in range(self.world_size) if class_shard(self.num_classes, r, self.world_size) == held]
@@ -370,6 +375,17 @@ class ShardedCombinedMarginLoss(nn.Module):
                 f"{weight_key} holds classes [{saved['class_start']}, {saved['class_stop']}) of "
                 f"{saved['num_classes']}, this rank holds [{self.class_start}, {self.class_stop}) of "
                 f"{self.num_classes}: {why}")
+            return
+        elif (extra_key not in state_dict and isinstance(weight, torch.Tensor) and weight.dim() == 2
+              and weight.shape[0] != self.weight.shape[0]):
+            # A matrix without the shard's record (a replicated loss's, another library's) of another size: torch's
+            # size mismatch would name this rank's shape only.
+            whole = self.num_classes * self.k
+            own = "" if self.world_size == 1 else (f" nor this rank's {self.weight.shape[0]} (classes "
+                                                   f"[{self.class_start}, {self.class_stop}))")
+            error_msgs.append(f"{weight_key} has {weight.shape[0]} rows: not the whole centres' {whole} "
+                              f"({self.num_classes} classes{'' if self.k == 1 else f', {self.k} sub-centres a class'})"
+                              f"{own}")
             return
         state_dict[extra_key] = self.get_extra_state()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -553,6 +553,27 @@ def test_built_under_the_meta_default_device(module_class):
         assert torch.equal(value, expected), (name, value, expected)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("saved", ["sharded", "replicated"])
+def test_a_checkpoint_of_another_number_of_classes_is_refused_by_name(saved, k):
+    # A sharded loss's checkpoint of 16 classes into one of 11 was refused as though the number of ranks had
+    # changed ("load the whole matrix (gather() the shards) to change the number of ranks"), which that very
+    # whole matrix would not do; a replicated loss's got torch's size mismatch naming the rank's shape only.
+    cls = arcface_ext.ShardedCombinedMarginLoss if k == 1 else arcface_ext.ShardedSubCenterMarginLoss
+    options = {} if k == 1 else {"k": k}
+    module = cls(11, 4, **options)
+    if saved == "sharded":
+        state = cls(16, 4, **options).state_dict()
+        pattern = r"weight holds centres of a loss of 16 classes, this module has 11 \(num_classes\)"
+    else:
+        state = {"weight": torch.randn(16 * k, 4)}
+        pattern = rf"weight has {16 * k} rows: not the whole centres' {11 * k} \(11 classes"
+    before = module.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=pattern):
+        module.load_state_dict(state)
+    assert torch.equal(module.weight, before)
+
+
 # ---- one checkpoint for any number of ranks: full_state_dict, shard_optimizer_state ------------------
 
 class _TwoHeads(torch.nn.Module):
