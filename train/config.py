@@ -40,6 +40,25 @@ def _int_list(text: str) -> list[int]:
     return [int(v) for v in str(text).replace(",", " ").split()]
 
 
+def _float_list(text: str) -> list[float]:
+    return [float(v) for v in str(text).replace(",", " ").split()]
+
+
+class _InSteps(argparse.Action):
+    """A length in steps (--max-steps, --warmup-steps, --lr-steps) that replaces the same length given
+    earlier in epochs (``epochs_dest``): the two spellings are one setting, and the later one counts (a
+    config's ``epochs: 20`` with ``--max-steps 100`` on the command line runs 100 steps). The epoch
+    options need no such action: given, they are converted once the data is read and replace the steps."""
+
+    def __init__(self, option_strings, dest, epochs_dest: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.epochs_dest = epochs_dest
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, self.epochs_dest, None)
+
+
 class _NetworkChoices(tuple):
     """--network's choices: the built-in networks' names, and any ``package.module:factory`` (which the
     listing in argparse's usage and errors shows as that pattern)."""
@@ -209,12 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step: divide by 10 at --lr-steps (the paper); poly: (1-t)^2 decay after warm-up "
                    "(insightface); cosine: (1+cos(pi t))/2 after warm-up; default step when --lr-steps is given, "
                    "else poly")
+    # Each length in steps has a spelling in epochs, converted when the data is read (this run's epoch:
+    # the images a process reads over its images a step); the later of the two given counts.
     g.add_argument("--lr-steps", "--lr_steps", dest="lr_steps", type=_int_list, default=None,
+                   action=_InSteps, epochs_dest="lr_epochs",
                    help="steps at which the step schedule divides the learning rate by 10, e.g. 100000,160000")
+    g.add_argument("--lr-epochs", "--lr_epochs", "--lr-milestones", "--lr_milestones", dest="lr_epochs",
+                   type=_float_list, default=None,
+                   help="--lr-steps in epochs, e.g. 12,20,24 (AdaFace's --lr_milestones)")
     g.add_argument("--warmup-steps", "--warmup_steps", dest="warmup_steps", type=int, default=None,
+                   action=_InSteps, epochs_dest="warmup_epochs",
                    help="linear warm-up from 0; default 5%% of --max-steps for poly and cosine, 0 for step")
+    g.add_argument("--warmup-epochs", "--warmup_epochs", "--warmup_epoch", dest="warmup_epochs", type=float,
+                   default=None, help="--warmup-steps in epochs (arcface_torch's warmup_epoch)")
     g.add_argument("--max-steps", "--max_step", "--max_steps", dest="max_steps", type=int, default=300,
+                   action=_InSteps, epochs_dest="epochs",
                    help="optimiser steps to train (the schedule's length), each of --gradient-acc passes")
+    g.add_argument("--epochs", "--num-epoch", "--num_epoch", dest="epochs", type=float, default=None,
+                   help="--max-steps in epochs of the training data (a fraction counts: 0.5)")
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
                    help="images per process and forward pass (the global batch is this times the world "
                    "size times --gradient-acc)")
@@ -390,6 +421,36 @@ def default_warmup_steps(max_steps: int, lr_schedule: str) -> int:
     return 0 if lr_schedule == "step" else max(1, max_steps // 20)
 
 
+def _show_numbers(values: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def steps_from_epochs(args: argparse.Namespace, steps_per_epoch: int) -> None:
+    """Set ``--max-steps``, ``--warmup-steps`` and ``--lr-steps`` from ``--epochs``, ``--warmup-epochs``
+    and ``--lr-epochs`` where those are given, each rounded to the nearest of the run's optimiser steps,
+    ``steps_per_epoch`` of them an epoch (the trainer's: the images a process reads // its images a
+    step, as its sampler counts them); then the default warm-up, a share of the steps.
+    Raises SystemExit naming the option when a length comes to no step."""
+    def steps(epochs: float) -> int:
+        return math.floor(epochs * steps_per_epoch + 0.5)
+
+    epoch_note = f"{steps_per_epoch} step{'s' if steps_per_epoch != 1 else ''} an epoch"
+    if args.epochs is not None:
+        args.max_steps = steps(args.epochs)
+        if args.max_steps < 1:
+            raise SystemExit(f"--epochs {args.epochs:g} is no step, at {epoch_note}: train longer")
+    if args.warmup_epochs is not None:
+        args.warmup_steps = steps(args.warmup_epochs)
+    elif args.warmup_steps is None:
+        args.warmup_steps = default_warmup_steps(args.max_steps, args.lr_schedule)
+    if args.lr_epochs is not None:
+        args.lr_steps = [steps(epoch) for epoch in args.lr_epochs]
+        if min(args.lr_steps) < 1 or len(set(args.lr_steps)) < len(args.lr_steps):
+            raise SystemExit(f"--lr-epochs {_show_numbers(args.lr_epochs)} are steps "
+                             f"{','.join(map(str, args.lr_steps))} at {epoch_note}: the steps must be distinct "
+                             "and at least 1")
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on other options."""
     local_rank = vars(args).pop("local_rank", None)
@@ -403,20 +464,37 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.image_size = 64 if args.data == "synthetic" else 112
     if args.lr is None:
         args.lr = 0.1 if args.optimizer == "sgd" else 1e-3
+    # Lengths given in epochs replace those in steps (an --lr-steps given later has cleared them), and
+    # become steps when the data is read (steps_from_epochs); until then the steps they set are unknown.
+    if args.lr_epochs is not None:
+        args.lr_steps = None
+    if args.warmup_epochs is not None:
+        args.warmup_steps = None
+    for flag, values in (("--epochs", [args.epochs]), ("--warmup-epochs", [args.warmup_epochs]),
+                         ("--lr-epochs", args.lr_epochs)):
+        positive = flag != "--warmup-epochs"
+        bad = [v for v in values or [] if v is not None and not (math.isfinite(v) and (v > 0 if positive else v >= 0))]
+        if bad:
+            raise SystemExit(f"{flag} must be {'finite and > 0' if positive else 'finite and >= 0'}, got {bad[0]:g}")
+    if args.lr_epochs is not None and len(set(args.lr_epochs)) < len(args.lr_epochs):
+        raise SystemExit(f"--lr-epochs {_show_numbers(args.lr_epochs)}: the epochs must be distinct")
+    lr_steps_flag = "--lr-epochs" if args.lr_epochs else "--lr-steps"
     if args.lr_schedule is None:
-        args.lr_schedule = "step" if args.lr_steps else "poly"
+        args.lr_schedule = "step" if args.lr_steps or args.lr_epochs else "poly"
     if args.elastic_std is None:
         args.elastic_std = default_elastic_std(args.loss)
-    if args.warmup_steps is None:
+    if args.warmup_steps is None and args.warmup_epochs is None and args.epochs is None:
         args.warmup_steps = default_warmup_steps(args.max_steps, args.lr_schedule)
-    if args.lr_schedule == "step" and not args.lr_steps:
-        raise SystemExit("--lr-schedule step needs --lr-steps (e.g. --lr-steps 100000,160000)")
+    if args.lr_schedule == "step" and not (args.lr_steps or args.lr_epochs):
+        raise SystemExit("--lr-schedule step needs --lr-steps (e.g. --lr-steps 100000,160000) or --lr-epochs "
+                         "(e.g. --lr-epochs 12,20,24)")
     # A step at 0 or before divided the base rate from the first step (a lower --lr), one named twice by
     # 100 there: typos, not schedules.
     if args.lr_steps and (min(args.lr_steps) < 1 or len(set(args.lr_steps)) < len(args.lr_steps)):
         raise SystemExit(f"--lr-steps {','.join(map(str, args.lr_steps))}: the steps must be distinct and at least 1")
-    if args.lr_schedule != "step" and args.lr_steps:  # (a config's poly, with --lr-steps added on the command line)
-        raise SystemExit(f"--lr-steps goes with --lr-schedule step, but the schedule is {args.lr_schedule}: add "
+    if args.lr_schedule != "step" and (args.lr_steps or args.lr_epochs):
+        # (a config's poly, with --lr-steps added on the command line)
+        raise SystemExit(f"{lr_steps_flag} goes with --lr-schedule step, but the schedule is {args.lr_schedule}: add "
                          "--lr-schedule step")
     # A margin flag the loss does not read would be silently ignored (--loss arcface --m2 0.4 trains at
     # --arcface-m).
@@ -468,7 +546,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     # Checked here, before a run moves an earlier one aside or builds anything: a bad value used to
     # train on and fail mid-run (--log-every 0), or fail deep inside torch with a traceback.
-    for flag, value, least in (("--max-steps", args.max_steps, 1), ("--warmup-steps", args.warmup_steps, 0),
+    for flag, value, least in (("--max-steps", args.max_steps, 1),
+                               ("--warmup-steps", 0 if args.warmup_steps is None else args.warmup_steps, 0),
                                ("--batch-size", args.batch_size, 1), ("--gradient-acc", args.gradient_acc, 1),
                                ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 0),
                                ("--save-every", args.save_every, 0), ("--num-workers", args.num_workers, 0),
@@ -552,13 +631,23 @@ def unused_options(args: argparse.Namespace) -> list[str]:
     if unused:
         notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the data is {args.data}, "
                      "not synthetic")
-    if args.warmup_steps > args.max_steps:
-        notes.append(f"--warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}: the learning "
+    # (Lengths given in epochs are named in epochs, with their steps: the notes come once they are steps.)
+    length = (f"--epochs {args.epochs:g} ({args.max_steps} steps)" if args.epochs is not None
+              else f"--max-steps {args.max_steps}")
+    if args.warmup_steps is not None and args.warmup_steps > args.max_steps:  # (None: --epochs not yet in steps)
+        warmup = (f"--warmup-epochs {args.warmup_epochs:g} ({args.warmup_steps} steps)"
+                  if args.warmup_epochs is not None else f"--warmup-steps {args.warmup_steps}")
+        notes.append(f"{warmup} is more than {length}: the learning "
                      f"rate rises to {args.max_steps / args.warmup_steps:.0%} of --lr {args.lr:g}, no further")
-    late = [step for step in args.lr_steps or [] if step >= args.max_steps]
+    late = [i for i, step in enumerate(args.lr_steps or []) if step >= args.max_steps]
     if args.lr_schedule == "step" and late:
-        notes.append(f"--lr-steps {','.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not before "
-                     f"--max-steps {args.max_steps}: the learning rate is not divided there")
+        if args.lr_epochs is not None:
+            given = (f"--lr-epochs {_show_numbers([args.lr_epochs[i] for i in late])} "
+                     f"({','.join(str(args.lr_steps[i]) for i in late)} steps)")
+        else:
+            given = f"--lr-steps {','.join(str(args.lr_steps[i]) for i in late)}"
+        notes.append(f"{given} {'is' if len(late) == 1 else 'are'} not before "
+                     f"{length}: the learning rate is not divided there")
     return notes
 
 

@@ -30,7 +30,7 @@ from arcface_ext import full_state_dict, shard_optimizer_state
 from arcface_ext.optim import SGD, AdamW  # noqa: F401 (train.trainer.SGD, AdamW: the trainer's)
 
 from . import checkpoint, export
-from .config import LR_SCHEDULES, margins, unused_options
+from .config import LR_SCHEDULES, margins, steps_from_epochs, unused_options
 from .data.transforms import DataError, to_model_input
 from .models import check_embedding_shape, get_model, is_factory_spec, model_multiply_adds, multiply_adds
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
@@ -47,7 +47,7 @@ ANGLE_SAMPLES = 2048
 # checkpoint's, while args.json claimed otherwise.
 RESUME_MAY_CHANGE = frozenset({
     "config", "resume", "data", "num_classes", "val_targets", "output", "pretrained_model", "finetuning",
-    "max_steps", "log_every", "eval_every", "save_every", "tensorboard", "plots", "device", "num_workers",
+    "max_steps", "epochs", "log_every", "eval_every", "save_every", "tensorboard", "plots", "device", "num_workers",
     "compile", "compile_backend", "compile_mode", "channels_last", "gradient_checkpointing", "loss_impl",
     "sharded_classes", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
 })
@@ -401,8 +401,15 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
             return ",".join(str(v) for v in value) or "none"
         return "unset" if value is None else str(value)
 
+    # A length given in epochs in both runs is compared in epochs: its steps move with the processes' count
+    # (a run resumed on fewer GPUs has longer epochs). Otherwise in steps, however each run gave it.
+    in_epochs = {"warmup_steps": "warmup_epochs", "lr_steps": "lr_epochs"}
+    skip = {steps if saved.get(epochs) is not None and getattr(args, epochs, None) is not None else epochs
+            for steps, epochs in in_epochs.items()}
     changed = []
     for key, value in vars(args).items():
+        if key in skip:
+            continue
         if key not in saved and key in defaults:
             if key not in RESUME_MAY_CHANGE and value != defaults[key]:
                 changed.append(f"{flags.get(key, key)} {show(defaults[key])} (the default: the checkpoint is older than "
@@ -613,9 +620,6 @@ class Trainer:
         self.args = args
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        if self.rank == 0:
-            for note in unused_options(args):
-                print(f"note: {note}", file=sys.stderr)
         if args.wandb and self.rank == 0:
             wandb_module()  # a missing package is said before the data is read
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -679,6 +683,12 @@ class Trainer:
                              + f" of {args.data}: "
                              + ("run fewer processes (a resumed run keeps its --batch-size)" if resuming and
                                 self.distributed else "lower it"))
+        # The epoch the sampler walks: the images a process reads, in whole steps (drop_last).
+        self.steps_per_epoch = images_per_process // step_batch
+        steps_from_epochs(args, self.steps_per_epoch)
+        if self.rank == 0:
+            for note in unused_options(args):
+                print(f"note: {note}", file=sys.stderr)
         self.verification_sets = {}
         if self.is_main:
             try:
@@ -1472,7 +1482,8 @@ class Trainer:
             f"loss {self.margin_loss!r} ({loss_implementation(a)})",
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
-            + f" on {self.device}, {a.max_steps} steps from step {self.step}",
+            + f" on {self.device}, {a.max_steps} steps from step {self.step}"
+            + (f" ({a.epochs:g} epochs of {self.steps_per_epoch} steps)" if a.epochs is not None else ""),
             f"output: {self.output}",
         ])
 

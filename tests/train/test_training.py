@@ -19,7 +19,7 @@ import torch
 
 import arcface_ext
 from train import checkpoint
-from train.config import parse_args, unused_options
+from train.config import parse_args, steps_from_epochs, unused_options
 from train.data.transforms import to_model_input
 from train.models import NETWORKS
 from train.trainer import (LearningRateSchedule, RunLog, Trainer, TrainingDiverged, _resolve_device,
@@ -1013,6 +1013,107 @@ def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
     assert trainer.step == 2 and trainer.args.max_steps == 3 and trainer.args.network == "small"
 
 
+def test_epochs_become_steps_of_the_runs_own_epoch(faces, tmp_path):
+    # 64 images in steps of 16: 4 steps an epoch (2 in steps of 8 x --gradient-acc 4).
+    # Each length in epochs is rounded to the nearest step; the default warm-up is a share of the steps.
+    trainer = Trainer(parse_args(argv(faces, tmp_path, epochs=2.5, warmup_epochs=0.5, lr_epochs="1,2")))
+    args = trainer.args
+    assert (args.max_steps, args.warmup_steps, args.lr_steps, args.lr_schedule) == (10, 2, [4, 8], "step")
+    assert trainer.describe().splitlines()[3].endswith("10 steps from step 0 (2.5 epochs of 4 steps)")
+    args = Trainer(parse_args(argv(faces, tmp_path / "acc", epochs=5, batch_size=8, gradient_acc=4))).args
+    assert (args.max_steps, args.warmup_steps, args.lr_steps, args.lr_schedule) == (10, 1, None, "poly")
+    # AdaFace's spellings (--epochs 26 --lr_milestones 12,20,24) and arcface_torch's (num_epoch, warmup_epoch).
+    args = parse_args(["--num_epoch", "26", "--lr_milestones", "12,20,24", "--warmup_epoch", "1"])
+    assert (args.epochs, args.lr_epochs, args.warmup_epochs) == (26, [12, 20, 24], 1)
+
+
+def test_a_run_in_epochs_is_the_run_in_their_steps(faces, tmp_path):
+    in_steps, in_epochs = tmp_path / "steps", tmp_path / "epochs"
+    assert main(argv(faces, in_steps, max_steps=8, lr_steps="4", warmup_steps=1)) == 0
+    assert main(argv(faces, in_epochs, epochs=2, lr_epochs="1", warmup_epochs=0.25)) == 0
+    assert losses(in_epochs) == losses(in_steps) and len(losses(in_steps)) == 8
+    assert [r["lr"] for r in read_jsonl(in_epochs / "metrics.jsonl")] == [
+        r["lr"] for r in read_jsonl(in_steps / "metrics.jsonl")]
+
+
+def test_the_later_of_a_length_in_steps_and_in_epochs_counts(faces, tmp_path):
+    # One setting, two spellings: a config's epochs and a --max-steps on the command line for a short try (and
+    # the other way round), as any option given twice; a run's args.json, which holds both, reruns in epochs.
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 20\nlr-epochs: [10, 16]\nwarmup-epochs: 1\n")
+    args = parse_args(["--config", str(config), "--max-steps", "5", "--lr-steps", "2", "--warmup-steps", "0"])
+    assert (args.epochs, args.max_steps, args.lr_epochs, args.lr_steps, args.warmup_epochs, args.warmup_steps) == (
+        None, 5, None, [2], None, 0)
+    config.write_text("max-steps: 5\nlr-steps: [2]\nwarmup-steps: 0\n")
+    args = parse_args(["--config", str(config), "--epochs", "3", "--lr-epochs", "1.5"])
+    assert (args.epochs, args.lr_epochs, args.lr_steps, args.warmup_steps) == (3, [1.5], None, 0)
+    args = parse_args("--epochs 3 --max-steps 7".split())
+    assert (args.epochs, args.max_steps) == (None, 7)
+    assert main(argv(faces, tmp_path / "run", epochs=1.5, lr_epochs="0.5,1", save_every=0)) == 0
+    trainer = Trainer(parse_args(["--config", str(tmp_path / "run" / "args.json"), "--output",
+                                  str(tmp_path / "again")]))
+    assert (trainer.args.epochs, trainer.args.max_steps, trainer.args.lr_steps) == (1.5, 6, [2, 4])
+
+
+@pytest.mark.parametrize("options, message", [
+    ("--epochs 0", "--epochs must be finite and > 0, got 0"),
+    ("--epochs nan", "--epochs must be finite and > 0, got nan"),
+    ("--warmup-epochs -1", "--warmup-epochs must be finite and >= 0, got -1"),
+    ("--lr-epochs 2,0", "--lr-epochs must be finite and > 0, got 0"),
+    ("--lr-epochs 2,2", "--lr-epochs 2,2: the epochs must be distinct"),
+    ("--lr-schedule poly --lr-epochs 2", "--lr-epochs goes with --lr-schedule step, but the schedule is poly: add "
+                                         "--lr-schedule step"),
+    ("--lr-schedule step", "--lr-schedule step needs --lr-steps (e.g. --lr-steps 100000,160000) or --lr-epochs "
+                           "(e.g. --lr-epochs 12,20,24)"),
+])
+def test_lengths_in_epochs_are_checked_by_name(options, message):
+    with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
+        parse_args(options.split())
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(epochs=0.1), "--epochs 0.1 is no step, at 4 steps an epoch: train longer"),
+    (dict(epochs=2, lr_epochs="0.1,1"), "--lr-epochs 0.1,1 are steps 0,4 at 4 steps an epoch: the steps must be "
+                                        "distinct and at least 1"),
+    (dict(epochs=2, lr_epochs="1,1.1"), "--lr-epochs 1,1.1 are steps 4,4 at 4 steps an epoch: the steps must be "
+                                        "distinct and at least 1"),
+])
+def test_lengths_in_epochs_that_come_to_no_step_are_refused(faces, tmp_path, options, message):
+    with pytest.raises(SystemExit, match=f"^{re.escape(message)}$"):
+        Trainer(parse_args(argv(faces, tmp_path, **options)))
+
+
+def test_lengths_in_epochs_the_run_would_not_reach_are_said_in_epochs(faces, tmp_path, capsys):
+    Trainer(parse_args(argv(faces, tmp_path, epochs=1, lr_epochs="0.5,1,2", warmup_epochs=1.5)))
+    err = capsys.readouterr().err
+    assert ("note: --warmup-epochs 1.5 (6 steps) is more than --epochs 1 (4 steps): the learning rate rises to 67% "
+            "of --lr 0.1, no further") in err.splitlines()
+    assert ("note: --lr-epochs 1,2 (4,8 steps) are not before --epochs 1 (4 steps): the learning rate is not divided "
+            "there") in err.splitlines()
+
+
+def test_a_run_in_epochs_resumes_and_compares_its_schedule_in_epochs(faces, tmp_path):
+    from train.trainer import options_changed_on_resume
+
+    assert main(argv(faces, tmp_path, epochs=1, lr_epochs="1.5", save_every=0)) == 0
+    with pytest.raises(SystemExit, match=r"--lr-epochs 1\.5 in the checkpoint, 1\.25 requested"):
+        Trainer(parse_args(argv(faces, tmp_path, epochs=2, lr_epochs="1.25", resume="auto")))
+    trainer = Trainer(parse_args(argv(faces, tmp_path, epochs=2, lr_epochs="1.5", resume="auto")))
+    assert (trainer.step, trainer.args.max_steps, trainer.args.lr_steps) == (4, 8, [6])
+    # Given in steps now, the same steps: the same run (and the other way round).
+    trainer = Trainer(parse_args(argv(faces, tmp_path, max_steps=8, lr_steps="6", resume="auto")))
+    assert trainer.args.lr_steps == [6]
+    with pytest.raises(SystemExit, match=r"--lr-steps 6 in the checkpoint, 5 requested"):
+        Trainer(parse_args(argv(faces, tmp_path, max_steps=8, lr_steps="5", resume="auto")))
+    # On another number of processes the epochs' steps move (an epoch of 4 steps on 2 processes is 2 steps on
+    # 4): the same epochs are the same run.
+    saved = checkpoint.load(str(tmp_path / "checkpoint.pt"))["args"]
+    resumed = argparse.Namespace(**{**saved, "lr_steps": [3], "warmup_steps": 0, "max_steps": 4})
+    assert options_changed_on_resume(saved, resumed) == []
+    resumed.lr_epochs = [1.0]
+    assert options_changed_on_resume(saved, resumed) == ["--lr-epochs 1.5 in the checkpoint, 1.0 requested"]
+
+
 def test_a_folder_of_another_image_size_gets_a_note(faces, tmp_path, capsys):
     # A RecordIO set's property file gave the note; an image folder of 32px crops trained at 48 gave none.
     Trainer(parse_args(argv(faces, tmp_path, max_steps=1, image_size=48)))
@@ -1518,7 +1619,18 @@ def test_memory_and_precision_options_train(faces, tmp_path, options):
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "train", "configs"))))
 def test_shipped_configs_parse(name):
     args = parse_args(["--config", os.path.join(REPO, "train", "configs", name), "--data", "/data/faces_emore"])
-    assert args.network in NETWORKS and args.image_size == 112 and args.max_steps > 100000
+    assert args.network in NETWORKS and args.image_size == 112 and args.epochs >= 20
+    # In epochs; on 8 GPUs, the steps arcface_torch counts (num_image // global batch * num_epoch), which the
+    # files gave before (MS1MV2 5,822,653 images, Glint360K 17,091,657, WebFace42M 42,474,557).
+    images = {85742: 5822653, 360232: 17091657, 2059906: 42474557}[args.num_classes]
+    per_epoch = images // (args.batch_size * 8 * args.gradient_acc)
+    assert per_epoch == math.ceil(images / 8) // (args.batch_size * args.gradient_acc)  # the trainer's sampler's
+    steps_from_epochs(args, per_epoch)
+    assert args.max_steps == per_epoch * args.epochs
+    assert (args.max_steps, args.warmup_steps, args.lr_steps) == {
+        "glint360k_r100.yaml": (333820, 0, None), "ms1mv2_r100.yaml": (113720, 0, None),
+        "ms1mv2_r100_adaface.yaml": (295672, 0, [136464, 227440, 272928]), "ms1mv2_r50.yaml": (113720, 0, None),
+        "wf42m_pfc02_r100.yaml": (829580, 0, None), "wf42m_pfc03_vit_t.yaml": (414760, 41476, None)}[name]
     if args.sharded_classes or args.sample_rate < 1:
         assert args.loss_impl == "fused" and args.loss_amp != "fp16"
     assert args.num_classes in (85742, 360232, 2059906)
