@@ -26,6 +26,7 @@ import re
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import chunked, ops
 from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_flag, check_row_margin,
@@ -686,9 +687,19 @@ def ddp_ignore_shards(model):
 
 def _sharded_losses(model):
     """(state-dict prefix, module) of the sharded losses in ``model`` (itself included), in the same order
-    on every rank."""
-    return [(f"{name}." if name else "", module) for name, module in model.named_modules()
-            if isinstance(module, ShardedCombinedMarginLoss)]
+    on every rank. Refuses a loss whose ``weight`` is parametrized (torch.nn.utils.parametrize, weight_norm):
+    its parameters are then the parametrization's originals, under other names, which neither DDP's ignore
+    list nor the gathers below would find (the rank's own originals were saved as though whole)."""
+    losses = [(f"{name}." if name else "", module) for name, module in model.named_modules()
+              if isinstance(module, ShardedCombinedMarginLoss)]
+    for prefix, module in losses:
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(
+                f"{prefix or type(module).__name__ + '.'}weight is parametrized (torch.nn.utils.parametrize): "
+                "ddp_ignore_shards, full_state_dict and shard_optimizer_state take a sharded loss's plain weight "
+                "only. Remove the parametrization (parametrize.remove_parametrizations(loss, 'weight')) or "
+                "parametrize a replicated loss")
+    return losses
 
 
 def _map_class_state(model, optimizer, state_dict, per_class):

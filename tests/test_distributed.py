@@ -590,6 +590,25 @@ class _TwoHeads(torch.nn.Module):
         return self.head(x, labels) + self.sub(x, labels % 7)
 
 
+@pytest.mark.parametrize("how", ["weight_norm", "custom"])
+def test_a_parametrized_shard_is_refused_by_the_checkpoint_helpers(how):
+    # Under a parametrization the loss's parameters are the originals, under other names: ddp_ignore_shards
+    # listed "head.weight", which DDP would not find (rank 0's originals broadcast over the others'), and
+    # full_state_dict saved this rank's originals ungathered beside a computed "head.weight" that would not load.
+    model = torch.nn.ModuleDict({"head": arcface_ext.ShardedCombinedMarginLoss(7, 4, dtype=torch.float64)})
+    if how == "weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(model.head, "weight", dim=0)
+    else:
+        torch.nn.utils.parametrize.register_parametrization(model.head, "weight", torch.nn.Tanh())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.head(torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])).backward()  # the loss itself runs
+    optimizer.step()
+    for call in (lambda: arcface_ext.ddp_ignore_shards(model), lambda: arcface_ext.full_state_dict(model, optimizer),
+                 lambda: arcface_ext.shard_optimizer_state(model, optimizer, optimizer.state_dict())):
+        with pytest.raises(ValueError, match=r"head.weight is parametrized .*remove_parametrizations"):
+            call()
+
+
 def _two_heads_and_optimizer():
     torch.manual_seed(0)  # every rank alike: the sharded losses draw the same whole matrix
     model = _TwoHeads()
