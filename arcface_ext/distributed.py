@@ -774,7 +774,9 @@ def shard_optimizer_state(model, optimizer, state_dict):
     def rows(module, name, tensor):
         whole, own = module.num_classes * module.k, module.weight.shape[0]
         if tensor.shape[0] == whole:
-            return module.shard_of(tensor)
+            # A copy of the rows (not a view, which optimizer.load_state_dict keeps as it is on the host): the
+            # rank's state held the whole matrix's storage, and, read with mmap=True, kept the file mapped.
+            return module.shard_of(tensor).clone() if own < whole else tensor
         if tensor.shape[0] == own:
             return tensor
         raise ValueError(f"optimizer state {name} has {tensor.shape[0]} rows: neither the whole centres' "

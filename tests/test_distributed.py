@@ -652,6 +652,10 @@ def _checkpoint_worker(rank, world_size, init_file, out_dir):
         resumed_optimizer.register_load_state_dict_pre_hook(
             lambda opt, state: arcface_ext.shard_optimizer_state(resumed, opt, state))
         resumed_optimizer.load_state_dict(saved["optimizer"])
+        # Each rank's state holds its rows alone (a view of the whole kept the whole's storage on every rank).
+        storage = {name: [(state.untyped_storage().nbytes(), state.nbytes)
+                          for key, state in resumed_optimizer.state[module.weight].items() if key != "step"]
+                   for name, module in (("head", resumed.head), ("sub", resumed.sub))}
         # A rank's own state passes unchanged; another size of rows is refused.
         own = arcface_ext.shard_optimizer_state(resumed, resumed_optimizer, local)
         wrong = copy.deepcopy(local)
@@ -661,7 +665,7 @@ def _checkpoint_worker(rank, world_size, init_file, out_dir):
                   "own unchanged": all(torch.equal(own["state"][i][key], local["state"][i][key])
                                        for i in local["state"] for key in local["state"][i]),
                   "wrong": _outcome(lambda: arcface_ext.shard_optimizer_state(resumed, resumed_optimizer, wrong)),
-                  "local": local, "uninterrupted": uninterrupted,
+                  "local": local, "uninterrupted": uninterrupted, "storage": storage,
                   "resumed": {name: module.gather(module.weight.detach()) for name, module in (("head", resumed.head),
                                                                                                ("sub", resumed.sub))}}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -685,6 +689,8 @@ def test_full_state_dict_resumes_on_any_number_of_ranks(tmp_path):
         assert ranks[1]["resumed"][name] is None  # (gathered on rank 0)
     for rank, result in enumerate(ranks):
         assert result["own unchanged"]
+        for name, sizes in result["storage"].items():
+            assert len(sizes) == 2 and all(held == own for held, own in sizes), (rank, name, sizes)
         assert result["wrong"] == ("ValueError: optimizer state head.weight's exp_avg has 1 rows: neither the whole "
                                    f"centres' 11 nor this rank's 4 (classes [{4 * rank}, {4 * rank + 4}))") \
             if rank < 2 else result["wrong"].endswith("nor this rank's 3 (classes [8, 11))")
