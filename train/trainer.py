@@ -401,8 +401,9 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
             return ",".join(str(v) for v in value) or "none"
         return "unset" if value is None else str(value)
 
-    # A length given in epochs in both runs is compared in epochs: its steps move with the processes' count
-    # (a run resumed on fewer GPUs has longer epochs). Otherwise in steps, however each run gave it.
+    # A length given in epochs in both runs is compared in epochs: its steps move with the data (other images of
+    # the same identities; a run resumed on another number of processes converts them at its checkpoint's
+    # epoch). Otherwise in steps, however each run gave it.
     in_epochs = {"warmup_steps": "warmup_epochs", "lr_steps": "lr_epochs"}
     skip = {steps if saved.get(epochs) is not None and getattr(args, epochs, None) is not None else epochs
             for steps, epochs in in_epochs.items()}
@@ -685,7 +686,14 @@ class Trainer:
                                 self.distributed else "lower it"))
         # The epoch the sampler walks: the images a process reads, in whole steps (drop_last).
         self.steps_per_epoch = images_per_process // step_batch
-        steps_from_epochs(args, self.steps_per_epoch)
+        # The lengths in epochs become steps of that epoch; a run resumed on another number of processes
+        # takes its checkpoint's epoch, whose steps the step it resumes at counts (this run's moved the
+        # schedule under it: 1 of 2 epochs done on 8 GPUs was epoch 0.5 of 2 on 4, which then trained 2.5).
+        saved_world = self._resumed_world_size() if resuming and any(
+            getattr(args, key) is not None for key in ("epochs", "warmup_epochs", "lr_epochs")) else None
+        self.schedule_steps_per_epoch = self.steps_per_epoch if saved_world in (None, self.world_size) else max(
+            1, math.ceil(len(self.dataset) / saved_world) // step_batch)
+        steps_from_epochs(args, self.schedule_steps_per_epoch)
         if self.rank == 0:
             for note in unused_options(args):
                 print(f"note: {note}", file=sys.stderr)
@@ -885,6 +893,16 @@ class Trainer:
             print(f"--resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
         return None
 
+    def _resumed_world_size(self) -> int | None:
+        """The number of processes of the checkpoint that --resume will continue (its generator states,
+        one a process), when there is one to read; what is wrong with it is said by _load_training_state."""
+        path = self.checkpoint_path if self.args.resume == "auto" else self.args.resume
+        try:
+            state = checkpoint.load(path, mmap=True)
+            return len(state["rng"]) or None
+        except Exception:
+            return None
+
     def _load_training_state(self, path: str) -> list[dict[str, Any]]:
         try:
             state = checkpoint.load(path, mmap=True)
@@ -946,8 +964,20 @@ class Trainer:
                 print(f"note: that run had {saved_world} process(es), a batch of {step_batch * saved_world} a step; "
                       f"this one has {self.world_size}, {step_batch * self.world_size} a step (--batch-size is a "
                       "process's): the learning rate is as it was, and the data order from here on is not the "
-                      "uninterrupted run's", file=sys.stderr)
+                      "uninterrupted run's" + self._epochs_kept_note(), file=sys.stderr)
         return state["rng"]
+
+    def _epochs_kept_note(self) -> str:
+        """What a run resumed on another number of processes makes of its lengths in epochs (said with the
+        note on the processes): that run's steps."""
+        a = self.args
+        given = [flag for flag, value in (("--epochs", a.epochs), ("--warmup-epochs", a.warmup_epochs),
+                                          ("--lr-epochs", a.lr_epochs)) if value is not None]
+        if not given:
+            return ""
+        return (f"; {', '.join(given)} {'is' if len(given) == 1 else 'are'} counted in that run's epochs of "
+                f"{self.schedule_steps_per_epoch} steps, as the steps it took were, and so are the progress lines' "
+                f"epochs (this run reads the data in {self.steps_per_epoch} steps)")
 
     def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
         """A resumed run reads the data its checkpoint trained on: the same files (moved, or mounted
@@ -1358,7 +1388,7 @@ class Trainer:
                         left = (args.max_steps - self.step) * (now - pace_from[0]) / max(1, self.step - pace_from[1])
                         if first_line:
                             pace_from, first_line = (now, self.step), False
-                        epoch = self.step / self.loader.batch_sampler.steps_per_epoch
+                        epoch = self.step / self.schedule_steps_per_epoch  # (--epochs's, as the header's)
                         self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, lr {lr:.6g}, "
                                     f"{rate:.1f} images/s, epoch {epoch:.2f}, "
                                     f"ETA {datetime.timedelta(seconds=round(left))}", screen=not interactive)
@@ -1483,7 +1513,7 @@ class Trainer:
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
             + f" on {self.device}, {a.max_steps} steps from step {self.step}"
-            + (f" ({a.epochs:g} epochs of {self.steps_per_epoch} steps)" if a.epochs is not None else ""),
+            + (f" ({a.epochs:g} epochs of {self.schedule_steps_per_epoch} steps)" if a.epochs is not None else ""),
             f"output: {self.output}",
         ])
 

@@ -54,6 +54,32 @@ def test_two_process_gloo_training_and_resume(tmp_path):
     assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == 6
 
 
+def test_a_run_in_epochs_resumed_on_another_number_of_processes_keeps_its_steps(tmp_path):
+    # 64 images in steps of 8 a process: 4 steps an epoch on 2 processes, 8 on 1. The step a run resumes at
+    # counts its checkpoint's steps, and so do its lengths in epochs. They were converted at this run's epoch:
+    # 1 of 2 epochs done on 2 processes was step 4 of 16 on 1 (2.5 epochs trained, the learning rate moved
+    # back), and 1 of 2 done on 1 process was step 8 of 8 on 2 ("nothing to train").
+    def launch(processes, args):
+        command = torchrun_command(args) if processes == 2 else [sys.executable, "-m", "train", *args]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    data = make_face_folder(str(tmp_path / "faces"))
+    for first, then in ((2, 1), (1, 2)):
+        output = tmp_path / f"{first}to{then}"
+        args = base_argv(data, str(output), batch_size=8, save_every=0, loss_impl=LOSS_IMPL)
+        epoch = 8 // first  # the first run's steps an epoch
+        launch(first, args + ["--epochs", "1"])
+        assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == epoch
+        err = launch(then, args + ["--epochs", "2", "--resume", "auto"])
+        assert f"{2 * epoch} steps from step {epoch} (2 epochs of {epoch} steps)" in err
+        assert (f"--epochs is counted in that run's epochs of {epoch} steps, as the steps it took were, and so are "
+                f"the progress lines' epochs (this run reads the data in {8 // then} steps)") in err
+        assert f"[step {2 * epoch}/{2 * epoch}]" in err and "epoch 2.00, " in err
+        assert [r["step"] for r in read_jsonl(output / "metrics.jsonl")] == list(range(1, 2 * epoch + 1))
+
+
 def test_sigterm_to_the_process_group_saves_on_every_rank(tmp_path):
     # What torchrun and cluster schedulers do: SIGTERM to the whole group, DataLoader workers
     # included. The ranks finish the step together and write the checkpoint (a collective).
