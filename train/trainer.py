@@ -1354,8 +1354,11 @@ class Trainer:
                    disable=not (self.is_main and interactive), file=sys.stderr)
         try:
             if self.step >= args.max_steps:  # a finished run resumed: its verification and checkpoint are written
-                self._write(f"the checkpoint is at step {self.step} of --max-steps {args.max_steps}: nothing to "
-                            "train (raise --max-steps to train on)")
+                flag = "--max-steps" if args.epochs is None else "--epochs"
+                length = (f"--max-steps {args.max_steps}" if args.epochs is None else
+                          f"--epochs {args.epochs:g} ({args.max_steps} steps)")
+                self._write(f"the checkpoint is at step {self.step} of {length}: nothing to train (raise {flag} to "
+                            "train on)")
                 return 0
             stop = False  # agreed by every rank at each step: a signal may reach some of them only
             # At the start of a fresh run, and of one resumed where a stop had cut a verification short (0:

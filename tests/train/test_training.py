@@ -236,6 +236,11 @@ def test_resuming_a_finished_run_trains_and_logs_nothing_more(faces, tmp_path, c
     assert main(argv(faces, tmp_path, pairs=True, max_steps=2, resume="auto")) == 0
     assert "nothing to train (raise --max-steps to train on)" in capsys.readouterr().err
     assert {name: (tmp_path / name).read_text() for name in logs} == logs
+    # A run in epochs is told of them (--max-steps was named: raised, it would not count after --epochs).
+    assert main(argv(faces, tmp_path / "epochs", epochs=0.5)) == 0
+    assert main(argv(faces, tmp_path / "epochs", epochs=0.5, resume="auto")) == 0
+    assert ("the checkpoint is at step 2 of --epochs 0.5 (2 steps): nothing to train (raise --epochs to train on)"
+            in capsys.readouterr().err)
 
 
 def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkeypatch):
