@@ -354,7 +354,8 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
     the command line's parsing, choices and error messages (a value outside an option's choices is
     reported here, naming the file)."""
     table = _option_table(parser)
-    if "config" in config:
+    run_args = "config" in config
+    if run_args:
         # A run's args.json: it names the --config its values came from (they are all in it), and its
         # warm-up, when the default share of its --max-steps, stays the default (a new --max-steps on the
         # command line moves it, as it moves the run's own on a resume).
@@ -372,12 +373,16 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
         raise SystemExit(f"{source}: unknown key(s) {', '.join(unknown)}; keys are the flag names of "
                          "`python -m train --help` (e.g. max-steps or max_step)")
     # Two spellings of one option (max-steps and max_step, plots and no-plots): the later one won, without a word.
+    # So are a length in steps and in epochs (max-steps and epochs), but in a run's args.json, which holds both.
+    in_steps = {} if run_args else {"epochs": "max_steps", "warmup_epochs": "warmup_steps", "lr_epochs": "lr_steps"}
     spellings: dict[str, list[str]] = {}
     for key in config:
-        spellings.setdefault(table[key].dest, []).append(key)
+        spellings.setdefault(in_steps.get(table[key].dest, table[key].dest), []).append(key)
     twice = next((keys for keys in spellings.values() if len(keys) > 1), None)
     if twice:
-        raise SystemExit(f"{source}: {' and '.join(twice)} are one option, given {len(twice)} times: keep one")
+        both = len({table[key].dest for key in twice}) > 1
+        raise SystemExit(f"{source}: {' and '.join(twice)} are one option{' (in steps and in epochs)' if both else ''}, "
+                         f"given {len(twice)} times: keep one")
     argv = []
     for key, value in config.items():
         action = table[key]

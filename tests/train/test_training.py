@@ -892,6 +892,11 @@ def test_config_file_mistakes_name_the_file(tmp_path):
     with pytest.raises(SystemExit, match=f"^{tmp_path / 'twice.yaml'}: max-steps and max_step are one option, given "
                                          "2 times: keep one$"):
         parse_args(["--config", str(tmp_path / "twice.yaml")])
+    # A length in steps and in epochs: the file's later line counted (epochs: 20 after max-steps: 1000 ran 20 epochs).
+    (tmp_path / "twice.yaml").write_text("max-steps: 1000\nepochs: 20\n")
+    with pytest.raises(SystemExit, match=f"^{tmp_path / 'twice.yaml'}: max-steps and epochs are one option \\(in steps "
+                                         "and in epochs\\), given 2 times: keep one$"):
+        parse_args(["--config", str(tmp_path / "twice.yaml")])
     with pytest.raises(SystemExit, match=f"^--config {tmp_path} is a folder"):
         parse_args(["--config", str(tmp_path)])
 
