@@ -1516,7 +1516,8 @@ class Trainer:
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
             + f" on {self.device}, {a.max_steps} steps from step {self.step}"
-            + (f" ({a.epochs:g} epochs of {self.schedule_steps_per_epoch} steps)" if a.epochs is not None else ""),
+            + (f" ({a.epochs:g} epoch{'' if a.epochs == 1 else 's'} of {self.schedule_steps_per_epoch} "
+               f"step{'' if self.schedule_steps_per_epoch == 1 else 's'})" if a.epochs is not None else ""),
             f"output: {self.output}",
         ])
 
