@@ -686,13 +686,13 @@ class Trainer:
                                 self.distributed else "lower it"))
         # The epoch the sampler walks: the images a process reads, in whole steps (drop_last).
         self.steps_per_epoch = images_per_process // step_batch
-        # The lengths in epochs become steps of that epoch; a run resumed on another number of processes
-        # takes its checkpoint's epoch, whose steps the step it resumes at counts (this run's moved the
-        # schedule under it: 1 of 2 epochs done on 8 GPUs was epoch 0.5 of 2 on 4, which then trained 2.5).
-        saved_world = self._resumed_world_size() if resuming and any(
+        # The lengths in epochs become steps of that epoch; a resumed run takes the epoch its schedule began
+        # with (kept in the checkpoint), whose steps the step it resumes at counts: on another number of
+        # processes this run's moved the schedule under it (1 of 2 epochs done on 8 GPUs was epoch 0.5 of 2
+        # on 4, which then trained 2.5), and so did its checkpoint's for the next resume.
+        resumed_epoch = self._resumed_steps_per_epoch(step_batch) if resuming and any(
             getattr(args, key) is not None for key in ("epochs", "warmup_epochs", "lr_epochs")) else None
-        self.schedule_steps_per_epoch = self.steps_per_epoch if saved_world in (None, self.world_size) else max(
-            1, math.ceil(len(self.dataset) / saved_world) // step_batch)
+        self.schedule_steps_per_epoch = resumed_epoch or self.steps_per_epoch
         steps_from_epochs(args, self.schedule_steps_per_epoch)
         if self.rank == 0:
             for note in unused_options(args):
@@ -893,13 +893,16 @@ class Trainer:
             print(f"--resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
         return None
 
-    def _resumed_world_size(self) -> int | None:
-        """The number of processes of the checkpoint that --resume will continue (its generator states,
-        one a process), when there is one to read; what is wrong with it is said by _load_training_state."""
+    def _resumed_steps_per_epoch(self, step_batch: int) -> int | None:
+        """The steps an epoch of the schedule that --resume will continue, when there is a checkpoint to read
+        (what is wrong with one is said by _load_training_state): as it records them, or, in a checkpoint
+        older than the record, those of its number of processes (its generator states, one a process)."""
         path = self.checkpoint_path if self.args.resume == "auto" else self.args.resume
         try:
             state = checkpoint.load(path, mmap=True)
-            return len(state["rng"]) or None
+            if "steps_per_epoch" in state:
+                return int(state["steps_per_epoch"])
+            return max(1, math.ceil(len(self.dataset) / len(state["rng"])) // step_batch)
         except Exception:
             return None
 
@@ -964,20 +967,16 @@ class Trainer:
                 print(f"note: that run had {saved_world} process(es), a batch of {step_batch * saved_world} a step; "
                       f"this one has {self.world_size}, {step_batch * self.world_size} a step (--batch-size is a "
                       "process's): the learning rate is as it was, and the data order from here on is not the "
-                      "uninterrupted run's" + self._epochs_kept_note(), file=sys.stderr)
+                      "uninterrupted run's", file=sys.stderr)
+            a = self.args
+            given = [flag for flag, value in (("--epochs", a.epochs), ("--warmup-epochs", a.warmup_epochs),
+                                              ("--lr-epochs", a.lr_epochs)) if value is not None]
+            if given and self.schedule_steps_per_epoch != self.steps_per_epoch:
+                print(f"note: {', '.join(given)} {'is' if len(given) == 1 else 'are'} counted in the epochs of "
+                      f"{self.schedule_steps_per_epoch} steps the run began with, as the steps it took were, and so "
+                      f"are the progress lines' epochs (this run reads the data in {self.steps_per_epoch} steps)",
+                      file=sys.stderr)
         return state["rng"]
-
-    def _epochs_kept_note(self) -> str:
-        """What a run resumed on another number of processes makes of its lengths in epochs (said with the
-        note on the processes): that run's steps."""
-        a = self.args
-        given = [flag for flag, value in (("--epochs", a.epochs), ("--warmup-epochs", a.warmup_epochs),
-                                          ("--lr-epochs", a.lr_epochs)) if value is not None]
-        if not given:
-            return ""
-        return (f"; {', '.join(given)} {'is' if len(given) == 1 else 'are'} counted in that run's epochs of "
-                f"{self.schedule_steps_per_epoch} steps, as the steps it took were, and so are the progress lines' "
-                f"epochs (this run reads the data in {self.steps_per_epoch} steps)")
 
     def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
         """A resumed run reads the data its checkpoint trained on: the same files (moved, or mounted
@@ -1166,6 +1165,7 @@ class Trainer:
             "target_angles": self.angles.state_dict(),
             "elapsed": self.elapsed + (time.perf_counter() - self._started),
             "verification": self.last_verification,
+            "steps_per_epoch": self.schedule_steps_per_epoch,  # the epoch of --epochs's steps, for a resume
         }
         if self.wandb_run_id:
             state["wandb_run_id"] = self.wandb_run_id

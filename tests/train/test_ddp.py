@@ -74,10 +74,15 @@ def test_a_run_in_epochs_resumed_on_another_number_of_processes_keeps_its_steps(
         assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == epoch
         err = launch(then, args + ["--epochs", "2", "--resume", "auto"])
         assert f"{2 * epoch} steps from step {epoch} (2 epochs of {epoch} steps)" in err
-        assert (f"--epochs is counted in that run's epochs of {epoch} steps, as the steps it took were, and so are "
-                f"the progress lines' epochs (this run reads the data in {8 // then} steps)") in err
+        assert (f"note: --epochs is counted in the epochs of {epoch} steps the run began with, as the steps it took "
+                f"were, and so are the progress lines' epochs (this run reads the data in {8 // then} steps)") in err
         assert f"[step {2 * epoch}/{2 * epoch}]" in err and "epoch 2.00, " in err
         assert [r["step"] for r in read_jsonl(output / "metrics.jsonl")] == list(range(1, 2 * epoch + 1))
+        # Resumed again on as many processes as the last run: still the first run's epochs (they were this run's
+        # again, as the checkpoint's number of processes gave them).
+        if then == 1:
+            err = launch(1, args + ["--epochs", "3", "--resume", "auto"])
+            assert f"{3 * epoch} steps from step {2 * epoch} (3 epochs of {epoch} steps)" in err
 
 
 def test_sigterm_to_the_process_group_saves_on_every_rank(tmp_path):
