@@ -40,6 +40,24 @@ def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_
     module.check_labels = check_flag("check_labels", check_labels)
 
 
+def margin_attribute(option_of, doc):
+    """The constructor's ``m`` as an attribute (a property): it reads and sets the option that holds it
+    (``option_of(module)``: "m1", "m2" or "m3"), checked as the constructor checks it, so that a margin
+    scheduled between steps (``criterion.m = 0.1``, as WeSpeaker's and 3D-Speaker's margin schedulers set
+    theirs) takes effect. Before, ``m`` was a new attribute that nothing read: the loss kept its margin,
+    silently."""
+    def get(self):
+        return getattr(self, option_of(self))
+
+    def set(self, value):
+        option = option_of(self)
+        options = dict(s=self.s, m1=self.m1, m2=self.m2, m3=self.m3, lambda_=self.lambda_)
+        options[option] = value
+        check_options(**options, reduction=self.reduction, margin_grad=self.margin_grad, ignore_index=self.ignore_index)
+        setattr(self, option, float(value))
+    return property(get, set, doc=doc)
+
+
 class CombinedMarginLoss(nn.Module):
     """Margin softmax cross-entropy with its own class centres ``weight`` (C, D).
 
@@ -200,6 +218,8 @@ class ArcFaceLoss(CombinedMarginLoss):
         # The margins then depend on the sample: the arguments are checked before row_margins reads them.
         self.per_row_margins = easy_margin
 
+    m = margin_attribute(lambda module: "m2", "The angular margin m (the option m2), radians; settable between steps.")
+
     def row_margins(self, embeddings, labels):
         if not self.easy_margin:
             return self.m2, self.m3
@@ -215,6 +235,8 @@ class CosFaceLoss(CombinedMarginLoss):
     def __init__(self, num_classes, embedding_size, s=64.0, m=0.35, *, device=None, dtype=None, **kwargs):
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=m, device=device, dtype=dtype, **kwargs)
 
+    m = margin_attribute(lambda module: "m3", "The cosine margin m (the option m3); settable between steps.")
+
 
 class SphereFaceLoss(CombinedMarginLoss):
     """Multiplicative angular margin: target logit s·ψ(mθ), optionally blended with cos θ by lambda_:
@@ -226,6 +248,8 @@ class SphereFaceLoss(CombinedMarginLoss):
     def __init__(self, num_classes, embedding_size, s=64.0, m=4, lambda_=0.0, *, device=None, dtype=None, **kwargs):
         super().__init__(num_classes, embedding_size, s=s, m1=float(m), m2=0.0, m3=0.0, lambda_=lambda_, device=device,
                          dtype=dtype, **kwargs)
+
+    m = margin_attribute(lambda module: "m1", "The multiplicative margin m (the option m1); settable between steps.")
 
 
 def _apply_keeping_dtype(module, apply, names, fn, *args, **kwargs):
@@ -365,7 +389,10 @@ class ElasticFaceMargins:
             m = 0.5 if kind == "arc" else 0.35
         margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, device=device, dtype=dtype, **kwargs)
-        self.m, self.std, self.kind, self.plus, self.generator = float(m), float(std), kind, plus, generator
+        self.std, self.kind, self.plus, self.generator = float(std), kind, plus, generator
+
+    m = margin_attribute(lambda module: "m2" if module.kind == "arc" else "m3",
+                         "The margins' mean m (the option m2 for kind 'arc', m3 for 'cos'); settable between steps.")
 
     def row_margins(self, embeddings, labels):
         if not self.training or self.std == 0:
@@ -476,13 +503,14 @@ class CurricularFaceT:
     never cast to 16 bits."""
 
     curricular = True
+    m = margin_attribute(lambda module: "m2", "ArcFace's angular margin m (the option m2), radians; settable between steps.")
 
     def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, momentum=0.01, *, device=None, dtype=None, **kwargs):
         if (isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, numbers.Real)
                 or not 0 < momentum <= 1):
             raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, device=device, dtype=dtype, **kwargs)
-        self.m, self.momentum = float(m), float(momentum)
+        self.momentum = float(momentum)
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.register_buffer("t", torch.zeros((), device=device, dtype=dtype))
 

@@ -310,3 +310,39 @@ def test_label_smoothing_and_easy_margin_make_no_n_by_c_tensor(options):
             assert largest[0] >= n * c     # the recording sees the matrix where there is one
         else:
             assert largest[0] <= max(n * d, c * d) < n * c
+
+
+# Module, its options, the option its constructor's m sets, and a margin to start from and one to move to.
+SCHEDULED = {
+    "arcface": (arcface_ext.ArcFaceLoss, {}, "m2", 0.0, 0.2),
+    "arcface_easy_margin": (arcface_ext.ArcFaceLoss, dict(easy_margin=True), "m2", 0.0, 0.2),
+    "cosface": (arcface_ext.CosFaceLoss, {}, "m3", 0.0, 0.2),
+    "sphereface": (arcface_ext.SphereFaceLoss, {}, "m1", 2, 4),
+    "curricularface": (arcface_ext.CurricularFaceLoss, {}, "m2", 0.0, 0.2),
+    "elasticface_arc": (arcface_ext.ElasticFaceLoss, dict(kind="arc", std=0.0), "m2", 0.0, 0.2),
+    "elasticface_cos": (arcface_ext.ElasticFaceLoss, dict(kind="cos", std=0.0), "m3", 0.0, 0.2),
+}
+
+
+@pytest.mark.parametrize("kind", SCHEDULED)
+def test_a_margin_set_between_steps_takes_effect(kind):
+    """WeSpeaker's and 3D-Speaker's margin schedulers raise the margin from 0 to its final value during
+    training (their heads' update(margin)): here criterion.m = value, which gives the loss and gradients of
+    the module built with that margin, and is checked as the constructor checks it. m was an attribute that
+    nothing read: the module kept its margin, silently (CurricularFace's repr showed the new one)."""
+    cls, options, option, start, end = SCHEDULED[kind]
+    weight = torch.randn(C, D, dtype=torch.float64)
+    x, labels = inputs(weight)
+    built = cls(C, D, s=32.0, m=end, dtype=torch.float64, **options)
+    built.load_state_dict({**built.state_dict(), "weight": weight})
+    scheduled = cls(C, D, s=32.0, m=start, dtype=torch.float64, **options)
+    scheduled.load_state_dict(built.state_dict())
+    scheduled.m = end
+    assert (scheduled.m, getattr(scheduled, option)) == (end, end), (scheduled.m, getattr(scheduled, option))
+    assert repr(scheduled) == repr(built)
+    compare(lambda x: built(x, labels), lambda x: scheduled(x, labels), x, (built.weight, scheduled.weight),
+            lambda g: g)
+    bad = 0.0 if option == "m1" else 30.0          # m1 > 0; an angle in degrees, a cosine margin past 1
+    with pytest.raises(ValueError, match=f"{option} .*must"):
+        scheduled.m = bad
+    assert scheduled.m == end
