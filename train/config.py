@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data and model")
     g.add_argument("--data", "--data-set", "--data_set", dest="data", default="synthetic",
-                   help="'synthetic', a folder with train.rec/train.idx (insightface layout), or an ImageFolder tree")
+                   help="'synthetic', a folder with train.rec/train.idx (insightface layout), an ImageFolder tree, "
+                        "or a list file (.lst, .txt) of lines 'path label', 'flag<TAB>path<TAB>label' or "
+                        "'index<TAB>label<TAB>path'")
     g.add_argument("--val-targets", "--val_targets", dest="val_targets", type=_str_list, default=None,
                    help="verification sets, comma separated: names of <data>/<name>.bin, or .bin / pairs-list "
                    ".txt paths; "

@@ -666,6 +666,8 @@ class Trainer:
             print(f"note: {args.data} holds {stored_size[1]}x{stored_size[0]} (width x height) images "
                   f"({self.dataset.stored_size_source}); they are resized to {args.image_size}x{args.image_size} "
                   "(--image-size)", file=sys.stderr)
+        if self.is_main and getattr(self.dataset, "labels_note", None):  # a list file's labels, not 0..C-1
+            print(f"note: {args.data}: {self.dataset.labels_note}", file=sys.stderr)
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
                              "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))

@@ -25,6 +25,7 @@ from trainer_fixtures import REPO
 
 from train.data import (
     ImageFolderDataset,
+    ImageListDataset,
     RecordIODataset,
     RecordIOError,
     ResumableBatchSampler,
@@ -596,6 +597,204 @@ def test_pack_rec_names_an_output_folder_it_cannot_make(image_folder, tmp_path, 
     assert capsys.readouterr().err.splitlines()[-1] == (f"pack_rec: error: cannot make the folder "
                                                         f"{tmp_path / 'afile' / 'packed'} to write train.rec in: Not a "
                                                         "directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# List files
+
+
+def list_faces(root, identities=3, images=2) -> list[str]:
+    """JPEG faces ``root/id<k>/<i>.jpg`` (JPEGs, so that a pack stores their bytes as they are); their
+    paths below ``root``, identity by identity."""
+    names = []
+    for identity in range(identities):
+        (root / f"id{identity}").mkdir(parents=True)
+        for i in range(images):
+            name = f"id{identity}/{i}.jpg"
+            Image.fromarray(face_image(10 * identity + i)).save(root / name, quality=90)
+            names.append(name)
+    return names
+
+
+# The list forms of the field: FaceX-Zoo's and the cleaned CASIA / VGGFace2 lists, insightface's face2rec2
+# (its flag, or an index in its forks' lists, first; a box and landmarks may follow an aligned face's label)
+# and mxnet's im2rec (labels written %f).
+LIST_FORMS = {
+    "path label": "{path} {label}",
+    "path<TAB>label": "{path}\t{label}",
+    "face2rec2": "1\t{path}\t{label}",
+    "face2rec2 with an index": "{index}\t{path}\t{label}",
+    "face2rec2 with a box and landmarks": "1\t{path}\t{label}\t" + "\t".join(["7"] * 14),
+    "im2rec": "{index}\t{label}.000000\t{path}",
+}
+
+
+def test_image_lists_of_every_form_read_as_one_set(tmp_path):
+    # Labels 25, 5, 15 (not 0..C-1, not in order): label k is the list's k-th smallest, compared as
+    # numbers (as text, '15' < '25' < '5'); the images keep the list's order.
+    names = list_faces(tmp_path)
+    user_labels = [25, 25, 5, 5, 15, 15]
+    fingerprints, digests = set(), set()
+    for form, pattern in LIST_FORMS.items():
+        lines = [pattern.format(path=name, label=label, index=index)
+                 for index, (name, label) in enumerate(zip(names, user_labels))]
+        path = tmp_path / f"{form}.lst"
+        # A byte-order mark, Windows line ends, a comment and a blank line are read past.
+        path.write_bytes(("\ufeff# " + form + "\r\n\r\n" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+        ds = ImageListDataset(str(path), image_size=32, flip=False)
+        assert ds.identities == ["5", "15", "25"], form
+        assert ds.labels.tolist() == [2, 2, 0, 0, 1, 1] and ds.num_classes == 3, form
+        assert list(ds.paths) == [os.path.join(str(tmp_path), name) for name in names], form
+        image, label = ds.load(4)
+        np.testing.assert_array_equal(image, np.asarray(Image.open(tmp_path / names[4]).convert("RGB")))
+        assert label == 1 and ds.stored_size == (32, 32)
+        assert ds.labels_note == ("the list's 3 labels (5 to 25) are classes 0 to 2 in ascending order: class k is "
+                                  "the list's k-th smallest label")
+        fingerprints.add(ds.fingerprint())
+        digests.add(ds.classes_digest())
+    assert len(fingerprints) == len(digests) == 1  # the form is not the data
+    (tmp_path / "plain.txt").write_text("".join(f"{name} {k // 2}\n" for k, name in enumerate(names)))
+    assert ImageListDataset(str(tmp_path / "plain.txt")).labels_note is None  # 0..C-1 stay as they are
+
+
+def test_image_list_paths_are_relative_to_the_list_or_absolute(tmp_path, monkeypatch):
+    names = list_faces(tmp_path / "faces")
+    (tmp_path / "lists").mkdir()
+    with_spaces = tmp_path / "faces" / "id2" / "a face.jpg"  # a path may hold spaces (the label is the last field)
+    shutil.copy(tmp_path / "faces" / names[-1], with_spaces)
+    lines = [f"../faces/{names[0]} 0", f"{tmp_path / 'faces' / names[1]} 0", f"../faces/{names[2]} 1",
+             "../faces/id2/a face.jpg 2"]
+    (tmp_path / "lists" / "train.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path / "faces" / "id0")  # not where the paths are read from
+    ds = ImageListDataset(str(tmp_path / "lists" / "train.txt"), image_size=32)
+    assert list(ds.paths) == [os.path.join(str(tmp_path / "lists"), f"../faces/{names[0]}"),
+                              str(tmp_path / "faces" / names[1]),
+                              os.path.join(str(tmp_path / "lists"), f"../faces/{names[2]}"),
+                              os.path.join(str(tmp_path / "lists"), "../faces/id2/a face.jpg")]
+    assert all(ds.load(i)[0].shape == (32, 32, 3) for i in range(len(ds)))
+    # Its record of the data holds the paths as the list gives them: the list and its images moved together
+    # are the same data (an absolute path moves with neither).
+    relative = [line for line in lines if not line.startswith("/")]
+    (tmp_path / "lists" / "relative.txt").write_text("\n".join(relative) + "\n")
+    before = ImageListDataset(str(tmp_path / "lists" / "relative.txt")).fingerprint()
+    shutil.copytree(tmp_path / "lists", tmp_path / "moved" / "lists")
+    shutil.copytree(tmp_path / "faces", tmp_path / "moved" / "faces")
+    assert ImageListDataset(str(tmp_path / "moved" / "lists" / "relative.txt")).fingerprint() == before
+    clone = pickle.loads(pickle.dumps(ds))  # as a spawned worker receives it
+    assert list(clone.paths) == list(ds.paths) and clone.fingerprint() == ds.fingerprint()
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("id0/0.jpg\n", 1, "expected 'path label', the form of the list's first line, got 'id0/0.jpg'"),
+    ("id0/0.jpg 0\nid0/1.jpg -1\n", 2, "label '-1' is not an identity: expected an integer >= 0"),
+    ("id0/0.jpg 0\n\nid0/1.jpg 1.5\n", 3, "label '1.5' is not an identity"),
+    ("id0/0.jpg 0\nid0/1.jpg nan\n", 2, "label 'nan' is not an identity"),
+    ("id0/0.jpg 0\n1\tid0/1.jpg\t1\n", 2, "expected 'path label', the form of the list's first line, got "
+                                          "'1\\tid0/1.jpg\\t1'"),
+    ("1\tid0/0.jpg\t0\nid0/1.jpg 1\n", 2, "expected 'flag<TAB>path<TAB>label', the form of the list's first line"),
+    ("1\tid0/0.jpg\t0\n1\tid0/1.jpg\t0\t5\n", 2, "expected 'flag<TAB>path<TAB>label'"),
+    ("0\t0.000000\tid0/0.jpg\n1\tid0/1.jpg\t0\n", 2, "expected 'index<TAB>label<TAB>path'"),
+    ("0\t0\t0.5\n", 1, "cannot tell the image path from the label: expected 'path label', 'flag<TAB>path<TAB>label' "
+                       "(insightface's face2rec2) or 'index<TAB>label<TAB>path' (mxnet's im2rec)"),
+    ("0\tid0/0.jpg\t0\t" + "\t".join(["7"] * 14) + "\n", 1,
+     "flag 0 with a face box: a face face2rec2 would align from the box and landmarks; the trainer reads aligned "
+     "faces (align them first: python -m train.tools.align)"),
+], ids=["no label", "negative", "fraction", "nan", "another form", "space in a tab list", "four fields",
+        "face2rec2 in im2rec", "no path", "not aligned"])
+def test_image_list_lines_that_do_not_read_are_named(tmp_path, text, line, message):
+    list_faces(tmp_path)
+    (tmp_path / "train.lst").write_text(text)
+    with pytest.raises(ValueError) as error:
+        ImageListDataset(str(tmp_path / "train.lst"))
+    assert str(error.value).startswith(f"{tmp_path / 'train.lst'}: line {line}: {message}"), str(error.value)
+
+
+def test_image_list_images_missing_are_named_before_the_run(tmp_path):
+    # Checked up front, by one listing a folder (a million stat calls cost more), rather than at whichever
+    # step meets the first one hours into the run.
+    names = list_faces(tmp_path)
+    lines = [f"{name} {k // 2}" for k, name in enumerate(names)]
+    lines[3] = "id1/gone.jpg 1"
+    lines[5] = "id9/0.jpg 2"  # a folder that is not there
+    (tmp_path / "train.txt").write_text("# faces\n" + "\n".join(lines) + "\n")
+    with pytest.raises(FileNotFoundError) as error:
+        ImageListDataset(str(tmp_path / "train.txt"))
+    assert str(error.value) == (f"{tmp_path / 'train.txt'}: line 5: no image {tmp_path / 'id1' / 'gone.jpg'} (2 of "
+                                "its 6 images are missing)")
+    # None there: the paths were written relative to another folder than the list's.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "train.txt").write_text(f"{names[0]} 0\n")
+    with pytest.raises(FileNotFoundError, match=f"line 1: no image .*: paths are read relative to the list's folder "
+                                                f"\\({re.escape(str(tmp_path / 'elsewhere'))}\\)$"):
+        ImageListDataset(str(tmp_path / "elsewhere" / "train.txt"))
+    (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
+    with pytest.raises(ValueError, match=r"empty\.txt: lists no image \(lines 'path label', "):
+        ImageListDataset(str(tmp_path / "empty.txt"))
+    # One removed after the list was read is the image folder's mid-run error.
+    (tmp_path / "train.txt").write_text("\n".join(f"{name} {k // 2}" for k, name in enumerate(names)))
+    ds = ImageListDataset(str(tmp_path / "train.txt"))
+    os.remove(tmp_path / names[2])
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / names[2]))}: cannot read image: No such file"):
+        ds[2]
+
+
+def test_build_train_dataset_reads_list_files(tmp_path):
+    names = list_faces(tmp_path)
+    for name in ("train.lst", "train.TXT"):
+        (tmp_path / name).write_text("".join(f"{path}\t{k // 2}\n" for k, path in enumerate(names)))
+        ds, num_classes = build_train_dataset(str(tmp_path / name), image_size=24)
+        assert isinstance(ds, ImageListDataset) and num_classes == 3 and len(ds) == 6
+    (tmp_path / "train.csv").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"'.*train\.csv': expected 'synthetic', a folder with train\.rec \+ "
+                                                r"train\.idx, an image folder, or a list file \(\.lst, \.txt\)"):
+        build_train_dataset(str(tmp_path / "train.csv"))
+    with pytest.raises(FileNotFoundError, match=r"'.*other\.lst': no such file; expected"):
+        build_train_dataset(str(tmp_path / "other.lst"))
+
+
+def test_a_lists_verification_sets_are_in_its_folder(tmp_path):
+    # --val-targets lfw: <data folder>/lfw.bin, the list's folder for a list (it was looked for under train.lst/).
+    from train.data import build_verification_sets
+    from train.tools.make_bin import write_bin
+
+    names = list_faces(tmp_path)
+    (tmp_path / "train.lst").write_text("".join(f"{path} {k // 2}\n" for k, path in enumerate(names)))
+    write_bin(str(tmp_path / "lfw.bin"), [(tmp_path / name).read_bytes() for name in names[:4] * 5], [1, 0] * 5)
+    sets = build_verification_sets(str(tmp_path / "train.lst"), ["lfw"], image_size=32)
+    assert list(sets) == ["lfw"] and sets["lfw"].num_pairs == 10
+    with pytest.warns(UserWarning, match=f"no agedb_30.bin in {re.escape(repr(str(tmp_path)))}; skipped"):
+        assert build_verification_sets(str(tmp_path / "train.lst"), ["agedb_30"], image_size=32) == {}
+
+
+def test_pack_rec_packs_a_list_read_back_by_the_recordio_reader(tmp_path, capsys):
+    # A record's identity is a range of records: the list's images come out by label (its k-th smallest
+    # label as k), in the list's order within a label, each JPEG's bytes as they are.
+    names = list_faces(tmp_path / "faces")
+    order = [4, 0, 5, 2, 1, 3]
+    user_labels = {0: 30, 1: 30, 2: 8, 3: 8, 4: 11, 5: 11}
+    (tmp_path / "faces" / "train.lst").write_text(
+        "".join(f"{k}\t{user_labels[i]}.000000\t{names[i]}\n" for k, i in enumerate(order)))
+    assert pack_rec_main([str(tmp_path / "faces" / "train.lst"), str(tmp_path / "packed")]) == 0
+    assert "pack_rec: note: the list's 3 labels (8 to 30) are classes 0 to 2 in ascending order: class k is the " \
+           "list's k-th smallest label" in capsys.readouterr().err
+    packed = RecordIODataset(str(tmp_path / "packed"), image_size=32, flip=False)
+    listed = ImageListDataset(str(tmp_path / "faces" / "train.lst"), image_size=32, flip=False)
+    assert packed.num_classes == listed.num_classes == 3 and len(packed) == 6
+    expected = [2, 3, 4, 5, 0, 1]  # label 8's images (list lines 4, 6), 11's (lines 1, 3), 30's (lines 2, 5)
+    assert [packed.load(k)[1] for k in range(6)] == [0, 0, 1, 1, 2, 2]
+    for k, i in enumerate(expected):
+        assert unpack_payload(packed.records.read(k + 1))[1] == (tmp_path / "faces" / names[i]).read_bytes()
+        image, label = listed.load(order.index(i))
+        np.testing.assert_array_equal(packed.load(k)[0], image)
+        assert packed.load(k)[1] == label
+    with pytest.raises(FileNotFoundError):  # the list's own errors, before anything is written
+        pack_image_folder(str(tmp_path / "nothing.lst"), str(tmp_path / "none"), log=None)
+    (tmp_path / "faces" / "bad.lst").write_text("x.jpg 0\n")
+    assert pack_rec_main([str(tmp_path / "faces" / "bad.lst"), str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err == f"pack_rec: error: {tmp_path / 'faces' / 'bad.lst'}: line 1: no image " \
+                                      f"{tmp_path / 'faces' / 'x.jpg'}: paths are read relative to the list's " \
+                                      f"folder ({tmp_path / 'faces'})\n"
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------------------------------------

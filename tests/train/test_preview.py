@@ -79,7 +79,7 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys):
     assert preview.main(["--output", str(tmp_path / "y.png"), "--data", "synthetic", "--image", "16000"]) == 1
     assert "--image 16000: the set has images 0 to 15999" in capsys.readouterr().err
     assert preview.main(["--output", str(tmp_path / "y.png"), "--data", str(tmp_path / "none")]) == 1
-    assert "expected 'synthetic', a folder with train.rec + train.idx, or an image folder" in capsys.readouterr().err
+    assert "expected 'synthetic', a folder with train.rec + train.idx, an image folder, or a list file" in capsys.readouterr().err
     for argv, message in [(["y.gif"], "name a .png, .jpg or .webp file"), (["y.png", "--count", "0"], "--count must be"),
                           (["y.png", "--epoch", "-1"], "--epoch must be at least 0")]:
         with pytest.raises(SystemExit):

@@ -1150,6 +1150,73 @@ def test_resume_refuses_data_whose_labels_are_other_identities(faces, tmp_path, 
         Trainer(parse_args(base_argv(str(reordered), str(run), loss_impl=LOSS_IMPL, max_steps=4, resume="auto")))
 
 
+def write_list_of(folder, list_path, labels) -> None:
+    """A list file naming ``folder``'s images in its ImageFolder order (relative to the list), identity k
+    labelled ``labels[k]``."""
+    lines = []
+    for k, identity in enumerate(sorted(os.listdir(folder))):
+        for name in sorted(os.listdir(os.path.join(folder, identity))):
+            path = os.path.relpath(os.path.join(folder, identity, name), os.path.dirname(list_path))
+            lines.append(f"{path} {labels[k]}\n")
+    with open(list_path, "w") as f:
+        f.writelines(lines)
+
+
+def test_a_list_file_trains_bit_for_bit_as_the_image_folder_of_its_images(faces, tmp_path, capsys):
+    # Its images in the folder's order, the labels (not 0..C-1) in the order of its identities: the same
+    # samples, batches, losses and weights.
+    data, _ = faces
+    write_list_of(data, str(tmp_path / "train.lst"), labels=[100 + 7 * k for k in range(8)])
+    assert main(argv(faces, tmp_path / "folder", max_steps=4, keep_prob=0.8)) == 0
+    assert main(base_argv(str(tmp_path / "train.lst"), str(tmp_path / "list"), loss_impl=LOSS_IMPL, max_steps=4,
+                          keep_prob=0.8)) == 0
+    assert f"note: {tmp_path / 'train.lst'}: the list's 8 labels (100 to 149) are classes 0 to 7 in ascending " \
+           "order: class k is the list's k-th smallest label" in capsys.readouterr().err
+    assert losses(tmp_path / "list") == losses(tmp_path / "folder")
+    a = checkpoint.load(str(tmp_path / "folder" / "checkpoint.pt"))
+    b = checkpoint.load(str(tmp_path / "list" / "checkpoint.pt"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["margin_loss"]["weight"], b["margin_loss"]["weight"])
+
+
+def test_a_run_on_a_list_file_resumes_exactly_and_checks_its_labels(faces, tmp_path, monkeypatch, capsys):
+    data, _ = faces
+    listed = str(tmp_path / "train.txt")
+    write_list_of(data, listed, labels=list(range(8)))
+    options = dict(loss_impl=LOSS_IMPL, max_steps=6, save_every=2, keep_prob=0.8)
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    assert main(base_argv(listed, full, **options)) == 0
+    run_killed_at(3, base_argv(listed, killed, **options), monkeypatch)
+    assert main(base_argv(listed, killed, resume="auto", **options)) == 0
+    assert losses(killed) == losses(full)
+    assert torch.equal(checkpoint.load(os.path.join(full, "checkpoint.pt"))["margin_loss"]["weight"],
+                       checkpoint.load(os.path.join(killed, "checkpoint.pt"))["margin_loss"]["weight"])
+    # The checkpoint's class centre k is the list's k-th smallest label: the same lines in another order are
+    # other images of the same identities (a note); other labels are other identities (refused).
+    with open(listed) as f:
+        lines = f.readlines()
+    shuffled, relabelled = str(tmp_path / "shuffled.txt"), str(tmp_path / "relabelled.txt")
+    with open(shuffled, "w") as f:
+        f.writelines(lines[1:] + lines[:1])
+    write_list_of(data, relabelled, labels=[1 + k for k in range(8)])
+    capsys.readouterr()
+    trainer = Trainer(parse_args(base_argv(shuffled, killed, **{**options, "max_steps": 8, "resume": "auto"})))
+    assert trainer.step == 6
+    assert f"note: --data {shuffled} holds other images than the data" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--data .*relabelled\.txt is not the data that run trained on"):
+        Trainer(parse_args(base_argv(relabelled, killed, **{**options, "max_steps": 8, "resume": "auto"})))
+
+
+def test_a_list_file_that_does_not_read_is_a_one_line_error(faces, tmp_path):
+    data, _ = faces
+    (tmp_path / "train.lst").write_text(f"{data}/id_000/00.png 0\n{data}/id_000/01.png zero\n")
+    with pytest.raises(SystemExit) as stop:
+        main(base_argv(str(tmp_path / "train.lst"), str(tmp_path / "run"), loss_impl=LOSS_IMPL))
+    assert str(stop.value.code) == (f"{tmp_path / 'train.lst'}: line 2: label 'zero' is not an identity: expected "
+                                    "an integer >= 0")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(faces, tmp_path, monkeypatch, capsys):
     original_forward = arcface_ext.CombinedMarginLoss.forward
     calls = {"n": 0}

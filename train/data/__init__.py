@@ -18,6 +18,7 @@ import torch
 
 from .augment import Augmentation
 from .imagefolder import ImageFolderDataset
+from .imagelist import LIST_EXTENSIONS, ImageListDataset, is_image_list
 from .recordio import RecordIODataset, RecordIOError
 from .synthetic import SyntheticFaces, synthetic_pairs
 from .transforms import FaceImageDataset
@@ -29,6 +30,7 @@ __all__ = [
     "Augmentation",
     "FaceImageDataset",
     "ImageFolderDataset",
+    "ImageListDataset",
     "RecordIODataset",
     "RecordIOError",
     "ResumableBatchSampler",
@@ -36,6 +38,7 @@ __all__ = [
     "build_train_dataset",
     "build_train_loader",
     "build_verification_sets",
+    "data_folder",
     "leave_signals_to_the_main_process",
     "worker_start_method",
 ]
@@ -54,7 +57,8 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
     """(dataset, num_classes) for `--data`.
 
     spec: 'synthetic'; a folder holding `train.rec` + `train.idx` (insightface
-    RecordIO); or an ImageFolder root (one sub-folder per identity).
+    RecordIO); an ImageFolder root (one sub-folder per identity); or a list file
+    (.lst, .txt: `train.data.imagelist.read_image_list`).
     `dataset[i]` and `dataset[(i, epoch)]` give (uint8 (3, image_size,
     image_size) image, int label); with flip=True the image is
     mirrored for a deterministic half of the (seed, epoch, i), after `augment`
@@ -70,12 +74,16 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
         dataset = RecordIODataset(spec, image_size=image_size, seed=seed, flip=flip)
     elif os.path.isdir(spec):
         dataset = ImageFolderDataset(spec, image_size=image_size, seed=seed, flip=flip)
+    elif is_image_list(spec):
+        dataset = ImageListDataset(spec, image_size=image_size, seed=seed, flip=flip)
     else:
         # A path that names nothing (a relative path from another directory, a typo) says so.
         missing = "" if os.path.lexists(spec) else (
-            "no such folder" + ("" if os.path.isabs(spec) else f" under {os.getcwd()}") + "; ")
+            f"no such {'file' if spec.lower().endswith(LIST_EXTENSIONS) else 'folder'}"
+            + ("" if os.path.isabs(spec) else f" under {os.getcwd()}") + "; ")
         raise FileNotFoundError(
-            f"--data {spec!r}: {missing}expected 'synthetic', a folder with train.rec + train.idx, or an image folder"
+            f"--data {spec!r}: {missing}expected 'synthetic', a folder with train.rec + train.idx, an image folder, "
+            "or a list file (.lst, .txt)"
         )
     dataset.augment = augment
     return dataset, dataset.num_classes
@@ -109,6 +117,14 @@ def is_target_path(target: str) -> bool:
     return target.endswith((".bin", ".txt")) or os.sep in target
 
 
+def data_folder(spec: str) -> str | None:
+    """The folder of `--data spec`, where its verification sets' `<name>.bin` are: a list file's folder,
+    the data folder itself; None for synthetic data."""
+    if spec == SYNTHETIC:
+        return None
+    return (os.path.dirname(spec) or ".") if is_image_list(spec) else spec
+
+
 def find_target(folder: str | None, target: str, flag: str = "--val-targets") -> str | None:
     """The file of a `--val-targets` entry; None for a name that `folder` lacks (no folder:
     synthetic data). A path is looked for as it is, then in `folder`, and is an error when missing."""
@@ -130,9 +146,10 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
     `.txt` (`image1 image2 0|1` per line); anything ending in `.bin` / `.txt` or holding a
     path separator is a path, read from that file whatever the data. A path that is not found is
     an error, and so is a set of fewer pairs than the folds of its accuracy. A name is read from
-    `<spec>/<name>.bin` (skipped with a warning when the folder lacks it, as insightface does);
-    with spec 'synthetic' it is one synthetic set, of identities disjoint from the training ones
-    and from the other names'. A file named twice is one set. ``flag`` names the option in messages.
+    `<data folder>/<name>.bin` (`data_folder`: a list file's folder; skipped with a warning when
+    the folder lacks it, as insightface does); with spec 'synthetic' it is one synthetic set, of
+    identities disjoint from the training ones and from the other names'. A file named twice is one
+    set. ``flag`` names the option in messages.
     """
     # train.verification reads images through this package: import it here, not at the top.
     from train.verification import NFOLDS, VerificationSet, load_bin, load_pairs_list
@@ -148,9 +165,10 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
                                              image_size=image_size, seed=seed)
             sets[target] = VerificationSet(target, images, issame)
             continue
-        path = find_target(None if spec == SYNTHETIC else spec, target, flag)
+        path = find_target(data_folder(spec), target, flag)
         if path is None:
-            warnings.warn(f"verification target {target!r}: no {target}.bin in {spec!r}; skipped", stacklevel=2)
+            warnings.warn(f"verification target {target!r}: no {target}.bin in {data_folder(spec)!r}; skipped",
+                          stacklevel=2)
             continue
         if os.path.realpath(path) in files:
             continue

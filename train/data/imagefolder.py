@@ -113,7 +113,7 @@ class PathList(Sequence):
         return position
 
     def name(self, index: int) -> str:
-        """The path below the root of image ``index``."""
+        """The path below the root of image ``index`` (as a list file gives it: it may be absolute)."""
         index = self._position(index)
         start = int(self._ends[index - 1]) if index > 0 else 0
         return self._buffer[start:int(self._ends[index])].tobytes().decode("utf-8", "surrogateescape")
@@ -121,7 +121,7 @@ class PathList(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return self.root + self.name(index)
+        return os.path.join(self.root, self.name(index))  # (a list file's names may be absolute)
 
     def joined_names(self) -> bytes:
         """The names below the root, one a line (no last newline), as UTF-8 bytes."""
@@ -135,9 +135,15 @@ class ImageFolderDataset(FaceImageDataset):
         super().__init__(image_size=image_size, seed=seed, flip=flip)
         self.root = root
         self.identities, samples = scan_image_folder(root)
-        # (Every path is os.path.join(root, identity, file); relpath would take 30 s for 5.8M.)
-        prefix = len(os.path.join(root, ""))
-        self.paths = PathList(root, [path[prefix:] for path, _ in samples])
+        self._keep(samples)
+
+    def _keep(self, samples: list[tuple[str, int]]) -> None:
+        """Holds ``samples`` ([(path, label)], paths joined to ``self.root`` or absolute) and what their
+        first image says of the stored size."""
+        # (Paths are os.path.join(root, ...) as listed; relpath would take 30 s for 5.8M.)
+        prefix = os.path.join(self.root, "")
+        self.paths = PathList(self.root, [path[len(prefix):] if path.startswith(prefix) else path
+                                          for path, _ in samples])
         self.labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
         self.num_classes = len(self.identities)
         self.stored_size, self.stored_size_source = header_size(samples[0][0]), "its first image"

@@ -56,7 +56,8 @@ import torch
 from PIL import Image
 
 from train import checkpoint
-from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset, is_target_path
+from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset, data_folder, is_target_path
+from train.data.imagelist import is_image_list
 from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
 from train.embed import embed_images, load_model
@@ -458,9 +459,8 @@ def _content_stamp(data) -> str:
 
 
 def _source_names(data) -> list[str]:
-    if isinstance(data, ImageFolderDataset):
-        prefix = len(os.path.join(data.root, ""))
-        return [path[prefix:] for path in data.paths]
+    if isinstance(data, ImageFolderDataset):  # (a list file's too: its names may be absolute)
+        return [data.paths.name(i) for i in range(len(data.paths))]
     return [f"record {key}" for key in data.image_keys]
 
 
@@ -491,8 +491,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True,
                    help="a training checkpoint (its class centres too), backbone.pt from python -m train.export, "
                    "insightface's backbone.pth, or an ONNX model")
-    p.add_argument("--data", required=True, help="the training set: a folder with train.rec + train.idx, or an "
-                   "ImageFolder (one sub-folder per identity)")
+    p.add_argument("--data", required=True, help="the training set: a folder with train.rec + train.idx, an "
+                   "ImageFolder (one sub-folder per identity), or a list file (.lst, .txt) as the trainer reads it")
     p.add_argument("--output", required=True, help="the folder the cleaned set and the reports are written to "
                    "(not --data's)")
     p.add_argument("--centres", "--centers", dest="centres", choices=("auto", "trained", "mean"), default="auto",
@@ -590,8 +590,8 @@ def run(args: argparse.Namespace) -> int:
     rank, world, device = _process_group(torch_device(args.device))
     if args.data == "synthetic":
         raise ValueError("--data synthetic is drawn, not stored: there is nothing to clean")
-    if not os.path.isdir(args.data):
-        raise FileNotFoundError(f"--data {args.data}: no such folder")
+    if not (os.path.isdir(args.data) or is_image_list(args.data)):
+        raise FileNotFoundError(f"--data {args.data}: no such folder or list file (.lst, .txt)")
     if os.path.realpath(args.output) == os.path.realpath(args.data):
         raise ValueError("--output is --data's folder: the cleaned set goes to another folder")
     model, settings = load_model(args.model, device)
@@ -640,7 +640,7 @@ def _test_sets(args, image_size: int) -> dict:
         sets = build_verification_sets(args.data, names, image_size=image_size, flag="--exclude-sets")
     missing = [t for t in names if not is_target_path(t) and t not in sets]
     if missing:
-        raise FileNotFoundError(f"--exclude-sets {missing[0]}: no {missing[0]}.bin in {args.data}")
+        raise FileNotFoundError(f"--exclude-sets {missing[0]}: no {missing[0]}.bin in {data_folder(args.data)}")
     return sets
 
 

@@ -1,11 +1,12 @@
-"""Pack an ImageFolder (one sub-folder per identity) into insightface's RecordIO
-layout, `train.rec` + `train.idx` + `property`, readable by this trainer and by
-mxnet / insightface alike.
+"""Pack an ImageFolder (one sub-folder per identity), or a list file of images and labels,
+into insightface's RecordIO layout, `train.rec` + `train.idx` + `property`, readable by this
+trainer and by mxnet / insightface alike.
 
-    python -m train.tools.pack_rec IMAGE_FOLDER OUTPUT_DIR [--quality 95] [--resize 112] [--overwrite]
+    python -m train.tools.pack_rec IMAGES OUTPUT_DIR [--quality 95] [--resize 112] [--overwrite]
 
 Records: 0 holds the identity range `[N + 1, N + 1 + C]` (flag 2, no image);
-1..N the images, label = identity index in sorted folder order; N + 1 .. N + C
+1..N the images, label = identity index in sorted folder order (a list's: its k-th smallest
+label is k; its images by label, in the list's order within one); N + 1 .. N + C
 one per identity with the range `[first, end)` of its image records.
 """
 
@@ -23,6 +24,7 @@ from PIL import Image
 
 from train import checkpoint
 from train.data.imagefolder import scan_image_folder
+from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note
 from train.data.recordio import RecordIOWriter, pack_payload
 from train.data.transforms import decode_failure, encode_image, to_rgb
 from train.signals import Stopped, signals_held, stop_on_signals
@@ -55,12 +57,16 @@ def _image_bytes(path: str, *, resize: int | None, quality: int, counts: dict | 
 
 def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, resize: int | None = None,
                       overwrite: bool = False, log=sys.stderr) -> dict:
-    """Write `train.rec`, `train.idx` and `property` for `image_folder` into
+    """Write `train.rec`, `train.idx` and `property` for `image_folder` (or a list file:
+    `train.data.imagelist.read_image_list`) into
     `output_dir`; returns {'images', 'identities', 'image_size'}. Files appear
     only once complete (written under temporary names, then renamed; the temporaries
     are removed on an error). Existing files are replaced only with `overwrite`
     (ValueError otherwise, before any image is read)."""
-    identities, samples = scan_image_folder(image_folder)
+    listed = is_image_list(image_folder)
+    identities, samples = (read_image_list if listed else scan_image_folder)(image_folder)
+    if listed:  # a record's identity is a range of records: each label's images together (a stable sort)
+        samples.sort(key=lambda sample: sample[1])
     made = not os.path.isdir(output_dir)
     check_outputs([os.path.join(output_dir, name) for name in OUTPUT_FILES], overwrite)
     counts = {}
@@ -72,6 +78,9 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
             with contextlib.suppress(OSError):
                 os.rmdir(output_dir)
         raise
+    note = remapped_labels_note(identities) if listed else None
+    if log is not None and note:
+        print(f"pack_rec: note: {note}", file=log)
     if log is not None and counts.get("re-encoded"):
         print(f"pack_rec: note: {counts['re-encoded']} of the {len(samples)} images were re-encoded as JPEG (quality "
               f"{quality}{f'; resized to {resize}x{resize} where they were not' if resize is not None else ''}): "
@@ -148,7 +157,9 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
 
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.tools.pack_rec", description=__doc__.split("\n\n")[0])
-    parser.add_argument("image_folder", help="root with one sub-folder of aligned face images per identity")
+    parser.add_argument("image_folder", metavar="images",
+                        help="root with one sub-folder of aligned face images per identity, or a list file (.lst, "
+                             ".txt) of lines 'path label', 'flag<TAB>path<TAB>label' or 'index<TAB>label<TAB>path'")
     parser.add_argument("output_dir", help="where train.rec, train.idx and property are written")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
     parser.add_argument("--resize", type=int, default=None, metavar="N",
