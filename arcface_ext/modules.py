@@ -44,8 +44,7 @@ def margin_attribute(option_of, doc):
     """The constructor's ``m`` as an attribute (a property): it reads and sets the option that holds it
     (``option_of(module)``: "m1", "m2" or "m3"), checked as the constructor checks it, so that a margin
     scheduled between steps (``criterion.m = 0.1``, as WeSpeaker's and 3D-Speaker's margin schedulers set
-    theirs) takes effect. Before, ``m`` was a new attribute that nothing read: the loss kept its margin,
-    silently."""
+    theirs) takes effect rather than landing in an attribute that nothing reads."""
     def get(self):
         return getattr(self, option_of(self))
 
