@@ -709,6 +709,26 @@ def test_image_list_lines_that_do_not_read_are_named(tmp_path, text, line, messa
     assert str(error.value).startswith(f"{tmp_path / 'train.lst'}: line {line}: {message}"), str(error.value)
 
 
+def test_image_list_in_utf16_and_with_large_labels_reads_as_written(tmp_path):
+    # Windows PowerShell's `>` and Notepad's 'Unicode' write UTF-16 with a byte-order mark: read as UTF-8
+    # its first label was '\x000\x00', 'not an identity'. Labels past 2**53 (ids, not 0..C-1) were read
+    # through a float, and two of them became one identity.
+    names = list_faces(tmp_path)
+    text = "".join(f"{name} {k // 2}\r\n" for k, name in enumerate(names))
+    for encoding in ("utf-16", "utf-16-be"):
+        bom = "\ufeff" if encoding == "utf-16-be" else ""  # (utf-16 writes its own)
+        (tmp_path / "train.txt").write_bytes((bom + text).encode(encoding))
+        ds = ImageListDataset(str(tmp_path / "train.txt"))
+        assert ds.identities == ["0", "1", "2"] and list(ds.paths) == [str(tmp_path / name) for name in names]
+    big = 2**53
+    (tmp_path / "ids.txt").write_text("".join(f"{name} {big + k // 2}\n" for k, name in enumerate(names)))
+    assert ImageListDataset(str(tmp_path / "ids.txt")).identities == [str(big), str(big + 1), str(big + 2)]
+    (tmp_path / "huge.txt").write_text(f"{names[0]} {2**63}\n")
+    with pytest.raises(ValueError, match=f"huge.txt: line 1: label '{2**63}' is not an identity: expected an "
+                                         "integer >= 0 and < 2\\*\\*63"):
+        ImageListDataset(str(tmp_path / "huge.txt"))
+
+
 def test_image_list_images_missing_are_named_before_the_run(tmp_path):
     # Checked up front, by one listing a folder (a million stat calls cost more), rather than at whichever
     # step meets the first one hours into the run.

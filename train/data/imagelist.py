@@ -4,6 +4,7 @@ face2rec2 `.lst` (`flag<TAB>path<TAB>label`) and mxnet im2rec's (`index<TAB>labe
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 
@@ -36,10 +37,15 @@ def _number(text: str) -> float | None:
 
 def _label(text: str, where: str) -> int:
     """The identity ``text`` gives: an integer >= 0, written as one or as mxnet's im2rec writes it (3.000000)."""
-    value = _number(text)
-    if value is None or not value.is_integer() or value < 0:
-        raise DataError(f"{where}: label {text!r} is not an identity: expected an integer >= 0")
-    return int(value)
+    try:
+        value = int(text)  # exactly: a float holds integers up to 2**53 only (ids past it became one)
+    except ValueError:
+        number = _number(text)
+        value = int(number) if number is not None and number.is_integer() else -1
+    if not 0 <= value < 2**63:  # (the labels are held as int64)
+        raise DataError(f"{where}: label {text!r} is not an identity: expected an integer >= 0"
+                        + (" and < 2**63" if value > 0 else ""))
+    return value
 
 
 def _form(fields: list[str], where: str) -> str:
@@ -93,7 +99,9 @@ def read_image_list(list_path: str) -> tuple[list[str], list[tuple[str, int]]]:
     labels: list[int] = []
     line_numbers: list[int] = []
     form, relative = None, False
-    with open(list_path, encoding="utf-8-sig", errors="surrogateescape") as f:
+    with open(list_path, "rb") as f:  # UTF-16 with its byte-order mark: Windows PowerShell's `>`, Notepad's 'Unicode'
+        utf16 = f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    with open(list_path, encoding="utf-16" if utf16 else "utf-8-sig", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):
