@@ -34,7 +34,7 @@ from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_flag, c
                       stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
 from .chunked import check_filtering_threshold
-from .modules import AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, set_loss_options
+from .modules import NO_SINGLE_MARGIN, AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, set_loss_options
 from .sampling import bad_labels, sample_classes, sample_size
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
@@ -247,6 +247,7 @@ class ShardedCombinedMarginLoss(nn.Module):
     curricular = False  # (ShardedCurricularFaceLoss)
     # A subclass's own options that the ranks must share, compared as _agree compares the others'.
     compared_options = ()
+    m = NO_SINGLE_MARGIN  # (the subclasses with one: their mixins')
 
     def chunked_spec(self):
         """The chunked path's options for this call (see _ShardedMarginSoftmax), or None for the fused op."""

@@ -57,6 +57,22 @@ def margin_attribute(option_of, doc):
     return property(get, set, doc=doc)
 
 
+def no_margin_attribute(hint):
+    """``m`` on a module that has no single margin (built from m1, m2, m3, or MagFace's l_m and u_m):
+    setting it raises, naming what to set (``hint``), where it landed in an attribute that nothing read;
+    reading it is the AttributeError it was."""
+    def get(self):
+        raise AttributeError(f"{type(self).__name__} has no single margin m: {hint}")
+
+    def set(self, value):
+        raise AttributeError(f"{type(self).__name__} has no single margin m to set: {hint}")
+    return property(get, set)
+
+
+# (CombinedMarginLoss's, SubCenterMarginLoss's and their sharded forms')
+NO_SINGLE_MARGIN = no_margin_attribute("set m1, m2 or m3, the margins it was built with")
+
+
 class CombinedMarginLoss(nn.Module):
     """Margin softmax cross-entropy with its own class centres ``weight`` (C, D).
 
@@ -83,6 +99,8 @@ class CombinedMarginLoss(nn.Module):
     ``sample_rate`` the mean is over the sampled classes. Not with inter-class filtering or
     CurricularFace.
     """
+
+    m = NO_SINGLE_MARGIN
 
     def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
                  reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
@@ -283,10 +301,28 @@ class AdaFaceMargins:
     per_row_margins = True
     initial_statistics = {"batch_mean": 20.0, "batch_std": 100.0}  # AdaFace's
 
+    @staticmethod
+    def _checked_m(value):
+        # Its margins reach m angular and 2m cosine: m = 1 is already far past AdaFace's 0.4.
+        return check_real("AdaFace's m", value, "in [0, 1]", lambda v: 0 <= v <= 1)
+
+    @property
+    def m(self):
+        """AdaFace's margin m; settable between steps, checked as the constructor checks it."""
+        return self._m
+
+    @m.setter
+    def m(self, value):
+        self._m = self._checked_m(value)
+
+    def __setstate__(self, state):
+        if "m" in state:  # a module pickled whole before m was a property
+            state["_m"] = state.pop("m")
+        super().__setstate__(state)
+
     def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, *, device=None, dtype=None,
                  **kwargs):
-        # Its margins reach m angular and 2m cosine: m = 1 is already far past AdaFace's 0.4.
-        m = check_real("AdaFace's m", m, "in [0, 1]", lambda v: 0 <= v <= 1)
+        m = self._checked_m(m)
         h = check_real("AdaFace's h", h, "> 0", lambda v: v > 0)
         t_alpha = check_real("AdaFace's t_alpha", t_alpha, "in (0, 1]", lambda v: 0 < v <= 1)
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, device=device, dtype=dtype, **kwargs)
@@ -453,6 +489,7 @@ class MagFaceLoss(CombinedMarginLoss):
     """
 
     per_row_margins = True
+    m = no_margin_attribute("its margin runs from l_m to u_m with the embedding's norm: set those")
 
     def __init__(self, num_classes, embedding_size, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
                  easy_margin=False, *, device=None, dtype=None, **kwargs):

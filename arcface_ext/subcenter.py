@@ -18,6 +18,7 @@ from torch import nn
 from ._checks import check_arguments, check_flag, check_options, skips_label_check
 from . import reference
 from .chunked import check_filtering_threshold, check_int_option, chunked_margin_loss
+from .modules import NO_SINGLE_MARGIN
 from .sampling import check_sample_rate, sample_step
 
 
@@ -50,6 +51,8 @@ class SubCenterMarginLoss(nn.Module):
     sub-centres; ``last_sampled_classes``). ``use_reference=True`` runs
     :func:`arcface_ext.reference.subcenter_margin_loss` (the whole matrix) instead.
     :class:`arcface_ext.ShardedSubCenterMarginLoss` is the same with sharded class centres."""
+
+    m = NO_SINGLE_MARGIN
 
     def __init__(self, num_classes, embedding_size, k=3, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
                  reduction="mean", margin_grad="exact", ignore_index=-1, check_labels=True, class_chunk=None,

@@ -321,6 +321,7 @@ SCHEDULED = {
     "curricularface": (arcface_ext.CurricularFaceLoss, {}, "m2", 0.0, 0.2),
     "elasticface_arc": (arcface_ext.ElasticFaceLoss, dict(kind="arc", std=0.0), "m2", 0.0, 0.2),
     "elasticface_cos": (arcface_ext.ElasticFaceLoss, dict(kind="cos", std=0.0), "m3", 0.0, 0.2),
+    "adaface": (arcface_ext.AdaFaceLoss, {}, "m", 0.0, 0.2),  # AdaFace's own m (was set unchecked: nan, 7)
 }
 
 
@@ -346,3 +347,21 @@ def test_a_margin_set_between_steps_takes_effect(kind):
     with pytest.raises(ValueError, match=f"{option} .*must"):
         scheduled.m = bad
     assert scheduled.m == end
+
+
+@pytest.mark.parametrize("build, hint", [
+    (lambda: arcface_ext.CombinedMarginLoss(C, D), "set m1, m2 or m3"),
+    (lambda: arcface_ext.SubCenterMarginLoss(C, D, k=3, s=32.0, m2=0.2), "set m1, m2 or m3"),
+    (lambda: arcface_ext.MagFaceLoss(C, D), "its margin runs from l_m to u_m"),
+    (lambda: arcface_ext.ShardedCombinedMarginLoss(C, D), "set m1, m2 or m3"),
+    (lambda: arcface_ext.ShardedSubCenterMarginLoss(C, D, k=2), "set m1, m2 or m3"),
+], ids=["combined", "subcenter", "magface", "sharded", "sharded_subcenter"])
+def test_a_margin_set_on_a_module_without_one_is_refused(build, hint):
+    """The modules built from m1, m2, m3 (SubCenterMarginLoss is WeSpeaker's sub-center head, whose
+    margin its scheduler moves) or MagFace's l_m, u_m have no single m: criterion.m = 0.2 landed in an
+    attribute that nothing read, and the schedule trained at the first margin, silently."""
+    criterion = build()
+    margins = (criterion.m1, criterion.m2, criterion.m3)
+    with pytest.raises(AttributeError, match=f"{type(criterion).__name__} has no single margin m to set: {hint}"):
+        criterion.m = 0.2
+    assert not hasattr(criterion, "m") and (criterion.m1, criterion.m2, criterion.m3) == margins
