@@ -3,7 +3,7 @@ found with a trained model, and the set written again without them.
 
     python -m train.tools.clean --model runs/r50/checkpoint.pt --data /data/faces_emore --output /data/emore_clean
 
-Every image of ``--data`` (a RecordIO folder or an ImageFolder, as the trainer reads them) is embedded
+Every image of ``--data`` (a RecordIO folder, an ImageFolder or a list file, as the trainer reads them) is embedded
 as verification embeds it (image + mirror, unit length) and compared with its class's centre:
 
 - ``--centres trained``: the class centres the checkpoint trained with its margin loss (the default
