@@ -401,9 +401,8 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
             return ",".join(str(v) for v in value) or "none"
         return "unset" if value is None else str(value)
 
-    # A length given in epochs in both runs is compared in epochs: its steps move with the data (other images of
-    # the same identities; a run resumed on another number of processes converts them at its checkpoint's
-    # epoch). Otherwise in steps, however each run gave it.
+    # A length given in epochs in both runs is compared in epochs (converted at the epoch the schedule began
+    # with, kept in the checkpoint: the same steps). Otherwise in steps, however each run gave it.
     in_epochs = {"warmup_steps": "warmup_epochs", "lr_steps": "lr_epochs"}
     skip = {steps if saved.get(epochs) is not None and getattr(args, epochs, None) is not None else epochs
             for steps, epochs in in_epochs.items()}
