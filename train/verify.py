@@ -21,7 +21,7 @@ import time
 import warnings
 
 from . import checkpoint
-from .data import SYNTHETIC, build_verification_sets, find_target, is_target_path
+from .data import SYNTHETIC, build_verification_sets, data_folder, find_target, is_target_path
 from .embed import load_model
 from .signals import Stopped, signals_held, stop_on_signals
 from .tools import check_outputs, torch_device
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                    "insightface's backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model")
     p.add_argument("--data", default=None,
                    help="the folder a target's name is looked for in (<data>/<name>.bin, a training set's folder "
-                   "as insightface ships them); 'synthetic' for the demo's synthetic sets")
+                   "as insightface ships them; a training list file (.lst, .txt): its folder, as the trainer's "
+                   "--data takes it); 'synthetic' for the demo's synthetic sets")
     p.add_argument("--targets", type=_targets, default=None,
                    help=f"names (with --data; default {','.join(DEFAULT_TARGETS)}) or paths of .bin files and "
                    "pairs lists (image1 image2 0|1 a line)")
@@ -89,13 +90,13 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     if args.output:
         # Not the model, its settings, a set it reads (found as the sets are), an image a pairs list names,
         # nor an image's name in a pairs list's folder.
-        files = [find_target(None if args.data == SYNTHETIC else args.data, t, "--targets") for t in targets]
+        files = [find_target(data_folder(args.data) if args.data else None, t, "--targets") for t in targets]
         lists = [f for f in files if f and not f.endswith(".bin")]
         images = [path for f in lists for pair in read_pairs_list(f)[0] for path in pair]
         check_outputs([args.output], args.overwrite,
                       inputs=(args.model, checkpoint.settings_path(args.model), *filter(None, files), *images),
                       image_folders=tuple(os.path.dirname(os.path.abspath(f)) for f in lists))
-    if args.data not in (None, SYNTHETIC) and not os.path.isdir(args.data):
+    if args.data not in (None, SYNTHETIC) and not os.path.isdir(data_folder(args.data)):
         raise FileNotFoundError(f"--data {args.data} is not a folder")
     model, settings = load_model(args.model, device)
     size = settings["image_size"]

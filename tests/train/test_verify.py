@@ -56,6 +56,13 @@ def test_verify_gives_trainings_own_verification(verified, tmp_path, capsys):
         assert got["xnorm"] == pytest.approx(recorded["xnorm"], rel=1e-5)
     assert verify.main(["--model", ckpt, "--targets", pairs, "--output", str(output)]) == 2  # kept
     assert "exists" in capsys.readouterr().err
+    # A training list as --data, as the trainer takes it: its folder's lfw.bin ('is not a folder' before).
+    with open(os.path.join(bins, "train.lst"), "w") as f:
+        f.write("faces/a.png 0\n")
+    assert verify.main(["--model", ckpt, "--data", os.path.join(bins, "train.lst"), "--targets", "lfw",
+                        "--batch-size", "8", "--output", str(tmp_path / "list.json")]) == 0
+    assert json.loads((tmp_path / "list.json").read_text())["targets"]["lfw"] == \
+        json.loads((tmp_path / "bin.json").read_text())["targets"]["lfw"]
 
 
 def test_verify_an_onnx_model(verified, tmp_path, capsys):
