@@ -490,3 +490,23 @@ def test_identities_of_a_test_set_are_dropped(trained, tmp_path, capsys):
     # A set name the data folder lacks is an error before any work.
     assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "o2", "--exclude-sets", "lfw") == 2
     assert "--exclude-sets lfw: no lfw.bin in" in capsys.readouterr().err
+
+
+def test_a_list_file_cleans_as_its_images_in_a_folder(trained, tmp_path):
+    # A training list of the noisy folder's images ('path label', labels 100, 103, ...: not 0..C-1) reports
+    # what the folder does, its classes under the list's labels (helper-93 checked it by hand only).
+    ckpt, faces = trained
+    data = noisy_copy(faces, tmp_path / "noisy")
+    dataset = ImageFolderDataset(data, image_size=IMAGE_SIZE)
+    listed = tmp_path / "train.lst"
+    listed.write_text("".join(f"{os.path.relpath(path, tmp_path)} {100 + 3 * label}\n"
+                              for path, label in zip(dataset.paths, dataset.labels)))
+    for source, out in ((data, "folder"), (listed, "list")):
+        assert run_clean("--model", ckpt, "--data", source, "--output", tmp_path / out, "--centres", "mean",
+                         "--report-only") == 0
+    folder, from_list = read_csv(tmp_path / "folder" / "samples.csv"), read_csv(tmp_path / "list" / "samples.csv")
+    assert [r["image"] for r in from_list] == [f"noisy/{r['image']}" for r in folder]
+    for key in ("label", "cosine", "angle", "nearest_other", "new_label", "dropped"):
+        assert [r[key] for r in from_list] == [r[key] for r in folder], key
+    assert [r["class"] for r in read_csv(tmp_path / "list" / "classes.csv")] == [str(100 + 3 * k) for k in range(10)]
+    assert [r["dropped"] for r in from_list].count("angle") == 2
