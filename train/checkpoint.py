@@ -12,7 +12,7 @@ import secrets
 import socket
 import sys
 import time
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -162,6 +162,31 @@ def backbone_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{source}: not a backbone state dict or a training checkpoint")
     return {_unwrapped_key(k): v for k, v in obj.items()}
+
+
+def facex_zoo_backbone(weights: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``weights``, or, when they are FaceX-Zoo's (its train.py saves its FaceModel's state dict: the backbone's
+    keys under ``backbone.``, the head's under ``head.``) and their ``backbone.`` keys, the prefix cut, are
+    exactly ``expected`` (the network's), those. Tried only where ``weights`` are not the network's keys as
+    they are: a network of one's own whose submodules are named ``backbone`` and ``head`` loads as it is."""
+    expected = set(expected)
+    if set(weights) == expected:
+        return weights
+    inner = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
+    return inner if inner and set(inner) == expected else weights
+
+
+def foreign_weights(weights: dict[str, torch.Tensor], expected: Iterable[str]) -> str | None:
+    """Where no name of ``weights``, nor any ending of one after a dot (under a prefix: ``encoder.conv1.weight``),
+    is one of ``expected``, the network's: what to say in place of ``load_state_dict``'s lists of every key
+    missing and unexpected (where some are the network's, those lists say what differs). Else None."""
+    expected = list(expected)
+    names = {k.split(".", i)[-1] for k in weights for i in range(k.count(".") + 1)}
+    if not weights or not expected or names & set(expected):
+        return None
+    return (f"none of its {len(weights)} weights' names is one of the network's (its first {next(iter(weights))!r}, "
+            f"the network's {expected[0]!r}): the weights of another definition of a network, which this trainer's "
+            "networks do not load (a network of your own, --network package.module:factory, can)")
 
 
 INSIGHTFACE_SHARD = re.compile(r"checkpoint_gpu_(\d+)\.pt")

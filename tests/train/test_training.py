@@ -713,6 +713,40 @@ def test_a_pretrained_model_of_the_same_network_that_does_not_load_names_its_key
     assert "it holds" not in str(raised.value) and missing in str(raised.value), raised.value
 
 
+def test_a_pretrained_model_of_facex_zoo_or_of_another_librarys_network(faces, tmp_path, capsys):
+    # FaceX-Zoo's train.py saves {"state_dict": FaceModel.state_dict(), "epoch", "batch_id"}: the backbone's
+    # keys under "backbone.", its head's (feat_dim, num_class) weight as "head.weight". Of the very network
+    # (--network package.module:factory, the one FaceX-Zoo trained), the backbone loads, as its own
+    # test_protocol's model loader takes it; the head is not taken (fresh class centres).
+    assert main(argv(faces, tmp_path / "small", max_steps=1)) == 0
+    trained = checkpoint.load(str(tmp_path / "small" / "checkpoint.pt"))
+    backbone_state = trained["model"]
+    centres = trained["margin_loss"]["weight"]
+    torch.save({"state_dict": {**{"backbone." + k: v for k, v in backbone_state.items()},
+                               "head.weight": centres.t().contiguous()}, "epoch": 17, "batch_id": 6},
+               tmp_path / "Epoch_17.pt")
+    capsys.readouterr()
+    run = Trainer(parse_args(argv(faces, tmp_path / "from-facex", pretrained_model=str(tmp_path / "Epoch_17.pt"))))
+    assert all(torch.equal(v, backbone_state[k]) for k, v in run.backbone.state_dict().items())
+    assert "initialised the backbone from" in capsys.readouterr().err
+    # Another library's network (face.evoLVe's IR_SE_50 as its train.py saves it; FaceX-Zoo's MobileFaceNet):
+    # no key is one of the network's, which the error says in one line rather than load_state_dict's lists.
+    for name, saved in (("evolve.pth", {"input_layer.0.weight": torch.zeros(64, 3, 3, 3),
+                                        "body.0.res_layer.1.weight": torch.zeros(64, 64, 3, 3)}),
+                        ("mbf.pt", {"state_dict": {"backbone.conv1.conv.weight": torch.zeros(64, 3, 3, 3),
+                                                   "head.weight": torch.zeros(512, 8)}, "epoch": 0, "batch_id": 9})):
+        torch.save(saved, tmp_path / name)
+        with pytest.raises(SystemExit) as raised:
+            Trainer(parse_args(argv(faces, tmp_path / "from-other", pretrained_model=str(tmp_path / name))))
+        message = str(raised.value)
+        assert "\n" not in message and "Missing key(s)" not in message, message
+        first = next(iter(saved.get("state_dict", saved)))
+        assert message.endswith(f"--image-size 32: none of its 2 weights' names is one of the network's (its first "
+                                f"{first!r}, the network's 'conv1.weight'): the weights of another definition of a "
+                                "network, which this trainer's networks do not load (a network of your own, --network "
+                                "package.module:factory, can)"), message
+
+
 def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(faces, tmp_path, monkeypatch, capsys):
     # A full disk at the step-4 checkpoint: the step-2 one stays, exit status 1, one line.
     real_save = checkpoint.save_atomic
