@@ -527,6 +527,11 @@ def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: 
     return AdamW(groups, lr=args.lr, weight_decay=args.decay)
 
 
+def _count(number: float, noun: str) -> str:
+    """'1 step', '4 steps', '2.5 epochs': a count and its noun, singular for one."""
+    return f"{number:g} {noun}{'' if number == 1 else 's'}"
+
+
 def _sentence(text: str) -> str:
     """``text`` as the start of a sentence (its first letter upper-case)."""
     return text[:1].upper() + text[1:]
@@ -974,9 +979,9 @@ class Trainer:
                                               ("--lr-epochs", a.lr_epochs)) if value is not None]
             if given and self.schedule_steps_per_epoch != self.steps_per_epoch:
                 print(f"note: {', '.join(given)} {'is' if len(given) == 1 else 'are'} counted in the epochs of "
-                      f"{self.schedule_steps_per_epoch} steps the run began with, as the steps it took were, and so "
-                      f"are the progress lines' epochs (this run reads the data in {self.steps_per_epoch} steps)",
-                      file=sys.stderr)
+                      f"{_count(self.schedule_steps_per_epoch, 'step')} the run began with, as the steps it took were, "
+                      f"and so are the progress lines' epochs (this run reads the data in "
+                      f"{_count(self.steps_per_epoch, 'step')})", file=sys.stderr)
         return state["rng"]
 
     def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
@@ -1361,7 +1366,7 @@ class Trainer:
             if self.step >= args.max_steps:  # a finished run resumed: its verification and checkpoint are written
                 flag = "--max-steps" if args.epochs is None else "--epochs"
                 length = (f"--max-steps {args.max_steps}" if args.epochs is None else
-                          f"--epochs {args.epochs:g} ({args.max_steps} steps)")
+                          f"--epochs {args.epochs:g} ({_count(args.max_steps, 'step')})")
                 self._write(f"the checkpoint is at step {self.step} of {length}: nothing to train (raise {flag} to "
                             "train on)")
                 return 0
@@ -1422,7 +1427,7 @@ class Trainer:
             self.evaluate(stoppable=False)
             self.save()
             bar.close()
-            self._write(f"done: {self.step} steps in {self.elapsed + time.perf_counter() - self._started:.0f} s; "
+            self._write(f"done: {_count(self.step, 'step')} in {self.elapsed + time.perf_counter() - self._started:.0f} s; "
                         f"outputs in {self.output}")
             return 0
         except (DataError, CheckpointNotWritten) as error:
@@ -1520,9 +1525,9 @@ class Trainer:
             f"loss {self.margin_loss!r} ({loss_implementation(a)})",
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
-            + f" on {self.device}, {a.max_steps} steps from step {self.step}"
-            + (f" ({a.epochs:g} epoch{'' if a.epochs == 1 else 's'} of {self.schedule_steps_per_epoch} "
-               f"step{'' if self.schedule_steps_per_epoch == 1 else 's'})" if a.epochs is not None else ""),
+            + f" on {self.device}, {_count(a.max_steps, 'step')} from step {self.step}"
+            + (f" ({_count(a.epochs, 'epoch')} of {_count(self.schedule_steps_per_epoch, 'step')})"
+               if a.epochs is not None else ""),
             f"output: {self.output}",
         ])
 

@@ -1081,6 +1081,22 @@ def test_epochs_become_steps_of_the_runs_own_epoch(faces, tmp_path):
     assert (args.epochs, args.lr_epochs, args.warmup_epochs) == (26, [12, 20, 24], 1)
 
 
+def test_a_count_of_one_step_is_said_in_the_singular(faces, tmp_path, capsys):
+    # 64 images in steps of 16 x --gradient-acc 4: an epoch of 1 step. The start-up line said '1 steps from
+    # step 0', the last 'done: 1 steps', and a resume on other images of the same identities (128: 2 steps an
+    # epoch) 'the epochs of 1 steps the run began with'; a resume of the finished run '--epochs 1 (1 steps)'.
+    run = tmp_path / "run"
+    assert main(argv(faces, run, epochs=1, gradient_acc=4, save_every=0)) == 0
+    err = capsys.readouterr().err
+    assert "on cpu, 1 step from step 0 (1 epoch of 1 step)\n" in err and "\ndone: 1 step in " in err
+    assert main(argv(faces, run, epochs=1, gradient_acc=4, save_every=0, resume="auto")) == 0
+    assert "of --epochs 1 (1 step): nothing to train" in capsys.readouterr().err
+    more = make_face_folder(str(tmp_path / "more"), images=16)
+    assert main(argv((more, None), run, epochs=2, gradient_acc=4, save_every=0, resume="auto")) == 0
+    assert ("note: --epochs is counted in the epochs of 1 step the run began with, as the steps it took were, and so "
+            "are the progress lines' epochs (this run reads the data in 2 steps)\n") in capsys.readouterr().err
+
+
 def test_a_run_in_epochs_is_the_run_in_their_steps(faces, tmp_path):
     in_steps, in_epochs = tmp_path / "steps", tmp_path / "epochs"
     assert main(argv(faces, in_steps, max_steps=8, lr_steps="4", warmup_steps=1)) == 0
