@@ -1067,9 +1067,15 @@ class Trainer:
             if centres["weight"].shape != (self.num_classes * k, self.args.embedding_size):
                 if self.is_main:
                     rows, dim = centres["weight"].shape
-                    print(f"note: {path} has {rows} x {dim} class centres, this run {self.num_classes * k} x "
-                          f"{self.args.embedding_size} ({self.num_classes} classes"
-                          + (f" x {k} sub-centres" if k > 1 else "") + "): starting fresh ones"
+                    # A run of --subcenters K holds K rows a class: said so, with the option that takes them.
+                    saved_args = state.get("args") if isinstance(state.get("args"), dict) else {}
+                    theirs = saved_args.get("subcenters") or 1
+                    fits = theirs != k and rows == self.num_classes * theirs and dim == self.args.embedding_size
+                    print(f"note: {path} has {rows} x {dim} class centres"
+                          + (f" ({rows // theirs} classes x {theirs} sub-centres)" if theirs > 1 else "")
+                          + f", this run {self.num_classes * k} x {self.args.embedding_size} ({self.num_classes} "
+                          "classes" + (f" x {k} sub-centres" if k > 1 else "") + "): starting fresh ones"
+                          + (f" (--subcenters {theirs} takes them)" if fits else "")
                           + (" (put together from the checkpoint_gpu_<rank>.pt files beside it: is the last rank's "
                              "missing?)" if assembled else ""), file=sys.stderr)
             elif self._centres_are_of_these_identities(state, path):

@@ -64,6 +64,22 @@ def test_class_centres_of_other_identities_are_not_taken(pretrained, tmp_path, c
         assert "note:" not in err and f"initialised the backbone and class centres from {path}" in err
 
 
+def test_sub_centres_are_named_with_the_option_that_takes_them(pretrained, tmp_path, capsys):
+    # A checkpoint of --subcenters 3 (4 classes, 12 rows) into a run without: the note said '12 x 64 class
+    # centres, this run 4 x 64 (4 classes)', as for other identities, and not what would take them.
+    _, data = pretrained
+    assert main(base_argv(data, str(tmp_path / "k3"), loss_impl=LOSS_IMPL, batch_size=8, max_steps=2,
+                          subcenters=3)) == 0
+    path = str(tmp_path / "k3" / "checkpoint.pt")
+    capsys.readouterr()
+    started(data, tmp_path / "k1", path)
+    assert (f"note: {path} has 12 x 64 class centres (4 classes x 3 sub-centres), this run 4 x 64 (4 classes): "
+            "starting fresh ones (--subcenters 3 takes them)\n") in capsys.readouterr().err
+    trainer = Trainer(parse_args(base_argv(data, str(tmp_path / "k3-again"), loss_impl=LOSS_IMPL, batch_size=8,
+                                           pretrained_model=path, subcenters=3)))
+    assert torch.equal(trainer.margin_loss.weight.detach(), checkpoint.load(path)["margin_loss"]["weight"])
+
+
 def test_class_centres_for_data_that_names_no_identities_are_taken_with_a_note(pretrained, tmp_path, capsys):
     # The synthetic faces (as a RecordIO set) do not name their identities: only the count can be checked.
     path, _ = pretrained
