@@ -176,34 +176,137 @@ def load_bin(path: str, image_size: int = 112) -> VerificationSet:
     return _decode_pairs(name, encoded, issame, image_size, path)
 
 
+# Extensions tried for an image a pair file names: LFW's names carry none, and a folder of aligned crops may hold
+# .png where the dataset shipped .jpg.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
 def read_pairs_list(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
-    """Parse a pairs list: `image1 image2 0|1` per line (tabs or spaces; tabs, or double
-    quotes, allow spaces in names), relative paths taken from the list's folder, `#` comments."""
-    folder = os.path.dirname(os.path.abspath(path))
-    pairs, issame = [], []
+    """Parse a pairs file, its format told by its first line (blank lines and `#` comments aside):
+
+    - this project's pairs list: `image1 image2 0|1` a line (tabs, or double quotes, allow spaces in names);
+    - LFW's `pairs.txt`: a header `sets n`, then per set n lines `name n1 n2` (matched) and n lines
+      `name1 n1 name2 n2` (mismatched), images `<name>/<name>_<NNNN>.<ext>`; `pairsDevTrain.txt` /
+      `pairsDevTest.txt` have a header `n` and one set;
+    - CALFW's `pairs_CALFW.txt` and CPLFW's `pairs_CPLFW.txt`: a pair is two lines `image label`, the label
+      0 on both lines of a mismatched pair and the same positive number on both of a matched one.
+
+    Image paths are taken from the file's folder. LFW's 10 sets are kept in file order, so that the 10
+    contiguous folds of the accuracy are its folds; a file of all matched pairs then as many mismatched ones
+    (CALFW's, CPLFW's, LFW's View 1) is reordered so that fold k holds the k-th tenth of each half, the folds
+    FaceX-Zoo takes for CALFW and CPLFW. An image LFW's or CALFW's files name that the folder lacks under any
+    of IMAGE_EXTENSIONS is a FileNotFoundError naming it and where it was looked for.
+    """
+    lines = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if "\t" in line:
-                fields = line.split("\t")
-            elif '"' in line:  # "my photo.jpg" other.jpg 1
-                fields = next(csv.reader([line], delimiter=" ", skipinitialspace=True))
-            else:
-                fields = line.split()
-            fields = [x.strip() for x in fields if x.strip()]
-            if len(fields) != 3 or fields[2] not in ("0", "1"):
-                raise ValueError(f"{path}: line {line_no}: expected 'image1 image2 0|1', got {line[:120]!r}")
-            pairs.append(tuple(os.path.join(folder, p) for p in fields[:2]))
-            issame.append(fields[2] == "1")
-    if not pairs:
+            if line and not line.startswith("#"):
+                lines.append((line_no, line))
+    if not lines:
         raise ValueError(f"{path}: no pairs")
+    first = lines[0][1].split()
+    if 1 <= len(first) <= 2 and all(x.isdigit() for x in first):
+        return _read_lfw_pairs(path, lines)
+    if len(first) == 2 and first[1].isdigit():
+        return _read_two_line_pairs(path, lines)
+    return _read_own_pairs_list(path, lines)
+
+
+def _read_own_pairs_list(path: str, lines: list[tuple[int, str]]) -> tuple[list[tuple[str, str]], np.ndarray]:
+    folder = os.path.dirname(os.path.abspath(path))
+    pairs, issame = [], []
+    for line_no, line in lines:
+        if "\t" in line:
+            fields = line.split("\t")
+        elif '"' in line:  # "my photo.jpg" other.jpg 1
+            fields = next(csv.reader([line], delimiter=" ", skipinitialspace=True))
+        else:
+            fields = line.split()
+        fields = [x.strip() for x in fields if x.strip()]
+        if len(fields) != 3 or fields[2] not in ("0", "1"):
+            raise ValueError(f"{path}: line {line_no}: expected 'image1 image2 0|1', got {line[:120]!r}")
+        pairs.append(tuple(os.path.join(folder, p) for p in fields[:2]))
+        issame.append(fields[2] == "1")
     return pairs, np.asarray(issame, dtype=bool)
 
 
+def _find_image(path: str, line_no: int, folder: str, named: str, layout: str = "") -> str:
+    """`folder/named`, else its stem with the first of IMAGE_EXTENSIONS that exists there."""
+    stem, own = os.path.splitext(named)
+    others = [ext for ext in IMAGE_EXTENSIONS if ext != own.lower()]
+    candidates = [named] + [stem + ext for ext in others]
+    found = next((os.path.join(folder, c) for c in candidates if os.path.isfile(os.path.join(folder, c))), None)
+    if found is None:
+        raise FileNotFoundError(f"{path}: line {line_no}: no image {named} (nor {stem} as {', '.join(others)}) in "
+                                f"{folder}{layout}")
+    return found
+
+
+def _read_lfw_pairs(path: str, lines: list[tuple[int, str]]) -> tuple[list[tuple[str, str]], np.ndarray]:
+    (header_no, header), body = lines[0], lines[1:]
+    counts = [int(x) for x in header.split()]
+    sets, per_set = counts if len(counts) == 2 else (1, counts[0])
+    if sets not in (1, NFOLDS) or per_set < 1:
+        raise ValueError(f"{path}: line {header_no}: LFW's header 'sets pairs' of {sets} sets of {per_set}: its "
+                         f"sets are the folds of the accuracy, {NFOLDS} (pairs.txt) or 1 (pairsDevTrain.txt, "
+                         "pairsDevTest.txt)")
+    if len(body) != 2 * sets * per_set:
+        raise ValueError(f"{path}: the header ({header!r}, line {header_no}) gives {sets} set(s) of {per_set} matched "
+                         f"and {per_set} mismatched pairs, {2 * sets * per_set} lines; {len(body)} follow")
+    folder = os.path.dirname(os.path.abspath(path))
+    pairs, issame = [], []
+    for i, (line_no, line) in enumerate(body):
+        matched = (i // per_set) % 2 == 0
+        fields = line.split()
+        numbers = fields[1:] if matched else fields[1::2]
+        if len(fields) != (3 if matched else 4) or not all(x.isdigit() for x in numbers):
+            raise ValueError(f"{path}: line {line_no}: expected a {'matched' if matched else 'mismatched'} pair "
+                             f"{'name n1 n2' if matched else 'name1 n1 name2 n2'} (each set is {per_set} matched "
+                             f"pairs, then {per_set} mismatched), got {line[:120]!r}")
+        names = [(fields[0], fields[1]), (fields[0], fields[2])] if matched else [fields[0:2], fields[2:4]]
+        pairs.append(tuple(_find_image(path, line_no, os.path.join(folder, name), f"{name}_{int(n):04d}.jpg",
+                                       " (LFW's pairs name <its folder>/<name>/<name>_<NNNN>.jpg)")
+                           for name, n in names))
+        issame.append(matched)
+    issame = np.asarray(issame, dtype=bool)
+    return _official_folds(pairs, issame) if sets == 1 else (pairs, issame)
+
+
+def _read_two_line_pairs(path: str, lines: list[tuple[int, str]]) -> tuple[list[tuple[str, str]], np.ndarray]:
+    if len(lines) % 2:
+        raise ValueError(f"{path}: {len(lines)} lines of 'image label': CALFW's and CPLFW's pairs are two lines each, "
+                         f"the last (line {lines[-1][0]}) has no second")
+    folder = os.path.dirname(os.path.abspath(path))
+    pairs, issame = [], []
+    for (no1, line1), (no2, line2) in zip(lines[0::2], lines[1::2]):
+        fields1, fields2 = line1.split(), line2.split()
+        for line_no, line, fields in ((no1, line1, fields1), (no2, line2, fields2)):
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise ValueError(f"{path}: line {line_no}: expected 'image label' (CALFW's and CPLFW's pairs), got "
+                                 f"{line[:120]!r}")
+        if fields1[1] != fields2[1]:
+            raise ValueError(f"{path}: lines {no1}-{no2}: a pair's two lines carry one label (0: mismatched), got "
+                             f"{fields1[1]} and {fields2[1]}")
+        pairs.append(tuple(_find_image(path, line_no, folder, name) for line_no, name in ((no1, fields1[0]),
+                                                                                       (no2, fields2[0]))))
+        issame.append(int(fields1[1]) != 0)
+    return _official_folds(pairs, np.asarray(issame, dtype=bool))
+
+
+def _official_folds(pairs: list[tuple[str, str]], issame: np.ndarray) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """Pairs listed all matched then as many mismatched, reordered so that the k-th of the 10 contiguous folds
+    (`_fold_slices`) is the k-th tenth of the matched and the k-th tenth of the mismatched (exactly so where a
+    half is a multiple of 10 pairs, as in those files); other orders are kept."""
+    half = issame.size // 2
+    if issame.size != 2 * half or not issame[:half].all() or issame[half:].any():
+        return pairs, issame
+    order = np.concatenate([np.concatenate([block, half + block]) for block in _fold_slices(half, NFOLDS)])
+    return [pairs[i] for i in order], issame[order]
+
+
 def load_pairs_list(path: str, image_size: int = 112) -> VerificationSet:
-    """A verification set from a pairs list (see `read_pairs_list`)."""
+    """A verification set from a pairs file (see `read_pairs_list`: a pairs list, LFW's, CALFW's or CPLFW's)."""
     pairs, issame = read_pairs_list(path)
     images = torch.empty((2 * len(pairs), 3, image_size, image_size), dtype=torch.uint8)
     not_square = []

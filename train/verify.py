@@ -1,5 +1,6 @@
 """``python -m train.verify``: a model's verification accuracy on LFW, CFP-FP, AgeDB-30 and the other
-sets of insightface's ``.bin`` format (or pairs lists), measured as training measures it.
+sets of insightface's ``.bin`` format (or pairs lists, LFW's ``pairs.txt``, CALFW's and CPLFW's pair files),
+measured as training measures it.
 
     python -m train.verify --model MODEL --data FOLDER [--targets lfw,cfp_fp,agedb_30]
     python -m train.verify --model MODEL --targets /data/lfw.bin,pairs.txt
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--data takes it); 'synthetic' for the demo's synthetic sets")
     p.add_argument("--targets", type=_targets, default=None,
                    help=f"names (with --data; default {','.join(DEFAULT_TARGETS)}) or paths of .bin files and "
-                   "pairs lists (image1 image2 0|1 a line)")
+                   "pairs files: a pairs list (image1 image2 0|1 a line), LFW's pairs.txt over <its folder>/<name>/"
+                   "<name>_<NNNN>.jpg, CALFW's or CPLFW's pair file over its folder's images")
     p.add_argument("--seed", type=int, default=None,
                    help="with --data synthetic: the training run's --seed (default: a checkpoint's own, else 0)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default: cpu)")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from train.data import build_verification_sets
+from train.data.synthetic import render_face
 from train.tools.make_bin import encode_pairs, image_folder_pairs, write_bin
 from train.tools.make_bin import main as make_bin_main
 from train.verification import (
@@ -25,6 +26,7 @@ from train.verification import (
     evaluate,
     load_bin,
     load_pairs_list,
+    read_pairs_list,
     verification_accuracy,
 )
 
@@ -462,6 +464,131 @@ def test_pairs_list(tmp_path, pairs_images):
     (tmp_path / "missing.txt").write_text("imgs/0.png imgs/nope.png 0\n")
     with pytest.raises(FileNotFoundError, match="nope.png"):
         load_pairs_list(str(tmp_path / "missing.txt"))
+
+
+# LFW's pairs.txt (a header 'sets n', then per set n lines 'name n1 n2' and n lines 'name1 n1 name2 n2') over
+# <folder>/<name>/<name>_<NNNN>.jpg, and CALFW's / CPLFW's pair files (two lines 'image label' a pair; 0 on both
+# lines of a mismatched pair, one positive number on both of a matched one) over a flat folder.
+PEOPLE = {"Ann_Lee": 3, "Bo_Chen": 2, "Cy_Diaz": 1, "Di_Eze": 2}
+
+
+def write_lfw_folder(root, people=PEOPLE, ext=".jpg"):
+    for who, (name, count) in enumerate(people.items()):
+        (root / name).mkdir(parents=True)
+        for n in range(1, count + 1):
+            Image.fromarray(render_face(0, who, n, 20)).save(root / name / f"{name}_{n:04d}{ext}")
+
+
+def lfw_sets(sets):
+    """Set k's matched and mismatched line of a 'sets 1' pairs.txt, as (name, n1, n2), (name1, n1, name2, n2)."""
+    matched = [("Ann_Lee", 1, 2), ("Bo_Chen", 1, 2), ("Ann_Lee", 2, 3), ("Di_Eze", 2, 1)]
+    mismatched = [("Ann_Lee", 1, "Cy_Diaz", 1), ("Bo_Chen", 2, "Di_Eze", 1), ("Cy_Diaz", 1, "Di_Eze", 2)]
+    return [(matched[k % 4], mismatched[k % 3]) for k in range(sets)]
+
+
+def own_list(path, rows):
+    """The same pairs as this project's pairs list: (image1, image2, same) relative to the list's folder."""
+    path.write_text("".join(f"{a} {b} {int(same)}\n" for a, b, same in rows))
+    return load_pairs_list(str(path), image_size=20)
+
+
+def lfw_image(name, n):
+    return f"{name}/{name}_{n:04d}.jpg"
+
+
+def test_lfw_pairs_txt_is_read_in_lfws_own_folds(tmp_path):
+    write_lfw_folder(tmp_path)
+    sets = lfw_sets(10)
+    (tmp_path / "pairs.txt").write_text("10\t1\n" + "".join(
+        "\t".join(map(str, m)) + "\n" + "\t".join(map(str, d)) + "\n" for m, d in sets))
+    vset = load_pairs_list(str(tmp_path / "pairs.txt"), image_size=20)
+    rows = [r for (name, n1, n2), (a, i, b, j) in sets
+            for r in ((lfw_image(name, n1), lfw_image(name, n2), True), (lfw_image(a, i), lfw_image(b, j), False))]
+    same = own_list(tmp_path / "mine.txt", rows)
+    assert vset.name == "pairs" and vset.num_pairs == 20
+    assert np.array_equal(vset.issame, same.issame) and torch.equal(vset.images, same.images)
+    # The 10 contiguous folds of the accuracy over the pairs in file order are LFW's 10 sets.
+    pairs, _ = read_pairs_list(str(tmp_path / "pairs.txt"))
+    for k, fold in enumerate(_fold_slices(vset.num_pairs, 10)):
+        (name, n1, n2), (a, i, b, j) = sets[k]
+        assert [pairs[p] for p in fold] == [(str(tmp_path / lfw_image(name, n1)), str(tmp_path / lfw_image(name, n2))),
+                                            (str(tmp_path / lfw_image(a, i)), str(tmp_path / lfw_image(b, j)))]
+        assert vset.issame[fold].tolist() == [True, False]
+    # make_bin --pairs-list writes the same pairs, in that order, as insightface's lfw.bin.
+    assert make_bin_main([str(tmp_path / "lfw.bin"), "--pairs-list", str(tmp_path / "pairs.txt")]) == 0
+    packed = load_bin(str(tmp_path / "lfw.bin"), image_size=20)
+    assert np.array_equal(packed.issame, vset.issame) and torch.equal(packed.images, vset.images)
+
+
+def test_lfw_view1_and_calfw_cplfw_pairs_take_a_tenth_of_each_half_a_fold(tmp_path):
+    # pairsDevTest.txt ('n', n matched then n mismatched), pairs_CALFW.txt (matched labelled with their fold
+    # 1..10, mismatched 0) and pairs_CPLFW.txt (matched 1): fold k is the k-th matched and the k-th mismatched
+    # pair here, the k-th 300 of each half in the real files (FaceX-Zoo's folds).
+    write_lfw_folder(tmp_path)
+    sets = lfw_sets(10)
+    (tmp_path / "dev.txt").write_text("10\n" + "".join(" ".join(map(str, m)) + "\n" for m, _ in sets)
+                                      + "".join(" ".join(map(str, d)) + "\n" for _, d in sets))
+    rows = [r for (name, n1, n2), (a, i, b, j) in sets
+            for r in ((lfw_image(name, n1), lfw_image(name, n2), True), (lfw_image(a, i), lfw_image(b, j), False))]
+    dev = load_pairs_list(str(tmp_path / "dev.txt"), image_size=20)
+    same = own_list(tmp_path / "mine.txt", rows)
+    assert np.array_equal(dev.issame, same.issame) and torch.equal(dev.images, same.images)
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for row in rows:
+        for image in row[:2]:
+            shutil.copy(tmp_path / image, flat / os.path.basename(image))
+    files = [(os.path.basename(a), os.path.basename(b)) for a, b, _ in rows]
+    for name, label in (("pairs_CALFW.txt", lambda k: k + 1), ("pairs_CPLFW.txt", lambda k: 1)):
+        (flat / name).write_text("".join(f"{a} {label(k)}\n{b} {label(k)}\n" for k, (a, b) in enumerate(files[0::2]))
+                                 + "".join(f"{a} 0\n{b} 0\n" for a, b in files[1::2]))
+        vset = load_pairs_list(str(flat / name), image_size=20)
+        assert np.array_equal(vset.issame, same.issame) and torch.equal(vset.images, same.images), name
+    # Another order is kept as it is.
+    (flat / "mixed.txt").write_text("".join(f"{a} {int(s)}\n{b} {int(s)}\n" for (a, b), (_, _, s) in zip(files, rows)
+                                            if not s) + "".join(f"{a} 1\n{b} 1\n" for (a, b), (_, _, s) in
+                                                                zip(files, rows) if s))
+    assert load_pairs_list(str(flat / "mixed.txt"), image_size=20).issame.tolist() == [False] * 10 + [True] * 10
+
+
+def test_official_pair_files_are_told_by_content_and_refused_by_line(tmp_path):
+    write_lfw_folder(tmp_path, {"Ann_Lee": 3, "Cy_Diaz": 1})
+    write_lfw_folder(tmp_path, {"Bo_Chen": 2}, ext=".png")  # crops saved as .png: found as well
+    good = "1\t2\nAnn_Lee\t1\t2\nBo_Chen\t1\t2\nAnn_Lee\t1\tCy_Diaz\t1\nBo_Chen\t2\tAnn_Lee\t3\n"
+    (tmp_path / "view2.txt").write_text(good)  # the header tells LFW's format, not the name
+    pairs, issame = read_pairs_list(str(tmp_path / "view2.txt"))
+    assert issame.tolist() == [True, False, True, False]  # one set: a matched and a mismatched pair a fold
+    assert pairs[2] == (str(tmp_path / "Bo_Chen" / "Bo_Chen_0001.png"), str(tmp_path / "Bo_Chen" / "Bo_Chen_0002.png"))
+    # A file kept elsewhere, linked into the image folder: its images are the link's folder's.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "pairs.txt").write_text(good)
+    os.symlink(tmp_path / "elsewhere" / "pairs.txt", tmp_path / "linked.txt")
+    assert read_pairs_list(str(tmp_path / "linked.txt"))[0] == pairs
+    for text, message in (
+            ("1 2\nAnn_Lee 1 2\nBo_Chen 1 2\nAnn_Lee 1 Cy_Diaz 1\n",
+             r"the header \('1 2', line 1\) gives 1 set\(s\) of 2 matched and 2 mismatched pairs, 4 lines; 3 follow"),
+            ("1 2\nAnn_Lee 1 2\nAnn_Lee 1 Cy_Diaz 1\nBo_Chen 1 2\nBo_Chen 2 Ann_Lee 3\n",
+             r"line 3: expected a matched pair name n1 n2 \(each set is 2 matched pairs, then 2 mismatched\)"),
+            ("5 1\n" + "Ann_Lee 1 2\nAnn_Lee 1 Cy_Diaz 1\n" * 5, r"line 1: LFW's header 'sets pairs' of 5 sets of 1"),
+            ("Ann_Lee_0001.jpg 1\nAnn_Lee_0002.jpg 1\nCy_Diaz_0001.jpg 0\n",
+             r"3 lines of 'image label': .* the last \(line 3\) has no second"),
+            ("a.jpg 1\nb.jpg 0\n", r"lines 1-2: a pair's two lines carry one label \(0: mismatched\), got 1 and 0"),
+            ("a.jpg 1\nb.jpg x\n", r"line 2: expected 'image label'")):
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"bad\.txt: " + message):
+            read_pairs_list(str(tmp_path / "bad.txt"))
+    (tmp_path / "missing.txt").write_text(good.replace("Bo_Chen\t2\tAnn_Lee\t3", "Bo_Chen\t2\tAnn_Lee\t7"))
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(
+            f"{tmp_path / 'missing.txt'}: line 5: no image Ann_Lee_0007.jpg (nor Ann_Lee_0007 as .jpeg, .png, .bmp) "
+            f"in {tmp_path / 'Ann_Lee'} (LFW's pairs name <its folder>/<name>/<name>_<NNNN>.jpg)") + "$"):
+        load_pairs_list(str(tmp_path / "missing.txt"))
+    shutil.copy(tmp_path / "Ann_Lee" / "Ann_Lee_0001.jpg", tmp_path)
+    (tmp_path / "missing_calfw.txt").write_text("Ann_Lee_0001.jpg 3\nAnn_Lee_0009.jpg 3\n")
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(
+            f"{tmp_path / 'missing_calfw.txt'}: line 2: no image Ann_Lee_0009.jpg (nor Ann_Lee_0009 as .jpeg, .png, "
+            f".bmp) in {tmp_path}") + "$"):
+        load_pairs_list(str(tmp_path / "missing_calfw.txt"))
 
 
 def test_build_verification_sets_from_a_folder(tmp_path, pairs_images):

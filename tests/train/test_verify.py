@@ -6,9 +6,11 @@ import os
 import pickle
 
 import pytest
+from PIL import Image
 
 import arcface_ext
 from train import checkpoint, export, verify
+from train.data.synthetic import render_face
 from train.verification import read_pairs_list
 
 from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, train_one_thread
@@ -74,6 +76,35 @@ def test_verify_an_onnx_model(verified, tmp_path, capsys):
         assert verify.main(["--model", model, "--targets", pairs, "--output", str(tmp_path / name)]) == 0
     pt, onnx = (json.loads((tmp_path / name).read_text())["targets"]["pairs"] for name in ("pt.json", "onnx.json"))
     assert onnx["accuracy"] == pt["accuracy"] and onnx["xnorm"] == pytest.approx(pt["xnorm"], rel=1e-4)
+
+
+def test_verify_takes_lfws_pairs_txt_as_the_same_pairs_list(verified, tmp_path, capsys):
+    """LFW's own pairs.txt (10 sets of 1 matched and 1 mismatched pair here) over <folder>/<name>/<name>_<NNNN>.jpg
+    measures what this project's pairs list of the same pairs, in the same order, measures."""
+    ckpt, _, _ = verified
+    people = ["Ann_Lee", "Bo_Chen", "Cy_Diaz", "Di_Eze"]
+    for who, name in enumerate(people):
+        os.makedirs(tmp_path / name)
+        for n in (1, 2, 3):
+            Image.fromarray(render_face(0, 20_000 + who, n, 32)).save(tmp_path / name / f"{name}_{n:04d}.jpg")
+    sets = [((people[k % 4], 1 + k % 2, 3), (people[k % 4], 1 + k % 3, people[(k + 1) % 4], 2)) for k in range(10)]
+    with open(tmp_path / "pairs.txt", "w") as f:
+        f.write("10\t1\n" + "".join(f"{n}\t{i}\t{j}\n{a}\t{i2}\t{b}\t{j2}\n" for (n, i, j), (a, i2, b, j2) in sets))
+    with open(tmp_path / "mine.txt", "w") as f:
+        f.writelines(f"{n}/{n}_{i:04d}.jpg {n}/{n}_{j:04d}.jpg 1\n{a}/{a}_{i2:04d}.jpg {b}/{b}_{j2:04d}.jpg 0\n"
+                     for (n, i, j), (a, i2, b, j2) in sets)
+    results = {}
+    for name in ("pairs", "mine"):
+        assert verify.main(["--model", ckpt, "--targets", str(tmp_path / f"{name}.txt"), "--batch-size", "8",
+                            "--output", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["targets"][name]
+    assert results["pairs"] == results["mine"] and results["pairs"]["pairs"] == 20
+    os.remove(tmp_path / "Bo_Chen" / "Bo_Chen_0002.jpg")
+    capsys.readouterr()
+    assert verify.main(["--model", ckpt, "--targets", str(tmp_path / "pairs.txt")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'pairs.txt'}: line 3: no image Bo_Chen_0002.jpg (nor Bo_Chen_0002 as .jpeg, .png, .bmp) "
+        f"in {tmp_path / 'Bo_Chen'} (LFW's pairs name <its folder>/<name>/<name>_<NNNN>.jpg)")
 
 
 def test_synthetic_sets_are_those_of_the_runs_seed(tmp_path, capsys):

@@ -142,8 +142,9 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
                             ) -> dict[str, VerificationSet]:
     """{name: VerificationSet} for `--val-targets`.
 
-    A target is `<name>` or the path of a `.bin` (insightface's format) or of a pairs-list
-    `.txt` (`image1 image2 0|1` per line); anything ending in `.bin` / `.txt` or holding a
+    A target is `<name>` or the path of a `.bin` (insightface's format) or of a pairs file
+    `.txt` (a pairs list, `image1 image2 0|1` per line, or LFW's `pairs.txt`, CALFW's or CPLFW's pair
+    file, told by its content: `train.verification.read_pairs_list`); anything ending in `.bin` / `.txt` or holding a
     path separator is a path, read from that file whatever the data. A path that is not found is
     an error, and so is a set of fewer pairs than the folds of its accuracy. A name is read from
     `<data folder>/<name>.bin` (`data_folder`: a list file's folder; skipped with a warning when
