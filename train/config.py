@@ -638,11 +638,14 @@ def unused_options(args: argparse.Namespace) -> list[str]:
     if unused:
         notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the data is {args.data}, "
                      "not synthetic")
+    def steps(count: int) -> str:
+        return f"{count} step{'' if count == 1 else 's'}"
+
     # (Lengths given in epochs are named in epochs, with their steps: the notes come once they are steps.)
-    length = (f"--epochs {args.epochs:g} ({args.max_steps} steps)" if args.epochs is not None
+    length = (f"--epochs {args.epochs:g} ({steps(args.max_steps)})" if args.epochs is not None
               else f"--max-steps {args.max_steps}")
     if args.warmup_steps is not None and args.warmup_steps > args.max_steps:  # (None: --epochs not yet in steps)
-        warmup = (f"--warmup-epochs {args.warmup_epochs:g} ({args.warmup_steps} steps)"
+        warmup = (f"--warmup-epochs {args.warmup_epochs:g} ({steps(args.warmup_steps)})"
                   if args.warmup_epochs is not None else f"--warmup-steps {args.warmup_steps}")
         notes.append(f"{warmup} is more than {length}: the learning "
                      f"rate rises to {args.max_steps / args.warmup_steps:.0%} of --lr {args.lr:g}, no further")
@@ -650,7 +653,7 @@ def unused_options(args: argparse.Namespace) -> list[str]:
     if args.lr_schedule == "step" and late:
         if args.lr_epochs is not None:
             given = (f"--lr-epochs {_show_numbers([args.lr_epochs[i] for i in late])} "
-                     f"({','.join(str(args.lr_steps[i]) for i in late)} steps)")
+                     f"(step{'s' if len(late) > 1 else ''} {','.join(str(args.lr_steps[i]) for i in late)})")
         else:
             given = f"--lr-steps {','.join(str(args.lr_steps[i]) for i in late)}"
         notes.append(f"{given} {'is' if len(late) == 1 else 'are'} not before "

@@ -1142,8 +1142,15 @@ def test_lengths_in_epochs_the_run_would_not_reach_are_said_in_epochs(faces, tmp
     err = capsys.readouterr().err
     assert ("note: --warmup-epochs 1.5 (6 steps) is more than --epochs 1 (4 steps): the learning rate rises to 67% "
             "of --lr 0.1, no further") in err.splitlines()
-    assert ("note: --lr-epochs 1,2 (4,8 steps) are not before --epochs 1 (4 steps): the learning rate is not divided "
+    assert ("note: --lr-epochs 1,2 (steps 4,8) are not before --epochs 1 (4 steps): the learning rate is not divided "
             "there") in err.splitlines()
+    # One step: the singular (with 4 images in steps of 4, one step an epoch).
+    notes = unused_options(argparse.Namespace(**{**vars(parse_args([])), "epochs": 1.0, "max_steps": 1,
+                                                 "lr_schedule": "step", "lr_epochs": [2.0], "lr_steps": [2],
+                                                 "warmup_epochs": 3.0, "warmup_steps": 3}))
+    assert notes == ["--warmup-epochs 3 (3 steps) is more than --epochs 1 (1 step): the learning rate rises to 33% of "
+                     "--lr 0.1, no further",
+                     "--lr-epochs 2 (step 2) is not before --epochs 1 (1 step): the learning rate is not divided there"]
 
 
 def test_a_run_in_epochs_resumes_and_compares_its_schedule_in_epochs(faces, tmp_path):
