@@ -164,16 +164,22 @@ def backbone_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch
     return {_unwrapped_key(k): v for k, v in obj.items()}
 
 
-def facex_zoo_backbone(weights: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
-    """``weights``, or, when they are FaceX-Zoo's (its train.py saves its FaceModel's state dict: the backbone's
-    keys under ``backbone.``, the head's under ``head.``) and their ``backbone.`` keys, the prefix cut, are
-    exactly ``expected`` (the network's), those. Tried only where ``weights`` are not the network's keys as
-    they are: a network of one's own whose submodules are named ``backbone`` and ``head`` loads as it is."""
+def submodule_weights(weights: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``weights``, or, when they are a whole model's state dict that holds the network as one submodule, that
+    submodule's: the keys under one first name (``backbone.`` in FaceX-Zoo's checkpoints, whose FaceModel
+    holds the backbone and its head; the attribute's name in a PyTorch Lightning checkpoint's
+    ``state_dict``), that name cut, exactly ``expected`` (the network's). Tried only where ``weights`` are
+    not the network's keys as they are, and taken only where one name fits."""
     expected = set(expected)
     if set(weights) == expected:
         return weights
-    inner = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
-    return inner if inner and set(inner) == expected else weights
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        name, dot, rest = key.partition(".")
+        if dot:
+            by_name.setdefault(name, {})[rest] = value
+    fitting = [inner for inner in by_name.values() if set(inner) == expected]
+    return fitting[0] if len(fitting) == 1 else weights
 
 
 def foreign_weights(weights: dict[str, torch.Tensor], expected: Iterable[str]) -> str | None:

@@ -1034,16 +1034,16 @@ class Trainer:
         except ValueError as error:  # a backbone.json beside it that is not train.export's
             raise SystemExit(f"--pretrained_model: {error}") from None
         expected = self.backbone.state_dict().keys()
-        weights = checkpoint.facex_zoo_backbone(weights, expected)
+        weights = checkpoint.submodule_weights(weights, expected)
         try:
             self.backbone.load_state_dict(weights)
         except RuntimeError as error:
             # What the file holds, in the flags' words (load_state_dict's own list runs to pages).
-            foreign = checkpoint.foreign_weights(weights, expected)
-            found = None if foreign else checkpoint.held_backbone(weights, recorded, vars(a))
+            # (the network the file records or the trainer's networks recognise, before "another definition")
+            found = checkpoint.held_backbone(weights, recorded, vars(a))
             holds = (f"it holds --network {found['network']} --embedding-size {found['embedding_size']} "
                      f"--image-size {found['image_size']}" if found
-                     else foreign or checkpoint.summarize_load_error(error))
+                     else checkpoint.foreign_weights(weights, expected) or checkpoint.summarize_load_error(error))
             raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "
                              f"{a.embedding_size} --image-size {a.image_size}: {holds}") from None
         if recorded.get("image_size", a.image_size) != a.image_size and self.is_main:

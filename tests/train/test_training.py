@@ -729,6 +729,11 @@ def test_a_pretrained_model_of_facex_zoo_or_of_another_librarys_network(faces, t
     run = Trainer(parse_args(argv(faces, tmp_path / "from-facex", pretrained_model=str(tmp_path / "Epoch_17.pt"))))
     assert all(torch.equal(v, backbone_state[k]) for k, v in run.backbone.state_dict().items())
     assert "initialised the backbone from" in capsys.readouterr().err
+    # So does a PyTorch Lightning checkpoint's state_dict, the network under its module's attribute name.
+    torch.save({"state_dict": {**{"net." + k: v for k, v in backbone_state.items()}, "loss.weight": centres},
+                "epoch": 3, "global_step": 40, "pytorch-lightning_version": "2.6.6"}, tmp_path / "last.ckpt")
+    run = Trainer(parse_args(argv(faces, tmp_path / "from-lightning", pretrained_model=str(tmp_path / "last.ckpt"))))
+    assert all(torch.equal(v, backbone_state[k]) for k, v in run.backbone.state_dict().items())
     # Another library's network (face.evoLVe's IR_SE_50 as its train.py saves it; FaceX-Zoo's MobileFaceNet):
     # no key is one of the network's, which the error says in one line rather than load_state_dict's lists.
     for name, saved in (("evolve.pth", {"input_layer.0.weight": torch.zeros(64, 3, 3, 3),
