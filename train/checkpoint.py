@@ -173,13 +173,18 @@ def submodule_weights(weights: dict[str, torch.Tensor], expected: Iterable[str])
     expected = set(expected)
     if set(weights) == expected:
         return weights
+    fitting = [inner for inner in _by_first_name(weights).values() if set(inner) == expected]
+    return fitting[0] if len(fitting) == 1 else weights
+
+
+def _by_first_name(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``weights`` grouped by their keys' first name (``backbone.conv1.weight``: ``backbone``), that name cut."""
     by_name: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         name, dot, rest = key.partition(".")
         if dot:
             by_name.setdefault(name, {})[rest] = value
-    fitting = [inner for inner in by_name.values() if set(inner) == expected]
-    return fitting[0] if len(fitting) == 1 else weights
+    return by_name
 
 
 def foreign_weights(weights: dict[str, torch.Tensor], expected: Iterable[str]) -> str | None:
@@ -345,6 +350,37 @@ def _describe_vit(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, Any], 
              "image_size": 112 if 112 in sizes else sizes[0]}, sizes)
 
 
+def _described_weights(weights: dict[str, torch.Tensor], path: str, options: bool
+                        ) -> tuple[dict[str, torch.Tensor], tuple[dict[str, Any], range]]:
+    """(the backbone's weights, :func:`_describe` of them) of a state dict that records no settings: the
+    weights as they are, or, in a whole model's state dict (a PyTorch Lightning checkpoint's, FaceX-Zoo's),
+    those under the one first name whose keys, that name cut, are a backbone this trainer builds.
+    ValueError naming ``path`` when neither is; it asks for the three options where the caller was given some
+    (``train.export``'s), else names the command that records them (``train.embed`` has none)."""
+    try:
+        return weights, _describe(weights)
+    except (ValueError, KeyError, IndexError) as error:
+        why = str(error) if isinstance(error, ValueError) else f"no weight {error}"
+    described = {}
+    for name, inner in _by_first_name(weights).items():
+        try:
+            described[name] = (inner, _describe(inner))
+        except (ValueError, KeyError, IndexError):
+            pass
+    if len(described) == 1:
+        return next(iter(described.values()))
+    if described:  # (a model and its EMA copy, say)
+        names = list(described)
+        raise ValueError(f"{path} holds {len(names)} backbones, under " + " and ".join(f"'{n}.'" for n in names)
+                         + ": save the one to use as a state dict of its own (its keys without that name)")
+    if options:
+        raise ValueError(f"{path}: {why.split('; pass --network')[0]}; pass --network, --embedding-size and "
+                         "--image-size")
+    raise ValueError(f"{path}: {why.split('; pass --network')[0]}; give python -m train.export --checkpoint {path} "
+                     "its --network (a network of your own: package.module:factory), --embedding-size and "
+                     "--image-size: its backbone.pt records them")
+
+
 def settings_path(model_path: str) -> str:
     """Where ``python -m train.export``'s settings of the model at ``model_path`` are: ``<stem>.json``
     beside it (``backbone.json`` beside ``backbone.pt`` and ``backbone.onnx``), and ``backbone.json``
@@ -439,7 +475,7 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
     # (guessed only where neither the file nor the options say: a package.module:factory network's bare state
     # dict has no shapes to guess from, and was refused with all three options given)
     if not all(k in settings or overrides.get(k) is not None for k in ("network", "embedding_size", "image_size")):
-        guessed, sizes = _describe(weights)
+        weights, (guessed, sizes) = _described_weights(weights, path, any(v is not None for v in overrides.values()))
         if "image_size" not in settings and overrides.get("image_size") is None and len(sizes) > 1 \
                 and 112 not in sizes:
             # The images are resized to it: a wrong guess gives other embeddings, without an error. (112
@@ -454,6 +490,7 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
                           image_size=settings["image_size"])
     except ValueError as error:  # a package.module:factory that does not import here, say
         raise ValueError(f"{path} holds a backbone of network {settings['network']}: {error}") from None
+    weights = submodule_weights(weights, model.state_dict().keys())  # (a whole model's: the backbone's)
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from train import checkpoint
 from train.checkpoint import describe_backbone, fitting_image_sizes
 from train.models import NETWORKS, get_model, multiply_adds
 
@@ -193,3 +194,31 @@ def test_unknown_state_dict_is_named():
                            "blocks.0.norm1.weight": torch.zeros(320)})
     with pytest.raises(ValueError, match="not a backbone this trainer builds"):
         describe_backbone({"conv.weight": torch.zeros(3)})
+
+
+def test_a_whole_models_state_dict_gives_its_backbone(tmp_path):
+    # A PyTorch Lightning checkpoint ({"state_dict": the LightningModule's}, the network under its attribute's
+    # name beside a loss's centres) or FaceX-Zoo's ("backbone." + a head): train.embed, train.verify and
+    # train.export take the backbone, guessed or recorded; was "not a backbone this trainer builds".
+    torch.manual_seed(0)
+    model = get_model("small", embedding_size=64, image_size=32).eval()
+    whole = {**{f"backbone.{k}": v for k, v in model.state_dict().items()}, "head.weight": torch.randn(10, 64)}
+    torch.save({"state_dict": whole, "epoch": 3}, tmp_path / "lightning.ckpt")
+    images = torch.randn(2, 3, 32, 32)
+    for overrides in ({}, {"network": "small", "embedding_size": 64, "image_size": 32}):
+        loaded, settings = checkpoint.load_backbone(str(tmp_path / "lightning.ckpt"), **overrides)
+        assert settings == {"network": "small", "embedding_size": 64, "image_size": 32}
+        assert torch.equal(loaded(images), model(images))
+    # Two backbones (a model and its EMA copy): which one is not guessed.
+    torch.save({**whole, **{f"ema.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "two.pt")
+    with pytest.raises(ValueError, match="two.pt holds 2 backbones, under 'backbone.' and 'ema.': save the one"):
+        checkpoint.load_backbone(str(tmp_path / "two.pt"))
+    # Neither: the error names the file and what records the settings (train.embed has no --network).
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not a backbone this trainer builds: .*; give python -m "
+                                         "train.export --checkpoint .*other.pt its --network"):
+        checkpoint.load_backbone(str(tmp_path / "other.pt"))
+    # Weights whose blocks are there but not their embedding layer: the same error, not a KeyError.
+    torch.save({k: v for k, v in model.state_dict().items() if k != "fc.weight"}, tmp_path / "headless.pt")
+    with pytest.raises(ValueError, match="headless.pt: no weight 'fc.weight'; give python -m train.export"):
+        checkpoint.load_backbone(str(tmp_path / "headless.pt"))
