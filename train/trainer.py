@@ -672,6 +672,8 @@ class Trainer:
                   "(--image-size)", file=sys.stderr)
         if self.is_main and getattr(self.dataset, "labels_note", None):  # a list file's labels, not 0..C-1
             print(f"note: {args.data}: {self.dataset.labels_note}", file=sys.stderr)
+        if self.is_main and getattr(self.dataset, "repeats_note", None):  # a list naming an image twice
+            print(f"warning: {args.data}: {self.dataset.repeats_note}", file=sys.stderr)
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
                              "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))

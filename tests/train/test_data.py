@@ -729,6 +729,32 @@ def test_image_list_in_utf16_and_with_large_labels_reads_as_written(tmp_path):
         ImageListDataset(str(tmp_path / "huge.txt"))
 
 
+def test_image_list_naming_an_image_twice_is_said(tmp_path, capsys):
+    # A list that names an image under two labels trains one face as two people (label noise), silently before;
+    # under one label twice, it is drawn twice as often. The trainer and pack_rec say so; once each is quiet.
+    names = list_faces(tmp_path)
+    lines = [f"{name} {10 + k // 2}" for k, name in enumerate(names)]
+    (tmp_path / "once.txt").write_text("\n".join(lines) + "\n")
+    assert ImageListDataset(str(tmp_path / "once.txt")).repeats_note is None
+    (tmp_path / "twice.txt").write_text("\n".join(lines + [f"{names[0]} 10", f"{names[0]} 10"]) + "\n")
+    assert ImageListDataset(str(tmp_path / "twice.txt")).repeats_note == (
+        f"{tmp_path / names[0]} is listed 3 times, so drawn as often (label 10)")
+    (tmp_path / "relabelled.txt").write_text("\n".join(lines + [f"{names[1]} 12"]) + "\n")
+    assert ImageListDataset(str(tmp_path / "relabelled.txt")).repeats_note == (
+        f"{tmp_path / names[1]} is listed 2 times, so drawn as often, under labels 10 and 12: one face taught as "
+        "different people")
+    (tmp_path / "two.txt").write_text("\n".join(lines + [f"{names[0]} 11", f"{names[3]} 12", f"{names[5]} 12"])
+                                      + "\n")
+    note = (f"3 images are listed more than once (6 lines), each drawn as often as it is listed; 2 of them under two "
+            f"or more labels, one face taught as different people ({tmp_path / names[0]} as 10 and 11; "
+            f"{tmp_path / names[3]} as 11 and 12)")
+    assert ImageListDataset(str(tmp_path / "two.txt")).repeats_note == note
+    from train.tools.pack_rec import pack_image_folder
+
+    pack_image_folder(str(tmp_path / "two.txt"), str(tmp_path / "rec"), log=sys.stderr)
+    assert f"pack_rec: warning: {note}\n" in capsys.readouterr().err
+
+
 def test_image_list_images_missing_are_named_before_the_run(tmp_path):
     # Checked up front, by one listing a folder (a million stat calls cost more), rather than at whichever
     # step meets the first one hours into the run.

@@ -1232,9 +1232,17 @@ def test_a_list_file_trains_bit_for_bit_as_the_image_folder_of_its_images(faces,
     assert main(argv(faces, tmp_path / "folder", max_steps=4, keep_prob=0.8)) == 0
     assert main(base_argv(str(tmp_path / "train.lst"), str(tmp_path / "list"), loss_impl=LOSS_IMPL, max_steps=4,
                           keep_prob=0.8)) == 0
+    err = capsys.readouterr().err
     assert f"note: {tmp_path / 'train.lst'}: the list's 8 labels (100 to 149) are classes 0 to 7 in ascending " \
-           "order: class k is the list's k-th smallest label" in capsys.readouterr().err
+           "order: class k is the list's k-th smallest label" in err and "listed" not in err
     assert losses(tmp_path / "list") == losses(tmp_path / "folder")
+    # An image listed again under another label: said at the start (it trained one face as two people, silently).
+    lines = open(tmp_path / "train.lst").read().splitlines()
+    with open(tmp_path / "twice.lst", "w") as f:
+        f.write("\n".join(lines + [lines[0].rsplit(" ", 1)[0] + " 107"]) + "\n")
+    Trainer(parse_args(base_argv(str(tmp_path / "twice.lst"), str(tmp_path / "twice"), loss_impl=LOSS_IMPL)))
+    assert f"warning: {tmp_path / 'twice.lst'}: {tmp_path / lines[0].rsplit(' ', 1)[0]} is listed 2 times, so drawn " \
+           "as often, under labels 100 and 107: one face taught as different people" in capsys.readouterr().err
     a = checkpoint.load(str(tmp_path / "folder" / "checkpoint.pt"))
     b = checkpoint.load(str(tmp_path / "list" / "checkpoint.pt"))
     for key in a["model"]:

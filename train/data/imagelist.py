@@ -152,6 +152,44 @@ def remapped_labels_note(identities: list[str]) -> str | None:
             f"{len(identities) - 1} in ascending order: class k is the list's k-th smallest label")
 
 
+def repeated_images_note(identities: list[str], samples: list[tuple[str, int]], shown: int = 3) -> str | None:
+    """What a list that names an image more than once trains on: the image drawn as often, and, under two
+    labels, one face taught as two people (label noise); None when every image is listed once. Paths are
+    compared as written (after the list's folder is joined; `a/./b.jpg` and `a/b.jpg` count as two)."""
+    hashes = np.fromiter((hash(path) for path, _ in samples), dtype=np.int64, count=len(samples))
+    values, counts = np.unique(hashes, return_counts=True)
+    if not (counts > 1).any():
+        return None
+    candidates = set(values[counts > 1].tolist())
+    labels_of: dict[str, list[int]] = {}
+    for (path, label), key in zip(samples, hashes.tolist()):
+        if key in candidates:
+            labels_of.setdefault(path, []).append(label)
+    repeated = {path: labels for path, labels in labels_of.items() if len(labels) > 1}
+    if not repeated:
+        return None  # (hashes that collided)
+    relabelled = [(path, labels) for path, labels in repeated.items() if len(set(labels)) > 1]
+
+    def names(labels: list[int]) -> str:
+        return " and ".join(dict.fromkeys(identities[k] for k in labels))
+
+    if len(repeated) == 1:
+        path, labels = next(iter(repeated.items()))
+        text = f"{path} is listed {len(labels)} times, so drawn as often"
+        return text + (f", under labels {names(labels)}: one face taught as different people" if relabelled
+                       else f" (label {names(labels)})")
+    listed = sum(len(labels) for labels in repeated.values())
+    text = f"{len(repeated)} images are listed more than once ({listed} lines), each drawn as often as it is listed"
+    if relabelled:
+        examples = "; ".join(f"{path} as {names(labels)}" for path, labels in relabelled[:shown])
+        text += (f"; {len(relabelled)} of them under two or more labels, one face taught as different people "
+                 f"({examples}{'; ...' if len(relabelled) > shown else ''})")
+    else:
+        path, labels = next(iter(repeated.items()))
+        text += f" (such as {path}, {len(labels)} times)"
+    return text
+
+
 class ImageListDataset(ImageFolderDataset):
     """The aligned faces a list file names (`read_image_list`), read as an image folder's are: label k
     is the list's k-th smallest label, `identities[k]` that label as text."""
@@ -163,6 +201,7 @@ class ImageListDataset(ImageFolderDataset):
         self.identities, samples = read_image_list(list_path)
         self._keep(samples)
         self.labels_note = remapped_labels_note(self.identities)  # said by the trainer
+        self.repeats_note = repeated_images_note(self.identities, samples)  # likewise
 
     def _index_parts(self) -> list[bytes]:
         # The list's own labels too: they name the identities, as an image folder's names do (which its

@@ -24,7 +24,7 @@ from PIL import Image
 
 from train import checkpoint
 from train.data.imagefolder import scan_image_folder
-from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note
+from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note, repeated_images_note
 from train.data.recordio import RecordIOWriter, pack_payload
 from train.data.transforms import decode_failure, encode_image, to_rgb
 from train.signals import Stopped, signals_held, stop_on_signals
@@ -81,6 +81,9 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
     note = remapped_labels_note(identities) if listed else None
     if log is not None and note:
         print(f"pack_rec: note: {note}", file=log)
+    repeats = repeated_images_note(identities, samples) if listed else None
+    if log is not None and repeats:
+        print(f"pack_rec: warning: {repeats}", file=log)
     if log is not None and counts.get("re-encoded"):
         print(f"pack_rec: note: {counts['re-encoded']} of the {len(samples)} images were re-encoded as JPEG (quality "
               f"{quality}{f'; resized to {resize}x{resize} where they were not' if resize is not None else ''}): "
