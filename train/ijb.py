@@ -508,9 +508,14 @@ class LooseCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         path = os.path.join(self.folder, self.names[index])
-        blank = torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
+
+        def blank():
+            # (Made only where one is returned: in the main process, without loader workers, torch fills a tensor
+            # this size on its intra-op threads, 1-3 ms an image when the machine's cores are busy.)
+            return torch.zeros((3, self.image_size, self.image_size), dtype=torch.uint8)
+
         if self.unusable[index]:
-            return blank, ""
+            return blank(), ""
         prefix = f"{self.sources[index]}: " if self.sources is not None else ""
         try:
             with Image.open(path) as image:
@@ -520,12 +525,12 @@ class LooseCrops(torch.utils.data.Dataset):
                 off = landmarks_off_image(self.landmarks[index], upright.width, upright.height) \
                     if self.check_bounds else None
                 if off:
-                    return blank, f"{prefix}{path}: {off}"
+                    return blank(), f"{prefix}{path}: {off}"
                 crop = align_for_model(upright, self.landmarks[index], self.image_size)
         except FileNotFoundError:
-            return blank, f"{prefix}{path}: no such file"
+            return blank(), f"{prefix}{path}: no such file"
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            return blank, f"{prefix}{path}: cannot read the image: {error}"
+            return blank(), f"{prefix}{path}: cannot read the image: {error}"
         return to_chw(crop), ""
 
 
