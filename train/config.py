@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'index<TAB>label<TAB>path'")
     g.add_argument("--val-targets", "--val_targets", dest="val_targets", type=_str_list, default=None,
                    help="verification sets, comma separated: names of <data>/<name>.bin, or .bin / pairs-file "
-                   ".txt paths (a pairs list, LFW's pairs.txt, CALFW's or CPLFW's pair file); "
+                   ".txt paths (a pairs list, LFW's pairs.txt, CALFW's or CPLFW's pair file), or RFW's folder "
+                   "(its four races, and their mean, std and skewed error ratio); "
                    "default lfw,cfp_fp,agedb_30 (one synthetic set named 'synthetic' for --data synthetic); "
                    "'none' for no verification")
     # The demo's size: few identities with many images each, so that in a few hundred steps the

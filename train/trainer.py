@@ -29,7 +29,7 @@ from torch import nn
 from arcface_ext import full_state_dict, shard_optimizer_state
 from arcface_ext.optim import SGD, AdamW  # noqa: F401 (train.trainer.SGD, AdamW: the trainer's)
 
-from . import checkpoint, export
+from . import checkpoint, export, rfw
 from .config import LR_SCHEDULES, margins, steps_from_epochs, unused_options
 from .data.transforms import DataError, to_model_input
 from .models import check_embedding_shape, get_model, is_factory_spec, model_multiply_adds, multiply_adds
@@ -342,6 +342,14 @@ class RunLog:
         self._scalars(record["step"], {f"verification/{target}": record["accuracy"],
                                        f"verification/{target}_std": record["accuracy_std"],
                                        f"verification/{target}_xnorm": record["xnorm"]})
+
+    def verification_summary(self, step: int, group: str, summary: dict[str, Any]) -> None:
+        """A benchmark's summary of its subsets (RFW's, ``train.rfw.summary``), as scalars: its subsets'
+        records are in ``verification.jsonl``."""
+        scalars = {f"verification/{group}_mean": summary["mean"], f"verification/{group}_std": summary["std"]}
+        if summary["ser"] is not None:
+            scalars[f"verification/{group}_ser"] = summary["ser"]
+        self._scalars(step, scalars)
 
     def _scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
@@ -1295,6 +1303,12 @@ class Trainer:
             self._write(f"[step {self.step}] {name}: accuracy {record['accuracy']:.4f} "
                         f"± {record['accuracy_std']:.4f} (threshold {record['threshold']:.3f}, "
                         f"xnorm {record['xnorm']:.2f})")
+        # RFW's summary, of its four races' records of this step (some may come from before a stop that cut
+        # this step's verification short).
+        done = {name: record for name, record in self.last_verification.items() if record.get("step") == self.step}
+        for group, summary in rfw.summaries(rfw.grouped_accuracies(self.verification_sets, done)).items():
+            self.log.verification_summary(self.step, group, summary)
+            self._write(f"[step {self.step}] {rfw.summary_line(group, summary)}")
 
     def _write(self, message: str, *, screen: bool = True) -> None:
         """``message`` on the main process's stderr (unless not ``screen``) and in its training.log."""

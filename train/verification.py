@@ -30,11 +30,13 @@ NFOLDS = 10
 @dataclass
 class VerificationSet:
     """`images`: uint8 (2P, 3, H, W), pair k being images[2k] and images[2k + 1];
-    `issame`: bool (P,)."""
+    `issame`: bool (P,); `group`: the benchmark the set is one subset of (RFW's races: "RFW"), whose
+    summary follows the subsets' results (`train.rfw.summaries`)."""
 
     name: str
     images: torch.Tensor
     issame: np.ndarray
+    group: str | None = None
 
     def __post_init__(self):
         self.issame = np.asarray(self.issame, dtype=bool).reshape(-1)
@@ -195,7 +197,8 @@ def read_pairs_list(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
     contiguous folds of the accuracy are its folds; a file of all matched pairs then as many mismatched ones
     (CALFW's, CPLFW's, LFW's View 1) is reordered so that fold k holds the k-th tenth of each half, the folds
     FaceX-Zoo takes for CALFW and CPLFW. An image LFW's or CALFW's files name that the folder lacks under any
-    of IMAGE_EXTENSIONS is a FileNotFoundError naming it and where it was looked for.
+    of IMAGE_EXTENSIONS is a FileNotFoundError naming it and where it was looked for. LFW's lines without its
+    header (RFW's `<Race>_pairs.txt`, whose races `train.rfw` reads from RFW's folder) are a ValueError saying so.
     """
     lines = []
     with open(path, encoding="utf-8") as f:
@@ -206,6 +209,13 @@ def read_pairs_list(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
     if not lines:
         raise ValueError(f"{path}: no pairs")
     first = lines[0][1].split()
+    if len(first) in (3, 4) and first[1].isdigit() and first[-1].isdigit() and (len(first) == 3 or
+                                                                               not first[2].isdigit()):
+        # (Read as a pairs list, 'id 2 1' would name the images 'id' and '2'.)
+        raise ValueError(f"{path}: line {lines[0][0]}: {lines[0][1][:120]!r} is a line of LFW's pairs, but the file "
+                         "has no header 'sets n' before it: RFW's <Race>_pairs.txt, whose races are read together "
+                         "from RFW's folder (a target /data/RFW, holding test/txts/ and test/data/), or LFW's "
+                         "pairs.txt without its first line")
     if 1 <= len(first) <= 2 and all(x.isdigit() for x in first):
         return _read_lfw_pairs(path, lines)
     if len(first) == 2 and first[1].isdigit():

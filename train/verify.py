@@ -1,15 +1,17 @@
 """``python -m train.verify``: a model's verification accuracy on LFW, CFP-FP, AgeDB-30 and the other
-sets of insightface's ``.bin`` format (or pairs lists, LFW's ``pairs.txt``, CALFW's and CPLFW's pair files),
-measured as training measures it.
+sets of insightface's ``.bin`` format (or pairs lists, LFW's ``pairs.txt``, CALFW's and CPLFW's pair files,
+RFW's four races), measured as training measures it.
 
     python -m train.verify --model MODEL --data FOLDER [--targets lfw,cfp_fp,agedb_30]
     python -m train.verify --model MODEL --targets /data/lfw.bin,pairs.txt
+    python -m train.verify --model MODEL --targets /data/RFW
 
 MODEL is what ``train.embed`` takes: a training checkpoint, ``train.export``'s ``backbone.pt`` or
 ``backbone.onnx``, insightface's ``backbone.pth`` or its released ONNX models. Each pair is scored as
 ``train.verification`` scores it (embedding(image) + embedding(mirrored image), L2-normalised; 10-fold
 accuracy, each fold judged at the squared-distance threshold best on the other nine), which is
-insightface's ``Accuracy-Flip``.
+insightface's ``Accuracy-Flip``. RFW's four races are followed by their summary (``train.rfw``): the
+mean of their accuracies, their standard deviation and the skewed error ratio.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import time
 import warnings
 
-from . import checkpoint
+from . import checkpoint, rfw
 from .data import SYNTHETIC, build_verification_sets, data_folder, find_target, is_target_path
 from .embed import load_model
 from .signals import Stopped, signals_held, stop_on_signals
@@ -48,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", type=_targets, default=None,
                    help=f"names (with --data; default {','.join(DEFAULT_TARGETS)}) or paths of .bin files and "
                    "pairs files: a pairs list (image1 image2 0|1 a line), LFW's pairs.txt over <its folder>/<name>/"
-                   "<name>_<NNNN>.jpg, CALFW's or CPLFW's pair file over its folder's images")
+                   "<name>_<NNNN>.jpg, CALFW's or CPLFW's pair file over its folder's images; or RFW's folder "
+                   "(test/txts/<Race>/<Race>_pairs.txt and test/data/, or the four <Race>_test.bin): its four "
+                   "races, then their mean, std and skewed error ratio")
     p.add_argument("--seed", type=int, default=None,
                    help="with --data synthetic: the training run's --seed (default: a checkpoint's own, else 0)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default: cpu)")
@@ -90,14 +94,19 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     """``main`` after parsing; raises OSError or ValueError naming what is at fault."""
     device = torch_device(args.device)
     if args.output:
-        # Not the model, its settings, a set it reads (found as the sets are), an image a pairs list names,
-        # nor an image's name in a pairs list's folder.
-        files = [find_target(data_folder(args.data) if args.data else None, t, "--targets") for t in targets]
-        lists = [f for f in files if f and not f.endswith(".bin")]
+        # Not the model, its settings, a set it reads (found as the sets are; of an RFW folder, its pairs and
+        # landmarks files), an image a pairs list names, nor an image's name in a pairs list's folder (or under
+        # an RFW folder's data/).
+        found = [find_target(data_folder(args.data) if args.data else None, t, "--targets") for t in targets]
+        files = [f for f in found if f and not os.path.isdir(f)]
+        releases = [rfw.find_release(f) for f in found if f and os.path.isdir(f)]
+        lists = [f for f in files if not f.endswith(".bin")]
         images = [path for f in lists for pair in read_pairs_list(f)[0] for path in pair]
         check_outputs([args.output], args.overwrite,
-                      inputs=(args.model, checkpoint.settings_path(args.model), *filter(None, files), *images),
-                      image_folders=tuple(os.path.dirname(os.path.abspath(f)) for f in lists))
+                      inputs=(args.model, checkpoint.settings_path(args.model), *files,
+                              *(f for r in releases for f in r.files()), *images),
+                      image_folders=tuple(os.path.dirname(os.path.abspath(f)) for f in lists)
+                      + tuple(folder for r in releases for folder in r.image_folders()))
     if args.data not in (None, SYNTHETIC) and not os.path.isdir(data_folder(args.data)):
         raise FileNotFoundError(f"--data {args.data} is not a folder")
     model, settings = load_model(args.model, device)
@@ -138,10 +147,15 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
         print(f"{name}: accuracy {result['accuracy']:.4f} ± {result['accuracy_std']:.4f} (threshold "
               f"{result['threshold']:.3f}{xnorm}; {vset.num_pairs} pairs, {time.monotonic() - started:.1f} s)",
               flush=True)
+    summaries = rfw.summaries(rfw.grouped_accuracies(sets, results))
+    for group, summary in summaries.items():
+        print(rfw.summary_line(group, summary), flush=True)
     if args.output:
+        record = {"model": args.model, "image_size": size, "network": settings["network"], "targets": results}
+        if summaries:
+            record["summaries"] = summaries
         with signals_held():
-            checkpoint.write_json_atomic(args.output, {"model": args.model, "image_size": size, "network":
-                                                       settings["network"], "targets": results})
+            checkpoint.write_json_atomic(args.output, record)
         print(f"wrote {args.output}")
     return 0
 

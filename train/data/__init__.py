@@ -126,8 +126,11 @@ def data_folder(spec: str) -> str | None:
 
 
 def find_target(folder: str | None, target: str, flag: str = "--val-targets") -> str | None:
-    """The file of a `--val-targets` entry; None for a name that `folder` lacks (no folder:
-    synthetic data). A path is looked for as it is, then in `folder`, and is an error when missing."""
+    """The file of a `--val-targets` entry (or the folder of a path that is one: RFW's, `train.rfw`);
+    None for a name that `folder` lacks (no folder: synthetic data). A path is looked for as it is,
+    then in `folder`, and is an error when missing."""
+    if is_target_path(target) and os.path.isdir(target):
+        return target
     candidates = [target] if is_target_path(target) else []
     if folder is not None:
         candidates += [os.path.join(folder, target), os.path.join(folder, target + ".bin")]
@@ -144,7 +147,8 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
 
     A target is `<name>` or the path of a `.bin` (insightface's format) or of a pairs file
     `.txt` (a pairs list, `image1 image2 0|1` per line, or LFW's `pairs.txt`, CALFW's or CPLFW's pair
-    file, told by its content: `train.verification.read_pairs_list`); anything ending in `.bin` / `.txt` or holding a
+    file, told by its content: `train.verification.read_pairs_list`), or of RFW's folder, which gives
+    its four races' sets (`RFW/African`, ...; `train.rfw`); anything ending in `.bin` / `.txt` or holding a
     path separator is a path, read from that file whatever the data. A path that is not found is
     an error, and so is a set of fewer pairs than the folds of its accuracy. A name is read from
     `<data folder>/<name>.bin` (`data_folder`: a list file's folder; skipped with a warning when
@@ -171,6 +175,9 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
             warnings.warn(f"verification target {target!r}: no {target}.bin in {data_folder(spec)!r}; skipped",
                           stacklevel=2)
             continue
+        if os.path.isdir(path):
+            _add_rfw(sets, files, path, image_size)
+            continue
         if os.path.realpath(path) in files:
             continue
         files.add(os.path.realpath(path))
@@ -186,6 +193,29 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
         vset.name = name
         sets[name] = vset
     return sets
+
+
+def _add_rfw(sets: dict[str, VerificationSet], files: set[str], folder: str, image_size: int) -> None:
+    """RFW's four races under ``folder`` into ``sets``, as ``RFW/<Race>`` (``<folder's name>/RFW/<Race>``
+    when another RFW folder took those names); a release read already is not read again."""
+    from train.rfw import GROUP, RACES, find_release, load_race
+    from train.verification import NFOLDS
+
+    release = find_release(folder)
+    if os.path.realpath(release.root) in files:
+        return
+    files.add(os.path.realpath(release.root))
+    group = GROUP
+    if any(f"{group}/{race}" in sets for race in RACES):
+        group = f"{os.path.basename(os.path.normpath(os.path.abspath(folder)))}/{GROUP}"
+    if any(f"{group}/{race}" in sets for race in RACES):
+        group = os.path.normpath(folder)
+    for race in RACES:
+        vset = load_race(release, race, image_size, group=group)
+        if vset.num_pairs < NFOLDS:
+            raise ValueError(f"RFW {folder}: {race}: {vset.num_pairs} pairs; verification needs at least {NFOLDS}, "
+                             f"one for each fold of its {NFOLDS}-fold accuracy")
+        sets[vset.name] = vset
 
 
 # ---------------------------------------------------------------------------------------------
