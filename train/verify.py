@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                 "--targets with paths")
     names = [t for t in targets if not is_target_path(t)]
     if args.data is None and names:
+        folder = f" ({names[0]} is a folder here: write its path, ./{names[0]})" if os.path.isdir(names[0]) else ""
         p.error(f"--targets {names[0]}: a name is looked for in --data FOLDER; pass --data, or the path of a .bin "
-                "or pairs list")
+                f"or pairs list or of RFW's folder{folder}")
     try:
         with stop_on_signals():  # Ctrl-C and SIGTERM: a one-line stop, --output written whole or not at all
             return run(args, targets)

@@ -321,3 +321,34 @@ def test_errors_in_verify(release, tree, tmp_path, capsys):
     assert "is one of the files this run reads" in capsys.readouterr().err
     assert verify.main(["--model", ckpt, "--targets", str(tree), "--output", str(tree / "data/African/x.png")]) == 2
     assert "is an image's name in" in capsys.readouterr().err
+
+
+def test_a_folder_named_as_a_name_is_said(release, tmp_path, monkeypatch, capsys):
+    """--targets RFW, with RFW a folder here: a name, looked for as <data>/RFW.bin (or a synthetic set); the
+    message says to write its path."""
+    folder, ckpt, _ = release
+    monkeypatch.chdir(folder.parent)
+    with pytest.raises(SystemExit):
+        verify.main(["--model", ckpt, "--targets", "RFW"])
+    assert "pass --data, or the path of a .bin or pairs list or of RFW's folder (RFW is a folder here: write its " \
+        "path, ./RFW)" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="'RFW' is a synthetic set; RFW is a folder here: write its path"):
+        assert list(build_verification_sets("synthetic", ["RFW"], image_size=SIZE)) == ["RFW"]
+    with pytest.warns(UserWarning, match=r"no RFW.bin in .*; skipped; RFW is a folder here: write its path \(./RFW\)"):
+        assert build_verification_sets(str(tmp_path), ["RFW"], image_size=SIZE) == {}
+    assert list(build_verification_sets(str(tmp_path), ["./RFW"], image_size=SIZE)) == \
+        [f"RFW/{race}" for race in rfw.RACES]
+
+
+def test_the_summary_scalars(tmp_path):
+    """Training's TensorBoard / W&B scalars of the summary (no SER where a race made no error)."""
+    from train.trainer import RunLog
+
+    log = RunLog(str(tmp_path), 0, tensorboard=False)
+    seen = []
+    log._scalars = lambda step, scalars: seen.append((step, scalars))
+    log.verification_summary(4, "RFW", rfw.summary({"African": 0.8, "Asian": 0.9, "Caucasian": 0.95, "Indian": 0.85}))
+    log.verification_summary(5, "RFW", rfw.summary({"African": 0.8, "Asian": 0.9, "Caucasian": 1.0, "Indian": 0.85}))
+    assert seen[0][0] == 4 and seen[0][1] == pytest.approx({"verification/RFW_mean": 0.875, "verification/RFW_std":
+                                                            np.std([0.8, 0.9, 0.95, 0.85]), "verification/RFW_ser": 4.0})
+    assert seen[1][0] == 5 and set(seen[1][1]) == {"verification/RFW_mean", "verification/RFW_std"}

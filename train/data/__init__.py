@@ -164,7 +164,12 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
     for target in targets:
         if target in sets:
             continue
+        # A name stays a name where a folder here has it (RFW's folder, meant as a path): said.
+        folder = f"; {target} is a folder here: write its path (./{target}) to read it" \
+            if not is_target_path(target) and os.path.isdir(target) else ""
         if spec == SYNTHETIC and not is_target_path(target):
+            if folder:
+                warnings.warn(f"verification target {target!r} is a synthetic set{folder}", stacklevel=2)
             images, issame = synthetic_pairs(target, num_pairs=synthetic_pairs_per_target,
                                              num_identities=max(2, synthetic_pairs_per_target // 2),
                                              image_size=image_size, seed=seed)
@@ -172,7 +177,7 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
             continue
         path = find_target(data_folder(spec), target, flag)
         if path is None:
-            warnings.warn(f"verification target {target!r}: no {target}.bin in {data_folder(spec)!r}; skipped",
+            warnings.warn(f"verification target {target!r}: no {target}.bin in {data_folder(spec)!r}; skipped{folder}",
                           stacklevel=2)
             continue
         if os.path.isdir(path):
