@@ -29,6 +29,7 @@ MARGIN_FLAGS = {"combined": {"m1": 1.0, "m2": None, "m3": 0.0}, "cosface": {"m3"
 # The losses whose margin is --arcface-m.
 ARCFACE_M_LOSSES = ("arcface", "elasticface-arc", "elasticface-arc+", "curricularface")
 LR_SCHEDULES = ("step", "poly", "cosine")  # train.trainer.LearningRateSchedule's kinds
+DISTILL_LOSSES = ("cosine", "mse")  # train.distill.distillation_loss's
 # The defaults of the parameters that only some losses read (a value other than these, given to a
 # loss that does not read it, is refused).
 SGD_MOMENTUM = 0.9
@@ -219,6 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partial FC's class sampling: each step's softmax runs over the batch's identities and "
                    "a uniform sample of the others, this fraction of all (of each process's shard with "
                    "--sharded-classes); insightface's WebFace42M configurations use 0.2-0.3. 1: every class")
+
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", default=None, metavar="PATH",
+                   help="a frozen teacher backbone whose embedding of each training image the student's is pulled "
+                   "toward (what --pretrained_model takes: a checkpoint, train.export's backbone.pt, insightface's "
+                   "backbone.pth; or an ONNX model, run by onnxruntime); its embedding size must be --embedding-size's")
+    g.add_argument("--teacher-network", "--teacher_network", dest="teacher_network", default=None,
+                   choices=_NetworkChoices(NETWORKS + ("package.module:factory",)),
+                   help="the teacher's network, for a bare state dict whose weights do not tell it (a "
+                   "package.module:factory network's, built at --embedding-size and --image-size); a file that "
+                   "records its network needs none")
+    g.add_argument("--distill-weight", "--distill_weight", dest="distill_weight", type=float, default=1.0,
+                   help="the distillation term's weight: the student minimises the margin loss plus this times the "
+                   "term (0: the term is logged, not trained on)")
+    g.add_argument("--distill-loss", "--distill_loss", dest="distill_loss", choices=DISTILL_LOSSES, default="cosine",
+                   help="cosine: 1 - cos(student, teacher) (ShrinkTeaNet's angular distillation); mse: the mean "
+                   "squared difference of the L2-normalised embeddings' elements (PocketNet's), 2 (1 - cos) / "
+                   "--embedding-size. Each the mean over the batch")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
@@ -546,6 +565,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.finetuning and not args.pretrained_model:  # (was a run from random weights, without a word)
         raise SystemExit("--finetuning takes the backbone of --pretrained_model (with fresh class centres): give "
                          "--pretrained_model too")
+    if not args.teacher:  # (each was a run without distillation, without a word)
+        parser = build_parser()
+        given = [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in
+                 ("teacher_network", "distill_weight", "distill_loss") if getattr(args, dest) != parser.get_default(dest)]
+        if given:
+            raise SystemExit(f"{' and '.join(given)} {'goes' if len(given) == 1 else 'go'} with --teacher (the backbone "
+                             "the student is distilled from): give --teacher too")
     if not 0.0 < args.keep_prob <= 1.0:
         raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
     if args.compile_mode and args.compile_backend != "inductor":
@@ -568,7 +594,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise SystemExit(f"{flag} must be at least {least}, got {value}")
     for flag, value, positive in (("--lr", args.lr, True), ("--arcface-s", args.arcface_s, True),
                                   ("--momentum", args.momentum, False), ("--decay", args.decay, False),
-                                  ("--grad-clip", args.grad_clip, False)):
+                                  ("--grad-clip", args.grad_clip, False),
+                                  ("--distill-weight", args.distill_weight, False)):
         if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
             raise SystemExit(f"{flag} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
     if args.momentum >= 1:  # (PyTorch takes it: each step's velocity then keeps all of the last, and grows)

@@ -32,6 +32,7 @@ from arcface_ext.optim import SGD, AdamW  # noqa: F401 (train.trainer.SGD, AdamW
 from . import checkpoint, export, rfw
 from .config import LR_SCHEDULES, margins, steps_from_epochs, unused_options
 from .data.transforms import DataError, to_model_input
+from .distill import distillation_loss
 from .models import check_embedding_shape, get_model, is_factory_spec, model_multiply_adds, multiply_adds
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 
@@ -50,6 +51,8 @@ RESUME_MAY_CHANGE = frozenset({
     "max_steps", "epochs", "log_every", "eval_every", "save_every", "tensorboard", "plots", "device", "num_workers",
     "compile", "compile_backend", "compile_mode", "channels_last", "gradient_checkpointing", "loss_impl",
     "sharded_classes", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
+    # (the teacher is compared by its weights, which the checkpoint records: _check_resumed_teacher)
+    "teacher", "teacher_network",
 })
 
 
@@ -334,7 +337,8 @@ class RunLog:
 
     def metrics(self, record: dict[str, Any]) -> None:
         self._append("metrics.jsonl", record)
-        self._scalars(record["step"], {f"train/{key}": record[key] for key in ("loss", "lr", "samples_per_sec")})
+        self._scalars(record["step"], {f"train/{key}": record[key] for key in ("loss", "distill", "lr", "samples_per_sec")
+                                       if key in record})
 
     def verification(self, record: dict[str, Any]) -> None:
         self._append("verification.jsonl", record)
@@ -738,6 +742,8 @@ class Trainer:
         if args.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.input_memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.teacher = self._load_teacher() if args.teacher else None
+        self.distill_value = 0.0  # the last step's distillation term (mean over passes and processes)
         if args.sharded_classes and self.num_classes < self.world_size:
             raise SystemExit(f"--sharded-classes gives each of the {self.world_size} processes at least one class, but "
                              f"the data has {self.num_classes} identities: run fewer processes, or replicated centres")
@@ -941,6 +947,7 @@ class Trainer:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "
                              f"{self.num_classes}; resume needs the same data (use --pretrained_model to fine-tune)")
         self._check_resumed_data(state, path)
+        self._check_resumed_teacher(state, path)
         # (was not loaded without a word; the run's own, given again with its command line, went in at its start)
         given = self.args.pretrained_model
         if self.is_main and given and given != state["args"].get("pretrained_model"):
@@ -1031,6 +1038,56 @@ class Trainer:
                          "give each label another person's class centre). Resume with that run's data, or start a "
                          f"new run (another --output) from its weights with --pretrained_model {path} (with "
                          "--finetuning for other identities)")
+
+    def _load_teacher(self):
+        """--teacher on this process's device (each process its own copy: frozen, it has no gradients for DDP
+        to average)."""
+        from .distill import load_teacher
+
+        a = self.args
+        # Building it draws its initial weights from the generator: the run's own draws (the class centres',
+        # the data order's) stay as a run without it makes them.
+        with torch.random.fork_rng(devices=[]):
+            try:
+                teacher = load_teacher(a.teacher, a.teacher_network, embedding_size=a.embedding_size,
+                                       image_size=a.image_size, amp=a.amp, device=self.device,
+                                       channels_last=a.channels_last, quiet=not self.is_main)
+            except (FileNotFoundError, ValueError) as error:
+                given = f" with --teacher-network {a.teacher_network}" if a.teacher_network else ""
+                raise SystemExit(f"--teacher{given}: {error}") from None
+        if self.distributed:  # node-local copies must be the same weights
+            digests = [None] * self.world_size
+            dist.all_gather_object(digests, teacher.digest)
+            if len(set(digests)) > 1:
+                raise SystemExit(f"--teacher {a.teacher}: the processes read different weights (sha256 "
+                                 f"{', '.join(d[:16] for d in digests)} on ranks 0-{self.world_size - 1}): every "
+                                 "process must read the same teacher")
+        if self.is_main and teacher.resized:
+            print(f"note: --teacher {a.teacher} takes {teacher.input_size}px images: the run's {a.image_size}px "
+                  "images (--image-size) are resized to that size for it", file=sys.stderr)
+        return teacher
+
+    def _check_resumed_teacher(self, state: dict[str, Any], path: str) -> None:
+        """A resumed run distils from the teacher its checkpoint did (its weights, wherever the file now is),
+        or from none when it did not; the teacher's weights are compared, as the options are."""
+        saved = state.get("teacher")
+        own = self.teacher.record() if self.teacher is not None else None
+        way_on = (f"Continue that run with its own teacher, or start a new one (another --output) from its weights "
+                  f"with --pretrained_model {path}")
+        if saved is None and own is None:
+            return
+        if saved is None:
+            raise SystemExit(f"--resume {path}: that run trained without a teacher; --teacher {self.args.teacher} "
+                             f"requested. {way_on}")
+        theirs = f"{saved['path']} (weights sha256 {saved['digest'][:16]})"
+        if own is None:
+            raise SystemExit(f"--resume {path}: that run distilled from {theirs}; no --teacher requested. {way_on}")
+        if own["digest"] != saved["digest"]:
+            raise SystemExit(f"--resume {path}: that run distilled from {theirs}; --teacher {self.args.teacher} holds "
+                             f"other weights (sha256 {own['digest'][:16]}). {way_on}")
+        if own["path"] != saved["path"] and self.is_main:
+            print(f"note: --teacher {self.args.teacher} holds the weights of the teacher that run distilled from, "
+                  f"{saved['path']}: the run goes on with them", file=sys.stderr)
 
     def _load_pretrained(self, path: str) -> None:
         try:
@@ -1195,6 +1252,8 @@ class Trainer:
         }
         if self.wandb_run_id:
             state["wandb_run_id"] = self.wandb_run_id
+        if self.teacher is not None:  # (which teacher: its path and its weights' digest, not the weights)
+            state["teacher"] = self.teacher.record()
         if self.verification_cut_short_at == self.step:
             state["verification_cut_short"] = True
         try:
@@ -1221,6 +1280,7 @@ class Trainer:
             if args.loss_impl == "fused" else None
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
+        distill_sum = torch.zeros((), device=self.device)
         for index, (images_part, labels_part) in enumerate(zip(images.chunk(passes), labels.chunk(passes))):
             # uint8 from the loader: scaled here, on the device (a quarter of the bytes to copy).
             images_part = to_model_input(images_part.to(self.device, non_blocking=True),
@@ -1237,21 +1297,34 @@ class Trainer:
                 embeddings = self.backbone_ddp(images_part)
                 with torch.autocast(self.device.type, dtype=loss_dtype, enabled=loss_dtype is not None):
                     loss, target_cosine = self.loss_ddp(embeddings, labels_part, return_target_cosine=True)
+                objective = loss
+                if self.teacher is not None:
+                    # (At weight 0 the term is measured only: the gradients are a run's without a teacher.)
+                    trained = args.distill_weight > 0
+                    distill = distillation_loss(embeddings if trained else embeddings.detach(),
+                                                self.teacher(images_part), args.distill_loss)
+                    if trained:
+                        objective = loss + args.distill_weight * distill
+                    distill_sum += distill.detach()
                 # A non-finite loss is caught below, before the optimiser applies anything.
-                self.scaler.scale(loss / passes).backward()
+                self.scaler.scale(objective / passes).backward()
             loss_sum += loss.detach().float()
             if index == 0 and self.is_main and self.angles.wants(self.step):
                 self.angles.record(self.step, target_cosine)
 
         # One small collective a step: the mean loss for the log and the NaN check, and whether
         # any rank was signalled, so that all ranks stop (or diverge) at the same step.
-        status = torch.stack([loss_sum / passes, torch.tensor(float(self._stop_signal > 0), device=self.device)])
+        status = torch.stack([loss_sum / passes, torch.tensor(float(self._stop_signal > 0), device=self.device),
+                              distill_sum / passes])
         if self.distributed:
             dist.all_reduce(status)
-        loss_value, stop = status.tolist()
+        loss_value, stop, distill_value = status.tolist()
         loss_value /= self.world_size
+        self.distill_value = distill_value / self.world_size
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"the loss is {loss_value} at step {self.step + 1}")
+        if not math.isfinite(self.distill_value):
+            raise TrainingDiverged(f"the distillation term is {self.distill_value} at step {self.step + 1}")
 
         if args.grad_clip > 0:
             # The backbone only, as insightface does: the class centres' norm grows with the classes.
@@ -1398,7 +1471,7 @@ class Trainer:
             if args.eval_every > 0 and (self.step == 0 or self.verification_cut_short_at == self.step):
                 stop = self.evaluate()
             batches = self._batches()
-            window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            window_start, window_steps, window_loss, window_distill = time.perf_counter(), 0, 0.0, 0.0
             # The lines' ETA: the pace from the first logged line on, verifications and saves included; the
             # first window (the loader's workers starting, --compile compiling) alone only for the first line.
             pace_from = (window_start, self.step)
@@ -1409,14 +1482,18 @@ class Trainer:
                 loss_value, stop = self.train_step(images, labels)
                 window_steps += 1
                 window_loss += loss_value
+                window_distill += self.distill_value
                 bar.update(1)
                 if self.step % args.log_every == 0 or self.step == args.max_steps or stop:
                     now = time.perf_counter()
                     rate = window_steps * global_batch / max(now - window_start, 1e-9)
                     loss_mean = window_loss / window_steps  # the number metrics.jsonl gets, not the last step's
-                    bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                    # (the margin loss alone; the distillation term, before its weight, beside it)
+                    distilled = {"distill": window_distill / window_steps} if self.teacher is not None else {}
+                    bar.set_postfix(loss=f"{loss_mean:.3f}", **{k: f"{v:.4f}" for k, v in distilled.items()},
+                                    lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                     if self.is_main:
-                        self.log.metrics({"step": self.step, "loss": loss_mean, "lr": lr,
+                        self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr,
                                           "samples_per_sec": rate,
                                           "time": round(self.elapsed + now - self._started, 3)})
                         # (On a terminal the bar shows them; training.log gets the lines all the same.)
@@ -1424,10 +1501,11 @@ class Trainer:
                         if first_line:
                             pace_from, first_line = (now, self.step), False
                         epoch = self.step / self.schedule_steps_per_epoch  # (--epochs's, as the header's)
-                        self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, lr {lr:.6g}, "
+                        self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, "
+                                    + "".join(f"distill {v:.4f}, " for v in distilled.values()) + f"lr {lr:.6g}, "
                                     f"{rate:.1f} images/s, epoch {epoch:.2f}, "
                                     f"ETA {datetime.timedelta(seconds=round(left))}", screen=not interactive)
-                    window_start, window_steps, window_loss = now, 0, 0.0
+                    window_start, window_steps, window_loss, window_distill = now, 0, 0.0, 0.0
                 if args.eval_every and self.step % args.eval_every == 0 and self.step != args.max_steps:
                     stop = self.evaluate() or stop
                     window_start = time.perf_counter()
@@ -1545,6 +1623,8 @@ class Trainer:
             + (f", augmented ({self.dataset.augment.describe()})" if self.dataset.augment else "")
             + f"; verification: {', '.join(self.verification_sets) or 'none'}",
             f"loss {self.margin_loss!r} ({loss_implementation(a)})",
+            *([f"distillation: {self.teacher.describe()}; {a.distill_loss} term, weight {a.distill_weight:g}"
+               + (" (measured, not trained on)" if a.distill_weight == 0 else "")] if self.teacher is not None else []),
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
             + f" on {self.device}, {_count(a.max_steps, 'step')} from step {self.step}"
