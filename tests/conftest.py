@@ -3,6 +3,7 @@ that say where and by how much two tensors differ. Test modules import the helpe
 `from conftest import ...` (tests/ is not a package, so pytest puts it on sys.path)."""
 import contextlib
 import importlib.util
+import multiprocessing.forkserver
 import os
 import pathlib
 import sys
@@ -222,6 +223,29 @@ def settle(group=None):
     give the threads time to finish first."""
     torch.distributed.barrier(group=group)
     time.sleep(0.1)
+
+
+def spawn_ranks(worker, args, nprocs):
+    """torch.multiprocessing.spawn(worker, args, nprocs), each rank forked from a forkserver that imported
+    torch and arcface_ext once, where a spawned rank imports them itself: 2-3 s of CPU a rank on the CI
+    machine's two cores. As a spawned rank does, each takes the caller's environment, working directory
+    and, from OMP_NUM_THREADS, its thread count."""
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "arcface_ext"])  # read at its start
+    # Started (once) without OMP_NUM_THREADS, so that a rank without it has torch's default thread count.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("OMP_NUM_THREADS", raising=False)
+        multiprocessing.forkserver.ensure_running()
+    torch.multiprocessing.start_processes(_spawned_rank, args=(worker, dict(os.environ), os.getcwd(), args),
+                                          nprocs=nprocs, join=True, start_method="forkserver")
+
+
+def _spawned_rank(rank, worker, environ, cwd, args):
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    if environ.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))
+    worker(rank, *args)
 
 
 def load_benchmark(name):

@@ -9,11 +9,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import arcface_ext
 from arcface_ext import ops, reference
-from conftest import MARGINS, assert_matches_reference, loss_and_grads, margin_kwargs, settle
+from conftest import MARGINS, assert_matches_reference, loss_and_grads, margin_kwargs, settle, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not arcface_ext.extension_available(),
                                 reason="arcface_ext._C is not built")
@@ -237,8 +236,8 @@ def _worker(rank, world_size, init_file, sizes, ignored, out_dir, num_classes, s
 def test_gloo_ranks_match_a_replicated_classifier(tmp_path, sizes, ignored, num_classes, sample_rate, per_row,
                                                   threshold):
     world_size = len(sizes)
-    mp.spawn(_worker, args=(world_size, str(tmp_path / "store"), sizes, ignored, str(tmp_path), num_classes,
-                            sample_rate, per_row, threshold), nprocs=world_size, join=True)
+    spawn_ranks(_worker, args=(world_size, str(tmp_path / "store"), sizes, ignored, str(tmp_path), num_classes,
+                               sample_rate, per_row, threshold), nprocs=world_size)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     x, w, labels = make_case(13, sizes, num_classes, DIM, ignored=ignored)
 
@@ -443,7 +442,7 @@ def _misuse_worker(rank, world_size, init_file, out_dir):
 def test_ranks_that_call_differently_all_raise(tmp_path):
     # Every rank raises (none is left waiting in a collective) when one rank's arguments fail their
     # checks or the ranks differ in dtype, mode or gradients; a later alike call still works.
-    mp.spawn(_misuse_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_misuse_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for rank, outcomes in enumerate(ranks):
         assert outcomes["built before init"].startswith("RuntimeError: this loss was built for rank 0 of 1")
@@ -678,7 +677,7 @@ def test_full_state_dict_resumes_on_any_number_of_ranks(tmp_path):
     # Three gloo ranks write one checkpoint (rank 0's file) with the whole centres and their Adam moments;
     # it resumes on the same ranks bit for bit, its rows are each rank's own state, and it loads in one
     # process (a replicated layout) as the whole.
-    mp.spawn(_checkpoint_worker, args=(3, str(tmp_path / "store"), str(tmp_path)), nprocs=3, join=True)
+    spawn_ranks(_checkpoint_worker, args=(3, str(tmp_path / "store"), str(tmp_path)), nprocs=3)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
     saved = torch.load(tmp_path / "whole.pt", weights_only=True)
     assert [r["returned"] for r in ranks] == [True, False, False]  # (None, None) on the others
@@ -760,7 +759,7 @@ def _listed_twice_worker(rank, world_size, init_file, out_dir):
 def test_full_state_dict_of_a_parameter_listed_twice(tmp_path):
     # torch's state dict gives both listings one index: its state was gathered twice, and rank 0 (given the
     # whole the first time) raised while the other ranks went on, to wait in their next collective.
-    mp.spawn(_listed_twice_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_listed_twice_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["outcome"] for r in ranks] == ["ok", "ok"]
     (whole,) = (state["momentum_buffer"] for state in ranks[0]["whole"]["state"].values())
@@ -801,7 +800,7 @@ def test_gloo_ranks_deferred_initialisation_and_assigned_whole_matrix(tmp_path):
     # the same whole matrix, as the directly built module's. The whole matrix loaded with assign=True into a
     # meta-built module: each rank's parameter was a view of the whole (it kept the whole matrix in every
     # rank's memory, and torch.save of the rank's state would write all of it); now a copy of its rows.
-    mp.spawn(_deferred_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_deferred_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     for rank in range(2):
         for name, found in torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).items():
             assert torch.equal(found["deferred"], found["built"]), (rank, name)
@@ -846,8 +845,8 @@ def test_gloo_ranks_curricularface_matches_the_whole_batch(tmp_path, sizes, samp
     # rank's loss and gradients are then the replicated CurricularFace's at that t, over the union of
     # the ranks' samples.
     world_size = len(sizes)
-    mp.spawn(_curricular_worker, args=(world_size, str(tmp_path / "store"), sizes, str(tmp_path), sample_rate),
-             nprocs=world_size, join=True)
+    spawn_ranks(_curricular_worker, args=(world_size, str(tmp_path / "store"), sizes, str(tmp_path), sample_rate),
+                nprocs=world_size)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     x, w, labels = make_case(17, sizes, NUM_CLASSES, DIM, ignored=(1,))
     counted = labels != -1
@@ -902,7 +901,7 @@ def test_gloo_ranks_chunked_path_under_autocast(tmp_path):
     # rest fp32; the loss is the whole batch's on the rounded inputs (to fp32 accumulation), the
     # gradients to the bf16 gradient block's rounding.
     sizes = [5, 4]
-    mp.spawn(_sixteen_bit_worker, args=(2, str(tmp_path / "store"), sizes, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_sixteen_bit_worker, args=(2, str(tmp_path / "store"), sizes, str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     x, w, labels = make_case(19, sizes, NUM_CLASSES, DIM, dtype=torch.float32, ignored=(2,))
     x, w = x.bfloat16().double(), w.bfloat16().double()
@@ -959,8 +958,8 @@ def test_gloo_ranks_subcenters_match_the_whole_batch(tmp_path, sizes, num_classe
     # Each rank holds its classes' 3 sub-centres; the whole batch's sub-center loss over the union of
     # the samples (a sampled class with all its sub-centres), in fp64.
     world_size = len(sizes)
-    mp.spawn(_subcenter_worker, args=(world_size, str(tmp_path / "store"), sizes, str(tmp_path), num_classes,
-                                      sample_rate, threshold), nprocs=world_size, join=True)
+    spawn_ranks(_subcenter_worker, args=(world_size, str(tmp_path / "store"), sizes, str(tmp_path), num_classes,
+                                         sample_rate, threshold), nprocs=world_size)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     x, w, labels = make_case(23, sizes, 3 * num_classes, DIM, ignored=(4,))
     labels = labels % num_classes
@@ -1120,7 +1119,7 @@ def _fsdp_worker(rank, world_size, init_file, out_dir):
 def test_fsdp2_steps_match_one_process(tmp_path):
     # Two gloo ranks, each with its rows of the batch, against one process stepping torch's optimizers
     # over the whole batch with a replicated loss, in fp64.
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for case, optimizer_class in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
         backbone, centres, batches = _fsdp_start()
@@ -1143,3 +1142,27 @@ def test_fsdp2_steps_match_one_process(tmp_path):
             outcomes["sharded head under fully_shard"]
         assert outcomes["dtensor weight"].startswith("TypeError: weight is a DTensor (S(0) over 2 rank(s))"), \
             outcomes["dtensor weight"]
+
+
+def _report_what_the_rank_sees(rank, out_dir, failing_rank):
+    if rank == failing_rank:
+        raise ValueError(f"rank {rank} fails")
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{os.environ.get('SPAWN_RANKS_PROBE')} {os.getcwd()} {torch.get_num_threads()}")
+
+
+def test_ranks_see_the_callers_environment_and_their_errors_reach_it(tmp_path, monkeypatch):
+    # conftest.spawn_ranks forks the ranks from a forkserver started once, not with the caller's state: each
+    # call's ranks must still see what spawned ranks would (the environment, working directory and
+    # OMP_NUM_THREADS of that call), and a rank's error must still fail the test.
+    for probe, threads in (("first", "3"), ("second", "1")):
+        folder = tmp_path / probe
+        folder.mkdir()
+        monkeypatch.setenv("SPAWN_RANKS_PROBE", probe)
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        monkeypatch.chdir(folder)
+        spawn_ranks(_report_what_the_rank_sees, args=(str(tmp_path), None), nprocs=2)
+        seen = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+        assert seen == [f"{probe} {os.path.realpath(folder)} {threads}"] * 2
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="rank 1 fails"):
+        spawn_ranks(_report_what_the_rank_sees, args=(str(tmp_path), 1), nprocs=2)
