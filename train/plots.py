@@ -42,9 +42,21 @@ def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
     steps = [r["step"] for r in metrics]
     # A lone point (a run stopped after its first --log-every steps) is a line of no length: a marker shows it.
     marker = "o" if len(steps) == 1 else None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # A run with --teacher logs its distillation term beside the margin loss, on another scale: a panel below.
+    distilled = [r for r in metrics if isinstance(r.get("distill"), (int, float))]
+    if distilled:
+        fig, (ax, distill_ax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                               gridspec_kw={"height_ratios": (2, 1)})
+        distill_ax.plot([r["step"] for r in distilled], [r["distill"] for r in distilled], color="tab:green", lw=1.5,
+                        marker="o" if len(distilled) == 1 else None)
+        distill_ax.set_ylabel("distill", color="tab:green")
+        distill_ax.set_title("distillation term (--teacher), before its weight")
+        distill_ax.set_xlabel("step")
+        distill_ax.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.set_xlabel("step")
     ax.plot(steps, [r["loss"] for r in metrics], color="tab:blue", lw=1.5, marker=marker)
-    ax.set_xlabel("step")
     ax.set_ylabel("loss", color="tab:blue")
     ax.grid(alpha=0.3)
     lr_ax = ax.twinx()

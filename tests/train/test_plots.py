@@ -19,6 +19,22 @@ def test_the_loss_plot_of_a_single_logged_step_shows_it(tmp_path):
     assert blue > 20, "the loss's only point is not drawn"
 
 
+
+def green_pixels(path) -> int:
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int((np.abs(pixels - (44, 160, 44)).sum(axis=2) < 30).sum())  # matplotlib's tab:green
+
+
+def test_the_loss_plot_of_a_run_with_a_teacher_shows_its_distillation_term(tmp_path):
+    # metrics.jsonl's "distill" (--teacher) was logged but not drawn; a run without one keeps its one panel.
+    pytest.importorskip("matplotlib")
+    records = [{"step": 10 * k, "loss": 40.0 - k, "lr": 0.1, "distill": 0.5 / k} for k in range(1, 6)]
+    plot_loss(records, str(tmp_path / "distilled.png"))
+    plot_loss([{key: r[key] for key in ("step", "loss", "lr")} for r in records], str(tmp_path / "plain.png"))
+    assert green_pixels(tmp_path / "distilled.png") > 100 and green_pixels(tmp_path / "plain.png") == 0
+    distilled, plain = (Image.open(tmp_path / name).size for name in ("distilled.png", "plain.png"))
+    assert distilled[1] > plain[1]  # a panel below
+
 @pytest.fixture
 def run_without_plots(tmp_path):
     """A short run with verification, trained with --no-plots (the fixtures' default)."""
