@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_benchmark, settle
+from conftest import load_benchmark, settle, spawn_ranks
 from trainer_fixtures import REPO
 
 from train.data import (
@@ -1033,8 +1033,8 @@ def test_ranks_with_different_copies_of_the_data_all_stop(tmp_path):
     for case, roots in runs.items():
         out = tmp_path / case
         out.mkdir()
-        torch.multiprocessing.spawn(_data_check_worker, args=(3, str(tmp_path / f"store-{case}"),
-                                                              [str(r) for r in roots], str(out)), nprocs=3, join=True)
+        spawn_ranks(_data_check_worker, args=(3, str(tmp_path / f"store-{case}"), [str(r) for r in roots], str(out)),
+                    nprocs=3)
         outcomes = [(out / f"rank{rank}.txt").read_text() for rank in range(3)]
         if case == "same":
             assert outcomes == ["passed"] * 3
