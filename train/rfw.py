@@ -94,25 +94,22 @@ def read_pairs(path: str, images: str) -> tuple[list[tuple[str, str]], np.ndarra
     pair's line number) of a ``<Race>_pairs.txt``, in file order: its 10 folds are the 10 contiguous folds
     of the accuracy. An image missing as named is looked for with the other image extensions (see
     ``train.verification.IMAGE_EXTENSIONS``); ValueError / FileNotFoundError naming the file and line."""
-    from train.verification import _find_image
+    from train.verification import _find_image, text_lines
 
     pairs, issame, line_nos = [], [], []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            matched = len(fields) == 3
-            numbers = fields[1:] if matched else fields[1::2]
-            if len(fields) not in (3, 4) or not all(x.isdigit() for x in numbers):
-                raise ValueError(f"{path}: line {line_no}: expected RFW's 'id n1 n2' (a matched pair) or "
-                                 f"'id1 n1 id2 n2' (a mismatched one), got {line.strip()[:120]!r}")
-            names = [(fields[0], fields[1]), (fields[0], fields[2])] if matched else [fields[0:2], fields[2:4]]
-            pairs.append(tuple(_find_image(path, line_no, os.path.join(images, identity),
-                                           f"{identity}_{int(n):04d}.jpg", f" ({_LAYOUT})")
-                               for identity, n in names))
-            issame.append(matched)
-            line_nos.append(line_no)
+    for line_no, line in text_lines(path):
+        fields = line.split()
+        matched = len(fields) == 3
+        numbers = fields[1:] if matched else fields[1::2]
+        if len(fields) not in (3, 4) or not all(x.isdigit() for x in numbers):
+            raise ValueError(f"{path}: line {line_no}: expected RFW's 'id n1 n2' (a matched pair) or "
+                             f"'id1 n1 id2 n2' (a mismatched one), got {line[:120]!r}")
+        names = [(fields[0], fields[1]), (fields[0], fields[2])] if matched else [fields[0:2], fields[2:4]]
+        pairs.append(tuple(_find_image(path, line_no, os.path.join(images, identity),
+                                       f"{identity}_{int(n):04d}.jpg", f" ({_LAYOUT})")
+                           for identity, n in names))
+        issame.append(matched)
+        line_nos.append(line_no)
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs, np.asarray(issame, dtype=bool), line_nos
@@ -129,24 +126,23 @@ def read_landmarks(path: str) -> dict[tuple[str, str], tuple[np.ndarray, int]]:
     ``<Race>_lmk.txt``: lines ``<image path> <label> x1 y1 ... x5 y5``, the path's last two parts
     ``<id>/<id>_<NNNN>.jpg``. ValueError naming the file and line of a line of another shape, a
     coordinate that is not a finite number, or an image listed twice."""
+    from train.verification import text_lines
+
     found: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            try:
-                values = [float(x) for x in fields[2:]] if len(fields) == 12 else None
-            except ValueError:
-                values = None
-            if values is None or not all(math.isfinite(v) for v in values):
-                raise ValueError(f"{path}: line {line_no}: expected RFW's '<image path> <label> x1 y1 ... x5 y5' "
-                                 f"(12 fields, the coordinates finite numbers), got {line.strip()[:120]!r}")
-            key = _image_key(fields[0])
-            if key in found:
-                raise ValueError(f"{path}: line {line_no}: {fields[0]} is listed again (first on line "
-                                 f"{found[key][1]})")
-            found[key] = (np.array(values, dtype=np.float64).reshape(5, 2), line_no)
+    for line_no, line in text_lines(path):
+        fields = line.split()
+        try:
+            values = [float(x) for x in fields[2:]] if len(fields) == 12 else None
+        except ValueError:
+            values = None
+        if values is None or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{path}: line {line_no}: expected RFW's '<image path> <label> x1 y1 ... x5 y5' "
+                             f"(12 fields, the coordinates finite numbers), got {line[:120]!r}")
+        key = _image_key(fields[0])
+        if key in found:
+            raise ValueError(f"{path}: line {line_no}: {fields[0]} is listed again (first on line "
+                             f"{found[key][1]})")
+        found[key] = (np.array(values, dtype=np.float64).reshape(5, 2), line_no)
     if not found:
         raise ValueError(f"{path}: no landmarks")
     return found

@@ -11,6 +11,7 @@ build bytes, lists, tuples, bools and numpy arrays, so a crafted file cannot run
 from __future__ import annotations
 
 import csv
+import io
 import os
 import pickle
 import warnings
@@ -178,6 +179,27 @@ def load_bin(path: str, image_size: int = 112) -> VerificationSet:
     return _decode_pairs(name, encoded, issame, image_size, path)
 
 
+def text_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, the line stripped) of each line of the text file at ``path`` that is neither blank nor a
+    comment (``#``); a byte-order mark is not part of the first. A file that is not UTF-8 text (an image or a
+    ``.bin`` given as a pairs file) is a ValueError naming it and its line, not the decoder's bare message."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        read = error.object  # (after a byte-order mark, the bytes that follow it)
+        line_no = read.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}: line {line_no}: not UTF-8 text ({error.reason}, byte 0x{read[error.start]:02x}): "
+                         "a text file was expected") from None
+    lines = []
+    for line_no, line in enumerate(io.StringIO(text, newline=None), 1):  # (\r\n and \r end lines as \n does)
+        line = line.strip()
+        if line and not line.startswith("#"):
+            lines.append((line_no, line))
+    return lines
+
+
 # Extensions tried for an image a pair file names: LFW's names carry none, and a folder of aligned crops may hold
 # .png where the dataset shipped .jpg.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -200,12 +222,7 @@ def read_pairs_list(path: str) -> tuple[list[tuple[str, str]], np.ndarray]:
     of IMAGE_EXTENSIONS is a FileNotFoundError naming it and where it was looked for. LFW's lines without its
     header (RFW's `<Race>_pairs.txt`, whose races `train.rfw` reads from RFW's folder) are a ValueError saying so.
     """
-    lines = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                lines.append((line_no, line))
+    lines = text_lines(path)
     if not lines:
         raise ValueError(f"{path}: no pairs")
     first = lines[0][1].split()

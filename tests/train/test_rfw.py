@@ -259,6 +259,13 @@ def first_image(race="African"):
     (lambda t: (t / "txts/Asian/Asian_pairs.txt").write_text("m.0as0\t1\t2\nm.0as0\tone\tm.0as1\t2\n"),
      "{t}/txts/Asian/Asian_pairs.txt: line 2: expected RFW's 'id n1 n2' (a matched pair) or 'id1 n1 id2 n2' (a "
      "mismatched one), got 'm.0as0\\tone\\tm.0as1\\t2'"),
+    # Not text (an image saved under the name): the file and line, not the decoder's bare message.
+    (lambda t: shutil.copy(t / first_image(), t / "txts/Asian/Asian_pairs.txt"),
+     "{t}/txts/Asian/Asian_pairs.txt: line 1: not UTF-8 text (invalid start byte, byte 0xff): a text file was "
+     "expected"),
+    (lambda t: (t / "txts/Indian/Indian_lmk.txt").write_bytes(
+        (t / "txts/Indian/Indian_lmk.txt").read_bytes().replace(b"\n", b"\n\xe9", 2)),
+     "{t}/txts/Indian/Indian_lmk.txt: line 2: not UTF-8 text"),
     (lambda t: (t / "txts/African/African_lmk.txt").write_text(
         (t / "txts/African/African_lmk.txt").read_text().replace("\t0\t", "\t", 1)),
      "{t}/txts/African/African_lmk.txt: line 1: expected RFW's '<image path> <label> x1 y1 ... x5 y5' (12 fields, "

@@ -464,6 +464,12 @@ def test_pairs_list(tmp_path, pairs_images):
     (tmp_path / "missing.txt").write_text("imgs/0.png imgs/nope.png 0\n")
     with pytest.raises(FileNotFoundError, match="nope.png"):
         load_pairs_list(str(tmp_path / "missing.txt"))
+    # An image given as the pairs file: a one-line error naming it (was the decoder's message alone); a
+    # byte-order mark, as Windows tools write, is not part of the first image's name.
+    with pytest.raises(ValueError, match=r"imgs/0\.png: line 1: not UTF-8 text \(invalid start byte, byte 0x89\)"):
+        load_pairs_list(str(tmp_path / "imgs" / "0.png"))
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "pairs.txt").read_bytes())
+    assert load_pairs_list(str(tmp_path / "bom.txt"), image_size=20).issame.tolist() == issame
 
 
 # LFW's pairs.txt (a header 'sets n', then per set n lines 'name n1 n2' and n lines 'name1 n1 name2 n2') over
