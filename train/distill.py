@@ -120,8 +120,13 @@ def load_teacher(path: str, network: str | None, *, embedding_size: int, image_s
             with said:
                 model, settings = checkpoint.load_backbone(path, network=network, **sizes)
         except ValueError as error:
-            hint = "; or name its network with --teacher-network" if not network and "--network" in str(error) else ""
-            raise ValueError(f"{error}{hint}") from None
+            message = str(error)
+            if not network and "--network" in message:
+                message += "; or name its network with --teacher-network"
+            elif "; pass --network" in message:  # (train.export's options: --network and the sizes are the student's)
+                message = (f"{message.split('; pass --network')[0]}: not the weights of network {network}; a network "
+                           "of your own is --teacher-network package.module:factory")
+            raise ValueError(message) from None
         digest = weights_digest(model)
         model = model.to(device).requires_grad_(False)
         if channels_last:  # (as the student's: its input batches come in that layout)

@@ -237,6 +237,15 @@ def test_a_teacher_that_does_not_fit_is_a_one_line_error(faces, teacher, tmp_pat
         Trainer(parse_args(argv(faces, tmp_path / "b", teacher=tmp_path / "none.pt")))
     with pytest.raises(SystemExit, match=rf"--teacher with --teacher-network r18: {teacher} records --network small"):
         Trainer(parse_args(argv(faces, tmp_path / "c", teacher=teacher, teacher_network="r18")))
+    # A bare state dict that is no network of this trainer's, named as one: what to name instead (was "pass
+    # --network, --embedding-size and --image-size", train.export's options, which here are the student's).
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "own.pth")
+    with pytest.raises(SystemExit) as caught:
+        Trainer(parse_args(argv(faces, tmp_path / "d", teacher=tmp_path / "own.pth", teacher_network="r18")))
+    assert str(caught.value).startswith(f"--teacher with --teacher-network r18: {tmp_path / 'own.pth'}: not a "
+                                        "backbone this trainer builds: ")
+    assert str(caught.value).endswith(": not the weights of network r18; a network of your own is --teacher-network "
+                                      "package.module:factory"), str(caught.value)
     assert not os.path.exists(tmp_path / "a")  # (stopped at start-up: no folder left behind)
 
 
