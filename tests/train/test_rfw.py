@@ -345,6 +345,11 @@ def test_a_folder_named_as_a_name_is_said(release, tmp_path, monkeypatch, capsys
         assert build_verification_sets(str(tmp_path), ["RFW"], image_size=SIZE) == {}
     assert list(build_verification_sets(str(tmp_path), ["./RFW"], image_size=SIZE)) == \
         [f"RFW/{race}" for race in rfw.RACES]
+    # RFW's folder in the data folder, beside its .bin files (insightface's layout): its path is named.
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=rf"no RFW.bin in .*; skipped; {folder} is a folder: write its path to read "
+                                         "it$"):
+        assert build_verification_sets(str(folder.parent), ["RFW"], image_size=SIZE) == {}
 
 
 def test_the_summary_scalars(tmp_path):

@@ -177,6 +177,9 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
             continue
         path = find_target(data_folder(spec), target, flag)
         if path is None:
+            inside = os.path.join(data_folder(spec), target)
+            if not folder and os.path.isdir(inside):  # (RFW's folder beside the data's .bin files, say)
+                folder = f"; {inside} is a folder: write its path to read it"
             warnings.warn(f"verification target {target!r}: no {target}.bin in {data_folder(spec)!r}; skipped{folder}",
                           stacklevel=2)
             continue
