@@ -786,6 +786,7 @@ class Trainer:
                 if aside:
                     print(f"note: {self.output} held another run than the one in {resume}; its files are now "
                           f"in {aside}", file=sys.stderr)
+                    self._follow_teacher_set_aside(aside)
         else:
             if args.pretrained_model:
                 self._load_pretrained(args.pretrained_model)
@@ -801,6 +802,7 @@ class Trainer:
                 print(f"note: {self.output} held an earlier run; its files are now in {aside}" + (
                       "" if args.resume or not resumable else " (to continue a run, pass --resume auto, or --resume "
                       "with its checkpoint)"), file=sys.stderr)
+                self._follow_teacher_set_aside(aside)
 
         self.backbone_ddp, self.loss_ddp = self.backbone, self.margin_loss
         if self.distributed:
@@ -1066,6 +1068,19 @@ class Trainer:
             print(f"note: --teacher {a.teacher} takes {teacher.input_size}px images: the run's {a.image_size}px "
                   "images (--image-size) are resized to that size for it", file=sys.stderr)
         return teacher
+
+    def _follow_teacher_set_aside(self, aside: str) -> None:
+        """--teacher was one of the earlier run's files that ``aside`` now holds (the checkpoint of a run in
+        --output, distilled into the same folder): the checkpoint records the teacher where it now is, what a
+        resume is given, not where it was, which is this run's own checkpoint now."""
+        if self.teacher is None or os.path.exists(self.teacher.path):
+            return
+        moved = os.path.join(aside, os.path.basename(self.teacher.path))
+        if os.path.realpath(os.path.dirname(self.teacher.path)) == os.path.realpath(self.output) \
+                and os.path.isfile(moved):
+            self.teacher.path = os.path.abspath(moved)
+            print(f"note: --teacher {self.args.teacher} was set aside with that run: resume this one with --teacher "
+                  f"{moved}", file=sys.stderr)
 
     def _check_resumed_teacher(self, state: dict[str, Any], path: str) -> None:
         """A resumed run distils from the teacher its checkpoint did (its weights, wherever the file now is),

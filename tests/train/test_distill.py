@@ -5,6 +5,7 @@ student alone; mistakes are one-line errors naming the option."""
 
 import math
 import os
+import shutil
 import sys
 import types
 
@@ -215,6 +216,25 @@ def test_resume_takes_the_same_teacher_only(faces, teacher, tmp_path, capsys):
     assert (f"note: --teacher {moved} holds the weights of the teacher that run distilled from, {teacher}: the run "
             "goes on with them") in capsys.readouterr().err
     assert checkpoint.load(str(output / "checkpoint.pt"))["teacher"]["path"] == moved
+
+
+def test_a_teacher_in_the_output_folder_is_followed_where_it_is_set_aside(faces, teacher, tmp_path, capsys):
+    # The student trained in its teacher's folder: the teacher's run is set aside into earlier-1, and the
+    # checkpoint names the teacher there (it named the path of the student's own checkpoint: a resume with it
+    # was refused as other weights, a resume with the teacher's new place noted as a moved teacher).
+    folder = tmp_path / "run"
+    shutil.copytree(os.path.dirname(teacher), folder)
+    given = str(folder / "checkpoint.pt")
+    assert main(argv(faces, folder, max_steps=2, teacher=given)) == 0
+    moved = str(folder / "earlier-1" / "checkpoint.pt")
+    assert f"note: --teacher {given} was set aside with that run: resume this one with --teacher {moved}" in \
+        capsys.readouterr().err
+    assert checkpoint.load(given)["teacher"]["path"] == moved
+    with pytest.raises(SystemExit, match=rf"that run distilled from {moved} \(weights sha256 [0-9a-f]{{16}}\); "
+                                         rf"--teacher {given} holds other weights"):
+        Trainer(parse_args(argv(faces, folder, max_steps=3, resume="auto", teacher=given)))
+    assert main(argv(faces, folder, max_steps=3, resume="auto", teacher=moved)) == 0
+    assert "note: --teacher" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("options, message", [
