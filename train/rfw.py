@@ -86,6 +86,15 @@ def find_release(folder: str) -> RFWRelease:
                                     f"txts/{race}/{race}_pairs.txt")
     landmarks = {race: os.path.join(root, "txts", race, f"{race}_lmk.txt") for race in RACES}
     landmarks = {race: path if os.path.isfile(path) else None for race, path in landmarks.items()}
+    lacking = [race for race in RACES if landmarks[race] is None]
+    if 0 < len(lacking) < len(RACES):  # (some races aligned, the others read as loose crops: a summary of neither)
+        raise FileNotFoundError(f"RFW folder {root}: no " + ", ".join(f"txts/{r}/{r}_lmk.txt" for r in lacking)
+                                + f", where {', '.join(r for r in RACES if r not in lacking)} have theirs: each "
+                                "race's loose crops are aligned from its landmarks (a tree of crops aligned already "
+                                "has none)")
+    if lacking:
+        warnings.warn(f"RFW folder {root}: no <Race>_lmk.txt in txts/: its images are read as crops aligned "
+                      "already (the release's are loose crops, aligned from those files)", stacklevel=2)
     return RFWRelease(root, pairs=pairs, images=images, landmarks=landmarks)
 
 

@@ -227,7 +227,10 @@ def test_training_logs_the_summary(release):
 
 def test_aligned_crops_without_landmarks_are_read_as_they_are(tmp_path):
     write_rfw(tmp_path / "RFW", landmarks=False)
-    sets = build_verification_sets("", [str(tmp_path / "RFW")], image_size=SIZE)
+    # Said: a release whose landmarks files are elsewhere would be read so, its loose crops as faces.
+    with pytest.warns(UserWarning, match=f"RFW folder {tmp_path / 'RFW'}: no <Race>_lmk.txt in txts/: its images are "
+                                         r"read as crops aligned already \(the release's are loose crops"):
+        sets = build_verification_sets("", [str(tmp_path / "RFW")], image_size=SIZE)
     vset = sets["RFW/Indian"]
     first = tmp_path / "RFW/data/Indian" / identity("Indian", 0) / f"{identity('Indian', 0)}_0001.jpg"
     assert torch.equal(vset.images[0], torch.from_numpy(np.array(Image.open(first).convert("RGB"))).permute(2, 0, 1))
@@ -251,6 +254,10 @@ def first_image(race="African"):
      "RFW folder {t}: no txts/Indian/Indian_pairs.txt (RFW's summary needs its four races)"),
     (lambda t: shutil.rmtree(t / "data/Asian"),
      "RFW folder {t}: no data/Asian/ folder of images for txts/Asian/Asian_pairs.txt"),
+    # Some races' landmarks and not the others': half the races would be read as aligned crops.
+    (lambda t: os.remove(t / "txts/Asian/Asian_lmk.txt"),
+     "RFW folder {t}: no txts/Asian/Asian_lmk.txt, where African, Caucasian, Indian have theirs: each race's loose "
+     "crops are aligned from its landmarks"),
     (lambda t: shutil.rmtree(t / "txts"),
      "{t} is a folder but not RFW's: no <Race>_test.bin in it, and no txts/ in it, in test/ or in images/test/"),
     (lambda t: os.remove(t / first_image()),
