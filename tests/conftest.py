@@ -225,18 +225,25 @@ def settle(group=None):
     time.sleep(0.1)
 
 
-def spawn_ranks(worker, args, nprocs):
+def spawn_ranks(worker, args, nprocs, timeout=240):
     """torch.multiprocessing.spawn(worker, args, nprocs), each rank forked from a forkserver that imported
     torch and arcface_ext once, where a spawned rank imports them itself: 2-3 s of CPU a rank on the CI
     machine's two cores. As a spawned rank does, each takes the caller's environment, working directory
-    and, from OMP_NUM_THREADS, its thread count."""
+    and, from OMP_NUM_THREADS, its thread count. Ranks still running after `timeout` seconds (one waiting
+    in a collective that another never joins) are killed, and the call raises TimeoutError."""
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "arcface_ext"])  # read at its start
     # Started (once) without OMP_NUM_THREADS, so that a rank without it has torch's default thread count.
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("OMP_NUM_THREADS", raising=False)
         multiprocessing.forkserver.ensure_running()
-    torch.multiprocessing.start_processes(_spawned_rank, args=(worker, dict(os.environ), os.getcwd(), args),
-                                          nprocs=nprocs, join=True, start_method="forkserver")
+    ranks = torch.multiprocessing.start_processes(_spawned_rank, args=(worker, dict(os.environ), os.getcwd(), args),
+                                                  nprocs=nprocs, join=False, start_method="forkserver")
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            raise TimeoutError(f"{worker.__name__}: {nprocs} rank(s) still running after {timeout} s; killed")
 
 
 def _spawned_rank(rank, worker, environ, cwd, args):
