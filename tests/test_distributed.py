@@ -5,6 +5,7 @@ import copy
 import datetime
 import functools
 import os
+import time
 
 import pytest
 import torch
@@ -1166,3 +1167,15 @@ def test_ranks_see_the_callers_environment_and_their_errors_reach_it(tmp_path, m
         assert seen == [f"{probe} {os.path.realpath(folder)} {threads}"] * 2
     with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="rank 1 fails"):
         spawn_ranks(_report_what_the_rank_sees, args=(str(tmp_path), 1), nprocs=2)
+
+
+def _sleep_on_rank_1(rank):
+    if rank == 1:
+        time.sleep(600)
+
+
+def test_ranks_still_running_after_the_timeout_are_killed():
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"_sleep_on_rank_1: 2 rank\(s\) still running after 1 s; killed"):
+        spawn_ranks(_sleep_on_rank_1, args=(), nprocs=2, timeout=1)
+    assert time.monotonic() - started < 60
