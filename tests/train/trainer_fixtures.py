@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ import torch
 from PIL import Image
 
 import arcface_ext
+from conftest import spawn_ranks
 from train.data.synthetic import render_face
 
 IMAGE_SIZE = 32
@@ -50,6 +55,61 @@ def train_one_thread(argv: list[str]) -> int:
             return main(argv)
         finally:
             torch.set_num_threads(threads)
+
+
+def train_on_ranks(argv: list[str], nprocs: int = 2, main=None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """What ``torchrun --standalone --nproc_per_node nprocs -m train argv`` gives (the exit code, and the
+    ranks' stdout and stderr, rank 0's first), for the tests of what the ranks train rather than of how
+    torchrun starts and stops them: the ranks are forked from conftest.spawn_ranks's forkserver (torch
+    imported once), with the variables torchrun gives its workers. (A torchrun of the trainer took 3.5 s on
+    two idle cores, most of it three interpreters starting and ending.) One rank: ``python -m train argv``.
+    ``main``: what each rank runs instead of train.trainer.main (a module's function, which the ranks import)."""
+    with tempfile.TemporaryDirectory() as logs, pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)  # where the tests run torchrun
+        if nprocs > 1:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            # (torchrun's OMP_NUM_THREADS, 1, where the caller has none)
+            variables = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": nprocs,
+                         "LOCAL_WORLD_SIZE": nprocs, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", 1)}
+            for name, value in variables.items():
+                patch.setenv(name, str(value))
+        try:
+            spawn_ranks(_trainer_rank, args=(argv, nprocs, logs, main), nprocs=nprocs, timeout=timeout)
+            code = 0
+        except torch.multiprocessing.ProcessExitedException as failed:
+            code = failed.exit_code
+        streams = []
+        for kind in ("out", "err"):
+            paths = [os.path.join(logs, f"rank{rank}.{kind}") for rank in range(nprocs)]
+            streams.append("".join(open(path).read() for path in paths if os.path.exists(path)))
+    return subprocess.CompletedProcess(["train_on_ranks", *argv], code, *streams)
+
+
+def _trainer_rank(rank: int, argv: list[str], nprocs: int, logs: str, main) -> None:
+    if nprocs > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    for fd, kind in ((1, "out"), (2, "err")):
+        with open(os.path.join(logs, f"rank{rank}.{kind}"), "w") as stream:
+            os.dup2(stream.fileno(), fd)
+    code = 1
+    try:
+        if main is None:
+            from train.trainer import main
+        code = main(argv)
+    except SystemExit as stop:  # as the interpreter ends on one: a message is printed, the exit code 1
+        code = stop.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if code:
+        sys.exit(code)
 
 
 def forward_backward(model, x):
