@@ -1,5 +1,8 @@
 """Two-process DDP on CPU (gloo) through torchrun, as a multi-GPU run is launched: training,
-logs written once, per-rank RNG states in the checkpoint, resuming, and stopping on a SIGTERM."""
+logs written once, per-rank RNG states in the checkpoint, resuming, and stopping on a SIGTERM. The
+tests of what the ranks train (sharded centres, the chunked path's losses, lengths in epochs, compiled
+DDP's all-reduces) fork their ranks with torchrun's variables instead (trainer_fixtures.train_on_ranks:
+a torchrun of three interpreters took seconds for a run of milliseconds)."""
 
 import os
 import re
@@ -16,7 +19,7 @@ import arcface_ext
 from train import checkpoint
 
 from trainer_fixtures import (REPO, base_argv, make_face_folder, one_thread, read_jsonl,  # noqa: F401
-                              signal_once_training)
+                              signal_once_training, train_on_ranks)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
@@ -60,8 +63,7 @@ def test_a_run_in_epochs_resumed_on_another_number_of_processes_keeps_its_steps(
     # 1 of 2 epochs done on 2 processes was step 4 of 16 on 1 (2.5 epochs trained, the learning rate moved
     # back), and 1 of 2 done on 1 process was step 8 of 8 on 2 ("nothing to train").
     def launch(processes, args):
-        command = torchrun_command(args) if processes == 2 else [sys.executable, "-m", "train", *args]
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+        done = train_on_ranks(args, nprocs=processes)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stderr
 
@@ -83,6 +85,15 @@ def test_a_run_in_epochs_resumed_on_another_number_of_processes_keeps_its_steps(
         if then == 1:
             err = launch(1, args + ["--epochs", "3", "--resume", "auto"])
             assert f"{3 * epoch} steps from step {2 * epoch} (3 epochs of {epoch} steps)" in err
+
+
+def test_forked_ranks_report_the_trainers_errors(tmp_path):
+    # train_on_ranks, the other tests' torchrun: a run that fails gives the failing rank's exit code and
+    # error, as torchrun does. (Either rank may be first: the other is then stopped, as torchrun stops it.)
+    result = train_on_ranks(base_argv(str(tmp_path / "nowhere"), str(tmp_path / "run")))
+    assert result.returncode == 1
+    assert re.search(rf"error: rank [01]: --data '{re.escape(str(tmp_path / 'nowhere'))}': no such folder",
+                     result.stderr), result.stderr
 
 
 def test_sigterm_to_the_process_group_saves_on_every_rank(tmp_path):
@@ -171,7 +182,7 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
     # the sharded loss's own collectives in every pass.
     data = make_face_folder(str(tmp_path / "faces"))
     start = tmp_path / "start"
-    first = torchrun(base_argv(data, str(start), batch_size=8, max_steps=2, save_every=0))
+    first = train_on_ranks(base_argv(data, str(start), batch_size=8, max_steps=2, save_every=0))
     assert first.returncode == 0, first.stderr[-3000:]
     pretrained = str(start / "checkpoint.pt")
 
@@ -180,7 +191,7 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
         # summation orders' round-off grew tenfold a step, to a relative 1.8e-4 at step 4 on torch 2.4.1.
         args = base_argv(data, str(output), batch_size=4, gradient_acc=2, max_steps=max_steps, save_every=0,
                          pretrained_model=pretrained) + ["--lr", "0.02", *extra]
-        result = torchrun(args)
+        result = train_on_ranks(args)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
@@ -224,8 +235,8 @@ def test_chunked_path_losses_train_under_ddp(tmp_path):
         runs.append(("elasticface-plus-sharded", {"loss": "elasticface-arc+", "sharded_classes": True}))
     for name, extra in runs:
         output = tmp_path / name
-        result = torchrun(base_argv(data, str(output), batch_size=8, max_steps=3, save_every=3, loss_impl=LOSS_IMPL,
-                                    **extra))
+        result = train_on_ranks(base_argv(data, str(output), batch_size=8, max_steps=3, save_every=3,
+                                          loss_impl=LOSS_IMPL, **extra))
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("PyTorch" in result.stderr) == (not name.startswith("elasticface")) and "2 process(es)" in result.stderr
         state = checkpoint.load(str(output / "checkpoint.pt"))["margin_loss"]
@@ -244,7 +255,7 @@ def test_start_up_over_the_group(tmp_path):
     data = make_face_folder(str(tmp_path / "faces"))
     output = tmp_path / "run"
     args = base_argv(data, str(output), batch_size=8, max_steps=2, save_every=0, loss_impl=LOSS_IMPL)
-    assert torchrun(args).returncode == 0
+    assert train_on_ranks(args).returncode == 0  # (the earlier run: how it was started is not what is checked)
     again = torchrun(args + ["--pretrained_model", str(output / "checkpoint.pt")])
     assert again.returncode == 0, again.stderr[-3000:]
     assert (output / "earlier-1" / "checkpoint.pt").exists() and not (output / ".run.lock").exists()
@@ -268,37 +279,40 @@ def test_start_up_over_the_group(tmp_path):
     assert re.search(r"error: rank 1: --data '[^']*nowhere': no such folder; expected", failed.stderr), failed.stderr[-3000:]
 
 
+def _train_counting_all_reduces(argv):
+    """train.trainer.main(argv) on a rank, then the number of all-reduces its DDP modules made."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    from train.trainer import main
+
+    calls = []
+    init = DistributedDataParallel.__init__
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+
+        def hook(state, bucket):
+            calls.append(bucket)
+            return default_hooks.allreduce_hook(None, bucket)
+        self.register_comm_hook(None, hook)
+
+    DistributedDataParallel.__init__ = counting_init  # (in the rank's own process)
+    code = main(argv)
+    print(f"rank {os.environ['RANK']}: {len(calls)} all-reduces", flush=True)
+    return code
+
+
 def test_compiled_ddp_accumulates_without_all_reduces(tmp_path):
     """--gradient-acc under --compile: DDP all-reduces the backbone's gradients in a step's last pass
     only, as without --compile, with the same losses. (torch.compile wraps the DDP module, whose
     no_sync the earlier passes skipped: every gradient bucket was all-reduced in every pass.)"""
     data = make_face_folder(str(tmp_path / "faces"))
-    script = tmp_path / "count_all_reduces.py"
-    script.write_text(
-        "import os, sys\n"
-        "from torch.distributed.algorithms.ddp_comm_hooks import default_hooks\n"
-        "from torch.nn.parallel import DistributedDataParallel\n"
-        "from train.trainer import main\n"
-        "calls = []\n"
-        "init = DistributedDataParallel.__init__\n"
-        "def counting_init(self, *args, **kwargs):\n"
-        "    init(self, *args, **kwargs)\n"
-        "    def hook(state, bucket):\n"
-        "        calls.append(bucket)\n"
-        "        return default_hooks.allreduce_hook(None, bucket)\n"
-        "    self.register_comm_hook(None, hook)\n"
-        "DistributedDataParallel.__init__ = counting_init\n"
-        "code = main(sys.argv[1:])\n"
-        "print(f\"rank {os.environ['RANK']}: {len(calls)} all-reduces\", flush=True)\n"
-        "sys.exit(code)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     counts, losses = {}, {}
     for name, extra in (("eager", []), ("compiled", ["--compile", "--compile-backend", "aot_eager"])):
         args = base_argv(data, str(tmp_path / name), batch_size=4, gradient_acc=2, max_steps=2, save_every=0,
                          loss_impl=LOSS_IMPL) + extra
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=240,
-                                env=env)
+        result = train_on_ranks(args, main=_train_counting_all_reduces)
         assert result.returncode == 0, result.stderr[-3000:]
         counts[name] = sorted(re.findall(r"rank \d: (\d+) all-reduces", result.stdout))
         losses[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
