@@ -938,6 +938,9 @@ class Trainer:
         if not (isinstance(state, dict) and {"args", "step", "optimizer"} <= state.keys()):
             raise SystemExit(f"--resume {path}: not a training checkpoint of this trainer (to start from a "
                              "backbone's weights, use --pretrained_model)")
+        # (before the options: a resume without the run's --teacher also lacks its --distill-weight, and the
+        # teacher is what to name)
+        self._check_resumed_teacher(state, path)
         changed = options_changed_on_resume(state["args"], self.args)
         if changed:
             run_args = os.path.join(os.path.dirname(path), "args.json")
@@ -949,7 +952,6 @@ class Trainer:
             raise SystemExit(f"{path}: checkpoint has {state.get('num_classes')} classes, the data has "
                              f"{self.num_classes}; resume needs the same data (use --pretrained_model to fine-tune)")
         self._check_resumed_data(state, path)
-        self._check_resumed_teacher(state, path)
         # (was not loaded without a word; the run's own, given again with its command line, went in at its start)
         given = self.args.pretrained_model
         if self.is_main and given and given != state["args"].get("pretrained_model"):
@@ -1087,16 +1089,21 @@ class Trainer:
         or from none when it did not; the teacher's weights are compared, as the options are."""
         saved = state.get("teacher")
         own = self.teacher.record() if self.teacher is not None else None
-        way_on = (f"Continue that run with its own teacher, or start a new one (another --output) from its weights "
-                  f"with --pretrained_model {path}")
+        new_run = f"start a new one (another --output) from its weights with --pretrained_model {path}"
+        way_on = f"Continue that run with its own teacher, or {new_run}"
         if saved is None and own is None:
             return
         if saved is None:
             raise SystemExit(f"--resume {path}: that run trained without a teacher; --teacher {self.args.teacher} "
-                             f"requested. {way_on}")
+                             f"requested. Continue that run without --teacher, or {new_run} and --teacher")
         theirs = f"{saved['path']} (weights sha256 {saved['digest'][:16]})"
-        if own is None:
-            raise SystemExit(f"--resume {path}: that run distilled from {theirs}; no --teacher requested. {way_on}")
+        if own is None:  # (the run's distillation options with it: they too are the run's)
+            run = state["args"]
+            options = [f"--teacher {saved['path']}", *(f"--{flag} {run[dest]}" for flag, dest in (
+                ("teacher-network", "teacher_network"), ("distill-weight", "distill_weight"),
+                ("distill-loss", "distill_loss")) if run.get(dest) is not None)]
+            raise SystemExit(f"--resume {path}: that run distilled from {theirs}; no --teacher requested. Continue "
+                             f"that run with {' '.join(options)}, or {new_run}")
         if own["digest"] != saved["digest"]:
             raise SystemExit(f"--resume {path}: that run distilled from {theirs}; --teacher {self.args.teacher} holds "
                              f"other weights (sha256 {own['digest'][:16]}). {way_on}")

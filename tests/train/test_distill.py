@@ -191,28 +191,32 @@ def test_the_checkpoint_names_the_teacher_and_holds_the_student_alone(faces, tea
 
 def test_resume_takes_the_same_teacher_only(faces, teacher, tmp_path, capsys):
     output = tmp_path / "run"
-    assert main(argv(faces, output, max_steps=2, teacher=teacher)) == 0
+    assert main(argv(faces, output, max_steps=2, teacher=teacher, distill_weight=3)) == 0
     digest = checkpoint.load(str(output / "checkpoint.pt"))["teacher"]["digest"][:16]
     other = tmp_path / "other"
     assert main(argv(faces, other, max_steps=1, seed=1)) == 0
     for extra, message in [
+        # (the teacher named, not the --distill-weight that a command line without it lacks too)
         (dict(), rf"that run distilled from {teacher} \(weights sha256 {digest}\); no --teacher requested\. "
-                 r"Continue that run with its own teacher, or start a new one \(another --output\) from its weights "
-                 r"with --pretrained_model"),
-        (dict(teacher=other / "checkpoint.pt"), rf"that run distilled from {teacher} \(weights sha256 {digest}\); "
-                                                rf"--teacher {other / 'checkpoint.pt'} holds other weights"),
-        (dict(teacher=teacher, distill_weight=2), r"--distill-weight 1\.0 in the checkpoint, 2\.0 requested"),
-        (dict(teacher=teacher, distill_loss="mse"), r"--distill-loss cosine in the checkpoint, mse requested"),
+                 rf"Continue that run with --teacher {teacher} --distill-weight 3\.0 --distill-loss cosine, or start "
+                 r"a new one \(another --output\) from its weights with --pretrained_model"),
+        (dict(teacher=other / "checkpoint.pt", distill_weight=3),
+         rf"that run distilled from {teacher} \(weights sha256 {digest}\); --teacher {other / 'checkpoint.pt'} holds "
+         r"other weights"),
+        (dict(teacher=teacher, distill_weight=2), r"--distill-weight 3\.0 in the checkpoint, 2\.0 requested"),
+        (dict(teacher=teacher, distill_weight=3, distill_loss="mse"),
+         r"--distill-loss cosine in the checkpoint, mse requested"),
     ]:
         with pytest.raises(SystemExit, match=message):
             Trainer(parse_args(argv(faces, output, max_steps=4, resume="auto", **extra)))
-    with pytest.raises(SystemExit, match=r"that run trained without a teacher; --teacher .* requested"):
-        Trainer(parse_args(argv(faces, other, max_steps=4, resume="auto", teacher=teacher, seed=1)))
+    with pytest.raises(SystemExit, match=r"that run trained without a teacher; --teacher .* requested\. Continue that "
+                                         r"run without --teacher, or start a new one"):
+        Trainer(parse_args(argv(faces, other, max_steps=4, resume="auto", teacher=teacher, distill_weight=3, seed=1)))
     # The same weights elsewhere (train.export's backbone.pt of the teacher's checkpoint): a note, and on.
     assert export.main(["--checkpoint", teacher, "--output", str(tmp_path / "moved"), "--no-onnx"]) == 0
     moved = str(tmp_path / "moved" / "backbone.pt")
     capsys.readouterr()
-    assert main(argv(faces, output, max_steps=3, resume="auto", teacher=moved)) == 0
+    assert main(argv(faces, output, max_steps=3, resume="auto", teacher=moved, distill_weight=3)) == 0
     assert (f"note: --teacher {moved} holds the weights of the teacher that run distilled from, {teacher}: the run "
             "goes on with them") in capsys.readouterr().err
     assert checkpoint.load(str(output / "checkpoint.pt"))["teacher"]["path"] == moved
