@@ -1080,9 +1080,10 @@ class Trainer:
         moved = os.path.join(aside, os.path.basename(self.teacher.path))
         if os.path.realpath(os.path.dirname(self.teacher.path)) == os.path.realpath(self.output) \
                 and os.path.isfile(moved):
-            self.teacher.path = os.path.abspath(moved)
             print(f"note: --teacher {self.args.teacher} was set aside with that run: resume this one with --teacher "
                   f"{moved}", file=sys.stderr)
+            self.teacher.path = os.path.abspath(moved)
+            self.args.teacher = moved  # (args.json, a config that resumes the run, names it there too)
 
     def _check_resumed_teacher(self, state: dict[str, Any], path: str) -> None:
         """A resumed run distils from the teacher its checkpoint did (its weights, wherever the file now is),

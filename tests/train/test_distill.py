@@ -237,7 +237,8 @@ def test_a_teacher_in_the_output_folder_is_followed_where_it_is_set_aside(faces,
     with pytest.raises(SystemExit, match=rf"that run distilled from {moved} \(weights sha256 [0-9a-f]{{16}}\); "
                                          rf"--teacher {given} holds other weights"):
         Trainer(parse_args(argv(faces, folder, max_steps=3, resume="auto", teacher=given)))
-    assert main(argv(faces, folder, max_steps=3, resume="auto", teacher=moved)) == 0
+    # The run's args.json names it there too: as a config, it resumes the run (it named the old path).
+    assert main(["--config", str(folder / "args.json"), "--resume", "auto", "--max-steps", "3"]) == 0
     assert "note: --teacher" not in capsys.readouterr().err
 
 
