@@ -1105,6 +1105,15 @@ class Trainer:
                 ("distill-loss", "distill_loss")) if run.get(dest) is not None)]
             raise SystemExit(f"--resume {path}: that run distilled from {theirs}; no --teacher requested. Continue "
                              f"that run with {' '.join(options)}, or {new_run}")
+        if own["digest"] != saved["digest"] and (own["network"] == "onnx") != (saved.get("network") == "onnx"):
+            # (weights and a graph are digested differently: the same weights exported are not told; they would
+            # not go on bit for bit anyway, onnxruntime rounding otherwise)
+            kinds = ("an ONNX graph", "a PyTorch network") if own["network"] == "onnx" else \
+                ("a PyTorch network", "an ONNX graph")
+            raise SystemExit(f"--resume {path}: that run distilled from {theirs}, {kinds[1]}; --teacher "
+                             f"{self.args.teacher} is {kinds[0]}, which computes the embeddings otherwise (its export "
+                             f"of the same weights too). Continue that run with --teacher {saved['path']}, or "
+                             f"{new_run}")
         if own["digest"] != saved["digest"]:
             raise SystemExit(f"--resume {path}: that run distilled from {theirs}; --teacher {self.args.teacher} holds "
                              f"other weights (sha256 {own['digest'][:16]}). {way_on}")

@@ -296,3 +296,9 @@ def test_an_onnx_teacher_gives_the_term_its_pytorch_model_gives(faces, teacher, 
     assert main(argv(faces, tmp_path / "onnx", max_steps=2, teacher=onnx_model)) == 0
     assert metrics(tmp_path / "onnx", "distill") == pytest.approx(metrics(tmp_path / "torch", "distill"), abs=1e-5)
     assert checkpoint.load(str(tmp_path / "onnx" / "checkpoint.pt"))["teacher"]["network"] == "onnx"
+    # The export of the teacher's weights is another teacher on resume, said as such (it was 'other weights').
+    for run, given, kinds in [("torch", onnx_model, ("a PyTorch network", "an ONNX graph")),
+                              ("onnx", teacher, ("an ONNX graph", "a PyTorch network"))]:
+        with pytest.raises(SystemExit, match=rf"that run distilled from .*, {kinds[0]}; --teacher {given} is "
+                                             rf"{kinds[1]}, which computes the embeddings otherwise"):
+            Trainer(parse_args(argv(faces, tmp_path / run, max_steps=3, resume="auto", teacher=given)))
