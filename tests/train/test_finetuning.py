@@ -13,7 +13,7 @@ from train import checkpoint
 from train.config import parse_args
 from train.trainer import Trainer, main
 
-from trainer_fixtures import base_argv, make_face_folder, one_thread  # noqa: F401
+from trainer_fixtures import base_argv, make_face_folder, one_thread, train_one_thread  # noqa: F401
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
@@ -23,7 +23,7 @@ def pretrained(tmp_path_factory):
     """(a two-step checkpoint on a folder of 4 identities, that folder)."""
     root = tmp_path_factory.mktemp("pretrained")
     data = make_face_folder(str(root / "faces"), identities=4, images=4)
-    assert main(base_argv(data, str(root / "run"), loss_impl=LOSS_IMPL, batch_size=8, max_steps=2)) == 0
+    assert train_one_thread(base_argv(data, str(root / "run"), loss_impl=LOSS_IMPL, batch_size=8, max_steps=2)) == 0
     return str(root / "run" / "checkpoint.pt"), data
 
 
