@@ -166,25 +166,31 @@ def backbone_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch
 
 def submodule_weights(weights: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
     """``weights``, or, when they are a whole model's state dict that holds the network as one submodule, that
-    submodule's: the keys under one first name (``backbone.`` in FaceX-Zoo's checkpoints, whose FaceModel
-    holds the backbone and its head; the attribute's name in a PyTorch Lightning checkpoint's
-    ``state_dict``), that name cut, exactly ``expected`` (the network's). Tried only where ``weights`` are
-    not the network's keys as they are, and taken only where one name fits."""
+    submodule's: the keys under one name (``backbone.`` in FaceX-Zoo's checkpoints, whose FaceModel holds the
+    backbone and its head; the attribute's name in a PyTorch Lightning checkpoint's ``state_dict``, or its
+    path, ``model.backbone.``, where the LightningModule holds a model that holds it), that name cut, exactly
+    ``expected`` (the network's). Tried only where ``weights`` are not the network's keys as they are, and
+    taken only where one name fits."""
     expected = set(expected)
     if set(weights) == expected:
         return weights
-    fitting = [inner for inner in _by_first_name(weights).values() if set(inner) == expected]
+    fitting = [inner for inner in _by_prefix(weights).values() if set(inner) == expected]
     return fitting[0] if len(fitting) == 1 else weights
 
 
-def _by_first_name(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``weights`` grouped by their keys' first name (``backbone.conv1.weight``: ``backbone``), that name cut."""
-    by_name: dict[str, dict[str, torch.Tensor]] = {}
+# How deep a whole model's state dict may hold its backbone: model.backbone. is 2.
+_SUBMODULE_DEPTH = 3
+
+
+def _by_prefix(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``weights`` grouped by their keys' first names, one to :data:`_SUBMODULE_DEPTH` of them
+    (``model.backbone.conv1.weight``: under ``model`` and under ``model.backbone``), those names cut."""
+    by_prefix: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
-        name, dot, rest = key.partition(".")
-        if dot:
-            by_name.setdefault(name, {})[rest] = value
-    return by_name
+        parts = key.split(".")
+        for depth in range(1, min(_SUBMODULE_DEPTH, len(parts) - 1) + 1):
+            by_prefix.setdefault(".".join(parts[:depth]), {})[".".join(parts[depth:])] = value
+    return by_prefix
 
 
 def foreign_weights(weights: dict[str, torch.Tensor], expected: Iterable[str]) -> str | None:
@@ -354,7 +360,8 @@ def _described_weights(weights: dict[str, torch.Tensor], path: str, options: boo
                         ) -> tuple[dict[str, torch.Tensor], tuple[dict[str, Any], range]]:
     """(the backbone's weights, :func:`_describe` of them) of a state dict that records no settings: the
     weights as they are, or, in a whole model's state dict (a PyTorch Lightning checkpoint's, FaceX-Zoo's),
-    those under the one first name whose keys, that name cut, are a backbone this trainer builds.
+    those under the one name (or path of names, ``model.backbone``) whose keys, that name cut, are a backbone
+    this trainer builds.
     ValueError naming ``path`` when neither is; it asks for the three options where the caller was given some
     (``train.export``'s), else names the command that records them (``train.embed`` has none)."""
     try:
@@ -362,7 +369,7 @@ def _described_weights(weights: dict[str, torch.Tensor], path: str, options: boo
     except (ValueError, KeyError, IndexError) as error:
         why = str(error) if isinstance(error, ValueError) else f"no weight {error}"
     described = {}
-    for name, inner in _by_first_name(weights).items():
+    for name, inner in _by_prefix(weights).items():
         try:
             described[name] = (inner, _describe(inner))
         except (ValueError, KeyError, IndexError):

@@ -209,6 +209,17 @@ def test_a_whole_models_state_dict_gives_its_backbone(tmp_path):
         loaded, settings = checkpoint.load_backbone(str(tmp_path / "lightning.ckpt"), **overrides)
         assert settings == {"network": "small", "embedding_size": 64, "image_size": 32}
         assert torch.equal(loaded(images), model(images))
+    # A LightningModule that holds a model that holds the network: its keys under model.backbone.; was "not a
+    # backbone this trainer builds" (and with the options, load_state_dict's lists of every key).
+    nested = {f"model.{k}": v for k, v in whole.items()}
+    torch.save({"state_dict": nested, "epoch": 3}, tmp_path / "nested.ckpt")
+    for overrides in ({}, {"network": "small", "embedding_size": 64, "image_size": 32}):
+        loaded, settings = checkpoint.load_backbone(str(tmp_path / "nested.ckpt"), **overrides)
+        assert settings == {"network": "small", "embedding_size": 64, "image_size": 32}
+        assert torch.equal(loaded(images), model(images))
+    torch.save({**nested, **{f"model.ema.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "nested2.pt")
+    with pytest.raises(ValueError, match="holds 2 backbones, under 'model.backbone.' and 'model.ema.'"):
+        checkpoint.load_backbone(str(tmp_path / "nested2.pt"))
     # Two backbones (a model and its EMA copy): which one is not guessed.
     torch.save({**whole, **{f"ema.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "two.pt")
     with pytest.raises(ValueError, match="two.pt holds 2 backbones, under 'backbone.' and 'ema.': save the one"):
