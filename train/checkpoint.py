@@ -460,13 +460,15 @@ def summarize_load_error(error: RuntimeError, lines: int = 3, width: int = 300) 
     return "\n".join(kept + ([f"... ({len(text) - lines} more lines)"] if len(text) > lines else []))
 
 
-def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_backbone(path: str, *, likely_image_size: int | None = None,
+                  **overrides: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """An eval-mode backbone from a training checkpoint, a state dict written by
     ``python -m train.export`` (settings beside it in ``<name>.json``) or a bare state dict of a
     backbone it builds (:func:`describe_backbone`); ``overrides`` (network, embedding_size, image_size)
     win over what is guessed of a bare state dict (ValueError when they contradict what the file records).
-    Returns ``(model, settings)``; settings also hold ``threshold`` (squared distance, from
-    the last verification) when known."""
+    ``likely_image_size``: the size a bare state dict's weights are taken at where they fit it and not 112 px
+    (a teacher's: the run's images' size). Returns ``(model, settings)``; settings also hold ``threshold`` (squared
+    distance, from the last verification) when known."""
     from .models import get_model
 
     state = load(path)
@@ -483,7 +485,9 @@ def load_backbone(path: str, **overrides: Any) -> tuple[torch.nn.Module, dict[st
     # dict has no shapes to guess from, and was refused with all three options given)
     if not all(k in settings or overrides.get(k) is not None for k in ("network", "embedding_size", "image_size")):
         weights, (guessed, sizes) = _described_weights(weights, path, any(v is not None for v in overrides.values()))
-        if "image_size" not in settings and overrides.get("image_size") is None and len(sizes) > 1 \
+        if likely_image_size in sizes and 112 not in sizes:  # (112 px wins where it fits, as below)
+            guessed["image_size"] = likely_image_size
+        elif "image_size" not in settings and overrides.get("image_size") is None and len(sizes) > 1 \
                 and 112 not in sizes:
             # The images are resized to it: a wrong guess gives other embeddings, without an error. (112
             # px, where the weights fit it, is the size faces are aligned to: insightface's .pth files.)

@@ -118,7 +118,10 @@ def load_teacher(path: str, network: str | None, *, embedding_size: int, image_s
             else {}
         try:
             with said:
-                model, settings = checkpoint.load_backbone(path, network=network, **sizes)
+                # (a bare state dict whose weights fit the run's images is taken at their size, where it fits a
+                # range: the teacher was most likely trained on them, and they need no resizing)
+                model, settings = checkpoint.load_backbone(path, network=network, likely_image_size=image_size,
+                                                           **sizes)
         except ValueError as error:
             message = str(error)
             if not network and "--network" in message:

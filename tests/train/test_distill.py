@@ -284,6 +284,22 @@ def test_a_teacher_of_another_input_size_sees_the_images_resized(faces, teacher,
     assert all(0 < v < 2 for v in metrics(output, "distill"))
 
 
+def test_a_teacher_that_records_no_image_size_is_taken_at_the_runs_where_its_weights_fit_it(faces, teacher,
+                                                                                              tmp_path, capsys):
+    # Its bare weights (a Lightning checkpoint's, say) fit 1 to 32 px: at a 24 px run it sees the run's images as
+    # they are. It was taken as 32 px, the images resized up for it, with a note.
+    bare = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in checkpoint.load(teacher)["model"].items()}}, bare)
+    capsys.readouterr()
+    run = Trainer(parse_args(argv(faces, tmp_path / "run", image_size=24, teacher=str(bare))))
+    assert (run.teacher.input_size, run.teacher.resized) == (24, False)
+    assert "teacher" not in capsys.readouterr().err  # (no note of a guessed size, nor of resized images)
+    # A size its weights do not fit: the guess, and the images resized to it, as before.
+    run = Trainer(parse_args(argv(faces, tmp_path / "run48", image_size=48, teacher=str(bare))))
+    assert (run.teacher.input_size, run.teacher.resized) == (32, True)
+    assert "takes 32px images: the run's 48px images (--image-size) are resized" in capsys.readouterr().err
+
+
 def test_an_onnx_teacher_gives_the_term_its_pytorch_model_gives(faces, teacher, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
