@@ -510,3 +510,17 @@ def test_a_list_file_cleans_as_its_images_in_a_folder(trained, tmp_path):
         assert [r[key] for r in from_list] == [r[key] for r in folder], key
     assert [r["class"] for r in read_csv(tmp_path / "list" / "classes.csv")] == [str(100 + 3 * k) for k in range(10)]
     assert [r["dropped"] for r in from_list].count("angle") == 2
+
+
+def test_a_list_naming_an_image_twice_is_said(trained, tmp_path, capsys):
+    # As the trainer and pack_rec say it (clean said nothing, and cleaned the repeated lines as any others).
+    ckpt, faces = trained
+    dataset = ImageFolderDataset(faces, image_size=IMAGE_SIZE)
+    lines = [f"{path} {label}\n" for path, label in zip(dataset.paths, dataset.labels)]
+    listed = tmp_path / "train.lst"
+    listed.write_text("".join(lines) + lines[0] + f"{dataset.paths[1]} 5\n")
+    assert run_clean("--model", ckpt, "--data", listed, "--output", tmp_path / "out", "--centres", "mean",
+                     "--report-only") == 0
+    assert (f"clean: warning: {listed}: 2 images are listed more than once (4 lines), each drawn as often as it is "
+            f"listed; 1 of them under two or more labels, one face taught as different people ({dataset.paths[1]} as "
+            "0 and 5); each line is kept or dropped on its own") in capsys.readouterr().err

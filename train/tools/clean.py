@@ -660,6 +660,9 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int, tes
                    else "each class's mean embedding" + (f" ({why_not})" if args.centres == "auto" else ""))
         print(f"clean: {len(data)} images of {num_classes} classes in {args.data}; {settings['network']} at "
               f"{settings['image_size']}px on {device}{others}; centres: {centred}", file=sys.stderr, flush=True)
+        if getattr(data, "repeats_note", None):  # (as the trainer and pack_rec say: each line is judged alone)
+            print(f"clean: warning: {args.data}: {data.repeats_note}; each line is kept or dropped on its own",
+                  file=sys.stderr, flush=True)
     model = model.to(device)
     made = _embeddings(args, model, data, settings["embedding_size"], device, rank, world)
     _leave_process_group()
