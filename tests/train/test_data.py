@@ -739,6 +739,10 @@ def test_image_list_naming_an_image_twice_is_said(tmp_path, capsys):
     (tmp_path / "twice.txt").write_text("\n".join(lines + [f"{names[0]} 10", f"{names[0]} 10"]) + "\n")
     assert ImageListDataset(str(tmp_path / "twice.txt")).repeats_note == (
         f"{tmp_path / names[0]} is listed 3 times, so drawn as often (label 10)")
+    # Spelled otherwise, the same file (the list's folder joined to ./id1/0.jpg).
+    (tmp_path / "spelled.txt").write_text("\n".join(lines + [f"./{names[2]} 11"]) + "\n")
+    assert ImageListDataset(str(tmp_path / "spelled.txt")).repeats_note == (
+        f"{tmp_path / names[2]} is listed 2 times, so drawn as often (label 11)")
     (tmp_path / "relabelled.txt").write_text("\n".join(lines + [f"{names[1]} 12"]) + "\n")
     assert ImageListDataset(str(tmp_path / "relabelled.txt")).repeats_note == (
         f"{tmp_path / names[1]} is listed 2 times, so drawn as often, under labels 10 and 12: one face taught as "

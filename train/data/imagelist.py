@@ -152,11 +152,17 @@ def remapped_labels_note(identities: list[str]) -> str | None:
             f"{len(identities) - 1} in ascending order: class k is the list's k-th smallest label")
 
 
+def _spelled_one_way(path: str) -> str:
+    """``path`` with its `.` and `..` and doubled separators resolved, where it has any (most have none:
+    normalising every path of a million-line list would cost a second)."""
+    return os.path.normpath(path) if path.startswith(".") or "/." in path or "//" in path else path
+
+
 def repeated_images_note(identities: list[str], samples: list[tuple[str, int]], shown: int = 3) -> str | None:
     """What a list that names an image more than once trains on: the image drawn as often, and, under two
     labels, one face taught as two people (label noise); None when every image is listed once. Paths are
-    compared as written (after the list's folder is joined; `a/./b.jpg` and `a/b.jpg` count as two)."""
-    hashes = np.fromiter((hash(path) for path, _ in samples), dtype=np.int64, count=len(samples))
+    compared with their `.` and `..` resolved (`a/./b.jpg` is `a/b.jpg`; a symbolic link is another path)."""
+    hashes = np.fromiter((hash(_spelled_one_way(path)) for path, _ in samples), dtype=np.int64, count=len(samples))
     values, counts = np.unique(hashes, return_counts=True)
     if not (counts > 1).any():
         return None
@@ -164,7 +170,7 @@ def repeated_images_note(identities: list[str], samples: list[tuple[str, int]], 
     labels_of: dict[str, list[int]] = {}
     for (path, label), key in zip(samples, hashes.tolist()):
         if key in candidates:
-            labels_of.setdefault(path, []).append(label)
+            labels_of.setdefault(_spelled_one_way(path), []).append(label)
     repeated = {path: labels for path, labels in labels_of.items() if len(labels) > 1}
     if not repeated:
         return None  # (hashes that collided)

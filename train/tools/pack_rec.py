@@ -69,6 +69,9 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
         samples.sort(key=lambda sample: sample[1])
     made = not os.path.isdir(output_dir)
     check_outputs([os.path.join(output_dir, name) for name in OUTPUT_FILES], overwrite)
+    repeats = repeated_images_note(identities, samples) if listed else None
+    if log is not None and repeats:  # (said before the packing, which takes a while)
+        print(f"pack_rec: warning: {repeats}", file=log)
     counts = {}
     images = ((label, *_image_bytes(path, resize=resize, quality=quality, counts=counts)) for path, label in samples)
     try:
@@ -81,9 +84,6 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
     note = remapped_labels_note(identities) if listed else None
     if log is not None and note:
         print(f"pack_rec: note: {note}", file=log)
-    repeats = repeated_images_note(identities, samples) if listed else None
-    if log is not None and repeats:
-        print(f"pack_rec: warning: {repeats}", file=log)
     if log is not None and counts.get("re-encoded"):
         print(f"pack_rec: note: {counts['re-encoded']} of the {len(samples)} images were re-encoded as JPEG (quality "
               f"{quality}{f'; resized to {resize}x{resize} where they were not' if resize is not None else ''}): "
