@@ -565,10 +565,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.finetuning and not args.pretrained_model:  # (was a run from random weights, without a word)
         raise SystemExit("--finetuning takes the backbone of --pretrained_model (with fresh class centres): give "
                          "--pretrained_model too")
+    named = vars(args).pop("distill_flags_given", ())  # (parse_args's: the distillation flags the command line gave)
     if not args.teacher:  # (each was a run without distillation, without a word)
         parser = build_parser()
+        # A value other than the default, or any value the command line gave: --distill-weight 1 alone was
+        # taken silently. (A config's default value is not one: args.json lists every option.)
         given = [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in
-                 ("teacher_network", "distill_weight", "distill_loss") if getattr(args, dest) != parser.get_default(dest)]
+                 ("teacher_network", "distill_weight", "distill_loss")
+                 if getattr(args, dest) != parser.get_default(dest) or dest in named]
         if given:
             raise SystemExit(f"{' and '.join(given)} {'goes' if len(given) == 1 else 'go'} with --teacher (the backbone "
                              "the student is distilled from): give --teacher too")
@@ -740,7 +744,17 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
             f" (a config file goes after --config: --config {config}; arcface_torch's train_v2.py takes it as its "
             "argument)" if config else ""))
+    args.distill_flags_given = _given(list(sys.argv[1:] if argv is None else argv),
+                                      ("teacher_network", "distill_weight", "distill_loss"))
     return resolve(args)
+
+
+def _given(argv: list[str], dests: Sequence[str]) -> set[str]:
+    """The names among ``dests`` whose options ``argv`` gives, whatever their values (the defaults too)."""
+    parser = build_parser()
+    parser.set_defaults(**dict.fromkeys(dests))
+    known, _ = parser.parse_known_args(argv)
+    return {dest for dest in dests if getattr(known, dest) is not None}
 
 
 def margins(args: argparse.Namespace) -> tuple[float, float, float]:

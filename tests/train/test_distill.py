@@ -244,6 +244,10 @@ def test_a_teacher_in_the_output_folder_is_followed_where_it_is_set_aside(faces,
 
 @pytest.mark.parametrize("options, message", [
     (["--distill-weight", "2"], r"--distill-weight 2\.0 goes with --teacher .*: give --teacher too"),
+    # Its default, given: as silent as forgetting --teacher was, before.
+    (["--distill-weight", "1", "--distill-loss", "cosine"],
+     r"--distill-weight 1\.0 and --distill-loss cosine go with --teacher"),
+    (["--distill-w=1"], r"--distill-weight 1\.0 goes with --teacher"),
     (["--teacher-network", "r50", "--distill-loss", "mse"],
      r"--teacher-network r50 and --distill-loss mse go with --teacher"),
     (["--teacher", "t.pt", "--distill-weight", "-1"], r"--distill-weight must be a finite number >= 0, got -1\.0"),
@@ -252,6 +256,14 @@ def test_a_teacher_in_the_output_folder_is_followed_where_it_is_set_aside(faces,
 def test_distillation_options_are_checked_before_the_run(options, message):
     with pytest.raises(SystemExit, match=message):
         parse_args(options)
+
+
+def test_a_config_listing_the_distillation_defaults_runs_without_a_teacher(tmp_path):
+    # args.json lists every option: a run without a teacher is a config with the defaults named.
+    config = tmp_path / "args.json"
+    config.write_text('{"distill_weight": 1.0, "distill_loss": "cosine", "teacher": null}')
+    args = parse_args(["--config", str(config)])
+    assert args.teacher is None and "distill_flags_given" not in vars(args)
 
 
 def test_a_teacher_that_does_not_fit_is_a_one_line_error(faces, teacher, tmp_path):
