@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -270,7 +270,7 @@ class RunLog:
     FILES = ("metrics.jsonl", "verification.jsonl")
 
     def __init__(self, output: str, start_step: int, tensorboard: bool, wandb_run=None, history: str | None = None,
-                 options: dict[str, Any] | None = None, targets: Iterable[str] = ()):
+                 options: dict[str, Any] | None = None, targets: Iterable[str] | Mapping[str, Any] = ()):
         self.output, self.wandb = output, wandb_run
         for name in self.FILES:
             path = os.path.join(output, name)
@@ -305,14 +305,19 @@ class RunLog:
                 if options is not None:
                     self._hparams(options, targets)
 
-    def _hparams(self, options: dict[str, Any], targets: Iterable[str]) -> None:
-        """``options`` in TensorBoard's HParams tab, against the loss and each target's accuracy."""
+    def _hparams(self, options: dict[str, Any], targets: Iterable[str] | Mapping[str, Any]) -> None:
+        """``options`` in TensorBoard's HParams tab, against the loss (and the distillation term of a run
+        with a teacher), each target's accuracy and each benchmark's mean over its sets (RFW's races)."""
         from torch.utils.tensorboard.summary import hparams
 
         # (Booleans as "True" / "False": torch's hparams would make them 1.0 / 0.0.)
         values = {key: value if type(value) in (int, float, str) else str(value)
                   for key, value in options.items() if value is not None}
-        metrics = {tag: 0.0 for tag in ("train/loss", *(f"verification/{target}" for target in targets))}
+        groups = dict.fromkeys(group for vset in (targets.values() if isinstance(targets, Mapping) else ())
+                               if (group := getattr(vset, "group", None)))
+        metrics = {tag: 0.0 for tag in ("train/loss", *(["train/distill"] if options.get("teacher") else []),
+                                        *(f"verification/{target}" for target in targets),
+                                        *(f"verification/{group}_mean" for group in groups))}
         for summary in hparams(values, metrics):  # (the tab reads the metrics' values from their scalars)
             self.writer.file_writer.add_summary(summary)
 
@@ -1403,6 +1408,8 @@ class Trainer:
             result = evaluate(self.backbone, vset, device=self.device, batch_size=self.args.batch_size,
                               on_batch=on_batch)
             record = {"step": self.step, "target": name, **{k: float(v) for k, v in result.items()}}
+            if getattr(vset, "group", None):  # (a benchmark's subset, RFW's races: one set to the saved threshold)
+                record["group"] = vset.group
             self.last_verification[name] = record
             self.log.verification(record)
             self._write(f"[step {self.step}] {name}: accuracy {record['accuracy']:.4f} "

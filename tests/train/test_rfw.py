@@ -223,6 +223,19 @@ def test_training_logs_the_summary(release):
     with open(os.path.join(run, "training.log")) as f:
         log = f.read()
     assert f"[step 2] {rfw.summary_line('RFW', rfw.summary(accuracies))}" in log
+    assert all(r["group"] == "RFW" for r in records)
+
+
+def test_the_saved_threshold_counts_rfw_as_one_set():
+    # backbone.json's threshold is the sets' mean: RFW's four races beside LFW outweighed it 4 to 1.
+    races = {f"RFW/{race}": {"threshold": 1.4 + 0.1 * k, "group": "RFW"} for k, race in enumerate(rfw.RACES)}
+    results = {"lfw": {"threshold": 1.0}, **races, "cfp_fp": {"threshold": 1.2}}
+    assert checkpoint.mean_threshold(results) == pytest.approx((1.0 + 1.55 + 1.2) / 3)
+    state = {"args": {"network": "r18", "embedding_size": 512, "image_size": 112}, "verification": results}
+    assert checkpoint.recorded_settings(state, "x.pt")["threshold"] == pytest.approx((1.0 + 1.55 + 1.2) / 3)
+    # A checkpoint from before records had a group: each set its own.
+    old = {name: {"threshold": r["threshold"]} for name, r in results.items()}
+    assert checkpoint.mean_threshold(old) == pytest.approx((1.0 + 1.4 + 1.5 + 1.6 + 1.7 + 1.2) / 6)
 
 
 def test_aligned_crops_without_landmarks_are_read_as_they_are(tmp_path):

@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from train.trainer import Trainer, main
+from train.trainer import RunLog, Trainer, main
 
 from trainer_fixtures import LOSS_IMPL, base_argv, faces, one_thread, read_jsonl  # noqa: F401
 
@@ -78,6 +78,19 @@ def test_a_run_and_its_resume_log_the_scalars_and_options(faces, tmp_path, fake_
     assert (options["max_steps"], resumed_options["max_steps"], resumed_options["resume"]) == (2, 4, "auto")
     assert "wandb" not in options and options["loss_impl"] == LOSS_IMPL
     assert first.summaries == ["experiment", "session start", "session end"]
+
+
+def test_the_hparams_tab_has_the_distillation_term_and_rfws_mean(tmp_path, fake_tensorboard):
+    # A run with a teacher logs train/distill, and one verifying on RFW verification/RFW_mean: the tab listed
+    # neither, so it could not set them against the options.
+    races = {f"RFW/{race}": types.SimpleNamespace(group="RFW") for race in ("African", "Asian")}
+    RunLog(str(tmp_path), 0, tensorboard=True, options={"teacher": "t.pt"},
+           targets={"lfw": types.SimpleNamespace(), **races}).close()
+    RunLog(str(tmp_path / "b"), 0, tensorboard=True, options={"teacher": None}, targets=["lfw"]).close()
+    (_, with_teacher), (_, without) = fake_tensorboard
+    assert list(with_teacher) == ["train/loss", "train/distill", "verification/lfw", "verification/RFW/African",
+                                  "verification/RFW/Asian", "verification/RFW_mean"]
+    assert list(without) == ["train/loss", "verification/lfw"]
 
 
 def stopped_in_step_0s_verification(faces, output, monkeypatch):
