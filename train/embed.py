@@ -180,7 +180,11 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder} is not a folder")
-    names, points, line_nos, skipped = read_face_landmarks(landmarks_file, extension=extension, several=several)
+    read_notes = []
+    names, points, line_nos, skipped = read_face_landmarks(landmarks_file, extension=extension, several=several,
+                                                           notes=read_notes)
+    for note in read_notes:
+        print(f"note: {note}", file=sys.stderr)
     if skipped:
         print(f"skipped {len(skipped)} line(s) before the first face of {landmarks_file} (a count or a header): "
               f"{', '.join(repr(text[:40]) for _, text in skipped[:2])}{', ...' if len(skipped) > 2 else ''}",

@@ -241,6 +241,32 @@ def test_a_wrong_column_order_is_warned_about(photos, tmp_path, capsys):
     assert align.fit_errors(swapped).min() > align.POOR_FIT_PIXELS
 
 
+def test_a_label_before_the_coordinates_is_read_as_rfws_landmark_files_hold_it(photos, tmp_path, capsys):
+    # RFW's <Race>_lmk.txt: 'path label x1 ... y5'. Its label was read as x1 (and y5 dropped), with a
+    # warning to check the column order.
+    root, names, _, landmarks = photos
+    labelled = [f"{name} {k // IMAGES} {' '.join(f'{v:.4f}' for v in points.reshape(-1))}\n"
+                for k, (name, points) in enumerate(zip(names, landmarks))]
+    listing = write(tmp_path / "lmk.txt", labelled)
+    notes = []
+    read_names, points, _, _ = align.read_face_landmarks(listing, notes=notes)
+    assert read_names == names
+    np.testing.assert_allclose(points, landmarks, atol=1e-4)
+    assert len(notes) == 1 and "read as 'image label x1 y1 ... x5 y5' (RFW's <Race>_lmk.txt)" in notes[0]
+    out = tmp_path / "out"
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--format", "png",
+                       "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "align: note:" in err and "poorly" not in err
+    with Image.open(os.path.join(root, names[0])) as photo:
+        assert np.array_equal(read(out / names[0]), ijb.align_face(photo, points[0], SIZE))  # as read: 4 decimals
+    # A score after the coordinates (insightface's lists) stays a score: the coordinates fit as written.
+    notes = []
+    scored = write(tmp_path / "scored.txt", lines(names, landmarks, extra=" 0.99"))
+    np.testing.assert_allclose(align.read_face_landmarks(scored, notes=notes)[1], landmarks, atol=1e-4)
+    assert notes == []
+
+
 @pytest.mark.parametrize("model_size", [SIZE, 64])
 def test_embed_with_landmarks_embeds_the_aligned_crops(photos, tmp_path, capsys, model_size):
     """`train.embed --images raw --landmarks FILE` gives what embedding align's (lossless) crops gives,

@@ -13,7 +13,8 @@ separated by spaces and tabs or by commas (a path with spaces in double quotes);
 line (a detector score) are ignored; lines before the first face that do not parse (a count, a
 column header) are skipped, as are blank lines and lines starting with # anywhere. This reads
 insightface's ``*_name_5pts_score.txt``, CelebA's ``list_landmarks_celeba.txt`` and VGGFace2's
-``loose_landmark_*.csv`` (with ``--extension .jpg``: its names have none) as they are, and what
+``loose_landmark_*.csv`` (with ``--extension .jpg``: its names have none) as they are, RFW's
+``<Race>_lmk.txt`` (a label before the coordinates, told by which numbers fit a face), and what
 ``python -m train.tools.detect`` writes. With ``--detector FILE`` instead of ``--landmarks``, the
 faces are found in every photo under --images as that tool finds them, in the same run.
 
@@ -63,11 +64,15 @@ POOR_FIT_PIXELS = 10.0
 _SHOWN_FAILURES = 20
 
 
-def read_face_landmarks(path: str, *, extension: str | None = None, several: bool = False
+def read_face_landmarks(path: str, *, extension: str | None = None, several: bool = False,
+                        notes: list[str] | None = None
                         ) -> tuple[list[str], np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """(image names, (N, 5, 2) float64 landmarks, (N,) line numbers, the (line number, text) of the
     lines skipped before the first face) of a landmarks file (see the module's doc). ``extension``
     is appended to every name; ``several``: a name may be listed again (another face of the image).
+    A file whose every line has a number between the name and the ten coordinates (RFW's
+    ``<Race>_lmk.txt``: ``name label x1 ... y5``) is read so where the fields after the name miss the
+    face template and those after that number fit it, with a note appended to ``notes``.
     Raises ValueError naming the line for a malformed line after the first face (or one before it
     that names an image), a name listed twice (unless ``several``), a name that is not an
     image file, text that is not UTF-8, or a file listing no face; FileNotFoundError when ``path``
@@ -75,6 +80,7 @@ def read_face_landmarks(path: str, *, extension: str | None = None, several: boo
     if not os.path.isfile(path):
         raise FileNotFoundError(f"landmarks file {path}: {'a folder' if os.path.isdir(path) else 'no such file'}")
     names, values, line_nos, seen, skipped = [], [], [], {}, []
+    later = []  # each face's fields 3 to 12 as coordinates, where they are numbers (else None)
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:  # line by line, so that a wrong encoding names its line
@@ -119,9 +125,29 @@ def read_face_landmarks(path: str, *, extension: str | None = None, several: boo
             names.append(name)
             values.append(numbers)
             line_nos.append(line_no)
+            shifted = _numbers(fields[2:12]) if len(fields) >= 12 else None
+            later.append(shifted if shifted is not None and all(math.isfinite(v) for v in shifted) else None)
     if not names:
         raise ValueError(f"{path}: no line of the form 'image x1 y1 ... x5 y5'")
-    return names, np.array(values, dtype=np.float64).reshape(-1, 5, 2), np.array(line_nos), skipped
+    landmarks = np.array(values, dtype=np.float64).reshape(-1, 5, 2)
+    if all(v is not None for v in later):
+        # A label before the coordinates, not a score after them (insightface's lists): a file-wide
+        # choice, by which reading fits faces (read as coordinates, a label pairs with x1, and y5 is lost).
+        shifted = np.array(later, dtype=np.float64).reshape(-1, 5, 2)
+        as_written, after_label = (_median_fit(points) for points in (landmarks, shifted))
+        if as_written > POOR_FIT_PIXELS >= after_label:
+            landmarks = shifted
+            if notes is not None:
+                notes.append(f"{path}: its lines read as 'image label x1 y1 ... x5 y5' (RFW's <Race>_lmk.txt): the "
+                             f"ten numbers after each name miss the face template (median RMS {as_written:.1f} of 112 "
+                             f"pixels), the ten after the next fit it ({after_label:.1f})")
+    return names, landmarks, np.array(line_nos), skipped
+
+
+def _median_fit(landmarks: np.ndarray) -> float:
+    errors = fit_errors(landmarks)
+    usable = np.isfinite(errors)
+    return float(np.median(errors[usable])) if usable.any() else math.inf
 
 
 def _fields(line: str) -> list[str]:
@@ -403,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             where = [name + (f"#{number}" if args.all_faces else "")
                      for name, number in zip(names, face_numbers(names))]
         else:
+            read_notes = []
             names, landmarks, line_nos, skipped = read_face_landmarks(args.landmarks, extension=args.extension,
-                                                                      several=args.all_faces)
+                                                                      several=args.all_faces, notes=read_notes)
+            for note in read_notes:
+                print(f"align: note: {note}", file=sys.stderr)
             failed, where = [], [f"line {n}" for n in line_nos]
         outputs = output_paths(names, args.images, args.output, args.format, several=args.all_faces)
         if not args.detector and names and not any(os.path.isfile(os.path.join(args.images, n)) for n in names):
