@@ -45,12 +45,27 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def file_digest(path: str) -> str:
-    """SHA-256 of the file at ``path`` (an ONNX teacher, whose weights are its graph's)."""
+def onnx_digest(path: str) -> str:
+    """SHA-256 of the ONNX model at ``path`` (a teacher, whose weights are its graph's): the file, then the
+    files of external data its tensors name (a model over 2 GB keeps its weights in them), in the order
+    first named."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    graph = onnx.load(path, load_external_data=False).graph
+    tensors = [*graph.initializer, *(attribute.t for node in graph.node for attribute in node.attribute
+                                     if attribute.type == onnx.AttributeProto.TENSOR)]
+    files = [path]
+    for tensor in tensors:
+        if uses_external_data(tensor):
+            where = os.path.join(os.path.dirname(path), ExternalDataInfo(tensor).location)
+            if where not in files:
+                files.append(where)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_DIGEST_BLOCK), b""):
-            digest.update(block)
+    for name in files:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(_DIGEST_BLOCK), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -111,7 +126,7 @@ def load_teacher(path: str, network: str | None, *, embedding_size: int, image_s
                              "state dict; leave it out")
         with said:
             model, settings = load_onnx_backbone(path, device)
-        digest = file_digest(path)
+        digest = onnx_digest(path)
     else:
         # (A network of one's own tells nothing of its sizes in its shapes: the run's, which its embeddings must be.)
         sizes = {"embedding_size": embedding_size, "image_size": image_size} if network and is_factory_spec(network) \

@@ -3,6 +3,7 @@ starts as its teacher and falls as a student learns; at weight 0 the run is one 
 bit; a distilled run resumes exactly, and only with its own teacher; the checkpoint and the export hold the
 student alone; mistakes are one-line errors naming the option."""
 
+import hashlib
 import math
 import os
 import shutil
@@ -14,7 +15,7 @@ import torch
 
 from train import checkpoint, export
 from train.config import parse_args
-from train.distill import distillation_loss, weights_digest
+from train.distill import distillation_loss, onnx_digest, weights_digest
 from train.trainer import Trainer, main
 
 from trainer_fixtures import (IMAGE_SIZE, LOSS_IMPL, base_argv, faces, one_thread, read_jsonl,  # noqa: F401
@@ -310,6 +311,25 @@ def test_a_teacher_that_records_no_image_size_is_taken_at_the_runs_where_its_wei
     run = Trainer(parse_args(argv(faces, tmp_path / "run48", image_size=48, teacher=str(bare))))
     assert (run.teacher.input_size, run.teacher.resized) == (32, True)
     assert "takes 32px images: the run's 48px images (--image-size) are resized" in capsys.readouterr().err
+
+
+def test_an_onnx_teachers_digest_covers_its_external_data(teacher, tmp_path):
+    # A model over 2 GB keeps its weights in files beside the graph: the digest covered the graph alone,
+    # so a resume with other weights there was taken for the same teacher.
+    onnx = pytest.importorskip("onnx")
+    assert export.main(["--checkpoint", teacher, "--output", str(tmp_path / "export"), "--opset", "17"]) == 0
+    model = onnx.load(str(tmp_path / "export" / "backbone.onnx"))
+    path = str(tmp_path / "external.onnx")
+    onnx.save_model(model, path, save_as_external_data=True, location="external.data", size_threshold=0)
+    before = onnx_digest(path)
+    with open(tmp_path / "external.data", "r+b") as f:  # another weight, the graph file unchanged
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    assert onnx_digest(path) != before
+    inline = str(tmp_path / "export" / "backbone.onnx")
+    assert onnx_digest(inline) == hashlib.sha256(open(inline, "rb").read()).hexdigest()  # as before, without
 
 
 def test_an_onnx_teacher_gives_the_term_its_pytorch_model_gives(faces, teacher, tmp_path):
