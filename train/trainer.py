@@ -636,7 +636,7 @@ class Trainer:
                 raise SystemExit(f"error: {error}") from None
 
     def _set_up(self, args: argparse.Namespace) -> None:
-        from .data import (build_train_dataset, build_train_loader, build_verification_sets,
+        from .data import (CombinedFaces, build_train_dataset, build_train_loader, build_verification_sets,
                            check_every_rank_reads_the_same)
 
         self.args = args
@@ -682,15 +682,20 @@ class Trainer:
                 **synthetic_size)
         except (OSError, ValueError) as error:  # the messages name the file and what is wrong
             raise SystemExit(str(error)) from None
-        stored_size = getattr(self.dataset, "stored_size", None)
-        if self.is_main and stored_size not in (None, (args.image_size, args.image_size)):
-            print(f"note: {args.data} holds {stored_size[1]}x{stored_size[0]} (width x height) images "
-                  f"({self.dataset.stored_size_source}); they are resized to {args.image_size}x{args.image_size} "
-                  "(--image-size)", file=sys.stderr)
-        if self.is_main and getattr(self.dataset, "labels_note", None):  # a list file's labels, not 0..C-1
-            print(f"note: {args.data}: {self.dataset.labels_note}", file=sys.stderr)
-        if self.is_main and getattr(self.dataset, "repeats_note", None):  # a list naming an image twice
-            print(f"warning: {args.data}: {self.dataset.repeats_note}", file=sys.stderr)
+        if self.is_main and isinstance(self.dataset, CombinedFaces):  # (where each set's identities went)
+            print(f"note: --data is {len(self.dataset.parts)} sets, {len(self.dataset)} images of {self.num_classes} "
+                  "identities, an identity of one set never taken for one of another: "
+                  + "; ".join(self.dataset.describe()), file=sys.stderr)
+        for name, dataset in getattr(self.dataset, "parts", [(args.data, self.dataset)]) if self.is_main else []:
+            stored_size = getattr(dataset, "stored_size", None)
+            if stored_size not in (None, (args.image_size, args.image_size)):
+                print(f"note: {name} holds {stored_size[1]}x{stored_size[0]} (width x height) images "
+                      f"({dataset.stored_size_source}); they are resized to {args.image_size}x{args.image_size} "
+                      "(--image-size)", file=sys.stderr)
+            if getattr(dataset, "labels_note", None):  # a list file's labels, not 0..C-1
+                print(f"note: {name}: {dataset.labels_note}", file=sys.stderr)
+            if getattr(dataset, "repeats_note", None):  # a list naming an image twice
+                print(f"warning: {name}: {dataset.repeats_note}", file=sys.stderr)
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
                              "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))

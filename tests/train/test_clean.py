@@ -272,6 +272,8 @@ def test_refusals_write_nothing(trained, tmp_path, capsys):
     assert "--output is --data's folder" in capsys.readouterr().err
     assert run_clean("--model", ckpt, "--data", "synthetic", "--output", out) == 2
     assert "nothing to clean" in capsys.readouterr().err
+    assert run_clean("--model", ckpt, "--data", f"{faces},{faces}2", "--output", out) == 2  # the trainer's --data a,b
+    assert "clean takes one set: clean each of the sets a training run combines" in capsys.readouterr().err
     os.makedirs(out)
     (out / "samples.csv").write_text("mine")
     assert run_clean("--model", ckpt, "--data", faces, "--output", out) == 2

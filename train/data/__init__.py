@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .augment import Augmentation
+from .combined import CombinedFaces, split_data_spec
 from .imagefolder import ImageFolderDataset
 from .imagelist import LIST_EXTENSIONS, ImageListDataset, is_image_list
 from .recordio import RecordIODataset, RecordIOError
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Augmentation",
+    "CombinedFaces",
     "FaceImageDataset",
     "ImageFolderDataset",
     "ImageListDataset",
@@ -64,7 +66,20 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
     mirrored for a deterministic half of the (seed, epoch, i), after `augment`
     (AdaFace's augmentations), whose draws are a function of (seed, epoch, i) too.
     Datasets pickle without open files, so DataLoader workers each open their own.
+    Several sets separated by commas (`a,b`: `train.data.combined.split_data_spec`) are one
+    `CombinedFaces`, each set's identities labelled after those of the sets before it.
     """
+    names = split_data_spec(spec)
+    if len(names) > 1:
+        parts = []
+        for name in names:
+            part, _ = build_train_dataset(name, image_size=image_size, seed=seed, flip=False,
+                                          synthetic_identities=synthetic_identities,
+                                          synthetic_images_per_identity=synthetic_images_per_identity)
+            parts.append((name, part))
+        dataset = CombinedFaces(parts, image_size=image_size, seed=seed, flip=flip)
+        dataset.augment = augment
+        return dataset, dataset.num_classes
     if spec == SYNTHETIC:
         dataset = SyntheticFaces(synthetic_identities, synthetic_images_per_identity,
                                  image_size=image_size, seed=seed, flip=flip)
@@ -125,15 +140,20 @@ def data_folder(spec: str) -> str | None:
     return (os.path.dirname(spec) or ".") if is_image_list(spec) else spec
 
 
-def find_target(folder: str | None, target: str, flag: str = "--val-targets") -> str | None:
+def data_folders(spec: str) -> list[str]:
+    """The folders of `--data spec`'s sets (`data_folder`), in order; none for synthetic data."""
+    return [] if spec == SYNTHETIC else [data_folder(part) for part in split_data_spec(spec)]
+
+
+def find_target(folder: str | list[str] | None, target: str, flag: str = "--val-targets") -> str | None:
     """The file of a `--val-targets` entry (or the folder of a path that is one: RFW's, `train.rfw`);
-    None for a name that `folder` lacks (no folder: synthetic data). A path is looked for as it is,
-    then in `folder`, and is an error when missing."""
+    None for a name that `folder` lacks (no folder: synthetic data; several: each in turn). A path is
+    looked for as it is, then in `folder`, and is an error when missing."""
     if is_target_path(target) and os.path.isdir(target):
         return target
     candidates = [target] if is_target_path(target) else []
-    if folder is not None:
-        candidates += [os.path.join(folder, target), os.path.join(folder, target + ".bin")]
+    for where in [folder] if isinstance(folder, str) else folder or []:
+        candidates += [os.path.join(where, target), os.path.join(where, target + ".bin")]
     found = next((c for c in candidates if os.path.isfile(c)), None)
     if found is None and is_target_path(target):
         raise FileNotFoundError(f"{flag}: no verification set at {target}")
@@ -151,8 +171,8 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
     its four races' sets (`RFW/African`, ...; `train.rfw`); anything ending in `.bin` / `.txt` or holding a
     path separator is a path, read from that file whatever the data. A path that is not found is
     an error, and so is a set of fewer pairs than the folds of its accuracy. A name is read from
-    `<data folder>/<name>.bin` (`data_folder`: a list file's folder; skipped with a warning when
-    the folder lacks it, as insightface does); with spec 'synthetic' it is one synthetic set, of
+    `<data folder>/<name>.bin` (`data_folder`: a list file's folder; of several sets, the first folder
+    that has it; skipped with a warning when none does, as insightface does); with spec 'synthetic' it is one synthetic set, of
     identities disjoint from the training ones and from the other names'. A file named twice is one
     set. ``flag`` names the option in messages.
     """
@@ -175,13 +195,16 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
                                              image_size=image_size, seed=seed)
             sets[target] = VerificationSet(target, images, issame)
             continue
-        path = find_target(data_folder(spec), target, flag)
+        # (Several sets: the first folder that holds it.)
+        folders = data_folders(spec)
+        path = find_target(folders, target, flag)
         if path is None:
-            inside = os.path.join(data_folder(spec), target)
-            if not folder and os.path.isdir(inside):  # (RFW's folder beside the data's .bin files, say)
+            inside = next((os.path.join(where, target) for where in folders
+                           if os.path.isdir(os.path.join(where, target))), None)
+            if not folder and inside:  # (RFW's folder beside the data's .bin files, say)
                 folder = f"; {inside} is a folder: write its path to read it"
-            warnings.warn(f"verification target {target!r}: no {target}.bin in {data_folder(spec)!r}; skipped{folder}",
-                          stacklevel=2)
+            where = " or ".join(repr(where) for where in folders)
+            warnings.warn(f"verification target {target!r}: no {target}.bin in {where}; skipped{folder}", stacklevel=2)
             continue
         if os.path.isdir(path):
             _add_rfw(sets, files, path, image_size)

@@ -57,6 +57,7 @@ from PIL import Image
 
 from train import checkpoint
 from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset, data_folder, is_target_path
+from train.data.combined import split_data_spec
 from train.data.imagelist import is_image_list
 from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
@@ -591,7 +592,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data == "synthetic":
         raise ValueError("--data synthetic is drawn, not stored: there is nothing to clean")
     if not (os.path.isdir(args.data) or is_image_list(args.data)):
-        raise FileNotFoundError(f"--data {args.data}: no such folder or list file (.lst, .txt)")
+        several = "; clean takes one set: clean each of the sets a training run combines (--data a,b) on its own" \
+            if len(split_data_spec(args.data)) > 1 else ""
+        raise FileNotFoundError(f"--data {args.data}: no such folder or list file (.lst, .txt){several}")
     if os.path.realpath(args.output) == os.path.realpath(args.data):
         raise ValueError("--output is --data's folder: the cleaned set goes to another folder")
     model, settings = load_model(args.model, device)
