@@ -58,6 +58,11 @@ def test_consecutive_images_of_a_folder_and_random_ones(tmp_path):
     assert preview.main(["--output", str(tmp_path / "faces" / "id_001" / "link.png"), "--overwrite", *common]) == 1
     assert not (tmp_path / "elsewhere.png").exists()
     assert preview.main(["--output", str(tmp_path / "faces" / "grid.png"), *common]) == 0
+    # Nor among the second set's of two (--data a,b).
+    other = make_face_folder(str(tmp_path / "more"), identities=2, images=2)
+    assert preview.main(["--output", str(tmp_path / "more" / "id_001" / "grid.png"), *common[2:], "--data",
+                         f"{data},{other}"]) == 1
+    assert not (tmp_path / "more" / "id_001" / "grid.png").exists()
 
 
 def test_options_come_from_a_trainer_config(tmp_path):

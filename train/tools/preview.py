@@ -106,15 +106,18 @@ def _main(argv: list[str] | None = None) -> int:
                                                flip=True, augment=augmentation(options), **synthetic)
         if options.num_classes is not None and options.num_classes != classes:  # as the trainer refuses it
             raise ValueError(f"--num-classes is {options.num_classes}, but {options.data} holds {classes} identities")
-        stored = getattr(dataset, "stored_size", None)
-        if stored not in (None, (options.image_size, options.image_size)):
-            print(f"note: {options.data} holds {stored[1]}x{stored[0]} (width x height) images "
-                  f"({dataset.stored_size_source}); they are resized to {options.image_size}x{options.image_size} "
-                  "(--image-size)", file=sys.stderr)
+        parts = getattr(dataset, "parts", [(options.data, dataset)])  # (--data a,b: each set's)
+        for name, part in parts:
+            stored = getattr(part, "stored_size", None)
+            if stored not in (None, (options.image_size, options.image_size)):
+                print(f"note: {name} holds {stored[1]}x{stored[0]} (width x height) images "
+                      f"({part.stored_size_source}); they are resized to {options.image_size}x{options.image_size} "
+                      "(--image-size)", file=sys.stderr)
         # The grid is an image: not in an ImageFolder's identity folders (it would be a training image the
         # next time). A RecordIO folder, or an ImageFolder's root, holds no image that is read.
-        identities = (() if not os.path.isdir(options.data) or os.path.isfile(os.path.join(options.data, "train.rec"))
-                      else tuple(entry.path for entry in os.scandir(options.data) if entry.is_dir()))
+        identities = tuple(entry.path for name, _ in parts
+                           if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "train.rec"))
+                           for entry in os.scandir(name) if entry.is_dir())
         check_outputs([args.output], args.overwrite, image_folders=identities)
         keys = pick(args, len(dataset), np.random.default_rng(options.seed))
         tiles, captions = [], []
