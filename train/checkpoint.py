@@ -391,10 +391,10 @@ def _described_weights(weights: dict[str, torch.Tensor], path: str, options: boo
 def settings_path(model_path: str) -> str:
     """Where ``python -m train.export``'s settings of the model at ``model_path`` are: ``<stem>.json``
     beside it (``backbone.json`` beside ``backbone.pt`` and ``backbone.onnx``), and ``backbone.json``
-    beside ``backbone_normalized.onnx`` too."""
-    from .export import NORMALIZED_ONNX_NAME, SETTINGS_NAME
+    beside the other graphs of an export too (``backbone_normalized.onnx``, ``backbone_int8.onnx``, ...)."""
+    from .export import GRAPH_NAMES, SETTINGS_NAME
 
-    if os.path.basename(model_path) == NORMALIZED_ONNX_NAME:
+    if os.path.basename(model_path) in GRAPH_NAMES:
         return os.path.join(os.path.dirname(model_path), SETTINGS_NAME)
     return os.path.splitext(model_path)[0] + ".json"
 

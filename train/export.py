@@ -2,7 +2,9 @@
 plus its settings in ``backbone.json``) and an ONNX graph (``backbone.onnx``, compared with
 PyTorch through onnxruntime when that is installed, before anything is written); with
 ``--normalized-onnx`` also ``backbone_normalized.onnx``, whose output is the embedding verification
-compares (image plus mirror, L2-normalised), so that ``backbone.json``'s threshold applies to it as it is."""
+compares (image plus mirror, L2-normalised), so that ``backbone.json``'s threshold applies to it as it is;
+with ``--int8`` also ``backbone_int8.onnx`` (and ``backbone_normalized_int8.onnx``), quantized for CPUs
+and edge devices (``train.quantize``)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import warnings
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, quantize
+from .config import _str_list
 from .signals import Stopped, signals_held, stop_on_signals
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
@@ -30,6 +33,10 @@ except ImportError:  # a private module: without it the exporter's own error tel
 # The files an export writes into its folder (the trainer sets them aside with a run's own).
 STATE_NAME, SETTINGS_NAME, ONNX_NAME = "backbone.pt", "backbone.json", "backbone.onnx"
 NORMALIZED_ONNX_NAME = "backbone_normalized.onnx"
+INT8_ONNX_NAME, NORMALIZED_INT8_ONNX_NAME = "backbone_int8.onnx", "backbone_normalized_int8.onnx"
+# Every graph an export may write: one that an export does not write is removed from its folder (an
+# earlier export's would pass for the new backbone's).
+GRAPH_NAMES = (ONNX_NAME, NORMALIZED_ONNX_NAME, INT8_ONNX_NAME, NORMALIZED_INT8_ONNX_NAME)
 FLIP_OPSET = 10  # the first opset in which torch's exporter writes torch.flip (a Slice with a negative step)
 
 
@@ -131,9 +138,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="also write backbone.onnx (without it, or without the onnx package, the backbone.onnx of an "
                    "earlier export in the folder is removed)")
+    p.add_argument("--int8", nargs="?", const="", default=None, metavar="FACES",
+                   help=f"also write {INT8_ONNX_NAME} (with --normalized-onnx, {NORMALIZED_INT8_ONNX_NAME} too): the "
+                   "graph quantized to int8 for CPUs and edge devices (onnxruntime's static quantization: QDQ, int8 "
+                   "weights per channel, uint8 activations), calibrated on aligned faces of FACES, what the trainer's "
+                   "--data takes (an image folder, a folder with train.rec/train.idx, a list file, synthetic; "
+                   "default: the run's own --data), and checked against the fp32 graph on others before anything "
+                   f"is written (refused when their embeddings' mean cosine is under {quantize.MIN_MEAN_COSINE})")
+    p.add_argument("--int8-faces", "--int8_faces", dest="int8_faces", type=int, default=None,
+                   help=f"faces of FACES that calibrate (default {quantize.DEFAULT_FACES}); as many others, where it "
+                   "holds them, check the int8 graph")
+    p.add_argument("--int8-targets", "--int8_targets", dest="int8_targets", type=_str_list, default=None,
+                   help="verification sets to measure both graphs on, as train.verify's --targets: paths of .bin "
+                   "files, pairs files or RFW's folder, or names looked for in FACES's folder (<folder>/<name>.bin); "
+                   "default: the run's --val-targets, found as the run found them; none: none")
     args = p.parse_args(argv)
     if args.normalized_onnx and not args.onnx:
         p.error("--normalized-onnx with --no-onnx: give one")
+    if args.int8 is not None and not args.onnx:
+        p.error("--int8 quantizes backbone.onnx, which --no-onnx does not write")
+    for flag, value in (("--int8-faces", args.int8_faces), ("--int8-targets", args.int8_targets)):
+        if value is not None and args.int8 is None:
+            p.error(f"{flag} goes with --int8")
+    if args.int8_faces is not None and args.int8_faces < 1:
+        p.error(f"--int8-faces must be at least 1, got {args.int8_faces}")
     if args.opset is not None and not args.onnx:  # (was taken without a word)
         p.error("--opset goes with the ONNX graph, which --no-onnx does not write")
     args.opset = 17 if args.opset is None else args.opset
@@ -145,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.normalized_onnx and args.opset < FLIP_OPSET:
         p.error(f"--normalized-onnx needs --opset {FLIP_OPSET} or later (its mirror image is ONNX's Slice with a "
                 f"negative step, from opset {FLIP_OPSET}), got {args.opset}")
+    if args.int8 is not None and args.opset < quantize.INT8_OPSET:
+        p.error(f"--int8 needs --opset {quantize.INT8_OPSET} or later (its weights' scales per channel are "
+                f"QuantizeLinear's axis, from opset {quantize.INT8_OPSET}), got {args.opset}")
     try:
         # Ctrl-C and SIGTERM unwind: the private folder goes, and the output folder is as it was, or
         # (when they come while the files move into place) holds the whole export.
@@ -166,12 +197,18 @@ def _export(args: argparse.Namespace) -> int:
     if os.path.exists(output) and not os.path.isdir(output):
         raise ValueError(f"--output {output} is a file, not a folder to export into")
     names = [STATE_NAME, SETTINGS_NAME] + ([ONNX_NAME] if args.onnx else []) + (
-        [NORMALIZED_ONNX_NAME] if args.normalized_onnx else [])
+        [NORMALIZED_ONNX_NAME] if args.normalized_onnx else []) + (
+        [INT8_ONNX_NAME] if args.int8 is not None else []) + (
+        [NORMALIZED_INT8_ONNX_NAME] if args.int8 is not None and args.normalized_onnx else [])
     for name in names:
         if os.path.isdir(os.path.join(output, name)):
             raise ValueError(f"{os.path.join(output, name)} is a folder: the export writes a file of that name")
+    if args.int8 is not None:
+        quantize.require_onnxruntime()
     model, settings = checkpoint.load_backbone(args.checkpoint, network=args.network,
                                                embedding_size=args.embedding_size, image_size=args.image_size)
+    # The faces and verification sets of --int8, read before anything is made: a mistake in them is said at once.
+    faces, sets = _int8_inputs(args, settings["image_size"]) if args.int8 is not None else (None, {})
     made = not os.path.lexists(output)
     try:
         os.makedirs(output, exist_ok=True)
@@ -205,12 +242,21 @@ def _export(args: argparse.Namespace) -> int:
             except ValueError as error:
                 print(f"error: {error}; nothing written (--no-onnx exports the state dict alone)", file=sys.stderr)
                 return 1
+        agreements = {}
+        if faces is not None:
+            try:
+                agreements = _quantize(staging, faces, sets, args.normalized_onnx)
+            except ValueError as error:
+                print(f"error: {error}; nothing written (without --int8 the export writes the fp32 graph alone)",
+                      file=sys.stderr)
+                return 1
         checkpoint.save_atomic(model.state_dict(), os.path.join(staging, STATE_NAME))
         checkpoint.write_json_atomic(os.path.join(staging, SETTINGS_NAME), settings)
 
         # Graphs of an earlier export that this one does not write would pass for this one's.
-        stale = [path for path in ([onnx_path] if graph is None else []) + (
-            [] if args.normalized_onnx and graph is not None else [normalized_path]) if os.path.exists(path)]
+        written = set(os.listdir(staging))
+        stale = [os.path.join(output, name) for name in GRAPH_NAMES
+                 if name not in written and os.path.exists(os.path.join(output, name))]
         with signals_held():  # all the files move, and the stale ones go, or nothing changes
             # The state dict last: a reader that takes backbone.pt for the sign of a finished export finds
             # the graphs and settings in place.
@@ -232,12 +278,71 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {onnx_path}: {checked}")
         if args.normalized_onnx:
             print(f"wrote {normalized_path}: image + mirror, L2-normalised (the embedding verification compares)")
+        for name, agreement in agreements.items():
+            fp32_name = NORMALIZED_ONNX_NAME if name == NORMALIZED_INT8_ONNX_NAME else ONNX_NAME
+            print(f"wrote {os.path.join(output, name)}: {fp32_name} in int8, calibrated on {len(faces.calibration)} "
+                  f"faces of {faces.spec}; against {fp32_name}, {quantize.describe(agreement)}"
+                  + (" not used for calibration" if faces.held_out else " (the calibration faces: none left)"))
+            for target, (fp32, int8) in agreement.targets.items():
+                print(f"  {target}: accuracy {int8['accuracy']:.4f} ± {int8['accuracy_std']:.4f} in int8, "
+                      f"{fp32['accuracy']:.4f} ± {fp32['accuracy_std']:.4f} in fp32 (threshold {int8['threshold']:.3f} "
+                      f"and {fp32['threshold']:.3f})")
         return 0
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if made:  # the folder this run made, left empty by a failure or a stop
             with contextlib.suppress(OSError):
                 os.rmdir(output)
+
+
+def _int8_inputs(args: argparse.Namespace, image_size: int) -> tuple[quantize.Faces, dict]:
+    """--int8's faces (the run's --data where no FACES is given) and the verification sets of
+    --int8-targets (the run's --val-targets where not given)."""
+    from .verify import _run_args
+
+    run = _run_args(args.checkpoint)
+    spec = args.int8 or run.get("data")
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"--int8: {args.checkpoint} records no training data to calibrate on (not a training "
+                         "checkpoint): name the faces, --int8 FACES")
+    count = args.int8_faces or quantize.DEFAULT_FACES
+    faces = quantize.read_faces(spec, count, image_size=image_size, run=run,
+                                flag="--int8" if args.int8 else "--int8 (the run's --data)")
+    if not faces.held_out:
+        print(f"note: --int8 {spec} holds {faces.total} faces: all of them calibrate, and the int8 graph is checked on "
+              f"them (on faces it was not calibrated on, the agreement may be lower; --int8-faces "
+              f"{max(1, faces.total // 2)} leaves half out)", file=sys.stderr)
+    elif len(faces.check) < count:
+        print(f"note: --int8 {spec} holds {faces.total} faces: {len(faces.calibration)} calibrate, and the int8 graph "
+              f"is checked on the {len(faces.check)} others", file=sys.stderr)
+    if args.int8_targets is not None:
+        sets = quantize.verification_sets(args.int8_targets, spec, image_size, seed=run.get("seed", 0)
+                                          if spec == run.get("data") else 0, skip_missing=False)
+    elif isinstance(run.get("val_targets"), list) and isinstance(run.get("data"), str):
+        sets = quantize.verification_sets(run["val_targets"], run["data"], image_size, seed=run.get("seed", 0),
+                                          skip_missing=True)
+    else:
+        sets = {}
+    return faces, sets
+
+
+def _quantize(staging: str, faces: quantize.Faces, sets: dict, normalized: bool) -> dict[str, quantize.Agreement]:
+    """The int8 graphs of the fp32 ones in ``staging``, made beside them and checked ({name: agreement});
+    ValueError when onnxruntime cannot quantize one, or its embeddings do not agree with the fp32 graph's."""
+    agreements = {}
+    for fp32_name, int8_name in ((ONNX_NAME, INT8_ONNX_NAME),) + (
+            ((NORMALIZED_ONNX_NAME, NORMALIZED_INT8_ONNX_NAME),) if normalized else ()):
+        fp32_path, int8_path = os.path.join(staging, fp32_name), os.path.join(staging, int8_name)
+        # (in backbone_normalized.onnx the backbone alone: its nodes are named for FlipNormalized's attribute)
+        quantize.quantize(fp32_path, int8_path, faces.calibration,
+                          only_under="/backbone/" if fp32_name == NORMALIZED_ONNX_NAME else None)
+        try:
+            # (the verification sets once: the normalized graph's embeddings are the same faces' mirrored and summed)
+            agreements[int8_name] = quantize.compare(fp32_path, int8_path, faces.check,
+                                                     sets if fp32_name == ONNX_NAME else None)
+        except ValueError as error:
+            raise ValueError(f"{int8_name}: {error}") from None
+    return agreements
 
 
 if __name__ == "__main__":

@@ -170,8 +170,8 @@ class TargetAngles:
 # What a run (and train.export, by default) writes into its --output folder.
 # (Not wandb/: W&B keeps each run in a folder of its own under it, so a fresh run overwrites nothing there.)
 RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verification.jsonl", "training.log",
-             "tensorboard", LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME, export.ONNX_NAME,
-             export.NORMALIZED_ONNX_NAME)
+             "tensorboard", LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME,
+             *export.GRAPH_NAMES)
 
 
 def _copied_tensors(value: Any) -> Any:

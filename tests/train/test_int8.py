@@ -1,0 +1,239 @@
+"""`python -m train.export --int8`: the graph quantized to int8 by onnxruntime, calibrated on aligned faces,
+checked against the fp32 graph before it is written, and run by the tools that take ONNX models."""
+
+import os
+import signal
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from train import checkpoint, distill, embed, export, quantize, trainer, verify
+
+from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, train_one_thread  # noqa: F401
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(checkpoint after two steps on a folder of 16 faces, that folder, the pairs list the run verified on)."""
+    root = tmp_path_factory.mktemp("int8")
+    data = make_face_folder(str(root / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(root / "pairs"), pairs=20)
+    argv = base_argv(data, str(root / "run"), pairs=pairs, batch_size=8, max_steps=2)
+    assert train_one_thread(argv) == 0
+    return str(root / "run" / "checkpoint.pt"), data, pairs
+
+
+def code_of(argv):
+    try:
+        return export.main(argv)
+    except SystemExit as exit_info:  # argparse's own checks
+        return exit_info.code
+
+
+def cosines(a, b):
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_the_int8_graph_agrees_with_the_fp32_one_and_runs_where_onnx_models_do(run, tmp_path, capsys):
+    ckpt, faces, pairs = run
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", "synthetic", "--int8-faces", "24",
+                        "--int8-targets", "synthetic", "--normalized-onnx"]) == 0
+    printed = capsys.readouterr()
+    int8, normalized = out / "backbone_int8.onnx", out / "backbone_normalized_int8.onnx"
+    assert f"wrote {int8}: backbone.onnx in int8, calibrated on 24 faces of synthetic; against backbone.onnx, their " \
+           "embeddings' cosine 0." in printed.out and "over 24 faces not used for calibration" in printed.out
+    assert "  synthetic: accuracy " in printed.out and f"wrote {normalized}: backbone_normalized.onnx in int8" in \
+        printed.out
+    assert sorted(os.listdir(out)) == ["backbone.json", "backbone.onnx", "backbone.pt", "backbone_int8.onnx",
+                                       "backbone_normalized.onnx", "backbone_normalized_int8.onnx"]  # no work files
+    # Quantized: int8 weights per output channel of every convolution, behind DequantizeLinear; a quarter of the size.
+    graph = onnx.load(str(int8)).graph
+    weights = {t.name: t for t in graph.initializer}
+    convolutions = [n for n in graph.node if n.op_type == "Conv"]
+    producers = {output: n for n in graph.node for output in n.output}
+    for conv in convolutions:
+        dequantize = producers[conv.input[1]]
+        assert dequantize.op_type == "DequantizeLinear", conv.name
+        assert weights[dequantize.input[0]].data_type == onnx.TensorProto.INT8
+        assert len(weights[dequantize.input[1]].dims) == 1 and weights[dequantize.input[1]].dims[0] > 1  # per channel
+    assert os.path.getsize(int8) < 0.4 * os.path.getsize(out / "backbone.onnx")
+
+    # train.embed and train.verify take it, its threshold from backbone.json as for backbone.onnx.
+    fp32_table, int8_table = tmp_path / "fp32.npy", tmp_path / "int8.npy"
+    for model, table in ((out / "backbone.onnx", fp32_table), (int8, int8_table)):
+        assert embed.main(["--model", str(model), "--images", faces, "--output", str(table), "--workers", "0"]) == 0
+    assert cosines(np.load(fp32_table), np.load(int8_table)).min() > 0.95
+    threshold = checkpoint.load_backbone(ckpt)[1]["threshold"]  # (the run verified at its end)
+    assert embed.load_model(str(int8), "cpu")[1]["threshold"] == threshold
+    capsys.readouterr()
+    assert verify.main(["--model", str(int8), "--targets", pairs]) == 0
+    assert "pairs: accuracy " in capsys.readouterr().out
+    # The normalized int8 graph: its mirror and normalisation left in float, its outputs of unit length.
+    settings = embed.load_model(str(normalized), "cpu")[1]
+    assert settings["unit_length"] and settings["threshold"] == threshold
+    kinds = {n.op_type for n in onnx.load(str(normalized)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "ReduceL2", "Div"} <= kinds
+    # A teacher (run by onnxruntime, as backbone.onnx is).
+    teacher = distill.load_teacher(str(int8), None, embedding_size=64, image_size=32, amp="none",
+                                   device=torch.device("cpu"))
+    assert teacher.settings["embedding_size"] == 64
+
+
+def test_int8_calibrates_on_the_runs_own_faces_and_verifies_on_its_sets(run, tmp_path, capsys):
+    ckpt, faces, pairs = run
+    # The run's --data: its 16 faces, 8 to calibrate and 8 to check; the run's pairs list verified.
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "a"), "--int8", "--int8-faces", "8"]) == 0
+    printed = capsys.readouterr()
+    assert f"calibrated on 8 faces of {faces}; against backbone.onnx" in printed.out
+    assert "over 8 faces not used for calibration" in printed.out and "  pairs: accuracy " in printed.out
+    assert "note" not in printed.err
+    # Fewer faces than the count: all of them calibrate, said so; --int8-targets none verifies nothing.
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "b"), "--int8", "--int8-targets",
+                        "none"]) == 0
+    printed = capsys.readouterr()
+    assert f"note: --int8 {faces} holds 16 faces: all of them calibrate, and the int8 graph is checked on them" in \
+        printed.err and "over 16 faces (the calibration faces: none left)" in printed.out
+    assert "accuracy" not in printed.out
+    # 12 of 16: the 4 others check, said so.
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "c"), "--int8", faces, "--int8-faces",
+                        "12", "--int8-targets", "none"]) == 0
+    assert f"note: --int8 {faces} holds 16 faces: 12 calibrate, and the int8 graph is checked on the 4 others" in \
+        capsys.readouterr().err
+    # An export's backbone.pt records no run: the faces must be named.
+    assert export.main(["--checkpoint", str(tmp_path / "a" / "backbone.pt"), "--output", str(tmp_path / "d"),
+                        "--int8"]) == 2
+    assert capsys.readouterr().err == f"error: --int8: {tmp_path / 'a' / 'backbone.pt'} records no training data " \
+        "to calibrate on (not a training checkpoint): name the faces, --int8 FACES\n"
+    # A run whose data is not here (trained on another machine): said so; its verification sets left out.
+    state = checkpoint.load(ckpt)
+    state["args"] = {**state["args"], "data": str(tmp_path / "elsewhere"), "val_targets": ["lfw", "/x/pairs.txt"]}
+    torch.save(state, tmp_path / "moved.pt")
+    assert export.main(["--checkpoint", str(tmp_path / "moved.pt"), "--output", str(tmp_path / "d"), "--int8"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --int8 (the run's --data) '{tmp_path / 'elsewhere'}': no such "
+                                              "folder;")
+    assert export.main(["--checkpoint", str(tmp_path / "moved.pt"), "--output", str(tmp_path / "d"), "--int8",
+                        faces, "--int8-faces", "8"]) == 0
+    printed = capsys.readouterr()
+    assert "note: the run's verification set /x/pairs.txt is not here: not measured" in printed.err
+    assert f"note: verification target 'lfw': no lfw.bin in '{tmp_path / 'elsewhere'}'; skipped" in printed.err
+    assert "accuracy" not in printed.out
+
+
+def earlier_export(folder):
+    """Every file of an earlier export, each holding its own name."""
+    os.makedirs(folder, exist_ok=True)
+    for name in (export.STATE_NAME, export.SETTINGS_NAME, *export.GRAPH_NAMES):
+        (folder / name).write_text(name)
+
+
+def assert_earlier_export_untouched(folder):
+    assert sorted(os.listdir(folder)) == sorted([export.STATE_NAME, export.SETTINGS_NAME, *export.GRAPH_NAMES])
+    for name in os.listdir(folder):
+        assert (folder / name).read_text() == name
+
+
+def test_an_int8_graph_that_does_not_agree_is_refused_and_nothing_written(run, tmp_path, monkeypatch, capsys):
+    # Calibrated on faces scaled otherwise than the graph takes them (pixels / 255, say): ranges 20 times too
+    # narrow, which saturate on real faces.
+    ckpt, faces, _ = run
+    earlier_export(tmp_path)
+    read_faces = quantize.read_faces
+
+    def misscaled(*args, **kwargs):
+        got = read_faces(*args, **kwargs)
+        got.calibration = got.calibration * 0.05
+        return got
+
+    monkeypatch.setattr(quantize, "read_faces", misscaled)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--int8", "--int8-faces", "8"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: backbone_int8.onnx: the int8 graph does not agree with the fp32 one: their "
+                          "embeddings' cosine ") and err.endswith(
+        "over 8 faces, under 0.9; nothing written (without --int8 the export writes the fp32 graph alone)\n")
+    assert err.count("\n") == 1
+    assert_earlier_export_untouched(tmp_path)
+
+
+def test_graphs_an_export_does_not_write_are_removed(run, tmp_path, capsys):
+    ckpt, _, _ = run
+    earlier_export(tmp_path)
+    # --int8 without --normalized-onnx: the earlier normalized graphs, fp32 and int8, go.
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--int8", "--int8-faces", "8"]) == 0
+    err = capsys.readouterr().err
+    for name in ("backbone_normalized.onnx", "backbone_normalized_int8.onnx"):
+        assert f"removed {tmp_path / name}: it was from an earlier export" in err
+    assert sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.onnx", "backbone.pt", "backbone_int8.onnx"]
+    # Without --int8: the int8 graph of the export before goes, which would pass for the new backbone's.
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
+    assert f"removed {tmp_path / 'backbone_int8.onnx'}: it was from an earlier export" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.onnx", "backbone.pt"]
+
+
+def test_a_stop_while_quantizing_writes_nothing(run, tmp_path, monkeypatch, capsys):
+    ckpt, _, _ = run
+    earlier_export(tmp_path)
+    quantize_graph = quantize.quantize
+
+    def stopped_while_quantizing(*args, **kwargs):
+        quantize_graph(*args, **kwargs)  # (its working files made, then the stop)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not reached: the handler raises")
+
+    monkeypatch.setattr(quantize, "quantize", stopped_while_quantizing)
+    try:
+        assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--int8", "--int8-faces", "8"]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert capsys.readouterr().err == "stopped by SIGTERM: nothing written\n"
+    assert_earlier_export_untouched(tmp_path)
+
+
+def test_a_fresh_run_sets_an_earlier_exports_int8_graphs_aside(tmp_path):
+    earlier_export(tmp_path)
+    (tmp_path / "checkpoint.pt").write_text("a run's")
+    aside = trainer.set_aside_earlier_run(str(tmp_path))
+    assert os.listdir(tmp_path) == ["earlier-1"] and aside == str(tmp_path / "earlier-1")
+    assert {"backbone_int8.onnx", "backbone_normalized_int8.onnx"} <= set(os.listdir(aside))
+
+
+def test_the_settings_of_every_graph_are_backbone_json(tmp_path):
+    for name in export.GRAPH_NAMES:
+        assert checkpoint.settings_path(str(tmp_path / name)) == str(tmp_path / "backbone.json")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--int8", "--no-onnx"], "--int8 quantizes backbone.onnx, which --no-onnx does not write"),
+    (["--int8-faces", "8"], "--int8-faces goes with --int8"),
+    (["--int8-targets", "lfw"], "--int8-targets goes with --int8"),
+    (["--int8", "--int8-faces", "0"], "--int8-faces must be at least 1, got 0"),
+    (["--int8", "--opset", "12"], "--int8 needs --opset 13 or later (its weights' scales per channel are "
+                                  "QuantizeLinear's axis, from opset 13), got 12"),
+])
+def test_int8_option_mistakes_are_argparse_errors(run, tmp_path, capsys, argv, message):
+    ckpt, _, _ = run
+    assert code_of(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), *argv]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_int8_mistakes_are_one_line_errors_before_anything_is_written(run, tmp_path, monkeypatch, capsys):
+    ckpt, _, _ = run
+    out = tmp_path / "out"
+    missing = tmp_path / "absent"
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: --int8 {str(missing)!r}: no such folder; expected 'synthetic', a " \
+        "folder with train.rec + train.idx, an image folder, or a list file (.lst, .txt)\n"
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", "synthetic", "--int8-targets",
+                        str(tmp_path / "pairs.txt")]) == 2
+    assert capsys.readouterr().err == f"error: --int8-targets: no verification set at {tmp_path / 'pairs.txt'}\n"
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)  # `import onnxruntime.quantization` fails
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", "synthetic"]) == 2
+    assert capsys.readouterr().err == "error: --int8 needs the onnx and onnxruntime packages (the [onnx] extra): " \
+        "pip install onnx onnxruntime\n"
+    assert not out.exists()

@@ -1,0 +1,212 @@
+"""int8 quantization of ``train.export``'s ONNX graphs for CPUs and edge devices: onnxruntime's static
+quantization (QDQ format, int8 weights per output channel, uint8 activations) calibrated on aligned faces,
+and the int8 graph checked against the fp32 one on other faces before ``train.export`` writes it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+DEFAULT_FACES = 300
+# QuantizeLinear's axis, which per-channel weights need, comes with opset 13.
+INT8_OPSET = 13
+# A working quantization keeps the embeddings' directions (a mean cosine of 0.998 or more on the models the
+# README measures); an int8 graph under this is broken (a calibration on other images than faces, say).
+MIN_MEAN_COSINE = 0.9
+CALIBRATION_BATCH = 32
+
+
+def require_onnxruntime() -> None:
+    """ValueError saying what to install when onnx or onnxruntime's quantization is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError:
+        raise ValueError("--int8 needs the onnx and onnxruntime packages (the [onnx] extra): pip install onnx "
+                         "onnxruntime") from None
+
+
+@dataclass
+class Faces:
+    """Aligned faces as ``backbone.onnx`` takes them ((N, 3, S, S) float32, (x - 127.5) / 127.5): those that
+    calibrate, and those the int8 graph is checked on, which are others where ``spec`` holds others
+    (``held_out``), else the calibration faces themselves."""
+    spec: str
+    total: int
+    calibration: np.ndarray
+    check: np.ndarray
+    held_out: bool
+
+
+def read_faces(spec: str, count: int, *, image_size: int, run: dict, flag: str = "--int8") -> Faces:
+    """``count`` faces of ``spec`` (what the trainer's ``--data`` takes), drawn at random from the whole set
+    (the same ones every time), and up to ``count`` others. ``run``: the options of the run the model comes
+    from ({} for none), whose synthetic faces are drawn as it drew them. Raises OSError or ValueError
+    naming ``flag``, or an image that cannot be read."""
+    from .data import SYNTHETIC, build_train_dataset
+    from .data.transforms import to_model_input
+
+    seed, sizes = 0, {}
+    if spec == SYNTHETIC and run.get("data") == SYNTHETIC:
+        seed = run.get("seed", 0)
+        sizes = {key: run[key] for key in ("synthetic_identities", "synthetic_images_per_identity") if key in run}
+    try:
+        dataset, _ = build_train_dataset(spec, image_size=image_size, seed=seed, flip=False, **sizes)
+    except (OSError, ValueError) as error:  # its messages are the trainer's, about --data
+        message = str(error)
+        raise type(error)(f"{flag} " + message[len("--data "):] if message.startswith("--data ") else
+                          f"{flag} {spec}: {message}") from None
+    total = len(dataset)
+    if total == 0:
+        raise ValueError(f"{flag} {spec}: no faces in it")
+    # At random: a set is stored identity after identity, and its first faces would be a few people's.
+    picked = np.random.default_rng(0).choice(total, size=min(total, 2 * count), replace=False)
+
+    def images(indices: np.ndarray) -> np.ndarray:
+        return to_model_input(torch.stack([dataset[int(i)][0] for i in indices])).numpy()
+
+    calibration = images(picked[:count])
+    others = picked[count:]
+    return Faces(spec, total, calibration, images(others) if len(others) else calibration, bool(len(others)))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantization logs through the root logger (a warning for every BatchNorm's weights it
+    leaves per tensor, and the like), which a tool would print: held back while it runs."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def quantize(fp32_path: str, int8_path: str, calibration: np.ndarray, *, only_under: str | None = None) -> None:
+    """The fp32 graph at ``fp32_path`` (``train.export``'s: input ``input``) quantized to ``int8_path`` by
+    onnxruntime's static quantization, calibrated on ``calibration`` (MinMax ranges). ``only_under``: only
+    the nodes whose names start with it are quantized (the backbone inside ``backbone_normalized.onnx``:
+    its mirror and its normalisation stay float, and its outputs of unit length). Its working files go in
+    a folder beside ``int8_path``, removed before this returns. Raises ValueError when onnxruntime cannot
+    quantize the graph."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(range(0, len(calibration), CALIBRATION_BATCH))
+
+        def get_next(self):
+            start = next(self.batches, None)
+            return None if start is None else {"input": calibration[start:start + CALIBRATION_BATCH]}
+
+    # BatchNorm stays float: the CPU has no int8 kernel for it, so quantized it only adds rounding and a
+    # dequantize-quantize round trip (a BatchNorm before each iResNet block's first convolution; r50 at
+    # batch 16: 0.97 s against 0.70 s on this project's machine).
+    op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - {"BatchNormalization"})
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=os.path.dirname(os.path.abspath(int8_path))) as work, \
+            _quiet():
+        prepared = os.path.join(work, "prepared.onnx")
+        try:
+            # Shape inference, and onnxruntime's graph optimisations (each BatchNorm after a convolution folded
+            # into it), as onnxruntime's quantization guide has it.
+            quant_pre_process(fp32_path, prepared)
+            excluded = [] if only_under is None else [
+                node.name for node in onnx.load(prepared, load_external_data=False).graph.node
+                if not node.name.startswith(only_under)]
+            quantize_static(prepared, int8_path, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            # 7-bit weights: 8-bit ones can saturate int16 sums on x86 CPUs without VNNI
+                            # (onnxruntime's advice for them; no slower with VNNI)
+                            reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=op_types,
+                            nodes_to_exclude=excluded)
+            onnx.checker.check_model(int8_path)
+        except Exception as error:  # onnxruntime's and onnx's errors share no base class but Exception
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"onnxruntime cannot quantize the graph to int8: {reason}") from error
+
+
+@dataclass
+class Agreement:
+    """How an int8 graph's embeddings compare with its fp32 graph's: the cosine of each face's two
+    embeddings (mean and minimum, over ``faces`` faces) and, for each verification set, the two graphs'
+    results (``train.verification.evaluate``'s), fp32's first."""
+    faces: int
+    mean: float
+    min: float
+    targets: dict[str, tuple[dict, dict]] = field(default_factory=dict)
+
+
+def agreement(fp32_path: str, int8_path: str, faces: np.ndarray) -> Agreement:
+    """The cosine of the embeddings the int8 graph at ``int8_path`` and the fp32 one at ``fp32_path`` give
+    each of ``faces`` (backbone.onnx's input)."""
+    from .onnx_backbone import open_session
+
+    embeddings = []
+    for path in (fp32_path, int8_path):
+        session = open_session(path)
+        embeddings.append(np.concatenate([session.run(None, {"input": faces[i:i + CALIBRATION_BATCH]})[0]
+                                          for i in range(0, len(faces), CALIBRATION_BATCH)]).astype(np.float64))
+    expected, got = embeddings
+    cosine = (expected * got).sum(axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))
+    return Agreement(len(faces), float(np.mean(cosine)), float(np.min(cosine)))
+
+
+def compare(fp32_path: str, int8_path: str, faces: np.ndarray, sets: dict | None = None) -> Agreement:
+    """``agreement``, and the two graphs' results on the verification ``sets`` (name: VerificationSet).
+    Raises ValueError when the embeddings' mean cosine is under MIN_MEAN_COSINE (before the sets are
+    verified)."""
+    from .onnx_backbone import OnnxBackbone, open_session
+    from .verification import evaluate
+
+    result = agreement(fp32_path, int8_path, faces)
+    if not result.mean >= MIN_MEAN_COSINE:  # (NaN too: an embedding of zeros)
+        raise ValueError(f"the int8 graph does not agree with the fp32 one: {describe(result)}, under "
+                         f"{MIN_MEAN_COSINE}")
+    if sets:
+        fp32, int8 = (OnnxBackbone(open_session(path), raw_pixels=False, batch=None)
+                      for path in (fp32_path, int8_path))
+        for name, vset in sets.items():
+            result.targets[name] = (evaluate(fp32, vset, device="cpu"), evaluate(int8, vset, device="cpu"))
+    return result
+
+
+def describe(agreement: Agreement) -> str:
+    return (f"their embeddings' cosine {agreement.mean:.4f} on the mean, {agreement.min:.4f} at the least, over "
+            f"{agreement.faces} faces")
+
+
+def verification_sets(targets: list[str], spec: str, image_size: int, *, seed: int, skip_missing: bool) -> dict:
+    """The verification sets of ``targets`` (as ``train.verify``'s ``--targets``: names looked for in
+    ``spec``'s folder, paths), a note for each one skipped; with ``skip_missing`` (the run's own sets, on
+    another machine than the run's), a path that is not here is skipped with a note too."""
+    from .data import build_verification_sets, data_folder, find_target
+
+    if skip_missing:
+        kept = []
+        for target in targets:
+            try:
+                find_target(data_folder(spec), target)
+                kept.append(target)
+            except FileNotFoundError:
+                print(f"note: the run's verification set {target} is not here: not measured", file=sys.stderr)
+        targets = kept
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sets = build_verification_sets(spec, targets, image_size=image_size, seed=seed, flag="--int8-targets")
+    for warning in caught:
+        print(f"note: {warning.message}", file=sys.stderr)
+    return sets
