@@ -65,6 +65,7 @@ from train.embed import embed_images, load_model
 from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import RunLock, check_outputs, plain_warnings, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
+from train.tools.similarity import connected_components, cosine_blocks
 from train.verification import compute_embeddings
 
 DEFAULT_DROP_ANGLE = 75.0
@@ -255,22 +256,18 @@ def duplicate_pairs(means: torch.Tensor, present: np.ndarray, threshold: float, 
                     rows: int = 2048, columns: int = 65536) -> list[tuple[int, int, float]]:
     """The pairs (a, b, cosine), a < b, of classes with ``present`` images whose unit mean embeddings
     ``means`` (C, D) have a cosine of at least ``threshold``, most alike first. Made in blocks of
-    ``rows`` x ``columns`` on ``device``."""
+    ``rows`` x ``columns`` on ``device`` (:func:`similarity.cosine_blocks`)."""
     classes = torch.from_numpy(np.flatnonzero(present))
-    unit = means[classes].to(device, torch.float32)
     pairs = []
-    for start in range(0, len(classes), rows):
-        block = unit[start:start + rows]
-        for first in range(start, len(classes), columns):  # only the columns right of the diagonal
-            cosines = block @ unit[first:first + columns].T
-            i, j = torch.nonzero(cosines >= threshold, as_tuple=True)
-            upper = j + first > i + start
-            i, j = i[upper], j[upper]
-            if len(pairs) + len(i) > MAX_PAIRS:
-                raise ValueError(f"--duplicate-cosine {threshold:g} makes more than {MAX_PAIRS:,} class pairs: at that "
-                                 "cosine different people look alike; raise it")
-            for a, b, c in zip((i + start).tolist(), (j + first).tolist(), cosines[i, j].tolist()):
-                pairs.append((int(classes[a]), int(classes[b]), c))
+    for start, first, cosines in cosine_blocks(means[classes], device=device, rows=rows, columns=columns):
+        i, j = torch.nonzero(cosines >= threshold, as_tuple=True)
+        upper = j + first > i + start
+        i, j = i[upper], j[upper]
+        if len(pairs) + len(i) > MAX_PAIRS:
+            raise ValueError(f"--duplicate-cosine {threshold:g} makes more than {MAX_PAIRS:,} class pairs: at that "
+                             "cosine different people look alike; raise it")
+        for a, b, c in zip((i + start).tolist(), (j + first).tolist(), cosines[i, j].tolist()):
+            pairs.append((int(classes[a]), int(classes[b]), c))
     pairs.sort(key=lambda pair: (-pair[2], pair[0], pair[1]))
     return pairs
 
@@ -296,20 +293,9 @@ def test_overlaps(means: torch.Tensor, present: np.ndarray, test_sets: dict, thr
 
 
 def merged_groups(num_classes: int, pairs: list[tuple[int, int, float]]) -> np.ndarray:
-    """(C,) each class's group: the smallest class joined to it through ``pairs`` (union-find)."""
-    parent = np.arange(num_classes)
-
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b, _ in pairs:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.asarray([root(a) for a in range(num_classes)])
+    """(C,) each class's group: the smallest class joined to it through ``pairs``."""
+    a, b = (np.asarray([pair[k] for pair in pairs], dtype=np.int64) for k in (0, 1))
+    return connected_components(num_classes, a, b)
 
 
 def angles(cosines: np.ndarray) -> np.ndarray:
