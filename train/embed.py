@@ -150,16 +150,18 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def embed_files(model: torch.nn.Module, paths: list[str], image_size: int, *, device="cpu",
                 batch_size: int = 64, workers: int = 0, norms: list | None = None,
-                not_square: list | None = None) -> np.ndarray:
+                not_square: list | None = None, unreadable: list | None = None) -> np.ndarray:
     """(len(paths), D) float32 unit-length embeddings (verification's: image plus mirror); the
     feature norms as ``embed_images`` gives them appended to ``norms``; (index, (height, width)) of
-    each image that is not square appended to ``not_square``. The decoding workers leave Ctrl-C and
-    SIGTERM to this process (a terminal's Ctrl-C reaches them all)."""
+    each image that is not square appended to ``not_square``. An image that cannot be read raises
+    ValueError naming it, unless ``unreadable`` is a list: its (index, why) is then appended there
+    and its row is NaN. The decoding workers leave Ctrl-C and SIGTERM to this process (a terminal's
+    Ctrl-C reaches them all)."""
     sizes = [] if not_square is not None else None
     features = embed_images(model.to(device), ImageFiles(paths, image_size, sizes=sizes is not None),
                             device=device, batch_size=batch_size, workers=workers,
                             log=lambda message: print(message, file=sys.stderr, flush=True),
-                            norms=norms, extras=sizes, workers_leave_signals=True)
+                            norms=norms, extras=sizes, unreadable=unreadable, workers_leave_signals=True)
     if sizes:
         sizes = torch.cat(sizes).tolist()
         not_square.extend((i, (h, w)) for i, (h, w) in enumerate(sizes) if h != w)

@@ -9,8 +9,8 @@ import pytest
 from train.config import build_parser
 
 ENTRY_POINTS = ["train.verify", "train.embed", "train.export", "train.ijb", "train.tinyface", "train.plots",
-                "train.tools.align", "train.tools.clean", "train.tools.detect", "train.tools.make_bin",
-                "train.tools.pack_rec", "train.tools.preview"]
+                "train.tools.align", "train.tools.clean", "train.tools.cluster", "train.tools.detect",
+                "train.tools.make_bin", "train.tools.pack_rec", "train.tools.preview"]
 
 
 class _Parsing(Exception):

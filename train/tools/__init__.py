@@ -1,7 +1,8 @@
 """Command-line tools that make data for the trainer: `detect` (photos -> 5 landmarks a face, with
 insightface's SCRFD detector), `align` (photos + 5 landmarks -> aligned crops), `pack_rec`
 (ImageFolder -> RecordIO), `make_bin` (verification pairs -> insightface .bin), `clean` (a training
-set less its label noise and duplicated identities, found with a trained model) and `preview` (a grid of
+set less its label noise and duplicated identities, found with a trained model), `cluster` (the faces of
+an unlabelled collection grouped by person, as a table and an ImageFolder) and `preview` (a grid of
 training images as the network sees them); and the checks
 that `pack_rec`, `make_bin`, `train.embed` and `train.ijb` make of their arguments before any work,
 so that a mistake costs no time."""

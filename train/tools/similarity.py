@@ -1,9 +1,10 @@
 """Searches over the cosines of unit embeddings made in blocks, never as one N x N matrix, and the
-connected components of the pairs they find (``clean``: class pairs alike enough to be one
-identity)."""
+connected components of the pairs they find: shared by ``clean`` (class pairs alike enough to be one
+identity) and ``cluster`` (each face's nearest neighbours)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,6 +22,71 @@ def cosine_blocks(unit: torch.Tensor, *, device, rows: int = 2048, columns: int 
         block = unit[start:start + rows]
         for first in range(start, len(unit), columns):
             yield start, first, block @ unit[first:first + columns].T
+
+
+def nearest_neighbours(unit: torch.Tensor, k: int, threshold: float, *, device, rows: int = 2048,
+                       columns: int = 16384, log=None) -> tuple[np.ndarray, np.ndarray]:
+    """Each of the (N, D) unit vectors' ``k`` nearest others by cosine among those at ``threshold`` or
+    above: ((N, k) int64 indices, -1 where fewer are; (N, k) float32 cosines, most alike first, -inf
+    where fewer are). Each pair's cosine is made once (:func:`cosine_blocks`) and offered to both.
+    A block with no cosine at the threshold costs one maximum; one with few (a face's own people
+    among many others) gives them as a list, one with many is searched whole. ``log`` (a callable)
+    is told the share of the pairs done every 30 s."""
+    n = len(unit)
+    pairs, done, reported = n * (n - 1) / 2, 0, time.monotonic()
+    best = torch.full((n, k), -torch.inf)
+    index = torch.full((n, k), -1, dtype=torch.int64)
+
+    def offer(nodes: torch.Tensor, values: torch.Tensor, neighbours: torch.Tensor) -> None:
+        """Candidates (values, neighbours: (len(nodes), m), -inf where none) for distinct ``nodes``."""
+        values = torch.cat([best[nodes], values], dim=1)
+        neighbours = torch.cat([index[nodes], neighbours], dim=1)
+        values, order = values.topk(k, dim=1)
+        best[nodes] = values
+        index[nodes] = torch.where(values > -torch.inf, neighbours.gather(1, order), -1)
+
+    def offer_listed(nodes: torch.Tensor, neighbours: torch.Tensor, values: torch.Tensor) -> None:
+        """Candidates as a list of (node, neighbour, value): each node's k best offered."""
+        present, slot = torch.unique(nodes, return_inverse=True)
+        order = torch.argsort(-values, stable=True)
+        order = order[torch.argsort(slot[order], stable=True)]  # by node, each node's best first
+        slot = slot[order]
+        counts = torch.bincount(slot, minlength=len(present))
+        rank = torch.arange(len(slot)) - (torch.cumsum(counts, 0) - counts)[slot]
+        kept = rank < k
+        grid = torch.full((len(present), k), -torch.inf)
+        grid_neighbours = torch.full((len(present), k), -1, dtype=torch.int64)
+        grid[slot[kept], rank[kept]] = values[order][kept]
+        grid_neighbours[slot[kept], rank[kept]] = neighbours[order][kept]
+        offer(present, grid, grid_neighbours)
+
+    for start, first, cosines in cosine_blocks(unit, device=device, rows=rows, columns=columns):
+        done += cosines.numel()
+        if log is not None and time.monotonic() - reported > 30:
+            reported = time.monotonic()
+            log(f"compared {min(1.0, done / max(1.0, pairs)):.0%} of the {int(pairs):,} pairs of faces")
+        if first == start:  # on the diagonal: only the pairs j > i, right of it
+            square = min(len(cosines), cosines.shape[1])
+            below = torch.ones(square, square, dtype=torch.bool, device=cosines.device).tril()
+            cosines[:, :square].masked_fill_(below, -torch.inf)
+        if cosines.amax() < threshold:  # (a maximum is cheaper than a mask)
+            continue
+        i, j = torch.nonzero(cosines >= threshold, as_tuple=True)
+        if len(i) <= 4 * k * (len(cosines) + cosines.shape[1]):
+            values = cosines[i, j].cpu()
+            i, j = i.cpu() + start, j.cpu() + first
+            offer_listed(i, j, values)
+            offer_listed(j, i, values)
+            continue
+        # Many: each row's k best columns, and each column's k best rows, of the rows and columns that have any.
+        hit_rows, hit_columns = torch.unique(i), torch.unique(j)
+        cosines = cosines[hit_rows][:, hit_columns]
+        cosines = cosines.masked_fill(cosines < threshold, -torch.inf)
+        values, at = cosines.topk(min(k, cosines.shape[1]), dim=1)
+        offer(hit_rows.cpu() + start, values.cpu(), (hit_columns[at] + first).cpu())
+        values, at = cosines.topk(min(k, cosines.shape[0]), dim=0)
+        offer(hit_columns.cpu() + first, values.T.cpu(), (hit_rows[at.T] + start).cpu())
+    return index.numpy(), best.numpy()
 
 
 def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,0 +1,287 @@
+"""``python -m train.tools.cluster``: the people of a small synthetic collection found with a model
+trained on them; a chain of links that joins two groups into one component, cut by Chinese whispers;
+the blocked neighbour search against the whole matrix; the table and the ImageFolder tree it writes,
+read back as the trainer reads a folder; and what it refuses, stops on and leaves out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import arcface_ext
+from train import checkpoint
+from train.data.imagefolder import scan_image_folder
+from train.data.synthetic import render_face
+from train.embed import main as embed_main, write_table
+from train.tools import cluster
+from train.tools.similarity import connected_components, nearest_neighbours
+from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, train_one_thread
+
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+PEOPLE = 5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained on 8 synthetic identities (its checkpoint and backbone.pt beside a backbone.json
+    recording a verification threshold), and a nested folder of other faces of 5 of them (3 to 7
+    each, never trained on)."""
+    root = tmp_path_factory.mktemp("cluster")
+    faces = make_face_folder(str(root / "train"), identities=8, images=12)
+    argv = base_argv(faces, str(root / "run"), batch_size=32, max_steps=40, save_every=0, log_every=10,
+                     loss_impl=LOSS_IMPL)
+    assert train_one_thread(argv) == 0
+    ckpt = str(root / "run" / "checkpoint.pt")
+    model, settings = checkpoint.load_backbone(ckpt)
+    torch.save(model.state_dict(), root / "backbone.pt")
+    (root / "backbone.json").write_text(json.dumps({**settings, "threshold": 0.9}))  # cosine 0.55
+    collection = root / "photos"
+    for who in range(PEOPLE):
+        folder = collection / ("2024" if who % 2 else "2025") / f"event{who}"
+        os.makedirs(folder)
+        for sample in range(3 + who):
+            Image.fromarray(render_face(0, who, 500 + sample, IMAGE_SIZE)).save(folder / f"{sample:02d}.png")
+    return ckpt, str(root / "backbone.pt"), str(collection)
+
+
+def run_cluster(*argv) -> int:
+    return cluster.main([*map(str, argv), "--workers", "0"])
+
+
+def read_rows(path) -> list[tuple[str, int]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image", "cluster"]
+    return [(name, int(c)) for name, c in rows[1:]]
+
+
+def person(name: str) -> str:
+    return os.path.dirname(name)  # 2025/event0/03.png -> 2025/event0
+
+
+def test_the_people_of_a_collection_are_found(trained, tmp_path, capsys):
+    ckpt, backbone, photos = trained
+    out = tmp_path / "clusters.csv"
+    assert run_cluster("--model", backbone, "--images", photos, "--output", out, "--tree", tmp_path / "people") == 0
+    assert f"threshold 0.5500 ({backbone}'s last verification)" in capsys.readouterr().err  # backbone.json's
+    rows = read_rows(out)
+    assert len(rows) == sum(3 + who for who in range(PEOPLE))
+    # Each person is one cluster, and each cluster one person; numbered by size, the largest first.
+    found = {}
+    for name, c in rows:
+        found.setdefault(c, set()).add(person(name))
+    assert sorted(found) == list(range(PEOPLE)) and all(len(people) == 1 for people in found.values())
+    assert [len([r for r in rows if r[1] == c]) for c in range(PEOPLE)] == [7, 6, 5, 4, 3]
+    summary = json.loads((tmp_path / "clusters.json").read_text())
+    assert summary["clusters"] == PEOPLE and summary["noise"] == 0 and summary["sizes"] == [7, 6, 5, 4, 3]
+    assert summary["threshold"] == 0.55 and summary["model"] == os.path.abspath(backbone)
+
+    # The tree is an ImageFolder as the trainer reads it: a label a cluster, its faces hard links.
+    identities, samples = scan_image_folder(str(tmp_path / "people"))
+    assert identities == [f"cluster_{c:04d}" for c in range(PEOPLE)]
+    by_name = dict(rows)
+    for path, label in samples:
+        name = os.path.basename(path).replace("__", "/")
+        assert by_name[name] == label
+        assert os.path.samefile(path, os.path.join(photos, name))
+    assert len(samples) == len(rows)
+    # --copy copies. A checkpoint that verified nothing gives no threshold: the default, said (here given).
+    assert run_cluster("--model", ckpt, "--images", photos, "--output", out, "--tree", tmp_path / "people",
+                       "--copy", "--overwrite") == 0
+    assert "records no verification" in capsys.readouterr().err
+    assert run_cluster("--model", ckpt, "--images", photos, "--output", out, "--tree", tmp_path / "people",
+                       "--copy", "--overwrite", "--threshold", "0.6") == 0
+    assert "threshold 0.6000 (--threshold)" in capsys.readouterr().err
+    assert read_rows(out) == rows
+    _, copied = scan_image_folder(str(tmp_path / "people"))
+    assert [label for _, label in copied] == [label for _, label in samples]
+    path = copied[0][0]
+    original = os.path.join(photos, os.path.basename(path).replace("__", "/"))
+    assert not os.path.samefile(path, original) and open(path, "rb").read() == open(original, "rb").read()
+    summary = json.loads((tmp_path / "clusters.json").read_text())
+    assert summary["threshold"] == 0.6 and summary["tree_files"] == {"hard links": 0, "copies": 25}
+
+
+def test_a_table_of_train_embed_clusters_as_its_folder(trained, tmp_path, capsys):
+    ckpt, backbone, photos = trained
+    table = tmp_path / "emb.npy"
+    assert embed_main(["--model", backbone, "--images", photos, "--output", str(table), "--workers", "0"]) == 0
+    assert run_cluster("--model", backbone, "--images", photos, "--output", tmp_path / "a.csv") == 0
+    # The table's provenance names the model (its threshold) and the images (for --tree).
+    assert run_cluster("--embeddings", table, "--output", tmp_path / "b.csv", "--tree", tmp_path / "tree") == 0
+    assert f"({backbone}'s last verification)" in capsys.readouterr().err
+    assert read_rows(tmp_path / "a.csv") == read_rows(tmp_path / "b.csv")
+    assert len(scan_image_folder(str(tmp_path / "tree"))[1]) == 25
+
+    # Without provenance: the default threshold with a note, and no tree (where are the images?).
+    names = [line.strip() for line in open(tmp_path / "emb.txt")]
+    write_table(str(tmp_path / "bare.npy"), names, np.load(table))
+    assert run_cluster("--embeddings", tmp_path / "bare.npy", "--output", tmp_path / "c.csv") == 0
+    assert "no model gives the threshold: cosine 0.3 is taken" in capsys.readouterr().err
+    assert run_cluster("--embeddings", tmp_path / "bare.npy", "--output", tmp_path / "d.csv", "--tree",
+                       tmp_path / "t2") == 2
+    assert "--tree: " in capsys.readouterr().err and not os.path.exists(tmp_path / "d.csv")
+    # A model of another embedding size than the table's.
+    write_table(str(tmp_path / "narrow.npy"), names, np.load(table)[:, :8])
+    assert run_cluster("--embeddings", tmp_path / "narrow.npy", "--model", backbone, "--output",
+                       tmp_path / "e.csv") == 2
+    assert "gives 64-D embeddings" in capsys.readouterr().err
+
+
+def chain(per_group: int = 6) -> torch.Tensor:
+    """Two tight groups of faces (around e0 and e1) and, between them, faces on the arc from one to
+    the other: each alike enough to its neighbours to be linked at cosine 0.8, the two groups not."""
+    rng = np.random.default_rng(0)
+    groups = [np.eye(8)[g] + 0.05 * rng.standard_normal((per_group, 8)) for g in (0, 1)]
+    bridge = np.array([[np.cos(a), np.sin(a)] + [0] * 6 for a in np.linspace(0.55, 1.02, 3)])
+    return torch.nn.functional.normalize(torch.tensor(np.concatenate([groups[0], bridge, groups[1]])), dim=1)
+
+
+def test_chinese_whispers_cuts_a_chain_that_joins_two_groups():
+    unit = chain()
+    links = (unit @ unit.T).numpy()
+    assert links[0, -1] < 0.2 and links[6, 5] > 0.8 and links[8, 9] > 0.8  # the groups are apart; the chain links
+    components = cluster.cluster_embeddings(unit, 0.8, neighbours=5, method="components", min_size=2)
+    assert components.tolist() == [0] * 15  # one false link after another: all one
+    whispers = cluster.cluster_embeddings(unit, 0.8, neighbours=5, min_size=2)
+    assert len(set(whispers[:6])) == 1 and len(set(whispers[-6:])) == 1 and whispers[0] != whispers[-1]
+    assert whispers.max() == 1  # the chain's faces join one group or the other
+    # --min-size: clusters of fewer are noise.
+    assert (cluster.cluster_embeddings(unit, 0.8, neighbours=5, min_size=10) == -1).all()
+
+
+def test_chinese_whispers_and_numbering():
+    # Two triangles and a lone pair, by edges; weights decide a node torn between two labels.
+    a, b = np.array([0, 0, 1, 3, 3, 4, 6, 2]), np.array([1, 2, 2, 4, 5, 5, 7, 3])
+    weight = np.array([1, 1, 1, 1, 1, 1, 1, 0.1])
+    label = cluster.chinese_whispers(9, a, b, weight)
+    assert label[0] == label[1] == label[2] and label[3] == label[4] == label[5] and label[6] == label[7]
+    assert len({label[0], label[3], label[6], label[8]}) == 4
+    numbered = cluster.numbered_clusters(label, 2)
+    assert numbered.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, -1]
+    assert cluster.chinese_whispers(3, np.array([], dtype=int), np.array([], dtype=int), np.array([])).tolist() \
+        == [0, 1, 2]
+
+
+# Blocks with few cosines at the threshold give them as a list, those with many are searched whole
+# (more than 4·k·(rows + columns): the last two cases' blocks off the diagonal).
+@pytest.mark.parametrize("n, k, threshold, rows, columns", [(37, 3, 0.2, 5, 7), (50, 5, -1.0, 8, 8),
+                                                            (10, 20, 0.5, 3, 4), (64, 4, 0.4, 64, 64),
+                                                            (80, 1, -1.0, 16, 16), (70, 2, -0.5, 20, 30)])
+def test_blocked_neighbour_search_matches_the_whole_matrix(n, k, threshold, rows, columns):
+    unit = torch.nn.functional.normalize(torch.randn(n, 4, generator=torch.Generator().manual_seed(n)), dim=1)
+    index, cosine = nearest_neighbours(unit, k, threshold, device="cpu", rows=rows, columns=columns)
+    full = (unit @ unit.T).numpy()
+    np.fill_diagonal(full, -np.inf)
+    full[full < threshold] = -np.inf
+    expected = -np.sort(-full, axis=1)[:, :k]
+    np.testing.assert_allclose(cosine[:, :expected.shape[1]], expected, atol=1e-6)
+    found = index >= 0
+    assert (found == np.isfinite(cosine)).all()
+    np.testing.assert_allclose(full[np.nonzero(found)[0], index[found]], cosine[found], atol=1e-6)
+    assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in index)  # no neighbour twice
+    assert connected_components(6, np.array([4, 1, 0]), np.array([5, 4, 2])).tolist() == [0, 1, 0, 3, 1, 1]
+
+
+def test_outputs_are_kept_refused_or_replaced_whole(trained, tmp_path, capsys, monkeypatch):
+    ckpt, backbone, photos = trained
+    out, tree = tmp_path / "c.csv", tmp_path / "tree"
+    assert run_cluster("--model", backbone, "--images", photos, "--output", out, "--tree", tree) == 0
+    os.makedirs(tmp_path / "mine")
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    before = out.read_bytes(), (tmp_path / "c.json").read_bytes(), sorted(os.listdir(tree))
+    capsys.readouterr()
+    for argv, said in [
+        (["--output", out], f"{out} exists: pass --overwrite"),
+        (["--output", tmp_path / "x.csv", "--tree", tree], f"--tree {tree} exists: pass --overwrite"),
+        (["--output", tmp_path / "x.csv", "--tree", photos], "overlap"),
+        (["--output", tmp_path / "x.csv", "--tree", os.path.join(photos, "people")], "overlap"),
+        (["--output", tree / "c.csv", "--tree", tree, "--overwrite"], "lies in --tree"),
+        (["--output", tmp_path / "x.csv", "--tree", tmp_path / "mine", "--overwrite"],
+         "which this tool does not write"),  # --overwrite does not remove a folder of the user's
+    ]:
+        assert run_cluster("--model", backbone, "--images", photos, *argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1 and err.startswith("cluster: error: "), err
+    assert (out.read_bytes(), (tmp_path / "c.json").read_bytes(), sorted(os.listdir(tree))) == before
+    assert not os.path.exists(tmp_path / "x.csv") and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+    # A Ctrl-C while the tree is laid out: nothing written, no hidden folder left.
+    link = os.link
+
+    def link_then_stop(source, target):
+        if len(os.listdir(os.path.dirname(target))) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        link(source, target)
+
+    monkeypatch.setattr(cluster.os, "link", link_then_stop)
+    try:
+        assert run_cluster("--model", backbone, "--images", photos, "--output", out, "--tree", tree,
+                           "--overwrite", "--min-size", "5") == 130
+    finally:  # the first stop leaves the signals ignored, for a process about to exit
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "cluster: stopped by SIGINT: nothing written" in capsys.readouterr().err
+    assert (out.read_bytes(), (tmp_path / "c.json").read_bytes(), sorted(os.listdir(tree))) == before
+    assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.json", "mine", "tree"]
+    # A SIGTERM as the outputs take their places waits for all of them.
+    monkeypatch.undo()
+    replace = os.replace
+
+    def replace_then_signal(source, target):
+        os.kill(os.getpid(), signal.SIGTERM)
+        replace(source, target)
+
+    monkeypatch.setattr(cluster.os, "replace", replace_then_signal)
+    try:
+        assert run_cluster("--model", backbone, "--images", photos, "--output", out, "--tree", tree,
+                           "--overwrite", "--min-size", "5") == 143
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "stopped by SIGTERM as the outputs were written: they are whole" in capsys.readouterr().err
+    assert json.loads((tmp_path / "c.json").read_text())["min_size"] == 5
+    assert sorted(os.listdir(tree)) == ["cluster_0000", "cluster_0001", "cluster_0002"]  # 7, 6 and 5 faces
+    assert {c for _, c in read_rows(out)} == {-1, 0, 1, 2}
+    assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.json", "mine", "tree"]
+
+
+def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
+    ckpt, backbone, photos = trained
+    for argv in (["--images", photos], ["--images", photos, "--model", backbone, "--threshold", "1.5"],
+                 ["--images", photos, "--model", backbone, "--threshold", "0"],
+                 ["--images", photos, "--model", backbone, "--neighbours", "0"],
+                 ["--images", photos, "--model", backbone, "--min-size", "0"],
+                 ["--images", photos, "--model", backbone, "--output", "c.txt"],
+                 ["--images", photos, "--model", backbone, "--copy"],
+                 ["--embeddings", "e.npy", "--images", photos, "--model", backbone]):
+        with pytest.raises(SystemExit):
+            run_cluster(*argv)
+    capsys.readouterr()
+    out = tmp_path / "c.csv"
+    for argv, said in [(["--images", tmp_path / "none", "--model", backbone], "--images"),
+                       (["--images", tmp_path, "--model", backbone], "no images"),
+                       (["--embeddings", tmp_path / "none.npy"], "none.npy"),
+                       (["--images", photos, "--model", tmp_path / "none.pt"], "none.pt")]:
+        assert run_cluster(*argv, "--output", out) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.startswith("cluster: error: ") and err.count("\n") == 1, err
+    assert not os.path.exists(out)
+
+    # An image that does not decode is left out, said, and makes the exit status 1.
+    broken = tmp_path / "photos"
+    os.makedirs(broken / "x")
+    for k in range(3):
+        Image.fromarray(render_face(0, 1, 600 + k, IMAGE_SIZE)).save(broken / "x" / f"{k}.png")
+    (broken / "x" / "bad.png").write_bytes(b"not an image")
+    assert run_cluster("--images", broken, "--model", backbone, "--output", out, "--threshold", "0.3") == 1
+    assert "bad.png" in capsys.readouterr().err
+    assert read_rows(out) == [("x/0.png", 0), ("x/1.png", 0), ("x/2.png", 0)]
+    assert json.loads((tmp_path / "c.json").read_text())["left_out"] == 1

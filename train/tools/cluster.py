@@ -1,0 +1,462 @@
+"""``python -m train.tools.cluster``: the faces of an unlabelled collection grouped by person with a
+trained model, as a table and, with ``--tree``, as an ImageFolder for the trainer, ``clean`` and
+``pack_rec``.
+
+    python -m train.tools.cluster --model runs/r50/checkpoint.pt --images aligned/ --output clusters.csv --tree people/
+
+Every aligned face under ``--images`` (any nesting; as ``train.tools.align`` writes them) is embedded
+as ``train.embed`` embeds it (image + mirror, unit length), or the rows of a table ``train.embed``
+wrote are read (``--embeddings``). Each face is linked to its ``--neighbours`` nearest others among
+those at cosine ``--threshold`` or more (default: the model's verification threshold), found in
+blocks, never as an N x N matrix. The clusters are cut from that graph by Chinese whispers (each face
+takes the label that weighs most among its neighbours', by cosine, until none changes), or with
+``--method components`` are its connected components, which one false link between two people
+joins. Clusters of fewer than ``--min-size`` faces are noise (cluster -1). Outputs:
+
+- ``--output`` (``clusters.csv``): ``image,cluster`` a face, clusters numbered from 0 by size, largest
+  first; and beside it, ``clusters.json``: the counts and sizes, the threshold and where it came from,
+  the model and the options;
+- ``--tree DIR``: ``DIR/cluster_0000/<image>`` a face of a cluster (noise left out), hard links to the
+  images (copies where a link cannot be made, or with ``--copy``), the image's path with its folders
+  joined by ``__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import errno
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from train import checkpoint
+from train.data.transforms import IMAGE_EXTENSIONS
+from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
+                         _warn_others_not_square, cosine_threshold, embed_files, list_images, load_model,
+                         read_about, read_table, table_files)
+from train.signals import Stopped, signals_held, stop_on_signals
+from train.tools import check_outputs, listable_name, plain_warnings, torch_device
+from train.tools.similarity import connected_components, nearest_neighbours
+
+DEFAULT_NEIGHBOURS = 10
+DEFAULT_MIN_SIZE = 2
+METHODS = ("chinese-whispers", "components")
+WHISPER_ROUNDS = 100  # dlib's chinese_whispers default: a graph that still changes after this is left as it is
+WHISPER_PARTS = 16  # a round updates the faces in this many random parts, each seeing the labels of those before
+LARGE_SHARE = 0.5  # a cluster holding more than this share of the faces is worth a look
+TREE_PREFIX = "cluster_"
+
+
+def neighbour_graph(index: np.ndarray, cosine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The edges (a, b, cosine), a < b, each once, of the graph linking each face to the neighbours
+    ``nearest_neighbours`` found for it ((N, k) indices, -1 for none, and their cosines): a pair is
+    an edge when either face is among the other's k nearest."""
+    n, k = index.shape
+    a, b, weight = np.repeat(np.arange(n), k), index.ravel(), cosine.ravel()
+    found = b >= 0
+    a, b, weight = a[found], b[found], weight[found]
+    key = np.minimum(a, b) * n + np.maximum(a, b)
+    key, first = np.unique(key, return_index=True)
+    return key // n, key % n, weight[first]
+
+
+def chinese_whispers(n: int, a: np.ndarray, b: np.ndarray, weight: np.ndarray, *, seed: int = 0,
+                     rounds: int = WHISPER_ROUNDS, parts: int = WHISPER_PARTS) -> np.ndarray:
+    """(n,) a label for each node of the graph of edges (a, b) with positive weights, by Chinese
+    whispers (Biemann, 2006): every node starts with its own label, then in each round, in an order
+    drawn from ``seed``, takes the label whose nodes among its neighbours weigh most (ties: the
+    smallest label), until a round changes none or after ``rounds``. A round updates its nodes in
+    ``parts`` groups, each group at once from the labels the groups before it left (node by node, as
+    the algorithm has it, is a Python loop over every node; all at once, labels can swap back and
+    forth for ever)."""
+    source, target = np.concatenate([a, b]), np.concatenate([b, a])
+    weights = np.concatenate([weight, weight]).astype(np.float64)
+    order = np.argsort(source, kind="stable")
+    source, target, weights = source[order], target[order], weights[order]
+    starts = np.searchsorted(source, np.arange(n + 1))
+    label = np.arange(n)
+    linked = np.flatnonzero(np.diff(starts))
+    if not len(linked):
+        return label
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        changed = 0
+        for group in np.array_split(rng.permutation(linked), min(parts, len(linked))):
+            first, count = starts[group], starts[group + 1] - starts[group]
+            edges = np.repeat(first - np.cumsum(count) + count, count) + np.arange(count.sum())
+            node = np.repeat(np.arange(len(group)), count)
+            votes, at = np.unique(node * n + label[target[edges]], return_inverse=True)
+            score = np.bincount(at, weights=weights[edges])
+            voter = votes // n
+            ranked = np.lexsort((-score, voter))  # each node's votes, the heaviest first (then the smallest label)
+            winners = ranked[np.r_[True, voter[ranked][1:] != voter[ranked][:-1]]]
+            new = votes[winners] % n
+            changed += int(np.count_nonzero(new != label[group]))
+            label[group] = new
+        if not changed:
+            break
+    return label
+
+
+def numbered_clusters(label: np.ndarray, min_size: int) -> np.ndarray:
+    """Each node's cluster, numbered from 0 by size, largest first (ties: the one whose first node
+    comes first), from any labelling; -1 for a node whose label has fewer than ``min_size`` nodes."""
+    n = len(label)
+    sizes = np.bincount(label, minlength=n)
+    first = np.full(n, n)
+    np.minimum.at(first, label, np.arange(n))
+    kept = np.flatnonzero(sizes >= min_size)
+    number = np.full(n, -1)
+    number[kept[np.lexsort((first[kept], -sizes[kept]))]] = np.arange(len(kept))
+    return number[label]
+
+
+def cluster_embeddings(unit: torch.Tensor, threshold: float, *, neighbours: int = DEFAULT_NEIGHBOURS,
+                       method: str = METHODS[0], min_size: int = DEFAULT_MIN_SIZE, device="cpu",
+                       log=None) -> np.ndarray:
+    """(N,) the cluster of each of the (N, D) unit embeddings (-1: noise), numbered by size, largest
+    first: the graph of each face's ``neighbours`` nearest at ``threshold`` or more, cut by Chinese
+    whispers or into its connected components (``method``)."""
+    index, cosine = nearest_neighbours(unit, neighbours, threshold, device=device, log=log)
+    a, b, weight = neighbour_graph(index, cosine)
+    n = len(unit)
+    label = connected_components(n, a, b) if method == "components" else chinese_whispers(n, a, b, weight)
+    return numbered_clusters(label, min_size)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.tools.cluster", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="DIR",
+                        help="a folder of aligned face crops (any nesting), as train.tools.align writes them")
+    source.add_argument("--embeddings", metavar="TABLE",
+                        help="a table python -m train.embed wrote (.npy with its .txt, or .csv): its rows are "
+                        "clustered as they are, without embedding")
+    p.add_argument("--model", default=None,
+                   help=MODEL_HELP + "; with --embeddings only for its threshold (default: the model the table's "
+                   ".json names, where it still is)")
+    p.add_argument("--output", default="clusters.csv",
+                   help="the table image,cluster (a .csv; default clusters.csv), with the summary beside it (.json)")
+    p.add_argument("--tree", metavar="DIR", default=None,
+                   help="also lay the clustered faces out as an ImageFolder, DIR/cluster_NNNN/<image> (hard links, "
+                   "or copies where a link cannot be made; noise left out)")
+    p.add_argument("--copy", action="store_true", help="with --tree: copy the images rather than link them")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="cosine similarity at or above which two faces may be linked (default: from the model's "
+                   f"last verification, as train.embed --compare takes it; else {DEFAULT_COSINE_THRESHOLD})")
+    p.add_argument("--neighbours", "--neighbors", dest="neighbours", type=int, default=DEFAULT_NEIGHBOURS,
+                   help="how many of its nearest others (at --threshold or more) each face is linked to; a pair is "
+                   f"linked when either is among the other's (default {DEFAULT_NEIGHBOURS})")
+    p.add_argument("--method", choices=METHODS, default=METHODS[0],
+                   help="how the clusters are cut from the graph: chinese-whispers (the default), or its connected "
+                   "components (one false link joins two people)")
+    p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
+                   help=f"clusters of fewer faces are noise, cluster -1 (default {DEFAULT_MIN_SIZE})")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs and the cosines are made: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
+                   help="images per forward pass (twice as many rows with the mirror; default: 64)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output, its .json and a --tree this tool wrote, when they exist")
+    args = p.parse_args(argv)
+    if args.images and not args.model:
+        p.error("--images needs --model, the model that embeds the faces")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    if args.workers < 0:
+        p.error("--workers must be at least 0")
+    if args.neighbours < 1:
+        p.error(f"--neighbours must be at least 1, got {args.neighbours}")
+    if args.min_size < 1:
+        p.error(f"--min-size must be at least 1, got {args.min_size}")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        p.error(f"--threshold is a cosine similarity above 0 and at most 1, got {args.threshold:g}")
+    if not args.output.endswith(".csv"):
+        p.error(f"--output names a .csv file, got {args.output}")
+    if args.copy and not args.tree:
+        p.error("--copy goes with --tree")
+    try:
+        # Ctrl-C and SIGTERM unwind (the decoding workers leave them to this process): the outputs are
+        # written whole, all of them, or none.
+        with stop_on_signals():
+            return run(args)
+    except (OSError, ValueError) as error:
+        print(f"cluster: error: {error}", file=sys.stderr)
+        return 2
+    except Stopped as stop:
+        print(f"\ncluster: stopped by {stop.name}" + (" as the outputs were written: they are whole"
+                                                     if stop.after_writing else ": nothing written"), file=sys.stderr)
+        return stop.exit_status
+
+
+def main(argv: list[str] | None = None) -> int:
+    with plain_warnings():
+        return _main(argv)
+
+
+def summary_path(output: str) -> str:
+    """Where the summary of the table at ``output`` (a .csv) goes: the same name, .json."""
+    return output[:-len(".csv")] + ".json"
+
+
+def run(args: argparse.Namespace) -> int:
+    """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault. The
+    inputs, the model and the outputs are checked before any face is embedded."""
+    device = torch_device(args.device)
+    table_about = {}
+    if args.images:
+        if not os.path.isdir(args.images):
+            raise ValueError(f"--images {args.images} is not a folder")
+        source_folder = args.images
+    else:
+        names, embeddings = read_table(args.embeddings)
+        table_about = read_about(args.embeddings, embeddings) or {}
+        source_folder = table_about.get("images")
+    model_path = args.model
+    if model_path is None and args.threshold is None and table_about.get("model"):
+        if os.path.isfile(table_about["model"]):
+            model_path = table_about["model"]
+        else:
+            print(f"cluster: note: {table_about['model']}, the model the table was made with, is not there any "
+                  "more: its threshold is not known", file=sys.stderr)
+    model, settings = (None, {})
+    if model_path:  # (with --embeddings, for its threshold and embedding size)
+        model, settings = load_model(model_path, device if args.images else "cpu")
+    threshold, threshold_source = cosine_threshold(settings, args.threshold)
+    if threshold_source == "the model's last verification":
+        threshold_source = f"{model_path}'s last verification"
+        if not 0 < threshold <= 1:
+            raise ValueError(f"{model_path}'s last verification threshold is cosine {threshold:.4f}, which links "
+                             "faces that are not alike at all (a model barely trained?): give --threshold")
+    elif threshold_source == "the default":
+        print(f"cluster: note: {'no model' if not model_path else model_path + ' records no verification'} gives "
+              f"the threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
+              "--threshold; a trained model's checkpoint, or train.export's backbone.json, records one)",
+              file=sys.stderr)
+    if args.embeddings and args.model:
+        width = settings.get("embedding_size")
+        if width is not None and width != embeddings.shape[1]:
+            raise ValueError(f"--model {args.model} gives {width}-D embeddings, --embeddings {args.embeddings} holds "
+                             f"{embeddings.shape[1]}-D ones: the table was made with another model")
+        made_with = table_about.get("model")
+        if made_with and os.path.realpath(made_with) != os.path.realpath(args.model):
+            print(f"cluster: note: the table was made with {made_with}; the threshold is --model {args.model}'s",
+                  file=sys.stderr)
+
+    outputs = [args.output, summary_path(args.output)]
+    inputs = (model_path, checkpoint.settings_path(model_path) if model_path else None,
+              *(table_files(args.embeddings, about=True) if args.embeddings else ()))
+    check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(args.images,) if args.images else ())
+    if args.tree:
+        _check_tree(args, source_folder, table_about)
+
+    failures = []
+    if args.images:
+        paths = list_images(args.images)
+        if not paths:
+            raise FileNotFoundError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+        names = [os.path.relpath(path, args.images) for path in paths]
+        listable = [listable_name(name) for name in names]
+        failures = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
+                    for path, ok in zip(paths, listable) if not ok]
+        paths = [path for path, ok in zip(paths, listable) if ok]
+        names = [name for name, ok in zip(names, listable) if ok]
+        if not paths:
+            raise ValueError(failures[0])
+        _warn_if_not_aligned(paths[:1])
+        print(f"cluster: embedding {len(paths)} faces under {args.images} with {args.model} "
+              f"({settings['image_size']}px) on {device}", file=sys.stderr, flush=True)
+        not_square, unreadable = [], []
+        embeddings = embed_files(model, paths, settings["image_size"], device=device, batch_size=args.batch_size,
+                                 workers=args.workers, not_square=not_square, unreadable=unreadable)
+        _warn_others_not_square(paths, not_square)
+        failures += [why for _, why in unreadable]
+        readable = np.ones(len(paths), dtype=bool)
+        readable[[i for i, _ in unreadable]] = False
+        embeddings, names = embeddings[readable], [name for name, ok in zip(names, readable) if ok]
+        _warn_left_out(failures)
+        if not names:
+            raise ValueError(f"--images {args.images}: none of the {len(paths)} images can be read")
+
+    started = time.monotonic()
+    unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), dim=1)
+    clusters = cluster_embeddings(unit, threshold, neighbours=args.neighbours, method=args.method,
+                                  min_size=args.min_size, device=device,
+                                  log=lambda message: print(f"cluster: {message}", file=sys.stderr, flush=True))
+    seconds = time.monotonic() - started
+    sizes = np.bincount(clusters[clusters >= 0]).tolist()
+    noise = int(np.count_nonzero(clusters < 0))
+    summary = {
+        "made_by": "train.tools.cluster",
+        "images": os.path.abspath(args.images) if args.images else source_folder,
+        "embeddings": os.path.abspath(args.embeddings) if args.embeddings else None,
+        "model": os.path.abspath(model_path) if model_path else None,
+        "threshold": round(threshold, 6), "threshold_from": threshold_source,
+        "method": args.method, "neighbours": args.neighbours, "min_size": args.min_size,
+        "faces": len(names), "clusters": len(sizes), "clustered": int(sum(sizes)), "noise": noise,
+        "left_out": len(failures), "sizes": sizes, "seconds": round(seconds, 3),
+        "tree": os.path.abspath(args.tree) if args.tree else None,
+    }
+    tree_said = ""
+    staging = replaced = None
+    try:
+        if args.tree:
+            staging, links, copies = _build_tree(args.tree, source_folder, names, clusters, len(sizes), args.copy)
+            summary["tree_files"] = {"hard links": links, "copies": copies}
+            tree_said = f", {args.tree} ({_count(links, 'hard link')}, {_count(copies, 'copy', 'copies')})"
+        summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with signals_held():  # the table, its summary and the tree: all of them or none
+            if staging is not None:
+                replaced = _replace_folder(staging, args.tree)
+                staging = None
+            _write_csv(args.output, names, clusters)
+            checkpoint.write_json_atomic(summary_path(args.output), summary)
+    finally:
+        for folder in (staging, replaced):  # this run's tree when it stopped, or the tree it replaced
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+    largest = sizes[0] if sizes else 0
+    median = int(np.median(sizes)) if sizes else 0
+    print(f"cluster: {len(names)} faces: {_count(len(sizes), 'cluster')} of {args.min_size} or more"
+          + (f" (largest {largest}, median {median})" if sizes else "")
+          + f", {noise} noise; threshold {threshold:.4f} ({threshold_source}), {args.method} on "
+          f"{_count(args.neighbours, 'neighbour')}, {seconds:.1f} s; wrote {args.output}, "
+          f"{summary_path(args.output)}{tree_said}", file=sys.stderr)
+    if len(names) >= 20 and largest > LARGE_SHARE * len(names):
+        print(f"cluster: note: the largest cluster holds {largest} of the {len(names)} faces: a collection of "
+              "mostly one person, or different people joined (at a low --threshold, or by --method components' "
+              "chains); look at it, or raise --threshold", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _count(n: int, noun: str, nouns: str | None = None) -> str:
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
+def _write_csv(path: str, names: list[str], clusters: np.ndarray) -> None:
+    def write(f):
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image", "cluster"])
+        writer.writerows(zip(names, clusters.tolist()))
+    checkpoint.write_atomic(path, write, binary=False)
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(os.path.join(folder, ""))
+
+
+def _check_tree(args, source_folder: str | None, about: dict | None) -> None:
+    """ValueError naming --tree when the images cannot be laid out there: a table that does not say
+    where its images are, or whose rows are faces in photos; a folder that is (or holds, or lies in)
+    the images; one that exists, without --overwrite, or that holds what this tool does not write."""
+    if args.embeddings:
+        if not about:
+            raise ValueError(f"--tree: {args.embeddings} does not say where its images are (train.embed writes that "
+                             "in the .json beside it): cluster the folder of images with --images instead")
+        if about.get("faces") != "the images as they are":
+            raise ValueError(f"--tree: the rows of {args.embeddings} are faces {about.get('faces')}, not image files "
+                             "to lay out: align them with train.tools.align, then cluster the crops")
+        if not source_folder or not os.path.isdir(source_folder):
+            raise ValueError(f"--tree: {source_folder}, the folder of {args.embeddings}'s images, is not there any "
+                             "more")
+    if _inside(args.output, args.tree):
+        raise ValueError(f"--output {args.output} lies in --tree {args.tree}: a tree holds the clusters' folders "
+                         "only; write the table elsewhere")
+    if _inside(args.tree, source_folder) or _inside(source_folder, args.tree):
+        raise ValueError(f"--tree {args.tree} and the images' folder {source_folder} overlap: name a folder outside "
+                         "it (the next run would take the tree's faces for more images)")
+    if os.path.lexists(args.tree):
+        if not os.path.isdir(args.tree) or os.path.islink(args.tree):
+            raise ValueError(f"--tree {args.tree} exists and is not a folder")
+        entries = os.listdir(args.tree)
+        if entries and not args.overwrite:
+            raise ValueError(f"--tree {args.tree} exists: pass --overwrite to replace it")
+        foreign = [name for name in entries if not _tree_folder(os.path.join(args.tree, name))]
+        if foreign:
+            raise ValueError(f"--tree {args.tree} holds {os.path.join(args.tree, foreign[0])}, which this tool does "
+                             "not write: --overwrite replaces only a tree of clusters; name another folder")
+    parent = os.path.dirname(os.path.abspath(args.tree))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--tree: cannot make the folder {parent}: {error.strerror or error}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--tree: cannot write in {parent} (read-only, or not yours)")
+
+
+def _tree_folder(path: str) -> bool:
+    """Whether ``path`` is a folder as ``--tree`` writes them: cluster_<number>, holding images only."""
+    name = os.path.basename(path)
+    if not (name.startswith(TREE_PREFIX) and name[len(TREE_PREFIX):].isdigit()) or os.path.islink(path) \
+            or not os.path.isdir(path):
+        return False
+    return all(f.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(os.path.join(path, f))
+               for f in os.listdir(path))
+
+
+def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.ndarray, count: int,
+                copy: bool) -> tuple[str, int, int]:
+    """A hidden folder beside ``tree`` holding cluster_NNNN/<name> for each clustered face, a hard link
+    to its image (a copy with ``copy``, or where the file system refuses the link: another device, no
+    hard links); (that folder, links made, copies made)."""
+    parent, base = os.path.split(os.path.abspath(tree))
+    staging = os.path.join(parent, f".{base}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    os.mkdir(staging)  # (as a folder is made: mkdtemp's would be the user's alone)
+    width = max(4, len(str(count - 1)))
+    links = copies = 0
+    try:
+        taken = set()
+        for c in range(count):
+            os.mkdir(os.path.join(staging, f"{TREE_PREFIX}{c:0{width}d}"))
+        for name, c in zip(names, clusters.tolist()):
+            if c < 0:
+                continue
+            flat = name.replace(os.sep, "__").replace("/", "__")
+            stem, extension = os.path.splitext(flat)
+            k = 1
+            while (c, flat) in taken:  # a/b__c.jpg and a__b/c.jpg: both a__b__c.jpg
+                k += 1
+                flat = f"{stem}~{k}{extension}"
+            taken.add((c, flat))
+            source, target = os.path.join(source_folder, name), os.path.join(staging, f"{TREE_PREFIX}{c:0{width}d}",
+                                                                             flat)
+            if not copy:
+                try:
+                    os.link(source, target)
+                    links += 1
+                    continue
+                except OSError as error:
+                    if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                        raise
+            shutil.copy2(source, target)
+            copies += 1
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging, links, copies
+
+
+def _replace_folder(new: str, path: str) -> str | None:
+    """``new`` renamed to ``path``; a folder there is first moved into a hidden folder beside it,
+    which is returned for the caller to remove (None when there was none)."""
+    old = None
+    if os.path.lexists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=os.path.dirname(new))
+        os.replace(path, os.path.join(old, "tree"))
+    os.replace(new, path)
+    return old
+
+
+if __name__ == "__main__":
+    sys.exit(main())
