@@ -114,12 +114,7 @@ class AdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         loss = _gradients_from(closure)
-        sliced = [(param, group) for group in self.param_groups if self._slices(group)
-                  for param in group["params"] if self._sliceable(param)]
-        # Those whose state this step makes, listed in self.state (so in the state dict, and a checkpoint) in
-        # torch's order at the end: after the older ones, by group, not the sliced ones last.
-        fresh = [param for group in self.param_groups for param in group["params"]
-                 if param.grad is not None and param not in self.state] if sliced else []
+        sliced, fresh = self._sliced_and_fresh()
         # torch's step first, without them: a parameter without a gradient is left alone (and where
         # torch's raises, nothing has been stepped).
         grads = [param.grad for param, _ in sliced]
@@ -135,6 +130,20 @@ class AdamW(torch.optim.AdamW):
         for param in fresh:
             self.state[param] = self.state.pop(param)
         return loss
+
+    # Eager under torch.compile: dynamo shows a traced step every group with capturable=True (it makes torch's
+    # compiled step capturable), so traced, no tensor was sliced. Python 3.11's dynamo ran this frame eagerly;
+    # 3.12's and later compile the part of the step before torch's step, which held this.
+    @torch.compiler.disable
+    def _sliced_and_fresh(self):
+        """The (parameter, group) pairs to step a slice at a time, and the parameters whose state this step
+        makes, to be listed in self.state (so in the state dict, and a checkpoint) in torch's order at the end:
+        after the older ones, by group, not the sliced ones last."""
+        sliced = [(param, group) for group in self.param_groups if self._slices(group)
+                  for param in group["params"] if self._sliceable(param)]
+        fresh = [param for group in self.param_groups for param in group["params"]
+                 if param.grad is not None and param not in self.state] if sliced else []
+        return sliced, fresh
 
     @staticmethod
     def _slices(group) -> bool:
