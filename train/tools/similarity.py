@@ -45,20 +45,19 @@ def nearest_neighbours(unit: torch.Tensor, k: int, threshold: float, *, device, 
         best[nodes] = values
         index[nodes] = torch.where(values > -torch.inf, neighbours.gather(1, order), -1)
 
-    def offer_listed(nodes: torch.Tensor, neighbours: torch.Tensor, values: torch.Tensor) -> None:
+    def offer_listed(nodes: np.ndarray, neighbours: np.ndarray, values: np.ndarray) -> None:
         """Candidates as a list of (node, neighbour, value): each node's k best offered."""
-        present, slot = torch.unique(nodes, return_inverse=True)
-        order = torch.argsort(-values, stable=True)
-        order = order[torch.argsort(slot[order], stable=True)]  # by node, each node's best first
-        slot = slot[order]
-        counts = torch.bincount(slot, minlength=len(present))
-        rank = torch.arange(len(slot)) - (torch.cumsum(counts, 0) - counts)[slot]
+        order = np.lexsort((-values, nodes))  # by node, each node's best first
+        nodes, neighbours, values = nodes[order], neighbours[order], values[order]
+        new = np.r_[True, nodes[1:] != nodes[:-1]]
+        slot = np.cumsum(new) - 1
+        rank = np.arange(len(nodes)) - np.flatnonzero(new)[slot]
         kept = rank < k
-        grid = torch.full((len(present), k), -torch.inf)
-        grid_neighbours = torch.full((len(present), k), -1, dtype=torch.int64)
-        grid[slot[kept], rank[kept]] = values[order][kept]
-        grid_neighbours[slot[kept], rank[kept]] = neighbours[order][kept]
-        offer(present, grid, grid_neighbours)
+        grid = np.full((int(new.sum()), k), -np.inf, dtype=np.float32)
+        grid_neighbours = np.full(grid.shape, -1, dtype=np.int64)
+        grid[slot[kept], rank[kept]] = values[kept]
+        grid_neighbours[slot[kept], rank[kept]] = neighbours[kept]
+        offer(torch.from_numpy(nodes[new]), torch.from_numpy(grid), torch.from_numpy(grid_neighbours))
 
     for start, first, cosines in cosine_blocks(unit, device=device, rows=rows, columns=columns):
         done += cosines.numel()
@@ -73,8 +72,8 @@ def nearest_neighbours(unit: torch.Tensor, k: int, threshold: float, *, device, 
             continue
         i, j = torch.nonzero(cosines >= threshold, as_tuple=True)
         if len(i) <= 4 * k * (len(cosines) + cosines.shape[1]):
-            values = cosines[i, j].cpu()
-            i, j = i.cpu() + start, j.cpu() + first
+            values = cosines[i, j].cpu().numpy()
+            i, j = i.cpu().numpy() + start, j.cpu().numpy() + first
             offer_listed(i, j, values)
             offer_listed(j, i, values)
             continue
