@@ -11,6 +11,7 @@ in both forms is ``train.export --int8``'s own report).
 
     python benchmarks/bench_int8.py --checkpoint runs/small/checkpoint.pt \\
         --output benchmarks/results/<machine>-int8-<date>.json
+    python benchmarks/bench_int8.py --networks mbf --profile
 """
 
 from __future__ import annotations
@@ -58,6 +59,30 @@ def latencies_ms(paths: dict[str, str], images: np.ndarray, batch: int, repeats:
     return {name: 1000 * float(np.median(t)) for name, t in times.items()}
 
 
+def profile_ms(path: str, images: np.ndarray, threads: int, runs: int = 30) -> dict[str, float]:
+    """onnxruntime's own profile of the graph at ``path`` at batch 1: the time of each kind of node (its
+    kernels after onnxruntime's fusions: QLinearConv for a DequantizeLinear-Conv-QuantizeLinear), ms a run."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.splitext(path)[0]
+    s = onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        s.run(None, {"input": images[:1]})
+    trace = s.end_profiling()
+    with open(trace) as f:
+        events = json.load(f)
+    os.remove(trace)
+    kinds: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            kind = event["args"]["op_name"]
+            kinds[kind] = kinds.get(kind, 0.0) + event["dur"] / 1000 / runs  # (microseconds)
+    return dict(sorted(kinds.items(), key=lambda item: -item[1]))
+
+
 def measure(name: str, model: torch.nn.Module, image_size: int, folder: str, args, *, run: dict | None = None) -> dict:
     """A row of the table: ``model`` exported, quantized as ``train.export --int8`` quantizes it (calibrated
     on synthetic faces: those of ``run``, a trained model's, else the default ones), and timed. The agreement
@@ -76,6 +101,11 @@ def measure(name: str, model: torch.nn.Module, image_size: int, folder: str, arg
     for batch, repeats in ((1, args.repeats), (args.batch, max(3, args.repeats // 4))):
         ms = latencies_ms({"fp32": fp32, "int8": int8}, faces.check, batch, repeats, args.threads)
         row[f"fp32_ms_batch{batch}"], row[f"int8_ms_batch{batch}"] = ms["fp32"], ms["int8"]
+    if args.profile:
+        for kind, path in (("fp32", fp32), ("int8", int8)):
+            row[f"{kind}_profile_ms"] = profile_ms(path, faces.check, args.threads)
+            print(f"{name} {kind} at batch 1, ms a run by kind of node: "
+                  + ", ".join(f"{op} {ms:.2f}" for op, ms in row[f"{kind}_profile_ms"].items()), flush=True)
     return row
 
 
@@ -104,6 +134,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16, help="the larger batch")
     p.add_argument("--repeats", type=int, default=40, help="timed runs at batch 1 (a quarter of it at --batch)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime's intra-op threads")
+    p.add_argument("--profile", action="store_true",
+                   help="also onnxruntime's profile of each graph at batch 1: the time of each kind of node")
     p.add_argument("--output", default=None, help="also write the rows as JSON")
     args = p.parse_args()
     import onnxruntime
