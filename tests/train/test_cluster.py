@@ -6,6 +6,7 @@ read back as the trainer reads a folder; and what it refuses, stops on and leave
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -251,6 +252,30 @@ def test_outputs_are_kept_refused_or_replaced_whole(trained, tmp_path, capsys, m
     assert sorted(os.listdir(tree)) == ["cluster_0000", "cluster_0001", "cluster_0002"]  # 7, 6 and 5 faces
     assert {c for _, c in read_rows(out)} == {-1, 0, 1, 2}
     assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.json", "mine", "tree"]
+
+
+def test_a_refused_link_is_a_copy_and_a_killed_runs_folder_is_removed(trained, tmp_path, monkeypatch):
+    ckpt, backbone, photos = trained
+    # The hidden folder of a run that was killed as it laid the tree out (its process gone), and one of
+    # a run still going (this process): the first is removed, the second left.
+    killed = tmp_path / f".tree.{checkpoint._HOST}-{2 ** 22 + 1}-0123abcd.partial"
+    going = tmp_path / f".tree.{checkpoint._HOST}-{os.getpid()}-0123abcd.partial"
+    for folder in (killed, going):
+        os.makedirs(folder / "cluster_0000")
+
+    def refused(source, target):  # as a file system refuses a link to another device
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(cluster.os, "link", refused)
+    assert run_cluster("--model", backbone, "--images", photos, "--output", tmp_path / "c.csv", "--tree",
+                       tmp_path / "tree") == 0
+    assert json.loads((tmp_path / "c.json").read_text())["tree_files"] == {"hard links": 0, "copies": 25}
+    _, samples = scan_image_folder(str(tmp_path / "tree"))
+    assert len(samples) == 25
+    for path, _ in samples:
+        original = os.path.join(photos, os.path.basename(path).replace("__", "/"))
+        assert not os.path.samefile(path, original) and open(path, "rb").read() == open(original, "rb").read()
+    assert not killed.exists() and going.exists()
 
 
 def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):

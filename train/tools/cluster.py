@@ -27,6 +27,7 @@ import argparse
 import csv
 import errno
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -411,8 +412,11 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
     to its image (a copy with ``copy``, or where the file system refuses the link: another device, no
     hard links); (that folder, links made, copies made)."""
     parent, base = os.path.split(os.path.abspath(tree))
-    staging = os.path.join(parent, f".{base}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-    os.mkdir(staging)  # (as a folder is made: mkdtemp's would be the user's alone)
+    _remove_killed_runs_trees(parent, base)
+    # Named for its writer, as checkpoint.write_atomic names its temporaries; made as a folder is made
+    # (mkdtemp's would be the user's alone).
+    staging = os.path.join(parent, f".{base}.{checkpoint._HOST}-{os.getpid()}-{secrets.token_hex(4)}.partial")
+    os.mkdir(staging)
     width = max(4, len(str(count - 1)))
     links = copies = 0
     try:
@@ -445,6 +449,16 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging, links, copies
+
+
+def _remove_killed_runs_trees(parent: str, base: str) -> None:
+    """The hidden folders beside the tree ``base`` that runs on this host left when they were killed
+    (their process gone): a run that stops otherwise removes its own."""
+    pattern = re.compile(re.escape(f".{base}.") + r"(\w+)-(\d+)-[0-9a-f]{8}\.partial")
+    for entry in os.listdir(parent):
+        found = pattern.fullmatch(entry)
+        if found and found.group(1) == checkpoint._HOST and not checkpoint._process_alive(int(found.group(2))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def _replace_folder(new: str, path: str) -> str | None:
