@@ -175,23 +175,39 @@ def test_graphs_an_export_does_not_write_are_removed(run, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.onnx", "backbone.pt"]
 
 
-def test_a_stop_while_quantizing_writes_nothing(run, tmp_path, monkeypatch, capsys):
+def test_a_stop_while_calibrating_writes_nothing(run, tmp_path, monkeypatch, capsys):
+    # SIGTERM while onnxruntime runs the calibration faces: it unwinds through onnxruntime's quantization.
+    import tempfile
+
+    import onnxruntime.quantization
+
     ckpt, _, _ = run
     earlier_export(tmp_path)
-    quantize_graph = quantize.quantize
+    quantize_static = onnxruntime.quantization.quantize_static
 
-    def stopped_while_quantizing(*args, **kwargs):
-        quantize_graph(*args, **kwargs)  # (its working files made, then the stop)
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise AssertionError("not reached: the handler raises")
+    def stopped_while_calibrating(model_input, model_output, reader, **kwargs):
+        get_next = reader.get_next
 
-    monkeypatch.setattr(quantize, "quantize", stopped_while_quantizing)
+        def stop_at_the_second_batch():
+            calls.append(None)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return get_next()
+        calls = []
+        reader.get_next = stop_at_the_second_batch
+        return quantize_static(model_input, model_output, reader, **kwargs)
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", stopped_while_calibrating)
+    monkeypatch.setattr(quantize, "CALIBRATION_BATCH", 4)
+    onnxruntime_folders = set(os.listdir(tempfile.gettempdir()))
     try:
         assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--int8", "--int8-faces", "8"]) == 143
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert capsys.readouterr().err == "stopped by SIGTERM: nothing written\n"
-    assert_earlier_export_untouched(tmp_path)
+    assert_earlier_export_untouched(tmp_path)  # (no private folder left)
+    assert not {name for name in set(os.listdir(tempfile.gettempdir())) - onnxruntime_folders
+                if name.startswith("ort.quant.")}  # onnxruntime's own working folder gone too
 
 
 def test_a_fresh_run_sets_an_earlier_exports_int8_graphs_aside(tmp_path):
