@@ -35,6 +35,7 @@ from .data.transforms import DataError, to_model_input
 from .distill import distillation_loss
 from .models import check_embedding_shape, get_model, is_factory_spec, model_multiply_adds, multiply_adds
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
+from .progress import is_terminal as _is_terminal
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -558,15 +559,6 @@ def _lost_a_peer(error: BaseException) -> bool:
     """Whether a collective failed because another process of the group went away (gloo's words;
     NCCL waits for its watchdog instead)."""
     return any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
-
-
-def _is_terminal(stream) -> bool:
-    """Whether ``stream`` shows a progress bar: a terminal that knows its width (tqdm draws nothing in
-    one of 0 columns, as a pseudo-terminal without a size reports)."""
-    try:
-        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
-    except (AttributeError, OSError, ValueError):  # a stream without a file (captured), or a closed one
-        return False
 
 
 def _resolve_device(spec: str, local_rank: int) -> torch.device:

@@ -162,13 +162,10 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
 
 
 def _progress(total: int, name: str):
-    """A tqdm bar of a set's images on stderr, gone when done (the result line follows); None
-    without tqdm."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="image", desc=name, file=sys.stderr, dynamic_ncols=True, leave=False)
+    """A bar of a set's images on a terminal, gone when done (the result line follows)."""
+    from .progress import progress_bar
+
+    return progress_bar(total, name, "image", leave=False)
 
 
 def _run_args(path: str) -> dict:

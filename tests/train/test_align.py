@@ -83,7 +83,8 @@ def test_crops_are_the_faces_in_an_image_folder(photos, tmp_path, capsys):
     out = tmp_path / "aligned"
     assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--format", "png",
                        "--workers", "2"]) == 0
-    assert f"wrote {len(names)} crop(s)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"wrote {len(names)} crop(s)" in err and "\r" not in err  # no progress bar redrawn into a log
     identities, samples = scan_image_folder(str(out))
     as_read = align.read_face_landmarks(listing)[1]  # to 4 decimals
     assert identities == [f"person{k}" for k in range(IDENTITIES)]

@@ -441,15 +441,30 @@ def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_pa
     images.mkdir()
     for k in range(300):
         photo([(8 * (k % 60), 160)], size=(640, 480), side=8).save(images / f"{k:03d}.png")
+    import fcntl
+    import pty
+    import struct
+    import termios
+
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # Its stderr a terminal of 80 columns, where the detection draws its progress bar (not into a pipe).
+    terminal, stderr = pty.openpty()
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     run = subprocess.Popen([sys.executable, "-m", "train.tools.align", "--detector", detector, "--images",
                             str(images), "--output", str(tmp_path / "out"), "--workers", "2"],
-                           cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           cwd=repo, stderr=stderr, start_new_session=True)
+    os.close(stderr)
     # The signal goes once the detection's progress bar counts 10 photos: the workers are up and
     # feeding it (a wait on /proc/PID/task/PID/children is not portable: the file needs a kernel
     # option, and without it the run finished before any signal went).
     printed = []
-    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: run.stderr.read(1), "")), daemon=True)
+
+    def read_terminal():
+        with contextlib.suppress(OSError):  # EIO once the run and its workers have closed the terminal
+            while chunk := os.read(terminal, 4096):
+                printed.append(chunk.decode(errors="replace"))
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
     reader.start()
     deadline = time.monotonic() + 60
     try:
@@ -477,3 +492,5 @@ def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_pa
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+        os.close(terminal)

@@ -48,6 +48,7 @@ def test_verify_gives_trainings_own_verification(verified, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "pairs: accuracy" in captured.out and "lfw: accuracy" in captured.out
     assert "cfp_fp" in captured.err and "skipped" in captured.err  # a name the folder lacks: a note
+    assert "\r" not in captured.err and "image/s" not in captured.err  # no progress bar redrawn into a log
     for path, name in ((output, "pairs"), (tmp_path / "bin.json", "lfw")):
         result = json.loads(path.read_text())
         assert list(result["targets"]) == [name] and result["network"] == "small"

@@ -345,13 +345,9 @@ def align_folder(images: str, names: list[str], landmarks: np.ndarray, outputs: 
 
 
 def _progress(total: int, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="face", desc="align", file=sys.stderr, dynamic_ncols=True)
+    from train.progress import progress_bar
+
+    return progress_bar(total, "align", "face") if enabled else None
 
 
 def _collect(results, bar) -> list[tuple[int, str]]:

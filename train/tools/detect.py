@@ -493,14 +493,10 @@ def _detect_all(args, detector: FaceDetector, paths: list[str], partial: _Partia
 
 
 def progress(total: int, desc: str):
-    """A tqdm bar of ``total`` photos on stderr; None without tqdm or photos."""
-    if total == 0:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="photo", desc=desc, file=sys.stderr, dynamic_ncols=True)
+    """A bar of ``total`` photos on a terminal (``train.progress.progress_bar``)."""
+    from train.progress import progress_bar
+
+    return progress_bar(total, desc, "photo")
 
 
 if __name__ == "__main__":
