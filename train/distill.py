@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import os
+import sys
 from typing import Any
 
 import torch
@@ -48,19 +49,24 @@ def weights_digest(model: nn.Module) -> str:
 def onnx_digest(path: str) -> str:
     """SHA-256 of the ONNX model at ``path`` (a teacher, whose weights are its graph's): the file, then the
     files of external data its tensors name (a model over 2 GB keeps its weights in them), in the order
-    first named."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    graph = onnx.load(path, load_external_data=False).graph
-    tensors = [*graph.initializer, *(attribute.t for node in graph.node for attribute in node.attribute
-                                     if attribute.type == onnx.AttributeProto.TENSOR)]
+    first named. Without the onnx package (onnxruntime runs the graph without it) the file alone, with a
+    note."""
     files = [path]
-    for tensor in tensors:
-        if uses_external_data(tensor):
-            where = os.path.join(os.path.dirname(path), ExternalDataInfo(tensor).location)
-            if where not in files:
-                files.append(where)
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    except ImportError:
+        print(f"note: {path}: without the onnx package the files of external data its graph may name cannot be "
+              "found: the teacher's digest covers the graph file alone (pip install onnx)", file=sys.stderr)
+    else:
+        graph = onnx.load(path, load_external_data=False).graph
+        tensors = [*graph.initializer, *(attribute.t for node in graph.node for attribute in node.attribute
+                                         if attribute.type == onnx.AttributeProto.TENSOR)]
+        for tensor in tensors:
+            if uses_external_data(tensor):
+                where = os.path.join(os.path.dirname(path), ExternalDataInfo(tensor).location)
+                if where not in files:
+                    files.append(where)
     digest = hashlib.sha256()
     for name in files:
         with open(name, "rb") as f:
@@ -126,7 +132,7 @@ def load_teacher(path: str, network: str | None, *, embedding_size: int, image_s
                              "state dict; leave it out")
         with said:
             model, settings = load_onnx_backbone(path, device)
-        digest = onnx_digest(path)
+            digest = onnx_digest(path)
     else:
         # (A network of one's own tells nothing of its sizes in its shapes: the run's, which its embeddings must be.)
         sizes = {"embedding_size": embedding_size, "image_size": image_size} if network and is_factory_spec(network) \

@@ -332,6 +332,16 @@ def test_an_onnx_teachers_digest_covers_its_external_data(teacher, tmp_path):
     assert onnx_digest(inline) == hashlib.sha256(open(inline, "rb").read()).hexdigest()  # as before, without
 
 
+def test_an_onnx_teachers_digest_without_the_onnx_package_is_its_files(tmp_path, monkeypatch, capsys):
+    # onnxruntime runs a teacher without the onnx package (train.onnx_backbone reads the graph without it, with
+    # a note): the digest needed it, an ImportError's traceback.
+    graph = tmp_path / "teacher.onnx"
+    graph.write_bytes(b"not read: the file's bytes are the digest")
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert onnx_digest(str(graph)) == hashlib.sha256(graph.read_bytes()).hexdigest()
+    assert "without the onnx package the files of external data" in capsys.readouterr().err
+
+
 def test_an_onnx_teacher_gives_the_term_its_pytorch_model_gives(faces, teacher, tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
