@@ -1026,6 +1026,11 @@ class Trainer:
             return
         if recorded == self.data_fingerprint:
             return
+        order = self._sets_reordered(recorded)
+        if order:
+            raise SystemExit(f"--resume {path}: --data {self.args.data} is not the data that run trained on: the same "
+                             f"sets in another order, which would give each label another person's class centre. "
+                             f"Resume with that run's order, --data {','.join(order)}")
         saved_classes = state.get("data_classes")
         if self.data_classes is None or saved_classes is None:
             if self.is_main:
@@ -1207,6 +1212,12 @@ class Trainer:
             return True
         if recorded == self.data_fingerprint:
             return True
+        order = self._sets_reordered(recorded)
+        if order:
+            if self.is_main:
+                print(f"note: {path}'s class centres are of the sets of --data {self.args.data} in another order "
+                      f"(--data {','.join(order)}): starting fresh ones, as --finetuning does", file=sys.stderr)
+            return False
         saved_classes = state.get("data_classes")
         if saved_classes is not None and self.data_classes is not None:
             if saved_classes == self.data_classes:  # other images of the same identities
@@ -1222,6 +1233,14 @@ class Trainer:
                   "taken, each label for the person it was there; for other identities, pass --finetuning",
                   file=sys.stderr)
         return True
+
+    def _sets_reordered(self, recorded: str) -> list[str] | None:
+        """The names of --data's sets in the order that gave a checkpoint's record of its data
+        ``recorded``, where that was another order of these same sets (each label another person's, which
+        RecordIO sets, naming no identities, do not show otherwise); else None."""
+        from .data import CombinedFaces
+
+        return self.dataset.order_of(recorded) if isinstance(self.dataset, CombinedFaces) else None
 
     def _unnamed(self, state: dict[str, Any]) -> str:
         """Why a checkpoint's identities cannot be compared with this run's data's."""

@@ -106,3 +106,23 @@ def test_the_same_folders_in_another_order_are_refused_on_resume(sets, tmp_path)
     swapped = base_argv(f"{other},{folder}", output, max_steps=2, batch_size=8, resume="auto")
     with pytest.raises(SystemExit, match=r"is not the data that run trained on"):
         Trainer(parse_args(swapped))
+
+
+def test_a_recordio_set_and_a_folder_in_another_order_are_refused_on_resume(sets, tmp_path, capsys):
+    # A RecordIO set names no identities: swapped with a folder, the run went on with a note that each label
+    # was taken for the person it was, when every label was another person's.
+    folder, rec = sets
+    output = str(tmp_path / "run")
+    assert train_one_thread(base_argv(f"{folder},{rec}", output, max_steps=1, batch_size=8)) == 0
+    swapped = base_argv(f"{rec},{folder}", output, max_steps=2, batch_size=8, resume="auto")
+    with pytest.raises(SystemExit, match=rf"--data {rec},{folder} is not the data that run trained on: the same sets "
+                                         rf"in another order, .* Resume with that run's order, --data {folder},{rec}$"):
+        Trainer(parse_args(swapped))
+    # Its class centres, given to a run on them in the other order, are not taken.
+    capsys.readouterr()
+    pretrained = base_argv(f"{rec},{folder}", str(tmp_path / "new"), max_steps=1, batch_size=8,
+                           pretrained_model=os.path.join(output, "checkpoint.pt"))
+    assert train_one_thread(pretrained) == 0
+    err = capsys.readouterr().err
+    assert f"class centres are of the sets of --data {rec},{folder} in another order (--data {folder},{rec}): " \
+           "starting fresh ones" in err and "initialised the backbone from" in err

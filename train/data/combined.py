@@ -4,11 +4,15 @@ given labels after the previous sets' (no identity is taken for the same person 
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 
 import numpy as np
 
 from .transforms import FaceImageDataset
+
+# A checkpoint's data is looked for among the other orders of at most this many sets (8! = 40,320 digests).
+MAX_REORDERED_SETS = 8
 
 
 def split_data_spec(spec: str) -> list[str]:
@@ -45,12 +49,28 @@ class CombinedFaces(FaceImageDataset):
         self.image_offsets = np.cumsum([0, *(len(dataset) for _, dataset in parts)]).tolist()
         self.label_offsets = np.cumsum([0, *(dataset.num_classes for _, dataset in parts)]).tolist()
         self.num_classes = self.label_offsets[-1]
+        self._part_prints: list[bytes] | None = None
 
     def __len__(self) -> int:
         return self.image_offsets[-1]
 
-    def _index_parts(self) -> list[bytes]:
-        return [f"{type(dataset).__name__} {dataset.fingerprint()}".encode() for _, dataset in self.parts]
+    def _index_parts(self, order: tuple[int, ...] | None = None) -> list[bytes]:
+        if self._part_prints is None:  # (an image folder's joins every file name: once)
+            self._part_prints = [f"{type(dataset).__name__} {dataset.fingerprint()}".encode()
+                                 for _, dataset in self.parts]
+        return [self._part_prints[k] for k in (order or range(len(self.parts)))]
+
+    def order_of(self, fingerprint: str) -> list[str] | None:
+        """The sets' names in the order that combines them into the set of ``fingerprint`` (a checkpoint's
+        record of its data), where that is another order of these very sets; None otherwise. (A RecordIO
+        set names no identities: its record tells the same sets named in another order, whose labels
+        would all be other people's.)"""
+        if len(self.parts) > MAX_REORDERED_SETS:
+            return None
+        orders = itertools.permutations(range(len(self.parts)))
+        next(orders)  # (this one)
+        found = next((order for order in orders if self._digest(self._index_parts(order)) == fingerprint), None)
+        return None if found is None else [self.parts[k][0] for k in found]
 
     def classes_digest(self) -> str | None:
         # The parts' identities in order, where every part names its own (image folders).

@@ -161,8 +161,11 @@ class FaceImageDataset(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """A short digest of the set's index (its kind, size, classes and what `_index_parts` adds,
         not its pixels): processes that read different data give different digests."""
+        return self._digest(self._index_parts())
+
+    def _digest(self, index_parts: list[bytes]) -> str:
         digest = hashlib.blake2b(digest_size=8)
-        for part in [f"{type(self).__name__} {len(self)} {self.num_classes}".encode(), *self._index_parts()]:
+        for part in [f"{type(self).__name__} {len(self)} {self.num_classes}".encode(), *index_parts]:
             digest.update(len(part).to_bytes(8, "little"))
             digest.update(part)
         return digest.hexdigest()
