@@ -701,11 +701,7 @@ def _epoch_sizes(argv: list[str]) -> dict[str, int]:
     # Read by the parser itself, which finds them as it will below (an abbreviation it takes, --batch-s,
     # was missed by a parser of these two alone, and the steps counted for the file's batch); a value
     # it refuses stops here with the error it gives below. (Below 1: left to resolve(), which names it.)
-    parser = build_parser()
-    parser.set_defaults(batch_size=None, gradient_acc=None)
-    known, _ = parser.parse_known_args(argv)
-    return {key: getattr(known, key) for key in ("batch_size", "gradient_acc")
-            if getattr(known, key) is not None and getattr(known, key) >= 1}
+    return {key: value for key, value in _given(argv, ("batch_size", "gradient_acc")).items() if value >= 1}
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
@@ -744,17 +740,18 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
             f" (a config file goes after --config: --config {config}; arcface_torch's train_v2.py takes it as its "
             "argument)" if config else ""))
-    args.distill_flags_given = _given(list(sys.argv[1:] if argv is None else argv),
-                                      ("teacher_network", "distill_weight", "distill_loss"))
+    args.distill_flags_given = set(_given(list(sys.argv[1:] if argv is None else argv),
+                                          ("teacher_network", "distill_weight", "distill_loss")))
     return resolve(args)
 
 
-def _given(argv: list[str], dests: Sequence[str]) -> set[str]:
-    """The names among ``dests`` whose options ``argv`` gives, whatever their values (the defaults too)."""
+def _given(argv: list[str], dests: Sequence[str]) -> dict[str, Any]:
+    """{name: value} of the names among ``dests`` whose options ``argv`` gives, whatever their values (the
+    defaults too). Read by the parser itself, which finds them as it will (an abbreviation it takes too)."""
     parser = build_parser()
     parser.set_defaults(**dict.fromkeys(dests))
     known, _ = parser.parse_known_args(argv)
-    return {dest for dest in dests if getattr(known, dest) is not None}
+    return {dest: getattr(known, dest) for dest in dests if getattr(known, dest) is not None}
 
 
 def margins(args: argparse.Namespace) -> tuple[float, float, float]:
