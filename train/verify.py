@@ -24,7 +24,7 @@ import time
 import warnings
 
 from . import checkpoint, rfw
-from .data import SYNTHETIC, build_verification_sets, data_folder, find_target, is_target_path
+from .data import SYNTHETIC, build_verification_sets, data_folders, find_target, is_target_path
 from .embed import load_model
 from .signals import Stopped, signals_held, stop_on_signals
 from .tools import check_outputs, torch_device
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None,
                    help="the folder a target's name is looked for in (<data>/<name>.bin, a training set's folder "
                    "as insightface ships them; a training list file (.lst, .txt): its folder, as the trainer's "
-                   "--data takes it); 'synthetic' for the demo's synthetic sets")
+                   "--data takes it; several separated by commas, as a run's --data a,b: each one's folder in turn); "
+                   "'synthetic' for the demo's synthetic sets")
     p.add_argument("--targets", type=_targets, default=None,
                    help=f"names (with --data; default {','.join(DEFAULT_TARGETS)}) or paths of .bin files and "
                    "pairs files: a pairs list (image1 image2 0|1 a line), LFW's pairs.txt over <its folder>/<name>/"
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
         # Not the model, its settings, a set it reads (found as the sets are; of an RFW folder, its pairs and
         # landmarks files), an image a pairs list names, nor an image's name in a pairs list's folder (or under
         # an RFW folder's data/).
-        found = [find_target(data_folder(args.data) if args.data else None, t, "--targets") for t in targets]
+        found = [find_target(data_folders(args.data) if args.data else None, t, "--targets") for t in targets]
         files = [f for f in found if f and not os.path.isdir(f)]
         releases = [rfw.find_release(f) for f in found if f and os.path.isdir(f)]
         lists = [f for f in files if not f.endswith(".bin")]
@@ -108,8 +109,11 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
                               *(f for r in releases for f in r.files()), *images),
                       image_folders=tuple(os.path.dirname(os.path.abspath(f)) for f in lists)
                       + tuple(folder for r in releases for folder in r.image_folders()))
-    if args.data not in (None, SYNTHETIC) and not os.path.isdir(data_folder(args.data)):
-        raise FileNotFoundError(f"--data {args.data} is not a folder")
+    folders = data_folders(args.data) if args.data else []  # (several: a training run's --data a,b)
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--data {args.data} is not a folder" if len(folders) == 1 else
+                                    f"--data {args.data}: {folder} is not a folder")
     model, settings = load_model(args.model, device)
     size = settings["image_size"]
     run_args = _run_args(args.model)

@@ -68,6 +68,21 @@ def test_verify_gives_trainings_own_verification(verified, tmp_path, capsys):
         json.loads((tmp_path / "bin.json").read_text())["targets"]["lfw"]
 
 
+def test_several_data_folders_are_looked_in_as_a_run_on_several_sets_looks(verified, tmp_path, capsys):
+    # A run of --data a,b finds its --val-targets names in each set's folder: its --data, given to train.verify,
+    # was 'not a folder'.
+    ckpt, _, bins = verified
+    other = tmp_path / "other"
+    other.mkdir()
+    output = tmp_path / "lfw.json"
+    assert verify.main(["--model", ckpt, "--data", f"{other},{bins}", "--targets", "lfw", "--batch-size", "8",
+                        "--output", str(output)]) == 0
+    assert list(json.loads(output.read_text())["targets"]) == ["lfw"]
+    assert verify.main(["--model", ckpt, "--data", f"{bins},{tmp_path / 'nowhere'}", "--targets", "lfw"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"error: --data {bins},{tmp_path / 'nowhere'}: {tmp_path / 'nowhere'} is not a folder"
+
+
 def test_verify_an_onnx_model(verified, tmp_path, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
