@@ -194,13 +194,13 @@ def verification_sets(targets: list[str], spec: str, image_size: int, *, seed: i
     """The verification sets of ``targets`` (as ``train.verify``'s ``--targets``: names looked for in
     ``spec``'s folder, paths), a note for each one skipped; with ``skip_missing`` (the run's own sets, on
     another machine than the run's), a path that is not here is skipped with a note too."""
-    from .data import build_verification_sets, data_folder, find_target
+    from .data import build_verification_sets, data_folders, find_target
 
     if skip_missing:
         kept = []
         for target in targets:
             try:
-                find_target(data_folder(spec), target)
+                find_target(data_folders(spec), target)
                 kept.append(target)
             except FileNotFoundError:
                 print(f"note: the run's verification set {target} is not here: not measured", file=sys.stderr)

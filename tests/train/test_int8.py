@@ -253,3 +253,13 @@ def test_int8_mistakes_are_one_line_errors_before_anything_is_written(run, tmp_p
     assert capsys.readouterr().err == "error: --int8 needs the onnx and onnxruntime packages (the [onnx] extra): " \
         "pip install onnx onnxruntime\n"
     assert not out.exists()
+
+
+def test_the_runs_own_sets_are_found_in_each_of_its_data_folders(tmp_path, capsys):
+    # A run of --data a,b found a path like sub/pairs.txt in b's folder; --int8 took it for a set not here.
+    first = make_face_folder(str(tmp_path / "a"), identities=2, images=2)
+    second = make_face_folder(str(tmp_path / "b"), identities=2, images=2)
+    make_pairs_list(os.path.join(second, "sub"), pairs=20)
+    sets = quantize.verification_sets([os.path.join("sub", "pairs.txt")], f"{first},{second}", 32, seed=0,
+                                      skip_missing=True)
+    assert list(sets) == ["pairs"] and "not here" not in capsys.readouterr().err
