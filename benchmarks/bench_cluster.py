@@ -89,20 +89,28 @@ def run_cluster(argv: list[str]) -> tuple[dict, list[str], np.ndarray, float]:
     return summary, [name for name, _ in rows], np.array([int(c) for _, c in rows]), seconds
 
 
-def random_table(work: str, n: int, dim: int, people: int, spread: float, device: str) -> dict:
-    """The row of the time to cluster ``n`` random unit ``dim``-D embeddings at cosine 0.3: of ``people``
-    people (each a random direction plus noise of ``spread`` times a unit vector's; scored), or with 0
-    each on its own (no pair near 0.3: the search alone)."""
-    table = os.path.join(work, "random.npy")
-    generator = torch.Generator().manual_seed(0)
+def people_table(n: int, people: int, *, seed: int = 0, dim: int = 512, spread: float = 1.2
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(n random unit ``dim``-D embeddings, each one's person or None): of ``people`` people, each a random
+    direction plus noise of ``spread`` times a unit vector's, or with 0 each on its own."""
+    generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=generator)
     truth = None
     if people:
         truth = torch.randint(people, (n,), generator=generator)
         centres = torch.nn.functional.normalize(torch.randn(people, dim, generator=generator), dim=1)
         x = centres[truth] + spread * x / dim ** 0.5
-    write_table(table, [f"{i:07d}.jpg" for i in range(n)], torch.nn.functional.normalize(x, dim=1).numpy())
-    del x
+    return torch.nn.functional.normalize(x, dim=1), truth
+
+
+def random_table(work: str, n: int, dim: int, people: int, spread: float, device: str) -> dict:
+    """The row of the time to cluster ``n`` random unit ``dim``-D embeddings at cosine 0.3: of ``people``
+    people (each a random direction plus noise of ``spread`` times a unit vector's; scored), or with 0
+    each on its own (no pair near 0.3: the search alone)."""
+    table = os.path.join(work, "random.npy")
+    unit, truth = people_table(n, people, dim=dim, spread=spread)
+    write_table(table, [f"{i:07d}.jpg" for i in range(n)], unit.numpy())
+    del unit
     out = os.path.join(work, "random.csv")
     summary, _, found, seconds = run_cluster(["--embeddings", table, "--output", out, "--overwrite", "--threshold",
                                               "0.3", "--device", device])

@@ -16,23 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_cluster import scores  # noqa: E402
+from bench_cluster import people_table, scores  # noqa: E402
 from train.embed import write_table  # noqa: E402
 from train.tools import cluster  # noqa: E402
 from train.tools.similarity import nearest_neighbours  # noqa: E402
-
-
-def people_table(n: int, people: int, seed: int = 0, dim: int = 512, spread: float = 1.2):
-    """(n unit embeddings, each person's label or None): of ``people`` people as bench_cluster.py draws
-    them, or with 0 each on its own."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g)
-    truth = None
-    if people:
-        truth = torch.randint(people, (n,), generator=g)
-        centres = torch.nn.functional.normalize(torch.randn(people, dim, generator=g), dim=1)
-        x = centres[truth] + spread * x / dim ** 0.5
-    return torch.nn.functional.normalize(x, dim=1), truth
 
 
 def main() -> int:
