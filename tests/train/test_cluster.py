@@ -299,6 +299,17 @@ def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert said in err and err.startswith("cluster: error: ") and err.count("\n") == 1, err
     assert not os.path.exists(out)
+    # A table of no faces is refused (it was clustered into empty outputs); one of a single face is one face.
+    write_table(str(tmp_path / "empty.npy"), [], np.zeros((0, 64), dtype=np.float32))
+    assert run_cluster("--embeddings", tmp_path / "empty.npy", "--threshold", "0.5", "--output", out) == 2
+    assert capsys.readouterr().err == f"cluster: error: --embeddings {tmp_path / 'empty.npy'}: the table holds no " \
+        "faces\n" and not os.path.exists(out)
+    write_table(str(tmp_path / "one.npy"), ["a.png"], np.ones((1, 64), dtype=np.float32))
+    assert run_cluster("--embeddings", tmp_path / "one.npy", "--threshold", "0.5", "--output", out) == 0
+    assert "cluster: 1 face: 0 clusters of 2 or more, 1 noise;" in capsys.readouterr().err
+    assert read_rows(out) == [("a.png", -1)]
+    for written in (out, tmp_path / "c.json"):
+        os.remove(written)
 
     # An image that does not decode is left out, said, and makes the exit status 1.
     broken = tmp_path / "photos"

@@ -221,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         source_folder = args.images
     else:
         names, embeddings = read_table(args.embeddings)
+        if not names:  # (was clustered into empty outputs, exit 0)
+            raise ValueError(f"--embeddings {args.embeddings}: the table holds no faces")
         table_about = read_about(args.embeddings, embeddings) or {}
         source_folder = table_about.get("images")
     model_path = args.model
@@ -328,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
                 shutil.rmtree(folder, ignore_errors=True)
     largest = sizes[0] if sizes else 0
     median = int(np.median(sizes)) if sizes else 0
-    print(f"cluster: {len(names)} faces: {_count(len(sizes), 'cluster')} of {args.min_size} or more"
+    print(f"cluster: {_count(len(names), 'face')}: {_count(len(sizes), 'cluster')} of {args.min_size} or more"
           + (f" (largest {largest}, median {median})" if sizes else "")
           + f", {noise} noise; threshold {threshold:.4f} ({threshold_source}), {args.method} on "
           f"{_count(args.neighbours, 'neighbour')}, {seconds:.1f} s; wrote {args.output}, "
