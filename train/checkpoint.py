@@ -429,8 +429,8 @@ def mean_threshold(results: dict[str, dict[str, Any]]) -> float:
 def recorded_settings(state: Any, path: str) -> dict[str, Any]:
     """What the file at ``path`` (read as ``state``) records of its backbone: a training checkpoint's
     options (network, embedding_size, image_size, and threshold, the mean of its last verification's
-    (:func:`mean_threshold`), when it verified), or the settings ``python -m train.export`` wrote beside a state dict; ``{}`` for
-    a bare state dict."""
+    (:func:`mean_threshold`), when it verified), or the settings ``python -m train.export`` wrote beside
+    a state dict; ``{}`` for a bare state dict."""
     if isinstance(state, dict) and isinstance(state.get("args"), dict):
         args = state["args"]
         settings = {k: args[k] for k in ("network", "embedding_size", "image_size")}

@@ -172,9 +172,9 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
     path separator is a path, read from that file whatever the data. A path that is not found is
     an error, and so is a set of fewer pairs than the folds of its accuracy. A name is read from
     `<data folder>/<name>.bin` (`data_folder`: a list file's folder; of several sets, the first folder
-    that has it; skipped with a warning when none does, as insightface does); with spec 'synthetic' it is one synthetic set, of
-    identities disjoint from the training ones and from the other names'. A file named twice is one
-    set. ``flag`` names the option in messages.
+    that has it; skipped with a warning when none does, as insightface does); with spec 'synthetic' it
+    is one synthetic set, of identities disjoint from the training ones and from the other names'. A
+    file named twice is one set. ``flag`` names the option in messages.
     """
     # train.verification reads images through this package: import it here, not at the top.
     from train.verification import NFOLDS, VerificationSet, load_bin, load_pairs_list
