@@ -4,7 +4,8 @@ PyTorch through onnxruntime when that is installed, before anything is written);
 ``--normalized-onnx`` also ``backbone_normalized.onnx``, whose output is the embedding verification
 compares (image plus mirror, L2-normalised), so that ``backbone.json``'s threshold applies to it as it is;
 with ``--int8`` also ``backbone_int8.onnx`` (and ``backbone_normalized_int8.onnx``), quantized for CPUs
-and edge devices (``train.quantize``)."""
+and edge devices (``train.quantize``). Each PReLU is written as relu(x) + (-a) * relu(-x), the same values,
+which onnxruntime runs faster than its PRelu node (``--onnx-prelu`` keeps the node)."""
 
 from __future__ import annotations
 
@@ -55,14 +56,52 @@ class FlipNormalized(torch.nn.Module):
         return torch.nn.functional.normalize(both[:count] + both[count:], dim=1)
 
 
+class DecomposedPReLU(torch.nn.Module):
+    """``prelu`` (an ``nn.PReLU``, whose slopes it shares) as relu(x) + (-a) * relu(-x), which the ONNX
+    exporter writes as Relu, Neg, Mul and Add nodes in place of one PRelu node. The values are PReLU's bit
+    for bit (an output is x + 0, or 0 + a * x with (-a) * -x = a * x exactly in IEEE arithmetic; only a
+    zero's sign can differ), and onnxruntime runs them faster than its PRelu kernel, which took most of
+    MobileFaceNet's time on a CPU (benchmarks/bench_prelu.py). An Add rather than a Sub: insightface takes a
+    graph with nodes named Sub... and Mul... among its first eight for one fed pixels 0-255, and a tool that
+    renames nodes after their types would name them so here."""
+
+    def __init__(self, prelu: torch.nn.PReLU):
+        super().__init__()
+        self.weight = prelu.weight
+        self.per_channel = prelu.weight.numel() > 1  # (else one slope, which broadcasts as it is)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # nn.PReLU's slopes go along dimension 1, the channels.
+        slope = self.weight.reshape(-1, *[1] * (x.dim() - 2)) if self.per_channel else self.weight
+        return torch.relu(x) + (-slope) * torch.relu(-x)
+
+
+@contextlib.contextmanager
+def decomposed_prelu(model: torch.nn.Module):
+    """``model`` with each of its ``nn.PReLU`` modules replaced by a DecomposedPReLU while the block runs,
+    and put back after it (also on an error or a stop). Subclasses of nn.PReLU, which may compute otherwise,
+    and ``F.prelu`` called in a forward are left as they are."""
+    replaced = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+                if type(child) is torch.nn.PReLU]
+    try:
+        for parent, name, prelu in replaced:
+            setattr(parent, name, DecomposedPReLU(prelu))
+        yield model
+    finally:
+        for parent, name, prelu in replaced:
+            setattr(parent, name, prelu)
+
+
 class OnnxNotInstalled(ImportError):
     """The optional ``onnx`` package is missing: the ONNX step is skipped, not failed."""
 
 
-def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int = 17) -> None:
+def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, *,
+                prelu_node: bool = False) -> None:
     """``model`` (eval mode, fp32) traced to an ONNX graph with a dynamic batch dimension, written to
     ``path`` (a file, not memory: past protobuf's 2 GB, ViT-H's size, the weights go to external data
-    files beside it).
+    files beside it). Its PReLUs are written as DecomposedPReLU writes them, or with ``prelu_node`` as
+    ONNX's PRelu node.
 
     Raises OnnxNotInstalled without the ``onnx`` package (the exporter builds the graph with it),
     ValueError when the exporter fails."""
@@ -74,7 +113,7 @@ def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int =
     model = model.eval()
     dummy = torch.zeros(1, 3, image_size, image_size)
     kwargs = dict(input_names=["input"], output_names=["embedding"], opset_version=opset)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.nullcontext() if prelu_node else decomposed_prelu(model):
         # The TorchScript-based exporter is deprecated but needs no onnxscript; it is what this uses.
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -138,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="also write backbone.onnx (without it, or without the onnx package, the backbone.onnx of an "
                    "earlier export in the folder is removed)")
+    p.add_argument("--onnx-prelu", "--onnx_prelu", dest="onnx_prelu", action="store_true",
+                   help="write each PReLU as ONNX's PRelu node (for a converter or runtime that wants it) rather than "
+                   "relu(x) + (-a) * relu(-x): the same values, which onnxruntime runs faster")
     p.add_argument("--int8", nargs="?", const="", default=None, metavar="FACES",
                    help=f"also write {INT8_ONNX_NAME} (with --normalized-onnx, {NORMALIZED_INT8_ONNX_NAME} too): the "
                    "graph quantized to int8 for CPUs and edge devices (onnxruntime's static quantization: QDQ, int8 "
@@ -162,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} goes with --int8")
     if args.int8_faces is not None and args.int8_faces < 1:
         p.error(f"--int8-faces must be at least 1, got {args.int8_faces}")
-    if args.opset is not None and not args.onnx:  # (was taken without a word)
-        p.error("--opset goes with the ONNX graph, which --no-onnx does not write")
+    for flag, given in (("--opset", args.opset is not None), ("--onnx-prelu", args.onnx_prelu)):
+        if given and not args.onnx:  # (--opset was taken without a word)
+            p.error(f"{flag} goes with the ONNX graph, which --no-onnx does not write")
     args.opset = 17 if args.opset is None else args.opset
     for flag, value in (("--embedding-size", args.embedding_size), ("--image-size", args.image_size)):
         if value is not None and value < 1:  # (a negative size was a traceback from torch)
@@ -228,12 +271,12 @@ def _export(args: argparse.Namespace) -> int:
         if args.onnx:
             graph = os.path.join(staging, ONNX_NAME)
             try:
-                export_onnx(model, graph, settings["image_size"], args.opset)
+                export_onnx(model, graph, settings["image_size"], args.opset, prelu_node=args.onnx_prelu)
                 difference = check_onnx(model, graph, settings["image_size"])
                 if args.normalized_onnx:
                     deployed = FlipNormalized(model).eval()
                     export_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"],
-                                args.opset)
+                                args.opset, prelu_node=args.onnx_prelu)
                     check_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"])
             except OnnxNotInstalled as error:
                 graph, skipped = None, str(error)

@@ -210,6 +210,7 @@ def test_normalized_onnx_below_opset_10_is_refused_up_front(trained, tmp_path, c
 
 @pytest.mark.parametrize("argv, message", [
     (["--no-onnx", "--opset", "12"], "--opset goes with the ONNX graph, which --no-onnx does not write"),  # (ignored)
+    (["--no-onnx", "--onnx-prelu"], "--onnx-prelu goes with the ONNX graph, which --no-onnx does not write"),
     (["--embedding-size", "-5"], "--embedding-size must be at least 1, got -5"),  # (a traceback from torch)
     (["--image-size", "0"], "--image-size must be at least 1, got 0"),
 ])

@@ -1,5 +1,6 @@
 """After training: the backbone state dict and ONNX round trips, and embedding images."""
 
+import collections
 import csv
 import json
 import os
@@ -98,6 +99,80 @@ def test_normalized_onnx_gives_the_verification_embedding(trained, tmp_path, cap
     assert f"removed {normalized}" in capsys.readouterr().err and not normalized.exists()
     with pytest.raises(SystemExit):
         export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--normalized-onnx", "--no-onnx"])
+
+
+def op_counts(path):
+    import onnx
+
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def test_prelu_is_written_as_relus_of_the_same_values_and_onnx_prelu_keeps_the_node(trained, tmp_path, capsys):
+    # onnxruntime's PRelu kernel is slow on CPUs: the graphs hold relu(x) + (-a) * relu(-x), which gives the
+    # PRelu node's embeddings bit for bit; --onnx-prelu writes the node.
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    ckpt, _ = trained
+    for flags, folder in (([], "relus"), (["--onnx-prelu"], "node")):
+        assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / folder), "--normalized-onnx", *flags]) == 0
+        assert "onnxruntime matches PyTorch" in capsys.readouterr().out
+    prelus = sum(isinstance(module, torch.nn.PReLU) for module in checkpoint.load_backbone(ckpt)[0].modules())
+    x = torch.randn(5, 3, IMAGE_SIZE, IMAGE_SIZE).numpy()
+    for name in ("backbone.onnx", "backbone_normalized.onnx"):
+        relus, node = op_counts(tmp_path / "relus" / name), op_counts(tmp_path / "node" / name)
+        assert prelus == 5 and node["PRelu"] == prelus and "Neg" not in node, name
+        # (no Sub: insightface takes nodes named Sub... and Mul... among the first eight for a graph fed 0-255)
+        assert "PRelu" not in relus and relus["Neg"] == prelus and "Sub" not in relus, name
+        got, expected = (ort.InferenceSession(str(tmp_path / folder / name), providers=["CPUExecutionProvider"])
+                         .run(None, {"input": x})[0] for folder in ("relus", "node"))
+        assert np.array_equal(got, expected), f"{name}: max abs difference {np.abs(got - expected).max():.3g}"
+
+
+@pytest.mark.parametrize("channels", [1, 6])
+def test_decomposed_prelu_gives_prelus_values_bit_for_bit(channels):
+    prelu = torch.nn.PReLU(channels)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.tensor([0.25, -0.7, 0.0, 1.5, 3e-5, 1e4][:channels]))
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 3e38, -3e38])
+    for shape in ((4, 6), (3, 6, 5), (2, 6, 7, 3)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 10.0 ** torch.randint(
+            -8, 9, shape, generator=torch.Generator().manual_seed(0))
+        x.view(-1)[:len(special)] = special
+        with torch.no_grad():
+            got, expected = export.DecomposedPReLU(prelu)(x), prelu(x)
+        # (NaN where both are: a zero slope times -inf; a zero's sign may differ)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+class TinyPReLUNet(torch.nn.Module):
+    """A convolution, a PReLU of a slope per channel and one of a single slope, and a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.prelu = torch.nn.Conv2d(3, 4, 3, 2), torch.nn.PReLU(4)
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 3 * 3, 8), torch.nn.PReLU())
+        with torch.no_grad():
+            self.prelu.weight.copy_(torch.tensor([0.25, -0.5, 0.0, 2.0]))
+
+    def forward(self, x):
+        return self.head(self.prelu(self.conv(x)))
+
+
+def test_every_opset_writes_prelu_as_relus_and_the_model_keeps_its_prelus(tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = TinyPReLUNet().eval()
+    x = torch.randn(3, 3, 8, 8).numpy()
+    for opset in export.OPSETS or (7, 17, 20):
+        outputs = []
+        for prelu_node in (False, True):
+            path = str(tmp_path / f"{opset}-{prelu_node}.onnx")
+            export.export_onnx(model, path, 8, opset, prelu_node=prelu_node)
+            assert export.check_onnx(model, path, 8) is not None
+            assert ("PRelu" in op_counts(path)) == prelu_node, opset
+            outputs.append(ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0])
+        assert np.array_equal(*outputs), opset
+    assert [type(module) for module in model.modules()].count(torch.nn.PReLU) == 2  # (put back after each export)
 
 
 def test_export_without_onnx_installed(trained, tmp_path, monkeypatch, capsys):

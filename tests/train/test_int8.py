@@ -14,7 +14,7 @@ from train import checkpoint, distill, embed, export, quantize, trainer, verify
 from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, train_one_thread  # noqa: F401
 
 onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,25 @@ def test_the_int8_graph_agrees_with_the_fp32_one_and_runs_where_onnx_models_do(r
     teacher = distill.load_teacher(str(int8), None, embedding_size=64, image_size=32, amp="none",
                                    device=torch.device("cpu"))
     assert teacher.settings["embedding_size"] == 64
+
+
+def test_prelu_stays_float_so_the_int8_graph_gives_what_it_gave_with_prelu_nodes(run, tmp_path):
+    # backbone.onnx writes PReLU as relu(x) + (-a) * relu(-x); quantized, those nodes stay float as the PRelu
+    # node did (quantized, their Mul and Add lowered the agreement), so the two int8 graphs agree bit for bit.
+    ckpt, _, _ = run
+    for flags, folder in (([], "relus"), (["--onnx-prelu"], "node")):
+        assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / folder), "--int8", "synthetic",
+                            "--int8-faces", "8", "--int8-targets", "none", *flags]) == 0
+    prelus = sum(isinstance(module, torch.nn.PReLU) for module in checkpoint.load_backbone(ckpt)[0].modules())
+    assert len(quantize.decomposed_prelu_nodes(onnx.load(str(tmp_path / "relus" / "backbone.onnx")).graph)) == \
+        5 * prelus > 0
+    kinds = {node.op_type for node in onnx.load(str(tmp_path / "relus" / "backbone_int8.onnx")).graph.node}
+    assert "PRelu" not in kinds and {"Neg", "Mul", "QuantizeLinear"} <= kinds
+    x = torch.randn(4, 3, 32, 32).numpy()
+    got, expected = (ort.InferenceSession(str(tmp_path / folder / "backbone_int8.onnx"),
+                                          providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                     for folder in ("relus", "node"))
+    assert np.array_equal(got, expected), f"max abs difference {np.abs(got - expected).max():.3g}"
 
 
 def test_int8_calibrates_on_the_runs_own_faces_and_verifies_on_its_sets(run, tmp_path, capsys):
