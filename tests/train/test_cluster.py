@@ -278,6 +278,35 @@ def test_a_refused_link_is_a_copy_and_a_killed_runs_folder_is_removed(trained, t
     assert not killed.exists() and going.exists()
 
 
+def test_a_stop_as_the_replaced_tree_is_removed_waits_for_it(trained, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C after the outputs moved, while the tree they replaced was being removed, left that tree
+    whole in a hidden folder (named '..<random>.old' for a --tree given as 'tree/'), for good."""
+    ckpt, backbone, photos = trained
+    out, tree = tmp_path / "c.csv", os.path.join(tmp_path, "tree", "")
+    assert run_cluster("--model", backbone, "--images", photos, "--output", out, "--tree", tree) == 0
+    # What a run killed as it removed the tree it replaced (its process gone) leaves: removed by the next.
+    killed = tmp_path / f".tree.{checkpoint._HOST}-{2 ** 22 + 1}-0123abcd.old"
+    os.makedirs(killed / "cluster_0000")
+    rmtree = cluster.shutil.rmtree
+
+    def stop_then_rmtree(path, **kwargs):
+        if path.endswith(".old") and f"-{os.getpid()}-" in path:  # this run's, not the killed run's
+            os.kill(os.getpid(), signal.SIGINT)
+        rmtree(path, **kwargs)
+
+    monkeypatch.setattr(cluster.shutil, "rmtree", stop_then_rmtree)
+    capsys.readouterr()
+    try:
+        assert run_cluster("--model", backbone, "--images", photos, "--output", out, "--tree", tree,
+                           "--overwrite", "--min-size", "5") == 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "stopped by SIGINT as the outputs were written: they are whole" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.json", "tree"]
+    assert sorted(os.listdir(tree)) == ["cluster_0000", "cluster_0001", "cluster_0002"]
+
+
 def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
     ckpt, backbone, photos = trained
     for argv in (["--images", photos], ["--images", photos, "--model", backbone, "--threshold", "1.5"],

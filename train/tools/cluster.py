@@ -31,7 +31,6 @@ import re
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -325,9 +324,12 @@ def run(args: argparse.Namespace) -> int:
             _write_csv(args.output, names, clusters)
             checkpoint.write_json_atomic(summary_path(args.output), summary)
     finally:
-        for folder in (staging, replaced):  # this run's tree when it stopped, or the tree it replaced
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
+        # This run's tree when it stopped, or the tree it replaced: a stop that comes while it goes waits
+        # for it (a large tree takes a while), or it would stay, hidden, as big as the tree with --copy.
+        with signals_held(final=False):
+            for folder in (staging, replaced):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
     largest = sizes[0] if sizes else 0
     median = int(np.median(sizes)) if sizes else 0
     print(f"cluster: {_count(len(names), 'face')}: {_count(len(sizes), 'cluster')} of {args.min_size} or more"
@@ -413,12 +415,9 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
     """A hidden folder beside ``tree`` holding cluster_NNNN/<name> for each clustered face, a hard link
     to its image (a copy with ``copy``, or where the file system refuses the link: another device, no
     hard links); (that folder, links made, copies made)."""
-    parent, base = os.path.split(os.path.abspath(tree))
-    _remove_killed_runs_trees(parent, base)
-    # Named for its writer, as checkpoint.write_atomic names its temporaries; made as a folder is made
-    # (mkdtemp's would be the user's alone).
-    staging = os.path.join(parent, f".{base}.{checkpoint._HOST}-{os.getpid()}-{secrets.token_hex(4)}.partial")
-    os.mkdir(staging)
+    _remove_killed_runs_trees(tree)
+    staging = _hidden_beside(tree, "partial")
+    os.mkdir(staging)  # (as a folder is made: mkdtemp's would be the user's alone)
     width = max(4, len(str(count - 1)))
     links = copies = 0
     try:
@@ -453,10 +452,19 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
     return staging, links, copies
 
 
-def _remove_killed_runs_trees(parent: str, base: str) -> None:
-    """The hidden folders beside the tree ``base`` that runs on this host left when they were killed
-    (their process gone): a run that stops otherwise removes its own."""
-    pattern = re.compile(re.escape(f".{base}.") + r"(\w+)-(\d+)-[0-9a-f]{8}\.partial")
+def _hidden_beside(tree: str, kind: str) -> str:
+    """A hidden folder's path beside ``tree``, named for its writer as checkpoint.write_atomic names its
+    temporaries, so that the next run can tell a killed run's: ``kind`` is ``partial`` (a tree being
+    laid out) or ``old`` (the tree it replaces, being removed)."""
+    parent, base = os.path.split(os.path.abspath(tree))  # (abspath: a tree/ given has the name tree)
+    return os.path.join(parent, f".{base}.{checkpoint._HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}")
+
+
+def _remove_killed_runs_trees(tree: str) -> None:
+    """The hidden folders beside ``tree`` that runs on this host left when they were killed (their
+    process gone): a run that stops otherwise removes its own."""
+    parent, base = os.path.split(os.path.abspath(tree))
+    pattern = re.compile(re.escape(f".{base}.") + r"(\w+)-(\d+)-[0-9a-f]{8}\.(partial|old)")
     for entry in os.listdir(parent):
         found = pattern.fullmatch(entry)
         if found and found.group(1) == checkpoint._HOST and not checkpoint._process_alive(int(found.group(2))):
@@ -468,8 +476,8 @@ def _replace_folder(new: str, path: str) -> str | None:
     which is returned for the caller to remove (None when there was none)."""
     old = None
     if os.path.lexists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=os.path.dirname(new))
-        os.replace(path, os.path.join(old, "tree"))
+        old = _hidden_beside(path, "old")
+        os.replace(path, old)
     os.replace(new, path)
     return old
 
