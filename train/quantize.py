@@ -138,6 +138,8 @@ def quantize(fp32_path: str, int8_path: str, calibration: np.ndarray, *, only_un
                             calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=op_types,
                             nodes_to_exclude=excluded)
             onnx.checker.check_model(int8_path)
+        except OSError:  # a full disk, a quota: the file system's failure, not the graph's
+            raise
         except Exception as error:  # onnxruntime's and onnx's errors share no base class but Exception
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"onnxruntime cannot quantize the graph to int8: {reason}") from error

@@ -229,6 +229,24 @@ def test_a_stop_while_calibrating_writes_nothing(run, tmp_path, monkeypatch, cap
                 if name.startswith("ort.quant.")}  # onnxruntime's own working folder gone too
 
 
+def test_a_full_disk_while_quantizing_is_said_as_such(run, tmp_path, monkeypatch, capsys):
+    # It was "onnxruntime cannot quantize the graph to int8: [Errno 28] ...", as if the graph were at fault.
+    import errno
+
+    import onnxruntime.quantization
+
+    def full_disk(model_input, model_output, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), model_output)
+
+    ckpt, _, _ = run
+    earlier_export(tmp_path)
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", full_disk)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--int8", "--int8-faces", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 28] No space left on device") and "cannot quantize" not in err, err
+    assert_earlier_export_untouched(tmp_path)
+
+
 def test_a_fresh_run_sets_an_earlier_exports_int8_graphs_aside(tmp_path):
     earlier_export(tmp_path)
     (tmp_path / "checkpoint.pt").write_text("a run's")
