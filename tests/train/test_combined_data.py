@@ -75,6 +75,13 @@ def test_a_path_holding_a_comma_is_one_set(tmp_path):
     folder = make_face_folder(str(tmp_path / "faces, 2024"), identities=2, images=2)
     dataset, classes = build_train_dataset(folder, image_size=IMAGE_SIZE)
     assert not isinstance(dataset, CombinedFaces) and classes == 2
+    # Among others it is split at its comma (as the README says), and a link without one takes it.
+    other = make_face_folder(str(tmp_path / "other"), identities=3, images=2)
+    with pytest.raises(FileNotFoundError, match=r"--data '.*faces': no such folder"):
+        build_train_dataset(f"{folder},{other}", image_size=IMAGE_SIZE)
+    os.symlink(folder, tmp_path / "faces_2024")
+    dataset, classes = build_train_dataset(f"{tmp_path / 'faces_2024'},{other}", image_size=IMAGE_SIZE)
+    assert isinstance(dataset, CombinedFaces) and classes == 5
 
 
 def test_verification_sets_are_found_in_any_sets_folder(sets):
