@@ -71,7 +71,8 @@ def test_the_people_of_a_collection_are_found(trained, tmp_path, capsys):
     ckpt, backbone, photos = trained
     out = tmp_path / "clusters.csv"
     assert run_cluster("--model", backbone, "--images", photos, "--output", out, "--tree", tmp_path / "people") == 0
-    assert f"threshold 0.5500 ({backbone}'s last verification)" in capsys.readouterr().err  # backbone.json's
+    sidecar = os.path.join(os.path.dirname(backbone), "backbone.json")  # (an export: its run's verification)
+    assert f"threshold 0.5500 ({backbone}'s last verification (recorded in {sidecar}))" in capsys.readouterr().err
     rows = read_rows(out)
     assert len(rows) == sum(3 + who for who in range(PEOPLE))
     # Each person is one cluster, and each cluster one person; numbered by size, the largest first.
@@ -117,7 +118,7 @@ def test_a_table_of_train_embed_clusters_as_its_folder(trained, tmp_path, capsys
     assert run_cluster("--model", backbone, "--images", photos, "--output", tmp_path / "a.csv") == 0
     # The table's provenance names the model (its threshold) and the images (for --tree).
     assert run_cluster("--embeddings", table, "--output", tmp_path / "b.csv", "--tree", tmp_path / "tree") == 0
-    assert f"({backbone}'s last verification)" in capsys.readouterr().err
+    assert f"({backbone}'s last verification (recorded in " in capsys.readouterr().err
     assert read_rows(tmp_path / "a.csv") == read_rows(tmp_path / "b.csv")
     assert len(scan_image_folder(str(tmp_path / "tree"))[1]) == 25
 

@@ -61,7 +61,7 @@ def test_flips_and_augmentations_are_the_combined_sets_own(sets):
 
 @pytest.mark.parametrize("spec, message", [
     ("{folder},,{rec}", r"an empty name between commas"),
-    ("{folder},{rec},{folder}/", r"is named twice \(as .*\): its images would be trained on twice"),
+    ("{folder},{rec},{folder}/", r"is named twice \(as .*\): its images would be read twice"),
     ("{folder},{rec}/missing", r"--data '.*missing': no such folder"),
     ("synthetic,{rec}", r"synthetic, the demo's drawn faces, is a set of its own"),
 ])

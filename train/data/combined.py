@@ -33,7 +33,7 @@ def split_data_spec(spec: str) -> list[str]:
         if key in seen:
             raise ValueError(f"--data {spec!r}: {part} is named twice" + (
                 f" (as {seen[key]})" if seen[key] != part else "")
-                + ": its images would be trained on twice, as other identities the second time")
+                + ": its images would be read twice, as other identities the second time")
         seen[key] = part
     return parts
 

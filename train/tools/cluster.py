@@ -236,7 +236,10 @@ def run(args: argparse.Namespace) -> int:
         model, settings = load_model(model_path, device if args.images else "cpu")
     threshold, threshold_source = cosine_threshold(settings, args.threshold)
     if threshold_source == "the model's last verification":
-        threshold_source = f"{model_path}'s last verification"
+        # (An export's, an int8 graph's too: the verification of the run's model, in backbone.json beside it.)
+        sidecar = checkpoint.settings_path(model_path)
+        threshold_source = f"{model_path}'s last verification" + (
+            f" (recorded in {sidecar})" if os.path.isfile(sidecar) else "")
         if not 0 < threshold <= 1:
             raise ValueError(f"{model_path}'s last verification threshold is cosine {threshold:.4f}, which links "
                              "faces that are not alike at all (a model barely trained?): give --threshold")
