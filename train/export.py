@@ -323,8 +323,9 @@ def _export(args: argparse.Namespace) -> int:
             print(f"wrote {normalized_path}: image + mirror, L2-normalised (the embedding verification compares)")
         for name, agreement in agreements.items():
             fp32_name = NORMALIZED_ONNX_NAME if name == NORMALIZED_INT8_ONNX_NAME else ONNX_NAME
-            print(f"wrote {os.path.join(output, name)}: {fp32_name} in int8, calibrated on {len(faces.calibration)} "
-                  f"faces of {faces.spec}; against {fp32_name}, {quantize.describe(agreement)}"
+            count = len(faces.calibration)
+            print(f"wrote {os.path.join(output, name)}: {fp32_name} in int8, calibrated on {count} "
+                  f"face{'' if count == 1 else 's'} of {faces.spec}; against {fp32_name}, {quantize.describe(agreement)}"
                   + (" not used for calibration" if faces.held_out else " (the calibration faces: none left)"))
             for target, (fp32, int8) in agreement.targets.items():
                 print(f"  {target}: accuracy {int8['accuracy']:.4f} ± {int8['accuracy_std']:.4f} in int8, "
@@ -352,7 +353,7 @@ def _int8_inputs(args: argparse.Namespace, image_size: int) -> tuple[quantize.Fa
     faces = quantize.read_faces(spec, count, image_size=image_size, run=run,
                                 flag="--int8" if args.int8 else "--int8 (the run's --data)")
     if not faces.held_out:
-        print(f"note: --int8 {spec} holds {faces.total} faces: all of them calibrate, and the int8 graph is checked on "
+        print(f"note: --int8 {spec} holds {faces.total} face{'' if faces.total == 1 else 's'}: all of them calibrate, and the int8 graph is checked on "
               f"them (on faces it was not calibrated on, the agreement may be lower; --int8-faces "
               f"{max(1, faces.total // 2)} leaves half out)", file=sys.stderr)
     elif len(faces.check) < count:

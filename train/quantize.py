@@ -215,7 +215,7 @@ def compare(fp32_path: str, int8_path: str, faces: np.ndarray, sets: dict | None
 
 def describe(agreement: Agreement) -> str:
     return (f"their embeddings' cosine {agreement.mean:.4f} on the mean, {agreement.min:.4f} at the least, over "
-            f"{agreement.faces} faces")
+            f"{agreement.faces} face{'' if agreement.faces == 1 else 's'}")
 
 
 def verification_sets(targets: list[str], spec: str, image_size: int, *, seed: int, skip_missing: bool) -> dict:

@@ -124,6 +124,11 @@ def test_int8_calibrates_on_the_runs_own_faces_and_verifies_on_its_sets(run, tmp
                         "12", "--int8-targets", "none"]) == 0
     assert f"note: --int8 {faces} holds 16 faces: 12 calibrate, and the int8 graph is checked on the 4 others" in \
         capsys.readouterr().err
+    # One face: said as one (it was "1 faces").
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "e"), "--int8", faces, "--int8-faces",
+                        "1", "--int8-targets", "none"]) == 0
+    printed = capsys.readouterr()
+    assert f"calibrated on 1 face of {faces};" in printed.out and "over 1 face not used" in printed.out
     # An export's backbone.pt records no run: the faces must be named.
     assert export.main(["--checkpoint", str(tmp_path / "a" / "backbone.pt"), "--output", str(tmp_path / "d"),
                         "--int8"]) == 2
