@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from . import insightface_config
 from .models import NETWORKS, is_factory_spec
@@ -478,8 +478,9 @@ def steps_from_epochs(args: argparse.Namespace, steps_per_epoch: int) -> None:
                              "and at least 1")
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on other options."""
+def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Namespace:
+    """Fill the defaults that depend on other options; ``given``: the names of the options the command
+    line gave, whatever their values (parse_args's; a config's defaults are not given)."""
     local_rank = vars(args).pop("local_rank", None)
     if local_rank is not None:
         if os.environ.setdefault("LOCAL_RANK", str(local_rank)) != str(local_rank):
@@ -565,16 +566,15 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.finetuning and not args.pretrained_model:  # (was a run from random weights, without a word)
         raise SystemExit("--finetuning takes the backbone of --pretrained_model (with fresh class centres): give "
                          "--pretrained_model too")
-    named = vars(args).pop("distill_flags_given", ())  # (parse_args's: the distillation flags the command line gave)
     if not args.teacher:  # (each was a run without distillation, without a word)
         parser = build_parser()
         # A value other than the default, or any value the command line gave: --distill-weight 1 alone was
         # taken silently. (A config's default value is not one: args.json lists every option.)
-        given = [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in
+        named = [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in
                  ("teacher_network", "distill_weight", "distill_loss")
-                 if getattr(args, dest) != parser.get_default(dest) or dest in named]
-        if given:
-            raise SystemExit(f"{' and '.join(given)} {'goes' if len(given) == 1 else 'go'} with --teacher (the backbone "
+                 if getattr(args, dest) != parser.get_default(dest) or dest in given]
+        if named:
+            raise SystemExit(f"{' and '.join(named)} {'goes' if len(named) == 1 else 'go'} with --teacher (the backbone "
                              "the student is distilled from): give --teacher too")
     if not 0.0 < args.keep_prob <= 1.0:
         raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
@@ -707,6 +707,7 @@ def _epoch_sizes(argv: list[str]) -> dict[str, int]:
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``) on top of ``--config FILE`` and the defaults; ``prog``:
     the command its usage errors name (a tool that takes the trainer's options, as preview does)."""
+    command_line = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     parser.prog = prog or parser.prog
     pre = argparse.ArgumentParser(prog=parser.prog, add_help=False)
@@ -723,7 +724,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     try:
         if known.config and insightface_config.is_insightface_config(known.config):
             config = insightface_config.read(known.config)
-            config.update(_epoch_sizes(list(sys.argv[1:] if argv is None else argv)))
+            config.update(_epoch_sizes(command_line))
             options = insightface_config.to_options(config, known.config)
             file_argv = _config_to_argv(options, parser, known.config)
         elif known.config:
@@ -731,7 +732,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     except OSError as error:  # (unreadable: its permissions; or the base.py beside an arcface_torch config)
         raise SystemExit(f"--config {known.config}: cannot read {error.filename or known.config}: "
                          f"{error.strerror or error}") from None
-    args, unknown = parser.parse_known_args(file_argv + list(sys.argv[1:] if argv is None else argv))
+    args, unknown = parser.parse_known_args(file_argv + command_line)
     if unknown:
         # train_v2.py takes its config as its argument: say where it goes here (an arcface_torch config's
         # name only: another file, a .rec given without --data, is no config to put after --config).
@@ -740,9 +741,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
             f" (a config file goes after --config: --config {config}; arcface_torch's train_v2.py takes it as its "
             "argument)" if config else ""))
-    args.distill_flags_given = set(_given(list(sys.argv[1:] if argv is None else argv),
-                                          ("teacher_network", "distill_weight", "distill_loss")))
-    return resolve(args)
+    return resolve(args, _given(command_line, ("teacher_network", "distill_weight", "distill_loss")))
 
 
 def _given(argv: list[str], dests: Sequence[str]) -> dict[str, Any]:
