@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from train import checkpoint, export
-from train.config import parse_args
+from train.config import build_parser, parse_args
 from train.distill import distillation_loss, onnx_digest, weights_digest
 from train.trainer import Trainer, main
 
@@ -265,6 +265,7 @@ def test_a_config_listing_the_distillation_defaults_runs_without_a_teacher(tmp_p
     config.write_text('{"distill_weight": 1.0, "distill_loss": "cosine", "teacher": null}')
     args = parse_args(["--config", str(config)])
     assert args.teacher is None
+    assert set(vars(args)) <= set(vars(build_parser().parse_args([])))  # nothing but options (args.json lists them)
 
 
 def test_a_teacher_that_does_not_fit_is_a_one_line_error(faces, teacher, tmp_path):
