@@ -342,9 +342,9 @@ def _export(args: argparse.Namespace) -> int:
 def _int8_inputs(args: argparse.Namespace, image_size: int) -> tuple[quantize.Faces, dict]:
     """--int8's faces (the run's --data where no FACES is given) and the verification sets of
     --int8-targets (the run's --val-targets where not given)."""
-    from .verify import _run_args
+    from .verify import run_options
 
-    run = _run_args(args.checkpoint)
+    run = quantize.run_paths(*run_options(args.checkpoint))
     spec = args.int8 or run.get("data")
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--int8: {args.checkpoint} records no training data to calibrate on (not a training "

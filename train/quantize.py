@@ -46,6 +46,32 @@ class Faces:
     held_out: bool
 
 
+def run_paths(run: dict, folder: str | None) -> dict:
+    """``run`` (a training run's options) with its relative ``--data`` and verification-set paths made
+    absolute in ``folder``, the folder it ran in, where they are there: read from another folder, they are
+    still the run's. Unchanged where the checkpoint records no folder (older ones)."""
+    from .data import SYNTHETIC, is_target_path, split_data_spec
+
+    if not folder or os.path.abspath(folder) == os.getcwd():
+        return run
+
+    def there(path: str) -> str:
+        joined = os.path.join(folder, path)
+        return joined if not os.path.isabs(path) and os.path.lexists(joined) else path
+
+    run = dict(run)
+    data = run.get("data")
+    if isinstance(data, str) and data and data != SYNTHETIC:
+        try:
+            run["data"] = ",".join(there(part) for part in split_data_spec(data))
+        except ValueError:  # (checked when the run started: left for read_faces to say)
+            pass
+    targets = run.get("val_targets")
+    if isinstance(targets, list):  # (a set's name is looked for in --data's folders)
+        run["val_targets"] = [there(t) if isinstance(t, str) and is_target_path(t) else t for t in targets]
+    return run
+
+
 def read_faces(spec: str, count: int, *, image_size: int, run: dict, flag: str = "--int8") -> Faces:
     """``count`` faces of ``spec`` (what the trainer's ``--data`` takes), drawn at random from the whole set
     (the same ones every time), and up to ``count`` others. ``run``: the options of the run the model comes

@@ -654,6 +654,7 @@ class Trainer:
             local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, cores // local_world_size - args.num_workers))
         self.output = args.output
+        self.working_directory = os.getcwd()  # what the run's relative paths (--data, ...) are relative to
         self.checkpoint_path = os.path.join(self.output, checkpoint.CHECKPOINT_NAME)
         try:
             os.makedirs(self.output, exist_ok=True)
@@ -1289,6 +1290,7 @@ class Trainer:
         state = {
             "step": self.step,
             "args": vars(self.args),
+            "working_directory": self.working_directory,  # (train.export --int8 reads the run's --data from elsewhere)
             "num_classes": self.num_classes,
             "data_fingerprint": self.data_fingerprint,  # which data the class centres are of (train.tools.clean)
             "data_classes": self.data_classes,  # which identities they are (None: a set that does not name them)

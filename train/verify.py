@@ -174,16 +174,24 @@ def _progress(total: int, name: str):
 
 def _run_args(path: str) -> dict:
     """The options of the run whose training checkpoint ``path`` is; {} for other models."""
+    return run_options(path)[0]
+
+
+def run_options(path: str) -> tuple[dict, str | None]:
+    """The options of the run whose training checkpoint ``path`` is ({} for other models), and the folder it
+    ran in, which its relative paths are relative to (None where the checkpoint does not record it)."""
     from .onnx_backbone import is_onnx_file
 
     if is_onnx_file(path):
-        return {}
+        return {}, None
     try:  # mapped: a checkpoint's class centres and optimizer state are not read for its options
         state = checkpoint.load(path, mmap=True)
     except ValueError:  # a file of torch's legacy format, which cannot be mapped (none of this trainer's)
         state = checkpoint.load(path)
-    run = state.get("args") if isinstance(state, dict) else None
-    return run if isinstance(run, dict) else {}
+    if not isinstance(state, dict):
+        return {}, None
+    run, folder = state.get("args"), state.get("working_directory")
+    return (run if isinstance(run, dict) else {}), (folder if isinstance(folder, str) else None)
 
 
 def _set_amp(model, args: argparse.Namespace, run: dict) -> None:

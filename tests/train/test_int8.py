@@ -149,6 +149,29 @@ def test_int8_calibrates_on_the_runs_own_faces_and_verifies_on_its_sets(run, tmp
     assert "accuracy" not in printed.out
 
 
+def test_the_runs_relative_data_is_read_from_the_folder_it_ran_in(run, tmp_path, monkeypatch, capsys):
+    # A run of `--data faces` exported from another folder: --int8 looked for ./faces here ("no such folder").
+    ckpt, faces, pairs = run
+    state = checkpoint.load(ckpt)
+    assert state["working_directory"] == os.getcwd()  # the trainer records where it ran
+    root = os.path.dirname(faces)
+    state["args"] = {**state["args"], "data": os.path.basename(faces),
+                     "val_targets": [os.path.relpath(pairs, root)]}
+    state["working_directory"] = root
+    torch.save(state, tmp_path / "relative.pt")
+    monkeypatch.chdir(tmp_path)
+    assert export.main(["--checkpoint", "relative.pt", "--output", "out", "--int8", "--int8-faces", "8"]) == 0
+    printed = capsys.readouterr()
+    assert f"calibrated on 8 faces of {faces}; against backbone.onnx" in printed.out
+    assert "  pairs: accuracy " in printed.out and "note" not in printed.err
+    # A checkpoint that records no folder (before it did) reads them here, as typed.
+    del state["working_directory"]
+    torch.save(state, tmp_path / "older.pt")
+    assert export.main(["--checkpoint", "older.pt", "--output", "out2", "--int8"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --int8 (the run's --data) '{os.path.basename(faces)}': no "
+                                              f"such folder under {tmp_path};")
+
+
 def earlier_export(folder):
     """Every file of an earlier export, each holding its own name."""
     os.makedirs(folder, exist_ok=True)
