@@ -258,6 +258,40 @@ def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, st
     return DEFAULT_COSINE_THRESHOLD, "the default"
 
 
+def model_threshold(model_path: str | None, settings: dict, requested: float | None, *, tool: str
+                    ) -> tuple[float, str]:
+    """:func:`cosine_threshold` for a tool that decides with it (``cluster``, ``search``), where it came
+    from said with the file that recorded it. A note on stderr (``tool: note: ...``) when no model gives
+    one and the default is taken; ValueError when the model's own is not above 0 (a model barely
+    trained), which would take faces that are not alike at all for one person."""
+    threshold, source = cosine_threshold(settings, requested)
+    if source == "the model's last verification":
+        # (An export's, an int8 graph's too: the verification of the run's model, in backbone.json beside it.)
+        sidecar = checkpoint.settings_path(model_path)
+        source = f"{model_path}'s last verification" + (f" (recorded in {sidecar})" if os.path.isfile(sidecar) else "")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"{model_path}'s last verification threshold is cosine {threshold:.4f}, which takes "
+                             "faces that are not alike at all for one person (a model barely trained?): give "
+                             "--threshold")
+    elif source == "the default":
+        print(f"{tool}: note: {'no model' if not model_path else model_path + ' records no verification'} gives the "
+              f"threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
+              "--threshold; a trained model's checkpoint, or train.export's backbone.json, records one)",
+              file=sys.stderr)
+    return threshold, source
+
+
+def model_digest(path: str) -> str:
+    """The SHA-256 of the model file at ``path``, which a table's provenance records: what tells the
+    model that made a table from another one at the same path (a run that trained on). About a second
+    a gigabyte."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 MODEL_HELP = ("a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth or "
               "arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released ones, or "
               "train.export's; needs onnxruntime)")
@@ -685,7 +719,8 @@ def run(args: argparse.Namespace) -> int:
                                      workers=args.workers, norms=norms, not_square=not_square)
             names = [os.path.relpath(path, args.images) for path in paths]
             _warn_others_not_square(paths, not_square)
-    about = {"made_by": "train.embed", "model": os.path.abspath(args.model), "image_size": size, "flip": True,
+    about = {"made_by": "train.embed", "model": os.path.abspath(args.model), "model_sha256": model_digest(args.model),
+             "image_size": size, "flip": True,
              "normalised": True, "images": os.path.abspath(args.images),
              "faces": f"aligned from the landmarks in {os.path.abspath(args.landmarks)}" if args.landmarks else
              f"found and aligned by {os.path.abspath(args.detector)}" + (", every face" if args.all_faces else "")

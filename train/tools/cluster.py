@@ -39,7 +39,7 @@ import torch
 from train import checkpoint
 from train.data.transforms import IMAGE_EXTENSIONS
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
-                         _warn_others_not_square, cosine_threshold, embed_files, list_images, load_model,
+                         _warn_others_not_square, embed_files, list_images, load_model, model_threshold,
                          read_about, read_table, table_files)
 from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import check_outputs, listable_name, plain_warnings, torch_device
@@ -234,20 +234,7 @@ def run(args: argparse.Namespace) -> int:
     model, settings = (None, {})
     if model_path:  # (with --embeddings, for its threshold and embedding size)
         model, settings = load_model(model_path, device if args.images else "cpu")
-    threshold, threshold_source = cosine_threshold(settings, args.threshold)
-    if threshold_source == "the model's last verification":
-        # (An export's, an int8 graph's too: the verification of the run's model, in backbone.json beside it.)
-        sidecar = checkpoint.settings_path(model_path)
-        threshold_source = f"{model_path}'s last verification" + (
-            f" (recorded in {sidecar})" if os.path.isfile(sidecar) else "")
-        if not 0 < threshold <= 1:
-            raise ValueError(f"{model_path}'s last verification threshold is cosine {threshold:.4f}, which links "
-                             "faces that are not alike at all (a model barely trained?): give --threshold")
-    elif threshold_source == "the default":
-        print(f"cluster: note: {'no model' if not model_path else model_path + ' records no verification'} gives "
-              f"the threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
-              "--threshold; a trained model's checkpoint, or train.export's backbone.json, records one)",
-              file=sys.stderr)
+    threshold, threshold_source = model_threshold(model_path, settings, args.threshold, tool="cluster")
     if args.embeddings and args.model:
         width = settings.get("embedding_size")
         if width is not None and width != embeddings.shape[1]:

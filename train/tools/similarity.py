@@ -1,6 +1,7 @@
 """Searches over the cosines of unit embeddings made in blocks, never as one N x N matrix, and the
 connected components of the pairs they find: shared by ``clean`` (class pairs alike enough to be one
-identity) and ``cluster`` (each face's nearest neighbours)."""
+identity) and ``cluster`` (each face's nearest neighbours); and the search of probe faces among a
+gallery's people (``search``)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,35 @@ def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         smaller = np.minimum(ra, rb)
         np.minimum.at(label, ra, smaller)
         np.minimum.at(label, rb, smaller)
+
+
+def best_people(probes: torch.Tensor, gallery: torch.Tensor, person: torch.Tensor, people: int, k: int, *,
+                device, mates: torch.Tensor | None = None, cosines: int = 1 << 25
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` people most alike to each of the (P, D) unit ``probes`` among the (G, D) unit ``gallery``
+    rows, row g of person ``person[g]`` (0 to ``people`` - 1, each with a row at least), a person scoring
+    the cosine of their best row: ((P, k) people, (P, k) float32 cosines, most alike first; (P,) the rank
+    of each probe's mate ``mates[p]`` (-1: none) among the people, 1 + the others scoring at least as high,
+    so that a tie counts against the mate; 0 without a mate). The cosines are made on ``device`` in
+    blocks of whole gallery rows, at most ``cosines`` of them a block, never as one P x G matrix."""
+    k = min(k, people)
+    gallery = gallery.to(device, torch.float32)
+    person = person.to(device, torch.int64)
+    one_a_person = len(gallery) == people and bool((person == torch.arange(people, device=device)).all())
+    rows = max(1, min(4096, cosines // max(len(gallery), people)))
+    found = np.empty((len(probes), k), dtype=np.int64)
+    values = np.empty((len(probes), k), dtype=np.float32)
+    ranks = np.zeros(len(probes), dtype=np.int64)
+    for start in range(0, len(probes), rows):
+        block = probes[start:start + rows].to(device, torch.float32) @ gallery.T
+        if not one_a_person:  # each person's best row
+            block = torch.full((len(block), people), -torch.inf, device=device).scatter_reduce_(
+                1, person.expand(len(block), -1), block, "amax")
+        top, at = block.topk(k, dim=1)
+        values[start:start + len(block)], found[start:start + len(block)] = top.cpu().numpy(), at.cpu().numpy()
+        if mates is not None:
+            mate = mates[start:start + len(block)].to(device)
+            mated = torch.nonzero(mate >= 0).flatten()
+            mate_score = block[mated, mate[mated]]
+            ranks[start + mated.cpu().numpy()] = (block[mated] >= mate_score[:, None]).sum(dim=1).cpu().numpy()
+    return found, values, ranks

@@ -1,0 +1,297 @@
+"""``python -m train.tools.search``: hand-made embedding tables whose right answers are known (the
+ranked people, the decision at the threshold, template against per-image scores, the identification
+rates); the blocked search against the whole matrix; a gallery of synthetic people enrolled with a small
+trained model, saved and read back, and probes of them and of others; and what it refuses, leaves out
+and stops on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import arcface_ext
+from train import checkpoint
+from train.data.synthetic import render_face
+from train.embed import main as embed_main, write_table
+from train.tools import search
+from train.tools.similarity import best_people
+from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, train_one_thread
+
+LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
+
+
+def run_search(*argv) -> int:
+    return search.main([*map(str, argv), "--workers", "0"])
+
+
+def read_rows(path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:5] == ["probe", "rank", "person", "cosine", "decision"]
+    return rows[1:]
+
+
+def unit(*rows) -> np.ndarray:
+    x = np.array(rows, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+E = np.eye(6, dtype=np.float32)
+
+
+@pytest.fixture
+def tables(tmp_path):
+    """A gallery of three people (alice: two images, e0 and e1; bob: one, 0.8·e0 + 0.6·e2; carol: e3)
+    and four probes: e0 (alice's best image, bob's template), e3 + a little (carol), e4 (dave, not
+    enrolled), e1 (alice), with a labels file."""
+    gallery = tmp_path / "gallery.npy"
+    write_table(str(gallery), ["alice/1.jpg", "alice/2.jpg", "bob/1.jpg", "carol/1.jpg"],
+                unit(E[0], E[1], 0.8 * E[0] + 0.6 * E[2], E[3]))
+    probes = tmp_path / "probes.csv"
+    write_table(str(probes), ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg"], unit(E[0], E[3] + 0.1 * E[5], E[4], E[1]))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("probe,person\np0.jpg,alice\np1.jpg,carol\np2.jpg,dave\np3.jpg,alice\n")
+    return gallery, probes, labels
+
+
+def test_the_ranked_people_and_decisions_of_hand_made_tables(tables, tmp_path, capsys):
+    gallery, probes, labels = tables
+    out = tmp_path / "r.csv"
+    assert run_search("--gallery", gallery, "--probes", probes, "--threshold", 0.75, "--output", out,
+                      "--probe-labels", labels, "--top-k", 2) == 0
+    rows = read_rows(out)
+    # Templates: alice (e0 + e1)/√2 scores 0.7071 for e0, below bob's 0.8; carol 0.995 for p1; dave matches no one
+    # (each person scores 0); alice 0.7071 for e1, below the threshold: unknown.
+    assert [r[:5] for r in rows] == [
+        ["p0.jpg", "1", "bob", "0.800000", "bob"], ["p0.jpg", "2", "alice", "0.707107", "bob"],
+        ["p1.jpg", "1", "carol", "0.995037", "carol"], ["p1.jpg", "2", "alice", "0.000000", "carol"],
+        ["p2.jpg", "1", "alice", "0.000000", "unknown"], ["p2.jpg", "2", "bob", "0.000000", "unknown"],
+        ["p3.jpg", "1", "alice", "0.707107", "unknown"], ["p3.jpg", "2", "bob", "0.000000", "unknown"]]
+    assert [r[5] for r in rows[::2]] == ["alice", "carol", "dave", "alice"]
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["scoring"] == "template" and summary["people"] == 3 and summary["gallery_images"] == 4
+    assert (summary["matched"], summary["unknown"], summary["threshold_from"]) == (2, 2, "--threshold")
+    # Mated: p0 (alice ranks 2nd; bob, another person, is accepted), p1 (carol, accepted), p3 (alice 1st,
+    # below the threshold). Non-mated: p2 (dave), unknown.
+    assert summary["identification"] == {"mated_searches": 3, "non_mated_searches": 1, "rank_1": 2 / 3,
+                                         "rank_5": 1.0, "dir": 1 / 3, "fpir": 0.0, "misidentified": 1 / 3}
+    assert "rank-1 66.67%, rank-5 100.00%, DIR 33.33%" in capsys.readouterr().err
+
+    # --per-image: alice scores her best image, 1.0 for e0 and e1: both found; the rank-1 rate is then 1.
+    assert run_search("--gallery", gallery, "--probes", probes, "--threshold", 0.75, "--output", out,
+                      "--probe-labels", labels, "--per-image", "--overwrite") == 0
+    rows = read_rows(out)
+    assert [r[:5] for r in rows[:2]] == [["p0.jpg", "1", "alice", "1.000000", "alice"],
+                                         ["p0.jpg", "2", "bob", "0.800000", "alice"]]
+    assert len(rows) == 4 * 3  # --top-k 5 of 3 people: each person once
+    assert [r[4] for r in rows[::3]] == ["alice", "carol", "unknown", "alice"]
+    identification = json.loads((tmp_path / "r.json").read_text())["identification"]
+    assert (identification["rank_1"], identification["dir"], identification["fpir"]) == (1.0, 1.0, 0.0)
+    # -1: closed-set, every probe its best person (dave too: a false positive).
+    assert run_search("--gallery", gallery, "--probes", probes, "--threshold", -1, "--output", out,
+                      "--probe-labels", labels, "--overwrite") == 0
+    assert json.loads((tmp_path / "r.json").read_text())["identification"]["fpir"] == 1.0
+
+
+def test_identification_rates_count_ties_against_the_mate():
+    # Ranks: 1, 1, 2 (a tie at the top counts against the mate), 6, none (non-mated) x 2.
+    ranks = np.array([1, 1, 2, 6, 0, 0])
+    best = np.array([0.9, 0.4, 0.7, 0.8, 0.6, 0.2])
+    rates = search.identification_rates(ranks, best, ranks > 0, 0.5)
+    assert rates == {"mated_searches": 4, "non_mated_searches": 2, "rank_1": 0.5, "rank_5": 0.75, "dir": 0.25,
+                     "fpir": 0.5, "misidentified": 0.5}
+    assert search.identification_rates(ranks[:1], best[:1], np.array([True]), 0.5)["fpir"] is None
+    found, values, mate_ranks = best_people(torch.tensor(unit(E[0])), torch.tensor(unit(E[0], E[0], E[1])),
+                                            torch.tensor([0, 1, 2]), 3, 2, device="cpu", mates=torch.tensor([1]))
+    assert mate_ranks.tolist() == [2] and values[0].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("probes, gallery, people, k, cosines", [(37, 50, 11, 5, 64), (10, 7, 7, 3, 1),
+                                                                  (64, 200, 200, 4, 1000), (5, 30, 2, 5, 10 ** 6)])
+def test_blocked_search_matches_the_whole_matrix(probes, gallery, people, k, cosines):
+    generator = torch.Generator().manual_seed(probes + gallery)
+    p = torch.nn.functional.normalize(torch.randn(probes, 4, generator=generator), dim=1)
+    g = torch.nn.functional.normalize(torch.randn(gallery, 4, generator=generator), dim=1)
+    person = torch.cat([torch.arange(people), torch.randint(people, (gallery - people,), generator=generator)])
+    mates = torch.randint(-1, people, (probes,), generator=generator)
+    found, values, ranks = best_people(p, g, person, people, k, device="cpu", mates=mates, cosines=cosines)
+    full = (p @ g.T).numpy()
+    best = np.stack([full[:, person.numpy() == q].max(axis=1) for q in range(people)], axis=1)  # (P, people)
+    k = min(k, people)
+    np.testing.assert_allclose(values, -np.sort(-best, axis=1)[:, :k], atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(best, found, axis=1), values, atol=1e-6)
+    for row, mate in enumerate(mates.tolist()):
+        expected = 0 if mate < 0 else int((best[row] >= best[row, mate]).sum())
+        assert ranks[row] == expected, (row, ranks[row], expected)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained on 8 synthetic identities (its checkpoint, and backbone.pt beside a backbone.json
+    recording a verification threshold), a gallery of 4 of them (3 faces each, never trained on) and
+    probes: 2 other faces of each, and 2 of 2 people not enrolled, in folders named for their person."""
+    root = tmp_path_factory.mktemp("search")
+    faces = make_face_folder(str(root / "train"), identities=8, images=12)
+    argv = base_argv(faces, str(root / "run"), batch_size=32, max_steps=40, save_every=0, log_every=10,
+                     loss_impl=LOSS_IMPL)
+    assert train_one_thread(argv) == 0
+    ckpt = str(root / "run" / "checkpoint.pt")
+    model, settings = checkpoint.load_backbone(ckpt)
+    torch.save(model.state_dict(), root / "backbone.pt")
+    (root / "backbone.json").write_text(json.dumps({**settings, "threshold": 0.9}))  # cosine 0.55
+    for who in range(6):
+        for sample in range(5):
+            if who >= 4 and sample < 3:
+                continue
+            folder = root / ("gallery" if sample < 3 else "probes") / f"person{who}"
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(render_face(0, who, 500 + sample, IMAGE_SIZE)).save(folder / f"{sample:02d}.png")
+    return ckpt, str(root / "backbone.pt"), str(root / "gallery"), str(root / "probes")
+
+
+def test_a_gallery_enrolled_saved_and_searched(trained, tmp_path, capsys):
+    ckpt, backbone, gallery, probes = trained
+    out, saved = tmp_path / "r.csv", tmp_path / "g.npy"
+    assert run_search("--model", backbone, "--gallery", gallery, "--probes", probes, "--output", out,
+                      "--save-gallery", saved) == 0
+    err = capsys.readouterr().err
+    assert "--probe-labels folder would score the search" in err and "threshold 0.5500" in err
+    rows = read_rows(out)
+    decisions = {r[0]: r[4] for r in rows}
+    # Each enrolled person's probes are found; the others' are unknown.
+    assert decisions == {f"person{who}/{s:02d}.png": f"person{who}" if who < 4 else "unknown"
+                         for who in range(6) for s in (3, 4)}
+    assert len(rows) == 12 * 4 and [r[1] for r in rows[:4]] == ["1", "2", "3", "4"]
+    assert json.loads((tmp_path / "r.json").read_text())["threshold"] == 0.55
+    about = json.loads((tmp_path / "g.npy.json").read_text())
+    assert about["made_by"] == "train.tools.search" and about["rows"] == 12 and len(about["model_sha256"]) == 64
+
+    # The saved gallery, and the table train.embed --images makes of the folder, give the same results
+    # without embedding the gallery again; its model is the one the table names.
+    assert run_search("--gallery", saved, "--probes", probes, "--output", tmp_path / "a.csv",
+                      "--probe-labels", "folder") == 0
+    assert read_rows(tmp_path / "a.csv") == [r + [r[0].split("/")[0]] for r in rows]
+    summary = json.loads((tmp_path / "a.json").read_text())
+    assert summary["identification"] == {"mated_searches": 8, "non_mated_searches": 4, "rank_1": 1.0,
+                                         "rank_5": 1.0, "dir": 1.0, "fpir": 0.0, "misidentified": 0.0}
+    assert summary["model"] == backbone and summary["threshold"] == 0.55
+    table = tmp_path / "e.npy"
+    assert embed_main(["--model", backbone, "--images", gallery, "--output", str(table), "--workers", "0"]) == 0
+    assert run_search("--model", backbone, "--gallery", table, "--probes", probes, "--output", tmp_path / "b.csv") == 0
+    assert [r[:4] for r in read_rows(tmp_path / "b.csv")] == [r[:4] for r in rows]
+    # A single image; --per-image.
+    assert run_search("--model", backbone, "--gallery", saved, "--probes", os.path.join(probes, "person2", "03.png"),
+                      "--output", tmp_path / "c.csv", "--per-image", "--top-k", 1) == 0
+    assert [r[2:5:2] for r in read_rows(tmp_path / "c.csv")] == [["person2", "person2"]]
+
+    # Made with another model (another file: its digest differs), or of another embedding size: refused.
+    capsys.readouterr()
+    assert run_search("--model", ckpt, "--gallery", saved, "--probes", probes, "--output", tmp_path / "d.csv") == 2
+    err = capsys.readouterr().err
+    assert f"--gallery {saved} was made with another model than {ckpt}" in err and err.count("\n") == 1
+    assert run_search("--model", ckpt, "--gallery", table, "--probes", probes, "--output", tmp_path / "d.csv") == 2
+    assert f"--gallery {table} was made with another model" in capsys.readouterr().err  # train.embed's digest
+    names = [line.strip() for line in open(tmp_path / "g.txt")]
+    write_table(str(tmp_path / "narrow.npy"), names, np.load(saved)[:, :8])
+    assert run_search("--model", backbone, "--gallery", tmp_path / "narrow.npy", "--probes", probes, "--output",
+                      tmp_path / "d.csv") == 2
+    assert "holds 8-D embeddings, --model" in capsys.readouterr().err and not os.path.exists(tmp_path / "d.csv")
+
+
+def test_bad_arguments_left_out_people_and_outputs(trained, tables, tmp_path, capsys):
+    ckpt, backbone, gallery, probes = trained
+    table, probe_table, labels = tables
+    for argv in (["--gallery", table], ["--gallery", table, "--probes", probe_table, "--top-k", "0"],
+                 ["--gallery", table, "--probes", probe_table, "--threshold", "1.5"],
+                 ["--gallery", table, "--probes", probe_table, "--output", "r.txt"],
+                 ["--gallery", table, "--save-gallery", "g.npy", "--probe-labels", "folder"],
+                 ["--gallery", table, "--probes", probe_table, "--all-faces"]):
+        with pytest.raises(SystemExit):
+            run_search(*argv)
+    capsys.readouterr()
+    out = tmp_path / "r.csv"
+    empty = tmp_path / "empty"
+    os.makedirs(empty / "nobody")
+    write_table(str(tmp_path / "none.npy"), [], np.zeros((0, 6), dtype=np.float32))
+    write_table(str(tmp_path / "loose.npy"), ["a.jpg"], unit(E[0]))
+    write_table(str(tmp_path / "unknown.npy"), ["unknown/a.jpg"], unit(E[0]))
+    write_table(str(tmp_path / "wide.npy"), ["a.jpg"], np.ones((1, 7), dtype=np.float32))
+    write_table(str(tmp_path / "one.npy"), ["p.jpg"], unit(E[0]))
+    for argv, said in [
+        (["--gallery", tmp_path / "nowhere", "--probes", probe_table], "--gallery"),
+        (["--gallery", empty, "--probes", probes, "--model", backbone], "holds no identity sub-folder"),
+        (["--gallery", tmp_path / "none.npy", "--probes", probe_table], "the table holds no faces"),
+        (["--gallery", tmp_path / "loose.npy", "--probes", probe_table], "row 1, a.jpg, is in no folder"),
+        (["--gallery", tmp_path / "unknown.npy", "--probes", probe_table], "a person is named 'unknown'"),
+        (["--gallery", table, "--probes", tmp_path / "wide.npy"], "holds 6-D embeddings, --probes"),
+        (["--gallery", table, "--probes", probes], "--model is needed"),
+        (["--gallery", table, "--probes", probe_table, "--probe-labels", "folder"], "p0.jpg is in no folder"),
+        (["--gallery", table, "--probes", tmp_path / "one.npy", "--probe-labels", labels],
+         f"--probe-labels {labels} does not list the probe p.jpg"),
+        (["--gallery", table, "--probes", probe_table, "--probe-labels", tmp_path / "no.csv"], "no.csv: no such"),
+        (["--gallery", table, "--save-gallery", tmp_path / "g.npy"], "the gallery is a table already"),
+        (["--gallery", table, "--probes", probe_table, "--output", labels.with_suffix(".csv"),
+          "--probe-labels", labels], "is one of the files this run reads"),
+    ]:
+        assert run_search(*argv, "--threshold", "0.5", *(["--output", out] if "--output" not in argv else [])) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.startswith("search: error: ") and err.count("\n") == 1, (said, err)
+    assert not os.path.exists(out) and labels.read_text().startswith("probe,person")
+
+    # A person none of whose images decode is left out with a warning, and the exit status is 1.
+    broken = tmp_path / "gallery"
+    os.makedirs(broken / "zoe")
+    (broken / "zoe" / "1.png").write_bytes(b"not an image")
+    os.symlink(os.path.join(gallery, "person1"), broken / "person1")
+    assert run_search("--model", backbone, "--gallery", broken, "--probes", probes, "--output", out) == 1
+    err = capsys.readouterr().err
+    assert "warning: --gallery: none of the images of zoe can be read: zoe is left out" in err
+    assert {r[2] for r in read_rows(out)} == {"person1"}
+    assert json.loads((tmp_path / "r.json").read_text())["people"] == 1
+    # Outputs are kept without --overwrite.
+    before = out.read_bytes()
+    assert run_search("--gallery", table, "--probes", probe_table, "--output", out, "--threshold", "0.5") == 2
+    assert f"{out} exists: pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_a_stop_leaves_the_outputs_whole_or_as_they_were(tables, tmp_path, capsys, monkeypatch):
+    gallery, probes, labels = tables
+    out = tmp_path / "r.csv"
+    # A Ctrl-C during the search: nothing written.
+    search_people = search.best_people
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return search_people(*args, **kwargs)
+
+    monkeypatch.setattr(search, "best_people", stopped)
+    try:
+        assert run_search("--gallery", gallery, "--probes", probes, "--output", out, "--threshold", 0.5) == 130
+    finally:  # the first stop leaves the signals ignored, for a process about to exit
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "search: stopped by SIGINT: nothing written" in capsys.readouterr().err
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "r.json")
+    # A SIGTERM as the table is written waits for it and its summary.
+    monkeypatch.undo()
+    write = checkpoint.write_atomic
+
+    def write_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(search.checkpoint, "write_atomic", write_then_signal)
+    try:
+        assert run_search("--gallery", gallery, "--probes", probes, "--output", out, "--threshold", 0.5) == 143
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "stopped by SIGTERM as the outputs were written: they are whole" in capsys.readouterr().err
+    assert len(read_rows(out)) == 4 * 3 and json.loads((tmp_path / "r.json").read_text())["searches"] == 4

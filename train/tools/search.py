@@ -1,0 +1,502 @@
+"""``python -m train.tools.search``: who is this? Probe faces searched among a gallery of named people
+with a trained model (1:N open-set identification).
+
+    python -m train.tools.search --model runs/r50/checkpoint.pt --gallery gallery/ --save-gallery gallery.npy
+    python -m train.tools.search --model runs/r50/checkpoint.pt --gallery gallery.npy --probes probes/
+
+The gallery is an ImageFolder of aligned faces, ``gallery/<person>/<image>``, embedded as
+``train.embed`` embeds them (image + mirror, unit length), or a table that ``train.embed --images
+gallery/`` or ``--save-gallery`` wrote (a row's first folder is its person; the model that made it must
+be ``--model``). Each person is one template, the mean of their embeddings re-normalised (``--per-image``:
+each person scores their best image). Each probe (a folder of aligned faces, any nesting; one image; a
+table; photos with ``--landmarks`` or ``--detector``, as ``train.embed`` takes them) gets its ``--top-k``
+people by cosine, searched in blocks, and a decision: the best person when at or above ``--threshold``
+(default: the model's verification threshold), else ``unknown``. Outputs: ``--output`` (``results.csv``:
+``probe,rank,person,cosine,decision``) and a summary beside it (``.json``). With ``--probe-labels`` the
+search is scored: rank-1 and rank-5 identification rates of the probes whose person is enrolled, the
+detection and identification rate (DIR) at the threshold, and the false positive identification rate
+(FPIR) of those whose person is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from train import checkpoint
+from train.data.imagefolder import scan_image_folder
+from train.data.transforms import IMAGE_EXTENSIONS
+from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
+                         _warn_others_not_square, detect_faces, embed_faces, embed_files, embed_listed_faces,
+                         list_images, load_model, model_digest, model_threshold, read_about, read_table,
+                         table_files, write_table)
+from train.ijb import template_features
+from train.signals import Stopped, signals_held, stop_on_signals
+from train.tools import check_outputs, listable_name, plain_warnings, torch_device
+from train.tools.cluster import _count, summary_path
+from train.tools.similarity import best_people
+
+DEFAULT_TOP_K = 5
+RANKS = (1, 5)  # the identification rates reported with --probe-labels
+UNKNOWN = "unknown"  # the decision for a probe no person reaches the threshold for
+
+
+class Faces:
+    """Embedded faces: their names (a path under their folder, or a table's row), (N, D) float32 unit
+    embeddings, and what made them (a table's provenance, or what this run records)."""
+
+    def __init__(self, names: list[str], embeddings: np.ndarray, about: dict | None, source: str):
+        self.names, self.embeddings, self.about, self.source = names, embeddings, about or {}, source
+
+
+def first_folder(name: str) -> str | None:
+    """The first folder of a face's name (``alice/01.jpg`` -> ``alice``); None for a name without one."""
+    parts = name.replace(os.sep, "/").split("/")
+    return parts[0] if len(parts) > 1 and parts[0] else None
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.tools.search", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help=MODEL_HELP + "; with tables alone only for its threshold (default: the model the gallery "
+                   "table's .json names, where it still is)")
+    p.add_argument("--gallery", required=True, metavar="DIR|TABLE",
+                   help="the people to search among: an ImageFolder of aligned faces, DIR/<person>/<image>, or a "
+                   "table (.npy with its .txt, or .csv) that --save-gallery or train.embed --images DIR wrote")
+    p.add_argument("--save-gallery", metavar="TABLE", default=None,
+                   help="also write the gallery's embeddings as a table (.npy with a .txt, or .csv; a .json beside "
+                   "it names the model), for --gallery TABLE next time: the gallery is embedded once")
+    p.add_argument("--per-image", action="store_true",
+                   help="score each person by their best image rather than by their template (the mean of their "
+                   "embeddings, re-normalised)")
+    p.add_argument("--probes", metavar="DIR|IMAGE|TABLE", default=None,
+                   help="the faces to search for: a folder of aligned faces (any nesting), one image, or a table "
+                   "train.embed wrote")
+    p.add_argument("--probe-labels", metavar="folder|FILE", default=None,
+                   help="who each probe is, to score the search: 'folder' (a probe's first folder under --probes, or "
+                   "in its table row's name, is its person), or a CSV file of lines probe,person")
+    p.add_argument("--landmarks", metavar="FILE", default=None,
+                   help="the probes are photos under --probes DIR: search the faces this file lists, each aligned "
+                   "from its 5 landmarks (as train.embed --landmarks)")
+    p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
+    p.add_argument("--detector", metavar="FILE", default=None,
+                   help="the probes are photos: find the faces with this SCRFD detector (ONNX; needs onnxruntime) "
+                   "as train.embed --detector finds them, each photo's main face (--all-faces: every face)")
+    p.add_argument("--all-faces", action="store_true",
+                   help="with --landmarks or --detector: every face of a photo, named <image>#<k>")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help=f"how many people to list for each probe, most alike first (default {DEFAULT_TOP_K})")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="cosine similarity at or above which a probe is its best person, else unknown (default: "
+                   f"from the model's last verification, as train.embed --compare takes it; else "
+                   f"{DEFAULT_COSINE_THRESHOLD}; -1: always the best person, closed-set)")
+    p.add_argument("--output", default="results.csv",
+                   help="the table probe,rank,person,cosine,decision (a .csv; default results.csv), with the "
+                   "summary beside it (.json)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs and the cosines are made: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
+                   help="images per forward pass (twice as many rows with the mirror; default: 64)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output, its .json and --save-gallery's files when they exist")
+    args = p.parse_args(argv)
+    if not args.probes and not args.save_gallery:
+        p.error("--probes is needed (or --save-gallery alone, to enrol the gallery)")
+    if args.top_k < 1:
+        p.error(f"--top-k must be at least 1, got {args.top_k}")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    if args.workers < 0:
+        p.error("--workers must be at least 0")
+    if args.threshold is not None and not -1 <= args.threshold <= 1:
+        p.error(f"--threshold is a cosine similarity, from -1 to 1: got {args.threshold:g}")
+    if not args.output.endswith(".csv"):
+        p.error(f"--output names a .csv file, got {args.output}")
+    for flag, value in (("--probe-labels", args.probe_labels), ("--landmarks", args.landmarks),
+                        ("--detector", args.detector), ("--all-faces", args.all_faces)):
+        if value and not args.probes:
+            p.error(f"{flag} goes with --probes")
+    if args.extension and not args.landmarks:
+        p.error("--extension goes with --landmarks")
+    if args.detector and args.landmarks:
+        p.error("--detector and --landmarks are two ways to find the faces in the photos: give one")
+    if args.all_faces and not (args.landmarks or args.detector):
+        p.error("--all-faces goes with --landmarks or --detector")
+    args.written = []  # the outputs in place, for what a stop says
+    try:
+        # Ctrl-C and SIGTERM unwind (the decoding workers leave them to this process): the gallery's table
+        # is written whole as soon as it is embedded, the results and their summary whole, both or neither.
+        with stop_on_signals():
+            return run(args)
+    except (OSError, ValueError) as error:
+        print(f"search: error: {error}", file=sys.stderr)
+        return 2
+    except Stopped as stop:
+        if args.output in args.written or not args.written:
+            said = " as the outputs were written: they are whole" if stop.after_writing else ": nothing written"
+        else:
+            said = f": the gallery's table was written ({', '.join(args.written)}), no results"
+        print(f"\nsearch: stopped by {stop.name}{said}", file=sys.stderr)
+        return stop.exit_status
+
+
+def main(argv: list[str] | None = None) -> int:
+    with plain_warnings():
+        return _main(argv)
+
+
+def _read_faces(flag: str, path: str) -> Faces:
+    """A table given to ``flag``: its rows of unit length, and its provenance."""
+    if not os.path.isfile(table_files(path)[0]) and not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: no such folder, image or table")
+    names, embeddings = read_table(path)
+    if not names:
+        raise ValueError(f"{flag} {path}: the table holds no faces")
+    about = read_about(path, embeddings)
+    unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(embeddings, np.float32)), dim=1)
+    return Faces(names, unit.numpy(), about, os.path.abspath(path))
+
+
+def _check_made_with(faces: Faces, flag: str, path: str, model_path: str | None, settings: dict,
+                     digests: dict) -> None:
+    """ValueError when the table at ``path`` (``flag``'s) was not made with the model at ``model_path``: its
+    provenance records another model's digest, or its embeddings are of another size than the model's."""
+    width = settings.get("embedding_size")
+    if width is not None and width != faces.embeddings.shape[1]:
+        raise ValueError(f"{flag} {path} holds {faces.embeddings.shape[1]}-D embeddings, --model {model_path} gives "
+                         f"{width}-D ones: the table was made with another model")
+    recorded = faces.about.get("model_sha256")
+    if model_path and recorded:
+        if model_path not in digests:
+            digests[model_path] = model_digest(model_path)
+        if digests[model_path] != recorded:
+            raise ValueError(f"{flag} {path} was made with another model than {model_path} ({faces.about.get('model')} "
+                             "as it was then; its .json records that model's SHA-256): embeddings of two models "
+                             "cannot be compared; embed it again with this model")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault. The
+    inputs, the model and the outputs are checked before any face is embedded."""
+    device = torch_device(args.device)
+    gallery_folder = args.gallery if os.path.isdir(args.gallery) else None
+    gallery = None if gallery_folder else _read_faces("--gallery", args.gallery)
+    if gallery is not None and args.save_gallery:
+        raise ValueError(f"--save-gallery with --gallery {args.gallery}: the gallery is a table already")
+    probe_folder = probe_image = probes = None
+    if args.probes:
+        if os.path.isdir(args.probes):
+            probe_folder = args.probes
+        elif args.probes.lower().endswith(IMAGE_EXTENSIONS):
+            if not os.path.isfile(args.probes):
+                raise FileNotFoundError(f"--probes {args.probes}: no such image")
+            probe_image = args.probes
+        else:
+            probes = _read_faces("--probes", args.probes)
+        if args.landmarks and not probe_folder:
+            raise ValueError(f"--landmarks: --probes {args.probes} is not a folder (the photos the file lists are "
+                             "found under it)")
+        if (args.landmarks or args.detector) and probes is not None:
+            raise ValueError(f"--probes {args.probes} is a table: its faces are embedded already "
+                             f"({'--landmarks' if args.landmarks else '--detector'} finds faces in photos)")
+        if args.probe_labels == "folder" and probe_image:
+            raise ValueError(f"--probe-labels folder: --probes {args.probes} is one image, not a folder of people's "
+                             "folders")
+
+    # Without --model, the model the gallery's table was made with (its digest checked below) embeds the
+    # probes and gives the threshold.
+    embeds = bool(gallery_folder or (args.probes and probes is None))
+    model_path = args.model
+    if model_path is None and (embeds or args.threshold is None) and gallery is not None \
+            and gallery.about.get("model"):
+        if os.path.isfile(gallery.about["model"]):
+            model_path = args.model = gallery.about["model"]
+        else:
+            print(f"search: note: {gallery.about['model']}, the model the gallery was made with, is not there any "
+                  "more" + ("" if embeds else ": its threshold is not known"), file=sys.stderr)
+    if embeds and not model_path:
+        raise ValueError("--model is needed: it embeds the faces of " + " and ".join(
+            f"{flag} {value}" for flag, value, table in (("--gallery", args.gallery, gallery),
+                                                          ("--probes", args.probes, probes))
+            if value and table is None))
+    model, settings = (None, {})
+    if model_path:
+        model, settings = load_model(model_path, device if embeds else "cpu")
+    digests = {}
+    for faces, flag, path in ((gallery, "--gallery", args.gallery), (probes, "--probes", args.probes)):
+        if faces is not None:
+            _check_made_with(faces, flag, path, model_path, settings, digests)
+    if gallery is not None and probes is not None:
+        if gallery.embeddings.shape[1] != probes.embeddings.shape[1]:
+            raise ValueError(f"--gallery {args.gallery} holds {gallery.embeddings.shape[1]}-D embeddings, --probes "
+                             f"{args.probes} {probes.embeddings.shape[1]}-D ones: made with two models")
+        made_with = [faces.about.get("model_sha256") for faces in (gallery, probes)]
+        if all(made_with) and made_with[0] != made_with[1]:
+            raise ValueError(f"--gallery {args.gallery} and --probes {args.probes} were made with two models (their "
+                             ".json files record other SHA-256s): embeddings of two models cannot be compared")
+    threshold, threshold_source = model_threshold(model_path, settings, args.threshold, tool="search")
+    labels_file = args.probe_labels if args.probe_labels not in (None, "folder") else None
+    if labels_file and not os.path.isfile(labels_file):
+        raise FileNotFoundError(f"--probe-labels {labels_file}: no such file (or 'folder': each probe's first "
+                                "folder is its person)")
+
+    outputs = [args.output, summary_path(args.output)] if args.probes else []
+    outputs += table_files(args.save_gallery, about=True) if args.save_gallery else []
+    if len({os.path.realpath(path) for path in outputs}) < len(outputs):
+        raise ValueError(f"--output {args.output} and --save-gallery {args.save_gallery} must be different files")
+    inputs = (model_path, checkpoint.settings_path(model_path) if model_path else None, args.landmarks, args.detector,
+              labels_file, probe_image, *(table_files(args.gallery, about=True) if gallery is not None else ()),
+              *(table_files(args.probes, about=True) if probes is not None else ()))
+    check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(gallery_folder, probe_folder))
+
+    failures = []
+    if gallery_folder:
+        gallery = _embed_gallery(args, model, settings, device, failures)
+    if args.save_gallery:
+        about = {"made_by": "train.tools.search", "model": os.path.abspath(args.model),
+                 "model_sha256": model_digest(args.model), "image_size": settings["image_size"], "flip": True,
+                 "normalised": True, "images": os.path.abspath(gallery_folder), "faces": "the images as they are"}
+        with signals_held():
+            written = write_table(args.save_gallery, gallery.names, gallery.embeddings, about=about)
+        args.written += written
+        print(f"search: enrolled {_count(len(set(map(first_folder, gallery.names))), 'person', 'people')} "
+              f"({_count(len(gallery.names), 'image')}): wrote {', '.join(written)}", file=sys.stderr)
+        if not args.probes:
+            return 1 if failures else 0
+    if probes is None:
+        probes = _embed_probes(args, model, settings, device, failures)
+    return _search(args, gallery, probes, threshold, threshold_source, model_path, failures)
+
+
+def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> Faces:
+    """The faces of the ImageFolder ``--gallery``, embedded; a person none of whose images can be read is
+    left out, with a warning (added to ``failures``)."""
+    try:
+        people, samples = scan_image_folder(args.gallery)
+    except (OSError, ValueError) as error:  # (no person's folder holds images)
+        raise ValueError(f"--gallery: {error}: a gallery is a folder a person, <gallery>/<person>/<image>") from None
+    if UNKNOWN in people:
+        raise ValueError(f"--gallery {args.gallery}: a person is named {UNKNOWN!r}, the decision for a probe that "
+                         "is no one enrolled: rename that folder")
+    paths = [path for path, _ in samples]
+    names = [os.path.relpath(path, args.gallery) for path in paths]
+    readable = np.array([listable_name(name) for name in names], dtype=bool)
+    failures += [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
+                 for path, ok in zip(paths, readable) if not ok]
+    if not readable.any():
+        raise ValueError(failures[0])
+    _warn_if_not_aligned(paths[:1])
+    print(f"search: embedding {_count(len(paths), 'image')} of {_count(len(people), 'person', 'people')} under "
+          f"{args.gallery} with {args.model} ({settings['image_size']}px) on {device}", file=sys.stderr, flush=True)
+    not_square, unreadable = [], []
+    kept = np.flatnonzero(readable)
+    found = embed_files(model, [paths[i] for i in kept], settings["image_size"], device=device,
+                        batch_size=args.batch_size, workers=args.workers, not_square=not_square,
+                        unreadable=unreadable)
+    _warn_others_not_square([paths[i] for i in kept], not_square)
+    embeddings = np.full((len(paths), found.shape[1]), np.nan, dtype=np.float32)
+    embeddings[kept] = found
+    failures += [why for _, why in unreadable]
+    readable[kept[[i for i, _ in unreadable]]] = False
+    labels = np.array([label for _, label in samples])
+    lost = [people[label] for label in np.unique(labels) if not readable[labels == label].any()]
+    failures += [f"--gallery: none of the images of {person} can be read: {person} is left out" for person in lost]
+    _warn_left_out(failures)
+    if not readable.any():
+        raise ValueError(f"--gallery {args.gallery}: none of the {len(paths)} images can be read")
+    return Faces([name for name, ok in zip(names, readable) if ok], embeddings[readable],
+                 {"model": os.path.abspath(args.model)}, os.path.abspath(args.gallery))
+
+
+def _embed_probes(args, model, settings: dict, device, failures: list[str]) -> Faces:
+    """The probe faces of ``--probes`` (a folder or one image; photos with --landmarks or --detector),
+    embedded as ``train.embed`` embeds them; a face that cannot be read is left out (``failures``)."""
+    size = settings["image_size"]
+    if args.landmarks:
+        names, embeddings = embed_listed_faces(model, args.probes, args.landmarks, size, extension=args.extension,
+                                               several=args.all_faces, device=device, batch_size=args.batch_size,
+                                               workers=args.workers)
+        return Faces(names, embeddings, None, os.path.abspath(args.probes))
+    folder = args.probes if os.path.isdir(args.probes) else None
+    paths = list_images(folder) if folder else [args.probes]
+    if not paths:
+        raise FileNotFoundError(f"--probes {args.probes}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+    names = [os.path.relpath(path, folder) if folder else path for path in paths]
+    listable = [listable_name(name) for name in names]
+    left = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
+            for path, ok in zip(paths, listable) if not ok]
+    paths, names = [p for p, ok in zip(paths, listable) if ok], [n for n, ok in zip(names, listable) if ok]
+    print(f"search: embedding {_count(len(paths), 'probe image')} with {args.model} on {device}", file=sys.stderr,
+          flush=True)
+    if args.detector and paths:
+        photos, points, numbers, found = detect_faces(args.detector, paths, all_faces=args.all_faces, device=device,
+                                                      workers=args.workers)
+        left += found
+        _warn_left_out(left)
+        failures += left
+        if not photos:
+            raise ValueError(f"--detector {args.detector} found no face in the {len(paths)} probe photo(s)")
+        embeddings = embed_faces(model, "", [paths[i] for i in photos], points, size, device=device,
+                                 batch_size=args.batch_size, workers=args.workers)
+        names = [names[i] + (f"#{number}" if args.all_faces else "") for i, number in zip(photos, numbers)]
+        return Faces(names, embeddings, None, os.path.abspath(args.probes))
+    unreadable, not_square = [], []
+    if paths:
+        _warn_if_not_aligned(paths[:1])
+        embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size, workers=args.workers,
+                                 not_square=not_square, unreadable=unreadable)
+        _warn_others_not_square(paths, not_square)
+    left += [why for _, why in unreadable]
+    _warn_left_out(left)
+    failures += left
+    readable = np.ones(len(paths), dtype=bool)
+    readable[[i for i, _ in unreadable]] = False
+    if not readable.any():
+        raise ValueError(f"--probes {args.probes}: none of the {len(paths) + len(left) - len(unreadable)} images "
+                         "can be read")
+    return Faces([n for n, ok in zip(names, readable) if ok], embeddings[readable], None, os.path.abspath(args.probes))
+
+
+def read_probe_labels(path: str, names: list[str]) -> list[str]:
+    """Each probe's person from the CSV file at ``path``: lines ``probe,person`` (a first line
+    ``probe,person`` is a header). ValueError naming the line of a probe listed twice or of a line that
+    is not two fields, and the first probe the file does not list."""
+    person = {}
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        for row in reader:
+            if not row or (reader.line_num == 1 and row == ["probe", "person"]):
+                continue
+            if len(row) != 2 or not row[0] or not row[1]:
+                raise ValueError(f"--probe-labels {path}: line {reader.line_num}: expected probe,person")
+            if row[0] in person:
+                raise ValueError(f"--probe-labels {path}: line {reader.line_num}: {row[0]} is listed again")
+            person[row[0]] = row[1]
+    missing = [name for name in names if name not in person]
+    if missing:
+        raise ValueError(f"--probe-labels {path} does not list the probe {missing[0]}"
+                         + (f" ({len(missing)} probes are not listed)" if len(missing) > 1 else ""))
+    return [person[name] for name in names]
+
+
+def probe_people(args, probes: Faces, gallery_people: list[str]) -> list[str] | None:
+    """Each probe's person by ``--probe-labels``, or None without it (a note when the probes' first
+    folders look like the gallery's people, which ``--probe-labels folder`` would score)."""
+    if args.probe_labels is None:
+        folders = {first_folder(name) for name in probes.names}
+        named = folders & set(gallery_people)
+        if named:
+            print(f"search: note: the probes' first folders name {_count(len(named), 'person', 'people')} of the "
+                  "gallery: --probe-labels folder would score the search", file=sys.stderr)
+        return None
+    if args.probe_labels != "folder":
+        return read_probe_labels(args.probe_labels, probes.names)
+    people = [first_folder(name) for name in probes.names]
+    if None in people:
+        raise ValueError(f"--probe-labels folder: the probe {probes.names[people.index(None)]} is in no folder (its "
+                         "first folder is its person)")
+    return people
+
+
+def identification_rates(ranks: np.ndarray, best: np.ndarray, mated: np.ndarray, threshold: float) -> dict:
+    """Open-set identification at ``threshold`` from each probe's mate rank (0: no mate), best cosine and
+    whether its person is enrolled (a mated search): rank-k rates and DIR over the mated searches (DIR:
+    the mate ranks first and reaches the threshold), FPIR over the non-mated (the best person reaches
+    it), and the mated searches taken for another person (the best, not the mate, reaches it). A rate
+    over no search is None."""
+    accepted = best >= threshold
+
+    def rate(hit, over):
+        return float(np.mean(hit[over])) if over.any() else None
+    return {"mated_searches": int(mated.sum()), "non_mated_searches": int((~mated).sum()),
+            **{f"rank_{k}": rate((ranks >= 1) & (ranks <= k), mated) for k in RANKS},
+            "dir": rate((ranks == 1) & accepted, mated), "fpir": rate(accepted, ~mated),
+            "misidentified": rate((ranks != 1) & accepted, mated)}
+
+
+def _search(args, gallery: Faces, probes: Faces, threshold: float, threshold_source: str, model_path: str | None,
+            failures: list[str]) -> int:
+    people_of = [first_folder(name) for name in gallery.names]
+    if None in people_of:
+        row = people_of.index(None)
+        raise ValueError(f"--gallery {args.gallery}: row {row + 1}, {gallery.names[row]}, is in no folder: a gallery "
+                         "table's row names its person as its first folder (<person>/<image>)")
+    people, person = np.unique(people_of, return_inverse=True)
+    people = people.tolist()
+    if UNKNOWN in people:
+        raise ValueError(f"--gallery {args.gallery}: a person is named {UNKNOWN!r}, the decision for a probe that is "
+                         "no one enrolled: rename them")
+    if gallery.embeddings.shape[1] != probes.embeddings.shape[1]:
+        raise ValueError(f"--gallery {args.gallery} holds {gallery.embeddings.shape[1]}-D embeddings, --probes "
+                         f"{args.probes} {probes.embeddings.shape[1]}-D ones: made with two models")
+    truth = probe_people(args, probes, people)
+    mates = None
+    if truth is not None:
+        row_of = {name: row for row, name in enumerate(people)}
+        mates = torch.tensor([row_of.get(name, -1) for name in truth], dtype=torch.int64)
+    started = time.monotonic()
+    if args.per_image:
+        rows, row_person = torch.from_numpy(gallery.embeddings), torch.from_numpy(person)
+    else:
+        _, templates = template_features(gallery.embeddings, person, np.arange(len(person)))
+        rows, row_person = torch.from_numpy(templates.astype(np.float32)), torch.arange(len(people))
+    found, cosines, ranks = best_people(torch.from_numpy(probes.embeddings), rows, row_person, len(people),
+                                        args.top_k, device=torch.device(args.device), mates=mates)
+    seconds = time.monotonic() - started
+    decision = [people[f] if c >= threshold else UNKNOWN for f, c in zip(found[:, 0], cosines[:, 0])]
+    matched = sum(d != UNKNOWN for d in decision)
+    summary = {
+        "made_by": "train.tools.search", "model": os.path.abspath(model_path) if model_path else None,
+        "gallery": os.path.abspath(args.gallery), "gallery_model": gallery.about.get("model"),
+        "people": len(people), "gallery_images": len(gallery.names),
+        "scoring": "per-image" if args.per_image else "template",
+        "probes": os.path.abspath(args.probes), "searches": len(probes.names), "left_out": len(failures),
+        "top_k": int(found.shape[1]), "threshold": round(threshold, 6), "threshold_from": threshold_source,
+        "matched": matched, "unknown": len(decision) - matched, "seconds": round(seconds, 3),
+        "labels": args.probe_labels,
+    }
+    scored = ""
+    if truth is not None:
+        rates = identification_rates(ranks, cosines[:, 0], mates.numpy() >= 0, threshold)
+        summary["identification"] = rates
+        scored = "; " + _rates_said(rates)
+    summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    def write(f):
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["probe", "rank", "person", "cosine", "decision"] + (["probe_person"] if truth else []))
+        for p, name in enumerate(probes.names):
+            extra = [truth[p]] if truth else []
+            writer.writerows([name, r + 1, people[f], f"{c:.6f}", decision[p], *extra]
+                             for r, (f, c) in enumerate(zip(found[p].tolist(), cosines[p].tolist())))
+
+    with signals_held():  # the table and its summary: both or neither
+        checkpoint.write_atomic(args.output, write, binary=False)
+        checkpoint.write_json_atomic(summary_path(args.output), summary)
+    args.written += [args.output, summary_path(args.output)]
+    print(f"search: {_count(len(probes.names), 'probe')} among {_count(len(people), 'person', 'people')} "
+          f"({_count(len(gallery.names), 'image')}; {summary['scoring']} scores): {matched} matched, "
+          f"{summary['unknown']} unknown at threshold {threshold:.4f} ({threshold_source}), {seconds:.1f} s"
+          f"{scored}; wrote {args.output}, {summary_path(args.output)}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _rates_said(rates: dict) -> str:
+    def share(value):
+        return "-" if value is None else f"{value:.2%}"
+    return (f"of {rates['mated_searches']} mated searches rank-1 {share(rates['rank_1'])}, rank-5 "
+            f"{share(rates['rank_5'])}, DIR {share(rates['dir'])} (another person: {share(rates['misidentified'])}); "
+            f"FPIR {share(rates['fpir'])} of {rates['non_mated_searches']} non-mated")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
