@@ -22,7 +22,8 @@ from train.data.imagefolder import scan_image_folder
 from train.data.synthetic import render_face
 from train.embed import main as embed_main, write_table
 from train.tools import cluster
-from train.tools.similarity import connected_components, nearest_neighbours
+from train.tools.similarity import (connected_components, nearest_neighbours, nearest_neighbours_among,
+                                    nearest_neighbours_and_duplicates)
 from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, train_one_thread
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
@@ -190,6 +191,93 @@ def test_blocked_neighbour_search_matches_the_whole_matrix(n, k, threshold, rows
     np.testing.assert_allclose(full[np.nonzero(found)[0], index[found]], cosine[found], atol=1e-6)
     assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in index)  # no neighbour twice
     assert connected_components(6, np.array([4, 1, 0]), np.array([5, 4, 2])).tolist() == [0, 1, 0, 3, 1, 1]
+
+
+def people_photos(people: int, photos: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """(people x photos unit 32-D embeddings, each one's person): a person's photos at cosine 0.65 or
+    more to each other, different people's below 0.5."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(people, 32, generator=generator), dim=1)
+    person = np.repeat(np.arange(people), photos)
+    noise = 0.08 * torch.randn(len(person), 32, generator=generator)
+    return torch.nn.functional.normalize(centres[person] + noise, dim=1), person
+
+
+def with_duplicates(unit: torch.Tensor, copies: np.ndarray, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Each row ``copies[i]`` times, in a shuffled order, every other copy moved a little (cosine
+    0.9999 or so, a re-encoding) and the rest exact: (the rows, each one's row of ``unit``)."""
+    generator = torch.Generator().manual_seed(seed)
+    photo = np.repeat(np.arange(len(unit)), copies)
+    photo = photo[np.random.default_rng(seed).permutation(len(photo))]
+    moved = 0.002 * torch.randn(len(photo), unit.shape[1], generator=generator)
+    moved *= (torch.arange(len(photo)) % 2)[:, None]
+    return torch.nn.functional.normalize(unit[photo] + moved, dim=1), photo
+
+
+def test_duplicate_photos_cluster_with_their_person_not_by_copy():
+    """Every photo there 12 times: each face's 10 nearest were its own copies, so the graph had no link
+    out of a photo's copies and each photo was a cluster (24 for 4 people)."""
+    photos, person = people_photos(4, 6)
+    assert (cluster.cluster_embeddings(photos, 0.5) == person).all()
+    faces, photo = with_duplicates(photos, np.full(len(photos), 12))
+    for method in cluster.METHODS:
+        found = cluster.cluster_embeddings(faces, 0.5, method=method)
+        assert found.max() == 3 and len(set(zip(found.tolist(), person[photo].tolist()))) == 4, found
+    # Each face's first duplicate, as the summary counts them.
+    first = []
+    cluster.cluster_embeddings(faces, 0.5, duplicate_of=first)
+    assert (first[0] == np.array([np.flatnonzero(photo == p)[0] for p in photo])).all()
+    # At a --duplicate-cosine above the re-encodings' cosines, only the exact copies are duplicates.
+    first = []
+    cluster.cluster_embeddings(faces, 0.5, duplicate_cosine=0.999999, duplicate_of=first)
+    assert len(np.unique(first[0])) == len(photos) * 7  # per photo: the 6 exact copies as one, the 6 moved apart
+
+
+@pytest.mark.parametrize("rows, columns", [(2048, 16384), (7, 11)])
+def test_the_graph_of_duplicated_photos_is_that_of_the_photos_alone(rows, columns):
+    # Some photos with duplicates (1 to 4 copies), most without: each photo's neighbours are those
+    # nearest_neighbours finds among the photos alone, and the duplicates' groups the pairs' components.
+    photos, _ = people_photos(6, 8, seed=1)
+    copies = np.random.default_rng(1).choice([1, 1, 1, 2, 4], len(photos))
+    faces, photo = with_duplicates(photos, copies, seed=1)
+    index, cosine, first = nearest_neighbours_and_duplicates(faces, 5, 0.5, 0.99, device="cpu", rows=rows,
+                                                             columns=columns)
+    assert (photo[first] == photo).all() and len(np.unique(first)) == len(photos)
+    np.testing.assert_array_equal(index, nearest_neighbours(faces, 5, 0.5, device="cpu", rows=rows, columns=columns)[0])
+    found, found_index, found_cosine = cluster.photo_neighbours(faces, index, cosine, first, 5, 0.5)
+    expected_index, expected_cosine = nearest_neighbours(faces[found], 5, 0.5, device="cpu")
+    np.testing.assert_array_equal(found_index, expected_index)
+    np.testing.assert_allclose(found_cosine, expected_cosine, atol=1e-6)
+    # The search of a few rows against all (the faces that must be searched again).
+    queries = np.array([0, 3, len(faces) - 1])
+    again_index, again_cosine = nearest_neighbours_among(faces, queries, 5, 0.5, device="cpu", rows=2,
+                                                         columns=columns)
+    whole_index, whole_cosine = nearest_neighbours(faces, 5, 0.5, device="cpu")
+    np.testing.assert_allclose(again_cosine, whole_cosine[queries], atol=1e-6)
+    assert (again_index >= 0).sum() == (whole_index[queries] >= 0).sum()
+
+
+def test_duplicates_are_counted_and_said(tmp_path, capsys):
+    photos, person = people_photos(3, 4)
+    faces, photo = with_duplicates(photos, np.arange(len(photos)) % 3 + 1)  # 1, 2 or 3 copies
+    table, out = tmp_path / "faces.npy", tmp_path / "c.csv"
+    write_table(str(table), [f"{i:03d}.jpg" for i in range(len(faces))], faces.numpy())
+    assert run_cluster("--embeddings", table, "--threshold", "0.5", "--output", out) == 0
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert (summary["duplicates"], summary["duplicated_faces"], summary["duplicate_cosine"]) == (12, 8, 0.99)
+    assert summary["sizes"] == [9, 8, 7] and summary["faces"] == 24  # (1+2+3+1, 2+3+1+2, 3+1+2+3)
+    assert "; 12 duplicates of 8 faces (cosine 0.99 or more), each in its face's cluster;" in capsys.readouterr().err
+    rows = read_rows(out)
+    assert len({(c, person[photo[i]]) for i, (_, c) in enumerate(rows)}) == 3
+    for argv, said in [(["--duplicate-cosine", "1"], "--duplicate-cosine is a cosine similarity above 0 and below 1"),
+                       (["--duplicate-cosine", "0"], "--duplicate-cosine is a cosine similarity above 0 and below 1")]:
+        with pytest.raises(SystemExit):
+            run_cluster("--embeddings", table, "--threshold", "0.5", "--output", out, "--overwrite", *argv)
+        assert said in capsys.readouterr().err
+    assert run_cluster("--embeddings", table, "--threshold", "0.5", "--output", out, "--overwrite",
+                       "--duplicate-cosine", "0.4") == 2
+    assert capsys.readouterr().err == "cluster: error: --duplicate-cosine 0.4 is below the threshold 0.5000 " \
+        "(--threshold): duplicates are faces more alike than linked ones; give one above it\n"
 
 
 def test_outputs_are_kept_refused_or_replaced_whole(trained, tmp_path, capsys, monkeypatch):

@@ -43,10 +43,14 @@ from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_alig
                          read_about, read_table, table_files)
 from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import check_outputs, listable_name, plain_warnings, torch_device
-from train.tools.similarity import connected_components, nearest_neighbours
+from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
 DEFAULT_NEIGHBOURS = 10
 DEFAULT_MIN_SIZE = 2
+# Copies of one photo (saved twice, re-encoded, resized) are one node of the graph: with the demo's model exact
+# copies are at cosine 1.0 and 93% of JPEG re-encodings at quality 85 at 0.99 or more, different photos of one
+# person at 0.974 at most (benchmarks/NOTES.md, helper-112).
+DEFAULT_DUPLICATE_COSINE = 0.99
 METHODS = ("chinese-whispers", "components")
 WHISPER_ROUNDS = 100  # dlib's chinese_whispers default: a graph that still changes after this is left as it is
 WHISPER_PARTS = 16  # a round updates the faces in this many random parts, each seeing the labels of those before
@@ -68,16 +72,20 @@ def neighbour_graph(index: np.ndarray, cosine: np.ndarray) -> tuple[np.ndarray, 
 
 
 def chinese_whispers(n: int, a: np.ndarray, b: np.ndarray, weight: np.ndarray, *, seed: int = 0,
-                     rounds: int = WHISPER_ROUNDS, parts: int = WHISPER_PARTS) -> np.ndarray:
+                     rounds: int = WHISPER_ROUNDS, parts: int = WHISPER_PARTS,
+                     node_weight: np.ndarray | None = None) -> np.ndarray:
     """(n,) a label for each node of the graph of edges (a, b) with positive weights, by Chinese
     whispers (Biemann, 2006): every node starts with its own label, then in each round, in an order
     drawn from ``seed``, takes the label whose nodes among its neighbours weigh most (ties: the
     smallest label), until a round changes none or after ``rounds``. A round updates its nodes in
     ``parts`` groups, each group at once from the labels the groups before it left (node by node, as
     the algorithm has it, is a Python loop over every node; all at once, labels can swap back and
-    forth for ever)."""
+    forth for ever). ``node_weight`` ((n,), default 1 each) multiplies a neighbour's vote: a node that
+    stands for several copies of a face votes as all of them."""
     source, target = np.concatenate([a, b]), np.concatenate([b, a])
     weights = np.concatenate([weight, weight]).astype(np.float64)
+    if node_weight is not None:
+        weights = weights * node_weight[target]
     order = np.argsort(source, kind="stable")
     source, target, weights = source[order], target[order], weights[order]
     starts = np.searchsorted(source, np.arange(n + 1))
@@ -118,17 +126,52 @@ def numbered_clusters(label: np.ndarray, min_size: int) -> np.ndarray:
     return number[label]
 
 
+def photo_neighbours(unit: torch.Tensor, index: np.ndarray, cosine: np.ndarray, first: np.ndarray, k: int,
+                     threshold: float, *, device="cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The faces' neighbours (``nearest_neighbours_and_duplicates``' indices and cosines, each face's
+    first duplicate ``first``) as those of the distinct photos: ((M,) the photos, each its first face;
+    (M, k) indices among them; (M, k) cosines), what ``nearest_neighbours`` gives for ``unit[photos]``.
+    A photo's neighbours are those found for its face unless some were duplicates of others, or it
+    has duplicates itself: those are searched again among the photos alone."""
+    n = len(first)
+    photos = np.flatnonzero(first == np.arange(n))
+    if len(photos) == n:
+        return photos, index, cosine
+    photo = np.full(n, -1)
+    photo[photos] = np.arange(len(photos))
+    index, cosine = index[photos], cosine[photos]
+    again = (np.bincount(first, minlength=n)[photos] > 1) | ((index >= 0) & (first[index] != index)).any(axis=1)
+    index = np.where(index >= 0, photo[index], -1)
+    if again.any():
+        index[again], cosine[again] = nearest_neighbours_among(unit[photos], np.flatnonzero(again), k, threshold,
+                                                               device=device)
+    return photos, index, cosine
+
+
 def cluster_embeddings(unit: torch.Tensor, threshold: float, *, neighbours: int = DEFAULT_NEIGHBOURS,
                        method: str = METHODS[0], min_size: int = DEFAULT_MIN_SIZE, device="cpu",
-                       log=None) -> np.ndarray:
+                       log=None, duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE, duplicate_of: list | None = None
+                       ) -> np.ndarray:
     """(N,) the cluster of each of the (N, D) unit embeddings (-1: noise), numbered by size, largest
     first: the graph of each face's ``neighbours`` nearest at ``threshold`` or more, cut by Chinese
-    whispers or into its connected components (``method``)."""
-    index, cosine = nearest_neighbours(unit, neighbours, threshold, device=device, log=log)
+    whispers or into its connected components (``method``). Faces joined by cosines of
+    ``duplicate_cosine`` or more (at least ``threshold``) are duplicates of one photo: one node of the
+    graph, whose vote weighs as many faces, whose neighbours are other photos (each face's nearest
+    would be its own duplicates, and the duplicates of a photo a cluster of their own), and whose
+    cluster every duplicate takes. ``duplicate_of`` (a list) gets the (N,) first face of each face's
+    duplicates (itself for a face with none)."""
+    index, cosine, first = nearest_neighbours_and_duplicates(unit, neighbours, threshold,
+                                                             max(duplicate_cosine, threshold), device=device, log=log)
+    if duplicate_of is not None:
+        duplicate_of.append(first)
+    photos, index, cosine = photo_neighbours(unit, index, cosine, first, neighbours, threshold, device=device)
     a, b, weight = neighbour_graph(index, cosine)
-    n = len(unit)
-    label = connected_components(n, a, b) if method == "components" else chinese_whispers(n, a, b, weight)
-    return numbered_clusters(label, min_size)
+    if method == "components":
+        label = connected_components(len(photos), a, b)
+    else:
+        faces = np.bincount(first, minlength=len(first))[photos]
+        label = chinese_whispers(len(photos), a, b, weight, node_weight=faces.astype(np.float64))
+    return numbered_clusters(photos[label][np.searchsorted(photos, first)], min_size)
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -158,6 +201,10 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", choices=METHODS, default=METHODS[0],
                    help="how the clusters are cut from the graph: chinese-whispers (the default), or its connected "
                    "components (one false link joins two people)")
+    p.add_argument("--duplicate-cosine", type=float, default=None,
+                   help="faces at this cosine or more are duplicates of one photo (saved twice, re-encoded, "
+                   "resized): one node of the graph, put in one cluster (default "
+                   f"{DEFAULT_DUPLICATE_COSINE}, or --threshold where that is higher)")
     p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
                    help=f"clusters of fewer faces are noise, cluster -1 (default {DEFAULT_MIN_SIZE})")
     p.add_argument("--device", default="cpu",
@@ -181,6 +228,9 @@ def _main(argv: list[str] | None = None) -> int:
         p.error(f"--min-size must be at least 1, got {args.min_size}")
     if args.threshold is not None and not 0 < args.threshold <= 1:
         p.error(f"--threshold is a cosine similarity above 0 and at most 1, got {args.threshold:g}")
+    if args.duplicate_cosine is not None and not 0 < args.duplicate_cosine < 1:
+        p.error(f"--duplicate-cosine is a cosine similarity above 0 and below 1, got {args.duplicate_cosine:g} (the "
+                "cosine of a face to an exact copy of it is 1 give or take rounding)")
     if not args.output.endswith(".csv"):
         p.error(f"--output names a .csv file, got {args.output}")
     if args.copy and not args.tree:
@@ -245,6 +295,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"cluster: note: the table was made with {made_with}; the threshold is --model {args.model}'s",
                   file=sys.stderr)
 
+    if args.duplicate_cosine is not None and args.duplicate_cosine < threshold:
+        raise ValueError(f"--duplicate-cosine {args.duplicate_cosine:g} is below the threshold {threshold:.4f} ("
+                         f"{threshold_source}): duplicates are faces more alike than linked ones; give one above it")
+    duplicate_cosine = max(threshold, DEFAULT_DUPLICATE_COSINE if args.duplicate_cosine is None
+                           else args.duplicate_cosine)
     outputs = [args.output, summary_path(args.output)]
     inputs = (model_path, checkpoint.settings_path(model_path) if model_path else None,
               *(table_files(args.embeddings, about=True) if args.embeddings else ()))
@@ -282,12 +337,17 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), dim=1)
+    duplicate_of = []
     clusters = cluster_embeddings(unit, threshold, neighbours=args.neighbours, method=args.method,
-                                  min_size=args.min_size, device=device,
+                                  min_size=args.min_size, device=device, duplicate_cosine=duplicate_cosine,
+                                  duplicate_of=duplicate_of,
                                   log=lambda message: print(f"cluster: {message}", file=sys.stderr, flush=True))
     seconds = time.monotonic() - started
     sizes = np.bincount(clusters[clusters >= 0]).tolist()
     noise = int(np.count_nonzero(clusters < 0))
+    duplicate_of = duplicate_of[0]
+    duplicates = int(np.count_nonzero(duplicate_of != np.arange(len(duplicate_of))))
+    duplicated = len(np.unique(duplicate_of[duplicate_of != np.arange(len(duplicate_of))]))
     summary = {
         "made_by": "train.tools.cluster",
         "images": os.path.abspath(args.images) if args.images else source_folder,
@@ -295,7 +355,10 @@ def run(args: argparse.Namespace) -> int:
         "model": os.path.abspath(model_path) if model_path else None,
         "threshold": round(threshold, 6), "threshold_from": threshold_source,
         "method": args.method, "neighbours": args.neighbours, "min_size": args.min_size,
+        "duplicate_cosine": round(duplicate_cosine, 6),
         "faces": len(names), "clusters": len(sizes), "clustered": int(sum(sizes)), "noise": noise,
+        # (faces that duplicate an earlier face, and the faces they duplicate: each in its face's cluster)
+        "duplicates": duplicates, "duplicated_faces": duplicated,
         "left_out": len(failures), "sizes": sizes, "seconds": round(seconds, 3),
         "tree": os.path.abspath(args.tree) if args.tree else None,
     }
@@ -324,7 +387,10 @@ def run(args: argparse.Namespace) -> int:
     median = int(np.median(sizes)) if sizes else 0
     print(f"cluster: {_count(len(names), 'face')}: {_count(len(sizes), 'cluster')} of {args.min_size} or more"
           + (f" (largest {largest}, median {median})" if sizes else "")
-          + f", {noise} noise; threshold {threshold:.4f} ({threshold_source}), {args.method} on "
+          + f", {noise} noise"
+          + (f"; {_count(duplicates, 'duplicate')} of {_count(duplicated, 'face')} (cosine {duplicate_cosine:g} or "
+             "more), each in its face's cluster" if duplicates else "")
+          + f"; threshold {threshold:.4f} ({threshold_source}), {args.method} on "
           f"{_count(args.neighbours, 'neighbour')}, {seconds:.1f} s; wrote {args.output}, "
           f"{summary_path(args.output)}{tree_said}", file=sys.stderr)
     if len(names) >= 20 and largest > LARGE_SHARE * len(names):

@@ -33,7 +33,24 @@ def nearest_neighbours(unit: torch.Tensor, k: int, threshold: float, *, device, 
     A block with no cosine at the threshold costs one maximum; one with few (a face's own people
     among many others) gives them as a list, one with many is searched whole. ``log`` (a callable)
     is told the share of the pairs done every 30 s."""
+    index, best, _ = nearest_neighbours_and_duplicates(unit, k, threshold, None, device=device, rows=rows,
+                                                       columns=columns, log=log)
+    return index, best
+
+
+def nearest_neighbours_and_duplicates(unit: torch.Tensor, k: int, threshold: float,
+                                      duplicate_threshold: float | None, *, device, rows: int = 2048,
+                                      columns: int = 16384, log=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`nearest_neighbours`, and in the same pass the groups of vectors joined by pairs at
+    ``duplicate_threshold`` or above (at least ``threshold``; None: none looked for): (indices, cosines,
+    (N,) each vector's group as the smallest vector in it). Each block's pairs are cut to a forest
+    joining what they join before they are kept, so that a group of many copies costs no more than
+    its vectors."""
+    if duplicate_threshold is not None and duplicate_threshold < threshold:
+        raise ValueError(f"duplicate_threshold {duplicate_threshold} is below threshold {threshold}: the blocks below "
+                         "the threshold are skipped")
     n = len(unit)
+    joined_a, joined_b = [], []
     pairs, done, reported = n * (n - 1) / 2, 0, time.monotonic()
     best = torch.full((n, k), -torch.inf)
     index = torch.full((n, k), -1, dtype=torch.int64)
@@ -69,8 +86,14 @@ def nearest_neighbours(unit: torch.Tensor, k: int, threshold: float, *, device, 
             square = min(len(cosines), cosines.shape[1])
             below = torch.ones(square, square, dtype=torch.bool, device=cosines.device).tril()
             cosines[:, :square].masked_fill_(below, -torch.inf)
-        if cosines.amax() < threshold:  # (a maximum is cheaper than a mask)
+        top = cosines.amax()
+        if top < threshold:  # (a maximum is cheaper than a mask)
             continue
+        if duplicate_threshold is not None and top >= duplicate_threshold:
+            i, j = torch.nonzero(cosines >= duplicate_threshold, as_tuple=True)
+            nodes, root = _forest(i.cpu().numpy() + start, j.cpu().numpy() + first)
+            joined_a.append(nodes)
+            joined_b.append(root)
         i, j = torch.nonzero(cosines >= threshold, as_tuple=True)
         if len(i) <= 4 * k * (len(cosines) + cosines.shape[1]):
             values = cosines[i, j].cpu().numpy()
@@ -86,7 +109,46 @@ def nearest_neighbours(unit: torch.Tensor, k: int, threshold: float, *, device, 
         offer(hit_rows.cpu() + start, values.cpu(), (hit_columns[at] + first).cpu())
         values, at = cosines.topk(min(k, cosines.shape[0]), dim=0)
         offer(hit_columns.cpu() + first, values.T.cpu(), (hit_rows[at.T] + start).cpu())
-    return index.numpy(), best.numpy()
+    if joined_a:
+        group = connected_components(n, np.concatenate(joined_a), np.concatenate(joined_b))
+    else:
+        group = np.arange(n)
+    return index.numpy(), best.numpy(), group
+
+
+def _forest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (each node, the smallest node joined to it) that join what the edges (a, b) join: as
+    many as their nodes, however many the edges."""
+    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    return nodes, nodes[connected_components(len(nodes), inverse[:len(a)], inverse[len(a):])]
+
+
+def nearest_neighbours_among(unit: torch.Tensor, queries: np.ndarray, k: int, threshold: float, *, device,
+                             rows: int = 2048, columns: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`nearest_neighbours` gives for the rows ``queries`` (indices) of the (N, D) unit
+    vectors alone: each one's ``k`` nearest other rows at ``threshold`` or above ((Q, k) indices, -1
+    where fewer are; (Q, k) float32 cosines, -inf where fewer are), for a few rows whose neighbours
+    must be found again (len(queries) x N cosines, in blocks of ``rows`` x ``columns``)."""
+    unit = unit.to(device, torch.float32)
+    queries = torch.as_tensor(queries, dtype=torch.int64).to(device)
+    index = np.full((len(queries), k), -1, dtype=np.int64)
+    best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for start in range(0, len(queries), rows):
+        asked = queries[start:start + rows]
+        values = torch.full((len(asked), k), -torch.inf, device=device)
+        found = torch.full((len(asked), k), -1, dtype=torch.int64, device=device)
+        for first in range(0, len(unit), columns):
+            cosines = unit[asked] @ unit[first:first + columns].T
+            own = asked - first
+            inside = torch.nonzero((own >= 0) & (own < cosines.shape[1])).flatten()
+            cosines[inside, own[inside]] = -torch.inf  # not its own neighbour
+            cosines.masked_fill_(cosines < threshold, -torch.inf)
+            top, at = cosines.topk(min(k, cosines.shape[1]), dim=1)
+            values, order = torch.cat([values, top], dim=1).topk(k, dim=1)
+            found = torch.cat([found, at + first], dim=1).gather(1, order)
+        found = torch.where(values > -torch.inf, found, -1)
+        index[start:start + len(asked)], best[start:start + len(asked)] = found.cpu().numpy(), values.cpu().numpy()
+    return index, best
 
 
 def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
