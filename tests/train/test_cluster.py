@@ -109,7 +109,8 @@ def test_the_people_of_a_collection_are_found(trained, tmp_path, capsys):
     original = os.path.join(photos, os.path.basename(path).replace("__", "/"))
     assert not os.path.samefile(path, original) and open(path, "rb").read() == open(original, "rb").read()
     summary = json.loads((tmp_path / "clusters.json").read_text())
-    assert summary["threshold"] == 0.6 and summary["tree_files"] == {"hard links": 0, "copies": 25}
+    assert summary["threshold"] == 0.6
+    assert summary["tree_files"] == {"hard links": 0, "copies": 25, "names shortened": 0}
 
 
 def test_a_table_of_train_embed_clusters_as_its_folder(trained, tmp_path, capsys):
@@ -358,13 +359,48 @@ def test_a_refused_link_is_a_copy_and_a_killed_runs_folder_is_removed(trained, t
     monkeypatch.setattr(cluster.os, "link", refused)
     assert run_cluster("--model", backbone, "--images", photos, "--output", tmp_path / "c.csv", "--tree",
                        tmp_path / "tree") == 0
-    assert json.loads((tmp_path / "c.json").read_text())["tree_files"] == {"hard links": 0, "copies": 25}
+    assert json.loads((tmp_path / "c.json").read_text())["tree_files"] == {"hard links": 0, "copies": 25,
+                                                                           "names shortened": 0}
     _, samples = scan_image_folder(str(tmp_path / "tree"))
     assert len(samples) == 25
     for path, _ in samples:
         original = os.path.join(photos, os.path.basename(path).replace("__", "/"))
         assert not os.path.samefile(path, original) and open(path, "rb").read() == open(original, "rb").read()
     assert not killed.exists() and going.exists()
+
+
+def test_a_name_too_long_for_the_file_system_is_shortened(trained, tmp_path, capsys):
+    """A face whose path, its folders joined by '__', passed the file system's 255 bytes failed the run
+    (File name too long), nothing written: such names are cut, keeping their start and extension."""
+    ckpt, backbone, _ = trained
+    photos = tmp_path / "photos"
+    party = photos / ("ü" * 100 + "_party")  # 206 bytes
+    os.makedirs(party)
+    os.makedirs(photos / "short")
+    for who, folder in ((0, party), (1, photos / "short")):
+        for sample in range(3):  # names that differ only at their end
+            Image.fromarray(render_face(0, who, 500 + sample, IMAGE_SIZE)).save(
+                folder / f"frame_{'0' * 50}{sample}.png")
+    tree = tmp_path / "people"
+    assert run_cluster("--model", backbone, "--images", photos, "--output", tmp_path / "c.csv", "--tree", tree) == 0
+    assert "3 names too long for the file system shortened" in capsys.readouterr().err
+    assert json.loads((tmp_path / "c.json").read_text())["tree_files"]["names shortened"] == 3
+    _, samples = scan_image_folder(str(tree))
+    assert len(samples) == 6 and len({os.path.basename(path) for path, _ in samples}) == 6
+    originals = {os.stat(path).st_ino: path for path in map(str, photos.rglob("*.png"))}
+    for path, _ in samples:
+        name = os.path.basename(path)
+        assert len(os.fsencode(name)) <= 255 and name.endswith(".png")
+        original = originals[os.stat(path).st_ino]  # (a hard link: the image itself)
+        if "ü" in original:
+            assert name.startswith("ü" * 100 + "_party__frame_000") and "~" in name
+        else:
+            assert name == "short__" + os.path.basename(original)
+    # The same names the next time.
+    first = sorted(os.path.basename(path) for path, _ in samples)
+    assert run_cluster("--model", backbone, "--images", photos, "--output", tmp_path / "c.csv", "--tree", tree,
+                       "--overwrite", "--copy") == 0
+    assert sorted(os.path.basename(path) for path, _ in scan_image_folder(str(tree))[1]) == first
 
 
 def test_a_stop_as_the_replaced_tree_is_removed_waits_for_it(trained, tmp_path, capsys, monkeypatch):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -366,9 +367,12 @@ def run(args: argparse.Namespace) -> int:
     staging = replaced = None
     try:
         if args.tree:
-            staging, links, copies = _build_tree(args.tree, source_folder, names, clusters, len(sizes), args.copy)
-            summary["tree_files"] = {"hard links": links, "copies": copies}
-            tree_said = f", {args.tree} ({_count(links, 'hard link')}, {_count(copies, 'copy', 'copies')})"
+            staging, links, copies, shortened = _build_tree(args.tree, source_folder, names, clusters, len(sizes),
+                                                            args.copy)
+            summary["tree_files"] = {"hard links": links, "copies": copies, "names shortened": shortened}
+            tree_said = (f", {args.tree} ({_count(links, 'hard link')}, {_count(copies, 'copy', 'copies')}"
+                         + (f"; {_count(shortened, 'name')} too long for the file system shortened" if shortened
+                            else "") + ")")
         summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with signals_held():  # the table, its summary and the tree: all of them or none
             if staging is not None:
@@ -467,15 +471,19 @@ def _tree_folder(path: str) -> bool:
 
 
 def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.ndarray, count: int,
-                copy: bool) -> tuple[str, int, int]:
+                copy: bool) -> tuple[str, int, int, int]:
     """A hidden folder beside ``tree`` holding cluster_NNNN/<name> for each clustered face, a hard link
     to its image (a copy with ``copy``, or where the file system refuses the link: another device, no
-    hard links); (that folder, links made, copies made)."""
+    hard links); (that folder, links made, copies made, names shortened to fit the file system)."""
     _remove_killed_runs_trees(tree)
     staging = _hidden_beside(tree, "partial")
     os.mkdir(staging)  # (as a folder is made: mkdtemp's would be the user's alone)
+    try:
+        longest = os.pathconf(staging, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        longest = 255
     width = max(4, len(str(count - 1)))
-    links = copies = 0
+    links = copies = shortened = 0
     try:
         taken = set()
         for c in range(count):
@@ -483,12 +491,17 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
         for name, c in zip(names, clusters.tolist()):
             if c < 0:
                 continue
-            flat = name.replace(os.sep, "__").replace("/", "__")
-            stem, extension = os.path.splitext(flat)
-            k = 1
-            while (c, flat) in taken:  # a/b__c.jpg and a__b/c.jpg: both a__b__c.jpg
-                k += 1
+            whole = name.replace(os.sep, "__").replace("/", "__")
+            flat, k, cut = whole, 1, False
+            while True:
+                if len(os.fsencode(flat)) > longest:
+                    flat, cut = _shortened(flat, name, longest), True
+                if (c, flat) not in taken:
+                    break
+                k += 1  # a/b__c.jpg and a__b/c.jpg: both a__b__c.jpg
+                stem, extension = os.path.splitext(whole)
                 flat = f"{stem}~{k}{extension}"
+            shortened += cut
             taken.add((c, flat))
             source, target = os.path.join(source_folder, name), os.path.join(staging, f"{TREE_PREFIX}{c:0{width}d}",
                                                                              flat)
@@ -505,7 +518,21 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return staging, links, copies
+    return staging, links, copies, shortened
+
+
+def _shortened(flat: str, name: str, longest: int) -> str:
+    """``flat`` (the image ``name``'s path, its folders joined by ``__``) cut to a name of at most
+    ``longest`` bytes that still reads as it and keeps its extension: its first characters, ``~``
+    and 16 hex digits of the SHA-256 of ``name`` (so that two long names that begin alike differ),
+    and room left for a ``~k`` that tells apart two names that flatten alike."""
+    stem, extension = os.path.splitext(flat)
+    tag = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    room = longest - len(os.fsencode(tag + extension)) - 8
+    stem = stem[:room]
+    while len(os.fsencode(stem)) > room:  # (a character may take several bytes)
+        stem = stem[:-1]
+    return stem + tag + extension
 
 
 def _hidden_beside(tree: str, kind: str) -> str:
