@@ -203,6 +203,12 @@ def test_a_gallery_enrolled_saved_and_searched(trained, tmp_path, capsys):
     assert run_search("--model", backbone, "--gallery", tmp_path / "narrow.npy", "--probes", probes, "--output",
                       tmp_path / "d.csv") == 2
     assert "holds 8-D embeddings, --model" in capsys.readouterr().err and not os.path.exists(tmp_path / "d.csv")
+    # A table of older versions (no digest) made with another file: taken, with a note.
+    about = json.loads((tmp_path / "g.npy.json").read_text())
+    del about["model_sha256"]
+    (tmp_path / "g.npy.json").write_text(json.dumps(about))
+    assert run_search("--model", ckpt, "--gallery", saved, "--probes", probes, "--output", tmp_path / "d.csv") == 0
+    assert f"was made with {backbone} (its .json records no digest to check)" in capsys.readouterr().err
 
 
 def test_bad_arguments_left_out_people_and_outputs(trained, tables, tmp_path, capsys):

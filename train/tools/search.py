@@ -175,6 +175,10 @@ def _check_made_with(faces: Faces, flag: str, path: str, model_path: str | None,
         raise ValueError(f"{flag} {path} holds {faces.embeddings.shape[1]}-D embeddings, --model {model_path} gives "
                          f"{width}-D ones: the table was made with another model")
     recorded = faces.about.get("model_sha256")
+    made_with = faces.about.get("model")
+    if model_path and not recorded and made_with and os.path.realpath(made_with) != os.path.realpath(model_path):
+        print(f"search: note: {flag} {path} was made with {made_with} (its .json records no digest to check): "
+              f"its embeddings are taken for {model_path}'s", file=sys.stderr)
     if model_path and recorded:
         if model_path not in digests:
             digests[model_path] = model_digest(model_path)
