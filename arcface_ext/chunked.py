@@ -31,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from typing import Any, Literal, overload
 
 import torch
+from torch import Tensor
 
 from ._checks import check_arguments, check_flag, fused_compute_dtype, reduce_rows, skips_label_check
 from .reference import NORM_EPS, _TargetLogit, margin_psi
@@ -52,7 +54,7 @@ SIXTEEN_BITS = (torch.float16, torch.bfloat16)
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
-def gemm_dtype(embeddings, weight):
+def gemm_dtype(embeddings: Tensor, weight: Tensor) -> torch.dtype | None:
     """The 16-bit type the chunked path's matrix products take their operands in, or None for the
     compute dtype: the autocast dtype under ``torch.autocast`` for the inputs' device, else the inputs'
     common type when it is 16-bit (fp64 inputs: None, as autocast leaves fp64 matrix products)."""
@@ -140,8 +142,11 @@ class _Targets:
         return w[first * k:(first + step) * k].to(self.dtype if self.gemm is None else self.gemm)
 
 
-def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through, ignore_index, class_offset=0,
-                  num_classes=-1, threshold=0.0, curricular_t=None, hard_above=None, chunk=None, gemm_dtype=None):
+def shard_forward(x: Tensor, w: Tensor, labels: Tensor, *, k: int = 1, s: float, m1: float, m2: float, m3: float,
+                  lambda_: float, straight_through: bool, ignore_index: int, class_offset: int = 0,
+                  num_classes: int = -1, threshold: float = 0.0, curricular_t: Tensor | None = None,
+                  hard_above: Tensor | None = None, chunk: int | None = None,
+                  gemm_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The chunked path's forward on a block of classes, with the fused op's (``margin_softmax_forward``)
     outputs and shard semantics: ``w`` holds classes [class_offset, class_offset + C) of
     ``num_classes`` (-1: just its own C) and labels index all of them. Returns (per-row loss, the
@@ -177,9 +182,12 @@ def shard_forward(x, w, labels, *, k=1, s, m1, m2, m3, lambda_, straight_through
 # no_grad as a decorator, one context manager in the body: torch 2.14.1's dynamo on Python 3.13 fails to trace
 # (an AssertionError on its block stack) a loop with a branch under two nested ones.
 @torch.no_grad()
-def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, lambda_, straight_through, ignore_index,
-                   needs_embeddings_grad=True, needs_weight_grad=True, class_offset=0, num_classes=-1, threshold=0.0,
-                   curricular_t=None, hard_above=None, chunk=None, gemm_dtype=None):
+def shard_backward(grad_rows: Tensor, x: Tensor, w: Tensor, labels: Tensor, logsumexp: Tensor, *, k: int = 1,
+                   s: float, m1: float, m2: float, m3: float, lambda_: float, straight_through: bool,
+                   ignore_index: int, needs_embeddings_grad: bool = True, needs_weight_grad: bool = True,
+                   class_offset: int = 0, num_classes: int = -1, threshold: float = 0.0,
+                   curricular_t: Tensor | None = None, hard_above: Tensor | None = None, chunk: int | None = None,
+                   gemm_dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor | None]:
     """The gradients of Σ_i grad_rows[i]·loss[i] for :func:`shard_forward`'s block of classes, given each
     row's log-sum-exp (the whole softmax's when the classes are sharded: then they are this shard's part
     of the whole loss's gradients), as ``margin_softmax_backward``. Returns (d/dx or None, d/dw or None)
@@ -194,7 +202,8 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
         lse = torch.where(r.counted, logsumexp.to(r.dtype), torch.full_like(r.logit, torch.inf))
         hard_above = r.logit / s if hard_above is None else hard_above.to(r.dtype)
         x_hat = r.x_hat
-        row_factor, x_hat_op = g[:, None] * s, x_hat
+        row_factor: Tensor | float = g[:, None] * s
+        x_hat_op = x_hat
         if r.gemm is not None:
             # 16-bit operands, as the fused kernels form them: the gradient block leaves out each row's
             # upstream gradient g_i (a loss scaler's factor among them), applied after the products, so
@@ -207,8 +216,10 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
         # times the margin's chain factor; its part of the centres' gradient joins its chunk's block.
         grad_t = torch.where(r.owned, g * (torch.exp(r.logit - lse) - 1.0) * r.slope, torch.zeros_like(g))
         unit_rows, target_norms = _unit((w[r.row] if r.gemm is None else w[r.row].to(r.gemm)).to(r.dtype))
-        grad_x_hat = torch.zeros_like(x_hat) if needs_embeddings_grad else None
-        grad_w = target_part = None
+        # (None where the flags ask for no gradient, and used only where they ask for one)
+        grad_x_hat: Any = torch.zeros_like(x_hat) if needs_embeddings_grad else None
+        grad_w: Any = None
+        target_part: Any = None
         if needs_weight_grad:
             target_part = _through_norm(grad_t[:, None] * x_hat, unit_rows, target_norms)
             # Written a chunk at a time in the weight's dtype (no fp32 copy of 16-bit centres' gradient).
@@ -262,7 +273,8 @@ def shard_backward(grad_rows, x, w, labels, logsumexp, *, k=1, s, m1, m2, m3, la
         return grad_x, grad_w
 
 
-def shard_target_cosines(x, w, labels, *, k=1, ignore_index, class_offset=0, num_classes=-1, gemm_dtype=None, **_):
+def shard_target_cosines(x: Tensor, w: Tensor, labels: Tensor, *, k: int = 1, ignore_index: int, class_offset: int = 0,
+                         num_classes: int = -1, gemm_dtype: torch.dtype | None = None, **_: Any) -> Tensor:
     """The clamped target cosine of each row whose target ``w`` (classes [class_offset, class_offset + C)
     of ``num_classes``) holds, 0 at the others: summed over the shards (an all-reduce), every row's."""
     with torch.no_grad(), _no_autocast(x.device.type):
@@ -272,13 +284,13 @@ def shard_target_cosines(x, w, labels, *, k=1, ignore_index, class_offset=0, num
         return torch.where(r.owned, r.cosine, torch.zeros_like(r.cosine))
 
 
-def margined_target(target_cosine, *, m1, m2, m3, lambda_, **_):
+def margined_target(target_cosine: Tensor, *, m1: float, m2: float, m3: float, lambda_: float, **_: Any) -> Tensor:
     """ψ(c_y) − m3 for clamped target cosines: the cosine a negative must beat to be hard (CurricularFace)."""
     with torch.no_grad():
         return margin_psi(target_cosine, m1=m1, m2=m2, lambda_=lambda_)[0] - m3
 
 
-def moved_t(t, target_cosine, counted, momentum):
+def moved_t(t: Tensor, target_cosine: Tensor, counted: Tensor, momentum: float) -> Tensor:
     """CurricularFace's t moved by the mean of the counted rows' clamped target cosines at rate
     ``momentum``; t as it was when no row counts or the mean is not finite (no device sync)."""
     with torch.no_grad():
@@ -388,8 +400,9 @@ class _SmoothingCosines(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-def label_smoothing_rows(embeddings, weight, labels, *, epsilon, s, m1, m2, m3, lambda_, margin_grad,
-                         ignore_index, dtype):
+def label_smoothing_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, *, epsilon: float, s: float, m1: float,
+                         m2: float | Tensor, m3: float | Tensor, lambda_: float, margin_grad: str, ignore_index: int,
+                         dtype: torch.dtype) -> Tensor:
     """Per row, what ``nn.CrossEntropyLoss(label_smoothing=ε)`` adds to the margin softmax's loss:
     ε·(z_y − mean_j z_j), z_y = s·(ψ − m3) the target logit and z_j = s·c_j the C − 1 others, in ``dtype``
     (0 at rows not counted). The mean takes Σ_j c_j as x̂·Σ_j ŵ_j: one sum of the unit centres, no N x C
@@ -408,7 +421,11 @@ def label_smoothing_rows(embeddings, weight, labels, *, epsilon, s, m1, m2, m3, 
         return torch.where(counted, rows, torch.zeros_like(rows))
 
 
-def check_int_option(name, value, *, optional=False):
+@overload
+def check_int_option(name: str, value: int | None, *, optional: Literal[False] = ...) -> int: ...
+@overload
+def check_int_option(name: str, value: int | None, *, optional: bool) -> int | None: ...
+def check_int_option(name: str, value: int | None, *, optional: bool = False) -> int | None:
     if optional and value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -416,7 +433,7 @@ def check_int_option(name, value, *, optional=False):
     return int(value)
 
 
-def check_filtering_threshold(value):
+def check_filtering_threshold(value: float) -> float:
     """Partial FC's inter-class filtering threshold: a number in [0, 1], 0 (insightface's default) for
     none."""
     if (isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real)
@@ -425,7 +442,7 @@ def check_filtering_threshold(value):
     return float(value)
 
 
-def check_curricular_t(value, embeddings):
+def check_curricular_t(value: float | Tensor | None, embeddings: Tensor) -> Tensor | None:
     """CurricularFace's t: None, a finite number, or a one-element float tensor (kept on the device, no
     sync), returned as a 0-dim tensor on the embeddings' device."""
     if value is None:
@@ -442,10 +459,34 @@ def check_curricular_t(value, embeddings):
     return torch.tensor(float(value), dtype=torch.float64, device=embeddings.device)
 
 
-def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
-                        interclass_filtering_threshold=0.0, curricular_t=None, reduction="mean",
-                        margin_grad="exact", ignore_index=-1, return_target_cosine=False, check_labels=True,
-                        class_chunk=None):
+# The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
+@overload
+def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
+                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
+                        reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                        return_target_cosine: Literal[False] = ..., check_labels: bool = ...,
+                        class_chunk: int | None = ...) -> Tensor: ...
+@overload
+def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
+                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
+                        reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                        return_target_cosine: Literal[True], check_labels: bool = ...,
+                        class_chunk: int | None = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
+                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
+                        reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                        return_target_cosine: bool, check_labels: bool = ...,
+                        class_chunk: int | None = ...) -> Tensor | tuple[Tensor, Tensor]: ...
+def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = 1, s: float = 64.0,
+                        m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0,
+                        interclass_filtering_threshold: float = 0.0, curricular_t: float | Tensor | None = None,
+                        reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
+                        return_target_cosine: bool = False, check_labels: bool = True,
+                        class_chunk: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The combined margin loss of :func:`arcface_ext.combined_margin_loss`, on the chunked PyTorch
     path, with what the fused op lacks (see the module's docstring):
 

@@ -17,15 +17,19 @@ that a replicated classifier under DistributedDataParallel would give:
 Every rank must call the loss at the same points, with the same options (it runs collectives);
 the local batch sizes may differ.
 """
+from __future__ import annotations
+
 import copy
 import functools
 import itertools
 import math
 import re
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+from torch.types import Device
 from torch.nn.utils import parametrize
 
 from . import chunked, ops
@@ -34,7 +38,7 @@ from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_flag, c
                       stack_row_margins)
 from .functional import get_workspace_bytes, require_extension
 from .chunked import check_filtering_threshold
-from .modules import NO_SINGLE_MARGIN, AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, set_loss_options
+from .modules import NO_SINGLE_MARGIN, AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, LossModule, set_loss_options
 from .sampling import bad_labels, sample_classes, sample_size
 
 # torch 2.13 renamed the single-tensor collectives; the older names still work on older versions.
@@ -42,7 +46,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def class_shard(num_classes, rank, world_size):
+def class_shard(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
     """The classes [start, stop) that rank ``rank`` of ``world_size`` holds: contiguous runs whose
     sizes differ by at most one (the first ``num_classes % world_size`` ranks hold one more)."""
     if world_size < 1 or not 0 <= rank < world_size:
@@ -203,7 +207,7 @@ def _chunked_options(options, threshold):
                 threshold=threshold)
 
 
-class ShardedCombinedMarginLoss(nn.Module):
+class ShardedCombinedMarginLoss(LossModule):
     """:class:`arcface_ext.CombinedMarginLoss` with its class centres split across the ranks of
     ``process_group`` (the default group when None; without torch.distributed initialised, one
     rank holding everything). Rank r owns ``weight`` = the centres of classes
@@ -246,18 +250,20 @@ class ShardedCombinedMarginLoss(nn.Module):
     sharded = True
     curricular = False  # (ShardedCurricularFaceLoss)
     # A subclass's own options that the ranks must share, compared as _agree compares the others'.
-    compared_options = ()
+    compared_options: tuple[str, ...] = ()
     m = NO_SINGLE_MARGIN  # (the subclasses with one: their mixins')
 
-    def chunked_spec(self):
+    def chunked_spec(self) -> dict[str, Any] | None:
         """The chunked path's options for this call (see _ShardedMarginSoftmax), or None for the fused op."""
         if self.interclass_filtering_threshold or self.k > 1:
             return {"threshold": self.interclass_filtering_threshold, "curricular": None, "k": self.k}
         return None
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
-                 reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
-                 interclass_filtering_threshold=0.0, process_group=None, device=None, dtype=None, _k=1):
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
+                 m3: float = 0.0, lambda_: float = 0.0, *, reduction: str = "mean", margin_grad: str = "exact",
+                 ignore_index: int = -1, sample_rate: float = 1.0, check_labels: bool = True,
+                 interclass_filtering_threshold: float = 0.0, process_group: dist.ProcessGroup | None = None,
+                 device: Device = None, dtype: torch.dtype | None = None, _k: int = 1) -> None:
         super().__init__()
         self.k = _k  # rows of weight a class: sub-centres (ShardedSubCenterMarginLoss)
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
@@ -275,7 +281,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         self._ddp_params_and_buffers_to_ignore = ["weight"]
         self.reset_parameters()
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         # FSDP2's fully_shard of a module that holds this loss (or of the loss) sets a DTensor, its shard of
         # each parameter, in the parameter's place, through setattr for a module that defines __setattr__.
         # The rank's shard of the classes would be split again as though it were the whole matrix, and each
@@ -290,7 +296,7 @@ class ShardedCombinedMarginLoss(nn.Module):
                 "the loss outside the module you shard, and do not fully_shard the loss itself")
         super().__setattr__(name, value)
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardedCombinedMarginLoss:
         # A process group is a handle on the ranks' connections, which can be neither copied nor
         # pickled: a copy (an EMA or SWA model made with copy.deepcopy) shares it.
         if self.process_group is not None:
@@ -301,7 +307,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         return copied
 
     @torch.no_grad()
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """N(0, 0.01) as insightface initialises its centres. The ranks draw the same full matrix,
         a block at a time, and keep their rows: the result does not depend on the number of ranks,
         provided every rank's default generator is in the same state (seed them alike)."""
@@ -326,10 +332,10 @@ class ShardedCombinedMarginLoss(nn.Module):
     # with safetensors (Accelerate's save_state and save_model by default) take tensors only.
     extra_state_fields = ("num_classes", "class_start", "class_stop", "k")
 
-    def get_extra_state(self):
+    def get_extra_state(self) -> Tensor:
         return torch.tensor([getattr(self, name) for name in self.extra_state_fields], dtype=torch.int64)
 
-    def set_extra_state(self, state):
+    def set_extra_state(self, state: Any) -> None:
         pass  # checked against the weight in _load_from_state_dict
 
     @classmethod
@@ -393,7 +399,7 @@ class ShardedCombinedMarginLoss(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def shard_of(self, full):
+    def shard_of(self, full: Tensor) -> Tensor:
         """This rank's rows of a tensor that has one row per class (k with sub-centres, as ``weight``;
         e.g. a checkpoint's centres)."""
         if full.shape[0] != self.num_classes * self.k:
@@ -402,7 +408,7 @@ class ShardedCombinedMarginLoss(nn.Module):
                              f"{tuple(full.shape)}")
         return full[self.class_start * self.k:self.class_stop * self.k]
 
-    def gather(self, shard, dst=0, *, piece_bytes=64 << 20):
+    def gather(self, shard: Tensor, dst: int = 0, *, piece_bytes: int = 64 << 20) -> Tensor | None:
         """The full (num_classes·k, ...) tensor from every rank's ``shard`` (this rank's rows of it,
         e.g. its weight or its optimizer state), on rank ``dst`` in host memory (None on the others).
         Collective: every rank calls it.
@@ -422,20 +428,20 @@ class ShardedCombinedMarginLoss(nn.Module):
         largest = bounds[0][1] - bounds[0][0]  # the first shard is the largest
         row_bytes = shard[0].numel() * shard.element_size()  # every shard has at least one row
         rows_per_piece = max(1, min(largest, piece_bytes // row_bytes))
-        full = None
+        full: Any = None  # (and pieces: tensors on rank dst alone)
         if self.rank == dst:
             full = torch.empty((self.num_classes * k, *shard.shape[1:]), dtype=shard.dtype, device="cpu",
                                pin_memory=shard.is_cuda)
         # gather's group_dst (a rank in the group) is torch 2.6's; dst is global in every version.
         group = dist.group.WORLD if self.process_group is None else self.process_group
-        global_dst = dist.get_global_rank(group, dst)
+        global_dst = dist.get_global_rank(group, dst)  # type: ignore[arg-type]  # (WORLD: set once initialised)
         shard = shard.detach()
         for begin in range(0, largest, rows_per_piece):
             end = min(begin + rows_per_piece, largest)
             piece = shard.new_zeros((end - begin, *shard.shape[1:]))
             mine = shard[begin:end]
             piece[:mine.shape[0]] = mine
-            pieces = [torch.empty_like(piece) for _ in bounds] if self.rank == dst else None
+            pieces: Any = [torch.empty_like(piece) for _ in bounds] if self.rank == dst else None
             dist.gather(piece, pieces, dst=global_dst, group=self.process_group)
             if self.rank == dst:
                 for (start, stop), received in zip(bounds, pieces):
@@ -570,12 +576,13 @@ class ShardedCombinedMarginLoss(nn.Module):
         renumbered = torch.where(all_labels != self.ignore_index, renumbered, torch.full_like(renumbered, -1))
         return index, renumbered, offsets[self.rank], offsets[-1]
 
-    def row_margins(self, embeddings, labels):
+    def row_margins(self, embeddings: Tensor, labels: Tensor) -> tuple[float | Tensor, float | Tensor]:
         """(m2, m3) for this rank's rows: the module's numbers, or per-row tensors in subclasses whose
         margins depend on the sample (:class:`ShardedAdaFaceLoss`, :class:`ShardedElasticFaceLoss`)."""
         return self.m2, self.m3
 
-    def forward(self, embeddings, labels, return_target_cosine=False):
+    def forward(self, embeddings: Tensor, labels: Tensor,
+                return_target_cosine: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         # Checked before the margins, which subclasses read from the embeddings (AdaFace's with a
         # collective of its own in training mode), and agreed on by every rank.
         error = None
@@ -640,12 +647,12 @@ class ShardedCombinedMarginLoss(nn.Module):
         loss = ops.reduce_loss(loss_rows, labels, self.ignore_index, self.reduction)
         if t is not None and self.training:
             with torch.no_grad():
-                self.t.copy_(t)
+                self.t.copy_(t)  # type: ignore[operator]  # (ShardedCurricularFaceLoss's buffer t)
         if return_target_cosine:
             return loss, nan_at_ignored(cosine, labels, self.ignore_index)
         return loss
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         sampled = f", sample_rate={self.sample_rate}" if self.sample_rate < 1.0 else ""
         sampled += "" if self.check_labels else ", check_labels=False"
         if self.interclass_filtering_threshold:
@@ -667,13 +674,14 @@ class ShardedSubCenterMarginLoss(ShardedCombinedMarginLoss):
     identities, three sub-centres of 512 fp32 values are 12 GB of centres, 24 GB with their momentum:
     this splits them across the ranks."""
 
-    def __init__(self, num_classes, embedding_size, k=3, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *, device=None,
-                 dtype=None, **kwargs):
+    def __init__(self, num_classes: int, embedding_size: int, k: int = 3, s: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0, *, device: Device = None,
+                 dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
                          _k=chunked.check_int_option("k", k), device=device, dtype=dtype, **kwargs)
 
 
-def ddp_ignore_shards(model):
+def ddp_ignore_shards(model: nn.Module) -> list[str]:
     """Tells DistributedDataParallel to leave the class shards of the sharded losses inside ``model``
     alone: call it before wrapping a module that holds one (DDP reads the list of parameters to
     ignore from the module it wraps only, so a sharded loss inside a larger model would otherwise
@@ -682,7 +690,7 @@ def ddp_ignore_shards(model):
     names = [prefix + "weight" for prefix, _ in _sharded_losses(model)]
     ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     added = [name for name in names if name not in ignored]
-    model._ddp_params_and_buffers_to_ignore = ignored + added
+    model._ddp_params_and_buffers_to_ignore = ignored + added  # type: ignore[assignment]  # (a list: DDP's own name)
     return added
 
 
@@ -736,7 +744,8 @@ def _map_class_state(model, optimizer, state_dict, per_class):
     return state_dict
 
 
-def full_state_dict(model, optimizer=None, *, dst=0):
+def full_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                    dst: int = 0) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """``(model_state, optimizer_state)``: ``model.state_dict()`` and ``optimizer.state_dict()`` (None
     without an optimizer) with the class centres of every sharded loss in ``model`` whole, as a replicated
     loss holds them (num_classes·k rows, gathered into host memory with the loss's ``gather``), and so their
@@ -767,7 +776,8 @@ def full_state_dict(model, optimizer=None, *, dst=0):
     return (model_state, optimizer_state) if mine else (None, None)
 
 
-def shard_optimizer_state(model, optimizer, state_dict):
+def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                          state_dict: dict[str, Any]) -> dict[str, Any]:
     """This rank's optimizer state dict from ``state_dict``, whose sharded losses' centres have their whole
     per-class state (:func:`full_state_dict`'s, or a replicated loss's): each rank's rows of it, for
     ``optimizer.load_state_dict``. A rank's own state passes unchanged. Not a collective. Also a load hook:
@@ -793,7 +803,7 @@ class ShardedAdaFaceLoss(AdaFaceMargins, ShardedCombinedMarginLoss):
 
     compared_options = ("m", "h", "t_alpha")
 
-    def _norm_statistics(self, norms, counted):
+    def _norm_statistics(self, norms: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
         if self.world_size == 1:
             return super()._norm_statistics(norms, counted)
         weights = counted.double()
@@ -816,7 +826,7 @@ class ShardedElasticFaceLoss(ElasticFaceMargins, ShardedCombinedMarginLoss):
     # without plus would not join the collectives of target_cosines)
     compared_options = ("std", "plus")
 
-    def target_cosines(self, embeddings, labels):
+    def target_cosines(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """This rank's rows' clamped target cosines (0 at ignored rows): every rank's rows gathered, each
         rank's shard giving those of its classes, summed over the ranks."""
         if self.world_size == 1:
@@ -844,8 +854,8 @@ class ShardedCurricularFaceLoss(CurricularFaceT, ShardedCombinedMarginLoss):
 
     compared_options = ("momentum",)  # (t, moved at another rate, would differ between ranks)
 
-    def chunked_spec(self):
+    def chunked_spec(self) -> dict[str, Any] | None:
         return {"threshold": 0.0, "curricular": (self.t, self.momentum, self.training)}
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"m={self.m}, momentum={self.momentum}, {super().extra_repr()}"

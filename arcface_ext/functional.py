@@ -1,5 +1,10 @@
 """The public function of arcface_ext: the fused combined-margin softmax cross-entropy."""
+from __future__ import annotations
+
+from typing import Literal, overload
+
 import torch
+from torch import Tensor
 
 from . import ops
 from ._checks import (check_arguments, check_flag, fused_compute_dtype, nan_at_ignored, scalar_margin,
@@ -13,7 +18,7 @@ _DEFAULT_WORKSPACE_BYTES = 128 * 1024 * 1024
 _workspace_bytes = _DEFAULT_WORKSPACE_BYTES
 
 
-def set_workspace_bytes(num_bytes=None):
+def set_workspace_bytes(num_bytes: int | None = None) -> None:
     """Bounds the kernels' scratch memory (default 128 MiB; None restores it). The block of
     classes walked at a time shrinks to fit; it never grows to the N x C matrix."""
     global _workspace_bytes
@@ -24,16 +29,16 @@ def set_workspace_bytes(num_bytes=None):
     _workspace_bytes = num_bytes
 
 
-def get_workspace_bytes():
+def get_workspace_bytes() -> int:
     return _workspace_bytes
 
 
-def extension_available():
+def extension_available() -> bool:
     """Whether the compiled kernels (arcface_ext._C) could be loaded."""
     return ops.IMPORT_ERROR is None
 
 
-def require_extension():
+def require_extension() -> None:
     """Raises, saying how to build them, when the compiled kernels could not be loaded."""
     if ops.IMPORT_ERROR is not None:
         raise RuntimeError(
@@ -42,9 +47,27 @@ def require_extension():
             "repository root, or use arcface_ext.reference.combined_margin_loss explicitly.")
 
 
-def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
-                         reduction="mean", margin_grad="exact", ignore_index=-1,
-                         return_target_cosine=False, check_labels=True):
+# The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
+@overload
+def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = ..., m1: float = ...,
+                         m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ..., reduction: str = ...,
+                         margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[False] = ...,
+                         check_labels: bool = ...) -> Tensor: ...
+@overload
+def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = ..., m1: float = ...,
+                         m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ..., reduction: str = ...,
+                         margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[True],
+                         check_labels: bool = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = ..., m1: float = ...,
+                         m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ..., reduction: str = ...,
+                         margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: bool,
+                         check_labels: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
+def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0, m1: float = 1.0,
+                         m2: float | Tensor = 0.5, m3: float | Tensor = 0.0, lambda_: float = 0.0,
+                         reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
+                         return_target_cosine: bool = False,
+                         check_labels: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     r"""Softmax cross-entropy with the combined angular/cosine margin, fused: the N x C logits are
     never stored.
 

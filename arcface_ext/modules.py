@@ -1,25 +1,75 @@
 """nn.Module front ends that own the class-centre matrix (C, D) and call the fused loss."""
+from __future__ import annotations
+
 import functools
 import math
 import numbers
+from typing import TYPE_CHECKING, Any, Callable, Literal, cast, overload
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.types import Device
 
 from . import _checks, chunked, functional, reference
 from .chunked import check_filtering_threshold
 from ._checks import check_arguments, check_flag, check_options, check_real, reduce_rows
 from .sampling import bad_labels, check_sample_rate, sample_step
 
+if TYPE_CHECKING:
+    class LossModule(nn.Module):
+        """For type checkers only (at run time, nn.Module; the mixins' base, object): what every margin-loss
+        module has, the options set_loss_options sets and the weight, and what calling one returns
+        (nn.Module types a call as returning Any)."""
 
-def norm_dtype(embeddings):
+        num_classes: int
+        embedding_size: int
+        s: float
+        m1: float
+        m2: float
+        m3: float
+        lambda_: float
+        m: float
+        reduction: str
+        margin_grad: str
+        ignore_index: int
+        sample_rate: float
+        check_labels: bool
+        last_sampled_classes: Tensor | None
+        weight: Tensor
+
+        def reset_parameters(self) -> None: ...
+
+        @overload
+        def __call__(self, embeddings: Tensor, labels: Tensor, return_target_cosine: Literal[False] = ...) -> Tensor:
+            ...
+
+        @overload
+        def __call__(self, embeddings: Tensor, labels: Tensor,
+                     return_target_cosine: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+        @overload
+        def __call__(self, embeddings: Tensor, labels: Tensor,
+                     return_target_cosine: bool) -> Tensor | tuple[Tensor, Tensor]: ...
+
+        def __call__(self, embeddings: Tensor, labels: Tensor,
+                     return_target_cosine: bool = False) -> Tensor | tuple[Tensor, Tensor]: ...
+
+    # What a mixin (AdaFace's, ElasticFace's margins, CurricularFace's t) reads of the module it is mixed into.
+    LossMixin = LossModule
+else:
+    LossModule = nn.Module
+    LossMixin = object
+
+
+def norm_dtype(embeddings: Tensor) -> Tensor:
     """The embeddings in the dtype their norms are taken in (the per-row margins' inputs): fp32 for
     16-bit embeddings, fp64 for fp64."""
     return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
 
 
-def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
-                     ignore_index, sample_rate, check_labels=True):
+def set_loss_options(module: LossModule, num_classes: int, embedding_size: int, s: float, m1: float, m2: float,
+                     m3: float, lambda_: float, reduction: str, margin_grad: str, ignore_index: int,
+                     sample_rate: float, check_labels: bool = True) -> None:
     """The options every margin-loss module keeps as attributes, checked as the op checks them, so
     that a bad option fails when the module is built rather than at its first call."""
     for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
@@ -40,15 +90,16 @@ def set_loss_options(module, num_classes, embedding_size, s, m1, m2, m3, lambda_
     module.check_labels = check_flag("check_labels", check_labels)
 
 
-def margin_attribute(option_of, doc):
+def margin_attribute(option_of: Callable[[Any], str], doc: str) -> Any:
     """The constructor's ``m`` as an attribute (a property): it reads and sets the option that holds it
     (``option_of(module)``: "m1", "m2" or "m3"), checked as the constructor checks it, so that a margin
     scheduled between steps (``criterion.m = 0.1``, as WeSpeaker's and 3D-Speaker's margin schedulers set
-    theirs) takes effect rather than landing in an attribute that nothing reads."""
-    def get(self):
+    theirs) takes effect rather than landing in an attribute that nothing reads. (Typed Any: the class
+    declares it, ``m: float = margin_attribute(...)``.)"""
+    def get(self: LossModule) -> float:
         return getattr(self, option_of(self))
 
-    def set(self, value):
+    def set(self: LossModule, value: float) -> None:
         option = option_of(self)
         options = dict(s=self.s, m1=self.m1, m2=self.m2, m3=self.m3, lambda_=self.lambda_)
         options[option] = value
@@ -57,14 +108,14 @@ def margin_attribute(option_of, doc):
     return property(get, set, doc=doc)
 
 
-def no_margin_attribute(hint):
+def no_margin_attribute(hint: str) -> Any:
     """``m`` on a module that has no single margin (built from m1, m2, m3, or MagFace's l_m and u_m):
     setting it raises, naming what to set (``hint``), where it landed in an attribute that nothing read;
     reading it is the AttributeError it was."""
-    def get(self):
+    def get(self: LossModule) -> float:
         raise AttributeError(f"{type(self).__name__} has no single margin m: {hint}")
 
-    def set(self, value):
+    def set(self: LossModule, value: float) -> None:
         raise AttributeError(f"{type(self).__name__} has no single margin m to set: {hint}")
     return property(get, set)
 
@@ -73,7 +124,7 @@ def no_margin_attribute(hint):
 NO_SINGLE_MARGIN = no_margin_attribute("set m1, m2 or m3, the margins it was built with")
 
 
-class CombinedMarginLoss(nn.Module):
+class CombinedMarginLoss(LossModule):
     """Margin softmax cross-entropy with its own class centres ``weight`` (C, D).
 
     Called as ``criterion(embeddings, labels)``; ``return_target_cosine=True`` also returns each
@@ -102,10 +153,11 @@ class CombinedMarginLoss(nn.Module):
 
     m = NO_SINGLE_MARGIN
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
-                 reduction="mean", margin_grad="exact", ignore_index=-1, sample_rate=1.0, check_labels=True,
-                 use_reference=False, interclass_filtering_threshold=0.0, label_smoothing=0.0, device=None,
-                 dtype=None):
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
+                 m3: float = 0.0, lambda_: float = 0.0, *, reduction: str = "mean", margin_grad: str = "exact",
+                 ignore_index: int = -1, sample_rate: float = 1.0, check_labels: bool = True,
+                 use_reference: bool = False, interclass_filtering_threshold: float = 0.0,
+                 label_smoothing: float = 0.0, device: Device = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         set_loss_options(self, num_classes, embedding_size, s, m1, m2, m3, lambda_, reduction, margin_grad,
                          ignore_index, sample_rate, check_labels)
@@ -121,7 +173,7 @@ class CombinedMarginLoss(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         # insightface initialises the class centres with N(0, 0.01); only their direction matters.
         nn.init.normal_(self.weight, std=0.01)
 
@@ -131,30 +183,32 @@ class CombinedMarginLoss(nn.Module):
     # Whether the module changes its hard negatives' logits (CurricularFace): the chunked path then.
     curricular = False
 
-    def row_margins(self, embeddings, labels):
+    def row_margins(self, embeddings: Tensor, labels: Tensor) -> tuple[float | Tensor, float | Tensor]:
         """(m2, m3) for this call: the module's numbers, or per-row tensors in subclasses whose
         margins depend on the sample (:class:`AdaFaceLoss`, :class:`ElasticFaceLoss`)."""
         return self.m2, self.m3
 
-    def chunked_options(self, embeddings, labels):
+    def chunked_options(self, embeddings: Tensor, labels: Tensor) -> dict[str, Any] | None:
         """The options of :func:`arcface_ext.chunked_margin_loss` this call needs, or None for the
         fused op: inter-class filtering here, CurricularFace's t in :class:`CurricularFaceLoss`."""
         if self.interclass_filtering_threshold:
             return {"interclass_filtering_threshold": self.interclass_filtering_threshold}
         return None
 
-    def _check(self, embeddings, labels):
+    def _check(self, embeddings: Tensor, labels: Tensor) -> None:
         check_arguments(embeddings, self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
                         lambda_=self.lambda_, reduction=self.reduction, margin_grad=self.margin_grad,
                         ignore_index=self.ignore_index)
 
-    def forward(self, embeddings, labels, return_target_cosine=False):
+    def forward(self, embeddings: Tensor, labels: Tensor,
+                return_target_cosine: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         weight, ignore_index = self.weight, self.ignore_index
         sampled = self.training and self.sample_rate < 1.0
         if sampled or self.per_row_margins or self.curricular:
             self._check(embeddings, labels)
         m2, m3 = self.row_margins(embeddings, labels)
         options = self.chunked_options(embeddings, labels)
+        loss_fn: Callable[..., Any]
         if options is None:
             loss_fn = reference.combined_margin_loss if self.use_reference else functional.combined_margin_loss
         else:
@@ -167,7 +221,7 @@ class CombinedMarginLoss(nn.Module):
             weight, ignore_index = weight.index_select(0, index), -1
             self.last_sampled_classes = index
         reduction = "none" if self.label_smoothing else self.reduction
-        out = loss_fn(embeddings, weight, labels, s=self.s, m1=self.m1, m2=m2, m3=m3,
+        out: Any = loss_fn(embeddings, weight, labels, s=self.s, m1=self.m1, m2=m2, m3=m3,
                       lambda_=self.lambda_, reduction=reduction, margin_grad=self.margin_grad,
                       ignore_index=ignore_index, return_target_cosine=return_target_cosine,
                       check_labels=not skip_check)
@@ -178,12 +232,12 @@ class CombinedMarginLoss(nn.Module):
             embeddings, weight, labels, epsilon=self.label_smoothing, s=self.s, m1=self.m1, m2=m2, m3=m3,
             lambda_=self.lambda_, margin_grad=self.margin_grad, ignore_index=ignore_index, dtype=loss.dtype)
         loss = reduce_rows(loss, labels, ignore_index, self.reduction)
-        return (loss, target_cosine) if return_target_cosine else loss
+        return loss if target_cosine is None else (loss, target_cosine)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return ", ".join(self._repr_parts())
 
-    def _repr_parts(self):
+    def _repr_parts(self) -> list[str]:
         parts = [f"num_classes={self.num_classes}", f"embedding_size={self.embedding_size}",
                  f"s={self.s}", f"m1={self.m1}", f"m2={self.m2}", f"m3={self.m3}"]
         if self.lambda_:
@@ -203,7 +257,7 @@ class CombinedMarginLoss(nn.Module):
         return parts
 
 
-def easy_margins(module, embeddings, labels, margins):
+def easy_margins(module: LossModule, embeddings: Tensor, labels: Tensor, margins: float | Tensor) -> Tensor:
     """The per-row angular ``margins`` where the row's target cosine is > 0, and 0 elsewhere (target
     logit s·cos θ, constant there): the "easy margin" of MagFace's and ArcMarginProduct's code. The
     targets' cosines take a gather and N dot products (no N x C product), rounded as the op's product
@@ -225,8 +279,9 @@ class ArcFaceLoss(CombinedMarginLoss):
     copies) does. The two differ for targets more than π/2 from their centre. Not with
     ``interclass_filtering_threshold``."""
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, *, easy_margin=False, device=None, dtype=None,
-                 **kwargs):
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.5, *,
+                 easy_margin: bool = False, device: Device = None, dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
         easy_margin = check_flag("easy_margin", easy_margin)
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, device=device, dtype=dtype, **kwargs)
         if easy_margin and self.interclass_filtering_threshold:
@@ -235,24 +290,26 @@ class ArcFaceLoss(CombinedMarginLoss):
         # The margins then depend on the sample: the arguments are checked before row_margins reads them.
         self.per_row_margins = easy_margin
 
-    m = margin_attribute(lambda module: "m2", "The angular margin m (the option m2), radians; settable between steps.")
+    m: float = margin_attribute(lambda module: "m2",
+                                "The angular margin m (the option m2), radians; settable between steps.")
 
-    def row_margins(self, embeddings, labels):
+    def row_margins(self, embeddings: Tensor, labels: Tensor) -> tuple[float | Tensor, float | Tensor]:
         if not self.easy_margin:
             return self.m2, self.m3
         return easy_margins(self, embeddings, labels, self.m2), self.m3
 
-    def _repr_parts(self):
+    def _repr_parts(self) -> list[str]:
         return super()._repr_parts() + (["easy_margin=True"] if self.easy_margin else [])
 
 
 class CosFaceLoss(CombinedMarginLoss):
     """Additive cosine margin: target logit s·(cos θ - m)."""
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.35, *, device=None, dtype=None, **kwargs):
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.35, *,
+                 device: Device = None, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=m, device=device, dtype=dtype, **kwargs)
 
-    m = margin_attribute(lambda module: "m3", "The cosine margin m (the option m3); settable between steps.")
+    m: float = margin_attribute(lambda module: "m3", "The cosine margin m (the option m3); settable between steps.")
 
 
 class SphereFaceLoss(CombinedMarginLoss):
@@ -262,11 +319,13 @@ class SphereFaceLoss(CombinedMarginLoss):
     instead of normalising the feature; here the embedding is normalised and scaled by s, and λ is the
     constant you give (assign ``criterion.lambda_`` between steps to anneal it)."""
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=4, lambda_=0.0, *, device=None, dtype=None, **kwargs):
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 4, lambda_: float = 0.0, *,
+                 device: Device = None, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=float(m), m2=0.0, m3=0.0, lambda_=lambda_, device=device,
                          dtype=dtype, **kwargs)
 
-    m = margin_attribute(lambda module: "m1", "The multiplicative margin m (the option m1); settable between steps.")
+    m: float = margin_attribute(lambda module: "m1",
+                                "The multiplicative margin m (the option m1); settable between steps.")
 
 
 def _apply_keeping_dtype(module, apply, names, fn, *args, **kwargs):
@@ -281,7 +340,7 @@ def _apply_keeping_dtype(module, apply, names, fn, *args, **kwargs):
     return result
 
 
-class AdaFaceMargins:
+class AdaFaceMargins(LossMixin):
     """AdaFace's per-row margins (Kim et al., CVPR 2022), for a margin-loss module (mixed in before
     it): a margin that adapts to image quality, read from the embedding's norm. With
     z_i = clip(h·(‖x_i‖ - μ) / (σ + 1e-3), -1, 1), where μ and σ are running (EMA, rate ``t_alpha``)
@@ -300,28 +359,33 @@ class AdaFaceMargins:
 
     per_row_margins = True
     initial_statistics = {"batch_mean": 20.0, "batch_std": 100.0}  # AdaFace's
+    batch_mean: Tensor
+    batch_std: Tensor
+    # The statistics row_margins moved, for forward to store once the loss is computed.
+    _moved_statistics: tuple[Tensor, Tensor] | None
 
     @staticmethod
-    def _checked_m(value):
+    def _checked_m(value: float) -> float:
         # Its margins reach m angular and 2m cosine: m = 1 is already far past AdaFace's 0.4.
         return check_real("AdaFace's m", value, "in [0, 1]", lambda v: 0 <= v <= 1)
 
     @property
-    def m(self):
+    def m(self) -> float:
         """AdaFace's margin m; settable between steps, checked as the constructor checks it."""
         return self._m
 
     @m.setter
-    def m(self, value):
+    def m(self, value: float) -> None:
         self._m = self._checked_m(value)
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         if "m" in state:  # a module pickled whole before m was a property
             state["_m"] = state.pop("m")
         super().__setstate__(state)
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.4, h=0.333, t_alpha=0.01, *, device=None, dtype=None,
-                 **kwargs):
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
+                 t_alpha: float = 0.01, *, device: Device = None, dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
         m = self._checked_m(m)
         h = check_real("AdaFace's h", h, "> 0", lambda v: v > 0)
         t_alpha = check_real("AdaFace's t_alpha", t_alpha, "in (0, 1]", lambda v: 0 < v <= 1)
@@ -332,17 +396,17 @@ class AdaFaceMargins:
         for name, value in self.initial_statistics.items():
             self.register_buffer(name, torch.tensor(value, device=device, dtype=dtype))
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         super().reset_parameters()
         if "batch_mean" in self._buffers:  # (not yet registered when the base class's __init__ calls this)
             with torch.no_grad():
                 for name, value in self.initial_statistics.items():
-                    self._buffers[name].fill_(value)
+                    cast(Tensor, self._buffers[name]).fill_(value)  # (registered in __init__: not None)
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return _apply_keeping_dtype(self, super()._apply, self.initial_statistics, fn, *args, **kwargs)
 
-    def _norm_statistics(self, norms, counted):
+    def _norm_statistics(self, norms: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, unbiased std) of the norms the running statistics follow: this batch's counted rows
         (NaN with fewer than two)."""
         weights = counted.to(norms.dtype)
@@ -351,7 +415,7 @@ class AdaFaceMargins:
         variance = ((norms - mean).square() * weights).sum() / (count - 1)
         return mean, torch.where(count > 1, variance.sqrt(), torch.full_like(variance, math.nan))
 
-    def row_margins(self, embeddings, labels):
+    def row_margins(self, embeddings: Tensor, labels: Tensor) -> tuple[float | Tensor, float | Tensor]:
         with torch.no_grad():
             norms = norm_dtype(embeddings.detach()).norm(dim=1).clamp(0.001, 100.0)
             mean, std = self.batch_mean, self.batch_std
@@ -372,7 +436,8 @@ class AdaFaceMargins:
             z = torch.nan_to_num(z, nan=0.0)
             return -self.m * z, self.m + self.m * z
 
-    def forward(self, embeddings, labels, return_target_cosine=False):
+    def forward(self, embeddings: Tensor, labels: Tensor,
+                return_target_cosine: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         self._moved_statistics = None
         out = super().forward(embeddings, labels, return_target_cosine=return_target_cosine)
         if self._moved_statistics is not None:
@@ -382,7 +447,7 @@ class AdaFaceMargins:
             self._moved_statistics = None
         return out
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"m={self.m}, h={self.h}, t_alpha={self.t_alpha}, {super().extra_repr()}"
 
 
@@ -391,7 +456,7 @@ class AdaFaceMargins:
 ELASTICFACE_STDS = {("arc", False): 0.05, ("cos", False): 0.05, ("arc", True): 0.0175, ("cos", True): 0.02}
 
 
-class ElasticFaceMargins:
+class ElasticFaceMargins(LossMixin):
     """ElasticFace's per-row margins (Boutros et al., CVPRW 2022), for a margin-loss module (mixed in
     before it): each training row draws its margin from N(m, std²), an angular one (``kind="arc"``:
     s·cos(θ + m_i), ElasticFace-Arc) or a cosine one (``kind="cos"``: s·(cos θ - m_i),
@@ -412,8 +477,10 @@ class ElasticFaceMargins:
 
     per_row_margins = True
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=None, std=None, kind="arc", *, plus=False,
-                 generator=None, device=None, dtype=None, **kwargs):
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float | None = None,
+                 std: float | None = None, kind: str = "arc", *, plus: bool = False,
+                 generator: torch.Generator | None = None, device: Device = None, dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
         if kind not in ("arc", "cos"):
             raise ValueError(f"kind must be 'arc' or 'cos', got {kind!r}")
         plus = check_flag("plus", plus)
@@ -426,22 +493,23 @@ class ElasticFaceMargins:
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, device=device, dtype=dtype, **kwargs)
         self.std, self.kind, self.plus, self.generator = float(std), kind, plus, generator
 
-    m = margin_attribute(lambda module: "m2" if module.kind == "arc" else "m3",
-                         "The margins' mean m (the option m2 for kind 'arc', m3 for 'cos'); settable between steps.")
+    m: float = margin_attribute(lambda module: "m2" if module.kind == "arc" else "m3",
+                                "The margins' mean m (the option m2 for kind 'arc', m3 for 'cos'); "
+                                "settable between steps.")
 
-    def row_margins(self, embeddings, labels):
+    def row_margins(self, embeddings: Tensor, labels: Tensor) -> tuple[float | Tensor, float | Tensor]:
         if not self.training or self.std == 0:
             return self.m2, self.m3
         # No generator argument when there is none: torch.compile cannot trace randn's generator
         # overload for a batch size that changes between calls.
         generator = {} if self.generator is None else {"generator": self.generator}
         drawn = torch.randn(embeddings.shape[0], device=embeddings.device, dtype=torch.float64,
-                            **generator).mul_(self.std).add_(self.m)
+                            **generator).mul_(self.std).add_(self.m)  # type: ignore[call-overload]  # (**generator)
         if self.plus:
             drawn = self._by_target_cosine(embeddings, labels, drawn)
         return (drawn, 0.0) if self.kind == "arc" else (0.0, drawn)
 
-    def _by_target_cosine(self, embeddings, labels, drawn):
+    def _by_target_cosine(self, embeddings: Tensor, labels: Tensor, drawn: Tensor) -> Tensor:
         """ElasticFace+: the counted rows' ``drawn`` margins, largest first, to their rows in the order of
         their target cosines, lowest first; ``m`` at ignored rows (their margin counts for nothing)."""
         cosine = self.target_cosines(embeddings, labels)
@@ -455,13 +523,13 @@ class ElasticFaceMargins:
         handed = torch.empty_like(drawn).index_copy_(0, order, ranked)
         return torch.where(counted, handed, torch.full_like(drawn, self.m))
 
-    def target_cosines(self, embeddings, labels):
+    def target_cosines(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The rows' clamped target cosines (0 at ignored rows), without gradients: a gather and N dot products."""
         return chunked.shard_target_cosines(embeddings.detach(), self.weight.detach(), labels,
                                             ignore_index=self.ignore_index,
                                             gemm_dtype=chunked.gemm_dtype(embeddings, self.weight))
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         plus = ", plus=True" if self.plus else ""
         return f"kind={self.kind!r}, m={self.m}{plus}, std={self.std}, {super().extra_repr()}"
 
@@ -491,8 +559,9 @@ class MagFaceLoss(CombinedMarginLoss):
     per_row_margins = True
     m = no_margin_attribute("its margin runs from l_m to u_m with the embedding's norm: set those")
 
-    def __init__(self, num_classes, embedding_size, s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
-                 easy_margin=False, *, device=None, dtype=None, **kwargs):
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0,
+                 l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0, easy_margin: bool = False, *,
+                 device: Device = None, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
         for name, value in (("l_a", l_a), ("u_a", u_a), ("l_m", l_m), ("u_m", u_m), ("lambda_g", lambda_g)):
             check_real(name, value)
         easy_margin = check_flag("easy_margin", easy_margin)
@@ -503,10 +572,10 @@ class MagFaceLoss(CombinedMarginLoss):
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = (float(v) for v in (l_a, u_a, l_m, u_m, lambda_g))
         self.easy_margin = easy_margin
 
-    def _norms(self, embeddings):
+    def _norms(self, embeddings: Tensor) -> Tensor:
         return norm_dtype(embeddings).norm(dim=1).clamp(self.l_a, self.u_a)
 
-    def row_margins(self, embeddings, labels):
+    def row_margins(self, embeddings: Tensor, labels: Tensor) -> tuple[float | Tensor, float | Tensor]:
         norms = self._norms(embeddings)
         margins = self.l_m + (self.u_m - self.l_m) / (self.u_a - self.l_a) * (norms - self.l_a)
         # A non-finite embedding's margin (NaN, from its norm) as l_m: its loss is NaN anyway, where a NaN
@@ -516,32 +585,40 @@ class MagFaceLoss(CombinedMarginLoss):
             margins = easy_margins(self, embeddings, labels, margins)
         return margins, self.m3
 
-    def forward(self, embeddings, labels, return_target_cosine=False):
-        out = super().forward(embeddings, labels, return_target_cosine=return_target_cosine)
+    def forward(self, embeddings: Tensor, labels: Tensor,
+                return_target_cosine: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        out: Any = super().forward(embeddings, labels, return_target_cosine=return_target_cosine)
         loss, target_cosine = out if return_target_cosine else (out, None)
         norms = self._norms(embeddings)
         g = norms / self.u_a ** 2 + 1 / norms
         regulariser = reduce_rows(torch.where(labels != self.ignore_index, g, torch.zeros_like(g)), labels,
                                   self.ignore_index, self.reduction)
         loss = loss + self.lambda_g * regulariser.to(loss.dtype)
-        return (loss, target_cosine) if return_target_cosine else loss
+        return loss if target_cosine is None else (loss, target_cosine)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         # Its own parameters for m1, m2, m3 (its margin is the norm's), then the options the others show.
         parts = [part for part in self._repr_parts() if not part.startswith(("m1=", "m2=", "m3="))]
         own = [f"l_a={self.l_a}", f"u_a={self.u_a}", f"l_m={self.l_m}", f"u_m={self.u_m}", f"lambda_g={self.lambda_g}"]
         return ", ".join(parts[:3] + own + (["easy_margin=True"] if self.easy_margin else []) + parts[3:])
 
 
-class CurricularFaceT:
+class CurricularFaceT(LossMixin):
     """CurricularFace's running t (buffer ``t``) and margin for a margin-loss module (mixed in before
     it): ``m`` ArcFace's angular margin, t moving at rate ``momentum``; fp32 (fp64 in an fp64 module),
     never cast to 16 bits."""
 
     curricular = True
-    m = margin_attribute(lambda module: "m2", "ArcFace's angular margin m (the option m2), radians; settable between steps.")
+    t: Tensor
+    momentum: float
+    # t as chunked_options moved it, for forward to store once the loss is computed.
+    _moved_t: Tensor | None
+    m: float = margin_attribute(lambda module: "m2",
+                                "ArcFace's angular margin m (the option m2), radians; settable between steps.")
 
-    def __init__(self, num_classes, embedding_size, s=64.0, m=0.5, momentum=0.01, *, device=None, dtype=None, **kwargs):
+    def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.5,
+                 momentum: float = 0.01, *, device: Device = None, dtype: torch.dtype | None = None,
+                 **kwargs: Any) -> None:
         if (isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, numbers.Real)
                 or not 0 < momentum <= 1):
             raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
@@ -550,13 +627,13 @@ class CurricularFaceT:
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.register_buffer("t", torch.zeros((), device=device, dtype=dtype))
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         super().reset_parameters()
         if "t" in self._buffers:  # (not yet registered when the base class's __init__ calls this)
             with torch.no_grad():
                 self.t.zero_()
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return _apply_keeping_dtype(self, super()._apply, ("t",), fn, *args, **kwargs)
 
 
@@ -583,7 +660,7 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
     :class:`arcface_ext.ShardedCurricularFaceLoss` is the same with sharded class centres.
     """
 
-    def chunked_options(self, embeddings, labels):
+    def chunked_options(self, embeddings: Tensor, labels: Tensor) -> dict[str, Any] | None:
         t = self.t
         if self.training:
             with torch.no_grad():
@@ -599,7 +676,8 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
                 self._moved_t = t
         return {"curricular_t": t}
 
-    def forward(self, embeddings, labels, return_target_cosine=False):
+    def forward(self, embeddings: Tensor, labels: Tensor,
+                return_target_cosine: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         self._moved_t = None
         out = super().forward(embeddings, labels, return_target_cosine=return_target_cosine)
         if self._moved_t is not None:
@@ -608,6 +686,6 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
             self._moved_t = None
         return out
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         parts = [part for part in self._repr_parts() if not part.startswith(("m1=", "m2=", "m3="))]
         return ", ".join(parts[:2] + [f"m={self.m}", f"momentum={self.momentum}"] + parts[2:])

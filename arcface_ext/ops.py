@@ -1,24 +1,30 @@
 """The dispatcher-level ops of arcface_ext and their fake (meta) kernels for torch.compile (the
 autograd formulas are in C++, csrc/autograd.cpp). Importing this module loads the compiled library
 `arcface_ext._C`."""
-import torch
+from __future__ import annotations
 
+import torch
+from torch import Tensor
+
+IMPORT_ERROR: ImportError | None
 try:
-    from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+    # (a compiled module without a stub: the type checkers see no _C)
+    from . import _C  # type: ignore[attr-defined]  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
 except ImportError as error:  # pragma: no cover - exercised only on broken installs
     IMPORT_ERROR = error
 else:
     IMPORT_ERROR = None
-TRAIN_DEVICES = frozenset()
+TRAIN_DEVICES: frozenset[str] = frozenset()
 
 
 def _loss_dtype(embeddings):
     return torch.float64 if embeddings.dtype == torch.float64 else torch.float32
 
 
-def margin_softmax_forward(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
-                           straight_through, workspace_bytes, class_offset=0, num_classes=-1, row_margins=None,
-                           check_labels=True):
+def margin_softmax_forward(embeddings: Tensor, weight: Tensor, labels: Tensor, s: float, m1: float, m2: float,
+                           m3: float, lambda_: float, ignore_index: int, straight_through: bool, workspace_bytes: int,
+                           class_offset: int = 0, num_classes: int = -1, row_margins: Tensor | None = None,
+                           check_labels: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """(loss per row, log-sum-exp per row, clamped target cosine per row). With a shard of the
     classes (``weight`` holds classes [class_offset, class_offset + C) of ``num_classes``), a row
     whose target is elsewhere gets the shard's log-sum-exp as its loss and 0 as its cosine.
@@ -30,10 +36,11 @@ def margin_softmax_forward(embeddings, weight, labels, s, m1, m2, m3, lambda_, i
         workspace_bytes, class_offset, num_classes, row_margins, check_labels)
 
 
-def margin_softmax_backward(grad_loss, embeddings, weight, labels, logsumexp, s, m1, m2, m3, lambda_,
-                            ignore_index, straight_through, workspace_bytes, needs_embeddings_grad,
-                            needs_weight_grad, class_offset=0, num_classes=-1, row_margins=None,
-                            check_labels=True):
+def margin_softmax_backward(grad_loss: Tensor, embeddings: Tensor, weight: Tensor, labels: Tensor, logsumexp: Tensor,
+                            s: float, m1: float, m2: float, m3: float, lambda_: float, ignore_index: int,
+                            straight_through: bool, workspace_bytes: int, needs_embeddings_grad: bool,
+                            needs_weight_grad: bool, class_offset: int = 0, num_classes: int = -1,
+                            row_margins: Tensor | None = None, check_labels: bool = True) -> tuple[Tensor, Tensor]:
     """Gradients of Σ_i grad_loss[i]·loss[i] w.r.t. (embeddings, weight) given each row's
     log-sum-exp; with a shard of the classes and the whole softmax's log-sum-exp, the shard's part
     of the whole loss's gradients. A gradient not asked for comes back empty. ``check_labels=False``
@@ -45,16 +52,17 @@ def margin_softmax_backward(grad_loss, embeddings, weight, labels, logsumexp, s,
         num_classes, row_margins, check_labels)
 
 
-def margin_softmax_train(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,
-                         straight_through, workspace_bytes, mean, needs_embeddings_grad,
-                         needs_weight_grad, row_margins=None):
+def margin_softmax_train(embeddings: Tensor, weight: Tensor, labels: Tensor, s: float, m1: float, m2: float, m3: float,
+                         lambda_: float, ignore_index: int, straight_through: bool, workspace_bytes: int, mean: bool,
+                         needs_embeddings_grad: bool, needs_weight_grad: bool,
+                         row_margins: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(reduced loss, target cosine per row, its gradients), computed in one call."""
     return torch.ops.arcface_ext.margin_softmax_train(
         embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index, straight_through,
         workspace_bytes, mean, needs_embeddings_grad, needs_weight_grad, row_margins)
 
 
-def reduce_loss(loss, labels, ignore_index, reduction):
+def reduce_loss(loss: Tensor, labels: Tensor, ignore_index: int, reduction: str) -> Tensor:
     """The per-row ``loss`` over the rows whose label is not ``ignore_index``: their sum, or for
     ``"mean"`` their sum over their count (0 when none count); ``"none"`` returns it as it is. One
     kernel each way, where the same in ATen calls took seven."""

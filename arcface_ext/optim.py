@@ -7,6 +7,10 @@ the other. The bundled trainer steps with them (``--optimizer sgd`` / ``adamw``)
     optimizer = arcface_ext.optim.SGD([*backbone.parameters(), *criterion.parameters()], lr=0.1,
                                       momentum=0.9, weight_decay=5e-4)
 """
+from __future__ import annotations
+
+from typing import Any, Callable, overload
+
 import torch
 from torch.optim.adamw import adamw as adamw_update  # torch's functional AdamW
 
@@ -39,8 +43,13 @@ class SGD(torch.optim.SGD):
     ``fused=True`` steps as torch's does: under a GradScaler its kernel unscales the gradients itself
     (``grad_scale``) before it adds the decay, which, added here first, would be divided by the scale."""
 
+    # (torch.optim.Optimizer.step's overloads: the closure's loss, or None without one)
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = _gradients_from(closure)
         folded = []
         for group in self.param_groups:
@@ -58,7 +67,7 @@ class SGD(torch.optim.SGD):
             else:  # as torch's foreach kernels (a GPU's default; on a CPU they add a tensor at a time)
                 # One call a kind of tensor: _foreach_add_ refuses lists that mix DTensors and tensors (a
                 # model whose loss alone is under FSDP2's fully_shard).
-                kinds = {}
+                kinds: dict[type, list[Any]] = {}
                 for param in params:
                     kinds.setdefault(type(param.grad), []).append(param)
                 for same in kinds.values():
@@ -111,8 +120,13 @@ class AdamW(torch.optim.AdamW):
 
     slice_numel = 1 << 22  # 16 MiB of fp32 temporaries, two at once
 
+    # (torch.optim.Optimizer.step's overloads: the closure's loss, or None without one)
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = _gradients_from(closure)
         sliced, fresh = self._sliced_and_fresh()
         # torch's step first, without them: a parameter without a gradient is left alone (and where

@@ -6,9 +6,13 @@ For row i with label y: x̂ = x / max(‖x‖, eps), ŵ_j = w_j / max(‖w_j‖,
 c_j = clamp(x̂·ŵ_j, -1, 1), θ = arccos(c_y), target logit s·(ψ(θ) - m3), other logits s·c_j,
 loss_i = logsumexp_j(logit_ij) - logit_iy.
 """
+from __future__ import annotations
+
 import math
+from typing import Literal, overload
 
 import torch
+from torch import Tensor
 
 from . import _checks
 from ._checks import check_arguments, check_flag, compute_dtype, reduce_rows
@@ -17,7 +21,7 @@ NORM_EPS = 1e-12  # as F.normalize; csrc/margin.h kNormEps
 SIN_THETA_EPS = 1e-6  # csrc/margin.h kSinThetaEps
 
 
-def margin_psi(cosine, *, m1, m2, lambda_):
+def margin_psi(cosine: Tensor, *, m1: float, m2: float | Tensor, lambda_: float) -> tuple[Tensor, Tensor]:
     """ψ(c) and dψ/dc (exact, finite at c = ±1) for clamped target cosines c; ``m2`` a number or
     one margin per row."""
     per_row = isinstance(m2, torch.Tensor)
@@ -32,12 +36,12 @@ def margin_psi(cosine, *, m1, m2, lambda_):
             angle = theta + m2
             within = angle <= math.pi
             below = angle < 0
-            sin_m2 = torch.sin(m2) if per_row else math.sin(m2)
+            sin_m2 = torch.sin(m2) if isinstance(m2, torch.Tensor) else math.sin(m2)
             psi = torch.where(within, torch.cos(angle), cosine - m2 * sin_m2)
             dpsi = torch.where(within, torch.sin(angle) / sin_theta, torch.ones_like(cosine))
             psi = torch.where(below, torch.ones_like(cosine), psi)
             dpsi = torch.where(below, torch.zeros_like(cosine), dpsi)
-            if per_row:  # rows without an angular margin: CosFace's ψ = c, as the kernels branch
+            if isinstance(m2, torch.Tensor):  # rows without an angular margin: CosFace's ψ = c, as the kernels branch
                 psi = torch.where(m2 == 0, cosine, psi)
                 dpsi = torch.where(m2 == 0, torch.ones_like(cosine), dpsi)
         else:
@@ -53,7 +57,7 @@ def margin_psi(cosine, *, m1, m2, lambda_):
     return psi, dpsi
 
 
-def margin_psi_dm2(cosine, *, m1, m2, lambda_):
+def margin_psi_dm2(cosine: Tensor, *, m1: float, m2: float | Tensor, lambda_: float) -> Tensor:
     """dψ/dm2 for clamped target cosines c (the gradient of per-row angular margins, as MagFace's
     margin, a function of the embedding's norm, needs), branch by branch as :func:`margin_psi`."""
     theta = torch.acos(cosine)
@@ -93,9 +97,27 @@ class _TargetLogit(torch.autograd.Function):
         return grad * ctx.s * dpsi, None, None, grad_m2, grad_m3, None, None
 
 
-def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
-                         reduction="mean", margin_grad="exact", ignore_index=-1,
-                         return_target_cosine=False, check_labels=True):
+# The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
+@overload
+def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = ..., m1: float = ...,
+                         m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ..., reduction: str = ...,
+                         margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[False] = ...,
+                         check_labels: bool = ...) -> Tensor: ...
+@overload
+def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = ..., m1: float = ...,
+                         m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ..., reduction: str = ...,
+                         margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[True],
+                         check_labels: bool = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = ..., m1: float = ...,
+                         m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ..., reduction: str = ...,
+                         margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: bool,
+                         check_labels: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
+def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0, m1: float = 1.0,
+                         m2: float | Tensor = 0.5, m3: float | Tensor = 0.0, lambda_: float = 0.0,
+                         reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
+                         return_target_cosine: bool = False,
+                         check_labels: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """Same signature and semantics as :func:`arcface_ext.combined_margin_loss`."""
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
                     reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
@@ -136,9 +158,31 @@ def combined_margin_loss(embeddings, weight, labels, *, s=64.0, m1=1.0, m2=0.5, 
     return loss
 
 
-def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
-                        interclass_filtering_threshold=0.0, curricular_t=None, reduction="mean",
-                        margin_grad="exact", ignore_index=-1, return_target_cosine=False, check_labels=True):
+# The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
+@overload
+def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
+                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
+                        reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                        return_target_cosine: Literal[False] = ..., check_labels: bool = ...) -> Tensor: ...
+@overload
+def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
+                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
+                        reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                        return_target_cosine: Literal[True], check_labels: bool = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
+                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
+                        reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                        return_target_cosine: bool, check_labels: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
+def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = 1, s: float = 64.0,
+                        m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0,
+                        interclass_filtering_threshold: float = 0.0, curricular_t: float | Tensor | None = None,
+                        reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
+                        return_target_cosine: bool = False,
+                        check_labels: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`arcface_ext.chunked_margin_loss` the plain way: the whole N x C·k cosine matrix, each
     class's best sub-centre by max-pooling (insightface's reshape to (N, C, k)), the other classes'
     cosines filtered (set to 0 above the threshold, as insightface multiplies them by a 0/1 mask) or
@@ -185,9 +229,27 @@ def chunked_margin_loss(embeddings, weight, labels, *, k=1, s=64.0, m1=1.0, m2=0
     return loss
 
 
-def subcenter_margin_loss(embeddings, weight, labels, *, k, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
-                          reduction="mean", margin_grad="exact", ignore_index=-1, return_target_cosine=False,
-                          interclass_filtering_threshold=0.0):
+# The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
+@overload
+def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
+                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
+                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[False] = ...,
+                          interclass_filtering_threshold: float = ...) -> Tensor: ...
+@overload
+def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
+                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
+                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[True],
+                          interclass_filtering_threshold: float = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
+                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
+                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: bool,
+                          interclass_filtering_threshold: float = ...) -> Tensor | tuple[Tensor, Tensor]: ...
+def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = 64.0,
+                          m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0,
+                          reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
+                          return_target_cosine: bool = False,
+                          interclass_filtering_threshold: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """Sub-center margin loss (as :func:`arcface_ext.subcenter_margin_loss`) the plain way
     (:func:`chunked_margin_loss` with ``k`` sub-centres)."""
     return chunked_margin_loss(embeddings, weight, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,

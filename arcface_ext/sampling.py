@@ -7,21 +7,24 @@ noisy labels.
 The sample is drawn without a host synchronisation (its size is fixed in advance, large enough to
 hold every target), so it costs a few small kernels per step on a GPU.
 """
+from __future__ import annotations
+
 import numbers
 
 import torch
+from torch import Tensor
 
 from ._checks import check_label_dtype
 
 
-def check_sample_rate(sample_rate):
+def check_sample_rate(sample_rate: float) -> float:
     if (isinstance(sample_rate, (bool, torch.Tensor)) or not isinstance(sample_rate, numbers.Real)
             or not 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
     return float(sample_rate)
 
 
-def sample_size(num_classes, sample_rate, num_rows):
+def sample_size(num_classes: int, sample_rate: float, num_rows: int) -> int:
     """How many of ``num_classes`` classes a step with ``num_rows`` rows keeps: ``int(sample_rate *
     num_classes)`` as insightface's partial FC, raised to ``min(num_classes, num_rows)`` so that the
     classes of all the rows' targets always fit (at least one). (insightface's, when the targets'
@@ -35,7 +38,7 @@ def sample_size(num_classes, sample_rate, num_rows):
     return min(num_classes, max(1, int(sample_rate * num_classes), min(num_classes, num_rows)))
 
 
-def check_label_values(labels, num_classes, ignore_index):
+def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> None:
     """Raises ValueError unless every label is in [0, num_classes) or is ``ignore_index``. It reads
     one value back from the labels' device: the sampled paths remap labels before the op could
     check them."""
@@ -49,7 +52,8 @@ def check_label_values(labels, num_classes, ignore_index):
 
 
 @torch.no_grad()
-def sample_classes(labels, num_classes, sample_rate, *, class_start=0, ignore_index=-1, generator=None):
+def sample_classes(labels: Tensor, num_classes: int, sample_rate: float, *, class_start: int = 0,
+                   ignore_index: int = -1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """A sample of the classes [class_start, class_start + num_classes) for one step.
 
     Every class that is the target of a counted row (a label in that range, not ``ignore_index``)
@@ -79,19 +83,21 @@ def sample_classes(labels, num_classes, sample_rate, *, class_start=0, ignore_in
         # a uniform sample of the rest. amax keeps a scatter of several rows onto a class exact.
         # (No generator argument when there is none: torch.compile cannot trace rand's generator
         # overload for a size that changes between calls.)
-        scores = torch.rand(num_classes, device=device, **({} if generator is None else {"generator": generator}))
+        scores = torch.rand(num_classes, device=device,  # type: ignore[call-overload]  # (**{generator})
+                            **({} if generator is None else {"generator": generator}))
         scores.scatter_reduce_(0, safe, targeted.to(scores.dtype) * 2.0, reduce="amax")
         index = torch.topk(scores, k, sorted=False).indices.sort().values
     positions = torch.searchsorted(index, safe)
     return index, torch.where(targeted, positions, torch.full_like(positions, -1))
 
 
-def bad_labels(labels, num_classes, ignore_index):
+def bad_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     """Which rows' labels are neither in [0, num_classes) nor ``ignore_index`` (no host sync)."""
     return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
 
 
-def sample_step(labels, num_classes, sample_rate, ignore_index, skip_check):
+def sample_step(labels: Tensor, num_classes: int, sample_rate: float, ignore_index: int,
+                skip_check: bool) -> tuple[Tensor, Tensor]:
     """Partial FC's sample for one call of a replicated loss: the labels checked (a ValueError), or with
     ``skip_check`` a bad row given the position past the sample (the loss gives it a NaN), then the
     sample drawn. Returns (index, positions) as :func:`sample_classes`, ignored rows at -1."""

@@ -12,19 +12,43 @@ its max, as the max's derivative says.
 """
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.types import Device
 
 from ._checks import check_arguments, check_flag, check_options, skips_label_check
 from . import reference
 from .chunked import check_filtering_threshold, check_int_option, chunked_margin_loss
-from .modules import NO_SINGLE_MARGIN
+from .modules import NO_SINGLE_MARGIN, LossModule
 from .sampling import check_sample_rate, sample_step
 
 
-def subcenter_margin_loss(embeddings, weight, labels, *, k, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0,
-                          reduction="mean", margin_grad="exact", ignore_index=-1, return_target_cosine=False,
-                          check_labels=True, class_chunk=None, interclass_filtering_threshold=0.0):
+# The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
+@overload
+def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
+                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
+                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[False] = ...,
+                          check_labels: bool = ..., class_chunk: int | None = ...,
+                          interclass_filtering_threshold: float = ...) -> Tensor: ...
+@overload
+def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
+                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
+                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[True],
+                          check_labels: bool = ..., class_chunk: int | None = ...,
+                          interclass_filtering_threshold: float = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
+                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
+                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: bool,
+                          check_labels: bool = ..., class_chunk: int | None = ...,
+                          interclass_filtering_threshold: float = ...) -> Tensor | tuple[Tensor, Tensor]: ...
+def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = 64.0,
+                          m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0,
+                          reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
+                          return_target_cosine: bool = False, check_labels: bool = True, class_chunk: int | None = None,
+                          interclass_filtering_threshold: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """The combined margin loss of :func:`arcface_ext.combined_margin_loss` with ``k`` sub-centres a
     class: ``weight`` is (C·k, D), class c's sub-centres rows c·k … c·k + k − 1, and each class's
     cosine is the largest of its sub-centres'. Margins are numbers (not per-row tensors). Labels out
@@ -40,7 +64,7 @@ def subcenter_margin_loss(embeddings, weight, labels, *, k, s=64.0, m1=1.0, m2=0
                                class_chunk=class_chunk)
 
 
-class SubCenterMarginLoss(nn.Module):
+class SubCenterMarginLoss(LossModule):
     """The sub-center margin loss with its own class centres ``weight`` (num_classes·k, D): ArcFace
     (the defaults), CosFace (``m2=0, m3=...``), SphereFace or their combination, as
     :class:`arcface_ext.CombinedMarginLoss`. ``k=3`` is the paper's choice. Called as
@@ -54,9 +78,12 @@ class SubCenterMarginLoss(nn.Module):
 
     m = NO_SINGLE_MARGIN
 
-    def __init__(self, num_classes, embedding_size, k=3, s=64.0, m1=1.0, m2=0.5, m3=0.0, lambda_=0.0, *,
-                 reduction="mean", margin_grad="exact", ignore_index=-1, check_labels=True, class_chunk=None,
-                 interclass_filtering_threshold=0.0, sample_rate=1.0, use_reference=False, device=None, dtype=None):
+    def __init__(self, num_classes: int, embedding_size: int, k: int = 3, s: float = 64.0, m1: float = 1.0,
+                 m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0, *, reduction: str = "mean",
+                 margin_grad: str = "exact", ignore_index: int = -1, check_labels: bool = True,
+                 class_chunk: int | None = None, interclass_filtering_threshold: float = 0.0,
+                 sample_rate: float = 1.0, use_reference: bool = False, device: Device = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size), ("k", k)):
             check_int_option(name, value)
@@ -76,12 +103,13 @@ class SubCenterMarginLoss(nn.Module):
                                                dtype=dtype))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """N(0, 0.01), insightface's initialisation, as CombinedMarginLoss's (for deferred initialisation:
         built under ``torch.device("meta")``, then ``to_empty`` and this)."""
         nn.init.normal_(self.weight, std=0.01)
 
-    def forward(self, embeddings, labels, return_target_cosine=False):
+    def forward(self, embeddings: Tensor, labels: Tensor,
+                return_target_cosine: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         weight, ignore_index, check_labels = self.weight, self.ignore_index, self.check_labels
         if self.training and self.sample_rate < 1.0:
             check_arguments(embeddings, weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
@@ -106,7 +134,7 @@ class SubCenterMarginLoss(nn.Module):
                                    ignore_index=ignore_index, return_target_cosine=return_target_cosine,
                                    check_labels=check_labels, class_chunk=self.class_chunk)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, k={self.k}, s={self.s}, "
                 f"m1={self.m1}, m2={self.m2}, m3={self.m3}"
                 + (f", lambda_={self.lambda_}" if self.lambda_ else "")
