@@ -37,7 +37,19 @@ def test_sdist_holds_every_source_and_header(tmp_path):
     missing = sorted(sources - packed)
     assert not missing, f"the sdist lacks {missing}: see MANIFEST.in"
     assert "README.md" in packed and "arcface_ext/functional.py" in packed
+    assert "arcface_ext/py.typed" in packed, "the sdist lacks the PEP 561 marker arcface_ext/py.typed: see MANIFEST.in"
     assert not [name for name in packed if name.startswith("tests/")], "a partial test suite in the sdist"
+
+
+def test_wheel_carries_the_py_typed_marker(tmp_path):
+    # A wheel's Python files are build_py's output (the extension aside). Without arcface_ext/py.typed beside them
+    # (pyproject.toml's package-data; setuptools 69 and later add one by themselves too), mypy skips the installed
+    # package: "module is installed, but missing library stubs or py.typed marker".
+    result = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "arcface_ext" / "functional.py").is_file()
+    assert (tmp_path / "arcface_ext" / "py.typed").is_file(), "the wheel would lack arcface_ext/py.typed"
 
 
 def test_extension_uses_the_shared_cxx_runtime():
