@@ -2,12 +2,15 @@
 scale: synthetic faces of known identities (uneven counts, 1 to 40 a person, people the demo did not
 train on) embedded once with ``--model`` (``train.embed``), then clustered from that table at each
 threshold by each method, scored against the truth (pairwise and BCubed precision, recall and F;
-noise counts as clusters of one); and the time to cluster a table of random unit embeddings.
+noise counts as clusters of one), with ``--duplicates K`` also with every face there K times; and the
+time to cluster a table of random unit embeddings.
 
     python -m train --output runs/demo  # the demo's model (64 px)
     python benchmarks/bench_cluster.py --model runs/demo/checkpoint.pt --people 60,200 \\
         --thresholds model,0.6,0.7,0.8,0.85 --neighbours 5,10,20 --random 100000 --random-people 0,5000 \\
         --output benchmarks/results/<machine>-cluster.json
+    python benchmarks/bench_cluster.py --model runs/demo/checkpoint.pt --people 60 --thresholds model,0.6 \\
+        --duplicates 30
 """
 
 from __future__ import annotations
@@ -140,6 +143,9 @@ def main() -> int:
                    help="cosines to cluster at, comma-separated; 'model': the model's own")
     p.add_argument("--neighbours", default=str(cluster.DEFAULT_NEIGHBOURS), help="values of --neighbours, "
                    "comma-separated")
+    p.add_argument("--duplicates", type=int, default=1,
+                   help="also cluster each set with every face this many times (its embedding's row repeated, as "
+                   "an exact copy of a photo gives it), scored against the same people (default 1: not)")
     p.add_argument("--random", type=int, default=0, help="also time a table of this many random embeddings")
     p.add_argument("--dim", type=int, default=512, help="the random embeddings' size (default 512)")
     p.add_argument("--random-people", default="0",
@@ -166,16 +172,28 @@ def main() -> int:
                 person = np.unique([name.split(os.sep)[0] for name in table_names], return_inverse=True)[1]
                 cosines = embeddings @ embeddings.T
                 others = person[:, None] != person[None, :]
-                for threshold in args.thresholds.split(","):
+                tables = [(table, count, 1)]
+                if args.duplicates > 1:  # person/copyK_NN.jpg: the copies of person/NN.jpg
+                    copied = os.path.join(work, f"faces{people}x{args.duplicates}.npy")
+                    write_table(copied, [os.path.join(os.path.dirname(name), f"copy{k}_{os.path.basename(name)}")
+                                         for k in range(args.duplicates) for name in table_names],
+                                np.tile(embeddings, (args.duplicates, 1)))
+                    tables.append((copied, count * args.duplicates, args.duplicates))
+                for (table, faces_in_table, copies), threshold in ((t, v) for t in tables
+                                                                   for v in args.thresholds.split(",")):
                     for k in args.neighbours.split(","):
                         for method in cluster.METHODS:
                             out = os.path.join(work, "clusters.csv")
                             argv = ["--embeddings", table, "--output", out, "--overwrite", "--method", method,
                                     "--neighbours", k, "--device", args.device]
                             argv += ["--model", args.model] if threshold == "model" else ["--threshold", threshold]
-                            summary, names, found, _ = run_cluster(argv)
+                            summary, names, found, seconds = run_cluster(argv)
                             truth = np.array([name.split(os.sep)[0] for name in names])
-                            row = {"set": f"{people} people, {count} faces", "people": people, "faces": count,
+                            each = f", each {copies} times" if copies > 1 else ""
+                            row = {"set": f"{people} people, {faces_in_table} faces{each}", "people": people,
+                                   "faces": faces_in_table, "copies_of_each": copies,
+                                   "duplicates": summary.get("duplicates"),
+                                   "clustering_seconds": summary["seconds"], "wall_seconds": seconds,
                                    "people_of_2_or_more": int(np.sum(np.unique(truth, return_counts=True)[1] >= 2)),
                                    "threshold": summary["threshold"], "threshold_from": summary["threshold_from"],
                                    # (the links of different people that could chain them together)
@@ -183,7 +201,7 @@ def main() -> int:
                                    "method": method, "neighbours": int(k), "clusters": summary["clusters"],
                                    "noise": summary["noise"], **scores(found, truth)}
                             rows.append(row)
-                            print(f"{row['set']:>26s}  t {row['threshold']:.4f}  {method:16s} k {k:>3s}  "
+                            print(f"{row['set']:>40s}  t {row['threshold']:.4f}  {method:16s} k {k:>3s}  "
                                   f"pairwise P {row['pairwise_precision']:.3f} R {row['pairwise_recall']:.3f} "
                                   f"F {row['pairwise_f']:.3f}  BCubed F {row['bcubed_f']:.3f}  clusters "
                                   f"{row['clusters']:4d} (people of 2 or more: {row['people_of_2_or_more']}), "
