@@ -612,7 +612,7 @@ def pair_scores(features: np.ndarray, first: np.ndarray, second: np.ndarray, *, 
 # ROC
 
 
-def _threshold_allowing(negatives: np.ndarray, rate: float) -> float | None:
+def threshold_allowing(negatives: np.ndarray, rate: float) -> float | None:
     """The lowest threshold that scores strictly above it leave at most floor(rate x N) of the N sorted
     ``negatives`` (fewer when negatives tie with it): the (k+1)-th highest, -inf when every one may
     pass, None when not one may (the rate cannot be measured on N)."""
@@ -637,7 +637,7 @@ def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars=FARS) -> list[dict]:
         raise ValueError(f"need positive and negative pairs, got {positives.size} and {negatives.size}")
     rows = []
     for far in fars:
-        threshold = _threshold_allowing(negatives, far)
+        threshold = threshold_allowing(negatives, far)
         if threshold is None:
             rows.append({"far": far, "tar": None, "threshold": None, "false_accepts": None})
             continue
@@ -719,7 +719,7 @@ def open_set_identification(probes: np.ndarray, probe_subjects: np.ndarray, gall
               "rank": {k: float(np.mean(mate_rank[mated] <= k)) if mated.any() else None for k in ranks},
               "tpir_at_fpir": []}
     for fpir in fpirs:
-        threshold = _threshold_allowing(non_mated, fpir) if non_mated.size else None
+        threshold = threshold_allowing(non_mated, fpir) if non_mated.size else None
         row = {"fpir": fpir, "tpir": None, "threshold": threshold, "false_alarms": None}
         if threshold is not None:
             row["false_alarms"] = int(non_mated.size - np.searchsorted(non_mated, threshold, side="right"))

@@ -301,3 +301,156 @@ def test_a_stop_leaves_the_outputs_whole_or_as_they_were(tables, tmp_path, capsy
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert "stopped by SIGTERM as the outputs were written: they are whole" in capsys.readouterr().err
     assert len(read_rows(out)) == 4 * 3 and json.loads((tmp_path / "r.json").read_text())["searches"] == 4
+
+
+def test_cosine_above_is_the_lowest_4_decimal_threshold_a_score_does_not_reach():
+    assert search.cosine_above(float(np.float32(0.5))) == 0.5001  # a score on the grid: the next cosine
+    assert search.cosine_above(float(np.float32(0.8))) == 0.8001  # float32 0.8 is a hair above 0.8
+    assert search.cosine_above(float(np.float32(0.12344))) == 0.1235
+    assert search.cosine_above(float(np.float32(0.1235))) == 0.1236  # float32 0.1235 is at or above 0.1235
+    assert search.cosine_above(float("-inf")) == -1.0
+    for score in np.random.default_rng(0).uniform(-1, 1, 1000).astype(np.float32):
+        cosine = search.cosine_above(float(score))
+        assert np.float32(cosine) > score and np.float32(round(cosine - 1e-4, 4)) <= score, (score, cosine)
+
+
+def test_operating_points_of_a_hand_made_table_with_ties():
+    # Non-mated: 10 searches, best cosines 0.9, 0.8, 0.8 (a tie), 0.7, ..., 0.1. Mated: 6, the last but two
+    # ranks its mate 2nd (another person, 0.99, is first).
+    non_mated = [0.9, 0.8, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    mated = [(1, 0.95), (1, 0.8001), (1, 0.80005), (2, 0.99), (1, 0.75), (1, 0.6)]
+    ranks = np.array([0] * 10 + [r for r, _ in mated])
+    best = np.array(non_mated + [c for _, c in mated], dtype=np.float32)
+    points = search.operating_points(ranks, best, ranks > 0, [0.05, 0.1, 0.2, 0.3, 0.5])
+    as_table = [(p["fpir"], p["threshold"], p["false_alarms"], p["fpir_reached"], p["dir"], p["misidentified"])
+                for p in points]
+    assert as_table == [
+        (0.05, None, None, None, None, None),  # floor(0.05 x 10) = 0: 10 searches cannot measure it
+        (0.1, 0.8001, 1, 0.1, 2 / 6, 1 / 6),  # 1 let in: above 0.8; 0.8001 itself is in, 0.80005 is not
+        (0.2, 0.8001, 1, 0.1, 2 / 6, 1 / 6),  # 2 allowed, but the second and third tie: 1
+        (0.3, 0.7001, 3, 0.3, 4 / 6, 1 / 6),
+        (0.5, 0.5001, 5, 0.5, 5 / 6, 1 / 6)]
+    # The threshold train.ijb's open_set_identification chooses for these FPIRs (scores strictly above it).
+    from train.ijb import threshold_allowing
+    assert threshold_allowing(np.sort(best[:10]), 0.2) == pytest.approx(0.8)
+    assert search.operating_fpirs(10) == [0.01, 0.05, 0.1, 0.2]
+    assert search.operating_fpirs(200) == [0.005, 0.01, 0.05, 0.1, 0.2]
+    assert search.operating_fpirs(4) == [0.01, 0.05, 0.1, 0.2, 0.25]
+
+
+@pytest.fixture
+def open_set(tmp_path):
+    """A gallery of alice, bob, carol and dave (e0 to e3, one image each) and 15 labelled probes: 10 of
+    people not enrolled at cosines 0.91234, 0.81234 twice (one vector: a tie), 0.71234, ..., 0.11234 to
+    alice; alice at 0.95234, bob at 0.81245, carol at 0.81235, dave at 0.75, and alice at 0.1 (bob: 0.95)."""
+    gallery = tmp_path / "gallery.npy"
+    write_table(str(gallery), ["alice/1.jpg", "bob/1.jpg", "carol/1.jpg", "dave/1.jpg"], unit(*E[:4]))
+
+    def at(cosine, person):
+        return cosine * E[person] + np.sqrt(1 - cosine ** 2) * E[5]
+    strangers = [0.91234, 0.81234, 0.81234, 0.71234, 0.61234, 0.51234, 0.41234, 0.31234, 0.21234, 0.11234]
+    vectors = [at(c, 0) for c in strangers] + [at(0.95234, 0), at(0.81245, 1), at(0.81235, 2), at(0.75, 3),
+                                               0.1 * E[0] + 0.95 * E[1] + np.sqrt(1 - 0.9125) * E[5]]
+    names = [f"x{k}.jpg" for k in range(10)] + ["alice.jpg", "bob.jpg", "carol.jpg", "dave.jpg", "alice2.jpg"]
+    probes = tmp_path / "probes.npy"
+    write_table(str(probes), names, unit(*vectors))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{name},{name[:-4].rstrip('2')}\n" for name in names))
+    return gallery, probes, labels
+
+
+def test_operating_points_fpir_and_the_threshold_recorded_in_the_gallery(open_set, tmp_path, capsys):
+    gallery, probes, labels = open_set
+    out = tmp_path / "r.csv"
+    # Without a threshold: the default (no model: 0.3), with the note that a 1:1 threshold is too low.
+    assert run_search("--gallery", gallery, "--probes", probes, "--probe-labels", labels, "--output", out) == 0
+    err = capsys.readouterr().err
+    assert "cosine 0.3000 is a 1:1 threshold" in err and "--fpir 0.01" in err
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["identification"]["fpir"] == 0.8  # 8 of the 10 strangers reach 0.3
+    points = [(p["fpir"], p["threshold"], p["false_alarms"], p["dir"], p["misidentified"])
+              for p in summary["operating_points"]]
+    assert points == [(0.01, None, None, None, None), (0.05, None, None, None, None),
+                      (0.1, 0.8124, 1, 0.4, 0.2), (0.2, 0.8124, 1, 0.4, 0.2)]  # 0.2: the tie at 0.81234
+    assert "operating points on 10 non-mated and 5 mated searches" in err
+    assert "      1%          -  needs 100 non-mated searches or more" in err
+    assert "     20%     0.8124   40.00%       1 of 10          20.00%" in err
+
+    # --fpir 0.2 decides at 0.8124: one stranger in; alice and bob found, carol (0.81235) and dave unknown,
+    # alice2 taken for bob. --save-gallery copies the table with the threshold.
+    saved = tmp_path / "calibrated.npy"
+    assert run_search("--gallery", gallery, "--probes", probes, "--probe-labels", labels, "--output", out,
+                      "--overwrite", "--fpir", 0.2, "--save-gallery", saved) == 0
+    err = capsys.readouterr().err
+    assert "1:1 threshold" not in err and f"the threshold is recorded in {saved}.json" in err
+    decisions = {r[0]: r[4] for r in read_rows(out) if r[1] == "1"}
+    assert decisions == {**{f"x{k}.jpg": "alice" if k == 0 else "unknown" for k in range(10)}, "alice.jpg": "alice",
+                         "bob.jpg": "bob", "carol.jpg": "unknown", "dave.jpg": "unknown", "alice2.jpg": "bob"}
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert (summary["threshold"], summary["fpir"]) == (0.8124, 0.2)
+    assert summary["threshold_from"] == "--fpir 0.2: 1 of 10 non-mated searches at or above it"
+    assert (summary["identification"]["dir"], summary["identification"]["fpir"]) == (0.4, 0.1)
+    record = json.loads((tmp_path / "calibrated.npy.json").read_text())["search_threshold"]
+    assert (record["cosine"], record["scoring"], record["false_alarms"], record["non_mated_searches"]) == \
+        (0.8124, "template", 1, 10)
+    assert np.array_equal(np.load(saved), np.load(gallery))
+
+    # A later search of that gallery takes its threshold; --threshold overrides it; --per-image leaves it aside
+    # (it was chosen for templates).
+    assert run_search("--gallery", saved, "--probes", probes, "--output", out, "--overwrite") == 0
+    err = capsys.readouterr().err
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["threshold"] == 0.8124 and summary["threshold_from"].startswith(f"recorded in {saved}.json: --fpir")
+    assert "1:1 threshold" not in err and summary["matched"] == 4
+    assert run_search("--gallery", saved, "--probes", probes, "--output", out, "--overwrite",
+                      "--threshold", 0.5) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["threshold"] == 0.5
+    assert run_search("--gallery", saved, "--probes", probes, "--output", out, "--overwrite", "--per-image") == 0
+    err = capsys.readouterr().err
+    assert "was chosen for template scores, this search makes per-image ones: left aside" in err
+    assert json.loads((tmp_path / "r.json").read_text())["threshold"] == 0.3
+
+    # Refused, in one line naming --fpir: too few strangers for the rate, none at all, with --threshold, out of
+    # range, without labels.
+    for argv, said in [(["--fpir", "0.05"], "--fpir 0.05: 10 non-mated searches measure an FPIR of 0.1 at best "
+                                            "(1 of them); 0.05 needs 20 or more"),
+                       (["--fpir", "0.2", "--probes", tmp_path / "mated.npy"], "--fpir 0.2: none of the 5 probes")]:
+        write_table(str(tmp_path / "mated.npy"), [f"{p}.jpg" for p in ("alice", "bob", "carol", "dave", "alice2")],
+                    np.load(probes)[10:])
+        assert run_search("--gallery", gallery, "--probes", probes, "--probe-labels", labels, "--output",
+                          tmp_path / "n.csv", *argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "n.csv")
+    base = ["--gallery", gallery, "--probes", probes]
+    for argv, said in [([*base, "--probe-labels", labels, "--fpir", "0.1", "--threshold", "0.5"],
+                        "--fpir and --threshold both set the threshold"),
+                       ([*base, "--probe-labels", labels, "--fpir", "0"], "--fpir is a share"),
+                       ([*base, "--probe-labels", labels, "--fpir", "1"], "--fpir is a share"),
+                       ([*base, "--probe-labels", labels, "--fpir", "nan"], "--fpir is a share"),
+                       ([*base, "--fpir", "0.1"], "--fpir needs --probe-labels")]:
+        with pytest.raises(SystemExit):
+            run_search(*argv)
+        assert said in capsys.readouterr().err
+
+
+def test_fpir_recorded_in_a_gallery_enrolled_from_a_folder(trained, tmp_path, capsys):
+    _, backbone, gallery, probes = trained
+    out, saved = tmp_path / "r.csv", tmp_path / "g.npy"
+    # 4 non-mated searches (person4 and person5, 2 probes each): FPIR 0.25 lets one in at most.
+    assert run_search("--model", backbone, "--gallery", gallery, "--probes", probes, "--probe-labels", "folder",
+                      "--fpir", 0.25, "--save-gallery", saved, "--output", out) == 0
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert summary["identification"]["fpir"] <= 0.25 and summary["threshold_from"].startswith("--fpir 0.25: ")
+    point = [p for p in summary["operating_points"] if p["fpir"] == 0.25]
+    assert len(point) == 1 and point[0]["threshold"] == summary["threshold"]
+    about = json.loads((tmp_path / "g.npy.json").read_text())
+    assert about["search_threshold"]["cosine"] == summary["threshold"] and about["rows"] == 12
+    capsys.readouterr()
+    # The table reads back (its .json still describes it), and its threshold is the search's default.
+    assert run_search("--gallery", saved, "--probes", probes, "--output", out, "--overwrite") == 0
+    err = capsys.readouterr().err
+    assert "left aside" not in err and "1:1 threshold" not in err
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert again["threshold"] == summary["threshold"] and again["threshold_from"].startswith("recorded in")
+    assert again["matched"] == summary["matched"]

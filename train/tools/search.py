@@ -11,17 +11,21 @@ be ``--model``). Each person is one template, the mean of their embeddings re-no
 each person scores their best image). Each probe (a folder of aligned faces, any nesting; one image; a
 table; photos with ``--landmarks`` or ``--detector``, as ``train.embed`` takes them) gets its ``--top-k``
 people by cosine, searched in blocks, and a decision: the best person when at or above ``--threshold``
-(default: the model's verification threshold), else ``unknown``. Outputs: ``--output`` (``results.csv``:
-``probe,rank,person,cosine,decision``) and a summary beside it (``.json``). With ``--probe-labels`` the
-search is scored: rank-1 and rank-5 identification rates of the probes whose person is enrolled, the
-detection and identification rate (DIR) at the threshold, and the false positive identification rate
-(FPIR) of those whose person is not.
+(default: the one the gallery's table records, else the model's 1:1 verification threshold), else
+``unknown``. Outputs: ``--output`` (``results.csv``: ``probe,rank,person,cosine,decision``) and a summary
+beside it (``.json``). With ``--probe-labels`` the search is scored: rank-1 and rank-5 identification
+rates of the probes whose person is enrolled, the detection and identification rate (DIR) at the
+threshold, and the false positive identification rate (FPIR) of those whose person is not; and, where
+some are not, the operating points: the threshold and DIR at FPIR 1%, 5%, 10% and 20% of them. ``--fpir`` decides at the threshold of an FPIR on these probes, and
+with ``--save-gallery`` records it in the gallery's table for the searches that come later.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import math
 import os
 import sys
 import time
@@ -33,10 +37,10 @@ from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.transforms import IMAGE_EXTENSIONS
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
-                         _warn_others_not_square, detect_faces, embed_faces, embed_files, embed_listed_faces,
-                         list_images, load_model, model_digest, model_threshold, read_about, read_table,
-                         table_files, write_table)
-from train.ijb import template_features
+                         _warn_others_not_square, about_path, detect_faces, embed_faces, embed_files,
+                         embed_listed_faces, list_images, load_model, model_digest, model_threshold, read_about,
+                         read_table, table_files, write_table)
+from train.ijb import template_features, threshold_allowing
 from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import check_outputs, listable_name, plain_warnings, torch_device
 from train.tools.cluster import _count, summary_path
@@ -44,6 +48,7 @@ from train.tools.similarity import best_people
 
 DEFAULT_TOP_K = 5
 RANKS = (1, 5)  # the identification rates reported with --probe-labels
+OPERATING_FPIRS = (0.01, 0.05, 0.1, 0.2)  # the operating points reported with --probe-labels (and 1/non-mated)
 UNKNOWN = "unknown"  # the decision for a probe no person reaches the threshold for
 
 
@@ -95,8 +100,15 @@ def _main(argv: list[str] | None = None) -> int:
                    help=f"how many people to list for each probe, most alike first (default {DEFAULT_TOP_K})")
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine similarity at or above which a probe is its best person, else unknown (default: "
-                   f"from the model's last verification, as train.embed --compare takes it; else "
-                   f"{DEFAULT_COSINE_THRESHOLD}; -1: always the best person, closed-set)")
+                   "the search threshold the gallery's table records (--fpir with --save-gallery); else the "
+                   "model's 1:1 threshold from its last verification, as train.embed --compare takes it, which "
+                   f"lets in most strangers among many people; else {DEFAULT_COSINE_THRESHOLD}; -1: always the best "
+                   "person, closed-set)")
+    p.add_argument("--fpir", type=float, default=None, metavar="RATE",
+                   help="choose the threshold by its false positive identification rate instead (e.g. 0.01): the "
+                   "lowest cosine (4 decimals) that at most this share of the non-mated probes (--probe-labels: "
+                   "people not enrolled) reach; with --save-gallery the gallery's table records it, and later "
+                   "searches of that table take it")
     p.add_argument("--output", default="results.csv",
                    help="the table probe,rank,person,cosine,decision (a .csv; default results.csv), with the "
                    "summary beside it (.json)")
@@ -119,6 +131,13 @@ def _main(argv: list[str] | None = None) -> int:
         p.error("--workers must be at least 0")
     if args.threshold is not None and not -1 <= args.threshold <= 1:
         p.error(f"--threshold is a cosine similarity, from -1 to 1: got {args.threshold:g}")
+    if args.fpir is not None:
+        if args.threshold is not None:
+            p.error("--fpir and --threshold both set the threshold: give one")
+        if not 0 < args.fpir < 1:
+            p.error(f"--fpir is a share of the non-mated searches, above 0 and below 1: got {args.fpir:g}")
+        if not args.probe_labels:
+            p.error("--fpir needs --probe-labels: the rate is measured on probes of people not enrolled")
     if not args.output.endswith(".csv"):
         p.error(f"--output names a .csv file, got {args.output}")
     for flag, value in (("--probe-labels", args.probe_labels), ("--landmarks", args.landmarks),
@@ -188,14 +207,40 @@ def _check_made_with(faces: Faces, flag: str, path: str, model_path: str | None,
                              "cannot be compared; embed it again with this model")
 
 
+def scoring(args: argparse.Namespace) -> str:
+    """How a person scores a probe: ``template`` or ``per-image`` (a threshold is chosen for one)."""
+    return "per-image" if args.per_image else "template"
+
+
+def recorded_threshold(args: argparse.Namespace, gallery: Faces | None) -> tuple[float, str] | None:
+    """(cosine, where it came from): the search threshold the gallery's table records (``--fpir`` with
+    ``--save-gallery`` wrote it), when it is the one to take (no ``--threshold`` or ``--fpir``), and it was
+    chosen for this run's scores; else None, with a note when one is left aside."""
+    record = gallery.about.get("search_threshold") if gallery is not None else None
+    if record is None or args.threshold is not None or args.fpir is not None or not args.probes:
+        return None
+    provenance = about_path(table_files(args.gallery)[0])
+    cosine = record.get("cosine") if isinstance(record, dict) else None
+    if not isinstance(cosine, (int, float)) or isinstance(cosine, bool) or not -1 <= cosine <= 1:
+        print(f"search: note: {provenance} records no cosine as its search threshold ({record!r}): left aside",
+              file=sys.stderr)
+        return None
+    if record.get("scoring") != scoring(args):
+        print(f"search: note: the search threshold {provenance} records ({cosine:.4f}) was chosen for "
+              f"{record.get('scoring')} scores, this search makes {scoring(args)} ones: left aside", file=sys.stderr)
+        return None
+    return float(cosine), f"recorded in {provenance}: {record.get('from', 'no origin recorded')}"
+
+
 def run(args: argparse.Namespace) -> int:
     """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault. The
     inputs, the model and the outputs are checked before any face is embedded."""
     device = torch_device(args.device)
     gallery_folder = args.gallery if os.path.isdir(args.gallery) else None
     gallery = None if gallery_folder else _read_faces("--gallery", args.gallery)
-    if gallery is not None and args.save_gallery:
-        raise ValueError(f"--save-gallery with --gallery {args.gallery}: the gallery is a table already")
+    if gallery is not None and args.save_gallery and args.fpir is None:
+        raise ValueError(f"--save-gallery with --gallery {args.gallery}: the gallery is a table already (with "
+                         "--fpir, --save-gallery writes a copy that records the threshold)")
     probe_folder = probe_image = probes = None
     if args.probes:
         if os.path.isdir(args.probes):
@@ -219,8 +264,10 @@ def run(args: argparse.Namespace) -> int:
     # Without --model, the model the gallery's table was made with (its digest checked below) embeds the
     # probes and gives the threshold.
     embeds = bool(gallery_folder or (args.probes and probes is None))
+    recorded = recorded_threshold(args, gallery)
     model_path = args.model
-    if model_path is None and (embeds or args.threshold is None) and gallery is not None \
+    needs_threshold = args.threshold is None and args.fpir is None and recorded is None
+    if model_path is None and (embeds or needs_threshold) and gallery is not None \
             and gallery.about.get("model"):
         if os.path.isfile(gallery.about["model"]):
             model_path = args.model = gallery.about["model"]
@@ -247,7 +294,18 @@ def run(args: argparse.Namespace) -> int:
         if all(made_with) and made_with[0] != made_with[1]:
             raise ValueError(f"--gallery {args.gallery} and --probes {args.probes} were made with two models (their "
                              ".json files record other SHA-256s): embeddings of two models cannot be compared")
-    threshold, threshold_source = model_threshold(model_path, settings, args.threshold, tool="search")
+    if args.fpir is not None:
+        threshold, threshold_source = None, "--fpir"  # chosen by the search
+    elif recorded is not None:
+        threshold, threshold_source = recorded
+    else:
+        threshold, threshold_source = model_threshold(model_path, settings, args.threshold, tool="search")
+        if args.threshold is None and args.probes:
+            print(f"search: note: cosine {threshold:.4f} is a 1:1 threshold, for telling whether two faces are one "
+                  "person; a search compares a face with every person, and among many people most strangers reach "
+                  "it. Calibrate on probes of people enrolled and not (--probe-labels): take --threshold from the "
+                  "operating points it prints, or --fpir 0.01 (with --save-gallery, recorded for later searches)",
+                  file=sys.stderr)
     labels_file = args.probe_labels if args.probe_labels not in (None, "folder") else None
     if labels_file and not os.path.isfile(labels_file):
         raise FileNotFoundError(f"--probe-labels {labels_file}: no such file (or 'folder': each probe's first "
@@ -265,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     failures = []
     if gallery_folder:
         gallery = _embed_gallery(args, model, settings, device, failures)
-    if args.save_gallery:
+    if args.save_gallery and gallery_folder:  # (a table's copy, with --fpir, is written with the results)
         about = {"made_by": "train.tools.search", "model": os.path.abspath(args.model),
                  "model_sha256": model_digest(args.model), "image_size": settings["image_size"], "flip": True,
                  "normalised": True, "images": os.path.abspath(gallery_folder), "faces": "the images as they are"}
@@ -427,8 +485,101 @@ def identification_rates(ranks: np.ndarray, best: np.ndarray, mated: np.ndarray,
             "misidentified": rate((ranks != 1) & accepted, mated)}
 
 
-def _search(args, gallery: Faces, probes: Faces, threshold: float, threshold_source: str, model_path: str | None,
-            failures: list[str]) -> int:
+def cosine_above(score: float) -> float:
+    """The lowest cosine of 4 decimals (as ``--threshold`` takes it, and the operating points print it)
+    that a float32 cosine ``score`` does not reach: at or above it, exactly the scores above ``score``.
+    -1 for -inf (every score is above)."""
+    if score == -math.inf:
+        return -1.0
+    cosine = math.ceil(score * 1e4) / 1e4
+    while np.float32(cosine) <= np.float32(score):  # the decisions compare in float32
+        cosine = round(cosine + 1e-4, 4)
+    return cosine
+
+
+def operating_fpirs(non_mated: int) -> list[float]:
+    """The FPIRs of the operating points: ``OPERATING_FPIRS`` and the lowest ``non_mated`` searches
+    resolve, one of them."""
+    return sorted(set(OPERATING_FPIRS) | {1 / non_mated})
+
+
+def operating_points(ranks: np.ndarray, best: np.ndarray, mated: np.ndarray, fpirs) -> list[dict]:
+    """For each FPIR: the lowest threshold at which at most floor(FPIR x N) of the N non-mated searches'
+    best people reach it (fewer where their cosines tie there), chosen as ``train.ijb`` chooses it
+    (``threshold_allowing``) and given as a cosine of 4 decimals (:func:`cosine_above`), and the rates at
+    that threshold (:func:`identification_rates`): ``dir``, ``fpir_reached``, ``false_alarms``,
+    ``misidentified``. All None where floor(FPIR x N) is 0: N searches cannot measure that FPIR."""
+    non_mated = np.sort(best[~mated])
+    points = []
+    for fpir in fpirs:
+        point = {"fpir": fpir, "threshold": None, "dir": None, "fpir_reached": None, "false_alarms": None,
+                 "misidentified": None}
+        highest_refused = threshold_allowing(non_mated, fpir)
+        if highest_refused is not None:
+            threshold = cosine_above(highest_refused)
+            rates = identification_rates(ranks, best, mated, threshold)
+            point.update(threshold=threshold, dir=rates["dir"], fpir_reached=rates["fpir"],
+                         false_alarms=int((non_mated >= threshold).sum()), misidentified=rates["misidentified"])
+        points.append(point)
+    return points
+
+
+def _points_said(points: list[dict], non_mated: int, mated: int, scores: str) -> str:
+    """The operating points as a short table (lines of stderr)."""
+    def share(value):
+        return "-" if value is None else f"{value:.2%}"
+    lines = [f"search: operating points on {non_mated} non-mated and {mated} mated searches ({scores} scores): the "
+             "lowest threshold that at most FPIR of the non-mated reach",
+             f"  {'FPIR':>6}  {'threshold':>9}  {'DIR':>7}  {'strangers in':>12}  {'another person':>14}"]
+    for point in points:
+        fpir = f"{point['fpir']:.2%}".replace(".00%", "%")
+        if point["threshold"] is None:
+            needed = math.ceil(1 / point["fpir"] * (1 - 1e-12))
+            lines.append(f"  {fpir:>6}  {'-':>9}  needs {needed} non-mated searches or more")
+        else:
+            strangers = f"{point['false_alarms']} of {non_mated}"
+            lines.append(f"  {fpir:>6}  {point['threshold']:>9.4f}  {share(point['dir']):>7}  {strangers:>12}  "
+                         f"{share(point['misidentified']):>14}")
+    return "\n".join(lines)
+
+
+def _fpir_threshold(args, ranks: np.ndarray, best: np.ndarray, mated: np.ndarray) -> dict:
+    """The operating point of ``--fpir`` on these probes; ValueError naming it when they have no
+    non-mated search, or too few to measure it."""
+    non_mated = int((~mated).sum())
+    if not non_mated:
+        raise ValueError(f"--fpir {args.fpir:g}: none of the {len(mated)} probes is of a person not enrolled "
+                         f"(--probe-labels {args.probe_labels}), and the FPIR is measured on those")
+    point = operating_points(ranks, best, mated, [args.fpir])[0]
+    if point["threshold"] is None:
+        raise ValueError(f"--fpir {args.fpir:g}: {non_mated} non-mated searches measure an FPIR of {1 / non_mated:.3g} "
+                         f"at best (1 of them); {args.fpir:g} needs {math.ceil(1 / args.fpir * (1 - 1e-12))} or more")
+    return point
+
+
+def _record_threshold(args, gallery: Faces, point: dict, non_mated: int) -> list[str]:
+    """``--save-gallery``'s table records the threshold ``--fpir`` chose (its ``.json``'s
+    ``search_threshold``): the table enrolled from a folder has its ``.json`` written again; a gallery
+    that was a table is copied with it. Returns the files written."""
+    record = {"cosine": point["threshold"], "scoring": scoring(args), "fpir": args.fpir,
+              "false_alarms": point["false_alarms"], "non_mated_searches": non_mated, "dir": point["dir"],
+              "probes": os.path.abspath(args.probes),
+              "from": f"--fpir {args.fpir:g}, {point['false_alarms']} of {non_mated} non-mated searches of "
+                      f"{os.path.abspath(args.probes)} at or above it"}
+    if os.path.isdir(args.gallery):
+        provenance = about_path(table_files(args.save_gallery)[0])
+        with open(provenance, encoding="utf-8") as f:
+            about = json.load(f)
+        checkpoint.write_json_atomic(provenance, {**about, "search_threshold": record})
+        return [provenance]
+    about = {key: value for key, value in gallery.about.items() if key not in ("rows", "values", "written", "sha256")}
+    return write_table(args.save_gallery, gallery.names, gallery.embeddings,
+                       about={**about, "normalised": True, "copied_from": os.path.abspath(args.gallery),
+                              "search_threshold": record})
+
+
+def _search(args, gallery: Faces, probes: Faces, threshold: float | None, threshold_source: str,
+            model_path: str | None, failures: list[str]) -> int:
     people_of = [first_folder(name) for name in gallery.names]
     if None in people_of:
         row = people_of.index(None)
@@ -456,22 +607,34 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float, threshold_sou
     found, cosines, ranks = best_people(torch.from_numpy(probes.embeddings), rows, row_person, len(people),
                                         args.top_k, device=torch.device(args.device), mates=mates)
     seconds = time.monotonic() - started
+    points = chosen = None
+    if truth is not None:
+        mated, best = mates.numpy() >= 0, cosines[:, 0]
+        non_mated = int((~mated).sum())
+        if non_mated:
+            points = operating_points(ranks, best, mated, operating_fpirs(non_mated))
+        if args.fpir is not None:
+            chosen = _fpir_threshold(args, ranks, best, mated)
+            threshold = chosen["threshold"]
+            threshold_source = (f"--fpir {args.fpir:g}: {chosen['false_alarms']} of {non_mated} non-mated searches "
+                                "at or above it")
     decision = [people[f] if c >= threshold else UNKNOWN for f, c in zip(found[:, 0], cosines[:, 0])]
     matched = sum(d != UNKNOWN for d in decision)
     summary = {
         "made_by": "train.tools.search", "model": os.path.abspath(model_path) if model_path else None,
         "gallery": os.path.abspath(args.gallery), "gallery_model": gallery.about.get("model"),
         "people": len(people), "gallery_images": len(gallery.names),
-        "scoring": "per-image" if args.per_image else "template",
+        "scoring": scoring(args),
         "probes": os.path.abspath(args.probes), "searches": len(probes.names), "left_out": len(failures),
         "top_k": int(found.shape[1]), "threshold": round(threshold, 6), "threshold_from": threshold_source,
         "matched": matched, "unknown": len(decision) - matched, "seconds": round(seconds, 3),
-        "labels": args.probe_labels,
+        "labels": args.probe_labels, "fpir": args.fpir,
     }
     scored = ""
     if truth is not None:
-        rates = identification_rates(ranks, cosines[:, 0], mates.numpy() >= 0, threshold)
+        rates = identification_rates(ranks, best, mated, threshold)
         summary["identification"] = rates
+        summary["operating_points"] = points
         scored = "; " + _rates_said(rates)
     summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -486,11 +649,18 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float, threshold_sou
     with signals_held():  # the table and its summary: both or neither
         checkpoint.write_atomic(args.output, write, binary=False)
         checkpoint.write_json_atomic(summary_path(args.output), summary)
-    args.written += [args.output, summary_path(args.output)]
+        args.written += [args.output, summary_path(args.output)]
+        if chosen is not None and args.save_gallery:
+            recorded = _record_threshold(args, gallery, chosen, non_mated)
+            args.written += recorded
+    if points:
+        print(_points_said(points, non_mated, int(mated.sum()), summary["scoring"]), file=sys.stderr)
     print(f"search: {_count(len(probes.names), 'probe')} among {_count(len(people), 'person', 'people')} "
           f"({_count(len(gallery.names), 'image')}; {summary['scoring']} scores): {matched} matched, "
           f"{summary['unknown']} unknown at threshold {threshold:.4f} ({threshold_source}), {seconds:.1f} s"
-          f"{scored}; wrote {args.output}, {summary_path(args.output)}", file=sys.stderr)
+          f"{scored}; wrote {args.output}, {summary_path(args.output)}"
+          + (f"; the threshold is recorded in {recorded[-1]}" if chosen is not None and args.save_gallery else ""),
+          file=sys.stderr)
     return 1 if failures else 0
 
 
