@@ -2,8 +2,9 @@
 synthetic faces of people the demo did not train on, a gallery of ``--people`` of them (1 to
 ``--gallery-faces`` faces each) and probes of those and of ``--unseen`` others (not enrolled: non-mated
 searches), searched with person templates and with ``--per-image`` at each threshold; scored as the
-tool scores them (rank-1, rank-5, DIR at the threshold, FPIR). Then the time to search ``--random-probes``
-random unit embeddings among a gallery of ``--random`` (of ``--random-people`` people).
+tool scores them (rank-1, rank-5, DIR at the threshold, FPIR), and the tool's operating points (the
+threshold and DIR at FPIR 1%, 5%, 10%, 20% of the non-mated searches) for each. Then the time to search
+``--random-probes`` random unit embeddings among a gallery of ``--random`` (of ``--random-people`` people).
 
     python -m train --output runs/demo  # the demo's model (64 px)
     python benchmarks/bench_search.py --model runs/demo/checkpoint.pt --people 200 --unseen 100 \\
@@ -117,6 +118,7 @@ def main() -> int:
                         args.device])
             assert embed_main(["--model", args.model, "--images", probes, "--output", probe_table, "--device",
                                args.device]) == 0
+            points = {}
             for threshold in args.thresholds.split(","):
                 for per_image in (False, True):
                     argv = ["--gallery", saved, "--probes", probe_table, "--output", out, "--overwrite",
@@ -129,10 +131,19 @@ def main() -> int:
                            "probes": summary["searches"], "threshold": summary["threshold"],
                            "threshold_from": summary["threshold_from"], "scoring": summary["scoring"], **rates}
                     rows.append(row)
+                    points[summary["scoring"]] = summary["operating_points"]  # (the same at every threshold)
                     print(f"{row['set']}  t {row['threshold']:.4f}  {row['scoring']:9s}  rank-1 {rates['rank_1']:.4f}"
                           f"  rank-5 {rates['rank_5']:.4f}  DIR {rates['dir']:.4f}  FPIR {rates['fpir']:.4f}  "
                           f"another person {rates['misidentified']:.4f}  ({rates['mated_searches']} mated, "
                           f"{rates['non_mated_searches']} non-mated searches)", flush=True)
+            for scoring, at in points.items():
+                rows.append({"set": f"{args.people} people enrolled ({count} faces), {args.unseen} not",
+                             "scoring": scoring, "operating_points": at})
+                for point in at:
+                    said = ("not measured" if point["threshold"] is None else
+                            f"t {point['threshold']:.4f}  DIR {point['dir']:.4f}  strangers in {point['false_alarms']}"
+                            f"  another person {point['misidentified']:.4f}")
+                    print(f"{scoring:9s}  FPIR {point['fpir']:.3f}:  {said}", flush=True)
         if args.random:
             rows += random_rows(work, args.random, args.random_probes, args.random_people, args.dim, args.device)
     if args.output:
