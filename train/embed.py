@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint
 from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input
-from .signals import Stopped, signals_held, stop_on_signals
+from .signals import Stopped, run_tool, signals_held, stop_on_signals
 from .tools import check_outputs, listable_name, torch_device
 
 # Cosine similarity above which two faces are called the same when the model carries no
@@ -629,18 +629,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--detector and --landmarks are two ways to find the faces in the photos: give one")
     if args.all_faces and not (args.landmarks or (args.detector and args.images)):
         p.error("--all-faces goes with --images and --landmarks or --detector")
-    try:
-        # Ctrl-C and SIGTERM unwind (the detector's loader workers leave them to this process, and
-        # end when it shuts them down); the outputs are written whole or not at all.
-        with stop_on_signals():
-            return run(args)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        print(f"\nstopped by {stop.name}" + (" as the outputs were written: they are whole" if stop.after_writing
-                                             else ": nothing written"), file=sys.stderr)
-        return stop.exit_status
+    # Ctrl-C and SIGTERM unwind (the detector's loader workers leave them to this process, and end when it
+    # shuts them down); the outputs are written whole or not at all.
+    return run_tool(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

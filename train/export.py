@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoint, quantize
 from .config import _str_list
-from .signals import Stopped, signals_held, stop_on_signals
+from .signals import run_tool, signals_held
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
     from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -219,18 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.int8 is not None and args.opset < quantize.INT8_OPSET:
         p.error(f"--int8 needs --opset {quantize.INT8_OPSET} or later (its weights' scales per channel are "
                 f"QuantizeLinear's axis, from opset {quantize.INT8_OPSET}), got {args.opset}")
-    try:
-        # Ctrl-C and SIGTERM unwind: the private folder goes, and the output folder is as it was, or
-        # (when they come while the files move into place) holds the whole export.
-        with stop_on_signals():
-            return _export(args)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        print(f"stopped by {stop.name}" + (" as the files moved into place: the export is whole"
-                                           if stop.after_writing else ": nothing written"), file=sys.stderr)
-        return stop.exit_status
+    # Ctrl-C and SIGTERM unwind: the private folder goes, and the output folder is as it was, or (when they
+    # come while the files move into place) holds the whole export.
+    return run_tool(lambda: _export(args), whole=" as the files moved into place: the export is whole",
+                    blank_line=False)
 
 
 def _export(args: argparse.Namespace) -> int:

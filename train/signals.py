@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
+from typing import Callable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -110,3 +112,26 @@ def signals_held(final: bool = True):
                 handler(came[0], None)
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(came[0])  # its default action: the process ends by it
+
+
+def run_tool(work: Callable[[], int], *, tool: str = "", errors: tuple[type[BaseException], ...] = (OSError, ValueError),
+             whole: str = " as the outputs were written: they are whole", said: Callable[[Stopped], str | None] | None = None,
+             blank_line: bool = True) -> int:
+    """A command-line tool's ``work()`` (its exit status) under :func:`stop_on_signals`: one of ``errors``
+    is a line ``<tool>: error: ...`` and exit status 2; Ctrl-C or SIGTERM a line ``<tool>: stopped by
+    SIGINT`` followed by ``whole`` when its outputs were in place (``after_writing``), else ": nothing
+    written", or by what ``said(stop)`` gives where that is not None; and exit 128 + the signal's number.
+    ``blank_line``: a line break first, ending a line of progress the stop cut."""
+    prefix = f"{tool}: " if tool else ""
+    try:
+        with stop_on_signals():
+            return work()
+    except errors as error:
+        print(f"{prefix}error: {error}", file=sys.stderr)
+        return 2
+    except Stopped as stop:
+        text = said(stop) if said is not None else None
+        if text is None:
+            text = whole if stop.after_writing else ": nothing written"
+        print(f"{chr(10) if blank_line else ''}{prefix}stopped by {stop.name}{text}", file=sys.stderr)
+        return stop.exit_status

@@ -26,7 +26,7 @@ import warnings
 from . import checkpoint, rfw
 from .data import SYNTHETIC, build_verification_sets, data_folders, find_target, is_target_path
 from .embed import load_model
-from .signals import Stopped, signals_held, stop_on_signals
+from .signals import run_tool, signals_held
 from .tools import check_outputs, torch_device
 from .verification import evaluate, read_pairs_list
 
@@ -80,16 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         folder = f" ({names[0]} is a folder here: write its path, ./{names[0]})" if os.path.isdir(names[0]) else ""
         p.error(f"--targets {names[0]}: a name is looked for in --data FOLDER; pass --data, or the path of a .bin "
                 f"or pairs list or of RFW's folder{folder}")
-    try:
-        with stop_on_signals():  # Ctrl-C and SIGTERM: a one-line stop, --output written whole or not at all
-            return run(args, targets)
-    except (OSError, ValueError, pickle.UnpicklingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        print(f"\nstopped by {stop.name}" + (f": {args.output} was written" if stop.after_writing else
-                                             (": nothing written" if args.output else "")), file=sys.stderr)
-        return stop.exit_status
+    # Ctrl-C and SIGTERM: a one-line stop, --output written whole or not at all.
+    return run_tool(lambda: run(args, targets), errors=(OSError, ValueError, pickle.UnpicklingError),
+                    whole=f": {args.output} was written" if args.output else ": nothing written",
+                    said=None if args.output else lambda stop: "")
 
 
 def run(args: argparse.Namespace, targets: list[str]) -> int:

@@ -42,7 +42,7 @@ from train.data.transforms import IMAGE_EXTENSIONS
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
                          _warn_others_not_square, embed_files, list_images, load_model, model_threshold,
                          read_about, read_table, table_files)
-from train.signals import Stopped, signals_held, stop_on_signals
+from train.signals import run_tool, signals_held
 from train.tools import check_outputs, listable_name, plain_warnings, torch_device
 from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
@@ -236,18 +236,9 @@ def _main(argv: list[str] | None = None) -> int:
         p.error(f"--output names a .csv file, got {args.output}")
     if args.copy and not args.tree:
         p.error("--copy goes with --tree")
-    try:
-        # Ctrl-C and SIGTERM unwind (the decoding workers leave them to this process): the outputs are
-        # written whole, all of them, or none.
-        with stop_on_signals():
-            return run(args)
-    except (OSError, ValueError) as error:
-        print(f"cluster: error: {error}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        print(f"\ncluster: stopped by {stop.name}" + (" as the outputs were written: they are whole"
-                                                     if stop.after_writing else ": nothing written"), file=sys.stderr)
-        return stop.exit_status
+    # Ctrl-C and SIGTERM unwind (the decoding workers leave them to this process): the outputs are written
+    # whole, all of them, or none.
+    return run_tool(lambda: run(args), tool="cluster")
 
 
 def main(argv: list[str] | None = None) -> int:

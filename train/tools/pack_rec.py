@@ -27,7 +27,7 @@ from train.data.imagefolder import scan_image_folder
 from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note, repeated_images_note
 from train.data.recordio import RecordIOWriter, pack_payload
 from train.data.transforms import decode_failure, encode_image, to_rgb
-from train.signals import Stopped, signals_held, stop_on_signals
+from train.signals import run_tool, signals_held
 from train.tools import check_outputs, plain_warnings
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
@@ -174,19 +174,14 @@ def _main(argv: list[str] | None = None) -> int:
         parser.error(f"--resize must be at least 1, got {args.resize}")
     if not 1 <= args.quality <= 100:  # (as align and make_bin take it; was passed to Pillow as it was)
         parser.error(f"--quality must be 1 to 100, got {args.quality}")
-    try:
-        with stop_on_signals():
-            pack_image_folder(args.image_folder, args.output_dir, quality=args.quality, resize=args.resize,
-                              overwrite=args.overwrite, log=sys.stderr)
-    except (OSError, ValueError) as exc:
-        print(f"pack_rec: error: {exc}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        print(f"pack_rec: stopped by {stop.name}: " + ("the pack is written whole" if stop.after_writing else
-                                                      "nothing written (what the folder held is as it was)"),
-              file=sys.stderr)
-        return stop.exit_status
-    return 0
+    def pack() -> int:
+        pack_image_folder(args.image_folder, args.output_dir, quality=args.quality, resize=args.resize,
+                          overwrite=args.overwrite, log=sys.stderr)
+        return 0
+
+    return run_tool(pack, tool="pack_rec", whole=": the pack is written whole", blank_line=False,
+                    said=lambda stop: None if stop.after_writing else
+                    ": nothing written (what the folder held is as it was)")
 
 
 

@@ -41,7 +41,7 @@ from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_alig
                          embed_listed_faces, list_images, load_model, model_digest, model_threshold, read_about,
                          read_table, table_files, write_table)
 from train.ijb import template_features, threshold_allowing
-from train.signals import Stopped, signals_held, stop_on_signals
+from train.signals import Stopped, run_tool, signals_held
 from train.tools import check_outputs, listable_name, plain_warnings, torch_device
 from train.tools.cluster import _count, summary_path
 from train.tools.similarity import best_people
@@ -151,21 +151,15 @@ def _main(argv: list[str] | None = None) -> int:
     if args.all_faces and not (args.landmarks or args.detector):
         p.error("--all-faces goes with --landmarks or --detector")
     args.written = []  # the outputs in place, for what a stop says
-    try:
-        # Ctrl-C and SIGTERM unwind (the decoding workers leave them to this process): the gallery's table
-        # is written whole as soon as it is embedded, the results and their summary whole, both or neither.
-        with stop_on_signals():
-            return run(args)
-    except (OSError, ValueError) as error:
-        print(f"search: error: {error}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        if args.output in args.written or not args.written:
-            said = " as the outputs were written: they are whole" if stop.after_writing else ": nothing written"
-        else:
-            said = f": the gallery's table was written ({', '.join(args.written)}), no results"
-        print(f"\nsearch: stopped by {stop.name}{said}", file=sys.stderr)
-        return stop.exit_status
+
+    def said(stop: Stopped) -> str | None:
+        if args.written and args.output not in args.written:
+            return f": the gallery's table was written ({', '.join(args.written)}), no results"
+        return None
+
+    # Ctrl-C and SIGTERM unwind (the decoding workers leave them to this process): the gallery's table is
+    # written whole as soon as it is embedded, the results and their summary whole, both or neither.
+    return run_tool(lambda: run(args), tool="search", said=said)
 
 
 def main(argv: list[str] | None = None) -> int:
