@@ -9,6 +9,7 @@ so that a mistake costs no time."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
@@ -81,6 +82,24 @@ def listable_name(name: str) -> bool:
     except UnicodeEncodeError:  # bytes that are not UTF-8, as the file system gave them (surrogate escapes)
         return False
     return "\n" not in name and "\r" not in name
+
+
+def add_embedding_options(p: argparse.ArgumentParser) -> None:
+    """The options of a tool that embeds a folder of faces and compares them (``cluster``, ``search``):
+    --device, --batch-size, --workers; :func:`check_embedding_options` checks them."""
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs and the cosines are made: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
+                   help="images per forward pass (twice as many rows with the mirror; default: 64)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+
+
+def check_embedding_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    if args.workers < 0:
+        p.error("--workers must be at least 0")
 
 
 def torch_device(text: str) -> torch.device:

@@ -43,7 +43,8 @@ from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_alig
                          _warn_others_not_square, embed_files, list_images, load_model, model_threshold,
                          read_about, read_table, table_files)
 from train.signals import run_tool, signals_held
-from train.tools import check_outputs, listable_name, plain_warnings, torch_device
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, listable_name, plain_warnings,
+                         torch_device)
 from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
 DEFAULT_NEIGHBOURS = 10
@@ -208,21 +209,13 @@ def _main(argv: list[str] | None = None) -> int:
                    f"{DEFAULT_DUPLICATE_COSINE}, or --threshold where that is higher)")
     p.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE,
                    help=f"clusters of fewer faces are noise, cluster -1 (default {DEFAULT_MIN_SIZE})")
-    p.add_argument("--device", default="cpu",
-                   help="where the model runs and the cosines are made: cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
-                   help="images per forward pass (twice as many rows with the mirror; default: 64)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+    add_embedding_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output, its .json and a --tree this tool wrote, when they exist")
     args = p.parse_args(argv)
     if args.images and not args.model:
         p.error("--images needs --model, the model that embeds the faces")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
-    if args.workers < 0:
-        p.error("--workers must be at least 0")
+    check_embedding_options(p, args)
     if args.neighbours < 1:
         p.error(f"--neighbours must be at least 1, got {args.neighbours}")
     if args.min_size < 1:

@@ -42,7 +42,8 @@ from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_alig
                          read_table, table_files, write_table)
 from train.ijb import template_features, threshold_allowing
 from train.signals import Stopped, run_tool, signals_held
-from train.tools import check_outputs, listable_name, plain_warnings, torch_device
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, listable_name, plain_warnings,
+                         torch_device)
 from train.tools.cluster import _count, summary_path
 from train.tools.similarity import best_people
 
@@ -112,12 +113,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="results.csv",
                    help="the table probe,rank,person,cosine,decision (a .csv; default results.csv), with the "
                    "summary beside it (.json)")
-    p.add_argument("--device", default="cpu",
-                   help="where the model runs and the cosines are made: cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
-                   help="images per forward pass (twice as many rows with the mirror; default: 64)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+    add_embedding_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output, its .json and --save-gallery's files when they exist")
     args = p.parse_args(argv)
@@ -125,10 +121,7 @@ def _main(argv: list[str] | None = None) -> int:
         p.error("--probes is needed (or --save-gallery alone, to enrol the gallery)")
     if args.top_k < 1:
         p.error(f"--top-k must be at least 1, got {args.top_k}")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
-    if args.workers < 0:
-        p.error("--workers must be at least 0")
+    check_embedding_options(p, args)
     if args.threshold is not None and not -1 <= args.threshold <= 1:
         p.error(f"--threshold is a cosine similarity, from -1 to 1: got {args.threshold:g}")
     if args.fpir is not None:
