@@ -403,6 +403,34 @@ def test_a_name_too_long_for_the_file_system_is_shortened(trained, tmp_path, cap
     assert sorted(os.path.basename(path) for path, _ in scan_image_folder(str(tree))[1]) == first
 
 
+def test_a_shortened_name_another_image_has_already_is_told_apart(tmp_path):
+    """A long name whose shortened form another image of its cluster already had (named so by its user)
+    looped for ever: the ~2 that tells them apart was cut off again with the long name's end."""
+    photos = tmp_path / "photos"
+    long_name = "d" * 200 + "/" + "e" * 100 + ".png"
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX")
+    short = cluster._shortened(long_name.replace("/", "__"), long_name, longest)
+    os.makedirs(photos / ("d" * 200))
+    for name in (short, long_name):
+        (photos / name).write_bytes(name.encode())
+
+    def too_long(signum, frame):
+        raise TimeoutError("_build_tree did not end")
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(10)
+    try:
+        staging, links, copies, shortened = cluster._build_tree(str(tmp_path / "tree"), str(photos),
+                                                                [short, long_name], np.array([0, 0]), 1, False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    folder = os.path.join(staging, "cluster_0000")
+    told_apart = short[:-len(".png")] + "~2.png"
+    assert sorted(os.listdir(folder)) == sorted([short, told_apart]) and (links, copies, shortened) == (2, 0, 1)
+    assert len(os.fsencode(told_apart)) <= longest
+    assert open(os.path.join(folder, told_apart), "rb").read() == long_name.encode()
+
+
 def test_a_stop_as_the_replaced_tree_is_removed_waits_for_it(trained, tmp_path, capsys, monkeypatch):
     """A Ctrl-C after the outputs moved, while the tree they replaced was being removed, left that tree
     whole in a hidden folder (named '..<random>.old' for a --tree given as 'tree/'), for good."""

@@ -476,15 +476,17 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
             if c < 0:
                 continue
             whole = name.replace(os.sep, "__").replace("/", "__")
-            flat, k, cut = whole, 1, False
+            stem, extension = os.path.splitext(whole)
+            k = 1
             while True:
-                if len(os.fsencode(flat)) > longest:
-                    flat, cut = _shortened(flat, name, longest), True
+                told_apart = f"~{k}" if k > 1 else ""  # a/b__c.jpg and a__b/c.jpg: both a__b__c.jpg
+                flat = f"{stem}{told_apart}{extension}"
+                cut = len(os.fsencode(flat)) > longest
+                if cut:
+                    flat = _shortened(whole, name, longest, told_apart)
                 if (c, flat) not in taken:
                     break
-                k += 1  # a/b__c.jpg and a__b/c.jpg: both a__b__c.jpg
-                stem, extension = os.path.splitext(whole)
-                flat = f"{stem}~{k}{extension}"
+                k += 1
             shortened += cut
             taken.add((c, flat))
             source, target = os.path.join(source_folder, name), os.path.join(staging, f"{TREE_PREFIX}{c:0{width}d}",
@@ -505,18 +507,18 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
     return staging, links, copies, shortened
 
 
-def _shortened(flat: str, name: str, longest: int) -> str:
+def _shortened(flat: str, name: str, longest: int, told_apart: str = "") -> str:
     """``flat`` (the image ``name``'s path, its folders joined by ``__``) cut to a name of at most
     ``longest`` bytes that still reads as it and keeps its extension: its first characters, ``~``
     and 16 hex digits of the SHA-256 of ``name`` (so that two long names that begin alike differ),
-    and room left for a ``~k`` that tells apart two names that flatten alike."""
+    then ``told_apart``, the ``~k`` (8 bytes at most) that tells it from a name already taken."""
     stem, extension = os.path.splitext(flat)
     tag = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
     room = longest - len(os.fsencode(tag + extension)) - 8
     stem = stem[:room]
     while len(os.fsencode(stem)) > room:  # (a character may take several bytes)
         stem = stem[:-1]
-    return stem + tag + extension
+    return stem + tag + told_apart + extension
 
 
 def _hidden_beside(tree: str, kind: str) -> str:
