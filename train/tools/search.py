@@ -57,8 +57,8 @@ class Faces:
     """Embedded faces: their names (a path under their folder, or a table's row), (N, D) float32 unit
     embeddings, and what made them (a table's provenance, or what this run records)."""
 
-    def __init__(self, names: list[str], embeddings: np.ndarray, about: dict | None, source: str):
-        self.names, self.embeddings, self.about, self.source = names, embeddings, about or {}, source
+    def __init__(self, names: list[str], embeddings: np.ndarray, about: dict | None):
+        self.names, self.embeddings, self.about = names, embeddings, about or {}
 
 
 def first_folder(name: str) -> str | None:
@@ -169,7 +169,7 @@ def _read_faces(flag: str, path: str) -> Faces:
         raise ValueError(f"{flag} {path}: the table holds no faces")
     about = read_about(path, embeddings)
     unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(embeddings, np.float32)), dim=1)
-    return Faces(names, unit.numpy(), about, os.path.abspath(path))
+    return Faces(names, unit.numpy(), about)
 
 
 def _check_made_with(faces: Faces, flag: str, path: str, model_path: str | None, settings: dict,
@@ -363,7 +363,7 @@ def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> 
     if not readable.any():
         raise ValueError(f"--gallery {args.gallery}: none of the {len(paths)} images can be read")
     return Faces([name for name, ok in zip(names, readable) if ok], embeddings[readable],
-                 {"model": os.path.abspath(args.model)}, os.path.abspath(args.gallery))
+                 {"model": os.path.abspath(args.model)})
 
 
 def _embed_probes(args, model, settings: dict, device, failures: list[str]) -> Faces:
@@ -374,7 +374,7 @@ def _embed_probes(args, model, settings: dict, device, failures: list[str]) -> F
         names, embeddings = embed_listed_faces(model, args.probes, args.landmarks, size, extension=args.extension,
                                                several=args.all_faces, device=device, batch_size=args.batch_size,
                                                workers=args.workers)
-        return Faces(names, embeddings, None, os.path.abspath(args.probes))
+        return Faces(names, embeddings, None)
     folder = args.probes if os.path.isdir(args.probes) else None
     paths = list_images(folder) if folder else [args.probes]
     if not paths:
@@ -397,7 +397,7 @@ def _embed_probes(args, model, settings: dict, device, failures: list[str]) -> F
         embeddings = embed_faces(model, "", [paths[i] for i in photos], points, size, device=device,
                                  batch_size=args.batch_size, workers=args.workers)
         names = [names[i] + (f"#{number}" if args.all_faces else "") for i, number in zip(photos, numbers)]
-        return Faces(names, embeddings, None, os.path.abspath(args.probes))
+        return Faces(names, embeddings, None)
     unreadable, not_square = [], []
     if paths:
         _warn_if_not_aligned(paths[:1])
@@ -412,7 +412,7 @@ def _embed_probes(args, model, settings: dict, device, failures: list[str]) -> F
     if not readable.any():
         raise ValueError(f"--probes {args.probes}: none of the {len(paths) + len(left) - len(unreadable)} images "
                          "can be read")
-    return Faces([n for n, ok in zip(names, readable) if ok], embeddings[readable], None, os.path.abspath(args.probes))
+    return Faces([n for n, ok in zip(names, readable) if ok], embeddings[readable], None)
 
 
 def read_probe_labels(path: str, names: list[str]) -> list[str]:
@@ -474,8 +474,8 @@ def identification_rates(ranks: np.ndarray, best: np.ndarray, mated: np.ndarray,
 
 def cosine_above(score: float) -> float:
     """The lowest cosine of 4 decimals (as ``--threshold`` takes it, and the operating points print it)
-    that a float32 cosine ``score`` does not reach: at or above it, exactly the scores above ``score``.
-    -1 for -inf (every score is above)."""
+    that a float32 cosine ``score`` does not reach: ``score`` and those below it are refused there, and so
+    are the scores above it by less than the rounding up (under 1e-4). -1 for -inf (every score is above)."""
     if score == -math.inf:
         return -1.0
     cosine = math.ceil(score * 1e4) / 1e4
