@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import arcface_ext
 from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.synthetic import render_face
@@ -24,9 +23,8 @@ from train.embed import main as embed_main, write_table
 from train.tools import cluster
 from train.tools.similarity import (connected_components, nearest_neighbours, nearest_neighbours_among,
                                     nearest_neighbours_and_duplicates)
-from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, train_one_thread
+from trainer_fixtures import IMAGE_SIZE, trained_backbone
 
-LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 PEOPLE = 5
 
 
@@ -36,21 +34,14 @@ def trained(tmp_path_factory):
     recording a verification threshold), and a nested folder of other faces of 5 of them (3 to 7
     each, never trained on)."""
     root = tmp_path_factory.mktemp("cluster")
-    faces = make_face_folder(str(root / "train"), identities=8, images=12)
-    argv = base_argv(faces, str(root / "run"), batch_size=32, max_steps=40, save_every=0, log_every=10,
-                     loss_impl=LOSS_IMPL)
-    assert train_one_thread(argv) == 0
-    ckpt = str(root / "run" / "checkpoint.pt")
-    model, settings = checkpoint.load_backbone(ckpt)
-    torch.save(model.state_dict(), root / "backbone.pt")
-    (root / "backbone.json").write_text(json.dumps({**settings, "threshold": 0.9}))  # cosine 0.55
+    ckpt, backbone = trained_backbone(root)
     collection = root / "photos"
     for who in range(PEOPLE):
         folder = collection / ("2024" if who % 2 else "2025") / f"event{who}"
         os.makedirs(folder)
         for sample in range(3 + who):
             Image.fromarray(render_face(0, who, 500 + sample, IMAGE_SIZE)).save(folder / f"{sample:02d}.png")
-    return ckpt, str(root / "backbone.pt"), str(collection)
+    return ckpt, backbone, str(collection)
 
 
 def run_cluster(*argv) -> int:

@@ -16,15 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-import arcface_ext
 from train import checkpoint
 from train.data.synthetic import render_face
 from train.embed import main as embed_main, write_table
 from train.tools import search
 from train.tools.similarity import best_people
-from trainer_fixtures import IMAGE_SIZE, base_argv, make_face_folder, train_one_thread
+from trainer_fixtures import IMAGE_SIZE, trained_backbone
 
-LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
 
 def run_search(*argv) -> int:
@@ -138,14 +136,7 @@ def trained(tmp_path_factory):
     recording a verification threshold), a gallery of 4 of them (3 faces each, never trained on) and
     probes: 2 other faces of each, and 2 of 2 people not enrolled, in folders named for their person."""
     root = tmp_path_factory.mktemp("search")
-    faces = make_face_folder(str(root / "train"), identities=8, images=12)
-    argv = base_argv(faces, str(root / "run"), batch_size=32, max_steps=40, save_every=0, log_every=10,
-                     loss_impl=LOSS_IMPL)
-    assert train_one_thread(argv) == 0
-    ckpt = str(root / "run" / "checkpoint.pt")
-    model, settings = checkpoint.load_backbone(ckpt)
-    torch.save(model.state_dict(), root / "backbone.pt")
-    (root / "backbone.json").write_text(json.dumps({**settings, "threshold": 0.9}))  # cosine 0.55
+    ckpt, backbone = trained_backbone(root)
     for who in range(6):
         for sample in range(5):
             if who >= 4 and sample < 3:
@@ -153,7 +144,7 @@ def trained(tmp_path_factory):
             folder = root / ("gallery" if sample < 3 else "probes") / f"person{who}"
             os.makedirs(folder, exist_ok=True)
             Image.fromarray(render_face(0, who, 500 + sample, IMAGE_SIZE)).save(folder / f"{sample:02d}.png")
-    return ckpt, str(root / "backbone.pt"), str(root / "gallery"), str(root / "probes")
+    return ckpt, backbone, str(root / "gallery"), str(root / "probes")
 
 
 def test_a_gallery_enrolled_saved_and_searched(trained, tmp_path, capsys):

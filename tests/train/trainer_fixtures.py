@@ -217,6 +217,24 @@ def two_step_checkpoint(root) -> tuple[str, str]:
     return str(root / "run" / "checkpoint.pt"), data
 
 
+def trained_backbone(root) -> tuple[str, str]:
+    """(a model's checkpoint after 40 steps on 8 synthetic identities, backbone.pt beside a backbone.json
+    recording a verification threshold, cosine 0.55), made under ``root``: what the cluster and search
+    tests embed faces of other people with."""
+    from train import checkpoint
+
+    faces = make_face_folder(str(root / "train"), identities=8, images=12)
+    loss_impl = "fused" if arcface_ext.extension_available() else "reference"
+    argv = base_argv(faces, str(root / "run"), batch_size=32, max_steps=40, save_every=0, log_every=10,
+                     loss_impl=loss_impl)
+    assert train_one_thread(argv) == 0
+    ckpt = str(root / "run" / "checkpoint.pt")
+    model, settings = checkpoint.load_backbone(ckpt)
+    torch.save(model.state_dict(), root / "backbone.pt")
+    (root / "backbone.json").write_text(json.dumps({**settings, "threshold": 0.9}))  # cosine 0.55
+    return ckpt, str(root / "backbone.pt")
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
