@@ -252,6 +252,13 @@ def test_bad_arguments_left_out_people_and_outputs(trained, tables, tmp_path, ca
     assert "warning: --gallery: none of the images of zoe can be read: zoe is left out" in err
     assert {r[2] for r in read_rows(out)} == {"person1"}
     assert json.loads((tmp_path / "r.json").read_text())["people"] == 1
+    # So is a person whose folder holds no image (empty, or photos in another format): not silently.
+    os.remove(broken / "zoe" / "1.png")
+    os.makedirs(broken / "yan")
+    (broken / "yan" / "1.heic").write_bytes(b"a photo in a format the reader does not take")
+    assert run_search("--model", backbone, "--gallery", broken, "--probes", probes, "--output", out, "--overwrite") == 1
+    assert "warning: --gallery: not enrolled, no .jpg/.jpeg/.png/.bmp image directly in the folder: yan, zoe" in \
+        capsys.readouterr().err
     # Outputs are kept without --overwrite.
     before = out.read_bytes()
     assert run_search("--gallery", table, "--probes", probe_table, "--output", out, "--threshold", "0.5") == 2

@@ -327,8 +327,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> Faces:
-    """The faces of the ImageFolder ``--gallery``, embedded; a person none of whose images can be read is
-    left out, with a warning (added to ``failures``)."""
+    """The faces of the ImageFolder ``--gallery``, embedded; a person none of whose images can be read, or
+    whose folder holds none, is left out, with a warning (added to ``failures``)."""
     try:
         people, samples = scan_image_folder(args.gallery)
     except (OSError, ValueError) as error:  # (no person's folder holds images)
@@ -336,6 +336,13 @@ def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> 
     if UNKNOWN in people:
         raise ValueError(f"--gallery {args.gallery}: a person is named {UNKNOWN!r}, the decision for a probe that "
                          "is no one enrolled: rename that folder")
+    # A person's folder without an image (empty, or photos in another format) is someone the user meant to
+    # enrol: said, and the exit status 1, as for a person whose images do not decode.
+    empty = sorted(name for name in os.listdir(args.gallery) if not name.startswith(".") and name not in people
+                   and os.path.isdir(os.path.join(args.gallery, name)))
+    if empty:
+        failures.append(f"--gallery: not enrolled, no {'/'.join(IMAGE_EXTENSIONS)} image directly in the folder: "
+                        f"{', '.join(empty[:5])}{f' and {len(empty) - 5} more' if len(empty) > 5 else ''}")
     paths = [path for path, _ in samples]
     names = [os.path.relpath(path, args.gallery) for path in paths]
     readable = np.array([listable_name(name) for name in names], dtype=bool)
