@@ -250,8 +250,12 @@ def test_bad_arguments_left_out_people_and_outputs(trained, tables, tmp_path, ca
     assert run_search("--model", backbone, "--gallery", broken, "--probes", probes, "--output", out) == 1
     err = capsys.readouterr().err
     assert "warning: --gallery: none of the images of zoe can be read: zoe is left out" in err
+    assert "left out (the warnings above): 1 person, 1 gallery image; wrote" in err
     assert {r[2] for r in read_rows(out)} == {"person1"}
-    assert json.loads((tmp_path / "r.json").read_text())["people"] == 1
+    summary = json.loads((tmp_path / "r.json").read_text())
+    # The summary counts the gallery's losses apart from the probes' (none here).
+    assert summary["people"] == 1 and summary["left_out"] == 0
+    assert summary["gallery_left_out"] == {"images": 1, "people": ["zoe"]}
     # So is a person whose folder holds no image (empty, or photos in another format): not silently.
     os.remove(broken / "zoe" / "1.png")
     os.makedirs(broken / "yan")

@@ -55,10 +55,12 @@ UNKNOWN = "unknown"  # the decision for a probe no person reaches the threshold 
 
 class Faces:
     """Embedded faces: their names (a path under their folder, or a table's row), (N, D) float32 unit
-    embeddings, and what made them (a table's provenance, or what this run records)."""
+    embeddings, and what made them (a table's provenance, or what this run records); for a gallery folder,
+    what of it was left out (``left_out``: the images, and the people, by name)."""
 
-    def __init__(self, names: list[str], embeddings: np.ndarray, about: dict | None):
+    def __init__(self, names: list[str], embeddings: np.ndarray, about: dict | None, left_out: dict | None = None):
         self.names, self.embeddings, self.about = names, embeddings, about or {}
+        self.left_out = left_out or {"images": 0, "people": []}
 
 
 def first_folder(name: str) -> str | None:
@@ -307,9 +309,10 @@ def run(args: argparse.Namespace) -> int:
               *(table_files(args.probes, about=True) if probes is not None else ()))
     check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(gallery_folder, probe_folder))
 
-    failures = []
+    failures = []  # (the gallery's, then the probes')
     if gallery_folder:
         gallery = _embed_gallery(args, model, settings, device, failures)
+    gallery_failures = len(failures)
     if args.save_gallery and gallery_folder:  # (a table's copy, with --fpir, is written with the results)
         about = {"made_by": "train.tools.search", "model": os.path.abspath(args.model),
                  "model_sha256": model_digest(args.model), "image_size": settings["image_size"], "flip": True,
@@ -323,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
             return 1 if failures else 0
     if probes is None:
         probes = _embed_probes(args, model, settings, device, failures)
-    return _search(args, gallery, probes, threshold, threshold_source, model_path, failures)
+    return _search(args, gallery, probes, threshold, threshold_source, model_path, failures[gallery_failures:],
+                   failures[:gallery_failures])
 
 
 def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> Faces:
@@ -370,7 +374,7 @@ def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> 
     if not readable.any():
         raise ValueError(f"--gallery {args.gallery}: none of the {len(paths)} images can be read")
     return Faces([name for name, ok in zip(names, readable) if ok], embeddings[readable],
-                 {"model": os.path.abspath(args.model)})
+                 {"model": os.path.abspath(args.model)}, {"images": int((~readable).sum()), "people": empty + lost})
 
 
 def _embed_probes(args, model, settings: dict, device, failures: list[str]) -> Faces:
@@ -573,7 +577,7 @@ def _record_threshold(args, gallery: Faces, point: dict, non_mated: int) -> list
 
 
 def _search(args, gallery: Faces, probes: Faces, threshold: float | None, threshold_source: str,
-            model_path: str | None, failures: list[str]) -> int:
+            model_path: str | None, failures: list[str], gallery_failures: list[str]) -> int:
     people_of = [first_folder(name) for name in gallery.names]
     if None in people_of:
         row = people_of.index(None)
@@ -617,7 +621,7 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float | None, thresh
     summary = {
         "made_by": "train.tools.search", "model": os.path.abspath(model_path) if model_path else None,
         "gallery": os.path.abspath(args.gallery), "gallery_model": gallery.about.get("model"),
-        "people": len(people), "gallery_images": len(gallery.names),
+        "people": len(people), "gallery_images": len(gallery.names), "gallery_left_out": gallery.left_out,
         "scoring": scoring(args),
         "probes": os.path.abspath(args.probes), "searches": len(probes.names), "left_out": len(failures),
         "top_k": int(found.shape[1]), "threshold": round(threshold, 6), "threshold_from": threshold_source,
@@ -652,10 +656,18 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float | None, thresh
     print(f"search: {_count(len(probes.names), 'probe')} among {_count(len(people), 'person', 'people')} "
           f"({_count(len(gallery.names), 'image')}; {summary['scoring']} scores): {matched} matched, "
           f"{summary['unknown']} unknown at threshold {threshold:.4f} ({threshold_source}), {seconds:.1f} s"
-          f"{scored}; wrote {args.output}, {summary_path(args.output)}"
+          f"{scored}{_left_out_said(gallery.left_out, len(failures))}; wrote {args.output}, {summary_path(args.output)}"
           + (f"; the threshold is recorded in {recorded[-1]}" if chosen is not None and args.save_gallery else ""),
           file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures or gallery_failures else 0
+
+
+def _left_out_said(gallery_left_out: dict, probes: int) -> str:
+    """What the warnings above left out, counted for the run's last line ('' for nothing)."""
+    said = [_count(n, noun, nouns) for n, noun, nouns in (
+        (len(gallery_left_out["people"]), "person", "people"), (gallery_left_out["images"], "gallery image", None),
+        (probes, "probe", None)) if n]
+    return f"; left out (the warnings above): {', '.join(said)}" if said else ""
 
 
 def _rates_said(rates: dict) -> str:
