@@ -98,6 +98,23 @@ def test_the_ranked_people_and_decisions_of_hand_made_tables(tables, tmp_path, c
     assert json.loads((tmp_path / "r.json").read_text())["identification"]["fpir"] == 1.0
 
 
+def test_probe_labels_that_name_no_one_enrolled_are_noted(tables, tmp_path, capsys):
+    # probes/<session>/<person>/...: with --probe-labels folder each probe's person is its session, and every
+    # search would be scored as a stranger's without a word.
+    gallery, _, _ = tables
+    probes = tmp_path / "sessions.csv"
+    write_table(str(probes), ["monday/alice/1.jpg", "monday/carol/1.jpg"], unit(E[0], E[3]))
+    assert run_search("--gallery", gallery, "--probes", probes, "--threshold", 0.5, "--output", tmp_path / "r.csv",
+                      "--probe-labels", "folder") == 0
+    err = capsys.readouterr().err
+    assert ("--probe-labels folder names none of the gallery's people (as 'monday' for monday/alice/1.jpg): every "
+            "search is scored as of someone not enrolled (a probe's first folder under --probes is its person)") in err
+    # Probes of the gallery's people and of others: no such note.
+    assert run_search("--gallery", gallery, "--probes", tables[1], "--threshold", 0.5, "--output", tmp_path / "s.csv",
+                      "--probe-labels", tables[2]) == 0
+    assert "names none of the gallery's people" not in capsys.readouterr().err
+
+
 def test_identification_rates_count_ties_against_the_mate():
     # Ranks: 1, 1, 2 (a tie at the top counts against the mate), 6, none (non-mated) x 2.
     ranks = np.array([1, 1, 2, 6, 0, 0])

@@ -596,6 +596,11 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float | None, thresh
     if truth is not None:
         row_of = {name: row for row, name in enumerate(people)}
         mates = torch.tensor([row_of.get(name, -1) for name in truth], dtype=torch.int64)
+        if not (mates >= 0).any():  # (probes/<session>/<person>/..., say: a layout mistake more often than not)
+            print(f"search: note: --probe-labels {args.probe_labels} names none of the gallery's people (as "
+                  f"{truth[0]!r} for {probes.names[0]}): every search is scored as of someone not enrolled"
+                  + (" (a probe's first folder under --probes is its person)" if args.probe_labels == "folder"
+                     else ""), file=sys.stderr)
     started = time.monotonic()
     if args.per_image:
         rows, row_person = torch.from_numpy(gallery.embeddings), torch.from_numpy(person)
