@@ -336,14 +336,23 @@ def _int8_inputs(args: argparse.Namespace, image_size: int) -> tuple[quantize.Fa
     --int8-targets (the run's --val-targets where not given)."""
     from .verify import run_options
 
-    run = quantize.run_paths(*run_options(args.checkpoint))
+    run, started_in = run_options(args.checkpoint)
+    run = quantize.run_paths(run, started_in)
     spec = args.int8 or run.get("data")
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--int8: {args.checkpoint} records no training data to calibrate on (not a training "
                          "checkpoint): name the faces, --int8 FACES")
     count = args.int8_faces or quantize.DEFAULT_FACES
-    faces = quantize.read_faces(spec, count, image_size=image_size, run=run,
-                                flag="--int8" if args.int8 else "--int8 (the run's --data)")
+    try:
+        faces = quantize.read_faces(spec, count, image_size=image_size, run=run,
+                                    flag="--int8" if args.int8 else "--int8 (the run's --data)")
+    except FileNotFoundError as error:
+        if args.int8:
+            raise
+        # (the run's folder moved, or it trained on another machine: the message named here alone)
+        where = "" if not started_in else f"; the run was started in {started_in}" + (
+            "" if os.path.isdir(started_in) else ", which is not there any more")
+        raise FileNotFoundError(f"{error}{where}: name the faces, --int8 FACES") from None
     if not faces.held_out:
         print(f"note: --int8 {spec} holds {faces.total} face{'' if faces.total == 1 else 's'}: all of them calibrate, and the int8 graph is checked on "
               f"them (on faces it was not calibrated on, the agreement may be lower; --int8-faces "

@@ -170,6 +170,15 @@ def test_the_runs_relative_data_is_read_from_the_folder_it_ran_in(run, tmp_path,
     assert export.main(["--checkpoint", "older.pt", "--output", "out2", "--int8"]) == 2
     assert capsys.readouterr().err.startswith(f"error: --int8 (the run's --data) '{os.path.basename(faces)}': no "
                                               f"such folder under {tmp_path};")
+    # A run whose folder moved (or that trained on another machine): the error says where it ran, not only here.
+    state["working_directory"] = str(tmp_path / "moved")
+    torch.save(state, tmp_path / "moved.pt")
+    assert export.main(["--checkpoint", "moved.pt", "--output", "out3", "--int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --int8 (the run's --data) '{os.path.basename(faces)}': no such folder under "
+                          f"{tmp_path};")
+    assert err.endswith(f"; the run was started in {tmp_path / 'moved'}, which is not there any more: name the faces, "
+                        "--int8 FACES\n") and not os.path.exists("out3")
 
 
 def earlier_export(folder):
