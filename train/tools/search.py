@@ -170,8 +170,16 @@ def _read_faces(flag: str, path: str) -> Faces:
     if not names:
         raise ValueError(f"{flag} {path}: the table holds no faces")
     about = read_about(path, embeddings)
-    unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(embeddings, np.float32)), dim=1)
-    return Faces(names, unit.numpy(), about)
+    # Rows of unit length already (train.embed's, --save-gallery's) are taken as they are: normalised again,
+    # their last bits can change (torch 2.4's normalize), and a saved gallery would not give the scores that
+    # the folder it was saved from gave.
+    unit = np.ascontiguousarray(embeddings, np.float32)
+    norms = np.linalg.norm(unit.astype(np.float64), axis=1)
+    off = np.abs(norms - 1) > 1e-6
+    if off.any():
+        unit = unit.copy()
+        unit[off] = torch.nn.functional.normalize(torch.from_numpy(unit[off]), dim=1).numpy()
+    return Faces(names, unit, about)
 
 
 def _check_made_with(faces: Faces, flag: str, path: str, model_path: str | None, settings: dict,
