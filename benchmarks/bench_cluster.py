@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train import checkpoint  # noqa: E402
 from train.data.synthetic import render_face  # noqa: E402
 from train.embed import main as embed_main, read_table, write_table  # noqa: E402
-from train.tools import cluster  # noqa: E402
+from train.tools import cluster, summary_path  # noqa: E402
 
 FIRST_PERSON = 5000  # the demo trains on synthetic identities 0..99
 
@@ -91,7 +91,7 @@ def run_cluster(argv: list[str]) -> tuple[dict, list[str], np.ndarray, float]:
     if status != 0:
         raise SystemExit(f"cluster {' '.join(argv)} exited with {status}")
     output = argv[argv.index("--output") + 1]
-    with open(cluster.summary_path(output)) as f:
+    with open(summary_path(output)) as f:
         summary = json.load(f)
     with open(output, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))[1:]

@@ -32,7 +32,7 @@ from bench_cluster import people_table, person_faces  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.embed import main as embed_main, write_table  # noqa: E402
 from train.tools import search  # noqa: E402
-from train.tools.cluster import summary_path  # noqa: E402
+from train.tools import summary_path  # noqa: E402
 
 
 def run_search(argv: list[str]) -> tuple[dict | None, float]:

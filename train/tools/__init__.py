@@ -102,6 +102,16 @@ def check_embedding_options(p: argparse.ArgumentParser, args: argparse.Namespace
         p.error("--workers must be at least 0")
 
 
+def count_of(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and the noun, plural unless it is 1: "1 face", "3 faces", "2 people"."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
+def summary_path(output: str) -> str:
+    """Where the summary of a tool's table at ``output`` (a .csv) goes: the same name, .json."""
+    return output[:-len(".csv")] + ".json"
+
+
 def torch_device(text: str) -> torch.device:
     """``--device``'s value as a device this torch can run on; ValueError otherwise."""
     try:

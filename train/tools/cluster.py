@@ -43,8 +43,8 @@ from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_alig
                          _warn_others_not_square, embed_files, list_images, load_model, model_threshold,
                          read_about, read_table, table_files)
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, listable_name, plain_warnings,
-                         torch_device)
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, listable_name,
+                         plain_warnings, summary_path, torch_device)
 from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
 DEFAULT_NEIGHBOURS = 10
@@ -239,11 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
-def summary_path(output: str) -> str:
-    """Where the summary of the table at ``output`` (a .csv) goes: the same name, .json."""
-    return output[:-len(".csv")] + ".json"
-
-
 def run(args: argparse.Namespace) -> int:
     """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault. The
     inputs, the model and the outputs are checked before any face is embedded."""
@@ -354,8 +349,8 @@ def run(args: argparse.Namespace) -> int:
             staging, links, copies, shortened = _build_tree(args.tree, source_folder, names, clusters, len(sizes),
                                                             args.copy)
             summary["tree_files"] = {"hard links": links, "copies": copies, "names shortened": shortened}
-            tree_said = (f", {args.tree} ({_count(links, 'hard link')}, {_count(copies, 'copy', 'copies')}"
-                         + (f"; {_count(shortened, 'name')} too long for the file system shortened" if shortened
+            tree_said = (f", {args.tree} ({count_of(links, 'hard link')}, {count_of(copies, 'copy', 'copies')}"
+                         + (f"; {count_of(shortened, 'name')} too long for the file system shortened" if shortened
                             else "") + ")")
         summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with signals_held():  # the table, its summary and the tree: all of them or none
@@ -373,23 +368,19 @@ def run(args: argparse.Namespace) -> int:
                     shutil.rmtree(folder, ignore_errors=True)
     largest = sizes[0] if sizes else 0
     median = int(np.median(sizes)) if sizes else 0
-    print(f"cluster: {_count(len(names), 'face')}: {_count(len(sizes), 'cluster')} of {args.min_size} or more"
+    print(f"cluster: {count_of(len(names), 'face')}: {count_of(len(sizes), 'cluster')} of {args.min_size} or more"
           + (f" (largest {largest}, median {median})" if sizes else "")
           + f", {noise} noise"
-          + (f"; {_count(duplicates, 'duplicate')} of {_count(duplicated, 'face')} (cosine {duplicate_cosine:g} or "
+          + (f"; {count_of(duplicates, 'duplicate')} of {count_of(duplicated, 'face')} (cosine {duplicate_cosine:g} or "
              "more), each in its face's cluster" if duplicates else "")
           + f"; threshold {threshold:.4f} ({threshold_source}), {args.method} on "
-          f"{_count(args.neighbours, 'neighbour')}, {seconds:.1f} s; wrote {args.output}, "
+          f"{count_of(args.neighbours, 'neighbour')}, {seconds:.1f} s; wrote {args.output}, "
           f"{summary_path(args.output)}{tree_said}", file=sys.stderr)
     if len(names) >= 20 and largest > LARGE_SHARE * len(names):
         print(f"cluster: note: the largest cluster holds {largest} of the {len(names)} faces: a collection of "
               "mostly one person, or different people joined (at a low --threshold, or by --method components' "
               "chains); look at it, or raise --threshold", file=sys.stderr)
     return 1 if failures else 0
-
-
-def _count(n: int, noun: str, nouns: str | None = None) -> str:
-    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
 def _write_csv(path: str, names: list[str], clusters: np.ndarray) -> None:

@@ -42,9 +42,8 @@ from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_alig
                          read_table, table_files, write_table)
 from train.ijb import template_features, threshold_allowing
 from train.signals import Stopped, run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, listable_name, plain_warnings,
-                         torch_device)
-from train.tools.cluster import _count, summary_path
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, listable_name,
+                         plain_warnings, summary_path, torch_device)
 from train.tools.similarity import best_people
 
 DEFAULT_TOP_K = 5
@@ -328,8 +327,8 @@ def run(args: argparse.Namespace) -> int:
         with signals_held():
             written = write_table(args.save_gallery, gallery.names, gallery.embeddings, about=about)
         args.written += written
-        print(f"search: enrolled {_count(len(set(map(first_folder, gallery.names))), 'person', 'people')} "
-              f"({_count(len(gallery.names), 'image')}): wrote {', '.join(written)}", file=sys.stderr)
+        print(f"search: enrolled {count_of(len(set(map(first_folder, gallery.names))), 'person', 'people')} "
+              f"({count_of(len(gallery.names), 'image')}): wrote {', '.join(written)}", file=sys.stderr)
         if not args.probes:
             return 1 if failures else 0
     if probes is None:
@@ -363,7 +362,7 @@ def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> 
     if not readable.any():
         raise ValueError(failures[0])
     _warn_if_not_aligned(paths[:1])
-    print(f"search: embedding {_count(len(paths), 'image')} of {_count(len(people), 'person', 'people')} under "
+    print(f"search: embedding {count_of(len(paths), 'image')} of {count_of(len(people), 'person', 'people')} under "
           f"{args.gallery} with {args.model} ({settings['image_size']}px) on {device}", file=sys.stderr, flush=True)
     not_square, unreadable = [], []
     kept = np.flatnonzero(readable)
@@ -403,7 +402,7 @@ def _embed_probes(args, model, settings: dict, device, failures: list[str]) -> F
     left = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
             for path, ok in zip(paths, listable) if not ok]
     paths, names = [p for p, ok in zip(paths, listable) if ok], [n for n, ok in zip(names, listable) if ok]
-    print(f"search: embedding {_count(len(paths), 'probe image')} with {args.model} on {device}", file=sys.stderr,
+    print(f"search: embedding {count_of(len(paths), 'probe image')} with {args.model} on {device}", file=sys.stderr,
           flush=True)
     if args.detector and paths:
         photos, points, numbers, found = detect_faces(args.detector, paths, all_faces=args.all_faces, device=device,
@@ -463,7 +462,7 @@ def probe_people(args, probes: Faces, gallery_people: list[str]) -> list[str] | 
         folders = {first_folder(name) for name in probes.names}
         named = folders & set(gallery_people)
         if named:
-            print(f"search: note: the probes' first folders name {_count(len(named), 'person', 'people')} of the "
+            print(f"search: note: the probes' first folders name {count_of(len(named), 'person', 'people')} of the "
                   "gallery: --probe-labels folder would score the search", file=sys.stderr)
         return None
     if args.probe_labels != "folder":
@@ -666,8 +665,8 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float | None, thresh
             args.written += recorded
     if points:
         print(_points_said(points, non_mated, int(mated.sum()), summary["scoring"]), file=sys.stderr)
-    print(f"search: {_count(len(probes.names), 'probe')} among {_count(len(people), 'person', 'people')} "
-          f"({_count(len(gallery.names), 'image')}; {summary['scoring']} scores): {matched} matched, "
+    print(f"search: {count_of(len(probes.names), 'probe')} among {count_of(len(people), 'person', 'people')} "
+          f"({count_of(len(gallery.names), 'image')}; {summary['scoring']} scores): {matched} matched, "
           f"{summary['unknown']} unknown at threshold {threshold:.4f} ({threshold_source}), {seconds:.1f} s"
           f"{scored}{_left_out_said(gallery.left_out, len(failures))}; wrote {args.output}, {summary_path(args.output)}"
           + (f"; the threshold is recorded in {recorded[-1]}" if chosen is not None and args.save_gallery else ""),
@@ -677,7 +676,7 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float | None, thresh
 
 def _left_out_said(gallery_left_out: dict, probes: int) -> str:
     """What the warnings above left out, counted for the run's last line ('' for nothing)."""
-    said = [_count(n, noun, nouns) for n, noun, nouns in (
+    said = [count_of(n, noun, nouns) for n, noun, nouns in (
         (len(gallery_left_out["people"]), "person", "people"), (gallery_left_out["images"], "gallery image", None),
         (probes, "probe", None)) if n]
     return f"; left out (the warnings above): {', '.join(said)}" if said else ""
