@@ -258,6 +258,10 @@ def test_bad_arguments_left_out_people_and_outputs(trained, tables, tmp_path, ca
         err = capsys.readouterr().err
         assert said in err and err.startswith("search: error: ") and err.count("\n") == 1, (said, err)
     assert not os.path.exists(out) and labels.read_text().startswith("probe,person")
+    # The note on the model's 1:1 threshold comes after what can go wrong with the faces: the error is the one line.
+    assert run_search("--gallery", empty, "--probes", probes, "--model", backbone, "--output", out) == 2
+    err = capsys.readouterr().err
+    assert "holds no identity sub-folder" in err and err.count("\n") == 1 and "1:1 threshold" not in err
 
     # A person none of whose images decode is left out with a warning, and the exit status is 1.
     broken = tmp_path / "gallery"
@@ -473,6 +477,16 @@ def test_fpir_recorded_in_a_gallery_enrolled_from_a_folder(trained, tmp_path, ca
     again = json.loads((tmp_path / "r.json").read_text())
     assert again["threshold"] == summary["threshold"] and again["threshold_from"].startswith("recorded in")
     assert again["matched"] == summary["matched"]
+    # An --fpir the probes cannot measure, after the gallery's table was written: the error says it is there.
+    for written in (saved, tmp_path / "g.txt", tmp_path / "g.npy.json"):
+        os.remove(written)
+    assert run_search("--model", backbone, "--gallery", gallery, "--probes", probes, "--probe-labels", "folder",
+                      "--fpir", 0.1, "--save-gallery", saved, "--output", tmp_path / "s.csv") == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("search: error: --fpir 0.1: 4 non-mated searches measure an FPIR of 0.25 at best")
+    assert err.endswith(f"(the gallery's table was written: {saved}, {tmp_path / 'g.txt'}, {saved}.json; --gallery "
+                        f"{saved} searches it without embedding it again)")
+    assert np.load(saved).shape == (12, 64) and not os.path.exists(tmp_path / "s.csv")
 
 
 def test_a_tables_unit_rows_are_taken_as_they_are(tmp_path):

@@ -296,12 +296,7 @@ def run(args: argparse.Namespace) -> int:
         threshold, threshold_source = recorded
     else:
         threshold, threshold_source = model_threshold(model_path, settings, args.threshold, tool="search")
-        if args.threshold is None and args.probes:
-            print(f"search: note: cosine {threshold:.4f} is a 1:1 threshold, for telling whether two faces are one "
-                  "person; a search compares a face with every person, and among many people most strangers reach "
-                  "it. Calibrate on probes of people enrolled and not (--probe-labels): take --threshold from the "
-                  "operating points it prints, or --fpir 0.01 (with --save-gallery, recorded for later searches)",
-                  file=sys.stderr)
+    one_to_one = args.fpir is None and recorded is None and args.threshold is None  # (the model's own threshold)
     labels_file = args.probe_labels if args.probe_labels not in (None, "folder") else None
     if labels_file and not os.path.isfile(labels_file):
         raise FileNotFoundError(f"--probe-labels {labels_file}: no such file (or 'folder': each probe's first "
@@ -331,10 +326,23 @@ def run(args: argparse.Namespace) -> int:
               f"({count_of(len(gallery.names), 'image')}): wrote {', '.join(written)}", file=sys.stderr)
         if not args.probes:
             return 1 if failures else 0
-    if probes is None:
-        probes = _embed_probes(args, model, settings, device, failures)
-    return _search(args, gallery, probes, threshold, threshold_source, model_path, failures[gallery_failures:],
-                   failures[:gallery_failures])
+    try:
+        if probes is None:
+            probes = _embed_probes(args, model, settings, device, failures)
+        if one_to_one:  # (said here, after what can go wrong with the faces: an error is then the first thing seen)
+            print(f"search: note: cosine {threshold:.4f} is a 1:1 threshold, for telling whether two faces are one "
+                  "person; a search compares a face with every person, and among many people most strangers reach "
+                  "it. Calibrate on probes of people enrolled and not (--probe-labels): take --threshold from the "
+                  "operating points it prints, or --fpir 0.01 (with --save-gallery, recorded for later searches)",
+                  file=sys.stderr)
+        return _search(args, gallery, probes, threshold, threshold_source, model_path, failures[gallery_failures:],
+                       failures[:gallery_failures])
+    except (OSError, ValueError) as error:
+        if not args.written:
+            raise
+        # (--save-gallery's table is whole, and kept: the gallery need not be embedded again)
+        raise type(error)(f"{error} (the gallery's table was written: {', '.join(args.written)}; "
+                          f"--gallery {args.save_gallery} searches it without embedding it again)") from None
 
 
 def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> Faces:
