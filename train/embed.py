@@ -292,6 +292,53 @@ def model_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+def backbone_weights_digest(model: torch.nn.Module) -> str | None:
+    """The SHA-256 of a loaded PyTorch backbone's weights (``distill.weights_digest``: each entry's name,
+    dtype, shape and bytes, in order), which a run's checkpoint.pt and its ``train.export`` backbone.pt
+    share; None for an ONNX model, whose identity is its file. 0.11 s for an r50, 0.16 s for an r100 (on 2
+    CPU cores)."""
+    from .distill import weights_digest
+    from .onnx_backbone import OnnxBackbone
+
+    return None if isinstance(model, OnnxBackbone) else weights_digest(model)
+
+
+def model_digests(path: str, model: torch.nn.Module) -> dict:
+    """What a table's provenance records of the model at ``path``, loaded as ``model``, that made it: the
+    SHA-256 of its file (``model_sha256``) and, for a PyTorch backbone, of its weights
+    (``model_weights_sha256``: :func:`backbone_weights_digest`)."""
+    weights = backbone_weights_digest(model)
+    return {"model_sha256": model_digest(path), **({"model_weights_sha256": weights} if weights else {})}
+
+
+def made_with(about: dict, path: str, model: torch.nn.Module, known: dict) -> tuple[bool, str] | None:
+    """Whether the table whose provenance is ``about`` was made with the model at ``path`` (loaded as
+    ``model``), and what told: ``"weights"`` where ``about`` records their digest and the model has
+    weights (a checkpoint and its export are one model), else ``"file"``; None where ``about`` records
+    no digest (a table of older versions). ``known`` keeps the digests computed, for the next table."""
+    recorded = about.get("model_weights_sha256")
+    if recorded:
+        if "weights" not in known:
+            known["weights"] = backbone_weights_digest(model)
+        if known["weights"]:
+            return known["weights"] == recorded, "weights"
+    recorded = about.get("model_sha256")
+    if not recorded:
+        return None
+    if "file" not in known:
+        known["file"] = model_digest(path)
+    return known["file"] == recorded, "file"
+
+
+def made_with_one_model(first: dict, second: dict) -> bool | None:
+    """Whether two tables' provenances (``about``) record one model: the digests of its weights where
+    both record them, else of its file; None where they do not both record one."""
+    for key in ("model_weights_sha256", "model_sha256"):
+        if first.get(key) and second.get(key):
+            return first[key] == second[key]
+    return None
+
+
 MODEL_HELP = ("a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth or "
               "arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released ones, or "
               "train.export's; needs onnxruntime)")
@@ -650,6 +697,7 @@ def run(args: argparse.Namespace) -> int:
                       inputs=(args.model, checkpoint.settings_path(args.model), args.landmarks, args.detector),
                       image_folders=(args.images,))
     size = settings["image_size"]
+    digests = model_digests(args.model, model) if args.images else {}  # (what the table's .json records)
     norms = []
     if args.compare:
         for path in args.compare:
@@ -710,9 +758,8 @@ def run(args: argparse.Namespace) -> int:
                                      workers=args.workers, norms=norms, not_square=not_square)
             names = [os.path.relpath(path, args.images) for path in paths]
             _warn_others_not_square(paths, not_square)
-    about = {"made_by": "train.embed", "model": os.path.abspath(args.model), "model_sha256": model_digest(args.model),
-             "image_size": size, "flip": True,
-             "normalised": True, "images": os.path.abspath(args.images),
+    about = {"made_by": "train.embed", "model": os.path.abspath(args.model), **digests, "image_size": size,
+             "flip": True, "normalised": True, "images": os.path.abspath(args.images),
              "faces": f"aligned from the landmarks in {os.path.abspath(args.landmarks)}" if args.landmarks else
              f"found and aligned by {os.path.abspath(args.detector)}" + (", every face" if args.all_faces else "")
              if args.detector else "the images as they are"}

@@ -114,6 +114,20 @@ def test_a_table_of_train_embed_clusters_as_its_folder(trained, tmp_path, capsys
     assert f"({backbone}'s last verification (recorded in " in capsys.readouterr().err
     assert read_rows(tmp_path / "a.csv") == read_rows(tmp_path / "b.csv")
     assert len(scan_image_folder(str(tmp_path / "tree"))[1]) == 25
+    # The run's checkpoint is the model of its export's table (their weights are one); other weights are not.
+    assert run_cluster("--embeddings", table, "--model", ckpt, "--threshold", 0.5, "--output", tmp_path / "b.csv",
+                       "--overwrite") == 0
+    assert "made with" not in capsys.readouterr().err
+    weights = torch.load(backbone)
+    weights["conv1.weight"] += 0.01
+    os.makedirs(tmp_path / "other")
+    torch.save(weights, tmp_path / "other" / "backbone.pt")
+    (tmp_path / "other" / "backbone.json").write_text(open(checkpoint.settings_path(backbone)).read())
+    assert run_cluster("--embeddings", table, "--model", tmp_path / "other" / "backbone.pt", "--output",
+                       tmp_path / "b.csv", "--overwrite") == 0
+    assert f"--embeddings {table} was made with another model than {tmp_path / 'other' / 'backbone.pt'} ({backbone} " \
+           "as it was then; its .json records the SHA-256 of that model's weights): the threshold is" \
+           in capsys.readouterr().err
 
     # Without provenance: the default threshold with a note, and no tree (where are the images?).
     names = [line.strip() for line in open(tmp_path / "emb.txt")]

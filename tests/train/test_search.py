@@ -199,13 +199,8 @@ def test_a_gallery_enrolled_saved_and_searched(trained, tmp_path, capsys):
                       "--output", tmp_path / "c.csv", "--per-image", "--top-k", 1) == 0
     assert [r[2:5:2] for r in read_rows(tmp_path / "c.csv")] == [["person2", "person2"]]
 
-    # Made with another model (another file: its digest differs), or of another embedding size: refused.
+    # Of another embedding size: refused (another model's weights: test_a_checkpoint_and_its_export_are_one_model).
     capsys.readouterr()
-    assert run_search("--model", ckpt, "--gallery", saved, "--probes", probes, "--output", tmp_path / "d.csv") == 2
-    err = capsys.readouterr().err
-    assert f"--gallery {saved} was made with another model than {ckpt}" in err and err.count("\n") == 1
-    assert run_search("--model", ckpt, "--gallery", table, "--probes", probes, "--output", tmp_path / "d.csv") == 2
-    assert f"--gallery {table} was made with another model" in capsys.readouterr().err  # train.embed's digest
     names = [line.strip() for line in open(tmp_path / "g.txt")]
     write_table(str(tmp_path / "narrow.npy"), names, np.load(saved)[:, :8])
     assert run_search("--model", backbone, "--gallery", tmp_path / "narrow.npy", "--probes", probes, "--output",
@@ -213,10 +208,66 @@ def test_a_gallery_enrolled_saved_and_searched(trained, tmp_path, capsys):
     assert "holds 8-D embeddings, --model" in capsys.readouterr().err and not os.path.exists(tmp_path / "d.csv")
     # A table of older versions (no digest) made with another file: taken, with a note.
     about = json.loads((tmp_path / "g.npy.json").read_text())
-    del about["model_sha256"]
+    del about["model_sha256"], about["model_weights_sha256"]
     (tmp_path / "g.npy.json").write_text(json.dumps(about))
     assert run_search("--model", ckpt, "--gallery", saved, "--probes", probes, "--output", tmp_path / "d.csv") == 0
     assert f"was made with {backbone} (its .json records no digest to check)" in capsys.readouterr().err
+
+
+def another_runs_weights(backbone: str, folder) -> str:
+    """backbone.pt (and its backbone.json) of other weights, as another run's export: ``backbone``'s, its first
+    weight changed a little."""
+    weights = torch.load(backbone)
+    first = next(name for name, tensor in weights.items() if tensor.is_floating_point())
+    weights[first] = weights[first] + 0.01
+    os.makedirs(folder)
+    torch.save(weights, folder / "backbone.pt")
+    (folder / "backbone.json").write_text(open(checkpoint.settings_path(backbone)).read())
+    return str(folder / "backbone.pt")
+
+
+def test_a_checkpoint_and_its_export_are_one_model(trained, tmp_path, capsys):
+    """A table made with a run's checkpoint.pt is searched with its export's backbone.pt, and the other way
+    round: their weights are one (the digest of the weights as loaded tells, not that of the file). Another
+    run's weights are refused; so is the export by a table of older versions, which records the file's
+    digest alone."""
+    ckpt, backbone, gallery, probes = trained
+    by_ckpt, by_export, out = tmp_path / "g.npy", tmp_path / "p.npy", tmp_path / "r.csv"
+    assert run_search("--model", ckpt, "--gallery", gallery, "--save-gallery", by_ckpt) == 0
+    assert embed_main(["--model", backbone, "--images", probes, "--output", str(by_export), "--workers", "0"]) == 0
+    about, export_about = (json.loads(open(f"{table}.json").read()) for table in (by_ckpt, by_export))
+    assert about["model_sha256"] != export_about["model_sha256"]
+    assert about["model_weights_sha256"] == export_about["model_weights_sha256"]
+    assert run_search("--model", ckpt, "--gallery", gallery, "--probes", probes, "--output", out) == 0
+    expected = read_rows(out)
+    for model, probe_table in ((backbone, probes), (ckpt, by_export), (None, by_export)):
+        capsys.readouterr()
+        assert run_search(*(["--model", model] if model else []), "--gallery", by_ckpt, "--probes", probe_table,
+                          "--threshold", 0.3, "--output", out, "--overwrite") == 0, capsys.readouterr().err
+        assert "another model" not in capsys.readouterr().err
+        assert [r[1:] for r in read_rows(out)] == [r[1:] for r in expected]
+
+    other = another_runs_weights(backbone, tmp_path / "other")
+    assert run_search("--model", other, "--gallery", by_ckpt, "--probes", probes, "--output", out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert f"--gallery {by_ckpt} was made with another model than {other} ({ckpt} as it was then; its .json records " \
+           "the SHA-256 of that model's weights): embeddings of two models cannot be compared" in err
+    assert err.count("\n") == 1
+    other_table = tmp_path / "o.npy"
+    assert embed_main(["--model", other, "--images", probes, "--output", str(other_table), "--workers", "0"]) == 0
+    assert run_search("--gallery", by_ckpt, "--probes", other_table, "--threshold", 0.3, "--output", out,
+                      "--overwrite") == 2
+    assert "were made with two models" in capsys.readouterr().err
+
+    # A table of older versions knows its model by the file: the export is another model to it, as it was.
+    del about["model_weights_sha256"]
+    open(f"{by_ckpt}.json", "w").write(json.dumps(about))
+    assert run_search("--model", backbone, "--gallery", by_ckpt, "--probes", probes, "--output", out,
+                      "--overwrite") == 2
+    assert f"--gallery {by_ckpt} was made with another model than {backbone} ({ckpt} as it was then; its .json " \
+           "records the SHA-256 of that model's file, as tables of older versions do, not of its weights)" \
+           in capsys.readouterr().err
+    assert run_search("--model", ckpt, "--gallery", by_ckpt, "--probes", probes, "--output", out, "--overwrite") == 0
 
 
 def test_bad_arguments_left_out_people_and_outputs(trained, tables, tmp_path, capsys):

@@ -40,8 +40,8 @@ import torch
 from train import checkpoint
 from train.data.transforms import IMAGE_EXTENSIONS
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
-                         _warn_others_not_square, embed_files, list_images, load_model, model_threshold,
-                         read_about, read_table, table_files)
+                         _warn_others_not_square, embed_files, list_images, load_model, made_with,
+                         model_threshold, read_about, read_table, table_files)
 from train.signals import run_tool, signals_held
 from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, listable_name,
                          plain_warnings, summary_path, torch_device)
@@ -270,9 +270,16 @@ def run(args: argparse.Namespace) -> int:
         if width is not None and width != embeddings.shape[1]:
             raise ValueError(f"--model {args.model} gives {width}-D embeddings, --embeddings {args.embeddings} holds "
                              f"{embeddings.shape[1]}-D ones: the table was made with another model")
-        made_with = table_about.get("model")
-        if made_with and os.path.realpath(made_with) != os.path.realpath(args.model):
-            print(f"cluster: note: the table was made with {made_with}; the threshold is --model {args.model}'s",
+    if args.embeddings and model_path:
+        # (One question with search's: the same weights, a checkpoint and its train.export backbone.pt, are one model.)
+        told = made_with(table_about, model_path, model, {})
+        recorded = table_about.get("model")
+        if told is not None and not told[0]:
+            print(f"cluster: note: --embeddings {args.embeddings} was made with another model than {model_path} "
+                  f"({recorded} as it was then; its .json records the SHA-256 of that model's {told[1]}): the "
+                  f"threshold is {model_path}'s, which may not suit the table's embeddings", file=sys.stderr)
+        elif told is None and recorded and os.path.realpath(recorded) != os.path.realpath(model_path):
+            print(f"cluster: note: the table was made with {recorded}; the threshold is --model {args.model}'s",
                   file=sys.stderr)
 
     if args.duplicate_cosine is not None and args.duplicate_cosine < threshold:

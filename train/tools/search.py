@@ -38,8 +38,8 @@ from train.data.imagefolder import scan_image_folder
 from train.data.transforms import IMAGE_EXTENSIONS
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
                          _warn_others_not_square, about_path, detect_faces, embed_faces, embed_files,
-                         embed_listed_faces, list_images, load_model, model_digest, model_threshold, read_about,
-                         read_table, table_files, write_table)
+                         embed_listed_faces, list_images, load_model, made_with, made_with_one_model, model_digests,
+                         model_threshold, read_about, read_table, table_files, write_table)
 from train.ijb import template_features, threshold_allowing
 from train.signals import Stopped, run_tool, signals_held
 from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, listable_name,
@@ -181,26 +181,30 @@ def _read_faces(flag: str, path: str) -> Faces:
     return Faces(names, unit, about)
 
 
-def _check_made_with(faces: Faces, flag: str, path: str, model_path: str | None, settings: dict,
-                     digests: dict) -> None:
-    """ValueError when the table at ``path`` (``flag``'s) was not made with the model at ``model_path``: its
-    provenance records another model's digest, or its embeddings are of another size than the model's."""
+def _check_made_with(faces: Faces, flag: str, path: str, model_path: str | None, model: torch.nn.Module | None,
+                     settings: dict, digests: dict) -> None:
+    """ValueError when the table at ``path`` (``flag``'s) was not made with the model at ``model_path``
+    (loaded as ``model``): its provenance records the digest of other weights (or, where it records none
+    of the weights, of another model file: ``made_with``), or its embeddings are of another size than the
+    model's."""
     width = settings.get("embedding_size")
     if width is not None and width != faces.embeddings.shape[1]:
         raise ValueError(f"{flag} {path} holds {faces.embeddings.shape[1]}-D embeddings, --model {model_path} gives "
                          f"{width}-D ones: the table was made with another model")
-    recorded = faces.about.get("model_sha256")
-    made_with = faces.about.get("model")
-    if model_path and not recorded and made_with and os.path.realpath(made_with) != os.path.realpath(model_path):
-        print(f"search: note: {flag} {path} was made with {made_with} (its .json records no digest to check): "
+    told = made_with(faces.about, model_path, model, digests) if model_path else None
+    recorded = faces.about.get("model")
+    if model_path and told is None and recorded and os.path.realpath(recorded) != os.path.realpath(model_path):
+        print(f"search: note: {flag} {path} was made with {recorded} (its .json records no digest to check): "
               f"its embeddings are taken for {model_path}'s", file=sys.stderr)
-    if model_path and recorded:
-        if model_path not in digests:
-            digests[model_path] = model_digest(model_path)
-        if digests[model_path] != recorded:
-            raise ValueError(f"{flag} {path} was made with another model than {model_path} ({faces.about.get('model')} "
-                             "as it was then; its .json records that model's SHA-256): embeddings of two models "
-                             "cannot be compared; embed it again with this model")
+    if told is not None and not told[0]:
+        # (A table of versions before the weights' digest knows its model by the file alone: the same weights in
+        # another file, a checkpoint's train.export backbone.pt say, are another model to it.)
+        older = told[1] == "file" and "model_weights_sha256" not in faces.about \
+            and not str(recorded).lower().endswith(".onnx")
+        raise ValueError(f"{flag} {path} was made with another model than {model_path} ({recorded} as it was then; "
+                         f"its .json records the SHA-256 of that model's {told[1]}"
+                         + (", as tables of older versions do, not of its weights" if older else "")
+                         + "): embeddings of two models cannot be compared; embed it again with this model")
 
 
 def scoring(args: argparse.Namespace) -> str:
@@ -281,13 +285,12 @@ def run(args: argparse.Namespace) -> int:
     digests = {}
     for faces, flag, path in ((gallery, "--gallery", args.gallery), (probes, "--probes", args.probes)):
         if faces is not None:
-            _check_made_with(faces, flag, path, model_path, settings, digests)
+            _check_made_with(faces, flag, path, model_path, model, settings, digests)
     if gallery is not None and probes is not None:
         if gallery.embeddings.shape[1] != probes.embeddings.shape[1]:
             raise ValueError(f"--gallery {args.gallery} holds {gallery.embeddings.shape[1]}-D embeddings, --probes "
                              f"{args.probes} {probes.embeddings.shape[1]}-D ones: made with two models")
-        made_with = [faces.about.get("model_sha256") for faces in (gallery, probes)]
-        if all(made_with) and made_with[0] != made_with[1]:
+        if made_with_one_model(gallery.about, probes.about) is False:
             raise ValueError(f"--gallery {args.gallery} and --probes {args.probes} were made with two models (their "
                              ".json files record other SHA-256s): embeddings of two models cannot be compared")
     if args.fpir is not None:
@@ -317,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     gallery_failures = len(failures)
     if args.save_gallery and gallery_folder:  # (a table's copy, with --fpir, is written with the results)
         about = {"made_by": "train.tools.search", "model": os.path.abspath(args.model),
-                 "model_sha256": model_digest(args.model), "image_size": settings["image_size"], "flip": True,
+                 **model_digests(args.model, model), "image_size": settings["image_size"], "flip": True,
                  "normalised": True, "images": os.path.abspath(gallery_folder), "faces": "the images as they are"}
         with signals_held():
             written = write_table(args.save_gallery, gallery.names, gallery.embeddings, about=about)
