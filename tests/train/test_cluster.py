@@ -9,6 +9,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -101,7 +102,7 @@ def test_the_people_of_a_collection_are_found(trained, tmp_path, capsys):
     assert not os.path.samefile(path, original) and open(path, "rb").read() == open(original, "rb").read()
     summary = json.loads((tmp_path / "clusters.json").read_text())
     assert summary["threshold"] == 0.6
-    assert summary["tree_files"] == {"hard links": 0, "copies": 25, "names shortened": 0}
+    assert summary["tree_files"] == {"hard links": 0, "copies": 25, "names shortened": 0, "duplicates left out": 0}
 
 
 def test_a_table_of_train_embed_clusters_as_its_folder(trained, tmp_path, capsys):
@@ -286,6 +287,42 @@ def test_duplicates_are_counted_and_said(tmp_path, capsys):
         "(--threshold): duplicates are faces more alike than linked ones; give one above it\n"
 
 
+def test_the_tree_holds_each_photo_once_unless_all_duplicates(trained, tmp_path, capsys):
+    """A photo there 4 times more (copies in its folder and another) is one image of its cluster's folder in
+    the tree, the first of its group, which the others duplicate; the table lists every face, and
+    --all-duplicates lays out every copy."""
+    ckpt, backbone, photos = trained
+    collection = tmp_path / "photos"
+    shutil.copytree(photos, collection)
+    first = collection / "2025" / "event0" / "00.png"
+    copies = [collection / "2025" / "event0" / "copy1.png", collection / "2025" / "event0" / "copy2.png",
+              collection / "zz" / "a.png", collection / "zz" / "b.png"]
+    os.makedirs(collection / "zz")
+    for copy in copies:
+        shutil.copy(first, copy)
+    out, tree = tmp_path / "clusters.csv", tmp_path / "people"
+    assert run_cluster("--model", backbone, "--images", collection, "--output", out, "--tree", tree) == 0
+    assert "; 4 duplicates left out, each group there once as its first face (--all-duplicates keeps them))" \
+        in capsys.readouterr().err
+    rows = dict(read_rows(out))
+    assert len(rows) == 29 and {rows[str(c.relative_to(collection))] for c in copies} == {rows["2025/event0/00.png"]}
+    laid_out = [os.path.basename(path) for path, _ in scan_image_folder(str(tree))[1]]
+    assert "2025__event0__00.png" in laid_out and len(laid_out) == 25
+    assert not {"2025__event0__copy1.png", "2025__event0__copy2.png", "zz__a.png", "zz__b.png"} & set(laid_out)
+    summary = json.loads((tmp_path / "clusters.json").read_text())
+    assert summary["tree_files"]["duplicates left out"] == 4 and summary["duplicates"] == 4
+    assert summary["sizes"][rows["2025/event0/00.png"]] == 7  # (a cluster's size counts every duplicate)
+
+    assert run_cluster("--model", backbone, "--images", collection, "--output", out, "--tree", tree, "--overwrite",
+                       "--all-duplicates") == 0
+    assert "left out" not in capsys.readouterr().err
+    assert len(scan_image_folder(str(tree))[1]) == 29
+    assert json.loads((tmp_path / "clusters.json").read_text())["tree_files"]["duplicates left out"] == 0
+    with pytest.raises(SystemExit):
+        run_cluster("--model", backbone, "--images", collection, "--all-duplicates")
+    assert "--all-duplicates goes with --tree" in capsys.readouterr().err
+
+
 def test_outputs_are_kept_refused_or_replaced_whole(trained, tmp_path, capsys, monkeypatch):
     ckpt, backbone, photos = trained
     out, tree = tmp_path / "c.csv", tmp_path / "tree"
@@ -365,7 +402,8 @@ def test_a_refused_link_is_a_copy_and_a_killed_runs_folder_is_removed(trained, t
     assert run_cluster("--model", backbone, "--images", photos, "--output", tmp_path / "c.csv", "--tree",
                        tmp_path / "tree") == 0
     assert json.loads((tmp_path / "c.json").read_text())["tree_files"] == {"hard links": 0, "copies": 25,
-                                                                           "names shortened": 0}
+                                                                           "names shortened": 0,
+                                                                           "duplicates left out": 0}
     _, samples = scan_image_folder(str(tmp_path / "tree"))
     assert len(samples) == 25
     for path, _ in samples:

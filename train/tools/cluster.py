@@ -16,9 +16,9 @@ joins. Clusters of fewer than ``--min-size`` faces are noise (cluster -1). Outpu
 - ``--output`` (``clusters.csv``): ``image,cluster`` a face, clusters numbered from 0 by size, largest
   first; and beside it, ``clusters.json``: the counts and sizes, the threshold and where it came from,
   the model and the options;
-- ``--tree DIR``: ``DIR/cluster_0000/<image>`` a face of a cluster (noise left out), hard links to the
-  images (copies where a link cannot be made, or with ``--copy``), the image's path with its folders
-  joined by ``__``.
+- ``--tree DIR``: ``DIR/cluster_0000/<image>`` a face of a cluster (noise left out; each group of
+  duplicates once, as its first face, unless ``--all-duplicates``), hard links to the images (copies
+  where a link cannot be made, or with ``--copy``), the image's path with its folders joined by ``__``.
 """
 
 from __future__ import annotations
@@ -194,6 +194,10 @@ def _main(argv: list[str] | None = None) -> int:
                    help="also lay the clustered faces out as an ImageFolder, DIR/cluster_NNNN/<image> (hard links, "
                    "or copies where a link cannot be made; noise left out)")
     p.add_argument("--copy", action="store_true", help="with --tree: copy the images rather than link them")
+    p.add_argument("--all-duplicates", action="store_true",
+                   help="with --tree: lay out every duplicate of a photo (see --duplicate-cosine); without it, each "
+                   "group of duplicates is there once, as its first face in the table's order (the one the others "
+                   "duplicate), so that no photo weighs more than once in training; the table lists every face")
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine similarity at or above which two faces may be linked (default: from the model's "
                    f"last verification, as train.embed --compare takes it; else {DEFAULT_COSINE_THRESHOLD})")
@@ -229,6 +233,8 @@ def _main(argv: list[str] | None = None) -> int:
         p.error(f"--output names a .csv file, got {args.output}")
     if args.copy and not args.tree:
         p.error("--copy goes with --tree")
+    if args.all_duplicates and not args.tree:
+        p.error("--all-duplicates goes with --tree")
     # Ctrl-C and SIGTERM unwind (the decoding workers leave them to this process): the outputs are written
     # whole, all of them, or none.
     return run_tool(lambda: run(args), tool="cluster")
@@ -353,12 +359,19 @@ def run(args: argparse.Namespace) -> int:
     staging = replaced = None
     try:
         if args.tree:
-            staging, links, copies, shortened = _build_tree(args.tree, source_folder, names, clusters, len(sizes),
+            # Each group of duplicates once (its first face, which the others duplicate): a photo there 15 times
+            # would weigh 15 times in training and in clean's class means.
+            in_tree = clusters if args.all_duplicates else np.where(duplicate_of == np.arange(len(names)), clusters, -1)
+            left_out = int(np.count_nonzero(in_tree < 0) - noise)
+            staging, links, copies, shortened = _build_tree(args.tree, source_folder, names, in_tree, len(sizes),
                                                             args.copy)
-            summary["tree_files"] = {"hard links": links, "copies": copies, "names shortened": shortened}
+            summary["tree_files"] = {"hard links": links, "copies": copies, "names shortened": shortened,
+                                     "duplicates left out": left_out}
             tree_said = (f", {args.tree} ({count_of(links, 'hard link')}, {count_of(copies, 'copy', 'copies')}"
                          + (f"; {count_of(shortened, 'name')} too long for the file system shortened" if shortened
-                            else "") + ")")
+                            else "")
+                         + (f"; {count_of(left_out, 'duplicate')} left out, each group there once as its first face "
+                            "(--all-duplicates keeps them)" if left_out else "") + ")")
         summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with signals_held():  # the table, its summary and the tree: all of them or none
             if staging is not None:
