@@ -47,7 +47,8 @@ from PIL import Image, ImageOps
 from . import checkpoint
 from .data.transforms import to_chw, to_rgb
 from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about, embed_images,
-                    load_model, read_about, read_table, report_unreadable, run_stoppable, table_files, write_table)
+                    load_model, model_digests, read_about, read_table, report_unreadable, run_stoppable, table_files,
+                    write_table)
 from .signals import signals_held
 from .tools import check_outputs, say, torch_device
 
@@ -1046,7 +1047,8 @@ def _main(argv: list[str] | None) -> int:
         try:
             with signals_held():  # the .npy and its .txt, both or neither
                 written = write_table(args.save_features, protocol.image_names, features, about={
-                    "made_by": "train.ijb", "model": os.path.abspath(args.model), "network": settings.get("network"),
+                    "made_by": "train.ijb", "model": os.path.abspath(args.model), **model_digests(args.model, model),
+                    "network": settings.get("network"),
                     "image_size": size, "flip": args.flip, "normalised": bool(settings.get("unit_length")),
                     "images": f"the loose crops of {args.target} under {os.path.abspath(protocol.image_folder)}, "
                               "aligned from the release's landmarks"})

@@ -26,8 +26,8 @@ import torch
 
 from . import checkpoint
 from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
-                    embed_images, list_images, load_model, read_about, report_unreadable, run_stoppable, table_files,
-                    write_table)
+                    embed_images, list_images, load_model, model_digests, read_about, report_unreadable, run_stoppable,
+                    table_files, write_table)
 from .ijb import saved_features
 from .signals import signals_held
 from .tools import check_outputs, say, torch_device
@@ -192,7 +192,7 @@ def _main(argv: list[str] | None) -> int:
         try:
             with signals_held():  # the .npy and its .txt, both or neither
                 files = write_table(args.save_features, names, features, about={
-                    "made_by": "train.tinyface", "model": os.path.abspath(args.model),
+                    "made_by": "train.tinyface", "model": os.path.abspath(args.model), **model_digests(args.model, model),
                     "network": settings.get("network"), "image_size": size, "flip": args.flip,
                     "normalised": bool(settings.get("unit_length")),
                     "images": f"TinyFace's Probe, Gallery_Match and Gallery_Distractor under "

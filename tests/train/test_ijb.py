@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from train import checkpoint, ijb
+from train.embed import load_model, model_digests
 from train.data.synthetic import render_face
 from train.models import get_model
 
@@ -640,6 +641,10 @@ def test_unusable_landmarks_make_a_black_crop_as_in_insightface(release, tmp_pat
     with torch.no_grad():
         black = 2 * backbone(torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), -1.0))[0].numpy()  # a black crop is its mirror
     np.testing.assert_allclose(np.load(features)[2], black, rtol=1e-5, atol=1e-6)
+    # The model's digests, as train.embed's tables record them (search and cluster tell a table's model by them).
+    about = json.loads((tmp_path / "feats.npy.json").read_text())
+    assert {key: about[key] for key in ("model_sha256", "model_weights_sha256")} == model_digests(
+        model, load_model(model, "cpu")[0])
 
 
 def corrupt(path, line_no, text):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from train import checkpoint, tinyface
 from train.data.synthetic import render_face
-from train.embed import embed_files, read_table, write_table
+from train.embed import embed_files, load_model, model_digests, read_table, write_table
 from train.models import get_model
 
 from trainer_fixtures import IMAGE_SIZE, one_thread  # noqa: F401
@@ -99,6 +99,9 @@ def test_the_tool_ranks_what_the_model_embeds(release, tmp_path, capsys):
     about = json.loads((tmp_path / "features.npy.json").read_text())
     assert (about["made_by"], about["model"], about["flip"], about["image_size"], about["rows"]) == (
         "train.tinyface", os.path.abspath(model_path), True, IMAGE_SIZE, len(names))
+    # The model's digests, as train.embed's tables record them (search and cluster tell a table's model by them).
+    assert {key: about[key] for key in ("model_sha256", "model_weights_sha256")} == model_digests(
+        model_path, load_model(model_path, "cpu")[0])
     assert tinyface.main(["--features", str(table), "--data-root", data, "--output", str(tmp_path / "again.json"),
                           "--workers", "0"]) == 0
     said = capsys.readouterr()
