@@ -410,6 +410,7 @@ def test_operating_points_of_a_hand_made_table_with_ties():
     assert search.operating_fpirs(10) == [0.01, 0.05, 0.1, 0.2]
     assert search.operating_fpirs(200) == [0.005, 0.01, 0.05, 0.1, 0.2]
     assert search.operating_fpirs(4) == [0.01, 0.05, 0.1, 0.2, 0.25]
+    assert search.operating_fpirs(1) == [0.01, 0.05, 0.1, 0.2]  # (a 100% row at threshold -1 told nothing)
 
 
 @pytest.fixture

@@ -515,8 +515,8 @@ def cosine_above(score: float) -> float:
 
 def operating_fpirs(non_mated: int) -> list[float]:
     """The FPIRs of the operating points: ``OPERATING_FPIRS`` and the lowest ``non_mated`` searches
-    resolve, one of them."""
-    return sorted(set(OPERATING_FPIRS) | {1 / non_mated})
+    resolve, one of them (not for one search: FPIR 1, every stranger let in, at threshold -1, is no point)."""
+    return sorted(set(OPERATING_FPIRS) | ({1 / non_mated} if non_mated > 1 else set()))
 
 
 def operating_points(ranks: np.ndarray, best: np.ndarray, mated: np.ndarray, fpirs) -> list[dict]:
