@@ -179,12 +179,21 @@ def test_recordio_input_keeps_bins_and_reuses_embeddings(trained, tmp_path, caps
     # The cleaned set cleans again, to itself.
     assert run_clean("--model", ckpt, "--data", first, "--output", tmp_path / "third") == 0
     assert len(RecordIODataset(str(tmp_path / "third"), flip=False)) == 160
-    # Embeddings of another model are not taken for this one's.
-    other = tmp_path / "other.pt"
+    # A model is told by its weights: another file of the same weights (a copy, a moved checkpoint) reuses
+    # the embeddings; another model's are not taken for this one's.
     state = checkpoint.load(ckpt)
-    checkpoint.save_atomic({**state, "step": 0}, str(other))
-    assert run_clean("--model", other, "--data", rec, "--output", tmp_path / "fourth", "--embeddings", cache) == 2
-    assert "another model or data (changed: the model file)" in capsys.readouterr().err
+    same = tmp_path / "same.pt"
+    checkpoint.save_atomic({**state, "step": 0}, str(same))
+    assert run_clean("--model", same, "--data", rec, "--output", tmp_path / "fourth", "--embeddings", cache,
+                     "--report-only") == 0
+    assert "read from" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    model = dict(state["model"])
+    name = next(k for k, v in model.items() if v.is_floating_point())
+    model[name] = model[name] + 1e-3
+    checkpoint.save_atomic({**state, "model": model}, str(other))
+    assert run_clean("--model", other, "--data", rec, "--output", tmp_path / "fifth", "--embeddings", cache) == 2
+    assert "another model or data (changed: the model's weights)" in capsys.readouterr().err
     # Nor are those of images since replaced under the same names; --overwrite makes them again.
     folder = tmp_path / "folder"
     shutil.copytree(faces, folder)

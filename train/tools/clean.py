@@ -61,7 +61,7 @@ from train.data.combined import split_data_spec
 from train.data.imagelist import is_image_list
 from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
-from train.embed import embed_images, load_model
+from train.embed import backbone_weights_digest, embed_images, load_model
 from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import RunLock, check_outputs, plain_warnings, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
@@ -312,6 +312,9 @@ def _embeddings(args, model, data, dim: int, device, rank: int = 0, world: int =
         stat = os.stat(args.model)
         identity = {"data": data.fingerprint(), "files": _content_stamp(data), "model": os.path.abspath(args.model),
                     "model_bytes": stat.st_size, "model_mtime_ns": stat.st_mtime_ns, "image_size": data.image_size}
+        weights = backbone_weights_digest(model)  # (None for an ONNX model: its file tells it)
+        if weights:
+            identity["model_weights_sha256"] = weights
         sidecar = args.embeddings + ".json"
     cached = _cached(args.embeddings, sidecar, identity, (len(data), dim), args.overwrite) if args.embeddings else None
     if cached is not None:
@@ -390,7 +393,8 @@ def _leave_process_group() -> None:
 
 _IDENTITY_NAMES = {"data": "the data's images or labels", "files": "the data's files (sizes or times)",
                    "model": "the model file", "model_bytes": "the model file", "model_mtime_ns": "the model file",
-                   "image_size": "the image size"}
+                   "model_weights_sha256": "the model's weights", "image_size": "the image size"}
+_MODEL_FILE_KEYS = ("model", "model_bytes", "model_mtime_ns")
 
 
 def _cached(path: str, sidecar: str, identity: dict, shape: tuple[int, int], overwrite: bool):
@@ -411,7 +415,11 @@ def _cached(path: str, sidecar: str, identity: dict, shape: tuple[int, int], ove
             return None
         raise ValueError(f"--embeddings {path} exists, but {sidecar}, which says whose embeddings they are, is "
                          f"missing or damaged: {again}") from None
-    differ = sorted({_IDENTITY_NAMES[k] for k in identity if saved.get(k) != identity[k]})
+    # The model is told by its weights where both the file's maker and this run have their digest (a
+    # checkpoint copied, moved or exported is the same model), else by its file's path, size and time.
+    by_weights = bool(saved.get("model_weights_sha256")) and "model_weights_sha256" in identity
+    compared = [k for k in identity if k not in (_MODEL_FILE_KEYS if by_weights else ("model_weights_sha256",))]
+    differ = sorted({_IDENTITY_NAMES[k] for k in compared if saved.get(k) != identity[k]})
     try:
         if differ:
             raise ValueError(f"--embeddings {path} was made with another model or data (changed: {', '.join(differ)})")
