@@ -763,6 +763,8 @@ def run(args: argparse.Namespace) -> int:
              "faces": f"aligned from the landmarks in {os.path.abspath(args.landmarks)}" if args.landmarks else
              f"found and aligned by {os.path.abspath(args.detector)}" + (", every face" if args.all_faces else "")
              if args.detector else "the images as they are"}
+    if args.norms:  # (where train.tools.quality finds the rows' norms: the table's rows are of unit length)
+        about["norms"] = os.path.abspath(args.norms)
     with signals_held():  # a stop does not come between the table's files and the norms
         written = write_table(args.output, names, embeddings, about=about)
         if args.norms:

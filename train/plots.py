@@ -210,6 +210,32 @@ def plot_ijb(path: str, title: str, roc=None, identification=None) -> None:
     plt.close(fig)
 
 
+def plot_erc(path: str, curves: dict, max_reject: float, title: str) -> None:
+    """Error-versus-reject characteristics, as ``train.tools.quality --pairs`` draws them: a panel an FMR,
+    in it the FNMR against the share of pairs rejected of each ordering of ``curves`` ({(ordering, FMR):
+    FNMR after rejecting k of the P pairs, k = 0..P}), random rejection and the oracle drawn apart; the
+    range of the area reported (0 to ``max_reject``) shaded. Written atomically."""
+    plt = _pyplot()
+    fmrs = sorted({fmr for _, fmr in curves})
+    fig, axes = plt.subplots(1, len(fmrs), figsize=(6 * len(fmrs), 4.5), squeeze=False)
+    styles = {"random": dict(color="tab:gray", ls="--"), "oracle": dict(color="black", ls=":")}
+    for ax, fmr in zip(axes[0], fmrs):
+        for (name, at), fnmr in curves.items():
+            if at == fmr:
+                ax.plot([k / (len(fnmr) - 1) for k in range(len(fnmr))], [100 * v for v in fnmr], lw=1.5, label=name,
+                        **styles.get(name, {}))
+        ax.axvspan(0, max_reject, color="tab:blue", alpha=0.06)
+        ax.set_xlabel("share of pairs rejected, lowest quality first")
+        ax.set_ylabel("FNMR of the pairs left (%)")
+        ax.set_title(f"{title}: ERC at FMR {fmr:.3g}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .signals import Stopped, stop_on_signals
 

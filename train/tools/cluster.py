@@ -502,20 +502,27 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
             taken.add((c, flat))
             source, target = os.path.join(source_folder, name), os.path.join(staging, f"{TREE_PREFIX}{c:0{width}d}",
                                                                              flat)
-            if not copy:
-                try:
-                    os.link(source, target)
-                    links += 1
-                    continue
-                except OSError as error:
-                    if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-                        raise
-            shutil.copy2(source, target)
-            copies += 1
+            linked = link_or_copy(source, target, copy)
+            links += linked
+            copies += not linked
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging, links, copies, shortened
+
+
+def link_or_copy(source: str, target: str, copy: bool) -> bool:
+    """``target`` made a hard link to ``source`` (True), or a copy of it (False) with ``copy`` or where the
+    file system refuses the link (another device, no hard links, too many links)."""
+    if not copy:
+        try:
+            os.link(source, target)
+            return True
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                raise
+    shutil.copy2(source, target)
+    return False
 
 
 def _shortened(flat: str, name: str, longest: int, told_apart: str = "") -> str:

@@ -1,0 +1,225 @@
+"""``python -m train.tools.quality``: the error-versus-reject characteristic against a small example worked
+by hand (the threshold fixed before rejecting, a pair's quality its worse face's), the expected curve of
+random rejection against every ordering of a small set, and the tool on a model trained on synthetic faces:
+the scores are ``train.embed --norms``'s, the kept and rejected trees, the ERC of a pairs list with the
+model's norm and with a quality file, what it refuses, and its outputs written whole or not at all."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from train.embed import main as embed_main
+from train.tools import quality
+from trainer_fixtures import IMAGE_SIZE, make_pairs_list, trained_backbone
+
+# The worked example: 4 genuine and 4 impostor pairs, (score, genuine, quality of face 1, of face 2).
+PAIRS = [(0.90, True, 5, 6), (0.25, True, 1, 9), (0.35, True, 3, 4), (0.28, True, 7, 8),
+         (0.50, False, 2, 2), (0.30, False, 6, 7), (0.10, False, 8, 9), (0.20, False, 9, 9)]
+
+
+def example():
+    scores = np.array([p[0] for p in PAIRS])
+    genuine = np.array([p[1] for p in PAIRS])
+    faces = np.array([q for p in PAIRS for q in p[2:]], dtype=np.float64)
+    return scores, genuine, faces
+
+
+def test_the_erc_of_a_worked_example():
+    scores, genuine, faces = example()
+    # FMR 1/4 of 4 impostors lets 1 pass: the threshold is the second highest impostor, 0.30; the genuine pairs
+    # at 0.25 and 0.28 fail, FNMR 2/4.
+    refused, used = quality.fmr_threshold(np.sort(scores[~genuine]), 0.25)
+    assert (refused, used) == (0.30, 0.25)
+    # Each pair's quality is its worse face's: 5, 1, 3, 7, 2, 6, 8, 9. Rejected in that order: the failing
+    # genuine pair (1), an impostor (2), two genuine pairs that pass (3, 5), an impostor (6), the other failing one.
+    pair_q = quality.pair_quality(faces)
+    assert pair_q.tolist() == [5, 1, 3, 7, 2, 6, 8, 9]
+    fnmr = quality.error_versus_reject(scores, genuine, pair_q, refused)
+    np.testing.assert_allclose(fnmr, [1 / 2, 1 / 3, 1 / 3, 1 / 2, 1, 1, 0, 0, 0])
+    # (The best face's quality would reject an impostor first, FNMR still 1/2; a threshold chosen again on the
+    # impostors left after 2 rejections, 3 of them, could not be measured at FMR 1/4.)
+    assert quality.error_versus_reject(scores, genuine, np.maximum(faces[0::2], faces[1::2]), refused)[1] == 0.5
+    assert quality.fmr_threshold(np.array([0.1, 0.2, 0.3]), 0.25)[1] == pytest.approx(1 / 3)
+    # The areas: trapezoids of width 1/8.
+    assert quality.erc_area(fnmr, 1.0) == pytest.approx(3.4166667 / 8)
+    assert quality.erc_area(fnmr, 0.25) == pytest.approx((5 / 12 + 1 / 3) / 8)
+    assert quality.erc_area(fnmr, 0.2) == pytest.approx(5 / 12 / 8 + 0.075 / 3)
+    # The oracle rejects the failing genuine pairs first, the lower score first.
+    oracle = quality.error_versus_reject(scores, genuine, quality.oracle_quality(scores, genuine, refused), refused)
+    np.testing.assert_allclose(oracle, [1 / 2, 1 / 3, 0, 0, 0, 0, 0, 0, 0])
+    rows, curves = quality.erc_summary(scores, genuine, {"q": pair_q}, [0.1, 0.25], 0.2)
+    # FMR 0.1 cannot be measured on 4 impostors: it shares 1/4's threshold, one row for both.
+    assert len(rows) == 1 and rows[0]["fmr_requested"] == [0.1, 0.25] and rows[0]["fmr"] == 0.25
+    assert rows[0]["threshold"] == 0.30 and rows[0]["false_matches"] == 1 and rows[0]["fnmr"] == 0.5
+    assert rows[0]["orderings"]["q"]["auc_0_20"] == pytest.approx(quality.erc_area(fnmr, 0.2))
+    assert sorted(curves) == [("oracle", 0.25), ("q", 0.25), ("random", 0.25)]
+
+
+def test_random_rejection_is_the_mean_over_every_order():
+    scores = np.array([0.9, 0.2, 0.1, 0.6, 0.3, 0.4])
+    genuine = np.array([True, True, False, True, False, False])
+    refused = 0.35
+    every = np.mean([quality.error_versus_reject(scores, genuine, np.array(order, dtype=float), refused)
+                     for order in itertools.permutations(range(6))], axis=0)
+    np.testing.assert_allclose(quality.random_rejection(scores, genuine, refused), every)
+
+
+def test_rejected_faces():
+    q = np.array([3.0, 1.0, 2.0, 1.0, 5.0])
+    assert quality.rejected_faces(q, below=2.0).tolist() == [False, True, False, True, False]
+    assert quality.rejected_faces(q, fraction=0.2).tolist() == [False, True, False, False, False]  # (ties: first)
+    assert quality.rejected_faces(q, fraction=0.6).tolist() == [False, True, True, True, False]
+    assert not quality.rejected_faces(q, fraction=0.0).any()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained on 8 synthetic identities, and a pairs list of 40 pairs of 10 others."""
+    root = tmp_path_factory.mktemp("quality")
+    ckpt, _ = trained_backbone(root)
+    pairs = make_pairs_list(str(root / "pairs"), pairs=40, identities=10, size=IMAGE_SIZE)
+    return ckpt, pairs
+
+
+def run_quality(*argv) -> int:
+    return quality.main([*map(str, argv), "--workers", "0"])
+
+
+def read_csv(path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_scores_trees_and_tables(trained, tmp_path, capsys):
+    ckpt, pairs = trained
+    faces = os.path.dirname(pairs)
+    out = tmp_path / "quality.csv"
+    assert run_quality("--model", ckpt, "--images", faces, "--output", out, "--sort", "--reject-fraction", 0.25,
+                       "--tree", tmp_path / "tree") == 0
+    assert "80 faces" in capsys.readouterr().err
+    rows = read_csv(out)
+    assert rows[0] == ["image", "quality", "rejected"] and len(rows) == 81
+    values = [float(r[1]) for r in rows[1:]]
+    assert values == sorted(values) and [r[2] for r in rows[1:]] == ["1"] * 20 + ["0"] * 60
+    # The scores are train.embed --norms's, and a table it wrote with them is read as the folder is scored.
+    table, norms = tmp_path / "e.npy", tmp_path / "norms.csv"
+    assert embed_main(["--model", ckpt, "--images", faces, "--output", str(table), "--norms", str(norms),
+                       "--workers", "0"]) == 0
+    by_name = {r[0]: float(r[1]) for r in rows[1:]}
+    assert {r[0]: float(r[1]) for r in read_csv(norms)[1:]} == by_name
+    for source in (table, norms):
+        assert run_quality("--embeddings", source, "--output", tmp_path / "t.csv", "--overwrite") == 0
+        assert {r[0]: float(r[1]) for r in read_csv(tmp_path / "t.csv")[1:]} == by_name
+    summary = json.loads((tmp_path / "quality.json").read_text())
+    assert summary["faces_scored"] == 80 and summary["rejected"] == 20 and summary["model_weights_sha256"]
+    assert summary["quantiles"]["0"] == pytest.approx(values[0], rel=1e-6)
+    assert summary["highest_rejected"] == pytest.approx(values[19], rel=1e-6)
+    # The tree: each image at its path, linked, under kept/ or rejected/.
+    for name, _, out_ in rows[1:]:
+        where = tmp_path / "tree" / ("rejected" if out_ == "1" else "kept") / name
+        assert os.path.samefile(where, os.path.join(faces, name))
+    assert len(os.listdir(tmp_path / "tree" / "rejected")) == 20
+
+    # A table of unit rows that names no norms has no quality to give.
+    assert embed_main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "plain.npy"),
+                       "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert run_quality("--embeddings", tmp_path / "plain.npy", "--output", tmp_path / "p.csv") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quality: error: --embeddings") and "records no norms file" in err and err.count("\n") == 1
+
+
+def test_the_erc_of_a_pairs_list(trained, tmp_path, capsys):
+    ckpt, pairs = trained
+    faces = os.path.dirname(pairs)
+    out = tmp_path / "erc.csv"
+    assert run_quality("--model", ckpt, "--pairs", pairs, "--output", out) == 0
+    err = capsys.readouterr().err
+    # 20 impostor pairs measure FMR 1/20 at best: both default FMRs take it, said.
+    assert "FMR 0.001, 0.01 cannot be measured on 20 impostor pairs" in err
+    summary = json.loads((tmp_path / "erc.json").read_text())
+    assert (summary["pairs_count"], summary["genuine"], summary["impostors"]) == (40, 20, 20)
+    (row,) = summary["thresholds"]
+    assert row["fmr"] == 0.05 and row["false_matches"] <= 1
+    at = row["orderings"]
+    assert at["random"]["auc_0_20"] == pytest.approx(0.2 * row["fnmr"])  # flat while genuine pairs are left
+    assert at["oracle"]["auc_0_100"] <= at["norm"]["auc_0_100"]
+    assert os.path.getsize(tmp_path / "erc.png") > 0
+    rows = read_csv(out)
+    assert rows[0] == ["ordering", "fmr", "reject", "fnmr"] and len(rows) == 1 + 3 * quality.CURVE_POINTS
+    # The folder's scores as a quality file give the norm's own curve.
+    assert run_quality("--model", ckpt, "--images", faces, "--output", tmp_path / "q.csv") == 0
+    assert run_quality("--model", ckpt, "--pairs", pairs, "--output", tmp_path / "erc2.csv", "--quality-file",
+                       tmp_path / "q.csv", "--fmr", "0.1", "--no-plot") == 0
+    (row,) = json.loads((tmp_path / "erc2.json").read_text())["thresholds"]
+    assert row["fmr"] == 0.1 and row["orderings"]["q.csv"] == row["orderings"]["norm"]
+    assert not os.path.exists(tmp_path / "erc2.png")
+
+
+def test_bad_arguments_and_outputs(trained, tmp_path, capsys, monkeypatch):
+    ckpt, pairs = trained
+    faces = os.path.dirname(pairs)
+    for argv, said in [
+        (["--images", faces], "--images needs --model"),
+        (["--model", ckpt, "--pairs", pairs, "--sort"], "--sort goes with --images"),
+        (["--model", ckpt, "--images", faces, "--fmr", "0.01"], "--fmr goes with --pairs"),
+        (["--model", ckpt, "--pairs", pairs, "--fmr", "0"], "false match rates lie above 0"),
+        (["--model", ckpt, "--images", faces, "--tree", tmp_path / "t"], "--tree needs a rule"),
+        (["--model", ckpt, "--images", faces, "--reject-fraction", "1"], "--reject-fraction is a share"),
+        (["--model", ckpt, "--pairs", pairs, "--output", tmp_path / "e.txt"], "--output names a .csv"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            run_quality(*argv)
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+    q = tmp_path / "q.csv"
+    q.write_text("image,quality\np000_0.png,1\n")
+    for argv, said in [
+        (["--model", ckpt, "--pairs", tmp_path / "none.txt", "--output", tmp_path / "e.csv"], "no such file"),
+        (["--model", ckpt, "--pairs", pairs, "--quality-file", q, "--output", tmp_path / "e.csv"],
+         "gives no quality for"),
+        (["--model", ckpt, "--images", faces, "--output", tmp_path / "q.csv"], "exists: pass --overwrite"),
+        (["--model", ckpt, "--images", faces, "--output", tmp_path / "x.csv", "--reject-below", "1", "--tree",
+          faces], "overlap"),
+    ]:
+        assert run_quality(*argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("quality: error: ") and said in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["q.csv"]  # (nothing written by the runs refused)
+
+    # A Ctrl-C before the outputs: nothing written. A SIGTERM as they are written: waits until all are whole.
+    out = tmp_path / "erc.csv"
+
+    def stop_early(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(quality, "erc_summary", stop_early)
+    try:
+        assert run_quality("--model", ckpt, "--pairs", pairs, "--output", out) == 130
+    finally:  # the first stop leaves the signals ignored, for a process about to exit
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "quality: stopped by SIGINT: nothing written" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["q.csv"]
+    monkeypatch.undo()
+    replace = os.replace
+
+    def replace_then_signal(source, target):
+        os.kill(os.getpid(), signal.SIGTERM)
+        replace(source, target)
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    try:
+        assert run_quality("--model", ckpt, "--pairs", pairs, "--output", out) == 143
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "stopped by SIGTERM as the outputs were written: they are whole" in capsys.readouterr().err
+    assert sorted(f for f in os.listdir(tmp_path) if not f.startswith(".")) == ["erc.csv", "erc.json", "erc.png",
+                                                                                "q.csv"]
+    assert math.isfinite(json.loads((tmp_path / "erc.json").read_text())["thresholds"][0]["fnmr"])
