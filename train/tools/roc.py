@@ -217,7 +217,7 @@ def score_pairs(unit: torch.Tensor, person: np.ndarray, *, device="cpu", keep: i
         for t in at_least:
             if top >= t:
                 at_least[t] += int((impostor >= t).sum())
-        if top > floor:
+        if keep and top > floor:
             above = impostor > floor
             if int(above.sum()) > keep:  # (the first blocks, before `keep` are kept)
                 values, at = impostor.flatten().topk(keep)

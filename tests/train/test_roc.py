@@ -1,0 +1,261 @@
+"""``python -m train.tools.roc``: the TAR, thresholds and EER of a hand-made table whose cosines (and ties)
+are known; the histogram of impostor cosines against every cosine kept, on the same random faces; the
+pairs that fail; what it refuses; outputs whole after a stop; a folder of synthetic people embedded with a
+small trained model, saved and read back."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.data.synthetic import render_face
+from train.embed import write_table
+from train.ijb import FARS, curve_rates, tar_at_far
+from train.tools import roc
+from trainer_fixtures import IMAGE_SIZE, trained_backbone
+
+
+def run_roc(*argv) -> int:
+    return roc.main([*map(str, argv), "--workers", "0"])
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def e(k: int) -> np.ndarray:
+    return np.eye(7, dtype=np.float32)[k]
+
+
+# alice: e0, 0.6 e0 + 0.8 e1, e1; bob: e2, 0.8 e2 + 0.6 e3; carol: 0.6 e0 + 0.8 e4, e4; dave: 0.6 e5 + 0.8 e1.
+# Genuine cosines (5 pairs): alice 0.6, 0, 0.8; bob 0.8; carol 0.8. Impostor cosines (23 pairs): dave-alice3 0.8
+# and dave-alice2 0.64, carol1-alice1 0.6, carol1-alice2 0.36, the other 19 0. (Float32 products of 0.6, 0.8, 1
+# and 0: the genuine 0.8 and 0.6 tie the impostor ones exactly.)
+HAND = {"alice/1.jpg": e(0), "alice/2.jpg": 0.6 * e(0) + 0.8 * e(1), "alice/3.jpg": e(1), "bob/1.jpg": e(2),
+        "bob/2.jpg": 0.8 * e(2) + 0.6 * e(3), "carol/1.jpg": 0.6 * e(0) + 0.8 * e(4), "carol/2.jpg": e(4),
+        "dave/1.jpg": 0.6 * e(5) + 0.8 * e(1)}
+
+
+@pytest.fixture
+def hand(tmp_path):
+    table = tmp_path / "hand.npy"
+    write_table(str(table), list(HAND), np.stack(list(HAND.values())).astype(np.float32))
+    return table
+
+
+def test_a_hand_made_table(hand, tmp_path, capsys):
+    out = tmp_path / "roc.csv"
+    assert run_roc("--embeddings", hand, "--output", out, "--far", 0.1, "--pairs", 3) == 0
+    err = capsys.readouterr().err
+    assert "1 person with one face (dave) contribute no genuine pair, only impostor pairs" in err
+    summary = json.loads((tmp_path / "roc.json").read_text())
+    # 5 genuine pairs, not 10 (each pair once) nor 13 (with a face against itself).
+    assert (summary["faces"], summary["people"], summary["genuine_pairs"], summary["impostor_pairs"]) == (8, 4, 5, 23)
+    assert summary["impostor_histogram"]["every_impostor_exact"]
+    # FAR 1e-1 of 23 allows floor(2.3) = 2 false accepts: the threshold is the third highest impostor cosine, 0.6,
+    # and a pair is accepted strictly above it: the genuine 0.6 (alice 1-2) and the impostor 0.6 are refused.
+    # TAR 3/5 (the three 0.8s), 2 false accepts (0.8 and 0.64). Below 1/23 nothing is measurable.
+    assert summary["tar_at_far"] == {"1e-06": None, "1e-05": None, "1e-04": None, "1e-03": None, "1e-02": None,
+                                     "1e-01": 0.6}
+    assert summary["threshold_at_far"]["1e-01"] == 0.6 and summary["false_accepts_at_far"]["1e-01"] == 2
+    point = summary["operating_point"]
+    assert (point["far"], point["threshold"], point["tar"], point["false_accepts"], point["genuine_rejected"]) == \
+        (0.1, 0.6, 0.6, 2, 2)
+    assert point["compare_threshold"] == 0.6001  # (train.embed --compare accepts at or above it)
+    # The EER: at cosine 0 (the lowest threshold where the larger of the two rates is least), 4 of 23 impostors
+    # above it (0.174) and 1 of 5 genuine pairs at or below it (alice 1-3, 0): 0.2. At 0.36: 3/23 and 1/5, 0.2
+    # too, a higher threshold. At 0.6: 2/23 and 2/5.
+    assert summary["eer"] == {"rate": 0.2, "threshold": 0.0, "far": 4 / 23, "frr": 0.2, "false_accepts": 4,
+                              "false_rejects": 1}
+    curve = read_csv(out)
+    at = {float(row["far"]): row for row in curve}
+    assert at[0.1]["threshold"] == "0.600000" and at[0.1]["true_accepts"] == "3"
+    # k = 1 (FAR 1/23): 0.64, TAR 3/5; k = 3: 0.36, TAR 4/5; k = 4 to 22: 0 (19 impostors tie there: 4 accepted).
+    assert [(r["threshold"], r["false_accepts"]) for r in curve if float(r["far"]) == pytest.approx(1 / 23)] == \
+        [("0.640000", "1")]
+    assert curve[-1]["far"] == "1" and curve[-1]["threshold"] == "-inf" and curve[-1]["tar"] == "1.000000"
+
+    impostors = read_csv(tmp_path / "roc-impostors.csv")
+    assert [(r["cosine"], r["person_a"], r["person_b"], r["accepted"]) for r in impostors] == [
+        ("0.800000", "alice", "dave", "yes"), ("0.640000", "alice", "dave", "yes"),
+        ("0.600000", "alice", "carol", "no")]
+    genuine = read_csv(tmp_path / "roc-genuine.csv")
+    assert [(r["cosine"], r["image_a"], r["image_b"], r["rejected"]) for r in genuine] == [
+        ("0.000000", "alice/1.jpg", "alice/3.jpg", "yes"), ("0.600000", "alice/1.jpg", "alice/2.jpg", "yes"),
+        ("0.800000", "alice/2.jpg", "alice/3.jpg", "no")]
+    people = read_csv(tmp_path / "roc-people.csv")
+    # Per person at 0.6: alice 2 of her 3 genuine pairs rejected, 2 false accepts (both with dave).
+    assert [(r["person"], r["faces"], r["genuine_pairs"], r["rejected"], r["false_accepts"], r["lowest_cosine"])
+            for r in people] == [("alice", "3", "3", "2", "2", "0.000000"), ("dave", "1", "0", "0", "2", ""),
+                                 ("bob", "2", "1", "0", "0", "0.800000"), ("carol", "2", "1", "0", "0", "0.800000")]
+
+
+def test_the_histogram_is_exact_at_its_edges():
+    # One impostor cosine exactly 0.5, a bin's upper edge: above 0.5 - 2^-15, not above 0.5. Off by one bin, the
+    # histogram would count it above 0.5 (or not above the edge below).
+    b = np.array([0.5, math.sqrt(0.75), 0], dtype=np.float32)
+    unit = torch.from_numpy(np.stack([np.array([1, 0, 0], np.float32), b, np.array([0, 0, 1], np.float32),
+                                      np.array([0, 0, 1], np.float32)]))
+    scores = roc.score_pairs(unit, np.array([0, 1, 2, 2]), keep=0)
+    assert not scores.exact and scores.impostors == 5 and len(scores.genuine) == 1
+    assert scores.false_accepts(0.5) == 0 and scores.false_accepts(0.5 - 2 ** -15) == 1
+    assert scores.false_accepts(0.4) is None  # (not an edge: not known from the histogram)
+    assert scores.counts.sum() == 5 and scores.counts[roc.SCALE - 1] == 4  # the four 0s: bin (-2^-15, 0]
+    assert roc.bin_edge(int(np.flatnonzero(scores.counts)[-1])) == 0.5
+    # FAR 0.2 of 5 allows 1: the edge at or above the second highest (0): 0 itself.
+    assert scores.threshold_at(0.2) == (0.0, False) and scores.threshold_at(0.1) is None
+
+
+@pytest.mark.parametrize("keep", [0, 40, 400])
+def test_the_histogram_against_every_cosine_kept(keep):
+    generator = torch.Generator().manual_seed(keep)
+    person = np.sort(torch.randint(0, 30, (180,), generator=generator).numpy())
+    centres = torch.randn(30, 12, generator=generator)
+    unit = torch.nn.functional.normalize(centres[person] + 1.3 * torch.randn(180, 12, generator=generator), dim=1)
+    exact = roc.score_pairs(unit, person, rows=32, columns=64)
+    scores = roc.score_pairs(unit, person, rows=32, columns=64, keep=keep)
+    assert exact.exact and not scores.exact
+    assert scores.impostors == exact.impostors == 180 * 179 // 2 - len(exact.genuine)
+    assert np.array_equal(scores.genuine, exact.genuine) and np.array_equal(scores.counts, exact.counts)
+    assert np.array_equal(scores.top, exact.top[:keep])
+    impostors, genuine = exact.top.astype(np.float64), exact.genuine.astype(np.float64)
+    fars = curve_rates(exact.impostors) + list(FARS)
+    for want, got in zip(exact.rates_at(fars), scores.rates_at(fars)):
+        if want["threshold"] is None:
+            assert got["threshold"] is None
+            continue
+        if got["exact"]:
+            assert got == want
+            continue
+        # A bin edge: at most one bin above the exact threshold, and the counts there exact.
+        assert want["threshold"] <= got["threshold"] < want["threshold"] + 2 ** -15
+        assert got["false_accepts"] == int((impostors > got["threshold"]).sum()) <= math.floor(
+            got["far"] * exact.impostors * (1 + 1e-12))
+        assert got["true_accepts"] == int((genuine > got["threshold"]).sum()) <= want["true_accepts"]
+    assert exact.equal_error()["rate"] <= scores.equal_error()["rate"] < exact.equal_error()["rate"] + 0.01
+    # The exact path is train.ijb's tar_at_far on every pair's cosine.
+    issame = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostors), bool)]
+    for want, got in zip(tar_at_far(np.r_[genuine, impostors], issame, FARS),
+                         exact.rates_at(FARS)):
+        assert (want["tar"], want["threshold"], want["false_accepts"]) == \
+            (got["tar"], got["threshold"], got["false_accepts"])
+
+
+def test_input_errors(hand, tmp_path, capsys):
+    out = tmp_path / "roc.csv"
+    one = tmp_path / "one.npy"
+    write_table(str(one), ["alice/1.jpg", "alice/2.jpg"], np.stack([e(0), e(1)]))
+    assert run_roc("--embeddings", one, "--output", out) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"roc: error: --embeddings {one}: every face is of one person, alice: no "
+                                        "impostor pair (two people's faces) to measure a false accept rate with"]
+    single = tmp_path / "single.npy"
+    write_table(str(single), ["alice/1.jpg", "bob/1.jpg"], np.stack([e(0), e(1)]))
+    assert run_roc("--embeddings", single, "--output", out) == 2
+    assert "no person has two faces: no genuine pair" in capsys.readouterr().err
+    loose = tmp_path / "loose.npy"
+    write_table(str(loose), ["alice/1.jpg", "2.jpg"], np.stack([e(0), e(1)]))
+    assert run_roc("--embeddings", loose, "--output", out) == 2
+    assert "2.jpg is in no folder: a face's first folder is its person" in capsys.readouterr().err
+    # 23 impostor pairs measure FAR 1/23 at best.
+    assert run_roc("--embeddings", hand, "--output", out, "--far", 0.01) == 2
+    assert "--far 0.01: 23 impostor pairs measure a FAR of 0.0435 at best (1 of them); 0.01 needs 100 or more" in \
+        capsys.readouterr().err
+    assert not os.path.exists(out)
+    for argv, said in (
+            (["--far", 1], "--far is a false accept rate, above 0 and below 1"),
+            (["--save-embeddings", tmp_path / "s.npy"], "--save-embeddings goes with --images"),
+            (["--output", tmp_path / "roc.txt"], "--output names a .csv file"),
+            (["--plot", tmp_path / "roc.gif"], "a .png, .pdf or .svg file")):
+        with pytest.raises(SystemExit) as exit:
+            run_roc("--embeddings", hand, *argv)
+        assert exit.value.code == 2 and said in capsys.readouterr().err
+    assert run_roc("--embeddings", tmp_path / "none.npy", "--output", out) == 2
+    assert "no such folder, image or table" in capsys.readouterr().err
+    # An output that exists is kept without --overwrite; one of the table's files is never an output.
+    assert run_roc("--embeddings", hand, "--output", out, "--far", 0.1) == 0
+    before = out.read_bytes()
+    assert run_roc("--embeddings", hand, "--output", out, "--far", 0.1) == 2
+    assert f"{out} exists: pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_a_stop_leaves_the_outputs_whole_or_as_they_were(hand, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "roc.csv"
+    score = roc.score_pairs
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(roc, "score_pairs", stopped)
+    try:
+        assert run_roc("--embeddings", hand, "--output", out, "--far", 0.1) == 130
+    finally:  # the first stop leaves the signals ignored, for a process about to exit
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "roc: stopped by SIGINT: nothing written" in capsys.readouterr().err
+    assert not any(name.startswith("roc") for name in os.listdir(tmp_path))
+    monkeypatch.undo()
+    write = roc.checkpoint.write_atomic
+
+    def write_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(roc.checkpoint, "write_atomic", write_then_signal)
+    try:
+        assert run_roc("--embeddings", hand, "--output", out, "--far", 0.1) == 143
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert "stopped by SIGTERM as the outputs were written: they are whole" in capsys.readouterr().err
+    assert sorted(name for name in os.listdir(tmp_path) if name.startswith("roc")) == [
+        "roc-genuine.csv", "roc-impostors.csv", "roc-people.csv", "roc.csv", "roc.json"]
+    assert json.loads((tmp_path / "roc.json").read_text())["genuine_pairs"] == 5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained on 8 synthetic identities (backbone.pt beside a backbone.json recording a verification
+    threshold, cosine 0.55) and a folder of 6 other people, 3 faces each (one of them 1 face)."""
+    root = tmp_path_factory.mktemp("roc")
+    _, backbone = trained_backbone(root)
+    for who in range(6):
+        for sample in range(1 if who == 5 else 3):
+            folder = root / "people" / f"person{who}"
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(render_face(0, 20 + who, 500 + sample, IMAGE_SIZE)).save(folder / f"{sample:02d}.png")
+    return backbone, str(root / "people")
+
+
+def test_a_folder_embedded_saved_and_read_back(trained, tmp_path, capsys):
+    backbone, people = trained
+    out, saved = tmp_path / "roc.csv", tmp_path / "people.npy"
+    assert run_roc("--model", backbone, "--images", people, "--save-embeddings", saved, "--output", out, "--far",
+                   0.05, "--plot", tmp_path / "roc.png") == 0
+    err = capsys.readouterr().err
+    assert "person5) contribute no genuine pair" in err and "the model's recorded 1:1 threshold, cosine 0.5500" in err
+    summary = json.loads(out.with_suffix(".json").read_text())
+    # 16 faces: 120 pairs, 5 people x 3 genuine pairs.
+    assert (summary["faces"], summary["genuine_pairs"], summary["impostor_pairs"]) == (16, 15, 105)
+    about = json.loads((tmp_path / "people.npy.json").read_text())
+    assert about["made_by"] == "train.tools.roc" and about["rows"] == 16
+    assert summary["model_weights_sha256"] == about["model_weights_sha256"]
+    model = summary["model_threshold"]
+    assert model["cosine"] == 0.55 and 0 <= model["far"] <= 1 and model["false_accepts"] == round(model["far"] * 105)
+    assert os.path.getsize(tmp_path / "roc.png") > 0
+    # The saved table gives the same numbers without embedding; its model is the one the table names.
+    assert run_roc("--embeddings", saved, "--output", tmp_path / "again.csv", "--far", 0.05) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    for key in ("tar_at_far", "threshold_at_far", "eer", "operating_point", "model_threshold", "model_sha256"):
+        assert again[key] == summary[key], key
+    assert (tmp_path / "again.csv").read_text() == out.read_text()
