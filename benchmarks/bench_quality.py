@@ -142,7 +142,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also write the results as JSON")
     args = p.parse_args()
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=REPO).stdout.strip()
     started = time.monotonic()
     models = {loss: model_for(loss, getattr(args, loss), args.runs, args.steps) for loss in ("arcface", "magface")}
     rows = []

@@ -181,7 +181,10 @@ def test_bad_arguments_and_outputs(trained, tmp_path, capsys, monkeypatch):
         assert stop.value.code == 2 and said in capsys.readouterr().err
     q = tmp_path / "q.csv"
     q.write_text("image,quality\np000_0.png,1\n")
+    not_a_bin = tmp_path / "x.bin"
+    not_a_bin.write_bytes(b"\x80\x04K")  # (a pickle cut short)
     for argv, said in [
+        (["--model", ckpt, "--pairs", not_a_bin, "--output", tmp_path / "e.csv"], "x.bin"),
         (["--model", ckpt, "--pairs", tmp_path / "none.txt", "--output", tmp_path / "e.csv"], "no such file"),
         (["--model", ckpt, "--pairs", pairs, "--quality-file", q, "--output", tmp_path / "e.csv"],
          "gives no quality for"),
@@ -192,7 +195,7 @@ def test_bad_arguments_and_outputs(trained, tmp_path, capsys, monkeypatch):
         assert run_quality(*argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("quality: error: ") and said in err and err.count("\n") == 1, err
-    assert sorted(os.listdir(tmp_path)) == ["q.csv"]  # (nothing written by the runs refused)
+    assert sorted(os.listdir(tmp_path)) == ["q.csv", "x.bin"]  # (nothing written by the runs refused)
 
     # A Ctrl-C before the outputs: nothing written. A SIGTERM as they are written: waits until all are whole.
     out = tmp_path / "erc.csv"
@@ -206,7 +209,7 @@ def test_bad_arguments_and_outputs(trained, tmp_path, capsys, monkeypatch):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert "quality: stopped by SIGINT: nothing written" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["q.csv"]
+    assert sorted(os.listdir(tmp_path)) == ["q.csv", "x.bin"]
     monkeypatch.undo()
     replace = os.replace
 
@@ -221,5 +224,5 @@ def test_bad_arguments_and_outputs(trained, tmp_path, capsys, monkeypatch):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert "stopped by SIGTERM as the outputs were written: they are whole" in capsys.readouterr().err
     assert sorted(f for f in os.listdir(tmp_path) if not f.startswith(".")) == ["erc.csv", "erc.json", "erc.png",
-                                                                                "q.csv"]
+                                                                                "q.csv", "x.bin"]
     assert math.isfinite(json.loads((tmp_path / "erc.json").read_text())["thresholds"][0]["fnmr"])
