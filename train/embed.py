@@ -276,7 +276,8 @@ def model_threshold(model_path: str | None, settings: dict, requested: float | N
     elif source == "the default":
         print(f"{tool}: note: {'no model' if not model_path else model_path + ' records no verification'} gives the "
               f"threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
-              "--threshold; a trained model's checkpoint, or train.export's backbone.json, records one)",
+              "--threshold: python -m train.tools.roc measures the one of a false accept rate on your own labelled "
+              "faces; a trained model's checkpoint, or train.export's backbone.json, records one)",
               file=sys.stderr)
     return threshold, source
 
@@ -640,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                    "it) to this CSV file, image,norm in the rows' order; kept unless --overwrite is given")
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine similarity at or above which two faces are the same person; default: from the "
-                   f"model's last verification, else {DEFAULT_COSINE_THRESHOLD}")
+                   f"model's last verification, else {DEFAULT_COSINE_THRESHOLD} (python -m train.tools.roc measures "
+                   "the threshold of a false accept rate on your own labelled faces)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")

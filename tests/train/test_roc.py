@@ -259,3 +259,10 @@ def test_a_folder_embedded_saved_and_read_back(trained, tmp_path, capsys):
     for key in ("tar_at_far", "threshold_at_far", "eer", "operating_point", "model_threshold", "model_sha256"):
         assert again[key] == summary[key], key
     assert (tmp_path / "again.csv").read_text() == out.read_text()
+
+
+def test_the_default_thresholds_note_points_here(capsys):
+    from train.embed import model_threshold
+
+    assert model_threshold(None, {}, None, tool="cluster") == (0.3, "the default")
+    assert "python -m train.tools.roc measures the one of a false accept rate" in capsys.readouterr().err

@@ -440,7 +440,7 @@ def test_operating_points_fpir_and_the_threshold_recorded_in_the_gallery(open_se
     # Without a threshold: the default (no model: 0.3), with the note that a 1:1 threshold is too low.
     assert run_search("--gallery", gallery, "--probes", probes, "--probe-labels", labels, "--output", out) == 0
     err = capsys.readouterr().err
-    assert "cosine 0.3000 is a 1:1 threshold" in err and "--fpir 0.01" in err
+    assert "cosine 0.3000 is a 1:1 threshold" in err and "--fpir 0.01" in err and "train.tools.roc measures" in err
     summary = json.loads((tmp_path / "r.json").read_text())
     assert summary["identification"]["fpir"] == 0.8  # 8 of the 10 strangers reach 0.3
     points = [(p["fpir"], p["threshold"], p["false_alarms"], p["dir"], p["misidentified"])

@@ -334,9 +334,10 @@ def run(args: argparse.Namespace) -> int:
             probes = _embed_probes(args, model, settings, device, failures)
         if one_to_one:  # (said here, after what can go wrong with the faces: an error is then the first thing seen)
             print(f"search: note: cosine {threshold:.4f} is a 1:1 threshold, for telling whether two faces are one "
-                  "person; a search compares a face with every person, and among many people most strangers reach "
-                  "it. Calibrate on probes of people enrolled and not (--probe-labels): take --threshold from the "
-                  "operating points it prints, or --fpir 0.01 (with --save-gallery, recorded for later searches)",
+                  "person (python -m train.tools.roc measures what it gives on labelled faces); a search compares a "
+                  "face with every person, and among many people most strangers reach it. Calibrate on probes of "
+                  "people enrolled and not (--probe-labels): take --threshold from the operating points it prints, "
+                  "or --fpir 0.01 (with --save-gallery, recorded for later searches)",
                   file=sys.stderr)
         return _search(args, gallery, probes, threshold, threshold_source, model_path, failures[gallery_failures:],
                        failures[:gallery_failures])
