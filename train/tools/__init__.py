@@ -3,9 +3,10 @@ insightface's SCRFD detector), `align` (photos + 5 landmarks -> aligned crops), 
 (ImageFolder -> RecordIO), `make_bin` (verification pairs -> insightface .bin), `clean` (a training
 set less its label noise and duplicated identities, found with a trained model), `cluster` (the faces of
 an unlabelled collection grouped by person, as a table and an ImageFolder), `search` (who a face is,
-among a gallery of named people), `quality` (each face's quality as its feature norm, the faces to drop,
-and the error-versus-reject evaluation of a quality score on verification pairs) and `preview` (a grid of
-training images as the network sees them); and the checks
+among a gallery of named people), `roc` (1:1 verification on a labelled folder of faces: TAR and
+threshold at each false accept rate, the EER, and the pairs that fail), `quality` (each face's quality as
+its feature norm, the faces to drop, and the error-versus-reject evaluation of a quality score on
+verification pairs) and `preview` (a grid of training images as the network sees them); and the checks
 that `pack_rec`, `make_bin`, `train.embed` and `train.ijb` make of their arguments before any work,
 so that a mistake costs no time."""
 
