@@ -225,20 +225,21 @@ def test_a_stop_leaves_the_outputs_whole_or_as_they_were(hand, tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A model trained on 8 synthetic identities (backbone.pt beside a backbone.json recording a verification
-    threshold, cosine 0.55) and a folder of 6 other people, 3 faces each (one of them 1 face)."""
+    """A model trained on 8 synthetic identities (its checkpoint, and backbone.pt beside a backbone.json
+    recording a verification threshold, cosine 0.55) and a folder of 6 other people, 3 faces each (one of
+    them 1 face)."""
     root = tmp_path_factory.mktemp("roc")
-    _, backbone = trained_backbone(root)
+    ckpt, backbone = trained_backbone(root)
     for who in range(6):
         for sample in range(1 if who == 5 else 3):
             folder = root / "people" / f"person{who}"
             os.makedirs(folder, exist_ok=True)
             Image.fromarray(render_face(0, 20 + who, 500 + sample, IMAGE_SIZE)).save(folder / f"{sample:02d}.png")
-    return backbone, str(root / "people")
+    return ckpt, backbone, str(root / "people")
 
 
 def test_a_folder_embedded_saved_and_read_back(trained, tmp_path, capsys):
-    backbone, people = trained
+    ckpt, backbone, people = trained
     out, saved = tmp_path / "roc.csv", tmp_path / "people.npy"
     assert run_roc("--model", backbone, "--images", people, "--save-embeddings", saved, "--output", out, "--far",
                    0.05, "--plot", tmp_path / "roc.png") == 0
@@ -266,3 +267,36 @@ def test_the_default_thresholds_note_points_here(capsys):
 
     assert model_threshold(None, {}, None, tool="cluster") == (0.3, "the default")
     assert "python -m train.tools.roc measures the one of a false accept rate" in capsys.readouterr().err
+
+
+def test_photos_through_landmarks_and_tables_of_other_models(trained, tmp_path, capsys):
+    ckpt, backbone, people = trained
+    # The crops are aligned already: their landmarks are the template's, and each aligned face is the crop.
+    from train.ijb import arcface_template
+
+    points = " ".join(f"{v:.4f}" for v in arcface_template(IMAGE_SIZE).ravel())
+    names = sorted(os.path.relpath(os.path.join(root, f), people) for root, _, files in os.walk(people) for f in files)
+    (tmp_path / "landmarks.txt").write_text("".join(f"{name} {points}\n" for name in names))
+    assert run_roc("--model", backbone, "--images", people, "--landmarks", tmp_path / "landmarks.txt", "--output",
+                   tmp_path / "a.csv", "--far", 0.05, "--save-embeddings", tmp_path / "a.npy") == 0
+    summary = json.loads((tmp_path / "a.json").read_text())
+    assert (summary["faces"], summary["genuine_pairs"]) == (16, 15)
+    assert json.loads((tmp_path / "a.npy.json").read_text())["faces"].startswith("aligned from the landmarks in")
+    # Another model's weights: refused. A table of older versions (no digest) of another file: taken, with a note.
+    other = tmp_path / "other"
+    os.makedirs(other)
+    weights = torch.load(backbone)
+    first = next(name for name, tensor in weights.items() if tensor.is_floating_point())
+    weights[first] = weights[first] + 0.01
+    torch.save(weights, other / "backbone.pt")
+    (other / "backbone.json").write_text(open(backbone[:-len(".pt")] + ".json").read())
+    capsys.readouterr()
+    assert run_roc("--model", other / "backbone.pt", "--embeddings", tmp_path / "a.npy", "--output",
+                   tmp_path / "b.csv", "--far", 0.05) == 2
+    assert "was made with another model than" in capsys.readouterr().err
+    about = json.loads((tmp_path / "a.npy.json").read_text())
+    del about["model_sha256"], about["model_weights_sha256"]
+    (tmp_path / "a.npy.json").write_text(json.dumps(about))
+    assert run_roc("--model", ckpt, "--embeddings", tmp_path / "a.npy", "--output", tmp_path / "b.csv", "--far",
+                   0.05) == 0
+    assert f"roc: note: --embeddings {tmp_path / 'a.npy'} was made with {backbone}" in capsys.readouterr().err

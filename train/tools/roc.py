@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     if model_path:
         model, settings = load_model(model_path, device if args.images else "cpu")
     if faces is not None and model_path:
-        _check_made_with(faces, "--embeddings", args.embeddings, model_path, model, settings, {})
+        _check_made_with(faces, "--embeddings", args.embeddings, model_path, model, settings, {}, tool="roc")
     outputs = [args.output, summary_path(args.output), *failing_outputs(args.output).values()]
     outputs += [args.plot] if args.plot else []
     outputs += table_files(args.save_embeddings, about=True) if args.save_embeddings else []

@@ -182,7 +182,7 @@ def _read_faces(flag: str, path: str) -> Faces:
 
 
 def _check_made_with(faces: Faces, flag: str, path: str, model_path: str | None, model: torch.nn.Module | None,
-                     settings: dict, digests: dict) -> None:
+                     settings: dict, digests: dict, tool: str = "search") -> None:
     """ValueError when the table at ``path`` (``flag``'s) was not made with the model at ``model_path``
     (loaded as ``model``): its provenance records the digest of other weights (or, where it records none
     of the weights, of another model file: ``made_with``), or its embeddings are of another size than the
@@ -194,7 +194,7 @@ def _check_made_with(faces: Faces, flag: str, path: str, model_path: str | None,
     told = made_with(faces.about, model_path, model, digests) if model_path else None
     recorded = faces.about.get("model")
     if model_path and told is None and recorded and os.path.realpath(recorded) != os.path.realpath(model_path):
-        print(f"search: note: {flag} {path} was made with {recorded} (its .json records no digest to check): "
+        print(f"{tool}: note: {flag} {path} was made with {recorded} (its .json records no digest to check): "
               f"its embeddings are taken for {model_path}'s", file=sys.stderr)
     if told is not None and not told[0]:
         # (A table of versions before the weights' digest knows its model by the file alone: the same weights in
