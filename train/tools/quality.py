@@ -34,6 +34,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -261,7 +262,8 @@ def _main(argv: list[str] | None = None) -> int:
         p.error(f"--output names a .csv file, got {args.output}")
     # Ctrl-C and SIGTERM unwind (the decoding workers leave them to this process): the outputs are written
     # whole, all of them, or none.
-    return run_tool(lambda: score(args) if scoring else evaluate(args), tool="quality")
+    return run_tool(lambda: score(args) if scoring else evaluate(args), tool="quality",
+                    errors=(OSError, ValueError, pickle.UnpicklingError))  # (a .bin that is not one, as train.verify)
 
 
 def main(argv: list[str] | None = None) -> int:
