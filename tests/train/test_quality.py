@@ -226,3 +226,21 @@ def test_bad_arguments_and_outputs(trained, tmp_path, capsys, monkeypatch):
     assert sorted(f for f in os.listdir(tmp_path) if not f.startswith(".")) == ["erc.csv", "erc.json", "erc.png",
                                                                                 "q.csv", "x.bin"]
     assert math.isfinite(json.loads((tmp_path / "erc.json").read_text())["thresholds"][0]["fnmr"])
+
+
+def test_outputs_beside_a_pairs_list(trained, tmp_path, capsys):
+    # A pairs list's images are those it names: the figure may go in its folder (it was refused, 'erc.png is an
+    # image's name in <the folder>', run from the folder of one's own pairs.txt), but never onto one of them.
+    ckpt, pairs = trained
+    faces = os.path.dirname(pairs)
+    own = tmp_path / "pairs.txt"
+    own.write_text("".join(f"{os.path.join(faces, a)} {os.path.join(faces, b)} {same}\n" for a, b, same in
+                           (line.split() for line in open(pairs))))
+    assert run_quality("--model", ckpt, "--pairs", own, "--output", tmp_path / "erc.csv") == 0
+    assert os.path.getsize(tmp_path / "erc.png") > 0
+    capsys.readouterr()
+    face = os.path.join(faces, open(pairs).read().split()[0])
+    assert run_quality("--model", ckpt, "--pairs", own, "--output", face[:-len(".png")] + ".csv", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quality: error: ") and "one of the files this run reads" in err and err.count("\n") == 1
+    assert os.path.exists(face) and not os.path.exists(face[:-len(".png")] + ".csv")

@@ -564,6 +564,7 @@ def evaluate(args: argparse.Namespace) -> int:
     """The ERC of ``--pairs``; raises OSError or ValueError naming the argument or file at fault. The inputs,
     the model and the outputs are checked before the pairs are embedded."""
     from train.plots import _pyplot
+    from train.verification import read_pairs_list
 
     device = torch_device(args.device)
     if not os.path.exists(args.pairs):
@@ -577,10 +578,11 @@ def evaluate(args: argparse.Namespace) -> int:
     plot = args.plot and _pyplot() is not None
     figure = args.output[:-len(".csv")] + ".png"
     outputs = [args.output, summary_path(args.output)] + ([figure] if plot else [])
-    pairs_folder = os.path.dirname(os.path.abspath(args.pairs)) if not args.pairs.endswith(".bin") else None
+    # A pairs file's images are the ones it names, not its folder's: erc.png beside pairs.txt is no face of it.
+    named = () if args.pairs.endswith(".bin") or not os.path.isfile(args.pairs) else \
+        [image for pair in read_pairs_list(args.pairs)[0] for image in pair]
     check_outputs(outputs, args.overwrite, inputs=(args.model, checkpoint.settings_path(args.model), args.pairs,
-                                                   args.quality_file),
-                  image_folders=(pairs_folder,) if pairs_folder else ())
+                                                   args.quality_file, *named))
     vset, images = _load_pairs(args.pairs, settings["image_size"])
     qualities = {}
     label = None
