@@ -72,6 +72,36 @@ def test_random_rejection_is_the_mean_over_every_order():
     np.testing.assert_allclose(quality.random_rejection(scores, genuine, refused), every)
 
 
+def test_pairs_of_equal_quality_are_rejected_together_whatever_their_order():
+    # Discrete qualities (ISO/IEC 29794-1's 0-100 scores, a face in several pairs as the worse one) tie. No
+    # quality threshold rejects some of a run of ties and keeps the others: where it does not split one, the
+    # ERC is the FNMR of the pairs of quality at least that threshold, brute force; across a run, a straight
+    # line; and the curve is the same in any order of the pairs (it was not: ties were taken in file order).
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        pairs = int(rng.integers(4, 30))
+        scores, genuine = rng.integers(0, 6, pairs) / 5, rng.random(pairs) < 0.5
+        genuine[0] = True
+        q, refused = rng.integers(0, 4, pairs).astype(float), float(rng.choice(scores))
+        fnmr = quality.error_versus_reject(scores, genuine, q, refused)
+        for t in np.unique(q):
+            kept = genuine & (q >= t)
+            want = (scores[kept] <= refused).sum() / kept.sum() if kept.any() else 0  # (0: none left)
+            assert fnmr[int((q < t).sum())] == pytest.approx(want)
+        assert fnmr[-1] == 0
+        every = np.flatnonzero(np.r_[True, np.diff(np.sort(q)) != 0, True])
+        np.testing.assert_allclose(fnmr, np.interp(np.arange(pairs + 1), every, fnmr[every]))
+        shuffled = rng.permutation(pairs)
+        np.testing.assert_allclose(quality.error_versus_reject(scores[shuffled], genuine[shuffled], q[shuffled],
+                                                               refused), fnmr)
+        # The oracle ties nothing: its curve is the best order's, step by step.
+        oracle = quality.error_versus_reject(scores, genuine, quality.oracle_quality(scores, genuine, refused),
+                                             refused)
+        fails, g = int((genuine & (scores <= refused)).sum()), int(genuine.sum())
+        best = [(fails - min(k, fails)) / (g - min(k, fails)) if g > min(k, fails) else 0 for k in range(pairs + 1)]
+        np.testing.assert_allclose(oracle, best)
+
+
 def test_rejected_faces():
     q = np.array([3.0, 1.0, 2.0, 1.0, 5.0])
     assert quality.rejected_faces(q, below=2.0).tolist() == [False, True, False, True, False]

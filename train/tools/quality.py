@@ -86,14 +86,19 @@ def fmr_threshold(impostors: np.ndarray, fmr: float) -> tuple[float, float]:
 def error_versus_reject(scores: np.ndarray, genuine: np.ndarray, quality: np.ndarray, refused: float
                         ) -> np.ndarray:
     """(P + 1,) the ERC at every step: entry k is the FNMR of the genuine pairs left once the k pairs of
-    lowest ``quality`` (ties: in the pairs' order) are rejected, at the threshold fixed beforehand on all
-    pairs (a genuine pair fails when its score is not above ``refused``); 0 once no genuine pair is left."""
+    lowest ``quality`` are rejected, at the threshold fixed beforehand on all pairs (a genuine pair fails
+    when its score is not above ``refused``); 0 once no genuine pair is left. Pairs of equal quality are
+    rejected together or not at all (no quality threshold parts them): within a run of ties the curve is
+    the straight line between the steps on either side of it, whatever the pairs' order."""
     order = np.argsort(quality, kind="stable")
     genuine = genuine[order]
     fails = genuine & (scores[order] <= refused)
     left = genuine.sum() - np.concatenate([[0], np.cumsum(genuine)])
     failing = fails.sum() - np.concatenate([[0], np.cumsum(fails)])
-    return np.divide(failing, left, out=np.zeros(left.size), where=left > 0)
+    fnmr = np.divide(failing, left, out=np.zeros(left.size), where=left > 0)
+    ranked = quality[order]
+    steps = np.flatnonzero(np.concatenate([[True], ranked[1:] != ranked[:-1], [True]]))  # (k: no tie split)
+    return np.interp(np.arange(fnmr.size), steps, fnmr[steps])
 
 
 def random_rejection(scores: np.ndarray, genuine: np.ndarray, refused: float) -> np.ndarray:
@@ -109,9 +114,11 @@ def random_rejection(scores: np.ndarray, genuine: np.ndarray, refused: float) ->
 
 
 def oracle_quality(scores: np.ndarray, genuine: np.ndarray, refused: float) -> np.ndarray:
-    """A quality that orders the genuine pairs that fail first (the lowest score first), then the rest:
-    the best ERC any ordering gives at that threshold."""
-    return np.where(genuine & (scores <= refused), scores - 3.0, 0.0)  # (cosines lie in [-1, 1])
+    """A quality that orders the genuine pairs that fail first (the lowest score first), then the rest,
+    every pair its own rank (no ties): the best ERC any ordering gives at that threshold."""
+    quality = np.empty(scores.size)
+    quality[np.lexsort((scores, ~(genuine & (scores <= refused))))] = np.arange(scores.size)
+    return quality
 
 
 def curve_at(fnmr: np.ndarray, fractions) -> np.ndarray:
@@ -620,8 +627,9 @@ def evaluate(args: argparse.Namespace) -> int:
         "qualities": list(qualities), "pair_quality": "the lower of the two faces' qualities",
         "score": "cosine of the two faces' embeddings (image + mirror, unit length); a pair matches above the "
                  "threshold",
-        "reject": "the lowest-quality pairs first (ties: in the pairs' order), a share of all pairs; FNMR of the "
-                  "genuine pairs left at the threshold fixed on all pairs; 0 where none is left",
+        "reject": "the lowest-quality pairs first (pairs of equal quality together: the curve straight across "
+                  "them), a share of all pairs; FNMR of the genuine pairs left at the threshold fixed on all pairs; "
+                  "0 where none is left",
         "auc": "trapezoids between the curve's steps (one a pair rejected), fraction of pairs x FNMR",
         "max_reject": args.max_reject, "random": "expected over random rejections", "oracle":
             "the genuine pairs that fail rejected first", "thresholds": rows,
