@@ -56,7 +56,8 @@ def test_a_hand_made_table(hand, tmp_path, capsys):
     out = tmp_path / "roc.csv"
     assert run_roc("--embeddings", hand, "--output", out, "--far", 0.1, "--pairs", 3) == 0
     err = capsys.readouterr().err
-    assert "1 person with one face (dave) contribute no genuine pair, only impostor pairs" in err
+    assert "1 person with one face (dave) contributes no genuine pair, only impostor pairs" in err
+    assert "2 impostors accepted" in err
     summary = json.loads((tmp_path / "roc.json").read_text())
     # 5 genuine pairs, not 10 (each pair once) nor 13 (with a face against itself).
     assert (summary["faces"], summary["people"], summary["genuine_pairs"], summary["impostor_pairs"]) == (8, 4, 5, 23)
@@ -168,8 +169,14 @@ def test_input_errors(hand, tmp_path, capsys):
     assert "2.jpg is in no folder: a face's first folder is its person" in capsys.readouterr().err
     # 23 impostor pairs measure FAR 1/23 at best.
     assert run_roc("--embeddings", hand, "--output", out, "--far", 0.01) == 2
-    assert "--far 0.01: 23 impostor pairs measure a FAR of 0.0435 at best (1 of them); 0.01 needs 100 or more" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--far 0.01: 23 impostor pairs measure a FAR of 0.0435 at best (1 of them); 0.01 needs 100 or more" in err
+    assert "roc: scoring" not in err  # (refused before the pairs are scored: minutes on 100,000 faces)
+    # FAR 1/23 measures exactly 1 of them (as threshold_allowing counts it); just below it does not.
+    assert run_roc("--embeddings", hand, "--output", tmp_path / "one" / "roc.csv", "--far", 1 / 23) == 0
+    assert "1 impostor accepted" in capsys.readouterr().err
+    assert run_roc("--embeddings", hand, "--output", out, "--far", 0.0434) == 2
+    assert "0.0434 needs 24 or more" in capsys.readouterr().err
     assert not os.path.exists(out)
     for argv, said in (
             (["--far", 1], "--far is a false accept rate, above 0 and below 1"),

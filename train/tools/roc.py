@@ -455,11 +455,18 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     flag = "--embeddings" if args.embeddings else "--images"
     people, person = people_of(faces, flag, source)
     sizes = np.bincount(person, minlength=len(people))
+    n = len(faces.names)
+    # Known from the people's sizes: a --far they cannot measure is refused before the pairs are scored (minutes).
+    impostors = n * (n - 1) // 2 - int((sizes * (sizes - 1) // 2).sum())
+    if math.floor(args.far * impostors * (1 + 1e-12)) < 1:  # (as threshold_allowing counts them)
+        raise ValueError(f"--far {args.far:g}: {impostors:,} impostor pairs measure a FAR of {1 / impostors:.3g} at "
+                         f"best (1 of them); {args.far:g} needs {math.ceil(1 / args.far * (1 - 1e-12)):,} or more")
     alone = [people[p] for p in np.flatnonzero(sizes == 1)]
     if alone:
         print(f"roc: note: {count_of(len(alone), 'person', 'people')} with one face ({', '.join(alone[:5])}"
-              f"{f' and {len(alone) - 5} more' if len(alone) > 5 else ''}) contribute no genuine pair, only "
-              "impostor pairs", file=sys.stderr)
+              f"{f' and {len(alone) - 5} more' if len(alone) > 5 else ''}) "
+              f"{'contributes' if len(alone) == 1 else 'contribute'} no genuine pair, only impostor pairs",
+              file=sys.stderr)
     order = np.argsort(person, kind="stable")
     unit = torch.from_numpy(np.ascontiguousarray(faces.embeddings[order], dtype=np.float32))
     sorted_person = person[order]
@@ -467,7 +474,6 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     if model_path and "threshold" in settings:
         model_cosine, model_source = model_threshold(model_path, settings, None, tool="roc")
     watch = sorted({DEFAULT_DUPLICATE_COSINE} | ({model_cosine} if model_cosine is not None else set()))
-    n = len(faces.names)
     print(f"roc: scoring the {n * (n - 1) // 2:,} pairs of {count_of(n, 'face')} of "
           f"{count_of(len(people), 'person', 'people')} on {device}", file=sys.stderr, flush=True)
     started = time.monotonic()
@@ -478,10 +484,6 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     curve = scores.rates_at(rates)
     at = {row["far"]: row for row in curve}
     operating = at[args.far]
-    if operating["threshold"] is None:
-        raise ValueError(f"--far {args.far:g}: {scores.impostors:,} impostor pairs measure a FAR of "
-                         f"{1 / scores.impostors:.3g} at best (1 of them); {args.far:g} needs "
-                         f"{math.ceil(1 / args.far * (1 - 1e-12)):,} or more")
     threshold = operating["threshold"]
     eer = scores.equal_error()
     names = [faces.names[i] for i in order]
@@ -644,7 +646,8 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
     say(f"roc: at FAR {args.far:g}: threshold cosine {point['threshold']:.6f}"
         + ("" if point["threshold_exact"] else " (a bin edge)")
         + f", TAR {point['tar']:.2%} ({point['genuine_rejected']:,} genuine pairs rejected, "
-        f"{point['false_accepts']:,} impostors accepted); train.embed --compare and search --threshold "
+        f"{point['false_accepts']:,} impostor{'' if point['false_accepts'] == 1 else 's'} accepted); train.embed "
+        "--compare and search --threshold "
         f"{point['compare_threshold']:.4f} (they accept at or above it); wrote {args.output}, "
         f"{summary_path(args.output)}, {files['impostors']}, {files['genuine']}, {files['people']}"
         + (f", {args.plot}" if drawn else "")
