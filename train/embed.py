@@ -168,6 +168,44 @@ def embed_files(model: torch.nn.Module, paths: list[str], image_size: int, *, de
     return torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
 
 
+def folder_images(folder: str, failures: list[str]) -> tuple[list[str], list[str]]:
+    """(paths, names relative to ``folder``) of the images under ``folder`` (any nesting) that a tool's
+    ``--images`` embeds; one whose name cannot be a row of a table is left out, said in ``failures``.
+    FileNotFoundError naming ``--images`` where there is no image, ValueError where none can be a row."""
+    paths = list_images(folder)
+    if not paths:
+        raise FileNotFoundError(f"--images {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+    names = [os.path.relpath(path, folder) for path in paths]
+    listable = [listable_name(name) for name in names]
+    left = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
+            for path, ok in zip(paths, listable) if not ok]
+    failures += left
+    if len(left) == len(paths):
+        raise ValueError(left[0])
+    return [x for x, ok in zip(paths, listable) if ok], [x for x, ok in zip(names, listable) if ok]
+
+
+def embed_readable(model: torch.nn.Module, folder: str, paths: list[str], image_size: int, *, failures: list[str],
+                   device="cpu", batch_size: int = 64, workers: int = 0, norms: list | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, (N,) bool: read) of the aligned faces at ``paths``, ``folder``'s images as
+    :func:`folder_images` lists them, as :func:`embed_files` embeds them (an unread one's row NaN), with
+    the warnings of faces that do not look aligned and of every one left out (``failures``, the images
+    that cannot be read added). ValueError naming ``--images`` where none can be read."""
+    _warn_if_not_aligned(paths[:1])
+    not_square, unreadable = [], []
+    embeddings = embed_files(model, paths, image_size, device=device, batch_size=batch_size, workers=workers,
+                             norms=norms, not_square=not_square, unreadable=unreadable)
+    _warn_others_not_square(paths, not_square)
+    failures += [why for _, why in unreadable]
+    _warn_left_out(failures)
+    readable = np.ones(len(paths), dtype=bool)
+    readable[[i for i, _ in unreadable]] = False
+    if not readable.any():
+        raise ValueError(f"--images {folder}: none of the {len(paths)} images can be read")
+    return embeddings, readable
+
+
 def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str, image_size: int, *,
                        extension: str | None = None, several: bool = False, device="cpu", batch_size: int = 64,
                        workers: int = 0, norms: list | None = None) -> tuple[list[str], np.ndarray]:

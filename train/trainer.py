@@ -33,7 +33,8 @@ from . import checkpoint, export, rfw
 from .config import LR_SCHEDULES, margins, steps_from_epochs, unused_options
 from .data.transforms import DataError, to_model_input
 from .distill import distillation_loss
-from .models import check_embedding_shape, get_model, is_factory_spec, model_multiply_adds, multiply_adds
+from .models import (check_embedding_shape, get_model, is_factory_spec, learn_embedding_scale,
+                     model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
 
@@ -735,6 +736,10 @@ class Trainer:
                 check_embedding_shape(self.backbone, args.embedding_size, args.image_size)
         except ValueError as error:  # a size the network cannot take; a factory not there, or of another shape
             raise SystemExit(f"--network {args.network} --image-size {args.image_size}: {error}") from None
+        # MagFace's network learns its embedding BatchNorm's scale, which insightface's iResNet fixes at 1: with it
+        # fixed, the norms MagFace reads as quality cannot spread (learn_embedding_scale). A run resumed from a
+        # checkpoint of before keeps it fixed, as it began (_load_training_state).
+        self.embedding_scale_learned = args.loss == "magface" and learn_embedding_scale(self.backbone)
         if args.network.startswith("__main__:") and self.rank == 0:
             print(f"note: --network {args.network} is found in this program only: train.export, train.embed, "
                   "train.verify and python -m train --resume import __main__ as their own and will not find it; "
@@ -960,6 +965,16 @@ class Trainer:
         if self.is_main and given and given != state["args"].get("pretrained_model"):
             print(f"note: --pretrained_model {given} is not loaded: a resumed run continues from the weights of "
                   f"{path}", file=sys.stderr)
+        if self.embedding_scale_learned and not state.get("embedding_scale_learned", False):
+            # A MagFace run of an earlier version, whose scale was fixed: it goes on so (its optimizer state has no
+            # entry for the scale), the optimizer and its schedule made again without it.
+            self.backbone.features.weight.requires_grad_(False)
+            self.embedding_scale_learned = False
+            self.optimizer = build_optimizer(self.args, self.backbone, self.margin_loss)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.scheduler.lr_lambdas[0])
+            if self.is_main:
+                print(f"note: {path} began with the embedding BatchNorm's scale fixed at 1, as versions before MagFace "
+                      "learnt it did: it stays fixed in this run", file=sys.stderr)
         self.backbone.load_state_dict(state["model"])
         self.margin_loss.load_state_dict(state["margin_loss"])  # a sharded loss keeps its rows
         # Copies: load_state_dict keeps a state tensor of the right dtype and device as it is, and a view of
@@ -1295,6 +1310,7 @@ class Trainer:
             "data_fingerprint": self.data_fingerprint,  # which data the class centres are of (train.tools.clean)
             "data_classes": self.data_classes,  # which identities they are (None: a set that does not name them)
             "model": self.backbone.state_dict(),
+            "embedding_scale_learned": self.embedding_scale_learned,  # (MagFace's; a resume keeps the run's)
             "margin_loss": centres,
             "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),

@@ -1596,6 +1596,36 @@ def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeyp
         assert set(state) == {"weight", "batch_mean", "batch_std"} and float(state["batch_mean"]) != 20.0
 
 
+def test_magface_learns_the_embedding_scale_and_resumes_a_run_that_did_not(faces, tmp_path, monkeypatch, capsys):
+    # MagFace's network learns its embedding BatchNorm's scale (insightface's iResNet fixes it at 1): its norms,
+    # its quality score, spread with it. Other losses keep it fixed.
+    assert main(argv(faces, tmp_path / "arc", max_steps=2)) == 0
+    state = checkpoint.load(str(tmp_path / "arc" / "checkpoint.pt"))
+    assert torch.equal(state["model"]["features.weight"], torch.ones_like(state["model"]["features.weight"]))
+    assert state["embedding_scale_learned"] is False
+    options = dict(max_steps=4, save_every=2, loss="magface")
+    full = tmp_path / "full"
+    assert main(argv(faces, full, **options)) == 0
+    state = checkpoint.load(str(full / "checkpoint.pt"))
+    assert state["embedding_scale_learned"] is True
+    assert not torch.equal(state["model"]["features.weight"], torch.ones_like(state["model"]["features.weight"]))
+    # A checkpoint of a MagFace run made before: no record, and no optimizer entry for the scale. It resumes with
+    # the scale fixed, as it began, and says so.
+    monkeypatch.setattr("train.trainer.learn_embedding_scale", lambda model: False)
+    assert main(argv(faces, tmp_path / "fixed", max_steps=2, save_every=2, loss="magface")) == 0
+    fixed = checkpoint.load(str(tmp_path / "fixed" / "checkpoint.pt"))
+    del fixed["embedding_scale_learned"]
+    checkpoint.save_atomic(fixed, str(tmp_path / "fixed" / "checkpoint.pt"))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv(faces, tmp_path / "fixed", resume="auto", **options)) == 0
+    assert "began with the embedding BatchNorm's scale fixed at 1" in capsys.readouterr().err
+    resumed = checkpoint.load(str(tmp_path / "fixed" / "checkpoint.pt"))
+    assert resumed["step"] == 4 and resumed["embedding_scale_learned"] is False
+    weight = resumed["model"]["features.weight"]
+    assert torch.equal(weight, torch.ones_like(weight))
+
+
 @pytest.mark.parametrize("options", [dict(loss="curricularface"), dict(interclass_filter=0.2, sample_rate=0.25),
                                      dict(loss="cosface", interclass_filter=0.3),
                                      dict(interclass_filter=0.2, sample_rate=0.25, sharded_classes=True),

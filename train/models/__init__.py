@@ -121,6 +121,20 @@ def get_model(name: str, **kwargs) -> nn.Module:
     return _BUILDERS[check_network_name(name)](**kwargs)
 
 
+def learn_embedding_scale(model: nn.Module) -> bool:
+    """Let the scale of ``model``'s embedding BatchNorm (``model.features``) learn where it is fixed:
+    insightface's iResNet fixes it at 1 (the paper's fixed-scale BN), so that every dimension of a batch's
+    embeddings keeps unit variance and their norms stay near sqrt(D); MagFace's network learns it, and its
+    loss, which makes the norm a quality score, needs it to spread them. True where it was fixed and now
+    learns."""
+    features = getattr(model, "features", None)
+    weight = getattr(features, "weight", None) if isinstance(features, nn.BatchNorm1d) else None
+    if not isinstance(weight, nn.Parameter) or weight.requires_grad:
+        return False
+    weight.requires_grad_(True)
+    return True
+
+
 def check_embedding_shape(model: nn.Module, embedding_size: int, image_size: int) -> None:
     """ValueError unless ``model`` maps two ``image_size`` images (on its parameters' device, in eval mode, without
     gradients, so that nothing of it changes) to a 2 x ``embedding_size`` tensor; also where that forward raises
@@ -179,4 +193,4 @@ def model_multiply_adds(model: nn.Module, image_size: int) -> int:
 
 __all__ = ["NETWORKS", "VIT_CONFIGS", "IBasicBlock", "IResNet", "MobileFaceNet", "VisionTransformer",
            "check_embedding_shape", "check_network_name", "get_model", "import_factory", "iresnet", "is_factory_spec",
-           "mbf", "mobilefacenet", "model_multiply_adds", "multiply_adds", "small", "vit"]
+           "learn_embedding_scale", "mbf", "mobilefacenet", "model_multiply_adds", "multiply_adds", "small", "vit"]

@@ -39,12 +39,11 @@ import torch
 
 from train import checkpoint
 from train.data.transforms import IMAGE_EXTENSIONS
-from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
-                         _warn_others_not_square, embed_files, list_images, load_model, made_with,
+from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_readable, folder_images, load_model, made_with,
                          model_threshold, read_about, read_table, table_files)
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, listable_name,
-                         plain_warnings, summary_path, torch_device)
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, plain_warnings,
+                         summary_path, torch_device)
 from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
 DEFAULT_NEIGHBOURS = 10
@@ -302,31 +301,12 @@ def run(args: argparse.Namespace) -> int:
 
     failures = []
     if args.images:
-        paths = list_images(args.images)
-        if not paths:
-            raise FileNotFoundError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
-        names = [os.path.relpath(path, args.images) for path in paths]
-        listable = [listable_name(name) for name in names]
-        failures = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
-                    for path, ok in zip(paths, listable) if not ok]
-        paths = [path for path, ok in zip(paths, listable) if ok]
-        names = [name for name, ok in zip(names, listable) if ok]
-        if not paths:
-            raise ValueError(failures[0])
-        _warn_if_not_aligned(paths[:1])
+        paths, names = folder_images(args.images, failures)
         print(f"cluster: embedding {len(paths)} faces under {args.images} with {args.model} "
               f"({settings['image_size']}px) on {device}", file=sys.stderr, flush=True)
-        not_square, unreadable = [], []
-        embeddings = embed_files(model, paths, settings["image_size"], device=device, batch_size=args.batch_size,
-                                 workers=args.workers, not_square=not_square, unreadable=unreadable)
-        _warn_others_not_square(paths, not_square)
-        failures += [why for _, why in unreadable]
-        readable = np.ones(len(paths), dtype=bool)
-        readable[[i for i, _ in unreadable]] = False
+        embeddings, readable = embed_readable(model, args.images, paths, settings["image_size"], failures=failures,
+                                              device=device, batch_size=args.batch_size, workers=args.workers)
         embeddings, names = embeddings[readable], [name for name, ok in zip(names, readable) if ok]
-        _warn_left_out(failures)
-        if not names:
-            raise ValueError(f"--images {args.images}: none of the {len(paths)} images can be read")
 
     started = time.monotonic()
     unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), dim=1)

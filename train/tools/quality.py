@@ -43,14 +43,12 @@ import numpy as np
 import torch
 
 from train import checkpoint
-from train.data.transforms import IMAGE_EXTENSIONS
-from train.embed import (MODEL_HELP, _warn_if_not_aligned, _warn_left_out, _warn_others_not_square, embed_files,
-                         embed_images, embed_listed_faces, list_images, load_model, model_digests, read_about,
-                         read_table, table_files)
+from train.embed import (MODEL_HELP, embed_images, embed_listed_faces, embed_readable, folder_images, load_model,
+                         model_digests, read_about, read_table, table_files)
 from train.ijb import threshold_allowing
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, listable_name,
-                         plain_warnings, summary_path, torch_device)
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, plain_warnings,
+                         summary_path, torch_device)
 from train.tools.cluster import _hidden_beside, _inside, _remove_killed_runs_trees, _replace_folder, link_or_copy
 
 DEFAULT_FMRS = (0.001, 0.01)
@@ -315,29 +313,11 @@ def _embed(args, model, settings: dict, device, failures: list[str]) -> tuple[li
                                       several=args.all_faces, device=device, batch_size=args.batch_size,
                                       workers=args.workers, norms=norms)
         return names, np.concatenate(norms).astype(np.float64)
-    paths = list_images(args.images)
-    if not paths:
-        raise FileNotFoundError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
-    names = [os.path.relpath(path, args.images) for path in paths]
-    listable = [listable_name(name) for name in names]
-    failures += [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
-                 for path, ok in zip(paths, listable) if not ok]
-    paths, names = [x for x, ok in zip(paths, listable) if ok], [x for x, ok in zip(names, listable) if ok]
-    if not paths:
-        raise ValueError(failures[0])
-    _warn_if_not_aligned(paths[:1])
+    paths, names = folder_images(args.images, failures)
     print(f"quality: embedding {count_of(len(paths), 'face')} under {args.images} with {args.model} ({size}px) on "
           f"{device}", file=sys.stderr, flush=True)
-    not_square, unreadable = [], []
-    embed_files(model, paths, size, device=device, batch_size=args.batch_size, workers=args.workers, norms=norms,
-                not_square=not_square, unreadable=unreadable)
-    _warn_others_not_square(paths, not_square)
-    failures += [why for _, why in unreadable]
-    readable = np.ones(len(paths), dtype=bool)
-    readable[[i for i, _ in unreadable]] = False
-    _warn_left_out(failures)
-    if not readable.any():
-        raise ValueError(f"--images {args.images}: none of the {len(paths)} images can be read")
+    _, readable = embed_readable(model, args.images, paths, size, failures=failures, device=device,
+                                 batch_size=args.batch_size, workers=args.workers, norms=norms)
     return [name for name, ok in zip(names, readable) if ok], np.concatenate(norms).astype(np.float64)[readable]
 
 

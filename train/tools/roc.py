@@ -42,14 +42,12 @@ import numpy as np
 import torch
 
 from train import checkpoint
-from train.data.transforms import IMAGE_EXTENSIONS
-from train.embed import (MODEL_HELP, _warn_if_not_aligned, _warn_left_out, _warn_others_not_square,
-                         detect_faces, embed_faces, embed_files, embed_listed_faces, list_images,
-                         load_model, model_digests, model_threshold, table_files, write_table)
+from train.embed import (MODEL_HELP, _warn_left_out, detect_faces, embed_faces, embed_listed_faces, embed_readable,
+                         folder_images, load_model, model_digests, model_threshold, table_files, write_table)
 from train.ijb import FARS, curve_rates, far_key, format_table, threshold_allowing
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, listable_name,
-                         plain_warnings, summary_path, torch_device)
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, plain_warnings,
+                         summary_path, torch_device)
 from train.tools.cluster import DEFAULT_DUPLICATE_COSINE
 from train.tools.search import Faces, _check_made_with, _read_faces, cosine_above, first_folder
 from train.tools.similarity import cosine_blocks
@@ -367,8 +365,8 @@ def run(args: argparse.Namespace) -> int:
         faces = _embed(args, model, settings, device, failures)
         if args.save_embeddings:
             about = {"made_by": "train.tools.roc", "model": os.path.abspath(model_path),
-                     **model_digests(model_path, model), "image_size": settings["image_size"], "flip": True, "normalised": True,
-                     "images": os.path.abspath(args.images),
+                     **model_digests(model_path, model), "image_size": settings["image_size"], "flip": True,
+                     "normalised": True, "images": os.path.abspath(args.images),
                      "faces": f"aligned from the landmarks in {os.path.abspath(args.landmarks)}" if args.landmarks
                      else f"found and aligned by {os.path.abspath(args.detector)}" if args.detector
                      else "the images as they are"}
@@ -395,16 +393,7 @@ def _embed(args, model, settings: dict, device, failures: list[str]) -> Faces:
         names, embeddings = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
                                                device=device, batch_size=args.batch_size, workers=args.workers)
         return Faces(names, embeddings, None)
-    paths = list_images(args.images)
-    if not paths:
-        raise FileNotFoundError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
-    names = [os.path.relpath(path, args.images) for path in paths]
-    listable = [listable_name(name) for name in names]
-    failures += [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
-                 for path, ok in zip(paths, listable) if not ok]
-    paths, names = [p for p, ok in zip(paths, listable) if ok], [n for n, ok in zip(names, listable) if ok]
-    if not paths:
-        raise ValueError(failures[0])
+    paths, names = folder_images(args.images, failures)
     print(f"roc: embedding {count_of(len(paths), 'image')} under {args.images} with {args.model} ({size}px) on "
           f"{device}", file=sys.stderr, flush=True)
     if args.detector:
@@ -417,17 +406,8 @@ def _embed(args, model, settings: dict, device, failures: list[str]) -> Faces:
         embeddings = embed_faces(model, "", [paths[i] for i in photos], points, size, device=device,
                                  batch_size=args.batch_size, workers=args.workers)
         return Faces([names[i] for i in photos], embeddings, None)
-    _warn_if_not_aligned(paths[:1])
-    not_square, unreadable = [], []
-    embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size, workers=args.workers,
-                             not_square=not_square, unreadable=unreadable)
-    _warn_others_not_square(paths, not_square)
-    failures += [why for _, why in unreadable]
-    _warn_left_out(failures)
-    readable = np.ones(len(paths), dtype=bool)
-    readable[[i for i, _ in unreadable]] = False
-    if not readable.any():
-        raise ValueError(f"--images {args.images}: none of the {len(paths)} images can be read")
+    embeddings, readable = embed_readable(model, args.images, paths, size, failures=failures, device=device,
+                                          batch_size=args.batch_size, workers=args.workers)
     return Faces([n for n, ok in zip(names, readable) if ok], embeddings[readable], None)
 
 
