@@ -274,3 +274,23 @@ def test_outputs_beside_a_pairs_list(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("quality: error: ") and "one of the files this run reads" in err and err.count("\n") == 1
     assert os.path.exists(face) and not os.path.exists(face[:-len(".png")] + ".csv")
+
+
+def test_its_own_table_rejected_again(trained, tmp_path, capsys):
+    # Its --output, read back with --embeddings, is ruled again without embedding: the rejected column is not an
+    # embedding's second value (it was: 'its rows are embeddings of unit length ... records no norms file'), and its
+    # .json gives the images' folder for a tree.
+    ckpt, pairs = trained
+    faces = os.path.dirname(pairs)
+    first = tmp_path / "quality.csv"
+    assert run_quality("--model", ckpt, "--images", faces, "--output", first, "--reject-fraction", 0.25) == 0
+    scored = {r[0]: float(r[1]) for r in read_csv(first)[1:]}
+    below = sum(sorted(scored.values())[39:41]) / 2
+    assert run_quality("--embeddings", first, "--output", tmp_path / "again.csv", "--reject-below", below, "--tree",
+                       tmp_path / "tree") == 0
+    rows = read_csv(tmp_path / "again.csv")
+    assert {r[0]: float(r[1]) for r in rows[1:]} == scored
+    assert sum(r[2] == "1" for r in rows[1:]) == 40
+    assert len(os.listdir(tmp_path / "tree" / "rejected")) == 40
+    summary = json.loads((tmp_path / "again.json").read_text())
+    assert summary["images"] == os.path.abspath(faces) and summary["model"] == os.path.abspath(ckpt)

@@ -9,7 +9,8 @@ score, the error-versus-reject characteristic (ERC).
 Scores: every face under ``--images`` (aligned crops, any nesting; photos with ``--landmarks``) is embedded
 as ``train.embed`` embeds it, and its quality is its feature norm as ``train.embed --norms`` gives it (the
 mean over the image and its mirror of the embedding's length before normalisation); or the norms of a
-table are read (``--embeddings``: ``train.embed --norms``'s file, or a table whose ``.json`` names it).
+table are read (``--embeddings``: ``train.embed --norms``'s file, a table whose ``.json`` names it, or this
+tool's own ``--output``, to rule the faces again).
 ``--output`` (``quality.csv``): ``image,quality`` (and ``rejected`` with a rule), ``--sort``: lowest first;
 beside it a ``.json``: the model, the counts and the quantiles. ``--reject-below Q`` or
 ``--reject-fraction F`` marks the faces to drop; ``--tree DIR`` lays the images out as ``DIR/kept/<image>``
@@ -192,7 +193,8 @@ def _main(argv: list[str] | None = None) -> int:
                         help="score the aligned faces under this folder (any nesting), as train.embed embeds them")
     source.add_argument("--embeddings", metavar="TABLE",
                         help="score the faces of train.embed's --norms file (image,norm), or of a table train.embed "
-                        "wrote with --norms (its .json names that file), without embedding")
+                        "wrote with --norms (its .json names that file), or this tool's own --output, without "
+                        "embedding")
     source.add_argument("--pairs", metavar="FILE",
                         help="evaluate the quality by its error-versus-reject characteristic on this verification "
                         "set: a .bin, a pairs list (image1 image2 0|1), LFW's pairs.txt, CALFW's or CPLFW's pair "
@@ -282,10 +284,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table_norms(path: str) -> tuple[list[str], np.ndarray, dict]:
     """(names, (N,) norms, the provenance of the table that recorded them, or {}) of ``--embeddings``:
-    ``train.embed --norms``'s file (image,norm), or a table whose ``.json`` names that file."""
+    ``train.embed --norms``'s file (image,norm), this tool's ``--output`` (image,quality, and rejected:
+    its ``.json`` gives the model and the images' folder), or a table whose ``.json`` names that file."""
     names, values = read_table(path)
     if not names:
         raise ValueError(f"--embeddings {path}: the table holds no faces")
+    if path.endswith(".csv") and _csv_header(path)[:2] == ["image", "quality"]:
+        try:
+            with open(summary_path(path), encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            recorded = None
+        ours = isinstance(recorded, dict) and recorded.get("made_by") == "train.tools.quality"
+        about = {key: recorded[key] for key in ("model", "model_sha256", "model_weights_sha256", "image_size",
+                                                "images", "faces") if key in recorded} if ours else {}
+        return names, values[:, 0].astype(np.float64), about
     if path.endswith(".csv") and values.shape[1] == 1:  # (image,norm: train.embed --norms's file)
         return names, values[:, 0].astype(np.float64), {}
     about = read_about(path, values) or {}
@@ -302,6 +315,11 @@ def _table_norms(path: str) -> tuple[list[str], np.ndarray, dict]:
         raise ValueError(f"--embeddings {path}: {norms_file}, the norms its .json names, lists other faces than the "
                          "table (a later train.embed --norms wrote it?): score the faces with the model")
     return names, norms[:, 0].astype(np.float64), about
+
+
+def _csv_header(path: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return next(csv.reader(f), [])
 
 
 def _embed(args, model, settings: dict, device, failures: list[str]) -> tuple[list[str], np.ndarray]:
