@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -267,6 +268,22 @@ def test_a_folder_embedded_saved_and_read_back(trained, tmp_path, capsys):
     for key in ("tar_at_far", "threshold_at_far", "eer", "operating_point", "model_threshold", "model_sha256"):
         assert again[key] == summary[key], key
     assert (tmp_path / "again.csv").read_text() == out.read_text()
+
+
+def test_a_folder_as_collected(trained, tmp_path, capsys):
+    # What the README says of a real collection's leftovers: an image that cannot be read is left out, the results
+    # are written and the exit status is 1; a file that is not an image and an empty folder are passed over.
+    ckpt, backbone, people = trained
+    shutil.copytree(people, tmp_path / "people")
+    (tmp_path / "people" / "person0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (tmp_path / "people" / "person0" / "notes.txt").write_text("taken at the office\n")
+    (tmp_path / "people" / "nobody").mkdir()
+    assert run_roc("--model", backbone, "--images", tmp_path / "people", "--output", tmp_path / "roc.csv",
+                   "--far", 0.05) == 1
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "left out: 1 face (the warnings above)" in err
+    summary = json.loads((tmp_path / "roc.json").read_text())
+    assert (summary["faces"], summary["people"], summary["left_out"]) == (16, 6, 1)
 
 
 def test_the_default_thresholds_note_points_here(capsys):
