@@ -613,11 +613,23 @@ def pair_scores(features: np.ndarray, first: np.ndarray, second: np.ndarray, *, 
 # ROC
 
 
+def allowed_passes(rate: float, count: int) -> int:
+    """floor(rate x count): how many of ``count`` negative pairs (or searches) a false accept rate lets
+    pass; 1e-12: rate x count landing a hair below an integer."""
+    return math.floor(rate * count * (1 + 1e-12))
+
+
+def negatives_needed(rate: float) -> int:
+    """The fewest negatives on which ``rate`` lets one pass (:func:`allowed_passes` 1): where it can be
+    measured."""
+    return math.ceil(1 / rate * (1 - 1e-12))
+
+
 def threshold_allowing(negatives: np.ndarray, rate: float) -> float | None:
     """The lowest threshold that scores strictly above it leave at most floor(rate x N) of the N sorted
     ``negatives`` (fewer when negatives tie with it): the (k+1)-th highest, -inf when every one may
     pass, None when not one may (the rate cannot be measured on N)."""
-    allowed = math.floor(rate * negatives.size * (1 + 1e-12))  # 1e-12: rate x N landing a hair below an integer
+    allowed = allowed_passes(rate, negatives.size)
     if allowed < 1:
         return None
     return -math.inf if allowed >= negatives.size else float(negatives[negatives.size - 1 - allowed])

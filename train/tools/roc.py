@@ -44,7 +44,8 @@ import torch
 from train import checkpoint
 from train.embed import (MODEL_HELP, _warn_left_out, detect_faces, embed_faces, embed_listed_faces, embed_readable,
                          folder_images, load_model, model_digests, model_threshold, table_files, write_table)
-from train.ijb import FARS, curve_rates, far_key, format_table, threshold_allowing
+from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
+                       threshold_allowing)
 from train.signals import run_tool, signals_held
 from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, plain_warnings,
                          summary_path, torch_device)
@@ -121,7 +122,7 @@ class PairScores:
         if self.exact:
             threshold = threshold_allowing(self.top_ascending, far)
             return None if threshold is None else (threshold, True)
-        allowed = math.floor(far * self.impostors * (1 + 1e-12))  # (as threshold_allowing counts them)
+        allowed = allowed_passes(far, self.impostors)
         if allowed < 1:
             return None
         if allowed >= self.impostors:
@@ -438,9 +439,9 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     n = len(faces.names)
     # Known from the people's sizes: a --far they cannot measure is refused before the pairs are scored (minutes).
     impostors = n * (n - 1) // 2 - int((sizes * (sizes - 1) // 2).sum())
-    if math.floor(args.far * impostors * (1 + 1e-12)) < 1:  # (as threshold_allowing counts them)
+    if allowed_passes(args.far, impostors) < 1:
         raise ValueError(f"--far {args.far:g}: {impostors:,} impostor pairs measure a FAR of {1 / impostors:.3g} at "
-                         f"best (1 of them); {args.far:g} needs {math.ceil(1 / args.far * (1 - 1e-12)):,} or more")
+                         f"best (1 of them); {args.far:g} needs {negatives_needed(args.far):,} or more")
     alone = [people[p] for p in np.flatnonzero(sizes == 1)]
     if alone:
         print(f"roc: note: {count_of(len(alone), 'person', 'people')} with one face ({', '.join(alone[:5])}"

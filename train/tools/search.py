@@ -40,7 +40,7 @@ from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_alig
                          _warn_others_not_square, about_path, detect_faces, embed_faces, embed_files,
                          embed_listed_faces, list_images, load_model, made_with, made_with_one_model, model_digests,
                          model_threshold, read_about, read_table, table_files, write_table)
-from train.ijb import template_features, threshold_allowing
+from train.ijb import negatives_needed, template_features, threshold_allowing
 from train.signals import Stopped, run_tool, signals_held
 from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, listable_name,
                          plain_warnings, summary_path, torch_device)
@@ -551,7 +551,7 @@ def _points_said(points: list[dict], non_mated: int, mated: int, scores: str) ->
     for point in points:
         fpir = f"{point['fpir']:.2%}".replace(".00%", "%")
         if point["threshold"] is None:
-            needed = math.ceil(1 / point["fpir"] * (1 - 1e-12))
+            needed = negatives_needed(point["fpir"])
             lines.append(f"  {fpir:>6}  {'-':>9}  needs {needed} non-mated searches or more")
         else:
             strangers = f"{point['false_alarms']} of {non_mated}"
@@ -570,7 +570,7 @@ def _fpir_threshold(args, ranks: np.ndarray, best: np.ndarray, mated: np.ndarray
     point = operating_points(ranks, best, mated, [args.fpir])[0]
     if point["threshold"] is None:
         raise ValueError(f"--fpir {args.fpir:g}: {non_mated} non-mated searches measure an FPIR of {1 / non_mated:.3g} "
-                         f"at best (1 of them); {args.fpir:g} needs {math.ceil(1 / args.fpir * (1 - 1e-12))} or more")
+                         f"at best (1 of them); {args.fpir:g} needs {negatives_needed(args.fpir)} or more")
     return point
 
 
