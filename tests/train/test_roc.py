@@ -252,7 +252,7 @@ def test_a_folder_embedded_saved_and_read_back(trained, tmp_path, capsys):
     assert run_roc("--model", backbone, "--images", people, "--save-embeddings", saved, "--output", out, "--far",
                    0.05, "--plot", tmp_path / "roc.png") == 0
     err = capsys.readouterr().err
-    assert "person5) contribute no genuine pair" in err and "the model's recorded 1:1 threshold, cosine 0.5500" in err
+    assert "person5) contributes no genuine pair" in err and "the model's recorded 1:1 threshold, cosine 0.5500" in err
     summary = json.loads(out.with_suffix(".json").read_text())
     # 16 faces: 120 pairs, 5 people x 3 genuine pairs.
     assert (summary["faces"], summary["genuine_pairs"], summary["impostor_pairs"]) == (16, 15, 105)
