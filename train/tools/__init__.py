@@ -16,10 +16,15 @@ import argparse
 import contextlib
 import errno
 import os
+import re
+import secrets
+import shutil
 import sys
 import warnings
 
 import torch
+
+from train import checkpoint
 
 
 def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] = (),
@@ -198,3 +203,55 @@ def plain_warnings():
         yield
     finally:
         warnings.showwarning = previous
+
+
+# A folder of links to images (cluster --tree, quality --tree), made beside its place and moved there whole.
+
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies in it (links followed)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(os.path.join(folder, ""))
+
+
+def link_or_copy(source: str, target: str, copy: bool) -> bool:
+    """``target`` made a hard link to ``source`` (True), or a copy of it (False) with ``copy`` or where the
+    file system refuses the link (another device, no hard links, too many links)."""
+    if not copy:
+        try:
+            os.link(source, target)
+            return True
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                raise
+    shutil.copy2(source, target)
+    return False
+
+
+def hidden_beside(tree: str, kind: str) -> str:
+    """A hidden folder's path beside ``tree``, named for its writer as checkpoint.write_atomic names its
+    temporaries, so that the next run can tell a killed run's: ``kind`` is ``partial`` (a tree being
+    laid out) or ``old`` (the tree it replaces, being removed)."""
+    parent, base = os.path.split(os.path.abspath(tree))  # (abspath: a tree/ given has the name tree)
+    return os.path.join(parent, f".{base}.{checkpoint._HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}")
+
+
+def remove_killed_runs_trees(tree: str) -> None:
+    """The hidden folders beside ``tree`` that runs on this host left when they were killed (their
+    process gone): a run that stops otherwise removes its own."""
+    parent, base = os.path.split(os.path.abspath(tree))
+    pattern = re.compile(re.escape(f".{base}.") + r"(\w+)-(\d+)-[0-9a-f]{8}\.(partial|old)")
+    for entry in os.listdir(parent):
+        found = pattern.fullmatch(entry)
+        if found and found.group(1) == checkpoint._HOST and not checkpoint._process_alive(int(found.group(2))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def replace_folder(new: str, path: str) -> str | None:
+    """``new`` renamed to ``path``; a folder there is first moved into a hidden folder beside it,
+    which is returned for the caller to remove (None when there was none)."""
+    old = None
+    if os.path.lexists(path):
+        old = hidden_beside(path, "old")
+        os.replace(path, old)
+    os.replace(new, path)
+    return old

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import errno
 import hashlib
 import os
-import re
-import secrets
 import shutil
 import sys
 import time
@@ -42,8 +39,9 @@ from train.data.transforms import IMAGE_EXTENSIONS
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_readable, folder_images, load_model, made_with,
                          model_threshold, read_about, read_table, table_files)
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, plain_warnings,
-                         summary_path, torch_device)
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, hidden_beside,
+                         inside, link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
+                         torch_device)
 from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
 DEFAULT_NEIGHBOURS = 10
@@ -355,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
         summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with signals_held():  # the table, its summary and the tree: all of them or none
             if staging is not None:
-                replaced = _replace_folder(staging, args.tree)
+                replaced = replace_folder(staging, args.tree)
                 staging = None
             _write_csv(args.output, names, clusters)
             checkpoint.write_json_atomic(summary_path(args.output), summary)
@@ -391,11 +389,6 @@ def _write_csv(path: str, names: list[str], clusters: np.ndarray) -> None:
     checkpoint.write_atomic(path, write, binary=False)
 
 
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(os.path.join(folder, ""))
-
-
 def _check_tree(args, source_folder: str | None, about: dict | None) -> None:
     """ValueError naming --tree when the images cannot be laid out there: a table that does not say
     where its images are, or whose rows are faces in photos; a folder that is (or holds, or lies in)
@@ -410,10 +403,10 @@ def _check_tree(args, source_folder: str | None, about: dict | None) -> None:
         if not source_folder or not os.path.isdir(source_folder):
             raise ValueError(f"--tree: {source_folder}, the folder of {args.embeddings}'s images, is not there any "
                              "more")
-    if _inside(args.output, args.tree):
+    if inside(args.output, args.tree):
         raise ValueError(f"--output {args.output} lies in --tree {args.tree}: a tree holds the clusters' folders "
                          "only; write the table elsewhere")
-    if _inside(args.tree, source_folder) or _inside(source_folder, args.tree):
+    if inside(args.tree, source_folder) or inside(source_folder, args.tree):
         raise ValueError(f"--tree {args.tree} and the images' folder {source_folder} overlap: name a folder outside "
                          "it (the next run would take the tree's faces for more images)")
     if os.path.lexists(args.tree):
@@ -450,8 +443,8 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
     """A hidden folder beside ``tree`` holding cluster_NNNN/<name> for each clustered face, a hard link
     to its image (a copy with ``copy``, or where the file system refuses the link: another device, no
     hard links); (that folder, links made, copies made, names shortened to fit the file system)."""
-    _remove_killed_runs_trees(tree)
-    staging = _hidden_beside(tree, "partial")
+    remove_killed_runs_trees(tree)
+    staging = hidden_beside(tree, "partial")
     os.mkdir(staging)  # (as a folder is made: mkdtemp's would be the user's alone)
     try:
         longest = os.pathconf(staging, "PC_NAME_MAX")
@@ -491,20 +484,6 @@ def _build_tree(tree: str, source_folder: str, names: list[str], clusters: np.nd
     return staging, links, copies, shortened
 
 
-def link_or_copy(source: str, target: str, copy: bool) -> bool:
-    """``target`` made a hard link to ``source`` (True), or a copy of it (False) with ``copy`` or where the
-    file system refuses the link (another device, no hard links, too many links)."""
-    if not copy:
-        try:
-            os.link(source, target)
-            return True
-        except OSError as error:
-            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-                raise
-    shutil.copy2(source, target)
-    return False
-
-
 def _shortened(flat: str, name: str, longest: int, told_apart: str = "") -> str:
     """``flat`` (the image ``name``'s path, its folders joined by ``__``) cut to a name of at most
     ``longest`` bytes that still reads as it and keeps its extension: its first characters, ``~``
@@ -517,36 +496,6 @@ def _shortened(flat: str, name: str, longest: int, told_apart: str = "") -> str:
     while len(os.fsencode(stem)) > room:  # (a character may take several bytes)
         stem = stem[:-1]
     return stem + tag + told_apart + extension
-
-
-def _hidden_beside(tree: str, kind: str) -> str:
-    """A hidden folder's path beside ``tree``, named for its writer as checkpoint.write_atomic names its
-    temporaries, so that the next run can tell a killed run's: ``kind`` is ``partial`` (a tree being
-    laid out) or ``old`` (the tree it replaces, being removed)."""
-    parent, base = os.path.split(os.path.abspath(tree))  # (abspath: a tree/ given has the name tree)
-    return os.path.join(parent, f".{base}.{checkpoint._HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}")
-
-
-def _remove_killed_runs_trees(tree: str) -> None:
-    """The hidden folders beside ``tree`` that runs on this host left when they were killed (their
-    process gone): a run that stops otherwise removes its own."""
-    parent, base = os.path.split(os.path.abspath(tree))
-    pattern = re.compile(re.escape(f".{base}.") + r"(\w+)-(\d+)-[0-9a-f]{8}\.(partial|old)")
-    for entry in os.listdir(parent):
-        found = pattern.fullmatch(entry)
-        if found and found.group(1) == checkpoint._HOST and not checkpoint._process_alive(int(found.group(2))):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _replace_folder(new: str, path: str) -> str | None:
-    """``new`` renamed to ``path``; a folder there is first moved into a hidden folder beside it,
-    which is returned for the caller to remove (None when there was none)."""
-    old = None
-    if os.path.lexists(path):
-        old = _hidden_beside(path, "old")
-        os.replace(path, old)
-    os.replace(new, path)
-    return old
 
 
 if __name__ == "__main__":

@@ -48,9 +48,9 @@ from train.embed import (MODEL_HELP, embed_images, embed_listed_faces, embed_rea
                          model_digests, read_about, read_table, table_files)
 from train.ijb import threshold_allowing
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, plain_warnings,
-                         summary_path, torch_device)
-from train.tools.cluster import _hidden_beside, _inside, _remove_killed_runs_trees, _replace_folder, link_or_copy
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, hidden_beside,
+                         inside, link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
+                         torch_device)
 
 DEFAULT_FMRS = (0.001, 0.01)
 DEFAULT_MAX_REJECT = 0.2
@@ -412,7 +412,7 @@ def score(args: argparse.Namespace) -> int:
 
         with signals_held():  # the table, its summary and the tree: all of them or none
             if staging is not None:
-                replaced = _replace_folder(staging, args.tree)
+                replaced = replace_folder(staging, args.tree)
                 staging = None
             checkpoint.write_atomic(args.output, write, binary=False)
             checkpoint.write_json_atomic(summary_path(args.output), summary)
@@ -453,9 +453,9 @@ def _check_tree(args, folder: str | None, faces: str | None) -> None:
                          "train.tools.align, then score the crops")
     if not os.path.isdir(folder):
         raise ValueError(f"--tree: {folder}, the folder of the images, is not there any more")
-    if _inside(args.output, args.tree):
+    if inside(args.output, args.tree):
         raise ValueError(f"--output {args.output} lies in --tree {args.tree}: write the table elsewhere")
-    if _inside(args.tree, folder) or _inside(folder, args.tree):
+    if inside(args.tree, folder) or inside(folder, args.tree):
         raise ValueError(f"--tree {args.tree} and the images' folder {folder} overlap: name a folder outside it")
     if os.path.lexists(args.tree):
         if not os.path.isdir(args.tree) or os.path.islink(args.tree):
@@ -481,8 +481,8 @@ def _build_tree(tree: str, folder: str, names: list[str], rejected: np.ndarray, 
     """A hidden folder beside ``tree`` holding kept/<name> and rejected/<name> for each face, a hard link
     to its image (a copy with ``copy``, or where the file system refuses the link); (that folder, links
     made, copies made)."""
-    _remove_killed_runs_trees(tree)
-    staging = _hidden_beside(tree, "partial")
+    remove_killed_runs_trees(tree)
+    staging = hidden_beside(tree, "partial")
     os.mkdir(staging)
     links = copies = 0
     try:
