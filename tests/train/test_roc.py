@@ -101,6 +101,19 @@ def test_a_hand_made_table(hand, tmp_path, capsys):
                                  ("bob", "2", "1", "0", "0", "0.800000"), ("carol", "2", "1", "0", "0", "0.800000")]
 
 
+def test_the_same_photo_twice_under_one_person_is_said(hand, tmp_path, capsys):
+    # A genuine pair at the duplicate cosine is accepted at any threshold: it raises the TAR, and the run says so.
+    assert run_roc("--embeddings", hand, "--output", tmp_path / "plain.csv", "--far", 0.1) == 0
+    assert "or more: one photo filed twice" not in capsys.readouterr().err
+    table = tmp_path / "twice.npy"
+    faces = {**HAND, "bob/3.jpg": e(2)}  # bob/1.jpg again
+    write_table(str(table), list(faces), np.stack(list(faces.values())).astype(np.float32))
+    assert run_roc("--embeddings", table, "--output", tmp_path / "roc.csv", "--far", 0.1) == 0
+    assert "roc: note: 1 genuine pair at cosine 0.99 or more: one photo filed twice under one person" in \
+        capsys.readouterr().err
+    assert json.loads((tmp_path / "roc.json").read_text())["genuine_pairs_at_duplicate_cosine"] == 1
+
+
 def test_the_histogram_is_exact_at_its_edges():
     # One impostor cosine exactly 0.5, a bin's upper edge: above 0.5 - 2^-15, not above 0.5. Off by one bin, the
     # histogram would count it above 0.5 (or not above the edge below).

@@ -623,6 +623,11 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
         say(f"roc: note: {count_of(duplicates, 'impostor pair')} at cosine {DEFAULT_DUPLICATE_COSINE} or more: one "
             "photo, or one person, filed under two names? (the first in "
             f"{failing_outputs(args.output)['impostors']})")
+    duplicates = summary["genuine_pairs_at_duplicate_cosine"]
+    if duplicates:  # (accepted at every threshold: they raise the TAR the tool reports)
+        say(f"roc: note: {count_of(duplicates, 'genuine pair')} at cosine {DEFAULT_DUPLICATE_COSINE} or more: one "
+            "photo filed twice under one person (saved again, re-encoded)? Each is accepted at any threshold and "
+            "raises the TAR above; train.tools.cluster finds such duplicates")
     files = failing_outputs(args.output)
     say(f"roc: at FAR {args.far:g}: threshold cosine {point['threshold']:.6f}"
         + ("" if point["threshold_exact"] else " (a bin edge)")
