@@ -173,6 +173,13 @@ def stack_row_margins(m2, m3, embeddings):
     return torch.stack(columns, dim=1)
 
 
+def margins_dtype(device):
+    """The dtype of the per-row margins (and CurricularFace's t given as a number) that the modules make on
+    ``device``: float64, as the op takes them, but float32 on Apple's mps, which has no float64 (there the
+    loss runs in plain PyTorch, in fp32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def scalar_margin(value):
     """The op's scalar argument for a margin that may be per-row (then unused: 0.0)."""
     return 0.0 if isinstance(value, torch.Tensor) else float(value)

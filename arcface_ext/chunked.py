@@ -36,7 +36,8 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
-from ._checks import check_arguments, check_flag, fused_compute_dtype, reduce_rows, skips_label_check
+from ._checks import (check_arguments, check_flag, fused_compute_dtype, margins_dtype, reduce_rows,
+                      skips_label_check)
 from .reference import NORM_EPS, _TargetLogit, margin_psi
 
 # Values a block holds: about this many cosines (N x chunk·K) and centre rows' values (chunk·K x D),
@@ -456,7 +457,7 @@ def check_curricular_t(value: float | Tensor | None, embeddings: Tensor) -> Tens
         return value.detach().reshape(())
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"curricular_t must be a finite number or a one-element float tensor, got {value!r}")
-    return torch.tensor(float(value), dtype=torch.float64, device=embeddings.device)
+    return torch.tensor(float(value), dtype=margins_dtype(embeddings.device), device=embeddings.device)
 
 
 # The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).

@@ -36,7 +36,7 @@ from . import chunked, ops
 from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_flag, check_row_margin,
                       fused_compute_dtype, is_dtensor, nan_at_ignored, scalar_margin, skips_label_check,
                       stack_row_margins)
-from .functional import get_workspace_bytes, require_extension
+from .functional import check_device_has_kernel, get_workspace_bytes, require_extension
 from .chunked import check_filtering_threshold
 from .modules import NO_SINGLE_MARGIN, AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, LossModule, set_loss_options
 from .sampling import bad_labels, sample_classes, sample_size
@@ -592,6 +592,8 @@ class ShardedCombinedMarginLoss(LossModule):
                             ignore_index=self.ignore_index)
             check_flag("return_target_cosine", return_target_cosine)
             require_extension()
+            # (the shards' log-sum-exp and their reduction are the op's, the chunked path's too)
+            check_device_has_kernel(embeddings, f"{type(self).__name__} (sharded class centres)")
         except (TypeError, ValueError, RuntimeError) as exc:
             error = exc
         rows = self._agree(embeddings, labels, error)

@@ -1,14 +1,15 @@
 """The public function of arcface_ext: the fused combined-margin softmax cross-entropy."""
 from __future__ import annotations
 
+import warnings
 from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
-from . import ops
+from . import chunked, ops, reference
 from ._checks import (check_arguments, check_flag, fused_compute_dtype, nan_at_ignored, scalar_margin,
-                      stack_row_margins)
+                      skips_label_check, stack_row_margins)
 
 # 128 MiB: on the H200 (session 8's sweep, benchmarks/NOTES.md) twice 64 MiB's chunk width took a
 # forward + backward at C = 1M from 12.3 to 11.2 ms and at C = 100k from 2.2 to 1.8 ms. The peak
@@ -104,12 +105,22 @@ def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, 
 
     Returns:
         The loss (fp32, or fp64 for fp64 inputs), or ``(loss, target_cosine)``.
+
+    The compiled op has CPU and CUDA kernels. On another device type (Apple's ``mps``, Intel's ``xpu``)
+    the same loss runs in plain PyTorch, with a ``UserWarning`` the first time: the chunked path
+    (:func:`arcface_ext.chunked.chunked_margin_loss`, memory bounded by its class chunks), or, for per-row
+    margins, the reference (:mod:`arcface_ext.reference`, the whole N x C matrix).
     """
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
                     reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
     check_labels = check_flag("check_labels", check_labels)
     return_target_cosine = check_flag("return_target_cosine", return_target_cosine)
     require_extension()
+    device_type = embeddings.device.type
+    if device_type not in ops.OP_DEVICES:
+        return _without_kernel(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
+                               reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index,
+                               return_target_cosine=return_target_cosine, check_labels=check_labels)
     dtype = fused_compute_dtype(embeddings, weight)
     needs_embeddings_grad = torch.is_grad_enabled() and embeddings.requires_grad
     needs_weight_grad = torch.is_grad_enabled() and weight.requires_grad
@@ -125,7 +136,7 @@ def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, 
     # The training op stores its gradients in the inputs' dtype before the backward scales them: in
     # fp16, a loss scaler's factor would come too late for the entries already rounded to zero.
     if (reduction != "none" and (needs_embeddings_grad or needs_weight_grad) and not differentiable_margins
-            and dtype != torch.float16 and embeddings.device.type in ops.TRAIN_DEVICES):
+            and dtype != torch.float16 and device_type in ops.TRAIN_DEVICES):
         # A training step: the gradients come out of the forward's own pass (the backward
         # only scales them), which saves recomputing the cosines.
         loss, target_cosine, _, _ = ops.margin_softmax_train(
@@ -136,3 +147,64 @@ def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, 
     if return_target_cosine:
         return loss, nan_at_ignored(target_cosine, labels, ignore_index)
     return loss
+
+
+# The (device type, path) pairs _without_kernel has warned about: one warning each a process.
+_warned_without_kernel: set[tuple[str, str]] = set()
+
+
+def check_device_has_kernel(tensor: Tensor, what: str) -> None:
+    """NotImplementedError naming ``what`` (the caller) where ``tensor``'s device type has no kernel of the
+    op and ``what`` cannot run without one."""
+    if tensor.device.type not in ops.OP_DEVICES:
+        raise NotImplementedError(
+            f"{what} needs arcface_ext's compiled op, which has kernels for {', '.join(_kernel_devices())} only, "
+            f"not for {tensor.device.type} tensors (its PyTorch fallback covers the replicated losses: "
+            "combined_margin_loss, CombinedMarginLoss and the other modules)")
+
+
+def _kernel_devices() -> list[str]:
+    return sorted(ops.OP_DEVICES - {"meta"}) or ["none"]
+
+
+def _without_kernel(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_index,
+                    return_target_cosine, check_labels):
+    """combined_margin_loss (its arguments checked) on a device type that has no kernel of the op: the
+    chunked path (memory bounded by its class chunks), or, for per-row margins, which it does not take, the
+    reference (the whole N x C matrix), computing as the op does: fp32 (fp64 for fp64 inputs) from inputs
+    brought to the op's compute dtype (the autocast dtype under autocast), with the op's value checks."""
+    device = embeddings.device.type
+    per_row = isinstance(m2, Tensor) or isinstance(m3, Tensor)
+    path = "reference" if per_row else "chunked"
+    compiling = torch.compiler.is_compiling()
+    if (device, path) not in _warned_without_kernel and not compiling:
+        _warned_without_kernel.add((device, path))
+        how = ("per-row margins (m2 or m3 a tensor) on arcface_ext.reference, which holds the whole N x C logit "
+               "matrix and its gradient" if per_row else
+               "on the chunked PyTorch path (arcface_ext.chunked; memory bounded by its class chunks, about twice "
+               "the op's time on a CPU)")
+        warnings.warn(f"arcface_ext: the fused op has no {device} kernel (only {', '.join(_kernel_devices())}): "
+                      f"combined_margin_loss runs in plain PyTorch on {device}, {how}; the same loss up to rounding",
+                      UserWarning, stacklevel=3)
+    labels = labels.long()
+    if not skips_label_check(check_labels, labels) and not compiling:
+        # The op's checks and messages (a device sync, as on CUDA); the path below then checks nothing more.
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"arcface_ext: labels[{row}] = {int(labels[row])} is out of range: labels must lie in "
+                             f"[0, {weight.shape[0]}) (the number of classes in weight) or equal ignore_index "
+                             f"({ignore_index})")
+        for column, (name, margin) in enumerate((("m2", m2), ("m3", m3))):
+            if isinstance(margin, Tensor) and not bool(torch.isfinite(margin).all()):
+                raise ValueError(f"arcface_ext: the per-row margin {name} must be finite (row_margins column "
+                                 f"{column} holds a NaN or an infinity)")
+    options = dict(s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction, margin_grad=margin_grad,
+                   ignore_index=ignore_index, return_target_cosine=return_target_cosine, check_labels=False)
+    if not per_row:
+        # (It reads autocast and 16-bit inputs itself: 16-bit operands for its products, fp32 for the rest.)
+        return chunked.chunked_margin_loss(embeddings, weight, labels, **options)
+    # The reference under autocast would round its cosines to 16 bits: the op's operands instead, outside it.
+    dtype = fused_compute_dtype(embeddings, weight)
+    with torch.autocast(device, enabled=False):
+        return reference.combined_margin_loss(embeddings.to(dtype), weight.to(dtype), labels, **options)

@@ -12,7 +12,7 @@ from torch.types import Device
 
 from . import _checks, chunked, functional, reference
 from .chunked import check_filtering_threshold
-from ._checks import check_arguments, check_flag, check_options, check_real, reduce_rows
+from ._checks import check_arguments, check_flag, check_options, check_real, margins_dtype, reduce_rows
 from .sampling import bad_labels, check_sample_rate, sample_step
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ def easy_margins(module: LossModule, embeddings: Tensor, labels: Tensor, margins
                                           ignore_index=module.ignore_index,
                                           gemm_dtype=chunked.gemm_dtype(embeddings, module.weight))
     if not torch.is_tensor(margins):
-        margins = torch.full_like(cosine, margins, dtype=torch.float64)
+        margins = torch.full_like(cosine, margins, dtype=margins_dtype(cosine.device))
     return torch.where(cosine > 0, margins, torch.zeros_like(margins))
 
 
@@ -503,7 +503,7 @@ class ElasticFaceMargins(LossMixin):
         # No generator argument when there is none: torch.compile cannot trace randn's generator
         # overload for a batch size that changes between calls.
         generator = {} if self.generator is None else {"generator": self.generator}
-        drawn = torch.randn(embeddings.shape[0], device=embeddings.device, dtype=torch.float64,
+        drawn = torch.randn(embeddings.shape[0], device=embeddings.device, dtype=margins_dtype(embeddings.device),
                             **generator).mul_(self.std).add_(self.m)  # type: ignore[call-overload]  # (**generator)
         if self.plus:
             drawn = self._by_target_cosine(embeddings, labels, drawn)
@@ -516,7 +516,7 @@ class ElasticFaceMargins(LossMixin):
         counted = labels != self.ignore_index
         # Ignored rows sort last on both sides (cosine +inf, draw -inf), so that the counted rows share out
         # their own draws; a NaN cosine (a non-finite embedding, whose loss is NaN) after the finite ones.
-        key = torch.where(counted, torch.nan_to_num(cosine.to(torch.float64), nan=2.0, posinf=2.0, neginf=-2.0),
+        key = torch.where(counted, torch.nan_to_num(cosine.to(drawn.dtype), nan=2.0, posinf=2.0, neginf=-2.0),
                           torch.full_like(drawn, math.inf))
         order = torch.argsort(key, stable=True)
         ranked = torch.where(counted, drawn, torch.full_like(drawn, -math.inf)).sort(descending=True).values

@@ -15,6 +15,10 @@ except ImportError as error:  # pragma: no cover - exercised only on broken inst
 else:
     IMPORT_ERROR = None
 TRAIN_DEVICES: frozenset[str] = frozenset()
+# Device types the op serves: its kernels' (cpu, cuda) and "meta" (its fake kernel, shapes only; torch.compile's
+# fake tensors keep their device's type). functional.combined_margin_loss runs the loss in plain PyTorch on the
+# others (Apple's mps, Intel's xpu, ...). Looked up once: a set-membership test a call, a constant for torch.compile.
+OP_DEVICES: frozenset[str] = frozenset()
 
 
 def _loss_dtype(embeddings):
@@ -87,6 +91,7 @@ if IMPORT_ERROR is None:
     # Device types whose kernels include the one-call training op (looked up once: a constant
     # for torch.compile).
     TRAIN_DEVICES = _devices_with_kernel("arcface_ext::margin_softmax_train")
+    OP_DEVICES = _devices_with_kernel("arcface_ext::margin_softmax_forward") | {"meta"}
 
     @torch.library.register_fake("arcface_ext::margin_softmax_forward")
     def _forward_fake(embeddings, weight, labels, s, m1, m2, m3, lambda_, ignore_index,

@@ -24,7 +24,10 @@ with torch.mm). `subcenter` (arcface_ext.subcenter_margin_loss, sub-center ArcFa
 classes of k sub-centres (--subcenters, default 3; C mod k rows left out): the same matrix products as the others; they
 are not in the default set. Nor are `filtered` / `curricular` (arcface_ext.chunked_margin_loss with
 Partial FC's inter-class filtering at 0.4, or CurricularFace's hard negatives at t = 0.3) and their
-whole-matrix `-eager` forms (reference.chunked_margin_loss). `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
+whole-matrix `-eager` forms (reference.chunked_margin_loss). `other-device` is
+arcface_ext.combined_margin_loss with the device's type taken out of the op's (arcface_ext.ops.OP_DEVICES):
+the plain-PyTorch path it takes on a device without a kernel (Apple's mps, Intel's xpu), the chunked path
+for these scalar margins; not in the default set. `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
 insightface runs for millions of identities): each step draws its sample (arcface_ext.sample_classes),
 gathers those centres and runs ours or the reference on them; the draw and the gather are timed too. Prints a table with ratios and writes its rows to
 benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the same name).
@@ -66,6 +69,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 
@@ -74,12 +78,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import arcface_ext  # noqa: E402
-from arcface_ext import reference  # noqa: E402
+from arcface_ext import ops, reference  # noqa: E402
 
 IMPLS = ("ours", "ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
          "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas", "eager", "compiled", "floor",
          "ours-sampled", "eager-sampled", "subcenter", "subcenter-eager", "filtered", "filtered-eager", "curricular",
-         "curricular-eager")
+         "curricular-eager", "other-device")
 # The chunked path's options for the filtered and curricular impls: a filtering threshold and a
 # CurricularFace t of this benchmark's choosing (the cost does not depend on them).
 CHUNKED_OPTIONS = {"filtered": dict(interclass_filtering_threshold=0.4), "curricular": dict(curricular_t=0.3)}
@@ -189,12 +193,23 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
             # (a slice only when it leaves rows out: its backward is a whole zero-filled gradient more)
             rows = classes * subcenters
             return chunked_fn(x, w if rows == w.shape[0] else w[:rows], y, k=subcenters, **kwargs)
+    elif impl == "other-device":
+        def loss_fn(*args, **kwargs):
+            # This device taken out of the op's: the PyTorch path an mps or xpu device runs.
+            served = ops.OP_DEVICES
+            ops.OP_DEVICES = served - {device_type}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    return arcface_ext.combined_margin_loss(*args, **kwargs)
+            finally:
+                ops.OP_DEVICES = served
     elif impl.split("-")[0] in CHUNKED_OPTIONS:
         loss_fn = functools.partial(reference.chunked_margin_loss if impl.endswith("-eager")
                                     else arcface_ext.chunked_margin_loss, **CHUNKED_OPTIONS[impl.split("-")[0]])
     else:
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
-    use_autocast = autocast and not impl.startswith(("ours", "subcenter", "filtered", "curricular"))
+    use_autocast = autocast and not impl.startswith(("ours", "subcenter", "filtered", "curricular", "other-device"))
     # ours-cublas / ours-recompute / ours-one-row-tile / ours-wgmma(32, -resident): the CUDA op with its fused
     # tensor-core kernels, its kept gradient block or its blocks' shared class norms switched off, or
     # its forward on the wgmma tile, for comparison (SWITCHES).
