@@ -608,9 +608,14 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
         import torch
 
         try:
-            torch.device(args.device)
+            device_type = torch.device(args.device).type
         except RuntimeError:
             raise SystemExit(f"--device {args.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+        if device_type not in ("cpu", "cuda"):
+            # Apple's mps, Intel's xpu, ...: the losses run there (in plain PyTorch), the trainer has not, and its
+            # set-up reads CUDA (NCCL or gloo, the CUDA random state in checkpoints, pin_memory, cudnn).
+            raise SystemExit(f"--device {args.device}: the trainer runs on cpu or cuda only; it has not run on "
+                             f"{device_type} (arcface_ext's losses do, in plain PyTorch: README, API)")
     for flag, value in (("--crop-augmentation", args.crop_augmentation),
                         ("--low-res-augmentation", args.low_res_augmentation),
                         ("--photometric-augmentation", args.photometric_augmentation)):

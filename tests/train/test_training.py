@@ -632,6 +632,10 @@ def test_gradient_accumulation_is_checked(value):
     ("--synthetic-identities", "0", "--synthetic-identities must be at least 1, got 0"),
     ("--synthetic-images-per-identity", "-1", "--synthetic-images-per-identity must be at least 1, got -1"),
     ("--device", "gpu", r"--device 'gpu' is not a torch device \(auto, cpu, cuda, cuda:1, \.\.\.\)"),
+    # (were torch's errors after the data was read: mps where there is none, or a run whose set-up reads CUDA)
+    ("--device", "mps", r"--device mps: the trainer runs on cpu or cuda only; it has not run on mps \(arcface_ext's "
+                        r"losses do, in plain PyTorch: README, API\)"),
+    ("--device", "xpu:0", r"--device xpu:0: the trainer runs on cpu or cuda only; it has not run on xpu .*"),
     ("--grad-clip", "-1", r"--grad-clip must be a finite number >= 0, got -1\.0"),
 ])
 def test_numeric_options_are_checked_before_the_run(flag, value, message):
