@@ -181,8 +181,8 @@ def _without_kernel(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
         _warned_without_kernel.add((device, path))
         how = ("per-row margins (m2 or m3 a tensor) on arcface_ext.reference, which holds the whole N x C logit "
                "matrix and its gradient" if per_row else
-               "on the chunked PyTorch path (arcface_ext.chunked; memory bounded by its class chunks, about twice "
-               "the op's time on a CPU)")
+               "on the chunked PyTorch path (arcface_ext.chunked: memory bounded by its class chunks, slower than "
+               "the op)")
         warnings.warn(f"arcface_ext: the fused op has no {device} kernel (only {', '.join(_kernel_devices())}): "
                       f"combined_margin_loss runs in plain PyTorch on {device}, {how}; the same loss up to rounding",
                       UserWarning, stacklevel=3)
