@@ -167,6 +167,14 @@ def _kernel_devices() -> list[str]:
     return sorted(ops.OP_DEVICES - {"meta"}) or ["none"]
 
 
+def _build_hint(device: str) -> str:
+    """For CUDA tensors on a build without CUDA kernels (no nvcc found when it was built): how to build them."""
+    if device != "cuda":
+        return ""
+    return (". This build of arcface_ext has no CUDA kernels (its build found no CUDA toolkit): reinstall it with the "
+            "toolkit's nvcc on the PATH or CUDA_HOME set, or FORCE_CUDA=1 (pip install --no-build-isolation -e .)")
+
+
 def _without_kernel(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_index,
                     return_target_cosine, check_labels):
     """combined_margin_loss (its arguments checked) on a device type that has no kernel of the op: the
@@ -184,8 +192,8 @@ def _without_kernel(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
                "on the chunked PyTorch path (arcface_ext.chunked: memory bounded by its class chunks, slower than "
                "the op)")
         warnings.warn(f"arcface_ext: the fused op has no {device} kernel (only {', '.join(_kernel_devices())}): "
-                      f"combined_margin_loss runs in plain PyTorch on {device}, {how}; the same loss up to rounding",
-                      UserWarning, stacklevel=3)
+                      f"combined_margin_loss runs in plain PyTorch on {device}, {how}; the same loss up to rounding"
+                      + _build_hint(device), UserWarning, stacklevel=3)
     labels = labels.long()
     if not skips_label_check(check_labels, labels) and not compiling:
         # The op's checks and messages (a device sync, as on CUDA); the path below then checks nothing more.

@@ -190,6 +190,13 @@ def test_modules_match_the_op(name):
             assert_close_report(ai, ei, atol=2e-5 * float(ei[ei.isfinite()].abs().max()), rtol=2e-5, name=what)
 
 
+def test_cuda_tensors_on_a_build_without_cuda_kernels_are_told_how_to_build_them():
+    # (A CPU-only build given CUDA tensors takes the PyTorch path too; its warning says how to get the kernels.)
+    assert "reinstall it with the toolkit's nvcc on the PATH or CUDA_HOME set, or FORCE_CUDA=1" in \
+        functional._build_hint("cuda")
+    assert functional._build_hint("mps") == functional._build_hint("xpu") == ""
+
+
 def test_one_warning_a_path_naming_the_device_and_the_path():
     x, w, labels = make_case(seed=6, dtype=torch.float32)
     with cpu_without_kernel(), warnings.catch_warnings(record=True) as caught:
