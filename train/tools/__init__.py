@@ -255,3 +255,27 @@ def replace_folder(new: str, path: str) -> str | None:
         os.replace(path, old)
     os.replace(new, path)
     return old
+
+
+def check_tree_folder(tree: str, overwrite: bool, ours, kind: str) -> None:
+    """Before a tool lays out ``--tree``: ValueError naming it when it exists and is not a folder, holds
+    something without ``overwrite``, or holds an entry that ``ours`` (its path -> bool) does not take for the
+    tool's own (``kind`` says what the tool writes there: "a tree of clusters"); or when the folder it goes
+    in cannot be made or written in."""
+    if os.path.lexists(tree):
+        if not os.path.isdir(tree) or os.path.islink(tree):
+            raise ValueError(f"--tree {tree} exists and is not a folder")
+        entries = os.listdir(tree)
+        if entries and not overwrite:
+            raise ValueError(f"--tree {tree} exists: pass --overwrite to replace it")
+        foreign = [name for name in entries if not ours(os.path.join(tree, name))]
+        if foreign:
+            raise ValueError(f"--tree {tree} holds {os.path.join(tree, foreign[0])}, which this tool does not "
+                             f"write: --overwrite replaces only {kind}; name another folder")
+    parent = os.path.dirname(os.path.abspath(tree))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--tree: cannot make the folder {parent}: {error.strerror or error}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--tree: cannot write in {parent} (read-only, or not yours)")

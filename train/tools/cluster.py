@@ -39,9 +39,9 @@ from train.data.transforms import IMAGE_EXTENSIONS
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_readable, folder_images, load_model, made_with,
                          model_threshold, read_about, read_table, table_files)
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, hidden_beside,
-                         inside, link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
-                         torch_device)
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, check_tree_folder,
+                         count_of, hidden_beside, inside, link_or_copy, plain_warnings, remove_killed_runs_trees,
+                         replace_folder, summary_path, torch_device)
 from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
 DEFAULT_NEIGHBOURS = 10
@@ -409,23 +409,7 @@ def _check_tree(args, source_folder: str | None, about: dict | None) -> None:
     if inside(args.tree, source_folder) or inside(source_folder, args.tree):
         raise ValueError(f"--tree {args.tree} and the images' folder {source_folder} overlap: name a folder outside "
                          "it (the next run would take the tree's faces for more images)")
-    if os.path.lexists(args.tree):
-        if not os.path.isdir(args.tree) or os.path.islink(args.tree):
-            raise ValueError(f"--tree {args.tree} exists and is not a folder")
-        entries = os.listdir(args.tree)
-        if entries and not args.overwrite:
-            raise ValueError(f"--tree {args.tree} exists: pass --overwrite to replace it")
-        foreign = [name for name in entries if not _tree_folder(os.path.join(args.tree, name))]
-        if foreign:
-            raise ValueError(f"--tree {args.tree} holds {os.path.join(args.tree, foreign[0])}, which this tool does "
-                             "not write: --overwrite replaces only a tree of clusters; name another folder")
-    parent = os.path.dirname(os.path.abspath(args.tree))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--tree: cannot make the folder {parent}: {error.strerror or error}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--tree: cannot write in {parent} (read-only, or not yours)")
+    check_tree_folder(args.tree, args.overwrite, _tree_folder, "a tree of clusters")
 
 
 def _tree_folder(path: str) -> bool:

@@ -48,9 +48,9 @@ from train.embed import (MODEL_HELP, embed_images, embed_listed_faces, embed_rea
                          model_digests, read_about, read_table, table_files)
 from train.ijb import threshold_allowing
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, hidden_beside,
-                         inside, link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
-                         torch_device)
+from train.tools import (add_embedding_options, check_embedding_options, check_outputs, check_tree_folder,
+                         count_of, hidden_beside, inside, link_or_copy, plain_warnings, remove_killed_runs_trees,
+                         replace_folder, summary_path, torch_device)
 
 DEFAULT_FMRS = (0.001, 0.01)
 DEFAULT_MAX_REJECT = 0.2
@@ -457,24 +457,8 @@ def _check_tree(args, folder: str | None, faces: str | None) -> None:
         raise ValueError(f"--output {args.output} lies in --tree {args.tree}: write the table elsewhere")
     if inside(args.tree, folder) or inside(folder, args.tree):
         raise ValueError(f"--tree {args.tree} and the images' folder {folder} overlap: name a folder outside it")
-    if os.path.lexists(args.tree):
-        if not os.path.isdir(args.tree) or os.path.islink(args.tree):
-            raise ValueError(f"--tree {args.tree} exists and is not a folder")
-        entries = os.listdir(args.tree)
-        if entries and not args.overwrite:
-            raise ValueError(f"--tree {args.tree} exists: pass --overwrite to replace it")
-        foreign = [name for name in entries if name not in TREE_PARTS
-                   or not os.path.isdir(os.path.join(args.tree, name))]
-        if foreign:
-            raise ValueError(f"--tree {args.tree} holds {os.path.join(args.tree, foreign[0])}, which this tool does "
-                             "not write: --overwrite replaces only a tree of kept/ and rejected/; name another folder")
-    parent = os.path.dirname(os.path.abspath(args.tree))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"--tree: cannot make the folder {parent}: {error.strerror or error}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--tree: cannot write in {parent} (read-only, or not yours)")
+    check_tree_folder(args.tree, args.overwrite, lambda path: os.path.basename(path) in TREE_PARTS
+                      and os.path.isdir(path), "a tree of kept/ and rejected/")
 
 
 def _build_tree(tree: str, folder: str, names: list[str], rejected: np.ndarray, copy: bool) -> tuple[str, int, int]:
