@@ -27,7 +27,9 @@ Partial FC's inter-class filtering at 0.4, or CurricularFace's hard negatives at
 whole-matrix `-eager` forms (reference.chunked_margin_loss). `other-device` is
 arcface_ext.combined_margin_loss with the device's type taken out of the op's (arcface_ext.ops.OP_DEVICES):
 the plain-PyTorch path it takes on a device without a kernel (Apple's mps, Intel's xpu), the chunked path
-for these scalar margins; not in the default set. `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
+for these scalar margins; not in the default set. `--row-margins` gives every impl that takes margins
+(all but floor, which has none, and ours-graphed) per-row m2 and m3, (N,) tensors as AdaFace makes them (float64, no
+gradient), in place of the scalar m2 = 0.5. `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
 insightface runs for millions of identities): each step draws its sample (arcface_ext.sample_classes),
 gathers those centres and runs ours or the reference on them; the draw and the gather are timed too. Prints a table with ratios and writes its rows to
 benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the same name).
@@ -151,10 +153,20 @@ def graphed_step(embeddings, weight, labels, reduction):
     return step
 
 
-def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.1, subcenters=3):
+def row_margins(n, device):
+    """--row-margins: per-row (m2, m3) as AdaFace's, spread over its ranges (the cost does not depend
+    on the values), float64 as the modules make them on CPU and CUDA."""
+    m2 = torch.linspace(0.3, 0.6, n, dtype=torch.float64, device=device)
+    m3 = torch.linspace(0.0, 0.2, n, dtype=torch.float64, device=device)
+    return dict(m2=m2, m3=m3)
+
+
+def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.1, subcenters=3,
+              per_row_margins=False):
     """One forward+backward of `impl`; returns the gradients (the result whose size is excluded
-    from peak extra memory)."""
+    from peak extra memory). ``per_row_margins``: the loss takes per-row m2 and m3 (row_margins)."""
     device_type = embeddings.device.type
+    margins = row_margins(embeddings.shape[0], embeddings.device) if per_row_margins else {}
     autocast = embeddings.dtype in (torch.float16, torch.bfloat16)
 
     if impl == "floor":
@@ -221,7 +233,7 @@ def make_step(impl, embeddings, weight, labels, reduction="mean", sample_rate=0.
             os.environ[switch] = setting
         try:
             with torch.autocast(device_type, dtype=embeddings.dtype, enabled=use_autocast):
-                loss = loss_fn(embeddings, weight, labels, reduction=reduction)
+                loss = loss_fn(embeddings, weight, labels, reduction=reduction, **margins)
             loss.sum().backward()
         finally:
             if switch:
@@ -329,7 +341,7 @@ def _memory_child(spec):
     peaks = {}
     for impl in spec["impls"]:
         step = make_step(impl, *tensors, reduction=spec.get("reduction", "mean"), sample_rate=spec["sample_rate"],
-                         subcenters=spec.get("subcenters", 3))
+                         subcenters=spec.get("subcenters", 3), per_row_margins=spec.get("row_margins", False))
         for _ in range(spec.get("warmup", 1)):
             step()
         gc.collect()
@@ -345,12 +357,12 @@ def _memory_child(spec):
 
 
 def cpu_peak_extra_mb(impls, n, dim, num_classes, dtype="fp32", *, reduction="mean", threads=None,
-                      workspace_bytes=None, warmup=1, sample_rate=0.1, subcenters=3, timeout=900):
+                      workspace_bytes=None, warmup=1, sample_rate=0.1, subcenters=3, row_margins=False, timeout=900):
     """{impl: peak extra memory (MiB) of one forward+backward}, measured in one child process
     (the benchmark gives each impl its own)."""
     spec = dict(impls=list(impls), N=n, D=dim, C=num_classes, dtype=dtype, reduction=reduction,
                 warmup=warmup, threads=threads or torch.get_num_threads(), workspace_bytes=workspace_bytes,
-                sample_rate=sample_rate, subcenters=subcenters)
+                sample_rate=sample_rate, subcenters=subcenters, row_margins=row_margins)
     return run_child(__file__, "--memory-child", spec, timeout, f"memory child for {impls}")
 
 
@@ -479,6 +491,9 @@ def parse_args(argv=None):
                         help="CUDA: also search the largest C that fits, up to this, for ours and eager")
     parser.add_argument("--max-c-seconds", type=float, default=120.0,
                         help="time for the largest-C search, shared between ours and eager (default 120)")
+    parser.add_argument("--row-margins", action="store_true",
+                        help="per-row m2 and m3 ((N,) tensors, AdaFace's form) for every impl that takes margins "
+                             "(not ours-graphed; floor has none)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", help="output JSON path (default benchmarks/results/<device>-<date>.json)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -501,6 +516,10 @@ def main(argv=None):
         raise SystemExit("arcface_ext's compiled kernels are not built: pip install --no-build-isolation -e .")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False")
+    if args.row_margins and "ours-graphed" in impls:
+        raise SystemExit("--row-margins: ours-graphed's captured step takes no margins")
+    if args.row_margins and args.max_c:
+        raise SystemExit("--row-margins: the --max-c search runs scalar margins only")
     if args.max_c and args.device != "cuda":
         raise SystemExit("--max-c searches GPU memory; use it with --device cuda")
     defaults = DEFAULTS[args.device]
@@ -527,7 +546,8 @@ def main(argv=None):
         tensors = make_inputs(n, dim, num_classes, dtype, device)
         steps = {}
         for impl in impls:
-            step = make_step(impl, *tensors, sample_rate=args.sample_rate, subcenters=args.subcenters)
+            step = make_step(impl, *tensors, sample_rate=args.sample_rate, subcenters=args.subcenters,
+                             per_row_margins=args.row_margins)
             try:
                 step()
                 synchronize(device)
@@ -544,10 +564,13 @@ def main(argv=None):
                 else:
                     peak = cpu_peak_extra_mb([impl], n, dim, num_classes, dtype_name,
                                              workspace_bytes=args.workspace_bytes,
-                                             sample_rate=args.sample_rate, subcenters=args.subcenters)[impl]
+                                             sample_rate=args.sample_rate, subcenters=args.subcenters,
+                                             row_margins=args.row_margins)[impl]
             extra = {"sample_rate": args.sample_rate} if impl.endswith("-sampled") else {}
             if impl.startswith("subcenter"):
                 extra["subcenters"] = args.subcenters
+            if args.row_margins:
+                extra["row_margins"] = True
             rows.append(dict(impl=impl, N=n, D=dim, C=num_classes, dtype=dtype_name, **extra,
                              ms=statistics.median(times[impl]), ms_all=[round(t, 4) for t in times[impl]],
                              steps_per_sample=inner[impl],

@@ -11,7 +11,8 @@ import torch
 
 import arcface_ext
 from arcface_ext import _checks, functional, ops, reference
-from conftest import MARGINS, TOLERANCES, assert_close_report, assert_matches_reference, loss_and_grads, margin_kwargs
+from conftest import (MARGINS, TOLERANCES, assert_close_report, assert_matches_reference, load_benchmark, loss_and_grads,
+                      margin_kwargs)
 
 OUTPUTS = ("loss", "target_cosine", "grad_embeddings", "grad_weight")
 WARNING = "arcface_ext: the fused op has no cpu kernel"
@@ -317,3 +318,23 @@ def test_compile_fullgraph_of_a_module_on_cpu_still_runs_the_op():
     assert taken == {("cpu", "chunked")}
     assert_close_report(compiled, eager, atol=1e-6, rtol=1e-6, name="loss without a kernel")
     assert graphs and not any("arcface_ext" in str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+
+def test_the_benchmarks_row_margins_reach_every_loss():
+    # bench_loss.py --row-margins: each impl's step takes the per-row m2 and m3 (its gradients are those of a
+    # call with them, not of the scalar margins').
+    bench = load_benchmark("bench_loss")
+    x, w, labels = bench.make_inputs(8, 16, 50, torch.float32, torch.device("cpu"))
+    margins = bench.row_margins(8, torch.device("cpu"))
+    assert margins["m2"].shape == margins["m3"].shape == (8,)
+    for impl, loss_fn in (("ours", arcface_ext.combined_margin_loss), ("eager", reference.combined_margin_loss),
+                          ("other-device", arcface_ext.combined_margin_loss)):
+        got = bench.make_step(impl, x, w, labels, per_row_margins=True)()
+        scalar = bench.make_step(impl, x, w, labels)()
+        loss_fn(x, w, labels, **margins).backward()
+        expected = x.grad, w.grad
+        x.grad = w.grad = None
+        for name, a, e, s in zip(("grad_embeddings", "grad_weight"), got, expected, scalar):
+            # (other-device against the op: fp32 rounding apart)
+            assert_close_report(a, e, atol=1e-5 * float(e.abs().max()), rtol=1e-4, name=f"{impl} {name}")
+            assert not torch.allclose(a, s), f"{impl} {name}: the same as with the scalar margins"
