@@ -98,7 +98,9 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
             failed = [(done + i, e) for i, e in enumerate(errors) if e]
             if failed and unreadable is None:
                 raise ValueError(failed[0][1])
-            x = to_model_input(batch.to(device, non_blocking=True))
+            # (non-blocking from pinned memory on CUDA alone: on mps such a copy can read the batch's memory
+            # after it is freed, pytorch/pytorch#139550)
+            x = to_model_input(batch.to(device, non_blocking=device.type == "cuda"))
             count = x.shape[0]
             if flip:
                 raw = backbone(torch.cat([x, torch.flip(x, dims=[3])])).float()
@@ -395,7 +397,8 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
     p.add_argument("--workers", type=int, default=None,
                    help=workers_help + " (0: in this process; default: one a core, up to 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the model runs: cpu, cuda, cuda:1, ... (default: cuda when torch sees a GPU, else cpu)")
+                   help="where the model runs: cpu, cuda, cuda:1, mps, xpu, ... (default: cuda when torch sees a "
+                   "CUDA GPU, else cpu)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help=flip_help)
     p.add_argument("--save-features", metavar="PATH", default=None,
                    help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
@@ -681,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cosine similarity at or above which two faces are the same person; default: from the "
                    f"model's last verification, else {DEFAULT_COSINE_THRESHOLD} (python -m train.tools.roc measures "
                    "the threshold of a false accept rate on your own labelled faces)")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu, cuda, cuda:1, mps, xpu, ... (default: cpu)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),

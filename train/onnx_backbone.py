@@ -106,9 +106,9 @@ def feeds_raw_pixels(path: str, input_name: str) -> bool:
 
 
 def open_session(path: str, device: torch.device | str = "cpu"):
-    """An onnxruntime session of the graph at ``path``, on ``device``'s GPU when this onnxruntime
-    has a CUDA provider (a note otherwise). Raises FileNotFoundError, or ValueError naming the file
-    when onnxruntime is missing or cannot load it."""
+    """An onnxruntime session of the graph at ``path``, on ``device``'s GPU when it is CUDA's and this
+    onnxruntime has a CUDA provider, else on the CPU (a note where ``device`` is not the CPU). Raises
+    FileNotFoundError, or ValueError naming the file when onnxruntime is missing or cannot load it."""
     if os.path.isdir(path):
         raise FileNotFoundError(f"{path} is a folder, not a model file")
     if not os.path.isfile(path):
@@ -126,6 +126,9 @@ def open_session(path: str, device: torch.device | str = "cpu"):
         else:
             print(f"note: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu): {path} runs on the CPU",
                   file=sys.stderr)
+    elif device.type != "cpu":  # mps, xpu: onnxruntime's providers for them (CoreML, OpenVINO) are not used here
+        print(f"note: {path} runs on the CPU: onnxruntime is given the CPU or CUDA only here (what PyTorch computes "
+              f"runs on {device})", file=sys.stderr)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 4  # its errors come back as exceptions, which the messages here give
     try:

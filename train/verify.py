@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                    "races, then their mean, std and skewed error ratio")
     p.add_argument("--seed", type=int, default=None,
                    help="with --data synthetic: the training run's --seed (default: a checkpoint's own, else 0)")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu, cuda, cuda:1, mps, xpu, ... (default: cpu)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")
     p.add_argument("--amp", choices=("none", "fp16", "bf16"), default=None,

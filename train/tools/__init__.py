@@ -96,7 +96,8 @@ def add_embedding_options(p: argparse.ArgumentParser) -> None:
     """The options of a tool that embeds a folder of faces and compares them (``cluster``, ``search``):
     --device, --batch-size, --workers; :func:`check_embedding_options` checks them."""
     p.add_argument("--device", default="cpu",
-                   help="where the model runs and the cosines are made: cpu, cuda, cuda:1, ... (default: cpu)")
+                   help="where the model runs and the cosines are made: cpu, cuda, cuda:1, mps, xpu, ... "
+                   "(default: cpu)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -121,15 +122,31 @@ def summary_path(output: str) -> str:
 
 
 def torch_device(text: str) -> torch.device:
-    """``--device``'s value as a device this torch can run on; ValueError otherwise."""
+    """``--device``'s value as a device this torch can run on; ValueError otherwise. cpu, cuda, and
+    Apple's mps and Intel's xpu, each where torch says it is there: the tools' inference is plain
+    PyTorch in float32 (what needs float64 is done on the CPU), which none of the others has run."""
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise ValueError(f"--device {text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise ValueError(f"--device {text!r} is not a torch device (cpu, cuda, cuda:1, mps, xpu, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {text}, but torch sees no CUDA device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {text}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            built = "" if torch.backends.mps.is_built() else ": this torch is built without it"
+            raise ValueError(f"--device {text}, but torch sees no MPS device (Apple's GPUs){built}")
+        if device.index not in (None, 0):  # (one a machine)
+            raise ValueError(f"--device {text}, but torch sees 1 MPS device: mps or mps:0")
+    if device.type == "xpu":
+        xpu = getattr(torch, "xpu", None)  # (None in a torch without it)
+        if xpu is None or not xpu.is_available():
+            raise ValueError(f"--device {text}, but torch sees no XPU device (Intel's GPUs)")
+        if device.index is not None and device.index >= xpu.device_count():
+            raise ValueError(f"--device {text}, but torch sees {xpu.device_count()} XPU device(s)")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {text}: the tools run on cpu, cuda, mps or xpu")
     return device
 
 

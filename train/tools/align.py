@@ -405,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--quality is JPEG's: --format png is lossless")
     if args.device != parser.get_default("device") and not args.detector:
         parser.error("--device goes with --detector: --landmarks aligns on the CPU")
+    if args.detector:
+        from train.tools.detect import detector_device_error
+
+        if detector_device_error(args.device):  # (a device name that is none was torch's traceback)
+            parser.error(detector_device_error(args.device))
     if args.workers < 0:
         parser.error(f"--workers must be at least 0, got {args.workers}")
     if args.extension and args.detector:

@@ -370,10 +370,14 @@ def _embeddings(args, model, data, dim: int, device, rank: int = 0, world: int =
 
 def _process_group(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, this process's device): under torchrun (WORLD_SIZE > 1) with the process
-    group started (NCCL on GPUs, each process on its LOCAL_RANK's; gloo on CPUs); else (0, 1, device)."""
+    group started (NCCL on GPUs, each process on its LOCAL_RANK's; gloo on CPUs); else (0, 1, device).
+    ValueError for another device type (mps, xpu) under torchrun, before the group is started."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, device
+    if device.type not in ("cpu", "cuda"):  # (every process would take the one mps or xpu device: untried)
+        raise ValueError(f"--device {device} under torchrun: clean's processes share out CUDA devices, or run on the "
+                         f"CPU; on {device.type} run one process (python -m train.tools.clean)")
     import torch.distributed as dist
 
     if device.type == "cuda":
@@ -515,7 +519,8 @@ def _main(argv: list[str] | None = None) -> int:
                    help="keep the embeddings (float16, 2 bytes x D an image) in this file and read them from it when "
                    "it holds this model's embeddings of this data: another --drop-angle then costs no embedding")
     p.add_argument("--device", default="cpu", help="where the model runs and the cosines are made: cpu, cuda, "
-                   "cuda:1, ... (default: cpu; under torchrun, cuda is each process's own GPU)")
+                   "cuda:1, mps, xpu, ... (default: cpu; under torchrun, cuda is each process's own GPU, and mps "
+                   "and xpu are refused)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
                    help="images a forward pass (each also mirrored; default 128)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),

@@ -58,6 +58,19 @@ _SHOWN_FAILURES = 20
 _NO_FACE, _UNREADABLE = "# no face: ", "# unreadable: "
 
 
+def detector_device_error(text: str) -> str | None:
+    """Why ``--device text`` cannot run the detector, None where it can: onnxruntime runs it, here on
+    the CPU or on CUDA (with onnxruntime-gpu), not on PyTorch's other devices (mps, xpu)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        return f"--device {text!r} is not a device (cpu, cuda, cuda:1, ...)"
+    if device.type not in ("cpu", "cuda"):
+        return (f"--device {text}: the detector runs on onnxruntime, here on cpu or cuda (with onnxruntime-gpu), not "
+                f"on {device.type}: leave --device out")
+    return None
+
+
 class FaceDetector:
     """An SCRFD face detector with 5 keypoints in an ONNX file, run by onnxruntime.
     ``detect(image)``: (boxes (K, 4) x1 y1 x2 y2, scores (K,), landmarks (K, 5, 2)) of the faces in a
@@ -376,10 +389,8 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"--threshold must lie between 0 and 1, got {args.threshold}")
     if args.workers < 0:
         parser.error(f"--workers must be at least 0, got {args.workers}")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if detector_device_error(args.device):
+        parser.error(detector_device_error(args.device))
     started = time.monotonic()
     partial_path = args.output + ".partial"
 
