@@ -162,6 +162,15 @@ def check_row_margin(name, value, embeddings):
         raise ValueError(f"{name} must be on the embeddings' device ({embeddings.device}), got {value.device}")
 
 
+def check_row_margins_finite(m2, m3):
+    """The op's check of per-row margins' values, with its message (a device sync on a GPU): ValueError
+    naming the first of m2 (row_margins column 0), m3 (column 1) that holds a NaN or an infinity."""
+    for column, (name, margin) in enumerate((("m2", m2), ("m3", m3))):
+        if isinstance(margin, torch.Tensor) and not bool(torch.isfinite(margin).all()):
+            raise ValueError(f"arcface_ext: the per-row margin {name} must be finite (row_margins column "
+                             f"{column} holds a NaN or an infinity)")
+
+
 def stack_row_margins(m2, m3, embeddings):
     """The op's (N, 2) float64 per-row (m2, m3), or None when both margins are scalars."""
     if not isinstance(m2, torch.Tensor) and not isinstance(m3, torch.Tensor):

@@ -1,6 +1,8 @@
 """The PyTorch path for the margin losses the fused kernels do not carry: sub-centres (a class's cosine
 the best of its K centres), Partial FC's inter-class filtering and CurricularFace's hard negatives
-(both change the other classes' logits, each as a function of their own cosine).
+(both change the other classes' logits, each as a function of their own cosine); and, on a device
+type without a kernel of the op (Apple's mps, Intel's xpu), every replicated loss, per-row margins
+(AdaFace's, ElasticFace's, MagFace's) included: they change only the N target logits.
 
 It walks the classes in chunks, holding an N x chunk·K block of cosines at a time, never the whole
 N x C·K matrix, and recomputes the blocks in the backward pass. It computes in fp32 (fp64 for fp64
@@ -36,9 +38,9 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
-from ._checks import (check_arguments, check_flag, fused_compute_dtype, margins_dtype, reduce_rows,
-                      skips_label_check)
-from .reference import NORM_EPS, _TargetLogit, margin_psi
+from ._checks import (check_arguments, check_flag, check_row_margins_finite, fused_compute_dtype, margins_dtype,
+                      reduce_rows, skips_label_check)
+from .reference import NORM_EPS, _TargetLogit, margin_psi, margin_psi_dm2
 
 # Values a block holds: about this many cosines (N x chunk·K) and centre rows' values (chunk·K x D),
 # 16 MiB each in fp32; a few such blocks are alive at once in the backward pass.
@@ -104,8 +106,10 @@ class _Targets:
     [0, num_classes)), which of them this block of centres holds (``owned``; every counted row unless
     the centres are a shard of the classes), their best sub-centre (row of ``weight``), the clamped
     target cosine, and the target logit s·(ψ − m3) with its chain factor s·dψ/dc (0 where the clamp
-    clamped), all in the compute dtype. With ``gemm`` (a 16-bit type) the embeddings are rounded to it
-    first: the matrix products' operand (``x_op``), and the norm's and the target cosines' input."""
+    clamped), all in the compute dtype. ``m2`` and ``m3`` are numbers or one margin a row ((N,) tensors,
+    taken in the compute dtype, as the reference takes them): only these N logits depend on them. With
+    ``gemm`` (a 16-bit type) the embeddings are rounded to it first: the matrix products' operand
+    (``x_op``), and the norm's and the target cosines' input."""
 
     def __init__(self, x, w, labels, *, k, s, m1, m2, m3, lambda_, straight_through, ignore_index, class_offset,
                  num_classes, gemm=None):
@@ -134,6 +138,7 @@ class _Targets:
         raw, sub = raw.max(dim=1)
         self.row = target * k + sub
         self.cosine = raw.clamp(-1.0, 1.0)
+        m2, m3 = (m.detach().to(self.dtype) if isinstance(m, Tensor) else m for m in (m2, m3))
         psi, dpsi = margin_psi(self.cosine, m1=m1, m2=m2, lambda_=lambda_)
         self.logit = s * (psi - m3)
         self.slope = s * (torch.ones_like(dpsi) if straight_through else dpsi) * (raw.abs() <= 1.0).to(self.dtype)
@@ -143,8 +148,8 @@ class _Targets:
         return w[first * k:(first + step) * k].to(self.dtype if self.gemm is None else self.gemm)
 
 
-def shard_forward(x: Tensor, w: Tensor, labels: Tensor, *, k: int = 1, s: float, m1: float, m2: float, m3: float,
-                  lambda_: float, straight_through: bool, ignore_index: int, class_offset: int = 0,
+def shard_forward(x: Tensor, w: Tensor, labels: Tensor, *, k: int = 1, s: float, m1: float, m2: float | Tensor,
+                  m3: float | Tensor, lambda_: float, straight_through: bool, ignore_index: int, class_offset: int = 0,
                   num_classes: int = -1, threshold: float = 0.0, curricular_t: Tensor | None = None,
                   hard_above: Tensor | None = None, chunk: int | None = None,
                   gemm_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -155,8 +160,9 @@ def shard_forward(x: Tensor, w: Tensor, labels: Tensor, *, k: int = 1, s: float,
     shard's log-sum-exp as its loss and target cosine 0; ignored rows 0, 0, 0; a label outside
     [0, num_classes) a NaN loss. CurricularFace's hard-negative test needs each row's margined target
     cosine ψ(c_y) − m3: ``hard_above`` (N,) gives it (from :func:`margined_target`, for targets in
-    other shards); without it every counted row's target must be in ``w``. ``gemm_dtype``: the 16-bit
-    type of the matrix products' operands (:func:`gemm_dtype`), or None."""
+    other shards); without it every counted row's target must be in ``w``. ``m2`` and ``m3``: numbers,
+    or (N,) tensors of per-row margins (no gradient here: :func:`chunked_margin_loss` gives them theirs).
+    ``gemm_dtype``: the 16-bit type of the matrix products' operands (:func:`gemm_dtype`), or None."""
     with torch.no_grad(), _no_autocast(x.device.type):
         r = _Targets(x, w, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, straight_through=straight_through,
                      ignore_index=ignore_index, class_offset=class_offset, num_classes=num_classes,
@@ -184,9 +190,9 @@ def shard_forward(x: Tensor, w: Tensor, labels: Tensor, *, k: int = 1, s: float,
 # (an AssertionError on its block stack) a loop with a branch under two nested ones.
 @torch.no_grad()
 def shard_backward(grad_rows: Tensor, x: Tensor, w: Tensor, labels: Tensor, logsumexp: Tensor, *, k: int = 1,
-                   s: float, m1: float, m2: float, m3: float, lambda_: float, straight_through: bool,
-                   ignore_index: int, needs_embeddings_grad: bool = True, needs_weight_grad: bool = True,
-                   class_offset: int = 0, num_classes: int = -1, threshold: float = 0.0,
+                   s: float, m1: float, m2: float | Tensor, m3: float | Tensor, lambda_: float,
+                   straight_through: bool, ignore_index: int, needs_embeddings_grad: bool = True,
+                   needs_weight_grad: bool = True, class_offset: int = 0, num_classes: int = -1, threshold: float = 0.0,
                    curricular_t: Tensor | None = None, hard_above: Tensor | None = None, chunk: int | None = None,
                    gemm_dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor | None]:
     """The gradients of Σ_i grad_rows[i]·loss[i] for :func:`shard_forward`'s block of classes, given each
@@ -303,12 +309,17 @@ def moved_t(t: Tensor, target_cosine: Tensor, counted: Tensor, momentum: float) 
 
 class _ChunkedLossRows(torch.autograd.Function):
     """Per-row losses (NaN at a bad label, 0 at ignored rows) and clamped target cosines of the
-    chunked margin loss, with every class in ``w``."""
+    chunked margin loss, with every class in ``w``. ``m2`` and ``m3``: numbers or per-row (N,) tensors,
+    which get their gradients as the op's do (:func:`_row_margins_grad`)."""
 
     @staticmethod
-    def forward(ctx, x, w, labels, curricular_t, options):
-        rows, lse, target_cos = shard_forward(x, w, labels, curricular_t=curricular_t, **options)
-        ctx.save_for_backward(x, w, labels, lse, curricular_t if curricular_t is not None else torch.zeros(()))
+    def forward(ctx, x, w, labels, curricular_t, m2, m3, options):
+        rows, lse, target_cos = shard_forward(x, w, labels, curricular_t=curricular_t, m2=m2, m3=m3, **options)
+        per_row = [m if isinstance(m, Tensor) else None for m in (m2, m3)]
+        # (the loss rows and target cosines, N values each, for the margins' gradient)
+        ctx.save_for_backward(x, w, labels, lse, curricular_t if curricular_t is not None else torch.zeros(()),
+                              *per_row, *((rows, target_cos) if any(m is not None for m in per_row) else ()))
+        ctx.scalar_margins = tuple(None if isinstance(m, Tensor) else m for m in (m2, m3))
         ctx.options, ctx.curricular = options, curricular_t is not None
         ctx.mark_non_differentiable(target_cos)
         return rows, target_cos
@@ -317,11 +328,35 @@ class _ChunkedLossRows(torch.autograd.Function):
     def backward(ctx, grad_rows, _grad_target_cos):
         if torch.is_grad_enabled():  # (create_graph=True: the passes below record no graph)
             raise RuntimeError("the chunked margin loss does not support double backward (create_graph=True)")
-        x, w, labels, lse, t = ctx.saved_tensors
-        grad_x, grad_w = shard_backward(grad_rows, x, w, labels, lse, curricular_t=t if ctx.curricular else None,
-                                        needs_embeddings_grad=ctx.needs_input_grad[0],
-                                        needs_weight_grad=ctx.needs_input_grad[1], **ctx.options)
-        return grad_x, grad_w, None, None, None
+        x, w, labels, lse, t, m2, m3, *rows_and_cosines = ctx.saved_tensors
+        m2, m3 = (tensor if scalar is None else scalar for tensor, scalar in zip((m2, m3), ctx.scalar_margins))
+        grad_x = grad_w = grad_m2 = grad_m3 = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x, grad_w = shard_backward(grad_rows, x, w, labels, lse, curricular_t=t if ctx.curricular else None,
+                                            m2=m2, m3=m3, needs_embeddings_grad=ctx.needs_input_grad[0],
+                                            needs_weight_grad=ctx.needs_input_grad[1], **ctx.options)
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            grad_m2, grad_m3 = _row_margins_grad(grad_rows, *rows_and_cosines, labels, m2, m3,
+                                                 num_classes=w.shape[0] // ctx.options["k"], **ctx.options)
+            grad_m2 = grad_m2.to(m2.dtype) if ctx.needs_input_grad[4] else None
+            grad_m3 = grad_m3.to(m3.dtype) if ctx.needs_input_grad[5] else None
+        return grad_x, grad_w, None, None, grad_m2, grad_m3, None
+
+
+@torch.no_grad()
+def _row_margins_grad(grad_rows: Tensor, rows: Tensor, target_cosine: Tensor, labels: Tensor, m2: float | Tensor,
+                      m3: float | Tensor, *, num_classes: int, s: float, m1: float, lambda_: float, ignore_index: int,
+                      **_: Any) -> tuple[Tensor, Tensor]:
+    """The gradients of Σ_i grad_rows[i]·loss[i] with respect to per-row m2 and m3, as the op's autograd
+    forms them (csrc/autograd.cpp) from each row's loss and clamped target cosine: with p = exp(−loss) the
+    target's softmax probability, d loss/d m3 = s·(1 − p) and d loss/d m2 = −s·(1 − p)·dψ/dm2. Rows not
+    counted (ignored, or an unchecked bad label) get 0; a non-finite margin's row a NaN."""
+    counted = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    zero = torch.zeros_like(rows)
+    weight = torch.where(counted, grad_rows.to(rows.dtype) * s * -torch.expm1(-rows), zero)
+    m2 = m2.to(rows.dtype) if isinstance(m2, Tensor) else m2
+    dm2 = margin_psi_dm2(torch.where(counted, target_cosine, zero), m1=m1, m2=m2, lambda_=lambda_)
+    return -weight * dm2, weight
 
 
 def _class_cosines(r, w, first, step, k):
@@ -463,27 +498,27 @@ def check_curricular_t(value: float | Tensor | None, embeddings: Tensor) -> Tens
 # The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
 @overload
 def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
-                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
                         interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
                         reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
                         return_target_cosine: Literal[False] = ..., check_labels: bool = ...,
                         class_chunk: int | None = ...) -> Tensor: ...
 @overload
 def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
-                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
                         interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
                         reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
                         return_target_cosine: Literal[True], check_labels: bool = ...,
                         class_chunk: int | None = ...) -> tuple[Tensor, Tensor]: ...
 @overload
 def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
-                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
                         interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
                         reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
                         return_target_cosine: bool, check_labels: bool = ...,
                         class_chunk: int | None = ...) -> Tensor | tuple[Tensor, Tensor]: ...
 def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = 1, s: float = 64.0,
-                        m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0,
+                        m1: float = 1.0, m2: float | Tensor = 0.5, m3: float | Tensor = 0.0, lambda_: float = 0.0,
                         interclass_filtering_threshold: float = 0.0, curricular_t: float | Tensor | None = None,
                         reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
                         return_target_cosine: bool = False, check_labels: bool = True,
@@ -498,18 +533,18 @@ def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k
     - ``curricular_t``: CurricularFace's t (a number or a one-element tensor; None: not CurricularFace).
       :class:`arcface_ext.CurricularFaceLoss` keeps it up to date.
 
-    Filtering and CurricularFace do not go together. Margins are numbers (not per-row tensors). Labels
-    out of [0, C) that are not ``ignore_index`` raise ValueError (a device synchronisation on a GPU),
-    or, with ``check_labels=False`` or inside ``torch.compile``, give their row a NaN loss and no
-    gradient, as the fused op's unchecked labels do. ``class_chunk`` sets how many classes a block of
+    Filtering and CurricularFace do not go together. ``m2`` and ``m3`` may be (N,) tensors, one margin a
+    row, as :func:`arcface_ext.combined_margin_loss` takes them (in the compute dtype here): only the
+    targets' logits change, and a margin tensor that requires grad gets the op's gradient. Labels out of
+    [0, C) that are not ``ignore_index``, and non-finite per-row margins, raise ValueError (a device
+    synchronisation on a GPU), or, with ``check_labels=False`` or inside ``torch.compile``, give their
+    row a NaN loss (a bad label's no gradient, a non-finite margin's a NaN one), as the fused op's
+    unchecked labels and margins do. ``class_chunk`` sets how many classes a block of
     cosines holds (default: about 4M cosines a block). Under ``torch.autocast`` or with 16-bit inputs
     the matrix products take 16-bit operands, with fp32 accumulation and results (the module's
     docstring); the rest, the loss included, is fp32. Double backward is not supported."""
     k = check_int_option("k (sub-centres a class)", k)
     class_chunk = check_int_option("class_chunk", class_chunk, optional=True)
-    for name, value in (("m2", m2), ("m3", m3)):
-        if isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: the chunked margin loss takes margins as numbers, not per-row tensors")
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction,
                     margin_grad=margin_grad, ignore_index=ignore_index)
     threshold = check_filtering_threshold(interclass_filtering_threshold)
@@ -525,13 +560,16 @@ def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     # CPU labels are checked whatever check_labels says, as the fused op checks them (no device sync).
     if (not skips_label_check(check_flag("check_labels", check_labels), labels) and not torch.compiler.is_compiling()
-            and labels.device.type != "meta" and bool(bad.any())):
-        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+            and labels.device.type != "meta"):
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+        check_row_margins_finite(m2, m3)
     counted = (labels != ignore_index) & ~bad
-    options = dict(k=k, s=float(s), m1=float(m1), m2=float(m2), m3=float(m3), lambda_=float(lambda_),
+    m2, m3 = (m if isinstance(m, Tensor) else float(m) for m in (m2, m3))
+    options = dict(k=k, s=float(s), m1=float(m1), lambda_=float(lambda_),
                    straight_through=margin_grad == "straight_through", ignore_index=int(ignore_index),
                    threshold=threshold, chunk=class_chunk, gemm_dtype=gemm_dtype(embeddings, weight))
-    rows, target_cos = _ChunkedLossRows.apply(embeddings, weight, labels, curricular_t, options)
+    rows, target_cos = _ChunkedLossRows.apply(embeddings, weight, labels, curricular_t, m2, m3, options)
     loss = reduce_rows(rows, labels, ignore_index, reduction)
     if return_target_cosine:
         return loss, torch.where(counted, target_cos, torch.full_like(target_cos, float("nan"))).detach()

@@ -7,9 +7,9 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from . import chunked, ops, reference
-from ._checks import (check_arguments, check_flag, fused_compute_dtype, nan_at_ignored, scalar_margin,
-                      skips_label_check, stack_row_margins)
+from . import chunked, ops
+from ._checks import (check_arguments, check_flag, check_row_margins_finite, fused_compute_dtype, nan_at_ignored,
+                      scalar_margin, skips_label_check, stack_row_margins)
 
 # 128 MiB: on the H200 (session 8's sweep, benchmarks/NOTES.md) twice 64 MiB's chunk width took a
 # forward + backward at C = 1M from 12.3 to 11.2 ms and at C = 100k from 2.2 to 1.8 ms. The peak
@@ -108,8 +108,8 @@ def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, 
 
     The compiled op has CPU and CUDA kernels. On another device type (Apple's ``mps``, Intel's ``xpu``)
     the same loss runs in plain PyTorch, with a ``UserWarning`` the first time: the chunked path
-    (:func:`arcface_ext.chunked.chunked_margin_loss`, memory bounded by its class chunks), or, for per-row
-    margins, the reference (:mod:`arcface_ext.reference`, the whole N x C matrix).
+    (:func:`arcface_ext.chunked.chunked_margin_loss`, memory bounded by its class chunks), per-row margins
+    included.
     """
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
                     reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index)
@@ -149,8 +149,8 @@ def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, 
     return loss
 
 
-# The (device type, path) pairs _without_kernel has warned about: one warning each a process.
-_warned_without_kernel: set[tuple[str, str]] = set()
+# The device types _without_kernel has warned about: one warning each a process.
+_warned_without_kernel: set[str] = set()
 
 
 def check_device_has_kernel(tensor: Tensor, what: str) -> None:
@@ -178,22 +178,17 @@ def _build_hint(device: str) -> str:
 def _without_kernel(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_index,
                     return_target_cosine, check_labels):
     """combined_margin_loss (its arguments checked) on a device type that has no kernel of the op: the
-    chunked path (memory bounded by its class chunks), or, for per-row margins, which it does not take, the
-    reference (the whole N x C matrix), computing as the op does: fp32 (fp64 for fp64 inputs) from inputs
-    brought to the op's compute dtype (the autocast dtype under autocast), with the op's value checks."""
+    chunked path (memory bounded by its class chunks; per-row margins change only the targets' logits),
+    computing as the op does: fp32 (fp64 for fp64 inputs), the matrix products' operands rounded to 16 bits
+    for 16-bit inputs or under autocast, with the op's value checks and messages."""
     device = embeddings.device.type
-    per_row = isinstance(m2, Tensor) or isinstance(m3, Tensor)
-    path = "reference" if per_row else "chunked"
     compiling = torch.compiler.is_compiling()
-    if (device, path) not in _warned_without_kernel and not compiling:
-        _warned_without_kernel.add((device, path))
-        how = ("per-row margins (m2 or m3 a tensor) on arcface_ext.reference, which holds the whole N x C logit "
-               "matrix and its gradient" if per_row else
-               "on the chunked PyTorch path (arcface_ext.chunked: memory bounded by its class chunks, slower than "
-               "the op)")
+    if device not in _warned_without_kernel and not compiling:
+        _warned_without_kernel.add(device)
         warnings.warn(f"arcface_ext: the fused op has no {device} kernel (only {', '.join(_kernel_devices())}): "
-                      f"combined_margin_loss runs in plain PyTorch on {device}, {how}; the same loss up to rounding"
-                      + _build_hint(device), UserWarning, stacklevel=3)
+                      f"combined_margin_loss runs in plain PyTorch on {device}, on the chunked PyTorch path "
+                      "(arcface_ext.chunked: memory bounded by its class chunks, slower than the op); the same loss "
+                      "up to rounding" + _build_hint(device), UserWarning, stacklevel=3)
     labels = labels.long()
     if not skips_label_check(check_labels, labels) and not compiling:
         # The op's checks and messages (a device sync, as on CUDA); the path below then checks nothing more.
@@ -203,16 +198,8 @@ def _without_kernel(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
             raise ValueError(f"arcface_ext: labels[{row}] = {int(labels[row])} is out of range: labels must lie in "
                              f"[0, {weight.shape[0]}) (the number of classes in weight) or equal ignore_index "
                              f"({ignore_index})")
-        for column, (name, margin) in enumerate((("m2", m2), ("m3", m3))):
-            if isinstance(margin, Tensor) and not bool(torch.isfinite(margin).all()):
-                raise ValueError(f"arcface_ext: the per-row margin {name} must be finite (row_margins column "
-                                 f"{column} holds a NaN or an infinity)")
-    options = dict(s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction, margin_grad=margin_grad,
-                   ignore_index=ignore_index, return_target_cosine=return_target_cosine, check_labels=False)
-    if not per_row:
-        # (It reads autocast and 16-bit inputs itself: 16-bit operands for its products, fp32 for the rest.)
-        return chunked.chunked_margin_loss(embeddings, weight, labels, **options)
-    # The reference under autocast would round its cosines to 16 bits: the op's operands instead, outside it.
-    dtype = fused_compute_dtype(embeddings, weight)
-    with torch.autocast(device, enabled=False):
-        return reference.combined_margin_loss(embeddings.to(dtype), weight.to(dtype), labels, **options)
+        check_row_margins_finite(m2, m3)
+    # (It reads autocast and 16-bit inputs itself: 16-bit operands for its products, fp32 for the rest.)
+    return chunked.chunked_margin_loss(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,
+                                       reduction=reduction, margin_grad=margin_grad, ignore_index=ignore_index,
+                                       return_target_cosine=return_target_cosine, check_labels=False)

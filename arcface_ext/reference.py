@@ -161,24 +161,24 @@ def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, 
 # The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
 @overload
 def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
-                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
                         interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
                         reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
                         return_target_cosine: Literal[False] = ..., check_labels: bool = ...) -> Tensor: ...
 @overload
 def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
-                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
                         interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
                         reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
                         return_target_cosine: Literal[True], check_labels: bool = ...) -> tuple[Tensor, Tensor]: ...
 @overload
 def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = ..., s: float = ...,
-                        m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ...,
+                        m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
                         interclass_filtering_threshold: float = ..., curricular_t: float | Tensor | None = ...,
                         reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
                         return_target_cosine: bool, check_labels: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
 def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int = 1, s: float = 64.0,
-                        m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0,
+                        m1: float = 1.0, m2: float | Tensor = 0.5, m3: float | Tensor = 0.0, lambda_: float = 0.0,
                         interclass_filtering_threshold: float = 0.0, curricular_t: float | Tensor | None = None,
                         reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
                         return_target_cosine: bool = False,
@@ -187,8 +187,9 @@ def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k
     class's best sub-centre by max-pooling (insightface's reshape to (N, C, k)), the other classes'
     cosines filtered (set to 0 above the threshold, as insightface multiplies them by a 0/1 mask) or
     CurricularFace's hard negatives replaced by c·(t + c), then :func:`combined_margin_loss`'s margin
-    and softmax; autograd differentiates all of it (the max passes the gradient to the winner).
-    Unchecked bad labels give their row a NaN loss, as :func:`combined_margin_loss`'s."""
+    and softmax; autograd differentiates all of it (the max passes the gradient to the winner), per-row
+    margin tensors included. Unchecked bad labels give their row a NaN loss, as
+    :func:`combined_margin_loss`'s."""
     check_arguments(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_, reduction=reduction,
                     margin_grad=margin_grad, ignore_index=ignore_index)
     if weight.shape[0] % k:
@@ -209,7 +210,8 @@ def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k
         cosine = (x_hat @ w_hat.t()).clamp(-1.0, 1.0).view(x.shape[0], w.shape[0] // k, k).amax(dim=2)
         target = torch.where(counted, labels, 0).unsqueeze(1)
         target_cosine = cosine.gather(1, target).squeeze(1)
-        target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), float(m2), float(m3), float(lambda_),
+        m2, m3 = (value.to(dtype) if isinstance(value, torch.Tensor) else float(value) for value in (m2, m3))
+        target_logit = _TargetLogit.apply(target_cosine, float(s), float(m1), m2, m3, float(lambda_),
                                           margin_grad == "straight_through")
         if interclass_filtering_threshold > 0:
             with torch.no_grad():
@@ -232,21 +234,24 @@ def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k
 # The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
 @overload
 def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
-                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
-                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[False] = ...,
+                          m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
+                          reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                          return_target_cosine: Literal[False] = ...,
                           interclass_filtering_threshold: float = ...) -> Tensor: ...
 @overload
 def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
-                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
-                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[True],
+                          m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
+                          reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                          return_target_cosine: Literal[True],
                           interclass_filtering_threshold: float = ...) -> tuple[Tensor, Tensor]: ...
 @overload
 def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
-                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
-                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: bool,
+                          m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
+                          reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                          return_target_cosine: bool,
                           interclass_filtering_threshold: float = ...) -> Tensor | tuple[Tensor, Tensor]: ...
 def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = 64.0,
-                          m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0,
+                          m1: float = 1.0, m2: float | Tensor = 0.5, m3: float | Tensor = 0.0, lambda_: float = 0.0,
                           reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
                           return_target_cosine: bool = False,
                           interclass_filtering_threshold: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:

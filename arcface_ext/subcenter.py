@@ -28,33 +28,37 @@ from .sampling import check_sample_rate, sample_step
 # The loss, or (loss, target cosine) with return_target_cosine=True (overloads for type checkers).
 @overload
 def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
-                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
-                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[False] = ...,
+                          m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
+                          reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                          return_target_cosine: Literal[False] = ...,
                           check_labels: bool = ..., class_chunk: int | None = ...,
                           interclass_filtering_threshold: float = ...) -> Tensor: ...
 @overload
 def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
-                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
-                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: Literal[True],
+                          m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
+                          reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                          return_target_cosine: Literal[True],
                           check_labels: bool = ..., class_chunk: int | None = ...,
                           interclass_filtering_threshold: float = ...) -> tuple[Tensor, Tensor]: ...
 @overload
 def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = ...,
-                          m1: float = ..., m2: float = ..., m3: float = ..., lambda_: float = ..., reduction: str = ...,
-                          margin_grad: str = ..., ignore_index: int = ..., return_target_cosine: bool,
+                          m1: float = ..., m2: float | Tensor = ..., m3: float | Tensor = ..., lambda_: float = ...,
+                          reduction: str = ..., margin_grad: str = ..., ignore_index: int = ...,
+                          return_target_cosine: bool,
                           check_labels: bool = ..., class_chunk: int | None = ...,
                           interclass_filtering_threshold: float = ...) -> Tensor | tuple[Tensor, Tensor]: ...
 def subcenter_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k: int, s: float = 64.0,
-                          m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, lambda_: float = 0.0,
+                          m1: float = 1.0, m2: float | Tensor = 0.5, m3: float | Tensor = 0.0, lambda_: float = 0.0,
                           reduction: str = "mean", margin_grad: str = "exact", ignore_index: int = -1,
                           return_target_cosine: bool = False, check_labels: bool = True, class_chunk: int | None = None,
                           interclass_filtering_threshold: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """The combined margin loss of :func:`arcface_ext.combined_margin_loss` with ``k`` sub-centres a
     class: ``weight`` is (C·k, D), class c's sub-centres rows c·k … c·k + k − 1, and each class's
-    cosine is the largest of its sub-centres'. Margins are numbers (not per-row tensors). Labels out
-    of [0, C) that are not ``ignore_index`` raise ValueError (a device synchronisation on a GPU), or,
-    with ``check_labels=False`` or inside ``torch.compile``, give their row a NaN loss and no
-    gradient, as the fused op's unchecked labels do. ``class_chunk`` sets how many classes a block of
+    cosine is the largest of its sub-centres'. ``m2`` and ``m3`` may be per-row (N,) tensors, as
+    :func:`arcface_ext.chunked_margin_loss` takes them. Labels out of [0, C) that are not
+    ``ignore_index`` raise ValueError (a device synchronisation on a GPU), or, with
+    ``check_labels=False`` or inside ``torch.compile``, give their row a NaN loss and no gradient, as
+    the fused op's unchecked labels do. ``class_chunk`` sets how many classes a block of
     cosines holds (default: about 4M cosines a block); ``interclass_filtering_threshold`` as
     :func:`arcface_ext.chunked_margin_loss`'s. Double backward is not supported."""
     return chunked_margin_loss(embeddings, weight, labels, k=k, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,

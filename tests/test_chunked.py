@@ -140,6 +140,94 @@ def test_gradcheck():
         assert torch.autograd.gradcheck(f, (x, w))
 
 
+def row_margins(n=13, *, seed=0):
+    """Per-row (m2, m3) leaves, float64: AdaFace's range for m2 (negative ones too, a zero row: the CosFace
+    branch), m3 in [-0.1, 0.3]."""
+    g = torch.Generator().manual_seed(seed)
+    m2 = torch.rand(n, generator=g, dtype=torch.float64) * 0.9 - 0.4
+    m2[3] = 0.0
+    m3 = torch.rand(n, generator=g, dtype=torch.float64) * 0.4 - 0.1
+    return m2.requires_grad_(True), m3.requires_grad_(True)
+
+
+@pytest.mark.parametrize("family", [dict(m1=1.0), dict(m1=1.35, lambda_=0.5)], ids=["arc", "sphere-lambda"])
+@pytest.mark.parametrize("margin_grad", ["exact", "straight_through"])
+@pytest.mark.parametrize("kind", ["plain", "filtering", "curricular"])
+@pytest.mark.parametrize("k,chunk", [(1, None), (1, 3), (3, 2)])
+def test_per_row_margins_match_the_whole_matrix_in_fp64(family, margin_grad, kind, k, chunk):
+    # m2 and m3 one a row: only the targets' logits change; the margins get the op's gradient.
+    x, w, labels = inputs(k=k, seed=zlib.crc32(f"{family} {margin_grad} {kind} {k}".encode()) % 1000)
+    labels[7] = -1
+    m2, m3 = row_margins(seed=k)
+    options = dict(s=30.0, margin_grad=margin_grad, k=k, m2=m2, m3=m3, **family)
+    if kind != "plain":
+        options.update(interclass_filtering_threshold=0.4) if kind == "filtering" else options.update(curricular_t=0.3)
+    ours = chunked_margin_loss(x, w, labels, class_chunk=chunk, **options)
+    expected = reference.chunked_margin_loss(x, w, labels, **options)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+    for name, a, e in zip(("x", "w", "m2", "m3"), torch.autograd.grad(ours, (x, w, m2, m3)),
+                          torch.autograd.grad(expected, (x, w, m2, m3))):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11, msg=lambda m: f"grad {name}: {m}")
+        assert a[7].abs().max() == 0 if name != "w" else a.abs().max() > 0, name
+
+
+def test_per_row_margins_gradcheck():
+    x, w, labels = inputs(n=5, c=4, k=2, d=6, seed=3, near=2)
+    m2 = torch.tensor([0.3, -0.2, 0.5, 0.0, 0.4], dtype=torch.float64, requires_grad=True)
+    m3 = torch.tensor([0.1, 0.0, -0.05, 0.2, 0.15], dtype=torch.float64, requires_grad=True)
+    for options in (dict(), dict(interclass_filtering_threshold=0.3), dict(curricular_t=0.4), dict(m1=2.0)):
+        f = lambda x, w, m2, m3: chunked_margin_loss(x, w, labels, k=2, s=8.0, m2=m2, m3=m3,  # noqa: E731
+                                                     class_chunk=3, reduction="sum", **options)
+        assert torch.autograd.gradcheck(f, (x, w, m2, m3))
+
+
+def test_per_row_margins_checks(monkeypatch):
+    # The op's checks and messages: shape, dtype, device (with the other arguments), values (with the labels: a
+    # CPU tensor's whatever check_labels says; unchecked where the check is a sync, a NaN row instead).
+    x, w, labels = inputs(seed=8)
+    m2, m3 = (m.detach() for m in row_margins())
+    with pytest.raises(ValueError, match=r"m3 as a tensor holds one margin per row: shape \(N,\) = \(13,\)"):
+        chunked_margin_loss(x, w, labels, m3=m3[:5])
+    with pytest.raises(TypeError, match="m2 as a tensor must be floating point, got torch.int64"):
+        chunked_margin_loss(x, w, labels, m2=torch.zeros(13, dtype=torch.long))
+    m2[6] = float("nan")
+    for check_labels in (True, False):
+        with pytest.raises(ValueError, match=r"^arcface_ext: the per-row margin m2 must be finite \(row_margins "
+                                             r"column 0 holds a NaN or an infinity\)$"):
+            chunked_margin_loss(x, w, labels, m2=m2, m3=m3, check_labels=check_labels)
+    monkeypatch.setattr(arcface_ext._checks, "ALWAYS_CHECKED_DEVICES", frozenset())
+    rows = chunked_margin_loss(x, w, labels, m2=m2, m3=m3, check_labels=False, reduction="none")
+    assert rows[6].isnan() and rows[torch.arange(13) != 6].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(), dict(k=3), dict(interclass_filtering_threshold=0.4),
+                                     dict(curricular_t=0.3)], ids=["plain", "k3", "filtering", "curricular"])
+def test_scalar_margins_are_the_shard_passes_bit_for_bit(dtype, options):
+    # Per-row margins took nothing from numbers' results: chunked_margin_loss with numbers is exactly its two
+    # passes with those numbers (the route it took before per-row margins, and the sharded losses' still).
+    from arcface_ext.chunked import gemm_dtype, shard_backward, shard_forward
+
+    k = options.get("k", 1)
+    x, w, labels = inputs(k=k, seed=9, dtype=dtype)
+    labels[2] = -1
+    grad_rows = torch.rand(13, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    margins = dict(s=30.0, m1=1.0, m2=0.3, m3=0.2, lambda_=0.0)
+    rows, cosine = chunked_margin_loss(x, w, labels, reduction="none", return_target_cosine=True, class_chunk=4,
+                                       **margins, **options)
+    gx, gw = torch.autograd.grad(rows, (x, w), grad_rows.to(rows.dtype))
+    t = options.get("curricular_t")
+    passes = dict(k=k, **margins, straight_through=False, ignore_index=-1, chunk=4,
+                  threshold=options.get("interclass_filtering_threshold", 0.0),
+                  curricular_t=None if t is None else torch.tensor(t, dtype=torch.float64),
+                  gemm_dtype=gemm_dtype(x, w))
+    expected_rows, lse, expected_cosine = shard_forward(x.detach(), w.detach(), labels, **passes)
+    ex, ew = shard_backward(grad_rows.to(rows.dtype), x.detach(), w.detach(), labels, lse, **passes)
+    for name, a, e in (("rows", rows, expected_rows), ("x", gx, ex), ("w", gw, ew),
+                       ("cosine", cosine[labels != -1], expected_cosine[labels != -1])):
+        assert torch.equal(a, e), f"{name}: {float((a - e).abs().max())} apart"
+
+
 def test_curricular_module_moves_t_as_curricularface():
     torch.manual_seed(0)
     module = arcface_ext.CurricularFaceLoss(11, 16, s=30.0)

@@ -107,8 +107,17 @@ def test_module_and_checks():
         subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels + 11, k=3)
     with pytest.raises(ValueError, match="k .sub-centres a class. must be an int >= 1"):
         subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels, k=0)
-    with pytest.raises(TypeError, match="per-row tensors"):
-        subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels, k=3, m2=torch.zeros(13))
+    with pytest.raises(ValueError, match=r"m2 as a tensor holds one margin per row: shape \(N,\) = \(13,\), got \(12,\)"):
+        subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels, k=3, m2=torch.zeros(12))
+    # Per-row margins (the chunked path's): as the whole matrix's, their gradients too.
+    w3 = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)
+    m2 = torch.linspace(-0.2, 0.6, 13, dtype=torch.float64, requires_grad=True)
+    m3 = torch.linspace(0.3, 0.0, 13, dtype=torch.float64, requires_grad=True)
+    ours = subcenter_margin_loss(x, w3, labels, k=3, s=30.0, m2=m2, m3=m3, class_chunk=4)
+    whole = reference.subcenter_margin_loss(x, w3, labels, k=3, s=30.0, m2=m2, m3=m3)
+    torch.testing.assert_close(ours, whole, rtol=1e-10, atol=1e-10)
+    for a, e in zip(torch.autograd.grad(ours, (x, w3, m2, m3)), torch.autograd.grad(whole, (x, w3, m2, m3))):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-11)
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         SubCenterMarginLoss(11, 16, k=0)
     # use_reference: the whole matrix, the same loss and gradients.

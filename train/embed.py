@@ -264,28 +264,116 @@ def embed_faces(model: torch.nn.Module, folder: str, names: list[str], points: n
     return torch.nn.functional.normalize(torch.from_numpy(features), dim=1).numpy()
 
 
-def detect_faces(detector_path: str, paths: list[str], *, all_faces: bool = False, device="cpu",
-                 workers: int = 0, show_progress: bool = True) -> tuple[list[int], np.ndarray, list[int], list[str]]:
-    """The faces ``train.tools.detect`` finds in ``paths`` with the SCRFD detector at
-    ``detector_path``: (each face's photo, as an index into ``paths``; (F, 5, 2) landmarks; each
-    face's number among its photo's faces, from 1; why each photo without a face has none)."""
-    from .tools.detect import FaceDetector, detect_photos, progress
+def open_detector(path: str, device="cpu"):
+    """The SCRFD face detector at ``path`` (a tool's ``--detector``), as ``train.tools.detect`` runs it:
+    opened before any photo is read, so that a wrong path is said first. FileNotFoundError or ValueError
+    naming --detector where it is not there, or not a face detector with keypoints."""
+    from .tools.detect import FaceDetector
 
-    detector = FaceDetector(detector_path, device=str(device))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--detector {path}: " + ("a folder, not" if os.path.isdir(path) else
+                                                          "no such file: give") +
+                                " an SCRFD face detector's ONNX file (insightface's det_10g.onnx)")
+    try:
+        return FaceDetector(path, device=str(device))
+    except ValueError as error:  # (its messages, and onnxruntime's through it, begin with the file's path)
+        raise ValueError(f"--detector {error}") from None
+
+
+def detect_faces(detector, paths: list[str], *, all_faces: bool = False, device="cpu", workers: int = 0,
+                 show_progress: bool = True, scores: list | None = None
+                 ) -> tuple[list[int], np.ndarray, list[int], list[str]]:
+    """The faces ``train.tools.detect`` finds in ``paths`` with the SCRFD ``detector`` (one
+    :func:`open_detector` opened, or its path): (each face's photo, as an index into ``paths``;
+    (F, 5, 2) landmarks; each face's number among its photo's faces, from 1; why each photo without a
+    face has none). ``scores`` (a list) gets each face's detection score."""
+    from .tools.detect import detect_photos, progress
+
+    if isinstance(detector, (str, os.PathLike)):
+        detector = open_detector(os.fspath(detector), device)
     photos, points, numbers, failures = [], [], [], []
     bar = progress(len(paths), "detect") if show_progress else None
-    for index, _, landmarks, why in detect_photos(detector, paths, all_faces=all_faces, workers=workers):
+    for index, found, landmarks, why in detect_photos(detector, paths, all_faces=all_faces, workers=workers):
         if why:
             failures.append(f"{paths[index]}: {why}")
         else:
             photos += [index] * len(landmarks)
             points += list(landmarks)
             numbers += range(1, len(landmarks) + 1)
+            if scores is not None:
+                scores.extend(found.tolist())
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     return photos, np.array(points, dtype=np.float64).reshape(-1, 5, 2), numbers, failures
+
+
+def embed_detected(model: torch.nn.Module, detector, paths: list[str], names: list[str], image_size: int, *,
+                   failures: list[str], where: str, all_faces: bool = False, device="cpu", batch_size: int = 64,
+                   workers: int = 0, norms: list | None = None, scores: list | None = None
+                   ) -> tuple[list[str], np.ndarray]:
+    """(the faces' names, (F, D) float32 unit-length embeddings) of the photos at ``paths`` (``names``: their
+    names in a table): the faces :func:`detect_faces` finds with ``detector`` (:func:`open_detector`'s), each
+    aligned and embedded as :func:`embed_faces` does; each photo's main face, named as its photo, or with
+    ``all_faces`` every face, ``<name>#<k>`` (k from 1, best detection first). A photo without a face, or
+    that cannot be read, is left out, said in ``failures``, whose every entry is then warned of. ``norms``
+    and ``scores`` (lists) get each face's feature norm (arrays, a batch each) and detection score.
+    ValueError naming --detector where no photo has a face (``where`` says which photos: "under
+    photos/")."""
+    photos, points, numbers, found = detect_faces(detector, paths, all_faces=all_faces, device=device,
+                                                  workers=workers, scores=scores)
+    failures += found
+    _warn_left_out(failures)
+    if not photos:
+        raise ValueError(f"--detector {detector.path} found no face in the {len(paths)} photo(s) {where}")
+    embeddings = embed_faces(model, "", [paths[i] for i in photos], points, image_size, device=device,
+                             batch_size=batch_size, workers=workers, norms=norms)
+    return [names[i] + (f"#{number}" if all_faces else "") for i, number in zip(photos, numbers)], embeddings
+
+
+def embed_folder(model: torch.nn.Module, folder: str, paths: list[str], names: list[str], image_size: int, *,
+                 failures: list[str], detector=None, all_faces: bool = False, device="cpu",
+                 batch_size: int = 64, workers: int = 0, norms: list | None = None, scores: list | None = None
+                 ) -> tuple[list[str], np.ndarray]:
+    """(names, (F, D) float32 unit-length embeddings) of the faces of ``folder``'s images at ``paths``, named
+    ``names`` (:func:`folder_images`' lists): each image an aligned face, as :func:`embed_readable` embeds
+    it, or with ``detector`` (:func:`open_detector`'s) a photo, whose faces :func:`embed_detected` finds
+    (``all_faces``: every face).
+    An image left out (unreadable, without a face) has no row, and is said in ``failures`` and warned of.
+    ``norms`` (a list) gets the rows' feature norms, ``scores`` (with ``detector``) their detection scores.
+    ValueError naming --images where no image can be read, --detector where no photo has a face."""
+    if detector:
+        return embed_detected(model, detector, paths, names, image_size, failures=failures, where=f"under {folder}",
+                              all_faces=all_faces, device=device, batch_size=batch_size, workers=workers,
+                              norms=norms, scores=scores)
+    every = [] if norms is not None else None
+    embeddings, readable = embed_readable(model, folder, paths, image_size, failures=failures, device=device,
+                                          batch_size=batch_size, workers=workers, norms=every)
+    if norms is not None:
+        norms.append(np.concatenate(every)[readable])
+    return [name for name, ok in zip(names, readable) if ok], embeddings[readable]
+
+
+IMAGES_AS_THEY_ARE = "the images as they are"
+
+
+def faces_described(landmarks: str | None = None, detector: str | None = None, all_faces: bool = False) -> str:
+    """What a table's rows are faces of (its provenance's ``faces``): the images as they are, faces aligned
+    from a landmarks file's, or faces a detector found (``all_faces``: every face of a photo)."""
+    if landmarks:
+        return f"aligned from the landmarks in {os.path.abspath(landmarks)}"
+    if detector:
+        return f"found and aligned by {os.path.abspath(detector)}" + (", every face" if all_faces else "")
+    return IMAGES_AS_THEY_ARE
+
+
+def faces_are_files(faces: str | None) -> bool:
+    """Whether the rows a provenance's ``faces`` (:func:`faces_described`) describes each name an image file
+    to lay out in a tree: the images as they are, or photos whose main face a detector found. (The faces a
+    landmarks file lists may be several of a photo, or lie anywhere in it.)"""
+    return faces == IMAGES_AS_THEY_ARE or (isinstance(faces, str) and faces.startswith("found and aligned by ")
+                                           and not faces.endswith(", every face"))
 
 
 def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, str]:
@@ -736,6 +824,7 @@ def run(args: argparse.Namespace) -> int:
                          "backbone.pt)")
     if args.images and not os.path.isdir(args.images):  # (was "no images (.jpg, ...) under <it>")
         raise ValueError(f"--images {args.images} is not a folder")
+    detector = open_detector(args.detector, device) if args.detector else None
     if args.images:
         check_outputs(table_files(args.output, about=True) + ([args.norms] if args.norms else []), args.overwrite,
                       inputs=(args.model, checkpoint.settings_path(args.model), args.landmarks, args.detector),
@@ -748,8 +837,8 @@ def run(args: argparse.Namespace) -> int:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no image at {path}")
         if args.detector:
-            photos, points, _, failures = detect_faces(args.detector, list(args.compare), device=device,
-                                                   show_progress=False)
+            photos, points, _, failures = detect_faces(detector, list(args.compare), device=device,
+                                                       show_progress=False)
             if failures:
                 raise ValueError(f"{failures[0]} (--detector {args.detector})")
             first, second = embed_faces(model, "", list(args.compare), points, size, device=device, norms=norms)
@@ -781,32 +870,21 @@ def run(args: argparse.Namespace) -> int:
         paths = [path for path, ok in zip(paths, listable) if ok]
         if failures and not paths:
             raise ValueError(failures[0])
+        names = [os.path.relpath(path, args.images) for path in paths]
         if args.detector:
-            photos, points, numbers, found = detect_faces(args.detector, paths, all_faces=args.all_faces,
-                                                          device=device, workers=args.workers)
-            failures += found
+            names, embeddings = embed_detected(model, detector, paths, names, size, failures=failures,
+                                               where=f"under {args.images}", all_faces=args.all_faces, device=device,
+                                               batch_size=args.batch_size, workers=args.workers, norms=norms)
         else:
             _warn_if_not_aligned(paths[:1])
-        _warn_left_out(failures)
-        if args.detector:
-            if not photos:
-                raise ValueError(f"--detector {args.detector} found no face in the {len(paths)} photo(s) under "
-                                 f"{args.images}")
-            embeddings = embed_faces(model, "", [paths[i] for i in photos], points, size, device=device,
-                                     batch_size=args.batch_size, workers=args.workers, norms=norms)
-            names = [os.path.relpath(paths[i], args.images) + (f"#{number}" if args.all_faces else "")
-                     for i, number in zip(photos, numbers)]
-        else:
+            _warn_left_out(failures)
             not_square = []
             embeddings = embed_files(model, paths, size, device=device, batch_size=args.batch_size,
                                      workers=args.workers, norms=norms, not_square=not_square)
-            names = [os.path.relpath(path, args.images) for path in paths]
             _warn_others_not_square(paths, not_square)
     about = {"made_by": "train.embed", "model": os.path.abspath(args.model), **digests, "image_size": size,
              "flip": True, "normalised": True, "images": os.path.abspath(args.images),
-             "faces": f"aligned from the landmarks in {os.path.abspath(args.landmarks)}" if args.landmarks else
-             f"found and aligned by {os.path.abspath(args.detector)}" + (", every face" if args.all_faces else "")
-             if args.detector else "the images as they are"}
+             "faces": faces_described(args.landmarks, args.detector, args.all_faces)}
     if args.norms:  # (where train.tools.quality finds the rows' norms: the table's rows are of unit length)
         about["norms"] = os.path.abspath(args.norms)
     with signals_held():  # a stop does not come between the table's files and the norms

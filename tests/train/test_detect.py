@@ -5,82 +5,21 @@ align reads) has an answer to check."""
 
 import contextlib
 import os
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from train.ijb import ARCFACE_TEMPLATE
+from detector_fixtures import KEYPOINTS, PHOTO_H, PHOTO_W, RedSquares, export, photo
 from train.tools import align, detect
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-GREY, RED = (128, 128, 128), (255, 0, 0)
-PHOTO_W, PHOTO_H = 1280, 960  # scaled by 1/2 into the 640 x 640 canvas (its lower quarter black)
-# The template's points (112-pixel crop) at a quarter size, in units of stride 8: a face 28 canvas
-# pixels wide, whose box runs 3.5 strides right and down from the anchor.
-KEYPOINTS = ARCFACE_TEMPLATE / 4 / 8
-BOX = (0.0, 0.0, 3.5, 3.5)
-
-
-class RedSquares(torch.nn.Module):
-    """SCRFD's outputs (scores, then boxes, then keypoints, each stride's (places x anchors, columns)):
-    at stride 8 a place whose pixels are red scores near 1, every other place near 0; boxes and
-    keypoints are the same offsets everywhere."""
-
-    def __init__(self, strides=(8, 16, 32), anchors=2, keypoints=True, batch_dim=False, by_stride=False):
-        super().__init__()
-        self.strides, self.anchors, self.keypoints, self.batch_dim = strides, anchors, keypoints, batch_dim
-        self.by_stride = by_stride  # the outputs stride by stride, each's scores, boxes and keypoints
-        self.register_buffer("box", torch.tensor([BOX], dtype=torch.float32))
-        self.register_buffer("points", torch.tensor(KEYPOINTS.reshape(1, 10), dtype=torch.float32))
-
-    def forward(self, x):
-        scores, boxes, points = [], [], []
-        for stride in self.strides:
-            pooled = torch.nn.functional.avg_pool2d(x, stride)
-            redness = pooled[:, 0] - pooled[:, 1] - pooled[:, 2] - 1  # red 2, black 0, grey -1
-            logit = 8 * redness - 8 if stride == 8 else redness * 0 - 20
-            score = torch.sigmoid(logit).reshape(-1, 1, 1).expand(-1, self.anchors, 1).reshape(-1, 1)
-            scores.append(score)
-            boxes.append(score * 0 + self.box)
-            points.append(score * 0 + self.points)
-        outputs = scores + boxes + (points if self.keypoints else [])
-        if self.by_stride:
-            outputs = [o for level in zip(scores, boxes, points) for o in level]
-        return tuple(o[None] for o in outputs) if self.batch_dim else tuple(outputs)
-
-
-def export(module, path, *, fixed=None):
-    size = fixed or 640
-    outputs = module(torch.zeros(1, 3, 128, 128))
-    names = [f"out{i}" for i in range(len(outputs) if isinstance(outputs, tuple) else 1)]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kwargs = dict(input_names=["input.1"], output_names=names,
-                      opset_version=17, dynamic_axes=None if fixed else {"input.1": {2: "h", 3: "w"}})
-        try:
-            torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), str(path), dynamo=False, **kwargs)
-        except TypeError:  # a torch before the exporter's `dynamo` switch
-            torch.onnx.export(module.eval(), (torch.zeros(1, 3, size, size),), str(path), **kwargs)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
     return export(RedSquares(), tmp_path_factory.mktemp("detector") / "det.onnx")
-
-
-def photo(squares, size=(PHOTO_W, PHOTO_H), side=16):
-    """A grey photo with a red ``side`` x ``side`` square at each (x, y) of ``squares`` (multiples of
-    ``side``: one place of stride 8 in the canvas, where the photo is scaled by 8 / side)."""
-    pixels = np.full((size[1], size[0], 3), GREY, np.uint8)
-    for x, y in squares:
-        pixels[y:y + side, x:x + side] = RED
-    return Image.fromarray(pixels)
 
 
 def expected_landmarks(x, y, scale=0.5):

@@ -337,3 +337,33 @@ def test_photos_through_landmarks_and_tables_of_other_models(trained, tmp_path, 
     assert run_roc("--model", ckpt, "--embeddings", tmp_path / "a.npy", "--output", tmp_path / "b.csv", "--far",
                    0.05) == 0
     assert f"roc: note: --embeddings {tmp_path / 'a.npy'} was made with {backbone}" in capsys.readouterr().err
+
+
+def test_photos_with_a_detector_are_scored_as_their_aligned_faces(trained, tmp_path, capsys):
+    """--detector (train.embed's shared code): each photo's main face found and aligned by the stand-in
+    detector of detector_fixtures gives the pairs' scores of those faces' crops; a photo without a face is
+    left out with a warning (exit status 1); a bad --detector is one line, before any embedding."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from detector_fixtures import crops_and_photos, face_detector, photo_of_faces
+
+    ckpt, backbone, _ = trained
+    detector = face_detector(tmp_path / "det.onnx")
+    crops, photos = tmp_path / "crops", tmp_path / "photos"
+    crops_and_photos({f"person{who}/{sample}.png": render_face(0, 20 + who, 600 + sample, 112) for who in range(4)
+                      for sample in range(3)}, IMAGE_SIZE, crops, photos)
+    photo_of_faces([], []).save(photos / "person0" / "nobody.png")
+    assert run_roc("--model", backbone, "--images", crops, "--output", tmp_path / "crops.csv", "--far", 0.05) == 0
+    capsys.readouterr()
+    assert run_roc("--model", backbone, "--images", photos, "--detector", detector, "--output",
+                   tmp_path / "photos.csv", "--far", 0.05) == 1
+    err = capsys.readouterr().err
+    assert f"warning: {photos / 'person0' / 'nobody.png'}: no face scores 0.5 or more" in err
+    assert (tmp_path / "photos.csv").read_text() == (tmp_path / "crops.csv").read_text()
+    for kind in ("genuine", "impostors"):
+        assert (tmp_path / f"photos-{kind}.csv").read_text() == (tmp_path / f"crops-{kind}.csv").read_text()
+    assert json.loads((tmp_path / "photos.json").read_text())["left_out"] == 1
+    assert run_roc("--model", backbone, "--images", photos, "--detector", tmp_path, "--output",
+                   tmp_path / "x.csv") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"roc: error: --detector {tmp_path}: a folder, not") and err.count("\n") == 1, err

@@ -552,3 +552,32 @@ def test_a_tables_unit_rows_are_taken_as_they_are(tmp_path):
     faces = search._read_faces("--gallery", str(tmp_path / "t.npy"))
     assert np.array_equal(faces.embeddings[:3], rows[:3])
     assert np.allclose(np.linalg.norm(faces.embeddings[3:], axis=1), 1, atol=1e-6)
+
+
+def test_probe_photos_with_a_detector_are_searched_as_their_aligned_faces(trained, tmp_path, capsys):
+    """--detector (train.embed's shared code): probe photos, each one's main face found and aligned by the
+    stand-in detector of detector_fixtures, get the results of those faces' crops; a photo without a face is
+    left out with a warning (exit status 1); a bad --detector is one line, before any embedding."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from detector_fixtures import crops_and_photos, face_detector, photo_of_faces
+
+    ckpt, backbone, gallery, _ = trained
+    detector = face_detector(tmp_path / "det.onnx")
+    crops, photos = tmp_path / "crops", tmp_path / "photos"
+    crops_and_photos({f"person{who}/{sample}.png": render_face(0, who, 600 + sample, 112) for who in range(6)
+                      for sample in range(2)}, IMAGE_SIZE, crops, photos)
+    photo_of_faces([], []).save(photos / "nobody.png")
+    assert run_search("--model", backbone, "--gallery", gallery, "--probes", crops, "--output",
+                      tmp_path / "crops.csv") == 0
+    capsys.readouterr()
+    assert run_search("--model", backbone, "--gallery", gallery, "--probes", photos, "--detector", detector,
+                      "--output", tmp_path / "photos.csv") == 1
+    assert f"warning: {photos / 'nobody.png'}: no face scores 0.5 or more" in capsys.readouterr().err
+    assert read_rows(tmp_path / "photos.csv") == read_rows(tmp_path / "crops.csv")
+    assert json.loads((tmp_path / "photos.json").read_text())["left_out"] == 1
+    assert run_search("--model", backbone, "--gallery", gallery, "--probes", photos, "--detector",
+                      tmp_path / "none.onnx", "--output", tmp_path / "x.csv") == 2
+    err = capsys.readouterr().err
+    assert err == f"search: error: --detector {tmp_path / 'none.onnx'}: no such file: give an SCRFD face detector's " \
+                  "ONNX file (insightface's det_10g.onnx)\n"

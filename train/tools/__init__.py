@@ -111,6 +111,31 @@ def check_embedding_options(p: argparse.ArgumentParser, args: argparse.Namespace
         p.error("--workers must be at least 0")
 
 
+def add_detector_option(p: argparse.ArgumentParser, photos: str, faces: str = "each one's main face") -> None:
+    """--detector of a tool that embeds a folder of faces (``roc``, ``search``, ``cluster``, ``quality``): its
+    ``photos`` ("the images under --images") are photos, whose ``faces`` are found as ``train.embed
+    --detector`` finds them; :func:`check_photo_options` checks it."""
+    p.add_argument("--detector", metavar="FILE", default=None,
+                   help=f"{photos} are photos: find {faces} with this SCRFD face detector (an ONNX file with "
+                   "keypoints: insightface's det_10g.onnx; needs onnxruntime), as python -m train.tools.detect "
+                   "finds them, and align it, as train.embed --detector does; a photo without a face is left out, "
+                   "with a warning")
+
+
+def check_photo_options(p: argparse.ArgumentParser, args: argparse.Namespace, source: str, why: str = "") -> None:
+    """argparse errors for the options that find the faces in photos (--landmarks with its --extension, where
+    the tool takes them, and --detector): one given without ``source`` (the option that names the photos:
+    "--images"; ``why`` may follow), both ways at once, --extension without --landmarks."""
+    landmarks, detector = getattr(args, "landmarks", None), getattr(args, "detector", None)
+    for flag, value in (("--landmarks", landmarks), ("--detector", detector)):
+        if value and not getattr(args, source.lstrip("-").replace("-", "_")):
+            p.error(f"{flag} goes with {source}{why}")
+    if getattr(args, "extension", None) and not landmarks:
+        p.error("--extension goes with --landmarks")
+    if detector and landmarks:
+        p.error("--detector and --landmarks are two ways to find the faces in the photos: give one")
+
+
 def count_of(n: int, noun: str, nouns: str | None = None) -> str:
     """``n`` and the noun, plural unless it is 1: "1 face", "3 faces", "2 people"."""
     return f"{n} {noun if n == 1 else nouns or noun + 's'}"

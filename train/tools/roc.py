@@ -42,13 +42,13 @@ import numpy as np
 import torch
 
 from train import checkpoint
-from train.embed import (MODEL_HELP, _warn_left_out, detect_faces, embed_faces, embed_listed_faces, embed_readable,
-                         folder_images, load_model, model_digests, model_threshold, table_files, write_table)
+from train.embed import (MODEL_HELP, embed_folder, embed_listed_faces, faces_described, folder_images, load_model,
+                         model_digests, model_threshold, open_detector, table_files, write_table)
 from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
                        threshold_allowing)
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, plain_warnings,
-                         summary_path, torch_device)
+from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
+                         check_photo_options, count_of, plain_warnings, summary_path, torch_device)
 from train.tools.cluster import DEFAULT_DUPLICATE_COSINE
 from train.tools.search import Faces, _check_made_with, _read_faces, cosine_above, first_folder
 from train.tools.similarity import cosine_blocks
@@ -266,9 +266,7 @@ def _main(argv: list[str] | None = None) -> int:
                    help="the images under --images are photos: score the faces this file lists, each aligned from "
                    "its 5 landmarks (as train.embed --landmarks; one face a photo)")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
-    p.add_argument("--detector", metavar="FILE", default=None,
-                   help="the images under --images are photos: find each one's main face with this SCRFD detector "
-                   "(ONNX; needs onnxruntime), as train.embed --detector finds them")
+    add_detector_option(p, "the images under --images")
     p.add_argument("--far", type=float, default=DEFAULT_FAR, metavar="RATE",
                    help="the false accept rate of the operating threshold, at which the people's rejected genuine "
                    f"pairs are counted (default {DEFAULT_FAR:g})")
@@ -293,14 +291,9 @@ def _main(argv: list[str] | None = None) -> int:
         p.error(f"--pairs must be at least 0, got {args.pairs}")
     if not args.output.endswith(".csv"):
         p.error(f"--output names a .csv file, got {args.output}")
-    for flag, value in (("--save-embeddings", args.save_embeddings), ("--landmarks", args.landmarks),
-                        ("--detector", args.detector)):
-        if value and not args.images:
-            p.error(f"{flag} goes with --images (--embeddings is a table of faces embedded already)")
-    if args.extension and not args.landmarks:
-        p.error("--extension goes with --landmarks")
-    if args.detector and args.landmarks:
-        p.error("--detector and --landmarks are two ways to find the faces in the photos: give one")
+    if args.save_embeddings and not args.images:
+        p.error("--save-embeddings goes with --images (--embeddings is a table of faces embedded already)")
+    check_photo_options(p, args, "--images", " (--embeddings is a table of faces embedded already)")
     if args.plot:
         from train.plots import _pyplot
 
@@ -359,18 +352,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {args.output}, --plot and --save-embeddings must name different files")
     inputs = (model_path, checkpoint.settings_path(model_path) if model_path else None, args.landmarks,
               args.detector, *(table_files(args.embeddings, about=True) if args.embeddings else ()))
+    detector = open_detector(args.detector, device) if args.detector else None
     check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(args.images,) if args.images else ())
 
     failures = []
     if faces is None:
-        faces = _embed(args, model, settings, device, failures)
+        faces = _embed(args, model, settings, device, detector, failures)
         if args.save_embeddings:
             about = {"made_by": "train.tools.roc", "model": os.path.abspath(model_path),
                      **model_digests(model_path, model), "image_size": settings["image_size"], "flip": True,
                      "normalised": True, "images": os.path.abspath(args.images),
-                     "faces": f"aligned from the landmarks in {os.path.abspath(args.landmarks)}" if args.landmarks
-                     else f"found and aligned by {os.path.abspath(args.detector)}" if args.detector
-                     else "the images as they are"}
+                     "faces": faces_described(args.landmarks, args.detector)}
             with signals_held():
                 args.written += write_table(args.save_embeddings, faces.names, faces.embeddings, about=about)
             print(f"roc: wrote {', '.join(args.written)}", file=sys.stderr)
@@ -386,9 +378,9 @@ def run(args: argparse.Namespace) -> int:
                           f"{args.save_embeddings} scores it without embedding the faces again)") from None
 
 
-def _embed(args, model, settings: dict, device, failures: list[str]) -> Faces:
-    """The faces under ``--images`` (aligned crops, or photos with --landmarks or --detector), embedded as
-    ``train.embed`` embeds them; a face that cannot be read is left out (``failures``)."""
+def _embed(args, model, settings: dict, device, detector, failures: list[str]) -> Faces:
+    """The faces under ``--images`` (aligned crops, or photos with --landmarks or ``detector``, --detector
+    opened), embedded as ``train.embed`` embeds them; a face that cannot be read is left out (``failures``)."""
     size = settings["image_size"]
     if args.landmarks:
         names, embeddings = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
@@ -397,19 +389,9 @@ def _embed(args, model, settings: dict, device, failures: list[str]) -> Faces:
     paths, names = folder_images(args.images, failures)
     print(f"roc: embedding {count_of(len(paths), 'image')} under {args.images} with {args.model} ({size}px) on "
           f"{device}", file=sys.stderr, flush=True)
-    if args.detector:
-        photos, points, _, found = detect_faces(args.detector, paths, device=device, workers=args.workers)
-        failures += found
-        _warn_left_out(failures)
-        if not photos:
-            raise ValueError(f"--detector {args.detector} found no face in the {len(paths)} photo(s) under "
-                             f"{args.images}")
-        embeddings = embed_faces(model, "", [paths[i] for i in photos], points, size, device=device,
-                                 batch_size=args.batch_size, workers=args.workers)
-        return Faces([names[i] for i in photos], embeddings, None)
-    embeddings, readable = embed_readable(model, args.images, paths, size, failures=failures, device=device,
-                                          batch_size=args.batch_size, workers=args.workers)
-    return Faces([n for n, ok in zip(names, readable) if ok], embeddings[readable], None)
+    names, embeddings = embed_folder(model, args.images, paths, names, size, failures=failures, detector=detector,
+                                     device=device, batch_size=args.batch_size, workers=args.workers)
+    return Faces(names, embeddings, None)
 
 
 def people_of(faces: Faces, flag: str, source: str) -> tuple[list[str], np.ndarray]:

@@ -37,13 +37,13 @@ from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.transforms import IMAGE_EXTENSIONS
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
-                         _warn_others_not_square, about_path, detect_faces, embed_faces, embed_files,
-                         embed_listed_faces, list_images, load_model, made_with, made_with_one_model, model_digests,
-                         model_threshold, read_about, read_table, table_files, write_table)
+                         _warn_others_not_square, about_path, embed_detected, embed_files, embed_listed_faces,
+                         faces_described, list_images, load_model, made_with, made_with_one_model, model_digests,
+                         model_threshold, open_detector, read_about, read_table, table_files, write_table)
 from train.ijb import negatives_needed, template_features, threshold_allowing
 from train.signals import Stopped, run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, count_of, listable_name,
-                         plain_warnings, summary_path, torch_device)
+from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
+                         check_photo_options, count_of, listable_name, plain_warnings, summary_path, torch_device)
 from train.tools.similarity import best_people
 
 DEFAULT_TOP_K = 5
@@ -93,9 +93,7 @@ def _main(argv: list[str] | None = None) -> int:
                    help="the probes are photos under --probes DIR: search the faces this file lists, each aligned "
                    "from its 5 landmarks (as train.embed --landmarks)")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
-    p.add_argument("--detector", metavar="FILE", default=None,
-                   help="the probes are photos: find the faces with this SCRFD detector (ONNX; needs onnxruntime) "
-                   "as train.embed --detector finds them, each photo's main face (--all-faces: every face)")
+    add_detector_option(p, "the probes", "each one's main face (--all-faces: every face)")
     p.add_argument("--all-faces", action="store_true",
                    help="with --landmarks or --detector: every face of a photo, named <image>#<k>")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
@@ -134,14 +132,10 @@ def _main(argv: list[str] | None = None) -> int:
             p.error("--fpir needs --probe-labels: the rate is measured on probes of people not enrolled")
     if not args.output.endswith(".csv"):
         p.error(f"--output names a .csv file, got {args.output}")
-    for flag, value in (("--probe-labels", args.probe_labels), ("--landmarks", args.landmarks),
-                        ("--detector", args.detector), ("--all-faces", args.all_faces)):
+    for flag, value in (("--probe-labels", args.probe_labels), ("--all-faces", args.all_faces)):
         if value and not args.probes:
             p.error(f"{flag} goes with --probes")
-    if args.extension and not args.landmarks:
-        p.error("--extension goes with --landmarks")
-    if args.detector and args.landmarks:
-        p.error("--detector and --landmarks are two ways to find the faces in the photos: give one")
+    check_photo_options(p, args, "--probes")
     if args.all_faces and not (args.landmarks or args.detector):
         p.error("--all-faces goes with --landmarks or --detector")
     args.written = []  # the outputs in place, for what a stop says
@@ -312,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = (model_path, checkpoint.settings_path(model_path) if model_path else None, args.landmarks, args.detector,
               labels_file, probe_image, *(table_files(args.gallery, about=True) if gallery is not None else ()),
               *(table_files(args.probes, about=True) if probes is not None else ()))
+    detector = open_detector(args.detector, device) if args.detector else None
     check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(gallery_folder, probe_folder))
 
     failures = []  # (the gallery's, then the probes')
@@ -321,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_gallery and gallery_folder:  # (a table's copy, with --fpir, is written with the results)
         about = {"made_by": "train.tools.search", "model": os.path.abspath(args.model),
                  **model_digests(args.model, model), "image_size": settings["image_size"], "flip": True,
-                 "normalised": True, "images": os.path.abspath(gallery_folder), "faces": "the images as they are"}
+                 "normalised": True, "images": os.path.abspath(gallery_folder), "faces": faces_described()}
         with signals_held():
             written = write_table(args.save_gallery, gallery.names, gallery.embeddings, about=about)
         args.written += written
@@ -331,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
             return 1 if failures else 0
     try:
         if probes is None:
-            probes = _embed_probes(args, model, settings, device, failures)
+            probes = _embed_probes(args, model, settings, device, detector, failures)
         if one_to_one:  # (said here, after what can go wrong with the faces: an error is then the first thing seen)
             print(f"search: note: cosine {threshold:.4f} is a 1:1 threshold, for telling whether two faces are one "
                   "person (python -m train.tools.roc measures what it gives on labelled faces); a search compares a "
@@ -396,8 +391,8 @@ def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> 
                  {"model": os.path.abspath(args.model)}, {"images": int((~readable).sum()), "people": empty + lost})
 
 
-def _embed_probes(args, model, settings: dict, device, failures: list[str]) -> Faces:
-    """The probe faces of ``--probes`` (a folder or one image; photos with --landmarks or --detector),
+def _embed_probes(args, model, settings: dict, device, detector, failures: list[str]) -> Faces:
+    """The probe faces of ``--probes`` (a folder or one image; photos with --landmarks or ``detector``, opened),
     embedded as ``train.embed`` embeds them; a face that cannot be read is left out (``failures``)."""
     size = settings["image_size"]
     if args.landmarks:
@@ -416,17 +411,11 @@ def _embed_probes(args, model, settings: dict, device, failures: list[str]) -> F
     paths, names = [p for p, ok in zip(paths, listable) if ok], [n for n, ok in zip(names, listable) if ok]
     print(f"search: embedding {count_of(len(paths), 'probe image')} with {args.model} on {device}", file=sys.stderr,
           flush=True)
-    if args.detector and paths:
-        photos, points, numbers, found = detect_faces(args.detector, paths, all_faces=args.all_faces, device=device,
-                                                      workers=args.workers)
-        left += found
-        _warn_left_out(left)
+    if detector and paths:
+        names, embeddings = embed_detected(model, detector, paths, names, size, failures=left,
+                                           where=f"of --probes {args.probes}", all_faces=args.all_faces,
+                                           device=device, batch_size=args.batch_size, workers=args.workers)
         failures += left
-        if not photos:
-            raise ValueError(f"--detector {args.detector} found no face in the {len(paths)} probe photo(s)")
-        embeddings = embed_faces(model, "", [paths[i] for i in photos], points, size, device=device,
-                                 batch_size=args.batch_size, workers=args.workers)
-        names = [names[i] + (f"#{number}" if args.all_faces else "") for i, number in zip(photos, numbers)]
         return Faces(names, embeddings, None)
     unreadable, not_square = [], []
     if paths:
