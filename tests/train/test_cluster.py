@@ -546,3 +546,54 @@ def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
     assert "bad.png" in capsys.readouterr().err
     assert read_rows(out) == [("x/0.png", 0), ("x/1.png", 0), ("x/2.png", 0)]
     assert json.loads((tmp_path / "c.json").read_text())["left_out"] == 1
+
+
+def test_photos_with_a_detector_cluster_as_their_aligned_faces(trained, tmp_path, capsys):
+    """--detector: each photo's main face found and aligned (the stand-in detector of detector_fixtures, whose
+    faces aligned are known crops) gives the table of those crops; a photo without a face is left out with a
+    warning, and the exit status is 1, as train.embed --detector leaves it out; --tree holds the photos, from
+    the folder or from train.embed --detector's table; a bad --detector is a one-line error."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from detector_fixtures import crops_and_photos, face_detector, photo_of_faces
+
+    ckpt, backbone, _ = trained
+    detector = face_detector(tmp_path / "det.onnx")
+    crops, photos = tmp_path / "crops", tmp_path / "photos"
+    crops_and_photos({f"{'2024' if who % 2 else '2025'}/event{who}/{sample:02d}.png": render_face(0, who, 500 + sample,
+                                                                                                    112)
+                      for who in range(PEOPLE) for sample in range(3 + who)}, IMAGE_SIZE, crops, photos)
+    photo_of_faces([], []).save(photos / "2025" / "nobody.png")
+    assert run_cluster("--model", backbone, "--images", crops, "--output", tmp_path / "crops.csv") == 0
+    capsys.readouterr()
+    assert run_cluster("--model", backbone, "--images", photos, "--detector", detector, "--output",
+                       tmp_path / "photos.csv", "--tree", tmp_path / "people") == 1
+    err = capsys.readouterr().err
+    assert f"warning: {photos / '2025' / 'nobody.png'}: no face scores 0.5 or more" in err and "25 faces" in err
+    rows = read_rows(tmp_path / "photos.csv")
+    assert rows == read_rows(tmp_path / "crops.csv") and len(rows) == 25
+    summary = json.loads((tmp_path / "photos.json").read_text())
+    assert summary["left_out"] == 1 and summary["detector"] == os.path.abspath(detector)
+    for name, c in rows:
+        if c >= 0:
+            assert os.path.samefile(tmp_path / "people" / f"cluster_{c:04d}" / name.replace("/", "__"), photos / name)
+    # train.embed --detector's table: its rows are photos too (each one's main face), which --tree lays out.
+    table = tmp_path / "photos.npy"
+    assert embed_main(["--model", backbone, "--images", str(photos), "--detector", detector, "--output", str(table),
+                       "--workers", "0"]) == 1
+    assert run_cluster("--embeddings", table, "--output", tmp_path / "table.csv", "--tree", tmp_path / "again") == 0
+    assert read_rows(tmp_path / "table.csv") == rows
+    assert sorted(os.listdir(tmp_path / "again")) == sorted(os.listdir(tmp_path / "people"))
+
+    capsys.readouterr()
+    (tmp_path / "not.onnx").write_text("not a graph\n")
+    for bad, said in ((tmp_path / "missing.onnx", "no such file"), (tmp_path / "crops", "a folder, not"),
+                      (tmp_path / "not.onnx", "onnxruntime cannot load it")):
+        assert run_cluster("--model", backbone, "--images", photos, "--detector", bad, "--output",
+                           tmp_path / "x.csv") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"cluster: error: --detector {bad}: {said}") and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "x.csv")
+    with pytest.raises(SystemExit):
+        run_cluster("--embeddings", table, "--detector", detector)
+    assert "--detector goes with --images" in capsys.readouterr().err

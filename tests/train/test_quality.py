@@ -294,3 +294,69 @@ def test_its_own_table_rejected_again(trained, tmp_path, capsys):
     assert len(os.listdir(tmp_path / "tree" / "rejected")) == 40
     summary = json.loads((tmp_path / "again.json").read_text())
     assert summary["images"] == os.path.abspath(faces) and summary["model"] == os.path.abspath(ckpt)
+
+
+def test_photos_with_a_detector_score_as_their_aligned_faces(trained, tmp_path, capsys):
+    """--detector: each photo's main face found and aligned (the stand-in detector of detector_fixtures, whose
+    faces aligned are known crops) is scored as those crops are, its detection score a column beside the
+    quality, kept when the table is ruled again; a photo without a face is left out with a warning (exit
+    status 1); --tree lays out the photos (not with --all-faces, whose rows are faces of a photo); a bad
+    --detector is a one-line error."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from detector_fixtures import crops_and_photos, face_detector, photo_of_faces
+    from train.data.synthetic import render_face
+
+    ckpt, _ = trained
+    detector = face_detector(tmp_path / "det.onnx")
+    faces = {f"p{who}/{sample}.png": render_face(0, who, 700 + sample, 112) for who in range(4) for sample in range(2)}
+    crops, photos = tmp_path / "crops", tmp_path / "photos"
+    crops_and_photos(faces, IMAGE_SIZE, crops, photos)
+    photo_of_faces([], []).save(photos / "nobody.png")
+    assert run_quality("--model", ckpt, "--images", crops, "--output", tmp_path / "crops.csv") == 0
+    capsys.readouterr()
+    assert run_quality("--model", ckpt, "--images", photos, "--detector", detector, "--output", tmp_path / "q.csv",
+                       "--reject-fraction", 0.25, "--tree", tmp_path / "tree") == 1
+    err = capsys.readouterr().err
+    assert f"warning: {photos / 'nobody.png'}: no face scores 0.5 or more" in err and "1 image left out" in err
+    rows = read_csv(tmp_path / "q.csv")
+    assert rows[0] == ["image", "quality", "detector_score", "rejected"]
+    assert [r[:2] for r in rows[1:]] == read_csv(tmp_path / "crops.csv")[1:]
+    assert {r[2] for r in rows[1:]} == {"0.9996"} and sum(r[3] == "1" for r in rows[1:]) == 2
+    summary = json.loads((tmp_path / "q.json").read_text())
+    assert summary["left_out"] == 1 and summary["faces"] == f"found and aligned by {os.path.abspath(detector)}"
+    for name, _, _, out in rows[1:]:
+        assert os.path.samefile(tmp_path / "tree" / ("rejected" if out == "1" else "kept") / name, photos / name)
+    # Ruled again from the table: the detection scores stay.
+    assert run_quality("--embeddings", tmp_path / "q.csv", "--output", tmp_path / "again.csv", "--sort") == 0
+    again = read_csv(tmp_path / "again.csv")
+    assert again[0] == ["image", "quality", "detector_score"] and sorted(again[1:]) == sorted(r[:3] for r in rows[1:])
+
+    # Every face of a group photo, numbered; such rows are not photos to lay out.
+    group = tmp_path / "group"
+    group.mkdir()
+    photo_of_faces([faces["p0/0.png"], faces["p1/0.png"]], [(64, 64), (320, 400)]).save(group / "g.png")
+    assert run_quality("--model", ckpt, "--images", group, "--detector", detector, "--all-faces", "--output",
+                       tmp_path / "g.csv") == 0
+    by_crop = {r[0]: r[1] for r in read_csv(tmp_path / "crops.csv")[1:]}
+    assert [r[:2] for r in read_csv(tmp_path / "g.csv")[1:]] == [["g.png#1", by_crop["p0/0.png"]],
+                                                                ["g.png#2", by_crop["p1/0.png"]]]
+    capsys.readouterr()
+    assert run_quality("--model", ckpt, "--images", group, "--detector", detector, "--all-faces", "--output",
+                       tmp_path / "h.csv", "--reject-below", 1, "--tree", tmp_path / "t2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quality: error: --tree: the faces are found and aligned by") and err.count("\n") == 1
+
+    (tmp_path / "not.onnx").write_text("not a graph\n")
+    for bad, said in ((tmp_path / "missing.onnx", "no such file"), (group, "a folder, not"),
+                      (tmp_path / "not.onnx", "onnxruntime cannot load it")):
+        assert run_quality("--model", ckpt, "--images", photos, "--detector", bad, "--output", tmp_path / "x.csv") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"quality: error: --detector {bad}: {said}") and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "x.csv")
+    for argv, said in ((["--embeddings", tmp_path / "q.csv", "--detector", detector], "--detector goes with --images"),
+                       (["--model", ckpt, "--images", photos, "--detector", detector, "--landmarks", "l.txt"],
+                        "--detector and --landmarks are two ways")):
+        with pytest.raises(SystemExit):
+            run_quality(*argv)
+        assert said in capsys.readouterr().err

@@ -5,20 +5,22 @@ trained model, as a table and, with ``--tree``, as an ImageFolder for the traine
     python -m train.tools.cluster --model runs/r50/checkpoint.pt --images aligned/ --output clusters.csv --tree people/
 
 Every aligned face under ``--images`` (any nesting; as ``train.tools.align`` writes them) is embedded
-as ``train.embed`` embeds it (image + mirror, unit length), or the rows of a table ``train.embed``
-wrote are read (``--embeddings``). Each face is linked to its ``--neighbours`` nearest others among
-those at cosine ``--threshold`` or more (default: the model's verification threshold), found in
-blocks, never as an N x N matrix. The clusters are cut from that graph by Chinese whispers (each face
-takes the label that weighs most among its neighbours', by cosine, until none changes), or with
-``--method components`` are its connected components, which one false link between two people
-joins. Clusters of fewer than ``--min-size`` faces are noise (cluster -1). Outputs:
+as ``train.embed`` embeds it (image + mirror, unit length), or with ``--detector`` each photo's main face,
+found and aligned as ``train.embed --detector`` finds it (a photo without a face is left out), or the
+rows of a table ``train.embed`` wrote are read (``--embeddings``). Each face is linked to its
+``--neighbours`` nearest others among those at cosine ``--threshold`` or more (default: the model's
+verification threshold), found in blocks, never as an N x N matrix. The clusters are cut from that graph
+by Chinese whispers (each face takes the label that weighs most among its neighbours', by cosine, until
+none changes), or with ``--method components`` are its connected components, which one false link
+between two people joins. Clusters of fewer than ``--min-size`` faces are noise (cluster -1). Outputs:
 
 - ``--output`` (``clusters.csv``): ``image,cluster`` a face, clusters numbered from 0 by size, largest
   first; and beside it, ``clusters.json``: the counts and sizes, the threshold and where it came from,
   the model and the options;
 - ``--tree DIR``: ``DIR/cluster_0000/<image>`` a face of a cluster (noise left out; each group of
   duplicates once, as its first face, unless ``--all-duplicates``), hard links to the images (copies
-  where a link cannot be made, or with ``--copy``), the image's path with its folders joined by ``__``.
+  where a link cannot be made, or with ``--copy``; with ``--detector`` the photos), the image's path with
+  its folders joined by ``__``.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ import torch
 
 from train import checkpoint
 from train.data.transforms import IMAGE_EXTENSIONS
-from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_readable, folder_images, load_model, made_with,
-                         model_threshold, read_about, read_table, table_files)
+from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_folder, faces_are_files, folder_images,
+                         load_model, made_with, model_threshold, open_detector, read_about, read_table, table_files)
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, check_tree_folder,
-                         count_of, hidden_beside, inside, link_or_copy, plain_warnings, remove_killed_runs_trees,
-                         replace_folder, summary_path, torch_device)
+from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
+                         check_photo_options, check_tree_folder, count_of, hidden_beside, inside, link_or_copy,
+                         plain_warnings, remove_killed_runs_trees, replace_folder, summary_path, torch_device)
 from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
 DEFAULT_NEIGHBOURS = 10
@@ -178,13 +180,15 @@ def _main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR",
-                        help="a folder of aligned face crops (any nesting), as train.tools.align writes them")
+                        help="a folder of aligned face crops (any nesting), as train.tools.align writes them; photos "
+                        "with --detector")
     source.add_argument("--embeddings", metavar="TABLE",
                         help="a table python -m train.embed wrote (.npy with its .txt, or .csv): its rows are "
                         "clustered as they are, without embedding")
     p.add_argument("--model", default=None,
                    help=MODEL_HELP + "; with --embeddings only for its threshold (default: the model the table's "
                    ".json names, where it still is)")
+    add_detector_option(p, "the images under --images")
     p.add_argument("--output", default="clusters.csv",
                    help="the table image,cluster (a .csv; default clusters.csv), with the summary beside it (.json)")
     p.add_argument("--tree", metavar="DIR", default=None,
@@ -217,6 +221,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.images and not args.model:
         p.error("--images needs --model, the model that embeds the faces")
     check_embedding_options(p, args)
+    check_photo_options(p, args, "--images", " (--embeddings is a table of faces embedded already)")
     if args.neighbours < 1:
         p.error(f"--neighbours must be at least 1, got {args.neighbours}")
     if args.min_size < 1:
@@ -291,8 +296,9 @@ def run(args: argparse.Namespace) -> int:
     duplicate_cosine = max(threshold, DEFAULT_DUPLICATE_COSINE if args.duplicate_cosine is None
                            else args.duplicate_cosine)
     outputs = [args.output, summary_path(args.output)]
-    inputs = (model_path, checkpoint.settings_path(model_path) if model_path else None,
+    inputs = (model_path, checkpoint.settings_path(model_path) if model_path else None, args.detector,
               *(table_files(args.embeddings, about=True) if args.embeddings else ()))
+    detector = open_detector(args.detector, device) if args.detector else None
     check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(args.images,) if args.images else ())
     if args.tree:
         _check_tree(args, source_folder, table_about)
@@ -300,11 +306,11 @@ def run(args: argparse.Namespace) -> int:
     failures = []
     if args.images:
         paths, names = folder_images(args.images, failures)
-        print(f"cluster: embedding {len(paths)} faces under {args.images} with {args.model} "
-              f"({settings['image_size']}px) on {device}", file=sys.stderr, flush=True)
-        embeddings, readable = embed_readable(model, args.images, paths, settings["image_size"], failures=failures,
-                                              device=device, batch_size=args.batch_size, workers=args.workers)
-        embeddings, names = embeddings[readable], [name for name, ok in zip(names, readable) if ok]
+        print(f"cluster: embedding {len(paths)} {'photos' if args.detector else 'faces'} under {args.images} with "
+              f"{args.model} ({settings['image_size']}px) on {device}", file=sys.stderr, flush=True)
+        names, embeddings = embed_folder(model, args.images, paths, names, settings["image_size"], failures=failures,
+                                         detector=detector, device=device, batch_size=args.batch_size,
+                                         workers=args.workers)
 
     started = time.monotonic()
     unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), dim=1)
@@ -323,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         "made_by": "train.tools.cluster",
         "images": os.path.abspath(args.images) if args.images else source_folder,
         "embeddings": os.path.abspath(args.embeddings) if args.embeddings else None,
+        "detector": os.path.abspath(args.detector) if args.detector else None,
         "model": os.path.abspath(model_path) if model_path else None,
         "threshold": round(threshold, 6), "threshold_from": threshold_source,
         "method": args.method, "neighbours": args.neighbours, "min_size": args.min_size,
@@ -391,13 +398,14 @@ def _write_csv(path: str, names: list[str], clusters: np.ndarray) -> None:
 
 def _check_tree(args, source_folder: str | None, about: dict | None) -> None:
     """ValueError naming --tree when the images cannot be laid out there: a table that does not say
-    where its images are, or whose rows are faces in photos; a folder that is (or holds, or lies in)
+    where its images are, or whose rows are not one image file each (:func:`train.embed.faces_are_files`:
+    faces a landmarks file lists, every face a detector found); a folder that is (or holds, or lies in)
     the images; one that exists, without --overwrite, or that holds what this tool does not write."""
     if args.embeddings:
         if not about:
             raise ValueError(f"--tree: {args.embeddings} does not say where its images are (train.embed writes that "
                              "in the .json beside it): cluster the folder of images with --images instead")
-        if about.get("faces") != "the images as they are":
+        if not faces_are_files(about.get("faces")):
             raise ValueError(f"--tree: the rows of {args.embeddings} are faces {about.get('faces')}, not image files "
                              "to lay out: align them with train.tools.align, then cluster the crops")
         if not source_folder or not os.path.isdir(source_folder):

@@ -6,15 +6,16 @@ score, the error-versus-reject characteristic (ERC).
         --reject-fraction 0.05 --tree sorted/
     python -m train.tools.quality --model runs/magface/checkpoint.pt --pairs lfw.bin --output erc.csv
 
-Scores: every face under ``--images`` (aligned crops, any nesting; photos with ``--landmarks``) is embedded
-as ``train.embed`` embeds it, and its quality is its feature norm as ``train.embed --norms`` gives it (the
-mean over the image and its mirror of the embedding's length before normalisation); or the norms of a
-table are read (``--embeddings``: ``train.embed --norms``'s file, a table whose ``.json`` names it, or this
-tool's own ``--output``, to rule the faces again).
-``--output`` (``quality.csv``): ``image,quality`` (and ``rejected`` with a rule), ``--sort``: lowest first;
-beside it a ``.json``: the model, the counts and the quantiles. ``--reject-below Q`` or
-``--reject-fraction F`` marks the faces to drop; ``--tree DIR`` lays the images out as ``DIR/kept/<image>``
-and ``DIR/rejected/<image>`` (hard links, or copies), each image at its path under ``--images``.
+Scores: every face under ``--images`` (aligned crops, any nesting; photos with ``--landmarks``, or with
+``--detector``, whose detection score is then a column too) is embedded as ``train.embed`` embeds it, and
+its quality is its feature norm as ``train.embed --norms`` gives it (the mean over the image and its
+mirror of the embedding's length before normalisation); or the norms of a table are read
+(``--embeddings``: ``train.embed --norms``'s file, a table whose ``.json`` names it, or this tool's own
+``--output``, to rule the faces again). ``--output`` (``quality.csv``): ``image,quality`` (and
+``detector_score`` with ``--detector``, ``rejected`` with a rule), ``--sort``: lowest first; beside it a
+``.json``: the model, the counts and the quantiles. ``--reject-below Q`` or ``--reject-fraction F``
+marks the faces to drop; ``--tree DIR`` lays the images out as ``DIR/kept/<image>`` and
+``DIR/rejected/<image>`` (hard links, or copies), each image at its path under ``--images``.
 
 ERC: each pair of ``--pairs`` (what ``train.verify`` reads: a ``.bin``, a pairs list, LFW's ``pairs.txt``,
 CALFW's or CPLFW's pair file) gets its comparison score, the cosine of the two faces' embeddings (image +
@@ -44,13 +45,13 @@ import numpy as np
 import torch
 
 from train import checkpoint
-from train.embed import (MODEL_HELP, embed_images, embed_listed_faces, embed_readable, folder_images, load_model,
-                         model_digests, read_about, read_table, table_files)
+from train.embed import (MODEL_HELP, embed_folder, embed_images, embed_listed_faces, faces_are_files, faces_described,
+                         folder_images, load_model, model_digests, open_detector, read_about, read_table, table_files)
 from train.ijb import threshold_allowing
 from train.signals import run_tool, signals_held
-from train.tools import (add_embedding_options, check_embedding_options, check_outputs, check_tree_folder,
-                         count_of, hidden_beside, inside, link_or_copy, plain_warnings, remove_killed_runs_trees,
-                         replace_folder, summary_path, torch_device)
+from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
+                         check_photo_options, check_tree_folder, count_of, hidden_beside, inside, link_or_copy,
+                         plain_warnings, remove_killed_runs_trees, replace_folder, summary_path, torch_device)
 
 DEFAULT_FMRS = (0.001, 0.01)
 DEFAULT_MAX_REJECT = 0.2
@@ -58,6 +59,7 @@ QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 CURVE_POINTS = 101  # erc.csv's rows an ordering and FMR: rejecting 0%, 1%, ..., 100% of the pairs
 TREE_PARTS = ("kept", "rejected")
 NORM = "norm"  # the name of the feature norm as a quality score in the ERC's outputs
+DETECTOR_SCORE = "detector_score"  # the column of a face's detection score (--detector) in the scores' table
 RANDOM, ORACLE = "random", "oracle"
 
 
@@ -203,8 +205,10 @@ def _main(argv: list[str] | None = None) -> int:
                    help="with --images: score the faces this file lists in the photos under it, each aligned from "
                    "its 5 landmarks (as train.embed --landmarks)")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
+    add_detector_option(p, "the images under --images", "each one's main face (--all-faces: every face)")
     p.add_argument("--all-faces", action="store_true",
-                   help="with --landmarks: an image listed on several lines is several faces, named <image>#<k>")
+                   help="with --landmarks: an image listed on several lines is several faces; with --detector: every "
+                   "face found; named <image>#<k>")
     p.add_argument("--output", default=None,
                    help="a .csv: with --images or --embeddings the table image,quality (default quality.csv); with "
                    "--pairs the curves (default erc.csv); the summary beside it (.json)")
@@ -239,12 +243,9 @@ def _main(argv: list[str] | None = None) -> int:
         p.error(f"{'--images' if args.images else '--pairs'} needs --model, the model that embeds the faces")
     if args.embeddings and args.model:
         p.error("--model goes with --images or --pairs: --embeddings' norms are read as they are")
-    if (args.landmarks or args.all_faces) and not args.images:
-        p.error(f"{'--landmarks' if args.landmarks else '--all-faces'} goes with --images")
-    if args.extension and not args.landmarks:
-        p.error("--extension goes with --landmarks")
-    if args.all_faces and not args.landmarks:
-        p.error("--all-faces goes with --landmarks")
+    check_photo_options(p, args, "--images")
+    if args.all_faces and not (args.landmarks or args.detector):
+        p.error("--all-faces goes with --landmarks or --detector")
     scoring = args.pairs is None
     for flag, value in (("--sort", args.sort), ("--reject-below", args.reject_below is not None),
                         ("--reject-fraction", args.reject_fraction is not None), ("--tree", args.tree)):
@@ -282,14 +283,16 @@ def main(argv: list[str] | None = None) -> int:
 # Scores
 
 
-def _table_norms(path: str) -> tuple[list[str], np.ndarray, dict]:
-    """(names, (N,) norms, the provenance of the table that recorded them, or {}) of ``--embeddings``:
-    ``train.embed --norms``'s file (image,norm), this tool's ``--output`` (image,quality, and rejected:
-    its ``.json`` gives the model and the images' folder), or a table whose ``.json`` names that file."""
+def _table_norms(path: str) -> tuple[list[str], np.ndarray, np.ndarray | None, dict]:
+    """(names, (N,) norms, (N,) detection scores or None, the provenance of the table that recorded them, or
+    {}) of ``--embeddings``: ``train.embed --norms``'s file (image,norm), this tool's ``--output``
+    (image,quality, and detector_score and rejected: its ``.json`` gives the model and the images' folder),
+    or a table whose ``.json`` names that file."""
     names, values = read_table(path)
     if not names:
         raise ValueError(f"--embeddings {path}: the table holds no faces")
-    if path.endswith(".csv") and _csv_header(path)[:2] == ["image", "quality"]:
+    header = _csv_header(path) if path.endswith(".csv") else []
+    if header[:2] == ["image", "quality"]:
         try:
             with open(summary_path(path), encoding="utf-8") as f:
                 recorded = json.load(f)
@@ -298,9 +301,10 @@ def _table_norms(path: str) -> tuple[list[str], np.ndarray, dict]:
         ours = isinstance(recorded, dict) and recorded.get("made_by") == "train.tools.quality"
         about = {key: recorded[key] for key in ("model", "model_sha256", "model_weights_sha256", "image_size",
                                                 "images", "faces") if key in recorded} if ours else {}
-        return names, values[:, 0].astype(np.float64), about
+        scores = values[:, header.index(DETECTOR_SCORE) - 1] if DETECTOR_SCORE in header else None
+        return names, values[:, 0].astype(np.float64), scores, about
     if path.endswith(".csv") and values.shape[1] == 1:  # (image,norm: train.embed --norms's file)
-        return names, values[:, 0].astype(np.float64), {}
+        return names, values[:, 0].astype(np.float64), None, {}
     about = read_about(path, values) or {}
     norms_file = about.get("norms")
     if not norms_file:
@@ -314,7 +318,7 @@ def _table_norms(path: str) -> tuple[list[str], np.ndarray, dict]:
     if norm_names != names or norms.shape[1] != 1:
         raise ValueError(f"--embeddings {path}: {norms_file}, the norms its .json names, lists other faces than the "
                          "table (a later train.embed --norms wrote it?): score the faces with the model")
-    return names, norms[:, 0].astype(np.float64), about
+    return names, norms[:, 0].astype(np.float64), None, about
 
 
 def _csv_header(path: str) -> list[str]:
@@ -322,21 +326,25 @@ def _csv_header(path: str) -> list[str]:
         return next(csv.reader(f), [])
 
 
-def _embed(args, model, settings: dict, device, failures: list[str]) -> tuple[list[str], np.ndarray]:
-    """(names, (N,) feature norms) of the faces of ``--images`` (photos with ``--landmarks``); an image that
-    cannot be read, or whose name cannot be a row, is left out (``failures``)."""
+def _embed(args, model, settings: dict, device, detector, failures: list[str]
+           ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """(names, (N,) feature norms, (N,) detection scores with ``detector`` (--detector, opened), else None)
+    of the faces of ``--images`` (photos with ``--landmarks`` or ``detector``); an image that cannot be
+    read, without a face, or whose name cannot be a row, is left out (``failures``)."""
     size, norms = settings["image_size"], []
     if args.landmarks:
         names, _ = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
                                       several=args.all_faces, device=device, batch_size=args.batch_size,
                                       workers=args.workers, norms=norms)
-        return names, np.concatenate(norms).astype(np.float64)
+        return names, np.concatenate(norms).astype(np.float64), None
     paths, names = folder_images(args.images, failures)
-    print(f"quality: embedding {count_of(len(paths), 'face')} under {args.images} with {args.model} ({size}px) on "
-          f"{device}", file=sys.stderr, flush=True)
-    _, readable = embed_readable(model, args.images, paths, size, failures=failures, device=device,
-                                 batch_size=args.batch_size, workers=args.workers, norms=norms)
-    return [name for name, ok in zip(names, readable) if ok], np.concatenate(norms).astype(np.float64)[readable]
+    print(f"quality: embedding {count_of(len(paths), 'photo' if args.detector else 'face')} under {args.images} with "
+          f"{args.model} ({size}px) on {device}", file=sys.stderr, flush=True)
+    scores = [] if detector else None
+    names, _ = embed_folder(model, args.images, paths, names, size, failures=failures, detector=detector,
+                            all_faces=args.all_faces, device=device, batch_size=args.batch_size, workers=args.workers,
+                            norms=norms, scores=scores)
+    return names, np.concatenate(norms).astype(np.float64), None if scores is None else np.array(scores)
 
 
 def rejected_faces(quality: np.ndarray, below: float | None = None, fraction: float | None = None) -> np.ndarray:
@@ -360,22 +368,21 @@ def score(args: argparse.Namespace) -> int:
             raise ValueError(f"--images {args.images} is not a folder")
         model, settings = load_model(args.model, device)
         _check_has_norm(args.model, settings)
-        folder, faces = args.images, "the images as they are"
-        if args.landmarks:
-            faces = f"aligned from the landmarks in {os.path.abspath(args.landmarks)}"
-        inputs = (args.model, checkpoint.settings_path(args.model), args.landmarks)
+        folder, faces = args.images, faces_described(args.landmarks, args.detector, args.all_faces)
+        inputs = (args.model, checkpoint.settings_path(args.model), args.landmarks, args.detector)
     else:
-        names, quality, about = _table_norms(args.embeddings)
+        names, quality, scores, about = _table_norms(args.embeddings)
         folder, faces = about.get("images"), about.get("faces")
         inputs = (*table_files(args.embeddings, about=True), about.get("norms"))
     outputs = [args.output, summary_path(args.output)]
+    detector = open_detector(args.detector, device) if args.detector else None
     check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(args.images,) if args.images else ())
     if args.tree:
         _check_tree(args, folder, faces)
 
     failures = []
     if args.images:
-        names, quality = _embed(args, model, settings, device, failures)
+        names, quality, scores = _embed(args, model, settings, device, detector, failures)
         about = {"model": os.path.abspath(args.model), **model_digests(args.model, model),
                  "image_size": settings["image_size"], "images": os.path.abspath(args.images), "faces": faces}
     rejected = None
@@ -406,9 +413,10 @@ def score(args: argparse.Namespace) -> int:
 
         def write(f):
             writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["image", "quality"] + (["rejected"] if rejected is not None else []))
-            writer.writerows([names[i], f"{quality[i]:.7g}"] + ([int(rejected[i])] if rejected is not None else [])
-                             for i in order.tolist())
+            writer.writerow(["image", "quality"] + ([DETECTOR_SCORE] if scores is not None else [])
+                            + (["rejected"] if rejected is not None else []))
+            writer.writerows([names[i], f"{quality[i]:.7g}"] + ([f"{scores[i]:.4f}"] if scores is not None else [])
+                             + ([int(rejected[i])] if rejected is not None else []) for i in order.tolist())
 
         with signals_held():  # the table, its summary and the tree: all of them or none
             if staging is not None:
@@ -448,7 +456,7 @@ def _check_tree(args, folder: str | None, faces: str | None) -> None:
     if not folder:
         raise ValueError(f"--tree: {args.embeddings} does not say where its images are (the .json train.embed writes "
                          "beside a table does): score the folder of images with --images instead")
-    if faces != "the images as they are":
+    if not faces_are_files(faces):
         raise ValueError(f"--tree: the faces are {faces}, not image files to lay out: align them with "
                          "train.tools.align, then score the crops")
     if not os.path.isdir(folder):
