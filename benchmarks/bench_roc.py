@@ -2,12 +2,14 @@
 collection costs: synthetic faces of ``--people`` people the demo did not train on (``--min-faces`` to
 ``--max-faces`` each), embedded with ``--model`` and scored (TAR and threshold at each FAR, the EER, and
 the FAR and TAR the model's recorded 1:1 threshold gives on them); then ``--random`` collections of random
-unit embeddings (``--per-person`` faces a person), each given as a table and scored in a process of its
-own under ``/usr/bin/time -v`` (its time, pairs a second and peak memory).
+unit embeddings (``--per-person`` faces a person; with ``--large-person F``, F of them one person's), each
+given as a table and scored in a process of its own under ``/usr/bin/time -v`` (its time, pairs a second and
+peak memory).
 
     python -m train --output runs/demo  # the demo's model (64 px)
     python benchmarks/bench_roc.py --model runs/demo/checkpoint.pt --people 300 --random 20000,100000 \\
         --output benchmarks/results/<machine>-roc.json
+    python benchmarks/bench_roc.py --random 100000 --large-person 10000  # one person of 10,000 faces (5e7 pairs)
 """
 
 from __future__ import annotations
@@ -58,10 +60,15 @@ def main() -> int:
     p.add_argument("--max-faces", type=int, default=8, help="and at most this many")
     p.add_argument("--random", default="", help="sizes of random collections to time, comma-separated")
     p.add_argument("--per-person", type=int, default=10, help="faces a person in the random collections")
+    p.add_argument("--large-person", type=int, default=0, metavar="FACES",
+                   help="of each random collection's faces, this many are one person's (default 0: none)")
     p.add_argument("--dim", type=int, default=512, help="the random embeddings' size (default 512)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None, help="also write the rows as JSON")
     args = p.parse_args()
+    sizes = [int(size) for size in args.random.split(",") if size]
+    if args.large_person < 0 or any(args.large_person > n for n in sizes):
+        p.error(f"--large-person {args.large_person}: from 0 to the size of each --random collection")
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=REPO).stdout.strip()
     rows = []
@@ -83,26 +90,37 @@ def main() -> int:
                                                     "false_accepts_at_far", "eer", "operating_point")},
                    "model_threshold": model, "wall_seconds": seconds}
             rows.append(row)
-        for n in [int(size) for size in args.random.split(",") if size]:
-            unit, truth = people_table(n, max(2, n // args.per_person), dim=args.dim)
+        for n in sizes:
+            rest = n - args.large_person
+            unit, truth = people_table(rest, max(2, rest // args.per_person), dim=args.dim)
+            names = [f"person{p:06d}/{i:07d}.jpg" for i, p in enumerate(truth.tolist())]
+            if args.large_person:  # one more person (another seed: another direction), after the others
+                large, _ = people_table(args.large_person, 1, seed=1, dim=args.dim)
+                unit = torch.cat([unit, large])
+                names += [f"large/{i:07d}.jpg" for i in range(args.large_person)]
             table = os.path.join(work, "random.npy")
-            write_table(table, [f"person{p:06d}/{i:07d}.jpg" for i, p in enumerate(truth.tolist())], unit.numpy())
+            write_table(table, names, unit.numpy())
             del unit
             out = os.path.join(work, "random.csv")
+            load = os.getloadavg()
             summary, seconds, peak, _ = run_roc(["--embeddings", table, "--output", out, "--overwrite", "--far",
                                                  "1e-4", "--device", args.device], timed=True)
             pairs = summary["genuine_pairs"] + summary["impostor_pairs"]
-            row = {"set": f"{n} random {args.dim}-D unit embeddings of {summary['people']} people", "faces": n,
-                   "people": summary["people"], "genuine_pairs": summary["genuine_pairs"],
+            large = f", {args.large_person} of them one person's" if args.large_person else ""
+            row = {"set": f"{n} random {args.dim}-D unit embeddings of {summary['people']} people{large}", "faces": n,
+                   "large_person": args.large_person, "people": summary["people"],
+                   "genuine_pairs": summary["genuine_pairs"],
                    "impostor_pairs": summary["impostor_pairs"], "pairs": pairs,
                    "score_seconds": summary["seconds"], "pairs_per_second": summary["pairs_per_second"],
                    "wall_seconds": seconds, "peak_rss_mib": None if peak is None else round(peak / 1024),
                    "threshold_exact_at_far": summary["threshold_exact_at_far"], "tar_at_far": summary["tar_at_far"],
-                   "eer": summary["eer"]}
+                   "eer": summary["eer"], "genuine_histogram": summary.get("genuine_histogram"),
+                   "load_before": load, "load_after": os.getloadavg()}
             rows.append(row)
             print(f"{row['set']}: {pairs:,} pairs scored in {row['score_seconds']:.1f} s "
                   f"({row['pairs_per_second']:,.0f} pairs/s), {seconds:.1f} s in all, peak memory "
-                  f"{row['peak_rss_mib']} MiB; exact thresholds at {row['threshold_exact_at_far']}", flush=True)
+                  f"{row['peak_rss_mib']} MiB (load average {load[0]:.2f} before, {row['load_after'][0]:.2f} "
+                  f"after); exact thresholds at {row['threshold_exact_at_far']}", flush=True)
     if args.output:
         about = {"git": sha, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,

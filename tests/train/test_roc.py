@@ -165,6 +165,182 @@ def test_the_histogram_against_every_cosine_kept(keep):
             (got["tar"], got["threshold"], got["false_accepts"])
 
 
+def people_and_faces(seed: int, sizes: list[int], dim: int = 12, spread: float = 1.3):
+    """(person (N,) sorted, (N, dim) unit embeddings): people of ``sizes`` faces, each a random direction plus
+    noise."""
+    generator = torch.Generator().manual_seed(seed)
+    person = np.repeat(np.arange(len(sizes)), sizes)
+    centres = torch.randn(len(sizes), dim, generator=generator)
+    noise = torch.randn(len(person), dim, generator=generator)
+    return person, torch.nn.functional.normalize(centres[person] + spread * noise, dim=1)
+
+
+def every_pair(unit: torch.Tensor, person: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(genuine cosines, their (G, 2) pairs, impostor cosines) of every pair i < j, row by row, from the one
+    product ``unit @ unit.T`` (the block score_pairs makes of a collection smaller than a block)."""
+    cosines = (unit @ unit.T).numpy()
+    i, j = np.triu_indices(len(unit), 1)
+    same = person[i] == person[j]
+    return cosines[i, j][same], np.stack([i[same], j[same]], 1), cosines[i, j][~same]
+
+
+def test_a_collection_kept_whole_is_every_pair_exactly():
+    # Below both caps every cosine is kept: the genuine ones in the pass's order (row by row), the impostor ones
+    # highest first, bit for bit those of the product; each person's lowest pair the first of the lowest.
+    person, unit = people_and_faces(3, [5, 1, 9, 4, 7, 2, 6])
+    genuine, pairs, impostors = every_pair(unit, person)
+    scores = roc.score_pairs(unit, person)
+    assert scores.exact and scores.genuine_exact
+    assert np.array_equal(scores.genuine, genuine) and np.array_equal(scores.genuine_pairs, pairs)
+    assert np.array_equal(scores.top, np.sort(impostors)[::-1])
+    assert scores.genuine_count == len(genuine) and scores.impostors == len(impostors)
+    for p in range(7):
+        mine = np.flatnonzero(person[pairs[:, 0]] == p)
+        if not len(mine):
+            assert scores.lowest_pairs[p].tolist() == [-1, -1] and np.isnan(scores.lowest[p])
+            continue
+        first = mine[np.argmin(genuine[mine])]
+        assert scores.lowest[p] == genuine[first] and scores.lowest_pairs[p].tolist() == pairs[first].tolist()
+
+
+@pytest.mark.parametrize("cap", [1, 37, 400])
+def test_genuine_pairs_past_the_cap(cap):
+    # One person of 45 faces (990 of the 1,028 genuine pairs) among small ones, the 'cap' lowest genuine cosines
+    # kept: what is kept is bounded and is the lowest, the histogram has every one, the TAR at every bin edge is
+    # that of every pair, and each FAR's threshold is exact or the edge above it, with the TAR and false accepts
+    # there. (Every pair: the run that keeps every one, of the same blocks.)
+    person, unit = people_and_faces(cap, [3, 45, 2, 4, 1, 5, 3, 6])
+    exact = roc.score_pairs(unit, person, rows=32, columns=64)
+    scores = roc.score_pairs(unit, person, rows=32, columns=64, keep_genuine=cap)
+    assert exact.genuine_exact and exact.exact and not scores.genuine_exact
+    assert len(scores.genuine) == len(scores.genuine_pairs) == cap and scores.genuine_count == 1028
+    genuine, impostors = exact.genuine, exact.top
+    assert scores.impostors == len(impostors) == 69 * 68 // 2 - 1028
+    # The lowest `cap` (the first of equal ones), in the order of the pass.
+    lowest = np.sort(np.argsort(genuine, kind="stable")[:cap])
+    assert np.array_equal(scores.genuine, genuine[lowest])
+    assert np.array_equal(scores.genuine_pairs, exact.genuine_pairs[lowest])
+    want = np.bincount(np.clip(np.ceil(genuine.astype(np.float64) * roc.SCALE) + roc.SCALE - 1, 0,
+                               roc.BINS - 1).astype(np.int64), minlength=roc.BINS)
+    assert np.array_equal(scores.genuine_counts, want) and np.array_equal(scores.counts, exact.counts)
+    assert np.array_equal(scores.lowest, exact.lowest, equal_nan=True)
+    assert np.array_equal(scores.lowest_pairs, exact.lowest_pairs)
+    genuine = genuine.astype(np.float64)
+    edges = roc.bin_edge(np.arange(roc.BINS))[::97]
+    assert scores.true_accepts_of(edges).tolist() == [int((genuine > edge).sum()) for edge in edges]
+    highest_kept = scores.genuine_sorted[-1]
+    assert scores.true_accepts(highest_kept - 1e-9) == int((genuine > highest_kept - 1e-9).sum())
+    inside = highest_kept + 2 ** -17
+    if roc.bin_edge(roc.bin_of(inside)) != inside:
+        assert scores.true_accepts(inside) is None  # (neither below the kept nor an edge)
+    impostors = np.sort(impostors.astype(np.float64))
+    fars = curve_rates(exact.impostors) + list(FARS)
+    moved = 0
+    for want, got in zip(exact.rates_at(fars), scores.rates_at(fars)):
+        if want["threshold"] is None:
+            assert got["threshold"] is None
+            continue
+        if got["exact"]:
+            assert got == want
+            continue
+        moved += 1
+        assert want["threshold"] < got["threshold"] < want["threshold"] + 2 ** -15
+        assert got["threshold"] == roc.bin_edge(roc.bin_of(got["threshold"]))
+        assert got["false_accepts"] == int((impostors > got["threshold"]).sum()) <= want["false_accepts"]
+        assert got["true_accepts"] == int((genuine > got["threshold"]).sum()) <= want["true_accepts"]
+        assert got["tar"] == got["true_accepts"] / 1028
+    assert moved  # (some thresholds lay among the genuine cosines not kept)
+    eer, want = scores.equal_error(), exact.equal_error()
+    assert want["rate"] <= eer["rate"] < want["rate"] + 0.01
+    assert eer["false_rejects"] == int((genuine <= eer["threshold"]).sum())
+
+
+def test_the_people_when_the_rejected_pairs_are_not_all_kept(tmp_path, capsys, monkeypatch):
+    # Every genuine pair kept rejected at the operating threshold: each person's rejected pairs are not
+    # known (blank), the people are listed by their lowest genuine pair, and the run says so; the genuine pairs
+    # listed, the counts and each person's lowest pair are those of the run that keeps every one.
+    person, unit = people_and_faces(5, [30, 4, 3, 5, 2, 6, 3], spread=2.5)
+    table = tmp_path / "people.npy"
+    write_table(str(table), [f"p{p}/{k}.jpg" for k, p in enumerate(person)], unit.numpy())
+    assert run_roc("--embeddings", table, "--output", tmp_path / "all.csv", "--far", 0.01, "--pairs", 5) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(roc, "LOWEST_GENUINE", 20)
+    assert run_roc("--embeddings", table, "--output", tmp_path / "capped.csv", "--far", 0.01, "--pairs", 5) == 0
+    err = capsys.readouterr().err
+    everything, capped = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("all", "capped"))
+    assert everything["genuine_histogram"]["every_genuine_exact"] and everything["operating_point"][
+        "people_rejected_known"]
+    assert capped["genuine_histogram"] == {"bins": roc.BINS, "width": 2 ** -15, "exact_lowest": 20,
+                                           "every_genuine_exact": False}
+    assert capped["genuine_pairs"] == everything["genuine_pairs"] == 435 + 6 + 3 + 10 + 1 + 15 + 3
+    assert not capped["operating_point"]["people_rejected_known"]
+    assert "roc: note: the 20 lowest genuine pairs, those kept exactly, are all rejected at FAR 0.01" in err
+    assert read_csv(tmp_path / "capped-genuine.csv") == read_csv(tmp_path / "all-genuine.csv")
+    people, known = read_csv(tmp_path / "capped-people.csv"), read_csv(tmp_path / "all-people.csv")
+    assert all(row["rejected"] == row["rejected_share"] == "" for row in people)
+    assert [float(row["lowest_cosine"]) for row in people] == sorted(float(row["lowest_cosine"]) for row in people)
+    assert sorted((r["person"], r["faces"], r["genuine_pairs"], r["lowest_cosine"], r["lowest_pair_a"],
+                   r["lowest_pair_b"]) for r in people) == sorted(
+        (r["person"], r["faces"], r["genuine_pairs"], r["lowest_cosine"], r["lowest_pair_a"], r["lowest_pair_b"])
+        for r in known)
+    # The thresholds and TAR: exact, or a bin edge at most 2^-15 above with the TAR and false accepts there.
+    for far, threshold in capped["threshold_at_far"].items():
+        if capped["threshold_exact_at_far"][far]:
+            assert threshold == everything["threshold_at_far"][far]
+            assert capped["tar_at_far"][far] == everything["tar_at_far"][far]
+        elif threshold is not None:
+            assert everything["threshold_at_far"][far] < threshold < everything["threshold_at_far"][far] + 2 ** -15
+            assert capped["tar_at_far"][far] <= everything["tar_at_far"][far]
+
+
+def test_the_table_is_held_once(tmp_path, capsys, monkeypatch):
+    # The rows read (50,000 x 128 float32, 25.6 MB, in no order of people) are sorted by person in their place and
+    # scored as they are: no float64 copy of the table to check their length, no sorted copy.
+    import tracemalloc
+
+    generator = np.random.default_rng(0)
+    rows = generator.standard_normal((50_000, 128), dtype=np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    table = tmp_path / "big.npy"
+    write_table(str(table), [f"p{p}/{k}.jpg" for k, p in enumerate(generator.integers(0, 5000, len(rows)))], rows)
+    del rows
+    seen = {}
+    read = roc._read_faces
+
+    def reading(*args):
+        seen["faces"] = read(*args)
+        return seen["faces"]
+
+    def scoring(unit, person, **kwargs):
+        seen["unit"], seen["person"], seen["peak"] = unit, person, tracemalloc.get_traced_memory()[1]
+        raise ValueError("scored elsewhere")
+
+    monkeypatch.setattr(roc, "_read_faces", reading)
+    monkeypatch.setattr(roc, "score_pairs", scoring)
+    tracemalloc.start()
+    try:
+        assert run_roc("--embeddings", table, "--output", tmp_path / "roc.csv", "--far", 0.01) == 2
+    finally:
+        tracemalloc.stop()
+    assert "roc: error: scored elsewhere" in capsys.readouterr().err
+    faces, unit = seen["faces"], seen["unit"]
+    assert np.shares_memory(unit.numpy(), faces.embeddings) and np.all(np.diff(seen["person"]) >= 0)
+    assert seen["peak"] < 2 * 25.6e6, seen["peak"]
+    people = [name.split("/")[0] for name in faces.names]
+    assert people == sorted(people, key=lambda name: int(name[1:])) or people == sorted(people)
+    original = np.load(table)
+    named = {name: k for k, name in enumerate(open(str(table)[:-4] + ".txt").read().splitlines())}
+    assert np.array_equal(faces.embeddings, original[[named[name] for name in faces.names]])
+
+
+def test_rows_are_permuted_in_their_place():
+    rows = np.arange(40, dtype=np.float32).reshape(10, 4)
+    for order in (np.arange(10), np.array([3, 0, 1, 2, 9, 5, 8, 7, 6, 4]), np.random.default_rng(1).permutation(10)):
+        permuted = rows.copy()
+        roc._permute_rows(permuted, order)
+        assert np.array_equal(permuted, rows[order])
+
+
 def test_input_errors(hand, tmp_path, capsys):
     out = tmp_path / "roc.csv"
     one = tmp_path / "one.npy"

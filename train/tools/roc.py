@@ -13,11 +13,14 @@ embedded). Every pair (i, j), i < j, is scored as the cosine of the two unit emb
 the N x N matrix. A pair is accepted when its cosine is strictly above the threshold, as ``train.ijb``
 accepts them: at FAR f of N impostor pairs the threshold is the (k+1)-th highest impostor cosine, k =
 floor(f x N), the lowest that accepts at most k of them; a FAR below 1/N is not measurable (-, null).
-Genuine pairs are kept exactly; impostor pairs are counted in a histogram of 65,536 bins (2^-15 wide, a
-third of the 4-decimal step thresholds are given in) beside their exact ``TOP_IMPOSTORS`` highest cosines:
-the thresholds of the small FARs (every FAR, when the impostor pairs are that few) are exact, those of
-larger FARs on a collection with more impostor pairs are bin edges, and the TAR and false accepts there are
-exact for that edge (a threshold at most one bin above the exact one).
+Impostor pairs are counted in a histogram of 65,536 bins (2^-15 wide, a third of the 4-decimal step
+thresholds are given in) beside their exact ``TOP_IMPOSTORS`` highest cosines, and genuine pairs in one of
+the same bins beside their exact ``LOWEST_GENUINE`` lowest cosines (12 bytes a pair kept, whatever the
+collection's size): the thresholds of the small FARs (every FAR, when the impostor pairs are that few) are
+exact, those of larger FARs on a collection with more impostor pairs are bin edges; where the genuine pairs
+are more than are kept, a threshold at or above the highest genuine cosine kept is the upper edge of its bin
+too. At a bin edge the TAR and false accepts are exact for that edge (a threshold at most one bin above the
+exact one).
 
 Outputs: ``--output`` (``roc.csv``: the curve, far,threshold,tar,... at 200 log-spaced FARs and 1e-6 ...
 1e-1), the summary beside it (``roc.json``: the counts, TAR and threshold at each FAR, the EER, the
@@ -25,7 +28,9 @@ operating point of ``--far``, what the model's recorded 1:1 threshold gives, the
 the pairs that fail: ``roc-impostors.csv`` (the ``--pairs`` highest-scoring impostor pairs: the same
 person filed under two names, or one photo under both, flagged ``duplicate`` at cosine 0.99 or more),
 ``roc-genuine.csv`` (the lowest-scoring genuine pairs: a wrong label, a bad crop) and ``roc-people.csv``
-(per person, the genuine pairs rejected and the impostor pairs accepted at the operating threshold).
+(per person, the lowest genuine pair, and the genuine pairs rejected and the impostor pairs accepted at the
+operating threshold: the rejected ones left blank where every genuine pair kept is rejected, the people then
+listed by their lowest genuine pair, the accepted ones where the threshold lies below the impostors kept).
 ``--plot roc.png`` draws the curve against a log FAR axis (needs matplotlib).
 """
 
@@ -55,41 +60,75 @@ from train.tools.similarity import cosine_blocks
 
 DEFAULT_FAR = 1e-3
 DEFAULT_PAIRS = 100
-# The histogram of impostor cosines: bins 2^-15 wide over [-1, 1], bin b holding (edge(b) - 2^-15, edge(b)],
-# edge(b) = (b + 1) / 2^15 - 1. A float32 cosine x falls in bin ceil(x * 2^15) + 2^15 - 1, computed exactly
-# (a power of two scales a float32 without rounding), so the impostors strictly above an edge are exactly
+# The histograms of impostor and genuine cosines: bins 2^-15 wide over [-1, 1], bin b holding (edge(b) - 2^-15,
+# edge(b)], edge(b) = (b + 1) / 2^15 - 1. A float32 cosine x falls in bin ceil(x * 2^15) + 2^15 - 1, computed
+# exactly (a power of two scales a float32 without rounding), so the pairs strictly above an edge are exactly
 # the counts of the bins above it. 2^-15 (3.1e-5) is a third of the 4-decimal step a threshold is given in.
 SCALE = 1 << 15
 BINS = 2 * SCALE
 # The impostor cosines kept exactly, the highest (12 bytes each, with the pair): thresholds at FARs that allow
 # fewer false accepts than this are exact; 2^20 covers FAR 1e-4 on 100,000 faces (5e9 pairs).
 TOP_IMPOSTORS = 1 << 20
+# The genuine cosines kept exactly, the lowest (12 bytes each, with the pair): the TAR at any threshold below
+# the highest of them is exact, and so are the people's rejected pairs there; 2^20 keeps every genuine pair of
+# 100,000 faces of 10 a person (500,000 pairs), or of one person's 1,448 faces.
+LOWEST_GENUINE = 1 << 20
 
 
 def bin_edge(b) -> np.ndarray:
-    """The upper edge of histogram bin ``b`` (an int or array): the cosine whose impostors above it are
+    """The upper edge of histogram bin ``b`` (an int or array): the cosine whose pairs above it are
     those of the bins above ``b``."""
     return (np.asarray(b, dtype=np.float64) + 1) / SCALE - 1
 
 
+def bin_of(cosine: float) -> int:
+    """The histogram bin ``cosine`` falls in (the one whose upper edge is at or above it)."""
+    return int(min(max(math.ceil(cosine * SCALE) + SCALE - 1, 0), BINS - 1))
+
+
+def _above_edges(counts: np.ndarray) -> np.ndarray:
+    """(BINS,): the pairs strictly above each bin's upper edge, of a histogram's ``counts``."""
+    return np.concatenate([np.cumsum(counts[::-1])[::-1][1:], [0]])
+
+
+def _edge_bins(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the positions among ``thresholds`` (float64) that are bin edges, their bins)."""
+    b = np.rint((thresholds + 1) * SCALE).astype(np.int64) - 1
+    edge = (b >= 0) & (b < BINS)
+    edge[edge] = bin_edge(b[edge]) == thresholds[edge]
+    return np.flatnonzero(edge), b[edge]
+
+
 class PairScores:
-    """What the pass over every pair leaves: the genuine pairs' cosines (G,) and rows (G, 2), exactly;
-    the number of impostor pairs, the (BINS,) histogram of their cosines, their ``top`` highest cosines
-    (descending) with their rows, exactly; ``at_least``: for each cosine watched, the impostor pairs at or
+    """What the pass over every pair leaves. The impostor pairs: their number, the (BINS,) histogram of
+    their cosines, their ``top`` highest cosines (descending) with their rows, exactly. The genuine pairs:
+    their number, the (BINS,) histogram of their cosines, their lowest cosines (``genuine``, in the order
+    the pass met them) with their rows (``genuine_pairs``), exactly, and each person's lowest one
+    (``lowest``, ``lowest_pairs``, in the order of the people; NaN and -1 for a person without one).
+    ``at_least`` and ``genuine_at_least``: for each cosine watched, the impostor and genuine pairs at or
     above it, counted exactly in the pass."""
 
-    def __init__(self, genuine, genuine_pairs, impostors: int, counts, top, top_pairs, at_least: dict):
-        self.genuine, self.genuine_pairs, self.impostors = genuine, genuine_pairs, impostors
-        self.counts, self.top, self.top_pairs, self.at_least = counts, top, top_pairs, at_least
+    def __init__(self, *, impostors: int, counts, top, top_pairs, at_least: dict, genuine_count: int,
+                 genuine_counts, genuine, genuine_pairs, genuine_at_least: dict, lowest, lowest_pairs):
+        self.impostors, self.counts, self.top, self.top_pairs, self.at_least = impostors, counts, top, top_pairs, \
+            at_least
+        self.genuine_count, self.genuine_counts, self.genuine, self.genuine_pairs = genuine_count, genuine_counts, \
+            genuine, genuine_pairs
+        self.genuine_at_least, self.lowest, self.lowest_pairs = genuine_at_least, lowest, lowest_pairs
         self.genuine_sorted = np.sort(genuine.astype(np.float64))
         self.top_ascending = top[::-1].astype(np.float64)
-        # Impostors strictly above each bin's upper edge.
-        self.above_edge = np.concatenate([np.cumsum(counts[::-1])[::-1][1:], [0]])
+        self.above_edge = _above_edges(counts)
+        self.genuine_above_edge = _above_edges(genuine_counts)
 
     @property
     def exact(self) -> bool:
         """Whether every impostor cosine is kept (every threshold is then exact)."""
         return len(self.top) == self.impostors
+
+    @property
+    def genuine_exact(self) -> bool:
+        """Whether every genuine cosine is kept (the TAR at every threshold is then exact)."""
+        return len(self.genuine) == self.genuine_count
 
     def false_accepts(self, threshold: float) -> int | None:
         """Impostor pairs strictly above ``threshold``; None where that is not known exactly (a cosine
@@ -105,20 +144,46 @@ class PairScores:
         found[kept] = len(self.top) - np.searchsorted(self.top_ascending, thresholds[kept], side="right")
         found[thresholds == -math.inf] = self.impostors
         rest = np.flatnonzero(~kept & (thresholds > -math.inf))
-        b = np.rint((thresholds[rest] + 1) * SCALE).astype(np.int64) - 1
-        edge = (b >= 0) & (b < BINS)
-        edge[edge] = bin_edge(b[edge]) == thresholds[rest][edge]
-        found[rest[edge]] = self.above_edge[b[edge]]
+        at, b = _edge_bins(thresholds[rest])
+        found[rest[at]] = self.above_edge[b]
         return found
 
-    def true_accepts(self, threshold: float) -> int:
-        """Genuine pairs strictly above ``threshold``."""
-        return int(len(self.genuine_sorted) - np.searchsorted(self.genuine_sorted, threshold, side="right"))
+    def true_accepts(self, threshold: float) -> int | None:
+        """Genuine pairs strictly above ``threshold``; None where that is not known exactly (a cosine at or
+        above the highest genuine one kept, where not every one is, that is not a bin edge)."""
+        count = int(self.true_accepts_of(np.array([threshold], dtype=np.float64))[0])
+        return None if count < 0 else count
+
+    def true_accepts_of(self, thresholds: np.ndarray) -> np.ndarray:
+        """:meth:`true_accepts` of each of ``thresholds`` (float64), -1 where it is not known."""
+        found = np.full(len(thresholds), -1, dtype=np.int64)
+        # Below the highest genuine cosine kept, every one at or below the threshold is kept.
+        kept = np.ones(len(thresholds), dtype=bool) if self.genuine_exact else \
+            (thresholds < (self.genuine_sorted[-1] if len(self.genuine) else -math.inf)) | (thresholds == -math.inf)
+        found[kept] = self.genuine_count - np.searchsorted(self.genuine_sorted, thresholds[kept], side="right")
+        rest = np.flatnonzero(~kept)
+        at, b = _edge_bins(thresholds[rest])
+        found[rest[at]] = self.genuine_above_edge[b]
+        return found
+
+    def rejected_known(self, threshold: float) -> bool:
+        """Whether every genuine pair at or below ``threshold`` is among those kept (each person's
+        rejected pairs are then known)."""
+        return self.genuine_exact or threshold == -math.inf or bool(
+            len(self.genuine) and threshold < self.genuine_sorted[-1])
 
     def threshold_at(self, far: float) -> tuple[float, bool] | None:
         """(the lowest threshold that accepts at most floor(far x N) of the N impostor pairs, whether it is
         that exact cosine rather than the upper edge of its histogram bin); None where floor(far x N) is 0.
-        ``train.ijb.threshold_allowing`` where every impostor is kept, and its count otherwise."""
+        ``train.ijb.threshold_allowing`` where every impostor is kept, and its count otherwise. Where the
+        genuine pairs above that cosine are not known (it lies among the genuine cosines not kept), the
+        upper edge of its bin, where they are."""
+        found = self._impostor_threshold(far)
+        if found is None or self.true_accepts(found[0]) is not None:
+            return found
+        return float(bin_edge(bin_of(found[0]))), False
+
+    def _impostor_threshold(self, far: float) -> tuple[float, bool] | None:
         if self.exact:
             threshold = threshold_allowing(self.top_ascending, far)
             return None if threshold is None else (threshold, True)
@@ -145,105 +210,204 @@ class PairScores:
                 continue
             threshold, exact = found
             accepted = self.true_accepts(threshold)
-            rows.append({"far": far, "tar": accepted / len(self.genuine_sorted), "threshold": threshold,
-                         "exact": exact, "false_accepts": self.false_accepts(threshold), "true_accepts": accepted})
+            rows.append({"far": far, "tar": accepted / self.genuine_count, "threshold": threshold, "exact": exact,
+                         "false_accepts": self.false_accepts(threshold), "true_accepts": accepted})
         return rows
 
     def equal_error(self) -> dict:
         """The equal error rate: the lowest rate r at which one threshold keeps both the false accept rate
         (impostor pairs above it) and the false reject rate (genuine pairs at or below it) at or below r;
-        the lowest such threshold among those whose false accepts are known exactly (-inf, every cosine
-        kept, every genuine cosine among them, each bin edge), and the two rates there."""
+        the lowest such threshold among those where both are known exactly (-inf, every cosine kept, each
+        bin edge), and the two rates there."""
         candidates = [[-math.inf], self.top_ascending, self.genuine_sorted]
-        if not self.exact:
+        if not (self.exact and self.genuine_exact):
             candidates.append(bin_edge(np.arange(BINS)))
         t = np.unique(np.concatenate(candidates))
-        false_accepts = self.false_accepts_of(t)
-        known = false_accepts >= 0
+        false_accepts, true_accepts = self.false_accepts_of(t), self.true_accepts_of(t)
+        known = (false_accepts >= 0) & (true_accepts >= 0)
         t, false_accepts = t[known], false_accepts[known]
-        false_rejects = np.searchsorted(self.genuine_sorted, t, side="right")
-        far, frr = false_accepts / self.impostors, false_rejects / len(self.genuine_sorted)
+        false_rejects = self.genuine_count - true_accepts[known]
+        far, frr = false_accepts / self.impostors, false_rejects / self.genuine_count
         at = int(np.argmin(np.maximum(far, frr)))  # (the first: the lowest threshold)
         return {"rate": float(max(far[at], frr[at])), "threshold": _cosine(t[at]), "far": float(far[at]),
                 "frr": float(frr[at]), "false_accepts": int(false_accepts[at]),
                 "false_rejects": int(false_rejects[at])}
 
 
+class _Kept:
+    """The ``size`` highest (or lowest) of a stream of cosines, with their pairs, exactly; among equal
+    cosines the first to come. Held in arrays made once, room for 2 x ``size`` and what one :meth:`add`
+    brings (its pages taken as they are filled): kept in arrays made anew at each add, they would be freed
+    into the allocator's heap and much of it kept from the system."""
+
+    def __init__(self, size: int, highest: bool):
+        self.size, self.highest, self.held = size, highest, 0
+        self.cosines, self.pairs = np.empty(3 * size, np.float32), np.empty((3 * size, 2), np.int32)
+        # Once `size` are held: a cosine not beyond it is not kept (one equal to it came after those kept).
+        self.bound = (-math.inf if highest else math.inf) if size else (math.inf if highest else -math.inf)
+
+    def add(self, cosines: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        count = len(cosines)
+        if self.held + count > len(self.cosines):  # (more at once than `size`: a strip's genuine pairs)
+            self._prune()
+            if self.held + count > len(self.cosines):
+                self.cosines = np.concatenate([self.cosines[:self.held], np.empty(count, np.float32)])
+                self.pairs = np.concatenate([self.pairs[:self.held], np.empty((count, 2), np.int32)])
+        held = slice(self.held, self.held + count)
+        self.cosines[held], self.pairs[held, 0], self.pairs[held, 1] = cosines, a, b
+        self.held += count
+        if self.held > 2 * self.size:
+            self._prune()
+
+    def _prune(self) -> None:
+        size, cosines = min(self.size, self.held), self.cosines[:self.held]
+        if size == self.held:
+            return
+        if size == 0:
+            self.held = 0
+            return
+        kth = np.partition(cosines, self.held - size if self.highest else size - 1)[
+            self.held - size if self.highest else size - 1]
+        chosen = cosines > kth if self.highest else cosines < kth
+        chosen[np.flatnonzero(cosines == kth)[:size - int(np.count_nonzero(chosen))]] = True
+        chosen = np.flatnonzero(chosen)
+        self.cosines[:size], self.pairs[:size] = cosines[chosen], self.pairs[chosen]
+        self.held, self.bound = size, float(kth)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cosines, (K, 2) int32 pairs) of those kept, in the order they came."""
+        if self.held > self.size:
+            self._prune()
+        return self.cosines[:self.held].copy(), self.pairs[:self.held].copy()
+
+
+def _bins(cosines: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The histogram bins (int32, in ``out`` where given) of ``cosines``, computed in their place (they are
+    overwritten); those below -1 (and -inf) in bin 0, those above 1 in the last."""
+    cosines.mul_(SCALE).ceil_().clamp_(1 - SCALE, SCALE).add_(SCALE - 1)
+    return cosines.to(torch.int32) if out is None else out.copy_(cosines)
+
+
 def score_pairs(unit: torch.Tensor, person: np.ndarray, *, device="cpu", keep: int = TOP_IMPOSTORS,
-                watch=(), rows: int = 2048, columns: int = 8192, log=None) -> PairScores:
+                keep_genuine: int = LOWEST_GENUINE, watch=(), rows: int = 2048, columns: int = 8192,
+                strip: int = 512, log=None) -> PairScores:
     """Every pair (i, j), i < j, of the (N, D) unit embeddings, whose people ``person`` (N,) are sorted
-    (non-decreasing), scored by its cosine in blocks of ``rows`` x ``columns`` made on ``device``: the
-    genuine pairs (one person) kept, the impostor pairs counted (:class:`PairScores`), the ``keep``
-    highest of them kept too, and those at or above each cosine of ``watch`` counted. ``log`` (a callable)
-    is told the share of the pairs done every 30 s."""
+    (non-decreasing), scored by its cosine in blocks of ``rows`` x ``columns`` made on ``device`` and
+    taken ``strip`` rows at a time: the impostor pairs (two people) and the genuine pairs (one person)
+    counted in histograms (:class:`PairScores`), the ``keep`` highest impostor and ``keep_genuine``
+    lowest genuine cosines kept with their pairs, each person's lowest genuine pair kept, and the pairs
+    of each kind at or above each cosine of ``watch`` counted. ``log`` (a callable) is told the share of
+    the pairs done every 30 s."""
     n = len(unit)
-    person = np.asarray(person, dtype=np.int64)
+    person = np.asarray(person)
     if n and np.any(np.diff(person) < 0):
         raise ValueError("score_pairs: the rows must be sorted by person")
-    on_device = torch.from_numpy(person).to(device)
-    counts = torch.zeros(BINS + 1, dtype=torch.int64, device=device)  # (the last: pairs left out of the block)
-    at_least = {t: 0 for t in watch}
-    genuine, genuine_i, genuine_j = [], [], []
-    top_values = torch.empty(0, device=device)
-    top_index = torch.empty(0, dtype=torch.int64, device=device)
-    floor = -math.inf  # every impostor above it is among those kept
+    columns = max(rows, columns)
+    # A row's pairs with the faces of its person, and those with the faces before it (the pairs j <= i), are
+    # the columns before the end of its person's faces: a prefix of its columns in every block.
+    end = np.searchsorted(person, person, side="right")
+    of_person = np.concatenate([[0], np.cumsum(np.diff(person) != 0)]) if n else np.empty(0, np.int64)
+    people = int(of_person[-1]) + 1 if n else 0
+    lowest = np.full(people, np.nan, dtype=np.float32)
+    lowest_pairs = np.full((people, 2), -1, dtype=np.int32)
+    column_at = torch.arange(columns, device=device)[None, :]
+    # A strip's masks, its bins and its genuine cosines (for their rows' lowest) are made in these, made once:
+    # made anew for each strip, they would be freed into the allocator's heap and much of it kept from the
+    # system (hundreds of MB on 100,000 faces).
+    size = min(strip, rows, n) * min(columns, n)
+    masks = torch.empty(3, size, dtype=torch.bool, device=device)
+    bins = torch.empty(size, dtype=torch.int32, device=device)  # (before them, as float32: the genuine ones)
+    counts = torch.zeros(BINS + 1, dtype=torch.int64, device=device)  # (the last: the pairs left out)
+    genuine_counts = torch.zeros(BINS, dtype=torch.int64, device=device)
+    at_least, genuine_at_least = {t: 0 for t in watch}, {t: 0 for t in watch}
+    top, low = _Kept(keep, highest=True), _Kept(keep_genuine, highest=False)
+    genuine_count = 0
     pairs, done, reported = n * (n - 1) / 2, 0, time.monotonic()
 
-    def prune(values, index, size):
-        values, order = values.topk(min(size, len(values)))
-        return values, index[order]
-
-    for start, first, cosines in cosine_blocks(unit, device=device, rows=rows, columns=max(rows, columns)):
-        r, c = cosines.shape
-        done += r * c
+    for start, first, cosines in cosine_blocks(unit, device=device, rows=rows, columns=columns):
+        done += cosines.numel()
         if log is not None and time.monotonic() - reported > 30:
             reported = time.monotonic()
             log(f"compared {min(1.0, done / max(1.0, pairs)):.0%} of the {int(pairs):,} pairs of faces")
-        left_out = None
-        if first == start:  # on the diagonal: only the pairs j > i
-            left_out = torch.ones(r, c, dtype=torch.bool, device=cosines.device).tril()
-        if person[first] <= person[start + r - 1]:  # some of the block's pairs may be of one person
-            same = on_device[start:start + r, None] == on_device[None, first:first + c]
-            if left_out is not None:
-                same &= ~left_out
-            i, j = torch.nonzero(same, as_tuple=True)
-            genuine.append(cosines[i, j].cpu())
-            genuine_i.append((i + start).cpu())
-            genuine_j.append((j + first).cpu())
-            left_out = same if left_out is None else left_out | same
-        impostor = cosines if left_out is None else cosines.masked_fill(left_out, -math.inf)
-        top = float(impostor.amax()) if impostor.numel() else -math.inf
-        for t in at_least:
-            if top >= t:
-                at_least[t] += int((impostor >= t).sum())
-        if keep and top > floor:
-            above = impostor > floor
-            if int(above.sum()) > keep:  # (the first blocks, before `keep` are kept)
-                values, at = impostor.flatten().topk(keep)
-                i, j = at // c, at % c
-            else:
-                i, j = torch.nonzero(above, as_tuple=True)
-                values = impostor[i, j]
-            index = (i + start) * n + (j + first)
-            top_values, top_index = torch.cat([top_values, values]), torch.cat([top_index, index])
-            if len(top_values) > 2 * keep:
-                top_values, top_index = prune(top_values, top_index, keep)
-                floor = float(top_values[-1])
-        # The histogram, in place of the cosines (not needed after this).
-        b = cosines.mul_(SCALE).ceil_().to(torch.int32).add_(SCALE - 1).clamp_(0, BINS - 1)
-        if left_out is not None:
-            b.masked_fill_(left_out, BINS)
-        counts += torch.bincount(b.flatten(), minlength=BINS + 1)
-    genuine_count = sum(len(g) for g in genuine)
-    impostors = n * (n - 1) // 2 - genuine_count
-    top_values, top_index = prune(top_values, top_index, len(top_values))  # (descending)
-    if len(top_values) > keep:
-        top_values, top_index = top_values[:keep], top_index[:keep]
-    top_index = top_index.cpu().numpy()
-    cat = (lambda parts, dtype: torch.cat(parts).numpy() if parts else np.empty(0, dtype=dtype))
-    return PairScores(cat(genuine, np.float32), np.stack([cat(genuine_i, np.int64), cat(genuine_j, np.int64)], 1),
-                      impostors, counts[:BINS].cpu().numpy(), top_values.cpu().numpy(),
-                      np.stack([top_index // max(n, 1), top_index % max(n, 1)], 1), at_least)
+        c = cosines.shape[1]
+        for at in range(0, len(cosines), strip):
+            part = cosines[at:at + strip]  # (a view: its rows start + at, ...)
+            row, h = start + at, len(part)
+            scratch = [buffer[:h * c].view(h, c) for buffer in (*masks, bins, bins.view(torch.float32))]
+            prefix = None
+            if end[row + h - 1] > first:  # some rows have pairs left out or genuine here
+                prefix_end = np.clip(end[row:row + h] - first, 0, c)
+                prefix = torch.lt(column_at[:, :c], torch.from_numpy(prefix_end).to(device)[:, None], out=scratch[0])
+                genuine_start = np.clip(np.arange(row, row + h) + 1 - first, 0, c)
+                if np.any(prefix_end > genuine_start):
+                    genuine = torch.ge(column_at[:, :c], torch.from_numpy(genuine_start).to(device)[:, None],
+                                       out=scratch[1]).logical_and_(prefix)
+                    genuine_count += _genuine(part, genuine, row, first, low, genuine_at_least, genuine_counts,
+                                              of_person, lowest, lowest_pairs, scratch[2], scratch[4])
+                part.masked_fill_(prefix, -math.inf)
+            best = float(part.amax())
+            for t in at_least:
+                if best >= t:
+                    at_least[t] += int(torch.count_nonzero(torch.ge(part, t, out=scratch[2])))
+            if keep and best > top.bound:
+                above = torch.gt(part, top.bound, out=scratch[2])
+                if int(torch.count_nonzero(above)) > keep:  # (a strip larger than `keep`)
+                    values, index = part.flatten().topk(keep)
+                    i, j = index // c, index % c
+                else:
+                    i, j = torch.nonzero(above, as_tuple=True)
+                    values = part[i, j]
+                top.add(values.cpu().numpy(), (i + row).cpu().numpy(), (j + first).cpu().numpy())
+            # The histogram, in place of the cosines (not needed after this).
+            b = _bins(part, out=scratch[3])
+            if prefix is not None:
+                b.masked_fill_(prefix, BINS)
+            counts += torch.bincount(b.flatten(), minlength=BINS + 1)
+    top_values, top_pairs = top.result()
+    if len(top_values):  # descending, as topk orders them
+        top_values, order = torch.from_numpy(top_values).topk(len(top_values))
+        top_values, top_pairs = top_values.numpy(), top_pairs[order.numpy()]
+    genuine, genuine_pairs = low.result()
+    return PairScores(impostors=n * (n - 1) // 2 - genuine_count, counts=counts[:BINS].cpu().numpy(), top=top_values,
+                      top_pairs=top_pairs, at_least=at_least, genuine_count=genuine_count,
+                      genuine_counts=genuine_counts.cpu().numpy(), genuine=genuine, genuine_pairs=genuine_pairs,
+                      genuine_at_least=genuine_at_least, lowest=lowest, lowest_pairs=lowest_pairs)
+
+
+def _genuine(part: torch.Tensor, genuine: torch.Tensor, row: int, first: int, low: _Kept, at_least: dict,
+             counts: torch.Tensor, of_person: np.ndarray, lowest: np.ndarray, lowest_pairs: np.ndarray,
+             mask: torch.Tensor, spare: torch.Tensor) -> int:
+    """The genuine pairs of ``part`` (rows ``row``, ... and columns ``first``, ...) where ``genuine``:
+    counted (histogram ``counts``, ``at_least``), the lowest kept (``low``), each person's lowest one
+    (``lowest``, ``lowest_pairs``) updated; their number. ``mask`` and ``spare``: room the shape of
+    ``part`` (bool, float32)."""
+    values = part[genuine]  # (in the pass's order: row by row)
+    for t in at_least:
+        at_least[t] += int(torch.count_nonzero(values >= t))
+    if len(values) and float(values.min()) < low.bound:
+        # Those below the bound, or (a strip of more than are kept) at most its low.size-th lowest: room for the
+        # pairs of about that many, not of every genuine pair of a large person's strip.
+        below, compare = low.bound, torch.lt
+        if len(values) > low.size:
+            kth = float(np.partition(values.cpu().numpy(), low.size - 1)[low.size - 1])
+            below, compare = (kth, torch.le) if kth < low.bound else (below, compare)
+        hit = genuine if below == math.inf else compare(part, below, out=mask).logical_and_(genuine)
+        i, j = torch.nonzero(hit, as_tuple=True)
+        low.add(part[i, j].cpu().numpy(), (i + row).cpu().numpy(), (j + first).cpu().numpy())
+    # Each row's lowest (the first of equal ones), then each person's among the rows (the first row).
+    row_lowest, column = torch.where(genuine, part, spare.fill_(math.inf), out=spare).min(1)
+    row_lowest, column = row_lowest.cpu().numpy(), column.cpu().numpy()
+    rows = np.flatnonzero(row_lowest < math.inf)
+    who = of_person[row + rows]
+    order = np.lexsort((rows, row_lowest[rows], who))
+    who, first_of = np.unique(who[order], return_index=True)
+    rows = rows[order[first_of]]
+    better = ~(lowest[who] <= row_lowest[rows])  # (NaN: none yet; an equal one came first)
+    who, rows = who[better], rows[better]
+    lowest[who] = row_lowest[rows]
+    lowest_pairs[who] = np.stack([row + rows, first + column[rows]], 1)
+    counts += torch.bincount(_bins(values), minlength=BINS)
+    return len(values)
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -414,6 +578,8 @@ def people_of(faces: Faces, flag: str, source: str) -> tuple[list[str], np.ndarr
 
 
 def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, failures: list[str]) -> int:
+    """Score every pair of ``faces``, whose rows (and names) it sorts by person in their place: the
+    embeddings are held once."""
     source = args.embeddings or args.images
     flag = "--embeddings" if args.embeddings else "--images"
     people, person = people_of(faces, flag, source)
@@ -431,7 +597,12 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
               f"{'contributes' if len(alone) == 1 else 'contribute'} no genuine pair, only impostor pairs",
               file=sys.stderr)
     order = np.argsort(person, kind="stable")
-    unit = torch.from_numpy(np.ascontiguousarray(faces.embeddings[order], dtype=np.float32))
+    embeddings = np.ascontiguousarray(faces.embeddings, dtype=np.float32)
+    if not embeddings.flags.writeable:
+        embeddings = embeddings.copy()
+    _permute_rows(embeddings, order)
+    faces.names, faces.embeddings = [faces.names[i] for i in order], embeddings
+    unit = torch.from_numpy(embeddings)
     sorted_person = person[order]
     model_cosine = model_source = None
     if model_path and "threshold" in settings:
@@ -440,7 +611,8 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     print(f"roc: scoring the {n * (n - 1) // 2:,} pairs of {count_of(n, 'face')} of "
           f"{count_of(len(people), 'person', 'people')} on {device}", file=sys.stderr, flush=True)
     started = time.monotonic()
-    scores = score_pairs(unit, sorted_person, device=device, watch=watch,
+    scores = score_pairs(unit, sorted_person, device=device, keep=TOP_IMPOSTORS, keep_genuine=LOWEST_GENUINE,
+                         watch=watch,
                          log=lambda message: print(f"roc: {message}", file=sys.stderr, flush=True))
     seconds = time.monotonic() - started
     rates = sorted(set(curve_rates(scores.impostors)) | set(FARS) | {args.far})
@@ -449,8 +621,8 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     operating = at[args.far]
     threshold = operating["threshold"]
     eer = scores.equal_error()
-    names = [faces.names[i] for i in order]
-    genuine_rows, impostor_rows, people_rows = _failing(scores, names, people, sorted_person, threshold, args.pairs)
+    genuine_rows, impostor_rows, people_rows = _failing(scores, faces.names, people, sorted_person, threshold,
+                                                        args.pairs)
     summary = {
         "made_by": "train.tools.roc",
         "images": os.path.abspath(args.images) if args.images else faces.about.get("images"),
@@ -458,10 +630,12 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
         "model": os.path.abspath(model_path) if model_path else faces.about.get("model"),
         **{key: faces.about[key] for key in ("model_sha256", "model_weights_sha256") if key in faces.about},
         "faces": n, "people": len(people), "people_with_one_face": len(alone), "left_out": len(failures),
-        "genuine_pairs": len(scores.genuine), "impostor_pairs": scores.impostors,
+        "genuine_pairs": scores.genuine_count, "impostor_pairs": scores.impostors,
         "accept": "cosine strictly above the threshold",
         "impostor_histogram": {"bins": BINS, "width": 1 / SCALE, "exact_highest": len(scores.top),
                                "every_impostor_exact": scores.exact},
+        "genuine_histogram": {"bins": BINS, "width": 1 / SCALE, "exact_lowest": len(scores.genuine),
+                              "every_genuine_exact": scores.genuine_exact},
         "tar_at_far": {far_key(far): at[far]["tar"] for far in FARS},
         "threshold_at_far": {far_key(far): _cosine(at[far]["threshold"]) for far in FARS},
         "threshold_exact_at_far": {far_key(far): at[far]["exact"] for far in FARS},
@@ -471,20 +645,21 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
             "far": args.far, "threshold": _cosine(threshold), "threshold_exact": operating["exact"],
             "compare_threshold": cosine_above(threshold), "tar": operating["tar"],
             "false_accepts": operating["false_accepts"],
-            "genuine_rejected": len(scores.genuine) - operating["true_accepts"]},
+            "genuine_rejected": scores.genuine_count - operating["true_accepts"],
+            "people_rejected_known": scores.rejected_known(threshold)},
         "duplicate_cosine": DEFAULT_DUPLICATE_COSINE,
         "impostor_pairs_at_duplicate_cosine": scores.at_least[DEFAULT_DUPLICATE_COSINE],
-        "genuine_pairs_at_duplicate_cosine": int((scores.genuine >= DEFAULT_DUPLICATE_COSINE).sum()),
+        "genuine_pairs_at_duplicate_cosine": scores.genuine_at_least[DEFAULT_DUPLICATE_COSINE],
         "seconds": round(seconds, 3), "pairs_per_second": round(n * (n - 1) / 2 / max(seconds, 1e-9)),
     }
     if model_cosine is not None:
         # As train.embed --compare decides with it: the same person at or above it.
         impostors_in = scores.at_least[model_cosine]
-        genuine_in = int((scores.genuine >= model_cosine).sum())
+        genuine_in = scores.genuine_at_least[model_cosine]
         summary["model_threshold"] = {
             "cosine": round(model_cosine, 6), "from": model_source,
             "accept": "cosine at or above it, as train.embed --compare decides", "far": impostors_in / scores.impostors,
-            "false_accepts": impostors_in, "tar": genuine_in / len(scores.genuine)}
+            "false_accepts": impostors_in, "tar": genuine_in / scores.genuine_count}
     summary["outputs"] = [os.path.abspath(path) for path in
                           [args.output, *failing_outputs(args.output).values()] + ([args.plot] if args.plot else [])]
     summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -517,6 +692,21 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     return 1 if failures or (args.plot and not drawn) else 0
 
 
+def _permute_rows(array: np.ndarray, order: np.ndarray) -> None:
+    """``array[:] = array[order]`` in its place, one row at a time along the permutation's cycles: no
+    second copy of the table (a table of a million faces is 2 GB)."""
+    order = order.tolist()
+    placed = [False] * len(order)
+    for start, source in enumerate(order):
+        if placed[start] or source == start:
+            continue
+        held, at = array[start].copy(), start
+        while order[at] != start:
+            array[at] = array[order[at]]
+            placed[at], at = True, order[at]
+        array[at], placed[at] = held, True
+
+
 def _cosine(value):
     return None if value is None or value == -math.inf else round(float(value), 6)
 
@@ -542,7 +732,8 @@ def _write_csv(path: str, header: list[str], rows) -> None:
 def _failing(scores: PairScores, names: list[str], people: list[str], person: np.ndarray, threshold: float,
              count: int) -> tuple[list, list, list]:
     """The rows of the failing pairs' tables: the ``count`` lowest genuine pairs, the ``count`` highest
-    impostor pairs, and each person's genuine pairs rejected (and impostor pairs accepted, where the
+    impostor pairs (of those kept), and each person's lowest genuine pair, genuine pairs rejected (where
+    every genuine cosine at or below ``threshold`` is kept) and impostor pairs accepted (where the
     threshold lies among the impostor cosines kept) at ``threshold``."""
     lowest = np.argsort(scores.genuine, kind="stable")[:count]
     genuine_rows = [[k + 1, f"{scores.genuine[g]:.6f}", _cell(bool(scores.genuine[g] <= threshold)),
@@ -556,28 +747,31 @@ def _failing(scores: PairScores, names: list[str], people: list[str], person: np
                               _cell(cosine >= DEFAULT_DUPLICATE_COSINE), names[a], people[person[a]], names[b],
                               people[person[b]]])
     faces = np.bincount(person, minlength=len(people))
-    of = person[scores.genuine_pairs[:, 0]] if len(scores.genuine) else np.empty(0, dtype=np.int64)
-    pairs = np.bincount(of, minlength=len(people))
-    rejected = np.bincount(of[scores.genuine <= threshold], minlength=len(people))
+    pairs = faces * (faces - 1) // 2
+    rejected = None
+    if scores.rejected_known(threshold):
+        of = person[scores.genuine_pairs[:, 0]] if len(scores.genuine) else np.empty(0, dtype=np.int64)
+        rejected = np.bincount(of[scores.genuine <= threshold], minlength=len(people))
     false_accepts = None
     if scores.exact or (len(scores.top) and threshold >= scores.top[-1]):
         accepted = scores.top_pairs[scores.top > threshold]
         false_accepts = np.bincount(person[accepted.ravel()], minlength=len(people))
-    lowest_of = np.full(len(people), -1)
-    by_person = np.lexsort((scores.genuine, of))  # each person's pairs, the lowest first
-    found, first = np.unique(of[by_person], return_index=True)
-    lowest_of[found] = by_person[first]
+    lowest_cosine = np.full(len(people), np.nan, dtype=np.float32)
+    lowest_pairs = np.full((len(people), 2), -1, dtype=np.int64)
+    found = scores.lowest_pairs[:, 0] >= 0
+    lowest_cosine[person[scores.lowest_pairs[found, 0]]] = scores.lowest[found]
+    lowest_pairs[person[scores.lowest_pairs[found, 0]]] = scores.lowest_pairs[found]
     people_rows = []
+    # The most rejected first (where not known: the lowest genuine pair), then the most false accepts.
     ranked = np.lexsort((np.arange(len(people)), -(false_accepts if false_accepts is not None else pairs * 0),
-                         -rejected))
+                         -rejected if rejected is not None else lowest_cosine))
     for p in ranked:
-        g = lowest_of[p]
-        people_rows.append([people[p], int(faces[p]), int(pairs[p]), int(rejected[p]),
-                            f"{rejected[p] / pairs[p]:.4f}" if pairs[p] else "",
+        a, b = lowest_pairs[p]
+        people_rows.append([people[p], int(faces[p]), int(pairs[p]), "" if rejected is None else int(rejected[p]),
+                            f"{rejected[p] / pairs[p]:.4f}" if pairs[p] and rejected is not None else "",
                             "" if false_accepts is None else int(false_accepts[p]),
-                            f"{scores.genuine[g]:.6f}" if g >= 0 else "",
-                            names[scores.genuine_pairs[g, 0]] if g >= 0 else "",
-                            names[scores.genuine_pairs[g, 1]] if g >= 0 else ""])
+                            f"{lowest_cosine[p]:.6f}" if a >= 0 else "", names[a] if a >= 0 else "",
+                            names[b] if a >= 0 else ""])
     return genuine_rows, impostor_rows, people_rows
 
 
@@ -591,9 +785,10 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
     if any(r["tar"] is None for r in rows):
         say(f"  (-: FAR below 1/{scores.impostors:,}, less than one false accept among the impostor pairs: not "
             "measurable)")
-    if any(r["exact"] is False for r in rows):
-        say(f"  (thresholds at FARs above {len(scores.top) / scores.impostors:.2g} are histogram bin edges, at most "
-            f"{1 / SCALE:.1e} above the exact ones; TAR and false accepts are exact at them)")
+    edges = [far_key(r["far"]) for r in rows if r["exact"] is False]
+    if edges:
+        say(f"  (the thresholds at FAR {', '.join(edges)} are histogram bin edges, at most {1 / SCALE:.1e} above the "
+            "exact ones; TAR and false accepts are exact at them)")
     say(f"roc: EER {eer['rate']:.2%} at cosine {eer['threshold']:.4f} (FAR {eer['far']:.2%}, FRR {eer['frr']:.2%})")
     model = summary.get("model_threshold")
     if model:
@@ -611,6 +806,10 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
             "photo filed twice under one person (saved again, re-encoded)? Each is accepted at any threshold and "
             "raises the TAR above; train.tools.cluster finds such duplicates")
     files = failing_outputs(args.output)
+    if not point["people_rejected_known"]:
+        say(f"roc: note: the {len(scores.genuine):,} lowest genuine pairs, those kept exactly, are all rejected at FAR "
+            f"{args.far:g}: {files['people']} leaves each person's rejected pairs out and lists the people by their "
+            "lowest genuine pair")
     say(f"roc: at FAR {args.far:g}: threshold cosine {point['threshold']:.6f}"
         + ("" if point["threshold_exact"] else " (a bin edge)")
         + f", TAR {point['tar']:.2%} ({point['genuine_rejected']:,} genuine pairs rejected, "

@@ -166,11 +166,15 @@ def _read_faces(flag: str, path: str) -> Faces:
     # Rows of unit length already (train.embed's, --save-gallery's) are taken as they are: normalised again,
     # their last bits can change (torch 2.4's normalize), and a saved gallery would not give the scores that
     # the folder it was saved from gave.
+    # (In float64 a few thousand rows at a time, and the rows that are not normalised in their place: the
+    # table is held once, where a whole float64 copy and its squares would be four times its size.)
     unit = np.ascontiguousarray(embeddings, np.float32)
-    norms = np.linalg.norm(unit.astype(np.float64), axis=1)
+    norms = np.concatenate([np.linalg.norm(unit[start:start + 4096].astype(np.float64), axis=1)
+                            for start in range(0, len(unit), 4096)])
     off = np.abs(norms - 1) > 1e-6
     if off.any():
-        unit = unit.copy()
+        if not unit.flags.writeable:
+            unit = unit.copy()
         unit[off] = torch.nn.functional.normalize(torch.from_numpy(unit[off]), dim=1).numpy()
     return Faces(names, unit, about)
 
