@@ -46,8 +46,10 @@ at::Tensor margin_psi_dm2(const at::Tensor& cosine, double m1, const at::Tensor&
 // d loss_i/d m2_i = -s(1 - p_i)·dψ/dm2. Ignored rows get 0.
 at::Tensor row_margins_grad(const at::Tensor& grad_loss, const at::Tensor& loss, const at::Tensor& target_cosine,
                             const at::Tensor& labels, const at::Tensor& row_margins, double s, double m1,
-                            double lambda, int64_t ignore_index) {
-  const at::Tensor ignored = labels == ignore_index;
+                            double lambda, int64_t ignore_index, int64_t num_classes) {
+  // Rows that count for nothing: ignored ones, and those whose label is out of range, which the
+  // forward was told not to check (check_labels=False: a NaN loss and target cosine, no gradient).
+  const at::Tensor ignored = (labels == ignore_index) | (labels < 0) | (labels >= num_classes);
   const at::Tensor cosine = target_cosine.to(at::kDouble).masked_fill(ignored, 0);
   const at::Tensor weight =
       (grad_loss.to(at::kDouble) * s * (1 - at::exp(-loss.to(at::kDouble)))).masked_fill(ignored, 0);
@@ -212,7 +214,8 @@ class MarginSoftmax : public torch::autograd::Function<MarginSoftmax> {
     }
     if (needs_margins_grad) {
       grads[kRowMargins] =
-          row_margins_grad(grad_loss, saved[6], saved[7], labels, *row_margins, s, m1, lambda, ignore_index);
+          row_margins_grad(grad_loss, saved[6], saved[7], labels, *row_margins, s, m1, lambda, ignore_index,
+                           saved[1].size(0));
     }
     return grads;
   }

@@ -1094,6 +1094,32 @@ def test_unchecked_non_finite_margins_give_nan_rows():
         arcface_ext.combined_margin_loss(x, w, labels, m2=bad)
 
 
+def test_unchecked_bad_labels_give_their_per_row_margins_no_gradient():
+    # check_labels=False with per-row margins that require grad: a bad row's margins get no gradient,
+    # 0 as an ignored row's (they were NaN, from its NaN loss and target cosine), as the reference
+    # and the chunked path give them; the other rows' equal those with the bad rows ignored.
+    x, w, labels = make_inputs(40, 16, 300, seed=55, dtype=torch.bfloat16)
+    bad, ignored, others = with_bad_rows(labels, [7, 21, 30], [300, -5, 10**12])
+    upstream = upstream_gradient(40, seed=55)
+
+    def margin_grads(loss_fn, x, w, labels):
+        m2 = torch.linspace(0.2, 0.6, 40, dtype=torch.float64, device=DEVICE).requires_grad_(True)
+        m3 = torch.linspace(0.0, 0.1, 40, dtype=torch.float64, device=DEVICE).requires_grad_(True)
+        loss = loss_fn(x, w, labels, m2=m2, m3=m3, reduction="none", check_labels=False)
+        loss.backward(upstream.to(loss.dtype))
+        return loss.detach(), m2.grad, m3.grad
+
+    ours = margin_grads(arcface_ext.combined_margin_loss, x, w, bad)
+    expected = margin_grads(arcface_ext.combined_margin_loss, x, w, ignored)
+    assert bool(ours[0][~others].isnan().all())
+    for name, grad, want in zip(("m2", "m3"), ours[1:], expected[1:]):
+        assert torch.equal(grad[~others], torch.zeros_like(grad[~others])), name
+        assert torch.equal(grad, want), name
+    reference_rows = margin_grads(reference.combined_margin_loss, x.double(), w.double(), bad)
+    for name, grad in zip(("m2", "m3"), reference_rows[1:]):
+        assert torch.equal(grad[~others], torch.zeros_like(grad[~others])), name
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
 def test_unchecked_bad_labels_in_a_sampled_module(sharded):
     # Partial FC, check_labels=False: the bad row is left out of the sample as an ignored one would
