@@ -99,13 +99,6 @@ def test_scalar_margins_match_the_op_and_the_reference(margins, reduction, margi
     assert_all_close(fallback, op, what="fp32")
 
 
-def margins_and_grads(loss_fn, x, w, labels, m2, m3, **options):
-    """loss_and_grads with m2 and m3 leaves of their own: also their gradients."""
-    m2, m3 = (m.detach().clone().requires_grad_(True) for m in (m2, m3))
-    outputs = loss_and_grads(loss_fn, x, w, labels, m2=m2, m3=m3, **options)
-    return (*outputs, m2.grad, m3.grad)
-
-
 # (m1, lambda_, which margins are per-row tensors) of the per-row-margin families: arc (AdaFace, MagFace,
 # ElasticFace-arc), sphere with and without its blend, cos (ElasticFace-cos: m3 a row, m2 none, or m2 a tensor of
 # zeros, the CosFace branch row by row).
