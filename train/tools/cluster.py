@@ -378,6 +378,8 @@ def run(args: argparse.Namespace) -> int:
           + f", {noise} noise"
           + (f"; {count_of(duplicates, 'duplicate')} of {count_of(duplicated, 'face')} (cosine {duplicate_cosine:g} or "
              "more), each in its face's cluster" if duplicates else "")
+          + (f"; {count_of(len(failures), 'photo' if args.detector else 'image')} left out (the warnings say why)"
+             if failures else "")
           + f"; threshold {threshold:.4f} ({threshold_source}), {args.method} on "
           f"{count_of(args.neighbours, 'neighbour')}, {seconds:.1f} s; wrote {args.output}, "
           f"{summary_path(args.output)}{tree_said}", file=sys.stderr)
