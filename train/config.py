@@ -615,7 +615,8 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
             # Apple's mps, Intel's xpu, ...: the losses run there (in plain PyTorch), the trainer has not, and its
             # set-up reads CUDA (NCCL or gloo, the CUDA random state in checkpoints, pin_memory, cudnn).
             raise SystemExit(f"--device {args.device}: the trainer runs on cpu or cuda only; it has not run on "
-                             f"{device_type} (arcface_ext's losses do, in plain PyTorch: README, API)")
+                             f"{device_type} hardware (arcface_ext's losses take {device_type} tensors, in plain "
+                             "PyTorch, untried there too: README, On devices without a kernel)")
     for flag, value in (("--crop-augmentation", args.crop_augmentation),
                         ("--low-res-augmentation", args.low_res_augmentation),
                         ("--photometric-augmentation", args.photometric_augmentation)):

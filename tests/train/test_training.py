@@ -633,8 +633,10 @@ def test_gradient_accumulation_is_checked(value):
     ("--synthetic-images-per-identity", "-1", "--synthetic-images-per-identity must be at least 1, got -1"),
     ("--device", "gpu", r"--device 'gpu' is not a torch device \(auto, cpu, cuda, cuda:1, \.\.\.\)"),
     # (were torch's errors after the data was read: mps where there is none, or a run whose set-up reads CUDA)
-    ("--device", "mps", r"--device mps: the trainer runs on cpu or cuda only; it has not run on mps \(arcface_ext's "
-                        r"losses do, in plain PyTorch: README, API\)"),
+    # (said "it has not run on mps (arcface_ext's losses do ...)": as if the losses had run there; none has)
+    ("--device", "mps", r"--device mps: the trainer runs on cpu or cuda only; it has not run on mps hardware "
+                        r"\(arcface_ext's losses take mps tensors, in plain PyTorch, untried there too: README, On "
+                        r"devices without a kernel\)"),
     ("--device", "xpu:0", r"--device xpu:0: the trainer runs on cpu or cuda only; it has not run on xpu .*"),
     ("--grad-clip", "-1", r"--grad-clip must be a finite number >= 0, got -1\.0"),
 ])
