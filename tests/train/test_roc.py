@@ -274,7 +274,10 @@ def test_the_people_when_the_rejected_pairs_are_not_all_kept(tmp_path, capsys, m
                                            "every_genuine_exact": False}
     assert capped["genuine_pairs"] == everything["genuine_pairs"] == 435 + 6 + 3 + 10 + 1 + 15 + 3
     assert not capped["operating_point"]["people_rejected_known"]
-    assert "roc: note: the 20 lowest genuine pairs, those kept exactly, are all rejected at FAR 0.01" in err
+    # (said the people file "leaves each person's rejected pairs out", as if it dropped pairs)
+    assert "roc: note: the 20 lowest genuine pairs, those kept exactly, are all rejected at FAR 0.01: each person's " \
+        f"count of them is unknown, so {tmp_path / 'capped-people.csv'} leaves its rejected and rejected_share " \
+        "columns blank and lists the people by their lowest genuine pair\n" in err
     assert read_csv(tmp_path / "capped-genuine.csv") == read_csv(tmp_path / "all-genuine.csv")
     people, known = read_csv(tmp_path / "capped-people.csv"), read_csv(tmp_path / "all-people.csv")
     assert all(row["rejected"] == row["rejected_share"] == "" for row in people)

@@ -808,8 +808,8 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
     files = failing_outputs(args.output)
     if not point["people_rejected_known"]:
         say(f"roc: note: the {len(scores.genuine):,} lowest genuine pairs, those kept exactly, are all rejected at FAR "
-            f"{args.far:g}: {files['people']} leaves each person's rejected pairs out and lists the people by their "
-            "lowest genuine pair")
+            f"{args.far:g}: each person's count of them is unknown, so {files['people']} leaves its rejected and "
+            "rejected_share columns blank and lists the people by their lowest genuine pair")
     say(f"roc: at FAR {args.far:g}: threshold cosine {point['threshold']:.6f}"
         + ("" if point["threshold_exact"] else " (a bin edge)")
         + f", TAR {point['tar']:.2%} ({point['genuine_rejected']:,} genuine pairs rejected, "
