@@ -101,6 +101,22 @@ def test_a_hand_made_table(hand, tmp_path, capsys):
                                  ("bob", "2", "1", "0", "0", "0.800000"), ("carol", "2", "1", "0", "0", "0.800000")]
 
 
+def test_the_curve_gives_small_false_accept_rates_in_full(tmp_path):
+    # roc.csv's false_accept_rate to 6 significant digits, as its far: to 6 decimals one false accept in more than
+    # 2 million impostor pairs read 0.000000, and 8.9e-7 read 0.000001.
+    rows = np.random.default_rng(5).standard_normal((2200, 16)).astype(np.float32)
+    table = tmp_path / "random.npy"
+    write_table(str(table), [f"p{i // 2}/{i % 2}.jpg" for i in range(len(rows))], rows / np.linalg.norm(rows, axis=1,
+                                                                                                         keepdims=True))
+    assert run_roc("--embeddings", table, "--output", tmp_path / "roc.csv", "--far", 1e-3) == 0
+    impostors = json.loads((tmp_path / "roc.json").read_text())["impostor_pairs"]
+    assert impostors > 2_000_000
+    counted = [r for r in read_csv(tmp_path / "roc.csv") if r["false_accepts"] not in ("", "0")]
+    assert any(int(r["false_accepts"]) == 1 for r in counted)
+    for r in counted:
+        assert float(r["false_accept_rate"]) == pytest.approx(int(r["false_accepts"]) / impostors, rel=1e-5)
+
+
 def test_the_same_photo_twice_under_one_person_is_said(hand, tmp_path, capsys):
     # A genuine pair at the duplicate cosine is accepted at any threshold: it raises the TAR, and the run says so.
     assert run_roc("--embeddings", hand, "--output", tmp_path / "plain.csv", "--far", 0.1) == 0

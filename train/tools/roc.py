@@ -668,7 +668,7 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
         _write_csv(args.output, ["far", "threshold", "tar", "false_accepts", "false_accept_rate", "true_accepts",
                                  "threshold_exact"],
                    [[f"{r['far']:.6g}", _cell(r["threshold"]), _cell(r["tar"]), _cell(r["false_accepts"]),
-                     _cell(None if r["false_accepts"] is None else r["false_accepts"] / scores.impostors),
+                     "" if r["false_accepts"] is None else f"{r['false_accepts'] / scores.impostors:.6g}",
                      _cell(r["true_accepts"]), _cell(r["exact"])] for r in curve])
         _write_csv(files["impostors"], ["rank", "cosine", "accepted", "duplicate", "image_a", "person_a", "image_b",
                                         "person_b"], impostor_rows)
