@@ -345,7 +345,17 @@ def test_photos_with_a_detector_score_as_their_aligned_faces(trained, tmp_path, 
     assert run_quality("--model", ckpt, "--images", group, "--detector", detector, "--all-faces", "--output",
                        tmp_path / "h.csv", "--reject-below", 1, "--tree", tmp_path / "t2") == 2
     err = capsys.readouterr().err
-    assert err.startswith("quality: error: --tree: the faces are found and aligned by") and err.count("\n") == 1
+    assert err.startswith("quality: error: --tree lays out photos, a row each, and --all-faces makes a row of each "
+                          "face of a photo: without --all-faces") and err.count("\n") == 1
+    # A train.embed --detector table without norms: scoring it again needs the same --detector, and the error says so.
+    assert embed_main(["--model", ckpt, "--images", str(crops.parent / "photos"), "--detector", str(detector),
+                       "--output", str(tmp_path / "plain.npy"), "--workers", "0"]) == 1
+    capsys.readouterr()
+    assert run_quality("--embeddings", tmp_path / "plain.npy", "--output", tmp_path / "p.csv") == 2
+    err = capsys.readouterr().err
+    assert err.endswith("score the faces with the model, --model M --images DIR with the --landmarks or --detector "
+                        f"it was made with (its faces: found and aligned by {os.path.abspath(detector)})\n")
+    assert err.count("\n") == 1
 
     (tmp_path / "not.onnx").write_text("not a graph\n")
     for bad, said in ((tmp_path / "missing.onnx", "no such file"), (group, "a folder, not"),

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from train import checkpoint
-from train.embed import (MODEL_HELP, embed_folder, embed_images, embed_listed_faces, faces_are_files, faces_described,
+from train.embed import (IMAGES_AS_THEY_ARE, MODEL_HELP, embed_folder, embed_images, embed_listed_faces, faces_are_files, faces_described,
                          folder_images, load_model, model_digests, open_detector, read_about, read_table, table_files)
 from train.ijb import threshold_allowing
 from train.signals import run_tool, signals_held
@@ -307,13 +307,17 @@ def _table_norms(path: str) -> tuple[list[str], np.ndarray, np.ndarray | None, d
         return names, values[:, 0].astype(np.float64), None, {}
     about = read_about(path, values) or {}
     norms_file = about.get("norms")
+    faces = about.get("faces")
+    # The table's faces as they were found: the same --landmarks or --detector scores the same faces.
+    rescore = "score the faces with the model, --model M --images DIR" + (
+        f" with the --landmarks or --detector it was made with (its faces: {faces})"
+        if isinstance(faces, str) and faces != IMAGES_AS_THEY_ARE else "")
     if not norms_file:
         raise ValueError(f"--embeddings {path}: its rows are embeddings of unit length, whose norm says nothing, and "
-                         "it records no norms file (train.embed --norms): score the faces with the model, --model M "
-                         "--images DIR")
+                         f"it records no norms file (train.embed --norms): {rescore}")
     if not os.path.isfile(norms_file):
         raise FileNotFoundError(f"--embeddings {path}: {norms_file}, the norms its .json names, is not there any "
-                                "more: score the faces with the model, --model M --images DIR")
+                                f"more: {rescore}")
     norm_names, norms = read_table(norms_file)
     if norm_names != names or norms.shape[1] != 1:
         raise ValueError(f"--embeddings {path}: {norms_file}, the norms its .json names, lists other faces than the "
@@ -457,6 +461,10 @@ def _check_tree(args, folder: str | None, faces: str | None) -> None:
         raise ValueError(f"--tree: {args.embeddings} does not say where its images are (the .json train.embed writes "
                          "beside a table does): score the folder of images with --images instead")
     if not faces_are_files(faces):
+        if isinstance(faces, str) and faces.endswith(", every face"):
+            raise ValueError("--tree lays out photos, a row each, and --all-faces makes a row of each face of a photo: "
+                             "without --all-faces each photo's main face is scored; or align every face with "
+                             "train.tools.align, then score the crops")
         raise ValueError(f"--tree: the faces are {faces}, not image files to lay out: align them with "
                          "train.tools.align, then score the crops")
     if not os.path.isdir(folder):
