@@ -571,7 +571,14 @@ def test_probe_photos_with_a_detector_are_searched_as_their_aligned_faces(traine
     assert run_search("--model", backbone, "--gallery", gallery, "--probes", crops, "--output",
                       tmp_path / "crops.csv") == 0
     capsys.readouterr()
+    # (--detector finds a --gallery folder's faces too: the gallery of aligned faces is searched as its table)
     assert run_search("--model", backbone, "--gallery", gallery, "--probes", photos, "--detector", detector,
+                      "--output", tmp_path / "photos.csv") == 2
+    assert "a gallery of aligned faces: enrol it without --detector, with --save-gallery" in capsys.readouterr().err
+    table = tmp_path / "gallery.npy"
+    assert run_search("--model", backbone, "--gallery", gallery, "--save-gallery", table) == 0
+    capsys.readouterr()
+    assert run_search("--model", backbone, "--gallery", table, "--probes", photos, "--detector", detector,
                       "--output", tmp_path / "photos.csv") == 1
     assert f"warning: {photos / 'nobody.png'}: no face scores 0.5 or more" in capsys.readouterr().err
     assert read_rows(tmp_path / "photos.csv") == read_rows(tmp_path / "crops.csv")
@@ -581,3 +588,53 @@ def test_probe_photos_with_a_detector_are_searched_as_their_aligned_faces(traine
     err = capsys.readouterr().err
     assert err == f"search: error: --detector {tmp_path / 'none.onnx'}: no such file: give an SCRFD face detector's " \
                   "ONNX file (insightface's det_10g.onnx)\n"
+
+
+def test_a_gallery_of_photos_with_a_detector_is_enrolled_as_their_aligned_faces(trained, tmp_path, capsys):
+    """--detector finds the main face of each photo of a --gallery folder too, as it does the probes' (it
+    embedded the photos whole, without a word): a gallery of photos and probe photos give the results of
+    the faces' crops; a gallery photo without a face is left out with a warning, and so is a person with
+    no face found (exit status 1, counted in the summary); --save-gallery alone enrols the photos."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from detector_fixtures import crops_and_photos, face_detector, photo_of_faces
+
+    ckpt, backbone, _, _ = trained
+    detector = face_detector(tmp_path / "det.onnx")
+    gallery_crops, gallery_photos = tmp_path / "gallery_crops", tmp_path / "gallery_photos"
+    probe_crops, probe_photos = tmp_path / "probe_crops", tmp_path / "probe_photos"
+    crops_and_photos({f"person{who}/{sample}.png": render_face(0, who, 700 + sample, 112) for who in range(4)
+                      for sample in range(3)}, IMAGE_SIZE, gallery_crops, gallery_photos)
+    crops_and_photos({f"person{who}/{sample}.png": render_face(0, who, 800 + sample, 112) for who in range(6)
+                      for sample in range(2)}, IMAGE_SIZE, probe_crops, probe_photos)
+    photo_of_faces([], []).save(gallery_photos / "person0" / "nobody.png")
+    os.makedirs(gallery_photos / "person9")
+    photo_of_faces([], []).save(gallery_photos / "person9" / "nobody.png")
+    assert run_search("--model", backbone, "--gallery", gallery_crops, "--probes", probe_crops, "--output",
+                      tmp_path / "crops.csv", "--probe-labels", "folder") == 0
+    capsys.readouterr()
+    assert run_search("--model", backbone, "--gallery", gallery_photos, "--probes", probe_photos, "--detector",
+                      detector, "--output", tmp_path / "photos.csv", "--probe-labels", "folder") == 1
+    err = capsys.readouterr().err
+    assert f"warning: {gallery_photos / 'person0' / 'nobody.png'}: no face scores 0.5 or more" in err
+    assert "warning: --gallery: no face is found in the photos of person9: person9 is left out" in err
+    assert "not square" not in err
+    assert read_rows(tmp_path / "photos.csv") == read_rows(tmp_path / "crops.csv")
+    summary = json.loads((tmp_path / "photos.json").read_text())
+    assert summary["gallery_left_out"] == {"images": 2, "people": ["person9"]} and summary["left_out"] == 0
+    assert summary["identification"] == json.loads((tmp_path / "crops.json").read_text())["identification"]
+
+    # Enrolled alone (--save-gallery, no --probes), then searched with crops as probes.
+    saved = tmp_path / "g.npy"
+    assert run_search("--model", backbone, "--gallery", gallery_photos, "--detector", detector,
+                      "--save-gallery", saved) == 1
+    about = json.loads((tmp_path / "g.npy.json").read_text())
+    assert about["faces"] == f"found and aligned by {detector}"
+    assert run_search("--gallery", saved, "--probes", probe_crops, "--output", tmp_path / "saved.csv",
+                      "--probe-labels", "folder") == 0
+    assert read_rows(tmp_path / "saved.csv") == read_rows(tmp_path / "crops.csv")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # (a landmarks file is of the probe photos)
+        run_search("--model", backbone, "--gallery", gallery_photos, "--landmarks", tmp_path / "l.txt",
+                   "--save-gallery", tmp_path / "x.npy")
+    assert "--landmarks goes with --probes" in capsys.readouterr().err

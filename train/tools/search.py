@@ -5,9 +5,9 @@ with a trained model (1:N open-set identification).
     python -m train.tools.search --model runs/r50/checkpoint.pt --gallery gallery.npy --probes probes/
 
 The gallery is an ImageFolder of aligned faces, ``gallery/<person>/<image>``, embedded as
-``train.embed`` embeds them (image + mirror, unit length), or a table that ``train.embed --images
-gallery/`` or ``--save-gallery`` wrote (a row's first folder is its person; the model that made it must
-be ``--model``). Each person is one template, the mean of their embeddings re-normalised (``--per-image``:
+``train.embed`` embeds them (image + mirror, unit length; photos with ``--detector``, each one's main
+face found and aligned), or a table that ``train.embed --images gallery/`` or ``--save-gallery`` wrote
+(a row's first folder is its person; the model that made it must be ``--model``). Each person is one template, the mean of their embeddings re-normalised (``--per-image``:
 each person scores their best image). Each probe (a folder of aligned faces, any nesting; one image; a
 table; photos with ``--landmarks`` or ``--detector``, as ``train.embed`` takes them) gets its ``--top-k``
 people by cosine, searched in blocks, and a decision: the best person when at or above ``--threshold``
@@ -75,8 +75,9 @@ def _main(argv: list[str] | None = None) -> int:
                    help=MODEL_HELP + "; with tables alone only for its threshold (default: the model the gallery "
                    "table's .json names, where it still is)")
     p.add_argument("--gallery", required=True, metavar="DIR|TABLE",
-                   help="the people to search among: an ImageFolder of aligned faces, DIR/<person>/<image>, or a "
-                   "table (.npy with its .txt, or .csv) that --save-gallery or train.embed --images DIR wrote")
+                   help="the people to search among: an ImageFolder of aligned faces (photos with --detector), "
+                   "DIR/<person>/<image>, or a table (.npy with its .txt, or .csv) that --save-gallery or "
+                   "train.embed --images DIR wrote")
     p.add_argument("--save-gallery", metavar="TABLE", default=None,
                    help="also write the gallery's embeddings as a table (.npy with a .txt, or .csv; a .json beside "
                    "it names the model), for --gallery TABLE next time: the gallery is embedded once")
@@ -91,11 +92,15 @@ def _main(argv: list[str] | None = None) -> int:
                    "in its table row's name, is its person), or a CSV file of lines probe,person")
     p.add_argument("--landmarks", metavar="FILE", default=None,
                    help="the probes are photos under --probes DIR: search the faces this file lists, each aligned "
-                   "from its 5 landmarks (as train.embed --landmarks)")
+                   "from its 5 landmarks (as train.embed --landmarks); the probes' only: a --gallery folder is "
+                   "read as aligned faces (photos there: --detector)")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
-    add_detector_option(p, "the probes", "each one's main face (--all-faces: every face)")
+    add_detector_option(p, "the probes, and the images of a --gallery folder,",
+                        "each one's main face (--all-faces: every face of a probe; a gallery photo gives its main "
+                        "face)")
     p.add_argument("--all-faces", action="store_true",
-                   help="with --landmarks or --detector: every face of a photo, named <image>#<k>")
+                   help="with --landmarks or --detector: every face of a probe photo, named <image>#<k> (a --gallery "
+                   "folder's photo gives its main face)")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
                    help=f"how many people to list for each probe, most alike first (default {DEFAULT_TOP_K})")
     p.add_argument("--threshold", type=float, default=None,
@@ -135,7 +140,10 @@ def _main(argv: list[str] | None = None) -> int:
     for flag, value in (("--probe-labels", args.probe_labels), ("--all-faces", args.all_faces)):
         if value and not args.probes:
             p.error(f"{flag} goes with --probes")
-    check_photo_options(p, args, "--probes")
+    if args.landmarks and not args.probes:
+        p.error("--landmarks goes with --probes (a landmarks file of the probe photos)")
+    # (--detector with --save-gallery alone enrols a gallery folder of photos)
+    check_photo_options(p, args, "--probes" if args.probes else "--save-gallery")
     if args.all_faces and not (args.landmarks or args.detector):
         p.error("--all-faces goes with --landmarks or --detector")
     args.written = []  # the outputs in place, for what a stop says
@@ -315,12 +323,13 @@ def run(args: argparse.Namespace) -> int:
 
     failures = []  # (the gallery's, then the probes')
     if gallery_folder:
-        gallery = _embed_gallery(args, model, settings, device, failures)
+        gallery = _embed_gallery(args, model, settings, device, detector, failures)
     gallery_failures = len(failures)
     if args.save_gallery and gallery_folder:  # (a table's copy, with --fpir, is written with the results)
         about = {"made_by": "train.tools.search", "model": os.path.abspath(args.model),
                  **model_digests(args.model, model), "image_size": settings["image_size"], "flip": True,
-                 "normalised": True, "images": os.path.abspath(gallery_folder), "faces": faces_described()}
+                 "normalised": True, "images": os.path.abspath(gallery_folder),
+                 "faces": faces_described(detector=args.detector)}
         with signals_held():
             written = write_table(args.save_gallery, gallery.names, gallery.embeddings, about=about)
         args.written += written
@@ -348,9 +357,10 @@ def run(args: argparse.Namespace) -> int:
                           f"--gallery {args.save_gallery} searches it without embedding it again)") from None
 
 
-def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> Faces:
-    """The faces of the ImageFolder ``--gallery``, embedded; a person none of whose images can be read, or
-    whose folder holds none, is left out, with a warning (added to ``failures``)."""
+def _embed_gallery(args, model, settings: dict, device, detector, failures: list[str]) -> Faces:
+    """The faces of the ImageFolder ``--gallery``, embedded (with ``detector``, opened: photos, each one's
+    main face found and aligned, as the probes' are); a person none of whose images can be read (or has a
+    face found), or whose folder holds none, is left out, with a warning (added to ``failures``)."""
     try:
         people, samples = scan_image_folder(args.gallery)
     except (OSError, ValueError) as error:  # (no person's folder holds images)
@@ -372,23 +382,43 @@ def _embed_gallery(args, model, settings: dict, device, failures: list[str]) -> 
                  for path, ok in zip(paths, readable) if not ok]
     if not readable.any():
         raise ValueError(failures[0])
-    _warn_if_not_aligned(paths[:1])
-    print(f"search: embedding {count_of(len(paths), 'image')} of {count_of(len(people), 'person', 'people')} under "
-          f"{args.gallery} with {args.model} ({settings['image_size']}px) on {device}", file=sys.stderr, flush=True)
-    not_square, unreadable = [], []
+    if not detector:
+        _warn_if_not_aligned(paths[:1])
+    print(f"search: embedding {count_of(len(paths), 'photo' if detector else 'image')} of "
+          f"{count_of(len(people), 'person', 'people')} under {args.gallery} with {args.model} "
+          f"({settings['image_size']}px) on {device}", file=sys.stderr, flush=True)
     kept = np.flatnonzero(readable)
-    found = embed_files(model, [paths[i] for i in kept], settings["image_size"], device=device,
-                        batch_size=args.batch_size, workers=args.workers, not_square=not_square,
-                        unreadable=unreadable)
-    _warn_others_not_square([paths[i] for i in kept], not_square)
-    embeddings = np.full((len(paths), found.shape[1]), np.nan, dtype=np.float32)
-    embeddings[kept] = found
-    failures += [why for _, why in unreadable]
-    readable[kept[[i for i, _ in unreadable]]] = False
+    warned = 0  # (the failures warned of already)
+    if detector:  # each photo's main face, named as its photo; a photo without one is left out, and warned of
+        found_names, found = embed_detected(model, detector, [paths[i] for i in kept], [names[i] for i in kept],
+                                            settings["image_size"], failures=failures,
+                                            where=f"under --gallery {args.gallery} (with --detector, a gallery "
+                                            "folder is of photos; a gallery of aligned faces: enrol it without "
+                                            "--detector, with --save-gallery, and search that table)", device=device,
+                                            batch_size=args.batch_size, workers=args.workers)
+        warned = len(failures)
+        row_of = {name: row for row, name in enumerate(found_names)}
+        embeddings = np.full((len(paths), found.shape[1]), np.nan, dtype=np.float32)
+        for i in kept:
+            if names[i] in row_of:
+                embeddings[i] = found[row_of[names[i]]]
+            else:
+                readable[i] = False
+    else:
+        not_square, unreadable = [], []
+        found = embed_files(model, [paths[i] for i in kept], settings["image_size"], device=device,
+                            batch_size=args.batch_size, workers=args.workers, not_square=not_square,
+                            unreadable=unreadable)
+        _warn_others_not_square([paths[i] for i in kept], not_square)
+        embeddings = np.full((len(paths), found.shape[1]), np.nan, dtype=np.float32)
+        embeddings[kept] = found
+        failures += [why for _, why in unreadable]
+        readable[kept[[i for i, _ in unreadable]]] = False
     labels = np.array([label for _, label in samples])
     lost = [people[label] for label in np.unique(labels) if not readable[labels == label].any()]
-    failures += [f"--gallery: none of the images of {person} can be read: {person} is left out" for person in lost]
-    _warn_left_out(failures)
+    failures += [f"--gallery: {'no face is found in the photos' if detector else 'none of the images'} of {person}"
+                 f"{'' if detector else ' can be read'}: {person} is left out" for person in lost]
+    _warn_left_out(failures[warned:])
     if not readable.any():
         raise ValueError(f"--gallery {args.gallery}: none of the {len(paths)} images can be read")
     return Faces([name for name, ok in zip(names, readable) if ok], embeddings[readable],
