@@ -26,7 +26,7 @@ import torch
 from . import checkpoint
 from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input
 from .signals import Stopped, run_tool, signals_held, stop_on_signals
-from .tools import check_outputs, listable_name, torch_device
+from .tools import check_outputs, left_out_said, listable_name, torch_device
 
 # Cosine similarity above which two faces are called the same when the model carries no
 # verification threshold of its own.
@@ -893,8 +893,7 @@ def run(args: argparse.Namespace) -> int:
             written.append(write_norms(args.norms, names, np.concatenate(norms)))
     faces = args.landmarks or args.detector
     print(f"embedded {len(names)} {'faces' if faces else 'images'} ({embeddings.shape[1]}-D, {size}px): "
-          f"{', '.join(written)}" + (f"; {len(failures)} photo(s) left out (the warnings say why)" if failures
-                                      else ""))
+          f"{', '.join(written)}{left_out_said((len(failures), 'photo' if faces else 'image'))}")
     return 1 if failures else 0
 
 

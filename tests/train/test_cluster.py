@@ -545,7 +545,7 @@ def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
     assert run_cluster("--images", broken, "--model", backbone, "--output", out, "--threshold", "0.3") == 1
     err = capsys.readouterr().err
     # (the summary said nothing of it: only the warning, above the summary, told why the exit status was 1)
-    assert "bad.png" in err and "0 noise; 1 image left out (the warnings say why); threshold" in err
+    assert "bad.png" in err and "0 noise; 1 image left out (the warnings above say why); threshold" in err
     assert read_rows(out) == [("x/0.png", 0), ("x/1.png", 0), ("x/2.png", 0)]
     assert json.loads((tmp_path / "c.json").read_text())["left_out"] == 1
 
@@ -572,7 +572,7 @@ def test_photos_with_a_detector_cluster_as_their_aligned_faces(trained, tmp_path
                        tmp_path / "photos.csv", "--tree", tmp_path / "people") == 1
     err = capsys.readouterr().err
     assert f"warning: {photos / '2025' / 'nobody.png'}: no face scores 0.5 or more" in err and "25 faces" in err
-    assert "; 1 photo left out (the warnings say why); threshold" in err
+    assert "; 1 photo left out (the warnings above say why); threshold" in err
     rows = read_rows(tmp_path / "photos.csv")
     assert rows == read_rows(tmp_path / "crops.csv") and len(rows) == 25
     summary = json.loads((tmp_path / "photos.json").read_text())

@@ -325,7 +325,7 @@ def test_photos_whose_names_a_table_cannot_hold_are_left_out(trained, tmp_path, 
                            "--workers", "0"]) == 1
         captured = capsys.readouterr()
         assert captured.err.count("its name is not UTF-8 text without line breaks") == 3
-        assert "16 images" in captured.out and "3 photo(s) left out (the warnings say why)" in captured.out
+        assert "16 images" in captured.out and "3 images left out (the warnings above say why)" in captured.out
     names, vectors = embed.read_table(str(tmp_path / "e.npy"))
     assert len(names) == vectors.shape[0] == 16
     assert embed.read_table(str(tmp_path / "e.csv"))[0] == names

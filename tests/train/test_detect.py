@@ -244,7 +244,7 @@ def test_embed_with_a_detector_embeds_what_the_landmarks_file_gives(detector, tm
         assert embed.main([*common, "--detector", detector, "--output", str(detected), *extra]) == 1
         captured = capsys.readouterr()
         assert f"warning: {images / 'none.png'}: no face scores 0.5 or more" in captured.err
-        assert "1 photo(s) left out (the warnings say why)" in captured.out
+        assert "1 photo left out (the warnings above say why)" in captured.out
         rows = (tmp_path / f"detected{len(extra)}.txt").read_text().split()
         assert rows == (tmp_path / f"listed{len(extra)}.txt").read_text().split()
         assert rows == (["b/two.png#1", "b/two.png#2", "one.png#1"] if extra else ["b/two.png", "one.png"])

@@ -318,7 +318,8 @@ def test_photos_with_a_detector_score_as_their_aligned_faces(trained, tmp_path, 
     assert run_quality("--model", ckpt, "--images", photos, "--detector", detector, "--output", tmp_path / "q.csv",
                        "--reject-fraction", 0.25, "--tree", tmp_path / "tree") == 1
     err = capsys.readouterr().err
-    assert f"warning: {photos / 'nobody.png'}: no face scores 0.5 or more" in err and "1 image left out" in err
+    assert f"warning: {photos / 'nobody.png'}: no face scores 0.5 or more" in err
+    assert "; 1 photo left out (the warnings above say why); wrote" in err
     rows = read_csv(tmp_path / "q.csv")
     assert rows[0] == ["image", "quality", "detector_score", "rejected"]
     assert [r[:2] for r in rows[1:]] == read_csv(tmp_path / "crops.csv")[1:]

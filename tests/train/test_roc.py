@@ -489,7 +489,7 @@ def test_a_folder_as_collected(trained, tmp_path, capsys):
     assert run_roc("--model", backbone, "--images", tmp_path / "people", "--output", tmp_path / "roc.csv",
                    "--far", 0.05) == 1
     err = capsys.readouterr().err
-    assert "broken.jpg" in err and "left out: 1 face (the warnings above)" in err
+    assert "broken.jpg" in err and "; 1 image left out (the warnings above say why)\n" in err
     summary = json.loads((tmp_path / "roc.json").read_text())
     assert (summary["faces"], summary["people"], summary["left_out"]) == (16, 6, 1)
 

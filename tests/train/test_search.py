@@ -322,7 +322,7 @@ def test_bad_arguments_left_out_people_and_outputs(trained, tables, tmp_path, ca
     assert run_search("--model", backbone, "--gallery", broken, "--probes", probes, "--output", out) == 1
     err = capsys.readouterr().err
     assert "warning: --gallery: none of the images of zoe can be read: zoe is left out" in err
-    assert "left out (the warnings above): 1 person, 1 gallery image; wrote" in err
+    assert "; 1 person, 1 gallery image left out (the warnings above say why); wrote" in err
     assert {r[2] for r in read_rows(out)} == {"person1"}
     summary = json.loads((tmp_path / "r.json").read_text())
     # The summary counts the gallery's losses apart from the probes' (none here).

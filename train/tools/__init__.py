@@ -141,6 +141,15 @@ def count_of(n: int, noun: str, nouns: str | None = None) -> str:
     return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
+def left_out_said(*counts: tuple) -> str:
+    """What the warnings above left out, for a tool's last line, in the one wording every tool uses:
+    "; 2 images left out (the warnings above say why)". Each of ``counts`` is ``count_of``'s (n, noun[,
+    nouns]): "image", or "photo" where they are photos (under --detector); those of 0 are not said, and
+    nothing is ('') when all are 0."""
+    said = [count_of(*count) for count in counts if count[0]]
+    return f"; {', '.join(said)} left out (the warnings above say why)" if said else ""
+
+
 def summary_path(output: str) -> str:
     """Where the summary of a tool's table at ``output`` (a .csv) goes: the same name, .json."""
     return output[:-len(".csv")] + ".json"

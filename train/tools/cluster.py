@@ -42,8 +42,9 @@ from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_folder, fac
                          load_model, made_with, model_threshold, open_detector, read_about, read_table, table_files)
 from train.signals import run_tool, signals_held
 from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                         check_photo_options, check_tree_folder, count_of, hidden_beside, inside, link_or_copy,
-                         plain_warnings, remove_killed_runs_trees, replace_folder, summary_path, torch_device)
+                         check_photo_options, check_tree_folder, count_of, hidden_beside, inside, left_out_said,
+                         link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
+                         torch_device)
 from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
 DEFAULT_NEIGHBOURS = 10
@@ -378,8 +379,7 @@ def run(args: argparse.Namespace) -> int:
           + f", {noise} noise"
           + (f"; {count_of(duplicates, 'duplicate')} of {count_of(duplicated, 'face')} (cosine {duplicate_cosine:g} or "
              "more), each in its face's cluster" if duplicates else "")
-          + (f"; {count_of(len(failures), 'photo' if args.detector else 'image')} left out (the warnings say why)"
-             if failures else "")
+          + left_out_said((len(failures), "photo" if args.detector else "image"))
           + f"; threshold {threshold:.4f} ({threshold_source}), {args.method} on "
           f"{count_of(args.neighbours, 'neighbour')}, {seconds:.1f} s; wrote {args.output}, "
           f"{summary_path(args.output)}{tree_said}", file=sys.stderr)

@@ -50,8 +50,9 @@ from train.embed import (IMAGES_AS_THEY_ARE, MODEL_HELP, embed_folder, embed_ima
 from train.ijb import threshold_allowing
 from train.signals import run_tool, signals_held
 from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                         check_photo_options, check_tree_folder, count_of, hidden_beside, inside, link_or_copy,
-                         plain_warnings, remove_killed_runs_trees, replace_folder, summary_path, torch_device)
+                         check_photo_options, check_tree_folder, count_of, hidden_beside, inside, left_out_said,
+                         link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
+                         torch_device)
 
 DEFAULT_FMRS = (0.001, 0.01)
 DEFAULT_MAX_REJECT = 0.2
@@ -441,7 +442,7 @@ def score(args: argparse.Namespace) -> int:
         rule = f"; {int(rejected.sum())} rejected ({how})"
     print(f"quality: {count_of(len(names), 'face')}: quality (feature norm) median {quantiles['0.5']:.4g}, 5% "
           f"{quantiles['0.05']:.4g}, 95% {quantiles['0.95']:.4g} (from {quantiles['0']:.4g} to {quantiles['1']:.4g})"
-          f"{rule}" + (f"; {count_of(len(failures), 'image')} left out (the warnings say why)" if failures else "")
+          f"{rule}{left_out_said((len(failures), 'photo' if args.detector else 'image'))}"
           + f"; wrote {args.output}, {summary_path(args.output)}{tree_said}", file=sys.stderr)
     return 1 if failures else 0
 

@@ -53,7 +53,7 @@ from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table,
                        threshold_allowing)
 from train.signals import run_tool, signals_held
 from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                         check_photo_options, count_of, plain_warnings, summary_path, torch_device)
+                         check_photo_options, count_of, left_out_said, plain_warnings, summary_path, torch_device)
 from train.tools.cluster import DEFAULT_DUPLICATE_COSINE
 from train.tools.search import Faces, _check_made_with, _read_faces, cosine_above, first_folder
 from train.tools.similarity import cosine_blocks
@@ -818,7 +818,7 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
         f"{point['compare_threshold']:.4f} (they accept at or above it); wrote {args.output}, "
         f"{summary_path(args.output)}, {files['impostors']}, {files['genuine']}, {files['people']}"
         + (f", {args.plot}" if drawn else "")
-        + (f"; left out: {count_of(len(failures), 'face')} (the warnings above)" if failures else ""))
+        + left_out_said((len(failures), "photo" if args.detector else "image")))
 
 
 if __name__ == "__main__":

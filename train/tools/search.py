@@ -43,7 +43,8 @@ from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_alig
 from train.ijb import negatives_needed, template_features, threshold_allowing
 from train.signals import Stopped, run_tool, signals_held
 from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                         check_photo_options, count_of, listable_name, plain_warnings, summary_path, torch_device)
+                         check_photo_options, count_of, left_out_said, listable_name, plain_warnings, summary_path,
+                         torch_device)
 from train.tools.similarity import best_people
 
 DEFAULT_TOP_K = 5
@@ -711,10 +712,8 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float | None, thresh
 
 def _left_out_said(gallery_left_out: dict, probes: int) -> str:
     """What the warnings above left out, counted for the run's last line ('' for nothing)."""
-    said = [count_of(n, noun, nouns) for n, noun, nouns in (
-        (len(gallery_left_out["people"]), "person", "people"), (gallery_left_out["images"], "gallery image", None),
-        (probes, "probe", None)) if n]
-    return f"; left out (the warnings above): {', '.join(said)}" if said else ""
+    return left_out_said((len(gallery_left_out["people"]), "person", "people"),
+                         (gallery_left_out["images"], "gallery image"), (probes, "probe"))
 
 
 def _rates_said(rates: dict) -> str:
