@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input
+from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input, unreadable_image
 from .signals import Stopped, run_tool, signals_held, stop_on_signals
 from .tools import check_outputs, left_out_said, listable_name, torch_device
 
@@ -145,8 +145,9 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             image, size = load_image_file_and_size(self.paths[index], self.image_size)
             why = ""
-        except (OSError, ValueError) as error:
-            image, size, why = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8), (0, 0), str(error)
+        except (OSError, ValueError) as error:  # (a ValueError names the file and says why already)
+            why = unreadable_image(self.paths[index], error) if isinstance(error, OSError) else str(error)
+            image, size = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8), (0, 0)
         return (to_chw(image), why) + ((torch.tensor(size, dtype=torch.int64),) if self.sizes else ())
 
 

@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageOps
 
 from . import checkpoint
-from .data.transforms import to_chw, to_rgb
+from .data.transforms import to_chw, to_rgb, unreadable_image
 from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about, embed_images,
                     load_model, model_digests, read_about, read_table, report_unreadable, run_stoppable, table_files,
                     write_table)
@@ -529,9 +529,9 @@ class LooseCrops(torch.utils.data.Dataset):
                     return blank(), f"{prefix}{path}: {off}"
                 crop = align_for_model(upright, self.landmarks[index], self.image_size)
         except FileNotFoundError:
-            return blank(), f"{prefix}{path}: no such file"
+            return blank(), unreadable_image(f"{prefix}{path}", "no such file")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            return blank(), f"{prefix}{path}: cannot read the image: {error}"
+            return blank(), unreadable_image(f"{prefix}{path}", error)
         return to_chw(crop), ""
 
 

@@ -166,7 +166,7 @@ def test_faces_that_cannot_be_aligned_are_listed_and_the_rest_written(photos, tm
     err = capsys.readouterr().err
     bad, missing, flat = len(names) + 1, len(names) + 2, len(names) + 3
     assert f"line {bad}: {broken / 'x' / 'bad.jpg'}: cannot read the image: not an image format Pillow reads" in err
-    assert f"line {missing}: {broken / 'x' / 'missing.jpg'}: no such file" in err
+    assert f"line {missing}: {broken / 'x' / 'missing.jpg'}: cannot read the image: no such file" in err
     assert f"line {flat}: {broken / 'x' / 'flat.jpg'}: its 5 landmarks coincide" in err
     assert f"wrote {len(names)} crop(s)" in err and "3 face(s) could not be aligned" in err
     assert sorted(os.listdir(out / "x") if os.path.isdir(out / "x") else []) == []

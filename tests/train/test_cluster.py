@@ -542,12 +542,17 @@ def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
     for k in range(3):
         Image.fromarray(render_face(0, 1, 600 + k, IMAGE_SIZE)).save(broken / "x" / f"{k}.png")
     (broken / "x" / "bad.png").write_bytes(b"not an image")
+    os.symlink(tmp_path / "moved.png", broken / "x" / "gone.png")  # (a link to a photo moved away)
     assert run_cluster("--images", broken, "--model", backbone, "--output", out, "--threshold", "0.3") == 1
     err = capsys.readouterr().err
-    # (the summary said nothing of it: only the warning, above the summary, told why the exit status was 1)
-    assert "bad.png" in err and "0 noise; 1 image left out (the warnings above say why); threshold" in err
+    # Each tool words these as train.embed does: the file, "cannot read the image", why.
+    assert f"warning: {broken / 'x' / 'bad.png'}: cannot read the image: not an image format Pillow reads " \
+           "(12 bytes)\n" in err
+    assert f"warning: {broken / 'x' / 'gone.png'}: cannot read the image: No such file or directory\n" in err
+    # (the summary said nothing of them: only the warnings, above the summary, told why the exit status was 1)
+    assert "0 noise; 2 images left out (the warnings above say why); threshold" in err
     assert read_rows(out) == [("x/0.png", 0), ("x/1.png", 0), ("x/2.png", 0)]
-    assert json.loads((tmp_path / "c.json").read_text())["left_out"] == 1
+    assert json.loads((tmp_path / "c.json").read_text())["left_out"] == 2
 
 
 def test_photos_with_a_detector_cluster_as_their_aligned_faces(trained, tmp_path, capsys):

@@ -166,7 +166,7 @@ def test_one_rank_failing_leaves_one_line_on_the_others(tmp_path):
     result = torchrun(base_argv(data, str(tmp_path / "run"), batch_size=8, max_steps=20, save_every=0,
                                 loss_impl=LOSS_IMPL))
     assert result.returncode != 0
-    assert re.search(rf"error: rank \d: step \d+'s batch: {re.escape(broken)}: cannot decode image", result.stderr), \
+    assert re.search(rf"error: rank \d: step \d+'s batch: {re.escape(broken)}: cannot read the image: ", result.stderr), \
         result.stderr[-3000:]
     assert not re.search(r"\[rank\d\]: Traceback", result.stderr), result.stderr[-3000:]
     assert "Connection closed by peer" not in result.stderr, result.stderr[-3000:]

@@ -484,8 +484,8 @@ def test_embed_writes_feature_norms(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mistake, message", [
-    ("corrupt image", "x.png: cannot decode image"),
-    ("corrupt compare", "x.png: cannot decode image"),
+    ("corrupt image", "x.png: cannot read the image: not an image format Pillow reads (17 bytes)"),
+    ("corrupt compare", "x.png: cannot read the image: not an image format Pillow reads (17 bytes)"),
     ("batch size 0", "--batch-size must be at least 1"),
     ("device foo", "--device 'foo' is not a torch device"),
     ("device cuda", "--device cuda, but torch sees no CUDA device"),

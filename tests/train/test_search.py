@@ -321,6 +321,8 @@ def test_bad_arguments_left_out_people_and_outputs(trained, tables, tmp_path, ca
     os.symlink(os.path.join(gallery, "person1"), broken / "person1")
     assert run_search("--model", backbone, "--gallery", broken, "--probes", probes, "--output", out) == 1
     err = capsys.readouterr().err
+    assert f"warning: {broken / 'zoe' / '1.png'}: cannot read the image: not an image format Pillow reads (12 bytes)\n" \
+        in err  # (as train.embed words it: it said "cannot decode image (12 bytes)")
     assert "warning: --gallery: none of the images of zoe can be read: zoe is left out" in err
     assert "; 1 person, 1 gallery image left out (the warnings above say why); wrote" in err
     assert {r[2] for r in read_rows(out)} == {"person1"}

@@ -678,8 +678,9 @@ def test_an_image_that_does_not_decode_mid_run_is_a_one_line_error(tmp_path, cap
                           num_workers=num_workers, resume="auto")) == 1
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if line.startswith("error: "))
-    assert re.fullmatch(rf"error: step \d+'s batch: {re.escape(broken)}: cannot decode image \(12 bytes\): .*"
-                        rf"\. The last checkpoint is kept: .*checkpoint\.pt \(step \d+\); .*--resume auto.*", line), line
+    assert re.fullmatch(rf"error: step \d+'s batch: {re.escape(broken)}: cannot read the image: not an image format Pillow "
+                        rf"reads \(12 bytes\)\. The last checkpoint is kept: .*checkpoint\.pt \(step \d+\); .*--resume auto.*", line), \
+        line
     assert "Traceback" not in err
     # Without a checkpoint there is nothing to resume: the message says to run it again.
     assert main(base_argv(data, str(tmp_path / "fresh"), max_steps=40, batch_size=8, save_every=0,

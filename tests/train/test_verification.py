@@ -314,7 +314,7 @@ def test_load_bin_rejects_malformed_files(tmp_path):
         load_bin(str(wrong))
     broken = tmp_path / "broken.bin"
     broken.write_bytes(pickle.dumps(([png(picture(0)), b"\xff\xd8nope"], [False])))
-    with pytest.raises(ValueError, match=r"broken\.bin: image 1: cannot decode"):
+    with pytest.raises(ValueError, match=r"broken\.bin: image 1: cannot read the image: .* \(6 bytes\)$"):
         load_bin(str(broken))
 
 
@@ -408,7 +408,7 @@ def test_make_bin_checks_every_image_decodes(tmp_path, pairs_images, capsys):
     out = tmp_path / "pairs.bin"
     assert make_bin_main([str(out), "--pairs-list", str(tmp_path / "pairs.txt")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("make_bin: error: ") and "3.png: cannot decode image" in err and err.count("\n") == 1
+    assert err.startswith("make_bin: error: ") and "3.png: cannot read the image: " in err and err.count("\n") == 1
     assert not out.exists()
     # The list itself is not an output, --overwrite or not (named as it is, or by a .bin link to it).
     listed = (tmp_path / "pairs.txt").read_text()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .transforms import IMAGE_EXTENSIONS, DataError, FaceImageDataset, load_image_file
+from .transforms import IMAGE_EXTENSIONS, DataError, FaceImageDataset, load_image_file, unreadable_image
 
 
 def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -168,5 +168,5 @@ class ImageFolderDataset(FaceImageDataset):
         try:
             image = load_image_file(path, self.image_size)
         except OSError as exc:  # removed or unreadable since the folder was listed
-            raise DataError(f"{path}: cannot read image: {exc.strerror or exc}") from exc
+            raise DataError(unreadable_image(path, exc)) from exc
         return image, int(self.labels[index])

@@ -41,6 +41,15 @@ def decode_failure(exc: Exception) -> str:
     return "not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError) else str(exc)
 
 
+def unreadable_image(source: str, why: Exception | str) -> str:
+    """How every tool says that it cannot read an image: "<source>: cannot read the image: <why>", ``why``
+    in words, or the exception that reading or decoding it raised (a file system error by its reason
+    alone, "No such file or directory", its path being ``source``)."""
+    if isinstance(why, OSError) and why.strerror:
+        why = why.strerror
+    return f"{source}: cannot read the image: {decode_failure(why) if isinstance(why, BaseException) else why}"
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` as 8-bit RGB. Pillow's ``convert("RGB")`` clips 16-bit greyscale (a 16-bit PNG opens
     as mode I;16) at 255, which would turn a face white; such images are scaled to 8 bits
@@ -70,7 +79,7 @@ def decode_image_and_size(data: bytes, image_size: int, *, source: str) -> tuple
             # carry no orientation: for them nothing changes.
             rgb = to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{source}: cannot decode image ({len(data)} bytes): {decode_failure(exc)}") from exc
+        raise DataError(unreadable_image(source, f"{decode_failure(exc)} ({len(data)} bytes)")) from exc
     width, height = rgb.size
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BILINEAR)

@@ -46,7 +46,7 @@ import time
 import numpy as np
 from PIL import Image, ImageOps
 
-from train.data.transforms import IMAGE_EXTENSIONS, decode_failure, encode_image
+from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
 from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
 from train.signals import Stopped, stop_on_signals
 
@@ -313,9 +313,9 @@ def _align_one(index: int) -> tuple[int, str]:
                 return index, f"{source}: {off}"
             crop = align_for_model(upright, _job["landmarks"][index], _job["image_size"])
     except FileNotFoundError:
-        return index, f"{source}: no such file"
+        return index, unreadable_image(source, "no such file")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        return index, f"{source}: cannot read the image: {decode_failure(error)}"
+        return index, unreadable_image(source, error)
     data = encode_image(crop, fmt=_job["format"], quality=_job["quality"])
     try:
         write_file_atomic(_job["outputs"][index], data)

@@ -26,7 +26,7 @@ from train import checkpoint
 from train.data.imagefolder import scan_image_folder
 from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note, repeated_images_note
 from train.data.recordio import RecordIOWriter, pack_payload
-from train.data.transforms import decode_failure, encode_image, to_rgb
+from train.data.transforms import encode_image, to_rgb, unreadable_image
 from train.signals import run_tool, signals_held
 from train.tools import check_outputs, plain_warnings
 
@@ -47,7 +47,7 @@ def _image_bytes(path: str, *, resize: int | None, quality: int, counts: dict | 
                 return data, img.size
             rgb = to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{path}: cannot decode image: {decode_failure(exc)}") from exc
+        raise ValueError(unreadable_image(path, exc)) from exc
     if resize is not None and rgb.size != (resize, resize):
         rgb = rgb.resize((resize, resize), Image.BILINEAR)
     if counts is not None:
