@@ -172,6 +172,18 @@ def assert_matches_reference(actual, expected, *, name="tensor", dtype=None, min
     assert_close_report(actual, expected, atol=atol * scale, rtol=rtol, name=name)
 
 
+def random_inputs(n, dim, num_classes, *, seed, dtype=torch.float64, ignored=(), device="cpu"):
+    """Embeddings (n, dim), class centres (num_classes, dim) and labels (rows ``ignored`` set to -1), drawn in
+    fp64 on the CPU from ``seed``, so that every dtype and every device sees the same values (rounded once to
+    ``dtype``), then moved to ``device``."""
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    labels[list(ignored)] = -1
+    return embeddings.to(device, dtype), weight.to(device, dtype), labels.to(device)
+
+
 def loss_and_grads(loss_fn, embeddings, weight, labels, *, grad_seed=0, **kwargs):
     """Runs loss_fn on fresh leaf copies of embeddings and weight and back-propagates: 1 for a
     scalar loss, a fixed uneven weight per row for reduction="none" (so that per-row scaling is

@@ -20,7 +20,7 @@ import emulator
 from arcface_ext import reference
 from conftest import (MARGINS, NON_FINITE_CASES, TOLERANCES, assert_close_report, assert_matches_reference,
                       assert_non_finite_where_expected, load_benchmark, loss_and_grads, margin_kwargs,
-                      put_non_finite)
+                      put_non_finite, random_inputs)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not arcface_ext.extension_available(), reason="arcface_ext._C is not built")]
@@ -38,12 +38,7 @@ GEMM_OPERAND_ROUNDINGS = 2
 def make_inputs(n, dim, num_classes, *, seed, dtype=torch.float32, ignored=()):
     """Embeddings, class centres and labels on the GPU; drawn in fp64 on the CPU, so every dtype
     and every device sees the same values (rounded once to `dtype`)."""
-    generator = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(n, dim, generator=generator, dtype=torch.float64)
-    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
-    labels = torch.randint(0, num_classes, (n,), generator=generator)
-    labels[list(ignored)] = -1
-    return embeddings.to(DEVICE, dtype), weight.to(DEVICE, dtype), labels.to(DEVICE)
+    return random_inputs(n, dim, num_classes, seed=seed, dtype=dtype, ignored=ignored, device=DEVICE)
 
 
 def upstream_gradient(n, *, seed, dtype=torch.float32):

@@ -15,7 +15,7 @@ import arcface_ext
 from arcface_ext import reference
 from conftest import (MARGINS, NON_FINITE_CASES, assert_close_report, assert_matches_reference,
                       assert_non_finite_where_expected, load_benchmark, loss_and_grads, margin_kwargs,
-                      put_non_finite)
+                      put_non_finite, random_inputs)
 
 pytestmark = pytest.mark.skipif(not arcface_ext.extension_available(),
                                 reason="arcface_ext._C is not built")
@@ -24,12 +24,7 @@ OUTPUTS = ("loss", "target_cosine", "grad_embeddings", "grad_weight")
 
 
 def make_inputs(n, dim, num_classes, *, seed, dtype=torch.float64, ignored=()):
-    generator = torch.Generator().manual_seed(seed)
-    embeddings = torch.randn(n, dim, generator=generator, dtype=torch.float64)
-    weight = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
-    labels = torch.randint(0, num_classes, (n,), generator=generator)
-    labels[list(ignored)] = -1
-    return embeddings.to(dtype), weight.to(dtype), labels
+    return random_inputs(n, dim, num_classes, seed=seed, dtype=dtype, ignored=ignored)
 
 
 def run_both(embeddings, weight, labels, **kwargs):

@@ -12,7 +12,7 @@ import torch
 import arcface_ext
 from arcface_ext import _checks, chunked, functional, ops, reference
 from conftest import (MARGINS, TOLERANCES, assert_close_report, assert_matches_reference, largest_tensor_made,
-                      load_benchmark, loss_and_grads, margin_kwargs)
+                      load_benchmark, loss_and_grads, margin_kwargs, random_inputs)
 
 OUTPUTS = ("loss", "target_cosine", "grad_embeddings", "grad_weight")
 WARNING = "arcface_ext: the fused op has no cpu kernel"
@@ -48,12 +48,7 @@ def cpu_without_kernel():
 
 
 def make_case(n=37, dim=24, num_classes=301, *, seed, dtype=torch.float64, ignored=(5,)):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
-    w = torch.randn(num_classes, dim, generator=generator, dtype=torch.float64)
-    labels = torch.randint(0, num_classes, (n,), generator=generator)
-    labels[list(ignored)] = -1
-    return x.to(dtype), w.to(dtype), labels
+    return random_inputs(n, dim, num_classes, seed=seed, dtype=dtype, ignored=ignored)
 
 
 def both_routes(loss_fn, *args, path="chunked", **kwargs):
