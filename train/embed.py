@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint
 from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input, unreadable_image
-from .signals import Stopped, run_tool, signals_held, stop_on_signals
+from .signals import Stopped, missing_device_op, run_tool, signals_held, stop_on_signals
 from .tools import check_outputs, left_out_said, listable_name, torch_device
 
 # Cosine similarity above which two faces are called the same when the model carries no
@@ -495,12 +495,19 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
 
 def run_stoppable(main, argv: list[str] | None) -> int:
     """A benchmark's ``main(argv)`` under :func:`stop_on_signals`: Ctrl-C and SIGTERM give one line and
-    exit 130 / 143 (its decoding workers leave them to this process)."""
+    exit 130 / 143 (its decoding workers leave them to this process); an operator torch lacks on mps or
+    xpu one line and exit 2."""
     from .tools import say
 
     try:
         with stop_on_signals():
             return main(argv)
+    except NotImplementedError as error:
+        text = missing_device_op(error)
+        if text is None:
+            raise
+        say(f"error: {text}", file=sys.stderr)
+        return 2
     except Stopped as stop:
         say(f"\nstopped by {stop.name}: " + ("the files written before it are whole" if stop.after_writing else
                                             "nothing written"), file=sys.stderr)

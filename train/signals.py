@@ -6,6 +6,7 @@ outputs were written."""
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -114,6 +115,23 @@ def signals_held(final: bool = True):
                 signal.raise_signal(came[0])  # its default action: the process ends by it
 
 
+_MISSING_OP = re.compile(r"(?:The operator|Could not run) '([^']+)'.*?(?:for the|from the) '?(MPS|XPU)'? (?:device|backend)",
+                         re.DOTALL)
+
+
+def missing_device_op(error: BaseException) -> str | None:
+    """One line for torch's NotImplementedError of an operator that has no kernel on Apple's mps or
+    Intel's xpu (the tools' inference there is plain PyTorch that has not run on either), saying what
+    to do; None for any other NotImplementedError, which stays a bug to see whole."""
+    found = _MISSING_OP.search(str(error))
+    if not isinstance(error, NotImplementedError) or found is None:
+        return None
+    operator, device = found.groups()
+    fallback = (f"start the command again with PYTORCH_ENABLE_{device}_FALLBACK=1 in its environment (torch then runs "
+                f"that operator on the CPU), or ")
+    return f"this torch has no {device} kernel for {operator}: {fallback}use --device cpu"
+
+
 def run_tool(work: Callable[[], int], *, tool: str = "", errors: tuple[type[BaseException], ...] = (OSError, ValueError),
              whole: str = " as the outputs were written: they are whole", said: Callable[[Stopped], str | None] | None = None,
              blank_line: bool = True) -> int:
@@ -121,6 +139,7 @@ def run_tool(work: Callable[[], int], *, tool: str = "", errors: tuple[type[Base
     is a line ``<tool>: error: ...`` and exit status 2; Ctrl-C or SIGTERM a line ``<tool>: stopped by
     SIGINT`` followed by ``whole`` when its outputs were in place (``after_writing``), else ": nothing
     written", or by what ``said(stop)`` gives where that is not None; and exit 128 + the signal's number.
+    An operator torch lacks on mps or xpu is a line and exit status 2 too (:func:`missing_device_op`).
     ``blank_line``: a line break first, ending a line of progress the stop cut."""
     prefix = f"{tool}: " if tool else ""
     try:
@@ -128,6 +147,12 @@ def run_tool(work: Callable[[], int], *, tool: str = "", errors: tuple[type[Base
             return work()
     except errors as error:
         print(f"{prefix}error: {error}", file=sys.stderr)
+        return 2
+    except NotImplementedError as error:
+        text = missing_device_op(error)
+        if text is None:
+            raise
+        print(f"{prefix}error: {text}", file=sys.stderr)
         return 2
     except Stopped as stop:
         text = said(stop) if said is not None else None

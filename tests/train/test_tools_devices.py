@@ -224,3 +224,63 @@ def test_an_onnx_model_on_mps_or_xpu_is_said_to_run_on_the_cpu(tmp_path, capsys)
     open_session(path, torch.device("mps"))
     assert capsys.readouterr().err == (f"note: {path} runs on the CPU: onnxruntime is given the CPU or CUDA only here "
                                        "(what PyTorch computes runs on mps)\n")
+
+
+# torch's two wordings of an operator without a kernel on the device (torch 2.x; the first from MPS's
+# fallback, the second from the dispatcher), as users have reported them
+_NO_ROLL_ON_MPS = ("The operator 'aten::roll' is not currently implemented for the MPS device. If you want this op to "
+                   "be considered for addition please comment on https://github.com/pytorch/pytorch/issues/141287 and "
+                   "mention use-case, that resulted in missing op as well as commit hash. As a temporary fix, you can "
+                   "set the environment variable `PYTORCH_ENABLE_MPS_FALLBACK=1` to use the CPU as a fallback for this "
+                   "op. WARNING: this will be slower than running natively on MPS.")
+_NO_KERNEL_ON_XPU = ("Could not run 'aten::_linalg_eigh.eigenvalues' with arguments from the 'XPU' backend. This could "
+                     "be because the operator doesn't exist for this backend, or was omitted during the selective/custom "
+                     "build process (if using custom build).")
+
+
+@pytest.mark.parametrize("text, line", [
+    (_NO_ROLL_ON_MPS, "this torch has no MPS kernel for aten::roll: start the command again with "
+                      "PYTORCH_ENABLE_MPS_FALLBACK=1 in its environment (torch then runs that operator on the CPU), "
+                      "or use --device cpu"),
+    (_NO_KERNEL_ON_XPU, "this torch has no XPU kernel for aten::_linalg_eigh.eigenvalues: start the command again "
+                        "with PYTORCH_ENABLE_XPU_FALLBACK=1 in its environment (torch then runs that operator on the "
+                        "CPU), or use --device cpu")])
+def test_an_operator_torch_lacks_on_the_device_is_one_line(tmp_path, capsys, monkeypatch, text, line):
+    # a tool's inference on mps/xpu meets an operator torch has no kernel for there: one line and exit 2, as
+    # any bad input, where it was torch's traceback
+    from train.embed import run_stoppable
+    from train.signals import run_tool
+    from train.tools import search
+
+    def lacking(*args):
+        raise NotImplementedError(text)
+
+    assert run_tool(lacking, tool="search") == 2
+    assert capsys.readouterr().err == f"search: error: {line}\n"
+    monkeypatch.setattr(search, "run", lacking)  # through a tool's main, past its argument checks
+    assert search.main(["--model", "m.pt", "--gallery", "g", "--probes", "p", "--output", "out.csv"]) == 2
+    assert capsys.readouterr().err == f"search: error: {line}\n"
+    assert run_stoppable(lacking, []) == 2  # ijb's and tinyface's
+    assert capsys.readouterr().err == f"error: {line}\n"
+    from train.tools import clean
+    monkeypatch.setattr(clean, "run", lacking)
+    assert clean.main(["--model", "m.pt", "--data", "d", "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"clean: error: {line}\n"
+
+
+def test_another_not_implemented_error_stays_a_traceback(tmp_path, monkeypatch):
+    # a NotImplementedError of the project's own (an abstract method) is a bug, shown whole
+    from train.embed import run_stoppable
+    from train.signals import run_tool
+
+    def abstract(*args):
+        raise NotImplementedError
+
+    with pytest.raises(NotImplementedError):
+        run_tool(abstract, tool="search")
+    with pytest.raises(NotImplementedError):
+        run_stoppable(abstract, [])
+    from train.tools import clean
+    monkeypatch.setattr(clean, "run", abstract)
+    with pytest.raises(NotImplementedError):
+        clean.main(["--model", "m.pt", "--data", "d", "--output", str(tmp_path / "out")])

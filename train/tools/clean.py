@@ -62,7 +62,7 @@ from train.data.imagelist import is_image_list
 from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
 from train.embed import backbone_weights_digest, embed_images, load_model
-from train.signals import Stopped, signals_held, stop_on_signals
+from train.signals import Stopped, missing_device_op, signals_held, stop_on_signals
 from train.tools import RunLock, check_outputs, plain_warnings, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
 from train.tools.similarity import connected_components, cosine_blocks
@@ -559,9 +559,12 @@ def _main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             status = run(args)
         return status
-    except (OSError, ValueError, pickle.UnpicklingError) as error:
+    except (OSError, ValueError, pickle.UnpicklingError, NotImplementedError) as error:
+        text = missing_device_op(error) if isinstance(error, NotImplementedError) else str(error)
+        if text is None:
+            raise
         rank = int(os.environ.get("RANK", "0"))
-        print(f"clean: {f'[rank {rank}] ' if rank else ''}error: {error}", file=sys.stderr)
+        print(f"clean: {f'[rank {rank}] ' if rank else ''}error: {text}", file=sys.stderr)
         return 2
     except Stopped as stop:
         if stop.after_writing:
