@@ -569,7 +569,7 @@ def main(argv=None):
             extra = {"sample_rate": args.sample_rate} if impl.endswith("-sampled") else {}
             if impl.startswith("subcenter"):
                 extra["subcenters"] = args.subcenters
-            if args.row_margins:
+            if args.row_margins and impl not in ("floor", "ours-graphed"):  # (neither takes margins)
                 extra["row_margins"] = True
             rows.append(dict(impl=impl, N=n, D=dim, C=num_classes, dtype=dtype_name, **extra,
                              ms=statistics.median(times[impl]), ms_all=[round(t, 4) for t in times[impl]],

@@ -3,6 +3,7 @@ path that combined_margin_loss and the modules take there, the chunked path, per
 No such device here: the tests take "cpu" out of ops.OP_DEVICES, so that CPU tensors take that path, and
 compare it with the op and the fp64 reference."""
 import contextlib
+import json
 import re
 import warnings
 
@@ -474,6 +475,18 @@ def test_the_benchmarks_row_margins_reach_every_loss():
             # (other-device against the op: fp32 rounding apart)
             assert_close_report(a, e, atol=1e-5 * float(e.abs().max()), rtol=1e-4, name=f"{impl} {name}")
             assert not torch.allclose(a, s), f"{impl} {name}: the same as with the scalar margins"
+
+
+def test_the_benchmarks_rows_say_row_margins_only_of_the_impls_that_take_them(tmp_path, capsys):
+    # the floor has no margins: its row was labelled row_margins too
+    bench = load_benchmark("bench_loss")
+    out = tmp_path / "rows.json"
+    bench.main(["--N", "8", "--D", "16", "--C", "50", "--impls", "ours,eager,floor", "--row-margins", "--repeats", "1",
+                "--warmup", "0", "--no-memory", "--out", str(out)])
+    capsys.readouterr()
+    rows = {row["impl"]: row for row in json.loads(out.read_text())}
+    assert rows["ours"]["row_margins"] is True and rows["eager"]["row_margins"] is True
+    assert "row_margins" not in rows["floor"]
 
 
 def test_compile_fullgraph_of_per_row_margins_without_a_kernel():
