@@ -211,10 +211,12 @@ def embed_readable(model: torch.nn.Module, folder: str, paths: list[str], image_
 
 def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str, image_size: int, *,
                        extension: str | None = None, several: bool = False, device="cpu", batch_size: int = 64,
-                       workers: int = 0, norms: list | None = None) -> tuple[list[str], np.ndarray]:
+                       workers: int = 0, norms: list | None = None, aligned_from: list | None = None
+                       ) -> tuple[list[str], np.ndarray]:
     """(names as listed, (N, D) float32 unit-length embeddings) of the faces of ``landmarks_file``
     (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``
     (``several``: an image may be listed again, and its k-th face listed is named ``<name>#<k>``).
+    ``aligned_from`` (a list) gets each face's (image path, (5, 2) landmarks), to align it again.
     Raises ValueError naming the line of landmarks that coincide and FileNotFoundError naming that
     of a missing image, before any embedding; ValueError naming the line of the first face whose
     image cannot be read or whose landmarks lie off it, when it is reached."""
@@ -245,6 +247,8 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
                                 "such file" + (f" ({len(missing)} such lines)" if len(missing) > 1 else ""))
     embeddings = embed_faces(model, folder, names, points, image_size, device=device, batch_size=batch_size,
                              workers=workers, sources=[f"{landmarks_file}: line {n}" for n in line_nos], norms=norms)
+    if aligned_from is not None:
+        aligned_from.extend((os.path.join(folder, name), face) for name, face in zip(names, points))
     if several:
         names = [f"{name}#{number}" for name, number in zip(names, face_numbers(names))]
     return names, embeddings
@@ -312,14 +316,15 @@ def detect_faces(detector, paths: list[str], *, all_faces: bool = False, device=
 
 def embed_detected(model: torch.nn.Module, detector, paths: list[str], names: list[str], image_size: int, *,
                    failures: list[str], where: str, all_faces: bool = False, device="cpu", batch_size: int = 64,
-                   workers: int = 0, norms: list | None = None, scores: list | None = None
-                   ) -> tuple[list[str], np.ndarray]:
+                   workers: int = 0, norms: list | None = None, scores: list | None = None,
+                   aligned_from: list | None = None) -> tuple[list[str], np.ndarray]:
     """(the faces' names, (F, D) float32 unit-length embeddings) of the photos at ``paths`` (``names``: their
     names in a table): the faces :func:`detect_faces` finds with ``detector`` (:func:`open_detector`'s), each
     aligned and embedded as :func:`embed_faces` does; each photo's main face, named as its photo, or with
     ``all_faces`` every face, ``<name>#<k>`` (k from 1, best detection first). A photo without a face, or
     that cannot be read, is left out, said in ``failures``, whose every entry is then warned of. ``norms``
-    and ``scores`` (lists) get each face's feature norm (arrays, a batch each) and detection score.
+    and ``scores`` (lists) get each face's feature norm (arrays, a batch each) and detection score;
+    ``aligned_from`` (a list) each face's (photo path, (5, 2) landmarks), to align it again.
     ValueError naming --detector where no photo has a face (``where`` says which photos: "under
     photos/")."""
     photos, points, numbers, found = detect_faces(detector, paths, all_faces=all_faces, device=device,
@@ -330,24 +335,27 @@ def embed_detected(model: torch.nn.Module, detector, paths: list[str], names: li
         raise ValueError(f"--detector {detector.path} found no face in the {len(paths)} photo(s) {where}")
     embeddings = embed_faces(model, "", [paths[i] for i in photos], points, image_size, device=device,
                              batch_size=batch_size, workers=workers, norms=norms)
+    if aligned_from is not None:
+        aligned_from.extend((paths[i], face) for i, face in zip(photos, points))
     return [names[i] + (f"#{number}" if all_faces else "") for i, number in zip(photos, numbers)], embeddings
 
 
 def embed_folder(model: torch.nn.Module, folder: str, paths: list[str], names: list[str], image_size: int, *,
                  failures: list[str], detector=None, all_faces: bool = False, device="cpu",
-                 batch_size: int = 64, workers: int = 0, norms: list | None = None, scores: list | None = None
-                 ) -> tuple[list[str], np.ndarray]:
+                 batch_size: int = 64, workers: int = 0, norms: list | None = None, scores: list | None = None,
+                 aligned_from: list | None = None) -> tuple[list[str], np.ndarray]:
     """(names, (F, D) float32 unit-length embeddings) of the faces of ``folder``'s images at ``paths``, named
     ``names`` (:func:`folder_images`' lists): each image an aligned face, as :func:`embed_readable` embeds
     it, or with ``detector`` (:func:`open_detector`'s) a photo, whose faces :func:`embed_detected` finds
     (``all_faces``: every face).
     An image left out (unreadable, without a face) has no row, and is said in ``failures`` and warned of.
-    ``norms`` (a list) gets the rows' feature norms, ``scores`` (with ``detector``) their detection scores.
+    ``norms`` (a list) gets the rows' feature norms, ``scores`` and ``aligned_from`` (with ``detector``) their
+    detection scores and (photo path, landmarks).
     ValueError naming --images where no image can be read, --detector where no photo has a face."""
     if detector:
         return embed_detected(model, detector, paths, names, image_size, failures=failures, where=f"under {folder}",
                               all_faces=all_faces, device=device, batch_size=batch_size, workers=workers,
-                              norms=norms, scores=scores)
+                              norms=norms, scores=scores, aligned_from=aligned_from)
     every = [] if norms is not None else None
     embeddings, readable = embed_readable(model, folder, paths, image_size, failures=failures, device=device,
                                           batch_size=batch_size, workers=workers, norms=every)

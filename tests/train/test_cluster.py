@@ -605,3 +605,196 @@ def test_photos_with_a_detector_cluster_as_their_aligned_faces(trained, tmp_path
     with pytest.raises(SystemExit):
         run_cluster("--embeddings", table, "--detector", detector)
     assert "--detector goes with --images" in capsys.readouterr().err
+
+
+def test_the_faces_of_one_photo_are_kept_apart():
+    """Faces of one photo are never one cluster under Chinese whispers (a cannot-link: one person is in a photo
+    once): a photo holding two faces of one person (a face and its portrait on the wall) gives one of them up,
+    a cluster of its own (noise), while every other face keeps its person's cluster; components keep no such
+    constraint. Group photos of different people cluster as their faces alone."""
+    faces, person = people_photos(4, 6)
+    photo_of = np.arange(len(faces))
+    photo_of[[1, 7, 13, 19]] = 100  # a group photo of the 4 people
+    photo_of[[2, 3]] = 101  # the same person twice in one photo
+    assert (cluster.cluster_embeddings(faces, 0.5) == person).all()
+    found = cluster.cluster_embeddings(faces, 0.5, photo_of=photo_of)
+    assert sorted(found[[2, 3]].tolist()) == [-1, found[0]], found
+    others = np.setdiff1d(np.arange(len(faces)), [2, 3])  # (person 0, 5 faces now, the smallest cluster: 3)
+    assert (found[others] == np.array([3, 0, 1, 2])[person[others]]).all(), found
+    assert (cluster.cluster_embeddings(faces, 0.5, method="components", photo_of=photo_of) == person).all()
+    # With their duplicates (every face 3 times, the copies of a photo one photo each): still apart.
+    copies, photo = with_duplicates(faces, np.full(len(faces), 3))
+    copy_of_photo = photo_of[photo] * 3 + np.argsort(np.argsort(photo, kind="stable"), kind="stable") % 3
+    found = cluster.cluster_embeddings(copies, 0.5, photo_of=copy_of_photo)
+    for p in np.unique(copy_of_photo):
+        clustered = found[(copy_of_photo == p) & (found >= 0)]
+        assert len(set(clustered.tolist())) == len(clustered), (p, found)
+    # Each cluster one person: the 4, and the face person 0's gave up, there 3 times, a cluster of its own.
+    pairs = {(c, person[photo[i]]) for i, c in enumerate(found.tolist()) if c >= 0}
+    assert len(pairs) == len({c for c, _ in pairs}) == 5 and (found >= 0).all(), found
+
+
+
+def test_a_table_of_every_face_keeps_its_photos_faces_apart(tmp_path, capsys):
+    """A table of every face of photos (rows <photo>#<k>, as train.embed --detector --all-faces writes it): its
+    faces of one photo are kept apart by Chinese whispers; components put them together, which the summary
+    counts and a note says."""
+    faces, person = people_photos(4, 6)
+    names = [f"p{i:02d}.jpg#1" for i in range(len(faces))]
+    names[3] = "p02.jpg#2"  # (p02.jpg: two faces of person 0)
+    table, out = tmp_path / "faces.npy", tmp_path / "c.csv"
+    write_table(str(table), names, faces.numpy(), about={"faces": "found and aligned by /det.onnx, every face"})
+    assert run_cluster("--embeddings", table, "--threshold", "0.5", "--output", out) == 0
+    err = capsys.readouterr().err
+    assert "cluster: 24 faces of 23 photos: 4 clusters of 2 or more (largest 6, median 6), 1 noise;" in err, err
+    rows = dict(read_rows(out))
+    assert sorted([rows["p02.jpg#1"], rows["p02.jpg#2"]])[0] == -1 and "share their cluster" not in err
+    assert json.loads((tmp_path / "c.json").read_text())["faces_with_a_photo_mate_in_their_cluster"] == 0
+    assert run_cluster("--embeddings", table, "--threshold", "0.5", "--output", out, "--overwrite", "--method",
+                       "components") == 0
+    assert "cluster: note: 2 faces share their cluster with another face of their photo (--method components does " \
+        "not keep them apart; chinese-whispers does)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "c.json").read_text())["faces_with_a_photo_mate_in_their_cluster"] == 2
+
+
+def group_photos(tmp_path, detector_fixtures, groups: dict) -> tuple[dict, dict]:
+    """Photos of several synthetic people each (``groups``: name -> the people in it, left to right), a face a
+    person and photo (a sample of its own); (the 112-pixel faces, "<name>:<i>" -> uint8 array; each face's
+    person, by the same key)."""
+    faces, who = {}, {}
+    seen = {}
+    for name, people in groups.items():
+        shown = []
+        for i, p in enumerate(people):
+            seen[p] = seen.get(p, 0) + 1
+            faces[f"{name}:{i}"] = render_face(0, p, 500 + seen[p], 112)
+            who[f"{name}:{i}"] = p
+            shown.append(faces[f"{name}:{i}"])
+        path = tmp_path / name
+        os.makedirs(path.parent, exist_ok=True)
+        detector_fixtures.photo_of_faces(shown, [(8 * 25 * i, 8 * 20 * i) for i in range(len(people))]).save(path)
+    return faces, who
+
+
+def crop_person(path, faces: dict, who: dict) -> int:
+    """The person of the known face nearest (mean absolute difference) to the crop at ``path``."""
+    crop = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    nearest, second = sorted((np.abs(crop - face).mean(), key) for key, face in faces.items())[:2]
+    assert nearest[0] < second[0] / 3, (path, nearest, second)  # (the face itself, JPEG-encoded)
+    return who[nearest[1]]
+
+
+GROUPS = {"2024/g0.png": (0, 1, 2), "2024/g1.png": (1, 2, 3), "2025/g2.png": (3, 4, 0), "2025/g3.png": (4, 0, 1),
+          "g4.png": (2, 3, 4)}
+
+
+def test_every_face_of_group_photos_is_clustered_with_its_person(trained, tmp_path, capsys):
+    """--all-faces: every face of a photo is a row <photo>#<k>, clustered with its person's faces in the other
+    photos; --tree holds each face's aligned crop (named as align --all-faces names it) in its person's cluster,
+    a group photo's faces in as many clusters; --landmarks (detect --all-faces's file) clusters the same faces
+    as --detector; --all-faces needs one of them, and --copy does not go with a tree of crops."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import detector_fixtures
+    from train.tools import detect
+
+    ckpt, backbone, _ = trained
+    detector = detector_fixtures.face_detector(tmp_path / "det.onnx")
+    photos = tmp_path / "photos"
+    faces, who = group_photos(photos, detector_fixtures, GROUPS)
+    out, tree = tmp_path / "c.csv", tmp_path / "people"
+    assert run_cluster("--model", backbone, "--images", photos, "--detector", detector, "--all-faces", "--output", out,
+                       "--tree", tree) == 0
+    err = capsys.readouterr().err
+    assert "cluster: 15 faces of 5 photos: 5 clusters of 2 or more (largest 3, median 3), 0 noise;" in err, err
+    assert "15 face crops)" in err and "share their cluster" not in err
+    rows = read_rows(out)
+    assert sorted(name for name, _ in rows) == sorted(f"{photo}#{k}" for photo in GROUPS for k in (1, 2, 3))
+    # Each crop in the tree is its face, in its person's cluster: one person a cluster, each in 3 photos.
+    person_of = {}
+    for c in range(5):
+        laid_out = sorted(os.listdir(tree / f"cluster_{c:04d}"))
+        assert len(laid_out) == 3 and len({name.rsplit("_", 1)[0] for name in laid_out}) == 3, laid_out
+        people = {crop_person(tree / f"cluster_{c:04d}" / name, faces, who) for name in laid_out}
+        assert len(people) == 1, (c, laid_out, people)
+        person_of[c] = people.pop()
+    assert sorted(person_of.values()) == list(range(5))
+    for name, c in rows:  # (the table's face k of a photo is its crop <photo>_<k>.jpg)
+        photo, _, k = name.rpartition("#")
+        crop = os.path.splitext(photo)[0].replace("/", "__") + f"_{k}.jpg"
+        assert os.path.isfile(tree / f"cluster_{c:04d}" / crop)
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert (summary["all_faces"], summary["photos"]) == (True, 5)
+    assert summary["faces_with_a_photo_mate_in_their_cluster"] == 0
+    assert summary["tree_files"] == {"hard links": 0, "face crops": 15, "names shortened": 0, "duplicates left out": 0}
+    assert len(scan_image_folder(str(tree))[1]) == 15  # (an ImageFolder for the trainer, clean and pack_rec)
+
+    # The landmarks detect --all-faces writes, given to --landmarks: the same faces, the same clusters.
+    landmarks = tmp_path / "landmarks.txt"
+    assert detect.main(["--detector", detector, "--images", str(photos), "--output", str(landmarks), "--workers", "0",
+                        "--all-faces"]) == 0
+    assert run_cluster("--model", backbone, "--images", photos, "--landmarks", landmarks, "--all-faces", "--output",
+                       tmp_path / "l.csv", "--tree", tmp_path / "l") == 0
+    assert sorted(read_rows(tmp_path / "l.csv")) == sorted(rows)
+    assert {c: sorted(os.listdir(tmp_path / "l" / c)) for c in os.listdir(tmp_path / "l")} \
+        == {c: sorted(os.listdir(tree / c)) for c in os.listdir(tree)}
+    capsys.readouterr()
+
+    for argv, said in [(["--images", photos, "--model", backbone, "--all-faces"],
+                        "--all-faces goes with --landmarks or --detector"),
+                       (["--images", photos, "--model", backbone, "--detector", detector, "--all-faces", "--tree",
+                         tmp_path / "t", "--copy"], "--copy: with --all-faces or --landmarks the tree holds"),
+                       (["--embeddings", tmp_path / "e.npy", "--landmarks", landmarks],
+                        "--landmarks goes with --images")]:
+        with pytest.raises(SystemExit) as stop:
+            run_cluster(*argv, "--output", tmp_path / "x.csv")
+        last = capsys.readouterr().err.splitlines()[-1]  # (argparse's usage, then the error: as search and quality)
+        assert stop.value.code == 2 and last.startswith("python -m train.tools.cluster: error: ") and said in last
+    assert not os.path.exists(tmp_path / "x.csv")
+
+
+def test_copies_of_a_group_photo_and_a_table_of_every_face(trained, tmp_path, capsys):
+    """A group photo there twice more (copies in another folder): each copy's face k duplicates the photo's face k,
+    in its cluster, and the tree holds each face's crop once (--all-duplicates: every copy's); a table of every
+    face train.embed --detector --all-faces wrote clusters as the photos, its faces of one photo kept apart, and
+    --tree refuses it (it keeps no landmarks to crop the faces)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import detector_fixtures
+
+    ckpt, backbone, _ = trained
+    detector = detector_fixtures.face_detector(tmp_path / "det.onnx")
+    photos = tmp_path / "photos"
+    group_photos(photos, detector_fixtures, GROUPS)
+    os.makedirs(photos / "zz")
+    for copy in ("a.png", "b.png"):
+        shutil.copy(photos / "2024" / "g0.png", photos / "zz" / copy)
+    out, tree = tmp_path / "c.csv", tmp_path / "people"
+    assert run_cluster("--model", backbone, "--images", photos, "--detector", detector, "--all-faces", "--output", out,
+                       "--tree", tree) == 0
+    err = capsys.readouterr().err
+    assert "cluster: 21 faces of 7 photos: 5 clusters" in err and "; 6 duplicates of 3 faces" in err, err
+    assert "15 face crops; 6 duplicates left out" in err
+    rows = dict(read_rows(out))
+    assert all(rows[f"zz/{copy}#{k}"] == rows[f"2024/g0.png#{k}"] for copy in ("a.png", "b.png") for k in (1, 2, 3))
+    assert sorted(np.bincount(list(rows.values())).tolist()) == [3, 3, 5, 5, 5]
+    laid_out = {os.path.basename(path) for path, _ in scan_image_folder(str(tree))[1]}
+    assert len(laid_out) == 15 and {"2024__g0_1.jpg", "2024__g0_2.jpg", "2024__g0_3.jpg"} <= laid_out
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert (summary["duplicates"], summary["faces_with_a_photo_mate_in_their_cluster"]) == (6, 0)
+    assert run_cluster("--model", backbone, "--images", photos, "--detector", detector, "--all-faces", "--output", out,
+                       "--tree", tree, "--overwrite", "--all-duplicates") == 0
+    assert len(scan_image_folder(str(tree))[1]) == 21
+    assert "zz__a_2.jpg" in os.listdir(tree / f"cluster_{rows['zz/a.png#2']:04d}")
+
+    table = tmp_path / "faces.npy"
+    assert embed_main(["--model", backbone, "--images", str(photos), "--detector", detector, "--all-faces",
+                       "--output", str(table), "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert run_cluster("--embeddings", table, "--output", tmp_path / "t.csv") == 0
+    assert "cluster: 21 faces of 7 photos: 5 clusters" in capsys.readouterr().err
+    assert dict(read_rows(tmp_path / "t.csv")) == rows
+    assert run_cluster("--embeddings", table, "--output", tmp_path / "u.csv", "--tree", tmp_path / "t") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cluster: error: --tree: the rows of {table} are faces found and aligned by ") \
+        and "the table keeps no landmarks to crop them" in err and err.count("\n") == 1, err
