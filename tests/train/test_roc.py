@@ -271,33 +271,69 @@ def test_genuine_pairs_past_the_cap(cap):
     assert eer["false_rejects"] == int((genuine <= eer["threshold"]).sum())
 
 
+@pytest.mark.parametrize("threshold", ["kept", "tie", 0.25, 2.0])
+def test_each_persons_rejected_pairs_counted_in_a_second_pass(threshold):
+    # One person of 45 faces across the blocks (rows 32, columns 64) among small ones, one of a single face: each
+    # person's genuine pairs at or below the threshold, counted over the same blocks as the pass over every pair,
+    # are those of the pass's cosines (the product of the whole table rounds some otherwise, so a tie would be
+    # lost); at a genuine cosine itself (a tie: rejected), below all and above all.
+    person, unit = people_and_faces(7, [3, 45, 1, 2, 4, 5, 3, 6])
+    exact = roc.score_pairs(unit, person, rows=32, columns=64)
+    threshold = {"kept": float(np.median(exact.genuine)), "tie": float(exact.genuine[17])}.get(threshold, threshold)
+    want = np.bincount(person[exact.genuine_pairs[:, 0]][exact.genuine <= threshold], minlength=8)
+    got = roc.rejected_of_people(unit, person, threshold, rows=32, columns=64, strip=8)
+    assert got.tolist() == want.tolist() and got.dtype == np.int64
+    assert got[2] == 0 and got.sum() == exact.genuine_count - exact.true_accepts(threshold)
+
+
+def test_the_second_pass_makes_the_blocks_of_the_first_that_hold_genuine_pairs():
+    # cosine_blocks' column_ends: of the blocks of every pair, those with a column before a row's person's end, the
+    # same cosines bit for bit (blocks of another shape round some cosines otherwise).
+    from train.tools.similarity import cosine_blocks
+
+    person, unit = people_and_faces(7, [3, 45, 1, 2, 4, 5, 3, 6])
+    end = np.searchsorted(person, person, side="right")
+    every = {(start, first): cosines for start, first, cosines in cosine_blocks(unit, device="cpu", rows=32,
+                                                                                 columns=64)}
+    some = list(cosine_blocks(unit, device="cpu", rows=32, columns=64, column_ends=end))
+    assert [(start, first) for start, first, _ in some] == [(0, 0), (32, 32), (64, 64)] == [
+        (start, first) for start, first in every if first < end[start:start + 32].max()] != list(every)
+    assert all(torch.equal(cosines, every[start, first]) for start, first, cosines in some)
+
+
 def test_the_people_when_the_rejected_pairs_are_not_all_kept(tmp_path, capsys, monkeypatch):
-    # Every genuine pair kept rejected at the operating threshold: each person's rejected pairs are not
-    # known (blank), the people are listed by their lowest genuine pair, and the run says so; the genuine pairs
-    # listed, the counts and each person's lowest pair are those of the run that keeps every one.
+    # Every genuine pair kept rejected at the operating threshold: each person's rejected pairs are counted in a
+    # second pass over the genuine pairs, as every pair's cosines give them at that threshold (they were blank,
+    # the people listed by their lowest genuine pair); the genuine pairs listed, the counts and each person's
+    # lowest pair are those of the run that keeps every one.
     person, unit = people_and_faces(5, [30, 4, 3, 5, 2, 6, 3], spread=2.5)
     table = tmp_path / "people.npy"
     write_table(str(table), [f"p{p}/{k}.jpg" for k, p in enumerate(person)], unit.numpy())
     assert run_roc("--embeddings", table, "--output", tmp_path / "all.csv", "--far", 0.01, "--pairs", 5) == 0
-    capsys.readouterr()
+    assert "second pass" not in capsys.readouterr().err
     monkeypatch.setattr(roc, "LOWEST_GENUINE", 20)
     assert run_roc("--embeddings", table, "--output", tmp_path / "capped.csv", "--far", 0.01, "--pairs", 5) == 0
     err = capsys.readouterr().err
     everything, capped = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("all", "capped"))
-    assert everything["genuine_histogram"]["every_genuine_exact"] and everything["operating_point"][
-        "people_rejected_known"]
+    assert everything["genuine_histogram"]["every_genuine_exact"] and everything["recount_seconds"] is None
     assert capped["genuine_histogram"] == {"bins": roc.BINS, "width": 2 ** -15, "exact_lowest": 20,
                                            "every_genuine_exact": False}
     assert capped["genuine_pairs"] == everything["genuine_pairs"] == 435 + 6 + 3 + 10 + 1 + 15 + 3
-    assert not capped["operating_point"]["people_rejected_known"]
-    # (said the people file "leaves each person's rejected pairs out", as if it dropped pairs)
-    assert "roc: note: the 20 lowest genuine pairs, those kept exactly, are all rejected at FAR 0.01: each person's " \
-        f"count of them is unknown, so {tmp_path / 'capped-people.csv'} leaves its rejected and rejected_share " \
-        "columns blank and lists the people by their lowest genuine pair\n" in err
+    assert capped["operating_point"]["people_rejected_known"] and capped["recount_seconds"] >= 0
+    assert "roc: the 20 lowest genuine pairs, those kept exactly, are all rejected at FAR 0.01: counting each " \
+        "person's rejected pairs in a second pass over the 473 genuine pairs\n" in err
+    assert "each person's count of them is unknown" not in err and "counted in a second pass, " in err
     assert read_csv(tmp_path / "capped-genuine.csv") == read_csv(tmp_path / "all-genuine.csv")
+    # At the capped run's threshold (the upper edge of the exact one's bin), every pair's cosines.
+    genuine, pairs, _ = every_pair(unit, person)
+    threshold = roc.score_pairs(unit, person, keep_genuine=20).rates_at([0.01])[0]["threshold"]
+    assert threshold == roc.bin_edge(roc.bin_of(threshold)) and threshold > everything["threshold_at_far"]["1e-02"]
+    rejected = np.bincount(person[pairs[:, 0]][genuine <= threshold], minlength=7)
     people, known = read_csv(tmp_path / "capped-people.csv"), read_csv(tmp_path / "all-people.csv")
-    assert all(row["rejected"] == row["rejected_share"] == "" for row in people)
-    assert [float(row["lowest_cosine"]) for row in people] == sorted(float(row["lowest_cosine"]) for row in people)
+    assert [(r["person"], r["rejected"], r["rejected_share"]) for r in people] == [
+        (f"p{p}", str(rejected[p]), f"{rejected[p] / int(r['genuine_pairs']):.4f}") for p, r in
+        zip(np.lexsort((np.arange(7), -rejected)), people)]
+    assert sum(int(r["rejected"]) for r in people) == capped["operating_point"]["genuine_rejected"] > 20
     assert sorted((r["person"], r["faces"], r["genuine_pairs"], r["lowest_cosine"], r["lowest_pair_a"],
                    r["lowest_pair_b"]) for r in people) == sorted(
         (r["person"], r["faces"], r["genuine_pairs"], r["lowest_cosine"], r["lowest_pair_a"], r["lowest_pair_b"])

@@ -29,8 +29,8 @@ the pairs that fail: ``roc-impostors.csv`` (the ``--pairs`` highest-scoring impo
 person filed under two names, or one photo under both, flagged ``duplicate`` at cosine 0.99 or more),
 ``roc-genuine.csv`` (the lowest-scoring genuine pairs: a wrong label, a bad crop) and ``roc-people.csv``
 (per person, the lowest genuine pair, and the genuine pairs rejected and the impostor pairs accepted at the
-operating threshold: the rejected ones left blank where every genuine pair kept is rejected, the people then
-listed by their lowest genuine pair, the accepted ones where the threshold lies below the impostors kept).
+operating threshold: the rejected ones counted exactly, in a second pass over the genuine pairs where every
+genuine pair kept is rejected; the accepted ones left blank where the threshold lies below the impostors kept).
 ``--plot roc.png`` draws the curve against a log FAR axis (needs matplotlib).
 """
 
@@ -70,9 +70,14 @@ BINS = 2 * SCALE
 # fewer false accepts than this are exact; 2^20 covers FAR 1e-4 on 100,000 faces (5e9 pairs).
 TOP_IMPOSTORS = 1 << 20
 # The genuine cosines kept exactly, the lowest (12 bytes each, with the pair): the TAR at any threshold below
-# the highest of them is exact, and so are the people's rejected pairs there; 2^20 keeps every genuine pair of
-# 100,000 faces of 10 a person (500,000 pairs), or of one person's 1,448 faces.
+# the highest of them is exact, and so are the people's rejected pairs there (above it, they are counted in a
+# second pass over the genuine pairs); 2^20 keeps every genuine pair of 100,000 faces of 10 a person (500,000
+# pairs), or of one person's 1,448 faces.
 LOWEST_GENUINE = 1 << 20
+# The blocks of cosines, rows x columns (made on the device), taken STRIP rows at a time: the pass over every
+# pair and the second one over the genuine pairs make the same blocks, so the same cosines bit for bit (a
+# matrix product of another shape may round a cosine otherwise).
+BLOCK_ROWS, BLOCK_COLUMNS, STRIP = 2048, 8192, 512
 
 
 def bin_edge(b) -> np.ndarray:
@@ -168,7 +173,7 @@ class PairScores:
 
     def rejected_known(self, threshold: float) -> bool:
         """Whether every genuine pair at or below ``threshold`` is among those kept (each person's
-        rejected pairs are then known)."""
+        rejected pairs are then counted from them, not in :func:`rejected_of_people`'s second pass)."""
         return self.genuine_exact or threshold == -math.inf or bool(
             len(self.genuine) and threshold < self.genuine_sorted[-1])
 
@@ -289,8 +294,8 @@ def _bins(cosines: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
 
 
 def score_pairs(unit: torch.Tensor, person: np.ndarray, *, device="cpu", keep: int = TOP_IMPOSTORS,
-                keep_genuine: int = LOWEST_GENUINE, watch=(), rows: int = 2048, columns: int = 8192,
-                strip: int = 512, log=None) -> PairScores:
+                keep_genuine: int = LOWEST_GENUINE, watch=(), rows: int = BLOCK_ROWS, columns: int = BLOCK_COLUMNS,
+                strip: int = STRIP, log=None) -> PairScores:
     """Every pair (i, j), i < j, of the (N, D) unit embeddings, whose people ``person`` (N,) are sorted
     (non-decreasing), scored by its cosine in blocks of ``rows`` x ``columns`` made on ``device`` and
     taken ``strip`` rows at a time: the impostor pairs (two people) and the genuine pairs (one person)
@@ -336,9 +341,8 @@ def score_pairs(unit: torch.Tensor, person: np.ndarray, *, device="cpu", keep: i
             scratch = [buffer[:h * c].view(h, c) for buffer in (*masks, bins, bins.view(torch.float32))]
             prefix = None
             if end[row + h - 1] > first:  # some rows have pairs left out or genuine here
-                prefix_end = np.clip(end[row:row + h] - first, 0, c)
+                genuine_start, prefix_end = _genuine_columns(end, row, h, first, c)
                 prefix = torch.lt(column_at[:, :c], torch.from_numpy(prefix_end).to(device)[:, None], out=scratch[0])
-                genuine_start = np.clip(np.arange(row, row + h) + 1 - first, 0, c)
                 if np.any(prefix_end > genuine_start):
                     genuine = torch.ge(column_at[:, :c], torch.from_numpy(genuine_start).to(device)[:, None],
                                        out=scratch[1]).logical_and_(prefix)
@@ -372,6 +376,57 @@ def score_pairs(unit: torch.Tensor, person: np.ndarray, *, device="cpu", keep: i
                       top_pairs=top_pairs, at_least=at_least, genuine_count=genuine_count,
                       genuine_counts=genuine_counts.cpu().numpy(), genuine=genuine, genuine_pairs=genuine_pairs,
                       genuine_at_least=genuine_at_least, lowest=lowest, lowest_pairs=lowest_pairs)
+
+
+def _genuine_columns(end: np.ndarray, row: int, h: int, first: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """(h,) each, the columns of rows ``row``, ..., ``row + h - 1`` in a block of ``c`` columns from
+    ``first`` that hold their genuine pairs, from the first to the end (past the last): a row's pairs
+    (i, j), i < j < ``end[i]``, its person's end (its people sorted). The pairs before the end, j <= i
+    as well, are those before the second."""
+    return (np.clip(np.arange(row, row + h) + 1 - first, 0, c), np.clip(end[row:row + h] - first, 0, c))
+
+
+def rejected_of_people(unit: torch.Tensor, person: np.ndarray, threshold: float, *, device="cpu",
+                       rows: int = BLOCK_ROWS, columns: int = BLOCK_COLUMNS, strip: int = STRIP,
+                       log=None) -> np.ndarray:
+    """(person[-1] + 1,) int64: each person's genuine pairs (i, j), i < j, of the (N, D) unit embeddings,
+    whose people ``person`` are sorted, at or below ``threshold`` (those a threshold rejects), counted
+    exactly in a second pass: the blocks :func:`score_pairs` made of the same ``rows``, ``columns`` and
+    ``device`` that hold genuine pairs, the same cosines bit for bit, and of each strip only the columns
+    of its genuine pairs compared. ``log`` (a callable) is told the share of the blocks done every 30 s."""
+    n = len(unit)
+    person = np.asarray(person)
+    rejected = np.zeros(int(person[-1]) + 1 if n else 0, dtype=np.int64)
+    if n < 2:
+        return rejected
+    columns = max(rows, columns)
+    end = np.searchsorted(person, person, side="right")
+    blocks = sum(len(range(start, int(end[min(start + rows, n) - 1]), columns)) for start in range(0, n, rows))
+    column_at = torch.arange(columns, device=device)[None, :]
+    # (made once: made for each strip, they would be freed into the allocator's heap, as score_pairs says)
+    masks = torch.empty(2, min(strip, rows, n) * min(columns, n), dtype=torch.bool, device=device)
+    done, reported = 0, time.monotonic()
+    for start, first, cosines in cosine_blocks(unit, device=device, rows=rows, columns=columns, column_ends=end):
+        done += 1
+        if log is not None and time.monotonic() - reported > 30:
+            reported = time.monotonic()
+            log(f"counted the rejected genuine pairs of {done / blocks:.0%} of the {blocks:,} blocks that hold them")
+        c = cosines.shape[1]
+        for at in range(0, len(cosines), strip):
+            row, h = start + at, min(strip, len(cosines) - at)
+            genuine_start, genuine_end = _genuine_columns(end, row, h, first, c)
+            some = genuine_end > genuine_start
+            if not some.any():
+                continue
+            a, b = int(genuine_start[some].min()), int(genuine_end[some].max())
+            hit, inside = (buffer[:h * (b - a)].view(h, b - a) for buffer in masks)
+            torch.le(cosines[at:at + h, a:b], threshold, out=hit)
+            hit.logical_and_(torch.ge(column_at[:, a:b], torch.from_numpy(genuine_start).to(device)[:, None],
+                                      out=inside))
+            hit.logical_and_(torch.lt(column_at[:, a:b], torch.from_numpy(genuine_end).to(device)[:, None],
+                                      out=inside))
+            np.add.at(rejected, person[row:row + h], torch.count_nonzero(hit, dim=1).cpu().numpy())
+    return rejected
 
 
 def _genuine(part: torch.Tensor, genuine: torch.Tensor, row: int, first: int, low: _Kept, at_least: dict,
@@ -621,8 +676,20 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     operating = at[args.far]
     threshold = operating["threshold"]
     eer = scores.equal_error()
+    recount_seconds = None
+    if scores.rejected_known(threshold):
+        of = sorted_person[scores.genuine_pairs[:, 0]] if len(scores.genuine) else np.empty(0, dtype=np.int64)
+        rejected = np.bincount(of[scores.genuine <= threshold], minlength=len(people))
+    else:  # (every genuine pair kept is rejected: those above them were not kept one by one)
+        print(f"roc: the {len(scores.genuine):,} lowest genuine pairs, those kept exactly, are all rejected at FAR "
+              f"{args.far:g}: counting each person's rejected pairs in a second pass over the "
+              f"{scores.genuine_count:,} genuine pairs", file=sys.stderr, flush=True)
+        recount_started = time.monotonic()
+        rejected = rejected_of_people(unit, sorted_person, threshold, device=device,
+                                      log=lambda message: print(f"roc: {message}", file=sys.stderr, flush=True))
+        recount_seconds = time.monotonic() - recount_started
     genuine_rows, impostor_rows, people_rows = _failing(scores, faces.names, people, sorted_person, threshold,
-                                                        args.pairs)
+                                                        rejected, args.pairs)
     summary = {
         "made_by": "train.tools.roc",
         "images": os.path.abspath(args.images) if args.images else faces.about.get("images"),
@@ -646,11 +713,12 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
             "compare_threshold": cosine_above(threshold), "tar": operating["tar"],
             "false_accepts": operating["false_accepts"],
             "genuine_rejected": scores.genuine_count - operating["true_accepts"],
-            "people_rejected_known": scores.rejected_known(threshold)},
+            "people_rejected_known": True},  # (false once, where they were not counted: for scripts that read it)
         "duplicate_cosine": DEFAULT_DUPLICATE_COSINE,
         "impostor_pairs_at_duplicate_cosine": scores.at_least[DEFAULT_DUPLICATE_COSINE],
         "genuine_pairs_at_duplicate_cosine": scores.genuine_at_least[DEFAULT_DUPLICATE_COSINE],
         "seconds": round(seconds, 3), "pairs_per_second": round(n * (n - 1) / 2 / max(seconds, 1e-9)),
+        "recount_seconds": None if recount_seconds is None else round(recount_seconds, 3),
     }
     if model_cosine is not None:
         # As train.embed --compare decides with it: the same person at or above it.
@@ -730,11 +798,11 @@ def _write_csv(path: str, header: list[str], rows) -> None:
 
 
 def _failing(scores: PairScores, names: list[str], people: list[str], person: np.ndarray, threshold: float,
-             count: int) -> tuple[list, list, list]:
+             rejected: np.ndarray, count: int) -> tuple[list, list, list]:
     """The rows of the failing pairs' tables: the ``count`` lowest genuine pairs, the ``count`` highest
-    impostor pairs (of those kept), and each person's lowest genuine pair, genuine pairs rejected (where
-    every genuine cosine at or below ``threshold`` is kept) and impostor pairs accepted (where the
-    threshold lies among the impostor cosines kept) at ``threshold``."""
+    impostor pairs (of those kept), and each person's lowest genuine pair, genuine pairs rejected
+    (``rejected``, counted at ``threshold``) and impostor pairs accepted (where the threshold lies among
+    the impostor cosines kept) at ``threshold``."""
     lowest = np.argsort(scores.genuine, kind="stable")[:count]
     genuine_rows = [[k + 1, f"{scores.genuine[g]:.6f}", _cell(bool(scores.genuine[g] <= threshold)),
                      people[person[scores.genuine_pairs[g, 0]]], names[scores.genuine_pairs[g, 0]],
@@ -748,10 +816,6 @@ def _failing(scores: PairScores, names: list[str], people: list[str], person: np
                               people[person[b]]])
     faces = np.bincount(person, minlength=len(people))
     pairs = faces * (faces - 1) // 2
-    rejected = None
-    if scores.rejected_known(threshold):
-        of = person[scores.genuine_pairs[:, 0]] if len(scores.genuine) else np.empty(0, dtype=np.int64)
-        rejected = np.bincount(of[scores.genuine <= threshold], minlength=len(people))
     false_accepts = None
     if scores.exact or (len(scores.top) and threshold >= scores.top[-1]):
         accepted = scores.top_pairs[scores.top > threshold]
@@ -762,13 +826,13 @@ def _failing(scores: PairScores, names: list[str], people: list[str], person: np
     lowest_cosine[person[scores.lowest_pairs[found, 0]]] = scores.lowest[found]
     lowest_pairs[person[scores.lowest_pairs[found, 0]]] = scores.lowest_pairs[found]
     people_rows = []
-    # The most rejected first (where not known: the lowest genuine pair), then the most false accepts.
+    # The most rejected first, then the most false accepts.
     ranked = np.lexsort((np.arange(len(people)), -(false_accepts if false_accepts is not None else pairs * 0),
-                         -rejected if rejected is not None else lowest_cosine))
+                         -rejected))
     for p in ranked:
         a, b = lowest_pairs[p]
-        people_rows.append([people[p], int(faces[p]), int(pairs[p]), "" if rejected is None else int(rejected[p]),
-                            f"{rejected[p] / pairs[p]:.4f}" if pairs[p] and rejected is not None else "",
+        people_rows.append([people[p], int(faces[p]), int(pairs[p]), int(rejected[p]),
+                            f"{rejected[p] / pairs[p]:.4f}" if pairs[p] else "",
                             "" if false_accepts is None else int(false_accepts[p]),
                             f"{lowest_cosine[p]:.6f}" if a >= 0 else "", names[a] if a >= 0 else "",
                             names[b] if a >= 0 else ""])
@@ -780,7 +844,10 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731
     say(f"roc: {summary['faces']} faces of {summary['people']} people: {summary['genuine_pairs']:,} genuine pairs, "
         f"{summary['impostor_pairs']:,} impostor pairs ({summary['seconds']:.1f} s, "
-        f"{summary['pairs_per_second']:,} pairs/s); accepted when the cosine is above the threshold:")
+        f"{summary['pairs_per_second']:,} pairs/s"
+        + ("" if summary["recount_seconds"] is None else
+           f"; each person's rejected pairs counted in a second pass, {summary['recount_seconds']:.1f} s")
+        + "); accepted when the cosine is above the threshold:")
     say(format_table(rows))
     if any(r["tar"] is None for r in rows):
         say(f"  (-: FAR below 1/{scores.impostors:,}, less than one false accept among the impostor pairs: not "
@@ -806,10 +873,6 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
             "photo filed twice under one person (saved again, re-encoded)? Each is accepted at any threshold and "
             "raises the TAR above; train.tools.cluster finds such duplicates")
     files = failing_outputs(args.output)
-    if not point["people_rejected_known"]:
-        say(f"roc: note: the {len(scores.genuine):,} lowest genuine pairs, those kept exactly, are all rejected at FAR "
-            f"{args.far:g}: each person's count of them is unknown, so {files['people']} leaves its rejected and "
-            "rejected_share columns blank and lists the people by their lowest genuine pair")
     say(f"roc: at FAR {args.far:g}: threshold cosine {point['threshold']:.6f}"
         + ("" if point["threshold_exact"] else " (a bin edge)")
         + f", TAR {point['tar']:.2%} ({point['genuine_rejected']:,} genuine pairs rejected, "

@@ -12,16 +12,18 @@ import numpy as np
 import torch
 
 
-def cosine_blocks(unit: torch.Tensor, *, device, rows: int = 2048, columns: int = 65536
-                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
+def cosine_blocks(unit: torch.Tensor, *, device, rows: int = 2048, columns: int = 65536,
+                  column_ends: np.ndarray | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(first row, first column, cosines) of the blocks of ``unit @ unit.T`` ((N, D) unit vectors) on
     or right of the diagonal, ``rows`` x ``columns`` at most, made on ``device``: each pair (i, j),
     i < j, lies in one block (a block on the diagonal holds some pairs j <= i too, which the caller
-    masks)."""
+    masks). ``column_ends`` ((N,) ints): only the pairs j < column_ends[i] are wanted, and the blocks
+    right of every one of their rows' are not made; those made are the same blocks, bit for bit."""
     unit = unit.to(device, torch.float32)
     for start in range(0, len(unit), rows):
         block = unit[start:start + rows]
-        for first in range(start, len(unit), columns):
+        last = len(unit) if column_ends is None else int(np.max(column_ends[start:start + rows]))
+        for first in range(start, last, columns):
             yield start, first, block @ unit[first:first + columns].T
 
 
