@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 from typing import TYPE_CHECKING, Any, Callable, Literal, cast, overload
@@ -122,6 +123,37 @@ def no_margin_attribute(hint: str) -> Any:
 
 # (CombinedMarginLoss's, SubCenterMarginLoss's and their sharded forms')
 NO_SINGLE_MARGIN = no_margin_attribute("set m1, m2 or m3, the margins it was built with")
+
+# The combined margin's three, which the modules with their own margin arguments set themselves.
+MARGINS = ("m1", "m2", "m3")
+# Other libraries' names for this package's arguments, for the error that refuses them.
+OTHER_LIBRARIES_NAMES = {
+    "margin": "its margin is m; angular ones in radians, where pytorch-metric-learning's are in degrees",
+    "scale": "the scale is s", "in_features": "the embedding's size is embedding_size",
+    "out_features": "the number of classes is num_classes", "sub_centers": "sub-centres: SubCenterMarginLoss's k",
+}
+
+
+def check_passed_on(module: nn.Module, kwargs: dict[str, Any], sets: tuple[str, ...], instead: str) -> None:
+    """The keyword arguments ``kwargs`` that a loss module passes on to the class it extends, checked: the
+    margins it sets itself (``sets``: ArcFaceLoss's m is its m2) are refused with ``instead``, what to pass
+    (``{base}`` in it: the class they end up in), and names that class does not take are refused naming
+    this module, where Python's errors named the class it extends ("CombinedMarginLoss.__init__() got
+    multiple values for keyword argument 'm2'")."""
+    name = type(module).__name__
+    # The first class up the MRO whose __init__ takes no **kwargs: the one they end up in.
+    base = next(cls for cls in type(module).__mro__ if "__init__" in vars(cls) and not any(
+        p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()))
+    given = [option for option in sets if option in kwargs]
+    if given:
+        raise TypeError(f"{name} sets {', '.join(given)} itself: {instead.format(base=base.__name__)}")
+    taken = [p for p in inspect.signature(base.__init__).parameters
+             if p not in ("self", "num_classes", "embedding_size", "s", *sets) and not p.startswith("_")]
+    for option in kwargs:
+        if option not in taken and not option.startswith("_"):
+            hint = f" ({OTHER_LIBRARIES_NAMES[option]})" if option in OTHER_LIBRARIES_NAMES else ""
+            raise TypeError(f"{name} got an unexpected keyword argument {option!r}{hint}; besides its own, it takes "
+                            f"{base.__name__}'s {', '.join(taken)}")
 
 
 class CombinedMarginLoss(LossModule):
@@ -283,6 +315,8 @@ class ArcFaceLoss(CombinedMarginLoss):
                  easy_margin: bool = False, device: Device = None, dtype: torch.dtype | None = None,
                  **kwargs: Any) -> None:
         easy_margin = check_flag("easy_margin", easy_margin)
+        check_passed_on(self, kwargs, MARGINS, "its margin is m (m2 = m): pass m, or build {base} with m1, m2 and m3 "
+                        "of your own")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, device=device, dtype=dtype, **kwargs)
         if easy_margin and self.interclass_filtering_threshold:
             raise ValueError("interclass_filtering_threshold does not go with ArcFaceLoss's easy_margin")
@@ -307,6 +341,8 @@ class CosFaceLoss(CombinedMarginLoss):
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.35, *,
                  device: Device = None, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        check_passed_on(self, kwargs, MARGINS, "its margin is m (m3 = m): pass m, or build {base} with m1, m2 and m3 "
+                        "of your own")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=m, device=device, dtype=dtype, **kwargs)
 
     m: float = margin_attribute(lambda module: "m3", "The cosine margin m (the option m3); settable between steps.")
@@ -321,6 +357,8 @@ class SphereFaceLoss(CombinedMarginLoss):
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 4, lambda_: float = 0.0, *,
                  device: Device = None, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        check_passed_on(self, kwargs, MARGINS, "its margin is m (m1 = m): pass m, or build {base} with m1, m2 and m3 "
+                        "of your own")
         super().__init__(num_classes, embedding_size, s=s, m1=float(m), m2=0.0, m3=0.0, lambda_=lambda_, device=device,
                          dtype=dtype, **kwargs)
 
@@ -389,6 +427,7 @@ class AdaFaceMargins(LossMixin):
         m = self._checked_m(m)
         h = check_real("AdaFace's h", h, "> 0", lambda v: v > 0)
         t_alpha = check_real("AdaFace's t_alpha", t_alpha, "in (0, 1]", lambda v: 0 < v <= 1)
+        check_passed_on(self, kwargs, MARGINS, "its margins follow m, h and the embeddings' norms: pass m")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, device=device, dtype=dtype, **kwargs)
         self.m, self.h, self.t_alpha = m, h, t_alpha
         # fp32 (fp64 in an fp64 module), as CurricularFace's t.
@@ -490,6 +529,8 @@ class ElasticFaceMargins(LossMixin):
         if m is None:
             m = 0.5 if kind == "arc" else 0.35
         margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)
+        check_passed_on(self, kwargs, MARGINS,
+                        "its margins are drawn around m (m2 for kind 'arc', m3 for 'cos'): pass m")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, **margins, device=device, dtype=dtype, **kwargs)
         self.std, self.kind, self.plus, self.generator = float(std), kind, plus, generator
 
@@ -568,6 +609,7 @@ class MagFaceLoss(CombinedMarginLoss):
         if not (0 < l_a < u_a and 0 <= l_m <= u_m <= math.pi / 2 and lambda_g >= 0):
             raise ValueError(f"MagFace needs 0 < l_a < u_a, 0 <= l_m <= u_m <= pi/2 and lambda_g >= 0, got l_a={l_a}, "
                              f"u_a={u_a}, l_m={l_m}, u_m={u_m}, lambda_g={lambda_g}")
+        check_passed_on(self, kwargs, MARGINS, "its margin follows the embedding's norm from l_m to u_m: pass those")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, device=device, dtype=dtype, **kwargs)
         self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = (float(v) for v in (l_a, u_a, l_m, u_m, lambda_g))
         self.easy_margin = easy_margin
@@ -622,6 +664,7 @@ class CurricularFaceT(LossMixin):
         if (isinstance(momentum, (bool, torch.Tensor)) or not isinstance(momentum, numbers.Real)
                 or not 0 < momentum <= 1):
             raise ValueError(f"momentum must be a number in (0, 1], got {momentum!r}")
+        check_passed_on(self, kwargs, MARGINS, "its margin is m (m2 = m): pass m")
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, device=device, dtype=dtype, **kwargs)
         self.momentum = float(momentum)
         dtype = torch.float64 if dtype == torch.float64 else torch.float32

@@ -920,6 +920,41 @@ def test_modules_check_their_options_when_built(build, pattern):
         build()
 
 
+@pytest.mark.parametrize("build, message", [
+    (lambda: arcface_ext.ArcFaceLoss(10, 8, m2=0.3), "ArcFaceLoss sets m2 itself: its margin is m (m2 = m): pass m, "
+     "or build CombinedMarginLoss with m1, m2 and m3 of your own"),
+    (lambda: arcface_ext.CosFaceLoss(10, 8, m3=0.2), "CosFaceLoss sets m3 itself: its margin is m (m3 = m)"),
+    (lambda: arcface_ext.SphereFaceLoss(10, 8, m1=2), "SphereFaceLoss sets m1 itself: its margin is m (m1 = m)"),
+    (lambda: arcface_ext.AdaFaceLoss(10, 8, m2=0.3), "AdaFaceLoss sets m2 itself: its margins follow m, h"),
+    (lambda: arcface_ext.ElasticFaceLoss(10, 8, m3=0.3), "ElasticFaceLoss sets m3 itself: its margins are drawn"),
+    (lambda: arcface_ext.MagFaceLoss(10, 8, m2=0.3), "MagFaceLoss sets m2 itself: its margin follows the embedding's"),
+    (lambda: arcface_ext.CurricularFaceLoss(10, 8, m1=1.0), "CurricularFaceLoss sets m1 itself: its margin is m"),
+    (lambda: arcface_ext.ShardedAdaFaceLoss(10, 8, m2=0.3), "ShardedAdaFaceLoss sets m2 itself"),
+    (lambda: arcface_ext.ShardedCurricularFaceLoss(10, 8, m2=0.3), "ShardedCurricularFaceLoss sets m2 itself"),
+    (lambda: arcface_ext.ArcFaceLoss(10, 8, margin=28.6), "ArcFaceLoss got an unexpected keyword argument 'margin' "
+     "(its margin is m; angular ones in radians, where pytorch-metric-learning's are in degrees); besides its own, it "
+     "takes CombinedMarginLoss's lambda_, reduction, margin_grad, ignore_index, sample_rate, check_labels, "
+     "use_reference, interclass_filtering_threshold, label_smoothing, device, dtype"),
+    (lambda: arcface_ext.CosFaceLoss(10, 8, scale=30), "CosFaceLoss got an unexpected keyword argument 'scale' (the "
+     "scale is s)"),
+    (lambda: arcface_ext.ShardedElasticFaceLoss(10, 8, label_smoothing=0.1), "ShardedElasticFaceLoss got an "
+     "unexpected keyword argument 'label_smoothing'; besides its own, it takes ShardedCombinedMarginLoss's lambda_, "
+     "reduction, margin_grad, ignore_index, sample_rate, check_labels, interclass_filtering_threshold, "
+     "process_group, device, dtype"),
+], ids=["arc-m2", "cos-m3", "sphere-m1", "adaface", "elastic", "magface", "curricular", "sharded-adaface",
+        "sharded-curricular", "their-margin", "their-scale", "sharded-smoothing"])
+def test_a_module_refuses_options_it_does_not_take_naming_itself(build, message):
+    # A margin the module sets from its own arguments (m2 for ArcFaceLoss's m), or another library's name
+    # for an argument: was Python's "CombinedMarginLoss.__init__() got multiple values for keyword
+    # argument 'm2'" (or "unexpected keyword argument 'margin'"), naming the class the module extends.
+    with pytest.raises(TypeError) as raised:
+        build()
+    assert str(raised.value).startswith(message), str(raised.value)
+    # The options it passes on still reach that class.
+    criterion = arcface_ext.ArcFaceLoss(10, 8, reduction="none", sample_rate=0.5, lambda_=0.0, ignore_index=-100)
+    assert (criterion.reduction, criterion.sample_rate, criterion.ignore_index) == ("none", 0.5, -100)
+
+
 def test_numpy_scalars_are_taken_as_numbers():
     # Hyper-parameters read from a config through numpy (np.float32 is no float subclass, np.int64
     # no int subclass) give the same loss as Python numbers, in the functions and the modules.
