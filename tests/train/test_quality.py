@@ -167,6 +167,28 @@ def test_scores_trees_and_tables(trained, tmp_path, capsys):
     assert err.startswith("quality: error: --embeddings") and "records no norms file" in err and err.count("\n") == 1
 
 
+def test_photos_through_landmarks_say_what_they_took(trained, tmp_path, capsys):
+    # --landmarks: the faces a file lists in photos, said before they are embedded (nothing was said) and in the
+    # summary. (The crops are aligned already: their landmarks are the template's, each aligned face the crop.)
+    from train.ijb import arcface_template
+
+    ckpt, pairs = trained
+    faces = os.path.dirname(pairs)
+    points = " ".join(f"{v:.4f}" for v in arcface_template(IMAGE_SIZE).ravel())
+    names = sorted(os.path.relpath(os.path.join(root, f), faces) for root, _, files in os.walk(faces) for f in files
+                   if f.endswith(".png"))
+    (tmp_path / "landmarks.txt").write_text("".join(f"{name} {points}\n" for name in names))
+    assert run_quality("--model", ckpt, "--images", faces, "--landmarks", tmp_path / "landmarks.txt", "--output",
+                       tmp_path / "q.csv") == 0
+    err = capsys.readouterr().err
+    assert f"quality: embedding the faces {tmp_path / 'landmarks.txt'} lists in the photos under {faces} with {ckpt} " \
+        f"({IMAGE_SIZE}px) on cpu\n" in err
+    assert f"quality: {len(names)} faces: quality (feature norm) median" in err
+    summary = json.loads((tmp_path / "q.json").read_text())
+    assert summary["faces"] == f"aligned from the landmarks in {tmp_path / 'landmarks.txt'}"
+    assert summary["images"] == os.path.abspath(faces) and summary["faces_scored"] == len(names) == 80
+
+
 def test_the_erc_of_a_pairs_list(trained, tmp_path, capsys):
     ckpt, pairs = trained
     faces = os.path.dirname(pairs)

@@ -547,9 +547,15 @@ def test_photos_through_landmarks_and_tables_of_other_models(trained, tmp_path, 
     (tmp_path / "landmarks.txt").write_text("".join(f"{name} {points}\n" for name in names))
     assert run_roc("--model", backbone, "--images", people, "--landmarks", tmp_path / "landmarks.txt", "--output",
                    tmp_path / "a.csv", "--far", 0.05, "--save-embeddings", tmp_path / "a.npy") == 0
+    # What it took, said (it said nothing of the photos before embedding them) and in the summary.
+    assert f"roc: embedding the faces {tmp_path / 'landmarks.txt'} lists in the photos under {people} with " \
+        f"{backbone} ({IMAGE_SIZE}px) on cpu\n" in capsys.readouterr().err
     summary = json.loads((tmp_path / "a.json").read_text())
     assert (summary["faces"], summary["genuine_pairs"]) == (16, 15)
-    assert json.loads((tmp_path / "a.npy.json").read_text())["faces"].startswith("aligned from the landmarks in")
+    landmarks = f"aligned from the landmarks in {tmp_path / 'landmarks.txt'}"
+    assert json.loads((tmp_path / "a.npy.json").read_text())["faces"] == summary["faces_are"] == landmarks
+    assert run_roc("--embeddings", tmp_path / "a.npy", "--output", tmp_path / "c.csv", "--far", 0.05) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["faces_are"] == landmarks
     # Another model's weights: refused. A table of older versions (no digest) of another file: taken, with a note.
     other = tmp_path / "other"
     os.makedirs(other)
@@ -585,10 +591,14 @@ def test_photos_with_a_detector_are_scored_as_their_aligned_faces(trained, tmp_p
                       for sample in range(3)}, IMAGE_SIZE, crops, photos)
     photo_of_faces([], []).save(photos / "person0" / "nobody.png")
     assert run_roc("--model", backbone, "--images", crops, "--output", tmp_path / "crops.csv", "--far", 0.05) == 0
-    capsys.readouterr()
+    assert f"roc: embedding 12 images under {crops} with" in capsys.readouterr().err
+    assert json.loads((tmp_path / "crops.json").read_text())["faces_are"] == "the images as they are"
     assert run_roc("--model", backbone, "--images", photos, "--detector", detector, "--output",
                    tmp_path / "photos.csv", "--far", 0.05) == 1
     err = capsys.readouterr().err
+    assert f"roc: embedding 13 photos under {photos} with" in err  # (said '13 images')
+    assert json.loads((tmp_path / "photos.json").read_text())["faces_are"] == \
+        f"found and aligned by {os.path.abspath(detector)}"
     assert f"warning: {photos / 'person0' / 'nobody.png'}: no face scores 0.5 or more" in err
     assert (tmp_path / "photos.csv").read_text() == (tmp_path / "crops.csv").read_text()
     for kind in ("genuine", "impostors"):

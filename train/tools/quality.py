@@ -338,6 +338,8 @@ def _embed(args, model, settings: dict, device, detector, failures: list[str]
     read, without a face, or whose name cannot be a row, is left out (``failures``)."""
     size, norms = settings["image_size"], []
     if args.landmarks:
+        print(f"quality: embedding the faces {args.landmarks} lists in the photos under {args.images} with "
+              f"{args.model} ({size}px) on {device}", file=sys.stderr, flush=True)
         names, _ = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
                                       several=args.all_faces, device=device, batch_size=args.batch_size,
                                       workers=args.workers, norms=norms)
@@ -442,7 +444,7 @@ def score(args: argparse.Namespace) -> int:
         rule = f"; {int(rejected.sum())} rejected ({how})"
     print(f"quality: {count_of(len(names), 'face')}: quality (feature norm) median {quantiles['0.5']:.4g}, 5% "
           f"{quantiles['0.05']:.4g}, 95% {quantiles['0.95']:.4g} (from {quantiles['0']:.4g} to {quantiles['1']:.4g})"
-          f"{rule}{left_out_said((len(failures), 'photo' if args.detector else 'image'))}"
+          f"{rule}{left_out_said((len(failures), 'photo' if args.landmarks or args.detector else 'image'))}"
           + f"; wrote {args.output}, {summary_path(args.output)}{tree_said}", file=sys.stderr)
     return 1 if failures else 0
 

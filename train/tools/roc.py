@@ -587,7 +587,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"roc: wrote {', '.join(args.written)}", file=sys.stderr)
             faces.about = about
         else:
-            faces.about = {"model": os.path.abspath(model_path), **model_digests(model_path, model)}
+            faces.about = {"model": os.path.abspath(model_path), **model_digests(model_path, model),
+                           "faces": faces_described(args.landmarks, args.detector)}
     try:
         return _verify(args, faces, model_path, settings, device, failures)
     except (OSError, ValueError) as error:
@@ -602,12 +603,14 @@ def _embed(args, model, settings: dict, device, detector, failures: list[str]) -
     opened), embedded as ``train.embed`` embeds them; a face that cannot be read is left out (``failures``)."""
     size = settings["image_size"]
     if args.landmarks:
+        print(f"roc: embedding the faces {args.landmarks} lists in the photos under {args.images} with {args.model} "
+              f"({size}px) on {device}", file=sys.stderr, flush=True)
         names, embeddings = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
                                                device=device, batch_size=args.batch_size, workers=args.workers)
         return Faces(names, embeddings, None)
     paths, names = folder_images(args.images, failures)
-    print(f"roc: embedding {count_of(len(paths), 'image')} under {args.images} with {args.model} ({size}px) on "
-          f"{device}", file=sys.stderr, flush=True)
+    print(f"roc: embedding {count_of(len(paths), 'photo' if detector else 'image')} under {args.images} with "
+          f"{args.model} ({size}px) on {device}", file=sys.stderr, flush=True)
     names, embeddings = embed_folder(model, args.images, paths, names, size, failures=failures, detector=detector,
                                      device=device, batch_size=args.batch_size, workers=args.workers)
     return Faces(names, embeddings, None)
@@ -693,6 +696,8 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     summary = {
         "made_by": "train.tools.roc",
         "images": os.path.abspath(args.images) if args.images else faces.about.get("images"),
+        # (what the rows are: the images as they are, or the faces aligned in photos; a table's .json says it)
+        "faces_are": faces.about.get("faces"),
         "embeddings": os.path.abspath(args.embeddings) if args.embeddings else None,
         "model": os.path.abspath(model_path) if model_path else faces.about.get("model"),
         **{key: faces.about[key] for key in ("model_sha256", "model_weights_sha256") if key in faces.about},
@@ -881,7 +886,7 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
         f"{point['compare_threshold']:.4f} (they accept at or above it); wrote {args.output}, "
         f"{summary_path(args.output)}, {files['impostors']}, {files['genuine']}, {files['people']}"
         + (f", {args.plot}" if drawn else "")
-        + left_out_said((len(failures), "photo" if args.detector else "image")))
+        + left_out_said((len(failures), "photo" if args.landmarks or args.detector else "image")))
 
 
 if __name__ == "__main__":
