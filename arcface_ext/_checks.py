@@ -141,6 +141,17 @@ def check_label_dtype(labels):
         raise TypeError(f"labels must be an integer tensor (int64 class indices), got {labels.dtype}")
 
 
+def raise_bad_label(labels, bad, num_classes, ignore_index, bound="the number of classes in weight", rows=None):
+    """The error for the first row of ``bad`` (a bool mask over ``labels``, with at least one True), in
+    the op's words (csrc/checks.h's raise_bad_label): the row, its label and the range, ``bound`` saying
+    where num_classes comes from. With ``rows``, ``labels`` are every rank's, ``rows`` a rank, and the
+    error names the rank and its own row."""
+    row = int(bad.nonzero()[0, 0])
+    where = f"labels[{row}]" if rows is None else f"rank {row // rows}'s labels[{row % rows}]"
+    raise ValueError(f"arcface_ext: {where} = {int(labels[row])} is out of range: labels must lie in "
+                     f"[0, {num_classes}) ({bound}) or equal ignore_index ({ignore_index})")
+
+
 def check_flag(name, value):
     """A yes/no option: a bool (numpy's too), not a truthy object."""
     if not isinstance(value, bool) and type(value).__name__ != "bool_":

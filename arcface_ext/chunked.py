@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ._checks import (check_arguments, check_flag, check_row_margins_finite, fused_compute_dtype, margins_dtype,
-                      reduce_rows, skips_label_check)
+                      raise_bad_label, reduce_rows, skips_label_check)
 from .reference import NORM_EPS, _TargetLogit, margin_psi, margin_psi_dm2
 
 # Values a block holds: about this many cosines (N x chunk·K) and centre rows' values (chunk·K x D),
@@ -562,7 +562,8 @@ def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k
     if (not skips_label_check(check_flag("check_labels", check_labels), labels) and not torch.compiler.is_compiling()
             and labels.device.type != "meta"):
         if bool(bad.any()):
-            raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+            raise_bad_label(labels, bad, num_classes, ignore_index, "the number of classes in weight" if k == 1 else
+                            f"the number of classes in weight, {k} sub-centres a class")
         check_row_margins_finite(m2, m3)
     counted = (labels != ignore_index) & ~bad
     m2, m3 = (m if isinstance(m, Tensor) else float(m) for m in (m2, m3))

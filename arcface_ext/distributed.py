@@ -34,8 +34,8 @@ from torch.nn.utils import parametrize
 
 from . import chunked, ops
 from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_flag, check_row_margin,
-                      fused_compute_dtype, is_dtensor, nan_at_ignored, scalar_margin, skips_label_check,
-                      stack_row_margins)
+                      fused_compute_dtype, is_dtensor, nan_at_ignored, raise_bad_label, scalar_margin,
+                      skips_label_check, stack_row_margins)
 from .functional import check_device_has_kernel, get_workspace_bytes, require_extension
 from .chunked import check_filtering_threshold
 from .modules import NO_SINGLE_MARGIN, AdaFaceMargins, CurricularFaceT, ElasticFaceMargins, LossModule, set_loss_options
@@ -552,10 +552,7 @@ class ShardedCombinedMarginLoss(LossModule):
             return
         bad = bad_labels(all_labels, self.num_classes, self.ignore_index)
         if bool(bad.any()):
-            k = int(bad.nonzero()[0, 0])
-            raise ValueError(f"arcface_ext: rank {k // rows}'s labels[{k % rows}] = {int(all_labels[k])} is out of "
-                             f"range: labels must lie in [0, {self.num_classes}) (num_classes) or equal ignore_index "
-                             f"({self.ignore_index})")
+            raise_bad_label(all_labels, bad, self.num_classes, self.ignore_index, "num_classes", rows=rows)
 
     def _sample(self, all_labels):
         """This rank's sample of its classes, and the labels renumbered for the union of the ranks'

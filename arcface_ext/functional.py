@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import chunked, ops
 from ._checks import (check_arguments, check_flag, check_row_margins_finite, fused_compute_dtype, nan_at_ignored,
-                      scalar_margin, skips_label_check, stack_row_margins)
+                      raise_bad_label, scalar_margin, skips_label_check, stack_row_margins)
 
 # 128 MiB: on the H200 (session 8's sweep, benchmarks/NOTES.md) twice 64 MiB's chunk width took a
 # forward + backward at C = 1M from 12.3 to 11.2 ms and at C = 100k from 2.2 to 1.8 ms. The peak
@@ -194,10 +194,7 @@ def _without_kernel(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
         # The op's checks and messages (a device sync, as on CUDA); the path below then checks nothing more.
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"arcface_ext: labels[{row}] = {int(labels[row])} is out of range: labels must lie in "
-                             f"[0, {weight.shape[0]}) (the number of classes in weight) or equal ignore_index "
-                             f"({ignore_index})")
+            raise_bad_label(labels, bad, weight.shape[0], ignore_index)
         check_row_margins_finite(m2, m3)
     # (It reads autocast and 16-bit inputs itself: 16-bit operands for its products, fp32 for the rest.)
     return chunked.chunked_margin_loss(embeddings, weight, labels, s=s, m1=m1, m2=m2, m3=m3, lambda_=lambda_,

@@ -132,7 +132,7 @@ def combined_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, 
     num_classes = w.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if check_labels and not torch.compiler.is_compiling() and bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+        _checks.raise_bad_label(labels, bad, num_classes, ignore_index)
     # Unchecked (check_labels=False), a bad row is not counted: it gets a NaN loss and no gradient.
     counted = (labels != ignore_index) & ~bad
 
@@ -200,7 +200,7 @@ def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k
     num_classes = weight.shape[0] // k
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if check_labels and not torch.compiler.is_compiling() and bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index})")
+        _checks.raise_bad_label(labels, bad, num_classes, ignore_index)
     counted = (labels != ignore_index) & ~bad
     with torch.autocast(embeddings.device.type, enabled=False):
         x = embeddings.to(dtype)

@@ -14,7 +14,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from ._checks import check_label_dtype
+from ._checks import check_label_dtype, raise_bad_label
 
 
 def check_sample_rate(sample_rate: float) -> float:
@@ -44,11 +44,9 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> N
     check them."""
     if labels.device.type == "meta":  # shapes only (a model traced or sized on the meta device)
         return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    bad = bad_labels(labels, num_classes, ignore_index)
     if bool(bad.any()):
-        value = int(labels[bad][0])
-        raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index ({ignore_index}); "
-                         f"got {value}")
+        raise_bad_label(labels, bad, num_classes, ignore_index, "num_classes")
 
 
 @torch.no_grad()

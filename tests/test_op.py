@@ -920,6 +920,35 @@ def test_modules_check_their_options_when_built(build, pattern):
         build()
 
 
+BAD_LABEL_CALLS = {
+    "op": lambda x, w, labels: arcface_ext.combined_margin_loss(x, w, labels),
+    "reference": lambda x, w, labels: reference.combined_margin_loss(x, w, labels),
+    "chunked": lambda x, w, labels: arcface_ext.chunked_margin_loss(x, w, labels),
+    "reference-chunked": lambda x, w, labels: reference.chunked_margin_loss(x, w, labels),
+    "filtering": lambda x, w, labels: arcface_ext.ArcFaceLoss(10, 8, interclass_filtering_threshold=0.4)(x, labels),
+    "curricular": lambda x, w, labels: arcface_ext.CurricularFaceLoss(10, 8)(x, labels),
+    "use-reference": lambda x, w, labels: arcface_ext.CosFaceLoss(10, 8, use_reference=True)(x, labels),
+    "subcenter": lambda x, w, labels: arcface_ext.SubCenterMarginLoss(10, 8, k=2)(x, labels),
+    "reference-subcenter": lambda x, w, labels: reference.subcenter_margin_loss(x, w.repeat(2, 1), labels, k=2),
+    "sampled": lambda x, w, labels: arcface_ext.ArcFaceLoss(10, 8, sample_rate=0.5)(x, labels),
+}
+BAD_LABEL_BOUNDS = {"subcenter": "the number of classes in weight, 2 sub-centres a class", "sampled": "num_classes"}
+
+
+@pytest.mark.parametrize("path", BAD_LABEL_CALLS)
+def test_a_bad_label_is_named_alike_on_every_path(path):
+    # The op named the row and its label; the chunked path, the reference and partial FC's sampling said
+    # only "labels must lie in [0, 10) or equal ignore_index (-1)" (sampling: "; got 10"), leaving a user
+    # to search a batch for the row.
+    x, w = torch.randn(6, 8), torch.randn(10, 8)
+    labels = torch.tensor([0, 9, -1, 10, 3, 11])
+    bound = BAD_LABEL_BOUNDS.get(path, "the number of classes in weight")
+    with pytest.raises(ValueError) as raised:
+        BAD_LABEL_CALLS[path](x, w, labels)
+    assert str(raised.value) == (f"arcface_ext: labels[3] = 10 is out of range: labels must lie in [0, 10) ({bound}) "
+                                 "or equal ignore_index (-1)")
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: arcface_ext.ArcFaceLoss(10, 8, m2=0.3), "ArcFaceLoss sets m2 itself: its margin is m (m2 = m): pass m, "
      "or build CombinedMarginLoss with m1, m2 and m3 of your own"),
