@@ -365,7 +365,7 @@ def test_the_trainers_options_table_gives_the_parsers_defaults():
 def test_every_option_the_readme_writes_is_one_of_its_commands(monkeypatch):
     """An option in the text (`--skip-existing`, `--resume`), not only in a command line, is taken by one of
     the commands the README runs: none is renamed or gone. pip's, torchrun's and mypy's own are listed here."""
-    known = {"--no-build-isolation", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_endpoint",
+    known = {"--no-build-isolation", "--config-settings", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_endpoint",
              "--shutdown-timeout", "--strict"}
     for target in sorted({target for target, _, _ in COMMANDS}):
         for parser in command_parsers(target, monkeypatch):
