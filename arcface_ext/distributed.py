@@ -391,9 +391,12 @@ class ShardedCombinedMarginLoss(LossModule):
             whole = self.num_classes * self.k
             own = "" if self.world_size == 1 else (f" nor this rank's {self.weight.shape[0]} (classes "
                                                    f"[{self.class_start}, {self.class_stop}))")
+            # (D, C): another library's layout (pytorch-metric-learning's W), whose transpose is the centres.
+            turned = ("; it is (D, C), the centres as columns (pytorch-metric-learning's W): load its transpose, .t()"
+                      if tuple(weight.shape) == (self.embedding_size, whole) else "")
             error_msgs.append(f"{weight_key} has {weight.shape[0]} rows: not the whole centres' {whole} "
                               f"({self.num_classes} classes{'' if self.k == 1 else f', {self.k} sub-centres a class'})"
-                              f"{own}")
+                              f"{own}{turned}")
             return
         state_dict[extra_key] = self.get_extra_state()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -574,6 +574,22 @@ def test_a_checkpoint_of_another_number_of_classes_is_refused_by_name(saved, k):
     assert torch.equal(module.weight, before)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_their_centres_as_columns_are_told_to_be_transposed(k):
+    # pytorch-metric-learning's W is (D, C·k): loaded without the README's .t(), a sharded loss said only
+    # "weight has 4 rows: not the whole centres' 11 (11 classes)", its columns unsaid.
+    cls = arcface_ext.ShardedCombinedMarginLoss if k == 1 else arcface_ext.ShardedSubCenterMarginLoss
+    module = cls(11, 4, **({} if k == 1 else {"k": k}))
+    their_w = torch.randn(4, 11 * k)
+    with pytest.raises(RuntimeError) as raised:
+        module.load_state_dict({"weight": their_w})
+    assert str(raised.value).endswith(
+        f"weight has 4 rows: not the whole centres' {11 * k} (11 classes{'' if k == 1 else ', 3 sub-centres a class'}); "
+        "it is (D, C), the centres as columns (pytorch-metric-learning's W): load its transpose, .t()")
+    module.load_state_dict({"weight": their_w.t()})
+    assert torch.equal(module.weight, their_w.t())
+
+
 # ---- one checkpoint for any number of ranks: full_state_dict, shard_optimizer_state ------------------
 
 class _TwoHeads(torch.nn.Module):
