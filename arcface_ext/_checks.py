@@ -152,6 +152,15 @@ def raise_bad_label(labels, bad, num_classes, ignore_index, bound="the number of
                      f"[0, {num_classes}) ({bound}) or equal ignore_index ({ignore_index})")
 
 
+def check_centres_dtype(dtype):
+    """A loss module's ``dtype`` argument, its class centres': None (torch's default) or a floating dtype the op
+    takes, named when not (torch.empty's own error for an int64 parameter did not name the argument)."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype (the class centres') must be torch.float16, torch.bfloat16, torch.float32 or "
+                        f"torch.float64, got {dtype!r}")
+    return dtype
+
+
 def check_flag(name, value):
     """A yes/no option: a bool (numpy's too), not a truthy object."""
     if not isinstance(value, bool) and type(value).__name__ != "bool_":

@@ -33,7 +33,7 @@ from torch.types import Device
 from torch.nn.utils import parametrize
 
 from . import chunked, ops
-from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_flag, check_row_margin,
+from ._checks import (FLOAT_DTYPES, MARGIN_GRADS, check_arguments, check_centres_dtype, check_flag, check_row_margin,
                       fused_compute_dtype, is_dtensor, nan_at_ignored, raise_bad_label, scalar_margin,
                       skips_label_check, stack_row_margins)
 from .functional import check_device_has_kernel, get_workspace_bytes, require_extension
@@ -276,7 +276,7 @@ class ShardedCombinedMarginLoss(LossModule):
         self.rank, self.world_size = _group_info(process_group)
         self.class_start, self.class_stop = class_shard(num_classes, self.rank, self.world_size)
         self.weight = nn.Parameter(torch.empty((self.class_stop - self.class_start) * self.k, embedding_size,
-                                               device=device, dtype=dtype))
+                                               device=device, dtype=check_centres_dtype(dtype)))
         # DistributedDataParallel's broadcast of rank 0's parameters would overwrite the other shards.
         self._ddp_params_and_buffers_to_ignore = ["weight"]
         self.reset_parameters()

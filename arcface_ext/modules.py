@@ -202,7 +202,8 @@ class CombinedMarginLoss(LossModule):
         if self.label_smoothing and (self.interclass_filtering_threshold or self.curricular):
             raise ValueError("label_smoothing does not go with "
                              f"{'CurricularFace' if self.curricular else 'interclass_filtering_threshold'}")
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device,
+                                               dtype=_checks.check_centres_dtype(dtype)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

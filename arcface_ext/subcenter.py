@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.types import Device
 
-from ._checks import check_arguments, check_flag, check_options, skips_label_check
+from ._checks import check_arguments, check_centres_dtype, check_flag, check_options, skips_label_check
 from . import reference
 from .chunked import check_filtering_threshold, check_int_option, chunked_margin_loss
 from .modules import NO_SINGLE_MARGIN, LossModule
@@ -104,7 +104,7 @@ class SubCenterMarginLoss(LossModule):
         self.last_sampled_classes = None
         self.use_reference = check_flag("use_reference", use_reference)
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.k, self.embedding_size, device=device,
-                                               dtype=dtype))
+                                               dtype=check_centres_dtype(dtype)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

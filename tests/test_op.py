@@ -920,6 +920,19 @@ def test_modules_check_their_options_when_built(build, pattern):
         build()
 
 
+@pytest.mark.parametrize("build", [arcface_ext.ArcFaceLoss, arcface_ext.AdaFaceLoss, arcface_ext.SubCenterMarginLoss,
+                                   arcface_ext.ShardedCombinedMarginLoss], ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, "float32"], ids=str)
+def test_a_module_of_centres_in_another_dtype_is_refused_naming_dtype(build, dtype):
+    # Was torch's "Only Tensors of floating point and complex dtype can require gradients" (int64), torch.empty's
+    # "received an invalid combination of arguments" (a string), or, complex, a module the first call refused.
+    with pytest.raises(TypeError) as raised:
+        build(10, 8, dtype=dtype)
+    assert str(raised.value) == ("dtype (the class centres') must be torch.float16, torch.bfloat16, torch.float32 or "
+                                 f"torch.float64, got {dtype!r}")
+    assert build(10, 8, dtype=torch.bfloat16).weight.dtype == torch.bfloat16
+
+
 BAD_LABEL_CALLS = {
     "op": lambda x, w, labels: arcface_ext.combined_margin_loss(x, w, labels),
     "reference": lambda x, w, labels: reference.combined_margin_loss(x, w, labels),
