@@ -6,6 +6,8 @@ on the emulator with ARCFACE_EXT_EMULATE_CUDA=1 (CI does both).
 The emulator builds the .cu file with the host compiler (about 20 s, cached in build/cuda_emulator)."""
 import platform
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -340,6 +342,54 @@ def test_every_launch_of_the_kernel_source_is_rewritten():
     text, launches = build.rewrite(source)
     assert launches == source.count("<<<") > 0
     assert "<<<" not in text and ">>>" not in text
+
+
+def test_pointer_casts_are_rewritten_to_checked_ones():
+    source = """
+*reinterpret_cast<uint4*>(grad_block + i * ld + j) = *reinterpret_cast<const uint4*>(staged + r * kPitch);
+*reinterpret_cast<ValuePair<at::BFloat16>*>(out + 8 * ni) = pair;
+const auto address = reinterpret_cast<uintptr_t>(x.data_ptr());
+"""
+    text = build.rewrite_pointer_casts(source)
+    assert ("*::emu::aligned_cast<uint4*>(grad_block + i * ld + j) = "
+            "*::emu::aligned_cast<const uint4*>(staged + r * kPitch);") in text
+    assert "*::emu::aligned_cast<ValuePair<at::BFloat16>*>(out + 8 * ni) = pair;" in text
+    assert "reinterpret_cast<uintptr_t>(x.data_ptr())" in text  # not a pointer: left alone
+
+
+@pytest.fixture(scope="module")
+def runtime_checks(tmp_path_factory):
+    """tests/emulator/runtime_checks.cpp built against runtime.h: runs one of its kernels, returning
+    what it printed (the emulator's error, or "ok")."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    binary = tmp_path_factory.mktemp("runtime_checks") / "runtime_checks"
+    subprocess.run([compiler, "-std=c++17", "-O1", f"-I{build.HERE}", str(build.HERE / "runtime_checks.cpp"),
+                    "-o", str(binary)], check=True, capture_output=True)
+
+    def run(case):
+        return subprocess.run([str(binary), case], capture_output=True, text=True, timeout=60).stdout.strip()
+    return run
+
+
+@pytest.mark.parametrize("case, error", [
+    # A GPU may hang, or count the returned threads as arrived: CUDA leaves it undefined.
+    ("barrier_after_an_early_return", "a barrier not every thread reaches"),
+    # 'misaligned address' on a GPU; x86 reads across it.
+    ("misaligned_vector_load", "which is not 16-byte aligned"),
+    # Dynamic shared memory starts after the static arrays (at 6784 here, as in the fused forward), not
+    # at a swizzle atom: a descriptor of the unrounded address multiplies misplaced rows on a GPU.
+    ("wgmma_unrounded", "start address 6784 is not in a swizzle atom's first row"),
+    ("aligned_vector_load", None),
+    ("wgmma_rounded", None),
+])
+def test_the_runtime_refuses_what_a_gpu_faults_on(runtime_checks, case, error):
+    printed = runtime_checks(case)
+    if error is None:
+        assert printed == "ok"
+    else:
+        assert error in printed, printed
 
 
 @pytest.mark.parametrize("workspace_bytes, sm_count, num_classes",

@@ -37,6 +37,8 @@ HEADERS = sorted([*(ROOT / "csrc").glob("*.h"), *(ROOT / "csrc" / "cuda").glob("
 LAUNCH = re.compile(r"<<<(.*?)>>>\s*\(", re.S)
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
 STATIC_SHARED = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)((?:\[[^\]]+\])+);")
+# reinterpret_cast<T*>( with T possibly a template (`ValuePair<at::BFloat16>`).
+POINTER_CAST = re.compile(r"reinterpret_cast<((?:[^<>;()]|<[^<>;()]*>)*\*)\s*>\s*\(")
 REGISTRATION = "TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m)"
 
 # mm with fp32 output for 16-bit operands (what the cuBLAS path asks of at::mm_out) has no CPU
@@ -103,6 +105,12 @@ def rewrite_shared_arrays(text):
     return text
 
 
+def rewrite_pointer_casts(text):
+    """`reinterpret_cast<T*>(p)` -> `::emu::aligned_cast<T*>(p)`, which checks that p is aligned for T
+    (a vector load or store through a misaligned pointer faults on a GPU)."""
+    return POINTER_CAST.sub(r"::emu::aligned_cast<\1>(", text)
+
+
 def rewrite(source):
     """The kernel source as the emulator compiles it (see the module docstring)."""
     out, position, launches = [], 0, 0
@@ -125,7 +133,7 @@ def rewrite(source):
     text, shared = DYNAMIC_SHARED.subn(r"\1* \2 = ::emu::dynamic_shared<\1>();", text)
     if shared == 0:
         raise RuntimeError("no dynamic shared memory declaration found")
-    text = rewrite_shared_arrays(text)
+    text = rewrite_pointer_casts(rewrite_shared_arrays(text))
     if text.count(REGISTRATION) != 1:
         raise RuntimeError("expected one CUDA registration block")
     text = text.replace(REGISTRATION, "TORCH_LIBRARY(arcface_ext_emulated, m)")
@@ -170,7 +178,7 @@ def load(verbose=False):
         # rewritten, beside the generated source: a quoted include finds them there first.
         for header in sorted((ROOT / "csrc" / "cuda").glob("*.cuh")):
             write_if_changed(build_dir / header.name,
-                             f'#line 1 "{header}"\n' + rewrite_shared_arrays(header.read_text()))
+                             f'#line 1 "{header}"\n' + rewrite_pointer_casts(rewrite_shared_arrays(header.read_text())))
         write_if_changed(build_dir / "margin_softmax_kernel_emulated.cpp", generated_source())
         source = build_dir / "margin_softmax_kernel_emulated.cpp"
         sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []

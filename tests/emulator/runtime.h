@@ -2,16 +2,20 @@
 // pipelines, warp-level fragment layouts, reductions) runs in CI without a GPU.
 //
 // Every CUDA thread of a block is a fiber on one OS thread; the blocks of a grid run one after
-// another. A fiber runs until it meets a barrier: __syncthreads (all live threads of the block), or
+// another. A fiber runs until it meets a barrier: __syncthreads (all threads of the block), or
 // a warp collective (__shfl_xor_sync, ldmatrix, mma: all 32 lanes of its warp), which deposits the
 // lane's operands, waits for the warp, and computes the lane's result from every lane's operands as
 // the PTX ISA defines it. Nothing here is timed or parallel: it checks results, not speed.
 //
 // What it checks on the way:
 // - barriers not every thread reaches: a deadlock is reported with where each thread waits, and
-//   threads meeting at __syncthreads calls on different source lines are an error;
+//   threads meeting at __syncthreads calls on different source lines, or a __syncthreads that
+//   threads of the block returned before (or while others wait at it), are an error;
 // - warp collectives with other than a full mask, or lanes meeting at different collectives;
-// - 16-byte alignment and bounds of every cp.async / ldmatrix address in dynamic shared memory;
+// - 16-byte alignment and bounds of every cp.async / ldmatrix address in dynamic shared memory, which
+//   starts at a shared address that is 16-byte aligned and no more, as on a GPU (dynamic_smem_base);
+// - the alignment of every load or store through a reinterpret_cast pointer (build.py makes each an
+//   aligned_cast): a uint4 vector at a 16-byte boundary, a pair of 16-bit values at a 4-byte one;
 // - launches beyond the grid and block limits, or over 48 KiB of dynamic shared memory without the
 //   opt-in attribute; cp.async copies still pending when a thread exits; __trap;
 // - races in shared memory (see Access below), out-of-range indices of static shared arrays, reads
@@ -111,6 +115,25 @@ struct cudaFuncAttributes {
 namespace emu {
 
 [[noreturn]] inline void fail(const std::string& message) { throw std::runtime_error("CUDA emulator: " + message); }
+
+// build.py rewrites every reinterpret_cast to a pointer type in the CUDA sources to this: the vector
+// loads and stores through such casts (uint4, a pair of 16-bit values as one 32-bit word) need an
+// address aligned to their size on a GPU, which raises 'misaligned address' and loses the context
+// otherwise, where x86 would quietly read or write across it.
+template <typename To, typename From>
+To aligned_cast(From from) {
+  if constexpr (std::is_pointer<To>::value && std::is_pointer<From>::value) {
+    using Target = std::remove_cv_t<std::remove_pointer_t<To>>;
+    if constexpr (!std::is_void<Target>::value && !std::is_function<Target>::value) {
+      const auto address = reinterpret_cast<uintptr_t>(from);
+      if (address % alignof(Target) != 0)
+        fail("a " + std::to_string(sizeof(Target)) + "-byte access through a pointer cast at address " +
+             std::to_string(address) + ", which is not " + std::to_string(alignof(Target)) +
+             "-byte aligned (a GPU raises 'misaligned address')");
+    }
+  }
+  return reinterpret_cast<To>(from);
+}
 
 constexpr int kWarp = 32;
 constexpr size_t kDefaultDynamicSmemLimit = 48 * 1024;
@@ -253,6 +276,7 @@ struct Launch {
   uint3 block_idx{0, 0, 0};
   size_t smem_bytes = 0;
   unsigned char* smem = nullptr;
+  uint32_t smem_base = 0;  // the shared-window address of smem[0] (see dynamic_smem_base)
   std::vector<Thread> threads;
   std::vector<Warp> warps;
   std::vector<Warpgroup> warpgroups;
@@ -392,8 +416,9 @@ inline void record_write(Access& a, const char* name, int64_t index) {
 }
 
 inline void land(Launch& l, const PendingCopy& copy) {
+  const uint32_t offset = copy.dst - l.smem_base;
   if (racecheck()) {
-    Access& a = l.smem_shadow[copy.dst / 16];
+    Access& a = l.smem_shadow[offset / 16];
     --a.in_flight;
     const int thread = l.current->linear;
     if (a.read_epoch >= copy.issue_epoch && (a.many_readers || a.reader != thread))
@@ -401,9 +426,9 @@ inline void land(Launch& l, const PendingCopy& copy) {
            element("dynamic shared memory, byte", copy.dst));
     record_write(a, "dynamic shared memory, byte", copy.dst);
   }
-  l.smem_shadow[copy.dst / 16].unfenced = true;
-  l.current->unfenced.push_back(copy.dst / 16);
-  std::memcpy(l.smem + copy.dst, copy.data, 16);
+  l.smem_shadow[offset / 16].unfenced = true;
+  l.current->unfenced.push_back(offset / 16);
+  std::memcpy(l.smem + offset, copy.data, 16);
 }
 
 void fiber_entry();
@@ -433,6 +458,11 @@ inline void fiber_entry() {
       throw std::runtime_error("cp.async copies still pending when the thread exited");
     if (!t.wgmma_open.empty() || !t.wgmma_groups.empty())
       throw std::runtime_error("wgmma operations still pending when the thread exited");
+    // Threads of the block waiting at a __syncthreads this one never reaches (emulated_syncthreads).
+    if (l.block_barrier.arrived > 0)
+      throw std::runtime_error(std::string("a thread returned while others wait at the __syncthreads at ") +
+                               l.block_barrier.site_file + ":" + std::to_string(l.block_barrier.site_line) +
+                               ": a barrier not every thread reaches");
   } catch (const std::exception& e) {
     if (l.error.empty()) l.error = e.what();
   }
@@ -481,6 +511,20 @@ inline unsigned check_dim(long long value, long long limit, const char* what) {
   return static_cast<unsigned>(value);
 }
 
+// The shared-window address at which a block's dynamic shared memory starts. On a GPU it follows the
+// kernel's static __shared__ arrays (6,784 bytes in the fused tiles, ptxas for sm_90a), 16-byte aligned
+// and nothing more: a kernel that needs more (wgmma's swizzle atoms, 1024 bytes) must round the address
+// up itself. The emulator starts it there too (ARCFACE_EMU_SMEM_BASE, 16-byte aligned, sets another),
+// so that cp.async, ldmatrix and wgmma see the addresses a GPU gives; at 0 a kernel that forgot to round
+// would pass here and multiply garbage there.
+inline uint32_t dynamic_smem_base() {
+  const char* setting = std::getenv("ARCFACE_EMU_SMEM_BASE");
+  const long long base = setting != nullptr ? std::atoll(setting) : 6784;
+  if (base < 0 || base % 16 != 0 || base > 64 * 1024)
+    fail("ARCFACE_EMU_SMEM_BASE must be a multiple of 16 in [0, 65536], got " + std::to_string(base));
+  return static_cast<uint32_t>(base);
+}
+
 inline std::vector<std::string>& launch_log() {
   static std::vector<std::string> names;
   return names;
@@ -509,6 +553,7 @@ inline void run_grid(const void* kernel, const char* name, dim3 grid, dim3 block
   l.grid = grid;
   l.block = block;
   l.smem_bytes = smem_bytes;
+  l.smem_base = dynamic_smem_base();
   // Exactly smem_bytes (AddressSanitizer then sees a read past the end), 16-byte aligned.
   struct Free {
     void operator()(unsigned char* p) const { std::free(p); }
@@ -645,18 +690,25 @@ inline void check_full_mask(unsigned mask, const char* what) {
   if (mask != 0xffffffffu) fail(std::string(what) + " with a partial mask: the emulator wants whole warps");
 }
 
-inline uint32_t check_smem_vector(uint32_t address, const char* what) {
+// A shared address's byte offset in the block's dynamic shared memory (bounds checked: `bytes` from
+// it must lie inside).
+inline uint32_t smem_offset(uint32_t address, uint32_t bytes, const char* what) {
   const Launch& l = launch_state();
+  if (address < l.smem_base || uint64_t{address} - l.smem_base + bytes > l.smem_bytes)
+    fail(std::string(what) + ": shared address " + std::to_string(address) + " is outside the " +
+         std::to_string(l.smem_bytes) + " bytes of dynamic shared memory at " + std::to_string(l.smem_base));
+  return address - l.smem_base;
+}
+
+// The 16-byte vector at a shared address: its offset in dynamic shared memory (see smem_offset).
+inline uint32_t check_smem_vector(uint32_t address, const char* what) {
   if (address % 16 != 0) fail(std::string(what) + ": shared address " + std::to_string(address) + " is not 16-byte aligned");
-  if (address + 16 > l.smem_bytes)
-    fail(std::string(what) + ": shared address " + std::to_string(address) + " is past the " +
-         std::to_string(l.smem_bytes) + " bytes of dynamic shared memory");
-  return address;
+  return smem_offset(address, 16, what);
 }
 
 inline uint16_t smem_u16(uint32_t address) {
   uint16_t v;
-  std::memcpy(&v, launch_state().smem + address, 2);
+  std::memcpy(&v, launch_state().smem + smem_offset(address, 2, "a wgmma operand"), 2);
   return v;
 }
 
@@ -664,8 +716,7 @@ inline uint16_t smem_u16(uint32_t address) {
 // matrix j (8 consecutive b16); lane l receives in r[j] row l/4, elements 2(l%4) and 2(l%4)+1 of
 // matrix j (the lower element in the lower half).
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
-  check_smem_vector(address, "ldmatrix");
-  Access& vector = launch_state().smem_shadow[address / 16];
+  Access& vector = launch_state().smem_shadow[check_smem_vector(address, "ldmatrix") / 16];
   // Reading bytes a cp.async is still writing is a race whoever issued it (the issuer too: its
   // copy is only visible after its wait).
   if (racecheck() && vector.in_flight > 0)
@@ -775,7 +826,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
 // cp.async.cg.shared.global 16 bytes, zero-filled when !valid; lands when the thread waits for
 // its group (or at once with ARCFACE_EMU_CP_ASYNC=issue).
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  check_smem_vector(dst, "cp.async");
+  const uint32_t offset = check_smem_vector(dst, "cp.async");
   if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async: a global source that is not 16-byte aligned");
   Launch& l = launch_state();
   PendingCopy copy;
@@ -788,7 +839,7 @@ inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
   } else {
     std::memset(copy.data, 0, 16);
   }
-  if (racecheck()) ++l.smem_shadow[dst / 16].in_flight;  // until land() takes it back
+  if (racecheck()) ++l.smem_shadow[offset / 16].in_flight;  // until land() takes it back
   if (l.issue_copies_at_once) {
     land(l, copy);
   } else {
@@ -878,9 +929,10 @@ inline void check_wgmma_descriptor(uint64_t desc, int rows, bool mn_major, const
       fail(what + "8-row groups " + std::to_string(stride) + " bytes apart break the atoms");
     last = start - start % pitch + static_cast<uint32_t>((rows - 1) / 8) * stride + 8 * pitch;
   }
-  if (last > launch_state().smem_bytes)
-    fail(what + "rows up to byte " + std::to_string(last) + " past the " + std::to_string(launch_state().smem_bytes) +
-         " bytes of dynamic shared memory");
+  const Launch& l = launch_state();
+  if (start < l.smem_base || last > l.smem_base + l.smem_bytes)
+    fail(what + "rows from byte " + std::to_string(start) + " to " + std::to_string(last) + " outside the " +
+         std::to_string(l.smem_bytes) + " bytes of dynamic shared memory at " + std::to_string(l.smem_base));
 }
 
 // Reads the rows x 16 operand through its descriptor (with the race and proxy-fence checks of every
@@ -889,7 +941,7 @@ inline std::vector<float> wgmma_operand(uint64_t desc, int rows, bool mn_major, 
   check_wgmma_descriptor(desc, rows, mn_major, which);
   Launch& l = launch_state();
   auto check_vector = [&](uint32_t vector) {
-    Access& a = l.smem_shadow[vector / 16];
+    Access& a = l.smem_shadow[smem_offset(vector, 16, "a wgmma operand") / 16];
     if (racecheck() && a.in_flight > 0)
       fail(std::string("wgmma reads ") + element("dynamic shared memory, byte", vector) +
            " while a cp.async to it is in flight");
@@ -1005,7 +1057,7 @@ inline uint32_t shared_offset(const void* p) {
   const auto* byte = static_cast<const unsigned char*>(p);
   if (byte < l.smem || byte >= l.smem + l.smem_bytes)
     fail("__cvta_generic_to_shared: a pointer outside dynamic shared memory");
-  return static_cast<uint32_t>(byte - l.smem);
+  return l.smem_base + static_cast<uint32_t>(byte - l.smem);
 }
 
 }  // namespace emu
@@ -1092,8 +1144,16 @@ struct SharedArray {
 
 // Every thread of the block must reach the same __syncthreads: arrivals from two source lines at
 // one barrier are an error here (on a GPU they hang or silently pair up the wrong barriers).
+// So must the threads that exited before it: CUDA defines __syncthreads only where every thread of
+// the block reaches it (a GPU may count the exited ones as arrived, or hang), so a barrier after an
+// early return of some of the block's threads is an error here too.
 inline void emulated_syncthreads(const char* file, int line) {
-  ::emu::Barrier& barrier = ::emu::launch_state().block_barrier;
+  ::emu::Launch& launch = ::emu::launch_state();
+  ::emu::Barrier& barrier = launch.block_barrier;
+  if (barrier.expected != static_cast<int>(launch.threads.size()))
+    ::emu::fail(std::string("__syncthreads at ") + file + ":" + std::to_string(line) + " after " +
+                std::to_string(launch.threads.size() - barrier.expected) +
+                " threads of the block returned: a barrier not every thread reaches");
   if (barrier.arrived == 0) {
     barrier.site_file = file;
     barrier.site_line = line;
