@@ -310,7 +310,11 @@ class ArcFaceLoss(CombinedMarginLoss):
     ``easy_margin=True`` applies the margin only where cos θ > 0 and leaves the target logit at s·cos θ
     elsewhere, as ``ArcMarginProduct(easy_margin=True)`` (ronghuaiyang/arcface-pytorch and its many
     copies) does. The two differ for targets more than π/2 from their centre. Not with
-    ``interclass_filtering_threshold``."""
+    ``interclass_filtering_threshold``.
+
+    The other keyword arguments are :class:`CombinedMarginLoss`'s: ``reduction``, ``margin_grad``,
+    ``ignore_index``, ``sample_rate``, ``check_labels``, ``use_reference``, ``interclass_filtering_threshold``,
+    ``label_smoothing``."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.5, *,
                  easy_margin: bool = False, device: Device = None, dtype: torch.dtype | None = None,
@@ -338,7 +342,11 @@ class ArcFaceLoss(CombinedMarginLoss):
 
 
 class CosFaceLoss(CombinedMarginLoss):
-    """Additive cosine margin: target logit s·(cos θ - m)."""
+    """Additive cosine margin: target logit s·(cos θ - m).
+
+    The other keyword arguments are :class:`CombinedMarginLoss`'s: ``reduction``, ``margin_grad``,
+    ``ignore_index``, ``sample_rate``, ``check_labels``, ``use_reference``, ``interclass_filtering_threshold``,
+    ``label_smoothing``."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.35, *,
                  device: Device = None, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
@@ -354,7 +362,11 @@ class SphereFaceLoss(CombinedMarginLoss):
     s·(ψ + λ·cos θ)/(1 + λ), ψ = (-1)^k cos(mθ) - 2k. SphereFace's own code (wy1iu/sphereface) anneals
     λ during training, max(5, 1000 / (1 + 0.12·iteration)), and scales ψ by the feature's own norm
     instead of normalising the feature; here the embedding is normalised and scaled by s, and λ is the
-    constant you give (assign ``criterion.lambda_`` between steps to anneal it)."""
+    constant you give (assign ``criterion.lambda_`` between steps to anneal it).
+
+    The other keyword arguments are :class:`CombinedMarginLoss`'s: ``reduction``, ``margin_grad``,
+    ``ignore_index``, ``sample_rate``, ``check_labels``, ``use_reference``, ``interclass_filtering_threshold``,
+    ``label_smoothing``."""
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 4, lambda_: float = 0.0, *,
                  device: Device = None, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
@@ -596,6 +608,10 @@ class MagFaceLoss(CombinedMarginLoss):
     default): no margin wherever cos θ <= 0 (target logit s·cos θ, and no gradient into the norm through
     the margin there). The two differ for targets more than π/2 from their centre, as many are early in
     training. Not available with sharded class centres.
+
+    The other keyword arguments are :class:`CombinedMarginLoss`'s: ``reduction``, ``margin_grad``,
+    ``ignore_index``, ``sample_rate``, ``check_labels``, ``use_reference``, ``interclass_filtering_threshold``,
+    ``label_smoothing``; inter-class filtering does not go with its per-row margins.
     """
 
     per_row_margins = True

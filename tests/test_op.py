@@ -2,6 +2,7 @@
 dispatcher registration (opcheck, torch.compile), argument checks, the modules, and its memory
 bound."""
 import copy
+import inspect
 import json
 import math
 import os
@@ -918,6 +919,19 @@ MODULES = {
 def test_modules_check_their_options_when_built(build, pattern):
     with pytest.raises(ValueError, match=pattern):
         build()
+
+
+@pytest.mark.parametrize("cls", [arcface_ext.ArcFaceLoss, arcface_ext.CosFaceLoss, arcface_ext.SphereFaceLoss,
+                                 arcface_ext.MagFaceLoss], ids=lambda cls: cls.__name__)
+def test_help_of_a_module_says_whose_keyword_arguments_it_takes(cls):
+    # help(arcface_ext.ArcFaceLoss) showed `**kwargs: Any` and said nothing of them (the README's API table says
+    # "the subclasses below take the keyword arguments too").
+    doc = inspect.getdoc(cls)
+    assert "The other keyword arguments are :class:`CombinedMarginLoss`'s: " in doc, doc
+    base = inspect.signature(arcface_ext.CombinedMarginLoss).parameters.values()
+    options = [p.name for p in base if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name not in ("device", "dtype")]
+    for option in options:
+        assert f"``{option}``" in doc, (cls.__name__, option)
 
 
 @pytest.mark.parametrize("build", [arcface_ext.ArcFaceLoss, arcface_ext.AdaFaceLoss, arcface_ext.SubCenterMarginLoss,
