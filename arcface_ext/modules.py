@@ -141,9 +141,16 @@ def check_passed_on(module: nn.Module, kwargs: dict[str, Any], sets: tuple[str, 
     this module, where Python's errors named the class it extends ("CombinedMarginLoss.__init__() got
     multiple values for keyword argument 'm2'")."""
     name = type(module).__name__
-    # The first class up the MRO whose __init__ takes no **kwargs: the one they end up in.
-    base = next(cls for cls in type(module).__mro__ if "__init__" in vars(cls) and not any(
-        p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()))
+
+    def passes_on(cls) -> bool:
+        return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+
+    # The first class up the MRO, past one whose __init__ passes **kwargs on (the caller's), whose __init__ takes
+    # none: the one they end up in. (Not the first of all: a user's subclass of a fixed signature, calling
+    # super().__init__(C, D, reduction="sum"), would be taken for it and its options refused.)
+    mro = [cls for cls in type(module).__mro__ if "__init__" in vars(cls)]
+    caller = next(k for k, cls in enumerate(mro) if passes_on(cls))
+    base = next(cls for cls in mro[caller + 1:] if not passes_on(cls))
     given = [option for option in sets if option in kwargs]
     if given:
         raise TypeError(f"{name} sets {', '.join(given)} itself: {instead.format(base=base.__name__)}")

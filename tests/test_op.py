@@ -1011,6 +1011,30 @@ def test_a_module_refuses_options_it_does_not_take_naming_itself(build, message)
     assert (criterion.reduction, criterion.sample_rate, criterion.ignore_index) == ("none", 0.5, -100)
 
 
+def test_a_users_subclass_of_a_fixed_signature_still_passes_options_on():
+    # A subclass whose own __init__ takes no **kwargs, passing options to the module it extends: its options
+    # reach CombinedMarginLoss (they were refused as "Mine got an unexpected keyword argument 'reduction';
+    # besides its own, it takes Mine's ", the subclass taken for the class they end up in).
+    class Mine(arcface_ext.ArcFaceLoss):
+        def __init__(self, num_classes, embedding_size):
+            super().__init__(num_classes, embedding_size, m=0.3, reduction="sum", ignore_index=-100)
+
+    class Ada(arcface_ext.AdaFaceLoss):
+        def __init__(self, num_classes, embedding_size, flavour="x"):
+            super().__init__(num_classes, embedding_size, label_smoothing=0.1)
+
+    mine, ada = Mine(10, 8), Ada(10, 8)
+    assert (mine.reduction, mine.ignore_index, mine.m, ada.label_smoothing) == ("sum", -100, 0.3, 0.1)
+
+    class Wrong(arcface_ext.CosFaceLoss):
+        def __init__(self, num_classes, embedding_size):
+            super().__init__(num_classes, embedding_size, margin=0.3)
+
+    with pytest.raises(TypeError, match="^Wrong got an unexpected keyword argument 'margin' .*; besides its own, it "
+                       "takes CombinedMarginLoss's lambda_, reduction"):
+        Wrong(10, 8)
+
+
 def test_numpy_scalars_are_taken_as_numbers():
     # Hyper-parameters read from a config through numpy (np.float32 is no float subclass, np.int64
     # no int subclass) give the same loss as Python numbers, in the functions and the modules.
