@@ -200,7 +200,8 @@ def chunked_margin_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, k
     num_classes = weight.shape[0] // k
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if check_labels and not torch.compiler.is_compiling() and bool(bad.any()):
-        _checks.raise_bad_label(labels, bad, num_classes, ignore_index)
+        _checks.raise_bad_label(labels, bad, num_classes, ignore_index, "the number of classes in weight" if k == 1
+                                else f"the number of classes in weight, {k} sub-centres a class")
     counted = (labels != ignore_index) & ~bad
     with torch.autocast(embeddings.device.type, enabled=False):
         x = embeddings.to(dtype)

@@ -959,7 +959,9 @@ BAD_LABEL_CALLS = {
     "reference-subcenter": lambda x, w, labels: reference.subcenter_margin_loss(x, w.repeat(2, 1), labels, k=2),
     "sampled": lambda x, w, labels: arcface_ext.ArcFaceLoss(10, 8, sample_rate=0.5)(x, labels),
 }
-BAD_LABEL_BOUNDS = {"subcenter": "the number of classes in weight, 2 sub-centres a class", "sampled": "num_classes"}
+BAD_LABEL_BOUNDS = {"subcenter": "the number of classes in weight, 2 sub-centres a class", "sampled": "num_classes",
+                    # (as the op's: the reference said "[0, 10) (the number of classes in weight)" of its 20 rows)
+                    "reference-subcenter": "the number of classes in weight, 2 sub-centres a class"}
 
 
 @pytest.mark.parametrize("path", BAD_LABEL_CALLS)
