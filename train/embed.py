@@ -369,11 +369,14 @@ IMAGES_AS_THEY_ARE = "the images as they are"
 
 def faces_described(landmarks: str | None = None, detector: str | None = None, all_faces: bool = False) -> str:
     """What a table's rows are faces of (its provenance's ``faces``): the images as they are, faces aligned
-    from a landmarks file's, or faces a detector found (``all_faces``: every face of a photo)."""
+    from a landmarks file's, or faces a detector found (``all_faces``: every face of a photo, rows ``<photo>#<k>``,
+    which cluster keeps apart and quality's --tree refuses; with ``landmarks`` too, where a photo's faces are its
+    lines)."""
+    every = ", every face" if all_faces else ""
     if landmarks:
-        return f"aligned from the landmarks in {os.path.abspath(landmarks)}"
+        return f"aligned from the landmarks in {os.path.abspath(landmarks)}{every}"
     if detector:
-        return f"found and aligned by {os.path.abspath(detector)}" + (", every face" if all_faces else "")
+        return f"found and aligned by {os.path.abspath(detector)}{every}"
     return IMAGES_AS_THEY_ARE
 
 
