@@ -674,7 +674,7 @@ def group_photos(tmp_path, detector_fixtures, groups: dict) -> tuple[dict, dict]
         shown = []
         for i, p in enumerate(people):
             seen[p] = seen.get(p, 0) + 1
-            faces[f"{name}:{i}"] = render_face(0, p, 500 + seen[p], 112)
+            faces[f"{name}:{i}"] = render_face(0, p, seen[p] - 1, 112)
             who[f"{name}:{i}"] = p
             shown.append(faces[f"{name}:{i}"])
         path = tmp_path / name
@@ -691,6 +691,11 @@ def crop_person(path, faces: dict, who: dict) -> int:
     return who[nearest[1]]
 
 
+# The group photos' faces are training images of their people (the model is small: other samples of them,
+# aligned from photos, overlap across people, and which pairs cross the model's threshold of 0.55 moved with the
+# torch version). At this threshold each person's faces are linked to each other and to no one else's on torch
+# 2.4.1 and 2.13.0 (genuine cosines 0.62 or more, impostors 0.59 at most), so the clusters are the people's.
+APART = ("--threshold", "0.6")
 GROUPS = {"2024/g0.png": (0, 1, 2), "2024/g1.png": (1, 2, 3), "2025/g2.png": (3, 4, 0), "2025/g3.png": (4, 0, 1),
           "g4.png": (2, 3, 4)}
 
@@ -710,8 +715,8 @@ def test_every_face_of_group_photos_is_clustered_with_its_person(trained, tmp_pa
     photos = tmp_path / "photos"
     faces, who = group_photos(photos, detector_fixtures, GROUPS)
     out, tree = tmp_path / "c.csv", tmp_path / "people"
-    assert run_cluster("--model", backbone, "--images", photos, "--detector", detector, "--all-faces", "--output", out,
-                       "--tree", tree) == 0
+    assert run_cluster(*APART, "--model", backbone, "--images", photos, "--detector", detector, "--all-faces",
+                       "--output", out, "--tree", tree) == 0
     err = capsys.readouterr().err
     assert "cluster: 15 faces of 5 photos: 5 clusters of 2 or more (largest 3, median 3), 0 noise;" in err, err
     assert "15 face crops)" in err and "share their cluster" not in err
@@ -740,8 +745,8 @@ def test_every_face_of_group_photos_is_clustered_with_its_person(trained, tmp_pa
     landmarks = tmp_path / "landmarks.txt"
     assert detect.main(["--detector", detector, "--images", str(photos), "--output", str(landmarks), "--workers", "0",
                         "--all-faces"]) == 0
-    assert run_cluster("--model", backbone, "--images", photos, "--landmarks", landmarks, "--all-faces", "--output",
-                       tmp_path / "l.csv", "--tree", tmp_path / "l") == 0
+    assert run_cluster(*APART, "--model", backbone, "--images", photos, "--landmarks", landmarks, "--all-faces",
+                       "--output", tmp_path / "l.csv", "--tree", tmp_path / "l") == 0
     assert sorted(read_rows(tmp_path / "l.csv")) == sorted(rows)
     assert {c: sorted(os.listdir(tmp_path / "l" / c)) for c in os.listdir(tmp_path / "l")} \
         == {c: sorted(os.listdir(tree / c)) for c in os.listdir(tree)}
@@ -777,8 +782,8 @@ def test_copies_of_a_group_photo_and_a_table_of_every_face(trained, tmp_path, ca
     for copy in ("a.png", "b.png"):
         shutil.copy(photos / "2024" / "g0.png", photos / "zz" / copy)
     out, tree = tmp_path / "c.csv", tmp_path / "people"
-    assert run_cluster("--model", backbone, "--images", photos, "--detector", detector, "--all-faces", "--output", out,
-                       "--tree", tree) == 0
+    assert run_cluster(*APART, "--model", backbone, "--images", photos, "--detector", detector, "--all-faces",
+                       "--output", out, "--tree", tree) == 0
     err = capsys.readouterr().err
     assert "cluster: 21 faces of 7 photos: 5 clusters" in err and "; 6 duplicates of 3 faces" in err, err
     assert "15 face crops; 6 duplicates left out" in err
@@ -789,8 +794,8 @@ def test_copies_of_a_group_photo_and_a_table_of_every_face(trained, tmp_path, ca
     assert len(laid_out) == 15 and {"2024__g0_1.jpg", "2024__g0_2.jpg", "2024__g0_3.jpg"} <= laid_out
     summary = json.loads((tmp_path / "c.json").read_text())
     assert (summary["duplicates"], summary["faces_with_a_photo_mate_in_their_cluster"]) == (6, 0)
-    assert run_cluster("--model", backbone, "--images", photos, "--detector", detector, "--all-faces", "--output", out,
-                       "--tree", tree, "--overwrite", "--all-duplicates") == 0
+    assert run_cluster(*APART, "--model", backbone, "--images", photos, "--detector", detector, "--all-faces",
+                       "--output", out, "--tree", tree, "--overwrite", "--all-duplicates") == 0
     assert len(scan_image_folder(str(tree))[1]) == 21
     assert "zz__a_2.jpg" in os.listdir(tree / f"cluster_{rows['zz/a.png#2']:04d}")
 
@@ -798,10 +803,10 @@ def test_copies_of_a_group_photo_and_a_table_of_every_face(trained, tmp_path, ca
     assert embed_main(["--model", backbone, "--images", str(photos), "--detector", detector, "--all-faces",
                        "--output", str(table), "--workers", "0"]) == 0
     capsys.readouterr()
-    assert run_cluster("--embeddings", table, "--output", tmp_path / "t.csv") == 0
+    assert run_cluster(*APART, "--embeddings", table, "--output", tmp_path / "t.csv") == 0
     assert "cluster: 21 faces of 7 photos: 5 clusters" in capsys.readouterr().err
     assert dict(read_rows(tmp_path / "t.csv")) == rows
-    assert run_cluster("--embeddings", table, "--output", tmp_path / "u.csv", "--tree", tmp_path / "t") == 2
+    assert run_cluster(*APART, "--embeddings", table, "--output", tmp_path / "u.csv", "--tree", tmp_path / "t") == 2
     err = capsys.readouterr().err
     assert err.startswith(f"cluster: error: --tree: the rows of {table} are faces found and aligned by ") \
         and "the table keeps no landmarks to crop them" in err and err.count("\n") == 1, err
