@@ -549,8 +549,11 @@ def _main(argv: list[str] | None = None) -> int:
     if args.embeddings and not args.embeddings.endswith(".npy"):
         p.error("--embeddings names a .npy file")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.embeddings:
-        _say_once("error: under torchrun, --embeddings FILE.npy is where the processes put their embeddings: name "
-                  "one on a file system all of them see")
+        # (Every process says it, as with any error: torchrun stops the others once one has ended, which
+        # can be before rank 0 has printed.)
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"clean: {f'[rank {rank}] ' if rank else ''}error: under torchrun, --embeddings FILE.npy is where the "
+              "processes put their embeddings: name one on a file system all of them see", file=sys.stderr)
         return 2
     existed = os.path.lexists(args.output)
     status = 2
