@@ -6,7 +6,9 @@ import importlib.util
 import multiprocessing.forkserver
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -48,6 +50,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running")
     if emulator.EMULATED:
         emulator.install()
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_and_sigterm_as_from_a_terminal():
+    """Each test runs with SIGINT raising KeyboardInterrupt and SIGTERM's default action, as in a process
+    started from a terminal, whatever the handlers were; they are put back after it. pytest started as
+    a background job of a script (``pytest ... &`` in a non-interactive shell, or a CI runner doing so)
+    begins with SIGINT ignored, and train.signals.stop_on_signals keeps an ignored signal ignored (a
+    job started in the background wants it so): a test's own Ctrl-C (os.kill(os.getpid(), SIGINT)) then
+    did nothing, and the first such test failed (clean exited 0, not 130); a child process inherits
+    the ignored SIGINT too, and the tests that Ctrl-C one skipped as 'finished before the signal'.
+    A test that leaves a handler of its own behind no longer changes the tests after it either."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for number, handler in before.items():
+        signal.signal(number, signal.SIG_DFL if handler is None else handler)  # (None: not set from Python)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from train import embed, export, verify
 from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import make_bin
 
-from trainer_fixtures import one_thread, two_step_checkpoint  # noqa: F401
+from trainer_fixtures import REPO, one_thread, two_step_checkpoint  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,35 @@ def test_signals_ignored_from_the_start_stay_ignored_and_threads_are_left_alone(
     thread.start()
     thread.join()
     assert failures == []
+
+
+def test_a_test_starts_with_ctrl_c_and_sigterm_as_from_a_terminal():
+    # (conftest's _ctrl_c_and_sigterm_as_from_a_terminal; the next test runs this one in a pytest that
+    # began with SIGINT ignored.)
+    import subprocess
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with pytest.raises(Stopped) as stop:
+        with stop_on_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+    assert stop.value.name == "SIGINT"
+    # A child process's Ctrl-C is not ignored either (an ignored signal stays ignored across exec).
+    child = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is "
+                            "signal.default_int_handler)"], capture_output=True, text=True, timeout=60)
+    assert child.stdout.strip() == "True", child.stderr
+
+
+def test_pytest_started_as_a_background_job_still_stops_its_tests_tools():
+    # `pytest ... &` in a script (a non-interactive shell) starts with SIGINT ignored: the tests that
+    # Ctrl-C a tool (clean, cluster, roc, search, quality) failed, the first of them in the process.
+    import subprocess
+
+    test = f"{os.path.abspath(__file__)}::test_a_test_starts_with_ctrl_c_and_sigterm_as_from_a_terminal"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], capture_output=True,
+                         text=True, timeout=240, cwd=REPO,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 @pytest.fixture
