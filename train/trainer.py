@@ -1588,15 +1588,17 @@ class Trainer:
                     self.save()
                     window_start = time.perf_counter()
             if stop and self.step < args.max_steps:  # at the last step, the run ends as usual
+                # Whose signal it was, read before the checkpoint: a rank that was not signalled itself (as on
+                # the nodes a pre-emption spared) stops as if terminated, and may get torchrun's SIGTERM while
+                # it writes the file, once the signalled ranks have done their part of it and ended.
+                signalled = self._stop_signal
                 saving = time.perf_counter()
                 self.save()
                 saved_in = time.perf_counter() - saving  # against the launcher's grace (torchrun: 30 s)
-                # (A rank that was not signalled itself, as on the nodes a pre-emption spared, stops as
-                # if terminated.)
-                cause = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal to another process"
+                cause = signal.Signals(signalled).name if signalled else "a signal to another process"
                 self._write(f"stopped by {cause} at step {self.step}; checkpoint: {self.checkpoint_path} (written in "
                             f"{saved_in:.1f} s; continue with --resume auto)")
-                return 128 + (self._stop_signal or signal.SIGTERM)
+                return 128 + (signalled or signal.SIGTERM)
             self.evaluate(stoppable=False)
             self.save()
             bar.close()

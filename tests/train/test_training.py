@@ -343,6 +343,31 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
         main(argv(faces, tmp_path / "run", max_steps=4))
     assert stopped.value.code == 128 + signal.SIGINT
     assert "stopped by a second SIGINT: at once, without a checkpoint of this step" in capsys.readouterr().err
+
+
+def test_a_rank_stopped_by_another_ranks_signal_says_so_after_torchruns_sigterm(faces, tmp_path, monkeypatch,
+                                                                                 capsys):
+    # A signal to rank 1 alone (a pre-empted node): every rank stops at the step and saves. Rank 1, its part
+    # of the checkpoint done, ended first, and torchrun SIGTERMed rank 0 while it wrote the file: rank 0
+    # then said 'stopped by SIGTERM', and test_ddp's test_a_signal_to_one_rank_stops_every_rank_with_the_
+    # checkpoint failed whenever the writing outlasted rank 1's exit. Here the stop agreed at step 2
+    # without a signal of this process's own, and torchrun's SIGTERM as the checkpoint is written.
+    original_step, original_save = Trainer.train_step, Trainer.save
+
+    def another_rank_signalled(self, images, labels):
+        loss, stop = original_step(self, images, labels)
+        return loss, stop or self.step == 2
+
+    def save_then_torchruns_sigterm(self):
+        original_save(self)
+        self._on_signal(signal.SIGTERM, None)
+
+    monkeypatch.setattr(Trainer, "train_step", another_rank_signalled)
+    monkeypatch.setattr(Trainer, "save", save_then_torchruns_sigterm)
+    assert main(argv(faces, tmp_path, max_steps=4, save_every=0)) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by a signal to another process at step 2; checkpoint: " in err, err
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
 
 
