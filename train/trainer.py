@@ -37,6 +37,7 @@ from .models import (check_embedding_shape, get_model, is_factory_spec, learn_em
                      model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
+from .tools import lost_a_peer
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -554,12 +555,6 @@ def _count(number: float, noun: str) -> str:
 def _sentence(text: str) -> str:
     """``text`` as the start of a sentence (its first letter upper-case)."""
     return text[:1].upper() + text[1:]
-
-
-def _lost_a_peer(error: BaseException) -> bool:
-    """Whether a collective failed because another process of the group went away (gloo's words;
-    NCCL waits for its watchdog instead)."""
-    return any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
 
 
 def _resolve_device(spec: str, local_rank: int) -> torch.device:
@@ -1633,7 +1628,7 @@ class Trainer:
             # Another rank failed (its error is in its own output) and this one found its connection
             # closed in the next collective, or torchrun's SIGTERM made it stop there: one line, not
             # a gloo traceback that reads like a second error.
-            if not (self.distributed and _lost_a_peer(error)):
+            if not (self.distributed and lost_a_peer(error)):
                 raise
             self._error(f"error: rank {self.rank}: another process stopped during step {self.step + 1} (see its "
                         f"error); {self._kept_checkpoint()}")
@@ -1657,8 +1652,18 @@ class Trainer:
                 # another still writes its outputs (seen once: gloo aborting the early rank at exit).
                 # An exception still propagating (one rank's alone) skips this: the others would
                 # wait forever. (A divergence was handled above, on every rank.)
+                peer_lost = False
                 if sys.exc_info()[0] is None:
-                    dist.barrier()
+                    try:
+                        dist.barrier()
+                    except RuntimeError as error:
+                        # Another rank failed alone after this one's last collective (its final checkpoint
+                        # not written: a full disk): one line, not gloo's traceback, and not a success.
+                        if not lost_a_peer(error):
+                            raise
+                        self._error(f"error: rank {self.rank}: another process stopped at the end of the run (see "
+                                    f"its error); {self._kept_checkpoint()}")
+                        peer_lost = True
                 # DDP's reducers hold the process group: let them go first, so that none of gloo's
                 # threads is left for the interpreter's teardown (a suspect for the rare abort above).
                 self.backbone_ddp, self.loss_ddp = self.backbone, self.margin_loss
@@ -1668,6 +1673,8 @@ class Trainer:
                 # hung so on 2.4.1): a pause that lets go of the GIL lets them finish first.
                 time.sleep(0.1)
                 dist.destroy_process_group()
+                if peer_lost:
+                    raise SystemExit(1) from None
 
     def _kept_checkpoint(self, which: str = "last") -> str:
         if not os.path.exists(self.checkpoint_path):
@@ -1762,18 +1769,22 @@ def main(argv: list[str] | None = None) -> int:
             # ever empty.)
             _undo_start(args.output, existed)
             error = sys.exc_info()[1]
-            if dist.is_available() and dist.is_initialized() and _lost_a_peer(error):
+            if dist.is_available() and dist.is_initialized() and lost_a_peer(error):
                 # Another process stopped at start-up (its error is in its own output) and this one found
                 # its connection closed in a start-up collective: one line, not a gloo traceback.
                 print(f"error: rank {os.environ.get('RANK', '0')}: another process stopped during start-up (see its "
                       "error)", file=sys.stderr)
                 _leave_group()
                 raise SystemExit(1) from None
-            _leave_group()
             if isinstance(error, SystemExit) and isinstance(error.code, str) \
                     and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # Every process says its own refusal: the rank tells whose a line is (one process's own
-                # --device or data, or the same refusal from each).
-                raise SystemExit(f"error: rank {os.environ.get('RANK', '0')}: {error.code}") from None
+                # --device or data, or the same refusal from each). Said before the group is left: the
+                # others find it gone, end, and torchrun then stops this process, at times before the
+                # interpreter had printed a SystemExit's message (theirs said "see its error", of none).
+                print(f"error: rank {os.environ.get('RANK', '0')}: {error.code}", file=sys.stderr, flush=True)
+                _leave_group()
+                raise SystemExit(1) from None
+            _leave_group()
             raise
         return trainer.fit()

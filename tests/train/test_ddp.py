@@ -279,6 +279,64 @@ def test_start_up_over_the_group(tmp_path):
     assert re.search(r"error: rank 1: --data '[^']*nowhere': no such folder; expected", failed.stderr), failed.stderr[-3000:]
 
 
+def test_a_start_up_refusal_is_said_before_the_group_is_left(tmp_path, monkeypatch, capsys):
+    """A process's own refusal at start-up is printed before it leaves the process group: the others then
+    find the group gone, say "another process stopped during start-up (see its error)" and end, and
+    torchrun stops this process, at times before the interpreter had printed the SystemExit's message
+    (it was raised after the group was left): no process said why the run stopped."""
+    from train import trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    said_by_then = []
+    monkeypatch.setattr(trainer, "_leave_group", lambda: said_by_then.append(capsys.readouterr().err))
+    with pytest.raises(SystemExit) as stop:  # (a refusal before the group is started: no other process needed)
+        trainer.main(base_argv(str(tmp_path / "faces"), str(tmp_path / "run"), device="cuda:99"))
+    assert len(said_by_then) == 1 and said_by_then[0].startswith(
+        "error: rank 1: --device cuda:99: this process (LOCAL_RANK 1) would use cuda:99, but ") \
+        and said_by_then[0].count("\n") == 1, said_by_then
+    assert stop.value.code == 1
+    assert not (tmp_path / "run").exists()
+
+
+def _train_on_a_full_disk_on_rank_0(argv):
+    """train.trainer.main(argv) on a rank; on rank 0 the checkpoint cannot be written (a full disk), and
+    the process lingers once it has left the group, so that the others are not stopped before they speak."""
+    import errno
+
+    from train import trainer
+
+    if os.environ["RANK"] == "0":
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        destroy = torch.distributed.destroy_process_group
+
+        def lingering(*args, **kwargs):
+            destroy(*args, **kwargs)
+            time.sleep(10)
+
+        trainer.checkpoint.save_atomic = full_disk
+        torch.distributed.destroy_process_group = lingering
+    return trainer.main(argv)
+
+
+def test_a_rank_failing_at_the_last_checkpoint_leaves_one_line_on_the_others(tmp_path):
+    # Rank 0 alone writes the checkpoint; the others, their part of it done, wait for it at the end of the
+    # run, and found the connection closed there: gloo's traceback, which read like a second error.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    result = train_on_ranks(base_argv(data, str(tmp_path / "run"), batch_size=4, max_steps=2, save_every=0,
+                                      loss_impl=LOSS_IMPL), main=_train_on_a_full_disk_on_rank_0)
+    assert result.returncode == 1
+    checkpoint_path = re.escape(str(tmp_path / "run" / "checkpoint.pt"))
+    assert re.search(rf"^error: rank 0: writing {checkpoint_path} at step 2 failed: \[Errno 28\] ", result.stderr,
+                     re.MULTILINE), result.stderr[-3000:]
+    assert ("error: rank 1: another process stopped at the end of the run (see its error); no checkpoint was "
+            "written before it\n") in result.stderr, result.stderr[-3000:]
+    assert "Connection closed by peer" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 def _train_counting_all_reduces(argv):
     """train.trainer.main(argv) on a rank, then the number of all-reduces its DDP modules made."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

@@ -184,6 +184,12 @@ def torch_device(text: str) -> torch.device:
     return device
 
 
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process of the group went away (gloo's words;
+    NCCL waits for its watchdog instead)."""
+    return any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
+
+
 class RunLock:
     """``path``, held (an advisory lock, where the system has them) for the whole of a run, so that a
     second run on the same output is refused before it touches anything; removed at the end (a
