@@ -23,7 +23,8 @@ from train.data import ImageFolderDataset, RecordIODataset
 from train.data.synthetic import render_face
 from train.data.transforms import decode_image
 from train.embed import embed_files
-from train.tools import clean, pack_rec
+from train.signals import Stopped
+from train.tools import RunLock, clean, pack_rec
 from trainer_fixtures import IMAGE_SIZE, REPO, base_argv, make_face_folder, train_on_ranks, train_one_thread
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
@@ -436,6 +437,73 @@ def test_each_rank_says_why_torchrun_wants_embeddings(rank, tmp_path, monkeypatc
     assert err.startswith(prefix + "under torchrun, --embeddings FILE.npy is where the processes put") and \
         err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_rank_0s_refusal_is_every_ranks(rank, trained, tmp_path, monkeypatch, capsys):
+    """Rank 0 alone takes --output's lock (and reads --exclude-sets): its refusal is sent to the others,
+    which said nothing of it before, going on to embed their shares and meeting a gloo traceback at the
+    barrier, or being stopped by torchrun first. (The collective is played here: rank 0's words to send,
+    or, on rank 1, rank 0's words received.)"""
+    ckpt, faces = trained
+    output = tmp_path / "out"
+    output.mkdir()
+    busy = f"another clean run is writing {output}: wait for it to end, or stop it"
+    held = RunLock(str(output / ".clean.lock"), "held") if rank == "0" else None
+    sent = []
+
+    def broadcast(objects, src=0):
+        assert src == 0
+        if rank == "0":
+            sent.append(objects[0])
+        else:
+            objects[0] = busy
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(clean, "_process_group", lambda device: (int(rank), 2, device))
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    try:
+        code = run_clean("--model", ckpt, "--data", faces, "--output", output, "--embeddings", tmp_path / "e.npy")
+    finally:
+        if held is not None:
+            held.release()
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"clean: {'[rank 1] ' if rank == '1' else ''}error: {busy}\n", err
+    assert sent == ([busy] if rank == "0" else [])
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_a_rank_that_finds_another_gone_says_one_line(tmp_path, monkeypatch, capsys):
+    # Another process failed alone (rank 0 writing the shared embeddings' file on a full disk): this one's
+    # collective finds the connection closed. It printed gloo's traceback, which read like a second error.
+    def lost(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                           "[127.0.0.1]:40000")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(clean, "run", lost)
+    code = run_clean("--model", tmp_path / "model.pt", "--data", tmp_path, "--output", tmp_path / "out",
+                     "--embeddings", tmp_path / "e.npy")
+    assert code == 2
+    assert capsys.readouterr().err == "clean: [rank 1] error: another process stopped (see its error)\n"
+
+
+def test_a_rank_stopped_alone_says_so(tmp_path, monkeypatch, capsys):
+    # A SIGTERM to one process (a pre-empted node): the others, waiting for its rows at the barrier, say
+    # "another process stopped (see its error)". Rank 0 alone said its stop: the stopped rank said nothing.
+    def stopped(args):
+        raise Stopped(signal.SIGTERM)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(clean, "run", stopped)
+    code = run_clean("--model", tmp_path / "model.pt", "--data", tmp_path, "--output", tmp_path / "out",
+                     "--embeddings", tmp_path / "e.npy")
+    assert code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == ("clean: [rank 1] stopped by SIGTERM: --output holds what it held before (this "
+                                       "run's files are moved into it only at the end)\n")
 
 
 def test_sub_center_training_then_its_dominant_sub_centres_clean(trained, tmp_path, capsys):

@@ -63,7 +63,7 @@ from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
 from train.embed import backbone_weights_digest, embed_images, load_model
 from train.signals import Stopped, missing_device_op, signals_held, stop_on_signals
-from train.tools import RunLock, check_outputs, plain_warnings, torch_device
+from train.tools import RunLock, check_outputs, lost_a_peer, plain_warnings, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
 from train.tools.similarity import connected_components, cosine_blocks
 from train.verification import compute_embeddings
@@ -569,13 +569,26 @@ def _main(argv: list[str] | None = None) -> int:
         rank = int(os.environ.get("RANK", "0"))
         print(f"clean: {f'[rank {rank}] ' if rank else ''}error: {text}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        # Another process failed alone (its error is in its own output) and this one found its connection
+        # closed in a collective: one line, not gloo's traceback that reads like a second error.
+        if not (int(os.environ.get("WORLD_SIZE", "1")) > 1 and lost_a_peer(error)):
+            raise
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"clean: {f'[rank {rank}] ' if rank else ''}error: another process stopped (see its error)",
+              file=sys.stderr)
+        return 2
     except Stopped as stop:
+        # Every process says its stop, as its errors: a signal to one alone (a pre-empted node's) ends it, and
+        # another, waiting for it in a collective, then says only "another process stopped (see its error)".
+        rank = int(os.environ.get("RANK", "0"))
+        said = f"clean: {f'[rank {rank}] ' if rank else ''}stopped by {stop.name}"
         if stop.after_writing:
             status = 0  # the folder it made holds the run's files
-            _say_once(f"stopped by {stop.name} as this run's files were moved into --output: they are all there")
+            print(f"{said} as this run's files were moved into --output: they are all there", file=sys.stderr)
         else:
-            _say_once(f"stopped by {stop.name}: --output holds what it held before (this run's files are moved into "
-                      "it only at the end)")
+            print(f"{said}: --output holds what it held before (this run's files are moved into it only at the end)",
+                  file=sys.stderr)
         return stop.exit_status
     finally:
         _leave_process_group()
@@ -623,10 +636,26 @@ def run(args: argparse.Namespace) -> int:
     if args.embeddings:
         check_outputs([args.embeddings, args.embeddings + ".json"], overwrite=True,
                       inputs=(args.model, checkpoint.settings_path(args.model)))
-    test_sets = _test_sets(args, settings["image_size"]) if args.exclude_sets and rank == 0 else {}
-    lock = RunLock(os.path.join(args.output, ".clean.lock"), f"another clean run is writing {args.output}: wait "
-                   "for it to end, or stop it") if rank == 0 else None
+    test_sets, lock, refused = {}, None, None
+    if rank == 0:
+        try:
+            test_sets = _test_sets(args, settings["image_size"]) if args.exclude_sets else {}
+            lock = RunLock(os.path.join(args.output, ".clean.lock"), f"another clean run is writing {args.output}: "
+                           "wait for it to end, or stop it")
+        except (OSError, ValueError) as error:
+            refused = error
     try:
+        if world > 1:
+            # Rank 0's refusal is every process's: the others went on to embed their shares, then met a gloo
+            # traceback at the barrier, or were stopped by torchrun, saying nothing.
+            import torch.distributed as dist
+
+            said = [None if refused is None else str(refused)]
+            dist.broadcast_object_list(said, src=0)
+            if said[0] is not None and refused is None:
+                raise ValueError(said[0])
+        if refused is not None:
+            raise refused
         if test_sets:
             model = model.to(device)
             test_sets = {name: compute_embeddings(model, vset, device=device, batch_size=args.batch_size)
