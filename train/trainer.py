@@ -59,6 +59,10 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
+# A signal this soon after the first is the same stop, not a second Ctrl-C: torchrun passes the signal it gets on
+# to its processes, which a terminal's Ctrl-C or a scheduler's SIGTERM to the process group reached already.
+SAME_STOP_SECONDS = 1.0
+
 # The lock a run holds on its --output folder (Trainer._lock_output), by the folder's real path.
 OUTPUT_LOCK_NAME = ".run.lock"
 _OUTPUT_LOCKS: dict = {}
@@ -843,6 +847,7 @@ class Trainer:
             raise SystemExit(f"--output {self.output}: cannot write into the folder: {_os_reason(error)}") from None
 
         self._stop_signal = 0
+        self._stop_signal_at = 0.0  # (time.monotonic()'s)
         self._previous_handlers: dict[int, Any] = {}
         self._started = time.perf_counter()
 
@@ -1470,6 +1475,8 @@ class Trainer:
                 self.log.text(message)
 
     def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal and time.monotonic() - self._stop_signal_at < SAME_STOP_SECONDS:
+            return  # the first again, passed on by torchrun (or a script that starts the run): the stop is under way
         if self._stop_signal:  # a second Ctrl-C: stop now, without the checkpoint
             signal.signal(signum, signal.SIG_DFL)
             # (A SystemExit unwinds as KeyboardInterrupt did, temporary files removed, without its traceback.)
@@ -1478,7 +1485,7 @@ class Trainer:
             raise SystemExit(128 + signum)
         # Only a flag: printing from a handler can re-enter a half-written stream. The DataLoader
         # workers, signalled with the process group, ignore it (train.data) and keep serving batches.
-        self._stop_signal = signum
+        self._stop_signal, self._stop_signal_at = signum, time.monotonic()
 
     def fit(self) -> int:
         """Train to ``--max-steps``; returns the process exit code."""

@@ -22,8 +22,8 @@ from train import checkpoint
 from train.config import parse_args, steps_from_epochs, unused_options
 from train.data.transforms import to_model_input
 from train.models import NETWORKS
-from train.trainer import (LearningRateSchedule, RunLog, Trainer, TrainingDiverged, _resolve_device,
-                           build_margin_loss, build_optimizer, main)
+from train.trainer import (SAME_STOP_SECONDS, LearningRateSchedule, RunLog, Trainer, TrainingDiverged,
+                           _resolve_device, build_margin_loss, build_optimizer, main)
 
 from trainer_fixtures import (LOSS_IMPL, REPO, base_argv, faces, make_face_folder, one_thread, read_jsonl,  # noqa: F401
                               signal_once_training)
@@ -335,6 +335,7 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
     def twice(self, images, labels):
         if self.step == 1:
             self._on_signal(signal.SIGINT, None)
+            self._stop_signal_at -= SAME_STOP_SECONDS  # the second Ctrl-C, a while after the first
             self._on_signal(signal.SIGINT, None)
         return original_step(self, images, labels)
 
@@ -343,6 +344,27 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
         main(argv(faces, tmp_path / "run", max_steps=4))
     assert stopped.value.code == 128 + signal.SIGINT
     assert "stopped by a second SIGINT: at once, without a checkpoint of this step" in capsys.readouterr().err
+
+
+def test_the_same_signal_passed_on_by_torchrun_is_not_a_second_one(faces, tmp_path, monkeypatch, capsys):
+    # A SIGTERM to the whole process group (a scheduler's, `kill -TERM -PGID`) or a Ctrl-C at the terminal
+    # reaches the ranks, and torchrun, which passes the one it got on to them: each rank gets it twice. When
+    # the second came after the rank had handled the first (torchrun scheduled later, on a loaded machine;
+    # r18 at 112 px, torchrun's 20 ms after the ranks': every time), it was 'a second SIGTERM': the ranks
+    # quit at once, without the checkpoint. A repeat within SAME_STOP_SECONDS of the first is the same stop.
+    original_step = Trainer.train_step
+
+    def signalled_twice(self, images, labels):
+        if self.step == 1:
+            self._on_signal(signal.SIGTERM, None)  # the group's
+            self._on_signal(signal.SIGTERM, None)  # torchrun's, passed on
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_twice)
+    assert main(argv(faces, tmp_path, max_steps=4, save_every=0)) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 2; checkpoint: " in err and "second" not in err, err
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
 
 def test_a_rank_stopped_by_another_ranks_signal_says_so_after_torchruns_sigterm(faces, tmp_path, monkeypatch,
