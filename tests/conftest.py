@@ -74,6 +74,18 @@ def _ctrl_c_and_sigterm_as_from_a_terminal():
 
 
 @pytest.fixture(autouse=True)
+def _torch_threads_as_before():
+    """A test that changes torch's intra-op thread count leaves it as it was for the next: bench_loader's
+    main() sets 1 (test_data's test_loader_benchmark_runs_on_a_pack_of_its_own), and the tests after it
+    that do not set their own (test_detect, test_quality, test_roc, test_search, test_verification, ...)
+    ran on one thread in a whole run and on every core when run alone, their float sums with it."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _no_faulted_gpu_worker_lives_on(request):
     """On a GPU, after each `cuda` test, waits for its kernels. A kernel fault (an illegal address or
     instruction, a trap) leaves the process's CUDA context unusable: every later test in the process

@@ -1206,3 +1206,19 @@ def test_loader_benchmark_runs_on_a_pack_of_its_own(tmp_path, monkeypatch):
                        "--workers", "0", "--augment", "0,0.5", "--scaled-on", "device", "--out", str(out)])
     rows = json.loads(out.read_text())
     assert [(row["augment"], row["scaled_on"]) for row in rows] == [(0, "device"), (0.5, "device")]
+
+
+def test_a_tests_thread_count_is_not_the_next_ones(tmp_path):
+    # bench_loader's main() (above) sets torch to one thread, and the tests after it in a whole run that do
+    # not set their own ran on one thread where alone they ran on every core (conftest's _torch_threads_as_before).
+    (tmp_path / "test_threads.py").write_text(
+        "import torch\n"
+        "def test_one_sets_a_thread():\n"
+        "    torch.set_num_threads(1)\n"
+        "def test_the_next_has_the_threads_of_before():\n"
+        "    assert torch.get_num_threads() == 2\n")
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=os.pathsep.join([os.path.join(REPO, "tests"), REPO]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "--rootdir",
+                          str(tmp_path), str(tmp_path / "test_threads.py")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
