@@ -955,6 +955,39 @@ def saved_features(path: str, image_names: list[str], hint: str = "features of a
     return table[[row_of[name] for name in image_names]]
 
 
+def embed_release(model: torch.nn.Module, images, folder: str, args: argparse.Namespace, device) -> np.ndarray | None:
+    """A benchmark's release images (``images``, a dataset of ``folder``'s) embedded as --flip, --batch-size
+    and --workers say (train.ijb's, train.tinyface's); None, with every image that does not decode named
+    (:func:`report_unreadable`), when some do not: one round of fixes, not one per file."""
+    unreadable = []
+    features = embed_images(model.to(device), images, device=device, batch_size=args.batch_size,
+                            workers=args.workers, flip=args.flip, unreadable=unreadable,
+                            log=lambda message: say(message, file=sys.stderr, flush=True),
+                            workers_leave_signals=True)
+    if unreadable:
+        report_unreadable(unreadable, folder)
+        return None
+    return features
+
+
+def save_features(args: argparse.Namespace, names: list[str], features: np.ndarray, model: torch.nn.Module,
+                  settings: dict, *, made_by: str, images: str) -> bool:
+    """--save-features' table of a benchmark's image features (train.ijb's, train.tinyface's), with what
+    made them; False, said, where it cannot be written (a full disk, say): the scores are still computed
+    and written."""
+    try:
+        with signals_held():  # the .npy and its .txt, both or neither
+            written = write_table(args.save_features, names, features, about={
+                "made_by": made_by, "model": os.path.abspath(args.model), **model_digests(args.model, model),
+                "network": settings.get("network"), "image_size": settings["image_size"], "flip": args.flip,
+                "normalised": bool(settings.get("unit_length")), "images": images})
+        say(f"image features: {', '.join(written)}")
+    except OSError as error:
+        say(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_stoppable(_main, argv)
 
@@ -1045,29 +1078,16 @@ def _main(argv: list[str] | None) -> int:
         if unusable:
             say(f"note: {unusable} images have coincident or non-finite landmarks; they are embedded as black "
                   "crops, as insightface's alignment makes them")
-        unreadable = []  # every image that does not decode, named at the end: one round of fixes, not one per file
-        features = embed_images(model.to(device), crops, device=device, batch_size=args.batch_size,
-                                workers=args.workers, flip=args.flip, unreadable=unreadable,
-                                log=lambda message: say(message, file=sys.stderr, flush=True),
-                                workers_leave_signals=True)
-        if unreadable:
-            report_unreadable(unreadable, protocol.image_folder)
+        features = embed_release(model, crops, protocol.image_folder, args, device)
+        if features is None:
             return 2
     embedding_seconds = time.monotonic() - embedding_started
     features_saved = True
     if args.save_features:
-        try:
-            with signals_held():  # the .npy and its .txt, both or neither
-                written = write_table(args.save_features, protocol.image_names, features, about={
-                    "made_by": "train.ijb", "model": os.path.abspath(args.model), **model_digests(args.model, model),
-                    "network": settings.get("network"),
-                    "image_size": size, "flip": args.flip, "normalised": bool(settings.get("unit_length")),
-                    "images": f"the loose crops of {args.target} under {os.path.abspath(protocol.image_folder)}, "
-                              "aligned from the release's landmarks"})
-            say(f"image features: {', '.join(written)}")
-        except OSError as error:  # a full disk, say: the scores are still computed and written
-            say(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
-            features_saved = False
+        features_saved = save_features(
+            args, protocol.image_names, features, model, settings, made_by="train.ijb",
+            images=f"the loose crops of {args.target} under {os.path.abspath(protocol.image_folder)}, aligned from "
+            "the release's landmarks")
 
     normalised = settings.get("unit_length") if model is not None else (
         bool(about and about.get("normalised")) or unit_length(features))

@@ -26,9 +26,8 @@ import torch
 
 from . import checkpoint
 from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
-                    embed_images, list_images, load_model, model_digests, read_about, report_unreadable, run_stoppable,
-                    table_files, write_table)
-from .ijb import saved_features
+                    list_images, load_model, read_about, run_stoppable, table_files)
+from .ijb import embed_release, save_features, saved_features
 from .signals import signals_held
 from .tools import check_outputs, say, torch_device
 
@@ -178,29 +177,16 @@ def _main(argv: list[str] | None) -> int:
              else f"embedding at {size}px on {device}"), flush=True)
     embedding_started = time.monotonic()
     if model is not None:
-        unreadable = []  # every image that does not decode, named at the end: one round of fixes, not one per file
-        features = embed_images(model.to(device), ImageFiles([os.path.join(protocol.root, n) for n in names], size),
-                                device=device, batch_size=args.batch_size, workers=args.workers, flip=args.flip,
-                                unreadable=unreadable, log=lambda message: say(message, file=sys.stderr, flush=True),
-                                workers_leave_signals=True)
-        if unreadable:
-            report_unreadable(unreadable, protocol.root)
+        features = embed_release(model, ImageFiles([os.path.join(protocol.root, n) for n in names], size),
+                                 protocol.root, args, device)
+        if features is None:
             return 2
     embedding_seconds = time.monotonic() - embedding_started
     features_saved = True
     if args.save_features:
-        try:
-            with signals_held():  # the .npy and its .txt, both or neither
-                files = write_table(args.save_features, names, features, about={
-                    "made_by": "train.tinyface", "model": os.path.abspath(args.model), **model_digests(args.model, model),
-                    "network": settings.get("network"), "image_size": size, "flip": args.flip,
-                    "normalised": bool(settings.get("unit_length")),
-                    "images": f"TinyFace's Probe, Gallery_Match and Gallery_Distractor under "
-                              f"{os.path.abspath(protocol.root)}"})
-            say(f"image features: {', '.join(files)}")
-        except OSError as error:  # the scores are still computed and written
-            say(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
-            features_saved = False
+        features_saved = save_features(
+            args, names, features, model, settings, made_by="train.tinyface",
+            images=f"TinyFace's Probe, Gallery_Match and Gallery_Distractor under {os.path.abspath(protocol.root)}")
     try:
         scores = identification(protocol, features)
     except ValueError as error:
