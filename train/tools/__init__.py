@@ -124,8 +124,9 @@ def add_detector_option(p: argparse.ArgumentParser, photos: str, faces: str = "e
 
 def check_photo_options(p: argparse.ArgumentParser, args: argparse.Namespace, source: str, why: str = "") -> None:
     """argparse errors for the options that find the faces in photos (--landmarks with its --extension, where
-    the tool takes them, and --detector): one given without ``source`` (the option that names the photos:
-    "--images"; ``why`` may follow), both ways at once, --extension without --landmarks."""
+    the tool takes them, --detector, and --all-faces where the tool takes it): one given without ``source``
+    (the option that names the photos: "--images"; ``why`` may follow), both ways at once, --extension
+    without --landmarks, --all-faces without either way."""
     landmarks, detector = getattr(args, "landmarks", None), getattr(args, "detector", None)
     for flag, value in (("--landmarks", landmarks), ("--detector", detector)):
         if value and not getattr(args, source.lstrip("-").replace("-", "_")):
@@ -134,6 +135,8 @@ def check_photo_options(p: argparse.ArgumentParser, args: argparse.Namespace, so
         p.error("--extension goes with --landmarks")
     if detector and landmarks:
         p.error("--detector and --landmarks are two ways to find the faces in the photos: give one")
+    if getattr(args, "all_faces", False) and not (landmarks or detector):
+        p.error("--all-faces goes with --landmarks or --detector")
 
 
 def count_of(n: int, noun: str, nouns: str | None = None) -> str:

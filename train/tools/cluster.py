@@ -297,8 +297,6 @@ def _main(argv: list[str] | None = None) -> int:
         p.error("--images needs --model, the model that embeds the faces")
     check_embedding_options(p, args)
     check_photo_options(p, args, "--images", " (--embeddings is a table of faces embedded already)")
-    if args.all_faces and not (args.landmarks or args.detector):
-        p.error("--all-faces goes with --landmarks or --detector")
     if args.neighbours < 1:
         p.error(f"--neighbours must be at least 1, got {args.neighbours}")
     if args.min_size < 1:

@@ -245,8 +245,6 @@ def _main(argv: list[str] | None = None) -> int:
     if args.embeddings and args.model:
         p.error("--model goes with --images or --pairs: --embeddings' norms are read as they are")
     check_photo_options(p, args, "--images")
-    if args.all_faces and not (args.landmarks or args.detector):
-        p.error("--all-faces goes with --landmarks or --detector")
     scoring = args.pairs is None
     for flag, value in (("--sort", args.sort), ("--reject-below", args.reject_below is not None),
                         ("--reject-fraction", args.reject_fraction is not None), ("--tree", args.tree)):

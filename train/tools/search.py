@@ -145,8 +145,6 @@ def _main(argv: list[str] | None = None) -> int:
         p.error("--landmarks goes with --probes (a landmarks file of the probe photos)")
     # (--detector with --save-gallery alone enrols a gallery folder of photos)
     check_photo_options(p, args, "--probes" if args.probes else "--save-gallery")
-    if args.all_faces and not (args.landmarks or args.detector):
-        p.error("--all-faces goes with --landmarks or --detector")
     args.written = []  # the outputs in place, for what a stop says
 
     def said(stop: Stopped) -> str | None:
