@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint
 from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input, unreadable_image
-from .signals import Stopped, missing_device_op, run_tool, signals_held, stop_on_signals
+from .signals import run_tool, signals_held
 from .tools import check_outputs, left_out_said, listable_name, torch_device
 
 # Cosine similarity above which two faces are called the same when the model carries no
@@ -510,19 +510,8 @@ def run_stoppable(main, argv: list[str] | None) -> int:
     xpu one line and exit 2."""
     from .tools import say
 
-    try:
-        with stop_on_signals():
-            return main(argv)
-    except NotImplementedError as error:
-        text = missing_device_op(error)
-        if text is None:
-            raise
-        say(f"error: {text}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        say(f"\nstopped by {stop.name}: " + ("the files written before it are whole" if stop.after_writing else
-                                            "nothing written"), file=sys.stderr)
-        return stop.exit_status
+    # (no errors of its own: a benchmark says its own, and carries on past some)
+    return run_tool(lambda: main(argv), errors=(), whole=": the files written before it are whole", out=say)
 
 
 def report_unreadable(unreadable: list[tuple[int, str]], folder: str, shown: int = 10) -> None:

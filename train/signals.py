@@ -134,29 +134,30 @@ def missing_device_op(error: BaseException) -> str | None:
 
 def run_tool(work: Callable[[], int], *, tool: str = "", errors: tuple[type[BaseException], ...] = (OSError, ValueError),
              whole: str = " as the outputs were written: they are whole", said: Callable[[Stopped], str | None] | None = None,
-             blank_line: bool = True) -> int:
+             blank_line: bool = True, out: Callable[..., None] = print) -> int:
     """A command-line tool's ``work()`` (its exit status) under :func:`stop_on_signals`: one of ``errors``
     is a line ``<tool>: error: ...`` and exit status 2; Ctrl-C or SIGTERM a line ``<tool>: stopped by
     SIGINT`` followed by ``whole`` when its outputs were in place (``after_writing``), else ": nothing
     written", or by what ``said(stop)`` gives where that is not None; and exit 128 + the signal's number.
     An operator torch lacks on mps or xpu is a line and exit status 2 too (:func:`missing_device_op`).
-    ``blank_line``: a line break first, ending a line of progress the stop cut."""
+    ``blank_line``: a line break first, ending a line of progress the stop cut. ``out`` prints the lines
+    (to stderr): ``print``, or a benchmark's ``train.tools.say`` (:func:`train.embed.run_stoppable`)."""
     prefix = f"{tool}: " if tool else ""
     try:
         with stop_on_signals():
             return work()
     except errors as error:
-        print(f"{prefix}error: {error}", file=sys.stderr)
+        out(f"{prefix}error: {error}", file=sys.stderr)
         return 2
     except NotImplementedError as error:
         text = missing_device_op(error)
         if text is None:
             raise
-        print(f"{prefix}error: {text}", file=sys.stderr)
+        out(f"{prefix}error: {text}", file=sys.stderr)
         return 2
     except Stopped as stop:
         text = said(stop) if said is not None else None
         if text is None:
             text = whole if stop.after_writing else ": nothing written"
-        print(f"{chr(10) if blank_line else ''}{prefix}stopped by {stop.name}{text}", file=sys.stderr)
+        out(f"{chr(10) if blank_line else ''}{prefix}stopped by {stop.name}{text}", file=sys.stderr)
         return stop.exit_status
