@@ -135,6 +135,23 @@ def random_table(work: str, n: int, dim: int, people: int, spread: float, device
     return row
 
 
+def git_sha() -> str:
+    """The checkout's short commit, for the results (bench_cluster's, bench_roc's, bench_search's)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+
+
+def write_rows(path: str, sha: str, args: argparse.Namespace, rows: list[dict], *, load: bool = True) -> None:
+    """--output's JSON of bench_cluster, bench_roc and bench_search: where and with what the rows were
+    measured (``load``: with the load average as they are written), then the rows."""
+    about = {"git": sha, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+             "model": args.model, "date": time.strftime("%Y-%m-%d")}
+    if load:
+        about["load"] = os.getloadavg()
+    checkpoint.write_json_atomic(path, {"about": about, "rows": rows})
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="the model that embeds the faces (skip the faces without it)")
@@ -157,8 +174,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None, help="also write the rows as JSON")
     args = p.parse_args()
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    sha = git_sha()
     rows = []
     with tempfile.TemporaryDirectory() as work:
         if args.model:
@@ -210,10 +226,7 @@ def main() -> int:
         for people in (int(v) for v in args.random_people.split(",") if args.random):
             rows.append(random_table(work, args.random, args.dim, people, args.spread, args.device))
     if args.output:
-        about = {"git": sha, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                 "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-                 "model": args.model, "date": time.strftime("%Y-%m-%d")}
-        checkpoint.write_json_atomic(args.output, {"about": about, "rows": rows})
+        write_rows(args.output, sha, args, rows, load=False)
     return 0
 
 

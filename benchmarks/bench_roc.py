@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -31,8 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_cluster import people_table, person_faces  # noqa: E402
-from train import checkpoint  # noqa: E402
+from bench_cluster import git_sha, people_table, person_faces, write_rows  # noqa: E402
 from train.embed import load_model, write_table  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,8 +74,7 @@ def main() -> int:
         p.error(f"--large-person {args.large_person}: from 0 to the size of each --random collection")
     if args.large_spread < 0:
         p.error(f"--large-spread {args.large_spread:g}: 0 or more")
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=REPO).stdout.strip()
+    sha = git_sha()
     rows = []
     with tempfile.TemporaryDirectory() as work:
         if args.model:
@@ -136,10 +133,7 @@ def main() -> int:
                   f"{row['peak_rss_mib']} MiB (load average {load[0]:.2f} before, {row['load_after'][0]:.2f} "
                   f"after); exact thresholds at {row['threshold_exact_at_far']}", flush=True)
     if args.output:
-        about = {"git": sha, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                 "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-                 "model": args.model, "date": time.strftime("%Y-%m-%d"), "load": os.getloadavg()}
-        checkpoint.write_json_atomic(args.output, {"about": about, "rows": rows})
+        write_rows(args.output, sha, args, rows)
     return 0
 
 

@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_cluster import people_table, person_faces  # noqa: E402
-from train import checkpoint  # noqa: E402
+from bench_cluster import git_sha, people_table, person_faces, write_rows  # noqa: E402
 from train.embed import main as embed_main, write_table  # noqa: E402
 from train.tools import search  # noqa: E402
 from train.tools import summary_path  # noqa: E402
@@ -104,8 +100,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None, help="also write the rows as JSON")
     args = p.parse_args()
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    sha = git_sha()
     rows = []
     with tempfile.TemporaryDirectory() as work:
         if args.model:
@@ -147,10 +142,7 @@ def main() -> int:
         if args.random:
             rows += random_rows(work, args.random, args.random_probes, args.random_people, args.dim, args.device)
     if args.output:
-        about = {"git": sha, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                 "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-                 "model": args.model, "date": time.strftime("%Y-%m-%d"), "load": os.getloadavg()}
-        checkpoint.write_json_atomic(args.output, {"about": about, "rows": rows})
+        write_rows(args.output, sha, args, rows)
     return 0
 
 
