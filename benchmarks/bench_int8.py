@@ -124,6 +124,28 @@ def with_batchnorm_statistics(model: torch.nn.Module, image_size: int) -> torch.
     return model.eval()
 
 
+def run_about(args) -> dict:
+    """Where and with what the rows were timed (bench_int8's and bench_prelu's --output): the machine, its
+    load, the versions, the commit and onnxruntime's --threads."""
+    import onnxruntime
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        sha = "?"
+    return {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "git": sha, "threads": args.threads}
+
+
+def write_rows(path: str, about: dict, rows: list[dict]) -> None:
+    """--output's JSON of bench_int8 and bench_prelu: ``about`` (:func:`run_about`'s), then the rows."""
+    with open(path, "w") as f:
+        json.dump({**about, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--networks", default="r18,r50,mbf")
@@ -154,16 +176,9 @@ def main() -> int:
             rows.append(measure(f"{settings['network']} (trained)", model, settings["image_size"], folder, args,
                                 run=_run_args(path)))
             print(rows[-1], flush=True)
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        sha = "?"
-    about = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-             "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-             "onnxruntime": onnxruntime.__version__, "git": sha, "threads": args.threads}
+    about = run_about(args)
     print(f"\nonnxruntime {onnxruntime.__version__}, {args.threads} threads, {os.cpu_count()} cores, load "
-          f"{about['load_average'][0]:.1f} (git {sha})")
+          f"{about['load_average'][0]:.1f} (git {about['git']})")
     print(f"| network | fp32 MB | int8 MB | batch 1 fp32 / int8 ms | batch {args.batch} fp32 / int8 ms | "
           "cosine mean / min |")
     print("|---|---|---|---|---|---|")
@@ -174,9 +189,7 @@ def main() -> int:
         print(f"| {row['network']} {row['image_size']}px | {row['fp32_mb']:.1f} | {row['int8_mb']:.1f} | {one} | "
               f"{many} | {cosine} |")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({**about, "rows": rows}, f, indent=1)
-        print(f"wrote {args.output}")
+        write_rows(args.output, about, rows)
     return 0
 
 

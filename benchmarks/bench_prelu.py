@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_int8 import with_batchnorm_statistics  # noqa: E402
+from bench_int8 import run_about, with_batchnorm_statistics, write_rows  # noqa: E402
 from train import checkpoint, export, quantize  # noqa: E402
 from train.models import get_model  # noqa: E402
 
@@ -220,17 +217,9 @@ def main() -> int:
             model, settings = checkpoint.load_backbone(path)
             rows.append(measure(f"{settings['network']} (trained)", model, settings["image_size"], folder, args,
                                 run_args=_run_args(path)))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        sha = "?"
-    about = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-             "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-             "onnxruntime": onnxruntime.__version__, "git": sha, "threads": args.threads,
-             "forms": {kind: FORMS[kind] for kind in args.forms}}
+    about = {**run_about(args), "forms": {kind: FORMS[kind] for kind in args.forms}}
     print(f"\nonnxruntime {onnxruntime.__version__}, {args.threads} threads, {os.cpu_count()} cores, load "
-          f"{about['load_average'][0]:.1f} (git {sha}); the median over {args.rounds} rounds of each round's "
+          f"{about['load_average'][0]:.1f} (git {about['git']}); the median over {args.rounds} rounds of each round's "
           "median time (ms), and how many times faster than the PRelu graph (the rounds' lowest to highest)")
     for level in args.optimization:
         print(f"\noptimization {level}")
@@ -248,9 +237,7 @@ def main() -> int:
                                  f"{ms:.1f} ({min(ratios):.2f}-{max(ratios):.2f}x)")
                 print(f"| {row['network']} {row['image_size']}px | {batch} | " + " | ".join(cells) + " |")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({**about, "rows": rows}, f, indent=1)
-        print(f"wrote {args.output}")
+        write_rows(args.output, about, rows)
     return 0
 
 
