@@ -1519,7 +1519,11 @@ class Trainer:
         args = self.args
         global_batch = args.batch_size * args.gradient_acc * self.world_size
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            # A signal the process got ignored stays ignored, as in the start-up (stop_on_signals) and in
+            # Python itself: a script's background job (`python -m train ... &`) outlives the Ctrl-C of the
+            # script that started it.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         self._started = time.perf_counter()
         self._write(self.describe())
         if self.device.type == "cpu" and args.amp == "fp16":

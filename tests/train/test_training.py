@@ -346,6 +346,25 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
     assert "stopped by a second SIGINT: at once, without a checkpoint of this step" in capsys.readouterr().err
 
 
+def test_a_signal_the_process_got_ignored_stays_ignored_while_it_trains(faces, tmp_path, monkeypatch):
+    # A script's background job (`python -m train ... &` in a script without job control) starts with SIGINT
+    # ignored, so that the Ctrl-C of the script leaves it running: the start-up kept it so, and Python does,
+    # but the training steps took it over, and that Ctrl-C stopped the run.
+    seen = []
+    original_step = Trainer.train_step
+
+    def looking(self, images, labels):
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", looking)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the tests' fixture gives the next test a terminal's handlers)
+    assert main(argv(faces, tmp_path, max_steps=2, save_every=0)) == 0
+    assert seen and all(sigint is signal.SIG_IGN and getattr(sigterm, "__name__", "") == "_on_signal"
+                        for sigint, sigterm in seen), seen
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_the_same_signal_passed_on_by_torchrun_is_not_a_second_one(faces, tmp_path, monkeypatch, capsys):
     # A SIGTERM to the whole process group (a scheduler's, `kill -TERM -PGID`) or a Ctrl-C at the terminal
     # reaches the ranks, and torchrun, which passes the one it got on to them: each rank gets it twice. When
