@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.data.imagefolder import PathList  # noqa: E402
+from train.checkpoint import write_json_atomic  # noqa: E402
 from train.data.recordio import _read_index_by_line, read_index  # noqa: E402
 
 ROOT = "/data/webface42m/images"
@@ -97,8 +98,7 @@ def main() -> int:
           f"built in {rows['pathlist_build_s']:.2f} s)")
     print(f"  parsing train.idx: numpy {rows['idx_numpy_s']:.2f} s, line by line {rows['idx_by_line_s']:.2f} s")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_atomic(args.output, result)
         print(f"wrote {args.output}")
     return 0
 

@@ -141,8 +141,7 @@ def run_about(args) -> dict:
 
 def write_rows(path: str, about: dict, rows: list[dict]) -> None:
     """--output's JSON of bench_int8 and bench_prelu: ``about`` (:func:`run_about`'s), then the rows."""
-    with open(path, "w") as f:
-        json.dump({**about, "rows": rows}, f, indent=1)
+    checkpoint.write_json_atomic(path, {**about, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -81,6 +81,7 @@ if ROOT not in sys.path:
 
 import arcface_ext  # noqa: E402
 from arcface_ext import ops, reference  # noqa: E402
+from train.checkpoint import write_json_atomic  # noqa: E402
 
 IMPLS = ("ours", "ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
          "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas", "eager", "compiled", "floor",
@@ -603,9 +604,7 @@ def main(argv=None):
 
 
 def write_rows(rows, out):
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as handle:
-        json.dump(rows, handle, indent=1)
+    write_json_atomic(out, rows)  # (a run killed at its time limit as it writes keeps the file of before)
     print(f"wrote {len(rows)} rows to {out}")
 
 

@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import arcface_ext  # noqa: E402
 from bench_loss import _proc_status_mb, device_name, git_sha, run_child, slug  # noqa: E402
+from train.checkpoint import write_json_atomic  # noqa: E402
 
 IMPLS = ("ours", "reference")
 KINDS = ("torch", "fused", "trainer")
@@ -191,9 +192,7 @@ def main(argv=None):
                 print(f"{impl:<10} {num_classes:>9} {args.N:>5} {rate:>5} {epsilon:>4} {name:>13} "
                       f"{result['centres_mb']:>10.1f} {result['state_mb']:>9.1f} {result['peak_mb']:>9.1f} "
                       f"{result['step_peak_mb']:>12.1f} {result['ms']:>9.1f}", flush=True)
-                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-                with open(out, "w") as handle:  # kept if a later configuration fails
-                    json.dump(rows, handle, indent=1)
+                write_json_atomic(out, rows)  # kept if a later configuration fails (whole, if killed as it writes)
     print(f"wrote {len(rows)} rows to {out}")
 
 

@@ -239,3 +239,29 @@ def test_the_optional_stages_run(tmp_path):
     assert list(stage_lines(summary)) == ["fuzz", "max-c", "bench-core", "loader"], summary
     assert any(call.endswith("tests/test_fuzz.py") for call in calls), calls
     assert any("benchmarks/bench_loader.py --device cuda" in call for call in calls), calls
+
+
+@pytest.mark.parametrize("name", ["bench_loss", "bench_int8"])
+def test_a_benchmark_killed_as_it_writes_its_results_keeps_the_file_of_before(name, tmp_path, monkeypatch):
+    # gpu_check.sh runs the benchmarks under time limits, and a kill (or a full disk) during the write
+    # truncated the results file, the earlier rows with it: they are written to a temporary, then renamed.
+    import json
+
+    bench = load_benchmark(name)
+    write = (lambda rows, out: bench.write_rows(rows, out)) if name == "bench_loss" else \
+        (lambda rows, out: bench.write_rows(out, {"git": "abc"}, rows))
+    out = str(tmp_path / "results" / "rows.json")
+    write([{"impl": "ours", "ms": 1.0}], out)
+    before = pathlib.Path(out).read_text()
+    dump = json.dump
+
+    def killed_half_way(content, f, **kwargs):
+        f.write(json.dumps(content)[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json, "dump", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        write([{"impl": "ours", "ms": 1.0}, {"impl": "eager", "ms": 3.0}], out)
+    monkeypatch.setattr(json, "dump", dump)
+    assert pathlib.Path(out).read_text() == before and json.loads(before)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["rows.json"]
