@@ -474,6 +474,24 @@ def test_rank_0s_refusal_is_every_ranks(rank, trained, tmp_path, monkeypatch, ca
     assert not (tmp_path / "e.npy").exists()
 
 
+def test_rank_0s_unreadable_exclude_set_is_sent_to_the_others(trained, tmp_path, monkeypatch, capsys):
+    # (helper-139's review) A .bin that is not a pickle raised pickle.UnpicklingError, which rank 0 did not
+    # catch before the broadcast: it left the group, and the others, waiting in it, never heard why.
+    ckpt, faces = trained
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a pickle at all")
+    sent = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(clean, "_process_group", lambda device: (0, 2, device))
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects, src=0: sent.append(objects[0]))
+    assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "out", "--embeddings",
+                     tmp_path / "e.npy", "--exclude-sets", bad) == 2
+    err = capsys.readouterr().err
+    assert len(sent) == 1 and str(bad) in sent[0] and err == f"clean: error: {sent[0]}\n", (sent, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "e.npy").exists()
+
+
 def test_a_rank_that_finds_another_gone_says_one_line(tmp_path, monkeypatch, capsys):
     # Another process failed alone (rank 0 writing the shared embeddings' file on a full disk): this one's
     # collective finds the connection closed. It printed gloo's traceback, which read like a second error.

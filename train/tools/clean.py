@@ -642,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
             test_sets = _test_sets(args, settings["image_size"]) if args.exclude_sets else {}
             lock = RunLock(os.path.join(args.output, ".clean.lock"), f"another clean run is writing {args.output}: "
                            "wait for it to end, or stop it")
-        except (OSError, ValueError) as error:
+        except Exception as error:  # (any: the others wait for its word in the broadcast below)
             refused = error
     try:
         if world > 1:
