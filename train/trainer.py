@@ -59,8 +59,9 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
-# A signal this soon after the first is the same stop, not a second Ctrl-C: torchrun passes the signal it gets on
-# to its processes, which a terminal's Ctrl-C or a scheduler's SIGTERM to the process group reached already.
+# The first signal again this soon after it is the same stop, not a second Ctrl-C: torchrun passes the signal it
+# gets on to its processes (each in a session of its own), which a scheduler that signals every process of the job
+# (Slurm's scancel, systemd's control-group kill, pkill) reached already.
 SAME_STOP_SECONDS = 1.0
 
 # The lock a run holds on its --output folder (Trainer._lock_output), by the folder's real path.
@@ -1475,7 +1476,7 @@ class Trainer:
                 self.log.text(message)
 
     def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal and time.monotonic() - self._stop_signal_at < SAME_STOP_SECONDS:
+        if self._stop_signal == signum and time.monotonic() - self._stop_signal_at < SAME_STOP_SECONDS:
             return  # the first again, passed on by torchrun (or a script that starts the run): the stop is under way
         if self._stop_signal:  # a second Ctrl-C: stop now, without the checkpoint
             signal.signal(signum, signal.SIG_DFL)

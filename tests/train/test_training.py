@@ -344,6 +344,25 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
         main(argv(faces, tmp_path / "run", max_steps=4))
     assert stopped.value.code == 128 + signal.SIGINT
     assert "stopped by a second SIGINT: at once, without a checkpoint of this step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
+
+
+def test_another_signal_soon_after_the_first_is_a_second_one(faces, tmp_path, monkeypatch, capsys):
+    # (helper-139's review) The window for torchrun's passed-on copy took any signal: a second Ctrl-C to
+    # torchrun reaches its ranks as SIGTERM, within a second of the SIGINT, and did nothing.
+    original_step = Trainer.train_step
+
+    def signalled(self, images, labels):
+        if self.step == 1:
+            self._on_signal(signal.SIGINT, None)
+            self._on_signal(signal.SIGTERM, None)
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv(faces, tmp_path, max_steps=4, save_every=0))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by a second SIGTERM: at once, without a checkpoint of this step" in capsys.readouterr().err
 
 
 def test_a_signal_the_process_got_ignored_stays_ignored_while_it_trains(faces, tmp_path, monkeypatch):
@@ -366,7 +385,7 @@ def test_a_signal_the_process_got_ignored_stays_ignored_while_it_trains(faces, t
 
 
 def test_the_same_signal_passed_on_by_torchrun_is_not_a_second_one(faces, tmp_path, monkeypatch, capsys):
-    # A SIGTERM to the whole process group (a scheduler's, `kill -TERM -PGID`) or a Ctrl-C at the terminal
+    # A scheduler's SIGTERM to every process of the job (Slurm's scancel, systemd's control-group kill, pkill)
     # reaches the ranks, and torchrun, which passes the one it got on to them: each rank gets it twice. When
     # the second came after the rank had handled the first (torchrun scheduled later, on a loaded machine;
     # r18 at 112 px, torchrun's 20 ms after the ranks': every time), it was 'a second SIGTERM': the ranks
