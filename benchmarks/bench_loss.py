@@ -81,6 +81,7 @@ if ROOT not in sys.path:
 
 import arcface_ext  # noqa: E402
 from arcface_ext import ops, reference  # noqa: E402
+from train.checkpoint import write_json_atomic  # noqa: E402  (numpy: a missing one said at the start, not after the run)
 
 IMPLS = ("ours", "ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
          "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas", "eager", "compiled", "floor",
@@ -603,8 +604,6 @@ def main(argv=None):
 
 
 def write_rows(rows, out):
-    from train.checkpoint import write_json_atomic  # (here: it imports numpy, which the loss does not need)
-
     write_json_atomic(out, rows)  # (a run killed at its time limit as it writes keeps the file of before)
     print(f"wrote {len(rows)} rows to {out}")
 
