@@ -20,7 +20,6 @@ import csv
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_loss import git_sha  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.data.synthetic import render_face  # noqa: E402
 from train.embed import main as embed_main, read_table, write_table  # noqa: E402
@@ -133,12 +133,6 @@ def random_table(work: str, n: int, dim: int, people: int, spread: float, device
           + (f"; pairwise F {row['pairwise_f']:.3f}, BCubed F {row['bcubed_f']:.3f}" if truth is not None else ""),
           flush=True)
     return row
-
-
-def git_sha() -> str:
-    """The checkout's short commit, for the results (bench_cluster's, bench_roc's, bench_search's)."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
 
 
 def write_rows(path: str, sha: str, args: argparse.Namespace, rows: list[dict], *, load: bool = True) -> None:

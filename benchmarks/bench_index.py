@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_loss import git_sha  # noqa: E402
 from train.data.imagefolder import PathList  # noqa: E402
 from train.checkpoint import write_json_atomic  # noqa: E402
 from train.data.recordio import _read_index_by_line, read_index  # noqa: E402
@@ -85,11 +85,7 @@ def main() -> int:
             rows[name] = time.perf_counter() - started
             assert keys.size == n and np.array_equal(parsed, offsets)
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        sha = "?"
+    sha = git_sha()
     result = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
               "numpy": np.__version__, "git": sha, "images": n, **{k: round(v, 3) for k, v in rows.items()}}
     print(f"{n} images (git {sha}, numpy {np.__version__}):")

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_loss import git_sha  # noqa: E402
 from train import checkpoint, export, quantize  # noqa: E402
 from train.models import get_model  # noqa: E402
 
@@ -129,14 +129,9 @@ def run_about(args) -> dict:
     load, the versions, the commit and onnxruntime's --threads."""
     import onnxruntime
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        sha = "?"
     return {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "git": sha, "threads": args.threads}
+            "onnxruntime": onnxruntime.__version__, "git": git_sha(), "threads": args.threads}
 
 
 def write_rows(path: str, about: dict, rows: list[dict]) -> None:

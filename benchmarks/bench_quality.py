@@ -31,6 +31,7 @@ from PIL import Image, ImageFilter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_loss import git_sha  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.data.synthetic import render_face  # noqa: E402
 from train.tools import quality, summary_path  # noqa: E402
@@ -142,8 +143,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="also write the results as JSON")
     args = p.parse_args()
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=REPO).stdout.strip()
+    sha = git_sha()
     started = time.monotonic()
     models = {loss: model_for(loss, getattr(args, loss), args.runs, args.steps) for loss in ("arcface", "magface")}
     rows = []

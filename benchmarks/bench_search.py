@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_cluster import git_sha, people_table, person_faces, write_rows  # noqa: E402
+from bench_cluster import people_table, person_faces, write_rows  # noqa: E402
+from benchmarks.bench_loss import git_sha  # noqa: E402
 from train.embed import main as embed_main, write_table  # noqa: E402
 from train.tools import search  # noqa: E402
 from train.tools import summary_path  # noqa: E402
