@@ -551,9 +551,8 @@ def _main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.embeddings:
         # (Every process says it, as with any error: torchrun stops the others once one has ended, which
         # can be before rank 0 has printed.)
-        rank = int(os.environ.get("RANK", "0"))
-        print(f"clean: {f'[rank {rank}] ' if rank else ''}error: under torchrun, --embeddings FILE.npy is where the "
-              "processes put their embeddings: name one on a file system all of them see", file=sys.stderr)
+        _say("error: under torchrun, --embeddings FILE.npy is where the processes put their embeddings: name one "
+             "on a file system all of them see")
         return 2
     existed = os.path.lexists(args.output)
     status = 2
@@ -566,35 +565,37 @@ def _main(argv: list[str] | None = None) -> int:
         text = missing_device_op(error) if isinstance(error, NotImplementedError) else str(error)
         if text is None:
             raise
-        rank = int(os.environ.get("RANK", "0"))
-        print(f"clean: {f'[rank {rank}] ' if rank else ''}error: {text}", file=sys.stderr)
+        _say(f"error: {text}")
         return 2
     except RuntimeError as error:
         # Another process failed alone (its error is in its own output) and this one found its connection
         # closed in a collective: one line, not gloo's traceback that reads like a second error.
         if not (int(os.environ.get("WORLD_SIZE", "1")) > 1 and lost_a_peer(error)):
             raise
-        rank = int(os.environ.get("RANK", "0"))
-        print(f"clean: {f'[rank {rank}] ' if rank else ''}error: another process stopped (see its error)",
-              file=sys.stderr)
+        _say("error: another process stopped (see its error)")
         return 2
     except Stopped as stop:
         # Every process says its stop, as its errors: a signal to one alone (a pre-empted node's) ends it, and
         # another, waiting for it in a collective, then says only "another process stopped (see its error)".
-        rank = int(os.environ.get("RANK", "0"))
-        said = f"clean: {f'[rank {rank}] ' if rank else ''}stopped by {stop.name}"
         if stop.after_writing:
             status = 0  # the folder it made holds the run's files
-            print(f"{said} as this run's files were moved into --output: they are all there", file=sys.stderr)
+            _say(f"stopped by {stop.name} as this run's files were moved into --output: they are all there")
         else:
-            print(f"{said}: --output holds what it held before (this run's files are moved into it only at the end)",
-                  file=sys.stderr)
+            _say(f"stopped by {stop.name}: --output holds what it held before (this run's files are moved into it "
+                 "only at the end)")
         return stop.exit_status
     finally:
         _leave_process_group()
         if status not in (0, 1) and not existed and int(os.environ.get("RANK", "0")) == 0:
             with contextlib.suppress(OSError):  # the folder this run made, left empty by its failure
                 os.rmdir(args.output)
+
+
+def _say(message: str) -> None:
+    """A line of this process's, as each of a torchrun run's says its errors and its stop ("[rank N] "
+    after "clean: " on the others than rank 0)."""
+    rank = int(os.environ.get("RANK", "0"))
+    print(f"clean: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr)
 
 
 def _say_once(message: str) -> None:
