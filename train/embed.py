@@ -17,6 +17,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -386,6 +387,19 @@ def faces_are_files(faces: str | None) -> bool:
     landmarks file lists may be several of a photo, or lie anywhere in it.)"""
     return faces == IMAGES_AS_THEY_ARE or (isinstance(faces, str) and faces.startswith("found and aligned by ")
                                            and not faces.endswith(", every face"))
+
+
+def faces_of_photos(faces: str | None, names: list[str]) -> bool:
+    """Whether a table's rows, named ``names``, are every face of photos (``<photo>#<k>``), as its provenance's
+    ``faces`` (:func:`faces_described`) says; or, of a table of faces aligned from a landmarks file written
+    before that said ", every face", as its names say: a landmarks file names image files, so rows that all
+    end in ``#<k>`` are the faces of several lines of one image, which only --all-faces takes."""
+    if not isinstance(faces, str):
+        return False
+    if faces.endswith(", every face"):
+        return True
+    return faces.startswith("aligned from the landmarks in ") and bool(names) and all(
+        re.search(r"#[1-9][0-9]*$", name) for name in names)
 
 
 def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, str]:

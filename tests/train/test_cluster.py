@@ -635,21 +635,26 @@ def test_the_faces_of_one_photo_are_kept_apart():
 
 
 
-@pytest.mark.parametrize("made_by", ["detector", "landmarks"])
+@pytest.mark.parametrize("made_by", ["detector", "landmarks", "landmarks, an older table"])
 def test_a_table_of_every_face_keeps_its_photos_faces_apart(tmp_path, capsys, made_by):
     """A table of every face of photos (rows <photo>#<k>, as train.embed --detector --all-faces or --landmarks
     --all-faces writes it): its faces of one photo are kept apart by Chinese whispers; components put them
     together, which the summary counts and a note says. (train.embed --landmarks --all-faces's table said only
-    'aligned from the landmarks in ...', and its photos' faces were clustered as any faces.)"""
-    from train.embed import faces_described
+    'aligned from the landmarks in ...', and its photos' faces were clustered as any faces; such a table written
+    before is known by its rows' names, as a landmarks file names image files.)"""
+    from train.embed import faces_described, faces_of_photos
 
     faces, person = people_photos(4, 6)
     names = [f"p{i:02d}.jpg#1" for i in range(len(faces))]
     names[3] = "p02.jpg#2"  # (p02.jpg: two faces of person 0)
     table, out = tmp_path / "faces.npy", tmp_path / "c.csv"
+    landmarks = faces_described(str(tmp_path / "landmarks.txt"))
     about = faces_described(detector="/det.onnx", all_faces=True) if made_by == "detector" else \
-        faces_described(str(tmp_path / "landmarks.txt"), all_faces=True)
-    assert faces_described(str(tmp_path / "landmarks.txt")) == f"aligned from the landmarks in {tmp_path}/landmarks.txt"
+        faces_described(str(tmp_path / "landmarks.txt"), all_faces=True) if made_by == "landmarks" else landmarks
+    assert landmarks == f"aligned from the landmarks in {tmp_path}/landmarks.txt"
+    # A landmarks table of one face an image, or of images as they are, named so: no photo's faces to keep apart.
+    assert not faces_of_photos(landmarks, [name.replace("#", "_") for name in names])
+    assert not faces_of_photos(faces_described(), names) and not faces_of_photos(None, names)
     write_table(str(table), names, faces.numpy(), about={"faces": about})
     assert run_cluster("--embeddings", table, "--threshold", "0.5", "--output", out) == 0
     err = capsys.readouterr().err

@@ -45,8 +45,8 @@ from PIL import Image, ImageOps
 from train import checkpoint
 from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_folder, embed_listed_faces, faces_are_files,
-                         folder_images, load_model, made_with, model_threshold, open_detector, read_about, read_table,
-                         table_files)
+                         faces_of_photos, folder_images, load_model, made_with, model_threshold, open_detector,
+                         read_about, read_table, table_files)
 from train.ijb import ALIGNED_SIZE, align_for_model, landmarks_off_image
 from train.signals import run_tool, signals_held
 from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
@@ -398,9 +398,9 @@ def run(args: argparse.Namespace) -> int:
         names, embeddings = embed_folder(model, args.images, paths, names, settings["image_size"], failures=failures,
                                          detector=detector, all_faces=args.all_faces, device=device,
                                          batch_size=args.batch_size, workers=args.workers, aligned_from=aligned_from)
-    # Rows named <photo>#<k> (--all-faces, or a table train.embed --detector --all-faces wrote): the faces of one
-    # photo, which are not one person.
-    several = args.all_faces or str(table_about.get("faces")).endswith(", every face")
+    # Rows named <photo>#<k> (--all-faces, or a table train.embed --detector/--landmarks --all-faces wrote): the
+    # faces of one photo, which are not one person.
+    several = args.all_faces or faces_of_photos(table_about.get("faces"), names)
     photo_of = np.unique([photo_of_face(name) for name in names], return_inverse=True)[1].ravel() if several \
         else None
 
