@@ -47,8 +47,8 @@ def main() -> int:
               f"{np.isfinite(cg).sum()}, max |cos diff| {np.abs(cc[both] - cg[both]).max() if both.any() else 0:.2e}, "
               f"index mismatches {int((ic != ig).sum())} of {ic.size}; cpu {tc:.1f} s {args.device} {tg:.1f} s",
               flush=True)
-        a = cluster.cluster_embeddings(x, t, device="cpu")
-        b = cluster.cluster_embeddings(x, t, device=args.device)
+        a, _ = cluster.cluster_embeddings(x, t, device="cpu")
+        b, _ = cluster.cluster_embeddings(x, t, device=args.device)
         print(f"  clusters equal: {bool((a == b).all())} ({a.max() + 1} clusters)", flush=True)
 
     # 2. The command line on the GPU, a 20k table.
@@ -68,7 +68,7 @@ def main() -> int:
         x, truth = people_table(n, people)
         torch.cuda.synchronize()
         s = time.perf_counter()
-        found = cluster.cluster_embeddings(x, 0.3, device=args.device)
+        found, _ = cluster.cluster_embeddings(x, 0.3, device=args.device)
         torch.cuda.synchronize()
         took = time.perf_counter() - s
         sc = scores(found, truth.numpy()) if truth is not None else {}

@@ -158,13 +158,13 @@ def test_chinese_whispers_cuts_a_chain_that_joins_two_groups():
     unit = chain()
     links = (unit @ unit.T).numpy()
     assert links[0, -1] < 0.2 and links[6, 5] > 0.8 and links[8, 9] > 0.8  # the groups are apart; the chain links
-    components = cluster.cluster_embeddings(unit, 0.8, neighbours=5, method="components", min_size=2)
+    components, _ = cluster.cluster_embeddings(unit, 0.8, neighbours=5, method="components", min_size=2)
     assert components.tolist() == [0] * 15  # one false link after another: all one
-    whispers = cluster.cluster_embeddings(unit, 0.8, neighbours=5, min_size=2)
+    whispers, _ = cluster.cluster_embeddings(unit, 0.8, neighbours=5, min_size=2)
     assert len(set(whispers[:6])) == 1 and len(set(whispers[-6:])) == 1 and whispers[0] != whispers[-1]
     assert whispers.max() == 1  # the chain's faces join one group or the other
     # --min-size: clusters of fewer are noise.
-    assert (cluster.cluster_embeddings(unit, 0.8, neighbours=5, min_size=10) == -1).all()
+    assert (cluster.cluster_embeddings(unit, 0.8, neighbours=5, min_size=10)[0] == -1).all()
 
 
 def test_chinese_whispers_and_numbering():
@@ -225,19 +225,17 @@ def test_duplicate_photos_cluster_with_their_person_not_by_copy():
     """Every photo there 12 times: each face's 10 nearest were its own copies, so the graph had no link
     out of a photo's copies and each photo was a cluster (24 for 4 people)."""
     photos, person = people_photos(4, 6)
-    assert (cluster.cluster_embeddings(photos, 0.5) == person).all()
+    assert (cluster.cluster_embeddings(photos, 0.5)[0] == person).all()
     faces, photo = with_duplicates(photos, np.full(len(photos), 12))
     for method in cluster.METHODS:
-        found = cluster.cluster_embeddings(faces, 0.5, method=method)
+        found, _ = cluster.cluster_embeddings(faces, 0.5, method=method)
         assert found.max() == 3 and len(set(zip(found.tolist(), person[photo].tolist()))) == 4, found
     # Each face's first duplicate, as the summary counts them.
-    first = []
-    cluster.cluster_embeddings(faces, 0.5, duplicate_of=first)
-    assert (first[0] == np.array([np.flatnonzero(photo == p)[0] for p in photo])).all()
+    _, first = cluster.cluster_embeddings(faces, 0.5)
+    assert (first == np.array([np.flatnonzero(photo == p)[0] for p in photo])).all()
     # At a --duplicate-cosine above the re-encodings' cosines, only the exact copies are duplicates.
-    first = []
-    cluster.cluster_embeddings(faces, 0.5, duplicate_cosine=0.999999, duplicate_of=first)
-    assert len(np.unique(first[0])) == len(photos) * 7  # per photo: the 6 exact copies as one, the 6 moved apart
+    _, first = cluster.cluster_embeddings(faces, 0.5, duplicate_cosine=0.999999)
+    assert len(np.unique(first)) == len(photos) * 7  # per photo: the 6 exact copies as one, the 6 moved apart
 
 
 @pytest.mark.parametrize("rows, columns", [(2048, 16384), (7, 11)])
@@ -616,16 +614,16 @@ def test_the_faces_of_one_photo_are_kept_apart():
     photo_of = np.arange(len(faces))
     photo_of[[1, 7, 13, 19]] = 100  # a group photo of the 4 people
     photo_of[[2, 3]] = 101  # the same person twice in one photo
-    assert (cluster.cluster_embeddings(faces, 0.5) == person).all()
-    found = cluster.cluster_embeddings(faces, 0.5, photo_of=photo_of)
+    assert (cluster.cluster_embeddings(faces, 0.5)[0] == person).all()
+    found, _ = cluster.cluster_embeddings(faces, 0.5, photo_of=photo_of)
     assert sorted(found[[2, 3]].tolist()) == [-1, found[0]], found
     others = np.setdiff1d(np.arange(len(faces)), [2, 3])  # (person 0, 5 faces now, the smallest cluster: 3)
     assert (found[others] == np.array([3, 0, 1, 2])[person[others]]).all(), found
-    assert (cluster.cluster_embeddings(faces, 0.5, method="components", photo_of=photo_of) == person).all()
+    assert (cluster.cluster_embeddings(faces, 0.5, method="components", photo_of=photo_of)[0] == person).all()
     # With their duplicates (every face 3 times, the copies of a photo one photo each): still apart.
     copies, photo = with_duplicates(faces, np.full(len(faces), 3))
     copy_of_photo = photo_of[photo] * 3 + np.argsort(np.argsort(photo, kind="stable"), kind="stable") % 3
-    found = cluster.cluster_embeddings(copies, 0.5, photo_of=copy_of_photo)
+    found, _ = cluster.cluster_embeddings(copies, 0.5, photo_of=copy_of_photo)
     for p in np.unique(copy_of_photo):
         clustered = found[(copy_of_photo == p) & (found >= 0)]
         assert len(set(clustered.tolist())) == len(clustered), (p, found)

@@ -196,22 +196,20 @@ def photo_neighbours(unit: torch.Tensor, index: np.ndarray, cosine: np.ndarray, 
 
 def cluster_embeddings(unit: torch.Tensor, threshold: float, *, neighbours: int = DEFAULT_NEIGHBOURS,
                        method: str = METHODS[0], min_size: int = DEFAULT_MIN_SIZE, device="cpu",
-                       log=None, duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE, duplicate_of: list | None = None,
-                       photo_of: np.ndarray | None = None) -> np.ndarray:
-    """(N,) the cluster of each of the (N, D) unit embeddings (-1: noise), numbered by size, largest
-    first: the graph of each face's ``neighbours`` nearest at ``threshold`` or more, cut by Chinese
-    whispers or into its connected components (``method``). Faces joined by cosines of
+                       log=None, duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
+                       photo_of: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """((N,) the cluster of each of the (N, D) unit embeddings (-1: noise), numbered by size, largest
+    first; (N,) the first face of each face's duplicates, itself for a face with none): the graph of each
+    face's ``neighbours`` nearest at ``threshold`` or more, cut by Chinese whispers or into its connected
+    components (``method``). Faces joined by cosines of
     ``duplicate_cosine`` or more (at least ``threshold``) are duplicates of one photo: one node of the
     graph, whose vote weighs as many faces, whose neighbours are other photos (each face's nearest
     would be its own duplicates, and the duplicates of a photo a cluster of their own), and whose
-    cluster every duplicate takes. ``duplicate_of`` (a list) gets the (N,) first face of each face's
-    duplicates (itself for a face with none). ``photo_of`` ((N,) each face's photo, any numbering) keeps
+    cluster every duplicate takes. ``photo_of`` ((N,) each face's photo, any numbering) keeps
     the faces of one photo in different clusters, as cannot-links of Chinese whispers (one person is in a
     photo once); the components of ``method`` components keep no such constraint."""
     index, cosine, first = nearest_neighbours_and_duplicates(unit, neighbours, threshold,
                                                              max(duplicate_cosine, threshold), device=device, log=log)
-    if duplicate_of is not None:
-        duplicate_of.append(first)
     photos, index, cosine = photo_neighbours(unit, index, cosine, first, neighbours, threshold, device=device)
     a, b, weight = neighbour_graph(index, cosine)
     if method == "components":
@@ -221,7 +219,7 @@ def cluster_embeddings(unit: torch.Tensor, threshold: float, *, neighbours: int 
         node = np.searchsorted(photos, first)  # (each face's node: its group of duplicates)
         label = chinese_whispers(len(photos), a, b, weight, node_weight=faces.astype(np.float64),
                                  apart=None if photo_of is None else faces_of_one_photo(photo_of, node))
-    return numbered_clusters(photos[label][np.searchsorted(photos, first)], min_size)
+    return numbered_clusters(photos[label][np.searchsorted(photos, first)], min_size), first
 
 
 def faces_of_one_photo(photo_of: np.ndarray, node: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -406,11 +404,10 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     unit = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)), dim=1)
-    duplicate_of = []
-    clusters = cluster_embeddings(unit, threshold, neighbours=args.neighbours, method=args.method,
-                                  min_size=args.min_size, device=device, duplicate_cosine=duplicate_cosine,
-                                  duplicate_of=duplicate_of, photo_of=photo_of,
-                                  log=lambda message: print(f"cluster: {message}", file=sys.stderr, flush=True))
+    clusters, duplicate_of = cluster_embeddings(
+        unit, threshold, neighbours=args.neighbours, method=args.method, min_size=args.min_size, device=device,
+        duplicate_cosine=duplicate_cosine, photo_of=photo_of,
+        log=lambda message: print(f"cluster: {message}", file=sys.stderr, flush=True))
     seconds = time.monotonic() - started
     together = 0  # faces that share their cluster with another face of their photo (components keep no constraint)
     if photo_of is not None:
@@ -419,7 +416,6 @@ def run(args: argparse.Namespace) -> int:
         together = int(counts[counts > 1].sum())
     sizes = np.bincount(clusters[clusters >= 0]).tolist()
     noise = int(np.count_nonzero(clusters < 0))
-    duplicate_of = duplicate_of[0]
     duplicates = int(np.count_nonzero(duplicate_of != np.arange(len(duplicate_of))))
     duplicated = len(np.unique(duplicate_of[duplicate_of != np.arange(len(duplicate_of))]))
     summary = {
