@@ -489,8 +489,10 @@ def test_operating_points_fpir_and_the_threshold_recorded_in_the_gallery(open_se
 
     # Refused, in one line naming --fpir: too few strangers for the rate, none at all, with --threshold, out of
     # range, without labels.
-    for argv, said in [(["--fpir", "0.05"], "--fpir 0.05: 10 non-mated searches measure an FPIR of 0.1 at best "
-                                            "(1 of them); 0.05 needs 20 or more"),
+    for argv, said in [(["--fpir", "0.07"], "--fpir 0.07: 10 non-mated searches measure an FPIR of 0.1 at best "
+                                            "(1 of them); 0.07 needs 15 or more"),
+                       (["--fpir", "0.05"], f"--fpir 0.05 is measured on 20 non-mated searches or more (probes of "
+                                            f"people not enrolled), and --probes {probes} holds 15 probes in all"),
                        (["--fpir", "0.2", "--probes", tmp_path / "mated.npy"], "--fpir 0.2: none of the 5 probes")]:
         write_table(str(tmp_path / "mated.npy"), [f"{p}.jpg" for p in ("alice", "bob", "carol", "dave", "alice2")],
                     np.load(probes)[10:])
@@ -541,6 +543,16 @@ def test_fpir_recorded_in_a_gallery_enrolled_from_a_folder(trained, tmp_path, ca
     assert err.endswith(f"(the gallery's table was written: {saved}, {tmp_path / 'g.txt'}, {saved}.json; --gallery "
                         f"{saved} searches it without embedding it again)")
     assert np.load(saved).shape == (12, 64) and not os.path.exists(tmp_path / "s.csv")
+    # Probes too few for the --fpir were they all strangers: said before the gallery is embedded and its table
+    # written (it was after, as above).
+    for written in (saved, tmp_path / "g.txt", tmp_path / "g.npy.json"):
+        os.remove(written)
+    assert run_search("--model", backbone, "--gallery", gallery, "--probes", probes, "--probe-labels", "folder",
+                      "--fpir", 0.05, "--save-gallery", saved, "--output", tmp_path / "s.csv") == 2
+    err = capsys.readouterr().err
+    assert err == (f"search: error: --fpir 0.05 is measured on 20 non-mated searches or more (probes of people not "
+                   f"enrolled), and --probes {probes} holds 12 probes in all\n")
+    assert not os.path.exists(saved) and not os.path.exists(tmp_path / "s.csv")
 
 
 def test_a_tables_unit_rows_are_taken_as_they_are(tmp_path):

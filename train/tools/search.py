@@ -310,6 +310,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--probe-labels {labels_file}: no such file (or 'folder': each probe's first "
                                 "folder is its person)")
 
+    if args.fpir is not None:
+        _check_fpir_measurable(args, probes, probe_folder)
+
     outputs = [args.output, summary_path(args.output)] if args.probes else []
     outputs += table_files(args.save_gallery, about=True) if args.save_gallery else []
     if len({os.path.realpath(path) for path in outputs}) < len(outputs):
@@ -354,6 +357,28 @@ def run(args: argparse.Namespace) -> int:
         # (--save-gallery's table is whole, and kept: the gallery need not be embedded again)
         raise type(error)(f"{error} (the gallery's table was written: {', '.join(args.written)}; "
                           f"--gallery {args.save_gallery} searches it without embedding it again)") from None
+
+
+def _check_fpir_measurable(args, probes: Faces | None, probe_folder: str | None) -> None:
+    """ValueError naming --fpir, before any face is embedded (and --save-gallery's table written), when the
+    probes are too few for it even were each of them a non-mated search: a table's rows, one image, a
+    folder's images (each photo's main face under --detector), --landmarks' lines. (--all-faces: a photo's
+    faces are not known before they are found.)"""
+    if args.all_faces:
+        return
+    if probes is not None:
+        searches = len(probes.names)
+    elif args.landmarks:
+        from train.tools.align import read_face_landmarks
+        searches = len(read_face_landmarks(args.landmarks, extension=args.extension)[0])
+    elif probe_folder:
+        searches = len(list_images(probe_folder))
+    else:
+        searches = 1
+    needed = negatives_needed(args.fpir)
+    if searches < needed:
+        raise ValueError(f"--fpir {args.fpir:g} is measured on {needed} non-mated searches or more (probes of people "
+                         f"not enrolled), and --probes {args.probes} holds {count_of(searches, 'probe')} in all")
 
 
 def _embed_gallery(args, model, settings: dict, device, detector, failures: list[str]) -> Faces:
