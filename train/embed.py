@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--norms", metavar="FILE", default=None,
                    help="with --images: also write each face's feature norm (the mean over the image and its mirror "
                    "of the embedding's length before normalisation; MagFace's quality score, and AdaFace's proxy of "
-                   "it) to this CSV file, image,norm in the rows' order; kept unless --overwrite is given")
+                   "it) to this CSV file (.csv), image,norm in the rows' order; kept unless --overwrite is given")
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine similarity at or above which two faces are the same person; default: from the "
                    f"model's last verification, else {DEFAULT_COSINE_THRESHOLD} (python -m train.tools.roc measures "
@@ -851,6 +851,10 @@ def run(args: argparse.Namespace) -> int:
         check_outputs(table_files(args.output, about=True) + ([args.norms] if args.norms else []), args.overwrite,
                       inputs=(args.model, checkpoint.settings_path(args.model), args.landmarks, args.detector),
                       image_folders=(args.images,))
+    if args.norms and not args.norms.endswith(".csv"):
+        # (after check_outputs, whose words are the more telling for the model or an image named here)
+        raise ValueError(f"--norms {args.norms}: the norms are a CSV table, image,norm: name a .csv file (as "
+                         "train.tools.quality --embeddings reads them)")
     size = settings["image_size"]
     digests = model_digests(args.model, model) if args.images else {}  # (what the table's .json records)
     norms = []

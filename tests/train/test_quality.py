@@ -158,6 +158,18 @@ def test_scores_trees_and_tables(trained, tmp_path, capsys):
         assert os.path.samefile(where, os.path.join(faces, name))
     assert len(os.listdir(tmp_path / "tree" / "rejected")) == 20
 
+    # The norms file is a CSV table, which this tool reads by its .csv name: another name is refused before any
+    # face is embedded (norms.npy was a CSV file named .npy, which --embeddings then read as a .npy table, "no
+    # file at norms.txt").
+    capsys.readouterr()
+    for name in ("norms.npy", "norms"):
+        assert embed_main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "n.npy"), "--norms",
+                           str(tmp_path / name), "--workers", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: --norms {tmp_path / name}: the norms are a CSV table, image,norm: name a .csv file "
+                       "(as train.tools.quality --embeddings reads them)\n"), err
+        assert not os.path.exists(tmp_path / name) and not os.path.exists(tmp_path / "n.npy")
+
     # A table of unit rows that names no norms has no quality to give.
     assert embed_main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "plain.npy"),
                        "--workers", "0"]) == 0
