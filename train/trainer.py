@@ -37,7 +37,7 @@ from .models import (check_embedding_shape, get_model, is_factory_spec, learn_em
                      model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
-from .tools import lost_a_peer
+from .tools import lost_a_peer, say_unhandled_error
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -850,6 +850,7 @@ class Trainer:
         self._stop_signal = 0
         self._stop_signal_at = 0.0  # (time.monotonic()'s)
         self._previous_handlers: dict[int, Any] = {}
+        self._error_said = False  # an unhandled error, said before the process group was left (_fit)
         self._started = time.perf_counter()
 
     def _lock_output(self) -> None:
@@ -1506,6 +1507,8 @@ class Trainer:
             if self.is_main:
                 with contextlib.suppress(LogNotWritten):
                     self.log.text(f"error: the run failed at step {self.step + 1}:\n{traceback.format_exc()}")
+            if self._error_said:  # (on the screen too, before the group was left: not a second time at exit)
+                raise SystemExit(1) from None
             raise
         finally:
             if self.is_main:
@@ -1647,6 +1650,10 @@ class Trainer:
             raise SystemExit(1) from None
         finally:
             bar.close()
+            # Under torchrun, an error of this process's that no handler above said (a bug, a CUDA error,
+            # running out of memory) is said now, before the group is left below: the others then find it
+            # left, end, and torchrun stops this process, at times before its interpreter printed anything.
+            self._error_said = say_unhandled_error(handled=(LogNotWritten,))  # (that one: fit says it)
             stop_loader_workers(self.loader)
             for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler)
@@ -1795,6 +1802,9 @@ def main(argv: list[str] | None = None) -> int:
                 # others find it gone, end, and torchrun then stops this process, at times before the
                 # interpreter had printed a SystemExit's message (theirs said "see its error", of none).
                 print(f"error: rank {os.environ.get('RANK', '0')}: {error.code}", file=sys.stderr, flush=True)
+                _leave_group()
+                raise SystemExit(1) from None
+            if say_unhandled_error():  # (a bug, say: its traceback, before the group is left, as in fit)
                 _leave_group()
                 raise SystemExit(1) from None
             _leave_group()

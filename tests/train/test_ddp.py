@@ -4,6 +4,7 @@ tests of what the ranks train (sharded centres, the chunked path's losses, lengt
 DDP's all-reduces) fork their ranks with torchrun's variables instead (trainer_fixtures.train_on_ranks:
 a torchrun of three interpreters took seconds for a run of milliseconds)."""
 
+import functools
 import os
 import re
 import signal
@@ -335,6 +336,120 @@ def test_a_rank_failing_at_the_last_checkpoint_leaves_one_line_on_the_others(tmp
     assert ("error: rank 1: another process stopped at the end of the run (see its error); no checkpoint was "
             "written before it\n") in result.stderr, result.stderr[-3000:]
     assert "Connection closed by peer" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+BUG = "CUDA error: an illegal memory access was encountered (injected on rank 1)"
+
+
+def _put_a_bug_on_rank_1(where: str) -> None:
+    """In this rank's process, on rank 1: an error no handler of the trainer's says (a CUDA error, as it
+    reads), raised at start-up once the process group is started, or in the second training step."""
+    from train import trainer
+
+    if os.environ["RANK"] != "1":
+        return
+
+    def bug(*args, **kwargs):
+        raise RuntimeError(BUG)
+
+    if where == "start-up":
+        trainer.seed_everything = bug
+    else:
+        step = trainer.Trainer.train_step
+        trainer.Trainer.train_step = lambda self, *args: bug() if self.step == 1 else step(self, *args)
+
+
+def _train_with_a_bug_on_rank_1(argv, where):
+    """train.trainer.main(argv) on a rank, with rank 1's bug (``where``); rank 1 lingers once it has left
+    the group, so that rank 0, which then finds the group gone, ends first and the launcher stops rank 1
+    there, as torchrun stops the others once one has ended."""
+    from train import trainer
+
+    _put_a_bug_on_rank_1(where)
+    if os.environ["RANK"] == "1":
+        destroy = torch.distributed.destroy_process_group
+
+        def lingering(*args, **kwargs):
+            destroy(*args, **kwargs)
+            time.sleep(60)
+
+        torch.distributed.destroy_process_group = lingering
+    return trainer.main(argv)
+
+
+@pytest.mark.parametrize("where", ["start-up", "step"])
+def test_a_ranks_unhandled_error_is_said_before_it_leaves_the_group(where, tmp_path):
+    # An error no handler says (a bug, a CUDA error, running out of memory) had its traceback printed as
+    # the interpreter ended, after the process had left the group: the others then ended ("another process
+    # stopped (see its error)") and torchrun stopped this one, at times before it had printed anything.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    result = train_on_ranks(base_argv(data, str(tmp_path / "run"), batch_size=4, max_steps=3, save_every=0,
+                                      loss_impl=LOSS_IMPL), main=functools.partial(_train_with_a_bug_on_rank_1,
+                                                                                   where=where))
+    assert result.returncode == 1
+    assert f"[rank1]: RuntimeError: {BUG}\n" in result.stderr, result.stderr[-3000:]  # (torch's excepthook's prefix)
+    other = "start-up" if where == "start-up" else "step 2"
+    assert f"error: rank 0: another process stopped during {other} (see its error)" in result.stderr, \
+        result.stderr[-3000:]
+
+
+def test_a_ranks_unhandled_error_is_torchruns_root_cause(tmp_path):
+    # torchrun's failure summary shows a failing process's traceback when the process wrote it to its error
+    # file (TORCHELASTIC_ERROR_FILE: torch's @record does, on the way out of the function it decorates);
+    # otherwise "To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html".
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    script = tmp_path / "bug_on_rank_1.py"
+    script.write_text("import os, sys\n"
+                      "from train import trainer\n"
+                      "step = trainer.Trainer.train_step\n"
+                      "def bug_on_rank_1(self, *args):\n"
+                      "    if self.step == 1 and os.environ['RANK'] == '1':\n"
+                      f"        raise RuntimeError({BUG!r})\n"
+                      "    return step(self, *args)\n"
+                      "trainer.Trainer.train_step = bug_on_rank_1\n"
+                      "sys.exit(trainer.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), *base_argv(data, str(tmp_path / "run"), batch_size=4, max_steps=3,
+                                                     save_every=0, loss_impl=LOSS_IMPL)],
+                            cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode != 0
+    summary = result.stderr[result.stderr.find("Failures:"):]
+    assert f"RuntimeError: {BUG}" in summary and "To enable traceback" not in summary.split("Root Cause")[-1], \
+        result.stderr[-4000:]
+    assert result.stderr.count(f"[rank1]: RuntimeError: {BUG}") == 1, result.stderr[-4000:]  # (not again at exit)
+
+
+def test_an_unhandled_error_is_written_as_torchrun_reads_it(tmp_path, monkeypatch, capsys):
+    # torchrun's own reader of its error files (the failure summary's): the format is torch's, not ours.
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from train.tools import say_unhandled_error
+
+    def said(error, **kwargs):
+        try:
+            raise error
+        except BaseException:
+            return say_unhandled_error(**kwargs)
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    assert not said(RuntimeError(BUG))  # not under torchrun: the interpreter prints it, as ever
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    # What a handler says, a stop, and another process's failure: not this process's error to report.
+    for handled in (SystemExit(1), KeyboardInterrupt(), RuntimeError("[pair.cc:553] Connection closed by peer"),
+                    ValueError("said further out")):
+        assert not said(handled, handled=(ValueError,)), handled
+    assert capsys.readouterr().err == "" and not error_file.exists()
+
+    assert said(RuntimeError(BUG))
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):\n") and err.endswith(f"RuntimeError: {BUG}\n"), err
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=1, error_file=str(error_file))
+    summary = str(ChildFailedError("train", {1: failure}))
+    assert f"RuntimeError: {BUG}" in summary and "Traceback (most recent call last):" in summary, summary
+    assert os.listdir(tmp_path) == ["error.json"]  # (written whole: no temporary left beside it)
 
 
 def _train_counting_all_reduces(argv):

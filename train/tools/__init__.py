@@ -20,6 +20,8 @@ import re
 import secrets
 import shutil
 import sys
+import time
+import traceback
 import warnings
 
 import torch
@@ -191,6 +193,37 @@ def lost_a_peer(error: BaseException) -> bool:
     """Whether a collective failed because another process of the group went away (gloo's words;
     NCCL waits for its watchdog instead)."""
     return any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
+
+
+def say_unhandled_error(handled: tuple[type[Exception], ...] = ()) -> bool:
+    """Under torchrun, the exception this process is unwinding with (``sys.exc_info()``) when no handler
+    says it (an Exception: a bug, a CUDA error, running out of memory; not one of ``handled``, which a
+    handler further out says, nor a SystemExit, a stop, a KeyboardInterrupt, or a collective that found
+    another process gone), said now: its traceback on stderr, through ``sys.excepthook`` (torch's once the
+    group is started: each line after "[rankN]: "), and in torchrun's error file
+    (``TORCHELASTIC_ERROR_FILE``), which its failure summary shows as the root cause. Call it where the
+    process leaves its process group, before it does: the others end on finding the group left, and
+    torchrun stops the remaining processes as soon as one has ended, at times before this one's
+    interpreter had printed the traceback at its exit. Returns whether it said one: the caller then ends
+    with ``SystemExit(1)``, without the interpreter printing it a second time."""
+    error = sys.exc_info()[1]
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # ('' where torchrun keeps no logs)
+    if not (isinstance(error, Exception) and not isinstance(error, handled) and not lost_a_peer(error)
+            and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or error_file)):
+        return False
+    sys.excepthook(type(error), error, error.__traceback__)
+    sys.stderr.flush()
+    if error_file:
+        # The format of torch.distributed.elastic's ErrorHandler.record_exception, the @record decorator's
+        # writer (which runs once the exception has left the decorated function: the group long left),
+        # written whole: torchrun stops this process as soon as another has ended, and its summary raises
+        # on a file it cannot parse. (Not written, the traceback above is all the same said.)
+        with contextlib.suppress(OSError):
+            checkpoint.write_json_atomic(error_file, {"message": {
+                "message": f"{type(error).__name__}: {error}",
+                "extraInfo": {"py_callstack": "".join(traceback.format_exception(error)),
+                              "timestamp": str(int(time.time()))}}})
+    return True
 
 
 class RunLock:
