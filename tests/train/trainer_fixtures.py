@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,15 +63,20 @@ def train_on_ranks(argv: list[str], nprocs: int = 2, main=None, timeout: float =
     imported once), with the variables torchrun gives its workers. (A torchrun of the trainer took 3.5 s on
     two idle cores, most of it three interpreters starting and ending.) One rank: ``python -m train argv``.
     ``main``: what each rank runs instead of train.trainer.main (a module's function, which the ranks import)."""
+    store = None
     with tempfile.TemporaryDirectory() as logs, pytest.MonkeyPatch.context() as patch:
         patch.chdir(REPO)  # where the tests run torchrun
         if nprocs > 1:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            # (torchrun's OMP_NUM_THREADS, 1, where the caller has none)
-            variables = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": nprocs,
-                         "LOCAL_WORLD_SIZE": nprocs, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", 1)}
+            # The ranks' store is served from here, as torchrun's agent serves its workers' (they all connect
+            # to it, TORCHELASTIC_USE_AGENT_STORE), on a port the system gives it as it starts listening. A
+            # free port found by binding port 0 and closing it, for rank 0 to bind, could be taken by another
+            # process in between: rank 0 then failed with EADDRINUSE.
+            store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+            # (torchrun's OMP_NUM_THREADS, 1, where the caller has none; torch 2.4 reads the restart count where
+            # the agent's store is used, for its keys' prefix)
+            variables = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": store.port, "WORLD_SIZE": nprocs,
+                         "LOCAL_WORLD_SIZE": nprocs, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", 1),
+                         "TORCHELASTIC_USE_AGENT_STORE": True, "TORCHELASTIC_RESTART_COUNT": 0}
             for name, value in variables.items():
                 patch.setenv(name, str(value))
         try:
@@ -80,6 +84,8 @@ def train_on_ranks(argv: list[str], nprocs: int = 2, main=None, timeout: float =
             code = 0
         except torch.multiprocessing.ProcessExitedException as failed:
             code = failed.exit_code
+        finally:
+            del store  # its server stops
         streams = []
         for kind in ("out", "err"):
             paths = [os.path.join(logs, f"rank{rank}.{kind}") for rank in range(nprocs)]
