@@ -97,6 +97,31 @@ def test_forked_ranks_report_the_trainers_errors(tmp_path):
                      result.stderr), result.stderr
 
 
+def test_forked_ranks_find_their_store_listening_before_they_start(tmp_path, monkeypatch):
+    # train_on_ranks found a free port by binding port 0 and closing it, for rank 0 to bind: another process could
+    # take it in between, and rank 0 failed with EADDRINUSE (shown by binding the port as the probe closed). The
+    # store listens on MASTER_PORT from before the ranks start until they end; the ranks connect to it.
+    import socket
+
+    import trainer_fixtures
+
+    listening = []
+
+    def ranks_started(worker, args, nprocs, timeout):
+        with socket.create_connection(("127.0.0.1", int(os.environ["MASTER_PORT"])), timeout=10):
+            listening.append(nprocs)
+        with pytest.raises(OSError, match="in use"), socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_fixtures, "spawn_ranks", ranks_started)
+        assert train_on_ranks(["--help"]).returncode == 0 and listening == [2]
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    result = train_on_ranks(base_argv(data, str(tmp_path / "run"), batch_size=4, max_steps=2, save_every=0,
+                                      loss_impl=LOSS_IMPL))
+    assert result.returncode == 0 and "2 process(es)" in result.stderr, result.stderr[-3000:]
+
+
 def test_sigterm_to_the_process_group_saves_on_every_rank(tmp_path):
     # What torchrun and cluster schedulers do: SIGTERM to the whole group, DataLoader workers
     # included. The ranks finish the step together and write the checkpoint (a collective).
