@@ -428,8 +428,8 @@ def model_threshold(model_path: str | None, settings: dict, requested: float | N
                              "faces that are not alike at all for one person (a model barely trained?): give "
                              "--threshold")
     elif source == "the default":
-        print(f"{tool}: note: {'no model' if not model_path else model_path + ' records no verification'} gives the "
-              f"threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
+        print(f"{tool}: note: {'no model' if not model_path else model_path + ' records no verification that'} gives "
+              f"the threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
               "--threshold: python -m train.tools.roc measures the one of a false accept rate on your own labelled "
               "faces; a trained model's checkpoint, or train.export's backbone.json, records one)",
               file=sys.stderr)

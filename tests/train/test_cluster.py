@@ -90,7 +90,8 @@ def test_the_people_of_a_collection_are_found(trained, tmp_path, capsys):
     # --copy copies. A checkpoint that verified nothing gives no threshold: the default, said (here given).
     assert run_cluster("--model", ckpt, "--images", photos, "--output", out, "--tree", tmp_path / "people",
                        "--copy", "--overwrite") == 0
-    assert "records no verification" in capsys.readouterr().err
+    assert f"cluster: note: {ckpt} records no verification that gives the threshold: cosine 0.3 is taken" in \
+        capsys.readouterr().err
     assert run_cluster("--model", ckpt, "--images", photos, "--output", out, "--tree", tmp_path / "people",
                        "--copy", "--overwrite", "--threshold", "0.6") == 0
     assert "threshold 0.6000 (--threshold)" in capsys.readouterr().err

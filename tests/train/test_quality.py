@@ -213,6 +213,8 @@ def test_the_erc_of_a_pairs_list(trained, tmp_path, capsys):
     assert (summary["pairs_count"], summary["genuine"], summary["impostors"]) == (40, 20, 20)
     (row,) = summary["thresholds"]
     assert row["fmr"] == 0.05 and row["false_matches"] <= 1
+    false_matches = "1 false match)" if row["false_matches"] == 1 else "0 false matches)"  # (not '1 false matches')
+    assert f"FMR 0.05 (threshold {row['threshold']:.4f}, {false_matches}: FNMR" in err, err
     at = row["orderings"]
     assert at["random"]["auc_0_20"] == pytest.approx(0.2 * row["fnmr"])  # flat while genuine pairs are left
     assert at["oracle"]["auc_0_100"] <= at["norm"]["auc_0_100"]

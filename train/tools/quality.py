@@ -663,8 +663,9 @@ def _table(rows: list[dict], max_reject: float, pairs: int, genuine: int, impost
              f"the share of pairs rejected, lowest quality first, over rejecting 0-{100 * max_reject:g}% (and 0-100%)"]
     for row in rows:
         threshold = "-" if row["threshold"] is None else f"{row['threshold']:.4f}"
-        lines.append(f"  FMR {row['fmr']:.3g} (threshold {threshold}, {row['false_matches']} false matches): FNMR "
-                     f"{row['fnmr']:.4f} before rejecting")
+        false_matches = count_of(row["false_matches"], "false match", "false matches")
+        lines.append(f"  FMR {row['fmr']:.3g} (threshold {threshold}, {false_matches}): FNMR {row['fnmr']:.4f} before "
+                     "rejecting")
         for name, at in row["orderings"].items():
             lines.append(f"    {name:>12}  {at[key]:.5f}  ({at['auc_0_100']:.5f})  FNMR at "
                          f"{100 * max_reject:g}% rejected {at[f'fnmr_at_{_percent(max_reject)}']:.4f}")
