@@ -272,6 +272,70 @@ def settle(group=None):
     time.sleep(0.1)
 
 
+class HeldFile:
+    """A named pipe at ``path`` standing in for a file that a tool under test reads (one image among its
+    inputs): the process that opens it waits there until :meth:`release`, then reads ``data``, and the
+    path is a plain file of ``data`` for whoever opens it after (a rerun). A run that reads it cannot
+    end before the release, so a signal sent once :meth:`wait_for_reader` returns reaches the tool mid-run
+    whatever the load; a wait for its progress alone did not (the run could end first on a loaded
+    machine, and the test skipped). ``data`` must fit a pipe's buffer (on Linux, made as large as
+    /proc/sys/fs/pipe-max-size allows). A context manager that releases on leaving."""
+
+    def __init__(self, path, data: bytes):
+        self.path, self.data = str(path), data
+        self._writer = None
+        os.mkfifo(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def wait_for_reader(self, process, timeout: float = 60) -> None:
+        """Returns once a process has opened the file (it then waits for the data); fails if
+        ``process`` (a ``subprocess.Popen``) ends first or ``timeout`` seconds pass."""
+        import errno
+
+        deadline = time.monotonic() + timeout
+        while self._writer is None:
+            try:  # without a reader, a writer's non-blocking open fails with ENXIO
+                self._writer = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as error:
+                if error.errno != errno.ENXIO:
+                    raise
+                assert process.poll() is None, f"the run ended (exit status {process.returncode}) before it read " \
+                                               f"{self.path}"
+                assert time.monotonic() < deadline, f"no process opened {self.path} within {timeout} s"
+                time.sleep(0.01)
+
+    def release(self) -> None:
+        """The reader (if any) gets ``data``, and the path becomes a plain file of it. Idempotent."""
+        import fcntl
+        import stat
+
+        if not stat.S_ISFIFO(os.lstat(self.path).st_mode):
+            return
+        # Held open for reading and writing (which never waits on Linux) while the path is replaced: a
+        # reader that opens the pipe meanwhile waits for this data rather than for a writer that never
+        # comes, and the data stays in the buffer where no reader came or the reader has ended.
+        holder = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+        try:
+            if hasattr(fcntl, "F_GETPIPE_SZ") and len(self.data) > fcntl.fcntl(holder, fcntl.F_GETPIPE_SZ):
+                fcntl.fcntl(holder, fcntl.F_SETPIPE_SZ, len(self.data))  # Linux's, up to pipe-max-size
+            folder, name = os.path.split(self.path)
+            plain = os.path.join(folder, f".{name}.held")  # no image's name: no tool lists it
+            with open(plain, "wb") as f:
+                f.write(self.data)
+            os.replace(plain, self.path)
+            assert os.write(holder, self.data) == len(self.data)  # into an empty buffer that holds it all
+        finally:
+            os.close(holder)
+            if self._writer is not None:
+                os.close(self._writer)
+                self._writer = None
+
+
 def spawn_ranks(worker, args, nprocs, timeout=240):
     """torch.multiprocessing.spawn(worker, args, nprocs), each rank forked from a forkserver that imported
     torch and arcface_ext once, where a spawned rank imports them itself: 2-3 s of CPU a rank on the CI

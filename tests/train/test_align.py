@@ -13,6 +13,8 @@ from train.data.imagefolder import scan_image_folder
 from train.data.synthetic import render_face
 from train.tools import align
 
+from conftest import HeldFile
+
 SIZE = 112  # the crop, and the rendered faces
 PHOTO = 200  # the photos the faces are pasted into
 IDENTITIES, IMAGES = 3, 2
@@ -449,26 +451,28 @@ def test_a_signal_stops_the_workers_and_a_rerun_finishes(photos, tmp_path, to_gr
     for k in range(400):
         os.makedirs(many / f"id{k // 10}", exist_ok=True)
         name = f"id{k // 10}/{k}.png"
-        os.link(os.path.join(root, names[k % len(names)]), many / name)
+        if k != 20:
+            os.link(os.path.join(root, names[k % len(names)]), many / name)
         listed.append(name)
+    # Photo 20 (in the first chunk of 32, one worker's) is held back until the signal has gone: the run
+    # cannot end before it, while the other worker goes on aligning and writing the later chunks.
+    with open(os.path.join(root, names[20 % len(names)]), "rb") as f:
+        held = HeldFile(many / listed[20], f.read())
     listing = write(tmp_path / "lm.txt", lines(listed, landmarks[np.arange(400) % len(names)]))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "train.tools.align", "--images", str(many), "--landmarks", listing,
                "--output", str(out), "--workers", "2"]
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run = subprocess.Popen(command, cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=to_group)
-    deadline = time.monotonic() + 60
-    while not (out.exists() and sum(len(f) for _, _, f in os.walk(out)) >= 20) and time.monotonic() < deadline:
-        time.sleep(0.05)
     number = signal.SIGINT if to_group else signal.SIGTERM
-    if to_group:
-        os.killpg(run.pid, number)
-    else:
-        run.send_signal(number)
+    with held:
+        held.wait_for_reader(run)
+        if to_group:
+            os.killpg(run.pid, number)
+        else:
+            run.send_signal(number)
     _, err = run.communicate(timeout=60)
-    if run.returncode == 0:
-        pytest.skip("the run finished before the signal")
-    assert run.returncode == 128 + number
+    assert run.returncode == 128 + number, err
     assert f"stopped by {number.name}" in err and "Traceback" not in err, err
     time.sleep(0.5)
     settled = sorted(f for _, _, files in os.walk(out) for f in files)

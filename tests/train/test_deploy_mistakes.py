@@ -15,6 +15,7 @@ from train import embed, export, verify
 from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import make_bin
 
+from conftest import HeldFile
 from trainer_fixtures import REPO, one_thread, two_step_checkpoint  # noqa: F401
 
 
@@ -360,67 +361,106 @@ def test_photos_whose_names_a_table_cannot_hold_are_left_out(trained, tmp_path, 
     assert embed.read_table(str(tmp_path / "e.csv"))[0] == names
 
 
-def test_ctrl_c_stops_verify_without_a_traceback(trained, tmp_path):
+def test_a_held_file_keeps_its_reader_until_released(tmp_path):
+    # conftest.HeldFile, by which the signal tests below (and test_align's, test_detect's) signal a tool that
+    # provably has not ended: its reader gets the data only on the release, and a rerun finds a plain file.
+    import stat
+    import subprocess
+
+    data = bytes(range(256)) * 400  # more than a pipe's default 64 KiB
+    path = tmp_path / "photo.png"
+    held = HeldFile(path, data)
+    reader = subprocess.Popen([sys.executable, "-c", "import sys\nwith open(sys.argv[1], 'rb') as f:\n"
+                               "    sys.stdout.buffer.write(f.read())\n", str(path)], stdout=subprocess.PIPE)
+    with held:
+        held.wait_for_reader(reader)
+        assert reader.poll() is None  # it waits for the data, which has not come
+    assert reader.communicate(timeout=60)[0] == data and reader.returncode == 0
+    assert stat.S_ISREG(os.lstat(path).st_mode) and path.read_bytes() == data
+    assert sorted(os.listdir(tmp_path)) == ["photo.png"]
+    held.release()  # again: nothing changes
+    unread = HeldFile(tmp_path / "unread.png", data)
+    unread.release()  # no reader came: the file is there for the next
+    assert (tmp_path / "unread.png").read_bytes() == data
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=60)
+    with HeldFile(tmp_path / "never.png", b"x") as never:
+        with pytest.raises(AssertionError, match=r"the run ended \(exit status 0\) before it read .*never\.png"):
+            never.wait_for_reader(gone)
+
+
+# python -m train.verify whose evaluation, after its first batch, reads the file argv[1] (a test's HeldFile, which
+# holds it there until the signal has gone) before it goes on; verify's arguments follow.
+VERIFY_HELD_AFTER_A_BATCH = """\
+import sys
+from train import verify
+
+evaluate, held = verify.evaluate, sys.argv[1]
+
+
+def evaluate_held(*args, on_batch=None, **kwargs):
+    def after_batch(count):
+        global held
+        if held:
+            with open(held, "rb") as f:
+                f.read()
+            held = None
+        if on_batch is not None:
+            on_batch(count)
+    return evaluate(*args, on_batch=after_batch, **kwargs)
+
+
+verify.evaluate = evaluate_held
+sys.exit(verify.main(sys.argv[2:]))
+"""
+
+
+def test_ctrl_c_stops_verify_without_a_traceback(trained, tmp_path, tmp_path_factory):
     import subprocess
 
     ckpt, _ = trained
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     output = tmp_path / "results.json"
-    run = subprocess.Popen([sys.executable, "-m", "train.verify", "--model", ckpt, "--data", "synthetic",
-                            "--output", str(output), "--batch-size", "8"],
+    held = HeldFile(tmp_path_factory.mktemp("held") / "go", b"go")
+    run = subprocess.Popen([sys.executable, "-c", VERIFY_HELD_AFTER_A_BATCH, held.path, "--model", ckpt, "--data",
+                            "synthetic", "--output", str(output), "--batch-size", "8"],
                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = run.stdout.readline()  # the model's line, printed as the sets' evaluation starts (it takes seconds)
-    run.send_signal(signal.SIGINT)
+    with held:
+        first = run.stdout.readline()  # the model's line, printed as the sets' evaluation starts
+        held.wait_for_reader(run)  # a batch in: the evaluation cannot end before the signal
+        run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=120)
-    if run.returncode == 0:
-        pytest.skip("the run finished before the signal")
     assert first.startswith(ckpt) and run.returncode == 130, (first + out, err)
     assert err.endswith("stopped by SIGINT: nothing written\n") and "Traceback" not in err, err
     assert not output.exists() and os.listdir(tmp_path) == []
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``, from /proc/<pid>/stat (its fourth field)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers in /proc")
 def test_ctrl_c_to_the_process_group_stops_embed_and_its_workers_without_a_traceback(trained, tmp_path):
     """A terminal's Ctrl-C reaches every process of the group: the decoding workers leave it to the
     main process, which stops (130) with one line; none prints a traceback."""
     import subprocess
-    import time
 
     ckpt, faces = trained
     many = tmp_path / "many"
     source = sorted(embed.list_images(faces))
     for k in range(3000):
         os.makedirs(many / f"id{k // 100}", exist_ok=True)
-        os.link(source[k % len(source)], many / f"id{k // 100}" / f"{k}.png")
+        if k != 20:
+            os.link(source[k % len(source)], many / f"id{k // 100}" / f"{k}.png")
+    # Image 20 is held back until the signal has gone: the signal goes once a worker opens it (the
+    # workers are up, the embedding under way), and the run cannot end before it.
+    with open(source[20 % len(source)], "rb") as f:
+        held = HeldFile(many / "id0" / "20.png", f.read())
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     output = tmp_path / "e.npy"
     run = subprocess.Popen([sys.executable, "-m", "train.embed", "--model", ckpt, "--images", str(many), "--output",
                             str(output), "--workers", "2", "--batch-size", "1"],
                            cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while run.poll() is None and len(_children(run.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.3)  # into the embedding
-        os.killpg(run.pid, signal.SIGINT)
+        with held:
+            held.wait_for_reader(run)
+            os.killpg(run.pid, signal.SIGINT)
         _, err = run.communicate(timeout=60)
-        if run.returncode == 0:
-            pytest.skip("the run finished before the signal")
         assert run.returncode == 130 and "Traceback" not in err and "Stopped" not in err, err
         assert err.rstrip().endswith("stopped by SIGINT: nothing written") and not output.exists(), err
     finally:

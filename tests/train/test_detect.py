@@ -4,6 +4,7 @@ square's place, so that the whole path (letterbox, decoding, suppression, scalin
 align reads) has an answer to check."""
 
 import contextlib
+import io
 import os
 
 import numpy as np
@@ -13,6 +14,8 @@ from PIL import Image
 
 from detector_fixtures import KEYPOINTS, PHOTO_H, PHOTO_W, RedSquares, export, photo
 from train.tools import align, detect
+
+from conftest import HeldFile
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -189,20 +192,27 @@ def test_a_signal_to_the_process_group_stops_the_run_and_resume_finishes_it(dete
     images = tmp_path / "raw"
     images.mkdir()
     for k in range(200):
-        photo([(8 * (k % 60), 160)], size=(640, 480), side=8).save(images / f"{k:03d}.png")
+        if k != 15:
+            photo([(8 * (k % 60), 160)], size=(640, 480), side=8).save(images / f"{k:03d}.png")
+    # Photo 15 is held back until the signal has gone: the run cannot end before it, and the photos
+    # before it are done (their lines written) while a worker waits at it.
+    held_photo = io.BytesIO()
+    photo([(8 * 15, 160)], size=(640, 480), side=8).save(held_photo, format="png")
+    held = HeldFile(images / "015.png", held_photo.getvalue())
     out = tmp_path / "landmarks.txt"
     partial = tmp_path / "landmarks.txt.partial"
     command = [sys.executable, "-m", "train.tools.detect", "--detector", detector, "--images", str(images),
                "--output", str(out), "--workers", "2"]
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run = subprocess.Popen(command, cwd=repo, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not (partial.exists() and partial.read_text().count("\n") >= 12) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(run.pid, signal.SIGTERM)
+    with held:
+        held.wait_for_reader(run)
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.read_text().count("\n") >= 12):
+            assert run.poll() is None and time.monotonic() < deadline, f"{partial} has under 12 lines"
+            time.sleep(0.02)
+        os.killpg(run.pid, signal.SIGTERM)
     _, err = run.communicate(timeout=60)
-    if run.returncode == 0:
-        pytest.skip("the run finished before the signal")
     assert run.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err and "Traceback" not in err, err
     done = partial.read_text()
     assert done.endswith("\n") and not out.exists()
@@ -369,7 +379,6 @@ def test_align_with_a_detector_makes_the_crops_of_detect_then_align(detector, tm
 def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_path):
     """SIGTERM to the main process alone (`kill PID`) during align --detector's detection: the loader's
     workers leave signals to the main process, which stops (143) and ends them; none is left behind."""
-    import re
     import signal
     import subprocess
     import sys
@@ -379,7 +388,12 @@ def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_pa
     images = tmp_path / "raw"
     images.mkdir()
     for k in range(300):
-        photo([(8 * (k % 60), 160)], size=(640, 480), side=8).save(images / f"{k:03d}.png")
+        if k != 20:
+            photo([(8 * (k % 60), 160)], size=(640, 480), side=8).save(images / f"{k:03d}.png")
+    # Photo 20 is held back until the signal has gone: the detection cannot end before it.
+    held_photo = io.BytesIO()
+    photo([(8 * 20, 160)], size=(640, 480), side=8).save(held_photo, format="png")
+    held = HeldFile(images / "020.png", held_photo.getvalue())
     import fcntl
     import pty
     import struct
@@ -393,9 +407,10 @@ def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_pa
                             str(images), "--output", str(tmp_path / "out"), "--workers", "2"],
                            cwd=repo, stderr=stderr, start_new_session=True)
     os.close(stderr)
-    # The signal goes once the detection's progress bar counts 10 photos: the workers are up and
-    # feeding it (a wait on /proc/PID/task/PID/children is not portable: the file needs a kernel
-    # option, and without it the run finished before any signal went).
+    # The signal goes once a loader worker opens photo 20: the workers are up, and the detection is under
+    # way (a wait on /proc/PID/task/PID/children is not portable: the file needs a kernel option, and
+    # without it the run finished before any signal went; nor was a wait for the progress bar to count
+    # 10 photos enough: on a loaded machine the run could finish before the signal).
     printed = []
 
     def read_terminal():
@@ -405,13 +420,10 @@ def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_pa
 
     reader = threading.Thread(target=read_terminal, daemon=True)
     reader.start()
-    deadline = time.monotonic() + 60
     try:
-        while time.monotonic() < deadline and run.poll() is None:
-            if any(int(n) >= 10 for n in re.findall(r"detect:[^\r\n]*?\| *(\d+)/300", "".join(printed))):
-                break
-            time.sleep(0.02)
-        run.send_signal(signal.SIGTERM)
+        with held:
+            held.wait_for_reader(run)
+            run.send_signal(signal.SIGTERM)
         run.wait(timeout=60)
         reader.join(timeout=10)
         err = "".join(printed)
