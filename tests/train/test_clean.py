@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -523,6 +524,42 @@ def test_a_rank_stopped_alone_says_so(tmp_path, monkeypatch, capsys):
     assert code == 128 + signal.SIGTERM
     assert capsys.readouterr().err == ("clean: [rank 1] stopped by SIGTERM: --output holds what it held before (this "
                                        "run's files are moved into it only at the end)\n")
+
+
+BUG = "CUDA error: an illegal memory access was encountered (injected on rank 1)"
+
+
+def _clean_with_a_bug_on_rank_1(argv):
+    """clean.main(argv) on a rank; on rank 1 embedding its share fails with an error clean does not say
+    (a CUDA error, as it reads), and the process lingers once it has left the group, so that rank 0,
+    which then finds the group gone, ends first and the launcher stops rank 1 there, as torchrun does."""
+    if os.environ["RANK"] == "1":
+        def bug(*args, **kwargs):
+            raise RuntimeError(BUG)
+
+        destroy = torch.distributed.destroy_process_group
+
+        def lingering(*args, **kwargs):
+            destroy(*args, **kwargs)
+            time.sleep(60)
+
+        clean.embed_images = bug
+        torch.distributed.destroy_process_group = lingering
+    return clean.main(argv)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_a_ranks_unhandled_error_is_said_before_it_leaves_the_group(trained, tmp_path):
+    # Its traceback was printed as the interpreter ended, after the process had left the group: rank 0,
+    # waiting for its rows, said "another process stopped (see its error)" and ended, and torchrun stopped
+    # this one, at times before it had printed anything.
+    ckpt, faces = trained
+    result = train_on_ranks(["--model", ckpt, "--data", faces, "--workers", "0", "--output", str(tmp_path / "out"),
+                             "--embeddings", str(tmp_path / "e.npy")], main=_clean_with_a_bug_on_rank_1)
+    assert result.returncode == 2
+    assert f"[rank1]: RuntimeError: {BUG}\n" in result.stderr, result.stderr[-3000:]  # (torch's excepthook's prefix)
+    assert "clean: error: another process stopped (see its error)\n" in result.stderr, result.stderr[-3000:]
 
 
 def test_sub_center_training_then_its_dominant_sub_centres_clean(trained, tmp_path, capsys):

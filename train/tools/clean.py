@@ -63,7 +63,7 @@ from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
 from train.embed import backbone_weights_digest, embed_images, load_model
 from train.signals import Stopped, missing_device_op, signals_held, stop_on_signals
-from train.tools import RunLock, check_outputs, lost_a_peer, plain_warnings, torch_device
+from train.tools import RunLock, check_outputs, lost_a_peer, plain_warnings, say_unhandled_error, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
 from train.tools.similarity import connected_components, cosine_blocks
 from train.verification import compute_embeddings
@@ -585,10 +585,16 @@ def _main(argv: list[str] | None = None) -> int:
                  "only at the end)")
         return stop.exit_status
     finally:
+        # Under torchrun, an error none of the above says (a bug, a CUDA error) is said before the group is
+        # left: the others then find it left, end, and torchrun stops this process, at times before its
+        # interpreter printed anything.
+        said = say_unhandled_error()
         _leave_process_group()
         if status not in (0, 1) and not existed and int(os.environ.get("RANK", "0")) == 0:
             with contextlib.suppress(OSError):  # the folder this run made, left empty by its failure
                 os.rmdir(args.output)
+        if said:
+            raise SystemExit(1) from None  # (not printed a second time at exit)
 
 
 def _say(message: str) -> None:
