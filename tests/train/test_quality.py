@@ -198,6 +198,14 @@ def test_photos_through_landmarks_say_what_they_took(trained, tmp_path, capsys):
     assert f"quality: {len(names)} faces: quality (feature norm) median" in err
     summary = json.loads((tmp_path / "q.json").read_text())
     assert summary["faces"] == f"aligned from the landmarks in {tmp_path / 'landmarks.txt'}"
+    # Their --tree is an error that says to align them, with --all-faces too (it said to leave --all-faces out, as
+    # for --detector, and without it the faces a landmarks file lists are no files to lay out either).
+    for every in ([], ["--all-faces"]):
+        assert run_quality("--model", ckpt, "--images", faces, "--landmarks", tmp_path / "landmarks.txt", *every,
+                           "--output", tmp_path / "t.csv", "--reject-fraction", 0.25, "--tree", tmp_path / "tree") == 2
+        said = f"aligned from the landmarks in {tmp_path / 'landmarks.txt'}{', every face' if every else ''}"
+        assert capsys.readouterr().err == (f"quality: error: --tree: the faces are {said}, not image files to lay out: "
+                                           "align them with train.tools.align, then score the crops\n")
     assert summary["images"] == os.path.abspath(faces) and summary["faces_scored"] == len(names) == 80
 
 

@@ -462,7 +462,7 @@ def _check_tree(args, folder: str | None, faces: str | None) -> None:
         raise ValueError(f"--tree: {args.embeddings} does not say where its images are (the .json train.embed writes "
                          "beside a table does): score the folder of images with --images instead")
     if not faces_are_files(faces):
-        if isinstance(faces, str) and faces.endswith(", every face"):
+        if isinstance(faces, str) and faces.startswith("found and aligned by ") and faces.endswith(", every face"):
             raise ValueError("--tree lays out photos, a row each, and --all-faces makes a row of each face of a photo: "
                              "without --all-faces each photo's main face is scored; or align every face with "
                              "train.tools.align, then score the crops")
