@@ -475,6 +475,9 @@ def test_an_unhandled_error_is_written_as_torchrun_reads_it(tmp_path, monkeypatc
     summary = str(ChildFailedError("train", {1: failure}))
     assert f"RuntimeError: {BUG}" in summary and "Traceback (most recent call last):" in summary, summary
     assert os.listdir(tmp_path) == ["error.json"]  # (written whole: no temporary left beside it)
+    # An error file that cannot be written leaves the traceback said, and the error the one unwinding.
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file / "error.json"))
+    assert said(RuntimeError(BUG)) and capsys.readouterr().err.endswith(f"RuntimeError: {BUG}\n")
 
 
 def _train_counting_all_reduces(argv):

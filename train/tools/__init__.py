@@ -218,11 +218,11 @@ def say_unhandled_error(handled: tuple[type[Exception], ...] = ()) -> bool:
         # writer (which runs once the exception has left the decorated function: the group long left),
         # written whole: torchrun stops this process as soon as another has ended, and its summary raises
         # on a file it cannot parse. (Not written, the traceback above is all the same said.)
+        callstack = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         with contextlib.suppress(OSError):
             checkpoint.write_json_atomic(error_file, {"message": {
                 "message": f"{type(error).__name__}: {error}",
-                "extraInfo": {"py_callstack": "".join(traceback.format_exception(error)),
-                              "timestamp": str(int(time.time()))}}})
+                "extraInfo": {"py_callstack": callstack, "timestamp": str(int(time.time()))}}})
     return True
 
 
