@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_benchmark, settle, spawn_ranks
+from conftest import HeldFile, load_benchmark, settle, spawn_ranks
 from trainer_fixtures import REPO
 
 from train.data import (
@@ -564,15 +564,19 @@ def test_sigterm_stops_pack_rec_with_one_line_and_no_temporary_files(tmp_path):
     (faces / "ann").mkdir(parents=True)
     Image.fromarray(face_image(1)).save(faces / "ann" / "0.png")
     for k in range(1, 4000):
-        os.link(faces / "ann" / "0.png", faces / "ann" / f"{k}.png")
+        if k != 20:
+            os.link(faces / "ann" / "0.png", faces / "ann" / f"{k}.png")
+    # Image 20 (in name order, after 0, 1, 10, 100, ...) is held back until the signal has gone: the
+    # signal goes as the packing reads it (train.rec.tmp open), and the run cannot end before it. (A
+    # wait for train.rec.tmp alone let a loaded machine finish the run before the signal: exit 0.)
+    held = HeldFile(faces / "ann" / "20.png", (faces / "ann" / "0.png").read_bytes())
     out = tmp_path / "packed"
     run = subprocess.Popen([sys.executable, "-m", "train.tools.pack_rec", str(faces), str(out)], cwd=REPO,
                            stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while run.poll() is None and not (out / "train.rec.tmp").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        run.send_signal(signal.SIGTERM)
+        with held:
+            held.wait_for_reader(run)
+            run.send_signal(signal.SIGTERM)
         _, err = run.communicate(timeout=60)
     finally:
         run.kill()
@@ -1060,9 +1064,11 @@ def test_loader_workers_leave_signals_to_the_main_process(signum):
     first = next(stream)
     (worker,) = stream._workers
     subprocess.run(["kill", f"-{signum.name.removeprefix('SIG')}", str(worker.pid)], check=True)
-    time.sleep(0.5)
+    # More batches than the loader asks for ahead (2 a worker): the last were asked for after the signal,
+    # so the worker has had it by then. (A 0.5 s sleep let a loaded machine check it before it had.)
+    for _ in range(4):
+        assert next(stream)[0].shape == first[0].shape
     assert worker.is_alive()
-    assert next(stream)[0].shape == first[0].shape
     del stream
 
 
