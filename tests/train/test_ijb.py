@@ -17,6 +17,7 @@ from train.embed import load_model, model_digests
 from train.data.synthetic import render_face
 from train.models import get_model
 
+from conftest import HeldFile
 from trainer_fixtures import IMAGE_SIZE, REPO, one_thread  # noqa: F401
 
 CROP_SIZE = 64
@@ -1010,11 +1011,22 @@ def test_results_are_written_when_the_reader_of_stdout_goes(release, tmp_path):
     data, model, _ = release
     output = tmp_path / "ijbc.json"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe is buffered
-    run = subprocess.Popen([sys.executable, "-m", "train.ijb", "--model", model, "--data-root", data, "--workers", "0",
-                            "--device", "cpu", "--output", str(output)],
+    # The embedding starts by reading a held file, which comes once the reader has gone: the lines after the
+    # first are printed after that, not (on a loaded machine) before it went, when the pipe took them all and
+    # nothing was tested. (ijb checks its images are files: a held image would be refused.)
+    held = HeldFile(tmp_path / "go", b"go")
+    script = ("import sys\nfrom train import ijb\nembed_release = ijb.embed_release\n"
+              "def held_back(*args, **kwargs):\n"
+              "    with open(sys.argv[1], 'rb') as f:\n        f.read()\n"
+              "    return embed_release(*args, **kwargs)\n"
+              "ijb.embed_release = held_back\nsys.exit(ijb.main(sys.argv[2:]))\n")
+    run = subprocess.Popen([sys.executable, "-c", script, held.path, "--model", model, "--data-root", data, "--workers",
+                            "0", "--device", "cpu", "--output", str(output)],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    first = run.stdout.readline()
-    run.stdout.close()  # as `head -1` exits
+    with held:
+        first = run.stdout.readline()
+        held.wait_for_reader(run)  # the embedding, after the first line
+        run.stdout.close()  # as `head -1` exits
     _, err = run.communicate(timeout=120)
     assert first.startswith("IJBC: ") and run.returncode == 0 and "Error" not in err, (run.returncode, err)
     assert json.loads(output.read_text())["tar_at_far"]
