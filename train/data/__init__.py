@@ -254,7 +254,8 @@ def _add_rfw(sets: dict[str, VerificationSet], files: set[str], folder: str, ima
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence((seed, epoch)).generate_state(1, np.uint64)[0] >> 1)
+    # (a Python int before the shift: numpy 1.x casts uint64 >> int to float64, which has no shift)
+    return int(np.random.SeedSequence((seed, epoch)).generate_state(1, np.uint64)[0]) >> 1
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
