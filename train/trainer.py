@@ -1499,7 +1499,8 @@ class Trainer:
             exit_code = exit_info.code if isinstance(exit_info.code, int) else 1
             raise
         except LogNotWritten as error:  # one line, as a checkpoint that cannot be written
-            self._error(f"error: {error}. {_sentence(self._kept_checkpoint())}")
+            if not self._error_said:  # (under torchrun, said in _fit before the group was left)
+                self._error(f"error: {error}. {_sentence(self._kept_checkpoint())}")
             if self.distributed:  # the others fail in their next collective, or torchrun ends them
                 raise SystemExit(1) from None
             return 1
@@ -1650,10 +1651,16 @@ class Trainer:
             raise SystemExit(1) from None
         finally:
             bar.close()
-            # Under torchrun, an error of this process's that no handler above said (a bug, a CUDA error,
-            # running out of memory) is said now, before the group is left below: the others then find it
-            # left, end, and torchrun stops this process, at times before its interpreter printed anything.
-            self._error_said = say_unhandled_error(handled=(LogNotWritten,))  # (that one: fit says it)
+            # Under torchrun, this process's error is said now, before the group is left below: the others
+            # then find it left, end, and torchrun stops this process, at times before it had printed
+            # anything. A log that cannot be written: fit's one line; an error no handler above says (a bug,
+            # a CUDA error, running out of memory): its traceback.
+            unwinding = sys.exc_info()[1]
+            if self.distributed and isinstance(unwinding, LogNotWritten):  # (fit's one line, said here for that)
+                self._error(f"error: {unwinding}. {_sentence(self._kept_checkpoint())}")
+                self._error_said = True
+            else:
+                self._error_said = say_unhandled_error(handled=(LogNotWritten,))  # (that one: fit says it)
             stop_loader_workers(self.loader)
             for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler)

@@ -418,6 +418,44 @@ def test_a_ranks_unhandled_error_is_said_before_it_leaves_the_group(where, tmp_p
         result.stderr[-3000:]
 
 
+def _train_with_a_full_disk_on_rank_0(argv):
+    """train.trainer.main(argv) on a rank; on rank 0, metrics.jsonl cannot be appended to from its second
+    record on (a full disk), and the process lingers once it has left the group, so that rank 1, which then
+    finds the group gone, ends first and the launcher stops rank 0 there, as torchrun does."""
+    from train import trainer
+
+    if os.environ["RANK"] == "0":
+        def open_(path, mode="r", *args, **kwargs):
+            if "a" in mode and os.path.basename(path) == "metrics.jsonl" and os.path.exists(path):
+                raise OSError(28, "No space left on device", path)
+            return open(path, mode, *args, **kwargs)
+
+        trainer.open = open_
+        destroy = torch.distributed.destroy_process_group
+
+        def lingering(*args, **kwargs):
+            destroy(*args, **kwargs)
+            time.sleep(60)
+
+        torch.distributed.destroy_process_group = lingering
+    return trainer.main(argv)
+
+
+def test_a_log_rank_0_cannot_write_is_said_before_it_leaves_the_group(tmp_path):
+    # Rank 0's one line for a log it cannot write (a full disk) was printed after the process had left the
+    # group: the other ended ("another process stopped (see its error)") and torchrun stopped rank 0, at
+    # times before it had printed its error, which then nobody saw.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    run = tmp_path / "run"
+    result = train_on_ranks(base_argv(data, str(run), batch_size=4, max_steps=3, save_every=0, loss_impl=LOSS_IMPL),
+                            main=_train_with_a_full_disk_on_rank_0)
+    assert result.returncode == 1
+    assert (f"error: writing {run / 'metrics.jsonl'} failed: [Errno 28] No space left on device. No checkpoint "
+            "was written before it") in result.stderr, result.stderr[-3000:]
+    assert "error: rank 1: another process stopped during step" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 def test_a_ranks_unhandled_error_is_torchruns_root_cause(tmp_path):
     # torchrun's failure summary shows a failing process's traceback when the process wrote it to its error
     # file (TORCHELASTIC_ERROR_FILE: torch's @record does, on the way out of the function it decorates);
