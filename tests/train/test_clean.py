@@ -562,6 +562,33 @@ def test_a_ranks_unhandled_error_is_said_before_it_leaves_the_group(trained, tmp
     assert "clean: error: another process stopped (see its error)\n" in result.stderr, result.stderr[-3000:]
 
 
+def test_a_run_started_while_its_caller_handles_an_error_says_only_its_own(tmp_path, monkeypatch, capsys):
+    # (helper-143) A run started in an except clause (a script's retry after a failure, say) found the caller's
+    # handled error in sys.exc_info() where nothing unwound: under torchrun clean printed its traceback as its own,
+    # wrote it to torchrun's error file and exited 1, of a run that had returned 0.
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    argv = ("--model", tmp_path / "model.pt", "--data", tmp_path, "--output", tmp_path / "out", "--embeddings",
+            tmp_path / "e.npy")
+    try:
+        raise KeyError("the caller's own, handled")
+    except KeyError:
+        monkeypatch.setattr(clean, "run", lambda args: 0)
+        assert run_clean(*argv) == 0
+        assert capsys.readouterr().err == "" and not error_file.exists()
+
+        def bug(args):
+            raise RuntimeError(BUG)
+
+        monkeypatch.setattr(clean, "run", bug)  # (its own error, there, is said)
+        with pytest.raises(SystemExit) as stopped:
+            run_clean(*argv)
+    assert stopped.value.code == 1 and capsys.readouterr().err.endswith(f"RuntimeError: {BUG}\n")
+    assert json.loads(error_file.read_text())["message"]["message"] == f"RuntimeError: {BUG}"
+
+
 def test_sub_center_training_then_its_dominant_sub_centres_clean(trained, tmp_path, capsys):
     """insightface's route for noisy data: train sub-center ArcFace (K = 3), then drop what lies far
     from each class's dominant sub-centre."""

@@ -205,11 +205,17 @@ def say_unhandled_error(handled: tuple[type[Exception], ...] = ()) -> bool:
     process leaves its process group, before it does: the others end on finding the group left, and
     torchrun stops the remaining processes as soon as one has ended, at times before this one's
     interpreter had printed the traceback at its exit. Returns whether it said one: the caller then ends
-    with ``SystemExit(1)``, without the interpreter printing it a second time."""
+    with ``SystemExit(1)``, without the interpreter printing it a second time. Only an exception that
+    unwinds through the caller's own frame counts: where a run is started while a function further out
+    handles an error of its own (a script's retry, in its except clause), ``sys.exc_info()`` gives that
+    error though nothing unwinds here."""
     error = sys.exc_info()[1]
+    trace, caller = getattr(error, "__traceback__", None), sys._getframe(1)
+    while trace is not None and trace.tb_frame is not caller:
+        trace = trace.tb_next
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # ('' where torchrun keeps no logs)
-    if not (isinstance(error, Exception) and not isinstance(error, handled) and not lost_a_peer(error)
-            and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or error_file)):
+    if not (trace is not None and isinstance(error, Exception) and not isinstance(error, handled)
+            and not lost_a_peer(error) and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or error_file)):
         return False
     sys.excepthook(type(error), error, error.__traceback__)
     sys.stderr.flush()
