@@ -321,14 +321,19 @@ class HeldFile:
         # comes, and the data stays in the buffer where no reader came or the reader has ended.
         holder = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
         try:
-            if hasattr(fcntl, "F_GETPIPE_SZ") and len(self.data) > fcntl.fcntl(holder, fcntl.F_GETPIPE_SZ):
-                fcntl.fcntl(holder, fcntl.F_SETPIPE_SZ, len(self.data))  # Linux's, up to pipe-max-size
+            # Linux's, up to pipe-max-size (Python names them from 3.10; 3.9 has the numbers of fcntl(2) alone)
+            linux = sys.platform.startswith("linux")
+            get_size = getattr(fcntl, "F_GETPIPE_SZ", 1032 if linux else None)
+            set_size = getattr(fcntl, "F_SETPIPE_SZ", 1031 if linux else None)
+            if get_size is not None and len(self.data) > fcntl.fcntl(holder, get_size):
+                fcntl.fcntl(holder, set_size, len(self.data))
             folder, name = os.path.split(self.path)
             plain = os.path.join(folder, f".{name}.held")  # no image's name: no tool lists it
             with open(plain, "wb") as f:
                 f.write(self.data)
             os.replace(plain, self.path)
-            assert os.write(holder, self.data) == len(self.data)  # into an empty buffer that holds it all
+            written = os.write(holder, self.data)  # into an empty buffer that holds it all
+            assert written == len(self.data), f"{self.path}: {written} of {len(self.data)} bytes went into the pipe"
         finally:
             os.close(holder)
             if self._writer is not None:
