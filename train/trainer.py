@@ -850,7 +850,7 @@ class Trainer:
         self._stop_signal = 0
         self._stop_signal_at = 0.0  # (time.monotonic()'s)
         self._previous_handlers: dict[int, Any] = {}
-        self._error_said = False  # an unhandled error, said before the process group was left (_fit)
+        self._error_said = None  # the error said before the process group was left (_fit), if one was
         self._started = time.perf_counter()
 
     def _lock_output(self) -> None:
@@ -1499,16 +1499,18 @@ class Trainer:
             exit_code = exit_info.code if isinstance(exit_info.code, int) else 1
             raise
         except LogNotWritten as error:  # one line, as a checkpoint that cannot be written
-            if not self._error_said:  # (under torchrun, said in _fit before the group was left)
+            if error is not self._error_said:  # (under torchrun, said in _fit before the group was left)
                 self._error(f"error: {error}. {_sentence(self._kept_checkpoint())}")
             if self.distributed:  # the others fail in their next collective, or torchrun ends them
                 raise SystemExit(1) from None
             return 1
-        except Exception:  # a failure the trainer does not say itself: its traceback, kept with the run
+        except Exception as error:  # a failure the trainer does not say itself: its traceback, kept with the run
             if self.is_main:
                 with contextlib.suppress(LogNotWritten):
                     self.log.text(f"error: the run failed at step {self.step + 1}:\n{traceback.format_exc()}")
-            if self._error_said:  # (on the screen too, before the group was left: not a second time at exit)
+            # (On the screen too, before the group was left: not a second time at exit. Not so an error raised
+            # after that one was said, further down _fit's finally: its traceback is printed at exit.)
+            if error is self._error_said:
                 raise SystemExit(1) from None
             raise
         finally:
@@ -1658,9 +1660,9 @@ class Trainer:
             unwinding = sys.exc_info()[1]
             if self.distributed and isinstance(unwinding, LogNotWritten):  # (fit's one line, said here for that)
                 self._error(f"error: {unwinding}. {_sentence(self._kept_checkpoint())}")
-                self._error_said = True
-            else:
-                self._error_said = say_unhandled_error(handled=(LogNotWritten,))  # (that one: fit says it)
+                self._error_said = unwinding
+            elif say_unhandled_error(handled=(LogNotWritten,)):  # (that one: fit says it)
+                self._error_said = unwinding
             stop_loader_workers(self.loader)
             for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler)

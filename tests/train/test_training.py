@@ -861,6 +861,34 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(faces, tmp_path
     assert "Traceback" not in err and checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
 
+def test_an_error_raised_after_the_said_one_keeps_its_traceback(faces, tmp_path, monkeypatch, capsys):
+    # Under torchrun (here its error file named, one process), an error no handler says is said before the
+    # process leaves its group, and the run ends with SystemExit(1), not printed a second time. An error
+    # raised after it, further down _fit's finally (here by stop_loader_workers), was taken for that one:
+    # SystemExit(1), its traceback in training.log alone.
+    import train.data
+    import train.trainer as trainer_module
+
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    step = trainer_module.Trainer.train_step
+
+    def first(self, *args):
+        if self.step == 1:
+            raise RuntimeError("the first error")
+        return step(self, *args)
+
+    def second(loader):
+        raise RuntimeError("the second error")
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", first)
+    monkeypatch.setattr(train.data, "stop_loader_workers", second)
+    with pytest.raises(RuntimeError, match="the second error") as raised:
+        main(argv(faces, tmp_path / "run", max_steps=3))
+    assert str(raised.value.__context__) == "the first error"  # (both in the traceback printed at exit)
+    assert "RuntimeError: the first error" in capsys.readouterr().err  # said before the group was left
+    assert "the first error" in (tmp_path / "error.json").read_text()
+
+
 def test_a_log_that_cannot_be_written_is_a_one_line_error(faces, tmp_path, monkeypatch, capsys):
     # The disk fills (another job's files) between checkpoints: a log line meets it first, and so do the
     # error's own lines for training.log. One line, exit status 1, the last checkpoint kept and resumable
