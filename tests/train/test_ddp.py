@@ -384,21 +384,27 @@ def _put_a_bug_on_rank_1(where: str) -> None:
         trainer.Trainer.train_step = lambda self, *args: bug() if self.step == 1 else step(self, *args)
 
 
+def _linger_after_leaving_the_group() -> None:
+    """This process waits 60 s once it has left its process group, so that the other, which then finds the
+    group gone, ends first and the launcher stops this one there, as torchrun stops the others once one has
+    ended: what this process had not printed before leaving is then never seen."""
+    destroy = torch.distributed.destroy_process_group
+
+    def lingering(*args, **kwargs):
+        destroy(*args, **kwargs)
+        time.sleep(60)
+
+    torch.distributed.destroy_process_group = lingering
+
+
 def _train_with_a_bug_on_rank_1(argv, where):
     """train.trainer.main(argv) on a rank, with rank 1's bug (``where``); rank 1 lingers once it has left
-    the group, so that rank 0, which then finds the group gone, ends first and the launcher stops rank 1
-    there, as torchrun stops the others once one has ended."""
+    the group (_linger_after_leaving_the_group)."""
     from train import trainer
 
     _put_a_bug_on_rank_1(where)
     if os.environ["RANK"] == "1":
-        destroy = torch.distributed.destroy_process_group
-
-        def lingering(*args, **kwargs):
-            destroy(*args, **kwargs)
-            time.sleep(60)
-
-        torch.distributed.destroy_process_group = lingering
+        _linger_after_leaving_the_group()
     return trainer.main(argv)
 
 
@@ -420,8 +426,8 @@ def test_a_ranks_unhandled_error_is_said_before_it_leaves_the_group(where, tmp_p
 
 def _train_with_a_full_disk_on_rank_0(argv):
     """train.trainer.main(argv) on a rank; on rank 0, metrics.jsonl cannot be appended to from its second
-    record on (a full disk), and the process lingers once it has left the group, so that rank 1, which then
-    finds the group gone, ends first and the launcher stops rank 0 there, as torchrun does."""
+    record on (a full disk), and the process lingers once it has left the group
+    (_linger_after_leaving_the_group)."""
     from train import trainer
 
     if os.environ["RANK"] == "0":
@@ -431,13 +437,7 @@ def _train_with_a_full_disk_on_rank_0(argv):
             return open(path, mode, *args, **kwargs)
 
         trainer.open = open_
-        destroy = torch.distributed.destroy_process_group
-
-        def lingering(*args, **kwargs):
-            destroy(*args, **kwargs)
-            time.sleep(60)
-
-        torch.distributed.destroy_process_group = lingering
+        _linger_after_leaving_the_group()
     return trainer.main(argv)
 
 
