@@ -1500,7 +1500,7 @@ class Trainer:
             raise
         except LogNotWritten as error:  # one line, as a checkpoint that cannot be written
             if error is not self._error_said:  # (under torchrun, said in _fit before the group was left)
-                self._error(f"error: {error}. {_sentence(self._kept_checkpoint())}")
+                self._say_log_not_written(error)
             if self.distributed:  # the others fail in their next collective, or torchrun ends them
                 raise SystemExit(1) from None
             return 1
@@ -1659,7 +1659,7 @@ class Trainer:
             # a CUDA error, running out of memory): its traceback.
             unwinding = sys.exc_info()[1]
             if self.distributed and isinstance(unwinding, LogNotWritten):  # (fit's one line, said here for that)
-                self._error(f"error: {unwinding}. {_sentence(self._kept_checkpoint())}")
+                self._say_log_not_written(unwinding)
                 self._error_said = unwinding
             elif say_unhandled_error(handled=(LogNotWritten,)):  # (that one: fit says it)
                 self._error_said = unwinding
@@ -1703,6 +1703,11 @@ class Trainer:
                 dist.destroy_process_group()
                 if peer_lost:
                     raise SystemExit(1) from None
+
+    def _say_log_not_written(self, error: LogNotWritten) -> None:
+        """The one line of a run stopped by a log it cannot write (a full disk): the file, the reason, the
+        checkpoint kept."""
+        self._error(f"error: {error}. {_sentence(self._kept_checkpoint())}")
 
     def _kept_checkpoint(self, which: str = "last") -> str:
         if not os.path.exists(self.checkpoint_path):
