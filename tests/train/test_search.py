@@ -115,6 +115,31 @@ def test_probe_labels_that_name_no_one_enrolled_are_noted(tables, tmp_path, caps
     assert "names none of the gallery's people" not in capsys.readouterr().err
 
 
+def test_a_probe_labels_file_that_cannot_be_read_is_one_line_naming_it(tables, tmp_path, capsys):
+    # A list saved by a spreadsheet in Latin-1, a line of three fields, a probe listed twice, a folder: each
+    # is one line naming --probe-labels and the file (the Latin-1 one was the codec's words alone), and the
+    # output is not written.
+    gallery, probes, _ = tables
+    out = tmp_path / "r.csv"
+    cases = [("latin1.csv", "probe,person\np0.jpg,alice\np1.jpg,zoé\n".encode("latin-1"),
+              "line 3: not UTF-8 text (invalid continuation byte); save the list as UTF-8"),
+             ("three.csv", b"p0.jpg,alice\np1.jpg,carol,extra\n", "line 2: expected probe,person"),
+             ("twice.csv", b"p0.jpg,alice\np0.jpg,bob\n", "line 2: p0.jpg is listed again")]
+    for name, content, said in cases:
+        (tmp_path / name).write_bytes(content)
+        assert run_search("--gallery", gallery, "--probes", probes, "--threshold", 0.5, "--output", out,
+                          "--probe-labels", tmp_path / name) == 2
+        err = capsys.readouterr().err
+        assert err == f"search: error: --probe-labels {tmp_path / name}: {said}\n", err
+    os.makedirs(tmp_path / "labels")
+    assert run_search("--gallery", gallery, "--probes", probes, "--threshold", 0.5, "--output", out,
+                      "--probe-labels", tmp_path / "labels") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"search: error: --probe-labels {tmp_path / 'labels'}: a folder, not a file (or 'folder'") \
+        and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_identification_rates_count_ties_against_the_mate():
     # Ranks: 1, 1, 2 (a tie at the top counts against the mate), 6, none (non-mated) x 2.
     ranks = np.array([1, 1, 2, 6, 0, 0])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -307,8 +308,9 @@ def run(args: argparse.Namespace) -> int:
     one_to_one = args.fpir is None and recorded is None and args.threshold is None  # (the model's own threshold)
     labels_file = args.probe_labels if args.probe_labels not in (None, "folder") else None
     if labels_file and not os.path.isfile(labels_file):
-        raise FileNotFoundError(f"--probe-labels {labels_file}: no such file (or 'folder': each probe's first "
-                                "folder is its person)")
+        what = "a folder, not a file" if os.path.isdir(labels_file) else "no such file"
+        raise FileNotFoundError(f"--probe-labels {labels_file}: {what} (or 'folder': each probe's first folder is "
+                                "its person)")
 
     if args.fpir is not None:
         _check_fpir_measurable(args, probes, probe_folder)
@@ -496,17 +498,24 @@ def read_probe_labels(path: str, names: list[str]) -> list[str]:
     """Each probe's person from the CSV file at ``path``: lines ``probe,person`` (a first line
     ``probe,person`` is a header). ValueError naming the line of a probe listed twice or of a line that
     is not two fields, and the first probe the file does not list."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:  # (was the codec's words alone, naming neither the option nor the file)
+        line = error.object[:error.start].count(b"\n") + 1
+        raise ValueError(f"--probe-labels {path}: line {line}: not UTF-8 text ({error.reason}); save the list as "
+                         "UTF-8") from None
     person = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            if not row or (reader.line_num == 1 and row == ["probe", "person"]):
-                continue
-            if len(row) != 2 or not row[0] or not row[1]:
-                raise ValueError(f"--probe-labels {path}: line {reader.line_num}: expected probe,person")
-            if row[0] in person:
-                raise ValueError(f"--probe-labels {path}: line {reader.line_num}: {row[0]} is listed again")
-            person[row[0]] = row[1]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    for row in reader:
+        if not row or (reader.line_num == 1 and row == ["probe", "person"]):
+            continue
+        if len(row) != 2 or not row[0] or not row[1]:
+            raise ValueError(f"--probe-labels {path}: line {reader.line_num}: expected probe,person")
+        if row[0] in person:
+            raise ValueError(f"--probe-labels {path}: line {reader.line_num}: {row[0]} is listed again")
+        person[row[0]] = row[1]
     missing = [name for name in names if name not in person]
     if missing:
         raise ValueError(f"--probe-labels {path} does not list the probe {missing[0]}"
