@@ -138,7 +138,7 @@ def _logged(path: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
 
     records = read_jsonl(path)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # (as read_jsonl reads it: a torn last line may not be UTF-8)
             if sum(1 for line in f if line.strip()) > len(records):
                 print(f"note: the last line of {path} is not JSON (a write cut short): left out", file=sys.stderr)
     for number, record in enumerate(records, 1):

@@ -396,18 +396,19 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     disk leaves mid-append, is dropped; a broken line before it is an error."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # (bytes: a line that is not UTF-8 is a broken line, named as one)
         lines = f.readlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             if number == len(lines):
                 break
-            raise SystemExit(f"{path}: line {number} is not JSON ({error.msg}); delete or repair that line") from None
+            reason = error.msg if isinstance(error, json.JSONDecodeError) else f"not UTF-8 text: {error.reason}"
+            raise SystemExit(f"{path}: line {number} is not JSON ({reason}); delete or repair that line") from None
     return records
 
 

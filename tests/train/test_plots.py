@@ -132,3 +132,23 @@ def test_the_command_names_logs_it_cannot_draw(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"note: the last line of {tmp_path / 'verification.jsonl'} is not JSON (a write cut short): left out" in err
     assert os.path.exists(tmp_path / "loss.png") and not os.path.exists(tmp_path / "verification.png")
+
+
+def test_a_log_line_that_is_not_utf8_is_named_as_a_broken_line(tmp_path, capsys):
+    # Bytes that are not UTF-8 (a damaged disk block, another program's file) were the codec's words alone,
+    # naming neither the log nor its line, from the plots and from a resume alike (both read it with
+    # read_jsonl); at the end of the log they are a write cut short, left out as a torn JSON line is.
+    pytest.importorskip("matplotlib")
+    from train.plots import main
+
+    good = b'{"step": 1, "loss": 2.0, "lr": 0.1}\n'
+    (tmp_path / "metrics.jsonl").write_bytes(good + b'{"step": 2, "lo\xff\xfe\n' + good)
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path)])
+    assert stop.value.code == (f"{tmp_path / 'metrics.jsonl'}: line 2 is not JSON (not UTF-8 text: invalid start "
+                               "byte); delete or repair that line")
+    (tmp_path / "metrics.jsonl").write_bytes(good + b'\x00\xff\x17')
+    assert main([str(tmp_path)]) == 0
+    assert f"note: the last line of {tmp_path / 'metrics.jsonl'} is not JSON (a write cut short): left out" in \
+        capsys.readouterr().err
+    assert os.path.exists(tmp_path / "loss.png")
