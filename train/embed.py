@@ -752,7 +752,9 @@ def _read_npy_table(array_path: str, index_path: str) -> tuple[list[str], np.nda
     if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
         raise ValueError(f"{array_path}: expected a 2-D float array, got {embeddings.dtype} {embeddings.shape}")
     with open(index_path, encoding="utf-8-sig") as f:
-        names = f.read().splitlines()
+        # (a line a name, as write_table wrote them: not str.splitlines, which also breaks a name at the form
+        # feeds, U+0085 and U+2028 that listable_name lets into a table)
+        names = f.read().split("\n")
     while names and not names[-1]:  # a blank last line (an editor's)
         names.pop()
     if len(names) != embeddings.shape[0]:

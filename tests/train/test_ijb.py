@@ -937,6 +937,12 @@ def test_read_table_is_write_tables_inverse_and_names_bad_tables(tmp_path):
         got_names, got = read_table(str(tmp_path / name))
         assert got_names == names and got.shape == (3, 4)
         np.testing.assert_allclose(got, values, rtol=1e-6 if name.endswith(".csv") else 0)
+    # Names holding what str.splitlines breaks a line at (a form feed, U+0085, U+2028): a file system allows
+    # them and listable_name lets them into a table, whose .txt was then read as more images than rows.
+    odd = ["form\x0cfeed.jpg", "next\x85line.jpg", "line\u2028separator.jpg"]
+    for name in ("o.npy", "o.csv"):
+        write_table(str(tmp_path / name), odd, values)
+        assert read_table(str(tmp_path / name))[0] == odd
     (tmp_path / "t.txt").write_text("a.jpg\nb.jpg\n")
     with pytest.raises(ValueError, match=r"t.txt lists 2 images, .*t.npy holds 3 rows"):
         read_table(str(tmp_path / "t.npy"))
