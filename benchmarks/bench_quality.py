@@ -49,8 +49,8 @@ def degrade(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarra
     if kind == "blur":
         return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(2 * size / 64)))
     if kind == "downscale":
-        small = Image.fromarray(image).resize((size // 4, size // 4), Image.BILINEAR)
-        return np.asarray(small.resize((size, size), Image.BILINEAR))
+        small = Image.fromarray(image).resize((size // 4, size // 4), Image.Resampling.BILINEAR)
+        return np.asarray(small.resize((size, size), Image.Resampling.BILINEAR))
     if kind == "occlusion":
         side = int(0.4 * size)
         top, left = rng.integers(size // 4, size - side - size // 8, 2)

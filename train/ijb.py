@@ -126,8 +126,8 @@ def warp_affine(image: Image.Image, matrix: np.ndarray, size: int) -> np.ndarray
     shifted = offset + 1.0 + 0.5 - linear @ np.array([0.5, 0.5])  # + 1: the frame
     coefficients = (linear[0, 0], linear[0, 1], shifted[0], linear[1, 0], linear[1, 1], shifted[1])
     framed = ImageOps.expand(to_rgb(image), border=1, fill=0)
-    channels = [np.asarray(band.convert("F").transform((size, size), Image.AFFINE, coefficients,
-                                                        resample=Image.BILINEAR))
+    channels = [np.asarray(band.convert("F").transform((size, size), Image.Transform.AFFINE, coefficients,
+                                                        resample=Image.Resampling.BILINEAR))
                 for band in framed.split()]
     return np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
 
@@ -146,7 +146,7 @@ def align_for_model(image: Image.Image, landmarks: np.ndarray, image_size: int) 
     trained here on resized faces saw it."""
     crop = align_face(image, landmarks, ALIGNED_SIZE)
     if image_size != ALIGNED_SIZE:
-        crop = np.asarray(Image.fromarray(crop).resize((image_size, image_size), Image.BILINEAR))
+        crop = np.asarray(Image.fromarray(crop).resize((image_size, image_size), Image.Resampling.BILINEAR))
     return crop
 
 

@@ -102,7 +102,7 @@ def photo_of_faces(faces, places, size=(640, 640)) -> Image.Image:
 def crop_for_model(face: np.ndarray, image_size: int) -> Image.Image:
     """The aligned crop a model of ``image_size`` is shown of the 112-pixel ``face``, as
     ``train.ijb.align_for_model`` resizes it: what a photo of :func:`photo_of_faces` gives, aligned."""
-    return Image.fromarray(face).resize((image_size, image_size), Image.BILINEAR)
+    return Image.fromarray(face).resize((image_size, image_size), Image.Resampling.BILINEAR)
 
 
 def crops_and_photos(faces: dict, image_size: int, crops, photos) -> None:

@@ -108,7 +108,7 @@ def test_crops_are_the_faces_in_an_image_folder(photos, tmp_path, capsys):
     assert align.main(["--images", root, "--landmarks", listing, "--output", str(small), "--format", "png",
                        "--workers", "0", "--image-size", "64"]) == 0
     for i, name in enumerate(names):
-        resized = Image.fromarray(read(out / name)).resize((64, 64), Image.BILINEAR)
+        resized = Image.fromarray(read(out / name)).resize((64, 64), Image.Resampling.BILINEAR)
         assert np.array_equal(read(small / name), np.asarray(resized))
 
 

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -1202,6 +1203,40 @@ def test_decoded_images_follow_their_exif_orientation():
     upright.transpose(Image.Transpose.ROTATE_90).save(turned, format="PNG", exif=exif)
     size = upright.size[0]
     assert np.array_equal(decode_image(turned.getvalue(), size, source="turned"), np.asarray(upright.convert("RGB")))
+
+
+class _Pillow9Image:
+    """PIL.Image as Pillow 9.1 to 9.5 served it: its constants (BILINEAR, AFFINE, ...) warned that they
+    would be removed in Pillow 10 (which then kept them); their enums (Image.Resampling, ...) did not."""
+    DEPRECATED = {name: enum for enum in ("Resampling", "Transform", "Transpose", "Dither", "Palette", "Quantize")
+                  for name in getattr(Image, enum).__members__}
+
+    def __getattr__(self, name):
+        if name in self.DEPRECATED:
+            warnings.warn(f"{name} is deprecated and will be removed in Pillow 10 (2023-07-01). Use "
+                          f"{self.DEPRECATED[name]}.{name} instead.", DeprecationWarning, stacklevel=2)
+        return getattr(Image, name)
+
+
+def test_images_are_resized_without_pillow_9s_deprecated_constants(tmp_path, monkeypatch):
+    # On Pillow 9.1 to 9.5 (pyproject admits 9.2), Image.BILINEAR and Image.AFFINE warned at every
+    # resize and warp: make_bin printed "warning: BILINEAR is deprecated ..." into its errors, and the
+    # RFW and verification tests that take warnings as errors failed. The code takes the enums.
+    from train import ijb
+    from train.tools import detect, pack_rec
+
+    for module in (sys.modules["train.data.transforms"], ijb, detect, pack_rec):
+        monkeypatch.setattr(module, "Image", _Pillow9Image())
+    face = Image.fromarray(face_image(3))
+    path = tmp_path / "face.png"
+    face.save(path)
+    landmarks = np.array([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]) * face.size[0] / 112
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert decode_image(path.read_bytes(), 20, source="face").shape == (20, 20, 3)
+        assert ijb.align_for_model(face, landmarks, 64).shape == (64, 64, 3)
+        assert pack_rec._image_bytes(str(path), resize=24, quality=90)[1] == (24, 24)
+        assert detect.letterbox(face, 40, 30)[0].shape == (30, 40, 3)
 
 
 def test_loader_benchmark_runs_on_a_pack_of_its_own(tmp_path, monkeypatch):

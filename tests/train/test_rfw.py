@@ -123,7 +123,8 @@ def test_loose_crops_are_aligned_from_their_landmarks(release):
         for j, path in enumerate(pair):
             crop = vset.images[2 * k + j].permute(1, 2, 0).numpy().astype(float)
             # The face as drawn, scaled to the crop: the landmarks were read as x, y and put it there.
-            drawn = np.asarray(Image.fromarray(faces["Asian", path]).resize((SIZE, SIZE), Image.BILINEAR), float)
+            drawn = np.asarray(Image.fromarray(faces["Asian", path]).resize((SIZE, SIZE), Image.Resampling.BILINEAR),
+                               float)
             assert np.abs(crop - drawn).mean() < 12, (path, np.abs(crop - drawn).mean())
             # ... and elsewhere in the loose crop it is not.
             assert np.abs(crop - np.roll(drawn, 6, axis=1)).mean() > 2 * np.abs(crop - drawn).mean()

@@ -82,7 +82,7 @@ def decode_image_and_size(data: bytes, image_size: int, *, source: str) -> tuple
         raise DataError(unreadable_image(source, f"{decode_failure(exc)} ({len(data)} bytes)")) from exc
     width, height = rgb.size
     if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
+        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8), (height, width)
 
 

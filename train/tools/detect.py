@@ -190,7 +190,7 @@ def letterbox(image: Image.Image, width: int, height: int) -> tuple[np.ndarray, 
         new_width = width
         new_height = max(1, int(new_width * image.height / image.width))
     canvas = np.zeros((height, width, 3), np.uint8)
-    canvas[:new_height, :new_width] = np.asarray(image.resize((new_width, new_height), Image.BILINEAR))
+    canvas[:new_height, :new_width] = np.asarray(image.resize((new_width, new_height), Image.Resampling.BILINEAR))
     return canvas, new_width / image.width, new_height / image.height
 
 

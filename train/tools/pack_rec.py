@@ -49,7 +49,7 @@ def _image_bytes(path: str, *, resize: int | None, quality: int, counts: dict | 
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(unreadable_image(path, exc)) from exc
     if resize is not None and rgb.size != (resize, resize):
-        rgb = rgb.resize((resize, resize), Image.BILINEAR)
+        rgb = rgb.resize((resize, resize), Image.Resampling.BILINEAR)
     if counts is not None:
         counts["re-encoded"] = counts.get("re-encoded", 0) + 1
     return encode_image(np.asarray(rgb), quality=quality), rgb.size
