@@ -134,3 +134,41 @@ def test_build_leaves_out_openmp_where_the_compiler_lacks_it(monkeypatch, tmp_pa
     assert "-fopenmp-simd" in extension["extra_compile_args"]["cxx"]
     assert "-fopenmp" not in extension["extra_compile_args"]["cxx"] + extension["extra_link_args"]
     assert "the CPU kernels will run on one thread" in capfd.readouterr().err
+
+
+def run_lowest_pins(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, ".ci", "lowest_pins.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_extras_have_lower_bounds_that_the_oldest_torch_stage_installs():
+    # numpy 1.x broke every training run unseen, as every CI stage installed the newest numpy: each
+    # requirement of the extras the tests use says the oldest version it works with, and
+    # .ci/oldest_torch.sh installs exactly those (lowest_pins.py's pins, in each of its pip commands).
+    pytest.importorskip("tomllib")
+    result = run_lowest_pins("train", "onnx", "test")
+    assert result.returncode == 0, result.stderr
+    pins = dict(line.split("==") for line in result.stdout.splitlines())
+    assert {"numpy", "pillow", "matplotlib", "tqdm", "pyyaml", "onnx", "onnxruntime", "pytest"} <= set(pins)
+    assert pins["numpy"].startswith("1."), "the oldest numpy admitted is a 1.x: CI tests it"
+    with open(os.path.join(REPO, ".ci", "oldest_torch.sh"), encoding="utf-8") as f:
+        stage = f.read()
+    assert "lowest_pins.py train test" in stage
+    installs = [line for line in stage.splitlines()
+                if line.startswith("python -m pip install") and ("torch==" in line or ".[train,test]" in line)]
+    assert len(installs) == 2 and all('"${PINS[@]}"' in line for line in installs), installs
+
+
+def test_lowest_pins_takes_the_highest_bound_and_rejects_a_requirement_without_one(tmp_path):
+    pytest.importorskip("tomllib")
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project.optional-dependencies]\n'
+                         'a = ["numpy>=1.24.2", "Py_YAML >= 6.0, <7"]\nb = ["numpy>=1.25.0,!=1.26.1"]\nc = ["tqdm"]\n')
+    result = run_lowest_pins("--pyproject", str(pyproject), "a", "b")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["numpy==1.25.0", "py-yaml==6.0"]
+    for extras, message in ((["a", "c"], "extra 'c': 'tqdm' has no lower bound"), (["d"], "no extra 'd'")):
+        result = run_lowest_pins("--pyproject", str(pyproject), *extras)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    result = run_lowest_pins("--pyproject", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2 and "--pyproject" in result.stderr and "Traceback" not in result.stderr
