@@ -115,6 +115,21 @@ def test_probe_labels_that_name_no_one_enrolled_are_noted(tables, tmp_path, caps
     assert "names none of the gallery's people" not in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_search(tables, tmp_path, capsys):
+    # What every tool's check_outputs says, here through search: an --output that is a folder, or whose folder
+    # is a file or cannot be made under one, is one line naming it, before any file is touched.
+    gallery, probes, _ = tables
+    (tmp_path / "notes").write_text("kept")
+    os.makedirs(tmp_path / "r.csv")
+    for out, said in [(tmp_path / "r.csv", f"{tmp_path / 'r.csv'} is a folder: name a file to write"),
+                      (tmp_path / "notes" / "r.csv", f"{tmp_path / 'notes'} is a file, not a folder to write r.csv in"),
+                      (tmp_path / "notes" / "run" / "r.csv",
+                       f"cannot make the folder {tmp_path / 'notes' / 'run'} to write r.csv in: Not a directory")]:
+        assert run_search("--gallery", gallery, "--probes", probes, "--threshold", 0.5, "--output", out) == 2
+        assert capsys.readouterr().err == f"search: error: {said}\n"
+    assert (tmp_path / "notes").read_text() == "kept" and os.listdir(tmp_path / "r.csv") == []
+
+
 def test_a_probe_labels_file_that_cannot_be_read_is_one_line_naming_it(tables, tmp_path, capsys):
     # A list saved by a spreadsheet in Latin-1, a line of three fields, a probe listed twice, a folder: each
     # is one line naming --probe-labels and the file (the Latin-1 one was the codec's words alone), and the
