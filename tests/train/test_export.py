@@ -676,3 +676,28 @@ def test_a_file_that_is_not_a_feature_table_is_named_so(tmp_path):
         embed.read_table(str(other))
     with pytest.raises(FileNotFoundError, match=r"no file at .*missing\.npy"):  # a name without .npy: np.save's
         embed.read_table(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([("data", [None, 3, 32, 32]), ("mask", [None, 3, 32, 32])], "the graph takes 2 inputs, not one image batch"),
+    ([("data", [None, 1, 32, 32])], "the graph's input data is ['n0', 1, 32, 32], not (N, 3, H, W) images"),
+    ([("data", [None, 3, 32])], "the graph's input data is ['n0', 3, 32], not (N, 3, H, W) images"),
+    ([("data", [None, 3, 32, 24])], "the graph's input is 32x24; the faces here are square"),
+])
+def test_a_graph_whose_input_is_not_one_batch_of_square_colour_faces_is_named(tmp_path, capsys, inputs, message):
+    # A detector, a grey-scale or a 112x96 (SphereFace's) model given as --model: one line naming the file and
+    # its input, before any face is read.
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n0" if d is None else d for d in shape])
+              for name, shape in inputs]
+    graph = helper.make_graph([helper.make_node("Flatten", ["data"], ["fc1"])], "g", values,
+                              [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, None)])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    face = tmp_path / "face.png"
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE)).save(face)
+    assert embed.main(["--model", str(path), "--compare", str(face), str(face)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: {message}\n"
