@@ -1203,3 +1203,43 @@ def test_host_overhead_benchmark_runs_and_restores_the_training_op(tmp_path):
     assert set(rows) == expected
     assert all(row["us_per_step"] > 0 and row["N"] == 8 for row in rows.values())
     assert arcface_ext.ops.TRAIN_DEVICES == train_devices
+
+
+def test_without_the_compiled_kernels_the_op_says_how_to_build_them_and_the_pytorch_paths_run():
+    # A broken install (arcface_ext._C not importable): importing the package still works, the op and the
+    # losses that need it raise the one error that says how to build it (never falling back silently), and
+    # what is pure PyTorch (the reference, the chunked path, CurricularFace on replicated centres) runs.
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys
+        sys.modules["arcface_ext._C"] = None  # as an import of a missing or broken library fails
+        import torch
+        import arcface_ext
+        assert not arcface_ext.extension_available()
+        x, labels, weight = torch.randn(4, 8, requires_grad=True), torch.tensor([0, 1, 2, 3]), torch.randn(10, 8)
+        for loss in (lambda: arcface_ext.combined_margin_loss(x, weight, labels),
+                     lambda: arcface_ext.CombinedMarginLoss(10, 8)(x, labels),
+                     lambda: arcface_ext.ShardedCombinedMarginLoss(10, 8)(x, labels)):
+            try:
+                loss()
+            except RuntimeError as error:
+                message = str(error)
+                assert message.startswith("arcface_ext's compiled kernels are not available (importing arcface_ext._C "
+                                          "failed: import of arcface_ext._C halted"), message
+                assert "pip install --no-build-isolation -e ." in message and "reference" in message, message
+            else:
+                raise AssertionError("no error without the compiled kernels")
+        expected = arcface_ext.reference.combined_margin_loss(x, weight, labels)
+        module = arcface_ext.CombinedMarginLoss(10, 8, use_reference=True)
+        module.weight.data.copy_(weight)
+        assert torch.allclose(module(x, labels), expected)
+        assert torch.allclose(arcface_ext.chunked.chunked_margin_loss(x, weight, labels), expected, rtol=1e-5)
+        arcface_ext.CurricularFaceLoss(10, 8)(x, labels).backward()
+        assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+        print("ok")
+    """
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout == "ok\n", child.stderr[-3000:]
