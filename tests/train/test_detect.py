@@ -276,6 +276,34 @@ def test_embed_with_a_detector_embeds_what_the_landmarks_file_gives(detector, tm
     assert "--detector and --landmarks are two ways" in capsys.readouterr().err
 
 
+def test_bad_arguments_and_partial_files_are_one_line_errors(detector, tmp_path, capsys):
+    # Each refused before a photo is read, in one line naming the option or file (exit 2), nothing written.
+    images, empty, out = tmp_path / "raw", tmp_path / "empty", tmp_path / "landmarks.txt"
+    images.mkdir()
+    empty.mkdir()
+    photo([(320, 160)]).save(images / "a.png")
+    common = ["--detector", detector, "--workers", "0", "--output", str(out)]
+    for extra, said in [(["--threshold", "1.5"], "--threshold must lie between 0 and 1, got 1.5"),
+                        (["--workers", "-1"], "--workers must be at least 0, got -1")]:
+        with pytest.raises(SystemExit) as stop:
+            detect.main([*common, "--images", str(images), *extra])
+        assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {said}")
+    for images_given, said in [(images / "a.png", f"--images {images / 'a.png'} is not a folder"),
+                               (empty, f"--images {empty} holds no .jpg, .jpeg, .png or .bmp file")]:
+        assert detect.main([*common, "--images", str(images_given)]) == 2
+        assert capsys.readouterr().err == f"detect: error: {said}\n"
+    partial = tmp_path / "landmarks.txt.partial"
+    partial.mkdir()
+    assert detect.main([*common, "--images", str(images), "--resume"]) == 2
+    assert capsys.readouterr().err == f"detect: error: {partial}, where detect keeps a run's lines, is a folder\n"
+    partial.rmdir()
+    partial.write_bytes(b"# detect \xe9\n")  # another program's file in Latin-1, say
+    assert detect.main([*common, "--images", str(images), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"detect: error: {partial} is not a file detect writes (not UTF-8 text): pass "
+                                       "--overwrite to start again\n")
+    assert partial.read_bytes() == b"# detect \xe9\n" and not out.exists()
+
+
 def test_names_and_outputs_that_need_care(detector, tmp_path, capsys):
     """A name that is not UTF-8 is listed as a failure while the others are done; a tab inside a name
     survives the file; --output must not be a photo nor empty; a partial file that another run holds
