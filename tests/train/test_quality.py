@@ -302,6 +302,57 @@ def test_bad_arguments_and_outputs(trained, tmp_path, capsys, monkeypatch):
     assert math.isfinite(json.loads((tmp_path / "erc.json").read_text())["thresholds"][0]["fnmr"])
 
 
+def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_path, capsys):
+    # Each a one-line error naming the option or the file, exit 2, before anything is written.
+    from train.embed import IMAGES_AS_THEY_ARE, write_table
+
+    ckpt, _ = trained
+    table = tmp_path / "norms.csv"
+    write_table(str(table), ["a.png", "b.png"], np.array([[1.0], [2.0]], np.float32))
+    for argv, said in [
+        (["--embeddings", table, "--fmr", "1e-3,abc"], "argument --fmr: expected false match rates separated by "
+                                                       "commas, got '1e-3,abc'"),
+        (["--embeddings", table, "--model", ckpt], "--model goes with --images or --pairs"),
+        (["--embeddings", table, "--reject-below", "nan"], "--reject-below is a quality, a finite number: got nan"),
+        (["--embeddings", table, "--reject-below", "1", "--copy"], "--copy goes with --tree"),
+        (["--model", ckpt, "--pairs", table, "--max-reject", "0"], "--max-reject is a share of the pairs, above 0 "
+                                                                    "and at most 1: got 0"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            run_quality(*argv)
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert stop.value.code == 2 and last.startswith(f"python -m train.tools.quality: error: {said}"), last
+    images = tmp_path / "images"
+    images.mkdir()
+    write_table(str(tmp_path / "none.csv"), [], np.zeros((0, 4), np.float32))
+    unit = np.eye(4, dtype=np.float32)[:2]
+    for name, names, about in [("gone.npy", ["a.png", "b.png"], {"norms": str(tmp_path / "gone.csv")}),
+                               ("other.npy", ["a.png", "c.png"], {"norms": str(table)}),
+                               ("moved.npy", ["a.png", "b.png"], {"norms": str(table), "faces": IMAGES_AS_THEY_ARE,
+                                                                  "images": str(tmp_path / "moved")}),
+                               ("here.npy", ["a.png", "b.png"], {"norms": str(table), "faces": IMAGES_AS_THEY_ARE,
+                                                                 "images": str(images)})]:
+        write_table(str(tmp_path / name), names, unit, about=about)
+    out, tree = tmp_path / "q.csv", tmp_path / "tree"
+    rule = ["--reject-below", "1.5", "--tree", tree]
+    for argv, said in [
+        (["--embeddings", tmp_path / "none.csv"], f"--embeddings {tmp_path / 'none.csv'}: the table holds no faces"),
+        (["--embeddings", tmp_path / "gone.npy"], f"--embeddings {tmp_path / 'gone.npy'}: {tmp_path / 'gone.csv'}, "
+                                                  "the norms its .json names, is not there any more"),
+        (["--embeddings", tmp_path / "other.npy"], f"--embeddings {tmp_path / 'other.npy'}: {table}, the norms its "
+                                                   ".json names, lists other faces than the table"),
+        (["--embeddings", table, *rule], f"--tree: {table} does not say where its images are"),
+        (["--embeddings", tmp_path / "moved.npy", *rule], f"--tree: {tmp_path / 'moved'}, the folder of the images, "
+                                                          "is not there any more"),
+        (["--embeddings", tmp_path / "here.npy", *rule[:-1], tmp_path], f"--output {out} lies in --tree {tmp_path}"),
+        (["--model", ckpt, "--pairs", images], f"--pairs {images} is a folder: give one set's file"),
+    ]:
+        assert run_quality(*argv, "--output", out) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"quality: error: {said}") and err.count("\n") == 1, (said, err)
+    assert not out.exists() and not tree.exists() and os.listdir(images) == []
+
+
 def test_outputs_beside_a_pairs_list(trained, tmp_path, capsys):
     # A pairs list's images are those it names: the figure may go in its folder (it was refused, 'erc.png is an
     # image's name in <the folder>', run from the folder of one's own pairs.txt), but never onto one of them.
