@@ -696,7 +696,7 @@ def test_a_graph_whose_input_is_not_one_batch_of_square_colour_faces_is_named(tm
     graph = helper.make_graph([helper.make_node("Flatten", ["data"], ["fc1"])], "g", values,
                               [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, None)])
     path = tmp_path / "model.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     face = tmp_path / "face.png"
     Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE)).save(face)
     assert embed.main(["--model", str(path), "--compare", str(face), str(face)]) == 2

@@ -218,12 +218,29 @@ def test_an_onnx_model_on_mps_or_xpu_is_said_to_run_on_the_cpu(tmp_path, capsys)
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])])
     path = str(tmp_path / "identity.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
     open_session(path, "cpu")
     assert capsys.readouterr().err == ""
     open_session(path, torch.device("mps"))
     assert capsys.readouterr().err == (f"note: {path} runs on the CPU: onnxruntime is given the CPU or CUDA only here "
                                        "(what PyTorch computes runs on mps)\n")
+
+
+def test_the_tests_hand_made_onnx_models_name_an_ir_version_every_admitted_onnxruntime_reads():
+    # onnx.helper.make_model writes onnx's own newest IR version unless told, which an older onnxruntime refuses:
+    # on Python 3.9, whose newest are onnx 1.19 (IR 12) and onnxruntime 1.19.2 (IR 10 at most), "Unsupported model
+    # IR version: 12, max supported IR version: 10". IR 8 is opset 17's, read from onnxruntime 1.17 (pyproject's
+    # lower bound) on.
+    import ast
+    import pathlib
+
+    tests = pathlib.Path(__file__).resolve().parents[1]
+    calls = [(path, node) for path in sorted(tests.rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "make_model"]  # helper.make_model
+    unnamed = [f"{path.relative_to(tests)}:{node.lineno}" for path, node in calls
+               if {k.arg: getattr(k.value, "value", None) for k in node.keywords}.get("ir_version") != 8]
+    assert len(calls) >= 2  # test_export's, and the one above
+    assert unnamed == []
 
 
 # torch's two wordings of an operator without a kernel on the device (torch 2.x; the first from MPS's
