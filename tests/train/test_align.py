@@ -231,6 +231,34 @@ def test_options_the_landmarks_run_would_ignore_are_refused(tmp_path, capsys, ar
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--image-size", "4"], "--image-size must be at least 8, got 4"),
+    (["--quality", "0"], "--quality must be 1 to 100, got 0"),
+    (["--workers", "-1"], "--workers must be at least 0, got -1"),
+])
+def test_out_of_range_options_are_refused(tmp_path, capsys, argv, message):
+    os.makedirs(tmp_path / "raw")
+    listing = write(tmp_path / "lm.txt", "a.png 1 2 3 4 5 6 7 8 9 10\n")
+    with pytest.raises(SystemExit) as stop:
+        align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(tmp_path / "out"), *argv])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"python -m train.tools.align: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_and_output_of_the_wrong_kind_are_refused(tmp_path, capsys):
+    os.makedirs(tmp_path / "raw")
+    listing = write(tmp_path / "lm.txt", "a.png 1 2 3 4 5 6 7 8 9 10\n")
+    a_file = write(tmp_path / "notes.txt", "kept\n")
+    for images, out, said in [(a_file, tmp_path / "out", f"--images {a_file} is not a folder"),
+                              (tmp_path / "raw", a_file, f"--output {a_file} is a file, not a folder"),
+                              (tmp_path / "raw", tmp_path / "out", f"landmarks file {tmp_path / 'raw'}: a folder")]:
+        given = tmp_path / "raw" if "landmarks" in said else listing
+        assert align.main(["--images", str(images), "--landmarks", str(given), "--output", str(out)]) == 2
+        assert capsys.readouterr().err == f"align: error: {said}\n"
+    assert open(a_file).read() == "kept\n" and not (tmp_path / "out").exists()
+
+
 def test_a_wrong_column_order_is_warned_about(photos, tmp_path, capsys):
     root, names, _, landmarks = photos
     swapped = landmarks[:, [1, 0, 2, 4, 3]]  # the subject's left eye first

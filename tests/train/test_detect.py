@@ -402,6 +402,25 @@ def test_align_with_a_detector_makes_the_crops_of_detect_then_align(detector, tm
     # Crops inside the photos' folder would be taken for photos next time.
     assert align.main(["--images", str(images), "--detector", detector, "--output", str(images / "crops")]) == 2
     assert "is inside --images" in capsys.readouterr().err
+    # A rerun that would mix crops of one face a photo with --all-faces' numbered ones, or of two sizes, is
+    # refused before any detection, the crops there left as they are; so is a folder without photos.
+    before = {folder: sorted(os.listdir(tmp_path / folder)) for folder in ("one", "all")}
+    (tmp_path / "none").mkdir()
+    for argv, said in [
+        (["--output", str(one_step), "--all-faces", "--overwrite"],
+         f"{one_step / 'a.jpg'} exists: crops of one face a photo (2) are where --all-faces writes <photo>_<k>"),
+        (["--output", str(tmp_path / "all"), "--overwrite"],
+         f"{tmp_path / 'all' / 'a_1.jpg'} exists: crops of --all-faces (2) are where this run writes one face a photo"),
+        (["--output", str(one_step), "--skip-existing", "--image-size", "96"],
+         f"2 of the 2 existing crops are not --image-size 96 ({one_step / 'a.jpg'} is 112x112): --skip-existing "
+         "would mix crop sizes"),
+        (["--output", str(tmp_path / "out"), "--images", str(tmp_path / "none")],
+         f"--images {tmp_path / 'none'} holds no .jpg/.jpeg/.png/.bmp images"),
+    ]:
+        assert align.main(["--images", str(images), "--detector", detector, "--workers", "0", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"align: error: {said}") and err.count("\n") == 1, (said, err)
+    assert {folder: sorted(os.listdir(tmp_path / folder)) for folder in ("one", "all")} == before
 
 
 def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_path):
