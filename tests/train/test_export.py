@@ -701,3 +701,32 @@ def test_a_graph_whose_input_is_not_one_batch_of_square_colour_faces_is_named(tm
     Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE)).save(face)
     assert embed.main(["--model", str(path), "--compare", str(face), str(face)]) == 2
     assert capsys.readouterr().err == f"error: {path}: {message}\n"
+
+
+def test_a_graph_of_fixed_batch_is_fed_padded_slices_and_one_of_free_size_faces_of_112px(tmp_path, capsys):
+    # Third-party graphs: one exported with a fixed batch of 3 runs 5 faces as slices of 3, the last padded,
+    # each face's own output kept (the padding's dropped); one whose height and width are free is fed 112 px
+    # faces, said in a note; one with a single fixed side takes that side.
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from train.onnx_backbone import load_onnx_backbone
+
+    def graph(name, shape):
+        nodes = [helper.make_node("ReduceMean", ["data"], ["fc1"], axes=[2, 3], keepdims=0)]
+        made = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, shape)],
+                                 [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, None)])
+        onnx.save(helper.make_model(made, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / name))
+        return str(tmp_path / name)
+
+    model, settings = load_onnx_backbone(graph("fixed.onnx", [3, 3, 32, 32]))
+    assert model.batch == 3 and settings["image_size"] == 32 and settings["embedding_size"] == 3
+    faces = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(model(faces), faces.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    model, settings = load_onnx_backbone(graph("free.onnx", ["n", 3, "h", "w"]))
+    assert model.batch is None and settings["image_size"] == 112
+    assert f"note: {tmp_path / 'free.onnx'}: the graph's input size is not fixed; faces are fed at 112px" in \
+        capsys.readouterr().err
+    assert load_onnx_backbone(graph("side.onnx", ["n", 3, "h", 96]))[1]["image_size"] == 96
