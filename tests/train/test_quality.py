@@ -346,6 +346,12 @@ def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_pa
                                                           "is not there any more"),
         (["--embeddings", tmp_path / "here.npy", *rule[:-1], tmp_path], f"--output {out} lies in --tree {tmp_path}"),
         (["--model", ckpt, "--pairs", images], f"--pairs {images} is a folder: give one set's file"),
+        # A --tree that is a file, lies in a file, or under one (what check_tree_folder says for every tool).
+        (["--embeddings", tmp_path / "here.npy", *rule[:-1], table], f"--tree {table} exists and is not a folder"),
+        (["--embeddings", tmp_path / "here.npy", *rule[:-1], table / "tree"],
+         f"--tree: {table} is a file, not a folder to make tree in"),
+        (["--embeddings", tmp_path / "here.npy", *rule[:-1], table / "in" / "tree"],
+         f"--tree: cannot make the folder {table / 'in'}: Not a directory"),
     ]:
         assert run_quality(*argv, "--output", out) == 2
         err = capsys.readouterr().err

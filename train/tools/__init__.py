@@ -372,6 +372,8 @@ def check_tree_folder(tree: str, overwrite: bool, ours, kind: str) -> None:
             raise ValueError(f"--tree {tree} holds {os.path.join(tree, foreign[0])}, which this tool does not "
                              f"write: --overwrite replaces only {kind}; name another folder")
     parent = os.path.dirname(os.path.abspath(tree))
+    if os.path.exists(parent) and not os.path.isdir(parent):  # (was "cannot make the folder <it>: File exists")
+        raise ValueError(f"--tree: {parent} is a file, not a folder to make {os.path.basename(tree)} in")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as error:
