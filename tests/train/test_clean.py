@@ -215,6 +215,10 @@ def test_recordio_input_keeps_bins_and_reuses_embeddings(trained, tmp_path, caps
     assert run_clean(*argv, "--overwrite") == 0 and "read from" in capsys.readouterr().err
     # A damaged cache is a one-line error naming it.
     (tmp_path / "folder.npy.json").write_text("[]")
+    assert run_clean(*argv[:-1], "--output", tmp_path / "f3") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"clean: error: --embeddings {folder_cache} exists, but {folder_cache}.json, which says whose embeddings "
+        "they are, is missing or damaged: pass --overwrite to make it again, or name another file")
     assert run_clean(*argv, "--overwrite") == 0  # made again
     folder_cache.write_bytes(folder_cache.read_bytes()[:100])
     assert run_clean(*argv[:-1], "--output", tmp_path / "f3") == 2
@@ -318,6 +322,17 @@ def test_refusals_write_nothing(trained, tmp_path, capsys):
                 ["--embeddings", "x.txt"]):
         with pytest.raises(SystemExit):
             run_clean("--model", ckpt, "--data", faces, "--output", out, *bad)
+    for bad, said in [(["--batch-size", "0"], "--batch-size must be at least 1"),
+                      (["--workers", "-1"], "--workers must be at least 0"),
+                      (["--overlap-cosine", "0.5"], "--overlap-cosine goes with --exclude-sets"),
+                      (["--exclude-sets", " , "], "--exclude-sets names no set"),
+                      (["--exclude-sets", "lfw", "--overlap-cosine", "1.5"],
+                       "--overlap-cosine is a cosine, from -1 to 1: got 1.5")]:
+        with pytest.raises(SystemExit) as stop:
+            clean.main(["--model", str(ckpt), "--data", str(faces), "--output", str(out), *bad])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"python -m train.tools.clean: error: {said}"
+    assert sorted(os.listdir(out)) == ["samples.csv"]
 
 
 def test_a_stop_while_writing_leaves_no_partial_file(trained, tmp_path, monkeypatch, capsys):
