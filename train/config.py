@@ -577,7 +577,7 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
             raise SystemExit(f"{' and '.join(named)} {'goes' if len(named) == 1 else 'go'} with --teacher (the backbone "
                              "the student is distilled from): give --teacher too")
     if not 0.0 < args.keep_prob <= 1.0:
-        raise SystemExit(f"--keep_prob must be in (0, 1], got {args.keep_prob}")
+        raise SystemExit(f"--keep-prob must be in (0, 1], got {args.keep_prob}")
     if args.compile_mode and args.compile_backend != "inductor":
         raise SystemExit(f"--compile-mode is an inductor option; --compile-backend is {args.compile_backend}")
     if not 0.0 < args.sample_rate <= 1.0:

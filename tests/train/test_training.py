@@ -1976,6 +1976,27 @@ def test_config_keys_take_the_no_spelling_of_a_switch(tmp_path):
     assert parse_args(["--config", str(config), "--plots"]).plots  # the command line still wins
 
 
+def test_config_files_and_values_that_cannot_be_taken_are_one_line_errors(tmp_path):
+    # Each names the file or the flag as --help spells it (--keep-prob was said as --keep_prob); an empty
+    # config file is a run of the defaults.
+    for name, content, message in [("list.yaml", "- max-steps\n- 10\n", "expected a mapping of flag names to values, "
+                                                                       "got list"),
+                                   ("switch.yaml", "no-plots: maybe\n", "no-plots must be true or false, got 'maybe'")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(SystemExit) as stop:
+            parse_args(["--config", str(tmp_path / name)])
+        assert stop.value.code == f"{tmp_path / name}: {message}"
+    (tmp_path / "empty.yaml").write_text("")
+    assert vars(parse_args(["--config", str(tmp_path / "empty.yaml")])) == {**vars(parse_args([])),
+                                                                            "config": str(tmp_path / "empty.yaml")}
+    for argv, message in [(["--keep-prob", "0"], "--keep-prob must be in (0, 1], got 0.0"),
+                          (["--keep_prob", "1.5"], "--keep-prob must be in (0, 1], got 1.5"),
+                          (["--subcenters", "0"], "--subcenters must be at least 1, got 0")]:
+        with pytest.raises(SystemExit) as stop:
+            parse_args(argv)
+        assert stop.value.code == message
+
+
 def test_unbuilt_extension_is_named(faces, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(arcface_ext, "extension_available", lambda: False)
     with pytest.raises(SystemExit, match="compiled op is not built.*--loss-impl reference"):
