@@ -1976,6 +1976,24 @@ def test_config_keys_take_the_no_spelling_of_a_switch(tmp_path):
     assert parse_args(["--config", str(config), "--plots"]).plots  # the command line still wins
 
 
+def test_resume_without_a_checkpoint_or_on_data_of_other_identities(faces, tmp_path, capsys):
+    # --resume auto in a folder without a checkpoint is a run from scratch, said; a --resume path that is not
+    # there, and a checkpoint resumed on data of another number of identities, are one-line refusals.
+    run = tmp_path / "run"
+    assert main(argv(faces, run, max_steps=2, save_every=2, resume="auto")) == 0
+    assert f"--resume auto: no checkpoint in {run}, starting from scratch\n" in capsys.readouterr().err
+    assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 2
+    with pytest.raises(SystemExit) as stop:
+        main(argv(faces, tmp_path / "other", resume=str(tmp_path / "nowhere.pt")))
+    assert stop.value.code == f"--resume: no checkpoint at {tmp_path / 'nowhere.pt'}"
+    fewer = make_face_folder(str(tmp_path / "fewer"), identities=5, images=4)
+    with pytest.raises(SystemExit) as stop:
+        main(argv((fewer, faces[1]), run, max_steps=4, resume="auto"))
+    assert stop.value.code == (f"{run / 'checkpoint.pt'}: checkpoint has 8 classes, the data has 5; resume needs the "
+                               "same data (use --pretrained_model to fine-tune)")
+    assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 2
+
+
 def test_config_files_and_values_that_cannot_be_taken_are_one_line_errors(tmp_path):
     # Each names the file or the flag as --help spells it (--keep-prob was said as --keep_prob); an empty
     # config file is a run of the defaults.
