@@ -1673,7 +1673,9 @@ class Trainer:
 
                     try:
                         write_plots(self.output, self.angles)
-                    except (OSError, ValueError) as error:  # a full disk, an edited log: the run's outcome is said above
+                    # A full disk, an edited log (read_jsonl's SystemExit names its line): the run's outcome is said
+                    # above, and stays its exit status.
+                    except (OSError, ValueError, SystemExit) as error:
                         self._error(f"note: the plots were not written: {error}")
             if self.distributed:
                 # All ranks reach here at the same step (stops and divergence are agreed on every
