@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals():  # (each figure is written whole or not at all)
             written = write_plots(args.run, saved_angles(args.run), into=into)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SystemExit) as error:  # (SystemExit: read_jsonl's, naming a log's broken line)
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Stopped as stop:

@@ -143,10 +143,13 @@ def test_a_log_line_that_is_not_utf8_is_named_as_a_broken_line(tmp_path, capsys)
 
     good = b'{"step": 1, "loss": 2.0, "lr": 0.1}\n'
     (tmp_path / "metrics.jsonl").write_bytes(good + b'{"step": 2, "lo\xff\xfe\n' + good)
-    with pytest.raises(SystemExit) as stop:
-        main([str(tmp_path)])
-    assert stop.value.code == (f"{tmp_path / 'metrics.jsonl'}: line 2 is not JSON (not UTF-8 text: invalid start "
-                               "byte); delete or repair that line")
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'metrics.jsonl'}: line 2 is not JSON (not UTF-8 text: "
+                                       "invalid start byte); delete or repair that line\n")
+    # (a line that is not JSON likewise: it was read_jsonl's SystemExit, exit status 1 without "error:")
+    (tmp_path / "metrics.jsonl").write_bytes(good + b'{"step": 2, "lo\n' + good)
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'metrics.jsonl'}: line 2 is not JSON (")
     (tmp_path / "metrics.jsonl").write_bytes(good + b'\x00\xff\x17')
     assert main([str(tmp_path)]) == 0
     assert f"note: the last line of {tmp_path / 'metrics.jsonl'} is not JSON (a write cut short): left out" in \
