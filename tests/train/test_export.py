@@ -730,3 +730,18 @@ def test_a_graph_of_fixed_batch_is_fed_padded_slices_and_one_of_free_size_faces_
     assert f"note: {tmp_path / 'free.onnx'}: the graph's input size is not fixed; faces are fed at 112px" in \
         capsys.readouterr().err
     assert load_onnx_backbone(graph("side.onnx", ["n", 3, "h", 96]))[1]["image_size"] == 96
+
+
+@pytest.mark.parametrize("content", [[1, 2], {"optimizer": {}, "step": 3}], ids=["a list", "a dict of no weights"])
+def test_a_torch_file_that_holds_no_backbone_is_named(tmp_path, capsys, content):
+    # A .pt of something else (an optimizer's state, a list) given as --checkpoint or --model: one line naming
+    # it, exit 2, nothing written.
+    path = tmp_path / "other.pt"
+    torch.save(content, path)
+    face = tmp_path / "face.png"
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE)).save(face)
+    assert export.main(["--checkpoint", str(path), "--output", str(tmp_path / "export")]) == 2
+    assert capsys.readouterr().err == f"error: {path}: not a backbone state dict or a training checkpoint\n"
+    assert embed.main(["--model", str(path), "--compare", str(face), str(face)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: not a backbone state dict or a training checkpoint\n"
+    assert not (tmp_path / "export").exists()
