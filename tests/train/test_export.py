@@ -717,7 +717,8 @@ def test_a_graph_of_fixed_batch_is_fed_padded_slices_and_one_of_free_size_faces_
         nodes = [helper.make_node("ReduceMean", ["data"], ["fc1"], axes=[2, 3], keepdims=0)]
         made = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, shape)],
                                  [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, None)])
-        onnx.save(helper.make_model(made, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / name))
+        model = helper.make_model(made, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        onnx.save(model, str(tmp_path / name))
         return str(tmp_path / name)
 
     model, settings = load_onnx_backbone(graph("fixed.onnx", [3, 3, 32, 32]))
