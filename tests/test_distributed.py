@@ -749,6 +749,13 @@ def test_shard_optimizer_state_names_a_group_of_another_size():
     with pytest.raises(ValueError, match=r"^the optimizer state dict's parameter group 0 has 2 parameter\(s\), "
                                          r"the optimizer's 1$"):
         arcface_ext.shard_optimizer_state(model, optimizer, other.state_dict())
+    # A state dict of another number of groups (an optimizer made with another param_groups layout), and a
+    # tensor that is not this rank's rows given to gather: each a ValueError that says both counts.
+    two = arcface_ext.optim.SGD([{"params": [proj.weight]}, {"params": [loss.weight]}], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"^the optimizer state dict has 2 parameter group\(s\), the optimizer 1$"):
+        arcface_ext.shard_optimizer_state(model, optimizer, two.state_dict())
+    with pytest.raises(ValueError, match=r"^expected this rank's 5 rows, got shape \(4, 4\)$"):
+        loss.gather(torch.zeros(4, 4))
 
 
 def _listed_twice_worker(rank, world_size, init_file, out_dir):
