@@ -558,6 +558,15 @@ def _count(number: float, noun: str) -> str:
     return f"{number:g} {noun}{'' if number == 1 else 's'}"
 
 
+def _file_in_the_way(path: str) -> str | None:
+    """The nearest of ``path`` and the folders above it that exists, where that is not a folder (a file,
+    which a folder cannot be made at or under); None otherwise."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
 def _sentence(text: str) -> str:
     """``text`` as the start of a sentence (its first letter upper-case)."""
     return text[:1].upper() + text[1:]
@@ -661,6 +670,13 @@ class Trainer:
         try:
             os.makedirs(self.output, exist_ok=True)
         except OSError as error:  # a file in the way, a read-only file system, no permission
+            in_the_way = _file_in_the_way(self.output)
+            if in_the_way == os.path.abspath(self.output):  # (was "cannot create the folder: File exists")
+                raise SystemExit(f"--output {self.output} exists and is not a folder: name a folder for the "
+                                 "run") from None
+            if in_the_way:  # (was "cannot create the folder: Not a directory")
+                raise SystemExit(f"--output {self.output}: {in_the_way} is a file, not a folder to make the run's "
+                                 "folder in") from None
             raise SystemExit(f"--output {self.output}: cannot create the folder: {error.strerror or error}") from None
         if not os.access(self.output, os.W_OK | os.X_OK):
             raise SystemExit(f"--output {self.output}: cannot write into the folder")

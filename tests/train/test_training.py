@@ -945,10 +945,18 @@ def test_a_log_that_cannot_be_written_is_a_one_line_error(faces, tmp_path, monke
 
 
 def test_an_output_folder_that_cannot_be_made_is_named(faces, tmp_path):
+    # (Said as the face tools say it for theirs: it was "cannot create the folder: File exists", and "Not a
+    # directory".)
     (tmp_path / "file").write_text("")
-    for output, reason in ((tmp_path / "file", "File exists"), (tmp_path / "file" / "run", "Not a directory")):
-        with pytest.raises(SystemExit, match=f"^--output {re.escape(str(output))}: cannot create the folder: {reason}$"):
+    for output, said in ((tmp_path / "file", f"{tmp_path / 'file'} exists and is not a folder: name a folder for the "
+                                             "run"),
+                         (tmp_path / "file" / "run", f"{tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not "
+                                                     "a folder to make the run's folder in"),
+                         (tmp_path / "file" / "a" / "run", f"{tmp_path / 'file' / 'a' / 'run'}: {tmp_path / 'file'} is "
+                                                           "a file, not a folder to make the run's folder in")):
+        with pytest.raises(SystemExit, match=f"^--output {re.escape(said)}$"):
             main(argv(faces, output))
+    assert (tmp_path / "file").read_text() == ""
 
 
 def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_path):
