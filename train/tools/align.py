@@ -544,7 +544,9 @@ def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
         numbered = [crop for crop in output_paths(names, args.images, args.output, args.format, several=True)
                     if os.path.lexists(crop)]
         if numbered:
-            raise ValueError(f"{numbered[0]} exists: crops of --all-faces ({len(numbered)}) are where this run "
+            # (counted by photo: output_paths(several=True) names each photo's first crop, <photo>_1)
+            photos = f"{len(numbered)} photo{'' if len(numbered) == 1 else 's'}"
+            raise ValueError(f"{numbered[0]} exists: crops of --all-faces (of {photos}) are where this run "
                              "writes one face a photo; name another --output, or pass --all-faces")
     if args.skip_existing and not args.all_faces:
         present = [i for i, crop in enumerate(crops) if os.path.lexists(crop)]
