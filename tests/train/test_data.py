@@ -1206,8 +1206,8 @@ def test_decoded_images_follow_their_exif_orientation():
 
 
 class _Pillow9Image:
-    """PIL.Image as Pillow 9.1 to 9.5 served it: its constants (BILINEAR, AFFINE, ...) warned that they
-    would be removed in Pillow 10 (which then kept them); their enums (Image.Resampling, ...) did not."""
+    """PIL.Image as Pillow 9.1 to 9.3 served it: its constants (BILINEAR, AFFINE, ...) warned that they
+    would be removed in Pillow 10 (9.4 took the warning back); their enums (Image.Resampling, ...) did not."""
     DEPRECATED = {name: enum for enum in ("Resampling", "Transform", "Transpose", "Dither", "Palette", "Quantize")
                   for name in getattr(Image, enum).__members__}
 
@@ -1219,7 +1219,7 @@ class _Pillow9Image:
 
 
 def test_images_are_resized_without_pillow_9s_deprecated_constants(tmp_path, monkeypatch):
-    # On Pillow 9.1 to 9.5 (pyproject admits 9.2), Image.BILINEAR and Image.AFFINE warned at every
+    # On Pillow 9.1 to 9.3 (pyproject admits 9.2), Image.BILINEAR and Image.AFFINE warned at every
     # resize and warp: make_bin printed "warning: BILINEAR is deprecated ..." into its errors, and the
     # RFW and verification tests that take warnings as errors failed. The code takes the enums.
     from train import ijb
