@@ -969,6 +969,11 @@ def test_read_table_is_write_tables_inverse_and_names_bad_tables(tmp_path):
     np.save(tmp_path / "ed.npy", np.ones((2, 4), np.float32))
     (tmp_path / "ed.txt").write_bytes("\ufeffa.jpg\nb.jpg\n\n".encode())
     assert read_table(str(tmp_path / "ed.npy"))[0] == ["a.jpg", "b.jpg"]
+    # Saved on Windows (CR LF line ends, no "\r" left on a name) or without a last line end: the same names.
+    # (The .txt is split at line feeds only; its text mode's universal newlines make a CR LF one first.)
+    for text in (b"a.jpg\r\nb.jpg\r\n", b"\xef\xbb\xbfa.jpg\r\nb.jpg", b"a.jpg\nb.jpg"):
+        (tmp_path / "ed.txt").write_bytes(text)
+        assert read_table(str(tmp_path / "ed.npy"))[0] == ["a.jpg", "b.jpg"], text
     (tmp_path / "ed.txt").write_bytes(b"a.jpg\n\xe9.jpg\n")
     with pytest.raises(ValueError, match="ed.npy: not UTF-8 text"):
         read_table(str(tmp_path / "ed.npy"))
