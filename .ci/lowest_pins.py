@@ -30,6 +30,9 @@ def lowest_pins(pyproject, extras):
         if extra not in declared:
             raise ValueError(f"pyproject.toml has no extra {extra!r} (it has {sorted(declared)})")
         for requirement in declared[extra]:
+            if any(mark in requirement for mark in "[;@"):  # (was "has no lower bound", which it may well have)
+                raise ValueError(f"extra {extra!r}: {requirement!r} has extras, a marker or a URL, which this script "
+                                 "does not read (name>=VERSION[,...] only)")
             match = REQUIREMENT.match(requirement)
             bounds = [LOWER_BOUND.match(spec.strip()) for spec in match.group(2).split(",")] if match else []
             bounds = [bound.group(1) for bound in bounds if bound]

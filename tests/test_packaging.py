@@ -172,3 +172,17 @@ def test_lowest_pins_takes_the_highest_bound_and_rejects_a_requirement_without_o
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     result = run_lowest_pins("--pyproject", str(tmp_path / "missing.toml"))
     assert result.returncode == 2 and "--pyproject" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lowest_pins_names_a_requirement_form_it_does_not_read(tmp_path):
+    # A requirement with a marker or extras (valid PEP 508, each with its lower bound here), or a URL, was said
+    # to have "no lower bound": the one line says what the script does not read.
+    pytest.importorskip("tomllib")
+    pyproject = tmp_path / "pyproject.toml"
+    for requirement in ("tomli>=1.1; python_version < '3.11'", "onnx[reference]>=1.15.0",
+                        "pkg @ https://example.org/pkg-1.0.tar.gz"):
+        pyproject.write_text(f'[project.optional-dependencies]\na = ["{requirement}"]\n')
+        result = run_lowest_pins("--pyproject", str(pyproject), "a")
+        assert result.returncode == 2 and result.stdout == "", result
+        assert result.stderr.splitlines() == [f"lowest_pins.py: extra 'a': {requirement!r} has extras, a marker or a "
+                                              "URL, which this script does not read (name>=VERSION[,...] only)"]
