@@ -332,8 +332,8 @@ def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_pa
                                                                   "images": str(tmp_path / "moved")}),
                                ("here.npy", ["a.png", "b.png"], {"norms": str(table), "faces": IMAGES_AS_THEY_ARE,
                                                                  "images": str(images)}),
-                               # (a .json made by hand, which does not say what its rows are: it said "the faces are
-                               # None, not image files")
+                               # (a .json that does not say what its rows are, as train.ijb's --save-features
+                               # tables: it said "the faces are None, not image files")
                                ("unsaid.npy", ["a.png", "b.png"], {"norms": str(table), "images": str(images)})]:
         write_table(str(tmp_path / name), names, unit, about=about)
     out, tree = tmp_path / "q.csv", tmp_path / "tree"
@@ -348,9 +348,10 @@ def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_pa
         (["--embeddings", tmp_path / "moved.npy", *rule], f"--tree: {tmp_path / 'moved'}, the folder of the images, "
                                                           "is not there any more"),
         (["--embeddings", tmp_path / "here.npy", *rule[:-1], tmp_path], f"--output {out} lies in --tree {tmp_path}"),
-        (["--embeddings", tmp_path / "unsaid.npy", *rule], f"--tree: {tmp_path / 'unsaid.npy'}'s .json does not say "
-                                                           'what its rows are (its "faces"): score the folder of images '
-                                                           "with --images instead\n"),
+        (["--embeddings", tmp_path / "unsaid.npy", *rule],
+         f"--tree: {tmp_path / 'unsaid.npy'}'s .json does not say what its rows are (its \"faces\", which train.embed "
+         "writes and train.ijb's and train.tinyface's tables lack): score the folder of images with --images "
+         "instead\n"),
         (["--model", ckpt, "--pairs", images], f"--pairs {images} is a folder: give one set's file"),
         # A --tree that is a file, lies in a file, or under one (what check_tree_folder says for every tool).
         (["--embeddings", tmp_path / "here.npy", *rule[:-1], table], f"--tree {table} exists and is not a folder"),

@@ -518,9 +518,10 @@ def _check_tree(args, source_folder: str | None, about: dict | None) -> None:
         if not about:
             raise ValueError(f"--tree: {args.embeddings} does not say where its images are (train.embed writes that "
                              "in the .json beside it): cluster the folder of images with --images instead")
-        if about.get("faces") is None:  # (a .json made by hand: train.embed has always said what its rows are)
-            raise ValueError(f"--tree: {args.embeddings}'s .json does not say what its rows are (its \"faces\"): "
-                             "cluster the folder of images with --images instead")
+        if about.get("faces") is None:  # (train.ijb's and train.tinyface's --save-features tables, or by hand)
+            raise ValueError(f"--tree: {args.embeddings}'s .json does not say what its rows are (its \"faces\", "
+                             "which train.embed writes and train.ijb's and train.tinyface's tables lack): cluster the "
+                             "folder of images with --images instead")
         if not faces_are_files(about.get("faces")):
             raise ValueError(f"--tree: the rows of {args.embeddings} are faces {about.get('faces')}, not image files "
                              "to lay out, and the table keeps no landmarks to crop them: cluster the photos with "

@@ -461,9 +461,10 @@ def _check_tree(args, folder: str | None, faces: str | None) -> None:
     if not folder:
         raise ValueError(f"--tree: {args.embeddings} does not say where its images are (the .json train.embed writes "
                          "beside a table does): score the folder of images with --images instead")
-    if faces is None:  # (a .json made by hand: train.embed has always said what its rows are)
-        raise ValueError(f"--tree: {args.embeddings}'s .json does not say what its rows are (its \"faces\"): score "
-                         "the folder of images with --images instead")
+    if faces is None:  # (train.ijb's and train.tinyface's --save-features tables, or one made by hand)
+        raise ValueError(f"--tree: {args.embeddings}'s .json does not say what its rows are (its \"faces\", which "
+                         "train.embed writes and train.ijb's and train.tinyface's tables lack): score the folder of "
+                         "images with --images instead")
     if not faces_are_files(faces):
         if isinstance(faces, str) and faces.startswith("found and aligned by ") and faces.endswith(", every face"):
             raise ValueError("--tree lays out photos, a row each, and --all-faces makes a row of each face of a photo: "
