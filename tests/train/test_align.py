@@ -217,32 +217,22 @@ def test_bad_lists_are_one_line_errors_before_any_work(tmp_path, capsys, content
 
 
 @pytest.mark.parametrize("argv, message", [
+    # Options the landmarks run would ignore: each was taken without a word (a PNG has no quality, and only
+    # the detector runs on --device).
     (["--format", "png", "--quality", "50"], "--quality is JPEG's: --format png is lossless"),
     (["--device", "cuda"], "--device goes with --detector: --landmarks aligns on the CPU"),
+    # Out of range.
+    (["--image-size", "4"], "--image-size must be at least 8, got 4"),
+    (["--quality", "0"], "--quality must be 1 to 100, got 0"),
+    (["--workers", "-1"], "--workers must be at least 0, got -1"),
 ])
-def test_options_the_landmarks_run_would_ignore_are_refused(tmp_path, capsys, argv, message):
-    # Each was taken without a word: a PNG has no quality, and only the detector runs on --device.
+def test_options_out_of_range_or_ignored_are_refused(tmp_path, capsys, argv, message):
     os.makedirs(tmp_path / "raw")
     listing = write(tmp_path / "lm.txt", "a.png 1 2 3 4 5 6 7 8 9 10\n")
     with pytest.raises(SystemExit) as stop:
         align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(tmp_path / "out"), *argv])
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"python -m train.tools.align: error: {message}"
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--image-size", "4"], "--image-size must be at least 8, got 4"),
-    (["--quality", "0"], "--quality must be 1 to 100, got 0"),
-    (["--workers", "-1"], "--workers must be at least 0, got -1"),
-])
-def test_out_of_range_options_are_refused(tmp_path, capsys, argv, message):
-    os.makedirs(tmp_path / "raw")
-    listing = write(tmp_path / "lm.txt", "a.png 1 2 3 4 5 6 7 8 9 10\n")
-    with pytest.raises(SystemExit) as stop:
-        align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(tmp_path / "out"), *argv])
-    assert stop.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith(f"python -m train.tools.align: error: {message}")
     assert not (tmp_path / "out").exists()
 
 
