@@ -98,6 +98,15 @@ def save_atomic(obj: Any, path: str) -> None:
     write_atomic(path, write)
 
 
+def nearest_existing(path: str) -> str:
+    """``path`` made absolute, or the nearest folder above it that exists: where a folder for ``path``
+    would be made. A file there (not a folder) is what stops that (Errno 17 or 20 from os.makedirs)."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def write_json_atomic(path: str, content: Any) -> None:
     """``content`` as indented JSON to ``path`` atomically (see :func:`write_atomic`)."""
     def write(f):

@@ -256,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     into = args.run if args.output is None else args.output
     # Found before any drawing (was "[Errno 13] Permission denied: '<folder>/.loss.png...tmp'", or Errno 20).
-    existing = os.path.abspath(into)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    from train.checkpoint import nearest_existing
+
+    existing = nearest_existing(into)
     named = f"--output {into}" if args.output is not None else into
     if not os.path.isdir(existing):
         p.error(f"{named}: cannot make the folder: {existing} is a file")
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals():  # (each figure is written whole or not at all)
             written = write_plots(args.run, saved_angles(args.run), into=into)
-    except (OSError, ValueError, SystemExit) as error:  # (SystemExit: read_jsonl's, naming a log's broken line)
+    except (OSError, ValueError) as error:  # (ValueError: a log's broken line too, trainer.LogUnreadable)
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Stopped as stop:

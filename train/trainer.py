@@ -93,6 +93,11 @@ class LogNotWritten(RuntimeError):
     checkpoint); the last checkpoint is left in place."""
 
 
+class LogUnreadable(ValueError):
+    """A line of a run's log, before its last, is not JSON (an edited or damaged log): the message names
+    the file and the line. A resume ends with it; the plots, drawn at a run's end, are left out with it."""
+
+
 def _os_reason(error: OSError) -> str:
     """Why a write failed, as ``[Errno 28] No space left on device`` (without the file, named beside it)."""
     return f"[Errno {error.errno}] {error.strerror}" if error.strerror else str(error) or type(error).__name__
@@ -393,7 +398,7 @@ class RunLog:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The records of a log written by :class:`RunLog`. A torn last line, which a kill -9 or a full
-    disk leaves mid-append, is dropped; a broken line before it is an error."""
+    disk leaves mid-append, is dropped; a broken line before it is :class:`LogUnreadable`."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:  # (bytes: a line that is not UTF-8 is a broken line, named as one)
@@ -408,7 +413,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
             if number == len(lines):
                 break
             reason = error.msg if isinstance(error, json.JSONDecodeError) else f"not UTF-8 text: {error.reason}"
-            raise SystemExit(f"{path}: line {number} is not JSON ({reason}); delete or repair that line") from None
+            raise LogUnreadable(f"{path}: line {number} is not JSON ({reason}); delete or repair that line") from None
     return records
 
 
@@ -558,15 +563,6 @@ def _count(number: float, noun: str) -> str:
     return f"{number:g} {noun}{'' if number == 1 else 's'}"
 
 
-def _file_in_the_way(path: str) -> str | None:
-    """The nearest of ``path`` and the folders above it that exists, where that is not a folder (a file,
-    which a folder cannot be made at or under); None otherwise."""
-    path = os.path.abspath(path)
-    while not os.path.lexists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return None if os.path.isdir(path) else path
-
-
 def _sentence(text: str) -> str:
     """``text`` as the start of a sentence (its first letter upper-case)."""
     return text[:1].upper() + text[1:]
@@ -670,11 +666,11 @@ class Trainer:
         try:
             os.makedirs(self.output, exist_ok=True)
         except OSError as error:  # a file in the way, a read-only file system, no permission
-            in_the_way = _file_in_the_way(self.output)
+            in_the_way = checkpoint.nearest_existing(self.output)
             if in_the_way == os.path.abspath(self.output):  # (was "cannot create the folder: File exists")
                 raise SystemExit(f"--output {self.output} exists and is not a folder: name a folder for the "
                                  "run") from None
-            if in_the_way:  # (was "cannot create the folder: Not a directory")
+            if not os.path.isdir(in_the_way):  # (was "cannot create the folder: Not a directory")
                 raise SystemExit(f"--output {self.output}: {in_the_way} is a file, not a folder to make the run's "
                                  "folder in") from None
             raise SystemExit(f"--output {self.output}: cannot create the folder: {error.strerror or error}") from None
@@ -863,6 +859,8 @@ class Trainer:
                 checkpoint.write_json_atomic(os.path.join(self.output, "args.json"), vars(args))
         except OSError as error:  # a full disk, a quota
             raise SystemExit(f"--output {self.output}: cannot write into the folder: {_os_reason(error)}") from None
+        except LogUnreadable as error:  # (the logs a resume continues)
+            raise SystemExit(str(error)) from None
 
         self._stop_signal = 0
         self._stop_signal_at = 0.0  # (time.monotonic()'s)
@@ -1689,9 +1687,9 @@ class Trainer:
 
                     try:
                         write_plots(self.output, self.angles)
-                    # A full disk, an edited log (read_jsonl's SystemExit names its line): the run's outcome is said
-                    # above, and stays its exit status.
-                    except (OSError, ValueError, SystemExit) as error:
+                    # A full disk, an edited log (LogUnreadable, a ValueError): the run's outcome is said above,
+                    # and stays its exit status.
+                    except (OSError, ValueError) as error:
                         self._error(f"note: the plots were not written: {error}")
             if self.distributed:
                 # All ranks reach here at the same step (stops and divergence are agreed on every

@@ -602,8 +602,8 @@ def test_pack_rec_names_an_output_folder_it_cannot_make(image_folder, tmp_path, 
     (tmp_path / "afile").write_text("mine")
     assert pack_rec_main([str(image_folder), str(tmp_path / "afile" / "packed")]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (f"pack_rec: error: cannot make the folder "
-                                                        f"{tmp_path / 'afile' / 'packed'} to write train.rec in: Not a "
-                                                        "directory")
+                                                        f"{tmp_path / 'afile' / 'packed'} to write train.rec in: "
+                                                        f"{tmp_path / 'afile'} is a file")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -358,7 +358,7 @@ def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_pa
         (["--embeddings", tmp_path / "here.npy", *rule[:-1], table / "tree"],
          f"--tree: {table} is a file, not a folder to make tree in"),
         (["--embeddings", tmp_path / "here.npy", *rule[:-1], table / "in" / "tree"],
-         f"--tree: cannot make the folder {table / 'in'}: Not a directory"),
+         f"--tree: cannot make the folder {table / 'in'}: {table} is a file"),
     ]:
         assert run_quality(*argv, "--output", out) == 2
         err = capsys.readouterr().err

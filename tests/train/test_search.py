@@ -124,7 +124,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_search(tables, t
     for out, said in [(tmp_path / "r.csv", f"{tmp_path / 'r.csv'} is a folder: name a file to write"),
                       (tmp_path / "notes" / "r.csv", f"{tmp_path / 'notes'} is a file, not a folder to write r.csv in"),
                       (tmp_path / "notes" / "run" / "r.csv",
-                       f"cannot make the folder {tmp_path / 'notes' / 'run'} to write r.csv in: Not a directory")]:
+                       f"cannot make the folder {tmp_path / 'notes' / 'run'} to write r.csv in: {tmp_path / 'notes'} "
+                       "is a file")]:
         assert run_search("--gallery", gallery, "--probes", probes, "--threshold", 0.5, "--output", out) == 2
         assert capsys.readouterr().err == f"search: error: {said}\n"
     assert (tmp_path / "notes").read_text() == "kept" and os.listdir(tmp_path / "r.csv") == []

@@ -59,8 +59,12 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
         if os.path.lexists(path) and not overwrite:
             raise ValueError(f"{path} exists: pass --overwrite to replace it")
         folder = os.path.dirname(os.path.abspath(path))
-        if os.path.exists(folder) and not os.path.isdir(folder):
+        in_the_way = checkpoint.nearest_existing(folder)
+        if in_the_way == folder and not os.path.isdir(folder):
             raise ValueError(f"{folder} is a file, not a folder to write {os.path.basename(path)} in")
+        if not os.path.isdir(in_the_way):  # (was "...: Not a directory")
+            raise ValueError(f"cannot make the folder {folder} to write {os.path.basename(path)} in: {in_the_way} "
+                             "is a file")
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as error:  # (was "[Errno 13] Permission denied: '<folder>'", or Errno 20, naming no output)
@@ -372,8 +376,11 @@ def check_tree_folder(tree: str, overwrite: bool, ours, kind: str) -> None:
             raise ValueError(f"--tree {tree} holds {os.path.join(tree, foreign[0])}, which this tool does not "
                              f"write: --overwrite replaces only {kind}; name another folder")
     parent = os.path.dirname(os.path.abspath(tree))
-    if os.path.exists(parent) and not os.path.isdir(parent):  # (was "cannot make the folder <it>: File exists")
+    in_the_way = checkpoint.nearest_existing(parent)
+    if in_the_way == parent and not os.path.isdir(parent):  # (was "cannot make the folder <it>: File exists")
         raise ValueError(f"--tree: {parent} is a file, not a folder to make {os.path.basename(tree)} in")
+    if not os.path.isdir(in_the_way):  # (was "...: Not a directory")
+        raise ValueError(f"--tree: cannot make the folder {parent}: {in_the_way} is a file")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as error:
