@@ -107,6 +107,17 @@ def nearest_existing(path: str) -> str:
     return path
 
 
+def check_output_folder(folder: str, named: str) -> None:
+    """Refuses, before any work, an output folder that cannot be made or written in: ValueError naming
+    ``named`` (the option and its value) and the file in the way, or the folder that is read-only. A file
+    at ``folder`` itself is the caller's to word (what the folder was for)."""
+    existing = nearest_existing(folder)
+    if not os.path.isdir(existing):  # (was "...: Not a directory", or Errno 20 naming no option)
+        raise ValueError(f"{named}: cannot make the folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):  # (was "[Errno 13] Permission denied: '<folder>'")
+        raise ValueError(f"{named}: cannot write in {existing} (read-only, or not yours)")
+
+
 def write_json_atomic(path: str, content: Any) -> None:
     """``content`` as indented JSON to ``path`` atomically (see :func:`write_atomic`)."""
     def write(f):

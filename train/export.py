@@ -231,6 +231,7 @@ def _export(args: argparse.Namespace) -> int:
     output = args.output or os.path.dirname(os.path.abspath(args.checkpoint))
     if os.path.exists(output) and not os.path.isdir(output):
         raise ValueError(f"--output {output} is a file, not a folder to export into")
+    checkpoint.check_output_folder(output, f"--output {output}")
     names = [STATE_NAME, SETTINGS_NAME] + ([ONNX_NAME] if args.onnx else []) + (
         [NORMALIZED_ONNX_NAME] if args.normalized_onnx else []) + (
         [INT8_ONNX_NAME] if args.int8 is not None else []) + (
@@ -247,7 +248,7 @@ def _export(args: argparse.Namespace) -> int:
     made = not os.path.lexists(output)
     try:
         os.makedirs(output, exist_ok=True)
-    except OSError as error:  # (was "[Errno 13] Permission denied: 'ro/sub'", naming no option)
+    except OSError as error:  # (a read-only file system, which os.access does not see)
         raise ValueError(f"--output {output}: cannot make the folder: {error.strerror or error}") from None
     state_path, onnx_path = os.path.join(output, STATE_NAME), os.path.join(output, ONNX_NAME)
     normalized_path = os.path.join(output, NORMALIZED_ONNX_NAME)
@@ -257,7 +258,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         staging = tempfile.mkdtemp(prefix=".backbone-export-", dir=output)
     except PermissionError:
-        raise ValueError(f"cannot write in --output {output} (read-only, or not yours)") from None
+        raise ValueError(f"--output {output}: cannot write in {output} (read-only, or not yours)") from None
     try:
         graph, skipped, difference = None, None, None
         if args.onnx:

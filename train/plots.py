@@ -256,14 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     into = args.run if args.output is None else args.output
     # Found before any drawing (was "[Errno 13] Permission denied: '<folder>/.loss.png...tmp'", or Errno 20).
-    from train.checkpoint import nearest_existing
+    from train.checkpoint import check_output_folder
 
-    existing = nearest_existing(into)
-    named = f"--output {into}" if args.output is not None else into
-    if not os.path.isdir(existing):
-        p.error(f"{named}: cannot make the folder: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        p.error(f"{named}: cannot write in {existing} (read-only, or not yours)")
+    try:
+        check_output_folder(into, f"--output {into}" if args.output is not None else into)
+    except ValueError as error:
+        p.error(str(error))
     if args.output is not None and not args.overwrite and os.path.realpath(into) != os.path.realpath(args.run):
         present = [name for name in (LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG) if os.path.exists(os.path.join(into, name))]
         if present:

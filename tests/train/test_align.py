@@ -395,15 +395,26 @@ def test_temporaries_of_killed_workers_are_removed(tmp_path):
     assert sorted(os.listdir(tmp_path / "a")) == sorted(kept)
 
 
-def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_path, capsys):
+def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_path, capsys, monkeypatch):
     root, names, _, landmarks = photos
     listing = write(tmp_path / "lm.txt", lines(names, landmarks))
     (tmp_path / "file").write_text("")
-    for output, message in ((root, "is --images: the crops would go among the photos"),
-                            (str(tmp_path / "file" / "out"), "cannot be written")):
+    locked = str(tmp_path / "locked")
+    os.mkdir(locked)
+    real_access = os.access  # (root, who may run the tests, writes in a folder of mode 555)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == locked else real_access(path, mode))
+    file_in_the_way = f"cannot make the folder: {tmp_path / 'file'} is a file"  # (was "cannot be written: Not a directory")
+    for output, message in ((root, f"--output {root} is --images: the crops would go among the photos; name another "
+                                   "folder"),
+                            (str(tmp_path / "file" / "out"), f"--output {tmp_path / 'file' / 'out'}: {file_in_the_way}"),
+                            (str(tmp_path / "file" / "a" / "out"),
+                             f"--output {tmp_path / 'file' / 'a' / 'out'}: {file_in_the_way}"),
+                            (os.path.join(locked, "out"),
+                             f"--output {os.path.join(locked, 'out')}: cannot write in {locked} (read-only, or not "
+                             "yours)")):
         assert align.main(["--images", root, "--landmarks", listing, "--output", output, "--overwrite"]) == 2
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1
+        assert capsys.readouterr().err == f"align: error: {message}\n"
+    assert os.listdir(locked) == [] and (tmp_path / "file").read_text() == ""
     assert sorted(os.listdir(os.path.join(root, "person0"))) == ["0.png", "1.png"]
     with Image.open(os.path.join(root, names[0])) as photo:
         assert photo.size == (PHOTO, PHOTO)

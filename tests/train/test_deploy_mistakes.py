@@ -200,7 +200,7 @@ def test_sigterm_while_the_files_move_into_place_waits_for_them(trained, tmp_pat
     assert json.loads((tmp_path / "backbone.json").read_text())["network"] == "small"
 
 
-def test_export_output_mistakes_are_one_line_errors(trained, tmp_path, capsys):
+def test_export_output_mistakes_are_one_line_errors(trained, tmp_path, capsys, monkeypatch):
     ckpt, _ = trained
     afile = tmp_path / "afile"
     afile.write_text("mine")
@@ -214,19 +214,24 @@ def test_export_output_mistakes_are_one_line_errors(trained, tmp_path, capsys):
     assert "backbone.json is a folder: the export writes a file of that name" in err and err.count("\n") == 1
     assert os.listdir(tmp_path / "out") == ["backbone.json"]
 
-    # (was "[Errno 20] Not a directory: ...", naming no option)
-    assert export.main(["--checkpoint", ckpt, "--output", str(afile / "sub"), "--no-onnx"]) == 2
-    assert capsys.readouterr().err == f"error: --output {afile / 'sub'}: cannot make the folder: Not a directory\n"
+    # A file one or two folders up is named, as train.plots and the face tools name it (was "...: cannot make
+    # the folder: Not a directory").
+    for output in (afile / "sub", afile / "sub" / "deeper"):
+        assert export.main(["--checkpoint", ckpt, "--output", str(output), "--no-onnx"]) == 2
+        assert capsys.readouterr().err == f"error: --output {output}: cannot make the folder: {afile} is a file\n"
+    assert afile.read_text() == "mine"
 
-    if os.geteuid() != 0:  # root writes in read-only folders
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0o555)
-        try:
-            assert export.main(["--checkpoint", ckpt, "--output", str(locked), "--no-onnx"]) == 2
-            assert "cannot write in --output" in capsys.readouterr().err
-        finally:
-            locked.chmod(0o755)
+    # A read-only folder, at --output or above it (was "cannot write in --output <it> (...)", or "...: cannot make
+    # the folder: Permission denied").
+    locked = str(tmp_path / "locked")
+    os.mkdir(locked)
+    real_access = os.access  # (root, who may run the tests, writes in a folder of mode 555)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == locked else real_access(path, mode))
+    for output in (locked, os.path.join(locked, "new")):
+        assert export.main(["--checkpoint", ckpt, "--output", output, "--no-onnx"]) == 2
+        assert capsys.readouterr().err == (f"error: --output {output}: cannot write in {locked} (read-only, or not "
+                                           "yours)\n")
+    assert os.listdir(locked) == []
 
 
 def test_normalized_onnx_below_opset_10_is_refused_up_front(trained, tmp_path, capsys):

@@ -46,6 +46,7 @@ import time
 import numpy as np
 from PIL import Image, ImageOps
 
+from train.checkpoint import check_output_folder
 from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
 from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
 from train.signals import Stopped, stop_on_signals
@@ -567,8 +568,9 @@ def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
 
 
 def _check_writable(folder: str) -> None:
-    """Makes ``folder`` and writes a file in it, before any photo is read; OSError (naming
+    """Makes ``folder`` and writes a file in it, before any photo is read; OSError or ValueError (naming
     --output) when it cannot."""
+    check_output_folder(folder, f"--output {folder}")  # (was "...cannot be written: Not a directory")
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
