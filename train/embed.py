@@ -60,6 +60,15 @@ def list_images(folder: str) -> list[str]:
     return sorted(found)
 
 
+def images_under(folder: str, flag: str = "--images") -> list[str]:
+    """:func:`list_images` of a folder a tool was given to read: FileNotFoundError naming ``flag`` where
+    it holds none (the one wording of train.embed and the face tools)."""
+    paths = list_images(folder)
+    if not paths:
+        raise FileNotFoundError(f"{flag} {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+    return paths
+
+
 @torch.no_grad()
 def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *, device, batch_size: int = 128,
                  workers: int = 4, flip: bool = True, log=None, normalize: bool = False, dtype=np.float32,
@@ -176,9 +185,7 @@ def folder_images(folder: str, failures: list[str]) -> tuple[list[str], list[str
     """(paths, names relative to ``folder``) of the images under ``folder`` (any nesting) that a tool's
     ``--images`` embeds; one whose name cannot be a row of a table is left out, said in ``failures``.
     FileNotFoundError naming ``--images`` where there is no image, ValueError where none can be a row."""
-    paths = list_images(folder)
-    if not paths:
-        raise FileNotFoundError(f"--images {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+    paths = images_under(folder)
     names = [os.path.relpath(path, folder) for path in paths]
     listable = [listable_name(name) for name in names]
     left = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
@@ -887,9 +894,7 @@ def run(args: argparse.Namespace) -> int:
                                                several=args.all_faces, device=device, batch_size=args.batch_size,
                                                workers=args.workers, norms=norms)
     else:
-        paths = list_images(args.images)
-        if not paths:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {args.images}")
+        paths = images_under(args.images)  # (was "no images (...) under <it>", naming no option)
         # A name that cannot be a row of the table (or a line of the .npy's index) is left out, as a photo
         # without a face is, rather than failing the run after the embedding.
         listable = [listable_name(os.path.relpath(path, args.images)) for path in paths]

@@ -526,7 +526,8 @@ def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "c.csv"
     for argv, said in [(["--images", tmp_path / "none", "--model", backbone], "--images"),
-                       (["--images", tmp_path, "--model", backbone], "no images"),
+                       (["--images", tmp_path, "--model", backbone],
+                        f"cluster: error: --images {tmp_path}: no images (.jpg, .jpeg, .png, .bmp) under it\n"),
                        (["--embeddings", tmp_path / "none.npy"], "none.npy"),
                        (["--images", photos, "--model", tmp_path / "none.pt"], "none.pt")]:
         assert run_cluster(*argv, "--output", out) == 2

@@ -289,7 +289,7 @@ def test_bad_arguments_and_partial_files_are_one_line_errors(detector, tmp_path,
             detect.main([*common, "--images", str(images), *extra])
         assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {said}")
     for images_given, said in [(images / "a.png", f"--images {images / 'a.png'} is not a folder"),
-                               (empty, f"--images {empty} holds no .jpg, .jpeg, .png or .bmp file")]:
+                               (empty, f"--images {empty}: no images (.jpg, .jpeg, .png, .bmp) under it")]:
         assert detect.main([*common, "--images", str(images_given)]) == 2
         assert capsys.readouterr().err == f"detect: error: {said}\n"
     partial = tmp_path / "landmarks.txt.partial"
@@ -415,11 +415,13 @@ def test_align_with_a_detector_makes_the_crops_of_detect_then_align(detector, tm
          f"2 of the 2 existing crops are not --image-size 96 ({one_step / 'a.jpg'} is 112x112): --skip-existing "
          "would mix crop sizes"),
         (["--output", str(tmp_path / "out"), "--images", str(tmp_path / "none")],
-         f"--images {tmp_path / 'none'} holds no .jpg/.jpeg/.png/.bmp images"),
+         f"--images {tmp_path / 'none'}: no images (.jpg, .jpeg, .png, .bmp) under it"),  # (as detect and embed)
     ]:
         assert align.main(["--images", str(images), "--detector", detector, "--workers", "0", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"align: error: {said}") and err.count("\n") == 1, (said, err)
+        if "no images" in said:
+            assert err == f"align: error: {said}\n"
     assert {folder: sorted(os.listdir(tmp_path / folder)) for folder in ("one", "all")} == before
 
 

@@ -190,6 +190,9 @@ def test_export_reports_a_missing_checkpoint(trained, tmp_path, capsys):
     run = os.path.dirname(trained[0])
     assert embed.main(["--model", run, "--images", trained[1], "--output", str(tmp_path / "e.npy")]) == 2
     assert capsys.readouterr().err == f"error: {run} is a folder, not a checkpoint file: {trained[0]}?\n"
+    # A folder without images, as the face tools say it (was "no images (...) under <it>", naming no option).
+    assert embed.main(["--model", trained[0], "--images", str(tmp_path), "--output", str(tmp_path / "e.npy")]) == 2
+    assert capsys.readouterr().err == f"error: --images {tmp_path}: no images (.jpg, .jpeg, .png, .bmp) under it\n"
     # arcface_torch's output folder: its model.pt (and checkpoint_gpu_<rank>.pt) named, as the file to give.
     folder = tmp_path / "work_dirs"
     folder.mkdir()

@@ -525,15 +525,13 @@ def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
     names decide is checked before any detection (two photos that would write one crop, crops named
     the other way of --all-faces). With --skip-existing and one face a photo, the existing crops are
     checked as the landmarks route checks them, and photos with a good crop are not detected again."""
-    from train.embed import detect_faces, list_images
+    from train.embed import detect_faces, images_under
 
     root = os.path.realpath(args.images)
     if os.path.commonpath([root, os.path.realpath(args.output)]) == root:
         raise ValueError(f"--output {args.output} is inside --images: the next run would take the crops for photos; "
                          "name a folder beside it")
-    paths = list_images(args.images)
-    if not paths:
-        raise ValueError(f"--images {args.images} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+    paths = images_under(args.images)  # (was "--images <it> holds no .jpg/.jpeg/.png/.bmp images")
     names = [os.path.relpath(p, args.images) for p in paths]
     crops = output_paths(names, args.images, args.output, args.format)  # one face a photo: its plain name
     if args.all_faces:

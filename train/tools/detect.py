@@ -44,7 +44,7 @@ from PIL import Image, ImageOps
 
 from train.data import leave_signals_to_the_main_process, worker_start_method
 from train.data.transforms import decode_failure, to_rgb
-from train.embed import list_images
+from train.embed import images_under
 from train.onnx_backbone import _first_line, open_session
 from train.tools import RunLock, check_outputs, listable_name
 from train.signals import Stopped, stop_on_signals
@@ -417,9 +417,7 @@ def _main(argv: list[str] | None) -> int:
             raise ValueError(f"{partial_path} is left from a stopped run: pass --resume to finish it, or --overwrite "
                              "to start again")
         detector = FaceDetector(args.detector, size=args.size, threshold=args.threshold, device=args.device)
-        paths = list_images(args.images)
-        if not paths:
-            raise ValueError(f"--images {args.images} holds no .jpg, .jpeg, .png or .bmp file")
+        paths = images_under(args.images)  # (was "--images <it> holds no .jpg, .jpeg, .png or .bmp file")
         if os.path.realpath(args.output) in {os.path.realpath(path) for path in paths}:
             raise ValueError(f"--output {args.output} is one of the photos: name another file")
         settings = _settings_line(args, detector)

@@ -39,8 +39,9 @@ from train.data.imagefolder import scan_image_folder
 from train.data.transforms import IMAGE_EXTENSIONS
 from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
                          _warn_others_not_square, about_path, embed_detected, embed_files, embed_listed_faces,
-                         faces_described, list_images, load_model, made_with, made_with_one_model, model_digests,
-                         model_threshold, open_detector, read_about, read_table, table_files, write_table)
+                         faces_described, images_under, list_images, load_model, made_with, made_with_one_model,
+                         model_digests, model_threshold, open_detector, read_about, read_table, table_files,
+                         write_table)
 from train.ijb import negatives_needed, template_features, threshold_allowing
 from train.signals import Stopped, run_tool, signals_held
 from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
@@ -461,9 +462,7 @@ def _embed_probes(args, model, settings: dict, device, detector, failures: list[
                                                workers=args.workers)
         return Faces(names, embeddings, None)
     folder = args.probes if os.path.isdir(args.probes) else None
-    paths = list_images(folder) if folder else [args.probes]
-    if not paths:
-        raise FileNotFoundError(f"--probes {args.probes}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+    paths = images_under(folder, "--probes") if folder else [args.probes]
     names = [os.path.relpath(path, folder) if folder else path for path in paths]
     listable = [listable_name(name) for name in names]
     left = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
