@@ -16,6 +16,7 @@ from typing import Any, Iterable, Sequence
 
 from . import insightface_config
 from .models import NETWORKS, is_factory_spec
+from .tools import count_of
 
 LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos",
           "elasticface-arc+", "elasticface-cos+", "magface", "curricularface")
@@ -676,14 +677,11 @@ def unused_options(args: argparse.Namespace) -> list[str]:
     if unused:
         notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the data is {args.data}, "
                      "not synthetic")
-    def steps(count: int) -> str:
-        return f"{count} step{'' if count == 1 else 's'}"
-
     # (Lengths given in epochs are named in epochs, with their steps: the notes come once they are steps.)
-    length = (f"--epochs {args.epochs:g} ({steps(args.max_steps)})" if args.epochs is not None
+    length = (f"--epochs {args.epochs:g} ({count_of(args.max_steps, 'step')})" if args.epochs is not None
               else f"--max-steps {args.max_steps}")
     if args.warmup_steps is not None and args.warmup_steps > args.max_steps:  # (None: --epochs not yet in steps)
-        warmup = (f"--warmup-epochs {args.warmup_epochs:g} ({steps(args.warmup_steps)})"
+        warmup = (f"--warmup-epochs {args.warmup_epochs:g} ({count_of(args.warmup_steps, 'step')})"
                   if args.warmup_epochs is not None else f"--warmup-steps {args.warmup_steps}")
         notes.append(f"{warmup} is more than {length}: the learning "
                      f"rate rises to {args.max_steps / args.warmup_steps:.0%} of --lr {args.lr:g}, no further")

@@ -23,6 +23,7 @@ import torch
 from . import checkpoint, quantize
 from .config import _str_list
 from .signals import run_tool, signals_held
+from .tools import count_of
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
     from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -316,9 +317,8 @@ def _export(args: argparse.Namespace) -> int:
             print(f"wrote {normalized_path}: image + mirror, L2-normalised (the embedding verification compares)")
         for name, agreement in agreements.items():
             fp32_name = NORMALIZED_ONNX_NAME if name == NORMALIZED_INT8_ONNX_NAME else ONNX_NAME
-            count = len(faces.calibration)
-            print(f"wrote {os.path.join(output, name)}: {fp32_name} in int8, calibrated on {count} "
-                  f"face{'' if count == 1 else 's'} of {faces.spec}; against {fp32_name}, {quantize.describe(agreement)}"
+            print(f"wrote {os.path.join(output, name)}: {fp32_name} in int8, calibrated on "
+                  f"{count_of(len(faces.calibration), 'face')} of {faces.spec}; against {fp32_name}, {quantize.describe(agreement)}"
                   + (" not used for calibration" if faces.held_out else " (the calibration faces: none left)"))
             for target, (fp32, int8) in agreement.targets.items():
                 print(f"  {target}: accuracy {int8['accuracy']:.4f} ± {int8['accuracy_std']:.4f} in int8, "
@@ -355,7 +355,7 @@ def _int8_inputs(args: argparse.Namespace, image_size: int) -> tuple[quantize.Fa
             "" if os.path.isdir(started_in) else ", which is not there any more")
         raise FileNotFoundError(f"{error}{where}: name the faces, --int8 FACES") from None
     if not faces.held_out:
-        print(f"note: --int8 {spec} holds {faces.total} face{'' if faces.total == 1 else 's'}: all of them calibrate, and the int8 graph is checked on "
+        print(f"note: --int8 {spec} holds {count_of(faces.total, 'face')}: all of them calibrate, and the int8 graph is checked on "
               f"them (on faces it was not calibrated on, the agreement may be lower; --int8-faces "
               f"{max(1, faces.total // 2)} leaves half out)", file=sys.stderr)
     elif len(faces.check) < count:

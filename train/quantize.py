@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .tools import count_of
+
 DEFAULT_FACES = 300
 # QuantizeLinear's axis, which per-channel weights need, comes with opset 13.
 INT8_OPSET = 13
@@ -241,7 +243,7 @@ def compare(fp32_path: str, int8_path: str, faces: np.ndarray, sets: dict | None
 
 def describe(agreement: Agreement) -> str:
     return (f"their embeddings' cosine {agreement.mean:.4f} on the mean, {agreement.min:.4f} at the least, over "
-            f"{agreement.faces} face{'' if agreement.faces == 1 else 's'}")
+            f"{count_of(agreement.faces, 'face')}")
 
 
 def verification_sets(targets: list[str], spec: str, image_size: int, *, seed: int, skip_missing: bool) -> dict:

@@ -37,7 +37,7 @@ from .models import (check_embedding_shape, get_model, is_factory_spec, learn_em
                      model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
-from .tools import lost_a_peer, say_unhandled_error
+from .tools import count_of, lost_a_peer, say_unhandled_error
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -558,11 +558,6 @@ def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: 
     return AdamW(groups, lr=args.lr, weight_decay=args.decay)
 
 
-def _count(number: float, noun: str) -> str:
-    """'1 step', '4 steps', '2.5 epochs': a count and its noun, singular for one."""
-    return f"{number:g} {noun}{'' if number == 1 else 's'}"
-
-
 def _sentence(text: str) -> str:
     """``text`` as the start of a sentence (its first letter upper-case)."""
     return text[:1].upper() + text[1:]
@@ -1035,9 +1030,9 @@ class Trainer:
                                               ("--lr-epochs", a.lr_epochs)) if value is not None]
             if given and self.schedule_steps_per_epoch != self.steps_per_epoch:
                 print(f"note: {', '.join(given)} {'is' if len(given) == 1 else 'are'} counted in the epochs of "
-                      f"{_count(self.schedule_steps_per_epoch, 'step')} the run began with, as the steps it took were, "
+                      f"{count_of(self.schedule_steps_per_epoch, 'step')} the run began with, as the steps it took were, "
                       f"and so are the progress lines' epochs (this run reads the data in "
-                      f"{_count(self.steps_per_epoch, 'step')})", file=sys.stderr)
+                      f"{count_of(self.steps_per_epoch, 'step')})", file=sys.stderr)
         return state["rng"]
 
     def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
@@ -1562,7 +1557,7 @@ class Trainer:
             if self.step >= args.max_steps:  # a finished run resumed: its verification and checkpoint are written
                 flag = "--max-steps" if args.epochs is None else "--epochs"
                 length = (f"--max-steps {args.max_steps}" if args.epochs is None else
-                          f"--epochs {args.epochs:g} ({_count(args.max_steps, 'step')})")
+                          f"--epochs {args.epochs:g} ({count_of(args.max_steps, 'step')})")
                 self._write(f"the checkpoint is at step {self.step} of {length}: nothing to train (raise {flag} to "
                             "train on)")
                 return 0
@@ -1630,7 +1625,7 @@ class Trainer:
             self.evaluate(stoppable=False)
             self.save()
             bar.close()
-            self._write(f"done: {_count(self.step, 'step')} in {self.elapsed + time.perf_counter() - self._started:.0f} s; "
+            self._write(f"done: {count_of(self.step, 'step')} in {self.elapsed + time.perf_counter() - self._started:.0f} s; "
                         f"outputs in {self.output}")
             return 0
         except (DataError, CheckpointNotWritten) as error:
@@ -1759,8 +1754,8 @@ class Trainer:
                + (" (measured, not trained on)" if a.distill_weight == 0 else "")] if self.teacher is not None else []),
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
-            + f" on {self.device}, {_count(a.max_steps, 'step')} from step {self.step}"
-            + (f" ({_count(a.epochs, 'epoch')} of {_count(self.schedule_steps_per_epoch, 'step')})"
+            + f" on {self.device}, {count_of(a.max_steps, 'step')} from step {self.step}"
+            + (f" ({count_of(a.epochs, 'epoch')} of {count_of(self.schedule_steps_per_epoch, 'step')})"
                if a.epochs is not None else ""),
             f"output: {self.output}",
         ])

@@ -660,6 +660,7 @@ def test_identities_of_a_test_set_are_dropped(trained, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--model", ckpt, "--data", faces, "--output", out, "--exclude-sets", pairs / "pairs.txt"]
     assert run_clean(*argv, "--overlap-cosine", "0.8") == 0
+    err = capsys.readouterr().err
     overlaps = read_csv(out / "overlaps.csv")
     # Identity 3 is found, at one of its own photos (the tiny model at 32 px may also take some of the
     # other synthetic people for training identities: what is listed is checked below, independently).
@@ -679,6 +680,9 @@ def test_identities_of_a_test_set_are_dropped(trained, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_identities"] == len(overlaps) and summary["dropped"]["test identity"] == 16 * len(overlaps)
     assert RecordIODataset(str(out), flip=False).num_classes == 10 - len(overlaps)
+    found = len(overlaps)  # (the summary line's counts, in the plural that clean's own helper made)
+    assert (f" unreadable, {16 * found} image{'' if found == 1 else 's'} of {found} test "
+            f"{'identity' if found == 1 else 'identities'}, ") in err
     # A set name the data folder lacks is an error before any work.
     assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "o2", "--exclude-sets", "lfw") == 2
     assert "--exclude-sets lfw: no lfw.bin in" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from train import checkpoint
 from train.config import parse_args, steps_from_epochs, unused_options
 from train.data.transforms import to_model_input
 from train.models import NETWORKS
+from train.tools import count_of
 from train.trainer import (SAME_STOP_SECONDS, LearningRateSchedule, RunLog, Trainer, TrainingDiverged,
                            _resolve_device, build_margin_loss, build_optimizer, main)
 
@@ -1235,6 +1236,16 @@ def test_epochs_become_steps_of_the_runs_own_epoch(faces, tmp_path):
     # AdaFace's spellings (--epochs 26 --lr_milestones 12,20,24) and arcface_torch's (num_epoch, warmup_epoch).
     args = parse_args(["--num_epoch", "26", "--lr_milestones", "12,20,24", "--warmup_epoch", "1"])
     assert (args.epochs, args.lr_epochs, args.warmup_epochs) == (26, [12, 20, 24], 1)
+
+
+def test_a_count_is_said_whole_however_large(faces, tmp_path):
+    # 4 steps an epoch: --epochs 250000 is a million steps, which the start-up line (and 'done: ...') said as
+    # '1e+06 steps' (the trainer's own count, with :g); the one count_of of the tools and the trainer says it whole.
+    trainer = Trainer(parse_args(argv(faces, tmp_path, epochs=250000)))
+    assert trainer.describe().splitlines()[3].endswith("1000000 steps from step 0 (250000 epochs of 4 steps)")
+    assert [count_of(n, "epoch") for n in (1, 1.0, 2.0, 2.5, 10 ** 7)] == [
+        "1 epoch", "1 epoch", "2 epochs", "2.5 epochs", "10000000 epochs"]
+    assert count_of(2, "test identity", "test identities") == "2 test identities"
 
 
 def test_a_count_of_one_step_is_said_in_the_singular(faces, tmp_path, capsys):

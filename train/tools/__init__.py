@@ -145,9 +145,11 @@ def check_photo_options(p: argparse.ArgumentParser, args: argparse.Namespace, so
         p.error("--all-faces goes with --landmarks or --detector")
 
 
-def count_of(n: int, noun: str, nouns: str | None = None) -> str:
-    """``n`` and the noun, plural unless it is 1: "1 face", "3 faces", "2 people"."""
-    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+def count_of(n: float, noun: str, nouns: str | None = None) -> str:
+    """``n`` and the noun, plural unless it is 1: "1 face", "3 faces", "2 people", "2.5 epochs". A whole
+    number is written whole, however large ("1000000 steps"; ``:g`` wrote "1e+06 steps")."""
+    number = (str(int(n)) if n.is_integer() else f"{n:g}") if isinstance(n, float) else str(n)
+    return f"{number} {noun if n == 1 else nouns or noun + 's'}"
 
 
 def left_out_said(*counts: tuple) -> str:

@@ -50,6 +50,7 @@ from train.checkpoint import check_output_folder
 from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
 from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
 from train.signals import Stopped, stop_on_signals
+from train.tools import count_of
 
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
 # A field of a space- or tab-separated line: in double quotes (which may hold spaces, tabs and
@@ -544,9 +545,8 @@ def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
                     if os.path.lexists(crop)]
         if numbered:
             # (counted by photo: output_paths(several=True) names each photo's first crop, <photo>_1)
-            photos = f"{len(numbered)} photo{'' if len(numbered) == 1 else 's'}"
-            raise ValueError(f"{numbered[0]} exists: crops of --all-faces (of {photos}) are where this run "
-                             "writes one face a photo; name another --output, or pass --all-faces")
+            raise ValueError(f"{numbered[0]} exists: crops of --all-faces (of {count_of(len(numbered), 'photo')}) are "
+                             "where this run writes one face a photo; name another --output, or pass --all-faces")
     if args.skip_existing and not args.all_faces:
         present = [i for i, crop in enumerate(crops) if os.path.lexists(crop)]
         others, empty, _ = _check_existing([crops[i] for i in present], args.image_size)

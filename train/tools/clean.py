@@ -63,7 +63,7 @@ from train.data.recordio import _class_index, unpack_payload
 from train.data.transforms import to_chw
 from train.embed import backbone_weights_digest, embed_images, load_model
 from train.signals import Stopped, missing_device_op, signals_held, stop_on_signals
-from train.tools import RunLock, check_outputs, lost_a_peer, plain_warnings, say_unhandled_error, torch_device
+from train.tools import RunLock, check_outputs, count_of, lost_a_peer, plain_warnings, say_unhandled_error, torch_device
 from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
 from train.tools.similarity import connected_components, cosine_blocks
 from train.verification import compute_embeddings
@@ -699,7 +699,7 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int, tes
                    "--centres trained takes its centres")
     source = args.centres if args.centres != "auto" else ("trained" if same_data else "mean")
     if rank == 0:
-        others = f" and {_count(world - 1, 'more process')}" if world > 1 else ""
+        others = f" and {count_of(world - 1, 'more process', 'more processes')}" if world > 1 else ""
         centred = ("the checkpoint's trained class centres" if source == "trained"
                    else "each class's mean embedding" + (f" ({why_not})" if args.centres == "auto" else ""))
         print(f"clean: {len(data)} images of {num_classes} classes in {args.data}; {settings['network']} at "
@@ -828,10 +828,11 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int, tes
     dropped = summary["dropped"]
     reasons = (f"{dropped['angle']} further than {args.drop_angle:g} degrees from their centre, "
                f"{dropped['unreadable']} unreadable, "
-               + (f"{_count(dropped['test identity'], 'image')} of "
-                  f"{_count(summary['test_identities'], 'test identity')}, " if args.exclude_sets else "")
+               + (f"{count_of(dropped['test identity'], 'image')} of "
+                  f"{count_of(summary['test_identities'], 'test identity', 'test identities')}, "
+                  if args.exclude_sets else "")
                + f"{dropped['class too small']} in classes under --min-images {args.min_images}")
-    pairs_said = (f"{_count(len(pairs), 'class pair')} at cosine >= {args.duplicate_cosine:g}"
+    pairs_said = (f"{count_of(len(pairs), 'class pair')} at cosine >= {args.duplicate_cosine:g}"
                   + (" merged" if args.merge_duplicates else " listed in duplicates.csv"))
     if not args.report_only and not write_set:
         print(f"clean: error: no image is left to write ({reasons}); the reports are in {args.output}",
@@ -841,19 +842,11 @@ def _clean(args, data, model, settings, bins, device, rank: int, world: int, tes
     # (Merged, "in 100 of 110 classes" read as if 10 had been dropped.)
     classes_said = (f"{summary['kept_classes']} classes ({summary['kept_classes_before_merging']} of the "
                     f"{data.num_classes} kept, {merged_away} of them merged into others)" if merged_away else
-                    f"{summary['kept_classes']} of {_count(data.num_classes, 'class')}")
-    print(f"clean: kept {summary['kept_images']} of {_count(len(labels), 'image')} ({reasons}) in "
+                    f"{summary['kept_classes']} of {count_of(data.num_classes, 'class', 'classes')}")
+    print(f"clean: kept {summary['kept_images']} of {count_of(len(labels), 'image')} ({reasons}) in "
           f"{classes_said}; {pairs_said}"
           + (f"; wrote {args.output}" if write_set else f"; reports in {args.output}"), file=sys.stderr)
     return 0
-
-
-def _count(n: int, noun: str) -> str:
-    if n == 1:
-        return f"{n} {noun}"
-    if noun.endswith("y"):
-        return f"{n} {noun[:-1]}ies"
-    return f"{n} {noun}" + ("es" if noun.endswith("s") else "s")
 
 
 def _not_finite(embeddings: np.ndarray, readable: np.ndarray, chunk: int = 65536) -> np.ndarray:
