@@ -462,7 +462,7 @@ def steps_from_epochs(args: argparse.Namespace, steps_per_epoch: int) -> None:
     def steps(epochs: float) -> int:
         return math.floor(epochs * steps_per_epoch + 0.5)
 
-    epoch_note = f"{steps_per_epoch} step{'s' if steps_per_epoch != 1 else ''} an epoch"
+    epoch_note = f"{count_of(steps_per_epoch, 'step')} an epoch"
     if args.epochs is not None:
         args.max_steps = steps(args.epochs)
         if args.max_steps < 1:
