@@ -31,6 +31,11 @@ MARGIN_FLAGS = {"combined": {"m1": 1.0, "m2": None, "m3": 0.0}, "cosface": {"m3"
 ARCFACE_M_LOSSES = ("arcface", "elasticface-arc", "elasticface-arc+", "curricularface")
 LR_SCHEDULES = ("step", "poly", "cosine")  # train.trainer.LearningRateSchedule's kinds
 DISTILL_LOSSES = ("cosine", "mse")  # train.distill.distillation_loss's
+# Minutes a process waits at a collective (torchrun) before the run fails: rank 0 verifies and writes the
+# checkpoint (8.4 GB of centres and momentum at WebFace42M's 2M identities) alone while the others wait at the
+# next step's all-reduce. torch's own default for NCCL is 10 minutes, which a slow disk can outlast.
+DIST_TIMEOUT_MINUTES = 30.0
+DIST_TIMEOUT_MOST_MINUTES = 1e9  # (a year is 525,960)
 # The defaults of the parameters that only some losses read (a value other than these, given to a
 # loss that does not read it, is refused).
 SGD_MOMENTUM = 0.9
@@ -292,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (cuda:LOCAL_RANK when available, else cpu), 'cpu', 'cuda', ...")
     g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=1,
                    help="DataLoader worker processes per training process")
+    g.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES",
+                   help="under torchrun, how long a process waits for the others at a collective before the run "
+                        "fails (rank 0 verifies and writes checkpoints alone meanwhile)")
     g.add_argument("--output", "--models_base_dir", "--models-base-dir", dest="output", default=None,
                    help="output folder for checkpoints, metrics and plots; default runs/<network>")
     g.add_argument("--log-every", "--log_every", dest="log_every", type=int, default=10,
@@ -600,9 +608,13 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
     for flag, value, positive in (("--lr", args.lr, True), ("--arcface-s", args.arcface_s, True),
                                   ("--momentum", args.momentum, False), ("--decay", args.decay, False),
                                   ("--grad-clip", args.grad_clip, False),
-                                  ("--distill-weight", args.distill_weight, False)):
+                                  ("--distill-weight", args.distill_weight, False),
+                                  ("--dist-timeout", args.dist_timeout, True)):
         if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
             raise SystemExit(f"{flag} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    if args.dist_timeout > DIST_TIMEOUT_MOST_MINUTES:  # (datetime.timedelta's range)
+        raise SystemExit(f"--dist-timeout is in minutes, at most {DIST_TIMEOUT_MOST_MINUTES:g}; got "
+                         f"{args.dist_timeout:g}")
     if args.momentum >= 1:  # (PyTorch takes it: each step's velocity then keeps all of the last, and grows)
         raise SystemExit(f"--momentum must be below 1, got {args.momentum:g} (SGD's is 0.9)")
     if args.device != "auto":  # (was torch's RuntimeError, with a traceback, after the data was read)
@@ -656,7 +668,7 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
     return args
 
 
-def unused_options(args: argparse.Namespace) -> list[str]:
+def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
     """What the run will not use of the options given at other values than their defaults, each as a
     note's text (the trainer's set-up says them, so that training.log keeps them). Said rather than
     refused: a run's args.json given as --config lists every option, and a resume may turn --compile or
@@ -673,6 +685,8 @@ def unused_options(args: argparse.Namespace) -> list[str]:
         unused = given(*dests) if not getattr(args, switch[2:]) else []
         if unused:
             notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used without {switch}")
+    if world_size == 1 and args.dist_timeout != DIST_TIMEOUT_MINUTES:
+        notes.append(f"--dist-timeout {args.dist_timeout:g} is not used: one process, not under torchrun")
     unused = given("synthetic_identities", "synthetic_images_per_identity") if args.data != "synthetic" else []
     if unused:
         notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the data is {args.data}, "

@@ -37,7 +37,7 @@ from .models import (check_embedding_shape, get_model, is_factory_spec, learn_em
                      model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
-from .tools import count_of, lost_a_peer, say_unhandled_error
+from .tools import count_of, lost_a_peer, say_unhandled_error, timed_out
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -52,6 +52,7 @@ ANGLE_SAMPLES = 2048
 RESUME_MAY_CHANGE = frozenset({
     "config", "resume", "data", "num_classes", "val_targets", "output", "pretrained_model", "finetuning",
     "max_steps", "epochs", "log_every", "eval_every", "save_every", "tensorboard", "plots", "device", "num_workers",
+    "dist_timeout",
     "compile", "compile_backend", "compile_mode", "channels_last", "gradient_checkpointing", "loss_impl",
     "sharded_classes", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
     # (the teacher is compared by its weights, which the checkpoint records: _check_resumed_teacher)
@@ -558,6 +559,16 @@ def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: 
     return AdamW(groups, lr=args.lr, weight_decay=args.decay)
 
 
+def _waited_too_long(args: argparse.Namespace, when: str) -> str:
+    """A process's word for a collective that waited past the process group's timeout (``when``: "during
+    step 3"): rank 0 alone reads the verification sets at start-up, and verifies and writes the checkpoints
+    later, while the others wait for it."""
+    alone = ("reads the verification sets" if when == "during start-up" else
+             "verifies and writes the checkpoints")
+    return (f"waited more than --dist-timeout {args.dist_timeout:g} minutes for the other processes {when} (rank 0 "
+            f"{alone} while the others wait: a slow disk or a long verification needs a longer --dist-timeout)")
+
+
 def _sentence(text: str) -> str:
     """``text`` as the start of a sentence (its first letter upper-case)."""
     return text[:1].upper() + text[1:]
@@ -648,7 +659,8 @@ class Trainer:
         if self.distributed:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method="env://")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method="env://",
+                                    timeout=datetime.timedelta(minutes=args.dist_timeout))
         self.is_main = self.rank == 0
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Leave a core to each DataLoader worker: oversubscribed OpenMP threads spin and stall.
@@ -727,7 +739,7 @@ class Trainer:
         self.schedule_steps_per_epoch = resumed_epoch or self.steps_per_epoch
         steps_from_epochs(args, self.schedule_steps_per_epoch)
         if self.rank == 0:
-            for note in unused_options(args):
+            for note in unused_options(args, self.world_size):
                 print(f"note: {note}", file=sys.stderr)
         self.verification_sets = {}
         if self.is_main:
@@ -1653,6 +1665,11 @@ class Trainer:
                         "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, --arcface_s).")
             return 1
         except RuntimeError as error:  # (after TrainingDiverged, one)
+            if self.distributed and timed_out(error):  # (rank 0 alone verifying or writing a checkpoint, say)
+                # (Rank 0 names the checkpoint: another rank cannot tell one it may be writing still.)
+                kept = f"; {self._kept_checkpoint()}" if self.is_main else ""
+                self._error(f"error: rank {self.rank}: {_waited_too_long(args, f'during step {self.step + 1}')}{kept}")
+                raise SystemExit(1) from None
             # Another rank failed (its error is in its own output) and this one found its connection
             # closed in the next collective, or torchrun's SIGTERM made it stop there: one line, not
             # a gloo traceback that reads like a second error.
@@ -1698,11 +1715,17 @@ class Trainer:
                         dist.barrier()
                     except RuntimeError as error:
                         # Another rank failed alone after this one's last collective (its final checkpoint
-                        # not written: a full disk): one line, not gloo's traceback, and not a success.
-                        if not lost_a_peer(error):
+                        # not written: a full disk), or took longer than --dist-timeout over its last
+                        # verification and checkpoint: one line, not gloo's traceback, and not a success.
+                        if timed_out(error):
+                            kept = f"; {self._kept_checkpoint()}" if self.is_main else ""
+                            self._error(f"error: rank {self.rank}: {_waited_too_long(args, 'at the end of the run')}"
+                                        f"{kept}")
+                        elif not lost_a_peer(error):
                             raise
-                        self._error(f"error: rank {self.rank}: another process stopped at the end of the run (see "
-                                    f"its error); {self._kept_checkpoint()}")
+                        else:
+                            self._error(f"error: rank {self.rank}: another process stopped at the end of the run "
+                                        f"(see its error); {self._kept_checkpoint()}")
                         peer_lost = True
                 # DDP's reducers hold the process group: let them go first, so that none of gloo's
                 # threads is left for the interpreter's teardown (a suspect for the rare abort above).
@@ -1814,6 +1837,11 @@ def main(argv: list[str] | None = None) -> int:
             # ever empty.)
             _undo_start(args.output, existed)
             error = sys.exc_info()[1]
+            if dist.is_available() and dist.is_initialized() and timed_out(error):
+                print(f"error: rank {os.environ.get('RANK', '0')}: {_waited_too_long(args, 'during start-up')}",
+                      file=sys.stderr)
+                _leave_group()
+                raise SystemExit(1) from None
             if dist.is_available() and dist.is_initialized() and lost_a_peer(error):
                 # Another process stopped at start-up (its error is in its own output) and this one found
                 # its connection closed in a start-up collective: one line, not a gloo traceback.

@@ -456,6 +456,47 @@ def test_a_log_rank_0_cannot_write_is_said_before_it_leaves_the_group(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def _train_with_rank_0_slow(argv, where):
+    """train.trainer.main(argv) on a rank; rank 0 takes 12 s longer at ``where``: reading its verification
+    sets ("start-up", while the others wait for it at the start-up's barrier), or writing the checkpoint
+    of step 2 ("step") or the last one ("end"), while the others go on to the next step's collectives or
+    wait for it at the end of the run."""
+    from train import checkpoint as checkpoint_module, data, trainer
+
+    if os.environ["RANK"] == "0":
+        def slow(real):
+            def late(*args, **kwargs):
+                time.sleep(12)  # (twice the test's --dist-timeout; then it finds the other ended)
+                return real(*args, **kwargs)
+            return late
+
+        if where == "start-up":
+            data.build_verification_sets = slow(data.build_verification_sets)
+        else:
+            checkpoint_module.save_atomic = slow(checkpoint_module.save_atomic)
+    return trainer.main(argv)
+
+
+@pytest.mark.parametrize("where, when, save_every", [
+    ("start-up", "during start-up (rank 0 reads the verification sets", 0),
+    ("step", "during step 3 (rank 0 verifies and writes the checkpoints", 2),
+    ("end", "at the end of the run (rank 0 verifies and writes the checkpoints", 0)])
+def test_a_rank_waiting_longer_than_dist_timeout_says_so(where, when, save_every, tmp_path):
+    # Rank 0 verifies and writes the checkpoints alone while the others wait at their next collective, as long
+    # as the process group's timeout: torch's default for NCCL is 10 minutes, which writing 8.4 GB of centres
+    # and momentum (WebFace42M's) to a slow disk can outlast, and the others ended with gloo's or NCCL's
+    # traceback. --dist-timeout sets it (30 minutes by default), and a process that waited longer says so.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    result = train_on_ranks(base_argv(data, str(tmp_path / "run"), batch_size=4, max_steps=3, save_every=save_every,
+                                      loss_impl=LOSS_IMPL, dist_timeout=0.1),
+                            main=functools.partial(_train_with_rank_0_slow, where=where))
+    assert result.returncode == 1
+    assert (f"error: rank 1: waited more than --dist-timeout 0.1 minutes for the other processes {when} while the "
+            "others wait: a slow disk or a long verification needs a longer --dist-timeout)\n") in result.stderr, \
+        result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 def test_a_ranks_unhandled_error_is_torchruns_root_cause(tmp_path):
     # torchrun's failure summary shows a failing process's traceback when the process wrote it to its error
     # file (TORCHELASTIC_ERROR_FILE: torch's @record does, on the way out of the function it decorates);

@@ -748,6 +748,10 @@ def test_gradient_accumulation_is_checked(value):
                         r"devices without a kernel\)"),
     ("--device", "xpu:0", r"--device xpu:0: the trainer runs on cpu or cuda only; it has not run on xpu .*"),
     ("--grad-clip", "-1", r"--grad-clip must be a finite number >= 0, got -1\.0"),
+    ("--dist-timeout", "0", r"--dist-timeout must be a finite number > 0, got 0\.0"),
+    ("--dist-timeout", "inf", "--dist-timeout must be a finite number > 0, got inf"),
+    # (datetime.timedelta's OverflowError, with a traceback, at the start of the process group)
+    ("--dist-timeout", "1e12", "--dist-timeout is in minutes, at most 1e\\+09; got 1e\\+12"),
 ])
 def test_numeric_options_are_checked_before_the_run(flag, value, message):
     # Each used to train and fail mid-run (--log-every 0 at the first log) or fail inside torch with
@@ -1038,11 +1042,14 @@ def test_options_the_run_would_ignore_are_refused(options, message):
                                          "25% of --lr 0.1, no further"),
     ("--max-steps 100 --lr-steps 50,100,150", "--lr-steps 100,150 are not before --max-steps 100: the learning rate "
                                               "is not divided there"),
+    ("--dist-timeout 60", "--dist-timeout 60 is not used: one process, not under torchrun"),
 ])
 def test_options_the_run_would_not_use_are_said(options, note, tmp_path):
     # Each was taken without a word. Notes, not errors: a run's args.json (a config) lists every option, and a
     # resume may turn --compile or --wandb off.
     assert unused_options(parse_args(options.split())) == [note]
+    if options.startswith("--dist-timeout"):  # (used by a run of two processes)
+        assert unused_options(parse_args(options.split()), world_size=2) == []
     (tmp_path / "args.json").write_text(json.dumps(vars(parse_args([]))))  # every option, at its default
     assert unused_options(parse_args(["--config", str(tmp_path / "args.json")])) == []
 

@@ -201,6 +201,13 @@ def lost_a_peer(error: BaseException) -> bool:
     return any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
 
 
+def timed_out(error: BaseException) -> bool:
+    """Whether a collective failed because it waited for the other processes longer than the process group's
+    timeout (gloo's words; NCCL's watchdog's, where it raises rather than ends the process)."""
+    return any(words in str(error) for words in ("Timed out waiting", "Application timeout caused pair closure",
+                                                 "Watchdog caught collective operation timeout"))
+
+
 def say_unhandled_error(handled: tuple[type[Exception], ...] = ()) -> bool:
     """Under torchrun, the exception this process is unwinding with (``sys.exc_info()``) when no handler
     says it (an Exception: a bug, a CUDA error, running out of memory; not one of ``handled``, which a
