@@ -371,6 +371,27 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_python_m_train_imports_the_trainer_is_one_line(tmp_path, signum):
+    # `python -m train` spends seconds importing torch before main(): Ctrl-C there printed a
+    # KeyboardInterrupt traceback, and SIGTERM ended the process silently, killed by the signal.
+    driver = (
+        "import builtins, os, runpy, sys\n"
+        "real_import = builtins.__import__\n"
+        "def import_(name, *args, **kwargs):\n"
+        "    if name == 'torch':\n"
+        f"        os.kill(os.getpid(), {int(signum)})\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = import_\n"
+        f"sys.argv = ['train', '--output', {str(tmp_path / 'run')!r}]\n"
+        "runpy.run_module('train', run_name='__main__', alter_sys=True)\n")
+    done = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    assert done.returncode == 128 + signum, done.stderr[-3000:]
+    assert done.stderr == f"stopped by {signal.Signals(signum).name} during the start-up, before the first step\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_another_signal_soon_after_the_first_is_a_second_one(faces, tmp_path, monkeypatch, capsys):
     # (helper-139's review) The window for torchrun's passed-on copy took any signal: a second Ctrl-C to
     # torchrun reaches its ranks as SIGTERM, within a second of the SIGINT, and did nothing.
