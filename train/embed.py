@@ -21,13 +21,15 @@ import re
 import sys
 import time
 
-import numpy as np
-import torch
+from .signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-from . import checkpoint
-from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input, unreadable_image
-from .signals import run_tool, signals_held
-from .tools import check_outputs, left_out_said, listable_name, torch_device
+with stop_while_importing(__name__):
+    import numpy as np
+    import torch
+
+    from . import checkpoint
+    from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input, unreadable_image
+    from .tools import check_outputs, left_out_said, listable_name, torch_device
 
 # Cosine similarity above which two faces are called the same when the model carries no
 # verification threshold of its own.

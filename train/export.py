@@ -17,13 +17,15 @@ import sys
 import tempfile
 import warnings
 
-import numpy as np
-import torch
+from .signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-from . import checkpoint, quantize
-from .config import _str_list
-from .signals import run_tool, signals_held
-from .tools import count_of
+with stop_while_importing(__name__):
+    import numpy as np
+    import torch
+
+    from . import checkpoint, quantize
+    from .config import _str_list
+    from .tools import count_of
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
     from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET

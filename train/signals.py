@@ -75,6 +75,34 @@ def stop_on_signals():
 
 
 @contextlib.contextmanager
+def stop_while_importing(module: str):
+    """Around a tool's imports (torch: seconds). Run as ``python -m train.<tool>`` (``module`` is
+    ``"__main__"``), Ctrl-C or SIGTERM there is the line of a stop before any work, ``stopped by SIGINT:
+    nothing written``, and exit 128 + the signal's number, not a KeyboardInterrupt traceback or an end
+    by the signal without a word; the handlers of before are back once the imports are done (then
+    :func:`run_tool` takes over). Imported as a module, or outside the main thread: nothing changes."""
+    if module != "__main__" or not _main_thread():
+        yield
+        return
+
+    def stop(number, frame):
+        for other in STOP_SIGNALS:
+            signal.signal(other, signal.SIG_IGN)
+        print(f"stopped by {signal.Signals(number).name}: nothing written", file=sys.stderr)
+        raise SystemExit(128 + number)
+
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(number, stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def signals_held(final: bool = True):
     """Ctrl-C and SIGTERM wait while the block runs, and arrive as it ends: a block of renames that must
     all happen, or none, is not cut in the middle. A block that ends normally marks the

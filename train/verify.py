@@ -23,12 +23,14 @@ import sys
 import time
 import warnings
 
-from . import checkpoint, rfw
-from .data import SYNTHETIC, build_verification_sets, data_folders, find_target, is_target_path
-from .embed import load_model
-from .signals import run_tool, signals_held
-from .tools import check_outputs, torch_device
-from .verification import evaluate, read_pairs_list
+from .signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
+
+with stop_while_importing(__name__):
+    from . import checkpoint, rfw
+    from .data import SYNTHETIC, build_verification_sets, data_folders, find_target, is_target_path
+    from .embed import load_model
+    from .tools import check_outputs, torch_device
+    from .verification import evaluate, read_pairs_list
 
 DEFAULT_TARGETS = ("lfw", "cfp_fp", "agedb_30")
 

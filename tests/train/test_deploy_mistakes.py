@@ -478,3 +478,30 @@ def test_ctrl_c_to_the_process_group_stops_embed_and_its_workers_without_a_trace
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("tool, signum", [("export", signal.SIGINT), ("embed", signal.SIGTERM),
+                                          ("verify", signal.SIGINT)])
+def test_a_signal_while_the_tool_imports_torch_is_one_line(tmp_path, tool, signum):
+    # `python -m train.<tool>` spends seconds importing torch: Ctrl-C there printed a KeyboardInterrupt
+    # traceback, and SIGTERM ended the process silently, killed by the signal.
+    import subprocess
+
+    argv = {"export": ["--checkpoint", "runs/small/checkpoint.pt", "--output", str(tmp_path / "export")],
+            "embed": ["--model", "backbone.pt", "--images", "faces", "--output", str(tmp_path / "e.npy")],
+            "verify": ["--model", "backbone.pt", "--targets", "synthetic", "--output", str(tmp_path / "v.json")]}[tool]
+    driver = (
+        "import builtins, os, runpy, sys\n"
+        "real_import = builtins.__import__\n"
+        "def import_(name, *args, **kwargs):\n"
+        "    if name == 'torch':\n"
+        f"        os.kill(os.getpid(), {int(signum)})\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = import_\n"
+        f"sys.argv = ['{tool}', *{argv!r}]\n"
+        f"runpy.run_module('train.{tool}', run_name='__main__', alter_sys=True)\n")
+    done = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    assert done.returncode == 128 + signum, done.stderr[-3000:]
+    assert done.stderr == f"stopped by {signal.Signals(signum).name}: nothing written\n"
+    assert os.listdir(tmp_path) == []
