@@ -332,7 +332,22 @@ class RunLog:
         metrics = {tag: 0.0 for tag in ("train/loss", *(["train/distill"] if options.get("teacher") else []),
                                         *(f"verification/{target}" for target in targets),
                                         *(f"verification/{group}_mean" for group in groups))}
-        for summary in hparams(values, metrics):  # (the tab reads the metrics' values from their scalars)
+        try:
+            summaries = hparams(values, metrics)  # (the tab reads the metrics' values from their scalars)
+        except Exception as error:  # tensorboard's code: 2.17.0 and earlier use np.string_, which numpy 2 removed
+            import importlib.metadata
+
+            try:
+                installed = importlib.metadata.version("tensorboard")
+            except importlib.metadata.PackageNotFoundError:  # (only for the message)
+                installed = "?"
+            reason = " ".join(str(error).split())
+            print(f"note: TensorBoard's HParams tab is not written: the installed tensorboard {installed} "
+                  f"failed under numpy {np.__version__} "
+                  f"({type(error).__name__}: {reason}); the scalars are written. tensorboard 2.17.1 or later runs "
+                  "under numpy 2 (pip install -U tensorboard)", file=sys.stderr)
+            return
+        for summary in summaries:
             self.writer.file_writer.add_summary(summary)
 
     def _append(self, name: str, record: dict[str, Any]) -> None:

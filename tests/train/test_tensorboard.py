@@ -2,6 +2,7 @@
 (what the trainer asks of it), and read back with TensorBoard's own loaders when it is installed."""
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -91,6 +92,28 @@ def test_the_hparams_tab_has_the_distillation_term_and_rfws_mean(tmp_path, fake_
     assert list(with_teacher) == ["train/loss", "train/distill", "verification/lfw", "verification/RFW/African",
                                   "verification/RFW/Asian", "verification/RFW_mean"]
     assert list(without) == ["train/loss", "verification/lfw"]
+
+
+def test_a_tensorboard_whose_hparams_fail_still_gets_the_scalars(faces, tmp_path, fake_tensorboard, monkeypatch,
+                                                                  capsys):
+    # tensorboard 2.17.0 and earlier, under numpy 2: the HParams tab's code (tensorboard's, called by torch's
+    # hparams) raises AttributeError, where SummaryWriter and its scalars work. It stopped the run at start-up
+    # with that traceback, and the writer's thread then met the folder the failed start had removed.
+    def old_tensorboard(values, metrics):
+        raise AttributeError("`np.string_` was removed in the NumPy 2.0 release. Use `np.bytes_` instead.")
+
+    monkeypatch.setattr(sys.modules["torch.utils.tensorboard.summary"], "hparams", old_tensorboard)
+    output = tmp_path / "run"
+    assert main(argv(faces, output, max_steps=2)) == 0
+    said = capsys.readouterr().err
+    assert re.search(r"^note: TensorBoard's HParams tab is not written: the installed tensorboard \S+ failed under "
+                     r"numpy \S+ \(AttributeError: `np\.string_` was removed in the NumPy 2\.0 release\. Use "
+                     r"`np\.bytes_` instead\.\); the scalars are written\. tensorboard 2\.17\.1 or later runs under "
+                     r"numpy 2 \(pip install -U tensorboard\)$", said, re.MULTILINE), said
+    (writer,) = FakeWriter.writers
+    assert writer.summaries == [] and writer.closed
+    assert sorted(writer.scalars, key=lambda scalar: (scalar[0], scalar[1])) == logged(output)
+    assert "note: TensorBoard's HParams tab is not written" in (output / "training.log").read_text()
 
 
 def stopped_in_step_0s_verification(faces, output, monkeypatch):
