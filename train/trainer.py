@@ -236,7 +236,22 @@ def wandb_module():
         import wandb
     except ImportError:
         raise SystemExit("--wandb: the wandb package is not installed (pip install wandb)") from None
+    except Exception as error:  # its own code: 0.17.1 and earlier use np.float_, which numpy 2 removed
+        reason = " ".join(str(error).split())
+        raise SystemExit(f"--wandb: the installed wandb {_installed_version('wandb')} does not import under numpy "
+                         f"{np.__version__} ({type(error).__name__}: {reason}); wandb 0.17.2 or later runs under "
+                         "numpy 2 (pip install -U wandb)") from None
     return wandb
+
+
+def _installed_version(package: str) -> str:
+    """``package``'s installed version, for a message ("?" where it has none)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def wandb_run_name(args: argparse.Namespace, output: str) -> str:
@@ -335,15 +350,9 @@ class RunLog:
         try:
             summaries = hparams(values, metrics)  # (the tab reads the metrics' values from their scalars)
         except Exception as error:  # tensorboard's code: 2.17.0 and earlier use np.string_, which numpy 2 removed
-            import importlib.metadata
-
-            try:
-                installed = importlib.metadata.version("tensorboard")
-            except importlib.metadata.PackageNotFoundError:  # (only for the message)
-                installed = "?"
             reason = " ".join(str(error).split())
-            print(f"note: TensorBoard's HParams tab is not written: the installed tensorboard {installed} "
-                  f"failed under numpy {np.__version__} "
+            print(f"note: TensorBoard's HParams tab is not written: the installed tensorboard "
+                  f"{_installed_version('tensorboard')} failed under numpy {np.__version__} "
                   f"({type(error).__name__}: {reason}); the scalars are written. tensorboard 2.17.1 or later runs "
                   "under numpy 2 (pip install -U tensorboard)", file=sys.stderr)
             return

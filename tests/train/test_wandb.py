@@ -139,6 +139,23 @@ def test_wandb_that_cannot_start_is_one_line(faces, tmp_path, monkeypatch, modul
         main(argv(faces, tmp_path / "out", max_steps=2))
 
 
+def test_a_wandb_that_does_not_import_is_one_line(faces, tmp_path, monkeypatch):
+    # wandb 0.17.1 and earlier, under numpy 2: `import wandb` raises AttributeError (np.float_), which the
+    # trainer took for no error of its own: a traceback at start-up.
+    package = tmp_path / "site" / "wandb"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('raise AttributeError("`np.float_` was removed in the NumPy 2.0 release. '
+                                         'Use `np.float64` instead.")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    with pytest.raises(SystemExit, match=r"^--wandb: the installed wandb \S+ does not import under numpy \S+ "
+                                         r"\(AttributeError: `np\.float_` was removed in the NumPy 2\.0 release\. Use "
+                                         r"`np\.float64` instead\.\); wandb 0\.17\.2 or later runs under numpy 2 "
+                                         r"\(pip install -U wandb\)$"):
+        main(argv(faces, tmp_path / "out", max_steps=2))
+    assert not (tmp_path / "out").exists()  # (said before the data is read)
+
+
 def test_real_wandb_offline(faces, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
