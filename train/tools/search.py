@@ -252,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     if args.probes:
         if os.path.isdir(args.probes):
             probe_folder = args.probes
+            images_under(probe_folder, "--probes")  # (said once the gallery folder was embedded, minutes on)
         elif args.probes.lower().endswith(IMAGE_EXTENSIONS):
             if not os.path.isfile(args.probes):
                 raise FileNotFoundError(f"--probes {args.probes}: no such image")
