@@ -35,7 +35,11 @@ DISTILL_LOSSES = ("cosine", "mse")  # train.distill.distillation_loss's
 # checkpoint (8.4 GB of centres and momentum at WebFace42M's 2M identities) alone while the others wait at the
 # next step's all-reduce. torch's own default for NCCL is 10 minutes, which a slow disk can outlast.
 DIST_TIMEOUT_MINUTES = 30.0
-DIST_TIMEOUT_MOST_MINUTES = 1e9  # (a year is 525,960)
+# The range torch takes: it counts the timeout in whole milliseconds, and adds it to its clocks in 64-bit
+# nanoseconds, which overflow past 1.5e8 minutes. Outside it (1e-6, 2e8; 1e9 passed only as the overflow wrapped
+# round), the process group's store timed out at once, with a traceback ("The client socket has timed out after").
+DIST_TIMEOUT_LEAST_MINUTES = 1e-3  # (60 ms)
+DIST_TIMEOUT_MOST_MINUTES = 1e7  # (19 years)
 # The defaults of the parameters that only some losses read (a value other than these, given to a
 # loss that does not read it, is refused).
 SGD_MOMENTUM = 0.9
@@ -612,9 +616,9 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
                                   ("--dist-timeout", args.dist_timeout, True)):
         if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
             raise SystemExit(f"{flag} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
-    if args.dist_timeout > DIST_TIMEOUT_MOST_MINUTES:  # (datetime.timedelta's range)
-        raise SystemExit(f"--dist-timeout is in minutes, at most {DIST_TIMEOUT_MOST_MINUTES:g}; got "
-                         f"{args.dist_timeout:g}")
+    if not DIST_TIMEOUT_LEAST_MINUTES <= args.dist_timeout <= DIST_TIMEOUT_MOST_MINUTES:
+        raise SystemExit(f"--dist-timeout is in minutes, from {DIST_TIMEOUT_LEAST_MINUTES:g} to "
+                         f"{DIST_TIMEOUT_MOST_MINUTES:g}; got {args.dist_timeout:g}")
     if args.momentum >= 1:  # (PyTorch takes it: each step's velocity then keeps all of the last, and grows)
         raise SystemExit(f"--momentum must be below 1, got {args.momentum:g} (SGD's is 0.9)")
     if args.device != "auto":  # (was torch's RuntimeError, with a traceback, after the data was read)

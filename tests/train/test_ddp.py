@@ -4,6 +4,7 @@ tests of what the ranks train (sharded centres, the chunked path's losses, lengt
 DDP's all-reduces) fork their ranks with torchrun's variables instead (trainer_fixtures.train_on_ranks:
 a torchrun of three interpreters took seconds for a run of milliseconds)."""
 
+import datetime
 import functools
 import os
 import re
@@ -18,6 +19,7 @@ import torch.distributed
 
 import arcface_ext
 from train import checkpoint
+from train.config import DIST_TIMEOUT_LEAST_MINUTES, DIST_TIMEOUT_MOST_MINUTES
 
 from trainer_fixtures import (REPO, base_argv, make_face_folder, one_thread, read_jsonl,  # noqa: F401
                               signal_once_training, train_on_ranks)
@@ -495,6 +497,20 @@ def test_a_rank_waiting_longer_than_dist_timeout_says_so(where, when, save_every
             "others wait: a slow disk or a long verification needs a longer --dist-timeout)\n") in result.stderr, \
         result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("minutes", [DIST_TIMEOUT_LEAST_MINUTES, DIST_TIMEOUT_MOST_MINUTES])
+def test_the_ends_of_dist_timeouts_range_start_a_process_group(minutes):
+    # torch counts the timeout in whole milliseconds and adds it to its clocks in 64-bit nanoseconds: a
+    # --dist-timeout under 1 ms, or past 1.5e8 minutes (2e8 was taken), made the store of init_process_group
+    # time out at once ("The client socket has timed out after 0ms", "... after 12000000000000ms").
+    timeout = datetime.timedelta(minutes=minutes)
+    store = torch.distributed.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timeout)
+    group = torch.distributed.ProcessGroupGloo(store, 0, 1, timeout)
+    ones = torch.ones(2)
+    group.allreduce([ones]).wait()
+    group.barrier().wait()
+    assert ones.tolist() == [1.0, 1.0]
 
 
 def test_a_ranks_unhandled_error_is_torchruns_root_cause(tmp_path):
