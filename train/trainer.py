@@ -349,7 +349,8 @@ class RunLog:
                                         *(f"verification/{group}_mean" for group in groups))}
         try:
             summaries = hparams(values, metrics)  # (the tab reads the metrics' values from their scalars)
-        except Exception as error:  # tensorboard's code: 2.17.0 and earlier use np.string_, which numpy 2 removed
+        except AttributeError as error:  # tensorboard's code: 2.17.0 and earlier use np.string_, which numpy 2 removed
+            # (Not ValueError or TypeError: torch's refusal of a value or an argument of ours, a bug to see.)
             reason = " ".join(str(error).split())
             print(f"note: TensorBoard's HParams tab is not written: the installed tensorboard "
                   f"{_installed_version('tensorboard')} failed under numpy {np.__version__} "
