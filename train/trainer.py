@@ -584,14 +584,19 @@ def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: 
     return AdamW(groups, lr=args.lr, weight_decay=args.decay)
 
 
-def _waited_too_long(args: argparse.Namespace, when: str) -> str:
-    """A process's word for a collective that waited past the process group's timeout (``when``: "during
-    step 3"): rank 0 alone reads the verification sets at start-up, and verifies and writes the checkpoints
-    later, while the others wait for it."""
-    alone = ("reads the verification sets" if when == "during start-up" else
-             "verifies and writes the checkpoints")
-    return (f"waited more than --dist-timeout {args.dist_timeout:g} minutes for the other processes {when} (rank 0 "
-            f"{alone} while the others wait: a slow disk or a long verification needs a longer --dist-timeout)")
+def _waited_too_long(args: argparse.Namespace, when: str, rank: int) -> str:
+    """Process ``rank``'s error line for a collective that waited past the process group's timeout (``when``:
+    "during step 3"): rank 0 alone reads the verification sets at start-up, and verifies and writes the
+    checkpoints later, while the others wait for it. Rank 0 itself waited for another process: one that fell
+    behind (its shard of the data on a slower disk, say) or hung."""
+    if rank == 0:
+        why = "another process fell behind (its data on a slower disk, say) or hung"
+    else:
+        alone = ("reads the verification sets" if when == "during start-up" else
+                 "verifies and writes the checkpoints")
+        why = f"rank 0 {alone} while the others wait: a slow disk or a long verification needs a longer --dist-timeout"
+    return (f"error: rank {rank}: waited more than --dist-timeout {args.dist_timeout:g} minutes for the other "
+            f"processes {when} ({why})")
 
 
 def _sentence(text: str) -> str:
@@ -1693,7 +1698,7 @@ class Trainer:
             if self.distributed and timed_out(error):  # (rank 0 alone verifying or writing a checkpoint, say)
                 # (Rank 0 names the checkpoint: another rank cannot tell one it may be writing still.)
                 kept = f"; {self._kept_checkpoint()}" if self.is_main else ""
-                self._error(f"error: rank {self.rank}: {_waited_too_long(args, f'during step {self.step + 1}')}{kept}")
+                self._error(_waited_too_long(args, f"during step {self.step + 1}", self.rank) + kept)
                 raise SystemExit(1) from None
             # Another rank failed (its error is in its own output) and this one found its connection
             # closed in the next collective, or torchrun's SIGTERM made it stop there: one line, not
@@ -1744,8 +1749,7 @@ class Trainer:
                         # verification and checkpoint: one line, not gloo's traceback, and not a success.
                         if timed_out(error):
                             kept = f"; {self._kept_checkpoint()}" if self.is_main else ""
-                            self._error(f"error: rank {self.rank}: {_waited_too_long(args, 'at the end of the run')}"
-                                        f"{kept}")
+                            self._error(_waited_too_long(args, "at the end of the run", self.rank) + kept)
                         elif not lost_a_peer(error):
                             raise
                         else:
@@ -1863,8 +1867,7 @@ def main(argv: list[str] | None = None) -> int:
             _undo_start(args.output, existed)
             error = sys.exc_info()[1]
             if dist.is_available() and dist.is_initialized() and timed_out(error):
-                print(f"error: rank {os.environ.get('RANK', '0')}: {_waited_too_long(args, 'during start-up')}",
-                      file=sys.stderr)
+                print(_waited_too_long(args, "during start-up", int(os.environ.get("RANK", "0"))), file=sys.stderr)
                 _leave_group()
                 raise SystemExit(1) from None
             if dist.is_available() and dist.is_initialized() and lost_a_peer(error):

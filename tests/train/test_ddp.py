@@ -499,6 +499,36 @@ def test_a_rank_waiting_longer_than_dist_timeout_says_so(where, when, save_every
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def _train_with_rank_1_slow(argv):
+    """train.trainer.main(argv) on a rank; rank 1 takes 12 s longer before its step 2, while rank 0 waits
+    for it at the step's collectives."""
+    from train import trainer
+
+    if os.environ["RANK"] == "1":
+        train_step = trainer.Trainer.train_step
+
+        def late(self, *args, **kwargs):
+            if self.step == 1:
+                time.sleep(12)  # (twice the test's --dist-timeout; then it finds the other ended)
+            return train_step(self, *args, **kwargs)
+
+        trainer.Trainer.train_step = late
+    return trainer.main(argv)
+
+
+def test_rank_0_waiting_longer_than_dist_timeout_does_not_blame_itself(tmp_path):
+    # Rank 0 waits for the others too (one reading its shard from a slower disk, say): its line said "rank 0
+    # verifies and writes the checkpoints while the others wait", of its own wait.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    result = train_on_ranks(base_argv(data, str(tmp_path / "run"), batch_size=4, max_steps=3, save_every=0,
+                                      loss_impl=LOSS_IMPL, dist_timeout=0.1), main=_train_with_rank_1_slow)
+    assert result.returncode == 1
+    assert re.search(r"^error: rank 0: waited more than --dist-timeout 0\.1 minutes for the other processes during "
+                     r"step 2 \(another process fell behind \(its data on a slower disk, say\) or hung\)",
+                     result.stderr, re.MULTILINE), result.stderr[-3000:]
+    assert "rank 0 verifies" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("minutes", [DIST_TIMEOUT_LEAST_MINUTES, DIST_TIMEOUT_MOST_MINUTES])
 def test_the_ends_of_dist_timeouts_range_start_a_process_group(minutes):
     # torch counts the timeout in whole milliseconds and adds it to its clocks in 64-bit nanoseconds: a
