@@ -40,17 +40,19 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps
+from .signals import signals_held, stop_while_importing  # (the standard library only)
 
-from . import checkpoint
-from .data.transforms import to_chw, to_rgb, unreadable_image
-from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about, embed_images,
-                    load_model, model_digests, read_about, read_table, report_unreadable, run_stoppable, table_files,
-                    write_table)
-from .signals import signals_held
-from .tools import check_outputs, say, torch_device
+with stop_while_importing(__name__):
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from . import checkpoint
+    from .data.transforms import to_chw, to_rgb, unreadable_image
+    from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
+                        embed_images, load_model, model_digests, read_about, read_table, report_unreadable,
+                        run_stoppable, table_files, write_table)
+    from .tools import check_outputs, say, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FPIRS = (1e-4, 1e-3, 1e-2, 1e-1)  # 1:N: TPIR at these FPIRs

@@ -237,7 +237,7 @@ def plot_erc(path: str, curves: dict, max_reject: float, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .signals import Stopped, stop_on_signals
+    from .signals import Stopped, stop_on_signals, stop_while_importing
 
     p = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.run}: not a folder (a run's --output)")
     if args.output is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
         p.error(f"--output {args.output}: not a folder")
-    if _pyplot() is None:
+    with stop_while_importing(__name__):  # (matplotlib and torch: seconds)
+        plt = _pyplot()
+        from train.checkpoint import check_output_folder
+    if plt is None:
         print("error: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return 2
     into = args.run if args.output is None else args.output
     # Found before any drawing (was "[Errno 13] Permission denied: '<folder>/.loss.png...tmp'", or Errno 20).
-    from train.checkpoint import check_output_folder
-
     try:
         check_output_folder(into, f"--output {into}" if args.output is not None else into)
     except ValueError as error:

@@ -75,12 +75,13 @@ def stop_on_signals():
 
 
 @contextlib.contextmanager
-def stop_while_importing(module: str):
+def stop_while_importing(module: str, prefix: str = ""):
     """Around a tool's imports (torch: seconds). Run as ``python -m train.<tool>`` (``module`` is
     ``"__main__"``), Ctrl-C or SIGTERM there is the line of a stop before any work, ``stopped by SIGINT:
     nothing written``, and exit 128 + the signal's number, not a KeyboardInterrupt traceback or an end
     by the signal without a word; the handlers of before are back once the imports are done (then
-    :func:`run_tool` takes over). Imported as a module, or outside the main thread: nothing changes."""
+    :func:`run_tool` takes over). Imported as a module, or outside the main thread: nothing changes.
+    ``prefix``: what the tool's other lines begin with (``"cluster: "``), the line's beginning too."""
     if module != "__main__" or not _main_thread():
         yield
         return
@@ -88,7 +89,7 @@ def stop_while_importing(module: str):
     def stop(number, frame):
         for other in STOP_SIGNALS:
             signal.signal(other, signal.SIG_IGN)
-        print(f"stopped by {signal.Signals(number).name}: nothing written", file=sys.stderr)
+        print(f"{prefix}stopped by {signal.Signals(number).name}: nothing written", file=sys.stderr)
         raise SystemExit(128 + number)
 
     previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}

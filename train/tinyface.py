@@ -21,15 +21,17 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
+from .signals import signals_held, stop_while_importing  # (the standard library only)
 
-from . import checkpoint
-from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
-                    list_images, load_model, read_about, run_stoppable, table_files)
-from .ijb import embed_release, save_features, saved_features
-from .signals import signals_held
-from .tools import check_outputs, say, torch_device
+with stop_while_importing(__name__):
+    import numpy as np
+    import torch
+
+    from . import checkpoint
+    from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
+                        list_images, load_model, read_about, run_stoppable, table_files)
+    from .ijb import embed_release, save_features, saved_features
+    from .tools import check_outputs, say, torch_device
 
 FOLDERS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 RANKS = (1, 5, 10, 20)

@@ -480,16 +480,25 @@ def test_ctrl_c_to_the_process_group_stops_embed_and_its_workers_without_a_trace
             os.killpg(run.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("tool, signum", [("export", signal.SIGINT), ("embed", signal.SIGTERM),
-                                          ("verify", signal.SIGINT)])
+# Every command whose imports take seconds, with what its lines begin with (the tools' stops and errors say it).
+_IMPORTING = {"export": "", "embed": "", "verify": "", "ijb": "", "tinyface": "", "plots": "",
+              **{f"tools.{name}": f"{name}: " for name in ("align", "clean", "cluster", "detect", "make_bin", "pack_rec",
+                                                          "preview", "quality", "roc", "search")}}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("tool", list(_IMPORTING))
 def test_a_signal_while_the_tool_imports_torch_is_one_line(tmp_path, tool, signum):
     # `python -m train.<tool>` spends seconds importing torch: Ctrl-C there printed a KeyboardInterrupt
-    # traceback, and SIGTERM ended the process silently, killed by the signal.
+    # traceback, and SIGTERM ended the process silently, killed by the signal. (The tools of train.tools
+    # import their package first: it imported torch too, before the tool could take the signals.)
     import subprocess
 
     argv = {"export": ["--checkpoint", "runs/small/checkpoint.pt", "--output", str(tmp_path / "export")],
             "embed": ["--model", "backbone.pt", "--images", "faces", "--output", str(tmp_path / "e.npy")],
-            "verify": ["--model", "backbone.pt", "--targets", "synthetic", "--output", str(tmp_path / "v.json")]}[tool]
+            "verify": ["--model", "backbone.pt", "--targets", "synthetic", "--output", str(tmp_path / "v.json")],
+            "plots": [str(tmp_path)]  # (read before its imports: a folder)
+            }.get(tool, ["--output", str(tmp_path / "out")])  # (the others' arguments are read after them)
     driver = (
         "import builtins, os, runpy, sys\n"
         "real_import = builtins.__import__\n"
@@ -503,5 +512,5 @@ def test_a_signal_while_the_tool_imports_torch_is_one_line(tmp_path, tool, signu
     done = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=120,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     assert done.returncode == 128 + signum, done.stderr[-3000:]
-    assert done.stderr == f"stopped by {signal.Signals(signum).name}: nothing written\n"
+    assert done.stderr == f"{_IMPORTING[tool]}stopped by {signal.Signals(signum).name}: nothing written\n"
     assert os.listdir(tmp_path) == []

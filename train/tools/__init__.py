@@ -23,10 +23,13 @@ import sys
 import time
 import traceback
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
-
-from train import checkpoint
+# (torch, and train.checkpoint that imports it, are imported where they are used: `python -m
+# train.tools.<tool>` imports this package before the tool, which imports them inside
+# train.signals.stop_while_importing, so that a Ctrl-C in those seconds is the tool's one line.)
+if TYPE_CHECKING:
+    import torch
 
 
 def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] = (),
@@ -38,6 +41,7 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
     next time), or when it exists and ``overwrite`` (the tool's ``--overwrite``) is False, or when its
     folder is a file or cannot be written in (a read-only file system: found now, not after hours of
     work), or a folder that cannot be made."""
+    from train import checkpoint
     from train.data.transforms import IMAGE_EXTENSIONS
 
     read = {os.path.realpath(path) for path in inputs if path}
@@ -170,6 +174,8 @@ def torch_device(text: str) -> torch.device:
     """``--device``'s value as a device this torch can run on; ValueError otherwise. cpu, cuda, and
     Apple's mps and Intel's xpu, each where torch says it is there: the tools' inference is plain
     PyTorch in float32 (what needs float64 is done on the CPU), which none of the others has run."""
+    import torch
+
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -237,6 +243,8 @@ def say_unhandled_error(handled: tuple[type[Exception], ...] = ()) -> bool:
         # writer (which runs once the exception has left the decorated function: the group long left),
         # written whole: torchrun stops this process as soon as another has ended, and its summary raises
         # on a file it cannot parse. (Not written, the traceback above is all the same said.)
+        from train import checkpoint
+
         callstack = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         with contextlib.suppress(OSError):
             checkpoint.write_json_atomic(error_file, {"message": {
@@ -343,6 +351,8 @@ def hidden_beside(tree: str, kind: str) -> str:
     """A hidden folder's path beside ``tree``, named for its writer as checkpoint.write_atomic names its
     temporaries, so that the next run can tell a killed run's: ``kind`` is ``partial`` (a tree being
     laid out) or ``old`` (the tree it replaces, being removed)."""
+    from train import checkpoint
+
     parent, base = os.path.split(os.path.abspath(tree))  # (abspath: a tree/ given has the name tree)
     return os.path.join(parent, f".{base}.{checkpoint._HOST}-{os.getpid()}-{secrets.token_hex(4)}.{kind}")
 
@@ -350,6 +360,8 @@ def hidden_beside(tree: str, kind: str) -> str:
 def remove_killed_runs_trees(tree: str) -> None:
     """The hidden folders beside ``tree`` that runs on this host left when they were killed (their
     process gone): a run that stops otherwise removes its own."""
+    from train import checkpoint
+
     parent, base = os.path.split(os.path.abspath(tree))
     pattern = re.compile(re.escape(f".{base}.") + r"(\w+)-(\d+)-[0-9a-f]{8}\.(partial|old)")
     for entry in os.listdir(parent):
@@ -384,6 +396,8 @@ def check_tree_folder(tree: str, overwrite: bool, ours, kind: str) -> None:
         if foreign:
             raise ValueError(f"--tree {tree} holds {os.path.join(tree, foreign[0])}, which this tool does not "
                              f"write: --overwrite replaces only {kind}; name another folder")
+    from train import checkpoint
+
     parent = os.path.dirname(os.path.abspath(tree))
     in_the_way = checkpoint.nearest_existing(parent)
     if in_the_way == parent and not os.path.isdir(parent):  # (was "cannot make the folder <it>: File exists")

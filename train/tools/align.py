@@ -43,14 +43,16 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-from PIL import Image, ImageOps
+from train.signals import Stopped, stop_on_signals, stop_while_importing  # (the standard library only)
 
-from train.checkpoint import check_output_folder
-from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
-from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
-from train.signals import Stopped, stop_on_signals
-from train.tools import count_of
+with stop_while_importing(__name__, "align: "):
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from train.checkpoint import check_output_folder
+    from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
+    from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
+    from train.tools import count_of
 
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
 # A field of a space- or tab-separated line: in double quotes (which may hold spaces, tabs and

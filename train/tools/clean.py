@@ -51,22 +51,34 @@ import sys
 import time
 import warnings
 
-import numpy as np
-import torch
-from PIL import Image
+from train.signals import (Stopped, missing_device_op, signals_held, stop_on_signals,  # (the standard library only)
+                           stop_while_importing)
 
-from train import checkpoint
-from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset, data_folder, is_target_path
-from train.data.combined import split_data_spec
-from train.data.imagelist import is_image_list
-from train.data.recordio import _class_index, unpack_payload
-from train.data.transforms import to_chw
-from train.embed import backbone_weights_digest, embed_images, load_model
-from train.signals import Stopped, missing_device_op, signals_held, stop_on_signals
-from train.tools import RunLock, check_outputs, count_of, lost_a_peer, plain_warnings, say_unhandled_error, torch_device
-from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
-from train.tools.similarity import connected_components, cosine_blocks
-from train.verification import compute_embeddings
+
+def _line_start() -> str:
+    """What this process's lines begin with: "clean: ", and "[rank N] " after it on the others than rank 0
+    of a torchrun run, as each says its errors and its stop."""
+    rank = int(os.environ.get("RANK", "0"))
+    return f"clean: {f'[rank {rank}] ' if rank else ''}"
+
+
+with stop_while_importing(__name__, _line_start()):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from train import checkpoint
+    from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset, data_folder, is_target_path
+    from train.data.combined import split_data_spec
+    from train.data.imagelist import is_image_list
+    from train.data.recordio import _class_index, unpack_payload
+    from train.data.transforms import to_chw
+    from train.embed import backbone_weights_digest, embed_images, load_model
+    from train.tools import (RunLock, check_outputs, count_of, lost_a_peer, plain_warnings, say_unhandled_error,
+                             torch_device)
+    from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
+    from train.tools.similarity import connected_components, cosine_blocks
+    from train.verification import compute_embeddings
 
 DEFAULT_DROP_ANGLE = 75.0
 DEFAULT_DUPLICATE_COSINE = 0.6
@@ -598,10 +610,8 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _say(message: str) -> None:
-    """A line of this process's, as each of a torchrun run's says its errors and its stop ("[rank N] "
-    after "clean: " on the others than rank 0)."""
-    rank = int(os.environ.get("RANK", "0"))
-    print(f"clean: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr)
+    """A line of this process's, as each of a torchrun run's says its errors and its stop."""
+    print(f"{_line_start()}{message}", file=sys.stderr)
 
 
 def _say_once(message: str) -> None:

@@ -38,23 +38,25 @@ import shutil
 import sys
 import time
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps
+from train.signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-from train import checkpoint
-from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
-from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_folder, embed_listed_faces, faces_are_files,
-                         faces_of_photos, folder_images, load_model, made_with, model_threshold, open_detector,
-                         read_about, read_table, table_files)
-from train.ijb import ALIGNED_SIZE, align_for_model, landmarks_off_image
-from train.signals import run_tool, signals_held
-from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                         check_photo_options, check_tree_folder, count_of, hidden_beside, inside, left_out_said,
-                         link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
-                         torch_device)
-from train.tools.align import FORMAT_EXTENSIONS
-from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
+with stop_while_importing(__name__, "cluster: "):
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from train import checkpoint
+    from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
+    from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_folder, embed_listed_faces, faces_are_files,
+                             faces_of_photos, folder_images, load_model, made_with, model_threshold, open_detector,
+                             read_about, read_table, table_files)
+    from train.ijb import ALIGNED_SIZE, align_for_model, landmarks_off_image
+    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
+                             check_photo_options, check_tree_folder, count_of, hidden_beside, inside, left_out_said,
+                             link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
+                             torch_device)
+    from train.tools.align import FORMAT_EXTENSIONS
+    from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
 DEFAULT_NEIGHBOURS = 10
 DEFAULT_MIN_SIZE = 2

@@ -38,17 +38,19 @@ import sys
 import time
 import warnings
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps
+from train.signals import Stopped, stop_on_signals, stop_while_importing  # (the standard library only)
 
-from train.data import leave_signals_to_the_main_process, worker_start_method
-from train.data.transforms import decode_failure, to_rgb
-from train.embed import images_under
-from train.onnx_backbone import _first_line, open_session
-from train.tools import RunLock, check_outputs, listable_name
-from train.signals import Stopped, stop_on_signals
-from train.tools.align import _fields, _numbers
+with stop_while_importing(__name__, "detect: "):
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from train.data import leave_signals_to_the_main_process, worker_start_method
+    from train.data.transforms import decode_failure, to_rgb
+    from train.embed import images_under
+    from train.onnx_backbone import _first_line, open_session
+    from train.tools import RunLock, check_outputs, listable_name
+    from train.tools.align import _fields, _numbers
 
 # insightface's FaceAnalysis: det_size (640, 640), det_thresh 0.5; SCRFD's nms_threshold 0.4.
 DEFAULT_SIZE = 640

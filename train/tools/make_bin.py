@@ -16,14 +16,17 @@ import os
 import pickle
 import sys
 
-import numpy as np
+from train.signals import stop_while_importing  # (the standard library only)
 
-from train import checkpoint
-from train.data.imagefolder import scan_image_folder
-from train.data.synthetic import synthetic_pairs
-from train.data.transforms import decode_image, encode_image
-from train.tools import check_outputs, plain_warnings
-from train.verification import NFOLDS, read_pairs_list
+with stop_while_importing(__name__, "make_bin: "):
+    import numpy as np
+
+    from train import checkpoint
+    from train.data.imagefolder import scan_image_folder
+    from train.data.synthetic import synthetic_pairs
+    from train.data.transforms import decode_image, encode_image
+    from train.tools import check_outputs, plain_warnings
+    from train.verification import NFOLDS, read_pairs_list
 
 # The side of insightface's aligned faces: the images of a .bin usually have it already, so that
 # checking that they decode resizes none of them.

@@ -19,16 +19,18 @@ import os
 import sys
 import time
 
-import numpy as np
-from PIL import Image
+from train.signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-from train import checkpoint
-from train.data.imagefolder import scan_image_folder
-from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note, repeated_images_note
-from train.data.recordio import RecordIOWriter, pack_payload
-from train.data.transforms import encode_image, to_rgb, unreadable_image
-from train.signals import run_tool, signals_held
-from train.tools import check_outputs, plain_warnings
+with stop_while_importing(__name__, "pack_rec: "):
+    import numpy as np
+    from PIL import Image
+
+    from train import checkpoint
+    from train.data.imagefolder import scan_image_folder
+    from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note, repeated_images_note
+    from train.data.recordio import RecordIOWriter, pack_payload
+    from train.data.transforms import encode_image, to_rgb, unreadable_image
+    from train.tools import check_outputs, plain_warnings
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
 

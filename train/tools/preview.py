@@ -24,11 +24,14 @@ import math
 import os
 import sys
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from train.signals import stop_while_importing  # (the standard library only)
 
-from train import checkpoint
-from train.tools import check_outputs, plain_warnings
+with stop_while_importing(__name__, "preview: "):
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from train import checkpoint
+    from train.tools import check_outputs, plain_warnings
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 SAVE_OPTIONS = {"PNG": {}, "JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"lossless": True}}

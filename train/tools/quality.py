@@ -41,18 +41,21 @@ import shutil
 import sys
 import time
 
-import numpy as np
-import torch
+from train.signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-from train import checkpoint
-from train.embed import (IMAGES_AS_THEY_ARE, MODEL_HELP, embed_folder, embed_images, embed_listed_faces, faces_are_files, faces_described,
-                         folder_images, load_model, model_digests, open_detector, read_about, read_table, table_files)
-from train.ijb import threshold_allowing
-from train.signals import run_tool, signals_held
-from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                         check_photo_options, check_tree_folder, count_of, hidden_beside, inside, left_out_said,
-                         link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
-                         torch_device)
+with stop_while_importing(__name__, "quality: "):
+    import numpy as np
+    import torch
+
+    from train import checkpoint
+    from train.embed import (IMAGES_AS_THEY_ARE, MODEL_HELP, embed_folder, embed_images, embed_listed_faces,
+                             faces_are_files, faces_described, folder_images, load_model, model_digests,
+                             open_detector, read_about, read_table, table_files)
+    from train.ijb import threshold_allowing
+    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
+                             check_photo_options, check_tree_folder, count_of, hidden_beside, inside, left_out_said,
+                             link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
+                             torch_device)
 
 DEFAULT_FMRS = (0.001, 0.01)
 DEFAULT_MAX_REJECT = 0.2

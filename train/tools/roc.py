@@ -43,20 +43,22 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
+from train.signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-from train import checkpoint
-from train.embed import (MODEL_HELP, embed_folder, embed_listed_faces, faces_described, folder_images, load_model,
-                         model_digests, model_threshold, open_detector, table_files, write_table)
-from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
-                       threshold_allowing)
-from train.signals import run_tool, signals_held
-from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                         check_photo_options, count_of, left_out_said, plain_warnings, summary_path, torch_device)
-from train.tools.cluster import DEFAULT_DUPLICATE_COSINE
-from train.tools.search import Faces, _check_made_with, _read_faces, cosine_above, first_folder
-from train.tools.similarity import cosine_blocks
+with stop_while_importing(__name__, "roc: "):
+    import numpy as np
+    import torch
+
+    from train import checkpoint
+    from train.embed import (MODEL_HELP, embed_folder, embed_listed_faces, faces_described, folder_images, load_model,
+                             model_digests, model_threshold, open_detector, table_files, write_table)
+    from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
+                           threshold_allowing)
+    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
+                             check_photo_options, count_of, left_out_said, plain_warnings, summary_path, torch_device)
+    from train.tools.cluster import DEFAULT_DUPLICATE_COSINE
+    from train.tools.search import Faces, _check_made_with, _read_faces, cosine_above, first_folder
+    from train.tools.similarity import cosine_blocks
 
 DEFAULT_FAR = 1e-3
 DEFAULT_PAIRS = 100

@@ -31,23 +31,25 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
+from train.signals import Stopped, run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-from train import checkpoint
-from train.data.imagefolder import scan_image_folder
-from train.data.transforms import IMAGE_EXTENSIONS
-from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
-                         _warn_others_not_square, about_path, embed_detected, embed_files, embed_listed_faces,
-                         faces_described, images_under, list_images, load_model, made_with, made_with_one_model,
-                         model_digests, model_threshold, open_detector, read_about, read_table, table_files,
-                         write_table)
-from train.ijb import negatives_needed, template_features, threshold_allowing
-from train.signals import Stopped, run_tool, signals_held
-from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                         check_photo_options, count_of, left_out_said, listable_name, plain_warnings, summary_path,
-                         torch_device)
-from train.tools.similarity import best_people
+with stop_while_importing(__name__, "search: "):
+    import numpy as np
+    import torch
+
+    from train import checkpoint
+    from train.data.imagefolder import scan_image_folder
+    from train.data.transforms import IMAGE_EXTENSIONS
+    from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
+                             _warn_others_not_square, about_path, embed_detected, embed_files, embed_listed_faces,
+                             faces_described, images_under, list_images, load_model, made_with, made_with_one_model,
+                             model_digests, model_threshold, open_detector, read_about, read_table, table_files,
+                             write_table)
+    from train.ijb import negatives_needed, template_features, threshold_allowing
+    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
+                             check_photo_options, count_of, left_out_said, listable_name, plain_warnings, summary_path,
+                             torch_device)
+    from train.tools.similarity import best_people
 
 DEFAULT_TOP_K = 5
 RANKS = (1, 5)  # the identification rates reported with --probe-labels
