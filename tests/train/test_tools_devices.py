@@ -229,8 +229,8 @@ def test_an_onnx_model_on_mps_or_xpu_is_said_to_run_on_the_cpu(tmp_path, capsys)
 def test_the_tests_hand_made_onnx_models_name_an_ir_version_every_admitted_onnxruntime_reads():
     # onnx.helper.make_model writes onnx's own newest IR version unless told, which an older onnxruntime refuses:
     # on Python 3.9, whose newest are onnx 1.19 (IR 12) and onnxruntime 1.19.2 (IR 10 at most), "Unsupported model
-    # IR version: 12, max supported IR version: 10". IR 8 is opset 17's, read from onnxruntime 1.17 (pyproject's
-    # lower bound) on.
+    # IR version: 12, max supported IR version: 10". IR 8 is opset 17's, read from onnxruntime 1.17 on (pyproject's
+    # lower bound is 1.19).
     import ast
     import pathlib
 
