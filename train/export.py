@@ -25,7 +25,7 @@ with stop_while_importing(__name__):
 
     from . import checkpoint, quantize
     from .config import _str_list
-    from .tools import count_of
+    from .tools import ORT_DISTRIBUTIONS, count_of, not_importable
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
     from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -312,7 +312,8 @@ def _export(args: argparse.Namespace) -> int:
             if skipped:
                 print(f"skipped ONNX: {skipped}", file=sys.stderr)
             return 0
-        checked = ("not compared with PyTorch (pip install onnxruntime to check it)" if difference is None
+        checked = (f"not compared with PyTorch ({not_importable('onnxruntime', None, ORT_DISTRIBUTIONS)} to check "
+                   "it)" if difference is None
                    else f"onnxruntime matches PyTorch (max abs difference {difference:.2e})")
         print(f"wrote {onnx_path}: {checked}")
         if args.normalized_onnx:

@@ -115,9 +115,11 @@ def open_session(path: str, device: torch.device | str = "cpu"):
         raise FileNotFoundError(f"no model at {path}")
     try:
         import onnxruntime
-    except ImportError:
-        raise ValueError(f"{path}: an ONNX model runs on onnxruntime: pip install onnxruntime (onnxruntime-gpu "
-                         "for CUDA)") from None
+    except ImportError as error:
+        from .tools import ORT_DISTRIBUTIONS, not_importable
+
+        advice = not_importable("onnxruntime", error, ORT_DISTRIBUTIONS)
+        raise ValueError(f"{path}: an ONNX model runs on onnxruntime: {advice} (onnxruntime-gpu for CUDA)") from None
     device = torch.device(device)
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda":

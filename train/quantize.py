@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .tools import count_of
+from .tools import ORT_DISTRIBUTIONS, count_of, not_importable
 
 DEFAULT_FACES = 300
 # QuantizeLinear's axis, which per-channel weights need, comes with opset 13.
@@ -28,12 +28,19 @@ CALIBRATION_BATCH = 32
 
 def require_onnxruntime() -> None:
     """ValueError saying what to install when onnx or onnxruntime's quantization is missing."""
+    missing = ValueError("--int8 needs the onnx and onnxruntime packages (the [onnx] extra): pip install onnx "
+                         "onnxruntime")
     try:
         import onnx  # noqa: F401
-        import onnxruntime.quantization  # noqa: F401
     except ImportError:
-        raise ValueError("--int8 needs the onnx and onnxruntime packages (the [onnx] extra): pip install onnx "
-                         "onnxruntime") from None
+        raise missing from None
+    try:
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as error:
+        advice = not_importable("onnxruntime", error, ORT_DISTRIBUTIONS)
+        if advice.startswith("pip install "):  # (not installed)
+            raise missing from None
+        raise ValueError(f"--int8 needs onnxruntime: {advice}") from None  # (installed: a build for numpy 1, say)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from .models import (check_embedding_shape, get_model, is_factory_spec, learn_em
                      model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
-from .tools import count_of, lost_a_peer, say_unhandled_error, timed_out
+from .tools import count_of, installed_version, lost_a_peer, say_unhandled_error, timed_out
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -237,21 +237,13 @@ def wandb_module():
     except ImportError:
         raise SystemExit("--wandb: the wandb package is not installed (pip install wandb)") from None
     except Exception as error:  # its own code: 0.17.1 and earlier use np.float_, which numpy 2 removed
+        installed = installed_version("wandb") or ("wandb", "?")
         reason = " ".join(str(error).split())
-        raise SystemExit(f"--wandb: the installed wandb {_installed_version('wandb')} does not import under numpy "
-                         f"{np.__version__} ({type(error).__name__}: {reason}); wandb 0.17.2 or later runs under "
-                         "numpy 2 (pip install -U wandb)") from None
+        raise SystemExit(f"--wandb: the installed wandb {installed[1]} does not import under numpy {np.__version__} "
+                         f"({type(error).__name__}: {reason}): pip install -U wandb (0.17.2 or later runs under "
+                         "numpy 2)") from None
     return wandb
 
-
-def _installed_version(package: str) -> str:
-    """``package``'s installed version, for a message ("?" where it has none)."""
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
 
 
 def wandb_run_name(args: argparse.Namespace, output: str) -> str:
@@ -351,9 +343,9 @@ class RunLog:
             summaries = hparams(values, metrics)  # (the tab reads the metrics' values from their scalars)
         except AttributeError as error:  # tensorboard's code: 2.17.0 and earlier use np.string_, which numpy 2 removed
             # (Not ValueError or TypeError: torch's refusal of a value or an argument of ours, a bug to see.)
-            reason = " ".join(str(error).split())
+            reason, installed = " ".join(str(error).split()), installed_version("tensorboard") or ("", "?")
             print(f"note: TensorBoard's HParams tab is not written: the installed tensorboard "
-                  f"{_installed_version('tensorboard')} failed under numpy {np.__version__} "
+                  f"{installed[1]} failed under numpy {np.__version__} "
                   f"({type(error).__name__}: {reason}); the scalars are written. tensorboard 2.17.1 or later runs "
                   "under numpy 2 (pip install -U tensorboard)", file=sys.stderr)
             return

@@ -183,6 +183,32 @@ def test_export_without_onnx_installed(trained, tmp_path, monkeypatch, capsys):
     assert os.path.exists(tmp_path / "backbone.pt") and not os.path.exists(tmp_path / "backbone.onnx")
 
 
+@pytest.mark.parametrize("installed, advice", [
+    (None, "pip install onnxruntime to check it"),
+    # onnxruntime 1.18 and older beside numpy 2: it was told to install what is installed.
+    (("onnxruntime-gpu", "1.18.1"), "onnxruntime-gpu 1.18.1 is installed but does not import under numpy {numpy}: "
+                                    "pip install -U onnxruntime-gpu to check it"),
+])
+def test_export_without_onnxruntime_importing_says_why_the_model_is_unchecked(installed, advice, trained, tmp_path,
+                                                                             monkeypatch, capsys):
+    from train import onnx_backbone, tools
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    monkeypatch.setattr(tools, "installed_version", lambda *names: installed)
+    ckpt, _ = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'backbone.onnx'}: not compared with PyTorch ({advice.format(numpy=np.__version__)})\n" \
+        in out, out
+    # So does a tool that runs the model (train.embed, verify, detect, ...), naming the ImportError.
+    said = (r"pip install onnxruntime" if installed is None else
+            r"onnxruntime-gpu 1\.18\.1 is installed but does not import under numpy \S+ \(ModuleNotFoundError: import "
+            r"of onnxruntime halted; None in sys\.modules\): pip install -U onnxruntime-gpu")
+    with pytest.raises(ValueError, match=rf"^.*backbone\.onnx: an ONNX model runs on onnxruntime: {said} "
+                                         r"\(onnxruntime-gpu for CUDA\)$"):
+        onnx_backbone.open_session(str(tmp_path / "backbone.onnx"))
+
+
 def test_export_reports_a_missing_checkpoint(trained, tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from train import checkpoint, distill, embed, export, quantize, trainer, verify
+from train import checkpoint, distill, embed, export, quantize, tools, trainer, verify
 
 from trainer_fixtures import base_argv, make_face_folder, make_pairs_list, one_thread, train_one_thread  # noqa: F401
 
@@ -323,9 +323,18 @@ def test_int8_mistakes_are_one_line_errors_before_anything_is_written(run, tmp_p
                         str(tmp_path / "pairs.txt")]) == 2
     assert capsys.readouterr().err == f"error: --int8-targets: no verification set at {tmp_path / 'pairs.txt'}\n"
     monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)  # `import onnxruntime.quantization` fails
+    monkeypatch.setattr(tools, "installed_version", lambda *names: None)  # not installed
     assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", "synthetic"]) == 2
     assert capsys.readouterr().err == "error: --int8 needs the onnx and onnxruntime packages (the [onnx] extra): " \
         "pip install onnx onnxruntime\n"
+    # Installed, and not importing (onnxruntime 1.18 and older beside numpy 2): "pip install onnxruntime" said to
+    # install what is installed.
+    monkeypatch.setattr(tools, "installed_version", lambda *names: ("onnxruntime", "1.18.1"))
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", "synthetic"]) == 2
+    assert capsys.readouterr().err == ("error: --int8 needs onnxruntime: onnxruntime 1.18.1 is installed but does not "
+                                       f"import under numpy {np.__version__} (ModuleNotFoundError: import of "
+                                       "onnxruntime.quantization halted; None in sys.modules): pip install -U "
+                                       "onnxruntime\n")
     assert not out.exists()
 
 

@@ -146,12 +146,15 @@ def test_a_wandb_that_does_not_import_is_one_line(faces, tmp_path, monkeypatch):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text('raise AttributeError("`np.float_` was removed in the NumPy 2.0 release. '
                                          'Use `np.float64` instead.")\n')
+    (tmp_path / "site" / "wandb-0.17.1.dist-info").mkdir()
+    (tmp_path / "site" / "wandb-0.17.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: wandb\n"
+                                                                          "Version: 0.17.1\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
-    with pytest.raises(SystemExit, match=r"^--wandb: the installed wandb \S+ does not import under numpy \S+ "
+    with pytest.raises(SystemExit, match=r"^--wandb: the installed wandb 0\.17\.1 does not import under numpy \S+ "
                                          r"\(AttributeError: `np\.float_` was removed in the NumPy 2\.0 release\. Use "
-                                         r"`np\.float64` instead\.\); wandb 0\.17\.2 or later runs under numpy 2 "
-                                         r"\(pip install -U wandb\)$"):
+                                         r"`np\.float64` instead\.\): pip install -U wandb \(0\.17\.2 or later runs "
+                                         r"under numpy 2\)$"):
         main(argv(faces, tmp_path / "out", max_steps=2))
     assert not (tmp_path / "out").exists()  # (said before the data is read)
 

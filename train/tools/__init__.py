@@ -156,6 +156,37 @@ def count_of(n: float, noun: str, nouns: str | None = None) -> str:
     return f"{number} {noun if n == 1 else nouns or noun + 's'}"
 
 
+# The distributions that install the module onnxruntime (pip's names).
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def installed_version(*distributions: str) -> tuple[str, str] | None:
+    """(name, version) of the first of ``distributions`` (pip's names) that is installed; None where none is."""
+    import importlib.metadata
+
+    for name in distributions:
+        try:
+            return name, importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def not_importable(module: str, error: BaseException | None = None, distributions: tuple[str, ...] = ()) -> str:
+    """What a message says to do about ``module``, which did not import (``error``, when in hand): "pip install
+    <module>" where none of its ``distributions`` (default: the module's name) is installed; where one is (a build
+    for numpy 1 under numpy 2, as onnxruntime 1.18 and older), that it does not import, and "pip install -U"."""
+    installed = installed_version(*(distributions or (module,)))
+    if installed is None:
+        return f"pip install {module}"
+    import numpy
+
+    name, version = installed
+    reason = f" ({type(error).__name__}: {' '.join(str(error).split())})" if error is not None and str(error) else ""
+    return (f"{name} {version} is installed but does not import under numpy {numpy.__version__}{reason}: pip install "
+            f"-U {name}")
+
+
 def left_out_said(*counts: tuple) -> str:
     """What the warnings above left out, for a tool's last line, in the one wording every tool uses:
     "; 2 images left out (the warnings above say why)". Each of ``counts`` is ``count_of``'s (n, noun[,
