@@ -148,6 +148,37 @@ def restore_signals():
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.mark.parametrize("tool", ["make_bin", "preview"])
+@pytest.mark.parametrize("when", ["working", "writing"])
+def test_a_signal_to_make_bin_or_preview_is_one_line(tool, when, tmp_path, monkeypatch, capsys, restore_signals):
+    # Their work had no stop of its own: Ctrl-C was a KeyboardInterrupt traceback, SIGTERM a death by the signal
+    # without a word. A stop while the output is written waits for it, and says it is whole.
+    from train import checkpoint
+    from train.tools import preview
+
+    module, out = (make_bin, tmp_path / "s.bin") if tool == "make_bin" else (preview, tmp_path / "s.png")
+    argv = ([str(out), "--synthetic", "--pairs", "10", "--image-size", "16"] if tool == "make_bin" else
+            ["--output", str(out), "--data", "synthetic", "--image-size", "16", "--count", "4"])
+    write_atomic = checkpoint.write_atomic
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write_atomic(*args, **kwargs)
+
+    if when == "working":
+        def signalled_work(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("not reached: the handler raises")
+
+        monkeypatch.setattr(module, "synthetic_pairs" if tool == "make_bin" else "grid", signalled_work)
+    else:
+        monkeypatch.setattr(module.checkpoint, "write_atomic", signalled)
+    assert module.main(argv) == 143
+    said = ": nothing written" if when == "working" else " as the outputs were written: they are whole"
+    assert capsys.readouterr().err == f"{tool}: stopped by SIGTERM{said}\n"
+    assert out.exists() == (when == "writing")
+
+
 def earlier_export(folder):
     os.makedirs(folder, exist_ok=True)
     for name in ("backbone.pt", "backbone.json", "backbone.onnx", "backbone_normalized.onnx"):

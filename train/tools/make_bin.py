@@ -16,7 +16,7 @@ import os
 import pickle
 import sys
 
-from train.signals import stop_while_importing  # (the standard library only)
+from train.signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
 with stop_while_importing(__name__, "make_bin: "):
     import numpy as np
@@ -226,7 +226,8 @@ def _main(argv: list[str] | None = None) -> int:
                     raise ValueError(f"{args.pairs_list} lists {len(issame)} pairs: a set needs at least {NFOLDS}, "
                                      "one a fold of the 10-fold accuracy")
             encoded = _file_bytes(pairs)
-        write_bin(args.output, encoded, issame)
+        with signals_held():  # (a stop then waits for the file, and says it is whole)
+            write_bin(args.output, encoded, issame)
     except (OSError, ValueError) as exc:
         print(f"make_bin: error: {exc}", file=sys.stderr)
         return 2
@@ -236,8 +237,10 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C and SIGTERM: one line, exit 130 / 143 (was a KeyboardInterrupt traceback, or a death by the signal
+    # without a word); _main says its own errors.
     with plain_warnings():  # the image folder's warnings as one line each
-        return _main(argv)
+        return run_tool(lambda: _main(argv), tool="make_bin", errors=(), blank_line=False)
 
 
 if __name__ == "__main__":

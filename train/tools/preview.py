@@ -24,7 +24,7 @@ import math
 import os
 import sys
 
-from train.signals import stop_while_importing  # (the standard library only)
+from train.signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
 with stop_while_importing(__name__, "preview: "):
     import numpy as np
@@ -135,7 +135,8 @@ def _main(argv: list[str] | None = None) -> int:
     encoded = io.BytesIO()
     try:  # at the quality the details augmentations make are seen in (Pillow's defaults blur them)
         sheet.save(encoded, format=FORMATS[extension], **SAVE_OPTIONS[FORMATS[extension]])
-        checkpoint.write_atomic(args.output, lambda f: f.write(encoded.getvalue()))
+        with signals_held():  # (a stop then waits for the file, and says it is whole)
+            checkpoint.write_atomic(args.output, lambda f: f.write(encoded.getvalue()))
     except (OSError, ValueError) as error:  # a sheet past WebP's or JPEG's size limit, a full disk
         print(f"preview: error: cannot write the {sheet.width} x {sheet.height} sheet to {args.output}: "
               f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
@@ -149,8 +150,10 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C and SIGTERM: one line, exit 130 / 143 (was a KeyboardInterrupt traceback, or a death by the signal
+    # without a word); _main says its own errors.
     with plain_warnings():  # the image folder's warnings as one line each
-        return _main(argv)
+        return run_tool(lambda: _main(argv), tool="preview", errors=(), blank_line=False)
 
 
 if __name__ == "__main__":
