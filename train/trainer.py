@@ -234,9 +234,10 @@ def set_aside_earlier_run(output: str) -> str | None:
 def wandb_module():
     try:
         import wandb
-    except ImportError:
-        raise SystemExit("--wandb: the wandb package is not installed (pip install wandb)") from None
     except Exception as error:  # its own code: 0.17.1 and earlier use np.float_, which numpy 2 removed
+        # (An ImportError of an installed wandb is not a missing package: one of its own imports failed.)
+        if isinstance(error, ImportError) and installed_version("wandb") is None:
+            raise SystemExit("--wandb: the wandb package is not installed (pip install wandb)") from None
         installed = installed_version("wandb") or ("wandb", "?")
         reason = " ".join(str(error).split())
         raise SystemExit(f"--wandb: the installed wandb {installed[1]} does not import under numpy {np.__version__} "

@@ -3,12 +3,14 @@
 
 import glob
 import os
+import re
 import sys
 import types
 
 import pytest
 
 from train import checkpoint
+from train import trainer as trainer_module
 from train.trainer import Trainer, main
 
 from trainer_fixtures import LOSS_IMPL, base_argv, faces, one_thread, read_jsonl  # noqa: F401
@@ -135,25 +137,29 @@ def test_the_exit_code_reaches_wandb(faces, tmp_path, fake_wandb, monkeypatch):
 ])
 def test_wandb_that_cannot_start_is_one_line(faces, tmp_path, monkeypatch, module, message):
     monkeypatch.setitem(sys.modules, "wandb", module)
+    if module is None:  # (not installed: where it is, its metadata is not to say otherwise)
+        monkeypatch.setattr(trainer_module, "installed_version", lambda *names: None)
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
         main(argv(faces, tmp_path / "out", max_steps=2))
 
 
-def test_a_wandb_that_does_not_import_is_one_line(faces, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", ["AttributeError: `np.float_` was removed in the NumPy 2.0 release. Use `np.float64` "
+                                   "instead.", "ImportError: numpy.core.multiarray failed to import"])
+def test_a_wandb_that_does_not_import_is_one_line(faces, tmp_path, monkeypatch, error):
     # wandb 0.17.1 and earlier, under numpy 2: `import wandb` raises AttributeError (np.float_), which the
-    # trainer took for no error of its own: a traceback at start-up.
+    # trainer took for no error of its own: a traceback at start-up. An ImportError of an installed wandb (one
+    # of its own imports: a build for numpy 1) was "the wandb package is not installed (pip install wandb)".
     package = tmp_path / "site" / "wandb"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text('raise AttributeError("`np.float_` was removed in the NumPy 2.0 release. '
-                                         'Use `np.float64` instead.")\n')
+    kind, text = error.split(": ", 1)
+    (package / "__init__.py").write_text(f"raise {kind}({text!r})\n")
     (tmp_path / "site" / "wandb-0.17.1.dist-info").mkdir()
     (tmp_path / "site" / "wandb-0.17.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: wandb\n"
                                                                           "Version: 0.17.1\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
-    with pytest.raises(SystemExit, match=r"^--wandb: the installed wandb 0\.17\.1 does not import under numpy \S+ "
-                                         r"\(AttributeError: `np\.float_` was removed in the NumPy 2\.0 release\. Use "
-                                         r"`np\.float64` instead\.\): pip install -U wandb \(0\.17\.2 or later runs "
+    with pytest.raises(SystemExit, match=rf"^--wandb: the installed wandb 0\.17\.1 does not import under numpy \S+ "
+                                         rf"\({re.escape(error)}\): pip install -U wandb \(0\.17\.2 or later runs "
                                          r"under numpy 2\)$"):
         main(argv(faces, tmp_path / "out", max_steps=2))
     assert not (tmp_path / "out").exists()  # (said before the data is read)
