@@ -690,7 +690,7 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
         if unused:
             notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used without {switch}")
     if world_size == 1 and args.dist_timeout != DIST_TIMEOUT_MINUTES:
-        notes.append(f"--dist-timeout {args.dist_timeout:g} is not used: one process, not under torchrun")
+        notes.append(f"--dist-timeout {args.dist_timeout:g} is not used: one process")
     unused = given("synthetic_identities", "synthetic_images_per_identity") if args.data != "synthetic" else []
     if unused:
         notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the data is {args.data}, "

@@ -45,6 +45,22 @@ def _main_thread() -> bool:
 
 
 @contextlib.contextmanager
+def _handled_by(handler: Callable):
+    """``handler`` takes Ctrl-C and SIGTERM while the block runs, but for a signal the process was started
+    ignoring (``nohup``, a job started in the background by a script), which stays ignored; the handlers of
+    before are back once it ends."""
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number, before in previous.items():
+        if before != signal.SIG_IGN:
+            signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, before in previous.items():
+            signal.signal(number, before if before is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def stop_on_signals():
     """Ctrl-C and SIGTERM raise :class:`Stopped` in the main thread while the block runs. After the
     first, both are ignored until the block ends, so that a second Ctrl-C (a key held, or pressed again
@@ -61,17 +77,12 @@ def stop_on_signals():
             signal.signal(other, signal.SIG_IGN)
         raise Stopped(number, after_writing=run.written)
 
-    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
-    for number, handler in previous.items():
-        if handler != signal.SIG_IGN:
-            signal.signal(number, stop)
-    _runs.append(run)
-    try:
-        yield
-    finally:
-        _runs.remove(run)
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+    with _handled_by(stop):
+        _runs.append(run)
+        try:
+            yield
+        finally:
+            _runs.remove(run)
 
 
 @contextlib.contextmanager
@@ -92,15 +103,8 @@ def stop_while_importing(module: str, prefix: str = ""):
         print(f"{prefix}stopped by {signal.Signals(number).name}: nothing written", file=sys.stderr)
         raise SystemExit(128 + number)
 
-    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
-    for number, handler in previous.items():
-        if handler != signal.SIG_IGN:
-            signal.signal(number, stop)
-    try:
+    with _handled_by(stop):
         yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -126,16 +130,12 @@ def signals_held(final: bool = True):
         came.append(number)
 
     previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
-    for number, handler in previous.items():
-        if handler != signal.SIG_IGN:
-            signal.signal(number, note)
     try:
-        yield
-        if _runs and final:
-            _runs[-1].written = True
+        with _handled_by(note):
+            yield
+            if _runs and final:
+                _runs[-1].written = True
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         if came:
             handler = previous[came[0]]
             if callable(handler):

@@ -240,11 +240,11 @@ def wandb_module():
             raise SystemExit("--wandb: the wandb package is not installed (pip install wandb)") from None
         installed = installed_version("wandb") or ("wandb", "?")
         reason = " ".join(str(error).split())
-        raise SystemExit(f"--wandb: the installed wandb {installed[1]} does not import under numpy {np.__version__} "
-                         f"({type(error).__name__}: {reason}): pip install -U wandb (0.17.2 or later runs under "
-                         "numpy 2)") from None
+        numpy_2 = f" (under numpy {np.__version__} it needs 0.17.2 or later)" if int(np.__version__.split(".")[0]) >= 2 \
+            else ""
+        raise SystemExit(f"--wandb: the installed wandb {installed[1]} does not import ({type(error).__name__}: "
+                         f"{reason}): pip install -U wandb{numpy_2}") from None
     return wandb
-
 
 
 def wandb_run_name(args: argparse.Namespace, output: str) -> str:

@@ -16,7 +16,7 @@ from train.signals import Stopped, signals_held, stop_on_signals
 from train.tools import make_bin
 
 from conftest import HeldFile
-from trainer_fixtures import REPO, one_thread, two_step_checkpoint  # noqa: F401
+from trainer_fixtures import REPO, one_thread, signalled_while_importing_torch, two_step_checkpoint  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -523,25 +523,12 @@ def test_a_signal_while_the_tool_imports_torch_is_one_line(tmp_path, tool, signu
     # `python -m train.<tool>` spends seconds importing torch: Ctrl-C there printed a KeyboardInterrupt
     # traceback, and SIGTERM ended the process silently, killed by the signal. (The tools of train.tools
     # import their package first: it imported torch too, before the tool could take the signals.)
-    import subprocess
-
     argv = {"export": ["--checkpoint", "runs/small/checkpoint.pt", "--output", str(tmp_path / "export")],
             "embed": ["--model", "backbone.pt", "--images", "faces", "--output", str(tmp_path / "e.npy")],
             "verify": ["--model", "backbone.pt", "--targets", "synthetic", "--output", str(tmp_path / "v.json")],
             "plots": [str(tmp_path)]  # (read before its imports: a folder)
             }.get(tool, ["--output", str(tmp_path / "out")])  # (the others' arguments are read after them)
-    driver = (
-        "import builtins, os, runpy, sys\n"
-        "real_import = builtins.__import__\n"
-        "def import_(name, *args, **kwargs):\n"
-        "    if name == 'torch':\n"
-        f"        os.kill(os.getpid(), {int(signum)})\n"
-        "    return real_import(name, *args, **kwargs)\n"
-        "builtins.__import__ = import_\n"
-        f"sys.argv = ['{tool}', *{argv!r}]\n"
-        f"runpy.run_module('train.{tool}', run_name='__main__', alter_sys=True)\n")
-    done = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    done = signalled_while_importing_torch(f"train.{tool}", argv, signum)
     assert done.returncode == 128 + signum, done.stderr[-3000:]
     assert done.stderr == f"{_IMPORTING[tool]}stopped by {signal.Signals(signum).name}: nothing written\n"
     assert os.listdir(tmp_path) == []

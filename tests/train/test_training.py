@@ -27,7 +27,7 @@ from train.trainer import (SAME_STOP_SECONDS, LearningRateSchedule, RunLog, Trai
                            _resolve_device, build_margin_loss, build_optimizer, main)
 
 from trainer_fixtures import (LOSS_IMPL, REPO, base_argv, faces, make_face_folder, one_thread, read_jsonl,  # noqa: F401
-                              signal_once_training)
+                              signal_once_training, signalled_while_importing_torch)
 
 
 def argv(faces, output, pairs=False, **overrides):
@@ -375,18 +375,7 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
 def test_a_signal_while_python_m_train_imports_the_trainer_is_one_line(tmp_path, signum):
     # `python -m train` spends seconds importing torch before main(): Ctrl-C there printed a
     # KeyboardInterrupt traceback, and SIGTERM ended the process silently, killed by the signal.
-    driver = (
-        "import builtins, os, runpy, sys\n"
-        "real_import = builtins.__import__\n"
-        "def import_(name, *args, **kwargs):\n"
-        "    if name == 'torch':\n"
-        f"        os.kill(os.getpid(), {int(signum)})\n"
-        "    return real_import(name, *args, **kwargs)\n"
-        "builtins.__import__ = import_\n"
-        f"sys.argv = ['train', '--output', {str(tmp_path / 'run')!r}]\n"
-        "runpy.run_module('train', run_name='__main__', alter_sys=True)\n")
-    done = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    done = signalled_while_importing_torch("train", ["--output", str(tmp_path / "run")], signum)
     assert done.returncode == 128 + signum, done.stderr[-3000:]
     assert done.stderr == f"stopped by {signal.Signals(signum).name} during the start-up, before the first step\n"
     assert not (tmp_path / "run").exists()
@@ -1065,7 +1054,7 @@ def test_options_the_run_would_ignore_are_refused(options, message):
                                          "25% of --lr 0.1, no further"),
     ("--max-steps 100 --lr-steps 50,100,150", "--lr-steps 100,150 are not before --max-steps 100: the learning rate "
                                               "is not divided there"),
-    ("--dist-timeout 60", "--dist-timeout 60 is not used: one process, not under torchrun"),
+    ("--dist-timeout 60", "--dist-timeout 60 is not used: one process"),
 ])
 def test_options_the_run_would_not_use_are_said(options, note, tmp_path):
     # Each was taken without a word. Notes, not errors: a run's args.json (a config) lists every option, and a

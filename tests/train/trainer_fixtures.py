@@ -189,6 +189,23 @@ def make_pairs_list(root: str, pairs: int = 40, identities: int = 10, size: int 
     return path
 
 
+def signalled_while_importing_torch(module: str, argv: list[str], signum: int) -> subprocess.CompletedProcess:
+    """``python -m <module> argv`` (from the checkout, as from a terminal: Ctrl-C's SIGINT at its default)
+    with ``signum`` sent to itself as it imports torch, the seconds a command spends before its own work."""
+    driver = (
+        "import builtins, os, runpy, sys\n"
+        "real_import = builtins.__import__\n"
+        "def import_(name, *args, **kwargs):\n"
+        "    if name == 'torch':\n"
+        f"        os.kill(os.getpid(), {int(signum)})\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = import_\n"
+        f"sys.argv = [{module.rsplit('.', 1)[-1]!r}, *{argv!r}]\n"
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+    return subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def base_argv(data: str, output: str, pairs: str | None = None, **overrides) -> list[str]:
     """A tiny, fast run on the CPU: the small network at 32px, batch 16, no workers, no plots.
     The CPU even where a GPU is present: the tests resume runs and compare them bit for bit, which
