@@ -321,7 +321,8 @@ def _export(args: argparse.Namespace) -> int:
         for name, agreement in agreements.items():
             fp32_name = NORMALIZED_ONNX_NAME if name == NORMALIZED_INT8_ONNX_NAME else ONNX_NAME
             print(f"wrote {os.path.join(output, name)}: {fp32_name} in int8, calibrated on "
-                  f"{count_of(len(faces.calibration), 'face')} of {faces.spec}; against {fp32_name}, {quantize.describe(agreement)}"
+                  f"{count_of(len(faces.calibration), 'face')} of {faces.spec}; against {fp32_name}, "
+                  f"{quantize.describe(agreement)}"
                   + (" not used for calibration" if faces.held_out else " (the calibration faces: none left)"))
             for target, (fp32, int8) in agreement.targets.items():
                 print(f"  {target}: accuracy {int8['accuracy']:.4f} ± {int8['accuracy_std']:.4f} in int8, "
@@ -358,8 +359,8 @@ def _int8_inputs(args: argparse.Namespace, image_size: int) -> tuple[quantize.Fa
             "" if os.path.isdir(started_in) else ", which is not there any more")
         raise FileNotFoundError(f"{error}{where}: name the faces, --int8 FACES") from None
     if not faces.held_out:
-        print(f"note: --int8 {spec} holds {count_of(faces.total, 'face')}: all of them calibrate, and the int8 graph is checked on "
-              f"them (on faces it was not calibrated on, the agreement may be lower; --int8-faces "
+        print(f"note: --int8 {spec} holds {count_of(faces.total, 'face')}: all of them calibrate, and the int8 graph "
+              f"is checked on them (on faces it was not calibrated on, the agreement may be lower; --int8-faces "
               f"{max(1, faces.total // 2)} leaves half out)", file=sys.stderr)
     elif len(faces.check) < count:
         print(f"note: --int8 {spec} holds {faces.total} faces: {len(faces.calibration)} calibrate, and the int8 graph "

@@ -240,11 +240,16 @@ def wandb_module():
             raise SystemExit("--wandb: the wandb package is not installed (pip install wandb)") from None
         installed = installed_version("wandb") or ("wandb", "?")
         reason = " ".join(str(error).split())
-        numpy_2 = f" (under numpy {np.__version__} it needs 0.17.2 or later)" if int(np.__version__.split(".")[0]) >= 2 \
-            else ""
         raise SystemExit(f"--wandb: the installed wandb {installed[1]} does not import ({type(error).__name__}: "
-                         f"{reason}): pip install -U wandb{numpy_2}") from None
+                         f"{reason}): pip install -U wandb{_under_numpy_2('0.17.2')}") from None
     return wandb
+
+
+def _under_numpy_2(first: str) -> str:
+    """Under numpy 2, " (under numpy 2.4.6 it needs <first> or later)": the release of an optional package
+    (wandb, tensorboard) whose code first runs there, for the line of an older one that failed; else ""."""
+    numpy_2 = int(np.__version__.split(".")[0]) >= 2
+    return f" (under numpy {np.__version__} it needs {first} or later)" if numpy_2 else ""
 
 
 def wandb_run_name(args: argparse.Namespace, output: str) -> str:
@@ -345,10 +350,9 @@ class RunLog:
         except AttributeError as error:  # tensorboard's code: 2.17.0 and earlier use np.string_, which numpy 2 removed
             # (Not ValueError or TypeError: torch's refusal of a value or an argument of ours, a bug to see.)
             reason, installed = " ".join(str(error).split()), installed_version("tensorboard") or ("", "?")
-            print(f"note: TensorBoard's HParams tab is not written: the installed tensorboard "
-                  f"{installed[1]} failed under numpy {np.__version__} "
-                  f"({type(error).__name__}: {reason}); the scalars are written. tensorboard 2.17.1 or later runs "
-                  "under numpy 2 (pip install -U tensorboard)", file=sys.stderr)
+            print(f"note: TensorBoard's HParams tab is not written: the installed tensorboard {installed[1]} failed "
+                  f"({type(error).__name__}: {reason}); the scalars are written: pip install -U tensorboard"
+                  f"{_under_numpy_2('2.17.1')}", file=sys.stderr)
             return
         for summary in summaries:
             self.writer.file_writer.add_summary(summary)
@@ -1065,8 +1069,8 @@ class Trainer:
                                               ("--lr-epochs", a.lr_epochs)) if value is not None]
             if given and self.schedule_steps_per_epoch != self.steps_per_epoch:
                 print(f"note: {', '.join(given)} {'is' if len(given) == 1 else 'are'} counted in the epochs of "
-                      f"{count_of(self.schedule_steps_per_epoch, 'step')} the run began with, as the steps it took were, "
-                      f"and so are the progress lines' epochs (this run reads the data in "
+                      f"{count_of(self.schedule_steps_per_epoch, 'step')} the run began with, as the steps it took "
+                      f"were, and so are the progress lines' epochs (this run reads the data in "
                       f"{count_of(self.steps_per_epoch, 'step')})", file=sys.stderr)
         return state["rng"]
 
@@ -1660,8 +1664,8 @@ class Trainer:
             self.evaluate(stoppable=False)
             self.save()
             bar.close()
-            self._write(f"done: {count_of(self.step, 'step')} in {self.elapsed + time.perf_counter() - self._started:.0f} s; "
-                        f"outputs in {self.output}")
+            took = self.elapsed + time.perf_counter() - self._started
+            self._write(f"done: {count_of(self.step, 'step')} in {took:.0f} s; outputs in {self.output}")
             return 0
         except (DataError, CheckpointNotWritten) as error:
             # One rank's alone. A worker's exception arrives with the worker's traceback in its

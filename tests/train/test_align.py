@@ -403,10 +403,12 @@ def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_pa
     os.mkdir(locked)
     real_access = os.access  # (root, who may run the tests, writes in a folder of mode 555)
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == locked else real_access(path, mode))
-    file_in_the_way = f"cannot make the folder: {tmp_path / 'file'} is a file"  # (was "cannot be written: Not a directory")
+    # (was "cannot be written: Not a directory")
+    file_in_the_way = f"cannot make the folder: {tmp_path / 'file'} is a file"
     for output, message in ((root, f"--output {root} is --images: the crops would go among the photos; name another "
                                    "folder"),
-                            (str(tmp_path / "file" / "out"), f"--output {tmp_path / 'file' / 'out'}: {file_in_the_way}"),
+                            (str(tmp_path / "file" / "out"),
+                             f"--output {tmp_path / 'file' / 'out'}: {file_in_the_way}"),
                             (str(tmp_path / "file" / "a" / "out"),
                              f"--output {tmp_path / 'file' / 'a' / 'out'}: {file_in_the_way}"),
                             (os.path.join(locked, "out"),

@@ -513,8 +513,8 @@ def test_ctrl_c_to_the_process_group_stops_embed_and_its_workers_without_a_trace
 
 # Every command whose imports take seconds, with what its lines begin with (the tools' stops and errors say it).
 _IMPORTING = {"export": "", "embed": "", "verify": "", "ijb": "", "tinyface": "", "plots": "",
-              **{f"tools.{name}": f"{name}: " for name in ("align", "clean", "cluster", "detect", "make_bin", "pack_rec",
-                                                          "preview", "quality", "roc", "search")}}
+              **{f"tools.{name}": f"{name}: " for name in ("align", "clean", "cluster", "detect", "make_bin",
+                                                          "pack_rec", "preview", "quality", "roc", "search")}}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
