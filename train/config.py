@@ -35,10 +35,11 @@ DISTILL_LOSSES = ("cosine", "mse")  # train.distill.distillation_loss's
 # checkpoint (8.4 GB of centres and momentum at WebFace42M's 2M identities) alone while the others wait at the
 # next step's all-reduce. torch's own default for NCCL is 10 minutes, which a slow disk can outlast.
 DIST_TIMEOUT_MINUTES = 30.0
-# The range torch takes: it counts the timeout in whole milliseconds, and adds it to its clocks in 64-bit
-# nanoseconds, which overflow past 1.5e8 minutes. Outside it (1e-6, 2e8; 1e9 passed only as the overflow wrapped
-# round), the process group's store timed out at once, with a traceback ("The client socket has timed out after").
-DIST_TIMEOUT_LEAST_MINUTES = 1e-3  # (60 ms)
+# The range torch takes: 2.13 counts the timeout in whole milliseconds, and adds it to its clocks in 64-bit
+# nanoseconds, which overflow past 1.5e8 minutes; 2.4's store counts its connection's timeout in whole seconds.
+# Outside it (1e-6, 2e8, and 1e-3 on 2.4.1; 1e9 passed only as the overflow wrapped round), the process group's
+# store timed out at once, with a traceback ("The client socket has timed out after 0s").
+DIST_TIMEOUT_LEAST_MINUTES = 0.05  # (3 s)
 DIST_TIMEOUT_MOST_MINUTES = 1e7  # (19 years)
 # The defaults of the parameters that only some losses read (a value other than these, given to a
 # loss that does not read it, is refused).

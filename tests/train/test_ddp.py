@@ -533,7 +533,8 @@ def test_rank_0_waiting_longer_than_dist_timeout_does_not_blame_itself(tmp_path)
 def test_the_ends_of_dist_timeouts_range_start_a_process_group(minutes):
     # torch counts the timeout in whole milliseconds and adds it to its clocks in 64-bit nanoseconds: a
     # --dist-timeout under 1 ms, or past 1.5e8 minutes (2e8 was taken), made the store of init_process_group
-    # time out at once ("The client socket has timed out after 0ms", "... after 12000000000000ms").
+    # time out at once ("The client socket has timed out after 0ms", "... after 12000000000000ms"); torch 2.4.1's
+    # store counts its connection's timeout in whole seconds (0.001 minutes: "... timed out after 0s").
     timeout = datetime.timedelta(minutes=minutes)
     store = torch.distributed.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timeout)
     group = torch.distributed.ProcessGroupGloo(store, 0, 1, timeout)

@@ -762,8 +762,8 @@ def test_gradient_accumulation_is_checked(value):
     ("--dist-timeout", "inf", "--dist-timeout must be a finite number > 0, got inf"),
     # (torch's clocks overflowed from 1.5e8 minutes, and a timeout under 1 ms was 0: the process group's store
     # timed out at once, with a traceback, at the start of a run under torchrun; 2e8 and 1e-6 were taken)
-    ("--dist-timeout", "2e8", r"--dist-timeout is in minutes, from 0\.001 to 1e\+07; got 2e\+08"),
-    ("--dist-timeout", "1e-6", r"--dist-timeout is in minutes, from 0\.001 to 1e\+07; got 1e-06"),
+    ("--dist-timeout", "2e8", r"--dist-timeout is in minutes, from 0\.05 to 1e\+07; got 2e\+08"),
+    ("--dist-timeout", "1e-6", r"--dist-timeout is in minutes, from 0\.05 to 1e\+07; got 1e-06"),
 ])
 def test_numeric_options_are_checked_before_the_run(flag, value, message):
     # Each used to train and fail mid-run (--log-every 0 at the first log) or fail inside torch with
