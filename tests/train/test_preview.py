@@ -53,15 +53,15 @@ def test_consecutive_images_of_a_folder_and_random_ones(tmp_path):
     # Not among an identity's images (it would be one the next time), even through a link; the folder's
     # root holds no image that is read.
     common = ["--data", data, "--image-size", str(IMAGE_SIZE), "--count", "1"]
-    assert preview.main(["--output", str(tmp_path / "faces" / "id_000" / "grid.png"), *common]) == 1
+    assert preview.main(["--output", str(tmp_path / "faces" / "id_000" / "grid.png"), *common]) == 2
     (tmp_path / "faces" / "id_001" / "link.png").symlink_to(tmp_path / "elsewhere.png")
-    assert preview.main(["--output", str(tmp_path / "faces" / "id_001" / "link.png"), "--overwrite", *common]) == 1
+    assert preview.main(["--output", str(tmp_path / "faces" / "id_001" / "link.png"), "--overwrite", *common]) == 2
     assert not (tmp_path / "elsewhere.png").exists()
     assert preview.main(["--output", str(tmp_path / "faces" / "grid.png"), *common]) == 0
     # Nor among the second set's of two (--data a,b).
     other = make_face_folder(str(tmp_path / "more"), identities=2, images=2)
     assert preview.main(["--output", str(tmp_path / "more" / "id_001" / "grid.png"), *common[2:], "--data",
-                         f"{data},{other}"]) == 1
+                         f"{data},{other}"]) == 2
     assert not (tmp_path / "more" / "id_001" / "grid.png").exists()
 
 
@@ -78,12 +78,14 @@ def test_options_come_from_a_trainer_config(tmp_path):
 def test_mistakes_are_one_line_errors(tmp_path, capsys):
     out = tmp_path / "x.png"
     out.write_bytes(b"mine")
-    assert preview.main(["--output", str(out), "--data", "synthetic"]) == 1
-    assert "x.png exists: pass --overwrite to replace it" in capsys.readouterr().err
+    # Exit status 2, a user's mistake, as argparse and the other tools end (was 1, which the tools keep for a run
+    # that finished with some of its input left out).
+    assert preview.main(["--output", str(out), "--data", "synthetic"]) == 2
+    assert capsys.readouterr().err == f"preview: error: {out} exists: pass --overwrite to replace it\n"
     assert out.read_bytes() == b"mine"
-    assert preview.main(["--output", str(tmp_path / "y.png"), "--data", "synthetic", "--image", "16000"]) == 1
+    assert preview.main(["--output", str(tmp_path / "y.png"), "--data", "synthetic", "--image", "16000"]) == 2
     assert "--image 16000: the set has images 0 to 15999" in capsys.readouterr().err
-    assert preview.main(["--output", str(tmp_path / "y.png"), "--data", str(tmp_path / "none")]) == 1
+    assert preview.main(["--output", str(tmp_path / "y.png"), "--data", str(tmp_path / "none")]) == 2
     assert "expected 'synthetic', a folder with train.rec + train.idx, an image folder, or a list file" in capsys.readouterr().err
     for argv, message in [(["y.gif"], "name a .png, .jpg or .webp file"), (["y.png", "--count", "0"], "--count must be"),
                           (["y.png", "--epoch", "-1"], "--epoch must be at least 0")]:
@@ -107,7 +109,7 @@ def test_trainer_options_go_anywhere_and_are_checked_as_the_trainer_checks_them(
     assert preview.main(["--data", "synthetic", "--image-size", "16", "--output", str(out), "--seed", "2",
                          "--count", "3"]) == 0
     assert Image.open(out).size[1] == 2 * (16 + preview.LABEL_HEIGHT + preview.GAP) + preview.GAP  # 2 x 2 grid, 16 px
-    assert preview.main(["--data", "synthetic", "--num-classes", "7", "--output", str(tmp_path / "n.png")]) == 1
+    assert preview.main(["--data", "synthetic", "--num-classes", "7", "--output", str(tmp_path / "n.png")]) == 2
     assert "--num-classes is 7, but synthetic holds 100 identities" in capsys.readouterr().err
     assert not (tmp_path / "n.png").exists()
 
@@ -119,5 +121,5 @@ def test_captions_are_never_cut_and_a_sheet_past_a_formats_limit_is_an_error(tmp
     sheet = Image.open(out)
     assert sheet.width > 2 * (4 + preview.GAP) + preview.GAP  # cells as wide as "99 #15990"
     assert preview.main(["--data", "synthetic", "--image-size", "112", "--count", "150", "--columns", "150",
-                         "--output", str(tmp_path / "wide.webp")]) == 1
+                         "--output", str(tmp_path / "wide.webp")]) == 2
     assert "cannot write the " in capsys.readouterr().err and not (tmp_path / "wide.webp").exists()

@@ -130,7 +130,7 @@ def _main(argv: list[str] | None = None) -> int:
             captions.append(f"{label} e{epoch}" if args.image is not None else f"{label} #{index}")
     except (OSError, ValueError) as error:  # the data's own errors name the file and record
         print(f"preview: error: {error}", file=sys.stderr)
-        return 1
+        return 2  # (a mistake: 2, as run_tool and argparse end; was 1)
     sheet = grid(tiles, captions, min(len(tiles), args.columns or math.ceil(math.sqrt(len(tiles)))))
     encoded = io.BytesIO()
     try:  # at the quality the details augmentations make are seen in (Pillow's defaults blur them)
@@ -140,7 +140,7 @@ def _main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:  # a sheet past WebP's or JPEG's size limit, a full disk
         print(f"preview: error: cannot write the {sheet.width} x {sheet.height} sheet to {args.output}: "
               f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
-        return 1
+        return 2
     described = dataset.augment.describe() if dataset.augment else "none"
     print(f"preview: wrote {len(tiles)} tiles of {options.data} ({len(dataset)} images, {classes} identities) to "
           f"{args.output}: identity and {'epoch' if args.image is not None else 'index'} under each; "
