@@ -425,6 +425,34 @@ def test_align_with_a_detector_makes_the_crops_of_detect_then_align(detector, tm
     assert {folder: sorted(os.listdir(tmp_path / folder)) for folder in ("one", "all")} == before
 
 
+def test_align_with_a_detector_refuses_an_output_it_cannot_write_before_detecting(detector, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A file in the way of --output, or a folder it cannot write in, is one line before the detection (minutes
+    for many photos), as the landmarks route and the other tools say it: it was said once every photo had been
+    through the detector."""
+    from train import embed
+
+    images = tmp_path / "raw"
+    images.mkdir()
+    photo([(320, 160)]).save(images / "a.png")
+    (tmp_path / "file").write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # (root, who may run the tests, writes in a folder of mode 555)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
+
+    def detect_faces(*args, **kwargs):
+        raise AssertionError("the photos went through the detector before --output was checked")
+
+    monkeypatch.setattr(embed, "detect_faces", detect_faces)
+    for output, said in ((tmp_path / "file" / "out", f"cannot make the folder: {tmp_path / 'file'} is a file"),
+                         (locked / "out", f"cannot write in {locked} (read-only, or not yours)")):
+        assert align.main(["--images", str(images), "--detector", detector, "--output", str(output),
+                           "--workers", "0"]) == 2
+        assert capsys.readouterr().err == f"align: error: --output {output}: {said}\n"
+    assert os.listdir(locked) == [] and (tmp_path / "file").read_text() == ""
+
+
 def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_path):
     """SIGTERM to the main process alone (`kill PID`) during align --detector's detection: the loader's
     workers leave signals to the main process, which stops (143) and ends them; none is left behind."""

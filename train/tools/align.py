@@ -428,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.realpath(args.output) == os.path.realpath(args.images):
             raise ValueError(f"--output {args.output} is --images: the crops would go among the photos; name another "
                              "folder")
+        # A file in the way or a folder it cannot write in: said before the detection (minutes for many photos;
+        # it came after) and the reading of the landmarks. (Made, and written in, once the faces are known.)
+        check_output_folder(args.output, f"--output {args.output}")  # (was "...cannot be written: Not a directory")
         if args.detector:
             names, landmarks, failed = _detected_faces(args)
             line_nos, skipped = np.zeros(len(names), dtype=np.int64), []
@@ -568,9 +571,8 @@ def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
 
 
 def _check_writable(folder: str) -> None:
-    """Makes ``folder`` and writes a file in it, before any photo is read; OSError or ValueError (naming
-    --output) when it cannot."""
-    check_output_folder(folder, f"--output {folder}")  # (was "...cannot be written: Not a directory")
+    """Makes ``folder`` and writes a file in it, before any crop is made (``check_output_folder`` has
+    refused a file in the way and a folder it cannot write in); OSError naming --output when it cannot."""
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
