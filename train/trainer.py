@@ -697,19 +697,6 @@ class Trainer:
         self.output = args.output
         self.working_directory = os.getcwd()  # what the run's relative paths (--data, ...) are relative to
         self.checkpoint_path = os.path.join(self.output, checkpoint.CHECKPOINT_NAME)
-        try:
-            os.makedirs(self.output, exist_ok=True)
-        except OSError as error:  # a file in the way, a read-only file system, no permission
-            in_the_way = checkpoint.nearest_existing(self.output)
-            if in_the_way == os.path.abspath(self.output):  # (was "cannot create the folder: File exists")
-                raise SystemExit(f"--output {self.output} exists and is not a folder: name a folder for the "
-                                 "run") from None
-            if not os.path.isdir(in_the_way):  # (was "cannot create the folder: Not a directory")
-                raise SystemExit(f"--output {self.output}: {in_the_way} is a file, not a folder to make the run's "
-                                 "folder in") from None
-            raise SystemExit(f"--output {self.output}: cannot create the folder: {error.strerror or error}") from None
-        if not os.access(self.output, os.W_OK | os.X_OK):
-            raise SystemExit(f"--output {self.output}: cannot write into the folder")
         self._lock_output()
 
         seed_everything(args.seed)  # the same initial weights on every rank
@@ -902,15 +889,32 @@ class Trainer:
         self._error_said = None  # the error said before the process group was left (_fit), if one was
         self._started = time.perf_counter()
 
+    def _make_output(self) -> str:
+        """The --output folder, made where it is missing; what stops the run there ("": nothing)."""
+        try:
+            os.makedirs(self.output, exist_ok=True)
+        except OSError as error:  # a file in the way, a read-only file system, no permission
+            in_the_way = checkpoint.nearest_existing(self.output)
+            if in_the_way == os.path.abspath(self.output):  # (was "cannot create the folder: File exists")
+                return f"--output {self.output} exists and is not a folder: name a folder for the run"
+            if not os.path.isdir(in_the_way):  # (was "cannot create the folder: Not a directory")
+                return f"--output {self.output}: {in_the_way} is a file, not a folder to make the run's folder in"
+            return f"--output {self.output}: cannot create the folder: {error.strerror or error}"
+        if not os.access(self.output, os.W_OK | os.X_OK):
+            return f"--output {self.output}: cannot write into the folder"
+        return ""
+
     def _lock_output(self) -> None:
         """One run at a time in --output: a second (the same command started twice) would move the first's
-        files aside while it runs and interleave its logs with them. The main process holds the lock file
-        for the run (released when it ends or fails; a killed run's lock the next run takes); every
-        process stops, with one message, when another run holds it. A second Trainer of this process
-        on the same folder (as tests make them) shares the lock."""
+        files aside while it runs and interleave its logs with them. The main process makes the folder and
+        holds the lock file for the run (released when it ends or fails; a killed run's lock the next run
+        takes); every process stops, with one message, when the folder cannot be made or another run holds
+        it. A second Trainer of this process on the same folder (as tests make them) shares the lock.
+        The other processes write nothing there, nor make it: one that made it had to undo it when the
+        run stopped at start-up (_undo_start), removing the files the main process was still writing."""
+        refused = self._make_output() if self.is_main else ""
         key = os.path.realpath(self.output)
-        refused = ""
-        if self.is_main and key not in _OUTPUT_LOCKS:
+        if self.is_main and not refused and key not in _OUTPUT_LOCKS:
             from .tools import RunLock
 
             try:
@@ -1824,7 +1828,11 @@ def _leave_group() -> None:
 def _undo_start(output: str, existed: bool) -> None:
     """What a run that stops at start-up made: its lock, and the --output folder it created, with the
     logs, TensorBoard events and args.json the set-up began there (a run stopped by a full disk at its last
-    step)."""
+    step). Under torchrun, rank 0's alone: it alone makes and writes the folder (Trainer._lock_output), and
+    another process stopping before it (its own data missing, or waiting past --dist-timeout while rank 0
+    reads the verification sets) removed the files rank 0 was still writing."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     _release_output_lock(output)
     if not existed:
         with contextlib.suppress(OSError):
@@ -1858,9 +1866,8 @@ def main(argv: list[str] | None = None) -> int:
             _leave_group()
             return stop.exit_status
         except BaseException:
-            # A run that stops at start-up (a bad option, data that does not fit) leaves no empty --output
-            # behind it, nor its lock. (Any rank may get here first under torchrun; the folder is only
-            # ever empty.)
+            # A run that stops at start-up (a bad option, data that does not fit) leaves no --output it made
+            # behind it, nor its lock. (Rank 0's undo alone under torchrun: the others made nothing there.)
             _undo_start(args.output, existed)
             error = sys.exc_info()[1]
             if dist.is_available() and dist.is_initialized() and timed_out(error):

@@ -328,6 +328,56 @@ def test_a_start_up_refusal_is_said_before_the_group_is_left(tmp_path, monkeypat
     assert not (tmp_path / "run").exists()
 
 
+def _train_with_rank_1_stopping_while_rank_0_writes(argv):
+    """train.trainer.main(argv) on a rank; rank 1 stops at start-up (its loader refused) once rank 0 has
+    written the run's first files into --output (args.json, the last), while rank 0, slow there, is still in
+    its start-up (until the launcher's SIGTERM, which comes once rank 1 has ended): rank 0 says which of
+    them went while it ran."""
+    from train import checkpoint as checkpoint_module, data
+
+    output = argv[argv.index("--output") + 1]
+    if os.environ["RANK"] == "0":
+        write_json_atomic = checkpoint_module.write_json_atomic
+
+        def slow(path, *args, **kwargs):
+            write_json_atomic(path, *args, **kwargs)
+            if os.path.basename(path) == "args.json":
+                written, deadline = sorted(os.listdir(output)), time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    gone = [name for name in written if not os.path.exists(os.path.join(output, name))]
+                    if gone:
+                        print(f"rank 0: {gone} gone while it runs", file=sys.stderr, flush=True)
+                        break
+                    time.sleep(0.01)
+
+        checkpoint_module.write_json_atomic = slow
+    else:
+        def refused(*args, **kwargs):
+            deadline = time.monotonic() + 30
+            while not os.path.exists(os.path.join(output, "args.json")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            raise SystemExit("the loader refused (injected on rank 1)")
+
+        data.build_train_loader = refused
+    from train import trainer
+
+    return trainer.main(argv)
+
+
+def test_a_rank_stopping_at_start_up_leaves_rank_0_its_output(tmp_path):
+    # Rank 0 alone makes and writes --output; a run that stops at start-up removes the folder it made. Every
+    # rank undid it as it stopped: rank 1, stopping first (its data missing, or waiting past --dist-timeout
+    # while rank 0 reads the verification sets), removed the logs and args.json rank 0 was still writing.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    output = tmp_path / "run"
+    result = train_on_ranks(base_argv(data, str(output), batch_size=4, max_steps=2, save_every=0,
+                                      loss_impl=LOSS_IMPL), main=_train_with_rank_1_stopping_while_rank_0_writes)
+    assert result.returncode == 1
+    assert "error: rank 1: the loader refused (injected on rank 1)\n" in result.stderr, result.stderr[-3000:]
+    assert "gone while it runs" not in result.stderr, result.stderr[-3000:]
+    assert not output.exists(), sorted(os.listdir(output))  # (rank 0's undo, as it stopped in turn)
+
+
 def _train_on_a_full_disk_on_rank_0(argv):
     """train.trainer.main(argv) on a rank; on rank 0 the checkpoint cannot be written (a full disk), and
     the process lingers once it has left the group, so that the others are not stopped before they speak."""
