@@ -107,13 +107,22 @@ def nearest_existing(path: str) -> str:
     return path
 
 
+def what_stands_at(path: str) -> str:
+    """What is at ``path`` where a folder was wanted (:func:`nearest_existing`'s answer, when it is no folder), in
+    a message's words: "a file", or "a broken symbolic link to <its target>" (a link to nothing was called a
+    file, and the user looked for one)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a broken symbolic link to {os.readlink(path)}"
+    return "a file"
+
+
 def check_output_folder(folder: str, named: str) -> None:
     """Refuses, before any work, an output folder that cannot be made or written in: ValueError naming
     ``named`` (the option and its value) and the file in the way, or the folder that is read-only. A file
     at ``folder`` itself is the caller's to word (what the folder was for)."""
     existing = nearest_existing(folder)
     if not os.path.isdir(existing):  # (was "...: Not a directory", or Errno 20 naming no option)
-        raise ValueError(f"{named}: cannot make the folder: {existing} is a file")
+        raise ValueError(f"{named}: cannot make the folder: {existing} is {what_stands_at(existing)}")
     if not os.access(existing, os.W_OK | os.X_OK):  # (was "[Errno 13] Permission denied: '<folder>'")
         raise ValueError(f"{named}: cannot write in {existing} (read-only, or not yours)")
 

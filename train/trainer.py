@@ -898,7 +898,8 @@ class Trainer:
             if in_the_way == os.path.abspath(self.output):  # (was "cannot create the folder: File exists")
                 return f"--output {self.output} exists and is not a folder: name a folder for the run"
             if not os.path.isdir(in_the_way):  # (was "cannot create the folder: Not a directory")
-                return f"--output {self.output}: {in_the_way} is a file, not a folder to make the run's folder in"
+                return (f"--output {self.output}: {in_the_way} is {checkpoint.what_stands_at(in_the_way)}, not a "
+                        "folder to make the run's folder in")
             return f"--output {self.output}: cannot create the folder: {error.strerror or error}"
         if not os.access(self.output, os.W_OK | os.X_OK):
             return f"--output {self.output}: cannot write into the folder"

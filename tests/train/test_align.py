@@ -401,6 +401,7 @@ def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_pa
     (tmp_path / "file").write_text("")
     locked = str(tmp_path / "locked")
     os.mkdir(locked)
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
     real_access = os.access  # (root, who may run the tests, writes in a folder of mode 555)
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == locked else real_access(path, mode))
     # (was "cannot be written: Not a directory")
@@ -413,10 +414,16 @@ def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_pa
                              f"--output {tmp_path / 'file' / 'a' / 'out'}: {file_in_the_way}"),
                             (os.path.join(locked, "out"),
                              f"--output {os.path.join(locked, 'out')}: cannot write in {locked} (read-only, or not "
-                             "yours)")):
+                             "yours)"),
+                            # a link to nothing, said to be one (it was called a file)
+                            (str(tmp_path / "gone"), f"--output {tmp_path / 'gone'}: cannot make the folder: "
+                             f"{tmp_path / 'gone'} is a broken symbolic link to {tmp_path / 'unmounted'}"),
+                            (str(tmp_path / "gone" / "out"), f"--output {tmp_path / 'gone' / 'out'}: cannot make the "
+                             f"folder: {tmp_path / 'gone'} is a broken symbolic link to {tmp_path / 'unmounted'}")):
         assert align.main(["--images", root, "--landmarks", listing, "--output", output, "--overwrite"]) == 2
         assert capsys.readouterr().err == f"align: error: {message}\n"
     assert os.listdir(locked) == [] and (tmp_path / "file").read_text() == ""
+    assert not os.path.lexists(tmp_path / "unmounted")
     assert sorted(os.listdir(os.path.join(root, "person0"))) == ["0.png", "1.png"]
     with Image.open(os.path.join(root, names[0])) as photo:
         assert photo.size == (PHOTO, PHOTO)

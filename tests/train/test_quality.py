@@ -338,6 +338,7 @@ def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_pa
         write_table(str(tmp_path / name), names, unit, about=about)
     out, tree = tmp_path / "q.csv", tmp_path / "tree"
     rule = ["--reject-below", "1.5", "--tree", tree]
+    (tmp_path / "dangling").symlink_to(tmp_path / "unmounted")
     for argv, said in [
         (["--embeddings", tmp_path / "none.csv"], f"--embeddings {tmp_path / 'none.csv'}: the table holds no faces"),
         (["--embeddings", tmp_path / "gone.npy"], f"--embeddings {tmp_path / 'gone.npy'}: {tmp_path / 'gone.csv'}, "
@@ -359,11 +360,19 @@ def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_pa
          f"--tree: {table} is a file, not a folder to make tree in"),
         (["--embeddings", tmp_path / "here.npy", *rule[:-1], table / "in" / "tree"],
          f"--tree: cannot make the folder {table / 'in'}: {table} is a file"),
+        # A link to nothing is said to be one (it was called a file).
+        (["--embeddings", tmp_path / "here.npy", *rule[:-1], tmp_path / "dangling" / "tree"],
+         f"--tree: {tmp_path / 'dangling'} is a broken symbolic link to {tmp_path / 'unmounted'}, not a folder to make "
+         "tree in"),
+        (["--embeddings", tmp_path / "here.npy", *rule[:-1], tmp_path / "dangling" / "in" / "tree"],
+         f"--tree: cannot make the folder {tmp_path / 'dangling' / 'in'}: {tmp_path / 'dangling'} is a broken symbolic "
+         f"link to {tmp_path / 'unmounted'}"),
     ]:
         assert run_quality(*argv, "--output", out) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"quality: error: {said}") and err.count("\n") == 1, (said, err)
     assert not out.exists() and not tree.exists() and os.listdir(images) == []
+    assert not os.path.lexists(tmp_path / "unmounted")
 
 
 def test_outputs_beside_a_pairs_list(trained, tmp_path, capsys):

@@ -121,14 +121,21 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_search(tables, t
     gallery, probes, _ = tables
     (tmp_path / "notes").write_text("kept")
     os.makedirs(tmp_path / "r.csv")
+    # A link to nothing is said to be one, and where it points (it was called a file).
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
+    broken = f"{tmp_path / 'gone'} is a broken symbolic link to {tmp_path / 'unmounted'}"
     for out, said in [(tmp_path / "r.csv", f"{tmp_path / 'r.csv'} is a folder: name a file to write"),
                       (tmp_path / "notes" / "r.csv", f"{tmp_path / 'notes'} is a file, not a folder to write r.csv in"),
                       (tmp_path / "notes" / "run" / "r.csv",
                        f"cannot make the folder {tmp_path / 'notes' / 'run'} to write r.csv in: {tmp_path / 'notes'} "
-                       "is a file")]:
+                       "is a file"),
+                      (tmp_path / "gone" / "r.csv", f"{broken}, not a folder to write r.csv in"),
+                      (tmp_path / "gone" / "run" / "r.csv",
+                       f"cannot make the folder {tmp_path / 'gone' / 'run'} to write r.csv in: {broken}")]:
         assert run_search("--gallery", gallery, "--probes", probes, "--threshold", 0.5, "--output", out) == 2
         assert capsys.readouterr().err == f"search: error: {said}\n"
     assert (tmp_path / "notes").read_text() == "kept" and os.listdir(tmp_path / "r.csv") == []
+    assert not os.path.lexists(tmp_path / "unmounted")
 
 
 def test_a_probe_labels_file_that_cannot_be_read_is_one_line_naming_it(tables, tmp_path, capsys):

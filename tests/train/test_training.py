@@ -965,15 +965,20 @@ def test_an_output_folder_that_cannot_be_made_is_named(faces, tmp_path):
     # (Said as the face tools say it for theirs: it was "cannot create the folder: File exists", and "Not a
     # directory".)
     (tmp_path / "file").write_text("")
+    (tmp_path / "gone").symlink_to(tmp_path / "unmounted")
     for output, said in ((tmp_path / "file", f"{tmp_path / 'file'} exists and is not a folder: name a folder for the "
                                              "run"),
                          (tmp_path / "file" / "run", f"{tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not "
                                                      "a folder to make the run's folder in"),
                          (tmp_path / "file" / "a" / "run", f"{tmp_path / 'file' / 'a' / 'run'}: {tmp_path / 'file'} is "
-                                                           "a file, not a folder to make the run's folder in")):
+                                                           "a file, not a folder to make the run's folder in"),
+                         # a link to nothing, said to be one (it was called a file)
+                         (tmp_path / "gone" / "run", f"{tmp_path / 'gone' / 'run'}: {tmp_path / 'gone'} is a broken "
+                                                     f"symbolic link to {tmp_path / 'unmounted'}, not a folder to make "
+                                                     "the run's folder in")):
         with pytest.raises(SystemExit, match=f"^--output {re.escape(said)}$"):
             main(argv(faces, output))
-    assert (tmp_path / "file").read_text() == ""
+    assert (tmp_path / "file").read_text() == "" and not os.path.lexists(tmp_path / "unmounted")
 
 
 def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_path):

@@ -65,10 +65,11 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
         folder = os.path.dirname(os.path.abspath(path))
         in_the_way = checkpoint.nearest_existing(folder)
         if in_the_way == folder and not os.path.isdir(folder):
-            raise ValueError(f"{folder} is a file, not a folder to write {os.path.basename(path)} in")
+            raise ValueError(f"{folder} is {checkpoint.what_stands_at(folder)}, not a folder to write "
+                             f"{os.path.basename(path)} in")
         if not os.path.isdir(in_the_way):  # (was "...: Not a directory")
             raise ValueError(f"cannot make the folder {folder} to write {os.path.basename(path)} in: {in_the_way} "
-                             "is a file")
+                             f"is {checkpoint.what_stands_at(in_the_way)}")
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as error:  # (was "[Errno 13] Permission denied: '<folder>'", or Errno 20, naming no output)
@@ -432,9 +433,11 @@ def check_tree_folder(tree: str, overwrite: bool, ours, kind: str) -> None:
     parent = os.path.dirname(os.path.abspath(tree))
     in_the_way = checkpoint.nearest_existing(parent)
     if in_the_way == parent and not os.path.isdir(parent):  # (was "cannot make the folder <it>: File exists")
-        raise ValueError(f"--tree: {parent} is a file, not a folder to make {os.path.basename(tree)} in")
+        raise ValueError(f"--tree: {parent} is {checkpoint.what_stands_at(parent)}, not a folder to make "
+                         f"{os.path.basename(tree)} in")
     if not os.path.isdir(in_the_way):  # (was "...: Not a directory")
-        raise ValueError(f"--tree: cannot make the folder {parent}: {in_the_way} is a file")
+        raise ValueError(f"--tree: cannot make the folder {parent}: {in_the_way} is "
+                         f"{checkpoint.what_stands_at(in_the_way)}")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as error:
