@@ -262,6 +262,24 @@ def test_a_gallery_enrolled_saved_and_searched(trained, tmp_path, capsys):
     assert f"was made with {backbone} (its .json records no digest to check)" in capsys.readouterr().err
 
 
+def test_a_probes_folder_is_listed_once(trained, tmp_path, monkeypatch):
+    # It was walked three times with --fpir (twice without): to say at once when it holds no images, to count
+    # the searches --fpir needs, and to embed them; a folder of many probes on a network file system takes a while
+    # each time. The results are those of the folder's images.
+    ckpt, backbone, gallery, probes = trained
+    walked, real_walk = [], os.walk
+
+    def walk(top, *args, **kwargs):
+        walked.append(os.fspath(top))
+        return real_walk(top, *args, **kwargs)
+
+    monkeypatch.setattr(os, "walk", walk)
+    assert run_search("--model", backbone, "--gallery", gallery, "--probes", probes, "--probe-labels", "folder",
+                      "--fpir", 0.3, "--output", tmp_path / "r.csv") == 0
+    assert walked.count(probes) == 1
+    assert json.loads((tmp_path / "r.json").read_text())["searches"] == 12
+
+
 def another_runs_weights(backbone: str, folder) -> str:
     """backbone.pt (and its backbone.json) of other weights, as another run's export: ``backbone``'s, its first
     weight changed a little."""

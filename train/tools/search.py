@@ -42,7 +42,7 @@ with stop_while_importing(__name__, "search: "):
     from train.data.transforms import IMAGE_EXTENSIONS
     from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
                              _warn_others_not_square, about_path, embed_detected, embed_files, embed_listed_faces,
-                             faces_described, images_under, list_images, load_model, made_with, made_with_one_model,
+                             faces_described, images_under, load_model, made_with, made_with_one_model,
                              model_digests, model_threshold, open_detector, read_about, read_table, table_files,
                              write_table)
     from train.ijb import negatives_needed, template_features, threshold_allowing
@@ -250,11 +250,13 @@ def run(args: argparse.Namespace) -> int:
     if gallery is not None and args.save_gallery and args.fpir is None:
         raise ValueError(f"--save-gallery with --gallery {args.gallery}: the gallery is a table already (with "
                          "--fpir, --save-gallery writes a copy that records the threshold)")
-    probe_folder = probe_image = probes = None
+    probe_folder = probe_image = probes = probe_paths = None
     if args.probes:
         if os.path.isdir(args.probes):
             probe_folder = args.probes
-            images_under(probe_folder, "--probes")  # (said once the gallery folder was embedded, minutes on)
+            # Listed once, here (it was walked again to count them for --fpir, and again to embed them): a folder
+            # without images is said before the gallery folder is embedded (minutes on; it came after).
+            probe_paths = images_under(probe_folder, "--probes")
         elif args.probes.lower().endswith(IMAGE_EXTENSIONS):
             if not os.path.isfile(args.probes):
                 raise FileNotFoundError(f"--probes {args.probes}: no such image")
@@ -317,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
                                 "its person)")
 
     if args.fpir is not None:
-        _check_fpir_measurable(args, probes, probe_folder)
+        _check_fpir_measurable(args, probes, probe_paths)
 
     outputs = [args.output, summary_path(args.output)] if args.probes else []
     outputs += table_files(args.save_gallery, about=True) if args.save_gallery else []
@@ -347,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
             return 1 if failures else 0
     try:
         if probes is None:
-            probes = _embed_probes(args, model, settings, device, detector, failures)
+            probes = _embed_probes(args, model, settings, device, detector, failures, probe_paths)
         if one_to_one:  # (said here, after what can go wrong with the faces: an error is then the first thing seen)
             print(f"search: note: cosine {threshold:.4f} is a 1:1 threshold, for telling whether two faces are one "
                   "person (python -m train.tools.roc measures what it gives on labelled faces); a search compares a "
@@ -365,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
                           f"--gallery {args.save_gallery} searches it without embedding it again)") from None
 
 
-def _check_fpir_measurable(args, probes: Faces | None, probe_folder: str | None) -> None:
+def _check_fpir_measurable(args, probes: Faces | None, probe_paths: list[str] | None) -> None:
     """ValueError naming --fpir, before any face is embedded (and --save-gallery's table written), when the
     probes are too few for it even were each of them a non-mated search: a table's rows, one image, a
     folder's images (each photo's main face under --detector), --landmarks' lines. (--all-faces: a photo's
@@ -377,8 +379,8 @@ def _check_fpir_measurable(args, probes: Faces | None, probe_folder: str | None)
     elif args.landmarks:
         from train.tools.align import read_face_landmarks
         searches = len(read_face_landmarks(args.landmarks, extension=args.extension)[0])
-    elif probe_folder:
-        searches = len(list_images(probe_folder))
+    elif probe_paths is not None:
+        searches = len(probe_paths)
     else:
         searches = 1
     needed = negatives_needed(args.fpir)
@@ -455,17 +457,19 @@ def _embed_gallery(args, model, settings: dict, device, detector, failures: list
                  {"model": os.path.abspath(args.model)}, {"images": int((~readable).sum()), "people": empty + lost})
 
 
-def _embed_probes(args, model, settings: dict, device, detector, failures: list[str]) -> Faces:
-    """The probe faces of ``--probes`` (a folder or one image; photos with --landmarks or ``detector``, opened),
-    embedded as ``train.embed`` embeds them; a face that cannot be read is left out (``failures``)."""
+def _embed_probes(args, model, settings: dict, device, detector, failures: list[str],
+                  folder_paths: list[str] | None) -> Faces:
+    """The probe faces of ``--probes`` (a folder, whose images are ``folder_paths``, or one image; photos with
+    --landmarks or ``detector``, opened), embedded as ``train.embed`` embeds them; a face that cannot be read is
+    left out (``failures``)."""
     size = settings["image_size"]
     if args.landmarks:
         names, embeddings = embed_listed_faces(model, args.probes, args.landmarks, size, extension=args.extension,
                                                several=args.all_faces, device=device, batch_size=args.batch_size,
                                                workers=args.workers)
         return Faces(names, embeddings, None)
-    folder = args.probes if os.path.isdir(args.probes) else None
-    paths = images_under(folder, "--probes") if folder else [args.probes]
+    folder = args.probes if folder_paths is not None else None
+    paths = folder_paths if folder else [args.probes]
     names = [os.path.relpath(path, folder) if folder else path for path in paths]
     listable = [listable_name(name) for name in names]
     left = [f"{path!r}: its name is not UTF-8 text without line breaks, which a row of the table must be"
