@@ -19,7 +19,7 @@ from train.distill import distillation_loss, onnx_digest, weights_digest
 from train.trainer import Trainer, main
 
 from trainer_fixtures import (IMAGE_SIZE, LOSS_IMPL, base_argv, faces, one_thread, read_jsonl,  # noqa: F401
-                              train_one_thread)
+                              run_killed_at, train_one_thread)
 
 MODULE = "h101_own_backbones"  # a name no other test imports
 # A network without BatchNorm or dropout: in training mode it computes what it computes in eval mode, so a
@@ -50,21 +50,6 @@ def teacher(faces, tmp_path_factory):
     output = tmp_path_factory.mktemp("teacher")
     assert train_one_thread(argv(faces, output, max_steps=6, save_every=0)) == 0
     return str(output / "checkpoint.pt")
-
-
-def run_killed_at(step, argv_, monkeypatch):
-    """``argv_`` run until it is about to take ``step``, then failed as a killed process would stop."""
-    original = Trainer.train_step
-
-    def train_step(self, images, labels):
-        if self.step == step:
-            raise RuntimeError("simulated kill")
-        return original(self, images, labels)
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        main(argv_)
-    monkeypatch.setattr(Trainer, "train_step", original)
 
 
 def test_the_terms_are_the_papers():

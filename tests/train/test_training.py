@@ -27,7 +27,7 @@ from train.trainer import (SAME_STOP_SECONDS, LearningRateSchedule, RunLog, Trai
                            _resolve_device, build_margin_loss, build_optimizer, main)
 
 from trainer_fixtures import (LOSS_IMPL, REPO, base_argv, faces, make_face_folder, one_thread, read_jsonl,  # noqa: F401
-                              signal_once_training, signalled_while_importing_torch)
+                              run_killed_at, signal_once_training, signalled_while_importing_torch)
 
 
 def argv(faces, output, pairs=False, **overrides):
@@ -510,24 +510,6 @@ def test_a_second_run_into_the_same_output_is_refused(faces, tmp_path):
         held.kill()
         held.wait()
     assert main(argv(faces, tmp_path, max_steps=4, resume="auto")) == 0  # a killed run's lock is taken
-
-
-def run_killed_at(step, argv_, monkeypatch, check=None):
-    """``main(argv_)`` killed as it is about to train ``step`` (after ``check(trainer)``, if given),
-    as a crash or a kill -9 would stop it: no checkpoint is written on the way out."""
-    original_step = Trainer.train_step
-
-    def train_step(self, images, labels):
-        if self.step == step:
-            if check is not None:
-                check(self)
-            raise RuntimeError("simulated kill")
-        return original_step(self, images, labels)
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        main(argv_)
-    monkeypatch.setattr(Trainer, "train_step", original_step)
 
 
 def test_resume_repeats_the_uninterrupted_run_exactly(faces, tmp_path, monkeypatch):

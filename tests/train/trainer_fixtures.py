@@ -265,6 +265,35 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def run_killed_at(step, argv_, monkeypatch, check=None):
+    """``train.trainer.main(argv_)`` killed as it is about to train ``step`` (after ``check(trainer)``, if
+    given), as a crash or a kill -9 would stop it: no checkpoint is written on the way out. A run that
+    ends before ``step`` fails the test with main's exit status: the trainer's own stop (a SIGINT or
+    SIGTERM from outside, 130 or 143) or an error (1) ended it, and its line is in the captured stderr."""
+    from train.trainer import Trainer, main
+
+    original_step = Trainer.train_step
+
+    def train_step(self, images, labels):
+        if self.step == step:
+            if check is not None:
+                check(self)
+            raise RuntimeError("simulated kill")
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    try:
+        status = main(argv_)
+    except RuntimeError as error:
+        if "simulated kill" not in str(error):
+            raise
+    else:
+        pytest.fail(f"the run to be killed at step {step} ended before it, exit status {status} (0: its last step came "
+                    "first; 130 or 143: a signal from outside the test; 1: an error; the captured stderr says which)")
+    finally:
+        monkeypatch.setattr(Trainer, "train_step", original_step)
+
+
 def signal_once_training(command: list[str], output, signum: int, *, cwd: str, timeout: float) -> tuple[int, str]:
     """Starts ``command`` in a new session, sends ``signum`` to its whole process group (as a cluster
     scheduler or torchrun does, DataLoader workers included) once ``output/metrics.jsonl`` has a
