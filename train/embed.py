@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+from typing import NamedTuple
 
 from .signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
@@ -219,19 +220,22 @@ def embed_readable(model: torch.nn.Module, folder: str, paths: list[str], image_
     return embeddings, readable
 
 
-def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str, image_size: int, *,
-                       extension: str | None = None, several: bool = False, device="cpu", batch_size: int = 64,
-                       workers: int = 0, norms: list | None = None, aligned_from: list | None = None
-                       ) -> tuple[list[str], np.ndarray]:
-    """(names as listed, (N, D) float32 unit-length embeddings) of the faces of ``landmarks_file``
-    (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``
-    (``several``: an image may be listed again, and its k-th face listed is named ``<name>#<k>``).
-    ``aligned_from`` (a list) gets each face's (image path, (5, 2) landmarks), to align it again.
-    Raises ValueError naming the line of landmarks that coincide and FileNotFoundError naming that
-    of a missing image, before any embedding; ValueError naming the line of the first face whose
-    image cannot be read or whose landmarks lie off it, when it is reached."""
+class ListedFaces(NamedTuple):
+    """The faces a landmarks file lists, read and checked (:func:`listed_faces`): each one's image name
+    (under its folder), (5, 2) landmarks and line of the file."""
+    names: list[str]
+    points: np.ndarray
+    line_nos: np.ndarray
+
+
+def listed_faces(folder: str, landmarks_file: str, *, extension: str | None = None,
+                 several: bool = False) -> ListedFaces:
+    """The faces of ``landmarks_file`` (see ``train.tools.align``) in the images under ``folder``, read
+    and checked before any is embedded, with the file's notes said (``several``: an image may be listed
+    again). Raises ValueError naming the line of landmarks that coincide, FileNotFoundError naming that
+    of a missing image, and ``read_face_landmarks``'s errors (no such file, a malformed line)."""
     from .ijb import unusable_landmarks
-    from .tools.align import face_numbers, landmark_notes, read_face_landmarks
+    from .tools.align import landmark_notes, read_face_landmarks
 
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder} is not a folder")
@@ -255,6 +259,23 @@ def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str,
         first = missing[0]
         raise FileNotFoundError(f"{landmarks_file}: line {line_nos[first]}: {os.path.join(folder, names[first])}: no "
                                 "such file" + (f" ({len(missing)} such lines)" if len(missing) > 1 else ""))
+    return ListedFaces(names, points, line_nos)
+
+
+def embed_listed_faces(model: torch.nn.Module, folder: str, landmarks_file: str, image_size: int, *,
+                       extension: str | None = None, several: bool = False, device="cpu", batch_size: int = 64,
+                       workers: int = 0, norms: list | None = None, aligned_from: list | None = None,
+                       listed: ListedFaces | None = None) -> tuple[list[str], np.ndarray]:
+    """(names as listed, (N, D) float32 unit-length embeddings) of the faces of ``landmarks_file``
+    (see ``train.tools.align``), each aligned from its landmarks in its image under ``folder``
+    (``several``: an image may be listed again, and its k-th face listed is named ``<name>#<k>``).
+    ``aligned_from`` (a list) gets each face's (image path, (5, 2) landmarks), to align it again.
+    ``listed``: the file as :func:`listed_faces` read it already (a tool that checks it before other slow
+    work), not read again. Raises :func:`listed_faces`' errors before any embedding; ValueError naming the
+    line of the first face whose image cannot be read or whose landmarks lie off it, when it is reached."""
+    from .tools.align import face_numbers
+
+    names, points, line_nos = listed or listed_faces(folder, landmarks_file, extension=extension, several=several)
     embeddings = embed_faces(model, folder, names, points, image_size, device=device, batch_size=batch_size,
                              workers=workers, sources=[f"{landmarks_file}: line {n}" for n in line_nos], norms=norms)
     if aligned_from is not None:

@@ -280,6 +280,31 @@ def test_a_probes_folder_is_listed_once(trained, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r.json").read_text())["searches"] == 12
 
 
+def test_a_landmarks_file_is_read_before_the_gallery_folder_is_embedded(trained, tmp_path, capsys, monkeypatch):
+    # A --landmarks file not there (without --fpir, which read it early), a malformed line, a photo it lists that is
+    # not under --probes: each was said once every image of the gallery folder had been embedded (minutes for a
+    # large one).
+    ckpt, backbone, gallery, probes = trained
+
+    def embed_files(*args, **kwargs):
+        raise AssertionError("the gallery folder was embedded before --landmarks was read")
+
+    monkeypatch.setattr(search, "embed_files", embed_files)
+    listed = tmp_path / "listed.txt"
+    face = " ".join(["38.3", "51.7", "73.5", "51.5", "56.0", "71.7", "41.5", "92.4", "70.7", "92.2"])
+    for text, said in ((None, f"landmarks file {listed}: no such file"),
+                       ("person0/03.png 1 2 3\n", f"{listed}: line 1: expected 'image x1 y1 ... x5 y5'"),
+                       (f"person0/03.png {face}\nperson0/nobody.png {face}\n",
+                        f"{listed}: line 2: {os.path.join(probes, 'person0', 'nobody.png')}: no such file")):
+        if text is not None:
+            listed.write_text(text)
+        assert run_search("--model", backbone, "--gallery", gallery, "--probes", probes, "--landmarks", listed,
+                          "--output", tmp_path / "r.csv") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"search: error: {said}") and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "r.csv")
+
+
 def another_runs_weights(backbone: str, folder) -> str:
     """backbone.pt (and its backbone.json) of other weights, as another run's export: ``backbone``'s, its first
     weight changed a little."""

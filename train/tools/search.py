@@ -42,9 +42,9 @@ with stop_while_importing(__name__, "search: "):
     from train.data.transforms import IMAGE_EXTENSIONS
     from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
                              _warn_others_not_square, about_path, embed_detected, embed_files, embed_listed_faces,
-                             faces_described, images_under, load_model, made_with, made_with_one_model,
-                             model_digests, model_threshold, open_detector, read_about, read_table, table_files,
-                             write_table)
+                             faces_described, images_under, listed_faces, load_model, made_with,
+                             made_with_one_model, model_digests, model_threshold, open_detector, read_about,
+                             read_table, table_files, write_table)
     from train.ijb import negatives_needed, template_features, threshold_allowing
     from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
                              check_photo_options, count_of, left_out_said, listable_name, plain_warnings, summary_path,
@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     if gallery is not None and args.save_gallery and args.fpir is None:
         raise ValueError(f"--save-gallery with --gallery {args.gallery}: the gallery is a table already (with "
                          "--fpir, --save-gallery writes a copy that records the threshold)")
-    probe_folder = probe_image = probes = probe_paths = None
+    probe_folder = probe_image = probes = probe_paths = listed = None
     if args.probes:
         if os.path.isdir(args.probes):
             probe_folder = args.probes
@@ -272,6 +272,10 @@ def run(args: argparse.Namespace) -> int:
         if args.probe_labels == "folder" and probe_image:
             raise ValueError(f"--probe-labels folder: --probes {args.probes} is one image, not a folder of people's "
                              "folders")
+        if args.landmarks:
+            # Read, and its photos found, now: a file not there, a malformed line or a photo not under --probes was
+            # said once the gallery folder had been embedded (minutes on).
+            listed = listed_faces(probe_folder, args.landmarks, extension=args.extension, several=args.all_faces)
 
     # Without --model, the model the gallery's table was made with (its digest checked below) embeds the
     # probes and gives the threshold.
@@ -319,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
                                 "its person)")
 
     if args.fpir is not None:
-        _check_fpir_measurable(args, probes, probe_paths)
+        _check_fpir_measurable(args, probes, probe_paths, listed)
 
     outputs = [args.output, summary_path(args.output)] if args.probes else []
     outputs += table_files(args.save_gallery, about=True) if args.save_gallery else []
@@ -349,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
             return 1 if failures else 0
     try:
         if probes is None:
-            probes = _embed_probes(args, model, settings, device, detector, failures, probe_paths)
+            probes = _embed_probes(args, model, settings, device, detector, failures, probe_paths, listed)
         if one_to_one:  # (said here, after what can go wrong with the faces: an error is then the first thing seen)
             print(f"search: note: cosine {threshold:.4f} is a 1:1 threshold, for telling whether two faces are one "
                   "person (python -m train.tools.roc measures what it gives on labelled faces); a search compares a "
@@ -367,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
                           f"--gallery {args.save_gallery} searches it without embedding it again)") from None
 
 
-def _check_fpir_measurable(args, probes: Faces | None, probe_paths: list[str] | None) -> None:
+def _check_fpir_measurable(args, probes: Faces | None, probe_paths: list[str] | None, listed) -> None:
     """ValueError naming --fpir, before any face is embedded (and --save-gallery's table written), when the
     probes are too few for it even were each of them a non-mated search: a table's rows, one image, a
     folder's images (each photo's main face under --detector), --landmarks' lines. (--all-faces: a photo's
@@ -376,9 +380,8 @@ def _check_fpir_measurable(args, probes: Faces | None, probe_paths: list[str] | 
         return
     if probes is not None:
         searches = len(probes.names)
-    elif args.landmarks:
-        from train.tools.align import read_face_landmarks
-        searches = len(read_face_landmarks(args.landmarks, extension=args.extension)[0])
+    elif listed is not None:
+        searches = len(listed.names)
     elif probe_paths is not None:
         searches = len(probe_paths)
     else:
@@ -458,15 +461,15 @@ def _embed_gallery(args, model, settings: dict, device, detector, failures: list
 
 
 def _embed_probes(args, model, settings: dict, device, detector, failures: list[str],
-                  folder_paths: list[str] | None) -> Faces:
+                  folder_paths: list[str] | None, listed) -> Faces:
     """The probe faces of ``--probes`` (a folder, whose images are ``folder_paths``, or one image; photos with
-    --landmarks or ``detector``, opened), embedded as ``train.embed`` embeds them; a face that cannot be read is
-    left out (``failures``)."""
+    --landmarks, whose faces are ``listed``, or ``detector``, opened), embedded as ``train.embed`` embeds them; a
+    face that cannot be read is left out (``failures``)."""
     size = settings["image_size"]
     if args.landmarks:
         names, embeddings = embed_listed_faces(model, args.probes, args.landmarks, size, extension=args.extension,
                                                several=args.all_faces, device=device, batch_size=args.batch_size,
-                                               workers=args.workers)
+                                               workers=args.workers, listed=listed)
         return Faces(names, embeddings, None)
     folder = args.probes if folder_paths is not None else None
     paths = folder_paths if folder else [args.probes]
