@@ -305,6 +305,34 @@ def test_a_landmarks_file_is_read_before_the_gallery_folder_is_embedded(trained,
     assert not os.path.exists(tmp_path / "r.csv")
 
 
+def test_probe_labels_are_checked_before_any_face_is_embedded(trained, tmp_path, capsys, monkeypatch):
+    # A --probe-labels file with a malformed line or that does not list a probe, or --probe-labels folder with a
+    # probe in no folder: each was said once the gallery folder and the probes had been embedded (minutes).
+    ckpt, backbone, gallery, probes = trained
+
+    def embed_files(*args, **kwargs):
+        raise AssertionError("faces were embedded before --probe-labels was checked")
+
+    monkeypatch.setattr(search, "embed_files", embed_files)
+    loose = tmp_path / "loose"
+    os.makedirs(loose / "person0")
+    face = open(os.path.join(probes, "person0", "03.png"), "rb").read()
+    for name in ("person0/03.png", "03.png"):
+        (loose / name).write_bytes(face)
+    three, partial = tmp_path / "three.csv", tmp_path / "partial.csv"
+    three.write_text("person0/03.png,person0,extra\n")
+    partial.write_text("person0/03.png,person0\n")
+    for folder, labels, said in ((probes, three, f"--probe-labels {three}: line 1: expected probe,person"),
+                                 (probes, partial, f"--probe-labels {partial} does not list the probe person0/04.png "
+                                  "(11 probes are not listed)"),
+                                 (loose, "folder", "--probe-labels folder: the probe 03.png is in no folder")):
+        assert run_search("--model", backbone, "--gallery", gallery, "--probes", folder, "--probe-labels", labels,
+                          "--output", tmp_path / "r.csv") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"search: error: {said}") and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "r.csv")
+
+
 def another_runs_weights(backbone: str, folder) -> str:
     """backbone.pt (and its backbone.json) of other weights, as another run's export: ``backbone``'s, its first
     weight changed a little."""

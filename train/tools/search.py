@@ -321,6 +321,13 @@ def run(args: argparse.Namespace) -> int:
         what = "a folder, not a file" if os.path.isdir(labels_file) else "no such file"
         raise FileNotFoundError(f"--probe-labels {labels_file}: {what} (or 'folder': each probe's first folder is "
                                 "its person)")
+    labels = read_probe_labels(labels_file) if labels_file else None
+    # A line that is not probe,person, a probe the file does not list or one in no folder: said now, where it was
+    # said once the gallery folder and the probes had been embedded. (A probe left out later, an image that does not
+    # decode, must be listed too.)
+    known = _probe_names(args, probe_paths, probes, listed)
+    if known is not None:
+        people_of_probes(args, known, labels)
 
     if args.fpir is not None:
         _check_fpir_measurable(args, probes, probe_paths, listed)
@@ -362,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
                   "or --fpir 0.01 (with --save-gallery, recorded for later searches)",
                   file=sys.stderr)
         return _search(args, gallery, probes, threshold, threshold_source, model_path, failures[gallery_failures:],
-                       failures[:gallery_failures])
+                       failures[:gallery_failures], labels)
     except (OSError, ValueError) as error:
         if not args.written:
             raise
@@ -503,10 +510,9 @@ def _embed_probes(args, model, settings: dict, device, detector, failures: list[
     return Faces([n for n, ok in zip(names, readable) if ok], embeddings[readable], None)
 
 
-def read_probe_labels(path: str, names: list[str]) -> list[str]:
-    """Each probe's person from the CSV file at ``path``: lines ``probe,person`` (a first line
-    ``probe,person`` is a header). ValueError naming the line of a probe listed twice or of a line that
-    is not two fields, and the first probe the file does not list."""
+def read_probe_labels(path: str) -> dict[str, str]:
+    """{probe: person} of the CSV file at ``path``: lines ``probe,person`` (a first line ``probe,person``
+    is a header). ValueError naming the line of a probe listed twice or of a line that is not two fields."""
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -525,16 +531,31 @@ def read_probe_labels(path: str, names: list[str]) -> list[str]:
         if row[0] in person:
             raise ValueError(f"--probe-labels {path}: line {reader.line_num}: {row[0]} is listed again")
         person[row[0]] = row[1]
-    missing = [name for name in names if name not in person]
-    if missing:
-        raise ValueError(f"--probe-labels {path} does not list the probe {missing[0]}"
-                         + (f" ({len(missing)} probes are not listed)" if len(missing) > 1 else ""))
-    return [person[name] for name in names]
+    return person
 
 
-def probe_people(args, probes: Faces, gallery_people: list[str]) -> list[str] | None:
-    """Each probe's person by ``--probe-labels``, or None without it (a note when the probes' first
-    folders look like the gallery's people, which ``--probe-labels folder`` would score)."""
+def people_of_probes(args, names: list[str], labels: dict[str, str] | None) -> list[str] | None:
+    """The person of each probe named in ``names`` by ``--probe-labels`` (its file read as ``labels``), or
+    None without it. ValueError naming the first probe the file does not list, or (``folder``) that is in
+    no folder."""
+    if args.probe_labels is None:
+        return None
+    if args.probe_labels != "folder":
+        missing = [name for name in names if name not in labels]
+        if missing:
+            raise ValueError(f"--probe-labels {args.probe_labels} does not list the probe {missing[0]}"
+                             + (f" ({len(missing)} probes are not listed)" if len(missing) > 1 else ""))
+        return [labels[name] for name in names]
+    people = [first_folder(name) for name in names]
+    if None in people:
+        raise ValueError(f"--probe-labels folder: the probe {names[people.index(None)]} is in no folder (its "
+                         "first folder is its person)")
+    return people
+
+
+def probe_people(args, probes: Faces, gallery_people: list[str], labels: dict[str, str] | None) -> list[str] | None:
+    """Each probe's person by ``--probe-labels`` (:func:`people_of_probes`), or None without it (a note when
+    the probes' first folders look like the gallery's people, which ``--probe-labels folder`` would score)."""
     if args.probe_labels is None:
         folders = {first_folder(name) for name in probes.names}
         named = folders & set(gallery_people)
@@ -542,13 +563,24 @@ def probe_people(args, probes: Faces, gallery_people: list[str]) -> list[str] | 
             print(f"search: note: the probes' first folders name {count_of(len(named), 'person', 'people')} of the "
                   "gallery: --probe-labels folder would score the search", file=sys.stderr)
         return None
-    if args.probe_labels != "folder":
-        return read_probe_labels(args.probe_labels, probes.names)
-    people = [first_folder(name) for name in probes.names]
-    if None in people:
-        raise ValueError(f"--probe-labels folder: the probe {probes.names[people.index(None)]} is in no folder (its "
-                         "first folder is its person)")
-    return people
+    return people_of_probes(args, probes.names, labels)
+
+
+def _probe_names(args, probe_paths: list[str] | None, probes: Faces | None, listed) -> list[str] | None:
+    """The probes' names as the search names them, known before any is embedded: a table's rows, a folder's
+    images (those whose name can be a row), one image, the faces --landmarks lists; None under --detector
+    --all-faces, whose names (<photo>#<k>) are known once the faces are found."""
+    if probes is not None:
+        return probes.names
+    if listed is not None:
+        from train.tools.align import face_numbers
+        return [f"{name}#{k}" for name, k in zip(listed.names, face_numbers(listed.names))] if args.all_faces \
+            else list(listed.names)
+    if args.detector and args.all_faces:
+        return None
+    if probe_paths is not None:
+        return [name for name in (os.path.relpath(path, args.probes) for path in probe_paths) if listable_name(name)]
+    return [args.probes]
 
 
 def identification_rates(ranks: np.ndarray, best: np.ndarray, mated: np.ndarray, threshold: float) -> dict:
@@ -661,7 +693,8 @@ def _record_threshold(args, gallery: Faces, point: dict, non_mated: int) -> list
 
 
 def _search(args, gallery: Faces, probes: Faces, threshold: float | None, threshold_source: str,
-            model_path: str | None, failures: list[str], gallery_failures: list[str]) -> int:
+            model_path: str | None, failures: list[str], gallery_failures: list[str],
+            labels: dict[str, str] | None) -> int:
     people_of = [first_folder(name) for name in gallery.names]
     if None in people_of:
         row = people_of.index(None)
@@ -675,7 +708,7 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float | None, thresh
     if gallery.embeddings.shape[1] != probes.embeddings.shape[1]:
         raise ValueError(f"--gallery {args.gallery} holds {gallery.embeddings.shape[1]}-D embeddings, --probes "
                          f"{args.probes} {probes.embeddings.shape[1]}-D ones: made with two models")
-    truth = probe_people(args, probes, people)
+    truth = probe_people(args, probes, people, labels)
     mates = None
     if truth is not None:
         row_of = {name: row for row, name in enumerate(people)}
