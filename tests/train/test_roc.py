@@ -530,6 +530,35 @@ def test_a_folder_as_collected(trained, tmp_path, capsys):
     assert (summary["faces"], summary["people"], summary["left_out"]) == (16, 6, 1)
 
 
+def test_a_folders_people_and_far_are_checked_before_its_faces_are_embedded(trained, tmp_path, capsys, monkeypatch):
+    # A face in no folder, every face of one person, no person with two faces, a --far the faces' impostor pairs
+    # cannot measure: known from the folder's names, each was said once every face had been embedded (minutes).
+    from train import embed
+
+    ckpt, backbone, people = trained
+
+    def embed_files(*args, **kwargs):
+        raise AssertionError("the faces were embedded before their people were checked")
+
+    monkeypatch.setattr(embed, "embed_files", embed_files)
+    face = open(os.path.join(people, "person0", "00.png"), "rb").read()
+    layouts = {"loose": ["person0/00.png", "person0/01.png", "person1/00.png", "stray.png"],
+               "alone": ["person0/00.png", "person0/01.png"], "single": ["person0/00.png", "person1/00.png"],
+               "few": ["person0/00.png", "person0/01.png", "person1/00.png"]}
+    for layout, names in layouts.items():
+        for name in names:
+            os.makedirs(os.path.dirname(tmp_path / layout / name), exist_ok=True)
+            (tmp_path / layout / name).write_bytes(face)
+    for layout, said in (("loose", "stray.png is in no folder"), ("alone", "every face is of one person, person0"),
+                         ("single", "no person has two faces"),
+                         ("few", "--far 0.05: 2 impostor pairs measure a FAR of 0.5 at best")):
+        assert run_roc("--model", backbone, "--images", tmp_path / layout, "--output", tmp_path / "roc.csv",
+                       "--far", 0.05) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("roc: error: ") and said in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "roc.csv")
+
+
 def test_the_default_thresholds_note_points_here(capsys):
     from train.embed import model_threshold
 

@@ -50,8 +50,9 @@ with stop_while_importing(__name__, "roc: "):
     import torch
 
     from train import checkpoint
-    from train.embed import (MODEL_HELP, embed_folder, embed_listed_faces, faces_described, folder_images, load_model,
-                             model_digests, model_threshold, open_detector, table_files, write_table)
+    from train.embed import (MODEL_HELP, embed_folder, embed_listed_faces, faces_described, folder_images,
+                             listed_faces, load_model, model_digests, model_threshold, open_detector, table_files,
+                             write_table)
     from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
                            threshold_allowing)
     from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
@@ -577,8 +578,19 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(args.images,) if args.images else ())
 
     failures = []
+    listed = paths = None
     if faces is None:
-        faces = _embed(args, model, settings, device, detector, failures)
+        # The faces listed, and their people and the --far they can measure checked, before any is embedded
+        # (a face in no folder, one person only, no person with two faces, a --far too low: said once all had
+        # been embedded, minutes on). (An image left out later, one that does not decode, counts here.)
+        if args.landmarks:
+            listed = listed_faces(args.images, args.landmarks, extension=args.extension)
+            names = listed.names
+        else:
+            paths, names = folder_images(args.images, failures)
+        people, person = people_of(names, "--images", args.images)
+        impostor_pairs(args, person, len(people))
+        faces = _embed(args, model, settings, device, detector, failures, paths, names, listed)
         if args.save_embeddings:
             about = {"made_by": "train.tools.roc", "model": os.path.abspath(model_path),
                      **model_digests(model_path, model), "image_size": settings["image_size"], "flip": True,
@@ -600,17 +612,19 @@ def run(args: argparse.Namespace) -> int:
                           f"{args.save_embeddings} scores it without embedding the faces again)") from None
 
 
-def _embed(args, model, settings: dict, device, detector, failures: list[str]) -> Faces:
-    """The faces under ``--images`` (aligned crops, or photos with --landmarks or ``detector``, --detector
-    opened), embedded as ``train.embed`` embeds them; a face that cannot be read is left out (``failures``)."""
+def _embed(args, model, settings: dict, device, detector, failures: list[str], paths: list[str] | None,
+           names: list[str], listed) -> Faces:
+    """The faces under ``--images`` (aligned crops, or photos with --landmarks, ``listed``, or ``detector``,
+    --detector opened; else the images at ``paths``, named ``names``, as ``folder_images`` lists them), embedded
+    as ``train.embed`` embeds them; a face that cannot be read is left out (``failures``)."""
     size = settings["image_size"]
     if args.landmarks:
         print(f"roc: embedding the faces {args.landmarks} lists in the photos under {args.images} with {args.model} "
               f"({size}px) on {device}", file=sys.stderr, flush=True)
         names, embeddings = embed_listed_faces(model, args.images, args.landmarks, size, extension=args.extension,
-                                               device=device, batch_size=args.batch_size, workers=args.workers)
+                                               device=device, batch_size=args.batch_size, workers=args.workers,
+                                               listed=listed)
         return Faces(names, embeddings, None)
-    paths, names = folder_images(args.images, failures)
     print(f"roc: embedding {count_of(len(paths), 'photo' if detector else 'image')} under {args.images} with "
           f"{args.model} ({size}px) on {device}", file=sys.stderr, flush=True)
     names, embeddings = embed_folder(model, args.images, paths, names, size, failures=failures, detector=detector,
@@ -618,14 +632,14 @@ def _embed(args, model, settings: dict, device, detector, failures: list[str]) -
     return Faces(names, embeddings, None)
 
 
-def people_of(faces: Faces, flag: str, source: str) -> tuple[list[str], np.ndarray]:
-    """(the people, by name, sorted; (N,) each face's person), a face's person its first folder.
-    ValueError naming the input when a face is in no folder, when one person only is there (no impostor
-    pair), or when no person has two faces (no genuine pair)."""
-    names = [first_folder(name) for name in faces.names]
+def people_of(faces: list[str], flag: str, source: str) -> tuple[list[str], np.ndarray]:
+    """(the people, by name, sorted; (N,) each face's person) of the faces named ``faces``, a face's person
+    its first folder. ValueError naming the input when a face is in no folder, when one person only is there
+    (no impostor pair), or when no person has two faces (no genuine pair)."""
+    names = [first_folder(name) for name in faces]
     if None in names:
         row = names.index(None)
-        raise ValueError(f"{flag} {source}: {faces.names[row]} is in no folder: a face's first folder is its person "
+        raise ValueError(f"{flag} {source}: {faces[row]} is in no folder: a face's first folder is its person "
                          f"({flag} people/ holding people/<person>/<image>)")
     people, person = np.unique(names, return_inverse=True)
     if len(people) < 2:
@@ -637,19 +651,28 @@ def people_of(faces: Faces, flag: str, source: str) -> tuple[list[str], np.ndarr
     return people.tolist(), person
 
 
+def impostor_pairs(args, person: np.ndarray, people: int) -> int:
+    """How many impostor pairs (two people's faces) the faces of ``person`` (each one's person, of ``people``)
+    make; ValueError naming --far when they are too few to measure it."""
+    sizes = np.bincount(person, minlength=people)
+    n = len(person)
+    impostors = n * (n - 1) // 2 - int((sizes * (sizes - 1) // 2).sum())
+    if allowed_passes(args.far, impostors) < 1:
+        raise ValueError(f"--far {args.far:g}: {impostors:,} impostor pairs measure a FAR of {1 / impostors:.3g} at "
+                         f"best (1 of them); {args.far:g} needs {negatives_needed(args.far):,} or more")
+    return impostors
+
+
 def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, failures: list[str]) -> int:
     """Score every pair of ``faces``, whose rows (and names) it sorts by person in their place: the
     embeddings are held once."""
     source = args.embeddings or args.images
     flag = "--embeddings" if args.embeddings else "--images"
-    people, person = people_of(faces, flag, source)
+    people, person = people_of(faces.names, flag, source)
     sizes = np.bincount(person, minlength=len(people))
     n = len(faces.names)
     # Known from the people's sizes: a --far they cannot measure is refused before the pairs are scored (minutes).
-    impostors = n * (n - 1) // 2 - int((sizes * (sizes - 1) // 2).sum())
-    if allowed_passes(args.far, impostors) < 1:
-        raise ValueError(f"--far {args.far:g}: {impostors:,} impostor pairs measure a FAR of {1 / impostors:.3g} at "
-                         f"best (1 of them); {args.far:g} needs {negatives_needed(args.far):,} or more")
+    impostor_pairs(args, person, len(people))
     alone = [people[p] for p in np.flatnonzero(sizes == 1)]
     if alone:
         print(f"roc: note: {count_of(len(alone), 'person', 'people')} with one face ({', '.join(alone[:5])}"
