@@ -688,6 +688,37 @@ def test_identities_of_a_test_set_are_dropped(trained, tmp_path, capsys):
     assert "--exclude-sets lfw: no lfw.bin in" in capsys.readouterr().err
 
 
+def test_what_the_data_refuses_is_said_before_the_test_sets_are_embedded(trained, tmp_path, capsys, monkeypatch):
+    # --centres trained of a checkpoint that holds none for this data, an --embeddings file of other data: each was
+    # said once every --exclude-sets image had been embedded (minutes for LFW's 12,000 on a CPU).
+    ckpt, faces = trained
+    pairs = tmp_path / "pairs"
+    os.makedirs(pairs)
+    for k in range(10):  # (10 pairs: one a fold)
+        for j in range(2):
+            Image.fromarray(render_face(0, 10_000 + k, 300 + j, IMAGE_SIZE)).save(pairs / f"{k}_{j}.png")
+    (pairs / "pairs.txt").write_text("".join(f"{k}_0.png {k}_1.png 1\n" for k in range(10)))
+    data = tmp_path / "more"
+    make_face_folder(str(data), identities=3, images=2)
+    cache = tmp_path / "e.npy"
+    assert run_clean("--model", ckpt, "--data", data, "--output", tmp_path / "o1", "--embeddings", cache,
+                     "--report-only") == 0
+    capsys.readouterr()
+
+    def compute_embeddings(*args, **kwargs):
+        raise AssertionError("the test sets were embedded before the data's refusal")
+
+    monkeypatch.setattr(clean, "compute_embeddings", compute_embeddings)
+    for argv, said in ((["--data", data, "--centres", "trained"], "--centres trained:"),
+                       (["--data", faces, "--embeddings", cache], f"--embeddings {cache} was made with another model "
+                        "or data")):
+        assert run_clean("--model", ckpt, *argv, "--output", tmp_path / "o2", "--exclude-sets",
+                         pairs / "pairs.txt") == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("error") == 1, err
+    assert not os.path.exists(tmp_path / "o2" / "samples.csv")
+
+
 def test_a_list_file_cleans_as_its_images_in_a_folder(trained, tmp_path):
     # A training list of the noisy folder's images ('path label', labels 100, 103, ...: not 0..C-1) reports
     # what the folder does, its classes under the list's labels (helper-93 checked it by hand only).
