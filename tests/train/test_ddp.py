@@ -508,17 +508,44 @@ def test_a_log_rank_0_cannot_write_is_said_before_it_leaves_the_group(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def _sleep_until_terminated(seconds: float) -> None:
+    """time.sleep(seconds) for a rank made slower than --dist-timeout, but ending once its SIGTERM has been handled:
+    torch.multiprocessing terminates the ranks still running once one has failed (the other rank, when it has
+    waited past --dist-timeout), and the rank's handler of the moment (the trainer's, which notes it, or
+    stop_on_signals', which raises) takes the signal as it took it in the middle of the whole sleep. So the slow
+    rank still outlasts the other's timeout whatever the machine's load, without sleeping out the rest of the
+    `seconds` after the other has ended (about 6 of the 12 s, in the tests below where the handler notes it)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler):  # (its default action ends the process as the sleep's would)
+        time.sleep(seconds)
+        return
+    terminated = []
+
+    def note(number, frame):
+        terminated.append(number)
+        handler(number, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    try:
+        deadline = time.monotonic() + seconds
+        while not terminated and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        if signal.getsignal(signal.SIGTERM) is note:  # (a handler that raised may have set another)
+            signal.signal(signal.SIGTERM, handler)
+
+
 def _train_with_rank_0_slow(argv, where):
-    """train.trainer.main(argv) on a rank; rank 0 takes 12 s longer at ``where``: reading its verification
-    sets ("start-up", while the others wait for it at the start-up's barrier), or writing the checkpoint
-    of step 2 ("step") or the last one ("end"), while the others go on to the next step's collectives or
-    wait for it at the end of the run."""
+    """train.trainer.main(argv) on a rank; rank 0 takes 12 s longer (or until terminated) at ``where``: reading
+    its verification sets ("start-up", while the others wait for it at the start-up's barrier), or writing the
+    checkpoint of step 2 ("step") or the last one ("end"), while the others go on to the next step's collectives
+    or wait for it at the end of the run."""
     from train import checkpoint as checkpoint_module, data, trainer
 
     if os.environ["RANK"] == "0":
         def slow(real):
             def late(*args, **kwargs):
-                time.sleep(12)  # (twice the test's --dist-timeout; then it finds the other ended)
+                _sleep_until_terminated(12)  # (twice the test's --dist-timeout; then it finds the other ended)
                 return real(*args, **kwargs)
             return late
 
@@ -550,8 +577,8 @@ def test_a_rank_waiting_longer_than_dist_timeout_says_so(where, when, save_every
 
 
 def _train_with_rank_1_slow(argv):
-    """train.trainer.main(argv) on a rank; rank 1 takes 12 s longer before its step 2, while rank 0 waits
-    for it at the step's collectives."""
+    """train.trainer.main(argv) on a rank; rank 1 takes 12 s longer (or until terminated) before its step 2,
+    while rank 0 waits for it at the step's collectives."""
     from train import trainer
 
     if os.environ["RANK"] == "1":
@@ -559,7 +586,7 @@ def _train_with_rank_1_slow(argv):
 
         def late(self, *args, **kwargs):
             if self.step == 1:
-                time.sleep(12)  # (twice the test's --dist-timeout; then it finds the other ended)
+                _sleep_until_terminated(12)  # (twice the test's --dist-timeout; then it finds the other ended)
             return train_step(self, *args, **kwargs)
 
         trainer.Trainer.train_step = late
