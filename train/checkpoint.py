@@ -116,6 +116,13 @@ def what_stands_at(path: str) -> str:
     return "a file"
 
 
+def dangling(path: str) -> str:
+    """" (a broken symbolic link to <its target>)" where ``path``, an input said not to be there (or not to be a
+    folder), is a link to nothing, else "": the user then looks for what it points to (an unmounted disk, a moved
+    folder), not for the link, which is there."""
+    return f" ({what_stands_at(path)})" if os.path.islink(path) and not os.path.exists(path) else ""
+
+
 def check_output_folder(folder: str, named: str) -> None:
     """Refuses, before any work, an output folder that cannot be made or written in: ValueError naming
     ``named`` (the option and its value) and the file in the way, or the folder that is read-only. A file
@@ -150,7 +157,7 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
         raise FileNotFoundError(f"{path} is a folder, not a checkpoint file" + (
             f": {' or '.join(os.path.join(path, name) for name in inside)}?" if inside else ""))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}{dangling(path)}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except PermissionError as error:  # (was "not a readable checkpoint (truncated, or not saved by torch.save ...?)")

@@ -30,7 +30,7 @@ with stop_while_importing(__name__):
 
     from . import checkpoint
     from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input, unreadable_image
-    from .tools import check_outputs, left_out_said, listable_name, torch_device
+    from .tools import check_images_folder, check_outputs, left_out_said, listable_name, torch_device
 
 # Cosine similarity above which two faces are called the same when the model carries no
 # verification threshold of its own.
@@ -238,7 +238,7 @@ def listed_faces(folder: str, landmarks_file: str, *, extension: str | None = No
     from .tools.align import landmark_notes, read_face_landmarks
 
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--images {folder} is not a folder")
+        raise FileNotFoundError(f"--images {folder} is not a folder{checkpoint.dangling(folder)}")
     read_notes = []
     names, points, line_nos, skipped = read_face_landmarks(landmarks_file, extension=extension, several=several,
                                                            notes=read_notes)
@@ -308,7 +308,7 @@ def open_detector(path: str, device="cpu"):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--detector {path}: " + ("a folder, not" if os.path.isdir(path) else
-                                                          "no such file: give") +
+                                                          f"no such file{checkpoint.dangling(path)}: give") +
                                 " an SCRFD face detector's ONNX file (insightface's det_10g.onnx)")
     try:
         return FaceDetector(path, device=str(device))
@@ -876,8 +876,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--norms: {args.model} gives embeddings of unit length (its graph normalises them), so every "
                          "norm would be 1; the backbone's own output has them (train.export's backbone.onnx or "
                          "backbone.pt)")
-    if args.images and not os.path.isdir(args.images):  # (was "no images (.jpg, ...) under <it>")
-        raise ValueError(f"--images {args.images} is not a folder")
+    if args.images:  # (was "no images (.jpg, ...) under <it>")
+        check_images_folder(args.images)
     detector = open_detector(args.detector, device) if args.detector else None
     if args.images:
         check_outputs(table_files(args.output, about=True) + ([args.norms] if args.norms else []), args.overwrite,
@@ -893,7 +893,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         for path in args.compare:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"no image at {path}")
+                raise FileNotFoundError(f"no image at {path}{checkpoint.dangling(path)}")
         if args.detector:
             photos, points, _, failures = detect_faces(detector, list(args.compare), device=device,
                                                        show_progress=False)

@@ -112,7 +112,9 @@ def open_session(path: str, device: torch.device | str = "cpu"):
     if os.path.isdir(path):
         raise FileNotFoundError(f"{path} is a folder, not a model file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no model at {path}")
+        from .checkpoint import dangling
+
+        raise FileNotFoundError(f"no model at {path}{dangling(path)}")
     try:
         import onnxruntime
     except ImportError as error:

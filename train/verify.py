@@ -109,8 +109,9 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     folders = data_folders(args.data) if args.data else []  # (several: a training run's --data a,b)
     for folder in folders:
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"--data {args.data} is not a folder" if len(folders) == 1 else
-                                    f"--data {args.data}: {folder} is not a folder")
+            raise FileNotFoundError(f"--data {args.data} is not a folder{checkpoint.dangling(folder)}"
+                                    if len(folders) == 1 else
+                                    f"--data {args.data}: {folder} is not a folder{checkpoint.dangling(folder)}")
     model, settings = load_model(args.model, device)
     size = settings["image_size"]
     run_args = _run_args(args.model)

@@ -395,6 +395,38 @@ def test_temporaries_of_killed_workers_are_removed(tmp_path):
     assert sorted(os.listdir(tmp_path / "a")) == sorted(kept)
 
 
+def test_inputs_that_are_broken_symbolic_links_are_said_to_be_and_where_they_point(photos, tmp_path, capsys):
+    # A link to a folder or file on a disk not mounted: "is not a folder" or "no such file" alone sent the user
+    # looking for the link, which is there. One wording (checkpoint.dangling) for every tool's inputs: --images
+    # (check_images_folder), a landmarks file, a checkpoint or ONNX model, --detector, a tool's table.
+    from train import checkpoint
+    from train.embed import open_detector
+    from train.onnx_backbone import open_session
+    from train.tools import search
+
+    root, names, _, landmarks = photos
+    listing = write(tmp_path / "lm.txt", lines(names, landmarks))
+    gone = tmp_path / "gone"
+    gone.symlink_to(tmp_path / "unmounted")
+    link = f"(a broken symbolic link to {tmp_path / 'unmounted'})"
+    assert align.main(["--images", str(gone), "--landmarks", listing, "--output", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == f"align: error: --images {gone} is not a folder {link}\n"
+    assert align.main(["--images", root, "--landmarks", str(gone), "--output", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == f"align: error: landmarks file {gone}: no such file {link}\n"
+    for call, said in ((lambda: checkpoint.load(str(gone)), f"no checkpoint at {gone} {link}"),
+                       (lambda: open_session(str(gone)), f"no model at {gone} {link}"),
+                       (lambda: open_detector(str(gone)), f"--detector {gone}: no such file {link}: give an SCRFD")):
+        with pytest.raises(FileNotFoundError) as error:
+            call()
+        assert str(error.value).startswith(said), error.value
+    assert search.main(["--gallery", str(gone), "--save-gallery", str(tmp_path / "g.npy")]) == 2
+    assert capsys.readouterr().err == f"search: error: --gallery {gone}: no such folder, image or table {link}\n"
+    # A path with nothing there is said as before.
+    assert align.main(["--images", str(tmp_path / "none"), "--landmarks", listing, "--output", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == f"align: error: --images {tmp_path / 'none'} is not a folder\n"
+    assert not os.path.lexists(tmp_path / "unmounted") and not os.path.exists(tmp_path / "a")
+
+
 def test_outputs_that_cannot_be_right_are_refused_before_any_work(photos, tmp_path, capsys, monkeypatch):
     root, names, _, landmarks = photos
     listing = write(tmp_path / "lm.txt", lines(names, landmarks))

@@ -79,6 +79,15 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
             raise ValueError(f"cannot write {os.path.basename(path)} in {folder} (read-only, or not yours)")
 
 
+def check_images_folder(path: str) -> None:
+    """ValueError naming --images where ``path``, the folder of images a tool reads, is not a folder (nothing is
+    there, a file, or a broken symbolic link, said with where it points)."""
+    if not os.path.isdir(path):
+        from train import checkpoint
+
+        raise ValueError(f"--images {path} is not a folder{checkpoint.dangling(path)}")
+
+
 def say(*args, **kwargs) -> None:
     """``print``, carrying on when the stream's reader has gone (``| head``): a benchmark's results file
     is still written after hours of embedding. The stream then points at /dev/null, so that the

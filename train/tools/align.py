@@ -49,10 +49,10 @@ with stop_while_importing(__name__, "align: "):
     import numpy as np
     from PIL import Image, ImageOps
 
-    from train.checkpoint import check_output_folder
+    from train.checkpoint import check_output_folder, dangling
     from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
     from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
-    from train.tools import count_of
+    from train.tools import check_images_folder, count_of
 
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
 # A field of a space- or tab-separated line: in double quotes (which may hold spaces, tabs and
@@ -82,7 +82,8 @@ def read_face_landmarks(path: str, *, extension: str | None = None, several: boo
     image file, text that is not UTF-8, or a file listing no face; FileNotFoundError when ``path``
     is not a file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"landmarks file {path}: {'a folder' if os.path.isdir(path) else 'no such file'}")
+        raise FileNotFoundError(f"landmarks file {path}: " + ("a folder" if os.path.isdir(path) else
+                                                              f"no such file{dangling(path)}"))
     names, values, line_nos, seen, skipped = [], [], [], {}, []
     later = []  # each face's fields 3 to 12 as coordinates, where they are numbers (else None)
     with open(path, "rb") as f:
@@ -421,8 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
 
     try:
-        if not os.path.isdir(args.images):
-            raise ValueError(f"--images {args.images} is not a folder")
+        check_images_folder(args.images)
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise ValueError(f"--output {args.output} is a file, not a folder")
         if os.path.realpath(args.output) == os.path.realpath(args.images):

@@ -629,7 +629,8 @@ def run(args: argparse.Namespace) -> int:
     if not (os.path.isdir(args.data) or is_image_list(args.data)):
         several = "; clean takes one set: clean each of the sets a training run combines (--data a,b) on its own" \
             if len(split_data_spec(args.data)) > 1 else ""
-        raise FileNotFoundError(f"--data {args.data}: no such folder or list file (.lst, .txt){several}")
+        raise FileNotFoundError(f"--data {args.data}: no such folder or list file (.lst, .txt)"
+                                f"{checkpoint.dangling(args.data)}{several}")
     if os.path.realpath(args.output) == os.path.realpath(args.data):
         raise ValueError("--output is --data's folder: the cleaned set goes to another folder")
     model, settings = load_model(args.model, device)

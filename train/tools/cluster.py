@@ -51,10 +51,10 @@ with stop_while_importing(__name__, "cluster: "):
                              faces_of_photos, folder_images, load_model, made_with, model_threshold, open_detector,
                              read_about, read_table, table_files)
     from train.ijb import ALIGNED_SIZE, align_for_model, landmarks_off_image
-    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                             check_photo_options, check_tree_folder, count_of, hidden_beside, inside, left_out_said,
-                             link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
-                             torch_device)
+    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_images_folder,
+                             check_outputs, check_photo_options, check_tree_folder, count_of, hidden_beside, inside,
+                             left_out_said, link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder,
+                             summary_path, torch_device)
     from train.tools.align import FORMAT_EXTENSIONS
     from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
@@ -330,8 +330,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch_device(args.device)
     table_about = {}
     if args.images:
-        if not os.path.isdir(args.images):
-            raise ValueError(f"--images {args.images} is not a folder")
+        check_images_folder(args.images)
         source_folder = args.images
     else:
         names, embeddings = read_table(args.embeddings)

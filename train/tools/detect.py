@@ -49,7 +49,7 @@ with stop_while_importing(__name__, "detect: "):
     from train.data.transforms import decode_failure, to_rgb
     from train.embed import images_under
     from train.onnx_backbone import _first_line, open_session
-    from train.tools import RunLock, check_outputs, listable_name
+    from train.tools import RunLock, check_images_folder, check_outputs, listable_name
     from train.tools.align import _fields, _numbers
 
 # insightface's FaceAnalysis: det_size (640, 640), det_thresh 0.5; SCRFD's nms_threshold 0.4.
@@ -398,8 +398,7 @@ def _main(argv: list[str] | None) -> int:
 
     lock = None
     try:
-        if not os.path.isdir(args.images):
-            raise ValueError(f"--images {args.images} is not a folder")
+        check_images_folder(args.images)
         for flag, path in (("--images", args.images), ("--detector", args.detector)):
             if not listable_name(os.path.abspath(path)):  # the file's first line records both
                 raise ValueError(f"{flag} {path!r}: its path is not UTF-8 text without line breaks")

@@ -199,7 +199,7 @@ def _main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be at least 0, got {args.seed}")
     if args.pairs_list and not os.path.isfile(args.pairs_list):  # (was "[Errno 2] No such file or directory: ...")
         parser.error(f"--pairs-list {args.pairs_list}: " + ("a folder, not a pairs list" if os.path.isdir(
-            args.pairs_list) else "no such file"))
+            args.pairs_list) else f"no such file{checkpoint.dangling(args.pairs_list)}"))
     if not args.output.endswith(".bin"):
         parser.error(f"name the output NAME.bin, got {args.output}: train.verify and the trainer's --val-targets take "
                      "a path ending in .bin, and a name without it for a set in the data folder")

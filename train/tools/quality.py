@@ -52,10 +52,10 @@ with stop_while_importing(__name__, "quality: "):
                              faces_are_files, faces_described, folder_images, load_model, model_digests,
                              open_detector, read_about, read_table, table_files)
     from train.ijb import threshold_allowing
-    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                             check_photo_options, check_tree_folder, count_of, hidden_beside, inside, left_out_said,
-                             link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder, summary_path,
-                             torch_device)
+    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_images_folder,
+                             check_outputs, check_photo_options, check_tree_folder, count_of, hidden_beside, inside,
+                             left_out_said, link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder,
+                             summary_path, torch_device)
 
 DEFAULT_FMRS = (0.001, 0.01)
 DEFAULT_MAX_REJECT = 0.2
@@ -372,8 +372,7 @@ def score(args: argparse.Namespace) -> int:
     device = torch_device(args.device)
     about, model = {}, None
     if args.images:
-        if not os.path.isdir(args.images):
-            raise ValueError(f"--images {args.images} is not a folder")
+        check_images_folder(args.images)
         model, settings = load_model(args.model, device)
         _check_has_norm(args.model, settings)
         folder, faces = args.images, faces_described(args.landmarks, args.detector, args.all_faces)
@@ -534,7 +533,7 @@ def _load_pairs(path: str, image_size: int):
         raise ValueError(f"--pairs {path} is a folder: give one set's file (a .bin or a pairs file; of RFW, one "
                          "race's <Race>_test.bin)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--pairs {path}: no such file")
+        raise FileNotFoundError(f"--pairs {path}: no such file{checkpoint.dangling(path)}")
     if path.endswith(".bin"):
         vset = load_bin(path, image_size)
         return vset, [str(i) for i in range(vset.images.shape[0])]
@@ -581,13 +580,14 @@ def evaluate(args: argparse.Namespace) -> int:
 
     device = torch_device(args.device)
     if not os.path.exists(args.pairs):
-        raise FileNotFoundError(f"--pairs {args.pairs}: no such file")
+        raise FileNotFoundError(f"--pairs {args.pairs}: no such file{checkpoint.dangling(args.pairs)}")
     model, settings = load_model(args.model, device)
     has_norm = not settings.get("unit_length")
     if not has_norm and not args.quality_file:
         _check_has_norm(args.model, settings)
     if args.quality_file and not os.path.isfile(args.quality_file):
-        raise FileNotFoundError(f"--quality-file {args.quality_file}: no such file")
+        raise FileNotFoundError(f"--quality-file {args.quality_file}: no such file"
+                                f"{checkpoint.dangling(args.quality_file)}")
     plot = args.plot and _pyplot() is not None
     figure = args.output[:-len(".csv")] + ".png"
     outputs = [args.output, summary_path(args.output)] + ([figure] if plot else [])

@@ -55,8 +55,9 @@ with stop_while_importing(__name__, "roc: "):
                              write_table)
     from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
                            threshold_allowing)
-    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                             check_photo_options, count_of, left_out_said, plain_warnings, summary_path, torch_device)
+    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_images_folder,
+                             check_outputs, check_photo_options, count_of, left_out_said, plain_warnings, summary_path,
+                             torch_device)
     from train.tools.cluster import DEFAULT_DUPLICATE_COSINE
     from train.tools.search import Faces, _check_made_with, _read_faces, cosine_above, first_folder
     from train.tools.similarity import cosine_blocks
@@ -553,8 +554,8 @@ def run(args: argparse.Namespace) -> int:
     faces = None
     if args.embeddings:
         faces = _read_faces("--embeddings", args.embeddings)
-    elif not os.path.isdir(args.images):
-        raise ValueError(f"--images {args.images} is not a folder")
+    else:
+        check_images_folder(args.images)
     model_path = args.model
     if model_path is None and faces is not None and faces.about.get("model"):
         if os.path.isfile(faces.about["model"]):

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 def _read_faces(flag: str, path: str) -> Faces:
     """A table given to ``flag``: its rows of unit length, and its provenance."""
     if not os.path.isfile(table_files(path)[0]) and not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path}: no such folder, image or table")
+        raise FileNotFoundError(f"{flag} {path}: no such folder, image or table{checkpoint.dangling(path)}")
     names, embeddings = read_table(path)
     if not names:
         raise ValueError(f"{flag} {path}: the table holds no faces")
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             probe_paths = images_under(probe_folder, "--probes")
         elif args.probes.lower().endswith(IMAGE_EXTENSIONS):
             if not os.path.isfile(args.probes):
-                raise FileNotFoundError(f"--probes {args.probes}: no such image")
+                raise FileNotFoundError(f"--probes {args.probes}: no such image{checkpoint.dangling(args.probes)}")
             probe_image = args.probes
         else:
             probes = _read_faces("--probes", args.probes)
@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
     one_to_one = args.fpir is None and recorded is None and args.threshold is None  # (the model's own threshold)
     labels_file = args.probe_labels if args.probe_labels not in (None, "folder") else None
     if labels_file and not os.path.isfile(labels_file):
-        what = "a folder, not a file" if os.path.isdir(labels_file) else "no such file"
+        what = "a folder, not a file" if os.path.isdir(labels_file) else \
+            f"no such file{checkpoint.dangling(labels_file)}"
         raise FileNotFoundError(f"--probe-labels {labels_file}: {what} (or 'folder': each probe's first folder is "
                                 "its person)")
     labels = read_probe_labels(labels_file) if labels_file else None
