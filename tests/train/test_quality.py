@@ -302,6 +302,24 @@ def test_bad_arguments_and_outputs(trained, tmp_path, capsys, monkeypatch):
     assert math.isfinite(json.loads((tmp_path / "erc.json").read_text())["thresholds"][0]["fnmr"])
 
 
+def test_a_quality_file_is_checked_before_the_pairs_images_are_decoded(trained, tmp_path, capsys, monkeypatch):
+    # A --quality-file that gives no quality for an image of a pairs list was said once all the list's images had
+    # been decoded (a minute for LFW's 12,000).
+    from train import verification
+
+    ckpt, pairs = trained
+    q = tmp_path / "q.csv"
+    q.write_text("image,quality\np000_0.png,1\n")
+
+    def load_pairs_list(*args, **kwargs):
+        raise AssertionError("the pairs' images were decoded before --quality-file was checked")
+
+    monkeypatch.setattr(verification, "load_pairs_list", load_pairs_list)
+    assert run_quality("--model", ckpt, "--pairs", pairs, "--quality-file", q, "--output", tmp_path / "e.csv") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quality: error: --quality-file {q} gives no quality for ") and err.count("\n") == 1, err
+
+
 def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_path, capsys):
     # Each a one-line error naming the option or the file, exit 2, before anything is written.
     from train.embed import IMAGES_AS_THEY_ARE, write_table
