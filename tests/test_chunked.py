@@ -172,7 +172,12 @@ def test_per_row_margins_match_the_whole_matrix_in_fp64(family, margin_grad, kin
 
 
 def test_per_row_margins_gradcheck():
-    x, w, labels = inputs(n=5, c=4, k=2, d=6, seed=3, near=2)
+    # 3-D embeddings: gradcheck computes two losses per input entry, 49 here (88 with 6-D ones). The case has, as
+    # the 6-D one had, every class a target, in both class chunks (3 and 1) and on either sub-centre; non-target
+    # cosines filtered and kept at 0.3, hard and easy ones for CurricularFace; both of SphereFace's branches
+    # k = 0, 1 at m1 = 2; the angular margin within [0, π] and the zero-margin row; and no cosine within 0.03 of
+    # one of those branch points (the 6-D case had one within 0.004).
+    x, w, labels = inputs(n=5, c=4, k=2, d=3, seed=9, near=2)
     m2 = torch.tensor([0.3, -0.2, 0.5, 0.0, 0.4], dtype=torch.float64, requires_grad=True)
     m3 = torch.tensor([0.1, 0.0, -0.05, 0.2, 0.15], dtype=torch.float64, requires_grad=True)
     for options in (dict(), dict(interclass_filtering_threshold=0.3), dict(curricular_t=0.4), dict(m1=2.0)):
