@@ -20,7 +20,7 @@ from train.data.synthetic import render_face
 from train.ijb import ARCFACE_TEMPLATE
 from train.verification import NFOLDS, THRESHOLDS, _fold_slices, compute_embeddings, evaluate, read_pairs_list
 
-from trainer_fixtures import base_argv, make_face_folder, read_jsonl, train_one_thread
+from trainer_fixtures import base_argv, make_face_folder, one_thread, read_jsonl, train_one_thread  # noqa: F401
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 IDENTITIES, IMAGES = 4, 3  # a race's identities, and each one's images
