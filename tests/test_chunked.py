@@ -13,6 +13,18 @@ import arcface_ext
 from arcface_ext import reference
 from arcface_ext.chunked import chunked_margin_loss
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as trainer_fixtures.one_thread gives the trainer's tests (conftest's
+    _torch_threads_as_before puts the count back after each test). The chunked path is PyTorch ops, none of
+    it depends on the thread count, and the fused op's calls here (11 classes at most: one block of classes)
+    take the same path on any number of threads. The tensors are tiny; where the cores are shared, torch's
+    spare OpenMP threads only wait: on two cores busy with another run this file took 76 s on torch's default
+    two threads and 7.7 s on one (test_gradcheck 11.5 s and test_per_row_margins_gradcheck 12.1 s, 0.2 s each)."""
+    torch.set_num_threads(1)
+
+
 MARGINS = {
     "arcface": dict(m1=1.0, m2=0.5, m3=0.0),
     "cosface": dict(m1=1.0, m2=0.0, m3=0.35),
