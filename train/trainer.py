@@ -896,7 +896,8 @@ class Trainer:
         except OSError as error:  # a file in the way, a read-only file system, no permission
             in_the_way = checkpoint.nearest_existing(self.output)
             if in_the_way == os.path.abspath(self.output):  # (was "cannot create the folder: File exists")
-                return f"--output {self.output} exists and is not a folder: name a folder for the run"
+                return (f"--output {self.output} exists and is not a folder{checkpoint.dangling(self.output)}: name "
+                        "a folder for the run")
             if not os.path.isdir(in_the_way):  # (was "cannot create the folder: Not a directory")
                 return (f"--output {self.output}: {in_the_way} is {checkpoint.what_stands_at(in_the_way)}, not a "
                         "folder to make the run's folder in")

@@ -385,6 +385,9 @@ def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_pa
         (["--embeddings", tmp_path / "here.npy", *rule[:-1], tmp_path / "dangling" / "in" / "tree"],
          f"--tree: cannot make the folder {tmp_path / 'dangling' / 'in'}: {tmp_path / 'dangling'} is a broken symbolic "
          f"link to {tmp_path / 'unmounted'}"),
+        (["--embeddings", tmp_path / "here.npy", *rule[:-1], tmp_path / "dangling"],
+         f"--tree {tmp_path / 'dangling'} exists and is not a folder (a broken symbolic link to "
+         f"{tmp_path / 'unmounted'})"),
     ]:
         assert run_quality(*argv, "--output", out) == 2
         err = capsys.readouterr().err

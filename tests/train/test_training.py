@@ -957,7 +957,9 @@ def test_an_output_folder_that_cannot_be_made_is_named(faces, tmp_path):
                          # a link to nothing, said to be one (it was called a file)
                          (tmp_path / "gone" / "run", f"{tmp_path / 'gone' / 'run'}: {tmp_path / 'gone'} is a broken "
                                                      f"symbolic link to {tmp_path / 'unmounted'}, not a folder to make "
-                                                     "the run's folder in")):
+                                                     "the run's folder in"),
+                         (tmp_path / "gone", f"{tmp_path / 'gone'} exists and is not a folder (a broken symbolic link "
+                                             f"to {tmp_path / 'unmounted'}): name a folder for the run")):
         with pytest.raises(SystemExit, match=f"^--output {re.escape(said)}$"):
             main(argv(faces, output))
     assert (tmp_path / "file").read_text() == "" and not os.path.lexists(tmp_path / "unmounted")

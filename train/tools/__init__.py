@@ -427,9 +427,11 @@ def check_tree_folder(tree: str, overwrite: bool, ours, kind: str) -> None:
     something without ``overwrite``, or holds an entry that ``ours`` (its path -> bool) does not take for the
     tool's own (``kind`` says what the tool writes there: "a tree of clusters"); or when the folder it goes
     in cannot be made or written in."""
+    from train import checkpoint
+
     if os.path.lexists(tree):
         if not os.path.isdir(tree) or os.path.islink(tree):
-            raise ValueError(f"--tree {tree} exists and is not a folder")
+            raise ValueError(f"--tree {tree} exists and is not a folder{checkpoint.dangling(tree)}")
         entries = os.listdir(tree)
         if entries and not overwrite:
             raise ValueError(f"--tree {tree} exists: pass --overwrite to replace it")
@@ -437,8 +439,6 @@ def check_tree_folder(tree: str, overwrite: bool, ours, kind: str) -> None:
         if foreign:
             raise ValueError(f"--tree {tree} holds {os.path.join(tree, foreign[0])}, which this tool does not "
                              f"write: --overwrite replaces only {kind}; name another folder")
-    from train import checkpoint
-
     parent = os.path.dirname(os.path.abspath(tree))
     in_the_way = checkpoint.nearest_existing(parent)
     if in_the_way == parent and not os.path.isdir(parent):  # (was "cannot make the folder <it>: File exists")
