@@ -422,7 +422,8 @@ def test_inputs_that_are_broken_symbolic_links_are_said_to_be_and_where_they_poi
     assert search.main(["--gallery", str(gone), "--save-gallery", str(tmp_path / "g.npy")]) == 2
     assert capsys.readouterr().err == f"search: error: --gallery {gone}: no such folder, image or table {link}\n"
     # A path with nothing there is said as before.
-    assert align.main(["--images", str(tmp_path / "none"), "--landmarks", listing, "--output", str(tmp_path / "a")]) == 2
+    assert align.main(["--images", str(tmp_path / "none"), "--landmarks", listing,
+                       "--output", str(tmp_path / "a")]) == 2
     assert capsys.readouterr().err == f"align: error: --images {tmp_path / 'none'} is not a folder\n"
     assert not os.path.lexists(tmp_path / "unmounted") and not os.path.exists(tmp_path / "a")
 
