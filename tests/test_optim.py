@@ -331,4 +331,6 @@ def test_importing_the_package_imports_no_compiler():
             "print(before, 'torch._dynamo' in sys.modules)")
     before, after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                    check=True).stdout.split()
-    assert after == before, "import arcface_ext imported torch._dynamo"
+    if before == "True":
+        pytest.skip("this torch imports torch._dynamo itself")
+    assert after == "False", "import arcface_ext imported torch._dynamo"

@@ -342,6 +342,7 @@ def _train_with_rank_1_stopping_while_rank_0_writes(argv):
         def slow(path, *args, **kwargs):
             write_json_atomic(path, *args, **kwargs)
             if os.path.basename(path) == "args.json":
+                print("rank 0: args.json written, watching the run's files", file=sys.stderr, flush=True)
                 written, deadline = sorted(os.listdir(output)), time.monotonic() + 30
                 while time.monotonic() < deadline:
                     gone = [name for name in written if not os.path.exists(os.path.join(output, name))]
@@ -374,6 +375,7 @@ def test_a_rank_stopping_at_start_up_leaves_rank_0_its_output(tmp_path):
                                       loss_impl=LOSS_IMPL), main=_train_with_rank_1_stopping_while_rank_0_writes)
     assert result.returncode == 1
     assert "error: rank 1: the loader refused (injected on rank 1)\n" in result.stderr, result.stderr[-3000:]
+    assert "rank 0: args.json written, watching the run's files" in result.stderr, result.stderr[-3000:]
     assert "gone while it runs" not in result.stderr, result.stderr[-3000:]
     assert not output.exists(), sorted(os.listdir(output))  # (rank 0's undo, as it stopped in turn)
 
