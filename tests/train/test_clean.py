@@ -715,7 +715,8 @@ def test_what_the_data_refuses_is_said_before_the_test_sets_are_embedded(trained
         assert run_clean("--model", ckpt, *argv, "--output", tmp_path / "o2", "--exclude-sets",
                          pairs / "pairs.txt") == 2
         err = capsys.readouterr().err
-        assert said in err and err.count("error") == 1, err
+        last = err.splitlines()[-1]  # (after the line saying what it cleans: one line of error, the last)
+        assert last.startswith("clean: error: ") and said in last and err.count("error") == 1, err
     assert not os.path.exists(tmp_path / "o2" / "samples.csv")
 
 
