@@ -335,6 +335,19 @@ def test_refusals_write_nothing(trained, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["samples.csv"]
 
 
+def test_data_that_is_a_broken_symbolic_link_is_said_to_be_one(trained, tmp_path, capsys):
+    # A link to a disk not mounted: "no such folder or list file" alone sent the user looking for the link, which is
+    # there (3a1e680's checkpoint.dangling).
+    ckpt, _ = trained
+    for name in ("faces", "train.lst"):
+        (tmp_path / name).symlink_to(tmp_path / "unmounted" / name)
+        assert run_clean("--model", ckpt, "--data", tmp_path / name, "--output", tmp_path / "out") == 2
+        assert capsys.readouterr().err == (f"clean: error: --data {tmp_path / name}: no such folder or list file "
+                                           "(.lst, .txt) (a broken symbolic link to "
+                                           f"{tmp_path / 'unmounted' / name})\n")
+    assert sorted(os.listdir(tmp_path)) == ["faces", "train.lst"]
+
+
 def test_a_stop_while_writing_leaves_no_partial_file(trained, tmp_path, monkeypatch, capsys):
     ckpt, faces = trained
     original = clean._packed_images

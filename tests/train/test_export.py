@@ -560,6 +560,17 @@ def test_embed_mistakes_are_one_line_errors(trained, tmp_path, capsys, mistake, 
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_embed_says_a_compared_image_that_is_a_broken_symbolic_link_is_one(trained, tmp_path, capsys):
+    # A link to a disk not mounted: "no image at" alone sent the user looking for the link, which is there
+    # (3a1e680's checkpoint.dangling).
+    ckpt, faces = trained
+    gone = tmp_path / "gone.png"
+    gone.symlink_to(tmp_path / "unmounted.png")
+    assert embed.main(["--model", ckpt, "--compare", os.path.join(faces, "id_000", "00.png"), str(gone)]) == 2
+    assert capsys.readouterr().err == \
+        f"error: no image at {gone} (a broken symbolic link to {tmp_path / 'unmounted.png'})\n"
+
+
 def test_embed_makes_the_output_folder(trained, tmp_path):
     ckpt, faces = trained
     output = tmp_path / "new" / "folder" / "e.npy"

@@ -320,6 +320,20 @@ def test_a_quality_file_is_checked_before_the_pairs_images_are_decoded(trained, 
     assert err.startswith(f"quality: error: --quality-file {q} gives no quality for ") and err.count("\n") == 1, err
 
 
+def test_a_pairs_or_quality_file_that_is_a_broken_symbolic_link_is_said_to_be_one(trained, tmp_path, capsys):
+    # A link to a disk not mounted: "no such file" alone sent the user looking for the link, which is there
+    # (3a1e680's checkpoint.dangling).
+    ckpt, pairs = trained
+    gone = tmp_path / "gone.txt"
+    gone.symlink_to(tmp_path / "unmounted.txt")
+    link = f"(a broken symbolic link to {tmp_path / 'unmounted.txt'})"
+    assert run_quality("--model", ckpt, "--pairs", gone, "--output", tmp_path / "e.csv") == 2
+    assert capsys.readouterr().err == f"quality: error: --pairs {gone}: no such file {link}\n"
+    assert run_quality("--model", ckpt, "--pairs", pairs, "--quality-file", gone, "--output", tmp_path / "e.csv") == 2
+    assert capsys.readouterr().err == f"quality: error: --quality-file {gone}: no such file {link}\n"
+    assert sorted(os.listdir(tmp_path)) == ["gone.txt"]
+
+
 def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_path, capsys):
     # Each a one-line error naming the option or the file, exit 2, before anything is written.
     from train.embed import IMAGES_AS_THEY_ARE, write_table

@@ -163,6 +163,24 @@ def test_a_probe_labels_file_that_cannot_be_read_is_one_line_naming_it(tables, t
     assert not out.exists()
 
 
+def test_a_probe_image_or_labels_file_that_is_a_broken_symbolic_link_is_said_to_be_one(tables, tmp_path, capsys):
+    # A link to a disk not mounted: "no such image" or "no such file" alone sent the user looking for the link,
+    # which is there (3a1e680's checkpoint.dangling).
+    gallery, probes, _ = tables
+    out = tmp_path / "r.csv"
+    for name in ("gone.jpg", "gone.csv"):
+        (tmp_path / name).symlink_to(tmp_path / "unmounted" / name)
+    gone = {name: f"{tmp_path / name}: no such {what} (a broken symbolic link to {tmp_path / 'unmounted' / name})"
+            for name, what in (("gone.jpg", "image"), ("gone.csv", "file"))}
+    assert run_search("--gallery", gallery, "--probes", tmp_path / "gone.jpg", "--threshold", 0.5, "--output", out) == 2
+    assert capsys.readouterr().err == f"search: error: --probes {gone['gone.jpg']}\n"
+    assert run_search("--gallery", gallery, "--probes", probes, "--threshold", 0.5, "--output", out,
+                      "--probe-labels", tmp_path / "gone.csv") == 2
+    assert capsys.readouterr().err == (f"search: error: --probe-labels {gone['gone.csv']} (or 'folder': each probe's "
+                                       "first folder is its person)\n")
+    assert not out.exists() and not os.path.lexists(tmp_path / "unmounted")
+
+
 def test_identification_rates_count_ties_against_the_mate():
     # Ranks: 1, 1, 2 (a tie at the top counts against the mate), 6, none (non-mated) x 2.
     ranks = np.array([1, 1, 2, 6, 0, 0])

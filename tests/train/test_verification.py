@@ -386,6 +386,20 @@ def test_make_bin_draws_distinct_pairs_and_refuses_what_no_reader_takes(tmp_path
     assert not any(name.endswith(".bin") for name in os.listdir(tmp_path))
 
 
+def test_make_bin_says_a_pairs_list_that_is_a_broken_symbolic_link_is_one(tmp_path, capsys):
+    # A link to a disk not mounted: "no such file" alone sent the user looking for the link, which is there
+    # (3a1e680's checkpoint.dangling).
+    gone = tmp_path / "pairs.txt"
+    gone.symlink_to(tmp_path / "unmounted" / "pairs.txt")
+    with pytest.raises(SystemExit) as stop:
+        make_bin_main([str(tmp_path / "x.bin"), "--pairs-list", str(gone)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"python -m train.tools.make_bin: error: --pairs-list {gone}: "
+                                                        "no such file (a broken symbolic link to "
+                                                        f"{tmp_path / 'unmounted' / 'pairs.txt'})")
+    assert os.listdir(tmp_path) == ["pairs.txt"]
+
+
 def test_make_bin_keeps_an_existing_file_unless_told(tmp_path, capsys):
     # The output's stem names the synthetic set: `make_bin data/lfw.bin --synthetic` must not
     # replace a real lfw.bin.

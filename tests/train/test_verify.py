@@ -163,6 +163,19 @@ def test_verify_runs_the_trunk_under_the_runs_amp(tmp_path, capsys):
     assert fp32["xnorm"] != pytest.approx(recorded["xnorm"], rel=1e-4)  # fp32: other embeddings
 
 
+def test_data_that_is_a_broken_symbolic_link_is_said_to_be_one(verified, tmp_path, capsys):
+    # A link to a disk not mounted: "is not a folder" alone sent the user looking for the link, which is there
+    # (3a1e680's checkpoint.dangling); of a run's --data a,b, the one that is.
+    ckpt, _, bins = verified
+    gone = tmp_path / "faces"
+    gone.symlink_to(tmp_path / "unmounted")
+    link = f"(a broken symbolic link to {tmp_path / 'unmounted'})"
+    assert verify.main(["--model", ckpt, "--data", str(gone)]) == 2
+    assert capsys.readouterr().err == f"error: --data {gone} is not a folder {link}\n"
+    assert verify.main(["--model", ckpt, "--data", f"{bins},{gone}"]) == 2
+    assert capsys.readouterr().err == f"error: --data {bins},{gone}: {gone} is not a folder {link}\n"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--targets", "lfw"], "--targets lfw: a name is looked for in --data FOLDER"),
     ([], "name the sets: --data FOLDER"),
