@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -1827,25 +1828,37 @@ def _leave_group() -> None:
             dist.destroy_process_group()
 
 
-def _undo_start(output: str, existed: bool) -> None:
+def _undo_start(output: str, before: set[str] | None) -> None:
     """What a run that stops at start-up made: its lock, and the --output folder it created, with the
     logs, TensorBoard events and args.json the set-up began there (a run stopped by a full disk at its last
-    step). Under torchrun, rank 0's alone: it alone makes and writes the folder (Trainer._lock_output), and
-    another process stopping before it (its own data missing, or waiting past --dist-timeout while rank 0
-    reads the verification sets) removed the files rank 0 was still writing."""
+    step). Of a folder that was there (``before``: the names it held), the run's files the set-up began,
+    and the earlier run it set aside into ``earlier-<n>`` moved back: the folder is as it was, and the next
+    start finds no failed start-up's log to set aside as a run of its own. (A resumed run's logs, which it
+    continued, stay.) Under torchrun, rank 0's alone: it alone makes and writes the folder
+    (Trainer._lock_output), and another process stopping before it (its own data missing, or waiting past
+    --dist-timeout while rank 0 reads the verification sets) removed the files rank 0 was still writing."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     _release_output_lock(output)
-    if not existed:
-        with contextlib.suppress(OSError):
-            for name in (*RunLog.FILES, "training.log", "args.json"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(output, name))
-            tensorboard = os.path.join(output, "tensorboard")
-            if os.path.isdir(tensorboard):  # the events file its TensorBoard writer began
-                for name in os.listdir(tensorboard):
-                    os.remove(os.path.join(tensorboard, name))
-                os.rmdir(tensorboard)
+    existed, before = before is not None, before or set()
+    with contextlib.suppress(OSError):
+        aside = [name for name in os.listdir(output)  # (one at most: the set-up sets aside once)
+                 if name not in before and name.startswith("earlier-") and name[len("earlier-"):].isdigit()]
+        moved = {name for folder in aside for name in os.listdir(os.path.join(output, folder))}
+        for name in RUN_FILES:  # the set-up's: not there before, or there before and set aside since
+            path = os.path.join(output, name)
+            if name in before and name not in moved or not os.path.lexists(path):
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):  # tensorboard/, with what its writer began
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        for folder in aside:
+            for name in os.listdir(os.path.join(output, folder)):
+                os.replace(os.path.join(output, folder, name), os.path.join(output, name))
+            os.rmdir(os.path.join(output, folder))
+            print(f"note: the earlier run's files are back in {output}", file=sys.stderr)
+        if not existed:
             os.rmdir(output)
 
 
@@ -1855,7 +1868,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tools import plain_warnings
 
     args = parse_args(argv)
-    existed = os.path.isdir(args.output)
+    before = set(os.listdir(args.output)) if os.path.isdir(args.output) else None
     with plain_warnings():
         try:
             # Ctrl-C and SIGTERM during the start-up (reading the data, the checkpoint) unwind as below
@@ -1863,14 +1876,14 @@ def main(argv: list[str] | None = None) -> int:
             with stop_on_signals():
                 trainer = Trainer(args)
         except Stopped as stop:
-            _undo_start(args.output, existed)
+            _undo_start(args.output, before)
             print(f"stopped by {stop.name} during the start-up, before the first step", file=sys.stderr)
             _leave_group()
             return stop.exit_status
         except BaseException:
             # A run that stops at start-up (a bad option, data that does not fit) leaves no --output it made
             # behind it, nor its lock. (Rank 0's undo alone under torchrun: the others made nothing there.)
-            _undo_start(args.output, existed)
+            _undo_start(args.output, before)
             error = sys.exc_info()[1]
             if dist.is_available() and dist.is_initialized() and timed_out(error):
                 print(_waited_too_long(args, "during start-up", int(os.environ.get("RANK", "0"))), file=sys.stderr)

@@ -976,6 +976,37 @@ def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_p
         assert output.exists() == (output.name == "existing")
 
 
+def test_a_run_that_stops_at_start_up_leaves_a_folder_that_was_there_as_it_was(faces, tmp_path, monkeypatch, capsys):
+    # A full disk when the set-up begins training.log, after it set the folder's earlier run aside into earlier-1:
+    # that run's files go back, and the set-up's go. They were left, the earlier run in earlier-1 and the failed
+    # start's training.log and args.json where it had been, which the next start set aside as a run (earlier-2).
+    import train.trainer as trainer_module
+
+    def open_(path, mode="r", *args, **kwargs):
+        if "a" in mode and os.path.basename(path) == "training.log":
+            raise OSError(28, "No space left on device", path)
+        return open(path, mode, *args, **kwargs)
+
+    earlier, empty = tmp_path / "earlier", tmp_path / "empty"
+    assert main(argv(faces, earlier, max_steps=2)) == 0
+    empty.mkdir()
+    (empty / "notes.txt").write_text("mine")
+
+    def contents(folder):
+        return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+    kept = {folder: contents(folder) for folder in (earlier, empty)}
+    assert {"checkpoint.pt", "training.log", "args.json", "metrics.jsonl"} <= {str(p) for p in kept[earlier]}
+    monkeypatch.setattr(trainer_module, "open", open_, raising=False)
+    for folder in (earlier, empty):
+        with pytest.raises(SystemExit, match="No space left on device"):
+            main(argv(faces, folder, max_steps=2))
+        err = capsys.readouterr().err
+        assert (f"note: the earlier run's files are back in {folder}\n" in err) == (folder == earlier), err
+        assert contents(folder) == kept[folder] and sorted(os.listdir(folder)) == sorted(
+            {str(path).split(os.sep)[0] for path in kept[folder]}), os.listdir(folder)
+
+
 @pytest.mark.parametrize("options, message", [
     ("--loss arcface --m2 0.4", "--m2 does not apply to --loss arcface, whose margin is --arcface-m"),
     ("--loss cosface --m1 2", "--m1 does not apply to --loss cosface, whose margin is --m3"),
