@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 from . import insightface_config
 from .models import NETWORKS, is_factory_spec
-from .tools import count_of
+from .tools import ArgumentParser, count_of
 
 LOSSES = ("arcface", "cosface", "sphereface", "combined", "adaface", "elasticface-arc", "elasticface-cos",
           "elasticface-arc+", "elasticface-cos+", "magface", "curricularface")
@@ -95,8 +95,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m train",
         description="Train a face-recognition backbone with an ArcFace-style margin loss. "
         "With no arguments it runs the demo: the small network on synthetic faces, a few minutes on a CPU.",
@@ -727,13 +727,15 @@ def _epoch_sizes(argv: list[str]) -> dict[str, int]:
     return {key: value for key, value in _given(argv, ("batch_size", "gradient_acc")).items() if value >= 1}
 
 
-def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (default ``sys.argv[1:]``) on top of ``--config FILE`` and the defaults; ``prog``:
-    the command its usage errors name (a tool that takes the trainer's options, as preview does)."""
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, name: str | None = None
+               ) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``) on top of ``--config FILE`` and the defaults; ``prog``
+    and ``name``: the command its usage line names and the one its error line begins with (a tool that
+    takes the trainer's options, as preview does)."""
     command_line = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    parser.prog = prog or parser.prog
-    pre = argparse.ArgumentParser(prog=parser.prog, add_help=False)
+    parser.prog, parser.name = prog or parser.prog, name
+    pre = ArgumentParser(prog=parser.prog, name=name, add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config and not os.path.isfile(known.config) and os.path.isfile(known.config + ".py"):

@@ -232,7 +232,7 @@ def test_options_out_of_range_or_ignored_are_refused(tmp_path, capsys, argv, mes
     with pytest.raises(SystemExit) as stop:
         align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(tmp_path / "out"), *argv])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"python -m train.tools.align: error: {message}"
+    assert capsys.readouterr().err.splitlines()[-1] == f"align: error: {message}"
     assert not (tmp_path / "out").exists()
 
 

@@ -331,7 +331,7 @@ def test_refusals_write_nothing(trained, tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             clean.main(["--model", str(ckpt), "--data", str(faces), "--output", str(out), *bad])
         assert stop.value.code == 2
-        assert capsys.readouterr().err.splitlines()[-1] == f"python -m train.tools.clean: error: {said}"
+        assert capsys.readouterr().err.splitlines()[-1] == f"clean: error: {said}"
     assert sorted(os.listdir(out)) == ["samples.csv"]
 
 

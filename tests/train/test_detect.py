@@ -287,7 +287,7 @@ def test_bad_arguments_and_partial_files_are_one_line_errors(detector, tmp_path,
                         (["--workers", "-1"], "--workers must be at least 0, got -1")]:
         with pytest.raises(SystemExit) as stop:
             detect.main([*common, "--images", str(images), *extra])
-        assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {said}")
+        assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"detect: error: {said}"
     for images_given, said in [(images / "a.png", f"--images {images / 'a.png'} is not a folder"),
                                (empty, f"--images {empty}: no images (.jpg, .jpeg, .png, .bmp) under it")]:
         assert detect.main([*common, "--images", str(images_given)]) == 2

@@ -92,13 +92,18 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):
             preview.main(["--output", str(tmp_path / argv[0])] + argv[1:])
         assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--crop-augmentation is a probability"):
+    with pytest.raises(SystemExit) as stop:  # (the trainer's own check: its line, and exit status 1)
         preview.main(["--output", str(tmp_path / "y.png"), "--crop-augmentation", "2"])
-    for argv, message in [(["--foo"], "unrecognized arguments: --foo"),  # (were "python -m train: error: ...")
-                          (["--lr", "x"], "argument --lr: invalid float value: 'x'")]:
-        with pytest.raises(SystemExit):
+    assert stop.value.code == "preview: error: --crop-augmentation is a probability: it must be in [0, 1], got 2.0"
+    # (were "python -m train: error: ...", then "python -m train.tools.preview: error: ...")
+    for argv, message in [(["--foo"], "unrecognized arguments: --foo"),
+                          (["--lr", "x"], "argument --lr: invalid float value: 'x'"),
+                          (["--config"], "argument --config: expected one argument")]:
+        with pytest.raises(SystemExit) as stop:
             preview.main(["--output", str(tmp_path / "y.png"), *argv])
-        assert capsys.readouterr().err.splitlines()[-1] == f"python -m train.tools.preview: error: {message}"
+        err = capsys.readouterr().err.splitlines()
+        assert stop.value.code == 2 and err[-1] == f"preview: error: {message}", err
+        assert err[0].startswith("usage: python -m train.tools.preview "), err  # (the command to copy)
     assert not (tmp_path / "y.png").exists()
 
 

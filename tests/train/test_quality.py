@@ -353,7 +353,7 @@ def test_options_and_tables_it_cannot_score_or_lay_out_are_named(trained, tmp_pa
         with pytest.raises(SystemExit) as stop:
             run_quality(*argv)
         last = capsys.readouterr().err.splitlines()[-1]
-        assert stop.value.code == 2 and last.startswith(f"python -m train.tools.quality: error: {said}"), last
+        assert stop.value.code == 2 and last.startswith(f"quality: error: {said}"), last
     images = tmp_path / "images"
     images.mkdir()
     write_table(str(tmp_path / "none.csv"), [], np.zeros((0, 4), np.float32))

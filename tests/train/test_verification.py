@@ -394,7 +394,7 @@ def test_make_bin_says_a_pairs_list_that_is_a_broken_symbolic_link_is_one(tmp_pa
     with pytest.raises(SystemExit) as stop:
         make_bin_main([str(tmp_path / "x.bin"), "--pairs-list", str(gone)])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (f"python -m train.tools.make_bin: error: --pairs-list {gone}: "
+    assert capsys.readouterr().err.splitlines()[-1] == (f"make_bin: error: --pairs-list {gone}: "
                                                         "no such file (a broken symbolic link to "
                                                         f"{tmp_path / 'unmounted' / 'pairs.txt'})")
     assert os.listdir(tmp_path) == ["pairs.txt"]

@@ -8,7 +8,7 @@ threshold at each false accept rate, the EER, and the pairs that fail), `quality
 its feature norm, the faces to drop, and the error-versus-reject evaluation of a quality score on
 verification pairs) and `preview` (a grid of training images as the network sees them); and the checks
 that `pack_rec`, `make_bin`, `train.embed` and `train.ijb` make of their arguments before any work,
-so that a mistake costs no time."""
+so that a mistake costs no time, with the parser whose error line begins with the command's name."""
 
 from __future__ import annotations
 
@@ -30,6 +30,22 @@ from typing import TYPE_CHECKING
 # train.signals.stop_while_importing, so that a Ctrl-C in those seconds is the tool's one line.)
 if TYPE_CHECKING:
     import torch
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser for a command-line tool whose error line begins with the tool's short name
+    ``name``, ``roc: error: ...``, as the lines of its own checks do: one form of line for every user
+    mistake, which tells the command at fault in a pipeline of several. The usage line above it keeps
+    ``prog`` (``python -m train.tools.roc``), the command a user copies; without ``name``, argparse's
+    ``<prog>: error: ...``."""
+
+    def __init__(self, *args, name: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = name
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.name or self.prog}: error: {message}\n")
 
 
 def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] = (),

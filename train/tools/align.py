@@ -52,7 +52,7 @@ with stop_while_importing(__name__, "align: "):
     from train.checkpoint import check_output_folder, dangling
     from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
     from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
-    from train.tools import check_images_folder, count_of
+    from train.tools import ArgumentParser, check_images_folder, count_of
 
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
 # A field of a space- or tab-separated line: in double quotes (which may hold spaces, tabs and
@@ -366,7 +366,8 @@ def _collect(results, bar) -> list[tuple[int, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.tools.align", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m train.tools.align", name="align",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True,
                         help="the folder the landmarks file's image paths are relative to (with --detector: the "
                              "photos, every image under it)")

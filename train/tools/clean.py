@@ -74,8 +74,8 @@ with stop_while_importing(__name__, _line_start()):
     from train.data.recordio import _class_index, unpack_payload
     from train.data.transforms import to_chw
     from train.embed import backbone_weights_digest, embed_images, load_model
-    from train.tools import (RunLock, check_outputs, count_of, lost_a_peer, plain_warnings, say_unhandled_error,
-                             torch_device)
+    from train.tools import (ArgumentParser, RunLock, check_outputs, count_of, lost_a_peer, plain_warnings,
+                             say_unhandled_error, torch_device)
     from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
     from train.tools.similarity import connected_components, cosine_blocks
     from train.verification import compute_embeddings
@@ -497,8 +497,8 @@ def _packed_images(data, order: np.ndarray, new_labels: np.ndarray):
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.tools.clean", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.tools.clean", name="clean", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="a training checkpoint (its class centres too), backbone.pt from python -m train.export, "
                    "insightface's backbone.pth, or an ONNX model")

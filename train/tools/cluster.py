@@ -51,10 +51,10 @@ with stop_while_importing(__name__, "cluster: "):
                              faces_of_photos, folder_images, load_model, made_with, model_threshold, open_detector,
                              read_about, read_table, table_files)
     from train.ijb import ALIGNED_SIZE, align_for_model, landmarks_off_image
-    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_images_folder,
-                             check_outputs, check_photo_options, check_tree_folder, count_of, hidden_beside, inside,
-                             left_out_said, link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder,
-                             summary_path, torch_device)
+    from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
+                             check_images_folder, check_outputs, check_photo_options, check_tree_folder, count_of,
+                             hidden_beside, inside, left_out_said, link_or_copy, plain_warnings,
+                             remove_killed_runs_trees, replace_folder, summary_path, torch_device)
     from train.tools.align import FORMAT_EXTENSIONS
     from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
 
@@ -242,8 +242,8 @@ def faces_of_one_photo(photo_of: np.ndarray, node: np.ndarray | None = None) -> 
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.tools.cluster", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.tools.cluster", name="cluster", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR",
                         help="a folder of aligned face crops (any nesting), as train.tools.align writes them; photos "

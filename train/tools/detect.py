@@ -49,7 +49,7 @@ with stop_while_importing(__name__, "detect: "):
     from train.data.transforms import decode_failure, to_rgb
     from train.embed import images_under
     from train.onnx_backbone import _first_line, open_session
-    from train.tools import RunLock, check_images_folder, check_outputs, listable_name
+    from train.tools import ArgumentParser, RunLock, check_images_folder, check_outputs, listable_name
     from train.tools.align import _fields, _numbers
 
 # insightface's FaceAnalysis: det_size (640, 640), det_thresh 0.5; SCRFD's nms_threshold 0.4.
@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.tools.detect", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m train.tools.detect", name="detect",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--detector", required=True,
                         help="an SCRFD face detector with keypoints in an ONNX file (insightface's det_10g.onnx)")
     parser.add_argument("--images", required=True, help="the folder of photos (read recursively)")

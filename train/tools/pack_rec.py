@@ -30,7 +30,7 @@ with stop_while_importing(__name__, "pack_rec: "):
     from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note, repeated_images_note
     from train.data.recordio import RecordIOWriter, pack_payload
     from train.data.transforms import encode_image, to_rgb, unreadable_image
-    from train.tools import check_outputs, plain_warnings
+    from train.tools import ArgumentParser, check_outputs, plain_warnings
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
 
@@ -161,7 +161,8 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.tools.pack_rec", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m train.tools.pack_rec", name="pack_rec",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("image_folder", metavar="images",
                         help="root with one sub-folder of aligned face images per identity, or a list file (.lst, "
                              ".txt) of lines 'path label', 'flag<TAB>path<TAB>label' or 'index<TAB>label<TAB>path'")

@@ -31,7 +31,7 @@ with stop_while_importing(__name__, "preview: "):
     from PIL import Image, ImageDraw, ImageFont
 
     from train import checkpoint
-    from train.tools import check_outputs, plain_warnings
+    from train.tools import ArgumentParser, check_outputs, plain_warnings
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 SAVE_OPTIONS = {"PNG": {}, "JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"lossless": True}}
@@ -71,9 +71,10 @@ def pick(args: argparse.Namespace, size: int, rng: np.random.Generator) -> list[
     return [(int(index), args.epoch) for index in chosen]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.tools.preview", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m train.tools.preview", name="preview", description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
         epilog="Any option of python -m train is accepted as the trainer takes it (python -m train --help).")
     parser.add_argument("--output", required=True, help="the image to write (.png, .jpg, .webp)")
     which = parser.add_mutually_exclusive_group()
@@ -100,7 +101,12 @@ def _main(argv: list[str] | None = None) -> int:
     extension = os.path.splitext(args.output)[1].lower()
     if extension not in FORMATS:
         parser.error(f"{args.output}: name a .png, .jpg or .webp file")
-    options = parse_args(trainer_argv, prog=parser.prog)  # exits with the trainer's own message on a bad option
+    try:  # the trainer's own checks of its options
+        options = parse_args(trainer_argv, prog=parser.prog, name=parser.name)
+    except SystemExit as refused:  # a line naming the option, exit status 1 (argparse's: said, 2)
+        if isinstance(refused.code, str):
+            raise SystemExit(f"{parser.name}: error: {refused.code}") from None
+        raise
     try:
         synthetic = ({"synthetic_identities": options.synthetic_identities,
                       "synthetic_images_per_identity": options.synthetic_images_per_identity}

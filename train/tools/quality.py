@@ -52,10 +52,10 @@ with stop_while_importing(__name__, "quality: "):
                              faces_are_files, faces_described, folder_images, load_model, model_digests,
                              open_detector, read_about, read_table, table_files)
     from train.ijb import threshold_allowing
-    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_images_folder,
-                             check_outputs, check_photo_options, check_tree_folder, count_of, hidden_beside, inside,
-                             left_out_said, link_or_copy, plain_warnings, remove_killed_runs_trees, replace_folder,
-                             summary_path, torch_device)
+    from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
+                             check_images_folder, check_outputs, check_photo_options, check_tree_folder, count_of,
+                             hidden_beside, inside, left_out_said, link_or_copy, plain_warnings,
+                             remove_killed_runs_trees, replace_folder, summary_path, torch_device)
 
 DEFAULT_FMRS = (0.001, 0.01)
 DEFAULT_MAX_REJECT = 0.2
@@ -191,8 +191,8 @@ def _fmrs(text: str) -> list[float]:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.tools.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.tools.quality", name="quality", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help=MODEL_HELP + "; its feature norm is the quality")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR",

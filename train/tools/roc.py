@@ -55,9 +55,9 @@ with stop_while_importing(__name__, "roc: "):
                              write_table)
     from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
                            threshold_allowing)
-    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_images_folder,
-                             check_outputs, check_photo_options, count_of, left_out_said, plain_warnings, summary_path,
-                             torch_device)
+    from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
+                             check_images_folder, check_outputs, check_photo_options, count_of, left_out_said,
+                             plain_warnings, summary_path, torch_device)
     from train.tools.cluster import DEFAULT_DUPLICATE_COSINE
     from train.tools.search import Faces, _check_made_with, _read_faces, cosine_above, first_folder
     from train.tools.similarity import cosine_blocks
@@ -470,8 +470,8 @@ def _genuine(part: torch.Tensor, genuine: torch.Tensor, row: int, first: int, lo
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.tools.roc", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.tools.roc", name="roc", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR",
                         help="an ImageFolder of aligned faces, DIR/<person>/<image> (a face's first folder is its "

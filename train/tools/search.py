@@ -46,9 +46,9 @@ with stop_while_importing(__name__, "search: "):
                              made_with_one_model, model_digests, model_threshold, open_detector, read_about,
                              read_table, table_files, write_table)
     from train.ijb import negatives_needed, template_features, threshold_allowing
-    from train.tools import (add_detector_option, add_embedding_options, check_embedding_options, check_outputs,
-                             check_photo_options, count_of, left_out_said, listable_name, plain_warnings, summary_path,
-                             torch_device)
+    from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
+                             check_outputs, check_photo_options, count_of, left_out_said, listable_name, plain_warnings,
+                             summary_path, torch_device)
     from train.tools.similarity import best_people
 
 DEFAULT_TOP_K = 5
@@ -74,8 +74,8 @@ def first_folder(name: str) -> str | None:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.tools.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.tools.search", name="search", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
                    help=MODEL_HELP + "; with tables alone only for its threshold (default: the model the gallery "
                    "table's .json names, where it still is)")
