@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -655,7 +656,7 @@ def test_operating_points_fpir_and_the_threshold_recorded_in_the_gallery(open_se
         assert said in capsys.readouterr().err
 
 
-def test_fpir_recorded_in_a_gallery_enrolled_from_a_folder(trained, tmp_path, capsys):
+def test_fpir_recorded_in_a_gallery_enrolled_from_a_folder(trained, tmp_path, capsys, monkeypatch):
     _, backbone, gallery, probes = trained
     out, saved = tmp_path / "r.csv", tmp_path / "g.npy"
     # 4 non-mated searches (person4 and person5, 2 probes each): FPIR 0.25 lets one in at most.
@@ -675,20 +676,40 @@ def test_fpir_recorded_in_a_gallery_enrolled_from_a_folder(trained, tmp_path, ca
     again = json.loads((tmp_path / "r.json").read_text())
     assert again["threshold"] == summary["threshold"] and again["threshold_from"].startswith("recorded in")
     assert again["matched"] == summary["matched"]
-    # An --fpir the probes cannot measure, after the gallery's table was written: the error says it is there.
+    # An --fpir the probes cannot measure once one of the strangers' images does not decode, after the gallery's
+    # table was written: the error says it is there.
     for written in (saved, tmp_path / "g.txt", tmp_path / "g.npy.json"):
         os.remove(written)
-    assert run_search("--model", backbone, "--gallery", gallery, "--probes", probes, "--probe-labels", "folder",
-                      "--fpir", 0.1, "--save-gallery", saved, "--output", tmp_path / "s.csv") == 2
+    shutil.copytree(probes, tmp_path / "probes")
+    (tmp_path / "probes" / "person5" / "04.png").write_bytes(b"not a png")
+    assert run_search("--model", backbone, "--gallery", gallery, "--probes", tmp_path / "probes", "--probe-labels",
+                      "folder", "--fpir", 0.25, "--save-gallery", saved, "--output", tmp_path / "s.csv") == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("search: error: --fpir 0.1: 4 non-mated searches measure an FPIR of 0.25 at best")
+    assert err.startswith("search: error: --fpir 0.25: 3 non-mated searches measure an FPIR of 0.333 at best")
     assert err.endswith(f"(the gallery's table was written: {saved}, {tmp_path / 'g.txt'}, {saved}.json; --gallery "
                         f"{saved} searches it without embedding it again)")
     assert np.load(saved).shape == (12, 64) and not os.path.exists(tmp_path / "s.csv")
-    # Probes too few for the --fpir were they all strangers: said before the gallery is embedded and its table
-    # written (it was after, as above).
+    # Strangers too few for the --fpir (4 probes of people without a folder in the gallery), or none (the probes of
+    # the people enrolled alone): said before anything is embedded or written (it was after the gallery's table).
     for written in (saved, tmp_path / "g.txt", tmp_path / "g.npy.json"):
         os.remove(written)
+    shutil.rmtree(tmp_path / "probes")
+    shutil.copytree(probes, tmp_path / "probes", ignore=shutil.ignore_patterns("person4", "person5"))
+
+    def embed_files(*args, **kwargs):
+        raise AssertionError("faces were embedded before the --fpir was checked")
+
+    monkeypatch.setattr(search, "embed_files", embed_files)
+    for fpir, folder, said in ((0.1, probes, "4 non-mated searches measure an FPIR of 0.25 at best (1 of them); 0.1 "
+                                             "needs 10 or more"),
+                               (0.2, tmp_path / "probes", "none of the 8 probes is of a person not enrolled "
+                                                          "(--probe-labels folder), and the FPIR is measured on those")):
+        assert run_search("--model", backbone, "--gallery", gallery, "--probes", folder, "--probe-labels", "folder",
+                          "--fpir", fpir, "--save-gallery", saved, "--output", tmp_path / "s.csv") == 2
+        assert capsys.readouterr().err == f"search: error: --fpir {fpir}: {said}\n"
+        assert not os.path.exists(saved) and not os.path.exists(tmp_path / "s.csv")
+    # Probes too few for the --fpir were they all strangers: said before the gallery is embedded and its table
+    # written (it was after, as above).
     assert run_search("--model", backbone, "--gallery", gallery, "--probes", probes, "--probe-labels", "folder",
                       "--fpir", 0.05, "--save-gallery", saved, "--output", tmp_path / "s.csv") == 2
     err = capsys.readouterr().err

@@ -45,7 +45,7 @@ with stop_while_importing(__name__, "search: "):
                              faces_described, images_under, listed_faces, load_model, made_with,
                              made_with_one_model, model_digests, model_threshold, open_detector, read_about,
                              read_table, table_files, write_table)
-    from train.ijb import negatives_needed, template_features, threshold_allowing
+    from train.ijb import allowed_passes, negatives_needed, template_features, threshold_allowing
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
                              check_outputs, check_photo_options, count_of, left_out_said, listable_name, plain_warnings,
                              summary_path, torch_device)
@@ -327,11 +327,16 @@ def run(args: argparse.Namespace) -> int:
     # said once the gallery folder and the probes had been embedded. (A probe left out later, an image that does not
     # decode, must be listed too.)
     known = _probe_names(args, probe_paths, probes, listed)
-    if known is not None:
-        people_of_probes(args, known, labels)
+    truth = people_of_probes(args, known, labels) if known is not None else None
+    # Listed now: a gallery folder without people is said before anything is embedded, and its people tell which
+    # probes are of someone not enrolled.
+    scanned = _scan_gallery(args) if gallery_folder else None
 
     if args.fpir is not None:
         _check_fpir_measurable(args, probes, probe_paths, listed)
+        if truth is not None:
+            enrolled = set(scanned[0]) if scanned else {first_folder(name) for name in gallery.names}
+            _check_fpir_strangers(args, truth, enrolled)
 
     outputs = [args.output, summary_path(args.output)] if args.probes else []
     outputs += table_files(args.save_gallery, about=True) if args.save_gallery else []
@@ -345,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
 
     failures = []  # (the gallery's, then the probes')
     if gallery_folder:
-        gallery = _embed_gallery(args, model, settings, device, detector, failures)
+        gallery = _embed_gallery(args, model, settings, device, detector, failures, scanned)
     gallery_failures = len(failures)
     if args.save_gallery and gallery_folder:  # (a table's copy, with --fpir, is written with the results)
         about = {"made_by": "train.tools.search", "model": os.path.abspath(args.model),
@@ -400,10 +405,9 @@ def _check_fpir_measurable(args, probes: Faces | None, probe_paths: list[str] | 
                          f"not enrolled), and --probes {args.probes} holds {count_of(searches, 'probe')} in all")
 
 
-def _embed_gallery(args, model, settings: dict, device, detector, failures: list[str]) -> Faces:
-    """The faces of the ImageFolder ``--gallery``, embedded (with ``detector``, opened: photos, each one's
-    main face found and aligned, as the probes' are); a person none of whose images can be read (or has a
-    face found), or whose folder holds none, is left out, with a warning (added to ``failures``)."""
+def _scan_gallery(args) -> tuple[list[str], list[tuple[str, int]]]:
+    """The people and images of the ImageFolder ``--gallery`` (:func:`scan_image_folder`); ValueError naming
+    it when no person's folder holds an image, or a person is named as the decision for no one."""
     try:
         people, samples = scan_image_folder(args.gallery)
     except (OSError, ValueError) as error:  # (no person's folder holds images)
@@ -411,6 +415,35 @@ def _embed_gallery(args, model, settings: dict, device, detector, failures: list
     if UNKNOWN in people:
         raise ValueError(f"--gallery {args.gallery}: a person is named {UNKNOWN!r}, the decision for a probe that "
                          "is no one enrolled: rename that folder")
+    return people, samples
+
+
+def _check_fpir_strangers(args, truth: list[str], enrolled: set[str]) -> None:
+    """ValueError naming --fpir, before any face is embedded, when too few of the probes (``truth``: their
+    people by --probe-labels) are of people not ``enrolled`` (the gallery's, by its folders or its table's
+    rows) to measure it: as :func:`_fpir_threshold` says once the faces are searched. (A person of a gallery
+    folder whose images all fail to read, left out later, counts as enrolled: their probes are not the
+    strangers the rate is meant for.)"""
+    _say_too_few_strangers(args, sum(person not in enrolled for person in truth), len(truth))
+
+
+def _say_too_few_strangers(args, non_mated: int, searches: int) -> None:
+    """ValueError naming --fpir when ``non_mated`` of the ``searches`` cannot measure it."""
+    if not non_mated:
+        raise ValueError(f"--fpir {args.fpir:g}: none of the {searches} probes is of a person not enrolled "
+                         f"(--probe-labels {args.probe_labels}), and the FPIR is measured on those")
+    if allowed_passes(args.fpir, non_mated) < 1:  # (as operating_points finds no threshold)
+        raise ValueError(f"--fpir {args.fpir:g}: {non_mated} non-mated searches measure an FPIR of {1 / non_mated:.3g} "
+                         f"at best (1 of them); {args.fpir:g} needs {negatives_needed(args.fpir)} or more")
+
+
+def _embed_gallery(args, model, settings: dict, device, detector, failures: list[str],
+                   scanned: tuple[list[str], list[tuple[str, int]]]) -> Faces:
+    """The faces of the ImageFolder ``--gallery`` (``scanned``: :func:`_scan_gallery`'s), embedded (with
+    ``detector``, opened: photos, each one's main face found and aligned, as the probes' are); a person none
+    of whose images can be read (or has a face found), or whose folder holds none, is left out, with a warning
+    (added to ``failures``)."""
+    people, samples = scanned
     # A person's folder without an image (empty, or photos in another format) is someone the user meant to
     # enrol: said, and the exit status 1, as for a person whose images do not decode.
     empty = sorted(name for name in os.listdir(args.gallery) if not name.startswith(".") and name not in people
@@ -661,14 +694,9 @@ def _points_said(points: list[dict], non_mated: int, mated: int, scores: str) ->
 def _fpir_threshold(args, ranks: np.ndarray, best: np.ndarray, mated: np.ndarray) -> dict:
     """The operating point of ``--fpir`` on these probes; ValueError naming it when they have no
     non-mated search, or too few to measure it."""
-    non_mated = int((~mated).sum())
-    if not non_mated:
-        raise ValueError(f"--fpir {args.fpir:g}: none of the {len(mated)} probes is of a person not enrolled "
-                         f"(--probe-labels {args.probe_labels}), and the FPIR is measured on those")
+    _say_too_few_strangers(args, int((~mated).sum()), len(mated))
     point = operating_points(ranks, best, mated, [args.fpir])[0]
-    if point["threshold"] is None:
-        raise ValueError(f"--fpir {args.fpir:g}: {non_mated} non-mated searches measure an FPIR of {1 / non_mated:.3g} "
-                         f"at best (1 of them); {args.fpir:g} needs {negatives_needed(args.fpir)} or more")
+    assert point["threshold"] is not None
     return point
 
 
