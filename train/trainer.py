@@ -71,11 +71,12 @@ OUTPUT_LOCK_NAME = ".run.lock"
 _OUTPUT_LOCKS: dict = {}
 
 
-def _release_output_lock(output: str) -> None:
-    """The lock this process holds on ``output`` (the main process's), released; none held: nothing."""
+def _release_output_lock(output: str) -> bool:
+    """The lock this process holds on ``output`` (the main process's), released; none held: nothing (False)."""
     lock = _OUTPUT_LOCKS.pop(os.path.realpath(output), None)
     if lock is not None:
         lock.release()
+    return lock is not None
 
 
 class _VerificationStopped(Exception):
@@ -1839,8 +1840,12 @@ def _undo_start(output: str, before: set[str] | None) -> None:
     --dist-timeout while rank 0 reads the verification sets) removed the files rank 0 was still writing."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    _release_output_lock(output)
     existed, before = before is not None, before or set()
+    if not _release_output_lock(output):  # stopped before it held the folder: what is there is not the set-up's
+        if not existed:  # (the folder it made, when that was all: another run may have made it meanwhile)
+            with contextlib.suppress(OSError):
+                os.rmdir(output)
+        return
     with contextlib.suppress(OSError):
         aside = [name for name in os.listdir(output)  # (one at most: the set-up sets aside once)
                  if name not in before and name.startswith("earlier-") and name[len("earlier-"):].isdigit()]

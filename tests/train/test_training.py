@@ -1007,6 +1007,21 @@ def test_a_run_that_stops_at_start_up_leaves_a_folder_that_was_there_as_it_was(f
             {str(path).split(os.sep)[0] for path in kept[folder]}), os.listdir(folder)
 
 
+def test_a_run_refused_a_folder_another_run_holds_leaves_what_that_run_writes(faces, tmp_path, monkeypatch):
+    # The other run's files that came after this one looked into the folder (its first metrics, say) are not this
+    # set-up's to remove: it never held the folder.
+    import train.tools
+
+    def held_by_another_run(path, message):
+        (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # (the other run's, written meanwhile)
+        raise ValueError(message)
+
+    monkeypatch.setattr(train.tools, "RunLock", held_by_another_run)
+    with pytest.raises(SystemExit, match="another run is writing into this folder"):
+        main(argv(faces, tmp_path, max_steps=2))
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
 @pytest.mark.parametrize("options, message", [
     ("--loss arcface --m2 0.4", "--m2 does not apply to --loss arcface, whose margin is --arcface-m"),
     ("--loss cosface --m1 2", "--m1 does not apply to --loss cosface, whose margin is --m3"),
