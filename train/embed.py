@@ -24,13 +24,14 @@ from typing import NamedTuple
 
 from .signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-with stop_while_importing(__name__):
+with stop_while_importing(__name__, "embed: "):
     import numpy as np
     import torch
 
     from . import checkpoint
     from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input, unreadable_image
-    from .tools import check_images_folder, check_outputs, left_out_said, listable_name, torch_device
+    from .tools import (ArgumentParser, check_images_folder, check_outputs, left_out_said, listable_name,
+                        torch_device)
 
 # Cosine similarity above which two faces are called the same when the model carries no
 # verification threshold of its own.
@@ -548,24 +549,26 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
                    help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
 
 
-def run_stoppable(main, argv: list[str] | None) -> int:
+def run_stoppable(main, argv: list[str] | None, tool: str) -> int:
     """A benchmark's ``main(argv)`` under :func:`stop_on_signals`: Ctrl-C and SIGTERM give one line and
     exit 130 / 143 (its decoding workers leave them to this process); an operator torch lacks on mps or
-    xpu one line and exit 2."""
+    xpu one line and exit 2. ``tool``: the benchmark's short name, which its lines begin with."""
     from .tools import say
 
     # (no errors of its own: a benchmark says its own, and carries on past some)
-    return run_tool(lambda: main(argv), errors=(), whole=": the files written before it are whole", out=say)
+    return run_tool(lambda: main(argv), tool=tool, errors=(), whole=": the files written before it are whole",
+                    out=say)
 
 
-def report_unreadable(unreadable: list[tuple[int, str]], folder: str, shown: int = 10) -> None:
+def report_unreadable(unreadable: list[tuple[int, str]], folder: str, tool: str, shown: int = 10) -> None:
     """The images of a benchmark's release that did not decode (``embed_images``' ``unreadable``), all
-    counted and the first ``shown`` named, after the embedding: one round of fixes, not one a file."""
+    counted and the first ``shown`` named, after the embedding: one round of fixes, not one a file; the
+    lines begin with ``tool``, the benchmark's short name."""
     from .tools import say
 
     for _, why in unreadable[:shown]:
-        say(f"error: {why}", file=sys.stderr)
-    say(f"error: {len(unreadable)} image(s) of {folder} cannot be read"
+        say(f"{tool}: error: {why}", file=sys.stderr)
+    say(f"{tool}: error: {len(unreadable)} image(s) of {folder} cannot be read"
         + (f" (the first {shown} above)" if len(unreadable) > shown else "") + ": nothing scored", file=sys.stderr)
 
 
@@ -793,8 +796,8 @@ def _read_npy_table(array_path: str, index_path: str) -> tuple[list[str], np.nda
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.embed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.embed", name="embed", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth "
                    "or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released "
@@ -864,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--all-faces goes with --images and --landmarks or --detector")
     # Ctrl-C and SIGTERM unwind (the detector's loader workers leave them to this process, and end when it
     # shuts them down); the outputs are written whole or not at all.
-    return run_tool(lambda: run(args))
+    return run_tool(lambda: run(args), tool="embed")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,13 +19,13 @@ import warnings
 
 from .signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-with stop_while_importing(__name__):
+with stop_while_importing(__name__, "export: "):
     import numpy as np
     import torch
 
     from . import checkpoint, quantize
     from .config import _str_list
-    from .tools import ORT_DISTRIBUTIONS, count_of, not_importable
+    from .tools import ORT_DISTRIBUTIONS, ArgumentParser, count_of, not_importable
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
     from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -161,7 +161,7 @@ def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__)
+    p = ArgumentParser(prog="python -m train.export", name="export", description=__doc__)
     p.add_argument("--checkpoint", required=True,
                    help="a training checkpoint (runs/<network>/checkpoint.pt) or a backbone state dict")
     p.add_argument("--output", default=None,
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"QuantizeLinear's axis, from opset {quantize.INT8_OPSET}), got {args.opset}")
     # Ctrl-C and SIGTERM unwind: the private folder goes, and the output folder is as it was, or (when they
     # come while the files move into place) holds the whole export.
-    return run_tool(lambda: _export(args), whole=" as the files moved into place: the export is whole",
+    return run_tool(lambda: _export(args), tool="export", whole=" as the files moved into place: the export is whole",
                     blank_line=False)
 
 
@@ -279,15 +279,16 @@ def _export(args: argparse.Namespace) -> int:
                 for name in os.listdir(staging):
                     os.remove(os.path.join(staging, name))
             except ValueError as error:
-                print(f"error: {error}; nothing written (--no-onnx exports the state dict alone)", file=sys.stderr)
+                print(f"export: error: {error}; nothing written (--no-onnx exports the state dict alone)",
+                      file=sys.stderr)
                 return 1
         agreements = {}
         if faces is not None:
             try:
                 agreements = _quantize(staging, faces, sets, args.normalized_onnx)
             except ValueError as error:
-                print(f"error: {error}; nothing written (without --int8 the export writes the fp32 graph alone)",
-                      file=sys.stderr)
+                print(f"export: error: {error}; nothing written (without --int8 the export writes the fp32 graph "
+                      "alone)", file=sys.stderr)
                 return 1
         checkpoint.save_atomic(model.state_dict(), os.path.join(staging, STATE_NAME))
         checkpoint.write_json_atomic(os.path.join(staging, SETTINGS_NAME), settings)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from .signals import signals_held, stop_while_importing  # (the standard library only)
 
-with stop_while_importing(__name__):
+with stop_while_importing(__name__, "ijb: "):
     import numpy as np
     import torch
     from PIL import Image, ImageOps
@@ -52,7 +52,7 @@ with stop_while_importing(__name__):
     from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
                         embed_images, load_model, model_digests, read_about, read_table, report_unreadable,
                         run_stoppable, table_files, write_table)
-    from .tools import check_outputs, say, torch_device
+    from .tools import ArgumentParser, check_outputs, say, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FPIRS = (1e-4, 1e-3, 1e-2, 1e-1)  # 1:N: TPIR at these FPIRs
@@ -957,26 +957,27 @@ def saved_features(path: str, image_names: list[str], hint: str = "features of a
     return table[[row_of[name] for name in image_names]]
 
 
-def embed_release(model: torch.nn.Module, images, folder: str, args: argparse.Namespace, device) -> np.ndarray | None:
+def embed_release(model: torch.nn.Module, images, folder: str, args: argparse.Namespace, device, *,
+                  tool: str) -> np.ndarray | None:
     """A benchmark's release images (``images``, a dataset of ``folder``'s) embedded as --flip, --batch-size
-    and --workers say (train.ijb's, train.tinyface's); None, with every image that does not decode named
-    (:func:`report_unreadable`), when some do not: one round of fixes, not one per file."""
+    and --workers say (train.ijb's, train.tinyface's: ``tool``, its short name); None, with every image that
+    does not decode named (:func:`report_unreadable`), when some do not: one round of fixes, not one per file."""
     unreadable = []
     features = embed_images(model.to(device), images, device=device, batch_size=args.batch_size,
                             workers=args.workers, flip=args.flip, unreadable=unreadable,
                             log=lambda message: say(message, file=sys.stderr, flush=True),
                             workers_leave_signals=True)
     if unreadable:
-        report_unreadable(unreadable, folder)
+        report_unreadable(unreadable, folder, tool)
         return None
     return features
 
 
 def save_features(args: argparse.Namespace, names: list[str], features: np.ndarray, model: torch.nn.Module,
-                  settings: dict, *, made_by: str, images: str) -> bool:
-    """--save-features' table of a benchmark's image features (train.ijb's, train.tinyface's), with what
-    made them; False, said, where it cannot be written (a full disk, say): the scores are still computed
-    and written."""
+                  settings: dict, *, made_by: str, images: str, tool: str) -> bool:
+    """--save-features' table of a benchmark's image features (train.ijb's, train.tinyface's: ``tool``, its
+    short name), with what made them; False, said, where it cannot be written (a full disk, say): the
+    scores are still computed and written."""
     try:
         with signals_held():  # the .npy and its .txt, both or neither
             written = write_table(args.save_features, names, features, about={
@@ -985,18 +986,18 @@ def save_features(args: argparse.Namespace, names: list[str], features: np.ndarr
                 "normalised": bool(settings.get("unit_length")), "images": images})
         say(f"image features: {', '.join(written)}")
     except OSError as error:
-        say(f"error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
+        say(f"{tool}: error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
         return False
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stoppable(_main, argv)
+    return run_stoppable(_main, argv, "ijb")
 
 
 def _main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.ijb", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.ijb", name="ijb", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_options(
         p, features_help="instead of a model, the image features an earlier run saved with --save-features (.npy "
         "with its .txt, or .csv): scored again without embedding, e.g. with another --protocol or "
@@ -1059,7 +1060,7 @@ def _main(argv: list[str] | None) -> int:
                       inputs=(*benchmark_inputs(args), *release_files(args.data_root, args.target)),
                       image_folders=(protocol.image_folder,))
     except (OSError, ValueError) as error:
-        say(f"error: {error}", file=sys.stderr)
+        say(f"ijb: error: {error}", file=sys.stderr)
         return 2
     size = settings["image_size"]
     lists = []
@@ -1080,14 +1081,14 @@ def _main(argv: list[str] | None) -> int:
         if unusable:
             say(f"note: {unusable} images have coincident or non-finite landmarks; they are embedded as black "
                   "crops, as insightface's alignment makes them")
-        features = embed_release(model, crops, protocol.image_folder, args, device)
+        features = embed_release(model, crops, protocol.image_folder, args, device, tool="ijb")
         if features is None:
             return 2
     embedding_seconds = time.monotonic() - embedding_started
     features_saved = True
     if args.save_features:
         features_saved = save_features(
-            args, protocol.image_names, features, model, settings, made_by="train.ijb",
+            args, protocol.image_names, features, model, settings, made_by="train.ijb", tool="ijb",
             images=f"the loose crops of {args.target} under {os.path.abspath(protocol.image_folder)}, aligned from "
             "the release's landmarks")
 
@@ -1132,7 +1133,7 @@ def _main(argv: list[str] | None) -> int:
         with signals_held():
             checkpoint.write_json_atomic(output, result)
     except OSError as error:
-        say(f"error: could not write {output}: {error}", file=sys.stderr)
+        say(f"ijb: error: could not write {output}: {error}", file=sys.stderr)
         return 2
     say(f"wrote {output}")
     if args.plot:  # after the results, which a failure here must not cost
@@ -1140,7 +1141,7 @@ def _main(argv: list[str] | None) -> int:
             draw_curves(args.plot, args.target, protocol, template_ids, pooled)
             say(f"curves: {args.plot}")
         except Exception as error:  # noqa: BLE001 (a full disk, a matplotlib backend's failure)
-            say(f"error: could not draw {args.plot}: {error}", file=sys.stderr)
+            say(f"ijb: error: could not draw {args.plot}: {error}", file=sys.stderr)
             return 2
     return 0 if features_saved else 2
 

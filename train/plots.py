@@ -238,9 +238,10 @@ def plot_erc(path: str, curves: dict, max_reject: float, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .signals import Stopped, stop_on_signals, stop_while_importing
+    from .tools import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.plots", name="plots", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run's --output folder (its metrics.jsonl, verification.jsonl and checkpoint.pt)")
     p.add_argument("--output", default=None,
                    help=f"the folder the figures go to (default: the run folder); there, {LOSS_PNG}, "
@@ -251,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.run}: not a folder (a run's --output)")
     if args.output is not None and os.path.exists(args.output) and not os.path.isdir(args.output):
         p.error(f"--output {args.output}: not a folder")
-    with stop_while_importing(__name__):  # (matplotlib and torch: seconds)
+    with stop_while_importing(__name__, "plots: "):  # (matplotlib and torch: seconds)
         plt = _pyplot()
         from train.checkpoint import check_output_folder
     if plt is None:
-        print("error: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        print("plots: error: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return 2
     into = args.run if args.output is None else args.output
     # Found before any drawing (was "[Errno 13] Permission denied: '<folder>/.loss.png...tmp'", or Errno 20).
@@ -271,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():  # (each figure is written whole or not at all)
             written = write_plots(args.run, saved_angles(args.run), into=into)
     except (OSError, ValueError) as error:  # (ValueError: a log's broken line too, trainer.LogUnreadable)
-        print(f"error: {error}", file=sys.stderr)
+        print(f"plots: error: {error}", file=sys.stderr)
         return 2
     except Stopped as stop:
-        print(f"\nstopped by {stop.name}", file=sys.stderr)
+        print(f"\nplots: stopped by {stop.name}", file=sys.stderr)
         return stop.exit_status
     if not written:
-        print(f"error: {args.run}: nothing to draw (no logged step in metrics.jsonl, no verification in "
+        print(f"plots: error: {args.run}: nothing to draw (no logged step in metrics.jsonl, no verification in "
               "verification.jsonl, no target angles in checkpoint.pt)", file=sys.stderr)
         return 1
     for path in written:

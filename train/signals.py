@@ -86,13 +86,13 @@ def stop_on_signals():
 
 
 @contextlib.contextmanager
-def stop_while_importing(module: str, prefix: str = ""):
+def stop_while_importing(module: str, prefix: str):
     """Around a tool's imports (torch: seconds). Run as ``python -m train.<tool>`` (``module`` is
     ``"__main__"``), Ctrl-C or SIGTERM there is the line of a stop before any work, ``stopped by SIGINT:
     nothing written``, and exit 128 + the signal's number, not a KeyboardInterrupt traceback or an end
     by the signal without a word; the handlers of before are back once the imports are done (then
     :func:`run_tool` takes over). Imported as a module, or outside the main thread: nothing changes.
-    ``prefix``: what the tool's other lines begin with (``"cluster: "``), the line's beginning too."""
+    ``prefix``: what the tool's other lines begin with, its name (``"cluster: "``), the line's beginning too."""
     if module != "__main__" or not _main_thread():
         yield
         return
@@ -161,17 +161,18 @@ def missing_device_op(error: BaseException) -> str | None:
     return f"this torch has no {device} kernel for {operator}: {fallback}use --device cpu"
 
 
-def run_tool(work: Callable[[], int], *, tool: str = "", errors: tuple[type[BaseException], ...] = (OSError, ValueError),
+def run_tool(work: Callable[[], int], *, tool: str, errors: tuple[type[BaseException], ...] = (OSError, ValueError),
              whole: str = " as the outputs were written: they are whole", said: Callable[[Stopped], str | None] | None = None,
              blank_line: bool = True, out: Callable[..., None] = print) -> int:
     """A command-line tool's ``work()`` (its exit status) under :func:`stop_on_signals`: one of ``errors``
-    is a line ``<tool>: error: ...`` and exit status 2; Ctrl-C or SIGTERM a line ``<tool>: stopped by
-    SIGINT`` followed by ``whole`` when its outputs were in place (``after_writing``), else ": nothing
-    written", or by what ``said(stop)`` gives where that is not None; and exit 128 + the signal's number.
+    is a line ``<tool>: error: ...`` (``tool``: its short name, ``embed``, ``roc``) and exit status 2;
+    Ctrl-C or SIGTERM a line ``<tool>: stopped by SIGINT`` followed by ``whole`` when its outputs were in
+    place (``after_writing``), else ": nothing written", or by what ``said(stop)`` gives where that is not
+    None; and exit 128 + the signal's number.
     An operator torch lacks on mps or xpu is a line and exit status 2 too (:func:`missing_device_op`).
     ``blank_line``: a line break first, ending a line of progress the stop cut. ``out`` prints the lines
     (to stderr): ``print``, or a benchmark's ``train.tools.say`` (:func:`train.embed.run_stoppable`)."""
-    prefix = f"{tool}: " if tool else ""
+    prefix = f"{tool}: "
     try:
         with stop_on_signals():
             return work()

@@ -23,7 +23,7 @@ import time
 
 from .signals import signals_held, stop_while_importing  # (the standard library only)
 
-with stop_while_importing(__name__):
+with stop_while_importing(__name__, "tinyface: "):
     import numpy as np
     import torch
 
@@ -31,7 +31,7 @@ with stop_while_importing(__name__):
     from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
                         list_images, load_model, read_about, run_stoppable, table_files)
     from .ijb import embed_release, save_features, saved_features
-    from .tools import check_outputs, say, torch_device
+    from .tools import ArgumentParser, check_outputs, say, torch_device
 
 FOLDERS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 RANKS = (1, 5, 10, 20)
@@ -138,12 +138,12 @@ def identification(protocol: TinyFaceProtocol, features: np.ndarray, ranks=RANKS
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stoppable(_main, argv)
+    return run_stoppable(_main, argv, "tinyface")
 
 
 def _main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.tinyface", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.tinyface", name="tinyface", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_options(
         p, features_help="instead of a model, the image features an earlier run saved with --save-features",
         workers_help="DataLoader processes decoding images",
@@ -170,7 +170,7 @@ def _main(argv: list[str] | None) -> int:
         # Before the embedding, not after it; not an image's name among the release's.
         check_outputs(written, args.overwrite, inputs=benchmark_inputs(args), image_folders=(protocol.root,))
     except (OSError, ValueError) as error:
-        say(f"error: {error}", file=sys.stderr)
+        say(f"tinyface: error: {error}", file=sys.stderr)
         return 2
     names = protocol.image_names
     say(f"TinyFace: {len(protocol.names['Probe'])} probes searched among {len(protocol.names['Gallery_Match'])} "
@@ -180,19 +180,19 @@ def _main(argv: list[str] | None) -> int:
     embedding_started = time.monotonic()
     if model is not None:
         features = embed_release(model, ImageFiles([os.path.join(protocol.root, n) for n in names], size),
-                                 protocol.root, args, device)
+                                 protocol.root, args, device, tool="tinyface")
         if features is None:
             return 2
     embedding_seconds = time.monotonic() - embedding_started
     features_saved = True
     if args.save_features:
         features_saved = save_features(
-            args, names, features, model, settings, made_by="train.tinyface",
+            args, names, features, model, settings, made_by="train.tinyface", tool="tinyface",
             images=f"TinyFace's Probe, Gallery_Match and Gallery_Distractor under {os.path.abspath(protocol.root)}")
     try:
         scores = identification(protocol, features)
     except ValueError as error:
-        say(f"error: {error}", file=sys.stderr)
+        say(f"tinyface: error: {error}", file=sys.stderr)
         return 2
     if scores["probes_without_mate"]:
         say(f"note: {scores['probes_without_mate']} probes have no image of their identity in Gallery_Match; "
@@ -210,7 +210,7 @@ def _main(argv: list[str] | None) -> int:
         with signals_held():
             checkpoint.write_json_atomic(args.output, result)
     except OSError as error:
-        say(f"error: could not write {args.output}: {error}", file=sys.stderr)
+        say(f"tinyface: error: could not write {args.output}: {error}", file=sys.stderr)
         return 2
     say(f"wrote {args.output}")
     return 0 if features_saved else 2

@@ -25,11 +25,11 @@ import warnings
 
 from .signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
-with stop_while_importing(__name__):
+with stop_while_importing(__name__, "verify: "):
     from . import checkpoint, rfw
     from .data import SYNTHETIC, build_verification_sets, data_folders, find_target, is_target_path
     from .embed import load_model
-    from .tools import check_outputs, torch_device
+    from .tools import ArgumentParser, check_outputs, torch_device
     from .verification import evaluate, read_pairs_list
 
 DEFAULT_TARGETS = ("lfw", "cfp_fp", "agedb_30")
@@ -40,8 +40,8 @@ def _targets(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.verify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m train.verify", name="verify", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="a training checkpoint, backbone.pt or backbone.onnx from python -m train.export, "
                    "insightface's backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--targets {names[0]}: a name is looked for in --data FOLDER; pass --data, or the path of a .bin "
                 f"or pairs list or of RFW's folder{folder}")
     # Ctrl-C and SIGTERM: a one-line stop, --output written whole or not at all.
-    return run_tool(lambda: run(args, targets), errors=(OSError, ValueError, pickle.UnpicklingError),
+    return run_tool(lambda: run(args, targets), tool="verify", errors=(OSError, ValueError, pickle.UnpicklingError),
                     whole=f": {args.output} was written" if args.output else ": nothing written",
                     said=None if args.output else lambda stop: "")
 

@@ -11,6 +11,8 @@ from train.config import build_parser
 ENTRY_POINTS = ["train.verify", "train.embed", "train.export", "train.ijb", "train.tinyface", "train.plots",
                 "train.tools.align", "train.tools.clean", "train.tools.cluster", "train.tools.detect",
                 "train.tools.make_bin", "train.tools.pack_rec", "train.tools.preview"]
+# (the commands that ENTRY_POINTS leaves out)
+FACE_TOOLS = ["train.tools.quality", "train.tools.roc", "train.tools.search"]
 
 
 class _Parsing(Exception):
@@ -58,3 +60,17 @@ def test_the_trainers_help_gives_each_default_once():
         said = formatter._get_help_string(action) or ""
         assert said.count("(default:") <= 1 and not ("(default: " in said and "; default " in said), said
     assert "(default: small)" in text and "(default: 512)" in text and "(default: 300)" in text
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS + FACE_TOOLS)
+def test_an_argument_error_is_a_line_that_begins_with_the_commands_name(module, capsys):
+    # As the commands' own checks begin theirs ("roc: error: --images nope is not a folder"): argparse's
+    # were "python -m train.tools.clean: error: ...", and train.embed's, train.verify's and train.export's
+    # own "error: ...", naming no command in a pipeline of several. The usage line keeps the command to copy.
+    name = module.rsplit(".", 1)[1]
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(module).main(["--no-such-option"])
+    err = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and err[-1].startswith(f"{name}: error: "), err
+    assert err[0].startswith(f"usage: python -m {module} "), err
+    assert all(line.startswith(" ") for line in err[1:-1]), err  # (the usage, wrapped, then the one error line)

@@ -196,14 +196,14 @@ def test_sigterm_during_the_export_leaves_the_folder_as_it_was(trained, tmp_path
 
     monkeypatch.setattr(export, "export_onnx", stopped_while_exporting)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--normalized-onnx"]) == 143
-    assert capsys.readouterr().err == "stopped by SIGTERM: nothing written\n"
+    assert capsys.readouterr().err == "export: stopped by SIGTERM: nothing written\n"
     # No private folder left, every earlier file as it was.
     assert sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.onnx", "backbone.pt",
                                             "backbone_normalized.onnx"]
     assert all((tmp_path / name).read_text() == name for name in os.listdir(tmp_path))
     # A folder the export made is gone again.
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "new" / "export")]) == 143
-    assert capsys.readouterr().err == "stopped by SIGTERM: nothing written\n"
+    assert capsys.readouterr().err == "export: stopped by SIGTERM: nothing written\n"
     assert os.listdir(tmp_path / "new") == []
 
 
@@ -225,7 +225,7 @@ def test_sigterm_while_the_files_move_into_place_waits_for_them(trained, tmp_pat
     monkeypatch.setattr(export.os, "replace", replace_then_signal)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--no-onnx"]) == 143
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM as the files moved into place: the export is whole" in err
+    assert "export: stopped by SIGTERM as the files moved into place: the export is whole" in err
     # The new state dict and settings, and the old graphs (they are not the new backbone's) gone.
     assert moved[-1] == "backbone.pt" and sorted(os.listdir(tmp_path)) == ["backbone.json", "backbone.pt"]
     assert json.loads((tmp_path / "backbone.json").read_text())["network"] == "small"
@@ -237,7 +237,8 @@ def test_export_output_mistakes_are_one_line_errors(trained, tmp_path, capsys, m
     afile.write_text("mine")
     assert export.main(["--checkpoint", ckpt, "--output", str(afile), "--no-onnx"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: --output {afile} is a file, not a folder to export into\n" and afile.read_text() == "mine"
+    assert err == f"export: error: --output {afile} is a file, not a folder to export into\n"
+    assert afile.read_text() == "mine"
 
     (tmp_path / "out" / "backbone.json").mkdir(parents=True)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--no-onnx"]) == 2
@@ -249,7 +250,8 @@ def test_export_output_mistakes_are_one_line_errors(trained, tmp_path, capsys, m
     # the folder: Not a directory").
     for output in (afile / "sub", afile / "sub" / "deeper"):
         assert export.main(["--checkpoint", ckpt, "--output", str(output), "--no-onnx"]) == 2
-        assert capsys.readouterr().err == f"error: --output {output}: cannot make the folder: {afile} is a file\n"
+        assert capsys.readouterr().err == (f"export: error: --output {output}: cannot make the folder: {afile} "
+                                           "is a file\n")
     assert afile.read_text() == "mine"
 
     # A read-only folder, at --output or above it (was "cannot write in --output <it> (...)", or "...: cannot make
@@ -260,8 +262,8 @@ def test_export_output_mistakes_are_one_line_errors(trained, tmp_path, capsys, m
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == locked else real_access(path, mode))
     for output in (locked, os.path.join(locked, "new")):
         assert export.main(["--checkpoint", ckpt, "--output", output, "--no-onnx"]) == 2
-        assert capsys.readouterr().err == (f"error: --output {output}: cannot write in {locked} (read-only, or not "
-                                           "yours)\n")
+        assert capsys.readouterr().err == (f"export: error: --output {output}: cannot write in {locked} (read-only, "
+                                           "or not yours)\n")
     assert os.listdir(locked) == []
 
 
@@ -284,7 +286,7 @@ def test_export_option_mistakes_are_usage_errors(trained, tmp_path, capsys, argv
     ckpt, _ = trained
     code = code_of(export.main, ["--checkpoint", ckpt, "--output", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err
-    assert code == 2 and err.splitlines()[-1] == f"python -m train.export: error: {message}"
+    assert code == 2 and err.splitlines()[-1] == f"export: error: {message}"
     assert not (tmp_path / "out").exists()
 
 
@@ -474,7 +476,7 @@ def test_ctrl_c_stops_verify_without_a_traceback(trained, tmp_path, tmp_path_fac
         run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=120)
     assert first.startswith(ckpt) and run.returncode == 130, (first + out, err)
-    assert err.endswith("stopped by SIGINT: nothing written\n") and "Traceback" not in err, err
+    assert err.endswith("\nverify: stopped by SIGINT: nothing written\n") and "Traceback" not in err, err
     assert not output.exists() and os.listdir(tmp_path) == []
 
 
@@ -505,14 +507,14 @@ def test_ctrl_c_to_the_process_group_stops_embed_and_its_workers_without_a_trace
             os.killpg(run.pid, signal.SIGINT)
         _, err = run.communicate(timeout=60)
         assert run.returncode == 130 and "Traceback" not in err and "Stopped" not in err, err
-        assert err.rstrip().endswith("stopped by SIGINT: nothing written") and not output.exists(), err
+        assert err.rstrip().endswith("\nembed: stopped by SIGINT: nothing written") and not output.exists(), err
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
 
 
-# Every command whose imports take seconds, with what its lines begin with (the tools' stops and errors say it).
-_IMPORTING = {"export": "", "embed": "", "verify": "", "ijb": "", "tinyface": "", "plots": "",
+# Every command whose imports take seconds, with what its lines begin with (its stops and errors say its name).
+_IMPORTING = {**{name: f"{name}: " for name in ("export", "embed", "verify", "ijb", "tinyface", "plots")},
               **{f"tools.{name}": f"{name}: " for name in ("align", "clean", "cluster", "detect", "make_bin",
                                                           "pack_rec", "preview", "quality", "roc", "search")}}
 

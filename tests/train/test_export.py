@@ -215,18 +215,19 @@ def test_export_reports_a_missing_checkpoint(trained, tmp_path, capsys):
     # The run's folder for its checkpoint: said so, with the file it holds.
     run = os.path.dirname(trained[0])
     assert embed.main(["--model", run, "--images", trained[1], "--output", str(tmp_path / "e.npy")]) == 2
-    assert capsys.readouterr().err == f"error: {run} is a folder, not a checkpoint file: {trained[0]}?\n"
+    assert capsys.readouterr().err == f"embed: error: {run} is a folder, not a checkpoint file: {trained[0]}?\n"
     # A folder without images, as the face tools say it (was "no images (...) under <it>", naming no option).
     assert embed.main(["--model", trained[0], "--images", str(tmp_path), "--output", str(tmp_path / "e.npy")]) == 2
-    assert capsys.readouterr().err == f"error: --images {tmp_path}: no images (.jpg, .jpeg, .png, .bmp) under it\n"
+    assert capsys.readouterr().err == (f"embed: error: --images {tmp_path}: no images (.jpg, .jpeg, .png, .bmp) "
+                                       "under it\n")
     # arcface_torch's output folder: its model.pt (and checkpoint_gpu_<rank>.pt) named, as the file to give.
     folder = tmp_path / "work_dirs"
     folder.mkdir()
     for name in ("model.pt", "checkpoint_gpu_0.pt"):
         shutil.copy(trained[0], folder / name)
     assert embed.main(["--model", str(folder), "--images", trained[1], "--output", str(tmp_path / "e.npy")]) == 2
-    assert capsys.readouterr().err == (f"error: {folder} is a folder, not a checkpoint file: {folder / 'model.pt'} or "
-                                       f"{folder / 'checkpoint_gpu_0.pt'}?\n")
+    assert capsys.readouterr().err == (f"embed: error: {folder} is a folder, not a checkpoint file: "
+                                       f"{folder / 'model.pt'} or {folder / 'checkpoint_gpu_0.pt'}?\n")
 
 
 def test_export_and_embed_report_a_corrupt_checkpoint(trained, tmp_path, capsys):
@@ -240,7 +241,8 @@ def test_export_and_embed_report_a_corrupt_checkpoint(trained, tmp_path, capsys)
         assert export.main(["--checkpoint", path, "--output", str(tmp_path / "export")]) == 2
         assert embed.main(["--model", path, "--images", faces, "--output", str(tmp_path / "emb.npy")]) == 2
         err = capsys.readouterr().err
-        assert err.count(f"error: {path}: not a readable checkpoint") == 2 and "Traceback" not in err
+        assert err.count(f"export: error: {path}: not a readable checkpoint") == 1 and "Traceback" not in err
+        assert err.count(f"embed: error: {path}: not a readable checkpoint") == 1
 
 
 def test_embed_folder_and_compare(trained, tmp_path, capsys):
@@ -313,7 +315,7 @@ def test_a_checkpoint_that_cannot_be_read_says_so(trained, tmp_path, capsys, mon
 
     monkeypatch.setattr(torch, "load", refused)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == f"error: {ckpt}: cannot read it: Permission denied\n"
+    assert capsys.readouterr().err == f"export: error: {ckpt}: cannot read it: Permission denied\n"
     assert not (tmp_path / "out").exists()
 
 
@@ -344,8 +346,8 @@ def test_export_refuses_a_layout_that_contradicts_the_checkpoint(trained, tmp_pa
     ckpt, _ = trained
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--network", "r18"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {ckpt} records --network small, --network r18 given: that option is for a bare state " \
-                  "dict whose layout cannot be guessed; leave it out\n"
+    assert err == f"export: error: {ckpt} records --network small, --network r18 given: that option is for a bare " \
+                  "state dict whose layout cannot be guessed; leave it out\n"
     assert not (tmp_path / "out").exists()
     # A bare state dict told the wrong layout: what it holds, in one sentence.
     bare = tmp_path / "bare.pt"
@@ -381,8 +383,8 @@ def test_a_failed_onnx_export_is_an_error_and_writes_nothing(trained, tmp_path, 
     monkeypatch.setattr(torch.onnx, "export", exporter_fails)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err == ("error: the ONNX exporter failed (opset 17): Exporting the operator 'aten::exotic' to ONNX is not "
-                   "supported.; nothing written (--no-onnx exports the state dict alone)\n")
+    assert err == ("export: error: the ONNX exporter failed (opset 17): Exporting the operator 'aten::exotic' to "
+                   "ONNX is not supported.; nothing written (--no-onnx exports the state dict alone)\n")
     assert_earlier_export_untouched(tmp_path)
 
 
@@ -399,7 +401,7 @@ def test_an_onnx_graph_that_onnxruntime_disagrees_with_is_not_written(trained, t
     monkeypatch.setattr(ort, "InferenceSession", WrongSession)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: onnxruntime's embeddings differ from PyTorch's by ") and err.count("\n") == 1
+    assert err.startswith("export: error: onnxruntime's embeddings differ from PyTorch's by ") and err.count("\n") == 1
     assert_earlier_export_untouched(tmp_path)
 
 
@@ -420,7 +422,7 @@ def test_embed_keeps_existing_files_unless_told(trained, tmp_path, capsys):
     pairs.write_text("a.jpg b.jpg 1\n")  # the user's, beside the embeddings they ask for
     argv = ["--model", ckpt, "--images", faces, "--output", str(tmp_path / "pairs.npy")]
     assert embed.main(argv) == 2
-    assert capsys.readouterr().err == f"error: {pairs} exists: pass --overwrite to replace it\n"
+    assert capsys.readouterr().err == f"embed: error: {pairs} exists: pass --overwrite to replace it\n"
     assert sorted(os.listdir(tmp_path)) == ["pairs.txt"] and pairs.read_text() == "a.jpg b.jpg 1\n"
     assert embed.main(argv + ["--overwrite"]) == 0
     assert len(pairs.read_text().split()) == 16 and np.load(tmp_path / "pairs.npy").shape[0] == 16
@@ -557,7 +559,7 @@ def test_embed_mistakes_are_one_line_errors(trained, tmp_path, capsys, mistake, 
     assert code == 2 and message in err.splitlines()[-1] and "Traceback" not in err, err
     assert not os.path.exists(output) and not os.path.exists(str(tmp_path) + ".npy")
     if mistake.startswith(("device", "corrupt", "images")):  # (the others are argparse's, its usage line first)
-        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert err.startswith("embed: error: ") and err.count("\n") == 1, err
 
 
 def test_embed_says_a_compared_image_that_is_a_broken_symbolic_link_is_one(trained, tmp_path, capsys):
@@ -568,7 +570,7 @@ def test_embed_says_a_compared_image_that_is_a_broken_symbolic_link_is_one(train
     gone.symlink_to(tmp_path / "unmounted.png")
     assert embed.main(["--model", ckpt, "--compare", os.path.join(faces, "id_000", "00.png"), str(gone)]) == 2
     assert capsys.readouterr().err == \
-        f"error: no image at {gone} (a broken symbolic link to {tmp_path / 'unmounted.png'})\n"
+        f"embed: error: no image at {gone} (a broken symbolic link to {tmp_path / 'unmounted.png'})\n"
 
 
 def test_embed_makes_the_output_folder(trained, tmp_path):
@@ -740,7 +742,7 @@ def test_a_graph_whose_input_is_not_one_batch_of_square_colour_faces_is_named(tm
     face = tmp_path / "face.png"
     Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE)).save(face)
     assert embed.main(["--model", str(path), "--compare", str(face), str(face)]) == 2
-    assert capsys.readouterr().err == f"error: {path}: {message}\n"
+    assert capsys.readouterr().err == f"embed: error: {path}: {message}\n"
 
 
 def test_a_graph_of_fixed_batch_is_fed_padded_slices_and_one_of_free_size_faces_of_112px(tmp_path, capsys):
@@ -782,7 +784,7 @@ def test_a_torch_file_that_holds_no_backbone_is_named(tmp_path, capsys, content)
     face = tmp_path / "face.png"
     Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE)).save(face)
     assert export.main(["--checkpoint", str(path), "--output", str(tmp_path / "export")]) == 2
-    assert capsys.readouterr().err == f"error: {path}: not a backbone state dict or a training checkpoint\n"
+    assert capsys.readouterr().err == f"export: error: {path}: not a backbone state dict or a training checkpoint\n"
     assert embed.main(["--model", str(path), "--compare", str(face), str(face)]) == 2
-    assert capsys.readouterr().err == f"error: {path}: not a backbone state dict or a training checkpoint\n"
+    assert capsys.readouterr().err == f"embed: error: {path}: not a backbone state dict or a training checkpoint\n"
     assert not (tmp_path / "export").exists()

@@ -706,7 +706,7 @@ def test_bad_input_is_an_error_message(release, tmp_path, capsys, mutation, mess
     argv = ["--model", model, "--data-root", copy, "--workers", "0", "--device", "cpu", "--output", str(output)]
     assert ijb.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert err.startswith("ijb: error: ") and message in err and "Traceback" not in err, err
     assert not output.exists()
 
 
@@ -733,7 +733,7 @@ def test_the_release_is_never_an_output_and_every_unreadable_crop_is_named(relea
     assert ijb.main(common + ["--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert "4.jpg: cannot read the image" in err and "7.jpg: cannot read the image" in err
-    assert "error: 2 image(s) of" in err and "cannot be read: nothing scored" in err and not output.exists()
+    assert "ijb: error: 2 image(s) of" in err and "cannot be read: nothing scored" in err and not output.exists()
 
 
 def test_missing_model_is_an_error_message(release, tmp_path, capsys):
@@ -769,7 +769,7 @@ def test_unusable_outputs_are_reported_before_embedding(release, tmp_path, monke
             "--save-features", str(features)]
     assert ijb.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("ijb: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert ("is a folder: name a file" if "folder" in case else "exists: pass --overwrite to replace it") in err
     assert contents() == before
 
@@ -784,7 +784,7 @@ def test_features_that_cannot_be_written_still_leave_the_results(release, tmp_pa
     output = tmp_path / "ijbc.json"
     assert ijb.main(["--model", model, "--data-root", data, "--workers", "0", "--device", "cpu",
                      "--output", str(output), "--save-features", str(tmp_path / "feats.npy")]) == 2
-    assert "error: could not write the image features to" in capsys.readouterr().err
+    assert "ijb: error: could not write the image features to" in capsys.readouterr().err
     assert json.loads(output.read_text())["target"] == "IJBC"
 
 
@@ -809,7 +809,7 @@ def test_protocol_option(release, tmp_path, capsys):
     assert json.loads(output.read_text())["protocols"] == ["1:N"]
     assert "note: 1:N identification only: no 1:1 pairs list" in capsys.readouterr().out
     assert ijb.main(argv + ["--overwrite", "--protocol", "1:1"]) == 2
-    assert "error: no file at" in capsys.readouterr().err
+    assert "ijb: error: no file at" in capsys.readouterr().err
 
     shutil.copytree(data, copy, dirs_exist_ok=True)
     probe_list = f"{copy}/meta/ijbc_1N_probe_mixed.csv"
@@ -829,7 +829,7 @@ def test_protocol_option(release, tmp_path, capsys):
     assert "identification" not in json.loads(output.read_text())
     assert "note: 1:1 verification only: no 1:N list " in capsys.readouterr().out
     assert ijb.main(argv + ["--overwrite", "--protocol", "1:N"]) == 2
-    assert "error: no file at" in capsys.readouterr().err
+    assert "ijb: error: no file at" in capsys.readouterr().err
 
 
 def test_saved_features_are_scored_again_without_a_model(release, tmp_path, capsys):
@@ -872,7 +872,7 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
     assert ijb.main(["--features", str(tmp_path / "feats.npy"), *base, "--output", str(tmp_path / "x.json")]) == 2
     assert "has no features for 1 of the 36 images of this release (the first: 3.jpg)" in capsys.readouterr().err
     assert ijb.main(["--features", str(tmp_path / "none.npy"), *base]) == 2
-    assert "error: no file at" in capsys.readouterr().err
+    assert "ijb: error: no file at" in capsys.readouterr().err
     # A table of more images than the release uses (IJB-B's names are some of IJB-C's).
     (tmp_path / "feats.txt").write_text((tmp_path / "feats.txt").read_text().replace("\nx.jpg\n", "\n3.jpg\n"))
     saved_rows = np.load(tmp_path / "feats.npy")
@@ -1082,5 +1082,5 @@ def test_sigterm_during_the_embedding_is_one_line(release, tmp_path, monkeypatch
     output = tmp_path / "ijbc.json"
     assert ijb.main(["--model", model, "--data-root", data, "--workers", "0", "--device", "cpu",
                      "--output", str(output)]) == 143
-    assert capsys.readouterr().err == "\nstopped by SIGTERM: nothing written\n" and not output.exists()
+    assert capsys.readouterr().err == "\nijb: stopped by SIGTERM: nothing written\n" and not output.exists()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # back as it was

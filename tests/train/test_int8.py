@@ -132,15 +132,15 @@ def test_int8_calibrates_on_the_runs_own_faces_and_verifies_on_its_sets(run, tmp
     # An export's backbone.pt records no run: the faces must be named.
     assert export.main(["--checkpoint", str(tmp_path / "a" / "backbone.pt"), "--output", str(tmp_path / "d"),
                         "--int8"]) == 2
-    assert capsys.readouterr().err == f"error: --int8: {tmp_path / 'a' / 'backbone.pt'} records no training data " \
-        "to calibrate on (not a training checkpoint): name the faces, --int8 FACES\n"
+    assert capsys.readouterr().err == f"export: error: --int8: {tmp_path / 'a' / 'backbone.pt'} records no " \
+        "training data to calibrate on (not a training checkpoint): name the faces, --int8 FACES\n"
     # A run whose data is not here (trained on another machine): said so; its verification sets left out.
     state = checkpoint.load(ckpt)
     state["args"] = {**state["args"], "data": str(tmp_path / "elsewhere"), "val_targets": ["lfw", "/x/pairs.txt"]}
     torch.save(state, tmp_path / "moved.pt")
     assert export.main(["--checkpoint", str(tmp_path / "moved.pt"), "--output", str(tmp_path / "d"), "--int8"]) == 2
-    assert capsys.readouterr().err.startswith(f"error: --int8 (the run's --data) '{tmp_path / 'elsewhere'}': no such "
-                                              "folder;")
+    assert capsys.readouterr().err.startswith("export: error: --int8 (the run's --data) "
+                                              f"'{tmp_path / 'elsewhere'}': no such folder;")
     assert export.main(["--checkpoint", str(tmp_path / "moved.pt"), "--output", str(tmp_path / "d"), "--int8",
                         faces, "--int8-faces", "8"]) == 0
     printed = capsys.readouterr()
@@ -168,15 +168,15 @@ def test_the_runs_relative_data_is_read_from_the_folder_it_ran_in(run, tmp_path,
     del state["working_directory"]
     torch.save(state, tmp_path / "older.pt")
     assert export.main(["--checkpoint", "older.pt", "--output", "out2", "--int8"]) == 2
-    assert capsys.readouterr().err.startswith(f"error: --int8 (the run's --data) '{os.path.basename(faces)}': no "
-                                              f"such folder under {tmp_path};")
+    assert capsys.readouterr().err.startswith("export: error: --int8 (the run's --data) "
+                                              f"'{os.path.basename(faces)}': no such folder under {tmp_path};")
     # A run whose folder moved (or that trained on another machine): the error says where it ran, not only here.
     state["working_directory"] = str(tmp_path / "moved")
     torch.save(state, tmp_path / "moved.pt")
     assert export.main(["--checkpoint", "moved.pt", "--output", "out3", "--int8"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --int8 (the run's --data) '{os.path.basename(faces)}': no such folder under "
-                          f"{tmp_path};")
+    assert err.startswith(f"export: error: --int8 (the run's --data) '{os.path.basename(faces)}': no such folder "
+                          f"under {tmp_path};")
     assert err.endswith(f"; the run was started in {tmp_path / 'moved'}, which is not there any more: name the faces, "
                         "--int8 FACES\n") and not os.path.exists("out3")
 
@@ -209,7 +209,7 @@ def test_an_int8_graph_that_does_not_agree_is_refused_and_nothing_written(run, t
     monkeypatch.setattr(quantize, "read_faces", misscaled)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--int8", "--int8-faces", "8"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: backbone_int8.onnx: the int8 graph does not agree with the fp32 one: their "
+    assert err.startswith("export: error: backbone_int8.onnx: the int8 graph does not agree with the fp32 one: their "
                           "embeddings' cosine ") and err.endswith(
         "over 8 faces, under 0.9; nothing written (without --int8 the export writes the fp32 graph alone)\n")
     assert err.count("\n") == 1
@@ -260,7 +260,7 @@ def test_a_stop_while_calibrating_writes_nothing(run, tmp_path, monkeypatch, cap
         assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--int8", "--int8-faces", "8"]) == 143
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert capsys.readouterr().err == "stopped by SIGTERM: nothing written\n"
+    assert capsys.readouterr().err == "export: stopped by SIGTERM: nothing written\n"
     assert_earlier_export_untouched(tmp_path)  # (no private folder left)
     assert not {name for name in set(os.listdir(tempfile.gettempdir())) - onnxruntime_folders
                 if name.startswith("ort.quant.")}  # onnxruntime's own working folder gone too
@@ -280,7 +280,7 @@ def test_a_full_disk_while_quantizing_is_said_as_such(run, tmp_path, monkeypatch
     monkeypatch.setattr(onnxruntime.quantization, "quantize_static", full_disk)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--int8", "--int8-faces", "8"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: [Errno 28] No space left on device") and "cannot quantize" not in err, err
+    assert err.startswith("export: error: [Errno 28] No space left on device") and "cannot quantize" not in err, err
     assert_earlier_export_untouched(tmp_path)
 
 
@@ -317,24 +317,25 @@ def test_int8_mistakes_are_one_line_errors_before_anything_is_written(run, tmp_p
     out = tmp_path / "out"
     missing = tmp_path / "absent"
     assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", str(missing)]) == 2
-    assert capsys.readouterr().err == f"error: --int8 {str(missing)!r}: no such folder; expected 'synthetic', a " \
-        "folder with train.rec + train.idx, an image folder, or a list file (.lst, .txt)\n"
+    assert capsys.readouterr().err == f"export: error: --int8 {str(missing)!r}: no such folder; expected " \
+        "'synthetic', a folder with train.rec + train.idx, an image folder, or a list file (.lst, .txt)\n"
     assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", "synthetic", "--int8-targets",
                         str(tmp_path / "pairs.txt")]) == 2
-    assert capsys.readouterr().err == f"error: --int8-targets: no verification set at {tmp_path / 'pairs.txt'}\n"
+    assert capsys.readouterr().err == "export: error: --int8-targets: no verification set at " \
+        f"{tmp_path / 'pairs.txt'}\n"
     monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)  # `import onnxruntime.quantization` fails
     monkeypatch.setattr(tools, "installed_version", lambda *names: None)  # not installed
     assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", "synthetic"]) == 2
-    assert capsys.readouterr().err == "error: --int8 needs the onnx and onnxruntime packages (the [onnx] extra): " \
-        "pip install onnx onnxruntime\n"
+    assert capsys.readouterr().err == "export: error: --int8 needs the onnx and onnxruntime packages (the [onnx] " \
+        "extra): pip install onnx onnxruntime\n"
     # Installed, and not importing (onnxruntime 1.18 and older beside numpy 2): "pip install onnxruntime" said to
     # install what is installed.
     monkeypatch.setattr(tools, "installed_version", lambda *names: ("onnxruntime", "1.18.1"))
     assert export.main(["--checkpoint", ckpt, "--output", str(out), "--int8", "synthetic"]) == 2
-    assert capsys.readouterr().err == ("error: --int8 needs onnxruntime: onnxruntime 1.18.1 is installed but does not "
-                                       f"import under numpy {np.__version__} (ModuleNotFoundError: import of "
-                                       "onnxruntime.quantization halted; None in sys.modules): pip install -U "
-                                       "onnxruntime\n")
+    assert capsys.readouterr().err == ("export: error: --int8 needs onnxruntime: onnxruntime 1.18.1 is installed "
+                                       f"but does not import under numpy {np.__version__} (ModuleNotFoundError: "
+                                       "import of onnxruntime.quantization halted; None in sys.modules): pip install "
+                                       "-U onnxruntime\n")
     assert not out.exists()
 
 

@@ -89,7 +89,7 @@ def test_the_command_refuses_a_folder_it_cannot_write_in_before_drawing(run_with
     with pytest.raises(SystemExit) as stop:
         main([str(run_without_plots), "--output", str(tmp_path / "afile" / "figures")])
     assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
-        f"python -m train.plots: error: --output {tmp_path / 'afile' / 'figures'}: cannot make the folder: "
+        f"plots: error: --output {tmp_path / 'afile' / 'figures'}: cannot make the folder: "
         f"{tmp_path / 'afile'} is a file")
     locked = str(tmp_path / "locked")
     os.mkdir(locked)
@@ -100,7 +100,7 @@ def test_the_command_refuses_a_folder_it_cannot_write_in_before_drawing(run_with
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
-            f"python -m train.plots: error: {named}: cannot write in {locked} (read-only, or not yours)")
+            f"plots: error: {named}: cannot write in {locked} (read-only, or not yours)")
     assert os.listdir(locked) == []
 
 
@@ -111,7 +111,8 @@ def test_the_command_names_a_folder_with_nothing_to_draw(tmp_path, capsys):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert main([str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert "target_angle.png not drawn: " in err and "not a readable checkpoint" in err and f"error: {tmp_path}: nothing to draw" in err
+    assert "target_angle.png not drawn: " in err and "not a readable checkpoint" in err
+    assert f"plots: error: {tmp_path}: nothing to draw" in err
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path / "missing")])
     assert stop.value.code == 2 and "not a folder (a run's --output)" in capsys.readouterr().err
@@ -125,7 +126,8 @@ def test_the_command_names_logs_it_cannot_draw(tmp_path, capsys):
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     assert main([str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'metrics.jsonl'}: record 1 has no 'lr' (not a log of this trainer?)\n"
+    assert capsys.readouterr().err == f"plots: error: {tmp_path / 'metrics.jsonl'}: record 1 has no 'lr' (not a " \
+        "log of this trainer?)\n"
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n')
     (tmp_path / "verification.jsonl").write_text('{"step": 1, "targ')
     assert main([str(tmp_path)]) == 0
@@ -144,12 +146,12 @@ def test_a_log_line_that_is_not_utf8_is_named_as_a_broken_line(tmp_path, capsys)
     good = b'{"step": 1, "loss": 2.0, "lr": 0.1}\n'
     (tmp_path / "metrics.jsonl").write_bytes(good + b'{"step": 2, "lo\xff\xfe\n' + good)
     assert main([str(tmp_path)]) == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path / 'metrics.jsonl'}: line 2 is not JSON (not UTF-8 text: "
-                                       "invalid start byte); delete or repair that line\n")
+    assert capsys.readouterr().err == (f"plots: error: {tmp_path / 'metrics.jsonl'}: line 2 is not JSON (not UTF-8 "
+                                       "text: invalid start byte); delete or repair that line\n")
     # (a line that is not JSON likewise: it was read_jsonl's SystemExit, exit status 1 without "error:")
     (tmp_path / "metrics.jsonl").write_bytes(good + b'{"step": 2, "lo\n' + good)
     assert main([str(tmp_path)]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'metrics.jsonl'}: line 2 is not JSON (")
+    assert capsys.readouterr().err.startswith(f"plots: error: {tmp_path / 'metrics.jsonl'}: line 2 is not JSON (")
     (tmp_path / "metrics.jsonl").write_bytes(good + b'\x00\xff\x17')
     assert main([str(tmp_path)]) == 0
     assert f"note: the last line of {tmp_path / 'metrics.jsonl'} is not JSON (a write cut short): left out" in \

@@ -166,8 +166,8 @@ def test_scores_trees_and_tables(trained, tmp_path, capsys):
         assert embed_main(["--model", ckpt, "--images", faces, "--output", str(tmp_path / "n.npy"), "--norms",
                            str(tmp_path / name), "--workers", "0"]) == 2
         err = capsys.readouterr().err
-        assert err == (f"error: --norms {tmp_path / name}: the norms are a CSV table, image,norm: name a .csv file "
-                       "(as train.tools.quality --embeddings reads them)\n"), err
+        assert err == (f"embed: error: --norms {tmp_path / name}: the norms are a CSV table, image,norm: name a "
+                       ".csv file (as train.tools.quality --embeddings reads them)\n"), err
         assert not os.path.exists(tmp_path / name) and not os.path.exists(tmp_path / "n.npy")
 
     # A table of unit rows that names no norms has no quality to give.

@@ -326,7 +326,8 @@ def test_errors_in_verify(release, tree, tmp_path, capsys):
     (tree / first_image()).write_bytes(Image.new("RGB", (SIZE, SIZE)).tobytes()[:10])
     assert verify.main(["--model", ckpt, "--targets", str(tree)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: RFW African: 1 of 12 images could not be aligned: {tree}/txts/African/") and \
+    assert err.startswith("verify: error: RFW African: 1 of 12 images could not be aligned: "
+                          f"{tree}/txts/African/") and \
         "\n" not in err
     # A landmarks off their image: aligned crops in a tree that kept RFW's landmarks. The hint says what to do.
     Image.new("RGB", (8, 8)).save(tree / first_image())
@@ -342,7 +343,7 @@ def test_errors_in_verify(release, tree, tmp_path, capsys):
     shutil.copy(tmp_path / "RFW" / first_image(), tmp_path / "bins" / "African_test.bin")
     assert verify.main(["--model", ckpt, "--targets", str(tmp_path / "bins")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: RFW folder {tmp_path / 'bins'}: it holds African_test.bin but not Asian_test.bin, "
+        f"verify: error: RFW folder {tmp_path / 'bins'}: it holds African_test.bin but not Asian_test.bin, "
         "Caucasian_test.bin, Indian_test.bin: RFW's summary needs its four races")
     # --output is never one of the files the release holds.
     assert verify.main(["--model", ckpt, "--targets", str(tree), "--output", str(pairs), "--overwrite"]) == 2

@@ -198,4 +198,4 @@ def test_release_images_are_never_outputs_and_every_unreadable_one_is_named(rele
     out = tmp_path / "t.json"
     assert tinyface.main(common + ["--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "5_1.jpg" in err and "1002.jpg" in err and "error: 2 image(s) of" in err and not out.exists(), err
+    assert "5_1.jpg" in err and "1002.jpg" in err and "tinyface: error: 2 image(s) of" in err and not out.exists(), err

@@ -277,8 +277,8 @@ def test_an_operator_torch_lacks_on_the_device_is_one_line(tmp_path, capsys, mon
     monkeypatch.setattr(search, "run", lacking)  # through a tool's main, past its argument checks
     assert search.main(["--model", "m.pt", "--gallery", "g", "--probes", "p", "--output", "out.csv"]) == 2
     assert capsys.readouterr().err == f"search: error: {line}\n"
-    assert run_stoppable(lacking, []) == 2  # ijb's and tinyface's
-    assert capsys.readouterr().err == f"error: {line}\n"
+    assert run_stoppable(lacking, [], "ijb") == 2  # ijb's and tinyface's
+    assert capsys.readouterr().err == f"ijb: error: {line}\n"
     from train.tools import clean
     monkeypatch.setattr(clean, "run", lacking)
     assert clean.main(["--model", "m.pt", "--data", "d", "--output", str(tmp_path / "out")]) == 2
@@ -296,7 +296,7 @@ def test_another_not_implemented_error_stays_a_traceback(tmp_path, monkeypatch):
     with pytest.raises(NotImplementedError):
         run_tool(abstract, tool="search")
     with pytest.raises(NotImplementedError):
-        run_stoppable(abstract, [])
+        run_stoppable(abstract, [], "ijb")
     from train.tools import clean
     monkeypatch.setattr(clean, "run", abstract)
     with pytest.raises(NotImplementedError):

@@ -80,7 +80,7 @@ def test_several_data_folders_are_looked_in_as_a_run_on_several_sets_looks(verif
     assert list(json.loads(output.read_text())["targets"]) == ["lfw"]
     assert verify.main(["--model", ckpt, "--data", f"{bins},{tmp_path / 'nowhere'}", "--targets", "lfw"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == \
-        f"error: --data {bins},{tmp_path / 'nowhere'}: {tmp_path / 'nowhere'} is not a folder"
+        f"verify: error: --data {bins},{tmp_path / 'nowhere'}: {tmp_path / 'nowhere'} is not a folder"
 
 
 def test_verify_an_onnx_model(verified, tmp_path, capsys):
@@ -119,8 +119,8 @@ def test_verify_takes_lfws_pairs_txt_as_the_same_pairs_list(verified, tmp_path, 
     capsys.readouterr()
     assert verify.main(["--model", ckpt, "--targets", str(tmp_path / "pairs.txt")]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: {tmp_path / 'pairs.txt'}: line 3: no image Bo_Chen_0002.jpg (nor Bo_Chen_0002 as .jpeg, .png, .bmp) "
-        f"in {tmp_path / 'Bo_Chen'} (LFW's pairs name <its folder>/<name>/<name>_<NNNN>.jpg)")
+        f"verify: error: {tmp_path / 'pairs.txt'}: line 3: no image Bo_Chen_0002.jpg (nor Bo_Chen_0002 as .jpeg, "
+        f".png, .bmp) in {tmp_path / 'Bo_Chen'} (LFW's pairs name <its folder>/<name>/<name>_<NNNN>.jpg)")
 
 
 def test_synthetic_sets_are_those_of_the_runs_seed(tmp_path, capsys):
@@ -171,9 +171,9 @@ def test_data_that_is_a_broken_symbolic_link_is_said_to_be_one(verified, tmp_pat
     gone.symlink_to(tmp_path / "unmounted")
     link = f"(a broken symbolic link to {tmp_path / 'unmounted'})"
     assert verify.main(["--model", ckpt, "--data", str(gone)]) == 2
-    assert capsys.readouterr().err == f"error: --data {gone} is not a folder {link}\n"
+    assert capsys.readouterr().err == f"verify: error: --data {gone} is not a folder {link}\n"
     assert verify.main(["--model", ckpt, "--data", f"{bins},{gone}"]) == 2
-    assert capsys.readouterr().err == f"error: --data {bins},{gone}: {gone} is not a folder {link}\n"
+    assert capsys.readouterr().err == f"verify: error: --data {bins},{gone}: {gone} is not a folder {link}\n"
 
 
 @pytest.mark.parametrize("argv, message", [
