@@ -24,25 +24,18 @@ from train.embed import main as embed_main, write_table
 from train.tools import cluster
 from train.tools.similarity import (connected_components, nearest_neighbours, nearest_neighbours_among,
                                     nearest_neighbours_and_duplicates)
-from trainer_fixtures import IMAGE_SIZE, trained_backbone
-
-PEOPLE = 5
+from trainer_fixtures import (CLUSTER_PEOPLE as PEOPLE, IMAGE_SIZE, TWO_PEOPLE, cluster_collection, save_faces,
+                              trained_backbone)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A model trained on 8 synthetic identities (its checkpoint and backbone.pt beside a backbone.json
     recording a verification threshold), and a nested folder of other faces of 5 of them (3 to 7
-    each, never trained on)."""
+    each, never trained on: trainer_fixtures.cluster_collection)."""
     root = tmp_path_factory.mktemp("cluster")
     ckpt, backbone = trained_backbone(root)
-    collection = root / "photos"
-    for who in range(PEOPLE):
-        folder = collection / ("2024" if who % 2 else "2025") / f"event{who}"
-        os.makedirs(folder)
-        for sample in range(3 + who):
-            Image.fromarray(render_face(0, who, 500 + sample, IMAGE_SIZE)).save(folder / f"{sample:02d}.png")
-    return ckpt, backbone, str(collection)
+    return ckpt, backbone, save_faces(root / "photos", cluster_collection())
 
 
 def run_cluster(*argv) -> int:
@@ -429,10 +422,9 @@ def test_a_name_too_long_for_the_file_system_is_shortened(trained, tmp_path, cap
     party = photos / ("ü" * 100 + "_party")  # 206 bytes
     os.makedirs(party)
     os.makedirs(photos / "short")
-    for who, folder in ((0, party), (1, photos / "short")):
-        for sample in range(3):  # names that differ only at their end
-            Image.fromarray(render_face(0, who, 500 + sample, IMAGE_SIZE)).save(
-                folder / f"frame_{'0' * 50}{sample}.png")
+    for who, sample in TWO_PEOPLE:  # their first 3 faces each, names that differ only at their end
+        folder = party if who == 0 else photos / "short"
+        Image.fromarray(render_face(0, who, sample, IMAGE_SIZE)).save(folder / f"frame_{'0' * 50}{sample - 500}.png")
     tree = tmp_path / "people"
     assert run_cluster("--model", backbone, "--images", photos, "--output", tmp_path / "c.csv", "--tree", tree) == 0
     assert "3 names too long for the file system shortened" in capsys.readouterr().err
@@ -577,9 +569,8 @@ def test_photos_with_a_detector_cluster_as_their_aligned_faces(trained, tmp_path
     ckpt, backbone, _ = trained
     detector = face_detector(tmp_path / "det.onnx")
     crops, photos = tmp_path / "crops", tmp_path / "photos"
-    crops_and_photos({f"{'2024' if who % 2 else '2025'}/event{who}/{sample:02d}.png": render_face(0, who, 500 + sample,
-                                                                                                    112)
-                      for who in range(PEOPLE) for sample in range(3 + who)}, IMAGE_SIZE, crops, photos)
+    crops_and_photos({name: render_face(0, who, sample, 112) for name, (who, sample) in cluster_collection().items()},
+                     IMAGE_SIZE, crops, photos)
     photo_of_faces([], []).save(photos / "2025" / "nobody.png")
     assert run_cluster("--model", backbone, "--images", crops, "--output", tmp_path / "crops.csv") == 0
     capsys.readouterr()

@@ -15,14 +15,13 @@ import signal
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from train import checkpoint
 from train.data.synthetic import render_face
 from train.embed import main as embed_main, write_table
 from train.tools import search
 from train.tools.similarity import best_people
-from trainer_fixtures import IMAGE_SIZE, trained_backbone
+from trainer_fixtures import IMAGE_SIZE, save_faces, search_collections, trained_backbone
 
 
 
@@ -218,17 +217,12 @@ def test_blocked_search_matches_the_whole_matrix(probes, gallery, people, k, cos
 def trained(tmp_path_factory):
     """A model trained on 8 synthetic identities (its checkpoint, and backbone.pt beside a backbone.json
     recording a verification threshold), a gallery of 4 of them (3 faces each, never trained on) and
-    probes: 2 other faces of each, and 2 of 2 people not enrolled, in folders named for their person."""
+    probes: 2 other faces of each, and 2 of 2 people not enrolled, in folders named for their person
+    (trainer_fixtures.search_collections)."""
     root = tmp_path_factory.mktemp("search")
     ckpt, backbone = trained_backbone(root)
-    for who in range(6):
-        for sample in range(5):
-            if who >= 4 and sample < 3:
-                continue
-            folder = root / ("gallery" if sample < 3 else "probes") / f"person{who}"
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(render_face(0, who, 500 + sample, IMAGE_SIZE)).save(folder / f"{sample:02d}.png")
-    return ckpt, backbone, str(root / "gallery"), str(root / "probes")
+    gallery, probes = search_collections()
+    return ckpt, backbone, save_faces(root / "gallery", gallery), save_faces(root / "probes", probes)
 
 
 def test_a_gallery_enrolled_saved_and_searched(trained, tmp_path, capsys):

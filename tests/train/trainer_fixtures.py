@@ -241,27 +241,59 @@ def two_step_checkpoint(root) -> tuple[str, str]:
     return str(root / "run" / "checkpoint.pt"), data
 
 
+# The faces of other people that the cluster and search tests embed with trained_backbone's model (render_face's
+# people 0 to 5 at samples 500 and on, never trained on), each collection a relative path -> (person, sample).
+# Defined here once: those tests make their folders of them, and trained_backbone takes a seed whose model tells
+# them apart as the tests expect (tells_the_test_people_apart).
+CLUSTER_PEOPLE = 5
+# test_cluster's people 0 and 1 alone, their first 3 faces each: two clusters.
+TWO_PEOPLE = [(who, 500 + sample) for who in range(2) for sample in range(3)]
+
+
+def cluster_collection() -> dict[str, tuple[int, int]]:
+    """test_cluster's collection: 5 people, 3 to 7 faces each, a nested folder a person
+    (``2025/event0/00.png``)."""
+    return {f"{'2024' if who % 2 else '2025'}/event{who}/{sample:02d}.png": (who, 500 + sample)
+            for who in range(CLUSTER_PEOPLE) for sample in range(3 + who)}
+
+
+def search_collections() -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+    """test_search's (gallery, probes), a folder a person (``person0/00.png``): people 0 to 3 enrolled with
+    3 faces each; 2 other faces of each of them and of people 4 and 5, who are not enrolled."""
+    gallery = {f"person{who}/{sample:02d}.png": (who, 500 + sample) for who in range(4) for sample in range(3)}
+    probes = {f"person{who}/{sample:02d}.png": (who, 500 + sample) for who in range(6) for sample in (3, 4)}
+    return gallery, probes
+
+
+def save_faces(folder, faces: dict[str, tuple[int, int]], size: int = IMAGE_SIZE) -> str:
+    """Each face of ``faces`` (a relative path -> (person, sample)) rendered at ``size``, saved under
+    ``folder``; that folder."""
+    for name, (who, sample) in faces.items():
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(render_face(0, who, sample, size)).save(path)
+    return str(folder)
+
+
 def tells_the_test_people_apart(ckpt: str) -> bool:
-    """Whether the model of ``ckpt`` gives what the cluster and search tests expect of their faces (people 0
-    to 5, samples 500 to 506, never trained on), at their threshold (cosine 0.55): the cluster tests' 5
-    people (3 to 7 faces each) clustered as they are, none of them duplicates (cosine 0.99), nor of their
-    crops for a model from 112 pixels; people 0 and 1's first 3 faces alone, two clusters; the search
-    test's probes (samples 503 and 504) found as their person among people 0 to 3's templates (samples 500
-    to 502), people 4 and 5's probes as no one."""
+    """Whether the model of ``ckpt`` gives what the cluster and search tests expect of their faces, at their
+    threshold (cosine 0.55): :func:`cluster_collection` clustered as its people, none of them duplicates (cosine
+    0.99), nor of their crops for a model from 112 pixels; :data:`TWO_PEOPLE` alone, two clusters; the probes of
+    :func:`search_collections` found as their person among the gallery's templates, those of people not enrolled
+    as no one."""
     from detector_fixtures import crop_for_model
-    from train.data.synthetic import render_face
     from train.embed import embed_files, load_model
     from train.ijb import template_features
     from train.tools.cluster import cluster_embeddings
 
+    collection = list(cluster_collection().values())
+    gallery, probes = (list(faces.values()) for faces in search_collections())
     model, settings = load_model(ckpt, "cpu")
     with tempfile.TemporaryDirectory() as folder:
         paths = {}
-        for who in range(6):
-            for sample in range(500, 507):
-                paths[who, sample] = os.path.join(folder, f"{who}_{sample}.png")
-                Image.fromarray(render_face(0, who, sample, IMAGE_SIZE)).save(paths[who, sample])
-        collection = [(who, sample) for who in range(5) for sample in range(500, 503 + who)]
+        for who, sample in sorted({*collection, *TWO_PEOPLE, *gallery, *probes}):
+            paths[who, sample] = os.path.join(folder, f"{who}_{sample}.png")
+            Image.fromarray(render_face(0, who, sample, IMAGE_SIZE)).save(paths[who, sample])
         for who, sample in collection:
             paths["crop", who, sample] = os.path.join(folder, f"crop_{who}_{sample}.png")
             crop_for_model(render_face(0, who, sample, 112), IMAGE_SIZE).save(paths["crop", who, sample])
@@ -269,25 +301,22 @@ def tells_the_test_people_apart(ckpt: str) -> bool:
         unit = embed_files(model, [paths[key] for key in keys], settings["image_size"])
     row = {key: k for k, key in enumerate(keys)}
 
-    for faces, count in ((collection, 5), ([("crop", *key) for key in collection], 5),
-                         ([(who, sample) for who in range(2) for sample in range(500, 503)], 2)):
+    for faces in (collection, [("crop", *key) for key in collection], TWO_PEOPLE):
         clusters, first = cluster_embeddings(torch.from_numpy(unit[[row[key] for key in faces]]), 0.55)
         people = {}
         for key, c in zip(faces, clusters.tolist()):
             people.setdefault(c, set()).add(key[-2])
-        if -1 in people or len(people) != count or any(len(p) != 1 for p in people.values()) \
-                or (first != np.arange(len(faces))).any():
+        if -1 in people or len(people) != len({key[-2] for key in faces}) \
+                or any(len(p) != 1 for p in people.values()) or (first != np.arange(len(faces))).any():
             return False
 
-    enrolled = [(who, sample) for who in range(4) for sample in range(500, 503)]
-    _, templates = template_features(unit[[row[key] for key in enrolled]], np.array([w for w, _ in enrolled]),
-                                     np.arange(len(enrolled)))
-    for who in range(6):
-        for sample in (503, 504):
-            cosines = templates @ unit[row[who, sample]]
-            found = int(cosines.argmax()) if cosines.max() >= 0.55 else None
-            if found != (who if who < 4 else None):
-                return False
+    enrolled, templates = template_features(unit[[row[key] for key in gallery]],
+                                            np.array([who for who, _ in gallery]), np.arange(len(gallery)))
+    for who, sample in probes:
+        cosines = templates @ unit[row[who, sample]]
+        found = int(enrolled[cosines.argmax()]) if cosines.max() >= 0.55 else None
+        if found != (who if who in enrolled else None):
+            return False
     return True
 
 
