@@ -380,8 +380,8 @@ class RunLog:
 
     def metrics(self, record: dict[str, Any]) -> None:
         self._append("metrics.jsonl", record)
-        self._scalars(record["step"], {f"train/{key}": record[key] for key in ("loss", "distill", "lr", "samples_per_sec")
-                                       if key in record})
+        self._scalars(record["step"], {f"train/{key}": record[key]
+                                       for key in ("loss", "distill", "lr", "samples_per_sec") if key in record})
 
     def verification(self, record: dict[str, Any]) -> None:
         self._append("verification.jsonl", record)

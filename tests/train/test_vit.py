@@ -18,8 +18,8 @@ from train.models import NETWORKS, VIT_CONFIGS, VisionTransformer, get_model
 from train.models.vit import Attention, DropPath
 from train.trainer import Trainer, build_optimizer
 
-from trainer_fixtures import (assert_onnx_export_matches, base_argv, output_dtypes, forward_backward, make_face_folder, one_thread, read_jsonl,  # noqa: F401
-                              run_killed_at, train_one_thread)
+from trainer_fixtures import (assert_onnx_export_matches, base_argv, output_dtypes, forward_backward,  # noqa: F401
+                              make_face_folder, one_thread, read_jsonl, run_killed_at, train_one_thread)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 IMAGE_SIZE = 36  # a 4x4 grid of 9px patches: 16 tokens, and a fast trainer run
