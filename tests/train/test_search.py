@@ -461,8 +461,8 @@ def test_bad_arguments_left_out_people_and_outputs(trained, tables, tmp_path, ca
     os.symlink(os.path.join(gallery, "person1"), broken / "person1")
     assert run_search("--model", backbone, "--gallery", broken, "--probes", probes, "--output", out) == 1
     err = capsys.readouterr().err
-    assert f"warning: {broken / 'zoe' / '1.png'}: cannot read the image: not an image format Pillow reads (12 bytes)\n" \
-        in err  # (as train.embed words it: it said "cannot decode image (12 bytes)")
+    assert (f"warning: {broken / 'zoe' / '1.png'}: cannot read the image: not an image format Pillow reads "
+            "(12 bytes)\n") in err  # (as train.embed words it: it said "cannot decode image (12 bytes)")
     assert "warning: --gallery: none of the images of zoe can be read: zoe is left out" in err
     assert "; 1 person, 1 gallery image left out (the warnings above say why); wrote" in err
     assert {r[2] for r in read_rows(out)} == {"person1"}
@@ -697,7 +697,8 @@ def test_fpir_recorded_in_a_gallery_enrolled_from_a_folder(trained, tmp_path, ca
     for fpir, folder, said in ((0.1, probes, "4 non-mated searches measure an FPIR of 0.25 at best (1 of them); 0.1 "
                                              "needs 10 or more"),
                                (0.2, tmp_path / "probes", "none of the 8 probes is of a person not enrolled "
-                                                          "(--probe-labels folder), and the FPIR is measured on those")):
+                                                          "(--probe-labels folder), and the FPIR is measured on "
+                                                          "those")):
         assert run_search("--model", backbone, "--gallery", gallery, "--probes", folder, "--probe-labels", "folder",
                           "--fpir", fpir, "--save-gallery", saved, "--output", tmp_path / "s.csv") == 2
         assert capsys.readouterr().err == f"search: error: --fpir {fpir}: {said}\n"

@@ -439,9 +439,9 @@ def test_a_pretrained_vit_of_another_size_is_named_by_its_record(vit_runs, tmp_p
     state["args"]["image_size"] = 40
     at_40 = tmp_path / "at_40.pt"
     torch.save(state, at_40)
-    with pytest.raises(SystemExit, match=r"^--pretrained_model .*at_40\.pt does not fit --network vit_s --embedding-size "
-                                         r"64 --image-size 40: it holds --network vit_t --embedding-size 64 "
-                                         r"--image-size 40$"):
+    with pytest.raises(SystemExit, match=r"^--pretrained_model .*at_40\.pt does not fit --network vit_s "
+                                         r"--embedding-size 64 --image-size 40: it holds --network vit_t "
+                                         r"--embedding-size 64 --image-size 40$"):
         # (the command line's later flags win)
         Trainer(parse_args(argv("vit_s", pretrained_model=str(at_40)) + ["--network", "vit_s", "--image-size", "40"]))
     # The same patches at another size load, and the run says the faces are drawn at another scale.
