@@ -670,6 +670,30 @@ def test_a_table_of_every_face_keeps_its_photos_faces_apart(tmp_path, capsys, ma
     assert json.loads((tmp_path / "c.json").read_text())["faces_with_a_photo_mate_in_their_cluster"] == 2
 
 
+def test_two_faces_of_one_photo_that_duplicate_each_other_share_a_cluster_and_the_note_says_why(tmp_path, capsys):
+    """Two faces of one photo at the duplicate cosine or more (a face found twice, or its image in a mirror) are
+    one node of the graph, so Chinese whispers, which keeps a photo's other faces apart, puts them in one cluster:
+    the summary counts them and the note names the duplicates (it said '--method chinese-whispers does not keep
+    them apart; chinese-whispers does')."""
+    from train.embed import faces_described
+
+    faces, _ = people_photos(4, 6)
+    names = [f"p{i:02d}.jpg#1" for i in range(len(faces))] + ["p00.jpg#2"]
+    faces = torch.cat([faces, faces[:1]])  # (p00.jpg's second face: its first again)
+    table, out = tmp_path / "faces.npy", tmp_path / "c.csv"
+    write_table(str(table), names, faces.numpy(), about={"faces": faces_described(detector="/det.onnx",
+                                                                                  all_faces=True)})
+    assert run_cluster("--embeddings", table, "--threshold", "0.5", "--output", out) == 0
+    err = capsys.readouterr().err
+    rows = dict(read_rows(out))
+    assert rows["p00.jpg#1"] == rows["p00.jpg#2"] >= 0
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert (summary["duplicates"], summary["faces_with_a_photo_mate_in_their_cluster"]) == (1, 2)
+    assert "cluster: note: 2 faces share their cluster with another face of their photo: duplicates of each other " \
+        "(cosine 0.99 or more: one face found twice, or its image in a mirror), one node of the graph" in err, err
+    assert "does not keep them apart" not in err
+
+
 def group_photos(tmp_path, detector_fixtures, groups: dict) -> tuple[dict, dict]:
     """Photos of several synthetic people each (``groups``: name -> the people in it, left to right), a face a
     person and photo (a sample of its own); (the 112-pixel faces, "<name>:<i>" -> uint8 array; each face's

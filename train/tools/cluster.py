@@ -492,8 +492,12 @@ def run(args: argparse.Namespace) -> int:
               "mostly one person, or different people joined (at a low --threshold, or by --method components' "
               "chains); look at it, or raise --threshold", file=sys.stderr)
     if together:
-        print(f"cluster: note: {count_of(together, 'face')} share their cluster with another face of their photo "
-              f"(--method {args.method} does not keep them apart; chinese-whispers does)", file=sys.stderr)
+        said = f"cluster: note: {count_of(together, 'face')} share their cluster with another face of their photo"
+        if args.method == "components":
+            print(f"{said} (--method components does not keep them apart; chinese-whispers does)", file=sys.stderr)
+        else:  # (Chinese whispers keeps them apart but for the faces of one node: duplicates of each other)
+            print(f"{said}: duplicates of each other (cosine {duplicate_cosine:g} or more: one face found twice, or "
+                  "its image in a mirror), one node of the graph", file=sys.stderr)
     return 1 if failures else 0
 
 
