@@ -38,7 +38,7 @@ from .models import (check_embedding_shape, get_model, is_factory_spec, learn_em
                      model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
-from .tools import count_of, installed_version, lost_a_peer, say_unhandled_error, timed_out
+from .tools import count_of, installed_version, lost_a_peer, say_unhandled_error, start_process_group, timed_out
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -688,8 +688,8 @@ class Trainer:
         if self.distributed:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method="env://",
-                                    timeout=datetime.timedelta(minutes=args.dist_timeout))
+            start_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method="env://",
+                                timeout=datetime.timedelta(minutes=args.dist_timeout))
         self.is_main = self.rank == 0
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Leave a core to each DataLoader worker: oversubscribed OpenMP threads spin and stall.

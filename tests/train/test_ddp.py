@@ -417,6 +417,17 @@ def test_a_rank_failing_at_the_last_checkpoint_leaves_one_line_on_the_others(tmp
     assert "Connection closed by peer" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def test_a_group_left_is_held_by_no_module_imported_after_it_started():
+    # torch.distributed.nn.functional's defaults (group=group.WORLD) held the group when the module was imported
+    # once the group was started, as torch._dynamo imports it at the first optimizer (torch 2.13): the group was
+    # never freed, its connections never closed, and the test above failed (rank 1 not told that rank 0 had left).
+    code = ("import sys, torch.distributed as dist; from train.tools import start_process_group; "
+            "start_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1); group = dist.group.WORLD; "
+            "import torch.distributed.nn.functional; dist.destroy_process_group(); print(sys.getrefcount(group))")
+    held = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert held.stdout.split() == ["2"], held  # `group` and getrefcount's argument
+
+
 BUG = "CUDA error: an illegal memory access was encountered (injected on rank 1)"
 
 

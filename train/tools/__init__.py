@@ -258,6 +258,20 @@ def torch_device(text: str) -> torch.device:
     return device
 
 
+def start_process_group(backend: str, **kwargs) -> None:
+    """``torch.distributed.init_process_group(backend, **kwargs)``, torch.distributed.nn.functional imported first.
+    That module's functions take ``group=group.WORLD`` as a default argument, evaluated as it is imported: imported
+    once the group was started (torch 2.13's torch._dynamo imports it, and torch imports torch._dynamo as the first
+    optimizer is built), ten of them held the group until the process ended, so that destroy_process_group closed
+    none of gloo's connections. Another rank waiting in a collective for this one, which had left the group (its
+    last checkpoint not written), learnt it only as this process ended, when torchrun stops that rank too."""
+    import torch.distributed as dist
+
+    with contextlib.suppress(ImportError):  # (a torch without it: nothing can import it later either)
+        import torch.distributed.nn.functional  # noqa: F401
+    dist.init_process_group(backend, **kwargs)
+
+
 def lost_a_peer(error: BaseException) -> bool:
     """Whether a collective failed because another process of the group went away (gloo's words;
     NCCL waits for its watchdog instead)."""

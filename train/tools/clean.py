@@ -75,7 +75,7 @@ with stop_while_importing(__name__, _line_start()):
     from train.data.transforms import to_chw
     from train.embed import backbone_weights_digest, embed_images, load_model
     from train.tools import (ArgumentParser, RunLock, check_outputs, count_of, lost_a_peer, plain_warnings,
-                             say_unhandled_error, torch_device)
+                             say_unhandled_error, start_process_group, torch_device)
     from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
     from train.tools.similarity import connected_components, cosine_blocks
     from train.verification import compute_embeddings
@@ -395,7 +395,7 @@ def _process_group(device: torch.device) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    start_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
     return dist.get_rank(), world, device
 
 
