@@ -9,6 +9,7 @@ the other. The bundled trainer steps with them (``--optimizer sgd`` / ``adamw``)
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, overload
 
 import torch
@@ -17,6 +18,22 @@ from torch.optim.adamw import adamw as adamw_update  # torch's functional AdamW
 from ._checks import is_dtensor
 
 __all__ = ["SGD", "AdamW"]
+
+
+def _eager_under_compile(fn: Callable) -> Callable:
+    """``fn`` run eagerly where torch.compile traces its caller, as ``torch.compiler.disable(fn)``, the wrapper made
+    at the first call: the decorator imports torch._dynamo, a second of every ``import arcface_ext`` (each
+    command, each process of a run) that an eager step never needs. (torch's optimizers defer it so too.)"""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 def _local(tensor):
@@ -148,7 +165,7 @@ class AdamW(torch.optim.AdamW):
     # Eager under torch.compile: dynamo shows a traced step every group with capturable=True (it makes torch's
     # compiled step capturable), so traced, no tensor was sliced. Python 3.11's dynamo ran this frame eagerly;
     # 3.12's and later compile the part of the step before torch's step, which held this.
-    @torch.compiler.disable
+    @_eager_under_compile
     def _sliced_and_fresh(self):
         """The (parameter, group) pairs to step a slice at a time, and the parameters whose state this step
         makes, to be listed in self.state (so in the state dict, and a checkpoint) in torch's order at the end:
@@ -179,7 +196,7 @@ class AdamW(torch.optim.AdamW):
 
     # Eager under torch.compile too: this frame compiled on its own (torch's step graph-breaks in the frame that
     # calls it) took the step count of one sliced tensor for another's (one went up twice a step, the other not).
-    @torch.compiler.disable
+    @_eager_under_compile
     def _sliced_step(self, param, group):
         state, keys = self.state[param], ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
         if not state:  # as torch's first step makes it (the step a CPU tensor of the default scalar dtype)

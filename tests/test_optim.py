@@ -322,3 +322,15 @@ def test_adamw_makes_no_parameter_sized_temporaries(second_step_extra_mb):
     extra = {kind: second_step_extra_mb["AdamW", kind] for kind in ("ours", "torch")}
     assert extra["torch"] > 400, extra  # the two temporaries this measures are seen
     assert extra["ours"] < 48, extra  # two slices of 16 MiB
+
+
+def test_importing_the_package_imports_no_compiler():
+    # torch.compiler.disable on AdamW's methods imported torch._dynamo at `import arcface_ext`: a second more for
+    # every command and every process of a run (1.3 s here), which only a torch.compile of the step needs.
+    code = ("import sys, torch; before = 'torch._dynamo' in sys.modules; import arcface_ext; "
+            "print(before, 'torch._dynamo' in sys.modules)")
+    before, after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                   check=True).stdout.split()
+    if before == "True":
+        pytest.skip("this torch imports torch._dynamo itself")
+    assert after == "False", "import arcface_ext imported torch._dynamo"
