@@ -908,6 +908,8 @@ def run(args: argparse.Namespace) -> int:
             first, second = embed_files(model, list(args.compare), size, device=device, norms=norms)
         similarity = float(np.dot(first, second))
         threshold, source = cosine_threshold(settings, args.threshold)
+        if source == "the default":  # (a note on stderr, as cluster and search give: no verification chose it)
+            model_threshold(args.model, settings, args.threshold, tool="embed")
         verdict = "same person" if similarity >= threshold else "different people"
         first_norm, second_norm = np.concatenate(norms)
         print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source})"

@@ -341,6 +341,19 @@ def test_a_bare_state_dicts_image_size_is_112_where_it_fits_else_a_guess_said(tr
     assert "note" not in capsys.readouterr().err
 
 
+def test_compare_with_a_model_that_records_no_threshold_says_the_default_is_no_measured_one(tmp_path, capsys):
+    # The README: without a verification's threshold --compare takes 0.3, "which no verification chose: the
+    # message says so"; the line said only "from the default".
+    torch.save(get_model("small", image_size=112, embedding_size=64).state_dict(), tmp_path / "backbone.pth")
+    face = tmp_path / "a.png"
+    Image.fromarray(np.full((112, 112, 3), 128, np.uint8)).save(face)
+    assert embed.main(["--model", str(tmp_path / "backbone.pth"), "--compare", str(face), str(face)]) == 0
+    out, err = capsys.readouterr()
+    assert "cosine similarity 1.0000: same person (threshold 0.3000, from the default)" in out
+    assert f"embed: note: {tmp_path / 'backbone.pth'} records no verification that gives the threshold: cosine 0.3 " \
+        "is taken, a starting point, not a measured threshold (give --threshold: " in err, err
+
+
 def test_export_refuses_a_layout_that_contradicts_the_checkpoint(trained, tmp_path, capsys):
     # --network r18 with a training checkpoint built r18 and printed load_state_dict's 94 lines.
     ckpt, _ = trained
