@@ -666,7 +666,8 @@ def test_a_table_of_every_face_keeps_its_photos_faces_apart(tmp_path, capsys, ma
     assert run_cluster("--embeddings", table, "--threshold", "0.5", "--output", out, "--overwrite", "--method",
                        "components") == 0
     assert "cluster: note: 2 faces share their cluster with another face of their photo (--method components does " \
-        "not keep them apart; chinese-whispers does)" in capsys.readouterr().err
+        "not keep them apart; chinese-whispers does, but for duplicates of each other, cosine 0.99 or more)" in \
+        capsys.readouterr().err
     assert json.loads((tmp_path / "c.json").read_text())["faces_with_a_photo_mate_in_their_cluster"] == 2
 
 

@@ -494,7 +494,8 @@ def run(args: argparse.Namespace) -> int:
     if together:
         said = f"cluster: note: {count_of(together, 'face')} share their cluster with another face of their photo"
         if args.method == "components":
-            print(f"{said} (--method components does not keep them apart; chinese-whispers does)", file=sys.stderr)
+            print(f"{said} (--method components does not keep them apart; chinese-whispers does, but for "
+                  f"duplicates of each other, cosine {duplicate_cosine:g} or more)", file=sys.stderr)
         else:  # (Chinese whispers keeps them apart but for the faces of one node: duplicates of each other)
             print(f"{said}: duplicates of each other (cosine {duplicate_cosine:g} or more: one face found twice, or "
                   "its image in a mirror), one node of the graph", file=sys.stderr)
