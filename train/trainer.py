@@ -817,12 +817,15 @@ class Trainer:
         self.resumed_from = resume
         if resume:
             resumed_rng = self._load_training_state(resume)
-            # Before the folder changes: a W&B run that cannot start leaves it as it was.
-            wandb_run = self._start_wandb()
             # A checkpoint from another folder: whatever run this folder holds is not the one
             # continued, and its checkpoint and logs must not be overwritten or spliced into.
             own = self.checkpoint_path
             moves = not (os.path.exists(own) and os.path.samefile(own, resume))
+            if moves and self.step >= args.max_steps:  # (it would set that run aside and leave no checkpoint)
+                raise SystemExit(f"--resume {resume}: {self._nothing_to_train()}; --output {self.output} is left as "
+                                 "it was")
+            # Before the folder changes: a W&B run that cannot start leaves it as it was.
+            wandb_run = self._start_wandb()
             if self.distributed and moves:  # every rank has read the checkpoint before its folder changes
                 dist.barrier()
             if self.is_main and moves:
@@ -1546,6 +1549,14 @@ class Trainer:
         # workers, signalled with the process group, ignore it (train.data) and keep serving batches.
         self._stop_signal, self._stop_signal_at = signum, time.monotonic()
 
+    def _nothing_to_train(self) -> str:
+        """What a resume of a finished run says."""
+        args = self.args
+        flag = "--max-steps" if args.epochs is None else "--epochs"
+        length = (f"--max-steps {args.max_steps}" if args.epochs is None else
+                  f"--epochs {args.epochs:g} ({count_of(args.max_steps, 'step')})")
+        return f"the checkpoint is at step {self.step} of {length}: nothing to train (raise {flag} to train on)"
+
     def fit(self) -> int:
         """Train to ``--max-steps``; returns the process exit code."""
         exit_code = 1  # unless _fit returns
@@ -1602,11 +1613,7 @@ class Trainer:
                    disable=not (self.is_main and interactive), file=sys.stderr)
         try:
             if self.step >= args.max_steps:  # a finished run resumed: its verification and checkpoint are written
-                flag = "--max-steps" if args.epochs is None else "--epochs"
-                length = (f"--max-steps {args.max_steps}" if args.epochs is None else
-                          f"--epochs {args.epochs:g} ({count_of(args.max_steps, 'step')})")
-                self._write(f"the checkpoint is at step {self.step} of {length}: nothing to train (raise {flag} to "
-                            "train on)")
+                self._write(self._nothing_to_train())
                 return 0
             stop = False  # agreed by every rank at each step: a signal may reach some of them only
             # At the start of a fresh run, and of one resumed where a stop had cut a verification short (0:

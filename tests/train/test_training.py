@@ -267,6 +267,25 @@ def test_resuming_a_finished_run_trains_and_logs_nothing_more(faces, tmp_path, c
             in capsys.readouterr().err)
 
 
+def test_a_finished_run_resumed_into_another_folder_leaves_it_as_it_was(faces, tmp_path, capsys):
+    # It trained nothing, but set aside the run that folder held into earlier-1 and left there the finished
+    # run's logs without its checkpoint (a folder that --resume auto then started afresh in), or made one so.
+    finished, other = tmp_path / "finished", tmp_path / "other"
+    assert main(argv(faces, finished, max_steps=2)) == 0
+    assert main(argv(faces, other, max_steps=1, seed=1)) == 0
+    held = {name: (other / name).read_bytes() for name in sorted(os.listdir(other))}
+    capsys.readouterr()
+    for output in (other, tmp_path / "new"):
+        with pytest.raises(SystemExit) as refused:
+            main(argv(faces, output, max_steps=2, resume=str(finished / "checkpoint.pt")))
+        assert refused.value.code == (f"--resume {finished / 'checkpoint.pt'}: the checkpoint is at step 2 of "
+                                      f"--max-steps 2: nothing to train (raise --max-steps to train on); --output "
+                                      f"{output} is left as it was")
+    assert {name: (other / name).read_bytes() for name in sorted(os.listdir(other))} == held
+    assert not (tmp_path / "new").exists()
+    assert "its files are now in" not in capsys.readouterr().err
+
+
 def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkeypatch):
     # Else its checkpoint would lack the final verification, which resuming it does not add.
     original_step = Trainer.train_step
