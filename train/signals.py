@@ -6,6 +6,7 @@ outputs were written."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -161,6 +162,59 @@ def missing_device_op(error: BaseException) -> str | None:
     return f"this torch has no {device} kernel for {operator}: {fallback}use --device cpu"
 
 
+class ReaderMayLeave:
+    """A stream (``sys.stderr``, ``sys.stdout``) whose reader may go away (``python -m train ... 2>&1 | head``,
+    ``less`` quit): from its first BrokenPipeError on, it points at /dev/null (as :func:`train.tools.say`'s
+    stream), and the work carries on to its outputs: a training run to its checkpoints (what it says goes to
+    its training.log still), a tool to its files. The error ended them, a run without the checkpoint of its
+    last steps, a tool with nothing written."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+        with contextlib.suppress(BrokenPipeError):  # (the bytes the pipe refused, kept in the buffer: to /dev/null)
+            self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: the stream's
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def readers_may_leave():
+    """``sys.stdout`` and ``sys.stderr`` as :class:`ReaderMayLeave` while in the block (each one with a file
+    descriptor: pytest's captured streams and the like are left as they are)."""
+    streams = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is an OSError)
+            stream.fileno()
+            streams[name] = stream
+            setattr(sys, name, ReaderMayLeave(stream))
+    try:
+        yield
+    finally:
+        for name, stream in streams.items():
+            if isinstance(getattr(sys, name), ReaderMayLeave):
+                setattr(sys, name, stream)
+
+
 def run_tool(work: Callable[[], int], *, tool: str, errors: tuple[type[BaseException], ...] = (OSError, ValueError),
              whole: str = " as the outputs were written: they are whole", said: Callable[[Stopped], str | None] | None = None,
              blank_line: bool = True, out: Callable[..., None] = print) -> int:
@@ -174,7 +228,7 @@ def run_tool(work: Callable[[], int], *, tool: str, errors: tuple[type[BaseExcep
     (to stderr): ``print``, or a benchmark's ``train.tools.say`` (:func:`train.embed.run_stoppable`)."""
     prefix = f"{tool}: "
     try:
-        with stop_on_signals():
+        with stop_on_signals(), readers_may_leave():
             return work()
     except errors as error:
         out(f"{prefix}error: {error}", file=sys.stderr)

@@ -1876,12 +1876,12 @@ def _undo_start(output: str, before: set[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import parse_args
-    from .signals import Stopped, stop_on_signals
+    from .signals import Stopped, readers_may_leave, stop_on_signals
     from .tools import plain_warnings
 
     args = parse_args(argv)
     before = set(os.listdir(args.output)) if os.path.isdir(args.output) else None
-    with plain_warnings():
+    with plain_warnings(), readers_may_leave():
         try:
             # Ctrl-C and SIGTERM during the start-up (reading the data, the checkpoint) unwind as below
             # and say so; from the first step on, the trainer's own handling saves a checkpoint.

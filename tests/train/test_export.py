@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +20,7 @@ from train.data.transforms import load_image_file
 from train.verification import compute_embeddings
 from train.models import get_model
 
-from trainer_fixtures import IMAGE_SIZE, one_thread, two_step_checkpoint  # noqa: F401
+from trainer_fixtures import IMAGE_SIZE, REPO, one_thread, two_step_checkpoint  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,20 @@ def test_state_dict_round_trip(trained, tmp_path):
     model, guessed = checkpoint.load_backbone(str(tmp_path / "backbone.pt"))
     assert guessed == {"network": "small", "embedding_size": settings["embedding_size"], "image_size": IMAGE_SIZE}
     assert torch.equal(embeddings_of(model, x), embeddings_of(original, x))
+
+
+def test_a_tool_whose_reader_goes_away_writes_its_outputs(trained, tmp_path):
+    # python -m train.tools.roc ... 2>&1 | head -1: the first line said once head had gone (its table) ended the run
+    # in a BrokenPipeError, its results not written.
+    ckpt, faces = trained
+    command = [sys.executable, "-m", "train.tools.roc", "--model", ckpt, "--images", faces, "--far", "0.1",
+               "--output", str(tmp_path / "r.csv")]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as run:
+        assert run.stdout.readline().startswith(b"roc: embedding 16 images under ")
+        run.stdout.close()  # (as head does, after its lines)
+        assert run.wait(timeout=120) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["genuine_pairs"] == 24
+    assert len((tmp_path / "r.csv").read_text().splitlines()) > 1
 
 
 def test_onnx_round_trip(trained, tmp_path, capsys):

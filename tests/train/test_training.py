@@ -1617,6 +1617,19 @@ def test_an_error_in_training_exits_with_loader_workers(faces, tmp_path):
     assert result.returncode == 1 and "injected" in result.stderr, result.stderr[-2000:]
 
 
+def test_a_run_whose_reader_goes_away_trains_on(faces, tmp_path):
+    # python -m train ... 2>&1 | head: the first line said after head had its fill ended the run in a BrokenPipeError
+    # (its last steps without a checkpoint, and "the run failed at step 9" of 8 in training.log).
+    command = [sys.executable, "-m", "train", *argv(faces, tmp_path, num_workers=2)]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as run:
+        assert run.stdout.readline().startswith(b"network small: ")
+        run.stdout.close()  # (as head does, after its lines)
+        assert run.wait(timeout=120) == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 8
+    log = (tmp_path / "training.log").read_text()
+    assert "Error" not in log and re.search(r" done: 8 steps in \d+ s; outputs in ", log.splitlines()[-1]), log
+
+
 def test_atomic_writes_get_the_usual_mode_and_clear_killed_temporaries(tmp_path):
     target = tmp_path / "checkpoint.pt"
     killed = [tmp_path / ".checkpoint.pt.k_9xq2ab.tmp", tmp_path / ".checkpoint.pt.0123abcd.tmp"]
