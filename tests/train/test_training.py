@@ -386,7 +386,9 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
     with pytest.raises(SystemExit) as stopped:
         main(argv(faces, tmp_path / "run", max_steps=4))
     assert stopped.value.code == 128 + signal.SIGINT
-    assert "stopped by a second SIGINT: at once, without a checkpoint of this step" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (one line, with no blank one before it outside a terminal)
+    assert "\nstopped by a second SIGINT: at once, without a checkpoint of this step\n" in err, err
+    assert "\n\n" not in err, err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
 
 
@@ -415,7 +417,9 @@ def test_another_signal_soon_after_the_first_is_a_second_one(faces, tmp_path, mo
     with pytest.raises(SystemExit) as stopped:
         main(argv(faces, tmp_path, max_steps=4, save_every=0))
     assert stopped.value.code == 128 + signal.SIGTERM
-    assert "stopped by a second SIGTERM: at once, without a checkpoint of this step" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (one line, with no blank one before it outside a terminal)
+    assert "\nstopped by a second SIGTERM: at once, without a checkpoint of this step\n" in err, err
+    assert "\n\n" not in err, err
 
 
 def test_a_signal_the_process_got_ignored_stays_ignored_while_it_trains(faces, tmp_path, monkeypatch):
