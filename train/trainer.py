@@ -984,7 +984,7 @@ class Trainer:
                              "(config.resume = False), start from its weights and class centres with "
                              f"--pretrained_model {first} (--max-steps the steps left), or afresh")
         if self.is_main:
-            print(f"--resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
+            print(f"note: --resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
         return None
 
     def _resumed_steps_per_epoch(self, step_batch: int) -> int | None:

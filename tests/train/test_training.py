@@ -2113,7 +2113,7 @@ def test_resume_without_a_checkpoint_or_on_data_of_other_identities(faces, tmp_p
     # there, and a checkpoint resumed on data of another number of identities, are one-line refusals.
     run = tmp_path / "run"
     assert main(argv(faces, run, max_steps=2, save_every=2, resume="auto")) == 0
-    assert f"--resume auto: no checkpoint in {run}, starting from scratch\n" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"note: --resume auto: no checkpoint in {run}, starting from scratch\n")
     assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 2
     with pytest.raises(SystemExit) as stop:
         main(argv(faces, tmp_path / "other", resume=str(tmp_path / "nowhere.pt")))
