@@ -1576,7 +1576,9 @@ class Trainer:
         except Exception as error:  # a failure the trainer does not say itself: its traceback, kept with the run
             if self.is_main:
                 with contextlib.suppress(LogNotWritten):
-                    self.log.text(f"error: the run failed at step {self.step + 1}:\n{traceback.format_exc()}")
+                    where = (f"at step {self.step + 1}" if self.step < self.args.max_steps else
+                             f"after its last step ({self.step})")  # (its last verification, checkpoint, plots)
+                    self.log.text(f"error: the run failed {where}:\n{traceback.format_exc()}")
             # (On the screen too, before the group was left: not a second time at exit. Not so an error raised
             # after that one was said, further down _fit's finally: its traceback is printed at exit.)
             if error is self._error_said:

@@ -150,6 +150,18 @@ def test_training_log_keeps_what_the_run_said(faces, tmp_path, monkeypatch):
     assert "error: the run failed at step 7:" in failed and failed[-1] == "RuntimeError: injected", failed
 
 
+def test_a_failure_after_the_last_step_is_logged_as_such(faces, tmp_path, monkeypatch):
+    # (Its final verification, checkpoint or plots.) training.log said "the run failed at step 3" of 2.
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(Trainer, "save", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        main(argv(faces, tmp_path, max_steps=2, save_every=0))
+    log = (tmp_path / "training.log").read_text()
+    assert " error: the run failed after its last step (2):\n" in log and "failed at step" not in log, log
+
+
 def test_the_set_ups_copy_of_stderr_leaves_what_was_installed_on_it(capsys):
     # W&B's console capture (its default, console="wrap") patches the write of the sys.stderr it finds when
     # the run starts, in the set-up: the copy training.log takes was swapped back for the stream after it,
