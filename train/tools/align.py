@@ -30,7 +30,6 @@ that coincide) are listed at the end and the others are written; the exit status
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import math

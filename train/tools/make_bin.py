@@ -11,7 +11,6 @@ An existing OUT.bin is kept (an error says so) unless --overwrite is given.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import sys

@@ -12,7 +12,6 @@ one per identity with the range `[first, end)` of its image records.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
