@@ -1542,9 +1542,10 @@ class Trainer:
         if self._stop_signal:  # a second Ctrl-C: stop now, without the checkpoint
             signal.signal(signum, signal.SIG_DFL)
             # (A SystemExit unwinds as KeyboardInterrupt did, temporary files removed, without its traceback.)
-            # (After the terminal's "^C", on a line of its own; in a log or a pipe, no blank line before it.)
-            self._error(f"{chr(10) if _is_terminal(sys.stderr) else ''}stopped by a second "
-                        f"{signal.Signals(signum).name}: at once, without a checkpoint of this step")
+            # (No line break first: on a terminal, tqdm.write clears the bar's line, "^C" with it; in a log or a pipe
+            # it made a blank line.)
+            self._error(f"stopped by a second {signal.Signals(signum).name}: at once, without a checkpoint of this "
+                        "step")
             raise SystemExit(128 + signum)
         # Only a flag: printing from a handler can re-enter a half-written stream. The DataLoader
         # workers, signalled with the process group, ignore it (train.data) and keep serving batches.
