@@ -459,12 +459,18 @@ def model_threshold(model_path: str | None, settings: dict, requested: float | N
                              "faces that are not alike at all for one person (a model barely trained?): give "
                              "--threshold")
     elif source == "the default":
-        print(f"{tool}: note: {'no model' if not model_path else model_path + ' records no verification that'} gives "
-              f"the threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
-              "--threshold: python -m train.tools.roc measures the one of a false accept rate on your own labelled "
-              "faces; a trained model's checkpoint, or train.export's backbone.json, records one)",
-              file=sys.stderr)
+        say_default_threshold(model_path, threshold, tool)
     return threshold, source
+
+
+def say_default_threshold(model_path: str | None, threshold: float, tool: str) -> None:
+    """The note (``tool: note: ...``, on stderr) that ``threshold``, the default, was measured on no faces:
+    no model at ``model_path``, or none that records a verification."""
+    print(f"{tool}: note: {'no model' if not model_path else model_path + ' records no verification that'} gives "
+          f"the threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
+          "--threshold: python -m train.tools.roc measures the one of a false accept rate on your own labelled "
+          "faces; a trained model's checkpoint, or train.export's backbone.json, records one)",
+          file=sys.stderr)
 
 
 def model_digest(path: str) -> str:
@@ -909,7 +915,7 @@ def run(args: argparse.Namespace) -> int:
         similarity = float(np.dot(first, second))
         threshold, source = cosine_threshold(settings, args.threshold)
         if source == "the default":  # (a note on stderr, as cluster and search give: no verification chose it)
-            model_threshold(args.model, settings, args.threshold, tool="embed")
+            say_default_threshold(args.model, threshold, "embed")
         verdict = "same person" if similarity >= threshold else "different people"
         first_norm, second_norm = np.concatenate(norms)
         print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source})"

@@ -162,12 +162,23 @@ def missing_device_op(error: BaseException) -> str | None:
     return f"this torch has no {device} kernel for {operator}: {fallback}use --device cpu"
 
 
+def point_at_devnull(stream) -> None:
+    """``stream``, whose reader has gone (a BrokenPipeError), written to /dev/null from now on: its file
+    descriptor made /dev/null's, the bytes the pipe refused (kept in its buffer) flushed there, so that the
+    interpreter's last flush fails silently too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    with contextlib.suppress(BrokenPipeError):
+        stream.flush()
+
+
 class ReaderMayLeave:
     """A stream (``sys.stderr``, ``sys.stdout``) whose reader may go away (``python -m train ... 2>&1 | head``,
-    ``less`` quit): from its first BrokenPipeError on, it points at /dev/null (as :func:`train.tools.say`'s
-    stream), and the work carries on to its outputs: a training run to its checkpoints (what it says goes to
-    its training.log still), a tool to its files. The error ended them, a run without the checkpoint of its
-    last steps, a tool with nothing written."""
+    ``less`` quit): from its first BrokenPipeError on, it points at /dev/null (:func:`point_at_devnull`, as
+    :func:`train.tools.say` does), and the work carries on to its outputs: a training run to its checkpoints
+    (what it says goes to its training.log still), a tool to its files. The error ended them, a run without
+    the checkpoint of its last steps, a tool with nothing written."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -176,21 +187,14 @@ class ReaderMayLeave:
         try:
             return self.stream.write(text)
         except BrokenPipeError:
-            self._to_devnull()
+            point_at_devnull(self.stream)
             return len(text)
 
     def flush(self):
         try:
             self.stream.flush()
         except BrokenPipeError:
-            self._to_devnull()
-
-    def _to_devnull(self):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self.stream.fileno())
-        os.close(devnull)
-        with contextlib.suppress(BrokenPipeError):  # (the bytes the pipe refused, kept in the buffer: to /dev/null)
-            self.stream.flush()
+            point_at_devnull(self.stream)
 
     def __getattr__(self, name):  # isatty, fileno, encoding: the stream's
         return getattr(self.stream, name)

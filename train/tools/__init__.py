@@ -113,9 +113,9 @@ def say(*args, **kwargs) -> None:
     try:
         print(*args, **kwargs)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
+        from train.signals import point_at_devnull
+
+        point_at_devnull(stream)
 
 
 def listable_name(name: str) -> bool:
