@@ -203,20 +203,24 @@ class ReaderMayLeave:
 @contextlib.contextmanager
 def readers_may_leave():
     """``sys.stdout`` and ``sys.stderr`` as :class:`ReaderMayLeave` while in the block (each one with a file
-    descriptor: pytest's captured streams and the like are left as they are)."""
+    descriptor: pytest's captured streams and the like are left as they are). Flushed through it at the end:
+    stdout in a pipe is block-buffered, and what waited in its buffer failed at the interpreter's last flush
+    (exit status 120)."""
     streams = {}
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         with contextlib.suppress(AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is an OSError)
             stream.fileno()
-            streams[name] = stream
-            setattr(sys, name, ReaderMayLeave(stream))
+            streams[name] = ReaderMayLeave(stream)
+            setattr(sys, name, streams[name])
     try:
         yield
     finally:
-        for name, stream in streams.items():
+        for name, wrapper in streams.items():
+            with contextlib.suppress(OSError, ValueError):  # (a full disk: the interpreter's last flush says it)
+                wrapper.flush()
             if isinstance(getattr(sys, name), ReaderMayLeave):
-                setattr(sys, name, stream)
+                setattr(sys, name, wrapper.stream)
 
 
 def run_tool(work: Callable[[], int], *, tool: str, errors: tuple[type[BaseException], ...] = (OSError, ValueError),
@@ -231,21 +235,22 @@ def run_tool(work: Callable[[], int], *, tool: str, errors: tuple[type[BaseExcep
     ``blank_line``: a line break first, ending a line of progress the stop cut. ``out`` prints the lines
     (to stderr): ``print``, or a benchmark's ``train.tools.say`` (:func:`train.embed.run_stoppable`)."""
     prefix = f"{tool}: "
-    try:
-        with stop_on_signals(), readers_may_leave():
-            return work()
-    except errors as error:
-        out(f"{prefix}error: {error}", file=sys.stderr)
-        return 2
-    except NotImplementedError as error:
-        text = missing_device_op(error)
-        if text is None:
-            raise
-        out(f"{prefix}error: {text}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        text = said(stop) if said is not None else None
-        if text is None:
-            text = whole if stop.after_writing else ": nothing written"
-        out(f"{chr(10) if blank_line else ''}{prefix}stopped by {stop.name}{text}", file=sys.stderr)
-        return stop.exit_status
+    with readers_may_leave():  # (its lines too: a reader gone, they raised where they were said)
+        try:
+            with stop_on_signals():
+                return work()
+        except errors as error:
+            out(f"{prefix}error: {error}", file=sys.stderr)
+            return 2
+        except NotImplementedError as error:
+            text = missing_device_op(error)
+            if text is None:
+                raise
+            out(f"{prefix}error: {text}", file=sys.stderr)
+            return 2
+        except Stopped as stop:
+            text = said(stop) if said is not None else None
+            if text is None:
+                text = whole if stop.after_writing else ": nothing written"
+            out(f"{chr(10) if blank_line else ''}{prefix}stopped by {stop.name}{text}", file=sys.stderr)
+            return stop.exit_status

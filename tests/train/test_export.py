@@ -69,6 +69,26 @@ def test_a_tool_whose_reader_goes_away_writes_its_outputs(trained, tmp_path):
     assert len((tmp_path / "r.csv").read_text().splitlines()) > 1
 
 
+def test_a_tool_whose_stdout_reader_went_away_exits_as_it_would(trained, tmp_path):
+    # python -m train.export ... | head -0: stdout in a pipe is block-buffered (PYTHONUNBUFFERED unset, as a user
+    # has it), so the "wrote" lines waited in its buffer past the tool's end and the interpreter's last flush
+    # failed: "Exception ignored ... BrokenPipeError" and exit status 120, the export done. A refusal whose reader
+    # had gone (2>&1) was exit status 120 too, not 2: its error line, said once the streams were unwrapped, raised.
+    ckpt, _ = trained
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    read, write = os.pipe()
+    os.close(read)  # (the reader gone before the first line)
+    try:
+        for checkpoint_path, stderr, code in ((ckpt, subprocess.PIPE, 0), (str(tmp_path / "nope.pt"), write, 2)):
+            run = subprocess.run([sys.executable, "-m", "train.export", "--checkpoint", checkpoint_path,
+                                  "--output", str(tmp_path / "out"), "--no-onnx"],
+                                 cwd=REPO, env=env, stdout=write, stderr=stderr, timeout=120)
+            assert run.returncode == code and not run.stderr, run.stderr
+    finally:
+        os.close(write)
+    assert sorted(os.listdir(tmp_path / "out")) == ["backbone.json", "backbone.pt"]
+
+
 def test_onnx_round_trip(trained, tmp_path, capsys):
     pytest.importorskip("onnx")
     ckpt, _ = trained
