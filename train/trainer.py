@@ -1852,29 +1852,33 @@ def _undo_start(output: str, before: set[str] | None) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     existed, before = before is not None, before or set()
-    if not _release_output_lock(output):  # stopped before it held the folder: what is there is not the set-up's
+    if os.path.realpath(output) not in _OUTPUT_LOCKS:  # stopped before it held the folder: nothing there is its
         if not existed:  # (the folder it made, when that was all: another run may have made it meanwhile)
             with contextlib.suppress(OSError):
                 os.rmdir(output)
         return
-    with contextlib.suppress(OSError):
-        aside = [name for name in os.listdir(output)  # (one at most: the set-up sets aside once)
-                 if name not in before and name.startswith("earlier-") and name[len("earlier-"):].isdigit()]
-        moved = {name for folder in aside for name in os.listdir(os.path.join(output, folder))}
-        for name in RUN_FILES:  # the set-up's: not there before, or there before and set aside since
-            path = os.path.join(output, name)
-            if name in before and name not in moved or not os.path.lexists(path):
-                continue
-            if os.path.isdir(path) and not os.path.islink(path):  # tensorboard/, with what its writer began
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-        for folder in aside:
-            for name in os.listdir(os.path.join(output, folder)):
-                os.replace(os.path.join(output, folder, name), os.path.join(output, name))
-            os.rmdir(os.path.join(output, folder))
-            print(f"note: the earlier run's files are back in {output}", file=sys.stderr)
-        if not existed:
+    try:
+        with contextlib.suppress(OSError):
+            aside = [name for name in os.listdir(output)  # (one at most: the set-up sets aside once)
+                     if name not in before and name.startswith("earlier-") and name[len("earlier-"):].isdigit()]
+            moved = {name for folder in aside for name in os.listdir(os.path.join(output, folder))}
+            for name in RUN_FILES:  # the set-up's: not there before, or there before and set aside since
+                path = os.path.join(output, name)
+                if name in before and name not in moved or not os.path.lexists(path):
+                    continue
+                if os.path.isdir(path) and not os.path.islink(path):  # tensorboard/, with what its writer began
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+            for folder in aside:
+                for name in os.listdir(os.path.join(output, folder)):
+                    os.replace(os.path.join(output, folder, name), os.path.join(output, name))
+                os.rmdir(os.path.join(output, folder))
+                print(f"note: the earlier run's files are back in {output}", file=sys.stderr)
+    finally:  # (not before: a run started meanwhile took the folder, and the undo then moved files over its own)
+        _release_output_lock(output)
+    if not existed:
+        with contextlib.suppress(OSError):
             os.rmdir(output)
 
 

@@ -1057,6 +1057,36 @@ def test_a_run_refused_a_folder_another_run_holds_leaves_what_that_run_writes(fa
     assert os.listdir(tmp_path) == ["metrics.jsonl"]
 
 
+def test_a_run_that_stops_at_start_up_holds_the_folder_while_it_puts_it_back(faces, tmp_path, monkeypatch):
+    # The lock was released first: a run started meanwhile took the folder, and the undo then moved the earlier
+    # run's files back over what that run had begun there, or removed them.
+    import train.tools
+    import train.trainer as trainer_module
+
+    def open_(path, mode="r", *args, **kwargs):
+        if "a" in mode and os.path.basename(path) == "training.log":
+            raise OSError(28, "No space left on device", path)
+        return open(path, mode, *args, **kwargs)
+
+    refused, replace = [], os.replace
+
+    def replace_(source, target):
+        if os.path.basename(os.path.dirname(source)) == "earlier-1":  # (the undo, moving the earlier run back)
+            try:
+                train.tools.RunLock(str(tmp_path / trainer_module.OUTPUT_LOCK_NAME), "held").release()
+            except ValueError:
+                refused.append(os.path.basename(source))
+        return replace(source, target)
+
+    assert main(argv(faces, tmp_path, max_steps=2)) == 0
+    monkeypatch.setattr(trainer_module, "open", open_, raising=False)
+    monkeypatch.setattr(os, "replace", replace_)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        main(argv(faces, tmp_path, max_steps=2))
+    assert "checkpoint.pt" in refused and not (tmp_path / "earlier-1").exists(), refused
+    assert not (tmp_path / trainer_module.OUTPUT_LOCK_NAME).exists()  # (released once it was done)
+
+
 @pytest.mark.parametrize("options, message", [
     ("--loss arcface --m2 0.4", "--m2 does not apply to --loss arcface, whose margin is --arcface-m"),
     ("--loss cosface --m1 2", "--m1 does not apply to --loss cosface, whose margin is --m3"),
