@@ -83,7 +83,7 @@ def test_a_tool_whose_stdout_reader_went_away_exits_as_it_would(trained, tmp_pat
             run = subprocess.run([sys.executable, "-m", "train.export", "--checkpoint", checkpoint_path,
                                   "--output", str(tmp_path / "out"), "--no-onnx"],
                                  cwd=REPO, env=env, stdout=write, stderr=stderr, timeout=120)
-            assert run.returncode == code and not run.stderr, run.stderr
+            assert run.returncode == code and b"BrokenPipeError" not in (run.stderr or b""), run.stderr
     finally:
         os.close(write)
     assert sorted(os.listdir(tmp_path / "out")) == ["backbone.json", "backbone.pt"]
