@@ -97,7 +97,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
-        prog="python -m train",
+        prog="python -m train", name="train",
         description="Train a face-recognition backbone with an ArcFace-style margin loss. "
         "With no arguments it runs the demo: the small network on synthetic faces, a few minutes on a CPU.",
         formatter_class=_HelpFormatter,
@@ -730,12 +730,12 @@ def _epoch_sizes(argv: list[str]) -> dict[str, int]:
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, name: str | None = None
                ) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``) on top of ``--config FILE`` and the defaults; ``prog``
-    and ``name``: the command its usage line names and the one its error line begins with (a tool that
-    takes the trainer's options, as preview does)."""
+    and ``name``: the command its usage line names and the one its error line begins with, for a tool that
+    takes the trainer's options, as preview does (default ``python -m train`` and ``train``)."""
     command_line = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    parser.prog, parser.name = prog or parser.prog, name
-    pre = ArgumentParser(prog=parser.prog, name=name, add_help=False)
+    parser.prog, parser.name = prog or parser.prog, name or parser.name
+    pre = ArgumentParser(prog=parser.prog, name=parser.name, add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config and not os.path.isfile(known.config) and os.path.isfile(known.config + ".py"):

@@ -583,6 +583,13 @@ def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: 
     return AdamW(groups, lr=args.lr, weight_decay=args.decay)
 
 
+def _error_line(message: str, rank: int | None = None) -> str:
+    """The trainer's error line, ``train: error: <message>``: it begins with the command's name, as every
+    command's does (``roc: error: ...``); ``train: error: rank R: <message>`` where each process of a torchrun
+    run says its own (``rank``)."""
+    return f"train: error: {'' if rank is None else f'rank {rank}: '}{message}"
+
+
 def _waited_too_long(args: argparse.Namespace, when: str, rank: int) -> str:
     """Process ``rank``'s error line for a collective that waited past the process group's timeout (``when``:
     "during step 3"): rank 0 alone reads the verification sets at start-up, and verifies and writes the
@@ -594,8 +601,8 @@ def _waited_too_long(args: argparse.Namespace, when: str, rank: int) -> str:
         alone = ("reads the verification sets" if when == "during start-up" else
                  "verifies and writes the checkpoints")
         why = f"rank 0 {alone} while the others wait: a slow disk or a long verification needs a longer --dist-timeout"
-    return (f"error: rank {rank}: waited more than --dist-timeout {args.dist_timeout:g} minutes for the other "
-            f"processes {when} ({why})")
+    return _error_line(f"waited more than --dist-timeout {args.dist_timeout:g} minutes for the other processes {when} "
+                       f"({why})", rank)
 
 
 def _sentence(text: str) -> str:
@@ -667,7 +674,7 @@ class Trainer:
                               f"arcface_ext {arcface_ext.__version__}")
                 self.log.text("".join(said))
             except LogNotWritten as error:  # a full disk, a quota
-                raise SystemExit(f"error: {error}") from None
+                raise SystemExit(str(error)) from None  # (main's "train: error: " goes before it)
 
     def _set_up(self, args: argparse.Namespace) -> None:
         from .data import (CombinedFaces, build_train_dataset, build_train_loader, build_verification_sets,
@@ -1579,7 +1586,7 @@ class Trainer:
                 with contextlib.suppress(LogNotWritten):
                     where = (f"at step {self.step + 1}" if self.step < self.args.max_steps else
                              f"after its last step ({self.step})")  # (its last verification, checkpoint, plots)
-                    self.log.text(f"error: the run failed {where}:\n{traceback.format_exc()}")
+                    self.log.text(_error_line(f"the run failed {where}:\n{traceback.format_exc()}"))
             # (On the screen too, before the group was left: not a second time at exit. Not so an error raised
             # after that one was said, further down _fit's finally: its traceback is printed at exit.)
             if error is self._error_said:
@@ -1700,15 +1707,16 @@ class Trainer:
                            f"{again} (removed, it changes the data order)")
             else:
                 message = f"{message}. {kept}"
-            self._error(f"error: {'rank ' + str(self.rank) + ': ' if self.distributed else ''}{message}")
+            self._error(_error_line(message, self.rank if self.distributed else None))
             if self.distributed:  # the others fail in their next collective, or torchrun ends them
                 raise SystemExit(1) from None
             return 1
         except TrainingDiverged as error:
             last = _sentence(self._kept_checkpoint("last good"))
-            self._write(f"error: training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "
-                        "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
-                        "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, --arcface_s).")
+            self._write(_error_line(f"training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "
+                                    "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
+                                    "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, "
+                                    "--arcface_s)."))
             return 1
         except RuntimeError as error:  # (after TrainingDiverged, one)
             if self.distributed and timed_out(error):  # (rank 0 alone verifying or writing a checkpoint, say)
@@ -1721,8 +1729,8 @@ class Trainer:
             # a gloo traceback that reads like a second error.
             if not (self.distributed and lost_a_peer(error)):
                 raise
-            self._error(f"error: rank {self.rank}: another process stopped during step {self.step + 1} (see its "
-                        f"error); {self._kept_checkpoint()}")
+            self._error(_error_line(f"another process stopped during step {self.step + 1} (see its error); "
+                                    f"{self._kept_checkpoint()}", self.rank))
             raise SystemExit(1) from None
         finally:
             bar.close()
@@ -1769,8 +1777,8 @@ class Trainer:
                         elif not lost_a_peer(error):
                             raise
                         else:
-                            self._error(f"error: rank {self.rank}: another process stopped at the end of the run "
-                                        f"(see its error); {self._kept_checkpoint()}")
+                            self._error(_error_line("another process stopped at the end of the run (see its error); "
+                                                    f"{self._kept_checkpoint()}", self.rank))
                         peer_lost = True
                 # DDP's reducers hold the process group: let them go first, so that none of gloo's
                 # threads is left for the interpreter's teardown (a suspect for the rare abort above).
@@ -1787,7 +1795,7 @@ class Trainer:
     def _say_log_not_written(self, error: LogNotWritten) -> None:
         """The one line of a run stopped by a log it cannot write (a full disk): the file, the reason, the
         checkpoint kept."""
-        self._error(f"error: {error}. {_sentence(self._kept_checkpoint())}")
+        self._error(_error_line(f"{error}. {_sentence(self._kept_checkpoint())}"))
 
     def _kept_checkpoint(self, which: str = "last") -> str:
         if not os.path.exists(self.checkpoint_path):
@@ -1883,6 +1891,19 @@ def _undo_start(output: str, before: set[str] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m train`` (and a script's ``train.trainer.main([...])``): the run ``argv`` asks for; returns its
+    exit status. A refusal (of an option, the data, the folder: a ``SystemExit`` with its message, raised
+    anywhere) leaves as ``SystemExit("train: error: <message>")``, which Python prints, exit status 1. (Under
+    torchrun, a refusal after the options were read is said by each process with its rank, in _run.)"""
+    try:
+        return _run(argv)
+    except SystemExit as refused:
+        if isinstance(refused.code, str):
+            raise SystemExit(_error_line(refused.code)) from None
+        raise
+
+
+def _run(argv: list[str] | None) -> int:
     from .config import parse_args
     from .signals import Stopped, readers_may_leave, stop_on_signals
     from .tools import plain_warnings
@@ -1904,16 +1925,15 @@ def main(argv: list[str] | None = None) -> int:
             # A run that stops at start-up (a bad option, data that does not fit) leaves no --output it made
             # behind it, nor its lock. (Rank 0's undo alone under torchrun: the others made nothing there.)
             _undo_start(args.output, before)
-            error = sys.exc_info()[1]
+            error, rank = sys.exc_info()[1], int(os.environ.get("RANK", "0"))
             if dist.is_available() and dist.is_initialized() and timed_out(error):
-                print(_waited_too_long(args, "during start-up", int(os.environ.get("RANK", "0"))), file=sys.stderr)
+                print(_waited_too_long(args, "during start-up", rank), file=sys.stderr)
                 _leave_group()
                 raise SystemExit(1) from None
             if dist.is_available() and dist.is_initialized() and lost_a_peer(error):
                 # Another process stopped at start-up (its error is in its own output) and this one found
                 # its connection closed in a start-up collective: one line, not a gloo traceback.
-                print(f"error: rank {os.environ.get('RANK', '0')}: another process stopped during start-up (see its "
-                      "error)", file=sys.stderr)
+                print(_error_line("another process stopped during start-up (see its error)", rank), file=sys.stderr)
                 _leave_group()
                 raise SystemExit(1) from None
             if isinstance(error, SystemExit) and isinstance(error.code, str) \
@@ -1922,7 +1942,7 @@ def main(argv: list[str] | None = None) -> int:
                 # --device or data, or the same refusal from each). Said before the group is left: the
                 # others find it gone, end, and torchrun then stops this process, at times before the
                 # interpreter had printed a SystemExit's message (theirs said "see its error", of none).
-                print(f"error: rank {os.environ.get('RANK', '0')}: {error.code}", file=sys.stderr, flush=True)
+                print(_error_line(error.code, rank), file=sys.stderr, flush=True)
                 _leave_group()
                 raise SystemExit(1) from None
             if say_unhandled_error():  # (a bug, say: its traceback, before the group is left, as in fit)

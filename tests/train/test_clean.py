@@ -26,7 +26,8 @@ from train.data.transforms import decode_image
 from train.embed import embed_files
 from train.signals import Stopped
 from train.tools import RunLock, clean, pack_rec
-from trainer_fixtures import IMAGE_SIZE, REPO, base_argv, make_face_folder, train_on_ranks, train_one_thread
+from trainer_fixtures import (IMAGE_SIZE, REPO, base_argv, fail_if_called, make_face_folder, train_on_ranks,
+                              train_one_thread)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
@@ -718,10 +719,7 @@ def test_what_the_data_refuses_is_said_before_the_test_sets_are_embedded(trained
                      "--report-only") == 0
     capsys.readouterr()
 
-    def compute_embeddings(*args, **kwargs):
-        raise AssertionError("the test sets were embedded before the data's refusal")
-
-    monkeypatch.setattr(clean, "compute_embeddings", compute_embeddings)
+    fail_if_called(monkeypatch, clean, "compute_embeddings", "the test sets were embedded before the data's refusal")
     for argv, said in ((["--data", data, "--centres", "trained"], "--centres trained:"),
                        (["--data", faces, "--embeddings", cache], f"--embeddings {cache} was made with another model "
                         "or data")):

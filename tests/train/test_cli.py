@@ -75,15 +75,32 @@ def test_the_trainers_help_gives_each_default_once():
     assert "(default: small)" in text and "(default: 512)" in text and "(default: 300)" in text
 
 
-@pytest.mark.parametrize("module", ENTRY_POINTS)
+@pytest.mark.parametrize("module", ["train"] + ENTRY_POINTS)
 def test_an_argument_error_is_a_line_that_begins_with_the_commands_name(module, capsys):
     # As the commands' own checks begin theirs ("roc: error: --images nope is not a folder"): argparse's
     # were "python -m train.tools.clean: error: ...", and train.embed's, train.verify's and train.export's
-    # own "error: ...", naming no command in a pipeline of several. The usage line keeps the command to copy.
-    name = module.rsplit(".", 1)[1]
+    # own "error: ...", naming no command in a pipeline of several (python -m train's "python -m train:
+    # error: ..."). The usage line keeps the command to copy.
+    name = module.rsplit(".", 1)[-1]
     with pytest.raises(SystemExit) as stop:
-        importlib.import_module(module).main(["--no-such-option"])
+        importlib.import_module("train.trainer" if module == "train" else module).main(["--no-such-option"])
     err = capsys.readouterr().err.splitlines()
     assert stop.value.code == 2 and err[-1].startswith(f"{name}: error: "), err
     assert err[0].startswith(f"usage: python -m {module} "), err
     assert all(line.startswith(" ") for line in err[1:-1]), err  # (the usage, wrapped, then the one error line)
+
+
+def test_the_trainers_own_refusals_begin_with_its_name(tmp_path, capsys):
+    # Of its options and of what its set-up finds (the data here): the message alone ("--data '...': no such
+    # folder ..."), where argparse's line and every other command's began with the command's name. Python
+    # prints the SystemExit's message, exit status 1.
+    from train.trainer import main
+
+    for argv, said in ((["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+                       (["--data", str(tmp_path / "nope"), "--output", str(tmp_path / "run")],
+                        f"--data '{tmp_path / 'nope'}': no such folder")):
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        assert isinstance(refused.value.code, str) and refused.value.code.startswith(f"train: error: {said}"), \
+            refused.value.code
+    assert not (tmp_path / "run").exists()

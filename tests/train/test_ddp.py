@@ -95,7 +95,7 @@ def test_forked_ranks_report_the_trainers_errors(tmp_path):
     # error, as torchrun does. (Either rank may be first: the other is then stopped, as torchrun stops it.)
     result = train_on_ranks(base_argv(str(tmp_path / "nowhere"), str(tmp_path / "run")))
     assert result.returncode == 1
-    assert re.search(rf"error: rank [01]: --data '{re.escape(str(tmp_path / 'nowhere'))}': no such folder",
+    assert re.search(rf"train: error: rank [01]: --data '{re.escape(str(tmp_path / 'nowhere'))}': no such folder",
                      result.stderr), result.stderr
 
 
@@ -194,8 +194,8 @@ def test_one_rank_failing_leaves_one_line_on_the_others(tmp_path):
     result = torchrun(base_argv(data, str(tmp_path / "run"), batch_size=8, max_steps=20, save_every=0,
                                 loss_impl=LOSS_IMPL))
     assert result.returncode != 0
-    assert re.search(rf"error: rank \d: step \d+'s batch: {re.escape(broken)}: cannot read the image: ", result.stderr), \
-        result.stderr[-3000:]
+    assert re.search(rf"train: error: rank \d: step \d+'s batch: {re.escape(broken)}: cannot read the image: ",
+                     result.stderr), result.stderr[-3000:]
     assert not re.search(r"\[rank\d\]: Traceback", result.stderr), result.stderr[-3000:]
     assert "Connection closed by peer" not in result.stderr, result.stderr[-3000:]
 
@@ -301,10 +301,11 @@ def test_start_up_over_the_group(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert failed.returncode != 0
     # (Or torchrun's SIGTERM, sent as rank 1 ended, came first: one line all the same.)
-    assert ("error: rank 0: another process stopped during start-up (see its error)" in failed.stderr
+    assert ("train: error: rank 0: another process stopped during start-up (see its error)" in failed.stderr
             or "stopped by SIGTERM during the start-up" in failed.stderr), failed.stderr[-3000:]
     assert "Connection closed by peer" not in failed.stderr, failed.stderr[-3000:]
-    assert re.search(r"error: rank 1: --data '[^']*nowhere': no such folder; expected", failed.stderr), failed.stderr[-3000:]
+    assert re.search(r"train: error: rank 1: --data '[^']*nowhere': no such folder; expected", failed.stderr), \
+        failed.stderr[-3000:]
 
 
 def test_a_start_up_refusal_is_said_before_the_group_is_left(tmp_path, monkeypatch, capsys):
@@ -322,7 +323,7 @@ def test_a_start_up_refusal_is_said_before_the_group_is_left(tmp_path, monkeypat
     with pytest.raises(SystemExit) as stop:  # (a refusal before the group is started: no other process needed)
         trainer.main(base_argv(str(tmp_path / "faces"), str(tmp_path / "run"), device="cuda:99"))
     assert len(said_by_then) == 1 and said_by_then[0].startswith(
-        "error: rank 1: --device cuda:99: this process (LOCAL_RANK 1) would use cuda:99, but ") \
+        "train: error: rank 1: --device cuda:99: this process (LOCAL_RANK 1) would use cuda:99, but ") \
         and said_by_then[0].count("\n") == 1, said_by_then
     assert stop.value.code == 1
     assert not (tmp_path / "run").exists()
@@ -374,7 +375,7 @@ def test_a_rank_stopping_at_start_up_leaves_rank_0_its_output(tmp_path):
     result = train_on_ranks(base_argv(data, str(output), batch_size=4, max_steps=2, save_every=0,
                                       loss_impl=LOSS_IMPL), main=_train_with_rank_1_stopping_while_rank_0_writes)
     assert result.returncode == 1
-    assert "error: rank 1: the loader refused (injected on rank 1)\n" in result.stderr, result.stderr[-3000:]
+    assert "train: error: rank 1: the loader refused (injected on rank 1)\n" in result.stderr, result.stderr[-3000:]
     assert "rank 0: args.json written, watching the run's files" in result.stderr, result.stderr[-3000:]
     assert "gone while it runs" not in result.stderr, result.stderr[-3000:]
     assert not output.exists(), sorted(os.listdir(output))  # (rank 0's undo, as it stopped in turn)
@@ -410,10 +411,10 @@ def test_a_rank_failing_at_the_last_checkpoint_leaves_one_line_on_the_others(tmp
                                       loss_impl=LOSS_IMPL), main=_train_on_a_full_disk_on_rank_0)
     assert result.returncode == 1
     checkpoint_path = re.escape(str(tmp_path / "run" / "checkpoint.pt"))
-    assert re.search(rf"^error: rank 0: writing {checkpoint_path} at step 2 failed: \[Errno 28\] ", result.stderr,
-                     re.MULTILINE), result.stderr[-3000:]
-    assert ("error: rank 1: another process stopped at the end of the run (see its error); no checkpoint was "
-            "written before it\n") in result.stderr, result.stderr[-3000:]
+    assert re.search(rf"^train: error: rank 0: writing {checkpoint_path} at step 2 failed: \[Errno 28\] ",
+                     result.stderr, re.MULTILINE), result.stderr[-3000:]
+    assert ("train: error: rank 1: another process stopped at the end of the run (see its error); no checkpoint "
+            "was written before it\n") in result.stderr, result.stderr[-3000:]
     assert "Connection closed by peer" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
@@ -485,7 +486,7 @@ def test_a_ranks_unhandled_error_is_said_before_it_leaves_the_group(where, tmp_p
     assert result.returncode == 1
     assert f"[rank1]: RuntimeError: {BUG}\n" in result.stderr, result.stderr[-3000:]  # (torch's excepthook's prefix)
     other = "start-up" if where == "start-up" else "step 2"
-    assert f"error: rank 0: another process stopped during {other} (see its error)" in result.stderr, \
+    assert f"train: error: rank 0: another process stopped during {other} (see its error)" in result.stderr, \
         result.stderr[-3000:]
 
 
@@ -515,9 +516,9 @@ def test_a_log_rank_0_cannot_write_is_said_before_it_leaves_the_group(tmp_path):
     result = train_on_ranks(base_argv(data, str(run), batch_size=4, max_steps=3, save_every=0, loss_impl=LOSS_IMPL),
                             main=_train_with_a_full_disk_on_rank_0)
     assert result.returncode == 1
-    assert (f"error: writing {run / 'metrics.jsonl'} failed: [Errno 28] No space left on device. No checkpoint "
+    assert (f"train: error: writing {run / 'metrics.jsonl'} failed: [Errno 28] No space left on device. No checkpoint "
             "was written before it") in result.stderr, result.stderr[-3000:]
-    assert "error: rank 1: another process stopped during step" in result.stderr, result.stderr[-3000:]
+    assert "train: error: rank 1: another process stopped during step" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
@@ -583,9 +584,9 @@ def test_a_rank_waiting_longer_than_dist_timeout_says_so(where, when, save_every
                                       loss_impl=LOSS_IMPL, dist_timeout=0.1),
                             main=functools.partial(_train_with_rank_0_slow, where=where))
     assert result.returncode == 1
-    assert (f"error: rank 1: waited more than --dist-timeout 0.1 minutes for the other processes {when} while the "
-            "others wait: a slow disk or a long verification needs a longer --dist-timeout)\n") in result.stderr, \
-        result.stderr[-3000:]
+    assert (f"train: error: rank 1: waited more than --dist-timeout 0.1 minutes for the other processes {when} "
+            "while the others wait: a slow disk or a long verification needs a longer --dist-timeout)\n") \
+        in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
@@ -613,8 +614,8 @@ def test_rank_0_waiting_longer_than_dist_timeout_does_not_blame_itself(tmp_path)
     result = train_on_ranks(base_argv(data, str(tmp_path / "run"), batch_size=4, max_steps=3, save_every=0,
                                       loss_impl=LOSS_IMPL, dist_timeout=0.1), main=_train_with_rank_1_slow)
     assert result.returncode == 1
-    assert re.search(r"^error: rank 0: waited more than --dist-timeout 0\.1 minutes for the other processes during "
-                     r"step 2 \(another process fell behind \(its data on a slower disk, say\) or hung\)",
+    assert re.search(r"^train: error: rank 0: waited more than --dist-timeout 0\.1 minutes for the other processes "
+                     r"during step 2 \(another process fell behind \(its data on a slower disk, say\) or hung\)",
                      result.stderr, re.MULTILINE), result.stderr[-3000:]
     assert "rank 0 verifies" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 

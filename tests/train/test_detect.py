@@ -14,6 +14,7 @@ from PIL import Image
 
 from detector_fixtures import KEYPOINTS, PHOTO_H, PHOTO_W, RedSquares, export, photo
 from train.tools import align, detect
+from trainer_fixtures import fail_if_called
 
 from conftest import HeldFile
 
@@ -441,10 +442,8 @@ def test_align_with_a_detector_refuses_an_output_it_cannot_write_before_detectin
     real_access = os.access  # (root, who may run the tests, writes in a folder of mode 555)
     monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real_access(path, mode))
 
-    def detect_faces(*args, **kwargs):
-        raise AssertionError("the photos went through the detector before --output was checked")
-
-    monkeypatch.setattr(embed, "detect_faces", detect_faces)
+    fail_if_called(monkeypatch, embed, "detect_faces",
+                   "the photos went through the detector before --output was checked")
     for output, said in ((tmp_path / "file" / "out", f"cannot make the folder: {tmp_path / 'file'} is a file"),
                          (locked / "out", f"cannot write in {locked} (read-only, or not yours)")):
         assert align.main(["--images", str(images), "--detector", detector, "--output", str(output),

@@ -153,12 +153,13 @@ def test_a_factory_that_does_not_import_is_a_one_line_error_naming_where_it_was_
                         "--no-onnx"]) == 0
     forget_module(monkeypatch, own_module)
     missing = f"cannot import {MODULE} \\(No module named '{MODULE}'\\); is its folder on PYTHONPATH\\?$"
-    with pytest.raises(SystemExit, match=f"^--network {NETWORK} --image-size 32: {missing}"):
+    with pytest.raises(SystemExit, match=f"^train: error: --network {NETWORK} --image-size 32: {missing}"):
         main(argv + ["--max-steps", "2", "--resume", "auto"])
     for model in (output / "checkpoint.pt", tmp_path / "exp" / "backbone.pt"):
         with pytest.raises(ValueError, match=f"^{model} holds a backbone of network {NETWORK}: {missing}"):
             checkpoint.load_backbone(str(model))
-    with pytest.raises(SystemExit, match=f"^--network {MODULE}:nowhere --image-size 32: cannot import {MODULE} "):
+    with pytest.raises(SystemExit, match=f"^train: error: --network {MODULE}:nowhere --image-size 32: cannot import "
+                                         f"{MODULE} "):
         main(base_argv(faces, str(tmp_path / "b"), network=f"{MODULE}:nowhere"))
 
 
@@ -186,7 +187,8 @@ def test_a_factory_that_does_not_fit_is_refused_naming_network(own_module, faces
                                                                message):
     argv = base_argv(faces, str(tmp_path / "run"), network=f"{MODULE}:{factory}", **options)
     size = options.get("image_size", IMAGE_SIZE)
-    with pytest.raises(SystemExit, match=f"^--network {MODULE}:{factory} --image-size {size}: .*{message}"):
+    with pytest.raises(SystemExit, match=f"^train: error: --network {MODULE}:{factory} --image-size {size}: "
+                                         f".*{message}"):
         main(argv)
     assert not (tmp_path / "run").exists()
 

@@ -18,7 +18,7 @@ from train.data.synthetic import render_face
 from train.models import get_model
 
 from conftest import HeldFile
-from trainer_fixtures import IMAGE_SIZE, REPO, one_thread  # noqa: F401
+from trainer_fixtures import IMAGE_SIZE, REPO, fail_if_called, one_thread  # noqa: F401
 
 CROP_SIZE = 64
 IDENTITIES, TEMPLATES_PER_IDENTITY = 6, 2
@@ -747,10 +747,7 @@ def test_missing_model_is_an_error_message(release, tmp_path, capsys):
 def test_unusable_outputs_are_reported_before_embedding(release, tmp_path, monkeypatch, capsys, case):
     data, model, _ = release
 
-    def embed_images(*args, **kwargs):
-        raise AssertionError("embedding started before the outputs were checked")
-
-    monkeypatch.setattr(ijb, "embed_images", embed_images)
+    fail_if_called(monkeypatch, ijb, "embed_images", "embedding started before the outputs were checked")
     output, features = tmp_path / "ijbc.json", tmp_path / "feats.npy"
     if case == "features path is a folder":
         features.mkdir()

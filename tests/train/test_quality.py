@@ -18,7 +18,7 @@ import pytest
 
 from train.embed import main as embed_main
 from train.tools import quality
-from trainer_fixtures import IMAGE_SIZE, make_pairs_list, trained_backbone
+from trainer_fixtures import IMAGE_SIZE, fail_if_called, make_pairs_list, trained_backbone
 
 # The worked example: 4 genuine and 4 impostor pairs, (score, genuine, quality of face 1, of face 2).
 PAIRS = [(0.90, True, 5, 6), (0.25, True, 1, 9), (0.35, True, 3, 4), (0.28, True, 7, 8),
@@ -311,10 +311,8 @@ def test_a_quality_file_is_checked_before_the_pairs_images_are_decoded(trained, 
     q = tmp_path / "q.csv"
     q.write_text("image,quality\np000_0.png,1\n")
 
-    def load_pairs_list(*args, **kwargs):
-        raise AssertionError("the pairs' images were decoded before --quality-file was checked")
-
-    monkeypatch.setattr(verification, "load_pairs_list", load_pairs_list)
+    fail_if_called(monkeypatch, verification, "load_pairs_list",
+                   "the pairs' images were decoded before --quality-file was checked")
     assert run_quality("--model", ckpt, "--pairs", pairs, "--quality-file", q, "--output", tmp_path / "e.csv") == 2
     err = capsys.readouterr().err
     assert err.startswith(f"quality: error: --quality-file {q} gives no quality for ") and err.count("\n") == 1, err

@@ -21,7 +21,7 @@ from train.data.synthetic import render_face
 from train.embed import write_table
 from train.ijb import FARS, curve_rates, tar_at_far
 from train.tools import roc
-from trainer_fixtures import IMAGE_SIZE, trained_backbone
+from trainer_fixtures import IMAGE_SIZE, fail_if_called, trained_backbone
 
 
 def run_roc(*argv) -> int:
@@ -537,10 +537,7 @@ def test_a_folders_people_and_far_are_checked_before_its_faces_are_embedded(trai
 
     ckpt, backbone, people = trained
 
-    def embed_files(*args, **kwargs):
-        raise AssertionError("the faces were embedded before their people were checked")
-
-    monkeypatch.setattr(embed, "embed_files", embed_files)
+    fail_if_called(monkeypatch, embed, "embed_files", "the faces were embedded before their people were checked")
     face = open(os.path.join(people, "person0", "00.png"), "rb").read()
     layouts = {"loose": ["person0/00.png", "person0/01.png", "person1/00.png", "stray.png"],
                "alone": ["person0/00.png", "person0/01.png"], "single": ["person0/00.png", "person1/00.png"],

@@ -21,7 +21,7 @@ from train.data.synthetic import render_face
 from train.embed import main as embed_main, write_table
 from train.tools import search
 from train.tools.similarity import best_people
-from trainer_fixtures import IMAGE_SIZE, save_faces, search_collections, trained_backbone
+from trainer_fixtures import IMAGE_SIZE, fail_if_called, save_faces, search_collections, trained_backbone
 
 
 
@@ -293,22 +293,13 @@ def test_a_probes_folder_is_listed_once(trained, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r.json").read_text())["searches"] == 12
 
 
-def fail_if_embedded(monkeypatch, message: str) -> None:
-    """search.embed_files made to fail the test with ``message``: for the tests of what is refused before any
-    face is embedded (minutes for a large folder)."""
-    def embed_files(*args, **kwargs):
-        raise AssertionError(message)
-
-    monkeypatch.setattr(search, "embed_files", embed_files)
-
-
 def test_a_landmarks_file_is_read_before_the_gallery_folder_is_embedded(trained, tmp_path, capsys, monkeypatch):
     # A --landmarks file not there (without --fpir, which read it early), a malformed line, a photo it lists that is
     # not under --probes: each was said once every image of the gallery folder had been embedded (minutes for a
     # large one).
     ckpt, backbone, gallery, probes = trained
 
-    fail_if_embedded(monkeypatch, "the gallery folder was embedded before --landmarks was read")
+    fail_if_called(monkeypatch, search, "embed_files", "the gallery folder was embedded before --landmarks was read")
     listed = tmp_path / "listed.txt"
     face = " ".join(["38.3", "51.7", "73.5", "51.5", "56.0", "71.7", "41.5", "92.4", "70.7", "92.2"])
     for text, said in ((None, f"landmarks file {listed}: no such file"),
@@ -329,7 +320,7 @@ def test_probe_labels_are_checked_before_any_face_is_embedded(trained, tmp_path,
     # probe in no folder: each was said once the gallery folder and the probes had been embedded (minutes).
     ckpt, backbone, gallery, probes = trained
 
-    fail_if_embedded(monkeypatch, "faces were embedded before --probe-labels was checked")
+    fail_if_called(monkeypatch, search, "embed_files", "faces were embedded before --probe-labels was checked")
     loose = tmp_path / "loose"
     os.makedirs(loose / "person0")
     face = open(os.path.join(probes, "person0", "03.png"), "rb").read()
@@ -693,7 +684,7 @@ def test_fpir_recorded_in_a_gallery_enrolled_from_a_folder(trained, tmp_path, ca
     shutil.rmtree(tmp_path / "probes")
     shutil.copytree(probes, tmp_path / "probes", ignore=shutil.ignore_patterns("person4", "person5"))
 
-    fail_if_embedded(monkeypatch, "faces were embedded before the --fpir was checked")
+    fail_if_called(monkeypatch, search, "embed_files", "faces were embedded before the --fpir was checked")
     for fpir, folder, said in ((0.1, probes, "4 non-mated searches measure an FPIR of 0.25 at best (1 of them); 0.1 "
                                              "needs 10 or more"),
                                (0.2, tmp_path / "probes", "none of the 8 probes is of a person not enrolled "

@@ -192,7 +192,7 @@ def test_a_full_disk_under_tensorboard_is_a_one_line_error(faces, tmp_path, fake
     assert main(argv(faces, output)) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
-        f"error: writing {output / 'tensorboard'} failed: [Errno 28] No space left on device. "
+        f"train: error: writing {output / 'tensorboard'} failed: [Errno 28] No space left on device. "
         f"The last checkpoint is kept: {output / 'checkpoint.pt'} (step 2)"), err
     assert "Traceback" not in err and not (output / ".run.lock").exists()
     # Met only by the close's last write: the run ends as it would, and says what TensorBoard lacks.

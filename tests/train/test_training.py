@@ -147,7 +147,7 @@ def test_training_log_keeps_what_the_run_said(faces, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         main(argv(faces, tmp_path, pairs=True, max_steps=8, resume="auto"))
     failed = said()[len(resumed):]
-    assert "error: the run failed at step 7:" in failed and failed[-1] == "RuntimeError: injected", failed
+    assert "train: error: the run failed at step 7:" in failed and failed[-1] == "RuntimeError: injected", failed
 
 
 def test_a_failure_after_the_last_step_is_logged_as_such(faces, tmp_path, monkeypatch):
@@ -159,7 +159,7 @@ def test_a_failure_after_the_last_step_is_logged_as_such(faces, tmp_path, monkey
     with pytest.raises(RuntimeError, match="injected"):
         main(argv(faces, tmp_path, max_steps=2, save_every=0))
     log = (tmp_path / "training.log").read_text()
-    assert " error: the run failed after its last step (2):\n" in log and "failed at step" not in log, log
+    assert " train: error: the run failed after its last step (2):\n" in log and "failed at step" not in log, log
 
 
 def test_the_set_ups_copy_of_stderr_leaves_what_was_installed_on_it(capsys):
@@ -290,9 +290,9 @@ def test_a_finished_run_resumed_into_another_folder_leaves_it_as_it_was(faces, t
     for output in (other, tmp_path / "new"):
         with pytest.raises(SystemExit) as refused:
             main(argv(faces, output, max_steps=2, resume=str(finished / "checkpoint.pt")))
-        assert refused.value.code == (f"--resume {finished / 'checkpoint.pt'}: the checkpoint is at step 2 of "
-                                      f"--max-steps 2: nothing to train (raise --max-steps to train on); --output "
-                                      f"{output} is left as it was")
+        assert refused.value.code == (f"train: error: --resume {finished / 'checkpoint.pt'}: the checkpoint is at "
+                                      "step 2 of --max-steps 2: nothing to train (raise --max-steps to train on); "
+                                      f"--output {output} is left as it was")
     assert {name: (other / name).read_bytes() for name in sorted(os.listdir(other))} == held
     assert not (tmp_path / "new").exists()
     assert "its files are now in" not in capsys.readouterr().err
@@ -819,15 +819,15 @@ def test_an_image_that_does_not_decode_mid_run_is_a_one_line_error(tmp_path, cap
     assert main(base_argv(data, str(tmp_path / "run"), max_steps=40, batch_size=8, save_every=2,
                           num_workers=num_workers, resume="auto")) == 1
     err = capsys.readouterr().err
-    line = next(line for line in err.splitlines() if line.startswith("error: "))
-    assert re.fullmatch(rf"error: step \d+'s batch: {re.escape(broken)}: cannot read the image: not an image format Pillow "
-                        rf"reads \(12 bytes\)\. The last checkpoint is kept: .*checkpoint\.pt \(step \d+\); .*--resume auto.*", line), \
-        line
+    line = next(line for line in err.splitlines() if line.startswith("train: error: "))
+    assert re.fullmatch(rf"train: error: step \d+'s batch: {re.escape(broken)}: cannot read the image: not an image "
+                        r"format Pillow reads \(12 bytes\)\. The last checkpoint is kept: .*checkpoint\.pt "
+                        r"\(step \d+\); .*--resume auto.*", line), line
     assert "Traceback" not in err
     # Without a checkpoint there is nothing to resume: the message says to run it again.
     assert main(base_argv(data, str(tmp_path / "fresh"), max_steps=40, batch_size=8, save_every=0,
                           num_workers=num_workers)) == 1
-    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("error: "))
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("train: error: "))
     assert line.endswith("No checkpoint was written before it; with the image replaced or removed, run it again "
                          "(removed, it changes the data order)"), line
 
@@ -913,7 +913,7 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(faces, tmp_path
     monkeypatch.setattr(checkpoint, "save_atomic", save_atomic)
     assert main(argv(faces, tmp_path, max_steps=6, save_every=2)) == 1
     err = capsys.readouterr().err
-    assert (f"error: writing {tmp_path / 'checkpoint.pt'} at step 4 failed: [Errno 28] No space left on device. "
+    assert (f"train: error: writing {tmp_path / 'checkpoint.pt'} at step 4 failed: [Errno 28] No space left on device. "
             f"The last checkpoint is kept: {tmp_path / 'checkpoint.pt'} (step 2)") in err
     assert "Traceback" not in err and checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
@@ -965,12 +965,13 @@ def test_a_log_that_cannot_be_written_is_a_one_line_error(faces, tmp_path, monke
     assert main(argv(faces, tmp_path, max_steps=6, save_every=2)) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == (
-        f"error: writing {tmp_path / 'metrics.jsonl'} failed: [Errno 28] No space left on device. "
+        f"train: error: writing {tmp_path / 'metrics.jsonl'} failed: [Errno 28] No space left on device. "
         f"The last checkpoint is kept: {tmp_path / 'checkpoint.pt'} (step 2)"), err
     assert "Traceback" not in err and not os.path.exists(tmp_path / ".run.lock")
     # At start-up, a one-line refusal too.
-    with pytest.raises(SystemExit, match=re.escape(f"error: writing {tmp_path / 'new' / 'training.log'} failed: "
-                                                   "[Errno 28] No space left on device") + "$"):
+    # (It said "error: writing ...", the one refusal that began so.)
+    with pytest.raises(SystemExit, match="^" + re.escape(f"train: error: writing {tmp_path / 'new' / 'training.log'} "
+                                                         "failed: [Errno 28] No space left on device") + "$"):
         main(argv(faces, tmp_path / "new", max_steps=2))
     assert not (tmp_path / "new").exists()  # the folder it made, with the logs its set-up began, is gone
     monkeypatch.undo()
@@ -995,7 +996,7 @@ def test_an_output_folder_that_cannot_be_made_is_named(faces, tmp_path):
                                                      "the run's folder in"),
                          (tmp_path / "gone", f"{tmp_path / 'gone'} exists and is not a folder (a broken symbolic link "
                                              f"to {tmp_path / 'unmounted'}): name a folder for the run")):
-        with pytest.raises(SystemExit, match=f"^--output {re.escape(said)}$"):
+        with pytest.raises(SystemExit, match=f"^train: error: --output {re.escape(said)}$"):
             main(argv(faces, output))
     assert (tmp_path / "file").read_text() == "" and not os.path.lexists(tmp_path / "unmounted")
 
@@ -1225,7 +1226,7 @@ def test_config_without_its_file_is_the_trainers_usage_error(capsys):
     with pytest.raises(SystemExit) as stop:  # (was "__main__.py: error: ...", or pytest's name here)
         parse_args(["--config"])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == "python -m train: error: argument --config: expected one argument"
+    assert capsys.readouterr().err.splitlines()[-1] == "train: error: argument --config: expected one argument"
 
 
 @pytest.mark.parametrize("name", ["run.yaml", "run.json", "r50.py"])
@@ -1565,8 +1566,8 @@ def test_a_list_file_that_does_not_read_is_a_one_line_error(faces, tmp_path):
     (tmp_path / "train.lst").write_text(f"{data}/id_000/00.png 0\n{data}/id_000/01.png zero\n")
     with pytest.raises(SystemExit) as stop:
         main(base_argv(str(tmp_path / "train.lst"), str(tmp_path / "run"), loss_impl=LOSS_IMPL))
-    assert str(stop.value.code) == (f"{tmp_path / 'train.lst'}: line 2: label 'zero' is not an identity: expected "
-                                    "an integer >= 0")
+    assert str(stop.value.code) == (f"train: error: {tmp_path / 'train.lst'}: line 2: label 'zero' is not an "
+                                    "identity: expected an integer >= 0")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(faces, tmp_path, monkeypatch, capsys):
@@ -1583,7 +1584,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(faces, tmp_path, monk
     monkeypatch.setattr(arcface_ext.CombinedMarginLoss, "forward", nan_on_call_7)
     assert main(argv(faces, tmp_path, max_steps=12, save_every=4)) == 1
     err = capsys.readouterr().err
-    assert "training diverged: the loss is nan at step 7" in err
+    assert "\ntrain: error: training diverged: the loss is nan at step 7" in err
     assert "last good checkpoint is kept" in err and "(step 4)" in err
     state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert state["step"] == 4
@@ -2159,12 +2160,12 @@ def test_resume_without_a_checkpoint_or_on_data_of_other_identities(faces, tmp_p
     assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 2
     with pytest.raises(SystemExit) as stop:
         main(argv(faces, tmp_path / "other", resume=str(tmp_path / "nowhere.pt")))
-    assert stop.value.code == f"--resume: no checkpoint at {tmp_path / 'nowhere.pt'}"
+    assert stop.value.code == f"train: error: --resume: no checkpoint at {tmp_path / 'nowhere.pt'}"
     fewer = make_face_folder(str(tmp_path / "fewer"), identities=5, images=4)
     with pytest.raises(SystemExit) as stop:
         main(argv((fewer, faces[1]), run, max_steps=4, resume="auto"))
-    assert stop.value.code == (f"{run / 'checkpoint.pt'}: checkpoint has 8 classes, the data has 5; resume needs the "
-                               "same data (use --pretrained_model to fine-tune)")
+    assert stop.value.code == (f"train: error: {run / 'checkpoint.pt'}: checkpoint has 8 classes, the data has 5; "
+                               "resume needs the same data (use --pretrained_model to fine-tune)")
     assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 2
 
 
@@ -2232,8 +2233,9 @@ def test_resume_auto_into_an_arcface_torch_run_is_refused(faces, tmp_path):
     was asked for; the error names --pretrained_model, and the folder is left as it was."""
     write_arcface_torch_run(str(tmp_path / "it"), {}, torch.randn(8, 64), world=2)
     before = sorted(os.listdir(tmp_path / "it"))
-    with pytest.raises(SystemExit, match=r"^--resume auto: .*it holds arcface_torch's checkpoint_gpu_0.pt, not a "
-                                         r"checkpoint of this trainer: .* --pretrained_model .*checkpoint_gpu_0.pt "):
+    with pytest.raises(SystemExit, match=r"^train: error: --resume auto: .*it holds arcface_torch's "
+                                         r"checkpoint_gpu_0.pt, not a checkpoint of this trainer: .* "
+                                         r"--pretrained_model .*checkpoint_gpu_0.pt "):
         main(argv(faces, tmp_path / "it", max_steps=1, resume="auto"))
     assert sorted(os.listdir(tmp_path / "it")) == before
 

@@ -161,7 +161,7 @@ def test_a_wandb_that_does_not_import_is_one_line(faces, tmp_path, monkeypatch, 
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     # (The numpy hint only under numpy 2: an error of another cause, under numpy 1, is not said to be numpy's.)
     hint = rf" \(under numpy {re.escape(np.__version__)} it needs 0\.17\.2 or later\)" if np.__version__ >= "2" else ""
-    with pytest.raises(SystemExit, match=rf"^--wandb: the installed wandb 0\.17\.1 does not import "
+    with pytest.raises(SystemExit, match=rf"^train: error: --wandb: the installed wandb 0\.17\.1 does not import "
                                          rf"\({re.escape(error)}\): pip install -U wandb{hint}$"):
         main(argv(faces, tmp_path / "out", max_steps=2))
     assert not (tmp_path / "out").exists()  # (said before the data is read)

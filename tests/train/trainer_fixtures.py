@@ -349,6 +349,15 @@ def trained_backbone(root) -> tuple[str, str]:
     return ckpt, str(root / "backbone.pt")
 
 
+def fail_if_called(monkeypatch, owner, name: str, message: str) -> None:
+    """``owner.name`` (a tool's embedding, face detection or image decoding) made to fail the test with
+    ``message``: for the tests of what a tool checks before that slow work (minutes for a large folder)."""
+    def called(*args, **kwargs):
+        raise AssertionError(message)
+
+    monkeypatch.setattr(owner, name, called)
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
