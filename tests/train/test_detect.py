@@ -411,7 +411,8 @@ def test_align_with_a_detector_makes_the_crops_of_detect_then_align(detector, tm
         (["--output", str(one_step), "--all-faces", "--overwrite"],
          f"{one_step / 'a.jpg'} exists: crops of one face a photo (2) are where --all-faces writes <photo>_<k>"),
         (["--output", str(tmp_path / "all"), "--overwrite"],
-         f"{tmp_path / 'all' / 'a_1.jpg'} exists: crops of --all-faces (of 2 photos) are where this run writes one face a photo"),
+         f"{tmp_path / 'all' / 'a_1.jpg'} exists: crops of --all-faces (of 2 photos) are where this run writes one "
+         "face a photo"),
         (["--output", str(one_step), "--skip-existing", "--image-size", "96"],
          f"2 of the 2 existing crops are not --image-size 96 ({one_step / 'a.jpg'} is 112x112): --skip-existing "
          "would mix crop sizes"),
