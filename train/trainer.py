@@ -34,7 +34,7 @@ from . import checkpoint, export, rfw
 from .config import LR_SCHEDULES, margins, steps_from_epochs, unused_options
 from .data.transforms import DataError, to_model_input
 from .distill import distillation_loss
-from .models import (check_embedding_shape, get_model, is_factory_spec, learn_embedding_scale,
+from .models import (VisionTransformer, check_embedding_shape, get_model, is_factory_spec, learn_embedding_scale,
                      model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
@@ -1614,9 +1614,15 @@ class Trainer:
         self._write(self.describe())
         if self.device.type == "cpu" and args.amp == "fp16":
             # An arcface_torch config's fp16 = True tried on a CPU, where torch's fp16 convolutions are
-            # slow (r18, 8 images at 112 px: 24 s a step against 2.8 s in fp32 on this project's machine).
-            self._write("note: --amp fp16 on the CPU runs several times slower than fp32 (torch's CPU fp16 "
-                        "convolutions); --amp none for a CPU trial")
+            # slow (r18, 8 images at 112 px: 24 s a step against 2.8 s in fp32 on this project's machine). A ViT
+            # has one convolution, its patch embedding: that one's backward and the attention's slow it, its
+            # matrix products about as fast (vit_t, 4 images at 112 px, one thread: 2.2 s a step against 1.0 s).
+            if isinstance(self.backbone, VisionTransformer):
+                self._write("note: --amp fp16 on the CPU runs slower than fp32 (torch's CPU fp16 attention and "
+                            "patch-embedding convolution); --amp none for a CPU trial")
+            else:
+                self._write("note: --amp fp16 on the CPU runs several times slower than fp32 (torch's CPU fp16 "
+                            "convolutions); --amp none for a CPU trial")
         # A terminal gets a progress bar. A file or a pipe (a cluster job's log, `> log.txt`) gets a line
         # every --log-every steps instead: there the bar's redraws, ten a second, would bury the log.
         interactive = _is_terminal(sys.stderr)

@@ -382,6 +382,17 @@ def test_resume_repeats_the_uninterrupted_run(vit_runs, monkeypatch):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_fp16_on_the_cpu_is_said_to_slow_a_vits_attention_not_convolutions(tmp_path, capsys):
+    # The note blamed torch's CPU fp16 convolutions, which a ViT has one of (its patch embedding): it is that one's
+    # backward and the attention's that make a ViT's fp16 steps slower on a CPU.
+    data = make_face_folder(str(tmp_path / "faces"), identities=2, images=4, size=IMAGE_SIZE)
+    assert train_one_thread(base_argv(data, str(tmp_path / "run"), network="vit_t", image_size=IMAGE_SIZE,
+                                      batch_size=4, max_steps=1, save_every=1, amp="fp16", loss_impl=LOSS_IMPL)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--amp fp16 on the CPU" in line]
+    assert notes == ["note: --amp fp16 on the CPU runs slower than fp32 (torch's CPU fp16 attention and "
+                     "patch-embedding convolution); --amp none for a CPU trial"], notes
+
+
 def test_onnx_export_matches_torch(vit_runs, tmp_path, capsys):
     root, _ = vit_runs
     assert_onnx_export_matches(str(root / "full" / "checkpoint.pt"), tmp_path, capsys, IMAGE_SIZE)
