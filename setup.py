@@ -27,7 +27,8 @@ def _openmp_flags():
 
     compiler = shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
     probes = (("-fopenmp", "#include <omp.h>\nint threads() { return omp_get_max_threads(); }\n", ["-shared", "-fPIC"]),
-              ("-fopenmp-simd", "void twice(float* x, int n) {\n#pragma omp simd\n  for (int i = 0; i < n; ++i) x[i] *= 2;\n}\n",
+              ("-fopenmp-simd",
+               "void twice(float* x, int n) {\n#pragma omp simd\n  for (int i = 0; i < n; ++i) x[i] *= 2;\n}\n",
                ["-c"]))
     with tempfile.TemporaryDirectory() as folder:
         source, output = os.path.join(folder, "probe.cpp"), os.path.join(folder, "probe.o")
@@ -35,7 +36,8 @@ def _openmp_flags():
             with open(source, "w") as f:
                 f.write(code)
             try:
-                result = subprocess.run([*compiler, flag, *mode, source, "-o", output], capture_output=True, timeout=120)
+                result = subprocess.run([*compiler, flag, *mode, source, "-o", output], capture_output=True,
+                                        timeout=120)
             except (OSError, subprocess.TimeoutExpired):
                 continue
             if result.returncode == 0:

@@ -17,7 +17,8 @@ from .chunked import chunked_margin_loss
 
 __all__ = [
     "combined_margin_loss", "reference", "optim", "CombinedMarginLoss", "ArcFaceLoss", "CosFaceLoss",
-    "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "MagFaceLoss", "ShardedCombinedMarginLoss", "ShardedAdaFaceLoss",
+    "SphereFaceLoss", "AdaFaceLoss", "ElasticFaceLoss", "MagFaceLoss", "ShardedCombinedMarginLoss",
+    "ShardedAdaFaceLoss",
     "ShardedElasticFaceLoss", "class_shard", "ddp_ignore_shards", "sample_classes", "sample_size",
     "set_workspace_bytes", "get_workspace_bytes", "extension_available", "SubCenterMarginLoss",
     "subcenter_margin_loss", "CurricularFaceLoss", "chunked_margin_loss", "ShardedCurricularFaceLoss",

@@ -22,7 +22,8 @@ With c_j the clamped cosine of a class j other than the row's target, its logit 
 
 - plain: f(c) = c;
 - inter-class filtering (``interclass_filtering_threshold`` τ > 0, the option of insightface's arcface_torch
-  ``CombinedMarginLoss``, against the inter-class conflict of the Partial FC paper, An et al., CVPR 2022): f(c) = 0 for c > τ, else c. A class that close is taken
+  ``CombinedMarginLoss``, against the inter-class conflict of the Partial FC paper, An et al., CVPR 2022):
+  f(c) = 0 for c > τ, else c. A class that close is taken
   for the same person filed twice (inter-class noise): its logit is zeroed and it gets no gradient;
 - CurricularFace (``curricular_t`` t, Huang et al., CVPR 2020): f(c) = c·(t + c) for a hard negative,
   one whose cosine exceeds the target's margined cosine ψ(c_y) - m3 (whose logit would beat the

@@ -462,8 +462,8 @@ class ShardedCombinedMarginLoss(LossModule):
         rank, world_size = _group_info(self.process_group)
         if (rank, world_size) != (self.rank, self.world_size):
             raise RuntimeError(f"this loss was built for rank {self.rank} of {self.world_size} but is called on rank "
-                               f"{rank} of {world_size}: build it after torch.distributed.init_process_group (under PyTorch "
-                               "Lightning, in the LightningModule's configure_model hook)")
+                               f"{rank} of {world_size}: build it after torch.distributed.init_process_group (under "
+                               "PyTorch Lightning, in the LightningModule's configure_model hook)")
         if self.world_size == 1:
             return labels.shape[0]
         device = self.weight.device
@@ -476,7 +476,8 @@ class ShardedCombinedMarginLoss(LossModule):
         row[8:] = torch.tensor([value for _, value in options], dtype=torch.float64).view(torch.int64).to(device)
         if error is None:
             grad = torch.is_grad_enabled()
-            row[:5] = torch.tensor([labels.shape[0], 1, 1 + FLOAT_DTYPES.index(fused_compute_dtype(embeddings, self.weight)),
+            row[:5] = torch.tensor([labels.shape[0], 1,
+                                    1 + FLOAT_DTYPES.index(fused_compute_dtype(embeddings, self.weight)),
                                     int(self.training), int(grad) + int(grad and embeddings.requires_grad)])
             row[6] = int(not skips_label_check(self.check_labels, labels))
             row[7] = self.k

@@ -84,7 +84,8 @@ def set_loss_options(module: LossModule, num_classes: int, embedding_size: int, 
     module.last_sampled_classes = None
     module.num_classes = num_classes
     module.embedding_size = embedding_size
-    module.s, module.m1, module.m2, module.m3, module.lambda_ = float(s), float(m1), float(m2), float(m3), float(lambda_)
+    module.s, module.m1, module.m2, module.m3, module.lambda_ = (float(s), float(m1), float(m2), float(m3),
+                                                                 float(lambda_))
     module.reduction = reduction
     module.margin_grad = margin_grad
     module.ignore_index = int(ignore_index)
@@ -393,7 +394,8 @@ def _apply_keeping_dtype(module, apply, names, fn, *args, **kwargs):
     before = {name: module._buffers[name] for name in names}
     result = apply(fn, *args, **kwargs)
     for name, buffer in before.items():
-        if module._buffers[name].dtype in (torch.float16, torch.bfloat16) and buffer.dtype != module._buffers[name].dtype:
+        if (module._buffers[name].dtype in (torch.float16, torch.bfloat16)
+                and buffer.dtype != module._buffers[name].dtype):
             module._buffers[name] = buffer.to(module._buffers[name].device)
     return result
 
@@ -716,11 +718,12 @@ class CurricularFaceLoss(CurricularFaceT, CombinedMarginLoss):
     t moves in training mode only, once a call, before that call's logits use it (as in
     CurricularFace), from the counted rows' clamped target cosines, and not when they hold a NaN (a
     non-finite embedding): that call's loss is NaN, t stays. It is fp32 (fp64 in an fp64 module) and
-    stays fp32 when the module is cast to 16 bits. Under DistributedDataParallel (which broadcasts buffers from rank 0 at every
-    forward) it follows rank 0's batches. Past θ + m = π the target logit continues linearly
-    (c - m·sin m, CurricularFace's and arcface_torch's earlier ArcFace's), and the hard-negative test
-    compares with that same margined cosine, where CurricularFace's code compares with cos(θ + m) itself (which turns
-    back up there); the two differ only for targets more than π - m from their class.
+    stays fp32 when the module is cast to 16 bits. Under DistributedDataParallel (which broadcasts
+    buffers from rank 0 at every forward) it follows rank 0's batches. Past θ + m = π the target
+    logit continues linearly (c - m·sin m, CurricularFace's and arcface_torch's earlier ArcFace's),
+    and the hard-negative test compares with that same margined cosine, where CurricularFace's code
+    compares with cos(θ + m) itself (which turns back up there); the two differ only for targets
+    more than π - m from their class.
 
     It runs on the chunked PyTorch path (:mod:`arcface_ext.chunked`), not the fused op; ``sample_rate``
     (partial FC) and the other options are :class:`CombinedMarginLoss`'s;

@@ -144,8 +144,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--networks", default="r18,r50,mbf")
     p.add_argument("--checkpoint", action="append", default=[],
-                   help="also a trained model (the demo's checkpoint.pt), calibrated and checked on its run's synthetic "
-                   "faces; may be given more than once")
+                   help="also a trained model (the demo's checkpoint.pt), calibrated and checked on its run's "
+                   "synthetic faces; may be given more than once")
     p.add_argument("--faces", type=int, default=quantize.DEFAULT_FACES, help="faces that calibrate, as many check")
     p.add_argument("--batch", type=int, default=16, help="the larger batch")
     p.add_argument("--repeats", type=int, default=40, help="timed runs at batch 1 (a quarter of it at --batch)")

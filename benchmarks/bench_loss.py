@@ -1,50 +1,54 @@
 """How fast, and in how much memory, does the fused loss run forward+backward against its baselines?
 
-Compares, in one interleaved run: `ours` (arcface_ext.combined_margin_loss; on CUDA with 16-bit
-inputs its fused tensor-core kernels; for bf16 where the N x C gradient block fits the workspace,
-its forward keeps that block and its backward recomputes no cosine), `ours-recompute` (CUDA only:
-the same with ARCFACE_EXT_KEEP_BLOCK=0, the backward recomputing the cosines in its own fused
-kernel), `ours-one-row-tile` (CUDA only: the same with ARCFACE_EXT_ROW_TILES=1, a block of
-the fused kernels for each row tile, each summing the class norms again, as before session 13; the
-forward and the fused backward walk several row tiles a block otherwise), `ours-wgmma` (CUDA, compute capability 9.0 only: the same with ARCFACE_EXT_WGMMA=1, the fused kernels'
-tiles on Hopper's wgmma in 64-deep slices), `ours-wgmma32` (the same with ARCFACE_EXT_WGMMA=32: 32-deep
-slices, a wgmma group in flight across the barrier), `ours-wgmma-resident` (ARCFACE_EXT_WGMMA=resident:
-the forward's and the backward's x tile resident in shared memory, so that only W streams from L2),
-`ours-wgmma-weight` (ARCFACE_EXT_WGMMA=resident-weight: the same, and where the bf16 backward recomputes
-(C = 1M here) it forms d loss / d W in its own class-outer tile instead of a cuBLAS GEMM and a correction
-pass), `ours-unchecked` (CUDA only: `ours` with check_labels=False, no label check and so no device
-sync in the step, the host free to run ahead), `ours-graphed` (CUDA
-only: `ours`'s step captured once in a CUDA graph and replayed, what the step costs with no host work; its memory is not measured: the graph's pool holds it from the
-capture on), `ours-cublas` (CUDA only: the same op with
-ARCFACE_EXT_CUDA_FUSED=0, i.e. cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the
-pure-PyTorch reference), `compiled` (torch.compile(reference, fullgraph=True)) and `floor` (the
-three GEMMs any implementation must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone on pre-normalised matrices
-with torch.mm). `subcenter` (arcface_ext.subcenter_margin_loss, sub-center ArcFace's chunked PyTorch path) and
-`subcenter-eager` (reference.subcenter_margin_loss, the whole N x C matrix) read the C rows as C / k
-classes of k sub-centres (--subcenters, default 3; C mod k rows left out): the same matrix products as the others; they
-are not in the default set. Nor are `filtered` / `curricular` (arcface_ext.chunked_margin_loss with
+Compares, in one interleaved run: `ours` (arcface_ext.combined_margin_loss; on CUDA with 16-bit inputs
+its fused tensor-core kernels; for bf16 where the N x C gradient block fits the workspace, its forward
+keeps that block and its backward recomputes no cosine), `ours-recompute` (CUDA only: the same with
+ARCFACE_EXT_KEEP_BLOCK=0, the backward recomputing the cosines in its own fused kernel),
+`ours-one-row-tile` (CUDA only: the same with ARCFACE_EXT_ROW_TILES=1, a block of the fused kernels for
+each row tile, each summing the class norms again, as before session 13; the forward and the fused
+backward walk several row tiles a block otherwise), `ours-wgmma` (CUDA, compute capability 9.0 only: the
+same with ARCFACE_EXT_WGMMA=1, the fused kernels' tiles on Hopper's wgmma in 64-deep slices),
+`ours-wgmma32` (the same with ARCFACE_EXT_WGMMA=32: 32-deep slices, a wgmma group in flight across the
+barrier), `ours-wgmma-resident` (ARCFACE_EXT_WGMMA=resident: the forward's and the backward's x tile
+resident in shared memory, so that only W streams from L2), `ours-wgmma-weight`
+(ARCFACE_EXT_WGMMA=resident-weight: the same, and where the bf16 backward recomputes (C = 1M here) it
+forms d loss / d W in its own class-outer tile instead of a cuBLAS GEMM and a correction pass),
+`ours-unchecked` (CUDA only: `ours` with check_labels=False, no label check and so no device sync in the
+step, the host free to run ahead), `ours-graphed` (CUDA only: `ours`'s step captured once in a CUDA
+graph and replayed, what the step costs with no host work; its memory is not measured: the graph's pool
+holds it from the capture on), `ours-cublas` (CUDA only: the same op with ARCFACE_EXT_CUDA_FUSED=0, i.e.
+cuBLAS GEMMs on class chunks + separate epilogue kernels), `eager` (the pure-PyTorch reference),
+`compiled` (torch.compile(reference, fullgraph=True)) and `floor` (the three GEMMs any implementation
+must do, x̂·ŵᵀ, G·ŵ and Gᵀ·x̂, alone on pre-normalised matrices with torch.mm). `subcenter`
+(arcface_ext.subcenter_margin_loss, sub-center ArcFace's chunked PyTorch path) and `subcenter-eager`
+(reference.subcenter_margin_loss, the whole N x C matrix) read the C rows as C / k classes of k
+sub-centres (--subcenters, default 3; C mod k rows left out): the same matrix products as the others;
+they are not in the default set. Nor are `filtered` / `curricular` (arcface_ext.chunked_margin_loss with
 Partial FC's inter-class filtering at 0.4, or CurricularFace's hard negatives at t = 0.3) and their
 whole-matrix `-eager` forms (reference.chunked_margin_loss). `other-device` is
-arcface_ext.combined_margin_loss with the device's type taken out of the op's (arcface_ext.ops.OP_DEVICES):
-the plain-PyTorch path it takes on a device without a kernel (Apple's mps, Intel's xpu), the chunked path
-for these scalar margins; not in the default set. `--row-margins` gives every impl that takes margins
-(all but floor, which has none, and ours-graphed) per-row m2 and m3, (N,) tensors as AdaFace makes them (float64, no
-gradient), in place of the scalar m2 = 0.5. `ours-sampled` and `eager-sampled` are partial FC at --sample-rate (default 0.1, what
-insightface runs for millions of identities): each step draws its sample (arcface_ext.sample_classes),
-gathers those centres and runs ours or the reference on them; the draw and the gather are timed too. Prints a table with ratios and writes its rows to
-benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the same name).
+arcface_ext.combined_margin_loss with the device's type taken out of the op's
+(arcface_ext.ops.OP_DEVICES): the plain-PyTorch path it takes on a device without a kernel (Apple's mps,
+Intel's xpu), the chunked path for these scalar margins; not in the default set. `--row-margins` gives
+every impl that takes margins (all but floor, which has none, and ours-graphed) per-row m2 and m3, (N,)
+tensors as AdaFace makes them (float64, no gradient), in place of the scalar m2 = 0.5. `ours-sampled`
+and `eager-sampled` are partial FC at --sample-rate (default 0.1, what insightface runs for millions of
+identities): each step draws its sample (arcface_ext.sample_classes), gathers those centres and runs
+ours or the reference on them; the draw and the gather are timed too. Prints a table with ratios and
+writes its rows to benchmarks/results/<device-name>-<YYYY-MM-DD>.json (overwriting a file of the same
+name).
 
     python benchmarks/bench_loss.py                                   # CPU: N=256 D=512 C=50000 fp32
     python benchmarks/bench_loss.py --device cuda --max-c 50000000    # N=512 D=512 C=1e5,1e6 bf16
                                                                       # + the largest C that fits
 
-Timing: every impl runs --warmup times first (torch.compile compiles there), then the impls take
-turns, --repeats rounds, the first impl of each round rotating; `ms` is the median over rounds of
-one forward+backward (on CUDA, each round is a run of back-to-back steps lasting about 20 ms, timed
-with CUDA events and divided by its length, `steps_per_sample`; on the CPU, one step by the host clock) (both embeddings and weight need gradients, as in training). For 16-bit
-dtypes the references run under torch.autocast, as insightface's training does; ours and the chunked path take the
-16-bit tensors directly. Ratios are time ratios: `x floor` = ms / floor's ms, and so on (< 1 is
-faster); `mem x eager` = peak_extra_mb / eager's.
+Timing: every impl runs --warmup times first (torch.compile compiles there), then the impls take turns,
+--repeats rounds, the first impl of each round rotating; `ms` is the median over rounds of one
+forward+backward (on CUDA, each round is a run of back-to-back steps lasting about 20 ms, timed with
+CUDA events and divided by its length, `steps_per_sample`; on the CPU, one step by the host clock) (both
+embeddings and weight need gradients, as in training). For 16-bit dtypes the references run under
+torch.autocast, as insightface's training does; ours and the chunked path take the 16-bit tensors
+directly. Ratios are time ratios: `x floor` = ms / floor's ms, and so on (< 1 is faster); `mem x eager`
+= peak_extra_mb / eager's.
 
 Peak extra memory (peak_extra_mb): the most memory held at any moment of one forward+backward
 beyond what was held just before it, less the returned gradients' own size (they are the result,
@@ -81,7 +85,8 @@ if ROOT not in sys.path:
 
 import arcface_ext  # noqa: E402
 from arcface_ext import ops, reference  # noqa: E402
-from train.checkpoint import write_json_atomic  # noqa: E402  (numpy: a missing one said at the start, not after the run)
+# (numpy: a missing one said at the start, not after the run)
+from train.checkpoint import write_json_atomic  # noqa: E402
 
 IMPLS = ("ours", "ours-recompute", "ours-one-row-tile", "ours-wgmma", "ours-wgmma32", "ours-wgmma-resident",
          "ours-wgmma-weight", "ours-unchecked", "ours-graphed", "ours-cublas", "eager", "compiled", "floor",

@@ -1,18 +1,19 @@
 """How much memory does training a loss module with many class centres take in all, on the CPU?
 
-bench_loss.py measures the loss's own extra memory (beyond its inputs and their gradients). What a
-user must budget is more: the C x D centres, their C x D gradient, SGD's C x D momentum (AdamW's two
-moments), and the optimizer step's own temporaries. Each configuration runs in a fresh child process (glibc's mmap
-threshold pinned as in bench_loss.py, so that the resident set follows the live heap) which builds
-`arcface_ext.CombinedMarginLoss(C, D)` (ArcFace, m = 0.5; `--impls reference` sets
-use_reference=True, the pure-PyTorch loss; --label-smoothing its label_smoothing) and an SGD (momentum 0.9, weight decay
---weight-decay, 5e-4 by default as the trainer's; --sgd: torch.optim.SGD as it is, ``torch`` (a copy of the
-gradient to add the decay to), with ``fused=True``, or ``arcface_ext.optim.SGD`` (the trainer's; ``trainer``), which adds
-the decay in place; or with --adamw an AdamW (lr 0.001, the same weight decay): ``torch``,
-``fused``, or ``arcface_ext.optim.AdamW`` (the trainer's; ``trainer``), which steps the centres a slice at a time), then runs --steps steps of loss, backward, optimizer step, zero_grad on random
-embeddings (N x D, requiring grad, as a backbone's output). Reported, in MiB beyond the process's
-resident set before the module was built (torch imported, threads set, one step of an 8-class module
-and its optimizer run):
+bench_loss.py measures the loss's own extra memory (beyond its inputs and their gradients). What a user
+must budget is more: the C x D centres, their C x D gradient, SGD's C x D momentum (AdamW's two
+moments), and the optimizer step's own temporaries. Each configuration runs in a fresh child process
+(glibc's mmap threshold pinned as in bench_loss.py, so that the resident set follows the live heap)
+which builds `arcface_ext.CombinedMarginLoss(C, D)` (ArcFace, m = 0.5; `--impls reference` sets
+use_reference=True, the pure-PyTorch loss; --label-smoothing its label_smoothing) and an SGD (momentum
+0.9, weight decay --weight-decay, 5e-4 by default as the trainer's; --sgd: torch.optim.SGD as it is,
+``torch`` (a copy of the gradient to add the decay to), with ``fused=True``, or
+``arcface_ext.optim.SGD`` (the trainer's; ``trainer``), which adds the decay in place; or with --adamw
+an AdamW (lr 0.001, the same weight decay): ``torch``, ``fused``, or ``arcface_ext.optim.AdamW`` (the
+trainer's; ``trainer``), which steps the centres a slice at a time), then runs --steps steps of loss,
+backward, optimizer step, zero_grad on random embeddings (N x D, requiring grad, as a backbone's
+output). Reported, in MiB beyond the process's resident set before the module was built (torch imported,
+threads set, one step of an 8-class module and its optimizer run):
 
   centres_mb   the module's weight alone (C x D x 4 bytes)
   state_mb     resident after the first step: centres and momentum or moments (zero_grad frees the
@@ -175,8 +176,8 @@ def main(argv=None):
           f"git {environment['git_sha']}")
     out = args.out or os.path.join(HERE, "results", f"{slug(environment['device'])}-module-memory-"
                                                     f"{datetime.date.today().isoformat()}.json")
-    title = (f"{'impl':<10} {'C':>9} {'N':>5} {'rate':>5} {'ls':>4} {'optimizer':>13} {'centres MB':>10} {'state MB':>9} "
-             f"{'peak MB':>9} {'step peak MB':>12} {'ms':>9}")
+    title = (f"{'impl':<10} {'C':>9} {'N':>5} {'rate':>5} {'ls':>4} {'optimizer':>13} {'centres MB':>10} "
+             f"{'state MB':>9} {'peak MB':>9} {'step peak MB':>12} {'ms':>9}")
     print(title)
     print("-" * len(title))
     rows = []
@@ -184,7 +185,8 @@ def main(argv=None):
         for rate, epsilon, name in itertools.product(args.sample_rate, args.label_smoothing, optimizers):
             for impl in impls:
                 spec = dict(impl=impl, C=num_classes, N=args.N, D=args.D, sample_rate=rate, label_smoothing=epsilon,
-                            optimizer=name, steps=args.steps, weight_decay=args.weight_decay, threads=environment["threads"])
+                            optimizer=name, steps=args.steps, weight_decay=args.weight_decay,
+                            threads=environment["threads"])
                 result = measure(spec, args.timeout)
                 rows.append(dict(impl=impl, C=num_classes, N=args.N, D=args.D, dtype="fp32", sample_rate=rate,
                                  label_smoothing=epsilon, optimizer=_described(name),

@@ -129,7 +129,8 @@ def main() -> int:
             recount = row["recount_seconds"]
             print(f"{row['set']}: {pairs:,} pairs scored in {row['score_seconds']:.1f} s "
                   f"({row['pairs_per_second']:,.0f} pairs/s)"
-                  + ("" if recount is None else f", each person's rejected pairs counted in a second pass in {recount:.1f} s")
+                  + ("" if recount is None
+                     else f", each person's rejected pairs counted in a second pass in {recount:.1f} s")
                   + f", {seconds:.1f} s in all, peak memory "
                   f"{row['peak_rss_mib']} MiB (load average {load[0]:.2f} before, {row['load_after'][0]:.2f} "
                   f"after); exact thresholds at {row['threshold_exact_at_far']}", flush=True)

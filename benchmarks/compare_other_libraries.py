@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     compare("ArcFaceLoss() vs ArcFaceLoss(s=64, m=radians(28.6))",
             losses.ArcFaceLoss(C, D), arcface_ext.ArcFaceLoss(C, D, s=64.0, m=m, **f64))
     compare("ArcFaceLoss(margin=50, scale=30) vs ArcFaceLoss(s=30, m=radians(50))",
-            losses.ArcFaceLoss(C, D, margin=50, scale=30), arcface_ext.ArcFaceLoss(C, D, s=30.0, m=math.radians(50), **f64))
+            losses.ArcFaceLoss(C, D, margin=50, scale=30),
+            arcface_ext.ArcFaceLoss(C, D, s=30.0, m=math.radians(50), **f64))
     compare("CosFaceLoss() vs CosFaceLoss(s=64, m=0.35)",
             losses.CosFaceLoss(C, D), arcface_ext.CosFaceLoss(C, D, s=64.0, m=0.35, **f64))
     compare("SubCenterArcFaceLoss() vs SubCenterMarginLoss(k=3, m2=radians(28.6))",

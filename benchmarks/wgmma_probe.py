@@ -230,7 +230,8 @@ def weight_cases():
     columns[256:] *= -1
     depth = columns.expand(OUTER, OUTER_DEPTH).clone()
     cases.append(WeightCase("p depth", depth, one_hot, eye, decode_p=lambda v: (
-        f"holds depth column {int(abs(v)) - 1 + (256 if v < 0 else 0)}" if v == int(v) and 1 <= abs(v) <= 256 else None)))
+        f"holds depth column {int(abs(v)) - 1 + (256 if v < 0 else 0)}" if v == int(v) and 1 <= abs(v) <= 256
+        else None)))
     generator = torch.Generator().manual_seed(3)
     for name, rows_, classes, dim in (("random", OUTER, OUTER, OUTER_DEPTH), ("edges", 37, 50, 264)):
         cases.append(WeightCase(name, torch.randn(rows_, dim, generator=generator, dtype=torch.float64),

@@ -803,7 +803,8 @@ def test_matches_cpu_op(margin, dtype):
                                                                   kw["lambda_"], -1, False, *args)
     with cpu_op():
         _, lse_cpu, _ = torch.ops.arcface_ext.margin_softmax_forward(x.cpu(), w.cpu(), labels.cpu(), 64.0, kw["m1"],
-                                                                     kw["m2"], kw["m3"], kw["lambda_"], -1, False, *args)
+                                                                     kw["m2"], kw["m3"], kw["lambda_"], -1, False,
+                                                                     *args)
     assert_matches_table(lse_cuda.cpu(), lse_cpu, name="logsumexp")
 
 
@@ -1252,7 +1253,8 @@ def test_a_training_step_in_a_cuda_graph(dtype, margins):
         torch.cuda.synchronize()
         expected = loss_and_grads(arcface_ext.combined_margin_loss, static_x.detach(), static_w.detach(),
                                   expected_labels, reduction="sum", **kwargs)
-        for name, a, e in (("grad_embeddings", static_x.grad, expected[2]), ("grad_weight", static_w.grad, expected[3])):
+        for name, a, e in (("grad_embeddings", static_x.grad, expected[2]),
+                           ("grad_weight", static_w.grad, expected[3])):
             torch.testing.assert_close(a, e, msg=name)
         return expected[0]
 

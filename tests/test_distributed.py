@@ -584,7 +584,8 @@ def test_their_centres_as_columns_are_told_to_be_transposed(k):
     with pytest.raises(RuntimeError) as raised:
         module.load_state_dict({"weight": their_w})
     assert str(raised.value).endswith(
-        f"weight has 4 rows: not the whole centres' {11 * k} (11 classes{'' if k == 1 else ', 3 sub-centres a class'}); "
+        f"weight has 4 rows: not the whole centres' {11 * k} "
+        f"(11 classes{'' if k == 1 else ', 3 sub-centres a class'}); "
         "it is (D, C), the centres as columns (pytorch-metric-learning's W): load its transpose, .t()")
     module.load_state_dict({"weight": their_w.t()})
     assert torch.equal(module.weight, their_w.t())
@@ -637,7 +638,8 @@ def _two_heads_and_optimizer():
 def _checkpoint_steps(model, optimizer, rank, world_size, steps):
     for step in steps:
         gen = torch.Generator().manual_seed(100 + step)
-        inputs, labels = torch.randn(6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 11, (6,), generator=gen)
+        inputs, labels = (torch.randn(6, 6, generator=gen, dtype=torch.float64),
+                          torch.randint(0, 11, (6,), generator=gen))
         rows = slice(rank * 6 // world_size, (rank + 1) * 6 // world_size)
         optimizer.zero_grad()
         model(inputs[rows], labels[rows]).backward()
@@ -731,7 +733,8 @@ def test_full_state_dict_refuses_a_dst_outside_the_group():
     loss = arcface_ext.ShardedCombinedMarginLoss(5, 4)
     for model in (torch.nn.ModuleDict({"loss": loss}), torch.nn.Linear(2, 2)):
         for dst in (1, -1):
-            with pytest.raises(ValueError, match=rf"dst must be a rank of the .* process group, in \[0, 1\): got {dst}"):
+            with pytest.raises(ValueError,
+                               match=rf"dst must be a rank of the .* process group, in \[0, 1\): got {dst}"):
                 arcface_ext.full_state_dict(model, dst=dst)
         assert arcface_ext.full_state_dict(model, dst=0)[0].keys() == model.state_dict().keys() - {"loss._extra_state"}
 

@@ -228,7 +228,8 @@ def test_the_wgmma_tiles_under_the_racing_schedule(emulated, monkeypatch, dtype,
 def test_a_bad_wgmma_setting_is_named(emulated, monkeypatch):
     monkeypatch.setenv("ARCFACE_EXT_WGMMA", "yes")
     x, w, labels, _ = inputs(8, 32, 50, torch.bfloat16, seed=6)
-    with pytest.raises(ValueError, match="ARCFACE_EXT_WGMMA must be 0, 1, 64, 32, resident or resident-weight, got 'yes'"):
+    with pytest.raises(ValueError,
+                       match="ARCFACE_EXT_WGMMA must be 0, 1, 64, 32, resident or resident-weight, got 'yes'"):
         emulated.margin_softmax_forward(x, w, labels, *op_args())
 
 
@@ -334,7 +335,8 @@ TORCH_LIBRARY_IMPL(arcface_ext, CUDA, m) {
     assert '::emu::launch(other_kernel<acc_t>, "other_kernel", blocks(n), 256, 0, stream)(c);' in text
     assert "uint16_t* tile_smem = ::emu::dynamic_shared<uint16_t>();" in text
     assert 'TORCH_LIBRARY(arcface_ext_emulated, m)' in text
-    assert re.search(r'm\.def\("margin_softmax_forward\(Tensor embeddings, .*Tensor\? row_margins=None, bool check_labels=True\) -> ', text)
+    assert re.search(r'm\.def\("margin_softmax_forward\(Tensor embeddings, '
+                     r'.*Tensor\? row_margins=None, bool check_labels=True\) -> ', text)
 
 
 def test_every_launch_of_the_kernel_source_is_rewritten():

@@ -1,7 +1,8 @@
 """Random configurations of the CUDA op against the fp64 reference, for as long as
 ARCFACE_FUZZ_SECONDS says (skipped without it): shapes, dtypes, margins (per-row ones too), reductions,
-ignored rows, class shards (combined as the sharded loss combines them), the workspace, and the path switches (cuBLAS, mma.sync, the wgmma tiles, the kept
-gradient block, row tiles, pipeline depth, the upcast GEMMs of torch < 2.8). On the CPU emulator of the CUDA source or on a GPU:
+ignored rows, class shards (combined as the sharded loss combines them), the workspace, and the path
+switches (cuBLAS, mma.sync, the wgmma tiles, the kept gradient block, row tiles, pipeline depth, the
+upcast GEMMs of torch < 2.8). On the CPU emulator of the CUDA source or on a GPU:
 
     ARCFACE_EXT_EMULATE_CUDA=1 ARCFACE_FUZZ_SECONDS=600 python -m pytest -q tests/test_fuzz.py
 
@@ -55,7 +56,8 @@ def draw(seed):
         options.update(margin_kwargs(margin), s=rng.choice([16.0, 30.0, 64.0]))
     env = {"ARCFACE_EXT_CUDA_FUSED": rng.choice(["1", "1", "1", "0"]),
            "ARCFACE_EXT_KEEP_BLOCK": rng.choice(["1", "1", "0"]),
-           "ARCFACE_EXT_WGMMA": rng.choice(["0", "0", "1", "32", "resident", "resident-weight"]) if wgmma_runs() else "0",
+           "ARCFACE_EXT_WGMMA": (rng.choice(["0", "0", "1", "32", "resident", "resident-weight"]) if wgmma_runs()
+                                 else "0"),
            "ARCFACE_EXT_ROW_TILES": rng.choice([None, None, "1", "2", "3"]),
            "ARCFACE_EXT_TILE_STAGES": rng.choice([None, None, "3", "4"])}
     workspace = rng.choice([None, None, 1, rng.randint(10_000, 4_000_000)])

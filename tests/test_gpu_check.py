@@ -17,7 +17,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 def option_values(option):
     """The values the script gives `option` (a word, or a single-quoted string), comments excluded."""
     text = "\n".join(line for line in SCRIPT.read_text().splitlines() if not line.lstrip().startswith("#"))
-    return [quoted or word for quoted, word in re.findall(rf"(?<=\s){re.escape(option)}\s+(?:'([^']*)'|([^\s'\\]+))", text)]
+    return [quoted or word
+            for quoted, word in re.findall(rf"(?<=\s){re.escape(option)}\s+(?:'([^']*)'|([^\s'\\]+))", text)]
 
 
 def array_values(name):
@@ -159,7 +160,8 @@ exit 0
 # ncu and compute-sanitizer run the program after their options; nvidia-smi and nvcc say who they are.
 WRAPPER = '#!/usr/bin/env bash\nwhile [[ $# -gt 0 && $1 != "$PYTHON" ]]; do shift; done\nexec "$@"\n'
 STAND_INS = {"python": FAKE_PYTHON, "ncu": WRAPPER, "compute-sanitizer": WRAPPER,
-             "nvidia-smi": "#!/bin/sh\necho 'NVIDIA H200 (stand-in)'\n", "nvcc": "#!/bin/sh\necho nvcc; echo stand-in\n"}
+             "nvidia-smi": "#!/bin/sh\necho 'NVIDIA H200 (stand-in)'\n",
+             "nvcc": "#!/bin/sh\necho nvcc; echo stand-in\n"}
 DEFAULT_STAGE_RUNS = ["build", "cuda", "wgmma-probe", "cuda-wgmma", "bench", "bench-wgmma", "memcheck",
                       "memcheck-wgmma", "profile", "profile-wgmma", "profile-100k", "host", "ncu-wgmma",
                       "ncu-resident", "ncu-weight", "ncu", "ncu-stalls", "racecheck-wgmma", "racecheck", "train",
@@ -215,7 +217,8 @@ def test_a_failing_variant_leaves_the_others_and_the_later_stages_running(tmp_pa
     assert all(any(f"--tiles {tile}" in call for call in calls) for tile in ("32", "resident", "weight"))
 
 
-@pytest.mark.parametrize("env", [{"STUB_FAIL": "pip install"}, {"STUB_NO_KERNELS": "1"}], ids=["compile-error", "no-kernels"])
+@pytest.mark.parametrize("env", [{"STUB_FAIL": "pip install"}, {"STUB_NO_KERNELS": "1"}],
+                         ids=["compile-error", "no-kernels"])
 def test_a_build_without_cuda_kernels_stops_the_call(tmp_path, env):
     rc, summary, calls, output = dry_run(tmp_path, "build", "cuda", "bench", **env)
     assert "cuda" not in stage_lines(summary) and "bench" not in stage_lines(summary), summary

@@ -102,7 +102,8 @@ def test_cuda_build_compiles_its_architectures_side_by_side(monkeypatch):
     assert ("ARCFACE_EXT_SM90A", None) in extension["define_macros"]
     assert "csrc/cuda/margin_softmax_kernel.cu" in extension["sources"]
     assert "--threads" not in build_arguments(monkeypatch, cuda=True, MAX_JOBS="1")["extra_compile_args"]["nvcc"]
-    assert "--threads" not in build_arguments(monkeypatch, cuda=True, TORCH_CUDA_ARCH_LIST="9.0a")["extra_compile_args"]["nvcc"]
+    assert "--threads" not in build_arguments(monkeypatch, cuda=True,
+                                              TORCH_CUDA_ARCH_LIST="9.0a")["extra_compile_args"]["nvcc"]
 
 
 def test_cuda_build_against_torch_before_2_8_says_its_gemms_upcast(monkeypatch, capfd):

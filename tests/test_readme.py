@@ -157,11 +157,13 @@ def test_the_examples_run_on_a_cpu(tmp_path, monkeypatch):
         # examples' imports among it).
         images = torch.randn(8, 3, 8, 8)
         labels = torch.randint(0, 85742, (8,))
-        namespace = {"torch": torch, "arcface_ext": arcface_ext, "backbone": TinyBackbone(), "loader": [(images, labels)] * 2,
+        namespace = {"torch": torch, "arcface_ext": arcface_ext, "backbone": TinyBackbone(),
+                     "loader": [(images, labels)] * 2,
                      "embeddings": torch.randn(8, 512, requires_grad=True), "weight": torch.randn(85742, 512),
                      "labels": labels}
         if "full_state_dict" in code:  # a model holding a sharded loss (one process: every class), one step taken
-            model = torch.nn.ModuleDict({"backbone": TinyBackbone(), "criterion": arcface_ext.ShardedCombinedMarginLoss(20, 512)})
+            model = torch.nn.ModuleDict({"backbone": TinyBackbone(),
+                                         "criterion": arcface_ext.ShardedCombinedMarginLoss(20, 512)})
             optimizer = arcface_ext.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             model["criterion"](model["backbone"](images), labels % 20).backward()
             optimizer.step()
@@ -365,8 +367,8 @@ def test_the_trainers_options_table_gives_the_parsers_defaults():
 def test_every_option_the_readme_writes_is_one_of_its_commands(monkeypatch):
     """An option in the text (`--skip-existing`, `--resume`), not only in a command line, is taken by one of
     the commands the README runs: none is renamed or gone. pip's, torchrun's and mypy's own are listed here."""
-    known = {"--no-build-isolation", "--config-settings", "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_endpoint",
-             "--shutdown-timeout", "--strict"}
+    known = {"--no-build-isolation", "--config-settings", "--nproc_per_node", "--nnodes", "--node_rank",
+             "--rdzv_endpoint", "--shutdown-timeout", "--strict"}
     for target in sorted({target for target, _, _ in COMMANDS}):
         for parser in command_parsers(target, monkeypatch):
             known |= {flag for action in parser._actions for flag in action.option_strings}
@@ -412,7 +414,8 @@ def test_every_tool_of_the_trainer_is_in_the_readme():
     root = os.path.dirname(README)
     text = readme()
     tools = []
-    for path in glob.glob(os.path.join(root, "train", "*.py")) + glob.glob(os.path.join(root, "train", "tools", "*.py")):
+    for path in (glob.glob(os.path.join(root, "train", "*.py"))
+                 + glob.glob(os.path.join(root, "train", "tools", "*.py"))):
         with open(path, encoding="utf-8") as f:
             if 'if __name__ == "__main__"' in f.read():
                 tools.append(os.path.relpath(path, root)[:-3].replace(os.sep, "."))

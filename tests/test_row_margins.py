@@ -78,7 +78,8 @@ def test_constant_per_row_margins_equal_the_scalars_bit_for_bit(reduction):
     for m2, m3 in ((0.5, 0.0), (0.0, 0.35), (0.3, 0.2)):
         scalar = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, m2=m2, m3=m3, reduction=reduction,
                                 return_target_cosine=True)
-        per_row = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels, m2=torch.full((n,), m2, dtype=torch.float64),
+        per_row = loss_and_grads(arcface_ext.combined_margin_loss, x, w, labels,
+                                 m2=torch.full((n,), m2, dtype=torch.float64),
                                  m3=torch.full((n,), m3, dtype=torch.float64), reduction=reduction,
                                  return_target_cosine=True)
         for name, a, e in zip(OUTPUTS, per_row, scalar):

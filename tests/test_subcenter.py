@@ -107,7 +107,8 @@ def test_module_and_checks():
         subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels + 11, k=3)
     with pytest.raises(ValueError, match="k .sub-centres a class. must be an int >= 1"):
         subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels, k=0)
-    with pytest.raises(ValueError, match=r"m2 as a tensor holds one margin per row: shape \(N,\) = \(13,\), got \(12,\)"):
+    with pytest.raises(ValueError,
+                       match=r"m2 as a tensor holds one margin per row: shape \(N,\) = \(13,\), got \(12,\)"):
         subcenter_margin_loss(x, torch.randn(33, 16, dtype=torch.float64), labels, k=3, m2=torch.zeros(12))
     # Per-row margins (the chunked path's): as the whole matrix's, their gradients too.
     w3 = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)

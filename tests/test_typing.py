@@ -70,7 +70,8 @@ def test_public_callable_is_annotated(name):
     parameters = list(signature.parameters.values())
     if parameters and parameters[0].name in ("self", "cls"):
         parameters = parameters[1:]
-    missing = [p.name for p in parameters if p.kind not in UNANNOTATED_KINDS and p.annotation is inspect.Parameter.empty]
+    missing = [p.name for p in parameters
+               if p.kind not in UNANNOTATED_KINDS and p.annotation is inspect.Parameter.empty]
     assert not missing, f"{name} leaves {missing} unannotated"
     assert signature.return_annotation is not inspect.Signature.empty, f"{name} has no return annotation"
     if sys.version_info >= (3, 10):  # (`X | Y` evaluates from 3.10 on; 3.9 reads it only as a string)

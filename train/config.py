@@ -180,9 +180,9 @@ def build_parser() -> ArgumentParser:
                    "adaface: margins from the embedding norm (--adaface-m, --adaface-h); elasticface-arc / "
                    "elasticface-cos: each row's margin drawn from N(--arcface_m or --m3, --elastic-std), and with + "
                    "(ElasticFace+) the draws handed out by target cosine, the largest to the hardest row; magface: "
-                   "a margin from 0.45 to 0.8 as the norm goes from 10 to 110, plus its norm regulariser (lambda_g 35); "
-                   "curricularface: cos(θ+m) (--arcface_m) and hard negatives c·(t+c), t a running mean of the target "
-                   "cosines (the chunked PyTorch path, not the fused op; also sharded)")
+                   "a margin from 0.45 to 0.8 as the norm goes from 10 to 110, plus its norm regulariser "
+                   "(lambda_g 35); curricularface: cos(θ+m) (--arcface_m) and hard negatives c·(t+c), t a running "
+                   "mean of the target cosines (the chunked PyTorch path, not the fused op; also sharded)")
     g.add_argument("--arcface-s", "--arcface_s", "--scale", dest="arcface_s", type=float, default=64.0,
                    help="scale s of the logits (all losses)")
     g.add_argument("--arcface-m", "--arcface_m", dest="arcface_m", type=float,
@@ -254,7 +254,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="sgd (with --momentum) or adamw (PyTorch's betas), each with --decay")
     g.add_argument("--lr", type=float, default=None, help="base learning rate; default 0.1 (sgd) or 0.001 (adamw)")
-    g.add_argument("--momentum", type=float, default=SGD_MOMENTUM, help="SGD's, below 1 (AdamW has its betas, PyTorch's)")
+    g.add_argument("--momentum", type=float, default=SGD_MOMENTUM,
+                   help="SGD's, below 1 (AdamW has its betas, PyTorch's)")
     g.add_argument("--decay", "--weight-decay", "--weight_decay", dest="decay", type=float, default=5e-4,
                    help="weight decay")
     g.add_argument("--lr-schedule", "--lr_schedule", dest="lr_schedule", choices=LR_SCHEDULES, default=None,
@@ -417,8 +418,8 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
     twice = next((keys for keys in spellings.values() if len(keys) > 1), None)
     if twice:
         both = len({table[key].dest for key in twice}) > 1
-        raise SystemExit(f"{source}: {' and '.join(twice)} are one option{' (in steps and in epochs)' if both else ''}, "
-                         f"given {len(twice)} times: keep one")
+        raise SystemExit(f"{source}: {' and '.join(twice)} are one option"
+                         f"{' (in steps and in epochs)' if both else ''}, given {len(twice)} times: keep one")
     argv = []
     for key, value in config.items():
         action = table[key]
@@ -548,11 +549,13 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
                             or (args.loss == "combined" and args.m2 is None),
                "adaface_m": args.loss == "adaface", "adaface_h": args.loss == "adaface",
                "elastic_std": args.loss.startswith("elasticface"), "magface_easy_margin": args.loss == "magface"}
-    unread += [f"--{dest.replace('_', '-')}" + ("" if isinstance(getattr(args, dest), bool) else f" {getattr(args, dest):g}")
+    unread += [f"--{dest.replace('_', '-')}"
+               + ("" if isinstance(getattr(args, dest), bool) else f" {getattr(args, dest):g}")
                for dest, read in read_by.items() if not read and getattr(args, dest) != OWN_PARAMETER_DEFAULTS[dest]]
     if unread:
-        own = {"arcface": "--arcface-m", "curricularface": "--arcface-m", "elasticface-arc": "--arcface-m and --elastic-std",
-               "adaface": "--adaface-m and --adaface-h", "magface": "its fixed MS1MV2 settings (and --magface-easy-margin)",
+        own = {"arcface": "--arcface-m", "curricularface": "--arcface-m",
+               "elasticface-arc": "--arcface-m and --elastic-std", "adaface": "--adaface-m and --adaface-h",
+               "magface": "its fixed MS1MV2 settings (and --magface-easy-margin)",
                "elasticface-cos": "--m3 and --elastic-std"}.get(
                    args.loss.rstrip("+"), " ".join(f"--{name}" for name in reads))
         raise SystemExit(f"{' and '.join(unread)} {'does' if len(unread) == 1 else 'do'} not apply to --loss "
@@ -588,8 +591,8 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
                  ("teacher_network", "distill_weight", "distill_loss")
                  if getattr(args, dest) != parser.get_default(dest) or dest in given]
         if named:
-            raise SystemExit(f"{' and '.join(named)} {'goes' if len(named) == 1 else 'go'} with --teacher (the backbone "
-                             "the student is distilled from): give --teacher too")
+            raise SystemExit(f"{' and '.join(named)} {'goes' if len(named) == 1 else 'go'} with --teacher (the "
+                             "backbone the student is distilled from): give --teacher too")
     if not 0.0 < args.keep_prob <= 1.0:
         raise SystemExit(f"--keep-prob must be in (0, 1], got {args.keep_prob}")
     if args.compile_mode and args.compile_backend != "inductor":

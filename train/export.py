@@ -327,8 +327,8 @@ def _export(args: argparse.Namespace) -> int:
                   + (" not used for calibration" if faces.held_out else " (the calibration faces: none left)"))
             for target, (fp32, int8) in agreement.targets.items():
                 print(f"  {target}: accuracy {int8['accuracy']:.4f} ± {int8['accuracy_std']:.4f} in int8, "
-                      f"{fp32['accuracy']:.4f} ± {fp32['accuracy_std']:.4f} in fp32 (threshold {int8['threshold']:.3f} "
-                      f"and {fp32['threshold']:.3f})")
+                      f"{fp32['accuracy']:.4f} ± {fp32['accuracy_std']:.4f} in fp32 "
+                      f"(threshold {int8['threshold']:.3f} and {fp32['threshold']:.3f})")
         return 0
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -200,7 +200,8 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     for key, kind, wanted in (("rec", str, "a path"), ("output", (str, type(None)), "a path or None")):
         if not isinstance(config[key], kind):
             raise SystemExit(f"{path}: config.{key} = {config[key]!r}: {wanted} expected")
-    if not (isinstance(config["val_targets"], (list, tuple)) and all(isinstance(v, str) for v in config["val_targets"])):
+    if not (isinstance(config["val_targets"], (list, tuple))
+            and all(isinstance(v, str) for v in config["val_targets"])):
         raise SystemExit(f"{path}: config.val_targets = {config['val_targets']!r}: a list of names expected "
                          "(['lfw', 'cfp_fp', 'agedb_30'])")
     for key in ("batch_size", "gradient_acc"):  # (the divisors of the step counts below)

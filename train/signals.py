@@ -145,8 +145,8 @@ def signals_held(final: bool = True):
                 signal.raise_signal(came[0])  # its default action: the process ends by it
 
 
-_MISSING_OP = re.compile(r"(?:The operator|Could not run) '([^']+)'.*?(?:for the|from the) '?(MPS|XPU)'? (?:device|backend)",
-                         re.DOTALL)
+_MISSING_OP = re.compile(r"(?:The operator|Could not run) '([^']+)'.*?"
+                         r"(?:for the|from the) '?(MPS|XPU)'? (?:device|backend)", re.DOTALL)
 
 
 def missing_device_op(error: BaseException) -> str | None:
@@ -224,8 +224,9 @@ def readers_may_leave():
 
 
 def run_tool(work: Callable[[], int], *, tool: str, errors: tuple[type[BaseException], ...] = (OSError, ValueError),
-             whole: str = " as the outputs were written: they are whole", said: Callable[[Stopped], str | None] | None = None,
-             blank_line: bool = True, out: Callable[..., None] = print) -> int:
+             whole: str = " as the outputs were written: they are whole",
+             said: Callable[[Stopped], str | None] | None = None, blank_line: bool = True,
+             out: Callable[..., None] = print) -> int:
     """A command-line tool's ``work()`` (its exit status) under :func:`stop_on_signals`: one of ``errors``
     is a line ``<tool>: error: ...`` (``tool``: its short name, ``embed``, ``roc``) and exit status 2;
     Ctrl-C or SIGTERM a line ``<tool>: stopped by SIGINT`` followed by ``whole`` when its outputs were in

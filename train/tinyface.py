@@ -108,7 +108,8 @@ def mate_ranks(probes: np.ndarray, probe_labels: np.ndarray, gallery: np.ndarray
     for start in range(0, len(probes), chunk):
         block = torch.from_numpy(np.ascontiguousarray(probes[start:start + chunk], dtype=np.float32))
         scores = block @ gallery.T
-        mates = labels[None, :] == torch.from_numpy(np.asarray(probe_labels[start:start + chunk], dtype=np.int64))[:, None]
+        mates = labels[None, :] == torch.from_numpy(
+            np.asarray(probe_labels[start:start + chunk], dtype=np.int64))[:, None]
         best = scores.masked_fill(~mates, -torch.inf).amax(dim=1)
         above = (scores >= best[:, None]) & ~mates
         found = mates.any(dim=1)

@@ -468,8 +468,8 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
             continue
         if key not in saved and key in defaults:
             if key not in RESUME_MAY_CHANGE and value != defaults[key]:
-                changed.append(f"{flags.get(key, key)} {show(defaults[key])} (the default: the checkpoint is older than "
-                               f"the option), {show(value)} requested")
+                changed.append(f"{flags.get(key, key)} {show(defaults[key])} (the default: the checkpoint is older "
+                               f"than the option), {show(value)} requested")
             continue
         if key in RESUME_MAY_CHANGE or key not in saved or saved[key] == value:
             continue
@@ -486,7 +486,8 @@ def augmentation(args: argparse.Namespace):
     all three are off)."""
     from .data import Augmentation
 
-    return Augmentation(crop=getattr(args, "crop_augmentation", 0.0), low_res=getattr(args, "low_res_augmentation", 0.0),
+    return Augmentation(crop=getattr(args, "crop_augmentation", 0.0),
+                        low_res=getattr(args, "low_res_augmentation", 0.0),
                         photometric=getattr(args, "photometric_augmentation", 0.0))
 
 
@@ -1827,7 +1828,8 @@ class Trainer:
         return "\n".join([
             f"network {a.network}: {params / 1e6:.2f}M parameters{work}, {a.image_size}px input, "
             f"{a.embedding_size}-D embedding, amp {a.amp}"
-            + (f", compiled ({a.compile_backend}{', ' + a.compile_mode if a.compile_mode else ''})" if a.compile else ""),
+            + (f", compiled ({a.compile_backend}{', ' + a.compile_mode if a.compile_mode else ''})"
+               if a.compile else ""),
             f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities, flipped"
             + (f", augmented ({self.dataset.augment.describe()})" if self.dataset.augment else "")
             + f"; verification: {', '.join(self.verification_sets) or 'none'}",

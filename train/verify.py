@@ -120,8 +120,9 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     if args.data == SYNTHETIC and args.seed is None:
         run_seed = run_args.get("seed") if isinstance(run_args.get("seed"), int) else None
         seed = run_seed if run_seed is not None else 0
-        print(f"synthetic sets of --seed {seed}" + (" (the run's)" if run_seed is not None else
-                                                    " (the model holds no run's: pass it with --seed)"), file=sys.stderr)
+        print(f"synthetic sets of --seed {seed}"
+              + (" (the run's)" if run_seed is not None else " (the model holds no run's: pass it with --seed)"),
+              file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sets = build_verification_sets(args.data or "", targets, image_size=size, seed=seed, flag="--targets")

@@ -230,7 +230,8 @@ def test_options_out_of_range_or_ignored_are_refused(tmp_path, capsys, argv, mes
     os.makedirs(tmp_path / "raw")
     listing = write(tmp_path / "lm.txt", "a.png 1 2 3 4 5 6 7 8 9 10\n")
     with pytest.raises(SystemExit) as stop:
-        align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(tmp_path / "out"), *argv])
+        align.main(["--images", str(tmp_path / "raw"), "--landmarks", listing, "--output", str(tmp_path / "out"),
+                    *argv])
     assert stop.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"align: error: {message}"
     assert not (tmp_path / "out").exists()
@@ -256,7 +257,8 @@ def test_a_wrong_column_order_is_warned_about(photos, tmp_path, capsys):
     assert align.main(["--images", root, "--landmarks", listing, "--output", str(tmp_path / "out"),
                        "--workers", "0"]) == 0
     err = capsys.readouterr().err
-    assert "fit the face template poorly" in err and f"{len(names)} of {len(names)} faces list the eye further right" in err
+    assert ("fit the face template poorly" in err
+            and f"{len(names)} of {len(names)} faces list the eye further right" in err)
     errors = align.fit_errors(landmarks)
     assert errors.max() < 1e-6  # the pasted faces' landmarks are the template's, exactly
     assert align.fit_errors(swapped).min() > align.POOR_FIT_PIXELS

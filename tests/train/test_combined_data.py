@@ -55,7 +55,8 @@ def test_flips_and_augmentations_are_the_combined_sets_own(sets):
     folder, rec = sets
     combined, _ = build_train_dataset(f"{folder},{rec}", image_size=IMAGE_SIZE, seed=3, flip=True)
     as_stored = [part[i][0].numpy() for _, part in combined.parts for i in range(len(part))]  # (their own flip off)
-    flipped = [index for index in range(len(combined)) if not np.array_equal(combined[index][0].numpy(), as_stored[index])]
+    flipped = [index for index in range(len(combined))
+               if not np.array_equal(combined[index][0].numpy(), as_stored[index])]
     assert 0 < len(flipped) < len(combined)  # a half of them, drawn from (seed, epoch, combined index)
 
 

@@ -164,7 +164,8 @@ def write_rec(folder, images_labels, *, identity_header=True, corrupt=None):
             for label in range(num_ids):
                 keys = [k for k, (_, lab) in enumerate(images_labels, 1) if lab == label]
                 w.write(n + 1 + label, pack_payload([keys[0], keys[-1] + 1], b""))
-    return {int(k): int(o) for k, o in (line.split("\t") for line in (folder / "train.idx").read_text().split("\n") if line)}
+    return {int(k): int(o)
+            for k, o in (line.split("\t") for line in (folder / "train.idx").read_text().split("\n") if line)}
 
 
 @pytest.fixture
@@ -792,7 +793,8 @@ def test_image_list_images_missing_are_named_before_the_run(tmp_path):
     ds = ImageListDataset(str(tmp_path / "train.txt"))
     os.remove(tmp_path / names[2])
     with pytest.raises(ValueError,
-                       match=f"{re.escape(str(tmp_path / names[2]))}: cannot read the image: No such file or directory$"):
+                       match=f"{re.escape(str(tmp_path / names[2]))}: cannot read the image: "
+                             "No such file or directory$"):
         ds[2]
 
 

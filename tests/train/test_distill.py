@@ -107,7 +107,8 @@ def test_the_term_falls_and_is_logged_where_the_loss_is(faces, teacher, tmp_path
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard.summary",
                         types.SimpleNamespace(hparams=lambda values, metrics: []))
-    run = [a for a in argv(faces, tmp_path, max_steps=16, teacher=teacher, distill_weight=50) if a != "--no-tensorboard"]
+    run = [a for a in argv(faces, tmp_path, max_steps=16, teacher=teacher, distill_weight=50)
+           if a != "--no-tensorboard"]
     assert main(run) == 0
     distill = metrics(tmp_path, "distill")
     assert len(distill) == 16 and all(math.isfinite(v) for v in distill)
@@ -333,8 +334,9 @@ def test_an_onnx_teacher_gives_the_term_its_pytorch_model_gives(faces, teacher, 
     pytest.importorskip("onnxruntime")
     assert export.main(["--checkpoint", teacher, "--output", str(tmp_path / "export")]) == 0
     onnx_model = str(tmp_path / "export" / "backbone.onnx")
-    with pytest.raises(SystemExit, match=r"--teacher with --teacher-network small: .*backbone\.onnx is an ONNX model, whose graph "
-                                         r"is its network: --teacher-network is for a bare state dict; leave it out"):
+    with pytest.raises(SystemExit, match=r"--teacher with --teacher-network small: .*backbone\.onnx is an ONNX model, "
+                                         r"whose graph is its network: --teacher-network is for a bare state dict; "
+                                         r"leave it out"):
         Trainer(parse_args(argv(faces, tmp_path / "refused", teacher=onnx_model, teacher_network="small")))
     assert main(argv(faces, tmp_path / "torch", max_steps=2, teacher=teacher)) == 0
     assert main(argv(faces, tmp_path / "onnx", max_steps=2, teacher=onnx_model)) == 0

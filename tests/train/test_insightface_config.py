@@ -81,8 +81,8 @@ def test_margins_train_as_arcface_torchs_loss_does(tmp_path, capsys, margins, gr
 
 def test_gradient_accumulation_counts_optimiser_steps(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    text = WEBFACE_VIT + ("config.gradient_acc = 4\nconfig.frequent = 50\nconfig.using_wandb = True\nconfig.momentum = 0.8\n"
-                          "config.save_all_states = True\n")
+    text = WEBFACE_VIT + ("config.gradient_acc = 4\nconfig.frequent = 50\nconfig.using_wandb = True\n"
+                          "config.momentum = 0.8\nconfig.save_all_states = True\n")
     args = parse_args(["--config", write(tmp_path, text), "--lr", "0.002"])  # the command line wins
     passes_per_epoch = 42474557 // (384 * 2)
     assert args.gradient_acc == 4 and args.max_steps == passes_per_epoch * 40 // 4
@@ -149,7 +149,8 @@ def test_keys_arcface_torch_lacks_are_reported(tmp_path, capsys):
                                                     "decay_epoch, loss")
     # An older arcface_torch's config.loss = 'cosface' (configs/3millions.py still has one) without a
     # margin_list: train_v2.py trains base.py's ArcFace, and so does this; said, with the line for CosFace.
-    text = "config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\nconfig.loss = 'cosface'\n"
+    text = ("config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
+            "config.loss = 'cosface'\n")
     args = parse_args(["--config", write(tmp_path, text, "old.py")])
     assert (args.m2, args.m3) == (0.5, 0.0)
     assert ("config.loss = 'cosface' is older arcface_torch's (train.py); train_v2.py reads margin_list alone, "

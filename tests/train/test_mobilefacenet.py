@@ -14,8 +14,8 @@ from conftest import assert_close_report
 from train import checkpoint
 from train.models import NETWORKS, MobileFaceNet, get_model, mobilefacenet
 
-from trainer_fixtures import (assert_onnx_export_matches, base_argv, forward_backward, make_face_folder, one_thread, read_jsonl,  # noqa: F401
-                              train_one_thread)
+from trainer_fixtures import (assert_onnx_export_matches, base_argv, forward_backward, make_face_folder,  # noqa: F401
+                              one_thread, read_jsonl, train_one_thread)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 IMAGE_SIZE = 32  # a multiple of 16: a 2x2 map under the GDConv, and a fast trainer run

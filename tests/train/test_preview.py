@@ -23,7 +23,8 @@ def test_one_image_over_epochs_shows_each_epochs_augmentation(tmp_path, capsys):
     out = tmp_path / "one.png"
     options = ["--data", "synthetic", "--image-size", "32", "--seed", "3", "--crop-augmentation", "1",
                "--photometric-augmentation", "0.5"]
-    assert preview.main(["--output", str(out), "--image", "7", "--count", "6", "--columns", "3", "--epoch", "2"] + options) == 0
+    assert preview.main(["--output", str(out), "--image", "7", "--count", "6", "--columns", "3", "--epoch", "2"]
+                        + options) == 0
     assert "wrote 6 tiles of synthetic (16000 images, 100 identities)" in capsys.readouterr().err
     sheet = np.asarray(Image.open(out).convert("RGB"))
     assert sheet.shape[0] == 2 * (32 + preview.LABEL_HEIGHT + preview.GAP) + preview.GAP
@@ -38,7 +39,8 @@ def test_consecutive_images_of_a_folder_and_random_ones(tmp_path):
     data = make_face_folder(str(tmp_path / "faces"), identities=3, images=4)
     dataset, _ = build_train_dataset(data, image_size=IMAGE_SIZE)
     out = tmp_path / "first.png"
-    assert preview.main(["--output", str(out), "--data", data, "--image-size", str(IMAGE_SIZE), "--first", "10", "--count", "5"]) == 0
+    assert preview.main(["--output", str(out), "--data", data, "--image-size", str(IMAGE_SIZE), "--first", "10",
+                         "--count", "5"]) == 0
     sheet = np.asarray(Image.open(out).convert("RGB"))
     columns = 2  # a square grid: ceil(sqrt(2)) for the 2 images left from index 10 of 12
     for k, index in enumerate((10, 11)):
@@ -48,7 +50,8 @@ def test_consecutive_images_of_a_folder_and_random_ones(tmp_path):
     sheet = np.asarray(Image.open(out).convert("RGB"))
     tiles = {tile(sheet, k, 4, IMAGE_SIZE).tobytes() for k in range(12)}  # all 12, none twice
     assert tiles == {dataset[(i, 0)][0].numpy().transpose(1, 2, 0).tobytes() for i in range(12)}
-    assert preview.main(["--output", str(tmp_path / "one.jpg"), "--data", data, "--image-size", str(IMAGE_SIZE), "--count", "1"]) == 0
+    assert preview.main(["--output", str(tmp_path / "one.jpg"), "--data", data, "--image-size", str(IMAGE_SIZE),
+                         "--count", "1"]) == 0
     assert Image.open(tmp_path / "one.jpg").format == "JPEG"
     # Not among an identity's images (it would be one the next time), even through a link; the folder's
     # root holds no image that is read.
@@ -86,8 +89,10 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys):
     assert preview.main(["--output", str(tmp_path / "y.png"), "--data", "synthetic", "--image", "16000"]) == 2
     assert "--image 16000: the set has images 0 to 15999" in capsys.readouterr().err
     assert preview.main(["--output", str(tmp_path / "y.png"), "--data", str(tmp_path / "none")]) == 2
-    assert "expected 'synthetic', a folder with train.rec + train.idx, an image folder, or a list file" in capsys.readouterr().err
-    for argv, message in [(["y.gif"], "name a .png, .jpg or .webp file"), (["y.png", "--count", "0"], "--count must be"),
+    assert ("expected 'synthetic', a folder with train.rec + train.idx, an image folder, or a list file"
+            in capsys.readouterr().err)
+    for argv, message in [(["y.gif"], "name a .png, .jpg or .webp file"),
+                          (["y.png", "--count", "0"], "--count must be"),
                           (["y.png", "--epoch", "-1"], "--epoch must be at least 0")]:
         with pytest.raises(SystemExit):
             preview.main(["--output", str(tmp_path / argv[0])] + argv[1:])

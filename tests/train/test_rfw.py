@@ -383,6 +383,7 @@ def test_the_summary_scalars(tmp_path):
     log._scalars = lambda step, scalars: seen.append((step, scalars))
     log.verification_summary(4, "RFW", rfw.summary({"African": 0.8, "Asian": 0.9, "Caucasian": 0.95, "Indian": 0.85}))
     log.verification_summary(5, "RFW", rfw.summary({"African": 0.8, "Asian": 0.9, "Caucasian": 1.0, "Indian": 0.85}))
-    assert seen[0][0] == 4 and seen[0][1] == pytest.approx({"verification/RFW_mean": 0.875, "verification/RFW_std":
-                                                            np.std([0.8, 0.9, 0.95, 0.85]), "verification/RFW_ser": 4.0})
+    assert seen[0][0] == 4 and seen[0][1] == pytest.approx({"verification/RFW_mean": 0.875,
+                                                            "verification/RFW_std": np.std([0.8, 0.9, 0.95, 0.85]),
+                                                            "verification/RFW_ser": 4.0})
     assert seen[1][0] == 5 and set(seen[1][1]) == {"verification/RFW_mean", "verification/RFW_std"}

@@ -153,8 +153,10 @@ def test_the_release_folder_above_and_a_release_without_mates(release, tmp_path,
 
 def test_mistakes_are_one_line_errors(release, tmp_path, capsys):
     data, model_path = release
-    assert tinyface.main(["--model", model_path, "--data-root", str(tmp_path), "--output", str(tmp_path / "o.json")]) == 2
-    assert "no Probe/, Gallery_Match/, Gallery_Distractor/ folder (expected TinyFace's Testing_Set" in capsys.readouterr().err
+    assert tinyface.main(["--model", model_path, "--data-root", str(tmp_path), "--output",
+                          str(tmp_path / "o.json")]) == 2
+    assert ("no Probe/, Gallery_Match/, Gallery_Distractor/ folder (expected TinyFace's Testing_Set"
+            in capsys.readouterr().err)
     assert tinyface.main(["--model", model_path, "--data-root", str(tmp_path / "none")]) == 2
     assert "--data-root " in capsys.readouterr().err
     # The output may not replace what the run reads (--overwrite would have turned the model into JSON).
@@ -163,9 +165,11 @@ def test_mistakes_are_one_line_errors(release, tmp_path, capsys):
     # A folder it cannot write in is found before the embedding, not after it.
     real_access = os.access
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path / "ro") else real_access(path, mode))
+        patch.setattr(os, "access",
+                      lambda path, mode: False if str(path) == str(tmp_path / "ro") else real_access(path, mode))
         (tmp_path / "ro").mkdir()
-        assert tinyface.main(["--model", model_path, "--data-root", data, "--output", str(tmp_path / "ro" / "r.json")]) == 2
+        assert tinyface.main(["--model", model_path, "--data-root", data, "--output",
+                              str(tmp_path / "ro" / "r.json")]) == 2
     assert "cannot write r.json in" in capsys.readouterr().err
     (tmp_path / "o.json").write_text("mine")
     assert tinyface.main(["--model", model_path, "--data-root", data, "--output", str(tmp_path / "o.json")]) == 2

@@ -251,8 +251,8 @@ _NO_ROLL_ON_MPS = ("The operator 'aten::roll' is not currently implemented for t
                    "set the environment variable `PYTORCH_ENABLE_MPS_FALLBACK=1` to use the CPU as a fallback for this "
                    "op. WARNING: this will be slower than running natively on MPS.")
 _NO_KERNEL_ON_XPU = ("Could not run 'aten::_linalg_eigh.eigenvalues' with arguments from the 'XPU' backend. This could "
-                     "be because the operator doesn't exist for this backend, or was omitted during the selective/custom "
-                     "build process (if using custom build).")
+                     "be because the operator doesn't exist for this backend, or was omitted during the "
+                     "selective/custom build process (if using custom build).")
 
 
 @pytest.mark.parametrize("text, line", [

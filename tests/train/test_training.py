@@ -364,7 +364,8 @@ def test_a_signal_during_verification_cuts_it_short_and_saves_that_step(faces, t
     monkeypatch.undo()
     assert main(argv(faces, tmp_path, resume="auto", **options)) == 0
     assert main(argv(faces, tmp_path / "uninterrupted", **options)) == 0
-    resumed, uninterrupted = (read_jsonl(path / "verification.jsonl") for path in (tmp_path, tmp_path / "uninterrupted"))
+    resumed, uninterrupted = (read_jsonl(path / "verification.jsonl")
+                              for path in (tmp_path, tmp_path / "uninterrupted"))
     assert [(r["step"], r["target"]) for r in resumed] == [(step, target) for step in (0, 2, 4, 6, 8)
                                                            for target in ("pairs", "second")]
     assert [r["accuracy"] for r in resumed] == [r["accuracy"] for r in uninterrupted]
@@ -1309,7 +1310,8 @@ def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
     assert main(argv(faces, tmp_path, max_steps=2)) == 0
     for extra, message in [
         (dict(lr=0.01, momentum=0), r"--lr 0\.1 in the checkpoint, 0\.01 requested; --momentum 0\.9 in the "
-                                    r"checkpoint, 0\.0 requested\. Continue that run with its own options.*--pretrained_model"),
+                                    r"checkpoint, 0\.0 requested\. Continue that run with its own options.*"
+                                    r"--pretrained_model"),
         (dict(optimizer="adamw"), r"--optimizer sgd in the checkpoint, adamw requested"),
         (dict(network="r18"), r"--network small in the checkpoint, r18 requested"),
         (dict(embedding_size=32), r"--embedding-size 64 in the checkpoint, 32 requested"),
@@ -1334,8 +1336,8 @@ def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
                                       save_every=0, num_workers=1, pairs=True, channels_last=True)))
     assert trainer.step == 2 and trainer.args.warmup_steps == 5
     # The message's way on: the run's own args.json as the config (it names the --config it came from).
-    with pytest.raises(SystemExit, match=rf"--lr 0\.1 in the checkpoint, 0\.01 requested.*\. Continue that run with its "
-                                         rf"own options \(--config {re.escape(str(tmp_path / 'args.json'))}, which "
+    with pytest.raises(SystemExit, match=rf"--lr 0\.1 in the checkpoint, 0\.01 requested.*\. Continue that run with "
+                                         rf"its own options \(--config {re.escape(str(tmp_path / 'args.json'))}, which "
                                          r"lists them all, with --resume\)"):
         Trainer(parse_args(["--resume", "auto", "--output", str(tmp_path), "--lr", "0.01"]))
     args_json = json.loads((tmp_path / "args.json").read_text())
@@ -1771,7 +1773,8 @@ def test_learning_rate_schedules():
     assert [step(s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     cosine = LearningRateSchedule("cosine", max_steps=110, warmup_steps=10)
     assert cosine(0) == pytest.approx(0.1) and cosine(10) == pytest.approx(1.0)
-    assert [cosine(s) for s in (35, 60, 85, 110, 120)] == pytest.approx([(2 + 2 ** 0.5) / 4, 0.5, (2 - 2 ** 0.5) / 4, 0, 0])
+    assert [cosine(s) for s in (35, 60, 85, 110, 120)] == pytest.approx([(2 + 2 ** 0.5) / 4, 0.5, (2 - 2 ** 0.5) / 4,
+                                                                          0, 0])
     # Its default warm-up is poly's, 5% of the steps; --lr-steps is step's alone.
     args = parse_args(["--lr-schedule", "cosine", "--max-steps", "200"])
     assert (args.lr_schedule, args.warmup_steps) == ("cosine", 10)
@@ -1979,7 +1982,8 @@ def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monk
     (["--loss", "curricularface", "--m2", "0.3"], "--m2 does not apply to --loss curricularface, whose margin is "
                                                    "--arcface-m"),
     (["--subcenters", "2", "--loss", "magface"], r"--subcenters 2 does not go with --loss magface: it runs on the "
-                                                 r"chunked PyTorch path, with arcface, cosface, sphereface or combined$"),
+                                                 r"chunked PyTorch path, with arcface, cosface, sphereface or "
+                                                 r"combined$"),
 ])
 def test_chunked_path_options_that_do_not_go_together(extra, message):
     with pytest.raises(SystemExit, match=message):

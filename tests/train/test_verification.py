@@ -298,7 +298,8 @@ def test_load_bin_refuses_code(tmp_path, monkeypatch, payload):
     }[payload]
     path = tmp_path / "evil.bin"
     path.write_bytes(pickle.dumps(exploit, protocol=2))
-    with pytest.raises(pickle.UnpicklingError, match=r"evil\.bin: refusing to load global (posix|os|nt|builtins|__builtin__)\."):
+    with pytest.raises(pickle.UnpicklingError,
+                       match=r"evil\.bin: refusing to load global (posix|os|nt|builtins|__builtin__)\."):
         load_bin(str(path))
     assert not marker.exists() and not (tmp_path / "should-not-exist").exists()
 

@@ -329,7 +329,8 @@ def _align_one(index: int) -> tuple[int, str]:
 
 
 def align_folder(images: str, names: list[str], landmarks: np.ndarray, outputs: list[str], *, image_size: int = 112,
-                 fmt: str = "jpeg", quality: int = 95, workers: int = 0, progress: bool = True) -> list[tuple[int, str]]:
+                 fmt: str = "jpeg", quality: int = 95, workers: int = 0,
+                 progress: bool = True) -> list[tuple[int, str]]:
     """Aligns face i of ``names``/``landmarks`` into ``outputs[i]`` for every i; returns the
     (index, reason) of the faces that could not be aligned, in index order."""
     job = {"images": images, "names": names, "landmarks": landmarks, "outputs": outputs,

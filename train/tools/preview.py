@@ -83,7 +83,8 @@ def build_parser() -> ArgumentParser:
                        help="image I, once an epoch from --epoch on: its augmentations and flips")
     parser.add_argument("--count", type=int, default=64, help="how many tiles (default 64)")
     parser.add_argument("--columns", type=int, default=None, help="tiles a row (default: a square grid)")
-    parser.add_argument("--epoch", type=int, default=0, help="the epoch whose flips and augmentations to show (default 0)")
+    parser.add_argument("--epoch", type=int, default=0,
+                        help="the epoch whose flips and augmentations to show (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     return parser
 

@@ -7,17 +7,19 @@ with a trained model (1:N open-set identification).
 The gallery is an ImageFolder of aligned faces, ``gallery/<person>/<image>``, embedded as
 ``train.embed`` embeds them (image + mirror, unit length; photos with ``--detector``, each one's main
 face found and aligned), or a table that ``train.embed --images gallery/`` or ``--save-gallery`` wrote
-(a row's first folder is its person; the model that made it must be ``--model``). Each person is one template, the mean of their embeddings re-normalised (``--per-image``:
-each person scores their best image). Each probe (a folder of aligned faces, any nesting; one image; a
-table; photos with ``--landmarks`` or ``--detector``, as ``train.embed`` takes them) gets its ``--top-k``
-people by cosine, searched in blocks, and a decision: the best person when at or above ``--threshold``
-(default: the one the gallery's table records, else the model's 1:1 verification threshold), else
-``unknown``. Outputs: ``--output`` (``results.csv``: ``probe,rank,person,cosine,decision``) and a summary
-beside it (``.json``). With ``--probe-labels`` the search is scored: rank-1 and rank-5 identification
-rates of the probes whose person is enrolled, the detection and identification rate (DIR) at the
-threshold, and the false positive identification rate (FPIR) of those whose person is not; and, where
-some are not, the operating points: the threshold and DIR at FPIR 1%, 5%, 10% and 20% of them. ``--fpir`` decides at the threshold of an FPIR on these probes, and
-with ``--save-gallery`` records it in the gallery's table for the searches that come later.
+(a row's first folder is its person; the model that made it must be ``--model``). Each person is one
+template, the mean of their embeddings re-normalised (``--per-image``: each person scores their best
+image). Each probe (a folder of aligned faces, any nesting; one image; a table; photos with
+``--landmarks`` or ``--detector``, as ``train.embed`` takes them) gets its ``--top-k`` people by
+cosine, searched in blocks, and a decision: the best person when at or above ``--threshold`` (default:
+the one the gallery's table records, else the model's 1:1 verification threshold), else ``unknown``.
+Outputs: ``--output`` (``results.csv``: ``probe,rank,person,cosine,decision``) and a summary beside it
+(``.json``). With ``--probe-labels`` the search is scored: rank-1 and rank-5 identification rates of
+the probes whose person is enrolled, the detection and identification rate (DIR) at the threshold, and
+the false positive identification rate (FPIR) of those whose person is not; and, where some are not,
+the operating points: the threshold and DIR at FPIR 1%, 5%, 10% and 20% of them. ``--fpir`` decides at
+the threshold of an FPIR on these probes, and with ``--save-gallery`` records it in the gallery's table
+for the searches that come later.
 """
 
 from __future__ import annotations
