@@ -719,7 +719,7 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
     return notes
 
 
-def _epoch_sizes(argv: list[str]) -> dict[str, int]:
+def _epoch_sizes(argv: list[str], parser: ArgumentParser) -> dict[str, int]:
     """``--batch-size`` and ``--gradient-acc`` of the command line as an arcface_torch config's
     ``batch_size`` and ``gradient_acc``: its steps are epochs of ``num_image`` in batches of these, so
     that they follow them, as they would the file's edited values (taken as overrides of the
@@ -727,7 +727,7 @@ def _epoch_sizes(argv: list[str]) -> dict[str, int]:
     # Read by the parser itself, which finds them as it will below (an abbreviation it takes, --batch-s,
     # was missed by a parser of these two alone, and the steps counted for the file's batch); a value
     # it refuses stops here with the error it gives below. (Below 1: left to resolve(), which names it.)
-    return {key: value for key, value in _given(argv, ("batch_size", "gradient_acc")).items() if value >= 1}
+    return {key: value for key, value in _given(argv, ("batch_size", "gradient_acc"), parser).items() if value >= 1}
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, name: str | None = None
@@ -752,7 +752,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, name:
     try:
         if known.config and insightface_config.is_insightface_config(known.config):
             config = insightface_config.read(known.config)
-            config.update(_epoch_sizes(command_line))
+            config.update(_epoch_sizes(command_line, parser))
             options = insightface_config.to_options(config, known.config)
             file_argv = _config_to_argv(options, parser, known.config)
         elif known.config:
@@ -769,13 +769,15 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, name:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
             f" (a config file goes after --config: --config {config}; arcface_torch's train_v2.py takes it as its "
             "argument)" if config else ""))
-    return resolve(args, _given(command_line, ("teacher_network", "distill_weight", "distill_loss")))
+    return resolve(args, _given(command_line, ("teacher_network", "distill_weight", "distill_loss"), parser))
 
 
-def _given(argv: list[str], dests: Sequence[str]) -> dict[str, Any]:
+def _given(argv: list[str], dests: Sequence[str], like: ArgumentParser) -> dict[str, Any]:
     """{name: value} of the names among ``dests`` whose options ``argv`` gives, whatever their values (the
-    defaults too). Read by the parser itself, which finds them as it will (an abbreviation it takes too)."""
+    defaults too). Read by the parser itself, which finds them as it will (an abbreviation it takes too); a
+    value it refuses stops with the error line of ``like``'s command (preview's, say)."""
     parser = build_parser()
+    parser.prog, parser.name = like.prog, like.name
     parser.set_defaults(**dict.fromkeys(dests))
     known, _ = parser.parse_known_args(argv)
     return {dest: getattr(known, dest) for dest in dests if getattr(known, dest) is not None}

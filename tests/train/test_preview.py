@@ -110,6 +110,16 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys):
         assert stop.value.code == 2 and err[-1] == f"preview: error: {message}", err
         assert err[0].startswith("usage: python -m train.tools.preview "), err  # (the command to copy)
     assert not (tmp_path / "y.png").exists()
+    # With an arcface_torch config, whose epochs follow --batch-size, the first parse of the options is
+    # the one that counts them: its error line is preview's too (was "train: error: ...", the trainer's).
+    config = tmp_path / "ms1mv2_r50.py"
+    config.write_text("from easydict import EasyDict as edict\nconfig = edict()\nconfig.network = 'r50'\n"
+                      "config.num_classes = 10\nconfig.num_image = 100\nconfig.num_epoch = 1\n")
+    with pytest.raises(SystemExit) as stop:
+        preview.main(["--output", str(tmp_path / "y.png"), "--config", str(config), "--lr", "x"])
+    err = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and err[-1] == "preview: error: argument --lr: invalid float value: 'x'", err
+    assert err[0].startswith("usage: python -m train.tools.preview "), err
 
 
 def test_trainer_options_go_anywhere_and_are_checked_as_the_trainer_checks_them(tmp_path, capsys):
