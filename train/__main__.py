@@ -2,7 +2,7 @@
 
 import sys
 
-from .signals import Stopped, stop_on_signals
+from .signals import Stopped, readers_may_leave, stop_on_signals
 
 try:
     # Importing the trainer (torch, ...) takes seconds: Ctrl-C or SIGTERM then is a stop at start-up too,
@@ -13,4 +13,14 @@ except Stopped as stop:
     print(f"stopped by {stop.name} during the start-up, before the first step", file=sys.stderr)
     sys.exit(stop.exit_status)
 
-sys.exit(main())
+try:
+    status = main()
+except SystemExit as refused:
+    if not isinstance(refused.code, str):
+        raise
+    # main's refusal, "train: error: ...", said here rather than by the interpreter on its way out: with its
+    # reader gone (2>&1 | head) that line failed there, and the exit status was 120, not 1.
+    with readers_may_leave():
+        print(refused.code, file=sys.stderr)
+    status = 1
+sys.exit(status)

@@ -1679,6 +1679,20 @@ def test_a_run_whose_reader_goes_away_trains_on(faces, tmp_path):
     assert "Error" not in log and re.search(r" done: 8 steps in \d+ s; outputs in ", log.splitlines()[-1]), log
 
 
+def test_a_refusal_whose_reader_went_away_exits_1(tmp_path):
+    # python -m train --data nope 2>&1 | head -0: the refusal's line, which the interpreter said on its way out,
+    # failed there, and the exit status was 120 ("Exception ignored ... BrokenPipeError"), not a refusal's 1.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    read, write = os.pipe()
+    os.close(read)  # (the reader gone before the first line)
+    try:
+        run = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "nope"), "--output",
+                              str(tmp_path / "out")], cwd=REPO, env=env, stdout=write, stderr=write, timeout=120)
+    finally:
+        os.close(write)
+    assert run.returncode == 1 and not (tmp_path / "out").exists()
+
+
 def test_atomic_writes_get_the_usual_mode_and_clear_killed_temporaries(tmp_path):
     target = tmp_path / "checkpoint.pt"
     killed = [tmp_path / ".checkpoint.pt.k_9xq2ab.tmp", tmp_path / ".checkpoint.pt.0123abcd.tmp"]
