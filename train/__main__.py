@@ -10,7 +10,8 @@ try:
     with stop_on_signals():
         from .trainer import main
 except Stopped as stop:
-    print(f"stopped by {stop.name} during the start-up, before the first step", file=sys.stderr)
+    with readers_may_leave():  # (a Ctrl-C ends a pipe's reader too: the line failed, exit status 120)
+        print(f"stopped by {stop.name} during the start-up, before the first step", file=sys.stderr)
     sys.exit(stop.exit_status)
 
 try:

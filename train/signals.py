@@ -101,7 +101,8 @@ def stop_while_importing(module: str, prefix: str):
     def stop(number, frame):
         for other in STOP_SIGNALS:
             signal.signal(other, signal.SIG_IGN)
-        print(f"{prefix}stopped by {signal.Signals(number).name}: nothing written", file=sys.stderr)
+        with readers_may_leave():  # (a Ctrl-C ends a pipe's reader too: the line raised, exit status 120)
+            print(f"{prefix}stopped by {signal.Signals(number).name}: nothing written", file=sys.stderr)
         raise SystemExit(128 + number)
 
     with _handled_by(stop):

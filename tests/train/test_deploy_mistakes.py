@@ -534,3 +534,11 @@ def test_a_signal_while_the_tool_imports_torch_is_one_line(tmp_path, tool, signu
     assert done.returncode == 128 + signum, done.stderr[-3000:]
     assert done.stderr == f"{_IMPORTING[tool]}stopped by {signal.Signals(signum).name}: nothing written\n"
     assert os.listdir(tmp_path) == []
+
+
+def test_a_signal_while_a_tool_imports_torch_with_its_reader_gone_exits_as_a_stop(tmp_path):
+    # python -m train.tools.roc ... 2>&1 | head, and Ctrl-C, which ends head too, in the seconds of the import: the
+    # stop's line raised a BrokenPipeError in the handler, and the exit status was 120, not 130.
+    done = signalled_while_importing_torch("train.tools.roc", ["--output", str(tmp_path / "out")], signal.SIGINT,
+                                           reader_gone=True)
+    assert done.returncode == 128 + signal.SIGINT and os.listdir(tmp_path) == []

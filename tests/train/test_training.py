@@ -415,6 +415,14 @@ def test_a_signal_while_python_m_train_imports_the_trainer_is_one_line(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_signal_while_python_m_train_imports_with_its_reader_gone_exits_as_a_stop(tmp_path):
+    # python -m train 2>&1 | tee log, and Ctrl-C, which ends tee too, in the seconds of the import: the stop's line
+    # raised a BrokenPipeError, and the exit status was 120, not 130.
+    done = signalled_while_importing_torch("train", ["--output", str(tmp_path / "run")], signal.SIGINT,
+                                           reader_gone=True)
+    assert done.returncode == 128 + signal.SIGINT and not (tmp_path / "run").exists()
+
+
 def test_another_signal_soon_after_the_first_is_a_second_one(faces, tmp_path, monkeypatch, capsys):
     # (helper-139's review) The window for torchrun's passed-on copy took any signal: a second Ctrl-C to
     # torchrun reaches its ranks as SIGTERM, within a second of the SIGINT, and did nothing.

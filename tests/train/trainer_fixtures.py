@@ -190,9 +190,12 @@ def make_pairs_list(root: str, pairs: int = 40, identities: int = 10, size: int 
     return path
 
 
-def signalled_while_importing_torch(module: str, argv: list[str], signum: int) -> subprocess.CompletedProcess:
+def signalled_while_importing_torch(module: str, argv: list[str], signum: int, *, reader_gone: bool = False
+                                    ) -> subprocess.CompletedProcess:
     """``python -m <module> argv`` (from the checkout, as from a terminal: Ctrl-C's SIGINT at its default)
-    with ``signum`` sent to itself as it imports torch, the seconds a command spends before its own work."""
+    with ``signum`` sent to itself as it imports torch, the seconds a command spends before its own work.
+    ``reader_gone``: its stdout and stderr a pipe whose reader has gone (``2>&1 | head``, whose reader the
+    Ctrl-C ended too), stdout block-buffered as a user has it; nothing captured."""
     driver = (
         "import builtins, os, runpy, sys\n"
         "real_import = builtins.__import__\n"
@@ -203,8 +206,20 @@ def signalled_while_importing_torch(module: str, argv: list[str], signum: int) -
         "builtins.__import__ = import_\n"
         f"sys.argv = [{module.rsplit('.', 1)[-1]!r}, *{argv!r}]\n"
         f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
-    return subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def run(**streams) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", driver], cwd=REPO, timeout=120,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **streams)
+
+    if not reader_gone:
+        return run(capture_output=True, text=True)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return run(stdout=write, stderr=write,
+                   env={name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"})
+    finally:
+        os.close(write)
 
 
 def base_argv(data: str, output: str, pairs: str | None = None, **overrides) -> list[str]:
