@@ -5,10 +5,13 @@ import argparse
 import glob
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 
 from train.config import build_parser
+from trainer_fixtures import REPO
 
 # Every command but python -m train (whose parser is build_parser's).
 ENTRY_POINTS = ["train.verify", "train.embed", "train.export", "train.ijb", "train.tinyface", "train.plots",
@@ -88,6 +91,21 @@ def test_an_argument_error_is_a_line_that_begins_with_the_commands_name(module, 
     assert stop.value.code == 2 and err[-1].startswith(f"{name}: error: "), err
     assert err[0].startswith(f"usage: python -m {module} "), err
     assert all(line.startswith(" ") for line in err[1:-1]), err  # (the usage, wrapped, then the one error line)
+
+
+@pytest.mark.parametrize("module", ["train", "train.tools.roc"])
+def test_an_argument_error_whose_reader_went_away_exits_2(module):
+    # python -m train --no-such-option 2>&1 | head -0: argparse's lines failed (it lets an OSError pass), the
+    # bytes stayed in stderr's buffer, and its last flush at exit made the exit status 120, not argparse's 2.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    read, write = os.pipe()
+    os.close(read)  # (the reader gone before the first line)
+    try:
+        run = subprocess.run([sys.executable, "-m", module, "--no-such-option"], cwd=REPO, env=env, stdout=write,
+                             stderr=write, timeout=120)
+    finally:
+        os.close(write)
+    assert run.returncode == 2
 
 
 def test_the_trainers_own_refusals_begin_with_its_name(tmp_path, capsys):

@@ -44,8 +44,13 @@ class ArgumentParser(argparse.ArgumentParser):
         self.name = name
 
     def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.name or self.prog}: error: {message}\n")
+        from train.signals import readers_may_leave
+
+        # (Its reader gone, 2>&1 | head: argparse lets the failed write pass, and the bytes left in stderr's
+        # buffer failed again at the interpreter's last flush, exit status 120, not 2.)
+        with readers_may_leave():
+            self.print_usage(sys.stderr)
+            self.exit(2, f"{self.name or self.prog}: error: {message}\n")
 
 
 def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] = (),
