@@ -237,6 +237,13 @@ def plot_erc(path: str, curves: dict, max_reject: float, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .signals import readers_may_leave
+
+    with readers_may_leave():  # (its reader gone, 2>&1 | head: its first line raised, exit status 120)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from .signals import Stopped, stop_on_signals, stop_while_importing
     from .tools import ArgumentParser
 

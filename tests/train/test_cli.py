@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from train.config import build_parser
 from trainer_fixtures import REPO
@@ -93,19 +94,47 @@ def test_an_argument_error_is_a_line_that_begins_with_the_commands_name(module, 
     assert all(line.startswith(" ") for line in err[1:-1]), err  # (the usage, wrapped, then the one error line)
 
 
+def run_with_its_reader_gone(module: str, argv: list[str], cwd: str = REPO) -> int:
+    """The exit status of ``python -m <module> argv`` whose stdout and stderr are a pipe closed before it starts
+    (``2>&1 | head -0``), stdout block-buffered as a user has it."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    read, write = os.pipe()
+    os.close(read)  # (the reader gone before the first line)
+    try:
+        return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env, stdout=write, stderr=write,
+                              timeout=120).returncode
+    finally:
+        os.close(write)
+
+
 @pytest.mark.parametrize("module", ["train", "train.tools.roc"])
 def test_an_argument_error_whose_reader_went_away_exits_2(module):
     # python -m train --no-such-option 2>&1 | head -0: argparse's lines failed (it lets an OSError pass), the
     # bytes stayed in stderr's buffer, and its last flush at exit made the exit status 120, not argparse's 2.
-    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
-    read, write = os.pipe()
-    os.close(read)  # (the reader gone before the first line)
-    try:
-        run = subprocess.run([sys.executable, "-m", module, "--no-such-option"], cwd=REPO, env=env, stdout=write,
-                             stderr=write, timeout=120)
-    finally:
-        os.close(write)
-    assert run.returncode == 2
+    assert run_with_its_reader_gone(module, ["--no-such-option"]) == 2
+
+
+@pytest.mark.parametrize("module, argv, status", [
+    ("train.tools.align", ["--images", "nope", "--landmarks", "nope.txt", "--output", "out"], 2),
+    ("train.tools.detect", ["--images", "nope", "--detector", "nope.onnx", "--output", "out.txt"], 2),
+    ("train.tools.clean", ["--model", "nope.pt", "--data", "nope", "--output", "out"], 2),
+    ("train.plots", ["."], 1)])  # (an empty folder: nothing to draw)
+def test_a_refusal_whose_reader_went_away_exits_as_it_would(tmp_path, module, argv, status):
+    # The tools that say their own lines (not through run_tool): each raised a BrokenPipeError in its first
+    # line, exit status 120 (align, given photos, aligned none of them).
+    assert run_with_its_reader_gone(module, argv, cwd=str(tmp_path)) == status
+    assert os.listdir(tmp_path) == []
+
+
+def test_align_whose_reader_went_away_aligns_on(tmp_path):
+    # Its first line ("align: 1 face(s) of ...") raised a BrokenPipeError: no crop, exit status 120.
+    os.mkdir(tmp_path / "photos")
+    Image.new("RGB", (250, 250), (120, 90, 60)).save(tmp_path / "photos" / "a.jpg")
+    (tmp_path / "faces.txt").write_text("a.jpg 100 110 150 110 125 135 105 160 145 160\n")
+    assert run_with_its_reader_gone("train.tools.align", ["--images", "photos", "--landmarks", "faces.txt", "--output",
+                                                          "out", "--workers", "0"], cwd=str(tmp_path)) == 0
+    assert os.listdir(tmp_path / "out") == ["a.jpg"]
 
 
 def test_the_trainers_own_refusals_begin_with_its_name(tmp_path, capsys):

@@ -42,7 +42,8 @@ import sys
 import tempfile
 import time
 
-from train.signals import Stopped, stop_on_signals, stop_while_importing  # (the standard library only)
+from train.signals import (Stopped, readers_may_leave, stop_on_signals,  # (the standard library only)
+                           stop_while_importing)
 
 with stop_while_importing(__name__, "align: "):
     import numpy as np
@@ -366,6 +367,11 @@ def _collect(results, bar) -> list[tuple[int, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with readers_may_leave():  # (its reader gone, 2>&1 | head: its first line raised, and no face was aligned)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = ArgumentParser(prog="python -m train.tools.align", name="align",
                             description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True,

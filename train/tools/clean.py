@@ -51,8 +51,8 @@ import sys
 import time
 import warnings
 
-from train.signals import (Stopped, missing_device_op, signals_held, stop_on_signals,  # (the standard library only)
-                           stop_while_importing)
+from train.signals import (Stopped, missing_device_op, readers_may_leave, signals_held,  # (the standard library only)
+                           stop_on_signals, stop_while_importing)
 
 
 def _line_start() -> str:
@@ -933,7 +933,8 @@ def _write_reports(args, folder, *, data, names, class_names, labels, cosine, an
 
 
 def main(argv: list[str] | None = None) -> int:
-    with plain_warnings():  # the image folder's warnings as one line each
+    # (readers_may_leave: its reader gone, 2>&1 | head, its first line raised, exit status 120)
+    with plain_warnings(), readers_may_leave():  # the image folder's warnings as one line each
         return _main(argv)
 
 

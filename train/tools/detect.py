@@ -38,7 +38,8 @@ import sys
 import time
 import warnings
 
-from train.signals import Stopped, stop_on_signals, stop_while_importing  # (the standard library only)
+from train.signals import (Stopped, readers_may_leave, stop_on_signals,  # (the standard library only)
+                           stop_while_importing)
 
 with stop_while_importing(__name__, "detect: "):
     import numpy as np
@@ -356,11 +357,12 @@ class _Partial:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # a Ctrl-C before the photos (loading the detector, listing the folder)
-        print("\ndetect: stopped by SIGINT while starting, before this run did any photo", file=sys.stderr)
-        return 130
+    with readers_may_leave():  # (its reader gone, 2>&1 | head: its first line raised, exit status 120)
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:  # a Ctrl-C before the photos (loading the detector, listing the folder)
+            print("\ndetect: stopped by SIGINT while starting, before this run did any photo", file=sys.stderr)
+            return 130
 
 
 def _main(argv: list[str] | None) -> int:
