@@ -26,8 +26,8 @@ from train.data.transforms import decode_image
 from train.embed import embed_files
 from train.signals import Stopped
 from train.tools import RunLock, clean, pack_rec
-from trainer_fixtures import (IMAGE_SIZE, REPO, base_argv, fail_if_called, make_face_folder, train_on_ranks,
-                              train_one_thread)
+from trainer_fixtures import (IMAGE_SIZE, REPO, base_argv, fail_if_called, make_face_folder,
+                              signalled_while_importing_torch, train_on_ranks, train_one_thread)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
@@ -464,7 +464,7 @@ def test_each_rank_says_why_torchrun_wants_embeddings(rank, tmp_path, monkeypatc
     monkeypatch.setenv("RANK", rank)
     assert run_clean("--model", tmp_path / "model.pt", "--data", tmp_path, "--output", tmp_path / "out") == 2
     err = capsys.readouterr().err
-    prefix = "clean: [rank 1] error: " if rank == "1" else "clean: error: "
+    prefix = f"clean: error: rank {rank}: "  # (the trainer's form: every process, rank 0 too)
     assert err.startswith(prefix + "under torchrun, --embeddings FILE.npy is where the processes put") and \
         err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
@@ -500,7 +500,7 @@ def test_rank_0s_refusal_is_every_ranks(rank, trained, tmp_path, monkeypatch, ca
         if held is not None:
             held.release()
     err = capsys.readouterr().err
-    assert code == 2 and err == f"clean: {'[rank 1] ' if rank == '1' else ''}error: {busy}\n", err
+    assert code == 2 and err == f"clean: error: rank {rank}: {busy}\n", err
     assert sent == ([busy] if rank == "0" else [])
     assert not (tmp_path / "e.npy").exists()
 
@@ -519,7 +519,7 @@ def test_rank_0s_unreadable_exclude_set_is_sent_to_the_others(trained, tmp_path,
     assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "out", "--embeddings",
                      tmp_path / "e.npy", "--exclude-sets", bad) == 2
     err = capsys.readouterr().err
-    assert len(sent) == 1 and str(bad) in sent[0] and err == f"clean: error: {sent[0]}\n", (sent, err)
+    assert len(sent) == 1 and str(bad) in sent[0] and err == f"clean: error: rank 0: {sent[0]}\n", (sent, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "e.npy").exists()
 
 
@@ -536,23 +536,35 @@ def test_a_rank_that_finds_another_gone_says_one_line(tmp_path, monkeypatch, cap
     code = run_clean("--model", tmp_path / "model.pt", "--data", tmp_path, "--output", tmp_path / "out",
                      "--embeddings", tmp_path / "e.npy")
     assert code == 2
-    assert capsys.readouterr().err == "clean: [rank 1] error: another process stopped (see its error)\n"
+    assert capsys.readouterr().err == "clean: error: rank 1: another process stopped (see its error)\n"
 
 
-def test_a_rank_stopped_alone_says_so(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_rank_stopped_alone_says_so(rank, tmp_path, monkeypatch, capsys):
     # A SIGTERM to one process (a pre-empted node): the others, waiting for its rows at the barrier, say
     # "another process stopped (see its error)". Rank 0 alone said its stop: the stopped rank said nothing.
+    # (Its rank tells which process the signal stopped, as in its error lines.)
     def stopped(args):
         raise Stopped(signal.SIGTERM)
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("RANK", rank)
     monkeypatch.setattr(clean, "run", stopped)
     code = run_clean("--model", tmp_path / "model.pt", "--data", tmp_path, "--output", tmp_path / "out",
                      "--embeddings", tmp_path / "e.npy")
     assert code == 128 + signal.SIGTERM
-    assert capsys.readouterr().err == ("clean: [rank 1] stopped by SIGTERM: --output holds what it held before (this "
-                                       "run's files are moved into it only at the end)\n")
+    assert capsys.readouterr().err == (f"clean: rank {rank}: stopped by SIGTERM: --output holds what it held before "
+                                       "(this run's files are moved into it only at the end)\n")
+
+
+def test_a_rank_stopped_while_importing_torch_says_its_rank(tmp_path, monkeypatch):
+    # Under torchrun every process says its stop in the seconds of its imports too, in the form of its other lines.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    done = signalled_while_importing_torch("train.tools.clean", ["--output", str(tmp_path / "out")], signal.SIGTERM)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert done.stderr == "clean: rank 1: stopped by SIGTERM: nothing written\n"
+    assert os.listdir(tmp_path) == []
 
 
 BUG = "CUDA error: an illegal memory access was encountered (injected on rank 1)"
@@ -588,7 +600,7 @@ def test_a_ranks_unhandled_error_is_said_before_it_leaves_the_group(trained, tmp
                              "--embeddings", str(tmp_path / "e.npy")], main=_clean_with_a_bug_on_rank_1)
     assert result.returncode == 2
     assert f"[rank1]: RuntimeError: {BUG}\n" in result.stderr, result.stderr[-3000:]  # (torch's excepthook's prefix)
-    assert "clean: error: another process stopped (see its error)\n" in result.stderr, result.stderr[-3000:]
+    assert "clean: error: rank 0: another process stopped (see its error)\n" in result.stderr, result.stderr[-3000:]
 
 
 def test_a_run_started_while_its_caller_handles_an_error_says_only_its_own(tmp_path, monkeypatch, capsys):

@@ -55,14 +55,13 @@ from train.signals import (Stopped, missing_device_op, readers_may_leave, signal
                            stop_on_signals, stop_while_importing)
 
 
-def _line_start() -> str:
-    """What this process's lines begin with: "clean: ", and "[rank N] " after it on the others than rank 0
-    of a torchrun run, as each says its errors and its stop."""
-    rank = int(os.environ.get("RANK", "0"))
-    return f"clean: {f'[rank {rank}] ' if rank else ''}"
+def _whose() -> str:
+    """What the message of a line each process says for itself (its errors, its stop) begins with: "rank R: " under
+    torchrun (WORLD_SIZE > 1), rank 0's too, as the trainer's ``train: error: rank R: ...``; "" in one process."""
+    return f"rank {int(os.environ.get('RANK', '0'))}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
-with stop_while_importing(__name__, _line_start()):
+with stop_while_importing(__name__, f"clean: {_whose()}"):
     import numpy as np
     import torch
     from PIL import Image
@@ -563,8 +562,8 @@ def _main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.embeddings:
         # (Every process says it, as with any error: torchrun stops the others once one has ended, which
         # can be before rank 0 has printed.)
-        _say("error: under torchrun, --embeddings FILE.npy is where the processes put their embeddings: name one "
-             "on a file system all of them see")
+        _say_error("under torchrun, --embeddings FILE.npy is where the processes put their embeddings: name one "
+                   "on a file system all of them see")
         return 2
     existed = os.path.lexists(args.output)
     status = 2
@@ -577,14 +576,14 @@ def _main(argv: list[str] | None = None) -> int:
         text = missing_device_op(error) if isinstance(error, NotImplementedError) else str(error)
         if text is None:
             raise
-        _say(f"error: {text}")
+        _say_error(text)
         return 2
     except RuntimeError as error:
         # Another process failed alone (its error is in its own output) and this one found its connection
         # closed in a collective: one line, not gloo's traceback that reads like a second error.
         if not (int(os.environ.get("WORLD_SIZE", "1")) > 1 and lost_a_peer(error)):
             raise
-        _say("error: another process stopped (see its error)")
+        _say_error("another process stopped (see its error)")
         return 2
     except Stopped as stop:
         # Every process says its stop, as its errors: a signal to one alone (a pre-empted node's) ends it, and
@@ -610,8 +609,15 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def _say(message: str) -> None:
-    """A line of this process's, as each of a torchrun run's says its errors and its stop."""
-    print(f"{_line_start()}{message}", file=sys.stderr)
+    """A line of this process's, as each of a torchrun run's says its stop: ``clean: rank R: <message>`` under
+    torchrun (the rank tells which process a signal stopped), ``clean: <message>`` in one process."""
+    print(f"clean: {_whose()}{message}", file=sys.stderr)
+
+
+def _say_error(message: str) -> None:
+    """An error line of this process's, as each of a torchrun run's says its own: ``clean: error: rank R: <message>``
+    under torchrun (the trainer's form), ``clean: error: <message>`` in one process."""
+    print(f"clean: error: {_whose()}{message}", file=sys.stderr)
 
 
 def _say_once(message: str) -> None:
