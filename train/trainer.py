@@ -66,13 +66,17 @@ RESUME_MAY_CHANGE = frozenset({
 # (Slurm's scancel, systemd's control-group kill, pkill) reached already.
 SAME_STOP_SECONDS = 1.0
 
-# The lock a run holds on its --output folder (Trainer._lock_output), by the folder's real path.
+# The lock a run holds on its --output folder (Trainer._lock_output), by the folder's real path; and what the
+# folder held when the run took it (the names in it, listed under the lock; None: the run made the folder), which
+# a run stopped at start-up puts back (_undo_start).
 OUTPUT_LOCK_NAME = ".run.lock"
 _OUTPUT_LOCKS: dict = {}
+_OUTPUT_FOUND: dict = {}
 
 
 def _release_output_lock(output: str) -> bool:
     """The lock this process holds on ``output`` (the main process's), released; none held: nothing (False)."""
+    _OUTPUT_FOUND.pop(os.path.realpath(output), None)
     lock = _OUTPUT_LOCKS.pop(os.path.realpath(output), None)
     if lock is not None:
         lock.release()
@@ -927,18 +931,32 @@ class Trainer:
         it. A second Trainer of this process on the same folder (as tests make them) shares the lock.
         The other processes write nothing there, nor make it: one that made it had to undo it when the
         run stopped at start-up (_undo_start), removing the files the main process was still writing."""
+        made = self.is_main and not os.path.isdir(self.output)
         refused = self._make_output() if self.is_main else ""
         key = os.path.realpath(self.output)
         if self.is_main and not refused and key not in _OUTPUT_LOCKS:
             from .tools import RunLock
 
+            # What the folder held, for an undo at start-up to put back (_undo_start): listed once the lock is
+            # held, not before, when another whole run could still come and go there (its earlier run set aside
+            # into earlier-<n>, which the undo then took for this run's and moved back over the folder).
+            _OUTPUT_FOUND.pop(key, None)
+            if made:  # (already: a run refused the lock, or stopped before it, removes the empty folder it made)
+                _OUTPUT_FOUND[key] = None
             try:
-                _OUTPUT_LOCKS[key] = RunLock(os.path.join(self.output, OUTPUT_LOCK_NAME),
-                                             f"--output {self.output}: another run is writing into this folder "
-                                             "(it holds its lock file): wait for it to end, stop it, or name "
-                                             "another --output")
+                lock = RunLock(os.path.join(self.output, OUTPUT_LOCK_NAME),
+                               f"--output {self.output}: another run is writing into this folder (it holds its lock "
+                               "file): wait for it to end, stop it, or name another --output")
             except (OSError, ValueError) as error:
                 refused = str(error)
+            else:
+                try:
+                    if not made:
+                        _OUTPUT_FOUND[key] = set(os.listdir(self.output))
+                    _OUTPUT_LOCKS[key] = lock
+                except OSError as error:  # (a folder it may write into but not list)
+                    lock.release()
+                    refused = f"--output {self.output}: cannot read the folder: {error.strerror or error}"
         if self.distributed:
             said = [None] * self.world_size
             dist.all_gather_object(said, refused)
@@ -1856,22 +1874,26 @@ def _leave_group() -> None:
             dist.destroy_process_group()
 
 
-def _undo_start(output: str, before: set[str] | None) -> None:
+def _undo_start(output: str) -> None:
     """What a run that stops at start-up made: its lock, and the --output folder it created, with the
     logs, TensorBoard events and args.json the set-up began there (a run stopped by a full disk at its last
-    step). Of a folder that was there (``before``: the names it held), the run's files the set-up began,
-    and the earlier run it set aside into ``earlier-<n>`` moved back: the folder is as it was, and the next
-    start finds no failed start-up's log to set aside as a run of its own. (A resumed run's logs, which it
-    continued, stay.) Under torchrun, rank 0's alone: it alone makes and writes the folder
-    (Trainer._lock_output), and another process stopping before it (its own data missing, or waiting past
+    step). Of a folder that was there (the names it held when the run took its lock: Trainer._lock_output),
+    the run's files the set-up began, and the earlier run it set aside into ``earlier-<n>`` moved back: the
+    folder is as it was, and the next start finds no failed start-up's log to set aside as a run of its own.
+    (A resumed run's logs, which it continued, stay.) Under torchrun, rank 0's alone: it alone makes and writes
+    the folder, and another process stopping before it (its own data missing, or waiting past
     --dist-timeout while rank 0 reads the verification sets) removed the files rank 0 was still writing."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    key = os.path.realpath(output)
+    if key not in _OUTPUT_FOUND:  # it never came to own the folder, nor made it: nothing there is its
+        return
+    before = _OUTPUT_FOUND[key]
     existed, before = before is not None, before or set()
-    if os.path.realpath(output) not in _OUTPUT_LOCKS:  # stopped before it held the folder: nothing there is its
-        if not existed:  # (the folder it made, when that was all: another run may have made it meanwhile)
-            with contextlib.suppress(OSError):
-                os.rmdir(output)
+    if key not in _OUTPUT_LOCKS:  # it made the folder and stopped before it held it: the folder, if that is all
+        del _OUTPUT_FOUND[key]
+        with contextlib.suppress(OSError):
+            os.rmdir(output)
         return
     try:
         with contextlib.suppress(OSError):
@@ -1917,7 +1939,6 @@ def _run(argv: list[str] | None) -> int:
     from .tools import plain_warnings
 
     args = parse_args(argv)
-    before = set(os.listdir(args.output)) if os.path.isdir(args.output) else None
     with plain_warnings(), readers_may_leave():
         try:
             # Ctrl-C and SIGTERM during the start-up (reading the data, the checkpoint) unwind as below
@@ -1925,14 +1946,14 @@ def _run(argv: list[str] | None) -> int:
             with stop_on_signals():
                 trainer = Trainer(args)
         except Stopped as stop:
-            _undo_start(args.output, before)
+            _undo_start(args.output)
             print(f"stopped by {stop.name} during the start-up, before the first step", file=sys.stderr)
             _leave_group()
             return stop.exit_status
         except BaseException:
             # A run that stops at start-up (a bad option, data that does not fit) leaves no --output it made
             # behind it, nor its lock. (Rank 0's undo alone under torchrun: the others made nothing there.)
-            _undo_start(args.output, before)
+            _undo_start(args.output)
             error, rank = sys.exc_info()[1], int(os.environ.get("RANK", "0"))
             if dist.is_available() and dist.is_initialized() and timed_out(error):
                 print(_waited_too_long(args, "during start-up", rank), file=sys.stderr)

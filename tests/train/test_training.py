@@ -1097,6 +1097,78 @@ def test_a_run_that_stops_at_start_up_holds_the_folder_while_it_puts_it_back(fac
     assert not (tmp_path / trainer_module.OUTPUT_LOCK_NAME).exists()  # (released once it was done)
 
 
+def test_a_run_that_stops_at_start_up_puts_back_the_folder_it_took_not_the_one_it_first_saw(faces, tmp_path,
+                                                                                            monkeypatch, capsys):
+    # After this run first looked into the folder and before it took its lock, another whole run took the folder,
+    # set the run there aside into earlier-1, trained and let go. This run then set that one aside into earlier-2 and
+    # stopped at start-up (a full disk). Its undo, from the first look, took earlier-1 for its own too: it moved both
+    # back, earlier-2's files over earlier-1's, and the first run was lost. The folder is left as this run took it.
+    import train.tools
+    import train.trainer as trainer_module
+
+    def open_(path, mode="r", *args, **kwargs):
+        if "a" in mode and os.path.basename(path) == "training.log":
+            raise OSError(28, "No space left on device", path)
+        return open(path, mode, *args, **kwargs)
+
+    def contents(folder):
+        return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
+                if path.is_file()}
+
+    other_run, taken, lock = [], {}, train.tools.RunLock
+
+    def another_run_first(path, busy):
+        if not other_run:  # (this run's lock, not the other run's own, taken inside)
+            other_run.append(tmp_path)
+            assert main(argv(faces, tmp_path, max_steps=3)) == 0
+            taken.update(contents(tmp_path))
+            monkeypatch.setattr(trainer_module, "open", open_, raising=False)
+        return lock(path, busy)
+
+    assert main(argv(faces, tmp_path, max_steps=2)) == 0
+    first = contents(tmp_path)
+    monkeypatch.setattr(train.tools, "RunLock", another_run_first)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="No space left on device"):
+        main(argv(faces, tmp_path, max_steps=2))
+    assert other_run and "earlier-1/checkpoint.pt" in taken
+    assert {name[len("earlier-1/"):]: data for name, data in taken.items() if name.startswith("earlier-1/")} == first
+    assert contents(tmp_path) == taken and sorted(os.listdir(tmp_path)) == sorted(
+        {name.split(os.sep)[0] for name in taken}), os.listdir(tmp_path)
+    assert capsys.readouterr().err.count(f"note: the earlier run's files are back in {tmp_path}\n") == 1
+
+
+def test_a_run_that_cannot_take_its_folder_leaves_it_as_it_was(faces, tmp_path, monkeypatch):
+    # The folder it made goes again when its lock file cannot be made; one it may write into but not list (its
+    # names, listed under the lock, are what a stop at start-up puts back) is refused in a line (was a traceback),
+    # its lock let go.
+    import train.tools
+
+    lock, listdir = train.tools.RunLock, os.listdir
+
+    def no_lock_file(path, busy):
+        raise OSError(f"--output: cannot create the run's lock file {path}: No space left on device")
+
+    monkeypatch.setattr(train.tools, "RunLock", no_lock_file)
+    with pytest.raises(SystemExit, match="cannot create the run's lock file"):
+        main(argv(faces, tmp_path / "new", max_steps=2))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(train.tools, "RunLock", lock)
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def unlistable(path="."):
+        if os.path.realpath(path) == os.path.realpath(tmp_path):
+            raise PermissionError(13, "Permission denied", path)
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", unlistable)
+    with pytest.raises(SystemExit, match=f"^train: error: --output {re.escape(str(tmp_path))}: cannot read the "
+                                         "folder: Permission denied$"):
+        main(argv(faces, tmp_path, max_steps=2))
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("options, message", [
     ("--loss arcface --m2 0.4", "--m2 does not apply to --loss arcface, whose margin is --arcface-m"),
     ("--loss cosface --m1 2", "--m1 does not apply to --loss cosface, whose margin is --m3"),
