@@ -1001,6 +1001,11 @@ class Trainer:
                 foreign = ["checkpoint_gpu_<rank>.pt"]
         if found:
             return path
+        if resume != "auto" and os.path.isdir(resume):
+            # (a run's folder given for its checkpoint, as `python -m train --resume runs/r50` reads)
+            inside = os.path.join(resume, checkpoint.CHECKPOINT_NAME)
+            raise SystemExit(f"--resume {resume} is a folder, not a checkpoint file" + (
+                f": --resume {inside}, or --resume auto with --output {resume}" if os.path.isfile(inside) else ""))
         if resume != "auto":
             raise SystemExit(f"--resume: no checkpoint at {resume}")
         if foreign:

@@ -2267,6 +2267,21 @@ def test_resume_without_a_checkpoint_or_on_data_of_other_identities(faces, tmp_p
     assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 2
 
 
+def test_resume_given_a_run_folder_names_its_checkpoint(faces, tmp_path):
+    # `--resume runs/r50`, the run's folder for its checkpoint file: said so, with the two ways to name it
+    # (was "no checkpoint at runs/r50", with the checkpoint in it).
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(argv(faces, tmp_path / "other", resume=str(run)))
+    assert stop.value.code == f"train: error: --resume {run} is a folder, not a checkpoint file"
+    (run / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as stop:
+        main(argv(faces, tmp_path / "other", resume=str(run)))
+    assert stop.value.code == (f"train: error: --resume {run} is a folder, not a checkpoint file: --resume "
+                               f"{run / 'checkpoint.pt'}, or --resume auto with --output {run}")
+
+
 def test_config_files_and_values_that_cannot_be_taken_are_one_line_errors(tmp_path):
     # Each names the file or the flag as --help spells it (--keep-prob was said as --keep_prob); an empty
     # config file is a run of the defaults.
