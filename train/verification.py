@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from train.checkpoint import dangling
 from train.data.transforms import decode_image_and_size, load_image_file_and_size, to_chw, to_model_input
 
 # insightface's grid: squared L2 distances between unit vectors lie in [0, 4].
@@ -253,9 +254,18 @@ def _read_own_pairs_list(path: str, lines: list[tuple[int, str]]) -> tuple[list[
         fields = [x.strip() for x in fields if x.strip()]
         if len(fields) != 3 or fields[2] not in ("0", "1"):
             raise ValueError(f"{path}: line {line_no}: expected 'image1 image2 0|1', got {line[:120]!r}")
-        pairs.append(tuple(os.path.join(folder, p) for p in fields[:2]))
+        pairs.append(tuple(_listed_image(path, line_no, folder, p) for p in fields[:2]))
         issame.append(fields[2] == "1")
     return pairs, np.asarray(issame, dtype=bool)
+
+
+def _listed_image(path: str, line_no: int, folder: str, named: str) -> str:
+    """`folder/named`, as a pairs list names it (no other extension is tried: a crop's is its format's), said by
+    its line where it is not there (the pair's number was no line's where the list has comments or blank lines)."""
+    found = os.path.join(folder, named)
+    if not os.path.isfile(found):
+        raise FileNotFoundError(f"{path}: line {line_no}: no image {named} in {folder}{dangling(found)}")
+    return found
 
 
 def _find_image(path: str, line_no: int, folder: str, named: str, layout: str = "") -> str:

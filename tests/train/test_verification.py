@@ -487,6 +487,21 @@ def test_pairs_list(tmp_path, pairs_images):
     assert load_pairs_list(str(tmp_path / "bom.txt"), image_size=20).issame.tolist() == issame
 
 
+def test_an_image_a_pairs_list_lacks_is_named_by_its_line(tmp_path, pairs_images, capsys):
+    # Its line, not its pair's number (which is no line's past a comment or a blank line), the name as listed
+    # and the folder it was looked for in; for the trainer's --val-targets and make_bin --pairs-list alike
+    # (make_bin said "[Errno 2] No such file or directory: '<path>'").
+    images, _ = pairs_images
+    write_pairs_folder(tmp_path, images)
+    (tmp_path / "gaps.txt").write_text("# mine\n\nimgs/0.png imgs/1.png 1\nimgs/2.png imgs/absent 0\n")
+    said = f"{tmp_path / 'gaps.txt'}: line 4: no image imgs/absent in {tmp_path}"
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(said) + "$"):
+        load_pairs_list(str(tmp_path / "gaps.txt"), image_size=20)
+    assert make_bin_main([str(tmp_path / "out.bin"), "--pairs-list", str(tmp_path / "gaps.txt")]) == 2
+    assert capsys.readouterr().err == f"make_bin: error: {said}\n"
+    assert not (tmp_path / "out.bin").exists()
+
+
 # LFW's pairs.txt (a header 'sets n', then per set n lines 'name n1 n2' and n lines 'name1 n1 name2 n2') over
 # <folder>/<name>/<name>_<NNNN>.jpg, and CALFW's / CPLFW's pair files (two lines 'image label' a pair; 0 on both
 # lines of a mismatched pair, one positive number on both of a matched one) over a flat folder.

@@ -183,7 +183,7 @@ def test_data_that_is_a_broken_symbolic_link_is_said_to_be_one(verified, tmp_pat
     (["--data", "."], "none of lfw, cfp_fp, agedb_30 found in --data ."),
     (["--targets", "x.bin", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--data", "nowhere"], "--data nowhere is not a folder"),
-    (["--targets", "gaps.txt"], "gaps.txt: pair 2: no image at"),
+    (["--targets", "gaps.txt"], "gaps.txt: line 2: no image absent.png in"),
     (["--data", ".", "--output", "MODEL", "--overwrite"], "is one of the files this run reads"),
     (["--data", "synthetic", "--seed", "-1"], "--seed must be at least 0, got -1"),  # (numpy's words, no flag)
     (["--targets", "x.bin", "--seed", "3"], "--seed goes with --data synthetic: it draws the synthetic sets"),
