@@ -661,8 +661,11 @@ class ShardedCombinedMarginLoss(LossModule):
         if self.interclass_filtering_threshold:
             sampled += f", interclass_filtering_threshold={self.interclass_filtering_threshold}"
         k = f"k={self.k}, " if self.k > 1 else ""
+        # (lambda_ and margin_grad where CombinedMarginLoss says them: the trainer's loss line under torchrun)
+        given = (f", lambda_={self.lambda_}" if self.lambda_ else "") + (
+            f", margin_grad={self.margin_grad!r}" if self.margin_grad != "exact" else "")
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, {k}s={self.s}, "
-                f"m1={self.m1}, m2={self.m2}, m3={self.m3}{sampled}, classes [{self.class_start}, "
+                f"m1={self.m1}, m2={self.m2}, m3={self.m3}{given}{sampled}, classes [{self.class_start}, "
                 f"{self.class_stop}) on rank {self.rank} of {self.world_size}")
 
 

@@ -128,6 +128,18 @@ def test_sharded_opcheck():
 
 # ---- the module on one process ----------------------------------------------------------------------
 
+def test_sharded_repr_says_lambda_and_margin_grad_as_the_replicated_one_does():
+    # The trainer's loss line under torchrun (an arcface_torch config's ArcFace trains margin_grad=
+    # 'straight_through'): the sharded module's repr left both out.
+    options = dict(lambda_=2.0, margin_grad="straight_through")
+    said = "m1=1.0, m2=0.5, m3=0.0, lambda_=2.0, margin_grad='straight_through'"
+    assert said in repr(arcface_ext.CombinedMarginLoss(12, 10, **options))
+    assert said + ", classes [0, 12) on rank 0 of 1" in repr(arcface_ext.ShardedCombinedMarginLoss(12, 10, **options))
+    assert "k=3, s=64.0, m1=1.0, m2=0.5, m3=0.0, margin_grad='straight_through', classes" in repr(
+        arcface_ext.ShardedSubCenterMarginLoss(12, 10, k=3, margin_grad="straight_through"))
+    assert "m3=0.0, classes [0, 12)" in repr(arcface_ext.ShardedCombinedMarginLoss(12, 10))  # the defaults unsaid
+
+
 def test_single_process_module_equals_the_unsharded_loss():
     x, w, labels = make_case(11, [7], 12, 10, ignored=(3,))
     sharded = arcface_ext.ShardedCombinedMarginLoss(12, 10, 64.0, 1.0, 0.3, 0.2, dtype=torch.float64)
