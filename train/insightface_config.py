@@ -81,6 +81,13 @@ def is_insightface_config(path: str) -> bool:
     return path.endswith(".py")
 
 
+def _note(text: str) -> None:
+    """A note on how the config was read, said as the trainer's are ("note: ...") and by the main process
+    alone: under torchrun every process reads the config, and each said it (8 times on 8 GPUs)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {text}", file=sys.stderr)
+
+
 def read(path: str) -> dict[str, Any]:
     """The ``config.<key>`` assignments of an arcface_torch config file, over base.py's defaults: the
     ``base.py`` beside it when there is one (``get_config`` merges the checkout's own ``configs/base.py``,
@@ -97,9 +104,9 @@ def read(path: str) -> dict[str, Any]:
             raise SystemExit(f"{error} (read as the defaults of {path}, as arcface_torch's get_config merges the "
                              "configs/base.py beside a config)") from None
         if skipped:
-            print(f"note: {base}, read as the defaults of {path} (as arcface_torch's get_config merges it), has lines "
+            _note(f"{base}, read as the defaults of {path} (as arcface_torch's get_config merges it), has lines "
                   f"that are not `config.<key> = <value>`, left out: {', '.join(map(str, skipped[:10]))}"
-                  + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""), file=sys.stderr)
+                  + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
     return _assignments(path, dict(defaults), defaults, ())
 
 
@@ -219,9 +226,9 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     steps_per_epoch = int(config["num_image"]) // (batch * world_size)
     max_steps = steps_per_epoch * int(config["num_epoch"]) // passes
     if max_steps < 1:  # (was a run of one step, without a word)
-        print(f"{path}: config.num_image {config['num_image']} in batches of {batch} x {world_size} process(es)"
+        _note(f"{path}: config.num_image {config['num_image']} in batches of {batch} x {world_size} process(es)"
               f"{f' x {passes} passes' if passes > 1 else ''} for {config['num_epoch']} epoch(s) is no step, as "
-              "train_v2.py counts them: one here (a smaller --batch-size, or --max-steps)", file=sys.stderr)
+              "train_v2.py counts them: one here (a smaller --batch-size, or --max-steps)")
         max_steps = 1
     warmup_steps = int(steps_per_epoch * config["warmup_epoch"]) // passes
     lr = float(config["lr"])
@@ -232,13 +239,13 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         # of a run W steps longer, entered W steps in. Here that is no warm-up at the base rate
         # scaled by (T / (T + W))^2. (Its later PolynomialLRWarmup gives no warm-up at base_lr.)
         lr *= (max_steps / (max_steps - warmup_steps)) ** 2
-        print(f"{path}: warmup_epoch {config['warmup_epoch']} < 0, which arcface_torch's PolyScheduler reads as no "
-              f"warm-up and a decay from lr x (T / (T + W))^2: --warmup-steps 0 --lr {lr:.6g}", file=sys.stderr)
+        _note(f"{path}: warmup_epoch {config['warmup_epoch']} < 0, which arcface_torch's PolyScheduler reads as no "
+              f"warm-up and a decay from lr x (T / (T + W))^2: --warmup-steps 0 --lr {lr:.6g}")
         warmup_steps = 0
     if m3 > 0 and m2 != 0:
-        print(f"{path}: margin_list {tuple(config['margin_list'])}: arcface_torch's CombinedMarginLoss applies only "
+        _note(f"{path}: margin_list {tuple(config['margin_list'])}: arcface_torch's CombinedMarginLoss applies only "
               f"m3 when m3 > 0 (m2 is dropped); this trainer applies cos(m1·θ + m2) - m3 as written (add --m2 0 "
-              "to train as arcface_torch did)", file=sys.stderr)
+              "to train as arcface_torch did)")
     every = max(1, int(config["verbose"]) // passes)
     output = config.get("output") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(path))[0])
@@ -269,23 +276,20 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         if config.get("suffix_run_name"):
             options["wandb-run-name"] = f"{{output}}_{config['suffix_run_name']}"  # the --output in force
         if config.get("wandb_key") and set(str(config["wandb_key"])) != {"X"}:  # (base.py's placeholder)
-            print(f"{path}: config.wandb_key is not read: log in once with `wandb login`, or set WANDB_API_KEY",
-                  file=sys.stderr)
+            _note(f"{path}: config.wandb_key is not read: log in once with `wandb login`, or set WANDB_API_KEY")
     ignored = [f"{key} ({why})" for key, why in IGNORED.items() if config.get(key)]
     if float(config.get("momentum", 0.9)) != 0.9:
         ignored.append("momentum (train_v2.py's SGD uses 0.9 whatever it says)")
     if ignored:
-        print(f"{path}: ignored arcface_torch settings: {', '.join(ignored)}", file=sys.stderr)
+        _note(f"{path}: ignored arcface_torch settings: {', '.join(ignored)}")
     # Older arcface_torch (train.py) chose the margin by name; train_v2.py reads margin_list alone, so
     # a config of that time trains base.py's ArcFace there, and here: said, with the line that keeps it.
     older = {"cosface": (1.0, 0.0, 0.4), "arcface": (1.0, 0.5, 0.0)}.get(str(config.get("loss", "")).lower())
     if "loss" in config and older != (m1, m2, m3):
         keep = f"config.margin_list = {older}" if older else "a margin_list"
-        print(f"{path}: config.loss = {config['loss']!r} is older arcface_torch's (train.py); train_v2.py reads "
-              f"margin_list alone, {tuple(config['margin_list'])} here: for the loss it names, set {keep}",
-              file=sys.stderr)
+        _note(f"{path}: config.loss = {config['loss']!r} is older arcface_torch's (train.py); train_v2.py reads "
+              f"margin_list alone, {tuple(config['margin_list'])} here: for the loss it names, set {keep}")
     unknown = sorted(key for key in config if key not in KNOWN and not (key == "loss" and older != (m1, m2, m3)))
     if unknown:  # an older arcface_torch's key (config.loss, config.decay_epoch), or another fork's
-        print(f"{path}: keys arcface_torch's train_v2.py does not have, ignored: {', '.join(unknown)}",
-              file=sys.stderr)
+        _note(f"{path}: keys arcface_torch's train_v2.py does not have, ignored: {', '.join(unknown)}")
     return options

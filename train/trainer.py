@@ -665,9 +665,10 @@ def _kept_stderr() -> Iterator[list[str]]:
 class Trainer:
     """One training run, set up from parsed options (see :mod:`train.config`)."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, read_notes: str = ""):
         # What the set-up says (notes, warnings) goes to training.log too, written once the folder's
-        # earlier run, with its log, has been set aside.
+        # earlier run, with its log, has been set aside; so does ``read_notes``, what reading the options
+        # said before it (main's: how an arcface_torch config was read, which set the --lr, say).
         with _kept_stderr() as said:
             self._set_up(args)
         if self.is_main:
@@ -677,7 +678,7 @@ class Trainer:
                 self.log.text(f"=== {'resumed' if self.resumed_from else 'started'} at step {self.step}: host "
                               f"{socket.gethostname()}, process {os.getpid()}, torch {torch.__version__}, "
                               f"arcface_ext {arcface_ext.__version__}")
-                self.log.text("".join(said))
+                self.log.text(read_notes + "".join(said))
             except LogNotWritten as error:  # a full disk, a quota
                 raise SystemExit(str(error)) from None  # (main's "train: error: " goes before it)
 
@@ -1943,13 +1944,14 @@ def _run(argv: list[str] | None) -> int:
     from .signals import Stopped, readers_may_leave, stop_on_signals
     from .tools import plain_warnings
 
-    args = parse_args(argv)
+    with _kept_stderr() as read_notes:
+        args = parse_args(argv)
     with plain_warnings(), readers_may_leave():
         try:
             # Ctrl-C and SIGTERM during the start-up (reading the data, the checkpoint) unwind as below
             # and say so; from the first step on, the trainer's own handling saves a checkpoint.
             with stop_on_signals():
-                trainer = Trainer(args)
+                trainer = Trainer(args, "".join(read_notes))
         except Stopped as stop:
             _undo_start(args.output)
             print(f"stopped by {stop.name} during the start-up, before the first step", file=sys.stderr)

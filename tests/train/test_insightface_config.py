@@ -341,3 +341,23 @@ def test_a_config_trains_and_its_class_count_is_checked(tmp_path, monkeypatch, c
     assert len(curve) == 64 // 16 and all(math.isfinite(v) for v in curve)
     with pytest.raises(SystemExit, match="--num-classes is 9, but .* holds 8 identities"):
         main(["--config", path, *overrides, "--num-classes", "9"])
+
+
+def test_the_notes_on_a_config_are_said_once_and_kept_in_training_log(tmp_path, monkeypatch, capsys):
+    # Said as the trainer's notes are, by the main process alone (under torchrun each process said them, 8 times
+    # on 8 GPUs, without "note:"), and kept in training.log with the run's others (a lowered --lr was unexplained).
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = make_face_folder(str(tmp_path / "faces"))
+    text = (f"config.rec = {data!r}\nconfig.num_classes = 8\nconfig.num_image = 32\nconfig.num_epoch = 1\n"
+            "config.network = 'small'\nconfig.embedding_size = 64\nconfig.batch_size = 16\nconfig.val_targets = []\n"
+            f"config.output = {str(tmp_path / 'run')!r}\nconfig.dali = True\n")
+    path = write(tmp_path, text, "tiny.py")
+    note = f"note: {path}: ignored arcface_torch settings: dali (PyTorch's DataLoader reads the data)"
+    monkeypatch.setenv("RANK", "1")
+    parse_args(["--config", path])
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("RANK")
+    assert main(["--config", path, "--image-size", "32", "--num-workers", "0", "--no-plots", "--no-tensorboard"]) == 0
+    assert capsys.readouterr().err.startswith(note + "\n")
+    assert [line.split(" ", 2)[2] for line in (tmp_path / "run" / "training.log").read_text().splitlines()[1:2]] == [
+        note]
