@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.data import build_verification_sets
+from train.data import build_verification_sets, find_target
 from train.data.synthetic import render_face
 from train.tools.make_bin import encode_pairs, image_folder_pairs, write_bin
 from train.tools.make_bin import main as make_bin_main
@@ -667,9 +667,17 @@ def test_build_verification_sets_refuses_missing_paths_and_too_few_pairs(tmp_pat
         pickle.dump(([], []), f)
     with pytest.raises(ValueError, match=r"empty\.bin: 0 pairs; verification needs at least 10"):
         build_verification_sets(str(tmp_path), [str(tmp_path / "empty.bin")], image_size=20)
-    for target in (str(tmp_path / "elsewhere" / "agedb_30.bin"), "cfp_fp.bin", "pairs.txt"):
-        with pytest.raises(FileNotFoundError, match=f"^--val-targets: no verification set at {re.escape(target)}$"):
+    # A relative path is looked for in the data's folder too, which is said (it said the path alone).
+    for target, where in ((str(tmp_path / "elsewhere" / "agedb_30.bin"), ""),
+                          ("cfp_fp.bin", f", nor in {tmp_path} (the data's folder)"),
+                          ("pairs.txt", f", nor in {tmp_path} (the data's folder)")):
+        with pytest.raises(FileNotFoundError,
+                           match=f"^--val-targets: no verification set at {re.escape(target + where)}$"):
             build_verification_sets(str(tmp_path), [target], image_size=20)
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(
+            f"--val-targets: no verification set at pairs.txt, nor in {tmp_path} or {tmp_path / 'b'} (the data's "
+            "folders)") + "$"):
+        find_target([str(tmp_path), str(tmp_path / "b")], "pairs.txt")
     with pytest.warns(UserWarning, match="'cfp_fp': no cfp_fp.bin in"):
         assert build_verification_sets(str(tmp_path), ["cfp_fp"], image_size=20) == {}
 
