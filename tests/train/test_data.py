@@ -783,7 +783,9 @@ def test_image_list_images_missing_are_named_before_the_run(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "train.txt").write_text(f"{names[0]} 0\n")
     with pytest.raises(FileNotFoundError, match=f"line 1: no image .*: paths are read relative to the list's folder "
-                                                f"\\({re.escape(str(tmp_path / 'elsewhere'))}\\)$"):
+                                                f"\\({re.escape(str(tmp_path / 'elsewhere'))}\\); put the list \\(or a "
+                                                "link to it\\) in the folder its paths start from, or write them "
+                                                "absolute$"):
         ImageListDataset(str(tmp_path / "elsewhere" / "train.txt"))
     (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
     with pytest.raises(ValueError, match=r"empty\.txt: lists no image \(lines 'path label', "):
@@ -853,7 +855,8 @@ def test_pack_rec_packs_a_list_read_back_by_the_recordio_reader(tmp_path, capsys
     assert pack_rec_main([str(tmp_path / "faces" / "bad.lst"), str(tmp_path / "bad")]) == 2
     assert capsys.readouterr().err == f"pack_rec: error: {tmp_path / 'faces' / 'bad.lst'}: line 1: no image " \
                                       f"{tmp_path / 'faces' / 'x.jpg'}: paths are read relative to the list's " \
-                                      f"folder ({tmp_path / 'faces'})\n"
+                                      f"folder ({tmp_path / 'faces'}); put the list (or a link to it) in the " \
+                                      "folder its paths start from, or write them absolute\n"
     assert not (tmp_path / "bad").exists()
 
 

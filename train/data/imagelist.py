@@ -119,7 +119,8 @@ def read_image_list(list_path: str) -> tuple[list[str], list[tuple[str, int]]]:
     if missing:
         first = missing[0]
         more = f" ({len(missing)} of its {len(paths)} images are missing)" if len(missing) > 1 else ""
-        hint = f": paths are read relative to the list's folder ({os.path.abspath(folder)})" if (
+        hint = (f": paths are read relative to the list's folder ({os.path.abspath(folder)}); put the list (or a "
+                "link to it) in the folder its paths start from, or write them absolute") if (
             relative and len(missing) == len(paths)) else ""
         raise FileNotFoundError(f"{list_path}: line {line_numbers[first]}: no image {paths[first]}{more}{hint}")
     identities, remapped = np.unique(np.asarray(labels, dtype=np.int64), return_inverse=True)
