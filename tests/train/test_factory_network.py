@@ -163,6 +163,21 @@ def test_a_factory_that_does_not_import_is_a_one_line_error_naming_where_it_was_
         main(base_argv(faces, str(tmp_path / "b"), network=f"{MODULE}:nowhere"))
 
 
+def test_a_module_found_whose_own_import_fails_is_not_said_to_be_off_pythonpath(own_module):
+    # Its folder is on PYTHONPATH: what is missing is what it imports (was "cannot import <it> (No module named
+    # '<what it imports>'); is its folder on PYTHONPATH?", sending the user after the wrong folder).
+    (own_module / "h174_needs_more.py").write_text("import h174_not_installed\n")
+    (own_module / "h174_wrong_name.py").write_text(f"from {MODULE} import not_there\n")
+    for name, error in (("h174_needs_more", "No module named 'h174_not_installed'"),
+                        ("h174_wrong_name", f"cannot import name 'not_there' from '{MODULE}' ")):
+        with pytest.raises(ValueError, match="^" + re.escape(f"cannot import {name}: an import in it fails ({error}")):
+            get_model(f"{name}:tiny", embedding_size=64, image_size=32)
+        assert name not in sys.modules
+    with pytest.raises(ValueError, match=re.escape("cannot import h174_own.nets (No module named 'h174_own'); is its "
+                                                   "folder on PYTHONPATH?")):
+        get_model("h174_own.nets:tiny", embedding_size=64, image_size=32)  # (a package not found: its folder)
+
+
 @pytest.mark.parametrize("factory, options, message", [
     ("one_wider", {}, r"it maps 2 x 3 x 32 x 32 images to \(2, 65\), not to \(2, 64\): a backbone must give N x "
                       "--embedding-size embeddings"),

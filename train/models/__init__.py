@@ -57,8 +57,14 @@ def import_factory(spec: str):
     module_name, _, attributes = spec.partition(":")
     try:
         factory = importlib.import_module(module_name)
-    except ImportError as error:  # (the module itself, or a module it imports, is missing)
-        raise ValueError(f"cannot import {module_name} ({error}); is its folder on PYTHONPATH?") from None
+    except ImportError as error:
+        missing = getattr(error, "name", None) or ""
+        if isinstance(error, ModuleNotFoundError) and f"{module_name}.".startswith(f"{missing}."):
+            # (the module itself, or a package it is in, is not found)
+            raise ValueError(f"cannot import {module_name} ({error}); is its folder on PYTHONPATH?") from None
+        # Found, but an import in it fails (a package not installed here): its folder is not what is wrong.
+        raise ValueError(f"cannot import {module_name}: an import in it fails ({error}); install what it "
+                         "imports, or fix the import") from None
     for attribute in attributes.split("."):
         try:
             factory = getattr(factory, attribute)
