@@ -8,6 +8,7 @@ that a bare ``python -m train`` runs it; real training starts from ``train/confi
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -405,10 +406,13 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
         # command line takes its own (an arcface run's 0.05 trained elasticface-arc+ at it, not at 0.0175).
         if config.get("elastic_std") == default_elastic_std(config.get("loss", "arcface")):
             del config["elastic_std"]
-    unknown = sorted(k for k in config if k not in table)
+    unknown = sorted((k for k in config if k not in table), key=str)  # (a YAML key may be a number: 3: 4)
     if unknown:
-        raise SystemExit(f"{source}: unknown key(s) {', '.join(unknown)}; keys are the flag names of "
-                         "`python -m train --help` (e.g. max-steps or max_step)")
+        # A key a letter or two from a flag's name (num_epochs, lr_milestone, NUM_EPOCH) names that flag.
+        close = {k: difflib.get_close_matches(str(k).lower(), table, n=1, cutoff=0.8) for k in unknown}
+        raise SystemExit(f"{source}: unknown key(s) "
+                         f"{', '.join(f'{k} ({close[k][0]}?)' if close[k] else str(k) for k in unknown)}; keys are "
+                         "the flag names of `python -m train --help` (e.g. max-steps or max_step)")
     # Two spellings of one option (max-steps and max_step, plots and no-plots): the later one won, without a word.
     # So are a length in steps and in epochs (max-steps and epochs), but in a run's args.json, which holds both.
     in_steps = {} if run_args else {"epochs": "max_steps", "warmup_epochs": "warmup_steps", "lr_epochs": "lr_steps"}

@@ -2282,6 +2282,17 @@ def test_resume_given_a_run_folder_names_its_checkpoint(faces, tmp_path):
                                f"{run / 'checkpoint.pt'}, or --resume auto with --output {run}")
 
 
+def test_a_config_files_unknown_keys_name_the_flag_they_are_a_letter_from(tmp_path):
+    # face.evoLVe's NUM_EPOCH, a num_epochs for num_epoch: said with the flag meant (was the list alone); a key
+    # that is a number (YAML's `3: 4`) is named too (was a TypeError traceback from sorting it with the others).
+    (tmp_path / "run.yaml").write_text("num_epochs: 2\nlr_milestone: 1\nNUM_EPOCH: 3\nfoo: 1\n3: 4\n")
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--config", str(tmp_path / "run.yaml")])
+    assert stop.value.code == (f"{tmp_path / 'run.yaml'}: unknown key(s) 3, NUM_EPOCH (num_epoch?), foo, lr_milestone "
+                               "(lr_milestones?), num_epochs (num_epoch?); keys are the flag names of `python -m train "
+                               "--help` (e.g. max-steps or max_step)")
+
+
 def test_config_files_and_values_that_cannot_be_taken_are_one_line_errors(tmp_path):
     # Each names the file or the flag as --help spells it (--keep-prob was said as --keep_prob); an empty
     # config file is a run of the defaults.
