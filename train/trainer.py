@@ -1944,7 +1944,7 @@ def _run(argv: list[str] | None) -> int:
     from .signals import Stopped, readers_may_leave, stop_on_signals
     from .tools import plain_warnings
 
-    with _kept_stderr() as read_notes:
+    with readers_may_leave(), _kept_stderr() as read_notes:  # (an arcface_torch config's notes, a reader gone)
         args = parse_args(argv)
     with plain_warnings(), readers_may_leave():
         try:

@@ -115,6 +115,15 @@ def test_an_argument_error_whose_reader_went_away_exits_2(module):
     assert run_with_its_reader_gone(module, ["--no-such-option"]) == 2
 
 
+def test_an_arcface_torch_configs_notes_whose_reader_went_away_do_not_stop_the_run(tmp_path):
+    # Its notes are said as the options are read, before the trainer's own lines: a note's BrokenPipeError
+    # made an argument error exit 1, not 2 (and a run stop there, exit 1).
+    (tmp_path / "faces.py").write_text("config.rec = 'synthetic'\nconfig.num_classes = 8\nconfig.num_image = 64\n"
+                                       "config.num_epoch = 1\nconfig.dali = True\n")
+    assert run_with_its_reader_gone("train", ["--config", "faces.py", "--no-such-option"], cwd=str(tmp_path)) == 2
+    assert os.listdir(tmp_path) == ["faces.py"]
+
+
 @pytest.mark.parametrize("module, argv, status", [
     ("train.tools.align", ["--images", "nope", "--landmarks", "nope.txt", "--output", "out"], 2),
     ("train.tools.detect", ["--images", "nope", "--detector", "nope.onnx", "--output", "out.txt"], 2),
