@@ -261,10 +261,12 @@ def _read_own_pairs_list(path: str, lines: list[tuple[int, str]]) -> tuple[list[
 
 def _listed_image(path: str, line_no: int, folder: str, named: str) -> str:
     """`folder/named`, as a pairs list names it (no other extension is tried: a crop's is its format's), said by
-    its line where it is not there (the pair's number was no line's where the list has comments or blank lines)."""
+    its line where it is not there (the pair's number was no line's where the list has comments or blank lines),
+    with the folder it was looked for in where the name is relative."""
     found = os.path.join(folder, named)
     if not os.path.isfile(found):
-        raise FileNotFoundError(f"{path}: line {line_no}: no image {named} in {folder}{dangling(found)}")
+        raise FileNotFoundError(f"{path}: line {line_no}: no image {named}"
+                                f"{'' if os.path.isabs(named) else f' in {folder}'}{dangling(found)}")
     return found
 
 

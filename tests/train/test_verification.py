@@ -500,6 +500,11 @@ def test_an_image_a_pairs_list_lacks_is_named_by_its_line(tmp_path, pairs_images
     assert make_bin_main([str(tmp_path / "out.bin"), "--pairs-list", str(tmp_path / "gaps.txt")]) == 2
     assert capsys.readouterr().err == f"make_bin: error: {said}\n"
     assert not (tmp_path / "out.bin").exists()
+    # An absolute name is said as it is, not as looked for in the list's folder (it was "... in <that folder>").
+    (tmp_path / "gaps.txt").write_text(f"imgs/0.png {tmp_path / 'nowhere' / 'absent.png'} 1\n")
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(
+            f"{tmp_path / 'gaps.txt'}: line 1: no image {tmp_path / 'nowhere' / 'absent.png'}") + "$"):
+        load_pairs_list(str(tmp_path / "gaps.txt"), image_size=20)
 
 
 # LFW's pairs.txt (a header 'sets n', then per set n lines 'name n1 n2' and n lines 'name1 n1 name2 n2') over
@@ -678,6 +683,9 @@ def test_build_verification_sets_refuses_missing_paths_and_too_few_pairs(tmp_pat
             f"--val-targets: no verification set at pairs.txt, nor in {tmp_path} or {tmp_path / 'b'} (the data's "
             "folders)") + "$"):
         find_target([str(tmp_path), str(tmp_path / "b")], "pairs.txt")
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(  # (--data a.txt,b.txt: one folder, said once)
+            f"--val-targets: no verification set at pairs.txt, nor in {tmp_path} (the data's folder)") + "$"):
+        find_target([str(tmp_path), str(tmp_path)], "pairs.txt")
     with pytest.warns(UserWarning, match="'cfp_fp': no cfp_fp.bin in"):
         assert build_verification_sets(str(tmp_path), ["cfp_fp"], image_size=20) == {}
 

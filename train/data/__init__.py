@@ -156,8 +156,10 @@ def find_target(folder: str | list[str] | None, target: str, flag: str = "--val-
         candidates += [os.path.join(where, target), os.path.join(where, target + ".bin")]
     found = next((c for c in candidates if os.path.isfile(c)), None)
     if found is None and is_target_path(target):
-        # (where a relative path was looked for too: the data's folder, where `pairs.txt` beside a list was meant)
-        folders = [] if os.path.isabs(target) else [folder] if isinstance(folder, str) else list(folder or [])
+        # (where a relative path was looked for too: the data's folder, where `pairs.txt` beside a list was meant;
+        # each once, as the lists of --data a.txt,b.txt share theirs)
+        folders = [] if os.path.isabs(target) else [folder] if isinstance(folder, str) else list(
+            dict.fromkeys(folder or []))
         raise FileNotFoundError(f"{flag}: no verification set at {target}" + (
             f", nor in {' or '.join(folders)} (the data's folder{'s' if len(folders) > 1 else ''})" if folders else ""))
     return found
