@@ -122,6 +122,15 @@ def test_an_arcface_torch_configs_notes_whose_reader_went_away_do_not_stop_the_r
                                        "config.num_epoch = 1\nconfig.dali = True\n")
     assert run_with_its_reader_gone("train", ["--config", "faces.py", "--no-such-option"], cwd=str(tmp_path)) == 2
     assert os.listdir(tmp_path) == ["faces.py"]
+    # And a run given the config trains to its end (its two steps), its checkpoint written.
+    tiny = ["--synthetic-identities", "8", "--synthetic-images-per-identity", "8", "--network", "small",
+            "--image-size", "16", "--batch-size", "32", "--eval-every", "0", "--val-targets", "none", "--no-plots",
+            "--no-tensorboard", "--output", "run"]
+    assert run_with_its_reader_gone("train", ["--config", "faces.py", *tiny], cwd=str(tmp_path)) == 0
+    log = (tmp_path / "run" / "training.log").read_text()
+    assert "ignored arcface_torch settings: dali" in log
+    assert log.splitlines()[-1].split(" ", 2)[2].startswith("done: 2 steps in ")  # (after the line's date and time)
+    assert os.path.isfile(tmp_path / "run" / "checkpoint.pt")
 
 
 @pytest.mark.parametrize("module, argv, status", [
