@@ -1005,8 +1005,19 @@ class Trainer:
         if resume != "auto" and os.path.isdir(resume):
             # (a run's folder given for its checkpoint, as `python -m train --resume runs/r50` reads)
             inside = os.path.join(resume, checkpoint.CHECKPOINT_NAME)
-            raise SystemExit(f"--resume {resume} is a folder, not a checkpoint file" + (
-                f": --resume {inside}, or --resume auto with --output {resume}" if os.path.isfile(inside) else ""))
+            try:
+                shards = sorted(name for name in os.listdir(resume) if checkpoint.INSIGHTFACE_SHARD.fullmatch(name))
+            except OSError:  # (a folder it may not list)
+                shards = []
+            if os.path.isfile(inside):
+                then = f": --resume {inside}, or --resume auto with --output {resume}"
+            elif shards:  # (arcface_torch's run folder)
+                then = (f", but holds arcface_torch's {shards[0]}, whose optimizer and schedule cannot be resumed "
+                        f"here: start from its weights with --pretrained_model {os.path.join(resume, shards[0])}")
+            else:
+                then = (f", and holds no {checkpoint.CHECKPOINT_NAME}: name the checkpoint file of the run to "
+                        "continue")
+            raise SystemExit(f"--resume {resume} is a folder, not a checkpoint file{then}")
         if resume != "auto":
             raise SystemExit(f"--resume: no checkpoint at {resume}")
         if foreign:

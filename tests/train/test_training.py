@@ -2274,7 +2274,14 @@ def test_resume_given_a_run_folder_names_its_checkpoint(faces, tmp_path):
     run.mkdir()
     with pytest.raises(SystemExit) as stop:
         main(argv(faces, tmp_path / "other", resume=str(run)))
-    assert stop.value.code == f"train: error: --resume {run} is a folder, not a checkpoint file"
+    assert stop.value.code == (f"train: error: --resume {run} is a folder, not a checkpoint file, and holds no "
+                               "checkpoint.pt: name the checkpoint file of the run to continue")
+    (run / "checkpoint_gpu_0.pt").write_bytes(b"")  # (arcface_torch's)
+    with pytest.raises(SystemExit) as stop:
+        main(argv(faces, tmp_path / "other", resume=str(run)))
+    assert stop.value.code == (f"train: error: --resume {run} is a folder, not a checkpoint file, but holds "
+                               "arcface_torch's checkpoint_gpu_0.pt, whose optimizer and schedule cannot be resumed "
+                               f"here: start from its weights with --pretrained_model {run / 'checkpoint_gpu_0.pt'}")
     (run / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(SystemExit) as stop:
         main(argv(faces, tmp_path / "other", resume=str(run)))
