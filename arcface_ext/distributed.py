@@ -375,10 +375,12 @@ class ShardedCombinedMarginLoss(LossModule):
             ranks = [r for r in range(self.world_size) if class_shard(self.num_classes, r, self.world_size) == held]
             if saved["num_classes"] == self.num_classes and ranks:
                 why = (f"that is rank {ranks[0]}'s shard: a checkpoint that one rank wrote (PyTorch Lightning's and "
-                       "Accelerate's under DDP are rank 0's) holds that rank's shard alone. Save the whole matrix, "
-                       "gather() called on every rank, and its optimizer state the same way")
+                       "Accelerate's under DDP are rank 0's) holds that rank's shard alone. Save the whole matrix "
+                       "and its optimizer state with arcface_ext.full_state_dict(model, optimizer), called on every "
+                       "rank")
             else:
-                why = "load the whole matrix (gather() the shards) to change the number of ranks"
+                why = ("to change the number of ranks, save the whole matrix with "
+                       "arcface_ext.full_state_dict(model, optimizer) and load that")
             error_msgs.append(
                 f"{weight_key} holds classes [{saved['class_start']}, {saved['class_stop']}) of "
                 f"{saved['num_classes']}, this rank holds [{self.class_start}, {self.class_stop}) of "
@@ -797,7 +799,9 @@ def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         if tensor.shape[0] == own:
             return tensor
         raise ValueError(f"optimizer state {name} has {tensor.shape[0]} rows: neither the whole centres' "
-                         f"{whole} nor this rank's {own} (classes [{module.class_start}, {module.class_stop}))")
+                         f"{whole} nor this rank's {own} (classes [{module.class_start}, {module.class_stop})): "
+                         "a rank's own optimizer.state_dict() holds its shard's rows alone: save with "
+                         "arcface_ext.full_state_dict(model, optimizer)")
 
     return _map_class_state(model, optimizer, state_dict, rows)
 

@@ -545,6 +545,25 @@ def test_sharded_state_dict_and_deferred_initialisation():
     assert meta.weight.is_meta and meta.weight.shape == (2_000_000, 512)
 
 
+def test_a_shard_of_another_number_of_ranks_names_full_state_dict():
+    # One rank's own state (model.state_dict(), optimizer.state_dict()) saved on 2 ranks and resumed on another
+    # number: both refusals name the recipe that resumes there, full_state_dict. They said "gather() the shards"
+    # and nothing at all (the optimizer's). One process holds all 5 classes; the saved shard holds [0, 3).
+    module = arcface_ext.ShardedCombinedMarginLoss(5, 3)
+    weight = module.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"holds classes \[0, 3\) of 5, this rank holds \[0, 5\) of 5: .*save "
+                                           r"the whole matrix with arcface_ext\.full_state_dict\(model, optimizer\)"):
+        module.load_state_dict({"weight": weight[:3], "_extra_state": torch.tensor([5, 0, 3, 1])})
+    optimizer = arcface_ext.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    saved = {"state": {0: {"momentum_buffer": torch.ones(3, 3)}},
+             "param_groups": optimizer.state_dict()["param_groups"]}
+    with pytest.raises(ValueError, match=r"^optimizer state weight's momentum_buffer has 3 rows: neither the whole "
+                                         r"centres' 5 nor this rank's 5 \(classes \[0, 5\)\): a rank's own "
+                                         r"optimizer\.state_dict\(\) holds its shard's rows alone: save with "
+                                         r"arcface_ext\.full_state_dict\(model, optimizer\)$"):
+        arcface_ext.shard_optimizer_state(module, optimizer, saved)
+
+
 @pytest.mark.parametrize("module_class", [arcface_ext.ShardedCombinedMarginLoss, arcface_ext.ShardedAdaFaceLoss,
                                           arcface_ext.ShardedElasticFaceLoss, arcface_ext.ShardedCurricularFaceLoss,
                                           arcface_ext.ShardedSubCenterMarginLoss])
@@ -721,9 +740,11 @@ def test_full_state_dict_resumes_on_any_number_of_ranks(tmp_path):
         assert result["own unchanged"]
         for name, sizes in result["storage"].items():
             assert len(sizes) == 2 and all(held == own for held, own in sizes), (rank, name, sizes)
+        start, stop = arcface_ext.class_shard(11, rank, 3)  # [0, 4), [4, 8), [8, 11)
         assert result["wrong"] == ("ValueError: optimizer state head.weight's exp_avg has 1 rows: neither the whole "
-                                   f"centres' 11 nor this rank's 4 (classes [{4 * rank}, {4 * rank + 4}))") \
-            if rank < 2 else result["wrong"].endswith("nor this rank's 3 (classes [8, 11))")
+                                   f"centres' 11 nor this rank's {stop - start} (classes [{start}, {stop})): a "
+                                   "rank's own optimizer.state_dict() holds its shard's rows alone: save with "
+                                   "arcface_ext.full_state_dict(model, optimizer)"), result["wrong"]
         # The whole moments' rows are each rank's own (index 0: sub's weight, 1: head's, as the groups list them).
         for index, per_class in ((0, 2), (1, 1)):
             start, stop = arcface_ext.class_shard(11 if index else 7, rank, 3)
