@@ -176,6 +176,13 @@ def test_data_that_is_a_broken_symbolic_link_is_said_to_be_one(verified, tmp_pat
     assert capsys.readouterr().err == f"verify: error: --data {bins},{gone}: {gone} is not a folder {link}\n"
 
 
+def test_a_missing_path_without_data_names_no_folder_of_it(verified, tmp_path, capsys, monkeypatch):
+    # Without --data a path is looked for as written only: said so (it said "nor in  (the data's folder)").
+    monkeypatch.chdir(tmp_path)
+    assert verify.main(["--model", verified[0], "--targets", "missing/lfw.bin"]) == 2
+    assert capsys.readouterr().err == "verify: error: --targets: no verification set at missing/lfw.bin\n"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--targets", "lfw"], "--targets lfw: a name is looked for in --data FOLDER"),
     ([], "name the sets: --data FOLDER"),

@@ -141,8 +141,9 @@ def data_folder(spec: str) -> str | None:
 
 
 def data_folders(spec: str) -> list[str]:
-    """The folders of `--data spec`'s sets (`data_folder`), in order; none for synthetic data."""
-    return [] if spec == SYNTHETIC else [data_folder(part) for part in split_data_spec(spec)]
+    """The folders of `--data spec`'s sets (`data_folder`), in order; none for synthetic data or no data
+    (`train.verify` without `--data`: a path is looked for as written only)."""
+    return [] if spec in (SYNTHETIC, "") else [data_folder(part) for part in split_data_spec(spec)]
 
 
 def find_target(folder: str | list[str] | None, target: str, flag: str = "--val-targets") -> str | None:
