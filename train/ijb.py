@@ -431,6 +431,11 @@ def read_protocol(root: str, target: str = "IJBC", protocols=("1:1",), *, check_
     prefix = os.path.join(meta, target.lower())
     landmarks_path, faces_path, pairs_path = (f"{prefix}_name_5pts_score.txt", f"{prefix}_face_tid_mid.txt",
                                               pairs_file(root, target))
+    other = "IJBB" if target == "IJBC" else "IJBC"
+    others = f"{other.lower()}_name_5pts_score.txt"  # (--target IJBB on IJB-C's folder, or the reverse)
+    if not os.path.isfile(landmarks_path) and os.path.isfile(os.path.join(meta, others)):
+        raise FileNotFoundError(f"no file at {landmarks_path}: {meta} holds {other}'s files ({others}): "
+                                f"pass --target {other}")
     names, landmarks, scores, landmark_lines = read_landmarks(landmarks_path)
     face_names, templates, medias = read_template_media(faces_path)
     pairs, issame = read_template_pairs(pairs_path) if "1:1" in protocols else (None, None)
@@ -459,6 +464,9 @@ def read_protocol(root: str, target: str = "IJBC", protocols=("1:1",), *, check_
     used = np.unique(face_row)  # sorted: file order
     image_folder = os.path.join(folder, "loose_crop")
     missing = [int(i) for i in used if not os.path.isfile(os.path.join(image_folder, names[i]))] if check_images else []
+    if missing and not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"no loose_crop/ folder in {folder}, for the images {landmarks_path} lists: --data-root "
+                                f"should be the {target} folder of insightface's IJB_release (meta/ and loose_crop/)")
     if missing:
         more = f" ({len(missing) - 1} more images are missing)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"{landmarks_path}: line {landmark_lines[missing[0]]}: no image at "

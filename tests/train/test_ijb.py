@@ -678,6 +678,7 @@ def corrupt(path, line_no, text):
     (lambda d: open(f"{d}/loose_crop/4.jpg", "wb").write(b"not a jpeg"),
      "4.jpg: cannot read the image: not an image format Pillow reads"),
     (lambda d: shutil.rmtree(f"{d}/meta"), "no meta/ folder"),
+    (lambda d: shutil.rmtree(f"{d}/loose_crop"), "no loose_crop/ folder in "),  # (was: no image at .../1.jpg)
     (lambda d: corrupt(f"{d}/meta/ijbc_1N_gallery_G2.csv", 3, "999,503,img/x.jpg"),
      "ijbc_1N_gallery_G2.csv: line 3: template 999 is not in"),
     (lambda d: corrupt(f"{d}/meta/ijbc_1N_gallery_G1.csv", 3, "100,509,img/x.jpg"),
@@ -708,6 +709,19 @@ def test_bad_input_is_an_error_message(release, tmp_path, capsys, mutation, mess
     err = capsys.readouterr().err
     assert err.startswith("ijb: error: ") and message in err and "Traceback" not in err, err
     assert not output.exists()
+
+
+def test_the_other_benchmarks_folder_names_its_target(release, tmp_path, capsys):
+    # --target IJBB on IJB-C's folder said only "no file at .../ijbb_name_5pts_score.txt".
+    data, model, _ = release
+    argv = ["--model", model, "--data-root", data, "--target", "IJBB", "--workers", "0", "--device", "cpu",
+            "--output", str(tmp_path / "ijbb.json")]
+    assert ijb.main(argv) == 2
+    err = capsys.readouterr().err
+    meta = os.path.join(data, "meta")
+    assert err.endswith(f"ijb: error: no file at {meta}/ijbb_name_5pts_score.txt: {meta} holds IJBC's files "
+                        "(ijbc_name_5pts_score.txt): pass --target IJBC\n"), err
+    assert not (tmp_path / "ijbb.json").exists()
 
 
 def test_the_release_is_never_an_output_and_every_unreadable_crop_is_named(release, tmp_path, capsys):
