@@ -465,8 +465,9 @@ def read_protocol(root: str, target: str = "IJBC", protocols=("1:1",), *, check_
     image_folder = os.path.join(folder, "loose_crop")
     missing = [int(i) for i in used if not os.path.isfile(os.path.join(image_folder, names[i]))] if check_images else []
     if missing and not os.path.isdir(image_folder):
-        raise FileNotFoundError(f"no loose_crop/ folder in {folder}, for the images {landmarks_path} lists: --data-root "
-                                f"should be the {target} folder of insightface's IJB_release (meta/ and loose_crop/)")
+        raise FileNotFoundError(f"no loose_crop/ folder in {folder}, for the images {landmarks_path} lists: "
+                                f"--data-root should be the {target} folder of insightface's IJB_release (meta/ and "
+                                "loose_crop/)")
     if missing:
         more = f" ({len(missing) - 1} more images are missing)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"{landmarks_path}: line {landmark_lines[missing[0]]}: no image at "
