@@ -73,12 +73,16 @@ def find_testing_set(root: str) -> str:
     holds the three folders; FileNotFoundError saying what is missing otherwise."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--data-root {root}: no such folder")
-    for candidate in (root, os.path.join(root, "Testing_Set"), os.path.join(root, "tinyface", "Testing_Set")):
+    candidates = (root, os.path.join(root, "Testing_Set"), os.path.join(root, "tinyface", "Testing_Set"))
+    for candidate in candidates:
         if all(os.path.isdir(os.path.join(candidate, folder)) for folder in FOLDERS):
             return candidate
-    missing = [folder for folder in FOLDERS if not os.path.isdir(os.path.join(root, folder))]
-    raise FileNotFoundError(f"--data-root {root}: no {', '.join(f + '/' for f in missing)} folder (expected TinyFace's "
-                            f"Testing_Set, which holds {', '.join(FOLDERS)}, or a folder above it)")
+    # (The first that holds some of them, as a Testing_Set under root without its distractors, is said.)
+    partial = next((c for c in candidates if any(os.path.isdir(os.path.join(c, f)) for f in FOLDERS)), root)
+    missing = [folder for folder in FOLDERS if not os.path.isdir(os.path.join(partial, folder))]
+    where = "" if partial == root else f" {partial} has"
+    raise FileNotFoundError(f"--data-root {root}:{where} no {', '.join(f + '/' for f in missing)} folder (expected "
+                            f"TinyFace's Testing_Set, which holds {', '.join(FOLDERS)}, or a folder above it)")
 
 
 def identities(names: list[str]) -> np.ndarray:

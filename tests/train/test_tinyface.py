@@ -4,6 +4,7 @@ synthetic release, with a model and with saved features."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -149,6 +150,19 @@ def test_the_release_folder_above_and_a_release_without_mates(release, tmp_path,
     protocol.probe_labels = protocol.probe_labels + 1000
     with pytest.raises(ValueError, match="no probe's identity has an image in Gallery_Match"):
         tinyface.identification(protocol, features)
+
+
+def test_a_release_lacking_one_folder_names_that_one(tmp_path):
+    # It named all three, wherever the others were: the release's tinyface/Testing_Set without its distractors said
+    # "--data-root tinyface: no Probe/, Gallery_Match/, Gallery_Distractor/ folder".
+    testing = tmp_path / "tinyface" / "Testing_Set"
+    for folder in ("Probe", "Gallery_Match"):
+        (testing / folder).mkdir(parents=True)
+    for root, where in ((testing, ""), (tmp_path / "tinyface", f" {testing} has"), (tmp_path, f" {testing} has")):
+        with pytest.raises(FileNotFoundError, match="^" + re.escape(
+                f"--data-root {root}:{where} no Gallery_Distractor/ folder (expected TinyFace's Testing_Set, which "
+                "holds Probe, Gallery_Match, Gallery_Distractor, or a folder above it)") + "$"):
+            tinyface.find_testing_set(str(root))
 
 
 def test_mistakes_are_one_line_errors(release, tmp_path, capsys):
