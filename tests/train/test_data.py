@@ -828,6 +828,23 @@ def test_a_lists_verification_sets_are_in_its_folder(tmp_path):
         assert build_verification_sets(str(tmp_path / "train.lst"), ["agedb_30"], image_size=32) == {}
 
 
+def test_a_misspelt_verification_name_is_told_the_set_it_is_near(tmp_path):
+    # --val-targets lwf (or LFW) beside lfw.bin was skipped with "no lwf.bin in ...; skipped" alone: a training
+    # run went on unverified.
+    from train.data import build_verification_sets
+    from train.tools.make_bin import write_bin
+
+    names = list_faces(tmp_path)
+    write_bin(str(tmp_path / "lfw.bin"), [(tmp_path / name).read_bytes() for name in names[:4] * 5], [1, 0] * 5)
+    for target in ("lwf", "LFW"):
+        with pytest.warns(UserWarning, match="^" + re.escape(
+                f"verification target {target!r}: no {target}.bin in {str(tmp_path)!r}; skipped; lfw.bin is there: "
+                "is it the set meant?") + "$"):
+            assert build_verification_sets(str(tmp_path), [target], image_size=32) == {}
+    with pytest.warns(UserWarning, match=r"no agedb_30\.bin in '[^']*'; skipped$"):  # (nothing near it)
+        assert build_verification_sets(str(tmp_path), ["agedb_30"], image_size=32) == {}
+
+
 def test_pack_rec_packs_a_list_read_back_by_the_recordio_reader(tmp_path, capsys):
     # A record's identity is a range of records: the list's images come out by label (its k-th smallest
     # label as k), in the list's order within a label, each JPEG's bytes as they are.

@@ -210,7 +210,8 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
             if not folder and inside:  # (RFW's folder beside the data's .bin files, say)
                 folder = f"; {inside} is a folder: write its path to read it"
             where = " or ".join(repr(where) for where in folders)
-            warnings.warn(f"verification target {target!r}: no {target}.bin in {where}; skipped{folder}", stacklevel=2)
+            warnings.warn(f"verification target {target!r}: no {target}.bin in {where}; skipped{folder}"
+                          f"{_near_set(folders, target)}", stacklevel=2)
             continue
         if os.path.isdir(path):
             _add_rfw(sets, files, path, image_size)
@@ -230,6 +231,22 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
         vset.name = name
         sets[name] = vset
     return sets
+
+
+def _near_set(folders: list[str], target: str) -> str:
+    """"; lfw.bin is there: ..." where a folder of ``folders`` holds a `.bin` whose name is near ``target``'s
+    (a misspelling, `lwf`, or another case, `LFW`), else ""."""
+    import difflib
+
+    names = set()
+    for where in folders:
+        try:
+            names.update(n[:-4] for n in os.listdir(where) if n.endswith(".bin"))
+        except OSError:
+            continue
+    lower = {name.lower(): name for name in sorted(names)}
+    near = difflib.get_close_matches(target.lower(), list(lower), n=1, cutoff=0.6)
+    return f"; {lower[near[0]]}.bin is there: is it the set meant?" if near else ""
 
 
 def _add_rfw(sets: dict[str, VerificationSet], files: set[str], folder: str, image_size: int) -> None:
