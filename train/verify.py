@@ -117,7 +117,7 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     run_args = _run_args(args.model)
     _set_amp(model, args, run_args)
     seed = args.seed if args.seed is not None else 0
-    if args.data == SYNTHETIC and args.seed is None:
+    if args.data == SYNTHETIC and args.seed is None and not all(map(is_target_path, targets)):  # (paths alone: none)
         run_seed = run_args.get("seed") if isinstance(run_args.get("seed"), int) else None
         seed = run_seed if run_seed is not None else 0
         print(f"synthetic sets of --seed {seed}"

@@ -138,6 +138,14 @@ def test_synthetic_sets_are_those_of_the_runs_seed(tmp_path, capsys):
     assert (got["accuracy"], got["threshold"]) == (recorded["accuracy"], recorded["threshold"])
 
 
+def test_synthetic_data_with_paths_alone_draws_no_synthetic_set(verified, capsys):
+    # --data synthetic --targets <a pairs list> said "synthetic sets of --seed 0 (the run's)" and measured none.
+    ckpt, pairs, _ = verified
+    assert verify.main(["--model", ckpt, "--data", "synthetic", "--targets", pairs]) == 0
+    err = capsys.readouterr().err
+    assert "synthetic sets" not in err, err
+
+
 def test_verify_runs_the_trunk_under_the_runs_amp(tmp_path, capsys):
     """A run trained with --amp verified with its trunk under autocast: train.verify on its checkpoint
     does too (fp32 moves the embeddings, and so XNorm and pairs near the threshold), unless told."""
