@@ -358,6 +358,10 @@ def missing_identification(root: str, target: str) -> list[str]:
 def read_identification(meta: str, target: str, known_templates: np.ndarray, faces_path: str) -> IJBIdentification:
     """Read and check the 1:N lists: every template must have faces in ``faces_path``, and a gallery
     holds one template a subject (insightface's ijb_1n.py stops on a subject enrolled twice)."""
+    missing = [path for path in identification_paths(meta, target).values() if not os.path.isfile(path)]
+    if missing:  # (--protocol 1:N or both; it said "no file at" the first alone)
+        raise FileNotFoundError(f"no 1:N list{'s' if len(missing) > 1 else ''} {', '.join(missing)} (insightface's "
+                                "updated meta data): get them, or measure 1:1 alone (--protocol 1:1)")
     lists = {}
     for name, path in identification_paths(meta, target).items():
         templates, subjects, lines = read_template_subjects(path)
