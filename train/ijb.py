@@ -774,8 +774,9 @@ def insightface_identification(probes: np.ndarray, probe_subjects: np.ndarray, g
     mates = mate_index(probe_subjects, gallery_subjects)
     if (mates < 0).any():
         k = int(np.argmax(mates < 0))
+        none = int((mates < 0).sum())
         raise ValueError(f"the probes' subject {int(np.asarray(probe_subjects)[k])} has no gallery template "
-                         f"({int((mates < 0).sum())} probes have none)")
+                         f"({none} {'probe has' if none == 1 else 'probes have'} none)")
     count = probes.shape[0]
     needed = [math.ceil(count * fpir) for fpir in fpirs]
     keep = max(needed)

@@ -200,8 +200,10 @@ def _main(argv: list[str] | None) -> int:
         say(f"tinyface: error: {error}", file=sys.stderr)
         return 2
     if scores["probes_without_mate"]:
-        say(f"note: {scores['probes_without_mate']} probes have no image of their identity in Gallery_Match; "
-              "they are left out of the rates")
+        alone = scores["probes_without_mate"]
+        say("note: 1 probe has no image of its identity in Gallery_Match; it is left out of the rates" if alone == 1
+            else f"note: {alone} probes have no image of their identity in Gallery_Match; they are left out of the "
+                 "rates")
     say("  ".join(f"rank-{k} {100 * v:.2f}%" for k, v in scores["rank"].items() if v is not None))
     result = {"benchmark": "TinyFace", "model": os.path.abspath(args.model) if args.model else None,
               **({"features": os.path.abspath(args.features), "features_about": about} if args.features else {}),

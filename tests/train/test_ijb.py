@@ -293,7 +293,7 @@ def test_insightface_identification_is_its_scripts():
     # round a chunk's product otherwise than the whole one's; numpy 1.26.4's OpenBLAS did, by 1 ulp)
     assert [row["threshold"] for row in ours["tpir_at_fpir"]] == pytest.approx(thresholds, rel=1e-15, abs=0)
     assert 0.3 < tops[0] < 0.95 and 0 < rates[0] < rates[1] < 1  # neither trivial nor hopeless
-    with pytest.raises(ValueError, match="the probes' subject 5000 has no gallery template \\(1 probes have none\\)"):
+    with pytest.raises(ValueError, match="the probes' subject 5000 has no gallery template \\(1 probe has none\\)"):
         ijb.insightface_identification(probes[:2], np.array([gallery_subjects[0], 5000]), gallery, gallery_subjects)
     with pytest.raises(ValueError, match="subject 3 has two gallery templates"):
         ijb.mate_index(np.array([3]), np.array([1, 3, 2, 3]))
@@ -832,7 +832,7 @@ def test_protocol_option(release, tmp_path, capsys):
     found = json.loads(output.read_text())["identification"]
     assert [g["non_mated_searches"] for g in found["galleries"].values()] == [3, 4]
     assert found["insightface"] == {"gallery": "G1+G2",
-                                    "error": "the probes' subject 900 has no gallery template (1 probes have none)"}
+                                    "error": "the probes' subject 900 has no gallery template (1 probe has none)"}
     assert "figures (G1+G2 as one gallery) not computed: the probes' subject 900" in capsys.readouterr().out
 
     os.remove(f"{copy}/meta/ijbc_1N_gallery_G2.csv")

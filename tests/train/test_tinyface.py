@@ -5,6 +5,7 @@ synthetic release, with a model and with saved features."""
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -134,6 +135,23 @@ def test_saved_features_are_scored_again(release, tmp_path, capsys):
     assert result["rank"] == {"1": 0.75, "5": 0.75, "10": 0.75, "20": 1.0}
     assert result["options"]["flip"] is None
     assert "rank-1 75.00%  rank-5 75.00%  rank-10 75.00%  rank-20 100.00%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("without, said", [
+    ((13,), "note: 1 probe has no image of its identity in Gallery_Match; it is left out of the rates"),
+    ((8, 13), "note: 2 probes have no image of their identity in Gallery_Match; they are left out of the rates")])
+def test_probes_without_a_mate_are_counted_in_the_note(release, tmp_path, capsys, without, said):
+    data = tmp_path / "Testing_Set"
+    shutil.copytree(release[0], data)
+    for who in without:  # (their Gallery_Match images gone: their probes have no mate)
+        for n in range(1, MATCH_PER_ID + 1):
+            os.remove(data / "Gallery_Match" / f"{who}_{n}.jpg")
+    names = tinyface.TinyFaceProtocol(str(data)).image_names
+    write_table(str(tmp_path / "features.csv"), names, np.eye(len(names), dtype=np.float32))
+    assert tinyface.main(["--features", str(tmp_path / "features.csv"), "--data-root", str(data), "--output",
+                          str(tmp_path / "tinyface.json")]) == 0
+    assert said in capsys.readouterr().out.splitlines()
+    assert json.loads((tmp_path / "tinyface.json").read_text())["probes_without_mate"] == len(without)
 
 
 def test_the_release_folder_above_and_a_release_without_mates(release, tmp_path, capsys):
