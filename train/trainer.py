@@ -741,7 +741,8 @@ class Trainer:
                 print(f"warning: {name}: {dataset.repeats_note}", file=sys.stderr)
         if args.num_classes is not None and args.num_classes != self.num_classes:
             raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
-                             "identities" + (" (no --data given?)" if args.data == "synthetic" else ""))
+                             "identities" + (" (no --data given?)" if args.data == "synthetic"
+                                             else f": give --num-classes {self.num_classes} for it"))
         self.data_fingerprint = self.dataset.fingerprint()  # (an ImageFolder's joins every file name: once)
         self.data_classes = self.dataset.classes_digest()
         if self.distributed:

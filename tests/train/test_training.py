@@ -2209,6 +2209,18 @@ def test_a_shipped_config_without_data_is_an_error(tmp_path):
                             "--output", str(tmp_path)]))
 
 
+def test_a_class_count_that_the_data_does_not_hold_says_the_one_it_holds(tmp_path):
+    # A config's num-classes on a cleaned set (train.tools.clean keeps fewer classes) says what to give.
+    from PIL import Image
+    for k in range(3):
+        os.makedirs(tmp_path / "faces" / f"id{k}")
+        Image.new("RGB", (8, 8)).save(tmp_path / "faces" / f"id{k}" / "0.png")
+    with pytest.raises(SystemExit, match=r"^--num-classes is 85742, but .*faces holds 3 identities: give "
+                                         r"--num-classes 3 for it$"):
+        Trainer(parse_args(["--config", os.path.join(REPO, "train", "configs", "ms1mv2_r50.yaml"), "--device", "cpu",
+                            "--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run")]))
+
+
 @pytest.mark.parametrize("case", ["no --config", "batch over the data", "batch of 1", "mbf at 72 px",
                                   "missing --val-targets path", "too few pairs", "corrupt --resume",
                                   "backbone as --resume", "corrupt --pretrained_model"])
