@@ -126,6 +126,19 @@ def test_trained_centres_drop_the_mislabelled_images(trained, tmp_path, capsys):
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["centres"] == "mean"
 
 
+def test_data_changed_since_training_says_how_to_take_the_trained_centres(trained, tmp_path, capsys):
+    # One image added to the set the checkpoint trained on (a broken one here) turns --centres auto to the
+    # classes' means, and with them a sub-centre checkpoint's drop step: the line says how to keep its centres.
+    ckpt, faces = trained
+    data = tmp_path / "faces"
+    shutil.copytree(faces, data)
+    (data / "id_001" / "bad.png").write_bytes(b"not an image")
+    assert run_clean("--model", ckpt, "--data", data, "--output", tmp_path / "out", "--report-only") == 0
+    assert (f"; centres: each class's mean embedding ({ckpt} trained on other data (or on this data with other files "
+            "or labels): its record of its data differs; --centres trained takes its centres if its classes are "
+            "this data's)\n") in capsys.readouterr().err
+
+
 def test_class_means_find_and_merge_a_split_identity(trained, tmp_path, capsys):
     ckpt, faces = trained
     data = noisy_copy(faces, tmp_path / "split")

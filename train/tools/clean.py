@@ -160,7 +160,8 @@ def trained_centres(path: str, data, dim: int) -> tuple[torch.Tensor | None, str
         return weight.float(), "", False
     if recorded != data.fingerprint():
         return weight.float(), (f"{path} trained on other data (or on this data with other files or labels): "
-                                "its record of its data differs"), False
+                                "its record of its data differs; --centres trained takes its centres if its classes "
+                                "are this data's"), False
     return weight.float(), "", True
 
 
