@@ -845,6 +845,20 @@ def test_a_misspelt_verification_name_is_told_the_set_it_is_near(tmp_path):
         assert build_verification_sets(str(tmp_path), ["agedb_30"], image_size=32) == {}
 
 
+def test_one_of_insightfaces_sets_is_not_told_another_is_near(tmp_path):
+    # lfw missing beside cplfw.bin said "cplfw.bin is there: is it the set meant?" (calfw: cplfw; cfp_fp: cfp_ff):
+    # near as strings, other benchmarks. Another case of the same name still is (CPLFW: cplfw.bin).
+    from train.data import build_verification_sets
+
+    for name in ("cplfw", "cfp_ff"):
+        (tmp_path / f"{name}.bin").write_bytes(b"")  # (not read: only the missing names are looked up)
+    for target in ("lfw", "calfw", "cfp_fp"):
+        with pytest.warns(UserWarning, match=rf"no {target}\.bin in '[^']*'; skipped$"):
+            assert build_verification_sets(str(tmp_path), [target], image_size=32) == {}
+    with pytest.warns(UserWarning, match=r"; skipped; cplfw\.bin is there: is it the set meant\?$"):
+        assert build_verification_sets(str(tmp_path), ["CPLFW"], image_size=32) == {}
+
+
 def test_pack_rec_packs_a_list_read_back_by_the_recordio_reader(tmp_path, capsys):
     # A record's identity is a range of records: the list's images come out by label (its k-th smallest
     # label as k), in the list's order within a label, each JPEG's bytes as they are.

@@ -49,6 +49,8 @@ SYNTHETIC = "synthetic"
 DEFAULT_SYNTHETIC_IDENTITIES = 100
 DEFAULT_SYNTHETIC_IMAGES_PER_IDENTITY = 160
 DEFAULT_SYNTHETIC_PAIRS = 600
+# insightface's verification sets (the .bin files beside its training sets): one is not a misspelling of another.
+_INSIGHTFACE_SETS = frozenset({"lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp"})
 
 
 def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip: bool = True,
@@ -245,6 +247,8 @@ def _near_set(folders: list[str], target: str) -> str:
         except OSError:
             continue
     lower = {name.lower(): name for name in sorted(names)}
+    if target.lower() in _INSIGHTFACE_SETS:  # (lfw is near cplfw as a string, cfp_fp near cfp_ff: other sets)
+        lower = {key: name for key, name in lower.items() if key == target.lower() or key not in _INSIGHTFACE_SETS}
     near = difflib.get_close_matches(target.lower(), list(lower), n=1, cutoff=0.6)
     return f"; {lower[near[0]]}.bin is there: is it the set meant?" if near else ""
 
