@@ -499,7 +499,9 @@ def test_ranks_that_call_differently_all_raise(tmp_path):
         assert f"this rank holds [{4 * rank}, {4 * rank + 4}) of 8" in outcomes["other shard"]
         # The same layout: a checkpoint that one rank wrote (Lightning's, Accelerate's) holds its shard alone.
         assert f"that is rank {1 - rank}'s shard" in outcomes["other shard"], outcomes["other shard"]
-        assert "Save the whole matrix" in outcomes["other shard"]
+        assert outcomes["other shard"].endswith(  # (it said "gather() called on every rank")
+            "holds that rank's shard alone. Save the whole matrix and its optimizer state with "
+            "arcface_ext.full_state_dict(model, optimizer), called on every rank"), outcomes["other shard"]
         assert outcomes["deepcopy over a group"] == "ok" and outcomes["deepcopy shares the group"]
         assert outcomes["deepcopy copies the shard"]
     assert ranks[1]["bad labels length on rank 1"] == "ValueError: labels has 2 entries but embeddings has 3 rows"
