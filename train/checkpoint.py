@@ -245,6 +245,12 @@ def foreign_weights(weights: dict[str, torch.Tensor], expected: Iterable[str]) -
 INSIGHTFACE_SHARD = re.compile(r"checkpoint_gpu_(\d+)\.pt")
 
 
+def insightface_shards(folder: str) -> list[str]:
+    """The names of the arcface_torch checkpoints (``checkpoint_gpu_<rank>.pt``) in ``folder``, sorted (raises
+    ``os.listdir``'s OSError)."""
+    return sorted(name for name in os.listdir(folder) if INSIGHTFACE_SHARD.fullmatch(name))
+
+
 def insightface_class_centres(path: str, state: dict[str, Any]) -> tuple[torch.Tensor | None, str]:
     """The whole (C, D) class-centre matrix of an arcface_torch run, whose partial FC keeps each GPU's
     classes in that GPU's ``checkpoint_gpu_<rank>.pt`` (``state_dict_softmax_fc``; rank r holds C // W

@@ -217,7 +217,7 @@ def set_aside_earlier_run(output: str) -> str | None:
         return os.path.isfile(path) and os.path.getsize(path) > 0
     # A run of arcface_torch's train_v2.py: an arcface_torch config names the same folder for this
     # trainer (work_dirs/<config name>), where this run's TensorBoard events went into its tensorboard/.
-    insightface = sorted(name for name in os.listdir(output) if checkpoint.INSIGHTFACE_SHARD.fullmatch(name))
+    insightface = checkpoint.insightface_shards(output)
     if insightface or non_empty("training.log"):
         insightface += ["training.log", "model.pt"]
     if not (os.path.exists(os.path.join(output, checkpoint.CHECKPOINT_NAME)) or non_empty("metrics.jsonl")
@@ -988,8 +988,8 @@ class Trainer:
         found = os.path.isfile(path)
         # arcface_torch's own checkpoints (config.resume = True into the folder of a run it trained):
         # that run was to be continued, not replaced by one from scratch.
-        foreign = [] if found or resume != "auto" or not os.path.isdir(self.output) else sorted(
-            name for name in os.listdir(self.output) if checkpoint.INSIGHTFACE_SHARD.fullmatch(name))
+        foreign = [] if found or resume != "auto" or not os.path.isdir(self.output) else \
+            checkpoint.insightface_shards(self.output)
         if self.distributed:
             # Every rank must take the same decision: a node-local --output that holds the checkpoint
             # on some nodes only had one rank resume and another start afresh, waiting on each other.
@@ -1007,7 +1007,7 @@ class Trainer:
             # (a run's folder given for its checkpoint, as `python -m train --resume runs/r50` reads)
             inside = os.path.join(resume, checkpoint.CHECKPOINT_NAME)
             try:
-                shards = sorted(name for name in os.listdir(resume) if checkpoint.INSIGHTFACE_SHARD.fullmatch(name))
+                shards = checkpoint.insightface_shards(resume)
             except OSError:  # (a folder it may not list)
                 shards = []
             if os.path.isfile(inside):
