@@ -361,7 +361,8 @@ def read_identification(meta: str, target: str, known_templates: np.ndarray, fac
     missing = [path for path in identification_paths(meta, target).values() if not os.path.isfile(path)]
     if missing:  # (--protocol 1:N or both; it said "no file at" the first alone)
         raise FileNotFoundError(f"no 1:N list{'s' if len(missing) > 1 else ''} {', '.join(missing)} (insightface's "
-                                "updated meta data): get them, or measure 1:1 alone (--protocol 1:1)")
+                                f"updated meta data): get {'them' if len(missing) > 1 else 'it'}, or measure 1:1 "
+                                "alone (--protocol 1:1)")
     lists = {}
     for name, path in identification_paths(meta, target).items():
         templates, subjects, lines = read_template_subjects(path)

@@ -740,9 +740,10 @@ class Trainer:
             if getattr(dataset, "repeats_note", None):  # a list naming an image twice
                 print(f"warning: {name}: {dataset.repeats_note}", file=sys.stderr)
         if args.num_classes is not None and args.num_classes != self.num_classes:
-            raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {self.num_classes} "
-                             "identities" + (" (no --data given?)" if args.data == "synthetic"
-                                             else f": give --num-classes {self.num_classes} for it"))
+            held = f"{self.num_classes} identit{'y' if self.num_classes == 1 else 'ies'}"
+            then = (" (no --data given?)" if args.data == "synthetic"
+                    else f": give --num-classes {self.num_classes} for it")
+            raise SystemExit(f"--num-classes is {args.num_classes}, but {args.data} holds {held}{then}")
         self.data_fingerprint = self.dataset.fingerprint()  # (an ImageFolder's joins every file name: once)
         self.data_classes = self.dataset.classes_digest()
         if self.distributed:

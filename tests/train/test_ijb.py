@@ -841,7 +841,7 @@ def test_protocol_option(release, tmp_path, capsys):
     assert "note: 1:1 verification only: no 1:N list " in capsys.readouterr().out
     assert ijb.main(argv + ["--overwrite", "--protocol", "1:N"]) == 2  # (it said "no file at" the list alone)
     assert capsys.readouterr().err == (f"ijb: error: no 1:N list {copy}/meta/ijbc_1N_gallery_G2.csv (insightface's "
-                                       "updated meta data): get them, or measure 1:1 alone (--protocol 1:1)\n")
+                                       "updated meta data): get it, or measure 1:1 alone (--protocol 1:1)\n")
 
 
 def test_saved_features_are_scored_again_without_a_model(release, tmp_path, capsys):

@@ -2219,6 +2219,12 @@ def test_a_class_count_that_the_data_does_not_hold_says_the_one_it_holds(tmp_pat
                                          r"--num-classes 3 for it$"):
         Trainer(parse_args(["--config", os.path.join(REPO, "train", "configs", "ms1mv2_r50.yaml"), "--device", "cpu",
                             "--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run")]))
+    for k in (1, 2):  # (one identity left: "holds 1 identity")
+        shutil.rmtree(tmp_path / "faces" / f"id{k}")
+    with pytest.raises(SystemExit, match=r"^--num-classes is 85742, but .*faces holds 1 identity: give "
+                                         r"--num-classes 1 for it$"):
+        Trainer(parse_args(["--config", os.path.join(REPO, "train", "configs", "ms1mv2_r50.yaml"), "--device", "cpu",
+                            "--data", str(tmp_path / "faces"), "--output", str(tmp_path / "run")]))
 
 
 @pytest.mark.parametrize("case", ["no --config", "batch over the data", "batch of 1", "mbf at 72 px",
