@@ -350,15 +350,18 @@ def identification_paths(meta: str, target: str) -> dict[str, str]:
 
 def missing_identification(root: str, target: str) -> list[str]:
     """The 1:N lists the release under ``root`` lacks (insightface's first IJB_release had none)."""
-    folder = find_release(root, target)
-    return [path for path in identification_paths(os.path.join(folder, "meta"), target).values()
-            if not os.path.isfile(path)]
+    return _missing_lists(os.path.join(find_release(root, target), "meta"), target)
+
+
+def _missing_lists(meta: str, target: str) -> list[str]:
+    """The 1:N lists that the ``meta`` folder lacks."""
+    return [path for path in identification_paths(meta, target).values() if not os.path.isfile(path)]
 
 
 def read_identification(meta: str, target: str, known_templates: np.ndarray, faces_path: str) -> IJBIdentification:
     """Read and check the 1:N lists: every template must have faces in ``faces_path``, and a gallery
     holds one template a subject (insightface's ijb_1n.py stops on a subject enrolled twice)."""
-    missing = [path for path in identification_paths(meta, target).values() if not os.path.isfile(path)]
+    missing = _missing_lists(meta, target)
     if missing:  # (--protocol 1:N or both; it said "no file at" the first alone)
         raise FileNotFoundError(f"no 1:N list{'s' if len(missing) > 1 else ''} {', '.join(missing)} (insightface's "
                                 f"updated meta data): get {'them' if len(missing) > 1 else 'it'}, or measure 1:1 "
