@@ -1053,6 +1053,7 @@ def _main(argv: list[str] | None) -> int:
             p.error("--plot needs matplotlib (pip install matplotlib, or the [train] extra)")
     started = time.monotonic()
 
+    note = None  # auto's choice of protocols: said once nothing below refuses the run, not before another error
     try:
         device = torch_device(args.device)
         protocols = {"1:1": ("1:1",), "1:N": ("1:N",), "BOTH": ("1:1", "1:N")}.get(args.protocol)
@@ -1062,10 +1063,10 @@ def _main(argv: list[str] | None) -> int:
             pairs_path = pairs_file(args.data_root, args.target)
             if not missing and not os.path.isfile(pairs_path):
                 protocols = ("1:N",)
-                say(f"note: 1:N identification only: no 1:1 pairs list {pairs_path}")
+                note = f"note: 1:N identification only: no 1:1 pairs list {pairs_path}"
             elif missing:
-                say(f"note: 1:1 verification only: no 1:N list{'s' if len(missing) > 1 else ''} "
-                      f"{', '.join(missing)} (insightface's updated meta data)")
+                note = (f"note: 1:1 verification only: no 1:N list{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)} (insightface's updated meta data)")
         protocol = read_protocol(args.data_root, args.target, protocols, check_images=not args.features)
         if args.features:
             model, settings = None, {"image_size": None, "network": None}
@@ -1080,6 +1081,8 @@ def _main(argv: list[str] | None) -> int:
     except (OSError, ValueError) as error:
         say(f"ijb: error: {error}", file=sys.stderr)
         return 2
+    if note:
+        say(note)
     size = settings["image_size"]
     lists = []
     if protocol.issame is not None:

@@ -819,6 +819,10 @@ def test_protocol_option(release, tmp_path, capsys):
     assert ijb.main(argv + ["--overwrite"]) == 0
     assert json.loads(output.read_text())["protocols"] == ["1:N"]
     assert "note: 1:N identification only: no 1:1 pairs list" in capsys.readouterr().out
+    # A refusal (here the results there already) comes alone: the note on the protocols was printed before it.
+    assert ijb.main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.startswith("ijb: error: ") and "exists: pass --overwrite" in printed.err
     assert ijb.main(argv + ["--overwrite", "--protocol", "1:1"]) == 2
     assert "ijb: error: no file at" in capsys.readouterr().err
 
@@ -839,6 +843,9 @@ def test_protocol_option(release, tmp_path, capsys):
     assert ijb.main(argv + ["--overwrite"]) == 0
     assert "identification" not in json.loads(output.read_text())
     assert "note: 1:1 verification only: no 1:N list " in capsys.readouterr().out
+    assert ijb.main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.startswith("ijb: error: ") and "exists: pass --overwrite" in printed.err
     assert ijb.main(argv + ["--overwrite", "--protocol", "1:N"]) == 2  # (it said "no file at" the list alone)
     assert capsys.readouterr().err == (f"ijb: error: no 1:N list {copy}/meta/ijbc_1N_gallery_G2.csv (insightface's "
                                        "updated meta data): get it, or measure 1:1 alone (--protocol 1:1)\n")
