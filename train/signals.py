@@ -109,6 +109,16 @@ def stop_while_importing(module: str, prefix: str):
         yield
 
 
+def trainer_stop_line(message: str) -> str:
+    """A line of a stop that each of ``python -m train``'s processes says for itself (at start-up, a second
+    signal): ``message`` (``stopped by SIGINT ...``) in one process; ``train: rank R: <message>`` under torchrun
+    (WORLD_SIZE > 1), in the form of its error lines (``train: error: rank R: ...``), the rank telling which
+    process a signal stopped. Here, not in train.trainer: ``python -m train`` says it while importing torch too."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"train: rank {int(os.environ.get('RANK', '0'))}: {message}"
+    return message
+
+
 @contextlib.contextmanager
 def signals_held(final: bool = True):
     """Ctrl-C and SIGTERM wait while the block runs, and arrive as it ends: a block of renames that must

@@ -38,6 +38,7 @@ from .models import (VisionTransformer, check_embedding_shape, get_model, is_fac
                      model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
+from .signals import Stopped, readers_may_leave, stop_on_signals, trainer_stop_line
 from .tools import count_of, installed_version, lost_a_peer, say_unhandled_error, start_process_group, timed_out
 
 ANGLE_PHASES = ("start", "middle", "end")
@@ -1589,8 +1590,8 @@ class Trainer:
             # (A SystemExit unwinds as KeyboardInterrupt did, temporary files removed, without its traceback.)
             # (No line break first: on a terminal, tqdm.write clears the bar's line, "^C" with it; in a log or a pipe
             # it made a blank line.)
-            self._error(f"stopped by a second {signal.Signals(signum).name}: at once, without a checkpoint of this "
-                        "step")
+            self._error(trainer_stop_line(f"stopped by a second {signal.Signals(signum).name}: at once, without a "
+                                          "checkpoint of this step"))
             raise SystemExit(128 + signum)
         # Only a flag: printing from a handler can re-enter a half-written stream. The DataLoader
         # workers, signalled with the process group, ignore it (train.data) and keep serving batches.
@@ -1954,7 +1955,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     from .config import parse_args
-    from .signals import Stopped, readers_may_leave, stop_on_signals
     from .tools import plain_warnings
 
     with readers_may_leave(), _kept_stderr() as read_notes:  # (an arcface_torch config's notes, a reader gone)
@@ -1967,7 +1967,8 @@ def _run(argv: list[str] | None) -> int:
                 trainer = Trainer(args, "".join(read_notes))
         except Stopped as stop:
             _undo_start(args.output)
-            print(f"stopped by {stop.name} during the start-up, before the first step", file=sys.stderr)
+            print(trainer_stop_line(f"stopped by {stop.name} during the start-up, before the first step"),
+                  file=sys.stderr)
             _leave_group()
             return stop.exit_status
         except BaseException:

@@ -302,7 +302,7 @@ def test_start_up_over_the_group(tmp_path):
     assert failed.returncode != 0
     # (Or torchrun's SIGTERM, sent as rank 1 ended, came first: one line all the same.)
     assert ("train: error: rank 0: another process stopped during start-up (see its error)" in failed.stderr
-            or "stopped by SIGTERM during the start-up" in failed.stderr), failed.stderr[-3000:]
+            or "train: rank 0: stopped by SIGTERM during the start-up" in failed.stderr), failed.stderr[-3000:]
     assert "Connection closed by peer" not in failed.stderr, failed.stderr[-3000:]
     assert re.search(r"train: error: rank 1: --data '[^']*nowhere': no such folder; expected", failed.stderr), \
         failed.stderr[-3000:]

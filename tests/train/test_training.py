@@ -405,6 +405,41 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_each_process_says_its_stop_at_start_up_and_a_second_signal_with_its_rank(
+        rank, faces, tmp_path, monkeypatch, capsys):
+    # Every process says these lines of its own stop: without the rank (and the trainer's name), those of a signal
+    # to one process alone (a pre-empted node) did not tell which one it stopped. The error lines' form, as clean's.
+    def signalled_at_start(self, args, read_notes=""):
+        signal.raise_signal(signal.SIGTERM)
+
+    with monkeypatch.context() as torchrun:  # (no process group: the stop comes before the trainer starts one)
+        torchrun.setenv("WORLD_SIZE", "2")
+        torchrun.setenv("RANK", str(rank))
+        torchrun.setattr(Trainer, "__init__", signalled_at_start)
+        assert main(argv(faces, tmp_path / "new", max_steps=2)) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == (f"train: rank {rank}: stopped by SIGTERM during the start-up, before the "
+                                       "first step\n")
+    original_step = Trainer.train_step
+
+    def twice(self, images, labels):
+        if self.step == 1:
+            self._on_signal(signal.SIGINT, None)
+            self._stop_signal_at -= SAME_STOP_SECONDS
+            with monkeypatch.context() as torchrun:  # (the second as a torchrun process of that rank gets it)
+                torchrun.setenv("WORLD_SIZE", "2")
+                torchrun.setenv("RANK", str(rank))
+                self._on_signal(signal.SIGINT, None)
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", twice)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv(faces, tmp_path / "run", max_steps=4))
+    assert stopped.value.code == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert f"\ntrain: rank {rank}: stopped by a second SIGINT: at once, without a checkpoint of this step\n" in err, err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_python_m_train_imports_the_trainer_is_one_line(tmp_path, signum):
     # `python -m train` spends seconds importing torch before main(): Ctrl-C there printed a
@@ -412,6 +447,16 @@ def test_a_signal_while_python_m_train_imports_the_trainer_is_one_line(tmp_path,
     done = signalled_while_importing_torch("train", ["--output", str(tmp_path / "run")], signum)
     assert done.returncode == 128 + signum, done.stderr[-3000:]
     assert done.stderr == f"stopped by {signal.Signals(signum).name} during the start-up, before the first step\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_signal_while_python_m_train_imports_under_torchrun_names_the_rank(tmp_path, monkeypatch):
+    # Every process of a torchrun run says its stop in the seconds of its imports too, with its rank.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    done = signalled_while_importing_torch("train", ["--output", str(tmp_path / "run")], signal.SIGTERM)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert done.stderr == "train: rank 1: stopped by SIGTERM during the start-up, before the first step\n"
     assert not (tmp_path / "run").exists()
 
 
