@@ -166,9 +166,15 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
         reason = str(error).split(". ")[0].strip() or type(error).__name__
         with open(path, "rb") as f:
             head = f.read(8)
+        torch_file = head.startswith(b"PK") or head.startswith(b"\x80")
+        from .onnx_backbone import is_onnx_file
+
+        if not torch_file and is_onnx_file(path):  # (w600k_r50.onnx, say: was "not a readable checkpoint")
+            raise ValueError(f"{path} is an ONNX model, not a PyTorch checkpoint: give the checkpoint or state dict "
+                             "it was exported from (train.export's backbone.pt, insightface's backbone.pth)") from None
         # torch.save writes a zip archive (before torch 1.6, a pickle): of another file the unpickler's
         # error is a stray byte's code ("KeyError: 104" for a text file), its start says more.
-        if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        if not torch_file:
             reason = f"it starts with {head!r}, where torch.save's files start with b'PK' (a zip archive)"
         raise ValueError(f"{path}: not a readable checkpoint (truncated, or not saved by torch.save with "
                          f"tensors only?): {reason}") from error

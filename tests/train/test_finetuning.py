@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -102,3 +103,25 @@ def test_a_file_torch_did_not_write_says_how_it_starts(tmp_path):
     with pytest.raises(ValueError, match=r"notes\.pt: not a readable checkpoint .*: it starts with b'hello, t', "
                                          r"where torch\.save's files start with b'PK'"):
         checkpoint.load(str(text))
+
+
+def test_an_onnx_model_is_named_so(tmp_path):
+    # insightface's w600k_r50.onnx (or train.export's backbone.onnx) given as --pretrained_model or export's
+    # --checkpoint was "not a readable checkpoint (truncated, or not saved by torch.save ...?)": it is neither.
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input"], ["embedding"])], "backbone",
+                                   [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 4])],
+                                   [onnx.helper.make_tensor_value_info("embedding", onnx.TensorProto.FLOAT, [1, 4])])
+    model = tmp_path / "w600k_r50.onnx"
+    onnx.save(onnx.helper.make_model(graph), str(model))
+    renamed = tmp_path / "weights.pt"  # told by its start too
+    shutil.copy(model, renamed)
+    for path in (model, renamed):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is an ONNX model, not a PyTorch checkpoint: "
+                                             r"give the checkpoint or state dict it was exported from "
+                                             r"\(train\.export's backbone\.pt, insightface's backbone\.pth\)$"):
+            checkpoint.load(str(path))
+    with pytest.raises(SystemExit, match=rf"^train: error: --pretrained_model: {re.escape(str(model))} is an ONNX "
+                                         "model, not a PyTorch checkpoint: give the checkpoint") as error:
+        main(base_argv("synthetic", str(tmp_path / "run"), loss_impl=LOSS_IMPL, pretrained_model=str(model)))
+    assert "\n" not in str(error.value)
