@@ -444,12 +444,15 @@ def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, st
 
 
 def model_threshold(model_path: str | None, settings: dict, requested: float | None, *, tool: str
-                    ) -> tuple[float, str]:
+                    ) -> tuple[float, str, str | None]:
     """:func:`cosine_threshold` for a tool that decides with it (``cluster``, ``search``), where it came
-    from said with the file that recorded it. A note on stderr (``tool: note: ...``) when no model gives
-    one and the default is taken; ValueError when the model's own is not above 0 (a model barely
-    trained), which would take faces that are not alike at all for one person."""
+    from said with the file that recorded it, and the note for stderr (``tool: note: ...``,
+    :func:`default_threshold_note`) when no model gives one and the default is taken, else None: the tool
+    says it once its own refusals are past (said here, it came before them). ValueError when the model's
+    own is not above 0 (a model barely trained), which would take faces that are not alike at all for one
+    person."""
     threshold, source = cosine_threshold(settings, requested)
+    note = None
     if source == "the model's last verification":
         # (An export's, an int8 graph's too: the verification of the run's model, in backbone.json beside it.)
         sidecar = checkpoint.settings_path(model_path)
@@ -459,18 +462,17 @@ def model_threshold(model_path: str | None, settings: dict, requested: float | N
                              "faces that are not alike at all for one person (a model barely trained?): give "
                              "--threshold")
     elif source == "the default":
-        say_default_threshold(model_path, threshold, tool)
-    return threshold, source
+        note = default_threshold_note(model_path, threshold, tool)
+    return threshold, source, note
 
 
-def say_default_threshold(model_path: str | None, threshold: float, tool: str) -> None:
-    """The note (``tool: note: ...``, on stderr) that ``threshold``, the default, was measured on no faces:
+def default_threshold_note(model_path: str | None, threshold: float, tool: str) -> str:
+    """The note (``tool: note: ...``, for stderr) that ``threshold``, the default, was measured on no faces:
     no model at ``model_path``, or none that records a verification."""
-    print(f"{tool}: note: {'no model' if not model_path else model_path + ' records no verification that'} gives "
-          f"the threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
-          "--threshold: python -m train.tools.roc measures the one of a false accept rate on your own labelled "
-          "faces; a trained model's checkpoint, or train.export's backbone.json, records one)",
-          file=sys.stderr)
+    return (f"{tool}: note: {'no model' if not model_path else model_path + ' records no verification that'} gives "
+            f"the threshold: cosine {threshold} is taken, a starting point, not a measured threshold (give "
+            "--threshold: python -m train.tools.roc measures the one of a false accept rate on your own labelled "
+            "faces; a trained model's checkpoint, or train.export's backbone.json, records one)")
 
 
 def model_digest(path: str) -> str:
@@ -915,7 +917,7 @@ def run(args: argparse.Namespace) -> int:
         similarity = float(np.dot(first, second))
         threshold, source = cosine_threshold(settings, args.threshold)
         if source == "the default":  # (a note on stderr, as cluster and search give: no verification chose it)
-            say_default_threshold(args.model, threshold, "embed")
+            print(default_threshold_note(args.model, threshold, "embed"), file=sys.stderr)
         verdict = "same person" if similarity >= threshold else "different people"
         first_norm, second_norm = np.concatenate(norms)
         print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source})"

@@ -276,6 +276,13 @@ def test_duplicates_are_counted_and_said(tmp_path, capsys):
     assert (summary["duplicates"], summary["duplicated_faces"], summary["duplicate_cosine"]) == (12, 8, 0.99)
     assert summary["sizes"] == [9, 8, 7] and summary["faces"] == 24  # (1+2+3+1, 2+3+1+2, 3+1+2+3)
     assert "; 12 duplicates of 8 faces (cosine 0.99 or more), each in its face's cluster;" in capsys.readouterr().err
+    # Without --threshold (no model gives one: the default, with a note), a refusal comes alone, here c.csv there
+    # already: the default's note was printed before it.
+    assert run_cluster("--embeddings", table, "--output", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cluster: error: ") and err.count("\n") == 1 and "exists: pass --overwrite" in err, err
+    assert run_cluster("--embeddings", table, "--output", tmp_path / "d.csv") == 0  # (a run that goes ahead: said)
+    assert "cluster: note: no model gives the threshold: cosine 0.3 is taken" in capsys.readouterr().err
     rows = read_rows(out)
     assert len({(c, person[photo[i]]) for i, (_, c) in enumerate(rows)}) == 3
     for argv, said in [(["--duplicate-cosine", "1"], "--duplicate-cosine is a cosine similarity above 0 and below 1"),

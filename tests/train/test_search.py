@@ -574,6 +574,7 @@ def test_operating_points_fpir_and_the_threshold_recorded_in_the_gallery(open_se
     assert run_search("--gallery", gallery, "--probes", probes, "--probe-labels", labels, "--output", out) == 0
     err = capsys.readouterr().err
     assert "cosine 0.3000 is a 1:1 threshold" in err and "--fpir 0.01" in err and "train.tools.roc measures" in err
+    assert "search: note: no model gives the threshold: cosine 0.3 is taken" in err
     summary = json.loads((tmp_path / "r.json").read_text())
     assert summary["identification"]["fpir"] == 0.8  # 8 of the 10 strangers reach 0.3
     points = [(p["fpir"], p["threshold"], p["false_alarms"], p["dir"], p["misidentified"])
@@ -583,6 +584,10 @@ def test_operating_points_fpir_and_the_threshold_recorded_in_the_gallery(open_se
     assert "operating points on 10 non-mated and 5 mated searches" in err
     assert "      1%          -  needs 100 non-mated searches or more" in err
     assert "     20%     0.8124   40.00%       1 of 10          20.00%" in err
+    # A refusal (the results there already) comes alone: the threshold's note was printed before it.
+    assert run_search("--gallery", gallery, "--probes", probes, "--probe-labels", labels, "--output", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("search: error: ") and err.count("\n") == 1 and "exists: pass --overwrite" in err, err
 
     # --fpir 0.2 decides at 0.8124: one stranger in; alice and bob found, carol (0.81235) and dave unknown,
     # alice2 taken for bob. --save-gallery copies the table with the threshold.

@@ -339,16 +339,19 @@ def run(args: argparse.Namespace) -> int:
         table_about = read_about(args.embeddings, embeddings) or {}
         source_folder = table_about.get("images")
     model_path = args.model
+    # On the threshold, for a run that goes ahead: said once the refusals below are past (they came before them).
+    notes = []
     if model_path is None and args.threshold is None and table_about.get("model"):
         if os.path.isfile(table_about["model"]):
             model_path = table_about["model"]
         else:
-            print(f"cluster: note: {table_about['model']}, the model the table was made with, is not there any "
-                  "more: its threshold is not known", file=sys.stderr)
+            notes.append(f"cluster: note: {table_about['model']}, the model the table was made with, is not there "
+                         "any more: its threshold is not known")
     model, settings = (None, {})
     if model_path:  # (with --embeddings, for its threshold and embedding size)
         model, settings = load_model(model_path, device if args.images else "cpu")
-    threshold, threshold_source = model_threshold(model_path, settings, args.threshold, tool="cluster")
+    threshold, threshold_source, note = model_threshold(model_path, settings, args.threshold, tool="cluster")
+    notes += [note] if note else []
     if args.embeddings and args.model:
         width = settings.get("embedding_size")
         if width is not None and width != embeddings.shape[1]:
@@ -359,12 +362,12 @@ def run(args: argparse.Namespace) -> int:
         told = made_with(table_about, model_path, model, {})
         recorded = table_about.get("model")
         if told is not None and not told[0]:
-            print(f"cluster: note: --embeddings {args.embeddings} was made with another model than {model_path} "
-                  f"({recorded} as it was then; its .json records the SHA-256 of that model's {told[1]}): the "
-                  f"threshold is {model_path}'s, which may not suit the table's embeddings", file=sys.stderr)
+            notes.append(f"cluster: note: --embeddings {args.embeddings} was made with another model than "
+                         f"{model_path} ({recorded} as it was then; its .json records the SHA-256 of that model's "
+                         f"{told[1]}): the threshold is {model_path}'s, which may not suit the table's embeddings")
         elif told is None and recorded and os.path.realpath(recorded) != os.path.realpath(model_path):
-            print(f"cluster: note: the table was made with {recorded}; the threshold is --model {args.model}'s",
-                  file=sys.stderr)
+            notes.append(f"cluster: note: the table was made with {recorded}; the threshold is --model "
+                         f"{args.model}'s")
 
     if args.duplicate_cosine is not None and args.duplicate_cosine < threshold:
         raise ValueError(f"--duplicate-cosine {args.duplicate_cosine:g} is below the threshold {threshold:.4f} ("
@@ -378,6 +381,8 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(args.images,) if args.images else ())
     if args.tree:
         _check_tree(args, source_folder, table_about)
+    for note in notes:
+        print(note, file=sys.stderr)
 
     failures = []
     # Where each face was aligned from (photo, landmarks), for a tree of the faces' crops: with --all-faces a

@@ -690,7 +690,7 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     sorted_person = person[order]
     model_cosine = model_source = None
     if model_path and "threshold" in settings:
-        model_cosine, model_source = model_threshold(model_path, settings, None, tool="roc")
+        model_cosine, model_source, _ = model_threshold(model_path, settings, None, tool="roc")  # (recorded: no note)
     watch = sorted({DEFAULT_DUPLICATE_COSINE} | ({model_cosine} if model_cosine is not None else set()))
     print(f"roc: scoring the {n * (n - 1) // 2:,} pairs of {count_of(n, 'face')} of "
           f"{count_of(len(people), 'person', 'people')} on {device}", file=sys.stderr, flush=True)

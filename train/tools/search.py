@@ -311,12 +311,14 @@ def run(args: argparse.Namespace) -> int:
         if made_with_one_model(gallery.about, probes.about) is False:
             raise ValueError(f"--gallery {args.gallery} and --probes {args.probes} were made with two models (their "
                              ".json files record other SHA-256s): embeddings of two models cannot be compared")
+    threshold_note = None  # (said once the refusals below are past: it came before them)
     if args.fpir is not None:
         threshold, threshold_source = None, "--fpir"  # chosen by the search
     elif recorded is not None:
         threshold, threshold_source = recorded
     else:
-        threshold, threshold_source = model_threshold(model_path, settings, args.threshold, tool="search")
+        threshold, threshold_source, threshold_note = model_threshold(model_path, settings, args.threshold,
+                                                                      tool="search")
     one_to_one = args.fpir is None and recorded is None and args.threshold is None  # (the model's own threshold)
     labels_file = args.probe_labels if args.probe_labels not in (None, "folder") else None
     if labels_file and not os.path.isfile(labels_file):
@@ -349,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
               *(table_files(args.probes, about=True) if probes is not None else ()))
     detector = open_detector(args.detector, device) if args.detector else None
     check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(gallery_folder, probe_folder))
+    if threshold_note:
+        print(threshold_note, file=sys.stderr)
 
     failures = []  # (the gallery's, then the probes')
     if gallery_folder:
