@@ -59,6 +59,14 @@ def class_shard(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return start, start + base + (1 if rank < extra else 0)
 
 
+def _some_shard_holds(num_classes: int, classes: int) -> bool:
+    """Whether some rank of some number of ranks (2 or more) holds ``classes`` of ``num_classes`` in
+    :func:`class_shard`: on n ranks a shard holds C // n or -(-C // n) classes, and the only n that can
+    give ``classes`` are C // classes and -(-C // classes)."""
+    return classes > 0 and any(2 <= ranks <= num_classes and classes in (num_classes // ranks, -(-num_classes // ranks))
+                               for ranks in (num_classes // classes, -(-num_classes // classes)))
+
+
 def _group_info(group):
     if dist.is_available() and dist.is_initialized():
         rank = dist.get_rank(group)
@@ -798,10 +806,15 @@ def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
             return module.shard_of(tensor).clone() if own < whole else tensor
         if tensor.shape[0] == own:
             return tensor
+        classes, part = divmod(tensor.shape[0], module.k)
+        if not part and _some_shard_holds(module.num_classes, classes):  # (a rank's own, of another number of ranks)
+            why = (": a rank's own optimizer.state_dict() holds its shard's rows alone: save with "
+                   "arcface_ext.full_state_dict(model, optimizer)")
+        else:  # (e.g. full_state_dict's of a loss of another class count: it was told to save with full_state_dict)
+            why = (f", nor a rank's shard of its {module.num_classes} classes on any number of ranks: the state of a "
+                   "loss of another number of classes (num_classes)")
         raise ValueError(f"optimizer state {name} has {tensor.shape[0]} rows: neither the whole centres' "
-                         f"{whole} nor this rank's {own} (classes [{module.class_start}, {module.class_stop})): "
-                         "a rank's own optimizer.state_dict() holds its shard's rows alone: save with "
-                         "arcface_ext.full_state_dict(model, optimizer)")
+                         f"{whole} nor this rank's {own} (classes [{module.class_start}, {module.class_stop})){why}")
 
     return _map_class_state(model, optimizer, state_dict, rows)
 

@@ -5,6 +5,7 @@ import copy
 import datetime
 import functools
 import os
+import re
 import time
 
 import pytest
@@ -564,6 +565,29 @@ def test_a_shard_of_another_number_of_ranks_names_full_state_dict():
                                          r"optimizer\.state_dict\(\) holds its shard's rows alone: save with "
                                          r"arcface_ext\.full_state_dict\(model, optimizer\)$"):
         arcface_ext.shard_optimizer_state(module, optimizer, saved)
+
+
+def test_an_optimizer_state_no_rank_holds_is_not_called_a_rank_s_own():
+    # The whole state of a loss of another number of classes (full_state_dict's, a replicated loss's) was said to
+    # be a rank's own shard, to be saved with full_state_dict, as it was. Of 5 classes a rank of 2 or more ranks
+    # holds 1, 2 or 3; k rows a class with sub-centres.
+    for module, rows, shard in [(arcface_ext.ShardedCombinedMarginLoss(5, 3), 7, False),  # (more than the whole)
+                                (arcface_ext.ShardedCombinedMarginLoss(5, 3), 4, False),
+                                (arcface_ext.ShardedSubCenterMarginLoss(5, 3, k=2), 6, True),  # (3 classes)
+                                (arcface_ext.ShardedSubCenterMarginLoss(5, 3, k=2), 5, False),
+                                (arcface_ext.ShardedSubCenterMarginLoss(5, 3, k=2), 8, False)]:
+        optimizer = arcface_ext.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+        saved = {"state": {0: {"momentum_buffer": torch.ones(rows, 3)}},
+                 "param_groups": optimizer.state_dict()["param_groups"]}
+        whole = 5 * module.k
+        said = (": a rank's own optimizer.state_dict() holds its shard's rows alone: save with "
+                "arcface_ext.full_state_dict(model, optimizer)") if shard else (
+                ", nor a rank's shard of its 5 classes on any number of ranks: the state of a loss of another number "
+                "of classes (num_classes)")
+        message = (f"optimizer state weight's momentum_buffer has {rows} rows: neither the whole centres' {whole} nor "
+                   f"this rank's {whole} (classes [0, 5)){said}")
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            arcface_ext.shard_optimizer_state(module, optimizer, saved)
 
 
 @pytest.mark.parametrize("module_class", [arcface_ext.ShardedCombinedMarginLoss, arcface_ext.ShardedAdaFaceLoss,
