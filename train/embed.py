@@ -903,6 +903,8 @@ def run(args: argparse.Namespace) -> int:
     norms = []
     if args.compare:
         for path in args.compare:
+            if os.path.isdir(path):  # (was "no image at <it>", the folder in plain sight)
+                raise ValueError(f"--compare {path} is a folder, not an image: name two image files")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"no image at {path}{checkpoint.dangling(path)}")
         if args.detector:

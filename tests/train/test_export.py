@@ -575,6 +575,7 @@ def test_embed_writes_feature_norms(trained, tmp_path, capsys):
     ("threshold nan", "--threshold is a cosine similarity, from -1 to 1: got nan"),
     ("output a folder", "is a folder: name a .npy or .csv file"),
     ("images not a folder", "--images ABSENT is not a folder"),
+    ("compare a folder", "--compare FACES is a folder, not an image: name two image files"),  # (was: no image at)
 ])
 def test_embed_mistakes_are_one_line_errors(trained, tmp_path, capsys, mistake, message):
     ckpt, faces = trained
@@ -597,8 +598,9 @@ def test_embed_mistakes_are_one_line_errors(trained, tmp_path, capsys, mistake, 
         "threshold nan": ["--compare", *compared, "--threshold", "nan"],
         "output a folder": ["--images", faces, "--output", str(tmp_path)],
         "images not a folder": ["--images", str(tmp_path / "absent"), "--output", output],
+        "compare a folder": ["--compare", compared[0], faces],
     }[mistake]
-    message = message.replace("ABSENT", str(tmp_path / "absent"))
+    message = message.replace("ABSENT", str(tmp_path / "absent")).replace("FACES", faces)
     try:
         code = embed.main(["--model", ckpt, *argv])
     except SystemExit as exit_info:  # argparse's own check
@@ -606,7 +608,7 @@ def test_embed_mistakes_are_one_line_errors(trained, tmp_path, capsys, mistake, 
     err = capsys.readouterr().err
     assert code == 2 and message in err.splitlines()[-1] and "Traceback" not in err, err
     assert not os.path.exists(output) and not os.path.exists(str(tmp_path) + ".npy")
-    if mistake.startswith(("device", "corrupt", "images")):  # (the others are argparse's, its usage line first)
+    if mistake.startswith(("device", "corrupt", "images", "compare")):  # (the others: argparse's, its usage line first)
         assert err.startswith("embed: error: ") and err.count("\n") == 1, err
 
 
