@@ -56,7 +56,10 @@ class FlipNormalized(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         both = self.backbone(torch.cat([x, torch.flip(x, dims=[3])]))
         count = x.shape[0]
-        return torch.nn.functional.normalize(both[:count] + both[count:], dim=1)
+        summed = both[:count] + both[count:]
+        # F.normalize's division written out, the same values: its expand_as left the graph's output
+        # (batch, Divembedding_dim_1), a name where a deployment reads the embedding's length.
+        return summed / summed.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 class DecomposedPReLU(torch.nn.Module):

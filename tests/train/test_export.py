@@ -118,6 +118,8 @@ def test_normalized_onnx_gives_the_verification_embedding(trained, tmp_path, cap
     images = torch.stack([torch.from_numpy(load_image_file(path, settings["image_size"]).transpose(2, 0, 1).copy())
                           for path in paths])
     session = ort.InferenceSession(str(normalized), providers=["CPUExecutionProvider"])
+    # (N, D) as backbone.onnx declares it (was (batch, 'Divembedding_dim_1'): no length to read)
+    assert session.get_outputs()[0].shape == ["batch", settings["embedding_size"]]
     got = session.run(["embedding"], {"input": ((images.float() - 127.5) / 127.5).numpy()})[0]
     expected = embed.embed_files(model, paths, settings["image_size"])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
