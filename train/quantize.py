@@ -99,6 +99,12 @@ def read_faces(spec: str, count: int, *, image_size: int, run: dict, flag: str =
         message = str(error)
         raise type(error)(f"{flag} " + message[len("--data "):] if message.startswith("--data ") else
                           f"{flag} {spec}: {message}") from None
+    for name, part in getattr(dataset, "parts", [(spec, dataset)]):  # (said as the trainer says it of --data)
+        stored = getattr(part, "stored_size", None)
+        if stored not in (None, (image_size, image_size)):  # (photos, not aligned faces, show here)
+            print(f"note: {flag} {name} holds {stored[1]}x{stored[0]} (width x height) images "
+                  f"({part.stored_size_source}); they are resized to {image_size}x{image_size} (the model's input)",
+                  file=sys.stderr)
     total = len(dataset)
     if total == 0:
         raise ValueError(f"{flag} {spec}: no faces in it")

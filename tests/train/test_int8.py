@@ -149,6 +149,20 @@ def test_int8_calibrates_on_the_runs_own_faces_and_verifies_on_its_sets(run, tmp
     assert "accuracy" not in printed.out
 
 
+def test_faces_of_another_size_than_the_models_are_said_to_be_resized(run, tmp_path, capsys):
+    # Calibration faces of another size (photos, not aligned faces, say) were resized without a word, where
+    # the trainer says it of its --data.
+    ckpt, faces, _ = run
+    photos = make_face_folder(str(tmp_path / "photos"), identities=2, images=4, size=48)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "a"), "--int8", photos,
+                        "--int8-targets", "none"]) == 0
+    assert (f"note: --int8 {photos} holds 48x48 (width x height) images (its first image); they are resized to "
+            "32x32 (the model's input)\n") in capsys.readouterr().err
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "b"), "--int8", faces,
+                        "--int8-targets", "none"]) == 0
+    assert "resized" not in capsys.readouterr().err
+
+
 def test_the_runs_relative_data_is_read_from_the_folder_it_ran_in(run, tmp_path, monkeypatch, capsys):
     # A run of `--data faces` exported from another folder: --int8 looked for ./faces here ("no such folder").
     ckpt, faces, pairs = run
