@@ -624,6 +624,13 @@ def table_files(path: str, *, about: bool = False) -> list[str]:
     return files + [about_path(files[0])] if about else files
 
 
+def check_table_output(flag: str, path: str) -> None:
+    """ValueError when ``path``, a table to write (``flag``'s), is a folder: :func:`table_files` takes
+    ``<folder>.npy`` beside it for it, or a hidden ``.npy`` in it for ``<folder>/``, written without a word."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder: name a .npy or .csv file")
+
+
 def about_path(path: str) -> str:
     """Where the provenance of the table at ``path`` (its ``.npy`` or ``.csv``) is: that file's name
     with ``.json`` appended (``e.npy.json``), a name no other output of the tools takes."""

@@ -49,9 +49,9 @@ with stop_while_importing(__name__, "ijb: "):
 
     from . import checkpoint
     from .data.transforms import to_chw, to_rgb, unreadable_image
-    from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
-                        embed_images, load_model, model_digests, read_about, read_table, report_unreadable,
-                        run_stoppable, table_files, write_table)
+    from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, check_table_output,
+                        describe_about, embed_images, load_model, model_digests, read_about, read_table,
+                        report_unreadable, run_stoppable, table_files, write_table)
     from .tools import ArgumentParser, check_outputs, say, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -1075,6 +1075,8 @@ def _main(argv: list[str] | None) -> int:
         else:
             model, settings = load_model(args.model, device)
         # Checked before hours of embedding, not found unusable after them; not the release's own files.
+        if args.save_features:
+            check_table_output("--save-features", args.save_features)
         check_outputs(written, args.overwrite,
                       inputs=(*benchmark_inputs(args), *release_files(args.data_root, args.target)),
                       image_folders=(protocol.image_folder,))

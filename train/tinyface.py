@@ -28,8 +28,9 @@ with stop_while_importing(__name__, "tinyface: "):
     import torch
 
     from . import checkpoint
-    from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options, describe_about,
-                        list_images, load_model, read_about, run_stoppable, table_files)
+    from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options,
+                        check_table_output, describe_about, list_images, load_model, read_about, run_stoppable,
+                        table_files)
     from .ijb import embed_release, save_features, saved_features
     from .tools import ArgumentParser, check_outputs, say, torch_device
 
@@ -173,6 +174,8 @@ def _main(argv: list[str] | None) -> int:
             model, settings = load_model(args.model, device)
             size = settings["image_size"]
         # Before the embedding, not after it; not an image's name among the release's.
+        if args.save_features:
+            check_table_output("--save-features", args.save_features)
         check_outputs(written, args.overwrite, inputs=benchmark_inputs(args), image_folders=(protocol.root,))
     except (OSError, ValueError) as error:
         say(f"tinyface: error: {error}", file=sys.stderr)

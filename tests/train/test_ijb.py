@@ -756,14 +756,18 @@ def test_missing_model_is_an_error_message(release, tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["features path is a folder", "output is a folder", "features .txt exists",
-                                  "output exists"])
+@pytest.mark.parametrize("case", ["features path is a folder", "features path is a folder without .npy",
+                                  "output is a folder", "features .txt exists", "output exists"])
 def test_unusable_outputs_are_reported_before_embedding(release, tmp_path, monkeypatch, capsys, case):
     data, model, _ = release
 
     fail_if_called(monkeypatch, ijb, "embed_images", "embedding started before the outputs were checked")
     output, features = tmp_path / "ijbc.json", tmp_path / "feats.npy"
     if case == "features path is a folder":
+        features.mkdir()
+    elif case == "features path is a folder without .npy":
+        # (it was written as feats.npy beside it, without a word; feats/ as a hidden feats/.npy in it)
+        features = tmp_path / "feats"
         features.mkdir()
     elif case == "output is a folder":
         output.mkdir()
@@ -781,7 +785,10 @@ def test_unusable_outputs_are_reported_before_embedding(release, tmp_path, monke
     assert ijb.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("ijb: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert ("is a folder: name a file" if "folder" in case else "exists: pass --overwrite to replace it") in err
+    assert {"output is a folder": f"{output} is a folder: name a file to write",
+            "output exists": "exists: pass --overwrite to replace it",
+            "features .txt exists": "exists: pass --overwrite to replace it"}.get(
+        case, f"--save-features {features} is a folder: name a .npy or .csv file") in err
     assert contents() == before
 
 

@@ -21,7 +21,7 @@ from train.data.synthetic import render_face
 from train.embed import write_table
 from train.ijb import FARS, curve_rates, tar_at_far
 from train.tools import roc
-from trainer_fixtures import IMAGE_SIZE, fail_if_called, trained_backbone
+from trainer_fixtures import IMAGE_SIZE, fail_if_called, trained_backbone, two_step_checkpoint
 
 
 def run_roc(*argv) -> int:
@@ -512,6 +512,21 @@ def test_a_folder_embedded_saved_and_read_back(trained, tmp_path, capsys):
     for key in ("tar_at_far", "threshold_at_far", "eer", "operating_point", "model_threshold", "model_sha256"):
         assert again[key] == summary[key], key
     assert (tmp_path / "again.csv").read_text() == out.read_text()
+
+
+def test_a_save_embeddings_that_is_a_folder_is_refused(tmp_path, capsys):
+    # --save-embeddings tables/ wrote the table as tables/.npy, tables/.npy.txt and tables/.npy.json, hidden in the
+    # folder, and --save-embeddings tables as tables.npy beside it, without a word.
+    ckpt, people = two_step_checkpoint(tmp_path / "model")
+    capsys.readouterr()
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    for named in (folder, f"{folder}{os.sep}"):
+        assert run_roc("--model", ckpt, "--images", people, "--save-embeddings", named, "--far", 0.05,
+                       "--output", tmp_path / "roc.csv") == 2
+        said = f"roc: error: --save-embeddings {named} is a folder: name a .npy or .csv file\n"
+        assert capsys.readouterr().err == said
+        assert os.listdir(folder) == [] and sorted(os.listdir(tmp_path)) == ["model", "tables"]
 
 
 def test_a_folder_as_collected(trained, tmp_path, capsys):

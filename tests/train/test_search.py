@@ -709,6 +709,22 @@ def test_fpir_recorded_in_a_gallery_enrolled_from_a_folder(trained, tmp_path, ca
     assert not os.path.exists(saved) and not os.path.exists(tmp_path / "s.csv")
 
 
+def test_a_save_gallery_that_is_a_folder_is_refused(open_set, tmp_path, capsys):
+    # --save-gallery gallery/ wrote the table as gallery/.npy, gallery/.npy.txt and gallery/.npy.json, hidden in
+    # the folder, and --save-gallery gallery as gallery.npy beside it, without a word (train.embed --output refuses
+    # a folder).
+    gallery, probes, labels = open_set
+    folder = tmp_path / "enrolled"
+    folder.mkdir()
+    before = sorted(os.listdir(tmp_path))
+    for named in (folder, f"{folder}{os.sep}"):
+        assert run_search("--gallery", gallery, "--probes", probes, "--probe-labels", labels, "--fpir", 0.1,
+                          "--save-gallery", named, "--output", tmp_path / "r.csv") == 2
+        said = f"search: error: --save-gallery {named} is a folder: name a .npy or .csv file\n"
+        assert capsys.readouterr().err == said
+        assert os.listdir(folder) == [] and sorted(os.listdir(tmp_path)) == before
+
+
 def test_a_tables_unit_rows_are_taken_as_they_are(tmp_path):
     # Normalised again, unit rows changed in their last bits (torch 2.4's normalize: a gallery saved with
     # --save-gallery scored -0.091611 where its folder had scored -0.091612); rows of another length are normalised.

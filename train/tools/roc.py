@@ -50,9 +50,9 @@ with stop_while_importing(__name__, "roc: "):
     import torch
 
     from train import checkpoint
-    from train.embed import (MODEL_HELP, embed_folder, embed_listed_faces, faces_described, folder_images,
-                             listed_faces, load_model, model_digests, model_threshold, open_detector, table_files,
-                             write_table)
+    from train.embed import (MODEL_HELP, check_table_output, embed_folder, embed_listed_faces, faces_described,
+                             folder_images, listed_faces, load_model, model_digests, model_threshold, open_detector,
+                             table_files, write_table)
     from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
                            threshold_allowing)
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
@@ -570,7 +570,9 @@ def run(args: argparse.Namespace) -> int:
         _check_made_with(faces, "--embeddings", args.embeddings, model_path, model, settings, {}, tool="roc")
     outputs = [args.output, summary_path(args.output), *failing_outputs(args.output).values()]
     outputs += [args.plot] if args.plot else []
-    outputs += table_files(args.save_embeddings, about=True) if args.save_embeddings else []
+    if args.save_embeddings:
+        check_table_output("--save-embeddings", args.save_embeddings)
+        outputs += table_files(args.save_embeddings, about=True)
     if len({os.path.realpath(path) for path in outputs}) < len(outputs):
         raise ValueError(f"--output {args.output}, --plot and --save-embeddings must name different files")
     inputs = (model_path, checkpoint.settings_path(model_path) if model_path else None, args.landmarks,

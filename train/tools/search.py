@@ -43,8 +43,8 @@ with stop_while_importing(__name__, "search: "):
     from train.data.imagefolder import scan_image_folder
     from train.data.transforms import IMAGE_EXTENSIONS
     from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, _warn_if_not_aligned, _warn_left_out,
-                             _warn_others_not_square, about_path, embed_detected, embed_files, embed_listed_faces,
-                             faces_described, images_under, listed_faces, load_model, made_with,
+                             _warn_others_not_square, about_path, check_table_output, embed_detected, embed_files,
+                             embed_listed_faces, faces_described, images_under, listed_faces, load_model, made_with,
                              made_with_one_model, model_digests, model_threshold, open_detector, read_about,
                              read_table, table_files, write_table)
     from train.ijb import allowed_passes, negatives_needed, template_features, threshold_allowing
@@ -343,7 +343,9 @@ def run(args: argparse.Namespace) -> int:
             _check_fpir_strangers(args, truth, enrolled)
 
     outputs = [args.output, summary_path(args.output)] if args.probes else []
-    outputs += table_files(args.save_gallery, about=True) if args.save_gallery else []
+    if args.save_gallery:
+        check_table_output("--save-gallery", args.save_gallery)
+        outputs += table_files(args.save_gallery, about=True)
     if len({os.path.realpath(path) for path in outputs}) < len(outputs):
         raise ValueError(f"--output {args.output} and --save-gallery {args.save_gallery} must be different files")
     inputs = (model_path, checkpoint.settings_path(model_path) if model_path else None, args.landmarks, args.detector,
