@@ -422,7 +422,7 @@ def test_inputs_that_are_broken_symbolic_links_are_said_to_be_and_where_they_poi
             call()
         assert str(error.value).startswith(said), error.value
     assert search.main(["--gallery", str(gone), "--save-gallery", str(tmp_path / "g.npy")]) == 2
-    assert capsys.readouterr().err == f"search: error: --gallery {gone}: no such folder, image or table {link}\n"
+    assert capsys.readouterr().err == f"search: error: --gallery {gone}: no such folder or table {link}\n"
     # A path with nothing there is said as before.
     assert align.main(["--images", str(tmp_path / "none"), "--landmarks", listing,
                        "--output", str(tmp_path / "a")]) == 2

@@ -431,8 +431,12 @@ def test_input_errors(hand, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit:
             run_roc("--embeddings", hand, *argv)
         assert exit.value.code == 2 and said in capsys.readouterr().err
+    # --embeddings takes a table alone (it said "no such folder, image or table", of a folder too).
     assert run_roc("--embeddings", tmp_path / "none.npy", "--output", out) == 2
-    assert "no such folder, image or table" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"roc: error: --embeddings {tmp_path / 'none.npy'}: no such table\n"
+    assert run_roc("--embeddings", tmp_path, "--output", out) == 2
+    assert capsys.readouterr().err == (f"roc: error: --embeddings {tmp_path} is a folder, not a table: --images "
+                                       f"{tmp_path} embeds its faces\n")
     # An output that exists is kept without --overwrite; one of the table's files is never an output.
     assert run_roc("--embeddings", hand, "--output", out, "--far", 0.1) == 0
     before = out.read_bytes()

@@ -553,6 +553,9 @@ def run(args: argparse.Namespace) -> int:
     device = torch_device(args.device)
     faces = None
     if args.embeddings:
+        if os.path.isdir(args.embeddings):
+            raise ValueError(f"--embeddings {args.embeddings} is a folder, not a table: --images {args.embeddings} "
+                             "embeds its faces")
         faces = _read_faces("--embeddings", args.embeddings)
     else:
         check_images_folder(args.images)

@@ -168,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
-def _read_faces(flag: str, path: str) -> Faces:
-    """A table given to ``flag``: its rows of unit length, and its provenance."""
+def _read_faces(flag: str, path: str, takes: str = "table") -> Faces:
+    """A table given to ``flag``: its rows of unit length, and its provenance. ``takes``: what ``flag`` takes,
+    which a path with nothing there is said to be none of."""
     if not os.path.isfile(table_files(path)[0]) and not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path}: no such folder, image or table{checkpoint.dangling(path)}")
+        raise FileNotFoundError(f"{flag} {path}: no such {takes}{checkpoint.dangling(path)}")
     names, embeddings = read_table(path)
     if not names:
         raise ValueError(f"{flag} {path}: the table holds no faces")
@@ -248,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     inputs, the model and the outputs are checked before any face is embedded."""
     device = torch_device(args.device)
     gallery_folder = args.gallery if os.path.isdir(args.gallery) else None
-    gallery = None if gallery_folder else _read_faces("--gallery", args.gallery)
+    gallery = None if gallery_folder else _read_faces("--gallery", args.gallery, "folder or table")
     if gallery is not None and args.save_gallery and args.fpir is None:
         raise ValueError(f"--save-gallery with --gallery {args.gallery}: the gallery is a table already (with "
                          "--fpir, --save-gallery writes a copy that records the threshold)")
@@ -264,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(f"--probes {args.probes}: no such image{checkpoint.dangling(args.probes)}")
             probe_image = args.probes
         else:
-            probes = _read_faces("--probes", args.probes)
+            probes = _read_faces("--probes", args.probes, "folder, image or table")
         if args.landmarks and not probe_folder:
             raise ValueError(f"--landmarks: --probes {args.probes} is not a folder (the photos the file lists are "
                              "found under it)")
