@@ -128,6 +128,15 @@ def read_csv(path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
+def test_embeddings_that_are_a_folder_are_said_to_be_one(tmp_path, capsys):
+    # (it said "no file at <folder>/.npy", a file nobody named)
+    for named in (tmp_path, f"{tmp_path}{os.sep}"):
+        assert run_quality("--embeddings", named, "--output", tmp_path / "q.csv") == 2
+        assert capsys.readouterr().err == (f"quality: error: --embeddings {named} is a folder, not a table: --model M "
+                                           f"--images {named} scores its faces\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_scores_trees_and_tables(trained, tmp_path, capsys):
     ckpt, pairs = trained
     faces = os.path.dirname(pairs)

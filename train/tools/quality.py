@@ -290,6 +290,8 @@ def _table_norms(path: str) -> tuple[list[str], np.ndarray, np.ndarray | None, d
     {}) of ``--embeddings``: ``train.embed --norms``'s file (image,norm), this tool's ``--output``
     (image,quality, and detector_score and rejected: its ``.json`` gives the model and the images' folder),
     or a table whose ``.json`` names that file."""
+    if os.path.isdir(path):  # (it said "no file at <path>/.npy")
+        raise ValueError(f"--embeddings {path} is a folder, not a table: --model M --images {path} scores its faces")
     names, values = read_table(path)
     if not names:
         raise ValueError(f"--embeddings {path}: the table holds no faces")
