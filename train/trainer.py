@@ -438,11 +438,15 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line.decode("utf-8")))
+            # (Without its line break: a line cut short in a string read as 'Invalid control character'.)
+            records.append(json.loads(line.decode("utf-8").rstrip("\r\n")))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             if number == len(lines):
                 break
-            reason = error.msg if isinstance(error, json.JSONDecodeError) else f"not UTF-8 text: {error.reason}"
+            if isinstance(error, json.JSONDecodeError):  # (its msg waits for the position: "Extra data", "... at")
+                reason = f"{error.msg}{'' if error.msg.endswith(' at') else ' at'} column {error.colno}"
+            else:
+                reason = f"not UTF-8 text: {error.reason}"
             raise LogUnreadable(f"{path}: line {number} is not JSON ({reason}); delete or repair that line") from None
     return records
 

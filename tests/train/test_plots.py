@@ -151,7 +151,12 @@ def test_a_log_line_that_is_not_utf8_is_named_as_a_broken_line(tmp_path, capsys)
     # (a line that is not JSON likewise: it was read_jsonl's SystemExit, exit status 1 without "error:")
     (tmp_path / "metrics.jsonl").write_bytes(good + b'{"step": 2, "lo\n' + good)
     assert main([str(tmp_path)]) == 2
-    assert capsys.readouterr().err.startswith(f"plots: error: {tmp_path / 'metrics.jsonl'}: line 2 is not JSON (")
+    err = capsys.readouterr().err
+    assert err.startswith(f"plots: error: {tmp_path / 'metrics.jsonl'}: line 2 is not JSON (")
+    # (json's reason alone, before its position, was 'Invalid control character at': the line's end read as part of
+    # the string it cut short)
+    assert err == (f"plots: error: {tmp_path / 'metrics.jsonl'}: line 2 is not JSON (Unterminated string starting at "
+                   "column 13); delete or repair that line\n")
     (tmp_path / "metrics.jsonl").write_bytes(good + b'\x00\xff\x17')
     assert main([str(tmp_path)]) == 0
     assert f"note: the last line of {tmp_path / 'metrics.jsonl'} is not JSON (a write cut short): left out" in \
