@@ -165,7 +165,15 @@ def quantize(fp32_path: str, int8_path: str, calibration: np.ndarray, *, only_un
         try:
             # Shape inference, and onnxruntime's graph optimisations (each BatchNorm after a convolution folded
             # into it), as onnxruntime's quantization guide has it.
-            quant_pre_process(fp32_path, prepared)
+            try:
+                quant_pre_process(fp32_path, prepared)
+            except OSError:
+                raise
+            except Exception:
+                # Its symbolic shape inference gives up on some graphs (backbone_normalized.onnx at opset 18
+                # to 20, whose ReduceL2 takes its axes as an input: "object of type 'NoneType' has no len()"):
+                # onnx's own shape inference then.
+                quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
             graph = onnx.load(prepared, load_external_data=False).graph
             # PReLU stays float, as a PRelu node does (it has no int8 kernel): the int8 graph then gives the
             # embeddings it gave with PRelu nodes (quantized, the decomposition's Mul and Add lowered the
