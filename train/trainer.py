@@ -1801,11 +1801,17 @@ class Trainer:
                     from .plots import write_plots
 
                     try:
-                        write_plots(self.output, self.angles)
-                    # A full disk, an edited log (LogUnreadable, a ValueError): the run's outcome is said above,
-                    # and stays its exit status.
+                        # (A Ctrl-C now, the run's end said: a second one after a stop's line, say. With the handlers
+                        # of before back, it was a KeyboardInterrupt's traceback, and a SIGTERM an end without a word.)
+                        with stop_on_signals():
+                            write_plots(self.output, self.angles)
+                    # A full disk, an edited log (LogUnreadable, a ValueError), a stop: the run's outcome is said
+                    # above, and stays its exit status.
                     except (OSError, ValueError) as error:
                         self._error(f"note: the plots were not written: {error}")
+                    except Stopped as stop:
+                        self._error(f"note: stopped by {stop.name} while drawing the plots: python -m train.plots "
+                                    f"{self.output} draws them")
             if self.distributed:
                 # All ranks reach here at the same step (stops and divergence are agreed on every
                 # step); leaving together keeps one rank from tearing its gloo/NCCL group down while

@@ -405,6 +405,45 @@ def test_signals_at_start_up_and_a_second_ctrl_c_give_one_line(faces, tmp_path, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
 
 
+def test_a_signal_while_the_plots_are_drawn_leaves_them_out_with_a_note(faces, tmp_path, monkeypatch, capsys):
+    # The figures are drawn once the run has said how it ended (its checkpoint written), with the handlers of
+    # before back: a Ctrl-C then (a second one after the stop's line, the plots taking a while) was a
+    # KeyboardInterrupt traceback, a SIGTERM an end by the signal without a word (helper-185's trial).
+    pytest.importorskip("matplotlib")
+    import train.plots
+
+    def signalled_while_drawing(output, angles, into=None):
+        handler = signal.getsignal(signal.SIGINT)  # what a Ctrl-C arriving now runs
+        handler(signal.SIGINT, None)
+
+    monkeypatch.setattr(train.plots, "write_plots", signalled_while_drawing)
+
+    def run(output):
+        try:
+            return main(argv(faces, output, max_steps=2, save_every=0) + ["--plots"])
+        except KeyboardInterrupt:
+            return "KeyboardInterrupt"
+
+    note = "note: stopped by SIGINT while drawing the plots: python -m train.plots {} draws them\n"
+    assert run(tmp_path / "done") == 0  # the run's outcome, its exit status
+    err = capsys.readouterr().err
+    assert "done: 2 steps in " in err and err.endswith(note.format(tmp_path / "done")), err
+    original_step = Trainer.train_step
+
+    def stopped_in_step_1(self, images, labels):
+        if self.step == 0:
+            self._on_signal(signal.SIGTERM, None)
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", stopped_in_step_1)
+    assert run(tmp_path / "stopped") == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 1; checkpoint: " in err and err.endswith(note.format(tmp_path / "stopped"))
+    assert checkpoint.load(str(tmp_path / "stopped" / "checkpoint.pt"))["step"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_under_torchrun_each_process_says_its_stop_at_start_up_and_a_second_signal_with_its_rank(
         rank, faces, tmp_path, monkeypatch, capsys):
