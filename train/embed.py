@@ -737,10 +737,12 @@ def read_table(path: str) -> tuple[list[str], np.ndarray]:
     """What :func:`write_table` wrote at ``path``: (image names, (N, D) float32 embeddings). Raises
     FileNotFoundError or ValueError naming the file (and the line or row) at fault: a table that is
     not one, values that are not finite, or an image named twice."""
+    tables = "a .npy (with the .txt beside it) or a .csv, as --save-features and train.embed write them"
+    if os.path.isdir(path):  # (it said "no file at <path>.npy", or "<path>/.npy", a file nobody named)
+        raise ValueError(f"{path} is a folder, not a table: {tables}")
     if os.path.isfile(path) and not path.endswith((".csv", ".npy")):
         # (a table path without .npy is the name np.save was given: its .npy is looked for, below)
-        raise ValueError(f"{path}: not a feature table: a .npy (with the .txt beside it) or a .csv, as "
-                         "--save-features and train.embed write them")
+        raise ValueError(f"{path}: not a feature table: {tables}")
     files = table_files(path)
     for file in files:
         if not os.path.isfile(file):

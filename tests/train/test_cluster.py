@@ -528,6 +528,8 @@ def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
                        (["--images", tmp_path, "--model", backbone],
                         f"cluster: error: --images {tmp_path}: no images (.jpg, .jpeg, .png, .bmp) under it\n"),
                        (["--embeddings", tmp_path / "none.npy"], "none.npy"),
+                       (["--embeddings", tmp_path], f"cluster: error: {tmp_path} is a folder, not a table: a .npy "
+                        "(with the .txt beside it) or a .csv, as --save-features and train.embed write them\n"),
                        (["--images", photos, "--model", tmp_path / "none.pt"], "none.pt")]:
         assert run_cluster(*argv, "--output", out) == 2
         err = capsys.readouterr().err

@@ -4,6 +4,7 @@ import collections
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -770,6 +771,10 @@ def test_a_file_that_is_not_a_feature_table_is_named_so(tmp_path):
         embed.read_table(str(other))
     with pytest.raises(FileNotFoundError, match=r"no file at .*missing\.npy"):  # a name without .npy: np.save's
         embed.read_table(str(tmp_path / "missing"))
+    # A folder (cluster --embeddings aligned/, ijb --features feats) said "no file at aligned/.npy".
+    for folder in (str(tmp_path), str(tmp_path) + os.sep):
+        with pytest.raises(ValueError, match=rf"^{re.escape(folder)} is a folder, not a table: a \.npy .* or a \.csv"):
+            embed.read_table(folder)
 
 
 @pytest.mark.parametrize("inputs, message", [
