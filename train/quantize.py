@@ -86,7 +86,7 @@ def read_faces(spec: str, count: int, *, image_size: int, run: dict, flag: str =
     (the same ones every time), and up to ``count`` others. ``run``: the options of the run the model comes
     from ({} for none), whose synthetic faces are drawn as it drew them. Raises OSError or ValueError
     naming ``flag``, or an image that cannot be read."""
-    from .data import SYNTHETIC, build_train_dataset
+    from .data import SYNTHETIC, build_train_dataset, resized_note
     from .data.transforms import to_model_input
 
     seed, sizes = 0, {}
@@ -100,11 +100,9 @@ def read_faces(spec: str, count: int, *, image_size: int, run: dict, flag: str =
         raise type(error)(f"{flag} " + message[len("--data "):] if message.startswith("--data ") else
                           f"{flag} {spec}: {message}") from None
     for name, part in getattr(dataset, "parts", [(spec, dataset)]):  # (said as the trainer says it of --data)
-        stored = getattr(part, "stored_size", None)
-        if stored not in (None, (image_size, image_size)):  # (photos, not aligned faces, show here)
-            print(f"note: {flag} {name} holds {stored[1]}x{stored[0]} (width x height) images "
-                  f"({part.stored_size_source}); they are resized to {image_size}x{image_size} (the model's input)",
-                  file=sys.stderr)
+        resized = resized_note(f"{flag} {name}", part, image_size, "the model's input")
+        if resized:
+            print(resized, file=sys.stderr)
     total = len(dataset)
     if total == 0:
         raise ValueError(f"{flag} {spec}: no faces in it")

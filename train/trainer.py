@@ -689,7 +689,7 @@ class Trainer:
 
     def _set_up(self, args: argparse.Namespace) -> None:
         from .data import (CombinedFaces, build_train_dataset, build_train_loader, build_verification_sets,
-                           check_every_rank_reads_the_same)
+                           check_every_rank_reads_the_same, resized_note)
 
         self.args = args
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -735,11 +735,9 @@ class Trainer:
                   "identities, an identity of one set never taken for one of another: "
                   + "; ".join(self.dataset.describe()), file=sys.stderr)
         for name, dataset in getattr(self.dataset, "parts", [(args.data, self.dataset)]) if self.is_main else []:
-            stored_size = getattr(dataset, "stored_size", None)
-            if stored_size not in (None, (args.image_size, args.image_size)):
-                print(f"note: {name} holds {stored_size[1]}x{stored_size[0]} (width x height) images "
-                      f"({dataset.stored_size_source}); they are resized to {args.image_size}x{args.image_size} "
-                      "(--image-size)", file=sys.stderr)
+            resized = resized_note(name, dataset, args.image_size, "--image-size")
+            if resized:
+                print(resized, file=sys.stderr)
             if getattr(dataset, "labels_note", None):  # a list file's labels, not 0..C-1
                 print(f"note: {name}: {dataset.labels_note}", file=sys.stderr)
             if getattr(dataset, "repeats_note", None):  # a list naming an image twice

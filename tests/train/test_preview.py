@@ -35,6 +35,18 @@ def test_one_image_over_epochs_shows_each_epochs_augmentation(tmp_path, capsys):
     assert len({tile(sheet, k, 3, 32).tobytes() for k in range(6)}) == 6  # every epoch its own crop
 
 
+def test_a_folder_of_another_image_size_gets_the_trainers_note(tmp_path, capsys):
+    # The note the trainer gives of its --data (train.data.resized_note); none of a folder of the size.
+    data = make_face_folder(str(tmp_path / "faces"), identities=2, images=2, size=48)
+    assert preview.main(["--output", str(tmp_path / "a.png"), "--data", data, "--image-size", str(IMAGE_SIZE),
+                         "--count", "1"]) == 0
+    assert (f"note: {data} holds 48x48 (width x height) images (its first image); they are resized to "
+            f"{IMAGE_SIZE}x{IMAGE_SIZE} (--image-size)\n") in capsys.readouterr().err
+    assert preview.main(["--output", str(tmp_path / "b.png"), "--data", data, "--image-size", "48",
+                         "--count", "1"]) == 0
+    assert "resized" not in capsys.readouterr().err
+
+
 def test_consecutive_images_of_a_folder_and_random_ones(tmp_path):
     data = make_face_folder(str(tmp_path / "faces"), identities=3, images=4)
     dataset, _ = build_train_dataset(data, image_size=IMAGE_SIZE)

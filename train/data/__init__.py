@@ -106,6 +106,18 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
     return dataset, dataset.num_classes
 
 
+def resized_note(name: str, dataset: FaceImageDataset, image_size: int, size_from: str) -> str | None:
+    """The note that ``dataset`` (one set of :func:`build_train_dataset`'s, given as ``name``) holds
+    images of another size than ``image_size`` (``size_from`` says whose size: ``--image-size``), which
+    are resized to it: photos, not aligned faces, show here. None where they are that size or it is not
+    known. Said by the trainer of its --data, and by the tools that read a --data as it does."""
+    stored = getattr(dataset, "stored_size", None)
+    if stored in (None, (image_size, image_size)):
+        return None
+    return (f"note: {name} holds {stored[1]}x{stored[0]} (width x height) images ({dataset.stored_size_source}); "
+            f"they are resized to {image_size}x{image_size} ({size_from})")
+
+
 def check_every_rank_reads_the_same(dataset: FaceImageDataset, spec: str, fingerprint: str | None = None) -> None:
     """Raise SystemExit on every rank of the default process group unless all ranks built the same
     training set from `--data spec` (its fingerprint: size, classes and index, not the pixels).

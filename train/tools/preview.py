@@ -91,7 +91,7 @@ def build_parser() -> ArgumentParser:
 
 def _main(argv: list[str] | None = None) -> int:
     from train.config import parse_args
-    from train.data import build_train_dataset
+    from train.data import build_train_dataset, resized_note
     from train.trainer import augmentation
 
     parser = build_parser()
@@ -118,11 +118,9 @@ def _main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--num-classes is {options.num_classes}, but {options.data} holds {classes} identities")
         parts = getattr(dataset, "parts", [(options.data, dataset)])  # (--data a,b: each set's)
         for name, part in parts:
-            stored = getattr(part, "stored_size", None)
-            if stored not in (None, (options.image_size, options.image_size)):
-                print(f"note: {name} holds {stored[1]}x{stored[0]} (width x height) images "
-                      f"({part.stored_size_source}); they are resized to {options.image_size}x{options.image_size} "
-                      "(--image-size)", file=sys.stderr)
+            resized = resized_note(name, part, options.image_size, "--image-size")
+            if resized:
+                print(resized, file=sys.stderr)
         # The grid is an image: not in an ImageFolder's identity folders (it would be a training image the
         # next time). A RecordIO folder, or an ImageFolder's root, holds no image that is read.
         identities = tuple(entry.path for name, _ in parts
