@@ -869,8 +869,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threshold is not None and not -1 <= args.threshold <= 1:
         p.error(f"--threshold is a cosine similarity, from -1 to 1: got {args.threshold}")
     args.output = args.output or "embeddings.npy"
-    if os.path.isdir(args.output):  # (was written as <folder>.npy beside it)
-        p.error(f"--output {args.output} is a folder: name a .npy or .csv file")
+    try:  # (a folder was written as <folder>.npy beside it)
+        check_table_output("--output", args.output)
+    except ValueError as error:
+        p.error(str(error))
     table = table_files(args.output, about=True)
     if args.norms and os.path.realpath(args.norms) in {os.path.realpath(f) for f in table}:
         p.error(f"--norms and --output must be different files, got {args.norms}")
