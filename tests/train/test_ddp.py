@@ -531,7 +531,9 @@ def _sleep_until_terminated(seconds: float) -> None:
     waited past --dist-timeout), and the rank's handler of the moment (the trainer's, which notes it, or
     stop_on_signals', which raises) takes the signal as it took it in the middle of the whole sleep. So the slow
     rank still outlasts the other's timeout whatever the machine's load, without sleeping out the rest of the
-    `seconds` after the other has ended (about 6 of the 12 s, in the tests below where the handler notes it)."""
+    `seconds` after the other has ended (about 54 of the 60 s, in the tests below where the handler notes it). The
+    tests below sleep 60 s, ten times their --dist-timeout, where 12 s let a rank that reached the collective more
+    than 6 s late (its own start-up slower, on 2 cores beside other tests) wait less than the timeout."""
     handler = signal.getsignal(signal.SIGTERM)
     if not callable(handler):  # (its default action ends the process as the sleep's would)
         time.sleep(seconds)
@@ -553,7 +555,7 @@ def _sleep_until_terminated(seconds: float) -> None:
 
 
 def _train_with_rank_0_slow(argv, where):
-    """train.trainer.main(argv) on a rank; rank 0 takes 12 s longer (or until terminated) at ``where``: reading
+    """train.trainer.main(argv) on a rank; rank 0 takes 60 s longer (or until terminated) at ``where``: reading
     its verification sets ("start-up", while the others wait for it at the start-up's barrier), or writing the
     checkpoint of step 2 ("step") or the last one ("end"), while the others go on to the next step's collectives
     or wait for it at the end of the run."""
@@ -562,7 +564,7 @@ def _train_with_rank_0_slow(argv, where):
     if os.environ["RANK"] == "0":
         def slow(real):
             def late(*args, **kwargs):
-                _sleep_until_terminated(12)  # (twice the test's --dist-timeout; then it finds the other ended)
+                _sleep_until_terminated(60)  # (ten times the test's --dist-timeout; then it finds the other ended)
                 return real(*args, **kwargs)
             return late
 
@@ -594,7 +596,7 @@ def test_a_rank_waiting_longer_than_dist_timeout_says_so(where, when, save_every
 
 
 def _train_with_rank_1_slow(argv):
-    """train.trainer.main(argv) on a rank; rank 1 takes 12 s longer (or until terminated) before its step 2,
+    """train.trainer.main(argv) on a rank; rank 1 takes 60 s longer (or until terminated) before its step 2,
     while rank 0 waits for it at the step's collectives."""
     from train import trainer
 
@@ -603,7 +605,7 @@ def _train_with_rank_1_slow(argv):
 
         def late(self, *args, **kwargs):
             if self.step == 1:
-                _sleep_until_terminated(12)  # (twice the test's --dist-timeout; then it finds the other ended)
+                _sleep_until_terminated(60)  # (ten times the test's --dist-timeout; then it finds the other ended)
             return train_step(self, *args, **kwargs)
 
         trainer.Trainer.train_step = late
