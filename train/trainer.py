@@ -1760,7 +1760,7 @@ class Trainer:
             return 1
         except TrainingDiverged as error:
             last = _sentence(self._kept_checkpoint("last good"))
-            self._write(_error_line(f"training diverged: {error}; stopping. {last}.\nUsual causes: a learning rate "
+            self._write(_error_line(f"training diverged: {error}; stopping. {last}. Usual causes: a learning rate "
                                     "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
                                     "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, "
                                     "--arcface_s)."))

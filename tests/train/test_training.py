@@ -1752,6 +1752,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(faces, tmp_path, monk
     err = capsys.readouterr().err
     assert "\ntrain: error: training diverged: the loss is nan at step 7" in err
     assert "last good checkpoint is kept" in err and "(step 4)" in err
+    line = err[err.index("train: error: training diverged"):]  # (one line, the causes on it: a log's grep finds them)
+    assert line.endswith(" Usual causes: a learning rate too high for the batch size (lower --lr or add "
+                         "--warmup-steps), fp16 overflow (--amp bf16 or none), or a too large margin/scale for the "
+                         "data (--arcface_m, --arcface_s).\n") and line.count("\n") == 1, line
     state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
