@@ -15,6 +15,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from train import checkpoint
 from train.data.synthetic import render_face
@@ -113,6 +114,30 @@ def test_probe_labels_that_name_no_one_enrolled_are_noted(tables, tmp_path, caps
     assert run_search("--gallery", gallery, "--probes", tables[1], "--threshold", 0.5, "--output", tmp_path / "s.csv",
                       "--probe-labels", tables[2]) == 0
     assert "names none of the gallery's people" not in capsys.readouterr().err
+
+
+def test_a_gallery_whose_model_is_gone_is_noted_once_the_run_goes_ahead(tables, tmp_path, capsys):
+    # The note on the threshold (the gallery's model not there any more) came before a refusal, here the results
+    # there already, as the default threshold's did (8905cbd); before --model's refusal it says why.
+    _, probes, _ = tables
+    gallery = tmp_path / "moved.npy"
+    write_table(str(gallery), ["alice/1.jpg", "bob/1.jpg"], unit(E[0], E[2]),
+                about={"model": str(tmp_path / "gone.pt")})
+    out = tmp_path / "r.csv"
+    out.write_text("kept")
+    assert run_search("--gallery", gallery, "--probes", probes, "--output", out) == 2
+    assert capsys.readouterr().err == f"search: error: {out} exists: pass --overwrite to replace it\n"
+    assert run_search("--gallery", gallery, "--probes", probes, "--output", out, "--overwrite") == 0
+    err = capsys.readouterr().err
+    assert (f"search: note: {tmp_path / 'gone.pt'}, the model the gallery was made with, is not there any more: its "
+            "threshold is not known\nsearch: note: no model gives the threshold: cosine 0.3 is taken") in err, err
+    photos = tmp_path / "photos"
+    os.makedirs(photos)
+    Image.new("RGB", (32, 32)).save(photos / "p0.png")
+    assert run_search("--gallery", gallery, "--probes", photos, "--output", tmp_path / "s.csv") == 2
+    assert capsys.readouterr().err == (f"search: note: {tmp_path / 'gone.pt'}, the model the gallery was made with, "
+                                       "is not there any more\nsearch: error: --model is needed: it embeds the "
+                                       f"faces of --probes {photos}\n")
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_the_search(tables, tmp_path, capsys):

@@ -286,13 +286,18 @@ def run(args: argparse.Namespace) -> int:
     recorded = recorded_threshold(args, gallery)
     model_path = args.model
     needs_threshold = args.threshold is None and args.fpir is None and recorded is None
+    # On the threshold, for a run that goes ahead: said once the refusals below are past (they came before them).
+    notes = []
     if model_path is None and (embeds or needs_threshold) and gallery is not None \
             and gallery.about.get("model"):
         if os.path.isfile(gallery.about["model"]):
             model_path = args.model = gallery.about["model"]
-        else:
+        elif embeds:  # (why the refusal below asks for --model)
             print(f"search: note: {gallery.about['model']}, the model the gallery was made with, is not there any "
-                  "more" + ("" if embeds else ": its threshold is not known"), file=sys.stderr)
+                  "more", file=sys.stderr)
+        else:
+            notes.append(f"search: note: {gallery.about['model']}, the model the gallery was made with, is not "
+                         "there any more: its threshold is not known")
     if embeds and not model_path:
         raise ValueError("--model is needed: it embeds the faces of " + " and ".join(
             f"{flag} {value}" for flag, value, table in (("--gallery", args.gallery, gallery),
@@ -312,14 +317,13 @@ def run(args: argparse.Namespace) -> int:
         if made_with_one_model(gallery.about, probes.about) is False:
             raise ValueError(f"--gallery {args.gallery} and --probes {args.probes} were made with two models (their "
                              ".json files record other SHA-256s): embeddings of two models cannot be compared")
-    threshold_note = None  # (said once the refusals below are past: it came before them)
     if args.fpir is not None:
         threshold, threshold_source = None, "--fpir"  # chosen by the search
     elif recorded is not None:
         threshold, threshold_source = recorded
     else:
-        threshold, threshold_source, threshold_note = model_threshold(model_path, settings, args.threshold,
-                                                                      tool="search")
+        threshold, threshold_source, note = model_threshold(model_path, settings, args.threshold, tool="search")
+        notes += [note] if note else []
     one_to_one = args.fpir is None and recorded is None and args.threshold is None  # (the model's own threshold)
     labels_file = args.probe_labels if args.probe_labels not in (None, "folder") else None
     if labels_file and not os.path.isfile(labels_file):
@@ -354,8 +358,8 @@ def run(args: argparse.Namespace) -> int:
               *(table_files(args.probes, about=True) if probes is not None else ()))
     detector = open_detector(args.detector, device) if args.detector else None
     check_outputs(outputs, args.overwrite, inputs=inputs, image_folders=(gallery_folder, probe_folder))
-    if threshold_note:
-        print(threshold_note, file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
 
     failures = []  # (the gallery's, then the probes')
     if gallery_folder:
