@@ -1592,8 +1592,9 @@ class Trainer:
             # (A SystemExit unwinds as KeyboardInterrupt did, temporary files removed, without its traceback.)
             # (No line break first: on a terminal, tqdm.write clears the bar's line, "^C" with it; in a log or a pipe
             # it made a blank line.)
-            self._error(trainer_stop_line(f"stopped by a second {signal.Signals(signum).name}: at once, without a "
-                                          "checkpoint of this step"))
+            name, first = signal.Signals(signum).name, signal.Signals(self._stop_signal).name
+            again = f"a second {name}" if name == first else f"{name} after {first}"  # (torchrun: Ctrl-C, then TERM)
+            self._error(trainer_stop_line(f"stopped by {again}: at once, without a checkpoint of this step"))
             raise SystemExit(128 + signum)
         # Only a flag: printing from a handler can re-enter a half-written stream. The DataLoader
         # workers, signalled with the process group, ignore it (train.data) and keep serving batches.

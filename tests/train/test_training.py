@@ -523,7 +523,7 @@ def test_another_signal_soon_after_the_first_is_a_second_one(faces, tmp_path, mo
         main(argv(faces, tmp_path, max_steps=4, save_every=0))
     assert stopped.value.code == 128 + signal.SIGTERM
     err = capsys.readouterr().err  # (one line, with no blank one before it outside a terminal)
-    assert "\nstopped by a second SIGTERM: at once, without a checkpoint of this step\n" in err, err
+    assert "\nstopped by SIGTERM after SIGINT: at once, without a checkpoint of this step\n" in err, err
     assert "\n\n" not in err, err
 
 
