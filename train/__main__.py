@@ -2,7 +2,7 @@
 
 import sys
 
-from .signals import Stopped, readers_may_leave, stop_on_signals, trainer_stop_line
+from .signals import Stopped, readers_may_leave, stop_on_signals, trainer_start_up_stop_line
 
 said = None  # the one line said here: a stop while importing, or main's refusal
 try:
@@ -11,8 +11,7 @@ try:
     with stop_on_signals():
         from .trainer import main
 except Stopped as stop:
-    said = trainer_stop_line(f"stopped by {stop.name} during the start-up, before the first step")
-    status = stop.exit_status
+    said, status = trainer_start_up_stop_line(stop.name), stop.exit_status
 else:
     try:
         status = main()

@@ -119,6 +119,12 @@ def trainer_stop_line(message: str) -> str:
     return message
 
 
+def trainer_start_up_stop_line(name: str) -> str:
+    """:func:`trainer_stop_line` of a stop before the first step (``name``: ``SIGINT``), said by
+    ``python -m train`` while it imports torch and by train.trainer while it sets the run up."""
+    return trainer_stop_line(f"stopped by {name} during the start-up, before the first step")
+
+
 @contextlib.contextmanager
 def signals_held(final: bool = True):
     """Ctrl-C and SIGTERM wait while the block runs, and arrive as it ends: a block of renames that must

@@ -38,7 +38,8 @@ from .models import (VisionTransformer, check_embedding_shape, get_model, is_fac
                      model_multiply_adds, multiply_adds)
 from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
-from .signals import Stopped, readers_may_leave, stop_on_signals, trainer_stop_line
+from .signals import (Stopped, readers_may_leave, stop_on_signals, trainer_start_up_stop_line,
+                      trainer_stop_line)
 from .tools import count_of, installed_version, lost_a_peer, say_unhandled_error, start_process_group, timed_out
 
 ANGLE_PHASES = ("start", "middle", "end")
@@ -1976,8 +1977,7 @@ def _run(argv: list[str] | None) -> int:
                 trainer = Trainer(args, "".join(read_notes))
         except Stopped as stop:
             _undo_start(args.output)
-            print(trainer_stop_line(f"stopped by {stop.name} during the start-up, before the first step"),
-                  file=sys.stderr)
+            print(trainer_start_up_stop_line(stop.name), file=sys.stderr)
             _leave_group()
             return stop.exit_status
         except BaseException:
