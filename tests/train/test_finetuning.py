@@ -113,7 +113,7 @@ def test_an_onnx_model_is_named_so(tmp_path):
                                    [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 4])],
                                    [onnx.helper.make_tensor_value_info("embedding", onnx.TensorProto.FLOAT, [1, 4])])
     model = tmp_path / "w600k_r50.onnx"
-    onnx.save(onnx.helper.make_model(graph), str(model))
+    onnx.save(onnx.helper.make_model(graph, ir_version=8), str(model))
     renamed = tmp_path / "weights.pt"  # told by its start too
     shutil.copy(model, renamed)
     for path in (model, renamed):
