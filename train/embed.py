@@ -581,16 +581,16 @@ def report_unreadable(unreadable: list[tuple[int, str]], folder: str, tool: str,
 
 
 def check_benchmark_options(p: argparse.ArgumentParser, args: argparse.Namespace, written: list[str],
-                            flags: str) -> None:
+                            flags: str) -> str | None:
     """argparse errors for what ``add_benchmark_options``' options cannot mean together, and for
     output files (``written``, given by ``flags``) that coincide; the defaults of --flip (on), --batch-size
-    and --workers set."""
+    and --workers set. Returns the note on options that --features leaves unused (or None), for the
+    benchmark to say once nothing refuses the run: a refused call says its error alone."""
     # (taken without a word; a note, not an error: one command line may run with --model, then with --features)
     unused = [flag for flag, value in (("--batch-size", args.batch_size), ("--workers", args.workers))
               if value is not None and args.features]
-    if unused:
-        print(f"note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used with --features, which "
-              "are scored as they are, without embedding", file=sys.stderr)
+    note = (f"note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used with --features, which "
+            "are scored as they are, without embedding") if unused else None
     args.batch_size = 128 if args.batch_size is None else args.batch_size
     args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     if args.batch_size < 1 or args.workers < 0:
@@ -602,6 +602,7 @@ def check_benchmark_options(p: argparse.ArgumentParser, args: argparse.Namespace
     args.flip = True if args.flip is None else args.flip
     if len({os.path.realpath(path) for path in written}) < len(written):
         p.error(f"{flags} must be different files, got {', '.join(written)}")
+    return note
 
 
 def benchmark_inputs(args: argparse.Namespace) -> tuple[str, ...]:

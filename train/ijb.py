@@ -1043,7 +1043,7 @@ def _main(argv: list[str] | None) -> int:
     output = args.output or f"{args.target.lower()}.json"
     written = [output, *(table_files(args.save_features, about=True) if args.save_features else []),
                *([args.plot] if args.plot else [])]
-    check_benchmark_options(p, args, written, "--output, --save-features and --plot")
+    unused = check_benchmark_options(p, args, written, "--output, --save-features and --plot")
     if args.plot:
         from .plots import _pyplot
 
@@ -1083,6 +1083,8 @@ def _main(argv: list[str] | None) -> int:
     except (OSError, ValueError) as error:
         say(f"ijb: error: {error}", file=sys.stderr)
         return 2
+    if unused:
+        say(unused, file=sys.stderr)
     if note:
         say(note)
     size = settings["image_size"]

@@ -161,7 +161,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --output and --save-features files that exist")
     args = p.parse_args(argv)
     written = [args.output, *(table_files(args.save_features, about=True) if args.save_features else [])]
-    check_benchmark_options(p, args, written, "--output and --save-features")
+    unused = check_benchmark_options(p, args, written, "--output and --save-features")
     started = time.monotonic()
     try:
         device = torch_device(args.device)
@@ -180,6 +180,8 @@ def _main(argv: list[str] | None) -> int:
     except (OSError, ValueError) as error:
         say(f"tinyface: error: {error}", file=sys.stderr)
         return 2
+    if unused:  # (said once nothing above refuses the run)
+        say(unused, file=sys.stderr)
     names = protocol.image_names
     say(f"TinyFace: {len(protocol.names['Probe'])} probes searched among {len(protocol.names['Gallery_Match'])} "
           f"gallery images and {len(protocol.names['Gallery_Distractor'])} distractors; "

@@ -892,13 +892,16 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
     assert ijb.main(["--features", str(tmp_path / "feats.npy"), *base, "--output", str(tmp_path / "n.json"),
                      "--protocol", "1:N", "--no-norm-score"]) == 0
     assert "identification" in json.loads((tmp_path / "n.json").read_text())
+    assert "note: --workers is not used with --features, which are scored as they are" in capsys.readouterr().err
 
     # Features of another release, a missing table, and options that make no sense with them.
     (tmp_path / "feats.txt").write_text((tmp_path / "feats.txt").read_text().replace("\n3.jpg\n", "\nx.jpg\n"))
     assert ijb.main(["--features", str(tmp_path / "feats.npy"), *base, "--output", str(tmp_path / "x.json")]) == 2
     assert "has no features for 1 of the 36 images of this release (the first: 3.jpg)" in capsys.readouterr().err
     assert ijb.main(["--features", str(tmp_path / "none.npy"), *base]) == 2
-    assert "ijb: error: no file at" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ijb: error: no file at" in err
+    assert len(err.splitlines()) == 1, err  # a refusal alone: --workers' note is for a run that goes ahead
     # A table of more images than the release uses (IJB-B's names are some of IJB-C's).
     (tmp_path / "feats.txt").write_text((tmp_path / "feats.txt").read_text().replace("\nx.jpg\n", "\n3.jpg\n"))
     saved_rows = np.load(tmp_path / "feats.npy")
@@ -931,6 +934,7 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
                      "--overwrite"]) == 0
     assert json.loads((tmp_path / "o.json").read_text())["features_about"] == \
         json.loads((tmp_path / "feats.npy.json").read_text())
+    assert "note: --workers is not used with --features" in capsys.readouterr().err
     for extra, message in ((["--save-features", str(tmp_path / "y.npy")], "--save-features with --features"),
                            (["--model", model], "not allowed with argument --features"),
                            (["--no-flip"], "--flip/--no-flip with --features"),
@@ -938,7 +942,9 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
                             "--output, --save-features and --plot must be different files")):
         with pytest.raises(SystemExit):
             ijb.main(["--features", str(tmp_path / "feats.npy"), *base, *extra])
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.startswith("usage: python -m train.ijb"), err  # not after --workers' note
 
 
 def assert_close_results(got, expected):

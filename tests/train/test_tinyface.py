@@ -216,6 +216,17 @@ def test_mistakes_are_one_line_errors(release, tmp_path, capsys):
         with pytest.raises(SystemExit):
             tinyface.main(extra + ["--data-root", data])
         assert message in capsys.readouterr().err
+    # A refused call says its error alone: the note on --workers/--batch-size (unused with --features) belongs
+    # to a run that goes ahead (it was said first, before argparse's usage or the tool's own error).
+    for extra in (["--save-features", "y.npy"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit):
+            tinyface.main(["--features", "x.npy", "--workers", "0", *extra, "--data-root", data])
+        assert capsys.readouterr().err.startswith("usage: python -m train.tinyface")
+    assert tinyface.main(["--features", str(partial), "--batch-size", "8", "--data-root", data, "--output",
+                          str(tmp_path / "p.json")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"tinyface: error: {partial} has no features for 17 of the 18 images of this release (the first: "
+        f"{os.path.join('Probe', '13_1.jpg')}): features of another release?"]
 
 
 def test_release_images_are_never_outputs_and_every_unreadable_one_is_named(release, tmp_path, capsys):
