@@ -20,6 +20,11 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class OnnxModelGiven(ValueError):
+    """:func:`load`'s error for an ONNX model where a PyTorch checkpoint is read: a caller whose flag
+    cannot take the weights it was exported from either (``--resume``) says what to give instead."""
+
+
 def write_atomic(path: str, write: Callable[[IO], None], *, binary: bool = True) -> None:
     """Calls ``write(file)`` on a temporary file in ``path``'s folder, then renames it to ``path``:
     a crash or a kill mid-write leaves the previous file (or none) rather than a truncated one, and
@@ -170,8 +175,9 @@ def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = Fa
         from .onnx_backbone import is_onnx_file
 
         if not torch_file and is_onnx_file(path):  # (w600k_r50.onnx, say: was "not a readable checkpoint")
-            raise ValueError(f"{path} is an ONNX model, not a PyTorch checkpoint: give the checkpoint or state dict "
-                             "it was exported from (train.export's backbone.pt, insightface's backbone.pth)") from None
+            raise OnnxModelGiven(f"{path} is an ONNX model, not a PyTorch checkpoint: give the checkpoint or state "
+                                 "dict it was exported from (train.export's backbone.pt, insightface's backbone.pth)"
+                                 ) from None
         # torch.save writes a zip archive (before torch 1.6, a pickle): of another file the unpickler's
         # error is a stray byte's code ("KeyError: 104" for a text file), its start says more.
         if not torch_file:

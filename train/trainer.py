@@ -1052,6 +1052,13 @@ class Trainer:
     def _load_training_state(self, path: str) -> list[dict[str, Any]]:
         try:
             state = checkpoint.load(path, mmap=True)
+        except checkpoint.OnnxModelGiven:
+            # (load's line points at backbone.pt, which --resume refuses in turn: name the flag that takes it)
+            beside = os.path.join(os.path.dirname(path), "backbone.pt")
+            weights = beside if os.path.isfile(beside) else "train.export's backbone.pt or insightface's backbone.pth"
+            raise SystemExit(f"--resume {path} is an ONNX model, not a training checkpoint (--resume continues a run "
+                             f"of this trainer from its {checkpoint.CHECKPOINT_NAME}): start a new run from the "
+                             f"weights it was exported from with --pretrained_model {weights}") from None
         except ValueError as error:
             raise SystemExit(f"--resume: {error}") from None
         if not (isinstance(state, dict) and {"args", "step", "optimizer"} <= state.keys()):

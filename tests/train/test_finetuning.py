@@ -125,3 +125,17 @@ def test_an_onnx_model_is_named_so(tmp_path):
                                          "model, not a PyTorch checkpoint: give the checkpoint") as error:
         main(base_argv("synthetic", str(tmp_path / "run"), loss_impl=LOSS_IMPL, pretrained_model=str(model)))
     assert "\n" not in str(error.value)
+    # --resume took the line above, which points at backbone.pt, which --resume then refused ("use
+    # --pretrained_model"): a two-step path. Its line names the flag that takes the weights, and the
+    # export's backbone.pt where one is beside the graph.
+    for beside in (False, True):
+        if beside:
+            (tmp_path / "backbone.pt").write_bytes(b"")
+        weights = (str(tmp_path / "backbone.pt") if beside
+                   else "train.export's backbone.pt or insightface's backbone.pth")
+        with pytest.raises(SystemExit) as error:
+            main(base_argv("synthetic", str(tmp_path / "run"), loss_impl=LOSS_IMPL, resume=str(model)))
+        assert str(error.value) == (
+            f"train: error: --resume {model} is an ONNX model, not a training checkpoint (--resume continues a run of "
+            f"this trainer from its checkpoint.pt): start a new run from the weights it was exported from with "
+            f"--pretrained_model {weights}")
