@@ -909,6 +909,9 @@ class Trainer:
 
         self._stop_signal = 0
         self._stop_signal_at = 0.0  # (time.monotonic()'s)
+        self._stop_signal_step = 0  # self.step when it came (in the last step or after it: the run ends as usual)
+        self._late_signal_said = False
+        self._ended_as_usual = False  # (its done: line said)
         self._previous_handlers: dict[int, Any] = {}
         self._error_said = None  # the error said before the process group was left (_fit), if one was
         self._started = time.perf_counter()
@@ -1537,6 +1540,8 @@ class Trainer:
             def stop_here(count):
                 if self._stop_signal and stoppable:
                     raise _VerificationStopped
+                if not stoppable:  # (said as it comes, not once the sets are done: lfw, cfp_fp, agedb_30 take minutes)
+                    self._say_a_signal_at_the_end()
 
             self.backbone.eval()
             try:
@@ -1606,7 +1611,20 @@ class Trainer:
             raise SystemExit(128 + signum)
         # Only a flag: printing from a handler can re-enter a half-written stream. The DataLoader
         # workers, signalled with the process group, ignore it (train.data) and keep serving batches.
-        self._stop_signal, self._stop_signal_at = signum, time.monotonic()
+        self._stop_signal, self._stop_signal_at, self._stop_signal_step = signum, time.monotonic(), self.step
+
+    def _say_a_signal_at_the_end(self) -> None:
+        """A signal of this process's own that came in the last step or after it (the final verification, the
+        checkpoint, the end's lines) ends the run as usual, exit status 0 (it did all it was asked: its checkpoint
+        is the last one, and a resume has nothing to train); a line says it was taken, once, each process its own
+        (``train: rank R: `` under torchrun, as its other stop lines)."""
+        if not self._stop_signal or self._late_signal_said:
+            return
+        self._late_signal_said = True
+        name = signal.Signals(self._stop_signal).name
+        when = "during" if self._stop_signal_step < self.args.max_steps else "after"
+        self._error(trainer_stop_line(f"{name} {when} the last step ({self.args.max_steps}): the run ends as usual, "
+                                      "with its final verification and checkpoint"))
 
     def _nothing_to_train(self) -> str:
         """What a resume of a finished run says."""
@@ -1743,11 +1761,14 @@ class Trainer:
                 self._write(f"stopped by {cause} at step {self.step}; checkpoint: {self.checkpoint_path} (written in "
                             f"{saved_in:.1f} s; continue with --resume auto)")
                 return 128 + (signalled or signal.SIGTERM)
+            self._say_a_signal_at_the_end()
             self.evaluate(stoppable=False)
             self.save()
+            self._say_a_signal_at_the_end()
             bar.close()
             took = self.elapsed + time.perf_counter() - self._started
             self._write(f"done: {count_of(self.step, 'step')} in {took:.0f} s; outputs in {self.output}")
+            self._ended_as_usual = True
             return 0
         except (DataError, CheckpointNotWritten) as error:
             # One rank's alone. A worker's exception arrives with the worker's traceback in its
@@ -1803,6 +1824,8 @@ class Trainer:
             stop_loader_workers(self.loader)
             for signum, handler in self._previous_handlers.items():
                 signal.signal(signum, handler)
+            if self._ended_as_usual:  # (a signal after its done: line, as the loader's workers were ended)
+                self._say_a_signal_at_the_end()
             if self.is_main:
                 if args.plots:
                     from .plots import write_plots

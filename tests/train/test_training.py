@@ -313,6 +313,44 @@ def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkey
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
 
+@pytest.mark.parametrize("when", ["during the last step", "after the last step", "after it, under torchrun"])
+def test_a_signal_in_the_last_step_or_after_it_is_said_and_the_run_ends_as_usual(faces, tmp_path, monkeypatch,
+                                                                                   capsys, when):
+    # A Ctrl-C during the final verification (minutes at scale: lfw, cfp_fp, agedb_30) was taken without a word:
+    # the run ended as usual, exit 0, and nothing told the user that the key was read (helper-185's trial).
+    original_step, original_sets = Trainer.train_step, Trainer._evaluate_sets
+
+    def signalled_in_step_2(self, images, labels):
+        if self.step == 1:
+            self._on_signal(signal.SIGINT, None)
+        return original_step(self, images, labels)
+
+    def signalled_in_the_final_verification(self, evaluate, on_batch):
+        if self.step == 2:
+            self._on_signal(signal.SIGINT, None)
+        with monkeypatch.context() as torchrun:  # (the line said as a torchrun process of rank 1 says it)
+            if when.endswith("torchrun"):
+                torchrun.setenv("WORLD_SIZE", "2")
+                torchrun.setenv("RANK", "1")
+            return original_sets(self, evaluate, on_batch)
+
+    if when == "during the last step":
+        monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
+    else:
+        monkeypatch.setattr(Trainer, "_evaluate_sets", signalled_in_the_final_verification)
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=2)) == 0
+    err = capsys.readouterr().err
+    said = ("SIGINT during the last step (2)" if when == "during the last step" else
+            "SIGINT after the last step (2)" if when == "after the last step" else
+            "train: rank 1: SIGINT after the last step (2)")
+    line = f"\n{said}: the run ends as usual, with its final verification and checkpoint\n"
+    assert line in err and err.count(": the run ends as usual") == 1, err
+    assert "[step 2] pairs: accuracy" in err.split(line)[1], err  # (said as it came, before the verification's end)
+    assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
+    assert line.strip() in (tmp_path / "training.log").read_text()
+
+
 def test_a_stop_after_the_first_verification_does_not_repeat_it_on_resume(faces, tmp_path, monkeypatch):
     # A stop that came during the step-0 verification, after its last set: the checkpoint is at step 0. A
     # run resumed at step 0 starts its logs afresh and verifies step 0 again: one record a set and step.
