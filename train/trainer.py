@@ -912,6 +912,7 @@ class Trainer:
         self._stop_signal_step = 0  # self.step when it came (in the last step or after it: the run ends as usual)
         self._late_signal_said = False
         self._ended_as_usual = False  # (its done: line said)
+        self._quit_at_once = False  # a second signal: nothing more is written, the figures left out
         self._previous_handlers: dict[int, Any] = {}
         self._error_said = None  # the error said before the process group was left (_fit), if one was
         self._started = time.perf_counter()
@@ -1607,6 +1608,7 @@ class Trainer:
             # it made a blank line.)
             name, first = signal.Signals(signum).name, signal.Signals(self._stop_signal).name
             again = f"a second {name}" if name == first else f"{name} after {first}"  # (torchrun: Ctrl-C, then TERM)
+            self._quit_at_once = True
             self._error(trainer_stop_line(f"stopped by {again}: at once, without a checkpoint of this step"))
             raise SystemExit(128 + signum)
         # Only a flag: printing from a handler can re-enter a half-written stream. The DataLoader
@@ -1826,7 +1828,10 @@ class Trainer:
                 signal.signal(signum, handler)
             if self._ended_as_usual:  # (a signal after its done: line, as the loader's workers were ended)
                 self._say_a_signal_at_the_end()
-            if self.is_main:
+            # Not after a second signal, which asks to quit at once: the figures take seconds, its line is out (after
+            # the stop's, with its checkpoint, where the first signal got that far), and python -m train.plots draws
+            # them. Those of before (a resumed run's) stay as they were: each is written whole or not at all.
+            if self.is_main and not self._quit_at_once:
                 if args.plots:
                     from .plots import write_plots
 

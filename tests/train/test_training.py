@@ -482,6 +482,44 @@ def test_a_signal_while_the_plots_are_drawn_leaves_them_out_with_a_note(faces, t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_second_signal_quits_without_drawing_the_plots(faces, tmp_path, monkeypatch, capsys):
+    # A second Ctrl-C is "at once": the run's finally still drew the figures after its line (seconds at scale, the
+    # user's key pressed to skip them), and they could be what a second Ctrl-C or a launcher's SIGKILL then cut.
+    pytest.importorskip("matplotlib")
+    import train.plots
+
+    assert main(argv(faces, tmp_path, max_steps=2, save_every=0) + ["--plots"]) == 0
+    figures = {name: ((tmp_path / name).read_bytes(), (tmp_path / name).stat().st_mtime_ns)
+               for name in os.listdir(tmp_path) if name.endswith(".png")}
+    assert figures
+    drawn, original_plots, original_step = [], train.plots.write_plots, Trainer.train_step
+
+    def drawing(*args, **kwargs):
+        drawn.append(args)
+        return original_plots(*args, **kwargs)
+
+    def twice(self, images, labels):
+        if self.step == 3:
+            self._on_signal(signal.SIGINT, None)
+            self._stop_signal_at -= SAME_STOP_SECONDS  # the second Ctrl-C, a while after the first
+            self._on_signal(signal.SIGINT, None)
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(train.plots, "write_plots", drawing)
+    monkeypatch.setattr(Trainer, "train_step", twice)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv(faces, tmp_path, max_steps=6, save_every=0, resume="auto") + ["--plots"])
+    assert stopped.value.code == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert err.endswith("\nstopped by a second SIGINT: at once, without a checkpoint of this step\n"), err
+    assert drawn == []
+    # The resumed run's figures of before are as they were, and nothing half-written is left beside them.
+    assert {name: ((tmp_path / name).read_bytes(), (tmp_path / name).stat().st_mtime_ns) for name in figures} == figures
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers of before are back
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_under_torchrun_each_process_says_its_stop_at_start_up_and_a_second_signal_with_its_rank(
         rank, faces, tmp_path, monkeypatch, capsys):
