@@ -443,27 +443,41 @@ def cosine_threshold(settings: dict, requested: float | None) -> tuple[float, st
     return DEFAULT_COSINE_THRESHOLD, "the default"
 
 
-def model_threshold(model_path: str | None, settings: dict, requested: float | None, *, tool: str
-                    ) -> tuple[float, str, str | None]:
+def model_threshold(model_path: str | None, settings: dict, requested: float | None, *, tool: str,
+                    decides: bool = True) -> tuple[float, str, str | None]:
     """:func:`cosine_threshold` for a tool that decides with it (``cluster``, ``search``), where it came
     from said with the file that recorded it, and the note for stderr (``tool: note: ...``,
     :func:`default_threshold_note`) when no model gives one and the default is taken, else None: the tool
     says it once its own refusals are past (said here, it came before them). ValueError when the model's
-    own is not above 0 (a model barely trained), which would take faces that are not alike at all for one
-    person."""
+    own decides nothing (:func:`meaningless_threshold`); not for a tool that only reports what it gives
+    (``decides=False``: roc, which measures its own)."""
     threshold, source = cosine_threshold(settings, requested)
     note = None
     if source == "the model's last verification":
         # (An export's, an int8 graph's too: the verification of the run's model, in backbone.json beside it.)
         sidecar = checkpoint.settings_path(model_path)
         source = f"{model_path}'s last verification" + (f" (recorded in {sidecar})" if os.path.isfile(sidecar) else "")
-        if not 0 < threshold <= 1:
-            raise ValueError(f"{model_path}'s last verification threshold is cosine {threshold:.4f}, which takes "
-                             "faces that are not alike at all for one person (a model barely trained?): give "
-                             "--threshold")
+        why = meaningless_threshold(model_path, threshold)
+        if why and decides:
+            raise ValueError(f"{why}: give --threshold")
     elif source == "the default":
         note = default_threshold_note(model_path, threshold, tool)
     return threshold, source, note
+
+
+def meaningless_threshold(model_path: str, threshold: float) -> str | None:
+    """Why the cosine ``threshold`` that ``model_path``'s last verification recorded decides nothing, or None.
+    At 1 (squared distance 0, verification's first threshold) it is what verification keeps where no
+    threshold did better than calling every pair different: a model at chance, whose embeddings may all
+    coincide (then two faces' cosine rounds to 1 and they are called one person). At 0 or below it takes
+    faces that are not alike at all for one person."""
+    if threshold >= 1:
+        return (f"{model_path}'s last verification threshold is cosine {threshold:.4f}: verification found no "
+                "threshold better than calling every pair different (a model at chance?)")
+    if threshold <= 0:
+        return (f"{model_path}'s last verification threshold is cosine {threshold:.4f}, which takes faces that "
+                "are not alike at all for one person (a model barely trained?)")
+    return None
 
 
 def default_threshold_note(model_path: str | None, threshold: float, tool: str) -> str:
@@ -932,6 +946,11 @@ def run(args: argparse.Namespace) -> int:
         threshold, source = cosine_threshold(settings, args.threshold)
         if source == "the default":  # (a note on stderr, as cluster and search give: no verification chose it)
             print(default_threshold_note(args.model, threshold, "embed"), file=sys.stderr)
+        why = meaningless_threshold(args.model, threshold) if source == "the model's last verification" else None
+        if why:  # (cluster and search refuse it; here the cosine is still worth printing, the verdict is not)
+            print(f"embed: note: {why}: a verdict at it means nothing (give --threshold: python -m "
+                  "train.tools.roc measures the one of a false accept rate on your own labelled faces)",
+                  file=sys.stderr)
         verdict = "same person" if similarity >= threshold else "different people"
         first_norm, second_norm = np.concatenate(norms)
         print(f"cosine similarity {similarity:.4f}: {verdict} (threshold {threshold:.4f}, from {source})"

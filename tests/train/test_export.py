@@ -392,6 +392,37 @@ def test_compare_with_a_model_that_records_no_threshold_says_the_default_is_no_m
         "is taken, a starting point, not a measured threshold (give --threshold: " in err, err
 
 
+def test_a_recorded_threshold_that_decides_nothing_is_said_so(tmp_path, capsys):
+    # A model at chance (3 steps of mbf) verified at 50% with threshold 0.0 (no threshold did better than
+    # "all different"): cosine 1.0, which --compare applied without a word, calling a collapsed model's
+    # two faces one person (their cosine rounds to 1); cluster and search refused cosine <= 0 only.
+    torch.save(get_model("small", image_size=112, embedding_size=64).state_dict(), tmp_path / "backbone.pth")
+    (tmp_path / "backbone.json").write_text(json.dumps({"network": "small", "embedding_size": 64, "image_size": 112,
+                                                        "threshold": 0.0}))
+    face = tmp_path / "a.png"
+    Image.fromarray(np.full((112, 112, 3), 128, np.uint8)).save(face)
+    model = str(tmp_path / "backbone.pth")
+    assert embed.main(["--model", model, "--compare", str(face), str(face)]) == 0
+    out, err = capsys.readouterr()
+    assert "(threshold 1.0000, from the model's last verification)" in out  # (the verdict: as the cosine rounds)
+    assert err == (f"embed: note: {model}'s last verification threshold is cosine 1.0000: verification found no "
+                   "threshold better than calling every pair different (a model at chance?): a verdict at it means "
+                   "nothing (give --threshold: python -m train.tools.roc measures the one of a false accept rate on "
+                   "your own labelled faces)\n")
+    assert embed.main(["--model", model, "--compare", str(face), str(face), "--threshold", "0.5"]) == 0
+    assert capsys.readouterr().err == ""
+    # The tools that decide with it refuse it (as one at cosine 0 or below); roc, which reports what it
+    # gives beside the thresholds it measures, takes it.
+    settings = {"threshold": 0.0}
+    with pytest.raises(ValueError, match=r"last verification threshold is cosine 1\.0000: verification found no "
+                                         r"threshold better than calling every pair different .*: give --threshold$"):
+        embed.model_threshold(model, settings, None, tool="cluster")
+    with pytest.raises(ValueError, match=r"cosine -0\.1000, which takes faces that are not alike at all"):
+        embed.model_threshold(model, {"threshold": 2.2}, None, tool="search")
+    assert embed.model_threshold(model, settings, None, tool="roc", decides=False)[0] == 1.0
+    assert embed.model_threshold(model, settings, 0.4, tool="cluster")[:2] == (0.4, "--threshold")
+
+
 def test_export_refuses_a_layout_that_contradicts_the_checkpoint(trained, tmp_path, capsys):
     # --network r18 with a training checkpoint built r18 and printed load_state_dict's 94 lines.
     ckpt, _ = trained
