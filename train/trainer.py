@@ -70,10 +70,11 @@ SAME_STOP_SECONDS = 1.0
 
 # The lock a run holds on its --output folder (Trainer._lock_output), by the folder's real path; and what the
 # folder held when the run took it (the names in it, listed under the lock; None: the run made the folder), which
-# a run stopped at start-up puts back (_undo_start).
+# a run stopped at start-up puts back (_undo_start); of a folder the run made, the folders above it it made with it.
 OUTPUT_LOCK_NAME = ".run.lock"
 _OUTPUT_LOCKS: dict = {}
 _OUTPUT_FOUND: dict = {}
+_OUTPUT_MADE_ABOVE: dict = {}
 
 
 def _release_output_lock(output: str) -> bool:
@@ -943,6 +944,12 @@ class Trainer:
         The other processes write nothing there, nor make it: one that made it had to undo it when the
         run stopped at start-up (_undo_start), removing the files the main process was still writing."""
         made = self.is_main and not os.path.isdir(self.output)
+        # (The folders above it that it makes with it: n1/ and n1/n2/ of a new --output n1/n2/n3, the default's
+        # runs/ in a fresh clone. Deepest first.)
+        above, folder = [], os.path.dirname(os.path.abspath(self.output))
+        while made and not os.path.lexists(folder):
+            above.append(folder)
+            folder = os.path.dirname(folder)
         refused = self._make_output() if self.is_main else ""
         key = os.path.realpath(self.output)
         if self.is_main and not refused and key not in _OUTPUT_LOCKS:
@@ -952,8 +959,10 @@ class Trainer:
             # held, not before, when another whole run could still come and go there (its earlier run set aside
             # into earlier-<n>, which the undo then took for this run's and moved back over the folder).
             _OUTPUT_FOUND.pop(key, None)
+            _OUTPUT_MADE_ABOVE.pop(key, None)
             if made:  # (already: a run refused the lock, or stopped before it, removes the empty folder it made)
                 _OUTPUT_FOUND[key] = None
+                _OUTPUT_MADE_ABOVE[key] = above
             try:
                 lock = RunLock(os.path.join(self.output, OUTPUT_LOCK_NAME),
                                f"--output {self.output}: another run is writing into this folder (it holds its lock "
@@ -1940,14 +1949,14 @@ def _leave_group() -> None:
 
 
 def _undo_start(output: str) -> None:
-    """What a run that stops at start-up made: its lock, and the --output folder it created, with the
-    logs, TensorBoard events and args.json the set-up began there (a run stopped by a full disk at its last
-    step). Of a folder that was there (the names it held when the run took its lock: Trainer._lock_output),
-    the run's files the set-up began, and the earlier run it set aside into ``earlier-<n>`` moved back: the
-    folder is as it was, and the next start finds no failed start-up's log to set aside as a run of its own.
-    (A resumed run's logs, which it continued, stay.) Under torchrun, rank 0's alone: it alone makes and writes
-    the folder, and another process stopping before it (its own data missing, or waiting past
-    --dist-timeout while rank 0 reads the verification sets) removed the files rank 0 was still writing."""
+    """What a run that stops at start-up made: its lock, and the --output folder it created (and the folders above
+    it that it created with it, while empty), with the logs, TensorBoard events and args.json the set-up began there
+    (a run stopped by a full disk at its last step). Of a folder that was there (the names it held when the run
+    took its lock: Trainer._lock_output), the run's files the set-up began, and the earlier run it set aside into
+    ``earlier-<n>`` moved back: the folder is as it was, and the next start finds no failed start-up's log to set
+    aside as a run of its own. (A resumed run's logs, which it continued, stay.) Under torchrun, rank 0's alone: it
+    alone makes and writes the folder, and another process stopping before it (its own data missing, or waiting
+    past --dist-timeout while rank 0 reads the verification sets) removed the files rank 0 was still writing."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     key = os.path.realpath(output)
@@ -1957,8 +1966,7 @@ def _undo_start(output: str) -> None:
     existed, before = before is not None, before or set()
     if key not in _OUTPUT_LOCKS:  # it made the folder and stopped before it held it: the folder, if that is all
         del _OUTPUT_FOUND[key]
-        with contextlib.suppress(OSError):
-            os.rmdir(output)
+        _remove_folders_made(output, key)
         return
     try:
         with contextlib.suppress(OSError):
@@ -1981,8 +1989,18 @@ def _undo_start(output: str) -> None:
     finally:  # (not before: a run started meanwhile took the folder, and the undo then moved files over its own)
         _release_output_lock(output)
     if not existed:
-        with contextlib.suppress(OSError):
-            os.rmdir(output)
+        _remove_folders_made(output, key)
+
+
+def _remove_folders_made(output: str, key: str) -> None:
+    """The --output folder a run made, and those above it that it made with it (_OUTPUT_MADE_ABOVE), each while
+    it is empty: a folder that was there before is not among them, and one that another run or a user wrote into
+    meanwhile stays, with the folders above it."""
+    for folder in (output, *_OUTPUT_MADE_ABOVE.pop(key, ())):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1181,6 +1181,34 @@ def test_a_run_that_stops_at_start_up_leaves_no_empty_output_folder(faces, tmp_p
         assert output.exists() == (output.name == "existing")
 
 
+def test_a_run_that_stops_at_start_up_removes_the_folders_it_made_above_its_output(faces, tmp_path, monkeypatch):
+    # It removed --output n1/n2/n3 and left n1/n2, empty, and the default runs/small's runs/ in a fresh clone
+    # (helper-185's trial). Only those it made go: not one that was there, nor one written into meanwhile.
+    (tmp_path / "there").mkdir()
+    for output in ("n1/n2/n3", "there/n2/n3"):
+        with pytest.raises(SystemExit, match="is more than the 64 images"):
+            main(argv(faces, tmp_path / output, batch_size=100))
+    assert sorted(os.listdir(tmp_path)) == ["there"] and os.listdir(tmp_path / "there") == []
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    monkeypatch.chdir(clone)
+    default = argv(("nope", None), "unused")
+    del default[default.index("--output"):default.index("--output") + 2]
+    with pytest.raises(SystemExit, match="--data 'nope': no such folder"):
+        main(default)
+    assert os.listdir(clone) == []
+    original_lock = Trainer._lock_output
+
+    def written_into_meanwhile(self):
+        original_lock(self)
+        (tmp_path / "w1" / "other.txt").write_text("another run's")
+
+    monkeypatch.setattr(Trainer, "_lock_output", written_into_meanwhile)
+    with pytest.raises(SystemExit, match="is more than the 64 images"):
+        main(argv(faces, tmp_path / "w1" / "w2" / "w3", batch_size=100))
+    assert os.listdir(tmp_path / "w1") == ["other.txt"]
+
+
 def test_a_run_that_stops_at_start_up_leaves_a_folder_that_was_there_as_it_was(faces, tmp_path, monkeypatch, capsys):
     # A full disk when the set-up begins training.log, after it set the folder's earlier run aside into earlier-1:
     # that run's files go back, and the set-up's go. They were left, the earlier run in earlier-1 and the failed
