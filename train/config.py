@@ -773,7 +773,23 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, name:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
             f" (a config file goes after --config: --config {config}; arcface_torch's train_v2.py takes it as its "
             "argument)" if config else ""))
-    return resolve(args, _given(command_line, ("teacher_network", "distill_weight", "distill_loss"), parser))
+    given = _given(command_line, ("teacher_network", "distill_weight", "distill_loss", *EMPTY_MEANS_NONE), parser)
+    for dest, (flag, instead) in EMPTY_MEANS_NONE.items():
+        # (an empty shell variable, --teacher "$TEACHER", was a run without one, without a word; a config's "" is
+        # none, as arcface_torch's configs write it, and the file read, not typed, says it)
+        if given.get(dest) == "":
+            raise SystemExit(f"{flag} is empty on the command line (an empty shell variable?): give {instead} "
+                             f"leaves {flag} out (and out of its --config)")
+    return resolve(args, given)
+
+
+# The paths whose empty value is none in a config file, and what to say of one given empty on the command line:
+# {dest: (flag, what to give; a run without it ...)}.
+EMPTY_MEANS_NONE = {
+    "pretrained_model": ("--pretrained_model", "the checkpoint to start from; a run from random weights"),
+    "resume": ("--resume", "the checkpoint to continue, or auto; a run that does not resume"),
+    "teacher": ("--teacher", "the backbone to distil from; a run without distillation"),
+}
 
 
 def _given(argv: list[str], dests: Sequence[str], like: ArgumentParser) -> dict[str, Any]:

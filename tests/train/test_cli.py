@@ -169,3 +169,21 @@ def test_the_trainers_own_refusals_begin_with_its_name(tmp_path, capsys):
         assert isinstance(refused.value.code, str) and refused.value.code.startswith(f"train: error: {said}"), \
             refused.value.code
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, dest", [("--teacher", "teacher"), ("--pretrained_model", "pretrained_model"),
+                                        ("--pretrained-model", "pretrained_model"), ("--resume", "resume")])
+def test_an_empty_path_on_the_command_line_is_refused_a_config_files_is_none(tmp_path, flag, dest):
+    # --teacher "$TEACHER" with the variable empty was a run without a teacher, without a word (and --resume
+    # "$RUN" a fresh run, --pretrained_model "$INIT" one from random weights); a config's "" stays none.
+    from train.config import parse_args
+
+    named = "--pretrained_model" if dest == "pretrained_model" else flag
+    for argv in ([flag, ""], [f"{flag}="]):
+        with pytest.raises(SystemExit, match=rf"^{named} is empty on the command line \(an empty shell variable\?\): "
+                                             rf"give .*; a run .* leaves {named} out \(and out of its --config\)$"):
+            parse_args(argv)
+    config = tmp_path / "run.json"
+    config.write_text(f'{{"{dest}": ""}}')
+    assert not getattr(parse_args(["--config", str(config)]), dest)
+
