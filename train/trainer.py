@@ -602,6 +602,13 @@ def _error_line(message: str, rank: int | None = None) -> str:
     return f"train: error: {'' if rank is None else f'rank {rank}: '}{message}"
 
 
+def _another_process_stopped(when: str) -> str:
+    """What a process says of another that it found gone (its collective's connection closed) ``when`` ("during
+    step 3", "during start-up"): that one's own output says why, an error or a stop (a second signal quits at once,
+    without waiting for the others), which a closed connection does not tell apart."""
+    return f"another process stopped {when} (see its own output)"
+
+
 def _waited_too_long(args: argparse.Namespace, when: str, rank: int) -> str:
     """Process ``rank``'s error line for a collective that waited past the process group's timeout (``when``:
     "during step 3"): rank 0 alone reads the verification sets at start-up, and verifies and writes the
@@ -1812,12 +1819,12 @@ class Trainer:
                 kept = f"; {self._kept_checkpoint()}" if self.is_main else ""
                 self._error(_waited_too_long(args, f"during step {self.step + 1}", self.rank) + kept)
                 raise SystemExit(1) from None
-            # Another rank failed (its error is in its own output) and this one found its connection
-            # closed in the next collective, or torchrun's SIGTERM made it stop there: one line, not
-            # a gloo traceback that reads like a second error.
+            # Another rank failed (its error is in its own output), or quit at once on a second signal, and this one
+            # found its connection closed in the next collective, or torchrun's SIGTERM made it stop there: one
+            # line, not a gloo traceback that reads like a second error.
             if not (self.distributed and lost_a_peer(error)):
                 raise
-            self._error(_error_line(f"another process stopped during step {self.step + 1} (see its error); "
+            self._error(_error_line(f"{_another_process_stopped(f'during step {self.step + 1}')}; "
                                     f"{self._kept_checkpoint()}", self.rank))
             raise SystemExit(1) from None
         finally:
@@ -1876,7 +1883,7 @@ class Trainer:
                         elif not lost_a_peer(error):
                             raise
                         else:
-                            self._error(_error_line("another process stopped at the end of the run (see its error); "
+                            self._error(_error_line(f"{_another_process_stopped('at the end of the run')}; "
                                                     f"{self._kept_checkpoint()}", self.rank))
                         peer_lost = True
                 # DDP's reducers hold the process group: let them go first, so that none of gloo's
@@ -2043,9 +2050,9 @@ def _run(argv: list[str] | None) -> int:
                 _leave_group()
                 raise SystemExit(1) from None
             if dist.is_available() and dist.is_initialized() and lost_a_peer(error):
-                # Another process stopped at start-up (its error is in its own output) and this one found
+                # Another process stopped at start-up (its error or its stop in its own output) and this one found
                 # its connection closed in a start-up collective: one line, not a gloo traceback.
-                print(_error_line("another process stopped during start-up (see its error)", rank), file=sys.stderr)
+                print(_error_line(_another_process_stopped("during start-up"), rank), file=sys.stderr)
                 _leave_group()
                 raise SystemExit(1) from None
             if isinstance(error, SystemExit) and isinstance(error.code, str) \
@@ -2053,7 +2060,7 @@ def _run(argv: list[str] | None) -> int:
                 # Every process says its own refusal: the rank tells whose a line is (one process's own
                 # --device or data, or the same refusal from each). Said before the group is left: the
                 # others find it gone, end, and torchrun then stops this process, at times before the
-                # interpreter had printed a SystemExit's message (theirs said "see its error", of none).
+                # interpreter had printed a SystemExit's message (theirs said "see its own output", of none).
                 print(_error_line(error.code, rank), file=sys.stderr, flush=True)
                 _leave_group()
                 raise SystemExit(1) from None

@@ -301,7 +301,7 @@ def test_start_up_over_the_group(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
     assert failed.returncode != 0
     # (Or torchrun's SIGTERM, sent as rank 1 ended, came first: one line all the same.)
-    assert ("train: error: rank 0: another process stopped during start-up (see its error)" in failed.stderr
+    assert ("train: error: rank 0: another process stopped during start-up (see its own output)" in failed.stderr
             or "train: rank 0: stopped by SIGTERM during the start-up" in failed.stderr), failed.stderr[-3000:]
     assert "Connection closed by peer" not in failed.stderr, failed.stderr[-3000:]
     assert re.search(r"train: error: rank 1: --data '[^']*nowhere': no such folder; expected", failed.stderr), \
@@ -310,7 +310,7 @@ def test_start_up_over_the_group(tmp_path):
 
 def test_a_start_up_refusal_is_said_before_the_group_is_left(tmp_path, monkeypatch, capsys):
     """A process's own refusal at start-up is printed before it leaves the process group: the others then
-    find the group gone, say "another process stopped during start-up (see its error)" and end, and
+    find the group gone, say "another process stopped during start-up (see its own output)" and end, and
     torchrun stops this process, at times before the interpreter had printed the SystemExit's message
     (it was raised after the group was left): no process said why the run stopped."""
     from train import trainer
@@ -413,7 +413,7 @@ def test_a_rank_failing_at_the_last_checkpoint_leaves_one_line_on_the_others(tmp
     checkpoint_path = re.escape(str(tmp_path / "run" / "checkpoint.pt"))
     assert re.search(rf"^train: error: rank 0: writing {checkpoint_path} at step 2 failed: \[Errno 28\] ",
                      result.stderr, re.MULTILINE), result.stderr[-3000:]
-    assert ("train: error: rank 1: another process stopped at the end of the run (see its error); no checkpoint "
+    assert ("train: error: rank 1: another process stopped at the end of the run (see its own output); no checkpoint "
             "was written before it\n") in result.stderr, result.stderr[-3000:]
     assert "Connection closed by peer" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 
@@ -489,8 +489,44 @@ def test_a_ranks_unhandled_error_is_said_before_it_leaves_the_group(where, tmp_p
     assert result.returncode == 1
     assert f"[rank1]: RuntimeError: {BUG}\n" in result.stderr, result.stderr[-3000:]  # (torch's excepthook's prefix)
     other = "start-up" if where == "start-up" else "step 2"
-    assert f"train: error: rank 0: another process stopped during {other} (see its error)" in result.stderr, \
+    assert f"train: error: rank 0: another process stopped during {other} (see its own output)" in result.stderr, \
         result.stderr[-3000:]
+
+
+def _train_with_a_second_signal_on_rank_1(argv):
+    """train.trainer.main(argv) on a rank; rank 1 gets a second SIGTERM in its second step, a while after the
+    first (it quits at once, its line a stop), and lingers once it has left the group
+    (_linger_after_leaving_the_group)."""
+    from train import trainer
+
+    if os.environ["RANK"] == "1":
+        step = trainer.Trainer.train_step
+
+        def signalled_twice(self, *args):
+            if self.step == 1:
+                self._on_signal(signal.SIGTERM, None)
+                self._stop_signal_at -= trainer.SAME_STOP_SECONDS
+                self._on_signal(signal.SIGTERM, None)
+            return step(self, *args)
+
+        trainer.Trainer.train_step = signalled_twice
+        _linger_after_leaving_the_group()
+    return trainer.main(argv)
+
+
+def test_a_rank_that_quits_on_a_second_signal_is_not_called_an_error_by_the_others(tmp_path):
+    # A second signal to one process alone (a second kill of its pid): it quits at once, its line a stop; the other
+    # found the connection closed and said "another process stopped during step 2 (see its error)", of an error
+    # nobody made. A closed connection does not tell an error from a stop: the line is true of both.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    result = train_on_ranks(base_argv(data, str(tmp_path / "run"), batch_size=4, max_steps=3, save_every=0,
+                                      loss_impl=LOSS_IMPL), main=_train_with_a_second_signal_on_rank_1)
+    assert result.returncode != 0
+    stop = "train: rank 1: stopped by a second SIGTERM: at once, without a checkpoint of this step\n"
+    assert stop in result.stderr, result.stderr[-3000:]
+    assert ("train: error: rank 0: another process stopped during step 2 (see its own output); no checkpoint was "
+            "written before it\n") in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 def _train_with_a_full_disk_on_rank_0(argv):
