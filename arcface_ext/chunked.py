@@ -14,7 +14,7 @@ whole weight; in the backward pass the gradient block too) and accumulate in fp3
 in fp32 elsewhere). Norms, cosines, margins and softmax stay fp32: no cosine is rounded to 16 bits
 before the exponential. It does the same matrix products as the fused op (four, not three) with a
 dozen elementwise passes over each block where the op has fused epilogues: on a CPU it takes about
-twice the fused op's time and about its memory (``benchmarks/bench_loss.py``, README).
+twice the fused op's time and about its memory (``benchmarks/bench_loss.py``, docs/performance.md).
 :func:`shard_forward` and :func:`shard_backward` are its two passes on a shard of the classes, as the
 fused op's shard mode runs them (sharded centres).
 

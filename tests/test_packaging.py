@@ -36,7 +36,7 @@ def test_sdist_holds_every_source_and_header(tmp_path):
         packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     missing = sorted(sources - packed)
     assert not missing, f"the sdist lacks {missing}: see MANIFEST.in"
-    assert "README.md" in packed and "arcface_ext/functional.py" in packed
+    assert {"README.md", "docs/api.md", "arcface_ext/functional.py"} <= packed
     assert "arcface_ext/py.typed" in packed, "the sdist lacks the PEP 561 marker arcface_ext/py.typed: see MANIFEST.in"
     assert not [name for name in packed if name.startswith("tests/")], "a partial test suite in the sdist"
 

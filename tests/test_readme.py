@@ -1,6 +1,6 @@
-"""The README as documentation that stays true: the signatures in its API table are the code's (names,
-order, keyword-only markers, defaults), every `arcface_ext.<name>` it mentions exists, and its Python
-examples that can run on a CPU run as written."""
+"""The README and docs/ as documentation that stays true (the tests read them as one text, "the README"): the
+signatures in its API table are the code's (names, order, keyword-only markers, defaults), every
+`arcface_ext.<name>` it mentions exists, and its Python examples that can run on a CPU run as written."""
 import argparse
 import ast
 import glob
@@ -17,11 +17,17 @@ import torch
 import arcface_ext
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+DOCS = [README] + sorted(glob.glob(os.path.join(os.path.dirname(README), "docs", "*.md")))
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def readme():
-    with open(README, encoding="utf-8") as f:
-        return f.read()
+    """README.md and docs/*.md, one after the other."""
+    return "\n".join(read(path) for path in DOCS)
 
 
 def section(text, heading):
@@ -35,7 +41,7 @@ def section(text, heading):
 def documented_signatures():
     """(name, parameters) for each call written in the first cell of the API table's rows."""
     found = []
-    for line in section(readme(), "## API").splitlines():
+    for line in section(readme(), "# API").splitlines():
         if not line.startswith("| `"):
             continue
         first_cell = line.split(" | ")[0]
@@ -191,7 +197,7 @@ def test_the_trainers_options_table_is_the_parser():
     config = pytest.importorskip("train.config")
     parser = config.build_parser()
     known = {s for action in parser._actions for s in action.option_strings}
-    rows = [line for line in section(readme(), "### Options").splitlines() if line.startswith("| `--")]
+    rows = [line for line in section(readme(), "## Options").splitlines() if line.startswith("| `--")]
     assert len(rows) > 40
     documented = set()
     for row in rows:
@@ -339,7 +345,7 @@ def test_the_trainers_options_table_gives_the_parsers_defaults():
     config = pytest.importorskip("train.config")
     actions = {flag: action for action in config.build_parser()._actions for flag in action.option_strings}
     checked = 0
-    for row in (line for line in section(readme(), "### Options").splitlines() if line.startswith("| `--")):
+    for row in (line for line in section(readme(), "## Options").splitlines() if line.startswith("| `--")):
         first_cell, default = [cell.strip() for cell in row.strip().strip("|").split(" | ")[:2]]
         names = [re.findall(r"`(--[\w-]+)", name) for name in first_cell.split("`, `")]   # each flag, its aliases
         values = [value.strip() for value in default.split(",")]
@@ -397,15 +403,31 @@ def test_every_trainer_module_and_function_the_readme_names_exists():
     assert {"train.embed", "train.tools.pack_rec", "train.models.multiply_adds"} <= names
 
 
-def test_every_link_within_the_readme_has_its_heading():
-    """`[...](#anchor)`: a heading whose GitHub anchor it is (lower case, punctuation but `-` and `_` dropped,
-    spaces as `-`), so that a renamed section leaves no dead link."""
-    text = readme()
+def anchors(text):
+    """The GitHub anchors of a page's headings (lower case, punctuation but `-` and `_` dropped, spaces as `-`)."""
     headings = re.findall(r"(?m)^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.S))
-    anchors = {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
-    links = set(re.findall(r"\]\(#([^)]+)\)", text))
-    assert len(links) > 10
-    assert not links - anchors, f"README links to {sorted(links - anchors)}, which no heading is"
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_every_link_within_the_readme_has_its_heading():
+    """`[...](#anchor)`, `[...](docs/api.md#anchor)`, `[...](install.md)`: a page of the repository, and in it a
+    heading whose anchor it is, so that a renamed or moved section leaves no dead link."""
+    assert len(DOCS) > 5
+    dead, count = [], 0
+    for path in DOCS:
+        text = re.sub(r"```.*?```", "", read(path), flags=re.S)
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", link):
+                continue
+            count += 1
+            page, _, anchor = link.partition("#")
+            target = os.path.normpath(os.path.join(os.path.dirname(path), page)) if page else path
+            if not os.path.exists(target):
+                dead.append(f"{os.path.relpath(path, os.path.dirname(README))}: {link} (no such file)")
+            elif anchor and anchor not in anchors(read(target)):
+                dead.append(f"{os.path.relpath(path, os.path.dirname(README))}: {link} (no such heading)")
+    assert count > 50
+    assert not dead, "dead links: " + "; ".join(dead)
 
 
 def test_every_tool_of_the_trainer_is_in_the_readme():

@@ -641,7 +641,7 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
             # set-up reads CUDA (NCCL or gloo, the CUDA random state in checkpoints, pin_memory, cudnn).
             raise SystemExit(f"--device {args.device}: the trainer runs on cpu or cuda only; it has not run on "
                              f"{device_type} hardware (arcface_ext's losses take {device_type} tensors, in plain "
-                             "PyTorch, untried there too: README, On devices without a kernel)")
+                             "PyTorch, untried there too: docs/api.md, On devices without a kernel)")
     for flag, value in (("--crop-augmentation", args.crop_augmentation),
                         ("--low-res-augmentation", args.low_res_augmentation),
                         ("--photometric-augmentation", args.photometric_augmentation)):

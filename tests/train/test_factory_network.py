@@ -256,7 +256,7 @@ def test_a_file_naming_a_factory_runs_its_module_when_loaded_as_the_readme_warns
     finally:
         sys.modules.pop("h80_side_effect", None)
     assert (own_module / "h80_side_effect.ran").exists()
-    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    readme = (pathlib.Path(__file__).parents[2] / "docs" / "trainer.md").read_text()
     assert "has its\nmodule imported, which runs that module's code" in readme
     assert "imports that module when it is loaded" in readme
 
@@ -277,7 +277,7 @@ def test_verify_of_a_factory_network_trained_under_amp_runs_without_amp_given(ow
             "to autocast by: verified in fp32 (--amp none: without this note)" in capsys.readouterr().err)
     assert verify.main(["--model", str(output / "checkpoint.pt"), "--data", "synthetic", "--amp", "bf16"]) != 0
     assert "has no amp attribute" in capsys.readouterr().err
-    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    readme = (pathlib.Path(__file__).parents[2] / "docs" / "trainer.md").read_text()
     assert "else verifies\nin fp32, with a note where its run trained under `--amp`" in readme
 
 

@@ -940,8 +940,8 @@ def test_gradient_accumulation_is_checked(value):
     # (were torch's errors after the data was read: mps where there is none, or a run whose set-up reads CUDA)
     # (said "it has not run on mps (arcface_ext's losses do ...)": as if the losses had run there; none has)
     ("--device", "mps", r"--device mps: the trainer runs on cpu or cuda only; it has not run on mps hardware "
-                        r"\(arcface_ext's losses take mps tensors, in plain PyTorch, untried there too: README, On "
-                        r"devices without a kernel\)"),
+                        r"\(arcface_ext's losses take mps tensors, in plain PyTorch, untried there too: "
+                        r"docs/api\.md, On devices without a kernel\)"),
     ("--device", "xpu:0", r"--device xpu:0: the trainer runs on cpu or cuda only; it has not run on xpu .*"),
     ("--grad-clip", "-1", r"--grad-clip must be a finite number >= 0, got -1\.0"),
     ("--dist-timeout", "0", r"--dist-timeout must be a finite number > 0, got 0\.0"),

@@ -62,7 +62,7 @@ DEFAULT_NEIGHBOURS = 10
 DEFAULT_MIN_SIZE = 2
 # Duplicates of one photo (saved twice, re-encoded, resized) are one node of the graph: with the demo's model
 # exact copies are at cosine 1.0 and 93% of JPEG re-encodings at quality 85 at 0.99 or more, different photos of
-# one person at 0.974 at most (README, "Clustering faces that have no names").
+# one person at 0.974 at most (docs/faces.md, "Clustering faces that have no names").
 DEFAULT_DUPLICATE_COSINE = 0.99
 METHODS = ("chinese-whispers", "components")
 WHISPER_ROUNDS = 100  # dlib's chinese_whispers default: a graph that still changes after this is left as it is
