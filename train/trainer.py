@@ -40,7 +40,8 @@ from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
 from .signals import (Stopped, readers_may_leave, stop_on_signals, trainer_start_up_stop_line,
                       trainer_stop_line)
-from .tools import count_of, installed_version, lost_a_peer, say_unhandled_error, start_process_group, timed_out
+from .tools import (another_process_stopped, count_of, installed_version, lost_a_peer, say_unhandled_error,
+                    start_process_group, timed_out)
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -600,13 +601,6 @@ def _error_line(message: str, rank: int | None = None) -> str:
     command's does (``roc: error: ...``); ``train: error: rank R: <message>`` where each process of a torchrun
     run says its own (``rank``)."""
     return f"train: error: {'' if rank is None else f'rank {rank}: '}{message}"
-
-
-def _another_process_stopped(when: str) -> str:
-    """What a process says of another that it found gone (its collective's connection closed) ``when`` ("during
-    step 3", "during start-up"): that one's own output says why, an error or a stop (a second signal quits at once,
-    without waiting for the others), which a closed connection does not tell apart."""
-    return f"another process stopped {when} (see its own output)"
 
 
 def _waited_too_long(args: argparse.Namespace, when: str, rank: int) -> str:
@@ -1824,7 +1818,7 @@ class Trainer:
             # line, not a gloo traceback that reads like a second error.
             if not (self.distributed and lost_a_peer(error)):
                 raise
-            self._error(_error_line(f"{_another_process_stopped(f'during step {self.step + 1}')}; "
+            self._error(_error_line(f"{another_process_stopped(f'during step {self.step + 1}')}; "
                                     f"{self._kept_checkpoint()}", self.rank))
             raise SystemExit(1) from None
         finally:
@@ -1883,7 +1877,7 @@ class Trainer:
                         elif not lost_a_peer(error):
                             raise
                         else:
-                            self._error(_error_line(f"{_another_process_stopped('at the end of the run')}; "
+                            self._error(_error_line(f"{another_process_stopped('at the end of the run')}; "
                                                     f"{self._kept_checkpoint()}", self.rank))
                         peer_lost = True
                 # DDP's reducers hold the process group: let them go first, so that none of gloo's
@@ -2052,7 +2046,7 @@ def _run(argv: list[str] | None) -> int:
             if dist.is_available() and dist.is_initialized() and lost_a_peer(error):
                 # Another process stopped at start-up (its error or its stop in its own output) and this one found
                 # its connection closed in a start-up collective: one line, not a gloo traceback.
-                print(_error_line(_another_process_stopped("during start-up"), rank), file=sys.stderr)
+                print(_error_line(another_process_stopped("during start-up"), rank), file=sys.stderr)
                 _leave_group()
                 raise SystemExit(1) from None
             if isinstance(error, SystemExit) and isinstance(error.code, str) \

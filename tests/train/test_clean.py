@@ -549,13 +549,15 @@ def test_a_rank_that_finds_another_gone_says_one_line(tmp_path, monkeypatch, cap
     code = run_clean("--model", tmp_path / "model.pt", "--data", tmp_path, "--output", tmp_path / "out",
                      "--embeddings", tmp_path / "e.npy")
     assert code == 2
-    assert capsys.readouterr().err == "clean: error: rank 1: another process stopped (see its error)\n"
+    # (Its words hold of a stop too: a first SIGTERM to one process alone stops it, and this one cannot tell.)
+    assert capsys.readouterr().err == "clean: error: rank 1: another process stopped (see its own output)\n"
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_rank_stopped_alone_says_so(rank, tmp_path, monkeypatch, capsys):
     # A SIGTERM to one process (a pre-empted node): the others, waiting for its rows at the barrier, say
-    # "another process stopped (see its error)". Rank 0 alone said its stop: the stopped rank said nothing.
+    # "another process stopped (see its own output)", where that output is a stop, not an error. Rank 0 alone said
+    # its stop: the stopped rank said nothing.
     # (Its rank tells which process the signal stopped, as in its error lines.)
     def stopped(args):
         raise Stopped(signal.SIGTERM)
@@ -613,7 +615,8 @@ def test_a_ranks_unhandled_error_is_said_before_it_leaves_the_group(trained, tmp
                              "--embeddings", str(tmp_path / "e.npy")], main=_clean_with_a_bug_on_rank_1)
     assert result.returncode == 2
     assert f"[rank1]: RuntimeError: {BUG}\n" in result.stderr, result.stderr[-3000:]  # (torch's excepthook's prefix)
-    assert "clean: error: rank 0: another process stopped (see its error)\n" in result.stderr, result.stderr[-3000:]
+    assert "clean: error: rank 0: another process stopped (see its own output)\n" in result.stderr, \
+        result.stderr[-3000:]
 
 
 def test_a_run_started_while_its_caller_handles_an_error_says_only_its_own(tmp_path, monkeypatch, capsys):

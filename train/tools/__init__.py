@@ -283,6 +283,14 @@ def lost_a_peer(error: BaseException) -> bool:
     return any(words in str(error) for words in ("Connection closed by peer", "Connection reset by peer"))
 
 
+def another_process_stopped(when: str = "") -> str:
+    """What a process says of another of its group that it found gone (``lost_a_peer``) ``when`` ("during step 3",
+    "during start-up"; clean: when it may): that one's own output says why, an error or a stop (a signal to it
+    alone, as on a pre-empted node, or a second one, which quits at once), which a closed connection does not
+    tell apart."""
+    return f"another process stopped{f' {when}' if when else ''} (see its own output)"
+
+
 def timed_out(error: BaseException) -> bool:
     """Whether a collective failed because it waited for the other processes longer than the process group's
     timeout (gloo's words; NCCL's watchdog's, where it raises rather than ends the process)."""

@@ -73,8 +73,8 @@ with stop_while_importing(__name__, f"clean: {_whose()}"):
     from train.data.recordio import _class_index, unpack_payload
     from train.data.transforms import to_chw
     from train.embed import backbone_weights_digest, embed_images, load_model
-    from train.tools import (ArgumentParser, RunLock, check_outputs, count_of, lost_a_peer, plain_warnings,
-                             say_unhandled_error, start_process_group, torch_device)
+    from train.tools import (ArgumentParser, RunLock, another_process_stopped, check_outputs, count_of, lost_a_peer,
+                             plain_warnings, say_unhandled_error, start_process_group, torch_device)
     from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
     from train.tools.similarity import connected_components, cosine_blocks
     from train.verification import compute_embeddings
@@ -580,15 +580,15 @@ def _main(argv: list[str] | None = None) -> int:
         _say_error(text)
         return 2
     except RuntimeError as error:
-        # Another process failed alone (its error is in its own output) and this one found its connection
-        # closed in a collective: one line, not gloo's traceback that reads like a second error.
+        # Another process failed alone, or a signal stopped it alone (each said in its own output), and this one
+        # found its connection closed in a collective: one line, not gloo's traceback that reads like a second error.
         if not (int(os.environ.get("WORLD_SIZE", "1")) > 1 and lost_a_peer(error)):
             raise
-        _say_error("another process stopped (see its error)")
+        _say_error(another_process_stopped())
         return 2
     except Stopped as stop:
         # Every process says its stop, as its errors: a signal to one alone (a pre-empted node's) ends it, and
-        # another, waiting for it in a collective, then says only "another process stopped (see its error)".
+        # another, waiting for it in a collective, then says only "another process stopped (see its own output)".
         if stop.after_writing:
             status = 0  # the folder it made holds the run's files
             _say(f"stopped by {stop.name} as this run's files were moved into --output: they are all there")
