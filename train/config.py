@@ -582,7 +582,7 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
                          f"{args.adaface_h}")
     if args.loss.startswith("elasticface") and not 0 <= args.elastic_std < math.inf:
         raise SystemExit(f"--elastic-std must be finite and >= 0, got {args.elastic_std}")
-    if args.output is None:
+    if not args.output:  # (a config file's "" too: none, as its other paths' "")
         args.output = os.path.join("runs", args.network.replace(":", "."))  # (package.module:factory)
     if args.finetuning and not args.pretrained_model:  # (was a run from random weights, without a word)
         raise SystemExit("--finetuning takes the backbone of --pretrained_model (with fresh class centres): give "
@@ -779,13 +779,17 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, name:
         # none, as arcface_torch's configs write it, and the file read, not typed, says it)
         if given.get(dest) == "":
             raise SystemExit(f"{flag} is empty on the command line (an empty shell variable?): give {instead} "
-                             f"leaves {flag} out (and out of its --config)")
+                             f"leaves {flag} out" + (" (and out of its --config)" if dest != "config" else ""))
     return resolve(args, given)
 
 
 # The paths whose empty value is none in a config file, and what to say of one given empty on the command line:
-# {dest: (flag, what to give; a run without it ...)}.
+# {dest: (flag, what to give; a run without it ...)}. (--config "" was a run of every default, without a word;
+# --output "" was refused as a folder that "exists and is not a folder".)
 EMPTY_MEANS_NONE = {
+    "config": ("--config", "the YAML or JSON file, or arcface_torch's configs/*.py; a run of the defaults and the "
+               "command line alone"),
+    "output": ("--output", "the run's folder; a run into the default runs/<network>"),
     "pretrained_model": ("--pretrained_model", "the checkpoint to start from; a run from random weights"),
     "resume": ("--resume", "the checkpoint to continue, or auto; a run that does not resume"),
     "teacher": ("--teacher", "the backbone to distil from; a run without distillation"),

@@ -187,3 +187,20 @@ def test_an_empty_path_on_the_command_line_is_refused_a_config_files_is_none(tmp
     config.write_text(f'{{"{dest}": ""}}')
     assert not getattr(parse_args(["--config", str(config)]), dest)
 
+
+@pytest.mark.parametrize("flag", ["--config", "--output", "--models_base_dir"])
+def test_an_empty_config_or_output_on_the_command_line_is_refused(tmp_path, flag):
+    # --config "$CFG" with the variable empty was a run of every default, without a word; --output "$OUT" was
+    # refused as "--output  exists and is not a folder", of a folder that does not exist. A config's "" output is
+    # none, as its other paths' "": the default folder.
+    from train.config import parse_args
+
+    named = "--output" if flag == "--models_base_dir" else flag
+    tail = "" if flag == "--config" else r" \(and out of its --config\)"
+    for argv in ([flag, ""], [f"{flag}="]):
+        with pytest.raises(SystemExit, match=rf"^{named} is empty on the command line \(an empty shell variable\?\): "
+                                             rf"give .*; a run .* leaves {named} out{tail}$"):
+            parse_args(argv)
+    config = tmp_path / "run.json"
+    config.write_text('{"output": "", "network": "r18"}')
+    assert parse_args(["--config", str(config)]).output == os.path.join("runs", "r18")
