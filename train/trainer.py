@@ -1774,6 +1774,11 @@ class Trainer:
                             f"{saved_in:.1f} s; continue with --resume auto)")
                 return 128 + (signalled or signal.SIGTERM)
             self._say_a_signal_at_the_end()
+            if stop:  # (a signal in the last step, agreed by every process)
+                # Its checkpoint first: the final verification takes minutes at scale, and the SIGKILL that follows
+                # a scheduler's SIGTERM after its grace (Slurm's KillWait, torchrun's 30 s) would cut the last
+                # checkpoint with it, the run then resumable from its --save-every checkpoint only.
+                self.save()
             self.evaluate(stoppable=False)
             self.save()
             self._say_a_signal_at_the_end()

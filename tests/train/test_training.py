@@ -313,6 +313,34 @@ def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkey
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
 
+@pytest.mark.parametrize("signalled", [True, False])
+def test_a_signal_in_the_last_step_writes_its_checkpoint_before_the_final_verification(faces, tmp_path, monkeypatch,
+                                                                                        signalled):
+    # The final verification takes minutes at scale: a scheduler's SIGKILL after its SIGTERM's grace (Slurm's
+    # KillWait, torchrun's 30 s) cut it, and with it the last checkpoint, written after it. Still written after it
+    # too (it holds the verification); a run without a signal writes it once, after it.
+    original_step, original_evaluate = Trainer.train_step, Trainer.evaluate
+    at_the_final_verification = []
+
+    def signalled_in_step_2(self, images, labels):
+        if self.step == 1 and signalled:
+            self._on_signal(signal.SIGTERM, None)
+        return original_step(self, images, labels)
+
+    def evaluate(self, stoppable=True):
+        if not stoppable:
+            path = tmp_path / "checkpoint.pt"
+            at_the_final_verification.append(checkpoint.load(str(path))["step"] if path.exists() else None)
+        return original_evaluate(self, stoppable)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=2, save_every=0)) == 0
+    assert at_the_final_verification == [2 if signalled else None]
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
+
+
 @pytest.mark.parametrize("when", ["during the last step", "after the last step", "after it, under torchrun"])
 def test_a_signal_in_the_last_step_or_after_it_is_said_and_the_run_ends_as_usual(faces, tmp_path, monkeypatch,
                                                                                    capsys, when):
