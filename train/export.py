@@ -25,7 +25,7 @@ with stop_while_importing(__name__, "export: "):
 
     from . import checkpoint, quantize
     from .config import _str_list
-    from .tools import ORT_DISTRIBUTIONS, ArgumentParser, count_of, not_importable
+    from .tools import ORT_DISTRIBUTIONS, ArgumentParser, count_of, folders_missing, not_importable, remove_folders_made
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
     from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -251,7 +251,7 @@ def _export(args: argparse.Namespace) -> int:
                                                embedding_size=args.embedding_size, image_size=args.image_size)
     # The faces and verification sets of --int8, read before anything is made: a mistake in them is said at once.
     faces, sets = _int8_inputs(args, settings["image_size"]) if args.int8 is not None else (None, {})
-    made = not os.path.lexists(output)
+    made = folders_missing(output)  # (with the folders above it that it makes: a new --output n1/n2/n3's n1, n2)
     try:
         os.makedirs(output, exist_ok=True)
     except OSError as error:  # (a read-only file system, which os.access does not see)
@@ -335,9 +335,7 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if made:  # the folder this run made, left empty by a failure or a stop
-            with contextlib.suppress(OSError):
-                os.rmdir(output)
+        remove_folders_made(made)  # the folders this run made, left empty by a failure or a stop
 
 
 def _int8_inputs(args: argparse.Namespace, image_size: int) -> tuple[quantize.Faces, dict]:

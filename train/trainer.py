@@ -40,8 +40,8 @@ from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
 from .signals import (Stopped, readers_may_leave, stop_on_signals, trainer_start_up_stop_line,
                       trainer_stop_line)
-from .tools import (another_process_stopped, count_of, installed_version, lost_a_peer, say_unhandled_error,
-                    start_process_group, timed_out)
+from .tools import (another_process_stopped, count_of, folders_missing, installed_version, lost_a_peer,
+                    remove_folders_made, say_unhandled_error, start_process_group, timed_out)
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -947,10 +947,7 @@ class Trainer:
         made = self.is_main and not os.path.isdir(self.output)
         # (The folders above it that it makes with it: n1/ and n1/n2/ of a new --output n1/n2/n3, the default's
         # runs/ in a fresh clone. Deepest first.)
-        above, folder = [], os.path.dirname(os.path.abspath(self.output))
-        while made and not os.path.lexists(folder):
-            above.append(folder)
-            folder = os.path.dirname(folder)
+        above = folders_missing(self.output)[1:] if made else []
         refused = self._make_output() if self.is_main else ""
         key = os.path.realpath(self.output)
         if self.is_main and not refused and key not in _OUTPUT_LOCKS:
@@ -2002,11 +1999,7 @@ def _remove_folders_made(output: str, key: str) -> None:
     """The --output folder a run made, and those above it that it made with it (_OUTPUT_MADE_ABOVE), each while
     it is empty: a folder that was there before is not among them, and one that another run or a user wrote into
     meanwhile stays, with the folders above it."""
-    for folder in (output, *_OUTPUT_MADE_ABOVE.pop(key, ())):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            return
+    remove_folders_made([output, *_OUTPUT_MADE_ABOVE.pop(key, ())])
 
 
 def main(argv: list[str] | None = None) -> int:

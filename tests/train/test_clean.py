@@ -469,6 +469,22 @@ def test_two_processes_under_torchrun_clean_as_one(trained, tmp_path):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
+def test_a_run_that_fails_removes_the_folders_it_made_above_its_output(tmp_path, monkeypatch, capsys):
+    # It removed --output n1/n2/out, left empty by its failure, and left n1/n2 (as the trainer did: ddab0b8).
+    # A folder that was there stays, and one written into meanwhile.
+    def fails_after_making_its_folder(args):
+        clean.check_outputs([os.path.join(args.output, "report.csv")], False)
+        raise ValueError("injected after the folder was made")
+
+    monkeypatch.setattr(clean, "run", fails_after_making_its_folder)
+    (tmp_path / "there").mkdir()
+    for output in ("n1/n2/out", "there/n2/out"):
+        assert run_clean("--model", tmp_path / "model.pt", "--data", tmp_path / "there", "--output",
+                         tmp_path / output) == 2
+        assert capsys.readouterr().err == "clean: error: injected after the folder was made\n"
+    assert sorted(os.listdir(tmp_path)) == ["there"] and os.listdir(tmp_path / "there") == []
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_each_rank_says_why_torchrun_wants_embeddings(rank, tmp_path, monkeypatch, capsys):
     """torchrun stops the other processes as soon as one has ended, at times before rank 0 has printed

@@ -530,6 +530,9 @@ def test_pack_rec_failure_leaves_no_temporary_files(image_folder, tmp_path, caps
     out.mkdir()  # one the user made stays
     assert pack_rec_main([str(image_folder), str(out)]) == 2
     assert os.listdir(out) == []
+    # nor the folders it made above it (n1/n2 of a new n1/n2/packed were left)
+    assert pack_rec_main([str(image_folder), str(tmp_path / "n1" / "n2" / "packed")]) == 2
+    assert not (tmp_path / "n1").exists()
 
 
 def test_the_tools_show_the_image_folders_warnings_as_one_line_each(image_folder, tmp_path, capsys):

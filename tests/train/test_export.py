@@ -344,6 +344,21 @@ def test_export_opset_is_checked_before_anything_is_written(trained, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_an_export_that_fails_removes_the_folders_it_made(trained, tmp_path, capsys, monkeypatch):
+    # It removed --output n1/n2/out, left empty by the failure, and left n1/n2 (as the trainer did: ddab0b8).
+    ckpt, _ = trained
+
+    def fails(*args, **kwargs):
+        raise ValueError("injected")
+
+    monkeypatch.setattr(export, "export_onnx", fails)
+    (tmp_path / "there").mkdir()
+    for output in ("n1/n2/out", "there/n2/out"):
+        assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / output)]) == 1
+        assert capsys.readouterr().err.startswith("export: error: injected; nothing written")
+    assert sorted(os.listdir(tmp_path)) == ["there"] and os.listdir(tmp_path / "there") == []
+
+
 def test_a_checkpoint_that_cannot_be_read_says_so(trained, tmp_path, capsys, monkeypatch):
     # (was "not a readable checkpoint (truncated, or not saved by torch.save with tensors only?): [Errno 13] ...")
     ckpt, _ = trained

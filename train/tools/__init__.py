@@ -417,6 +417,27 @@ def inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(os.path.join(folder, ""))
 
 
+def folders_missing(path: str) -> list[str]:
+    """``path`` and the folders above it that do not exist yet, deepest first: those that making it makes (n1/n2/n3,
+    n1/n2 and n1 of a new n1/n2/n3; the default runs/<network>'s runs/ in a fresh clone), which a tool that fails
+    or stops before it has written anything there takes back with ``remove_folders_made``."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_folders_made(folders: list[str]) -> None:
+    """Removes ``folders`` (``folders_missing``'s, deepest first) while each is empty: one that another run or the
+    user wrote into meanwhile stays, with those above it, and a folder that was there is never among them."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
 def link_or_copy(source: str, target: str, copy: bool) -> bool:
     """``target`` made a hard link to ``source`` (True), or a copy of it (False) with ``copy`` or where the
     file system refuses the link (another device, no hard links, too many links)."""

@@ -37,7 +37,6 @@ dropped. ``--output`` receives:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import glob
 import hashlib
@@ -73,8 +72,9 @@ with stop_while_importing(__name__, f"clean: {_whose()}"):
     from train.data.recordio import _class_index, unpack_payload
     from train.data.transforms import to_chw
     from train.embed import backbone_weights_digest, embed_images, load_model
-    from train.tools import (ArgumentParser, RunLock, another_process_stopped, check_outputs, count_of, lost_a_peer,
-                             plain_warnings, say_unhandled_error, start_process_group, torch_device)
+    from train.tools import (ArgumentParser, RunLock, another_process_stopped, check_outputs, count_of, folders_missing,
+                             lost_a_peer, plain_warnings, remove_folders_made, say_unhandled_error, start_process_group,
+                             torch_device)
     from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
     from train.tools.similarity import connected_components, cosine_blocks
     from train.verification import compute_embeddings
@@ -566,7 +566,7 @@ def _main(argv: list[str] | None = None) -> int:
         _say_error("under torchrun, --embeddings FILE.npy is where the processes put their embeddings: name one "
                    "on a file system all of them see")
         return 2
-    existed = os.path.lexists(args.output)
+    made = folders_missing(args.output)  # (with those above it: a new --output n1/n2/n3's n1 and n2)
     status = 2
     try:
         # Ctrl-C and SIGTERM unwind, so that no temporary file is left behind.
@@ -602,9 +602,8 @@ def _main(argv: list[str] | None = None) -> int:
         # interpreter printed anything.
         said = say_unhandled_error()
         _leave_process_group()
-        if status not in (0, 1) and not existed and int(os.environ.get("RANK", "0")) == 0:
-            with contextlib.suppress(OSError):  # the folder this run made, left empty by its failure
-                os.rmdir(args.output)
+        if status not in (0, 1) and int(os.environ.get("RANK", "0")) == 0:
+            remove_folders_made(made)  # the folders this run made, left empty by its failure
         if said:
             raise SystemExit(1) from None  # (not printed a second time at exit)
 

@@ -12,7 +12,6 @@ one per identity with the range `[first, end)` of its image records.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import sys
@@ -29,7 +28,7 @@ with stop_while_importing(__name__, "pack_rec: "):
     from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note, repeated_images_note
     from train.data.recordio import RecordIOWriter, pack_payload
     from train.data.transforms import encode_image, to_rgb, unreadable_image
-    from train.tools import ArgumentParser, check_outputs, plain_warnings
+    from train.tools import ArgumentParser, check_outputs, folders_missing, plain_warnings, remove_folders_made
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
 
@@ -68,7 +67,7 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
     identities, samples = (read_image_list if listed else scan_image_folder)(image_folder)
     if listed:  # a record's identity is a range of records: each label's images together (a stable sort)
         samples.sort(key=lambda sample: sample[1])
-    made = not os.path.isdir(output_dir)
+    made = folders_missing(output_dir)  # (with those above it: a new n1/n2/n3's n1 and n2)
     check_outputs([os.path.join(output_dir, name) for name in OUTPUT_FILES], overwrite)
     repeats = repeated_images_note(identities, samples) if listed else None
     if log is not None and repeats:  # (said before the packing, which takes a while)
@@ -78,9 +77,7 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
     try:
         summary = write_pack(output_dir, images, num_images=len(samples), num_identities=len(identities), log=log)
     except BaseException:  # an error or a stop: no empty folder of this run's making is left
-        if made:
-            with contextlib.suppress(OSError):
-                os.rmdir(output_dir)
+        remove_folders_made(made)
         raise
     note = remapped_labels_note(identities) if listed else None
     if log is not None and note:
