@@ -251,12 +251,16 @@ def run_tool(work: Callable[[], int], *, tool: str, errors: tuple[type[BaseExcep
     None; and exit 128 + the signal's number.
     An operator torch lacks on mps or xpu is a line and exit status 2 too (:func:`missing_device_op`).
     ``blank_line``: a line break first, ending a line of progress the stop cut. ``out`` prints the lines
-    (to stderr): ``print``, or a benchmark's ``train.tools.say`` (:func:`train.embed.run_stoppable`)."""
+    (to stderr): ``print``, or a benchmark's ``train.tools.say`` (:func:`train.embed.run_stoppable`).
+    A run that fails or is stopped takes back the folders it made for its outputs, while empty
+    (:func:`train.tools.taking_back_folders`)."""
+    from train.tools import taking_back_folders
+
     prefix = f"{tool}: "
     with readers_may_leave():  # (its lines too: a reader gone, they raised where they were said)
         try:
             with stop_on_signals():
-                return work()
+                return taking_back_folders(work)
         except errors as error:
             out(f"{prefix}error: {error}", file=sys.stderr)
             return 2

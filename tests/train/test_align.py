@@ -3,6 +3,7 @@ synthetic faces pasted into larger photos by known similarities (so the crop to 
 
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -248,6 +249,24 @@ def test_images_and_output_of_the_wrong_kind_are_refused(tmp_path, capsys):
         assert align.main(["--images", str(images), "--landmarks", str(given), "--output", str(out)]) == 2
         assert capsys.readouterr().err == f"align: error: {said}\n"
     assert open(a_file).read() == "kept\n" and not (tmp_path / "out").exists()
+
+
+def test_a_stop_before_any_crop_leaves_no_folder_made_for_the_output(photos, tmp_path, capsys, monkeypatch):
+    # A Ctrl-C before the first crop left the new --output n1/n2/out that align had made (and written in) to check
+    # it can be written; there/ was there and stays. (A crop written keeps the folder: rerun with --skip-existing.)
+    root, names, _, landmarks = photos
+    listing = write(tmp_path / "lm.txt", lines(names, landmarks))
+
+    def stopped_before_the_first_crop(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(align, "align_folder", stopped_before_the_first_crop)
+    (tmp_path / "there").mkdir()
+    for output in ("n1/n2/out", "there/n2/out"):
+        assert align.main(["--images", root, "--landmarks", listing, "--output", str(tmp_path / output),
+                           "--workers", "0"]) == 130
+        assert "align: stopped by SIGINT" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["lm.txt", "there"] and os.listdir(tmp_path / "there") == []
 
 
 def test_a_wrong_column_order_is_warned_about(photos, tmp_path, capsys):

@@ -610,6 +610,39 @@ def test_pack_rec_names_an_output_folder_it_cannot_make(image_folder, tmp_path, 
                                                         f"{tmp_path / 'afile'} is a file")
 
 
+@pytest.mark.parametrize("end", ["refused", "status 2", "stopped", "status 0", "status 1"])
+def test_a_tool_that_fails_or_stops_removes_the_folders_made_for_its_outputs(tmp_path, capsys, end):
+    # What every tool under run_tool does (verify, embed, ijb, tinyface, roc, cluster, search, quality, make_bin,
+    # pack_rec, preview, export): check_outputs made n1/n2 and n1/n3 for a new --output n1/n2/out.csv and its
+    # --plot, and a refusal or a Ctrl-C after it left them. A folder that was there stays, and one written into
+    # meanwhile (w1); a run that ends (0, or 1: done, with faces left out) keeps what it made.
+    from train.signals import run_tool
+    from train.tools import check_outputs
+
+    (tmp_path / "there").mkdir()
+    outputs = [tmp_path / "n1" / "n2" / "out.csv", tmp_path / "n1" / "n3" / "plot.png",
+               tmp_path / "there" / "n4" / "x.csv", tmp_path / "w1" / "w2" / "y.csv"]
+
+    def work() -> int:
+        check_outputs(list(map(str, outputs)), False)
+        (tmp_path / "w1" / "note").write_text("written meanwhile")
+        if end == "refused":
+            raise ValueError("refused after its outputs were checked")
+        if end == "stopped":
+            signal.raise_signal(signal.SIGINT)
+        return int(end[-1])
+
+    assert run_tool(work, tool="tool") == {"refused": 2, "stopped": 130, "status 2": 2, "status 0": 0,
+                                           "status 1": 1}[end]
+    left = sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*"))
+    if end in ("status 0", "status 1"):
+        assert left == ["n1", "n1/n2", "n1/n3", "there", "there/n4", "w1", "w1/note", "w1/w2"]
+    else:
+        assert left == ["there", "w1", "w1/note"]  # (n1, there/n4 and w1/w2 were left)
+    assert capsys.readouterr().err == {"refused": "tool: error: refused after its outputs were checked\n",
+                                       "stopped": "\ntool: stopped by SIGINT: nothing written\n"}.get(end, "")
+
+
 # ---------------------------------------------------------------------------------------------
 # List files
 

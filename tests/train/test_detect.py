@@ -305,6 +305,21 @@ def test_bad_arguments_and_partial_files_are_one_line_errors(detector, tmp_path,
     assert partial.read_bytes() == b"# detect \xe9\n" and not out.exists()
 
 
+def test_a_detector_that_does_not_load_leaves_no_folder_made_for_the_output(tmp_path, capsys):
+    # check_outputs made n1/n2 for a new --output n1/n2/landmarks.txt before the detector was found not to load,
+    # and they were left; there/ was there and stays.
+    images = tmp_path / "raw"
+    images.mkdir()
+    photo([(320, 160)]).save(images / "a.png")
+    (tmp_path / "det.onnx").write_text("not a graph")
+    (tmp_path / "there").mkdir()
+    for output in ("n1/n2/landmarks.txt", "there/n2/landmarks.txt"):
+        assert detect.main(["--detector", str(tmp_path / "det.onnx"), "--images", str(images), "--workers", "0",
+                            "--output", str(tmp_path / output)]) == 2
+        assert capsys.readouterr().err.startswith(f"detect: error: {tmp_path / 'det.onnx'}: onnxruntime cannot load")
+    assert sorted(os.listdir(tmp_path)) == ["det.onnx", "raw", "there"] and os.listdir(tmp_path / "there") == []
+
+
 def test_names_and_outputs_that_need_care(detector, tmp_path, capsys):
     """A name that is not UTF-8 is listed as a failure while the others are done; a tab inside a name
     survives the file; --output must not be a photo nor empty; a partial file that another run holds

@@ -191,6 +191,17 @@ def test_a_missing_path_without_data_names_no_folder_of_it(verified, tmp_path, c
     assert capsys.readouterr().err == "verify: error: --targets: no verification set at missing/lfw.bin\n"
 
 
+def test_a_refusal_after_the_output_is_checked_leaves_no_folder_of_it(tmp_path, capsys):
+    # check_outputs made n1/n2 for a new --output n1/n2/results.json before --data was found not to be a folder,
+    # and they were left (every tool under run_tool removes them now; there/ was there and stays).
+    (tmp_path / "there").mkdir()
+    for output in ("n1/n2/results.json", "there/n2/results.json"):
+        assert verify.main(["--model", str(tmp_path / "backbone.pt"), "--data", str(tmp_path / "nowhere"),
+                            "--output", str(tmp_path / output)]) == 2
+        assert capsys.readouterr().err == f"verify: error: --data {tmp_path / 'nowhere'} is not a folder\n"
+    assert os.listdir(tmp_path) == ["there"] and os.listdir(tmp_path / "there") == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--targets", "lfw"], "--targets lfw: a name is looked for in --data FOLDER"),
     ([], "name the sets: --data FOLDER"),

@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 # (torch, and train.checkpoint that imports it, are imported where they are used: `python -m
 # train.tools.<tool>` imports this package before the tool, which imports them inside
@@ -56,7 +56,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] = (),
                   image_folders: tuple[str, ...] = ()) -> None:
     """Before a tool starts: each of ``paths`` names a file that may be written. Makes the folders
-    they go in. Raises ValueError naming the file when it is a folder, or one of the tool's
+    they go in (removed again, while empty, if the tool's run fails or is stopped: :func:`taking_back_folders`).
+    Raises ValueError naming the file when it is a folder, or one of the tool's
     ``inputs`` (a model, its settings, a features table: --overwrite would replace it), or an image's
     name under one of the ``image_folders`` the tool reads (it would replace a photo, or be one the
     next time), or when it exists and ``overwrite`` (the tool's ``--overwrite``) is False, or when its
@@ -91,11 +92,13 @@ def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] 
         if not os.path.isdir(in_the_way):  # (was "...: Not a directory")
             raise ValueError(f"cannot make the folder {folder} to write {os.path.basename(path)} in: {in_the_way} "
                              f"is {checkpoint.what_stands_at(in_the_way)}")
+        made = folders_missing(folder)
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as error:  # (was "[Errno 13] Permission denied: '<folder>'", or Errno 20, naming no output)
             raise ValueError(f"cannot make the folder {folder} to write {os.path.basename(path)} in: "
                              f"{error.strerror or error}") from None
+        made_for_outputs(made)
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ValueError(f"cannot write {os.path.basename(path)} in {folder} (read-only, or not yours)")
 
@@ -438,6 +441,41 @@ def remove_folders_made(folders: list[str]) -> None:
             return
 
 
+# The folders made for the outputs of the tool that runs (in :func:`taking_back_folders`), each a list of
+# folders_missing's, deepest first; None outside a tool's run.
+_folders_made: list[list[str]] | None = None
+
+
+def made_for_outputs(folders: list[str]) -> None:
+    """Notes ``folders`` (``folders_missing``'s, made now by ``check_outputs``, ``check_tree_folder`` or a tool for
+    its outputs) for :func:`taking_back_folders` to remove if the run fails or is stopped."""
+    if _folders_made is not None and folders:
+        _folders_made.append(folders)
+
+
+def taking_back_folders(work: Callable[[], int]) -> int:
+    """``work()``, a tool's run (its exit status). When it fails or is stopped (an exception, a Ctrl-C, an exit
+    status of 2 or more), the folders made for its outputs (``made_for_outputs``) are removed, while empty, the
+    last made first: a new ``--output n1/n2/out.csv`` refused after ``check_outputs`` made n1/n2 (a model that
+    does not load, a folder of one person) leaves no n1/n2. A folder that was there is never among them, and one
+    that holds anything stays. Within another's run (nested), a run that ends well hands its folders to it."""
+    global _folders_made
+    outer, made = _folders_made, []
+    _folders_made = made
+    failed = True
+    try:
+        status = work()
+        failed = status >= 2
+        return status
+    finally:
+        _folders_made = outer
+        if failed:
+            for folders in reversed(made):
+                remove_folders_made(folders)
+        elif outer is not None:
+            outer.extend(made)
+
+
 def link_or_copy(source: str, target: str, copy: bool) -> bool:
     """``target`` made a hard link to ``source`` (True), or a copy of it (False) with ``copy`` or where the
     file system refuses the link (another device, no hard links, too many links)."""
@@ -511,9 +549,11 @@ def check_tree_folder(tree: str, overwrite: bool, ours, kind: str) -> None:
     if not os.path.isdir(in_the_way):  # (was "...: Not a directory")
         raise ValueError(f"--tree: cannot make the folder {parent}: {in_the_way} is "
                          f"{checkpoint.what_stands_at(in_the_way)}")
+    made = folders_missing(parent)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as error:
         raise ValueError(f"--tree: cannot make the folder {parent}: {error.strerror or error}") from None
+    made_for_outputs(made)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--tree: cannot write in {parent} (read-only, or not yours)")

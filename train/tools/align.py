@@ -52,7 +52,8 @@ with stop_while_importing(__name__, "align: "):
     from train.checkpoint import check_output_folder, dangling
     from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
     from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
-    from train.tools import ArgumentParser, check_images_folder, count_of
+    from train.tools import (ArgumentParser, check_images_folder, count_of, folders_missing, made_for_outputs,
+                             taking_back_folders)
 
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
 # A field of a space- or tab-separated line: in double quotes (which may hold spaces, tabs and
@@ -368,7 +369,7 @@ def _collect(results, bar) -> list[tuple[int, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     with readers_may_leave():  # (its reader gone, 2>&1 | head: its first line raised, and no face was aligned)
-        return _main(argv)
+        return taking_back_folders(lambda: _main(argv))  # (a stop before any crop: no new --output is left)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -580,8 +581,10 @@ def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
 def _check_writable(folder: str) -> None:
     """Makes ``folder`` and writes a file in it, before any crop is made (``check_output_folder`` has
     refused a file in the way and a folder it cannot write in); OSError naming --output when it cannot."""
+    made = folders_missing(folder)
     try:
         os.makedirs(folder, exist_ok=True)
+        made_for_outputs(made)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:

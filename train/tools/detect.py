@@ -50,7 +50,8 @@ with stop_while_importing(__name__, "detect: "):
     from train.data.transforms import decode_failure, to_rgb
     from train.embed import images_under
     from train.onnx_backbone import _first_line, open_session
-    from train.tools import ArgumentParser, RunLock, check_images_folder, check_outputs, listable_name
+    from train.tools import (ArgumentParser, RunLock, check_images_folder, check_outputs, listable_name,
+                             taking_back_folders)
     from train.tools.align import _fields, _numbers
 
 # insightface's FaceAnalysis: det_size (640, 640), det_thresh 0.5; SCRFD's nms_threshold 0.4.
@@ -359,7 +360,7 @@ class _Partial:
 def main(argv: list[str] | None = None) -> int:
     with readers_may_leave():  # (its reader gone, 2>&1 | head: its first line raised, exit status 120)
         try:
-            return _main(argv)
+            return taking_back_folders(lambda: _main(argv))
         except KeyboardInterrupt:  # a Ctrl-C before the photos (loading the detector, listing the folder)
             print("\ndetect: stopped by SIGINT while starting, before this run did any photo", file=sys.stderr)
             return 130
