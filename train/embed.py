@@ -30,7 +30,7 @@ with stop_while_importing(__name__, "embed: "):
 
     from . import checkpoint
     from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input, unreadable_image
-    from .tools import (ArgumentParser, check_images_folder, check_outputs, left_out_said, listable_name,
+    from .tools import (ArgumentParser, check_images_folder, check_outputs, left_out_said, listable_name, path_arg,
                         torch_device)
 
 # Cosine similarity above which two faces are called the same when the model carries no
@@ -557,8 +557,8 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
     """The options of the benchmarks that embed a release's images (``train.ijb``, ``train.tinyface``):
     --model or --features, --batch-size, --workers, --device, --flip, --save-features, --overwrite."""
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help=MODEL_HELP)
-    source.add_argument("--features", metavar="PATH", help=features_help)
+    source.add_argument("--model", type=path_arg, help=MODEL_HELP)
+    source.add_argument("--features", type=path_arg, metavar="PATH", help=features_help)
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help="images per forward pass (twice as many rows with the mirror; default: 128)")
     p.add_argument("--workers", type=int, default=None,
@@ -567,7 +567,7 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
                    help="where the model runs: cpu, cuda, cuda:1, mps, xpu, ... (default: cuda when torch sees a "
                    "CUDA GPU, else cpu)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help=flip_help)
-    p.add_argument("--save-features", metavar="PATH", default=None,
+    p.add_argument("--save-features", type=path_arg, metavar="PATH", default=None,
                    help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
 
 
@@ -830,18 +830,18 @@ def _read_npy_table(array_path: str, index_path: str) -> tuple[list[str], np.nda
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m train.embed", name="embed", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", type=path_arg, required=True,
                    help="a training checkpoint, backbone.pt from python -m train.export, insightface's backbone.pth "
                    "or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model (.onnx: insightface's released "
                    "ones, or train.export's; needs onnxruntime)")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--images", metavar="DIR", help="embed every image under this folder")
-    what.add_argument("--compare", nargs=2, metavar=("IMAGE1", "IMAGE2"), help="compare two face images")
-    p.add_argument("--landmarks", metavar="FILE", default=None,
+    what.add_argument("--images", type=path_arg, metavar="DIR", help="embed every image under this folder")
+    what.add_argument("--compare", type=path_arg, nargs=2, metavar=("IMAGE1", "IMAGE2"), help="compare two face images")
+    p.add_argument("--landmarks", type=path_arg, metavar="FILE", default=None,
                    help="with --images: embed the faces this file lists (image path relative to --images, then "
                    "x1 y1 ... x5 y5), each aligned from its 5 landmarks, instead of every image as it is")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
-    p.add_argument("--detector", metavar="FILE", default=None,
+    p.add_argument("--detector", type=path_arg, metavar="FILE", default=None,
                    help="find the faces in the photos with this SCRFD face detector (an ONNX file with keypoints: "
                    "insightface's det_10g.onnx; needs onnxruntime), as python -m train.tools.detect finds them, and "
                    "embed each photo's main face aligned (with --all-faces, every face); with --compare, each "
@@ -850,10 +850,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --landmarks: an image listed on several lines is several faces (a group photo's, as "
                    "python -m train.tools.detect --all-faces lists them); with --detector: every face found. Rows "
                    "named <image>#<k>, k from 1 (as listed; best detection first)")
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", type=path_arg, default=None,
                    help="with --images: .npy (+ .txt listing the images) or .csv (default: embeddings.npy); an "
                    "existing file is kept unless --overwrite is given")
-    p.add_argument("--norms", metavar="FILE", default=None,
+    p.add_argument("--norms", type=path_arg, metavar="FILE", default=None,
                    help="with --images: also write each face's feature norm (the mean over the image and its mirror "
                    "of the embedding's length before normalisation; MagFace's quality score, and AdaFace's proxy of "
                    "it) to this CSV file (.csv), image,norm in the rows' order; kept unless --overwrite is given")

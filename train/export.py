@@ -25,7 +25,8 @@ with stop_while_importing(__name__, "export: "):
 
     from . import checkpoint, quantize
     from .config import _str_list
-    from .tools import ORT_DISTRIBUTIONS, ArgumentParser, count_of, folders_missing, not_importable, remove_folders_made
+    from .tools import (ORT_DISTRIBUTIONS, ArgumentParser, count_of, folders_missing, not_importable, path_arg,
+                        remove_folders_made)
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
     from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -165,9 +166,9 @@ def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m train.export", name="export", description=__doc__)
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", type=path_arg, required=True,
                    help="a training checkpoint (runs/<network>/checkpoint.pt) or a backbone state dict")
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", type=path_arg, default=None,
                    help="output folder (default: the checkpoint's folder); an earlier export there is replaced")
     p.add_argument("--network", default=None, help="only for bare state dicts whose layout cannot be guessed")
     p.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=None,

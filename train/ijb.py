@@ -52,7 +52,7 @@ with stop_while_importing(__name__, "ijb: "):
     from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, check_table_output,
                         describe_about, embed_images, load_model, model_digests, read_about, read_table,
                         report_unreadable, run_stoppable, table_files, write_table)
-    from .tools import ArgumentParser, check_outputs, say, torch_device
+    from .tools import ArgumentParser, check_outputs, path_arg, say, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FPIRS = (1e-4, 1e-3, 1e-2, 1e-1)  # 1:N: TPIR at these FPIRs
@@ -1022,7 +1022,7 @@ def _main(argv: list[str] | None) -> int:
         "--no-detector-score (--flip is as it was when they were saved)",
         workers_help="DataLoader processes decoding and aligning images",
         flip_help="add the embedding of the mirrored crop (insightface's F1; the default)")
-    p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
+    p.add_argument("--data-root", "--data_root", type=path_arg, dest="data_root", required=True,
                    help="the IJBC (or IJBB) folder of IJB_release, holding meta/ and loose_crop/ (or its parent)")
     p.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS,
                    help="the benchmark whose meta/ files are read: IJBC or IJBB (default: IJBC)")
@@ -1033,8 +1033,8 @@ def _main(argv: list[str] | None) -> int:
                    help="weigh each image by its detector score (insightface's D1)")
     p.add_argument("--norm-score", action=argparse.BooleanOptionalAction, default=True,
                    help="keep each image feature's norm as its weight (N1); --no-norm-score normalises first")
-    p.add_argument("--output", default=None, help="results JSON (default: ijbc.json or ijbb.json)")
-    p.add_argument("--plot", metavar="FILE", default=None,
+    p.add_argument("--output", type=path_arg, default=None, help="results JSON (default: ijbc.json or ijbb.json)")
+    p.add_argument("--plot", type=path_arg, metavar="FILE", default=None,
                    help="also draw the 1:1 ROC (TAR against FAR) and the 1:N TPIR against FPIR of each gallery into "
                    "FILE (.png, .pdf or .svg; needs matplotlib)")
     p.add_argument("--overwrite", action="store_true",

@@ -245,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from .signals import Stopped, stop_on_signals, stop_while_importing
-    from .tools import ArgumentParser
+    from .tools import ArgumentParser, path_arg
 
     p = ArgumentParser(prog="python -m train.plots", name="plots", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a run's --output folder (its metrics.jsonl, verification.jsonl and checkpoint.pt)")
-    p.add_argument("--output", default=None,
+    p.add_argument("run", type=path_arg,
+                   help="a run's --output folder (its metrics.jsonl, verification.jsonl and checkpoint.pt)")
+    p.add_argument("--output", type=path_arg, default=None,
                    help=f"the folder the figures go to (default: the run folder); there, {LOSS_PNG}, "
                    f"{VERIFICATION_PNG} or {ANGLE_PNG} already present are kept unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace the figures in --output")

@@ -32,7 +32,7 @@ with stop_while_importing(__name__, "tinyface: "):
                         check_table_output, describe_about, list_images, load_model, read_about, run_stoppable,
                         table_files)
     from .ijb import embed_release, save_features, saved_features
-    from .tools import ArgumentParser, check_outputs, say, torch_device
+    from .tools import ArgumentParser, check_outputs, path_arg, say, torch_device
 
 FOLDERS = ("Probe", "Gallery_Match", "Gallery_Distractor")
 RANKS = (1, 5, 10, 20)
@@ -154,10 +154,10 @@ def _main(argv: list[str] | None) -> int:
         p, features_help="instead of a model, the image features an earlier run saved with --save-features",
         workers_help="DataLoader processes decoding images",
         flip_help="add the embedding of the mirrored image (the default)")
-    p.add_argument("--data-root", "--data_root", dest="data_root", required=True,
+    p.add_argument("--data-root", "--data_root", type=path_arg, dest="data_root", required=True,
                    help="the folder holding Probe/, Gallery_Match/ and Gallery_Distractor/ (TinyFace's Testing_Set, "
                    "or an aligned copy of it), or a folder above it")
-    p.add_argument("--output", default="tinyface.json", help="results JSON")
+    p.add_argument("--output", type=path_arg, default="tinyface.json", help="results JSON")
     p.add_argument("--overwrite", action="store_true", help="replace --output and --save-features files that exist")
     args = p.parse_args(argv)
     written = [args.output, *(table_files(args.save_features, about=True) if args.save_features else [])]

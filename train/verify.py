@@ -29,7 +29,7 @@ with stop_while_importing(__name__, "verify: "):
     from . import checkpoint, rfw
     from .data import SYNTHETIC, build_verification_sets, data_folders, find_target, is_target_path
     from .embed import load_model
-    from .tools import ArgumentParser, check_outputs, torch_device
+    from .tools import ArgumentParser, check_outputs, path_arg, torch_device
     from .verification import evaluate, read_pairs_list
 
 DEFAULT_TARGETS = ("lfw", "cfp_fp", "agedb_30")
@@ -42,10 +42,10 @@ def _targets(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m train.verify", name="verify", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", type=path_arg, required=True,
                    help="a training checkpoint, backbone.pt or backbone.onnx from python -m train.export, "
                    "insightface's backbone.pth or arcface_torch's checkpoint_gpu_<rank>.pt, or an ONNX model")
-    p.add_argument("--data", default=None,
+    p.add_argument("--data", type=path_arg, default=None,
                    help="the folder a target's name is looked for in (<data>/<name>.bin, a training set's folder "
                    "as insightface ships them; a training list file (.lst, .txt): its folder, as the trainer's "
                    "--data takes it; several separated by commas, as a run's --data a,b: each one's folder in turn); "
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", choices=("none", "fp16", "bf16"), default=None,
                    help="autocast the network's trunk to this type (default: a training checkpoint's own --amp, as "
                    "its run verified; none for other models)")
-    p.add_argument("--output", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--output", type=path_arg, default=None, help="also write the results as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace --output when it exists; without it it is kept")
     args = p.parse_args(argv)
     if args.batch_size < 1:

@@ -267,6 +267,38 @@ def test_export_output_mistakes_are_one_line_errors(trained, tmp_path, capsys, m
     assert os.listdir(locked) == []
 
 
+@pytest.mark.parametrize("module, argv, flag", [
+    ("train.export", ["--checkpoint", "", "--output", "out"], "--checkpoint"),  # (was "no checkpoint at ")
+    ("train.export", ["--checkpoint", "backbone.pt", "--output", ""], "--output"),  # (exported into .)
+    ("train.embed", ["--model", "", "--images", "faces", "--output", "e.npy"], "--model"),  # ("no checkpoint at ")
+    ("train.embed", ["--model", "backbone.pt", "--images", "faces", "--output", ""], "--output"),
+    ("train.verify", ["--model", "backbone.pt", "--data", ""], "--data"),  # ("none of lfw, ... found in --data ")
+    ("train.tinyface", ["--model", "backbone.pt", "--data-root", ""], "--data-root"),  # ("--data-root : no such")
+    ("train.tools.roc", ["--embeddings", ""], "--embeddings"),  # (a TypeError's traceback)
+    ("train.tools.cluster", ["--model", "backbone.pt", "--images", ""], "--images"),  # (a traceback)
+    ("train.tools.search", ["--model", "backbone.pt", "--gallery", "faces", "--probes", "faces", "--probe-labels", ""],
+     "--probe-labels"),  # (a traceback)
+    ("train.tools.clean", ["--model", "backbone.pt", "--data", "faces", "--output", "c", "--embeddings", ""],
+     "--embeddings"),  # (taken for none)
+    ("train.tools.align", ["--images", "faces", "--detector", "", "--output", "crops"], "--detector"),  # (traceback)
+    ("train.tools.make_bin", ["--image-folder", "", "m.bin"], "--image-folder"),  # (a traceback)
+    ("train.tools.pack_rec", ["faces", ""], "output_dir"),  # (packed into .)
+])
+def test_an_empty_path_is_a_one_line_error(module, argv, flag, tmp_path, capsys, monkeypatch):
+    # --model "$MODEL" with the variable empty: said so, before anything is read or written (the folder the
+    # command runs in holds nothing afterwards).
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"{module.rsplit('.', 1)[1]}: error: {flag} is empty (an empty shell variable?): "
+                                    "give a path")
+    assert os.listdir(tmp_path) == []
+
+
 def test_normalized_onnx_below_opset_10_is_refused_up_front(trained, tmp_path, capsys):
     ckpt, _ = trained
     code = code_of(export.main, ["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--normalized-onnx",

@@ -37,11 +37,22 @@ class ArgumentParser(argparse.ArgumentParser):
     ``name``, ``roc: error: ...``, as the lines of its own checks do: one form of line for every user
     mistake, which tells the command at fault in a pipeline of several. The usage line above it keeps
     ``prog`` (``python -m train.tools.roc``), the command a user copies; without ``name``, argparse's
-    ``<prog>: error: ...``."""
+    ``<prog>: error: ...``. An option of ``type=path_arg`` given empty is such a line, ``--model is empty (an
+    empty shell variable?): give a path``."""
 
     def __init__(self, *args, name: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.name = name
+
+    def parse_known_args(self, args=None, namespace=None):
+        # (Here, not in path_arg: argparse words a type's refusal "argument --model: ...".)
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if action.type is path_arg and (value == "" or isinstance(value, list) and "" in value):
+                self.error(f"{action.option_strings[0] if action.option_strings else action.metavar or action.dest} "
+                           "is empty (an empty shell variable?): give a path")
+        return namespace, extras
 
     def error(self, message: str):
         from train.signals import readers_may_leave
@@ -51,6 +62,14 @@ class ArgumentParser(argparse.ArgumentParser):
         with readers_may_leave():
             self.print_usage(sys.stderr)
             self.exit(2, f"{self.name or self.prog}: error: {message}\n")
+
+
+def path_arg(text: str) -> str:
+    """argparse's ``type`` of an option that names a file or folder: the text as it is, which
+    :class:`ArgumentParser` refuses empty, in one line that says so. (``--model "$MODEL"`` with the variable empty
+    said ``no checkpoint at `` and a blank name; an empty --output wrote into the current folder; an empty
+    --images or --embeddings was a traceback.)"""
+    return text
 
 
 def check_outputs(paths: list[str], overwrite: bool, *, inputs: tuple[str, ...] = (),
@@ -159,7 +178,7 @@ def add_detector_option(p: argparse.ArgumentParser, photos: str, faces: str = "e
     """--detector of a tool that embeds a folder of faces (``roc``, ``search``, ``cluster``, ``quality``): its
     ``photos`` ("the images under --images") are photos, whose ``faces`` are found as ``train.embed
     --detector`` finds them; :func:`check_photo_options` checks it."""
-    p.add_argument("--detector", metavar="FILE", default=None,
+    p.add_argument("--detector", type=path_arg, metavar="FILE", default=None,
                    help=f"{photos} are photos: find {faces} with this SCRFD face detector (an ONNX file with "
                    "keypoints: insightface's det_10g.onnx; needs onnxruntime), as python -m train.tools.detect "
                    "finds them, and align it, as train.embed --detector does; a photo without a face is left out, "

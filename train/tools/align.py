@@ -52,7 +52,7 @@ with stop_while_importing(__name__, "align: "):
     from train.checkpoint import check_output_folder, dangling
     from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
     from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
-    from train.tools import (ArgumentParser, check_images_folder, count_of, folders_missing, made_for_outputs,
+    from train.tools import (ArgumentParser, check_images_folder, count_of, folders_missing, made_for_outputs, path_arg,
                              taking_back_folders)
 
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
@@ -375,21 +375,21 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = ArgumentParser(prog="python -m train.tools.align", name="align",
                             description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", required=True,
+    parser.add_argument("--images", type=path_arg, required=True,
                         help="the folder the landmarks file's image paths are relative to (with --detector: the "
                              "photos, every image under it)")
     faces = parser.add_mutually_exclusive_group(required=True)
-    faces.add_argument("--landmarks",
+    faces.add_argument("--landmarks", type=path_arg,
                        help="one face a line: image path, then x1 y1 ... x5 y5 (left eye, right eye, nose tip, "
                             "left and right mouth corner, in image pixels)")
-    faces.add_argument("--detector", metavar="FILE",
+    faces.add_argument("--detector", type=path_arg, metavar="FILE",
                        help="find the faces with this SCRFD detector (an ONNX file with keypoints: insightface's "
                             "det_10g.onnx; needs onnxruntime) as python -m train.tools.detect finds them with its "
                             "defaults, instead of reading --landmarks: each photo's main face (with --all-faces, "
                             "every face)")
     parser.add_argument("--device", default="cpu",
                         help="with --detector: where it runs: cpu, or cuda[:N] with onnxruntime-gpu (default: cpu)")
-    parser.add_argument("--output", required=True, help="the folder the aligned crops are written to")
+    parser.add_argument("--output", type=path_arg, required=True, help="the folder the aligned crops are written to")
     parser.add_argument("--image-size", type=int, default=112,
                         help="side of the square crop (default 112). Another size is the 112 crop resized (bilinear), "
                              "the face framed as the trainer shows a model of that size its 112 faces, and as "

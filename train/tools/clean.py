@@ -73,8 +73,8 @@ with stop_while_importing(__name__, f"clean: {_whose()}"):
     from train.data.transforms import to_chw
     from train.embed import backbone_weights_digest, embed_images, load_model
     from train.tools import (ArgumentParser, RunLock, another_process_stopped, check_outputs, count_of, folders_missing,
-                             lost_a_peer, plain_warnings, remove_folders_made, say_unhandled_error, start_process_group,
-                             torch_device)
+                             lost_a_peer, path_arg, plain_warnings, remove_folders_made, say_unhandled_error,
+                             start_process_group, torch_device)
     from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
     from train.tools.similarity import connected_components, cosine_blocks
     from train.verification import compute_embeddings
@@ -499,13 +499,14 @@ def _packed_images(data, order: np.ndarray, new_labels: np.ndarray):
 def _main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m train.tools.clean", name="clean", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", type=path_arg, required=True,
                    help="a training checkpoint (its class centres too), backbone.pt from python -m train.export, "
                    "insightface's backbone.pth, or an ONNX model")
-    p.add_argument("--data", required=True, help="the training set: a folder with train.rec + train.idx, an "
-                   "ImageFolder (one sub-folder per identity), or a list file (.lst, .txt) as the trainer reads it")
-    p.add_argument("--output", required=True, help="the folder the cleaned set and the reports are written to "
-                   "(not --data's)")
+    p.add_argument("--data", type=path_arg, required=True,
+                   help="the training set: a folder with train.rec + train.idx, an ImageFolder (one sub-folder per "
+                   "identity), or a list file (.lst, .txt) as the trainer reads it")
+    p.add_argument("--output", type=path_arg, required=True,
+                   help="the folder the cleaned set and the reports are written to (not --data's)")
     p.add_argument("--centres", "--centers", dest="centres", choices=("auto", "trained", "mean"), default="auto",
                    help="each class's centre: the checkpoint's trained class centres, or the mean embedding of the "
                    "class's other images (auto: trained when the checkpoint records that it trained on this data and "
@@ -527,7 +528,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-images", type=int, default=1,
                    help="drop classes left with fewer images than this (default 1)")
     p.add_argument("--report-only", action="store_true", help="write the reports, not the cleaned set")
-    p.add_argument("--embeddings", metavar="FILE.npy", default=None,
+    p.add_argument("--embeddings", type=path_arg, metavar="FILE.npy", default=None,
                    help="keep the embeddings (float16, 2 bytes x D an image) in this file and read them from it when "
                    "it holds this model's embeddings of this data: another --drop-angle then costs no embedding")
     p.add_argument("--device", default="cpu", help="where the model runs and the cosines are made: cpu, cuda, "

@@ -53,7 +53,7 @@ with stop_while_importing(__name__, "cluster: "):
     from train.ijb import ALIGNED_SIZE, align_for_model, landmarks_off_image
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
                              check_images_folder, check_outputs, check_photo_options, check_tree_folder, count_of,
-                             hidden_beside, inside, left_out_said, link_or_copy, plain_warnings,
+                             hidden_beside, inside, left_out_said, link_or_copy, path_arg, plain_warnings,
                              remove_killed_runs_trees, replace_folder, summary_path, torch_device)
     from train.tools.align import FORMAT_EXTENSIONS
     from train.tools.similarity import connected_components, nearest_neighbours_among, nearest_neighbours_and_duplicates
@@ -245,16 +245,16 @@ def _main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m train.tools.cluster", name="cluster", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", metavar="DIR",
+    source.add_argument("--images", type=path_arg, metavar="DIR",
                         help="a folder of aligned face crops (any nesting), as train.tools.align writes them; photos "
                         "with --detector or --landmarks")
-    source.add_argument("--embeddings", metavar="TABLE",
+    source.add_argument("--embeddings", type=path_arg, metavar="TABLE",
                         help="a table python -m train.embed wrote (.npy with its .txt, or .csv): its rows are "
                         "clustered as they are, without embedding")
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", type=path_arg, default=None,
                    help=MODEL_HELP + "; with --embeddings only for its threshold (default: the model the table's "
                    ".json names, where it still is)")
-    p.add_argument("--landmarks", metavar="FILE", default=None,
+    p.add_argument("--landmarks", type=path_arg, metavar="FILE", default=None,
                    help="with --images: cluster the faces this file lists in the photos under it, each aligned from "
                    "its 5 landmarks (as train.embed --landmarks)")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
@@ -263,9 +263,9 @@ def _main(argv: list[str] | None = None) -> int:
                    help="with --detector: every face of a photo; with --landmarks: an image listed on several lines "
                    "is several faces; named <image>#<k>. The faces of one photo are kept in different clusters "
                    "(Chinese whispers), and --tree holds each face's aligned crop")
-    p.add_argument("--output", default="clusters.csv",
+    p.add_argument("--output", type=path_arg, default="clusters.csv",
                    help="the table image,cluster (a .csv; default clusters.csv), with the summary beside it (.json)")
-    p.add_argument("--tree", metavar="DIR", default=None,
+    p.add_argument("--tree", type=path_arg, metavar="DIR", default=None,
                    help="also lay the clustered faces out as an ImageFolder, DIR/cluster_NNNN/<image> (hard links, "
                    "or copies where a link cannot be made; noise left out); with --all-faces or --landmarks each "
                    "face's aligned crop, as train.tools.align writes it (<image>_<k>.jpg, 112 pixels)")

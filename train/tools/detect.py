@@ -50,7 +50,7 @@ with stop_while_importing(__name__, "detect: "):
     from train.data.transforms import decode_failure, to_rgb
     from train.embed import images_under
     from train.onnx_backbone import _first_line, open_session
-    from train.tools import (ArgumentParser, RunLock, check_images_folder, check_outputs, listable_name,
+    from train.tools import (ArgumentParser, RunLock, check_images_folder, check_outputs, listable_name, path_arg,
                              taking_back_folders)
     from train.tools.align import _fields, _numbers
 
@@ -369,10 +369,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = ArgumentParser(prog="python -m train.tools.detect", name="detect",
                             description=__doc__.split("\n\n")[0])
-    parser.add_argument("--detector", required=True,
+    parser.add_argument("--detector", type=path_arg, required=True,
                         help="an SCRFD face detector with keypoints in an ONNX file (insightface's det_10g.onnx)")
-    parser.add_argument("--images", required=True, help="the folder of photos (read recursively)")
-    parser.add_argument("--output", required=True, help="the landmarks file to write (paths relative to --images)")
+    parser.add_argument("--images", type=path_arg, required=True, help="the folder of photos (read recursively)")
+    parser.add_argument("--output", type=path_arg, required=True,
+                        help="the landmarks file to write (paths relative to --images)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"the least detection score of a face (default {DEFAULT_THRESHOLD}, insightface's)")
     parser.add_argument("--size", type=int, default=None,
@@ -389,8 +390,6 @@ def _main(argv: list[str] | None) -> int:
     existing.add_argument("--overwrite", action="store_true", help="replace --output, or a stopped run's partial file")
     existing.add_argument("--resume", action="store_true", help="finish the stopped run whose partial file is there")
     args = parser.parse_args(argv)
-    if not args.output:
-        parser.error("--output is empty: name the landmarks file to write")
     if not 0 < args.threshold < 1:
         parser.error(f"--threshold must lie between 0 and 1, got {args.threshold}")
     if args.workers < 0:

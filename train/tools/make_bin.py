@@ -24,7 +24,7 @@ with stop_while_importing(__name__, "make_bin: "):
     from train.data.imagefolder import scan_image_folder
     from train.data.synthetic import synthetic_pairs
     from train.data.transforms import decode_image, encode_image
-    from train.tools import ArgumentParser, check_outputs, plain_warnings
+    from train.tools import ArgumentParser, check_outputs, path_arg, plain_warnings
     from train.verification import NFOLDS, read_pairs_list
 
 # The side of insightface's aligned faces: the images of a .bin usually have it already, so that
@@ -154,11 +154,13 @@ def _file_bytes(pairs: list[tuple[str, str]]) -> list[bytes]:
 def _main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m train.tools.make_bin", name="make_bin",
                             description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", help="the .bin to write (an existing file is kept unless --overwrite is given)")
+    parser.add_argument("output", type=path_arg,
+                        help="the .bin to write (an existing file is kept unless --overwrite is given)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--synthetic", action="store_true", help="pairs of synthetic verification identities")
-    source.add_argument("--image-folder", metavar="ROOT", help="random pairs from an ImageFolder")
-    source.add_argument("--pairs-list", metavar="FILE", help="the pairs of a list: 'image1 image2 0|1' per line")
+    source.add_argument("--image-folder", type=path_arg, metavar="ROOT", help="random pairs from an ImageFolder")
+    source.add_argument("--pairs-list", type=path_arg, metavar="FILE",
+                        help="the pairs of a list: 'image1 image2 0|1' per line")
     parser.add_argument("--pairs", type=int, default=None,
                         help=f"number of pairs, at least {NFOLDS} (one a fold of the 10-fold accuracy), none twice "
                         "(synthetic, image folder; default 600)")

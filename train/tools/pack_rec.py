@@ -28,7 +28,8 @@ with stop_while_importing(__name__, "pack_rec: "):
     from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note, repeated_images_note
     from train.data.recordio import RecordIOWriter, pack_payload
     from train.data.transforms import encode_image, to_rgb, unreadable_image
-    from train.tools import ArgumentParser, check_outputs, folders_missing, plain_warnings, remove_folders_made
+    from train.tools import (ArgumentParser, check_outputs, folders_missing, path_arg, plain_warnings,
+                             remove_folders_made)
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
 
@@ -159,10 +160,10 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
 def _main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m train.tools.pack_rec", name="pack_rec",
                             description=__doc__.split("\n\n")[0])
-    parser.add_argument("image_folder", metavar="images",
+    parser.add_argument("image_folder", type=path_arg, metavar="images",
                         help="root with one sub-folder of aligned face images per identity, or a list file (.lst, "
                              ".txt) of lines 'path label', 'flag<TAB>path<TAB>label' or 'index<TAB>label<TAB>path'")
-    parser.add_argument("output_dir", help="where train.rec, train.idx and property are written")
+    parser.add_argument("output_dir", type=path_arg, help="where train.rec, train.idx and property are written")
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
     parser.add_argument("--resize", type=int, default=None, metavar="N",
                         help="resize every image to N x N (default: keep sizes, store JPEGs as they are)")

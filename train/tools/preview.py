@@ -31,7 +31,7 @@ with stop_while_importing(__name__, "preview: "):
     from PIL import Image, ImageDraw, ImageFont
 
     from train import checkpoint
-    from train.tools import ArgumentParser, check_outputs, plain_warnings
+    from train.tools import ArgumentParser, check_outputs, path_arg, plain_warnings
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 SAVE_OPTIONS = {"PNG": {}, "JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"lossless": True}}
@@ -76,7 +76,7 @@ def build_parser() -> ArgumentParser:
         prog="python -m train.tools.preview", name="preview", description=__doc__.split("\n\n")[0],
         allow_abbrev=False,
         epilog="Any option of python -m train is accepted as the trainer takes it (python -m train --help).")
-    parser.add_argument("--output", required=True, help="the image to write (.png, .jpg, .webp)")
+    parser.add_argument("--output", type=path_arg, required=True, help="the image to write (.png, .jpg, .webp)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--first", type=int, default=None, metavar="I", help="images I, I+1, ... (default: at random)")
     which.add_argument("--image", type=int, default=None, metavar="I",

@@ -54,7 +54,7 @@ with stop_while_importing(__name__, "quality: "):
     from train.ijb import threshold_allowing
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
                              check_images_folder, check_outputs, check_photo_options, check_tree_folder, count_of,
-                             hidden_beside, inside, left_out_said, link_or_copy, plain_warnings,
+                             hidden_beside, inside, left_out_said, link_or_copy, path_arg, plain_warnings,
                              remove_killed_runs_trees, replace_folder, summary_path, torch_device)
 
 DEFAULT_FMRS = (0.001, 0.01)
@@ -193,19 +193,19 @@ def _fmrs(text: str) -> list[float]:
 def _main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m train.tools.quality", name="quality", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help=MODEL_HELP + "; its feature norm is the quality")
+    p.add_argument("--model", type=path_arg, default=None, help=MODEL_HELP + "; its feature norm is the quality")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", metavar="DIR",
+    source.add_argument("--images", type=path_arg, metavar="DIR",
                         help="score the aligned faces under this folder (any nesting), as train.embed embeds them")
-    source.add_argument("--embeddings", metavar="TABLE",
+    source.add_argument("--embeddings", type=path_arg, metavar="TABLE",
                         help="score the faces of train.embed's --norms file (image,norm), or of a table train.embed "
                         "wrote with --norms (its .json names that file), or this tool's own --output, without "
                         "embedding")
-    source.add_argument("--pairs", metavar="FILE",
+    source.add_argument("--pairs", type=path_arg, metavar="FILE",
                         help="evaluate the quality by its error-versus-reject characteristic on this verification "
                         "set: a .bin, a pairs list (image1 image2 0|1), LFW's pairs.txt, CALFW's or CPLFW's pair "
                         "file, as python -m train.verify reads them")
-    p.add_argument("--landmarks", metavar="FILE", default=None,
+    p.add_argument("--landmarks", type=path_arg, metavar="FILE", default=None,
                    help="with --images: score the faces this file lists in the photos under it, each aligned from "
                    "its 5 landmarks (as train.embed --landmarks)")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
@@ -213,7 +213,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-faces", action="store_true",
                    help="with --landmarks: an image listed on several lines is several faces; with --detector: every "
                    "face found; named <image>#<k>")
-    p.add_argument("--output", default=None,
+    p.add_argument("--output", type=path_arg, default=None,
                    help="a .csv: with --images or --embeddings the table image,quality (default quality.csv); with "
                    "--pairs the curves (default erc.csv); the summary beside it (.json)")
     p.add_argument("--sort", action="store_true", help="list the faces lowest quality first (default: as embedded)")
@@ -222,11 +222,11 @@ def _main(argv: list[str] | None = None) -> int:
                       help="mark the faces of quality below Q to be dropped (column rejected)")
     rule.add_argument("--reject-fraction", type=float, default=None, metavar="F",
                       help="mark the floor(F x N) faces of lowest quality to be dropped (ties: in the table's order)")
-    p.add_argument("--tree", metavar="DIR", default=None,
+    p.add_argument("--tree", type=path_arg, metavar="DIR", default=None,
                    help="with a rule: lay the images out as DIR/kept/<image> and DIR/rejected/<image>, each at its "
                    "path under the images' folder (hard links, or copies where a link cannot be made)")
     p.add_argument("--copy", action="store_true", help="with --tree: copy the images rather than link them")
-    p.add_argument("--quality-file", metavar="CSV", default=None,
+    p.add_argument("--quality-file", type=path_arg, metavar="CSV", default=None,
                    help="with --pairs: also evaluate this quality score (a CSV image,quality, higher is better: this "
                    "tool's, or another method's), its images named as the pairs file's folder names them (or as "
                    "its .json's images folder does; of a .bin, by their index in it, 0 to 2P-1)")

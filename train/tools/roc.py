@@ -56,7 +56,7 @@ with stop_while_importing(__name__, "roc: "):
     from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
                            threshold_allowing)
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
-                             check_images_folder, check_outputs, check_photo_options, count_of, left_out_said,
+                             check_images_folder, check_outputs, check_photo_options, count_of, left_out_said, path_arg,
                              plain_warnings, summary_path, torch_device)
     from train.tools.cluster import DEFAULT_DUPLICATE_COSINE
     from train.tools.search import Faces, _check_made_with, _read_faces, cosine_above, first_folder
@@ -473,19 +473,19 @@ def _main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m train.tools.roc", name="roc", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", metavar="DIR",
+    source.add_argument("--images", type=path_arg, metavar="DIR",
                         help="an ImageFolder of aligned faces, DIR/<person>/<image> (a face's first folder is its "
                         "person); photos with --landmarks or --detector")
-    source.add_argument("--embeddings", metavar="TABLE",
+    source.add_argument("--embeddings", type=path_arg, metavar="TABLE",
                         help="a table python -m train.embed --images DIR or --save-embeddings wrote (.npy with its "
                         ".txt, or .csv; a row's first folder is its person): scored without embedding")
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", type=path_arg, default=None,
                    help=MODEL_HELP + "; with --embeddings only for its recorded threshold (default: the model the "
                    "table's .json names, where it still is)")
-    p.add_argument("--save-embeddings", metavar="TABLE", default=None,
+    p.add_argument("--save-embeddings", type=path_arg, metavar="TABLE", default=None,
                    help="with --images: also write the embeddings as a table (.npy with a .txt, or .csv; a .json "
                    "beside it names the model and its digests), for --embeddings TABLE next time")
-    p.add_argument("--landmarks", metavar="FILE", default=None,
+    p.add_argument("--landmarks", type=path_arg, metavar="FILE", default=None,
                    help="the images under --images are photos: score the faces this file lists, each aligned from "
                    "its 5 landmarks (as train.embed --landmarks; one face a photo)")
     p.add_argument("--extension", default=None, help="appended to every image path of --landmarks")
@@ -495,10 +495,10 @@ def _main(argv: list[str] | None = None) -> int:
                    f"pairs are counted (default {DEFAULT_FAR:g})")
     p.add_argument("--pairs", type=int, default=DEFAULT_PAIRS,
                    help=f"how many of the highest impostor and lowest genuine pairs to list (default {DEFAULT_PAIRS})")
-    p.add_argument("--output", default="roc.csv",
+    p.add_argument("--output", type=path_arg, default="roc.csv",
                    help="the ROC curve (a .csv; default roc.csv), with the summary (.json) and the pairs that fail "
                    "(-impostors.csv, -genuine.csv, -people.csv) beside it")
-    p.add_argument("--plot", metavar="FILE", default=None,
+    p.add_argument("--plot", type=path_arg, metavar="FILE", default=None,
                    help="also draw the curve, TAR against a log FAR axis, to FILE (.png, .pdf or .svg; needs "
                    "matplotlib)")
     add_embedding_options(p)

@@ -49,8 +49,8 @@ with stop_while_importing(__name__, "search: "):
                              read_table, table_files, write_table)
     from train.ijb import allowed_passes, negatives_needed, template_features, threshold_allowing
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
-                             check_outputs, check_photo_options, count_of, left_out_said, listable_name, plain_warnings,
-                             summary_path, torch_device)
+                             check_outputs, check_photo_options, count_of, left_out_said, listable_name, path_arg,
+                             plain_warnings, summary_path, torch_device)
     from train.tools.similarity import best_people
 
 DEFAULT_TOP_K = 5
@@ -78,26 +78,26 @@ def first_folder(name: str) -> str | None:
 def _main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m train.tools.search", name="search", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", type=path_arg, default=None,
                    help=MODEL_HELP + "; with tables alone only for its threshold (default: the model the gallery "
                    "table's .json names, where it still is)")
-    p.add_argument("--gallery", required=True, metavar="DIR|TABLE",
+    p.add_argument("--gallery", type=path_arg, required=True, metavar="DIR|TABLE",
                    help="the people to search among: an ImageFolder of aligned faces (photos with --detector), "
                    "DIR/<person>/<image>, or a table (.npy with its .txt, or .csv) that --save-gallery or "
                    "train.embed --images DIR wrote")
-    p.add_argument("--save-gallery", metavar="TABLE", default=None,
+    p.add_argument("--save-gallery", type=path_arg, metavar="TABLE", default=None,
                    help="also write the gallery's embeddings as a table (.npy with a .txt, or .csv; a .json beside "
                    "it names the model), for --gallery TABLE next time: the gallery is embedded once")
     p.add_argument("--per-image", action="store_true",
                    help="score each person by their best image rather than by their template (the mean of their "
                    "embeddings, re-normalised)")
-    p.add_argument("--probes", metavar="DIR|IMAGE|TABLE", default=None,
+    p.add_argument("--probes", type=path_arg, metavar="DIR|IMAGE|TABLE", default=None,
                    help="the faces to search for: a folder of aligned faces (any nesting), one image, or a table "
                    "train.embed wrote")
-    p.add_argument("--probe-labels", metavar="folder|FILE", default=None,
+    p.add_argument("--probe-labels", type=path_arg, metavar="folder|FILE", default=None,
                    help="who each probe is, to score the search: 'folder' (a probe's first folder under --probes, or "
                    "in its table row's name, is its person), or a CSV file of lines probe,person")
-    p.add_argument("--landmarks", metavar="FILE", default=None,
+    p.add_argument("--landmarks", type=path_arg, metavar="FILE", default=None,
                    help="the probes are photos under --probes DIR: search the faces this file lists, each aligned "
                    "from its 5 landmarks (as train.embed --landmarks); the probes' only: a --gallery folder is "
                    "read as aligned faces (photos there: --detector)")
@@ -121,7 +121,7 @@ def _main(argv: list[str] | None = None) -> int:
                    "lowest cosine (4 decimals) that at most this share of the non-mated probes (--probe-labels: "
                    "people not enrolled) reach; with --save-gallery the gallery's table records it, and later "
                    "searches of that table take it")
-    p.add_argument("--output", default="results.csv",
+    p.add_argument("--output", type=path_arg, default="results.csv",
                    help="the table probe,rank,person,cosine,decision (a .csv; default results.csv), with the "
                    "summary beside it (.json)")
     add_embedding_options(p)
