@@ -773,8 +773,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, name:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (
             f" (a config file goes after --config: --config {config}; arcface_torch's train_v2.py takes it as its "
             "argument)" if config else ""))
-    given = _given(command_line, ("teacher_network", "distill_weight", "distill_loss", *EMPTY_MEANS_NONE), parser)
-    for dest, (flag, instead) in EMPTY_MEANS_NONE.items():
+    refused_empty = {**EMPTY_MEANS_NONE, **EMPTY_NAMES_NO_SET}
+    given = _given(command_line, ("teacher_network", "distill_weight", "distill_loss", *refused_empty), parser)
+    for dest, (flag, instead) in refused_empty.items():
         # (an empty shell variable, --teacher "$TEACHER", was a run without one, without a word; a config's "" is
         # none, as arcface_torch's configs write it, and the file read, not typed, says it)
         if given.get(dest) == "":
@@ -793,6 +794,12 @@ EMPTY_MEANS_NONE = {
     "pretrained_model": ("--pretrained_model", "the checkpoint to start from; a run from random weights"),
     "resume": ("--resume", "the checkpoint to continue, or auto; a run that does not resume"),
     "teacher": ("--teacher", "the backbone to distil from; a run without distillation"),
+}
+# And --data, whose "" names the current folder (in a file too), not none: --data "$DATA" with the variable empty,
+# run where a pack lies (pack_rec's output given as .), trained on that pack without a word.
+EMPTY_NAMES_NO_SET = {
+    "data": ("--data", "the training set (a folder with train.rec + train.idx, an image folder, or a list file); "
+             "a run on synthetic faces"),
 }
 
 

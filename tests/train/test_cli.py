@@ -204,3 +204,21 @@ def test_an_empty_config_or_output_on_the_command_line_is_refused(tmp_path, flag
     config = tmp_path / "run.json"
     config.write_text('{"output": "", "network": "r18"}')
     assert parse_args(["--config", str(config)]).output == os.path.join("runs", "r18")
+
+
+@pytest.mark.parametrize("flag", ["--data", "--data-set", "--data_set"])
+def test_an_empty_data_on_the_command_line_is_refused(tmp_path, flag, monkeypatch):
+    # --data "$DATA" with the variable empty named the current folder: run where a pack lies (pack_rec's output
+    # given as .), it trained on that pack without a word, and preview drew it as the tiles of "" (a blank name).
+    from train.config import parse_args
+    from train.tools import preview
+
+    monkeypatch.chdir(tmp_path)
+    for argv in ([flag, ""], [f"{flag}="]):
+        with pytest.raises(SystemExit, match=r"^--data is empty on the command line \(an empty shell variable\?\): "
+                                             r"give the training set .*; a run on synthetic faces leaves --data out "
+                                             r"\(and out of its --config\)$"):
+            parse_args(argv)
+    with pytest.raises(SystemExit, match=r"^preview: error: --data is empty on the command line "):
+        preview.main(["--output", "tiles.png", flag, ""])
+    assert os.listdir(tmp_path) == []
