@@ -1706,7 +1706,9 @@ class Trainer:
         bar = tqdm(total=args.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_main and interactive), file=sys.stderr)
         try:
-            if self.step >= args.max_steps:  # a finished run resumed: its verification and checkpoint are written
+            # A finished run resumed: its verification and checkpoint are written, unless a kill cut that final
+            # verification after a signal in the last step had its checkpoint written first (made now).
+            if self.step >= args.max_steps and self.verification_cut_short_at != self.step:
                 self._write(self._nothing_to_train())
                 return 0
             stop = False  # agreed by every rank at each step: a signal may reach some of them only
@@ -1774,9 +1776,12 @@ class Trainer:
             if stop:  # (a signal in the last step, agreed by every process)
                 # Its checkpoint first: the final verification takes minutes at scale, and the SIGKILL that follows
                 # a scheduler's SIGTERM after its grace (Slurm's KillWait, torchrun's 30 s) would cut the last
-                # checkpoint with it, the run then resumable from its --save-every checkpoint only.
+                # checkpoint with it, the run then resumable from its --save-every checkpoint only. Marked as a
+                # verification cut short: a resume after such a kill makes the final verification.
+                self.verification_cut_short_at = self.step
                 self.save()
             self.evaluate(stoppable=False)
+            self.verification_cut_short_at = None  # (made whole: the checkpoint below holds it)
             self.save()
             self._say_a_signal_at_the_end()
             bar.close()

@@ -341,6 +341,39 @@ def test_a_signal_in_the_last_step_writes_its_checkpoint_before_the_final_verifi
     assert state["step"] == 2 and [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
 
 
+def test_a_final_verification_a_kill_cut_is_made_on_resume(faces, tmp_path, monkeypatch, capsys):
+    # The checkpoint a signal in the last step writes before the final verification is at the last step: a run
+    # killed in that verification (the scheduler's SIGKILL after its grace), resumed, said "nothing to train" and
+    # ended without the final verification. It is made on resume now, and the checkpoint then holds it.
+    original_step, original_evaluate = Trainer.train_step, Trainer.evaluate
+
+    class Killed(BaseException):
+        pass
+
+    def signalled_in_step_2(self, images, labels):
+        if self.step == 1:
+            self._on_signal(signal.SIGTERM, None)
+        return original_step(self, images, labels)
+
+    def killed_in_the_final_verification(self, stoppable=True):
+        if not stoppable:
+            raise Killed
+        return original_evaluate(self, stoppable)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
+    monkeypatch.setattr(Trainer, "evaluate", killed_in_the_final_verification)
+    with pytest.raises(Killed):
+        main(argv(faces, tmp_path, pairs=True, max_steps=2, save_every=0))
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=2, save_every=0, resume="auto")) == 0
+    assert "nothing to train" not in capsys.readouterr().err
+    assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and not state.get("verification_cut_short") and state["verification"]
+
+
 @pytest.mark.parametrize("when", ["during the last step", "after the last step", "after it, under torchrun"])
 def test_a_signal_in_the_last_step_or_after_it_is_said_and_the_run_ends_as_usual(faces, tmp_path, monkeypatch,
                                                                                    capsys, when):
