@@ -485,6 +485,18 @@ def test_a_run_that_fails_removes_the_folders_it_made_above_its_output(tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["there"] and os.listdir(tmp_path / "there") == []
 
 
+def test_a_run_that_fails_removes_the_folders_it_made_for_its_embeddings(trained, tmp_path, capsys):
+    # A new --embeddings e1/e2/e.npy: check_outputs made e1/e2, and a refusal after it (a set name the data folder
+    # lacks) left them, while --output's were removed (5032f90 took them back for the other tools, not for clean).
+    ckpt, faces = trained
+    (tmp_path / "there").mkdir()
+    for embeddings in ("e1/e2/e.npy", "there/e2/e.npy"):
+        assert run_clean("--model", ckpt, "--data", faces, "--output", tmp_path / "o1/out", "--embeddings",
+                         tmp_path / embeddings, "--exclude-sets", "lfw") == 2
+        assert "--exclude-sets lfw: no lfw.bin in" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["there"] and os.listdir(tmp_path / "there") == []
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_each_rank_says_why_torchrun_wants_embeddings(rank, tmp_path, monkeypatch, capsys):
     """torchrun stops the other processes as soon as one has ended, at times before rank 0 has printed

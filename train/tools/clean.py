@@ -74,7 +74,7 @@ with stop_while_importing(__name__, f"clean: {_whose()}"):
     from train.embed import backbone_weights_digest, embed_images, load_model
     from train.tools import (ArgumentParser, RunLock, another_process_stopped, check_outputs, count_of, folders_missing,
                              lost_a_peer, path_arg, plain_warnings, remove_folders_made, say_unhandled_error,
-                             start_process_group, torch_device)
+                             start_process_group, taking_back_folders, torch_device)
     from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
     from train.tools.similarity import connected_components, cosine_blocks
     from train.verification import compute_embeddings
@@ -572,7 +572,8 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         # Ctrl-C and SIGTERM unwind, so that no temporary file is left behind.
         with stop_on_signals():
-            status = run(args)
+            # (The folders check_outputs made for --embeddings too, taken back as --output's below: rank 0 alone.)
+            status = taking_back_folders(lambda: run(args)) if int(os.environ.get("RANK", "0")) == 0 else run(args)
         return status
     except (OSError, ValueError, pickle.UnpicklingError, NotImplementedError) as error:
         text = missing_device_op(error) if isinstance(error, NotImplementedError) else str(error)
