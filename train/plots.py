@@ -239,13 +239,15 @@ def plot_erc(path: str, curves: dict, max_reject: float, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .signals import readers_may_leave
 
+    from .tools import taking_back_folders
+
     with readers_may_leave():  # (its reader gone, 2>&1 | head: its first line raised, exit status 120)
-        return _main(argv)
+        return taking_back_folders(lambda: _main(argv))  # (a new --output of a failed or stopped drawing: none left)
 
 
 def _main(argv: list[str] | None) -> int:
     from .signals import Stopped, stop_on_signals, stop_while_importing
-    from .tools import ArgumentParser, path_arg
+    from .tools import ArgumentParser, folders_missing, made_for_outputs, path_arg
 
     p = ArgumentParser(prog="python -m train.plots", name="plots", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,6 +278,7 @@ def _main(argv: list[str] | None) -> int:
         present = [name for name in (LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG) if os.path.exists(os.path.join(into, name))]
         if present:
             p.error(f"--output {into} holds {', '.join(present)}: kept (--overwrite replaces them)")
+    made_for_outputs(folders_missing(into))  # (made by the first figure's write)
     try:
         with stop_on_signals():  # (each figure is written whole or not at all)
             written = write_plots(args.run, saved_angles(args.run), into=into)
