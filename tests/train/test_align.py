@@ -577,6 +577,81 @@ def test_a_signal_stops_the_workers_and_a_rerun_finishes(photos, tmp_path, to_gr
     assert len(crops) == 400 and all(read(c).shape == (SIZE, SIZE, 3) for c in crops)
 
 
+def test_a_person_folder_left_empty_by_a_stop_or_an_unwritten_crop_is_removed(photos, tmp_path):
+    # The workers make a person's folder with its first crop, where align's parent did not note it: a crop that
+    # could not be written (a name too long for its temporary, as a full disk) left grp/id1/ empty after the run,
+    # and after a stop while the next photo was read. What was in --output before (an empty folder, a file) stays.
+    import subprocess
+    import sys
+
+    root, names, _, landmarks = photos
+    many, out = tmp_path / "many", tmp_path / "out"
+    long_name = "x" * 250 + ".png"  # its crop's name fits, the temporary's (.<name>.<8 hex>.tmp) does not
+    listed = ["id0/0.png", f"grp/id1/{long_name}", "id2/0.png"]
+    for name in listed[:2]:
+        os.makedirs(os.path.dirname(many / name), exist_ok=True)
+        os.link(os.path.join(root, names[0]), many / name)
+    os.makedirs(many / "id2")
+    with open(os.path.join(root, names[0]), "rb") as f:
+        held = HeldFile(many / listed[2], f.read())  # (read by the worker once id0's and id1's crops are done)
+    listing = write(tmp_path / "lm.txt", lines(listed, landmarks[[0, 0, 0]]))
+    os.makedirs(out / "mine")
+    (out / "note.txt").write_text("kept")
+    command = [sys.executable, "-m", "train.tools.align", "--images", str(many), "--landmarks", listing,
+               "--output", str(out), "--workers", "2"]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def tree():
+        return sorted(os.path.relpath(os.path.join(d, e), out) for d, dirs, files in os.walk(out) for e in dirs + files)
+
+    run = subprocess.Popen(command, cwd=repo, stderr=subprocess.PIPE, text=True)
+    with held:  # released once the run has ended: its worker is stopped while it reads id2's photo
+        held.wait_for_reader(run)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+    assert run.returncode == 143 and "stopped by SIGTERM" in err, err
+    assert tree() == ["id0", os.path.join("id0", "0.jpg"), "mine", "note.txt"], err
+    finish = subprocess.run([*command, "--skip-existing"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert finish.returncode == 1 and "cannot write" in finish.stderr, finish.stderr
+    assert tree() == ["id0", os.path.join("id0", "0.jpg"), "id2", os.path.join("id2", "0.jpg"), "mine", "note.txt"]
+
+
+@pytest.mark.parametrize("stopped", [True, False], ids=["a stop", "an error"])
+def test_a_stop_between_a_folder_made_and_its_first_crop_leaves_no_empty_folder(photos, tmp_path, capsys,
+                                                                               monkeypatch, stopped):
+    # A stop (or an error that ends the run) as the first crop of person1 is renamed into place: its folder (and
+    # the nested one above it) had been made and were left empty. A folder that was there (person2/, empty) stays.
+    root, names, _, landmarks = photos
+    nested = tmp_path / "nested"
+    listed = [os.path.join("team" if n.startswith("person1") else "", n) for n in names]
+    for name, original in zip(listed, names):
+        os.makedirs(os.path.dirname(nested / name), exist_ok=True)
+        os.link(os.path.join(root, original), nested / name)
+    listing = write(tmp_path / "lm.txt", lines(listed, landmarks))
+    out = tmp_path / "out"
+    os.makedirs(out / "person2")
+    replace = os.replace
+
+    def stopped_at_person1(source, target):
+        if os.path.join("team", "person1") in str(target):
+            if not stopped:
+                raise RuntimeError("the run ends here")
+            signal.raise_signal(signal.SIGINT)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", stopped_at_person1)
+    argv = ["--images", str(nested), "--landmarks", listing, "--output", str(out), "--workers", "0"]
+    if stopped:
+        assert align.main(argv) == 130
+        assert "align: stopped by SIGINT" in capsys.readouterr().err
+    else:
+        with pytest.raises(RuntimeError, match="the run ends here"):
+            align.main(argv)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == ["person0", "person2"]
+    assert sorted(os.listdir(out / "person0")) == ["0.jpg", "1.jpg"] and os.listdir(out / "person2") == []
+
+
 def test_several_faces_of_a_photo_with_all_faces(photos, tmp_path, capsys):
     """An image listed on several lines (a group photo's faces, as `detect --all-faces` writes them)
     is an error naming --all-faces; with it, align writes <name>_<k> for the k-th face listed of every

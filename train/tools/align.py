@@ -53,7 +53,7 @@ with stop_while_importing(__name__, "align: "):
     from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
     from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
     from train.tools import (ArgumentParser, check_images_folder, count_of, folders_missing, made_for_outputs, path_arg,
-                             taking_back_folders)
+                             remove_folders_made, taking_back_folders)
 
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
 # A field of a space- or tab-separated line: in double quotes (which may hold spaces, tabs and
@@ -509,6 +509,11 @@ def _main(argv: list[str] | None) -> int:
     source = args.landmarks or f"the photos under {args.images}"
     print(f"align: {len(todo)} face(s) of {source} to {args.output} at {args.image_size}px"
           + (f" ({len(present)} existing left as they are)" if args.skip_existing and present else ""), file=sys.stderr)
+    # The workers make a person's folder as they write its first crop, out of this process's sight: the folders
+    # not there yet are noted now, to be taken back while empty (taking_back_folders: a stop, a failure).
+    made = _folders_to_make(folders)
+    for folder in reversed(made):  # each alone, deepest taken back first: one never made keeps none above it
+        made_for_outputs([folder])
     try:
         with stop_on_signals():
             failures = align_folder(args.images, [names[i] for i in todo], landmarks[todo],
@@ -520,6 +525,9 @@ def _main(argv: list[str] | None) -> int:
               "rest", file=sys.stderr)
         return 128 + stop.number
     reasons = dict(failures)
+    if reasons:  # a crop that could not be written (a full disk) leaves the folder made for it empty
+        for folder in made:
+            remove_folders_made([folder])
     listed = [f"{where[todo[i]]}: {reasons[i]}" for i in sorted(reasons)] + failed
     for shown, text in enumerate(listed):
         if shown == _SHOWN_FAILURES:
@@ -576,6 +584,15 @@ def _detected_faces(args) -> tuple[list[str], np.ndarray, list[str]]:
     prefix = os.path.join(args.images, "")
     failed = [text[len(prefix):] if text.startswith(prefix) else text for text in failures]
     return [os.path.relpath(paths[i], args.images) for i in photos], points, failed
+
+
+def _folders_to_make(folders: list[str]) -> list[str]:
+    """Those of ``folders``, and of the folders above them, that are not there yet (``folders_missing``'s), deepest
+    first: what writing into them makes."""
+    missing = set()
+    for folder in folders:
+        missing.update(folders_missing(folder))
+    return sorted(missing, key=lambda folder: folder.count(os.sep), reverse=True)
 
 
 def _check_writable(folder: str) -> None:
