@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from train.data.synthetic import render_face
-from train.embed import write_table
+from train.embed import main as embed_main, write_table
 from train.ijb import FARS, curve_rates, tar_at_far
 from train.tools import roc
 from trainer_fixtures import IMAGE_SIZE, fail_if_called, trained_backbone, two_step_checkpoint
@@ -516,6 +517,26 @@ def test_a_folder_embedded_saved_and_read_back(trained, tmp_path, capsys):
     for key in ("tar_at_far", "threshold_at_far", "eer", "operating_point", "model_threshold", "model_sha256"):
         assert again[key] == summary[key], key
     assert (tmp_path / "again.csv").read_text() == out.read_text()
+
+
+def test_the_models_threshold_is_printed_as_train_embed_compare_prints_it(trained, tmp_path, capsys):
+    # A recorded t of 1.3775000000000002 (an export's, the mean of a run's thresholds) is cosine 0.31124999...:
+    # train.embed --compare printed 0.3112, roc 0.3113 (its line formatted the summary's 6-digit 0.31125).
+    _, backbone, people = trained
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(backbone, model / "backbone.pt")
+    about = json.loads((Path(backbone).parent / "backbone.json").read_text())
+    t = 1.3775000000000002
+    (model / "backbone.json").write_text(json.dumps({**about, "threshold": t}))
+    faces = sorted(str(path) for path in Path(people).rglob("*.png"))[:2]
+    assert embed_main(["--model", str(model / "backbone.pt"), "--compare", *faces, "--workers", "0"]) == 0
+    compared = capsys.readouterr().out
+    assert run_roc("--model", model / "backbone.pt", "--images", people, "--output", tmp_path / "roc.csv",
+                   "--far", 0.05) == 0
+    err = capsys.readouterr().err
+    assert f"(threshold {1 - t / 2:.4f}, from" in compared, compared
+    assert f"the model's recorded 1:1 threshold, cosine {1 - t / 2:.4f} (" in err, err
 
 
 def test_a_save_embeddings_that_is_a_folder_is_refused(tmp_path, capsys):

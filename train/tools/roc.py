@@ -793,7 +793,7 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
             drawn = True
         except Exception as error:  # noqa: BLE001 (a full disk, a matplotlib backend's failure)
             print(f"roc: error: could not draw {args.plot}: {error}", file=sys.stderr)
-    _report(args, summary, [at[far] for far in FARS], scores, failures, drawn)
+    _report(args, summary, [at[far] for far in FARS], scores, failures, drawn, model_cosine)
     return 1 if failures or (args.plot and not drawn) else 0
 
 
@@ -876,7 +876,8 @@ def _failing(scores: PairScores, names: list[str], people: list[str], person: np
     return genuine_rows, impostor_rows, people_rows
 
 
-def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures: list[str], drawn: bool) -> None:
+def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures: list[str], drawn: bool,
+            model_cosine: float | None) -> None:
     point, eer = summary["operating_point"], summary["eer"]
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731
     say(f"roc: {summary['faces']} faces of {summary['people']} people: {summary['genuine_pairs']:,} genuine pairs, "
@@ -896,7 +897,9 @@ def _report(args, summary: dict, rows: list[dict], scores: PairScores, failures:
     say(f"roc: EER {eer['rate']:.2%} at cosine {eer['threshold']:.4f} (FAR {eer['far']:.2%}, FRR {eer['frr']:.2%})")
     model = summary.get("model_threshold")
     if model:
-        say(f"roc: the model's recorded 1:1 threshold, cosine {model['cosine']:.4f} ({model['from']}), accepts "
+        # The cosine as recorded, not the summary's 6 digits: rounded twice it could print a digit above the one
+        # train.embed --compare and search print for the same threshold.
+        say(f"roc: the model's recorded 1:1 threshold, cosine {model_cosine:.4f} ({model['from']}), accepts "
             f"{model['false_accepts']:,} impostor pairs (FAR {model['far']:.3g}) and {model['tar']:.2%} of the "
             "genuine pairs on these faces")
     duplicates = summary["impostor_pairs_at_duplicate_cosine"]
