@@ -913,6 +913,7 @@ class Trainer:
         self._stop_signal_at = 0.0  # (time.monotonic()'s)
         self._stop_signal_step = 0  # self.step when it came (in the last step or after it: the run ends as usual)
         self._late_signal_said = False
+        self._final_verification_cut = False  # (by a signal after the last step: said so, not "as usual")
         self._ended_as_usual = False  # (its done: line said)
         self._quit_at_once = False  # a second signal: nothing more is written, the figures left out
         self._previous_handlers: dict[int, Any] = {}
@@ -1536,33 +1537,38 @@ class Trainer:
         self.step += 1
         return loss_value, stop > 0
 
-    def evaluate(self, stoppable: bool = True) -> bool:
+    def evaluate(self, final: bool = False) -> bool:
         """Verification on every target (rank 0; the others wait); returns whether a process was
-        signalled to stop by its end. A signal cuts the verification short (at the batch it comes in:
-        a launcher's grace after its SIGTERM, torchrun's 30 s, goes to the checkpoint, not to lfw,
-        cfp_fp and agedb_30); the sets done by then are logged. Not ``stoppable``: the run's final
-        verification, which its last checkpoint holds (a stop then ends the run as usual)."""
+        signalled to stop by its end, or of the run's ``final`` verification whether a signal cut it short.
+        A signal cuts the verification short (at the batch it comes in: a launcher's grace after its SIGTERM,
+        torchrun's 30 s, goes to the checkpoint, not to lfw, cfp_fp and agedb_30); the sets done by then are
+        logged, and every process marks the step's verification as cut short (``verification_cut_short_at``).
+        The final one is cut by a signal to rank 0 but the one of the last step, which was said and had its
+        checkpoint written before it (the run then ends as usual, with the whole verification)."""
+        cut = False
         if self.is_main and self.verification_sets:
             from .verification import evaluate
 
             def stop_here(count):
-                if self._stop_signal and stoppable:
+                if self._stop_signal and not (final and self._late_signal_said):
                     raise _VerificationStopped
-                if not stoppable:  # (said as it comes, not once the sets are done: lfw, cfp_fp, agedb_30 take minutes)
-                    self._say_a_signal_at_the_end()
 
             self.backbone.eval()
             try:
                 self._evaluate_sets(evaluate, stop_here)
             except _VerificationStopped:
-                self.verification_cut_short_at = self.step
-                self._write(f"[step {self.step}] verification cut short by the stop")
+                cut = True
+                if not final:  # (the final one's: said with the run's end, _say_a_signal_at_the_end)
+                    self._write(f"[step {self.step}] verification cut short by the stop")
             self.backbone.train()
+        signalled = self._stop_signal > 0
         if self.distributed:  # (also the others' wait for it)
-            flag = torch.tensor([float(self._stop_signal > 0)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item() > 0)
-        return self._stop_signal > 0
+            flags = torch.tensor([float(signalled), float(cut)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            signalled, cut = (flag > 0 for flag in flags.tolist())
+        if cut:
+            self.verification_cut_short_at = self.step
+        return cut if final else signalled
 
     def _evaluate_sets(self, evaluate, on_batch) -> None:
         for name, vset in self.verification_sets.items():
@@ -1626,14 +1632,17 @@ class Trainer:
         """A signal of this process's own that came in the last step or after it (the final verification, the
         checkpoint, the end's lines) ends the run as usual, exit status 0 (it did all it was asked: its checkpoint
         is the last one, and a resume has nothing to train); a line says it was taken, once, each process its own
-        (``train: rank R: `` under torchrun, as its other stop lines)."""
+        (``train: rank R: `` under torchrun, as its other stop lines). One that cut the final verification short
+        says so, once the checkpoint is written (marked: a resume makes the verification)."""
         if not self._stop_signal or self._late_signal_said:
             return
         self._late_signal_said = True
         name = signal.Signals(self._stop_signal).name
         when = "during" if self._stop_signal_step < self.args.max_steps else "after"
-        self._error(trainer_stop_line(f"{name} {when} the last step ({self.args.max_steps}): the run ends as usual, "
-                                      "with its final verification and checkpoint"))
+        end = ("the final verification is cut short; the run ends with its checkpoint, and --resume auto makes the "
+               "verification" if self._final_verification_cut else
+               "the run ends as usual, with its final verification and checkpoint")
+        self._error(trainer_stop_line(f"{name} {when} the last step ({self.args.max_steps}): {end}"))
 
     def _nothing_to_train(self) -> str:
         """What a resume of a finished run says."""
@@ -1706,15 +1715,16 @@ class Trainer:
         bar = tqdm(total=args.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_main and interactive), file=sys.stderr)
         try:
-            # A finished run resumed: its verification and checkpoint are written, unless a kill cut that final
-            # verification after a signal in the last step had its checkpoint written first (made now).
+            # A finished run resumed: its verification and checkpoint are written, unless a signal or a kill cut
+            # that final verification after its checkpoint was written (made now, as the final verification).
             if self.step >= args.max_steps and self.verification_cut_short_at != self.step:
                 self._write(self._nothing_to_train())
                 return 0
             stop = False  # agreed by every rank at each step: a signal may reach some of them only
             # At the start of a fresh run, and of one resumed where a stop had cut a verification short (0:
             # verification at the end only).
-            if args.eval_every > 0 and (self.step == 0 or self.verification_cut_short_at == self.step):
+            if args.eval_every > 0 and (self.step == 0 or self.verification_cut_short_at == self.step) and \
+                    self.step < args.max_steps:
                 stop = self.evaluate()
             batches = self._batches()
             window_start, window_steps, window_loss, window_distill = time.perf_counter(), 0, 0.0, 0.0
@@ -1772,16 +1782,19 @@ class Trainer:
                 self._write(f"stopped by {cause} at step {self.step}; checkpoint: {self.checkpoint_path} (written in "
                             f"{saved_in:.1f} s; continue with --resume auto)")
                 return 128 + (signalled or signal.SIGTERM)
-            self._say_a_signal_at_the_end()
             if stop:  # (a signal in the last step, agreed by every process)
+                self._say_a_signal_at_the_end()  # (as it comes: the final verification takes minutes at scale)
                 # Its checkpoint first: the final verification takes minutes at scale, and the SIGKILL that follows
                 # a scheduler's SIGTERM after its grace (Slurm's KillWait, torchrun's 30 s) would cut the last
                 # checkpoint with it, the run then resumable from its --save-every checkpoint only. Marked as a
                 # verification cut short: a resume after such a kill makes the final verification.
                 self.verification_cut_short_at = self.step
                 self.save()
-            self.evaluate(stoppable=False)
-            self.verification_cut_short_at = None  # (made whole: the checkpoint below holds it)
+            # A signal after the last step's (rank 0's, during the verification or just before it) cuts it short,
+            # as it does the others: the grace goes to the checkpoint, marked (a resume makes the verification).
+            self._final_verification_cut = self.evaluate(final=True)
+            if not self._final_verification_cut:
+                self.verification_cut_short_at = None  # (made whole: the checkpoint below holds it)
             self.save()
             self._say_a_signal_at_the_end()
             bar.close()

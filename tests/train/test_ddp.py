@@ -21,8 +21,8 @@ import arcface_ext
 from train import checkpoint
 from train.config import DIST_TIMEOUT_LEAST_MINUTES, DIST_TIMEOUT_MOST_MINUTES
 
-from trainer_fixtures import (REPO, base_argv, make_face_folder, one_thread, read_jsonl,  # noqa: F401
-                              signal_once_training, train_on_ranks)
+from trainer_fixtures import (REPO, base_argv, make_face_folder, make_pairs_list, one_thread,  # noqa: F401
+                              read_jsonl, signal_once_training, train_on_ranks)
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
@@ -527,6 +527,57 @@ def test_a_rank_that_quits_on_a_second_signal_is_not_called_an_error_by_the_othe
     assert ("train: error: rank 0: another process stopped during step 2 (see its own output); no checkpoint was "
             "written before it\n") in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def _train_with_sigterm_to_both_ranks_in_the_final_verification(argv):
+    """train.trainer.main(argv) on a rank; as rank 0 starts the final verification, it sends SIGTERM to itself and
+    to rank 1 (waiting for it in a collective, or just before), as torchrun passes on the one it gets."""
+    from train import trainer
+
+    pid_file = os.path.join(os.path.dirname(argv[argv.index("--output") + 1]), "rank1.pid")
+    if os.environ["RANK"] == "1":
+        with open(pid_file + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(pid_file + ".tmp", pid_file)
+    else:
+        sets = trainer.Trainer._evaluate_sets
+
+        def signalled(self, evaluate, on_batch):
+            if self.step == self.args.max_steps:
+                with open(pid_file) as f:
+                    os.kill(int(f.read()), signal.SIGTERM)
+                signal.raise_signal(signal.SIGTERM)
+            return sets(self, evaluate, on_batch)
+
+        trainer.Trainer._evaluate_sets = signalled
+    return trainer.main(argv)
+
+
+def test_a_sigterm_during_the_final_verification_cuts_it_short_on_every_rank(tmp_path):
+    # Rank 0 verifies alone while the others wait for it in a collective, where a signal is taken once it ends: the
+    # final verification ran to its end and its checkpoint was written after it (a SIGKILL after torchrun's 30 s
+    # cut both). Rank 0 cuts it short, every rank learns so in the verification's collective, all write the last
+    # step's checkpoint (marked: the resume makes the verification), say it, and end as usual, without a hang.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(tmp_path / "pairs"))
+    args = base_argv(data, str(tmp_path / "run"), pairs, batch_size=4, max_steps=2, save_every=0, loss_impl=LOSS_IMPL)
+    result = train_on_ranks(args, main=_train_with_sigterm_to_both_ranks_in_the_final_verification)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        said = re.findall(rf"^train: rank {rank}: SIGTERM (?:during|after) the last step \(2\): the final verification "
+                          r"is cut short; the run ends with its checkpoint, and --resume auto makes the verification$",
+                          result.stderr, re.M)
+        assert len(said) == 1, result.stderr[-3000:]
+    assert "as usual" not in result.stderr and "done: 2 steps in " in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    state = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))
+    assert state["step"] == 2 and state["verification_cut_short"] and len(state["rng"]) == 2
+    assert not os.path.exists(tmp_path / "run" / "verification.jsonl") or all(
+        r["step"] != 2 for r in read_jsonl(tmp_path / "run" / "verification.jsonl"))
+    resumed = train_on_ranks(args + ["--resume", "auto"])
+    assert resumed.returncode == 0 and "nothing to train" not in resumed.stderr, resumed.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "verification.jsonl")] == [2]
+    assert not checkpoint.load(str(tmp_path / "run" / "checkpoint.pt")).get("verification_cut_short")
 
 
 def _train_with_a_full_disk_on_rank_0(argv):

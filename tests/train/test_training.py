@@ -327,11 +327,11 @@ def test_a_signal_in_the_last_step_writes_its_checkpoint_before_the_final_verifi
             self._on_signal(signal.SIGTERM, None)
         return original_step(self, images, labels)
 
-    def evaluate(self, stoppable=True):
-        if not stoppable:
+    def evaluate(self, final=False):
+        if final:
             path = tmp_path / "checkpoint.pt"
             at_the_final_verification.append(checkpoint.load(str(path))["step"] if path.exists() else None)
-        return original_evaluate(self, stoppable)
+        return original_evaluate(self, final)
 
     monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
@@ -355,10 +355,10 @@ def test_a_final_verification_a_kill_cut_is_made_on_resume(faces, tmp_path, monk
             self._on_signal(signal.SIGTERM, None)
         return original_step(self, images, labels)
 
-    def killed_in_the_final_verification(self, stoppable=True):
-        if not stoppable:
+    def killed_in_the_final_verification(self, final=False):
+        if final:
             raise Killed
-        return original_evaluate(self, stoppable)
+        return original_evaluate(self, final)
 
     monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
     monkeypatch.setattr(Trainer, "evaluate", killed_in_the_final_verification)
@@ -374,31 +374,150 @@ def test_a_final_verification_a_kill_cut_is_made_on_resume(faces, tmp_path, monk
     assert state["step"] == 2 and not state.get("verification_cut_short") and state["verification"]
 
 
+def test_a_signal_during_the_final_verification_cuts_it_short_and_saves_the_last_step(faces, tmp_path, monkeypatch,
+                                                                                      capsys):
+    # The final verification ran to its end after a signal in it (minutes at scale: lfw, cfp_fp, agedb_30), and the
+    # last step's checkpoint was written only then: a launcher's SIGKILL after its grace (torchrun's 30 s) cut both.
+    # It is cut short at the batch the signal comes in, as the other verifications are; the last step's checkpoint
+    # is written, marked so, the run ends as after a signal in the last step (exit 0), and a resume makes the sets
+    # left, which are then the uninterrupted run's.
+    original = Trainer._evaluate_sets
+    batches_after_the_signal = []
+
+    def signalled_in_the_final_verification(self, evaluate, on_batch):
+        sets = []
+
+        def evaluate_one(*args, **kwargs):  # the signal comes in the second set, after the first was logged
+            sets.append(1)
+            if self.step == 2 and len(sets) == 2:
+                self._on_signal(signal.SIGINT, None)
+            return evaluate(*args, **kwargs)
+
+        def counted(count):
+            if self._stop_signal:
+                batches_after_the_signal.append(count)
+            return on_batch(count)
+
+        return original(self, evaluate_one, counted)
+
+    pairs = faces[1]
+    second = os.path.join(os.path.dirname(pairs), "second.txt")  # (its images are named from its folder)
+    shutil.copy(pairs, second)
+    options = dict(val_targets=f"{pairs},{second}", max_steps=2, save_every=0)
+    monkeypatch.setattr(Trainer, "_evaluate_sets", signalled_in_the_final_verification)
+    assert main(argv(faces, tmp_path, **options)) == 0
+    err = capsys.readouterr().err
+    line = ("\nSIGINT after the last step (2): the final verification is cut short; the run ends with its checkpoint, "
+            "and --resume auto makes the verification\n")
+    assert line in err and err.count("after the last step") == 1, err  # (one line: none "cut short by the stop")
+    assert "as usual" not in err and "cut short by the stop" not in err, err
+    assert "done: 2 steps in " in err.split(line)[1], err
+    assert line.strip() in (tmp_path / "training.log").read_text()
+    assert len(batches_after_the_signal) == 1, batches_after_the_signal  # (not run to its end)
+    verified = [(r["step"], r["target"]) for r in read_jsonl(tmp_path / "verification.jsonl")]
+    assert verified == [(2, "pairs")]
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and state["verification_cut_short"] and list(state["verification"]) == ["pairs"]
+    monkeypatch.undo()
+    assert main(argv(faces, tmp_path, resume="auto", **options)) == 0
+    assert "nothing to train" not in capsys.readouterr().err
+    assert main(argv(faces, tmp_path / "uninterrupted", **options)) == 0
+    resumed, uninterrupted = (read_jsonl(path / "verification.jsonl")
+                              for path in (tmp_path, tmp_path / "uninterrupted"))
+    assert [(r["step"], r["target"]) for r in resumed] == [(2, "pairs"), (2, "second")]
+    assert [r["accuracy"] for r in resumed] == [r["accuracy"] for r in uninterrupted]
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and not state.get("verification_cut_short") and set(state["verification"]) == {
+        "pairs", "second"}
+
+
+@pytest.mark.parametrize("again", ["a second signal", "a signal in the resumed verification"])
+def test_a_signal_during_the_final_verification_after_another(faces, tmp_path, monkeypatch, capsys, again):
+    # A second signal in it keeps its meaning: at once, without a checkpoint of this step. A resumed run whose final
+    # verification had been cut makes that verification before anything else: a signal in it cuts it short again
+    # (it was the start's verification of a resumed run, run whole after it as the final one).
+    original = Trainer._evaluate_sets
+
+    def signalled(self, evaluate, on_batch):
+        if self.step == 2:
+            self._on_signal(signal.SIGINT, None)
+            if again == "a second signal":
+                self._stop_signal_at -= SAME_STOP_SECONDS  # the second Ctrl-C, a while after the first
+                self._on_signal(signal.SIGINT, None)
+        return original(self, evaluate, on_batch)
+
+    options = dict(pairs=True, max_steps=2, save_every=0, eval_every=1)
+    if again == "a second signal":
+        monkeypatch.setattr(Trainer, "_evaluate_sets", signalled)
+        with pytest.raises(SystemExit) as stopped:
+            main(argv(faces, tmp_path, **options))
+        assert stopped.value.code == 128 + signal.SIGINT
+        err = capsys.readouterr().err
+        assert err.endswith("\nstopped by a second SIGINT: at once, without a checkpoint of this step\n"), err
+        assert not (tmp_path / "checkpoint.pt").exists()
+        return
+    original_step = Trainer.train_step
+
+    class Killed(BaseException):
+        pass
+
+    def killed_in_the_final_verification(self, evaluate, on_batch):
+        if self.step == 2:
+            raise Killed  # (as the scheduler's SIGKILL after a signal in the last step: no checkpoint on the way out)
+        return original(self, evaluate, on_batch)
+
+    def signalled_in_step_2(self, images, labels):
+        if self.step == 1:
+            self._on_signal(signal.SIGTERM, None)
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
+    monkeypatch.setattr(Trainer, "_evaluate_sets", killed_in_the_final_verification)
+    with pytest.raises(Killed):
+        main(argv(faces, tmp_path, **options))
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["verification_cut_short"]
+    monkeypatch.undo()
+    monkeypatch.setattr(Trainer, "_evaluate_sets", signalled)
+    capsys.readouterr()
+    assert main(argv(faces, tmp_path, resume="auto", **options)) == 0
+    err = capsys.readouterr().err
+    assert ("\nSIGINT after the last step (2): the final verification is cut short; the run ends with its checkpoint, "
+            "and --resume auto makes the verification\n") in err, err
+    assert "as usual" not in err and "[step 2] pairs" not in err, err
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["verification_cut_short"]
+
+
 @pytest.mark.parametrize("when", ["during the last step", "after the last step", "after it, under torchrun"])
 def test_a_signal_in_the_last_step_or_after_it_is_said_and_the_run_ends_as_usual(faces, tmp_path, monkeypatch,
                                                                                    capsys, when):
-    # A Ctrl-C during the final verification (minutes at scale: lfw, cfp_fp, agedb_30) was taken without a word:
-    # the run ended as usual, exit 0, and nothing told the user that the key was read (helper-185's trial).
-    original_step, original_sets = Trainer.train_step, Trainer._evaluate_sets
+    # A Ctrl-C after the last step's work (helper-185's trial: in the final verification, minutes at scale) was taken
+    # without a word: the run ended as usual, exit 0, and nothing told the user that the key was read. (One during
+    # the final verification cuts it short now: test_a_signal_during_the_final_verification_cuts_it_short_...)
+    original_step, original_sets, original_say = (Trainer.train_step, Trainer._evaluate_sets,
+                                                   Trainer._say_a_signal_at_the_end)
 
     def signalled_in_step_2(self, images, labels):
         if self.step == 1:
             self._on_signal(signal.SIGINT, None)
         return original_step(self, images, labels)
 
-    def signalled_in_the_final_verification(self, evaluate, on_batch):
-        if self.step == 2:
+    def signalled_as_the_final_verification_ends(self, evaluate, on_batch):
+        original_sets(self, evaluate, on_batch)
+        if self.step == 2:  # (after its last batch: nothing left to cut)
             self._on_signal(signal.SIGINT, None)
+
+    def said_by_rank_1(self):
         with monkeypatch.context() as torchrun:  # (the line said as a torchrun process of rank 1 says it)
-            if when.endswith("torchrun"):
-                torchrun.setenv("WORLD_SIZE", "2")
-                torchrun.setenv("RANK", "1")
-            return original_sets(self, evaluate, on_batch)
+            torchrun.setenv("WORLD_SIZE", "2")
+            torchrun.setenv("RANK", "1")
+            original_say(self)
 
     if when == "during the last step":
         monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
     else:
-        monkeypatch.setattr(Trainer, "_evaluate_sets", signalled_in_the_final_verification)
+        monkeypatch.setattr(Trainer, "_evaluate_sets", signalled_as_the_final_verification_ends)
+    if when.endswith("torchrun"):
+        monkeypatch.setattr(Trainer, "_say_a_signal_at_the_end", said_by_rank_1)
     assert main(argv(faces, tmp_path, pairs=True, max_steps=2)) == 0
     err = capsys.readouterr().err
     said = ("SIGINT during the last step (2)" if when == "during the last step" else
@@ -406,7 +525,8 @@ def test_a_signal_in_the_last_step_or_after_it_is_said_and_the_run_ends_as_usual
             "train: rank 1: SIGINT after the last step (2)")
     line = f"\n{said}: the run ends as usual, with its final verification and checkpoint\n"
     assert line in err and err.count(": the run ends as usual") == 1, err
-    assert "[step 2] pairs: accuracy" in err.split(line)[1], err  # (said as it came, before the verification's end)
+    # In the last step: said as it came, before the verification's end; after the verification: after it.
+    assert "[step 2] pairs: accuracy" in err.split(line)[0 if when.startswith("after") else 1], err
     assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
     assert line.strip() in (tmp_path / "training.log").read_text()
