@@ -50,7 +50,7 @@ for pin in sys.argv[1:]:
         sys.exit(f"oldest_torch: {name} {got} installed, not the pinned {wanted}")
 PY
 
-python -m pytest -q
+python -m pytest -q --runslow
 ARCFACE_EXT_EMULATE_CUDA=1 python -m pytest -q tests/test_cuda.py \
     -k "upcast or matches_reference or many_class_chunks or kept or reduce_loss"
 CUDA_ARCHS=80 bash .ci/compile_cuda.sh

@@ -49,7 +49,8 @@
 #   train     the trainer end to end on the GPU: r50 at 112 px on synthetic faces, bf16, 60 steps
 #             (its images/s in metrics.jsonl, appended to profile.log)
 #   sweep     ours and ours-cublas at C = 100k and 1M with a 16, 64, 128 and 256 MiB workspace
-#   suite     the rest of the test suite (tests/ without test_cuda.py) under the machine's torch
+#   suite     the rest of the test suite (tests/ without test_cuda.py, the slow tests too) under the
+#             machine's torch
 #   fuzz      (not in the default list) tests/test_fuzz.py for 90 s: random shapes, dtypes, margins and
 #             path switches against the fp64 reference, to cuda.log
 #   loader    (not in the default list) benchmarks/bench_loader.py: the trainer's data loader on 4,096
@@ -285,7 +286,7 @@ print("CUDA kernels registered")' 2>&1 | tee -a "$OUT/build.log"; then
         --loss-amp bf16 --max-steps 60 --warmup-steps 0 --log-every 10 --eval-every 0 --save-every 0 \
         --num-workers 8 --no-plots --no-tensorboard --output /tmp/gpu-check-train
       cat /tmp/gpu-check-train/metrics.jsonl >> "$OUT/profile.log" 2>/dev/null ;;
-    suite) run_stage suite suite 200 60 "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -rf tests \
+    suite) run_stage suite suite 200 60 "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -rf --runslow tests \
              ${XDIST[@]+"${XDIST[@]}"} ${XDIST[@]+-n 8} \
              --ignore tests/test_cuda.py ;;
     fuzz) run_stage fuzz cuda 120 30 env ARCFACE_FUZZ_SECONDS=90 "$PY" -m pytest -q -s -p no:cacheprovider \

@@ -43,13 +43,31 @@ def margin_kwargs(name):
     return dict(m1=m1, m2=m2, m3=m3, lambda_=lambda_)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true",
+                     help="also run the tests marked slow (whole trainer and tool runs in subprocesses, torchrun "
+                          "groups, the emulator's build): about seven more minutes on a 2-core CPU; CI runs them")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped when none is visible)")
     config.addinivalue_line("markers", "gpu_only: needs a real GPU even where the CUDA emulator runs the "
                                        "`cuda` tests (memory, streams, devices)")
-    config.addinivalue_line("markers", "slow: long-running")
+    config.addinivalue_line("markers", "slow: over about a second on a 2-core CPU (a trainer, tool or torchrun run "
+                                       "in subprocesses); skipped unless --runslow is given")
     if emulator.EMULATED:
         emulator.install()
+
+
+def _skip_slow_tests(config, items):
+    """`python -m pytest -q` (the README's command) takes a few minutes: the tests marked slow, most of
+    the suite's time, are skipped unless --runslow is given (CI gives it in a run of its own)."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow (CI does)")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -124,6 +142,7 @@ def _wgmma_kernels_run_in_wgmma_tests(request):
 
 
 def pytest_collection_modifyitems(config, items):
+    _skip_slow_tests(config, items)
     # Asked only when a collected test carries the marker, never at import time.
     if not any(item.get_closest_marker("cuda") for item in items):
         return

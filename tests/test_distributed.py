@@ -16,8 +16,8 @@ import arcface_ext
 from arcface_ext import ops, reference
 from conftest import MARGINS, assert_matches_reference, loss_and_grads, margin_kwargs, settle, spawn_ranks
 
-pytestmark = pytest.mark.skipif(not arcface_ext.extension_available(),
-                                reason="arcface_ext._C is not built")
+pytestmark = [pytest.mark.skipif(not arcface_ext.extension_available(), reason="arcface_ext._C is not built"),
+              pytest.mark.slow]  # (process groups of spawned ranks)
 
 
 def make_case(seed, sizes, num_classes, dim, dtype=torch.float64, ignored=()):

@@ -21,6 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not arcface_ext.extension_available(), reason="arcface_ext._C is not built"),
     pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
                        reason="the emulator's fibers are written for x86-64 Linux"),
+    pytest.mark.slow,  # (its first test builds the emulator: half a minute)
 ]
 
 def op_args(workspace_bytes=1 << 26):

@@ -155,6 +155,7 @@ def second_step_extra_mb():
     return {(name, kind): int(mb) for name, kind, mb in (line.split() for line in child.stdout.splitlines())}
 
 
+@pytest.mark.slow
 def test_sgd_makes_no_copy_of_the_gradients(second_step_extra_mb):
     # torch's SGD copies each gradient to add the weight decay to it: at a million 512-D class centres,
     # 1.95 GB at the step's peak.
@@ -316,6 +317,7 @@ def test_adamw_under_torch_compile_steps_each_tensor_once(monkeypatch):
     assert torch.equal(ours[1], compiled[1])
 
 
+@pytest.mark.slow
 def test_adamw_makes_no_parameter_sized_temporaries(second_step_extra_mb):
     # torch's AdamW divides sqrt(exp_avg_sq) into new tensors the size of each parameter (two at once a
     # tensor at a time, the CPU's default): at a million 512-D class centres, 3.9 GB at the step's peak.

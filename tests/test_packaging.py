@@ -25,6 +25,7 @@ def tracked_sources():
     return {line for line in listed.stdout.splitlines() if line}
 
 
+@pytest.mark.slow
 def test_sdist_holds_every_source_and_header(tmp_path):
     sources = tracked_sources()
     assert {"csrc/margin.h", "csrc/checks.h", "csrc/cuda/margin_softmax_kernel.cu"} <= sources
@@ -41,6 +42,7 @@ def test_sdist_holds_every_source_and_header(tmp_path):
     assert not [name for name in packed if name.startswith("tests/")], "a partial test suite in the sdist"
 
 
+@pytest.mark.slow
 def test_wheel_carries_the_py_typed_marker(tmp_path):
     # A wheel's Python files are build_py's output (the extension aside). Without arcface_ext/py.typed beside them
     # (pyproject.toml's package-data; setuptools 69 and later add one by themselves too), mypy skips the installed

@@ -372,9 +372,12 @@ def test_the_trainers_options_table_gives_the_parsers_defaults():
 
 def test_every_option_the_readme_writes_is_one_of_its_commands(monkeypatch):
     """An option in the text (`--skip-existing`, `--resume`), not only in a command line, is taken by one of
-    the commands the README runs: none is renamed or gone. pip's, torchrun's and mypy's own are listed here."""
+    the commands the README runs: none is renamed or gone. pip's, torchrun's and mypy's own are listed here;
+    pytest's own of this suite (--runslow) are read from tests/conftest.py."""
     known = {"--no-build-isolation", "--config-settings", "--nproc_per_node", "--nnodes", "--node_rank",
              "--rdzv_endpoint", "--shutdown-timeout", "--strict"}
+    with open(os.path.join(os.path.dirname(__file__), "conftest.py")) as f:
+        known |= set(re.findall(r"addoption\(\"(--[\w-]+)\"", f.read()))
     for target in sorted({target for target, _, _ in COMMANDS}):
         for parser in command_parsers(target, monkeypatch):
             known |= {flag for action in parser._actions for flag in action.option_strings}

@@ -310,6 +310,7 @@ def test_a_label_before_the_coordinates_is_read_as_rfws_landmark_files_hold_it(p
 
 
 @pytest.mark.parametrize("model_size", [SIZE, 64])
+@pytest.mark.slow
 def test_embed_with_landmarks_embeds_the_aligned_crops(photos, tmp_path, capsys, model_size):
     """`train.embed --images raw --landmarks FILE` gives what embedding align's (lossless) crops gives,
     for a model of another input size too (both resize the 112 crop, as the trainer's readers do)."""
@@ -529,6 +530,7 @@ def test_suspect_landmarks_are_named(photos, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["SIGTERM to the main process", "Ctrl-C to the group"])
+@pytest.mark.slow
 def test_a_signal_stops_the_workers_and_a_rerun_finishes(photos, tmp_path, to_group):
     # A SIGTERM to the main process (a scheduler's), which ends the workers; and a Ctrl-C at the terminal,
     # a SIGINT to the whole process group, the workers (and Python 3.14's forkserver) included.

@@ -61,6 +61,7 @@ def run_clean(*argv) -> int:
     return clean.main([*map(str, argv), "--workers", "0", "--batch-size", "32"])
 
 
+@pytest.mark.slow
 def test_trained_centres_drop_the_mislabelled_images(trained, tmp_path, capsys):
     ckpt, faces = trained
     # On the data it trained on, the checkpoint's centres are the default; on other data (here the same
@@ -139,6 +140,7 @@ def test_data_changed_since_training_says_how_to_take_the_trained_centres(traine
             "this data's)\n") in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_class_means_find_and_merge_a_split_identity(trained, tmp_path, capsys):
     ckpt, faces = trained
     data = noisy_copy(faces, tmp_path / "split")
@@ -175,6 +177,7 @@ def test_class_means_find_and_merge_a_split_identity(trained, tmp_path, capsys):
     assert (len(packed), packed.num_classes) == (160, 10)
 
 
+@pytest.mark.slow
 def test_recordio_input_keeps_bins_and_reuses_embeddings(trained, tmp_path, capsys):
     ckpt, faces = trained
     rec = tmp_path / "rec"
@@ -262,6 +265,7 @@ def test_unreadable_images_and_small_classes_are_dropped(trained, tmp_path):
     assert len(RecordIODataset(str(out), flip=False)) == 159
 
 
+@pytest.mark.slow
 def test_odd_names_a_diverged_model_and_nothing_left(trained, tmp_path, capsys):
     ckpt, faces = trained
     data = tmp_path / "faces"
@@ -362,6 +366,7 @@ def test_data_that_is_a_broken_symbolic_link_is_said_to_be_one(trained, tmp_path
     assert sorted(os.listdir(tmp_path)) == ["faces", "train.lst"]
 
 
+@pytest.mark.slow
 def test_a_stop_while_writing_leaves_no_partial_file(trained, tmp_path, monkeypatch, capsys):
     ckpt, faces = trained
     original = clean._packed_images
@@ -450,6 +455,7 @@ def test_write_pack_wants_each_labels_images_together(tmp_path):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.slow
 def test_two_processes_under_torchrun_clean_as_one(trained, tmp_path):
     ckpt, faces = trained
     data = noisy_copy(faces, tmp_path / "noisy")
@@ -674,6 +680,7 @@ def test_a_run_started_while_its_caller_handles_an_error_says_only_its_own(tmp_p
     assert json.loads(error_file.read_text())["message"]["message"] == f"RuntimeError: {BUG}"
 
 
+@pytest.mark.slow
 def test_sub_center_training_then_its_dominant_sub_centres_clean(trained, tmp_path, capsys):
     """insightface's route for noisy data: train sub-center ArcFace (K = 3), then drop what lies far
     from each class's dominant sub-centre."""

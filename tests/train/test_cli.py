@@ -109,12 +109,14 @@ def run_with_its_reader_gone(module: str, argv: list[str], cwd: str = REPO) -> i
 
 
 @pytest.mark.parametrize("module", ["train", "train.tools.roc"])
+@pytest.mark.slow
 def test_an_argument_error_whose_reader_went_away_exits_2(module):
     # python -m train --no-such-option 2>&1 | head -0: argparse's lines failed (it lets an OSError pass), the
     # bytes stayed in stderr's buffer, and its last flush at exit made the exit status 120, not argparse's 2.
     assert run_with_its_reader_gone(module, ["--no-such-option"]) == 2
 
 
+@pytest.mark.slow
 def test_an_arcface_torch_configs_notes_whose_reader_went_away_do_not_stop_the_run(tmp_path):
     # Its notes are said as the options are read, before the trainer's own lines: a note's BrokenPipeError
     # made an argument error exit 1, not 2 (and a run stop there, exit 1).
@@ -138,6 +140,7 @@ def test_an_arcface_torch_configs_notes_whose_reader_went_away_do_not_stop_the_r
     ("train.tools.detect", ["--images", "nope", "--detector", "nope.onnx", "--output", "out.txt"], 2),
     ("train.tools.clean", ["--model", "nope.pt", "--data", "nope", "--output", "out"], 2),
     ("train.plots", ["."], 1)])  # (an empty folder: nothing to draw)
+@pytest.mark.slow
 def test_a_refusal_whose_reader_went_away_exits_as_it_would(tmp_path, module, argv, status):
     # The tools that say their own lines (not through run_tool): each raised a BrokenPipeError in its first
     # line, exit status 120 (align, given photos, aligned none of them).
@@ -145,6 +148,7 @@ def test_a_refusal_whose_reader_went_away_exits_as_it_would(tmp_path, module, ar
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_align_whose_reader_went_away_aligns_on(tmp_path):
     # Its first line ("align: 1 face(s) of ...") raised a BrokenPipeError: no crop, exit status 120.
     os.mkdir(tmp_path / "photos")

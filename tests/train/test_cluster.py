@@ -53,6 +53,7 @@ def person(name: str) -> str:
     return os.path.dirname(name)  # 2025/event0/03.png -> 2025/event0
 
 
+@pytest.mark.slow
 def test_the_people_of_a_collection_are_found(trained, tmp_path, capsys):
     ckpt, backbone, photos = trained
     out = tmp_path / "clusters.csv"
@@ -99,6 +100,7 @@ def test_the_people_of_a_collection_are_found(trained, tmp_path, capsys):
     assert summary["tree_files"] == {"hard links": 0, "copies": 25, "names shortened": 0, "duplicates left out": 0}
 
 
+@pytest.mark.slow
 def test_a_table_of_train_embed_clusters_as_its_folder(trained, tmp_path, capsys):
     ckpt, backbone, photos = trained
     table = tmp_path / "emb.npy"
@@ -296,6 +298,7 @@ def test_duplicates_are_counted_and_said(tmp_path, capsys):
         "(--threshold): duplicates are faces more alike than linked ones; give one above it\n"
 
 
+@pytest.mark.slow
 def test_the_tree_holds_each_photo_once_unless_all_duplicates(trained, tmp_path, capsys):
     """A photo there 4 times more (copies in its folder and another) is one image of its cluster's folder in
     the tree, the first of its group, which the others duplicate; the table lists every face, and
@@ -332,6 +335,7 @@ def test_the_tree_holds_each_photo_once_unless_all_duplicates(trained, tmp_path,
     assert "--all-duplicates goes with --tree" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_outputs_are_kept_refused_or_replaced_whole(trained, tmp_path, capsys, monkeypatch):
     ckpt, backbone, photos = trained
     out, tree = tmp_path / "c.csv", tmp_path / "tree"
@@ -511,6 +515,7 @@ def test_a_stop_as_the_replaced_tree_is_removed_waits_for_it(trained, tmp_path, 
     assert sorted(os.listdir(tree)) == ["cluster_0000", "cluster_0001", "cluster_0002"]
 
 
+@pytest.mark.slow
 def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
     ckpt, backbone, photos = trained
     for argv in (["--images", photos], ["--images", photos, "--model", backbone, "--threshold", "1.5"],
@@ -566,6 +571,7 @@ def test_bad_arguments_and_unreadable_images(trained, tmp_path, capsys):
     assert json.loads((tmp_path / "c.json").read_text())["left_out"] == 2
 
 
+@pytest.mark.slow
 def test_photos_with_a_detector_cluster_as_their_aligned_faces(trained, tmp_path, capsys):
     """--detector: each photo's main face found and aligned (the stand-in detector of detector_fixtures, whose
     faces aligned are known crops) gives the table of those crops; a photo without a face is left out with a
@@ -740,6 +746,7 @@ GROUPS = {"2024/g0.png": (0, 1, 2), "2024/g1.png": (1, 2, 3), "2025/g2.png": (3,
           "g4.png": (2, 3, 4)}
 
 
+@pytest.mark.slow
 def test_every_face_of_group_photos_is_clustered_with_its_person(trained, tmp_path, capsys):
     """--all-faces: every face of a photo is a row <photo>#<k>, clustered with its person's faces in the other
     photos; --tree holds each face's aligned crop (named as align --all-faces names it) in its person's cluster,
@@ -805,6 +812,7 @@ def test_every_face_of_group_photos_is_clustered_with_its_person(trained, tmp_pa
     assert not os.path.exists(tmp_path / "x.csv")
 
 
+@pytest.mark.slow
 def test_copies_of_a_group_photo_and_a_table_of_every_face(trained, tmp_path, capsys):
     """A group photo there twice more (copies in another folder): each copy's face k duplicates the photo's face k,
     in its cluster, and the tree holds each face's crop once (--all-duplicates: every copy's); a table of every

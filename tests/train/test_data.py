@@ -332,6 +332,7 @@ def test_read_index(tmp_path, text, expected):
     assert keys.dtype == offsets.dtype == np.int64 and (keys.tolist(), offsets.tolist()) == expected
 
 
+@pytest.mark.slow
 def test_read_index_fast_path_never_reads_otherwise_than_line_by_line(tmp_path):
     rng = np.random.default_rng(1)
     alphabet = list(b"0123456789\t\n") * 3 + list(b" -+_\x0b\x0c\r.x")
@@ -564,6 +565,7 @@ def test_pack_rec_says_what_it_changed_and_what_is_not_aligned(image_folder, tmp
     assert "note: the images are 40x30 (width x height), not square as aligned faces are" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigterm_stops_pack_rec_with_one_line_and_no_temporary_files(tmp_path):
     # SIGTERM ended it silently (status -15) and left train.rec.tmp / train.idx.tmp behind.
     faces = tmp_path / "faces"
@@ -1118,6 +1120,7 @@ def _data_check_worker(rank, world_size, init_file, roots, out_dir):
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
+@pytest.mark.slow
 def test_ranks_with_different_copies_of_the_data_all_stop(tmp_path):
     faces = make_face_folder_like(tmp_path / "faces")
     shutil.copytree(faces, tmp_path / "node1")
@@ -1161,6 +1164,7 @@ def test_loader_workers_leave_signals_to_the_main_process(signum):
     pytest.param("before_acknowledging", marks=pytest.mark.skipif(
         sys.version_info < (3, 14), reason="before Python 3.14 the sender waits for no acknowledgement on Linux")),
 ])
+@pytest.mark.slow
 def test_loader_workers_do_not_report_a_main_process_that_hangs_up_mid_transfer(tmp_path, moment):
     # A worker serves its batches' file descriptors from a thread; a Ctrl-C raised in the main process
     # while it fetches one hangs up mid-transfer, and that thread printed a traceback of the reset
@@ -1204,6 +1208,7 @@ def test_loader_workers_do_not_report_a_main_process_that_hangs_up_mid_transfer(
         assert "ValueError: a real error" in done.stderr  # other errors are still reported
 
 
+@pytest.mark.slow
 def test_loader_workers_end_with_a_script_that_never_stops_them(tmp_path):
     # The workers ignore a SIGTERM that is not their main process's decision; multiprocessing's exit
     # handler terminates live daemonic workers with SIGTERM and joins them. A script that leaves its
@@ -1252,6 +1257,7 @@ def test_loader_workers_are_children_of_the_main_process():
     assert parents.tolist() == [os.getpid()] * 2
 
 
+@pytest.mark.slow
 def test_the_loaders_start_method_leaves_the_process_default_unset():
     # A caller may still choose its own start method after a loader was built (multiprocessing's
     # get_start_method() fixes the default on first use: set_start_method then raised).
@@ -1332,6 +1338,7 @@ def test_loader_benchmark_runs_on_a_pack_of_its_own(tmp_path, monkeypatch):
     assert [(row["augment"], row["scaled_on"]) for row in rows] == [(0, "device"), (0.5, "device")]
 
 
+@pytest.mark.slow
 def test_a_tests_thread_count_is_not_the_next_ones(tmp_path):
     # bench_loader's main() (above) sets torch to one thread, and the tests after it in a whole run that do
     # not set their own ran on one thread where alone they ran on every core (conftest's _torch_threads_as_before).

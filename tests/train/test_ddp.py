@@ -26,8 +26,9 @@ from trainer_fixtures import (REPO, base_argv, make_face_folder, make_pairs_list
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="needs torch.distributed with gloo"),
+              pytest.mark.slow]  # (torchrun groups)
 
 
 def torchrun_command(args):

@@ -129,6 +129,7 @@ def test_a_test_starts_with_ctrl_c_and_sigterm_as_from_a_terminal():
     assert child.stdout.strip() == "True", child.stderr
 
 
+@pytest.mark.slow
 def test_pytest_started_as_a_background_job_still_stops_its_tests_tools():
     # `pytest ... &` in a script (a non-interactive shell) starts with SIGINT ignored: the tests that
     # Ctrl-C a tool (clean, cluster, roc, search, quality) failed, the first of them in the process.
@@ -492,6 +493,7 @@ sys.exit(verify.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_verify_without_a_traceback(trained, tmp_path, tmp_path_factory):
     import subprocess
 
@@ -512,6 +514,7 @@ def test_ctrl_c_stops_verify_without_a_traceback(trained, tmp_path, tmp_path_fac
     assert not output.exists() and os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_stops_embed_and_its_workers_without_a_traceback(trained, tmp_path):
     """A terminal's Ctrl-C reaches every process of the group: the decoding workers leave it to the
     main process, which stops (130) with one line; none prints a traceback."""
@@ -553,6 +556,7 @@ _IMPORTING = {**{name: f"{name}: " for name in ("export", "embed", "verify", "ij
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("tool", list(_IMPORTING))
+@pytest.mark.slow
 def test_a_signal_while_the_tool_imports_torch_is_one_line(tmp_path, tool, signum):
     # `python -m train.<tool>` spends seconds importing torch: Ctrl-C there printed a KeyboardInterrupt
     # traceback, and SIGTERM ended the process silently, killed by the signal. (The tools of train.tools

@@ -182,6 +182,7 @@ def test_models_that_are_no_face_detector_with_keypoints_are_named(detector, tmp
         assert message in err and err.count("\n") == 1 and not out.exists(), (message, err)
 
 
+@pytest.mark.slow
 def test_a_signal_to_the_process_group_stops_the_run_and_resume_finishes_it(detector, tmp_path):
     """SIGTERM to every process (a scheduler's), the loader's workers included: the run ends with
     143 and no traceback, its partial file holds whole lines, and --resume finishes the file."""
@@ -225,6 +226,7 @@ def test_a_signal_to_the_process_group_stops_the_run_and_resume_finishes_it(dete
                                atol=0.01)
 
 
+@pytest.mark.slow
 def test_embed_with_a_detector_embeds_what_the_landmarks_file_gives(detector, tmp_path, capsys):
     """`train.embed --detector` (in one step) gives the rows of `detect` then `embed --landmarks`, with
     --all-faces too; photos without a face are left out with a warning (exit 1); `--compare` takes
@@ -468,6 +470,7 @@ def test_align_with_a_detector_refuses_an_output_it_cannot_write_before_detectin
     assert os.listdir(locked) == [] and (tmp_path / "file").read_text() == ""
 
 
+@pytest.mark.slow
 def test_sigterm_to_align_while_it_detects_ends_its_workers_too(detector, tmp_path):
     """SIGTERM to the main process alone (`kill PID`) during align --detector's detection: the loader's
     workers leave signals to the main process, which stops (143) and ends them; none is left behind."""

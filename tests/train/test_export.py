@@ -56,6 +56,7 @@ def test_state_dict_round_trip(trained, tmp_path):
     assert torch.equal(embeddings_of(model, x), embeddings_of(original, x))
 
 
+@pytest.mark.slow
 def test_a_tool_whose_reader_goes_away_writes_its_outputs(trained, tmp_path):
     # python -m train.tools.roc ... 2>&1 | head -1: the first line said once head had gone (its table) ended the run
     # in a BrokenPipeError, its results not written.
@@ -70,6 +71,7 @@ def test_a_tool_whose_reader_goes_away_writes_its_outputs(trained, tmp_path):
     assert len((tmp_path / "r.csv").read_text().splitlines()) > 1
 
 
+@pytest.mark.slow
 def test_a_tool_whose_stdout_reader_went_away_exits_as_it_would(trained, tmp_path):
     # python -m train.export ... | head -0: stdout in a pipe is block-buffered (PYTHONUNBUFFERED unset, as a user
     # has it), so the "wrote" lines waited in its buffer past the tool's end and the interpreter's last flush
@@ -721,6 +723,7 @@ def _export_graph(module, path, *, dynamic=True):
     return str(path)
 
 
+@pytest.mark.slow
 def test_embed_and_compare_with_onnx_models(trained, tmp_path, capsys):
     """`--model x.onnx`: train.export's graph gives what its state dict gives; a graph that scales its
     own input (as insightface's models converted from MXNet do) is fed pixels, one of fixed batch

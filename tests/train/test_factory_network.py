@@ -261,6 +261,7 @@ def test_a_file_naming_a_factory_runs_its_module_when_loaded_as_the_readme_warns
     assert "imports that module when it is loaded" in readme
 
 
+@pytest.mark.slow
 def test_verify_of_a_factory_network_trained_under_amp_runs_without_amp_given(own_module, faces, tmp_path, capsys):
     # Its run recorded --amp bf16 (a factory that takes amp= uses it as it builds the network, with no amp
     # attribute to set later): train.verify without --amp refused the run's own amp as if it had been given
@@ -281,6 +282,7 @@ def test_verify_of_a_factory_network_trained_under_amp_runs_without_amp_given(ow
     assert "else verifies\nin fp32, with a note where its run trained under `--amp`" in readme
 
 
+@pytest.mark.slow
 def test_a_factory_in_a_scripts_main_trains_with_a_note_and_is_then_a_one_line_error(faces, tmp_path, capsys):
     # A script that defines its network and calls the trainer: the run has it, but train.export and the
     # others import __main__ as their own later ("__main__ has no tiny" said nothing of why).

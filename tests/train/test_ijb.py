@@ -1024,6 +1024,7 @@ def test_read_table_is_write_tables_inverse_and_names_bad_tables(tmp_path):
         read_table(str(tmp_path / "ed.npy"))
 
 
+@pytest.mark.slow
 def test_plot_draws_the_curves(release, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     data, model, _ = release
@@ -1048,6 +1049,7 @@ def test_curve_rates_span_what_the_negatives_measure():
     assert all(r["tar"] is not None for r in rows)  # every point of the curve is measurable
 
 
+@pytest.mark.slow
 def test_results_are_written_when_the_reader_of_stdout_goes(release, tmp_path):
     """`python -m train.ijb ... | head -1`: the printing stops, the scoring and the results file do not."""
     import subprocess

@@ -39,6 +39,7 @@ def cosines(a, b):
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+@pytest.mark.slow
 def test_the_int8_graph_agrees_with_the_fp32_one_and_runs_where_onnx_models_do(run, tmp_path, capsys):
     ckpt, faces, pairs = run
     out = tmp_path / "export"
@@ -104,6 +105,7 @@ def test_prelu_stays_float_so_the_int8_graph_gives_what_it_gave_with_prelu_nodes
     assert np.array_equal(got, expected), f"max abs difference {np.abs(got - expected).max():.3g}"
 
 
+@pytest.mark.slow
 def test_int8_calibrates_on_the_runs_own_faces_and_verifies_on_its_sets(run, tmp_path, capsys):
     ckpt, faces, pairs = run
     # The run's --data: its 16 faces, 8 to calibrate and 8 to check; the run's pairs list verified.

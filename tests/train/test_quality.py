@@ -137,6 +137,7 @@ def test_embeddings_that_are_a_folder_are_said_to_be_one(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_scores_trees_and_tables(trained, tmp_path, capsys):
     ckpt, pairs = trained
     faces = os.path.dirname(pairs)
@@ -218,6 +219,7 @@ def test_photos_through_landmarks_say_what_they_took(trained, tmp_path, capsys):
     assert summary["images"] == os.path.abspath(faces) and summary["faces_scored"] == len(names) == 80
 
 
+@pytest.mark.slow
 def test_the_erc_of_a_pairs_list(trained, tmp_path, capsys):
     ckpt, pairs = trained
     faces = os.path.dirname(pairs)
@@ -247,6 +249,7 @@ def test_the_erc_of_a_pairs_list(trained, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "erc2.png")
 
 
+@pytest.mark.slow
 def test_bad_arguments_and_outputs(trained, tmp_path, capsys, monkeypatch):
     ckpt, pairs = trained
     faces = os.path.dirname(pairs)
@@ -463,6 +466,7 @@ def assert_same_scores(rows, expected):
     assert [float(q) for _, q in rows] == pytest.approx([float(q) for _, q in expected], rel=1e-5), (rows, expected)
 
 
+@pytest.mark.slow
 def test_photos_with_a_detector_score_as_their_aligned_faces(trained, tmp_path, capsys):
     """--detector: each photo's main face found and aligned (the stand-in detector of detector_fixtures, whose
     faces aligned are known crops) is scored as those crops are, its detection score a column beside the

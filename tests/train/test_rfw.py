@@ -352,6 +352,7 @@ def test_errors_in_verify(release, tree, tmp_path, capsys):
     assert "is an image's name in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_folder_named_as_a_name_is_said(release, tmp_path, monkeypatch, capsys):
     """--targets RFW, with RFW a folder here: a name, looked for as <data>/RFW.bin (or a synthetic set); the
     message says to write its path."""

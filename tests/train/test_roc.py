@@ -495,6 +495,7 @@ def trained(tmp_path_factory):
     return ckpt, backbone, str(root / "people")
 
 
+@pytest.mark.slow
 def test_a_folder_embedded_saved_and_read_back(trained, tmp_path, capsys):
     ckpt, backbone, people = trained
     out, saved = tmp_path / "roc.csv", tmp_path / "people.npy"
@@ -644,6 +645,7 @@ def test_photos_through_landmarks_and_tables_of_other_models(trained, tmp_path, 
     assert f"roc: note: --embeddings {tmp_path / 'a.npy'} was made with {backbone}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_photos_with_a_detector_are_scored_as_their_aligned_faces(trained, tmp_path, capsys):
     """--detector (train.embed's shared code): each photo's main face found and aligned by the stand-in
     detector of detector_fixtures gives the pairs' scores of those faces' crops; a photo without a face is

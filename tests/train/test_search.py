@@ -250,6 +250,7 @@ def trained(tmp_path_factory):
     return ckpt, backbone, save_faces(root / "gallery", gallery), save_faces(root / "probes", probes)
 
 
+@pytest.mark.slow
 def test_a_gallery_enrolled_saved_and_searched(trained, tmp_path, capsys):
     ckpt, backbone, gallery, probes = trained
     out, saved = tmp_path / "r.csv", tmp_path / "g.npy"
@@ -377,6 +378,7 @@ def another_runs_weights(backbone: str, folder) -> str:
     return str(folder / "backbone.pt")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_and_its_export_are_one_model(trained, tmp_path, capsys):
     """A table made with a run's checkpoint.pt is searched with its export's backbone.pt, and the other way
     round: their weights are one (the digest of the weights as loaded tells, not that of the file). Another
@@ -763,6 +765,7 @@ def test_a_tables_unit_rows_are_taken_as_they_are(tmp_path):
     assert np.allclose(np.linalg.norm(faces.embeddings[3:], axis=1), 1, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_probe_photos_with_a_detector_are_searched_as_their_aligned_faces(trained, tmp_path, capsys):
     """--detector (train.embed's shared code): probe photos, each one's main face found and aligned by the
     stand-in detector of detector_fixtures, get the results of those faces' crops; a photo without a face is
@@ -799,6 +802,7 @@ def test_probe_photos_with_a_detector_are_searched_as_their_aligned_faces(traine
                   "ONNX file (insightface's det_10g.onnx)\n"
 
 
+@pytest.mark.slow
 def test_a_gallery_of_photos_with_a_detector_is_enrolled_as_their_aligned_faces(trained, tmp_path, capsys):
     """--detector finds the main face of each photo of a --gallery folder too, as it does the probes' (it
     embedded the photos whole, without a word): a gallery of photos and probe photos give the results of

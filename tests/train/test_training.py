@@ -206,6 +206,7 @@ def test_a_terminal_that_knows_its_width_gets_the_bar():
         os.close(leader)
 
 
+@pytest.mark.slow
 def test_the_lines_eta_leaves_out_a_slow_start(faces, tmp_path, capsys, monkeypatch):
     # A first step that takes long (the loader's workers starting, --compile compiling) is not the pace of the
     # rest: from the second line on the ETA is that of the steps after the first line.
@@ -1075,6 +1076,7 @@ def test_gradient_accumulation_resumes_exactly(faces, tmp_path, monkeypatch):
     assert all(r["samples_per_sec"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_compiled_backbone_trains_like_the_eager_one(faces, tmp_path, capsys):
     # aot_eager traces forward and backward as inductor does, without the minutes of code generation
     # a CPU needs; the losses match the eager run's, and the checkpoint holds the plain module's names.
@@ -1752,6 +1754,7 @@ def test_a_resume_says_it_does_not_load_another_pretrained_model(faces, tmp_path
             f"{tuned / 'checkpoint.pt'}") in capsys.readouterr().err.splitlines()
 
 
+@pytest.mark.slow
 def test_resume_refuses_options_that_change_the_run(faces, tmp_path):
     # The optimizer's state and the schedule's base learning rates come from the checkpoint: a
     # different --lr (or momentum, weight decay, network, ...) would be silently ignored, or fail
@@ -2059,6 +2062,7 @@ def test_non_finite_weights_are_never_saved(faces, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads the kernel's peak-RSS counter (Linux)")
+@pytest.mark.slow
 def test_the_finite_check_before_a_save_makes_no_copy_of_the_centres():
     # torch.isfinite of a whole fp32 tensor made temporaries of 1.75 times its size: at a million 512-D
     # class centres, 3.4 GB, the trainer's peak. In a child with glibc's mmap threshold low, so that the
@@ -2094,6 +2098,7 @@ def test_the_trainer_steps_with_arcface_ext_optim():
         assert type(build_optimizer(args, torch.nn.Linear(2, 2), torch.nn.Linear(2, 3))) is cls
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(faces, tmp_path):
     # As a cluster scheduler does: SIGTERM to the whole process group, DataLoader worker included.
     command = [sys.executable, "-m", "train", *argv(faces, tmp_path, max_steps=100000, save_every=0, num_workers=1)]
@@ -2106,6 +2111,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(faces, tmp_path):
     assert state["step"] == max(r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_an_error_in_training_exits_with_loader_workers(faces, tmp_path):
     # The workers ignore SIGTERM; multiprocessing's exit handler SIGTERMs and joins them, so a
     # process leaving on an error (its traceback holding the loader) hung there until they were
@@ -2119,6 +2125,7 @@ def test_an_error_in_training_exits_with_loader_workers(faces, tmp_path):
     assert result.returncode == 1 and "injected" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_run_whose_reader_goes_away_trains_on(faces, tmp_path):
     # python -m train ... 2>&1 | head: the first line said after head had its fill ended the run in a BrokenPipeError
     # (its last steps without a checkpoint, and "the run failed at step 9" of 8 in training.log).
@@ -2132,6 +2139,7 @@ def test_a_run_whose_reader_goes_away_trains_on(faces, tmp_path):
     assert "Error" not in log and re.search(r" done: 8 steps in \d+ s; outputs in ", log.splitlines()[-1]), log
 
 
+@pytest.mark.slow
 def test_a_refusal_whose_reader_went_away_exits_1(tmp_path):
     # python -m train --data nope 2>&1 | head -0: the refusal's line, which the interpreter said on its way out,
     # failed there, and the exit status was 120 ("Exception ignored ... BrokenPipeError"), not a refusal's 1.
@@ -2198,6 +2206,7 @@ def test_atomic_writes_leave_another_writers_temporary_alone(tmp_path):
         alive.wait()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_that_fails_says_why(tmp_path):
     # A quota (here the file-size limit, as `ulimit -f` sets it) or a full disk met mid-write: torch.save
     # reports it as "[enforce fail at inline_container.cc:...] unexpected pos 704 vs 598"; the error is the
@@ -2339,6 +2348,7 @@ def test_sample_rate_is_checked(rate):
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
 @pytest.mark.parametrize("loss", ["adaface", "elasticface-arc", "elasticface-cos", "elasticface-cos+", "magface"])
+@pytest.mark.slow
 def test_per_row_margin_losses_train_and_resume_exactly(faces, tmp_path, monkeypatch, loss, sharded):
     # AdaFace's norm statistics are buffers of the loss (in the checkpoint); ElasticFace draws its
     # margins from the generator the checkpoint restores: a resumed run repeats the whole run.
@@ -2403,6 +2413,7 @@ def test_magface_learns_the_embedding_scale_and_resumes_a_run_that_did_not(faces
                          ids=["curricularface", "filter-sampled", "filter-cosface", "filter-sampled-sharded",
                               "curricularface-sampled-sharded", "curricularface-bf16", "subcenters-filter-fp16",
                               "filter-sharded-bf16", "subcenters-sampled", "subcenters-sampled-sharded-filter"])
+@pytest.mark.slow
 def test_chunked_path_losses_train_and_resume_exactly(many_faces, tmp_path, monkeypatch, capsys, options):
     # CurricularFace's t is a buffer of the loss (in the checkpoint); the filtering needs none.
     options = dict(max_steps=4, save_every=2, **options)

@@ -123,6 +123,7 @@ def test_verify_takes_lfws_pairs_txt_as_the_same_pairs_list(verified, tmp_path, 
         f".png, .bmp) in {tmp_path / 'Bo_Chen'} (LFW's pairs name <its folder>/<name>/<name>_<NNNN>.jpg)")
 
 
+@pytest.mark.slow
 def test_synthetic_sets_are_those_of_the_runs_seed(tmp_path, capsys):
     """--data synthetic rebuilds the demo's sets with the checkpoint's own --seed."""
     argv = base_argv("synthetic", str(tmp_path / "run"), pairs="synthetic", batch_size=8, max_steps=1, seed=3,

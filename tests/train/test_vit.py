@@ -368,6 +368,7 @@ def test_trainer_trains_vit(vit_runs):
     assert model.image_size == IMAGE_SIZE and model.embedding_size == 64
 
 
+@pytest.mark.slow
 def test_resume_repeats_the_uninterrupted_run(vit_runs, monkeypatch):
     # Masking, drop path and dropout all draw from the generators the checkpoint restores.
     root, argv = vit_runs
