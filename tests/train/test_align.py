@@ -654,6 +654,29 @@ def test_a_stop_between_a_folder_made_and_its_first_crop_leaves_no_empty_folder(
     assert sorted(os.listdir(out / "person0")) == ["0.jpg", "1.jpg"] and os.listdir(out / "person2") == []
 
 
+def test_a_person_folder_taken_back_by_another_run_meanwhile_is_made_again(photos, tmp_path, capsys, monkeypatch):
+    # Two runs aligning into one --output (shards of one landmarks list): a run that fails or is stopped takes
+    # back the person folders it noted as missing while they are empty, which the other run may have just made
+    # for its next crop. The crop's write made the folder again rather than failing ("cannot write", exit 1).
+    root, names, _, landmarks = photos
+    out = tmp_path / "out"
+    makedirs, taken_back = os.makedirs, []
+
+    def taken_back_once_made(folder, *args, **kwargs):
+        makedirs(folder, *args, **kwargs)
+        if os.path.basename(folder) == "person1" and not taken_back:
+            os.rmdir(folder)  # the other run's take-back, between this makedirs and the temporary's open
+            taken_back.append(folder)
+
+    monkeypatch.setattr(os, "makedirs", taken_back_once_made)
+    argv = ["--images", root, "--landmarks", write(tmp_path / "lm.txt", lines(names, landmarks)), "--output",
+            str(out), "--workers", "0"]
+    assert align.main(argv) == 0, capsys.readouterr().err
+    monkeypatch.undo()
+    assert taken_back and sorted(os.listdir(out / "person1")) == sorted(
+        os.path.basename(name).replace(".png", ".jpg") for name in names if name.startswith("person1/"))
+
+
 def test_several_faces_of_a_photo_with_all_faces(photos, tmp_path, capsys):
     """An image listed on several lines (a group photo's faces, as `detect --all-faces` writes them)
     is an error naming --all-faces; with it, align writes <name>_<k> for the k-th face listed of every

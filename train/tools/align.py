@@ -262,10 +262,19 @@ def write_file_atomic(path: str, data: bytes) -> None:
     itself, which may leave an empty crop behind a rename, is rare enough to be handled by hand
     (remove the empty files, rerun with --skip-existing)."""
     folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    for attempt in range(3):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            f = open(tmp, "wb")
+            break
+        except FileNotFoundError:
+            # Another align into this --output took the folder back, empty as this one had just made it (its
+            # run failed or was stopped: ``remove_folders_made``): made again.
+            if attempt == 2:
+                raise
     try:
-        with open(tmp, "wb") as f:
+        with f:
             f.write(data)
         os.replace(tmp, path)
     finally:
