@@ -911,9 +911,9 @@ class Trainer:
 
         self._stop_signal = 0
         self._stop_signal_at = 0.0  # (time.monotonic()'s)
-        self._stop_signal_step = 0  # self.step when it came (in the last step or after it: the run ends as usual)
+        self._stop_signal_step = 0  # self.step when it came (in the last step or after it: the run ends, exit 0)
         self._late_signal_said = False
-        self._final_verification_cut = False  # (by a signal after the last step: said so, not "as usual")
+        self._final_verification_cut = False  # (left to a resume by a stop at the last step or after it)
         self._ended_as_usual = False  # (its done: line said)
         self._quit_at_once = False  # a second signal: nothing more is written, the figures left out
         self._previous_handlers: dict[int, Any] = {}
@@ -1543,14 +1543,14 @@ class Trainer:
         A signal cuts the verification short (at the batch it comes in: a launcher's grace after its SIGTERM,
         torchrun's 30 s, goes to the checkpoint, not to lfw, cfp_fp and agedb_30); the sets done by then are
         logged, and every process marks the step's verification as cut short (``verification_cut_short_at``).
-        The final one is cut by a signal to rank 0 but the one of the last step, which was said and had its
-        checkpoint written before it (the run then ends as usual, with the whole verification)."""
+        The final one is cut by a signal to rank 0 (one that came before it, to any process, leaves it out:
+        ``_fit``)."""
         cut = False
         if self.is_main and self.verification_sets:
             from .verification import evaluate
 
             def stop_here(count):
-                if self._stop_signal and not (final and self._late_signal_said):
+                if self._stop_signal:
                     raise _VerificationStopped
 
             self.backbone.eval()
@@ -1561,14 +1561,18 @@ class Trainer:
                 if not final:  # (the final one's: said with the run's end, _say_a_signal_at_the_end)
                     self._write(f"[step {self.step}] verification cut short by the stop")
             self.backbone.train()
-        signalled = self._stop_signal > 0
-        if self.distributed:  # (also the others' wait for it)
-            flags = torch.tensor([float(signalled), float(cut)], device=self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            signalled, cut = (flag > 0 for flag in flags.tolist())
+        signalled, cut = self._on_any_process(self._stop_signal > 0, cut)  # (also the others' wait for it)
         if cut:
             self.verification_cut_short_at = self.step
         return cut if final else signalled
+
+    def _on_any_process(self, *flags: bool) -> list[bool]:
+        """Whether each of ``flags`` is true on any process (collective under torchrun: every rank must call it)."""
+        if not self.distributed:
+            return list(flags)
+        values = torch.tensor([float(flag) for flag in flags], device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [value > 0 for value in values.tolist()]
 
     def _evaluate_sets(self, evaluate, on_batch) -> None:
         for name, vset in self.verification_sets.items():
@@ -1629,11 +1633,11 @@ class Trainer:
         self._stop_signal, self._stop_signal_at, self._stop_signal_step = signum, time.monotonic(), self.step
 
     def _say_a_signal_at_the_end(self) -> None:
-        """A signal of this process's own that came in the last step or after it (the final verification, the
-        checkpoint, the end's lines) ends the run as usual, exit status 0 (it did all it was asked: its checkpoint
-        is the last one, and a resume has nothing to train); a line says it was taken, once, each process its own
-        (``train: rank R: `` under torchrun, as its other stop lines). One that cut the final verification short
-        says so, once the checkpoint is written (marked: a resume makes the verification)."""
+        """A signal of this process's own that came in the last step or after it ends the run, exit status 0 (it did
+        all the training it was asked); a line says it was taken, once the checkpoint is written, each process its
+        own (``train: rank R: `` under torchrun, as its other stop lines). One that came before the end of the final
+        verification left it out or cut it short (``_fit``): a resume makes it (the checkpoint is marked). One after
+        it (the checkpoint, the end's lines) lets the run end as usual."""
         if not self._stop_signal or self._late_signal_said:
             return
         self._late_signal_said = True
@@ -1643,6 +1647,13 @@ class Trainer:
                "verification" if self._final_verification_cut else
                "the run ends as usual, with its final verification and checkpoint")
         self._error(trainer_stop_line(f"{name} {when} the last step ({self.args.max_steps}): {end}"))
+
+    def _when_in_the_run(self) -> str:
+        """When the run is, for a line that another process's end or wait interrupted it: "during step S", or,
+        its steps done (its final verification, its checkpoint), "after the last step (S)"."""
+        if self.step < self.args.max_steps:
+            return f"during step {self.step + 1}"
+        return f"after the last step ({self.step})"
 
     def _nothing_to_train(self) -> str:
         """What a resume of a finished run says."""
@@ -1715,8 +1726,8 @@ class Trainer:
         bar = tqdm(total=args.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (self.is_main and interactive), file=sys.stderr)
         try:
-            # A finished run resumed: its verification and checkpoint are written, unless a signal or a kill cut
-            # that final verification after its checkpoint was written (made now, as the final verification).
+            # A finished run resumed: its verification and checkpoint are written, unless a stop at its last step or
+            # after it left out or cut that final verification (its checkpoint marked; made now, as the final one).
             if self.step >= args.max_steps and self.verification_cut_short_at != self.step:
                 self._write(self._nothing_to_train())
                 return 0
@@ -1770,7 +1781,7 @@ class Trainer:
                 if args.save_every and self.step % args.save_every == 0 and self.step != args.max_steps:
                     self.save()
                     window_start = time.perf_counter()
-            if stop and self.step < args.max_steps:  # at the last step, the run ends as usual
+            if stop and self.step < args.max_steps:  # (at the last step: below, exit 0)
                 # Whose signal it was, read before the checkpoint: a rank that was not signalled itself (as on
                 # the nodes a pre-emption spared) stops as if terminated, and may get torchrun's SIGTERM while
                 # it writes the file, once the signalled ranks have done their part of it and ended.
@@ -1782,19 +1793,20 @@ class Trainer:
                 self._write(f"stopped by {cause} at step {self.step}; checkpoint: {self.checkpoint_path} (written in "
                             f"{saved_in:.1f} s; continue with --resume auto)")
                 return 128 + (signalled or signal.SIGTERM)
-            if stop:  # (a signal in the last step, agreed by every process)
-                self._say_a_signal_at_the_end()  # (as it comes: the final verification takes minutes at scale)
-                # Its checkpoint first: the final verification takes minutes at scale, and the SIGKILL that follows
-                # a scheduler's SIGTERM after its grace (Slurm's KillWait, torchrun's 30 s) would cut the last
-                # checkpoint with it, the run then resumable from its --save-every checkpoint only. Marked as a
-                # verification cut short: a resume after such a kill makes the final verification.
+            # A stop at the last step or after it writes the last step's checkpoint at once and leaves the final
+            # verification to a resume (marked: --resume auto makes it): that verification takes minutes at scale,
+            # and the SIGKILL that follows a scheduler's SIGTERM after its grace (Slurm's KillWait, torchrun's 30 s)
+            # would cut the checkpoint with it. In the last step, the stop was agreed at its end (the step done, as
+            # any step a signal comes in); since then, it is agreed now; during the verification, rank 0 cuts it.
+            # (Rank 0 alone has the sets: a run without them ends as usual.)
+            stop, verifies = self._on_any_process(stop or self._stop_signal > 0, bool(self.verification_sets))
+            if stop and verifies:
+                self._final_verification_cut = True
                 self.verification_cut_short_at = self.step
-                self.save()
-            # A signal after the last step's (rank 0's, during the verification or just before it) cuts it short,
-            # as it does the others: the grace goes to the checkpoint, marked (a resume makes the verification).
-            self._final_verification_cut = self.evaluate(final=True)
-            if not self._final_verification_cut:
-                self.verification_cut_short_at = None  # (made whole: the checkpoint below holds it)
+            else:
+                self._final_verification_cut = self.evaluate(final=True)
+                if not self._final_verification_cut:
+                    self.verification_cut_short_at = None  # (made whole: the checkpoint below holds it)
             self.save()
             self._say_a_signal_at_the_end()
             bar.close()
@@ -1831,14 +1843,14 @@ class Trainer:
             if self.distributed and timed_out(error):  # (rank 0 alone verifying or writing a checkpoint, say)
                 # (Rank 0 names the checkpoint: another rank cannot tell one it may be writing still.)
                 kept = f"; {self._kept_checkpoint()}" if self.is_main else ""
-                self._error(_waited_too_long(args, f"during step {self.step + 1}", self.rank) + kept)
+                self._error(_waited_too_long(args, self._when_in_the_run(), self.rank) + kept)
                 raise SystemExit(1) from None
             # Another rank failed (its error is in its own output), or quit at once on a second signal, and this one
             # found its connection closed in the next collective, or torchrun's SIGTERM made it stop there: one
             # line, not a gloo traceback that reads like a second error.
             if not (self.distributed and lost_a_peer(error)):
                 raise
-            self._error(_error_line(f"{another_process_stopped(f'during step {self.step + 1}')}; "
+            self._error(_error_line(f"{another_process_stopped(self._when_in_the_run())}; "
                                     f"{self._kept_checkpoint()}", self.rank))
             raise SystemExit(1) from None
         finally:

@@ -565,7 +565,7 @@ def test_a_sigterm_during_the_final_verification_cuts_it_short_on_every_rank(tmp
     result = train_on_ranks(args, main=_train_with_sigterm_to_both_ranks_in_the_final_verification)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
-        said = re.findall(rf"^train: rank {rank}: SIGTERM (?:during|after) the last step \(2\): the final verification "
+        said = re.findall(rf"^train: rank {rank}: SIGTERM after the last step \(2\): the final verification "
                           r"is cut short; the run ends with its checkpoint, and --resume auto makes the verification$",
                           result.stderr, re.M)
         assert len(said) == 1, result.stderr[-3000:]
@@ -579,6 +579,101 @@ def test_a_sigterm_during_the_final_verification_cuts_it_short_on_every_rank(tmp
     assert resumed.returncode == 0 and "nothing to train" not in resumed.stderr, resumed.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "verification.jsonl")] == [2]
     assert not checkpoint.load(str(tmp_path / "run" / "checkpoint.pt")).get("verification_cut_short")
+
+
+def _train_with_sigterm_in_the_last_step(argv, whom):
+    """train.trainer.main(argv) on a rank; ``whom``: "both" (as rank 0 begins the last step, it sends SIGTERM to
+    rank 1 and to itself, as torchrun passes on the one it gets) or "rank 1 after it" (rank 1 alone is signalled
+    once its last step is done, before the final verification: a pre-empted node)."""
+    from train import trainer
+
+    pid_file = os.path.join(os.path.dirname(argv[argv.index("--output") + 1]), "rank1.pid")
+    step = trainer.Trainer.train_step
+    if whom == "both" and os.environ["RANK"] == "1":
+        with open(pid_file + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(pid_file + ".tmp", pid_file)
+    elif whom == "both":
+        def signalled(self, *args):
+            if self.step == self.args.max_steps - 1:
+                with open(pid_file) as f:
+                    os.kill(int(f.read()), signal.SIGTERM)
+                signal.raise_signal(signal.SIGTERM)
+            return step(self, *args)
+
+        trainer.Trainer.train_step = signalled
+    elif os.environ["RANK"] == "1":
+        def signalled_after(self, *args):
+            done = step(self, *args)
+            if self.step == self.args.max_steps:
+                self._on_signal(signal.SIGTERM, None)
+            return done
+
+        trainer.Trainer.train_step = signalled_after
+    return trainer.main(argv)
+
+
+@pytest.mark.parametrize("whom", ["both", "rank 1 after it"])
+def test_a_sigterm_in_the_last_step_leaves_the_final_verification_on_every_rank(whom, tmp_path):
+    # A signal in the last step made the whole final verification (after an early checkpoint), where one a moment
+    # later, in it, cuts it short. Every rank now agrees to leave it out, as it agrees on a stop at any step: the
+    # last step's checkpoint, marked, written at once, the line, exit 0, without a hang; a resume verifies it.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(tmp_path / "pairs"))
+    args = base_argv(data, str(tmp_path / "run"), pairs, batch_size=4, max_steps=2, save_every=0, loss_impl=LOSS_IMPL)
+    result = train_on_ranks(args, main=functools.partial(_train_with_sigterm_in_the_last_step, whom=whom))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1) if whom == "both" else (1,):
+        when = "during" if whom == "both" else "after"
+        said = re.findall(rf"^train: rank {rank}: SIGTERM {when} the last step \(2\): the final verification is cut "
+                          r"short; the run ends with its checkpoint, and --resume auto makes the verification$",
+                          result.stderr, re.M)
+        assert len(said) == 1, result.stderr[-3000:]
+    assert result.stderr.count(" the last step (2): ") == (2 if whom == "both" else 1), result.stderr[-3000:]
+    assert "as usual" not in result.stderr and "done: 2 steps in " in result.stderr, result.stderr[-3000:]
+    assert "[step 2] pairs" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    state = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))
+    assert state["step"] == 2 and state["verification_cut_short"] and len(state["rng"]) == 2
+    assert read_jsonl(tmp_path / "run" / "verification.jsonl") == []
+    resumed = train_on_ranks(args + ["--resume", "auto"])
+    assert resumed.returncode == 0 and "nothing to train" not in resumed.stderr, resumed.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "verification.jsonl")] == [2]
+    assert not checkpoint.load(str(tmp_path / "run" / "checkpoint.pt")).get("verification_cut_short")
+
+
+def _train_with_rank_0_quitting_in_the_final_verification(argv):
+    """train.trainer.main(argv) on a rank; rank 0 gets two SIGTERMs a while apart in its final verification (it
+    quits at once, its line a stop) and lingers once it has left the group (_linger_after_leaving_the_group)."""
+    from train import trainer
+
+    if os.environ["RANK"] == "0":
+        sets = trainer.Trainer._evaluate_sets
+
+        def signalled_twice(self, evaluate, on_batch):
+            if self.step == self.args.max_steps:
+                self._on_signal(signal.SIGTERM, None)
+                self._stop_signal_at -= trainer.SAME_STOP_SECONDS
+                self._on_signal(signal.SIGTERM, None)
+            return sets(self, evaluate, on_batch)
+
+        trainer.Trainer._evaluate_sets = signalled_twice
+        _linger_after_leaving_the_group()
+    return trainer.main(argv)
+
+
+def test_a_rank_whose_peer_stopped_after_the_last_step_names_no_step_past_it(tmp_path):
+    # Rank 1 waits for rank 0's final verification in a collective; rank 0 gone there, rank 1 said "another process
+    # stopped during step 3" of 2.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(tmp_path / "pairs"))
+    result = train_on_ranks(base_argv(data, str(tmp_path / "run"), pairs, batch_size=4, max_steps=2, save_every=0,
+                                      loss_impl=LOSS_IMPL), main=_train_with_rank_0_quitting_in_the_final_verification)
+    assert result.returncode != 0
+    stop = "train: rank 0: stopped by a second SIGTERM: at once, without a checkpoint of this step\n"
+    assert stop in result.stderr, result.stderr[-3000:]
+    assert ("train: error: rank 1: another process stopped after the last step (2) (see its own output); no "
+            "checkpoint was written before it\n") in result.stderr, result.stderr[-3000:]
+    assert "step 3" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 def _train_with_a_full_disk_on_rank_0(argv):

@@ -299,8 +299,9 @@ def test_a_finished_run_resumed_into_another_folder_leaves_it_as_it_was(faces, t
     assert "its files are now in" not in capsys.readouterr().err
 
 
-def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkeypatch):
-    # Else its checkpoint would lack the final verification, which resuming it does not add.
+def test_a_signal_in_the_last_step_ends_the_run_and_leaves_the_verification_to_a_resume(faces, tmp_path, monkeypatch):
+    # The run ends with the last step's checkpoint, exit 0, without its final verification (minutes at scale), which
+    # the checkpoint is marked to lack: resuming it adds that verification (it made the whole verification first).
     original_step = Trainer.train_step
 
     def signalled_in_step_2(self, images, labels):
@@ -310,6 +311,11 @@ def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkey
 
     monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
     assert main(argv(faces, tmp_path, pairs=True, max_steps=2)) == 0
+    assert read_jsonl(tmp_path / "verification.jsonl") == []  # (left to the resume)
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and state["verification_cut_short"]
+    monkeypatch.undo()
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=2, resume="auto")) == 0
     assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
 
@@ -318,8 +324,9 @@ def test_a_signal_in_the_last_step_ends_the_run_as_usual(faces, tmp_path, monkey
 def test_a_signal_in_the_last_step_writes_its_checkpoint_before_the_final_verification(faces, tmp_path, monkeypatch,
                                                                                         signalled):
     # The final verification takes minutes at scale: a scheduler's SIGKILL after its SIGTERM's grace (Slurm's
-    # KillWait, torchrun's 30 s) cut it, and with it the last checkpoint, written after it. Still written after it
-    # too (it holds the verification); a run without a signal writes it once, after it.
+    # KillWait, torchrun's 30 s) cut it, and with it the last checkpoint, written after it. A signal in the last step
+    # writes the checkpoint instead of that verification (a resume makes it); a run without a signal writes it once,
+    # after it.
     original_step, original_evaluate = Trainer.train_step, Trainer.evaluate
     at_the_final_verification = []
 
@@ -337,7 +344,12 @@ def test_a_signal_in_the_last_step_writes_its_checkpoint_before_the_final_verifi
     monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     assert main(argv(faces, tmp_path, pairs=True, max_steps=2, save_every=0)) == 0
-    assert at_the_final_verification == [2 if signalled else None]
+    assert at_the_final_verification == ([] if signalled else [None])
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and bool(state.get("verification_cut_short")) == signalled
+    if signalled:
+        assert main(argv(faces, tmp_path, pairs=True, max_steps=2, save_every=0, resume="auto")) == 0
+        assert at_the_final_verification == [2]  # (made by the resume, the checkpoint of step 2 there)
     state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert state["step"] == 2 and [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
 
@@ -345,7 +357,8 @@ def test_a_signal_in_the_last_step_writes_its_checkpoint_before_the_final_verifi
 def test_a_final_verification_a_kill_cut_is_made_on_resume(faces, tmp_path, monkeypatch, capsys):
     # The checkpoint a signal in the last step writes before the final verification is at the last step: a run
     # killed in that verification (the scheduler's SIGKILL after its grace), resumed, said "nothing to train" and
-    # ended without the final verification. It is made on resume now, and the checkpoint then holds it.
+    # ended without the final verification. It is made on resume now, and the checkpoint then holds it. (Such a
+    # signal now leaves that verification out: the run ends before a kill could come in it.)
     original_step, original_evaluate = Trainer.train_step, Trainer.evaluate
 
     class Killed(BaseException):
@@ -363,8 +376,7 @@ def test_a_final_verification_a_kill_cut_is_made_on_resume(faces, tmp_path, monk
 
     monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
     monkeypatch.setattr(Trainer, "evaluate", killed_in_the_final_verification)
-    with pytest.raises(Killed):
-        main(argv(faces, tmp_path, pairs=True, max_steps=2, save_every=0))
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=2, save_every=0)) == 0  # (not killed: not verified)
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
     monkeypatch.undo()
     capsys.readouterr()
@@ -474,8 +486,7 @@ def test_a_signal_during_the_final_verification_after_another(faces, tmp_path, m
 
     monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
     monkeypatch.setattr(Trainer, "_evaluate_sets", killed_in_the_final_verification)
-    with pytest.raises(Killed):
-        main(argv(faces, tmp_path, **options))
+    assert main(argv(faces, tmp_path, **options)) == 0  # (not killed: the final verification left to the resume)
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["verification_cut_short"]
     monkeypatch.undo()
     monkeypatch.setattr(Trainer, "_evaluate_sets", signalled)
@@ -488,12 +499,15 @@ def test_a_signal_during_the_final_verification_after_another(faces, tmp_path, m
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["verification_cut_short"]
 
 
-@pytest.mark.parametrize("when", ["during the last step", "after the last step", "after it, under torchrun"])
-def test_a_signal_in_the_last_step_or_after_it_is_said_and_the_run_ends_as_usual(faces, tmp_path, monkeypatch,
-                                                                                   capsys, when):
+@pytest.mark.parametrize("when", ["during the last step", "after the last step", "after the final verification",
+                                  "after it, under torchrun"])
+def test_a_signal_in_the_last_step_or_after_it_is_said_and_ends_the_run(faces, tmp_path, monkeypatch, capsys, when):
     # A Ctrl-C after the last step's work (helper-185's trial: in the final verification, minutes at scale) was taken
     # without a word: the run ended as usual, exit 0, and nothing told the user that the key was read. (One during
-    # the final verification cuts it short now: test_a_signal_during_the_final_verification_cuts_it_short_...)
+    # the final verification cuts it short now: test_a_signal_during_the_final_verification_cuts_it_short_...) One
+    # in the last step (the step done, as any step a signal comes in), or after it and before that verification,
+    # made the whole verification (after an early checkpoint): a longer wait for a signal a moment earlier. It
+    # leaves the verification out now, as one in it cuts it; one after the verification lets the run end as usual.
     original_step, original_sets, original_say = (Trainer.train_step, Trainer._evaluate_sets,
                                                    Trainer._say_a_signal_at_the_end)
 
@@ -501,6 +515,12 @@ def test_a_signal_in_the_last_step_or_after_it_is_said_and_the_run_ends_as_usual
         if self.step == 1:
             self._on_signal(signal.SIGINT, None)
         return original_step(self, images, labels)
+
+    def signalled_after_step_2(self, images, labels):
+        done = original_step(self, images, labels)
+        if self.step == 2:  # (the step done: the verification not begun)
+            self._on_signal(signal.SIGINT, None)
+        return done
 
     def signalled_as_the_final_verification_ends(self, evaluate, on_batch):
         original_sets(self, evaluate, on_batch)
@@ -515,6 +535,8 @@ def test_a_signal_in_the_last_step_or_after_it_is_said_and_the_run_ends_as_usual
 
     if when == "during the last step":
         monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
+    elif when == "after the last step":
+        monkeypatch.setattr(Trainer, "train_step", signalled_after_step_2)
     else:
         monkeypatch.setattr(Trainer, "_evaluate_sets", signalled_as_the_final_verification_ends)
     if when.endswith("torchrun"):
@@ -522,15 +544,33 @@ def test_a_signal_in_the_last_step_or_after_it_is_said_and_the_run_ends_as_usual
     assert main(argv(faces, tmp_path, pairs=True, max_steps=2)) == 0
     err = capsys.readouterr().err
     said = ("SIGINT during the last step (2)" if when == "during the last step" else
-            "SIGINT after the last step (2)" if when == "after the last step" else
-            "train: rank 1: SIGINT after the last step (2)")
-    line = f"\n{said}: the run ends as usual, with its final verification and checkpoint\n"
-    assert line in err and err.count(": the run ends as usual") == 1, err
-    # In the last step: said as it came, before the verification's end; after the verification: after it.
-    assert "[step 2] pairs: accuracy" in err.split(line)[0 if when.startswith("after") else 1], err
-    assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
-    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
+            "train: rank 1: SIGINT after the last step (2)" if when.endswith("torchrun") else
+            "SIGINT after the last step (2)")
+    left_out = when in ("during the last step", "after the last step")  # (the final verification, to a resume)
+    end = ("the final verification is cut short; the run ends with its checkpoint, and --resume auto makes the "
+           "verification" if left_out else "the run ends as usual, with its final verification and checkpoint")
+    line = f"\n{said}: {end}\n"
+    assert line in err and err.count(" the last step (2): ") == 1, err
+    assert "done: 2 steps in " in err.split(line)[1], err
+    # After the verification: its line said after it. Before its end: no verification (left to the resume).
+    if left_out:
+        assert "[step 2] pairs: accuracy" not in err and read_jsonl(tmp_path / "verification.jsonl") == [], err
+    else:
+        assert "[step 2] pairs: accuracy" in err.split(line)[0], err
+        assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and bool(state.get("verification_cut_short")) == left_out
     assert line.strip() in (tmp_path / "training.log").read_text()
+    if left_out:  # the last step done, as an uninterrupted run's; the resume makes its verification
+        assert main(argv(faces, tmp_path / "uninterrupted", pairs=True, max_steps=2)) == 0
+        whole = checkpoint.load(str(tmp_path / "uninterrupted" / "checkpoint.pt"))
+        assert all(torch.equal(state["model"][name], whole["model"][name]) for name in whole["model"])
+        monkeypatch.undo()
+        capsys.readouterr()
+        assert main(argv(faces, tmp_path, pairs=True, max_steps=2, resume="auto")) == 0
+        assert "nothing to train" not in capsys.readouterr().err
+        assert [r["step"] for r in read_jsonl(tmp_path / "verification.jsonl")] == [2]
+        assert not checkpoint.load(str(tmp_path / "checkpoint.pt")).get("verification_cut_short")
 
 
 def test_a_stop_after_the_first_verification_does_not_repeat_it_on_resume(faces, tmp_path, monkeypatch):
