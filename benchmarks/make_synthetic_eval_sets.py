@@ -20,9 +20,12 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train import rfw, tinyface  # noqa: E402
+from train import checkpoint, rfw, tinyface  # noqa: E402
 from train.data.synthetic import render_face, verification_identity_base  # noqa: E402
 from train.ijb import ALIGNED_SIZE, ARCFACE_TEMPLATE, warp_affine  # noqa: E402
+from train.signals import run_tool, signals_held  # noqa: E402
+from train.tools import (folders_missing, hidden_beside, made_for_outputs, remove_killed_runs_trees,  # noqa: E402
+                         replace_folder)
 
 SETS = ("rfw", "ijbc", "tinyface")
 # Where each set goes under the output folder: the folder its tool is given.
@@ -128,7 +131,8 @@ def write_ijbc(root: str, seed: int) -> None:
 def write_tinyface(root: str, seed: int) -> None:
     """TinyFace's ``tinyface/Testing_Set/{Probe,Gallery_Match,Gallery_Distractor}/<identity>_<n>.jpg``: one
     probe and two gallery faces of each of 30 people and 200 distractors, each face shrunk to 16-32 pixels
-    (the probes cut narrower than tall)."""
+    (the probes cut narrower than tall). The distractors' names are not read (the release's have another
+    form); theirs start from 1000 so that none reads as a probe's identity."""
     rng = np.random.default_rng((seed, len(rfw.RACES) + 1))
     base = verification_identity_base("TinyFace")
     data = os.path.join(root, "Testing_Set")
@@ -153,28 +157,77 @@ def write_tinyface(root: str, seed: int) -> None:
 
 
 WRITERS = {"rfw": write_rfw, "ijbc": write_ijbc, "tinyface": write_tinyface}
+# In each set's folder: what tells --overwrite that the folder is one this script wrote, not a real release.
+MARK = "SYNTHETIC.txt"
 
 
-def write_sets(folder: str, sets=SETS, *, seed: int = 0, overwrite: bool = False) -> dict[str, str]:
-    """Write ``sets`` under ``folder``; {set: the folder to give its tool}. ValueError where ``folder`` holds
-    anything and ``overwrite`` is not set; with it, the sets' own folders are replaced."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{folder} is a file, not a folder")
-    if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+def check_folder(folder: str, sets, overwrite: bool) -> None:
+    """ValueError (one line) where ``folder`` cannot take ``sets``: it is a file, or a folder cannot be made
+    there; it holds anything and ``overwrite`` is not set; or, with it, a set's place holds something this
+    script did not write (a real release, a file of the user's)."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder} is {checkpoint.what_stands_at(folder)}, not a folder")
+    in_the_way = checkpoint.nearest_existing(folder)
+    if not os.path.isdir(in_the_way):
+        raise ValueError(f"cannot make the folder {folder}: {in_the_way} is {checkpoint.what_stands_at(in_the_way)}")
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        return
+    if not overwrite:
         raise ValueError(f"{folder} is not empty: give an empty or new folder, or --overwrite to replace its "
                          + ", ".join(f"{FOLDERS[s]}/" for s in sets))
-    written = {}
     for name in sets:
         path = os.path.join(folder, FOLDERS[name])
-        if os.path.lexists(path):
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        WRITERS[name](path, seed)
-        written[name] = path
+        if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)
+                                          and os.path.isfile(os.path.join(path, MARK))):
+            raise ValueError(f"{path} was not written by this script (it holds no {MARK}): --overwrite replaces "
+                             "only the trees it wrote; name another folder")
+
+
+def write_sets(folder: str, sets=SETS, *, seed: int = 0, overwrite: bool = False, written=None) -> dict[str, str]:
+    """Write ``sets`` under ``folder``; {set: the folder to give its tool} (``written``, where given, is filled
+    as each set is in place). ValueError where :func:`check_folder` refuses. Each set is written in a hidden
+    folder beside its place and moved there whole (the one it replaces removed after), so that a run stopped
+    or failed leaves each set whole or as it was."""
+    check_folder(folder, sets, overwrite)
+    made = folders_missing(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot make the folder {folder}: {error.strerror or error}") from None
+    made_for_outputs(made)
+    written = {} if written is None else written
+    for name in sets:
+        path = os.path.join(folder, FOLDERS[name])
+        remove_killed_runs_trees(path)
+        staging, replaced = hidden_beside(path, "partial"), None
+        os.mkdir(staging)
+        try:
+            WRITERS[name](staging, seed)
+            with open(os.path.join(staging, MARK), "w") as f:
+                f.write(f"Synthetic faces written by benchmarks/make_synthetic_eval_sets.py --seed {seed}: "
+                        "not the real release.\n")
+            with signals_held():
+                replaced = replace_folder(staging, path)
+                staging = None
+                written[name] = path
+        finally:
+            with signals_held(final=False):
+                for leftover in (staging, replaced):
+                    if leftover is not None:
+                        shutil.rmtree(leftover, ignore_errors=True)
     return written
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text}")
+    return value
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
+        prog=os.path.basename(__file__),  # (the same name in its messages when main() is called in-process)
         description="Write small synthetic RFW, IJB-C and TinyFace trees (the demo's faces, people it did not "
                     "train on) in the layouts train.verify, train.ijb and train.tinyface read.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -184,27 +237,35 @@ def main(argv=None) -> int:
                "  IJB_release/  IJBC: 30 people x 2 templates (a photo, 2 video frames), 180 loose crops, 1:1 and 1:N\n"
                "                python -m train.ijb --model runs/small/checkpoint.pt --data-root FOLDER/IJB_release\n"
                "  tinyface/     Testing_Set: 30 probes, 60 gallery faces, 200 distractors, of 16-32 px\n"
-               "                python -m train.tinyface --model runs/small/checkpoint.pt --data-root FOLDER/tinyface")
+               "                python -m train.tinyface --model runs/small/checkpoint.pt --data-root FOLDER/tinyface\n"
+               f"each holds a {MARK} saying it is synthetic; --overwrite replaces only folders that hold one")
     p.add_argument("folder", help="where to write them; created if missing, and refused if it holds anything")
     p.add_argument("--sets", default=",".join(SETS), type=lambda s: [x.strip().lower() for x in s.split(",")],
                    help=f"which trees, comma-separated (default: {','.join(SETS)})")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=non_negative, default=0,
                    help="the faces' and the layout's seed; the same seed writes the same files (default: 0, "
                         "the demo's)")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a folder that holds files already, replacing the sets' own folders there")
+                   help="write into a folder that holds files already, replacing the sets' folders there that "
+                        f"this script wrote (those holding {MARK}); anything else there is refused")
     args = p.parse_args(argv)
     unknown = [s for s in args.sets if s not in SETS]
     if unknown or not args.sets:
         p.error(f"--sets: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(SETS)}")
-    try:
-        written = write_sets(args.folder, list(dict.fromkeys(args.sets)), seed=args.seed, overwrite=args.overwrite)
-    except ValueError as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
-    for name, path in written.items():
-        print(f"wrote {path} ({name})")
-    return 0
+    written = {}
+
+    def work() -> int:
+        write_sets(args.folder, list(dict.fromkeys(args.sets)), seed=args.seed, overwrite=args.overwrite,
+                   written=written)
+        for name, path in written.items():
+            print(f"wrote {path} ({name})")
+        return 0
+
+    def said(stop) -> str:  # (a set is whole in its place, or not there)
+        return (f": {', '.join(written.values())} written whole, the others not" if written
+                else ": nothing written")
+
+    return run_tool(work, tool=p.prog, said=said)
 
 
 if __name__ == "__main__":

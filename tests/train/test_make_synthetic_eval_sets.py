@@ -1,9 +1,11 @@
 """benchmarks/make_synthetic_eval_sets.py: the trees it writes are read by train.rfw, train.ijb and
-train.tinyface (the loose crops align back to the faces drawn), the same seed writes the same files, and a
-folder that holds anything is refused unless --overwrite is given."""
+train.tinyface (the loose crops align back to the faces drawn), the same seed writes the same files, a
+folder that holds anything is refused unless --overwrite is given, which replaces only the trees the script
+wrote, and a stopped run leaves each tree whole or as it was."""
 
 import os
 import pathlib
+import signal
 import warnings
 
 import numpy as np
@@ -71,7 +73,7 @@ def test_the_seed_decides_the_files(small, tmp_path):
     for folder, seed in (("a", 0), ("b", 0), ("c", 1)):
         assert make_sets.main([str(tmp_path / folder), "--seed", str(seed), "--sets", "tinyface"]) == 0
     first = contents(tmp_path / "a")
-    assert len(first) == 6 and first == contents(tmp_path / "b")
+    assert len(first) == 7 and first == contents(tmp_path / "b")  # 6 images and SYNTHETIC.txt
     other = contents(tmp_path / "c")
     assert other.keys() == first.keys() and all(other[name] != first[name] for name in first)
 
@@ -83,11 +85,62 @@ def test_a_folder_that_holds_anything_is_refused_unless_overwrite(small, tmp_pat
     assert err.count("\n") == 1 and f"{tmp_path} is not empty" in err and "--overwrite" in err
     assert os.listdir(tmp_path) == ["notes.txt"]
 
-    stale = tmp_path / "tinyface" / "old.jpg"
+    stale = tmp_path / "tinyface" / "old.jpg"  # in a tree an earlier run wrote
     stale.parent.mkdir()
     stale.write_text("")
+    (stale.parent / make_sets.MARK).write_text("")
     assert make_sets.main([str(tmp_path), "--sets", "tinyface", "--overwrite"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "tinyface"] and not stale.exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(SystemExit):
         make_sets.main([str(tmp_path), "--sets", "lfw"])
+
+
+def test_overwrite_never_replaces_what_the_script_did_not_write(small, tmp_path, capsys):
+    release = tmp_path / "RFW" / "images" / "test" / "txts"  # a real release beside the synthetic ones
+    release.mkdir(parents=True)
+    (tmp_path / "tinyface").write_text("a file of the user's")
+    for sets in ("rfw", "tinyface"):
+        assert make_sets.main([str(tmp_path), "--sets", sets, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{tmp_path / make_sets.FOLDERS[sets]} was not written by this script" in err
+    assert sorted(os.listdir(tmp_path)) == ["RFW", "tinyface"] and release.is_dir()
+    assert (tmp_path / "tinyface").read_text() == "a file of the user's"
+
+
+def test_a_stop_leaves_each_tree_whole_or_as_it_was(small, tmp_path, monkeypatch, capsys):
+    assert make_sets.main([str(tmp_path), "--sets", "ijbc"]) == 0
+    def tree(folder):
+        return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+    before = tree(tmp_path / "IJB_release")
+    write_ijbc = make_sets.WRITERS["ijbc"]
+
+    def stopped_midway(root, seed):  # a SIGTERM once the new IJB-C tree is half written
+        os.makedirs(os.path.join(root, "IJBC", "meta"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        write_ijbc(root, seed)
+
+    monkeypatch.setitem(make_sets.WRITERS, "ijbc", stopped_midway)
+    capsys.readouterr()
+    assert make_sets.main([str(tmp_path), "--sets", "rfw,ijbc", "--overwrite"]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.strip() == (f"make_synthetic_eval_sets.py: stopped by SIGTERM: {tmp_path / 'RFW'} written whole, "
+                           "the others not")
+    assert sorted(os.listdir(tmp_path)) == ["IJB_release", "RFW"]  # (no hidden half-written tree)
+    rfw.find_release(str(tmp_path / "RFW"))
+    assert tree(tmp_path / "IJB_release") == before  # the tree of before, untouched
+
+    fresh = tmp_path / "fresh"  # a new folder a stop came into before any tree was whole: not left behind
+    assert make_sets.main([str(fresh / "sets"), "--sets", "ijbc"]) == 128 + signal.SIGTERM
+    assert "nothing written" in capsys.readouterr().err and not fresh.exists()
+
+
+def test_a_folder_that_cannot_be_made_is_one_line(small, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert make_sets.main([str(tmp_path / "a_file" / "sets")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot make the folder {tmp_path / 'a_file' / 'sets'}" in err
+    with pytest.raises(SystemExit):
+        make_sets.main([str(tmp_path / "sets"), "--seed", "-1"])
+    assert "--seed: expected a whole number 0 or more" in capsys.readouterr().err
