@@ -69,6 +69,10 @@ RESUME_MAY_CHANGE = frozenset({
 # (Slurm's scancel, systemd's control-group kill, pkill) reached already.
 SAME_STOP_SECONDS = 1.0
 
+# How a run whose final verification a stop at its last step or after it left out or cut short ends.
+FINAL_VERIFICATION_LEFT = ("the final verification is cut short; the run ends with its checkpoint, and --resume auto "
+                           "makes the verification")
+
 # The lock a run holds on its --output folder (Trainer._lock_output), by the folder's real path; and what the
 # folder held when the run took it (the names in it, listed under the lock; None: the run made the folder), which
 # a run stopped at start-up puts back (_undo_start); of a folder the run made, the folders above it it made with it.
@@ -1643,8 +1647,7 @@ class Trainer:
         self._late_signal_said = True
         name = signal.Signals(self._stop_signal).name
         when = "during" if self._stop_signal_step < self.args.max_steps else "after"
-        end = ("the final verification is cut short; the run ends with its checkpoint, and --resume auto makes the "
-               "verification" if self._final_verification_cut else
+        end = (FINAL_VERIFICATION_LEFT if self._final_verification_cut else
                "the run ends as usual, with its final verification and checkpoint")
         self._error(trainer_stop_line(f"{name} {when} the last step ({self.args.max_steps}): {end}"))
 
@@ -1808,6 +1811,11 @@ class Trainer:
                 if not self._final_verification_cut:
                     self.verification_cut_short_at = None  # (made whole: the checkpoint below holds it)
             self.save()
+            if self._final_verification_cut and not self._stop_signal:
+                # Another process's signal, which this one did not get: rank 0 says why training.log has no final
+                # verification, as it says a stop at an earlier step ("stopped by a signal to another process").
+                self._write(f"a signal to another process in the last step ({args.max_steps}) or after it: "
+                            f"{FINAL_VERIFICATION_LEFT}")
             self._say_a_signal_at_the_end()
             bar.close()
             took = self.elapsed + time.perf_counter() - self._started

@@ -632,6 +632,13 @@ def test_a_sigterm_in_the_last_step_leaves_the_final_verification_on_every_rank(
     assert result.stderr.count(" the last step (2): ") == (2 if whom == "both" else 1), result.stderr[-3000:]
     assert "as usual" not in result.stderr and "done: 2 steps in " in result.stderr, result.stderr[-3000:]
     assert "[step 2] pairs" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    # Rank 0, not signalled itself, said nothing: its training.log ended with done:, with no word of why the final
+    # verification is missing. It says so, as it says a stop at an earlier step, once, before done:.
+    other = ("a signal to another process in the last step (2) or after it: the final verification is cut short; "
+             "the run ends with its checkpoint, and --resume auto makes the verification\n")
+    log = (tmp_path / "run" / "training.log").read_text()
+    assert result.stderr.count(other) == log.count(other) == (0 if whom == "both" else 1), result.stderr[-3000:]
+    assert whom == "both" or log.index(other) < log.index("done: 2 steps in "), log
     state = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))
     assert state["step"] == 2 and state["verification_cut_short"] and len(state["rng"]) == 2
     assert read_jsonl(tmp_path / "run" / "verification.jsonl") == []
