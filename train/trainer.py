@@ -918,6 +918,7 @@ class Trainer:
         self._stop_signal_step = 0  # self.step when it came (in the last step or after it: the run ends, exit 0)
         self._late_signal_said = False
         self._final_verification_cut = False  # (left to a resume by a stop at the last step or after it)
+        self._verifies_at_the_end = True  # whether the run has verification sets (rank 0's), agreed after its last step
         self._ended_as_usual = False  # (its done: line said)
         self._quit_at_once = False  # a second signal: nothing more is written, the figures left out
         self._previous_handlers: dict[int, Any] = {}
@@ -1648,7 +1649,8 @@ class Trainer:
         name = signal.Signals(self._stop_signal).name
         when = "during" if self._stop_signal_step < self.args.max_steps else "after"
         end = (FINAL_VERIFICATION_LEFT if self._final_verification_cut else
-               "the run ends as usual, with its final verification and checkpoint")
+               "the run ends as usual, with its final verification and checkpoint" if self._verifies_at_the_end else
+               "the run ends as usual, with its checkpoint")  # (no verification sets: --val-targets none, or not found)
         self._error(trainer_stop_line(f"{name} {when} the last step ({self.args.max_steps}): {end}"))
 
     def _when_in_the_run(self) -> str:
@@ -1802,8 +1804,9 @@ class Trainer:
             # would cut the checkpoint with it. In the last step, the stop was agreed at its end (the step done, as
             # any step a signal comes in); since then, it is agreed now; during the verification, rank 0 cuts it.
             # (Rank 0 alone has the sets: a run without them ends as usual.)
-            stop, verifies = self._on_any_process(stop or self._stop_signal > 0, bool(self.verification_sets))
-            if stop and verifies:
+            stop, self._verifies_at_the_end = self._on_any_process(stop or self._stop_signal > 0,
+                                                                   bool(self.verification_sets))
+            if stop and self._verifies_at_the_end:
                 self._final_verification_cut = True
                 self.verification_cut_short_at = self.step
             else:

@@ -573,6 +573,27 @@ def test_a_signal_in_the_last_step_or_after_it_is_said_and_ends_the_run(faces, t
         assert not checkpoint.load(str(tmp_path / "checkpoint.pt")).get("verification_cut_short")
 
 
+
+def test_a_signal_in_the_last_step_of_a_run_without_verification_sets_says_no_verification(faces, tmp_path,
+                                                                                          monkeypatch, capsys):
+    # A run without verification sets (--val-targets none, or the default lfw, cfp_fp, agedb_30 not found beside
+    # the data) said "the run ends as usual, with its final verification and checkpoint": it has none.
+    original_step = Trainer.train_step
+
+    def signalled_in_step_2(self, images, labels):
+        if self.step == 1:
+            self._on_signal(signal.SIGINT, None)
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_in_step_2)
+    assert main(argv(faces, tmp_path, max_steps=2)) == 0
+    err = capsys.readouterr().err
+    line = "\nSIGINT during the last step (2): the run ends as usual, with its checkpoint\n"
+    assert line in err and "verification" not in err.split(line)[1] and "done: 2 steps in " in err, err
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and not state.get("verification_cut_short")
+    assert line.strip() in (tmp_path / "training.log").read_text()
+
 def test_a_stop_after_the_first_verification_does_not_repeat_it_on_resume(faces, tmp_path, monkeypatch):
     # A stop that came during the step-0 verification, after its last set: the checkpoint is at step 0. A
     # run resumed at step 0 starts its logs afresh and verifies step 0 again: one record a set and step.
