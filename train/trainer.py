@@ -1565,11 +1565,34 @@ class Trainer:
                 cut = True
                 if not final:  # (the final one's: said with the run's end, _say_a_signal_at_the_end)
                     self._write(f"[step {self.step}] verification cut short by the stop")
+            except Exception:  # (out of memory, a set's file gone unreadable): said as today, after the line below
+                if final:
+                    self._save_before_the_error()
+                raise
             self.backbone.train()
         signalled, cut = self._on_any_process(self._stop_signal > 0, cut)  # (also the others' wait for it)
         if cut:
             self.verification_cut_short_at = self.step
         return cut if final else signalled
+
+    def _save_before_the_error(self) -> None:
+        """A failure in the final verification (rank 0's) ends the run with its error, as before; the last step's
+        checkpoint is written first, marked as cut short (a resume makes the verification), as a stop there writes
+        it. Not under torchrun: a checkpoint takes every process (the random states gathered, sharded centres), and
+        the others wait in the verification's collective; the checkpoint kept is said."""
+        if self.distributed:
+            self._error(f"the final verification failed (step {self.step}); the last step's checkpoint is not written "
+                        f"(under torchrun it takes every process): {self._kept_checkpoint()}")
+            return
+        self.verification_cut_short_at = self.step
+        try:
+            self.save()
+        except (CheckpointNotWritten, TrainingDiverged) as error:
+            self._error(f"the final verification failed (step {self.step}), and the last step's checkpoint was not "
+                        f"written: {error}")
+            return
+        self._error(f"the final verification failed (step {self.step}); the last step's checkpoint is written, marked "
+                    f"as cut short: {self.checkpoint_path} (--resume auto makes the verification)")
 
     def _on_any_process(self, *flags: bool) -> list[bool]:
         """Whether each of ``flags`` is true on any process (collective under torchrun: every rank must call it)."""

@@ -683,6 +683,40 @@ def test_a_rank_whose_peer_stopped_after_the_last_step_names_no_step_past_it(tmp
     assert "step 3" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+def _train_with_rank_0_failing_in_the_final_verification(argv):
+    """train.trainer.main(argv) on a rank; rank 0's final verification raises (a set's file gone unreadable), and
+    rank 0 lingers once it has left the group (_linger_after_leaving_the_group)."""
+    from train import trainer
+
+    if os.environ["RANK"] == "0":
+        def failing(self, evaluate, on_batch):
+            if self.step == self.args.max_steps:
+                raise OSError("injected: a set's file unreadable")
+
+        trainer.Trainer._evaluate_sets = failing
+        _linger_after_leaving_the_group()
+    return trainer.main(argv)
+
+
+def test_a_failure_in_rank_0s_final_verification_says_the_checkpoint_is_not_written(tmp_path):
+    # A single process writes the last step's checkpoint before such an error ends the run (test_training); under
+    # torchrun a checkpoint takes every process, which wait in the verification's collective: rank 0 says that it is
+    # not written, and which is kept; rank 1 ends as for any failing peer, one line, no hang.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(tmp_path / "pairs"))
+    run = tmp_path / "run"
+    result = train_on_ranks(base_argv(data, str(run), pairs, batch_size=4, max_steps=2, save_every=1,
+                                      loss_impl=LOSS_IMPL), main=_train_with_rank_0_failing_in_the_final_verification)
+    assert result.returncode != 0
+    assert ("the final verification failed (step 2); the last step's checkpoint is not written (under torchrun it "
+            f"takes every process): the last checkpoint is kept: {run / 'checkpoint.pt'} (step 1)\n") in \
+        result.stderr, result.stderr[-3000:]
+    assert "OSError: injected: a set's file unreadable" in result.stderr, result.stderr[-3000:]
+    assert ("train: error: rank 1: another process stopped after the last step (2) (see its own output); the last "
+            f"checkpoint is kept: {run / 'checkpoint.pt'} (step 1)\n") in result.stderr, result.stderr[-3000:]
+    assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 1
+
+
 def _train_with_a_full_disk_on_rank_0(argv):
     """train.trainer.main(argv) on a rank; on rank 0, metrics.jsonl cannot be appended to from its second
     record on (a full disk), and the process lingers once it has left the group

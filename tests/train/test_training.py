@@ -444,6 +444,49 @@ def test_a_signal_during_the_final_verification_cuts_it_short_and_saves_the_last
         "pairs", "second"}
 
 
+@pytest.mark.slow
+def test_a_failure_in_the_final_verification_writes_the_last_steps_checkpoint_first(faces, tmp_path, monkeypatch,
+                                                                                    capsys):
+    # An error in the final verification (out of memory on a GPU, a set's file gone unreadable) ended the run with it,
+    # and the last step's checkpoint with it: only a --save-every one was kept. It is now written first, marked as
+    # a stop's is (a resume makes the sets left); the error ends the run as before.
+    original = Trainer._evaluate_sets
+
+    def failing_in_the_second_set(self, evaluate, on_batch):
+        sets = []
+
+        def evaluate_one(*args, **kwargs):
+            sets.append(1)
+            if self.step == 2 and len(sets) == 2:
+                raise OSError("injected: a set's file unreadable")
+            return evaluate(*args, **kwargs)
+
+        return original(self, evaluate_one, on_batch)
+
+    pairs = faces[1]
+    second = os.path.join(os.path.dirname(pairs), "second.txt")
+    shutil.copy(pairs, second)
+    options = dict(val_targets=f"{pairs},{second}", max_steps=2, save_every=1)
+    monkeypatch.setattr(Trainer, "_evaluate_sets", failing_in_the_second_set)
+    with pytest.raises(OSError, match="injected"):
+        main(argv(faces, tmp_path, **options))
+    err = capsys.readouterr().err
+    line = (f"the final verification failed (step 2); the last step's checkpoint is written, marked as cut short: "
+            f"{tmp_path / 'checkpoint.pt'} (--resume auto makes the verification)")
+    assert line in err and line in (tmp_path / "training.log").read_text(), err
+    assert " train: error: the run failed after its last step (2):\n" in (tmp_path / "training.log").read_text()
+    assert [(r["step"], r["target"]) for r in read_jsonl(tmp_path / "verification.jsonl")] == [(2, "pairs")]
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and state["verification_cut_short"] and list(state["verification"]) == ["pairs"]
+    monkeypatch.undo()
+    assert main(argv(faces, tmp_path, resume="auto", **options)) == 0
+    assert [(r["step"], r["target"]) for r in read_jsonl(tmp_path / "verification.jsonl")] == [
+        (2, "pairs"), (2, "second")]  # (the set left only)
+    state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 2 and not state.get("verification_cut_short") and set(state["verification"]) == {
+        "pairs", "second"}
+
+
 @pytest.mark.parametrize("again", ["a second signal", "a signal in the resumed verification"])
 def test_a_signal_during_the_final_verification_after_another(faces, tmp_path, monkeypatch, capsys, again):
     # A second signal in it keeps its meaning: at once, without a checkpoint of this step. A resumed run whose final
