@@ -491,9 +491,31 @@ def recorded_settings(state: Any, path: str) -> dict[str, Any]:
         results = state.get("verification", {})
         if results:
             settings["threshold"] = mean_threshold(results)
+        if state.get("verification_cut_short"):  # (train.export writes it into backbone.json with the threshold)
+            settings["verification_cut_short"] = {
+                "step": int(state["step"]), "threshold_steps": sorted({int(r["step"]) for r in results.values()})}
         return settings
     sidecar = settings_path(path)
     return read_settings(sidecar) if os.path.exists(sidecar) else {}
+
+
+def cut_short_note(path: str, settings: dict[str, Any], tool: str) -> str | None:
+    """The note (``tool: note: ...``, for stderr) for a model whose run's final verification a stop or a failure
+    cut short (its checkpoint marked; ``python -m train --resume auto`` makes it), as :func:`recorded_settings`
+    reads it of the checkpoint or of an export's backbone.json: the threshold it records is then an earlier
+    step's, or of some of the sets only. None for any other model."""
+    cut = settings.get("verification_cut_short")
+    if not isinstance(cut, dict) or "step" not in cut:
+        return None
+    step, steps = cut["step"], [str(s) for s in cut.get("threshold_steps") or []]
+    if not steps:
+        its = "it records no threshold"
+    elif steps == [str(step)]:
+        its = f"its threshold is of step {step}'s sets verified before the cut only"
+    else:
+        its = f"its threshold is step{'s' if len(steps) > 1 else ''} {' and '.join(steps)}'s"
+    return (f"{tool}: note: {path} is of a run whose final verification (step {step}) was cut short (python -m train "
+            f"--resume auto on its checkpoint makes it): {its}")
 
 
 def held_backbone(weights: dict[str, torch.Tensor], recorded: dict[str, Any],

@@ -447,7 +447,8 @@ def model_threshold(model_path: str | None, settings: dict, requested: float | N
                     decides: bool = True) -> tuple[float, str, str | None]:
     """:func:`cosine_threshold` for a tool that decides with it (``cluster``, ``search``), where it came
     from said with the file that recorded it, and the note for stderr (``tool: note: ...``,
-    :func:`default_threshold_note`) when no model gives one and the default is taken, else None: the tool
+    :func:`default_threshold_note`) when no model gives one and the default is taken, or
+    :func:`checkpoint.cut_short_note` when the model's is of a final verification cut short, else None: the tool
     says it once its own refusals are past (said here, it came before them). ValueError when the model's
     own decides nothing (:func:`meaningless_threshold`); not for a tool that only reports what it gives
     (``decides=False``: roc, which measures its own)."""
@@ -460,6 +461,7 @@ def model_threshold(model_path: str | None, settings: dict, requested: float | N
         why = meaningless_threshold(model_path, threshold)
         if why and decides:
             raise ValueError(f"{why}: give --threshold")
+        note = checkpoint.cut_short_note(model_path, settings, tool)
     elif source == "the default":
         note = default_threshold_note(model_path, threshold, tool)
     return threshold, source, note
@@ -946,6 +948,10 @@ def run(args: argparse.Namespace) -> int:
         threshold, source = cosine_threshold(settings, args.threshold)
         if source == "the default":  # (a note on stderr, as cluster and search give: no verification chose it)
             print(default_threshold_note(args.model, threshold, "embed"), file=sys.stderr)
+        cut_short = checkpoint.cut_short_note(args.model, settings, "embed") if source == "the model's last " \
+            "verification" else None
+        if cut_short:  # (its threshold of an earlier step's verification, or of some sets: as cluster and search say)
+            print(cut_short, file=sys.stderr)
         why = meaningless_threshold(args.model, threshold) if source == "the model's last verification" else None
         if why:  # (cluster and search refuse it; here the cosine is still worth printing, the verdict is not)
             print(f"embed: note: {why}: a verdict at it means nothing (give --threshold: python -m "

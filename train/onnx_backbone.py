@@ -200,9 +200,11 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
 
     sidecar = settings_path(path)  # train.export's backbone.json
     if os.path.exists(sidecar):
-        threshold = read_settings(sidecar).get("threshold")
-        if threshold is not None:
-            settings["threshold"] = threshold
+        recorded = read_settings(sidecar)
+        if recorded.get("threshold") is not None:
+            settings["threshold"] = recorded["threshold"]
+        if "verification_cut_short" in recorded:  # (train.checkpoint.cut_short_note)
+            settings["verification_cut_short"] = recorded["verification_cut_short"]
     return model.eval(), settings
 
 

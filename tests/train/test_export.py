@@ -894,3 +894,46 @@ def test_a_torch_file_that_holds_no_backbone_is_named(tmp_path, capsys, content)
     assert embed.main(["--model", str(path), "--compare", str(face), str(face)]) == 2
     assert capsys.readouterr().err == f"embed: error: {path}: not a backbone state dict or a training checkpoint\n"
     assert not (tmp_path / "export").exists()
+
+
+def test_a_checkpoint_whose_final_verification_was_cut_short_is_said_so_by_the_tools_of_its_threshold(
+        trained, tmp_path, capsys):
+    # A stop (or a failure) at the end of a run writes the last step's checkpoint marked verification_cut_short:
+    # the threshold it records is an earlier step's (or of some sets). export, embed --compare and the tools that
+    # take the model's threshold (cluster, search, roc: model_threshold) took it without a word. Now one note, the
+    # same results; an export's backbone.json carries the mark, so its backbone.pt says it too.
+    ckpt, faces = trained
+    state = checkpoint.load(ckpt)
+    record = {"step": 1, "target": "pairs", "accuracy": 0.5, "accuracy_std": 0.1, "threshold": 1.4, "xnorm": 5.0}
+    state["verification"] = {"pairs": record}
+    checkpoint.save_atomic(state, str(tmp_path / "whole.pt"))
+    state["verification_cut_short"] = True
+    cut = str(tmp_path / "cut.pt")
+    checkpoint.save_atomic(state, cut)
+    note = (f"note: {cut} is of a run whose final verification (step {state['step']}) was cut short (python -m train "
+            "--resume auto on its checkpoint makes it): its threshold is step 1's")
+    image = os.path.join(faces, "id_000", "00.png")
+    said = {}
+    for name in ("whole.pt", "cut.pt"):
+        capsys.readouterr()
+        assert embed.main(["--model", str(tmp_path / name), "--compare", image, image]) == 0
+        said[name] = capsys.readouterr()
+    assert said["cut.pt"].out == said["whole.pt"].out and "from the model's last verification" in said["cut.pt"].out
+    assert said["whole.pt"].err == "" and said["cut.pt"].err == f"embed: {note}\n", said
+    assert embed.main(["--model", cut, "--compare", image, image, "--threshold", "0.5"]) == 0
+    assert capsys.readouterr().err == ""  # (its threshold not taken)
+    settings = checkpoint.load_backbone(cut)[1]
+    for tool in ("cluster", "search", "roc"):
+        assert embed.model_threshold(cut, settings, None, tool=tool, decides=tool != "roc")[2] == f"{tool}: {note}"
+        assert embed.model_threshold(cut, settings, 0.4, tool=tool)[2] is None
+    whole = checkpoint.load_backbone(str(tmp_path / "whole.pt"))[1]
+    assert embed.model_threshold(str(tmp_path / "whole.pt"), whole, None, tool="cluster")[2] is None
+
+    assert export.main(["--checkpoint", cut, "--output", str(tmp_path / "export"), "--no-onnx"]) == 0
+    assert f"export: {note}\n" in capsys.readouterr().err
+    written = json.loads((tmp_path / "export" / "backbone.json").read_text())
+    assert written["threshold"] == 1.4 and written["verification_cut_short"] == {"step": state["step"],
+                                                                                 "threshold_steps": [1]}
+    exported = str(tmp_path / "export" / "backbone.pt")
+    assert embed.main(["--model", exported, "--compare", image, image]) == 0
+    assert capsys.readouterr().err == f"embed: {note.replace(cut, exported)}\n"

@@ -695,8 +695,11 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     sorted_person = person[order]
     model_cosine = model_source = None
     if model_path and "threshold" in settings:
-        # (recorded: no note; reported, not decided with: one that decides nothing shows it in the rates it gives)
-        model_cosine, model_source, _ = model_threshold(model_path, settings, None, tool="roc", decides=False)
+        # (recorded: no default's note; reported, not decided with: one that decides nothing shows it in the rates it
+        # gives)
+        model_cosine, model_source, note = model_threshold(model_path, settings, None, tool="roc", decides=False)
+        if note:  # (of a final verification cut short)
+            print(note, file=sys.stderr)
     watch = sorted({DEFAULT_DUPLICATE_COSINE} | ({model_cosine} if model_cosine is not None else set()))
     print(f"roc: scoring the {n * (n - 1) // 2:,} pairs of {count_of(n, 'face')} of "
           f"{count_of(len(people), 'person', 'people')} on {device}", file=sys.stderr, flush=True)
