@@ -1565,6 +1565,8 @@ class Trainer:
                 cut = True
                 if not final:  # (the final one's: said with the run's end, _say_a_signal_at_the_end)
                     self._write(f"[step {self.step}] verification cut short by the stop")
+            except LogNotWritten:  # (verification.jsonl, training.log: a full disk) fit's one line, as at any step
+                raise
             except Exception:  # (out of memory, a set's file gone unreadable): said as today, after the line below
                 if final:
                     self._save_before_the_error()
@@ -1587,9 +1589,13 @@ class Trainer:
         self.verification_cut_short_at = self.step
         try:
             self.save()
-        except (CheckpointNotWritten, TrainingDiverged) as error:
+        except Exception as error:  # (a full disk, weights not finite, out of memory again): the verification's error
+            # is the one that ends the run, not this one
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            if not isinstance(error, (CheckpointNotWritten, TrainingDiverged)):
+                reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
             self._error(f"the final verification failed (step {self.step}), and the last step's checkpoint was not "
-                        f"written: {error}")
+                        f"written: {reason}")
             return
         self._error(f"the final verification failed (step {self.step}); the last step's checkpoint is written, marked "
                     f"as cut short: {self.checkpoint_path} (--resume auto makes the verification)")

@@ -487,6 +487,52 @@ def test_a_failure_in_the_final_verification_writes_the_last_steps_checkpoint_fi
         "pairs", "second"}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["a log that cannot be written", "a save that fails otherwise"])
+def test_a_failure_in_the_final_verification_is_said_as_before(faces, tmp_path, monkeypatch, capsys, case):
+    # A log that cannot be written there (a full disk) is the trainer's one line, as at any other step: it was
+    # preceded by 'the final verification failed ...; the last step's checkpoint is written' (two lines). A save
+    # that fails there other than by a full disk (out of memory again, on a GPU) said nothing and its error replaced
+    # the verification's: now said in the line, and the verification's error ends the run.
+    import train.trainer as trainer_module
+
+    failing = []
+
+    def failing_evaluate_sets(self, evaluate, on_batch):
+        if self.step == 2:
+            failing.append(1)
+            if case == "a log that cannot be written":
+                raise trainer_module.LogNotWritten(f"writing {tmp_path / 'verification.jsonl'} failed: [Errno 28] "
+                                                   "No space left on device")
+            raise OSError("injected: a set's file unreadable")
+
+    real_all_finite = checkpoint.all_finite
+
+    def all_finite(module):
+        if failing and case == "a save that fails otherwise":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB\nsecond line")
+        return real_all_finite(module)
+
+    pairs = faces[1]
+    monkeypatch.setattr(Trainer, "_evaluate_sets", failing_evaluate_sets)
+    monkeypatch.setattr(checkpoint, "all_finite", all_finite)
+    options = dict(val_targets=pairs, max_steps=2, save_every=1)
+    if case == "a log that cannot be written":
+        assert main(argv(faces, tmp_path, **options)) == 1
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == (
+            f"train: error: writing {tmp_path / 'verification.jsonl'} failed: [Errno 28] No space left on device. "
+            f"The last checkpoint is kept: {tmp_path / 'checkpoint.pt'} (step 1)"), err
+        assert "the final verification failed" not in err and "Traceback" not in err, err
+    else:
+        with pytest.raises(OSError, match="injected"):
+            main(argv(faces, tmp_path, **options))
+        err = capsys.readouterr().err
+        assert ("the final verification failed (step 2), and the last step's checkpoint was not written: "
+                "RuntimeError: CUDA out of memory. Tried to allocate 2.00 MiB\n") in err, err
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 1
+
+
 @pytest.mark.parametrize("again", ["a second signal", "a signal in the resumed verification"])
 def test_a_signal_during_the_final_verification_after_another(faces, tmp_path, monkeypatch, capsys, again):
     # A second signal in it keeps its meaning: at once, without a checkpoint of this step. A resumed run whose final
