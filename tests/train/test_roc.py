@@ -538,6 +538,18 @@ def test_the_models_threshold_is_printed_as_train_embed_compare_prints_it(traine
     err = capsys.readouterr().err
     assert f"(threshold {1 - t / 2:.4f}, from" in compared, compared
     assert f"the model's recorded 1:1 threshold, cosine {1 - t / 2:.4f} (" in err, err
+    assert "cut short" not in err, err
+    # An export of a checkpoint whose final verification was cut short (its backbone.json carries the mark): one note,
+    # as embed --compare, cluster and search say it (test_export).
+    cut = {"step": 2, "threshold_steps": [1]}
+    (model / "backbone.json").write_text(json.dumps({**about, "threshold": t, "verification_cut_short": cut}))
+    assert run_roc("--model", model / "backbone.pt", "--images", people, "--output", tmp_path / "cut.csv",
+                   "--far", 0.05) == 0
+    err = capsys.readouterr().err
+    note = (f"roc: note: {model / 'backbone.pt'} is of a run whose final verification (step 2) was cut short "
+            "(python -m train --resume auto on its checkpoint makes it): its threshold is step 1's\n")
+    assert err.count(note) == 1 and err.count("cut short") == 1, err
+    assert f"the model's recorded 1:1 threshold, cosine {1 - t / 2:.4f} (" in err, err
 
 
 def test_a_save_embeddings_that_is_a_folder_is_refused(tmp_path, capsys):
