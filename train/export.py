@@ -250,9 +250,6 @@ def _export(args: argparse.Namespace) -> int:
         quantize.require_onnxruntime()
     model, settings = checkpoint.load_backbone(args.checkpoint, network=args.network,
                                                embedding_size=args.embedding_size, image_size=args.image_size)
-    cut_short = checkpoint.cut_short_note(args.checkpoint, settings, "export")  # (backbone.json carries it too)
-    if cut_short:
-        print(cut_short, file=sys.stderr)
     # The faces and verification sets of --int8, read before anything is made: a mistake in them is said at once.
     faces, sets = _int8_inputs(args, settings["image_size"]) if args.int8 is not None else (None, {})
     made = folders_missing(output)  # (with the folders above it that it makes: a new --output n1/n2/n3's n1, n2)
@@ -313,6 +310,9 @@ def _export(args: argparse.Namespace) -> int:
                 os.remove(path)
         print(f"wrote {state_path} ({settings['network']}, {settings['embedding_size']}-D, "
               f"{settings['image_size']}px)")
+        cut_short = checkpoint.cut_short_note(args.checkpoint, settings, "export")  # (backbone.json carries it too)
+        if cut_short:  # (once written, as cluster and search say their notes once past their refusals)
+            print(cut_short, file=sys.stderr)
         for path in stale:
             print(f"removed {path}: it was from an earlier export and does not match the new backbone.pt",
                   file=sys.stderr)

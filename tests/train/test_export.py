@@ -929,6 +929,10 @@ def test_a_checkpoint_whose_final_verification_was_cut_short_is_said_so_by_the_t
     whole = checkpoint.load_backbone(str(tmp_path / "whole.pt"))[1]
     assert embed.model_threshold(str(tmp_path / "whole.pt"), whole, None, tool="cluster")[2] is None
 
+    # (Said once the export is written: an export refused says its error alone, as cluster and search do.)
+    assert export.main(["--checkpoint", cut, "--output", str(tmp_path / "refused"), "--int8",
+                        str(tmp_path / "missing")]) == 2
+    assert "note:" not in capsys.readouterr().err and not (tmp_path / "refused").exists()
     assert export.main(["--checkpoint", cut, "--output", str(tmp_path / "export"), "--no-onnx"]) == 0
     assert f"export: {note}\n" in capsys.readouterr().err
     written = json.loads((tmp_path / "export" / "backbone.json").read_text())
