@@ -170,7 +170,8 @@ def build_parser() -> ArgumentParser:
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch.compile mode for --compile (the inductor backend; default: torch.compile's own)")
     g.add_argument("--pretrained-model", "--pretrained_model", dest="pretrained_model", default=None,
-                   help="initialise from this backbone state dict or training checkpoint")
+                   help="initialise from this backbone state dict or training checkpoint, or the weights of an "
+                   "ONNX model whose layers are --network's (insightface's w600k_r50.onnx for r50)")
     g.add_argument("--finetuning", action=argparse.BooleanOptionalAction, default=False,
                    help="with --pretrained_model: take the backbone only and start fresh class centres "
                    "(new identities); otherwise a checkpoint's class centres are loaded too when they fit")

@@ -1280,6 +1280,10 @@ class Trainer:
                   f"{saved['path']}: the run goes on with them", file=sys.stderr)
 
     def _load_pretrained(self, path: str) -> None:
+        from .onnx_backbone import is_onnx_file
+
+        if os.path.isfile(path) and is_onnx_file(path):
+            return self._load_pretrained_onnx(path)
         try:
             state = checkpoint.load(path)
             weights = checkpoint.backbone_state_dict(state, path)
@@ -1344,6 +1348,35 @@ class Trainer:
                 loaded += " and class centres"
         if self.is_main:
             print(f"initialised the {loaded} from {path}", file=sys.stderr)
+
+    def _load_pretrained_onnx(self, path: str) -> None:
+        """The backbone's weights read from an ONNX model (insightface's w600k_r50.onnx, train.export's
+        backbone.onnx) whose layers are --network's (train.onnx_weights); it holds no class centres."""
+        from .onnx_weights import OnnxGraphMismatch, read_onnx_weights
+
+        a = self.args
+        try:
+            weights, done = read_onnx_weights(path, self.backbone, a.image_size)
+        except OnnxGraphMismatch as error:
+            raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "
+                             f"{a.embedding_size} --image-size {a.image_size}: {error}") from None
+        except ValueError as error:
+            raise SystemExit(f"--pretrained_model: {error}") from None
+        self.backbone.load_state_dict(weights)
+        if not self.is_main:
+            return
+        if done["image_size"] not in (None, a.image_size):
+            print(f"note: --pretrained_model {path} takes {done['image_size']}px images; this run trains at "
+                  f"--image-size {a.image_size}", file=sys.stderr)
+        if done["input_scale"] != 1.0:
+            print(f"note: {path} scales pixels 0-255 in its graph: its first convolution's weights are multiplied by "
+                  f"{done['input_scale']:.6g} to take (x - 127.5) / 127.5, as the networks here do", file=sys.stderr)
+        if done["folded"]:
+            print(f"note: {path}: {done['folded']} BatchNorms were folded into the layers before them when it was "
+                  "exported: they start as the identity (weight 1, mean 0, variance 1), so that the network gives the "
+                  "file's embeddings in eval mode; in training their batch statistics rescale those layers' outputs, "
+                  "which the file's network did not", file=sys.stderr)
+        print(f"initialised the backbone from {path} (an ONNX model)", file=sys.stderr)
 
     def _centres_are_of_these_identities(self, state: dict[str, Any], path: str) -> bool:
         """Whether --pretrained_model's class centres, as many as the data's classes, are taken: centre k

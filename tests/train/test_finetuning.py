@@ -106,8 +106,9 @@ def test_a_file_torch_did_not_write_says_how_it_starts(tmp_path):
 
 
 def test_an_onnx_model_is_named_so(tmp_path):
-    # insightface's w600k_r50.onnx (or train.export's backbone.onnx) given as --pretrained_model or export's
-    # --checkpoint was "not a readable checkpoint (truncated, or not saved by torch.save ...?)": it is neither.
+    # insightface's w600k_r50.onnx (or train.export's backbone.onnx) given to checkpoint.load (export's
+    # --checkpoint, --resume) was "not a readable checkpoint (truncated, or not saved by torch.save ...?)": it is
+    # neither.
     onnx = pytest.importorskip("onnx")
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input"], ["embedding"])], "backbone",
                                    [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 4])],
@@ -121,8 +122,11 @@ def test_an_onnx_model_is_named_so(tmp_path):
                                              r"give the checkpoint or state dict it was exported from "
                                              r"\(train\.export's backbone\.pt, insightface's backbone\.pth\)$"):
             checkpoint.load(str(path))
-    with pytest.raises(SystemExit, match=rf"^train: error: --pretrained_model: {re.escape(str(model))} is an ONNX "
-                                         "model, not a PyTorch checkpoint: give the checkpoint") as error:
+    # --pretrained_model reads an ONNX model's weights (tests/train/test_onnx_pretrained.py): a graph without the
+    # network's layers is refused, naming the file and the network it was read for.
+    with pytest.raises(SystemExit, match=rf"^train: error: --pretrained_model {re.escape(str(model))} does not fit "
+                                         r"--network small --embedding-size 64 --image-size 32: its graph has 0 "
+                                         "convolutions, .*, the network has 13 convolutions") as error:
         main(base_argv("synthetic", str(tmp_path / "run"), loss_impl=LOSS_IMPL, pretrained_model=str(model)))
     assert "\n" not in str(error.value)
     # --resume took the line above, which points at backbone.pt, which --resume then refused ("use

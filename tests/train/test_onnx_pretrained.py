@@ -1,0 +1,212 @@
+"""--pretrained_model of an ONNX model: its weights read into the network (train.onnx_weights), checked against
+onnxruntime's embeddings of the same graph; graphs that do not map refused in one line."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from train import export
+from train.config import parse_args
+from train.models import get_model
+from train.onnx_weights import OnnxGraphMismatch, read_onnx_weights
+from train.trainer import Trainer, main
+
+from conftest import assert_close_report
+from trainer_fixtures import IMAGE_SIZE, base_argv, one_thread  # noqa: F401
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+EMBEDDING_SIZE = 64  # (base_argv's)
+
+
+def trained_looking(network: str, image_size: int, embedding_size: int, seed: int = 0) -> torch.nn.Module:
+    """A network whose BatchNorm statistics, shifts and PReLU slopes are not their initial values (a folded
+    BatchNorm at its defaults would be the identity, and would hide a misplaced one)."""
+    torch.manual_seed(seed)
+    model = get_model(network, image_size=image_size, embedding_size=embedding_size)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.bias.uniform_(-0.2, 0.2)
+                if module.weight.requires_grad:  # (the embedding's fixed scale stays 1)
+                    module.weight.uniform_(0.5, 1.5)
+            elif isinstance(module, torch.nn.PReLU):
+                module.weight.uniform_(0.0, 0.5)
+    return model.eval()
+
+
+def onnxruntime_embeddings(path, x: np.ndarray, input_name: str = "input") -> torch.Tensor:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {input_name: x})[0])
+
+
+def read_back(path, network: str, image_size: int, embedding_size: int) -> tuple[torch.nn.Module, dict]:
+    fresh = get_model(network, image_size=image_size, embedding_size=embedding_size)
+    state, done = read_onnx_weights(str(path), fresh, image_size)
+    fresh.load_state_dict(state)
+    return fresh.eval(), done
+
+
+def assert_same_embeddings(model, path, image_size, *, pixels_in_graph=False):
+    x = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    fed = x * 127.5 + 127.5 if pixels_in_graph else x
+    expected = onnxruntime_embeddings(path, fed.numpy())
+    with torch.no_grad():
+        got = model(x)
+    scale = float(expected.abs().max())
+    assert_close_report(got, expected, atol=1e-5 * scale, rtol=1e-5, name="embeddings read back")
+
+
+@pytest.mark.parametrize("prelu_node", [False, True], ids=["decomposed_prelu", "prelu_node"])
+def test_train_exports_graph_reads_back(tmp_path, prelu_node):
+    # train.export's graph: each BatchNorm after a convolution folded into it (PyTorch's eval-mode export),
+    # PReLU as relu(x) + (-a) * relu(-x) or as the PRelu node.
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE,
+                       prelu_node=prelu_node)
+    # Of the network's 19 BatchNorms, the 4 blocks' bn1, the trunk's bn2 and the embedding's are left.
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node) == 6
+    model, done = read_back(path, "small", IMAGE_SIZE, EMBEDDING_SIZE)
+    # The stem's BN, and each block's bn2, bn3 and shortcut BN.
+    assert done == {"folded": 13, "input_scale": 1.0, "image_size": IMAGE_SIZE}
+    assert_same_embeddings(model, path, IMAGE_SIZE)
+
+
+@pytest.mark.slow
+def test_an_r18_at_112px_reads_back(tmp_path):
+    path = tmp_path / "r18.onnx"
+    export.export_onnx(trained_looking("r18", 112, 512), str(path), 112)
+    model, done = read_back(path, "r18", 112, 512)
+    assert done["folded"] == 21  # the stem's, 8 blocks' bn2 and bn3, 4 shortcuts'
+    assert_same_embeddings(model, path, 112)
+
+
+def mxnet_like(path_in, path_out, *, mean=127.5, scale=0.0078125, eps=2e-5):
+    """The graph at ``path_in`` (BatchNorms not folded) as insightface's models converted from MXNet are: fed
+    pixels 0-255, scaled in the graph ((x - mean) * scale) with the first convolution's weights divided by what
+    that scale adds and a bias added to them, BatchNorm epsilon 2e-5, and each residual Add taking the shortcut
+    first."""
+    model = onnx.load(str(path_in))
+    graph = model.graph
+    graph.input[0].name = "pixels"
+    first_conv = next(n for n in graph.node if n.op_type == "Conv")
+    weights = {t.name: t for t in graph.initializer}
+    conv_weight = weights[first_conv.input[1]]
+    value = onnx.numpy_helper.to_array(conv_weight) / (127.5 * scale)
+    conv_weight.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float32), conv_weight.name))
+    # A bias on it (MXNet's convolutions may have one) before its BatchNorm: the network's convolution has none.
+    bias = np.random.default_rng(0).uniform(-0.5, 0.5, value.shape[0]).astype(np.float32)
+    graph.initializer.append(onnx.numpy_helper.from_array(bias, "conv0_bias"))
+    first_conv.input.append("conv0_bias")
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == "input":
+                node.input[i] = "scaled"
+        if node.op_type == "BatchNormalization":
+            for attribute in node.attribute:
+                if attribute.name == "epsilon":
+                    attribute.f = eps
+        producers = {out for n in graph.node for out in n.output}
+        if node.op_type == "Add" and all(name in producers for name in node.input):
+            node.input[0], node.input[1] = node.input[1], node.input[0]
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array(mean, np.float32), "minus_scalar"),
+                              onnx.numpy_helper.from_array(np.array(scale, np.float32), "mul_scalar")])
+    scaling = [onnx.helper.make_node("Sub", ["pixels", "minus_scalar"], ["centred"], name="_minusscalar0"),
+               onnx.helper.make_node("Mul", ["centred", "mul_scalar"], ["scaled"], name="_mulscalar0")]
+    nodes = scaling + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path_out))
+
+
+def test_a_graph_with_its_batchnorms_its_input_scaling_and_shortcuts_first_reads_back(tmp_path):
+    # The MXNet-converted layout: BatchNorms kept (epsilon 2e-5, the network's 1e-5), (x - 127.5) * 0.0078125
+    # in the graph, a convolution's bias before a BatchNorm, and the residual Adds' inputs the other way round
+    # from the network's.
+    kept = tmp_path / "kept.onnx"
+    network = trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE)
+    with warnings.catch_warnings():  # (the TorchScript exporter's deprecation, as train.export has it)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),), str(kept), dynamo=False,
+                          training=torch.onnx.TrainingMode.PRESERVE, input_names=["input"], output_names=["embedding"],
+                          dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}})
+    path = tmp_path / "mxnet_like.onnx"
+    mxnet_like(kept, path)
+    model, done = read_back(path, "small", IMAGE_SIZE, EMBEDDING_SIZE)
+    assert done["folded"] == 0 and done["input_scale"] == pytest.approx(127.5 * 0.0078125)
+    x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    expected = onnxruntime_embeddings(path, (x * 127.5 + 127.5).numpy(), "pixels")
+    with torch.no_grad():
+        got = model(x)
+    assert_close_report(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-5, name="embeddings")
+    # A scaling not centred on 127.5 (a mean of 127) is a shift, which the padding makes inexact: refused.
+    off_centre = tmp_path / "off_centre.onnx"
+    mxnet_like(kept, off_centre, mean=127.0)
+    with pytest.raises(OnnxGraphMismatch, match=r"^its input scaling, a x \+ b .* is not centred on 127\.5"):
+        read_back(off_centre, "small", IMAGE_SIZE, EMBEDDING_SIZE)
+
+
+@pytest.mark.slow
+def test_pretrained_model_takes_an_onnx_model(tmp_path, one_thread, capsys):  # noqa: F811
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    trainer = Trainer(parse_args(base_argv("synthetic", str(tmp_path / "run"), pretrained_model=str(path))))
+    err = capsys.readouterr().err
+    assert f"initialised the backbone from {path} (an ONNX model)" in err
+    assert f"note: {path}: 13 BatchNorms were folded into the layers before them" in err
+    assert_same_embeddings(trainer.backbone.eval(), path, IMAGE_SIZE)
+
+
+def test_an_onnx_model_of_another_network_is_refused_in_one_line(tmp_path, one_thread):  # noqa: F811
+    path = tmp_path / "w600k_r50.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, 32), str(path), IMAGE_SIZE)
+    with pytest.raises(SystemExit) as error:
+        main(base_argv("synthetic", str(tmp_path / "run"), pretrained_model=str(path)))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message == (
+        f"train: error: --pretrained_model {path} does not fit --network small --embedding-size 64 --image-size "
+        f"{IMAGE_SIZE}: its weighted layer 24 (/fc/Gemm) is a fully connected layer 128->32, the network's 128->64 "
+        "(its graph has 13 convolutions, 6 BatchNorms, 5 PReLUs and 1 fully connected layer (a 32-D output))")
+
+
+def test_a_graph_with_an_op_it_does_not_read_is_refused(tmp_path):
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    model = onnx.load(str(path))
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.name = "Sigmoid", "/prelu/Sigmoid"
+    odd = tmp_path / "sigmoid.onnx"
+    onnx.save(model, str(odd))
+    with pytest.raises(OnnxGraphMismatch, match=re.escape("its node /prelu/Sigmoid is a Sigmoid, an op this does not "
+                                                          "read")):
+        read_back(odd, "small", IMAGE_SIZE, EMBEDDING_SIZE)
+    # What is not an ONNX file at all, named so.
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07not a protobuf at all")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(junk))}: not a readable ONNX model"):
+        read_back(junk, "small", IMAGE_SIZE, EMBEDDING_SIZE)
+
+
+@pytest.mark.slow
+def test_a_run_from_an_onnx_model_exports_and_round_trips(tmp_path, one_thread):  # noqa: F811
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    run = tmp_path / "run"
+    assert main(base_argv("synthetic", str(run), pretrained_model=str(path), max_steps=2)) == 0
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", str(run / "checkpoint.pt"), "--output", str(out)]) == 0
+    model, done = read_back(out / "backbone.onnx", "small", IMAGE_SIZE, EMBEDDING_SIZE)
+    assert done["folded"] == 13
+    assert_same_embeddings(model, out / "backbone.onnx", IMAGE_SIZE)
+    assert os.path.isfile(out / "backbone.pt")
