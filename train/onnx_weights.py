@@ -163,11 +163,13 @@ class _Graph:
             next(n for n in node.input if n != data[0])) is not None
 
     def _feeds_bn(self, name: str) -> bool:
+        """Whether ``name`` goes into a BatchNorm alone, through copies and reshapes (an exporter may write a
+        BatchNorm1d of (N, D) as Unsqueeze, BatchNormalization, Squeeze)."""
         while True:
             readers = self.readers.get(name, [])
             if len(readers) != 1:
                 return False
-            if readers[0].op_type in ("Identity", "Cast"):
+            if readers[0].op_type in ("Identity", "Cast", "Unsqueeze", "Squeeze", "Reshape"):
                 name = readers[0].output[0]
                 continue
             return readers[0].op_type == "BatchNormalization" and readers[0].input[0] == name

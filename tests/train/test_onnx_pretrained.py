@@ -17,8 +17,11 @@ from train.models import get_model
 from train.onnx_weights import OnnxGraphMismatch, read_onnx_weights
 from train.trainer import Trainer, main
 
+import trainer_fixtures
 from conftest import assert_close_report
-from trainer_fixtures import IMAGE_SIZE, base_argv, one_thread  # noqa: F401
+from trainer_fixtures import IMAGE_SIZE, base_argv
+
+one_thread = trainer_fixtures.one_thread  # (the fixture, for usefixtures below)
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -81,12 +84,38 @@ def test_train_exports_graph_reads_back(tmp_path, prelu_node):
     assert_same_embeddings(model, path, IMAGE_SIZE)
 
 
+def test_an_embedding_batchnorm_written_on_an_unsqueezed_input_reads_back(tmp_path):
+    # Some exporters write BatchNorm1d of (N, D) as Unsqueeze, BatchNormalization, Squeeze: still the fully
+    # connected layer's own BatchNorm, not one folded away.
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    model = onnx.load(str(path))
+    graph = model.graph
+    norm = next(n for n in graph.node if n.op_type == "BatchNormalization" and n.input[0].startswith("/fc/"))
+    position = list(graph.node).index(norm)
+    embedding, output = norm.input[0], norm.output[0]
+    norm.input[0], norm.output[0] = "unsqueezed", "normed"
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([2], np.int64), "axis_2"))
+    graph.node.insert(position, onnx.helper.make_node("Unsqueeze", [embedding, "axis_2"], ["unsqueezed"]))
+    graph.node.insert(position + 2, onnx.helper.make_node("Squeeze", ["normed", "axis_2"], [output]))
+    onnx.checker.check_model(model)
+    edited = tmp_path / "unsqueezed.onnx"
+    onnx.save(model, str(edited))
+    read, done = read_back(edited, "small", IMAGE_SIZE, EMBEDDING_SIZE)
+    assert done["folded"] == 13
+    assert_same_embeddings(read, edited, IMAGE_SIZE)
+
+
 @pytest.mark.slow
-def test_an_r18_at_112px_reads_back(tmp_path):
-    path = tmp_path / "r18.onnx"
-    export.export_onnx(trained_looking("r18", 112, 512), str(path), 112)
-    model, done = read_back(path, "r18", 112, 512)
-    assert done["folded"] == 21  # the stem's, 8 blocks' bn2 and bn3, 4 shortcuts'
+@pytest.mark.parametrize("network, embedding_size, folded", [
+    ("r18", 512, 21),  # the stem's, 8 blocks' bn2 and bn3, 4 shortcuts'
+    ("mbf", 128, 49),  # all 49 BatchNorm2d (each after its convolution); the embedding's BatchNorm1d is kept
+])
+def test_an_r18_and_mobilefacenet_at_112px_read_back(tmp_path, network, embedding_size, folded):
+    path = tmp_path / f"{network}.onnx"
+    export.export_onnx(trained_looking(network, 112, embedding_size), str(path), 112)
+    model, done = read_back(path, network, 112, embedding_size)
+    assert done["folded"] == folded
     assert_same_embeddings(model, path, 112)
 
 
@@ -157,7 +186,8 @@ def test_a_graph_with_its_batchnorms_its_input_scaling_and_shortcuts_first_reads
 
 
 @pytest.mark.slow
-def test_pretrained_model_takes_an_onnx_model(tmp_path, one_thread, capsys):  # noqa: F811
+@pytest.mark.usefixtures("one_thread")
+def test_pretrained_model_takes_an_onnx_model(tmp_path, capsys):
     path = tmp_path / "backbone.onnx"
     export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
     trainer = Trainer(parse_args(base_argv("synthetic", str(tmp_path / "run"), pretrained_model=str(path))))
@@ -167,7 +197,8 @@ def test_pretrained_model_takes_an_onnx_model(tmp_path, one_thread, capsys):  # 
     assert_same_embeddings(trainer.backbone.eval(), path, IMAGE_SIZE)
 
 
-def test_an_onnx_model_of_another_network_is_refused_in_one_line(tmp_path, one_thread):  # noqa: F811
+@pytest.mark.usefixtures("one_thread")
+def test_an_onnx_model_of_another_network_is_refused_in_one_line(tmp_path):
     path = tmp_path / "w600k_r50.onnx"
     export.export_onnx(trained_looking("small", IMAGE_SIZE, 32), str(path), IMAGE_SIZE)
     with pytest.raises(SystemExit) as error:
@@ -199,7 +230,8 @@ def test_a_graph_with_an_op_it_does_not_read_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_from_an_onnx_model_exports_and_round_trips(tmp_path, one_thread):  # noqa: F811
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_from_an_onnx_model_exports_and_round_trips(tmp_path):
     path = tmp_path / "backbone.onnx"
     export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
     run = tmp_path / "run"
