@@ -514,8 +514,10 @@ def cut_short_note(path: str, settings: dict[str, Any], tool: str) -> str | None
         its = f"its threshold is of step {step}'s sets verified before the cut only"
     else:
         its = f"its threshold is step{'s' if len(steps) > 1 else ''} {' and '.join(steps)}'s"
+    # An export keeps the threshold it was written with: once the resumed run has verified, export again.
+    exported = tool == "export" or os.path.isfile(settings_path(path))
     return (f"{tool}: note: {path} is of a run whose final verification (step {step}) was cut short (python -m train "
-            f"--resume auto on its checkpoint makes it): {its}")
+            f"--resume auto on its checkpoint makes it{', then export again' if exported else ''}): {its}")
 
 
 def held_backbone(weights: dict[str, torch.Tensor], recorded: dict[str, Any],
