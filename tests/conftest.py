@@ -70,6 +70,41 @@ def _skip_slow_tests(config, items):
             item.add_marker(skip)
 
 
+# The op's own correctness files: a user's check of an install runs all of them, whatever their time.
+CORE_TEST_FILES = frozenset({"test_op.py", "test_reference.py", "test_row_margins.py", "test_subcenter.py",
+                             "test_other_devices.py", "test_sampling.py", "test_chunked.py", "test_readme.py",
+                             "test_cuda.py", "test_fuzz.py"})
+# A test of the quick run over this many seconds (set-up, call and tear-down) is named at its end: mark it
+# slow. Three times the bar a test is marked at (about 1.5 s here), so that a loaded machine names none.
+SLOW_REPORT_SECONDS = 4.5
+_test_seconds: dict[str, float] = {}
+
+
+def unmarked_slow_tests(seconds, threshold=SLOW_REPORT_SECONDS):
+    """The ids of the tests in ``seconds`` (test id -> seconds) that took over ``threshold`` outside the core
+    files, longest first (in the quick run a test marked slow is skipped, in no time)."""
+    over = [nodeid for nodeid, took in seconds.items()
+            if took > threshold and os.path.basename(nodeid.split("::")[0]) not in CORE_TEST_FILES]
+    return sorted(over, key=lambda nodeid: -seconds[nodeid])
+
+
+def pytest_runtest_logreport(report):
+    _test_seconds[report.nodeid] = _test_seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The quick run (no --runslow) keeps to a few minutes only while long tests are marked slow, and only
+    their authors mark them: the ones that were not are named here, with their time."""
+    if config.getoption("--runslow"):
+        return
+    over = unmarked_slow_tests(_test_seconds)
+    if over:
+        terminalreporter.write_line(f"{len(over)} test(s) of the quick run took over {SLOW_REPORT_SECONDS:g} s "
+                                    "and are not marked slow: mark them @pytest.mark.slow")
+        for nodeid in over:
+            terminalreporter.write_line(f"  {_test_seconds[nodeid]:.1f} s {nodeid}")
+
+
 @pytest.fixture(autouse=True)
 def _ctrl_c_and_sigterm_as_from_a_terminal():
     """Each test runs with SIGINT raising KeyboardInterrupt and SIGTERM's default action, as in a process
