@@ -277,6 +277,13 @@ def build_parser() -> ArgumentParser:
                    help="linear warm-up from 0; default 5%% of --max-steps for poly and cosine, 0 for step")
     g.add_argument("--warmup-epochs", "--warmup_epochs", "--warmup_epoch", dest="warmup_epochs", type=float,
                    default=None, help="--warmup-steps in epochs (arcface_torch's warmup_epoch)")
+    g.add_argument("--margin-warmup-steps", "--margin_warmup_steps", dest="margin_warmup_steps", type=int, default=0,
+                   action=_InSteps, epochs_dest="margin_warmup_epochs",
+                   help="raise the loss's margin linearly from none to its value over the first N optimiser steps "
+                   "(m2 and m3 from 0, m1 from 1), for a run that stalls at a high loss from the start; 0: off. Not "
+                   "with adaface or magface, whose margins follow the embedding's norm")
+    g.add_argument("--margin-warmup-epochs", "--margin_warmup_epochs", dest="margin_warmup_epochs", type=float,
+                   default=None, help="--margin-warmup-steps in epochs")
     g.add_argument("--max-steps", "--max_step", "--max_steps", dest="max_steps", type=int, default=300,
                    action=_InSteps, epochs_dest="epochs",
                    help="optimiser steps to train (the schedule's length), each of --gradient-acc passes")
@@ -416,7 +423,8 @@ def _config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sou
                          "the flag names of `python -m train --help` (e.g. max-steps or max_step)")
     # Two spellings of one option (max-steps and max_step, plots and no-plots): the later one won, without a word.
     # So are a length in steps and in epochs (max-steps and epochs), but in a run's args.json, which holds both.
-    in_steps = {} if run_args else {"epochs": "max_steps", "warmup_epochs": "warmup_steps", "lr_epochs": "lr_steps"}
+    in_steps = {} if run_args else {"epochs": "max_steps", "warmup_epochs": "warmup_steps", "lr_epochs": "lr_steps",
+                                    "margin_warmup_epochs": "margin_warmup_steps"}
     spellings: dict[str, list[str]] = {}
     for key in config:
         spellings.setdefault(in_steps.get(table[key].dest, table[key].dest), []).append(key)
@@ -490,6 +498,8 @@ def steps_from_epochs(args: argparse.Namespace, steps_per_epoch: int) -> None:
         args.warmup_steps = steps(args.warmup_epochs)
     elif args.warmup_steps is None:
         args.warmup_steps = default_warmup_steps(args.max_steps, args.lr_schedule)
+    if args.margin_warmup_epochs is not None:
+        args.margin_warmup_steps = steps(args.margin_warmup_epochs)
     if args.lr_epochs is not None:
         args.lr_steps = [steps(epoch) for epoch in args.lr_epochs]
         if min(args.lr_steps) < 1 or len(set(args.lr_steps)) < len(args.lr_steps):
@@ -518,9 +528,11 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
         args.lr_steps = None
     if args.warmup_epochs is not None:
         args.warmup_steps = None
+    if args.margin_warmup_epochs is not None:
+        args.margin_warmup_steps = None
     for flag, values in (("--epochs", [args.epochs]), ("--warmup-epochs", [args.warmup_epochs]),
-                         ("--lr-epochs", args.lr_epochs)):
-        positive = flag != "--warmup-epochs"
+                         ("--lr-epochs", args.lr_epochs), ("--margin-warmup-epochs", [args.margin_warmup_epochs])):
+        positive = flag not in ("--warmup-epochs", "--margin-warmup-epochs")
         bad = [v for v in values or [] if v is not None and not (math.isfinite(v) and (v > 0 if positive else v >= 0))]
         if bad:
             raise SystemExit(f"{flag} must be {'finite and > 0' if positive else 'finite and >= 0'}, got {bad[0]:g}")
@@ -608,6 +620,7 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
     # train on and fail mid-run (--log-every 0), or fail deep inside torch with a traceback.
     for flag, value, least in (("--max-steps", args.max_steps, 1),
                                ("--warmup-steps", 0 if args.warmup_steps is None else args.warmup_steps, 0),
+                               ("--margin-warmup-steps", args.margin_warmup_steps or 0, 0),
                                ("--batch-size", args.batch_size, 1), ("--gradient-acc", args.gradient_acc, 1),
                                ("--log-every", args.log_every, 1), ("--eval-every", args.eval_every, 0),
                                ("--save-every", args.save_every, 0), ("--num-workers", args.num_workers, 0),
@@ -674,6 +687,12 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
             if on:
                 raise SystemExit(f"{flag} does not go with --loss {args.loss}: it runs on the chunked PyTorch path, "
                                  "with arcface, cosface, sphereface or combined")
+    if (args.margin_warmup_steps or args.margin_warmup_epochs) and args.loss in ("adaface", "magface"):
+        # (AdaFaceLoss's m would ramp the norm's sway on the margin, not the margin; MagFaceLoss has no single m)
+        flag = ("--margin-warmup-epochs" if args.margin_warmup_epochs is not None else "--margin-warmup-steps")
+        raise SystemExit(f"{flag} does not go with --loss {args.loss}, whose margins follow the embedding's norm: "
+                         "leave the warm-up out, or warm up arcface, cosface, sphereface, combined, elasticface or "
+                         "curricularface")
     if args.sharded_classes and args.loss_amp == "fp16":
         # Each rank would see overflows in its own shard of fp16 gradients only, and the gradient
         # scaler would skip steps on some ranks and not on others.
@@ -712,6 +731,11 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
                   if args.warmup_epochs is not None else f"--warmup-steps {args.warmup_steps}")
         notes.append(f"{warmup} is more than {length}: the learning "
                      f"rate rises to {args.max_steps / args.warmup_steps:.0%} of --lr {args.lr:g}, no further")
+    if args.margin_warmup_steps is not None and args.margin_warmup_steps > args.max_steps:
+        warmup = (f"--margin-warmup-epochs {args.margin_warmup_epochs:g} ({count_of(args.margin_warmup_steps, 'step')})"
+                  if args.margin_warmup_epochs is not None else f"--margin-warmup-steps {args.margin_warmup_steps}")
+        notes.append(f"{warmup} is more than {length}: the margin rises to "
+                     f"{margin_fraction(args.max_steps - 1, args.margin_warmup_steps):.0%} of its value, no further")
     late = [i for i, step in enumerate(args.lr_steps or []) if step >= args.max_steps]
     if args.lr_schedule == "step" and late:
         if args.lr_epochs is not None:
@@ -827,3 +851,21 @@ def margins(args: argparse.Namespace) -> tuple[float, float, float]:
         given = getattr(args, name)
         values[name] = given if given is not None else args.arcface_m if default is None else default
     return values["m1"], values["m2"], values["m3"]
+
+
+def margin_fraction(step: int, warmup_steps: int) -> float:
+    """How much of its margin the loss takes in the optimiser step after ``step`` steps (0-based, the
+    learning rate's count) under ``--margin-warmup-steps``: a linear rise from 0 at the first step to all
+    of it at step ``warmup_steps`` and after. Linear, as the margin schedulers of WeSpeaker and 3D-Speaker
+    offer it and docs/usage.md's example ramps: the margin is half its value half way."""
+    return 1.0 if step >= warmup_steps else step / warmup_steps
+
+
+def warmed_up_margins(args: argparse.Namespace, step: int) -> tuple[float, float, float]:
+    """(m1, m2, m3) of the optimiser step after ``step`` steps: :func:`margins`, with the warm-up's
+    fraction t of each (m2 and m3 from 0, m1 from 1, none being a margin at all)."""
+    m1, m2, m3 = margins(args)
+    t = margin_fraction(step, args.margin_warmup_steps or 0)
+    if t == 1.0:
+        return m1, m2, m3
+    return 1.0 + t * (m1 - 1.0), t * m2, t * m3

@@ -31,7 +31,7 @@ from arcface_ext import full_state_dict, shard_optimizer_state
 from arcface_ext.optim import SGD, AdamW  # noqa: F401 (train.trainer.SGD, AdamW: the trainer's)
 
 from . import checkpoint, export, rfw
-from .config import LR_SCHEDULES, margins, steps_from_epochs, unused_options
+from .config import LR_SCHEDULES, margin_fraction, margins, steps_from_epochs, unused_options, warmed_up_margins
 from .data.transforms import DataError, to_model_input
 from .distill import distillation_loss
 from .models import (VisionTransformer, check_embedding_shape, get_model, is_factory_spec, learn_embedding_scale,
@@ -393,7 +393,8 @@ class RunLog:
     def metrics(self, record: dict[str, Any]) -> None:
         self._append("metrics.jsonl", record)
         self._scalars(record["step"], {f"train/{key}": record[key]
-                                       for key in ("loss", "distill", "lr", "samples_per_sec") if key in record})
+                                       for key in ("loss", "distill", "lr", "margin", "m1", "m2", "m3",
+                                                   "samples_per_sec") if key in record})
 
     def verification(self, record: dict[str, Any]) -> None:
         self._append("verification.jsonl", record)
@@ -475,7 +476,8 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
 
     # A length given in epochs in both runs is compared in epochs (converted at the epoch the schedule began
     # with, kept in the checkpoint: the same steps). Otherwise in steps, however each run gave it.
-    in_epochs = {"warmup_steps": "warmup_epochs", "lr_steps": "lr_epochs"}
+    in_epochs = {"warmup_steps": "warmup_epochs", "lr_steps": "lr_epochs",
+                 "margin_warmup_steps": "margin_warmup_epochs"}
     skip = {steps if saved.get(epochs) is not None and getattr(args, epochs, None) is not None else epochs
             for steps, epochs in in_epochs.items()}
     changed = []
@@ -495,6 +497,18 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
             continue  # the default, a share of --max-steps, which may change
         changed.append(f"{flags.get(key, key)} {show(saved[key])} in the checkpoint, {show(value)} requested")
     return changed
+
+
+# Which of m1, m2 and m3 is the margin of a loss that has one (the others: m2); combined has three.
+ONE_MARGIN = {"cosface": "m3", "elasticface-cos": "m3", "elasticface-cos+": "m3", "sphereface": "m1"}
+
+
+def logged_margins(args: argparse.Namespace, step: int) -> dict[str, float]:
+    """The margins of the optimiser step after ``step`` steps under ``--margin-warmup-steps``, as
+    metrics.jsonl and the log lines give them: ``margin`` (the one the loss's flag sets: --arcface-m,
+    cosface's --m3, sphereface's --m1; ElasticFace's mean) or, for --loss combined, ``m1``, ``m2``, ``m3``."""
+    values = dict(zip(("m1", "m2", "m3"), warmed_up_margins(args, step)))
+    return values if args.loss == "combined" else {"margin": values[ONE_MARGIN.get(args.loss, "m2")]}
 
 
 def augmentation(args: argparse.Namespace):
@@ -776,7 +790,8 @@ class Trainer:
         # processes this run's moved the schedule under it (1 of 2 epochs done on 8 GPUs was epoch 0.5 of 2
         # on 4, which then trained 2.5), and so did its checkpoint's for the next resume.
         resumed_epoch = self._resumed_steps_per_epoch(step_batch) if resuming and any(
-            getattr(args, key) is not None for key in ("epochs", "warmup_epochs", "lr_epochs")) else None
+            getattr(args, key) is not None for key in ("epochs", "warmup_epochs", "lr_epochs", "margin_warmup_epochs")
+        ) else None
         self.schedule_steps_per_epoch = resumed_epoch or self.steps_per_epoch
         steps_from_epochs(args, self.schedule_steps_per_epoch)
         if self.rank == 0:
@@ -1150,7 +1165,8 @@ class Trainer:
                       "uninterrupted run's", file=sys.stderr)
             a = self.args
             given = [flag for flag, value in (("--epochs", a.epochs), ("--warmup-epochs", a.warmup_epochs),
-                                              ("--lr-epochs", a.lr_epochs)) if value is not None]
+                                              ("--lr-epochs", a.lr_epochs),
+                                              ("--margin-warmup-epochs", a.margin_warmup_epochs)) if value is not None]
             if given and self.schedule_steps_per_epoch != self.steps_per_epoch:
                 print(f"note: {', '.join(given)} {'is' if len(given) == 1 else 'are'} counted in the epochs of "
                       f"{count_of(self.schedule_steps_per_epoch, 'step')} the run began with, as the steps it took "
@@ -1517,6 +1533,10 @@ class Trainer:
         # loss, would be 16-bit: at s = 64 a 0.1-0.25 logit error), as the chunked path's reference does.
         loss_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.loss_amp) \
             if args.loss_impl == "fused" else None
+        if args.margin_warmup_steps:
+            # From the step alone, as the learning rate's: a resumed run takes the margins the unbroken one did.
+            # (The module's own attributes, which its forward reads at each call; state_dict holds none of them.)
+            self.margin_loss.m1, self.margin_loss.m2, self.margin_loss.m3 = warmed_up_margins(args, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         distill_sum = torch.zeros((), device=self.device)
@@ -1813,6 +1833,8 @@ class Trainer:
             while self.step < args.max_steps and not stop:
                 images, labels = next(batches)
                 lr = self.optimizer.param_groups[0]["lr"]
+                margin = logged_margins(args, self.step) if args.margin_warmup_steps else {}  # (the step's, as lr)
+                ramping = margin_fraction(self.step, args.margin_warmup_steps) < 1.0
                 loss_value, stop = self.train_step(images, labels)
                 window_steps += 1
                 window_loss += loss_value
@@ -1827,7 +1849,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_mean:.3f}", **{k: f"{v:.4f}" for k, v in distilled.items()},
                                     lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                     if self.is_main:
-                        self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr,
+                        self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr, **margin,
                                           "samples_per_sec": rate,
                                           "time": round(self.elapsed + now - self._started, 3)})
                         # (On a terminal the bar shows them; training.log gets the lines all the same.)
@@ -1837,7 +1859,8 @@ class Trainer:
                         epoch = self.step / self.schedule_steps_per_epoch  # (--epochs's, as the header's)
                         self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, "
                                     + "".join(f"distill {v:.4f}, " for v in distilled.values()) + f"lr {lr:.6g}, "
-                                    f"{rate:.1f} images/s, epoch {epoch:.2f}, "
+                                    + "".join(f"{k} {v:.4g}, " for k, v in margin.items() if ramping)
+                                    + f"{rate:.1f} images/s, epoch {epoch:.2f}, "
                                     f"ETA {datetime.timedelta(seconds=round(left))}", screen=not interactive)
                     window_start, window_steps, window_loss, window_distill = now, 0, 0.0, 0.0
                 if args.eval_every and self.step % args.eval_every == 0 and self.step != args.max_steps:
@@ -2031,7 +2054,10 @@ class Trainer:
             f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities, flipped"
             + (f", augmented ({self.dataset.augment.describe()})" if self.dataset.augment else "")
             + f"; verification: {', '.join(self.verification_sets) or 'none'}",
-            f"loss {self.margin_loss!r} ({loss_implementation(a)})",
+            f"loss {self.margin_loss!r} ({loss_implementation(a)})" + (
+                f", margin warm-up: linear from none over {count_of(a.margin_warmup_steps, 'step')}"
+                f" ({', '.join(f'{k} {v:g}' for k, v in logged_margins(a, self.step).items())} at step {self.step})"
+                if a.margin_warmup_steps else ""),
             *([f"distillation: {self.teacher.describe()}; {a.distill_loss} term, weight {a.distill_weight:g}"
                + (" (measured, not trained on)" if a.distill_weight == 0 else "")] if self.teacher is not None else []),
             f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
