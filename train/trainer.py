@@ -1672,11 +1672,19 @@ class Trainer:
             record = {"step": self.step, "target": name, **{k: float(v) for k, v in result.items()}}
             if getattr(vset, "group", None):  # (a benchmark's subset, RFW's races: one set to the saved threshold)
                 record["group"] = vset.group
+            # The best so far (arcface_torch's "Accuracy-Highest"), carried in the last record, which the checkpoint
+            # keeps (one of a version before it: that record's own accuracy is the best known). The earlier step
+            # keeps a tie.
+            last = self.last_verification.get(name)
+            best = (last.get("best_accuracy", last["accuracy"]), last.get("best_step", last["step"])) if last else None
+            if best is None or record["accuracy"] > best[0]:
+                best = (record["accuracy"], self.step)
+            record["best_accuracy"], record["best_step"] = best
             self.last_verification[name] = record
             self.log.verification(record)
             self._write(f"[step {self.step}] {name}: accuracy {record['accuracy']:.4f} "
                         f"± {record['accuracy_std']:.4f} (threshold {record['threshold']:.3f}, "
-                        f"xnorm {record['xnorm']:.2f})")
+                        f"xnorm {record['xnorm']:.2f}) (best {best[0]:.4f} at step {best[1]})")
         # RFW's summary, of its four races' records of this step (some may come from before a stop that cut
         # this step's verification short).
         done = {name: record for name, record in self.last_verification.items() if record.get("step") == self.step}

@@ -59,7 +59,8 @@ def test_outputs_and_verification(faces, tmp_path):
             "loss.png", "verification.png", "target_angle.png"} <= names
     records = read_jsonl(tmp_path / "verification.jsonl")
     assert [r["step"] for r in records] == [0, 2, 4]
-    assert set(records[0]) == {"step", "target", "accuracy", "accuracy_std", "threshold", "xnorm"}
+    assert set(records[0]) == {"step", "target", "accuracy", "accuracy_std", "threshold", "xnorm", "best_accuracy",
+                               "best_step"}
     assert records[0]["target"] == "pairs"
     metric = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert set(metric) == {"step", "loss", "lr", "samples_per_sec", "time"}
