@@ -113,9 +113,10 @@ def build_parser() -> ArgumentParser:
 
     g = p.add_argument_group("data and model")
     g.add_argument("--data", "--data-set", "--data_set", dest="data", default="synthetic",
-                   help="'synthetic', a folder with train.rec/train.idx (insightface layout), an ImageFolder tree, "
-                        "or a list file (.lst, .txt) of lines 'path label', 'flag<TAB>path<TAB>label' or "
-                        "'index<TAB>label<TAB>path'")
+                   help="'synthetic', 'random' (fixed random images on the device, labels drawn each step over "
+                        "--num-classes: a step's speed and memory without the loader), a folder with train.rec/"
+                        "train.idx (insightface layout), an ImageFolder tree, or a list file (.lst, .txt) of lines "
+                        "'path label', 'flag<TAB>path<TAB>label' or 'index<TAB>label<TAB>path'")
     g.add_argument("--val-targets", "--val_targets", dest="val_targets", type=_str_list, default=None,
                    help="verification sets, comma separated: names of <data>/<name>.bin, or .bin / pairs-file "
                    ".txt paths (a pairs list, LFW's pairs.txt, CALFW's or CPLFW's pair file), or RFW's folder "
@@ -142,7 +143,8 @@ def build_parser() -> ArgumentParser:
                    type=float, default=0.0, help="probability of AdaFace's photometric augmentation: brightness, "
                    "contrast and saturation each scaled by 0.5-1.5 (AdaFace: 0.2)")
     g.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=None,
-                   help="the number of identities the data must have (checked; taken from the data when not given)")
+                   help="the number of identities the data must have (checked; taken from the data when not given); "
+                   "--data random: the identities, any number (needed)")
     g.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                    help="input side in pixels; default 112 (aligned faces), 64 for the synthetic demo")
     g.add_argument("--network", choices=_NetworkChoices(NETWORKS + ("package.module:factory",)), default="small",
@@ -517,7 +519,10 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
             raise SystemExit(f"--local-rank {local_rank}, but LOCAL_RANK is {os.environ['LOCAL_RANK']} in the "
                              "environment: launch with torchrun, which sets LOCAL_RANK alone")
     if args.val_targets is None:
-        args.val_targets = ["synthetic"] if args.data == "synthetic" else ["lfw", "cfp_fp", "agedb_30"]
+        args.val_targets = (["synthetic"] if args.data == "synthetic" else [] if args.data == "random"
+                            else ["lfw", "cfp_fp", "agedb_30"])
+    if args.data == "random" and args.num_classes is None:
+        raise SystemExit("--data random needs --num-classes: the number of identities its labels are drawn over")
     if args.image_size is None:
         args.image_size = 64 if args.data == "synthetic" else 112
     if args.lr is None:
@@ -723,6 +728,11 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
     if unused:
         notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the data is {args.data}, "
                      "not synthetic")
+    if args.data == "random":
+        unused = given("num_workers", "crop_augmentation", "low_res_augmentation", "photometric_augmentation")
+        if unused:
+            notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: --data random has "
+                         "no loader and its noise is not augmented")
     # (Lengths given in epochs are named in epochs, with their steps: the notes come once they are steps.)
     length = (f"--epochs {args.epochs:g} ({count_of(args.max_steps, 'step')})" if args.epochs is not None
               else f"--max-steps {args.max_steps}")

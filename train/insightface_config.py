@@ -30,6 +30,9 @@ How its settings map:
 - ``resume`` -> ``--resume auto``: a run of this trainer in the output folder (arcface_torch's own
   ``checkpoint_gpu_<rank>.pt`` there is an error that names ``--pretrained_model``);
 - ``num_classes`` -> ``--num-classes``, checked against the data;
+- ``rec = "synthetic"`` (its configs/speed.py: one fixed random tensor, no decoding) -> ``--data random``,
+  fixed random images on the device and labels drawn each step over ``num_classes`` (was ``--data
+  synthetic``, the demo's drawn faces, whose identities ``--synthetic-identities`` had to match);
 - ``using_wandb`` -> ``--wandb``, with ``wandb_project``, ``wandb_entity`` and ``suffix_run_name``
   (the run is named ``<output folder>_<suffix>``); the main process logs (``wandb_log_all`` is not
   followed), a resumed run continues its W&B run by itself (``wandb_resume`` is not needed), and
@@ -250,7 +253,9 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     output = config.get("output") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(path))[0])
     options = {
-        "data": config["rec"], "num-classes": int(config["num_classes"]), "network": config["network"],
+        # (arcface_torch's "synthetic", one fixed random tensor and labels, configs/speed.py: --data random)
+        "data": "random" if config["rec"] == "synthetic" else config["rec"],
+        "num-classes": int(config["num_classes"]), "network": config["network"],
         "embedding-size": int(config["embedding_size"]), "image-size": 112,
         "loss": "combined", "m1": m1, "m2": m2, "m3": m3, "arcface-s": 64.0,
         "margin-grad": "straight_through" if (m1, m3) == (1.0, 0.0) and m2 != 0.0 else "exact",

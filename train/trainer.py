@@ -1602,8 +1602,10 @@ class Trainer:
         torchrun's 30 s, goes to the checkpoint, not to lfw, cfp_fp and agedb_30); the sets done by then are
         logged, and every process marks the step's verification as cut short (``verification_cut_short_at``).
         The final one is cut by a signal to rank 0 (one that came before it, to any process, leaves it out:
-        ``_fit``)."""
+        ``_fit``). An error in it (rank 0's) ends the run; under torchrun the others learn of it in the collective
+        below, rather than wait for rank 0 until --dist-timeout, and end too (``_end_with_rank_0s_failure``)."""
         cut = False
+        failure = None  # rank 0's error in the sets, under torchrun: raised once the others know of it
         if self.is_main and self.verification_sets:
             from .verification import evaluate
 
@@ -1620,25 +1622,28 @@ class Trainer:
                     self._write(f"[step {self.step}] verification cut short by the stop")
             except LogNotWritten:  # (verification.jsonl, training.log: a full disk) fit's one line, as at any step
                 raise
-            except Exception:  # (out of memory, a set's file gone unreadable): said as today, after the line below
-                if final:
-                    self._save_before_the_error()
-                raise
+            except Exception as error:  # (out of memory, a set's file gone unreadable): its traceback ends the run
+                if self.distributed:  # (once the others know of it: below)
+                    failure = error
+                else:
+                    if final:
+                        self._save_before_the_error()
+                    raise
             self.backbone.train()
-        signalled, cut = self._on_any_process(self._stop_signal > 0, cut)  # (also the others' wait for it)
+        # (Also the others' wait for rank 0's verification.)
+        signalled, cut, failed = self._on_any_process(self._stop_signal > 0, cut, failure is not None)
+        if failed:
+            self._end_with_rank_0s_failure(failure, final)
         if cut:
             self.verification_cut_short_at = self.step
         return cut if final else signalled
 
-    def _save_before_the_error(self) -> None:
+    def _save_before_the_error(self) -> bool:
         """A failure in the final verification (rank 0's) ends the run with its error, as before; the last step's
         checkpoint is written first, marked as cut short (a resume makes the verification), as a stop there writes
-        it. Not under torchrun: a checkpoint takes every process (the random states gathered, sharded centres), and
-        the others wait in the verification's collective; the checkpoint kept is said."""
-        if self.distributed:
-            self._error(f"the final verification failed (step {self.step}); the last step's checkpoint is not written "
-                        f"(under torchrun it takes every process): {self._kept_checkpoint()}")
-            return
+        it. Under torchrun every process comes here (a checkpoint takes them all: the random states gathered,
+        sharded centres), and rank 0 says the line. Returns whether this process's part of the checkpoint was done;
+        where it was not, this process says why."""
         self.verification_cut_short_at = self.step
         try:
             self.save()
@@ -1647,11 +1652,34 @@ class Trainer:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             if not isinstance(error, (CheckpointNotWritten, TrainingDiverged)):
                 reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
-            self._error(f"the final verification failed (step {self.step}), and the last step's checkpoint was not "
-                        f"written: {reason}")
-            return
-        self._error(f"the final verification failed (step {self.step}); the last step's checkpoint is written, marked "
-                    f"as cut short: {self.checkpoint_path} (--resume auto makes the verification)")
+            if self.is_main:
+                self._error(f"the final verification failed (step {self.step}), and the last step's checkpoint was "
+                            f"not written: {reason}")
+            else:
+                self._error(trainer_stop_line(f"rank 0's final verification failed (step {self.step}; see its own "
+                                              f"output), and the last step's checkpoint was not written: {reason}"))
+            return False
+        if self.is_main:
+            self._error(f"the final verification failed (step {self.step}); the last step's checkpoint is written, "
+                        f"marked as cut short: {self.checkpoint_path} (--resume auto makes the verification)")
+        return True
+
+    def _end_with_rank_0s_failure(self, failure: Exception | None, final: bool) -> None:
+        """Under torchrun, rank 0's verification failed (``failure`` on rank 0, None on the others), and every
+        process has learnt it in the verification's collective: in the final one, all write the last step's
+        checkpoint (``_save_before_the_error``); then rank 0 raises its error, which ends the run as in one process
+        (its traceback, exit status 1), and the others end at once, with one line and exit status 0, leaving no
+        collective behind: the failure is rank 0's, and torchrun's summary names it alone."""
+        saved = final and self._save_before_the_error()
+        if failure is not None:
+            raise failure
+        if not final:
+            self._error(trainer_stop_line(f"rank 0's verification failed (step {self.step}; see its own output): "
+                                          "this process ends"))
+        elif saved:  # (not: its line said why)
+            self._error(trainer_stop_line(f"rank 0's final verification failed (step {self.step}; see its own "
+                                          "output): this process ends, its part of the last step's checkpoint done"))
+        raise SystemExit(0)
 
     def _on_any_process(self, *flags: bool) -> list[bool]:
         """Whether each of ``flags`` is true on any process (collective under torchrun: every rank must call it)."""

@@ -683,38 +683,71 @@ def test_a_rank_whose_peer_stopped_after_the_last_step_names_no_step_past_it(tmp
     assert "step 3" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
-def _train_with_rank_0_failing_in_the_final_verification(argv):
-    """train.trainer.main(argv) on a rank; rank 0's final verification raises (a set's file gone unreadable), and
-    rank 0 lingers once it has left the group (_linger_after_leaving_the_group)."""
+def _train_with_rank_0_failing_in_a_verification(argv, at_step):
+    """train.trainer.main(argv) on a rank; rank 0's verification of step ``at_step`` raises (a set's file gone
+    unreadable)."""
     from train import trainer
 
     if os.environ["RANK"] == "0":
         def failing(self, evaluate, on_batch):
-            if self.step == self.args.max_steps:
+            if self.step == at_step:
                 raise OSError("injected: a set's file unreadable")
 
         trainer.Trainer._evaluate_sets = failing
-        _linger_after_leaving_the_group()
     return trainer.main(argv)
 
 
-def test_a_failure_in_rank_0s_final_verification_says_the_checkpoint_is_not_written(tmp_path):
-    # A single process writes the last step's checkpoint before such an error ends the run (test_training); under
-    # torchrun a checkpoint takes every process, which wait in the verification's collective: rank 0 says that it is
-    # not written, and which is kept; rank 1 ends as for any failing peer, one line, no hang.
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
+def test_a_failure_in_rank_0s_final_verification_writes_the_last_steps_checkpoint_on_every_rank(sharded, tmp_path):
+    # A single process writes the last step's checkpoint before such an error ends the run (test_training). Under
+    # torchrun, where a checkpoint takes every process (the random states gathered, sharded centres), the others
+    # waited in the verification's collective: rank 0 wrote none, and they ended on finding it gone (gloo) or
+    # waited until --dist-timeout (NCCL). The collective now carries the failure: every process writes its part of
+    # the checkpoint, marked as cut short; rank 0's error ends the run, and the others end at once, exit status 0.
+    if sharded and not arcface_ext.extension_available():
+        pytest.skip("--sharded-classes needs the compiled op")
     data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
     pairs = make_pairs_list(str(tmp_path / "pairs"))
     run = tmp_path / "run"
-    result = train_on_ranks(base_argv(data, str(run), pairs, batch_size=4, max_steps=2, save_every=1,
-                                      loss_impl=LOSS_IMPL), main=_train_with_rank_0_failing_in_the_final_verification)
-    assert result.returncode != 0
-    assert ("the final verification failed (step 2); the last step's checkpoint is not written (under torchrun it "
-            f"takes every process): the last checkpoint is kept: {run / 'checkpoint.pt'} (step 1)\n") in \
-        result.stderr, result.stderr[-3000:]
+    argv = base_argv(data, str(run), pairs, batch_size=4, max_steps=2, save_every=1, loss_impl=LOSS_IMPL)
+    argv += ["--sharded-classes"] if sharded else []
+    result = train_on_ranks(argv, main=functools.partial(_train_with_rank_0_failing_in_a_verification, at_step=2),
+                            timeout=90)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert ("the final verification failed (step 2); the last step's checkpoint is written, marked as cut short: "
+            f"{run / 'checkpoint.pt'} (--resume auto makes the verification)\n") in result.stderr, result.stderr[-3000:]
     assert "OSError: injected: a set's file unreadable" in result.stderr, result.stderr[-3000:]
-    assert ("train: error: rank 1: another process stopped after the last step (2) (see its own output); the last "
-            f"checkpoint is kept: {run / 'checkpoint.pt'} (step 1)\n") in result.stderr, result.stderr[-3000:]
-    assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 1
+    assert ("train: rank 1: rank 0's final verification failed (step 2; see its own output): this process ends, its "
+            "part of the last step's checkpoint done\n") in result.stderr, result.stderr[-3000:]
+    assert "another process stopped" not in result.stderr, result.stderr[-3000:]
+    state = checkpoint.load(str(run / "checkpoint.pt"))
+    assert state["step"] == 2 and state["verification_cut_short"] and len(state["rng"]) == 2
+    assert not (run / "verification.jsonl").exists() or not read_jsonl(run / "verification.jsonl")
+
+    resumed = train_on_ranks(argv + ["--resume", "auto"], timeout=90)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [(r["step"], r["target"]) for r in read_jsonl(run / "verification.jsonl")] == [(2, "pairs")]
+    assert "verification_cut_short" not in checkpoint.load(str(run / "checkpoint.pt"))
+
+
+def test_a_failure_in_rank_0s_verification_ends_the_others_at_once(tmp_path):
+    # A verification before the last step: the others learn of rank 0's failure in the verification's collective
+    # and end, one line each, exit status 0 (torchrun's summary names rank 0's error alone); they ended on finding
+    # rank 0 gone (gloo: "another process stopped", exit status 1), or waited until --dist-timeout (NCCL). No
+    # checkpoint is written for it: the last --save-every one is kept.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(tmp_path / "pairs"))
+    run = tmp_path / "run"
+    argv = base_argv(data, str(run), pairs, batch_size=4, max_steps=4, eval_every=2, save_every=1,
+                     loss_impl=LOSS_IMPL)
+    result = train_on_ranks(argv, main=functools.partial(_train_with_rank_0_failing_in_a_verification, at_step=2),
+                            timeout=90)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "OSError: injected: a set's file unreadable" in result.stderr, result.stderr[-3000:]
+    assert ("train: rank 1: rank 0's verification failed (step 2; see its own output): this process ends\n"
+            in result.stderr), result.stderr[-3000:]
+    assert "another process stopped" not in result.stderr, result.stderr[-3000:]
+    assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 1  # (--save-every's: step 2's comes after it)
 
 
 def _train_with_a_full_disk_on_rank_0(argv):

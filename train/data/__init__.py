@@ -20,6 +20,7 @@ from .augment import Augmentation
 from .combined import CombinedFaces, split_data_spec
 from .imagefolder import ImageFolderDataset
 from .imagelist import LIST_EXTENSIONS, ImageListDataset, is_image_list
+from .random import RANDOM, RandomBatches, RandomFaces
 from .recordio import RecordIODataset, RecordIOError
 from .synthetic import SyntheticFaces, synthetic_pairs
 from .transforms import FaceImageDataset
@@ -33,6 +34,8 @@ __all__ = [
     "FaceImageDataset",
     "ImageFolderDataset",
     "ImageListDataset",
+    "RandomBatches",
+    "RandomFaces",
     "RecordIODataset",
     "RecordIOError",
     "ResumableBatchSampler",
@@ -82,6 +85,10 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
         dataset = CombinedFaces(parts, image_size=image_size, seed=seed, flip=flip)
         dataset.augment = augment
         return dataset, dataset.num_classes
+    if spec == RANDOM:
+        # (the trainer builds it from --num-classes: RandomFaces; the tools that read faces get none)
+        raise ValueError(f"--data {RANDOM} is noise drawn for timing a training step (the trainer's --data random), "
+                         "not faces to read: name a set of faces")
     if spec == SYNTHETIC:
         dataset = SyntheticFaces(synthetic_identities, synthetic_images_per_identity,
                                  image_size=image_size, seed=seed, flip=flip)
@@ -148,8 +155,8 @@ def is_target_path(target: str) -> bool:
 
 def data_folder(spec: str) -> str | None:
     """The folder of `--data spec`, where its verification sets' `<name>.bin` are: a list file's folder,
-    the data folder itself; None for synthetic data."""
-    if spec == SYNTHETIC:
+    the data folder itself; None for synthetic and random data."""
+    if spec in (SYNTHETIC, RANDOM):
         return None
     return (os.path.dirname(spec) or ".") if is_image_list(spec) else spec
 
@@ -157,7 +164,7 @@ def data_folder(spec: str) -> str | None:
 def data_folders(spec: str) -> list[str]:
     """The folders of `--data spec`'s sets (`data_folder`), in order; none for synthetic data or no data
     (`train.verify` without `--data`: a path is looked for as written only)."""
-    return [] if spec in (SYNTHETIC, "") else [data_folder(part) for part in split_data_spec(spec)]
+    return [] if spec in (SYNTHETIC, RANDOM, "") else [data_folder(part) for part in split_data_spec(spec)]
 
 
 def find_target(folder: str | list[str] | None, target: str, flag: str = "--val-targets") -> str | None:
@@ -207,6 +214,10 @@ def build_verification_sets(spec: str, targets: list[str], *, image_size: int = 
         # A name stays a name where a folder here has it (RFW's folder, meant as a path): said.
         folder = f"; {target} is a folder here: write its path (./{target}) to read it" \
             if not is_target_path(target) and os.path.isdir(target) else ""
+        if spec == RANDOM and not is_target_path(target):  # (skipped, as a name missing from a data folder is)
+            warnings.warn(f"verification target {target!r}: --data random has no folder of sets; skipped (give the "
+                          f"path of a .bin or pairs file)", stacklevel=2)
+            continue
         if spec == SYNTHETIC and not is_target_path(target):
             if folder:
                 warnings.warn(f"verification target {target!r} is a synthetic set{folder}", stacklevel=2)
@@ -452,9 +463,9 @@ def stop_loader_workers(loader: torch.utils.data.DataLoader) -> None:
         loader._iterator = None
 
 
-def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, num_workers: int, seed: int,
-                       distributed: bool = False, drop_last: bool = True, start_step: int = 0,
-                       ) -> torch.utils.data.DataLoader:
+def build_train_loader(dataset: torch.utils.data.Dataset | RandomFaces, *, batch_size: int, num_workers: int,
+                       seed: int, distributed: bool = False, drop_last: bool = True, start_step: int = 0,
+                       device: torch.device | str = "cpu") -> torch.utils.data.DataLoader | RandomBatches:
     """An endless DataLoader over `dataset` whose batch at global step k is the same
     whether or not the run was resumed: pass the step to resume at as `start_step`.
 
@@ -466,6 +477,9 @@ def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, nu
     (`_LeaveSignalsToTheMainProcess`); `stop_loader_workers` ends them. The loader has no length: iterate
     it for the number of steps to train (`loader.batch_sampler.steps_per_epoch`
     tells the epoch length).
+
+    A `RandomFaces` (`--data random`) gives its `RandomBatches` instead: no DataLoader, no workers
+    (num_workers is not used), its fixed images on ``device`` and each step's labels moved there.
     """
     rank, world_size = 0, 1
     if distributed:
@@ -474,6 +488,9 @@ def build_train_loader(dataset: torch.utils.data.Dataset, *, batch_size: int, nu
                 "build_train_loader(distributed=True) needs an initialised torch.distributed process group"
             )
         rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if isinstance(dataset, RandomFaces):
+        return RandomBatches(dataset, batch_size=batch_size, device=device, rank=rank, world_size=world_size,
+                             start_step=start_step)
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size,
                                     drop_last=drop_last, start_step=start_step)
     return torch.utils.data.DataLoader(

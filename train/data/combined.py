@@ -27,6 +27,9 @@ def split_data_spec(spec: str) -> list[str]:
     if "synthetic" in parts:
         raise ValueError(f"--data {spec!r}: synthetic, the demo's drawn faces, is a set of its own, not combined "
                          "with others")
+    if "random" in parts:
+        raise ValueError(f"--data {spec!r}: random, the noise for timing a step, is a source of its own, not "
+                         "combined with others")
     seen: dict[str, str] = {}
     for part in parts:
         key = os.path.realpath(part)

@@ -634,6 +634,9 @@ def run(args: argparse.Namespace) -> int:
     rank, world, device = _process_group(torch_device(args.device))
     if args.data == "synthetic":
         raise ValueError("--data synthetic is drawn, not stored: there is nothing to clean")
+    if args.data == "random":
+        raise ValueError("--data random is noise drawn for timing a training step, not stored: there is nothing to "
+                         "clean")
     if not (os.path.isdir(args.data) or is_image_list(args.data)):
         several = "; clean takes one set: clean each of the sets a training run combines (--data a,b) on its own" \
             if len(split_data_spec(args.data)) > 1 else ""

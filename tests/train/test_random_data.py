@@ -1,0 +1,125 @@
+"""`--data random`: fixed random images on the device and labels drawn per step (train/data/random.py), the
+trainer's no-I/O source for timing a step, and what the trainer and the tools make of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tracemalloc
+
+import pytest
+import torch
+
+from train import checkpoint, insightface_config
+from train.config import parse_args, unused_options
+from train.data import RandomBatches, RandomFaces, build_train_dataset, build_train_loader, build_verification_sets
+from train.trainer import main
+import trainer_fixtures
+from trainer_fixtures import LOSS_IMPL, base_argv, read_jsonl, run_killed_at
+
+one_thread = trainer_fixtures.one_thread  # (the fixture, for usefixtures below)
+
+
+def test_the_images_are_one_fixed_uint8_batch_and_the_same_for_a_seed():
+    faces = RandomFaces(1000, image_size=24, seed=3)
+    images = faces.images(5)
+    assert images.shape == (5, 3, 24, 24) and images.dtype == torch.uint8
+    assert torch.equal(images, RandomFaces(1000, image_size=24, seed=3).images(5))
+    assert not torch.equal(images, RandomFaces(1000, image_size=24, seed=4).images(5))
+    assert int(images.min()) < 10 and int(images.max()) > 245  # noise over the whole range, not a constant
+    loader = build_train_loader(faces, batch_size=5, num_workers=2, seed=3)
+    assert isinstance(loader, RandomBatches)  # no DataLoader, no worker processes, whatever num_workers says
+    batches = iter(loader)
+    (a, la), (b, lb) = next(batches), next(batches)
+    assert a is b and torch.equal(a, images)  # one tensor, made once
+    assert la.dtype == torch.int64 and la.shape == (5,) and not torch.equal(la, lb)
+
+
+def test_the_labels_of_a_step_depend_on_seed_step_and_rank_alone():
+    faces = RandomFaces(10**9, seed=7)  # far more classes than any test could hold a list of
+    uninterrupted = [labels for _, labels in _take(build_train_loader(faces, batch_size=64, num_workers=0, seed=7), 6)]
+    resumed = [labels for _, labels in _take(build_train_loader(faces, batch_size=64, num_workers=0, seed=7,
+                                                                start_step=4), 2)]
+    assert torch.equal(resumed[0], uninterrupted[4]) and torch.equal(resumed[1], uninterrupted[5])
+    assert torch.equal(RandomFaces(10**9, seed=7).labels(3, 64), uninterrupted[3])
+    assert not torch.equal(RandomFaces(10**9, seed=8).labels(3, 64), uninterrupted[3])
+    assert not torch.equal(faces.labels(3, 64, rank=1), uninterrupted[3])
+    drawn = torch.cat(uninterrupted)
+    assert 0 <= int(drawn.min()) and int(drawn.max()) < 10**9 and int(drawn.max()) > 10**8  # uniform, all classes
+
+
+def test_millions_of_classes_cost_no_memory_of_their_own():
+    tracemalloc.start()
+    try:
+        faces = RandomFaces(50_000_000, image_size=16, seed=0)
+        batches = iter(build_train_loader(faces, batch_size=8, num_workers=0, seed=0))
+        next(batches)
+        faces.fingerprint()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak  # (Python's allocations; a list or array per class would be hundreds of MB)
+    assert len(faces) == 50_000_000 and faces.classes_digest() is None
+
+
+def test_the_options_of_random_data():
+    with pytest.raises(SystemExit, match=r"^--data random needs --num-classes: "):
+        parse_args(["--data", "random"])
+    args = parse_args(["--data", "random", "--num-classes", "3000000", "--num-workers", "4"])
+    assert (args.val_targets, args.image_size, args.num_classes) == ([], 112, 3000000)
+    assert any(note.startswith("--num-workers 4 is not used: --data random has no loader") for note in
+               unused_options(args))
+
+
+def test_tools_that_read_faces_refuse_random_data_and_verification_names_are_skipped():
+    with pytest.raises(ValueError, match=r"^--data random is noise drawn for timing a training step .*: name a set"):
+        build_train_dataset("random")
+    with pytest.raises(ValueError, match=r"random, the noise for timing a step, is a source of its own"):
+        build_train_dataset("random,elsewhere")
+    with pytest.warns(UserWarning, match=r"'lfw': --data random has no folder of sets; skipped"):
+        assert build_verification_sets("random", ["lfw"]) == {}
+
+
+def test_arcface_torchs_synthetic_rec_is_random_data(tmp_path, monkeypatch):
+    # configs/speed.py: one fixed random tensor over 300k classes; was --data synthetic, the demo's 100 faces.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    path = tmp_path / "speed.py"
+    path.write_text("config.rec = 'synthetic'\nconfig.num_classes = 300000\nconfig.num_image = 100000\n"
+                    "config.num_epoch = 30\nconfig.val_targets = []\n")
+    args = parse_args(["--config", str(path)])
+    assert (args.data, args.num_classes, args.val_targets) == ("random", 300000, [])
+    assert insightface_config.read(str(path))["rec"] == "synthetic"
+
+
+def _take(loader, count):
+    batches = iter(loader)
+    return [next(batches) for _ in range(count)]
+
+
+def _argv(output, **overrides):
+    options = {"num_classes": 100000, "max_steps": 6, "save_every": 3, "loss_impl": LOSS_IMPL}
+    return base_argv("random", str(output), **{**options, **overrides})
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_on_random_data_says_so_and_resumes_as_it_would_have_gone_on(tmp_path, monkeypatch):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(_argv(full)) == 0
+    log = (full / "training.log").read_text()
+    assert "data random: one fixed batch of 32px uint8 noise on the training device, labels uniform over 100000 " \
+           "identities each step" in log
+    assert "verification: none" in log
+    assert json.loads((full / "args.json").read_text())["data"] == "random"
+
+    run_killed_at(4, _argv(killed), monkeypatch)
+    assert checkpoint.load(str(killed / "checkpoint.pt"))["step"] == 3
+    assert main(_argv(killed, resume="auto")) == 0
+    losses = [[r["loss"] for r in read_jsonl(os.path.join(run, "metrics.jsonl"))] for run in (full, killed)]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]  # the same labels after the resume: exact floats
+
+    # A tool that reads the run's faces says what the run's data is rather than looking for a folder "random".
+    from train.quantize import read_faces
+
+    with pytest.raises(ValueError, match=r"^--int8 \(the run's --data\) random is noise drawn for timing a training "):
+        read_faces("random", 8, image_size=32, run={"data": "random"}, flag="--int8 (the run's --data)")
