@@ -709,8 +709,8 @@ class Trainer:
                 raise SystemExit(str(error)) from None  # (main's "train: error: " goes before it)
 
     def _set_up(self, args: argparse.Namespace) -> None:
-        from .data import (CombinedFaces, build_train_dataset, build_train_loader, build_verification_sets,
-                           check_every_rank_reads_the_same, resized_note)
+        from .data import (RANDOM, CombinedFaces, RandomFaces, build_train_dataset, build_train_loader,
+                           build_verification_sets, check_every_rank_reads_the_same, resized_note)
 
         self.args = args
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -734,7 +734,8 @@ class Trainer:
             # Leave a core to each DataLoader worker: oversubscribed OpenMP threads spin and stall.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            torch.set_num_threads(max(1, cores // local_world_size - args.num_workers))
+            workers = 0 if args.data == RANDOM else args.num_workers  # (random data has no loader workers)
+            torch.set_num_threads(max(1, cores // local_world_size - workers))
         self.output = args.output
         self.working_directory = os.getcwd()  # what the run's relative paths (--data, ...) are relative to
         self.checkpoint_path = os.path.join(self.output, checkpoint.CHECKPOINT_NAME)
@@ -746,9 +747,13 @@ class Trainer:
             synthetic_size = {"synthetic_identities": args.synthetic_identities,
                               "synthetic_images_per_identity": args.synthetic_images_per_identity}
         try:
-            self.dataset, self.num_classes = build_train_dataset(
-                args.data, image_size=args.image_size, seed=args.seed, flip=True, augment=augmentation(args),
-                **synthetic_size)
+            if args.data == RANDOM:  # (its classes are --num-classes, which config.resolve has required)
+                self.dataset = RandomFaces(args.num_classes, image_size=args.image_size, seed=args.seed)
+                self.num_classes = self.dataset.num_classes
+            else:
+                self.dataset, self.num_classes = build_train_dataset(
+                    args.data, image_size=args.image_size, seed=args.seed, flip=True, augment=augmentation(args),
+                    **synthetic_size)
         except (OSError, ValueError) as error:  # the messages name the file and what is wrong
             raise SystemExit(str(error)) from None
         if self.is_main and isinstance(self.dataset, CombinedFaces):  # (where each set's identities went)
@@ -775,7 +780,7 @@ class Trainer:
         step_batch = args.batch_size * args.gradient_acc
         images_per_process = math.ceil(len(self.dataset) / self.world_size)
         resuming = args.resume and (args.resume != "auto" or os.path.isfile(self.checkpoint_path))
-        if step_batch > images_per_process:
+        if step_batch > images_per_process and args.data != RANDOM:  # (random's one batch is any size)
             raise SystemExit(f"--batch-size {args.batch_size}"
                              + (f" x --gradient-acc {args.gradient_acc}" if args.gradient_acc > 1 else "")
                              + f" is more than the {images_per_process} images"
@@ -784,7 +789,7 @@ class Trainer:
                              + ("run fewer processes (a resumed run keeps its --batch-size)" if resuming and
                                 self.distributed else "lower it"))
         # The epoch the sampler walks: the images a process reads, in whole steps (drop_last).
-        self.steps_per_epoch = images_per_process // step_batch
+        self.steps_per_epoch = max(1, images_per_process // step_batch)  # (random data: at least one)
         # The lengths in epochs become steps of that epoch; a resumed run takes the epoch its schedule began
         # with (kept in the checkpoint), whose steps the step it resumes at counts: on another number of
         # processes this run's moved the schedule under it (1 of 2 epochs done on 8 GPUs was epoch 0.5 of 2
@@ -907,7 +912,7 @@ class Trainer:
         # A step's --gradient-acc passes come as one batch, split in train_step.
         self.loader = build_train_loader(self.dataset, batch_size=step_batch, num_workers=args.num_workers,
                                          seed=args.seed, distributed=self.distributed, drop_last=True,
-                                         start_step=self.step)
+                                         start_step=self.step, device=self.device)
         # Restored last, after everything that draws from the generators at start-up.
         if resumed_rng is not None:
             if self.rank < len(resumed_rng):
@@ -2087,8 +2092,9 @@ class Trainer:
             f"{a.embedding_size}-D embedding, amp {a.amp}"
             + (f", compiled ({a.compile_backend}{', ' + a.compile_mode if a.compile_mode else ''})"
                if a.compile else ""),
-            f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities, flipped"
-            + (f", augmented ({self.dataset.augment.describe()})" if self.dataset.augment else "")
+            (f"data {self.dataset.describe()}" if a.data == "random" else
+             f"data {a.data}: {len(self.dataset)} images of {self.num_classes} identities, flipped"
+             + (f", augmented ({self.dataset.augment.describe()})" if self.dataset.augment else ""))
             + f"; verification: {', '.join(self.verification_sets) or 'none'}",
             f"loss {self.margin_loss!r} ({loss_implementation(a)})" + (
                 f", margin warm-up: linear from none over {count_of(a.margin_warmup_steps, 'step')}"
