@@ -6,8 +6,9 @@ to ONNX here (each of its weights then named by its state-dict key). The canonic
 the deeper branch first (a residual block's main branch before its shortcut), so that it does not depend on
 the order in which an exporter wrote the nodes or the inputs of an Add. A BatchNorm that the file's exporter
 folded into the convolution before it (PyTorch's eval-mode export does) becomes the identity plus that
-convolution's bias; the file's input scaling ((x - 127.5) * 0.0078125 in the graphs converted from MXNet) is
-moved into the first convolution's weights, the network taking (x - 127.5) / 127.5 as all networks here do.
+convolution's bias, which calibrate_batchnorms then fits to the data for training mode; the file's input scaling
+((x - 127.5) * 0.0078125 in the graphs converted from MXNet) is moved into the first convolution's weights, the
+network taking (x - 127.5) / 127.5 as all networks here do.
 """
 
 from __future__ import annotations
@@ -318,7 +319,8 @@ def _network_graph(model: torch.nn.Module, image_size: int):
 
 def read_onnx_weights(path: str, model: torch.nn.Module, image_size: int) -> tuple[dict[str, torch.Tensor], dict]:
     """``model``'s state dict with the weights of the ONNX graph at ``path`` in place of its own, and what was
-    done to fit them (``folded``: the BatchNorms taken as the identity, ``input_scale``: the factor moved into
+    done to fit them (``folded``: how many BatchNorms were taken as the identity, ``folded_batchnorms``: their
+    module names, for calibrate_batchnorms; ``input_scale``: the factor moved into
     the first convolution, 1.0 when none; ``image_size``: the graph's input side, None where not fixed). Raises
     ValueError naming the file when it cannot be read (no onnx package, not an ONNX file), OnnxGraphMismatch
     (saying where, and what the graph holds) when its layers are not ``model``'s."""
@@ -353,13 +355,13 @@ def read_onnx_weights(path: str, model: torch.nn.Module, image_size: int) -> tup
 def _fit(file: _Graph, theirs: list[_Layer], ours: list[_Layer], model: torch.nn.Module) -> tuple[dict, dict]:
     """(the state dict, what was done): the two lists of layers walked side by side."""
     state = {key: value.clone() for key, value in model.state_dict().items()}
-    folded, i, j = 0, 0, 0
+    folded, i, j = [], 0, 0
     pending_bias = None  # a file's convolution bias that the network's convolution has no place for
     while i < len(ours) and j < len(theirs):
         mine, found = ours[i], theirs[j]
         if mine.kind == "bn" and pending_is_folded(ours, i, theirs, j):
             _put_identity_bn(state, mine, pending_bias, _module_eps(model, mine.tensors["running_var"]))
-            folded += 1
+            folded.append(_module_name(mine))
             pending_bias, i = None, i + 1
             continue
         if mine.kind != found.kind:
@@ -386,13 +388,13 @@ def _fit(file: _Graph, theirs: list[_Layer], ours: list[_Layer], model: torch.nn
         i, j = i + 1, j + 1
     if i < len(ours) and ours[i].kind == "bn" and pending_is_folded(ours, i, theirs, j):
         _put_identity_bn(state, ours[i], pending_bias, _module_eps(model, ours[i].tensors["running_var"]))
-        folded, pending_bias, i = folded + 1, None, i + 1
+        folded, pending_bias, i = folded + [_module_name(ours[i])], None, i + 1
     if i < len(ours) or j < len(theirs) or pending_bias is not None:
         raise OnnxGraphMismatch(f"its graph {describe_layers(theirs)}, the network {describe_layers(ours)}")
     scale = 1.0
     if file.input_scale is not None:
         scale = _move_input_scaling(file, state, ours)
-    return state, {"folded": folded, "input_scale": scale}
+    return state, {"folded": len(folded), "folded_batchnorms": folded, "input_scale": scale}
 
 
 def _input_side(graph) -> int | None:
@@ -419,6 +421,58 @@ def _put_identity_bn(state: dict, layer: _Layer, bias, eps: float) -> None:
                                     else torch.from_numpy(np.array(bias, np.float32)).reshape(weight.shape))
     state[layer.tensors["running_mean"]] = torch.zeros_like(weight)
     state[layer.tensors["running_var"]] = torch.full_like(weight, 1.0 - eps)
+
+
+def calibrate_batchnorms(model: torch.nn.Module, names: list[str], batches) -> int:
+    """Re-expresses each BatchNorm of ``model`` named in ``names`` (those folded away in the file, read as the
+    identity plus a shift) for the statistics of its input over ``batches`` (model inputs), measured with the
+    network in eval mode: running mean m and variance v, weight a sqrt(v + eps) and bias b + a m, where a x + b
+    is the map it applied. Eval mode then computes a x + b as before (up to rounding), and training mode, which
+    normalises with each batch's statistics, nearly so on batches like those (the identity BatchNorm, there,
+    would have rescaled each channel to variance 1). -> the number of images measured."""
+    modules = {name: model.get_submodule(name) for name in names}
+    sums: dict[str, list] = {}
+
+    def measure(name):
+        def hook(module, inputs):
+            x = inputs[0].detach().double().transpose(0, 1).reshape(inputs[0].shape[1], -1)
+            total = sums.setdefault(name, [0, 0.0, 0.0])
+            total[0] += x.shape[1]
+            total[1] = total[1] + x.sum(1)
+            total[2] = total[2] + (x * x).sum(1)
+        return hook
+
+    handles = [module.register_forward_pre_hook(measure(name)) for name, module in modules.items()]
+    was_training, images = model.training, 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+                images += batch.shape[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not images:
+        return 0
+    with torch.no_grad():
+        for name, module in modules.items():
+            count, total, squares = sums[name]
+            mean = total / count
+            var = (squares / count - mean * mean).clamp_min(0)
+            scale = module.weight.double() / (module.running_var.double() + module.eps).sqrt()
+            shift = module.bias.double() - module.running_mean.double() * scale
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(var)
+            module.weight.copy_(scale * (var + module.eps).sqrt())
+            module.bias.copy_(shift + scale * mean)
+    return images
+
+
+def _module_name(layer: _Layer) -> str:
+    """The network's module of ``layer`` (its weights' state-dict keys less the last part)."""
+    return layer.tensors["weight"].rpartition(".")[0]
 
 
 def _module_eps(model: torch.nn.Module, key: str) -> float:

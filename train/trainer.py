@@ -70,6 +70,9 @@ RESUME_MAY_CHANGE = frozenset({
 SAME_STOP_SECONDS = 1.0
 
 # How a run whose final verification a stop at its last step or after it left out or cut short ends.
+# The images of --data on which the BatchNorms that an ONNX --pretrained_model folded away are calibrated: over
+# even a 7x7 map, 12,544 values of each channel (its variance then known to about 1 %).
+CALIBRATION_IMAGES = 256
 FINAL_VERIFICATION_LEFT = ("the final verification is cut short; the run ends with its checkpoint, and --resume auto "
                            "makes the verification")
 
@@ -1372,18 +1375,42 @@ class Trainer:
 
     def _load_pretrained_onnx(self, path: str) -> None:
         """The backbone's weights read from an ONNX model (insightface's w600k_r50.onnx, train.export's
-        backbone.onnx) whose layers are --network's (train.onnx_weights); it holds no class centres."""
-        from .onnx_weights import OnnxGraphMismatch, read_onnx_weights
+        backbone.onnx) whose layers are --network's (train.onnx_weights); it holds no class centres. The main
+        process reads it (tracing the network to match it takes seconds) and calibrates the BatchNorms the file
+        folded away on images of --data; the other processes take its weights and its refusal, if any."""
+        from .onnx_weights import OnnxGraphMismatch, calibrate_batchnorms, read_onnx_weights
 
         a = self.args
-        try:
-            weights, done = read_onnx_weights(path, self.backbone, a.image_size)
-        except OnnxGraphMismatch as error:
-            raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "
-                             f"{a.embedding_size} --image-size {a.image_size}: {error}") from None
-        except ValueError as error:
-            raise SystemExit(f"--pretrained_model: {error}") from None
-        self.backbone.load_state_dict(weights)
+        refused, done = None, None
+        if self.is_main:
+            try:
+                weights, done = read_onnx_weights(path, self.backbone, a.image_size)
+            except OnnxGraphMismatch as error:
+                refused = (f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "
+                           f"{a.embedding_size} --image-size {a.image_size}: {error}")
+            except ValueError as error:
+                refused = f"--pretrained_model: {error}"
+            else:
+                self.backbone.load_state_dict(weights)
+                try:
+                    done["calibrated_on"] = calibrate_batchnorms(self.backbone, done["folded_batchnorms"],
+                                                                 self._calibration_batches()) \
+                        if done["folded"] else 0
+                except DataError as error:  # (it names the image)
+                    refused = (f"--pretrained_model {path}: its {done['folded']} folded BatchNorms are calibrated "
+                               f"on images of --data, and one cannot be read: {error}")
+        if self.distributed:
+            said = [refused, done]
+            dist.broadcast_object_list(said, src=0)
+            refused, done = said
+        if refused:
+            raise SystemExit(refused)
+        if self.distributed:
+            for tensor in self.backbone.state_dict().values():
+                sent = tensor.contiguous()  # (channels_last weights are not, in the default layout)
+                dist.broadcast(sent, src=0)
+                if sent is not tensor:
+                    tensor.copy_(sent)
         if not self.is_main:
             return
         if done["image_size"] not in (None, a.image_size):
@@ -1394,10 +1421,20 @@ class Trainer:
                   f"{done['input_scale']:.6g} to take (x - 127.5) / 127.5, as the networks here do", file=sys.stderr)
         if done["folded"]:
             print(f"note: {path}: {done['folded']} BatchNorms were folded into the layers before them when it was "
-                  "exported: they start as the identity (weight 1, mean 0, variance 1), so that the network gives the "
-                  "file's embeddings in eval mode; in training their batch statistics rescale those layers' outputs, "
-                  "which the file's network did not", file=sys.stderr)
+                  f"exported: calibrated on {done['calibrated_on']} images of --data (each one's running mean and "
+                  "variance those of its input, its weight and bias set to match), they give the file's embeddings "
+                  "in eval mode and nearly so in training mode, which normalises with each batch's statistics",
+                  file=sys.stderr)
         print(f"initialised the backbone from {path} (an ONNX model)", file=sys.stderr)
+
+    def _calibration_batches(self) -> Iterator[torch.Tensor]:
+        """CALIBRATION_IMAGES images of --data drawn with --seed, as model inputs in batches of at most
+        --batch-size (train.onnx_weights.calibrate_batchnorms measures the BatchNorms' inputs on them)."""
+        count = min(CALIBRATION_IMAGES, len(self.dataset))
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.args.seed))[:count]
+        for indices in order.split(max(1, min(self.args.batch_size, count))):
+            images = torch.stack([self.dataset[int(i)][0] for i in indices])
+            yield to_model_input(images.to(self.device), memory_format=self.input_memory_format)
 
     def _centres_are_of_these_identities(self, state: dict[str, Any], path: str) -> bool:
         """Whether --pretrained_model's class centres, as many as the data's classes, are taken: centre k

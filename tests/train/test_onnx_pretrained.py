@@ -80,7 +80,8 @@ def test_train_exports_graph_reads_back(tmp_path, prelu_node):
     assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node) == 6
     model, done = read_back(path, "small", IMAGE_SIZE, EMBEDDING_SIZE)
     # The stem's BN, and each block's bn2, bn3 and shortcut BN.
-    assert done == {"folded": 13, "input_scale": 1.0, "image_size": IMAGE_SIZE}
+    assert done == {"folded": 13, "input_scale": 1.0, "image_size": IMAGE_SIZE, "folded_batchnorms": [
+        "bn1", *(f"layer{k}.0.{bn}" for k in range(1, 5) for bn in ("bn2", "bn3", "downsample.1"))]}
     assert_same_embeddings(model, path, IMAGE_SIZE)
 
 
@@ -242,3 +243,87 @@ def test_a_run_from_an_onnx_model_exports_and_round_trips(tmp_path):
     assert done["folded"] == 13
     assert_same_embeddings(model, out / "backbone.onnx", IMAGE_SIZE)
     assert os.path.isfile(out / "backbone.pt")
+
+
+def with_statistics_of(network: torch.nn.Module, batches: list[torch.Tensor]) -> torch.nn.Module:
+    """``network`` with each BatchNorm's running mean and variance those of its input over ``batches``, as a
+    trained network's are of its data (trained_looking's are not: in training mode, which normalises with the
+    batch's statistics, even the BatchNorms a file keeps would then give other embeddings than the file's)."""
+    norms = [m for m in network.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # (a cumulative average)
+    network.train()
+    with torch.no_grad():
+        for batch in batches:
+            network(batch)
+    for module in norms:
+        module.momentum = 0.1
+    return network.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_the_folded_batchnorms_are_calibrated_so_that_training_starts_from_the_files_network(tmp_path, capsys):
+    # Fine-tuning runs in training mode. A BatchNorm folded away in the file, read as the identity, would there
+    # normalise its input with the batch's statistics (each channel to mean 0, variance 1); calibrated on
+    # images of --data, it keeps the file's network in training mode as well as in eval mode.
+    from train.data import build_train_dataset
+    from train.data.transforms import to_model_input
+
+    args = parse_args(base_argv("synthetic", str(tmp_path / "run"), pretrained_model=str(tmp_path / "backbone.onnx")))
+    dataset, _ = build_train_dataset("synthetic", image_size=IMAGE_SIZE, seed=0, flip=True)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(5))[:576]
+    batches = [to_model_input(torch.stack([dataset[int(i)][0] for i in part])) for part in order.split(64)]
+    network = with_statistics_of(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), batches[:8])
+    export.export_onnx(network, args.pretrained_model, IMAGE_SIZE)
+    trainer = Trainer(args)
+    err = capsys.readouterr().err
+    assert f"note: {args.pretrained_model}: 13 BatchNorms were folded into the layers before them" in err
+    assert "calibrated on 256 images of --data" in err
+    # Eval mode: the file's embeddings, as before.
+    assert_same_embeddings(trainer.backbone.eval(), args.pretrained_model, IMAGE_SIZE)
+
+    def relative_error(got, expected):
+        return float((got - expected).norm(dim=1).div(expected.norm(dim=1)).max())
+
+    # Training mode, on images that neither the file's statistics nor the calibration saw, in a batch of the
+    # run's size (16) and in a larger one: the file's network in training mode (the one exported, each of its
+    # BatchNorms normalising with the batch's statistics). And no further from the file's embeddings (eval
+    # mode, onnxruntime's) than that network is: the BatchNorms the file kept make that difference, as they do
+    # in a run from any checkpoint (here large: an untrained network's embeddings have a large common part, which
+    # the embedding's BatchNorm takes out by the batch's mean).
+    for batch in (batches[-1][:16], batches[-1]):
+        with torch.no_grad():
+            got = trainer.backbone.train()(batch)
+            files_in_training = network.train()(batch)
+        network.eval()
+        from_training = relative_error(got, files_in_training)
+        assert from_training < 0.15, (f"training mode's embeddings differ from the file's network's in training "
+                                      f"mode by {from_training:.3g} (relative, at most)")
+        expected = onnxruntime_embeddings(args.pretrained_model, batch.numpy())
+        gap, own_gap = relative_error(got, expected), relative_error(files_in_training, expected)
+        assert gap < own_gap + 0.05, (f"training mode's embeddings differ from the file's by {gap:.3g} (relative, "
+                                      f"at most), the file's network's in training mode by {own_gap:.3g}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="no gloo")
+def test_under_two_processes_the_first_reads_the_onnx_model_and_the_others_take_its_weights_or_refusal(tmp_path):
+    from trainer_fixtures import train_on_ranks
+
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    result = train_on_ranks(base_argv("synthetic", str(tmp_path / "run"), pretrained_model=str(path), max_steps=2,
+                                      batch_size=8))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(f"initialised the backbone from {path} (an ONNX model)") == 1, result.stderr[-3000:]
+    assert result.stderr.count("13 BatchNorms were folded into the layers before them") == 1
+    # A file of another network: every process stops, with the first's one line.
+    other = tmp_path / "w600k_r50.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, 32), str(other), IMAGE_SIZE)
+    result = train_on_ranks(base_argv("synthetic", str(tmp_path / "other"), pretrained_model=str(other),
+                                      batch_size=8))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"--pretrained_model {other} does not fit --network small" in result.stderr, result.stderr[-3000:]
