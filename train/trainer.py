@@ -1428,11 +1428,19 @@ class Trainer:
         print(f"initialised the backbone from {path} (an ONNX model)", file=sys.stderr)
 
     def _calibration_batches(self) -> Iterator[torch.Tensor]:
-        """CALIBRATION_IMAGES images of --data drawn with --seed, as model inputs in batches of at most
-        --batch-size (train.onnx_weights.calibrate_batchnorms measures the BatchNorms' inputs on them)."""
+        """CALIBRATION_IMAGES images of --data drawn with --seed (--data random's noise), as model inputs in
+        batches of at most --batch-size (train.onnx_weights.calibrate_batchnorms measures the BatchNorms' inputs
+        on them)."""
+        from .data import RandomFaces
+
+        batch = max(1, min(self.args.batch_size, CALIBRATION_IMAGES))
+        if isinstance(self.dataset, RandomFaces):  # (no images to index: its noise, what it trains on)
+            for images in self.dataset.images(CALIBRATION_IMAGES, self.device).split(batch):
+                yield to_model_input(images, memory_format=self.input_memory_format)
+            return
         count = min(CALIBRATION_IMAGES, len(self.dataset))
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.args.seed))[:count]
-        for indices in order.split(max(1, min(self.args.batch_size, count))):
+        for indices in order.split(batch):
             images = torch.stack([self.dataset[int(i)][0] for i in indices])
             yield to_model_input(images.to(self.device), memory_format=self.input_memory_format)
 

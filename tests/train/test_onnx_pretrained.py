@@ -120,6 +120,36 @@ def test_an_r18_and_mobilefacenet_at_112px_read_back(tmp_path, network, embeddin
     assert_same_embeddings(model, path, 112)
 
 
+@pytest.mark.parametrize("stored", ["external_data", "fp16_initializers"])
+def test_a_graph_with_external_data_or_fp16_weights_reads_back(tmp_path, stored):
+    # Weights in a file beside the graph (as onnx saves models over 2 GB), or stored in fp16 and cast to fp32
+    # in the graph (as fp16 conversions keeping fp32 inputs write them).
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    model = onnx.load(str(path))
+    edited = tmp_path / "edited" / "backbone.onnx"
+    edited.parent.mkdir()
+    if stored == "external_data":
+        onnx.save_model(model, str(edited), save_as_external_data=True, location="backbone.data", size_threshold=0)
+        assert (edited.parent / "backbone.data").is_file()
+    else:
+        graph, casts = model.graph, []
+        for tensor in graph.initializer:
+            value = onnx.numpy_helper.to_array(tensor)
+            if value.dtype == np.float32 and value.size > 1:
+                name = tensor.name
+                tensor.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.float16), f"{name}_fp16"))
+                casts.append(onnx.helper.make_node("Cast", [f"{name}_fp16"], [name], to=onnx.TensorProto.FLOAT))
+        nodes = casts + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(edited))
+    read, done = read_back(edited, "small", IMAGE_SIZE, EMBEDDING_SIZE)
+    assert done["folded"] == 13
+    assert_same_embeddings(read, edited, IMAGE_SIZE)
+
+
 def mxnet_like(path_in, path_out, *, mean=127.5, scale=0.0078125, eps=2e-5):
     """The graph at ``path_in`` (BatchNorms not folded) as insightface's models converted from MXNet are: fed
     pixels 0-255, scaled in the graph ((x - mean) * scale) with the first convolution's weights divided by what
@@ -305,6 +335,33 @@ def test_the_folded_batchnorms_are_calibrated_so_that_training_starts_from_the_f
         gap, own_gap = relative_error(got, expected), relative_error(files_in_training, expected)
         assert gap < own_gap + 0.05, (f"training mode's embeddings differ from the file's by {gap:.3g} (relative, "
                                       f"at most), the file's network's in training mode by {own_gap:.3g}")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_random_data_calibrates_on_its_noise(tmp_path, capsys):
+    # --data random (timing a step) has no images to index: its one batch of noise is what it trains on.
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    Trainer(parse_args(base_argv("random", str(tmp_path / "run"), pretrained_model=str(path), num_classes=8)))
+    assert "13 BatchNorms were folded into the layers before them when it was exported: calibrated on 256 images " \
+        "of --data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_from_an_onnx_model_resumes_without_reading_it_again(tmp_path, capsys):
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    run = tmp_path / "run"
+    argv = base_argv("synthetic", str(run), pretrained_model=str(path), max_steps=2, save_every=2)
+    assert main(argv) == 0
+    # The file gone (or replaced): the resumed run takes its checkpoint's weights, and says nothing of the file.
+    path.write_bytes(b"\x08\x07not a protobuf at all")
+    capsys.readouterr()
+    assert main([*argv, "--resume", "auto", "--max-steps", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "(an ONNX model)" not in err and "calibrated" not in err, err
 
 
 @pytest.mark.slow
