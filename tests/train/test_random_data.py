@@ -123,3 +123,36 @@ def test_a_run_on_random_data_says_so_and_resumes_as_it_would_have_gone_on(tmp_p
 
     with pytest.raises(ValueError, match=r"^--int8 \(the run's --data\) random is noise drawn for timing a training "):
         read_faces("random", 8, image_size=32, run={"data": "random"}, flag="--int8 (the run's --data)")
+
+
+def test_bench_step_times_both_losses_and_its_eager_baseline_is_arcface():
+    from arcface_ext import reference
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_step")
+    torch.manual_seed(0)
+    loss = bench.EagerPartialFC(300, 16)
+    embeddings, labels = torch.randn(8, 16), torch.randint(0, 300, (8,))
+    expected = reference.combined_margin_loss(embeddings, loss.weight.detach(), labels, s=64.0, m2=0.5)
+    torch.testing.assert_close(loss(embeddings, labels), expected, atol=1e-4, rtol=1e-5)
+    # Partial FC's sample: every class of the batch, the labels as their positions in it, rate x C rows.
+    loss.sample_rate = 0.1
+    index, positions = loss.sample(labels)
+    assert index.numel() == 30 and torch.equal(index[positions], labels)
+
+
+def test_a_tiny_bench_step_run_writes_its_rows(tmp_path, capsys):
+    from conftest import load_benchmark
+
+    out = tmp_path / "rows.json"
+    load_benchmark("bench_step").main(["--C", "50", "5000", "--network", "small", "--image-size", "16",
+                                       "--batch-size", "4", "--embedding-size", "16", "--warmup", "0",
+                                       "--repeats", "1", "--no-memory", "--out", str(out)])
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [(r["impl"], r["C"]) for r in rows] == [("ours", 50), ("eager-pfc", 50), ("ours", 5000), ("eager-pfc", 5000)]
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["network"] == "small" and row["batch_size"] == 4
+        assert {"device", "torch", "cuda", "git_sha"} <= set(row) and row["peak_mb"] is None
+    assert rows[2]["state_mb"] - rows[0]["state_mb"] > 4950 * 16 * 4 * 3 / 2**20 * 0.99  # centres, grads, momentum
+    assert "images/s" in printed and "x eager" in printed
