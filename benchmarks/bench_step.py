@@ -121,15 +121,16 @@ class Step:
                              "--device", str(device), "--val-targets", "none", "--num-workers", "0"])
         self.args, self.device, self.impl = args, device, impl
         torch.manual_seed(options.seed)
-        self.backbone = get_model(args.network, embedding_size=args.embedding_size, image_size=args.image_size,
-                                  amp=args.amp).to(device)
-        if impl == "ours":
-            self.loss = build_margin_loss(args, num_classes).to(device)
-            self.loss_dtype = AMP_DTYPES[args.loss_amp]
-        else:
-            self.loss = EagerPartialFC(num_classes, args.embedding_size, s=args.arcface_s, m=args.arcface_m,
-                                       sample_rate=args.sample_rate, amp=AMP_DTYPES[args.amp]).to(device)
-            self.loss_dtype = None
+        with device:  # (made on the device: millions of centres drawn on the host first took seconds each)
+            self.backbone = get_model(args.network, embedding_size=args.embedding_size, image_size=args.image_size,
+                                      amp=args.amp).to(device)
+            if impl == "ours":
+                self.loss = build_margin_loss(args, num_classes).to(device)
+                self.loss_dtype = AMP_DTYPES[args.loss_amp]
+            else:
+                self.loss = EagerPartialFC(num_classes, args.embedding_size, s=args.arcface_s, m=args.arcface_m,
+                                           sample_rate=args.sample_rate, amp=AMP_DTYPES[args.amp]).to(device)
+                self.loss_dtype = None
         self.optimizer = build_optimizer(args, self.backbone, self.loss)
         self.scaler = torch.amp.GradScaler(device.type, enabled="fp16" in (args.amp, args.loss_amp))
         data = RandomFaces(num_classes, image_size=args.image_size, seed=options.seed)
