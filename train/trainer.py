@@ -99,7 +99,24 @@ class _VerificationStopped(Exception):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the weights became NaN/inf; the last good checkpoint is left in place."""
+    """The loss or the weights became NaN/inf, or the fp16 loss scale collapsed; the last good checkpoint is
+    left in place. ``advice``: what to try, where the usual causes' list does not fit."""
+
+    def __init__(self, message: str, advice: str | None = None):
+        super().__init__(message)
+        self.advice = advice
+
+
+# A collapsed fp16 loss scale stops the run, as a NaN loss does (arcface_torch's runs went on with the scale at 0
+# and the loss frozen, insightface #1437). Below 2**-16 a gradient overflows fp16 (65504) only where the true one
+# is above 2**32: no run that still trains gets there (torch's docs already call a scale below 1 "likely wrong").
+# 50 skipped steps in a row: a healthy run skips a handful in a row at its start (each halves torch's 65536, until
+# the gradients fit) and one at a time later; 50 halvings take even a scale grown to 2**34 below the floor.
+LOSS_SCALE_FLOOR = 2.0 ** -16
+SKIPPED_IN_A_ROW = 50
+# The numbers of a metrics.jsonl line on training's health: the gradients' norms (null for a step with inf/NaN
+# gradients), and with an fp16 scaler its scale and the steps it skipped.
+HEALTH_METRICS = ("grad_norm", "centres_grad_norm", "loss_scale", "skipped_steps")
 
 
 class CheckpointNotWritten(RuntimeError):
@@ -397,7 +414,8 @@ class RunLog:
         self._append("metrics.jsonl", record)
         self._scalars(record["step"], {f"train/{key}": record[key]
                                        for key in ("loss", "distill", "lr", "margin", "m1", "m2", "m3",
-                                                   "samples_per_sec") if key in record})
+                                                   *HEALTH_METRICS, "samples_per_sec")
+                                                   if record.get(key) is not None})
 
     def verification(self, record: dict[str, Any]) -> None:
         self._append("verification.jsonl", record)
@@ -850,6 +868,10 @@ class Trainer:
         # The scaler skips the steps whose fp16 gradients overflow (a few at the start, by design);
         # the schedule still advances, which torch warns about.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        self.loss_scale: float | None = None  # the fp16 scaler's, after the last step (read at the first one)
+        self.step_skipped = False  # whether the scaler skipped the last step
+        self.skipped_in_a_row = 0
+        self.grad_norms: dict[str, float | None] = {}  # of the last logged step (train_step)
         self.angles = TargetAngles(args.max_steps, args.batch_size)
         self.step = 0
         self.elapsed = 0.0  # training seconds before this process, carried over by resume
@@ -1635,15 +1657,61 @@ class Trainer:
         if not math.isfinite(self.distill_value):
             raise TrainingDiverged(f"the distillation term is {self.distill_value} at step {self.step + 1}")
 
+        logged = self._logs(self.step + 1, stop > 0)
+        if args.grad_clip > 0 or logged:
+            # (Once a step, as torch allows: scaler.step then takes the gradients as they are.)
+            self.scaler.unscale_(self.optimizer)
+        backbone_norm = None
         if args.grad_clip > 0:
             # The backbone only, as insightface does: the class centres' norm grows with the classes.
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.backbone.parameters(), args.grad_clip)
+            backbone_norm = nn.utils.clip_grad_norm_(self.backbone.parameters(), args.grad_clip)  # (before clipping)
+        if logged:
+            self.grad_norms = self._grad_norms(backbone_norm)
+        scaling = self.scaler.is_enabled()
+        if scaling and self.loss_scale is None:
+            self.loss_scale = self.scaler.get_scale()  # (the first step's, before update)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if scaling:
+            self._follow_loss_scale()
         self.scheduler.step()
         self.step += 1
         return loss_value, stop > 0
+
+    def _logs(self, step: int, stop: bool) -> bool:
+        """Whether ``step`` gets a line in metrics.jsonl (the last one, and a stopped run's, too)."""
+        return step % self.args.log_every == 0 or step == self.args.max_steps or stop
+
+    def _grad_norms(self, backbone_norm: torch.Tensor | None) -> dict[str, float | None]:
+        """The norms of this step's unscaled gradients, before clipping: the backbone's (clip_grad_norm_'s, or one
+        pass over them) and the class centres' (with --sharded-classes, of all the shards). A step with inf/NaN
+        gradients, which the fp16 scaler skips: None (JSON's null)."""
+        if backbone_norm is None:
+            backbone_norm = nn.utils.get_total_norm([p.grad for p in self.backbone.parameters() if p.grad is not None])
+        centres_norm = nn.utils.get_total_norm([p.grad for p in self.margin_loss.parameters() if p.grad is not None])
+        if self.distributed and self._sharded():  # (each rank's is its shard's; the backbone's are all-reduced)
+            squared = centres_norm.float().square()
+            dist.all_reduce(squared)
+            centres_norm = squared.sqrt()
+        norms = torch.stack([backbone_norm.float(), centres_norm.float().to(backbone_norm.device)]).tolist()
+        return {key: value if math.isfinite(value) else None
+                for key, value in zip(("grad_norm", "centres_grad_norm"), norms)}
+
+    def _follow_loss_scale(self) -> None:
+        """Whether the fp16 scaler skipped this step (inf/NaN gradients): its update() then multiplied the scale by
+        the backoff factor (0.5), and a step it takes never lowers it. A collapsed scale stops the run
+        (LOSS_SCALE_FLOOR, SKIPPED_IN_A_ROW)."""
+        before, self.loss_scale = self.loss_scale, self.scaler.get_scale()  # (a sync each step, after the loss's)
+        self.step_skipped = self.loss_scale < before
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.step_skipped else 0
+        if self.loss_scale < LOSS_SCALE_FLOOR or self.skipped_in_a_row >= SKIPPED_IN_A_ROW:
+            args = self.args
+            precision = "--amp bf16" if args.amp == "fp16" else "--loss-amp bf16"
+            raise TrainingDiverged(
+                f"the fp16 loss scale fell to {self.loss_scale:g} at step {self.step + 1} "
+                f"({count_of(self.skipped_in_a_row, 'step')} in a row skipped for inf/NaN gradients; the floor is "
+                f"2^-16, the limit {SKIPPED_IN_A_ROW} in a row)",
+                advice=f"Try {precision}, a lower --lr" + (" or --grad-clip 5" if args.grad_clip <= 0 else "") + ".")
 
     def evaluate(self, final: bool = False) -> bool:
         """Verification on every target (rank 0; the others wait); returns whether a process was
@@ -1912,6 +1980,7 @@ class Trainer:
                 stop = self.evaluate()
             batches = self._batches()
             window_start, window_steps, window_loss, window_distill = time.perf_counter(), 0, 0.0, 0.0
+            window_skipped = 0  # the steps the fp16 scaler skipped
             # The lines' ETA: the pace from the first logged line on, verifications and saves included; the
             # first window (the loader's workers starting, --compile compiling) alone only for the first line.
             pace_from = (window_start, self.step)
@@ -1925,8 +1994,9 @@ class Trainer:
                 window_steps += 1
                 window_loss += loss_value
                 window_distill += self.distill_value
+                window_skipped += self.step_skipped
                 bar.update(1)
-                if self.step % args.log_every == 0 or self.step == args.max_steps or stop:
+                if self._logs(self.step, stop):
                     now = time.perf_counter()
                     rate = window_steps * global_batch / max(now - window_start, 1e-9)
                     loss_mean = window_loss / window_steps  # the number metrics.jsonl gets, not the last step's
@@ -1934,9 +2004,12 @@ class Trainer:
                     distilled = {"distill": window_distill / window_steps} if self.teacher is not None else {}
                     bar.set_postfix(loss=f"{loss_mean:.3f}", **{k: f"{v:.4f}" for k, v in distilled.items()},
                                     lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                    # (The scale after the line's last step; the steps of the line that the scaler skipped.)
+                    scaling = {"loss_scale": self.loss_scale, "skipped_steps": window_skipped} \
+                        if self.scaler.is_enabled() else {}
                     if self.is_main:
                         self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr, **margin,
-                                          "samples_per_sec": rate,
+                                          **self.grad_norms, **scaling, "samples_per_sec": rate,
                                           "time": round(self.elapsed + now - self._started, 3)})
                         # (On a terminal the bar shows them; training.log gets the lines all the same.)
                         left = (args.max_steps - self.step) * (now - pace_from[0]) / max(1, self.step - pace_from[1])
@@ -1945,10 +2018,12 @@ class Trainer:
                         epoch = self.step / self.schedule_steps_per_epoch  # (--epochs's, as the header's)
                         self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, "
                                     + "".join(f"distill {v:.4f}, " for v in distilled.values()) + f"lr {lr:.6g}, "
+                                    + (f"loss scale {self.loss_scale:g} ({window_skipped} skipped), "
+                                       if scaling else "")
                                     + "".join(f"{k} {v:.4g}, " for k, v in margin.items() if ramping)
                                     + f"{rate:.1f} images/s, epoch {epoch:.2f}, "
                                     f"ETA {datetime.timedelta(seconds=round(left))}", screen=not interactive)
-                    window_start, window_steps, window_loss, window_distill = now, 0, 0.0, 0.0
+                    window_start, window_steps, window_loss, window_distill, window_skipped = now, 0, 0.0, 0.0, 0
                 if args.eval_every and self.step % args.eval_every == 0 and self.step != args.max_steps:
                     stop = self.evaluate() or stop
                     window_start = time.perf_counter()
@@ -2016,10 +2091,10 @@ class Trainer:
             return 1
         except TrainingDiverged as error:
             last = _sentence(self._kept_checkpoint("last good"))
-            self._write(_error_line(f"training diverged: {error}; stopping. {last}. Usual causes: a learning rate "
-                                    "too high for the batch size (lower --lr or add --warmup-steps), fp16 overflow "
-                                    "(--amp bf16 or none), or a too large margin/scale for the data (--arcface_m, "
-                                    "--arcface_s)."))
+            advice = error.advice or ("Usual causes: a learning rate too high for the batch size (lower --lr or add "
+                                      "--warmup-steps), fp16 overflow (--amp bf16 or none), or a too large "
+                                      "margin/scale for the data (--arcface_m, --arcface_s).")
+            self._write(_error_line(f"training diverged: {error}; stopping. {last}. {advice}"))
             return 1
         except RuntimeError as error:  # (after TrainingDiverged, one)
             if self.distributed and timed_out(error):  # (rank 0 alone verifying or writing a checkpoint, say)

@@ -249,6 +249,12 @@ def test_sharded_classes_train_as_a_replicated_classifier(tmp_path):
                                rtol=1e-4, atol=1e-5 * scale)
     # The whole matrix, without a shard's range: it loads into a replicated loss as it is.
     arcface_ext.ArcFaceLoss(8, 64).load_state_dict(sharded_end["margin_loss"])
+    # The class centres' gradient norm in metrics.jsonl is the whole matrix's (the shards' squared norms summed
+    # over the ranks), not rank 0's shard's; the backbone's, all-reduced by DDP, is every rank's.
+    for key in ("grad_norm", "centres_grad_norm"):
+        replicated_norms = [r[key] for r in read_jsonl(tmp_path / "replicated" / "metrics.jsonl")]
+        sharded_norms = [r[key] for r in read_jsonl(tmp_path / "sharded" / "metrics.jsonl")]
+        assert sharded_norms == pytest.approx(replicated_norms, rel=1e-4), key
 
 
 def test_chunked_path_losses_train_under_ddp(tmp_path):

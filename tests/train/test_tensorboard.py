@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from train.trainer import RunLog, Trainer, main
+from train.trainer import HEALTH_METRICS, RunLog, Trainer, main
 
 from trainer_fixtures import LOSS_IMPL, base_argv, faces, one_thread, read_jsonl  # noqa: F401
 
@@ -54,7 +54,7 @@ def fake_tensorboard(monkeypatch):
 def logged(output):
     """(tag, step, value) of each scalar that metrics.jsonl and verification.jsonl hold, in their order."""
     expected = [(f"train/{key}", r["step"], r[key]) for r in read_jsonl(output / "metrics.jsonl")
-                for key in ("loss", "lr", "samples_per_sec")]
+                for key in ("loss", "lr", *HEALTH_METRICS, "samples_per_sec") if r.get(key) is not None]
     for r in read_jsonl(output / "verification.jsonl"):
         expected += [(f"verification/{r['target']}", r["step"], r["accuracy"]),
                      (f"verification/{r['target']}_std", r["step"], r["accuracy_std"]),
@@ -72,7 +72,7 @@ def test_a_run_and_its_resume_log_the_scalars_and_options(faces, tmp_path, fake_
     assert (first.purge_step, resumed.purge_step) == (0, 3)
     scalars = sorted(first.scalars + resumed.scalars, key=lambda scalar: (scalar[0], scalar[1]))
     assert scalars == logged(output)
-    assert {tag for tag, _, _ in scalars} >= {"train/loss", "train/lr", "train/samples_per_sec",
+    assert {tag for tag, _, _ in scalars} >= {"train/loss", "train/lr", "train/samples_per_sec", "train/grad_norm",
                                               "verification/pairs", "verification/pairs_std"}
     assert first.closed and resumed.closed
     (options, metrics), (resumed_options, _) = fake_tensorboard

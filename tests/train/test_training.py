@@ -63,7 +63,7 @@ def test_outputs_and_verification(faces, tmp_path):
                                "best_step"}
     assert records[0]["target"] == "pairs"
     metric = read_jsonl(tmp_path / "metrics.jsonl")[0]
-    assert set(metric) == {"step", "loss", "lr", "samples_per_sec", "time"}
+    assert set(metric) == {"step", "loss", "lr", "grad_norm", "centres_grad_norm", "samples_per_sec", "time"}
     state = checkpoint.load(str(tmp_path / "checkpoint.pt"))
     assert state["step"] == 4 and state["num_classes"] == 8
     assert set(state["target_angles"]["degrees"]) == {"start", "middle", "end"}
@@ -2975,3 +2975,108 @@ def test_pretrained_from_arcface_torchs_checkpoints(faces, tmp_path, capsys):
     model, settings = load_backbone(str(tmp_path / "it" / "checkpoint_gpu_0.pt"))
     assert settings["network"] == "small" and all(
         torch.equal(v, backbone_state[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------- training's health: gradient norms, the fp16 loss scale
+
+
+def test_metrics_have_the_gradient_norms_and_with_an_fp16_scaler_its_scale(faces, tmp_path):
+    # insightface #1437, #1715: arcface_torch's fp16 loss scale fell to 0 unseen. --loss-amp fp16: a scaler on
+    # the CPU without fp16 convolutions' slowness.
+    assert main(argv(faces, tmp_path / "fp16", max_steps=4, log_every=2, loss_amp="fp16")) == 0
+    records = read_jsonl(tmp_path / "fp16" / "metrics.jsonl")
+    assert all({"loss_scale", "skipped_steps", "grad_norm", "centres_grad_norm"} <= set(r) for r in records)
+    # torch's scale starts at 65536 and halves at each skipped step: the lines' counts add up to its fall.
+    assert records[-1]["loss_scale"] == 65536 / 2 ** sum(r["skipped_steps"] for r in records)
+    assert all(r["grad_norm"] is None or r["grad_norm"] > 0 for r in records)
+    assert main(argv(faces, tmp_path / "fp32", max_steps=2, log_every=2, grad_clip=0)) == 0
+    record, = read_jsonl(tmp_path / "fp32" / "metrics.jsonl")
+    assert "loss_scale" not in record and "skipped_steps" not in record
+    assert record["grad_norm"] > 0 and record["centres_grad_norm"] > 0  # (computed without --grad-clip too)
+
+
+def test_the_gradient_norm_is_clip_grad_norms_before_clipping(faces, tmp_path, monkeypatch):
+    returned = []
+
+    def clip(parameters, max_norm, **kwargs):
+        returned.append(float(original(parameters, max_norm, **kwargs)))
+        return torch.tensor(returned[-1])
+
+    original = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert main(argv(faces, tmp_path, max_steps=2, log_every=1, grad_clip=0.01)) == 0
+    assert [r["grad_norm"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == pytest.approx(returned)
+    assert min(returned) > 0.01  # (clipped to 0.01 after)
+
+
+def with_a_small_loss_scale(monkeypatch, scale):
+    """The trainer's scaler starting at ``scale``: no overflow of its own on these small gradients."""
+    class GradScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, init_scale=scale, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", GradScaler)
+
+
+def inf_gradients_from_step(monkeypatch, first, last=None):
+    """An overflow in steps ``first`` to ``last``: an inf in a backbone gradient before the scaler checks them."""
+    original = torch.amp.GradScaler.unscale_
+    calls = {"n": 0}
+
+    def unscale_(self, optimizer):
+        calls["n"] += 1
+        if first <= calls["n"] <= (last or math.inf):
+            optimizer.param_groups[0]["params"][0].grad.view(-1)[0] = float("inf")
+        return original(self, optimizer)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", unscale_)
+
+
+def test_a_step_the_fp16_scaler_skips_is_counted(faces, tmp_path, monkeypatch, capsys):
+    with_a_small_loss_scale(monkeypatch, 1.0)
+    inf_gradients_from_step(monkeypatch, 3, 3)
+    assert main(argv(faces, tmp_path, max_steps=4, log_every=2, loss_amp="fp16")) == 0
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["skipped_steps"], r["loss_scale"]) for r in records] == [(2, 0, 1.0), (4, 1, 0.5)]
+    assert "] loss " in capsys.readouterr().err
+    lines = (tmp_path / "training.log").read_text()
+    assert re.search(r"\[step 2/4\] loss [\d.]+, lr [\d.e-]+, loss scale 1 \(0 skipped\), ", lines), lines
+    assert re.search(r"\[step 4/4\] loss [\d.]+, lr [\d.e-]+, loss scale 0.5 \(1 skipped\), ", lines), lines
+
+
+def test_a_collapsed_fp16_loss_scale_stops_the_run(faces, tmp_path, monkeypatch, capsys):
+    # From step 6 on every step overflows: 2^-12 halves to 2^-17, below the floor, at step 10. The
+    # checkpoint of step 8 (skipped steps leave the weights as they were) is kept.
+    with_a_small_loss_scale(monkeypatch, 2.0 ** -12)
+    inf_gradients_from_step(monkeypatch, 6)
+    assert main(argv(faces, tmp_path, max_steps=12, save_every=4, loss_amp="fp16", grad_clip=0)) == 1
+    err = capsys.readouterr().err
+    line = err[err.index("train: error: training diverged"):]
+    assert line == ("train: error: training diverged: the fp16 loss scale fell to 7.62939e-06 at step 10 (5 steps in "
+                    "a row skipped for inf/NaN gradients; the floor is 2^-16, the limit 50 in a row); stopping. The "
+                    f"last good checkpoint is kept: {tmp_path / 'checkpoint.pt'} (step 8). Try --loss-amp bf16, a "
+                    "lower --lr or --grad-clip 5.\n"), line
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 8
+    assert [r["skipped_steps"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0] * 5 + [1] * 4
+
+
+def test_fp16_steps_skipped_in_a_row_stop_the_run(faces, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("train.trainer.SKIPPED_IN_A_ROW", 3)
+    inf_gradients_from_step(monkeypatch, 2, 3)  # (two in a row: the run goes on)
+    inf_gradients_from_step(monkeypatch, 5)
+    with_a_small_loss_scale(monkeypatch, 1.0)  # (halved at steps 2, 3, 5, 6 and 7)
+    assert main(argv(faces, tmp_path, max_steps=12, amp="none", loss_amp="fp16")) == 1
+    err = capsys.readouterr().err
+    assert ("training diverged: the fp16 loss scale fell to 0.03125 at step 7 (3 steps in a row skipped for inf/NaN "
+            "gradients; the floor is 2^-16, the limit 3 in a row); stopping.") in err
+    assert err.rstrip().endswith("Try --loss-amp bf16, a lower --lr.")
+
+
+def test_the_health_metrics_go_to_tensorboard_and_wandb_unless_null(tmp_path):
+    logged = []
+    run = type("Run", (), {"log": lambda self, scalars: logged.append(scalars)})()
+    RunLog(str(tmp_path), 0, tensorboard=False, wandb_run=run).metrics(
+        {"step": 3, "loss": 1.0, "lr": 0.1, "grad_norm": None, "centres_grad_norm": 2.0, "loss_scale": 512.0,
+         "skipped_steps": 1, "samples_per_sec": 9.0, "time": 1.0})
+    assert logged == [{"step": 3, "train/loss": 1.0, "train/lr": 0.1, "train/centres_grad_norm": 2.0,
+                       "train/loss_scale": 512.0, "train/skipped_steps": 1, "train/samples_per_sec": 9.0}]
