@@ -741,11 +741,16 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
                   if args.warmup_epochs is not None else f"--warmup-steps {args.warmup_steps}")
         notes.append(f"{warmup} is more than {length}: the learning "
                      f"rate rises to {args.max_steps / args.warmup_steps:.0%} of --lr {args.lr:g}, no further")
-    if args.margin_warmup_steps is not None and args.margin_warmup_steps > args.max_steps:
+    # (The whole margin comes at step N, 0-based: a warm-up as long as the run never reaches it, where the learning
+    # rate's, at (k + 1) / N, does.)
+    if args.margin_warmup_steps is not None and args.margin_warmup_steps >= args.max_steps:
         warmup = (f"--margin-warmup-epochs {args.margin_warmup_epochs:g} ({count_of(args.margin_warmup_steps, 'step')})"
                   if args.margin_warmup_epochs is not None else f"--margin-warmup-steps {args.margin_warmup_steps}")
-        notes.append(f"{warmup} is more than {length}: the margin rises to "
-                     f"{margin_fraction(args.max_steps - 1, args.margin_warmup_steps):.0%} of its value, no further")
+        reached = margin_fraction(args.max_steps - 1, args.margin_warmup_steps)
+        # (The fewest decimals that do not round it up to the whole: 299 of 300 steps is 99.7%, not 100%.)
+        percent = next(text for digits in range(16) if (text := f"{reached:.{digits}%}") != f"{1:.{digits}%}")
+        than = "more than" if args.margin_warmup_steps > args.max_steps else "as long as"
+        notes.append(f"{warmup} is {than} {length}: the margin rises to {percent} of its value, no further")
     late = [i for i, step in enumerate(args.lr_steps or []) if step >= args.max_steps]
     if args.lr_schedule == "step" and late:
         if args.lr_epochs is not None:

@@ -51,6 +51,19 @@ def test_epochs_and_checks():
         in unused_options(args)
 
 
+def test_a_warm_up_as_long_as_the_run_never_reaches_the_whole_margin():
+    # Step k trains at k/N of it: the whole margin comes at step N, past a run of N steps (its last: (N-1)/N).
+    args = parse_args(["--margin-warmup-steps", "300", "--max-steps", "300"])
+    assert "--margin-warmup-steps 300 is as long as --max-steps 300: the margin rises to 99.7% of its value, no " \
+        "further" in unused_options(args)
+    # (Not rounded up to all of it.)
+    args = parse_args(["--margin-warmup-steps", "1001", "--max-steps", "1000"])
+    assert "--margin-warmup-steps 1001 is more than --max-steps 1000: the margin rises to 99.8% of its value, no " \
+        "further" in unused_options(args)
+    assert not [note for note in unused_options(parse_args(["--margin-warmup-steps", "299", "--max-steps", "300"]))
+                if "margin" in note]
+
+
 @pytest.mark.slow
 def test_the_ramped_margin_is_trained_with_and_logged(faces, tmp_path, capsys):
     # The first step trains at no margin: its loss is that of a run at --arcface-m 0, to the bit.
