@@ -1767,19 +1767,21 @@ class Trainer:
             self.save()
         except Exception as error:  # (a full disk, weights not finite, out of memory again): the verification's error
             # is the one that ends the run, not this one
+        rank = self.rank if self.distributed else None  # (rank 0's lines: "train: error: rank 0: ..." under torchrun)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             if not isinstance(error, (CheckpointNotWritten, TrainingDiverged)):
                 reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
             if self.is_main:
-                self._error(f"the final verification failed (step {self.step}), and the last step's checkpoint was "
-                            f"not written: {reason}")
+                self._error(_error_line(f"the final verification failed (step {self.step}), and the last step's "
+                                        f"checkpoint was not written: {reason}", rank))
             else:
                 self._error(trainer_stop_line(f"rank 0's final verification failed (step {self.step}; see its own "
                                               f"output), and the last step's checkpoint was not written: {reason}"))
             return False
         if self.is_main:
-            self._error(f"the final verification failed (step {self.step}); the last step's checkpoint is written, "
-                        f"marked as cut short: {self.checkpoint_path} (--resume auto makes the verification)")
+            self._error(_error_line(f"the final verification failed (step {self.step}); the last step's checkpoint is "
+                                    f"written, marked as cut short: {self.checkpoint_path} (--resume auto makes the "
+                                    "verification)", rank))
         return True
 
     def _end_with_rank_0s_failure(self, failure: Exception | None, final: bool) -> None:

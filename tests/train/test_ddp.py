@@ -720,8 +720,9 @@ def test_a_failure_in_rank_0s_final_verification_writes_the_last_steps_checkpoin
     result = train_on_ranks(argv, main=functools.partial(_train_with_rank_0_failing_in_a_verification, at_step=2),
                             timeout=90)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert ("the final verification failed (step 2); the last step's checkpoint is written, marked as cut short: "
-            f"{run / 'checkpoint.pt'} (--resume auto makes the verification)\n") in result.stderr, result.stderr[-3000:]
+    line = ("train: error: rank 0: the final verification failed (step 2); the last step's checkpoint is written, "
+            f"marked as cut short: {run / 'checkpoint.pt'} (--resume auto makes the verification)\n")
+    assert line in result.stderr, result.stderr[-3000:]
     assert "OSError: injected: a set's file unreadable" in result.stderr, result.stderr[-3000:]
     assert ("train: rank 1: rank 0's final verification failed (step 2; see its own output): this process ends, its "
             "part of the last step's checkpoint done\n") in result.stderr, result.stderr[-3000:]

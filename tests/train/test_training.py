@@ -472,8 +472,8 @@ def test_a_failure_in_the_final_verification_writes_the_last_steps_checkpoint_fi
     with pytest.raises(OSError, match="injected"):
         main(argv(faces, tmp_path, **options))
     err = capsys.readouterr().err
-    line = (f"the final verification failed (step 2); the last step's checkpoint is written, marked as cut short: "
-            f"{tmp_path / 'checkpoint.pt'} (--resume auto makes the verification)")
+    line = (f"train: error: the final verification failed (step 2); the last step's checkpoint is written, marked "
+            f"as cut short: {tmp_path / 'checkpoint.pt'} (--resume auto makes the verification)")
     assert line in err and line in (tmp_path / "training.log").read_text(), err
     assert " train: error: the run failed after its last step (2):\n" in (tmp_path / "training.log").read_text()
     assert [(r["step"], r["target"]) for r in read_jsonl(tmp_path / "verification.jsonl")] == [(2, "pairs")]
@@ -529,8 +529,8 @@ def test_a_failure_in_the_final_verification_is_said_as_before(faces, tmp_path, 
         with pytest.raises(OSError, match="injected"):
             main(argv(faces, tmp_path, **options))
         err = capsys.readouterr().err
-        assert ("the final verification failed (step 2), and the last step's checkpoint was not written: "
-                "RuntimeError: CUDA out of memory. Tried to allocate 2.00 MiB\n") in err, err
+        assert ("train: error: the final verification failed (step 2), and the last step's checkpoint was not "
+                "written: RuntimeError: CUDA out of memory. Tried to allocate 2.00 MiB\n") in err, err
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 1
 
 
