@@ -333,10 +333,12 @@ class RunLog:
     def __init__(self, output: str, start_step: int, tensorboard: bool, wandb_run=None, history: str | None = None,
                  options: dict[str, Any] | None = None, targets: Iterable[str] | Mapping[str, Any] = ()):
         self.output, self.wandb = output, wandb_run
+        self.kept: dict[str, list[dict[str, Any]]] = {}  # each file's records the run begins with (a resume's)
         for name in self.FILES:
             path = os.path.join(output, name)
             earlier = os.path.join(history or output, name)
             kept = [r for r in read_jsonl(earlier) if r.get("step", 0) <= start_step] if start_step else []
+            self.kept[name] = kept
             # Atomically: a kill here leaves the old log, which the next resume trims again.
             checkpoint.write_atomic(path, lambda f, kept=kept: f.writelines(json.dumps(r) + "\n" for r in kept),
                                     binary=False)
@@ -957,6 +959,8 @@ class Trainer:
             raise SystemExit(f"--output {self.output}: cannot write into the folder: {_os_reason(error)}") from None
         except LogUnreadable as error:  # (the logs a resume continues)
             raise SystemExit(str(error)) from None
+        if self.is_main:
+            self._best_of_an_older_checkpoint(self.log.kept["verification.jsonl"])
 
         self._stop_signal = 0
         self._stop_signal_at = 0.0  # (time.monotonic()'s)
@@ -1763,11 +1767,11 @@ class Trainer:
         sharded centres), and rank 0 says the line. Returns whether this process's part of the checkpoint was done;
         where it was not, this process says why."""
         self.verification_cut_short_at = self.step
+        rank = self.rank if self.distributed else None  # (rank 0's lines: "train: error: rank 0: ..." under torchrun)
         try:
             self.save()
         except Exception as error:  # (a full disk, weights not finite, out of memory again): the verification's error
             # is the one that ends the run, not this one
-        rank = self.rank if self.distributed else None  # (rank 0's lines: "train: error: rank 0: ..." under torchrun)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             if not isinstance(error, (CheckpointNotWritten, TrainingDiverged)):
                 reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
@@ -1809,6 +1813,19 @@ class Trainer:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return [value > 0 for value in values.tolist()]
 
+    def _best_of_an_older_checkpoint(self, logged: list[dict[str, Any]]) -> None:
+        """The best so far of each set whose last record, in a checkpoint of a version before verification's best
+        was kept, has none: the highest accuracy of the resumed log's records of the set (``logged``, up to the
+        checkpoint's step) and its own, the earlier step on a tie; its own without the log. (Its own alone would
+        have been taken for the run's best, below an accuracy the same verification.jsonl holds.)"""
+        for name, last in self.last_verification.items():
+            if "best_accuracy" in last:
+                continue
+            records = [r for r in logged if r.get("target") == name and isinstance(r.get("accuracy"), (int, float))
+                       and isinstance(r.get("step"), int) and math.isfinite(r["accuracy"])]
+            best = max(records + [last], key=lambda r: (r["accuracy"], -r["step"]))
+            last["best_accuracy"], last["best_step"] = best["accuracy"], best["step"]
+
     def _evaluate_sets(self, evaluate, on_batch) -> None:
         for name, vset in self.verification_sets.items():
             # (Not at step 0: a run resumed there starts its logs afresh, and verifies step 0 again.)
@@ -1821,8 +1838,7 @@ class Trainer:
             if getattr(vset, "group", None):  # (a benchmark's subset, RFW's races: one set to the saved threshold)
                 record["group"] = vset.group
             # The best so far (arcface_torch's "Accuracy-Highest"), carried in the last record, which the checkpoint
-            # keeps (one of a version before it: that record's own accuracy is the best known). The earlier step
-            # keeps a tie.
+            # keeps (one of a version before it: _best_of_an_older_checkpoint). The earlier step keeps a tie.
             last = self.last_verification.get(name)
             best = (last.get("best_accuracy", last["accuracy"]), last.get("best_step", last["step"])) if last else None
             if best is None or record["accuracy"] > best[0]:
