@@ -64,6 +64,42 @@ def test_a_warm_up_as_long_as_the_run_never_reaches_the_whole_margin():
                 if "margin" in note]
 
 
+# (--loss and options, and the flags that give its margins: the losses the warm-up takes, on each of their paths)
+ARC, COS, SPHERE = {"--arcface-m": "m2"}, {"--m3": "m3"}, {"--m1": "m1"}
+WARMED_UP = [(["--loss", "arcface"], ARC), (["--loss", "cosface"], COS), (["--loss", "sphereface"], SPHERE),
+             (["--loss", "combined", "--m1", "1.2", "--m3", "0.1"], {"--m1": "m1", "--m2": "m2", "--m3": "m3"}),
+             (["--loss", "elasticface-arc", "--elastic-std", "0"], ARC),
+             (["--loss", "elasticface-cos+", "--elastic-std", "0"], COS), (["--loss", "curricularface"], ARC),
+             (["--loss", "arcface", "--subcenters", "3"], ARC), (["--loss", "cosface", "--sample-rate", "0.5"], COS),
+             (["--loss", "arcface", "--interclass-filter", "0.2"], ARC),
+             (["--loss", "sphereface", "--loss-impl", "reference"], SPHERE)]
+
+
+@pytest.mark.parametrize("options, flags", WARMED_UP, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_the_module_trains_at_the_margins_it_is_given(options, flags):
+    # The trainer sets the built module's m1, m2 and m3 each step: its loss is that of a module built with them.
+    import torch
+
+    from train.trainer import build_margin_loss
+
+    args = parse_args(options + ["--margin-warmup-steps", "4", "--embedding-size", "8"])
+    torch.manual_seed(0)  # (centres drawn from another stream than the embeddings: far from them)
+    warmed = build_margin_loss(args, 20)
+    warmed.m1, warmed.m2, warmed.m3 = warmed_up_margins(args, 1)
+    margins = dict(zip(("m1", "m2", "m3"), warmed_up_margins(args, 1)))
+    given = [token for flag, name in flags.items() for token in (flag, str(margins[name]))]
+    built = build_margin_loss(parse_args(options + given + ["--embedding-size", "8"]), 20)
+    built.load_state_dict(warmed.state_dict())
+    embeddings, labels = torch.randn(12, 8, generator=torch.Generator().manual_seed(1)), torch.arange(12) % 20
+    torch.manual_seed(0)
+    loss = warmed(embeddings, labels)
+    torch.manual_seed(0)  # (the same classes sampled)
+    assert loss.item() == built(embeddings, labels).item()
+    warmed.m1, warmed.m2, warmed.m3 = warmed_up_margins(args, 4)
+    torch.manual_seed(0)
+    assert warmed(embeddings, labels).item() > loss.item() + 1  # (the whole margin: another loss)
+
+
 @pytest.mark.slow
 def test_the_ramped_margin_is_trained_with_and_logged(faces, tmp_path, capsys):
     # The first step trains at no margin: its loss is that of a run at --arcface-m 0, to the bit.
