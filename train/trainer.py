@@ -1775,6 +1775,8 @@ class Trainer:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             if not isinstance(error, (CheckpointNotWritten, TrainingDiverged)):
                 reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+            if self.distributed and lost_a_peer(error):  # (one whose part failed before the collectives, gloo's words)
+                reason = another_process_stopped()
             if self.is_main:
                 self._error(_error_line(f"the final verification failed (step {self.step}), and the last step's "
                                         f"checkpoint was not written: {reason}", rank))

@@ -757,6 +757,54 @@ def test_a_failure_in_rank_0s_verification_ends_the_others_at_once(tmp_path):
     assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 1  # (--save-every's: step 2's comes after it)
 
 
+def _train_with_rank_0_failing_in_its_final_verification_and_checkpoint(argv):
+    """train.trainer.main(argv) on a rank; rank 0's final verification raises, and so does its part of the
+    checkpoint written after it, before that part's collectives (out of memory again, checking that the weights
+    are finite). Rank 0 lingers 2 s once it has left the group, so that the others say their line before the
+    launcher stops them."""
+    from train import trainer
+
+    if os.environ["RANK"] == "0":
+        def failing(self, evaluate, on_batch):
+            if self.step == self.args.max_steps:
+                checkpoint.all_finite = out_of_memory
+                raise OSError("injected: a set's file unreadable")
+
+        def out_of_memory(module):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+        destroy = torch.distributed.destroy_process_group
+
+        def lingering(*args, **kwargs):
+            destroy(*args, **kwargs)
+            time.sleep(2)
+
+        trainer.Trainer._evaluate_sets = failing
+        torch.distributed.destroy_process_group = lingering
+    return trainer.main(argv)
+
+
+def test_rank_0s_part_of_the_checkpoint_failing_after_its_final_verification_is_one_line_on_the_others(tmp_path):
+    # The others, in that checkpoint's collectives, found rank 0 gone and said gloo's words as the reason: "[.../gloo/
+    # transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:42891. This is typically caused by ... GLHF!".
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(tmp_path / "pairs"))
+    run = tmp_path / "run"
+    argv = base_argv(data, str(run), pairs, batch_size=4, max_steps=2, save_every=1, loss_impl=LOSS_IMPL)
+    result = train_on_ranks(argv, main=_train_with_rank_0_failing_in_its_final_verification_and_checkpoint,
+                            timeout=90)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "OSError: injected: a set's file unreadable" in result.stderr, result.stderr[-3000:]
+    assert ("train: error: rank 0: the final verification failed (step 2), and the last step's checkpoint was not "
+            "written: RuntimeError: CUDA out of memory. Tried to allocate 2.00 MiB\n") in result.stderr, \
+        result.stderr[-3000:]
+    assert ("train: rank 1: rank 0's final verification failed (step 2; see its own output), and the last step's "
+            "checkpoint was not written: another process stopped (see its own output)\n") in result.stderr, \
+        result.stderr[-3000:]
+    assert "Connection closed" not in result.stderr, result.stderr[-3000:]
+    assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 1
+
+
 def _train_with_a_full_disk_on_rank_0(argv):
     """train.trainer.main(argv) on a rank; on rank 0, metrics.jsonl cannot be appended to from its second
     record on (a full disk), and the process lingers once it has left the group
