@@ -69,10 +69,12 @@ RESUME_MAY_CHANGE = frozenset({
 # (Slurm's scancel, systemd's control-group kill, pkill) reached already.
 SAME_STOP_SECONDS = 1.0
 
-# How a run whose final verification a stop at its last step or after it left out or cut short ends.
 # The images of --data on which the BatchNorms that an ONNX --pretrained_model folded away are calibrated: over
-# even a 7x7 map, 12,544 values of each channel (its variance then known to about 1 %).
+# an iResNet's last, 7x7 map, 12,544 values of each channel (its variance then known to about 1 %); over mbf's
+# 1x1 map before its embedding, 256 (to about 9 %, no noisier than a training batch's own statistics).
 CALIBRATION_IMAGES = 256
+
+# How a run whose final verification a stop at its last step or after it left out or cut short ends.
 FINAL_VERIFICATION_LEFT = ("the final verification is cut short; the run ends with its checkpoint, and --resume auto "
                            "makes the verification")
 
@@ -1419,9 +1421,15 @@ class Trainer:
             else:
                 self.backbone.load_state_dict(weights)
                 try:
-                    done["calibrated_on"] = calibrate_batchnorms(self.backbone, done["folded_batchnorms"],
-                                                                 self._calibration_batches()) \
-                        if done["folded"] else 0
+                    if done["folded"]:
+                        # Said before the forward pass, which takes minutes on a CPU (r50: 110 s on two cores).
+                        print(f"note: {path}: {done['folded']} BatchNorms were folded into the layers before them "
+                              f"when it was exported: calibrated on {self._calibration_count()} images of --data, "
+                              "one forward pass now (each one's running mean and variance those of its input, its "
+                              "weight and bias set to match), they give the file's embeddings in eval mode and "
+                              "nearly so in training mode, which normalises with each batch's statistics",
+                              file=sys.stderr)
+                        calibrate_batchnorms(self.backbone, done["folded_batchnorms"], self._calibration_batches())
                 except DataError as error:  # (it names the image)
                     refused = (f"--pretrained_model {path}: its {done['folded']} folded BatchNorms are calibrated "
                                f"on images of --data, and one cannot be read: {error}")
@@ -1445,26 +1453,28 @@ class Trainer:
         if done["input_scale"] != 1.0:
             print(f"note: {path} scales pixels 0-255 in its graph: its first convolution's weights are multiplied by "
                   f"{done['input_scale']:.6g} to take (x - 127.5) / 127.5, as the networks here do", file=sys.stderr)
-        if done["folded"]:
-            print(f"note: {path}: {done['folded']} BatchNorms were folded into the layers before them when it was "
-                  f"exported: calibrated on {done['calibrated_on']} images of --data (each one's running mean and "
-                  "variance those of its input, its weight and bias set to match), they give the file's embeddings "
-                  "in eval mode and nearly so in training mode, which normalises with each batch's statistics",
-                  file=sys.stderr)
         print(f"initialised the backbone from {path} (an ONNX model)", file=sys.stderr)
 
+    def _calibration_count(self) -> int:
+        """How many images _calibration_batches gives: CALIBRATION_IMAGES, or all of a smaller --data."""
+        from .data import RandomFaces
+
+        if isinstance(self.dataset, RandomFaces):  # (its noise, any number of images)
+            return CALIBRATION_IMAGES
+        return min(CALIBRATION_IMAGES, len(self.dataset))
+
     def _calibration_batches(self) -> Iterator[torch.Tensor]:
-        """CALIBRATION_IMAGES images of --data drawn with --seed (--data random's noise), as model inputs in
+        """_calibration_count() images of --data drawn with --seed (--data random's noise), as model inputs in
         batches of at most --batch-size (train.onnx_weights.calibrate_batchnorms measures the BatchNorms' inputs
         on them)."""
         from .data import RandomFaces
 
         batch = max(1, min(self.args.batch_size, CALIBRATION_IMAGES))
+        count = self._calibration_count()
         if isinstance(self.dataset, RandomFaces):  # (no images to index: its noise, what it trains on)
-            for images in self.dataset.images(CALIBRATION_IMAGES, self.device).split(batch):
+            for images in self.dataset.images(count, self.device).split(batch):
                 yield to_model_input(images, memory_format=self.input_memory_format)
             return
-        count = min(CALIBRATION_IMAGES, len(self.dataset))
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.args.seed))[:count]
         for indices in order.split(batch):
             images = torch.stack([self.dataset[int(i)][0] for i in indices])

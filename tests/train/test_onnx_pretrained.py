@@ -218,11 +218,19 @@ def test_a_graph_with_its_batchnorms_its_input_scaling_and_shortcuts_first_reads
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_pretrained_model_takes_an_onnx_model(tmp_path, capsys):
+def test_pretrained_model_takes_an_onnx_model(tmp_path, capsys, monkeypatch):
+    from train import onnx_weights
+
     path = tmp_path / "backbone.onnx"
     export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    # The calibration's forward pass takes minutes on a CPU (r50): the note that says what it does comes first.
+    said_before = []
+    calibrate = onnx_weights.calibrate_batchnorms
+    monkeypatch.setattr(onnx_weights, "calibrate_batchnorms",
+                        lambda *a: said_before.append(capsys.readouterr().err) or calibrate(*a))
     trainer = Trainer(parse_args(base_argv("synthetic", str(tmp_path / "run"), pretrained_model=str(path))))
-    err = capsys.readouterr().err
+    assert len(said_before) == 1 and "calibrated on 256 images of --data" in said_before[0], said_before
+    err = said_before[0] + capsys.readouterr().err
     assert f"initialised the backbone from {path} (an ONNX model)" in err
     assert f"note: {path}: 13 BatchNorms were folded into the layers before them" in err
     assert_same_embeddings(trainer.backbone.eval(), path, IMAGE_SIZE)
