@@ -805,6 +805,37 @@ def test_rank_0s_part_of_the_checkpoint_failing_after_its_final_verification_is_
     assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 1
 
 
+def test_a_failure_in_rank_0s_final_verification_is_torchruns_failure(tmp_path):
+    # The others end with exit status 0 (test_a_failure_in_rank_0s_final_verification_writes_...): torchrun itself,
+    # whose status a job's script reads, still ends with 1, and its summary's root cause is rank 0's error.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    pairs = make_pairs_list(str(tmp_path / "pairs"))
+    run = tmp_path / "run"
+    script = tmp_path / "failing_verification_on_rank_0.py"
+    script.write_text("import os, sys\n"
+                      "from train import trainer\n"
+                      "def failing(self, evaluate, on_batch):\n"
+                      "    raise OSError('injected: a set\\'s file unreadable')\n"
+                      "if os.environ['RANK'] == '0':\n"
+                      "    trainer.Trainer._evaluate_sets = failing\n"
+                      "sys.exit(trainer.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), *base_argv(data, str(run), pairs, batch_size=4, max_steps=2, save_every=0,
+                                                     loss_impl=LOSS_IMPL)],
+                            cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert ("train: rank 1: rank 0's final verification failed (step 2; see its own output): this process ends, its "
+            "part of the last step's checkpoint done\n") in result.stderr, result.stderr[-4000:]
+    summary = result.stderr[result.stderr.find("Failures:"):]
+    root_cause = summary.split("Root Cause")[-1]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "OSError: injected: a set's file unreadable" in \
+        root_cause, result.stderr[-4000:]
+    assert summary.count("exitcode  : 1 ") == 1, result.stderr[-4000:]  # (rank 1, if listed, stopped by torchrun)
+    state = checkpoint.load(str(run / "checkpoint.pt"))
+    assert state["step"] == 2 and state["verification_cut_short"] and len(state["rng"]) == 2
+
+
 def _train_with_a_full_disk_on_rank_0(argv):
     """train.trainer.main(argv) on a rank; on rank 0, metrics.jsonl cannot be appended to from its second
     record on (a full disk), and the process lingers once it has left the group
