@@ -7,7 +7,8 @@ and the class centres, with an fp16 gradient scaler where --amp or --loss-amp is
 uniformly over C each step. Two losses, each over the same backbone:
 
 - `ours`: arcface_ext's module as the trainer builds it (train.trainer.build_margin_loss; ArcFace, s = 64,
-  m = 0.5; --loss-amp and --sample-rate as the trainer takes them);
+  m = 0.5; --loss-amp and --sample-rate as the trainer takes them; --loss-amp defaults to --amp, so that
+  both losses' GEMMs run in one dtype);
 - `eager-pfc`: an eager loss after the design of insightface's PartialFC_V2 at world size 1, written
   here: with --sample-rate below 1 the batch's classes plus random others up to rate x C; the
   embeddings and centres normalised, the whole N x C cosine matrix (under autocast where --amp is
@@ -30,13 +31,14 @@ own). `x eager` = ours' images/s over eager-pfc's (> 1 is faster).
 
 Memory: `state MB` is what the step keeps between steps, counted from the tensors: the parameters,
 their gradients and the optimiser's momentum (the class centres are most of it at large C). `peak MB`:
-  - CUDA: torch.cuda.max_memory_allocated() over the timed steps (everything: state and activations);
+  - CUDA: torch.cuda.max_memory_allocated() over the timed steps, reset after the warm-up (everything:
+    state and activations);
   - CPU: the most resident memory a step adds to what was resident just before it (VmHWM after resetting
     it through /proc/self/clear_refs, less VmRSS before), with glibc's mmap threshold pinned at 64 KiB
     as bench_loss.py pins it, so that freed buffers leave the resident set (the script re-runs itself
     with MALLOC_MMAP_THRESHOLD_ set). Without /proc it is left out (null).
 --max-c (CUDA) searches the largest C whose step fits, for each loss (a model and two steps; doubling,
-then bisection to 1%).
+then bisection to 1%), within --max-c-seconds shared between the losses.
 """
 import argparse
 import datetime
@@ -165,11 +167,15 @@ def synchronize(device):
 
 def time_steps(steps, device, warmup, repeats):
     """{impl: [ms of each timed step]}: ``warmup`` steps of each first, then ``repeats`` rounds in which the
-    impls take turns, the first of each round rotating (as bench_loss.py times them)."""
+    impls take turns, the first of each round rotating (as bench_loss.py times them). On CUDA the peak memory
+    is reset after the warm-up, so that max_memory_allocated is the timed steps' (the first step's cuDNN
+    autotuning, with its trial workspaces, would be the first impl's alone: the second finds its cache)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     names = list(steps)
     times = {name: [] for name in names}
     for round_index in range(repeats):
@@ -218,20 +224,24 @@ def fits(impl, num_classes, options, device):
         torch.cuda.empty_cache()
 
 
-def largest_c(impl, options, device, start, limit):
-    """(largest C seen to fit, smallest seen not to or None): doubling from ``start``, then bisection to 1%."""
+def largest_c(impl, options, device, start, limit, deadline=None):
+    """(largest C seen to fit, smallest seen not to or None): doubling from ``start``, then bisection to 1%.
+    Past ``deadline`` (time.monotonic()) the search stops where it is and returns the bracket it has."""
+    def out_of_time():
+        return deadline is not None and time.monotonic() > deadline
+
     if not fits(impl, start, options, device):
         return 0, start
     low, high = start, None
     while high is None:
-        if low >= limit:
+        if low >= limit or out_of_time():
             return low, None
         candidate = min(low * 2, limit)
         if fits(impl, candidate, options, device):
             low = candidate
         else:
             high = candidate
-    while high - low > max(1, low // 100):
+    while high - low > max(1, low // 100) and not out_of_time():
         middle = (low + high) // 2
         if fits(impl, middle, options, device):
             low = middle
@@ -266,21 +276,33 @@ def parse_args(argv=None):
     parser.add_argument("--embedding-size", type=int, default=512)
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none",
                         help="the backbone's autocast (the trainer's --amp), and eager-pfc's cosine GEMM's")
-    parser.add_argument("--loss-amp", choices=sorted(AMP_DTYPES), default="none",
-                        help="ours' loss dtype (the trainer's --loss-amp)")
+    parser.add_argument("--loss-amp", choices=sorted(AMP_DTYPES),
+                        help="ours' loss dtype (the trainer's --loss-amp); default --amp's, the dtype of eager-pfc's "
+                        "cosine GEMM, so that both losses' GEMMs run in one dtype (none: ours in fp32, the trainer's "
+                        "default)")
     parser.add_argument("--sample-rate", type=float, default=1.0, help="partial FC's rate, for both losses")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-c", type=int, help="CUDA: also search the largest C that fits, up to this")
+    parser.add_argument("--max-c-seconds", type=float, default=120.0,
+                        help="time for the largest-C search, shared between the impls (default 120)")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory measurement")
     parser.add_argument("--out", help="output JSON path (default benchmarks/results/<device>-step-<date>.json)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.loss_amp = args.loss_amp or args.amp
+    return args
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1),
+                               ("--warmup", args.warmup, 0), ("--max-c", args.max_c, 1),
+                               *(("--C", count, 1) for count in args.C or ())):
+        if value is not None and value < least:
+            raise SystemExit(f"{flag} {value}: at least {least}")
     impls = [name.strip() for name in args.impls.split(",") if name.strip()]
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
@@ -296,7 +318,7 @@ def main(argv=None):
         # (glibc reads it at start-up: the script runs again with it, as bench_loss.py's memory children do)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
         sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
     defaults = DEFAULTS[args.device]
     args.network = args.network or defaults["network"]
     args.batch_size = args.batch_size or defaults["batch_size"]
@@ -324,8 +346,6 @@ def main(argv=None):
         for group in groups:
             try:
                 steps = {impl: Step(impl, num_classes, args, device) for impl in group}
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
                 times = time_steps(steps, device, args.warmup, args.repeats)
             except torch.cuda.OutOfMemoryError as error:
                 print(f"{', '.join(group)} at C = {num_classes} does not fit and is left out: "
@@ -353,9 +373,13 @@ def main(argv=None):
         write_rows(rows, out)  # (what is measured is kept if a later C fails)
         print_table(measured, header=num_classes == class_counts[0])
     if args.max_c:
-        for impl in impls:
-            found, failed = largest_c(impl, args, device, start=min(class_counts), limit=args.max_c)
-            said = f"{failed} does not fit" if failed is not None else "every C up to --max-c fits"
+        deadline = time.monotonic() + args.max_c_seconds
+        for position, impl in enumerate(impls):
+            share = (deadline - time.monotonic()) / (len(impls) - position)  # (an equal share of what is left)
+            found, failed = largest_c(impl, args, device, start=min(class_counts), limit=args.max_c,
+                                      deadline=time.monotonic() + share)
+            said = (f"{failed} does not fit" if failed is not None else "every C up to --max-c fits"
+                    if found >= args.max_c else "the search ran out of time before a C failed")
             print(f"largest C that fits, {impl}: {found} ({said})")
             rows.append(dict(impl=impl, C=found, **setting, kind="max_c", max_c_limit=args.max_c,
                              smallest_c_not_fitting=failed, ms=None, images_per_s=None, peak_mb=None,

@@ -156,3 +156,85 @@ def test_a_tiny_bench_step_run_writes_its_rows(tmp_path, capsys):
         assert {"device", "torch", "cuda", "git_sha"} <= set(row) and row["peak_mb"] is None
     assert rows[2]["state_mb"] - rows[0]["state_mb"] > 4950 * 16 * 4 * 3 / 2**20 * 0.99  # centres, grads, momentum
     assert "images/s" in printed and "x eager" in printed
+
+
+def test_bench_step_measures_the_cuda_peak_over_the_timed_steps_alone(monkeypatch):
+    # The first step's cuDNN autotuning, with its trial workspaces, would be the first impl's peak alone.
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_step")
+    calls = []
+
+    class Event:
+        def __init__(self, **_):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, _):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    times = bench.time_steps({"ours": lambda: calls.append("step")}, torch.device("cuda"), warmup=2, repeats=3)
+    assert calls == ["step", "step", "reset", "step", "step", "step"] and times == {"ours": [1.0] * 3}
+
+
+def test_bench_steps_loss_amp_follows_amp_and_its_refusals():
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_step")
+    # Both losses' GEMMs in one dtype: eager-pfc's cosines are under --amp's autocast.
+    assert bench.parse_args(["--amp", "fp16"]).loss_amp == "fp16"
+    assert bench.parse_args(["--amp", "fp16", "--loss-amp", "none"]).loss_amp == "none"
+    assert bench.parse_args([]).loss_amp == "none"
+    for argv, said in ((["--repeats", "0"], "--repeats 0: at least 1"), (["--C", "50", "0"], "--C 0: at least 1"),
+                       (["--batch-size", "0"], "--batch-size 0: at least 1")):
+        with pytest.raises(SystemExit, match=f"^{said}$"):
+            bench.main([*argv, "--no-memory"])
+
+
+def test_bench_step_runs_itself_again_with_the_arguments_it_was_given(monkeypatch):
+    # (For the CPU's memory, with glibc's mmap threshold pinned: this call's arguments, not the process's.)
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_step")
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("no /proc/self/clear_refs: no re-run")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+
+    class Ran(Exception):
+        pass
+
+    def execve(path, argv, env):
+        raise Ran(argv, env)
+
+    monkeypatch.setattr(os, "execve", execve)
+    with pytest.raises(Ran) as ran:
+        bench.main(["--C", "50", "--repeats", "1"])
+    argv, env = ran.value.args
+    assert argv[2:] == ["--C", "50", "--repeats", "1"] and env["MALLOC_MMAP_THRESHOLD_"]
+
+
+def test_bench_steps_largest_c_search_brackets_the_limit_and_keeps_to_its_time(monkeypatch):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_step")
+    tried = []
+
+    def fits(impl, num_classes, options, device):
+        tried.append(num_classes)
+        return num_classes <= 123_456
+
+    monkeypatch.setattr(bench, "fits", fits)
+    found, failed = bench.largest_c("ours", None, torch.device("cuda"), start=1000, limit=10**7)
+    assert found <= 123_456 < failed and failed - found <= found // 100
+    assert bench.largest_c("ours", None, torch.device("cuda"), start=1000, limit=50_000) == (50_000, None)
+    tried.clear()
+    assert bench.largest_c("ours", None, torch.device("cuda"), start=1000, limit=10**7, deadline=0.0) == (1000, None)
+    assert tried == [1000]  # (past its time: the bracket it has, no more tries)
