@@ -546,8 +546,10 @@ def test_the_models_threshold_is_printed_as_train_embed_compare_prints_it(traine
     assert run_roc("--model", model / "backbone.pt", "--images", people, "--output", tmp_path / "cut.csv",
                    "--far", 0.05) == 0
     err = capsys.readouterr().err
+    # (An exported model: the note says to export again once the resume has verified.)
     note = (f"roc: note: {model / 'backbone.pt'} is of a run whose final verification (step 2) was cut short "
-            "(python -m train --resume auto on its checkpoint makes it): its threshold is step 1's\n")
+            "(python -m train --resume auto on its checkpoint makes it, then export again): its threshold is "
+            "step 1's\n")
     assert err.count(note) == 1 and err.count("cut short") == 1, err
     assert f"the model's recorded 1:1 threshold, cosine {1 - t / 2:.4f} (" in err, err
 
