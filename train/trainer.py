@@ -872,10 +872,12 @@ class Trainer:
         # The scaler skips the steps whose fp16 gradients overflow (a few at the start, by design);
         # the schedule still advances, which torch warns about.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-        self.loss_scale: float | None = None  # the fp16 scaler's, after the last step (read at the first one)
-        self.step_skipped = False  # whether the scaler skipped the last step
-        self.skipped_in_a_row = 0
-        self.grad_norms: dict[str, float | None] = {}  # of the last logged step (train_step)
+        # The fp16 scaler's skipped steps, counted on the device (a read is a sync: the logged steps' only): since
+        # the last line, and in a row (the checkpoint keeps it, as it keeps the scale).
+        self.skipped_steps = torch.zeros((), dtype=torch.int32, device=self.device)
+        self.skipped_in_a_row = torch.zeros((), dtype=torch.int32, device=self.device)
+        self._one = torch.ones((), device=self.device)
+        self.health: dict[str, float | None] = {}  # HEALTH_METRICS of the last logged step (train_step)
         self.angles = TargetAngles(args.max_steps, args.batch_size)
         self.step = 0
         self.elapsed = 0.0  # training seconds before this process, carried over by resume
@@ -1177,6 +1179,7 @@ class Trainer:
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
         self.scaler.load_state_dict(state["scaler"])
+        self.skipped_in_a_row.fill_(int(state.get("skipped_in_a_row", 0)))  # (a checkpoint of before: none)
         self.step = int(state["step"])
         if self.distributed:  # node-local copies of the checkpoint must be the same one
             steps = [None] * self.world_size
@@ -1556,11 +1559,15 @@ class Trainer:
     def save(self) -> None:
         """Write the checkpoint (collective: every rank must call it)."""
         finite = checkpoint.all_finite(self.backbone) and checkpoint.all_finite(self.margin_loss)
+        # A collapsed fp16 loss scale, which train_step sees at the next step (the last one's has none), is not kept.
+        scale_kept = not (self.scaler.is_enabled() and self._loss_scale_collapsed().item())
         if self.distributed and self._sharded():
-            # Each rank checks its own centres: agree, so that all raise or none does.
-            flag = torch.tensor([float(finite)], device=self.device)
+            # Each rank checks its own centres (and its own scaler): agree, so that all raise or none does.
+            flag = torch.tensor([float(finite), float(scale_kept)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(flag.item())
+            finite, scale_kept = (value > 0 for value in flag.tolist())
+        if not scale_kept:
+            raise self._loss_scale_collapse()
         if not finite:
             raise TrainingDiverged(f"the weights are not finite at step {self.step}")
         rng = checkpoint.rng_state()
@@ -1585,6 +1592,7 @@ class Trainer:
             "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "skipped_in_a_row": int(self.skipped_in_a_row),
             "rng": rng_states,
             "target_angles": self.angles.state_dict(),
             "elapsed": self.elapsed + (time.perf_counter() - self._started),
@@ -1657,13 +1665,16 @@ class Trainer:
             if index == 0 and self.is_main and self.angles.wants(self.step):
                 self.angles.record(self.step, target_cosine)
 
-        # One small collective a step: the mean loss for the log and the NaN check, and whether
-        # any rank was signalled, so that all ranks stop (or diverge) at the same step.
+        # One small collective a step: the mean loss for the log and the NaN check, whether any rank
+        # was signalled, so that all ranks stop (or diverge) at the same step, and whether the fp16 loss
+        # scale collapsed at the last step (read here, a step late, rather than with a sync of its own).
         status = torch.stack([loss_sum / passes, torch.tensor(float(self._stop_signal > 0), device=self.device),
-                              distill_sum / passes])
+                              distill_sum / passes, self._loss_scale_collapsed()])
         if self.distributed:
             dist.all_reduce(status)
-        loss_value, stop, distill_value = status.tolist()
+        loss_value, stop, distill_value, collapsed = status.tolist()
+        if collapsed:
+            raise self._loss_scale_collapse()
         loss_value /= self.world_size
         self.distill_value = distill_value / self.world_size
         if not math.isfinite(loss_value):
@@ -1679,15 +1690,19 @@ class Trainer:
         if args.grad_clip > 0:
             # The backbone only, as insightface does: the class centres' norm grows with the classes.
             backbone_norm = nn.utils.clip_grad_norm_(self.backbone.parameters(), args.grad_clip)  # (before clipping)
-        if logged:
-            self.grad_norms = self._grad_norms(backbone_norm)
+        norms = self._grad_norms(backbone_norm) if logged else None
         scaling = self.scaler.is_enabled()
-        if scaling and self.loss_scale is None:
-            self.loss_scale = self.scaler.get_scale()  # (the first step's, before update)
+        scale_before = self._loss_scale() if scaling else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if scaling:
-            self._follow_loss_scale()
+            # A step the scaler skipped (inf/NaN gradients) is one whose update() lowered the scale (times the
+            # backoff factor, 0.5); a step it takes never does (it doubles it after 100 clean ones).
+            skipped = (self._loss_scale() < scale_before).int()
+            self.skipped_steps += skipped
+            self.skipped_in_a_row = (self.skipped_in_a_row + 1) * skipped
+        if logged:
+            self.health = self._health(norms)
         self.scheduler.step()
         self.step += 1
         return loss_value, stop > 0
@@ -1696,10 +1711,10 @@ class Trainer:
         """Whether ``step`` gets a line in metrics.jsonl (the last one, and a stopped run's, too)."""
         return step % self.args.log_every == 0 or step == self.args.max_steps or stop
 
-    def _grad_norms(self, backbone_norm: torch.Tensor | None) -> dict[str, float | None]:
-        """The norms of this step's unscaled gradients, before clipping: the backbone's (clip_grad_norm_'s, or one
-        pass over them) and the class centres' (with --sharded-classes, of all the shards). A step with inf/NaN
-        gradients, which the fp16 scaler skips: None (JSON's null)."""
+    def _grad_norms(self, backbone_norm: torch.Tensor | None) -> torch.Tensor:
+        """The norms of this step's unscaled gradients, before clipping, on the device: the backbone's
+        (clip_grad_norm_'s, or one pass over them) and the class centres' (with --sharded-classes, of all the
+        shards: a collective, on the logged steps, which every rank agrees on)."""
         if backbone_norm is None:
             backbone_norm = nn.utils.get_total_norm([p.grad for p in self.backbone.parameters() if p.grad is not None])
         centres_norm = nn.utils.get_total_norm([p.grad for p in self.margin_loss.parameters() if p.grad is not None])
@@ -1707,25 +1722,48 @@ class Trainer:
             squared = centres_norm.float().square()
             dist.all_reduce(squared)
             centres_norm = squared.sqrt()
-        norms = torch.stack([backbone_norm.float(), centres_norm.float().to(backbone_norm.device)]).tolist()
-        return {key: value if math.isfinite(value) else None
-                for key, value in zip(("grad_norm", "centres_grad_norm"), norms)}
+        return torch.stack([backbone_norm.float(), centres_norm.float().to(backbone_norm.device)])
 
-    def _follow_loss_scale(self) -> None:
-        """Whether the fp16 scaler skipped this step (inf/NaN gradients): its update() then multiplied the scale by
-        the backoff factor (0.5), and a step it takes never lowers it. A collapsed scale stops the run
-        (LOSS_SCALE_FLOOR, SKIPPED_IN_A_ROW)."""
-        before, self.loss_scale = self.loss_scale, self.scaler.get_scale()  # (a sync each step, after the loss's)
-        self.step_skipped = self.loss_scale < before
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.step_skipped else 0
-        if self.loss_scale < LOSS_SCALE_FLOOR or self.skipped_in_a_row >= SKIPPED_IN_A_ROW:
-            args = self.args
-            precision = "--amp bf16" if args.amp == "fp16" else "--loss-amp bf16"
-            raise TrainingDiverged(
-                f"the fp16 loss scale fell to {self.loss_scale:g} at step {self.step + 1} "
-                f"({count_of(self.skipped_in_a_row, 'step')} in a row skipped for inf/NaN gradients; the floor is "
-                f"2^-16, the limit {SKIPPED_IN_A_ROW} in a row)",
-                advice=f"Try {precision}, a lower --lr" + (" or --grad-clip 5" if args.grad_clip <= 0 else "") + ".")
+    def _health(self, norms: torch.Tensor) -> dict[str, float | None]:
+        """A logged step's HEALTH_METRICS, read in one sync: the gradients' ``norms`` (None, JSON's null, for a
+        step with inf/NaN gradients, which the fp16 scaler skips) and with a scaler its scale after this step and
+        the steps it skipped since the last logged one."""
+        scaling = self.scaler.is_enabled()
+        values = torch.cat([norms, torch.stack([self._loss_scale(), self.skipped_steps.float()])]) if scaling \
+            else norms
+        values = values.tolist()
+        health = {key: value if math.isfinite(value) else None
+                  for key, value in zip(("grad_norm", "centres_grad_norm"), values)}
+        if scaling:
+            health.update(loss_scale=values[2], skipped_steps=int(values[3]))
+            self.skipped_steps.zero_()
+        return health
+
+    def _loss_scale(self) -> torch.Tensor:
+        """The fp16 scaler's scale, a tensor on the device: its public scale() of a 1, which, unlike get_scale(),
+        does not wait for the device."""
+        return self.scaler.scale(self._one)
+
+    def _loss_scale_collapsed(self) -> torch.Tensor:
+        """1.0 on the device where the fp16 scaler's scale collapsed (LOSS_SCALE_FLOOR, SKIPPED_IN_A_ROW): the run
+        stops, as a NaN loss stops it (arcface_torch's runs went on with the scale at 0, insightface #1437)."""
+        if not self.scaler.is_enabled():
+            return torch.zeros((), device=self.device)
+        return ((self._loss_scale() < LOSS_SCALE_FLOOR) | (self.skipped_in_a_row >= SKIPPED_IN_A_ROW)).float()
+
+    def _loss_scale_collapse(self) -> TrainingDiverged:
+        """The stop for a collapsed fp16 loss scale, seen at the step after the one that lowered it (or at the
+        checkpoint's save), before that step changes anything."""
+        args = self.args
+        in_a_row = int(self.skipped_in_a_row)
+        # Each autocast in fp16: --amp bf16 alone would leave --loss-amp fp16's scaler, and its collapse.
+        precision = " ".join(f"{flag} bf16" for flag, value in (("--amp", args.amp), ("--loss-amp", args.loss_amp))
+                             if value == "fp16")
+        return TrainingDiverged(
+            f"the fp16 loss scale fell to {self.scaler.get_scale():g} at step {self.step} "
+            f"({count_of(in_a_row, 'step')} in a row skipped for inf/NaN gradients; the floor is "
+            f"2^-16, the limit {SKIPPED_IN_A_ROW} in a row)",
+            advice=f"Try {precision}, a lower --lr" + (" or --grad-clip 5" if args.grad_clip <= 0 else "") + ".")
 
     def evaluate(self, final: bool = False) -> bool:
         """Verification on every target (rank 0; the others wait); returns whether a process was
@@ -2010,7 +2048,6 @@ class Trainer:
                 stop = self.evaluate()
             batches = self._batches()
             window_start, window_steps, window_loss, window_distill = time.perf_counter(), 0, 0.0, 0.0
-            window_skipped = 0  # the steps the fp16 scaler skipped
             # The lines' ETA: the pace from the first logged line on, verifications and saves included; the
             # first window (the loader's workers starting, --compile compiling) alone only for the first line.
             pace_from = (window_start, self.step)
@@ -2024,7 +2061,6 @@ class Trainer:
                 window_steps += 1
                 window_loss += loss_value
                 window_distill += self.distill_value
-                window_skipped += self.step_skipped
                 bar.update(1)
                 if self._logs(self.step, stop):
                     now = time.perf_counter()
@@ -2034,12 +2070,9 @@ class Trainer:
                     distilled = {"distill": window_distill / window_steps} if self.teacher is not None else {}
                     bar.set_postfix(loss=f"{loss_mean:.3f}", **{k: f"{v:.4f}" for k, v in distilled.items()},
                                     lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
-                    # (The scale after the line's last step; the steps of the line that the scaler skipped.)
-                    scaling = {"loss_scale": self.loss_scale, "skipped_steps": window_skipped} \
-                        if self.scaler.is_enabled() else {}
                     if self.is_main:
                         self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr, **margin,
-                                          **self.grad_norms, **scaling, "samples_per_sec": rate,
+                                          **self.health, "samples_per_sec": rate,
                                           "time": round(self.elapsed + now - self._started, 3)})
                         # (On a terminal the bar shows them; training.log gets the lines all the same.)
                         left = (args.max_steps - self.step) * (now - pace_from[0]) / max(1, self.step - pace_from[1])
@@ -2048,12 +2081,13 @@ class Trainer:
                         epoch = self.step / self.schedule_steps_per_epoch  # (--epochs's, as the header's)
                         self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, "
                                     + "".join(f"distill {v:.4f}, " for v in distilled.values()) + f"lr {lr:.6g}, "
-                                    + (f"loss scale {self.loss_scale:g} ({window_skipped} skipped), "
-                                       if scaling else "")
+                                    + (f"loss scale {self.health['loss_scale']:g} "
+                                       f"({self.health['skipped_steps']} skipped), " if "loss_scale" in self.health
+                                       else "")
                                     + "".join(f"{k} {v:.4g}, " for k, v in margin.items() if ramping)
                                     + f"{rate:.1f} images/s, epoch {epoch:.2f}, "
                                     f"ETA {datetime.timedelta(seconds=round(left))}", screen=not interactive)
-                    window_start, window_steps, window_loss, window_distill, window_skipped = now, 0, 0.0, 0.0, 0
+                    window_start, window_steps, window_loss, window_distill = now, 0, 0.0, 0.0
                 if args.eval_every and self.step % args.eval_every == 0 and self.step != args.max_steps:
                     stop = self.evaluate() or stop
                     window_start = time.perf_counter()

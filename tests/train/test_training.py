@@ -3045,8 +3045,9 @@ def test_a_step_the_fp16_scaler_skips_is_counted(faces, tmp_path, monkeypatch, c
 
 
 def test_a_collapsed_fp16_loss_scale_stops_the_run(faces, tmp_path, monkeypatch, capsys):
-    # From step 6 on every step overflows: 2^-12 halves to 2^-17, below the floor, at step 10. The
-    # checkpoint of step 8 (skipped steps leave the weights as they were) is kept.
+    # From step 6 on every step overflows: 2^-12 halves to 2^-17, below the floor, at step 10, which step 11's
+    # collective carries (no sync of its own). The checkpoint of step 8 (skipped steps leave the weights as they
+    # were) is kept.
     with_a_small_loss_scale(monkeypatch, 2.0 ** -12)
     inf_gradients_from_step(monkeypatch, 6)
     assert main(argv(faces, tmp_path, max_steps=12, save_every=4, loss_amp="fp16", grad_clip=0)) == 1
@@ -3057,7 +3058,7 @@ def test_a_collapsed_fp16_loss_scale_stops_the_run(faces, tmp_path, monkeypatch,
                     f"last good checkpoint is kept: {tmp_path / 'checkpoint.pt'} (step 8). Try --loss-amp bf16, a "
                     "lower --lr or --grad-clip 5.\n"), line
     assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 8
-    assert [r["skipped_steps"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0] * 5 + [1] * 4
+    assert [r["skipped_steps"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0] * 5 + [1] * 5
 
 
 def test_fp16_steps_skipped_in_a_row_stop_the_run(faces, tmp_path, monkeypatch, capsys):
@@ -3080,3 +3081,44 @@ def test_the_health_metrics_go_to_tensorboard_and_wandb_unless_null(tmp_path):
          "skipped_steps": 1, "samples_per_sec": 9.0, "time": 1.0})
     assert logged == [{"step": 3, "train/loss": 1.0, "train/lr": 0.1, "train/centres_grad_norm": 2.0,
                        "train/loss_scale": 512.0, "train/skipped_steps": 1, "train/samples_per_sec": 9.0}]
+
+
+def test_the_fp16_scaler_is_read_on_the_logged_steps_only(faces, tmp_path, monkeypatch):
+    # get_scale() waits for the GPU (a sync): once a step it idled the GPU at the next step's start. The skipped
+    # steps are counted on the device; the scale is read for the log lines only.
+    calls = []
+    original = torch.amp.GradScaler.get_scale
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: calls.append(1) or original(self))
+    assert main(argv(faces, tmp_path, max_steps=6, log_every=3, loss_amp="fp16")) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [3, 6]
+    assert len(calls) <= 2 + 1, calls  # (the lines', and the checkpoint's scaler state)
+
+
+def test_a_collapse_at_the_last_step_stops_the_run_before_its_checkpoint(faces, tmp_path, monkeypatch, capsys):
+    # The stop rides on the next step's collective; the last step has none: the checkpoint's save checks it.
+    with_a_small_loss_scale(monkeypatch, 2.0 ** -16)
+    inf_gradients_from_step(monkeypatch, 4)
+    assert main(argv(faces, tmp_path, max_steps=4, save_every=2, loss_amp="fp16", grad_clip=0)) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: the fp16 loss scale fell to 7.62939e-06 at step 4 (1 step in a row skipped" in err, err
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["step"] == 2
+
+
+def test_fp16_steps_skipped_in_a_row_are_counted_across_a_resume(faces, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("train.trainer.SKIPPED_IN_A_ROW", 3)
+    with_a_small_loss_scale(monkeypatch, 1.0)
+    inf_gradients_from_step(monkeypatch, 3, 4)
+    assert main(argv(faces, tmp_path, max_steps=4, loss_amp="fp16")) == 0
+    assert checkpoint.load(str(tmp_path / "checkpoint.pt"))["skipped_in_a_row"] == 2
+    inf_gradients_from_step(monkeypatch, 1, 1)  # (the resumed run's first step: the third in a row)
+    assert main(argv(faces, tmp_path, max_steps=8, loss_amp="fp16", resume="auto")) == 1
+    assert ("training diverged: the fp16 loss scale fell to 0.125 at step 5 (3 steps in a row skipped for inf/NaN "
+            "gradients; the floor is 2^-16, the limit 3 in a row); stopping.") in capsys.readouterr().err
+
+
+def test_a_collapse_under_both_fp16_autocasts_suggests_bf16_for_both(faces, tmp_path, monkeypatch, capsys):
+    # --amp bf16 alone would leave --loss-amp fp16's scaler, and its collapse.
+    with_a_small_loss_scale(monkeypatch, 2.0 ** -16)
+    inf_gradients_from_step(monkeypatch, 1)
+    assert main(argv(faces, tmp_path, max_steps=3, amp="fp16", loss_amp="fp16", grad_clip=0)) == 1
+    assert capsys.readouterr().err.rstrip().endswith("Try --amp bf16 --loss-amp bf16, a lower --lr or --grad-clip 5.")
