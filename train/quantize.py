@@ -59,7 +59,7 @@ def run_paths(run: dict, folder: str | None) -> dict:
     """``run`` (a training run's options) with its relative ``--data`` and verification-set paths made
     absolute in ``folder``, the folder it ran in, where they are there: read from another folder, they are
     still the run's. Unchanged where the checkpoint records no folder (older ones)."""
-    from .data import SYNTHETIC, is_target_path, split_data_spec
+    from .data import RANDOM, SYNTHETIC, is_target_path, split_data_spec
 
     if not folder or os.path.abspath(folder) == os.getcwd():
         return run
@@ -70,7 +70,7 @@ def run_paths(run: dict, folder: str | None) -> dict:
 
     run = dict(run)
     data = run.get("data")
-    if isinstance(data, str) and data and data != SYNTHETIC:
+    if isinstance(data, str) and data and data not in (SYNTHETIC, RANDOM):  # (names, not paths)
         try:
             run["data"] = ",".join(there(part) for part in split_data_spec(data))
         except ValueError:  # (checked when the run started: left for read_faces to say)

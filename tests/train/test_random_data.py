@@ -238,3 +238,15 @@ def test_bench_steps_largest_c_search_brackets_the_limit_and_keeps_to_its_time(m
     tried.clear()
     assert bench.largest_c("ours", None, torch.device("cuda"), start=1000, limit=10**7, deadline=0.0) == (1000, None)
     assert tried == [1000]  # (past its time: the bracket it has, no more tries)
+
+
+def test_a_run_on_random_data_read_from_another_folder_keeps_its_data_a_name(tmp_path, monkeypatch):
+    # (A folder named random where the run was started is not the run's data: export --int8 refuses, not reads it.)
+    from train.quantize import run_paths
+
+    started_in = tmp_path / "started_in"
+    (started_in / "random").mkdir(parents=True)
+    (started_in / "synthetic").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert run_paths({"data": "random"}, str(started_in))["data"] == "random"
+    assert run_paths({"data": "synthetic"}, str(started_in))["data"] == "synthetic"
