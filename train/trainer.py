@@ -646,14 +646,15 @@ def _error_line(message: str, rank: int | None = None) -> str:
     return f"train: error: {'' if rank is None else f'rank {rank}: '}{message}"
 
 
-def _waited_too_long(args: argparse.Namespace, when: str, rank: int) -> str:
+def _waited_too_long(args: argparse.Namespace, when: str, rank: int, why: str | None = None) -> str:
     """Process ``rank``'s error line for a collective that waited past the process group's timeout (``when``:
     "during step 3"): rank 0 alone reads the verification sets at start-up, and verifies and writes the
     checkpoints later, while the others wait for it. Rank 0 itself waited for another process: one that fell
-    behind (its shard of the data on a slower disk, say) or hung."""
+    behind (its shard of the data on a slower disk, say) or hung. ``why``: the collective's own reason (its
+    error's ``rank_0_alone``), where rank 0 did something else alone."""
     if rank == 0:
         why = "another process fell behind (its data on a slower disk, say) or hung"
-    else:
+    elif why is None:
         alone = ("reads the verification sets" if when == "during start-up" else
                  "verifies and writes the checkpoints")
         why = f"rank 0 {alone} while the others wait: a slow disk or a long verification needs a longer --dist-timeout"
@@ -1438,7 +1439,13 @@ class Trainer:
                                f"on images of --data, and one cannot be read: {error}")
         if self.distributed:
             said = [refused, done]
-            dist.broadcast_object_list(said, src=0)
+            try:
+                dist.broadcast_object_list(said, src=0)
+            except RuntimeError as error:  # (said where it outlasts --dist-timeout: _run)
+                error.rank_0_alone = (f"rank 0 reads --pretrained_model {path}, traces the network and calibrates "
+                                      "the BatchNorms the file folded away while the others wait: on a CPU that "
+                                      "takes minutes, which needs a longer --dist-timeout")
+                raise
             refused, done = said
         if refused:
             raise SystemExit(refused)
@@ -2393,7 +2400,8 @@ def _run(argv: list[str] | None) -> int:
             _undo_start(args.output)
             error, rank = sys.exc_info()[1], int(os.environ.get("RANK", "0"))
             if dist.is_available() and dist.is_initialized() and timed_out(error):
-                print(_waited_too_long(args, "during start-up", rank), file=sys.stderr)
+                print(_waited_too_long(args, "during start-up", rank, getattr(error, "rank_0_alone", None)),
+                      file=sys.stderr)
                 _leave_group()
                 raise SystemExit(1) from None
             if dist.is_available() and dist.is_initialized() and lost_a_peer(error):

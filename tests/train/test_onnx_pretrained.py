@@ -392,3 +392,40 @@ def test_under_two_processes_the_first_reads_the_onnx_model_and_the_others_take_
                                       batch_size=8))
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"--pretrained_model {other} does not fit --network small" in result.stderr, result.stderr[-3000:]
+
+
+def _train_with_rank_0_slow_to_calibrate(argv):
+    """train.trainer.main(argv) on a rank; rank 0 takes 60 s longer (or until terminated) to calibrate the
+    folded BatchNorms, while the others wait for its weights."""
+    from test_ddp import _sleep_until_terminated
+    from train import onnx_weights, trainer
+
+    if os.environ["RANK"] == "0":
+        calibrate = onnx_weights.calibrate_batchnorms
+
+        def late(*args):
+            _sleep_until_terminated(60)  # (ten times the test's --dist-timeout; then it finds the other ended)
+            return calibrate(*args)
+
+        onnx_weights.calibrate_batchnorms = late
+    return trainer.main(argv)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="no gloo")
+def test_a_rank_waiting_past_dist_timeout_for_the_calibration_says_what_rank_0_does(tmp_path):
+    # On a CPU the calibration takes minutes (r50), rank 0's alone: a process that waits longer than
+    # --dist-timeout names it, not the verification sets (which it named before).
+    from trainer_fixtures import train_on_ranks
+
+    path = tmp_path / "backbone.onnx"
+    export.export_onnx(trained_looking("small", IMAGE_SIZE, EMBEDDING_SIZE), str(path), IMAGE_SIZE)
+    result = train_on_ranks(base_argv("synthetic", str(tmp_path / "run"), pretrained_model=str(path), batch_size=8,
+                                      dist_timeout=0.1), main=_train_with_rank_0_slow_to_calibrate)
+    assert result.returncode == 1
+    assert (f"train: error: rank 1: waited more than --dist-timeout 0.1 minutes for the other processes during "
+            f"start-up (rank 0 reads --pretrained_model {path}, traces the network and calibrates the BatchNorms the "
+            "file folded away while the others wait: on a CPU that takes minutes, which needs a longer "
+            "--dist-timeout)\n") in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
