@@ -1084,3 +1084,38 @@ def test_compiled_ddp_accumulates_without_all_reduces(tmp_path):
         losses[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
     assert len(counts["eager"]) == 2 and counts["compiled"] == counts["eager"], counts
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+
+
+def _train_with_fp16_overflows(argv, from_step):
+    """train.trainer.main(argv) on a rank, its fp16 scaler starting at 2^-14 and every step's gradients from
+    ``from_step`` on overflowing (an inf put into one after DDP's all-reduce, on every rank alike)."""
+    from train import trainer
+
+    class GradScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, init_scale=2.0 ** -14, **kwargs)
+
+        def unscale_(self, optimizer):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls >= from_step:
+                optimizer.param_groups[0]["params"][0].grad.view(-1)[0] = float("inf")
+            return super().unscale_(optimizer)
+
+    torch.amp.GradScaler = GradScaler
+    return trainer.main(argv)
+
+
+def test_a_collapsed_fp16_loss_scale_stops_every_rank_at_the_same_step(tmp_path):
+    # The collapse is seen on the device and carried by the next step's collective (no sync of its own): every
+    # rank stops there, none is left waiting in a collective.
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4)
+    run = tmp_path / "run"
+    argv = base_argv(data, str(run), None, batch_size=4, max_steps=6, save_every=3, loss_impl=LOSS_IMPL,
+                     loss_amp="fp16", grad_clip=0)
+    result = train_on_ranks(argv, main=functools.partial(_train_with_fp16_overflows, from_step=2), timeout=90)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("training diverged: the fp16 loss scale fell to 7.62939e-06 at step 4 (3 steps in a "
+                               "row skipped for inf/NaN gradients") >= 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "timed out" not in result.stderr, result.stderr[-3000:]
+    assert checkpoint.load(str(run / "checkpoint.pt"))["step"] == 3
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")][-1] == 4
