@@ -263,11 +263,10 @@ def insightface_shards(folder: str) -> list[str]:
     return sorted(name for name in os.listdir(folder) if INSIGHTFACE_SHARD.fullmatch(name))
 
 
-def insightface_class_centres(path: str, state: dict[str, Any]) -> tuple[torch.Tensor | None, str]:
-    """The whole (C, D) class-centre matrix of an arcface_torch run, whose partial FC keeps each GPU's
-    classes in that GPU's ``checkpoint_gpu_<rank>.pt`` (``state_dict_softmax_fc``; rank r holds C // W
-    classes, one more when r < C % W, after those of the ranks before it). ``path`` is one of the files
-    (``state`` its contents); the others are read from beside it. -> (matrix, "") or (None, why not)."""
+def insightface_run(path: str, state: dict[str, Any]) -> tuple[list[tuple[str, dict[str, Any]]] | None, str]:
+    """Every GPU's ``checkpoint_gpu_<rank>.pt`` of the arcface_torch run whose file ``path`` is (``state`` its
+    contents; the others are read from beside it, their tensors mapped), in rank order, when they are one run's
+    (the same epoch and step). -> ([(file name, contents), ...], "") or (None, why not)."""
     if not INSIGHTFACE_SHARD.fullmatch(os.path.basename(path)):
         return None, ("it is not named checkpoint_gpu_<rank>.pt, as arcface_torch names them: which GPU's classes it "
                       "holds, and where the other GPUs' files are, is unknown")
@@ -281,30 +280,113 @@ def insightface_class_centres(path: str, state: dict[str, Any]) -> tuple[torch.T
     if sorted(ranks) != list(range(world)):
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
         return None, f"no {', '.join(f'checkpoint_gpu_{r}.pt' for r in missing[:3])} beside it"
-    shards, steps = [], set()
+    files, steps = [], set()
     for rank in range(world):
         try:
-            other = state if os.path.samefile(ranks[rank], path) else load(ranks[rank])
+            other = state if os.path.samefile(ranks[rank], path) else load(ranks[rank], mmap=True)
         except (OSError, ValueError) as error:
             return None, str(error)
-        fc = other.get("state_dict_softmax_fc") if isinstance(other, dict) else None
-        weight = fc.get("weight") if isinstance(fc, dict) else None
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-            return None, f"{os.path.basename(ranks[rank])} holds no partial FC weight (state_dict_softmax_fc)"
-        if not weight.is_floating_point() or not finite(weight):
-            return None, (f"{os.path.basename(ranks[rank])}'s partial FC weight is not finite floating point "
-                          f"({weight.dtype})")
+        if not isinstance(other, dict):
+            return None, f"{os.path.basename(ranks[rank])} is not a checkpoint of arcface_torch's"
         steps.add((other.get("epoch"), other.get("global_step")))
-        shards.append(weight)
+        files.append((os.path.basename(ranks[rank]), other))
     if len(steps) > 1:
         return None, (f"the files are of different (epoch, step)s {sorted(steps, key=str)}: not one run's "
                       "checkpoint")
-    classes = sum(w.shape[0] for w in shards)
+    return files, ""
+
+
+def insightface_class_centres(path: str, state: dict[str, Any],
+                              files: list[tuple[str, dict[str, Any]]] | None = None) -> tuple[torch.Tensor | None, str]:
+    """The whole (C, D) class-centre matrix of an arcface_torch run, whose partial FC keeps each GPU's
+    classes in that GPU's ``checkpoint_gpu_<rank>.pt`` (``state_dict_softmax_fc``; rank r holds C // W
+    classes, one more when r < C % W, after those of the ranks before it). ``path`` is one of the files
+    (``state`` its contents; ``files`` :func:`insightface_run`'s, where read already). -> (matrix, "") or
+    (None, why not)."""
+    if files is None:
+        files, why = insightface_run(path, state)
+        if files is None:
+            return None, why
+    shards = []
+    for name, other in files:
+        fc = other.get("state_dict_softmax_fc")
+        weight = fc.get("weight") if isinstance(fc, dict) else None
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            return None, f"{name} holds no partial FC weight (state_dict_softmax_fc)"
+        if not weight.is_floating_point() or not finite(weight):
+            return None, f"{name}'s partial FC weight is not finite floating point ({weight.dtype})"
+        shards.append(weight)
+    world, classes = len(shards), sum(w.shape[0] for w in shards)
     expected = [classes // world + int(rank < classes % world) for rank in range(world)]
     if [w.shape[0] for w in shards] != expected or len({w.shape[1] for w in shards}) > 1:
         return None, (f"the {world} files' shards ({', '.join(str(tuple(w.shape)) for w in shards)}) are not one "
                       f"run's split of {classes} classes")
     return torch.cat([w.float() for w in shards]), ""
+
+
+def insightface_optimizer_state(files: list[tuple[str, dict[str, Any]]], backbone: torch.nn.Module,
+                                optimizer: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The per-parameter state of an arcface_torch run's optimizer (its ``state_optimizer``: torch's SGD or
+    AdamW over two groups, the backbone's parameters and then its partial FC's weight), for ``backbone``, whose
+    parameters are insightface's, in its order (checked against the names of ``state_dict_backbone``, shape by
+    shape), and for the whole class centres: each rank's rows of the partial FC's state put together in class
+    order, as :func:`insightface_class_centres` puts the weight. ``files``: :func:`insightface_run`'s.
+    -> ({backbone parameter name: state}, the centres' state); raises ValueError saying what does not fit."""
+    shapes = {name: p.shape for name, p in backbone.named_parameters()}
+    names = list(shapes)
+    backbone_state, centre_states = {}, []
+    for rank, (file, contents) in enumerate(files):
+        saved = contents.get("state_optimizer")
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or len(groups) != 2 or not isinstance(saved.get("state"), dict):
+            raise ValueError(f"{file}'s state_optimizer is not arcface_torch's (torch's state dict of two parameter "
+                             "groups, the backbone's and the partial FC's)")
+        kind = "adamw" if "betas" in groups[0] else "sgd"
+        if kind != optimizer:
+            raise ValueError(f"that run stepped with {'AdamW' if kind == 'adamw' else 'SGD'}, this one with "
+                             f"--optimizer {optimizer}: give --optimizer {kind}")
+        if len(groups[0]["params"]) != len(names):
+            raise ValueError(f"{file}'s optimizer holds {len(groups[0]['params'])} backbone parameters, the network "
+                             f"{len(names)}")
+        # Its state is by position in backbone.parameters(): the weights' names, in that order, say whose.
+        order = [key for key in backbone_state_dict(contents, file) if key in shapes]
+        if order != names:
+            theirs, ours = next(((a, b) for a, b in zip(order, names) if a != b), (len(order), len(names)))
+            raise ValueError(f"{file}'s backbone parameters are not the network's in its order (the first apart: "
+                             f"{theirs}, the network's {ours})")
+        if len(groups[1]["params"]) != 1:
+            raise ValueError(f"{file}'s optimizer holds {len(groups[1]['params'])} partial FC parameters, not its "
+                             "weight alone")
+        for name, index in zip(names, groups[0]["params"]):
+            state = saved["state"].get(index)
+            if state is None:
+                continue
+            bad = [key for key, value in state.items()
+                   if isinstance(value, torch.Tensor) and value.ndim and value.shape != shapes[name]]
+            if bad:
+                raise ValueError(f"{file}'s optimizer state of {name} has {bad[0]} of shape "
+                                 f"{tuple(state[bad[0]].shape)}, the parameter {tuple(shapes[name])}")
+            if rank == 0:  # (the backbone's state is the same on every rank: DDP averaged its gradients)
+                backbone_state[name] = state
+        centre_states.append(saved["state"].get(groups[1]["params"][0]))
+    if all(state is None for state in centre_states):
+        return backbone_state, {}
+    if any(state is None for state in centre_states) or len({frozenset(s) for s in centre_states}) > 1:
+        raise ValueError("the files' optimizer states of the partial FC weight are not alike: not one run's")
+    rows = [contents["state_dict_softmax_fc"]["weight"].shape for _, contents in files]
+    centres = {}
+    for key, first in centre_states[0].items():
+        parts = [state[key] for state in centre_states]
+        if isinstance(first, torch.Tensor) and first.ndim:  # a rank's rows (momentum_buffer, exp_avg, exp_avg_sq)
+            bad = [(file, tuple(part.shape)) for (file, _), part, shape in zip(files, parts, rows)
+                   if part.shape != shape]
+            if bad:
+                raise ValueError(f"{bad[0][0]}'s optimizer state {key} of the partial FC weight has shape {bad[0][1]}, "
+                                 "not its weight's")
+            centres[key] = torch.cat([part.float() for part in parts])
+        else:  # (AdamW's step: one count, every rank's)
+            centres[key] = first
+    return backbone_state, centres
 
 
 def rng_state() -> dict[str, Any]:

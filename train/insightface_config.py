@@ -27,8 +27,8 @@ How its settings map:
 - its partial FC always splits the class centres across the GPUs: ``--sharded-classes`` when
   torchrun starts more than one process (``WORLD_SIZE``), replicated otherwise;
 - ``output`` None -> ``work_dirs/<config name>``, as its ``get_config`` does;
-- ``resume`` -> ``--resume auto``: a run of this trainer in the output folder (arcface_torch's own
-  ``checkpoint_gpu_<rank>.pt`` there is an error that names ``--pretrained_model``);
+- ``resume`` -> ``--resume auto``: a run of this trainer in the output folder, or arcface_torch's own there
+  (its ``checkpoint_gpu_<rank>.pt``, continued with their step, optimizer state and schedule);
 - ``num_classes`` -> ``--num-classes``, checked against the data;
 - ``rec = "synthetic"`` (its configs/speed.py: one fixed random tensor, no decoding) -> ``--data random``,
   fixed random images on the device and labels drawn each step over ``num_classes`` (was ``--data

@@ -907,7 +907,10 @@ class Trainer:
                 dist.barrier()
             if self.is_main and moves:
                 aside = set_aside_earlier_run(self.output)
-                if aside:
+                if aside and os.path.samefile(os.path.dirname(os.path.abspath(resume)), self.output):
+                    # (arcface_torch's run in --output, continued: its files are this run's beginning)
+                    print(f"note: the files arcface_torch wrote for that run are now in {aside}", file=sys.stderr)
+                elif aside:
                     print(f"note: {self.output} held another run than the one in {resume}; its files are now "
                           f"in {aside}", file=sys.stderr)
                     self._follow_teacher_set_aside(aside)
@@ -1075,8 +1078,10 @@ class Trainer:
                 raise SystemExit(f"--resume {resume}: rank(s) {[r for r, (f, _) in enumerate(seen) if not f]} find "
                                  f"no checkpoint at {path}, the others do: every process must see the same checkpoint "
                                  "(an --output folder shared by the nodes)")
-            if not foreign and any(f for _, f in seen):
-                foreign = ["checkpoint_gpu_<rank>.pt"]
+            if len({bool(f) for _, f in seen}) > 1:
+                raise SystemExit(f"--resume auto: rank(s) {[r for r, (_, f) in enumerate(seen) if not f]} find no "
+                                 f"checkpoint_gpu_<rank>.pt of arcface_torch's in {self.output}, the others do: every "
+                                 "process must see the same checkpoint (an --output folder shared by the nodes)")
         if found:
             return path
         if resume != "auto" and os.path.isdir(resume):
@@ -1088,21 +1093,16 @@ class Trainer:
                 shards = []
             if os.path.isfile(inside):
                 then = f": --resume {inside}, or --resume auto with --output {resume}"
-            elif shards:  # (arcface_torch's run folder)
-                then = (f", but holds arcface_torch's {shards[0]}, whose optimizer and schedule cannot be resumed "
-                        f"here: start from its weights with --pretrained_model {os.path.join(resume, shards[0])}")
+            elif shards:  # (arcface_torch's run folder: the run its files are, continued from any one of them)
+                return os.path.join(resume, shards[0])
             else:
                 then = (f", and holds no {checkpoint.CHECKPOINT_NAME}: name the checkpoint file of the run to "
                         "continue")
             raise SystemExit(f"--resume {resume} is a folder, not a checkpoint file{then}")
         if resume != "auto":
             raise SystemExit(f"--resume: no checkpoint at {resume}")
-        if foreign:
-            first = os.path.join(self.output, foreign[0])
-            raise SystemExit(f"--resume auto: {self.output} holds arcface_torch's {foreign[0]}, not a checkpoint of "
-                             "this trainer: its optimizer and schedule cannot be resumed here. Without --resume "
-                             "(config.resume = False), start from its weights and class centres with "
-                             f"--pretrained_model {first} (--max-steps the steps left), or afresh")
+        if foreign:  # (config.resume = True into the folder of a run arcface_torch trained: that run continues)
+            return os.path.join(self.output, foreign[0])
         if self.is_main:
             print(f"note: --resume auto: no checkpoint in {self.output}, starting from scratch", file=sys.stderr)
         return None
@@ -1132,6 +1132,8 @@ class Trainer:
                              f"weights it was exported from with --pretrained_model {weights}") from None
         except ValueError as error:
             raise SystemExit(f"--resume: {error}") from None
+        if isinstance(state, dict) and "state_dict_softmax_fc" in state:
+            return self._load_arcface_torch_state(path, state)
         if not (isinstance(state, dict) and {"args", "step", "optimizer"} <= state.keys()):
             raise SystemExit(f"--resume {path}: not a training checkpoint of this trainer (to start from a "
                              "backbone's weights, use --pretrained_model)")
@@ -1213,6 +1215,75 @@ class Trainer:
                       f"were, and so are the progress lines' epochs (this run reads the data in "
                       f"{count_of(self.steps_per_epoch, 'step')})", file=sys.stderr)
         return state["rng"]
+
+    def _load_arcface_torch_state(self, path: str, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Continues the run that arcface_torch's train_v2.py saved with save_all_states, as its own resume
+        (config.resume) would: the backbone, the class centres and the optimizer's state (momentum, AdamW's
+        moments) put together from every GPU's checkpoint_gpu_<rank>.pt beside ``path``, and the step and the
+        schedule's place from its global_step, which counts passes (a step here is --gradient-acc of them, as
+        insightface_config counts --max-steps). The files hold no fp16 scaler, no generator states and no
+        place in the data: the loss scale starts afresh, and the images come in this trainer's order from the
+        step on. -> the generator states to restore: none, each process seeded from the step."""
+        a = self.args
+        files, why = checkpoint.insightface_run(path, state)
+        centres = None
+        if files is not None:
+            centres, why = checkpoint.insightface_class_centres(path, state, files)
+        if centres is None:
+            raise SystemExit(f"--resume {path}: arcface_torch's run cannot be put together from its files: {why}")
+        weights = checkpoint.submodule_weights(checkpoint.backbone_state_dict(state, path),
+                                               self.backbone.state_dict().keys())
+        try:
+            self.backbone.load_state_dict(weights)
+        except RuntimeError as error:
+            raise SystemExit(f"--resume {path} does not fit --network {a.network} --embedding-size "
+                             f"{a.embedding_size} --image-size {a.image_size}: "
+                             f"{self._weights_held(weights, {}, error)}") from None
+        own = self.margin_loss.state_dict()
+        rows = self.num_classes * getattr(a, "subcenters", 1)
+        if "weight" not in own or tuple(centres.shape) != (rows, a.embedding_size):
+            raise SystemExit(f"{path}: arcface_torch's {len(files)} files hold {centres.shape[0]} x {centres.shape[1]} "
+                             f"class centres, this run {rows} x {a.embedding_size} ({self.num_classes} classes"
+                             + (f" x {a.subcenters} sub-centres" if rows != self.num_classes else "")
+                             + "); resume needs the same data (use --pretrained_model to fine-tune)")
+        own["weight"] = centres
+        self.margin_loss.load_state_dict(own)  # (a sharded loss keeps its rows)
+        try:
+            backbone_state, centre_state = checkpoint.insightface_optimizer_state(files, self.backbone, a.optimizer)
+        except ValueError as error:
+            raise SystemExit(f"--resume {path}: {error}") from None
+        # In this run's own state dict (its groups' settings, this run's options): each state at its parameter.
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        index = {id(p): i for i, p in enumerate(params)}
+        named = dict(self.backbone.named_parameters())
+        saved = self.optimizer.state_dict()
+        saved["state"] = {index[id(named[name])]: value for name, value in backbone_state.items()
+                          if id(named[name]) in index}  # (a parameter this run freezes has none)
+        if centre_state:
+            saved["state"][index[id(self.margin_loss.weight)]] = centre_state
+        self.optimizer.load_state_dict(_copied_tensors(shard_optimizer_state(self.margin_loss, self.optimizer,
+                                                                             saved)))
+        passes = int(state.get("global_step") or 0)
+        self.step = passes // a.gradient_acc
+        # (PolyScheduler's last_epoch is the passes too: its learning rate was the schedule's at them)
+        self.scheduler.last_epoch = self.step
+        schedule = self.scheduler.lr_lambdas[0]
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * schedule(self.step)
+        if self.is_main:
+            left = passes - self.step * a.gradient_acc
+            print(f"resumed arcface_torch's run from {path} and the {len(files) - 1} other checkpoint_gpu_<rank>.pt "
+                  f"beside it at step {self.step} (its epoch {state.get('epoch')}, global_step {passes}"
+                  + (f", {left} pass(es) into a step of --gradient-acc {a.gradient_acc}, whose gradients it did not "
+                     "keep" if left else "")
+                  + "); its fp16 loss scale and place in the data are not in its files: the scale starts afresh, "
+                  "and the images come in this trainer's order", file=sys.stderr)
+            if len(files) != self.world_size:
+                print(f"note: that run had {len(files)} GPUs, this one {self.world_size} process(es): a step's batch "
+                      f"is {self.world_size} x --batch-size {a.batch_size}"
+                      + (f" x --gradient-acc {a.gradient_acc}" if a.gradient_acc > 1 else "")
+                      + f" (its was {len(files)} x its batch_size), the learning rate as it was", file=sys.stderr)
+        return []
 
     def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
         """A resumed run reads the data its checkpoint trained on: the same files (moved, or mounted
@@ -1355,14 +1426,9 @@ class Trainer:
         try:
             self.backbone.load_state_dict(weights)
         except RuntimeError as error:
-            # What the file holds, in the flags' words (load_state_dict's own list runs to pages).
-            # (the network the file records or the trainer's networks recognise, before "another definition")
-            found = checkpoint.held_backbone(weights, recorded, vars(a))
-            holds = (f"it holds --network {found['network']} --embedding-size {found['embedding_size']} "
-                     f"--image-size {found['image_size']}" if found
-                     else checkpoint.foreign_weights(weights, expected) or checkpoint.summarize_load_error(error))
             raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "
-                             f"{a.embedding_size} --image-size {a.image_size}: {holds}") from None
+                             f"{a.embedding_size} --image-size {a.image_size}: "
+                             f"{self._weights_held(weights, recorded, error)}") from None
         if recorded.get("image_size", a.image_size) != a.image_size and self.is_main:
             # The weights fit (a ViT's patches, or an iResNet's last feature map, are as many), but the
             # faces are drawn at another scale than they learnt.
@@ -1404,6 +1470,17 @@ class Trainer:
                 loaded += " and class centres"
         if self.is_main:
             print(f"initialised the {loaded} from {path}", file=sys.stderr)
+
+    def _weights_held(self, weights: dict[str, torch.Tensor], recorded: dict[str, Any], error: RuntimeError) -> str:
+        """What backbone weights that --network does not load hold, in the flags' words (load_state_dict's own
+        list runs to pages): the network the file records or the trainer's networks recognise, else "another
+        definition", else load_state_dict's first lines."""
+        found = checkpoint.held_backbone(weights, recorded, vars(self.args))
+        if found:
+            return (f"it holds --network {found['network']} --embedding-size {found['embedding_size']} "
+                    f"--image-size {found['image_size']}")
+        return (checkpoint.foreign_weights(weights, self.backbone.state_dict().keys())
+                or checkpoint.summarize_load_error(error))
 
     def _load_pretrained_onnx(self, path: str) -> None:
         """The backbone's weights read from an ONNX model (insightface's w600k_r50.onnx, train.export's

@@ -2829,12 +2829,11 @@ def test_resume_given_a_run_folder_names_its_checkpoint(faces, tmp_path):
         main(argv(faces, tmp_path / "other", resume=str(run)))
     assert stop.value.code == (f"train: error: --resume {run} is a folder, not a checkpoint file, and holds no "
                                "checkpoint.pt: name the checkpoint file of the run to continue")
-    (run / "checkpoint_gpu_0.pt").write_bytes(b"")  # (arcface_torch's)
+    (run / "checkpoint_gpu_0.pt").write_bytes(b"")  # (arcface_torch's: its run is continued, from that file)
     with pytest.raises(SystemExit) as stop:
         main(argv(faces, tmp_path / "other", resume=str(run)))
-    assert stop.value.code == (f"train: error: --resume {run} is a folder, not a checkpoint file, but holds "
-                               "arcface_torch's checkpoint_gpu_0.pt, whose optimizer and schedule cannot be resumed "
-                               f"here: start from its weights with --pretrained_model {run / 'checkpoint_gpu_0.pt'}")
+    assert stop.value.code.startswith(f"train: error: --resume: {run / 'checkpoint_gpu_0.pt'}: not a readable "
+                                      "checkpoint")
     (run / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(SystemExit) as stop:
         main(argv(faces, tmp_path / "other", resume=str(run)))
@@ -2911,15 +2910,14 @@ def write_arcface_torch_run(folder, backbone_state, centres, world):
         start += rows
 
 
-def test_resume_auto_into_an_arcface_torch_run_is_refused(faces, tmp_path):
-    """config.resume = True (--resume auto) into the folder of a run arcface_torch trained: its
-    checkpoint_gpu_<rank>.pt cannot be resumed here, and a run from scratch (what it was) is not what
-    was asked for; the error names --pretrained_model, and the folder is left as it was."""
+def test_resume_auto_into_an_arcface_torch_run_takes_its_files(faces, tmp_path):
+    """config.resume = True (--resume auto) into the folder of a run arcface_torch trained continues that run
+    from its checkpoint_gpu_<rank>.pt (test_arcface_torch_resume.py), not a run from scratch: files that do not
+    fit the network are refused, and the folder is left as it was."""
     write_arcface_torch_run(str(tmp_path / "it"), {}, torch.randn(8, 64), world=2)
     before = sorted(os.listdir(tmp_path / "it"))
-    with pytest.raises(SystemExit, match=r"^train: error: --resume auto: .*it holds arcface_torch's "
-                                         r"checkpoint_gpu_0.pt, not a checkpoint of this trainer: .* "
-                                         r"--pretrained_model .*checkpoint_gpu_0.pt "):
+    with pytest.raises(SystemExit, match=r"^train: error: --resume .*it/checkpoint_gpu_0.pt does not fit --network "
+                                         r"small "):
         main(argv(faces, tmp_path / "it", max_steps=1, resume="auto"))
     assert sorted(os.listdir(tmp_path / "it")) == before
 

@@ -1,0 +1,196 @@
+"""--resume of a run that insightface's arcface_torch trained (train_v2.py with save_all_states): its
+checkpoint_gpu_<rank>.pt files, made here as it writes them, continue with their step, learning rate and
+optimizer state, put together from every rank's file; what cannot continue is refused in one line."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+import arcface_ext
+from train import checkpoint
+from train.config import parse_args
+from train.trainer import Trainer, main
+
+from trainer_fixtures import base_argv, faces, one_thread, read_jsonl, train_on_ranks  # noqa: F401
+
+BASE_LR = 0.1
+
+
+def argv(faces, output, **overrides):
+    return base_argv(faces[0], str(output), **{"loss_impl": "reference", "lr": BASE_LR, **overrides})
+
+
+def save_arcface_torch_run(folder, backbone, centres, world, optimizer="sgd", global_step=6, epoch=3):
+    """A CPU re-creation of what train_v2.py saves with save_all_states: on each of ``world`` GPUs, its
+    PartialFC_V2 weight (rows C // W, one more for r < C % W, in class order) and torch's optimizer over its
+    two groups [backbone.parameters(), that weight] after two steps (the backbone's gradients the same on
+    every rank, as DDP averages them; the frozen embedding scale none), and the PolyScheduler's state.
+    -> the per-rank optimizer state dicts, for comparison."""
+    os.makedirs(folder, exist_ok=True)
+    classes, start, saved = centres.shape[0], 0, []
+    for rank in range(world):
+        rows = classes // world + int(rank < classes % world)
+        model = copy.deepcopy(backbone)  # (each GPU's copy of the backbone, stepped alike)
+        weight = torch.nn.Parameter(centres[start:start + rows].clone())
+        groups = [{"params": model.parameters()}, {"params": [weight]}]
+        opt = (torch.optim.SGD(groups, lr=BASE_LR, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd"
+               else torch.optim.AdamW(groups, lr=BASE_LR, weight_decay=5e-4))
+        for step in range(2):
+            generator = torch.Generator().manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=generator) if p.requires_grad else None
+            weight.grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(100 * rank + step))
+            opt.step()
+        weight.data.copy_(centres[start:start + rows])  # (the weights compared: the file's, whatever the steps did)
+        torch.save({"epoch": epoch, "global_step": global_step, "state_dict_backbone": backbone.state_dict(),
+                    "state_dict_softmax_fc": {"weight": weight.detach()}, "state_optimizer": opt.state_dict(),
+                    "state_lr_scheduler": {"base_lr": BASE_LR, "last_epoch": global_step}},
+                   os.path.join(folder, f"checkpoint_gpu_{rank}.pt"))
+        saved.append(opt.state_dict())
+        start += rows
+    return saved
+
+
+@pytest.fixture
+def arcface_torch_run(faces, tmp_path):
+    """(this trainer's fresh backbone and centres, the folder of an arcface_torch run of them on 3 GPUs: 8
+    classes split 3/3/2, their optimizer states)."""
+    fresh = Trainer(parse_args(argv(faces, tmp_path / "fresh", max_steps=1)))
+    fresh.release_output()
+    centres = torch.randn(fresh.margin_loss.weight.shape)
+    states = save_arcface_torch_run(str(tmp_path / "it"), fresh.backbone, centres, world=3)
+    return fresh.backbone, centres, tmp_path / "it", states
+
+
+def test_an_arcface_torch_run_continues_with_its_step_lr_and_momentum(faces, tmp_path, arcface_torch_run, capsys):
+    backbone, centres, folder, states = arcface_torch_run
+    run = Trainer(parse_args(argv(faces, tmp_path / "on", max_steps=20, warmup_steps=2,
+                                  resume=str(folder / "checkpoint_gpu_1.pt"))))
+    run.release_output()
+    assert "resumed arcface_torch's run from" in capsys.readouterr().err
+    assert run.step == 6 and run.scheduler.last_epoch == 6
+    poly = (1 - (6 - 2) / (20 - 2)) ** 2  # (--lr-schedule poly, insightface_config's)
+    assert all(group["lr"] == pytest.approx(BASE_LR * poly) for group in run.optimizer.param_groups)
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in run.backbone.state_dict().items())
+    assert torch.equal(run.margin_loss.weight.detach(), centres)
+    # The backbone's momentum, parameter by parameter in insightface's order; the frozen scale has none.
+    names = [name for name, _ in backbone.named_parameters()]
+    for name, param in run.backbone.named_parameters():
+        theirs = states[0]["state"].get(names.index(name))
+        if theirs is None:
+            assert not param.requires_grad and param not in run.optimizer.state
+        else:
+            assert torch.equal(run.optimizer.state[param]["momentum_buffer"], theirs["momentum_buffer"]), name
+    assert len(states[0]["state"]) == len(run.optimizer.state)  # (the backbone's and the centres')
+    # The centres' momentum: the three ranks' rows in class order.
+    assembled = torch.cat([s["state"][len(names)]["momentum_buffer"] for s in states])
+    assert torch.equal(run.optimizer.state[run.margin_loss.weight]["momentum_buffer"], assembled)
+
+
+def test_an_arcface_torch_run_trains_on_from_its_folder_and_from_auto(faces, tmp_path, arcface_torch_run, capsys):
+    """--resume FOLDER, and --resume auto into that folder (config.resume = True): the steps after its own, in
+    this trainer's checkpoint; arcface_torch's files set aside in the folder it continues in."""
+    _, _, folder, _ = arcface_torch_run
+    assert main(argv(faces, tmp_path / "on", max_steps=8, resume=str(folder))) == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "on" / "metrics.jsonl")] == [7, 8]
+    assert checkpoint.load(str(tmp_path / "on" / "checkpoint.pt"))["step"] == 8
+    capsys.readouterr()
+    assert main(argv(faces, folder, max_steps=8, resume="auto")) == 0
+    assert "note: the files arcface_torch wrote for that run are now in" in capsys.readouterr().err
+    assert checkpoint.load(str(folder / "checkpoint.pt"))["step"] == 8
+    assert sorted(n for n in os.listdir(folder / "earlier-1") if n.startswith("checkpoint_gpu")) == [
+        "checkpoint_gpu_0.pt", "checkpoint_gpu_1.pt", "checkpoint_gpu_2.pt"]
+
+
+def _resumed_shard(argv):
+    """On a rank: the run that --resume makes (nothing trained), its rows of the class centres and their
+    momentum written into --output as rank<r>.pt."""
+    run = Trainer(parse_args(argv))
+    run.release_output()
+    loss = run.margin_loss
+    torch.save({"start": loss.class_start, "weight": loss.weight.detach(),
+                "momentum": run.optimizer.state[loss.weight]["momentum_buffer"]},
+               os.path.join(run.output, f"rank{os.environ['RANK']}.pt"))
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not arcface_ext.extension_available(), reason="--sharded-classes runs on the built extension")
+def test_sharded_classes_take_their_rows_of_the_assembled_state(faces, tmp_path, arcface_torch_run):
+    # arcface_torch's 3 GPUs' files (rows 3/3/2) continued on 2 processes with --sharded-classes (4/4 each).
+    _, centres, folder, states = arcface_torch_run
+    index = len(states[0]["param_groups"][0]["params"])
+    momentum = torch.cat([s["state"][index]["momentum_buffer"] for s in states])
+    done = train_on_ranks(argv(faces, tmp_path / "on", sharded_classes=True, loss_impl="fused", resume=str(folder)),
+                          nprocs=2, main=_resumed_shard)
+    assert done.returncode == 0, done.stderr
+    for rank in range(2):
+        shard = torch.load(tmp_path / "on" / f"rank{rank}.pt")
+        rows = slice(shard["start"], shard["start"] + shard["weight"].shape[0])
+        assert shard["weight"].shape[0] == 4 and torch.equal(shard["weight"], centres[rows])
+        assert torch.equal(shard["momentum"], momentum[rows])
+
+
+def test_gradient_accumulation_counts_its_passes_as_steps(faces, tmp_path, arcface_torch_run, capsys):
+    # global_step counts passes (its scheduler steps each pass); a step here is --gradient-acc of them.
+    backbone, centres, folder, _ = arcface_torch_run
+    save_arcface_torch_run(str(folder), backbone, centres, world=3, global_step=7)
+    run = Trainer(parse_args(argv(faces, tmp_path / "on", max_steps=20, batch_size=8, gradient_acc=2,
+                                  resume=str(folder / "checkpoint_gpu_0.pt"))))
+    run.release_output()
+    assert run.step == 3 and run.scheduler.last_epoch == 3
+    assert "global_step 7, 1 pass(es) into a step of --gradient-acc 2" in capsys.readouterr().err
+
+
+def test_an_adamw_run_continues_with_its_moments(faces, tmp_path, arcface_torch_run):
+    backbone, centres, folder, _ = arcface_torch_run
+    states = save_arcface_torch_run(str(folder), backbone, centres, world=3, optimizer="adamw")
+    run = Trainer(parse_args(argv(faces, tmp_path / "on", optimizer="adamw", resume=str(folder))))
+    run.release_output()
+    ours = run.optimizer.state[run.margin_loss.weight]
+    index = len(list(backbone.parameters()))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(ours[key], torch.cat([s["state"][index][key] for s in states]))
+    assert float(ours["step"]) == 2.0
+    conv = dict(run.backbone.named_parameters())["conv1.weight"]
+    assert torch.equal(run.optimizer.state[conv]["exp_avg"], states[0]["state"][0]["exp_avg"])
+
+
+def test_what_cannot_continue_is_refused_in_a_line(faces, tmp_path, arcface_torch_run):
+    backbone, centres, folder, _ = arcface_torch_run
+    first = folder / "checkpoint_gpu_0.pt"
+
+    def refusal(**overrides):
+        with pytest.raises(SystemExit) as stop:
+            main(argv(faces, tmp_path / "on", **{"resume": str(first), **overrides}))
+        assert "\n" not in stop.value.code
+        return stop.value.code
+
+    assert refusal(optimizer="adamw") == (f"train: error: --resume {first}: that run stepped with SGD, this one with "
+                                          "--optimizer adamw: give --optimizer sgd")
+    assert refusal(embedding_size=32) == (f"train: error: --resume {first} does not fit --network small "
+                                          "--embedding-size 32 --image-size 32: it holds --network small "
+                                          "--embedding-size 64 --image-size 32")
+    # Its optimizer over other parameters than the network's: of another shape, fewer.
+    state = torch.load(first)
+    shape = tuple(state["state_optimizer"]["state"][0]["momentum_buffer"].shape)
+    state["state_optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(2, 2)
+    torch.save(state, first)
+    assert refusal() == (f"train: error: --resume {first}: checkpoint_gpu_0.pt's optimizer state of conv1.weight has "
+                         f"momentum_buffer of shape (2, 2), the parameter {shape}")
+    state["state_optimizer"]["param_groups"][0]["params"].pop()
+    torch.save(state, first)
+    assert refusal().startswith(f"train: error: --resume {first}: checkpoint_gpu_0.pt's optimizer holds "
+                                f"{len(list(backbone.parameters())) - 1} backbone parameters, the network "
+                                f"{len(list(backbone.parameters()))}")
+    # A rank's file missing; a run of another number of classes.
+    os.remove(first)
+    assert refusal(resume=str(folder)) == (f"train: error: --resume {folder / 'checkpoint_gpu_1.pt'}: arcface_torch's "
+                                           "run cannot be put together from its files: no checkpoint_gpu_0.pt beside "
+                                           "it")
+    save_arcface_torch_run(str(folder), backbone, centres[:7], world=3)
+    assert refusal() == (f"train: error: {first}: arcface_torch's 3 files hold 7 x 64 class centres, this run 8 x 64 "
+                         "(8 classes); resume needs the same data (use --pretrained_model to fine-tune)")
