@@ -41,7 +41,9 @@ their gradients and the optimiser's momentum (the class centres are most of it a
 then bisection to 1%), within --max-c-seconds shared between the losses.
 """
 import argparse
+import contextlib
 import datetime
+import io
 import gc
 import os
 import statistics
@@ -112,15 +114,30 @@ class EagerPartialFC(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
+def trainer_options(num_classes, options, device):
+    """The trainer's options for this step (its parser: the network, the loss, the optimiser as it makes them).
+    What it refuses (argparse's usage and error, or its own line) is one line, without the trainer's usage."""
+    argv = ["--data", "random", "--num-classes", str(num_classes), "--network", options.network,
+            "--image-size", str(options.image_size), "--embedding-size", str(options.embedding_size),
+            "--batch-size", str(options.batch_size), "--amp", options.amp, "--loss-amp", options.loss_amp,
+            "--sample-rate", str(options.sample_rate), "--device", str(device), "--val-targets", "none",
+            "--num-workers", "0"]
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            args = trainer_args(argv)
+    except SystemExit as error:
+        lines = said.getvalue().strip().splitlines()
+        raise SystemExit(lines[-1].split(": error: ", 1)[-1] if lines else error.code) from None
+    sys.stderr.write(said.getvalue())  # (its notes)
+    return args
+
+
 class Step:
     """One impl's training step at one C: its backbone, loss, optimiser and gradient scaler."""
 
     def __init__(self, impl, num_classes, options, device):
-        args = trainer_args(["--data", "random", "--num-classes", str(num_classes), "--network", options.network,
-                             "--image-size", str(options.image_size), "--embedding-size", str(options.embedding_size),
-                             "--batch-size", str(options.batch_size), "--amp", options.amp,
-                             "--loss-amp", options.loss_amp, "--sample-rate", str(options.sample_rate),
-                             "--device", str(device), "--val-targets", "none", "--num-workers", "0"])
+        args = trainer_options(num_classes, options, device)
         self.args, self.device, self.impl = args, device, impl
         torch.manual_seed(options.seed)
         with device:  # (made on the device: millions of centres drawn on the host first took seconds each)
@@ -324,6 +341,7 @@ def main(argv=None):
     args.batch_size = args.batch_size or defaults["batch_size"]
     class_counts = args.C or defaults["C"]
     device = torch.device(args.device)
+    trainer_options(class_counts[0], args, device)  # (what it refuses, before the first model is made)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # (as the trainer sets it)
 

@@ -250,3 +250,15 @@ def test_a_run_on_random_data_read_from_another_folder_keeps_its_data_a_name(tmp
     monkeypatch.chdir(tmp_path)
     assert run_paths({"data": "random"}, str(started_in))["data"] == "random"
     assert run_paths({"data": "synthetic"}, str(started_in))["data"] == "synthetic"
+
+
+def test_bench_step_says_what_the_trainers_options_refuse_in_one_line(capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_step")
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--network", "nosuch", "--C", "10", "--no-memory"])
+    assert str(refused.value.code).startswith("argument --network: invalid choice: 'nosuch'")
+    assert "usage" not in capsys.readouterr().err  # (not the trainer's usage, forty lines of it)
+    with pytest.raises(SystemExit, match=r"^--sample-rate must be in \(0, 1\], got 1.5$"):
+        bench.main(["--sample-rate", "1.5", "--C", "10", "--no-memory"])
