@@ -1231,7 +1231,9 @@ class Trainer:
             centres, why = checkpoint.insightface_class_centres(path, state, files)
         if centres is None:
             raise SystemExit(f"--resume {path}: arcface_torch's run cannot be put together from its files: {why}")
-        weights = checkpoint.submodule_weights(checkpoint.backbone_state_dict(state, path),
+        # Rank 0's backbone, as its model.pt: its DDP does not broadcast buffers, so that each GPU's BatchNorm
+        # statistics are its own (the weights are every rank's).
+        weights = checkpoint.submodule_weights(checkpoint.backbone_state_dict(files[0][1], files[0][0]),
                                                self.backbone.state_dict().keys())
         try:
             self.backbone.load_state_dict(weights)

@@ -89,6 +89,17 @@ def test_an_arcface_torch_run_continues_with_its_step_lr_and_momentum(faces, tmp
     assert torch.equal(run.optimizer.state[run.margin_loss.weight]["momentum_buffer"], assembled)
 
 
+def test_the_backbone_is_rank_0s_whichever_file_is_given(faces, tmp_path, arcface_torch_run):
+    # Its DDP does not broadcast buffers: each GPU's BatchNorm statistics are its own; its model.pt is rank 0's.
+    backbone, _, folder, _ = arcface_torch_run
+    other = torch.load(folder / "checkpoint_gpu_2.pt")
+    other["state_dict_backbone"]["bn1.running_mean"] += 1
+    torch.save(other, folder / "checkpoint_gpu_2.pt")
+    run = Trainer(parse_args(argv(faces, tmp_path / "on", resume=str(folder / "checkpoint_gpu_2.pt"))))
+    run.release_output()
+    assert torch.equal(run.backbone.bn1.running_mean, backbone.bn1.running_mean)
+
+
 def test_an_arcface_torch_run_trains_on_from_its_folder_and_from_auto(faces, tmp_path, arcface_torch_run, capsys):
     """--resume FOLDER, and --resume auto into that folder (config.resume = True): the steps after its own, in
     this trainer's checkpoint; arcface_torch's files set aside in the folder it continues in."""
