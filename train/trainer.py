@@ -236,18 +236,19 @@ def _copied_tensors(value: Any) -> Any:
     return value
 
 
-def set_aside_earlier_run(output: str) -> str | None:
+def set_aside_earlier_run(output: str, keep: bool = False) -> str | None:
     """Before a fresh run writes into ``output``: when the folder holds another run (a checkpoint,
     or logged steps; or arcface_torch's ``training.log`` or ``checkpoint_gpu_<rank>.pt``), move that
     run's files into a new subfolder ``earlier-<n>`` and return it, so that nothing the earlier run
     wrote is overwritten or mixed with this one's. Only the files a run writes move; anything else in
-    the folder stays."""
+    the folder stays. ``keep``: arcface_torch's ``checkpoint_gpu_<rank>.pt`` stay (the run they are goes
+    on here: until this run's first checkpoint, they are what ``--resume auto`` continues)."""
     def non_empty(name):
         path = os.path.join(output, name)
         return os.path.isfile(path) and os.path.getsize(path) > 0
     # A run of arcface_torch's train_v2.py: an arcface_torch config names the same folder for this
     # trainer (work_dirs/<config name>), where this run's TensorBoard events went into its tensorboard/.
-    insightface = checkpoint.insightface_shards(output)
+    insightface = [] if keep else checkpoint.insightface_shards(output)
     if insightface or non_empty("training.log"):
         insightface += ["training.log", "model.pt"]
     if not (os.path.exists(os.path.join(output, checkpoint.CHECKPOINT_NAME)) or non_empty("metrics.jsonl")
@@ -905,11 +906,16 @@ class Trainer:
             wandb_run = self._start_wandb()
             if self.distributed and moves:  # every rank has read the checkpoint before its folder changes
                 dist.barrier()
+            # arcface_torch's run in --output, continued there: its checkpoint_gpu_<rank>.pt stay, for --resume auto
+            # to find again should this run stop before its first checkpoint (in earlier-<n>/ it started afresh).
+            in_place = (bool(checkpoint.INSIGHTFACE_SHARD.fullmatch(os.path.basename(resume)))
+                        and os.path.samefile(os.path.dirname(os.path.abspath(resume)), self.output))
             if self.is_main and moves:
-                aside = set_aside_earlier_run(self.output)
-                if aside and os.path.samefile(os.path.dirname(os.path.abspath(resume)), self.output):
-                    # (arcface_torch's run in --output, continued: its files are this run's beginning)
-                    print(f"note: the files arcface_torch wrote for that run are now in {aside}", file=sys.stderr)
+                aside = set_aside_earlier_run(self.output, keep=in_place)
+                if aside and in_place:
+                    print(f"note: the other files in {self.output} (arcface_torch's log, an earlier start's) are now "
+                          f"in {aside}; its checkpoint_gpu_<rank>.pt stay, which --resume auto continues until this "
+                          f"run writes its {checkpoint.CHECKPOINT_NAME}", file=sys.stderr)
                 elif aside:
                     print(f"note: {self.output} held another run than the one in {resume}; its files are now "
                           f"in {aside}", file=sys.stderr)
@@ -1244,8 +1250,9 @@ class Trainer:
         own = self.margin_loss.state_dict()
         rows = self.num_classes * getattr(a, "subcenters", 1)
         if "weight" not in own or tuple(centres.shape) != (rows, a.embedding_size):
-            raise SystemExit(f"{path}: arcface_torch's {len(files)} files hold {centres.shape[0]} x {centres.shape[1]} "
-                             f"class centres, this run {rows} x {a.embedding_size} ({self.num_classes} classes"
+            raise SystemExit(f"--resume {path}: arcface_torch's {len(files)} files hold {centres.shape[0]} x "
+                             f"{centres.shape[1]} class centres, this run {rows} x {a.embedding_size} "
+                             f"({self.num_classes} classes"
                              + (f" x {a.subcenters} sub-centres" if rows != self.num_classes else "")
                              + "); resume needs the same data (use --pretrained_model to fine-tune)")
         own["weight"] = centres

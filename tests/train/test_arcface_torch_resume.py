@@ -102,17 +102,36 @@ def test_the_backbone_is_rank_0s_whichever_file_is_given(faces, tmp_path, arcfac
 
 def test_an_arcface_torch_run_trains_on_from_its_folder_and_from_auto(faces, tmp_path, arcface_torch_run, capsys):
     """--resume FOLDER, and --resume auto into that folder (config.resume = True): the steps after its own, in
-    this trainer's checkpoint; arcface_torch's files set aside in the folder it continues in."""
+    this trainer's checkpoint; arcface_torch's log set aside in the folder it continues in, its checkpoints kept
+    there beside this trainer's."""
     _, _, folder, _ = arcface_torch_run
     assert main(argv(faces, tmp_path / "on", max_steps=8, resume=str(folder))) == 0
     assert [r["step"] for r in read_jsonl(tmp_path / "on" / "metrics.jsonl")] == [7, 8]
     assert checkpoint.load(str(tmp_path / "on" / "checkpoint.pt"))["step"] == 8
     capsys.readouterr()
+    (folder / "training.log").write_text("arcface_torch's log\n")
     assert main(argv(faces, folder, max_steps=8, resume="auto")) == 0
-    assert "note: the files arcface_torch wrote for that run are now in" in capsys.readouterr().err
+    assert (f"note: the other files in {folder} (arcface_torch's log, an earlier start's) are now in "
+            f"{folder / 'earlier-1'}; its checkpoint_gpu_<rank>.pt stay" in capsys.readouterr().err)
     assert checkpoint.load(str(folder / "checkpoint.pt"))["step"] == 8
-    assert sorted(n for n in os.listdir(folder / "earlier-1") if n.startswith("checkpoint_gpu")) == [
+    assert (folder / "earlier-1" / "training.log").read_text() == "arcface_torch's log\n"
+    assert sorted(n for n in os.listdir(folder) if n.startswith("checkpoint_gpu")) == [
         "checkpoint_gpu_0.pt", "checkpoint_gpu_1.pt", "checkpoint_gpu_2.pt"]
+
+
+def test_auto_continues_arcface_torch_s_run_again_after_a_start_that_wrote_no_checkpoint(faces, tmp_path,
+                                                                                         arcface_torch_run, capsys):
+    # A first start into its folder that stops before this trainer's first checkpoint (a crash, a second
+    # Ctrl-C): the same command again continues its run, not one from scratch (its files were in earlier-1/).
+    _, _, folder, _ = arcface_torch_run
+    first = Trainer(parse_args(argv(faces, folder, max_steps=20, resume="auto")))
+    first.release_output()
+    (folder / "metrics.jsonl").write_text('{"step": 7}\n')  # (what that start logged)
+    capsys.readouterr()
+    again = Trainer(parse_args(argv(faces, folder, max_steps=20, resume="auto")))
+    again.release_output()
+    assert again.step == 6 and "resumed arcface_torch's run from" in capsys.readouterr().err
+    assert (folder / "earlier-1" / "metrics.jsonl").read_text() == '{"step": 7}\n'
 
 
 def _resumed_shard(argv):
@@ -203,5 +222,5 @@ def test_what_cannot_continue_is_refused_in_a_line(faces, tmp_path, arcface_torc
                                            "run cannot be put together from its files: no checkpoint_gpu_0.pt beside "
                                            "it")
     save_arcface_torch_run(str(folder), backbone, centres[:7], world=3)
-    assert refusal() == (f"train: error: {first}: arcface_torch's 3 files hold 7 x 64 class centres, this run 8 x 64 "
-                         "(8 classes); resume needs the same data (use --pretrained_model to fine-tune)")
+    assert refusal() == (f"train: error: --resume {first}: arcface_torch's 3 files hold 7 x 64 class centres, this "
+                         "run 8 x 64 (8 classes); resume needs the same data (use --pretrained_model to fine-tune)")
