@@ -1282,7 +1282,7 @@ class Trainer:
         if self.is_main:
             left = passes - self.step * a.gradient_acc
             print(f"resumed arcface_torch's run from {path} and the {len(files) - 1} other checkpoint_gpu_<rank>.pt "
-                  f"beside it at step {self.step} (its epoch {state.get('epoch')}, global_step {passes}"
+                  f"beside it at step {self.step} (after its {state.get('epoch')} epoch(s), global_step {passes}"
                   + (f", {left} pass(es) into a step of --gradient-acc {a.gradient_acc}, whose gradients it did not "
                      "keep" if left else "")
                   + "); its fp16 loss scale and place in the data are not in its files: the scale starts afresh, "
@@ -1292,7 +1292,37 @@ class Trainer:
                       f"is {self.world_size} x --batch-size {a.batch_size}"
                       + (f" x --gradient-acc {a.gradient_acc}" if a.gradient_acc > 1 else "")
                       + f" (its was {len(files)} x its batch_size), the learning rate as it was", file=sys.stderr)
+            apart = self._settings_apart_from_arcface_torch(state)
+            if apart:
+                print(f"note: that run's files record other settings than this run's: {apart}; it goes on with this "
+                      "run's (give that run's config as --config to go on as it went)", file=sys.stderr)
         return []
+
+    def _settings_apart_from_arcface_torch(self, state: dict[str, Any]) -> str:
+        """The settings that an arcface_torch checkpoint_gpu_<rank>.pt records and this run does not share, in the
+        flags' words ("" where none): its optimizer's first group (learning rate, weight decay, SGD's momentum)
+        and its PolyScheduler's max_steps and warmup_steps, which count passes (a step here is --gradient-acc of
+        them). A negative warm-up, which insightface_config turns into none at a lower --lr, is not compared."""
+        a = self.args
+        group = state["state_optimizer"]["param_groups"][0]
+        schedule = state.get("state_lr_scheduler")
+        schedule = schedule if isinstance(schedule, dict) else {}
+        warmup = schedule.get("warmup_steps")
+        warmup = warmup if isinstance(warmup, (int, float)) and not isinstance(warmup, bool) else None
+        theirs: dict[str, tuple[Any, Any]] = {}
+        if warmup is None or warmup >= 0:
+            theirs["--lr"] = (group.get("initial_lr", group.get("lr")), self.scheduler.base_lrs[0])
+            if warmup is not None:
+                theirs["--warmup-steps"] = (int(warmup) // a.gradient_acc, self.scheduler.lr_lambdas[0].warmup_steps)
+        if isinstance(schedule.get("max_steps"), int):
+            theirs["--max-steps"] = (schedule["max_steps"] // a.gradient_acc, a.max_steps)
+        theirs["--decay"] = (group.get("weight_decay"), self.optimizer.param_groups[0].get("weight_decay"))
+        if a.optimizer == "sgd":
+            theirs["--momentum"] = (group.get("momentum"), self.optimizer.param_groups[0].get("momentum"))
+        return ", ".join(f"its {flag[2:]} {value:g}, this run's {flag} {ours:g}"
+                         for flag, (value, ours) in theirs.items()
+                         if isinstance(value, (int, float)) and isinstance(ours, (int, float))
+                         and not math.isclose(value, ours, rel_tol=1e-6))
 
     def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
         """A resumed run reads the data its checkpoint trained on: the same files (moved, or mounted

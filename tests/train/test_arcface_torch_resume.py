@@ -22,12 +22,13 @@ def argv(faces, output, **overrides):
     return base_argv(faces[0], str(output), **{"loss_impl": "reference", "lr": BASE_LR, **overrides})
 
 
-def save_arcface_torch_run(folder, backbone, centres, world, optimizer="sgd", global_step=6, epoch=3):
+def save_arcface_torch_run(folder, backbone, centres, world, optimizer="sgd", global_step=6, epoch=3, schedule=None):
     """A CPU re-creation of what train_v2.py saves with save_all_states: on each of ``world`` GPUs, its
     PartialFC_V2 weight (rows C // W, one more for r < C % W, in class order) and torch's optimizer over its
     two groups [backbone.parameters(), that weight] after two steps (the backbone's gradients the same on
     every rank, as DDP averages them; the frozen embedding scale none), and the PolyScheduler's state.
-    -> the per-rank optimizer state dicts, for comparison."""
+    (``schedule``: its max_steps and warmup_steps, in passes, where given.) -> the per-rank optimizer state dicts,
+    for comparison."""
     os.makedirs(folder, exist_ok=True)
     classes, start, saved = centres.shape[0], 0, []
     for rank in range(world):
@@ -46,7 +47,7 @@ def save_arcface_torch_run(folder, backbone, centres, world, optimizer="sgd", gl
         weight.data.copy_(centres[start:start + rows])  # (the weights compared: the file's, whatever the steps did)
         torch.save({"epoch": epoch, "global_step": global_step, "state_dict_backbone": backbone.state_dict(),
                     "state_dict_softmax_fc": {"weight": weight.detach()}, "state_optimizer": opt.state_dict(),
-                    "state_lr_scheduler": {"base_lr": BASE_LR, "last_epoch": global_step}},
+                    "state_lr_scheduler": {"base_lr": BASE_LR, "last_epoch": global_step, **(schedule or {})}},
                    os.path.join(folder, f"checkpoint_gpu_{rank}.pt"))
         saved.append(opt.state_dict())
         start += rows
@@ -173,6 +174,24 @@ def test_gradient_accumulation_counts_its_passes_as_steps(faces, tmp_path, arcfa
     run.release_output()
     assert run.step == 3 and run.scheduler.last_epoch == 3
     assert "global_step 7, 1 pass(es) into a step of --gradient-acc 2" in capsys.readouterr().err
+
+
+def test_settings_its_files_record_apart_from_this_runs_are_noted(faces, tmp_path, arcface_torch_run, capsys):
+    # Its optimizer's groups keep lr (initial_lr), weight_decay and momentum, its PolyScheduler max_steps and
+    # warmup_steps in passes: the same settings (its steps halved by --gradient-acc 2) go on without a note.
+    backbone, centres, folder, _ = arcface_torch_run
+    save_arcface_torch_run(str(folder), backbone, centres, world=3, schedule={"max_steps": 40, "warmup_steps": 4})
+    same = argv(faces, tmp_path / "on", max_steps=20, warmup_steps=2, batch_size=8, gradient_acc=2,
+                resume=str(folder))
+    Trainer(parse_args(same)).release_output()
+    assert "other settings" not in capsys.readouterr().err
+    other = argv(faces, tmp_path / "on2", max_steps=30, warmup_steps=2, batch_size=8, gradient_acc=2, lr=0.2,
+                 decay=1e-4, resume=str(folder))
+    Trainer(parse_args(other)).release_output()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "other settings" in line]
+    assert notes == ["note: that run's files record other settings than this run's: its lr 0.1, this run's --lr 0.2, "
+                     "its max-steps 20, this run's --max-steps 30, its decay 0.0005, this run's --decay 0.0001; it "
+                     "goes on with this run's (give that run's config as --config to go on as it went)"]
 
 
 def test_an_adamw_run_continues_with_its_moments(faces, tmp_path, arcface_torch_run):
