@@ -48,6 +48,70 @@ def load_model(path: str, device) -> tuple[torch.nn.Module, dict]:
     return checkpoint.load_backbone(path)
 
 
+AMP_HELP = ("autocast the network's trunk to this type (default: a training checkpoint's own --amp, as its run "
+            "verified; none for other models)")
+
+
+def add_amp_option(p: argparse.ArgumentParser, help: str = AMP_HELP) -> None:
+    """The --amp of the tools that embed images (``set_amp`` applies it)."""
+    p.add_argument("--amp", choices=("none", "fp16", "bf16"), default=None, help=help)
+
+
+def run_options(path: str) -> tuple[dict, str | None]:
+    """The options of the run whose training checkpoint ``path`` is ({} for other models), and the folder it
+    ran in, which its relative paths are relative to (None where the checkpoint does not record it)."""
+    from .onnx_backbone import is_onnx_file
+
+    if is_onnx_file(path):
+        return {}, None
+    try:  # mapped: a checkpoint's class centres and optimizer state are not read for its options
+        state = checkpoint.load(path, mmap=True)
+    except ValueError:  # a file of torch's legacy format, which cannot be mapped (none of this trainer's)
+        state = checkpoint.load(path)
+    if not isinstance(state, dict):
+        return {}, None
+    run, folder = state.get("args"), state.get("working_directory")
+    return (run if isinstance(run, dict) else {}), (folder if isinstance(folder, str) else None)
+
+
+def set_amp(model: torch.nn.Module, amp: str | None, model_path: str, run: dict | None = None, *, device=None,
+            done: str = "embedded", figures: str = "") -> None:
+    """The trunk's autocast: ``amp`` (the tool's --amp), else the run's own (``run``, the checkpoint's options;
+    read from ``model_path`` when None). A run trained with ``--amp`` verified under it (its backbone autocasts
+    its trunk, as insightface's does), and fp32 gives other embeddings: a pair near a threshold can change sides.
+    An ONNX model runs as its graph is: an ``amp`` given is refused. With ``device`` a CPU, fp16 is not taken
+    (torch's CPU fp16 convolutions: r18, 8 images at 112 px, 19 s against 0.6 s in fp32 and 0.26 s in bf16):
+    refused where given, fp32 with a note where it is the run's. ``done`` and ``figures``: the note's words."""
+    given = amp
+    if run is None:
+        run = run_options(model_path)[0]
+    amp = given if given is not None else run.get("amp", "none")
+    if amp == "none" and not hasattr(model, "amp"):
+        return
+    if not hasattr(model, "amp"):
+        from .onnx_backbone import OnnxBackbone
+
+        if given is None and not isinstance(model, OnnxBackbone):
+            # The run's own amp, not asked for here: a factory that took amp= used it as it built the network,
+            # and load_backbone builds it without (was refused as if --amp had been given).
+            print(f"the run trained under --amp {amp}; this network of its own (package.module:factory) has no amp "
+                  f"attribute to autocast by: {done} in fp32 (--amp none: without this note)", file=sys.stderr)
+            return
+        raise ValueError(f"--amp {amp}: {model_path} " + (
+            "is an ONNX model, run as its graph is" if isinstance(model, OnnxBackbone) else
+            "is a network of its own (package.module:factory) that has no amp attribute to autocast by"))
+    if amp == "fp16" and device is not None and torch.device(device).type == "cpu":
+        if given is not None:
+            raise ValueError("--amp fp16 on the CPU: torch's fp16 convolutions there run some 30x slower than fp32 "
+                             "(--amp bf16 autocasts on the CPU)")
+        print(f"the run trained under --amp fp16, some 30x slower than fp32 on the CPU (torch's fp16 convolutions): "
+              f"{done} in fp32 (--amp bf16 to autocast)", file=sys.stderr)
+        amp = "none"
+    model.amp = amp
+    if given is None and amp != "none":
+        print(f"the trunk under --amp {amp}, as the run verified ({figures}--amp none for fp32)", file=sys.stderr)
+
+
 def list_images(folder: str) -> list[str]:
     """Image files under ``folder`` (recursively, into linked folders too, each folder once), sorted."""
     found, seen = [], set()

@@ -345,7 +345,7 @@ def _export(args: argparse.Namespace) -> int:
 def _int8_inputs(args: argparse.Namespace, image_size: int) -> tuple[quantize.Faces, dict]:
     """--int8's faces (the run's --data where no FACES is given) and the verification sets of
     --int8-targets (the run's --val-targets where not given)."""
-    from .verify import run_options
+    from .embed import run_options
 
     run, started_in = run_options(args.checkpoint)
     run = quantize.run_paths(run, started_in)

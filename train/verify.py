@@ -28,7 +28,7 @@ from .signals import run_tool, signals_held, stop_while_importing  # (the standa
 with stop_while_importing(__name__, "verify: "):
     from . import checkpoint, rfw
     from .data import SYNTHETIC, build_verification_sets, data_folders, find_target, is_target_path
-    from .embed import load_model
+    from .embed import add_amp_option, load_model, run_options, set_amp
     from .tools import ArgumentParser, check_outputs, path_arg, torch_device
     from .verification import evaluate, read_pairs_list
 
@@ -62,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the model runs: cpu, cuda, cuda:1, mps, xpu, ... (default: cpu)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")
-    p.add_argument("--amp", choices=("none", "fp16", "bf16"), default=None,
-                   help="autocast the network's trunk to this type (default: a training checkpoint's own --amp, as "
-                   "its run verified; none for other models)")
+    add_amp_option(p)
     p.add_argument("--output", type=path_arg, default=None, help="also write the results as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace --output when it exists; without it it is kept")
     args = p.parse_args(argv)
@@ -115,7 +113,9 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     model, settings = load_model(args.model, device)
     size = settings["image_size"]
     run_args = _run_args(args.model)
-    _set_amp(model, args, run_args)
+    # (on any device, fp16 too: the run's own figures come on its device type)
+    set_amp(model, args.amp, args.model, run_args, done="verified",
+            figures="on the run's device type, its figures; ")
     seed = args.seed if args.seed is not None else 0
     if args.data == SYNTHETIC and args.seed is None and not all(map(is_target_path, targets)):  # (paths alone: none)
         run_seed = run_args.get("seed") if isinstance(run_args.get("seed"), int) else None
@@ -174,49 +174,6 @@ def _progress(total: int, name: str):
 def _run_args(path: str) -> dict:
     """The options of the run whose training checkpoint ``path`` is; {} for other models."""
     return run_options(path)[0]
-
-
-def run_options(path: str) -> tuple[dict, str | None]:
-    """The options of the run whose training checkpoint ``path`` is ({} for other models), and the folder it
-    ran in, which its relative paths are relative to (None where the checkpoint does not record it)."""
-    from .onnx_backbone import is_onnx_file
-
-    if is_onnx_file(path):
-        return {}, None
-    try:  # mapped: a checkpoint's class centres and optimizer state are not read for its options
-        state = checkpoint.load(path, mmap=True)
-    except ValueError:  # a file of torch's legacy format, which cannot be mapped (none of this trainer's)
-        state = checkpoint.load(path)
-    if not isinstance(state, dict):
-        return {}, None
-    run, folder = state.get("args"), state.get("working_directory")
-    return (run if isinstance(run, dict) else {}), (folder if isinstance(folder, str) else None)
-
-
-def _set_amp(model, args: argparse.Namespace, run: dict) -> None:
-    """The trunk's autocast: ``--amp``, else the run's own. A run trained with ``--amp`` verified under it (its
-    backbone autocasts its trunk, as insightface's does), and fp32 gives other figures: a pair near the
-    threshold can change sides."""
-    amp = args.amp if args.amp is not None else run.get("amp", "none")
-    if amp == "none" and not hasattr(model, "amp"):
-        return
-    if not hasattr(model, "amp"):
-        from .onnx_backbone import OnnxBackbone
-
-        if args.amp is None and not isinstance(model, OnnxBackbone):
-            # The run's own amp, not asked for here: a factory that took amp= used it as it built the network,
-            # and load_backbone builds it without (was refused as if --amp had been given).
-            print(f"the run trained under --amp {amp}; this network of its own (package.module:factory) has no amp "
-                  "attribute to autocast by: verified in fp32 (--amp none: without this note)", file=sys.stderr)
-            return
-        raise ValueError(f"--amp {amp}: {args.model} " + (
-            "is an ONNX model, run as its graph is" if isinstance(model, OnnxBackbone) else
-            "is a network of its own (package.module:factory) that has no amp attribute to autocast by"))
-    model.amp = amp
-    if args.amp is None and amp != "none":
-        # (16-bit rounding differs between a CPU and a GPU: the run's own figures come on its device type.)
-        print(f"the trunk under --amp {amp}, as the run verified (on the run's device type, its figures; --amp none "
-              "for fp32)", file=sys.stderr)
 
 
 if __name__ == "__main__":
