@@ -1274,7 +1274,8 @@ class Trainer:
                                                                              saved)))
         passes = int(state.get("global_step") or 0)
         self.step = passes // a.gradient_acc
-        # (PolyScheduler's last_epoch is the passes too: its learning rate was the schedule's at them)
+        # (Its PolyScheduler steps each pass too, from last_epoch -1: global_step - 1 in the files. The learning
+        # rate here is this run's schedule's at the step, which may differ from its by a pass in the warm-up.)
         self.scheduler.last_epoch = self.step
         schedule = self.scheduler.lr_lambdas[0]
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
