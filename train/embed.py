@@ -621,7 +621,7 @@ MODEL_HELP = ("a training checkpoint, backbone.pt from python -m train.export, i
 def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, workers_help: str,
                           flip_help: str) -> None:
     """The options of the benchmarks that embed a release's images (``train.ijb``, ``train.tinyface``):
-    --model or --features, --batch-size, --workers, --device, --flip, --save-features, --overwrite."""
+    --model or --features, --batch-size, --workers, --device, --flip, --amp, --save-features, --overwrite."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=path_arg, help=MODEL_HELP)
     source.add_argument("--features", type=path_arg, metavar="PATH", help=features_help)
@@ -633,6 +633,7 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
                    help="where the model runs: cpu, cuda, cuda:1, mps, xpu, ... (default: cuda when torch sees a "
                    "CUDA GPU, else cpu)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help=flip_help)
+    add_amp_option(p)
     p.add_argument("--save-features", type=path_arg, metavar="PATH", default=None,
                    help="also save the image features: .npy (+ .txt listing the images in row order) or .csv")
 
@@ -679,6 +680,8 @@ def check_benchmark_options(p: argparse.ArgumentParser, args: argparse.Namespace
         p.error("--save-features with --features: the features are already saved")
     if args.features and args.flip is not None:
         p.error("--flip/--no-flip with --features: the features are as they were embedded")
+    if args.features and args.amp is not None:
+        p.error("--amp with --features: the features are as they were embedded")
     args.flip = True if args.flip is None else args.flip
     if len({os.path.realpath(path) for path in written}) < len(written):
         p.error(f"{flags} must be different files, got {', '.join(written)}")
@@ -933,6 +936,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+    add_amp_option(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output (and the .txt beside a .npy) when they exist; without it they are kept")
     args = p.parse_args(argv)
@@ -975,6 +979,7 @@ def run(args: argparse.Namespace) -> int:
     What can be checked without embedding (the device, the output files) is checked first."""
     device = torch_device(args.device)
     model, settings = load_model(args.model, device)
+    set_amp(model, args.amp, args.model, device=device)
     if args.norms and settings.get("unit_length"):
         raise ValueError(f"--norms: {args.model} gives embeddings of unit length (its graph normalises them), so every "
                          "norm would be 1; the backbone's own output has them (train.export's backbone.onnx or "

@@ -51,7 +51,7 @@ with stop_while_importing(__name__, "ijb: "):
     from .data.transforms import to_chw, to_rgb, unreadable_image
     from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, check_table_output,
                         describe_about, embed_images, load_model, model_digests, read_about, read_table,
-                        report_unreadable, run_stoppable, table_files, write_table)
+                        report_unreadable, run_stoppable, set_amp, table_files, write_table)
     from .tools import ArgumentParser, check_outputs, path_arg, say, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -1074,6 +1074,7 @@ def _main(argv: list[str] | None) -> int:
             about = read_about(args.features, features)
         else:
             model, settings = load_model(args.model, device)
+            set_amp(model, args.amp, args.model, device=device)
         # Checked before hours of embedding, not found unusable after them; not the release's own files.
         if args.save_features:
             check_table_output("--save-features", args.save_features)

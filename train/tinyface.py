@@ -30,7 +30,7 @@ with stop_while_importing(__name__, "tinyface: "):
     from . import checkpoint
     from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options,
                         check_table_output, describe_about, list_images, load_model, read_about, run_stoppable,
-                        table_files)
+                        set_amp, table_files)
     from .ijb import embed_release, save_features, saved_features
     from .tools import ArgumentParser, check_outputs, path_arg, say, torch_device
 
@@ -172,6 +172,7 @@ def _main(argv: list[str] | None) -> int:
             about = read_about(args.features, features)
         else:
             model, settings = load_model(args.model, device)
+            set_amp(model, args.amp, args.model, device=device)
             size = settings["image_size"]
         # Before the embedding, not after it; not an image's name among the release's.
         if args.save_features:

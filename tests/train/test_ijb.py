@@ -1118,3 +1118,26 @@ def test_sigterm_during_the_embedding_is_one_line(release, tmp_path, monkeypatch
                      "--output", str(output)]) == 143
     assert capsys.readouterr().err == "\nijb: stopped by SIGTERM: nothing written\n" and not output.exists()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # back as it was
+
+
+def test_amp_autocasts_the_trunk_and_the_features_stay_fp32(release, tmp_path, capsys):
+    data, model, _ = release
+    features = {}
+    for amp in ("none", "bf16"):
+        out = tmp_path / f"{amp}.npy"
+        assert ijb.main(["--model", model, "--data-root", data, "--workers", "0", "--device", "cpu", "--amp", amp,
+                         "--output", str(tmp_path / f"{amp}.json"), "--save-features", str(out)]) == 0
+        features[amp] = np.load(out)
+    assert features["none"].dtype == features["bf16"].dtype == np.float32
+    fp32, bf16 = (f / np.linalg.norm(f, axis=1, keepdims=True) for f in (features["none"], features["bf16"]))
+    assert (fp32 * bf16).sum(axis=1).min() > 0.99
+    assert np.abs(fp32 - bf16).max() > 1e-4  # autocast is on
+    capsys.readouterr()
+    assert ijb.main(["--model", model, "--data-root", data, "--workers", "0", "--device", "cpu", "--amp", "fp16",
+                     "--output", str(tmp_path / "fp16.json")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "ijb: error: --amp fp16 on the CPU: torch's fp16 convolutions there run some 30x slower than fp32 "
+        "(--amp bf16 autocasts on the CPU)"]
+    with pytest.raises(SystemExit):
+        ijb.main(["--features", str(tmp_path / "none.npy"), "--amp", "bf16", "--data-root", data])
+    assert "--amp with --features: the features are as they were embedded" in capsys.readouterr().err

@@ -229,6 +229,30 @@ def test_mistakes_are_one_line_errors(release, tmp_path, capsys):
         f"{os.path.join('Probe', '13_1.jpg')}): features of another release?"]
 
 
+def test_amp_autocasts_the_trunk_and_the_features_stay_fp32(release, tmp_path, capsys):
+    data, model_path = release
+    features = {}
+    for amp in ("none", "bf16"):
+        out = tmp_path / f"{amp}.npy"
+        assert tinyface.main(["--model", model_path, "--data-root", data, "--device", "cpu", "--workers", "0",
+                              "--amp", amp, "--output", str(tmp_path / f"{amp}.json"), "--save-features",
+                              str(out)]) == 0
+        features[amp] = np.load(out)
+    assert features["none"].dtype == features["bf16"].dtype == np.float32
+    fp32, bf16 = (f / np.linalg.norm(f, axis=1, keepdims=True) for f in (features["none"], features["bf16"]))
+    assert (fp32 * bf16).sum(axis=1).min() > 0.99
+    assert np.abs(fp32 - bf16).max() > 1e-4  # autocast is on
+    capsys.readouterr()
+    assert tinyface.main(["--model", model_path, "--data-root", data, "--device", "cpu", "--workers", "0", "--amp",
+                          "fp16", "--output", str(tmp_path / "fp16.json")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tinyface: error: --amp fp16 on the CPU: torch's fp16 convolutions there run some 30x slower than fp32 "
+        "(--amp bf16 autocasts on the CPU)"]
+    with pytest.raises(SystemExit):
+        tinyface.main(["--features", str(tmp_path / "none.npy"), "--amp", "bf16", "--data-root", data])
+    assert "--amp with --features: the features are as they were embedded" in capsys.readouterr().err
+
+
 def test_release_images_are_never_outputs_and_every_unreadable_one_is_named(release, tmp_path, capsys):
     import shutil
 

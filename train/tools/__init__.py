@@ -157,7 +157,9 @@ def listable_name(name: str) -> bool:
 
 def add_embedding_options(p: argparse.ArgumentParser) -> None:
     """The options of a tool that embeds a folder of faces and compares them (``cluster``, ``search``):
-    --device, --batch-size, --workers; :func:`check_embedding_options` checks them."""
+    --device, --batch-size, --workers, --amp; :func:`check_embedding_options` checks them."""
+    from train.embed import add_amp_option
+
     p.add_argument("--device", default="cpu",
                    help="where the model runs and the cosines are made: cpu, cuda, cuda:1, mps, xpu, ... "
                    "(default: cpu)")
@@ -165,9 +167,13 @@ def add_embedding_options(p: argparse.ArgumentParser) -> None:
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+    add_amp_option(p)
 
 
 def check_embedding_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    # (--amp with a tool's --embeddings TABLE would be taken without a word: nothing is embedded)
+    if args.amp is not None and getattr(args, "embeddings", None):
+        p.error("--amp with --embeddings: the table's embeddings are as they were made")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
     if args.workers < 0:

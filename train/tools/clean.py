@@ -71,7 +71,7 @@ with stop_while_importing(__name__, f"clean: {_whose()}"):
     from train.data.imagelist import is_image_list
     from train.data.recordio import _class_index, unpack_payload
     from train.data.transforms import to_chw
-    from train.embed import backbone_weights_digest, embed_images, load_model
+    from train.embed import add_amp_option, backbone_weights_digest, embed_images, load_model, set_amp
     from train.tools import (ArgumentParser, RunLock, another_process_stopped, check_outputs, count_of, folders_missing,
                              lost_a_peer, path_arg, plain_warnings, remove_folders_made, say_unhandled_error,
                              start_process_group, taking_back_folders, torch_device)
@@ -327,6 +327,7 @@ def _embeddings(args, model, data, dim: int, device, rank: int = 0, world: int =
         weights = backbone_weights_digest(model)  # (None for an ONNX model: its file tells it)
         if weights:
             identity["model_weights_sha256"] = weights
+        identity["amp"] = getattr(model, "amp", "none")  # (--amp: the embeddings differ by bf16's rounding)
         sidecar = args.embeddings + ".json"
     cached = _cached(args.embeddings, sidecar, identity, (len(data), dim), args.overwrite) if args.embeddings else None
     if cached is not None:
@@ -409,8 +410,10 @@ def _leave_process_group() -> None:
 
 _IDENTITY_NAMES = {"data": "the data's images or labels", "files": "the data's files (sizes or times)",
                    "model": "the model file", "model_bytes": "the model file", "model_mtime_ns": "the model file",
-                   "model_weights_sha256": "the model's weights", "image_size": "the image size"}
+                   "model_weights_sha256": "the model's weights", "image_size": "the image size",
+                   "amp": "--amp"}
 _MODEL_FILE_KEYS = ("model", "model_bytes", "model_mtime_ns")
+_IDENTITY_DEFAULTS = {"amp": "none"}  # (a file made before --amp: in fp32)
 
 
 def _cached(path: str, sidecar: str, identity: dict, shape: tuple[int, int], overwrite: bool):
@@ -435,7 +438,7 @@ def _cached(path: str, sidecar: str, identity: dict, shape: tuple[int, int], ove
     # checkpoint copied, moved or exported is the same model), else by its file's path, size and time.
     by_weights = bool(saved.get("model_weights_sha256")) and "model_weights_sha256" in identity
     compared = [k for k in identity if k not in (_MODEL_FILE_KEYS if by_weights else ("model_weights_sha256",))]
-    differ = sorted({_IDENTITY_NAMES[k] for k in compared if saved.get(k) != identity[k]})
+    differ = sorted({_IDENTITY_NAMES[k] for k in compared if saved.get(k, _IDENTITY_DEFAULTS.get(k)) != identity[k]})
     try:
         if differ:
             raise ValueError(f"--embeddings {path} was made with another model or data (changed: {', '.join(differ)})")
@@ -541,6 +544,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs --output holds (with --report-only, a cleaned set there is removed), "
                    "and --embeddings made with another model or data")
+    add_amp_option(p)
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
@@ -645,6 +649,7 @@ def run(args: argparse.Namespace) -> int:
     if os.path.realpath(args.output) == os.path.realpath(args.data):
         raise ValueError("--output is --data's folder: the cleaned set goes to another folder")
     model, settings = load_model(args.model, device)
+    set_amp(model, args.amp, args.model, device=device)
     data, num_classes = build_train_dataset(args.data, image_size=settings["image_size"], flip=False)
     bins = sorted(glob.glob(os.path.join(glob.escape(args.data), "*.bin"))) if isinstance(data, RecordIODataset) else []
     outputs = [os.path.join(args.output, name) for name in REPORTS]

@@ -49,7 +49,7 @@ with stop_while_importing(__name__, "cluster: "):
     from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
     from train.embed import (DEFAULT_COSINE_THRESHOLD, MODEL_HELP, embed_folder, embed_listed_faces, faces_are_files,
                              faces_of_photos, folder_images, load_model, made_with, model_threshold, open_detector,
-                             read_about, read_table, table_files)
+                             read_about, read_table, set_amp, table_files)
     from train.ijb import ALIGNED_SIZE, align_for_model, landmarks_off_image
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
                              check_images_folder, check_outputs, check_photo_options, check_tree_folder, count_of,
@@ -350,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
     model, settings = (None, {})
     if model_path:  # (with --embeddings, for its threshold and embedding size)
         model, settings = load_model(model_path, device if args.images else "cpu")
+        if args.images:
+            set_amp(model, args.amp, model_path, device=device)
     threshold, threshold_source, note = model_threshold(model_path, settings, args.threshold, tool="cluster")
     notes += [note] if note else []
     if args.embeddings and args.model:

@@ -50,7 +50,7 @@ with stop_while_importing(__name__, "quality: "):
     from train import checkpoint
     from train.embed import (IMAGES_AS_THEY_ARE, MODEL_HELP, embed_folder, embed_images, embed_listed_faces,
                              faces_are_files, faces_described, folder_images, load_model, model_digests,
-                             open_detector, read_about, read_table, table_files)
+                             open_detector, read_about, read_table, set_amp, table_files)
     from train.ijb import threshold_allowing
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
                              check_images_folder, check_outputs, check_photo_options, check_tree_folder, count_of,
@@ -376,6 +376,7 @@ def score(args: argparse.Namespace) -> int:
     if args.images:
         check_images_folder(args.images)
         model, settings = load_model(args.model, device)
+        set_amp(model, args.amp, args.model, device=device)
         _check_has_norm(args.model, settings)
         folder, faces = args.images, faces_described(args.landmarks, args.detector, args.all_faces)
         inputs = (args.model, checkpoint.settings_path(args.model), args.landmarks, args.detector)
@@ -584,6 +585,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if not os.path.exists(args.pairs):
         raise FileNotFoundError(f"--pairs {args.pairs}: no such file{checkpoint.dangling(args.pairs)}")
     model, settings = load_model(args.model, device)
+    set_amp(model, args.amp, args.model, device=device)
     has_norm = not settings.get("unit_length")
     if not has_norm and not args.quality_file:
         _check_has_norm(args.model, settings)

@@ -52,7 +52,7 @@ with stop_while_importing(__name__, "roc: "):
     from train import checkpoint
     from train.embed import (MODEL_HELP, check_table_output, embed_folder, embed_listed_faces, faces_described,
                              folder_images, listed_faces, load_model, model_digests, model_threshold, open_detector,
-                             table_files, write_table)
+                             set_amp, table_files, write_table)
     from train.ijb import (FARS, allowed_passes, curve_rates, far_key, format_table, negatives_needed,
                            threshold_allowing)
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
@@ -569,6 +569,8 @@ def run(args: argparse.Namespace) -> int:
     model, settings = None, {}
     if model_path:
         model, settings = load_model(model_path, device if args.images else "cpu")
+        if args.images:
+            set_amp(model, args.amp, model_path, device=device)
     if faces is not None and model_path:
         _check_made_with(faces, "--embeddings", args.embeddings, model_path, model, settings, {}, tool="roc")
     outputs = [args.output, summary_path(args.output), *failing_outputs(args.output).values()]

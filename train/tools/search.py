@@ -46,7 +46,7 @@ with stop_while_importing(__name__, "search: "):
                              _warn_others_not_square, about_path, check_table_output, embed_detected, embed_files,
                              embed_listed_faces, faces_described, images_under, listed_faces, load_model, made_with,
                              made_with_one_model, model_digests, model_threshold, open_detector, read_about,
-                             read_table, table_files, write_table)
+                             read_table, set_amp, table_files, write_table)
     from train.ijb import allowed_passes, negatives_needed, template_features, threshold_allowing
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
                              check_outputs, check_photo_options, count_of, left_out_said, listable_name, path_arg,
@@ -306,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
     model, settings = (None, {})
     if model_path:
         model, settings = load_model(model_path, device if embeds else "cpu")
+        if embeds:
+            set_amp(model, args.amp, model_path, device=device)
     digests = {}
     for faces, flag, path in ((gallery, "--gallery", args.gallery), (probes, "--probes", args.probes)):
         if faces is not None:
