@@ -296,13 +296,28 @@ def insightface_run(path: str, state: dict[str, Any]) -> tuple[list[tuple[str, d
     return files, ""
 
 
-def insightface_class_centres(path: str, state: dict[str, Any],
-                              files: list[tuple[str, dict[str, Any]]] | None = None) -> tuple[torch.Tensor | None, str]:
+def insightface_rows(parts: list[torch.Tensor], rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Rows [first, last) (``rows``; None: all) of arcface_torch's per-rank ``parts`` joined in rank order, in
+    float32 and copied: of the (mapped) files only those rows are read, so that a --sharded-classes process holds
+    its own rows, not the whole matrix (WebFace42M's 2M x 512 centres are 4.2 GB, and as much again for each
+    optimizer state, in each of a node's processes)."""
+    first, last = rows if rows is not None else (0, sum(part.shape[0] for part in parts))
+    pieces, start = [], 0
+    for part in parts:
+        a, b = max(first, start), min(last, start + part.shape[0])
+        if a < b:
+            pieces.append(part[a - start:b - start].float())
+        start += part.shape[0]
+    return torch.cat(pieces) if pieces else torch.zeros((0, *parts[0].shape[1:]))
+
+
+def insightface_class_centres(path: str, state: dict[str, Any], files: list[tuple[str, dict[str, Any]]] | None = None,
+                              rows: tuple[int, int] | None = None) -> tuple[torch.Tensor | None, str]:
     """The whole (C, D) class-centre matrix of an arcface_torch run, whose partial FC keeps each GPU's
     classes in that GPU's ``checkpoint_gpu_<rank>.pt`` (``state_dict_softmax_fc``; rank r holds C // W
-    classes, one more when r < C % W, after those of the ranks before it). ``path`` is one of the files
-    (``state`` its contents; ``files`` :func:`insightface_run`'s, where read already). -> (matrix, "") or
-    (None, why not)."""
+    classes, one more when r < C % W, after those of the ranks before it), or its ``rows`` [first, last)
+    alone (:func:`insightface_rows`). ``path`` is one of the files (``state`` its contents; ``files``
+    :func:`insightface_run`'s, where read already). -> (matrix, "") or (None, why not)."""
     if files is None:
         files, why = insightface_run(path, state)
         if files is None:
@@ -321,16 +336,18 @@ def insightface_class_centres(path: str, state: dict[str, Any],
     if [w.shape[0] for w in shards] != expected or len({w.shape[1] for w in shards}) > 1:
         return None, (f"the {world} files' shards ({', '.join(str(tuple(w.shape)) for w in shards)}) are not one "
                       f"run's split of {classes} classes")
-    return torch.cat([w.float() for w in shards]), ""
+    return insightface_rows(shards, rows), ""
 
 
-def insightface_optimizer_state(files: list[tuple[str, dict[str, Any]]], backbone: torch.nn.Module,
-                                optimizer: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def insightface_optimizer_state(files: list[tuple[str, dict[str, Any]]], backbone: torch.nn.Module, optimizer: str,
+                                rows: tuple[int, int] | None = None
+                                ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The per-parameter state of an arcface_torch run's optimizer (its ``state_optimizer``: torch's SGD or
     AdamW over two groups, the backbone's parameters and then its partial FC's weight), for ``backbone``, whose
     parameters are insightface's, in its order (checked against the names of ``state_dict_backbone``, shape by
     shape), and for the whole class centres: each rank's rows of the partial FC's state put together in class
-    order, as :func:`insightface_class_centres` puts the weight. ``files``: :func:`insightface_run`'s.
+    order, as :func:`insightface_class_centres` puts the weight (its ``rows`` alone, where given). ``files``:
+    :func:`insightface_run`'s.
     -> ({backbone parameter name: state}, the centres' state); raises ValueError saying what does not fit."""
     shapes = {name: p.shape for name, p in backbone.named_parameters()}
     names = list(shapes)
@@ -373,17 +390,17 @@ def insightface_optimizer_state(files: list[tuple[str, dict[str, Any]]], backbon
         return backbone_state, {}
     if any(state is None for state in centre_states) or len({frozenset(s) for s in centre_states}) > 1:
         raise ValueError("the files' optimizer states of the partial FC weight are not alike: not one run's")
-    rows = [contents["state_dict_softmax_fc"]["weight"].shape for _, contents in files]
+    weights = [contents["state_dict_softmax_fc"]["weight"].shape for _, contents in files]
     centres = {}
     for key, first in centre_states[0].items():
         parts = [state[key] for state in centre_states]
         if isinstance(first, torch.Tensor) and first.ndim:  # a rank's rows (momentum_buffer, exp_avg, exp_avg_sq)
-            bad = [(file, tuple(part.shape)) for (file, _), part, shape in zip(files, parts, rows)
+            bad = [(file, tuple(part.shape)) for (file, _), part, shape in zip(files, parts, weights)
                    if part.shape != shape]
             if bad:
                 raise ValueError(f"{bad[0][0]}'s optimizer state {key} of the partial FC weight has shape {bad[0][1]}, "
                                  "not its weight's")
-            centres[key] = torch.cat([part.float() for part in parts])
+            centres[key] = insightface_rows(parts, rows)
         else:  # (AdamW's step: one count, every rank's)
             centres[key] = first
     return backbone_state, centres

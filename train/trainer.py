@@ -1232,9 +1232,13 @@ class Trainer:
         step on. -> the generator states to restore: none, each process seeded from the step."""
         a = self.args
         files, why = checkpoint.insightface_run(path, state)
+        loss = self.margin_loss
+        # A --sharded-classes process takes its own rows of the centres and their state, not the whole matrices.
+        rows = ((loss.class_start * loss.k, loss.class_stop * loss.k)
+                if getattr(loss, "sharded", False) and self.world_size > 1 else None)
         centres = None
         if files is not None:
-            centres, why = checkpoint.insightface_class_centres(path, state, files)
+            centres, why = checkpoint.insightface_class_centres(path, state, files, rows)
         if centres is None:
             raise SystemExit(f"--resume {path}: arcface_torch's run cannot be put together from its files: {why}")
         # Rank 0's backbone, as its model.pt: its DDP does not broadcast buffers, so that each GPU's BatchNorm
@@ -1248,17 +1252,19 @@ class Trainer:
                              f"{a.embedding_size} --image-size {a.image_size}: "
                              f"{self._weights_held(weights, {}, error)}") from None
         own = self.margin_loss.state_dict()
-        rows = self.num_classes * getattr(a, "subcenters", 1)
-        if "weight" not in own or tuple(centres.shape) != (rows, a.embedding_size):
-            raise SystemExit(f"--resume {path}: arcface_torch's {len(files)} files hold {centres.shape[0]} x "
-                             f"{centres.shape[1]} class centres, this run {rows} x {a.embedding_size} "
+        whole = self.num_classes * getattr(a, "subcenters", 1)
+        held = sum(contents["state_dict_softmax_fc"]["weight"].shape[0] for _, contents in files)
+        if "weight" not in own or (held, centres.shape[1]) != (whole, a.embedding_size):
+            raise SystemExit(f"--resume {path}: arcface_torch's {len(files)} files hold {held} x "
+                             f"{centres.shape[1]} class centres, this run {whole} x {a.embedding_size} "
                              f"({self.num_classes} classes"
-                             + (f" x {a.subcenters} sub-centres" if rows != self.num_classes else "")
+                             + (f" x {a.subcenters} sub-centres" if whole != self.num_classes else "")
                              + "); resume needs the same data (use --pretrained_model to fine-tune)")
         own["weight"] = centres
-        self.margin_loss.load_state_dict(own)  # (a sharded loss keeps its rows)
+        self.margin_loss.load_state_dict(own)  # (the whole matrix, or a sharded loss's own rows)
         try:
-            backbone_state, centre_state = checkpoint.insightface_optimizer_state(files, self.backbone, a.optimizer)
+            backbone_state, centre_state = checkpoint.insightface_optimizer_state(files, self.backbone, a.optimizer,
+                                                                                  rows)
         except ValueError as error:
             raise SystemExit(f"--resume {path}: {error}") from None
         # In this run's own state dict (its groups' settings, this run's options): each state at its parameter.

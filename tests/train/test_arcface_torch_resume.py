@@ -165,6 +165,23 @@ def test_sharded_classes_take_their_rows_of_the_assembled_state(faces, tmp_path,
         assert torch.equal(shard["momentum"], momentum[rows])
 
 
+def test_a_sharded_process_reads_its_rows_alone(arcface_torch_run):
+    # Rows [2, 6) of the 3/3/2 split: rank 0's last, rank 1's three and none of rank 2's; the momentum alike.
+    # (A --sharded-classes process of a WebFace42M run need not hold its 2M x 512 matrices whole.)
+    backbone, centres, folder, states = arcface_torch_run
+    first = str(folder / "checkpoint_gpu_0.pt")
+    state = checkpoint.load(first)
+    files, _ = checkpoint.insightface_run(first, state)
+    rows, why = checkpoint.insightface_class_centres(first, state, files, rows=(2, 6))
+    assert why == "" and torch.equal(rows, centres[2:6])
+    _, centre_state = checkpoint.insightface_optimizer_state(files, backbone, "sgd", rows=(2, 6))
+    index = len(states[0]["param_groups"][0]["params"])
+    momentum = torch.cat([s["state"][index]["momentum_buffer"] for s in states])
+    assert torch.equal(centre_state["momentum_buffer"], momentum[2:6])
+    whole, _ = checkpoint.insightface_class_centres(first, state, files)
+    assert torch.equal(whole, centres)
+
+
 def test_gradient_accumulation_counts_its_passes_as_steps(faces, tmp_path, arcface_torch_run, capsys):
     # global_step counts passes (its scheduler steps each pass); a step here is --gradient-acc of them.
     backbone, centres, folder, _ = arcface_torch_run
@@ -243,3 +260,21 @@ def test_what_cannot_continue_is_refused_in_a_line(faces, tmp_path, arcface_torc
     save_arcface_torch_run(str(folder), backbone, centres[:7], world=3)
     assert refusal() == (f"train: error: --resume {first}: arcface_torch's 3 files hold 7 x 64 class centres, this "
                          "run 8 x 64 (8 classes); resume needs the same data (use --pretrained_model to fine-tune)")
+
+
+def test_its_run_goes_on_with_this_runs_centres_lr_scale(faces, tmp_path, arcface_torch_run, capsys):
+    # Its two groups stepped at one rate: --centres-lr-scale 10 gives the centres ten times the backbone's from the
+    # step on, under this run's schedule, and the note says its scale was 1.
+    _, _, folder, _ = arcface_torch_run
+    run = Trainer(parse_args(argv(faces, tmp_path / "on", max_steps=20, warmup_steps=2, centres_lr_scale=10,
+                                  resume=str(folder))))
+    run.release_output()
+    poly = (1 - (6 - 2) / (20 - 2)) ** 2
+    assert [group["lr"] for group in run.optimizer.param_groups] == pytest.approx([BASE_LR * poly, BASE_LR * poly * 10])
+    run.scheduler.step()
+    poly = (1 - (7 - 2) / (20 - 2)) ** 2
+    assert [group["lr"] for group in run.optimizer.param_groups] == pytest.approx([BASE_LR * poly, BASE_LR * poly * 10])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "other settings" in line]
+    assert notes == ["note: that run's files record other settings than this run's: its centres-lr-scale 1, this run's "
+                     "--centres-lr-scale 10; it goes on with this run's (give that run's config as --config to go on "
+                     "as it went)"]
