@@ -96,6 +96,21 @@ def test_amp_with_embeddings_is_refused(tmp_path, capsys, tool):
     assert "--amp with --embeddings: the table's embeddings are as they were made" in capsys.readouterr().err
 
 
+def test_search_of_two_tables_refuses_amp(tmp_path, capsys):
+    # (nothing is embedded: --amp was taken without a word, as cluster's, roc's and quality's with --embeddings were)
+    gallery, probes = str(tmp_path / "g.csv"), str(tmp_path / "p.csv")
+    embed.write_table(gallery, ["a/1.png", "b/1.png"], np.eye(2, dtype=np.float32))
+    embed.write_table(probes, ["a/2.png"], np.eye(2, dtype=np.float32)[:1])
+    output = tmp_path / "s.csv"
+    assert search.main(["--gallery", gallery, "--probes", probes, "--threshold", "0.3", "--amp", "bf16",
+                        "--output", str(output)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"search: error: --amp bf16: --gallery {gallery} and --probes {probes} are tables, whose embeddings are as "
+        "they were made"]
+    assert not output.exists()
+    assert search.main(["--gallery", gallery, "--probes", probes, "--threshold", "0.3", "--output", str(output)]) == 0
+
+
 @pytest.mark.slow
 def test_an_onnx_model_refuses_amp(bf16_run, tmp_path, capsys):
     pytest.importorskip("onnx")

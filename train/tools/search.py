@@ -283,6 +283,11 @@ def run(args: argparse.Namespace) -> int:
     # Without --model, the model the gallery's table was made with (its digest checked below) embeds the
     # probes and gives the threshold.
     embeds = bool(gallery_folder or (args.probes and probes is None))
+    if args.amp is not None and not embeds:  # (was taken without a word, as cluster's with --embeddings was)
+        tables = [f"{flag} {value}" for flag, value in (("--gallery", args.gallery), ("--probes", args.probes))
+                  if value]
+        are = "are tables" if len(tables) > 1 else "is a table"
+        raise ValueError(f"--amp {args.amp}: {' and '.join(tables)} {are}, whose embeddings are as they were made")
     recorded = recorded_threshold(args, gallery)
     model_path = args.model
     needs_threshold = args.threshold is None and args.fpir is None and recorded is None
