@@ -1001,7 +1001,8 @@ def save_features(args: argparse.Namespace, names: list[str], features: np.ndarr
             written = write_table(args.save_features, names, features, about={
                 "made_by": made_by, "model": os.path.abspath(args.model), **model_digests(args.model, model),
                 "network": settings.get("network"), "image_size": settings["image_size"], "flip": args.flip,
-                "normalised": bool(settings.get("unit_length")), "images": images})
+                "amp": getattr(model, "amp", "none"), "normalised": bool(settings.get("unit_length")),
+                "images": images})
         say(f"image features: {', '.join(written)}")
     except OSError as error:
         say(f"{tool}: error: could not write the image features to {args.save_features}: {error}", file=sys.stderr)
@@ -1143,7 +1144,7 @@ def _main(argv: list[str] | None) -> int:
         "options": {"flip": None if args.features else args.flip, "detector_score": args.detector_score,
                     "norm_score": args.norm_score, "image_size": size, "network": settings.get("network"),
                     "batch_size": args.batch_size,
-                    "device": str(device)},
+                    "device": str(device), "amp": None if args.features else getattr(model, "amp", "none")},
         "counts": {"images": len(protocol.image_names), "faces": int(protocol.templates.size),
                    "media": int(len(np.unique(np.stack([protocol.templates, protocol.medias], axis=1), axis=0))),
                    "templates": int(len(template_ids)), "unusable_landmarks": unusable},

@@ -216,7 +216,8 @@ def _main(argv: list[str] | None) -> int:
               "data_root": os.path.abspath(protocol.root),
               "options": {"flip": None if args.features else args.flip, "image_size": size,
                           "batch_size": None if args.features else args.batch_size,
-                          "device": None if args.features else str(device)},
+                          "device": None if args.features else str(device),
+                          "amp": None if args.features else getattr(model, "amp", "none")},
               **scores,
               "seconds": {"embedding": round(embedding_seconds, 1), "total": round(time.monotonic() - started, 1)}}
     try:

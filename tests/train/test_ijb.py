@@ -526,7 +526,8 @@ def test_main_end_to_end(release, tmp_path, capsys):
     positives = IDENTITIES * TEMPLATES_PER_IDENTITY * (TEMPLATES_PER_IDENTITY - 1) // 2
     assert result["target"] == "IJBC"
     assert result["options"] == {"flip": True, "detector_score": True, "norm_score": True, "image_size": IMAGE_SIZE,
-                                 "network": "small", "batch_size": 8, "device": "cpu"}
+                                 "network": "small", "batch_size": 8, "device": "cpu",
+                                 "amp": "none"}
     assert result["counts"] == {"images": images, "faces": images, "media": 2 * templates, "templates": templates,
                                 "pairs": pairs, "positive_pairs": positives, "negative_pairs": pairs - positives,
                                 "unusable_landmarks": 0}
@@ -876,6 +877,7 @@ def test_saved_features_are_scored_again_without_a_model(release, tmp_path, caps
         first, second = json.loads(saved.read_text()), json.loads(again.read_text())
         assert second["model"] is None and second["features"] == str(tmp_path / table)
         assert second["options"]["flip"] is None and second["options"]["detector_score"] is False
+        assert first["options"]["amp"] == "none" and second["options"]["amp"] is None  # (features_about says it)
         # Where the features came from: written beside the table, and carried into the new results.
         about = json.loads((tmp_path / f"{table}.json").read_text())
         assert second["features_about"] == about
@@ -1128,6 +1130,9 @@ def test_amp_autocasts_the_trunk_and_the_features_stay_fp32(release, tmp_path, c
         assert ijb.main(["--model", model, "--data-root", data, "--workers", "0", "--device", "cpu", "--amp", amp,
                          "--output", str(tmp_path / f"{amp}.json"), "--save-features", str(out)]) == 0
         features[amp] = np.load(out)
+        # The results and the features' .json record the autocast the features were made under.
+        assert json.loads((tmp_path / f"{amp}.json").read_text())["options"]["amp"] == amp
+        assert json.loads((tmp_path / f"{amp}.npy.json").read_text())["amp"] == amp
     assert features["none"].dtype == features["bf16"].dtype == np.float32
     fp32, bf16 = (f / np.linalg.norm(f, axis=1, keepdims=True) for f in (features["none"], features["bf16"]))
     assert (fp32 * bf16).sum(axis=1).min() > 0.99

@@ -134,6 +134,7 @@ def test_saved_features_are_scored_again(release, tmp_path, capsys):
     # 13_1's mates score 0, tied with the 12 other gallery images (ties count against the mate): rank 13.
     assert result["rank"] == {"1": 0.75, "5": 0.75, "10": 0.75, "20": 1.0}
     assert result["options"]["flip"] is None
+    assert result["options"]["amp"] is None  # (as the features were made: features_about says it, where known)
     assert "rank-1 75.00%  rank-5 75.00%  rank-10 75.00%  rank-20 100.00%" in capsys.readouterr().out
 
 
@@ -238,6 +239,9 @@ def test_amp_autocasts_the_trunk_and_the_features_stay_fp32(release, tmp_path, c
                               "--amp", amp, "--output", str(tmp_path / f"{amp}.json"), "--save-features",
                               str(out)]) == 0
         features[amp] = np.load(out)
+        # The results and the features' .json record the autocast the features were made under.
+        assert json.loads((tmp_path / f"{amp}.json").read_text())["options"]["amp"] == amp
+        assert json.loads((tmp_path / f"{amp}.npy.json").read_text())["amp"] == amp
     assert features["none"].dtype == features["bf16"].dtype == np.float32
     fp32, bf16 = (f / np.linalg.norm(f, axis=1, keepdims=True) for f in (features["none"], features["bf16"]))
     assert (fp32 * bf16).sum(axis=1).min() > 0.99
