@@ -1060,8 +1060,9 @@ def run(args: argparse.Namespace) -> int:
                                      workers=args.workers, norms=norms, not_square=not_square)
             _warn_others_not_square(paths, not_square)
     about = {"made_by": "train.embed", "model": os.path.abspath(args.model), **digests, "image_size": size,
-             "flip": True, "normalised": True, "images": os.path.abspath(args.images),
-             "faces": faces_described(args.landmarks, args.detector, args.all_faces)}
+             "flip": True, "amp": getattr(model, "amp", "none"), "normalised": True,
+             "images": os.path.abspath(args.images), "faces": faces_described(args.landmarks, args.detector,
+                                                                               args.all_faces)}
     if args.norms:  # (where train.tools.quality finds the rows' norms: the table's rows are of unit length)
         about["norms"] = os.path.abspath(args.norms)
     with signals_held():  # a stop does not come between the table's files and the norms

@@ -96,6 +96,23 @@ def test_amp_with_embeddings_is_refused(tmp_path, capsys, tool):
     assert "--amp with --embeddings: the table's embeddings are as they were made" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool, argv, table", [
+    (embed, ["--images", "{faces}", "--output", "{out}/e.npy"], "e.npy"),
+    (search, ["--gallery", "{faces}", "--save-gallery", "{out}/g.npy", "--output", "{out}/s.csv"], "g.npy"),
+    (roc, ["--images", "{faces}", "--save-embeddings", "{out}/r.npy", "--output", "{out}/r.csv", "--far", "0.1"],
+     "r.npy"),
+])
+@pytest.mark.slow
+def test_a_table_records_its_amp(bf16_run, tmp_path, tool, argv, table):
+    # (a table of the run's bf16 and one of fp32 are near, not equal: its .json says which it is)
+    ckpt, faces = bf16_run
+    argv = ["--model", ckpt, "--workers", "0", *(a.format(faces=faces, out=tmp_path) for a in argv)]
+    assert tool.main(argv) == 0
+    assert json.loads((tmp_path / f"{table}.json").read_text())["amp"] == "bf16"
+    assert tool.main([*argv, "--amp", "none", "--overwrite"]) == 0
+    assert json.loads((tmp_path / f"{table}.json").read_text())["amp"] == "none"
+
+
 def test_search_of_two_tables_refuses_amp(tmp_path, capsys):
     # (nothing is embedded: --amp was taken without a word, as cluster's, roc's and quality's with --embeddings were)
     gallery, probes = str(tmp_path / "g.csv"), str(tmp_path / "p.csv")

@@ -602,7 +602,7 @@ def run(args: argparse.Namespace) -> int:
         if args.save_embeddings:
             about = {"made_by": "train.tools.roc", "model": os.path.abspath(model_path),
                      **model_digests(model_path, model), "image_size": settings["image_size"], "flip": True,
-                     "normalised": True, "images": os.path.abspath(args.images),
+                     "amp": getattr(model, "amp", "none"), "normalised": True, "images": os.path.abspath(args.images),
                      "faces": faces_described(args.landmarks, args.detector)}
             with signals_held():
                 args.written += write_table(args.save_embeddings, faces.names, faces.embeddings, about=about)

@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_gallery and gallery_folder:  # (a table's copy, with --fpir, is written with the results)
         about = {"made_by": "train.tools.search", "model": os.path.abspath(args.model),
                  **model_digests(args.model, model), "image_size": settings["image_size"], "flip": True,
-                 "normalised": True, "images": os.path.abspath(gallery_folder),
+                 "amp": getattr(model, "amp", "none"), "normalised": True, "images": os.path.abspath(gallery_folder),
                  "faces": faces_described(detector=args.detector)}
         with signals_held():
             written = write_table(args.save_gallery, gallery.names, gallery.embeddings, about=about)
