@@ -258,6 +258,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="sgd (with --momentum) or adamw (PyTorch's betas), each with --decay")
     g.add_argument("--lr", type=float, default=None, help="base learning rate; default 0.1 (sgd) or 0.001 (adamw)")
+    g.add_argument("--centres-lr-scale", "--centres_lr_scale", dest="centres_lr_scale", type=float, default=1.0,
+                   help="the class centres' learning rate is --lr times this, the backbone's --lr, under one schedule "
+                   "and --decay; when not 1, metrics.jsonl logs centres_lr beside lr (the backbone's)")
     g.add_argument("--momentum", type=float, default=SGD_MOMENTUM,
                    help="SGD's, below 1 (AdamW has its betas, PyTorch's)")
     g.add_argument("--decay", "--weight-decay", "--weight_decay", dest="decay", type=float, default=5e-4,
@@ -636,7 +639,8 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
                                ("--num-classes", 1 if args.num_classes is None else args.num_classes, 1)):
         if value < least:
             raise SystemExit(f"{flag} must be at least {least}, got {value}")
-    for flag, value, positive in (("--lr", args.lr, True), ("--arcface-s", args.arcface_s, True),
+    for flag, value, positive in (("--lr", args.lr, True), ("--centres-lr-scale", args.centres_lr_scale, True),
+                                  ("--arcface-s", args.arcface_s, True),
                                   ("--momentum", args.momentum, False), ("--decay", args.decay, False),
                                   ("--grad-clip", args.grad_clip, False),
                                   ("--distill-weight", args.distill_weight, False),

@@ -418,7 +418,7 @@ class RunLog:
     def metrics(self, record: dict[str, Any]) -> None:
         self._append("metrics.jsonl", record)
         self._scalars(record["step"], {f"train/{key}": record[key]
-                                       for key in ("loss", "distill", "lr", "margin", "m1", "m2", "m3",
+                                       for key in ("loss", "distill", "lr", "centres_lr", "margin", "m1", "m2", "m3",
                                                    *HEALTH_METRICS, "samples_per_sec")
                                                    if record.get(key) is not None})
 
@@ -630,10 +630,12 @@ def build_margin_loss(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
 
 def build_optimizer(args: argparse.Namespace, backbone: nn.Module, margin_loss: nn.Module) -> torch.optim.Optimizer:
-    # One group per module, as insightface does, so that a sharded loss can bring its own.
+    # One group per module, as insightface does, so that a sharded loss can bring its own; the centres' at
+    # --lr x --centres-lr-scale (LambdaLR scales each group's own base rate). (getattr: a caller's args of before.)
+    centres_lr = args.lr * getattr(args, "centres_lr_scale", 1.0)
     groups = [
         {"params": [p for p in backbone.parameters() if p.requires_grad], "name": "backbone"},
-        {"params": [p for p in margin_loss.parameters() if p.requires_grad], "name": "class_centers"},
+        {"params": [p for p in margin_loss.parameters() if p.requires_grad], "name": "class_centers", "lr": centres_lr},
     ]
     if args.optimizer == "sgd":
         return SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.decay)
@@ -1307,8 +1309,9 @@ class Trainer:
 
     def _settings_apart_from_arcface_torch(self, state: dict[str, Any]) -> str:
         """The settings that an arcface_torch checkpoint_gpu_<rank>.pt records and this run does not share, in the
-        flags' words ("" where none): its optimizer's first group (learning rate, weight decay, SGD's momentum)
-        and its PolyScheduler's max_steps and warmup_steps, which count passes (a step here is --gradient-acc of
+        flags' words ("" where none): its optimizer's first group (learning rate, weight decay, SGD's momentum),
+        its second's (the partial FC's) learning rate over the first's (as --centres-lr-scale), and its
+        PolyScheduler's max_steps and warmup_steps, which count passes (a step here is --gradient-acc of
         them). A negative warm-up, which insightface_config turns into none at a lower --lr, is not compared."""
         a = self.args
         group = state["state_optimizer"]["param_groups"][0]
@@ -1323,6 +1326,10 @@ class Trainer:
                 theirs["--warmup-steps"] = (int(warmup) // a.gradient_acc, self.scheduler.lr_lambdas[0].warmup_steps)
         if isinstance(schedule.get("max_steps"), int):
             theirs["--max-steps"] = (schedule["max_steps"] // a.gradient_acc, a.max_steps)
+        centres_group = state["state_optimizer"]["param_groups"][1]  # (two groups: insightface_optimizer_state's)
+        lrs = [g.get("initial_lr", g.get("lr")) for g in (group, centres_group)]
+        if all(isinstance(lr, (int, float)) for lr in lrs) and lrs[0] > 0:
+            theirs["--centres-lr-scale"] = (lrs[1] / lrs[0], a.centres_lr_scale)
         theirs["--decay"] = (group.get("weight_decay"), self.optimizer.param_groups[0].get("weight_decay"))
         if a.optimizer == "sgd":
             theirs["--momentum"] = (group.get("momentum"), self.optimizer.param_groups[0].get("momentum"))
@@ -2184,7 +2191,9 @@ class Trainer:
             first_line = True
             while self.step < args.max_steps and not stop:
                 images, labels = next(batches)
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.optimizer.param_groups[0]["lr"]  # (the backbone's; the centres' beside it when apart)
+                centres_lr = ({"centres_lr": self.optimizer.param_groups[1]["lr"]} if args.centres_lr_scale != 1
+                              else {})
                 margin = logged_margins(args, self.step) if args.margin_warmup_steps else {}  # (the step's, as lr)
                 ramping = margin_fraction(self.step, args.margin_warmup_steps) < 1.0
                 loss_value, stop = self.train_step(images, labels)
@@ -2201,8 +2210,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_mean:.3f}", **{k: f"{v:.4f}" for k, v in distilled.items()},
                                     lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                     if self.is_main:
-                        self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr, **margin,
-                                          **self.health, "samples_per_sec": rate,
+                        self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr, **centres_lr,
+                                          **margin, **self.health, "samples_per_sec": rate,
                                           "time": round(self.elapsed + now - self._started, 3)})
                         # (On a terminal the bar shows them; training.log gets the lines all the same.)
                         left = (args.max_steps - self.step) * (now - pace_from[0]) / max(1, self.step - pace_from[1])
@@ -2211,6 +2220,7 @@ class Trainer:
                         epoch = self.step / self.schedule_steps_per_epoch  # (--epochs's, as the header's)
                         self._write(f"[step {self.step}/{args.max_steps}] loss {loss_mean:.4f}, "
                                     + "".join(f"distill {v:.4f}, " for v in distilled.values()) + f"lr {lr:.6g}, "
+                                    + "".join(f"centres lr {v:.6g}, " for v in centres_lr.values())
                                     + (f"loss scale {self.health['loss_scale']:g} "
                                        f"({self.health['skipped_steps']} skipped), " if "loss_scale" in self.health
                                        else "")
@@ -2416,7 +2426,9 @@ class Trainer:
                 if a.margin_warmup_steps else ""),
             *([f"distillation: {self.teacher.describe()}; {a.distill_loss} term, weight {a.distill_weight:g}"
                + (" (measured, not trained on)" if a.distill_weight == 0 else "")] if self.teacher is not None else []),
-            f"{a.optimizer} lr {a.lr} ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
+            f"{a.optimizer} lr {a.lr}"
+            + (f", the class centres' {a.lr * a.centres_lr_scale:g}" if a.centres_lr_scale != 1 else "")
+            + f" ({a.lr_schedule}, warm-up {a.warmup_steps}), batch {a.batch_size} x "
             f"{self.world_size} process(es)" + (f" x {a.gradient_acc} passes" if a.gradient_acc > 1 else "")
             + f" on {self.device}, {count_of(a.max_steps, 'step')} from step {self.step}"
             + (f" ({count_of(a.epochs, 'epoch')} of {count_of(self.schedule_steps_per_epoch, 'step')})"

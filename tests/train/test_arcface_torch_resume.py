@@ -260,3 +260,21 @@ def test_what_cannot_continue_is_refused_in_a_line(faces, tmp_path, arcface_torc
     save_arcface_torch_run(str(folder), backbone, centres[:7], world=3)
     assert refusal() == (f"train: error: --resume {first}: arcface_torch's 3 files hold 7 x 64 class centres, this "
                          "run 8 x 64 (8 classes); resume needs the same data (use --pretrained_model to fine-tune)")
+
+
+def test_its_run_goes_on_with_this_runs_centres_lr_scale(faces, tmp_path, arcface_torch_run, capsys):
+    # Its two groups stepped at one rate: --centres-lr-scale 10 gives the centres ten times the backbone's from the
+    # step on, under this run's schedule, and the note says its scale was 1.
+    _, _, folder, _ = arcface_torch_run
+    run = Trainer(parse_args(argv(faces, tmp_path / "on", max_steps=20, warmup_steps=2, centres_lr_scale=10,
+                                  resume=str(folder))))
+    run.release_output()
+    poly = (1 - (6 - 2) / (20 - 2)) ** 2
+    assert [group["lr"] for group in run.optimizer.param_groups] == pytest.approx([BASE_LR * poly, BASE_LR * poly * 10])
+    run.scheduler.step()
+    poly = (1 - (7 - 2) / (20 - 2)) ** 2
+    assert [group["lr"] for group in run.optimizer.param_groups] == pytest.approx([BASE_LR * poly, BASE_LR * poly * 10])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "other settings" in line]
+    assert notes == ["note: that run's files record other settings than this run's: its centres-lr-scale 1, this run's "
+                     "--centres-lr-scale 10; it goes on with this run's (give that run's config as --config to go on "
+                     "as it went)"]

@@ -1862,6 +1862,69 @@ def test_resume_with_more_steps_follows_the_new_schedule_in_every_group(faces, t
     assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([later, later])
 
 
+@pytest.mark.parametrize("optimizer, sharded", [("sgd", False), ("adamw", False), ("sgd", True)],
+                         ids=["sgd", "adamw", "sgd-sharded"])
+def test_centres_lr_scale_gives_the_class_centres_group_its_own_lr_under_the_schedule(faces, tmp_path, optimizer,
+                                                                                         sharded):
+    # The centres' group at --lr x --centres-lr-scale, the backbone's at --lr, both scaled by the schedule (LambdaLR
+    # multiplies each group's base rate), both at --decay; metrics.jsonl's lr is the backbone's, centres_lr beside it.
+    if sharded and not arcface_ext.extension_available():
+        pytest.skip("the sharded loss needs the compiled op")
+    options = dict(max_steps=6, warmup_steps=2, save_every=0, optimizer=optimizer, lr=0.05, decay=1e-3,
+                   sharded_classes=sharded)
+    trainer = Trainer(parse_args(argv(faces, tmp_path / "groups", centres_lr_scale=4, **options)))
+    trainer.release_output()
+    backbone, centres = trainer.optimizer.param_groups
+    assert centres["params"] == [trainer.margin_loss.weight]
+    assert (backbone["weight_decay"], centres["weight_decay"]) == (1e-3, 1e-3)
+    assert main(argv(faces, tmp_path / "run", centres_lr_scale=4, **options)) == 0
+    schedule = LearningRateSchedule("poly", 6, 2)
+    records = read_jsonl(os.path.join(tmp_path / "run", "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for record in records:  # (the line of step k gives the rate step k ran at, the schedule's at k - 1)
+        expected = 0.05 * schedule(record["step"] - 1)
+        assert (record["lr"], record["centres_lr"]) == pytest.approx((expected, 4 * expected))
+    assert "lr 0.05, the class centres' 0.2 (poly" in (tmp_path / "run" / "training.log").read_text()
+    # At the default scale the two are one rate, and the lines have no centres_lr.
+    assert main(argv(faces, tmp_path / "plain", **options)) == 0
+    records = read_jsonl(os.path.join(tmp_path / "plain", "metrics.jsonl"))
+    assert all("centres_lr" not in r for r in records)
+    assert [r["lr"] for r in records] == pytest.approx([0.05 * schedule(k) for k in range(6)])
+
+
+def test_centres_lr_scale_resumes_at_its_rate_and_is_not_changed_on_resume(faces, tmp_path):
+    # The checkpoint's optimizer and schedule keep each group's base rate; the scale, as --lr, may not change.
+    assert main(argv(faces, tmp_path, max_steps=4, save_every=0, centres_lr_scale=0.5)) == 0
+    trainer = Trainer(parse_args(argv(faces, tmp_path, max_steps=12, save_every=0, resume="auto",
+                                      centres_lr_scale=0.5)))
+    trainer.release_output()
+    schedule = LearningRateSchedule("poly", 12, trainer.args.warmup_steps)
+    for step in (4, 5, 6):
+        expected = trainer.args.lr * schedule(step)
+        assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([expected, expected / 2])
+        trainer.scheduler.step()
+    assert trainer.scheduler.base_lrs == pytest.approx([trainer.args.lr, trainer.args.lr / 2])
+    for scale, message in ((1, r"--centres-lr-scale 0\.5 in the checkpoint, 1\.0 requested"),
+                           (2, r"--centres-lr-scale 0\.5 in the checkpoint, 2\.0 requested")):
+        with pytest.raises(SystemExit, match=message):
+            Trainer(parse_args(argv(faces, tmp_path, max_steps=12, resume="auto", centres_lr_scale=scale)))
+    # A checkpoint older than the option trained its centres at --lr: it resumes at 1, and refuses another scale.
+    path = str(tmp_path / "checkpoint.pt")
+    state = checkpoint.load(path)
+    state["args"].pop("centres_lr_scale")
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match=r"--centres-lr-scale 1\.0 \(the default: the checkpoint is older than the "
+                                         r"option\), 0\.5 requested"):
+        Trainer(parse_args(argv(faces, tmp_path, max_steps=12, resume="auto", centres_lr_scale=0.5)))
+
+
+@pytest.mark.parametrize("scale", ["0", "-1", "inf", "nan"])
+def test_centres_lr_scale_is_checked(scale):
+    assert parse_args(["--centres_lr_scale", "10"]).centres_lr_scale == 10
+    with pytest.raises(SystemExit, match="^--centres-lr-scale must be a finite number > 0, got"):
+        parse_args(["--centres-lr-scale", scale])
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
 def test_a_resumed_run_keeps_no_part_of_its_checkpoint_file_mapped(faces, tmp_path):
     # The checkpoint is read through a file mapping (mmap=True), and the optimizer's load_state_dict
