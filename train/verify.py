@@ -116,6 +116,11 @@ def run(args: argparse.Namespace, targets: list[str]) -> int:
     # (on any device, fp16 too: the run's own figures come on its device type)
     set_amp(model, args.amp, args.model, run_args, done="verified",
             figures="on the run's device type, its figures; ")
+    if getattr(model, "amp", "none") == "fp16" and device.type == "cpu":
+        # Kept, where the tools that embed refuse it or embed in fp32 (5-30x slower, vit_t to r18): said, as the
+        # trainer says it of a CPU run under fp16 (the default command on an fp16 run's checkpoint said nothing).
+        print("note: --amp fp16 on the CPU runs several times slower than fp32 (torch's CPU fp16 convolutions); "
+              "--amp bf16 or none for speed", file=sys.stderr)
     seed = args.seed if args.seed is not None else 0
     if args.data == SYNTHETIC and args.seed is None and not all(map(is_target_path, targets)):  # (paths alone: none)
         run_seed = run_args.get("seed") if isinstance(run_args.get("seed"), int) else None

@@ -6,6 +6,7 @@ import os
 import pickle
 
 import pytest
+import torch
 from PIL import Image
 
 import arcface_ext
@@ -170,6 +171,29 @@ def test_verify_runs_the_trunk_under_the_runs_amp(tmp_path, capsys):
                         output]) == 0
     fp32 = json.loads(open(output).read())["targets"]["pairs"]
     assert fp32["xnorm"] != pytest.approx(recorded["xnorm"], rel=1e-4)  # fp32: other embeddings
+
+
+CPU_FP16_NOTE = ("note: --amp fp16 on the CPU runs several times slower than fp32 (torch's CPU fp16 convolutions); "
+                 "--amp bf16 or none for speed")
+
+
+@pytest.mark.slow
+def test_fp16_on_the_cpu_is_kept_and_said_to_be_slow(verified, tmp_path, capsys):
+    # verify keeps fp16 on a CPU (the run's, or asked for), where the tools that embed refuse it or embed in fp32:
+    # 5-30x slower there (vit_t to r18), which the default command on an fp16 run's checkpoint met without a word.
+    ckpt, pairs, _ = verified
+    argv = ["--targets", pairs, "--batch-size", "8"]
+    assert verify.main(["--model", ckpt, *argv, "--amp", "fp16"]) == 0
+    assert CPU_FP16_NOTE in capsys.readouterr().err
+    state = checkpoint.load(ckpt)
+    state["args"]["amp"] = "fp16"
+    fp16_run = str(tmp_path / "fp16.pt")
+    torch.save(state, fp16_run)
+    assert verify.main(["--model", fp16_run, *argv]) == 0
+    err = capsys.readouterr().err
+    assert "the trunk under --amp fp16, as the run verified" in err and CPU_FP16_NOTE in err, err
+    assert verify.main(["--model", fp16_run, *argv, "--amp", "bf16"]) == 0
+    assert "--amp fp16" not in capsys.readouterr().err
 
 
 def test_data_that_is_a_broken_symbolic_link_is_said_to_be_one(verified, tmp_path, capsys):
