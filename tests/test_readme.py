@@ -375,7 +375,8 @@ def test_every_option_the_readme_writes_is_one_of_its_commands(monkeypatch):
     the commands the README runs: none is renamed or gone. pip's, torchrun's and mypy's own are listed here;
     pytest's own of this suite (--runslow) are read from tests/conftest.py."""
     known = {"--no-build-isolation", "--config-settings", "--nproc_per_node", "--nnodes", "--node_rank",
-             "--rdzv_endpoint", "--shutdown-timeout", "--strict"}
+             "--rdzv_endpoint", "--shutdown-timeout", "--strict",
+             "--shm-size", "--ulimit", "--ipc"}  # (docker run's, in trainer.md's several machines)
     with open(os.path.join(os.path.dirname(__file__), "conftest.py")) as f:
         known |= set(re.findall(r"addoption\(\"(--[\w-]+)\"", f.read()))
     for target in sorted({target for target, _, _ in COMMANDS}):
