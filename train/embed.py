@@ -102,10 +102,10 @@ def set_amp(model: torch.nn.Module, amp: str | None, model_path: str, run: dict 
             "is a network of its own (package.module:factory) that has no amp attribute to autocast by"))
     if amp == "fp16" and device is not None and torch.device(device).type == "cpu":
         if given is not None:
-            raise ValueError("--amp fp16 on the CPU: torch's fp16 convolutions there run some 30x slower than fp32 "
-                             "(--amp bf16 autocasts on the CPU)")
-        print(f"the run trained under --amp fp16, some 30x slower than fp32 on the CPU (torch's fp16 convolutions): "
-              f"{done} in fp32 (--amp bf16 to autocast)", file=sys.stderr)
+            raise ValueError("--amp fp16 on the CPU: torch's fp16 convolutions there run several times slower than "
+                             "fp32 (r18: some 30x; --amp bf16 autocasts on the CPU)")
+        print("the run trained under --amp fp16, several times slower than fp32 on the CPU (torch's fp16 "
+              f"convolutions): {done} in fp32 (--amp bf16 to autocast)", file=sys.stderr)
         amp = "none"
     model.amp = amp
     if given is None and amp != "none":
