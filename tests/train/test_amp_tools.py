@@ -11,7 +11,7 @@ import arcface_ext
 from train import checkpoint, embed, export
 from train.tools import clean, cluster, quality, roc, search
 
-from trainer_fixtures import base_argv, make_face_folder, train_one_thread
+from trainer_fixtures import base_argv, make_face_folder, train_on_ranks, train_one_thread
 
 LOSS_IMPL = "fused" if arcface_ext.extension_available() else "reference"
 DEFAULT_NOTE = "the trunk under --amp bf16, as the run verified (--amp none for fp32)"
@@ -147,6 +147,17 @@ def test_an_onnx_model_refuses_amp(bf16_run, tmp_path, capsys):
     assert embed.main(["--model", onnx, "--images", faces, "--workers", "0", "--output", str(output)]) == 0
     assert "--amp" not in capsys.readouterr().err
     assert json.loads((tmp_path / "e.npy.json").read_text())["made_by"] == "train.embed"
+
+
+@pytest.mark.slow
+def test_clean_under_torchrun_says_the_runs_amp_once(bf16_run, tmp_path):
+    # (each rank printed it: a line a process, where clean's other notes are rank 0's)
+    ckpt, faces = bf16_run
+    result = train_on_ranks(["--model", ckpt, "--data", faces, "--workers", "0", "--report-only", "--output",
+                             str(tmp_path / "out"), "--embeddings", str(tmp_path / "e.npy")], main=clean.main)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(DEFAULT_NOTE) == 1, result.stderr
+    assert json.loads(open(str(tmp_path / "e.npy.json")).read())["amp"] == "bf16"
 
 
 def test_cleans_embeddings_file_is_of_one_amp(bf16_run, tmp_path, capsys):

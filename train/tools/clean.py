@@ -37,6 +37,7 @@ dropped. ``--output`` receives:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import hashlib
@@ -649,7 +650,9 @@ def run(args: argparse.Namespace) -> int:
     if os.path.realpath(args.output) == os.path.realpath(args.data):
         raise ValueError("--output is --data's folder: the cleaned set goes to another folder")
     model, settings = load_model(args.model, device)
-    set_amp(model, args.amp, args.model, device=device)
+    # (its note on the run's --amp is rank 0's, as _say_once's: each process printed it; a refusal is raised)
+    with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
+        set_amp(model, args.amp, args.model, device=device)
     data, num_classes = build_train_dataset(args.data, image_size=settings["image_size"], flip=False)
     bins = sorted(glob.glob(os.path.join(glob.escape(args.data), "*.bin"))) if isinstance(data, RecordIODataset) else []
     outputs = [os.path.join(args.output, name) for name in REPORTS]
