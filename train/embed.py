@@ -50,10 +50,14 @@ def load_model(path: str, device) -> tuple[torch.nn.Module, dict]:
 
 AMP_HELP = ("autocast the network's trunk to this type (default: a training checkpoint's own --amp, as its run "
             "verified; none for other models)")
+# (train.verify's is AMP_HELP: it keeps fp16 on a CPU)
+EMBED_AMP_HELP = ("autocast the network's trunk to this type (default: a training checkpoint's own --amp, as its run "
+                  "verified, a run's fp16 in fp32 on a CPU; none for other models); fp16 is refused on a CPU, where "
+                  "bf16 autocasts")
 
 
-def add_amp_option(p: argparse.ArgumentParser, help: str = AMP_HELP) -> None:
-    """The --amp of the tools that embed images (``set_amp`` applies it)."""
+def add_amp_option(p: argparse.ArgumentParser, help: str = EMBED_AMP_HELP) -> None:
+    """The --amp of the tools that embed images (``set_amp`` applies it; train.verify passes ``AMP_HELP``)."""
     p.add_argument("--amp", choices=("none", "fp16", "bf16"), default=None, help=help)
 
 

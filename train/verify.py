@@ -28,7 +28,7 @@ from .signals import run_tool, signals_held, stop_while_importing  # (the standa
 with stop_while_importing(__name__, "verify: "):
     from . import checkpoint, rfw
     from .data import SYNTHETIC, build_verification_sets, data_folders, find_target, is_target_path
-    from .embed import add_amp_option, load_model, run_options, set_amp
+    from .embed import AMP_HELP, add_amp_option, load_model, run_options, set_amp
     from .tools import ArgumentParser, check_outputs, path_arg, torch_device
     from .verification import evaluate, read_pairs_list
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the model runs: cpu, cuda, cuda:1, mps, xpu, ... (default: cpu)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")
-    add_amp_option(p)
+    add_amp_option(p, AMP_HELP)
     p.add_argument("--output", type=path_arg, default=None, help="also write the results as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace --output when it exists; without it it is kept")
     args = p.parse_args(argv)

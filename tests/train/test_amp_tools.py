@@ -113,6 +113,14 @@ def test_a_table_records_its_amp(bf16_run, tmp_path, tool, argv, table):
     assert json.loads((tmp_path / f"{table}.json").read_text())["amp"] == "none"
 
 
+@pytest.mark.parametrize("tool", [embed, cluster, clean])
+def test_the_help_says_fp16_is_refused_on_a_cpu(tool, capsys):
+    # (verify's help is as it was: it keeps fp16 on a CPU)
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    assert "fp16 is refused on a CPU, where bf16 autocasts" in " ".join(capsys.readouterr().out.split())
+
+
 def test_search_of_two_tables_refuses_amp(tmp_path, capsys):
     # (nothing is embedded: --amp was taken without a word, as cluster's, roc's and quality's with --embeddings were)
     gallery, probes = str(tmp_path / "g.csv"), str(tmp_path / "p.csv")
