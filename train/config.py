@@ -231,6 +231,10 @@ def build_parser() -> ArgumentParser:
                    help="split the class centres across the processes (model parallel, as arcface_torch's "
                    "partial FC): each holds C / world of them and their optimizer state, "
                    "and no C x D gradient is all-reduced. For hundreds of thousands of identities and more")
+    g.add_argument("--save-sharded", dest="save_sharded", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --sharded-classes under torchrun: each process writes its own centres and their "
+                   "optimizer state beside checkpoint.pt (checkpoint-centres-<rank>-of-<world>-<id>.pt), rather than "
+                   "rank 0 gathering the whole matrix into it. Elsewhere the checkpoint is one file, as without it")
     g.add_argument("--sample-rate", "--sample_rate", dest="sample_rate", type=float, default=1.0,
                    help="partial FC's class sampling: each step's softmax runs over the batch's identities and "
                    "a uniform sample of the others, this fraction of all (of each process's shard with "

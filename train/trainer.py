@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from torch import nn
 from arcface_ext import full_state_dict, shard_optimizer_state
 from arcface_ext.optim import SGD, AdamW  # noqa: F401 (train.trainer.SGD, AdamW: the trainer's)
 
-from . import checkpoint, export, rfw
+from . import centre_shards, checkpoint, export, rfw
 from .config import LR_SCHEDULES, margin_fraction, margins, steps_from_epochs, unused_options, warmed_up_margins
 from .data.transforms import DataError, to_model_input
 from .distill import distillation_loss
@@ -58,7 +59,7 @@ RESUME_MAY_CHANGE = frozenset({
     "max_steps", "epochs", "log_every", "eval_every", "save_every", "tensorboard", "plots", "device", "num_workers",
     "dist_timeout",
     "compile", "compile_backend", "compile_mode", "channels_last", "gradient_checkpointing", "loss_impl",
-    "sharded_classes", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
+    "sharded_classes", "save_sharded", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
     # (the teacher is compared by its weights, which the checkpoint records: _check_resumed_teacher)
     "teacher", "teacher_network",
 })
@@ -262,7 +263,7 @@ def set_aside_earlier_run(output: str, keep: bool = False) -> str | None:
             break
         except FileExistsError:
             n += 1
-    for name in (*RUN_FILES, *insightface):
+    for name in (*RUN_FILES, *insightface, *centre_shards.shard_files(output)):
         if os.path.lexists(os.path.join(output, name)):
             os.replace(os.path.join(output, name), os.path.join(aside, name))
     return aside
@@ -865,6 +866,10 @@ class Trainer:
         if args.sharded_classes and self.num_classes < self.world_size:
             raise SystemExit(f"--sharded-classes gives each of the {self.world_size} processes at least one class, but "
                              f"the data has {self.num_classes} identities: run fewer processes, or replicated centres")
+        if args.save_sharded and not (args.sharded_classes and self.distributed) and self.is_main:
+            print(f"note: --save-sharded takes --sharded-classes under torchrun: on "
+                  f"{'one process' if not self.distributed else 'replicated centres'} the checkpoint is one file, "
+                  f"{checkpoint.CHECKPOINT_NAME}, as without it", file=sys.stderr)
         self.margin_loss = build_margin_loss(args, self.num_classes).to(self.device)
         self.optimizer = build_optimizer(args, self.backbone, self.margin_loss)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -1174,6 +1179,8 @@ class Trainer:
             if self.is_main:
                 print(f"note: {path} began with the embedding BatchNorm's scale fixed at 1, as versions before MagFace "
                       "learnt it did: it stays fixed in this run", file=sys.stderr)
+        if "centre_shards" in state:  # (--save-sharded's: the centres from the files it names)
+            state = self._with_centre_shards(path, state)
         self.backbone.load_state_dict(state["model"])
         self.margin_loss.load_state_dict(state["margin_loss"])  # a sharded loss keeps its rows
         # Copies: load_state_dict keeps a state tensor of the right dtype and device as it is, and a view of
@@ -1223,6 +1230,24 @@ class Trainer:
                       f"were, and so are the progress lines' epochs (this run reads the data in "
                       f"{count_of(self.steps_per_epoch, 'step')})", file=sys.stderr)
         return state["rng"]
+
+    def _with_centre_shards(self, path: str, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with the centres and their optimizer state that this process takes from the shards its
+        manifest names: a sharded loss's own rows (each rank reads the files that hold them: on the world size
+        that saved them, its own), else all of them. A shard missing or of another save is refused on every rank."""
+        try:
+            centres, optimizer_state = centre_shards.whole_state(path, state, self.margin_loss)
+            refused = ""
+        except (OSError, ValueError) as error:
+            centres = optimizer_state = None
+            refused = f"--resume {path}: {error}"
+        if self.distributed:
+            said = [None] * self.world_size
+            dist.all_gather_object(said, refused)
+            refused = next((line for line in said if line), "")
+        if refused:
+            raise SystemExit(refused)
+        return {**state, "margin_loss": centres, "optimizer": optimizer_state}
 
     def _load_arcface_torch_state(self, path: str, state: dict[str, Any]) -> list[dict[str, Any]]:
         """Continues the run that arcface_torch's train_v2.py saved with save_all_states, as its own resume
@@ -1489,6 +1514,14 @@ class Trainer:
                   f"--image-size {a.image_size}", file=sys.stderr)
         loaded = "backbone"
         centres = state.get("margin_loss") if isinstance(state, dict) else None
+        if isinstance(state, dict) and "centre_shards" in state and not self.args.finetuning:
+            # --save-sharded's: the whole centres from the files beside it (as an unsharded checkpoint holds them)
+            try:
+                centres, _ = centre_shards.whole_state(path, state)
+            except (OSError, ValueError) as error:
+                centres = None
+                if self.is_main:
+                    print(f"note: {path}'s class centres not taken ({error}): starting fresh ones", file=sys.stderr)
         assembled = False
         arcface_torch = isinstance(state, dict) and "state_dict_softmax_fc" in state
         if centres is None and arcface_torch and not self.args.finetuning:
@@ -1712,9 +1745,15 @@ class Trainer:
         if self.distributed:
             rng_states = [None] * self.world_size
             dist.all_gather_object(rng_states, rng)
-        # The whole centres and their optimizer state (the loss's buffers, AdaFace's, are alike on every rank).
-        centres, optimizer_state = full_state_dict(self.margin_loss, self.optimizer)
+        if self.args.save_sharded and self.distributed and self._sharded():
+            shard, centres, optimizer_state, manifest = self._write_centre_shards()
+        else:
+            # The whole centres and their optimizer state (the loss's buffers, AdaFace's, are alike on every rank).
+            centres, optimizer_state = full_state_dict(self.margin_loss, self.optimizer)
+            shard = manifest = None
         if not self.is_main:
+            if shard is not None:
+                self._complete_centre_shards(shard, None)
             return
         state = {
             "step": self.step,
@@ -1742,11 +1781,60 @@ class Trainer:
             state["teacher"] = self.teacher.record()
         if self.verification_cut_short_at == self.step:
             state["verification_cut_short"] = True
+        if manifest is not None:
+            state["centre_shards"] = manifest
         try:
             checkpoint.save_atomic(state, self.checkpoint_path)
         except (OSError, RuntimeError) as error:  # (a full disk or a quota: save_atomic's OSError)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointNotWritten(f"writing {self.checkpoint_path} at step {self.step} failed: {reason}") from None
+            failed = f"writing {self.checkpoint_path} at step {self.step} failed: {reason}"
+            if shard is not None:
+                self._complete_centre_shards(shard, failed)
+            raise CheckpointNotWritten(failed) from None
+        if shard is not None:
+            self._complete_centre_shards(shard, "")
+        elif centre_shards.shard_files(self.output):  # (an earlier save's, --save-sharded: this one holds them all)
+            centre_shards.remove_other_saves(self.output, None, 0, 0)
+
+    def _write_centre_shards(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """--save-sharded (collective): every rank writes its shard of the centres under a name of this save's,
+        which no earlier checkpoint.pt names, and the ranks agree that all are written before rank 0 writes the
+        checkpoint.pt that names them (the save's last step: a stop before it leaves the previous checkpoint and
+        its shards as they were). -> (this rank's shard, the loss's and the optimizer's state without it, the
+        manifest); raises CheckpointNotWritten on every rank where a rank's write failed."""
+        save_id = [secrets.token_hex(8) if self.is_main else None]
+        dist.broadcast_object_list(save_id, src=0)
+        shard, centres, optimizer_state, manifest = centre_shards.split_state(
+            self.margin_loss, self.optimizer, self.rank, self.world_size, save_id[0], self.step)
+        path = os.path.join(self.output, centre_shards.shard_name(self.rank, self.world_size, save_id[0]))
+        try:
+            checkpoint.save_atomic(shard, path)
+            failed = ""
+        except (OSError, RuntimeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            failed = f"writing {path} at step {self.step} failed: {reason}"
+        said = [None] * self.world_size
+        dist.all_gather_object(said, failed)
+        failed = next((line for line in said if line), "")
+        if failed:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            raise CheckpointNotWritten(failed)
+        shard["path"] = path
+        return shard, centres, optimizer_state, manifest
+
+    def _complete_centre_shards(self, shard: dict[str, Any], failed: str | None) -> None:
+        """After rank 0 wrote checkpoint.pt (``failed``: "", or why it could not; None on the other ranks, which
+        learn it here): the shards of other saves go, or, where checkpoint.pt was not written, this save's."""
+        said = [failed]
+        dist.broadcast_object_list(said, src=0)
+        if said[0]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(shard["path"])
+            if not self.is_main:
+                raise CheckpointNotWritten(said[0])
+            return
+        centre_shards.remove_other_saves(self.output, shard["save_id"], self.rank, self.world_size)
 
     # ------------------------------------------------------------- the loop
 

@@ -66,7 +66,7 @@ with stop_while_importing(__name__, f"clean: {_whose()}"):
     import torch
     from PIL import Image
 
-    from train import checkpoint
+    from train import centre_shards, checkpoint
     from train.data import ImageFolderDataset, RecordIODataset, build_train_dataset, data_folder, is_target_path
     from train.data.combined import split_data_spec
     from train.data.imagelist import is_image_list
@@ -148,6 +148,11 @@ def trained_centres(path: str, data, dim: int) -> tuple[torch.Tensor | None, str
     except Exception:  # not a torch file: load_model has read it already, and says what it is
         return None, f"{path} is not a training checkpoint", False
     weight = state.get("margin_loss", {}).get("weight") if isinstance(state, dict) else None
+    if isinstance(state, dict) and "centre_shards" in state:  # (--save-sharded's: in the files beside it)
+        try:
+            weight = centre_shards.whole_state(path, state)[0]["weight"]
+        except (OSError, ValueError) as error:
+            return None, f"{path}'s class centres cannot be read: {error}", False
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return None, f"{path} is not a training checkpoint with class centres", False
     run = state.get("args") if isinstance(state.get("args"), dict) else {}

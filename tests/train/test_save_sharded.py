@@ -1,0 +1,203 @@
+"""--save-sharded: each rank of a --sharded-classes run writes its own class centres and their optimizer state beside
+checkpoint.pt; resumed on the same number of processes (each its own file), on another (the rows put together again),
+after a stop in the middle of a save (the previous checkpoint whole), and refused with a shard missing or of another
+save. The ranks are forked with torchrun's variables (trainer_fixtures.train_on_ranks), as in test_ddp."""
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.distributed
+
+import arcface_ext
+from train import centre_shards, checkpoint
+
+from trainer_fixtures import base_argv, make_face_folder, one_thread, read_jsonl, train_on_ranks  # noqa: F401
+
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="needs torch.distributed with gloo"),
+              pytest.mark.skipif(not arcface_ext.extension_available(),
+                                 reason="--sharded-classes needs the compiled op"),
+              pytest.mark.slow]
+
+
+def _argv(data, output, max_steps, *extra):
+    return base_argv(data, str(output), batch_size=4, max_steps=max_steps, save_every=2) + \
+        ["--sharded-classes", *extra]
+
+
+def _train(argv, nprocs=2, main=None):
+    result = train_on_ranks(argv, nprocs=nprocs, main=main, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _whole(output):
+    """(checkpoint.pt's contents, with the whole centres and optimizer state, as an unsharded save holds them)."""
+    path = str(output / "checkpoint.pt")
+    state = checkpoint.load(path)
+    if "centre_shards" in state:
+        centres, optimizer = centre_shards.whole_state(path, state)
+        state = {**state, "margin_loss": centres, "optimizer": optimizer}
+    return state
+
+
+def _assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["margin_loss"].keys() == b["margin_loss"].keys()
+    for key in a["margin_loss"]:
+        assert torch.equal(a["margin_loss"][key], b["margin_loss"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for index, entry in a["optimizer"]["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer"]["state"][index][key])), \
+                (index, key)
+
+
+def _losses(output):
+    return [r["loss"] for r in read_jsonl(output / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def halfway(tmp_path_factory):
+    """Two 2-process runs to step 2 from the same start, saved whole and --save-sharded: (data, whole, sharded)."""
+    root = tmp_path_factory.mktemp("save_sharded")
+    data = make_face_folder(str(root / "faces"))
+    _train(_argv(data, root / "whole", 2))
+    _train(_argv(data, root / "sharded", 2, "--save-sharded"))
+    return data, root / "whole", root / "sharded"
+
+
+def _copy(folder, to):
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_a_sharded_save_resumes_as_the_whole_checkpoint_does(halfway, tmp_path):
+    data, whole, sharded = halfway
+    state = checkpoint.load(str(sharded / "checkpoint.pt"))
+    # checkpoint.pt holds no centres; one file a rank holds its own, named in its manifest.
+    assert "weight" not in state["margin_loss"]
+    manifest = state["centre_shards"]
+    assert manifest["world_size"] == 2 and manifest["step"] == 2
+    assert [rows for _, *rows in manifest["files"]] == [[0, 4], [4, 8]]
+    assert sorted(name for name, *_ in manifest["files"]) == centre_shards.shard_files(str(sharded))
+    _assert_same_state(_whole(whole), _whole(sharded))
+
+    whole, sharded = _copy(whole, tmp_path / "whole"), _copy(sharded, tmp_path / "sharded")
+    _train(_argv(data, whole, 4, "--resume", "auto"))
+    _train(_argv(data, sharded, 4, "--save-sharded", "--resume", "auto"))
+    assert _losses(sharded) == _losses(whole) and len(_losses(whole)) == 4  # bit for bit
+    _assert_same_state(_whole(whole), _whole(sharded))
+    # The step-4 save's shards replaced the step-2 save's, which are gone.
+    names = centre_shards.shard_files(str(sharded))
+    assert sorted(name for name, *_ in checkpoint.load(str(sharded / "checkpoint.pt"))["centre_shards"]["files"]) \
+        == names and len(names) == 2
+
+
+@pytest.mark.parametrize("nprocs", [1, 3])
+def test_a_sharded_save_resumes_on_another_number_of_processes(nprocs, halfway, tmp_path):
+    # The data order from the resume on is another number of processes' in both runs, alike: the same losses.
+    data, whole, sharded = halfway
+    whole, sharded = _copy(whole, tmp_path / "whole"), _copy(sharded, tmp_path / "sharded")
+    _train(_argv(data, whole, 4, "--resume", "auto"), nprocs=nprocs)
+    resumed = _train(_argv(data, sharded, 4, "--save-sharded", "--resume", "auto"), nprocs=nprocs)
+    assert "resumed from" in resumed.stderr
+    assert _losses(sharded) == _losses(whole) and len(_losses(whole)) == 4
+    _assert_same_state(_whole(whole), _whole(sharded))
+    # One process: no shards (the whole matrix in checkpoint.pt, the earlier save's shards gone); three: three.
+    files = centre_shards.shard_files(str(sharded))
+    assert len(files) == (0 if nprocs == 1 else 3)
+    assert ("centre_shards" in checkpoint.load(str(sharded / "checkpoint.pt"))) == (nprocs > 1)
+
+
+def _train_killed_before_checkpoint_pt(argv):
+    """train.trainer.main(argv) on a rank; rank 0 is killed (SIGKILL) in the step-4 save, once every rank has
+    written its shard, as it starts writing checkpoint.pt."""
+    import signal
+
+    from train import trainer
+
+    if os.environ["RANK"] == "0":
+        save_atomic = trainer.checkpoint.save_atomic
+
+        def killed(obj, path):
+            if os.path.basename(path) == "checkpoint.pt" and obj.get("step") == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            save_atomic(obj, path)
+
+        trainer.checkpoint.save_atomic = killed
+    return trainer.main(argv)
+
+
+def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(halfway, tmp_path):
+    data, whole, sharded = halfway
+    reference = _copy(whole, tmp_path / "whole")
+    _train(_argv(data, reference, 6, "--resume", "auto"))
+    sharded = _copy(sharded, tmp_path / "sharded")
+    before = sorted(os.listdir(sharded))
+    killed = train_on_ranks(_argv(data, sharded, 6, "--save-sharded", "--resume", "auto"),
+                            main=_train_killed_before_checkpoint_pt, timeout=120)
+    assert killed.returncode != 0
+    state = checkpoint.load(str(sharded / "checkpoint.pt"))
+    assert state["step"] == 2
+    assert len(centre_shards.shard_files(str(sharded))) == 4  # the step-2 save's and the killed one's
+    assert set(before) <= set(os.listdir(sharded))
+    _train(_argv(data, sharded, 6, "--save-sharded", "--resume", "auto"))
+    assert _losses(sharded) == _losses(reference) and len(_losses(reference)) == 6
+    _assert_same_state(_whole(reference), _whole(sharded))
+    assert len(centre_shards.shard_files(str(sharded))) == 2  # (the killed save's went with the next save)
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_a_missing_or_mismatched_shard_is_refused(nprocs, halfway, tmp_path):
+    data, _, sharded = halfway
+    sharded = _copy(sharded, tmp_path / "sharded")
+    manifest = checkpoint.load(str(sharded / "checkpoint.pt"))["centre_shards"]
+    last = sharded / manifest["files"][-1][0]  # (rank 1's: on two processes, rank 0 reads none of it)
+    shard = checkpoint.load(str(last))
+    torch.save({**shard, "step": 0}, str(last))  # another save's file under this save's name
+    refused = train_on_ranks(_argv(data, sharded, 4, "--save-sharded", "--resume", "auto"), nprocs=nprocs,
+                             timeout=120)
+    assert refused.returncode == 1
+    path = sharded / "checkpoint.pt"
+    line = (f"--resume {path}: {last} is not the shard of the class centres that {path} names (rows [4, 8) of the "
+            f"save at step 2, id {manifest['save_id']}): another save's, or not a shard")
+    assert refused.stderr.count(line) == nprocs, refused.stderr[-3000:]
+    os.remove(last)
+    refused = train_on_ranks(_argv(data, sharded, 4, "--save-sharded", "--resume", "auto"), nprocs=nprocs,
+                             timeout=120)
+    assert refused.returncode == 1
+    line = f"--resume {path}: {last} is missing: a shard of the class centres that {path} names (at step 2)"
+    assert refused.stderr.count(line) == nprocs, refused.stderr[-3000:]
+    assert checkpoint.load(str(path))["step"] == 2
+
+
+def test_the_tools_read_a_sharded_checkpoint(halfway, tmp_path, capsys):
+    # The backbone is checkpoint.pt's (train.export's backbone.pt as of a whole checkpoint); --pretrained_model
+    # without --finetuning takes the centres put together from the shards, or says why not.
+    from train import export
+    from train.trainer import main
+
+    data, whole, sharded = halfway
+    sharded = _copy(sharded, tmp_path / "sharded")
+    assert export.main(["--checkpoint", str(sharded / "checkpoint.pt"), "--output", str(tmp_path / "export"),
+                        "--no-onnx"]) == 0
+    exported = torch.load(str(tmp_path / "export" / "backbone.pt"), weights_only=True)
+    for key, value in checkpoint.load(str(whole / "checkpoint.pt"))["model"].items():
+        assert torch.equal(exported[key], value), key
+    path = str(sharded / "checkpoint.pt")
+    capsys.readouterr()
+    main(base_argv(data, str(tmp_path / "fine"), max_steps=1, save_every=0, pretrained_model=path))
+    err = capsys.readouterr().err
+    assert f"initialised the backbone and class centres from {path}" in err, err
+    missing = sharded / checkpoint.load(path)["centre_shards"]["files"][0][0]
+    os.remove(missing)
+    main(base_argv(data, str(tmp_path / "fresh"), max_steps=1, save_every=0, pretrained_model=path))
+    err = capsys.readouterr().err
+    assert (f"note: {path}'s class centres not taken ({missing} is missing: a shard of the class centres that {path} "
+            "names (at step 2)): starting fresh ones") in err, err
+    assert f"initialised the backbone from {path}" in err
