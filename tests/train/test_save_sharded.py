@@ -5,6 +5,7 @@ save. The ranks are forked with torchrun's variables (trainer_fixtures.train_on_
 
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -114,18 +115,26 @@ def test_a_sharded_save_resumes_on_another_number_of_processes(nprocs, halfway, 
     assert ("centre_shards" in checkpoint.load(str(sharded / "checkpoint.pt"))) == (nprocs > 1)
 
 
-def _train_killed_before_checkpoint_pt(argv):
-    """train.trainer.main(argv) on a rank; rank 0 is killed (SIGKILL) in the step-4 save, once every rank has
-    written its shard, as it starts writing checkpoint.pt."""
+def _train_killed_in_the_step_4_save(argv):
+    """train.trainer.main(argv) on a rank; in the step-4 save, rank 0 is killed (SIGKILL) as it starts writing
+    checkpoint.pt, every rank's shard written (KILL_IN=checkpoint), or rank 1 as it starts writing its shard,
+    rank 0's written (KILL_IN=shard)."""
     import signal
 
     from train import trainer
 
-    if os.environ["RANK"] == "0":
+    whom, name = {"checkpoint": ("0", "checkpoint.pt"), "shard": ("1", "checkpoint-centres-1-of-2-")}[
+        os.environ["KILL_IN"]]
+    if os.environ["RANK"] == whom:
         save_atomic = trainer.checkpoint.save_atomic
 
         def killed(obj, path):
-            if os.path.basename(path) == "checkpoint.pt" and obj.get("step") == 4:
+            if os.path.basename(path).startswith(name) and obj.get("step") == 4:
+                if whom == "1":  # (rank 0's shard written: its name is this save's, rank 1's but for the rank)
+                    folder, mine = os.path.split(path)
+                    theirs = os.path.join(folder, mine.replace("-1-of-", "-0-of-"))
+                    while not os.path.exists(theirs):
+                        time.sleep(0.01)
                 os.kill(os.getpid(), signal.SIGKILL)
             save_atomic(obj, path)
 
@@ -133,18 +142,22 @@ def _train_killed_before_checkpoint_pt(argv):
     return trainer.main(argv)
 
 
-def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(halfway, tmp_path):
+@pytest.mark.parametrize("where", ["checkpoint", "shard"])
+def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint(where, halfway, tmp_path, monkeypatch):
     data, whole, sharded = halfway
     reference = _copy(whole, tmp_path / "whole")
     _train(_argv(data, reference, 6, "--resume", "auto"))
     sharded = _copy(sharded, tmp_path / "sharded")
     before = sorted(os.listdir(sharded))
+    monkeypatch.setenv("KILL_IN", where)
     killed = train_on_ranks(_argv(data, sharded, 6, "--save-sharded", "--resume", "auto"),
-                            main=_train_killed_before_checkpoint_pt, timeout=120)
+                            main=_train_killed_in_the_step_4_save, timeout=120)
+    monkeypatch.delenv("KILL_IN")
     assert killed.returncode != 0
     state = checkpoint.load(str(sharded / "checkpoint.pt"))
     assert state["step"] == 2
-    assert len(centre_shards.shard_files(str(sharded))) == 4  # the step-2 save's and the killed one's
+    # The step-2 save's shards, and the killed one's written before the kill (both ranks', or rank 0's).
+    assert len(centre_shards.shard_files(str(sharded))) == (4 if where == "checkpoint" else 3)
     assert set(before) <= set(os.listdir(sharded))
     _train(_argv(data, sharded, 6, "--save-sharded", "--resume", "auto"))
     assert _losses(sharded) == _losses(reference) and len(_losses(reference)) == 6
