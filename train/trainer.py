@@ -1825,16 +1825,30 @@ class Trainer:
 
     def _complete_centre_shards(self, shard: dict[str, Any], failed: str | None) -> None:
         """After rank 0 wrote checkpoint.pt (``failed``: "", or why it could not; None on the other ranks, which
-        learn it here): the shards of other saves go, or, where checkpoint.pt was not written, this save's."""
-        said = [failed]
+        learn it here): the shards of other saves go, or, where checkpoint.pt was not written, this save's. A write
+        that failed after its rename (a rename over NFS whose reply was lost, the clean-up of temporaries after it)
+        left a checkpoint.pt that names this save's shards, and no longer the previous save's: they stay."""
+        said = [failed, bool(failed) and self.is_main and not self._checkpoint_names(shard["save_id"])]
         dist.broadcast_object_list(said, src=0)
         if said[0]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(shard["path"])
+            if said[1]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(shard["path"])
             if not self.is_main:
                 raise CheckpointNotWritten(said[0])
             return
         centre_shards.remove_other_saves(self.output, shard["save_id"], self.rank, self.world_size)
+
+    def _checkpoint_names(self, save_id: str) -> bool:
+        """Whether checkpoint.pt names the shards of save ``save_id``, or may (it cannot be read)."""
+        try:
+            state = checkpoint.load(self.checkpoint_path, mmap=True)
+        except FileNotFoundError:
+            return False
+        except Exception:
+            return True
+        manifest = state.get("centre_shards") if isinstance(state, dict) else None
+        return isinstance(manifest, dict) and manifest.get("save_id") == save_id
 
     # ------------------------------------------------------------- the loop
 

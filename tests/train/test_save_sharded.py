@@ -214,3 +214,38 @@ def test_the_tools_read_a_sharded_checkpoint(halfway, tmp_path, capsys):
     assert (f"note: {path}'s class centres not taken ({missing} is missing: a shard of the class centres that {path} "
             "names (at step 2)): starting fresh ones") in err, err
     assert f"initialised the backbone from {path}" in err
+
+
+def _train_with_an_error_after_checkpoint_pt_s_rename(argv):
+    """train.trainer.main(argv) on a rank; rank 0's write of the step-4 checkpoint.pt renames the file into place
+    and then raises OSError (as a rename over NFS whose reply was lost says ENOENT, or a temporary of another
+    user's that the clean-up after the rename cannot remove)."""
+    from train import trainer
+
+    if os.environ["RANK"] == "0":
+        save_atomic = trainer.checkpoint.save_atomic
+
+        def written_then_failed(obj, path):
+            save_atomic(obj, path)
+            if os.path.basename(path) == "checkpoint.pt" and obj.get("step") == 4:
+                raise OSError(5, "Input/output error")
+
+        trainer.checkpoint.save_atomic = written_then_failed
+    return trainer.main(argv)
+
+
+def test_a_checkpoint_written_before_its_write_failed_keeps_its_shards(halfway, tmp_path):
+    # checkpoint.pt, once renamed, names this save's shards and no longer the previous save's: they must stay.
+    data, _, sharded = halfway
+    sharded = _copy(sharded, tmp_path / "sharded")
+    failed = train_on_ranks(_argv(data, sharded, 6, "--save-sharded", "--resume", "auto"),
+                            main=_train_with_an_error_after_checkpoint_pt_s_rename, timeout=120)
+    assert failed.returncode != 0
+    assert "Input/output error" in failed.stderr, failed.stderr[-3000:]
+    state = checkpoint.load(str(sharded / "checkpoint.pt"))
+    assert state["step"] == 4
+    for name, *_ in state["centre_shards"]["files"]:
+        assert (sharded / name).is_file(), name
+    _train(_argv(data, sharded, 6, "--save-sharded", "--resume", "auto"))
+    assert checkpoint.load(str(sharded / "checkpoint.pt"))["step"] == 6
+    assert len(centre_shards.shard_files(str(sharded))) == 2
