@@ -74,8 +74,10 @@ def read_rows(path: str, manifest: dict[str, Any], rows: tuple[int, int] | None 
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rows [first, last) (``rows``; None: all) of the centres and of their optimizer state, put together from the
     shards that checkpoint ``path``'s ``manifest`` names, beside it; only the files that hold some of them are read
-    (mapped), and the rows are copied. Raises ValueError naming the file that is missing or not of that save."""
+    (mapped), and the rows are copied; ``path`` a link (``--resume latest.pt``), beside the file it points to where
+    they are not beside it. Raises ValueError naming the file that is missing or not of that save."""
     folder = os.path.dirname(os.path.abspath(path))
+    linked = os.path.dirname(os.path.realpath(path))
     first, last = rows if rows is not None else (0, manifest["rows"])
     weights, states = [], {key: [] for key in manifest["optimizer_keys"]}
     for rank, (name, start, stop) in enumerate(manifest["files"]):
@@ -83,6 +85,8 @@ def read_rows(path: str, manifest: dict[str, Any], rows: tuple[int, int] | None 
         if a >= b:
             continue
         full = os.path.join(folder, name)
+        if not os.path.isfile(full) and os.path.isfile(os.path.join(linked, name)):
+            full = os.path.join(linked, name)
         if not os.path.isfile(full):
             raise ValueError(f"{full} is missing: a shard of the class centres that {path} names (at step "
                              f"{manifest['step']})")

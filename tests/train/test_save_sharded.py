@@ -249,3 +249,12 @@ def test_a_checkpoint_written_before_its_write_failed_keeps_its_shards(halfway, 
     _train(_argv(data, sharded, 6, "--save-sharded", "--resume", "auto"))
     assert checkpoint.load(str(sharded / "checkpoint.pt"))["step"] == 6
     assert len(centre_shards.shard_files(str(sharded))) == 2
+
+
+def test_the_shards_are_found_beside_the_file_a_link_to_checkpoint_pt_points_to(halfway, tmp_path):
+    # (--resume latest.pt, a link into the run's folder: the shards are beside checkpoint.pt, not the link)
+    _, whole, sharded = halfway
+    link = tmp_path / "latest.pt"
+    link.symlink_to(sharded / "checkpoint.pt")
+    centres, _ = centre_shards.whole_state(str(link), checkpoint.load(str(link)))
+    assert torch.equal(centres["weight"], checkpoint.load(str(whole / "checkpoint.pt"))["margin_loss"]["weight"])
