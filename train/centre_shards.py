@@ -126,14 +126,36 @@ def whole_state(path: str, state: dict[str, Any], loss: nn.Module | None = None
     return loss_state, optimizer_state
 
 
+def saves_named(folder: str) -> set[str]:
+    """The ids of the saves whose shards a checkpoint in ``folder`` names: checkpoint.pt's, and those of copies of
+    it kept beside it (``cp checkpoint.pt step-10000.pt``). A file that cannot be read names none."""
+    named = set()
+    for name in os.listdir(folder):
+        if not name.endswith(".pt") or name.startswith(".") or SHARD.fullmatch(name):
+            continue
+        try:
+            state = checkpoint.load(os.path.join(folder, name), mmap=True)
+        except Exception:
+            continue
+        manifest = state.get("centre_shards") if isinstance(state, dict) else None
+        if isinstance(manifest, dict) and isinstance(manifest.get("save_id"), str):
+            named.add(manifest["save_id"])
+    return named
+
+
 def remove_other_saves(folder: str, save_id: str | None, rank: int, world_size: int) -> None:
-    """After a save (``save_id``; None: an unsharded one) is complete: the shards of other saves, the previous one's
-    and those of a save that was stopped before its checkpoint.pt, that are this rank's to remove (its rank's, and on
-    rank 0 those of ranks this run does not have), and the temporaries of killed writers."""
+    """After a save (``save_id``; None: an unsharded one) is complete: the shards that no checkpoint in the folder
+    names (the previous save's, and those of a save stopped before its checkpoint.pt; not those of a copy of an
+    earlier checkpoint.pt kept beside it) that are this rank's to remove (its rank's, and on rank 0 those of ranks
+    this run does not have), and the temporaries of killed writers."""
+    kept = None
     for name in os.listdir(folder):
         found = SHARD.fullmatch(name)
         if found and found.group(3) != save_id and (int(found.group(1)) == rank or
                                                      (rank == 0 and int(found.group(1)) >= world_size)):
+            kept = saves_named(folder) if kept is None else kept
+            if found.group(3) in kept:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, name))
         temporary = _TEMPORARY.fullmatch(name)

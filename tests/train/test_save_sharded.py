@@ -258,3 +258,15 @@ def test_the_shards_are_found_beside_the_file_a_link_to_checkpoint_pt_points_to(
     link.symlink_to(sharded / "checkpoint.pt")
     centres, _ = centre_shards.whole_state(str(link), checkpoint.load(str(link)))
     assert torch.equal(centres["weight"], checkpoint.load(str(whole / "checkpoint.pt"))["margin_loss"]["weight"])
+
+
+def test_a_copy_of_checkpoint_pt_kept_beside_it_keeps_its_shards(halfway, tmp_path):
+    # (cp checkpoint.pt step-2.pt, to keep it: the next saves remove the shards no checkpoint in the folder names)
+    data, whole, sharded = halfway
+    sharded = _copy(sharded, tmp_path / "sharded")
+    shutil.copy(sharded / "checkpoint.pt", sharded / "step-2.pt")
+    _train(_argv(data, sharded, 4, "--save-sharded", "--resume", "auto"))
+    kept = checkpoint.load(str(sharded / "step-2.pt"))
+    centres, _ = centre_shards.whole_state(str(sharded / "step-2.pt"), kept)
+    assert torch.equal(centres["weight"], checkpoint.load(str(whole / "checkpoint.pt"))["margin_loss"]["weight"])
+    assert len(centre_shards.shard_files(str(sharded))) == 4
