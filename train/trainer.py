@@ -1337,7 +1337,8 @@ class Trainer:
         flags' words ("" where none): its optimizer's first group (learning rate, weight decay, SGD's momentum),
         its second's (the partial FC's) learning rate over the first's (as --centres-lr-scale), and its
         PolyScheduler's max_steps and warmup_steps, which count passes (a step here is --gradient-acc of
-        them). A negative warm-up, which insightface_config turns into none at a lower --lr, is not compared."""
+        them), and a --margin-warmup-steps not over at the step (its margin has none). A negative warm-up, which
+        insightface_config turns into none at a lower --lr, is not compared."""
         a = self.args
         group = state["state_optimizer"]["param_groups"][0]
         schedule = state.get("state_lr_scheduler")
@@ -1358,10 +1359,16 @@ class Trainer:
         theirs["--decay"] = (group.get("weight_decay"), self.optimizer.param_groups[0].get("weight_decay"))
         if a.optimizer == "sgd":
             theirs["--momentum"] = (group.get("momentum"), self.optimizer.param_groups[0].get("momentum"))
-        return ", ".join(f"its {flag[2:]} {value:g}, this run's {flag} {ours:g}"
-                         for flag, (value, ours) in theirs.items()
-                         if isinstance(value, (int, float)) and isinstance(ours, (int, float))
-                         and not math.isclose(value, ours, rel_tol=1e-6))
+        apart = [f"its {flag[2:]} {value:g}, this run's {flag} {ours:g}" for flag, (value, ours) in theirs.items()
+                 if isinstance(value, (int, float)) and isinstance(ours, (int, float))
+                 and not math.isclose(value, ours, rel_tol=1e-6)]
+        # Its margin is the whole from its first step: a warm-up here that has not ended by the step lowers it.
+        if a.margin_warmup_steps and margin_fraction(self.step, a.margin_warmup_steps) < 1:
+            margin = ", ".join(f"{k} {v:g}" for k, v in logged_margins(a, self.step).items())
+            apart.append(f"its margin the whole from its first step (arcface_torch warms up none), this run's "
+                         f"--margin-warmup-steps {a.margin_warmup_steps} ({margin} at step {self.step}, the whole "
+                         f"at step {a.margin_warmup_steps})")
+        return ", ".join(apart)
 
     def _check_resumed_data(self, state: dict[str, Any], path: str) -> None:
         """A resumed run reads the data its checkpoint trained on: the same files (moved, or mounted

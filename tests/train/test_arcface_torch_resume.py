@@ -278,3 +278,20 @@ def test_its_run_goes_on_with_this_runs_centres_lr_scale(faces, tmp_path, arcfac
     assert notes == ["note: that run's files record other settings than this run's: its centres-lr-scale 1, this run's "
                      "--centres-lr-scale 10; it goes on with this run's (give that run's config as --config to go on "
                      "as it went)"]
+
+
+def test_a_margin_warm_up_that_lowers_its_margin_is_noted(faces, tmp_path, arcface_torch_run, capsys):
+    # arcface_torch has no margin warm-up: its run trained at the whole margin. --margin-warmup-steps 10 from its
+    # step 6 trains at 0.6 of it (the margin comes from the step), which the note says; a warm-up over by step 6
+    # changes nothing, and gets none.
+    _, _, folder, _ = arcface_torch_run
+    Trainer(parse_args(argv(faces, tmp_path / "on", max_steps=20, warmup_steps=2, margin_warmup_steps=10,
+                            resume=str(folder)))).release_output()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "other settings" in line]
+    assert notes == ["note: that run's files record other settings than this run's: its margin the whole from its "
+                     "first step (arcface_torch warms up none), this run's --margin-warmup-steps 10 (margin 0.3 at "
+                     "step 6, the whole at step 10); it goes on with this run's (give that run's config as --config "
+                     "to go on as it went)"]
+    Trainer(parse_args(argv(faces, tmp_path / "on2", max_steps=20, warmup_steps=2, margin_warmup_steps=6,
+                            resume=str(folder)))).release_output()
+    assert "other settings" not in capsys.readouterr().err
