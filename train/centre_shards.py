@@ -126,6 +126,22 @@ def whole_state(path: str, state: dict[str, Any], loss: nn.Module | None = None
     return loss_state, optimizer_state
 
 
+def sync_folder(folder: str) -> None:
+    """The folder's entries (the renames into it) made durable: a checkpoint.pt renamed over the previous one, which
+    names other shards, is on the disk before those go, and this save's shards before a checkpoint.pt names them. A
+    file system that does not sync folders (EINVAL) keeps its own order."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
 def saves_named(folder: str) -> set[str]:
     """The ids of the saves whose shards a checkpoint in ``folder`` names: checkpoint.pt's, and those of copies of
     it kept beside it (``cp checkpoint.pt step-10000.pt``). A file that cannot be read names none."""

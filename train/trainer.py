@@ -1799,8 +1799,10 @@ class Trainer:
                 self._complete_centre_shards(shard, failed)
             raise CheckpointNotWritten(failed) from None
         if shard is not None:
+            centre_shards.sync_folder(self.output)
             self._complete_centre_shards(shard, "")
         elif centre_shards.shard_files(self.output):  # (an earlier save's, --save-sharded: this one holds them all)
+            centre_shards.sync_folder(self.output)
             centre_shards.remove_other_saves(self.output, None, 0, 0)
 
     def _write_centre_shards(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -1816,6 +1818,7 @@ class Trainer:
         path = os.path.join(self.output, centre_shards.shard_name(self.rank, self.world_size, save_id[0]))
         try:
             checkpoint.save_atomic(shard, path)
+            centre_shards.sync_folder(self.output)
             failed = ""
         except (OSError, RuntimeError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -270,3 +270,48 @@ def test_a_copy_of_checkpoint_pt_kept_beside_it_keeps_its_shards(halfway, tmp_pa
     centres, _ = centre_shards.whole_state(str(sharded / "step-2.pt"), kept)
     assert torch.equal(centres["weight"], checkpoint.load(str(whole / "checkpoint.pt"))["margin_loss"]["weight"])
     assert len(centre_shards.shard_files(str(sharded))) == 4
+
+
+def _train_recording_the_folder_s_syncs(argv):
+    """train.trainer.main(argv) on a rank; rank 0 records to $EVENTS its writes of checkpoint.pt, its fsyncs of
+    the folder and its removals of shards, in order."""
+    import stat
+
+    from train import trainer
+
+    if os.environ["RANK"] == "0":
+        events = open(os.environ["EVENTS"], "a")
+        save_atomic, fsync, remove = trainer.checkpoint.save_atomic, os.fsync, os.remove
+
+        def recorded_save(obj, path):
+            save_atomic(obj, path)
+            if os.path.basename(path) == "checkpoint.pt":
+                events.write(f"write checkpoint.pt {obj['step']}\n")
+                events.flush()
+
+        def recorded_fsync(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                events.write("fsync folder\n")
+                events.flush()
+            return fsync(fd)
+
+        def recorded_remove(path, *args, **kwargs):
+            if centre_shards.SHARD.fullmatch(os.path.basename(path)):
+                events.write("remove shard\n")
+                events.flush()
+            return remove(path, *args, **kwargs)
+
+        trainer.checkpoint.save_atomic, os.fsync, os.remove = recorded_save, recorded_fsync, recorded_remove
+    return trainer.main(argv)
+
+
+def test_checkpoint_pt_s_rename_is_made_durable_before_the_previous_shards_go(halfway, tmp_path, monkeypatch):
+    # (a power cut after the previous save's shards are removed must not find the previous checkpoint.pt)
+    data, _, sharded = halfway
+    sharded = _copy(sharded, tmp_path / "sharded")
+    monkeypatch.setenv("EVENTS", str(tmp_path / "events"))
+    _train(_argv(data, sharded, 4, "--save-sharded", "--resume", "auto"), main=_train_recording_the_folder_s_syncs)
+    events = (tmp_path / "events").read_text().splitlines()
+    assert "remove shard" in events and "write checkpoint.pt 4" in events, events
+    after = events[events.index("write checkpoint.pt 4"):]
+    assert after.index("fsync folder") < after.index("remove shard"), events
