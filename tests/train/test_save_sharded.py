@@ -315,3 +315,17 @@ def test_checkpoint_pt_s_rename_is_made_durable_before_the_previous_shards_go(ha
     assert "remove shard" in events and "write checkpoint.pt 4" in events, events
     after = events[events.index("write checkpoint.pt 4"):]
     assert after.index("fsync folder") < after.index("remove shard"), events
+
+
+def test_a_fresh_run_sets_the_shards_aside_with_their_checkpoint(halfway, tmp_path):
+    # (earlier-1/checkpoint.pt names its shards by their names alone: beside it again, it resumes from there)
+    data, whole, sharded = halfway
+    sharded = _copy(sharded, tmp_path / "sharded")
+    before = centre_shards.shard_files(str(sharded))
+    _train(_argv(data, sharded, 2, "--save-sharded"))
+    aside = sharded / "earlier-1"
+    assert centre_shards.shard_files(str(aside)) == before
+    assert len(centre_shards.shard_files(str(sharded))) == 2 and not set(before) & set(os.listdir(sharded))
+    resumed = _train(_argv(data, tmp_path / "on", 4, "--save-sharded", "--resume", str(aside / "checkpoint.pt")))
+    assert f"resumed from {aside / 'checkpoint.pt'}" in resumed.stderr, resumed.stderr[-3000:]
+    assert centre_shards.shard_files(str(aside)) == before
