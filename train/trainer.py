@@ -1792,11 +1792,18 @@ class Trainer:
             state["centre_shards"] = manifest
         try:
             checkpoint.save_atomic(state, self.checkpoint_path)
-        except (OSError, RuntimeError) as error:  # (a full disk or a quota: save_atomic's OSError)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            failed = f"writing {self.checkpoint_path} at step {self.step} failed: {reason}"
-            if shard is not None:
+        except Exception as error:  # (a full disk or a quota: save_atomic's OSError)
+            expected = isinstance(error, (OSError, RuntimeError))
+            if not expected and shard is None:
+                raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            if not expected:
+                reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+            failed = f"writing {self.checkpoint_path} at step {self.step} failed: {reason or type(error).__name__}"
+            if shard is not None:  # (the others wait for this outcome: told whatever the error, as for the shards)
                 self._complete_centre_shards(shard, failed)
+            if not expected:
+                raise
             raise CheckpointNotWritten(failed) from None
         if shard is not None:
             centre_shards.sync_folder(self.output)
@@ -1813,22 +1820,30 @@ class Trainer:
         manifest); raises CheckpointNotWritten on every rank where a rank's write failed."""
         save_id = [secrets.token_hex(8) if self.is_main else None]
         dist.broadcast_object_list(save_id, src=0)
-        shard, centres, optimizer_state, manifest = centre_shards.split_state(
-            self.margin_loss, self.optimizer, self.rank, self.world_size, save_id[0], self.step)
         path = os.path.join(self.output, centre_shards.shard_name(self.rank, self.world_size, save_id[0]))
+        unexpected = None
         try:
+            shard, centres, optimizer_state, manifest = centre_shards.split_state(
+                self.margin_loss, self.optimizer, self.rank, self.world_size, save_id[0], self.step)
             checkpoint.save_atomic(shard, path)
             centre_shards.sync_folder(self.output)
             failed = ""
-        except (OSError, RuntimeError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            failed = f"writing {path} at step {self.step} failed: {reason}"
+        except Exception as error:  # (a full disk: save_atomic's OSError; the host out of memory in split_state's copy)
+            # Said in the agreement below whatever it is, so that the others do not wait there for this process
+            # until torchrun ends them; this process then raises its own error (its traceback), they the line.
+            unexpected = None if isinstance(error, (OSError, RuntimeError)) else error
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            if unexpected is not None:
+                reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+            failed = f"writing {path} at step {self.step} failed: {reason or type(error).__name__}"
         said = [None] * self.world_size
         dist.all_gather_object(said, failed)
         failed = next((line for line in said if line), "")
         if failed:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+            if unexpected is not None:
+                raise unexpected
             raise CheckpointNotWritten(failed)
         shard["path"] = path
         return shard, centres, optimizer_state, manifest

@@ -4,6 +4,7 @@ after a stop in the middle of a save (the previous checkpoint whole), and refuse
 save. The ranks are forked with torchrun's variables (trainer_fixtures.train_on_ranks), as in test_ddp."""
 
 import os
+import re
 import shutil
 import time
 
@@ -329,3 +330,54 @@ def test_a_fresh_run_sets_the_shards_aside_with_their_checkpoint(halfway, tmp_pa
     resumed = _train(_argv(data, tmp_path / "on", 4, "--save-sharded", "--resume", str(aside / "checkpoint.pt")))
     assert f"resumed from {aside / 'checkpoint.pt'}" in resumed.stderr, resumed.stderr[-3000:]
     assert centre_shards.shard_files(str(aside)) == before
+
+
+
+def _train_out_of_memory_in_the_step_4_save(argv):
+    """train.trainer.main(argv) on a rank; in the step-4 save, rank 1 runs out of host memory as it copies its rows
+    of the centres (split_state raises MemoryError), before the ranks agree that every shard is written
+    (OUT_OF_MEMORY_IN=shard), or rank 0 as it writes checkpoint.pt (OUT_OF_MEMORY_IN=checkpoint)."""
+    from train import trainer
+
+    if os.environ["OUT_OF_MEMORY_IN"] == "shard" and os.environ["RANK"] == "1":
+        split_state = trainer.centre_shards.split_state
+
+        def out_of_memory(*args):
+            if args[-1] == 4:
+                raise MemoryError("out of memory copying the centres")
+            return split_state(*args)
+
+        trainer.centre_shards.split_state = out_of_memory
+    if os.environ["OUT_OF_MEMORY_IN"] == "checkpoint" and os.environ["RANK"] == "0":
+        save_atomic = trainer.checkpoint.save_atomic
+
+        def out_of_memory_in_checkpoint_pt(obj, path):
+            if os.path.basename(path) == "checkpoint.pt" and obj.get("step") == 4:
+                raise MemoryError("out of memory copying the centres")
+            save_atomic(obj, path)
+
+        trainer.checkpoint.save_atomic = out_of_memory_in_checkpoint_pt
+    return trainer.main(argv)
+
+
+@pytest.mark.parametrize("where", ["shard", "checkpoint"])
+def test_an_unexpected_error_in_one_ranks_part_of_a_save_is_said_to_the_others(where, halfway, tmp_path, monkeypatch):
+    # An error of any kind (not only a write's OSError) on one rank where the others wait for its outcome (the
+    # agreement that every shard is written, checkpoint.pt's outcome) is said there: the others do not wait until
+    # torchrun ends them (or gloo tells them of a lost peer), and end with its one line; its own process raises it.
+    data, _, sharded = halfway
+    sharded = _copy(sharded, tmp_path / "sharded")
+    monkeypatch.setenv("OUT_OF_MEMORY_IN", where)
+    failed = train_on_ranks(_argv(data, sharded, 6, "--save-sharded", "--resume", "auto"),
+                            main=_train_out_of_memory_in_the_step_4_save, timeout=120)
+    monkeypatch.delenv("OUT_OF_MEMORY_IN")
+    assert failed.returncode != 0
+    assert "MemoryError: out of memory copying the centres" in failed.stderr  # (its traceback)
+    file = "checkpoint-centres-1-of-2-" if where == "shard" else "checkpoint.pt"
+    line = re.search(rf"train: (error: )?rank {'0' if where == 'shard' else '1'}: writing \S+{file}\S* at step 4 "
+                     r"failed: MemoryError: out of memory copying the centres\. ", failed.stderr)
+    assert line, failed.stderr[-3000:]
+    state = checkpoint.load(str(sharded / "checkpoint.pt"))
+    assert state["step"] == 2
+    named = sorted(name for name, *_ in state["centre_shards"]["files"])
+    assert centre_shards.shard_files(str(sharded)) == named  # (the step-4 save's removed)
