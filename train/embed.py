@@ -78,6 +78,16 @@ def run_options(path: str) -> tuple[dict, str | None]:
     return (run if isinstance(run, dict) else {}), (folder if isinstance(folder, str) else None)
 
 
+def refuse_amp_of_an_onnx_model(amp: str | None, model_path: str) -> None:
+    """:func:`set_amp`'s refusal of an ``amp`` given for an ONNX model, which runs as its graph is, said before the
+    model is loaded (its loader's note on how the graph is fed, then the refusal, read as if the note were the
+    answer)."""
+    from .onnx_backbone import is_onnx_file
+
+    if amp not in (None, "none") and is_onnx_file(model_path):
+        raise ValueError(f"--amp {amp}: {model_path} is an ONNX model, run as its graph is")
+
+
 def set_amp(model: torch.nn.Module, amp: str | None, model_path: str, run: dict | None = None, *, device=None,
             done: str = "embedded", figures: str = "") -> None:
     """The trunk's autocast: ``amp`` (the tool's --amp), else the run's own (``run``, the checkpoint's options;
@@ -101,9 +111,10 @@ def set_amp(model: torch.nn.Module, amp: str | None, model_path: str, run: dict 
             print(f"the run trained under --amp {amp}; this network of its own (package.module:factory) has no amp "
                   f"attribute to autocast by: {done} in fp32 (--amp none: without this note)", file=sys.stderr)
             return
-        raise ValueError(f"--amp {amp}: {model_path} " + (
-            "is an ONNX model, run as its graph is" if isinstance(model, OnnxBackbone) else
-            "is a network of its own (package.module:factory) that has no amp attribute to autocast by"))
+        if isinstance(model, OnnxBackbone):  # (load_model read it as one: the file is, by its name or bytes)
+            refuse_amp_of_an_onnx_model(amp, model_path)
+        raise ValueError(f"--amp {amp}: {model_path} is a network of its own (package.module:factory) that has no amp "
+                         "attribute to autocast by")
     if amp == "fp16" and device is not None and torch.device(device).type == "cpu":
         if given is not None:
             raise ValueError("--amp fp16 on the CPU: torch's fp16 convolutions there run several times slower than "
@@ -982,6 +993,7 @@ def run(args: argparse.Namespace) -> int:
     """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault.
     What can be checked without embedding (the device, the output files) is checked first."""
     device = torch_device(args.device)
+    refuse_amp_of_an_onnx_model(args.amp, args.model)
     model, settings = load_model(args.model, device)
     set_amp(model, args.amp, args.model, device=device)
     if args.norms and settings.get("unit_length"):

@@ -28,7 +28,7 @@ from .signals import run_tool, signals_held, stop_while_importing  # (the standa
 with stop_while_importing(__name__, "verify: "):
     from . import checkpoint, rfw
     from .data import SYNTHETIC, build_verification_sets, data_folders, find_target, is_target_path
-    from .embed import AMP_HELP, add_amp_option, load_model, run_options, set_amp
+    from .embed import AMP_HELP, add_amp_option, load_model, refuse_amp_of_an_onnx_model, run_options, set_amp
     from .tools import ArgumentParser, check_outputs, path_arg, torch_device
     from .verification import evaluate, read_pairs_list
 
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, targets: list[str]) -> int:
     """``main`` after parsing; raises OSError or ValueError naming what is at fault."""
     device = torch_device(args.device)
+    refuse_amp_of_an_onnx_model(args.amp, args.model)
     if args.output:
         # Not the model, its settings, a set it reads (found as the sets are; of an RFW folder, its pairs and
         # landmarks files), an image a pairs list names, nor an image's name in a pairs list's folder (or under

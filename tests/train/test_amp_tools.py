@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import arcface_ext
-from train import checkpoint, embed, export
+from train import checkpoint, embed, export, verify
 from train.tools import clean, cluster, quality, roc, search
 
 from trainer_fixtures import base_argv, make_face_folder, train_on_ranks, train_one_thread
@@ -147,10 +147,13 @@ def test_an_onnx_model_refuses_amp(bf16_run, tmp_path, capsys):
     output = tmp_path / "e.npy"
     assert embed.main(["--model", onnx, "--images", faces, "--workers", "0", "--output", str(output),
                        "--amp", "bf16"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()  # (after the line on how the graph is fed)
-    assert err[-1] == f"embed: error: --amp bf16: {onnx} is an ONNX model, run as its graph is", err
-    assert "Traceback" not in "\n".join(err)
+    err = capsys.readouterr().err.strip().splitlines()
+    # The one line alone: before the model is read, not after its loader's note on how the graph is fed.
+    assert err == [f"embed: error: --amp bf16: {onnx} is an ONNX model, run as its graph is"], err
     assert not output.exists()
+    assert verify.main(["--model", onnx, "--data", "synthetic", "--amp", "bf16"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"verify: error: --amp bf16: {onnx} is an ONNX model, run as its graph is"]
     # By default it runs as its graph is, without a word (an ONNX file holds no run's --amp).
     assert embed.main(["--model", onnx, "--images", faces, "--workers", "0", "--output", str(output)]) == 0
     assert "--amp" not in capsys.readouterr().err
