@@ -142,12 +142,13 @@ def sync_folder(folder: str) -> None:
         os.close(handle)
 
 
-def saves_named(folder: str) -> set[str]:
+def saves_named(folder: str, leaving: tuple[str, ...] = ()) -> set[str]:
     """The ids of the saves whose shards a checkpoint in ``folder`` names: checkpoint.pt's, and those of copies of
-    it kept beside it (``cp checkpoint.pt step-10000.pt``). A file that cannot be read names none."""
+    it kept beside it (``cp checkpoint.pt step-10000.pt``); not those of the files named in ``leaving``. A file that
+    cannot be read names none."""
     named = set()
     for name in os.listdir(folder):
-        if not name.endswith(".pt") or name.startswith(".") or SHARD.fullmatch(name):
+        if not name.endswith(".pt") or name.startswith(".") or SHARD.fullmatch(name) or name in leaving:
             continue
         try:
             state = checkpoint.load(os.path.join(folder, name), mmap=True)

@@ -263,9 +263,22 @@ def set_aside_earlier_run(output: str, keep: bool = False) -> str | None:
             break
         except FileExistsError:
             n += 1
-    for name in (*RUN_FILES, *insightface, *centre_shards.shard_files(output)):
-        if os.path.lexists(os.path.join(output, name)):
-            os.replace(os.path.join(output, name), os.path.join(aside, name))
+    shards = centre_shards.shard_files(output)
+    # A copy of a --save-sharded checkpoint.pt kept in the folder (step-10000.pt) stays, and so do the shards it
+    # names: linked into earlier-<n>, so that both checkpoints keep their centres (moved where the file system has
+    # no hard links, as before: the copy then finds them there no more).
+    copies = centre_shards.saves_named(output, leaving=(*RUN_FILES, *insightface)) if shards else set()
+    for name in (*RUN_FILES, *insightface, *shards):
+        path, to = os.path.join(output, name), os.path.join(aside, name)
+        if not os.path.lexists(path):
+            continue
+        if name in shards and centre_shards.SHARD.fullmatch(name).group(3) in copies:
+            try:
+                os.link(path, to)
+                continue
+            except OSError:
+                pass
+        os.replace(path, to)
     return aside
 
 
@@ -2610,13 +2623,24 @@ def _undo_start(output: str) -> None:
                     os.remove(path)
             for folder in aside:
                 for name in os.listdir(os.path.join(output, folder)):
-                    os.replace(os.path.join(output, folder, name), os.path.join(output, name))
+                    path, back = os.path.join(output, folder, name), os.path.join(output, name)
+                    if _same_file(path, back):  # (a shard of a copy kept in the folder: linked, not moved)
+                        os.remove(path)
+                    else:
+                        os.replace(path, back)
                 os.rmdir(os.path.join(output, folder))
                 print(f"note: the earlier run's files are back in {output}", file=sys.stderr)
     finally:  # (not before: a run started meanwhile took the folder, and the undo then moved files over its own)
         _release_output_lock(output)
     if not existed:
         _remove_folders_made(output, key)
+
+
+def _same_file(path: str, other: str) -> bool:
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # (either missing, or a dangling link)
+        return False
 
 
 def _remove_folders_made(output: str, key: str) -> None:

@@ -381,3 +381,43 @@ def test_an_unexpected_error_in_one_ranks_part_of_a_save_is_said_to_the_others(w
     assert state["step"] == 2
     named = sorted(name for name, *_ in state["centre_shards"]["files"])
     assert centre_shards.shard_files(str(sharded)) == named  # (the step-4 save's removed)
+
+
+def test_a_copy_kept_beside_checkpoint_pt_keeps_its_shards_when_the_run_is_set_aside(halfway, tmp_path):
+    # (--resume runs/x/step-2.pt --output runs/x: back to a milestone kept in the run's folder, whose run is set
+    # aside into earlier-1; the copy stays, and a second try from it must find its shards, as earlier-1's must)
+    data, whole, sharded = halfway
+    sharded = _copy(sharded, tmp_path / "sharded")
+    shutil.copy(sharded / "checkpoint.pt", sharded / "step-2.pt")
+    before = centre_shards.shard_files(str(sharded))
+    _train(_argv(data, sharded, 4, "--save-sharded", "--resume", str(sharded / "step-2.pt")))
+    expected = checkpoint.load(str(whole / "checkpoint.pt"))["margin_loss"]["weight"]
+    for kept in (sharded / "step-2.pt", sharded / "earlier-1" / "checkpoint.pt"):
+        centres, _ = centre_shards.whole_state(str(kept), checkpoint.load(str(kept)))
+        assert torch.equal(centres["weight"], expected), kept
+    assert centre_shards.shard_files(str(sharded / "earlier-1")) == before
+    assert checkpoint.load(str(sharded / "checkpoint.pt"))["step"] == 4
+    assert len(centre_shards.shard_files(str(sharded))) == 4  # (step 4's, and the copy's)
+
+
+def test_a_start_that_stops_puts_a_copy_s_linked_shards_back_once(halfway, tmp_path, monkeypatch, capsys):
+    # A fresh run sets the folder's run aside (the copy's shards linked into earlier-1, not moved), then stops at
+    # start-up (a full disk as training.log begins): the folder is as it was, earlier-1 gone.
+    import train.trainer as trainer_module
+
+    data, _, sharded = halfway
+    sharded = _copy(sharded, tmp_path / "sharded")
+    shutil.copy(sharded / "checkpoint.pt", sharded / "step-2.pt")
+    before = sorted(os.listdir(sharded))
+
+    def open_(path, mode="r", *args, **kwargs):
+        if "a" in mode and os.path.basename(path) == "training.log":
+            raise OSError(28, "No space left on device", path)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "open", open_, raising=False)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        trainer_module.main(base_argv(data, str(sharded), batch_size=4, max_steps=2))
+    assert f"note: the earlier run's files are back in {sharded}\n" in capsys.readouterr().err
+    assert sorted(os.listdir(sharded)) == before
+    assert all(os.stat(sharded / name).st_nlink == 1 for name in centre_shards.shard_files(str(sharded)))
