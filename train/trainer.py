@@ -1285,12 +1285,7 @@ class Trainer:
         # statistics are its own (the weights are every rank's).
         weights = checkpoint.submodule_weights(checkpoint.backbone_state_dict(files[0][1], files[0][0]),
                                                self.backbone.state_dict().keys())
-        try:
-            self.backbone.load_state_dict(weights)
-        except RuntimeError as error:
-            raise SystemExit(f"--resume {path} does not fit --network {a.network} --embedding-size "
-                             f"{a.embedding_size} --image-size {a.image_size}: "
-                             f"{self._weights_held(weights, {}, error)}") from None
+        self._load_backbone_weights(weights, f"--resume {path}", {})
         own = self.margin_loss.state_dict()
         whole = self.num_classes * getattr(a, "subcenters", 1)
         held = sum(contents["state_dict_softmax_fc"]["weight"].shape[0] for _, contents in files)
@@ -1521,12 +1516,7 @@ class Trainer:
             raise SystemExit(f"--pretrained_model: {error}") from None
         expected = self.backbone.state_dict().keys()
         weights = checkpoint.submodule_weights(weights, expected)
-        try:
-            self.backbone.load_state_dict(weights)
-        except RuntimeError as error:
-            raise SystemExit(f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "
-                             f"{a.embedding_size} --image-size {a.image_size}: "
-                             f"{self._weights_held(weights, recorded, error)}") from None
+        self._load_backbone_weights(weights, f"--pretrained_model {path}", recorded)
         if recorded.get("image_size", a.image_size) != a.image_size and self.is_main:
             # The weights fit (a ViT's patches, or an iResNet's last feature map, are as many), but the
             # faces are drawn at another scale than they learnt.
@@ -1577,6 +1567,19 @@ class Trainer:
         if self.is_main:
             print(f"initialised the {loaded} from {path}", file=sys.stderr)
 
+    def _load_backbone_weights(self, weights: dict[str, torch.Tensor], given: str, recorded: dict[str, Any]) -> None:
+        """The backbone's ``weights`` (of ``given``: '--resume X', '--pretrained_model X'; ``recorded``, the settings
+        the file records) loaded, or the run refused in one line saying what they are the weights of."""
+        try:
+            self.backbone.load_state_dict(weights)
+        except RuntimeError as error:
+            raise SystemExit(f"{self._does_not_fit(given)}: {self._weights_held(weights, recorded, error)}") from None
+
+    def _does_not_fit(self, given: str) -> str:
+        a = self.args
+        return f"{given} does not fit --network {a.network} --embedding-size {a.embedding_size} --image-size " \
+               f"{a.image_size}"
+
     def _weights_held(self, weights: dict[str, torch.Tensor], recorded: dict[str, Any], error: RuntimeError) -> str:
         """What backbone weights that --network does not load hold, in the flags' words (load_state_dict's own
         list runs to pages): the network the file records or the trainer's networks recognise, else "another
@@ -1601,8 +1604,7 @@ class Trainer:
             try:
                 weights, done = read_onnx_weights(path, self.backbone, a.image_size)
             except OnnxGraphMismatch as error:
-                refused = (f"--pretrained_model {path} does not fit --network {a.network} --embedding-size "
-                           f"{a.embedding_size} --image-size {a.image_size}: {error}")
+                refused = f"{self._does_not_fit(f'--pretrained_model {path}')}: {error}"
             except ValueError as error:
                 refused = f"--pretrained_model: {error}"
             else:
