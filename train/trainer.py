@@ -1248,16 +1248,21 @@ class Trainer:
         """``state`` with the centres and their optimizer state that this process takes from the shards its
         manifest names: a sharded loss's own rows (each rank reads the files that hold them: on the world size
         that saved them, its own), else all of them. A shard missing or of another save is refused on every rank."""
+        unexpected = None
         try:
             centres, optimizer_state = centre_shards.whole_state(path, state, self.margin_loss)
             refused = ""
-        except (OSError, ValueError) as error:
+        except Exception as error:  # (not only a missing or mismatched shard: said below, so the others do not wait)
             centres = optimizer_state = None
-            refused = f"--resume {path}: {error}"
+            unexpected = None if isinstance(error, (OSError, ValueError)) else error
+            refused = f"--resume {path}: " + (f"{type(error).__name__}: {error}" if unexpected is not None else
+                                              str(error))
         if self.distributed:
             said = [None] * self.world_size
             dist.all_gather_object(said, refused)
             refused = next((line for line in said if line), "")
+        if unexpected is not None:
+            raise unexpected  # (its traceback, on the process it happened on; the others say its line)
         if refused:
             raise SystemExit(refused)
         return {**state, "margin_loss": centres, "optimizer": optimizer_state}
