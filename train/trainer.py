@@ -1255,8 +1255,11 @@ class Trainer:
         except Exception as error:  # (not only a missing or mismatched shard: said below, so the others do not wait)
             centres = optimizer_state = None
             unexpected = None if isinstance(error, (OSError, ValueError)) else error
-            refused = f"--resume {path}: " + (f"{type(error).__name__}: {error}" if unexpected is not None else
-                                              str(error))
+            reason = str(error)
+            if unexpected is not None:  # (in one line, as a save's is: its first; CPython's MemoryError has none)
+                words = reason.strip().splitlines()[0] if reason.strip() else ""
+                reason = f"{type(error).__name__}: {words}" if words else type(error).__name__
+            refused = f"--resume {path}: {reason}"
         if self.distributed:
             said = [None] * self.world_size
             dist.all_gather_object(said, refused)

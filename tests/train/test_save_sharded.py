@@ -423,26 +423,37 @@ def test_a_start_that_stops_puts_a_copy_s_linked_shards_back_once(halfway, tmp_p
     assert all(os.stat(sharded / name).st_nlink == 1 for name in centre_shards.shard_files(str(sharded)))
 
 
-def _resume_out_of_memory_on_rank_1(argv):
+def _resume_out_of_memory_on_rank_1(argv, *message):
     """train.trainer.main(argv) on a rank; rank 1 runs out of host memory as it reads its rows from the shards."""
     from train import trainer
 
     if os.environ["RANK"] == "1":
         def out_of_memory(*args):
-            raise MemoryError("out of memory reading the centres")
+            raise MemoryError(*message)
 
         trainer.centre_shards.whole_state = out_of_memory
     return trainer.main(argv)
 
 
-def test_an_unexpected_error_reading_one_ranks_shards_is_said_to_the_others(halfway, tmp_path):
-    # (as a missing shard is: in the ranks' agreement on the resume, rather than the others waiting there)
+def _resume_out_of_memory_on_rank_1_said_in_lines(argv):
+    return _resume_out_of_memory_on_rank_1(argv, "out of memory reading the centres\nat row 7")
+
+
+def _resume_out_of_memory_on_rank_1_said_without_words(argv):  # (as CPython's own MemoryError is)
+    return _resume_out_of_memory_on_rank_1(argv)
+
+
+@pytest.mark.parametrize("main, said", [
+    (_resume_out_of_memory_on_rank_1_said_in_lines, "MemoryError: out of memory reading the centres\n"),
+    (_resume_out_of_memory_on_rank_1_said_without_words, "MemoryError\n")], ids=["lines", "no_words"])
+def test_an_unexpected_error_reading_one_ranks_shards_is_said_to_the_others(main, said, halfway, tmp_path):
+    # (as a missing shard is: in the ranks' agreement on the resume, rather than the others waiting there; in one
+    # line, its first, and without a dangling ': ' where the error has no words)
     data, _, sharded = halfway
     sharded = _copy(sharded, tmp_path / "sharded")
-    failed = train_on_ranks(_argv(data, sharded, 4, "--save-sharded", "--resume", "auto"),
-                            main=_resume_out_of_memory_on_rank_1, timeout=120)
+    failed = train_on_ranks(_argv(data, sharded, 4, "--save-sharded", "--resume", "auto"), main=main, timeout=120)
     assert failed.returncode != 0
     rank_0 = failed.stderr.split("[rank1]")[0]
-    assert f"--resume {sharded / 'checkpoint.pt'}: MemoryError: out of memory reading the centres" in rank_0, \
-        failed.stderr[-3000:]
+    assert f"--resume {sharded / 'checkpoint.pt'}: {said}" in rank_0, failed.stderr[-3000:]
+    assert "at row 7" not in rank_0, rank_0
     assert checkpoint.load(str(sharded / "checkpoint.pt"))["step"] == 2
