@@ -399,6 +399,7 @@ def test_outputs_are_kept_refused_or_replaced_whole(trained, tmp_path, capsys, m
     assert sorted(os.listdir(tmp_path)) == ["c.csv", "c.json", "mine", "tree"]
 
 
+@pytest.mark.slow  # (4.5-5 s: a clustering run killed in a subprocess; named by the quick run's drift report)
 def test_a_refused_link_is_a_copy_and_a_killed_runs_folder_is_removed(trained, tmp_path, monkeypatch):
     ckpt, backbone, photos = trained
     # The hidden folder of a run that was killed as it laid the tree out (its process gone), and one of
