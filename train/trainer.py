@@ -97,6 +97,18 @@ def _release_output_lock(output: str) -> bool:
     return lock is not None
 
 
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of ``tensors`` taken as one vector, on their device (0 for none): torch's
+    ``nn.utils.get_total_norm`` where it has one (2.6 on), else the same from each tensor's norm (torch 2.4-2.5,
+    which the project supports)."""
+    if hasattr(nn.utils, "get_total_norm"):
+        return nn.utils.get_total_norm(tensors)
+    if not tensors:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t).to(tensors[0].device) for t in tensors]))
+
+
 class _VerificationStopped(Exception):
     """Raised between the batches of a verification when a stop signal has come."""
 
@@ -2003,8 +2015,8 @@ class Trainer:
         (clip_grad_norm_'s, or one pass over them) and the class centres' (with --sharded-classes, of all the
         shards: a collective, on the logged steps, which every rank agrees on)."""
         if backbone_norm is None:
-            backbone_norm = nn.utils.get_total_norm([p.grad for p in self.backbone.parameters() if p.grad is not None])
-        centres_norm = nn.utils.get_total_norm([p.grad for p in self.margin_loss.parameters() if p.grad is not None])
+            backbone_norm = total_norm([p.grad for p in self.backbone.parameters() if p.grad is not None])
+        centres_norm = total_norm([p.grad for p in self.margin_loss.parameters() if p.grad is not None])
         if self.distributed and self._sharded():  # (each rank's is its shard's; the backbone's are all-reduced)
             squared = centres_norm.float().square()
             dist.all_reduce(squared)

@@ -3183,3 +3183,18 @@ def test_a_collapse_under_both_fp16_autocasts_suggests_bf16_for_both(faces, tmp_
     inf_gradients_from_step(monkeypatch, 1)
     assert main(argv(faces, tmp_path, max_steps=3, amp="fp16", loss_amp="fp16", grad_clip=0)) == 1
     assert capsys.readouterr().err.rstrip().endswith("Try --amp bf16 --loss-amp bf16, a lower --lr or --grad-clip 5.")
+
+
+def test_the_gradient_norm_without_torchs_get_total_norm_is_its_value(monkeypatch):
+    # torch 2.4-2.5 (the oldest the project supports) have no nn.utils.get_total_norm: the logged grad_norm
+    # is then taken from each gradient's norm, the same value (CI O's torch 2.4.1 stage failed every run on it).
+    from torch import nn
+
+    from train import trainer as trainer_module
+    grads = [torch.randn(3, 4), torch.randn(7), torch.randn(2, 2, 2)]
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    assert torch.allclose(trainer_module.total_norm(grads), expected)
+    if hasattr(nn.utils, "get_total_norm"):
+        monkeypatch.delattr(nn.utils, "get_total_norm")
+    assert torch.allclose(trainer_module.total_norm(grads), expected)
+    assert float(trainer_module.total_norm([])) == 0.0
