@@ -61,7 +61,8 @@ for path in (ROOT, HERE):  # (the checkout's packages, and bench_loss.py beside 
         sys.path.insert(0, path)
 
 import arcface_ext  # noqa: E402
-from bench_loss import MMAP_THRESHOLD_BYTES, _proc_status_mb, device_name, git_sha, slug, write_rows  # noqa: E402
+from bench_loss import (MMAP_THRESHOLD_BYTES, _proc_status_mb, device_name, git_sha, slug,  # noqa: E402
+                        synchronize, write_rows)
 from train.config import parse_args as trainer_args  # noqa: E402
 from train.data import RandomFaces  # noqa: E402
 from train.data.transforms import to_model_input  # noqa: E402
@@ -175,11 +176,6 @@ class Step:
         tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         tensors += list(self.backbone.buffers())
         return sum(t.numel() * t.element_size() for t in tensors) / 2**20
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(steps, device, warmup, repeats):
