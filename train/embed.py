@@ -38,11 +38,14 @@ with stop_while_importing(__name__, "embed: "):
 DEFAULT_COSINE_THRESHOLD = 0.3
 
 
-def load_model(path: str, device) -> tuple[torch.nn.Module, dict]:
+def load_model(path: str, device, amp: str | None = None) -> tuple[torch.nn.Module, dict]:
     """(eval-mode backbone, settings) of ``--model``: an ONNX file (``onnx_backbone``, run by
-    onnxruntime; told by its name or its first bytes), else what ``checkpoint.load_backbone`` reads."""
+    onnxruntime; told by its name or its first bytes), else what ``checkpoint.load_backbone`` reads.
+    ``amp``: the tool's --amp, where it embeds with the model (:func:`set_amp` applies it after): one an ONNX
+    model refuses is refused before the file is read, not after its loader's notes."""
     from .onnx_backbone import is_onnx_file, load_onnx_backbone
 
+    refuse_amp_of_an_onnx_model(amp, path)
     if is_onnx_file(path):
         return load_onnx_backbone(path, device)
     return checkpoint.load_backbone(path)
@@ -993,8 +996,7 @@ def run(args: argparse.Namespace) -> int:
     """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault.
     What can be checked without embedding (the device, the output files) is checked first."""
     device = torch_device(args.device)
-    refuse_amp_of_an_onnx_model(args.amp, args.model)
-    model, settings = load_model(args.model, device)
+    model, settings = load_model(args.model, device, args.amp)
     set_amp(model, args.amp, args.model, device=device)
     if args.norms and settings.get("unit_length"):
         raise ValueError(f"--norms: {args.model} gives embeddings of unit length (its graph normalises them), so every "

@@ -1074,7 +1074,7 @@ def _main(argv: list[str] | None) -> int:
             features = saved_features(args.features, protocol.image_names)
             about = read_about(args.features, features)
         else:
-            model, settings = load_model(args.model, device)
+            model, settings = load_model(args.model, device, args.amp)
             set_amp(model, args.amp, args.model, device=device)
         # Checked before hours of embedding, not found unusable after them; not the release's own files.
         if args.save_features:

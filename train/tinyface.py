@@ -171,7 +171,7 @@ def _main(argv: list[str] | None) -> int:
             features = saved_features(args.features, protocol.image_names, "features of another release?")
             about = read_about(args.features, features)
         else:
-            model, settings = load_model(args.model, device)
+            model, settings = load_model(args.model, device, args.amp)
             set_amp(model, args.amp, args.model, device=device)
             size = settings["image_size"]
         # Before the embedding, not after it; not an image's name among the release's.

@@ -160,6 +160,40 @@ def test_an_onnx_model_refuses_amp(bf16_run, tmp_path, capsys):
     assert json.loads((tmp_path / "e.npy.json").read_text())["made_by"] == "train.embed"
 
 
+@pytest.fixture(scope="module")
+def onnx_model(bf16_run, tmp_path_factory):
+    """train.export's backbone.onnx of the bf16 run's checkpoint."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path_factory.mktemp("onnx")
+    assert export.main(["--checkpoint", bf16_run[0], "--output", str(folder)]) == 0
+    return str(folder / "backbone.onnx")
+
+
+@pytest.mark.parametrize("tool, argv", [
+    (cluster, ["--images", "{faces}", "--output", "{out}/c.csv"]),
+    (search, ["--gallery", "{faces}", "--probes", "{faces}", "--output", "{out}/s.csv"]),
+    (roc, ["--images", "{faces}", "--output", "{out}/r.csv", "--far", "0.1"]),
+    (quality, ["--images", "{faces}", "--output", "{out}/q.csv"]),
+    (quality, ["--pairs", "{out}/pairs.txt", "--output", "{out}/q.csv"]),
+    (clean, ["--data", "{faces}", "--output", "{out}/clean"]),
+], ids=["cluster", "search", "roc", "quality", "quality-pairs", "clean"])
+@pytest.mark.slow
+def test_the_face_tools_refuse_amp_of_an_onnx_model_before_reading_it(bf16_run, onnx_model, tmp_path, capsys,
+                                                                        tool, argv):
+    # The one line alone, as embed's and verify's: not after the ONNX loader's notes on how the graph is fed.
+    _, faces = bf16_run
+    (tmp_path / "pairs.txt").write_text("a.png b.png 1\n")
+    name = tool.__name__.rsplit(".", 1)[1]
+    argv = ["--model", onnx_model, "--workers", "0", *(a.format(faces=faces, out=tmp_path) for a in argv)]
+    capsys.readouterr()
+    assert tool.main([*argv, "--amp", "bf16"]) == 2
+    said = capsys.readouterr()
+    assert said.err.strip().splitlines() == [
+        f"{name}: error: --amp bf16: {onnx_model} is an ONNX model, run as its graph is"], said.err
+    assert said.out == ""
+
+
 @pytest.mark.slow
 def test_clean_under_torchrun_says_the_runs_amp_once(bf16_run, tmp_path):
     # (each rank printed it: a line a process, where clean's other notes are rank 0's)

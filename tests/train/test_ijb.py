@@ -1146,3 +1146,22 @@ def test_amp_autocasts_the_trunk_and_the_features_stay_fp32(release, tmp_path, c
     with pytest.raises(SystemExit):
         ijb.main(["--features", str(tmp_path / "none.npy"), "--amp", "bf16", "--data-root", data])
     assert "--amp with --features: the features are as they were embedded" in capsys.readouterr().err
+
+
+def test_amp_of_an_onnx_model_is_refused_before_reading_it(release, tmp_path, capsys):
+    # The one line alone, as train.embed's: not after the ONNX loader's notes on how the graph is fed.
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from train import export
+
+    data, model, _ = release
+    backbone, settings = checkpoint.load_backbone(model)
+    graph = str(tmp_path / "backbone.onnx")
+    export.export_onnx(backbone, graph, settings["image_size"])
+    capsys.readouterr()
+    assert ijb.main(["--model", graph, "--data-root", data, "--workers", "0", "--device", "cpu", "--amp", "bf16",
+                     "--output", str(tmp_path / "ijb.json")]) == 2
+    said = capsys.readouterr()
+    assert said.err.splitlines() == [f"ijb: error: --amp bf16: {graph} is an ONNX model, run as its graph is"], \
+        said.err
+    assert said.out == "" and not (tmp_path / "ijb.json").exists()

@@ -654,7 +654,7 @@ def run(args: argparse.Namespace) -> int:
                                 f"{checkpoint.dangling(args.data)}{several}")
     if os.path.realpath(args.output) == os.path.realpath(args.data):
         raise ValueError("--output is --data's folder: the cleaned set goes to another folder")
-    model, settings = load_model(args.model, device)
+    model, settings = load_model(args.model, device, args.amp)
     # (its note on the run's --amp is rank 0's, as _say_once's: each process printed it; a refusal is raised)
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         set_amp(model, args.amp, args.model, device=device)

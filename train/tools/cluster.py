@@ -349,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
                          "any more: its threshold is not known")
     model, settings = (None, {})
     if model_path:  # (with --embeddings, for its threshold and embedding size)
-        model, settings = load_model(model_path, device if args.images else "cpu")
+        model, settings = load_model(model_path, device if args.images else "cpu", args.amp)
         if args.images:
             set_amp(model, args.amp, model_path, device=device)
     threshold, threshold_source, note = model_threshold(model_path, settings, args.threshold, tool="cluster")

@@ -375,7 +375,7 @@ def score(args: argparse.Namespace) -> int:
     about, model = {}, None
     if args.images:
         check_images_folder(args.images)
-        model, settings = load_model(args.model, device)
+        model, settings = load_model(args.model, device, args.amp)
         set_amp(model, args.amp, args.model, device=device)
         _check_has_norm(args.model, settings)
         folder, faces = args.images, faces_described(args.landmarks, args.detector, args.all_faces)
@@ -584,7 +584,7 @@ def evaluate(args: argparse.Namespace) -> int:
     device = torch_device(args.device)
     if not os.path.exists(args.pairs):
         raise FileNotFoundError(f"--pairs {args.pairs}: no such file{checkpoint.dangling(args.pairs)}")
-    model, settings = load_model(args.model, device)
+    model, settings = load_model(args.model, device, args.amp)
     set_amp(model, args.amp, args.model, device=device)
     has_norm = not settings.get("unit_length")
     if not has_norm and not args.quality_file:

@@ -568,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
                   "recorded threshold is not known", file=sys.stderr)
     model, settings = None, {}
     if model_path:
-        model, settings = load_model(model_path, device if args.images else "cpu")
+        model, settings = load_model(model_path, device if args.images else "cpu", args.amp)
         if args.images:
             set_amp(model, args.amp, model_path, device=device)
     if faces is not None and model_path:

@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
             if value and table is None))
     model, settings = (None, {})
     if model_path:
-        model, settings = load_model(model_path, device if embeds else "cpu")
+        model, settings = load_model(model_path, device if embeds else "cpu", args.amp)
         if embeds:
             set_amp(model, args.amp, model_path, device=device)
     digests = {}
