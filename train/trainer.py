@@ -2369,8 +2369,13 @@ class Trainer:
                     loss_mean = window_loss / window_steps  # the number metrics.jsonl gets, not the last step's
                     # (the margin loss alone; the distillation term, before its weight, beside it)
                     distilled = {"distill": window_distill / window_steps} if self.teacher is not None else {}
+                    # The line's fields that tell something (the margin while it rises, the centres' own rate, the
+                    # fp16 scale): host values all, the scale read in _health's one sync of a logged step.
+                    scale = ({"loss_scale": f"{self.health['loss_scale']:g}",
+                              "skipped": f"{self.health['skipped_steps']}"} if "loss_scale" in self.health else {})
                     bar.set_postfix(loss=f"{loss_mean:.3f}", **{k: f"{v:.4f}" for k, v in distilled.items()},
-                                    lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
+                                    lr=f"{lr:.4g}", **{k: f"{v:.4g}" for k, v in centres_lr.items()}, **scale,
+                                    **{k: f"{v:.4g}" for k, v in margin.items() if ramping}, img_s=f"{rate:.0f}")
                     if self.is_main:
                         self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr, **centres_lr,
                                           **margin, **self.health, "samples_per_sec": rate,

@@ -1,6 +1,7 @@
 """--margin-warmup-steps: the loss's margin ramped from none to its value over the first optimiser steps."""
 
 import os
+import re
 
 import pytest
 
@@ -112,6 +113,17 @@ def test_the_ramped_margin_is_trained_with_and_logged(faces, tmp_path, capsys):
     assert "margin warm-up: linear from none over 4 steps (margin 0 at step 0)" in log
     assert ", margin 0.3, " in log and ", margin 0.4, " not in log  # (the lines while it rises)
     assert "margin" not in read_jsonl(tmp_path / "none" / "metrics.jsonl")[0]
+
+
+@pytest.mark.slow
+def test_the_progress_bar_shows_the_margin_while_it_rises(faces, tmp_path, capsys, monkeypatch):
+    # As the lines: the margin of each logged step while it rises, none once it is whole.
+    monkeypatch.setattr("train.trainer._is_terminal", lambda stream: True, raising=False)
+    assert main(argv(faces, tmp_path, max_steps=6, log_every=1, margin_warmup_steps=4, arcface_m=0.4)) == 0
+    err = capsys.readouterr().err
+    assert sorted(set(re.findall(r"\bmargin=([\d.]+)", err))) == ["0", "0.1", "0.2", "0.3"], err
+    # (the bar's last drawing, at step 6, at the whole margin: without it)
+    assert "margin=" not in err.rsplit("\r", 1)[-1] and "loss=" in err.rsplit("\r", 1)[-1], err
 
 
 @pytest.mark.slow

@@ -233,6 +233,23 @@ def test_the_progress_bar_shows_the_logged_loss(faces, tmp_path, capsys, monkeyp
     assert sorted(set(shown)) == sorted(f"{r['loss']:.3f}" for r in read_jsonl(tmp_path / "metrics.jsonl"))
 
 
+def shown_on_the_bar(err: str, field: str) -> list[str]:
+    """The values the progress bar's postfix gave ``field``, in the order drawn."""
+    return re.findall(rf"\b{field}=([^,\]\s]+)", err)
+
+
+def test_the_progress_bar_shows_the_centres_lr_when_scaled(faces, tmp_path, capsys, monkeypatch):
+    # As the lines: the class centres' rate beside the backbone's, at another --centres-lr-scale only.
+    monkeypatch.setattr("train.trainer._is_terminal", lambda stream: True, raising=False)
+    assert main(argv(faces, tmp_path / "scaled", max_steps=4, log_every=2, centres_lr_scale=4)) == 0
+    shown = shown_on_the_bar(capsys.readouterr().err, "centres_lr")
+    records = read_jsonl(tmp_path / "scaled" / "metrics.jsonl")
+    assert sorted(set(shown)) == sorted({f"{r['centres_lr']:.4g}" for r in records}), shown
+    assert main(argv(faces, tmp_path / "plain", max_steps=2, log_every=2)) == 0
+    err = capsys.readouterr().err
+    assert "lr=" in err and not shown_on_the_bar(err, "centres_lr"), err
+
+
 def test_a_fresh_run_sets_an_earlier_run_aside(faces, tmp_path, capsys):
     # Nothing a run wrote is overwritten by the next fresh run into its folder; other files stay.
     (tmp_path / "notes.txt").write_text("mine")
@@ -3103,6 +3120,20 @@ def test_a_step_the_fp16_scaler_skips_is_counted(faces, tmp_path, monkeypatch, c
     lines = (tmp_path / "training.log").read_text()
     assert re.search(r"\[step 2/4\] loss [\d.]+, lr [\d.e-]+, loss scale 1 \(0 skipped\), ", lines), lines
     assert re.search(r"\[step 4/4\] loss [\d.]+, lr [\d.e-]+, loss scale 0.5 \(1 skipped\), ", lines), lines
+
+
+def test_the_progress_bar_shows_the_fp16_loss_scale(faces, tmp_path, monkeypatch, capsys):
+    # As the lines: the scale after the line's last step and the steps skipped since the last, under fp16 only.
+    monkeypatch.setattr("train.trainer._is_terminal", lambda stream: True, raising=False)
+    with_a_small_loss_scale(monkeypatch, 1.0)
+    inf_gradients_from_step(monkeypatch, 3, 3)
+    assert main(argv(faces, tmp_path / "fp16", max_steps=4, log_every=2, loss_amp="fp16")) == 0
+    err = capsys.readouterr().err
+    assert sorted(set(zip(shown_on_the_bar(err, "loss_scale"), shown_on_the_bar(err, "skipped")))) == [
+        ("0.5", "1"), ("1", "0")], err
+    assert main(argv(faces, tmp_path / "fp32", max_steps=2, log_every=2)) == 0
+    err = capsys.readouterr().err
+    assert "lr=" in err and not shown_on_the_bar(err, "loss_scale") and not shown_on_the_bar(err, "skipped"), err
 
 
 def test_a_collapsed_fp16_loss_scale_stops_the_run(faces, tmp_path, monkeypatch, capsys):
