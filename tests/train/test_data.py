@@ -536,6 +536,47 @@ def test_pack_rec_failure_leaves_no_temporary_files(image_folder, tmp_path, caps
     assert not (tmp_path / "n1").exists()
 
 
+def test_pack_rec_workers_write_the_bytes_this_process_writes(image_folder, tmp_path, capsys, monkeypatch):
+    # One process decoded, checked and re-encoded every image: days at WebFace42M's 42M. --workers N does that
+    # in N processes while this one writes the records in their order; chunks of 3 images (32 in use) make
+    # 12 images span workers, chunks finished out of order and a window refilled many times.
+    monkeypatch.setattr("train.tools.pack_rec._CHUNK", 3)
+    for k in range(8):
+        Image.fromarray(face_image(10 + k)).save(image_folder / "alice" / f"p{k}.png")
+        (image_folder / "bob" / f"j{k}.jpg").write_bytes(jpeg_with_magic(face_image(20 + k)))
+    packs = {}
+    for workers in ("0", "1", "2", "3"):
+        out = tmp_path / f"workers{workers}"
+        assert pack_rec_main([str(image_folder), str(out), "--resize", "32", "--workers", workers]) == 0
+        packs[workers] = ({name: (out / name).read_bytes() for name in ("train.rec", "train.idx", "property")},
+                          [line for line in capsys.readouterr().err.replace(str(out), "OUT").splitlines()
+                           if line.startswith("pack_rec")])  # (the folder's warnings are said once a process)
+    assert len(packs["0"][1]) == 2 and "11 of the 20 images were re-encoded" in packs["0"][1][1]
+    for workers in ("1", "2", "3"):
+        assert packs[workers][0] == packs["0"][0], f"--workers {workers}: not the bytes of --workers 0"
+        assert packs[workers][1] == packs["0"][1], f"--workers {workers} said otherwise"
+    with pytest.raises(SystemExit) as exit_info:
+        pack_rec_main([str(image_folder), str(tmp_path / "packed"), "--workers", "-1"])
+    assert exit_info.value.code == 2 and "--workers must be at least 0, got -1" in capsys.readouterr().err
+
+
+def test_pack_rec_workers_name_the_first_unreadable_image_and_leave_nothing(image_folder, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.setattr("train.tools.pack_rec._CHUNK", 2)
+    for k in range(10):
+        Image.fromarray(face_image(10 + k)).save(image_folder / "bob" / f"c{k}.png")
+    (image_folder / "bob" / "c3.png").write_bytes(b"\x89PNG cut short")  # 2 chunks after the first, in a worker
+    (image_folder / "bob" / "c8.png").write_bytes(b"\x89PNG cut short too")  # (a later one: not the one named)
+    errors = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"workers{workers}"
+        assert pack_rec_main([str(image_folder), str(out), "--workers", workers]) == 2
+        errors.append(capsys.readouterr().err.replace(str(out), "OUT").splitlines())
+        assert not out.exists()  # nor the folder it made
+    assert errors[1][-1] == errors[0][-1] == (f"pack_rec: error: {image_folder / 'bob' / 'c3.png'}: cannot read the "
+                                              "image: not an image format Pillow reads")
+
+
 def test_the_tools_show_the_image_folders_warnings_as_one_line_each(image_folder, tmp_path, capsys):
     # Python's form, "/.../train/data/__init__.py:149: UserWarning: ..." and the line of source after it,
     # came out of the trainer, pack_rec and make_bin.
@@ -590,6 +631,56 @@ def test_sigterm_stops_pack_rec_with_one_line_and_no_temporary_files(tmp_path):
         run.kill()
     assert run.returncode == 143 and err.strip() == "pack_rec: stopped by SIGTERM: nothing written (what the folder " \
                                                      "held is as it was)", err
+    assert not out.exists()
+
+
+def test_pack_rec_says_in_one_line_that_a_worker_was_killed(image_folder, tmp_path, capsys, monkeypatch):
+    # (The kernel's out-of-memory killer: a multiprocessing.Pool would wait for the lost chunk forever.)
+    import multiprocessing
+
+    from train.tools import pack_rec
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the workers see the patched reader only when forked")
+    image_bytes = pack_rec._image_bytes
+
+    def killed_on_y(path, **kwargs):
+        if path.endswith("y.bmp"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return image_bytes(path, **kwargs)
+
+    monkeypatch.setattr(pack_rec, "_image_bytes", killed_on_y)
+    out = tmp_path / "packed"
+    assert pack_rec_main([str(image_folder), str(out), "--workers", "2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "pack_rec: error: a process reading the images ended without a word (out of memory?): ")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_of_pack_rec_and_its_workers_says_one_line_and_leaves_nothing(tmp_path, number):
+    # A Ctrl-C at the terminal, or a scheduler's SIGTERM, goes to the whole process group: the workers too.
+    faces = tmp_path / "faces"
+    (faces / "ann").mkdir(parents=True)
+    Image.fromarray(face_image(1)).save(faces / "ann" / "0.png")
+    for k in range(1, 4000):
+        if k != 20:
+            os.link(faces / "ann" / "0.png", faces / "ann" / f"{k}.png")
+    held = HeldFile(faces / "ann" / "20.png", (faces / "ann" / "0.png").read_bytes())  # (read by a worker)
+    out = tmp_path / "packed"
+    run = subprocess.Popen([sys.executable, "-m", "train.tools.pack_rec", str(faces), str(out), "--workers", "2"],
+                           cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        with held:
+            held.wait_for_reader(run)
+            os.killpg(run.pid, number)
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    name = signal.Signals(number).name
+    assert run.returncode == 128 + number, err
+    assert err.strip() == f"pack_rec: stopped by {name}: nothing written (what the folder held is as it was)", err
     assert not out.exists()
 
 

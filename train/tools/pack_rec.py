@@ -2,7 +2,7 @@
 into insightface's RecordIO layout, `train.rec` + `train.idx` + `property`, readable by this
 trainer and by mxnet / insightface alike.
 
-    python -m train.tools.pack_rec IMAGES OUTPUT_DIR [--quality 95] [--resize 112] [--overwrite]
+    python -m train.tools.pack_rec IMAGES OUTPUT_DIR [--quality 95] [--resize 112] [--workers N] [--overwrite]
 
 Records: 0 holds the identity range `[N + 1, N + 1 + C]` (flag 2, no image);
 1..N the images, label = identity index in sorted folder order (a list's: its k-th smallest
@@ -12,8 +12,12 @@ one per identity with the range `[first, end)` of its image records.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
+import itertools
 import os
+import signal
 import sys
 import time
 
@@ -32,6 +36,9 @@ with stop_while_importing(__name__, "pack_rec: "):
                              remove_folders_made)
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
+# The workers' images go to the writer a chunk at a time, and at most _CHUNKS_PER_WORKER chunks a worker are
+# in flight: the memory held stays a few hundred images whatever the data set's size.
+_CHUNK, _CHUNKS_PER_WORKER = 32, 2
 
 
 def _image_bytes(path: str, *, resize: int | None, quality: int, counts: dict | None = None
@@ -56,14 +63,67 @@ def _image_bytes(path: str, *, resize: int | None, quality: int, counts: dict | 
     return encode_image(np.asarray(rgb), quality=quality), rgb.size
 
 
+def _leave_signals_to_the_main_process() -> None:
+    """A worker's initializer: a Ctrl-C at the terminal is the main process's to handle (it cancels the
+    chunks not started and waits for the others); a SIGTERM ends the worker (a forked one inherits the
+    main process's handler, which would raise in the worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _chunk_bytes(paths: list[str], resize: int | None, quality: int) -> list[tuple[bytes, tuple[int, int], bool]]:
+    """`_image_bytes` of each of `paths`, with whether it was re-encoded (what a worker computes)."""
+    chunk = []
+    for path in paths:
+        counts = {}
+        data, size = _image_bytes(path, resize=resize, quality=quality, counts=counts)
+        chunk.append((data, size, bool(counts)))
+    return chunk
+
+
+def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers: int = 0):
+    """`_chunk_bytes` of every one of `paths`, yielded in their order: in this process with `workers` 0,
+    else by that many processes. The first image that cannot be read, in `paths`' order, raises as it
+    does in this process. A generator: close it (or exhaust it) to end the workers."""
+    if workers == 0 or len(paths) < 2:
+        for path in paths:
+            yield from _chunk_bytes([path], resize, quality)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # The workers are handed the functions by their module's name, which is this module's importable one
+    # also where it runs as __main__ (runpy.run_module's: a worker's __main__ is another module).
+    from train.tools import pack_rec as module
+
+    # (concurrent.futures rather than multiprocessing.Pool: a worker killed mid-chunk, by the kernel's
+    # out-of-memory killer, is an error there, where a Pool waits for the lost chunk forever.)
+    chunks = (paths[start:start + _CHUNK] for start in range(0, len(paths), _CHUNK))
+    pool = ProcessPoolExecutor(workers, initializer=module._leave_signals_to_the_main_process)
+    try:
+        pending = collections.deque(pool.submit(module._chunk_bytes, chunk, resize, quality)
+                                    for chunk in itertools.islice(chunks, workers * _CHUNKS_PER_WORKER))
+        while pending:
+            try:
+                done = pending.popleft().result()
+            except BrokenProcessPool as error:
+                raise OSError(f"a process reading the images ended without a word (out of memory?): {error}") from None
+            for chunk in itertools.islice(chunks, 1):
+                pending.append(pool.submit(module._chunk_bytes, chunk, resize, quality))
+            yield from done
+    finally:  # an error or a stop: the chunks not started are dropped, the workers end
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, resize: int | None = None,
-                      overwrite: bool = False, log=sys.stderr) -> dict:
+                      overwrite: bool = False, workers: int = 0, log=sys.stderr) -> dict:
     """Write `train.rec`, `train.idx` and `property` for `image_folder` (or a list file:
     `train.data.imagelist.read_image_list`) into
     `output_dir`; returns {'images', 'identities', 'image_size'}. Files appear
     only once complete (written under temporary names, then renamed; the temporaries
     are removed on an error). Existing files are replaced only with `overwrite`
-    (ValueError otherwise, before any image is read)."""
+    (ValueError otherwise, before any image is read). `workers` processes read, check and encode the
+    images (0: this process); the files are the same bytes whatever their number."""
     listed = is_image_list(image_folder)
     identities, samples = (read_image_list if listed else scan_image_folder)(image_folder)
     if listed:  # a record's identity is a range of records: each label's images together (a stable sort)
@@ -73,10 +133,18 @@ def pack_image_folder(image_folder: str, output_dir: str, *, quality: int = 95, 
     repeats = repeated_images_note(identities, samples) if listed else None
     if log is not None and repeats:  # (said before the packing, which takes a while)
         print(f"pack_rec: warning: {repeats}", file=log)
-    counts = {}
-    images = ((label, *_image_bytes(path, resize=resize, quality=quality, counts=counts)) for path, label in samples)
+    counts = {"re-encoded": 0}
+    encoded = _images_bytes([path for path, _ in samples], resize=resize, quality=quality, workers=workers)
+
+    def images():
+        for (_, label), (data, size, re_encoded) in zip(samples, encoded):
+            counts["re-encoded"] += re_encoded
+            yield label, data, size
+
     try:
-        summary = write_pack(output_dir, images, num_images=len(samples), num_identities=len(identities), log=log)
+        with contextlib.closing(encoded):  # (the workers end with the packing, however it ends)
+            summary = write_pack(output_dir, images(), num_images=len(samples), num_identities=len(identities),
+                                 log=log)
     except BaseException:  # an error or a stop: no empty folder of this run's making is left
         remove_folders_made(made)
         raise
@@ -167,6 +235,9 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
     parser.add_argument("--resize", type=int, default=None, metavar="N",
                         help="resize every image to N x N (default: keep sizes, store JPEGs as they are)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes reading, checking and encoding the images; the files are the same whatever "
+                             "their number (0: in this process; default: one a core, up to 8)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace train.rec, train.idx and property if OUTPUT_DIR holds them")
     args = parser.parse_args(argv)
@@ -174,9 +245,12 @@ def _main(argv: list[str] | None = None) -> int:
         parser.error(f"--resize must be at least 1, got {args.resize}")
     if not 1 <= args.quality <= 100:  # (as align and make_bin take it; was passed to Pillow as it was)
         parser.error(f"--quality must be 1 to 100, got {args.quality}")
+    if args.workers < 0:
+        parser.error(f"--workers must be at least 0, got {args.workers}")
+
     def pack() -> int:
         pack_image_folder(args.image_folder, args.output_dir, quality=args.quality, resize=args.resize,
-                          overwrite=args.overwrite, log=sys.stderr)
+                          overwrite=args.overwrite, workers=args.workers, log=sys.stderr)
         return 0
 
     return run_tool(pack, tool="pack_rec", whole=": the pack is written whole", blank_line=False,
