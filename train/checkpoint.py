@@ -451,9 +451,9 @@ _CHECK_SLICE = 1 << 22  # elements: 16 MB of fp32 a slice
 def describe_backbone(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Guess ``network``, ``embedding_size`` and ``image_size`` from a backbone's state dict (for
     bare ``.pth`` files such as insightface's ``backbone.pth``, which carry no settings): iResNets
-    and the demo network, MobileFaceNet (``mbf``) and the Vision Transformers. A ViT's variants
-    that differ only in training (drop path, masking) have the same weights and are named by the
-    first of them. The shapes of an iResNet's or a ViT's weights fit a range of image sizes
+    and the demo network, MobileFaceNet (``mbf``, ``mbf_large``) and the Vision Transformers. A
+    ViT's variants that differ only in training (drop path, masking) have the same weights and are
+    named by the first of them. The shapes of an iResNet's or a ViT's weights fit a range of image sizes
     (:func:`fitting_image_sizes`): 112 px, the size faces are aligned to, where it is one of them."""
     return _describe(state_dict)[0]
 
@@ -472,7 +472,9 @@ def _describe(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, Any], rang
     if "features.layers.0.layers.0.weight" in state_dict and "features.layers.2.weight" in state_dict:
         gdconv_side = state_dict["features.layers.0.layers.0.weight"].shape[-1]  # the last map's side
         image_size = int(gdconv_side) * 16  # (it takes multiples of 16 only)
-        return ({"network": "mbf", "embedding_size": int(state_dict["features.layers.2.weight"].shape[0]),
+        stem = state_dict.get("layers.0.layers.0.weight")  # 256 channels in mbf_large, 128 in mbf
+        network = "mbf_large" if stem is not None and stem.shape[0] == 256 else "mbf"
+        return ({"network": network, "embedding_size": int(state_dict["features.layers.2.weight"].shape[0]),
                  "image_size": image_size}, range(image_size, image_size + 1))
     from .models import IRESNET_LAYERS
 

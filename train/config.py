@@ -148,10 +148,11 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                    help="input side in pixels; default 112 (aligned faces), 64 for the synthetic demo")
     g.add_argument("--network", choices=_NetworkChoices(NETWORKS + ("package.module:factory",)), default="small",
-                   help="the backbone: r18 to r200 (iResNet), small (the demo's), mbf (MobileFaceNet; the image size a "
-                   "multiple of 16), vit_* (arcface_torch's Vision Transformers), or package.module:factory, a "
-                   "network of your own: the factory, imported from PYTHONPATH, called with embedding_size= and "
-                   "image_size=, returns an nn.Module mapping N x 3 x H x W images to N x D embeddings")
+                   help="the backbone: r18 to r200, r2060 (iResNet), small (the demo's), mbf, mbf_large "
+                   "(MobileFaceNet; the image size a multiple of 16), vit_* (arcface_torch's Vision Transformers), or "
+                   "package.module:factory, a network of your own: the factory, imported from PYTHONPATH, called with "
+                   "embedding_size= and image_size=, returns an nn.Module mapping N x 3 x H x W images to N x D "
+                   "embeddings")
     g.add_argument("--embedding-size", "--embedding_size", dest="embedding_size", type=int, default=512,
                    help="length of the face embedding the backbone gives (and of each class centre)")
     g.add_argument("--keep-prob", "--keep_prob", dest="keep_prob", type=float, default=1.0,

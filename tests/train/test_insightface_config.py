@@ -320,9 +320,16 @@ def test_negative_warm_up_steps_are_refused():
 
 def test_a_network_this_trainer_lacks_is_named_with_the_config(tmp_path):
     text = "config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
-    path = write(tmp_path, text + "config.network = 'mbf_large'\n")
-    with pytest.raises(SystemExit, match=f"^{re.escape(path)}: network 'mbf_large' is not one this trainer has: "):
+    path = write(tmp_path, text + "config.network = 'r1024'\n")
+    with pytest.raises(SystemExit, match=f"^{re.escape(path)}: network 'r1024' is not one this trainer has: "):
         parse_args(["--config", path])
+
+
+@pytest.mark.parametrize("network", ["r2060", "mbf_large"])
+def test_a_config_naming_arcface_torchs_r2060_or_mbf_large_is_read(tmp_path, network):
+    text = "config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
+    args = parse_args(["--config", write(tmp_path, text + f"config.network = {network!r}\n")])
+    assert args.network == network and args.image_size == 112
 
 
 def test_a_config_trains_and_its_class_count_is_checked(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,6 @@
-"""MobileFaceNet: the paper's Table 1 sizes, arcface_torch's ``mbf`` layout, the options every
-backbone takes (image size, dropout, checkpointing, autocast, channels_last), and ``--network mbf``
-through the trainer and the ONNX export."""
+"""MobileFaceNet: the paper's Table 1 sizes, arcface_torch's ``mbf`` and ``mbf_large`` layouts, the
+options every backbone takes (image size, dropout, checkpointing, autocast, channels_last), and
+``--network mbf`` and ``mbf_large`` through the trainer and the ONNX export."""
 
 import math
 
@@ -80,6 +80,55 @@ def test_mbf_size_and_insightface_layout():
     assert not any(k.startswith("features.layers.2.bias") for k in state)
 
 
+def test_mbf_large_size_and_insightface_layout():
+    """arcface_torch's mbf_large (get_mbf_large: scale 4, blocks (2, 8, 12, 4)): 6.31M parameters with its
+    512-D embedding, 1.82G multiply-adds at 112 px, and the state-dict names and shapes of its layout."""
+    assert "mbf_large" in NETWORKS
+    model = get_model("mbf_large")
+    # (its layout's convolutions, BNs, PReLUs and the bias-free linear layer, added up by hand: the same)
+    assert count_parameters(model) == 6_314_880
+    madds = multiply_adds(model)
+    assert madds == 1_816_482_816 and round(madds / 1e9, 2) == 1.82, madds
+    state = model.state_dict()
+    expected = {
+        "layers.0.layers.0.weight": (256, 3, 3, 3),                  # stem conv3x3, stride 2, 64 x scale 4
+        # the stem's Residual of two bottlenecks (blocks[0] = 2), expanded to 128 (its groups=128)
+        "layers.1.layers.0.layers.0.layers.0.weight": (128, 256, 1, 1),
+        "layers.1.layers.1.layers.1.layers.0.weight": (128, 1, 3, 3),
+        "layers.1.layers.1.layers.2.layers.0.weight": (256, 128, 1, 1),
+        "layers.2.layers.1.layers.0.weight": (128, 1, 3, 3),          # DepthWise, stride 2
+        "layers.3.layers.7.layers.2.layers.1.running_var": (256,),    # Residual of 8
+        "layers.4.layers.0.layers.0.weight": (256, 256, 1, 1),        # DepthWise 256 -> 512, stride 2
+        "layers.4.layers.2.layers.0.weight": (512, 256, 1, 1),
+        "layers.5.layers.11.layers.0.layers.0.weight": (256, 512, 1, 1),  # Residual of 12, groups 256
+        "layers.6.layers.1.layers.0.weight": (512, 1, 3, 3),          # DepthWise, stride 2, groups 512
+        "layers.7.layers.3.layers.2.layers.0.weight": (512, 256, 1, 1),   # Residual of 4, groups 256
+        "conv_sep.layers.0.weight": (512, 512, 1, 1),
+        "conv_sep.layers.2.weight": (512,),
+        "features.layers.0.layers.0.weight": (512, 1, 7, 7),          # GDConv
+        "features.layers.2.weight": (512, 512),
+        "features.layers.3.running_var": (512,),
+    }
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, f"{key}: {tuple(state[key].shape) if key in state else 'missing'}"
+    assert "layers.1.layers.2.layers.0.layers.0.weight" not in state and "layers.1.layers.0.weight" not in state
+    assert "layers.3.layers.8.layers.0.layers.0.weight" not in state and "layers.8.layers.0.weight" not in state
+    strides = [m.stride[0] for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert strides == [1, 1, 2] + [1] * 8 + [2] + [1] * 12 + [2] + [1] * 4 + [1]  # (the last: the GDConv)
+    residual = [block.residual for block in model.blocks() if hasattr(block, "residual")]
+    assert residual == [True] * 2 + [False] + [True] * 8 + [False] + [True] * 12 + [False] + [True] * 4
+
+
+@pytest.mark.parametrize("size", [112, 64])
+def test_mbf_large_output_shapes(size):
+    torch.manual_seed(0)
+    model = get_model("mbf_large", image_size=size, embedding_size=128).eval()
+    assert model.feature_map_size == size // 16
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 128) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_residuals_only_where_shapes_match():
     model = mobilefacenet()
     residual = [block.residual for block in model.blocks() if hasattr(block, "residual")]
@@ -132,10 +181,11 @@ def test_every_parameter_gets_a_finite_gradient():
         assert torch.isfinite(grads[name]).all() and grads[name].abs().sum() > 0, name
 
 
-def test_gradient_checkpointing_gives_the_same_output_and_gradients():
+@pytest.mark.parametrize("name", ["mbf", "mbf_large"])
+def test_gradient_checkpointing_gives_the_same_output_and_gradients(name):
     torch.manual_seed(0)
-    plain = get_model("mbf", image_size=32)
-    checkpointed = get_model("mbf", image_size=32, gradient_checkpointing=True)
+    plain = get_model(name, image_size=32)
+    checkpointed = get_model(name, image_size=32, gradient_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(4, 3, 32, 32)
     out_a, grads_a = forward_backward(plain.train(), x)
@@ -210,3 +260,19 @@ def test_trainer_trains_mbf(trained_mbf):
 
 def test_onnx_export_matches_torch(trained_mbf, tmp_path, capsys):
     assert_onnx_export_matches(str(trained_mbf / "checkpoint.pt"), tmp_path, capsys, IMAGE_SIZE)
+
+
+@pytest.mark.slow  # (6.3M parameters: three steps and an ONNX export take several seconds)
+def test_trainer_trains_mbf_large_and_exports_it(tmp_path, capsys):
+    data = make_face_folder(str(tmp_path / "faces"), identities=4, images=4, size=IMAGE_SIZE)
+    argv = base_argv(data, str(tmp_path / "run"), network="mbf_large", image_size=IMAGE_SIZE, batch_size=8,
+                     max_steps=2, save_every=2, loss_impl=LOSS_IMPL)
+    assert train_one_thread(argv) == 0
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    model, settings = checkpoint.load_backbone(str(tmp_path / "run" / "checkpoint.pt"))
+    assert settings["network"] == "mbf_large" and isinstance(model, MobileFaceNet)
+    assert model.layers[0].layers[0].weight.shape == (256, 3, 3, 3)
+    # a bare state dict of it, as arcface_torch saves backbone.pth, is named by its shapes
+    assert checkpoint.describe_backbone(model.state_dict())["network"] == "mbf_large"
+    assert_onnx_export_matches(str(tmp_path / "run" / "checkpoint.pt"), tmp_path / "export", capsys, IMAGE_SIZE)

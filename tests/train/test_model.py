@@ -6,7 +6,7 @@ import torch
 
 from train import checkpoint
 from train.checkpoint import describe_backbone, fitting_image_sizes
-from train.models import NETWORKS, get_model, multiply_adds
+from train.models import NETWORKS, IResNet, get_model, model_multiply_adds, multiply_adds
 
 from trainer_fixtures import forward_backward, one_thread, output_dtypes  # noqa: F401
 
@@ -36,7 +36,7 @@ def test_parameter_counts(name):
         assert round(count / 1e6, 1) == PUBLISHED_PARAMETERS[name]
 
 
-@pytest.mark.parametrize("name, size", [("r18", 112), ("mbf", 112), ("small", 48)])
+@pytest.mark.parametrize("name, size", [("r18", 112), ("mbf", 112), ("mbf_large", 64), ("small", 48)])
 def test_multiply_adds_on_the_meta_device_are_the_real_forwards(name, size):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -144,6 +144,98 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads_b[name], grads_a[name], msg=lambda m, n=name: f"{n}: {m}")
 
 
+def block_runs(model, x):
+    """How often each block of ``model``'s four stages began to run in a forward and backward pass of ``x``:
+    twice where checkpointing recomputed it (the pre-hook: torch stops a recomputation once it has what the
+    backward needs, inside the segment's last block). One list a stage."""
+    runs = [[0] * len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)]
+    hooks = [block.register_forward_pre_hook(lambda *_, s=s, b=b: runs[s].__setitem__(b, runs[s][b] + 1))
+             for s, stage in enumerate((model.layer1, model.layer2, model.layer3, model.layer4))
+             for b, block in enumerate(stage)]
+    forward_backward(model, x)
+    for hook in hooks:
+        hook.remove()
+    return runs
+
+
+def test_checkpoint_segments_recompute_those_stages_and_give_the_same_gradients():
+    # torch's checkpoint_sequential: `segments` of len // segments blocks, the last segment (the rest) kept.
+    torch.manual_seed(0)
+    settings = dict(layers=(1, 6, 9, 1), widths=(4, 8, 8, 8), embedding_size=8, image_size=16)
+    plain = IResNet(**settings)
+    checkpointed = IResNet(**settings, gradient_checkpointing=True, checkpoint_segments=(0, 2, 3, 0))
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 16, 16)
+    out_a, grads_a = forward_backward(plain, x)
+    out_b, grads_b = forward_backward(checkpointed, x)
+    torch.testing.assert_close(out_b, out_a)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=lambda m, n=name: f"{n}: {m}")
+    assert block_runs(checkpointed, x) == [[1], [2, 2, 2, 1, 1, 1], [2] * 6 + [1] * 3, [1]]
+    assert block_runs(plain, x) == [[1], [1] * 6, [1] * 9, [1]]
+    assert "checkpoint_segments=(0, 2, 3, 0)" in repr(checkpointed)
+
+
+@pytest.mark.parametrize("segments", [(0, 7, 0, 0), (0, 1, 1), (-1, 0, 0, 0)])
+def test_checkpoint_segments_must_fit_the_stages(segments):
+    with pytest.raises(ValueError, match=r"checkpoint_segments must give 0 to the stage's blocks for each of the 4"):
+        IResNet((1, 6, 9, 1), widths=(4, 8, 8, 8), checkpoint_segments=segments)
+
+
+@pytest.mark.slow  # (building r2060's 1,030 blocks takes about 4 s, on the meta device too)
+def test_r2060_layout_size_and_multiply_adds():
+    """arcface_torch's iresnet2060 (backbones/iresnet2060.py): stages of 3, 128, 896 and 3 blocks of
+    insightface's iResNet, so its backbone.pth loads; 1.12G parameters, 239G multiply-adds at 112 px."""
+    model = meta_model("r2060")
+    count = count_parameters(model)
+    # (the stem, 1,030 IBasicBlocks, 4 projected shortcuts, the 25,088 -> 512 FC and the BNs, added up by hand)
+    assert count == 1_122_301_120, count
+    state = model.state_dict()
+    expected = {
+        "layer1.2.conv2.weight": (64, 64, 3, 3),
+        "layer2.0.downsample.0.weight": (128, 64, 1, 1),
+        "layer2.127.bn3.running_var": (128,),
+        "layer3.0.conv1.weight": (256, 128, 3, 3),
+        "layer3.895.prelu.weight": (256,),
+        "layer4.2.conv2.weight": (512, 512, 3, 3),
+        "fc.weight": (512, 512 * 7 * 7),
+        "features.running_mean": (512,),
+    }
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, f"{key}: {tuple(state[key].shape) if key in state else 'missing'}"
+    assert "layer2.128.bn1.weight" not in state and "layer3.896.bn1.weight" not in state
+    assert "layer3.1.downsample.0.weight" not in state
+    assert describe_backbone(state) == {"network": "r2060", "embedding_size": 512, "image_size": 112}
+    # arcface_torch's checkpointing in training is this one's default (the trainer's --gradient-checkpointing
+    # passes its own, off unless given); in eval mode it does nothing.
+    assert model.gradient_checkpointing and model.checkpoint_segments == (0, 20, 100, 0)
+    madds = model_multiply_adds(model, 112)  # (multiply_adds("r2060") builds it once more)
+    assert madds == 238_907_604_992 and round(madds / 1e9) == 239, madds
+
+
+@pytest.mark.slow  # (about 4 s to build, and 1,030 blocks run, 792 + 114 of them twice)
+def test_r2060_checkpointing_gives_the_same_gradients_as_without():
+    """r2060's layout at 8 channels a stage: arcface_torch's checkpointing (layer2 in 20 segments, layer3 in
+    100, the last of each kept) changes no output and no gradient."""
+    torch.manual_seed(0)
+    settings = dict(widths=(8, 8, 8, 8), embedding_size=8, image_size=16)
+    checkpointed = get_model("r2060", **settings)
+    plain = get_model("r2060", **settings, gradient_checkpointing=False)  # (the option wins over the default)
+    assert checkpointed.gradient_checkpointing and not plain.gradient_checkpointing
+    plain.load_state_dict(checkpointed.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    out_a, grads_a = forward_backward(plain, x)
+    out_b, grads_b = forward_backward(checkpointed, x)
+    torch.testing.assert_close(out_b, out_a)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=lambda m, n=name: f"{n}: {m}")
+    runs = block_runs(checkpointed, x)
+    # 128 // 20 = 6 blocks a segment: 19 segments recomputed, the last 14 blocks kept; 896 // 100 = 8: 99, and 104.
+    assert runs == [[1] * 3, [2] * 114 + [1] * 14, [2] * 792 + [1] * 104, [1] * 3]
+
+
 def test_channels_last_matches():
     torch.manual_seed(0)
     model = get_model("small", image_size=32).eval()
@@ -168,12 +260,14 @@ def test_bf16_autocast_covers_the_trunk_not_the_head():
 def test_unknown_network():
     with pytest.raises(ValueError, match="unknown network 'r51'"):
         get_model("r51")
-    assert set(NETWORKS) == {"r18", "r34", "r50", "r100", "r200", "small", "mbf", "vit_t", "vit_t_dp005_mask0", "vit_s",
-                             "vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h"}
+    assert set(NETWORKS) == {"r18", "r34", "r50", "r100", "r200", "r2060", "small", "mbf", "mbf_large", "vit_t",
+                             "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005",
+                             "vit_l_dp005_mask_005", "vit_h"}
 
 
 @pytest.mark.parametrize("name, embedding_size, image_size, expected_name", [
     ("r100", 512, 112, "r100"), ("small", 64, 32, "small"), ("mbf", 512, 112, "mbf"), ("mbf", 128, 96, "mbf"),
+    ("mbf_large", 512, 112, "mbf_large"), ("mbf_large", 128, 64, "mbf_large"),
     ("vit_t_dp005_mask0", 512, 112, "vit_t"), ("vit_s", 512, 112, "vit_s"), ("vit_b", 256, 112, "vit_b"),
     ("vit_l_dp005_mask_005", 512, 112, "vit_l_dp005_mask_005"), ("vit_h", 512, 112, "vit_h"),
     ("vit_t", 512, 36, "vit_t"),

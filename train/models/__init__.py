@@ -1,9 +1,10 @@
 """Backbones by name: ``get_model("r50", embedding_size=512, image_size=112)``.
 
-iResNets ``r18`` ... ``r200``, the demo's ``small``, MobileFaceNet ``mbf``, and arcface_torch's Vision
-Transformers under its names: ``vit_t``, ``vit_t_dp005_mask0``, ``vit_s``, ``vit_s_dp005_mask_0``,
-``vit_b``, ``vit_b_dp005_mask_005``, ``vit_l_dp005_mask_005``, ``vit_h``; and any other backbone as
-``package.module:factory``, imported (:func:`import_factory`)."""
+iResNets ``r18`` ... ``r200`` and arcface_torch's ``r2060``, the demo's ``small``, MobileFaceNet ``mbf``
+and arcface_torch's ``mbf_large``, and its Vision Transformers under its names: ``vit_t``,
+``vit_t_dp005_mask0``, ``vit_s``, ``vit_s_dp005_mask_0``, ``vit_b``, ``vit_b_dp005_mask_005``,
+``vit_l_dp005_mask_005``, ``vit_h``; and any other backbone as ``package.module:factory``, imported
+(:func:`import_factory`)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import torch
 from torch import nn
 
 from .iresnet import IRESNET_LAYERS, IBasicBlock, IResNet, iresnet
-from .mobilefacenet import MobileFaceNet, mbf, mobilefacenet
+from .mobilefacenet import MobileFaceNet, mbf, mbf_large, mobilefacenet
 from .small import small
 from .vit import VIT_CONFIGS, VisionTransformer, vit
 
 _BUILDERS = {name: partial(iresnet, name) for name in IRESNET_LAYERS}
 _BUILDERS["small"] = small
 _BUILDERS["mbf"] = mbf
+_BUILDERS["mbf_large"] = mbf_large
 _BUILDERS.update({name: partial(vit, name) for name in VIT_CONFIGS})
 
 NETWORKS = tuple(_BUILDERS)
@@ -199,4 +201,5 @@ def model_multiply_adds(model: nn.Module, image_size: int) -> int:
 
 __all__ = ["NETWORKS", "VIT_CONFIGS", "IBasicBlock", "IResNet", "MobileFaceNet", "VisionTransformer",
            "check_embedding_shape", "check_network_name", "get_model", "import_factory", "iresnet", "is_factory_spec",
-           "learn_embedding_scale", "mbf", "mobilefacenet", "model_multiply_adds", "multiply_adds", "small", "vit"]
+           "learn_embedding_scale", "mbf", "mbf_large", "mobilefacenet", "model_multiply_adds", "multiply_adds",
+           "small", "vit"]

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 # Blocks per stage; every stage starts with a stride-2 block: 112 -> 56 -> 28 -> 14 -> 7.
 IRESNET_LAYERS = {
@@ -19,7 +19,12 @@ IRESNET_LAYERS = {
     "r50": (3, 4, 14, 3),
     "r100": (3, 13, 30, 3),
     "r200": (6, 26, 60, 6),
+    "r2060": (3, 128, 896, 3),  # arcface_torch's iresnet2060: 1,030 blocks, 2,060 convolutions in them
 }
+# What arcface_torch's iresnet2060 does in training, always: layer2 and layer3 recomputed in the backward pass
+# in 20 and 100 segments (torch's checkpoint_sequential), layer1 and layer4 kept. Here the default of
+# ``gradient_checkpointing`` for r2060, with these segments.
+IRESNET_CHECKPOINT_SEGMENTS = {"r2060": (0, 20, 100, 0)}
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -97,6 +102,9 @@ class IResNet(FaceBackbone):
         stem_stride: stride of the stem conv (1 in the paper; 2 halves the cost of small nets).
         gradient_checkpointing: recompute each block in the backward pass to save memory
             (BatchNorm running statistics then see each batch twice).
+        checkpoint_segments: with ``gradient_checkpointing``, the segments each stage is recomputed in, as
+            ``torch.utils.checkpoint.checkpoint_sequential`` splits it (its last segment is kept, not
+            recomputed); 0 keeps a stage. None (the default): each block is its own segment.
         amp: ``"none"``, ``"fp16"`` or ``"bf16"``: autocast the convolutional trunk to this
             dtype; the FC and the last BN always run in fp32, as in insightface.
         zero_init_residual: start each residual branch at zero (last BN scale 0).
@@ -114,16 +122,22 @@ class IResNet(FaceBackbone):
         gradient_checkpointing: bool = False,
         amp: str = "none",
         zero_init_residual: bool = False,
+        checkpoint_segments: Sequence[int] | None = None,
     ):
         super().__init__()
         if len(layers) != 4 or len(widths) != 4:
             raise ValueError(f"expected 4 stages, got layers={tuple(layers)} widths={tuple(widths)}")
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        if checkpoint_segments is not None and (
+                len(checkpoint_segments) != 4 or not all(0 <= s <= n for s, n in zip(checkpoint_segments, layers))):
+            raise ValueError(f"checkpoint_segments must give 0 to the stage's blocks for each of the 4 stages, got "
+                             f"{tuple(checkpoint_segments)} for layers={tuple(layers)}")
         stem_width = stem_width or widths[0]
         self.image_size = image_size
         self.embedding_size = embedding_size
         self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_segments = None if checkpoint_segments is None else tuple(checkpoint_segments)
         self.amp = amp
 
         self.conv1 = nn.Conv2d(3, stem_width, 3, stride=stem_stride, padding=1, bias=False)
@@ -163,12 +177,15 @@ class IResNet(FaceBackbone):
         """Convolutional trunk up to the flattened, dropped-out feature map."""
         x = self.prelu(self.bn1(self.conv1(x)))
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            if checkpointing:
+        segments = self.checkpoint_segments or (None,) * 4
+        for stage, stage_segments in zip((self.layer1, self.layer2, self.layer3, self.layer4), segments):
+            if not checkpointing or stage_segments == 0:
+                x = stage(x)
+            elif stage_segments is None:
                 for block in stage:
                     x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = stage(x)
+                x = checkpoint_sequential(stage, stage_segments, x, use_reentrant=False)
         x = self.bn2(x)
         x = torch.flatten(x, 1)
         return self.dropout(x)
@@ -176,11 +193,20 @@ class IResNet(FaceBackbone):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.fc(x))
 
+    def extra_repr(self) -> str:
+        segments = "" if self.checkpoint_segments is None else f", checkpoint_segments={self.checkpoint_segments}"
+        return super().extra_repr() + segments
+
 
 def iresnet(name: str, **kwargs) -> IResNet:
-    """The paper's iResNet ``name`` (``r18`` ... ``r200``); ``kwargs`` go to :class:`IResNet`."""
+    """The paper's iResNet ``name`` (``r18`` ... ``r200``), or arcface_torch's ``r2060``; ``kwargs`` go to
+    :class:`IResNet` and win over r2060's defaults, arcface_torch's checkpointing in training
+    (``gradient_checkpointing`` on, :data:`IRESNET_CHECKPOINT_SEGMENTS`)."""
     try:
         layers = IRESNET_LAYERS[name]
     except KeyError:
         raise ValueError(f"unknown iResNet {name!r}; expected one of {sorted(IRESNET_LAYERS)}") from None
+    if name in IRESNET_CHECKPOINT_SEGMENTS:
+        kwargs.setdefault("gradient_checkpointing", True)
+        kwargs.setdefault("checkpoint_segments", IRESNET_CHECKPOINT_SEGMENTS[name])
     return IResNet(layers, **kwargs)

@@ -1,9 +1,9 @@
 """MobileFaceNet (Chen et al., 2018): a sub-million-parameter face-embedding network for phones,
 in the paper's Table 1 layout (:func:`mobilefacenet`) and as insightface's ``arcface_torch``
-builds its ``mbf`` (:func:`mbf`).
+builds its ``mbf`` (:func:`mbf`) and ``mbf_large`` (:func:`mbf_large`).
 
 Parameter names and shapes follow ``arcface_torch/backbones/mobilefacenet.py`` (checked against
-its source, not against a released file), so that its ``mbf`` weights load as they are.
+its source, not against a released file), so that its ``mbf`` and ``mbf_large`` weights load as they are.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ PAPER_STAGES = ((128, 64, 5, 2), (256, 128, 1, 2), (256, 128, 6, 1), (512, 128, 
 # arcface_torch's mbf (its scale=2): every output width doubled, the expanded widths kept, so each
 # bottleneck expands by half the paper's t.
 MBF_STAGES = ((128, 128, 5, 2), (256, 256, 1, 2), (256, 256, 6, 1), (512, 256, 1, 2), (256, 256, 2, 1))
+# arcface_torch's mbf_large (its scale=4, blocks=(2, 8, 12, 4)): the output widths doubled again and the
+# stride-1 runs twice as long (9 = 1 + 8, 12, 4); the expanded widths are mbf's, so the 512-wide
+# bottlenecks contract to 256 rather than expand. Its stem ends in two stride-1 bottlenecks
+# (:data:`MBF_LARGE_STEM`) where mbf's has a grouped 3x3 conv.
+MBF_LARGE_STAGES = ((128, 256, 9, 2), (256, 512, 1, 2), (256, 512, 12, 1), (512, 512, 1, 2), (256, 512, 4, 1))
+MBF_LARGE_STEM = (128, 2)  # (expanded channels, blocks)
 
 # Stride-2 layers between the input and the last feature map: the stem and three bottlenecks.
 DOWNSAMPLING = 16
@@ -104,6 +110,9 @@ class MobileFaceNet(FaceBackbone):
         stages: ``(expanded, out, blocks, stride)`` per run of bottlenecks (:data:`PAPER_STAGES`).
         stem_width: channels of the stem convs.
         stem_groups: groups of the stem's 3x3 conv after the first (``stem_width``: depthwise).
+        stem_bottlenecks: ``(expanded, blocks)``: that many stride-1 bottlenecks (their shortcut
+            included) in place of the stem's second 3x3 conv, as arcface_torch's ``mbf_large`` has
+            (:data:`MBF_LARGE_STEM`); None (the default): the conv.
         head_width: channels of the conv1x1 before the GDConv.
         embedding_size: size of the output embedding.
         dropout: dropout probability before the embedding layer (the paper uses none).
@@ -120,6 +129,7 @@ class MobileFaceNet(FaceBackbone):
         stages: Sequence[tuple[int, int, int, int]] = PAPER_STAGES,
         stem_width: int = 64,
         stem_groups: int | None = None,
+        stem_bottlenecks: tuple[int, int] | None = None,
         head_width: int = 512,
         embedding_size: int = 128,
         dropout: float = 0.0,
@@ -141,8 +151,12 @@ class MobileFaceNet(FaceBackbone):
         self.gradient_checkpointing = gradient_checkpointing
         self.amp = amp
 
-        layers = [ConvBN(3, stem_width, 3, stride=2),
-                  ConvBN(stem_width, stem_width, 3, groups=stem_groups or stem_width)]
+        layers = [ConvBN(3, stem_width, 3, stride=2)]
+        if stem_bottlenecks is None:
+            layers.append(ConvBN(stem_width, stem_width, 3, groups=stem_groups or stem_width))
+        else:
+            stem_expanded, stem_blocks = stem_bottlenecks
+            layers.append(ResidualStack(stem_width, stem_expanded, stem_blocks))
         channels = stem_width
         for expanded, out_channels, num_blocks, stride in stages:
             # insightface's grouping: a stride-2 block alone, then a stack of the stride-1 rest.
@@ -165,7 +179,7 @@ class MobileFaceNet(FaceBackbone):
                 nn.init.constant_(m.bias, 0)
 
     def blocks(self) -> Iterator[nn.Module]:
-        """The units that gradient checkpointing recomputes: the stem convs and each bottleneck."""
+        """The units that gradient checkpointing recomputes: the stem's layers and each bottleneck."""
         for layer in self.layers:
             yield from layer.layers if isinstance(layer, ResidualStack) else (layer,)
 
@@ -195,3 +209,11 @@ def mbf(**kwargs) -> MobileFaceNet:
     """
     kwargs.setdefault("embedding_size", 512)
     return MobileFaceNet(stages=MBF_STAGES, stem_width=128, stem_groups=64, **kwargs)
+
+
+def mbf_large(**kwargs) -> MobileFaceNet:
+    """arcface_torch's ``mbf_large`` (its ``get_mbf_large``: scale 4, blocks (2, 8, 12, 4)): a 256-wide
+    stem ending in two bottlenecks, :data:`MBF_LARGE_STAGES`, and a 512-D embedding. ``kwargs`` go to
+    :class:`MobileFaceNet`."""
+    kwargs.setdefault("embedding_size", 512)
+    return MobileFaceNet(stages=MBF_LARGE_STAGES, stem_width=256, stem_bottlenecks=MBF_LARGE_STEM, **kwargs)
