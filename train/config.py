@@ -347,6 +347,13 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--wandb-run-name", "--wandb_run_name", dest="wandb_run_name", default=None,
                    help="the W&B run's display name; {output} stands for the --output folder's name, the "
                    "default")
+    g.add_argument("--wandb-artifacts", "--wandb_artifacts", dest="wandb_artifacts",
+                   action=argparse.BooleanOptionalAction, default=False,
+                   help="with --wandb: log each checkpoint.pt the run writes (every --save-every steps, at a stop, "
+                   "at the end) as a version of the W&B run's artifact model-<run id>, of type model, aliased "
+                   "latest, step-<S>, and best (best-<target> for each target) where the save's step has the best "
+                   "verification so far; main process only. With --save-sharded, checkpoint.pt without the centre "
+                   "shards")
     g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write loss.png, verification.png and target_angle.png at the end")
     return p
@@ -623,6 +630,8 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
         if named:
             raise SystemExit(f"{' and '.join(named)} {'goes' if len(named) == 1 else 'go'} with --teacher (the "
                              "backbone the student is distilled from): give --teacher too")
+    if args.wandb_artifacts and not args.wandb:  # (was a run that logged no artifact, without a word)
+        raise SystemExit("--wandb-artifacts logs to the --wandb run: give --wandb too, or --no-wandb-artifacts")
     if not 0.0 < args.keep_prob <= 1.0:
         raise SystemExit(f"--keep-prob must be in (0, 1], got {args.keep_prob}")
     if args.compile_mode and args.compile_backend != "inductor":

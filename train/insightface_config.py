@@ -36,7 +36,9 @@ How its settings map:
 - ``using_wandb`` -> ``--wandb``, with ``wandb_project``, ``wandb_entity`` and ``suffix_run_name``
   (the run is named ``<output folder>_<suffix>``); the main process logs (``wandb_log_all`` is not
   followed), a resumed run continues its W&B run by itself (``wandb_resume`` is not needed), and
-  ``wandb_key`` is not read: log in with ``wandb login`` or ``WANDB_API_KEY``;
+  ``wandb_key`` is not read: log in with ``wandb login`` or ``WANDB_API_KEY``; ``save_artifacts`` ->
+  ``--wandb-artifacts`` (checkpoint.pt at each save, as versions of one artifact, where train_v2.py logs
+  model.pt as an artifact of its own each epoch);
 - ``dali`` and ``save_all_states`` have no counterpart and are reported as ignored;
 - ``interclass_filtering_threshold`` -> ``--interclass-filter`` (the chunked PyTorch path, sharded
   like the rest with more than one process).
@@ -61,13 +63,14 @@ BASE = {
 }
 # Switches with no counterpart here, reported when a config turns them on, with what happens instead
 # (a bare "ignored" read as if checkpoints of every state were not written).
-IGNORED = {"dali": "PyTorch's DataLoader reads the data", "dali_aug": "PyTorch's DataLoader reads the data",
-           "save_all_states": "checkpoint.pt holds every state anyway, for --resume",
-           "save_artifacts": "no W&B model artifacts"}
+IGNORED = {"dali": "PyTorch's DataLoader reads the data",
+           "dali_aug": "DALI's augmentations; --blur-augmentation, --hue-augmentation, --grayscale-augmentation and "
+                       "--low-res-augmentation are their kinds here",
+           "save_all_states": "checkpoint.pt holds every state anyway, for --resume"}
 REQUIRED = ("rec", "num_classes", "num_image", "num_epoch")
 # Keys of arcface_torch's configs that are read above, or that only its wandb logger reads.
 KNOWN = {*BASE, *IGNORED, *REQUIRED, "using_wandb", "wandb_key", "suffix_run_name", "wandb_entity",
-         "wandb_project", "wandb_log_all", "wandb_resume", "notes"}
+         "wandb_project", "wandb_log_all", "wandb_resume", "save_artifacts", "notes"}
 
 # The numeric keys, integers or any number: anything else (None, a string, a boolean) is named as an
 # error rather than failing inside a conversion.
@@ -282,7 +285,11 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
             options["wandb-run-name"] = f"{{output}}_{config['suffix_run_name']}"  # the --output in force
         if config.get("wandb_key") and set(str(config["wandb_key"])) != {"X"}:  # (base.py's placeholder)
             _note(f"{path}: config.wandb_key is not read: log in once with `wandb login`, or set WANDB_API_KEY")
+        if config.get("save_artifacts"):
+            options["wandb-artifacts"] = True
     ignored = [f"{key} ({why})" for key, why in IGNORED.items() if config.get(key)]
+    if config.get("save_artifacts") and not config.get("using_wandb"):
+        ignored.append("save_artifacts (without using_wandb, as in train_v2.py: no W&B run to log to)")
     if float(config.get("momentum", 0.9)) != 0.9:
         ignored.append("momentum (train_v2.py's SGD uses 0.9 whatever it says)")
     if ignored:

@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -60,6 +61,7 @@ RESUME_MAY_CHANGE = frozenset({
     "dist_timeout",
     "compile", "compile_backend", "compile_mode", "channels_last", "gradient_checkpointing", "loss_impl",
     "sharded_classes", "save_sharded", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
+    "wandb_artifacts",
     # (the teacher is compared by its weights, which the checkpoint records: _check_resumed_teacher)
     "teacher", "teacher_network",
 })
@@ -1846,6 +1848,37 @@ class Trainer:
         elif centre_shards.shard_files(self.output):  # (an earlier save's, --save-sharded: this one holds them all)
             centre_shards.sync_folder(self.output)
             centre_shards.remove_other_saves(self.output, None, 0, 0)
+        if self.args.wandb_artifacts and self.log.wandb is not None:
+            self._log_model_artifact(sharded=shard is not None)
+
+    def _log_model_artifact(self, sharded: bool) -> None:
+        """--wandb-artifacts (the main process, once a save is whole): the checkpoint.pt just written as the next
+        version of the W&B run's artifact ``model-<run id>``, of type "model" (a resumed run's versions follow its
+        earlier ones), aliased "latest", "step-<S>", "best-<target>" for each set whose best so far is this step's
+        verification, and "best" where every set's is. --save-sharded's shards are left out (rank 0's files
+        alone, and the size that made the run shard them): the artifact then holds the backbone, which
+        train.export and the other tools read from checkpoint.pt alone, but no resumable centres. A failure is a
+        warning line: the checkpoint is written, and the run goes on."""
+        verified = {name: record for name, record in self.last_verification.items() if record.get("step") == self.step}
+        best = [name for name, record in verified.items() if record.get("best_step") == self.step]
+        aliases = ["latest", f"step-{self.step}", *(f"best-{re.sub(r'[^A-Za-z0-9_.-]', '-', name)}" for name in best)]
+        if best and len(best) == len(self.last_verification):
+            aliases.append("best")
+        metadata = {"step": self.step, "network": self.args.network, "embedding_size": self.args.embedding_size,
+                    "image_size": self.args.image_size,
+                    "centres": "not in this artifact: the run folder's checkpoint-centres-*.pt (--save-sharded)"
+                    if sharded else "in checkpoint.pt",
+                    "verification": {name: {"accuracy": record["accuracy"], "best_accuracy": record["best_accuracy"],
+                                            "best_step": record["best_step"]} for name, record in verified.items()}}
+        try:
+            artifact = wandb_module().Artifact(f"model-{self.log.wandb.id}", type="model", metadata=metadata)
+            # (Copied into W&B's staging folder now: the next save replaces checkpoint.pt before the upload ends.)
+            artifact.add_file(self.checkpoint_path, name=checkpoint.CHECKPOINT_NAME)
+            self.log.wandb.log_artifact(artifact, aliases=aliases)
+        except Exception as error:  # wandb's own exception types; a full disk in the staging copy
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            self._write(f"warning: --wandb-artifacts: {self.checkpoint_path} (step {self.step}) was not logged to "
+                        f"W&B: {reason}; the checkpoint is kept, and the run goes on")
 
     def _write_centre_shards(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
         """--save-sharded (collective): every rank writes its shard of the centres under a name of this save's,

@@ -140,6 +140,21 @@ def test_wandb_settings(tmp_path, capsys):
     assert args.wandb is False
 
 
+def test_save_artifacts_is_wandb_artifacts(tmp_path, capsys):
+    # train_v2.py logs model.pt as a W&B model artifact each epoch and at the end (was: ignored, "no W&B model
+    # artifacts"); without using_wandb it has no W&B run to log to, and logs none.
+    text = WEBFACE_VIT + "config.using_wandb = True\nconfig.save_artifacts = True\n"
+    args = parse_args(["--config", write(tmp_path, text)])
+    assert (args.wandb, args.wandb_artifacts) == (True, True)
+    assert "ignored" not in capsys.readouterr().err
+    args = parse_args(["--config", write(tmp_path, WEBFACE_VIT + "config.save_artifacts = True\n")])
+    assert (args.wandb, args.wandb_artifacts) == (False, False)
+    assert ("ignored arcface_torch settings: save_artifacts (without using_wandb, as in train_v2.py: no W&B run to "
+            "log to)") in capsys.readouterr().err
+    assert parse_args(["--config", write(tmp_path, WEBFACE_VIT + "config.using_wandb = True\n")]).wandb_artifacts \
+        is False
+
+
 def test_keys_arcface_torch_lacks_are_reported(tmp_path, capsys):
     # An older arcface_torch's config.loss or config.decay_epoch would otherwise pass unnoticed.
     text = WEBFACE_VIT + "config.decay_epoch = [8, 14]\nconfig.loss = 'cosface'\nconfig.wandb_project = 'p'\n"

@@ -2,6 +2,7 @@
 (what the trainer asks of it), and against the real one in offline mode when it is installed."""
 
 import glob
+import io
 import os
 import re
 import sys
@@ -9,12 +10,13 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 from train import checkpoint
 from train import trainer as trainer_module
 from train.trainer import Trainer, main
 
-from trainer_fixtures import LOSS_IMPL, base_argv, faces, one_thread, read_jsonl  # noqa: F401
+from trainer_fixtures import IMAGE_SIZE, LOSS_IMPL, base_argv, faces, one_thread, read_jsonl  # noqa: F401
 
 
 def argv(faces, output, **overrides):
@@ -22,11 +24,26 @@ def argv(faces, output, **overrides):
     return base_argv(data, str(output), pairs, **{"loss_impl": LOSS_IMPL, "wandb": True, **overrides})
 
 
+class FakeArtifact:
+    """wandb.Artifact as the trainer uses it (0.17.2's signatures): add_file copies the file at once, as the
+    real one's default (mutable) policy copies it into W&B's staging folder."""
+
+    def __init__(self, name, type, description=None, metadata=None, incremental=False, use_as=None):
+        if not re.match(r"^[a-zA-Z0-9_\-.]+$", name):  # (the real one's check)
+            raise ValueError(f"Artifact name may only contain alphanumeric characters, dashes, underscores, and "
+                             f"dots. Invalid name: {name}")
+        self.name, self.type, self.metadata, self.files = name, type, dict(metadata or {}), {}
+
+    def add_file(self, local_path, name=None, is_tmp=False, skip_cache=False, policy="mutable"):
+        with open(local_path, "rb") as f:
+            self.files[name or os.path.basename(local_path)] = f.read()
+
+
 class FakeRun:
     def __init__(self, **kwargs):
         self.init = kwargs
         self.id = kwargs.get("id") or f"run{len(FakeWandb.runs)}"
-        self.logged, self.metrics, self.finished = [], [], None
+        self.logged, self.metrics, self.finished, self.artifacts = [], [], None, []
 
     def define_metric(self, name, step_metric=None):
         self.metrics.append((name, step_metric))
@@ -35,17 +52,25 @@ class FakeRun:
         assert self.finished is None, "logged after finish"
         self.logged.append(dict(data))
 
+    def log_artifact(self, artifact_or_path, name=None, type=None, aliases=None):
+        assert self.finished is None, "logged after finish"
+        if FakeWandb.artifact_failure:
+            raise FakeWandb.artifact_failure
+        self.artifacts.append((artifact_or_path, list(aliases or [])))
+
     def finish(self, exit_code=0):
         self.finished = exit_code
 
 
 class FakeWandb(types.ModuleType):
     runs: list = []
+    artifact_failure: Exception | None = None  # what each log_artifact raises
+    Artifact = FakeArtifact
 
     def __init__(self, fail=None):
         super().__init__("wandb")
         self.fail = fail
-        FakeWandb.runs = []
+        FakeWandb.runs, FakeWandb.artifact_failure = [], None
 
     def init(self, **kwargs):
         if self.fail:
@@ -180,3 +205,95 @@ def test_real_wandb_offline(faces, tmp_path, monkeypatch):
     assert checkpoint.load(str(output / "checkpoint.pt"))["wandb_run_id"] == run_id
     assert len(glob.glob(str(output / "wandb" / f"offline-run-*-{run_id}"))) >= 1
     assert os.path.isdir(output / "wandb")
+
+
+def scripted_accuracies(monkeypatch, accuracies):
+    """train.verification.evaluate's results with ``accuracies`` in turn: which step's is the best is known."""
+    from train import verification
+
+    real, left = verification.evaluate, list(accuracies)
+
+    def evaluate(*args, **kwargs):
+        return {**real(*args, **kwargs), "accuracy": left.pop(0)}
+
+    monkeypatch.setattr(verification, "evaluate", evaluate)
+
+
+@pytest.mark.slow
+def test_wandb_artifacts_log_each_checkpoint_as_a_version_of_the_runs_model(faces, tmp_path, fake_wandb,
+                                                                            monkeypatch):
+    output = tmp_path / "run"
+    scripted_accuracies(monkeypatch, [0.6, 0.8, 0.7, 0.9, 0.5])  # (steps 0, 2, 4, then 6 in the resume; plain)
+    assert main(argv(faces, output, max_steps=4, save_every=2, eval_every=2, wandb_artifacts=True)) == 0
+    assert main(argv(faces, output, max_steps=6, save_every=2, eval_every=2, wandb_artifacts=True,
+                     resume="auto")) == 0
+    first, resumed = FakeWandb.runs
+    verification = {r["step"]: r for r in read_jsonl(output / "verification.jsonl")}
+    logged = [*first.artifacts, *resumed.artifacts]
+    assert (len(first.artifacts), len(resumed.artifacts)) == (2, 1)  # each save's (2, the end's 4; 6)
+    for (artifact, aliases), step, best in zip(logged, (2, 4, 6), (True, False, True)):
+        # One artifact of the W&B run, whose versions the saves are (a resumed run's too: the same run id).
+        assert (artifact.name, artifact.type, list(artifact.files)) == ("model-run0", "model", ["checkpoint.pt"])
+        assert torch.load(io.BytesIO(artifact.files["checkpoint.pt"]), weights_only=False)["step"] == step
+        assert sorted(aliases) == sorted(["latest", f"step-{step}", *(["best-pairs", "best"] if best else [])])
+        record = verification[step]
+        assert artifact.metadata == {
+            "step": step, "network": "small", "embedding_size": 64, "image_size": IMAGE_SIZE,
+            "centres": "in checkpoint.pt",
+            "verification": {"pairs": {"accuracy": record["accuracy"], "best_accuracy": record["best_accuracy"],
+                                       "best_step": record["best_step"]}}}
+    assert [verification[step]["best_step"] for step in (2, 4, 6)] == [2, 2, 6]
+    assert logged[-1][0].files["checkpoint.pt"] == (output / "checkpoint.pt").read_bytes()
+    # Without the option, no artifact.
+    assert main(argv(faces, tmp_path / "plain", max_steps=2)) == 0
+    assert FakeWandb.runs[-1].artifacts == []
+
+
+def test_a_wandb_artifact_that_fails_is_a_warning_and_the_run_goes_on(faces, tmp_path, fake_wandb, capsys):
+    output = tmp_path / "run"
+    FakeWandb.artifact_failure = OSError("[Errno 28] No space left on device: staging\nmore")
+    assert main(argv(faces, output, max_steps=4, save_every=2, wandb_artifacts=True)) == 0
+    lines = [f"warning: --wandb-artifacts: {output / 'checkpoint.pt'} (step {step}) was not logged to W&B: [Errno 28] "
+             "No space left on device: staging; the checkpoint is kept, and the run goes on" for step in (2, 4)]
+    err, log = capsys.readouterr().err, (output / "training.log").read_text()
+    assert all(line in err and line in log for line in lines)
+    assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == 4 and FakeWandb.runs[-1].finished == 0
+    assert [r["step"] for r in FakeWandb.runs[-1].logged if "train/loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_save_sharded_artifact_says_its_centres_are_not_in_it(faces, tmp_path, fake_wandb):
+    # (--save-sharded writes shards under torchrun alone: the artifact of such a save, rank 0's checkpoint.pt.)
+    from train.config import parse_args
+
+    trainer = Trainer(parse_args(argv(faces, tmp_path / "run", max_steps=2, wandb_artifacts=True)))
+    trainer.save()
+    trainer._log_model_artifact(sharded=True)
+    (plain, _), (sharded, aliases) = FakeWandb.runs[-1].artifacts
+    assert list(sharded.files) == ["checkpoint.pt"] and sorted(aliases) == ["latest", "step-0"]
+    assert (plain.metadata["centres"], sharded.metadata["centres"]) == (
+        "in checkpoint.pt", "not in this artifact: the run folder's checkpoint-centres-*.pt (--save-sharded)")
+    trainer.log.close()
+    trainer.release_output()
+
+
+def test_wandb_artifacts_without_wandb_is_refused_in_one_line(faces, tmp_path):
+    with pytest.raises(SystemExit, match=r"^train: error: --wandb-artifacts logs to the --wandb run: give --wandb "
+                                         r"too, or --no-wandb-artifacts$"):
+        main(argv(faces, tmp_path / "out", wandb=False, wandb_artifacts=True))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_real_wandb_offline_logs_the_artifacts(faces, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # (its staging copies, not in ~)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    output = tmp_path / "offline"
+    assert main(argv(faces, output, max_steps=4, save_every=2, eval_every=2, wandb_artifacts=True)) == 0
+    assert "warning" not in capsys.readouterr().err
+    run_id = checkpoint.load(str(output / "checkpoint.pt"))["wandb_run_id"]
+    [records] = glob.glob(str(output / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+    written = open(records, "rb").read()
+    assert written.count(f"model-{run_id}".encode()) >= 2 and b"step-4" in written
