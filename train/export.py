@@ -4,8 +4,11 @@ PyTorch through onnxruntime when that is installed, before anything is written);
 ``--normalized-onnx`` also ``backbone_normalized.onnx``, whose output is the embedding verification
 compares (image plus mirror, L2-normalised), so that ``backbone.json``'s threshold applies to it as it is;
 with ``--int8`` also ``backbone_int8.onnx`` (and ``backbone_normalized_int8.onnx``), quantized for CPUs
-and edge devices (``train.quantize``). Each PReLU is written as relu(x) + (-a) * relu(-x), the same values,
-which onnxruntime runs faster than its PRelu node (``--onnx-prelu`` keeps the node)."""
+and edge devices (``train.quantize``); with ``--fp16`` also ``backbone_fp16.onnx`` (and
+``backbone_normalized_fp16.onnx``), float16 weights and compute for GPUs and TensorRT, its input and output
+float32. ``--batch-size N`` fixes the graphs' batch dimension at N (else it is free). Each PReLU is
+written as relu(x) + (-a) * relu(-x), the same values, which onnxruntime runs faster than its PRelu node
+(``--onnx-prelu`` keeps the node)."""
 
 from __future__ import annotations
 
@@ -39,9 +42,16 @@ except ImportError:  # a private module: without it the exporter's own error tel
 STATE_NAME, SETTINGS_NAME, ONNX_NAME = "backbone.pt", "backbone.json", "backbone.onnx"
 NORMALIZED_ONNX_NAME = "backbone_normalized.onnx"
 INT8_ONNX_NAME, NORMALIZED_INT8_ONNX_NAME = "backbone_int8.onnx", "backbone_normalized_int8.onnx"
+FP16_ONNX_NAME, NORMALIZED_FP16_ONNX_NAME = "backbone_fp16.onnx", "backbone_normalized_fp16.onnx"
 # Every graph an export may write: one that an export does not write is removed from its folder (an
 # earlier export's would pass for the new backbone's).
-GRAPH_NAMES = (ONNX_NAME, NORMALIZED_ONNX_NAME, INT8_ONNX_NAME, NORMALIZED_INT8_ONNX_NAME)
+GRAPH_NAMES = (ONNX_NAME, NORMALIZED_ONNX_NAME, INT8_ONNX_NAME, NORMALIZED_INT8_ONNX_NAME, FP16_ONNX_NAME,
+               NORMALIZED_FP16_ONNX_NAME)
+# How far onnxruntime's embeddings may be from PyTorch's, as a fraction of the largest value (at least 1):
+# fp32 graphs differ by rounding alone; float16 keeps about 3 significant digits. On the CPU, which computes
+# most float16 nodes in float32 (onnxruntime casts their inputs), r18, mbf, vit_t and small at 112 px were
+# 0.06 to 0.08 % off, their weights' rounding; a GPU computing in float16 adds its own, hence the margin.
+TOLERANCES = {"float32": 1e-4, "float16": 1e-2}
 FLIP_OPSET = 10  # the first opset in which torch's exporter writes torch.flip (a Slice with a negative step)
 
 
@@ -104,11 +114,11 @@ class OnnxNotInstalled(ImportError):
 
 
 def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, *,
-                prelu_node: bool = False) -> None:
-    """``model`` (eval mode, fp32) traced to an ONNX graph with a dynamic batch dimension, written to
-    ``path`` (a file, not memory: past protobuf's 2 GB, ViT-H's size, the weights go to external data
-    files beside it). Its PReLUs are written as DecomposedPReLU writes them, or with ``prelu_node`` as
-    ONNX's PRelu node.
+                prelu_node: bool = False, batch: int | None = None) -> None:
+    """``model`` (eval mode, fp32) traced to an ONNX graph with a dynamic batch dimension, or one fixed at
+    ``batch``, written to ``path`` (a file, not memory: past protobuf's 2 GB, ViT-H's size, the weights go to
+    external data files beside it). Its PReLUs are written as DecomposedPReLU writes them, or with
+    ``prelu_node`` as ONNX's PRelu node.
 
     Raises OnnxNotInstalled without the ``onnx`` package (the exporter builds the graph with it),
     ValueError when the exporter fails."""
@@ -118,26 +128,90 @@ def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int =
         raise OnnxNotInstalled("ONNX export needs the onnx package: pip install onnx (and onnxruntime to check "
                                "the result)") from None
     model = model.eval()
-    dummy = torch.zeros(1, 3, image_size, image_size)
+    dummy = torch.zeros(batch or 1, 3, image_size, image_size)
+    dynamic = batch is None
     kwargs = dict(input_names=["input"], output_names=["embedding"], opset_version=opset)
     with warnings.catch_warnings(), contextlib.nullcontext() if prelu_node else decomposed_prelu(model):
         # The TorchScript-based exporter is deprecated but needs no onnxscript; it is what this uses.
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             try:
-                torch.onnx.export(model, (dummy,), path, dynamo=False,
-                                  dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, **kwargs)
+                torch.onnx.export(model, (dummy,), path, dynamo=False, dynamic_axes={
+                    "input": {0: "batch"}, "embedding": {0: "batch"}} if dynamic else None, **kwargs)
             except TypeError:  # a torch without the legacy exporter: the torch.export-based one
-                torch.onnx.export(model, (dummy,), path, dynamic_shapes=({0: torch.export.Dim("batch")},), **kwargs)
+                torch.onnx.export(model, (dummy,), path, dynamic_shapes=(
+                    {0: torch.export.Dim("batch")},) if dynamic else None, **kwargs)
         except Exception as error:  # the exporter fails in many ways (unsupported ops, tracing, size)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"the ONNX exporter failed (opset {opset}): {reason}") from error
 
 
-def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 3) -> float | None:
+class NotCheckable(Exception):
+    """onnxruntime's CPU provider cannot run a float16 graph (a node it has no float16 kernel for): the
+    graph is written unchecked, and this says why in one line."""
+
+
+def float16_onnx(fp32_path: str, fp16_path: str, *, float16_io: bool = False, only_under: str | None = None) -> None:
+    """The fp32 graph at ``fp32_path`` with float16 weights and compute, written to ``fp16_path``
+    (onnxruntime's converter). Its input and output stay float32, casts inside, unless ``float16_io``;
+    with ``only_under`` the nodes whose names do not start with it stay float32 (backbone_normalized.onnx's
+    mirror and normalisation: an embedding's sum of squares overflows float16 past a length of 256).
+    Raises ValueError when the converter fails."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(fp32_path)
+    kept = [node.name for node in model.graph.node if only_under and not node.name.startswith(only_under)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (its notes on values clamped to float16's range)
+            converted = convert_float_to_float16(model, keep_io_types=not float16_io, node_block_list=kept)
+    except Exception as error:  # (its failures have no common base)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"onnxruntime's float16 converter failed: {reason}") from error
+    _sort_nodes(converted.graph)
+    large = converted.ByteSize() >= 2 ** 31 - 2 ** 20  # (protobuf's limit, less room for the rest)
+    onnx.save(converted, fp16_path, save_as_external_data=large,
+              location=os.path.basename(fp16_path) + ".data" if large else None)
+
+
+def _sort_nodes(graph) -> None:
+    """``graph``'s nodes in an order where each comes after the nodes it reads from, as ONNX requires
+    (onnxruntime 1.19's converter appends the input's casts at the end, which onnx's checker and TensorRT's
+    parser refuse): each node where it was, unless a node it reads from comes later, which then moves
+    before it."""
+    maker = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    placed, order = set(), []
+    for first in range(len(graph.node)):
+        stack = [first]
+        while stack:  # (not recursion: a chain of moved nodes may be as long as the graph)
+            index = stack[-1]
+            if index in placed:
+                stack.pop()
+                continue
+            waiting = [maker[name] for name in graph.node[index].input
+                       if name in maker and maker[name] not in placed and maker[name] not in stack]
+            if waiting:
+                stack.extend(waiting)
+            else:
+                placed.add(index)
+                order.append(index)
+                stack.pop()
+    if order != list(range(len(graph.node))):
+        nodes = [type(node)() for node in graph.node]
+        for copy, node in zip(nodes, graph.node):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(nodes[index] for index in order)
+
+
+def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 3, *,
+               float16: bool = False) -> float | None:
     """Max abs difference between onnxruntime's and PyTorch's embeddings of a random batch for the
-    ONNX graph at ``path`` (None when onnxruntime is not installed), after onnx's own checker.
-    Raises ValueError when the graph is invalid, does not run, or differs past 1e-4 relative."""
+    ONNX graph at ``path`` (None when onnxruntime is not installed), after onnx's own checker. A graph
+    whose input is float16 is fed the batch rounded to float16, PyTorch too.
+    Raises ValueError when the graph is invalid, does not run, or differs past TOLERANCES (``float16``:
+    the graph computes in float16), NotCheckable when onnxruntime's CPU provider cannot run a float16 graph."""
     import onnx
 
     try:
@@ -149,18 +223,24 @@ def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 
     except ImportError:
         return None
     x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model.eval()(x).numpy()
     try:
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        got = session.run(["embedding"], {"input": x.numpy()})[0]
+        half_input = session.get_inputs()[0].type == "tensor(float16)"
+        x = x.half().float() if half_input else x  # (PyTorch is given the values the graph is given)
+        got = session.run(["embedding"], {"input": x.numpy().astype(np.float16 if half_input else np.float32)})[0]
     except Exception as error:  # onnxruntime's errors have no common base but Exception
-        raise ValueError(f"onnxruntime cannot run the exported graph: {str(error).strip().splitlines()[0]}") from error
-    error = float(np.abs(got - expected).max())
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if float16 and ("NOT_IMPLEMENTED" in reason or type(error).__name__ == "NotImplemented"):
+            raise NotCheckable(f"onnxruntime {onnxruntime.__version__}'s CPU provider cannot run it ({reason})") \
+                from error
+        raise ValueError(f"onnxruntime cannot run the exported graph: {reason}") from error
+    with torch.no_grad():
+        expected = model.eval()(x).numpy()
+    error = float(np.abs(got.astype(np.float32) - expected).max())
     scale = float(np.abs(expected).max())
-    if not error <= 1e-4 * max(scale, 1.0):
+    if not error <= TOLERANCES["float16" if float16 else "float32"] * max(scale, 1.0):
         raise ValueError(f"onnxruntime's embeddings differ from PyTorch's by {error:.3g} (embedding scale "
-                         f"{scale:.3g})")
+                         f"{scale:.3g}{', in float16' if float16 else ''})")
     return error
 
 
@@ -187,6 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx-prelu", "--onnx_prelu", dest="onnx_prelu", action="store_true",
                    help="write each PReLU as ONNX's PRelu node (for a converter or runtime that wants it) rather than "
                    "relu(x) + (-a) * relu(-x): the same values, which onnxruntime runs faster")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, metavar="N",
+                   help="fix the ONNX graphs' batch dimension at N, for TensorRT engines and accelerators that want "
+                   "fixed shapes; they are checked at N (default: a free batch dimension; not with --int8, whose "
+                   "graphs are calibrated at a free one)")
+    p.add_argument("--fp16", action="store_true",
+                   help=f"also write {FP16_ONNX_NAME} (with --normalized-onnx, {NORMALIZED_FP16_ONNX_NAME} too): "
+                   "backbone.onnx with float16 weights and compute, half its size, for GPUs (TensorRT, onnxruntime's "
+                   "CUDA provider); its input and output stay float32, as insightface and other tools feed and read "
+                   "them, and it is checked against PyTorch to 1%% of the embedding's scale")
+    p.add_argument("--fp16-io", "--fp16_io", dest="fp16_io", action="store_true",
+                   help="with --fp16: the float16 graphs' input and output are float16 too, for a pipeline that "
+                   "feeds float16 (no casts in the graph)")
     p.add_argument("--int8", nargs="?", const="", default=None, metavar="FACES",
                    help=f"also write {INT8_ONNX_NAME} (with --normalized-onnx, {NORMALIZED_INT8_ONNX_NAME} too): the "
                    "graph quantized to int8 for CPUs and edge devices (onnxruntime's static quantization: QDQ, int8 "
@@ -211,7 +303,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} goes with --int8")
     if args.int8_faces is not None and args.int8_faces < 1:
         p.error(f"--int8-faces must be at least 1, got {args.int8_faces}")
-    for flag, given in (("--opset", args.opset is not None), ("--onnx-prelu", args.onnx_prelu)):
+    if args.fp16_io and not args.fp16:
+        p.error("--fp16-io goes with --fp16")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_size is not None and args.int8 is not None:
+        p.error("--batch-size with --int8: the int8 graphs are calibrated and checked at a free batch size; "
+                "export them without --batch-size")
+    for flag, given in (("--opset", args.opset is not None), ("--onnx-prelu", args.onnx_prelu),
+                        ("--fp16", args.fp16), ("--batch-size", args.batch_size is not None)):
         if given and not args.onnx:  # (--opset was taken without a word)
             p.error(f"{flag} goes with the ONNX graph, which --no-onnx does not write")
     args.opset = 17 if args.opset is None else args.opset
@@ -242,12 +342,16 @@ def _export(args: argparse.Namespace) -> int:
     names = [STATE_NAME, SETTINGS_NAME] + ([ONNX_NAME] if args.onnx else []) + (
         [NORMALIZED_ONNX_NAME] if args.normalized_onnx else []) + (
         [INT8_ONNX_NAME] if args.int8 is not None else []) + (
-        [NORMALIZED_INT8_ONNX_NAME] if args.int8 is not None and args.normalized_onnx else [])
+        [NORMALIZED_INT8_ONNX_NAME] if args.int8 is not None and args.normalized_onnx else []) + (
+        [FP16_ONNX_NAME] if args.fp16 else []) + ([NORMALIZED_FP16_ONNX_NAME] if args.fp16 and args.normalized_onnx
+                                                  else [])
     for name in names:
         if os.path.isdir(os.path.join(output, name)):
             raise ValueError(f"{os.path.join(output, name)} is a folder: the export writes a file of that name")
     if args.int8 is not None:
         quantize.require_onnxruntime()
+    if args.fp16:
+        quantize.require_onnxruntime("--fp16", "onnxruntime.transformers.float16")
     model, settings = checkpoint.load_backbone(args.checkpoint, network=args.network,
                                                embedding_size=args.embedding_size, image_size=args.image_size)
     # The faces and verification sets of --int8, read before anything is made: a mistake in them is said at once.
@@ -271,13 +375,15 @@ def _export(args: argparse.Namespace) -> int:
         if args.onnx:
             graph = os.path.join(staging, ONNX_NAME)
             try:
-                export_onnx(model, graph, settings["image_size"], args.opset, prelu_node=args.onnx_prelu)
-                difference = check_onnx(model, graph, settings["image_size"])
+                export_onnx(model, graph, settings["image_size"], args.opset, prelu_node=args.onnx_prelu,
+                            batch=args.batch_size)
+                difference = check_onnx(model, graph, settings["image_size"], args.batch_size or 3)
                 if args.normalized_onnx:
                     deployed = FlipNormalized(model).eval()
                     export_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"],
-                                args.opset, prelu_node=args.onnx_prelu)
-                    check_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"])
+                                args.opset, prelu_node=args.onnx_prelu, batch=args.batch_size)
+                    check_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"],
+                               args.batch_size or 3)
             except OnnxNotInstalled as error:
                 graph, skipped = None, str(error)
                 for name in os.listdir(staging):
@@ -285,6 +391,14 @@ def _export(args: argparse.Namespace) -> int:
             except ValueError as error:
                 print(f"export: error: {error}; nothing written (--no-onnx exports the state dict alone)",
                       file=sys.stderr)
+                return 1
+        halves = {}
+        if args.fp16 and graph is not None:
+            try:
+                halves = _float16(staging, model, settings["image_size"], args)
+            except ValueError as error:
+                print(f"export: error: {error}; nothing written (without --fp16 the export writes the fp32 graph "
+                      "alone)", file=sys.stderr)
                 return 1
         agreements = {}
         if faces is not None:
@@ -323,9 +437,16 @@ def _export(args: argparse.Namespace) -> int:
         checked = (f"not compared with PyTorch ({not_importable('onnxruntime', None, ORT_DISTRIBUTIONS)} to check "
                    "it)" if difference is None
                    else f"onnxruntime matches PyTorch (max abs difference {difference:.2e})")
-        print(f"wrote {onnx_path}: {checked}")
+        batch = "" if args.batch_size is None else f" (batch {args.batch_size}, fixed)"
+        print(f"wrote {onnx_path}{batch}: {checked}")
         if args.normalized_onnx:
-            print(f"wrote {normalized_path}: image + mirror, L2-normalised (the embedding verification compares)")
+            print(f"wrote {normalized_path}{batch}: image + mirror, L2-normalised (the embedding verification "
+                  "compares)")
+        for name, half_checked in halves.items():
+            fp32_name = NORMALIZED_ONNX_NAME if name == NORMALIZED_FP16_ONNX_NAME else ONNX_NAME
+            io = "float16" if args.fp16_io else "float32"
+            print(f"wrote {os.path.join(output, name)}{batch}: {fp32_name} in float16, its input and output {io}; "
+                  f"{half_checked}")
         for name, agreement in agreements.items():
             fp32_name = NORMALIZED_ONNX_NAME if name == NORMALIZED_INT8_ONNX_NAME else ONNX_NAME
             print(f"wrote {os.path.join(output, name)}: {fp32_name} in int8, calibrated on "
@@ -340,6 +461,30 @@ def _export(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         remove_folders_made(made)  # the folders this run made, left empty by a failure or a stop
+
+
+def _float16(staging: str, model: torch.nn.Module, image_size: int, args: argparse.Namespace) -> dict[str, str]:
+    """The float16 graphs of the fp32 ones in ``staging``, made beside them and checked against PyTorch
+    ({name: what the check found}); ValueError when the converter fails or a graph differs past TOLERANCES."""
+    import onnxruntime
+
+    found = {}
+    for fp32_name, fp16_name, module in ((ONNX_NAME, FP16_ONNX_NAME, model),) + (
+            ((NORMALIZED_ONNX_NAME, NORMALIZED_FP16_ONNX_NAME, FlipNormalized(model).eval()),)
+            if args.normalized_onnx else ()):
+        path = os.path.join(staging, fp16_name)
+        float16_onnx(os.path.join(staging, fp32_name), path, float16_io=args.fp16_io,
+                     only_under="/backbone/" if fp32_name == NORMALIZED_ONNX_NAME else None)
+        try:
+            difference = check_onnx(module, path, image_size, args.batch_size or 3, float16=True)
+        except NotCheckable as error:  # (the graph is valid: onnx's checker passed it)
+            found[fp16_name] = f"not compared with PyTorch: {error}; compare it on the GPU it is for"
+        except ValueError as error:
+            raise ValueError(f"{fp16_name}: {error}") from None
+        else:
+            found[fp16_name] = (f"onnxruntime {onnxruntime.__version__} on the CPU matches PyTorch within float16's "
+                                f"precision (max abs difference {difference:.2e})")
+    return found
 
 
 def _int8_inputs(args: argparse.Namespace, image_size: int) -> tuple[quantize.Faces, dict]:

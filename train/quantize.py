@@ -5,6 +5,7 @@ and the int8 graph checked against the fp32 one on other faces before ``train.ex
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -26,21 +27,22 @@ MIN_MEAN_COSINE = 0.9
 CALIBRATION_BATCH = 32
 
 
-def require_onnxruntime() -> None:
-    """ValueError saying what to install when onnx or onnxruntime's quantization is missing."""
-    missing = ValueError("--int8 needs the onnx and onnxruntime packages (the [onnx] extra): pip install onnx "
+def require_onnxruntime(flag: str = "--int8", module: str = "onnxruntime.quantization") -> None:
+    """ValueError saying what ``flag`` needs installed when onnx or onnxruntime's ``module`` (its quantization,
+    or for --fp16 its float16 converter) is missing."""
+    missing = ValueError(f"{flag} needs the onnx and onnxruntime packages (the [onnx] extra): pip install onnx "
                          "onnxruntime")
     try:
         import onnx  # noqa: F401
     except ImportError:
         raise missing from None
     try:
-        import onnxruntime.quantization  # noqa: F401
+        importlib.import_module(module)
     except ImportError as error:
         advice = not_importable("onnxruntime", error, ORT_DISTRIBUTIONS)
         if advice.startswith("pip install "):  # (not installed)
             raise missing from None
-        raise ValueError(f"--int8 needs onnxruntime: {advice}") from None  # (installed: a build for numpy 1, say)
+        raise ValueError(f"{flag} needs onnxruntime: {advice}") from None  # (installed: a build for numpy 1, say)
 
 
 @dataclass

@@ -215,6 +215,179 @@ def test_every_opset_writes_prelu_as_relus_and_the_model_keeps_its_prelus(tmp_pa
     assert [type(module) for module in model.modules()].count(torch.nn.PReLU) == 2  # (put back after each export)
 
 
+def graph_io(path):
+    """({input or output name: (element type, shape)}, the element types of the graph's weights)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    io = {value.name: (value.type.tensor_type.elem_type,
+                       [dim.dim_value or dim.dim_param for dim in value.type.tensor_type.shape.dim])
+          for value in list(model.graph.input) + list(model.graph.output)}
+    return io, collections.Counter(tensor.data_type for tensor in model.graph.initializer)
+
+
+@pytest.mark.slow
+def test_fp16_writes_float16_weights_with_float32_input_and_output_that_agree_with_the_model(trained, tmp_path,
+                                                                                           capsys):
+    # --fp16: backbone_fp16.onnx (and backbone_normalized_fp16.onnx) beside the fp32 graphs, half their size, fed
+    # and read in float32 as insightface's tools and train.embed feed and read a graph.
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    ckpt, faces = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--fp16", "--normalized-onnx"]) == 0
+    out = capsys.readouterr().out
+    model, settings = checkpoint.load_backbone(ckpt)
+    x = torch.randn(5, 3, IMAGE_SIZE, IMAGE_SIZE)  # (another batch size than the one traced)
+    for name, fp32_name, module in (("backbone_fp16.onnx", "backbone.onnx", model),
+                                    ("backbone_normalized_fp16.onnx", "backbone_normalized.onnx",
+                                     export.FlipNormalized(model))):
+        path = tmp_path / name
+        assert f"wrote {path}: {fp32_name} in float16, its input and output float32; onnxruntime " in out, out
+        io, weights = graph_io(path)
+        assert io == {"input": (onnx.TensorProto.FLOAT, ["batch", 3, IMAGE_SIZE, IMAGE_SIZE]),
+                      "embedding": (onnx.TensorProto.FLOAT, ["batch", settings["embedding_size"]])}, name
+        assert set(weights) == {onnx.TensorProto.FLOAT16}, (name, weights)
+        assert os.path.getsize(path) < 0.55 * os.path.getsize(tmp_path / fp32_name), name
+        onnx.checker.check_model(str(path))  # (its nodes in order: onnxruntime 1.19's converter left them not)
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        expected = embeddings_of(module, x).numpy()
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=export.TOLERANCES["float16"] * max(np.abs(expected).max(), 1),
+                                   err_msg=name)
+    # train.embed takes it as any graph; an export without --fp16 removes it (it would pass for the new backbone's).
+    loaded, _ = embed.load_model(str(tmp_path / "backbone_fp16.onnx"), "cpu")
+    np.testing.assert_allclose(loaded(x).numpy(), embeddings_of(model, x).numpy(), rtol=0.02, atol=0.02)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"removed {tmp_path / 'backbone_fp16.onnx'}" in err and not (tmp_path / "backbone_fp16.onnx").exists()
+    assert not (tmp_path / "backbone_normalized_fp16.onnx").exists()
+
+
+def test_fp16_io_makes_the_float16_graphs_input_and_output_float16(trained, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    ckpt, _ = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--fp16", "--fp16-io"]) == 0
+    path = tmp_path / "backbone_fp16.onnx"
+    assert f"wrote {path}: backbone.onnx in float16, its input and output float16; " in capsys.readouterr().out
+    io, weights = graph_io(path)
+    assert [io[name][0] for name in ("input", "embedding")] == [onnx.TensorProto.FLOAT16] * 2
+    assert graph_io(tmp_path / "backbone.onnx")[0]["input"][0] == onnx.TensorProto.FLOAT  # (the fp32 graph's own)
+    model, _ = checkpoint.load_backbone(ckpt)
+    x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE).half()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    expected = embeddings_of(model, x.float()).numpy()
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), expected,
+                               atol=export.TOLERANCES["float16"] * max(np.abs(expected).max(), 1))
+
+
+def test_batch_size_fixes_the_graphs_batch_and_the_check_runs_at_it(trained, tmp_path, capsys, monkeypatch):
+    # --batch-size N: the graphs' input says N (TensorRT engines, accelerators); the batch dimension was free.
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    checked = []
+    check_onnx = export.check_onnx
+    monkeypatch.setattr(export, "check_onnx", lambda model, path, image_size, batch=3, **kwargs: checked.append(
+        (os.path.basename(path), batch)) or check_onnx(model, path, image_size, batch, **kwargs))
+    ckpt, _ = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--batch-size", "4", "--normalized-onnx",
+                        "--fp16"]) == 0
+    out = capsys.readouterr().out
+    names = ("backbone.onnx", "backbone_normalized.onnx", "backbone_fp16.onnx", "backbone_normalized_fp16.onnx")
+    assert sorted(checked) == sorted((name, 4) for name in names)
+    model, settings = checkpoint.load_backbone(ckpt)
+    for name in names:
+        assert f"wrote {tmp_path / name} (batch 4, fixed): " in out, out
+        io, _ = graph_io(tmp_path / name)
+        assert io["input"][1] == [4, 3, IMAGE_SIZE, IMAGE_SIZE], name
+        assert io["embedding"][1] == [4, settings["embedding_size"]], name
+        session = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        assert session.run(None, {"input": torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE).numpy()})[0].shape[0] == 4
+        with pytest.raises(Exception, match="dimension"):  # (another batch size is refused by the graph)
+            session.run(None, {"input": torch.randn(5, 3, IMAGE_SIZE, IMAGE_SIZE).numpy()})
+    # train.embed feeds such a graph slices of its batch.
+    x = torch.randn(6, 3, IMAGE_SIZE, IMAGE_SIZE)
+    loaded, _ = embed.load_model(str(tmp_path / "backbone.onnx"), "cpu")
+    np.testing.assert_allclose(loaded(x).numpy(), embeddings_of(model, x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fp16", "--no-onnx"], "--fp16 goes with the ONNX graph, which --no-onnx does not write"),
+    (["--batch-size", "8", "--no-onnx"], "--batch-size goes with the ONNX graph, which --no-onnx does not write"),
+    (["--fp16-io"], "--fp16-io goes with --fp16"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", "8", "--int8"], "--batch-size with --int8: the int8 graphs are calibrated and checked at a "
+                                      "free batch size; export them without --batch-size"),
+])
+def test_fp16_and_batch_size_refuse_what_they_cannot_go_with(trained, tmp_path, capsys, flags, message):
+    ckpt, _ = trained
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.endswith(f"export: error: {message}\n"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fp16_without_onnxruntime_says_what_to_install(trained, tmp_path, capsys, monkeypatch):
+    from train import tools
+
+    monkeypatch.setitem(sys.modules, "onnxruntime.transformers.float16", None)  # its import now fails
+    monkeypatch.setattr(tools, "installed_version", lambda *names: None)  # not installed
+    ckpt, _ = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--fp16"]) == 2
+    assert capsys.readouterr().err == "export: error: --fp16 needs the onnx and onnxruntime packages (the [onnx] " \
+        "extra): pip install onnx onnxruntime\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_fp16_graph_the_cpu_cannot_run_is_written_unchecked_in_one_line(trained, tmp_path, capsys, monkeypatch):
+    # onnxruntime's CPU provider lacks float16 kernels for some ops (it runs most of them in float32, casting): the
+    # graph is for a GPU, so a graph it cannot run is written, said unchecked; a float16 graph that differs is not.
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession
+
+    def no_float16_kernels(path, *args, **kwargs):
+        if "fp16" in os.path.basename(str(path)):
+            raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for "
+                               "Conv(11) node with name '/conv1/Conv'")
+        return session(path, *args, **kwargs)
+
+    ckpt, _ = trained
+    monkeypatch.setattr(ort, "InferenceSession", no_float16_kernels)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "a"), "--fp16"]) == 0
+    assert f"wrote {tmp_path / 'a' / 'backbone_fp16.onnx'}: backbone.onnx in float16, its input and output float32; " \
+        f"not compared with PyTorch: onnxruntime {ort.__version__}'s CPU provider cannot run it " \
+        "([ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for Conv(11) node with name " \
+        "'/conv1/Conv'); compare it on the GPU it is for\n" in capsys.readouterr().out
+    assert (tmp_path / "a" / "backbone_fp16.onnx").exists()
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setitem(export.TOLERANCES, "float16", 1e-9)  # (no float16 graph is that close)
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "b"), "--fp16"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("export: error: backbone_fp16.onnx: onnxruntime's embeddings differ from PyTorch's by ") \
+        and err.endswith(", in float16); nothing written (without --fp16 the export writes the fp32 graph alone)\n")
+    assert not (tmp_path / "b").exists()
+
+
+def test_sort_nodes_moves_a_node_before_the_nodes_that_read_it_and_keeps_the_rest_in_place():
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    # (onnxruntime 1.19's float16 converter appended the input's Cast after the nodes that read it)
+    nodes = [helper.make_node("Relu", ["b"], ["c"], name="relu"), helper.make_node("Neg", ["x"], ["n"], name="neg"),
+             helper.make_node("Add", ["c", "n"], ["y"], name="add"),
+             helper.make_node("Cast", ["x"], ["b"], name="cast", to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    export._sort_nodes(graph)
+    assert [node.name for node in graph.node] == ["cast", "relu", "neg", "add"]
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    export._sort_nodes(graph)  # (in order already: as it was)
+    assert [node.name for node in graph.node] == ["cast", "relu", "neg", "add"]
+
+
 def test_export_without_onnx_installed(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
     ckpt, _ = trained
