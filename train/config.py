@@ -45,6 +45,11 @@ DIST_TIMEOUT_MOST_MINUTES = 1e7  # (19 years)
 # The defaults of the parameters that only some losses read (a value other than these, given to a
 # loss that does not read it, is refused).
 SGD_MOMENTUM = 0.9
+# The augmentations' flags, in the order they apply (train.data.augment.ORDER), and the defaults of their strengths
+# (train.data.augment's, repeated: that module imports torch, which parsing the options does not).
+AUGMENTATION_FLAGS = ("--crop-augmentation", "--low-res-augmentation", "--blur-augmentation",
+                      "--photometric-augmentation", "--hue-augmentation", "--grayscale-augmentation")
+BLUR_KERNEL, BLUR_SIGMA, HUE_SHIFT = 5, (0.1, 2.0), 0.05
 OWN_PARAMETER_DEFAULTS = {"arcface_m": 0.5, "adaface_m": 0.4, "adaface_h": 0.333, "elastic_std": 0.05,
                           "magface_easy_margin": False}
 
@@ -142,6 +147,24 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--photometric-augmentation", "--photometric_augmentation_prob", dest="photometric_augmentation",
                    type=float, default=0.0, help="probability of AdaFace's photometric augmentation: brightness, "
                    "contrast and saturation each scaled by 0.5-1.5 (AdaFace: 0.2)")
+    # torchvision's GaussianBlur, ColorJitter(hue=) and RandomGrayscale, as arcface_torch's dali_aug has them.
+    g.add_argument("--blur-augmentation", dest="blur_augmentation", type=float, default=0.0,
+                   help="probability of a Gaussian blur (torchvision's GaussianBlur: --blur-kernel taps, a sigma drawn "
+                   "from --blur-sigma)")
+    g.add_argument("--blur-kernel", dest="blur_kernel", type=int, default=BLUR_KERNEL,
+                   help="--blur-augmentation's kernel size in pixels, odd")
+    g.add_argument("--blur-sigma", dest="blur_sigma", type=_float_list, default=list(BLUR_SIGMA),
+                   help="--blur-augmentation's range of the standard deviation in pixels, LOW,HIGH (or one value), "
+                   "drawn uniformly; default 0.1,2.0")
+    g.add_argument("--hue-augmentation", dest="hue_augmentation", type=float, default=0.0,
+                   help="probability of a hue shift (torchvision's ColorJitter(hue=--hue-shift)), saturation and "
+                   "brightness kept")
+    g.add_argument("--hue-shift", dest="hue_shift", type=float, default=HUE_SHIFT,
+                   help="--hue-augmentation's largest shift H, a fraction of the colour circle in (0, 0.5], drawn "
+                   "uniformly from -H to H")
+    g.add_argument("--grayscale-augmentation", dest="grayscale_augmentation", type=float, default=0.0,
+                   help="probability of turning the image grey, its luma in all three channels "
+                   "(torchvision's RandomGrayscale)")
     g.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=None,
                    help="the number of identities the data must have (checked; taken from the data when not given); "
                    "--data random: the identities, any number (needed)")
@@ -679,12 +702,21 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
             raise SystemExit(f"--device {args.device}: the trainer runs on cpu or cuda only; it has not run on "
                              f"{device_type} hardware (arcface_ext's losses take {device_type} tensors, in plain "
                              "PyTorch, untried there too: docs/api.md, On devices without a kernel)")
-    for flag, value in (("--crop-augmentation", args.crop_augmentation),
-                        ("--low-res-augmentation", args.low_res_augmentation),
-                        ("--photometric-augmentation", args.photometric_augmentation)):
+    for flag in AUGMENTATION_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise SystemExit(f"{flag} is a probability: it must be in [0, 1], got {value}")
         setattr(args, flag[2:].replace("-", "_"), value + 0.0)  # -0.0 as 0.0 in args.json
+    if args.blur_kernel < 3 or args.blur_kernel % 2 == 0:
+        raise SystemExit(f"--blur-kernel must be an odd number of pixels, at least 3, got {args.blur_kernel}")
+    sigma = args.blur_sigma * 2 if len(args.blur_sigma) == 1 else args.blur_sigma  # one value: that sigma always
+    if not (len(sigma) == 2 and all(math.isfinite(v) for v in sigma) and 0 < sigma[0] <= sigma[1]):
+        raise SystemExit(f"--blur-sigma is LOW,HIGH in pixels with 0 < LOW <= HIGH (or one value), got "
+                         f"{','.join(f'{v:g}' for v in args.blur_sigma) or 'nothing'}")
+    args.blur_sigma = [v + 0.0 for v in sigma]
+    if not 0.0 < args.hue_shift <= 0.5:
+        raise SystemExit(f"--hue-shift is a fraction of the colour circle: it must be in (0, 0.5], "
+                         f"got {args.hue_shift}")
     # AdamW has no momentum option (its betas): --optimizer adamw --momentum 0.5 trained as 0.9 did. Its
     # default passes, as args.json lists every option.
     if args.optimizer == "adamw" and args.momentum != SGD_MOMENTUM:
@@ -740,6 +772,11 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
         unused = given(*dests) if not getattr(args, switch[2:]) else []
         if unused:
             notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used without {switch}")
+    for switch, dests in (("--blur-augmentation", ("blur_kernel", "blur_sigma")),
+                          ("--hue-augmentation", ("hue_shift",))):
+        unused = [text.replace("[", "").replace("]", "").replace(", ", ",") for text in given(*dests)]  # (a list)
+        if unused and not getattr(args, switch[2:].replace("-", "_")):
+            notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used without {switch}")
     if world_size == 1 and args.dist_timeout != DIST_TIMEOUT_MINUTES:
         notes.append(f"--dist-timeout {args.dist_timeout:g} is not used: one process")
     unused = given("synthetic_identities", "synthetic_images_per_identity") if args.data != "synthetic" else []
@@ -747,7 +784,7 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
         notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: the data is {args.data}, "
                      "not synthetic")
     if args.data == "random":
-        unused = given("num_workers", "crop_augmentation", "low_res_augmentation", "photometric_augmentation")
+        unused = given("num_workers", *(flag[2:].replace("-", "_") for flag in AUGMENTATION_FLAGS))
         if unused:
             notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: --data random has "
                          "no loader and its noise is not augmented")

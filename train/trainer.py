@@ -566,13 +566,17 @@ def logged_margins(args: argparse.Namespace, step: int) -> dict[str, float]:
 
 
 def augmentation(args: argparse.Namespace):
-    """AdaFace's augmentations as the options ask for them (a `train.data.Augmentation`, false when
-    all three are off)."""
+    """The augmentations as the options ask for them (a `train.data.Augmentation`, false when all are
+    off); options older than one (an earlier run's) are its default."""
+    from .config import AUGMENTATION_FLAGS, BLUR_KERNEL, BLUR_SIGMA, HUE_SHIFT
     from .data import Augmentation
 
-    return Augmentation(crop=getattr(args, "crop_augmentation", 0.0),
-                        low_res=getattr(args, "low_res_augmentation", 0.0),
-                        photometric=getattr(args, "photometric_augmentation", 0.0))
+    # (--low-res-augmentation: args.low_res_augmentation, Augmentation's low_res)
+    dests = [flag[2:].replace("-", "_") for flag in AUGMENTATION_FLAGS]
+    probabilities = {dest.removesuffix("_augmentation"): getattr(args, dest, 0.0) for dest in dests}
+    return Augmentation(**probabilities, blur_kernel=getattr(args, "blur_kernel", BLUR_KERNEL),
+                        blur_sigma=tuple(getattr(args, "blur_sigma", BLUR_SIGMA)),
+                        hue_shift=getattr(args, "hue_shift", HUE_SHIFT))
 
 
 def chunked_loss(args: argparse.Namespace) -> bool:

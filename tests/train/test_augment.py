@@ -1,7 +1,8 @@
-"""AdaFace's augmentations (`train.data.augment`): what each does to an image, how often, that a
-sample is a function of (seed, epoch, index) whichever process loads it, that they are off unless
-asked for, and that an augmented run resumes bit for bit."""
+"""The trainer's augmentations (`train.data.augment`: AdaFace's, and the blur, hue and grayscale): what
+each does to an image, how often, that a sample is a function of (seed, epoch, index) whichever process
+loads it, that they are off unless asked for, and that an augmented run resumes bit for bit."""
 
+import argparse
 import math
 import os
 import pickle
@@ -9,13 +10,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import arcface_ext
 from train import checkpoint
 from train.config import parse_args
 from train.data import Augmentation, SyntheticFaces, build_train_dataset, build_train_loader
-from train.data.augment import (CROP_ASPECT, Draws, crop_box, crop_in_place, jitter_colours, resampling_weights, resize,
-                                through_low_resolution)
+from train.data.augment import (CROP_ASPECT, ORDER, Draws, crop_box, crop_in_place, gaussian_blur, jitter_colours,
+                                resampling_weights, resize, shift_hue, through_low_resolution, to_grayscale)
 from train.trainer import Trainer, main
 
 from make_opencv_resize_cases import CASES, KERNELS, PATH, case_image
@@ -172,7 +174,8 @@ def test_each_augmentation_applies_with_its_own_probability():
     assert augment(image, 0, 0, 0) is image or augment(image, 0, 0, 1) is image  # untouched samples are not copied
 
 
-@pytest.mark.parametrize("flag", ["--crop-augmentation", "--low-res-augmentation", "--photometric-augmentation"])
+@pytest.mark.parametrize("flag", ["--crop-augmentation", "--low-res-augmentation", "--photometric-augmentation",
+                                  "--blur-augmentation", "--hue-augmentation", "--grayscale-augmentation"])
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
 def test_probabilities_are_checked(flag, value):
     with pytest.raises(SystemExit, match=f"{flag} is a probability: it must be in \\[0, 1\\], got {value}"):
@@ -259,3 +262,223 @@ def test_an_augmented_run_resumes_exactly(faces, tmp_path, capsys, monkeypatch):
     assert Trainer(parse_args(run_argv(faces, tmp_path / "plain", max_steps=8, resume="auto"))).step == 6
     with pytest.raises(SystemExit, match=r"--low-res-augmentation 0\.0 \(the default: the checkpoint is older"):
         Trainer(parse_args(run_argv(faces, tmp_path / "plain", max_steps=8, resume="auto", low_res_augmentation=0.2)))
+
+
+# The blur, hue and grayscale (torchvision's GaussianBlur, ColorJitter(hue=h) and RandomGrayscale).
+
+def hsv(image):
+    return np.asarray(Image.fromarray(image).convert("HSV")).astype(int)
+
+
+def adaface_as_before(augment, image, seed, epoch, index):
+    """AdaFace's three as they were applied before the blur, hue and grayscale came (e186e8c..2a4c4e7)."""
+    draws = Draws(seed, epoch, index, 0x41444146)
+    crop, low_res, photometric = draws.uniform(size=3) < (augment.crop, augment.low_res, augment.photometric)
+    if crop:
+        image = crop_in_place(image, draws)
+    if low_res:
+        image = through_low_resolution(image, draws)
+    if photometric:
+        image = jitter_colours(image, draws)
+    return image
+
+
+def test_adafaces_augmentations_are_what_they_were():
+    # The blur, hue and grayscale draw from a stream of their own: a run of AdaFace's three sees the images it saw
+    # (checked once against 2a4c4e7's output, 540 images, equal), and so does a sample none of the others touch.
+    image = noise(size=40)
+    adaface = Augmentation(crop=0.5, low_res=0.5, photometric=0.5)
+    untouched = 0
+    for index in range(40):
+        before = adaface_as_before(adaface, image, 3, index % 2, index)
+        assert np.array_equal(adaface(image, 3, index % 2, index), before), index
+        out = Augmentation(crop=0.5, low_res=0.5, photometric=0.5, blur=0.5, hue=0.5, grayscale=0.5)(
+            image, 3, index % 2, index)
+        blur, hue, grey = Draws(3, index % 2, index, 0x42484753).uniform(size=3) < 0.5
+        if not (blur or hue or grey):
+            assert np.array_equal(out, before), index
+            untouched += 1
+    assert untouched > 0
+
+
+def test_grayscale_gives_equal_channels_of_the_luma():
+    image = noise(size=16, low=0)
+    out = to_grayscale(image)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    luma = image.astype(float) @ [0.299, 0.587, 0.114]  # ITU-R 601, Pillow's "L"
+    assert np.abs(out[..., 0] - luma).max() <= 1
+    always = Augmentation(grayscale=1)(image, 0, 0, 0)
+    assert np.array_equal(always, out)
+
+
+def test_blur_lowers_high_frequency_energy_and_is_torchvisions():
+    image = noise(size=40, low=0)
+    spectrum = np.abs(np.fft.fft2(image.astype(float), axes=(0, 1))) ** 2
+    high = np.zeros((40, 40), dtype=bool)
+    high[10:31, :] = high[:, 10:31] = True  # the upper half of the frequencies on either axis
+    energies = [(np.abs(np.fft.fft2(gaussian_blur(image, 5, sigma).astype(float), axes=(0, 1))) ** 2)[high].sum()
+                for sigma in (0.5, 1.0, 2.0)]
+    assert energies[0] < 0.7 * spectrum[high].sum() and energies[2] < energies[1] < energies[0], energies
+    flat = np.full((9, 9, 3), (90, 140, 200), dtype=np.uint8)
+    assert np.array_equal(gaussian_blur(flat, 7, 1.5), flat)
+    # torchvision's gaussian_blur: a 2-D Gaussian kernel of float32 taps, torch's reflect padding, rounded.
+    for size, kernel, sigma in [(40, 5, 1.3), (17, 9, 2.0), (12, 3, 0.4)]:
+        picture = image[:size, :size]
+        x = torch.linspace(-(kernel // 2), kernel // 2, kernel)
+        taps = torch.exp(-0.5 * (x / sigma) ** 2)
+        taps = taps / taps.sum()
+        padded = torch.nn.functional.pad(torch.from_numpy(picture).permute(2, 0, 1)[None].float(), [kernel // 2] * 4,
+                                         mode="reflect")
+        theirs = torch.nn.functional.conv2d(padded, (taps[:, None] * taps[None, :]).expand(3, 1, kernel, kernel),
+                                            groups=3)[0].round().permute(1, 2, 0).numpy()
+        worst = np.abs(gaussian_blur(picture, kernel, sigma) - theirs).max()
+        assert worst <= 1, f"{size} px, kernel {kernel}, sigma {sigma}: {worst} grey levels apart"
+    # A kernel wider than the image reflects off both edges; one pixel stays itself.
+    assert gaussian_blur(noise(size=2), 9, 2.0).shape == (2, 2, 3)
+    assert np.array_equal(gaussian_blur(noise(size=1), 5, 1.0), noise(size=1))
+
+
+def test_hue_rotates_hue_and_keeps_saturation_and_value():
+    image = noise(size=24, low=0)
+    saturated = hsv(image)[..., 1] > 100  # (the hue of a nearly grey pixel is a rounding's)
+    for shift in (1 / 3, -0.2, 0.05, 0.5):
+        out = shift_hue(image, shift)
+        assert np.array_equal(hsv(out)[..., 2], hsv(image)[..., 2])  # value: the largest channel, kept
+        assert np.abs(hsv(out)[..., 1] - hsv(image)[..., 1])[saturated].max() <= 3
+        turned = (hsv(out)[..., 0] - hsv(image)[..., 0] - int(shift * 255)) % 256
+        assert np.minimum(turned, 256 - turned)[saturated].max() <= 3, shift
+    red = np.zeros((2, 2, 3), dtype=np.uint8)
+    red[..., 0] = 200
+    assert shift_hue(red, 1 / 3)[0, 0].tolist() == [0, 200, 0]  # a third of the circle: red to green
+    assert np.array_equal(shift_hue(np.full((3, 3, 3), 77, np.uint8), 0.3), np.full((3, 3, 3), 77))  # grey stays
+
+
+def test_the_blur_hue_and_grayscale_are_functions_of_seed_epoch_and_index():
+    augment = Augmentation(blur=0.6, hue=0.6, grayscale=0.4, blur_sigma=(0.5, 3.0), hue_shift=0.5)
+    dataset = SyntheticFaces(4, 5, image_size=32, seed=3)
+    dataset.augment = augment
+    first = dataset[(7, 2)][0]
+    assert torch.equal(dataset[(7, 2)][0], first)
+    assert torch.equal(pickle.loads(pickle.dumps(dataset))[(7, 2)][0], first)  # as a worker loads it
+    image = dataset.load(7)[0]
+    outputs = {augment(image, seed, epoch, 7).tobytes() for seed in (4, 5) for epoch in range(4)}
+    assert len(outputs) > 4  # other seeds and epochs, other draws
+    for index in range(20):
+        assert np.array_equal(augment(image, 9, 1, index), augment(image.copy(), 9, 1, index))
+
+
+def test_probability_0_leaves_an_image_untouched():
+    image = noise(size=20)
+    strengths = dict(blur_kernel=9, blur_sigma=(1.0, 3.0), hue_shift=0.5)
+    off = Augmentation(blur=0, hue=0, grayscale=0, **strengths)
+    assert not off and off.describe() == "none"
+    assert all(off(image, 0, 0, index) is image for index in range(20))
+    crop = Augmentation(crop=0.5)
+    assert all(np.array_equal(Augmentation(crop=0.5, **strengths)(image, 1, 2, index), crop(image, 1, 2, index))
+               for index in range(20))
+
+
+@pytest.mark.parametrize("name,p", [("blur", 0.3), ("hue", 0.25), ("grayscale", 0.4)])
+def test_the_blur_hue_and_grayscale_apply_with_their_probabilities(name, p):
+    image = noise(size=12)
+    augment = Augmentation(**{name: p}, hue_shift=0.5)
+    n = 2000
+    applied = sum(not np.array_equal(augment(image, 0, 0, index), image) for index in range(n))
+    assert abs(applied / n - p) < 4 * math.sqrt(0.25 / n), applied
+
+
+def test_the_order_and_the_description():
+    augment = Augmentation(crop=0.2, low_res=0.2, photometric=0.2, blur=0.1, hue=0.1, grayscale=0.05)
+    assert augment.describe() == ("crop 0.2, low-res 0.2, blur 0.1 (kernel 5, sigma 0.1-2), photometric 0.2, "
+                                  "hue 0.1 (±0.05), grayscale 0.05")
+    # The grayscale comes last: after it the hue would have no colour to turn.
+    image = noise(size=16)
+    both = Augmentation(hue=1, grayscale=1, hue_shift=0.3)(image, 0, 0, 0)
+    assert np.array_equal(both, to_grayscale(shift_hue(image, 0.3 * (2 * Draws(0, 0, 0, 0x42484753).uniform(
+        size=5)[4] - 1))))
+    assert ORDER == ("crop", "low_res", "blur", "photometric", "hue", "grayscale")
+
+
+def test_the_options_make_the_augmentation_and_their_defaults_are_its():
+    from train import config
+    from train.trainer import augmentation
+
+    args = parse_args(["--blur-augmentation", "0.1", "--blur-kernel", "7", "--blur-sigma", "0.5,1.5",
+                       "--hue-augmentation", "0.2", "--hue-shift", "0.1", "--grayscale-augmentation", "0.3",
+                       "--crop-augmentation", "0.4"])
+    assert augmentation(args) == Augmentation(crop=0.4, blur=0.1, hue=0.2, grayscale=0.3, blur_kernel=7,
+                                              blur_sigma=(0.5, 1.5), hue_shift=0.1)
+    assert parse_args(["--blur-sigma", "1.5"]).blur_sigma == [1.5, 1.5]  # one value: that sigma always
+    defaults = Augmentation()
+    assert (config.BLUR_KERNEL, config.BLUR_SIGMA, config.HUE_SHIFT) == (
+        defaults.blur_kernel, defaults.blur_sigma, defaults.hue_shift)
+    assert [flag[2:].removesuffix("-augmentation").replace("-", "_") for flag in config.AUGMENTATION_FLAGS] == list(
+        ORDER)
+    # An earlier run's options, without these: the defaults (off).
+    old = vars(parse_args(["--crop-augmentation", "0.4"]))
+    for key in ("blur_augmentation", "blur_kernel", "blur_sigma", "hue_augmentation", "hue_shift",
+                "grayscale_augmentation"):
+        del old[key]
+    assert augmentation(argparse.Namespace(**old)) == Augmentation(crop=0.4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--blur-kernel", "4"], "--blur-kernel must be an odd number of pixels, at least 3, got 4"),
+    (["--blur-kernel", "1"], "--blur-kernel must be an odd number of pixels, at least 3, got 1"),
+    (["--blur-sigma", "2,1"], r"--blur-sigma is LOW,HIGH in pixels with 0 < LOW <= HIGH \(or one value\), got 2,1"),
+    (["--blur-sigma", "0,1"], r"--blur-sigma is LOW,HIGH .*, got 0,1"),
+    (["--blur-sigma", "1,2,3"], r"--blur-sigma is LOW,HIGH .*, got 1,2,3"),
+    (["--blur-sigma", "nan"], r"--blur-sigma is LOW,HIGH .*, got nan"),
+    (["--hue-shift", "0"], r"--hue-shift is a fraction of the colour circle: it must be in \(0, 0.5\], got 0.0"),
+    (["--hue-shift", "0.6"], r"--hue-shift is a fraction of the colour circle: it must be in \(0, 0.5\], got 0.6"),
+])
+def test_the_strengths_are_checked(argv, message):
+    with pytest.raises(SystemExit, match=message) as stop:
+        parse_args(argv)
+    assert "\n" not in str(stop.value)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(blur=-0.1), "blur augmentation probability must be a number in"),
+    (dict(hue=float("nan")), "hue augmentation probability must be a number in"),
+    (dict(grayscale=2), "grayscale augmentation probability must be a number in"),
+    (dict(blur_kernel=6), "blur_kernel must be an odd number of pixels, at least 3, got 6"),
+    (dict(blur_kernel=5.0), "blur_kernel must be an odd number of pixels, at least 3, got 5.0"),
+    (dict(blur_sigma=(2.0, 1.0)), r"blur_sigma must be \(low, high\) with 0 < low <= high"),
+    (dict(blur_sigma=(1.0,)), r"blur_sigma must be \(low, high\) with 0 < low <= high"),
+    (dict(hue_shift=0.0), r"hue_shift must be a number in \(0, 0.5\], got 0.0"),
+])
+def test_an_augmentation_checks_its_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Augmentation(**fields)
+
+
+def test_strengths_without_their_augmentation_and_random_data_get_notes():
+    from train.config import unused_options
+
+    notes = unused_options(parse_args(["--blur-kernel", "7", "--blur-sigma", "1,3", "--hue-shift", "0.2"]))
+    assert notes == ["--blur-kernel 7 and --blur-sigma 1.0,3.0 are not used without --blur-augmentation",
+                     "--hue-shift 0.2 is not used without --hue-augmentation"]
+    assert unused_options(parse_args(["--blur-augmentation", "0.2", "--blur-kernel", "7"])) == []
+    notes = unused_options(parse_args(["--data", "random", "--num-classes", "10", "--grayscale-augmentation", "0.2",
+                                       "--hue-augmentation", "0.1"]))
+    assert notes == ["--hue-augmentation 0.1 and --grayscale-augmentation 0.2 are not used: --data random has no "
+                     "loader and its noise is not augmented"]
+
+
+def test_a_resume_keeps_the_blur_hue_and_grayscale():
+    from train.trainer import options_changed_on_resume
+
+    saved = vars(parse_args(["--blur-augmentation", "0.2", "--hue-augmentation", "0.1"]))
+    assert options_changed_on_resume(saved, parse_args(["--blur-augmentation", "0.2", "--hue-augmentation",
+                                                        "0.1"])) == []
+    changed = options_changed_on_resume(saved, parse_args(["--blur-augmentation", "0.2", "--blur-sigma", "0.5,1",
+                                                           "--hue-augmentation", "0.1", "--hue-shift", "0.1"]))
+    assert changed == ["--blur-sigma 0.1,2.0 in the checkpoint, 0.5,1.0 requested",
+                       "--hue-shift 0.05 in the checkpoint, 0.1 requested"]
+    # A checkpoint older than the options trained without them.
+    older = {key: value for key, value in saved.items() if key not in ("blur_augmentation", "grayscale_augmentation")}
+    assert options_changed_on_resume(older, parse_args(["--grayscale-augmentation", "0.3"])) == [
+        "--hue-augmentation 0.1 in the checkpoint, 0.0 requested",
+        "--grayscale-augmentation 0.0 (the default: the checkpoint is older than the option), 0.3 requested"]

@@ -383,3 +383,11 @@ def test_the_notes_on_a_config_are_said_once_and_kept_in_training_log(tmp_path, 
     assert capsys.readouterr().err.startswith(note + "\n")
     assert [line.split(" ", 2)[2] for line in (tmp_path / "run" / "training.log").read_text().splitlines()[1:2]] == [
         note]
+
+
+def test_dali_aug_is_ignored_and_its_kinds_named(tmp_path, capsys):
+    # arcface_torch's DALI augmentations (a resize, a blur, an HSV shift, grayscale) are not taken over: their
+    # draws are DALI's; the note names the flags that do those things here.
+    parse_args(["--config", write(tmp_path, WEBFACE_VIT + "config.dali_aug = True\n")])
+    assert ("dali_aug (DALI's augmentations; --blur-augmentation, --hue-augmentation, --grayscale-augmentation and "
+            "--low-res-augmentation are their kinds here)") in capsys.readouterr().err

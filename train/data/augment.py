@@ -1,7 +1,9 @@
-"""AdaFace's training augmentations (Kim et al., CVPR 2022): a crop kept in place on black, a trip
-through a lower resolution, and brightness/contrast/saturation jitter, each applied to a sample with its
-own probability. They make the low-quality images whose small embedding norms AdaFace's margin adapts to.
-The low resolution is OpenCV's (AdaFace resizes with ``cv2.resize``), computed here without OpenCV.
+"""The trainer's augmentations, each applied to a sample with its own probability. AdaFace's (Kim et al.,
+CVPR 2022): a crop kept in place on black, a trip through a lower resolution, and brightness/contrast/
+saturation jitter; they make the low-quality images whose small embedding norms AdaFace's margin adapts to.
+The low resolution is OpenCV's (AdaFace resizes with ``cv2.resize``), computed here without OpenCV. Then the
+three of arcface_torch's ``dali_aug`` in torchvision's terms: ``GaussianBlur``, ``ColorJitter(hue=h)`` and
+``RandomGrayscale``, computed as torchvision computes them on a PIL image, without torchvision.
 
 Every random choice comes from a generator seeded by (seed, epoch, index), as the flip's does, so a
 sample looks the same whichever worker loads it and a resumed run sees what an uninterrupted one would."""
@@ -19,6 +21,8 @@ from PIL import Image, ImageEnhance
 
 _MASK64 = (1 << 64) - 1
 _STREAM = 0x41444146  # "ADAF": keeps these draws apart from any other use of (seed, epoch, index)
+# The blur's, hue's and grayscale's draws: a stream of their own, so that AdaFace's draw what they drew before.
+_MORE_STREAM = 0x42484753  # "BHGS"
 
 # RandomResizedCrop's ranges, as AdaFace draws its crops: 20-100% of the area, aspect 3:4 to 4:3.
 CROP_AREA = (0.2, 1.0)
@@ -31,46 +35,90 @@ LOW_RES_KERNELS = ("nearest", "linear", "area", "cubic", "lanczos4")
 # ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5): each factor from [0.5, 1.5], in a random order.
 PHOTOMETRIC_FACTORS = (0.5, 1.5)
 _ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+# torchvision's GaussianBlur(kernel_size, sigma=(0.1, 2.0)) as face pipelines write it; ColorJitter(hue=0.05),
+# about the 0-20 degrees of arcface_torch's dali_aug.
+BLUR_KERNEL = 5
+BLUR_SIGMA = (0.1, 2.0)
+HUE_SHIFT = 0.05
+# The order the augmentations apply in: AdaFace's, with the blur after the low resolution and the hue and
+# grayscale after the photometric jitter, as arcface_torch's dali_aug runs its resize, blur, HSV and gray.
+ORDER = ("crop", "low_res", "blur", "photometric", "hue", "grayscale")
 
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Probabilities of AdaFace's three augmentations (its MS1MV2 and WebFace runs use 0.2 each);
-    0 turns one off. ``augmentation(image, seed, epoch, index)`` returns a new uint8 (H, W, 3) array or
-    ``image`` itself when nothing applies."""
+    """Probabilities of the six augmentations, applied in the order of ORDER (AdaFace's MS1MV2 and WebFace
+    runs use 0.2 each for its crop, low_res and photometric); 0 turns one off. ``blur_kernel`` (odd, in
+    pixels) and ``blur_sigma`` (low, high) are GaussianBlur's; ``hue_shift`` is ColorJitter's hue, the
+    largest shift as a fraction of the colour circle (at most 0.5). ``augmentation(image, seed, epoch,
+    index)`` returns a new uint8 (H, W, 3) array or ``image`` itself when nothing applies."""
 
     crop: float = 0.0
     low_res: float = 0.0
     photometric: float = 0.0
+    blur: float = 0.0
+    hue: float = 0.0
+    grayscale: float = 0.0
+    blur_kernel: int = BLUR_KERNEL
+    blur_sigma: tuple[float, float] = BLUR_SIGMA
+    hue_shift: float = HUE_SHIFT
 
     def __post_init__(self):
-        for name in ("crop", "low_res", "photometric"):
+        for name in ORDER:
             p = getattr(self, name)
             if not (isinstance(p, numbers.Real) and math.isfinite(p) and 0.0 <= p <= 1.0):
                 raise ValueError(f"{name} augmentation probability must be a number in [0, 1], got {p!r}")
             object.__setattr__(self, name, float(p) + 0.0)
+        kernel = self.blur_kernel
+        if not (isinstance(kernel, numbers.Integral) and kernel >= 3 and kernel % 2 == 1):
+            raise ValueError(f"blur_kernel must be an odd number of pixels, at least 3, got {kernel!r}")
+        object.__setattr__(self, "blur_kernel", int(kernel))
+        sigma = tuple(self.blur_sigma)
+        if not (len(sigma) == 2 and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in sigma)
+                and 0 < sigma[0] <= sigma[1]):
+            raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {self.blur_sigma!r}")
+        object.__setattr__(self, "blur_sigma", (float(sigma[0]), float(sigma[1])))
+        shift = self.hue_shift
+        if not (isinstance(shift, numbers.Real) and 0.0 < shift <= 0.5):
+            raise ValueError(f"hue_shift must be a number in (0, 0.5], got {shift!r}")
+        object.__setattr__(self, "hue_shift", float(shift))
 
     def __bool__(self) -> bool:
-        return self.crop > 0 or self.low_res > 0 or self.photometric > 0
+        return any(getattr(self, name) > 0 for name in ORDER)
 
     def describe(self) -> str:
-        parts = [f"{label} {p}" for label, p in (("crop", self.crop), ("low-res", self.low_res),
-                                                    ("photometric", self.photometric)) if p > 0]
+        low, high = self.blur_sigma
+        details = {"blur": f" (kernel {self.blur_kernel}, sigma {low:g}-{high:g})", "hue": f" (±{self.hue_shift:g})"}
+        parts = [f"{name.replace('_', '-')} {getattr(self, name)}{details.get(name, '')}" for name in ORDER
+                 if getattr(self, name) > 0]
         return ", ".join(parts) or "none"
 
     def __call__(self, image: np.ndarray, seed: int, epoch: int, index: int) -> np.ndarray:
-        if not self:
-            return image
-        draws = Draws(seed, epoch, index, _STREAM)
-        # The three coin flips come first, so whether one augmentation applies does not depend on
-        # the draws another made.
-        crop, low_res, photometric = draws.uniform(size=3) < (self.crop, self.low_res, self.photometric)
+        # (A stream is seeded only when one of its augmentations is asked for: ~50 µs a sample.)
+        crop = low_res = photometric = blur = hue = grayscale = False
+        if self.crop or self.low_res or self.photometric:
+            draws = Draws(seed, epoch, index, _STREAM)
+            # The three coin flips come first, so whether one augmentation applies does not depend on
+            # the draws another made.
+            crop, low_res, photometric = draws.uniform(size=3) < (self.crop, self.low_res, self.photometric)
+        if self.blur or self.hue or self.grayscale:
+            # The others' flips and parameters, all drawn at once from their own stream: AdaFace's draws are
+            # those of before they came, and none of these depends on which augmentations apply.
+            *flips, sigma_unit, shift_unit = Draws(seed, epoch, index, _MORE_STREAM).uniform(size=5)
+            blur, hue, grayscale = np.array(flips) < (self.blur, self.hue, self.grayscale)
         if crop:
             image = crop_in_place(image, draws)
         if low_res:
             image = through_low_resolution(image, draws)
+        if blur:
+            low, high = self.blur_sigma
+            image = gaussian_blur(image, self.blur_kernel, low + (high - low) * sigma_unit)
         if photometric:
             image = jitter_colours(image, draws)
+        if hue:
+            image = shift_hue(image, self.hue_shift * (2 * shift_unit - 1))
+        if grayscale:
+            image = to_grayscale(image)
         return image
 
 
@@ -153,7 +201,14 @@ def resize(image: np.ndarray, height: int, width: int, kernel: str) -> np.ndarra
     # torch's matrix products, not numpy's: in a DataLoader worker torch runs one thread, where numpy's
     # OpenBLAS would start one a core in every worker (on 2 cores, 2 workers: 216 images/s instead of
     # 1,239 with every image augmented).
+    return separable(image, rows, columns)
+
+
+def separable(image: np.ndarray, rows: torch.Tensor, columns: torch.Tensor) -> np.ndarray:
+    """uint8 (H, W, C) ``image`` filtered by float32 weights ``rows`` (height x H) down its columns and
+    ``columns`` (width x W) along its rows, rounded to uint8: a resize or a blur."""
     source_height, source_width, channels = image.shape
+    height, width = rows.shape[0], columns.shape[0]
     pixels = torch.tensor(image, dtype=torch.float32).reshape(source_height, source_width * channels)
     tall = torch.mm(rows, pixels).reshape(height, source_width, channels)
     wide = tall.transpose(1, 2).reshape(height * channels, source_width)  # width last, for the columns
@@ -228,3 +283,45 @@ def jitter_colours(image: np.ndarray, draws: Draws) -> np.ndarray:
     for k in draws.permutation(len(_ENHANCERS)):
         picture = _ENHANCERS[k](picture).enhance(float(factors[k]))
     return np.asarray(picture)
+
+
+def gaussian_blur(image: np.ndarray, kernel: int, sigma: float) -> np.ndarray:
+    """``image`` blurred by a Gaussian of standard deviation ``sigma`` pixels, cut to ``kernel`` (odd)
+    taps, past the edges mirrored: torchvision's ``gaussian_blur``, as its GaussianBlur applies it."""
+    return separable(image, blur_weights(image.shape[0], kernel, sigma), blur_weights(image.shape[1], kernel, sigma))
+
+
+def blur_weights(size: int, kernel: int, sigma: float) -> torch.Tensor:
+    """float32 (size, size): row i weighs the pixels of a line that the blur's pixel i is made of. The
+    taps are torchvision's (the Gaussian at -r..r, r = kernel // 2, normalised, in float32); a tap past an
+    edge falls on the pixel mirrored about it, the edge pixel not repeated (torch's "reflect" padding)."""
+    radius = kernel // 2
+    offsets = np.linspace(-radius, radius, kernel, dtype=np.float32)
+    taps = np.exp(np.float32(-0.5) * (offsets / np.float32(sigma)) ** 2)
+    taps /= taps.sum()
+    position = np.arange(size)[:, None] + np.arange(-radius, radius + 1)[None, :]
+    if size == 1:
+        position = np.zeros_like(position)
+    else:  # mirrored as often as it takes: a kernel wider than the image reflects off both edges
+        period = 2 * (size - 1)
+        position = np.abs(position) % period
+        position = np.where(position >= size, period - position, position)
+    weights = np.zeros((size, size), dtype=np.float32)
+    np.add.at(weights, (np.repeat(np.arange(size), kernel), position.ravel()), np.tile(taps, size))
+    return torch.from_numpy(weights)
+
+
+def shift_hue(image: np.ndarray, shift: float) -> np.ndarray:
+    """``image`` with its hue turned by ``shift`` of the colour circle (in [-0.5, 0.5]), saturation and
+    value kept: torchvision's ``adjust_hue`` on a PIL image, through Pillow's HSV, whose hue is a byte
+    (the shift, in 255ths, cut toward 0, turns it modulo 256)."""
+    hue, saturation, value = Image.fromarray(image).convert("HSV").split()
+    turned = np.asarray(hue, dtype=np.uint8) + np.uint8(int(shift * 255) % 256)  # (wraps round, as a byte)
+    return np.asarray(Image.merge("HSV", (Image.fromarray(turned, "L"), saturation, value)).convert("RGB"))
+
+
+def to_grayscale(image: np.ndarray) -> np.ndarray:
+    """``image``'s luma (ITU-R 601: 0.299 R + 0.587 G + 0.114 B, Pillow's "L") in all three channels:
+    torchvision's RandomGrayscale on a PIL image."""
+    luma = np.asarray(Image.fromarray(image).convert("L"))
+    return np.repeat(luma[:, :, None], 3, axis=2)
