@@ -684,6 +684,53 @@ def test_a_stop_of_pack_rec_and_its_workers_says_one_line_and_leaves_nothing(tmp
     assert not out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="finds the workers in /proc")
+def test_pack_rec_workers_end_with_a_killed_main_process(tmp_path):
+    # SIGKILL (the out-of-memory killer's) ran no clean-up: the workers waited for work forever.
+    faces = tmp_path / "faces"
+    (faces / "ann").mkdir(parents=True)
+    Image.fromarray(face_image(1)).save(faces / "ann" / "0.png")
+    for k in range(1, 199):
+        os.link(faces / "ann" / "0.png", faces / "ann" / f"{k}.png")
+    held = HeldFile(faces / "ann" / "199.png", (faces / "ann" / "0.png").read_bytes())
+    run = subprocess.Popen([sys.executable, "-m", "train.tools.pack_rec", str(faces), str(tmp_path / "packed"),
+                            "--workers", "2"], cwd=REPO, stderr=subprocess.DEVNULL)
+    workers = []  # (id, start time): an id the system gives again is not taken for a worker
+    try:
+        with held:
+            held.wait_for_reader(run)
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                if (process_stat(pid) or {}).get("parent") == run.pid:
+                    workers.append((int(pid), process_stat(pid)["start"]))
+            run.kill()
+            run.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(worker_alive(worker) for worker in workers):
+            time.sleep(0.1)
+        assert len(workers) == 2 and not [worker for worker in workers if worker_alive(worker)], workers
+    finally:
+        run.kill()
+        for worker in workers:  # (this run's own workers, left by a failure)
+            if worker_alive(worker):
+                os.kill(worker[0], signal.SIGKILL)
+
+
+def process_stat(pid):
+    """A process's parent's id and start time (from /proc); None once it has ended (or is a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else {"parent": int(fields[1]), "start": int(fields[19])}
+
+
+def worker_alive(worker) -> bool:
+    pid, start = worker
+    return (process_stat(pid) or {}).get("start") == start
+
+
 def test_pack_rec_names_a_bad_resize(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         pack_rec_main([str(image_folder), str(tmp_path / "packed"), "--resize", "0"])

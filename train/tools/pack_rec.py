@@ -19,6 +19,7 @@ import itertools
 import os
 import signal
 import sys
+import threading
 import time
 
 from train.signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
@@ -63,12 +64,21 @@ def _image_bytes(path: str, *, resize: int | None, quality: int, counts: dict | 
     return encode_image(np.asarray(rgb), quality=quality), rgb.size
 
 
-def _leave_signals_to_the_main_process() -> None:
+def _start_worker() -> None:
     """A worker's initializer: a Ctrl-C at the terminal is the main process's to handle (it cancels the
     chunks not started and waits for the others); a SIGTERM ends the worker (a forked one inherits the
-    main process's handler, which would raise in the worker)."""
+    main process's handler, which would raise in the worker). A worker whose main process was killed
+    (SIGKILL, the out-of-memory killer) ends too: it would wait for work on its queue forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=_end_with_the_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _end_with_the_parent(parent: int) -> None:
+    # (The parent is the main process, or the forkserver, which ends with it.)
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _chunk_bytes(paths: list[str], resize: int | None, quality: int) -> list[tuple[bytes, tuple[int, int], bool]]:
@@ -99,7 +109,7 @@ def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers
     # (concurrent.futures rather than multiprocessing.Pool: a worker killed mid-chunk, by the kernel's
     # out-of-memory killer, is an error there, where a Pool waits for the lost chunk forever.)
     chunks = (paths[start:start + _CHUNK] for start in range(0, len(paths), _CHUNK))
-    pool = ProcessPoolExecutor(workers, initializer=module._leave_signals_to_the_main_process)
+    pool = ProcessPoolExecutor(workers, initializer=module._start_worker)
     try:
         pending = collections.deque(pool.submit(module._chunk_bytes, chunk, resize, quality)
                                     for chunk in itertools.islice(chunks, workers * _CHUNKS_PER_WORKER))
