@@ -52,6 +52,7 @@ GRAPH_NAMES = (ONNX_NAME, NORMALIZED_ONNX_NAME, INT8_ONNX_NAME, NORMALIZED_INT8_
 # most float16 nodes in float32 (onnxruntime casts their inputs), r18, mbf, vit_t and small at 112 px were
 # 0.06 to 0.08 % off, their weights' rounding; a GPU computing in float16 adds its own, hence the margin.
 TOLERANCES = {"float32": 1e-4, "float16": 1e-2}
+FLOAT16_MAX = 65504.0  # float16's largest finite value: past it a value is inf
 FLIP_OPSET = 10  # the first opset in which torch's exporter writes torch.flip (a Slice with a negative step)
 
 
@@ -205,6 +206,35 @@ def _sort_nodes(graph) -> None:
         graph.node.extend(nodes[index] for index in order)
 
 
+def check_batch(image_size: int, batch: int = 3) -> torch.Tensor:
+    """The random batch the graphs are checked on (the same each time)."""
+    return torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+
+def largest_value(path: str, image_size: int, batch: int = 3,
+                  only_under: str | None = None) -> tuple[float, str] | None:
+    """(the largest magnitude among the values the nodes of the fp32 graph at ``path`` compute on
+    check_batch, the node that computes it), over the nodes whose names start with ``only_under`` if given:
+    what its float16 graph holds in float16. onnxruntime's CPU provider computes most float16 nodes in
+    float32, so its check cannot see a value past FLOAT16_MAX, which a GPU computing in float16 makes inf.
+    None for a graph past protobuf's 2 GB (it is run from memory here)."""
+    import onnx
+    import onnxruntime
+
+    model = onnx.load(path)
+    maker = {name: node.name for node in model.graph.node if not only_under or node.name.startswith(only_under)
+             for name in node.output if name}
+    outputs = {value.name for value in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in maker if name not in outputs)
+    if model.ByteSize() >= 2 ** 31:
+        return None
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(None, {"input": check_batch(image_size, batch).numpy()})
+    return max(((float(np.abs(value).max()), maker.get(output.name, output.name))
+                for value, output in zip(values, session.get_outputs())
+                if isinstance(value, np.ndarray) and value.dtype == np.float32 and value.size), default=(0.0, ""))
+
+
 def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 3, *,
                float16: bool = False) -> float | None:
     """Max abs difference between onnxruntime's and PyTorch's embeddings of a random batch for the
@@ -222,7 +252,7 @@ def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 
         import onnxruntime
     except ImportError:
         return None
-    x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    x = check_batch(image_size, batch)
     try:
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         half_input = session.get_inputs()[0].type == "tensor(float16)"
@@ -465,18 +495,23 @@ def _export(args: argparse.Namespace) -> int:
 
 def _float16(staging: str, model: torch.nn.Module, image_size: int, args: argparse.Namespace) -> dict[str, str]:
     """The float16 graphs of the fp32 ones in ``staging``, made beside them and checked against PyTorch
-    ({name: what the check found}); ValueError when the converter fails or a graph differs past TOLERANCES."""
+    ({name: what the check found}); ValueError when the converter fails, a graph differs past TOLERANCES,
+    or a value it computes on the check's batch is past float16's range."""
     import onnxruntime
 
     found = {}
     for fp32_name, fp16_name, module in ((ONNX_NAME, FP16_ONNX_NAME, model),) + (
             ((NORMALIZED_ONNX_NAME, NORMALIZED_FP16_ONNX_NAME, FlipNormalized(model).eval()),)
             if args.normalized_onnx else ()):
-        path = os.path.join(staging, fp16_name)
-        float16_onnx(os.path.join(staging, fp32_name), path, float16_io=args.fp16_io,
-                     only_under="/backbone/" if fp32_name == NORMALIZED_ONNX_NAME else None)
+        path, batch = os.path.join(staging, fp16_name), args.batch_size or 3
+        only_under = "/backbone/" if fp32_name == NORMALIZED_ONNX_NAME else None
+        float16_onnx(os.path.join(staging, fp32_name), path, float16_io=args.fp16_io, only_under=only_under)
+        largest, node = largest_value(os.path.join(staging, fp32_name), image_size, batch, only_under) or (None, "")
+        if largest is not None and not largest <= FLOAT16_MAX:
+            raise ValueError(f"{fp16_name}: {fp32_name}'s node {node} computes {largest:.3g} on the check's batch, "
+                             f"past float16's largest value {FLOAT16_MAX:g}: on a GPU computing in float16 it is inf")
         try:
-            difference = check_onnx(module, path, image_size, args.batch_size or 3, float16=True)
+            difference = check_onnx(module, path, image_size, batch, float16=True)
         except NotCheckable as error:  # (the graph is valid: onnx's checker passed it)
             found[fp16_name] = f"not compared with PyTorch: {error}; compare it on the GPU it is for"
         except ValueError as error:
@@ -484,6 +519,8 @@ def _float16(staging: str, model: torch.nn.Module, image_size: int, args: argpar
         else:
             found[fp16_name] = (f"onnxruntime {onnxruntime.__version__} on the CPU matches PyTorch within float16's "
                                 f"precision (max abs difference {difference:.2e})")
+        if largest is not None:
+            found[fp16_name] += f"; its largest value {largest:.3g}, of float16's {FLOAT16_MAX:g}"
     return found
 
 

@@ -243,6 +243,8 @@ def test_fp16_writes_float16_weights_with_float32_input_and_output_that_agree_wi
                                      export.FlipNormalized(model))):
         path = tmp_path / name
         assert f"wrote {path}: {fp32_name} in float16, its input and output float32; onnxruntime " in out, out
+        assert re.search(rf"wrote {re.escape(str(path))}: .*; its largest value [0-9.e+]+, of float16's 65504\n",
+                         out), out
         io, weights = graph_io(path)
         assert io == {"input": (onnx.TensorProto.FLOAT, ["batch", 3, IMAGE_SIZE, IMAGE_SIZE]),
                       "embedding": (onnx.TensorProto.FLOAT, ["batch", settings["embedding_size"]])}, name
@@ -360,7 +362,7 @@ def test_an_fp16_graph_the_cpu_cannot_run_is_written_unchecked_in_one_line(train
     assert f"wrote {tmp_path / 'a' / 'backbone_fp16.onnx'}: backbone.onnx in float16, its input and output float32; " \
         f"not compared with PyTorch: onnxruntime {ort.__version__}'s CPU provider cannot run it " \
         "([ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for Conv(11) node with name " \
-        "'/conv1/Conv'); compare it on the GPU it is for\n" in capsys.readouterr().out
+        "'/conv1/Conv'); compare it on the GPU it is for; its largest value " in capsys.readouterr().out
     assert (tmp_path / "a" / "backbone_fp16.onnx").exists()
     monkeypatch.setattr(ort, "InferenceSession", session)
     monkeypatch.setitem(export.TOLERANCES, "float16", 1e-9)  # (no float16 graph is that close)
@@ -369,6 +371,32 @@ def test_an_fp16_graph_the_cpu_cannot_run_is_written_unchecked_in_one_line(train
     assert err.startswith("export: error: backbone_fp16.onnx: onnxruntime's embeddings differ from PyTorch's by ") \
         and err.endswith(", in float16); nothing written (without --fp16 the export writes the fp32 graph alone)\n")
     assert not (tmp_path / "b").exists()
+
+
+def test_an_fp16_graph_whose_values_pass_float16s_range_is_refused(trained, tmp_path, capsys, monkeypatch):
+    # onnxruntime's CPU provider computes the float16 graph's nodes in float32: a value past 65504, inf on a GPU
+    # computing in float16, passed its check. The fp32 graph's node outputs are measured on the check's batch.
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model = TinyPReLUNet().eval()
+    path = str(tmp_path / "tiny.onnx")
+    export.export_onnx(model, path, 8)
+    largest, node = export.largest_value(path, 8)
+    with torch.no_grad():
+        assert largest == pytest.approx(max(module(export.check_batch(8)).abs().max().item() for module in (
+            model.conv, lambda x: model.prelu(model.conv(x)), model)), rel=1e-5)
+        model.conv.weight.mul_(1e5)
+    export.export_onnx(model, path, 8)
+    largest, node = export.largest_value(path, 8)
+    assert largest > 65504 and node == "/prelu/Mul"  # (a slope of 2 doubles the convolution's negative values)
+
+    ckpt, _ = trained
+    monkeypatch.setattr(export, "largest_value", lambda *args, **kwargs: (1.5e5, "/layer1/Add"))
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "out"), "--fp16"]) == 1
+    assert capsys.readouterr().err == "export: error: backbone_fp16.onnx: backbone.onnx's node /layer1/Add computes " \
+        "1.5e+05 on the check's batch, past float16's largest value 65504: on a GPU computing in float16 it is inf; " \
+        "nothing written (without --fp16 the export writes the fp32 graph alone)\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_sort_nodes_moves_a_node_before_the_nodes_that_read_it_and_keeps_the_rest_in_place():
