@@ -84,10 +84,10 @@ def run_options(path: str) -> tuple[dict, str | None]:
 def refuse_amp_of_an_onnx_model(amp: str | None, model_path: str) -> None:
     """:func:`set_amp`'s refusal of an ``amp`` given for an ONNX model, which runs as its graph is, said before the
     model is loaded (its loader's note on how the graph is fed, then the refusal, read as if the note were the
-    answer)."""
+    answer). A name that is no file (a missing ``x.onnx``) is left to the loader, which says so."""
     from .onnx_backbone import is_onnx_file
 
-    if amp not in (None, "none") and is_onnx_file(model_path):
+    if amp not in (None, "none") and os.path.isfile(model_path) and is_onnx_file(model_path):
         raise ValueError(f"--amp {amp}: {model_path} is an ONNX model, run as its graph is")
 
 

@@ -194,6 +194,23 @@ def test_the_face_tools_refuse_amp_of_an_onnx_model_before_reading_it(bf16_run, 
     assert said.out == ""
 
 
+@pytest.mark.parametrize("tool, argv", [
+    (embed, ["--images", "{faces}", "--output", "{out}/e.npy"]),
+    (verify, ["--data", "synthetic"]),
+    (cluster, ["--images", "{faces}", "--output", "{out}/c.csv"]),
+    (quality, ["--pairs", "{out}/pairs.txt", "--output", "{out}/q.csv"]),
+], ids=["embed", "verify", "cluster", "quality-pairs"])
+def test_amp_with_a_missing_onnx_model_says_it_is_not_there(tmp_path, capsys, tool, argv):
+    # Said as without --amp: a .onnx name that names no file is not taken for an ONNX model (the refusal of --amp,
+    # then, after it, that the file is not there).
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "pairs.txt").write_text("a.png b.png 1\n")
+    model, name = str(tmp_path / "missing.onnx"), tool.__name__.rsplit(".", 1)[1]
+    assert tool.main(["--model", model, *(a.format(faces=tmp_path / "faces", out=tmp_path) for a in argv),
+                      "--amp", "bf16"]) != 0
+    assert capsys.readouterr().err.strip().splitlines() == [f"{name}: error: no model at {model}"]
+
+
 @pytest.mark.slow
 def test_clean_under_torchrun_says_the_runs_amp_once(bf16_run, tmp_path):
     # (each rank printed it: a line a process, where clean's other notes are rank 0's)
