@@ -2410,9 +2410,12 @@ class Trainer:
                     # fp16 scale): host values all, the scale read in _health's one sync of a logged step.
                     scale = ({"loss_scale": f"{self.health['loss_scale']:g}",
                               "skipped": f"{self.health['skipped_steps']}"} if "loss_scale" in self.health else {})
-                    bar.set_postfix(loss=f"{loss_mean:.3f}", **{k: f"{v:.4f}" for k, v in distilled.items()},
-                                    lr=f"{lr:.4g}", **{k: f"{v:.4g}" for k, v in centres_lr.items()}, **scale,
-                                    **{k: f"{v:.4g}" for k, v in margin.items() if ramping}, img_s=f"{rate:.0f}")
+                    # In this order (tqdm sorts keyword arguments): a terminal's width cuts the bar's end, so the
+                    # fields it always had keep their place, in tqdm's order, and an option's come after them.
+                    bar.set_postfix({**{k: f"{v:.4f}" for k, v in distilled.items()}, "img_s": f"{rate:.0f}",
+                                     "loss": f"{loss_mean:.3f}", "lr": f"{lr:.4g}",
+                                     **{k: f"{v:.4g}" for k, v in centres_lr.items()}, **scale,
+                                     **{k: f"{v:.4g}" for k, v in margin.items() if ramping}})
                     if self.is_main:
                         self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr, **centres_lr,
                                           **margin, **self.health, "samples_per_sec": rate,

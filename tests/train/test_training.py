@@ -3136,6 +3136,22 @@ def test_the_progress_bar_shows_the_fp16_loss_scale(faces, tmp_path, monkeypatch
     assert "lr=" in err and not shown_on_the_bar(err, "loss_scale") and not shown_on_the_bar(err, "skipped"), err
 
 
+def test_the_progress_bar_keeps_its_fields_first_and_adds_the_options_after(faces, tmp_path, monkeypatch, capsys):
+    # A terminal's width cuts the bar's end: the fields it always had keep their place (tqdm's sorted order), and
+    # those an option adds (the centres' rate, the fp16 scale) come after them, in the lines' order. They came sorted
+    # in among them: on an 80-column terminal the scale's name took lr's place.
+    monkeypatch.setattr("train.trainer._is_terminal", lambda stream: True, raising=False)
+    with_a_small_loss_scale(monkeypatch, 1.0)
+    args = dict(max_steps=2, log_every=2, loss_amp="fp16", centres_lr_scale=4)
+    assert main(argv(faces, tmp_path / "wide", **args)) == 0
+    last = capsys.readouterr().err.rsplit("\r", 1)[-1].splitlines()[0]
+    assert re.findall(r"\b(\w+)=", last) == ["img_s", "loss", "lr", "centres_lr", "loss_scale", "skipped"], last
+    monkeypatch.setattr("tqdm.std._screen_shape_wrapper", lambda: lambda fp: (79, 23))  # (tqdm's, at 80 columns)
+    assert main(argv(faces, tmp_path / "narrow", **args)) == 0
+    last = capsys.readouterr().err.rsplit("\r", 1)[-1].splitlines()[0]
+    assert len(last) <= 79 and re.search(r" img_s=\d+, loss=[\d.]+, lr=", last), last
+
+
 def test_a_collapsed_fp16_loss_scale_stops_the_run(faces, tmp_path, monkeypatch, capsys):
     # From step 6 on every step overflows: 2^-12 halves to 2^-17, below the floor, at step 10, which step 11's
     # collective carries (no sync of its own). The checkpoint of step 8 (skipped steps leave the weights as they
