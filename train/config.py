@@ -653,8 +653,6 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
         if named:
             raise SystemExit(f"{' and '.join(named)} {'goes' if len(named) == 1 else 'go'} with --teacher (the "
                              "backbone the student is distilled from): give --teacher too")
-    if args.wandb_artifacts and not args.wandb:  # (was a run that logged no artifact, without a word)
-        raise SystemExit("--wandb-artifacts logs to the --wandb run: give --wandb too, or --no-wandb-artifacts")
     if not 0.0 < args.keep_prob <= 1.0:
         raise SystemExit(f"--keep-prob must be in (0, 1], got {args.keep_prob}")
     if args.compile_mode and args.compile_backend != "inductor":
@@ -759,16 +757,16 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
     """What the run will not use of the options given at other values than their defaults, each as a
     note's text (the trainer's set-up says them, so that training.log keeps them). Said rather than
     refused: a run's args.json given as --config lists every option, and a resume may turn --compile or
-    --wandb off, leaving its --compile-mode or --wandb-project behind."""
+    --wandb off, leaving its --compile-mode, --wandb-project or --wandb-artifacts behind."""
     parser = build_parser()
 
     def given(*dests: str) -> list[str]:
-        return [f"--{dest.replace('_', '-')} {getattr(args, dest)}" for dest in dests
-                if getattr(args, dest) != parser.get_default(dest)]
+        return [f"--{dest.replace('_', '-')}" + ("" if getattr(args, dest) is True else f" {getattr(args, dest)}")
+                for dest in dests if getattr(args, dest) != parser.get_default(dest)]  # (a switch: its flag alone)
 
     notes = []
     for switch, dests in (("--compile", ("compile_backend", "compile_mode")),
-                          ("--wandb", ("wandb_project", "wandb_entity", "wandb_run_name"))):
+                          ("--wandb", ("wandb_project", "wandb_entity", "wandb_run_name", "wandb_artifacts"))):
         unused = given(*dests) if not getattr(args, switch[2:]) else []
         if unused:
             notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used without {switch}")

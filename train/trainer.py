@@ -1866,7 +1866,9 @@ class Trainer:
         verified = {name: record for name, record in self.last_verification.items() if record.get("step") == self.step}
         best = [name for name, record in verified.items() if record.get("best_step") == self.step]
         aliases = ["latest", f"step-{self.step}", *(f"best-{re.sub(r'[^A-Za-z0-9_.-]', '-', name)}" for name in best)]
-        if best and len(best) == len(self.last_verification):
+        # (The sets this run verifies: a resume may drop one of --val-targets, whose last record the checkpoint keeps.)
+        if self.verification_sets and all(self.last_verification.get(name, {}).get("best_step") == self.step
+                                          for name in self.verification_sets):
             aliases.append("best")
         metadata = {"step": self.step, "network": self.args.network, "embedding_size": self.args.embedding_size,
                     "image_size": self.args.image_size,

@@ -1769,6 +1769,7 @@ def test_options_the_run_would_ignore_are_refused(options, message):
                                                                "--compile"),
     ("--wandb-project faces --wandb-entity me", "--wandb-project faces and --wandb-entity me are not used without "
                                                 "--wandb"),
+    ("--wandb-artifacts", "--wandb-artifacts is not used without --wandb"),  # (a switch: its flag alone)
     ("--data /data/faces_emore --synthetic-identities 20", "--synthetic-identities 20 is not used: the data is "
                                                            "/data/faces_emore, not synthetic"),
     ("--max-steps 10 --warmup-steps 40", "--warmup-steps 40 is more than --max-steps 10: the learning rate rises to "

@@ -276,11 +276,39 @@ def test_a_save_sharded_artifact_says_its_centres_are_not_in_it(faces, tmp_path,
     trainer.release_output()
 
 
-def test_wandb_artifacts_without_wandb_is_refused_in_one_line(faces, tmp_path):
-    with pytest.raises(SystemExit, match=r"^train: error: --wandb-artifacts logs to the --wandb run: give --wandb "
-                                         r"too, or --no-wandb-artifacts$"):
-        main(argv(faces, tmp_path / "out", wandb=False, wandb_artifacts=True))
-    assert not (tmp_path / "out").exists()
+def test_wandb_artifacts_without_wandb_is_a_note_as_the_other_wandb_options(faces, tmp_path, fake_wandb, capsys):
+    # It was refused ("--wandb-artifacts logs to the --wandb run: give --wandb too, or --no-wandb-artifacts"), where
+    # --wandb-project is a note: a resume from the run's args.json with --no-wandb stopped until
+    # --no-wandb-artifacts was added too. (arcface_torch's save_artifacts without using_wandb logs nothing, silently.)
+    note = "note: --wandb-artifacts is not used without --wandb"
+    assert main(argv(faces, tmp_path / "out", max_steps=2, wandb=False, wandb_artifacts=True)) == 0
+    assert note in capsys.readouterr().err and note in (tmp_path / "out" / "training.log").read_text()
+    assert FakeWandb.runs == []
+    output = tmp_path / "run"
+    assert main(argv(faces, output, max_steps=2, save_every=2, wandb_artifacts=True)) == 0
+    assert len(FakeWandb.runs[0].artifacts) == 1
+    capsys.readouterr()
+    assert main(["--config", str(output / "args.json"), "--no-wandb", "--resume", "auto", "--max-steps", "4"]) == 0
+    assert note in capsys.readouterr().err
+    assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == 4 and len(FakeWandb.runs) == 1
+
+
+def test_best_alias_follows_the_sets_the_run_verifies(faces, tmp_path, fake_wandb):
+    # A resume may leave out one of the checkpoint's --val-targets (val_targets may change), whose last record the
+    # checkpoint keeps: "best" was then never given again, its best_step behind, though every set verified was best.
+    from train.config import parse_args
+
+    trainer = Trainer(parse_args(argv(faces, tmp_path / "run", max_steps=6, wandb_artifacts=True)))
+    trainer.step = 4
+    trainer.last_verification = {
+        "pairs": {"step": 4, "target": "pairs", "accuracy": 0.9, "best_accuracy": 0.9, "best_step": 4},
+        "agedb_30": {"step": 2, "target": "agedb_30", "accuracy": 0.7, "best_accuracy": 0.7, "best_step": 2}}
+    trainer.save()
+    [(artifact, aliases)] = FakeWandb.runs[-1].artifacts
+    assert sorted(aliases) == ["best", "best-pairs", "latest", "step-4"]
+    assert list(artifact.metadata["verification"]) == ["pairs"]
+    trainer.log.close()
+    trainer.release_output()
 
 
 @pytest.mark.slow
