@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
@@ -326,6 +327,22 @@ def logged_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options a run records with its scalars (W&B's config, TensorBoard's hparams): all but
     --wandb's own."""
     return {key: value for key, value in vars(args).items() if not key.startswith("wandb")}
+
+
+# A W&B alias has 1 to 128 characters, any but / and : (W&B's docs, "Alias limits"). wandb's client checks the two
+# characters alone: a longer alias would be left to the server, after log_artifact has returned.
+WANDB_ALIAS_MOST = 128
+
+
+def best_alias(target: str) -> str:
+    """``best-<target>``, the --wandb-artifacts alias of a verification set's best step: RFW/African as
+    best-RFW-African; a name too long for an alias (a set named by its path) cut, with a digest of the whole that
+    keeps two such names apart."""
+    alias = "best-" + re.sub(r"[^A-Za-z0-9_.-]", "-", target)
+    if len(alias) > WANDB_ALIAS_MOST:
+        digest = hashlib.sha1(target.encode()).hexdigest()[:8]
+        alias = f"{alias[:WANDB_ALIAS_MOST - len(digest) - 1]}-{digest}"
+    return alias
 
 
 def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
@@ -1865,7 +1882,7 @@ class Trainer:
         warning line: the checkpoint is written, and the run goes on."""
         verified = {name: record for name, record in self.last_verification.items() if record.get("step") == self.step}
         best = [name for name, record in verified.items() if record.get("best_step") == self.step]
-        aliases = ["latest", f"step-{self.step}", *(f"best-{re.sub(r'[^A-Za-z0-9_.-]', '-', name)}" for name in best)]
+        aliases = ["latest", f"step-{self.step}", *(best_alias(name) for name in best)]
         # (The sets this run verifies: a resume may drop one of --val-targets, whose last record the checkpoint keeps.)
         if self.verification_sets and all(self.last_verification.get(name, {}).get("best_step") == self.step
                                           for name in self.verification_sets):

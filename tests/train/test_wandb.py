@@ -311,6 +311,26 @@ def test_best_alias_follows_the_sets_the_run_verifies(faces, tmp_path, fake_wand
     trainer.release_output()
 
 
+def test_best_aliases_keep_to_wandbs_alias_limits(faces, tmp_path, fake_wandb):
+    # An alias has 1 to 128 characters, any but / and : (W&B's docs; wandb's client checks the two characters alone,
+    # a longer one went to the server, after log_artifact had returned): best-<target> of a set named by its path is
+    # cut to it, two such names kept apart.
+    from train.config import parse_args
+
+    trainer = Trainer(parse_args(argv(faces, tmp_path / "run", max_steps=6, wandb_artifacts=True)))
+    trainer.step = 4
+    folder = "/data/" + "evaluation/" * 14
+    trainer.last_verification = {name: {"step": 4, "target": name, "accuracy": 0.9, "best_accuracy": 0.9,
+                                        "best_step": 4} for name in ("RFW/African", folder + "a", folder + "b")}
+    trainer.save()
+    [(_, aliases)] = FakeWandb.runs[-1].artifacts
+    assert all(1 <= len(alias) <= 128 and "/" not in alias and ":" not in alias for alias in aliases)
+    cut = [alias for alias in aliases if alias.startswith("best--data-evaluation-")]
+    assert "best-RFW-African" in aliases and len(set(cut)) == 2 and all(len(alias) == 128 for alias in cut)
+    trainer.log.close()
+    trainer.release_output()
+
+
 @pytest.mark.slow
 def test_real_wandb_offline_logs_the_artifacts(faces, tmp_path, monkeypatch, capsys):
     pytest.importorskip("wandb")
