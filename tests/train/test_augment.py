@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -229,6 +230,7 @@ def losses(output):
     return [r["loss"] for r in read_jsonl(os.path.join(output, "metrics.jsonl"))]
 
 
+@pytest.mark.slow  # (four short training runs: 2.3-4.8 s alone, 4-8 s in the quick run's drift report)
 def test_an_augmented_run_resumes_exactly(faces, tmp_path, capsys, monkeypatch):
     options = dict(max_steps=6, save_every=3, crop_augmentation=0.5, low_res_augmentation=0.5,
                    photometric_augmentation=0.5)
@@ -337,6 +339,18 @@ def test_blur_lowers_high_frequency_energy_and_is_torchvisions():
     # A kernel wider than the image reflects off both edges; one pixel stays itself.
     assert gaussian_blur(noise(size=2), 9, 2.0).shape == (2, 2, 3)
     assert np.array_equal(gaussian_blur(noise(size=1), 5, 1.0), noise(size=1))
+
+
+def test_a_vanishing_or_a_huge_blur_sigma_is_its_limit_without_a_warning():
+    # --blur-sigma takes any sigma > 0. One that float32 rounds to 0 made NaN taps: every blurred image black.
+    image = noise(size=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (numpy's overflow warnings, said once by each worker)
+        for sigma in (1e-50, 1e-30):
+            assert np.array_equal(gaussian_blur(image, 5, sigma), image), sigma
+        assert np.array_equal(Augmentation(blur=1, blur_sigma=(1e-50, 1e-50))(image, 0, 0, 0), image)
+        # One past float32's range: equal taps, as the largest sigmas within it give.
+        assert np.array_equal(gaussian_blur(image, 3, 1e300), gaussian_blur(image, 3, 1e30))
 
 
 def test_hue_rotates_hue_and_keeps_saturation_and_value():

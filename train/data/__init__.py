@@ -69,7 +69,7 @@ def build_train_dataset(spec: str, *, image_size: int = 112, seed: int = 0, flip
     `dataset[i]` and `dataset[(i, epoch)]` give (uint8 (3, image_size,
     image_size) image, int label); with flip=True the image is
     mirrored for a deterministic half of the (seed, epoch, i), after `augment`
-    (AdaFace's augmentations), whose draws are a function of (seed, epoch, i) too.
+    (`train.data.augment`: AdaFace's and torchvision's), whose draws are a function of (seed, epoch, i) too.
     Datasets pickle without open files, so DataLoader workers each open their own.
     Several sets separated by commas (`a,b`: `train.data.combined.split_data_spec`) are one
     `CombinedFaces`, each set's identities labelled after those of the sets before it.

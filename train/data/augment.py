@@ -297,7 +297,13 @@ def blur_weights(size: int, kernel: int, sigma: float) -> torch.Tensor:
     edge falls on the pixel mirrored about it, the edge pixel not repeated (torch's "reflect" padding)."""
     radius = kernel // 2
     offsets = np.linspace(-radius, radius, kernel, dtype=np.float32)
-    taps = np.exp(np.float32(-0.5) * (offsets / np.float32(sigma)) ** 2)
+    # Any sigma > 0 is accepted. One that float32 rounds to 0 (below ~1e-45) made 0/0 at the centre tap, NaN
+    # taps and a black image; floored at float32's smallest normal, the image is unchanged (a vanishing blur's
+    # limit). One past float32's range is inf: equal taps. The overflows on the way are meant (no warning from
+    # each worker); the other sigmas give the taps they gave.
+    with np.errstate(over="ignore"):
+        sigma = max(np.float32(sigma), np.finfo(np.float32).tiny)
+        taps = np.exp(np.float32(-0.5) * (offsets / sigma) ** 2)
     taps /= taps.sum()
     position = np.arange(size)[:, None] + np.arange(-radius, radius + 1)[None, :]
     if size == 1:

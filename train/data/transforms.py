@@ -143,7 +143,7 @@ class FaceImageDataset(torch.utils.data.Dataset):
     """
 
     num_classes: int
-    # AdaFace's augmentations (`train.data.augment.Augmentation`), applied before the flip; set by
+    # The augmentations (`train.data.augment.Augmentation`), applied before the flip; set by
     # `build_train_dataset`.
     augment = None
 
