@@ -406,6 +406,7 @@ def test_the_order_and_the_description():
     augment = Augmentation(crop=0.2, low_res=0.2, photometric=0.2, blur=0.1, hue=0.1, grayscale=0.05)
     assert augment.describe() == ("crop 0.2, low-res 0.2, blur 0.1 (kernel 5, sigma 0.1-2), photometric 0.2, "
                                   "hue 0.1 (±0.05), grayscale 0.05")
+    assert Augmentation(blur=0.5, blur_sigma=(1.5, 1.5)).describe() == "blur 0.5 (kernel 5, sigma 1.5)"  # not 1.5-1.5
     # The grayscale comes last: after it the hue would have no colour to turn.
     image = noise(size=16)
     both = Augmentation(hue=1, grayscale=1, hue_shift=0.3)(image, 0, 0, 0)

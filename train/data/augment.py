@@ -88,7 +88,8 @@ class Augmentation:
 
     def describe(self) -> str:
         low, high = self.blur_sigma
-        details = {"blur": f" (kernel {self.blur_kernel}, sigma {low:g}-{high:g})", "hue": f" (±{self.hue_shift:g})"}
+        sigma = f"{low:g}" if low == high else f"{low:g}-{high:g}"  # (one --blur-sigma: that sigma always)
+        details = {"blur": f" (kernel {self.blur_kernel}, sigma {sigma})", "hue": f" (±{self.hue_shift:g})"}
         parts = [f"{name.replace('_', '-')} {getattr(self, name)}{details.get(name, '')}" for name in ORDER
                  if getattr(self, name) > 0]
         return ", ".join(parts) or "none"
