@@ -1895,8 +1895,10 @@ class Trainer:
                                             "best_step": record["best_step"]} for name, record in verified.items()}}
         try:
             artifact = wandb_module().Artifact(f"model-{self.log.wandb.id}", type="model", metadata=metadata)
-            # (Copied into W&B's staging folder now: the next save replaces checkpoint.pt before the upload ends.)
-            artifact.add_file(self.checkpoint_path, name=checkpoint.CHECKPOINT_NAME)
+            # (Copied into W&B's staging folder now: the next save replaces checkpoint.pt before the upload ends. Not
+            # into W&B's artifact cache after the upload, its default, which kept a copy of every version in
+            # ~/.cache/wandb, unbounded, for downloads alone: the run's folder holds the checkpoint.)
+            artifact.add_file(self.checkpoint_path, name=checkpoint.CHECKPOINT_NAME, skip_cache=True)
             self.log.wandb.log_artifact(artifact, aliases=aliases)
         except Exception as error:  # wandb's own exception types; a full disk in the staging copy
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -33,10 +33,12 @@ class FakeArtifact:
             raise ValueError(f"Artifact name may only contain alphanumeric characters, dashes, underscores, and "
                              f"dots. Invalid name: {name}")
         self.name, self.type, self.metadata, self.files = name, type, dict(metadata or {}), {}
+        self.cached = {}  # each file's name: whether W&B copies it into its artifact cache after the upload
 
     def add_file(self, local_path, name=None, is_tmp=False, skip_cache=False, policy="mutable"):
         with open(local_path, "rb") as f:
             self.files[name or os.path.basename(local_path)] = f.read()
+        self.cached[name or os.path.basename(local_path)] = not skip_cache
 
 
 class FakeRun:
@@ -234,6 +236,8 @@ def test_wandb_artifacts_log_each_checkpoint_as_a_version_of_the_runs_model(face
     for (artifact, aliases), step, best in zip(logged, (2, 4, 6), (True, False, True)):
         # One artifact of the W&B run, whose versions the saves are (a resumed run's too: the same run id).
         assert (artifact.name, artifact.type, list(artifact.files)) == ("model-run0", "model", ["checkpoint.pt"])
+        # Not into W&B's artifact cache (~/.cache/wandb) too, its default: a copy of every version, unbounded.
+        assert artifact.cached == {"checkpoint.pt": False}
         assert torch.load(io.BytesIO(artifact.files["checkpoint.pt"]), weights_only=False)["step"] == step
         assert sorted(aliases) == sorted(["latest", f"step-{step}", *(["best-pairs", "best"] if best else [])])
         record = verification[step]
