@@ -93,7 +93,14 @@ def stop_while_importing(module: str, prefix: str):
     nothing written``, and exit 128 + the signal's number, not a KeyboardInterrupt traceback or an end
     by the signal without a word; the handlers of before are back once the imports are done (then
     :func:`run_tool` takes over). Imported as a module, or outside the main thread: nothing changes.
+    Imported as ``"__mp_main__"`` (a spawned worker of the tool's pool or loader re-imports the tool so):
+    Ctrl-C is ignored, it is the main process's.
     ``prefix``: what the tool's other lines begin with, its name (``"cluster: "``), the line's beginning too."""
+    if module == "__mp_main__" and _main_thread():  # the tool's worker, started by spawn (macOS's default)
+        # A Ctrl-C at the terminal reaches the whole process group, and the tool's main process says it in one
+        # line: its worker ignores it (until its pool's initializer or loader's worker_init_fn takes over), where
+        # each worker, importing torch for seconds, added a KeyboardInterrupt traceback under that line.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if module != "__main__" or not _main_thread():
         yield
         return

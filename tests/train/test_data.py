@@ -731,6 +731,80 @@ def worker_alive(worker) -> bool:
     return (process_stat(pid) or {}).get("start") == start
 
 
+# A spawned worker (macOS's start method) imports the tool, torch with it, for seconds before its initializer
+# runs; this sitecustomize.py holds it there, at its import of numpy, until the test releases the file read.
+_HOLD_SPAWNED_WORKERS = '''
+import os
+if os.environ.get("HELD_WORKER_IMPORT"):  # a worker: its parent set it
+    import sys
+
+    class Hold:
+        held = False
+
+        def find_spec(self, name, path=None, target=None):
+            if name == "numpy" and not self.held:
+                self.held = True
+                with open(os.environ["HELD_WORKER_IMPORT"], "rb") as f:
+                    f.read()
+
+    sys.meta_path.insert(0, Hold())
+else:
+    import multiprocessing
+    multiprocessing.set_start_method("spawn")
+    os.environ["HELD_WORKER_IMPORT"] = os.environ.pop("HOLD_WORKER_IMPORT")
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="finds the worker in /proc")
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_pack_rec_stopped_while_a_spawned_worker_imports(tmp_path, number):
+    # SIGINT (a Ctrl-C at the terminal, to the whole group): the worker's KeyboardInterrupt traceback came under
+    # the one line. SIGKILL of the main process (the out-of-memory killer's): the worker, reparented before its
+    # initializer ran, watched its new parent and waited for work forever.
+    faces = tmp_path / "faces"
+    (faces / "ann").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(face_image(k)).save(faces / "ann" / f"{k}.png")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_HOLD_SPAWNED_WORKERS)
+    held = HeldFile(tmp_path / "held", b"x")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), REPO]),
+               HOLD_WORKER_IMPORT=str(tmp_path / "held"))
+    out = tmp_path / "packed"
+    run = subprocess.Popen([sys.executable, "-m", "train.tools.pack_rec", str(faces), str(out), "--workers", "1"],
+                           cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers = []
+    try:
+        with held:
+            held.wait_for_reader(run)
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                if (process_stat(pid) or {}).get("parent") == run.pid:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if b"spawn_main" in f.read():  # (not the resource tracker)
+                            workers.append((int(pid), process_stat(pid)["start"]))
+            assert len(workers) == 1, workers
+            if number == signal.SIGINT:
+                os.killpg(run.pid, number)
+            else:
+                run.kill()
+                run.wait(timeout=60)
+        if number == signal.SIGINT:
+            _, err = run.communicate(timeout=60)
+            assert run.returncode == 128 + number, err
+            assert err.strip() == "pack_rec: stopped by SIGINT: nothing written (what the folder held is as it was)"
+            assert not out.exists()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and worker_alive(workers[0]):
+            time.sleep(0.1)
+        assert not worker_alive(workers[0])
+    finally:
+        run.kill()
+        for worker in workers:
+            if worker_alive(worker):
+                os.kill(worker[0], signal.SIGKILL)
+
+
 def test_pack_rec_names_a_bad_resize(image_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         pack_rec_main([str(image_folder), str(tmp_path / "packed"), "--resize", "0"])

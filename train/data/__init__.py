@@ -423,9 +423,9 @@ def leave_signals_to_the_main_process() -> _LeaveSignalsToTheMainProcess:
 
 
 def worker_start_method() -> str | None:
-    """The ``multiprocessing_context`` of a loader whose workers leave signals to the main process:
-    "fork" where the start method is forkserver (Python 3.14's default on Linux), else None (the
-    default: fork on Linux before 3.14, spawn on macOS).
+    """The ``multiprocessing_context`` of a loader (or a pool: pack_rec's) whose workers leave signals to
+    the main process: "fork" where the start method is forkserver (Python 3.14's default on Linux), else
+    None (the default: fork on Linux before 3.14, spawn on macOS).
 
     Those workers must be the main process's own children. A forkserver is a process of its own in
     the process group, which a scheduler's SIGTERM ends at once; torch's workers, its children, then

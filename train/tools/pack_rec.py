@@ -16,6 +16,7 @@ import collections
 import contextlib
 import io
 import itertools
+import multiprocessing
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ with stop_while_importing(__name__, "pack_rec: "):
     from PIL import Image
 
     from train import checkpoint
+    from train.data import worker_start_method
     from train.data.imagefolder import scan_image_folder
     from train.data.imagelist import is_image_list, read_image_list, remapped_labels_note, repeated_images_note
     from train.data.recordio import RecordIOWriter, pack_payload
@@ -64,19 +66,21 @@ def _image_bytes(path: str, *, resize: int | None, quality: int, counts: dict | 
     return encode_image(np.asarray(rgb), quality=quality), rgb.size
 
 
-def _start_worker() -> None:
+def _start_worker(main_process: int) -> None:
     """A worker's initializer: a Ctrl-C at the terminal is the main process's to handle (it cancels the
     chunks not started and waits for the others); a SIGTERM ends the worker (a forked one inherits the
-    main process's handler, which would raise in the worker). A worker whose main process was killed
-    (SIGKILL, the out-of-memory killer) ends too: it would wait for work on its queue forever."""
+    main process's handler, which would raise in the worker). A worker whose main process (its parent,
+    `main_process`) was killed (SIGKILL, the out-of-memory killer) ends too: it would wait for work on its
+    queue forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=_end_with_the_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_end_with_the_main_process, args=(main_process,), daemon=True).start()
 
 
-def _end_with_the_parent(parent: int) -> None:
-    # (The parent is the main process, or the forkserver, which ends with it.)
-    while os.getppid() == parent:
+def _end_with_the_main_process(main_process: int) -> None:
+    # Its id is the main process's, not the parent's at this worker's start: a spawned worker imports torch for
+    # seconds first, and one whose main process was killed meanwhile has a new parent by now (init, a subreaper).
+    while os.getppid() == main_process:
         time.sleep(1)
     os._exit(1)
 
@@ -109,7 +113,9 @@ def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers
     # (concurrent.futures rather than multiprocessing.Pool: a worker killed mid-chunk, by the kernel's
     # out-of-memory killer, is an error there, where a Pool waits for the lost chunk forever.)
     chunks = (paths[start:start + _CHUNK] for start in range(0, len(paths), _CHUNK))
-    pool = ProcessPoolExecutor(workers, initializer=module._start_worker)
+    # (Forked or spawned by this process, never by a forkserver (worker_start_method): their parent is this one.)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(worker_start_method()),
+                               initializer=module._start_worker, initargs=(os.getpid(),))
     try:
         pending = collections.deque(pool.submit(module._chunk_bytes, chunk, resize, quality)
                                     for chunk in itertools.islice(chunks, workers * _CHUNKS_PER_WORKER))
