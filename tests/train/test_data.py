@@ -577,6 +577,35 @@ def test_pack_rec_workers_name_the_first_unreadable_image_and_leave_nothing(imag
                                               "image: not an image format Pillow reads")
 
 
+def test_pack_rec_workers_say_the_images_warnings_as_this_process_does(tmp_path, monkeypatch):
+    # Pillow's warning of a palette image with transparency given in bytes: said once by this process, but once by
+    # each worker (their own registries), and by workers reading ahead of an unreadable image that ends the run.
+    monkeypatch.setattr("train.tools.pack_rec._CHUNK", 2)
+    faces = tmp_path / "faces"
+    (faces / "ann").mkdir(parents=True)
+    palette = Image.new("P", (16, 16))
+    palette.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    for k in range(12):
+        if k in (1, 4, 8, 10):
+            palette.save(faces / "ann" / f"{k:02d}.png", transparency=b"\x00\x80")
+        else:
+            Image.fromarray(face_image(k)).save(faces / "ann" / f"{k:02d}.png")
+    said = {}
+    for unreadable in (False, True):
+        if unreadable:  # (after the first palette image, before the others)
+            (faces / "ann" / "06.png").write_bytes(b"\x89PNG cut short")
+        for workers in ("0", "2"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                out = tmp_path / f"packed{workers}{unreadable}"
+                status = pack_rec_main([str(faces), str(out), "--workers", workers])
+            assert status == (2 if unreadable else 0)
+            said[workers, unreadable] = [(str(w.message), w.category, w.filename, w.lineno) for w in caught]
+    assert len(said["0", False]) == 1 and "Palette images with Transparency" in said["0", False][0][0]
+    assert said["2", False] == said["0", False]
+    assert said["2", True] == said["0", True] == said["0", False]
+
+
 def test_the_tools_show_the_image_folders_warnings_as_one_line_each(image_folder, tmp_path, capsys):
     # Python's form, "/.../train/data/__init__.py:149: UserWarning: ..." and the line of source after it,
     # came out of the trainer, pack_rec and make_bin.

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 from train.signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
@@ -85,23 +86,37 @@ def _end_with_the_main_process(main_process: int) -> None:
     os._exit(1)
 
 
-def _chunk_bytes(paths: list[str], resize: int | None, quality: int) -> list[tuple[bytes, tuple[int, int], bool]]:
-    """`_image_bytes` of each of `paths`, with whether it was re-encoded (what a worker computes)."""
+def _chunk_bytes(paths: list[str], resize: int | None, quality: int) -> list[tuple]:
+    """What a worker computes: `_image_bytes` of each of `paths`, with whether it was re-encoded and the warnings
+    it gave, (text, category, file, line) each, for the main process to say (`_say`)."""
     chunk = []
     for path in paths:
         counts = {}
-        data, size = _image_bytes(path, resize=resize, quality=quality, counts=counts)
-        chunk.append((data, size, bool(counts)))
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")  # (which to say is for the main process's filters)
+            data, size = _image_bytes(path, resize=resize, quality=quality, counts=counts)
+        chunk.append((data, size, bool(counts), [(str(w.message), w.category, w.filename, w.lineno) for w in said]))
     return chunk
 
 
+def _say(warned: list[tuple], registries: dict) -> None:
+    """The warnings a worker recorded (Pillow's, of a palette image with transparency or a very large image), said
+    here as this process says its own: once at each place (`registries`, one a file, for the run), where each worker
+    said them once and for images read ahead of an unreadable one, which this process never reaches."""
+    for text, category, filename, lineno in warned:
+        warnings.warn_explicit(text, category, filename, lineno, registry=registries.setdefault(filename, {}))
+
+
 def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers: int = 0):
-    """`_chunk_bytes` of every one of `paths`, yielded in their order: in this process with `workers` 0,
-    else by that many processes. The first image that cannot be read, in `paths`' order, raises as it
-    does in this process. A generator: close it (or exhaust it) to end the workers."""
+    """`_image_bytes` of every one of `paths` and whether it was re-encoded, yielded in their order: in this
+    process with `workers` 0, else by that many processes (`_chunk_bytes`). The first image that cannot be
+    read, in `paths`' order, raises as it does in this process. A generator: close it (or exhaust it) to end
+    the workers."""
     if workers == 0 or len(paths) < 2:
         for path in paths:
-            yield from _chunk_bytes([path], resize, quality)
+            counts = {}
+            data, size = _image_bytes(path, resize=resize, quality=quality, counts=counts)
+            yield data, size, bool(counts)
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -113,6 +128,7 @@ def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers
     # (concurrent.futures rather than multiprocessing.Pool: a worker killed mid-chunk, by the kernel's
     # out-of-memory killer, is an error there, where a Pool waits for the lost chunk forever.)
     chunks = (paths[start:start + _CHUNK] for start in range(0, len(paths), _CHUNK))
+    registries = {}
     # (Forked or spawned by this process, never by a forkserver (worker_start_method): their parent is this one.)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(worker_start_method()),
                                initializer=module._start_worker, initargs=(os.getpid(),))
@@ -126,7 +142,9 @@ def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers
                 raise OSError(f"a process reading the images ended without a word (out of memory?): {error}") from None
             for chunk in itertools.islice(chunks, 1):
                 pending.append(pool.submit(module._chunk_bytes, chunk, resize, quality))
-            yield from done
+            for data, size, re_encoded, warned in done:
+                _say(warned, registries)
+                yield data, size, re_encoded
     finally:  # an error or a stop: the chunks not started are dropped, the workers end
         pool.shutdown(wait=True, cancel_futures=True)
 
