@@ -181,10 +181,10 @@ def _sort_nodes(graph) -> None:
     (onnxruntime 1.19's converter appends the input's casts at the end, which onnx's checker and TensorRT's
     parser refuse): each node where it was, unless a node it reads from comes later, which then moves
     before it."""
-    maker = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    maker = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
     placed, order = set(), []
     for first in range(len(graph.node)):
-        stack = [first]
+        stack = [first]  # (a path of nodes each read by the one below it: one waiting node is pushed at a time)
         while stack:  # (not recursion: a chain of moved nodes may be as long as the graph)
             index = stack[-1]
             if index in placed:
@@ -193,7 +193,7 @@ def _sort_nodes(graph) -> None:
             waiting = [maker[name] for name in graph.node[index].input
                        if name in maker and maker[name] not in placed and maker[name] not in stack]
             if waiting:
-                stack.extend(waiting)
+                stack.append(waiting[0])
             else:
                 placed.add(index)
                 order.append(index)
@@ -211,28 +211,54 @@ def check_batch(image_size: int, batch: int = 3) -> torch.Tensor:
     return torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
 
-def largest_value(path: str, image_size: int, batch: int = 3,
-                  only_under: str | None = None) -> tuple[float, str] | None:
+def largest_value(path: str, image_size: int, batch: int = 3, only_under: str | None = None) -> tuple[float, str]:
     """(the largest magnitude among the values the nodes of the fp32 graph at ``path`` compute on
     check_batch, the node that computes it), over the nodes whose names start with ``only_under`` if given:
     what its float16 graph holds in float16. onnxruntime's CPU provider computes most float16 nodes in
     float32, so its check cannot see a value past FLOAT16_MAX, which a GPU computing in float16 makes inf.
-    None for a graph past protobuf's 2 GB (it is run from memory here)."""
+    Each float output is reduced inside the graph to its largest magnitude (Abs, then ReduceMax, which passes
+    over a NaN: one reaching the embedding fails the fp32 check), so that the run holds an inference's memory,
+    not every node's output at once (r100 held 0.18 GB more an image so); the graph is run from a file beside
+    ``path``, which reads its external data."""
     import onnx
     import onnxruntime
+    from onnx import helper
 
-    model = onnx.load(path)
+    model = onnx.load(path, load_external_data=False)
+    typed = onnx.shape_inference.infer_shapes(model).graph  # (the outputs' element types)
+    floats = {value.name for value in [*typed.value_info, *typed.output]
+              if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    del typed  # (a copy of the graph)
     maker = {name: node.name for node in model.graph.node if not only_under or node.name.startswith(only_under)
-             for name in node.output if name}
-    outputs = {value.name for value in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in maker if name not in outputs)
-    if model.ByteSize() >= 2 ** 31:
-        return None
-    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    values = session.run(None, {"input": check_batch(image_size, batch).numpy()})
-    return max(((float(np.abs(value).max()), maker.get(output.name, output.name))
-                for value, output in zip(values, session.get_outputs())
-                if isinstance(value, np.ndarray) and value.dtype == np.float32 and value.size), default=(0.0, ""))
+             for name in node.output if name in floats}
+    del model.graph.output[:]
+    nodes, probes = [], {}
+    for node in model.graph.node:  # (each probe right after its node: onnxruntime runs them in this order)
+        nodes.append(node)
+        for name in node.output:
+            if name in maker:
+                magnitude, largest = f"largest_value/abs_{len(probes)}", f"largest_value/max_{len(probes)}"
+                probes[largest] = maker[name]
+                nodes += [helper.make_node("Abs", [name], [magnitude]),
+                          helper.make_node("ReduceMax", [magnitude], [largest], keepdims=0)]
+                model.graph.output.append(helper.make_tensor_value_info(largest, onnx.TensorProto.FLOAT, []))
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    handle, probed = tempfile.mkstemp(prefix=".largest-value-", suffix=".onnx", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(model.SerializeToString())
+        options = onnxruntime.SessionOptions()
+        # (in its default order onnxruntime ran the probes late, holding the outputs they read: r100 took 2 GB
+        # more at a batch of 12; in this one, an inference's memory)
+        options.execution_order = onnxruntime.ExecutionOrder.PRIORITY_BASED
+        session = onnxruntime.InferenceSession(probed, options, providers=["CPUExecutionProvider"])
+        values = session.run(None, {"input": check_batch(image_size, batch).numpy()})
+    finally:
+        os.remove(probed)
+    # (an empty output's maximum is -inf; of equal ones, the first node's)
+    return max(((float(value), node) for value, node in zip(values, probes.values())), key=lambda pair: pair[0],
+               default=(0.0, ""))
 
 
 def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 3, *,
@@ -506,8 +532,8 @@ def _float16(staging: str, model: torch.nn.Module, image_size: int, args: argpar
         path, batch = os.path.join(staging, fp16_name), args.batch_size or 3
         only_under = "/backbone/" if fp32_name == NORMALIZED_ONNX_NAME else None
         float16_onnx(os.path.join(staging, fp32_name), path, float16_io=args.fp16_io, only_under=only_under)
-        largest, node = largest_value(os.path.join(staging, fp32_name), image_size, batch, only_under) or (None, "")
-        if largest is not None and not largest <= FLOAT16_MAX:
+        largest, node = largest_value(os.path.join(staging, fp32_name), image_size, batch, only_under)
+        if not largest <= FLOAT16_MAX:
             raise ValueError(f"{fp16_name}: {fp32_name}'s node {node} computes {largest:.3g} on the check's batch, "
                              f"past float16's largest value {FLOAT16_MAX:g}: on a GPU computing in float16 it is inf")
         try:
@@ -519,8 +545,7 @@ def _float16(staging: str, model: torch.nn.Module, image_size: int, args: argpar
         else:
             found[fp16_name] = (f"onnxruntime {onnxruntime.__version__} on the CPU matches PyTorch within float16's "
                                 f"precision (max abs difference {difference:.2e})")
-        if largest is not None:
-            found[fp16_name] += f"; its largest value {largest:.3g}, of float16's {FLOAT16_MAX:g}"
+        found[fp16_name] += f"; its largest value {largest:.3g}, of float16's {FLOAT16_MAX:g}"
     return found
 
 
