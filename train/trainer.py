@@ -1869,7 +1869,9 @@ class Trainer:
         elif centre_shards.shard_files(self.output):  # (an earlier save's, --save-sharded: this one holds them all)
             centre_shards.sync_folder(self.output)
             centre_shards.remove_other_saves(self.output, None, 0, 0)
-        if self.args.wandb_artifacts and self.log.wandb is not None:
+        # (Not under WANDB_MODE=disabled, where W&B logs nothing: wandb's staging copy of each checkpoint.pt was made
+        # all the same, and stayed there, never uploaded.)
+        if self.args.wandb_artifacts and self.log.wandb is not None and not getattr(self.log.wandb, "disabled", False):
             self._log_model_artifact(sharded=shard is not None)
 
     def _log_model_artifact(self, sharded: bool) -> None:

@@ -39,6 +39,7 @@ class FakeArtifact:
         with open(local_path, "rb") as f:
             self.files[name or os.path.basename(local_path)] = f.read()
         self.cached[name or os.path.basename(local_path)] = not skip_cache
+        FakeWandb.staged.append(local_path)
 
 
 class FakeRun:
@@ -46,6 +47,7 @@ class FakeRun:
         self.init = kwargs
         self.id = kwargs.get("id") or f"run{len(FakeWandb.runs)}"
         self.logged, self.metrics, self.finished, self.artifacts = [], [], None, []
+        self.disabled = FakeWandb.disabled  # (WANDB_MODE=disabled: wandb.init's run logs nothing)
 
     def define_metric(self, name, step_metric=None):
         self.metrics.append((name, step_metric))
@@ -67,12 +69,14 @@ class FakeRun:
 class FakeWandb(types.ModuleType):
     runs: list = []
     artifact_failure: Exception | None = None  # what each log_artifact raises
+    disabled = False  # the runs' `disabled`
+    staged: list = []  # the files add_file copied (the real one: into W&B's staging folder)
     Artifact = FakeArtifact
 
     def __init__(self, fail=None):
         super().__init__("wandb")
         self.fail = fail
-        FakeWandb.runs, FakeWandb.artifact_failure = [], None
+        FakeWandb.runs, FakeWandb.artifact_failure, FakeWandb.disabled, FakeWandb.staged = [], None, False, []
 
     def init(self, **kwargs):
         if self.fail:
@@ -333,6 +337,30 @@ def test_best_aliases_keep_to_wandbs_alias_limits(faces, tmp_path, fake_wandb):
     assert "best-RFW-African" in aliases and len(set(cut)) == 2 and all(len(alias) == 128 for alias in cut)
     trainer.log.close()
     trainer.release_output()
+
+
+def test_wandb_disabled_stages_no_artifact(faces, tmp_path, fake_wandb):
+    # WANDB_MODE=disabled: W&B logs nothing, but wandb's add_file copied each checkpoint.pt into its staging folder
+    # all the same, where it stayed, never uploaded (test_real_wandb_disabled_leaves_no_staging_copy).
+    FakeWandb.disabled = True
+    assert main(argv(faces, tmp_path / "run", max_steps=4, save_every=2, wandb_artifacts=True)) == 0
+    assert FakeWandb.staged == [] and FakeWandb.runs[-1].artifacts == []
+
+
+@pytest.mark.slow
+def test_real_wandb_disabled_leaves_no_staging_copy(faces, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    # (wandb keeps the settings of its first run in a process, WANDB_MODE among them, until its teardown: public
+    # in later versions, wandb._teardown in 0.17.2.)
+    teardown = getattr(wandb, "teardown", None) or wandb._teardown
+    teardown()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    try:
+        assert main(argv(faces, tmp_path / "run", max_steps=4, save_every=2, wandb_artifacts=True)) == 0
+    finally:
+        teardown()
+    assert [f for f in glob.glob(str(tmp_path / "wandb-data" / "**"), recursive=True) if os.path.isfile(f)] == []
 
 
 @pytest.mark.slow
