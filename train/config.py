@@ -372,11 +372,11 @@ def build_parser() -> ArgumentParser:
                    "default")
     g.add_argument("--wandb-artifacts", "--wandb_artifacts", dest="wandb_artifacts",
                    action=argparse.BooleanOptionalAction, default=False,
-                   help="with --wandb: log each checkpoint.pt the run writes (every --save-every steps, at a stop, "
-                   "at the end) as a version of the W&B run's artifact model-<run id>, of type model, aliased "
-                   "latest, step-<S>, and best (best-<target> for each target) where the save's step has the best "
-                   "verification so far; main process only. With --save-sharded, checkpoint.pt without the centre "
-                   "shards")
+                   help="with --wandb: log each checkpoint.pt the run writes (every --save-every steps, at the "
+                   "end; not a stop by a signal's) as a version of the W&B run's artifact model-<run id>, of type "
+                   "model, aliased latest, step-<S>, and best (best-<target> for each target) where the save's step "
+                   "has the best verification so far; main process only. With --save-sharded, checkpoint.pt without "
+                   "the centre shards")
     g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write loss.png, verification.png and target_angle.png at the end")
     return p

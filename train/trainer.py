@@ -1791,8 +1791,9 @@ class Trainer:
     def _sharded(self) -> bool:
         return getattr(self.margin_loss, "sharded", False)
 
-    def save(self) -> None:
-        """Write the checkpoint (collective: every rank must call it)."""
+    def save(self, artifact: bool = True) -> None:
+        """Write the checkpoint (collective: every rank must call it); ``artifact=False``: not logged to W&B
+        (--wandb-artifacts) even so, for a stop by a signal."""
         finite = checkpoint.all_finite(self.backbone) and checkpoint.all_finite(self.margin_loss)
         # A collapsed fp16 loss scale, which train_step sees at the next step (the last one's has none), is not kept.
         scale_kept = not (self.scaler.is_enabled() and self._loss_scale_collapsed().item())
@@ -1872,7 +1873,11 @@ class Trainer:
         # (Not under WANDB_MODE=disabled, where W&B logs nothing: wandb's staging copy of each checkpoint.pt was made
         # all the same, and stayed there, never uploaded.)
         if self.args.wandb_artifacts and self.log.wandb is not None and not getattr(self.log.wandb, "disabled", False):
-            self._log_model_artifact(sharded=shard is not None)
+            if artifact:
+                self._log_model_artifact(sharded=shard is not None)
+            else:  # (W&B's staging copy, a read of the whole file, and the upload wait would take the stop's grace)
+                self._write(f"note: --wandb-artifacts: the checkpoint of a stop by a signal (step {self.step}) is not "
+                            "logged to W&B; the next save of --resume auto's run is")
 
     def _log_model_artifact(self, sharded: bool) -> None:
         """--wandb-artifacts (the main process, once a save is whole): the checkpoint.pt just written as the next
@@ -2472,7 +2477,7 @@ class Trainer:
                 # it writes the file, once the signalled ranks have done their part of it and ended.
                 signalled = self._stop_signal
                 saving = time.perf_counter()
-                self.save()
+                self.save(artifact=False)
                 saved_in = time.perf_counter() - saving  # against the launcher's grace (torchrun: 30 s)
                 cause = signal.Signals(signalled).name if signalled else "a signal to another process"
                 self._write(f"stopped by {cause} at step {self.step}; checkpoint: {self.checkpoint_path} (written in "
@@ -2493,7 +2498,7 @@ class Trainer:
                 self._final_verification_cut = self.evaluate(final=True)
                 if not self._final_verification_cut:
                     self.verification_cut_short_at = None  # (made whole: the checkpoint below holds it)
-            self.save()
+            self.save(artifact=not self._final_verification_cut)  # (cut: by a signal)
             if self._final_verification_cut and not self._stop_signal:
                 # Another process's signal, which this one did not get: rank 0 says why training.log has no final
                 # verification, as it says a stop at an earlier step ("stopped by a signal to another process").

@@ -5,6 +5,7 @@ import glob
 import io
 import os
 import re
+import signal
 import sys
 import types
 
@@ -267,6 +268,36 @@ def test_a_wandb_artifact_that_fails_is_a_warning_and_the_run_goes_on(faces, tmp
     assert all(line in err and line in log for line in lines)
     assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == 4 and FakeWandb.runs[-1].finished == 0
     assert [r["step"] for r in FakeWandb.runs[-1].logged if "train/loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at_step", [1, 2])  # (a stop in step 2 of 4; in the last step, before the final verification)
+def test_the_checkpoint_of_a_stop_by_a_signal_is_not_logged_as_an_artifact(faces, tmp_path, fake_wandb, monkeypatch,
+                                                                           capsys, at_step):
+    # A scheduler's SIGTERM leaves a grace (Slurm's KillWait, torchrun's 30 s) for the checkpoint: W&B's staging copy
+    # of it (a read of the whole file) and wandb.finish's wait for its upload came after, and took that grace.
+    original_step = Trainer.train_step
+
+    def signalled(self, images, labels):
+        if self.step == at_step:
+            self._on_signal(signal.SIGTERM, None)
+        return original_step(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    output = tmp_path / "run"
+    max_steps = 4 if at_step == 1 else 3  # (step 3 of 3: its checkpoint, then the stop's exit 0)
+    status = main(argv(faces, output, max_steps=max_steps, save_every=0, wandb_artifacts=True))
+    assert status == (128 + signal.SIGTERM if at_step == 1 else 0)
+    step = at_step + 1
+    assert checkpoint.load(str(output / "checkpoint.pt"))["step"] == step
+    assert FakeWandb.runs[-1].artifacts == []
+    note = (f"note: --wandb-artifacts: the checkpoint of a stop by a signal (step {step}) is not logged to W&B; "
+            "the next save of --resume auto's run is")
+    assert note in capsys.readouterr().err and note in (output / "training.log").read_text()
+    monkeypatch.setattr(Trainer, "train_step", original_step)  # (not undo(): the fake wandb is monkeypatch's too)
+    assert main(argv(faces, output, max_steps=max_steps, save_every=0, wandb_artifacts=True, resume="auto")) == 0
+    (artifact, aliases), = FakeWandb.runs[-1].artifacts
+    assert f"step-{max_steps}" in aliases
 
 
 def test_a_save_sharded_artifact_says_its_centres_are_not_in_it(faces, tmp_path, fake_wandb):
