@@ -284,6 +284,25 @@ def test_fp16_io_makes_the_float16_graphs_input_and_output_float16(trained, tmp_
                                atol=export.TOLERANCES["float16"] * max(np.abs(expected).max(), 1))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("io", [[], ["--fp16-io"]])
+def test_a_float16_normalized_graph_is_taken_as_one_of_unit_length(trained, tmp_path, capsys, io):
+    # backbone_normalized_fp16.onnx's length passes through float16 (a step of 2^-10 at 1): ~1.0002, not 1 to
+    # 1e-4, so the tools took it for a backbone's own output and gave norms of 1 (train.verify its XNorm, --norms
+    # a table of 1.0002s) where backbone_normalized.onnx is refused them.
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    ckpt, faces = trained
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path), "--fp16", "--normalized-onnx", *io]) == 0
+    graph = str(tmp_path / "backbone_normalized_fp16.onnx")
+    assert embed.load_model(graph, "cpu")[1].get("unit_length")
+    capsys.readouterr()
+    assert embed.main(["--model", graph, "--images", faces, "--output", str(tmp_path / "e.npy"),
+                       "--norms", str(tmp_path / "norms.csv")]) == 2
+    assert f"embed: error: --norms: {graph} gives embeddings of unit length" in capsys.readouterr().err
+    assert not (tmp_path / "norms.csv").exists()
+
+
 def test_batch_size_fixes_the_graphs_batch_and_the_check_runs_at_it(trained, tmp_path, capsys, monkeypatch):
     # --batch-size N: the graphs' input says N (TensorRT engines, accelerators); the batch dimension was free.
     pytest.importorskip("onnx")
@@ -425,6 +444,31 @@ def test_largest_value_reduces_each_output_inside_the_graph_and_reads_external_d
                     location="tiny.onnx.data", size_threshold=0)
     assert export.largest_value(str(external / "tiny.onnx"), 8) == (largest, node)
     assert sorted(os.listdir(external)) == ["tiny.onnx", "tiny.onnx.data"]  # (the file it ran from, gone)
+
+
+def test_float16_onnx_infers_shapes_from_the_file_as_a_graph_past_2_gb_needs(tmp_path, monkeypatch):
+    # Given the graph in memory, the converter serialised it for onnx's shape inference, which fails past protobuf's
+    # 2 GB ('Failed to serialize proto': seen with a 2.0 GiB graph of external data, as vit_h's and r2060's are).
+    # Given the path, it infers from the file. Here the in-memory inference fails as it does past 2 GB.
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnxruntime.transformers import float16
+
+    def past_2_gb(model, *args, **kwargs):
+        raise ValueError("Failed to serialize proto")
+
+    monkeypatch.setattr(float16, "infer_shapes", past_2_gb)
+    model = TinyPReLUNet().eval()
+    export.export_onnx(model, str(tmp_path / "tiny.onnx"), 8)
+    export.float16_onnx(str(tmp_path / "tiny.onnx"), str(tmp_path / "tiny_fp16.onnx"))
+    assert {tensor.data_type for tensor in onnx.load(str(tmp_path / "tiny_fp16.onnx")).graph.initializer} == {
+        onnx.TensorProto.FLOAT16}
+    x = export.check_batch(8)
+    got = ort.InferenceSession(str(tmp_path / "tiny_fp16.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=0.01 * max(model(x).abs().max().item(), 1))
+    assert sorted(os.listdir(tmp_path)) == ["tiny.onnx", "tiny_fp16.onnx"]  # (the converter's file, gone)
 
 
 def test_sort_nodes_moves_a_node_before_the_nodes_that_read_it_and_keeps_the_rest_in_place():
