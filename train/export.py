@@ -161,17 +161,20 @@ def float16_onnx(fp32_path: str, fp16_path: str, *, float16_io: bool = False, on
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(fp32_path)
-    kept = [node.name for node in model.graph.node if only_under and not node.name.startswith(only_under)]
+    # (the converter is given the path: it then infers the shapes from the file, which works past protobuf's 2 GB;
+    # given the graph in memory, it serialised it, which failed for a graph of 2.0 GiB, as vit_h's and r2060's are)
+    names = [node.name for node in onnx.load(fp32_path, load_external_data=False).graph.node]
+    kept = [name for name in names if only_under and not name.startswith(only_under)]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (its notes on values clamped to float16's range)
-            converted = convert_float_to_float16(model, keep_io_types=not float16_io, node_block_list=kept)
+            converted = convert_float_to_float16(fp32_path, keep_io_types=not float16_io, node_block_list=kept)
     except Exception as error:  # (its failures have no common base)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"onnxruntime's float16 converter failed: {reason}") from error
     _sort_nodes(converted.graph)
-    large = converted.ByteSize() >= 2 ** 31 - 2 ** 20  # (protobuf's limit, less room for the rest)
+    # (protobuf's limit, less room for the rest; the weights counted one by one, as a message past it has no size)
+    large = sum(tensor.ByteSize() for tensor in converted.graph.initializer) >= 2 ** 31 - 2 ** 20
     onnx.save(converted, fp16_path, save_as_external_data=large,
               location=os.path.basename(fp16_path) + ".data" if large else None)
 
