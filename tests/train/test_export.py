@@ -446,6 +446,31 @@ def test_largest_value_reduces_each_output_inside_the_graph_and_reads_external_d
     assert sorted(os.listdir(external)) == ["tiny.onnx", "tiny.onnx.data"]  # (the file it ran from, gone)
 
 
+def test_float16_onnx_infers_shapes_from_the_file_as_a_graph_past_2_gb_needs(tmp_path, monkeypatch):
+    # Given the graph in memory, the converter serialised it for onnx's shape inference, which fails past protobuf's
+    # 2 GB ('Failed to serialize proto': seen with a 2.0 GiB graph of external data, as vit_h's and r2060's are).
+    # Given the path, it infers from the file. Here the in-memory inference fails as it does past 2 GB.
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnxruntime.transformers import float16
+
+    def past_2_gb(model, *args, **kwargs):
+        raise ValueError("Failed to serialize proto")
+
+    monkeypatch.setattr(float16, "infer_shapes", past_2_gb)
+    model = TinyPReLUNet().eval()
+    export.export_onnx(model, str(tmp_path / "tiny.onnx"), 8)
+    export.float16_onnx(str(tmp_path / "tiny.onnx"), str(tmp_path / "tiny_fp16.onnx"))
+    assert {tensor.data_type for tensor in onnx.load(str(tmp_path / "tiny_fp16.onnx")).graph.initializer} == {
+        onnx.TensorProto.FLOAT16}
+    x = export.check_batch(8)
+    got = ort.InferenceSession(str(tmp_path / "tiny_fp16.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), atol=0.01 * max(model(x).abs().max().item(), 1))
+    assert sorted(os.listdir(tmp_path)) == ["tiny.onnx", "tiny_fp16.onnx"]  # (the converter's file, gone)
+
+
 def test_sort_nodes_moves_a_node_before_the_nodes_that_read_it_and_keeps_the_rest_in_place():
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
