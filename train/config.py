@@ -152,7 +152,7 @@ def build_parser() -> ArgumentParser:
                    help="probability of a Gaussian blur (torchvision's GaussianBlur: --blur-kernel taps, a sigma drawn "
                    "from --blur-sigma)")
     g.add_argument("--blur-kernel", dest="blur_kernel", type=int, default=BLUR_KERNEL,
-                   help="--blur-augmentation's kernel size in pixels, odd")
+                   help="--blur-augmentation's kernel size in pixels, odd, at most 2 x --image-size - 1")
     g.add_argument("--blur-sigma", dest="blur_sigma", type=_float_list, default=list(BLUR_SIGMA),
                    help="--blur-augmentation's range of the standard deviation in pixels, LOW,HIGH (or one value), "
                    "drawn uniformly; default 0.1,2.0")
@@ -707,6 +707,13 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
         setattr(args, flag[2:].replace("-", "_"), value + 0.0)  # -0.0 as 0.0 in args.json
     if args.blur_kernel < 3 or args.blur_kernel % 2 == 0:
         raise SystemExit(f"--blur-kernel must be an odd number of pixels, at least 3, got {args.blur_kernel}")
+    # The blur mirrors the image past its edges once, as torchvision's reflect padding does, which needs
+    # the half-kernel below the side (torchvision refuses more): a wider kernel's taps go round the mirror
+    # again, and its weights cost (side x kernel) a line (99999: ~90 MB, ~1 s an image). The low-res
+    # augmentation enlarges the image back to --image-size before the blur, so that side bounds it too.
+    if args.blur_kernel > 2 * args.image_size - 1:
+        raise SystemExit(f"--blur-kernel must be at most 2 x --image-size - 1 = {2 * args.image_size - 1} pixels "
+                         f"(the blur mirrors the image once past each edge, as torchvision's), got {args.blur_kernel}")
     sigma = args.blur_sigma * 2 if len(args.blur_sigma) == 1 else args.blur_sigma  # one value: that sigma always
     if not (len(sigma) == 2 and all(math.isfinite(v) for v in sigma) and 0 < sigma[0] <= sigma[1]):
         raise SystemExit(f"--blur-sigma is LOW,HIGH in pixels with 0 < LOW <= HIGH (or one value), got "

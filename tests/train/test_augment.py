@@ -441,6 +441,11 @@ def test_the_options_make_the_augmentation_and_their_defaults_are_its():
 @pytest.mark.parametrize("argv,message", [
     (["--blur-kernel", "4"], "--blur-kernel must be an odd number of pixels, at least 3, got 4"),
     (["--blur-kernel", "1"], "--blur-kernel must be an odd number of pixels, at least 3, got 1"),
+    # (was accepted: 99999 cost ~90 MB and ~1 s an image, its taps going round the mirrored image again)
+    (["--blur-kernel", "99999", "--data", "x"], r"--blur-kernel must be at most 2 x --image-size - 1 = 223 "
+                                                r"pixels \(the blur mirrors the image once past each edge, as "
+                                                r"torchvision's\), got 99999"),
+    (["--image-size", "32", "--blur-kernel", "65"], r"--blur-kernel must be at most .* = 63 pixels .*, got 65"),
     (["--blur-sigma", "2,1"], r"--blur-sigma is LOW,HIGH in pixels with 0 < LOW <= HIGH \(or one value\), got 2,1"),
     (["--blur-sigma", "0,1"], r"--blur-sigma is LOW,HIGH .*, got 0,1"),
     (["--blur-sigma", "1,2,3"], r"--blur-sigma is LOW,HIGH .*, got 1,2,3"),
@@ -452,6 +457,14 @@ def test_the_strengths_are_checked(argv, message):
     with pytest.raises(SystemExit, match=message) as stop:
         parse_args(argv)
     assert "\n" not in str(stop.value)
+
+
+def test_the_widest_blur_kernel_reads_each_pixel_once_mirrored():
+    # 2 x side - 1: the half-kernel one below the side, the most torchvision's reflect padding takes.
+    assert parse_args(["--image-size", "32", "--blur-kernel", "63"]).blur_kernel == 63
+    assert parse_args(["--blur-kernel", "223", "--data", "x"]).blur_kernel == 223
+    image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    assert gaussian_blur(image, 63, 1e3).shape == image.shape
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -100,8 +100,9 @@ class IResNet(FaceBackbone):
         image_size: input side in pixels (square); sets the FC layer's input size.
         stem_width: channels of the stem conv (defaults to ``widths[0]``).
         stem_stride: stride of the stem conv (1 in the paper; 2 halves the cost of small nets).
-        gradient_checkpointing: recompute each block in the backward pass to save memory
-            (BatchNorm running statistics then see each batch twice).
+        gradient_checkpointing: recompute blocks in the backward pass to save memory: every block, each
+            alone, without ``checkpoint_segments``; with them, all but each stage's last segment and the
+            stages given 0 (BatchNorm running statistics then see each batch twice in the recomputed blocks).
         checkpoint_segments: with ``gradient_checkpointing``, the segments each stage is recomputed in, as
             ``torch.utils.checkpoint.checkpoint_sequential`` splits it (its last segment is kept, not
             recomputed); 0 keeps a stage. None (the default): each block is its own segment.
