@@ -47,6 +47,9 @@ FP16_ONNX_NAME, NORMALIZED_FP16_ONNX_NAME = "backbone_fp16.onnx", "backbone_norm
 # earlier export's would pass for the new backbone's).
 GRAPH_NAMES = (ONNX_NAME, NORMALIZED_ONNX_NAME, INT8_ONNX_NAME, NORMALIZED_INT8_ONNX_NAME, FP16_ONNX_NAME,
                NORMALIZED_FP16_ONNX_NAME)
+# The weights of a float16 graph past protobuf's 2 GB (r2060's), in a file beside it (float16_onnx): removed
+# and set aside with the graphs (torch's files of an fp32 graph's external data, one a tensor, are not).
+FP16_DATA_NAMES = tuple(name + ".data" for name in (FP16_ONNX_NAME, NORMALIZED_FP16_ONNX_NAME))
 # How far onnxruntime's embeddings may be from PyTorch's, as a fraction of the largest value (at least 1):
 # fp32 graphs differ by rounding alone; float16 keeps about 3 significant digits. On the CPU, which computes
 # most float16 nodes in float32 (onnxruntime casts their inputs), r18, mbf, vit_t and small at 112 px were
@@ -472,7 +475,7 @@ def _export(args: argparse.Namespace) -> int:
 
         # Graphs of an earlier export that this one does not write would pass for this one's.
         written = set(os.listdir(staging))
-        stale = [os.path.join(output, name) for name in GRAPH_NAMES
+        stale = [os.path.join(output, name) for name in GRAPH_NAMES + FP16_DATA_NAMES
                  if name not in written and os.path.exists(os.path.join(output, name))]
         with signals_held():  # all the files move, and the stale ones go, or nothing changes
             # The state dict last: a reader that takes backbone.pt for the sign of a finished export finds

@@ -471,6 +471,28 @@ def test_float16_onnx_infers_shapes_from_the_file_as_a_graph_past_2_gb_needs(tmp
     assert sorted(os.listdir(tmp_path)) == ["tiny.onnx", "tiny_fp16.onnx"]  # (the converter's file, gone)
 
 
+def test_a_float16_graphs_external_data_goes_and_is_set_aside_with_it(trained, tmp_path, capsys):
+    # A float16 graph past protobuf's 2 GB (r2060's) keeps its weights in backbone_fp16.onnx.data beside it: an export
+    # without --fp16 removed the graph and left its 2 GB of weights, and a fresh run set the graph aside without them.
+    from train import trainer
+
+    ckpt, _ = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("backbone_fp16.onnx", "backbone_fp16.onnx.data", "backbone_normalized_fp16.onnx.data"):
+        (out / name).write_text("an earlier export's")
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--no-onnx"]) == 0
+    assert sorted(os.listdir(out)) == ["backbone.json", "backbone.pt"]
+    assert f"removed {out / 'backbone_fp16.onnx.data'}: it was from an earlier export" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pt", "backbone_fp16.onnx", "backbone_fp16.onnx.data"):
+        (run / name).write_text("a run's")
+    aside = trainer.set_aside_earlier_run(str(run))
+    assert os.listdir(run) == ["earlier-1"]
+    assert sorted(os.listdir(aside)) == ["backbone_fp16.onnx", "backbone_fp16.onnx.data", "checkpoint.pt"]
+
+
 def test_sort_nodes_moves_a_node_before_the_nodes_that_read_it_and_keeps_the_rest_in_place():
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
