@@ -3,6 +3,7 @@
     python benchmarks/bench_loader.py                    # a RecordIO pack of synthetic faces, made here
     python benchmarks/bench_loader.py --data /data/faces_emore --device cuda --workers 1,2,4,8
     python benchmarks/bench_loader.py --augment 0,0.2,1 --scaled-on device   # AdaFace's augmentations' cost
+    python benchmarks/bench_loader.py --augment 0,0.2,1 --kinds all          # all six, blur, hue, grayscale too
 
 The trainer's loader (`train.data.build_train_loader`, random order, random flips) over a folder in
 insightface's layout (`train.rec` + `train.idx`, JPEG faces) or any other `--data` the trainer takes.
@@ -14,9 +15,11 @@ them) are packed into a temporary folder with `train.tools.pack_rec`. For each -
   - `worker`: the batch scaled to float32 in the workers, as the trainer did before, then copied.
 A row times --batches batches of --batch-size after --warmup batches (worker start-up excluded), up to
 the device holding the scaled batch (synchronised at the end on CUDA). The main process runs one
-intra-op thread. --augment p adds AdaFace's three augmentations (`--crop-augmentation`,
-`--low-res-augmentation`, `--photometric-augmentation`), each with probability p, a row set for each p.
-Rows (device, CPU, versions, git sha, augmentation, images/s) go to --out when given.
+intra-op thread. --augment p adds the augmentations --kinds names, each with probability p, a row set for
+each p: by default AdaFace's three (`--crop-augmentation`, `--low-res-augmentation`,
+`--photometric-augmentation`); `--kinds all` adds the blur, hue and grayscale (`--blur-augmentation`,
+`--hue-augmentation`, `--grayscale-augmentation`, at their default strengths), or name some (`--kinds blur,hue`).
+Rows (device, CPU, versions, git sha, augmentation and its kinds, images/s) go to --out when given.
 """
 import argparse
 import os
@@ -32,9 +35,13 @@ if ROOT not in sys.path:
 
 from benchmarks.bench_loss import device_name, git_sha, write_rows  # noqa: E402
 from train.data import Augmentation, build_train_dataset, build_train_loader, stop_loader_workers  # noqa: E402
+from train.data.augment import ORDER  # noqa: E402
 from train.data.synthetic import render_face  # noqa: E402
 from train.data.transforms import encode_image, to_model_input  # noqa: E402
 from train.tools.pack_rec import pack_image_folder  # noqa: E402
+
+
+ADAFACE = ("crop", "low_res", "photometric")  # --kinds' default: the rows of before the other three came
 
 
 class ScaledInWorkers(torch.utils.data.Dataset):
@@ -93,7 +100,10 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--augment", default="0",
-                        help="comma-separated probabilities of AdaFace's three augmentations (each), a row set each")
+                        help="comma-separated probabilities of each of --kinds' augmentations, a row set each")
+    parser.add_argument("--kinds", default=",".join(ADAFACE),
+                        help=f"the augmentations --augment turns on, comma-separated, of {', '.join(ORDER)}, or all; "
+                        "default AdaFace's three")
     parser.add_argument("--scaled-on", default="device,worker", help="the rows: device, worker or both")
     parser.add_argument("--out", help="write the rows (JSON) here")
     args = parser.parse_args(argv)
@@ -101,9 +111,13 @@ def main(argv=None):
     torch.set_num_threads(1)
     device = torch.device(args.device)
     workers = [int(w) for w in args.workers.split(",")]
+    kinds = list(ORDER) if args.kinds == "all" else [kind.strip() for kind in args.kinds.split(",")]
+    if not kinds or not set(kinds) <= set(ORDER):
+        parser.error(f"--kinds takes all or some of {', '.join(ORDER)}, comma-separated, got {args.kinds}")
+    kinds = [kind for kind in ORDER if kind in kinds]  # (in the order they apply, each once)
     try:
         probabilities = [float(p) for p in args.augment.split(",")]
-        augmentations = [Augmentation(crop=p, low_res=p, photometric=p) for p in probabilities]
+        augmentations = [Augmentation(**dict.fromkeys(kinds, p)) for p in probabilities]
     except ValueError as error:  # before the packing and the timing, not after them
         parser.error(f"--augment {args.augment}: probabilities in [0, 1], comma-separated ({error})")
     scaled_on = args.scaled_on.split(",")
@@ -120,10 +134,10 @@ def main(argv=None):
         common = dict(device=device_name(device), cpu=device_name(torch.device("cpu")), cores=os.cpu_count(),
                       torch=torch.__version__, git=git_sha(), data=args.data or f"synthetic {args.images}",
                       images=len(dataset), image_size=args.image_size, batch_size=args.batch_size,
-                      batches=args.batches)
+                      batches=args.batches, augmentations=",".join(kinds))
         print(f"{common['device']} | {common['cpu']}, {common['cores']} cores | torch {common['torch']} | "
               f"git {common['git']} | {common['data']} ({len(dataset)} images, {args.image_size} px) | "
-              f"batch {args.batch_size}")
+              f"batch {args.batch_size}" + (f" | augment {common['augmentations']}" if any(probabilities) else ""))
         print(f"{'augment':>7} {'workers':>7} {'scaled on':>9} {'images/s':>9} {'MB/batch':>9}")
         rows = []
         for (p, augmentation), count in ((pair, count) for pair in zip(probabilities, augmentations)

@@ -25,6 +25,7 @@ from conftest import HeldFile, load_benchmark, settle, spawn_ranks
 from trainer_fixtures import REPO
 
 from train.data import (
+    Augmentation,
     ImageFolderDataset,
     ImageListDataset,
     RecordIODataset,
@@ -1577,7 +1578,28 @@ def test_loader_benchmark_runs_on_a_pack_of_its_own(tmp_path, monkeypatch):
                        "--workers", "0", "--augment", "0,0.5", "--scaled-on", "device", "--out", str(out)])
     rows = json.loads(out.read_text())
     assert [(row["augment"], row["scaled_on"]) for row in rows] == [(0, "device"), (0.5, "device")]
+    assert {row["augmentations"] for row in rows} == {"crop,low_res,photometric"}  # (AdaFace's three, as before)
 
+
+def test_loader_benchmark_times_the_augmentations_kinds_names(tmp_path, monkeypatch):
+    # --kinds all: the blur, hue and grayscale too (--augment timed AdaFace's three alone), named in the rows.
+    out = tmp_path / "rows.json"
+    bench_loader = load_benchmark("bench_loader")
+    monkeypatch.setitem(sys.modules, "bench_loader", bench_loader)
+    augmented = []
+    build_loader = bench_loader.build_train_loader
+    monkeypatch.setattr(bench_loader, "build_train_loader",
+                        lambda source, **kw: augmented.append(source.augment) or build_loader(source, **kw))
+    small = ["--images", "8", "--image-size", "32", "--batch-size", "4", "--batches", "1", "--warmup", "0",
+             "--workers", "0", "--scaled-on", "device"]
+    bench_loader.main(small + ["--augment", "0.5", "--kinds", "all", "--out", str(out)])
+    assert augmented == [Augmentation(crop=0.5, low_res=0.5, blur=0.5, photometric=0.5, hue=0.5, grayscale=0.5)]
+    assert json.loads(out.read_text())[0]["augmentations"] == "crop,low_res,blur,photometric,hue,grayscale"
+    augmented.clear()
+    bench_loader.main(small + ["--augment", "1", "--kinds", "hue, blur"])
+    assert augmented == [Augmentation(blur=1, hue=1)]
+    with pytest.raises(SystemExit):
+        bench_loader.main(["--kinds", "blur,sharpen"])
 
 @pytest.mark.slow
 def test_a_tests_thread_count_is_not_the_next_ones(tmp_path):
