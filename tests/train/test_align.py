@@ -408,6 +408,33 @@ def test_quoted_names_may_hold_spaces_and_commas(photos, tmp_path):
     assert (out / "c,d.jpg").is_file()
 
 
+def test_a_killed_worker_is_one_line_and_leaves_the_crops_written(photos, tmp_path, capsys, monkeypatch):
+    # (The kernel's out-of-memory killer.) The Pool started another worker and waited forever for the faces the
+    # killed one held.
+    import multiprocessing
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the workers see the patched writer only when forked")
+    root, names, _, landmarks = photos
+    listing = write(tmp_path / "lm.txt", lines(names, landmarks))
+    out = tmp_path / "aligned"
+    write_file_atomic = align.write_file_atomic
+
+    def killed_at_the_third(path, data):
+        if path.endswith(os.path.join("person1", "0.png")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_file_atomic(path, data)
+
+    monkeypatch.setattr(align, "write_file_atomic", killed_at_the_third)
+    assert align.main(["--images", root, "--landmarks", listing, "--output", str(out), "--format", "png",
+                       "--workers", "2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "align: error: a process aligning the faces ended without a word (exit code -9; out of memory?): the crops "
+        "written are whole; rerun with --skip-existing to align the rest")
+    assert sorted(os.listdir(out / "person0")) == ["0.png", "1.png"]  # (one worker held all 6: a chunk is 32)
+    assert not [name for _, _, files in os.walk(out) for name in files if name.endswith(".tmp")]
+
+
 def test_temporaries_of_killed_workers_are_removed(tmp_path):
     (tmp_path / "a").mkdir()
     kept = [".hidden.jpg", "x.jpg", ".x.jpg.1234abcd.tmp.jpg", ".x.jpg.zz34abcd.tmp"]

@@ -339,6 +339,11 @@ def _align_one(index: int) -> tuple[int, str]:
     return index, ""
 
 
+def _align_faces(indices: range) -> list[tuple[int, str]]:
+    """`_align_one` of each of `indices`: a worker's task."""
+    return [_align_one(index) for index in indices]
+
+
 def align_folder(images: str, names: list[str], landmarks: np.ndarray, outputs: list[str], *, image_size: int = 112,
                  fmt: str = "jpeg", quality: int = 95, workers: int = 0,
                  progress: bool = True) -> list[tuple[int, str]]:
@@ -353,8 +358,12 @@ def align_folder(images: str, names: list[str], landmarks: np.ndarray, outputs: 
         results = map(_align_one, range(len(names)))
         failures = _collect(results, bar)
     else:
+        before = set(multiprocessing.active_children())
         with multiprocessing.get_context().Pool(workers, initializer=_start, initargs=(job,)) as pool:
-            failures = _collect(pool.imap_unordered(_align_one, range(len(names)), chunksize=32), bar)
+            started = set(multiprocessing.active_children()) - before  # (a Pool starts its workers at once)
+            chunks = pool.imap_unordered(_align_faces, (range(start, min(start + 32, len(names)))
+                                                        for start in range(0, len(names), 32)))
+            failures = _collect(_while_the_workers_live(chunks, started), bar)
     if bar is not None:
         bar.close()
     return sorted(failures)
@@ -364,6 +373,26 @@ def _progress(total: int, enabled: bool):
     from train.progress import progress_bar
 
     return progress_bar(total, "align", "face") if enabled else None
+
+
+class WorkerEnded(OSError):
+    """A worker process of align_folder's pool ended in the middle of the run."""
+
+
+def _while_the_workers_live(chunks, workers):
+    """The results of a Pool's ``chunks`` (its imap_unordered, a list each) as they come; WorkerEnded once one of
+    its ``workers`` has ended (killed by the kernel's out-of-memory killer, say): the Pool starts another but
+    waits forever for the faces the killed one held."""
+    while True:
+        try:
+            yield from chunks.next(timeout=1)
+        except StopIteration:
+            return
+        except multiprocessing.TimeoutError:
+            ended = [worker.exitcode for worker in workers if worker.exitcode is not None]
+            if ended:
+                raise WorkerEnded(f"a process aligning the faces ended without a word (exit code {ended[0]}; "
+                                  "out of memory?)") from None
 
 
 def _collect(results, bar) -> list[tuple[int, str]]:
@@ -533,6 +562,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"\nalign: stopped by {stop.name}: the crops written are whole; rerun with --skip-existing to align the "
               "rest", file=sys.stderr)
         return 128 + stop.number
+    except WorkerEnded as error:
+        remove_temporaries(folders)
+        print(f"\nalign: error: {error}: the crops written are whole; rerun with --skip-existing to align the rest",
+              file=sys.stderr)
+        return 2
     reasons = dict(failures)
     if reasons:  # a crop that could not be written (a full disk) leaves the folder made for it empty
         for folder in made:
