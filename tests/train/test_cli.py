@@ -17,8 +17,8 @@ from trainer_fixtures import REPO
 # Every command but python -m train (whose parser is build_parser's).
 ENTRY_POINTS = ["train.verify", "train.embed", "train.export", "train.ijb", "train.tinyface", "train.plots",
                 "train.tools.align", "train.tools.clean", "train.tools.cluster", "train.tools.detect",
-                "train.tools.make_bin", "train.tools.pack_rec", "train.tools.preview", "train.tools.quality",
-                "train.tools.roc", "train.tools.search"]
+                "train.tools.make_bin", "train.tools.mfr_check", "train.tools.pack_rec", "train.tools.preview",
+                "train.tools.quality", "train.tools.roc", "train.tools.search"]
 
 
 def test_the_commands_are_all_here():

@@ -6,7 +6,8 @@ an unlabelled collection grouped by person, as a table and an ImageFolder), `sea
 among a gallery of named people), `roc` (1:1 verification on a labelled folder of faces: TAR and
 threshold at each false accept rate, the EER, and the pairs that fail), `quality` (each face's quality as
 its feature norm, the faces to drop, and the error-versus-reject evaluation of a quality score on
-verification pairs) and `preview` (a grid of training images as the network sees them); and the checks
+verification pairs), `preview` (a grid of training images as the network sees them) and `mfr_check` (an ONNX
+model against the rules of insightface's MFR challenge for a submission); and the checks
 that `pack_rec`, `make_bin`, `train.embed` and `train.ijb` make of their arguments before any work,
 so that a mistake costs no time, with the parser whose error line begins with the command's name."""
 
