@@ -5,7 +5,8 @@ this trainer's options, so that ``--config configs/wf42m_pfc02_r100.py`` runs wh
 The file is parsed, never executed: only assignments ``config.<key> = <value>`` count, where a
 value is a literal (numbers, strings, booleans, None, tuples, lists) or arithmetic on literals and
 earlier ``config.<key>`` values (``config.num_epoch // 10``), and ``from configs.<name> import config``,
-which applies the assignments of ``<name>.py`` beside it. Keys the file leaves out take the
+which applies the assignments of ``<name>.py`` beside it; a ``def`` is kept as data, read where
+``config.lr_func`` names it (below). Keys the file leaves out take the
 defaults of the ``base.py`` beside it, as arcface_torch's ``get_config`` merges its ``configs/base.py``
 (those of arcface_torch's own ``base.py`` when there is none).
 
@@ -40,6 +41,15 @@ How its settings map:
   ``--wandb-artifacts`` (checkpoint.pt at each save, as versions of one artifact, where train_v2.py logs
   model.pt as an artifact of its own each epoch);
 - ``dali`` and ``save_all_states`` have no counterpart and are reported as ignored;
+- older arcface_torch's step schedule (its ``train.py``, before ``train_v2.py``'s PolyScheduler), where a
+  config has one: ``decay_epoch`` (a list of epochs; ``train.py`` multiplied the learning rate by 0.1 at
+  ``epoch * num_image // (batch_size * world_size)`` steps, after a linear warm-up of ``warmup_epoch``) or
+  ``lr_func`` (``def lr_step_func(epoch): return ...``, its multiplier of each epoch, applied epoch by
+  epoch) -> ``--lr-schedule step --lr-steps`` and ``--warmup-steps``, with ``--lr`` scaled as that
+  ``train.py`` scaled it, by ``batch_size * world_size / 512``. The function is not run: its one returned
+  expression is evaluated as the lines are (literals, arithmetic, ``config.<key>``), with the epoch, a
+  comparison, ``x if c else y``, ``len`` and a list comprehension over literals besides, for each epoch;
+  what is not a warm-up then powers of 0.1 is refused;
 - ``interclass_filtering_threshold`` -> ``--interclass-filter`` (the chunked PyTorch path, sharded
   like the rest with more than one process).
 """
@@ -48,6 +58,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import math
 import operator
 import os
 import sys
@@ -61,6 +72,10 @@ BASE = {
     "momentum": 0.9, "weight_decay": 5e-4, "verbose": 2000, "frequent": 10, "dali": False, "gradient_acc": 1,
     "seed": 2048, "num_workers": 2, "val_targets": ["lfw", "cfp_fp", "agedb_30"], "warmup_epoch": 0,
 }
+# Older arcface_torch's step schedule (train.py), read where a config has one: train_v2.py ignores them.
+STEP_SCHEDULE = ("decay_epoch", "lr_func")
+# train.py's learning rate: the config's lr is for a batch of 512 (`config.lr = 0.1  # batch size is 512`).
+STEP_SCHEDULE_BATCH = 512
 # Switches with no counterpart here, reported when a config turns them on, with what happens instead
 # (a bare "ignored" read as if checkpoints of every state were not written).
 IGNORED = {"dali": "PyTorch's DataLoader reads the data",
@@ -69,7 +84,7 @@ IGNORED = {"dali": "PyTorch's DataLoader reads the data",
            "save_all_states": "checkpoint.pt holds every state anyway, for --resume"}
 REQUIRED = ("rec", "num_classes", "num_image", "num_epoch")
 # Keys of arcface_torch's configs that are read above, or that only its wandb logger reads.
-KNOWN = {*BASE, *IGNORED, *REQUIRED, "using_wandb", "wandb_key", "suffix_run_name", "wandb_entity",
+KNOWN = {*BASE, *IGNORED, *REQUIRED, *STEP_SCHEDULE, "using_wandb", "wandb_key", "suffix_run_name", "wandb_entity",
          "wandb_project", "wandb_log_all", "wandb_resume", "save_artifacts", "notes"}
 
 # The numeric keys, integers or any number: anything else (None, a string, a boolean) is named as an
@@ -81,6 +96,44 @@ NUMBERS = ("warmup_epoch", "lr", "sample_rate", "interclass_filtering_threshold"
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+# Read in an lr_func's expression alone: its comparisons and `not`.
+_COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq,
+            ast.NotEq: operator.ne}
+
+
+class LrFunction:
+    """A config's ``def lr_step_func(epoch): return <expression>`` (or a lambda) given as ``config.lr_func``:
+    older arcface_torch's learning-rate multiplier of an epoch. Kept as its syntax tree; a call evaluates
+    the one expression it returns with :func:`_evaluate`, never runs it."""
+
+    def __init__(self, node: ast.FunctionDef | ast.Lambda, path: str):
+        self.node, self.path = node, path
+        self.name = node.name if isinstance(node, ast.FunctionDef) else "<lambda>"
+
+    def __repr__(self) -> str:
+        return f"<function {self.name}>"
+
+    def __call__(self, epoch: int, values: dict[str, Any]) -> Any:
+        node, arguments = self.node, self.node.args
+        if isinstance(node, ast.Lambda):
+            expression = node.body
+        else:
+            body = node.body
+            if (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                body = body[1:]  # (a docstring)
+            expression = body[0].value if len(body) == 1 and isinstance(body[0], ast.Return) else None
+        parameters = arguments.posonlyargs + arguments.args
+        if (expression is None or len(parameters) != 1 or arguments.vararg or arguments.kwarg
+                or arguments.kwonlyargs):
+            raise SystemExit(f"{self.path}:{node.lineno}: config.lr_func = {self.name}: only a function of the epoch "
+                             "that returns one expression is read (older arcface_torch's lr_step_func); give its "
+                             "epochs as config.decay_epoch instead")
+        try:
+            return _evaluate(expression, values, self.path, {parameters[0].arg: epoch})
+        except (TypeError, ValueError, ArithmeticError) as error:  # (len of a number, 1 < 'a', 1 / 0)
+            raise SystemExit(f"{self.path}:{node.lineno}: config.lr_func = {self.name} cannot be read at epoch "
+                             f"{epoch}: {error}") from None
 
 
 def is_insightface_config(path: str) -> bool:
@@ -128,6 +181,7 @@ def _assignments(path: str, values: dict[str, Any], defaults: dict[str, Any],
     except SyntaxError as error:
         raise SystemExit(f"{path}: not a Python config file: {error}") from None
     importers = (*importers, os.path.abspath(path))
+    functions: dict[str, ast.FunctionDef] = {}  # (older configs' lr_step_func, given as config.lr_func)
     for node in tree.body:
         try:
             if isinstance(node, ast.ImportFrom) and any(alias.name == "config" and alias.asname in (None, "config")
@@ -138,6 +192,9 @@ def _assignments(path: str, values: dict[str, Any], defaults: dict[str, Any],
                 continue
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
+            if isinstance(node, ast.FunctionDef) and skipped is None:  # (data: read where config.lr_func names it)
+                functions[node.name] = node
+                continue
             if isinstance(node, ast.Assign) and len(node.targets) == 1:
                 target = node.targets[0]
                 if isinstance(target, ast.Name) and target.id == "config":
@@ -145,7 +202,12 @@ def _assignments(path: str, values: dict[str, Any], defaults: dict[str, Any],
                     continue
                 if (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
                         and target.value.id == "config"):
-                    values[target.attr] = _evaluate(node.value, values, path)
+                    if isinstance(node.value, ast.Name) and node.value.id in functions:
+                        values[target.attr] = LrFunction(functions[node.value.id], path)
+                    elif isinstance(node.value, ast.Lambda):
+                        values[target.attr] = LrFunction(node.value, path)
+                    else:
+                        values[target.attr] = _evaluate(node.value, values, path)
                     continue
             raise SystemExit(f"{path}:{node.lineno}: only `config.<key> = <value>` lines are read from an "
                              "arcface_torch config (the file is parsed, not run)")
@@ -171,16 +233,51 @@ def _imported_config(node: ast.ImportFrom, path: str, importers: tuple[str, ...]
     return other
 
 
-def _evaluate(node: ast.AST, values: dict[str, Any], path: str) -> Any:
+def _evaluate(node: ast.AST, values: dict[str, Any], path: str, names: dict[str, Any] | None = None) -> Any:
+    """The value of a config line's expression; with ``names`` (an lr_func's parameter, a comprehension's
+    variable), of an lr_func's, which may also compare, choose (``x if c else y``), take ``len`` and build a
+    list by a comprehension."""
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, (ast.Tuple, ast.List)):
-        items = [_evaluate(item, values, path) for item in node.elts]
+        items = [_evaluate(item, values, path, names) for item in node.elts]
         return tuple(items) if isinstance(node, ast.Tuple) else items
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_evaluate(node.operand, values, path))
+        return _UNARY[type(node.op)](_evaluate(node.operand, values, path, names))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](_evaluate(node.left, values, path), _evaluate(node.right, values, path))
+        return _BINARY[type(node.op)](_evaluate(node.left, values, path, names),
+                                      _evaluate(node.right, values, path, names))
+    if names is not None:
+        if isinstance(node, ast.Name) and node.id in names:
+            return names[node.id]
+        if isinstance(node, ast.IfExp):
+            chosen = node.body if _evaluate(node.test, values, path, names) else node.orelse
+            return _evaluate(chosen, values, path, names)
+        if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+            left = _evaluate(node.left, values, path, names)
+            for op, comparator in zip(node.ops, node.comparators):
+                right = _evaluate(comparator, values, path, names)
+                if not _COMPARE[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        if isinstance(node, ast.BoolOp):
+            items = (_evaluate(item, values, path, names) for item in node.values)
+            return all(items) if isinstance(node.op, ast.And) else any(items)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return not _evaluate(node.operand, values, path, names)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "len"
+                and len(node.args) == 1 and not node.keywords):
+            return len(_evaluate(node.args[0], values, path, names))
+        if (isinstance(node, ast.ListComp) and len(node.generators) == 1
+                and isinstance(node.generators[0].target, ast.Name) and not node.generators[0].is_async):
+            loop = node.generators[0]
+            items = []
+            for item in _evaluate(loop.iter, values, path, names):
+                inner = {**names, loop.target.id: item}
+                if all(_evaluate(condition, values, path, inner) for condition in loop.ifs):
+                    items.append(_evaluate(node.elt, values, path, inner))
+            return items
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config":
         if node.attr not in values:
             raise SystemExit(f"{path}:{node.lineno}: config.{node.attr} is used before it is set")
@@ -238,7 +335,10 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         max_steps = 1
     warmup_steps = int(steps_per_epoch * config["warmup_epoch"]) // passes
     lr = float(config["lr"])
-    if warmup_steps < 0:
+    step_schedule = _step_schedule(config, path, batch * world_size, passes, warmup_steps, max_steps, lr)
+    if step_schedule is not None:
+        lr_steps, warmup_steps, lr, schedule_ignored = step_schedule
+    elif warmup_steps < 0:
         # A negative warm-up (configs/3millions.py: warmup_epoch = -1) never warms up in
         # arcface_torch's PolyScheduler (`last_epoch < warmup_steps` never holds); its decay
         # base_lr * (1 - (t - w) / (T - w))^2 at w = -W is base_lr * ((T - t) / (T + W))^2: the decay
@@ -266,7 +366,8 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         # (arcface_torch filters when the threshold is > 0: a negative one is off there too)
         "interclass-filter": max(0.0, float(config["interclass_filtering_threshold"])),
         "optimizer": config["optimizer"], "lr": lr, "decay": float(config["weight_decay"]),
-        "lr-schedule": "poly", "max-steps": max_steps, "warmup-steps": warmup_steps,
+        "lr-schedule": "poly" if step_schedule is None else "step", "max-steps": max_steps,
+        "warmup-steps": warmup_steps, "lr-steps": None if step_schedule is None else lr_steps,
         "batch-size": batch, "gradient-acc": passes, "amp": "fp16" if config["fp16"] else "none",
         "grad-clip": 5.0, "seed": int(config["seed"]), "num-workers": int(config["num_workers"]),
         "val-targets": ",".join(config["val_targets"]) or "none", "eval-every": every,
@@ -288,6 +389,7 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
         if config.get("save_artifacts"):
             options["wandb-artifacts"] = True
     ignored = [f"{key} ({why})" for key, why in IGNORED.items() if config.get(key)]
+    ignored += [] if step_schedule is None else schedule_ignored
     if config.get("save_artifacts") and not config.get("using_wandb"):
         ignored.append("save_artifacts (without using_wandb, as in train_v2.py: no W&B run to log to)")
     if float(config.get("momentum", 0.9)) != 0.9:
@@ -305,3 +407,92 @@ def to_options(config: dict[str, Any], path: str, world_size: int | None = None)
     if unknown:  # an older arcface_torch's key (config.loss, config.decay_epoch), or another fork's
         _note(f"{path}: keys arcface_torch's train_v2.py does not have, ignored: {', '.join(unknown)}")
     return options
+
+
+def _step_schedule(config: dict[str, Any], path: str, total_batch: int, passes: int, warmup_steps: int,
+                   max_steps: int, lr: float) -> tuple[list[int], int, float, list[str]] | None:
+    """Older arcface_torch's step schedule (its train.py), where the config has one: ``--lr-steps``,
+    ``--warmup-steps`` and ``--lr`` for it, and what of it is ignored; None where it has none.
+
+    train.py took its learning rate as ``lr / 512 * batch_size * world_size`` and multiplied it by 0.1 at
+    each of ``config.decay_epoch``, at ``epoch * num_image // (batch_size * world_size)`` steps, after a
+    linear warm-up of ``warmup_epoch`` (none when negative); earlier, by ``config.lr_func(epoch)`` for each
+    epoch (LambdaLR stepped once an epoch), its own warm-up inside."""
+    decay_epoch, lr_func = config.get("decay_epoch"), config.get("lr_func")
+    if decay_epoch is None and lr_func is None:
+        return None
+    num_image, num_epoch = int(config["num_image"]), int(config["num_epoch"])
+    lr *= total_batch / STEP_SCHEDULE_BATCH
+    ignored: list[str] = []
+    if decay_epoch is not None:
+        if not (isinstance(decay_epoch, (list, tuple)) and all(
+                isinstance(e, (int, float)) and not isinstance(e, bool) for e in decay_epoch)):
+            raise SystemExit(f"{path}: config.decay_epoch = {decay_epoch!r}: a list of epochs expected ([8, 14])")
+        decays = [(e, int(e * num_image // total_batch) // passes) for e in decay_epoch]
+        warmup_steps = max(0, warmup_steps)  # (train.py: `current_step < warmup_step` never holds below 0)
+        key, given = "config.decay_epoch", f"config.decay_epoch {list(decay_epoch)}"
+        if lr_func is not None:
+            ignored.append("lr_func (train.py of decay_epoch's time read decay_epoch alone)")
+    else:
+        if not isinstance(lr_func, LrFunction):
+            raise SystemExit(f"{path}: config.lr_func = {lr_func!r}: a function of the epoch expected "
+                             "(def lr_step_func(epoch): ...)")
+        decays, warmup_epochs = _lr_func_decays(lr_func, config, path, num_epoch)
+        steps_per_epoch = num_image // total_batch
+        decays = [(e, e * steps_per_epoch // passes) for e in decays]
+        warmup_steps = warmup_epochs * steps_per_epoch // passes
+        key = "config.lr_func"
+        given = f"config.lr_func ({lr_func.name}: x 0.1 from epoch{'s' if len(decays) != 1 else ''} " \
+                f"{', '.join(str(e) for e, _ in decays) or 'none'} of 0-{num_epoch - 1})"
+        if warmup_epochs:
+            shape = ", ".join(f"{lr_func(e, config):.3g}" for e in range(warmup_epochs))
+            ignored.append(f"lr_func's warm-up shape ({shape} of lr in epochs 0-{warmup_epochs - 1}, one value an "
+                           f"epoch; linear over its {warmup_steps} steps here)")
+    steps = [step for _, step in decays]
+    lr *= 0.1 ** sum(step < 1 for step in steps)  # (a decay from the first step: a lower rate)
+    lr_steps = sorted(step for step in steps if step >= 1)
+    twice = sorted({(epoch, step) for epoch, step in decays if step >= 1 and steps.count(step) > 1})
+    if twice:
+        raise SystemExit(f"{path}: {key} divides the learning rate by 10 more than once at one step (epoch "
+                         f"{twice[0][0]}, step {twice[0][1]}), which --lr-steps cannot: give --lr-steps and --lr")
+    if not lr_steps:  # (no decay within the run: the base rate throughout)
+        lr_steps = [max_steps]
+    _note(f"{path}: {given} is older arcface_torch's step schedule (its train.py: lr x 0.1 at each, after the "
+          f"warm-up, from lr x batch_size x world_size / {STEP_SCHEDULE_BATCH}): --lr-schedule step --lr-steps "
+          f"{','.join(map(str, lr_steps))} --warmup-steps {warmup_steps} --lr {lr:.6g}")
+    return lr_steps, warmup_steps, lr, ignored
+
+
+def _lr_func_decays(lr_func: LrFunction, config: dict[str, Any], path: str, num_epoch: int) -> tuple[list[int], int]:
+    """The epochs from which ``lr_func`` multiplies by 0.1 once more (an epoch twice for 0.01), and the
+    epochs of its warm-up before them: older arcface_torch's lr_step_func, ``((epoch + 1) / (4 + 1)) ** 2
+    if epoch < config.warmup_epoch else 0.1 ** len([m for m in [11, 17, 22] if m - 1 <= epoch])``. Any
+    other shape is refused, naming the epoch where it departs."""
+    multipliers = []
+    for epoch in range(num_epoch):
+        value = lr_func(epoch, config)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SystemExit(f"{path}: config.lr_func({epoch}) = {value!r}: a number expected")
+        multipliers.append(float(value))
+
+    def decays(value: float) -> int | None:  # k where value is 0.1 ** k
+        k = round(-math.log10(value)) if value > 0 else -1
+        return k if k >= 0 and math.isclose(value, 0.1 ** k, rel_tol=1e-9) else None
+
+    warmup = 0  # (rising, below 1, before the first power of 0.1)
+    while (warmup < num_epoch and decays(multipliers[warmup]) is None and 0 < multipliers[warmup] < 1
+           and (warmup == 0 or multipliers[warmup] > multipliers[warmup - 1])):
+        warmup += 1
+    epochs, before = [], 0
+    for epoch in range(warmup, num_epoch):
+        k = decays(multipliers[epoch])
+        if k is None or k < before:
+            raise SystemExit(f"{path}: config.lr_func({epoch}) = {multipliers[epoch]:g}: only older arcface_torch's "
+                             "step shape is read, a rising warm-up then 0.1 ** (decays so far) for each epoch; give "
+                             "this schedule as --lr-steps or --lr-epochs (and --warmup-steps)")
+        epochs += [epoch] * (k - before)
+        before = k
+    if warmup == num_epoch:
+        raise SystemExit(f"{path}: config.lr_func warms up for all {num_epoch} epochs: only older arcface_torch's step "
+                         "shape is read, a rising warm-up then 0.1 ** (decays so far) for each epoch")
+    return epochs, warmup

@@ -9,7 +9,7 @@ import pytest
 
 from train import insightface_config
 from train.config import parse_args
-from train.trainer import wandb_run_name
+from train.trainer import LearningRateSchedule, wandb_run_name
 from train.trainer import main
 
 from trainer_fixtures import make_face_folder, one_thread, read_jsonl  # noqa: F401
@@ -160,8 +160,8 @@ def test_keys_arcface_torch_lacks_are_reported(tmp_path, capsys):
     text = WEBFACE_VIT + "config.decay_epoch = [8, 14]\nconfig.loss = 'cosface'\nconfig.wandb_project = 'p'\n"
     args = parse_args(["--config", write(tmp_path, text)])
     assert args.sample_rate == 0.3
-    assert capsys.readouterr().err.strip().endswith("keys arcface_torch's train_v2.py does not have, ignored: "
-                                                    "decay_epoch, loss")
+    # (config.decay_epoch, reported here before, is older arcface_torch's step schedule: read, test below)
+    assert capsys.readouterr().err.strip().endswith("keys arcface_torch's train_v2.py does not have, ignored: loss")
     # An older arcface_torch's config.loss = 'cosface' (configs/3millions.py still has one) without a
     # margin_list: train_v2.py trains base.py's ArcFace, and so does this; said, with the line for CosFace.
     text = ("config.rec = 'x'\nconfig.num_classes = 3\nconfig.num_image = 9\nconfig.num_epoch = 1\n"
@@ -391,3 +391,139 @@ def test_dali_aug_is_ignored_and_its_kinds_named(tmp_path, capsys):
     parse_args(["--config", write(tmp_path, WEBFACE_VIT + "config.dali_aug = True\n")])
     assert ("dali_aug (DALI's augmentations; --blur-augmentation, --hue-augmentation, --grayscale-augmentation and "
             "--low-res-augmentation are their kinds here)") in capsys.readouterr().err
+
+
+# The shapes of older arcface_torch's configs (its train.py's, before train_v2.py; values of this test's own
+# choosing): a step schedule as config.decay_epoch, and before that as config.lr_func, a function of the epoch.
+GLINT_DECAY_EPOCH = '''from easydict import EasyDict as edict
+
+# make training faster
+config = edict()
+config.loss = "arcface"
+config.network = "r18"
+config.resume = False
+config.output = None
+config.embedding_size = 512
+config.sample_rate = 0.5
+config.fp16 = True
+config.momentum = 0.9
+config.weight_decay = 5e-4
+config.batch_size = 96
+config.lr = 0.1  # batch size is 512
+
+config.rec = "/train_tmp/glint"
+config.num_classes = 36023
+config.num_image = 1709165
+config.num_epoch = 12
+config.warmup_epoch = 1
+config.decay_epoch = [5, 8, 10]
+config.val_targets = ["lfw", "cfp_fp"]
+'''
+MS1M_LR_FUNC = '''from easydict import EasyDict as edict
+
+config = edict()
+config.loss = "arcface"
+config.network = "r34"
+config.output = None
+config.fp16 = False
+config.batch_size = 64
+config.lr = 0.1  # batch size is 512
+
+config.rec = "/train_tmp/ms1m"
+config.num_classes = 9343
+config.num_image = 517951
+config.num_epoch = 14
+config.warmup_epoch = -1
+config.val_targets = ["lfw"]
+
+def lr_step_func(epoch):
+    return ((epoch + 1) / (4 + 1)) ** 2 if epoch < config.warmup_epoch else 0.1 ** len(
+        [m for m in [6, 9, 12] if m - 1 <= epoch])
+config.lr_func = lr_step_func
+'''
+
+
+def train_py_multiplier(step, warmup_step, decay_step):  # older arcface_torch's train.py, re-typed
+    if step < warmup_step:
+        return step / warmup_step
+    return 0.1 ** len([m for m in decay_step if m <= step])
+
+
+def test_an_older_configs_decay_epoch_is_its_step_schedule(tmp_path, monkeypatch, capsys):
+    # train.py: lr / 512 x batch_size x world_size, x 0.1 at each decay epoch's step after a linear warm-up
+    # of warmup_epoch. Was read as train_v2.py's poly schedule with the decay epochs ignored, at lr 0.1.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    path = write(tmp_path, GLINT_DECAY_EPOCH, "glint_r18.py")
+    args = parse_args(["--config", path])
+    total = 96 * 4
+    decay_step = [x * 1709165 // total for x in (5, 8, 10)]
+    warmup_step = 1709165 // total * 1
+    assert (args.lr_schedule, args.lr_steps, args.warmup_steps) == ("step", decay_step, warmup_step)
+    assert math.isclose(args.lr, 0.1 / 512 * total, rel_tol=1e-12) and args.max_steps == 1709165 // total * 12
+    schedule = LearningRateSchedule(args.lr_schedule, args.max_steps, args.warmup_steps, args.lr_steps)
+    for step in (warmup_step, warmup_step + 1, decay_step[0] - 1, decay_step[0], decay_step[1], decay_step[2] + 7,
+                 args.max_steps - 1):
+        assert math.isclose(schedule(step), train_py_multiplier(step, warmup_step, decay_step), rel_tol=1e-12)
+    err = capsys.readouterr().err
+    assert (f"note: {path}: config.decay_epoch [5, 8, 10] is older arcface_torch's step schedule (its train.py: lr x "
+            "0.1 at each, after the warm-up, from lr x batch_size x world_size / 512): --lr-schedule step --lr-steps "
+            f"{','.join(map(str, decay_step))} --warmup-steps {warmup_step} --lr 0.075\n") in err
+    assert "decay_epoch" not in err.split("ignored:")[-1]
+    # Its warmup_epoch = -1 is no warm-up at the base rate (not the PolyScheduler's lower rate).
+    args = parse_args(["--config", write(tmp_path, GLINT_DECAY_EPOCH.replace("warmup_epoch = 1", "warmup_epoch = -1"),
+                                         "glint_r18.py")])
+    assert args.warmup_steps == 0 and math.isclose(args.lr, 0.075)
+    # A decay at epoch 0 is a lower rate from the first step; two at one step, or no list, are refused.
+    args = parse_args(["--config", write(tmp_path, GLINT_DECAY_EPOCH.replace("[5, 8, 10]", "[0, 8]"), "zero.py")])
+    assert args.lr_steps == [decay_step[1]] and math.isclose(args.lr, 0.0075)
+    for value, message in (("[5, 5]", "config.decay_epoch divides the learning rate by 10 more than once at one step "
+                                      f"\\(epoch 5, step {decay_step[0]}\\)"),
+                           ("8", "config.decay_epoch = 8: a list of epochs expected")):
+        with pytest.raises(SystemExit, match=message):
+            parse_args(["--config", write(tmp_path, GLINT_DECAY_EPOCH.replace("[5, 8, 10]", value), "bad.py")])
+
+
+def test_an_older_configs_lr_func_is_read_not_run(tmp_path, monkeypatch, capsys):
+    # Earlier, train.py's LambdaLR took config.lr_func, stepped once an epoch; the function was refused
+    # ("only `config.<key> = <value>` lines are read"), whatever the network. Its returned expression is
+    # evaluated for each epoch as the lines are, and read as a warm-up and decays.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = write(tmp_path, MS1M_LR_FUNC, "ms1m_r34.py")
+    args = parse_args(["--config", path])
+    steps_per_epoch = 517951 // (64 * 2)
+    assert (args.lr_schedule, args.warmup_steps) == ("step", 0)
+    assert args.lr_steps == [5 * steps_per_epoch, 8 * steps_per_epoch, 11 * steps_per_epoch]  # (epochs m - 1)
+    assert math.isclose(args.lr, 0.1 / 512 * 128) and args.max_steps == steps_per_epoch * 14
+    schedule = LearningRateSchedule(args.lr_schedule, args.max_steps, args.warmup_steps, args.lr_steps)
+
+    def lr_step_func(epoch):  # the config's, re-typed, with its warmup_epoch
+        return ((epoch + 1) / (4 + 1)) ** 2 if epoch < -1 else 0.1 ** len([m for m in [6, 9, 12] if m - 1 <= epoch])
+
+    for step in range(0, args.max_steps, 97):
+        assert math.isclose(schedule(step), lr_step_func(step // steps_per_epoch), rel_tol=1e-12)
+    assert ("config.lr_func (lr_step_func: x 0.1 from epochs 5, 8, 11 of 0-13) is older arcface_torch's step "
+            "schedule" in capsys.readouterr().err)
+    # A warm-up of 3 epochs: linear over their steps here (its per-epoch shape said as ignored); a lambda too.
+    text = MS1M_LR_FUNC.replace("warmup_epoch = -1", "warmup_epoch = 3").replace("(4 + 1)", "(3 + 1)")
+    args = parse_args(["--config", write(tmp_path, text, "warm.py")])
+    assert args.warmup_steps == 3 * steps_per_epoch and args.lr_steps[0] == 5 * steps_per_epoch
+    assert ("ignored arcface_torch settings: lr_func's warm-up shape (0.0625, 0.25, 0.562 of lr in epochs 0-2, one "
+            f"value an epoch; linear over its {3 * steps_per_epoch} steps here)") in capsys.readouterr().err
+    head = MS1M_LR_FUNC.split("def lr_step_func")[0]
+    text = head + "config.lr_func = lambda e: 0.1 ** len([m for m in (4,) if m <= e])\n"
+    assert parse_args(["--config", write(tmp_path, text, "lambda.py")]).lr_steps == [4 * steps_per_epoch]
+    # What is not that shape, or would need running, is refused, naming the line or the epoch.
+    for function, message in (
+            ("def f(epoch):\n    return 0.5 ** epoch\n", r"config.lr_func\(1\) = 0.5: only older arcface_torch's step "
+                                                         r"shape is read"),
+            ("def f(epoch):\n    return __import__('os').getcwd()\n", r":19: cannot read `__import__\('os'\)"),
+            ("def f(epoch):\n    x = 1\n    return x\n", r":18: config.lr_func = f: only a function of the epoch "
+                                                        r"that returns one expression is read"),
+            ("def f(epoch):\n    return len(epoch)\n", r"config.lr_func = f cannot be read at epoch 0: "),
+            ("def f(epoch):\n    return 0.1 ** len([m for m in [3, 3] if m <= epoch])\n",
+             r"config.lr_func divides the learning rate by 10 more than once at one step \(epoch 3, ")):
+        with pytest.raises(SystemExit, match=message) as stop:
+            parse_args(["--config", write(tmp_path, head + function + "config.lr_func = f\n", "bad.py")])
+        assert "\n" not in str(stop.value)
+    with pytest.raises(SystemExit, match=r"config.lr_func = 0.1: a function of the epoch expected"):
+        parse_args(["--config", write(tmp_path, head + "config.lr_func = 0.1\n", "bad.py")])
