@@ -760,6 +760,16 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
     return args
 
 
+def option_text(dest: str, value: Any) -> str:
+    """An option's value as the command line gives it, for the notes and refusals that name it: a list
+    comma-separated; one --blur-sigma (a fixed sigma, kept as [v, v]) as its one value."""
+    if dest == "blur_sigma" and len(value) == 2 and value[0] == value[1]:
+        value = value[:1]
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "none"
+    return "unset" if value is None else str(value)
+
+
 def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
     """What the run will not use of the options given at other values than their defaults, each as a
     note's text (the trainer's set-up says them, so that training.log keeps them). Said rather than
@@ -768,7 +778,8 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
     parser = build_parser()
 
     def given(*dests: str) -> list[str]:
-        return [f"--{dest.replace('_', '-')}" + ("" if getattr(args, dest) is True else f" {getattr(args, dest)}")
+        return [f"--{dest.replace('_', '-')}" + ("" if getattr(args, dest) is True
+                                                 else f" {option_text(dest, getattr(args, dest))}")
                 for dest in dests if getattr(args, dest) != parser.get_default(dest)]  # (a switch: its flag alone)
 
     notes = []
@@ -779,7 +790,7 @@ def unused_options(args: argparse.Namespace, world_size: int = 1) -> list[str]:
             notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used without {switch}")
     for switch, dests in (("--blur-augmentation", ("blur_kernel", "blur_sigma")),
                           ("--hue-augmentation", ("hue_shift",))):
-        unused = [text.replace("[", "").replace("]", "").replace(", ", ",") for text in given(*dests)]  # (a list)
+        unused = given(*dests)
         if unused and not getattr(args, switch[2:].replace("-", "_")):
             notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used without {switch}")
     if world_size == 1 and args.dist_timeout != DIST_TIMEOUT_MINUTES:

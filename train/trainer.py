@@ -533,17 +533,12 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """The options of ``args`` that differ from ``saved`` (a checkpoint's) and may not change on
     resume, each as ``--flag X in the checkpoint, Y requested``."""
-    from .config import build_parser, default_warmup_steps
+    from .config import build_parser, default_warmup_steps, option_text
 
     actions = [action for action in build_parser()._actions if action.option_strings]
     flags = {action.dest: action.option_strings[0] for action in actions}
     # An option newer than the checkpoint is not in it: that run had the option's default.
     defaults = {action.dest: action.default for action in actions if action.default is not None}
-
-    def show(value: Any) -> str:
-        if isinstance(value, (list, tuple)):
-            return ",".join(str(v) for v in value) or "none"
-        return "unset" if value is None else str(value)
 
     # A length given in epochs in both runs is compared in epochs (converted at the epoch the schedule began
     # with, kept in the checkpoint: the same steps). Otherwise in steps, however each run gave it.
@@ -557,8 +552,8 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
             continue
         if key not in saved and key in defaults:
             if key not in RESUME_MAY_CHANGE and value != defaults[key]:
-                changed.append(f"{flags.get(key, key)} {show(defaults[key])} (the default: the checkpoint is older "
-                               f"than the option), {show(value)} requested")
+                changed.append(f"{flags.get(key, key)} {option_text(key, defaults[key])} (the default: the "
+                               f"checkpoint is older than the option), {option_text(key, value)} requested")
             continue
         if key in RESUME_MAY_CHANGE or key not in saved or saved[key] == value:
             continue
@@ -566,7 +561,8 @@ def options_changed_on_resume(saved: dict[str, Any], args: argparse.Namespace) -
                 default_warmup_steps(saved["max_steps"], saved["lr_schedule"]),
                 default_warmup_steps(args.max_steps, args.lr_schedule)):
             continue  # the default, a share of --max-steps, which may change
-        changed.append(f"{flags.get(key, key)} {show(saved[key])} in the checkpoint, {show(value)} requested")
+        changed.append(f"{flags.get(key, key)} {option_text(key, saved[key])} in the checkpoint, "
+                       f"{option_text(key, value)} requested")
     return changed
 
 

@@ -489,6 +489,9 @@ def test_strengths_without_their_augmentation_and_random_data_get_notes():
     assert notes == ["--blur-kernel 7 and --blur-sigma 1.0,3.0 are not used without --blur-augmentation",
                      "--hue-shift 0.2 is not used without --hue-augmentation"]
     assert unused_options(parse_args(["--blur-augmentation", "0.2", "--blur-kernel", "7"])) == []
+    # One --blur-sigma (a fixed sigma, kept as [v, v]) is said as given, as the 'augmented (...)' line says it.
+    assert unused_options(parse_args(["--blur-sigma", "1.5"])) == [
+        "--blur-sigma 1.5 is not used without --blur-augmentation"]
     notes = unused_options(parse_args(["--data", "random", "--num-classes", "10", "--grayscale-augmentation", "0.2",
                                        "--hue-augmentation", "0.1"]))
     assert notes == ["--hue-augmentation 0.1 and --grayscale-augmentation 0.2 are not used: --data random has no "
@@ -505,6 +508,9 @@ def test_a_resume_keeps_the_blur_hue_and_grayscale():
                                                            "--hue-augmentation", "0.1", "--hue-shift", "0.1"]))
     assert changed == ["--blur-sigma 0.1,2.0 in the checkpoint, 0.5,1.0 requested",
                        "--hue-shift 0.05 in the checkpoint, 0.1 requested"]
+    fixed = vars(parse_args(["--blur-augmentation", "0.2", "--blur-sigma", "1"]))
+    assert options_changed_on_resume(fixed, parse_args(["--blur-augmentation", "0.2", "--blur-sigma", "1.5"])) == [
+        "--blur-sigma 1.0 in the checkpoint, 1.5 requested"]  # (one value each, as given: not 1.0,1.0 and 1.5,1.5)
     # A checkpoint older than the options trained without them.
     older = {key: value for key, value in saved.items() if key not in ("blur_augmentation", "grayscale_augmentation")}
     assert options_changed_on_resume(older, parse_args(["--grayscale-augmentation", "0.3"])) == [
