@@ -285,8 +285,12 @@ def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 
     except ImportError:
         return None
     x = check_batch(image_size, batch)
+    options = onnxruntime.SessionOptions()
+    # (Its errors come back as exceptions, said in one line below. Its warnings went to stderr: at --opset 7 and 8
+    # a coloured line for each float16 Neg node it had no CPU kernel to fold.)
+    options.log_severity_level = 3
     try:
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         half_input = session.get_inputs()[0].type == "tensor(float16)"
         x = x.half().float() if half_input else x  # (PyTorch is given the values the graph is given)
         got = session.run(["embedding"], {"input": x.numpy().astype(np.float16 if half_input else np.float32)})[0]
