@@ -110,6 +110,73 @@ def test_a_fixed_batch_is_made_free_as_the_servers_checker_makes_it(tmp_path, ca
     rules, _ = lines_of(capsys)
     assert rules["batch"] == ("PASS batch: 32 images give (32, 512) embeddings, all finite (its batch, fixed at 1, "
                               "made free as the server's checker makes it)")
+    # A first dimension of no size and no name (onnxruntime's None) is made free too, and said so.
+    model = onnx.load(path)
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    onnx.save(model, path)
+    assert mfr_check.main([path]) == 0
+    rules, _ = lines_of(capsys)
+    assert rules["batch"] == ("PASS batch: 32 images give (32, 512) embeddings, all finite (its batch, of no size or "
+                              "name, made free as the server's checker makes it)")
+
+
+@pytest.mark.parametrize("data_type", ["BFLOAT16", "FLOAT8E4M3FN"])
+def test_narrow_weights_that_numpy_reads_wider_fail(tmp_path, capsys, data_type):
+    # onnx 1.16 (pyproject's lower bound) gives float32 for both: they passed as "of 4 bytes or more" under it.
+    path = graph_of(tmp_path)
+    model = onnx.load(path)
+    model.graph.initializer.append(onnx.helper.make_tensor("narrow", getattr(onnx.TensorProto, data_type), [2],
+                                                           [1.0, 2.0]))
+    onnx.save(model, path)
+    assert mfr_check.main([path]) == 1
+    rules, _ = lines_of(capsys)
+    assert rules["weights"].startswith(f"FAIL weights: 1 of {len(model.graph.initializer)} narrower than 4 bytes, "
+                                       f"the first narrow ({data_type.lower()})")
+
+
+def test_onnx_ml_operators_are_standard_onnx_to_their_opset_2(tmp_path, capsys):
+    # ai.onnx.ml is ONNX's own domain, whose opset 2 onnxruntime 1.8 implements: its ops are not custom ops.
+    path = graph_of(tmp_path)
+    model = onnx.load(path)
+    output = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["unnormalized" if name == output else name for name in node.output]
+    model.graph.node.append(onnx.helper.make_node("Normalizer", ["unnormalized"], [output], domain="ai.onnx.ml",
+                                                  norm="L2"))
+    model.opset_import.append(onnx.helper.make_opsetid("ai.onnx.ml", 2))
+    onnx.save(model, path)
+    assert mfr_check.main([path]) == 0
+    rules, _ = lines_of(capsys)
+    assert rules["ops"] == "PASS ops: 80 nodes, standard ONNX ops only (at least 8; no custom ops)"
+    assert rules["onnx"] == ("PASS onnx: IR version 7, opset 14, ai.onnx.ml opset 2 (the server's onnxruntime-gpu 1.8 "
+                             "reads IR version 7 and opset 14 at most, ai.onnx.ml opset 2; train.export --opset 14 "
+                             "writes both)")
+    model.opset_import[-1].version = 3
+    onnx.save(model, path)
+    assert mfr_check.main([path]) == 1
+    rules, _ = lines_of(capsys)
+    assert rules["onnx"].startswith("FAIL onnx: IR version 7, opset 14, ai.onnx.ml opset 3 (")
+
+
+def test_a_batch_written_into_the_graph_fails_in_one_line_a_rule(tmp_path, capsys):
+    # A graph exported at a fixed batch may hold it in a node (a ViT's attention reshapes do): made free, as the
+    # checker makes it, it runs neither 32 images nor one. Here a Reshape to [4, 512] after the embedding.
+    path = str(tmp_path / "fixed.onnx")
+    export.export_onnx(get_model("small", embedding_size=512, image_size=112), path, 112, 14, batch=4)
+    model = onnx.load(path)
+    output = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["unshaped" if name == output else name for name in node.output]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([4, 512], np.int64), "four"))
+    model.graph.node.append(onnx.helper.make_node("Reshape", ["unshaped", "four"], [output]))
+    onnx.save(model, path)
+    assert mfr_check.main([path]) == 1
+    rules, out = lines_of(capsys)
+    assert re.fullmatch(r"FAIL batch: a batch of 32 fails: .+ \(its batch, fixed at 4, made free\)", rules["batch"])
+    assert re.fullmatch(r"FAIL output: one image fails: .+ \(its batch, fixed at 4, made free as the server's "
+                        r"checker makes it\)", rules["output"])
+    assert "time" not in rules and "flops" not in rules
+    assert out[-1] == f"mfr_check: {path} fails batch, output (track cfat)"
 
 
 @pytest.mark.parametrize("content, said", [

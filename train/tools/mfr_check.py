@@ -23,8 +23,8 @@ with stop_while_importing(__name__, "mfr_check: "):
 
     from train.tools import ORT_DISTRIBUTIONS, ArgumentParser, not_importable, path_arg, say
 
-# onnx_helper.py's tracks: (largest embedding, inference time limit in ms on the server's GPU). Its file
-# size limit is 1024 MiB on every track.
+# The checker's tracks (recognition/arcface_torch/onnx_helper.py at insightface commit 882125e): (largest embedding,
+# inference time limit in ms on the server's GPU). Its file size limit is 1024 MiB on every track.
 TRACKS = {"cfat": (512, 15), "ms1m": (512, 10), "glint": (1024, 20), "unconstrained": (1024, 30)}
 MAX_FILE_MIB = 1024
 IMAGE_SIZE = 112  # the README's ['*', 3, 112, 112]
@@ -34,6 +34,8 @@ CHECK_BATCH = 32  # the checker's batch run (check_batch), whose output must be 
 # (onnxruntime's compatibility table; torch's exporter writes IR 8 from opset 15).
 SERVER_ONNXRUNTIME, MAX_OPSET, MAX_IR_VERSION = "1.8", 14, 7
 STANDARD_DOMAINS = ("", "ai.onnx")
+# ONNX's own traditional-ML operators (Normalizer, ...), standard too: onnxruntime 1.8 implements their opset 2
+ONNX_ML_DOMAIN, MAX_ML_OPSET = "ai.onnx.ml", 2
 TIMED_RUNS, TIMED_RANK = 50, 5  # the checker's timing: the 6th fastest of 50 runs of one image
 # How far the graph's multiply-adds may be from train.models.multiply_adds' for one of train.export's graphs:
 # the two count the same convolutions and products; the graph's may hold a few more (a product that PyTorch
@@ -153,14 +155,27 @@ def exported_multiply_adds(path: str) -> tuple[int, str] | None:
         ", twice (image and mirror)" if twice else "")
 
 
-def element_type(data_type: int) -> np.dtype | None:
-    """numpy's type of an ONNX tensor's ``data_type``; None for one that has none (UNDEFINED)."""
+# ONNX element types narrower than 4 bytes whose numpy type may not show it: onnx 1.16 (pyproject's lower bound)
+# gives float32 for bfloat16 and the float8 types; the 4-bit ones are named with them
+NARROW_BY_NAME = ("BFLOAT16", "FLOAT8", "FLOAT4", "INT4", "UINT4")
+
+
+def narrow_type(data_type: int) -> str | None:
+    """The name of an ONNX tensor's ``data_type`` ("float16", "bfloat16", "int8", ...) where it is narrower than 4
+    bytes, which the checker refuses as a weight; None where it is 4 bytes or more, or has no width (UNDEFINED)."""
     import onnx
 
     try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+        name = onnx.TensorProto.DataType.Name(data_type)
+        width = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
     except (KeyError, TypeError, ValueError):
         return None
+    return name.lower() if width < 4 or name.startswith(NARROW_BY_NAME) else None
+
+
+def batch_said(size: int | None) -> str:
+    """How the input's first dimension reads where it is not a name: onnxruntime gives None for one of no size."""
+    return "of no size or name" if size is None else f"fixed at {size}"
 
 
 def giga(count: float) -> str:
@@ -218,21 +233,25 @@ def check(path: str, track: str) -> int:
         report.rule("file", mib <= MAX_FILE_MIB, f"{mib:.1f} MiB (limit {MAX_FILE_MIB} MiB)")
 
     opset = next((entry.version for entry in model.opset_import if entry.domain in STANDARD_DOMAINS), None)
-    report.rule("onnx", model.ir_version <= MAX_IR_VERSION and opset is not None and opset <= MAX_OPSET,
-                f"IR version {model.ir_version}, opset {opset} (the server's onnxruntime-gpu {SERVER_ONNXRUNTIME} "
-                f"reads IR version {MAX_IR_VERSION} and opset {MAX_OPSET} at most; train.export --opset "
-                f"{MAX_OPSET} writes both)")
+    ml_opset = next((entry.version for entry in model.opset_import if entry.domain == ONNX_ML_DOMAIN), None)
+    report.rule("onnx", model.ir_version <= MAX_IR_VERSION and opset is not None and opset <= MAX_OPSET
+                and (ml_opset is None or ml_opset <= MAX_ML_OPSET),
+                f"IR version {model.ir_version}, opset {opset}" + (f", {ONNX_ML_DOMAIN} opset {ml_opset}" if ml_opset
+                                                                   is not None else "")
+                + f" (the server's onnxruntime-gpu {SERVER_ONNXRUNTIME} reads IR version {MAX_IR_VERSION} and opset "
+                f"{MAX_OPSET} at most" + (f", {ONNX_ML_DOMAIN} opset {MAX_ML_OPSET}" if ml_opset is not None else "")
+                + f"; train.export --opset {MAX_OPSET} writes both)")
 
     foreign = sorted({f"{node.domain}.{node.op_type}" for node in model.graph.node
-                      if node.domain not in STANDARD_DOMAINS})
+                      if node.domain not in (*STANDARD_DOMAINS, ONNX_ML_DOMAIN)})
     count = len(model.graph.node)
     report.rule("ops", not foreign and count >= MIN_NODES,
                 f"{count} nodes, " + (f"ops outside standard ONNX: {', '.join(foreign[:5])}" if foreign
                                       else "standard ONNX ops only")
                 + f" (at least {MIN_NODES}; no custom ops)")
 
-    narrow = [(tensor.name, dtype) for tensor in model.graph.initializer
-              for dtype in [element_type(tensor.data_type)] if dtype is not None and dtype.itemsize < 4]
+    narrow = [(tensor.name, name) for tensor in model.graph.initializer
+              for name in [narrow_type(tensor.data_type)] if name is not None]
     report.rule("weights", not narrow, (f"{len(narrow)} of {len(model.graph.initializer)} narrower than 4 bytes, the "
                                         f"first {narrow[0][0]} ({narrow[0][1]})" if narrow else
                                         f"all {len(model.graph.initializer)} of 4 bytes or more")
@@ -293,25 +312,30 @@ def check(path: str, track: str) -> int:
         except Exception as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             report.rule("batch", False, f"a batch of {CHECK_BATCH} fails: {reason}"
-                        + ("" if isinstance(shape[0], str) else f" (its batch is fixed at {shape[0]})"))
+                        + ("" if isinstance(shape[0], str) else f" (its batch, {batch_said(shape[0])}, made free)"))
         else:
             finite = bool(np.isfinite(embeddings).all())
             report.rule("batch", finite and embeddings.shape[:1] == (CHECK_BATCH,),
                         f"{CHECK_BATCH} images give {embeddings.shape} embeddings, "
                         + ("all finite" if finite else "some NaN or infinite")
-                        + ("" if isinstance(shape[0], str) else f" (its batch, fixed at {shape[0]}, made free as "
+                        + ("" if isinstance(shape[0], str) else f" (its batch, {batch_said(shape[0])}, made free as "
                            "the server's checker makes it)"))
 
-    one = images[:1]
-    times, embedding = [], None
-    for _ in range(TIMED_RUNS):
-        start = time.perf_counter()
-        embedding = feed.run(None, {inputs[0].name: one})[0] if feed is not None else None
-        times.append(time.perf_counter() - start)
-        if feed is None:
-            break
-    if embedding is None:
+    if feed is None:
         report.rule("output", False, "not run (the model does not load with a free batch)")
+        return finish(path, track, report)
+    one = images[:1]
+    times = []
+    try:
+        for _ in range(TIMED_RUNS):
+            start = time.perf_counter()
+            embedding = feed.run(None, {inputs[0].name: one})[0]
+            times.append(time.perf_counter() - start)
+    except Exception as error:  # (a graph whose fixed batch is written into its nodes: the checker's run fails too)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        report.rule("output", False, f"one image fails: {reason}" + (
+            "" if isinstance(shape[0], str) else f" (its batch, {batch_said(shape[0])}, made free as the server's "
+            "checker makes it)"))
         return finish(path, track, report)
     report.rule("output", len(outputs) == 1 and embedding.ndim == 2 and embedding.shape[1] <= limit_length,
                 f"{len(outputs)} output{'s' if len(outputs) != 1 else ''}, {outputs[0].name} of shape "
