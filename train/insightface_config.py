@@ -6,7 +6,8 @@ The file is parsed, never executed: only assignments ``config.<key> = <value>`` 
 value is a literal (numbers, strings, booleans, None, tuples, lists) or arithmetic on literals and
 earlier ``config.<key>`` values (``config.num_epoch // 10``), and ``from configs.<name> import config``,
 which applies the assignments of ``<name>.py`` beside it; a ``def`` is kept as data, read where
-``config.lr_func`` names it (below). Keys the file leaves out take the
+``config.lr_func`` names it (below). Values past :data:`LARGEST_SEQUENCE` items or :data:`LARGEST_INT_BITS`,
+and an lr_func past :data:`LR_FUNC_STEPS`, are refused before they are made. Keys the file leaves out take the
 defaults of the ``base.py`` beside it, as arcface_torch's ``get_config`` merges its ``configs/base.py``
 (those of arcface_torch's own ``base.py`` when there is none).
 
@@ -57,10 +58,12 @@ How its settings map:
 from __future__ import annotations
 
 import ast
+import collections
 import difflib
 import math
 import operator
 import os
+import reprlib
 import sys
 from typing import Any
 
@@ -99,6 +102,15 @@ _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 # Read in an lr_func's expression alone: its comparisons and `not`.
 _COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq,
             ast.NotEq: operator.ne}
+# The largest values a line may make, refused before they are made (`9 ** 9 ** 9`, `[0] * 10 ** 10` held the
+# reader for hours or all memory): no config needs more, and 3000 digits still print (Python's limit is 4300).
+LARGEST_SEQUENCE = 10**6
+LARGEST_INT_BITS = 10**4
+# An lr_func is read by evaluating it for each epoch: the steps of the evaluator (a node each, and an item
+# each of the lists it makes) over all of them, where a comprehension in a comprehension over a long list or
+# a config.num_epoch of 10 ** 9 took hours. Older arcface_torch's lr_step_func takes ~30 an epoch.
+LR_FUNC_STEPS = 2 * 10**5
+_STEPS_LEFT = "<steps left>"  # (the key of an lr_func's count of them in `names`: no Python name)
 
 
 class LrFunction:
@@ -109,6 +121,7 @@ class LrFunction:
     def __init__(self, node: ast.FunctionDef | ast.Lambda, path: str):
         self.node, self.path = node, path
         self.name = node.name if isinstance(node, ast.FunctionDef) else "<lambda>"
+        self.steps_left = [LR_FUNC_STEPS]  # (over all the epochs it is read for)
 
     def __repr__(self) -> str:
         return f"<function {self.name}>"
@@ -130,8 +143,8 @@ class LrFunction:
                              "that returns one expression is read (older arcface_torch's lr_step_func); give its "
                              "epochs as config.decay_epoch instead")
         try:
-            return _evaluate(expression, values, self.path, {parameters[0].arg: epoch})
-        except (TypeError, ValueError, ArithmeticError) as error:  # (len of a number, 1 < 'a', 1 / 0)
+            return _evaluate(expression, values, self.path, {parameters[0].arg: epoch, _STEPS_LEFT: self.steps_left})
+        except (TypeError, ValueError, ArithmeticError, RecursionError) as error:  # (len of a number, 1 < 'a', 1 / 0)
             raise SystemExit(f"{self.path}:{node.lineno}: config.lr_func = {self.name} cannot be read at epoch "
                              f"{epoch}: {error}") from None
 
@@ -178,7 +191,7 @@ def _assignments(path: str, values: dict[str, Any], defaults: dict[str, Any],
         source = f.read()
     try:  # (from bytes: a `# -*- coding: ... -*-` line is followed, and a file in another encoding is named)
         tree = ast.parse(source, filename=path)
-    except SyntaxError as error:
+    except (SyntaxError, RecursionError) as error:  # (RecursionError: an expression nested a thousand deep)
         raise SystemExit(f"{path}: not a Python config file: {error}") from None
     importers = (*importers, os.path.abspath(path))
     functions: dict[str, ast.FunctionDef] = {}  # (older configs' lr_step_func, given as config.lr_func)
@@ -207,7 +220,11 @@ def _assignments(path: str, values: dict[str, Any], defaults: dict[str, Any],
                     elif isinstance(node.value, ast.Lambda):
                         values[target.attr] = LrFunction(node.value, path)
                     else:
-                        values[target.attr] = _evaluate(node.value, values, path)
+                        try:
+                            values[target.attr] = _evaluate(node.value, values, path)
+                        except (TypeError, ValueError, ArithmeticError, RecursionError) as error:  # ('a' + 1, 1 / 0)
+                            raise SystemExit(f"{path}:{node.lineno}: config.{target.attr} cannot be read: "
+                                             f"{error}") from None
                     continue
             raise SystemExit(f"{path}:{node.lineno}: only `config.<key> = <value>` lines are read from an "
                              "arcface_torch config (the file is parsed, not run)")
@@ -237,6 +254,8 @@ def _evaluate(node: ast.AST, values: dict[str, Any], path: str, names: dict[str,
     """The value of a config line's expression; with ``names`` (an lr_func's parameter, a comprehension's
     variable), of an lr_func's, which may also compare, choose (``x if c else y``), take ``len`` and build a
     list by a comprehension."""
+    if names is not None:
+        _spend(names, 1, node, path)
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, (ast.Tuple, ast.List)):
@@ -245,8 +264,12 @@ def _evaluate(node: ast.AST, values: dict[str, Any], path: str, names: dict[str,
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_evaluate(node.operand, values, path, names))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](_evaluate(node.left, values, path, names),
-                                      _evaluate(node.right, values, path, names))
+        left, right = _evaluate(node.left, values, path, names), _evaluate(node.right, values, path, names)
+        _check_size(node, left, right, path)
+        value = _BINARY[type(node.op)](left, right)
+        if names is not None and isinstance(value, (str, bytes, list, tuple)):
+            _spend(names, len(value), node, path)
+        return value
     if names is not None:
         if isinstance(node, ast.Name) and node.id in names:
             return names[node.id]
@@ -257,6 +280,8 @@ def _evaluate(node: ast.AST, values: dict[str, Any], path: str, names: dict[str,
             left = _evaluate(node.left, values, path, names)
             for op, comparator in zip(node.ops, node.comparators):
                 right = _evaluate(comparator, values, path, names)
+                if not all(isinstance(v, (int, float)) for v in (left, right)):  # (lists compare item by item)
+                    raise TypeError(f"`{ast.unparse(node)}` compares other than numbers")
                 if not _COMPARE[type(op)](left, right):
                     return False
                 left = right
@@ -284,6 +309,34 @@ def _evaluate(node: ast.AST, values: dict[str, Any], path: str, names: dict[str,
         return values[node.attr]
     raise SystemExit(f"{path}:{node.lineno}: cannot read `{ast.unparse(node)}`: only literals and arithmetic "
                      "on earlier config values are read from an arcface_torch config")
+
+
+def _check_size(node: ast.BinOp, left: Any, right: Any, path: str) -> None:
+    """Refuses, before it is made, a value past :data:`LARGEST_SEQUENCE` items or :data:`LARGEST_INT_BITS`."""
+    sequence, size = (str, bytes, list, tuple), 0
+    integers = all(isinstance(v, int) for v in (left, right))
+    if isinstance(node.op, ast.Mult):
+        for items, times in ((left, right), (right, left)):
+            if isinstance(items, sequence) and isinstance(times, int):
+                size = len(items) * times
+        bits = left.bit_length() + right.bit_length() if integers else 0
+    elif isinstance(node.op, ast.Add) and isinstance(left, sequence) and isinstance(right, sequence):
+        size, bits = len(left) + len(right), 0
+    else:  # (a power of an integer: its bits; a negative power is a float)
+        bits = left.bit_length() * right if isinstance(node.op, ast.Pow) and integers and abs(left) > 1 else 0
+    if size > LARGEST_SEQUENCE or bits > LARGEST_INT_BITS:
+        raise SystemExit(f"{path}:{node.lineno}: `{ast.unparse(node)}` would be larger than a config holds (at most "
+                         f"{LARGEST_SEQUENCE} items, or integers of {LARGEST_INT_BITS} bits): not read")
+
+
+def _spend(names: dict[str, Any], steps: int, node: ast.AST, path: str) -> None:
+    """Counts ``steps`` of an lr_func's evaluation, refusing one past :data:`LR_FUNC_STEPS` in all."""
+    left = names[_STEPS_LEFT]
+    left[0] -= steps
+    if left[0] < 0:
+        raise SystemExit(f"{path}:{node.lineno}: config.lr_func takes more than {LR_FUNC_STEPS} steps to read for "
+                         "its epochs (a long or nested list comprehension, or that many epochs): only older "
+                         "arcface_torch's lr_step_func shape is read; give the schedule as --lr-steps or --lr-epochs")
 
 
 def to_options(config: dict[str, Any], path: str, world_size: int | None = None) -> dict[str, Any]:
@@ -427,7 +480,8 @@ def _step_schedule(config: dict[str, Any], path: str, total_batch: int, passes: 
     if decay_epoch is not None:
         if not (isinstance(decay_epoch, (list, tuple)) and all(
                 isinstance(e, (int, float)) and not isinstance(e, bool) for e in decay_epoch)):
-            raise SystemExit(f"{path}: config.decay_epoch = {decay_epoch!r}: a list of epochs expected ([8, 14])")
+            raise SystemExit(f"{path}: config.decay_epoch = {reprlib.repr(decay_epoch)}: a list of epochs expected "
+                             "([8, 14])")
         decays = [(e, int(e * num_image // total_batch) // passes) for e in decay_epoch]
         warmup_steps = max(0, warmup_steps)  # (train.py: `current_step < warmup_step` never holds below 0)
         key, given = "config.decay_epoch", f"config.decay_epoch {list(decay_epoch)}"
@@ -435,7 +489,7 @@ def _step_schedule(config: dict[str, Any], path: str, total_batch: int, passes: 
             ignored.append("lr_func (train.py of decay_epoch's time read decay_epoch alone)")
     else:
         if not isinstance(lr_func, LrFunction):
-            raise SystemExit(f"{path}: config.lr_func = {lr_func!r}: a function of the epoch expected "
+            raise SystemExit(f"{path}: config.lr_func = {reprlib.repr(lr_func)}: a function of the epoch expected "
                              "(def lr_step_func(epoch): ...)")
         decays, warmup_epochs = _lr_func_decays(lr_func, config, path, num_epoch)
         steps_per_epoch = num_image // total_batch
@@ -451,7 +505,8 @@ def _step_schedule(config: dict[str, Any], path: str, total_batch: int, passes: 
     steps = [step for _, step in decays]
     lr *= 0.1 ** sum(step < 1 for step in steps)  # (a decay from the first step: a lower rate)
     lr_steps = sorted(step for step in steps if step >= 1)
-    twice = sorted({(epoch, step) for epoch, step in decays if step >= 1 and steps.count(step) > 1})
+    counts = collections.Counter(steps)  # (not steps.count: a crafted [8] * 10 ** 5 took hours)
+    twice = sorted({(epoch, step) for epoch, step in decays if step >= 1 and counts[step] > 1})
     if twice:
         raise SystemExit(f"{path}: {key} divides the learning rate by 10 more than once at one step (epoch "
                          f"{twice[0][0]}, step {twice[0][1]}), which --lr-steps cannot: give --lr-steps and --lr")
@@ -472,7 +527,7 @@ def _lr_func_decays(lr_func: LrFunction, config: dict[str, Any], path: str, num_
     for epoch in range(num_epoch):
         value = lr_func(epoch, config)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise SystemExit(f"{path}: config.lr_func({epoch}) = {value!r}: a number expected")
+            raise SystemExit(f"{path}: config.lr_func({epoch}) = {reprlib.repr(value)}: a number expected")
         multipliers.append(float(value))
 
     def decays(value: float) -> int | None:  # k where value is 0.1 ** k

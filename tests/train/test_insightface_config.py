@@ -527,3 +527,28 @@ def test_an_older_configs_lr_func_is_read_not_run(tmp_path, monkeypatch, capsys)
         assert "\n" not in str(stop.value)
     with pytest.raises(SystemExit, match=r"config.lr_func = 0.1: a function of the epoch expected"):
         parse_args(["--config", write(tmp_path, head + "config.lr_func = 0.1\n", "bad.py")])
+
+
+@pytest.mark.parametrize("lines, message", [
+    # Values no config holds, refused before they are made (hours of `9 ** 9 ** 9`, 80 GB of a list).
+    ("config.lr = 9 ** 9 ** 9\n",
+     r":18: `9 \*\* 9 \*\* 9` would be larger than a config holds \(at most 1000000 items"),
+    ("config.val_targets = ['lfw'] * 10 ** 10\n", r":18: `\['lfw'\] \* 10 \*\* 10` would be larger than a config"),
+    ("config.lr = 7 ** 3000 * 7 ** 3000\n", r"`7 \*\* 3000 \* 7 \*\* 3000` .*or integers of 10000 bits\): not read"),
+    ("config.lr = 1 / 0\n", r":18: config.lr cannot be read: division by zero"),  # (was a traceback)
+    # An lr_func's evaluation is counted over its epochs: nested comprehensions, or 10 ** 9 epochs of it; it
+    # compares numbers alone (those lists, 10 ** 12 items a side). decay_epoch's steps are counted at once.
+    ("config.lr_func = lambda e: 0.1 ** len([m for m in [[n for n in [0] * 3000] for k in [0] * 3000] if e < 0])\n",
+     r":18: config.lr_func takes more than 200000 steps to read for its epochs"),
+    ("config.num_epoch = 10 ** 9\nconfig.lr_func = lambda e: 1\n", r"takes more than 200000 steps to read"),
+    ("config.lr_func = lambda e: 1 if [[[0] * 10 ** 4] * 10 ** 4] * 10 ** 4 == [[[0] * 10 ** 4] * 10 ** 4] * 10 ** 4 "
+     "else 0.1\n",
+     r"cannot be read at epoch 0: `.*` compares other than numbers"),
+    ("config.decay_epoch = [8] * 10 ** 5\n", r"config.decay_epoch divides the learning rate by 10 more than once"),
+])
+def test_a_crafted_config_is_refused_in_one_line_not_evaluated_at_length(tmp_path, lines, message):
+    # The file is parsed, never run, and neither may its values take the reader's memory or hours.
+    head = MS1M_LR_FUNC.split("def lr_step_func")[0]
+    with pytest.raises(SystemExit, match=message) as stop:
+        parse_args(["--config", write(tmp_path, head + lines, "crafted.py")])
+    assert "\n" not in str(stop.value) and len(str(stop.value)) < 400
