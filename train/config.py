@@ -711,7 +711,8 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
     # the half-kernel below the side (torchvision refuses more): a wider kernel's taps go round the mirror
     # again, and its weights cost (side x kernel) a line (99999: ~90 MB, ~1 s an image). The low-res
     # augmentation enlarges the image back to --image-size before the blur, so that side bounds it too.
-    if args.blur_kernel > 2 * args.image_size - 1:
+    # (The default kernel, where no blur runs, is no one's: --image-size 1 or 2 without the blur was refused.)
+    if args.blur_kernel > 2 * args.image_size - 1 and (args.blur_augmentation or args.blur_kernel != BLUR_KERNEL):
         raise SystemExit(f"--blur-kernel must be at most 2 x --image-size - 1 = {2 * args.image_size - 1} pixels "
                          f"(the blur mirrors the image once past each edge, as torchvision's), got {args.blur_kernel}")
     sigma = args.blur_sigma * 2 if len(args.blur_sigma) == 1 else args.blur_sigma  # one value: that sigma always

@@ -465,6 +465,10 @@ def test_the_widest_blur_kernel_reads_each_pixel_once_mirrored():
     assert parse_args(["--blur-kernel", "223", "--data", "x"]).blur_kernel == 223
     image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
     assert gaussian_blur(image, 63, 1e3).shape == image.shape
+    # The default kernel (5) bounds no image where no blur runs (--image-size 2 was refused, naming --blur-kernel).
+    assert parse_args(["--image-size", "2", "--data", "x"]).image_size == 2
+    with pytest.raises(SystemExit, match=r"--blur-kernel must be at most 2 x --image-size - 1 = 3 pixels .*, got 5"):
+        parse_args(["--image-size", "2", "--data", "x", "--blur-augmentation", "0.5"])
 
 
 @pytest.mark.parametrize("fields,message", [
