@@ -158,8 +158,9 @@ class NotCheckable(Exception):
 def float16_onnx(fp32_path: str, fp16_path: str, *, float16_io: bool = False, only_under: str | None = None) -> None:
     """The fp32 graph at ``fp32_path`` with float16 weights and compute, written to ``fp16_path``
     (onnxruntime's converter). Its input and output stay float32, casts inside, unless ``float16_io``;
-    with ``only_under`` the nodes whose names do not start with it stay float32 (backbone_normalized.onnx's
-    mirror and normalisation: an embedding's sum of squares overflows float16 past a length of 256).
+    with ``only_under`` the nodes whose names do not start with it stay float32, and the values between them
+    too (backbone_normalized.onnx's mirror and normalisation: an embedding's sum of squares overflows float16
+    past a length of 256).
     Raises ValueError when the converter fails."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -175,11 +176,84 @@ def float16_onnx(fp32_path: str, fp16_path: str, *, float16_io: bool = False, on
     except Exception as error:  # (its failures have no common base)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"onnxruntime's float16 converter failed: {reason}") from error
+    _drop_float16_round_trips(converted.graph)
     _sort_nodes(converted.graph)
     # (protobuf's limit, less room for the rest; the weights counted one by one, as a message past it has no size)
     large = sum(tensor.ByteSize() for tensor in converted.graph.initializer) >= 2 ** 31 - 2 ** 20
     onnx.save(converted, fp16_path, save_as_external_data=large,
               location=os.path.basename(fp16_path) + ".data" if large else None)
+
+
+def _drop_float16_round_trips(graph) -> None:
+    """``graph`` without the converter's float32 -> float16 -> float32 round trips: a Cast to float16 of a
+    float32 value read by a Cast back to float32. The converter puts one after each node it keeps float32,
+    so that between two such nodes (backbone_normalized_fp16.onnx's sum, length, clip and division) each
+    value was rounded to float16 (the outputs' length 1 to ~2e-4, not float32's ~1e-7, and a length past
+    65504 inf); the reads of the second Cast now read the float32 value, and a Cast to float16 that nothing
+    reads any more goes. The casts left are those between float16 and float32 nodes (and the float16 input
+    and output of ``float16_io``). Types from the graph's inputs, weights and value_info, which the converter
+    fills in (both onnxruntime 1.19's and 1.32's); a value of unknown type is left as it is."""
+    import onnx
+
+    FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+    def cast_to(node, element_type: int) -> bool:
+        return node.op_type == "Cast" and any(
+            attribute.name == "to" and attribute.i == element_type for attribute in node.attribute)
+
+    float32 = {value.name for value in [*graph.input, *graph.value_info, *graph.output]
+               if value.type.tensor_type.elem_type == FLOAT}
+    float32 |= {tensor.name for tensor in graph.initializer if tensor.data_type == FLOAT}
+    maker = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    outputs = {value.name for value in graph.output}
+    returns = {}  # a float32 value -> the indices of the Casts back to float32 of its Cast to float16
+    for index, node in enumerate(graph.node):
+        first = graph.node[maker[node.input[0]]] if cast_to(node, FLOAT) and node.input[0] in maker else None
+        if first is not None and cast_to(first, FLOAT16) and first.input[0] in float32:
+            returns.setdefault(first.input[0], []).append(index)
+    renamed, dropped = {}, set()  # (a value's name -> its name now; the nodes that go)
+    backs_of_all = {index for backs in returns.values() for index in backs}
+    for source, backs in returns.items():
+        # (where a Cast back makes a graph output, the float32 value takes its name: a value its maker names,
+        # not a graph input, a weight or a Cast back that goes too, and for one such output at most)
+        named = [graph.node[index].output[0] for index in backs if graph.node[index].output[0] in outputs]
+        if named and (len(named) > 1 or source not in maker or maker[source] in backs_of_all or source in outputs):
+            backs = [index for index in backs if graph.node[index].output[0] not in outputs]
+            named = []
+        if named:
+            renamed[source] = named[0]
+        renamed.update((graph.node[index].output[0], source) for index in backs
+                       if graph.node[index].output[0] not in outputs)
+        dropped.update(backs)
+
+    def now(name: str) -> str:  # (a value renamed twice: a round trip of a round trip's value)
+        while renamed.get(name, name) != name:
+            name = renamed[name]
+        return name
+
+    firsts = {maker[graph.node[index].input[0]] for index in dropped}
+    read = {now(name) for index, node in enumerate(graph.node) if index not in dropped for name in node.input}
+    read |= outputs
+    dropped |= {index for index in firsts if not any(name in read for name in graph.node[index].output)}
+    if not dropped:
+        return
+
+    def copy(message):  # (a message removed from its repeated field is not to be read after)
+        duplicate = type(message)()
+        duplicate.CopyFrom(message)
+        return duplicate
+
+    nodes = [copy(node) for index, node in enumerate(graph.node) if index not in dropped]
+    for node in nodes:
+        for values in (node.input, node.output):
+            names = [now(name) for name in values]
+            del values[:]
+            values.extend(names)
+    made = {name for node in nodes for name in node.output} - outputs
+    kept = [copy(value) for value in graph.value_info if value.name in made]
+    del graph.node[:], graph.value_info[:]
+    graph.node.extend(nodes)
+    graph.value_info.extend(kept)
 
 
 def _sort_nodes(graph) -> None:

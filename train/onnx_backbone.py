@@ -194,7 +194,8 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
     settings = {"network": "onnx", "embedding_size": dimension, "image_size": int(image_size)}
     # Outputs of unit length (a graph that normalises, as train.export's backbone_normalized.onnx does)
     # have no feature norm to tell: a tool asked for norms says so rather than printing 1s. To 1e-3, as
-    # ijb.unit_length takes a table's: backbone_normalized_fp16.onnx's length passes through float16 (~1.0002).
+    # ijb.unit_length takes a table's: a float16 output's length is 1 to float16's rounding (~1e-4), as
+    # train.export --fp16 --fp16-io --normalized-onnx's backbone_normalized_fp16.onnx gives it.
     if torch.allclose(probe.float().norm(dim=1), torch.ones(2), atol=1e-3):
         settings["unit_length"] = True
     from .checkpoint import read_settings, settings_path
