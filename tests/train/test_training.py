@@ -1006,8 +1006,8 @@ def test_a_rank_stopped_by_another_ranks_signal_says_so_after_torchruns_sigterm(
         loss, stop = original_step(self, images, labels)
         return loss, stop or self.step == 2
 
-    def save_then_torchruns_sigterm(self):
-        original_save(self)
+    def save_then_torchruns_sigterm(self, **kwargs):  # (artifact=False at a stop: --wandb-artifacts logs none)
+        original_save(self, **kwargs)
         self._on_signal(signal.SIGTERM, None)
 
     monkeypatch.setattr(Trainer, "train_step", another_rank_signalled)
