@@ -137,8 +137,9 @@ class LrFunction:
                 body = body[1:]  # (a docstring)
             expression = body[0].value if len(body) == 1 and isinstance(body[0], ast.Return) else None
         parameters = arguments.posonlyargs + arguments.args
+        # (A decorator is refused: Python would have called it and given config.lr_func what it returned.)
         if (expression is None or len(parameters) != 1 or arguments.vararg or arguments.kwarg
-                or arguments.kwonlyargs):
+                or arguments.kwonlyargs or getattr(node, "decorator_list", None)):
             raise SystemExit(f"{self.path}:{node.lineno}: config.lr_func = {self.name}: only a function of the epoch "
                              "that returns one expression is read (older arcface_torch's lr_step_func); give its "
                              "epochs as config.decay_epoch instead")

@@ -519,6 +519,7 @@ def test_an_older_configs_lr_func_is_read_not_run(tmp_path, monkeypatch, capsys)
             ("def f(epoch):\n    return __import__('os').getcwd()\n", r":19: cannot read `__import__\('os'\)"),
             ("def f(epoch):\n    x = 1\n    return x\n", r":18: config.lr_func = f: only a function of the epoch "
                                                         r"that returns one expression is read"),
+            ("@print\ndef f(epoch):\n    return 1\n", r":19: config.lr_func = f: only a function of the epoch "),
             ("def f(epoch):\n    return len(epoch)\n", r"config.lr_func = f cannot be read at epoch 0: "),
             ("def f(epoch):\n    return 0.1 ** len([m for m in [3, 3] if m <= epoch])\n",
              r"config.lr_func divides the learning rate by 10 more than once at one step \(epoch 3, ")):
