@@ -47,9 +47,10 @@ FP16_ONNX_NAME, NORMALIZED_FP16_ONNX_NAME = "backbone_fp16.onnx", "backbone_norm
 # earlier export's would pass for the new backbone's).
 GRAPH_NAMES = (ONNX_NAME, NORMALIZED_ONNX_NAME, INT8_ONNX_NAME, NORMALIZED_INT8_ONNX_NAME, FP16_ONNX_NAME,
                NORMALIZED_FP16_ONNX_NAME)
-# The weights of a float16 graph past protobuf's 2 GB (r2060's), in a file beside it (float16_onnx): removed
-# and set aside with the graphs (torch's files of an fp32 graph's external data, one a tensor, are not).
-FP16_DATA_NAMES = tuple(name + ".data" for name in (FP16_ONNX_NAME, NORMALIZED_FP16_ONNX_NAME))
+# The weights of a graph past protobuf's 2 GB (vit_h's, r2060's), in one file beside it (export_onnx and
+# float16_onnx write them so): removed and set aside with the graphs.
+DATA_NAMES = tuple(name + ".data" for name in (ONNX_NAME, NORMALIZED_ONNX_NAME, FP16_ONNX_NAME,
+                                               NORMALIZED_FP16_ONNX_NAME))
 # How far onnxruntime's embeddings may be from PyTorch's, as a fraction of the largest value (at least 1):
 # fp32 graphs differ by rounding alone; float16 keeps about 3 significant digits. On the CPU, which computes
 # most float16 nodes in float32 (onnxruntime casts their inputs), r18, mbf, vit_t and small at 112 px were
@@ -120,9 +121,9 @@ class OnnxNotInstalled(ImportError):
 def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int = 17, *,
                 prelu_node: bool = False, batch: int | None = None) -> None:
     """``model`` (eval mode, fp32) traced to an ONNX graph with a dynamic batch dimension, or one fixed at
-    ``batch``, written to ``path`` (a file, not memory: past protobuf's 2 GB, ViT-H's size, the weights go to
-    external data files beside it). Its PReLUs are written as DecomposedPReLU writes them, or with
-    ``prelu_node`` as ONNX's PRelu node.
+    ``batch``, written to ``path`` (a file, not memory: past protobuf's 2 GB, ViT-H's size, its weights go to
+    ``path`` + ".data" beside it, as in float16_onnx). Its PReLUs are written as DecomposedPReLU writes them, or
+    with ``prelu_node`` as ONNX's PRelu node.
 
     Raises OnnxNotInstalled without the ``onnx`` package (the exporter builds the graph with it),
     ValueError when the exporter fails."""
@@ -138,16 +139,39 @@ def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int =
     with warnings.catch_warnings(), contextlib.nullcontext() if prelu_node else decomposed_prelu(model):
         # The TorchScript-based exporter is deprecated but needs no onnxscript; it is what this uses.
         warnings.simplefilter("ignore", DeprecationWarning)
+        # (into a folder of its own: past 2 GB torch's TorchScript exporter writes each weight to a file named
+        # after it, hundreds of them, whose names the next graph's may take; they become one file below)
+        folder = tempfile.mkdtemp(prefix=".onnx-export-", dir=os.path.dirname(path) or ".")
+        exported = os.path.join(folder, os.path.basename(path))
         try:
             try:
-                torch.onnx.export(model, (dummy,), path, dynamo=False, dynamic_axes={
-                    "input": {0: "batch"}, "embedding": {0: "batch"}} if dynamic else None, **kwargs)
-            except TypeError:  # a torch without the legacy exporter: the torch.export-based one
-                torch.onnx.export(model, (dummy,), path, dynamic_shapes=(
-                    {0: torch.export.Dim("batch")},) if dynamic else None, **kwargs)
-        except Exception as error:  # the exporter fails in many ways (unsupported ops, tracing, size)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"the ONNX exporter failed (opset {opset}): {reason}") from error
+                try:
+                    torch.onnx.export(model, (dummy,), exported, dynamo=False, dynamic_axes={
+                        "input": {0: "batch"}, "embedding": {0: "batch"}} if dynamic else None, **kwargs)
+                except TypeError:  # a torch without the legacy exporter: the torch.export-based one
+                    torch.onnx.export(model, (dummy,), exported, dynamic_shapes=(
+                        {0: torch.export.Dim("batch")},) if dynamic else None, **kwargs)
+            except Exception as error:  # the exporter fails in many ways (unsupported ops, tracing, size)
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise ValueError(f"the ONNX exporter failed (opset {opset}): {reason}") from error
+            _with_one_data_file(exported, path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _with_one_data_file(exported: str, path: str) -> None:
+    """The graph at ``exported`` moved to ``path``; one whose weights are in external data files (past 2 GB)
+    written there with them in ``path`` + ".data", the name the export removes and the trainer sets aside."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    graph = onnx.load(exported, load_external_data=False).graph
+    tensors = [*graph.initializer, *(attribute.t for node in graph.node for attribute in node.attribute
+                                     if attribute.HasField("t"))]
+    if not any(uses_external_data(tensor) for tensor in tensors):
+        os.replace(exported, path)
+        return
+    onnx.save(onnx.load(exported), path, save_as_external_data=True, location=os.path.basename(path) + ".data")
 
 
 class NotCheckable(Exception):
@@ -553,7 +577,10 @@ def _export(args: argparse.Namespace) -> int:
 
         # Graphs of an earlier export that this one does not write would pass for this one's.
         written = set(os.listdir(staging))
-        stale = [os.path.join(output, name) for name in GRAPH_NAMES + FP16_DATA_NAMES
+        for name in written:  # (backbone.onnx.data: the others were looked for before the work)
+            if os.path.isdir(os.path.join(output, name)):
+                raise ValueError(f"{os.path.join(output, name)} is a folder: the export writes a file of that name")
+        stale = [os.path.join(output, name) for name in GRAPH_NAMES + DATA_NAMES
                  if name not in written and os.path.exists(os.path.join(output, name))]
         with signals_held():  # all the files move, and the stale ones go, or nothing changes
             # The state dict last: a reader that takes backbone.pt for the sign of a finished export finds

@@ -237,7 +237,7 @@ class TargetAngles:
 # (Not wandb/: W&B keeps each run in a folder of its own under it, so a fresh run overwrites nothing there.)
 RUN_FILES = (checkpoint.CHECKPOINT_NAME, "args.json", "metrics.jsonl", "verification.jsonl", "training.log",
              "tensorboard", LOSS_PNG, VERIFICATION_PNG, ANGLE_PNG, export.STATE_NAME, export.SETTINGS_NAME,
-             *export.GRAPH_NAMES, *export.FP16_DATA_NAMES)
+             *export.GRAPH_NAMES, *export.DATA_NAMES)
 
 
 def _copied_tensors(value: Any) -> Any:

@@ -552,6 +552,53 @@ def test_a_float16_graphs_external_data_goes_and_is_set_aside_with_it(trained, t
     assert sorted(os.listdir(aside)) == ["backbone_fp16.onnx", "backbone_fp16.onnx.data", "checkpoint.pt"]
 
 
+@pytest.mark.slow
+def test_an_fp32_graphs_external_data_is_one_file_that_goes_and_is_set_aside_with_it(trained, tmp_path, monkeypatch,
+                                                                                     capsys):
+    # Past protobuf's 2 GB (vit_h's, r2060's) torch's TorchScript exporter writes each weight to a file named after it
+    # beside the graph: hundreds of files in the output folder, which no later export removed and no fresh run set
+    # aside. Written here as torch writes them past 2 GB, for a small graph.
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from train import trainer
+
+    export_of_torch = torch.onnx.export
+
+    def one_file_a_weight(model, args, path, **kwargs):
+        export_of_torch(model, args, path, **kwargs)
+        onnx.save_model(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0)
+
+    ckpt, _ = trained
+    out = tmp_path / "out"
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.onnx, "export", one_file_a_weight)
+        assert export.main(["--checkpoint", ckpt, "--output", str(out), "--normalized-onnx"]) == 0
+    exported = ["backbone.json", "backbone.onnx", "backbone.onnx.data", "backbone.pt", "backbone_normalized.onnx",
+                "backbone_normalized.onnx.data"]
+    assert sorted(os.listdir(out)) == exported
+    graph = onnx.load(str(out / "backbone.onnx"), load_external_data=False).graph
+    assert {entry.value for tensor in graph.initializer for entry in tensor.external_data
+            if entry.key == "location"} == {"backbone.onnx.data"}
+    capsys.readouterr()
+    # A failed export leaves them whole; one without the graphs removes them.
+    data = (out / "backbone.onnx.data").read_bytes()
+    monkeypatch.setattr(export, "check_onnx", lambda *args, **kwargs: (_ for _ in ()).throw(ValueError("differs")))
+    assert export.main(["--checkpoint", ckpt, "--output", str(out)]) == 1
+    assert sorted(os.listdir(out)) == exported and (out / "backbone.onnx.data").read_bytes() == data
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--no-onnx"]) == 0
+    assert sorted(os.listdir(out)) == ["backbone.json", "backbone.pt"]
+    assert f"removed {out / 'backbone.onnx.data'}: it was from an earlier export" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pt", "backbone.onnx", "backbone.onnx.data", "backbone_normalized.onnx.data"):
+        (run / name).write_text("a run's")
+    aside = trainer.set_aside_earlier_run(str(run))
+    assert os.listdir(run) == ["earlier-1"]
+    assert sorted(os.listdir(aside)) == ["backbone.onnx", "backbone.onnx.data", "backbone_normalized.onnx.data",
+                                         "checkpoint.pt"]
+
+
 def test_sort_nodes_moves_a_node_before_the_nodes_that_read_it_and_keeps_the_rest_in_place():
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
