@@ -177,8 +177,10 @@ def embed_images(backbone: torch.nn.Module, images: torch.utils.data.Dataset, *,
     ``flip`` (each image's share of insightface's XNorm), else ‖embedding(x)‖; MagFace's quality.
     """
     from .data import leave_signals_to_the_main_process, worker_start_method
+    from .onnx_backbone import batch_size_for
 
     device = torch.device(device)
+    batch_size = batch_size_for(backbone, batch_size, 2 if flip else 1)
     leave_signals = workers and workers_leave_signals
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda",

@@ -10,6 +10,7 @@ this trainer's) is fed (x - 127.5) / 127.5.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -37,7 +38,8 @@ def is_onnx_file(path: str) -> bool:
 class OnnxBackbone(torch.nn.Module):
     """forward(x): (N, D) float32 embeddings, on x's device, of (N, 3, S, S) images scaled as
     (x - 127.5) / 127.5 (what ``to_model_input`` makes). A graph whose batch size is fixed (1, say)
-    is run on slices of that size, the last one padded."""
+    is run on slices of that size, the last one padded (``batch_size_for`` gives a caller batches that fill
+    them)."""
 
     def __init__(self, session, *, raw_pixels: bool, batch: int | None):
         super().__init__()
@@ -65,6 +67,18 @@ class OnnxBackbone(torch.nn.Module):
 
     def _run(self, array: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input.name: array})[0]
+
+
+def batch_size_for(backbone: torch.nn.Module, batch_size: int, inputs_per_image: int = 1) -> int:
+    """The batch size, at most ``batch_size`` unless that is less than one run, whose images
+    (``inputs_per_image`` inputs each: 2 with the mirror) fill whole runs of ``backbone``'s graph where its
+    batch is fixed: a batch of 64 fed to a graph of 48 ran 2 x 48, a third of it padding, on each batch, not
+    on the last alone. ``batch_size`` itself for any other backbone."""
+    fixed = backbone.batch if isinstance(backbone, OnnxBackbone) else None
+    if not fixed:
+        return batch_size
+    step = fixed // math.gcd(fixed, inputs_per_image)  # (the fewest images that fill whole runs)
+    return max(step, batch_size // step * step)
 
 
 def feeds_raw_pixels(path: str, input_name: str) -> bool:

@@ -22,6 +22,7 @@ import torch
 
 from train.checkpoint import dangling
 from train.data.transforms import decode_image_and_size, load_image_file_and_size, to_chw, to_model_input
+from train.onnx_backbone import batch_size_for
 
 # insightface's grid: squared L2 distances between unit vectors lie in [0, 4].
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -379,6 +380,7 @@ def compute_embeddings(backbone: torch.nn.Module, vset: VerificationSet, *, devi
     embeddings of the images and of their mirrors. ``on_batch(count)`` is called after each batch
     (a progress bar's update).
     """
+    batch_size = batch_size_for(backbone, batch_size, 2)  # (each image with its mirror)
     modes = [(m, m.training) for m in backbone.modules()]
     backbone.eval()
     try:

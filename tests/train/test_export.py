@@ -1332,6 +1332,48 @@ def test_a_graph_of_fixed_batch_is_fed_padded_slices_and_one_of_free_size_faces_
     assert load_onnx_backbone(graph("side.onnx", ["n", 3, "h", 96]))[1]["image_size"] == 96
 
 
+def test_a_graph_of_fixed_batch_is_fed_whole_runs_by_the_tools_that_embed(tmp_path):
+    # A batch of 8 faces fed to a graph fixed at 6 ran 6 + 2 padded on each batch, not on the last alone (embed's
+    # 64 with a graph of 48: a third of the runs padding); the tools now take batches that fill whole runs (6
+    # faces, or 3 with their mirrors), the same embeddings in the fewest runs.
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from train.embed import embed_images
+    from train.onnx_backbone import load_onnx_backbone
+    from train.verification import VerificationSet, compute_embeddings
+
+    weights = numpy_helper.from_array(np.random.default_rng(0).standard_normal((3 * 8 * 8, 64), np.float32), "w")
+
+    def graph(name, batch):
+        nodes = [helper.make_node("Flatten", ["data"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["fc1"])]
+        made = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT,
+                                                                            [batch, 3, 8, 8])],
+                                 [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, None)], [weights])
+        onnx.save(helper.make_model(made, opset_imports=[helper.make_opsetid("", 13)], ir_version=8),
+                  str(tmp_path / name))
+        return load_onnx_backbone(str(tmp_path / name))[0]
+
+    fixed, free = graph("fixed.onnx", 6), graph("free.onnx", "n")
+    runs = []
+    run = fixed._run
+    fixed._run = lambda array: runs.append(array.shape[0]) or run(array)
+    images = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    faces = [(image, "") for image in images]
+    for flip, fewest in ((False, 4), (True, 8)):
+        runs.clear()
+        got = embed_images(fixed, faces, device="cpu", batch_size=8, workers=0, flip=flip)
+        np.testing.assert_allclose(got, embed_images(free, faces, device="cpu", batch_size=8, workers=0, flip=flip),
+                                   rtol=1e-6, atol=1e-5)
+        assert runs == [6] * fewest
+    runs.clear()
+    vset = VerificationSet("toy", images, np.arange(12) % 2 == 0)
+    np.testing.assert_allclose(compute_embeddings(fixed, vset, device="cpu", batch_size=8),
+                               compute_embeddings(free, vset, device="cpu", batch_size=8), rtol=1e-6, atol=1e-6)
+    assert runs == [6] * 8
+
+
 @pytest.mark.parametrize("content", [[1, 2], {"optimizer": {}, "step": 3}], ids=["a list", "a dict of no weights"])
 def test_a_torch_file_that_holds_no_backbone_is_named(tmp_path, capsys, content):
     # A .pt of something else (an optimizer's state, a list) given as --checkpoint or --model: one line naming
