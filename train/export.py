@@ -171,7 +171,15 @@ def _with_one_data_file(exported: str, path: str) -> None:
     if not any(uses_external_data(tensor) for tensor in tensors):
         os.replace(exported, path)
         return
-    onnx.save(onnx.load(exported), path, save_as_external_data=True, location=os.path.basename(path) + ".data")
+    # (saved in a folder of its own, then moved: onnx.save appends the weights to a file of that name already
+    # there, an earlier export's, which kept it at the head of the new one's)
+    folder = os.path.join(os.path.dirname(exported), "one-data-file")
+    os.mkdir(folder)
+    joined = os.path.join(folder, os.path.basename(path))
+    onnx.save(onnx.load(exported), joined, save_as_external_data=True, location=os.path.basename(path) + ".data")
+    if os.path.exists(joined + ".data"):  # (not where every weight is under onnx.save's 1 KB threshold)
+        os.replace(joined + ".data", path + ".data")
+    os.replace(joined, path)
 
 
 class NotCheckable(Exception):

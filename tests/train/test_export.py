@@ -1332,6 +1332,35 @@ def test_a_graph_of_fixed_batch_is_fed_padded_slices_and_one_of_free_size_faces_
     assert load_onnx_backbone(graph("side.onnx", ["n", 3, "h", 96]))[1]["image_size"] == 96
 
 
+def test_a_graph_exported_again_to_its_path_has_its_new_weights_alone_in_its_data_file(tmp_path, monkeypatch):
+    # onnx.save appends external data to a file of that name that is there already: export_onnx called again on a
+    # path of a graph past 2 GB kept the earlier export's weights at the head of path + ".data", which grew by them
+    # each time. Written here one file a weight, as torch writes them past 2 GB, for a small graph.
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    export_of_torch = torch.onnx.export
+
+    def one_file_a_weight(model, args, path, **kwargs):
+        export_of_torch(model, args, path, **kwargs)
+        onnx.save_model(onnx.load(path), path, save_as_external_data=True, all_tensors_to_one_file=False,
+                        size_threshold=0)
+
+    monkeypatch.setattr(torch.onnx, "export", one_file_a_weight)
+    torch.manual_seed(0)
+    path = str(tmp_path / "backbone.onnx")
+    sizes = []
+    for _ in range(2):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
+        export.export_onnx(model, path, 8)
+        sizes.append(os.path.getsize(path + ".data"))
+    assert sizes[1] == sizes[0], f"backbone.onnx.data grew from {sizes[0]} to {sizes[1]} bytes"
+    assert sorted(os.listdir(tmp_path)) == ["backbone.onnx", "backbone.onnx.data"]
+    x = torch.randn(2, 3, 8, 8)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_graph_of_fixed_batch_is_fed_whole_runs_by_the_tools_that_embed(tmp_path):
     # A batch of 8 faces fed to a graph fixed at 6 ran 6 + 2 padded on each batch, not on the last alone (embed's
     # 64 with a graph of 48: a third of the runs padding); the tools now take batches that fill whole runs (6
