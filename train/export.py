@@ -28,8 +28,8 @@ with stop_while_importing(__name__, "export: "):
 
     from . import checkpoint, quantize
     from .config import _str_list
-    from .tools import (ORT_DISTRIBUTIONS, ArgumentParser, count_of, folders_missing, not_importable, path_arg,
-                        remove_folders_made)
+    from .tools import (ORT_DISTRIBUTIONS, ArgumentParser, count_of, first_line, folders_missing, not_importable,
+                        path_arg, remove_folders_made)
 
 try:  # the opsets that torch's TorchScript-based exporter writes (7 to 20 in torch 2.13)
     from torch.onnx._constants import ONNX_MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
@@ -152,7 +152,7 @@ def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int =
                     torch.onnx.export(model, (dummy,), exported, dynamic_shapes=(
                         {0: torch.export.Dim("batch")},) if dynamic else None, **kwargs)
             except Exception as error:  # the exporter fails in many ways (unsupported ops, tracing, size)
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                reason = first_line(error)
                 raise ValueError(f"the ONNX exporter failed (opset {opset}): {reason}") from error
             _with_one_data_file(exported, path)
         finally:
@@ -206,7 +206,7 @@ def float16_onnx(fp32_path: str, fp16_path: str, *, float16_io: bool = False, on
             warnings.simplefilter("ignore")  # (its notes on values clamped to float16's range)
             converted = convert_float_to_float16(fp32_path, keep_io_types=not float16_io, node_block_list=kept)
     except Exception as error:  # (its failures have no common base)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(f"onnxruntime's float16 converter failed: {reason}") from error
     _drop_float16_round_trips(converted.graph)
     _sort_nodes(converted.graph)
@@ -401,7 +401,7 @@ def check_onnx(model: torch.nn.Module, path: str, image_size: int, batch: int = 
         x = x.half().float() if half_input else x  # (PyTorch is given the values the graph is given)
         got = session.run(["embedding"], {"input": x.numpy().astype(np.float16 if half_input else np.float32)})[0]
     except Exception as error:  # onnxruntime's errors have no common base but Exception
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         if float16 and ("NOT_IMPLEMENTED" in reason or type(error).__name__ == "NotImplemented"):
             raise NotCheckable(f"onnxruntime {onnxruntime.__version__}'s CPU provider cannot run it ({reason})") \
                 from error

@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import torch
 
+from .tools import first_line
+
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 DEFAULT_IMAGE_SIZE = 112
 
@@ -152,7 +154,7 @@ def open_session(path: str, device: torch.device | str = "cpu"):
     try:
         session = onnxruntime.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime's errors share no base class but Exception
-        raise ValueError(f"{path}: onnxruntime cannot load it: {_first_line(error)}") from None
+        raise ValueError(f"{path}: onnxruntime cannot load it: {first_line(error)}") from None
     return session
 
 
@@ -229,12 +231,10 @@ def _probe(model: OnnxBackbone, image_size: int) -> tuple[torch.Tensor | None, s
     try:
         probe = model(torch.zeros(2, 3, image_size, image_size))
     except Exception as error:  # onnxruntime's errors share no base class but Exception
-        return None, f"onnxruntime cannot run it on {image_size}px images: {_first_line(error)}"
+        return None, f"onnxruntime cannot run it on {image_size}px images: {first_line(error)}"
     if probe.ndim != 2 or probe.shape[0] != 2:
         return None, (f"the graph gives {tuple(probe.shape)} for 2 images, not (N, D) embeddings (a recognition "
                       "model's output)")
     return probe, ""
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

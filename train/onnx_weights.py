@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .tools import first_line
+
 # Nodes that carry no weights and that these graphs hold between the weighted ones (and the arithmetic of
 # their shapes): passed over. Another op is refused, naming it.
 _PLAIN_OPS = {"Relu", "Neg", "Add", "Sub", "Mul", "Div", "Flatten", "Reshape", "Identity", "Cast", "Dropout",
@@ -331,7 +333,7 @@ def read_onnx_weights(path: str, model: torch.nn.Module, image_size: int) -> tup
     try:
         file_graph = onnx.load(path).graph
     except Exception as error:  # protobuf's DecodeError, external data missing: all of them this
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(f"{path}: not a readable ONNX model: {reason}") from None
     file = _Graph(file_graph, "file")
     theirs = file.layers()
@@ -341,7 +343,7 @@ def read_onnx_weights(path: str, model: torch.nn.Module, image_size: int) -> tup
         raise OnnxGraphMismatch(f"{error}: ONNX weights are read into the convolutional networks (iResNets, "
                                 "mbf)") from None
     except Exception as error:  # torch's exporter fails in many ways (a network of one's own)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise OnnxGraphMismatch(f"the network cannot be traced to ONNX to be matched with it: {reason}") from None
     try:
         state, done = _fit(file, theirs, ours, model)

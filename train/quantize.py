@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .tools import ORT_DISTRIBUTIONS, count_of, not_importable
+from .tools import ORT_DISTRIBUTIONS, count_of, first_line, not_importable
 
 DEFAULT_FACES = 300
 # QuantizeLinear's axis, which per-channel weights need, comes with opset 13.
@@ -190,7 +190,7 @@ def quantize(fp32_path: str, int8_path: str, calibration: np.ndarray, *, only_un
         except OSError:  # a full disk, a quota: the file system's failure, not the graph's
             raise
         except Exception as error:  # onnxruntime's and onnx's errors share no base class but Exception
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             raise ValueError(f"onnxruntime cannot quantize the graph to int8: {reason}") from error
 
 

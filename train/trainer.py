@@ -43,7 +43,7 @@ from .plots import ANGLE_PNG, LOSS_PNG, VERIFICATION_PNG
 from .progress import is_terminal as _is_terminal
 from .signals import (Stopped, readers_may_leave, stop_on_signals, trainer_start_up_stop_line,
                       trainer_stop_line)
-from .tools import (another_process_stopped, count_of, folders_missing, installed_version, lost_a_peer,
+from .tools import (another_process_stopped, count_of, first_line, folders_missing, installed_version, lost_a_peer,
                     remove_folders_made, say_unhandled_error, start_process_group, timed_out)
 
 ANGLE_PHASES = ("start", "middle", "end")
@@ -98,7 +98,6 @@ def _release_output_lock(output: str) -> bool:
     if lock is not None:
         lock.release()
     return lock is not None
-
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -358,7 +357,7 @@ def start_wandb(args: argparse.Namespace, output: str, run_id: str | None):
         for prefix in ("train", "verification"):
             run.define_metric(f"{prefix}/*", step_metric="step")
     except Exception as error:  # no account, no network, a bad entity: wandb's own exception types
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = first_line(error)
         raise SystemExit(f"--wandb: Weights & Biases did not start: {message} (online it needs `wandb login` or "
                          "WANDB_API_KEY, and a project and entity it can write to; WANDB_MODE=offline logs without "
                          "an account, for `wandb sync` later)") from None
@@ -1904,7 +1903,7 @@ class Trainer:
             artifact.add_file(self.checkpoint_path, name=checkpoint.CHECKPOINT_NAME, skip_cache=True)
             self.log.wandb.log_artifact(artifact, aliases=aliases)
         except Exception as error:  # wandb's own exception types; a full disk in the staging copy
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             self._write(f"warning: --wandb-artifacts: {self.checkpoint_path} (step {self.step}) was not logged to "
                         f"W&B: {reason}; the checkpoint is kept, and the run goes on")
 

@@ -209,6 +209,12 @@ def check_photo_options(p: argparse.ArgumentParser, args: argparse.Namespace, so
         p.error("--all-faces goes with --landmarks or --detector")
 
 
+def first_line(error: BaseException) -> str:
+    """``error`` in one line, for a message: its text's first line, or its class's name where it has none
+    (CPython's MemoryError)."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def count_of(n: float, noun: str, nouns: str | None = None) -> str:
     """``n`` and the noun, plural unless it is 1: "1 face", "3 faces", "2 people", "2.5 epochs". A whole
     number is written whole, however large ("1000000 steps"; ``:g`` wrote "1e+06 steps")."""

@@ -49,9 +49,9 @@ with stop_while_importing(__name__, "detect: "):
     from train.data import leave_signals_to_the_main_process, worker_start_method
     from train.data.transforms import decode_failure, to_rgb
     from train.embed import images_under
-    from train.onnx_backbone import _first_line, open_session
-    from train.tools import (ArgumentParser, RunLock, check_images_folder, check_outputs, listable_name, path_arg,
-                             taking_back_folders)
+    from train.onnx_backbone import open_session
+    from train.tools import (ArgumentParser, RunLock, check_images_folder, check_outputs, first_line, listable_name,
+                             path_arg, taking_back_folders)
     from train.tools.align import _fields, _numbers
 
 # insightface's FaceAnalysis: det_size (640, 640), det_thresh 0.5; SCRFD's nms_threshold 0.4.
@@ -117,7 +117,7 @@ class FaceDetector:
             outputs = self._run(np.zeros((self.height, self.width, 3), np.uint8))
         except Exception as error:  # onnxruntime's errors share no base class but Exception
             raise ValueError(f"{self.path}: onnxruntime cannot run it on a {self.width}x{self.height} image: "
-                             f"{_first_line(error)}") from None
+                             f"{first_line(error)}") from None
         # insightface lists the scores of each stride, then the boxes, then the keypoints; an export that
         # orders them otherwise is put in that order by their shapes: 1, 4 or 10 columns, and fewer rows
         # at a larger stride.

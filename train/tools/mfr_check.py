@@ -21,7 +21,7 @@ from train.signals import run_tool, stop_while_importing  # (the standard librar
 with stop_while_importing(__name__, "mfr_check: "):
     import numpy as np
 
-    from train.tools import ORT_DISTRIBUTIONS, ArgumentParser, not_importable, path_arg, say
+    from train.tools import ORT_DISTRIBUTIONS, ArgumentParser, first_line, not_importable, path_arg, say
 
 # The checker's tracks (recognition/arcface_torch/onnx_helper.py at insightface commit 882125e): (largest embedding,
 # inference time limit in ms on the server's GPU). Its file size limit is 1024 MiB on every track.
@@ -215,7 +215,7 @@ def check(path: str, track: str) -> int:
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as error:  # (protobuf's DecodeError, and others of a file that is not one)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(f"{path} is not an ONNX model (onnx cannot read it: {reason})") from None
     if not model.graph.node and not model.graph.output:  # (protobuf reads many files as an empty message)
         raise ValueError(f"{path} is not an ONNX model (it holds no graph)")
@@ -263,7 +263,7 @@ def check(path: str, track: str) -> int:
     try:
         session = onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:  # (onnxruntime's errors share no base but Exception)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         report.rule("load", False, f"onnxruntime {onnxruntime.__version__} cannot load it: {reason}")
         return finish(path, track, report)
     inputs, outputs = session.get_inputs(), session.get_outputs()
@@ -300,7 +300,7 @@ def check(path: str, track: str) -> int:
             feed = onnxruntime.InferenceSession(loaded.SerializeToString(), sess_options=options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             report.rule("batch", False, f"with its batch dimension made free, as the server's checker makes it, "
                         f"onnxruntime cannot load it: {reason}")
             feed = None
@@ -310,7 +310,7 @@ def check(path: str, track: str) -> int:
         try:
             embeddings = feed.run(None, {inputs[0].name: images})[0]
         except Exception as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             report.rule("batch", False, f"a batch of {CHECK_BATCH} fails: {reason}"
                         + ("" if isinstance(shape[0], str) else f" (its batch, {batch_said(shape[0])}, made free)"))
         else:
@@ -332,7 +332,7 @@ def check(path: str, track: str) -> int:
             embedding = feed.run(None, {inputs[0].name: one})[0]
             times.append(time.perf_counter() - start)
     except Exception as error:  # (a graph whose fixed batch is written into its nodes: the checker's run fails too)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         report.rule("output", False, f"one image fails: {reason}" + (
             "" if isinstance(shape[0], str) else f" (its batch, {batch_said(shape[0])}, made free as the server's "
             "checker makes it)"))
