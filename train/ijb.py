@@ -51,7 +51,8 @@ with stop_while_importing(__name__, "ijb: "):
     from .data.transforms import to_chw, to_rgb, unreadable_image
     from .embed import (add_benchmark_options, benchmark_inputs, check_benchmark_options, check_table_output,
                         describe_about, embed_images, load_model, model_digests, read_about, read_table,
-                        report_unreadable, run_stoppable, set_amp, table_files, write_table)
+                        refuse_amp_of_an_onnx_model, report_unreadable, run_stoppable, set_amp, table_files,
+                        write_table)
     from .tools import ArgumentParser, check_outputs, path_arg, say, torch_device
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -1057,6 +1058,8 @@ def _main(argv: list[str] | None) -> int:
     note = None  # auto's choice of protocols: said once nothing below refuses the run, not before another error
     try:
         device = torch_device(args.device)
+        if not args.features:  # (before the release's lists are read, as train.embed and train.verify refuse it)
+            refuse_amp_of_an_onnx_model(args.amp, args.model)
         protocols = {"1:1": ("1:1",), "1:N": ("1:N",), "BOTH": ("1:1", "1:N")}.get(args.protocol)
         if protocols is None:  # auto
             missing = missing_identification(args.data_root, args.target)

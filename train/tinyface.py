@@ -29,8 +29,8 @@ with stop_while_importing(__name__, "tinyface: "):
 
     from . import checkpoint
     from .embed import (ImageFiles, add_benchmark_options, benchmark_inputs, check_benchmark_options,
-                        check_table_output, describe_about, list_images, load_model, read_about, run_stoppable,
-                        set_amp, table_files)
+                        check_table_output, describe_about, list_images, load_model, read_about,
+                        refuse_amp_of_an_onnx_model, run_stoppable, set_amp, table_files)
     from .ijb import embed_release, save_features, saved_features
     from .tools import ArgumentParser, check_outputs, path_arg, say, torch_device
 
@@ -165,6 +165,8 @@ def _main(argv: list[str] | None) -> int:
     started = time.monotonic()
     try:
         device = torch_device(args.device)
+        if not args.features:  # (before the release is listed, as train.embed and train.verify refuse it)
+            refuse_amp_of_an_onnx_model(args.amp, args.model)
         protocol = TinyFaceProtocol(args.data_root)
         if args.features:
             model, size = None, None

@@ -274,6 +274,12 @@ def test_amp_of_an_onnx_model_is_refused_before_reading_it(release, tmp_path, ca
     assert said.err.splitlines() == [f"tinyface: error: --amp bf16: {graph} is an ONNX model, run as its graph is"], \
         said.err
     assert said.out == "" and not (tmp_path / "tinyface.json").exists()
+    # Nor after the release's files: refused before they are read (a --data-root that is not there).
+    assert tinyface.main(["--model", graph, "--data-root", str(tmp_path / "no-release"), "--device", "cpu", "--amp",
+                          "bf16", "--output", str(tmp_path / "tinyface.json")]) == 2
+    said = capsys.readouterr()
+    assert said.err.splitlines() == [f"tinyface: error: --amp bf16: {graph} is an ONNX model, run as its graph is"], \
+        said.err
 
 
 def test_release_images_are_never_outputs_and_every_unreadable_one_is_named(release, tmp_path, capsys):
