@@ -116,6 +116,15 @@ def stop_while_importing(module: str, prefix: str):
         yield
 
 
+def stop_with_the_main_process() -> None:
+    """For a pool's worker process (its initializer): Ctrl-C ignored, SIGTERM's default action. A Ctrl-C at the
+    terminal reaches the whole process group, and it is the main process's to handle (it ends its workers, with a
+    SIGTERM each where the pool terminates them); a forked worker inherits the main process's handlers, whose
+    SIGTERM would raise in the worker rather than end it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def trainer_stop_line(message: str) -> str:
     """A line of a stop that each of ``python -m train``'s processes says for itself (at start-up, a second
     signal): ``message`` (``stopped by SIGINT ...``) in one process; ``train: rank R: <message>`` under torchrun

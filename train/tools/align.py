@@ -37,13 +37,12 @@ import multiprocessing
 import os
 import re
 import secrets
-import signal
 import sys
 import tempfile
 import time
 
 from train.signals import (Stopped, readers_may_leave, stop_on_signals,  # (the standard library only)
-                           stop_while_importing)
+                           stop_while_importing, stop_with_the_main_process)
 
 with stop_while_importing(__name__, "align: "):
     import numpy as np
@@ -308,9 +307,8 @@ _job: dict = {}
 
 def _start(job: dict, worker: bool = True) -> None:
     _job.update(job)
-    if worker:  # a Ctrl-C at the terminal is the main process's to handle: it ends the workers with
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a SIGTERM each, which must then end them (a forked
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # worker inherits the main process's handler)
+    if worker:  # (the main process ends the workers with a SIGTERM each, on a Ctrl-C too)
+        stop_with_the_main_process()
 
 
 def _align_one(index: int) -> tuple[int, str]:

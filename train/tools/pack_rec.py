@@ -18,13 +18,13 @@ import io
 import itertools
 import multiprocessing
 import os
-import signal
 import sys
 import threading
 import time
 import warnings
 
-from train.signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
+from train.signals import (run_tool, signals_held, stop_while_importing,  # (the standard library only)
+                           stop_with_the_main_process)
 
 with stop_while_importing(__name__, "pack_rec: "):
     import numpy as np
@@ -73,8 +73,7 @@ def _start_worker(main_process: int) -> None:
     main process's handler, which would raise in the worker). A worker whose main process (its parent,
     `main_process`) was killed (SIGKILL, the out-of-memory killer) ends too: it would wait for work on its
     queue forever."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stop_with_the_main_process()
     threading.Thread(target=_end_with_the_main_process, args=(main_process,), daemon=True).start()
 
 
