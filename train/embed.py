@@ -31,7 +31,7 @@ with stop_while_importing(__name__, "embed: "):
     from . import checkpoint
     from .data.transforms import IMAGE_EXTENSIONS, load_image_file_and_size, to_chw, to_model_input, unreadable_image
     from .tools import (ArgumentParser, check_images_folder, check_outputs, left_out_said, listable_name, path_arg,
-                        torch_device)
+                        torch_device, usable_cpus)
 
 # Cosine similarity above which two faces are called the same when the model carries no
 # verification threshold of its own.
@@ -648,7 +648,7 @@ def add_benchmark_options(p: argparse.ArgumentParser, *, features_help: str, wor
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help="images per forward pass (twice as many rows with the mirror; default: 128)")
     p.add_argument("--workers", type=int, default=None,
-                   help=workers_help + " (0: in this process; default: one a core, up to 8)")
+                   help=workers_help + " (0: in this process; default: one a core this process may use, up to 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the model runs: cpu, cuda, cuda:1, mps, xpu, ... (default: cuda when torch sees a "
                    "CUDA GPU, else cpu)")
@@ -693,7 +693,7 @@ def check_benchmark_options(p: argparse.ArgumentParser, args: argparse.Namespace
     note = (f"note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used with --features, which "
             "are scored as they are, without embedding") if unused else None
     args.batch_size = 128 if args.batch_size is None else args.batch_size
-    args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
+    args.workers = min(8, usable_cpus()) if args.workers is None else args.workers
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be at least 1 and --workers at least 0")
     if args.features and args.save_features:
@@ -954,8 +954,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the model runs: cpu, cuda, cuda:1, mps, xpu, ... (default: cpu)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, usable_cpus()),
+                   help="DataLoader processes decoding images (0: in this process; default: one a core this process "
+                   "may use, up to 8)")
     add_amp_option(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output (and the .txt beside a .npy) when they exist; without it they are kept")

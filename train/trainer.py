@@ -44,7 +44,7 @@ from .progress import is_terminal as _is_terminal
 from .signals import (Stopped, readers_may_leave, stop_on_signals, trainer_start_up_stop_line,
                       trainer_stop_line)
 from .tools import (another_process_stopped, count_of, first_line, folders_missing, installed_version, lost_a_peer,
-                    remove_folders_made, say_unhandled_error, start_process_group, timed_out)
+                    remove_folders_made, say_unhandled_error, start_process_group, timed_out, usable_cpus)
 
 ANGLE_PHASES = ("start", "middle", "end")
 # Target angles kept per phase for the histogram: enough for a smooth curve, small to store,
@@ -804,8 +804,9 @@ class Trainer:
                                 timeout=datetime.timedelta(minutes=args.dist_timeout))
         self.is_main = self.rank == 0
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            # Leave a core to each DataLoader worker: oversubscribed OpenMP threads spin and stall.
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            # Leave a core to each DataLoader worker: oversubscribed OpenMP threads spin and stall (on a
+            # container's CPU quota too, which the affinity does not show).
+            cores = usable_cpus()
             local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             workers = 0 if args.data == RANDOM else args.num_workers  # (random data has no loader workers)
             torch.set_num_threads(max(1, cores // local_world_size - workers))

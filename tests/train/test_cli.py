@@ -66,6 +66,38 @@ def test_every_option_has_a_help_text(module, monkeypatch):
     assert not missing, f"python -m {module} --help says nothing of {missing}"
 
 
+# The commands that decode images in --workers processes (train.ijb's and train.tinyface's default is set after
+# parsing, by check_benchmark_options), with the most their default starts.
+WORKERS = {"train.embed": 8, "train.ijb": 8, "train.tinyface": 8, "train.tools.align": 8, "train.tools.clean": 8,
+           "train.tools.cluster": 8, "train.tools.detect": 4, "train.tools.pack_rec": 8, "train.tools.quality": 8,
+           "train.tools.roc": 8, "train.tools.search": 8}
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_the_default_workers_are_one_a_cpu_this_process_may_use(module, monkeypatch):
+    # min(8, os.cpu_count()) counted the host's cores: 8 processes for a job bound to 3 of a host's 64 CPUs
+    # (taskset, Slurm's binding), or held to 3 CPUs' quota (docker --cpus 3), which os.cpu_count() does not see.
+    from train.embed import check_benchmark_options
+    from train.tools import usable_cpus
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(os, "process_cpu_count", lambda: 3, raising=False)
+    assert usable_cpus() <= 3  # (this machine's cgroup quota may make it fewer)
+    parser = parser_of(module, monkeypatch)
+    workers = [action for action in parser._actions if "--workers" in action.option_strings]
+    assert bool(workers) == (module in WORKERS), module
+    if workers:
+        default = workers[0].default
+        if module in ("train.ijb", "train.tinyface"):
+            args = argparse.Namespace(**{action.dest: action.default for action in parser._actions})
+            args.model = "model.pt"
+            assert default is None and check_benchmark_options(parser, args, [], "") is None
+            default = args.workers
+        assert default == min(WORKERS[module], usable_cpus()), (module, default)
+        assert "default: one a core this process may use, up to" in workers[0].help
+
+
 def test_the_trainers_help_gives_each_default_once():
     # argparse's "(default: None)" followed options whose help said their default already ("default
     # lfw,cfp_fp,agedb_30 ... (default: None)"), and came twice after --wandb-entity's.

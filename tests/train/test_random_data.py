@@ -125,6 +125,24 @@ def test_a_run_on_random_data_says_so_and_resumes_as_it_would_have_gone_on(tmp_p
         read_faces("random", 8, image_size=32, run={"data": "random"}, flag="--int8 (the run's --data)")
 
 
+@pytest.mark.slow
+def test_on_a_cpu_the_trainer_takes_a_thread_a_cpu_of_its_cgroups_quota(tmp_path, monkeypatch):
+    # The intra-op threads were one a CPU of the affinity: a container held to 3 CPUs' quota (docker --cpus 3)
+    # on a host of 64 ran 64 threads. (Random data has no loader workers to leave CPUs to.)
+    import train.tools
+    from train.trainer import Trainer
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(os, "process_cpu_count", lambda: 64, raising=False)
+    monkeypatch.setattr(train.tools, "_cgroup_cpu_quota", lambda root: 3)
+    run = Trainer(parse_args(_argv(tmp_path / "run", num_classes=10)))
+    try:
+        assert torch.get_num_threads() == 3  # (one_thread sets the count back after the test)
+    finally:
+        run.release_output()
+
+
 def test_bench_step_times_both_losses_and_its_eager_baseline_is_arcface():
     from arcface_ext import reference
     from conftest import load_benchmark

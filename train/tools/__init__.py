@@ -9,7 +9,8 @@ its feature norm, the faces to drop, and the error-versus-reject evaluation of a
 verification pairs), `preview` (a grid of training images as the network sees them) and `mfr_check` (an ONNX
 model against the rules of insightface's MFR challenge for a submission); and the checks
 that `pack_rec`, `make_bin`, `train.embed` and `train.ijb` make of their arguments before any work,
-so that a mistake costs no time, with the parser whose error line begins with the command's name."""
+so that a mistake costs no time, with the parser whose error line begins with the command's name; and the CPUs
+this process may use, which the tools' default --workers count."""
 
 from __future__ import annotations
 
@@ -156,6 +157,65 @@ def listable_name(name: str) -> bool:
     return "\n" not in name and "\r" not in name
 
 
+def usable_cpus(root: str = "/") -> int:
+    """The CPUs this process may use, at least 1: its CPU affinity's (``taskset``, a scheduler's binding such as
+    Slurm's) where the platform tells it, else ``os.cpu_count()``, and no more than its cgroup's CPU quota
+    (``docker --cpus``, a Kubernetes limit) rounded up: a quota of 1.5 CPUs is 2. The cgroup files are read under
+    ``root`` (a test's folder stands for ``/``); one that cannot be read or parsed sets no quota."""
+    count = None
+    if hasattr(os, "process_cpu_count"):  # Python 3.13: the affinity's, or PYTHON_CPU_COUNT's
+        count = os.process_cpu_count()
+    elif hasattr(os, "sched_getaffinity"):
+        with contextlib.suppress(OSError):
+            count = len(os.sched_getaffinity(0))
+    count = count or os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(root)
+    return max(1, min(count, quota) if quota else count)
+
+
+def _cgroup_cpu_quota(root: str) -> int | None:
+    """The smallest CPU quota, in whole CPUs rounded up, of this process's cgroup and of its ancestors, in cgroup v2
+    (``cpu.max``) and v1 (``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``); None where there is none."""
+    def fields(folder: str, *names: str) -> list[str]:
+        try:
+            found = []
+            for name in names:
+                with open(os.path.join(folder, name), encoding="ascii") as f:
+                    found += f.read().split()
+            return found
+        except (OSError, ValueError):  # (missing, unreadable, not text)
+            return []
+
+    # /proc/self/cgroup: "0::/path" in v2, "3:cpu,cpuacct:/path" in v1. The path is where the cgroup lies below
+    # the hierarchy's mount; inside a container the mount is often the container's own cgroup and the path the
+    # host's, which is not there: the walk up to the mount reads the container's quota then.
+    paths = {"v2": "/", "v1": "/"}
+    try:
+        with open(os.path.join(root, "proc", "self", "cgroup"), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                _, controllers, path = (line.rstrip("\n").split(":", 2) + ["", ""])[:3]
+                if not controllers:
+                    paths["v2"] = path
+                elif "cpu" in controllers.split(","):
+                    paths["v1"] = path
+    except OSError:
+        pass
+    files = {"v2": ("cpu.max",), "v1": ("cpu.cfs_quota_us", "cpu.cfs_period_us")}
+    quotas = []
+    for mount, version in (("", "v2"), ("unified", "v2"), ("cpu", "v1"), ("cpu,cpuacct", "v1")):
+        mount = os.path.join(root, "sys", "fs", "cgroup", mount)
+        parts = [part for part in paths[version].split("/") if part not in ("", ".", "..")]
+        for depth in range(len(parts), -1, -1):  # the cgroup, then each parent up to the mount
+            quota_and_period = fields(os.path.join(mount, *parts[:depth]), *files[version])
+            try:
+                quota, period = (int(text) for text in quota_and_period)  # ("max 100000" or a v1 quota of -1: none)
+            except ValueError:
+                continue
+            if quota > 0 and period > 0:
+                quotas.append(-(-quota // period))
+    return min(quotas) if quotas else None
+
+
 def add_embedding_options(p: argparse.ArgumentParser) -> None:
     """The options of a tool that embeds a folder of faces and compares them (``cluster``, ``search``):
     --device, --batch-size, --workers, --amp; :func:`check_embedding_options` checks them."""
@@ -166,8 +226,9 @@ def add_embedding_options(p: argparse.ArgumentParser) -> None:
                    "(default: cpu)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
                    help="images per forward pass (twice as many rows with the mirror; default: 64)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, usable_cpus()),
+                   help="DataLoader processes decoding images (0: in this process; default: one a core this process "
+                   "may use, up to 8)")
     add_amp_option(p)
 
 

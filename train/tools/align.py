@@ -52,7 +52,7 @@ with stop_while_importing(__name__, "align: "):
     from train.data.transforms import IMAGE_EXTENSIONS, encode_image, unreadable_image
     from train.ijb import ARCFACE_TEMPLATE, align_for_model, estimate_similarity, landmarks_off_image
     from train.tools import (ArgumentParser, check_images_folder, count_of, folders_missing, made_for_outputs, path_arg,
-                             remove_folders_made, taking_back_folders)
+                             remove_folders_made, taking_back_folders, usable_cpus)
 
 FORMAT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png"}
 # A field of a space- or tab-separated line: in double quotes (which may hold spaces, tabs and
@@ -435,9 +435,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     parser.add_argument("--extension", default=None,
                         help="appended to every image path of the landmarks file (VGGFace2's lists: .jpg)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes decoding, warping and encoding (0: in this process; default: one a core, "
-                             "up to 8)")
+    parser.add_argument("--workers", type=int, default=min(8, usable_cpus()),
+                        help="processes decoding, warping and encoding (0: in this process; default: one a core "
+                             "this process may use, up to 8)")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace crops that exist")
     existing.add_argument("--skip-existing", action="store_true",

@@ -75,7 +75,7 @@ with stop_while_importing(__name__, f"clean: {_whose()}"):
     from train.embed import add_amp_option, backbone_weights_digest, embed_images, load_model, set_amp
     from train.tools import (ArgumentParser, RunLock, another_process_stopped, check_outputs, count_of, folders_missing,
                              lost_a_peer, path_arg, plain_warnings, remove_folders_made, say_unhandled_error,
-                             start_process_group, taking_back_folders, torch_device)
+                             start_process_group, taking_back_folders, torch_device, usable_cpus)
     from train.tools.pack_rec import OUTPUT_FILES, _image_bytes, write_pack
     from train.tools.similarity import connected_components, cosine_blocks
     from train.verification import compute_embeddings
@@ -545,8 +545,9 @@ def _main(argv: list[str] | None = None) -> int:
                    "and xpu are refused)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
                    help="images a forward pass (each also mirrored; default 128)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images (0: in this process; default: one a core, up to 8)")
+    p.add_argument("--workers", type=int, default=min(8, usable_cpus()),
+                   help="DataLoader processes decoding images (0: in this process; default: one a core this process "
+                   "may use, up to 8)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs --output holds (with --report-only, a cleaned set there is removed), "
                    "and --embeddings made with another model or data")

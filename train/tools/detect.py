@@ -51,7 +51,7 @@ with stop_while_importing(__name__, "detect: "):
     from train.embed import images_under
     from train.onnx_backbone import open_session
     from train.tools import (ArgumentParser, RunLock, check_images_folder, check_outputs, first_line, listable_name,
-                             path_arg, taking_back_folders)
+                             path_arg, taking_back_folders, usable_cpus)
     from train.tools.align import _fields, _numbers
 
 # insightface's FaceAnalysis: det_size (640, 640), det_thresh 0.5; SCRFD's nms_threshold 0.4.
@@ -381,9 +381,9 @@ def _main(argv: list[str] | None) -> int:
                              f"{DEFAULT_SIZE}, or the graph's own when it is fixed)")
     parser.add_argument("--all-faces", action="store_true",
                         help="a line for every face found (group photos), not only the main face")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="processes decoding and scaling the photos (0: in this process; default: one a core, "
-                             "up to 4)")
+    parser.add_argument("--workers", type=int, default=min(4, usable_cpus()),
+                        help="processes decoding and scaling the photos (0: in this process; default: one a core "
+                             "this process may use, up to 4)")
     parser.add_argument("--device", default="cpu",
                         help="where the detector runs: cpu, or cuda[:N] with onnxruntime-gpu (default: cpu)")
     existing = parser.add_mutually_exclusive_group()

@@ -37,7 +37,7 @@ with stop_while_importing(__name__, "pack_rec: "):
     from train.data.recordio import RecordIOWriter, pack_payload
     from train.data.transforms import encode_image, to_rgb, unreadable_image
     from train.tools import (ArgumentParser, check_outputs, folders_missing, path_arg, plain_warnings,
-                             remove_folders_made)
+                             remove_folders_made, usable_cpus)
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
 # The workers' images go to the writer a chunk at a time, and at most _CHUNKS_PER_WORKER chunks a worker are
@@ -268,9 +268,9 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
     parser.add_argument("--resize", type=int, default=None, metavar="N",
                         help="resize every image to N x N (default: keep sizes, store JPEGs as they are)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=int, default=min(8, usable_cpus()),
                         help="processes reading, checking and encoding the images; the files are the same whatever "
-                             "their number (0: in this process; default: one a core, up to 8)")
+                             "their number (0: in this process; default: one a core this process may use, up to 8)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace train.rec, train.idx and property if OUTPUT_DIR holds them")
     args = parser.parse_args(argv)
