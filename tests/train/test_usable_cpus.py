@@ -1,6 +1,9 @@
 """train.tools.usable_cpus, which the tools' default --workers count: the CPUs this process may use, from its
 CPU affinity and its cgroup's CPU quota (read under a folder that stands for the file system's root), not the
 host's cores that os.cpu_count() counts."""
+
+from __future__ import annotations
+
 import os
 
 import pytest
