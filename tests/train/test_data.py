@@ -607,6 +607,56 @@ def test_pack_rec_workers_say_the_images_warnings_as_this_process_does(tmp_path,
     assert said["2", True] == said["0", True] == said["0", False]
 
 
+def test_pack_rec_workers_hold_at_most_their_budget_of_bytes(tmp_path, monkeypatch):
+    # The images in flight (submitted to the workers, not yet written) were bounded in number only: 2 chunks of 32
+    # a worker, 544 at 8 workers, 1.6-2.7 GB of photos of a few MB packed as they are (no --resize). Their bytes are
+    # bounded now, and an image over the whole budget still goes, alone. (JPEGs kept as they are: the bytes the
+    # workers send back are the files' bytes, which the bound counts until then.)
+    from concurrent.futures import ProcessPoolExecutor
+
+    from train.tools import pack_rec
+
+    faces = tmp_path / "faces"
+    (faces / "ann").mkdir(parents=True)
+    small = jpeg_with_magic(face_image(1))
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), np.uint8)).save(out, "JPEG", quality=95)
+    budget = 8 * len(small)
+    assert len(out.getvalue()) > budget
+    paths = []
+    for k in range(30):
+        paths.append(str(faces / "ann" / f"{k:02d}.jpg"))
+        with open(paths[-1], "wb") as f:
+            f.write(out.getvalue() if k == 13 else small)
+    size = {path: os.path.getsize(path) for path in paths}
+    monkeypatch.setattr(pack_rec, "_BYTES_IN_FLIGHT", budget, raising=False)  # (chunks of 2 images at 2 workers)
+    monkeypatch.setattr(pack_rec, "_CHUNK", 2)
+    submitted, written, held = [], [0], []  # held: at each submission, the bytes of the chunks not yet written
+
+    def submit(self, function, chunk, *args):
+        submitted.append(chunk)
+        images_before = 0
+        in_flight = 0
+        for each in submitted:
+            images_before += len(each)
+            in_flight += sum(size[path] for path in each) if images_before > written[0] else 0
+        held.append((chunk, in_flight))
+        return pool_submit(self, function, chunk, *args)
+
+    pool_submit = ProcessPoolExecutor.submit
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", submit)
+    images = []
+    for image in pack_rec._images_bytes(paths, resize=None, quality=95, workers=2):
+        images.append(image)
+        written[0] += 1  # (the writer has it when it asks for the next)
+    assert images == list(pack_rec._images_bytes(paths, resize=None, quality=95, workers=0))
+    over = [(chunk, in_flight) for chunk, in_flight in held if in_flight > budget]
+    assert over == [([paths[13]], size[paths[13]])], f"over the budget of {budget} bytes: " + \
+        ", ".join(f"{' '.join(os.path.basename(path) for path in chunk)}: {in_flight}" for chunk, in_flight in over)
+    assert max(in_flight for chunk, in_flight in held if chunk != [paths[13]]) > 2 * len(small), \
+        "one chunk at a time: the workers wait"
+
+
 def test_the_tools_show_the_image_folders_warnings_as_one_line_each(image_folder, tmp_path, capsys):
     # Python's form, "/.../train/data/__init__.py:149: UserWarning: ..." and the line of source after it,
     # came out of the trainer, pack_rec and make_bin.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
-import itertools
 import multiprocessing
 import os
 import sys
@@ -41,8 +40,13 @@ with stop_while_importing(__name__, "pack_rec: "):
 
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
 # The workers' images go to the writer a chunk at a time, and at most _CHUNKS_PER_WORKER chunks a worker are
-# in flight: the memory held stays a few hundred images whatever the data set's size.
+# in flight (submitted, not yet written), holding at most _BYTES_IN_FLIGHT bytes of images (their files' sizes
+# until a chunk comes back, then its JPEGs'): the memory held stays bounded whatever the data set's size.
+# 256 MiB: aligned faces (5-10 KB, 544 in flight at 8 workers: ~5 MB) never come near it, where photos of a few
+# MB packed as they are (no --resize) held 1.6-2.7 GB; a chunk is then cut to its share of the budget (16 MiB
+# at 8 workers, several photos), which keeps every worker busy.
 _CHUNK, _CHUNKS_PER_WORKER = 32, 2
+_BYTES_IN_FLIGHT = 256 * 2**20
 
 
 def _image_bytes(path: str, *, resize: int | None, quality: int, counts: dict | None = None
@@ -98,6 +102,24 @@ def _chunk_bytes(paths: list[str], resize: int | None, quality: int) -> list[tup
     return chunk
 
 
+def _chunks(paths: list[str], max_bytes: int):
+    """`paths` in runs of consecutive images, (paths, their files' bytes on disk) each: at most _CHUNK images,
+    and past its first image at most `max_bytes` (an image over it is a chunk alone)."""
+    chunk, held = [], 0
+    for path in paths:
+        try:
+            size = os.path.getsize(path)
+        except OSError:  # (the worker names the image: `_image_bytes`' error)
+            size = 0
+        if chunk and (len(chunk) == _CHUNK or held + size > max_bytes):
+            yield chunk, held
+            chunk, held = [], 0
+        chunk.append(path)
+        held += size
+    if chunk:
+        yield chunk, held
+
+
 def _say(warned: list[tuple], registries: dict) -> None:
     """The warnings a worker recorded (Pillow's, of a palette image with transparency or a very large image), said
     here as this process says its own: once at each place (`registries`, one a file, for the run), where each worker
@@ -110,7 +132,9 @@ def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers
     """`_image_bytes` of every one of `paths` and whether it was re-encoded, yielded in their order: in this
     process with `workers` 0, else by that many processes (`_chunk_bytes`). The first image that cannot be
     read, in `paths`' order, raises as it does in this process. A generator: close it (or exhaust it) to end
-    the workers."""
+    the workers. The chunks in flight, from their submission until their images are written, hold at most
+    _BYTES_IN_FLIGHT (files' sizes for those not back yet); a chunk over it goes alone, when nothing else is
+    held, so that it is packed too."""
     if workers == 0 or len(paths) < 2:
         for path in paths:
             counts = {}
@@ -124,26 +148,45 @@ def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers
     # also where it runs as __main__ (runpy.run_module's: a worker's __main__ is another module).
     from train.tools import pack_rec as module
 
+    budget = _BYTES_IN_FLIGHT
+    chunks = _chunks(paths, budget // (workers * _CHUNKS_PER_WORKER))
+    upcoming = next(chunks)
+    pending = collections.deque()  # (future, its files' bytes on disk), in the paths' order
+    held = 0  # the bytes of the chunks in flight: their files' sizes, then their JPEGs' once back until written
+    registries = {}
     # (concurrent.futures rather than multiprocessing.Pool: a worker killed mid-chunk, by the kernel's
     # out-of-memory killer, is an error there, where a Pool waits for the lost chunk forever.)
-    chunks = (paths[start:start + _CHUNK] for start in range(0, len(paths), _CHUNK))
-    registries = {}
     # (Forked or spawned by this process, never by a forkserver (worker_start_method): their parent is this one.)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(worker_start_method()),
                                initializer=module._start_worker, initargs=(os.getpid(),))
+
+    def submit_what_fits() -> None:
+        nonlocal upcoming, held
+        while upcoming is not None and len(pending) < workers * _CHUNKS_PER_WORKER:
+            chunk, on_disk = upcoming
+            if held and held + on_disk > budget:  # (with nothing held, a chunk over the budget goes alone)
+                return
+            pending.append((pool.submit(module._chunk_bytes, chunk, resize, quality), on_disk))
+            held += on_disk
+            upcoming = next(chunks, None)
+
     try:
-        pending = collections.deque(pool.submit(module._chunk_bytes, chunk, resize, quality)
-                                    for chunk in itertools.islice(chunks, workers * _CHUNKS_PER_WORKER))
+        submit_what_fits()
         while pending:
+            future, on_disk = pending.popleft()
             try:
-                done = pending.popleft().result()
+                done = future.result()
             except BrokenProcessPool as error:
                 raise OSError(f"a process reading the images ended without a word (out of memory?): {error}") from None
-            for chunk in itertools.islice(chunks, 1):
-                pending.append(pool.submit(module._chunk_bytes, chunk, resize, quality))
+            received = sum(len(data) for data, *_ in done)
+            held += received - on_disk
+            submit_what_fits()
             for data, size, re_encoded, warned in done:
                 _say(warned, registries)
                 yield data, size, re_encoded
+            held -= received
+            del future, done, data  # (written: not held while the next chunk is waited for)
+            submit_what_fits()
     finally:  # an error or a stop: the chunks not started are dropped, the workers end
         pool.shutdown(wait=True, cancel_futures=True)
 
