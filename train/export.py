@@ -441,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                    "relu(x) + (-a) * relu(-x): the same values, which onnxruntime runs faster")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None, metavar="N",
                    help="fix the ONNX graphs' batch dimension at N, for TensorRT engines and accelerators that want "
-                   "fixed shapes; they are checked at N (default: a free batch dimension; not with --int8, whose "
-                   "graphs are calibrated at a free one)")
+                   "fixed shapes; they are checked at N, and the int8 graphs calibrated at N too (default: a free "
+                   "batch dimension)")
     p.add_argument("--fp16", action="store_true",
                    help=f"also write {FP16_ONNX_NAME} (with --normalized-onnx, {NORMALIZED_FP16_ONNX_NAME} too): "
                    "backbone.onnx with float16 weights and compute, half its size, for GPUs (TensorRT, onnxruntime's "
@@ -479,9 +479,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--fp16-io goes with --fp16")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.batch_size is not None and args.int8 is not None:
-        p.error("--batch-size with --int8: the int8 graphs are calibrated and checked at a free batch size; "
-                "export them without --batch-size")
     for flag, given in (("--opset", args.opset is not None), ("--onnx-prelu", args.onnx_prelu),
                         ("--fp16", args.fp16), ("--batch-size", args.batch_size is not None)):
         if given and not args.onnx:  # (--opset was taken without a word)
@@ -543,7 +540,7 @@ def _export(args: argparse.Namespace) -> int:
     except PermissionError:
         raise ValueError(f"--output {output}: cannot write in {output} (read-only, or not yours)") from None
     try:
-        graph, skipped, difference = None, None, None
+        graph, skipped, difference, normalized_difference = None, None, None, None
         if args.onnx:
             graph = os.path.join(staging, ONNX_NAME)
             try:
@@ -554,8 +551,8 @@ def _export(args: argparse.Namespace) -> int:
                     deployed = FlipNormalized(model).eval()
                     export_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"],
                                 args.opset, prelu_node=args.onnx_prelu, batch=args.batch_size)
-                    check_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME), settings["image_size"],
-                               args.batch_size or 3)
+                    normalized_difference = check_onnx(deployed, os.path.join(staging, NORMALIZED_ONNX_NAME),
+                                                       settings["image_size"], args.batch_size or 3)
             except OnnxNotInstalled as error:
                 graph, skipped = None, str(error)
                 for name in os.listdir(staging):
@@ -609,14 +606,16 @@ def _export(args: argparse.Namespace) -> int:
             if skipped:
                 print(f"skipped ONNX: {skipped}", file=sys.stderr)
             return 0
-        checked = (f"not compared with PyTorch ({not_importable('onnxruntime', None, ORT_DISTRIBUTIONS)} to check "
-                   "it)" if difference is None
-                   else f"onnxruntime matches PyTorch (max abs difference {difference:.2e})")
+
+        def checked(difference: float | None) -> str:
+            return (f"not compared with PyTorch ({not_importable('onnxruntime', None, ORT_DISTRIBUTIONS)} to check "
+                    "it)" if difference is None
+                    else f"onnxruntime matches PyTorch (max abs difference {difference:.2e})")
         batch = "" if args.batch_size is None else f" (batch {args.batch_size}, fixed)"
-        print(f"wrote {onnx_path}{batch}: {checked}")
+        print(f"wrote {onnx_path}{batch}: {checked(difference)}")
         if args.normalized_onnx:
             print(f"wrote {normalized_path}{batch}: image + mirror, L2-normalised (the embedding verification "
-                  "compares)")
+                  f"compares); {checked(normalized_difference)}")
         for name, half_checked in halves.items():
             fp32_name = NORMALIZED_ONNX_NAME if name == NORMALIZED_FP16_ONNX_NAME else ONNX_NAME
             io = "float16" if args.fp16_io else "float32"
@@ -624,7 +623,7 @@ def _export(args: argparse.Namespace) -> int:
                   f"{half_checked}")
         for name, agreement in agreements.items():
             fp32_name = NORMALIZED_ONNX_NAME if name == NORMALIZED_INT8_ONNX_NAME else ONNX_NAME
-            print(f"wrote {os.path.join(output, name)}: {fp32_name} in int8, calibrated on "
+            print(f"wrote {os.path.join(output, name)}{batch}: {fp32_name} in int8, calibrated on "
                   f"{count_of(len(faces.calibration), 'face')} of {faces.spec}; against {fp32_name}, "
                   f"{quantize.describe(agreement)}"
                   + (" not used for calibration" if faces.held_out else " (the calibration faces: none left)"))

@@ -71,6 +71,13 @@ class OnnxBackbone(torch.nn.Module):
         return self.session.run([self.output_name], {self.input.name: array})[0]
 
 
+def fixed_batch(session) -> int | None:
+    """The batch size that the graph of onnxruntime's ``session`` fixes for its (first) input, None where it
+    is free."""
+    size = session.get_inputs()[0].shape[0]
+    return size if isinstance(size, int) and size > 0 else None
+
+
 def batch_size_for(backbone: torch.nn.Module, batch_size: int, inputs_per_image: int = 1) -> int:
     """The batch size, at most ``batch_size`` unless that is less than one run, whose images
     (``inputs_per_image`` inputs each: 2 with the mirror) fill whole runs of ``backbone``'s graph where its
@@ -182,7 +189,7 @@ def load_onnx_backbone(path: str, device: torch.device | str = "cpu") -> tuple[O
     else:
         image_size = DEFAULT_IMAGE_SIZE
         print(f"note: {path}: the graph's input size is not fixed; faces are fed at {image_size}px", file=sys.stderr)
-    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    batch = fixed_batch(session)
 
     model = OnnxBackbone(session, raw_pixels=feeds_raw_pixels(path, inputs[0].name), batch=batch)
     probe, failure = _probe(model, image_size)

@@ -24,6 +24,7 @@ INT8_OPSET = 13
 # A working quantization keeps the embeddings' directions (a mean cosine of 0.997 and 0.998 on the trained
 # models the README measures); an int8 graph under this is broken (calibrated on faces scaled otherwise, say).
 MIN_MEAN_COSINE = 0.9
+# The slices a graph whose batch is free is fed (calibrated and checked); one whose batch is fixed is fed its own.
 CALIBRATION_BATCH = 32
 
 
@@ -135,7 +136,8 @@ def _quiet():
 
 def quantize(fp32_path: str, int8_path: str, calibration: np.ndarray, *, only_under: str | None = None) -> None:
     """The fp32 graph at ``fp32_path`` (``train.export``'s: input ``input``) quantized to ``int8_path`` by
-    onnxruntime's static quantization, calibrated on ``calibration`` (MinMax ranges). ``only_under``: only
+    onnxruntime's static quantization, calibrated on ``calibration`` (MinMax ranges) fed in ``slices`` (of the
+    graph's batch where it is fixed, which the int8 graph keeps). ``only_under``: only
     the nodes whose names start with it are quantized (the backbone inside ``backbone_normalized.onnx``:
     its mirror and its normalisation stay float, and its outputs of unit length). Its working files go in
     a folder beside ``int8_path``, removed before this returns. Raises ValueError when onnxruntime cannot
@@ -147,12 +149,12 @@ def quantize(fp32_path: str, int8_path: str, calibration: np.ndarray, *, only_un
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(range(0, len(calibration), CALIBRATION_BATCH))
+        def __init__(self, fixed: int | None):
+            self.batches = slices(calibration, fixed)
 
         def get_next(self):
-            start = next(self.batches, None)
-            return None if start is None else {"input": calibration[start:start + CALIBRATION_BATCH]}
+            piece = next(self.batches, None)
+            return None if piece is None else {"input": piece[0]}
 
     # BatchNorm stays float (those that follow no convolution, which the preprocessing cannot fold: an iResNet
     # block's first, the embedding layer's): the CPU has no int8 kernel for it, so quantized it only adds
@@ -175,12 +177,14 @@ def quantize(fp32_path: str, int8_path: str, calibration: np.ndarray, *, only_un
                 # onnx's own shape inference then.
                 quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
             graph = onnx.load(prepared, load_external_data=False).graph
+            batch = graph.input[0].type.tensor_type.shape.dim[0]
+            fixed = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else None
             # PReLU stays float, as a PRelu node does (it has no int8 kernel): the int8 graph then gives the
             # embeddings it gave with PRelu nodes (quantized, the decomposition's Mul and Add lowered the
             # agreement; benchmarks/bench_prelu.py).
             excluded = decomposed_prelu_nodes(graph) + ([] if only_under is None else [
                 node.name for node in graph.node if not node.name.startswith(only_under)])
-            quantize_static(prepared, int8_path, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(prepared, int8_path, Batches(fixed), quant_format=QuantFormat.QDQ, per_channel=True,
                             # 7-bit weights: 8-bit ones can saturate int16 sums on x86 CPUs without VNNI
                             # (onnxruntime's advice for them; no slower with VNNI)
                             reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -192,6 +196,23 @@ def quantize(fp32_path: str, int8_path: str, calibration: np.ndarray, *, only_un
         except Exception as error:  # onnxruntime's and onnx's errors share no base class but Exception
             reason = first_line(error)
             raise ValueError(f"onnxruntime cannot quantize the graph to int8: {reason}") from error
+
+
+def slices(images: np.ndarray, fixed: int | None):
+    """``images`` in slices of CALIBRATION_BATCH for a graph whose batch is free, or of ``fixed`` for one whose
+    batch is fixed at ``fixed``, each as (slice, how many of its images are its own): the last one filled up to
+    ``fixed`` with the first images again (round and round where there are fewer). Repeated, not blank: the
+    MinMax calibration takes each value's smallest and largest over the images, which an image seen already
+    leaves as they were, where a blank one would add its own (dropping a short last slice would leave faces
+    out, and all of them below ``fixed``); a histogram calibration (entropy, percentile) would count a repeated
+    image twice. The check's embeddings of the repeats are dropped."""
+    size = fixed or CALIBRATION_BATCH
+    for start in range(0, len(images), size):
+        piece = images[start:start + size]
+        count = len(piece)
+        if fixed and count < fixed:
+            piece = np.concatenate([piece, images[np.arange(fixed - count) % len(images)]])
+        yield piece, count
 
 
 def decomposed_prelu_nodes(graph) -> list[str]:
@@ -230,14 +251,14 @@ class Agreement:
 
 def agreement(fp32_path: str, int8_path: str, faces: np.ndarray) -> Agreement:
     """The cosine of the embeddings the int8 graph at ``int8_path`` and the fp32 one at ``fp32_path`` give
-    each of ``faces`` (backbone.onnx's input)."""
-    from .onnx_backbone import open_session
+    each of ``faces`` (backbone.onnx's input), fed in ``slices`` (of the graphs' batch where it is fixed)."""
+    from .onnx_backbone import fixed_batch, open_session
 
     embeddings = []
     for path in (fp32_path, int8_path):
         session = open_session(path)
-        embeddings.append(np.concatenate([session.run(None, {"input": faces[i:i + CALIBRATION_BATCH]})[0]
-                                          for i in range(0, len(faces), CALIBRATION_BATCH)]).astype(np.float64))
+        embeddings.append(np.concatenate([session.run(None, {"input": piece})[0][:count] for piece, count
+                                          in slices(faces, fixed_batch(session))]).astype(np.float64))
     expected, got = embeddings
     cosine = (expected * got).sum(axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(got, axis=1))
     return Agreement(len(faces), float(np.mean(cosine)), float(np.min(cosine)))
@@ -247,7 +268,7 @@ def compare(fp32_path: str, int8_path: str, faces: np.ndarray, sets: dict | None
     """``agreement``, and the two graphs' results on the verification ``sets`` (name: VerificationSet).
     Raises ValueError when the embeddings' mean cosine is under MIN_MEAN_COSINE (before the sets are
     verified)."""
-    from .onnx_backbone import OnnxBackbone, open_session
+    from .onnx_backbone import OnnxBackbone, fixed_batch, open_session
     from .verification import evaluate
 
     result = agreement(fp32_path, int8_path, faces)
@@ -255,8 +276,8 @@ def compare(fp32_path: str, int8_path: str, faces: np.ndarray, sets: dict | None
         raise ValueError(f"the int8 graph does not agree with the fp32 one: {describe(result)}, under "
                          f"{MIN_MEAN_COSINE}")
     if sets:
-        fp32, int8 = (OnnxBackbone(open_session(path), raw_pixels=False, batch=None)
-                      for path in (fp32_path, int8_path))
+        fp32, int8 = (OnnxBackbone(session, raw_pixels=False, batch=fixed_batch(session))
+                      for session in map(open_session, (fp32_path, int8_path)))
         for name, vset in sets.items():
             result.targets[name] = (evaluate(fp32, vset, device="cpu"), evaluate(int8, vset, device="cpu"))
     return result

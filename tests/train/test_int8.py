@@ -86,6 +86,87 @@ def test_the_int8_graph_agrees_with_the_fp32_one_and_runs_where_onnx_models_do(r
     assert teacher.settings["embedding_size"] == 64
 
 
+def quantize_linear_ranges(path):
+    """{a quantized value: (its scale, its zero point)} of the int8 graph at ``path``."""
+    graph = onnx.load(str(path)).graph
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    return {n.input[0]: (float(weights[n.input[1]]), int(weights[n.input[2]]))
+            for n in graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.slow
+def test_a_fixed_batch_int8_graph_is_calibrated_and_checked_in_batches_of_its_size(run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    # --batch-size 3 with --int8 was refused: the calibration fed slices of 32, which a graph of 3 refuses.
+    import onnxruntime.quantization
+
+    ckpt, faces, pairs = run
+    fed = []  # (the calibration batches of each quantization)
+    quantize_static = onnxruntime.quantization.quantize_static
+
+    def recorded(model_input, model_output, reader, **kwargs):
+        get_next, batches = reader.get_next, []
+
+        def recorded_next():
+            batch = get_next()
+            if batch is not None:
+                batches.append(batch["input"])
+            return batch
+        fed.append(batches)
+        reader.get_next = recorded_next
+        return quantize_static(model_input, model_output, reader, **kwargs)
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", recorded)
+    out = tmp_path / "fixed"
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--batch-size", "3", "--int8", faces,
+                        "--int8-faces", "8", "--int8-targets", pairs, "--normalized-onnx"]) == 0
+    printed = capsys.readouterr().out
+    int8, normalized = out / "backbone_int8.onnx", out / "backbone_normalized_int8.onnx"
+    # The check ran on the 8 other faces (in slices of 3, the repeats' embeddings dropped) and the pairs.
+    assert f"wrote {int8} (batch 3, fixed): backbone.onnx in int8, calibrated on 8 faces of {faces}; against " \
+           "backbone.onnx, their embeddings' cosine 0." in printed
+    assert "over 8 faces not used for calibration" in printed
+    assert "  pairs: accuracy " in printed and f"wrote {normalized} (batch 3, fixed): backbone_normalized.onnx in " \
+        "int8" in printed
+    # Calibrated in batches of 3: the 8 faces, then the first again to fill the last batch.
+    calibration = quantize.read_faces(faces, 8, image_size=32, run={}).calibration
+    assert len(fed) == 2
+    for batches in fed:
+        assert [len(batch) for batch in batches] == [3, 3, 3]
+        np.testing.assert_array_equal(np.concatenate(batches), np.concatenate([calibration, calibration[:1]]))
+    # The int8 graphs keep the fixed batch, and agree with the fp32 ones within the export's tolerance.
+    x = calibration[:3]
+    for fp32_name, path in (("backbone.onnx", int8), ("backbone_normalized.onnx", normalized)):
+        session, fp32 = (ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+                         for graph in (path, out / fp32_name))
+        assert session.get_inputs()[0].shape == [3, 3, 32, 32] and session.get_outputs()[0].shape == [3, 64], path
+        with pytest.raises(Exception, match="dimension"):  # (another batch size is refused by the graph)
+            session.run(None, {"input": np.concatenate([x, x[:1]])})
+        assert cosines(session.run(None, {"input": x})[0], fp32.run(None, {"input": x})[0]).min() > 0.95
+    # 7 faces: two batches of 3 and one of 1 filled up to 3, the check's cosines over the 7.
+    agreement = quantize.agreement(str(out / "backbone.onnx"), str(int8), calibration[:7])
+    assert agreement.faces == 7 and agreement.mean > quantize.MIN_MEAN_COSINE
+    # Repeated faces leave MinMax calibration as it was: the ranges of a free batch, calibrated on the same faces.
+    assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "free"), "--int8", faces, "--int8-faces",
+                        "8", "--int8-targets", "none", "--normalized-onnx"]) == 0
+    for name in ("backbone_int8.onnx", "backbone_normalized_int8.onnx"):
+        assert quantize_linear_ranges(out / name) == quantize_linear_ranges(tmp_path / "free" / name), name
+
+
+def test_calibration_and_check_slices_fill_a_fixed_batch_with_faces_seen_already():
+    images = np.arange(8, dtype=np.float32).reshape(8, 1)
+    got = list(quantize.slices(images, 3))
+    assert [count for _, count in got] == [3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate([piece for piece, _ in got]).ravel(), [0, 1, 2, 3, 4, 5, 6, 7, 0])
+    # Fewer images than the batch: round and round.
+    (piece, count), = quantize.slices(images[:3], 8)
+    assert count == 3 and piece.ravel().tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    # A free batch: slices of CALIBRATION_BATCH, the last one short.
+    many = np.zeros((quantize.CALIBRATION_BATCH + 5, 1), np.float32)
+    assert [(len(piece), count) for piece, count in quantize.slices(many, None)] == [
+        (quantize.CALIBRATION_BATCH, quantize.CALIBRATION_BATCH), (5, 5)]
+
+
 def test_prelu_stays_float_so_the_int8_graph_gives_what_it_gave_with_prelu_nodes(run, tmp_path):
     # backbone.onnx writes PReLU as relu(x) + (-a) * relu(-x); quantized, those nodes stay float as the PRelu
     # node did (quantized, their Mul and Add lowered the agreement), so the two int8 graphs agree bit for bit.
