@@ -296,6 +296,11 @@ def set_aside_earlier_run(output: str, keep: bool = False) -> str | None:
     return aside
 
 
+# The first wandb that imports under each protobuf major (its generated _pb2 modules; each release's own protobuf
+# bounds say the same): benchmarks/results/wandb_protobuf_versions_*.
+WANDB_FOR_PROTOBUF = {"6": "0.19.10", "7": "0.26.0"}
+
+
 def wandb_module():
     try:
         import wandb
@@ -306,8 +311,24 @@ def wandb_module():
         installed = installed_version("wandb") or ("wandb", "?")
         reason = " ".join(str(error).split())
         raise SystemExit(f"--wandb: the installed wandb {installed[1]} does not import ({type(error).__name__}: "
-                         f"{reason}): pip install -U wandb{_under_numpy_2('0.17.2')}") from None
+                         f"{reason}): {_wandb_advice(error, reason)}") from None
     return wandb
+
+
+def _wandb_advice(error: Exception, reason: str) -> str:
+    """What to do about an installed wandb that failed to import with ``error``, by its cause: numpy 2 (0.17.1 and
+    earlier), a protobuf newer than the release reads (wandb asks for it, but a later install can replace it), a
+    package it needs that is missing (pip installs a satisfied requirement's missing dependencies)."""
+    if "numpy" in reason.lower() or "np." in reason:
+        return f"pip install -U wandb{_under_numpy_2('0.17.2')}"
+    if "_pb2" in reason or "protobuf" in reason.lower():
+        protobuf = installed_version("protobuf")
+        first = WANDB_FOR_PROTOBUF.get(protobuf[1].split(".")[0]) if protobuf else None
+        return f"pip install -U wandb{f' (under protobuf {protobuf[1]} it needs {first} or later)' if first else ''}"
+    missing = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+    if missing and missing.split(".")[0] != "wandb":
+        return f"a package it needs is missing ({missing}): pip install wandb"
+    return "pip install -U wandb"
 
 
 def _under_numpy_2(first: str) -> str:

@@ -199,6 +199,33 @@ def test_a_wandb_that_does_not_import_is_one_line(faces, tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()  # (said before the data is read)
 
 
+@pytest.mark.parametrize("error, advice", [
+    # wandb 0.17.2 under protobuf 7 (and 6): its generated _pb2 modules do not load. Not numpy's doing.
+    ("AttributeError: module 'wandb.proto.wandb_internal_pb2' has no attribute 'Result'",
+     "pip install -U wandb (under protobuf 7.36.2 it needs 0.26.0 or later)"),
+    ("ImportError: cannot import name 'Deprecated' from 'wandb.proto.wandb_telemetry_pb2'",
+     "pip install -U wandb (under protobuf 7.36.2 it needs 0.26.0 or later)"),
+    # A package it needs, removed after it was installed: `pip install wandb` installs it again.
+    ("ModuleNotFoundError: No module named 'click'", "a package it needs is missing (click): pip install wandb"),
+    ("RuntimeError: something else", "pip install -U wandb"),
+])
+def test_the_advice_for_a_wandb_that_does_not_import_fits_the_cause(faces, tmp_path, monkeypatch, error, advice):
+    package = tmp_path / "site" / "wandb"
+    package.mkdir(parents=True)
+    kind, text = error.split(": ", 1)
+    name = ", name='click'" if kind == "ModuleNotFoundError" else ""
+    (package / "__init__.py").write_text(f"raise {kind}({text!r}{name})\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    versions = {"wandb": "0.17.2", "protobuf": "7.36.2"}
+    monkeypatch.setattr(trainer_module, "installed_version",
+                        lambda *names: (names[0], versions[names[0]]) if names[0] in versions else None)
+    with pytest.raises(SystemExit, match=rf"^train: error: --wandb: the installed wandb 0\.17\.2 does not import "
+                                         rf"\({re.escape(error)}\): {re.escape(advice)}$"):
+        main(argv(faces, tmp_path / "out", max_steps=2))
+    assert not (tmp_path / "out").exists()
+
+
 def test_real_wandb_offline(faces, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
