@@ -2385,9 +2385,8 @@ class Trainer:
             self.release_output()
 
     def _fit(self) -> int:
-        from tqdm import tqdm
-
         from .data import stop_loader_workers
+        from .progress import whole_fields_bar
 
         args = self.args
         global_batch = args.batch_size * args.gradient_acc * self.world_size
@@ -2413,8 +2412,9 @@ class Trainer:
         # A terminal gets a progress bar. A file or a pipe (a cluster job's log, `> log.txt`) gets a line
         # every --log-every steps instead: there the bar's redraws, ten a second, would bury the log.
         interactive = _is_terminal(sys.stderr)
-        bar = tqdm(total=args.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (self.is_main and interactive), file=sys.stderr)
+        bar = whole_fields_bar(total=args.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                               disable=not (self.is_main and interactive), file=sys.stderr, first=("loss", "lr"))
+        resumed_at = self.step
         try:
             # A finished run resumed: its verification and checkpoint are written, unless a stop at its last step or
             # after it left out or cut that final verification (its checkpoint marked; made now, as the final one).
@@ -2455,12 +2455,13 @@ class Trainer:
                     # fp16 scale): host values all, the scale read in _health's one sync of a logged step.
                     scale = ({"loss_scale": f"{self.health['loss_scale']:g}",
                               "skipped": f"{self.health['skipped_steps']}"} if "loss_scale" in self.health else {})
-                    # In this order (tqdm sorts keyword arguments): a terminal's width cuts the bar's end, so the
-                    # fields it always had keep their place, in tqdm's order, and an option's come after them.
-                    bar.set_postfix({**{k: f"{v:.4f}" for k, v in distilled.items()}, "img_s": f"{rate:.0f}",
-                                     "loss": f"{loss_mean:.3f}", "lr": f"{lr:.4g}",
-                                     **{k: f"{v:.4g}" for k, v in centres_lr.items()}, **scale,
-                                     **{k: f"{v:.4g}" for k, v in margin.items() if ramping}})
+                    # In this order (tqdm sorts keyword arguments): the fields it always had keep their place, in
+                    # tqdm's order, and an option's come after them. Those the terminal's width does not take whole
+                    # are left out, the last first, the loss and lr last of all (progress.fitted_postfix).
+                    bar.set_fields({**{k: f"{v:.4f}" for k, v in distilled.items()}, "img_s": f"{rate:.0f}",
+                                    "loss": f"{loss_mean:.3f}", "lr": f"{lr:.4g}",
+                                    **{k: f"{v:.4g}" for k, v in centres_lr.items()}, **scale,
+                                    **{k: f"{v:.4g}" for k, v in margin.items() if ramping}})
                     if self.is_main:
                         self.log.metrics({"step": self.step, "loss": loss_mean, **distilled, "lr": lr, **centres_lr,
                                           **margin, **self.health, "samples_per_sec": rate,
@@ -2500,6 +2501,9 @@ class Trainer:
                 self._write(f"stopped by {cause} at step {self.step}; checkpoint: {self.checkpoint_path} (written in "
                             f"{saved_in:.1f} s; continue with --resume auto)")
                 return 128 + (signalled or signal.SIGTERM)
+            # Its last drawing now, its elapsed time and pace those of the steps, not of the final verification's
+            # minutes as well.
+            bar.close()
             # A stop at the last step or after it writes the last step's checkpoint at once and leaves the final
             # verification to a resume (marked: --resume auto makes it): that verification takes minutes at scale,
             # and the SIGKILL that follows a scheduler's SIGTERM after its grace (Slurm's KillWait, torchrun's 30 s)
@@ -2522,9 +2526,11 @@ class Trainer:
                 self._write(f"a signal to another process in the last step ({args.max_steps}) or after it: "
                             f"{FINAL_VERIFICATION_LEFT}")
             self._say_a_signal_at_the_end()
-            bar.close()
-            took = self.elapsed + time.perf_counter() - self._started
-            self._write(f"done: {count_of(self.step, 'step')} in {took:.0f} s; outputs in {self.output}")
+            this_process = time.perf_counter() - self._started
+            took = f" in {self.elapsed + this_process:.0f} s" if self.elapsed or not resumed_at else ""
+            # A resumed run's time is its earlier processes' too (none known of an arcface_torch checkpoint's).
+            resumed = f" (resumed at step {resumed_at}: {this_process:.0f} s in this process)" if resumed_at else ""
+            self._write(f"done: {count_of(self.step, 'step')}{took}{resumed}; outputs in {self.output}")
             self._ended_as_usual = True
             return 0
         except (DataError, CheckpointNotWritten) as error:

@@ -3153,6 +3153,56 @@ def test_the_progress_bar_keeps_its_fields_first_and_adds_the_options_after(face
     assert len(last) <= 79 and re.search(r" img_s=\d+, loss=[\d.]+, lr=", last), last
 
 
+@pytest.mark.parametrize("columns", [60, 80, 100])
+def test_the_progress_bar_leaves_out_the_fields_that_do_not_fit_whole(faces, tmp_path, monkeypatch, capsys, columns):
+    # tqdm cut the line at the terminal's width, mid-number: `centres_lr=0.00` of 0.000692 at 100 columns, read as
+    # another value. Now a field that does not fit is left out whole, the last first, the loss and lr last of all.
+    monkeypatch.setattr("train.trainer._is_terminal", lambda stream: True, raising=False)
+    monkeypatch.setattr("tqdm.std._screen_shape_wrapper", lambda: lambda fp: (columns, 23))
+    with_a_small_loss_scale(monkeypatch, 1.0)
+    assert main(argv(faces, tmp_path, max_steps=2, log_every=1, loss_amp="fp16", centres_lr_scale=4)) == 0
+    drawings = [drawing.split("\x1b")[0].rstrip() for drawing in re.split(r"[\r\n]", capsys.readouterr().err)
+                if drawing.startswith("train: ")]
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    values = {"img_s": {f"{r['samples_per_sec']:.0f}" for r in records}, "loss": {f"{r['loss']:.3f}" for r in records},
+              "lr": {f"{r['lr']:.4g}" for r in records}, "centres_lr": {f"{r['centres_lr']:.4g}" for r in records},
+              "loss_scale": {f"{r['loss_scale']:g}" for r in records},
+              "skipped": {f"{r['skipped_steps']}" for r in records}}
+    assert drawings and all(len(drawing) <= columns and drawing.endswith("]") for drawing in drawings), drawings
+    for drawing in drawings:
+        shown = re.findall(r"\b(\w+)=([^,\]\s]*)", drawing)
+        assert all(value in values[name] for name, value in shown), drawing
+        names = [name for name, _ in shown]
+        ranked = ["loss", "lr", "img_s", "centres_lr", "loss_scale", "skipped"]
+        assert sorted(names) == sorted(ranked[:len(names)]), drawing
+    assert any("loss=" in drawing for drawing in drawings) or columns < 80, drawings
+
+
+@pytest.mark.slow
+def test_the_progress_bar_is_drawn_for_the_last_time_before_the_final_verification(faces, tmp_path, monkeypatch,
+                                                                                   capsys):
+    # Its last drawing's elapsed time and pace (tqdm's, over the bar's time) were those of the steps and the final
+    # verification's minutes: 5.30 s/step of steps at 1.7 s.
+    monkeypatch.setattr("train.trainer._is_terminal", lambda stream: True, raising=False)
+    assert main(argv(faces, tmp_path, pairs=True, max_steps=2, log_every=2, eval_every=0)) == 0
+    err = capsys.readouterr().err
+    last_drawing, final_verification = err.rindex("train: 100%"), err.index("[step 2] pairs: accuracy")
+    assert last_drawing < final_verification, err
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_done_line_says_its_time_in_this_process(faces, tmp_path, capsys):
+    # Its time is the earlier processes' too (the checkpoint's), which it did not say: 116 s of which this one's 32.
+    assert main(argv(faces, tmp_path, max_steps=2)) == 0
+    first = re.search(r"\ndone: 2 steps in (\d+) s; outputs in ", capsys.readouterr().err)
+    assert first, "a fresh run's line as it was"
+    assert main(argv(faces, tmp_path, max_steps=4, resume="auto")) == 0
+    err = capsys.readouterr().err
+    said = re.search(r"\ndone: 4 steps in (\d+) s \(resumed at step 2: (\d+) s in this process\); outputs in ", err)
+    assert said and int(said[1]) >= int(said[2]), err
+    assert abs(int(said[1]) - checkpoint.load(str(tmp_path / "checkpoint.pt"))["elapsed"]) <= 1, err  # (saved before)
+
+
 def test_a_collapsed_fp16_loss_scale_stops_the_run(faces, tmp_path, monkeypatch, capsys):
     # From step 6 on every step overflows: 2^-12 halves to 2^-17, below the floor, at step 10, which step 11's
     # collective carries (no sync of its own). The checkpoint of step 8 (skipped steps leave the weights as they
