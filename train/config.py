@@ -160,8 +160,8 @@ def build_parser() -> ArgumentParser:
                    help="probability of a hue shift (torchvision's ColorJitter(hue=--hue-shift)), saturation and "
                    "brightness kept")
     g.add_argument("--hue-shift", dest="hue_shift", type=float, default=HUE_SHIFT,
-                   help="--hue-augmentation's largest shift H, a fraction of the colour circle in (0, 0.5], drawn "
-                   "uniformly from -H to H")
+                   help="--hue-augmentation's largest shift H, a fraction of the colour circle in (0, 0.5] and above "
+                   "1/255 (Pillow's hue is a byte), drawn uniformly from -H to H")
     g.add_argument("--grayscale-augmentation", dest="grayscale_augmentation", type=float, default=0.0,
                    help="probability of turning the image grey, its luma in all three channels "
                    "(torchvision's RandomGrayscale)")
@@ -723,6 +723,10 @@ def resolve(args: argparse.Namespace, given: Iterable[str] = ()) -> argparse.Nam
     if not 0.0 < args.hue_shift <= 0.5:
         raise SystemExit(f"--hue-shift is a fraction of the colour circle: it must be in (0, 0.5], "
                          f"got {args.hue_shift}")
+    if args.hue_shift * 255 <= 1:  # (a draw from -H to H, cut toward 0: never a whole 255th)
+        raise SystemExit(f"--hue-shift must be above 1/255 = 0.0039, got {args.hue_shift:g}: each shift is cut toward "
+                         "0 to whole 255ths of the colour circle (Pillow's hue is a byte, as torchvision's on a PIL "
+                         "image), and this one turns no hue")
     # AdamW has no momentum option (its betas): --optimizer adamw --momentum 0.5 trained as 0.9 did. Its
     # default passes, as args.json lists every option.
     if args.optimizer == "adamw" and args.momentum != SGD_MOMENTUM:

@@ -452,11 +452,27 @@ def test_the_options_make_the_augmentation_and_their_defaults_are_its():
     (["--blur-sigma", "nan"], r"--blur-sigma is LOW,HIGH .*, got nan"),
     (["--hue-shift", "0"], r"--hue-shift is a fraction of the colour circle: it must be in \(0, 0.5\], got 0.0"),
     (["--hue-shift", "0.6"], r"--hue-shift is a fraction of the colour circle: it must be in \(0, 0.5\], got 0.6"),
+    # (was accepted: Pillow's byte hue turned by int(shift * 255), 0 for every shift drawn)
+    (["--hue-shift", "0.003"], r"--hue-shift must be above 1/255 = 0.0039, got 0.003: each shift is cut toward 0 to "
+                               r"whole 255ths of the colour circle \(Pillow's hue is a byte, as torchvision's on a PIL "
+                               r"image\), and this one turns no hue$"),
+    (["--hue-shift", str(1 / 255)], r"--hue-shift must be above 1/255 = 0.0039, got 0.00392157: "),
 ])
 def test_the_strengths_are_checked(argv, message):
     with pytest.raises(SystemExit, match=message) as stop:
         parse_args(argv)
     assert "\n" not in str(stop.value)
+
+
+def test_a_hue_shift_of_a_255th_or_less_turns_nothing():
+    # Why --hue-shift must be above 1/255: every shift drawn from -H to H is cut toward 0 to whole 255ths, and
+    # the image only goes through Pillow's HSV and back (which rounds some pixels: not the image itself).
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    unturned = shift_hue(image, 0.0)
+    least = Augmentation(hue=1, hue_shift=1 / 255)
+    assert all(np.array_equal(least(image, 0, 0, index), unturned) for index in range(20))
+    assert not all(np.array_equal(Augmentation(hue=1, hue_shift=2 / 255)(image, 0, 0, index), unturned)
+                   for index in range(20))
 
 
 def test_the_widest_blur_kernel_reads_each_pixel_once_mirrored():
