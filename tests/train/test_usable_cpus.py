@@ -46,6 +46,22 @@ def test_without_an_affinity_the_hosts_cpus(tmp_path, monkeypatch):
     assert usable_cpus(str(tmp_path)) == 1
 
 
+@pytest.mark.parametrize("function", ["process_cpu_count", "sched_getaffinity"])
+def test_an_affinity_that_cannot_be_read_counts_the_hosts_cpus(tmp_path, monkeypatch, function):
+    # Python 3.13's os.process_cpu_count() is len(os.sched_getaffinity(0)), which raises OSError where the call is
+    # refused (a seccomp sandbox): every tool's parser raised it.
+    def refused(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(os, "sched_getaffinity", refused, raising=False)
+    if function == "process_cpu_count":
+        monkeypatch.setattr(os, "process_cpu_count", refused, raising=False)
+    else:
+        monkeypatch.delattr(os, "process_cpu_count", raising=False)
+    assert usable_cpus(str(tmp_path)) == 6
+
+
 @pytest.mark.parametrize("cpu_max, cpus", [
     ("max 100000\n", 8),  # no quota
     ("150000 100000\n", 2),  # 1.5 CPUs, rounded up

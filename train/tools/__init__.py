@@ -163,10 +163,10 @@ def usable_cpus(root: str = "/") -> int:
     (``docker --cpus``, a Kubernetes limit) rounded up: a quota of 1.5 CPUs is 2. The cgroup files are read under
     ``root`` (a test's folder stands for ``/``); one that cannot be read or parsed sets no quota."""
     count = None
-    if hasattr(os, "process_cpu_count"):  # Python 3.13: the affinity's, or PYTHON_CPU_COUNT's
-        count = os.process_cpu_count()
-    elif hasattr(os, "sched_getaffinity"):
-        with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # (a sandbox may refuse sched_getaffinity, which both call)
+        if hasattr(os, "process_cpu_count"):  # Python 3.13: the affinity's, or PYTHON_CPU_COUNT's
+            count = os.process_cpu_count()
+        elif hasattr(os, "sched_getaffinity"):
             count = len(os.sched_getaffinity(0))
     count = count or os.cpu_count() or 1
     quota = _cgroup_cpu_quota(root)
