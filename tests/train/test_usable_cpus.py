@@ -5,6 +5,7 @@ host's cores that os.cpu_count() counts."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -93,6 +94,15 @@ def test_a_containers_quota_at_the_mount_whatever_path_the_host_gives(affinity, 
     assert usable_cpus(str(tmp_path)) == 4
     write(tmp_path, "proc/self/cgroup", "0::/\n")  # (a cgroup namespace of its own)
     assert usable_cpus(str(tmp_path)) == 4
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name that is not UTF-8 (cgroups are Linux's)")
+def test_a_cgroup_named_in_bytes_that_are_not_utf8(affinity, tmp_path):
+    # A cgroup's name is any bytes: read as UTF-8 with U+FFFD in place of \xe9, the path named no folder, and the
+    # walk went past the cgroup's own quota to its parent's (none here).
+    write(tmp_path, "proc/self/cgroup", b"0::/jobs/caf\xe9\n")
+    write(tmp_path, "sys/fs/cgroup/jobs/" + os.fsdecode(b"caf\xe9") + "/cpu.max", "200000 100000\n")
+    assert usable_cpus(str(tmp_path)) == 2
 
 
 @pytest.mark.parametrize("quota, period, cpus", [

@@ -191,14 +191,15 @@ def _cgroup_cpu_quota(root: str) -> int | None:
     # host's, which is not there: the walk up to the mount reads the container's quota then.
     paths = {"v2": "/", "v1": "/"}
     try:
-        with open(os.path.join(root, "proc", "self", "cgroup"), encoding="utf-8", errors="replace") as f:
+        with open(os.path.join(root, "proc", "self", "cgroup"), "rb") as f:
             for line in f:
-                _, controllers, path = (line.rstrip("\n").split(":", 2) + ["", ""])[:3]
+                # (a cgroup's name is any bytes: os.fsdecode gives the str that names its folder again)
+                _, controllers, path = (os.fsdecode(line.rstrip(b"\n")).split(":", 2) + ["", ""])[:3]
                 if not controllers:
                     paths["v2"] = path
                 elif "cpu" in controllers.split(","):
                     paths["v1"] = path
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: bytes that a strict file system encoding refuses, as Windows')
         pass
     files = {"v2": ("cpu.max",), "v1": ("cpu.cfs_quota_us", "cpu.cfs_period_us")}
     quotas = []
