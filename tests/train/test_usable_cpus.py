@@ -96,6 +96,18 @@ def test_a_containers_quota_at_the_mount_whatever_path_the_host_gives(affinity, 
     assert usable_cpus(str(tmp_path)) == 4
 
 
+def test_a_cgroup_outside_its_namespaces_root_has_no_quota_under_the_mount(affinity, tmp_path):
+    # In a cgroup namespace the mount's root is the namespace's, and a cgroup outside it is given with "..": they
+    # were dropped, and the quotas of the mount's root (which does not hold this process) and of "other" below it
+    # (another cgroup) were read as this process's.
+    write(tmp_path, "proc/self/cgroup", "0::/../other\n")
+    write(tmp_path, "sys/fs/cgroup/cpu.max", "100000 100000\n")
+    write(tmp_path, "sys/fs/cgroup/other/cpu.max", "200000 100000\n")
+    assert usable_cpus(str(tmp_path)) == affinity
+    write(tmp_path, "proc/self/cgroup", "0::/other\n")  # (below the root: both count)
+    assert usable_cpus(str(tmp_path)) == 1
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="a file name that is not UTF-8 (cgroups are Linux's)")
 def test_a_cgroup_named_in_bytes_that_are_not_utf8(affinity, tmp_path):
     # A cgroup's name is any bytes: read as UTF-8 with U+FFFD in place of \xe9, the path named no folder, and the

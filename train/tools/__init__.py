@@ -188,7 +188,8 @@ def _cgroup_cpu_quota(root: str) -> int | None:
 
     # /proc/self/cgroup: "0::/path" in v2, "3:cpu,cpuacct:/path" in v1. The path is where the cgroup lies below
     # the hierarchy's mount; inside a container the mount is often the container's own cgroup and the path the
-    # host's, which is not there: the walk up to the mount reads the container's quota then.
+    # host's, which is not there: the walk up to the mount reads the container's quota then. In a cgroup namespace
+    # (whose root the mount shows) a cgroup outside that root is given with "..": nothing under the mount holds it.
     paths = {"v2": "/", "v1": "/"}
     try:
         with open(os.path.join(root, "proc", "self", "cgroup"), "rb") as f:
@@ -205,7 +206,9 @@ def _cgroup_cpu_quota(root: str) -> int | None:
     quotas = []
     for mount, version in (("", "v2"), ("unified", "v2"), ("cpu", "v1"), ("cpu,cpuacct", "v1")):
         mount = os.path.join(root, "sys", "fs", "cgroup", mount)
-        parts = [part for part in paths[version].split("/") if part not in ("", ".", "..")]
+        parts = [part for part in paths[version].split("/") if part not in ("", ".")]
+        if ".." in parts:
+            continue
         for depth in range(len(parts), -1, -1):  # the cgroup, then each parent up to the mount
             quota_and_period = fields(os.path.join(mount, *parts[:depth]), *files[version])
             try:
