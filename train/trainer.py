@@ -311,20 +311,27 @@ def wandb_module():
         installed = installed_version("wandb") or ("wandb", "?")
         reason = " ".join(str(error).split())
         raise SystemExit(f"--wandb: the installed wandb {installed[1]} does not import ({type(error).__name__}: "
-                         f"{reason}): {_wandb_advice(error, reason)}") from None
+                         f"{reason}): {_wandb_advice(error, reason, installed[1])}") from None
     return wandb
 
 
-def _wandb_advice(error: Exception, reason: str) -> str:
-    """What to do about an installed wandb that failed to import with ``error``, by its cause: numpy 2 (0.17.1 and
-    earlier), a protobuf newer than the release reads (wandb asks for it, but a later install can replace it), a
-    package it needs that is missing (pip installs a satisfied requirement's missing dependencies)."""
+def _wandb_advice(error: Exception, reason: str, installed: str) -> str:
+    """What to do about wandb ``installed`` (its version), which failed to import with ``error``, by its cause:
+    numpy 2 (0.17.1 and earlier), a protobuf newer than the release reads (wandb asks for it, but a later install can
+    replace it), a package it needs that is missing (pip installs a satisfied requirement's missing dependencies).
+    The release that numpy or protobuf needs is named only to an older wandb: at that release or later, the error is
+    not that one."""
+    def older(first: str) -> bool:
+        release = re.match(r"\d+(?:\.\d+)*", installed)  # (0.26.0rc1: 0.26.0; "?", unknown: older)
+        return release is None or tuple(map(int, release.group().split("."))) < tuple(map(int, first.split(".")))
+
     if "numpy" in reason.lower() or "np." in reason:
-        return f"pip install -U wandb{_under_numpy_2('0.17.2')}"
+        return f"pip install -U wandb{_under_numpy_2('0.17.2') if older('0.17.2') else ''}"
     if "_pb2" in reason or "protobuf" in reason.lower():
         protobuf = installed_version("protobuf")
         first = WANDB_FOR_PROTOBUF.get(protobuf[1].split(".")[0]) if protobuf else None
-        return f"pip install -U wandb{f' (under protobuf {protobuf[1]} it needs {first} or later)' if first else ''}"
+        hint = f" (under protobuf {protobuf[1]} it needs {first} or later)" if first and older(first) else ""
+        return f"pip install -U wandb{hint}"
     missing = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
     if missing and missing.split(".")[0] != "wandb":
         return f"a package it needs is missing ({missing}): pip install wandb"

@@ -226,6 +226,43 @@ def test_the_advice_for_a_wandb_that_does_not_import_fits_the_cause(faces, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def _advice_for(faces, tmp_path, monkeypatch, error, versions, **attributes):
+    """--wandb's line where `import wandb` raises ``error`` ("Kind: message", with ``attributes`` such as name= and
+    path=) and ``versions`` are the installed distributions'."""
+    package = tmp_path / "site" / "wandb"
+    package.mkdir(parents=True)
+    kind, text = error.split(": ", 1)
+    given = "".join(f", {key}={value!r}" for key, value in attributes.items())
+    (package / "__init__.py").write_text(f"raise {kind}({text!r}{given})\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    monkeypatch.setattr(trainer_module, "installed_version",
+                        lambda *names: (names[0], versions[names[0]]) if names[0] in versions else None)
+    with pytest.raises(SystemExit) as refused:
+        main(argv(faces, tmp_path / "out", max_steps=2))
+    assert not (tmp_path / "out").exists()
+    prefix = f"train: error: --wandb: the installed wandb {versions['wandb']} does not import ({error}): "
+    assert str(refused.value.code).startswith(prefix), refused.value.code
+    return str(refused.value.code)[len(prefix):]
+
+
+def test_the_advice_names_no_release_that_the_installed_wandb_is_already(faces, tmp_path, monkeypatch):
+    # An error naming a _pb2 module of a wandb that reads this protobuf (0.26.0 under 7) is not that protobuf's
+    # doing: "it needs 0.26.0 or later" said to a 0.26.0 contradicted the line's own version. Numpy's hint likewise.
+    versions = {"wandb": "0.26.0", "protobuf": "7.36.2"}
+    error = "ImportError: cannot import name 'Imports' from 'wandb.proto.wandb_telemetry_pb2'"
+    assert _advice_for(faces, tmp_path, monkeypatch, error, versions) == "pip install -U wandb"
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    error = "AttributeError: `np.float_` was removed in the NumPy 2.0 release."
+    assert _advice_for(faces, tmp_path / "numpy", monkeypatch, error, versions) == "pip install -U wandb"
+    # (A release older than the first that reads it keeps the hint: 0.19.10 under protobuf 7.)
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    versions["wandb"] = "0.19.10"
+    assert (_advice_for(faces, tmp_path / "older", monkeypatch, "ImportError: cannot import name 'Imports' from "
+                        "'wandb.proto.wandb_telemetry_pb2'", versions)
+            == "pip install -U wandb (under protobuf 7.36.2 it needs 0.26.0 or later)")
+
+
 def test_real_wandb_offline(faces, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
