@@ -962,6 +962,8 @@ class Trainer:
         self.angles = TargetAngles(args.max_steps, args.batch_size)
         self.step = 0
         self.elapsed = 0.0  # training seconds before this process, carried over by resume
+        # The step self.elapsed counts from: an arcface_torch run's (its files hold no time), carried over by resume.
+        self.timed_from = 0
         self.last_verification: dict[str, dict[str, float]] = {}
         # The step whose verification a stop cut short: its checkpoint says so, and the resumed run does
         # the sets left before its first step (a pre-emption during every such verification left holes).
@@ -1279,6 +1281,7 @@ class Trainer:
                                  "process must resume from the same checkpoint")
         self.angles.load_state_dict(_copied_tensors(state["target_angles"]), self.step)
         self.elapsed = float(state.get("elapsed", 0.0))
+        self.timed_from = int(state.get("timed_from", 0))
         self.last_verification = state.get("verification", {})
         if state.get("verification_cut_short"):
             self.verification_cut_short_at = self.step
@@ -1385,6 +1388,7 @@ class Trainer:
         # (Its PolyScheduler steps each pass too, from last_epoch -1: global_step - 1 in the files. The learning
         # rate here is this run's schedule's at the step, which may differ from its by a pass in the warm-up.)
         self.scheduler.last_epoch = self.step
+        self.timed_from = self.step
         schedule = self.scheduler.lr_lambdas[0]
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base_lr * schedule(self.step)
@@ -1867,6 +1871,8 @@ class Trainer:
         }
         if self.wandb_run_id:
             state["wandb_run_id"] = self.wandb_run_id
+        if self.timed_from:
+            state["timed_from"] = self.timed_from
         if self.teacher is not None:  # (which teacher: its path and its weights' digest, not the weights)
             state["teacher"] = self.teacher.record()
         if self.verification_cut_short_at == self.step:
@@ -2534,8 +2540,9 @@ class Trainer:
                             f"{FINAL_VERIFICATION_LEFT}")
             self._say_a_signal_at_the_end()
             this_process = time.perf_counter() - self._started
-            took = f" in {self.elapsed + this_process:.0f} s" if self.elapsed or not resumed_at else ""
-            # A resumed run's time is its earlier processes' too (none known of an arcface_torch checkpoint's).
+            # A resumed run's time is its earlier processes' too; none of the steps an arcface_torch run made, which
+            # its files do not give, before this process or before an earlier one that resumed it.
+            took = f" in {self.elapsed + this_process:.0f} s" if not self.timed_from else ""
             resumed = f" (resumed at step {resumed_at}: {this_process:.0f} s in this process)" if resumed_at else ""
             self._write(f"done: {count_of(self.step, 'step')}{took}{resumed}; outputs in {self.output}")
             self._ended_as_usual = True

@@ -4,6 +4,7 @@ optimizer state, put together from every rank's file; what cannot continue is re
 
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -118,6 +119,19 @@ def test_an_arcface_torch_run_trains_on_from_its_folder_and_from_auto(faces, tmp
     assert (folder / "earlier-1" / "training.log").read_text() == "arcface_torch's log\n"
     assert sorted(n for n in os.listdir(folder) if n.startswith("checkpoint_gpu")) == [
         "checkpoint_gpu_0.pt", "checkpoint_gpu_1.pt", "checkpoint_gpu_2.pt"]
+
+
+@pytest.mark.slow
+def test_no_done_line_gives_a_time_for_arcface_torchs_steps(faces, tmp_path, arcface_torch_run, capsys):
+    # Its files hold no time: steps 1-6 took arcface_torch a time no one here knows. The resume's done line said none,
+    # but the next resume's said the checkpoint's, this trainer's steps 7-8 alone, as the 10 steps': `done: 10 steps in
+    # 2 s`.
+    _, _, folder, _ = arcface_torch_run
+    assert main(argv(faces, tmp_path / "on", max_steps=8, resume=str(folder))) == 0
+    assert re.search(r"\ndone: 8 steps \(resumed at step 6: \d+ s in this process\); ", capsys.readouterr().err)
+    assert main(argv(faces, tmp_path / "on", max_steps=10, resume="auto")) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\ndone: 10 steps \(resumed at step 8: \d+ s in this process\); ", err), err
 
 
 def test_auto_continues_arcface_torch_s_run_again_after_a_start_that_wrote_no_checkpoint(faces, tmp_path,
