@@ -325,6 +325,9 @@ def _wandb_advice(error: Exception, reason: str, installed: str) -> str:
         release = re.match(r"\d+(?:\.\d+)*", installed)  # (0.26.0rc1: 0.26.0; "?", unknown: older)
         return release is None or tuple(map(int, release.group().split("."))) < tuple(map(int, first.split(".")))
 
+    path = getattr(error, "path", None) if isinstance(error, ImportError) else None
+    if path:  # (the file of the module that lacks a name, which ends the message: a folder's name is no cause)
+        reason = reason.replace(" ".join(path.split()), "")
     if "numpy" in reason.lower() or "np." in reason:
         return f"pip install -U wandb{_under_numpy_2('0.17.2') if older('0.17.2') else ''}"
     if "_pb2" in reason or "protobuf" in reason.lower():

@@ -263,6 +263,21 @@ def test_the_advice_names_no_release_that_the_installed_wandb_is_already(faces, 
             == "pip install -U wandb (under protobuf 7.36.2 it needs 0.26.0 or later)")
 
 
+@pytest.mark.parametrize("module, folder, advice", [
+    ("wandb.proto.wandb_telemetry_pb2", "/opt/numpy2-env",
+     "pip install -U wandb (under protobuf 7.36.2 it needs 0.26.0 or later)"),
+    ("wandb.sdk.lib.runid", "/home/me/protobuf-work/venv", "pip install -U wandb"),
+])
+def test_the_advice_reads_the_cause_from_the_error_not_the_files_path(faces, tmp_path, monkeypatch, module, folder,
+                                                                      advice):
+    # An ImportError's message ends with the path of the module that lacks the name: a folder named for numpy or
+    # protobuf made an error of the other cause (or of neither) read as numpy's or protobuf's.
+    path = f"{folder}/lib/python3.11/site-packages/{module.replace('.', '/')}.py"
+    error = f"ImportError: cannot import name 'Imports' from '{module}' ({path})"
+    assert _advice_for(faces, tmp_path, monkeypatch, error, {"wandb": "0.19.10", "protobuf": "7.36.2"}, name=module,
+                       path=path) == advice
+
+
 def test_real_wandb_offline(faces, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
