@@ -336,6 +336,9 @@ def _wandb_advice(error: Exception, reason: str, installed: str) -> str:
         hint = f" (under protobuf {protobuf[1]} it needs {first} or later)" if first and older(first) else ""
         return f"pip install -U wandb{hint}"
     missing = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+    if missing and missing.split(".")[0] in getattr(sys, "stdlib_module_names", ()):  # (Python 3.10 and later)
+        # (_ctypes, which wandb imports, where Python was built without libffi: pip brings no such module.)
+        return f"this Python was built without {missing}, a module of its standard library that pip does not install"
     if missing and missing.split(".")[0] != "wandb":
         return f"a package it needs is missing ({missing}): pip install wandb"
     return "pip install -U wandb"

@@ -278,6 +278,15 @@ def test_the_advice_reads_the_cause_from_the_error_not_the_files_path(faces, tmp
                        path=path) == advice
 
 
+@pytest.mark.skipif(not hasattr(sys, "stdlib_module_names"), reason="Python 3.10 and later list their modules")
+def test_a_module_of_pythons_own_that_is_missing_is_not_a_package_to_install(faces, tmp_path, monkeypatch):
+    # wandb 0.26.0 imports ctypes: a Python built without libffi (pyenv's, say) lacks _ctypes, which no pip install
+    # brings. The advice was "a package it needs is missing (_ctypes): pip install wandb".
+    error = "ModuleNotFoundError: No module named '_ctypes'"
+    assert (_advice_for(faces, tmp_path, monkeypatch, error, {"wandb": "0.26.0", "protobuf": "7.36.2"}, name="_ctypes")
+            == "this Python was built without _ctypes, a module of its standard library that pip does not install")
+
+
 def test_real_wandb_offline(faces, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
