@@ -851,3 +851,21 @@ def test_a_gallery_of_photos_with_a_detector_is_enrolled_as_their_aligned_faces(
         run_search("--model", backbone, "--gallery", gallery_photos, "--landmarks", tmp_path / "l.txt",
                    "--save-gallery", tmp_path / "x.npy")
     assert "--landmarks goes with --probes" in capsys.readouterr().err
+
+
+def test_amp_of_an_onnx_model_is_refused_before_the_probes_are_read(tmp_path, capsys):
+    # As train.embed, train.verify, train.ijb and train.tinyface: the probes folder was walked, and --landmarks read
+    # (each photo it lists looked for), before the refusal; a folder without images or a file not there said first.
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"\x08\x07")  # (an ONNX file by its name: refused before it is read)
+    gallery, probes = tmp_path / "gallery", tmp_path / "probes"
+    gallery.mkdir()
+    probes.mkdir()
+    for given in (["--probes", probes], ["--probes", tmp_path / "none"],
+                  ["--probes", probes, "--landmarks", tmp_path / "none.txt"]):
+        capsys.readouterr()
+        assert run_search("--model", graph, "--gallery", gallery, *given, "--amp", "bf16", "--output",
+                          tmp_path / "s.csv") == 2, given
+        assert capsys.readouterr().err.splitlines() == [
+            f"search: error: --amp bf16: {graph} is an ONNX model, run as its graph is"], given
+    assert not (tmp_path / "s.csv").exists()

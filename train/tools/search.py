@@ -46,7 +46,7 @@ with stop_while_importing(__name__, "search: "):
                              _warn_others_not_square, about_path, check_table_output, embed_detected, embed_files,
                              embed_listed_faces, faces_described, images_under, listed_faces, load_model, made_with,
                              made_with_one_model, model_digests, model_threshold, open_detector, read_about,
-                             read_table, set_amp, table_files, write_table)
+                             read_table, refuse_amp_of_an_onnx_model, set_amp, table_files, write_table)
     from train.ijb import allowed_passes, negatives_needed, template_features, threshold_allowing
     from train.tools import (ArgumentParser, add_detector_option, add_embedding_options, check_embedding_options,
                              check_outputs, check_photo_options, count_of, left_out_said, listable_name, path_arg,
@@ -248,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
     """``main`` after parsing; raises OSError or ValueError naming the argument or file at fault. The
     inputs, the model and the outputs are checked before any face is embedded."""
     device = torch_device(args.device)
+    if args.model:  # (before the gallery table, the probes folder and --landmarks are read, as train.embed refuses it)
+        refuse_amp_of_an_onnx_model(args.amp, args.model)
     gallery_folder = args.gallery if os.path.isdir(args.gallery) else None
     gallery = None if gallery_folder else _read_faces("--gallery", args.gallery, "folder or table")
     if gallery is not None and args.save_gallery and args.fpir is None:
