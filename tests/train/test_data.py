@@ -657,6 +657,49 @@ def test_pack_rec_workers_hold_at_most_their_budget_of_bytes(tmp_path, monkeypat
         "one chunk at a time: the workers wait"
 
 
+def test_pack_rec_workers_take_the_files_sizes_a_few_at_a_time(tmp_path, monkeypatch):
+    # The budget's sizes were taken one stat at a time by this process: at a network file system's 0.1-1 ms a stat
+    # (NFS, Lustre) that set the pace of the whole pack, where the workers read N images at a time. N threads take
+    # them now, after the first chunk's, which this process takes before the workers are forked (at the first
+    # submission, which must find no other thread running).
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from train.tools import pack_rec
+
+    (tmp_path / "ann").mkdir()
+    paths = []
+    for k in range(24):
+        paths.append(str(tmp_path / "ann" / f"{k:02d}.jpg"))
+        with open(paths[-1], "wb") as f:
+            f.write(jpeg_with_magic(face_image(k)))
+    monkeypatch.setattr(pack_rec, "_CHUNK", 2)
+    getsize, lock, running, most = os.path.getsize, threading.Lock(), [0], [0]
+
+    def slow_getsize(path):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return getsize(path)
+
+    threads_at_submission, threads_before = [], threading.active_count()
+
+    def submit(self, *args):
+        threads_at_submission.append(threading.active_count())
+        return pool_submit(self, *args)
+
+    pool_submit = ProcessPoolExecutor.submit
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", submit)
+    monkeypatch.setattr(os.path, "getsize", slow_getsize)
+    images = list(pack_rec._images_bytes(paths, resize=None, quality=95, workers=3))
+    assert images == list(pack_rec._images_bytes(paths, resize=None, quality=95, workers=0))
+    assert most[0] > 1, "the files' sizes were taken one at a time"
+    assert threads_at_submission[0] == threads_before, "threads running when the workers were forked"
+
+
 def test_the_tools_show_the_image_folders_warnings_as_one_line_each(image_folder, tmp_path, capsys):
     # Python's form, "/.../train/data/__init__.py:149: UserWarning: ..." and the line of source after it,
     # came out of the trainer, pack_rec and make_bin.

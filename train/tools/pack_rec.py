@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import itertools
 import multiprocessing
 import os
 import sys
@@ -102,20 +103,53 @@ def _chunk_bytes(paths: list[str], resize: int | None, quality: int) -> list[tup
     return chunk
 
 
-def _chunks(paths: list[str], max_bytes: int):
-    """`paths` in runs of consecutive images, (paths, their files' bytes on disk) each: at most _CHUNK images,
-    and past its first image at most `max_bytes` (an image over it is a chunk alone)."""
-    chunk, held = [], 0
+def _file_sizes(paths: list[str]) -> list[int]:
+    sizes = []
     for path in paths:
         try:
-            size = os.path.getsize(path)
+            sizes.append(os.path.getsize(path))
         except OSError:  # (the worker names the image: `_image_bytes`' error)
-            size = 0
-        if chunk and (len(chunk) == _CHUNK or held + size > max_bytes):
-            yield chunk, held
-            chunk, held = [], 0
-        chunk.append(path)
-        held += size
+            sizes.append(0)
+    return sizes
+
+
+def _sizes(paths: list[str], threads: int):
+    """The files' sizes on disk of `paths`, in their order (0 where there is none to read), taken a little ahead
+    of their use by `threads` threads, _CHUNK files a task: one at a time in this process, a round trip to the
+    server each on NFS or Lustre (~6 us a stat on a local disk) would set the pace of the whole pack, where the
+    workers read `threads` images at a time. The first _CHUNK in this thread: the workers are forked at the first
+    chunk's submission, which must find no other thread running."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = (paths[start:start + _CHUNK] for start in range(0, len(paths), _CHUNK))
+    yield from _file_sizes(next(batches, []))
+    pool = ThreadPoolExecutor(threads)
+    try:
+        ahead = collections.deque(pool.submit(_file_sizes, batch)
+                                  for batch in itertools.islice(batches, _CHUNKS_PER_WORKER * threads))
+        while ahead:
+            sizes = ahead.popleft().result()
+            ahead.extend(pool.submit(_file_sizes, batch) for batch in itertools.islice(batches, 1))
+            yield from sizes
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _chunks(paths: list[str], max_bytes: int, threads: int):
+    """`paths` in runs of consecutive images, (paths, their files' bytes on disk) each: at most _CHUNK images,
+    and past its first image at most `max_bytes` (an image over it is a chunk alone). A run of _CHUNK is
+    yielded without the next file's size (so the first chunk needs only the sizes `_sizes` takes itself)."""
+    chunk, held = [], 0
+    with contextlib.closing(_sizes(paths, threads)) as sizes:
+        for path, size in zip(paths, sizes):
+            if chunk and held + size > max_bytes:
+                yield chunk, held
+                chunk, held = [], 0
+            chunk.append(path)
+            held += size
+            if len(chunk) == _CHUNK:
+                yield chunk, held
+                chunk, held = [], 0
     if chunk:
         yield chunk, held
 
@@ -149,7 +183,7 @@ def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers
     from train.tools import pack_rec as module
 
     budget = _BYTES_IN_FLIGHT
-    chunks = _chunks(paths, budget // (workers * _CHUNKS_PER_WORKER))
+    chunks = _chunks(paths, budget // (workers * _CHUNKS_PER_WORKER), workers)
     upcoming = next(chunks)
     pending = collections.deque()  # (future, its files' bytes on disk), in the paths' order
     held = 0  # the bytes of the chunks in flight: their files' sizes, then their JPEGs' once back until written
@@ -188,6 +222,7 @@ def _images_bytes(paths: list[str], *, resize: int | None, quality: int, workers
             del future, done, data  # (written: not held while the next chunk is waited for)
             submit_what_fits()
     finally:  # an error or a stop: the chunks not started are dropped, the workers end
+        chunks.close()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
