@@ -535,7 +535,12 @@ class RunLog:
                 print(f"warning: writing {os.path.join(self.output, 'tensorboard')} failed: {_os_reason(error)}; "
                       "TensorBoard lacks the last events", file=sys.stderr)
         if self.wandb is not None:
-            self.wandb.finish(exit_code=exit_code)
+            try:
+                self.wandb.finish(exit_code=exit_code)
+            except KeyboardInterrupt:  # a Ctrl-C in its wait for the upload, Python's own handler back
+                # wandb 0.26.0 and later said "Control-C detected -- Run data was not synced" and raise it again,
+                # where 0.17.2 ended the process (os._exit(-1)): its traceback under that line.
+                raise SystemExit(128 + signal.SIGINT) from None
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -2399,9 +2404,11 @@ class Trainer:
                 raise SystemExit(1) from None
             raise
         finally:
-            if self.is_main:
-                self.log.close(exit_code)
-            self.release_output()
+            try:
+                if self.is_main:
+                    self.log.close(exit_code)
+            finally:  # (a Ctrl-C in W&B's upload wait too)
+                self.release_output()
 
     def _fit(self) -> int:
         from .data import stop_loader_workers

@@ -287,6 +287,26 @@ def test_a_module_of_pythons_own_that_is_missing_is_not_a_package_to_install(fac
             == "this Python was built without _ctypes, a module of its standard library that pip does not install")
 
 
+def test_a_ctrl_c_while_wandb_finishes_ends_the_run_without_a_traceback(faces, tmp_path, fake_wandb, monkeypatch,
+                                                                        capsys):
+    # The upload's wait, after the done line, with Python's own Ctrl-C back. wandb 0.26.0 and later (the [wandb]
+    # extra's floor) say "Control-C detected -- Run data was not synced" and raise the KeyboardInterrupt again, where
+    # 0.17.2 ended the process (os._exit(-1), exit status 255): a KeyboardInterrupt's traceback came under that line,
+    # and the --output folder's lock was not let go of.
+    def interrupted(self, exit_code=0):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FakeRun, "finish", interrupted)
+    try:
+        main(argv(faces, tmp_path / "out", max_steps=2))
+        ended = None
+    except BaseException as error:  # (a KeyboardInterrupt let through would stop pytest itself)
+        ended = error
+    assert isinstance(ended, SystemExit) and ended.code == 128 + signal.SIGINT, repr(ended)
+    assert trainer_module._OUTPUT_LOCKS == {}
+    assert (tmp_path / "out" / "checkpoint.pt").exists() and "done: 2 steps" in capsys.readouterr().err
+
+
 def test_real_wandb_offline(faces, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
