@@ -127,6 +127,23 @@ def test_the_progress_bar_shows_the_margin_while_it_rises(faces, tmp_path, capsy
 
 
 @pytest.mark.slow
+def test_the_compiled_backbone_is_compiled_once_while_the_margin_rises(faces, tmp_path):
+    # --compile compiles the backbone alone. The margin, which the warm-up changes at every step, is a constant of
+    # any graph the loss is in (docs/usage.md, margin schedules under torch.compile): the loss stays outside, so
+    # the backbone's one graph serves every step. (aot_eager: the graphs are dynamo's, whatever the backend.)
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    assert main(argv(faces, tmp_path, max_steps=6, margin_warmup_steps=4, arcface_m=0.4, compile=True,
+                     compile_backend="aot_eager")) == 0
+    assert [r["margin"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.4])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
 def test_gradient_accumulation_counts_optimiser_steps_and_a_resume_is_the_unbroken_run(faces, tmp_path, monkeypatch,
                                                                                        capsys):
     from trainer_fixtures import run_killed_at
