@@ -26,6 +26,7 @@ def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduc
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         check_not_dtensor(name, t)
+        check_dense(name, t)
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(embeddings.shape)}")
     if weight.dim() != 2:
@@ -81,6 +82,16 @@ def check_not_dtensor(name, tensor):
                         "inside that forward, or fully_shard the loss module itself. For class centres split across "
                         "ranks use arcface_ext.ShardedCombinedMarginLoss; else pass weight.full_tensor()")
     raise TypeError(f"{what}: pass {name}.to_local() (this rank's part) or {name}.full_tensor() (the whole)")
+
+
+def check_dense(name, tensor):
+    """The kernels and the reference take dense tensors: a sparse, mkldnn or nested one reached PyTorch's
+    'Could not run ... with arguments from the SparseCPU backend' or an internal error, naming no argument."""
+    if tensor.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {tensor.layout} tensor: "
+                        f"pass {name}.to_dense()")
 
 
 def check_options(*, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_index):
@@ -173,6 +184,7 @@ def check_row_margin(name, value, embeddings):
     device; it gets a gradient when it requires one (MagFace's margin is a function of the norm).
     Its values are checked (finite) inside the op."""
     check_not_dtensor(name, value)
+    check_dense(name, value)
     if value.dim() != 1 or value.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{name} as a tensor holds one margin per row: shape (N,) = ({embeddings.shape[0]},), "
                          f"got {tuple(value.shape)}")

@@ -850,6 +850,17 @@ def _bad_inputs():
         "embeddings not a tensor": (lambda: call(x.tolist(), w, labels), TypeError, "embeddings"),
         "float8 embeddings": (lambda: call(x.to(torch.float8_e4m3fn), w, labels), TypeError, "embeddings"),
         "ignore_index beyond int64": (lambda: call(x, w, labels, ignore_index=2**70), ValueError, "ignore_index"),
+        # Other layouts reached PyTorch's 'Could not run ... from the SparseCPU backend' or an internal error.
+        "sparse embeddings": (lambda: call(x.to_sparse(), w, labels), TypeError,
+                              r"embeddings must be a dense \(strided\) tensor, got a torch.sparse_coo tensor"),
+        "sparse CSR weight": (lambda: call(x, w.to_sparse_csr(), labels), TypeError, "weight must be a dense"),
+        "sparse labels": (lambda: call(x, w, labels.to_sparse()), TypeError, "labels must be a dense"),
+        "nested embeddings": (lambda: call(torch.nested.nested_tensor(list(x)), w, labels), TypeError,
+                              "embeddings must be a dense .* nested"),
+        "sparse per-row margin": (lambda: call(x, w, labels, m2=torch.full((4,), 0.5).to_sparse()), TypeError,
+                                  "m2 must be a dense"),
+        "reference's sparse weight": (lambda: reference.combined_margin_loss(x, w.to_sparse(), labels), TypeError,
+                                      "weight must be a dense"),
         "workspace beyond int64": (lambda: arcface_ext.set_workspace_bytes(2**63), ValueError, "num_bytes"),
         "workspace 0": (lambda: arcface_ext.set_workspace_bytes(0), ValueError, "num_bytes"),
     }
