@@ -174,7 +174,9 @@ def check_centres_dtype(dtype):
 
 def check_flag(name, value):
     """A yes/no option: a bool (numpy's too), not a truthy object."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    # numpy's bool is numpy.bool_ in numpy 1, numpy.bool in numpy 2 (np.True_'s type either way).
+    if not isinstance(value, bool) and not (type(value).__module__ == "numpy"
+                                            and type(value).__name__ in ("bool_", "bool")):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return bool(value)
 

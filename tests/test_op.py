@@ -1065,6 +1065,22 @@ def test_numpy_scalars_are_taken_as_numbers():
     assert_close_report(criterion(x, labels), expected, atol=0, rtol=0, name="module")
 
 
+def test_numpy_bools_are_taken_as_flags():
+    # A flag read through numpy: np.True_ is a numpy.bool_ in numpy 1 but a numpy.bool in numpy 2, which the
+    # flags' check (looking for the name 'bool_') refused as "must be a bool".
+    x, w, labels = make_inputs(7, 8, 11, seed=28, dtype=torch.float64)
+    for function in (arcface_ext.combined_margin_loss, reference.combined_margin_loss):
+        loss, target_cosine = function(x, w, labels, return_target_cosine=np.True_, check_labels=np.bool_(False))
+        expected = function(x, w, labels, return_target_cosine=True, check_labels=False)
+        assert_close_report(loss, expected[0], atol=0, rtol=0, name=function.__module__)
+        assert_close_report(target_cosine, expected[1], atol=0, rtol=0, name=function.__module__)
+    criterion = arcface_ext.ArcFaceLoss(11, 8, easy_margin=np.True_, check_labels=np.False_, use_reference=np.False_)
+    assert criterion.check_labels is False and criterion.use_reference is False
+    assert "easy_margin=True" in repr(criterion)
+    with pytest.raises(TypeError, match="check_labels must be a bool, got"):
+        arcface_ext.ArcFaceLoss(11, 8, check_labels=np.int64(1))
+
+
 @pytest.mark.parametrize("use_reference", [False, True], ids=["fused", "reference"])
 @pytest.mark.parametrize("name", list(MODULES))
 def test_module_equals_functional(name, use_reference):
