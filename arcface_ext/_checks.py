@@ -18,6 +18,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # nothing useful and says nothing (see check_options). The trainer checks its flags against them.
 MAX_ANGULAR_MARGIN = math.pi / 2   # |m2|, radians
 MAX_COSINE_MARGIN = 1.0            # |m3|
+# The largest finite float. A number is checked finite by comparing it with this: an int past it (10**400)
+# has no float, and float() or math.isfinite raised OverflowError, naming no argument.
+LARGEST_FLOAT = sys.float_info.max
 
 
 def check_arguments(embeddings, weight, labels, *, s, m1, m2, m3, lambda_, reduction, margin_grad,
@@ -109,7 +112,7 @@ def check_options(*, s, m1, m2, m3, lambda_, reduction, margin_grad, ignore_inde
         # numbers.Real takes numpy's scalars too (np.float32 is not a float subclass); the callers
         # convert with float().
         if (isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (int, float, numbers.Real))
-                or not -math.inf < value < math.inf):
+                or not -LARGEST_FLOAT <= value <= LARGEST_FLOAT):
             raise ValueError(f"{name} must be a finite real number (int or float), got {value!r}")
     if s <= 0:
         raise ValueError(f"s (the scale) must be > 0, got {s}")
@@ -140,7 +143,7 @@ def check_real(name, value, condition="", ok=lambda v: True):
     """A finite real number (numpy's too) that satisfies ``ok``, as a float; ValueError naming
     ``name`` and what it must be (``condition``) otherwise."""
     if (isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real)
-            or not -math.inf < value < math.inf or not ok(value)):
+            or not -LARGEST_FLOAT <= value <= LARGEST_FLOAT or not ok(value)):
         raise ValueError(f"{name} must be a finite real number{' ' + condition if condition else ''}, "
                          f"got {value!r}")
     return float(value)

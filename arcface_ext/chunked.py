@@ -32,15 +32,14 @@ With c_j the clamped cosine of a class j other than the row's target, its logit 
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
 
-from ._checks import (check_arguments, check_flag, check_row_margins_finite, fused_compute_dtype, margins_dtype,
-                      raise_bad_label, reduce_rows, skips_label_check)
+from ._checks import (LARGEST_FLOAT, check_arguments, check_flag, check_row_margins_finite, fused_compute_dtype,
+                      margins_dtype, raise_bad_label, reduce_rows, skips_label_check)
 from .reference import NORM_EPS, _TargetLogit, margin_psi, margin_psi_dm2
 
 # Values a block holds: about this many cosines (N x chunk·K) and centre rows' values (chunk·K x D),
@@ -491,7 +490,7 @@ def check_curricular_t(value: float | Tensor | None, embeddings: Tensor) -> Tens
         if value.device != embeddings.device:
             raise ValueError(f"curricular_t is on {value.device}, the embeddings on {embeddings.device}")
         return value.detach().reshape(())
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -LARGEST_FLOAT <= value <= LARGEST_FLOAT:
         raise ValueError(f"curricular_t must be a finite number or a one-element float tensor, got {value!r}")
     return torch.tensor(float(value), dtype=margins_dtype(embeddings.device), device=embeddings.device)
 

@@ -850,6 +850,12 @@ def _bad_inputs():
         "embeddings not a tensor": (lambda: call(x.tolist(), w, labels), TypeError, "embeddings"),
         "float8 embeddings": (lambda: call(x.to(torch.float8_e4m3fn), w, labels), TypeError, "embeddings"),
         "ignore_index beyond int64": (lambda: call(x, w, labels, ignore_index=2**70), ValueError, "ignore_index"),
+        # An int past the largest float raised OverflowError from float(), naming no argument.
+        "s an int beyond floats": (lambda: call(x, w, labels, s=10**400), ValueError, "s must be a finite real"),
+        "reference's s beyond floats": (lambda: reference.combined_margin_loss(x, w, labels, s=10**400), ValueError,
+                                        "s must be a finite real"),
+        "curricular_t beyond floats": (lambda: arcface_ext.chunked_margin_loss(x, w, labels, curricular_t=10**400),
+                                       ValueError, "curricular_t must be a finite"),
         # Other layouts reached PyTorch's 'Could not run ... from the SparseCPU backend' or an internal error.
         "sparse embeddings": (lambda: call(x.to_sparse(), w, labels), TypeError,
                               r"embeddings must be a dense \(strided\) tensor, got a torch.sparse_coo tensor"),
@@ -925,8 +931,9 @@ MODULES = {
     (lambda: arcface_ext.CurricularFaceLoss(10, 8, m=3.2), "m2 .* must lie in"),
     (lambda: arcface_ext.SubCenterMarginLoss(10, 8, m2=10.0), "m2 .* must lie in"),
     (lambda: arcface_ext.ShardedCombinedMarginLoss(10, 8, m3=-1.5), "m3 .* must lie in"),
+    (lambda: arcface_ext.ArcFaceLoss(10, 8, s=10**400), "s must be a finite"),
 ], ids=["float-classes", "no-dims", "negative-s", "nan-margin", "reduction", "negative-lambda", "margin-grad",
-        "arc-degrees", "cos-scaled", "curricular-past-pi", "subcenter-past-pi", "sharded-m3"])
+        "arc-degrees", "cos-scaled", "curricular-past-pi", "subcenter-past-pi", "sharded-m3", "int-s-beyond-floats"])
 def test_modules_check_their_options_when_built(build, pattern):
     with pytest.raises(ValueError, match=pattern):
         build()
