@@ -548,6 +548,11 @@ class ElasticFaceMargins(LossMixin):
         if std is None:
             std = ELASTICFACE_STDS[kind, plus]
         std = check_real("std", std, ">= 0", lambda v: v >= 0)
+        # Checked here: a seed given as the generator failed only at the first training call, in randn's
+        # multi-line "received an invalid combination of arguments", naming no argument.
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {generator!r} (for a seed: "
+                            "torch.Generator().manual_seed(seed))")
         if m is None:
             m = 0.5 if kind == "arc" else 0.35
         margins = dict(m2=m, m3=0.0) if kind == "arc" else dict(m2=0.0, m3=m)

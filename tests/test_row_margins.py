@@ -399,6 +399,9 @@ def test_module_argument_checks():
     for std in (-1, math.nan, math.inf):
         with pytest.raises(ValueError, match="std must be a finite real number >= 0"):
             arcface_ext.ElasticFaceLoss(10, 4, std=std)
+    for build in (arcface_ext.ElasticFaceLoss, arcface_ext.ShardedElasticFaceLoss):  # a seed for the generator
+        with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got 3 \(for a seed"):
+            build(10, 4, generator=3)
     x, w, labels = torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1])
     for call in (lambda: arcface_ext.combined_margin_loss(x, w, labels, return_target_cosine=1),
                  lambda: reference.combined_margin_loss(x, w, labels, return_target_cosine=1),
