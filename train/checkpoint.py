@@ -30,6 +30,18 @@ def write_atomic(path: str, write: Callable[[IO], None], *, binary: bool = True)
     a crash or a kill mid-write leaves the previous file (or none) rather than a truncated one, and
     its temporary, which a later write of ``path`` removes. Of two writers of one path at once (the
     trainer's figures and a ``train.plots`` beside it), the last rename wins; each file is whole."""
+    tmp = _write_temporary(path, write, binary)
+    try:
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _remove_stale_temporaries(*os.path.split(os.path.abspath(path)))
+
+
+def _write_temporary(path: str, write: Callable[[IO], None], binary: bool) -> str:
+    """``write(file)`` on a new temporary beside ``path``, flushed to the disk; its name (removed if the write
+    fails)."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # Named for its writer (host and process), so that the clean-up below can tell a killed writer's
@@ -42,11 +54,43 @@ def write_atomic(path: str, write: Callable[[IO], None], *, binary: bool = True)
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+class FilesTogether:
+    """The files of :func:`written_together`'s block, each written to its temporary as it is given."""
+
+    def __init__(self):
+        self.written: list[tuple[str, str]] = []  # (temporary, path)
+
+    def write(self, path: str, write: Callable[[IO], None], *, binary: bool = True) -> None:
+        self.written.append((_write_temporary(path, write, binary), path))
+
+    def write_json(self, path: str, content: Any) -> None:
+        self.write(path, _json_writer(content), binary=False)
+
+
+@contextlib.contextmanager
+def written_together():
+    """The files written in the block (``files.write``, ``files.write_json``, as :func:`write_atomic` writes them),
+    renamed into place together when it ends well: a table and its summary are both replaced or neither, where one
+    :func:`write_atomic` after another left the table new and its summary of the run before when the second failed
+    (a full disk). A block that raises leaves every path as it was. The renames cannot be stopped midway when run
+    under ``signals_held``."""
+    files = FilesTogether()
+    try:
+        yield files
+        for tmp, path in files.written:
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _remove_stale_temporaries(directory, name)
+        for tmp, path in files.written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        for folder_and_name in {os.path.split(os.path.abspath(path)) for _, path in files.written}:
+            _remove_stale_temporaries(*folder_and_name)
 
 
 # A host name as it can stand in a file name (the temporaries' writers, above).
@@ -141,10 +185,14 @@ def check_output_folder(folder: str, named: str) -> None:
 
 def write_json_atomic(path: str, content: Any) -> None:
     """``content`` as indented JSON to ``path`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, _json_writer(content), binary=False)
+
+
+def _json_writer(content: Any) -> Callable[[IO], None]:
     def write(f):
         json.dump(content, f, indent=2)
         f.write("\n")
-    write_atomic(path, write, binary=False)
+    return write
 
 
 def load(path: str, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:

@@ -268,6 +268,25 @@ def test_the_graph_of_duplicated_photos_is_that_of_the_photos_alone(rows, column
     assert (again_index >= 0).sum() == (whole_index[queries] >= 0).sum()
 
 
+def test_a_full_disk_as_the_summary_is_written_leaves_the_earlier_outputs(tmp_path, capsys, monkeypatch):
+    # The table was renamed into place before its summary was written: a full disk there left the new clusters
+    # beside the summary (sizes, threshold) of the run before.
+    faces, _ = people_photos(3, 4)
+    table, out = tmp_path / "faces.npy", tmp_path / "c.csv"
+    write_table(str(table), [f"{i:03d}.jpg" for i in range(len(faces))], faces.numpy())
+    assert run_cluster("--embeddings", table, "--threshold", "0.5", "--output", out) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("c.csv", "c.json")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    assert run_cluster("--embeddings", table, "--threshold", "0.99", "--output", out, "--overwrite") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name.startswith(("c.", "."))} \
+        == before  # (no temporary left either)
+
+
 def test_duplicates_are_counted_and_said(tmp_path, capsys):
     photos, person = people_photos(3, 4)
     faces, photo = with_duplicates(photos, np.arange(len(photos)) % 3 + 1)  # 1, 2 or 3 copies

@@ -438,6 +438,44 @@ def test_outputs_beside_a_pairs_list(trained, tmp_path, capsys):
     assert os.path.exists(face) and not os.path.exists(face[:-len(".png")] + ".csv")
 
 
+def test_a_full_disk_as_the_summary_is_written_leaves_the_earlier_outputs(tmp_path, capsys, monkeypatch):
+    # The table was renamed into place before its summary was written: a full disk there left the new table
+    # beside the summary (the rule, the quantiles) of the run before.
+    own = tmp_path / "own.csv"
+    own.write_text("image,quality\n" + "".join(f"p{i}.jpg,{(i * 7 % 20) / 20:.2f}\n" for i in range(20)))
+    out = tmp_path / "q.csv"
+    assert run_quality("--embeddings", own, "--output", out, "--reject-fraction", 0.25) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("q.csv", "q.json")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    assert run_quality("--embeddings", own, "--output", out, "--reject-fraction", 0.5, "--overwrite") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name.startswith(("q.", "."))} \
+        == before  # (no temporary left either)
+
+
+def test_a_full_disk_as_the_erc_summary_is_written_leaves_the_earlier_outputs(trained, tmp_path, capsys,
+                                                                              monkeypatch):
+    # The curves were renamed into place before their summary was written: a full disk there left the new curves
+    # beside the summary (and the figure) of the run before.
+    ckpt, pairs = trained
+    out = tmp_path / "erc.csv"
+    assert run_quality("--model", ckpt, "--pairs", pairs, "--output", out, "--no-plot") == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("erc.csv", "erc.json")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    assert run_quality("--model", ckpt, "--pairs", pairs, "--output", out, "--no-plot", "--fmr", "0.5",
+                       "--overwrite") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
 def test_its_own_table_rejected_again(trained, tmp_path, capsys):
     # Its --output, read back with --embeddings, is ruled again without embedding: the rejected column is not an
     # embedding's second value (it was: 'its rows are embeddings of unit length ... records no norms file'), and its

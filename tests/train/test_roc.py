@@ -462,13 +462,13 @@ def test_a_stop_leaves_the_outputs_whole_or_as_they_were(hand, tmp_path, capsys,
     assert "roc: stopped by SIGINT: nothing written" in capsys.readouterr().err
     assert not any(name.startswith("roc") for name in os.listdir(tmp_path))
     monkeypatch.undo()
-    write = roc.checkpoint.write_atomic
+    write = roc.checkpoint.FilesTogether.write  # (the outputs' writes, renamed together at the end)
 
     def write_then_signal(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         write(*args, **kwargs)
 
-    monkeypatch.setattr(roc.checkpoint, "write_atomic", write_then_signal)
+    monkeypatch.setattr(roc.checkpoint.FilesTogether, "write", write_then_signal)
     try:
         assert run_roc("--embeddings", hand, "--output", out, "--far", 0.1) == 143
     finally:
@@ -478,6 +478,24 @@ def test_a_stop_leaves_the_outputs_whole_or_as_they_were(hand, tmp_path, capsys,
     assert sorted(name for name in os.listdir(tmp_path) if name.startswith("roc")) == [
         "roc-genuine.csv", "roc-impostors.csv", "roc-people.csv", "roc.csv", "roc.json"]
     assert json.loads((tmp_path / "roc.json").read_text())["genuine_pairs"] == 5
+
+
+def test_a_full_disk_as_the_summary_is_written_leaves_the_earlier_outputs(hand, tmp_path, capsys, monkeypatch):
+    # The curve and the failing pairs were each renamed into place as written: a full disk at the summary, written
+    # last, left the new curve beside the summary (and its threshold) of the run before.
+    out = tmp_path / "roc.csv"
+    assert run_roc("--embeddings", hand, "--output", out, "--far", 0.1) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name.startswith("roc")}
+    assert len(before) == 5
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    assert run_roc("--embeddings", hand, "--output", out, "--far", 0.5, "--overwrite") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name.startswith(("roc", "."))} \
+        == before  # (no temporary left either)
 
 
 @pytest.fixture(scope="module")

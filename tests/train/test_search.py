@@ -521,13 +521,13 @@ def test_a_stop_leaves_the_outputs_whole_or_as_they_were(tables, tmp_path, capsy
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "r.json")
     # A SIGTERM as the table is written waits for it and its summary.
     monkeypatch.undo()
-    write = checkpoint.write_atomic
+    write = checkpoint.FilesTogether.write  # (the table and its summary, renamed together at the end)
 
     def write_then_signal(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         write(*args, **kwargs)
 
-    monkeypatch.setattr(search.checkpoint, "write_atomic", write_then_signal)
+    monkeypatch.setattr(search.checkpoint.FilesTogether, "write", write_then_signal)
     try:
         assert run_search("--gallery", gallery, "--probes", probes, "--output", out, "--threshold", 0.5) == 143
     finally:
@@ -535,6 +535,25 @@ def test_a_stop_leaves_the_outputs_whole_or_as_they_were(tables, tmp_path, capsy
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert "stopped by SIGTERM as the outputs were written: they are whole" in capsys.readouterr().err
     assert len(read_rows(out)) == 4 * 3 and json.loads((tmp_path / "r.json").read_text())["searches"] == 4
+
+
+def test_a_full_disk_as_the_summary_is_written_leaves_the_earlier_outputs(tables, tmp_path, capsys, monkeypatch):
+    # The table was renamed into place before its summary was written: a full disk there left the new table beside
+    # the summary of the run before (its threshold, its counts).
+    gallery, probes, labels = tables
+    out = tmp_path / "r.csv"
+    assert run_search("--gallery", gallery, "--probes", probes, "--output", out, "--threshold", 0.5) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("r.csv", "r.json")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    assert run_search("--gallery", gallery, "--probes", probes, "--output", out, "--threshold", 0.999,
+                      "--overwrite") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name.startswith(("r.", "."))} \
+        == before  # (no temporary left either)
 
 
 def test_cosine_above_is_the_lowest_4_decimal_threshold_a_score_does_not_reach():

@@ -469,11 +469,12 @@ def run(args: argparse.Namespace) -> int:
                             "(--all-duplicates keeps them)" if left_out else "") + ")")
         summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with signals_held():  # the table, its summary and the tree: all of them or none
-            if staging is not None:
-                replaced = replace_folder(staging, args.tree)
-                staging = None
-            _write_csv(args.output, names, clusters)
-            checkpoint.write_json_atomic(summary_path(args.output), summary)
+            with checkpoint.written_together() as files:
+                _write_csv(files, args.output, names, clusters)
+                files.write_json(summary_path(args.output), summary)
+                if staging is not None:  # (once the files are whole, which are renamed after it)
+                    replaced = replace_folder(staging, args.tree)
+                    staging = None
     finally:
         # This run's tree when it stopped, or the tree it replaced: a stop that comes while it goes waits
         # for it (a large tree takes a while), or it would stay, hidden, as big as the tree with --copy.
@@ -514,12 +515,12 @@ def photo_of_face(name: str) -> str:
     return os.path.normpath(name.rpartition("#")[0] or name)
 
 
-def _write_csv(path: str, names: list[str], clusters: np.ndarray) -> None:
+def _write_csv(files: checkpoint.FilesTogether, path: str, names: list[str], clusters: np.ndarray) -> None:
     def write(f):
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image", "cluster"])
         writer.writerows(zip(names, clusters.tolist()))
-    checkpoint.write_atomic(path, write, binary=False)
+    files.write(path, write, binary=False)
 
 
 def _check_tree(args, source_folder: str | None, about: dict | None) -> None:

@@ -429,11 +429,12 @@ def score(args: argparse.Namespace) -> int:
                              + ([int(rejected[i])] if rejected is not None else []) for i in order.tolist())
 
         with signals_held():  # the table, its summary and the tree: all of them or none
-            if staging is not None:
-                replaced = replace_folder(staging, args.tree)
-                staging = None
-            checkpoint.write_atomic(args.output, write, binary=False)
-            checkpoint.write_json_atomic(summary_path(args.output), summary)
+            with checkpoint.written_together() as files:
+                files.write(args.output, write, binary=False)
+                files.write_json(summary_path(args.output), summary)
+                if staging is not None:  # (once the files are whole, which are renamed after it)
+                    replaced = replace_folder(staging, args.tree)
+                    staging = None
     finally:
         with signals_held(final=False):
             for path in (staging, replaced):
@@ -659,8 +660,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
     summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with signals_held():  # the curves, their summary and the figure: all of them or none
-        checkpoint.write_atomic(args.output, write, binary=False)
-        checkpoint.write_json_atomic(summary_path(args.output), summary)
+        with checkpoint.written_together() as files:
+            files.write(args.output, write, binary=False)
+            files.write_json(summary_path(args.output), summary)
         if plot:
             from train.plots import plot_erc
 

@@ -775,17 +775,20 @@ def _verify(args, faces: Faces, model_path: str | None, settings: dict, device, 
     summary["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     files = failing_outputs(args.output)
     with signals_held():  # the curve, its summary and the failing pairs: all of them or none
-        _write_csv(args.output, ["far", "threshold", "tar", "false_accepts", "false_accept_rate", "true_accepts",
-                                 "threshold_exact"],
-                   [[f"{r['far']:.6g}", _cell(r["threshold"]), _cell(r["tar"]), _cell(r["false_accepts"]),
-                     "" if r["false_accepts"] is None else f"{r['false_accepts'] / scores.impostors:.6g}",
-                     _cell(r["true_accepts"]), _cell(r["exact"])] for r in curve])
-        _write_csv(files["impostors"], ["rank", "cosine", "accepted", "duplicate", "image_a", "person_a", "image_b",
-                                        "person_b"], impostor_rows)
-        _write_csv(files["genuine"], ["rank", "cosine", "rejected", "person", "image_a", "image_b"], genuine_rows)
-        _write_csv(files["people"], ["person", "faces", "genuine_pairs", "rejected", "rejected_share",
-                                     "false_accepts", "lowest_cosine", "lowest_pair_a", "lowest_pair_b"], people_rows)
-        checkpoint.write_json_atomic(summary_path(args.output), summary)
+        with checkpoint.written_together() as together:
+            _write_csv(together, args.output, ["far", "threshold", "tar", "false_accepts", "false_accept_rate",
+                                               "true_accepts", "threshold_exact"],
+                       [[f"{r['far']:.6g}", _cell(r["threshold"]), _cell(r["tar"]), _cell(r["false_accepts"]),
+                         "" if r["false_accepts"] is None else f"{r['false_accepts'] / scores.impostors:.6g}",
+                         _cell(r["true_accepts"]), _cell(r["exact"])] for r in curve])
+            _write_csv(together, files["impostors"], ["rank", "cosine", "accepted", "duplicate", "image_a", "person_a",
+                                                      "image_b", "person_b"], impostor_rows)
+            _write_csv(together, files["genuine"], ["rank", "cosine", "rejected", "person", "image_a", "image_b"],
+                       genuine_rows)
+            _write_csv(together, files["people"], ["person", "faces", "genuine_pairs", "rejected", "rejected_share",
+                                                   "false_accepts", "lowest_cosine", "lowest_pair_a", "lowest_pair_b"],
+                       people_rows)
+            together.write_json(summary_path(args.output), summary)
         args.written += [args.output, summary_path(args.output)]
     drawn = False
     if args.plot:  # after the results, which a failure here must not cost
@@ -831,12 +834,12 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _write_csv(path: str, header: list[str], rows) -> None:
+def _write_csv(together: checkpoint.FilesTogether, path: str, header: list[str], rows) -> None:
     def write(f):
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-    checkpoint.write_atomic(path, write, binary=False)
+    together.write(path, write, binary=False)
 
 
 def _failing(scores: PairScores, names: list[str], people: list[str], person: np.ndarray, threshold: float,

@@ -818,8 +818,9 @@ def _search(args, gallery: Faces, probes: Faces, threshold: float | None, thresh
                              for r, (f, c) in enumerate(zip(found[p].tolist(), cosines[p].tolist())))
 
     with signals_held():  # the table and its summary: both or neither
-        checkpoint.write_atomic(args.output, write, binary=False)
-        checkpoint.write_json_atomic(summary_path(args.output), summary)
+        with checkpoint.written_together() as files:
+            files.write(args.output, write, binary=False)
+            files.write_json(summary_path(args.output), summary)
         args.written += [args.output, summary_path(args.output)]
         if chosen is not None and args.save_gallery:
             recorded = _record_threshold(args, gallery, chosen, non_mated)
