@@ -72,6 +72,11 @@ class FilesTogether:
     def write_json(self, path: str, content: Any) -> None:
         self.write(path, _json_writer(content), binary=False)
 
+    def temporaries(self) -> list[str]:
+        """The whole files written so far, under their temporary names, in the order written (to be read, as a
+        digest of them reads them, before they take their places)."""
+        return [tmp for tmp, _ in self.written]
+
 
 @contextlib.contextmanager
 def written_together():

@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import time
-from typing import NamedTuple
+from typing import IO, Callable, NamedTuple
 
 from .signals import run_tool, signals_held, stop_while_importing  # (the standard library only)
 
@@ -748,21 +748,26 @@ def write_table(path: str, names: list[str], embeddings: np.ndarray, about: dict
     (:func:`table_files`). Without ``about``, an earlier table's provenance there is removed: it
     would describe other features."""
     files = table_files(path)
-    if path.endswith(".csv"):
-        _write_csv(path, [f"e{j}" for j in range(embeddings.shape[1])], names, embeddings)
-    else:
-        array_path, index_path = files
-        checkpoint.write_atomic(array_path, lambda f: np.save(f, embeddings))
-        checkpoint.write_atomic(index_path, lambda f: f.writelines(name + "\n" for name in names), binary=False)
     provenance = about_path(files[0])
+    # (renamed into place together: a full disk as the names or the provenance are written leaves the table of
+    # before whole, where it left new values beside the names, or the provenance, of another table)
+    with checkpoint.written_together() as together:
+        if path.endswith(".csv"):
+            together.write(path, _csv_writer([f"e{j}" for j in range(embeddings.shape[1])], names, embeddings),
+                           binary=False)
+        else:
+            array_path, index_path = files
+            together.write(array_path, lambda f: np.save(f, embeddings))
+            together.write(index_path, lambda f: f.writelines(name + "\n" for name in names), binary=False)
+        if about is not None:
+            together.write_json(provenance, {**about, "rows": int(embeddings.shape[0]),
+                                             "values": int(embeddings.shape[1]),
+                                             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                             "sha256": _digest(together.temporaries())})
     if about is None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(provenance)
         return files
-    checkpoint.write_json_atomic(provenance, {**about, "rows": int(embeddings.shape[0]),
-                                              "values": int(embeddings.shape[1]),
-                                              "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                              "sha256": _digest(files)})
     return files + [provenance]
 
 
@@ -830,11 +835,15 @@ def write_norms(path: str, names: list[str], norms: np.ndarray) -> str:
 def _write_csv(path: str, columns: list[str], names: list[str], rows: np.ndarray) -> None:
     """``image,<columns>`` then a row an image (its name, quoted where it needs it, and 7 significant
     digits a value), written atomically."""
+    checkpoint.write_atomic(path, _csv_writer(columns, names, rows), binary=False)
+
+
+def _csv_writer(columns: list[str], names: list[str], rows: np.ndarray) -> Callable[[IO], None]:
     def write_csv(f):
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image", *columns])
         writer.writerows([name, *(f"{v:.7g}" for v in row)] for name, row in zip(names, rows))
-    checkpoint.write_atomic(path, write_csv, binary=False)
+    return write_csv
 
 
 def read_table(path: str) -> tuple[list[str], np.ndarray]:

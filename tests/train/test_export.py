@@ -738,6 +738,34 @@ def test_export_and_embed_report_a_corrupt_checkpoint(trained, tmp_path, capsys)
         assert err.count(f"embed: error: {path}: not a readable checkpoint") == 1
 
 
+@pytest.mark.parametrize("table, failing", [("t.npy", "the names"), ("t.npy", "the provenance"),
+                                            ("t.csv", "the provenance")])
+def test_a_full_disk_as_a_table_is_written_leaves_the_table_of_before(tmp_path, monkeypatch, table, failing):
+    # The values, the names and the provenance were each renamed into place as written: a full disk at the names
+    # left new values beside the names of another table (of the same count: read as that table), and at the
+    # provenance, a new table beside the provenance (model, digest) of the one before.
+    path = str(tmp_path / table)
+    names, vectors = [f"{i}.jpg" for i in range(4)], np.eye(4, dtype=np.float32)
+    embed.write_table(path, names, vectors, about={"model": "first"})
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    again = names[::-1]
+    if failing == "the names":
+        class CutShort(str):  # (the disk full as this name is written)
+            def __add__(self, other):
+                full_disk()
+
+        again[-1] = CutShort(again[-1])
+    else:
+        monkeypatch.setattr(json, "dump", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        embed.write_table(path, again, 2 * vectors, about={"model": "second"})
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
 def test_embed_folder_and_compare(trained, tmp_path, capsys):
     ckpt, faces = trained
     output = tmp_path / "emb.npy"
