@@ -523,6 +523,29 @@ def test_pack_rec_keeps_existing_files_unless_told(image_folder, tmp_path, capsy
     assert (out / "property").read_text() == "2,32,32\n"
 
 
+def test_pack_rec_full_disk_as_the_property_is_written_leaves_the_pack_of_before(image_folder, tmp_path, capsys,
+                                                                                 monkeypatch):
+    # train.rec and train.idx were renamed into place before the property was written: a full disk there left the
+    # new pack beside the property (identities, image size) of the one before.
+    out = tmp_path / "packed"
+    assert pack_rec_main([str(image_folder), str(out)]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    from train import checkpoint
+
+    fdopen = os.fdopen
+
+    def full_disk_at_the_property(fd, mode="r", *args, **kwargs):  # (the one text file of the run: the property)
+        if mode == "w":
+            os.close(fd)
+            raise OSError(28, "No space left on device")
+        return fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", full_disk_at_the_property)
+    assert pack_rec_main([str(image_folder), str(out), "--overwrite", "--resize", "24"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # (no temporary left either)
+
+
 def test_pack_rec_failure_leaves_no_temporary_files(image_folder, tmp_path, capsys):
     (image_folder / "bob" / "c2.png").write_bytes(b"\x89PNG cut short")
     out = tmp_path / "packed"

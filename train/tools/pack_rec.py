@@ -313,10 +313,12 @@ def write_pack(output_dir: str, images, *, num_images: int, num_identities: int,
                 writer.write(first_identity_record + label, pack_payload([first, end], b""))
         width, height = image_size
         with signals_held(final=shown_dir is None):  # the three files together, or none
-            os.replace(rec_path + ".tmp", rec_path)
-            os.replace(idx_path + ".tmp", idx_path)
-            checkpoint.write_atomic(property_path, lambda f: f.write(f"{num_identities},{height},{width}\n"),
-                                    binary=False)
+            # (the property whole before the pack's renames: a full disk as it was written last left a new pack
+            # beside another's property)
+            with checkpoint.written_together() as together:
+                together.write(property_path, lambda f: f.write(f"{num_identities},{height},{width}\n"), binary=False)
+                os.replace(rec_path + ".tmp", rec_path)
+                os.replace(idx_path + ".tmp", idx_path)
     finally:  # an error, a Ctrl-C or a SIGTERM leaves no half-written pack behind
         for tmp in (rec_path + ".tmp", idx_path + ".tmp"):
             if os.path.exists(tmp):
