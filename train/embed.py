@@ -747,27 +747,33 @@ def write_table(path: str, names: list[str], embeddings: np.ndarray, about: dict
     values' counts and the time are added) as JSON at :func:`about_path`; returns the files written
     (:func:`table_files`). Without ``about``, an earlier table's provenance there is removed: it
     would describe other features."""
-    files = table_files(path)
-    provenance = about_path(files[0])
     # (renamed into place together: a full disk as the names or the provenance are written leaves the table of
     # before whole, where it left new values beside the names, or the provenance, of another table)
     with checkpoint.written_together() as together:
-        if path.endswith(".csv"):
-            together.write(path, _csv_writer([f"e{j}" for j in range(embeddings.shape[1])], names, embeddings),
-                           binary=False)
-        else:
-            array_path, index_path = files
-            together.write(array_path, lambda f: np.save(f, embeddings))
-            together.write(index_path, lambda f: f.writelines(name + "\n" for name in names), binary=False)
-        if about is not None:
-            together.write_json(provenance, {**about, "rows": int(embeddings.shape[0]),
-                                             "values": int(embeddings.shape[1]),
-                                             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                             "sha256": _digest(together.temporaries())})
+        written = _table_into(together, path, names, embeddings, about)
     if about is None:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(provenance)
+            os.remove(about_path(written[0]))
+    return written
+
+
+def _table_into(together: checkpoint.FilesTogether, path: str, names: list[str], embeddings: np.ndarray,
+                about: dict | None) -> list[str]:
+    """:func:`write_table`'s files written into ``together`` (the provenance's digest of their temporaries)."""
+    files = table_files(path)
+    if path.endswith(".csv"):
+        together.write(path, _csv_writer([f"e{j}" for j in range(embeddings.shape[1])], names, embeddings),
+                       binary=False)
+    else:
+        array_path, index_path = files
+        together.write(array_path, lambda f: np.save(f, embeddings))
+        together.write(index_path, lambda f: f.writelines(name + "\n" for name in names), binary=False)
+    if about is None:
         return files
+    provenance = about_path(files[0])
+    together.write_json(provenance, {**about, "rows": int(embeddings.shape[0]), "values": int(embeddings.shape[1]),
+                                     "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                     "sha256": _digest(together.temporaries())})
     return files + [provenance]
 
 
@@ -826,19 +832,9 @@ def describe_about(about: dict | None) -> str:
     return f" ({', '.join(said)})" if said else ""
 
 
-def write_norms(path: str, names: list[str], norms: np.ndarray) -> str:
-    """A CSV table ``image,norm`` of each face's feature norm, in the rows' order, written atomically."""
-    _write_csv(path, ["norm"], names, norms[:, None])
-    return path
-
-
-def _write_csv(path: str, columns: list[str], names: list[str], rows: np.ndarray) -> None:
-    """``image,<columns>`` then a row an image (its name, quoted where it needs it, and 7 significant
-    digits a value), written atomically."""
-    checkpoint.write_atomic(path, _csv_writer(columns, names, rows), binary=False)
-
-
 def _csv_writer(columns: list[str], names: list[str], rows: np.ndarray) -> Callable[[IO], None]:
+    """The writer of ``image,<columns>`` then a row an image (its name, quoted where it needs it, and 7 significant
+    digits a value): a table's .csv, or --norms' ``image,norm``."""
     def write_csv(f):
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image", *columns])
@@ -1095,10 +1091,13 @@ def run(args: argparse.Namespace) -> int:
                                                                                args.all_faces)}
     if args.norms:  # (where train.tools.quality finds the rows' norms: the table's rows are of unit length)
         about["norms"] = os.path.abspath(args.norms)
-    with signals_held():  # a stop does not come between the table's files and the norms
-        written = write_table(args.output, names, embeddings, about=about)
+    # The table and the norms its .json names, renamed together: a full disk as the norms were written, last, left
+    # a new table beside the norms of the one before, which quality then read as this model's.
+    with signals_held(), checkpoint.written_together() as together:  # (a stop does not come between them either)
+        written = _table_into(together, args.output, names, embeddings, about)
         if args.norms:
-            written.append(write_norms(args.norms, names, np.concatenate(norms)))
+            together.write(args.norms, _csv_writer(["norm"], names, np.concatenate(norms)[:, None]), binary=False)
+            written.append(args.norms)
     faces = args.landmarks or args.detector
     print(f"embedded {len(names)} {'faces' if faces else 'images'} ({embeddings.shape[1]}-D, {size}px): "
           f"{', '.join(written)}{left_out_said((len(failures), 'photo' if faces else 'image'))}")

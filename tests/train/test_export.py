@@ -1045,6 +1045,36 @@ def test_embed_csv_quotes_names(trained, tmp_path):
     assert row[0] == os.path.join('smith, "jo"', "1,2.png") and len(row) == len(header)
 
 
+def test_a_full_disk_as_the_norms_are_written_leaves_the_table_and_norms_of_before(trained, tmp_path, monkeypatch,
+                                                                                   capsys):
+    # The norms were written after the table's files had been renamed into place: a full disk there left the new
+    # table (whose .json names the norms file) beside the norms of the one before, which quality reads as its own
+    # where the faces' names are the same.
+    ckpt, faces = trained
+    copied = tmp_path / "copied"
+    shutil.copytree(faces, copied)
+    work = tmp_path / "out"
+    work.mkdir()
+    argv = ["--model", ckpt, "--output", str(work / "t.npy"), "--norms", str(work / "n.csv")]
+    assert embed.main([*argv, "--images", faces]) == 0
+    before = {name: (work / name).read_bytes() for name in os.listdir(work)}
+    assert sorted(before) == ["n.csv", "t.npy", "t.npy.json", "t.txt"]
+    fdopen, opened = os.fdopen, []
+
+    def full_disk_at_the_norms(fd, mode="r", *args, **kwargs):  # (text files: the names, the .json, the norms)
+        opened.append(mode)
+        if opened.count("w") == 3:
+            os.close(fd)
+            raise OSError(28, "No space left on device")
+        return fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", full_disk_at_the_norms)
+    capsys.readouterr()
+    assert embed.main([*argv, "--images", str(copied), "--overwrite"]) == 2
+    assert capsys.readouterr().err == "embed: error: [Errno 28] No space left on device\n"
+    assert {name: (work / name).read_bytes() for name in os.listdir(work)} == before  # (no temporary left either)
+
+
 def test_embed_writes_feature_norms(trained, tmp_path, capsys):
     """--norms: each face's mean of ‖f(image)‖ and ‖f(mirror)‖ before normalisation (MagFace's quality),
     in the rows' order; --compare prints the two; neither replaces a file the run reads."""
