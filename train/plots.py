@@ -28,13 +28,17 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str, extension: str = "png") -> None:
+def _save(fig, path: str, extension: str = "png", together=None) -> None:
     """``fig`` at ``path`` in the format of ``extension``, written whole or not at all (a figure redrawn
-    while a viewer reads it, or a stop mid-write, leaves the previous one)."""
+    while a viewer reads it, or a stop mid-write, leaves the previous one); with ``together`` (a
+    ``checkpoint.written_together()`` block's files), renamed into place with the others of that block."""
     from .checkpoint import write_atomic
 
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format=extension, dpi=120))
+    if together is None:
+        write_atomic(path, lambda f: fig.savefig(f, format=extension, dpi=120))
+    else:
+        together.write(path, lambda f: fig.savefig(f, format=extension, dpi=120))
 
 
 def plot_loss(metrics: list[dict[str, Any]], path: str) -> None:
@@ -210,11 +214,11 @@ def plot_ijb(path: str, title: str, roc=None, identification=None) -> None:
     plt.close(fig)
 
 
-def plot_erc(path: str, curves: dict, max_reject: float, title: str) -> None:
+def plot_erc(path: str, curves: dict, max_reject: float, title: str, together=None) -> None:
     """Error-versus-reject characteristics, as ``train.tools.quality --pairs`` draws them: a panel an FMR,
     in it the FNMR against the share of pairs rejected of each ordering of ``curves`` ({(ordering, FMR):
     FNMR after rejecting k of the P pairs, k = 0..P}), random rejection and the oracle drawn apart; the
-    range of the area reported (0 to ``max_reject``) shaded. Written atomically."""
+    range of the area reported (0 to ``max_reject``) shaded. Written atomically (``together``: see :func:`_save`)."""
     plt = _pyplot()
     fmrs = sorted({fmr for _, fmr in curves})
     fig, axes = plt.subplots(1, len(fmrs), figsize=(6 * len(fmrs), 4.5), squeeze=False)
@@ -232,8 +236,13 @@ def plot_erc(path: str, curves: dict, max_reject: float, title: str) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
-    plt.close(fig)
+    try:
+        if together is None:
+            _save(fig, path)
+        else:
+            _save(fig, path, together=together)
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

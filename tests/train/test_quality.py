@@ -476,6 +476,26 @@ def test_a_full_disk_as_the_erc_summary_is_written_leaves_the_earlier_outputs(tr
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
 
 
+def test_a_full_disk_as_the_erc_figure_is_drawn_leaves_the_earlier_outputs(trained, tmp_path, capsys, monkeypatch):
+    # The figure was drawn after the curves and their summary had been renamed into place: a full disk there left
+    # them beside the erc.png of the run before.
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    ckpt, pairs = trained
+    out = tmp_path / "erc.csv"
+    assert run_quality("--model", ckpt, "--pairs", pairs, "--output", out) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("erc.csv", "erc.json", "erc.png")}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    assert run_quality("--model", ckpt, "--pairs", pairs, "--output", out, "--fmr", "0.5", "--overwrite") == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
 def test_its_own_table_rejected_again(trained, tmp_path, capsys):
     # Its --output, read back with --embeddings, is ruled again without embedding: the rejected column is not an
     # embedding's second value (it was: 'its rows are embeddings of unit length ... records no norms file'), and its

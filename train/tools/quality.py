@@ -663,10 +663,10 @@ def evaluate(args: argparse.Namespace) -> int:
         with checkpoint.written_together() as files:
             files.write(args.output, write, binary=False)
             files.write_json(summary_path(args.output), summary)
-        if plot:
-            from train.plots import plot_erc
+            if plot:
+                from train.plots import plot_erc
 
-            plot_erc(figure, curves, args.max_reject, title=os.path.basename(args.pairs))
+                plot_erc(figure, curves, args.max_reject, title=os.path.basename(args.pairs), together=files)
     print(_table(rows, args.max_reject, vset.num_pairs, int(genuine.sum()), impostors), file=sys.stderr)
     print(f"quality: wrote {args.output}, {summary_path(args.output)}" + (f", {figure}" if plot else ""),
           file=sys.stderr)
