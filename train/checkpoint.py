@@ -94,8 +94,9 @@ def written_together():
         for tmp, path in files.written:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        for folder_and_name in {os.path.split(os.path.abspath(path)) for _, path in files.written}:
-            _remove_stale_temporaries(*folder_and_name)
+    # (as write_atomic: after a write that ended well, so that its clean-up cannot hide why one failed)
+    for folder_and_name in {os.path.split(os.path.abspath(path)) for _, path in files.written}:
+        _remove_stale_temporaries(*folder_and_name)
 
 
 # A host name as it can stand in a file name (the temporaries' writers, above).
