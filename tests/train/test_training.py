@@ -2412,6 +2412,33 @@ def test_atomic_writes_get_the_usual_mode_and_clear_killed_temporaries(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", "metrics.jsonl"] + [p.name for p in others])
 
 
+def test_files_written_together_are_renamed_together_or_not_at_all(tmp_path):
+    # A table and its summary: a failure at the second (a full disk) leaves both as they were and no temporary; a
+    # block that ends well renames both, and clears a killed writer's temporary of either, as write_atomic does.
+    table, summary = tmp_path / "t.csv", tmp_path / "t.json"
+    table.write_text("old table\n")
+    summary.write_text("old summary\n")
+    killed = tmp_path / ".t.json.0123abcd.tmp"
+    killed.write_text("half a summary")
+
+    def fail(f):
+        f.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device"):
+        with checkpoint.written_together() as files:
+            files.write(str(table), lambda f: f.write("new table\n"), binary=False)
+            files.write(str(summary), fail, binary=False)
+    assert (table.read_text(), summary.read_text()) == ("old table\n", "old summary\n")
+    assert sorted(os.listdir(tmp_path)) == [killed.name, "t.csv", "t.json"]
+    with checkpoint.written_together() as files:
+        files.write(str(table), lambda f: f.write("new table\n"), binary=False)
+        files.write_json(str(summary), {"rows": 1})
+        assert (table.read_text(), summary.read_text()) == ("old table\n", "old summary\n")  # (not yet)
+    assert (table.read_text(), json.loads(summary.read_text())) == ("new table\n", {"rows": 1})
+    assert sorted(os.listdir(tmp_path)) == ["t.csv", "t.json"]
+
+
 def test_atomic_writes_leave_another_writers_temporary_alone(tmp_path):
     # The trainer's end-of-run figures and a train.plots writing the same figure at once: neither may
     # remove the other's temporary mid-write. A killed writer's (its process gone, or another
