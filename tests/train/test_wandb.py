@@ -303,7 +303,8 @@ def test_a_ctrl_c_while_wandb_finishes_ends_the_run_without_a_traceback(faces, t
     except BaseException as error:  # (a KeyboardInterrupt let through would stop pytest itself)
         ended = error
     assert isinstance(ended, SystemExit) and ended.code == 128 + signal.SIGINT, repr(ended)
-    assert trainer_module._OUTPUT_LOCKS == {}
+    # This run's lock, not every lock: other tests of the same process may hold theirs.
+    assert os.path.realpath(tmp_path / "out") not in trainer_module._OUTPUT_LOCKS
     assert (tmp_path / "out" / "checkpoint.pt").exists() and "done: 2 steps" in capsys.readouterr().err
 
 
